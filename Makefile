@@ -1,0 +1,35 @@
+# pacsgw — the two commands a new machine needs: `make run` and `make test`.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+RUNDIR := run
+
+.PHONY: venv run test lint bench clean
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $@
+
+# A local SeaweedFS on 127.0.0.1:8333 and the agent with examples/agent.toml, in the foreground.
+run: venv
+	@mkdir -p $(RUNDIR)
+	@$(BIN)/python -m agent.devstack --dir $(RUNDIR)/s3 --port 8333 --bucket pacs & \
+	  store=$$!; trap 'kill $$store 2>/dev/null; wait $$store' EXIT INT TERM; \
+	  for i in $$(seq 1 100); do curl -s -o /dev/null 127.0.0.1:8333 && break; sleep 0.2; done; \
+	  echo "FTP   ftp://pacs:pacs-example@127.0.0.1:2121  (example credentials)"; \
+	  echo "SFTP  sftp -P 2222 pacs@127.0.0.1             (password pacs-example)"; \
+	  echo "HTTP  http://127.0.0.1:8080/status  /healthz  /metrics"; \
+	  $(BIN)/pacsgw run --config examples/agent.toml
+
+test: venv
+	$(BIN)/python -m pytest -q -p no:cacheprovider
+
+bench: venv
+	$(BIN)/python bench/ingest.py
+
+clean:
+	rm -rf $(RUNDIR) .pytest_cache

@@ -1,0 +1,408 @@
+"""TOML configuration → frozen dataclasses.
+
+Every error names the file, the key, the bad value and what is allowed; unknown keys are errors.
+Each field's parser and its description of what is allowed live in the field metadata, so the
+schema, the validation and the messages cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import os
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+
+class ConfigError(ValueError):
+    """A configuration problem, already phrased for the admin."""
+
+    def __init__(self, file: str | Path, key: str, value: Any, allowed: str) -> None:
+        self.file, self.key, self.value, self.allowed = str(file), key, value, allowed
+        super().__init__(f"{file}: {key} = {value!r} is invalid: {allowed}")
+
+
+_SIZE_UNITS = {
+    "": 1, "b": 1,
+    "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3, "gb": 1000**3,
+    "t": 1000**4, "tb": 1000**4,
+    "kib": 1024, "mib": 1024**2, "gib": 1024**3, "tib": 1024**4,
+}
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
+
+
+def parse_size(value: Any) -> int:
+    """'800GB' → 800e9 bytes (SI), '512KiB' → 524288; a bare integer is bytes."""
+    if isinstance(value, bool):
+        raise ValueError
+    if isinstance(value, int):
+        if value < 0:
+            raise ValueError
+        return value
+    if not isinstance(value, str):
+        raise ValueError
+    m = _SIZE_RE.match(value)
+    if not m or m.group(2).lower() not in _SIZE_UNITS:
+        raise ValueError
+    return int(float(m.group(1)) * _SIZE_UNITS[m.group(2).lower()])
+
+
+def parse_rate(value: Any) -> int:
+    """Bytes per second: '10MB' (per second), '80Mbps' (bits), or 0 for unlimited."""
+    if isinstance(value, str) and value.strip().lower().endswith("bps"):
+        return parse_size(value.strip()[:-3]) // 8
+    return parse_size(value)
+
+
+# --- field helpers -------------------------------------------------------------------------
+
+
+def _f(parse: Callable[[Any], Any], allowed: str, default: Any = dataclasses.MISSING, **kw: Any) -> Any:
+    if default is dataclasses.MISSING and "default_factory" not in kw:
+        return field(metadata={"parse": parse, "allowed": allowed}, **kw)
+    return field(default=default, metadata={"parse": parse, "allowed": allowed}, **kw)
+
+
+def _str(value: Any) -> str:
+    if not isinstance(value, str):
+        raise ValueError
+    return value
+
+
+def _nonempty(value: Any) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError
+    return value
+
+
+def _bool(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError
+    return value
+
+
+def _int_between(lo: int, hi: int) -> Callable[[Any], int]:
+    def parse(value: Any) -> int:
+        if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+            raise ValueError
+        return value
+    return parse
+
+
+def _float_between(lo: float, hi: float) -> Callable[[Any], float]:
+    def parse(value: Any) -> float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not lo <= value <= hi:
+            raise ValueError
+        return float(value)
+    return parse
+
+
+def _ratio(value: Any) -> float:
+    """0.75 or '75%'."""
+    if isinstance(value, str) and value.strip().endswith("%"):
+        value = float(value.strip()[:-1]) / 100
+    return _float_between(0.0, 1.0)(value)
+
+
+def _choice(*options: str) -> Callable[[Any], str]:
+    def parse(value: Any) -> str:
+        if value not in options:
+            raise ValueError
+        return value
+    return parse
+
+
+def _listen(value: Any) -> tuple[str, int]:
+    """'127.0.0.1:2121', '[::1]:2121' or '0.0.0.0:21'."""
+    if not isinstance(value, str):
+        raise ValueError
+    m = re.fullmatch(r"\[([0-9a-fA-F:.]+)\]:(\d+)|([^:\[\]]+):(\d+)", value.strip())
+    if not m:
+        raise ValueError
+    host, port = (m.group(1), m.group(2)) if m.group(1) else (m.group(3), m.group(4))
+    if not 0 < int(port) < 65536:
+        raise ValueError
+    if host != "localhost":
+        ipaddress.ip_address(host)
+    return host, int(port)
+
+
+def _port_range(value: Any) -> tuple[int, int]:
+    """'30000-30100'."""
+    m = re.fullmatch(r"\s*(\d+)\s*-\s*(\d+)\s*", value) if isinstance(value, str) else None
+    if not m:
+        raise ValueError
+    lo, hi = int(m.group(1)), int(m.group(2))
+    if not 1024 <= lo <= hi < 65536:
+        raise ValueError
+    return lo, hi
+
+
+def _url(value: Any) -> str:
+    if not isinstance(value, str) or not re.fullmatch(r"https?://[^\s/]+(/.*)?", value):
+        raise ValueError
+    return value.rstrip("/")
+
+
+def _bucket(value: Any) -> str:
+    if not isinstance(value, str) or not re.fullmatch(r"[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]", value):
+        raise ValueError
+    return value
+
+
+def _prefix(value: Any) -> str:
+    """'' or 'site-a/' — normalised to end in exactly one '/' when not empty."""
+    if not isinstance(value, str) or value.startswith("/") or "//" in value or "\\" in value:
+        raise ValueError
+    return value.strip("/") + "/" if value.strip("/") else ""
+
+
+def _ns_root(value: Any) -> str:
+    """A user's root inside the gateway namespace: '/', '/CT'."""
+    if not isinstance(value, str) or not value.startswith("/") or "\\" in value or "\0" in value:
+        raise ValueError
+    parts = [p for p in value.split("/") if p]
+    if any(p in (".", "..") for p in parts):
+        raise ValueError
+    return "/" + "/".join(parts)
+
+
+def _path_list_or_str(value: Any) -> tuple[str, ...]:
+    if isinstance(value, str):
+        return (value,)
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return tuple(value)
+    raise ValueError
+
+
+def _name(value: Any) -> str:
+    if not isinstance(value, str) or not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.\-]{0,31}", value):
+        raise ValueError
+    return value
+
+
+SIZE = "a size: bytes as an integer or a string such as '800GB', '512KiB' (SI and IEC units)"
+RATE = "a rate in bytes per second such as '10MB' or in bits such as '80Mbps'; 0 means unlimited"
+LISTEN = "'HOST:PORT' with an IP address (or localhost) and a port 1-65535, e.g. '127.0.0.1:2121'"
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    dir: Path = _f(lambda v: Path(_nonempty(v)), "a directory path on the cache SSD")
+    max_bytes: int = _f(parse_size, SIZE, default=parse_size("800GB"))
+    high_watermark: float = _f(_ratio, "a fraction 0..1 or a percentage such as '75%'", default=0.75)
+    low_watermark: float = _f(_ratio, "a fraction 0..1 below high_watermark", default=0.60)
+    min_free_bytes: int = _f(parse_size, SIZE, default=parse_size("1GB"))
+
+
+@dataclass(frozen=True)
+class UplinkConfig:
+    endpoint_url: str = _f(_url, "an http:// or https:// URL of the S3 endpoint")
+    bucket: str = _f(_bucket, "an S3 bucket name: 3-63 characters of a-z 0-9 . -")
+    prefix: str = _f(_prefix, "a key prefix such as 'hospital-a/' (no leading '/', no '//')", default="")
+    region: str = _f(_nonempty, "an S3 region name such as 'us-east-1'", default="us-east-1")
+    access_key_id: str = _f(_str, "a string", default="")
+    secret_access_key: str = _f(_str, "a string", default="")
+    credentials_file: str = _f(_str, "a path to a TOML file with access_key_id and secret_access_key", default="")
+    write_mode: str = _f(_choice("through", "back"), "'through' or 'back'", default="through")
+    max_concurrency: int = _f(_int_between(1, 256), "an integer 1..256", default=8)
+    multipart_threshold: int = _f(parse_size, SIZE + " of at least 5MiB", default=parse_size("64MiB"))
+    multipart_chunk: int = _f(parse_size, SIZE + " of at least 5MiB", default=parse_size("16MiB"))
+    bwlimit: int = _f(parse_rate, RATE, default=0)
+    through_timeout: float = _f(_float_between(1, 3600), "seconds 1..3600", default=60.0)
+    connect_timeout: float = _f(_float_between(0.5, 300), "seconds 0.5..300", default=5.0)
+    read_timeout: float = _f(_float_between(1, 3600), "seconds 1..3600", default=60.0)
+
+
+@dataclass(frozen=True)
+class FtpConfig:
+    enabled: bool = _f(_bool, "true or false", default=True)
+    listen: tuple[str, int] = _f(_listen, LISTEN, default=("127.0.0.1", 2121))
+    passive_ports: tuple[int, int] = _f(_port_range, "'LOW-HIGH' with 1024 <= LOW <= HIGH <= 65535",
+                                        default=(30000, 30100))
+    masquerade_address: str = _f(_str, "the IP address to announce in PASV replies, or ''", default="")
+
+
+@dataclass(frozen=True)
+class SftpConfig:
+    enabled: bool = _f(_bool, "true or false", default=True)
+    listen: tuple[str, int] = _f(_listen, LISTEN, default=("127.0.0.1", 2222))
+    host_key: str = _f(_str, "a path; the key is generated there on first start if missing", default="")
+
+
+@dataclass(frozen=True)
+class HttpConfig:
+    enabled: bool = _f(_bool, "true or false", default=True)
+    listen: tuple[str, int] = _f(_listen, LISTEN, default=("127.0.0.1", 8080))
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    level: str = _f(_choice("debug", "info", "warning", "error"), "debug, info, warning or error",
+                    default="info")
+    format: str = _f(_choice("json", "console"), "'json' or 'console'", default="json")
+
+
+@dataclass(frozen=True)
+class UserConfig:
+    name: str = _f(_name, "1-32 characters of A-Z a-z 0-9 _ . - (not starting with . or -)")
+    password: str = _f(_str, "a string (prefer password_hash)", default="")
+    password_hash: str = _f(_str, "a hash made by 'pacsgw hash-password'", default="")
+    authorized_keys: tuple[str, ...] = _f(_path_list_or_str,
+                                          "a path, or a list of paths, of OpenSSH authorized_keys files",
+                                          default=())
+    root: str = _f(_ns_root, "an absolute path inside the gateway namespace such as '/' or '/CT'",
+                   default="/")
+
+
+@dataclass(frozen=True)
+class Config:
+    path: Path
+    cache: CacheConfig
+    uplink: UplinkConfig
+    ftp: FtpConfig
+    sftp: SftpConfig
+    http: HttpConfig
+    log: LogConfig
+    users: tuple[UserConfig, ...]
+
+    @property
+    def catalog_path(self) -> Path:
+        return self.cache.dir / "catalog.sqlite"
+
+
+_SECTIONS: dict[str, type] = {
+    "cache": CacheConfig, "uplink": UplinkConfig, "ftp": FtpConfig, "sftp": SftpConfig,
+    "http": HttpConfig, "log": LogConfig,
+}
+
+
+def _build(cls: type, table: Any, file: Path, where: str) -> Any:
+    if not isinstance(table, dict):
+        raise ConfigError(file, where, table, "a table")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key, value in table.items():
+        if key not in fields:
+            raise ConfigError(file, f"{where}.{key}", value,
+                              f"unknown key; allowed keys in [{where}] are: {', '.join(sorted(fields))}")
+    kwargs = {}
+    for name, f in fields.items():
+        if name not in table:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise ConfigError(file, f"{where}.{name}", None, f"required; {f.metadata['allowed']}")
+            continue
+        try:
+            kwargs[name] = f.metadata["parse"](table[name])
+        except (ValueError, TypeError, OverflowError):
+            raise ConfigError(file, f"{where}.{name}", table[name], f.metadata["allowed"]) from None
+    return cls(**kwargs)
+
+
+def _check_cross(cfg: Config) -> None:
+    file = cfg.path
+    if cfg.cache.low_watermark >= cfg.cache.high_watermark:
+        raise ConfigError(file, "cache.low_watermark", cfg.cache.low_watermark,
+                          f"must be below cache.high_watermark ({cfg.cache.high_watermark})")
+    up = cfg.uplink
+    if up.multipart_chunk < 5 * 1024**2:
+        raise ConfigError(file, "uplink.multipart_chunk", up.multipart_chunk, "at least 5MiB (S3's minimum part)")
+    if up.multipart_threshold < up.multipart_chunk:
+        raise ConfigError(file, "uplink.multipart_threshold", up.multipart_threshold,
+                          "at least uplink.multipart_chunk")
+    if up.credentials_file and (up.access_key_id or up.secret_access_key):
+        raise ConfigError(file, "uplink.credentials_file", up.credentials_file,
+                          "either credentials_file or access_key_id/secret_access_key, not both")
+    if not up.credentials_file and not (up.access_key_id and up.secret_access_key):
+        raise ConfigError(file, "uplink.access_key_id", up.access_key_id,
+                          "access_key_id and secret_access_key are both required (or credentials_file)")
+    if not cfg.users:
+        raise ConfigError(file, "users", [], "at least one [[users]] entry")
+    seen: set[str] = set()
+    for i, u in enumerate(cfg.users):
+        if u.name in seen:
+            raise ConfigError(file, f"users[{i}].name", u.name, "unique user names")
+        seen.add(u.name)
+        if u.password and u.password_hash:
+            raise ConfigError(file, f"users[{i}].password", "***", "either password or password_hash, not both")
+        if not (u.password or u.password_hash or u.authorized_keys):
+            raise ConfigError(file, f"users[{i}]", u.name,
+                              "a password, a password_hash or authorized_keys")
+        if u.password_hash:
+            from agent.auth import parse_hash
+            try:
+                parse_hash(u.password_hash)
+            except ValueError:
+                raise ConfigError(file, f"users[{i}].password_hash", "***",
+                                  "a hash made by 'pacsgw hash-password'") from None
+        for keyfile in u.authorized_keys:
+            if not Path(keyfile).is_file():
+                raise ConfigError(file, f"users[{i}].authorized_keys", keyfile, "an existing readable file")
+
+
+def _credentials(cfg: Config) -> Config:
+    """Resolve uplink.credentials_file into the key pair."""
+    up = cfg.uplink
+    if not up.credentials_file:
+        return cfg
+    cred_path = Path(up.credentials_file)
+    if not cred_path.is_absolute():
+        cred_path = cfg.path.parent / cred_path
+    try:
+        data = tomllib.loads(cred_path.read_text())
+    except OSError as e:
+        raise ConfigError(cfg.path, "uplink.credentials_file", up.credentials_file,
+                          f"a readable file ({e.strerror})") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(cred_path, "(syntax)", str(e), "valid TOML") from None
+    for key in ("access_key_id", "secret_access_key"):
+        if not isinstance(data.get(key), str) or not data[key]:
+            raise ConfigError(cred_path, key, "***" if key in data else None, "a non-empty string")
+    extra = set(data) - {"access_key_id", "secret_access_key"}
+    if extra:
+        raise ConfigError(cred_path, sorted(extra)[0], "…", "only access_key_id and secret_access_key")
+    up = dataclasses.replace(up, access_key_id=data["access_key_id"], secret_access_key=data["secret_access_key"])
+    return dataclasses.replace(cfg, uplink=up)
+
+
+def load(path: str | Path) -> Config:
+    """Read and validate a config file; raise ConfigError naming the file and key on any problem."""
+    file = Path(path)
+    try:
+        text = file.read_text()
+    except OSError as e:
+        raise ConfigError(file, "(file)", str(file), f"a readable TOML file ({e.strerror})") from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(file, "(syntax)", str(e), "valid TOML") from None
+    allowed = sorted([*_SECTIONS, "users"])
+    for key, value in data.items():
+        if key not in _SECTIONS and key != "users":
+            raise ConfigError(file, key, value, f"unknown section; allowed: {', '.join(allowed)}")
+    for required in ("cache", "uplink"):
+        if required not in data:
+            raise ConfigError(file, required, None, f"required section [{required}]")
+    sections = {name: _build(cls, data.get(name, {}), file, name) for name, cls in _SECTIONS.items()}
+    users_raw = data.get("users", [])
+    if not isinstance(users_raw, list):
+        raise ConfigError(file, "users", users_raw, "an array of tables: [[users]]")
+    users = tuple(_build(UserConfig, u, file, f"users[{i}]") for i, u in enumerate(users_raw))
+    cache = sections["cache"]
+    if not cache.dir.is_absolute():
+        cache = dataclasses.replace(cache, dir=(file.parent / cache.dir).resolve())
+        sections["cache"] = cache
+    sftp = sections["sftp"]
+    host_key = sftp.host_key or str(cache.dir / "ssh_host_ed25519_key")
+    if not Path(host_key).is_absolute():
+        host_key = str((file.parent / host_key).resolve())
+    sections["sftp"] = dataclasses.replace(sftp, host_key=host_key)
+    users = tuple(
+        dataclasses.replace(u, authorized_keys=tuple(
+            k if os.path.isabs(k) else str((file.parent / k).resolve()) for k in u.authorized_keys))
+        for u in users)
+    cfg = Config(path=file, users=users, **sections)
+    _check_cross(cfg)
+    return _credentials(cfg)
