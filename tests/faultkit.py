@@ -206,3 +206,108 @@ def tmpfs(path: Path, size: str = "32m") -> Iterator[Path]:
     finally:
         if subprocess.run(["umount", str(path)]).returncode != 0:
             subprocess.run(["umount", "-l", str(path)])
+
+
+class Ingest:
+    """A PACS in the background: FTP threads and SFTP sessions storing files until stopped.
+
+    Every file has a unique path and deterministic content; `acked` maps each path whose upload the
+    client saw succeed (FTP 226 / SFTP close OK) to its SHA-256; `errors` lists every failure the PACS
+    saw, with the time it happened.
+    """
+
+    def __init__(self, agent, *, ftp_clients: int = 2, sftp_clients: int = 2, min_size: int = 64 * 1024,
+                 max_size: int = 256 * 1024, top: str = "CT/2026-11-23", pause: float = 0.0) -> None:
+        import threading
+        self.agent, self.top, self.pause = agent, top, pause
+        self.min_size, self.max_size = min_size, max_size
+        self.ftp_clients, self.sftp_clients = ftp_clients, sftp_clients
+        self.lock = threading.Lock()
+        self.stop_event = threading.Event()
+        self.acked: dict[str, str] = {}
+        self.ack_times: list[float] = []
+        self.errors: list[tuple[float, str]] = []
+        self.threads: list[threading.Thread] = []
+
+    def _next(self, client: str, n: int) -> tuple[str, bytes]:
+        path = f"{self.top}/{client}/{n // 50}/{n}.dcm"
+        size = random.Random(path).randint(self.min_size, self.max_size)
+        return path, payload(path, size)
+
+    def _ok(self, path: str, data: bytes) -> None:
+        with self.lock:
+            self.acked[path] = sha256(data)
+            self.ack_times.append(time.monotonic())
+
+    def _err(self, path: str, exc: BaseException) -> None:
+        with self.lock:
+            self.errors.append((time.monotonic(), f"{path}: {type(exc).__name__}: {exc}"))
+
+    def _ftp(self, name: str) -> None:
+        try:
+            ftp = ftp_login(self.agent)
+        except Exception as e:  # noqa: BLE001
+            self._err("(ftp login)", e)
+            return
+        n = 0
+        while not self.stop_event.is_set():
+            path, data = self._next(name, n)
+            n += 1
+            try:
+                reply = ftp_put(ftp, path, data)
+            except Exception as e:  # noqa: BLE001
+                self._err(path, e)
+                return
+            if reply.startswith("226"):
+                self._ok(path, data)
+            else:
+                self._err(path, RuntimeError(reply))
+            time.sleep(self.pause)
+        ftp.quit()
+
+    def _sftp_loop(self) -> None:
+        import asyncio
+
+        async def one(name: str) -> None:
+            try:
+                async with sftp_session(self.agent) as sftp:
+                    n = 0
+                    while not self.stop_event.is_set():
+                        path, data = self._next(name, n)
+                        n += 1
+                        try:
+                            await sftp_put(sftp, "/" + path, data)
+                        except Exception as e:  # noqa: BLE001
+                            self._err(path, e)
+                            return
+                        self._ok(path, data)
+                        await asyncio.sleep(self.pause)
+            except Exception as e:  # noqa: BLE001
+                self._err("(sftp session)", e)
+
+        async def main() -> None:
+            await asyncio.gather(*(one(f"sftp{i}") for i in range(self.sftp_clients)))
+
+        asyncio.run(main())
+
+    def start(self) -> "Ingest":
+        import threading
+        for i in range(self.ftp_clients):
+            self.threads.append(threading.Thread(target=self._ftp, args=(f"ftp{i}",), daemon=True))
+        if self.sftp_clients:
+            self.threads.append(threading.Thread(target=self._sftp_loop, daemon=True))
+        for t in self.threads:
+            t.start()
+        return self
+
+    def stop(self, timeout: float = 120) -> None:
+        self.stop_event.set()
+        for t in self.threads:
+            t.join(timeout)
+        alive = [t for t in self.threads if t.is_alive()]
+        if alive:
+            raise TimeoutError(f"{len(alive)} clients still busy after {timeout}s")
+
+    def acks_between(self, t0: float, t1: float) -> int:
+        with self.lock:
+            return sum(1 for t in self.ack_times if t0 <= t <= t1)
