@@ -67,17 +67,31 @@ class WriteHandle:
         self.gw.metrics.bytes_in.labels(self.protocol).inc(len(data))
 
     async def commit(self) -> None:
-        """Make the file durable (and, in write-through, confirmed in S3). Only then may the client be told."""
+        """Make the file durable (and, in write-through, confirmed in S3). Only then may the client be told.
+
+        The durable part (fsync, rename, catalog commit) runs as its own shielded task: when the client
+        goes away meanwhile, the front end's task is cancelled, but the threads doing the fsync and the
+        catalog transaction cannot be stopped halfway. Abandoning them used to orphan the content file,
+        or delete the cached copy of a file the catalog had just committed (then nothing could upload it).
+        Only the wait for the write-through PUT may be cancelled: the upload itself carries on.
+        """
         if self._done:
             return
         self._done = True
-        try:
-            await self._commit()
-        finally:
-            self.gw.write_finished()
-
-    async def _commit(self) -> None:
         t0 = time.monotonic()
+        durable = asyncio.ensure_future(self._make_durable())
+        try:
+            upload = await asyncio.shield(durable)
+            await self.gw.write_through(self.path, upload)
+        finally:
+            if durable.done():
+                self.gw.write_finished()
+            else:  # cancelled while the durable part still runs: the write ends when it does
+                durable.add_done_callback(lambda _: self.gw.write_finished())
+        self.gw.metrics.ack_seconds.labels(self.protocol).observe(time.monotonic() - t0)
+
+    async def _make_durable(self) -> asyncio.Task | None:
+        """fsync + rename into the cache + catalog commit (+ start of a write-through upload)."""
         try:
             sha = self._hash.hexdigest() if self._hash is not None else await asyncio.to_thread(self._hash_fd)
             await asyncio.to_thread(self.gw.cache.commit, self.blob, self.fd)
@@ -87,11 +101,10 @@ class WriteHandle:
             raise
         self._close_fd()
         try:
-            await self.gw.commit_file(self.path, self.blob, self.size, sha)
+            return await self.gw.commit_file(self.path, self.blob, self.size, sha)
         except BaseException:
             self.gw.cache.remove(self.blob)
             raise
-        self.gw.metrics.ack_seconds.labels(self.protocol).observe(time.monotonic() - t0)
 
     async def abort(self, reason: str) -> None:
         """The client went away or failed: nothing becomes visible under the final name."""
@@ -310,7 +323,12 @@ class Gateway:
         except asyncio.TimeoutError:
             return False
 
-    async def commit_file(self, path: str, blob: str, size: int, sha: str) -> None:
+    async def commit_file(self, path: str, blob: str, size: int, sha: str) -> asyncio.Task | None:
+        """Commit the catalog row; in write-through, start its upload. → that upload task, if any.
+
+        The upload starts here, in the same uncancellable step as the commit that claimed the row: a row
+        claimed ('uploading') without an upload running would wait for the next restart.
+        """
         claim = self.cfg.uplink.write_mode == "through" and self.uploader.reachable
         gen, replaced = await self.db.commit_write(path, blob, size, sha, time.time(), claim=claim)
         if replaced:
@@ -318,13 +336,18 @@ class Gateway:
         log.info("stored", path=path, bytes=size, sha256=sha, write_through=claim)
         if not claim:
             self.uploader.wake()
-            return
+            return None
         entry = await self.db.get(path)
         if entry is None or entry.gen != gen:
-            return  # already superseded by a newer write
-        task = asyncio.create_task(self.uploader.transfer(entry))
+            return None  # already superseded by a newer write
+        return asyncio.create_task(self.uploader.transfer(entry))
+
+    async def write_through(self, path: str, upload: asyncio.Task | None) -> None:
+        """Wait (up to through_timeout) for S3 to confirm a write-through upload; it goes on regardless."""
+        if upload is None:
+            return
         try:
-            await asyncio.wait_for(asyncio.shield(task), self.cfg.uplink.through_timeout)
+            await asyncio.wait_for(asyncio.shield(upload), self.cfg.uplink.through_timeout)
         except asyncio.TimeoutError:
             log.warning("write_through_timeout", path=path, seconds=self.cfg.uplink.through_timeout,
                         mode="write-back")
