@@ -311,3 +311,11 @@ class Ingest:
     def acks_between(self, t0: float, t1: float) -> int:
         with self.lock:
             return sum(1 for t in self.ack_times if t0 <= t <= t1)
+
+
+def orphan_blobs(agent) -> set[str]:
+    """Content files in the cache that no catalog row references (leaked space)."""
+    data = agent.workdir / "cache" / "data"
+    on_disk = {f.name for sub in data.iterdir() if sub.is_dir() for f in sub.iterdir()}
+    referenced = {r[0] for r in catalog_rows(agent, "SELECT blob FROM entries WHERE blob IS NOT NULL")}
+    return on_disk - referenced
