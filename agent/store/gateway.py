@@ -45,24 +45,42 @@ class WriteHandle:
         self.size = 0
         self._hash: hashlib._Hash | None = hashlib.sha256()
         self._done = False
+        self._failed: BaseException | None = None
 
     async def write(self, data: bytes, offset: int | None = None) -> None:
+        try:
+            await self._write(data, offset)
+        except BaseException as e:
+            # The file now has a hole or a missing tail: a later close must not commit it (an SFTP
+            # client closes its handle after a failed write, and would otherwise get OK for it).
+            self._failed = e
+            raise
+
+    async def _write(self, data: bytes, offset: int | None) -> None:
         pos = self.size if offset is None else offset
         if pos != self.size:
             self._hash = None  # out-of-order write: hash the whole file at commit
         elif self._hash is not None:
             self._hash.update(data)
-        try:
-            written = os.pwrite(self.fd, data, pos)
-        except OSError as e:
-            if e.errno in (errno.ENOSPC, errno.EDQUOT) and await self.gw.make_room(len(data)):
-                written = os.pwrite(self.fd, data, pos)
-            elif e.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise NoSpace(self.path, "cache disk full and nothing evictable") from e
-            else:
-                raise
-        if written != len(data):
-            raise NoSpace(self.path, "short write to the cache disk")
+        # Content must leave cache.min_free_bytes free: the catalog lives on the same disk, and a
+        # catalog that cannot commit cannot mark files clean, so nothing could ever be evicted again.
+        if not await self.gw.ensure_space(len(data)):
+            raise NoSpace(self.path, "cache disk full and nothing evictable")
+        # A nearly full disk gives short writes before ENOSPC: write the rest, making room while
+        # clean files can be evicted, and refuse only when nothing can be.
+        view, done = memoryview(data), 0
+        while done < len(data):
+            try:
+                written = os.pwrite(self.fd, view[done:], pos + done)
+            except OSError as e:
+                if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+                    raise
+                if not await self.gw.make_room(len(data) - done):
+                    raise NoSpace(self.path, "cache disk full and nothing evictable") from e
+                continue
+            if written <= 0:
+                raise NoSpace(self.path, "cache disk full: no progress writing")
+            done += written
         self.size = max(self.size, pos + len(data))
         self.gw.metrics.bytes_in.labels(self.protocol).inc(len(data))
 
@@ -77,6 +95,12 @@ class WriteHandle:
         """
         if self._done:
             return
+        if self._failed is not None:
+            reason = self._failed.reason if isinstance(self._failed, GatewayError) else type(self._failed).__name__
+            await self.abort(f"a write failed earlier: {reason}")
+            if isinstance(self._failed, GatewayError):
+                raise type(self._failed)(self.path, f"{reason}; file discarded")
+            raise Unavailable(self.path, f"a write failed earlier ({reason}); file discarded")
         self._done = True
         t0 = time.monotonic()
         durable = asyncio.ensure_future(self._make_durable())
@@ -447,6 +471,14 @@ class Gateway:
         self.metrics.evictions.inc()
         log.info("evicted", path=path, bytes=e.size)
         return True
+
+    async def ensure_space(self, need: int) -> bool:
+        """True when `need` more bytes fit above the free-space reserve, after evicting if necessary."""
+        reserve = self.cfg.cache.min_free_bytes
+        if self.cache.disk_usage().free - need >= reserve:
+            return True
+        await self.make_room(need)
+        return self.cache.disk_usage().free - need >= reserve
 
     async def make_room(self, need: int) -> bool:
         """The disk is full: evict clean files until `need` more bytes fit; → whether anything went."""
