@@ -181,5 +181,5 @@ def s3_objects(store: ObjectStore, prefix: str) -> dict[str, dict]:
             got = client.get_object(Bucket=BUCKET, Key=obj["Key"])
             body = got["Body"].read()
             out[obj["Key"][len(prefix):]] = {"size": len(body), "sha256": sha256(body),
-                                             "meta": got.get("Metadata", {})}
+                                             "meta": {k.lower(): v for k, v in got.get("Metadata", {}).items()}}
     return out

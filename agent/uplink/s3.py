@@ -62,6 +62,11 @@ def error_code(exc: BaseException) -> str:
     return type(exc).__name__
 
 
+def meta_sha(metadata: dict[str, str] | None) -> str | None:
+    """The sha256 user metadata; some servers (rclone) change the key's case, and S3 keys are headers."""
+    return {k.lower(): v for k, v in (metadata or {}).items()}.get(META_SHA)
+
+
 def b64(digest_hex: str) -> str:
     return base64.b64encode(bytes.fromhex(digest_hex)).decode()
 
@@ -152,7 +157,7 @@ class S3Uplink:
             Bucket=self.cfg.bucket, Key=self.key(dst),
             CopySource={"Bucket": self.cfg.bucket, "Key": self.key(src)}, MetadataDirective="COPY")
         head = await self._client.head_object(Bucket=self.cfg.bucket, Key=self.key(dst))
-        remote_sha = head.get("Metadata", {}).get(META_SHA)
+        remote_sha = meta_sha(head.get("Metadata"))
         if sha256 and remote_sha and remote_sha != sha256:
             raise ChecksumMismatch(f"{dst}: copied object's sha256 {remote_sha} != {sha256}")
         return PutResult(resp.get("CopyObjectResult", {}).get("ETag"), resp.get("VersionId"))
@@ -174,7 +179,7 @@ class S3Uplink:
                 yield data
 
         try:
-            yield resp["ContentLength"], resp.get("Metadata", {}).get(META_SHA), chunks()
+            yield resp["ContentLength"], meta_sha(resp.get("Metadata")), chunks()
         finally:
             body.close()
 
