@@ -141,9 +141,11 @@ class ReadHandle:
     async def read(self, offset: int, length: int) -> bytes:
         fill = self.fill
         if fill is not None:
-            want = min(offset + length, self.entry.size)
+            # Bytes stream to the reader as they land, but the end of the file only after the whole
+            # object was verified: no client ever receives a complete file that failed its checksum.
+            want = offset + length
             async with fill.cond:
-                await fill.cond.wait_for(lambda: fill.done or fill.written >= want)
+                await fill.cond.wait_for(lambda: fill.done or (want < self.entry.size and fill.written >= want))
             if fill.error is not None:
                 raise fill.error
         data = await asyncio.to_thread(os.pread, self.fd, length, offset)
