@@ -189,6 +189,16 @@ class FtpServer(aioftp.Server):
         for name in PATH_COMMANDS:
             self.commands_mapping[name] = self._guarded(self.commands_mapping[name])
 
+    async def close(self) -> None:
+        """Close sessions after the drain. aioftp's own close can wait forever on a connection task that is
+        cancelled while idle, so the wait is bounded: the transfers have already finished by now."""
+        self.server.close()
+        tasks = [c._dispatcher for c in list(self.connections.values())]
+        for t in tasks:
+            t.cancel()
+        if tasks:
+            await asyncio.wait(tasks, timeout=5)
+
     # --- paths and errors ------------------------------------------------------------------------
 
     def _resolve(self, connection: aioftp.Connection, rest: str) -> str:
