@@ -167,3 +167,15 @@ def test_check_config_cli(tmp_path):
 def test_example_config_is_valid():
     cfg = load(Path(__file__).parent.parent / "examples" / "agent.toml")
     assert cfg.ftp.listen == ("127.0.0.1", 2121) and cfg.http.listen == ("127.0.0.1", 8080)
+
+
+def test_readme_documents_every_key():
+    import dataclasses
+
+    from agent import config
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    for section, cls in [*config._SECTIONS.items(), ("users", config.UserConfig)]:
+        heading = f"[[{section}]]" if section == "users" else f"[{section}]"
+        assert heading in readme, heading
+        for f in dataclasses.fields(cls):
+            assert f"`{f.name}`" in readme, f"{section}.{f.name} is not documented in README.md"
