@@ -37,6 +37,7 @@ class ChecksumMismatch(Exception):
 class PutResult:
     etag: str | None
     version_id: str | None
+    parts: int = 1
 
 
 @dataclass(frozen=True)
@@ -149,7 +150,7 @@ class S3Uplink:
                 await asyncio.shield(self._client.abort_multipart_upload(
                     Bucket=self.cfg.bucket, Key=key, UploadId=upload_id))
             raise
-        return PutResult(done.get("ETag"), done.get("VersionId"))
+        return PutResult(done.get("ETag"), done.get("VersionId"), len(parts))
 
     async def copy(self, src: str, dst: str, sha256: str | None) -> PutResult:
         """Server-side copy (no traffic on the private line), verified by the copy's recorded hash."""
