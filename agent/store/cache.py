@@ -85,11 +85,11 @@ class Cache:
 
     def sha256(self, blob: str) -> str:
         """Hash a committed blob. Blocking: run in a thread."""
-        h = hashlib.sha256()
-        with open(self.blob_path(blob), "rb") as f:
-            while chunk := f.read(CHUNK):
-                h.update(chunk)
-        return h.hexdigest()
+        fd = self.open_blob(blob)
+        try:
+            return sha256_fd(fd)
+        finally:
+            os.close(fd)
 
     def disk_usage(self) -> DiskUsage:
         st = os.statvfs(self.root)
@@ -102,6 +102,16 @@ class Cache:
             if sub.is_dir():
                 for f in sub.iterdir():
                     yield f.name
+
+
+def sha256_fd(fd: int) -> str:
+    """SHA-256 of a whole file by pread (the fd's offset is untouched). Blocking: run in a thread."""
+    h = hashlib.sha256()
+    offset = 0
+    while chunk := os.pread(fd, CHUNK, offset):
+        h.update(chunk)
+        offset += len(chunk)
+    return h.hexdigest()
 
 
 def _fsync_dir(path: Path) -> None:

@@ -23,7 +23,7 @@ import structlog
 
 from agent.config import Config
 from agent.metrics import Metrics
-from agent.store.cache import Cache
+from agent.store.cache import Cache, sha256_fd
 from agent.store.catalog import AsyncCatalog, Entry
 from agent.store.errors import (Corrupt, GatewayError, IsADirectory, NoSpace, NotADirectory, NotFound,
                                 Unavailable)
@@ -79,7 +79,7 @@ class WriteHandle:
     async def _commit(self) -> None:
         t0 = time.monotonic()
         try:
-            sha = self._hash.hexdigest() if self._hash is not None else await asyncio.to_thread(self._hash_fd)
+            sha = self._hash.hexdigest() if self._hash is not None else await asyncio.to_thread(sha256_fd, self.fd)
             await asyncio.to_thread(self.gw.cache.commit, self.blob, self.fd)
         except BaseException:
             self._close_fd()
@@ -102,14 +102,6 @@ class WriteHandle:
         self._close_fd()
         self.gw.cache.discard_staging(self.blob)
         log.warning("upload_aborted", path=self.path, protocol=self.protocol, bytes=self.size, reason=reason)
-
-    def _hash_fd(self) -> str:
-        h = hashlib.sha256()
-        offset = 0
-        while chunk := os.pread(self.fd, 1024 * 1024, offset):
-            h.update(chunk)
-            offset += len(chunk)
-        return h.hexdigest()
 
     def _close_fd(self) -> None:
         if self.fd >= 0:
@@ -339,22 +331,38 @@ class Gateway:
             raise IsADirectory(path)
         self._note_access(path)
         if e.blob is not None:
-            try:
-                fd = self.cache.open_blob(e.blob)
-            except FileNotFoundError:
-                log.error("cache_copy_missing", path=path, blob=e.blob)
-                await self.db.drop_corrupt(path, e.blob)
-                e = await self.stat(path)
-            else:
+            fd = await self._open_verified(e)
+            if fd is not None:
                 self.metrics.hits.inc()
                 return ReadHandle(self, e, fd, None, protocol)
-            if e.blob is not None:  # dirty and missing: nothing else holds this content
-                raise Corrupt(path, "cached copy missing and not yet in object storage")
+            e = await self.stat(path)  # the bad copy is gone: fetch the object again below
         self.metrics.misses.inc()
         fill = self._fills.get(path)
         if fill is None or fill.done:
             fill = self._start_fill(e)
         return ReadHandle(self, e, os.dup(fill.fd), fill, protocol)
+
+    async def _open_verified(self, e: Entry) -> int | None:
+        """Open a cached copy only after its SHA-256 matched: a flipped bit on the SSD is never served.
+
+        → fd, or None when the copy was bad and the object is safe in S3 (it is then fetched again).
+        """
+        try:
+            fd = self.cache.open_blob(e.blob)
+        except FileNotFoundError:
+            problem = "missing"
+        else:
+            if e.sha256 is None or await asyncio.to_thread(sha256_fd, fd) == e.sha256:
+                return fd
+            os.close(fd)
+            problem = "checksum mismatch"
+        if e.state != "clean":
+            log.critical("cache_copy_lost", path=e.path, blob=e.blob, problem=problem, state=e.state)
+            raise Corrupt(e.path, f"cached copy {problem} and not yet in object storage")
+        log.error("cache_copy_corrupt", path=e.path, blob=e.blob, problem=problem, action="fetch again")
+        if await self.db.drop_corrupt(e.path, e.blob):
+            self.cache.remove(e.blob)
+        return None
 
     def _start_fill(self, e: Entry) -> _Fill:
         if not self.uploader.reachable:
