@@ -28,13 +28,14 @@ class DiskUsage:
 
 
 class Cache:
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, *, clear_staging: bool = True) -> None:
         self.root = root
         self.staging = root / "staging"
         self.data = root / "data"
         self.data.mkdir(parents=True, exist_ok=True)
-        # Anything left in staging is a write that was never acknowledged: discard it.
-        shutil.rmtree(self.staging, ignore_errors=True)
+        if clear_staging:
+            # At agent start, anything left in staging is a write that was never acknowledged: discard it.
+            shutil.rmtree(self.staging, ignore_errors=True)
         self.staging.mkdir(parents=True, exist_ok=True)
 
     @staticmethod

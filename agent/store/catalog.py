@@ -52,6 +52,7 @@ CREATE TABLE IF NOT EXISTS entries (
 CREATE INDEX IF NOT EXISTS entries_parent ON entries(parent, name);
 CREATE INDEX IF NOT EXISTS entries_queue ON entries(next_attempt) WHERE state IN ('dirty', 'uploading');
 CREATE INDEX IF NOT EXISTS entries_dirty_since ON entries(dirty_since) WHERE state IN ('dirty', 'uploading');
+CREATE INDEX IF NOT EXISTS entries_blob ON entries(blob) WHERE blob IS NOT NULL;
 CREATE INDEX IF NOT EXISTS entries_evictable ON entries(last_access) WHERE state = 'clean' AND blob IS NOT NULL;
 
 CREATE TABLE IF NOT EXISTS tombstones (
@@ -244,16 +245,19 @@ class Catalog:
             "ORDER BY last_access LIMIT ?", (limit,)).fetchall()
         return [_entry(r) for r in rows]
 
+    def files_after(self, last: str, limit: int, *, cached_only: bool = False) -> list[Entry]:
+        """A page of files in path order after `last` (keyset pagination keeps memory flat)."""
+        cond = " AND blob IS NOT NULL" if cached_only else ""
+        rows = self.db.execute(f"SELECT {_COLUMNS} FROM entries WHERE path > ? AND is_dir = 0{cond} "
+                               "ORDER BY path LIMIT ?", (last, limit)).fetchall()
+        return [_entry(r) for r in rows]
+
     def walk_files(self, batch: int = 1000) -> Iterator[Entry]:
-        """Every file, in path order, a batch at a time (keyset pagination keeps memory flat)."""
+        """Every file, in path order, a page at a time."""
         last = ""
-        while True:
-            rows = self.db.execute(f"SELECT {_COLUMNS} FROM entries WHERE path > ? AND is_dir = 0 "
-                                   "ORDER BY path LIMIT ?", (last, batch)).fetchall()
-            if not rows:
-                return
-            yield from (_entry(r) for r in rows)
-            last = rows[-1][0]
+        while page := self.files_after(last, batch):
+            yield from page
+            last = page[-1].path
 
     # --- namespace changes -----------------------------------------------------------------
 
@@ -381,15 +385,16 @@ class Catalog:
             for o in objects:
                 self.db.execute(
                     "INSERT OR IGNORE INTO entries (path, parent, name, is_dir, size, mtime, state, etag, gen) "
-                    "VALUES (?, ?, ?, 0, ?, ?, 'clean', ?, 1)", (prefix + o.name, path, o.name, o.size, o.mtime, o.etag))
+                    "VALUES (?, ?, ?, 0, ?, ?, 'clean', ?, 1)",
+                    (prefix + o.name, path, o.name, o.size, o.mtime, o.etag))
             self.db.execute("UPDATE entries SET listed = 1 WHERE path = ?", (path,))
 
     # --- upload queue ----------------------------------------------------------------------
 
     def claim(self, path: str, gen: int) -> bool:
         with self._tx(durable=False):
-            cur = self.db.execute("UPDATE entries SET state = 'uploading' WHERE path = ? AND gen = ? AND state = 'dirty'",
-                                  (path, gen))
+            cur = self.db.execute(
+                "UPDATE entries SET state = 'uploading' WHERE path = ? AND gen = ? AND state = 'dirty'", (path, gen))
             return cur.rowcount == 1
 
     def mark_clean(self, path: str, gen: int, etag: str | None, version_id: str | None, sha256: str) -> bool:
@@ -405,6 +410,14 @@ class Catalog:
             self.db.execute(
                 "UPDATE entries SET state = 'dirty', attempts = attempts + 1, next_attempt = ?, last_error = ? "
                 "WHERE path = ? AND gen = ? AND state = 'uploading'", (retry_at, error[:500], path, gen))
+
+    def requeue(self, path: str, gen: int) -> bool:
+        """The object is missing or wrong in S3 but the cache holds verified content: upload it again."""
+        with self._tx():
+            cur = self.db.execute(
+                "UPDATE entries SET state = 'dirty', copy_from = NULL, dirty_since = ?, attempts = 0, next_attempt = 0 "
+                "WHERE path = ? AND gen = ? AND state = 'clean' AND blob IS NOT NULL", (time.time(), path, gen))
+            return cur.rowcount == 1
 
     def drop_copy_source(self, path: str, gen: int) -> None:
         """The copy source vanished: fall back to uploading from the cached blob."""
@@ -461,9 +474,8 @@ class Catalog:
                                 "access_count = access_count + ? WHERE path = ?",
                                 [(t, n, p) for p, t, n in hits])
 
-    def blobs(self) -> set[str]:
-        """Every referenced blob (for fsck's orphan sweep; proportional to cached files)."""
-        return {r[0] for r in self.db.execute("SELECT blob FROM entries WHERE blob IS NOT NULL")}
+    def blob_referenced(self, blob: str) -> bool:
+        return self.db.execute("SELECT 1 FROM entries WHERE blob = ?", (blob,)).fetchone() is not None
 
 
 class _Tx:

@@ -27,6 +27,7 @@ from agent.store.cache import Cache, sha256_fd
 from agent.store.catalog import AsyncCatalog, Entry
 from agent.store.errors import (Corrupt, GatewayError, IsADirectory, NoSpace, NotADirectory, NotFound,
                                 Unavailable)
+from agent.store.fetch import download
 from agent.store.paths import ancestors, parent_of
 from agent.uplink.s3 import S3Uplink, error_code
 from agent.uplink.uploader import Uploader
@@ -375,21 +376,15 @@ class Gateway:
 
     async def _fetch(self, fill: _Fill) -> None:
         e, t0 = fill.entry, time.monotonic()
-        h = hashlib.sha256()
+
+        async def landed(written: int) -> None:
+            async with fill.cond:
+                fill.written = written
+                fill.cond.notify_all()
+
         try:
-            async with self.s3.get(e.path) as (length, meta_sha, chunks):
-                async for data in chunks:
-                    await asyncio.to_thread(os.pwrite, fill.fd, data, fill.written)
-                    h.update(data)
-                    async with fill.cond:
-                        fill.written += len(data)
-                        fill.cond.notify_all()
-            expected = e.sha256 or meta_sha
-            if fill.written != e.size or (expected and h.hexdigest() != expected):
-                raise Corrupt(e.path, f"fetched {fill.written} bytes sha256 {h.hexdigest()}, "
-                                      f"expected {e.size} bytes sha256 {expected}")
-            await asyncio.to_thread(self.cache.commit, fill.blob, fill.fd)
-            if not await self.db.set_cached(e.path, e.gen, fill.blob, h.hexdigest()):
+            sha = await download(self.s3, self.cache, e, fill.blob, fill.fd, landed)
+            if not await self.db.set_cached(e.path, e.gen, fill.blob, sha):
                 self.cache.remove(fill.blob)  # the file changed meanwhile; this copy is stale
             self.metrics.fetched_bytes.inc(fill.written)
             self.metrics.fetch_seconds.observe(time.monotonic() - t0)
