@@ -247,6 +247,14 @@ class LogConfig:
 
 
 @dataclass(frozen=True)
+class ScrubConfig:
+    enabled: bool = _f(_bool, "true or false", default=True)
+    rate: int = _f(parse_rate, RATE.replace("0 means unlimited", "at least 1MB"), default=parse_size("20MB"))
+    pause_seconds: float = _f(_float_between(1, 30 * 86400), "seconds between passes, 1..2592000",
+                              default=3600.0)
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     path: str = _f(_str, "a path to the .tflite heat model (its model card <name>.card.json beside it), or ''",
                    default="")
@@ -273,6 +281,7 @@ class Config:
     sftp: SftpConfig
     http: HttpConfig
     log: LogConfig
+    scrub: ScrubConfig
     model: ModelConfig
     users: tuple[UserConfig, ...]
 
@@ -283,7 +292,8 @@ class Config:
 
 _SECTIONS: dict[str, type] = {
     "cache": CacheConfig, "uplink": UplinkConfig, "ftp": FtpConfig, "sftp": SftpConfig,
-    "http": HttpConfig, "log": LogConfig, "model": ModelConfig,
+    "http": HttpConfig, "log": LogConfig, "scrub": ScrubConfig,
+    "model": ModelConfig,
 }
 
 
@@ -325,6 +335,8 @@ def _check_cross(cfg: Config) -> None:
     if not up.credentials_file and not (up.access_key_id and up.secret_access_key):
         raise ConfigError(file, "uplink.access_key_id", up.access_key_id,
                           "access_key_id and secret_access_key are both required (or credentials_file)")
+    if cfg.scrub.rate < 10**6:
+        raise ConfigError(file, "scrub.rate", cfg.scrub.rate, "at least 1MB per second")
     if not cfg.users:
         raise ConfigError(file, "users", [], "at least one [[users]] entry")
     seen: set[str] = set()

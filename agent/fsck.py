@@ -23,7 +23,7 @@ import structlog
 from tqdm import tqdm
 
 from agent.config import Config
-from agent.store.cache import Cache, sha256_fd
+from agent.store.cache import Cache
 from agent.store.catalog import AsyncCatalog, Catalog, Entry
 from agent.store.fetch import download
 from agent.uplink.s3 import S3Uplink, meta_sha
@@ -87,19 +87,11 @@ class Fsck:
             await self._verify_remote(e, good_copy)
 
     async def _verify_cached(self, e: Entry) -> bool:
-        try:
-            fd = self.cache.open_blob(e.blob)
-        except FileNotFoundError:
-            problem = "missing"
-        else:
-            try:
-                sha = await asyncio.to_thread(sha256_fd, fd)
-            finally:
-                os.close(fd)
+        fd, problem = await asyncio.to_thread(self.cache.open_verified, e.blob, e.sha256)
+        if fd is not None:
+            os.close(fd)
             self.report.verified_bytes += e.size
-            if e.sha256 is None or sha == e.sha256:
-                return True
-            problem = "checksum mismatch"
+            return True
         self.report.corrupt.append(e.path)
         if e.state != "clean":
             self.report.lost.append(e.path)

@@ -108,3 +108,23 @@ def test_fsck_reports_lost_data(agent_factory):
     flip_a_byte(agent, "only-here.dcm")
     code, report = fsck(agent)
     assert code == 2 and report["lost"] == ["only-here.dcm"]
+
+
+def test_background_scrub_drops_a_bad_copy(agent_factory):
+    import time
+    agent = agent_factory(**{"scrub.pause_seconds": 1, "scrub.rate": "50MB"}).start()
+    data = os.urandom(40_000)
+    f = ftp(agent)
+    f.storbinary("STOR MG/a.dcm", io.BytesIO(data))
+    agent.wait_drained()
+    flip_a_byte(agent, "MG/a.dcm")
+    deadline = time.monotonic() + 30
+    while not agent.events("cache_copy_corrupt") and time.monotonic() < deadline:
+        time.sleep(0.2)
+    [event] = agent.events("cache_copy_corrupt")
+    assert event["found_by"] == "scrub" and event["path"] == "MG/a.dcm"
+    assert agent.health()["cache"]["cached_files"] == 0
+    buf = io.BytesIO()
+    f.retrbinary("RETR MG/a.dcm", buf.write)
+    assert buf.getvalue() == data
+    f.quit()

@@ -84,6 +84,20 @@ class Cache:
     def open_blob(self, blob: str) -> int:
         return os.open(self.blob_path(blob), os.O_RDONLY)
 
+    def open_verified(self, blob: str, sha256: str | None) -> tuple[int | None, str | None]:
+        """Open a cached copy only if its bytes hash to sha256. Blocking: run in a thread.
+
+        → (fd, None), or (None, 'missing' | 'checksum mismatch').
+        """
+        try:
+            fd = self.open_blob(blob)
+        except FileNotFoundError:
+            return None, "missing"
+        if sha256 is None or sha256_fd(fd) == sha256:
+            return fd, None
+        os.close(fd)
+        return None, "checksum mismatch"
+
     def sha256(self, blob: str) -> str:
         """Hash a committed blob. Blocking: run in a thread."""
         fd = self.open_blob(blob)

@@ -348,15 +348,9 @@ class Gateway:
 
         → fd, or None when the copy was bad and the object is safe in S3 (it is then fetched again).
         """
-        try:
-            fd = self.cache.open_blob(e.blob)
-        except FileNotFoundError:
-            problem = "missing"
-        else:
-            if e.sha256 is None or await asyncio.to_thread(sha256_fd, fd) == e.sha256:
-                return fd
-            os.close(fd)
-            problem = "checksum mismatch"
+        fd, problem = await asyncio.to_thread(self.cache.open_verified, e.blob, e.sha256)
+        if fd is not None:
+            return fd
         if e.state != "clean":
             log.critical("cache_copy_lost", path=e.path, blob=e.blob, problem=problem, state=e.state)
             raise Corrupt(e.path, f"cached copy {problem} and not yet in object storage")
