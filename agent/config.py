@@ -215,6 +215,8 @@ class UplinkConfig:
     through_timeout: float = _f(_float_between(1, 3600), "seconds 1..3600", default=60.0)
     connect_timeout: float = _f(_float_between(0.5, 300), "seconds 0.5..300", default=5.0)
     read_timeout: float = _f(_float_between(1, 3600), "seconds 1..3600", default=60.0)
+    ca_bundle: str = _f(_str, "a path to a PEM file of CA certificates trusted for the endpoint, or ''",
+                        default="")
 
 
 @dataclass(frozen=True)
@@ -231,6 +233,7 @@ class SftpConfig:
     enabled: bool = _f(_bool, "true or false", default=True)
     listen: tuple[str, int] = _f(_listen, LISTEN, default=("127.0.0.1", 2222))
     host_key: str = _f(_str, "a path; the key is generated there on first start if missing", default="")
+    password_auth: bool = _f(_bool, "true or false (false: public keys only)", default=True)
 
 
 @dataclass(frozen=True)
@@ -335,6 +338,10 @@ def _check_cross(cfg: Config) -> None:
     if not up.credentials_file and not (up.access_key_id and up.secret_access_key):
         raise ConfigError(file, "uplink.access_key_id", up.access_key_id,
                           "access_key_id and secret_access_key are both required (or credentials_file)")
+    if up.ca_bundle and not Path(up.ca_bundle).is_file():
+        raise ConfigError(file, "uplink.ca_bundle", up.ca_bundle, "an existing PEM file")
+    if not cfg.sftp.password_auth and cfg.sftp.enabled and not any(u.authorized_keys for u in cfg.users):
+        raise ConfigError(file, "sftp.password_auth", False, "true, or authorized_keys for at least one user")
     if cfg.scrub.rate < 10**6:
         raise ConfigError(file, "scrub.rate", cfg.scrub.rate, "at least 1MB per second")
     if not cfg.users:
@@ -361,6 +368,16 @@ def _check_cross(cfg: Config) -> None:
                 raise ConfigError(file, f"users[{i}].authorized_keys", keyfile, "an existing readable file")
 
 
+def _check_private(file: Path, holds_secrets: bool) -> None:
+    """A file holding secrets must not be readable by group or others (mode 0600 or 0400)."""
+    if not holds_secrets:
+        return
+    mode = file.stat().st_mode & 0o777
+    if mode & 0o077:
+        raise ConfigError(file, "(file mode)", oct(mode),
+                          f"0600: this file holds secrets; run: chmod 600 {file}")
+
+
 def _credentials(cfg: Config) -> Config:
     """Resolve uplink.credentials_file into the key pair."""
     up = cfg.uplink
@@ -371,6 +388,7 @@ def _credentials(cfg: Config) -> Config:
         cred_path = cfg.path.parent / cred_path
     try:
         data = tomllib.loads(cred_path.read_text())
+        _check_private(cred_path, True)
     except OSError as e:
         raise ConfigError(cfg.path, "uplink.credentials_file", up.credentials_file,
                           f"a readable file ({e.strerror})") from None
@@ -418,10 +436,14 @@ def load(path: str | Path) -> Config:
     if not Path(host_key).is_absolute():
         host_key = str((file.parent / host_key).resolve())
     sections["sftp"] = dataclasses.replace(sftp, host_key=host_key)
+    uplink = sections["uplink"]
+    if uplink.ca_bundle and not Path(uplink.ca_bundle).is_absolute():
+        sections["uplink"] = dataclasses.replace(uplink, ca_bundle=str((file.parent / uplink.ca_bundle).resolve()))
     users = tuple(
         dataclasses.replace(u, authorized_keys=tuple(
             k if os.path.isabs(k) else str((file.parent / k).resolve()) for k in u.authorized_keys))
         for u in users)
     cfg = Config(path=file, users=users, **sections)
     _check_cross(cfg)
+    _check_private(file, bool(cfg.uplink.secret_access_key or any(u.password for u in cfg.users)))
     return _credentials(cfg)

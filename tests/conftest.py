@@ -90,6 +90,7 @@ class AgentProc:
             lines.append("[[users]]")
             lines += [f"{k} = {json.dumps(v)}" for k, v in user.items()]
         self.config_path.write_text("\n".join(lines) + "\n")
+        self.config_path.chmod(0o600)  # it holds secrets: the agent refuses anything more open
 
     @property
     def log_path(self) -> Path:

@@ -19,8 +19,14 @@ from typing import AsyncIterator
 import aiohttp
 from aiobotocore.config import AioConfig
 from aiobotocore.session import get_session
-from botocore.exceptions import BotoCoreError, ClientError, ConnectionError as BotoConnectionError
-from botocore.exceptions import ConnectTimeoutError, EndpointConnectionError, ReadTimeoutError
+from botocore.exceptions import (
+    BotoCoreError,
+    ClientError,
+    ConnectTimeoutError,
+    EndpointConnectionError,
+    ReadTimeoutError,
+)
+from botocore.exceptions import ConnectionError as BotoConnectionError
 
 from agent.config import UplinkConfig
 from agent.store.catalog import RemoteObject
@@ -93,7 +99,7 @@ class S3Uplink:
         self._client = await self._stack.enter_async_context(get_session().create_client(
             "s3", endpoint_url=self.cfg.endpoint_url, region_name=self.cfg.region,
             aws_access_key_id=self.cfg.access_key_id, aws_secret_access_key=self.cfg.secret_access_key,
-            config=config))
+            verify=self.cfg.ca_bundle or None, config=config))
 
     async def close(self) -> None:
         await self._stack.aclose()
