@@ -226,6 +226,9 @@ class FtpConfig:
     passive_ports: tuple[int, int] = _f(_port_range, "'LOW-HIGH' with 1024 <= LOW <= HIGH <= 65535",
                                         default=(30000, 30100))
     masquerade_address: str = _f(_str, "the IP address to announce in PASV replies, or ''", default="")
+    tls_cert: str = _f(_str, "a PEM certificate (chain) file for FTPS (AUTH TLS), or ''", default="")
+    tls_key: str = _f(_str, "the PEM private key file of tls_cert", default="")
+    require_tls: bool = _f(_bool, "true or false (true: refuse plain-text logins and data)", default=False)
 
 
 @dataclass(frozen=True)
@@ -340,6 +343,15 @@ def _check_cross(cfg: Config) -> None:
                           "access_key_id and secret_access_key are both required (or credentials_file)")
     if up.ca_bundle and not Path(up.ca_bundle).is_file():
         raise ConfigError(file, "uplink.ca_bundle", up.ca_bundle, "an existing PEM file")
+    ftp = cfg.ftp
+    if bool(ftp.tls_cert) != bool(ftp.tls_key):
+        raise ConfigError(file, "ftp.tls_key" if ftp.tls_cert else "ftp.tls_cert", "",
+                          "tls_cert and tls_key go together")
+    for key in ("tls_cert", "tls_key"):
+        if getattr(ftp, key) and not Path(getattr(ftp, key)).is_file():
+            raise ConfigError(file, f"ftp.{key}", getattr(ftp, key), "an existing PEM file")
+    if ftp.require_tls and not ftp.tls_cert:
+        raise ConfigError(file, "ftp.require_tls", True, "tls_cert and tls_key to be set")
     if not cfg.sftp.password_auth and cfg.sftp.enabled and not any(u.authorized_keys for u in cfg.users):
         raise ConfigError(file, "sftp.password_auth", False, "true, or authorized_keys for at least one user")
     if cfg.scrub.rate < 10**6:
@@ -436,6 +448,9 @@ def load(path: str | Path) -> Config:
     if not Path(host_key).is_absolute():
         host_key = str((file.parent / host_key).resolve())
     sections["sftp"] = dataclasses.replace(sftp, host_key=host_key)
+    ftp = sections["ftp"]
+    sections["ftp"] = dataclasses.replace(ftp, **{k: str((file.parent / getattr(ftp, k)).resolve())
+                                                  for k in ("tls_cert", "tls_key") if getattr(ftp, k)})
     uplink = sections["uplink"]
     if uplink.ca_bundle and not Path(uplink.ca_bundle).is_absolute():
         sections["uplink"] = dataclasses.replace(uplink, ca_bundle=str((file.parent / uplink.ca_bundle).resolve()))

@@ -86,3 +86,49 @@ def test_sftp_public_key_only(agent_factory, tmp_path):
             assert await sftp.listdir("/") == []
 
     asyncio.run(session())
+
+
+def test_ftps_explicit_tls_and_plain_refused(agent_factory, tmp_path):
+    import ssl
+    ca, cert, key = make_ca_and_cert(tmp_path)
+    agent = agent_factory(**{"ftp.tls_cert": str(cert), "ftp.tls_key": str(key), "ftp.require_tls": True}).start()
+    ctx = ssl.create_default_context(cafile=str(ca))
+    f = ftplib.FTP_TLS(context=ctx, timeout=30)
+    f.connect("127.0.0.1", agent.ftp_port)
+    assert "AUTH TLS" in f.sendcmd("FEAT")
+    f.login("pacs", PASSWORD)  # AUTH TLS first: the password never crosses in clear
+    assert isinstance(f.sock, ssl.SSLSocket)
+    f.prot_p()
+    data = b"protected" * 1000
+    assert f.storbinary("STOR secret.dcm", io.BytesIO(data)).startswith("226")
+    buf = io.BytesIO()
+    f.retrbinary("RETR secret.dcm", buf.write)
+    assert buf.getvalue() == data and f.nlst() == ["secret.dcm"]
+    with pytest.raises(ftplib.error_perm, match="536"):
+        f.prot_c()  # refused: data must stay protected
+    f.quit()
+    assert s3_objects(agent.store, agent.prefix)["secret.dcm"]["sha256"] == sha256(data)
+
+    plain = ftplib.FTP(timeout=30)
+    plain.connect("127.0.0.1", agent.ftp_port)
+    with pytest.raises(ftplib.error_perm, match="530 TLS required"):
+        plain.login("pacs", PASSWORD)
+    plain.close()
+    assert agent.events("login_refused")
+
+
+def test_ftps_optional_tls_still_serves_plain(agent_factory, tmp_path):
+    import ssl
+    ca, cert, key = make_ca_and_cert(tmp_path)
+    agent = agent_factory(**{"ftp.tls_cert": str(cert), "ftp.tls_key": str(key)}).start()
+    plain = ftplib.FTP(timeout=30)
+    plain.connect("127.0.0.1", agent.ftp_port)
+    plain.login("pacs", PASSWORD)
+    plain.storbinary("STOR clear.dcm", io.BytesIO(b"clear"))
+    plain.quit()
+    f = ftplib.FTP_TLS(context=ssl.create_default_context(cafile=str(ca)), timeout=30)
+    f.connect("127.0.0.1", agent.ftp_port)
+    f.login("pacs", PASSWORD)
+    f.prot_p()
+    assert f.nlst() == ["clear.dcm"]
+    f.quit()
