@@ -18,6 +18,7 @@ from agent.serve.sftp import SftpService
 from agent.store.cache import Cache
 from agent.store.catalog import AsyncCatalog, Catalog
 from agent.store.gateway import Gateway
+from agent.store.scrub import Scrubber
 from agent.uplink.s3 import S3Uplink
 from agent.uplink.uploader import Uploader
 
@@ -47,6 +48,8 @@ class Agent:
         await self.uploader.start()
         self.gateway = Gateway(cfg, self.db, self.cache, self.s3, self.uploader, self.metrics)
         await self.gateway.start()
+        self.scrubber = Scrubber(self.db, self.cache, cfg.scrub.rate, cfg.scrub.pause_seconds)
+        self._scrub = asyncio.create_task(self.scrubber.run(), name="scrub") if cfg.scrub.enabled else None
         if cfg.ftp.enabled:
             self.ftp = FtpServer(cfg, self.gateway)
             await self.ftp.start(*cfg.ftp.listen)
@@ -77,6 +80,8 @@ class Agent:
             await self.ftp.close()
         if self.sftp:
             await self.sftp.close()
+        if self._scrub:
+            self._scrub.cancel()
         await self.uploader.stop(max(1.0, drain_seconds - (time.monotonic() - t0)))
         await self.gateway.stop()
         if self.http:
@@ -109,6 +114,7 @@ class Agent:
                       "max_bytes": self.cfg.cache.max_bytes, "disk_total": disk.total, "disk_free": disk.free},
             "memory": process_memory(),
             "model": model_info(self.cfg.model.path),
+            "scrub": {"passes": self.scrubber.passes, "last_pass_end": self.scrubber.last_pass_end},
         }
         h["status"], h["reasons"] = judge(h, self.cfg.cache.min_free_bytes)
         return h

@@ -81,7 +81,7 @@ class AgentProc:
         }
         for key, value in self.overrides.items():
             section, _, name = key.partition(".")
-            sections[section][name] = value
+            sections.setdefault(section, {})[name] = value
         lines = []
         for name, table in sections.items():
             lines.append(f"[{name}]")
@@ -90,6 +90,7 @@ class AgentProc:
             lines.append("[[users]]")
             lines += [f"{k} = {json.dumps(v)}" for k, v in user.items()]
         self.config_path.write_text("\n".join(lines) + "\n")
+        self.config_path.chmod(0o600)  # it holds secrets: the agent refuses anything more open
 
     @property
     def log_path(self) -> Path:
@@ -181,7 +182,7 @@ def s3_objects(store: ObjectStore, prefix: str) -> dict[str, dict]:
             got = client.get_object(Bucket=BUCKET, Key=obj["Key"])
             body = got["Body"].read()
             out[obj["Key"][len(prefix):]] = {"size": len(body), "sha256": sha256(body),
-                                             "meta": got.get("Metadata", {})}
+                                             "meta": {k.lower(): v for k, v in got.get("Metadata", {}).items()}}
     return out
 
 

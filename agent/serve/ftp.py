@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import ssl
 import stat as statmod
 import time
 from pathlib import Path, PurePosixPath
@@ -43,6 +44,13 @@ REPLIES: dict[type, str] = {
 
 PATH_COMMANDS = ("cwd", "dele", "list", "nlst", "mkd", "mlsd", "mlst", "rmd", "rnfr", "rnto", "stor", "appe", "retr",
                  "size", "mdtm")
+
+
+def tls_context(cert: str, key: str) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(cert, key)
+    return ctx
 
 
 def reply_for(exc: GatewayError) -> tuple[str, str]:
@@ -184,10 +192,84 @@ class FtpServer(aioftp.Server):
             idle_timeout=600, socket_timeout=120)
         self.cfg, self.gateway = cfg, gateway
         self.roots = {u.name: u.root for u in cfg.users}
-        self.commands_mapping.update({"nlst": self.nlst, "size": self.size, "mdtm": self.mdtm, "feat": self.feat,
-                                      "opts": self.opts, "noop": self.noop})
+        self.tls = tls_context(cfg.ftp.tls_cert, cfg.ftp.tls_key) if cfg.ftp.tls_cert else None
+        self.commands_mapping.update({
+            "auth": self.auth, "prot": self.prot, "pbsz": self.pbsz, "user": self.user, "pasv": self.pasv,
+            "epsv": self.epsv, "nlst": self.nlst, "size": self.size, "mdtm": self.mdtm, "feat": self.feat,
+            "opts": self.opts, "noop": self.noop})
         for name in PATH_COMMANDS:
             self.commands_mapping[name] = self._guarded(self.commands_mapping[name])
+
+    # --- FTPS (explicit, RFC 4217) ---------------------------------------------------------------
+
+    async def auth(self, connection: aioftp.Connection, rest: str) -> bool:
+        if rest.strip().upper() not in ("TLS", "TLS-C", "SSL"):
+            connection.response("504", f"AUTH {rest} not supported; use AUTH TLS")
+        elif self.tls is None:
+            connection.response("502", "TLS is not configured on this server")
+        elif getattr(connection, "tls", False):
+            connection.response("503", "TLS already active")
+        else:
+            # Stop reading first: the client's TLS hello must reach the TLS layer, not the command parser.
+            stream = connection.command_connection
+            stream.writer.transport.pause_reading()
+            await self.write_response(stream, "234", "AUTH TLS successful")
+            await stream.start_tls(self.tls, server_hostname=None)
+            connection.tls = True
+        return True
+
+    async def pbsz(self, connection: aioftp.Connection, rest: str) -> bool:
+        connection.response("200", "PBSZ=0")
+        return True
+
+    async def prot(self, connection: aioftp.Connection, rest: str) -> bool:
+        level = rest.strip().upper()
+        if level == "P" and getattr(connection, "tls", False):
+            connection.prot_private = True
+            connection.response("200", "data connections will be protected")
+        elif level == "C" and not self.cfg.ftp.require_tls:
+            connection.prot_private = False
+            connection.response("200", "data connections in clear")
+        else:
+            connection.response("536" if level in ("C", "P") else "504",
+                                "PROT P after AUTH TLS is required" if self.cfg.ftp.require_tls or level == "P"
+                                else f"PROT {rest} not supported")
+        return True
+
+    async def user(self, connection: aioftp.Connection, rest: str) -> bool:
+        if self.cfg.ftp.require_tls and not getattr(connection, "tls", False):
+            log.warning("login_refused", protocol="ftp", user=rest, reason="plain-text login while TLS is required")
+            connection.response("530", "TLS required: use AUTH TLS before USER")
+            return True
+        return await super().user(connection, rest)
+
+    async def pasv(self, connection: aioftp.Connection, rest: str) -> bool:
+        return await self._passive(super().pasv, connection, rest)
+
+    async def epsv(self, connection: aioftp.Connection, rest: str) -> bool:
+        return await self._passive(super().epsv, connection, rest)
+
+    async def _passive(self, handler, connection: aioftp.Connection, rest: str) -> bool:  # noqa: ANN001
+        if self.cfg.ftp.require_tls and not getattr(connection, "prot_private", False):
+            connection.response("521", "data connections must be protected: PROT P")
+            return True
+        return await handler(connection, rest)
+
+    async def _start_passive_server(self, connection: aioftp.Connection, handler_callback):  # noqa: ANN001, ANN202
+        # aioftp takes the data listener's TLS context from self.ssl; choose it per connection (PROT P or C).
+        # The assignment and aioftp's read of it happen without an await in between.
+        self.ssl = self.tls if getattr(connection, "prot_private", False) else None
+        return await super()._start_passive_server(connection, handler_callback)
+
+    async def close(self) -> None:
+        """Close sessions after the drain. aioftp's own close can wait forever on a connection task that is
+        cancelled while idle, so the wait is bounded: the transfers have already finished by now."""
+        self.server.close()
+        tasks = [c._dispatcher for c in list(self.connections.values())]
+        for t in tasks:
+            t.cancel()
+        if tasks:
+            await asyncio.wait(tasks, timeout=5)
 
     # --- paths and errors ------------------------------------------------------------------------
 
@@ -339,8 +421,9 @@ class FtpServer(aioftp.Server):
         return True
 
     async def feat(self, connection: aioftp.Connection, rest: str) -> bool:
-        connection.response("211", ["Features:", " SIZE", " MDTM", " REST STREAM", " MLST type*;size*;modify*;",
-                                    " EPSV", " PASV", " UTF8", "End"], True)
+        tls = [" AUTH TLS", " PBSZ", " PROT"] if self.tls else []
+        connection.response("211", ["Features:", *tls, " SIZE", " MDTM", " REST STREAM",
+                                    " MLST type*;size*;modify*;", " EPSV", " PASV", " UTF8", "End"], True)
         return True
 
     async def opts(self, connection: aioftp.Connection, rest: str) -> bool:

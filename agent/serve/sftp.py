@@ -21,8 +21,19 @@ import structlog
 from agent.auth import verify_password
 from agent.config import Config, UserConfig
 from agent.store.catalog import Entry
-from agent.store.errors import (AlreadyExists, BadPath, Corrupt, GatewayError, IsADirectory, NoSpace,
-                                NotADirectory, NotEmpty, NotFound, PermissionDenied, Unavailable)
+from agent.store.errors import (
+    AlreadyExists,
+    BadPath,
+    Corrupt,
+    GatewayError,
+    IsADirectory,
+    NoSpace,
+    NotADirectory,
+    NotEmpty,
+    NotFound,
+    PermissionDenied,
+    Unavailable,
+)
 from agent.store.gateway import Gateway, ReadHandle, WriteHandle
 from agent.store.paths import resolve
 
@@ -64,8 +75,8 @@ def ensure_host_key(path: str) -> asyncssh.SSHKey:
 
 
 class _Auth(asyncssh.SSHServer):
-    def __init__(self, users: dict[str, UserConfig]) -> None:
-        self.users = users
+    def __init__(self, users: dict[str, UserConfig], password_auth: bool) -> None:
+        self.users, self.password_auth = users, password_auth
         self.conn: asyncssh.SSHServerConnection | None = None
 
     def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
@@ -78,7 +89,7 @@ class _Auth(asyncssh.SSHServer):
         return True
 
     def password_auth_supported(self) -> bool:
-        return True
+        return self.password_auth
 
     def public_key_auth_supported(self) -> bool:
         return True
@@ -245,7 +256,7 @@ class SftpService:
                                                       "roots": {u.name: u.root for u in self.cfg.users}})
         host, port = self.cfg.sftp.listen
         self._acceptor = await asyncssh.listen(
-            host, port, server_host_keys=[key], server_factory=lambda: _Auth(self.users),
+            host, port, server_host_keys=[key], server_factory=lambda: _Auth(self.users, self.cfg.sftp.password_auth),
             sftp_factory=factory, allow_scp=False, agent_forwarding=False, x11_forwarding=False,
             allow_pty=False, login_timeout=60, keepalive_interval=30,
             acceptor=self._conns.add)

@@ -23,10 +23,11 @@ import structlog
 
 from agent.config import Config
 from agent.metrics import Metrics
-from agent.store.cache import Cache
+from agent.store.cache import Cache, sha256_fd
 from agent.store.catalog import AsyncCatalog, Entry
 from agent.store.errors import (Corrupt, GatewayError, IsADirectory, NoSpace, NotADirectory, NotFound,
                                 Unavailable)
+from agent.store.fetch import download
 from agent.store.paths import ancestors, parent_of
 from agent.uplink.s3 import S3Uplink, error_code
 from agent.uplink.uploader import Uploader
@@ -117,7 +118,7 @@ class WriteHandle:
     async def _make_durable(self) -> asyncio.Task | None:
         """fsync + rename into the cache + catalog commit (+ start of a write-through upload)."""
         try:
-            sha = self._hash.hexdigest() if self._hash is not None else await asyncio.to_thread(self._hash_fd)
+            sha = self._hash.hexdigest() if self._hash is not None else await asyncio.to_thread(sha256_fd, self.fd)
             await asyncio.to_thread(self.gw.cache.commit, self.blob, self.fd)
         except BaseException:
             self._close_fd()
@@ -139,14 +140,6 @@ class WriteHandle:
         self._close_fd()
         self.gw.cache.discard_staging(self.blob)
         log.warning("upload_aborted", path=self.path, protocol=self.protocol, bytes=self.size, reason=reason)
-
-    def _hash_fd(self) -> str:
-        h = hashlib.sha256()
-        offset = 0
-        while chunk := os.pread(self.fd, 1024 * 1024, offset):
-            h.update(chunk)
-            offset += len(chunk)
-        return h.hexdigest()
 
     def _close_fd(self) -> None:
         if self.fd >= 0:
@@ -178,9 +171,11 @@ class ReadHandle:
     async def read(self, offset: int, length: int) -> bytes:
         fill = self.fill
         if fill is not None:
-            want = min(offset + length, self.entry.size)
+            # Bytes stream to the reader as they land, but the end of the file only after the whole
+            # object was verified: no client ever receives a complete file that failed its checksum.
+            want = offset + length
             async with fill.cond:
-                await fill.cond.wait_for(lambda: fill.done or fill.written >= want)
+                await fill.cond.wait_for(lambda: fill.done or (want < self.entry.size and fill.written >= want))
             if fill.error is not None:
                 raise fill.error
         data = await asyncio.to_thread(os.pread, self.fd, length, offset)
@@ -384,22 +379,32 @@ class Gateway:
             raise IsADirectory(path)
         self._note_access(path)
         if e.blob is not None:
-            try:
-                fd = self.cache.open_blob(e.blob)
-            except FileNotFoundError:
-                log.error("cache_copy_missing", path=path, blob=e.blob)
-                await self.db.drop_corrupt(path, e.blob)
-                e = await self.stat(path)
-            else:
+            fd = await self._open_verified(e)
+            if fd is not None:
                 self.metrics.hits.inc()
                 return ReadHandle(self, e, fd, None, protocol)
-            if e.blob is not None:  # dirty and missing: nothing else holds this content
-                raise Corrupt(path, "cached copy missing and not yet in object storage")
+            e = await self.stat(path)  # the bad copy is gone: fetch the object again below
         self.metrics.misses.inc()
         fill = self._fills.get(path)
         if fill is None or fill.done:
             fill = self._start_fill(e)
         return ReadHandle(self, e, os.dup(fill.fd), fill, protocol)
+
+    async def _open_verified(self, e: Entry) -> int | None:
+        """Open a cached copy only after its SHA-256 matched: a flipped bit on the SSD is never served.
+
+        → fd, or None when the copy was bad and the object is safe in S3 (it is then fetched again).
+        """
+        fd, problem = await asyncio.to_thread(self.cache.open_verified, e.blob, e.sha256)
+        if fd is not None:
+            return fd
+        if e.state != "clean":
+            log.critical("cache_copy_lost", path=e.path, blob=e.blob, problem=problem, state=e.state)
+            raise Corrupt(e.path, f"cached copy {problem} and not yet in object storage")
+        log.error("cache_copy_corrupt", path=e.path, blob=e.blob, problem=problem, action="fetch again")
+        if await self.db.drop_corrupt(e.path, e.blob):
+            self.cache.remove(e.blob)
+        return None
 
     def _start_fill(self, e: Entry) -> _Fill:
         if not self.uploader.reachable:
@@ -412,21 +417,15 @@ class Gateway:
 
     async def _fetch(self, fill: _Fill) -> None:
         e, t0 = fill.entry, time.monotonic()
-        h = hashlib.sha256()
+
+        async def landed(written: int) -> None:
+            async with fill.cond:
+                fill.written = written
+                fill.cond.notify_all()
+
         try:
-            async with self.s3.get(e.path) as (length, meta_sha, chunks):
-                async for data in chunks:
-                    await asyncio.to_thread(os.pwrite, fill.fd, data, fill.written)
-                    h.update(data)
-                    async with fill.cond:
-                        fill.written += len(data)
-                        fill.cond.notify_all()
-            expected = e.sha256 or meta_sha
-            if fill.written != e.size or (expected and h.hexdigest() != expected):
-                raise Corrupt(e.path, f"fetched {fill.written} bytes sha256 {h.hexdigest()}, "
-                                      f"expected {e.size} bytes sha256 {expected}")
-            await asyncio.to_thread(self.cache.commit, fill.blob, fill.fd)
-            if not await self.db.set_cached(e.path, e.gen, fill.blob, h.hexdigest()):
+            sha = await download(self.s3, self.cache, e, fill.blob, fill.fd, landed)
+            if not await self.db.set_cached(e.path, e.gen, fill.blob, sha):
                 self.cache.remove(fill.blob)  # the file changed meanwhile; this copy is stale
             self.metrics.fetched_bytes.inc(fill.written)
             self.metrics.fetch_seconds.observe(time.monotonic() - t0)

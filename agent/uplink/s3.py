@@ -19,8 +19,14 @@ from typing import AsyncIterator
 import aiohttp
 from aiobotocore.config import AioConfig
 from aiobotocore.session import get_session
-from botocore.exceptions import BotoCoreError, ClientError, ConnectionError as BotoConnectionError
-from botocore.exceptions import ConnectTimeoutError, EndpointConnectionError, ReadTimeoutError
+from botocore.exceptions import (
+    BotoCoreError,
+    ClientError,
+    ConnectTimeoutError,
+    EndpointConnectionError,
+    ReadTimeoutError,
+)
+from botocore.exceptions import ConnectionError as BotoConnectionError
 
 from agent.config import UplinkConfig
 from agent.store.catalog import RemoteObject
@@ -37,6 +43,7 @@ class ChecksumMismatch(Exception):
 class PutResult:
     etag: str | None
     version_id: str | None
+    parts: int = 1
 
 
 @dataclass(frozen=True)
@@ -60,6 +67,11 @@ def error_code(exc: BaseException) -> str:
     if isinstance(exc, ClientError):
         return exc.response.get("Error", {}).get("Code", "ClientError")
     return type(exc).__name__
+
+
+def meta_sha(metadata: dict[str, str] | None) -> str | None:
+    """The sha256 user metadata; some servers (rclone) change the key's case, and S3 keys are headers."""
+    return {k.lower(): v for k, v in (metadata or {}).items()}.get(META_SHA)
 
 
 def b64(digest_hex: str) -> str:
@@ -87,7 +99,7 @@ class S3Uplink:
         self._client = await self._stack.enter_async_context(get_session().create_client(
             "s3", endpoint_url=self.cfg.endpoint_url, region_name=self.cfg.region,
             aws_access_key_id=self.cfg.access_key_id, aws_secret_access_key=self.cfg.secret_access_key,
-            config=config))
+            verify=self.cfg.ca_bundle or None, config=config))
 
     async def close(self) -> None:
         await self._stack.aclose()
@@ -144,7 +156,7 @@ class S3Uplink:
                 await asyncio.shield(self._client.abort_multipart_upload(
                     Bucket=self.cfg.bucket, Key=key, UploadId=upload_id))
             raise
-        return PutResult(done.get("ETag"), done.get("VersionId"))
+        return PutResult(done.get("ETag"), done.get("VersionId"), len(parts))
 
     async def copy(self, src: str, dst: str, sha256: str | None) -> PutResult:
         """Server-side copy (no traffic on the private line), verified by the copy's recorded hash."""
@@ -152,7 +164,7 @@ class S3Uplink:
             Bucket=self.cfg.bucket, Key=self.key(dst),
             CopySource={"Bucket": self.cfg.bucket, "Key": self.key(src)}, MetadataDirective="COPY")
         head = await self._client.head_object(Bucket=self.cfg.bucket, Key=self.key(dst))
-        remote_sha = head.get("Metadata", {}).get(META_SHA)
+        remote_sha = meta_sha(head.get("Metadata"))
         if sha256 and remote_sha and remote_sha != sha256:
             raise ChecksumMismatch(f"{dst}: copied object's sha256 {remote_sha} != {sha256}")
         return PutResult(resp.get("CopyObjectResult", {}).get("ETag"), resp.get("VersionId"))
@@ -174,7 +186,7 @@ class S3Uplink:
                 yield data
 
         try:
-            yield resp["ContentLength"], resp.get("Metadata", {}).get(META_SHA), chunks()
+            yield resp["ContentLength"], meta_sha(resp.get("Metadata")), chunks()
         finally:
             body.close()
 

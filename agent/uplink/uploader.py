@@ -156,7 +156,7 @@ class Uploader:
             self.metrics.upload_seconds.observe(elapsed)
             self._reached()
             log.info("uploaded", path=e.path, bytes=e.size, seconds=round(elapsed, 4),
-                     copy=bool(e.copy_from), superseded=not clean)
+                     parts=result.parts, copy=bool(e.copy_from), superseded=not clean)
             return clean
 
     async def _upload(self, e: Entry):  # noqa: ANN202
