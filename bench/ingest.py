@@ -184,16 +184,21 @@ def health(port: int) -> dict:
 
 
 def wait_in_s3(store: ObjectStore, http_port: int, prefix: str, n: int, timeout: float = 900) -> float:
-    """Wait for an empty queue and n keys under prefix; → the time it was so."""
+    """→ when the agent's queue was first seen empty with all n keys listed under prefix in S3.
+
+    The time is taken when /healthz says queue_depth 0 (polled every 50 ms); the listing that follows
+    only confirms it, so its own duration does not count.
+    """
     client = store.client()
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if health(http_port)["queue_depth"] == 0:
+            seen = time.perf_counter()
             count = 0
             for page in client.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=prefix):
                 count += page.get("KeyCount", 0)
             if count >= n:
-                return time.perf_counter()
+                return seen
         time.sleep(0.05)
     raise TimeoutError(f"{prefix}: not all {n} objects in S3 after {timeout}s")
 
