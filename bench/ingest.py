@@ -239,9 +239,9 @@ def main() -> int:
             try:
                 health(ports["http"])
                 break
-            except OSError:
+            except OSError as e:
                 if agent.poll() is not None:
-                    raise RuntimeError((work / "agent.log").read_text()[-2000:])
+                    raise RuntimeError((work / "agent.log").read_text()[-2000:]) from e
                 time.sleep(0.1)
 
         cpu = os.cpu_count()

@@ -12,14 +12,24 @@ import asyncio
 import ftplib
 import random
 import threading
-import time
 
 import asyncssh
 import pytest
 
 from conftest import BUCKET, s3_objects
-from faultkit import (catalog_rows, ftp_get, ftp_login, ftp_put, ftp_walk, payload, sftp_put, sftp_session,
-                      sftp_walk, sha256, staging_files)
+from faultkit import (
+    catalog_rows,
+    ftp_get,
+    ftp_login,
+    ftp_put,
+    ftp_walk,
+    payload,
+    sftp_put,
+    sftp_session,
+    sftp_walk,
+    sha256,
+    staging_files,
+)
 
 N_FILES = 2000
 FTP_CLIENTS = 4

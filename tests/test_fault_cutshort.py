@@ -31,8 +31,22 @@ import asyncssh
 import pytest
 
 from conftest import PASSWORD, s3_objects
-from faultkit import (catalog_rows, ftp_get, ftp_login, ftp_put, ftp_raw_stor, ftp_reply, orphan_blobs, payload,
-                      reset_close, sftp_put, sftp_session, sha256, staging_files, wait_for)
+from faultkit import (
+    catalog_rows,
+    ftp_get,
+    ftp_login,
+    ftp_put,
+    ftp_raw_stor,
+    ftp_reply,
+    orphan_blobs,
+    payload,
+    reset_close,
+    sftp_put,
+    sftp_session,
+    sha256,
+    staging_files,
+    wait_for,
+)
 
 SIZE = 4 * 1024 * 1024
 SENT = 1536 * 1024  # what the client managed to send before it went away

@@ -17,8 +17,19 @@ import asyncssh
 import pytest
 
 from conftest import s3_objects
-from faultkit import (catalog_rows, ftp_get, ftp_login, ftp_put, orphan_blobs, payload, sftp_put, sftp_session,
-                      sha256, staging_files, tmpfs, wait_for)
+from faultkit import (
+    catalog_rows,
+    ftp_get,
+    ftp_login,
+    ftp_put,
+    orphan_blobs,
+    payload,
+    sftp_put,
+    sftp_session,
+    sha256,
+    staging_files,
+    tmpfs,
+)
 
 FILE = 512 * 1024
 
@@ -33,12 +44,12 @@ def ftp_store_expecting_refusal(ftp: ftplib.FTP, path: str, data: bytes) -> str:
         return ftp_put(ftp, path, data)
     except ftplib.error_temp as e:
         return str(e)
-    except OSError:
+    except OSError as broken:
         try:
             ftp.voidresp()
         except ftplib.error_temp as e:
             return str(e)
-        raise AssertionError("the data connection broke but the server did not refuse the file")
+        raise AssertionError("the data connection broke but the server did not refuse the file") from broken
 
 
 @pytest.mark.slow
