@@ -253,6 +253,17 @@ class LogConfig:
 
 
 @dataclass(frozen=True)
+class AuditConfig:
+    enabled: bool = _f(_bool, "true or false", default=True)
+    path: str = _f(_str, "a path for the audit log file (default <cache.dir>/audit/audit.jsonl)", default="")
+    max_bytes: int = _f(parse_size, SIZE, default=parse_size("100MB"))
+    keep: int = _f(_int_between(1, 100000), "an integer 1..100000", default=50)
+    ship: bool = _f(_bool, "true or false", default=False)
+    ship_prefix: str = _f(_prefix, "a key prefix outside uplink.prefix, e.g. 'pacsgw-audit/hospital-a/'",
+                          default="")
+
+
+@dataclass(frozen=True)
 class ScrubConfig:
     enabled: bool = _f(_bool, "true or false", default=True)
     rate: int = _f(parse_rate, RATE.replace("0 means unlimited", "at least 1MB"), default=parse_size("20MB"))
@@ -287,6 +298,7 @@ class Config:
     sftp: SftpConfig
     http: HttpConfig
     log: LogConfig
+    audit: AuditConfig
     scrub: ScrubConfig
     model: ModelConfig
     users: tuple[UserConfig, ...]
@@ -298,7 +310,7 @@ class Config:
 
 _SECTIONS: dict[str, type] = {
     "cache": CacheConfig, "uplink": UplinkConfig, "ftp": FtpConfig, "sftp": SftpConfig,
-    "http": HttpConfig, "log": LogConfig, "scrub": ScrubConfig,
+    "http": HttpConfig, "log": LogConfig, "audit": AuditConfig, "scrub": ScrubConfig,
     "model": ModelConfig,
 }
 
@@ -354,6 +366,10 @@ def _check_cross(cfg: Config) -> None:
         raise ConfigError(file, "ftp.require_tls", True, "tls_cert and tls_key to be set")
     if not cfg.sftp.password_auth and cfg.sftp.enabled and not any(u.authorized_keys for u in cfg.users):
         raise ConfigError(file, "sftp.password_auth", False, "true, or authorized_keys for at least one user")
+    if cfg.audit.ship and cfg.audit.ship_prefix.startswith(up.prefix):
+        raise ConfigError(file, "audit.ship_prefix", cfg.audit.ship_prefix,
+                          f"a prefix outside the PACS namespace (uplink.prefix {up.prefix!r}); "
+                          "with an empty uplink.prefix the whole bucket is the namespace")
     if cfg.scrub.rate < 10**6:
         raise ConfigError(file, "scrub.rate", cfg.scrub.rate, "at least 1MB per second")
     if not cfg.users:
@@ -451,6 +467,11 @@ def load(path: str | Path) -> Config:
     ftp = sections["ftp"]
     sections["ftp"] = dataclasses.replace(ftp, **{k: str((file.parent / getattr(ftp, k)).resolve())
                                                   for k in ("tls_cert", "tls_key") if getattr(ftp, k)})
+    audit = sections["audit"]
+    audit_path = Path(audit.path) if audit.path else cache.dir / "audit" / "audit.jsonl"
+    sections["audit"] = dataclasses.replace(
+        audit, path=str(audit_path if audit_path.is_absolute() else (file.parent / audit_path).resolve()),
+        ship_prefix=audit.ship_prefix or "pacsgw-audit/" + sections["uplink"].prefix)
     uplink = sections["uplink"]
     if uplink.ca_bundle and not Path(uplink.ca_bundle).is_absolute():
         sections["uplink"] = dataclasses.replace(uplink, ca_bundle=str((file.parent / uplink.ca_bundle).resolve()))

@@ -5,11 +5,13 @@ from __future__ import annotations
 import asyncio
 import signal
 import time
+from pathlib import Path
 from typing import Any
 
 import structlog
 
 from agent import __version__
+from agent.audit import AuditLog, AuditShipper
 from agent.config import Config
 from agent.metrics import Metrics
 from agent.serve.ftp import FtpServer
@@ -46,7 +48,10 @@ class Agent:
         await self.s3.start()
         self.uploader = Uploader(self.db, self.cache, self.s3, self.metrics, cfg.uplink.max_concurrency)
         await self.uploader.start()
-        self.gateway = Gateway(cfg, self.db, self.cache, self.s3, self.uploader, self.metrics)
+        self.audit = AuditLog(Path(cfg.audit.path), cfg.audit.max_bytes, cfg.audit.keep, cfg.audit.enabled)
+        self._ship = (asyncio.create_task(AuditShipper(self.audit, self.s3, cfg.audit.ship_prefix).run(),
+                                          name="audit-ship") if cfg.audit.enabled and cfg.audit.ship else None)
+        self.gateway = Gateway(cfg, self.db, self.cache, self.s3, self.uploader, self.metrics, self.audit)
         await self.gateway.start()
         self.scrubber = Scrubber(self.db, self.cache, cfg.scrub.rate, cfg.scrub.pause_seconds)
         self._scrub = asyncio.create_task(self.scrubber.run(), name="scrub") if cfg.scrub.enabled else None
@@ -80,13 +85,15 @@ class Agent:
             await self.ftp.close()
         if self.sftp:
             await self.sftp.close()
-        if self._scrub:
-            self._scrub.cancel()
+        for task in (self._scrub, self._ship):
+            if task:
+                task.cancel()
         await self.uploader.stop(max(1.0, drain_seconds - (time.monotonic() - t0)))
         await self.gateway.stop()
         if self.http:
             await self.http.close()
         await self.s3.close()
+        self.audit.close()
         totals = await self.db.totals()
         await asyncio.to_thread(self.db.shutdown)
         log.info("stopped", drained=drained, queued_files=totals.queue_files,

@@ -21,12 +21,12 @@ from dataclasses import dataclass, field
 
 import structlog
 
+from agent.audit import AuditLog, Who, failure
 from agent.config import Config
 from agent.metrics import Metrics
 from agent.store.cache import Cache, sha256_fd
 from agent.store.catalog import AsyncCatalog, Entry
-from agent.store.errors import (Corrupt, GatewayError, IsADirectory, NoSpace, NotADirectory, NotFound,
-                                Unavailable)
+from agent.store.errors import Corrupt, GatewayError, IsADirectory, NoSpace, NotADirectory, NotFound, Unavailable
 from agent.store.fetch import download
 from agent.store.paths import ancestors, parent_of
 from agent.uplink.s3 import S3Uplink, error_code
@@ -41,8 +41,8 @@ EVICT_CHECK_SECONDS = 10.0
 class WriteHandle:
     """One file being written. Sequential writes are hashed on the fly; others are hashed at commit."""
 
-    def __init__(self, gw: "Gateway", path: str, blob: str, fd: int, protocol: str) -> None:
-        self.gw, self.path, self.blob, self.fd, self.protocol = gw, path, blob, fd, protocol
+    def __init__(self, gw: "Gateway", path: str, blob: str, fd: int, protocol: str, who: Who | None) -> None:
+        self.gw, self.path, self.blob, self.fd, self.protocol, self.who = gw, path, blob, fd, protocol, who
         self.size = 0
         self._hash: hashlib._Hash | None = hashlib.sha256()
         self._done = False
@@ -73,7 +73,8 @@ class WriteHandle:
             return
         self._done = True
         try:
-            await self._commit()
+            async with self.gw.audit.op(self.who, "store", self.path, bytes=self.size):
+                await self._commit()
         finally:
             self.gw.write_finished()
 
@@ -103,6 +104,7 @@ class WriteHandle:
         self._close_fd()
         self.gw.cache.discard_staging(self.blob)
         log.warning("upload_aborted", path=self.path, protocol=self.protocol, bytes=self.size, reason=reason)
+        self.gw.audit.record(self.who, "store", self.path, f"aborted: {reason}", self.size)
 
     def _close_fd(self) -> None:
         if self.fd >= 0:
@@ -153,8 +155,9 @@ class ReadHandle:
 
 class Gateway:
     def __init__(self, cfg: Config, db: AsyncCatalog, cache: Cache, s3: S3Uplink, uploader: Uploader,
-                 metrics: Metrics) -> None:
+                 metrics: Metrics, audit: AuditLog) -> None:
         self.cfg, self.db, self.cache, self.s3, self.uploader, self.metrics = cfg, db, cache, s3, uploader, metrics
+        self.audit = audit
         self._fills: dict[str, _Fill] = {}
         self._listings: dict[str, asyncio.Future] = {}
         self._access: dict[str, tuple[float, int]] = {}
@@ -185,9 +188,10 @@ class Gateway:
             raise NotFound(path)
         return e
 
-    async def listdir(self, path: str) -> list[Entry]:
-        await self._ensure_listed(path)
-        return await self.db.children(path)
+    async def listdir(self, path: str, who: Who | None = None) -> list[Entry]:
+        async with self.audit.op(who, "list", path):
+            await self._ensure_listed(path)
+            return await self.db.children(path)
 
     async def _ensure_listed(self, path: str, *, missing_ok: bool = False) -> None:
         """Merge the remote listing of `path` and its ancestors into the catalog, once per directory.
@@ -225,30 +229,35 @@ class Gateway:
         log.info("remote_listed", path=path, files=len(listing.objects), dirs=len(listing.dirs),
                  seconds=round(time.monotonic() - t0, 4))
 
-    async def mkdir(self, path: str) -> None:
-        await self._ensure_listed(parent_of(path), missing_ok=True)
-        await self.db.mkdir(path)
+    async def mkdir(self, path: str, who: Who | None = None) -> None:
+        async with self.audit.op(who, "mkdir", path):
+            await self._ensure_listed(parent_of(path), missing_ok=True)
+            await self.db.mkdir(path)
         log.info("mkdir", path=path)
 
-    async def rmdir(self, path: str) -> None:
-        await self._ensure_listed(path)
-        await self.db.rmdir(path)
+    async def rmdir(self, path: str, who: Who | None = None) -> None:
+        async with self.audit.op(who, "rmdir", path):
+            await self._ensure_listed(path)
+            await self.db.rmdir(path)
         log.info("rmdir", path=path)
 
-    async def delete(self, path: str) -> None:
-        await self.stat(path)
-        blob = await self.db.delete(path)
+    async def delete(self, path: str, who: Who | None = None) -> None:
+        async with self.audit.op(who, "delete", path):
+            await self.stat(path)
+            blob = await self.db.delete(path)
         if blob:
             self.cache.remove(blob)
         self.uploader.wake()
         log.info("delete", path=path)
 
-    async def rename(self, src: str, dst: str) -> None:
-        e = await self.stat(src)
-        if e.is_dir:
-            await self._list_tree(src)
-        await self._ensure_listed(parent_of(dst), missing_ok=True)
-        for blob in await self.db.rename(src, dst):
+    async def rename(self, src: str, dst: str, who: Who | None = None) -> None:
+        async with self.audit.op(who, "rename", src, to=dst):
+            e = await self.stat(src)
+            if e.is_dir:
+                await self._list_tree(src)
+            await self._ensure_listed(parent_of(dst), missing_ok=True)
+            replaced = await self.db.rename(src, dst)
+        for blob in replaced:
             self.cache.remove(blob)
         self.uploader.wake()
         log.info("rename", src=src, dst=dst, directory=e.is_dir)
@@ -262,17 +271,19 @@ class Gateway:
 
     # --- writes ----------------------------------------------------------------------------------
 
-    async def open_write(self, path: str, protocol: str, *, offset: int = 0) -> WriteHandle:
+    async def open_write(self, path: str, protocol: str, *, offset: int = 0,
+                         who: Who | None = None) -> WriteHandle:
         """Start writing path; offset > 0 resumes (REST/append): the existing first bytes are kept."""
-        if not path:
-            raise IsADirectory(path)
-        await self._ensure_listed(parent_of(path), missing_ok=True)
-        existing = await self.db.get(path)
-        if existing is not None and existing.is_dir:
-            raise IsADirectory(path)
-        blob = self.cache.new_blob()
-        fd = self.cache.create_staging(blob)
-        handle = WriteHandle(self, path, blob, fd, protocol)
+        async with self.audit.op(who, "store", path, record_ok=False):
+            if not path:
+                raise IsADirectory(path)
+            await self._ensure_listed(parent_of(path), missing_ok=True)
+            existing = await self.db.get(path)
+            if existing is not None and existing.is_dir:
+                raise IsADirectory(path)
+            blob = self.cache.new_blob()
+            fd = self.cache.create_staging(blob)
+        handle = WriteHandle(self, path, blob, fd, protocol, who)
         self.active_writes += 1
         self._writes_idle.clear()
         if offset:
@@ -326,7 +337,16 @@ class Gateway:
 
     # --- reads -----------------------------------------------------------------------------------
 
-    async def open_read(self, path: str, protocol: str) -> ReadHandle:
+    async def open_read(self, path: str, protocol: str, who: Who | None = None) -> ReadHandle:
+        try:
+            handle = await self._open_read(path, protocol)
+        except Exception as e:
+            self.audit.record(who, "retrieve", path, failure(e))
+            raise
+        self.audit.record(who, "retrieve", path, "ok", handle.size, cached=handle.fill is None)
+        return handle
+
+    async def _open_read(self, path: str, protocol: str) -> ReadHandle:
         e = await self.stat(path)
         if e.is_dir:
             raise IsADirectory(path)
@@ -384,7 +404,8 @@ class Gateway:
             self.metrics.fetch_seconds.observe(time.monotonic() - t0)
             log.info("fetched", path=e.path, bytes=fill.written, seconds=round(time.monotonic() - t0, 4))
         except Exception as exc:  # noqa: BLE001 - every failure reaches the waiting readers
-            fill.error = exc if isinstance(exc, GatewayError) else Unavailable(e.path, f"fetch failed: {error_code(exc)}")
+            fill.error = (exc if isinstance(exc, GatewayError)
+                          else Unavailable(e.path, f"fetch failed: {error_code(exc)}"))
             self.cache.discard_staging(fill.blob)
             log.error("fetch_failed", path=e.path, error=error_code(exc), detail=str(exc)[:300])
         finally:

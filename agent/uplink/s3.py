@@ -158,6 +158,14 @@ class S3Uplink:
             raise
         return PutResult(done.get("ETag"), done.get("VersionId"), len(parts))
 
+    async def put_raw(self, key: str, body: bytes) -> PutResult:
+        """Put bytes under an absolute key (outside the namespace prefix: audit logs), checksummed."""
+        sha = hashlib.sha256(body).hexdigest()
+        await self.up_bucket.acquire(len(body))
+        resp = await self._client.put_object(Bucket=self.cfg.bucket, Key=key, Body=body,
+                                             ChecksumSHA256=b64(sha), Metadata={META_SHA: sha})
+        return PutResult(resp.get("ETag"), resp.get("VersionId"))
+
     async def copy(self, src: str, dst: str, sha256: str | None) -> PutResult:
         """Server-side copy (no traffic on the private line), verified by the copy's recorded hash."""
         resp = await self._client.copy_object(
