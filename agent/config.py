@@ -252,6 +252,35 @@ class LogConfig:
     format: str = _f(_choice("json", "console"), "'json' or 'console'", default="json")
 
 
+def _suffixes(value: Any) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(v, str) and v.startswith(".") and "/" not in v
+                                              for v in value):
+        raise ValueError
+    return tuple(value)
+
+
+def _days(value: Any) -> int:
+    return _int_between(0, 100 * 366)(value)
+
+
+@dataclass(frozen=True)
+class RetentionRule:
+    prefix: str = _f(_prefix, "a namespace path prefix such as 'inpatient/' (no leading '/')")
+    retention_days: int = _f(_days, "days 0..36600 (0: not retained)")
+    legal_hold: bool = _f(_bool, "true or false", default=False)
+
+
+@dataclass(frozen=True)
+class ComplianceConfig:
+    worm: bool = _f(_bool, "true or false", default=False)
+    mode: str = _f(_choice("COMPLIANCE", "GOVERNANCE"), "'COMPLIANCE' or 'GOVERNANCE'", default="COMPLIANCE")
+    retention_days: int = _f(_days, "days 0..36600", default=15 * 365 + 4)
+    legal_hold: bool = _f(_bool, "true or false", default=False)
+    temp_suffixes: tuple[str, ...] = _f(_suffixes, "a list of suffixes such as ['.part', '.filepart', '.tmp']",
+                                        default=(".part", ".filepart", ".tmp"))
+    rules: tuple[RetentionRule, ...] = _f(lambda v: v, "[[compliance.rules]] tables", default=())
+
+
 @dataclass(frozen=True)
 class AuditConfig:
     enabled: bool = _f(_bool, "true or false", default=True)
@@ -299,6 +328,7 @@ class Config:
     http: HttpConfig
     log: LogConfig
     audit: AuditConfig
+    compliance: ComplianceConfig
     scrub: ScrubConfig
     model: ModelConfig
     users: tuple[UserConfig, ...]
@@ -310,7 +340,8 @@ class Config:
 
 _SECTIONS: dict[str, type] = {
     "cache": CacheConfig, "uplink": UplinkConfig, "ftp": FtpConfig, "sftp": SftpConfig,
-    "http": HttpConfig, "log": LogConfig, "audit": AuditConfig, "scrub": ScrubConfig,
+    "http": HttpConfig, "log": LogConfig, "audit": AuditConfig,
+    "compliance": ComplianceConfig, "scrub": ScrubConfig,
     "model": ModelConfig,
 }
 
@@ -450,7 +481,13 @@ def load(path: str | Path) -> Config:
     for required in ("cache", "uplink"):
         if required not in data:
             raise ConfigError(file, required, None, f"required section [{required}]")
+    compliance = data.get("compliance", {})
+    rules_raw = compliance.pop("rules", []) if isinstance(compliance, dict) else []
+    if not isinstance(rules_raw, list):
+        raise ConfigError(file, "compliance.rules", rules_raw, "an array of tables: [[compliance.rules]]")
     sections = {name: _build(cls, data.get(name, {}), file, name) for name, cls in _SECTIONS.items()}
+    sections["compliance"] = dataclasses.replace(sections["compliance"], rules=tuple(
+        _build(RetentionRule, r, file, f"compliance.rules[{i}]") for i, r in enumerate(rules_raw)))
     users_raw = data.get("users", [])
     if not isinstance(users_raw, list):
         raise ConfigError(file, "users", users_raw, "an array of tables: [[users]]")

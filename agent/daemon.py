@@ -21,6 +21,7 @@ from agent.store.cache import Cache
 from agent.store.catalog import AsyncCatalog, Catalog
 from agent.store.gateway import Gateway
 from agent.store.scrub import Scrubber
+from agent.store.worm import WormPolicy
 from agent.uplink.s3 import S3Uplink
 from agent.uplink.uploader import Uploader
 
@@ -46,7 +47,10 @@ class Agent:
         self.cache = Cache(cfg.cache.dir)
         self.s3 = S3Uplink(cfg.uplink)
         await self.s3.start()
-        self.uploader = Uploader(self.db, self.cache, self.s3, self.metrics, cfg.uplink.max_concurrency)
+        if cfg.compliance.worm:
+            await self._check_object_lock()
+        self.uploader = Uploader(self.db, self.cache, self.s3, self.metrics, cfg.uplink.max_concurrency,
+                                 WormPolicy(cfg.compliance))
         await self.uploader.start()
         self.audit = AuditLog(Path(cfg.audit.path), cfg.audit.max_bytes, cfg.audit.keep, cfg.audit.enabled)
         self._ship = (asyncio.create_task(AuditShipper(self.audit, self.s3, cfg.audit.ship_prefix).run(),
@@ -70,6 +74,18 @@ class Agent:
                  http=cfg.http.listen if cfg.http.enabled else None,
                  uplink=cfg.uplink.endpoint_url, bucket=cfg.uplink.bucket, write_mode=cfg.uplink.write_mode,
                  uplink_reachable=self.uploader.reachable)
+
+    async def _check_object_lock(self) -> None:
+        """WORM needs a bucket created with Object Lock: refuse to run against one without."""
+        try:
+            enabled = await self.s3.object_lock_enabled()
+        except Exception as e:  # noqa: BLE001 - unreachable now: checked by S3 itself on every locked PUT
+            log.warning("object_lock_unchecked", bucket=self.cfg.uplink.bucket, error=str(e)[:200])
+            return
+        if not enabled:
+            raise SystemExit(f"pacsgw: [compliance] worm = true but bucket {self.cfg.uplink.bucket!r} has no "
+                             "Object Lock; create the bucket with Object Lock enabled (it cannot be added later "
+                             "on most S3 services) or set worm = false")
 
     async def stop(self, drain_seconds: float = DRAIN_SECONDS) -> None:
         """No new sessions; let in-flight transfers and uploads finish; the rest stays queued on disk."""

@@ -44,6 +44,15 @@ def any_store(request) -> ObjectStore:
     return request.getfixturevalue("seaweed" if request.param == "seaweedfs" else "rclone_s3")
 
 
+def toml_value(v) -> str:
+    """TOML for the values our configs use (JSON's strings, numbers and booleans are TOML too)."""
+    if isinstance(v, dict):
+        return "{" + ", ".join(f"{k} = {toml_value(x)}" for k, x in v.items()) + "}"
+    if isinstance(v, list):
+        return "[" + ", ".join(toml_value(x) for x in v) + "]"
+    return json.dumps(v)
+
+
 def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
@@ -85,10 +94,10 @@ class AgentProc:
         lines = []
         for name, table in sections.items():
             lines.append(f"[{name}]")
-            lines += [f"{k} = {json.dumps(v)}" for k, v in table.items()]
+            lines += [f"{k} = {toml_value(v)}" for k, v in table.items()]
         for user in self.users or [{"name": "pacs", "password": PASSWORD, "root": "/"}]:
             lines.append("[[users]]")
-            lines += [f"{k} = {json.dumps(v)}" for k, v in user.items()]
+            lines += [f"{k} = {toml_value(v)}" for k, v in user.items()]
         self.config_path.write_text("\n".join(lines) + "\n")
         self.config_path.chmod(0o600)  # it holds secrets: the agent refuses anything more open
 

@@ -29,6 +29,7 @@ from agent.store.catalog import AsyncCatalog, Entry
 from agent.store.errors import Corrupt, GatewayError, IsADirectory, NoSpace, NotADirectory, NotFound, Unavailable
 from agent.store.fetch import download
 from agent.store.paths import ancestors, parent_of
+from agent.store.worm import WormPolicy
 from agent.uplink.s3 import S3Uplink, error_code
 from agent.uplink.uploader import Uploader
 
@@ -158,6 +159,7 @@ class Gateway:
                  metrics: Metrics, audit: AuditLog) -> None:
         self.cfg, self.db, self.cache, self.s3, self.uploader, self.metrics = cfg, db, cache, s3, uploader, metrics
         self.audit = audit
+        self.worm = WormPolicy(cfg.compliance)
         self._fills: dict[str, _Fill] = {}
         self._listings: dict[str, asyncio.Future] = {}
         self._access: dict[str, tuple[float, int]] = {}
@@ -243,7 +245,7 @@ class Gateway:
 
     async def delete(self, path: str, who: Who | None = None) -> None:
         async with self.audit.op(who, "delete", path):
-            await self.stat(path)
+            self.worm.check_mutable(await self.stat(path), time.time())
             blob = await self.db.delete(path)
         if blob:
             self.cache.remove(blob)
@@ -253,9 +255,13 @@ class Gateway:
     async def rename(self, src: str, dst: str, who: Who | None = None) -> None:
         async with self.audit.op(who, "rename", src, to=dst):
             e = await self.stat(src)
+            self.worm.check_mutable(e, time.time())
             if e.is_dir:
                 await self._list_tree(src)
             await self._ensure_listed(parent_of(dst), missing_ok=True)
+            replaced_entry = await self.db.get(dst)
+            if replaced_entry is not None:
+                self.worm.check_mutable(replaced_entry, time.time())
             replaced = await self.db.rename(src, dst)
         for blob in replaced:
             self.cache.remove(blob)
@@ -281,6 +287,8 @@ class Gateway:
             existing = await self.db.get(path)
             if existing is not None and existing.is_dir:
                 raise IsADirectory(path)
+            if existing is not None:
+                self.worm.check_mutable(existing, time.time())
             blob = self.cache.new_blob()
             fd = self.cache.create_staging(blob)
         handle = WriteHandle(self, path, blob, fd, protocol, who)
