@@ -50,9 +50,13 @@ CREATE TABLE IF NOT EXISTS entries (
     access_count INTEGER NOT NULL DEFAULT 0
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS entries_parent ON entries(parent, name);
-CREATE INDEX IF NOT EXISTS entries_queue ON entries(next_attempt) WHERE state IN ('dirty', 'uploading');
+-- Partial indexes are used only when the query repeats their WHERE term verbatim: keep them in step.
+DROP INDEX IF EXISTS entries_queue;
+CREATE INDEX IF NOT EXISTS entries_dirty ON entries(next_attempt, dirty_since) WHERE state = 'dirty';
+CREATE INDEX IF NOT EXISTS entries_uploading ON entries(path) WHERE state = 'uploading';
 CREATE INDEX IF NOT EXISTS entries_dirty_since ON entries(dirty_since) WHERE state IN ('dirty', 'uploading');
 CREATE INDEX IF NOT EXISTS entries_blob ON entries(blob) WHERE blob IS NOT NULL;
+CREATE INDEX IF NOT EXISTS entries_copy_from ON entries(copy_from) WHERE copy_from IS NOT NULL;
 CREATE INDEX IF NOT EXISTS entries_evictable ON entries(last_access) WHERE state = 'clean' AND blob IS NOT NULL;
 
 CREATE TABLE IF NOT EXISTS tombstones (
