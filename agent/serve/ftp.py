@@ -376,10 +376,7 @@ class FtpServer(aioftp.Server):
             connection.response("226", "stored")
             return True
 
-        task = asyncio.create_task(stor_worker(self, connection, rest))
-        connection.extra_workers.add(task)
-        connection.response("150", "data transfer started")
-        return True
+        return self._start_transfer(connection, stor_worker(self, connection, rest))
 
     @ConnectionConditions(ConnectionConditions.login_required, ConnectionConditions.passive_server_started)
     @PathPermissions(PathPermissions.readable)
@@ -408,8 +405,12 @@ class FtpServer(aioftp.Server):
             connection.response("226", "transfer complete")
             return True
 
-        task = asyncio.create_task(retr_worker(self, connection, rest))
-        connection.extra_workers.add(task)
+        return self._start_transfer(connection, retr_worker(self, connection, rest))
+
+    @staticmethod
+    def _start_transfer(connection: aioftp.Connection, worker_coro) -> bool:  # noqa: ANN001
+        """Run a data-connection worker beside the command loop (aioftp's model) and say so: 150."""
+        connection.extra_workers.add(asyncio.create_task(worker_coro))
         connection.response("150", "data transfer started")
         return True
 
@@ -470,10 +471,7 @@ class FtpServer(aioftp.Server):
             connection.response("226", "name list done")
             return True
 
-        task = asyncio.create_task(nlst_worker(self, connection, rest))
-        connection.extra_workers.add(task)
-        connection.response("150", "name list started")
-        return True
+        return self._start_transfer(connection, nlst_worker(self, connection, rest))
 
     @ConnectionConditions(ConnectionConditions.login_required)
     async def size(self, connection: aioftp.Connection, rest: str) -> bool:
