@@ -22,20 +22,21 @@ BUCKET = "pacs-test"
 PASSWORD = "test-only-password"  # test-only credential for the agents these tests start
 
 
-@pytest.fixture(scope="session")
-def seaweed(tmp_path_factory) -> ObjectStore:
-    store = ObjectStore("seaweedfs", tmp_path_factory.mktemp("seaweed")).start()
+def _session_store(kind: str, tmp_path_factory):  # noqa: ANN202 - a generator fixture body
+    store = ObjectStore(kind, tmp_path_factory.mktemp(kind)).start()
     store.create_bucket(BUCKET)
     yield store
     store.stop()
+
+
+@pytest.fixture(scope="session")
+def seaweed(tmp_path_factory) -> ObjectStore:
+    yield from _session_store("seaweedfs", tmp_path_factory)
 
 
 @pytest.fixture(scope="session")
 def rclone_s3(tmp_path_factory) -> ObjectStore:
-    store = ObjectStore("rclone", tmp_path_factory.mktemp("rclone-s3")).start()
-    store.create_bucket(BUCKET)
-    yield store
-    store.stop()
+    yield from _session_store("rclone", tmp_path_factory)
 
 
 @pytest.fixture(params=["seaweedfs", "rclone"])
