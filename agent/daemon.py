@@ -14,6 +14,7 @@ from agent import __version__
 from agent.audit import AuditLog, AuditShipper
 from agent.config import Config
 from agent.metrics import Metrics
+from agent.monitor import PressureMonitor
 from agent.serve.ftp import FtpServer
 from agent.serve.http import HttpServer, judge, model_info, process_memory
 from agent.serve.sftp import SftpService
@@ -57,6 +58,9 @@ class Agent:
                                           name="audit-ship") if cfg.audit.enabled and cfg.audit.ship else None)
         self.gateway = Gateway(cfg, self.db, self.cache, self.s3, self.uploader, self.metrics, self.audit)
         await self.gateway.start()
+        self.monitor = PressureMonitor(cfg, self.db, self.cache, self.gateway, self.uploader, self.metrics)
+        await self.monitor.sample()
+        self._monitor = asyncio.create_task(self.monitor.run(), name="pressure")
         self.scrubber = Scrubber(self.db, self.cache, cfg.scrub.rate, cfg.scrub.pause_seconds)
         self._scrub = asyncio.create_task(self.scrubber.run(), name="scrub") if cfg.scrub.enabled else None
         if cfg.ftp.enabled:
@@ -101,7 +105,7 @@ class Agent:
             await self.ftp.close()
         if self.sftp:
             await self.sftp.close()
-        for task in (self._scrub, self._ship):
+        for task in (self._scrub, self._ship, self._monitor):
             if task:
                 task.cancel()
         await self.uploader.stop(max(1.0, drain_seconds - (time.monotonic() - t0)))
@@ -137,6 +141,7 @@ class Agent:
                       "max_bytes": self.cfg.cache.max_bytes, "disk_total": disk.total, "disk_free": disk.free},
             "memory": process_memory(),
             "model": model_info(self.cfg.model.path),
+            "pressure": {"level": str(self.monitor.current.level), "reasons": list(self.monitor.current.reasons)},
             "scrub": {"passes": self.scrubber.passes, "last_pass_end": self.scrubber.last_pass_end},
         }
         h["status"], h["reasons"] = judge(h, self.cfg.cache.min_free_bytes)

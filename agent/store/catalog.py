@@ -478,6 +478,9 @@ class Catalog:
                                 "access_count = access_count + ? WHERE path = ?",
                                 [(t, n, p) for p, t, n in hits])
 
+    def shrink_memory(self) -> None:
+        self.db.execute("PRAGMA shrink_memory")
+
     def blob_referenced(self, blob: str) -> bool:
         return self.db.execute("SELECT 1 FROM entries WHERE blob = ?", (blob,)).fetchone() is not None
 

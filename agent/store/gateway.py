@@ -160,6 +160,7 @@ class Gateway:
         self.cfg, self.db, self.cache, self.s3, self.uploader, self.metrics = cfg, db, cache, s3, uploader, metrics
         self.audit = audit
         self.worm = WormPolicy(cfg.compliance)
+        self.fetch_refusal = ""  # set under critical pressure: no new fetches from S3
         self._fills: dict[str, _Fill] = {}
         self._listings: dict[str, asyncio.Future] = {}
         self._access: dict[str, tuple[float, int]] = {}
@@ -390,6 +391,9 @@ class Gateway:
     def _start_fill(self, e: Entry) -> _Fill:
         if not self.uploader.reachable:
             raise Unavailable(e.path, "not in the cache and object storage is unreachable")
+        if self.fetch_refusal:
+            log.warning("fetch_refused", path=e.path, reason=self.fetch_refusal)
+            raise Unavailable(e.path, f"not in the cache; fetching refused: {self.fetch_refusal}")
         blob = self.cache.new_blob()
         fill = _Fill(e, blob, self.cache.create_staging(blob))
         self._fills[e.path] = fill
@@ -405,7 +409,8 @@ class Gateway:
                 fill.cond.notify_all()
 
         try:
-            sha = await download(self.s3, self.cache, e, fill.blob, fill.fd, landed)
+            async with self.uploader.slots:  # fetches share the line's concurrency with uploads
+                sha = await download(self.s3, self.cache, e, fill.blob, fill.fd, landed)
             if not await self.db.set_cached(e.path, e.gen, fill.blob, sha):
                 self.cache.remove(fill.blob)  # the file changed meanwhile; this copy is stale
             self.metrics.fetched_bytes.inc(fill.written)
@@ -439,6 +444,11 @@ class Gateway:
         while True:
             await asyncio.sleep(ACCESS_FLUSH_SECONDS)
             await self._flush_access()
+
+    async def shrink_memory(self) -> None:
+        """Memory pressure: flush buffered statistics and give SQLite's page cache back."""
+        await self._flush_access()
+        await self.db.shrink_memory()
 
     # --- eviction (least recently used clean files, down to the low watermark) ------------------
 

@@ -35,6 +35,29 @@ def backoff(attempts: int, base: float = 1.0, cap: float = 300.0) -> float:
     return min(cap, base * 2 ** min(attempts, 16)) * random.uniform(0.5, 1.5)
 
 
+class Limiter:
+    """A semaphore whose limit can change while it is in use (memory pressure lowers it)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit, self.active = limit, 0
+        self._cond = asyncio.Condition()
+
+    async def set_limit(self, limit: int) -> None:
+        async with self._cond:
+            self.limit = limit
+            self._cond.notify_all()
+
+    async def __aenter__(self) -> None:
+        async with self._cond:
+            await self._cond.wait_for(lambda: self.active < self.limit)
+            self.active += 1
+
+    async def __aexit__(self, *exc: object) -> None:
+        async with self._cond:
+            self.active -= 1
+            self._cond.notify_all()
+
+
 @dataclass
 class UplinkHealth:
     reachable: bool = True
@@ -46,7 +69,7 @@ class Uploader:
     def __init__(self, db, cache: Cache, s3: S3Uplink, metrics: Metrics, max_concurrency: int,
                  worm: WormPolicy) -> None:
         self.db, self.cache, self.s3, self.metrics, self.worm = db, cache, s3, metrics, worm
-        self.slots = asyncio.Semaphore(max_concurrency)
+        self.slots = Limiter(max_concurrency)
         self.max_concurrency = max_concurrency
         self.health = UplinkHealth(since=time.time())
         self._wake = asyncio.Event()
@@ -178,7 +201,7 @@ class Uploader:
         while True:
             await self._reachable.wait()
             self._wake.clear()
-            room = self.max_concurrency * 2 - len(self._tasks)
+            room = self.slots.limit * 2 - len(self._tasks)
             rows = await self.db.due_uploads(time.time(), max(room, 0)) if room > 0 else []
             for row in rows:
                 if await self.db.claim(row.path, row.gen):
