@@ -293,6 +293,12 @@ class AuditConfig:
 
 
 @dataclass(frozen=True)
+class PrefetchConfig:
+    dir_depth: int = _f(_int_between(1, 8), "an integer 1..8: how many path levels make a directory "
+                        "whose daily reads are counted (2 for MODALITY/DAY)", default=2)
+
+
+@dataclass(frozen=True)
 class PressureConfig:
     memory_high: int = _f(parse_size, SIZE + ": system memory available below this is high pressure",
                           default=parse_size("8GiB"))
@@ -342,6 +348,7 @@ class Config:
     audit: AuditConfig
     compliance: ComplianceConfig
     pressure: PressureConfig
+    prefetch: PrefetchConfig
     scrub: ScrubConfig
     model: ModelConfig
     users: tuple[UserConfig, ...]
@@ -354,7 +361,8 @@ class Config:
 _SECTIONS: dict[str, type] = {
     "cache": CacheConfig, "uplink": UplinkConfig, "ftp": FtpConfig, "sftp": SftpConfig,
     "http": HttpConfig, "log": LogConfig, "audit": AuditConfig,
-    "compliance": ComplianceConfig, "pressure": PressureConfig, "scrub": ScrubConfig,
+    "compliance": ComplianceConfig, "pressure": PressureConfig,
+    "prefetch": PrefetchConfig, "scrub": ScrubConfig,
     "model": ModelConfig,
 }
 

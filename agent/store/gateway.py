@@ -24,6 +24,7 @@ import structlog
 from agent.audit import AuditLog, Who, failure
 from agent.config import Config
 from agent.metrics import Metrics
+from agent.store.access import AccessStats
 from agent.store.cache import Cache, sha256_fd
 from agent.store.catalog import AsyncCatalog, Entry
 from agent.store.errors import Corrupt, GatewayError, IsADirectory, NoSpace, NotADirectory, NotFound, Unavailable
@@ -163,7 +164,7 @@ class Gateway:
         self.fetch_refusal = ""  # set under critical pressure: no new fetches from S3
         self._fills: dict[str, _Fill] = {}
         self._listings: dict[str, asyncio.Future] = {}
-        self._access: dict[str, tuple[float, int]] = {}
+        self.access = AccessStats(cfg.prefetch.dir_depth)
         self._loops: list[asyncio.Task] = []
         self._evicting = asyncio.Lock()
         self.active_writes = 0
@@ -359,14 +360,15 @@ class Gateway:
         e = await self.stat(path)
         if e.is_dir:
             raise IsADirectory(path)
-        self._note_access(path)
         if e.blob is not None:
             fd = await self._open_verified(e)
             if fd is not None:
                 self.metrics.hits.inc()
+                self.access.note(path, e.size, hit=True)
                 return ReadHandle(self, e, fd, None, protocol)
             e = await self.stat(path)  # the bad copy is gone: fetch the object again below
         self.metrics.misses.inc()
+        self.access.note(path, e.size, hit=False)
         fill = self._fills.get(path)
         if fill is None or fill.done:
             fill = self._start_fill(e)
@@ -431,14 +433,10 @@ class Gateway:
 
     # --- access statistics ---------------------------------------------------------------------
 
-    def _note_access(self, path: str) -> None:
-        _, count = self._access.get(path, (0.0, 0))
-        self._access[path] = (time.time(), count + 1)
-
     async def _flush_access(self) -> None:
-        if self._access:
-            batch, self._access = self._access, {}
-            await self.db.record_access([(p, t, n) for p, (t, n) in batch.items()])
+        files, heat = self.access.drain()
+        if files:
+            await self.db.record_access(files, heat)
 
     async def _flush_access_loop(self) -> None:
         while True:
