@@ -5,13 +5,16 @@ from __future__ import annotations
 import asyncio
 import signal
 import time
+from pathlib import Path
 from typing import Any
 
 import structlog
 
 from agent import __version__
+from agent.audit import AuditLog, AuditShipper
 from agent.config import Config
 from agent.metrics import Metrics
+from agent.monitor import PressureMonitor
 from agent.serve.ftp import FtpServer
 from agent.serve.http import HttpServer, judge, model_info, process_memory
 from agent.serve.sftp import SftpService
@@ -19,6 +22,7 @@ from agent.store.cache import Cache
 from agent.store.catalog import AsyncCatalog, Catalog
 from agent.store.gateway import Gateway
 from agent.store.scrub import Scrubber
+from agent.store.worm import WormPolicy
 from agent.uplink.s3 import S3Uplink
 from agent.uplink.uploader import Uploader
 
@@ -44,10 +48,19 @@ class Agent:
         self.cache = Cache(cfg.cache.dir)
         self.s3 = S3Uplink(cfg.uplink)
         await self.s3.start()
-        self.uploader = Uploader(self.db, self.cache, self.s3, self.metrics, cfg.uplink.max_concurrency)
+        if cfg.compliance.worm:
+            await self._check_object_lock()
+        self.uploader = Uploader(self.db, self.cache, self.s3, self.metrics, cfg.uplink.max_concurrency,
+                                 WormPolicy(cfg.compliance))
         await self.uploader.start()
-        self.gateway = Gateway(cfg, self.db, self.cache, self.s3, self.uploader, self.metrics)
+        self.audit = AuditLog(Path(cfg.audit.path), cfg.audit.max_bytes, cfg.audit.keep, cfg.audit.enabled)
+        self._ship = (asyncio.create_task(AuditShipper(self.audit, self.s3, cfg.audit.ship_prefix).run(),
+                                          name="audit-ship") if cfg.audit.enabled and cfg.audit.ship else None)
+        self.gateway = Gateway(cfg, self.db, self.cache, self.s3, self.uploader, self.metrics, self.audit)
         await self.gateway.start()
+        self.monitor = PressureMonitor(cfg, self.db, self.cache, self.gateway, self.uploader, self.metrics)
+        await self.monitor.sample()
+        self._monitor = asyncio.create_task(self.monitor.run(), name="pressure")
         self.scrubber = Scrubber(self.db, self.cache, cfg.scrub.rate, cfg.scrub.pause_seconds)
         self._scrub = asyncio.create_task(self.scrubber.run(), name="scrub") if cfg.scrub.enabled else None
         if cfg.ftp.enabled:
@@ -67,6 +80,18 @@ class Agent:
                  uplink=cfg.uplink.endpoint_url, bucket=cfg.uplink.bucket, write_mode=cfg.uplink.write_mode,
                  uplink_reachable=self.uploader.reachable)
 
+    async def _check_object_lock(self) -> None:
+        """WORM needs a bucket created with Object Lock: refuse to run against one without."""
+        try:
+            enabled = await self.s3.object_lock_enabled()
+        except Exception as e:  # noqa: BLE001 - unreachable now: checked by S3 itself on every locked PUT
+            log.warning("object_lock_unchecked", bucket=self.cfg.uplink.bucket, error=str(e)[:200])
+            return
+        if not enabled:
+            raise SystemExit(f"pacsgw: [compliance] worm = true but bucket {self.cfg.uplink.bucket!r} has no "
+                             "Object Lock; create the bucket with Object Lock enabled (it cannot be added later "
+                             "on most S3 services) or set worm = false")
+
     async def stop(self, drain_seconds: float = DRAIN_SECONDS) -> None:
         """No new sessions; let in-flight transfers and uploads finish; the rest stays queued on disk."""
         self.draining = True
@@ -81,13 +106,15 @@ class Agent:
             await self.ftp.close()
         if self.sftp:
             await self.sftp.close()
-        if self._scrub:
-            self._scrub.cancel()
+        for task in (self._scrub, self._ship, self._monitor):
+            if task:
+                task.cancel()
         await self.uploader.stop(max(1.0, drain_seconds - (time.monotonic() - t0)))
         await self.gateway.stop()
         if self.http:
             await self.http.close()
         await self.s3.close()
+        self.audit.close()
         totals = await self.db.totals()
         await asyncio.to_thread(self.db.shutdown)
         log.info("stopped", drained=drained, queued_files=totals.queue_files,
@@ -115,6 +142,7 @@ class Agent:
                       "max_bytes": self.cfg.cache.max_bytes, "disk_total": disk.total, "disk_free": disk.free},
             "memory": process_memory(),
             "model": model_info(self.cfg.model.path),
+            "pressure": {"level": str(self.monitor.current.level), "reasons": list(self.monitor.current.reasons)},
             "scrub": {"passes": self.scrubber.passes, "last_pass_end": self.scrubber.last_pass_end},
         }
         h["status"], h["reasons"] = judge(h, self.cfg.cache.min_free_bytes)

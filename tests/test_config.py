@@ -94,6 +94,12 @@ BAD_CASES = [
     ('password = "test-only"', 'password = "x"\nauthorized_keys = "/nonexistent/keys"', "users[0].authorized_keys",
      "existing"),
     ('password = "test-only"', 'password = "x"\nshell = "/bin/sh"', "users[0].shell", "unknown key"),
+    ('[[users]]', '[compliance]\nmode = "STRICT"\n[[users]]', "compliance.mode", "COMPLIANCE"),
+    ('[[users]]', '[[compliance.rules]]\nprefix = "inpatient/"\nretention_days = -1\n[[users]]',
+     "compliance.rules[0].retention_days", "days"),
+    ('[[users]]', '[[compliance.rules]]\nretention_days = 10\n[[users]]', "compliance.rules[0].prefix", "required"),
+    ('[[users]]', '[compliance]\ntemp_suffixes = ["part"]\n[[users]]', "compliance.temp_suffixes", "suffixes"),
+    ('[[users]]', '[audit]\nship = true\n[[users]]', "audit.ship_prefix", "outside the PACS namespace"),
 ]
 
 

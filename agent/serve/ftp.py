@@ -23,11 +23,23 @@ import aioftp
 import structlog
 from aioftp.server import ConnectionConditions, PathPermissions, worker
 
+from agent.audit import Who, failure
 from agent.auth import verify_password
 from agent.config import Config, UserConfig
 from agent.store.catalog import Entry
-from agent.store.errors import (AlreadyExists, BadPath, Corrupt, GatewayError, IsADirectory, NoSpace,
-                                NotADirectory, NotEmpty, NotFound, PermissionDenied, Unavailable)
+from agent.store.errors import (
+    AlreadyExists,
+    BadPath,
+    Corrupt,
+    GatewayError,
+    IsADirectory,
+    NoSpace,
+    NotADirectory,
+    NotEmpty,
+    NotFound,
+    PermissionDenied,
+    Unavailable,
+)
 from agent.store.gateway import Gateway
 from agent.store.paths import resolve
 
@@ -85,6 +97,13 @@ def _ns(path: PurePosixPath) -> str:
     return str(path).lstrip("/")
 
 
+def who(connection: aioftp.Connection) -> Who:
+    """The audited party of an FTP session."""
+    user = connection.user.login if connection.future.user.done() else "-"
+    protocol = "ftps" if getattr(connection, "tls", False) else "ftp"
+    return Who(user, protocol, f"{connection.client_host}:{connection.client_port}")
+
+
 class _Stat:
     def __init__(self, e: Entry) -> None:
         self.st_size = e.size
@@ -118,17 +137,17 @@ class GatewayPathIO(aioftp.AbstractPathIO):
         return e is not None and not e.is_dir
 
     async def mkdir(self, path: PurePosixPath, *, parents: bool = False, exist_ok: bool = False) -> None:
-        await self.gateway.mkdir(_ns(path))
+        await self.gateway.mkdir(_ns(path), who(self.connection))
 
     async def rmdir(self, path: PurePosixPath) -> None:
-        await self.gateway.rmdir(_ns(path))
+        await self.gateway.rmdir(_ns(path), who(self.connection))
 
     async def unlink(self, path: PurePosixPath) -> None:
-        await self.gateway.delete(_ns(path))
+        await self.gateway.delete(_ns(path), who(self.connection))
 
     def list(self, path: PurePosixPath) -> AsyncIterator[PurePosixPath]:
         async def gen() -> AsyncIterator[PurePosixPath]:
-            for e in await self.gateway.listdir(_ns(path)):
+            for e in await self.gateway.listdir(_ns(path), who(self.connection)):
                 p = EntryPath(path, e.name)
                 p.entry = e
                 yield p
@@ -141,7 +160,7 @@ class GatewayPathIO(aioftp.AbstractPathIO):
         return _Stat(e)
 
     async def rename(self, source: PurePosixPath, destination: PurePosixPath) -> PurePosixPath:
-        await self.gateway.rename(_ns(source), _ns(destination))
+        await self.gateway.rename(_ns(source), _ns(destination), who(self.connection))
         return destination
 
     # File I/O goes through the server's own STOR/RETR workers, never through these.
@@ -202,7 +221,8 @@ class FtpServer(aioftp.Server):
         self.roots = {u.name: u.root for u in cfg.users}
         self.tls = tls_context(cfg.ftp.tls_cert, cfg.ftp.tls_key) if cfg.ftp.tls_cert else None
         self.commands_mapping.update({
-            "auth": self.auth, "prot": self.prot, "pbsz": self.pbsz, "user": self.user, "pasv": self.pasv,
+            "auth": self.auth, "prot": self.prot, "pbsz": self.pbsz, "user": self.user, "pass": self.pass_,
+            "pasv": self.pasv,
             "epsv": self.epsv, "nlst": self.nlst, "size": self.size, "mdtm": self.mdtm, "feat": self.feat,
             "opts": self.opts, "noop": self.noop})
         for name in PATH_COMMANDS:
@@ -247,9 +267,18 @@ class FtpServer(aioftp.Server):
     async def user(self, connection: aioftp.Connection, rest: str) -> bool:
         if self.cfg.ftp.require_tls and not getattr(connection, "tls", False):
             log.warning("login_refused", protocol="ftp", user=rest, reason="plain-text login while TLS is required")
+            self.gateway.audit.record(Who(rest, "ftp", f"{connection.client_host}:{connection.client_port}"),
+                                      "login", "", "refused: TLS required")
             connection.response("530", "TLS required: use AUTH TLS before USER")
             return True
         return await super().user(connection, rest)
+
+    async def pass_(self, connection: aioftp.Connection, rest: str) -> bool:
+        result = await super().pass_(connection, rest)
+        if connection.future.user.done():
+            ok = connection.future.logged.done()
+            self.gateway.audit.record(who(connection), "login", "", "ok" if ok else "error: wrong user or password")
+        return result
 
     async def pasv(self, connection: aioftp.Connection, rest: str) -> bool:
         return await self._passive(super().pasv, connection, rest)
@@ -320,6 +349,8 @@ class FtpServer(aioftp.Server):
     def _fail(self, connection: aioftp.Connection, e: GatewayError) -> bool:
         code, info = reply_for(e)
         self.gateway.metrics.errors.labels("ftp", type(e).__name__).inc()
+        if isinstance(e, (BadPath, PermissionDenied)):
+            self.gateway.audit.record(who(connection), "refused", e.path, failure(e))
         log.warning("ftp_error", user=connection.user.login, path=e.path, code=code, reason=info)
         connection.response(code, info)
         return True
@@ -337,7 +368,7 @@ class FtpServer(aioftp.Server):
                 offset = (await self.gateway.stat(path)).size
             except NotFound:
                 offset = 0
-        handle = await self.gateway.open_write(path, "ftp", offset=offset)
+        handle = await self.gateway.open_write(path, "ftp", offset=offset, who=who(connection))
 
         @ConnectionConditions(ConnectionConditions.data_connection_made, wait=True, fail_code="425",
                               fail_info="Can't open data connection")
@@ -366,16 +397,13 @@ class FtpServer(aioftp.Server):
             connection.response("226", "stored")
             return True
 
-        task = asyncio.create_task(stor_worker(self, connection, rest))
-        connection.extra_workers.add(task)
-        connection.response("150", "data transfer started")
-        return True
+        return self._start_transfer(connection, stor_worker(self, connection, rest))
 
     @ConnectionConditions(ConnectionConditions.login_required, ConnectionConditions.passive_server_started)
     @PathPermissions(PathPermissions.readable)
     async def retr(self, connection: aioftp.Connection, rest: str) -> bool:
         path = self._resolve(connection, rest)
-        handle = await self.gateway.open_read(path, "ftp")
+        handle = await self.gateway.open_read(path, "ftp", who(connection))
         offset = connection.restart_offset
         connection.restart_offset = 0
 
@@ -398,9 +426,51 @@ class FtpServer(aioftp.Server):
             connection.response("226", "transfer complete")
             return True
 
-        task = asyncio.create_task(retr_worker(self, connection, rest))
-        connection.extra_workers.add(task)
+        return self._start_transfer(connection, retr_worker(self, connection, rest))
+
+    @staticmethod
+    def _start_transfer(connection: aioftp.Connection, worker_coro) -> bool:  # noqa: ANN001
+        """Run a data-connection worker beside the command loop (aioftp's model) and say so: 150."""
+        connection.extra_workers.add(asyncio.create_task(worker_coro))
         connection.response("150", "data transfer started")
+        return True
+
+    # --- namespace commands: straight to the gateway, so every outcome has its precise reply and audit ---
+
+    @ConnectionConditions(ConnectionConditions.login_required)
+    async def dele(self, connection: aioftp.Connection, rest: str) -> bool:
+        await self.gateway.delete(self._resolve(connection, rest), who(connection))
+        connection.response("250", "deleted")
+        return True
+
+    @ConnectionConditions(ConnectionConditions.login_required)
+    async def mkd(self, connection: aioftp.Connection, rest: str) -> bool:
+        path = self._resolve(connection, rest)
+        await self.gateway.mkdir(path, who(connection))
+        connection.response("257", f'"{rest}" created')
+        return True
+
+    @ConnectionConditions(ConnectionConditions.login_required)
+    async def rmd(self, connection: aioftp.Connection, rest: str) -> bool:
+        await self.gateway.rmdir(self._resolve(connection, rest), who(connection))
+        connection.response("250", "removed")
+        return True
+
+    @ConnectionConditions(ConnectionConditions.login_required)
+    async def rnfr(self, connection: aioftp.Connection, rest: str) -> bool:
+        path = self._resolve(connection, rest)
+        await self.gateway.stat(path)
+        connection.rename_from = path
+        connection.response("350", "ready for RNTO")
+        return True
+
+    @ConnectionConditions(ConnectionConditions.login_required, ConnectionConditions.rename_from_required)
+    async def rnto(self, connection: aioftp.Connection, rest: str) -> bool:
+        """Like rename(2), an existing target file is replaced (PACS clients re-send x.part → x)."""
+        source = connection.rename_from
+        del connection.rename_from
+        await self.gateway.rename(source, self._resolve(connection, rest), who(connection))
+        connection.response("250", "renamed")
         return True
 
     # --- commands aioftp lacks ---------------------------------------------------------------------
@@ -408,7 +478,7 @@ class FtpServer(aioftp.Server):
     @ConnectionConditions(ConnectionConditions.login_required, ConnectionConditions.passive_server_started)
     @PathPermissions(PathPermissions.readable)
     async def nlst(self, connection: aioftp.Connection, rest: str) -> bool:
-        entries = await self.gateway.listdir(self._resolve(connection, rest or "."))
+        entries = await self.gateway.listdir(self._resolve(connection, rest or "."), who(connection))
 
         @ConnectionConditions(ConnectionConditions.data_connection_made, wait=True, fail_code="425",
                               fail_info="Can't open data connection")
@@ -422,10 +492,7 @@ class FtpServer(aioftp.Server):
             connection.response("226", "name list done")
             return True
 
-        task = asyncio.create_task(nlst_worker(self, connection, rest))
-        connection.extra_workers.add(task)
-        connection.response("150", "name list started")
-        return True
+        return self._start_transfer(connection, nlst_worker(self, connection, rest))
 
     @ConnectionConditions(ConnectionConditions.login_required)
     async def size(self, connection: aioftp.Connection, rest: str) -> bool:

@@ -37,6 +37,12 @@ def judge(health: dict[str, Any], min_free: int) -> tuple[str, list[str]]:
     if health["oldest_dirty_seconds"] > STALE_QUEUE_SECONDS:
         status = "degraded"
         reasons.append(f"oldest file not yet in object storage waits {health['oldest_dirty_seconds']:.0f}s")
+    pressure = health.get("pressure", {})
+    if pressure.get("level", "normal") != "normal":
+        status = "degraded"
+        reasons.append(f"{pressure['level']} pressure: {'; '.join(pressure['reasons'])}"
+                       + ("; fetches from object storage refused" if pressure["level"] == "critical" else
+                          "; reduced concurrency"))
     if health["cache"]["disk_free"] < min_free:
         status = "failing"
         reasons.append("cache disk nearly full: new writes may be refused")

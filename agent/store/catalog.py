@@ -50,9 +50,13 @@ CREATE TABLE IF NOT EXISTS entries (
     access_count INTEGER NOT NULL DEFAULT 0
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS entries_parent ON entries(parent, name);
-CREATE INDEX IF NOT EXISTS entries_queue ON entries(next_attempt) WHERE state IN ('dirty', 'uploading');
+-- Partial indexes are used only when the query repeats their WHERE term verbatim: keep them in step.
+DROP INDEX IF EXISTS entries_queue;
+CREATE INDEX IF NOT EXISTS entries_dirty ON entries(next_attempt, dirty_since) WHERE state = 'dirty';
+CREATE INDEX IF NOT EXISTS entries_uploading ON entries(path) WHERE state = 'uploading';
 CREATE INDEX IF NOT EXISTS entries_dirty_since ON entries(dirty_since) WHERE state IN ('dirty', 'uploading');
 CREATE INDEX IF NOT EXISTS entries_blob ON entries(blob) WHERE blob IS NOT NULL;
+CREATE INDEX IF NOT EXISTS entries_copy_from ON entries(copy_from) WHERE copy_from IS NOT NULL;
 CREATE INDEX IF NOT EXISTS entries_evictable ON entries(last_access) WHERE state = 'clean' AND blob IS NOT NULL;
 
 CREATE TABLE IF NOT EXISTS tombstones (
@@ -61,6 +65,17 @@ CREATE TABLE IF NOT EXISTS tombstones (
     attempts     INTEGER NOT NULL DEFAULT 0,
     next_attempt REAL NOT NULL DEFAULT 0
 );
+
+-- Reads per directory (the first [prefetch] dir_depth levels, e.g. CT/2026-11-23) per local day: the history
+-- the heat model learns from. Bounded by directories x days, not by files.
+CREATE TABLE IF NOT EXISTS heat (
+    dir    TEXT NOT NULL,
+    day    TEXT NOT NULL,
+    reads  INTEGER NOT NULL,
+    misses INTEGER NOT NULL,
+    bytes  INTEGER NOT NULL,
+    PRIMARY KEY (dir, day)
+) WITHOUT ROWID;
 
 CREATE TABLE IF NOT EXISTS totals (
     id           INTEGER PRIMARY KEY CHECK (id = 1),
@@ -467,12 +482,26 @@ class Catalog:
                                   (path, blob))
             return cur.rowcount == 1
 
-    def record_access(self, hits: Iterable[tuple[str, float, int]]) -> None:
-        """Batched access statistics: (path, last access time, count)."""
+    def record_access(self, hits: Iterable[tuple[str, float, int]],
+                      heat: Iterable[tuple[str, str, int, int, int]] = ()) -> None:
+        """Batched access statistics: per file (path, last access time, count) and per directory and day
+        (dir, day, reads, misses, bytes)."""
         with self._tx(durable=False):
             self.db.executemany("UPDATE entries SET last_access = MAX(COALESCE(last_access, 0), ?), "
                                 "access_count = access_count + ? WHERE path = ?",
                                 [(t, n, p) for p, t, n in hits])
+            self.db.executemany(
+                "INSERT INTO heat (dir, day, reads, misses, bytes) VALUES (?, ?, ?, ?, ?) "
+                "ON CONFLICT (dir, day) DO UPDATE SET reads = reads + excluded.reads, "
+                "misses = misses + excluded.misses, bytes = bytes + excluded.bytes", list(heat))
+
+    def heat_since(self, day: str) -> list[tuple[str, str, int, int, int]]:
+        """(dir, day, reads, misses, bytes) for every directory read on or after day (YYYY-MM-DD)."""
+        return self.db.execute("SELECT dir, day, reads, misses, bytes FROM heat WHERE day >= ? ORDER BY dir, day",
+                               (day,)).fetchall()
+
+    def shrink_memory(self) -> None:
+        self.db.execute("PRAGMA shrink_memory")
 
     def blob_referenced(self, blob: str) -> bool:
         return self.db.execute("SELECT 1 FROM entries WHERE blob = ?", (blob,)).fetchone() is not None

@@ -21,14 +21,16 @@ from dataclasses import dataclass, field
 
 import structlog
 
+from agent.audit import AuditLog, Who, failure
 from agent.config import Config
 from agent.metrics import Metrics
+from agent.store.access import AccessStats
 from agent.store.cache import Cache, sha256_fd
 from agent.store.catalog import AsyncCatalog, Entry
-from agent.store.errors import (Corrupt, GatewayError, IsADirectory, NoSpace, NotADirectory, NotFound,
-                                Unavailable)
+from agent.store.errors import Corrupt, GatewayError, IsADirectory, NoSpace, NotADirectory, NotFound, Unavailable
 from agent.store.fetch import download
 from agent.store.paths import ancestors, parent_of
+from agent.store.worm import WormPolicy
 from agent.uplink.s3 import S3Uplink, error_code
 from agent.uplink.uploader import Uploader
 
@@ -41,8 +43,8 @@ EVICT_CHECK_SECONDS = 10.0
 class WriteHandle:
     """One file being written. Sequential writes are hashed on the fly; others are hashed at commit."""
 
-    def __init__(self, gw: "Gateway", path: str, blob: str, fd: int, protocol: str) -> None:
-        self.gw, self.path, self.blob, self.fd, self.protocol = gw, path, blob, fd, protocol
+    def __init__(self, gw: "Gateway", path: str, blob: str, fd: int, protocol: str, who: Who | None) -> None:
+        self.gw, self.path, self.blob, self.fd, self.protocol, self.who = gw, path, blob, fd, protocol, who
         self.size = 0
         self._hash: hashlib._Hash | None = hashlib.sha256()
         self._done = False
@@ -106,8 +108,9 @@ class WriteHandle:
         t0 = time.monotonic()
         durable = asyncio.ensure_future(self._make_durable())
         try:
-            upload = await asyncio.shield(durable)
-            await self.gw.write_through(self.path, upload)
+            async with self.gw.audit.op(self.who, "store", self.path, bytes=self.size):
+                upload = await asyncio.shield(durable)
+                await self.gw.write_through(self.path, upload)
         finally:
             if durable.done():
                 self.gw.write_finished()
@@ -140,6 +143,7 @@ class WriteHandle:
         self._close_fd()
         self.gw.cache.discard_staging(self.blob)
         log.warning("upload_aborted", path=self.path, protocol=self.protocol, bytes=self.size, reason=reason)
+        self.gw.audit.record(self.who, "store", self.path, f"aborted: {reason}", self.size)
 
     def _close_fd(self) -> None:
         if self.fd >= 0:
@@ -190,11 +194,14 @@ class ReadHandle:
 
 class Gateway:
     def __init__(self, cfg: Config, db: AsyncCatalog, cache: Cache, s3: S3Uplink, uploader: Uploader,
-                 metrics: Metrics) -> None:
+                 metrics: Metrics, audit: AuditLog) -> None:
         self.cfg, self.db, self.cache, self.s3, self.uploader, self.metrics = cfg, db, cache, s3, uploader, metrics
+        self.audit = audit
+        self.worm = WormPolicy(cfg.compliance)
+        self.fetch_refusal = ""  # set under critical pressure: no new fetches from S3
         self._fills: dict[str, _Fill] = {}
         self._listings: dict[str, asyncio.Future] = {}
-        self._access: dict[str, tuple[float, int]] = {}
+        self.access = AccessStats(cfg.prefetch.dir_depth)
         self._loops: list[asyncio.Task] = []
         self._evicting = asyncio.Lock()
         self.active_writes = 0
@@ -222,9 +229,10 @@ class Gateway:
             raise NotFound(path)
         return e
 
-    async def listdir(self, path: str) -> list[Entry]:
-        await self._ensure_listed(path)
-        return await self.db.children(path)
+    async def listdir(self, path: str, who: Who | None = None) -> list[Entry]:
+        async with self.audit.op(who, "list", path):
+            await self._ensure_listed(path)
+            return await self.db.children(path)
 
     async def _ensure_listed(self, path: str, *, missing_ok: bool = False) -> None:
         """Merge the remote listing of `path` and its ancestors into the catalog, once per directory.
@@ -262,30 +270,39 @@ class Gateway:
         log.info("remote_listed", path=path, files=len(listing.objects), dirs=len(listing.dirs),
                  seconds=round(time.monotonic() - t0, 4))
 
-    async def mkdir(self, path: str) -> None:
-        await self._ensure_listed(parent_of(path), missing_ok=True)
-        await self.db.mkdir(path)
+    async def mkdir(self, path: str, who: Who | None = None) -> None:
+        async with self.audit.op(who, "mkdir", path):
+            await self._ensure_listed(parent_of(path), missing_ok=True)
+            await self.db.mkdir(path)
         log.info("mkdir", path=path)
 
-    async def rmdir(self, path: str) -> None:
-        await self._ensure_listed(path)
-        await self.db.rmdir(path)
+    async def rmdir(self, path: str, who: Who | None = None) -> None:
+        async with self.audit.op(who, "rmdir", path):
+            await self._ensure_listed(path)
+            await self.db.rmdir(path)
         log.info("rmdir", path=path)
 
-    async def delete(self, path: str) -> None:
-        await self.stat(path)
-        blob = await self.db.delete(path)
+    async def delete(self, path: str, who: Who | None = None) -> None:
+        async with self.audit.op(who, "delete", path):
+            self.worm.check_mutable(await self.stat(path), time.time())
+            blob = await self.db.delete(path)
         if blob:
             self.cache.remove(blob)
         self.uploader.wake()
         log.info("delete", path=path)
 
-    async def rename(self, src: str, dst: str) -> None:
-        e = await self.stat(src)
-        if e.is_dir:
-            await self._list_tree(src)
-        await self._ensure_listed(parent_of(dst), missing_ok=True)
-        for blob in await self.db.rename(src, dst):
+    async def rename(self, src: str, dst: str, who: Who | None = None) -> None:
+        async with self.audit.op(who, "rename", src, to=dst):
+            e = await self.stat(src)
+            self.worm.check_mutable(e, time.time())
+            if e.is_dir:
+                await self._list_tree(src)
+            await self._ensure_listed(parent_of(dst), missing_ok=True)
+            replaced_entry = await self.db.get(dst)
+            if replaced_entry is not None:
+                self.worm.check_mutable(replaced_entry, time.time())
+            replaced = await self.db.rename(src, dst)
+        for blob in replaced:
             self.cache.remove(blob)
         self.uploader.wake()
         log.info("rename", src=src, dst=dst, directory=e.is_dir)
@@ -299,17 +316,21 @@ class Gateway:
 
     # --- writes ----------------------------------------------------------------------------------
 
-    async def open_write(self, path: str, protocol: str, *, offset: int = 0) -> WriteHandle:
+    async def open_write(self, path: str, protocol: str, *, offset: int = 0,
+                         who: Who | None = None) -> WriteHandle:
         """Start writing path; offset > 0 resumes (REST/append): the existing first bytes are kept."""
-        if not path:
-            raise IsADirectory(path)
-        await self._ensure_listed(parent_of(path), missing_ok=True)
-        existing = await self.db.get(path)
-        if existing is not None and existing.is_dir:
-            raise IsADirectory(path)
-        blob = self.cache.new_blob()
-        fd = self.cache.create_staging(blob)
-        handle = WriteHandle(self, path, blob, fd, protocol)
+        async with self.audit.op(who, "store", path, record_ok=False):
+            if not path:
+                raise IsADirectory(path)
+            await self._ensure_listed(parent_of(path), missing_ok=True)
+            existing = await self.db.get(path)
+            if existing is not None and existing.is_dir:
+                raise IsADirectory(path)
+            if existing is not None:
+                self.worm.check_mutable(existing, time.time())
+            blob = self.cache.new_blob()
+            fd = self.cache.create_staging(blob)
+        handle = WriteHandle(self, path, blob, fd, protocol, who)
         self.active_writes += 1
         self._writes_idle.clear()
         if offset:
@@ -373,18 +394,28 @@ class Gateway:
 
     # --- reads -----------------------------------------------------------------------------------
 
-    async def open_read(self, path: str, protocol: str) -> ReadHandle:
+    async def open_read(self, path: str, protocol: str, who: Who | None = None) -> ReadHandle:
+        try:
+            handle = await self._open_read(path, protocol)
+        except Exception as e:
+            self.audit.record(who, "retrieve", path, failure(e))
+            raise
+        self.audit.record(who, "retrieve", path, "ok", handle.size, cached=handle.fill is None)
+        return handle
+
+    async def _open_read(self, path: str, protocol: str) -> ReadHandle:
         e = await self.stat(path)
         if e.is_dir:
             raise IsADirectory(path)
-        self._note_access(path)
         if e.blob is not None:
             fd = await self._open_verified(e)
             if fd is not None:
                 self.metrics.hits.inc()
+                self.access.note(path, e.size, hit=True)
                 return ReadHandle(self, e, fd, None, protocol)
             e = await self.stat(path)  # the bad copy is gone: fetch the object again below
         self.metrics.misses.inc()
+        self.access.note(path, e.size, hit=False)
         fill = self._fills.get(path)
         if fill is None or fill.done:
             fill = self._start_fill(e)
@@ -409,6 +440,9 @@ class Gateway:
     def _start_fill(self, e: Entry) -> _Fill:
         if not self.uploader.reachable:
             raise Unavailable(e.path, "not in the cache and object storage is unreachable")
+        if self.fetch_refusal:
+            log.warning("fetch_refused", path=e.path, reason=self.fetch_refusal)
+            raise Unavailable(e.path, f"not in the cache; fetching refused: {self.fetch_refusal}")
         blob = self.cache.new_blob()
         fill = _Fill(e, blob, self.cache.create_staging(blob))
         self._fills[e.path] = fill
@@ -424,14 +458,16 @@ class Gateway:
                 fill.cond.notify_all()
 
         try:
-            sha = await download(self.s3, self.cache, e, fill.blob, fill.fd, landed)
+            async with self.uploader.slots:  # fetches share the line's concurrency with uploads
+                sha = await download(self.s3, self.cache, e, fill.blob, fill.fd, landed)
             if not await self.db.set_cached(e.path, e.gen, fill.blob, sha):
                 self.cache.remove(fill.blob)  # the file changed meanwhile; this copy is stale
             self.metrics.fetched_bytes.inc(fill.written)
             self.metrics.fetch_seconds.observe(time.monotonic() - t0)
             log.info("fetched", path=e.path, bytes=fill.written, seconds=round(time.monotonic() - t0, 4))
         except Exception as exc:  # noqa: BLE001 - every failure reaches the waiting readers
-            fill.error = exc if isinstance(exc, GatewayError) else Unavailable(e.path, f"fetch failed: {error_code(exc)}")
+            fill.error = (exc if isinstance(exc, GatewayError)
+                          else Unavailable(e.path, f"fetch failed: {error_code(exc)}"))
             self.cache.discard_staging(fill.blob)
             log.error("fetch_failed", path=e.path, error=error_code(exc), detail=str(exc)[:300])
         finally:
@@ -444,19 +480,20 @@ class Gateway:
 
     # --- access statistics ---------------------------------------------------------------------
 
-    def _note_access(self, path: str) -> None:
-        _, count = self._access.get(path, (0.0, 0))
-        self._access[path] = (time.time(), count + 1)
-
     async def _flush_access(self) -> None:
-        if self._access:
-            batch, self._access = self._access, {}
-            await self.db.record_access([(p, t, n) for p, (t, n) in batch.items()])
+        files, heat = self.access.drain()
+        if files:
+            await self.db.record_access(files, heat)
 
     async def _flush_access_loop(self) -> None:
         while True:
             await asyncio.sleep(ACCESS_FLUSH_SECONDS)
             await self._flush_access()
+
+    async def shrink_memory(self) -> None:
+        """Memory pressure: flush buffered statistics and give SQLite's page cache back."""
+        await self._flush_access()
+        await self.db.shrink_memory()
 
     # --- eviction (least recently used clean files, down to the low watermark) ------------------
 
