@@ -70,7 +70,8 @@ class Agent:
             self.sftp = SftpService(cfg, self.gateway)
             await self.sftp.start()
         if cfg.http.enabled:
-            self.http = HttpServer(*cfg.http.listen, health=self.health, metrics=self.render_metrics)
+            self.http = HttpServer(*cfg.http.listen, health=self.health, metrics=self.render_metrics,
+                                   evict=self.admin_evict)
             await self.http.start()
         log.info("started", version=__version__, config=str(cfg.path),
                  ftp=cfg.ftp.listen if cfg.ftp.enabled else None,
@@ -146,6 +147,24 @@ class Agent:
         }
         h["status"], h["reasons"] = judge(h, self.cfg.cache.min_free_bytes)
         return h
+
+    async def admin_evict(self, client_path: str) -> tuple[int, dict[str, Any]]:
+        """Drop one file's cached copy (it must be clean: safe in S3); → (HTTP status, JSON result)."""
+        from agent.store.errors import BadPath, GatewayError, NotFound, PermissionDenied
+        from agent.store.paths import resolve
+        try:
+            path = resolve("/", "/", client_path)
+            evicted = await self.gateway.evict(path)
+        except (BadPath, PermissionDenied) as e:
+            return 400, {"path": client_path, "error": e.reason}
+        except NotFound as e:
+            return 404, {"path": client_path, "error": e.reason}
+        except GatewayError as e:
+            return 409, {"path": client_path, "error": e.reason}
+        if not evicted:
+            return 409, {"path": path, "evicted": False,
+                         "error": "not cached, or not yet in object storage (only clean files can be evicted)"}
+        return 200, {"path": path, "evicted": True}
 
     async def render_metrics(self) -> bytes:
         totals = await self.db.totals()

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from agent.store.errors import AlreadyExists, IsADirectory, NotADirectory, NotEmpty, NotFound
+from agent.store.errors import AlreadyExists, IsADirectory, NoSpace, NotADirectory, NotEmpty, NotFound
 from agent.store.paths import ancestors, name_of, parent_of
 
 SCHEMA = """
@@ -525,7 +525,17 @@ class _Tx:
         self.db.execute("BEGIN IMMEDIATE")
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        self.db.execute("ROLLBACK" if exc_type else "COMMIT")
+        if exc_type:
+            self.db.execute("ROLLBACK")
+            return
+        try:
+            self.db.execute("COMMIT")
+        except sqlite3.Error:
+            # E.g. SQLITE_FULL: the transaction may still be open; leave it rolled back, or every
+            # later BEGIN fails ("cannot start a transaction within a transaction").
+            if self.db.in_transaction:
+                self.db.execute("ROLLBACK")
+            raise
 
 
 class AsyncCatalog:
@@ -542,8 +552,14 @@ class AsyncCatalog:
         method = getattr(self.catalog, name)
 
         async def call(*args, **kwargs):  # noqa: ANN202
-            return await asyncio.get_running_loop().run_in_executor(
-                self._pool, functools.partial(method, *args, **kwargs))
+            try:
+                return await asyncio.get_running_loop().run_in_executor(
+                    self._pool, functools.partial(method, *args, **kwargs))
+            except sqlite3.OperationalError as e:
+                if getattr(e, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL:
+                    # The catalog shares the cache disk: a full disk is the front ends' NoSpace too.
+                    raise NoSpace("catalog", "cache disk full (catalog cannot grow)") from e
+                raise
 
         return call
 

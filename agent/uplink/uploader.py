@@ -10,6 +10,7 @@ A per-key lock keeps a delete and a put of the same key from overlapping.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import random
 import time
@@ -168,7 +169,13 @@ class Uploader:
                     log.error("upload_failed", path=e.path, error=error_code(exc), detail=str(exc)[:300],
                               attempts=e.attempts + 1, retry_in=round(retry_at - time.time(), 1))
                 return False
-            clean = await self.db.mark_clean(e.path, e.gen, result.etag, result.version_id, e.sha256)
+            try:
+                clean = await self.db.mark_clean(e.path, e.gen, result.etag, result.version_id, e.sha256)
+            except Exception as exc:  # noqa: BLE001 - e.g. the catalog's disk is full: retry the row later
+                log.error("catalog_update_failed", path=e.path, error=error_code(exc), detail=str(exc)[:300])
+                with contextlib.suppress(Exception):
+                    await self.db.mark_failed(e.path, e.gen, f"catalog: {exc}", time.time() + backoff(e.attempts))
+                return False
             elapsed = time.monotonic() - t0
             self.metrics.uploads.labels("ok").inc()
             self.metrics.upload_seconds.observe(elapsed)
