@@ -186,14 +186,15 @@ def health(port: int) -> dict:
 def wait_in_s3(store: ObjectStore, http_port: int, prefix: str, n: int, timeout: float = 900) -> float:
     """→ when the agent's queue was first seen empty with all n keys listed under prefix in S3.
 
-    The time is taken when /healthz says queue_depth 0 (polled every 50 ms); the listing that follows
-    only confirms it, so its own duration does not count.
+    The time is when the /healthz request that first answers queue_depth 0 was sent (polled every 50 ms;
+    on a loaded box one request can take a second); the listing that follows only confirms it.
     """
     client = store.client()
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
+        asked = time.perf_counter()
         if health(http_port)["queue_depth"] == 0:
-            seen = time.perf_counter()
+            seen = asked
             count = 0
             for page in client.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=prefix):
                 count += page.get("KeyCount", 0)
