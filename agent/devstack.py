@@ -117,8 +117,12 @@ class ObjectStore:
         log = open(self.log_path or self.data_dir / f"{self.kind}.log", "ab")
         self._proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         log.close()
-        _wait_port(self.s3_port, self._proc, timeout)
-        self._wait_s3_ready(timeout)
+        try:
+            _wait_port(self.s3_port, self._proc, timeout)
+            self._wait_s3_ready(timeout)
+        except BaseException:
+            self.stop()  # never leave a half-started server behind
+            raise
         return self
 
     def _wait_s3_ready(self, timeout: float) -> None:
