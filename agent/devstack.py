@@ -85,7 +85,9 @@ class ObjectStore:
             "actions": ["Admin", "Read", "List", "Tagging", "Write"],
         }]}))
         return [
-            _bin("weed"), "mini", f"-dir={self.data_dir / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+            # -logdir: weed writes glog files to /tmp otherwise.
+            _bin("weed"), f"-logdir={self.data_dir}", "mini", f"-dir={self.data_dir / 'data'}",
+            "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
             "-master.telemetry=false", "-webdav=false", "-admin.ui=false",
             f"-master.port={master}", f"-volume.port={volume}", f"-filer.port={filer}",
             f"-s3.port={self.s3_port}", "-s3.port.iceberg=0", "-s3.port.lance=0",

@@ -108,8 +108,9 @@ class AgentProc:
 
     def start(self, timeout: float = 30.0) -> "AgentProc":
         log = open(self.log_path, "ab")
+        # Its own working directory: whatever it might touch by a relative path stays in the test's tree.
         self.proc = subprocess.Popen([sys.executable, "-m", "agent.cli", "run", "--config", str(self.config_path)],
-                                     stdout=log, stderr=subprocess.STDOUT)
+                                     stdout=log, stderr=subprocess.STDOUT, cwd=self.workdir)
         log.close()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

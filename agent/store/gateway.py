@@ -380,7 +380,7 @@ class Gateway:
         entry = await self.db.get(path)
         if entry is None or entry.gen != gen:
             return None  # already superseded by a newer write
-        return asyncio.create_task(self.uploader.transfer(entry))
+        return self.uploader.start_transfer(entry)
 
     async def write_through(self, path: str, upload: asyncio.Task | None) -> None:
         """Wait (up to through_timeout) for S3 to confirm a write-through upload; it goes on regardless."""

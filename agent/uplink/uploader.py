@@ -212,9 +212,7 @@ class Uploader:
             rows = await self.db.due_uploads(time.time(), max(room, 0)) if room > 0 else []
             for row in rows:
                 if await self.db.claim(row.path, row.gen):
-                    task = asyncio.create_task(self.transfer(row))
-                    self._tasks.add(task)
-                    task.add_done_callback(self._done)
+                    self.start_transfer(row)
             if rows and room > 0:
                 continue
             next_due = await self.db.next_due()
@@ -223,6 +221,13 @@ class Uploader:
                 await asyncio.wait_for(self._wake.wait(), delay)
             except asyncio.TimeoutError:
                 pass
+
+    def start_transfer(self, e: Entry) -> asyncio.Task:
+        """Run `transfer` for a claimed row as a task the drain on stop waits for."""
+        task = asyncio.create_task(self.transfer(e))
+        self._tasks.add(task)
+        task.add_done_callback(self._done)
+        return task
 
     def _done(self, task: asyncio.Task) -> None:
         self._tasks.discard(task)
