@@ -34,6 +34,7 @@ class Agent:
         self.draining = False
         self.ftp: FtpServer | None = None
         self.sftp: SftpService | None = None
+        self.smb = None  # agent.serve.smb.SmbService when [smb] is enabled (imports pyfuse3)
         self.http: HttpServer | None = None
 
     async def start(self) -> None:
@@ -53,12 +54,17 @@ class Agent:
         if cfg.sftp.enabled:
             self.sftp = SftpService(cfg, self.gateway)
             await self.sftp.start()
+        if cfg.smb.enabled:
+            from agent.serve.smb import SmbService
+            self.smb = SmbService(cfg, self.gateway)
+            await self.smb.start()
         if cfg.http.enabled:
             self.http = HttpServer(*cfg.http.listen, health=self.health, metrics=self.render_metrics)
             await self.http.start()
         log.info("started", version=__version__, config=str(cfg.path),
                  ftp=cfg.ftp.listen if cfg.ftp.enabled else None,
                  sftp=cfg.sftp.listen if cfg.sftp.enabled else None,
+                 smb=cfg.smb.listen if cfg.smb.enabled else None,
                  http=cfg.http.listen if cfg.http.enabled else None,
                  uplink=cfg.uplink.endpoint_url, bucket=cfg.uplink.bucket, write_mode=cfg.uplink.write_mode,
                  uplink_reachable=self.uploader.reachable)
@@ -77,6 +83,8 @@ class Agent:
             await self.ftp.close()
         if self.sftp:
             await self.sftp.close()
+        if self.smb:
+            await self.smb.stop()
         await self.uploader.stop(max(1.0, drain_seconds - (time.monotonic() - t0)))
         await self.gateway.stop()
         if self.http:
@@ -110,6 +118,8 @@ class Agent:
             "memory": process_memory(),
             "model": model_info(self.cfg.model.path),
         }
+        if self.smb is not None:
+            h["smb"] = self.smb.health()
         h["status"], h["reasons"] = judge(h, self.cfg.cache.min_free_bytes)
         return h
 

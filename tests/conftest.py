@@ -81,7 +81,7 @@ class AgentProc:
         }
         for key, value in self.overrides.items():
             section, _, name = key.partition(".")
-            sections[section][name] = value
+            sections.setdefault(section, {})[name] = value
         lines = []
         for name, table in sections.items():
             lines.append(f"[{name}]")
