@@ -62,6 +62,34 @@ def cmd_status(args: argparse.Namespace) -> int:
     return {"ok": 0, "degraded": 1}.get(health["status"], 2)
 
 
+def cmd_fsck(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from agent import logs
+    from agent.fsck import Fsck
+    cfg = _load_or_exit(args.config)
+    logs.configure(cfg.log.level, "console" if sys.stderr.isatty() else cfg.log.format)
+    report = asyncio.run(Fsck(cfg, remote=args.remote, repair=args.repair, progress=not args.json).run())
+    if args.json:
+        print(json.dumps(dataclasses.asdict(report) | {"exit_code": report.exit_code}, indent=2))
+    else:
+        print(f"checked {report.files} files, verified {report.verified_bytes} cached bytes")
+        for label, items in (("corrupt or missing cached copies", report.corrupt),
+                             ("fetched again", report.refetched),
+                             ("missing or different in object storage", report.remote_missing),
+                             ("queued for upload again", report.requeued),
+                             ("LOST (no good copy anywhere)", report.lost)):
+            if items:
+                print(f"{label}: {len(items)}")
+                for path in items[:20]:
+                    print(f"  {path}")
+        if report.orphans:
+            print(f"orphan cache files: {report.orphans}" + (" (removed)" if args.repair else ""))
+        if not args.repair and report.exit_code == 1:
+            print("run again with --repair to fix what can be fixed")
+    return report.exit_code
+
+
 def cmd_hash_password(args: argparse.Namespace) -> int:
     from agent.auth import hash_password
     password = sys.stdin.readline().rstrip("\n") if args.stdin else getpass.getpass("password: ")
@@ -90,6 +118,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--url", help="the agent's HTTP address, instead of reading [http] listen from the config")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("fsck", help="verify cached files (and with --remote, objects in S3); --repair fixes "
+                                    "(exit 0 clean, 1 problems found, 2 data lost)")
+    p.add_argument("--config", default=DEFAULT_CONFIG)
+    p.add_argument("--remote", action="store_true", help="also check every clean file's object in S3")
+    p.add_argument("--repair", action="store_true", help="fetch corrupt copies again, re-queue missing objects")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_fsck)
 
     p = sub.add_parser("hash-password", help="print a password_hash for [[users]]")
     p.add_argument("--stdin", action="store_true", help="read the password from standard input")

@@ -5,11 +5,13 @@ from __future__ import annotations
 import asyncio
 import signal
 import time
+from pathlib import Path
 from typing import Any
 
 import structlog
 
 from agent import __version__
+from agent.audit import AuditLog, AuditShipper
 from agent.config import Config
 from agent.metrics import Metrics
 from agent.serve.ftp import FtpServer
@@ -18,6 +20,8 @@ from agent.serve.sftp import SftpService
 from agent.store.cache import Cache
 from agent.store.catalog import AsyncCatalog, Catalog
 from agent.store.gateway import Gateway
+from agent.store.scrub import Scrubber
+from agent.store.worm import WormPolicy
 from agent.uplink.s3 import S3Uplink
 from agent.uplink.uploader import Uploader
 
@@ -44,10 +48,18 @@ class Agent:
         self.cache = Cache(cfg.cache.dir)
         self.s3 = S3Uplink(cfg.uplink)
         await self.s3.start()
-        self.uploader = Uploader(self.db, self.cache, self.s3, self.metrics, cfg.uplink.max_concurrency)
+        if cfg.compliance.worm:
+            await self._check_object_lock()
+        self.uploader = Uploader(self.db, self.cache, self.s3, self.metrics, cfg.uplink.max_concurrency,
+                                 WormPolicy(cfg.compliance))
         await self.uploader.start()
-        self.gateway = Gateway(cfg, self.db, self.cache, self.s3, self.uploader, self.metrics)
+        self.audit = AuditLog(Path(cfg.audit.path), cfg.audit.max_bytes, cfg.audit.keep, cfg.audit.enabled)
+        self._ship = (asyncio.create_task(AuditShipper(self.audit, self.s3, cfg.audit.ship_prefix).run(),
+                                          name="audit-ship") if cfg.audit.enabled and cfg.audit.ship else None)
+        self.gateway = Gateway(cfg, self.db, self.cache, self.s3, self.uploader, self.metrics, self.audit)
         await self.gateway.start()
+        self.scrubber = Scrubber(self.db, self.cache, cfg.scrub.rate, cfg.scrub.pause_seconds)
+        self._scrub = asyncio.create_task(self.scrubber.run(), name="scrub") if cfg.scrub.enabled else None
         if cfg.ftp.enabled:
             self.ftp = FtpServer(cfg, self.gateway)
             await self.ftp.start(*cfg.ftp.listen)
@@ -69,6 +81,18 @@ class Agent:
                  uplink=cfg.uplink.endpoint_url, bucket=cfg.uplink.bucket, write_mode=cfg.uplink.write_mode,
                  uplink_reachable=self.uploader.reachable)
 
+    async def _check_object_lock(self) -> None:
+        """WORM needs a bucket created with Object Lock: refuse to run against one without."""
+        try:
+            enabled = await self.s3.object_lock_enabled()
+        except Exception as e:  # noqa: BLE001 - unreachable now: checked by S3 itself on every locked PUT
+            log.warning("object_lock_unchecked", bucket=self.cfg.uplink.bucket, error=str(e)[:200])
+            return
+        if not enabled:
+            raise SystemExit(f"pacsgw: [compliance] worm = true but bucket {self.cfg.uplink.bucket!r} has no "
+                             "Object Lock; create the bucket with Object Lock enabled (it cannot be added later "
+                             "on most S3 services) or set worm = false")
+
     async def stop(self, drain_seconds: float = DRAIN_SECONDS) -> None:
         """No new sessions; let in-flight transfers and uploads finish; the rest stays queued on disk."""
         self.draining = True
@@ -85,11 +109,15 @@ class Agent:
             await self.sftp.close()
         if self.smb:
             await self.smb.stop()
+        for task in (self._scrub, self._ship):
+            if task:
+                task.cancel()
         await self.uploader.stop(max(1.0, drain_seconds - (time.monotonic() - t0)))
         await self.gateway.stop()
         if self.http:
             await self.http.close()
         await self.s3.close()
+        self.audit.close()
         totals = await self.db.totals()
         await asyncio.to_thread(self.db.shutdown)
         log.info("stopped", drained=drained, queued_files=totals.queue_files,
@@ -117,6 +145,7 @@ class Agent:
                       "max_bytes": self.cfg.cache.max_bytes, "disk_total": disk.total, "disk_free": disk.free},
             "memory": process_memory(),
             "model": model_info(self.cfg.model.path),
+            "scrub": {"passes": self.scrubber.passes, "last_pass_end": self.scrubber.last_pass_end},
         }
         if self.smb is not None:
             h["smb"] = self.smb.health()

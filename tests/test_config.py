@@ -31,6 +31,7 @@ password = "test-only"
 def write(tmp_path: Path, text: str) -> Path:
     p = tmp_path / "agent.toml"
     p.write_text(text)
+    p.chmod(0o600)
     return p
 
 
@@ -84,7 +85,14 @@ BAD_CASES = [
     ('[[users]]', '[ftp]\npassive_ports = "300-200"\n[[users]]', "ftp.passive_ports", "LOW-HIGH"),
     ('[[users]]', '[sftp]\nenabled = "yes"\n[[users]]', "sftp.enabled", "true or false"),
     ('[[users]]', '[log]\nlevel = "loud"\n[[users]]', "log.level", "debug, info"),
-    ('[[users]]', '[smb]\nport = 445\n[[users]]', "smb", "unknown section"),
+    ('[[users]]', '[nfs]\nport = 2049\n[[users]]', "nfs", "unknown section"),
+    ('[[users]]', '[smb]\nport = 445\n[[users]]', "smb.port", "unknown key"),
+    ('[[users]]', '[smb]\nencryption = "maybe"\n[[users]]', "smb.encryption", "'required', 'desired' or 'off'"),
+    ('[[users]]', '[smb]\nshare = "my share"\n[[users]]', "smb.share", "share name"),
+    ('[[users]]', '[smb]\nunix_user = "root"\n[[users]]', "smb.unix_user", "Unix account"),
+    ('[[users]]', '[smb]\nenabled = true\nlisten = "127.0.0.1:2121"\n[[users]]', "smb.listen", "ftp.listen"),
+    ('password = "test-only"', 'password_hash = "scrypt$16384$8$1$c2FsdHNhbHRzYWx0c2FsdA==$'
+     'aGFzaGhhc2hoYXNoaGFzaGhhc2hoYXNoaGFzaGhhc2g="\n[smb]\nenabled = true', "smb.enabled", "plain password"),
     ('name = "pacs"', 'name = "../root"', "users[0].name", "characters"),
     ('password = "test-only"', 'password = "test-only"\nroot = "relative"', "users[0].root", "absolute path"),
     ('password = "test-only"', 'password = "test-only"\nroot = "/CT/../.."', "users[0].root", "absolute path"),
@@ -93,6 +101,12 @@ BAD_CASES = [
     ('password = "test-only"', 'password = "x"\nauthorized_keys = "/nonexistent/keys"', "users[0].authorized_keys",
      "existing"),
     ('password = "test-only"', 'password = "x"\nshell = "/bin/sh"', "users[0].shell", "unknown key"),
+    ('[[users]]', '[compliance]\nmode = "STRICT"\n[[users]]', "compliance.mode", "COMPLIANCE"),
+    ('[[users]]', '[[compliance.rules]]\nprefix = "inpatient/"\nretention_days = -1\n[[users]]',
+     "compliance.rules[0].retention_days", "days"),
+    ('[[users]]', '[[compliance.rules]]\nretention_days = 10\n[[users]]', "compliance.rules[0].prefix", "required"),
+    ('[[users]]', '[compliance]\ntemp_suffixes = ["part"]\n[[users]]', "compliance.temp_suffixes", "suffixes"),
+    ('[[users]]', '[audit]\nship = true\n[[users]]', "audit.ship_prefix", "outside the PACS namespace"),
 ]
 
 
@@ -127,6 +141,7 @@ def test_duplicate_users(tmp_path):
 
 def test_credentials_file(tmp_path):
     (tmp_path / "s3.toml").write_text('access_key_id = "AK"\nsecret_access_key = "SK"\n')
+    (tmp_path / "s3.toml").chmod(0o600)
     text = GOOD.replace('access_key_id = "EXAMPLEACCESSKEY"\nsecret_access_key = "EXAMPLESECRETKEY0123456789"',
                         'credentials_file = "s3.toml"')
     cfg = load(write(tmp_path, text))
@@ -158,14 +173,35 @@ def test_check_config_cli(tmp_path):
                         capture_output=True, text=True)
     assert ok.returncode == 0 and "ok" in ok.stdout
     good.write_text(GOOD.replace('bucket = "pacs"', 'bucket = "pacs"\nbwlimt = 5'))
+    good.chmod(0o600)
     bad = subprocess.run([sys.executable, "-m", "agent.cli", "check-config", "--config", str(good)],
                          capture_output=True, text=True)
     assert bad.returncode == 2
     assert "uplink.bwlimt" in bad.stderr and str(good) in bad.stderr and "allowed keys" in bad.stderr
 
 
-def test_example_config_is_valid():
-    cfg = load(Path(__file__).parent.parent / "examples" / "agent.toml")
+def test_files_with_secrets_must_be_private(tmp_path):
+    path = write(tmp_path, GOOD)
+    path.chmod(0o644)
+    with pytest.raises(ConfigError, match="chmod 600") as err:
+        load(path)
+    assert err.value.key == "(file mode)"
+    (tmp_path / "s3.toml").write_text('access_key_id = "AK"\nsecret_access_key = "SK"\n')
+    (tmp_path / "s3.toml").chmod(0o640)
+    path.write_text(GOOD.replace('access_key_id = "EXAMPLEACCESSKEY"\nsecret_access_key = "EXAMPLESECRETKEY0123456789"',
+                                 'credentials_file = "s3.toml"').replace('password = "test-only"',
+                                                                          f'password_hash = "{hash_password("x")}"'))
+    path.chmod(0o644)  # no secret left in the main file: its mode is free
+    with pytest.raises(ConfigError, match="chmod 600") as err:
+        load(path)
+    assert err.value.file == str(tmp_path / "s3.toml")
+
+
+def test_example_config_is_valid(tmp_path):
+    example = tmp_path / "agent.toml"
+    example.write_text((Path(__file__).parent.parent / "examples" / "agent.toml").read_text())
+    example.chmod(0o600)
+    cfg = load(example)
     assert cfg.ftp.listen == ("127.0.0.1", 2121) and cfg.http.listen == ("127.0.0.1", 8080)
 
 

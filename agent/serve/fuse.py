@@ -28,6 +28,7 @@ from pathlib import Path
 import pyfuse3
 import structlog
 
+from agent.audit import Who
 from agent.store.errors import (AlreadyExists, BadPath, Corrupt, GatewayError, IsADirectory, NoSpace,
                                 NotADirectory, NotEmpty, NotFound, PermissionDenied, Unavailable)
 from agent.store.gateway import Gateway, ReadHandle, WriteHandle
@@ -36,6 +37,9 @@ from agent.store.paths import MAX_PATH_BYTES, check_name, name_of, parent_of
 log = structlog.get_logger("pacsgw.fuse")
 
 PROTOCOL = "smb"
+# smbd reaches the filesystem as one service account: the SMB login is not visible at this layer
+# (Samba's own log names it); audit records from SMB carry this identity.
+WHO = Who(user="(smb)", protocol=PROTOCOL)
 
 ERRNO: dict[type, int] = {
     NotFound: errno.ENOENT, AlreadyExists: errno.EEXIST, IsADirectory: errno.EISDIR,
@@ -255,12 +259,12 @@ class GatewayFS(pyfuse3.Operations):
 
     async def mkdir(self, parent_inode, name, mode, ctx):  # noqa: ANN001, ANN201
         path = self._child(parent_inode, name)
-        await self._call(self.gw.mkdir(path))
+        await self._call(self.gw.mkdir(path, WHO))
         return self._counted(await self._attrs_of(path))
 
     async def rmdir(self, parent_inode, name, ctx):  # noqa: ANN001, ANN201
         path = self._child(parent_inode, name)
-        await self._call(self.gw.rmdir(path))
+        await self._call(self.gw.rmdir(path, WHO))
         self._detach(path)
 
     async def unlink(self, parent_inode, name, ctx):  # noqa: ANN001, ANN201
@@ -276,7 +280,7 @@ class GatewayFS(pyfuse3.Operations):
             except NotFound:
                 self._detach(path)
                 return
-        await self._call(self.gw.delete(path))
+        await self._call(self.gw.delete(path, WHO))
         self._detach(path)
 
     async def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx):  # noqa: ANN001, ANN201
@@ -298,7 +302,7 @@ class GatewayFS(pyfuse3.Operations):
         except NotFound:
             committed = False
         if committed:
-            await self._call(self.gw.rename(src, dst))
+            await self._call(self.gw.rename(src, dst, WHO))
         elif op is None:
             raise pyfuse3.FUSEError(errno.ENOENT)
         else:  # only the open, not yet committed file: it will be committed under the new name
@@ -312,7 +316,7 @@ class GatewayFS(pyfuse3.Operations):
 
     async def opendir(self, inode, ctx):  # noqa: ANN001, ANN201
         path = self._path(inode)
-        entries = await self._call(self.gw.listdir(path))
+        entries = await self._call(self.gw.listdir(path, WHO))
         d = _Dir([(e.name.encode(), e.path, e.is_dir, e.size, e.mtime) for e in entries])
         known = {e.name for e in entries}
         for wpath, op in self._writing.items():
@@ -356,7 +360,7 @@ class GatewayFS(pyfuse3.Operations):
             raise IsADirectory(path)
         size = e.size if e is not None else 0
         offset = size if keep is None else min(keep, size)
-        return await self.gw.open_write(path, PROTOCOL, offset=offset)
+        return await self.gw.open_write(path, PROTOCOL, offset=offset, who=WHO)
 
     async def _ensure_writer(self, op: _Open, keep: int | None = None) -> None:
         if op.writer is not None and not op.committed:
@@ -389,7 +393,7 @@ class GatewayFS(pyfuse3.Operations):
         if (e is not None or existing is not None) and flags & os.O_EXCL:
             raise pyfuse3.FUSEError(errno.EEXIST)
         op = _Open(0, path, writable=True)
-        op.writer = await self._call(self.gw.open_write(path, PROTOCOL))
+        op.writer = await self._call(self.gw.open_write(path, PROTOCOL, who=WHO))
         self._writing[path] = op
         op.inode = self._inode_for(path)
         fh = self._new_fh(op)
@@ -418,7 +422,7 @@ class GatewayFS(pyfuse3.Operations):
         if op.reader is None or op.reader.entry.path != op.path:
             if op.reader is not None:
                 await op.reader.close()
-            op.reader = await self._call(self.gw.open_read(op.path, PROTOCOL))
+            op.reader = await self._call(self.gw.open_read(op.path, PROTOCOL, WHO))
         if off >= op.reader.size:
             return b""
         return await self._call(op.reader.read(off, min(size, op.reader.size - off)))

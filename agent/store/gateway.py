@@ -21,13 +21,15 @@ from dataclasses import dataclass, field
 
 import structlog
 
+from agent.audit import AuditLog, Who, failure
 from agent.config import Config
 from agent.metrics import Metrics
-from agent.store.cache import Cache
+from agent.store.cache import Cache, sha256_fd
 from agent.store.catalog import AsyncCatalog, Entry
-from agent.store.errors import (Corrupt, GatewayError, IsADirectory, NoSpace, NotADirectory, NotFound,
-                                Unavailable)
+from agent.store.errors import Corrupt, GatewayError, IsADirectory, NoSpace, NotADirectory, NotFound, Unavailable
+from agent.store.fetch import download
 from agent.store.paths import ancestors, parent_of
+from agent.store.worm import WormPolicy
 from agent.uplink.s3 import S3Uplink, error_code
 from agent.uplink.uploader import Uploader
 
@@ -40,8 +42,8 @@ EVICT_CHECK_SECONDS = 10.0
 class WriteHandle:
     """One file being written. Sequential writes are hashed on the fly; others are hashed at commit."""
 
-    def __init__(self, gw: "Gateway", path: str, blob: str, fd: int, protocol: str) -> None:
-        self.gw, self.path, self.blob, self.fd, self.protocol = gw, path, blob, fd, protocol
+    def __init__(self, gw: "Gateway", path: str, blob: str, fd: int, protocol: str, who: Who | None) -> None:
+        self.gw, self.path, self.blob, self.fd, self.protocol, self.who = gw, path, blob, fd, protocol, who
         self.size = 0
         self._hash: hashlib._Hash | None = hashlib.sha256()
         self._done = False
@@ -80,14 +82,15 @@ class WriteHandle:
             return
         self._done = True
         try:
-            await self._commit()
+            async with self.gw.audit.op(self.who, "store", self.path, bytes=self.size):
+                await self._commit()
         finally:
             self.gw.write_finished()
 
     async def _commit(self) -> None:
         t0 = time.monotonic()
         try:
-            sha = self._hash.hexdigest() if self._hash is not None else await asyncio.to_thread(self._hash_fd)
+            sha = self._hash.hexdigest() if self._hash is not None else await asyncio.to_thread(sha256_fd, self.fd)
             await asyncio.to_thread(self.gw.cache.commit, self.blob, self.fd)
         except BaseException:
             self._close_fd()
@@ -110,14 +113,7 @@ class WriteHandle:
         self._close_fd()
         self.gw.cache.discard_staging(self.blob)
         log.warning("upload_aborted", path=self.path, protocol=self.protocol, bytes=self.size, reason=reason)
-
-    def _hash_fd(self) -> str:
-        h = hashlib.sha256()
-        offset = 0
-        while chunk := os.pread(self.fd, 1024 * 1024, offset):
-            h.update(chunk)
-            offset += len(chunk)
-        return h.hexdigest()
+        self.gw.audit.record(self.who, "store", self.path, f"aborted: {reason}", self.size)
 
     def _close_fd(self) -> None:
         if self.fd >= 0:
@@ -168,8 +164,10 @@ class ReadHandle:
 
 class Gateway:
     def __init__(self, cfg: Config, db: AsyncCatalog, cache: Cache, s3: S3Uplink, uploader: Uploader,
-                 metrics: Metrics) -> None:
+                 metrics: Metrics, audit: AuditLog) -> None:
         self.cfg, self.db, self.cache, self.s3, self.uploader, self.metrics = cfg, db, cache, s3, uploader, metrics
+        self.audit = audit
+        self.worm = WormPolicy(cfg.compliance)
         self._fills: dict[str, _Fill] = {}
         self._listings: dict[str, asyncio.Future] = {}
         self._access: dict[str, tuple[float, int]] = {}
@@ -200,9 +198,10 @@ class Gateway:
             raise NotFound(path)
         return e
 
-    async def listdir(self, path: str) -> list[Entry]:
-        await self._ensure_listed(path)
-        return await self.db.children(path)
+    async def listdir(self, path: str, who: Who | None = None) -> list[Entry]:
+        async with self.audit.op(who, "list", path):
+            await self._ensure_listed(path)
+            return await self.db.children(path)
 
     async def _ensure_listed(self, path: str, *, missing_ok: bool = False) -> None:
         """Merge the remote listing of `path` and its ancestors into the catalog, once per directory.
@@ -240,30 +239,39 @@ class Gateway:
         log.info("remote_listed", path=path, files=len(listing.objects), dirs=len(listing.dirs),
                  seconds=round(time.monotonic() - t0, 4))
 
-    async def mkdir(self, path: str) -> None:
-        await self._ensure_listed(parent_of(path), missing_ok=True)
-        await self.db.mkdir(path)
+    async def mkdir(self, path: str, who: Who | None = None) -> None:
+        async with self.audit.op(who, "mkdir", path):
+            await self._ensure_listed(parent_of(path), missing_ok=True)
+            await self.db.mkdir(path)
         log.info("mkdir", path=path)
 
-    async def rmdir(self, path: str) -> None:
-        await self._ensure_listed(path)
-        await self.db.rmdir(path)
+    async def rmdir(self, path: str, who: Who | None = None) -> None:
+        async with self.audit.op(who, "rmdir", path):
+            await self._ensure_listed(path)
+            await self.db.rmdir(path)
         log.info("rmdir", path=path)
 
-    async def delete(self, path: str) -> None:
-        await self.stat(path)
-        blob = await self.db.delete(path)
+    async def delete(self, path: str, who: Who | None = None) -> None:
+        async with self.audit.op(who, "delete", path):
+            self.worm.check_mutable(await self.stat(path), time.time())
+            blob = await self.db.delete(path)
         if blob:
             self.cache.remove(blob)
         self.uploader.wake()
         log.info("delete", path=path)
 
-    async def rename(self, src: str, dst: str) -> None:
-        e = await self.stat(src)
-        if e.is_dir:
-            await self._list_tree(src)
-        await self._ensure_listed(parent_of(dst), missing_ok=True)
-        for blob in await self.db.rename(src, dst):
+    async def rename(self, src: str, dst: str, who: Who | None = None) -> None:
+        async with self.audit.op(who, "rename", src, to=dst):
+            e = await self.stat(src)
+            self.worm.check_mutable(e, time.time())
+            if e.is_dir:
+                await self._list_tree(src)
+            await self._ensure_listed(parent_of(dst), missing_ok=True)
+            replaced_entry = await self.db.get(dst)
+            if replaced_entry is not None:
+                self.worm.check_mutable(replaced_entry, time.time())
+            replaced = await self.db.rename(src, dst)
+        for blob in replaced:
             self.cache.remove(blob)
         self.uploader.wake()
         log.info("rename", src=src, dst=dst, directory=e.is_dir)
@@ -277,17 +285,21 @@ class Gateway:
 
     # --- writes ----------------------------------------------------------------------------------
 
-    async def open_write(self, path: str, protocol: str, *, offset: int = 0) -> WriteHandle:
+    async def open_write(self, path: str, protocol: str, *, offset: int = 0,
+                         who: Who | None = None) -> WriteHandle:
         """Start writing path; offset > 0 resumes (REST/append): the existing first bytes are kept."""
-        if not path:
-            raise IsADirectory(path)
-        await self._ensure_listed(parent_of(path), missing_ok=True)
-        existing = await self.db.get(path)
-        if existing is not None and existing.is_dir:
-            raise IsADirectory(path)
-        blob = self.cache.new_blob()
-        fd = self.cache.create_staging(blob)
-        handle = WriteHandle(self, path, blob, fd, protocol)
+        async with self.audit.op(who, "store", path, record_ok=False):
+            if not path:
+                raise IsADirectory(path)
+            await self._ensure_listed(parent_of(path), missing_ok=True)
+            existing = await self.db.get(path)
+            if existing is not None and existing.is_dir:
+                raise IsADirectory(path)
+            if existing is not None:
+                self.worm.check_mutable(existing, time.time())
+            blob = self.cache.new_blob()
+            fd = self.cache.create_staging(blob)
+        handle = WriteHandle(self, path, blob, fd, protocol, who)
         self.active_writes += 1
         self._writes_idle.clear()
         if offset:
@@ -341,28 +353,47 @@ class Gateway:
 
     # --- reads -----------------------------------------------------------------------------------
 
-    async def open_read(self, path: str, protocol: str) -> ReadHandle:
+    async def open_read(self, path: str, protocol: str, who: Who | None = None) -> ReadHandle:
+        try:
+            handle = await self._open_read(path, protocol)
+        except Exception as e:
+            self.audit.record(who, "retrieve", path, failure(e))
+            raise
+        self.audit.record(who, "retrieve", path, "ok", handle.size, cached=handle.fill is None)
+        return handle
+
+    async def _open_read(self, path: str, protocol: str) -> ReadHandle:
         e = await self.stat(path)
         if e.is_dir:
             raise IsADirectory(path)
         self._note_access(path)
         if e.blob is not None:
-            try:
-                fd = self.cache.open_blob(e.blob)
-            except FileNotFoundError:
-                log.error("cache_copy_missing", path=path, blob=e.blob)
-                await self.db.drop_corrupt(path, e.blob)
-                e = await self.stat(path)
-            else:
+            fd = await self._open_verified(e)
+            if fd is not None:
                 self.metrics.hits.inc()
                 return ReadHandle(self, e, fd, None, protocol)
-            if e.blob is not None:  # dirty and missing: nothing else holds this content
-                raise Corrupt(path, "cached copy missing and not yet in object storage")
+            e = await self.stat(path)  # the bad copy is gone: fetch the object again below
         self.metrics.misses.inc()
         fill = self._fills.get(path)
         if fill is None or fill.done:
             fill = self._start_fill(e)
         return ReadHandle(self, e, os.dup(fill.fd), fill, protocol)
+
+    async def _open_verified(self, e: Entry) -> int | None:
+        """Open a cached copy only after its SHA-256 matched: a flipped bit on the SSD is never served.
+
+        → fd, or None when the copy was bad and the object is safe in S3 (it is then fetched again).
+        """
+        fd, problem = await asyncio.to_thread(self.cache.open_verified, e.blob, e.sha256)
+        if fd is not None:
+            return fd
+        if e.state != "clean":
+            log.critical("cache_copy_lost", path=e.path, blob=e.blob, problem=problem, state=e.state)
+            raise Corrupt(e.path, f"cached copy {problem} and not yet in object storage")
+        log.error("cache_copy_corrupt", path=e.path, blob=e.blob, problem=problem, action="fetch again")
+        if await self.db.drop_corrupt(e.path, e.blob):
+            self.cache.remove(e.blob)
+        return None
 
     def _start_fill(self, e: Entry) -> _Fill:
         if not self.uploader.reachable:
@@ -375,27 +406,22 @@ class Gateway:
 
     async def _fetch(self, fill: _Fill) -> None:
         e, t0 = fill.entry, time.monotonic()
-        h = hashlib.sha256()
+
+        async def landed(written: int) -> None:
+            async with fill.cond:
+                fill.written = written
+                fill.cond.notify_all()
+
         try:
-            async with self.s3.get(e.path) as (length, meta_sha, chunks):
-                async for data in chunks:
-                    await asyncio.to_thread(os.pwrite, fill.fd, data, fill.written)
-                    h.update(data)
-                    async with fill.cond:
-                        fill.written += len(data)
-                        fill.cond.notify_all()
-            expected = e.sha256 or meta_sha
-            if fill.written != e.size or (expected and h.hexdigest() != expected):
-                raise Corrupt(e.path, f"fetched {fill.written} bytes sha256 {h.hexdigest()}, "
-                                      f"expected {e.size} bytes sha256 {expected}")
-            await asyncio.to_thread(self.cache.commit, fill.blob, fill.fd)
-            if not await self.db.set_cached(e.path, e.gen, fill.blob, h.hexdigest()):
+            sha = await download(self.s3, self.cache, e, fill.blob, fill.fd, landed)
+            if not await self.db.set_cached(e.path, e.gen, fill.blob, sha):
                 self.cache.remove(fill.blob)  # the file changed meanwhile; this copy is stale
             self.metrics.fetched_bytes.inc(fill.written)
             self.metrics.fetch_seconds.observe(time.monotonic() - t0)
             log.info("fetched", path=e.path, bytes=fill.written, seconds=round(time.monotonic() - t0, 4))
         except Exception as exc:  # noqa: BLE001 - every failure reaches the waiting readers
-            fill.error = exc if isinstance(exc, GatewayError) else Unavailable(e.path, f"fetch failed: {error_code(exc)}")
+            fill.error = (exc if isinstance(exc, GatewayError)
+                          else Unavailable(e.path, f"fetch failed: {error_code(exc)}"))
             self.cache.discard_staging(fill.blob)
             log.error("fetch_failed", path=e.path, error=error_code(exc), detail=str(exc)[:300])
         finally:

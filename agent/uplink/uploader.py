@@ -21,6 +21,7 @@ import structlog
 from agent.metrics import Metrics
 from agent.store.cache import Cache
 from agent.store.catalog import Entry
+from agent.store.worm import WormPolicy
 from agent.uplink.s3 import S3Uplink, error_code, is_unreachable
 
 log = structlog.get_logger("pacsgw.uplink")
@@ -42,8 +43,9 @@ class UplinkHealth:
 
 
 class Uploader:
-    def __init__(self, db, cache: Cache, s3: S3Uplink, metrics: Metrics, max_concurrency: int) -> None:
-        self.db, self.cache, self.s3, self.metrics = db, cache, s3, metrics
+    def __init__(self, db, cache: Cache, s3: S3Uplink, metrics: Metrics, max_concurrency: int,
+                 worm: WormPolicy) -> None:
+        self.db, self.cache, self.s3, self.metrics, self.worm = db, cache, s3, metrics, worm
         self.slots = asyncio.Semaphore(max_concurrency)
         self.max_concurrency = max_concurrency
         self.health = UplinkHealth(since=time.time())
@@ -157,7 +159,7 @@ class Uploader:
             raise FileNotFoundError(f"{e.path}: no cached content to upload")
         fd = await asyncio.to_thread(self.cache.open_blob, e.blob)
         try:
-            result = await self.s3.put_file(e.path, fd, e.size, e.sha256)
+            result = await self.s3.put_file(e.path, fd, e.size, e.sha256, self.worm.lock_for(e.path, e.mtime))
         finally:
             os.close(fd)
         self.metrics.uploaded_bytes.inc(e.size)
@@ -168,7 +170,7 @@ class Uploader:
             # The source went away (deleted behind our back): upload from the cache if we still can.
             await self.db.drop_copy_source(e.path, e.gen)
             return await self._upload(e)
-        return await self.s3.copy(e.copy_from, e.path, e.sha256)
+        return await self.s3.copy(e.copy_from, e.path, e.sha256, self.worm.lock_for(e.path, e.mtime))
 
     # --- background loops ------------------------------------------------------------------------
 
