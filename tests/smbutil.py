@@ -96,3 +96,22 @@ def cleanup_smb(agent) -> None:
             break
         subprocess.run(["fusermount3", "-u", "-z", str(mp)], capture_output=True)
         time.sleep(0.1)
+
+
+def raw_create(smb: "Smb", name: str) -> None:
+    """CREATE+WRITE+CLOSE of `name` exactly as given (smbclient would normalise '..' away client-side)."""
+    from smbprotocol.open import (CreateDisposition, CreateOptions, FilePipePrinterAccessMask, ImpersonationLevel,
+                                  Open, ShareAccess)
+    from smbprotocol.tree import TreeConnect
+    session = smbclient.register_session("127.0.0.1", username=smb.kw["username"], password=smb.kw["password"],
+                                         port=smb.port, connection_cache=smb.kw["connection_cache"])
+    tree = TreeConnect(session, smb.root)
+    tree.connect()
+    try:
+        f = Open(tree, name)
+        f.create(ImpersonationLevel.Impersonation, FilePipePrinterAccessMask.GENERIC_WRITE, 0x80,
+                 ShareAccess.FILE_SHARE_READ, CreateDisposition.FILE_OVERWRITE_IF, CreateOptions.FILE_NON_DIRECTORY_FILE)
+        f.write(b"escaped", 0)
+        f.close()
+    finally:
+        tree.disconnect()

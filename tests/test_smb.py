@@ -2,15 +2,25 @@
 
 from __future__ import annotations
 
+import asyncio
+import errno
+import ftplib
+import hashlib
+import io
 import os
 import shutil
 import tempfile
+import threading
 from pathlib import Path
 
+import asyncssh
 import pytest
+import smbclient
 
-from conftest import s3_objects, sha256
-from smbutil import Smb, cleanup_smb, smb_overrides
+from conftest import BUCKET, PASSWORD, s3_objects, sha256
+from smbprotocol.exceptions import SMBResponseException
+
+from smbutil import Smb, cleanup_smb, raw_create, smb_overrides
 
 
 @pytest.fixture
@@ -29,6 +39,9 @@ def smb_agent(agent_factory):
     for a in made:
         a.stop()
         cleanup_smb(a)
+        log = Path(a.overrides["smb.state_dir"]) / "log" / "smbd.log"
+        if log.exists():  # keep Samba's log beside the agent's for a failed test
+            shutil.copy(log, a.workdir / "smbd.log")
     for base in bases:
         shutil.rmtree(base, ignore_errors=True)
 
@@ -46,3 +59,188 @@ def test_round_trip(smb_agent):
     smb.close()
     remote = s3_objects(agent.store, agent.prefix)
     assert {p: r["sha256"] for p, r in remote.items()} == {p: sha256(d) for p, d in files.items()}
+
+
+def test_rename_replace_delete_dirs(smb_agent):
+    agent = smb_agent().start()
+    smb = Smb(agent)
+    a, b = os.urandom(50_000), os.urandom(7_000)
+    smb.makedirs("MR/day")
+    smb.write("MR/day/a.dcm.part", a)
+    smb.rename("MR/day/a.dcm.part", "MR/day/a.dcm")
+    smb.write("MR/day/b.dcm", b)
+    with pytest.raises(OSError):
+        smb.rename("MR/day/b.dcm", "MR/day/a.dcm")  # SMB rename without replace: target exists
+    smb.replace("MR/day/b.dcm", "MR/day/a.dcm")
+    assert smb.listdir("MR/day") == ["a.dcm"]
+    assert smb.read("MR/day/a.dcm") == b and smb.stat("MR/day/a.dcm").st_size == len(b)
+    smb.makedirs("MR/other")
+    smb.rename("MR/day", "MR/moved")  # a whole directory
+    assert smb.listdir("MR") == ["moved", "other"]
+    assert smb.read("MR/moved/a.dcm") == b
+    with pytest.raises(OSError):
+        smb.rmdir("MR/moved")  # not empty
+    smb.remove("MR/moved/a.dcm")
+    with pytest.raises(OSError) as e:
+        smb.stat("MR/moved/a.dcm")
+    assert e.value.errno == errno.ENOENT
+    with pytest.raises(OSError) as e:
+        smb.remove("MR/moved/a.dcm")
+    assert e.value.errno == errno.ENOENT
+    smb.rmdir("MR/moved")
+    smb.write("empty.dcm", b"")
+    assert smb.read("empty.dcm") == b"" and smb.stat("empty.dcm").st_size == 0
+    # overwrite in place: the new content, whole, replaces the old
+    smb.write("empty.dcm", b"now full")
+    assert smb.read("empty.dcm") == b"now full"
+    smb.close()
+    agent.wait_drained()
+    assert {p: r["sha256"] for p, r in s3_objects(agent.store, agent.prefix).items()} == \
+        {"empty.dcm": sha256(b"now full")}
+    assert agent.health()["smb"]["smbd_running"] is True
+
+
+def test_200mb_file(smb_agent):
+    agent = smb_agent().start()
+    smb = Smb(agent)
+    block = os.urandom(4 * 1024 * 1024)
+    h = hashlib.sha256()
+    with smbclient.open_file(smb.p("big.dcm"), mode="wb", **smb.kw) as f:
+        for i in range(50):
+            chunk = bytes([i]) + block[1:]
+            f.write(chunk)
+            h.update(chunk)
+    assert smb.stat("big.dcm").st_size == 200 * 1024 * 1024
+    r = hashlib.sha256()
+    with smbclient.open_file(smb.p("big.dcm"), mode="rb", **smb.kw) as f:
+        while chunk := f.read(8 * 1024 * 1024):
+            r.update(chunk)
+    assert r.hexdigest() == h.hexdigest()
+    smb.close()
+    head = agent.store.client().head_object(Bucket=BUCKET, Key=agent.prefix + "big.dcm", ChecksumMode="ENABLED")
+    assert head["ContentLength"] == 200 * 1024 * 1024
+    assert s3_objects(agent.store, agent.prefix)["big.dcm"]["sha256"] == h.hexdigest()
+
+
+def test_16_clients_x_50_files(smb_agent):
+    agent = smb_agent().start()
+    files = {f"US/c{c:02d}/{i}.dcm": os.urandom(8_000 + 997 * i + c) for c in range(16) for i in range(50)}
+    errors: list[BaseException] = []
+
+    def client(c: int) -> None:
+        smb = Smb(agent)
+        try:
+            smb.makedirs(f"US/c{c:02d}")
+            for i in range(50):
+                smb.write(f"US/c{c:02d}/{i}.dcm", files[f"US/c{c:02d}/{i}.dcm"])
+            assert len(smb.listdir(f"US/c{c:02d}")) == 50
+        except BaseException as e:  # noqa: BLE001
+            errors.append(e)
+        finally:
+            smb.close()
+
+    threads = [threading.Thread(target=client, args=(c,)) for c in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    assert not errors, errors[:3]
+    remote = s3_objects(agent.store, agent.prefix)
+    assert {p: r["sha256"] for p, r in remote.items()} == {p: sha256(d) for p, d in files.items()}
+    assert agent.health()["queue_depth"] == 0  # write-through: every close waited for its PUT
+
+
+def test_cross_protocol_at_once(smb_agent):
+    agent = smb_agent().start()
+    smb = Smb(agent)
+    via_smb = os.urandom(300_000)
+    smb.makedirs("XA")
+    smb.write("XA/from-smb.dcm", via_smb)
+    ftp = ftplib.FTP(timeout=30)
+    ftp.connect("127.0.0.1", agent.ftp_port)
+    ftp.login("pacs", PASSWORD)
+    buf = io.BytesIO()
+    ftp.retrbinary("RETR XA/from-smb.dcm", buf.write)
+    assert buf.getvalue() == via_smb
+
+    async def sftp_round() -> None:
+        async with asyncssh.connect("127.0.0.1", agent.sftp_port, username="pacs", password=PASSWORD,
+                                    known_hosts=None) as conn, conn.start_sftp_client() as sftp:
+            async with sftp.open("XA/from-smb.dcm", "rb") as f:
+                assert await f.read() == via_smb
+            async with sftp.open("XA/from-sftp.dcm", "wb") as f:
+                await f.write(b"sftp" * 10_000)
+
+    asyncio.run(sftp_round())
+    ftp.storbinary("STOR XA/from-ftp.dcm", io.BytesIO(b"ftp" * 10_000))
+    assert smb.listdir("XA") == ["from-ftp.dcm", "from-sftp.dcm", "from-smb.dcm"]
+    assert smb.read("XA/from-ftp.dcm") == b"ftp" * 10_000
+    assert smb.read("XA/from-sftp.dcm") == b"sftp" * 10_000
+    # an overwrite over FTP is seen over SMB at once: no stale size, no stale bytes
+    ftp.storbinary("STOR XA/from-smb.dcm", io.BytesIO(b"shorter"))
+    assert smb.read("XA/from-smb.dcm") == b"shorter"
+    assert smb.stat("XA/from-smb.dcm").st_size == 7
+    ftp.delete("XA/from-ftp.dcm")
+    with pytest.raises(OSError) as e:
+        smb.read("XA/from-ftp.dcm")
+    assert e.value.errno == errno.ENOENT
+    ftp.quit()
+    smb.close()
+
+
+def test_reads_files_only_in_s3(smb_agent):
+    """Evicted files and files put into the bucket by another tool are fetched on an SMB read."""
+    agent = smb_agent().start()
+    smb = Smb(agent)
+    data = os.urandom(2_000_000)
+    smb.makedirs("CR")
+    smb.write("CR/evicted.dcm", data)
+    smb.close()
+    agent.wait_drained()
+    agent.stop()
+    cleanup_smb(agent)
+    shutil.rmtree(agent.workdir / "cache")  # a replacement box: nothing cached, nothing in the catalog
+    foreign = os.urandom(123_457)
+    agent.store.client().put_object(Bucket=BUCKET, Key=agent.prefix + "CR/foreign.dcm", Body=foreign)
+    agent.start()
+    smb = Smb(agent)
+    assert smb.listdir("CR") == ["evicted.dcm", "foreign.dcm"]
+    assert smb.read("CR/evicted.dcm") == data
+    assert smb.read("CR/foreign.dcm") == foreign
+    smb.close()
+    assert {e["path"] for e in agent.events("fetched")} >= {"CR/evicted.dcm", "CR/foreign.dcm"}
+
+
+def test_confinement_wrong_password_and_bad_names(smb_agent):
+    from agent.auth import hash_password
+    agent = smb_agent(users=[{"name": "modality", "password": "modality-test-pw", "root": "/US"},
+                             {"name": "pacs", "password": PASSWORD, "root": "/"},
+                             {"name": "hashed", "password_hash": hash_password("hashed-pw"), "root": "/"}]).start()
+    mod = Smb(agent, "modality", "modality-test-pw")
+    mod.write("probe.dcm", b"us")
+    assert mod.listdir() == ["probe.dcm"]
+    accepted = []
+    for bad in ("n" * 300 + ".dcm", "bad\x01name.dcm", "what?.dcm", "star*.dcm", "a<b.dcm", "pipe|.dcm"):
+        try:
+            mod.write(bad, b"x")
+            accepted.append(bad)
+        except (OSError, ValueError):
+            pass
+    assert accepted == []
+    # '..' sent as such (smbclient itself would clamp it client-side): Samba refuses it
+    raw_create(mod, "raw-ok.dcm")  # the same raw request with a good name works
+    for escape in ("..\\escape.dcm", "a\\..\\..\\escape.dcm", "..\\..\\..\\etc\\x.dcm", "\\..\\x.dcm"):
+        with pytest.raises(SMBResponseException):
+            raw_create(mod, escape)
+    mod.close()
+    with pytest.raises(Exception):
+        Smb(agent, "pacs", "wrong-password").listdir()
+    with pytest.raises(Exception):  # password_hash users are not SMB users
+        Smb(agent, "hashed", "hashed-pw").listdir()
+    with pytest.raises(Exception):
+        Smb(agent, "pacs", PASSWORD, share="IPC$x").listdir()
+    pacs = Smb(agent)
+    assert pacs.listdir() == ["US"]
+    pacs.close()
+    assert set(s3_objects(agent.store, agent.prefix)) == {"US/probe.dcm", "US/raw-ok.dcm"}
+    assert [e["user"] for e in agent.events("smb_user_skipped")] == ["hashed"]

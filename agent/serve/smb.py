@@ -73,7 +73,7 @@ def render_conf(cfg: Config) -> str:
         f"ncalrpc dir = {state}/run/ncalrpc",
         f"log file = {state}/log/smbd.log",
         "max log size = 10000",
-        "log level = 1",
+        "log level = 3",
         f"username map = {state}/usermap",
         f"smb ports = {port}",
         f"interfaces = {host}",
@@ -106,6 +106,7 @@ def render_conf(cfg: Config) -> str:
         "map system = no",
         "map readonly = no",
         "nt acl support = no",
+        "acl allow execute always = yes",  # an open for FILE_EXECUTE (clients probe rename targets so) is fine
         "stat cache = no",
         "use sendfile = no",
         "strict sync = no",
