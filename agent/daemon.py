@@ -149,6 +149,8 @@ class Agent:
         }
         if self.smb is not None:
             h["smb"] = self.smb.health()
+        from agent.selfcheck import last_result
+        h["selfcheck"] = last_result(self.cfg)
         h["status"], h["reasons"] = judge(h, self.cfg.cache.min_free_bytes)
         return h
 

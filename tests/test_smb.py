@@ -7,8 +7,11 @@ import errno
 import ftplib
 import hashlib
 import io
+import json
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -187,6 +190,23 @@ def test_cross_protocol_at_once(smb_agent):
     assert e.value.errno == errno.ENOENT
     ftp.quit()
     smb.close()
+
+
+    # pacsgw selfcheck: a canary through FTP, SFTP and SMB; the running agent reports the last result
+    out = subprocess.run([sys.executable, "-m", "agent.cli", "selfcheck", "--config", str(agent.config_path)],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert [line.split()[:2] for line in out.stdout.splitlines()] == [["ftp", "ok"], ["sftp", "ok"], ["smb", "ok"]]
+    check = agent.health()["selfcheck"]
+    assert check["ok"] is True and set(check["results"]) == {"ftp", "sftp", "smb"}
+    agent.wait_drained()
+    assert sorted(s3_objects(agent.store, agent.prefix)) == ["XA/from-sftp.dcm", "XA/from-smb.dcm"]
+    agent.stop()
+    out = subprocess.run([sys.executable, "-m", "agent.cli", "selfcheck", "--config", str(agent.config_path),
+                          "--json"], capture_output=True, text=True, timeout=120)
+    report = json.loads(out.stdout)
+    assert out.returncode == 1 and report["ok"] is False
+    assert all(r["ok"] is False and r["error"] for r in report["results"].values())
 
 
 def test_reads_files_only_in_s3(smb_agent):

@@ -73,7 +73,7 @@ def render_conf(cfg: Config) -> str:
         f"ncalrpc dir = {state}/run/ncalrpc",
         f"log file = {state}/log/smbd.log",
         "max log size = 10000",
-        "log level = 3",
+        "log level = 1",
         f"username map = {state}/usermap",
         f"smb ports = {port}",
         f"interfaces = {host}",
