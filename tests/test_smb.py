@@ -152,6 +152,14 @@ def test_16_clients_x_50_files(smb_agent):
     remote = s3_objects(agent.store, agent.prefix)
     assert {p: r["sha256"] for p, r in remote.items()} == {p: sha256(d) for p, d in files.items()}
     assert agent.health()["queue_depth"] == 0  # write-through: every close waited for its PUT
+    # The FUSE inode table holds what the kernel holds, not the archive: once the kernel drops its
+    # dentries (memory pressure; here drop_caches), `forget` empties the table again.
+    assert agent.health()["smb"]["inodes"] > 100
+    Path("/proc/sys/vm/drop_caches").write_text("2")
+    deadline = time.monotonic() + 10
+    while agent.health()["smb"]["inodes"] > 20 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert agent.health()["smb"]["inodes"] <= 20
 
 
 def test_cross_protocol_at_once(smb_agent):
