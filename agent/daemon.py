@@ -102,6 +102,8 @@ class Agent:
             self.ftp.server.close()
         if self.sftp:
             self.sftp.stop_accepting()
+        if self.smb:
+            self.smb.stop_accepting()
         drained = await self.gateway.wait_writes_idle(drain_seconds)
         if self.ftp:
             await self.ftp.close()

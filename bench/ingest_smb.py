@@ -26,12 +26,14 @@ import tempfile
 import threading
 import time
 import urllib.request
+import uuid
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import smbclient  # noqa: E402
+from smbprotocol.connection import Connection  # noqa: E402
 
 from agent.devstack import ObjectStore, free_port  # noqa: E402
 
@@ -163,13 +165,20 @@ class _PlainSamba:
         shutil.rmtree(self.base, ignore_errors=True)
 
 
+def _kw(port: int) -> dict:
+    """smbclient arguments on a fresh connection with its own ClientGUID (one per simulated PACS machine)."""
+    conn = Connection(uuid.uuid4(), "127.0.0.1", port, require_signing=True)
+    conn.connect(timeout=30)
+    return {"port": port, "username": USER, "password": PASSWORD, "connection_cache": {f"127.0.0.1:{port}": conn}}
+
+
 def _ingest(port: int, files: int, size: int, clients: int, big: int, tag: str) -> dict:
     payload = os.urandom(size)
     errors: list[BaseException] = []
     per = [list(range(c, files, clients)) for c in range(clients)]
 
     def client(c: int) -> None:
-        kw = {"port": port, "username": USER, "password": PASSWORD, "connection_cache": {}}
+        kw = _kw(port)
         try:
             smbclient.makedirs(rf"\\127.0.0.1\pacs\{tag}\c{c}", exist_ok=True, **kw)
             for i in per[c]:
@@ -189,7 +198,7 @@ def _ingest(port: int, files: int, size: int, clients: int, big: int, tag: str) 
     small_s = time.monotonic() - t0
     if errors:
         raise errors[0]
-    kw = {"port": port, "username": USER, "password": PASSWORD, "connection_cache": {}}
+    kw = _kw(port)
     block = os.urandom(4 * 1024 * 1024)
     t0 = time.monotonic()
     with smbclient.open_file(rf"\\127.0.0.1\pacs\{tag}\big.dcm", mode="wb", **kw) as f:

@@ -8,7 +8,10 @@ import subprocess
 import time
 from pathlib import Path
 
+import uuid
+
 import smbclient
+from smbprotocol.connection import Connection
 
 from conftest import PASSWORD
 
@@ -27,11 +30,24 @@ class Smb:
     def __init__(self, agent, user: str = "pacs", password: str = PASSWORD, share: str = "pacs",
                  encrypt: bool | None = None) -> None:
         self.port = int(agent.overrides["smb.listen"].rsplit(":", 1)[1])
-        self.kw = {"port": self.port, "username": user, "password": password, "connection_cache": {},
+        self._kw = {"port": self.port, "username": user, "password": password, "connection_cache": {},
                    "connection_timeout": 15}
         if encrypt is not None:
-            self.kw["encrypt"] = encrypt
+            self._kw["encrypt"] = encrypt
         self.root = rf"\\127.0.0.1\{share}"
+
+    @property
+    def kw(self) -> dict:
+        """smbclient keyword arguments, on this client's own connection. Each client gets its own ClientGUID
+        (smbclient's default is one per process): separate PACS machines have separate GUIDs, and Samba
+        hands connections that share a GUID over to one smbd process."""
+        cache = self._kw["connection_cache"]
+        key = f"127.0.0.1:{self.port}"
+        if key not in cache or not cache[key].transport.connected:
+            conn = Connection(uuid.uuid4(), "127.0.0.1", self.port, require_signing=True)
+            conn.connect(timeout=15)
+            cache[key] = conn
+        return self._kw
 
     def p(self, path: str) -> str:
         return self.root + ("\\" + path.replace("/", "\\") if path else "")
@@ -69,7 +85,7 @@ class Smb:
         smbclient.rmdir(self.p(path), **self.kw)
 
     def close(self) -> None:
-        smbclient.reset_connection_cache(fail_on_error=False, connection_cache=self.kw["connection_cache"])
+        smbclient.reset_connection_cache(fail_on_error=False, connection_cache=self._kw["connection_cache"])
 
 
 def _mounted(mountpoint: Path) -> bool:
@@ -103,8 +119,9 @@ def raw_create(smb: "Smb", name: str) -> None:
     from smbprotocol.open import (CreateDisposition, CreateOptions, FilePipePrinterAccessMask, ImpersonationLevel,
                                   Open, ShareAccess)
     from smbprotocol.tree import TreeConnect
-    session = smbclient.register_session("127.0.0.1", username=smb.kw["username"], password=smb.kw["password"],
-                                         port=smb.port, connection_cache=smb.kw["connection_cache"])
+    kw = smb.kw
+    session = smbclient.register_session("127.0.0.1", username=kw["username"], password=kw["password"],
+                                         port=smb.port, connection_cache=kw["connection_cache"])
     tree = TreeConnect(session, smb.root)
     tree.connect()
     try:

@@ -335,3 +335,27 @@ def test_kill9_during_writes_loses_nothing_acknowledged(smb_agent):
         assert sha256(up.read(path)) == done[path]
     up.close()
     assert agent.events("stale_smbd_stopped") and agent.events("stale_mount_removed")
+
+
+def test_sigterm_lets_open_smb_file_finish(smb_agent):
+    """SIGTERM while a file is open over SMB: it may still be written and closed (and is stored); new files
+    are refused meanwhile; then smbd stops, the mount goes, the agent exits cleanly."""
+    agent = smb_agent().start()
+    smb = Smb(agent)
+    data = os.urandom(3 * 1024 * 1024)
+    with smbclient.open_file(smb.p("slow.dcm"), mode="wb", **smb.kw) as f:
+        f.write(data[:1024 * 1024])
+        agent.proc.send_signal(15)
+        time.sleep(1.0)
+        other = Smb(agent)
+        with pytest.raises(OSError):
+            other.write("new-during-drain.dcm", b"x")
+        other.close()
+        f.write(data[1024 * 1024:])
+    smb.close()
+    assert agent.proc.wait(60) == 0
+    stopped = agent.events("stopped")[0]
+    assert stopped["drained"] is True and stopped["queued_files"] == 0
+    assert set(s3_objects(agent.store, agent.prefix)) == {"slow.dcm"}
+    assert s3_objects(agent.store, agent.prefix)["slow.dcm"]["sha256"] == sha256(data)
+    assert not Path(agent.overrides["smb.mountpoint"]).is_mount()

@@ -96,6 +96,7 @@ class GatewayFS(pyfuse3.Operations):
         self._next_fh = 1
         self._writing: dict[str, _Open] = {}  # path → the open file whose uncommitted content it shows
         self.closing = False  # set before smbd is stopped: its closes of open files are not completions
+        self.draining = False  # agent stopping: files already open may finish, no new file is opened to write
         self.started = time.time()
 
     # --- inode table -----------------------------------------------------------------------------
@@ -286,6 +287,8 @@ class GatewayFS(pyfuse3.Operations):
     async def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx):  # noqa: ANN001, ANN201
         src = self._child(parent_inode_old, name_old)
         dst = self._child(parent_inode_new, name_new)
+        if src == dst:
+            return
         if flags & pyfuse3.RENAME_EXCHANGE:
             raise pyfuse3.FUSEError(errno.EINVAL)
         if flags & pyfuse3.RENAME_NOREPLACE:
@@ -379,8 +382,8 @@ class GatewayFS(pyfuse3.Operations):
 
     async def create(self, parent_inode, name, mode, flags, ctx):  # noqa: ANN001, ANN201
         path = self._child(parent_inode, name)
-        if self.closing:
-            raise pyfuse3.FUSEError(errno.EIO)
+        if self.closing or self.draining:
+            raise pyfuse3.FUSEError(errno.EROFS)
         existing = self._writing.get(path)
         try:
             e = await self.gw.stat(path)
@@ -407,8 +410,8 @@ class GatewayFS(pyfuse3.Operations):
             e = await self._call(self.gw.stat(path))
             if e.is_dir:
                 raise pyfuse3.FUSEError(errno.EISDIR)
-        if writable and self.closing:
-            raise pyfuse3.FUSEError(errno.EIO)
+        if writable and (self.closing or self.draining):
+            raise pyfuse3.FUSEError(errno.EROFS)
         op = _Open(inode, path, writable=writable, truncate=bool(flags & os.O_TRUNC))
         if op.truncate and writable:
             await self._ensure_writer(op)

@@ -327,6 +327,11 @@ class SmbService:
         except ProcessLookupError:
             pass
 
+    def stop_accepting(self) -> None:
+        """Drain: files already open may be finished and closed; no new file is opened for writing."""
+        if self.mount is not None:
+            self.mount.fs.draining = True
+
     async def stop(self) -> None:
         """Stop smbd (its closes of still-open files are aborts, not completions), then unmount."""
         self._stopping = True
