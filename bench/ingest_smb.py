@@ -67,7 +67,7 @@ class _Agent:
             "smb": {"enabled": True, "listen": f"127.0.0.1:{self.port}", "encryption": encryption,
                     "mountpoint": str(base / "fs"), "state_dir": str(base / "smb")},
             "http": {"listen": f"127.0.0.1:{self.http}"},
-            "log": {"level": "warning"},
+            "log": {"level": "warning", "format": "json"},
         }, [{"name": USER, "password": PASSWORD}])
         work.mkdir(parents=True, exist_ok=True)
         self.conf = work / "agent.toml"
