@@ -359,3 +359,35 @@ def test_sigterm_lets_open_smb_file_finish(smb_agent):
     assert set(s3_objects(agent.store, agent.prefix)) == {"slow.dcm"}
     assert s3_objects(agent.store, agent.prefix)["slow.dcm"]["sha256"] == sha256(data)
     assert not Path(agent.overrides["smb.mountpoint"]).is_mount()
+
+
+def test_fuse_flush_semantics(smb_agent):
+    """The mount itself: every close(2) (flush) commits what was written; a write after a flush starts a new
+    version keeping the committed bytes; a flush with nothing new is a no-op; ftruncate works."""
+    agent = smb_agent().start()
+    mp = Path(agent.overrides["smb.mountpoint"])
+    fd = os.open(mp / "f.dcm", os.O_CREAT | os.O_WRONLY, 0o644)
+    os.write(fd, b"first part|")
+    dup = os.dup(fd)
+    os.close(dup)  # flush #1: committed, in S3 (write-through) before close returned
+    assert s3_objects(agent.store, agent.prefix)["f.dcm"]["sha256"] == sha256(b"first part|")
+    os.write(fd, b"second part")  # a write after the flush: a new version that keeps the first part
+    dup = os.dup(fd)
+    os.close(dup)
+    os.close(fd)  # a flush with nothing new: no third version
+    assert s3_objects(agent.store, agent.prefix)["f.dcm"]["sha256"] == sha256(b"first part|second part")
+    assert (mp / "f.dcm").read_bytes() == b"first part|second part"
+    assert len([e for e in agent.events("stored") if e["path"] == "f.dcm"]) == 2
+    with open(mp / "f.dcm", "r+b") as f:
+        f.truncate(5)
+    assert (mp / "f.dcm").read_bytes() == b"first"
+    assert s3_objects(agent.store, agent.prefix)["f.dcm"]["sha256"] == sha256(b"first")
+    # unlinking a file that is still open and uncommitted: nothing is ever stored under that name
+    fd = os.open(mp / "gone.dcm", os.O_CREAT | os.O_WRONLY, 0o644)
+    os.write(fd, b"temporary")
+    os.unlink(mp / "gone.dcm")
+    os.close(fd)
+    assert not (mp / "gone.dcm").exists()
+    agent.wait_drained()
+    assert set(s3_objects(agent.store, agent.prefix)) == {"f.dcm"}
+    assert os.listdir(mp) == ["f.dcm"]
