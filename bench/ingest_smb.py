@@ -15,7 +15,6 @@ bench/ingest.py, which returns the figures as a dict.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import shutil
@@ -82,7 +81,7 @@ class _Agent:
                 return
             except OSError:
                 if self.proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError((work / "agent.log").read_text()[-2000:])
+                    raise RuntimeError((work / "agent.log").read_text()[-2000:]) from None
                 time.sleep(0.2)
 
     def drained(self, timeout: float = 300) -> None:
@@ -269,7 +268,8 @@ def main(argv: list[str] | None = None) -> int:
         x = r[name]
         print(f"{label:<22}{x['files_per_s']:>10}{x['MB_per_s']:>10}{x['big_MB_per_s']:>10}")
     o = r["fuse_overhead"]
-    print(f"FUSE overhead (plain / agent write-back): small files x{o['small_files_back']}, big file x{o['big_file_back']}")
+    print(f"FUSE overhead (plain / agent write-back): small files x{o['small_files_back']}, "
+          f"big file x{o['big_file_back']}")
     print(f"with write-through to S3:                 small files x{o['small_files_through']}, "
           f"big file x{o['big_file_through']}")
     return 0

@@ -6,9 +6,8 @@ import os
 import signal
 import subprocess
 import time
-from pathlib import Path
-
 import uuid
+from pathlib import Path
 
 import smbclient
 from smbprotocol.connection import Connection
@@ -116,8 +115,14 @@ def cleanup_smb(agent) -> None:
 
 def raw_create(smb: "Smb", name: str) -> None:
     """CREATE+WRITE+CLOSE of `name` exactly as given (smbclient would normalise '..' away client-side)."""
-    from smbprotocol.open import (CreateDisposition, CreateOptions, FilePipePrinterAccessMask, ImpersonationLevel,
-                                  Open, ShareAccess)
+    from smbprotocol.open import (
+        CreateDisposition,
+        CreateOptions,
+        FilePipePrinterAccessMask,
+        ImpersonationLevel,
+        Open,
+        ShareAccess,
+    )
     from smbprotocol.tree import TreeConnect
     kw = smb.kw
     session = smbclient.register_session("127.0.0.1", username=kw["username"], password=kw["password"],
@@ -127,7 +132,8 @@ def raw_create(smb: "Smb", name: str) -> None:
     try:
         f = Open(tree, name)
         f.create(ImpersonationLevel.Impersonation, FilePipePrinterAccessMask.GENERIC_WRITE, 0x80,
-                 ShareAccess.FILE_SHARE_READ, CreateDisposition.FILE_OVERWRITE_IF, CreateOptions.FILE_NON_DIRECTORY_FILE)
+                 ShareAccess.FILE_SHARE_READ, CreateDisposition.FILE_OVERWRITE_IF,
+                 CreateOptions.FILE_NON_DIRECTORY_FILE)
         f.write(b"escaped", 0)
         f.close()
     finally:

@@ -29,8 +29,19 @@ import pyfuse3
 import structlog
 
 from agent.audit import Who
-from agent.store.errors import (AlreadyExists, BadPath, Corrupt, GatewayError, IsADirectory, NoSpace,
-                                NotADirectory, NotEmpty, NotFound, PermissionDenied, Unavailable)
+from agent.store.errors import (
+    AlreadyExists,
+    BadPath,
+    Corrupt,
+    GatewayError,
+    IsADirectory,
+    NoSpace,
+    NotADirectory,
+    NotEmpty,
+    NotFound,
+    PermissionDenied,
+    Unavailable,
+)
 from agent.store.gateway import Gateway, ReadHandle, WriteHandle
 from agent.store.paths import MAX_PATH_BYTES, check_name, name_of, parent_of
 
