@@ -322,6 +322,24 @@ class AuditConfig:
 
 
 @dataclass(frozen=True)
+class PrefetchConfig:
+    dir_depth: int = _f(_int_between(1, 8), "an integer 1..8: how many path levels make a directory "
+                        "whose daily reads are counted (2 for MODALITY/DAY)", default=2)
+
+
+@dataclass(frozen=True)
+class PressureConfig:
+    memory_high: int = _f(parse_size, SIZE + ": system memory available below this is high pressure",
+                          default=parse_size("8GiB"))
+    memory_critical: int = _f(parse_size, SIZE + ": available below this is critical", default=parse_size("2GiB"))
+    rss_high: int = _f(parse_size, SIZE + ": the agent's own memory above this is high pressure (0: no limit)",
+                       default=parse_size("16GiB"))
+    rss_critical: int = _f(parse_size, SIZE + " (0: no limit)", default=parse_size("32GiB"))
+    disk_critical: float = _f(_ratio, "a fraction 0..1 of cache.max_bytes above high_watermark", default=0.95)
+    interval_seconds: float = _f(_float_between(0.5, 300), "seconds 0.5..300", default=5.0)
+
+
+@dataclass(frozen=True)
 class ScrubConfig:
     enabled: bool = _f(_bool, "true or false", default=True)
     rate: int = _f(parse_rate, RATE.replace("0 means unlimited", "at least 1MB"), default=parse_size("20MB"))
@@ -359,6 +377,8 @@ class Config:
     log: LogConfig
     audit: AuditConfig
     compliance: ComplianceConfig
+    pressure: PressureConfig
+    prefetch: PrefetchConfig
     scrub: ScrubConfig
     model: ModelConfig
     users: tuple[UserConfig, ...]
@@ -371,7 +391,8 @@ class Config:
 _SECTIONS: dict[str, type] = {
     "cache": CacheConfig, "uplink": UplinkConfig, "ftp": FtpConfig, "sftp": SftpConfig,
     "smb": SmbConfig, "http": HttpConfig, "log": LogConfig, "audit": AuditConfig,
-    "compliance": ComplianceConfig, "scrub": ScrubConfig,
+    "compliance": ComplianceConfig, "pressure": PressureConfig,
+    "prefetch": PrefetchConfig, "scrub": ScrubConfig,
     "model": ModelConfig,
 }
 
@@ -431,6 +452,14 @@ def _check_cross(cfg: Config) -> None:
         raise ConfigError(file, "audit.ship_prefix", cfg.audit.ship_prefix,
                           f"a prefix outside the PACS namespace (uplink.prefix {up.prefix!r}); "
                           "with an empty uplink.prefix the whole bucket is the namespace")
+    pr = cfg.pressure
+    if pr.memory_critical > pr.memory_high:
+        raise ConfigError(file, "pressure.memory_critical", pr.memory_critical, "at most pressure.memory_high")
+    if pr.rss_high and pr.rss_critical and pr.rss_critical < pr.rss_high:
+        raise ConfigError(file, "pressure.rss_critical", pr.rss_critical, "at least pressure.rss_high")
+    if pr.disk_critical <= cfg.cache.high_watermark:
+        raise ConfigError(file, "pressure.disk_critical", pr.disk_critical,
+                          f"above cache.high_watermark ({cfg.cache.high_watermark})")
     if cfg.scrub.rate < 10**6:
         raise ConfigError(file, "scrub.rate", cfg.scrub.rate, "at least 1MB per second")
     if not cfg.users:

@@ -14,6 +14,7 @@ from agent import __version__
 from agent.audit import AuditLog, AuditShipper
 from agent.config import Config
 from agent.metrics import Metrics
+from agent.monitor import PressureMonitor
 from agent.serve.ftp import FtpServer
 from agent.serve.http import HttpServer, judge, model_info, process_memory
 from agent.serve.sftp import SftpService
@@ -58,6 +59,9 @@ class Agent:
                                           name="audit-ship") if cfg.audit.enabled and cfg.audit.ship else None)
         self.gateway = Gateway(cfg, self.db, self.cache, self.s3, self.uploader, self.metrics, self.audit)
         await self.gateway.start()
+        self.monitor = PressureMonitor(cfg, self.db, self.cache, self.gateway, self.uploader, self.metrics)
+        await self.monitor.sample()
+        self._monitor = asyncio.create_task(self.monitor.run(), name="pressure")
         self.scrubber = Scrubber(self.db, self.cache, cfg.scrub.rate, cfg.scrub.pause_seconds)
         self._scrub = asyncio.create_task(self.scrubber.run(), name="scrub") if cfg.scrub.enabled else None
         if cfg.ftp.enabled:
@@ -71,7 +75,8 @@ class Agent:
             self.smb = SmbService(cfg, self.gateway)
             await self.smb.start()
         if cfg.http.enabled:
-            self.http = HttpServer(*cfg.http.listen, health=self.health, metrics=self.render_metrics)
+            self.http = HttpServer(*cfg.http.listen, health=self.health, metrics=self.render_metrics,
+                                   evict=self.admin_evict)
             await self.http.start()
         log.info("started", version=__version__, config=str(cfg.path),
                  ftp=cfg.ftp.listen if cfg.ftp.enabled else None,
@@ -111,7 +116,7 @@ class Agent:
             await self.sftp.close()
         if self.smb:
             await self.smb.stop()
-        for task in (self._scrub, self._ship):
+        for task in (self._scrub, self._ship, self._monitor):
             if task:
                 task.cancel()
         await self.uploader.stop(max(1.0, drain_seconds - (time.monotonic() - t0)))
@@ -147,6 +152,7 @@ class Agent:
                       "max_bytes": self.cfg.cache.max_bytes, "disk_total": disk.total, "disk_free": disk.free},
             "memory": process_memory(),
             "model": model_info(self.cfg.model.path),
+            "pressure": {"level": str(self.monitor.current.level), "reasons": list(self.monitor.current.reasons)},
             "scrub": {"passes": self.scrubber.passes, "last_pass_end": self.scrubber.last_pass_end},
         }
         if self.smb is not None:
@@ -155,6 +161,24 @@ class Agent:
         h["selfcheck"] = last_result(self.cfg)
         h["status"], h["reasons"] = judge(h, self.cfg.cache.min_free_bytes)
         return h
+
+    async def admin_evict(self, client_path: str) -> tuple[int, dict[str, Any]]:
+        """Drop one file's cached copy (it must be clean: safe in S3); → (HTTP status, JSON result)."""
+        from agent.store.errors import BadPath, GatewayError, NotFound, PermissionDenied
+        from agent.store.paths import resolve
+        try:
+            path = resolve("/", "/", client_path)
+            evicted = await self.gateway.evict(path)
+        except (BadPath, PermissionDenied) as e:
+            return 400, {"path": client_path, "error": e.reason}
+        except NotFound as e:
+            return 404, {"path": client_path, "error": e.reason}
+        except GatewayError as e:
+            return 409, {"path": client_path, "error": e.reason}
+        if not evicted:
+            return 409, {"path": path, "evicted": False,
+                         "error": "not cached, or not yet in object storage (only clean files can be evicted)"}
+        return 200, {"path": path, "evicted": True}
 
     async def render_metrics(self) -> bytes:
         totals = await self.db.totals()

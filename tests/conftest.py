@@ -194,3 +194,12 @@ def s3_objects(store: ObjectStore, prefix: str) -> dict[str, dict]:
             out[obj["Key"][len(prefix):]] = {"size": len(body), "sha256": sha256(body),
                                              "meta": {k.lower(): v for k, v in got.get("Metadata", {}).items()}}
     return out
+
+
+@pytest.fixture
+def private_seaweed(tmp_path_factory) -> ObjectStore:
+    """A SeaweedFS of this test's own, for tests that stop and start the object store (outages)."""
+    store = ObjectStore("seaweedfs", tmp_path_factory.mktemp("seaweed-private")).start()
+    store.create_bucket(BUCKET)
+    yield store
+    store.stop()

@@ -65,6 +65,14 @@ def tls_context(cert: str, key: str) -> ssl.SSLContext:
     return ctx
 
 
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def reply_for(exc: GatewayError) -> tuple[str, str]:
     return REPLIES.get(type(exc), "451"), exc.reason
 
@@ -188,7 +196,7 @@ class _Users(aioftp.AbstractUserManager):
 
     async def authenticate(self, user: aioftp.User, password: str) -> bool:
         cfg = self.by_name.get(user.login)
-        ok = cfg is not None and await asyncio.to_thread(
+        ok = cfg is not None and _is_utf8(password) and await asyncio.to_thread(
             verify_password, password, plain=cfg.password, encoded=cfg.password_hash)
         if not ok:
             log.warning("login_failed", protocol="ftp", user=user.login)
@@ -301,6 +309,19 @@ class FtpServer(aioftp.Server):
             await asyncio.wait(tasks, timeout=5)
 
     # --- paths and errors ------------------------------------------------------------------------
+
+    async def parse_command(self, stream, censor_commands: tuple[str, ...] = ("pass",)):  # noqa: ANN001, ANN201
+        """aioftp's parser, but bytes that are not UTF-8 no longer kill the session.
+
+        aioftp decodes strictly, so one such byte raised UnicodeDecodeError in the dispatcher and the
+        connection was dropped without a reply. Decoding with surrogateescape lets the command run: the
+        path checks then refuse the name with 553 ("not valid UTF-8"), other commands answer as usual.
+        """
+        line = await stream.readline()
+        if not line:
+            raise ConnectionResetError
+        cmd, _, rest = line.decode(self.encoding, errors="surrogateescape").rstrip().partition(" ")
+        return cmd.lower(), rest
 
     def _resolve(self, connection: aioftp.Connection, rest: str) -> str:
         return resolve(self.roots.get(connection.user.login, "/"), str(connection.current_directory), rest)

@@ -83,6 +83,7 @@ class _Open:
     writer: WriteHandle | None = None
     committed: bool = False  # the current writer's content was committed by a flush
     unlinked: bool = False
+    failed: bool = False  # a write failed (e.g. disk full): the file is discarded, its close reports an error
 
 
 @dataclass
@@ -381,6 +382,8 @@ class GatewayFS(pyfuse3.Operations):
             return
         if op.unlinked:
             raise pyfuse3.FUSEError(errno.ENOENT)
+        if op.failed:
+            raise pyfuse3.FUSEError(errno.EIO)
         if self.closing:
             raise pyfuse3.FUSEError(errno.EIO)
         op.writer = await self._call(self._open_writer(op.path, 0 if op.truncate else keep))
@@ -446,12 +449,23 @@ class GatewayFS(pyfuse3.Operations):
         if not op.writable:
             raise pyfuse3.FUSEError(errno.EBADF)
         await self._ensure_writer(op)
-        await self._call(op.writer.write(buf, off))
+        try:
+            await self._call(op.writer.write(buf, off))
+        except pyfuse3.FUSEError:
+            # a file with a failed write is never committed, whatever the client does next
+            op.failed = True
+            await op.writer.abort("write failed")
+            op.writer = None
+            if self._writing.get(op.path) is op:
+                del self._writing[op.path]
+            raise
         return len(buf)
 
     async def flush(self, fh):  # noqa: ANN001, ANN201
         """close(2): commit what this handle wrote. smbd's CLOSE reply waits for this."""
         op = self._files.get(fh)
+        if op is not None and op.failed:
+            raise pyfuse3.FUSEError(errno.EIO)
         if op is None or op.writer is None or op.committed:
             return
         if op.unlinked:

@@ -182,7 +182,12 @@ class GatewaySFTP(asyncssh.SFTPServer):
         return _attrs(file_obj.reader.entry)
 
     def setstat(self, path: bytes, attrs: asyncssh.SFTPAttrs) -> None:
-        """Clients set times and modes after uploads; the object store keeps its own, so accept and ignore."""
+        """Clients set times and modes after uploads; the object store keeps its own, so accept and ignore
+        (for a valid path inside the user's root: a path that escapes gets the usual error). Existence is
+        not required: some clients set attributes on a file they are still writing."""
+        self._ns(path)
+
+    lsetstat = setstat  # lsetstat@openssh.com: asyncssh's default would chmod/chown/utime a *local* path
 
     def fsetstat(self, file_obj: _OpenFile, attrs: asyncssh.SFTPAttrs) -> None:
         """See setstat."""
@@ -256,6 +261,25 @@ class GatewaySFTP(asyncssh.SFTPServer):
             await file_obj.writer.abort("client disconnected before close")
             return
         await self._call(file_obj.writer.commit())
+
+    async def fsync(self, file_obj: _OpenFile) -> None:
+        """fsync@openssh.com: flush what was written so far to the staging file (the commit does the rest)."""
+        if file_obj.writer is not None and file_obj.writer.fd >= 0:
+            await asyncio.to_thread(os.fsync, file_obj.writer.fd)
+
+    # --- everything else asyncssh.SFTPServer would do on the *local* filesystem ------------------
+    # Its default implementations act on real paths of this host, as the agent's user (root on the
+    # appliance): symlink/link created links anywhere, readlink and statvfs read the host, open56
+    # (SFTPv5+) opened any file. Links have no meaning in the object namespace: refuse them all, and
+    # make map_path fail closed for any default method not overridden here.
+
+    def map_path(self, path: bytes) -> bytes:
+        raise asyncssh.SFTPPermissionDenied("operation not supported by this server")
+
+    def _unsupported(self, *args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        raise asyncssh.SFTPOpUnsupported("links and file-system queries are not supported by this server")
+
+    readlink = symlink = link = statvfs = fstatvfs = open56 = _unsupported
 
     def exit(self) -> None:
         log.debug("sftp_session_end", user=self.user)

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from agent.store.errors import AlreadyExists, IsADirectory, NotADirectory, NotEmpty, NotFound
+from agent.store.errors import AlreadyExists, IsADirectory, NoSpace, NotADirectory, NotEmpty, NotFound
 from agent.store.paths import ancestors, name_of, parent_of
 
 SCHEMA = """
@@ -65,6 +65,17 @@ CREATE TABLE IF NOT EXISTS tombstones (
     attempts     INTEGER NOT NULL DEFAULT 0,
     next_attempt REAL NOT NULL DEFAULT 0
 );
+
+-- Reads per directory (the first [prefetch] dir_depth levels, e.g. CT/2026-11-23) per local day: the history
+-- the heat model learns from. Bounded by directories x days, not by files.
+CREATE TABLE IF NOT EXISTS heat (
+    dir    TEXT NOT NULL,
+    day    TEXT NOT NULL,
+    reads  INTEGER NOT NULL,
+    misses INTEGER NOT NULL,
+    bytes  INTEGER NOT NULL,
+    PRIMARY KEY (dir, day)
+) WITHOUT ROWID;
 
 CREATE TABLE IF NOT EXISTS totals (
     id           INTEGER PRIMARY KEY CHECK (id = 1),
@@ -471,12 +482,26 @@ class Catalog:
                                   (path, blob))
             return cur.rowcount == 1
 
-    def record_access(self, hits: Iterable[tuple[str, float, int]]) -> None:
-        """Batched access statistics: (path, last access time, count)."""
+    def record_access(self, hits: Iterable[tuple[str, float, int]],
+                      heat: Iterable[tuple[str, str, int, int, int]] = ()) -> None:
+        """Batched access statistics: per file (path, last access time, count) and per directory and day
+        (dir, day, reads, misses, bytes)."""
         with self._tx(durable=False):
             self.db.executemany("UPDATE entries SET last_access = MAX(COALESCE(last_access, 0), ?), "
                                 "access_count = access_count + ? WHERE path = ?",
                                 [(t, n, p) for p, t, n in hits])
+            self.db.executemany(
+                "INSERT INTO heat (dir, day, reads, misses, bytes) VALUES (?, ?, ?, ?, ?) "
+                "ON CONFLICT (dir, day) DO UPDATE SET reads = reads + excluded.reads, "
+                "misses = misses + excluded.misses, bytes = bytes + excluded.bytes", list(heat))
+
+    def heat_since(self, day: str) -> list[tuple[str, str, int, int, int]]:
+        """(dir, day, reads, misses, bytes) for every directory read on or after day (YYYY-MM-DD)."""
+        return self.db.execute("SELECT dir, day, reads, misses, bytes FROM heat WHERE day >= ? ORDER BY dir, day",
+                               (day,)).fetchall()
+
+    def shrink_memory(self) -> None:
+        self.db.execute("PRAGMA shrink_memory")
 
     def blob_referenced(self, blob: str) -> bool:
         return self.db.execute("SELECT 1 FROM entries WHERE blob = ?", (blob,)).fetchone() is not None
@@ -500,7 +525,17 @@ class _Tx:
         self.db.execute("BEGIN IMMEDIATE")
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        self.db.execute("ROLLBACK" if exc_type else "COMMIT")
+        if exc_type:
+            self.db.execute("ROLLBACK")
+            return
+        try:
+            self.db.execute("COMMIT")
+        except sqlite3.Error:
+            # E.g. SQLITE_FULL: the transaction may still be open; leave it rolled back, or every
+            # later BEGIN fails ("cannot start a transaction within a transaction").
+            if self.db.in_transaction:
+                self.db.execute("ROLLBACK")
+            raise
 
 
 class AsyncCatalog:
@@ -517,8 +552,14 @@ class AsyncCatalog:
         method = getattr(self.catalog, name)
 
         async def call(*args, **kwargs):  # noqa: ANN202
-            return await asyncio.get_running_loop().run_in_executor(
-                self._pool, functools.partial(method, *args, **kwargs))
+            try:
+                return await asyncio.get_running_loop().run_in_executor(
+                    self._pool, functools.partial(method, *args, **kwargs))
+            except sqlite3.OperationalError as e:
+                if getattr(e, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL:
+                    # The catalog shares the cache disk: a full disk is the front ends' NoSpace too.
+                    raise NoSpace("catalog", "cache disk full (catalog cannot grow)") from e
+                raise
 
         return call
 

@@ -24,6 +24,7 @@ import structlog
 from agent.audit import AuditLog, Who, failure
 from agent.config import Config
 from agent.metrics import Metrics
+from agent.store.access import AccessStats
 from agent.store.cache import Cache, sha256_fd
 from agent.store.catalog import AsyncCatalog, Entry
 from agent.store.errors import Corrupt, GatewayError, IsADirectory, NoSpace, NotADirectory, NotFound, Unavailable
@@ -47,24 +48,42 @@ class WriteHandle:
         self.size = 0
         self._hash: hashlib._Hash | None = hashlib.sha256()
         self._done = False
+        self._failed: BaseException | None = None
 
     async def write(self, data: bytes, offset: int | None = None) -> None:
+        try:
+            await self._write(data, offset)
+        except BaseException as e:
+            # The file now has a hole or a missing tail: a later close must not commit it (an SFTP
+            # client closes its handle after a failed write, and would otherwise get OK for it).
+            self._failed = e
+            raise
+
+    async def _write(self, data: bytes, offset: int | None) -> None:
         pos = self.size if offset is None else offset
         if pos != self.size:
             self._hash = None  # out-of-order write: hash the whole file at commit
         elif self._hash is not None:
             self._hash.update(data)
-        try:
-            written = os.pwrite(self.fd, data, pos)
-        except OSError as e:
-            if e.errno in (errno.ENOSPC, errno.EDQUOT) and await self.gw.make_room(len(data)):
-                written = os.pwrite(self.fd, data, pos)
-            elif e.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise NoSpace(self.path, "cache disk full and nothing evictable") from e
-            else:
-                raise
-        if written != len(data):
-            raise NoSpace(self.path, "short write to the cache disk")
+        # Content must leave cache.min_free_bytes free: the catalog lives on the same disk, and a
+        # catalog that cannot commit cannot mark files clean, so nothing could ever be evicted again.
+        if not await self.gw.ensure_space(len(data)):
+            raise NoSpace(self.path, "cache disk full and nothing evictable")
+        # A nearly full disk gives short writes before ENOSPC: write the rest, making room while
+        # clean files can be evicted, and refuse only when nothing can be.
+        view, done = memoryview(data), 0
+        while done < len(data):
+            try:
+                written = os.pwrite(self.fd, view[done:], pos + done)
+            except OSError as e:
+                if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+                    raise
+                if not await self.gw.make_room(len(data) - done):
+                    raise NoSpace(self.path, "cache disk full and nothing evictable") from e
+                continue
+            if written <= 0:
+                raise NoSpace(self.path, "cache disk full: no progress writing")
+            done += written
         self.size = max(self.size, pos + len(data))
         self.gw.metrics.bytes_in.labels(self.protocol).inc(len(data))
 
@@ -77,18 +96,38 @@ class WriteHandle:
         self.size = length
 
     async def commit(self) -> None:
-        """Make the file durable (and, in write-through, confirmed in S3). Only then may the client be told."""
+        """Make the file durable (and, in write-through, confirmed in S3). Only then may the client be told.
+
+        The durable part (fsync, rename, catalog commit) runs as its own shielded task: when the client
+        goes away meanwhile, the front end's task is cancelled, but the threads doing the fsync and the
+        catalog transaction cannot be stopped halfway. Abandoning them used to orphan the content file,
+        or delete the cached copy of a file the catalog had just committed (then nothing could upload it).
+        Only the wait for the write-through PUT may be cancelled: the upload itself carries on.
+        """
         if self._done:
             return
+        if self._failed is not None:
+            reason = self._failed.reason if isinstance(self._failed, GatewayError) else type(self._failed).__name__
+            await self.abort(f"a write failed earlier: {reason}")
+            if isinstance(self._failed, GatewayError):
+                raise type(self._failed)(self.path, f"{reason}; file discarded")
+            raise Unavailable(self.path, f"a write failed earlier ({reason}); file discarded")
         self._done = True
+        t0 = time.monotonic()
+        durable = asyncio.ensure_future(self._make_durable())
         try:
             async with self.gw.audit.op(self.who, "store", self.path, bytes=self.size):
-                await self._commit()
+                upload = await asyncio.shield(durable)
+                await self.gw.write_through(self.path, upload)
         finally:
-            self.gw.write_finished()
+            if durable.done():
+                self.gw.write_finished()
+            else:  # cancelled while the durable part still runs: the write ends when it does
+                durable.add_done_callback(lambda _: self.gw.write_finished())
+        self.gw.metrics.ack_seconds.labels(self.protocol).observe(time.monotonic() - t0)
 
-    async def _commit(self) -> None:
-        t0 = time.monotonic()
+    async def _make_durable(self) -> asyncio.Task | None:
+        """fsync + rename into the cache + catalog commit (+ start of a write-through upload)."""
         try:
             sha = self._hash.hexdigest() if self._hash is not None else await asyncio.to_thread(sha256_fd, self.fd)
             await asyncio.to_thread(self.gw.cache.commit, self.blob, self.fd)
@@ -98,11 +137,10 @@ class WriteHandle:
             raise
         self._close_fd()
         try:
-            await self.gw.commit_file(self.path, self.blob, self.size, sha)
+            return await self.gw.commit_file(self.path, self.blob, self.size, sha)
         except BaseException:
             self.gw.cache.remove(self.blob)
             raise
-        self.gw.metrics.ack_seconds.labels(self.protocol).observe(time.monotonic() - t0)
 
     async def abort(self, reason: str) -> None:
         """The client went away or failed: nothing becomes visible under the final name."""
@@ -168,9 +206,10 @@ class Gateway:
         self.cfg, self.db, self.cache, self.s3, self.uploader, self.metrics = cfg, db, cache, s3, uploader, metrics
         self.audit = audit
         self.worm = WormPolicy(cfg.compliance)
+        self.fetch_refusal = ""  # set under critical pressure: no new fetches from S3
         self._fills: dict[str, _Fill] = {}
         self._listings: dict[str, asyncio.Future] = {}
-        self._access: dict[str, tuple[float, int]] = {}
+        self.access = AccessStats(cfg.prefetch.dir_depth)
         self._loops: list[asyncio.Task] = []
         self._evicting = asyncio.Lock()
         self.active_writes = 0
@@ -332,7 +371,12 @@ class Gateway:
         except asyncio.TimeoutError:
             return False
 
-    async def commit_file(self, path: str, blob: str, size: int, sha: str) -> None:
+    async def commit_file(self, path: str, blob: str, size: int, sha: str) -> asyncio.Task | None:
+        """Commit the catalog row; in write-through, start its upload. → that upload task, if any.
+
+        The upload starts here, in the same uncancellable step as the commit that claimed the row: a row
+        claimed ('uploading') without an upload running would wait for the next restart.
+        """
         claim = self.cfg.uplink.write_mode == "through" and self.uploader.reachable
         gen, replaced = await self.db.commit_write(path, blob, size, sha, time.time(), claim=claim)
         if replaced:
@@ -340,13 +384,18 @@ class Gateway:
         log.info("stored", path=path, bytes=size, sha256=sha, write_through=claim)
         if not claim:
             self.uploader.wake()
-            return
+            return None
         entry = await self.db.get(path)
         if entry is None or entry.gen != gen:
-            return  # already superseded by a newer write
-        task = asyncio.create_task(self.uploader.transfer(entry))
+            return None  # already superseded by a newer write
+        return asyncio.create_task(self.uploader.transfer(entry))
+
+    async def write_through(self, path: str, upload: asyncio.Task | None) -> None:
+        """Wait (up to through_timeout) for S3 to confirm a write-through upload; it goes on regardless."""
+        if upload is None:
+            return
         try:
-            await asyncio.wait_for(asyncio.shield(task), self.cfg.uplink.through_timeout)
+            await asyncio.wait_for(asyncio.shield(upload), self.cfg.uplink.through_timeout)
         except asyncio.TimeoutError:
             log.warning("write_through_timeout", path=path, seconds=self.cfg.uplink.through_timeout,
                         mode="write-back")
@@ -366,14 +415,15 @@ class Gateway:
         e = await self.stat(path)
         if e.is_dir:
             raise IsADirectory(path)
-        self._note_access(path)
         if e.blob is not None:
             fd = await self._open_verified(e)
             if fd is not None:
                 self.metrics.hits.inc()
+                self.access.note(path, e.size, hit=True)
                 return ReadHandle(self, e, fd, None, protocol)
             e = await self.stat(path)  # the bad copy is gone: fetch the object again below
         self.metrics.misses.inc()
+        self.access.note(path, e.size, hit=False)
         fill = self._fills.get(path)
         if fill is None or fill.done:
             fill = self._start_fill(e)
@@ -398,6 +448,9 @@ class Gateway:
     def _start_fill(self, e: Entry) -> _Fill:
         if not self.uploader.reachable:
             raise Unavailable(e.path, "not in the cache and object storage is unreachable")
+        if self.fetch_refusal:
+            log.warning("fetch_refused", path=e.path, reason=self.fetch_refusal)
+            raise Unavailable(e.path, f"not in the cache; fetching refused: {self.fetch_refusal}")
         blob = self.cache.new_blob()
         fill = _Fill(e, blob, self.cache.create_staging(blob))
         self._fills[e.path] = fill
@@ -413,7 +466,8 @@ class Gateway:
                 fill.cond.notify_all()
 
         try:
-            sha = await download(self.s3, self.cache, e, fill.blob, fill.fd, landed)
+            async with self.uploader.slots:  # fetches share the line's concurrency with uploads
+                sha = await download(self.s3, self.cache, e, fill.blob, fill.fd, landed)
             if not await self.db.set_cached(e.path, e.gen, fill.blob, sha):
                 self.cache.remove(fill.blob)  # the file changed meanwhile; this copy is stale
             self.metrics.fetched_bytes.inc(fill.written)
@@ -434,19 +488,20 @@ class Gateway:
 
     # --- access statistics ---------------------------------------------------------------------
 
-    def _note_access(self, path: str) -> None:
-        _, count = self._access.get(path, (0.0, 0))
-        self._access[path] = (time.time(), count + 1)
-
     async def _flush_access(self) -> None:
-        if self._access:
-            batch, self._access = self._access, {}
-            await self.db.record_access([(p, t, n) for p, (t, n) in batch.items()])
+        files, heat = self.access.drain()
+        if files:
+            await self.db.record_access(files, heat)
 
     async def _flush_access_loop(self) -> None:
         while True:
             await asyncio.sleep(ACCESS_FLUSH_SECONDS)
             await self._flush_access()
+
+    async def shrink_memory(self) -> None:
+        """Memory pressure: flush buffered statistics and give SQLite's page cache back."""
+        await self._flush_access()
+        await self.db.shrink_memory()
 
     # --- eviction (least recently used clean files, down to the low watermark) ------------------
 
@@ -460,6 +515,14 @@ class Gateway:
         self.metrics.evictions.inc()
         log.info("evicted", path=path, bytes=e.size)
         return True
+
+    async def ensure_space(self, need: int) -> bool:
+        """True when `need` more bytes fit above the free-space reserve, after evicting if necessary."""
+        reserve = self.cfg.cache.min_free_bytes
+        if self.cache.disk_usage().free - need >= reserve:
+            return True
+        await self.make_room(need)
+        return self.cache.disk_usage().free - need >= reserve
 
     async def make_room(self, need: int) -> bool:
         """The disk is full: evict clean files until `need` more bytes fit; → whether anything went."""
