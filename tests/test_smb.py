@@ -225,8 +225,13 @@ def test_reads_files_only_in_s3(smb_agent):
     data = os.urandom(2_000_000)
     smb.makedirs("CR")
     smb.write("CR/evicted.dcm", data)
-    smb.close()
     agent.wait_drained()
+    out = subprocess.run([sys.executable, "-m", "agent.cli", "evict", "--config", str(agent.config_path),
+                          "CR/evicted.dcm"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and "evicted" in out.stdout, out.stdout + out.stderr
+    assert smb.read("CR/evicted.dcm") == data  # fetched from S3 again, verified, served
+    assert [e["path"] for e in agent.events("fetched")] == ["CR/evicted.dcm"]
+    smb.close()
     agent.stop()
     cleanup_smb(agent)
     shutil.rmtree(agent.workdir / "cache")  # a replacement box: nothing cached, nothing in the catalog
