@@ -189,6 +189,11 @@ class SmbService:
         if s.manage:
             await asyncio.to_thread(self._kill_stale_smbd)
         uid, gid = await asyncio.to_thread(_ensure_account, s.unix_user)
+        if not Path(s.mountpoint).is_mount():
+            try:
+                Path(s.mountpoint).mkdir(parents=True, exist_ok=True)
+            except FileExistsError:
+                pass  # a dead mount left by a killed agent: FuseMount detaches it
         for path in (Path(s.mountpoint).parent, self.state / "roots"):
             _check_searchable(path, uid, gid, s.unix_user)
         self.mount = FuseMount(self.gateway, Path(s.mountpoint), uid, gid)
