@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 RUNDIR := run
 
-.PHONY: venv run test lint bench clean
+.PHONY: venv run test lint bench bench-smb clean
 
 venv: $(VENV)/.installed
 
@@ -23,6 +23,7 @@ run: venv
 	  for i in $$(seq 1 100); do curl -s -o /dev/null 127.0.0.1:8333 && break; sleep 0.2; done; \
 	  echo "FTP   ftp://pacs:pacs-example@127.0.0.1:2121  (example credentials)"; \
 	  echo "SFTP  sftp -P 2222 pacs@127.0.0.1             (password pacs-example)"; \
+	  echo "SMB3  smbclient //127.0.0.1/pacs -p 4450 -U pacs  (apt smbclient; password pacs-example; needs root)"; \
 	  echo "HTTP  http://127.0.0.1:8080/status  /healthz  /metrics"; \
 	  $(BIN)/pacsgw run --config examples/agent.toml
 
@@ -31,6 +32,10 @@ test: venv
 
 bench: venv
 	$(BIN)/python bench/ingest.py
+
+# SMB ingest over the agent vs Samba over a plain directory (root, samba, fuse3).
+bench-smb: venv
+	$(BIN)/python bench/ingest_smb.py
 
 clean:
 	rm -rf $(RUNDIR) .pytest_cache

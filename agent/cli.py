@@ -127,6 +127,21 @@ def cmd_hash_password(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_selfcheck(args: argparse.Namespace) -> int:
+    from agent.selfcheck import run_selfcheck
+    cfg = _load_or_exit(args.config)
+    report = run_selfcheck(cfg)
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        if not report["results"]:
+            print("no front end is enabled")
+        for proto, r in report["results"].items():
+            state = {True: "ok", False: "FAILED", None: "skipped"}[r["ok"]]
+            print(f"{proto:<5} {state:<7} {r['seconds']:.2f}s" + (f"  {r['error']}" if r.get("error") else ""))
+    return 0 if report["ok"] else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="pacsgw", description="Edge storage gateway for hospital PACS.")
     ap.add_argument("--version", action="version", version=f"pacsgw {__version__}")
@@ -153,6 +168,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repair", action="store_true", help="fetch corrupt copies again, re-queue missing objects")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_fsck)
+
+    p = sub.add_parser("selfcheck", help="write, read back and delete a canary file through every enabled "
+                                         "front end (FTP, SFTP, SMB); exit 1 if one fails")
+    p.add_argument("--config", default=DEFAULT_CONFIG)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_selfcheck)
 
     p = sub.add_parser("evict", help="drop the cached copies of files already in S3 (exit 1 if one was not)")
     p.add_argument("--config", default=DEFAULT_CONFIG)

@@ -184,6 +184,19 @@ def _name(value: Any) -> str:
     return value
 
 
+def _share(value: Any) -> str:
+    if not isinstance(value, str) or not re.fullmatch(r"[A-Za-z0-9_.\-$]{1,64}", value) \
+            or value.lower() in ("global", "homes", "printers", "ipc$"):
+        raise ValueError
+    return value
+
+
+def _unix_name(value: Any) -> str:
+    if not isinstance(value, str) or not re.fullmatch(r"[a-z_][a-z0-9_-]{0,31}", value) or value == "root":
+        raise ValueError
+    return value
+
+
 SIZE = "a size: bytes as an integer or a string such as '800GB', '512KiB' (SI and IEC units)"
 RATE = "a rate in bytes per second such as '10MB' or in bits such as '80Mbps'; 0 means unlimited"
 LISTEN = "'HOST:PORT' with an IP address (or localhost) and a port 1-65535, e.g. '127.0.0.1:2121'"
@@ -237,6 +250,22 @@ class SftpConfig:
     listen: tuple[str, int] = _f(_listen, LISTEN, default=("127.0.0.1", 2222))
     host_key: str = _f(_str, "a path; the key is generated there on first start if missing", default="")
     password_auth: bool = _f(_bool, "true or false (false: public keys only)", default=True)
+
+
+@dataclass(frozen=True)
+class SmbConfig:
+    enabled: bool = _f(_bool, "true or false", default=False)
+    listen: tuple[str, int] = _f(_listen, LISTEN, default=("127.0.0.1", 4450))
+    share: str = _f(_share, "a share name: 1-64 characters of A-Z a-z 0-9 _ . - $", default="pacs")
+    encryption: str = _f(_choice("required", "desired", "off"), "'required', 'desired' or 'off'",
+                         default="required")
+    manage: bool = _f(_bool, "true (the agent runs and supervises smbd) or false (systemd runs smbd)",
+                      default=True)
+    mountpoint: str = _f(_nonempty, "a directory path for the FUSE mount Samba shares", default="")
+    state_dir: str = _f(_nonempty, "a directory path for smb.conf and Samba's private state", default="")
+    unix_user: str = _f(_unix_name, "a Unix account name (a-z 0-9 _ -, at most 32)", default="pacsgw")
+    case_sensitive: bool = _f(_bool, "true or false", default=True)
+    smbd: str = _f(_nonempty, "the path of the smbd binary", default="/usr/sbin/smbd")
 
 
 @dataclass(frozen=True)
@@ -343,6 +372,7 @@ class Config:
     uplink: UplinkConfig
     ftp: FtpConfig
     sftp: SftpConfig
+    smb: SmbConfig
     http: HttpConfig
     log: LogConfig
     audit: AuditConfig
@@ -360,7 +390,7 @@ class Config:
 
 _SECTIONS: dict[str, type] = {
     "cache": CacheConfig, "uplink": UplinkConfig, "ftp": FtpConfig, "sftp": SftpConfig,
-    "http": HttpConfig, "log": LogConfig, "audit": AuditConfig,
+    "smb": SmbConfig, "http": HttpConfig, "log": LogConfig, "audit": AuditConfig,
     "compliance": ComplianceConfig, "pressure": PressureConfig,
     "prefetch": PrefetchConfig, "scrub": ScrubConfig,
     "model": ModelConfig,
@@ -454,6 +484,18 @@ def _check_cross(cfg: Config) -> None:
         for keyfile in u.authorized_keys:
             if not Path(keyfile).is_file():
                 raise ConfigError(file, f"users[{i}].authorized_keys", keyfile, "an existing readable file")
+    if cfg.smb.enabled:
+        if not any(u.password for u in cfg.users):
+            raise ConfigError(file, "smb.enabled", True,
+                              "at least one [[users]] entry with a plain password: Samba authenticates with "
+                              "the password's NT hash, which a password_hash cannot give")
+        taken = {cfg.ftp.listen: "ftp.listen", cfg.sftp.listen: "sftp.listen", cfg.http.listen: "http.listen"}
+        if cfg.smb.listen in taken:
+            raise ConfigError(file, "smb.listen", f"{cfg.smb.listen[0]}:{cfg.smb.listen[1]}",
+                              f"an address not already used by {taken[cfg.smb.listen]}")
+        mp = Path(cfg.smb.mountpoint)
+        if mp == cfg.cache.dir or cfg.cache.dir.is_relative_to(mp):
+            raise ConfigError(file, "smb.mountpoint", str(mp), "a directory that does not contain cache.dir")
 
 
 def _check_private(file: Path, holds_secrets: bool) -> None:
@@ -490,6 +532,10 @@ def _credentials(cfg: Config) -> Config:
         raise ConfigError(cred_path, sorted(extra)[0], "…", "only access_key_id and secret_access_key")
     up = dataclasses.replace(up, access_key_id=data["access_key_id"], secret_access_key=data["secret_access_key"])
     return dataclasses.replace(cfg, uplink=up)
+
+
+def _abs(file: Path, path: str) -> str:
+    return path if os.path.isabs(path) else str((file.parent / path).resolve())
 
 
 def load(path: str | Path) -> Config:

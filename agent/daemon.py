@@ -39,6 +39,7 @@ class Agent:
         self.draining = False
         self.ftp: FtpServer | None = None
         self.sftp: SftpService | None = None
+        self.smb = None  # agent.serve.smb.SmbService when [smb] is enabled (imports pyfuse3)
         self.http: HttpServer | None = None
 
     async def start(self) -> None:
@@ -69,6 +70,10 @@ class Agent:
         if cfg.sftp.enabled:
             self.sftp = SftpService(cfg, self.gateway)
             await self.sftp.start()
+        if cfg.smb.enabled:
+            from agent.serve.smb import SmbService
+            self.smb = SmbService(cfg, self.gateway)
+            await self.smb.start()
         if cfg.http.enabled:
             self.http = HttpServer(*cfg.http.listen, health=self.health, metrics=self.render_metrics,
                                    evict=self.admin_evict)
@@ -76,6 +81,7 @@ class Agent:
         log.info("started", version=__version__, config=str(cfg.path),
                  ftp=cfg.ftp.listen if cfg.ftp.enabled else None,
                  sftp=cfg.sftp.listen if cfg.sftp.enabled else None,
+                 smb=cfg.smb.listen if cfg.smb.enabled else None,
                  http=cfg.http.listen if cfg.http.enabled else None,
                  uplink=cfg.uplink.endpoint_url, bucket=cfg.uplink.bucket, write_mode=cfg.uplink.write_mode,
                  uplink_reachable=self.uploader.reachable)
@@ -101,11 +107,15 @@ class Agent:
             self.ftp.server.close()
         if self.sftp:
             self.sftp.stop_accepting()
+        if self.smb:
+            self.smb.stop_accepting()
         drained = await self.gateway.wait_writes_idle(drain_seconds)
         if self.ftp:
             await self.ftp.close()
         if self.sftp:
             await self.sftp.close()
+        if self.smb:
+            await self.smb.stop()
         for task in (self._scrub, self._ship, self._monitor):
             if task:
                 task.cancel()
@@ -145,6 +155,10 @@ class Agent:
             "pressure": {"level": str(self.monitor.current.level), "reasons": list(self.monitor.current.reasons)},
             "scrub": {"passes": self.scrubber.passes, "last_pass_end": self.scrubber.last_pass_end},
         }
+        if self.smb is not None:
+            h["smb"] = self.smb.health()
+        from agent.selfcheck import last_result
+        h["selfcheck"] = last_result(self.cfg)
         h["status"], h["reasons"] = judge(h, self.cfg.cache.min_free_bytes)
         return h
 

@@ -87,6 +87,14 @@ class WriteHandle:
         self.size = max(self.size, pos + len(data))
         self.gw.metrics.bytes_in.labels(self.protocol).inc(len(data))
 
+    async def truncate(self, length: int) -> None:
+        """Cut (or extend with zeros) the file being written to `length` bytes (SMB/FUSE set end-of-file)."""
+        if length == self.size:
+            return
+        await asyncio.to_thread(os.ftruncate, self.fd, length)
+        self._hash = None  # hash the whole file at commit
+        self.size = length
+
     async def commit(self) -> None:
         """Make the file durable (and, in write-through, confirmed in S3). Only then may the client be told.
 

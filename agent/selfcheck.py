@@ -1,0 +1,140 @@
+"""`pacsgw selfcheck`: write, read back and delete a canary file through every enabled front end.
+
+It logs in like a PACS would (the first [[users]] entry with a plain password), so it checks the whole way:
+protocol server, gateway, cache, catalog and — in write-through mode — the PUT to S3. The canary's name
+ends in a temporary suffix (WORM rules never lock it). The result is written to
+`<cache.dir>/selfcheck.json`, which the running agent reports on /healthz as `selfcheck`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ftplib
+import io
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from agent.config import Config, UserConfig
+
+TIMEOUT = 30.0
+
+
+def _host(h: str) -> str:
+    return {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(h, h)
+
+
+def _canary_name(cfg: Config, proto: str) -> str:
+    suffix = (cfg.compliance.temp_suffixes or (".tmp",))[0]
+    return f".pacsgw-selfcheck-{proto}-{int(time.time())}-{os.urandom(4).hex()}{suffix}"
+
+
+def check_ftp(cfg: Config, user: UserConfig, name: str, data: bytes) -> None:
+    host, port = cfg.ftp.listen
+    f = ftplib.FTP(timeout=TIMEOUT)
+    f.connect(_host(host), port)
+    try:
+        f.login(user.name, user.password)
+        f.storbinary(f"STOR {name}", io.BytesIO(data))
+        buf = io.BytesIO()
+        f.retrbinary(f"RETR {name}", buf.write)
+        if buf.getvalue() != data:
+            raise RuntimeError(f"read back {len(buf.getvalue())} bytes that differ from the {len(data)} written")
+        f.delete(name)
+    finally:
+        try:
+            f.quit()
+        except (OSError, EOFError, ftplib.Error):
+            f.close()
+
+
+def check_sftp(cfg: Config, user: UserConfig, name: str, data: bytes) -> None:
+    import asyncssh
+    host, port = cfg.sftp.listen
+    key = asyncssh.read_private_key(cfg.sftp.host_key)
+    known = asyncssh.import_known_hosts(f"[{_host(host)}]:{port} {key.export_public_key().decode().strip()}\n"
+                                        f"{_host(host)} {key.export_public_key().decode().strip()}\n")
+
+    async def run() -> None:
+        async with asyncssh.connect(_host(host), port, username=user.name, password=user.password,
+                                    known_hosts=known, client_keys=None, connect_timeout=TIMEOUT) as conn, \
+                conn.start_sftp_client() as sftp:
+            async with sftp.open(name, "wb") as fh:
+                await fh.write(data)
+            async with sftp.open(name, "rb") as fh:
+                back = await fh.read()
+            if back != data:
+                raise RuntimeError(f"read back {len(back)} bytes that differ from the {len(data)} written")
+            await sftp.remove(name)
+
+    asyncio.run(asyncio.wait_for(run(), TIMEOUT * 2))
+
+
+def check_smb(cfg: Config, user: UserConfig, name: str, data: bytes) -> None:
+    import smbclient
+    host, port = cfg.smb.listen
+    kw: dict[str, Any] = {"port": port, "username": user.name, "password": user.password,
+                          "connection_cache": {}, "connection_timeout": TIMEOUT}
+    if cfg.smb.encryption == "required":
+        kw["encrypt"] = True
+    path = rf"\\{_host(host)}\{cfg.smb.share}\{name}"
+    try:
+        with smbclient.open_file(path, mode="wb", **kw) as f:
+            f.write(data)
+        with smbclient.open_file(path, mode="rb", **kw) as f:
+            back = f.read()
+        if back != data:
+            raise RuntimeError(f"read back {len(back)} bytes that differ from the {len(data)} written")
+        smbclient.remove(path, **kw)
+    finally:
+        smbclient.reset_connection_cache(fail_on_error=False, connection_cache=kw["connection_cache"])
+
+
+CHECKS: dict[str, Callable[[Config, UserConfig, str, bytes], None]] = {
+    "ftp": check_ftp, "sftp": check_sftp, "smb": check_smb,
+}
+
+
+def run_selfcheck(cfg: Config) -> dict[str, Any]:
+    """→ {'ok': bool, 'time': epoch, 'results': {proto: {'ok', 'seconds', 'error'?}}}"""
+    enabled = {"ftp": cfg.ftp.enabled, "sftp": cfg.sftp.enabled, "smb": cfg.smb.enabled}
+    user = next((u for u in cfg.users if u.password), None)
+    results: dict[str, dict[str, Any]] = {}
+    for proto, check in CHECKS.items():
+        if not enabled[proto]:
+            continue
+        if proto == "sftp" and not cfg.sftp.password_auth:
+            results[proto] = {"ok": None, "seconds": 0.0, "error": "skipped: SFTP allows public keys only"}
+            continue
+        if user is None:
+            results[proto] = {"ok": False, "seconds": 0.0,
+                              "error": "no [[users]] entry with a plain password to log in with"}
+            continue
+        t0 = time.monotonic()
+        data = os.urandom(64 * 1024) + f"pacsgw selfcheck {proto} {time.time()}".encode()
+        try:
+            check(cfg, user, _canary_name(cfg, proto), data)
+            results[proto] = {"ok": True, "seconds": round(time.monotonic() - t0, 3)}
+        except Exception as e:  # noqa: BLE001 - every failure is a result to report
+            results[proto] = {"ok": False, "seconds": round(time.monotonic() - t0, 3),
+                              "error": f"{type(e).__name__}: {e}"[:500]}
+    report = {"ok": all(r["ok"] is not False for r in results.values()) and bool(results),
+              "time": time.time(), "user": user.name if user else None, "results": results}
+    try:
+        result_path(cfg).write_text(json.dumps(report))
+    except OSError:
+        pass
+    return report
+
+
+def result_path(cfg: Config) -> Path:
+    return cfg.cache.dir / "selfcheck.json"
+
+
+def last_result(cfg: Config) -> dict[str, Any] | None:
+    try:
+        return json.loads(result_path(cfg).read_text())
+    except (OSError, ValueError):
+        return None

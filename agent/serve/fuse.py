@@ -1,0 +1,579 @@
+"""The gateway namespace as a FUSE filesystem (pyfuse3 on the agent's asyncio loop), shared by Samba.
+
+Every operation goes through the gateway facade, so SMB has the same durability contract as FTP/SFTP:
+  * a file opened for writing streams into a gateway staging file; `flush` — which the kernel sends
+    synchronously from close(2) — commits it (fsync, catalog, write-through PUT) before close returns to
+    smbd, and smbd answers the SMB CLOSE only after that. `release` is asynchronous to close(2) and only
+    cleans up; a writer that never reached a flush (agent stopping, file unlinked while open) is discarded;
+  * repeated flushes of an unchanged file are no-ops; a write after a flush starts a new version that keeps
+    the committed bytes (the next flush commits it again);
+  * attributes and entries are never cached by the kernel (timeouts 0) and page-cache content is dropped on
+    every open, so a file changed over FTP/SFTP is seen at once, never stale;
+  * the inode table holds only what the kernel currently knows (lookup counts, `forget`): RAM does not
+    grow with the archive.
+Gateway errors become errno values; Samba turns them into NT status codes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+import stat as statmod
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pyfuse3
+import structlog
+
+from agent.audit import Who
+from agent.store.errors import (
+    AlreadyExists,
+    BadPath,
+    Corrupt,
+    GatewayError,
+    IsADirectory,
+    NoSpace,
+    NotADirectory,
+    NotEmpty,
+    NotFound,
+    PermissionDenied,
+    Unavailable,
+)
+from agent.store.gateway import Gateway, ReadHandle, WriteHandle
+from agent.store.paths import MAX_PATH_BYTES, check_name, name_of, parent_of
+
+log = structlog.get_logger("pacsgw.fuse")
+
+PROTOCOL = "smb"
+# smbd reaches the filesystem as one service account: the SMB login is not visible at this layer
+# (Samba's own log names it); audit records from SMB carry this identity.
+WHO = Who(user="(smb)", protocol=PROTOCOL)
+
+ERRNO: dict[type, int] = {
+    NotFound: errno.ENOENT, AlreadyExists: errno.EEXIST, IsADirectory: errno.EISDIR,
+    NotADirectory: errno.ENOTDIR, NotEmpty: errno.ENOTEMPTY, PermissionDenied: errno.EACCES,
+    BadPath: errno.EINVAL, NoSpace: errno.ENOSPC, Unavailable: errno.EIO, Corrupt: errno.EIO,
+}
+
+
+def errno_for(e: GatewayError) -> int:
+    if isinstance(e, BadPath) and "longer than" in e.reason:
+        return errno.ENAMETOOLONG
+    return ERRNO.get(type(e), errno.EIO)
+
+
+@dataclass
+class _Inode:
+    path: str | None  # None: the name was deleted or replaced while the kernel still held the inode
+    lookups: int = 0
+
+
+@dataclass
+class _Open:
+    """One open(2)/create(2) of a file: a lazy reader, a lazy writer."""
+
+    inode: int
+    path: str
+    writable: bool
+    truncate: bool = False
+    reader: ReadHandle | None = None
+    writer: WriteHandle | None = None
+    committed: bool = False  # the current writer's content was committed by a flush
+    unlinked: bool = False
+    failed: bool = False  # a write failed (e.g. disk full): the file is discarded, its close reports an error
+
+
+@dataclass
+class _Dir:
+    entries: list[tuple[bytes, str, bool, int, float]] = field(default_factory=list)  # name, path, dir, size, mtime
+
+
+class GatewayFS(pyfuse3.Operations):
+    """pyfuse3 operations over the gateway. All handlers run as tasks on the agent's loop."""
+
+    enable_writeback_cache = False
+    supports_dot_lookup = False
+
+    def __init__(self, gateway: Gateway, uid: int = 0, gid: int = 0) -> None:
+        super().__init__()
+        self.gw, self.uid, self.gid = gateway, uid, gid
+        self._inodes: dict[int, _Inode] = {pyfuse3.ROOT_INODE: _Inode("", 1)}
+        self._by_path: dict[str, int] = {"": pyfuse3.ROOT_INODE}
+        self._next_inode = pyfuse3.ROOT_INODE + 1
+        self._files: dict[int, _Open] = {}
+        self._dirs: dict[int, _Dir] = {}
+        self._next_fh = 1
+        self._writing: dict[str, _Open] = {}  # path → the open file whose uncommitted content it shows
+        self.closing = False  # set before smbd is stopped: its closes of open files are not completions
+        self.draining = False  # agent stopping: files already open may finish, no new file is opened to write
+        self.started = time.time()
+
+    # --- inode table -----------------------------------------------------------------------------
+
+    def inode_count(self) -> int:
+        return len(self._inodes)
+
+    def _inode_for(self, path: str) -> int:
+        ino = self._by_path.get(path)
+        if ino is None:
+            ino = self._next_inode
+            self._next_inode += 1
+            self._inodes[ino] = _Inode(path)
+            self._by_path[path] = ino
+        return ino
+
+    def _path(self, inode: int) -> str:
+        node = self._inodes.get(inode)
+        if node is None or node.path is None:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        return node.path
+
+    def _child(self, parent_inode: int, name: bytes) -> str:
+        parent = self._path(parent_inode)
+        try:
+            text = name.decode("utf-8")
+        except UnicodeDecodeError:
+            raise pyfuse3.FUSEError(errno.EINVAL) from None
+        try:
+            check_name(text, text)
+        except BadPath as e:
+            raise pyfuse3.FUSEError(errno_for(e)) from None
+        path = f"{parent}/{text}" if parent else text
+        if len(path.encode()) > MAX_PATH_BYTES:
+            raise pyfuse3.FUSEError(errno.ENAMETOOLONG)
+        return path
+
+    def _counted(self, attrs: pyfuse3.EntryAttributes) -> pyfuse3.EntryAttributes:
+        self._inodes[attrs.st_ino].lookups += 1
+        return attrs
+
+    async def forget(self, inode_list) -> None:  # noqa: ANN001
+        for inode, n in inode_list:
+            node = self._inodes.get(inode)
+            if node is None or inode == pyfuse3.ROOT_INODE:
+                continue
+            node.lookups -= n
+            if node.lookups <= 0 and not any(f.inode == inode for f in self._files.values()):
+                self._drop(inode)
+
+    def _drop(self, inode: int) -> None:
+        node = self._inodes.pop(inode, None)
+        if node is not None and node.path is not None and self._by_path.get(node.path) == inode:
+            del self._by_path[node.path]
+
+    def _detach(self, path: str) -> None:
+        """path no longer names the inode the kernel may still hold: later uses of that inode get ENOENT."""
+        ino = self._by_path.pop(path, None)
+        if ino is not None:
+            self._inodes[ino].path = None
+            if self._inodes[ino].lookups <= 0:
+                self._inodes.pop(ino)
+
+    def _moved(self, src: str, dst: str) -> None:
+        """Re-key every known inode at or below src to dst (a rename)."""
+        self._detach(dst)
+        prefix = src + "/"
+        for path in [p for p in self._by_path if p == src or p.startswith(prefix)]:
+            ino = self._by_path.pop(path)
+            new = dst + path[len(src):]
+            self._detach(new)
+            self._inodes[ino].path = new
+            self._by_path[new] = ino
+        for path in [p for p in self._writing if p == src or p.startswith(prefix)]:
+            op = self._writing.pop(path)
+            new = dst + path[len(src):]
+            op.path = new
+            if op.writer is not None:
+                op.writer.path = new
+            self._writing[new] = op
+        for op in self._files.values():
+            if op.path == src or op.path.startswith(prefix):
+                op.path = dst + op.path[len(src):]
+
+    # --- attributes ------------------------------------------------------------------------------
+
+    def _attrs(self, inode: int, *, is_dir: bool, size: int, mtime: float) -> pyfuse3.EntryAttributes:
+        a = pyfuse3.EntryAttributes()
+        a.st_ino = inode
+        a.generation = 0
+        a.entry_timeout = 0
+        a.attr_timeout = 0
+        a.st_mode = (statmod.S_IFDIR | 0o755) if is_dir else (statmod.S_IFREG | 0o644)
+        a.st_nlink = 2 if is_dir else 1
+        a.st_uid, a.st_gid = self.uid, self.gid
+        a.st_rdev = 0
+        a.st_size = size
+        a.st_blksize = 128 * 1024
+        a.st_blocks = (size + 511) // 512
+        ns = int(mtime * 1e9)
+        a.st_atime_ns = a.st_mtime_ns = a.st_ctime_ns = ns
+        return a
+
+    async def _attrs_of(self, path: str) -> pyfuse3.EntryAttributes:
+        op = self._writing.get(path)
+        if op is not None and op.writer is not None:
+            return self._attrs(self._inode_for(path), is_dir=False, size=op.writer.size, mtime=time.time())
+        e = await self._call(self.gw.stat(path))
+        return self._attrs(self._inode_for(path), is_dir=e.is_dir, size=e.size, mtime=e.mtime)
+
+    async def _call(self, coro):  # noqa: ANN001, ANN202
+        try:
+            return await coro
+        except GatewayError as e:
+            if not isinstance(e, NotFound):
+                self.gw.metrics.errors.labels(PROTOCOL, type(e).__name__).inc()
+                log.warning("smb_error", path=e.path, reason=e.reason, kind=type(e).__name__)
+            raise pyfuse3.FUSEError(errno_for(e)) from None
+
+    async def lookup(self, parent_inode, name, ctx=None):  # noqa: ANN001, ANN201
+        if name == b".":
+            return self._counted(await self._attrs_of(self._path(parent_inode)))
+        if name == b"..":
+            return self._counted(await self._attrs_of(parent_of(self._path(parent_inode))))
+        return self._counted(await self._attrs_of(self._child(parent_inode, name)))
+
+    async def getattr(self, inode, ctx=None):  # noqa: ANN001, ANN201
+        return await self._attrs_of(self._path(inode))
+
+    async def setattr(self, inode, attr, fields, fh, ctx):  # noqa: ANN001, ANN201
+        path = self._path(inode)
+        if fields.update_size:
+            op = self._files.get(fh) if fh is not None else self._writing.get(path)
+            if op is None or not op.writable:
+                # truncate(2) by name: a new version of the file with its first st_size bytes
+                writer = await self._call(self._open_writer(path, keep=attr.st_size))
+                await writer.truncate(attr.st_size)
+                await self._call(writer.commit())
+            else:
+                await self._ensure_writer(op, keep=attr.st_size)
+                await op.writer.truncate(attr.st_size)
+                op.committed = False
+        # modes, owners and times: the object store keeps its own; accept and ignore
+        return await self._attrs_of(path)
+
+    async def access(self, inode, mode, ctx):  # noqa: ANN001, ANN201
+        self._path(inode)
+        return True
+
+    async def statfs(self, ctx):  # noqa: ANN001, ANN201
+        disk = self.gw.cache.disk_usage()
+        s = pyfuse3.StatvfsData()
+        s.f_bsize = s.f_frsize = 4096
+        s.f_blocks = disk.total // 4096
+        s.f_bfree = s.f_bavail = disk.free // 4096
+        s.f_files = s.f_ffree = s.f_favail = 1 << 40
+        s.f_namemax = 255
+        return s
+
+    # --- namespace -------------------------------------------------------------------------------
+
+    async def mkdir(self, parent_inode, name, mode, ctx):  # noqa: ANN001, ANN201
+        path = self._child(parent_inode, name)
+        await self._call(self.gw.mkdir(path, WHO))
+        return self._counted(await self._attrs_of(path))
+
+    async def rmdir(self, parent_inode, name, ctx):  # noqa: ANN001, ANN201
+        path = self._child(parent_inode, name)
+        await self._call(self.gw.rmdir(path, WHO))
+        self._detach(path)
+
+    async def unlink(self, parent_inode, name, ctx):  # noqa: ANN001, ANN201
+        path = self._child(parent_inode, name)
+        op = self._writing.pop(path, None)
+        if op is not None:  # being written and not (or not again) committed: nothing will be
+            op.unlinked = True
+            if op.writer is not None and not op.committed:
+                await op.writer.abort("unlinked while open")
+                op.writer = None
+            try:
+                await self.gw.stat(path)
+            except NotFound:
+                self._detach(path)
+                return
+        await self._call(self.gw.delete(path, WHO))
+        self._detach(path)
+
+    async def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx):  # noqa: ANN001, ANN201
+        src = self._child(parent_inode_old, name_old)
+        dst = self._child(parent_inode_new, name_new)
+        if src == dst:
+            return
+        if flags & pyfuse3.RENAME_EXCHANGE:
+            raise pyfuse3.FUSEError(errno.EINVAL)
+        if flags & pyfuse3.RENAME_NOREPLACE:
+            try:
+                await self._attrs_of(dst)
+            except pyfuse3.FUSEError:
+                pass
+            else:
+                raise pyfuse3.FUSEError(errno.EEXIST)
+        op = self._writing.get(src)
+        try:
+            await self.gw.stat(src)
+            committed = True
+        except NotFound:
+            committed = False
+        if committed:
+            await self._call(self.gw.rename(src, dst, WHO))
+        elif op is None:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        else:  # only the open, not yet committed file: it will be committed under the new name
+            old = self._writing.get(dst)
+            if old is not None and old is not op:
+                old.unlinked = True
+                self._writing.pop(dst)
+        self._moved(src, dst)
+
+    # --- directories -----------------------------------------------------------------------------
+
+    async def opendir(self, inode, ctx):  # noqa: ANN001, ANN201
+        path = self._path(inode)
+        entries = await self._call(self.gw.listdir(path, WHO))
+        d = _Dir([(e.name.encode(), e.path, e.is_dir, e.size, e.mtime) for e in entries])
+        known = {e.name for e in entries}
+        for wpath, op in self._writing.items():
+            if parent_of(wpath) == path and name_of(wpath) not in known and op.writer is not None:
+                d.entries.append((name_of(wpath).encode(), wpath, False, op.writer.size, time.time()))
+        fh = self._next_fh
+        self._next_fh += 1
+        self._dirs[fh] = d
+        return fh
+
+    async def readdir(self, fh, start_id, token):  # noqa: ANN001, ANN201
+        d = self._dirs[fh]
+        for i in range(start_id, len(d.entries)):
+            name, path, is_dir, size, mtime = d.entries[i]
+            ino = self._inode_for(path)
+            attrs = self._attrs(ino, is_dir=is_dir, size=size, mtime=mtime)
+            if not pyfuse3.readdir_reply(token, name, attrs, i + 1):
+                if self._inodes[ino].lookups <= 0:
+                    self._drop(ino)
+                return
+            self._inodes[ino].lookups += 1
+
+    async def releasedir(self, fh):  # noqa: ANN001, ANN201
+        self._dirs.pop(fh, None)
+
+    # --- files -----------------------------------------------------------------------------------
+
+    def _new_fh(self, op: _Open) -> int:
+        fh = self._next_fh
+        self._next_fh += 1
+        self._files[fh] = op
+        return fh
+
+    async def _open_writer(self, path: str, keep: int | None = None) -> WriteHandle:
+        """A writer for path that starts with the committed file's first `keep` bytes (all when None)."""
+        try:
+            e = await self.gw.stat(path)
+        except NotFound:
+            e = None
+        if e is not None and e.is_dir:
+            raise IsADirectory(path)
+        size = e.size if e is not None else 0
+        offset = size if keep is None else min(keep, size)
+        return await self.gw.open_write(path, PROTOCOL, offset=offset, who=WHO)
+
+    async def _ensure_writer(self, op: _Open, keep: int | None = None) -> None:
+        if op.writer is not None and not op.committed:
+            return
+        if op.unlinked:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        if op.failed:
+            raise pyfuse3.FUSEError(errno.EIO)
+        if self.closing:
+            raise pyfuse3.FUSEError(errno.EIO)
+        op.writer = await self._call(self._open_writer(op.path, 0 if op.truncate else keep))
+        op.truncate = False
+        op.committed = False
+        prev = self._writing.get(op.path)
+        if prev is not None and prev is not op and prev.writer is not None and not prev.committed:
+            log.warning("smb_concurrent_writers", path=op.path)
+        self._writing[op.path] = op
+
+    async def create(self, parent_inode, name, mode, flags, ctx):  # noqa: ANN001, ANN201
+        path = self._child(parent_inode, name)
+        if self.closing or self.draining:
+            raise pyfuse3.FUSEError(errno.EROFS)
+        existing = self._writing.get(path)
+        try:
+            e = await self.gw.stat(path)
+        except NotFound:
+            e = None
+        except GatewayError as exc:
+            raise pyfuse3.FUSEError(errno_for(exc)) from None
+        if e is not None and e.is_dir:
+            raise pyfuse3.FUSEError(errno.EISDIR)
+        if (e is not None or existing is not None) and flags & os.O_EXCL:
+            raise pyfuse3.FUSEError(errno.EEXIST)
+        op = _Open(0, path, writable=True)
+        op.writer = await self._call(self.gw.open_write(path, PROTOCOL, who=WHO))
+        self._writing[path] = op
+        op.inode = self._inode_for(path)
+        fh = self._new_fh(op)
+        attrs = self._counted(self._attrs(op.inode, is_dir=False, size=0, mtime=time.time()))
+        return pyfuse3.FileInfo(fh=fh, keep_cache=False), attrs
+
+    async def open(self, inode, flags, ctx):  # noqa: ANN001, ANN201
+        path = self._path(inode)
+        writable = bool(flags & (os.O_WRONLY | os.O_RDWR))
+        if path not in self._writing:
+            e = await self._call(self.gw.stat(path))
+            if e.is_dir:
+                raise pyfuse3.FUSEError(errno.EISDIR)
+        if writable and (self.closing or self.draining):
+            raise pyfuse3.FUSEError(errno.EROFS)
+        op = _Open(inode, path, writable=writable, truncate=bool(flags & os.O_TRUNC))
+        if op.truncate and writable:
+            await self._ensure_writer(op)
+        return pyfuse3.FileInfo(fh=self._new_fh(op), keep_cache=False)
+
+    async def read(self, fh, off, size):  # noqa: ANN001, ANN201
+        op = self._files[fh]
+        src = op if op.writer is not None else self._writing.get(op.path)
+        if src is not None and src.writer is not None and src.writer.fd >= 0:
+            return await asyncio.to_thread(os.pread, src.writer.fd, size, off)
+        if op.reader is None or op.reader.entry.path != op.path:
+            if op.reader is not None:
+                await op.reader.close()
+            op.reader = await self._call(self.gw.open_read(op.path, PROTOCOL, WHO))
+        if off >= op.reader.size:
+            return b""
+        return await self._call(op.reader.read(off, min(size, op.reader.size - off)))
+
+    async def write(self, fh, off, buf):  # noqa: ANN001, ANN201
+        op = self._files[fh]
+        if not op.writable:
+            raise pyfuse3.FUSEError(errno.EBADF)
+        await self._ensure_writer(op)
+        try:
+            await self._call(op.writer.write(buf, off))
+        except pyfuse3.FUSEError:
+            # a file with a failed write is never committed, whatever the client does next
+            op.failed = True
+            await op.writer.abort("write failed")
+            op.writer = None
+            if self._writing.get(op.path) is op:
+                del self._writing[op.path]
+            raise
+        return len(buf)
+
+    async def flush(self, fh):  # noqa: ANN001, ANN201
+        """close(2): commit what this handle wrote. smbd's CLOSE reply waits for this."""
+        op = self._files.get(fh)
+        if op is not None and op.failed:
+            raise pyfuse3.FUSEError(errno.EIO)
+        if op is None or op.writer is None or op.committed:
+            return
+        if op.unlinked:
+            await op.writer.abort("unlinked before close")
+            return
+        if self.closing:
+            # smbd is being stopped and closes what its clients left open: not a completed upload
+            await op.writer.abort("smbd stopped before the client closed the file")
+            self._writing.pop(op.path, None)
+            raise pyfuse3.FUSEError(errno.EIO)
+        try:
+            await self._call(op.writer.commit())
+        finally:
+            op.committed = True
+            if self._writing.get(op.path) is op:
+                del self._writing[op.path]
+        if op.reader is not None:
+            await op.reader.close()
+            op.reader = None
+
+    async def fsync(self, fh, datasync):  # noqa: ANN001, ANN201
+        """Durability comes with close (flush); an fsync in the middle of a file changes nothing."""
+
+    async def release(self, fh):  # noqa: ANN001, ANN201
+        op = self._files.pop(fh, None)
+        if op is None:
+            return
+        if op.writer is not None and not op.committed:
+            await op.writer.abort("released without a flush")
+        if self._writing.get(op.path) is op:
+            del self._writing[op.path]
+        if op.reader is not None:
+            await op.reader.close()
+        node = self._inodes.get(op.inode)
+        if node is not None and node.lookups <= 0 and op.inode != pyfuse3.ROOT_INODE \
+                and not any(f.inode == op.inode for f in self._files.values()):
+            self._drop(op.inode)
+
+    async def abort_all(self, reason: str) -> None:
+        for op in list(self._files.values()):
+            if op.writer is not None and not op.committed:
+                await op.writer.abort(reason)
+                op.committed = True
+            if op.reader is not None:
+                await op.reader.close()
+                op.reader = None
+
+
+# --- mounting ------------------------------------------------------------------------------------
+
+def _mount_entry(mountpoint: Path) -> str | None:
+    """The filesystem type mounted exactly at mountpoint, from /proc/self/mountinfo."""
+    target = os.path.abspath(mountpoint)
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            parts = line.split()
+            mp = parts[4].encode().decode("unicode_escape")
+            if mp == target:
+                return parts[parts.index("-") + 1]
+    return None
+
+
+def unmount_stale(mountpoint: Path) -> bool:
+    """A mount left by a killed agent answers ENOTCONN: detach it (lazily). → whether one was removed."""
+    if _mount_entry(mountpoint) is None:
+        return False
+    try:
+        os.stat(mountpoint)
+    except OSError as e:
+        if e.errno not in (errno.ENOTCONN, errno.ECONNABORTED, errno.EIO):
+            raise
+    else:
+        raise RuntimeError(f"{mountpoint} is already mounted by a live filesystem (another agent?)")
+    subprocess.run(["fusermount3", "-u", "-z", str(mountpoint)], check=False, capture_output=True)
+    if _mount_entry(mountpoint) is not None:
+        subprocess.run(["umount", "-l", str(mountpoint)], check=False, capture_output=True)
+    log.warning("stale_mount_removed", mountpoint=str(mountpoint))
+    return True
+
+
+class FuseMount:
+    """Mounts GatewayFS at mountpoint and runs its request loop as a task of the agent's loop."""
+
+    def __init__(self, gateway: Gateway, mountpoint: Path, uid: int, gid: int) -> None:
+        self.mountpoint = mountpoint
+        self.fs = GatewayFS(gateway, uid, gid)
+        self._task: asyncio.Task | None = None
+
+    async def start(self) -> None:
+        import pyfuse3.asyncio as pyfuse3_asyncio
+        pyfuse3_asyncio.enable()
+        unmount_stale(self.mountpoint)
+        self.mountpoint.mkdir(parents=True, exist_ok=True)
+        options = {"fsname=pacsgw", "subtype=pacsgw", "allow_other", "noatime"}
+        pyfuse3.init(self.fs, str(self.mountpoint), options)
+        self._task = asyncio.create_task(pyfuse3.main(min_tasks=4, max_tasks=64), name="fuse")
+        log.info("fuse_mounted", mountpoint=str(self.mountpoint))
+
+    async def stop(self) -> None:
+        if self._task is None:
+            return
+        self.fs.closing = True
+        pyfuse3.terminate()
+        try:
+            await asyncio.wait_for(self._task, 10)
+        except (asyncio.TimeoutError, Exception) as e:  # noqa: BLE001 - unmount regardless
+            log.warning("fuse_loop_end", error=repr(e))
+        await self.fs.abort_all("agent stopping")
+        pyfuse3.close(unmount=True)
+        self._task = None
+        log.info("fuse_unmounted", mountpoint=str(self.mountpoint))

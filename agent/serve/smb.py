@@ -1,0 +1,360 @@
+"""SMB service: Samba's smbd sharing the agent's FUSE view of the gateway namespace.
+
+The agent mounts the namespace with FUSE (agent.serve.fuse), renders smb.conf from the TOML, keeps
+Samba's user database in step with [[users]] and — with `[smb] manage = true` — runs and supervises
+smbd itself (private state, lock, pid and cache directories under `[smb] state_dir`). With
+`manage = false` smbd is the appliance's systemd service reading the rendered smb.conf.
+
+Samba needs a Unix account for every SMB user: each [[users]] name maps (Samba `username map`) to a
+locked system account `pacsgw-<name>` (no home, no shell; an 8-hex-digit hash replaces names that are
+not valid Unix names). All file access happens as the `[smb] unix_user` service account (`force user`),
+which owns everything the FUSE mount shows. A user's `root` is the share's path for that user:
+`path = <state_dir>/roots/%U`, a symlink to `<mountpoint>/<root>`; Samba keeps every request below it.
+Samba checks NTLM against the NT hash of the password, so only users with a plain `password` can use
+SMB; users with only `password_hash` or `authorized_keys` are left out, with a warning in the log.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import grp
+import hashlib
+import os
+import pwd
+import re
+import signal
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from agent.config import Config, UserConfig
+from agent.serve.fuse import FuseMount
+from agent.store.errors import AlreadyExists
+from agent.store.gateway import Gateway
+
+log = structlog.get_logger("pacsgw.smb")
+
+ACCOUNT_PREFIX = "pacsgw-"
+SMBD_STOP_SECONDS = 10.0
+
+
+def unix_account(name: str) -> str:
+    """The Unix account Samba maps an SMB user to: 'pacsgw-<name>', valid for useradd (≤ 32, a-z0-9_-)."""
+    plain = ACCOUNT_PREFIX + name
+    if re.fullmatch(r"[a-z0-9_][a-z0-9_-]*", name) and len(plain) <= 32:
+        return plain
+    clean = re.sub(r"[^a-z0-9_-]", "_", name.lower())[:14]
+    return f"{ACCOUNT_PREFIX}{clean}-{hashlib.sha256(name.encode()).hexdigest()[:8]}"
+
+
+def smb_users(cfg: Config) -> list[UserConfig]:
+    return [u for u in cfg.users if u.password]
+
+
+def render_conf(cfg: Config) -> str:
+    s = cfg.smb
+    host, port = s.listen
+    state = s.state_dir
+    enc = {"required": "required", "desired": "desired", "off": "off"}[s.encryption]
+    lines = [
+        "# Rendered by pacsgw from " + str(cfg.path) + " — do not edit; edit the agent's TOML instead.",
+        "[global]",
+        "server role = standalone server",
+        "security = user",
+        "passdb backend = tdbsam",
+        f"private dir = {state}/private",
+        f"lock directory = {state}/lock",
+        f"state directory = {state}/state",
+        f"cache directory = {state}/cache",
+        f"pid directory = {state}/run",
+        f"ncalrpc dir = {state}/run/ncalrpc",
+        f"log file = {state}/log/smbd.log",
+        "max log size = 10000",
+        "log level = 1",
+        f"username map = {state}/usermap",
+        f"smb ports = {port}",
+        f"interfaces = {host}",
+        "bind interfaces only = yes",
+        "disable netbios = yes",
+        "server min protocol = SMB3",
+        "server signing = mandatory",
+        f"server smb encrypt = {enc}",
+        "map to guest = never",
+        "restrict anonymous = 2",
+        "load printers = no",
+        "printing = bsd",
+        "printcap name = /dev/null",
+        "disable spoolss = yes",
+        "unix password sync = no",
+        "obey pam restrictions = no",
+        "invalid users = root",
+        # The namespace is shared with FTP/SFTP: no client-side caching that another protocol's
+        # change could make stale, and no kernel-level locks or xattrs on the FUSE mount.
+        "oplocks = no",
+        "level2 oplocks = no",
+        "smb2 leases = no",
+        "kernel oplocks = no",
+        "kernel share modes = no",
+        "posix locking = no",
+        "ea support = no",
+        "store dos attributes = no",
+        "map archive = no",
+        "map hidden = no",
+        "map system = no",
+        "map readonly = no",
+        "nt acl support = no",
+        "acl allow execute always = yes",  # an open for FILE_EXECUTE (clients probe rename targets so) is fine
+        "stat cache = no",
+        "use sendfile = no",
+        "strict sync = no",
+        "",
+        f"[{s.share}]",
+        f"path = {state}/roots/%U",
+        "comment = pacsgw PACS archive",
+        "browseable = yes",
+        "read only = no",
+        f"valid users = {' '.join(n for u in smb_users(cfg) for n in (u.name, unix_account(u.name))) or 'nobody'}",
+        f"force user = {s.unix_user}",
+        f"force group = {s.unix_user}",
+        "create mask = 0644",
+        "directory mask = 0755",
+        "wide links = no",
+        "follow symlinks = no",
+        "hide dot files = no",
+        f"case sensitive = {'yes' if s.case_sensitive else 'auto'}",
+        "preserve case = yes",
+        "short preserve case = yes",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _ensure_account(name: str, *, group: str | None = None) -> tuple[int, int]:
+    try:
+        pw = pwd.getpwnam(name)
+        return pw.pw_uid, pw.pw_gid
+    except KeyError:
+        pass
+    cmd = ["useradd", "--system", "--no-create-home", "--home-dir", "/nonexistent", "--shell", "/usr/sbin/nologin"]
+    cmd += ["--gid", group] if group else ["--user-group"]
+    subprocess.run([*cmd, name], check=True, capture_output=True)
+    log.info("unix_account_created", account=name)
+    pw = pwd.getpwnam(name)
+    return pw.pw_uid, pw.pw_gid
+
+
+def _check_searchable(path: Path, uid: int, gid: int, account: str) -> None:
+    """smbd enters the share as the service account: every directory on the way must let it through."""
+    p = path.absolute()
+    for d in [p, *p.parents]:
+        st = d.stat()
+        if st.st_mode & 0o001 or (st.st_uid == uid and st.st_mode & 0o100) or (st.st_gid == gid and st.st_mode & 0o010):
+            continue
+        raise RuntimeError(f"[smb]: the service account {account!r} cannot reach {path}: {d} is not searchable "
+                           f"by it (mode {oct(st.st_mode & 0o777)}); choose mountpoint/state_dir elsewhere "
+                           f"or chmod o+x {d}")
+
+
+class SmbService:
+    def __init__(self, cfg: Config, gateway: Gateway) -> None:
+        self.cfg, self.gateway = cfg, gateway
+        self.state = Path(cfg.smb.state_dir)
+        self.conf_path = self.state / "smb.conf"
+        self.mount: FuseMount | None = None
+        self.proc: subprocess.Popen | None = None
+        self._supervisor: asyncio.Task | None = None
+        self._stopping = False
+        self.restarts = 0
+
+    # --- start / stop ----------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        try:
+            await self._start()
+        except BaseException:
+            await self.stop()
+            raise
+
+    async def _start(self) -> None:
+        s = self.cfg.smb
+        if os.geteuid() != 0:
+            raise RuntimeError("[smb] needs root (a FUSE mount with allow_other, Samba accounts, smbd); "
+                               "run as root or set [smb] enabled = false")
+        for d in ("private", "lock", "state", "cache", "run", "log", "roots"):
+            (self.state / d).mkdir(parents=True, exist_ok=True)
+        os.chmod(self.state / "private", 0o700)
+        if s.manage:
+            await asyncio.to_thread(self._kill_stale_smbd)
+        uid, gid = await asyncio.to_thread(_ensure_account, s.unix_user)
+        if not Path(s.mountpoint).is_mount():
+            try:
+                Path(s.mountpoint).mkdir(parents=True, exist_ok=True)
+            except FileExistsError:
+                pass  # a dead mount left by a killed agent: FuseMount detaches it
+        for path in (Path(s.mountpoint).parent, self.state / "roots"):
+            _check_searchable(path, uid, gid, s.unix_user)
+        self.mount = FuseMount(self.gateway, Path(s.mountpoint), uid, gid)
+        await self.mount.start()
+        await self._ensure_roots()
+        self.conf_path.write_text(render_conf(self.cfg))
+        await asyncio.to_thread(self._sync_users, gid)
+        if s.manage:
+            self._start_smbd()
+            await self._wait_listening()
+            self._supervisor = asyncio.create_task(self._supervise(), name="smbd-supervisor")
+        log.info("smb_started", listen=s.listen, share=s.share, mountpoint=s.mountpoint, manage=s.manage,
+                 encryption=s.encryption, users=[u.name for u in smb_users(self.cfg)])
+
+    async def _ensure_roots(self) -> None:
+        mp = Path(self.cfg.smb.mountpoint)
+        roots = self.state / "roots"
+        wanted = {u.name: u.root for u in smb_users(self.cfg)}
+        for link in roots.iterdir():
+            if link.name not in wanted:
+                link.unlink()
+        for name, root in wanted.items():
+            ns = root.strip("/")
+            if ns:
+                try:
+                    await self.gateway.mkdir(ns)
+                except AlreadyExists:
+                    pass
+            target = mp / ns if ns else mp
+            link = roots / name
+            if link.is_symlink() and os.readlink(link) == str(target):
+                continue
+            if link.is_symlink() or link.exists():
+                link.unlink()
+            link.symlink_to(target)
+
+    def _sync_users(self, gid: int) -> None:
+        users = smb_users(self.cfg)
+        for u in self.cfg.users:
+            if not u.password:
+                log.warning("smb_user_skipped", user=u.name,
+                            reason="Samba needs the NT hash of a plain password; this user has only "
+                                   "password_hash or authorized_keys and cannot log in over SMB")
+        group = grp.getgrgid(gid).gr_name
+        mapping = []
+        for u in users:
+            account = unix_account(u.name)
+            _ensure_account(account, group=group)
+            mapping.append(f"{account} = {u.name}")
+            # the password goes to smbpasswd on stdin only, never onto a command line or into the log
+            r = subprocess.run(["smbpasswd", "-c", str(self.conf_path), "-s", "-a", account],
+                               input=f"{u.password}\n{u.password}\n", text=True, capture_output=True)
+            if r.returncode != 0:
+                raise RuntimeError(f"smbpasswd failed for SMB user {u.name!r}: {r.stderr.strip() or r.stdout.strip()}")
+        (self.state / "usermap").write_text("\n".join(mapping) + "\n")
+        keep = {unix_account(u.name) for u in users}
+        listed = subprocess.run(["pdbedit", "-c", str(self.conf_path), "-L"], capture_output=True, text=True)
+        for line in listed.stdout.splitlines():
+            account = line.split(":", 1)[0]
+            if account.startswith(ACCOUNT_PREFIX) and account not in keep:
+                subprocess.run(["smbpasswd", "-c", str(self.conf_path), "-x", account], capture_output=True)
+                log.info("smb_user_removed", account=account)
+
+    def _start_smbd(self) -> None:
+        s = self.cfg.smb
+        log_out = open(self.state / "log" / "smbd.stdout", "ab")
+        self.proc = subprocess.Popen(
+            [s.smbd, "--foreground", "--no-process-group", "-s", str(self.conf_path)],
+            stdin=subprocess.DEVNULL, stdout=log_out, stderr=subprocess.STDOUT, start_new_session=True)
+        log_out.close()
+        log.info("smbd_started", pid=self.proc.pid, conf=str(self.conf_path))
+
+    async def _wait_listening(self, timeout: float = 30.0) -> None:
+        host, port = self.cfg.smb.listen
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise RuntimeError(f"smbd exited with {self.proc.returncode}; see {self.state}/log/smbd.log")
+            try:
+                _, w = await asyncio.wait_for(asyncio.open_connection(host, port), 2)
+                w.close()
+                return
+            except (OSError, asyncio.TimeoutError):
+                await asyncio.sleep(0.1)
+        raise RuntimeError(f"smbd did not listen on {host}:{port} within {timeout:.0f}s")
+
+    async def _supervise(self) -> None:
+        delay = 1.0
+        while True:
+            rc = await asyncio.to_thread(self.proc.wait)
+            if self._stopping:
+                return
+            log.error("smbd_exited", returncode=rc, restart_in=delay)
+            await asyncio.sleep(delay)
+            if self._stopping:
+                return
+            self.restarts += 1
+            self._start_smbd()
+            delay = min(delay * 2, 30.0)
+
+    def _smbd_pids(self) -> list[int]:
+        pids = []
+        for pidfile in (self.state / "run").glob("smbd*.pid"):
+            try:
+                pid = int(pidfile.read_text().split()[0])
+                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            except (OSError, ValueError, IndexError):
+                continue
+            if any(b"smbd" in c for c in cmdline[:1]) and str(self.conf_path).encode() in cmdline:
+                pids.append(pid)
+        return pids
+
+    def _kill_stale_smbd(self) -> None:
+        """An smbd left running by a killed agent still serves the dead mount: stop it (by its pid)."""
+        for pid in self._smbd_pids():
+            log.warning("stale_smbd_stopped", pid=pid)
+            self._terminate(pid)
+
+    @staticmethod
+    def _terminate(pid: int) -> None:
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            return
+        deadline = time.monotonic() + SMBD_STOP_SECONDS
+        while time.monotonic() < deadline:
+            try:
+                os.kill(pid, 0)
+                if Path(f"/proc/{pid}/stat").read_text().split(") ")[-1].startswith("Z"):
+                    return
+            except (ProcessLookupError, FileNotFoundError):
+                return
+            time.sleep(0.05)
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+    def stop_accepting(self) -> None:
+        """Drain: files already open may be finished and closed; no new file is opened for writing."""
+        if self.mount is not None:
+            self.mount.fs.draining = True
+
+    async def stop(self) -> None:
+        """Stop smbd (its closes of still-open files are aborts, not completions), then unmount."""
+        self._stopping = True
+        if self.mount is not None:
+            self.mount.fs.closing = True
+        if self.proc is not None and self.proc.poll() is None:
+            await asyncio.to_thread(self._terminate, self.proc.pid)
+            await asyncio.to_thread(self.proc.wait)
+            log.info("smbd_stopped", returncode=self.proc.returncode)
+        if self._supervisor is not None:
+            await asyncio.gather(self._supervisor, return_exceptions=True)
+        if self.mount is not None:
+            await self.mount.stop()
+
+    def health(self) -> dict[str, Any]:
+        s = self.cfg.smb
+        return {"listen": f"{s.listen[0]}:{s.listen[1]}", "share": s.share, "mountpoint": s.mountpoint,
+                "manage": s.manage,
+                "smbd_running": (self.proc is not None and self.proc.poll() is None) if s.manage else None,
+                "smbd_restarts": self.restarts,
+                "inodes": self.mount.fs.inode_count() if self.mount else 0}

@@ -1,0 +1,401 @@
+"""SMB: real smbd sharing the agent's FUSE view; smbprotocol's smbclient as the PACS."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import ftplib
+import hashlib
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import asyncssh
+import pytest
+import smbclient
+from smbprotocol.exceptions import SMBException, SMBResponseException
+from smbutil import Smb, cleanup_smb, raw_create, smb_overrides
+
+from conftest import BUCKET, PASSWORD, s3_objects, sha256
+
+SMB_ERRORS = (OSError, SMBException)  # what smbprotocol raises for refusals and dead servers
+
+
+@pytest.fixture
+def smb_agent(agent_factory):
+    made, bases = [], []
+
+    def make(**overrides):
+        base = Path(tempfile.mkdtemp(prefix="pacsgw-smb-"))
+        os.chmod(base, 0o755)
+        bases.append(base)
+        a = agent_factory(**{**smb_overrides(base), **overrides})
+        made.append(a)
+        return a
+
+    yield make
+    for a in made:
+        a.stop()
+        cleanup_smb(a)
+        log = Path(a.overrides["smb.state_dir"]) / "log" / "smbd.log"
+        if log.exists():  # keep Samba's log beside the agent's for a failed test
+            shutil.copy(log, a.workdir / "smbd.log")
+    for base in bases:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def test_round_trip(smb_agent):
+    agent = smb_agent().start()
+    smb = Smb(agent)
+    files = {f"CT/2026-11-23/1.2.3/{i}.dcm": os.urandom(1000 * i + 7) for i in range(1, 6)}
+    smb.makedirs("CT/2026-11-23/1.2.3")
+    for path, data in files.items():
+        smb.write(path, data)
+    assert smb.listdir("CT/2026-11-23/1.2.3") == sorted(f"{i}.dcm" for i in range(1, 6))
+    for path, data in files.items():
+        assert smb.read(path) == data
+    smb.close()
+    remote = s3_objects(agent.store, agent.prefix)
+    assert {p: r["sha256"] for p, r in remote.items()} == {p: sha256(d) for p, d in files.items()}
+
+
+def test_rename_replace_delete_dirs(smb_agent):
+    agent = smb_agent().start()
+    smb = Smb(agent)
+    a, b = os.urandom(50_000), os.urandom(7_000)
+    smb.makedirs("MR/day")
+    smb.write("MR/day/a.dcm.part", a)
+    smb.rename("MR/day/a.dcm.part", "MR/day/a.dcm")
+    smb.write("MR/day/b.dcm", b)
+    with pytest.raises(OSError):
+        smb.rename("MR/day/b.dcm", "MR/day/a.dcm")  # SMB rename without replace: target exists
+    smb.replace("MR/day/b.dcm", "MR/day/a.dcm")
+    assert smb.listdir("MR/day") == ["a.dcm"]
+    assert smb.read("MR/day/a.dcm") == b and smb.stat("MR/day/a.dcm").st_size == len(b)
+    smb.makedirs("MR/other")
+    smb.rename("MR/day", "MR/moved")  # a whole directory
+    assert smb.listdir("MR") == ["moved", "other"]
+    assert smb.read("MR/moved/a.dcm") == b
+    with pytest.raises(OSError):
+        smb.rmdir("MR/moved")  # not empty
+    smb.remove("MR/moved/a.dcm")
+    with pytest.raises(OSError) as e:
+        smb.stat("MR/moved/a.dcm")
+    assert e.value.errno == errno.ENOENT
+    with pytest.raises(OSError) as e:
+        smb.remove("MR/moved/a.dcm")
+    assert e.value.errno == errno.ENOENT
+    smb.rmdir("MR/moved")
+    smb.write("empty.dcm", b"")
+    assert smb.read("empty.dcm") == b"" and smb.stat("empty.dcm").st_size == 0
+    # overwrite in place: the new content, whole, replaces the old
+    smb.write("empty.dcm", b"now full")
+    assert smb.read("empty.dcm") == b"now full"
+    smb.close()
+    agent.wait_drained()
+    assert {p: r["sha256"] for p, r in s3_objects(agent.store, agent.prefix).items()} == \
+        {"empty.dcm": sha256(b"now full")}
+    assert agent.health()["smb"]["smbd_running"] is True
+
+
+def test_200mb_file(smb_agent):
+    agent = smb_agent().start()
+    smb = Smb(agent)
+    block = os.urandom(4 * 1024 * 1024)
+    h = hashlib.sha256()
+    with smbclient.open_file(smb.p("big.dcm"), mode="wb", **smb.kw) as f:
+        for i in range(50):
+            chunk = bytes([i]) + block[1:]
+            f.write(chunk)
+            h.update(chunk)
+    assert smb.stat("big.dcm").st_size == 200 * 1024 * 1024
+    r = hashlib.sha256()
+    with smbclient.open_file(smb.p("big.dcm"), mode="rb", **smb.kw) as f:
+        while chunk := f.read(8 * 1024 * 1024):
+            r.update(chunk)
+    assert r.hexdigest() == h.hexdigest()
+    smb.close()
+    head = agent.store.client().head_object(Bucket=BUCKET, Key=agent.prefix + "big.dcm", ChecksumMode="ENABLED")
+    assert head["ContentLength"] == 200 * 1024 * 1024
+    assert s3_objects(agent.store, agent.prefix)["big.dcm"]["sha256"] == h.hexdigest()
+
+
+def test_16_clients_x_50_files(smb_agent):
+    agent = smb_agent().start()
+    files = {f"US/c{c:02d}/{i}.dcm": os.urandom(8_000 + 997 * i + c) for c in range(16) for i in range(50)}
+    errors: list[BaseException] = []
+
+    def client(c: int) -> None:
+        smb = Smb(agent)
+        try:
+            smb.makedirs(f"US/c{c:02d}")
+            for i in range(50):
+                smb.write(f"US/c{c:02d}/{i}.dcm", files[f"US/c{c:02d}/{i}.dcm"])
+            assert len(smb.listdir(f"US/c{c:02d}")) == 50
+        except BaseException as e:  # noqa: BLE001
+            errors.append(e)
+        finally:
+            smb.close()
+
+    threads = [threading.Thread(target=client, args=(c,)) for c in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    assert not errors, errors[:3]
+    remote = s3_objects(agent.store, agent.prefix)
+    assert {p: r["sha256"] for p, r in remote.items()} == {p: sha256(d) for p, d in files.items()}
+    assert agent.health()["queue_depth"] == 0  # write-through: every close waited for its PUT
+    # The FUSE inode table holds what the kernel holds, not the archive: once the kernel drops its
+    # dentries (memory pressure; here drop_caches), `forget` empties the table again.
+    assert agent.health()["smb"]["inodes"] > 100
+    Path("/proc/sys/vm/drop_caches").write_text("2")
+    deadline = time.monotonic() + 10
+    while agent.health()["smb"]["inodes"] > 20 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert agent.health()["smb"]["inodes"] <= 20
+
+
+def test_cross_protocol_at_once(smb_agent):
+    agent = smb_agent().start()
+    smb = Smb(agent)
+    via_smb = os.urandom(300_000)
+    smb.makedirs("XA")
+    smb.write("XA/from-smb.dcm", via_smb)
+    ftp = ftplib.FTP(timeout=30)
+    ftp.connect("127.0.0.1", agent.ftp_port)
+    ftp.login("pacs", PASSWORD)
+    buf = io.BytesIO()
+    ftp.retrbinary("RETR XA/from-smb.dcm", buf.write)
+    assert buf.getvalue() == via_smb
+
+    async def sftp_round() -> None:
+        async with asyncssh.connect("127.0.0.1", agent.sftp_port, username="pacs", password=PASSWORD,
+                                    known_hosts=None) as conn, conn.start_sftp_client() as sftp:
+            async with sftp.open("XA/from-smb.dcm", "rb") as f:
+                assert await f.read() == via_smb
+            async with sftp.open("XA/from-sftp.dcm", "wb") as f:
+                await f.write(b"sftp" * 10_000)
+
+    asyncio.run(sftp_round())
+    ftp.storbinary("STOR XA/from-ftp.dcm", io.BytesIO(b"ftp" * 10_000))
+    assert smb.listdir("XA") == ["from-ftp.dcm", "from-sftp.dcm", "from-smb.dcm"]
+    assert smb.read("XA/from-ftp.dcm") == b"ftp" * 10_000
+    assert smb.read("XA/from-sftp.dcm") == b"sftp" * 10_000
+    # an overwrite over FTP is seen over SMB at once: no stale size, no stale bytes
+    ftp.storbinary("STOR XA/from-smb.dcm", io.BytesIO(b"shorter"))
+    assert smb.read("XA/from-smb.dcm") == b"shorter"
+    assert smb.stat("XA/from-smb.dcm").st_size == 7
+    ftp.delete("XA/from-ftp.dcm")
+    with pytest.raises(OSError) as e:
+        smb.read("XA/from-ftp.dcm")
+    assert e.value.errno == errno.ENOENT
+    ftp.quit()
+    smb.close()
+
+
+    # pacsgw selfcheck: a canary through FTP, SFTP and SMB; the running agent reports the last result
+    out = subprocess.run([sys.executable, "-m", "agent.cli", "selfcheck", "--config", str(agent.config_path)],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert [line.split()[:2] for line in out.stdout.splitlines()] == [["ftp", "ok"], ["sftp", "ok"], ["smb", "ok"]]
+    check = agent.health()["selfcheck"]
+    assert check["ok"] is True and set(check["results"]) == {"ftp", "sftp", "smb"}
+    agent.wait_drained()
+    assert sorted(s3_objects(agent.store, agent.prefix)) == ["XA/from-sftp.dcm", "XA/from-smb.dcm"]
+    agent.stop()
+    out = subprocess.run([sys.executable, "-m", "agent.cli", "selfcheck", "--config", str(agent.config_path),
+                          "--json"], capture_output=True, text=True, timeout=120)
+    report = json.loads(out.stdout)
+    assert out.returncode == 1 and report["ok"] is False
+    assert all(r["ok"] is False and r["error"] for r in report["results"].values())
+
+
+def test_reads_files_only_in_s3(smb_agent):
+    """Evicted files and files put into the bucket by another tool are fetched on an SMB read."""
+    agent = smb_agent().start()
+    smb = Smb(agent)
+    data = os.urandom(2_000_000)
+    smb.makedirs("CR")
+    smb.write("CR/evicted.dcm", data)
+    agent.wait_drained()
+    out = subprocess.run([sys.executable, "-m", "agent.cli", "evict", "--config", str(agent.config_path),
+                          "CR/evicted.dcm"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and "evicted" in out.stdout, out.stdout + out.stderr
+    assert smb.read("CR/evicted.dcm") == data  # fetched from S3 again, verified, served
+    assert [e["path"] for e in agent.events("fetched")] == ["CR/evicted.dcm"]
+    smb.close()
+    agent.stop()
+    cleanup_smb(agent)
+    shutil.rmtree(agent.workdir / "cache")  # a replacement box: nothing cached, nothing in the catalog
+    foreign = os.urandom(123_457)
+    agent.store.client().put_object(Bucket=BUCKET, Key=agent.prefix + "CR/foreign.dcm", Body=foreign)
+    agent.start()
+    smb = Smb(agent)
+    assert smb.listdir("CR") == ["evicted.dcm", "foreign.dcm"]
+    assert smb.read("CR/evicted.dcm") == data
+    assert smb.read("CR/foreign.dcm") == foreign
+    smb.close()
+    assert {e["path"] for e in agent.events("fetched")} >= {"CR/evicted.dcm", "CR/foreign.dcm"}
+
+
+def test_confinement_wrong_password_and_bad_names(smb_agent):
+    from agent.auth import hash_password
+    agent = smb_agent(users=[{"name": "modality", "password": "modality-test-pw", "root": "/US"},
+                             {"name": "pacs", "password": PASSWORD, "root": "/"},
+                             {"name": "hashed", "password_hash": hash_password("hashed-pw"), "root": "/"}]).start()
+    mod = Smb(agent, "modality", "modality-test-pw")
+    mod.write("probe.dcm", b"us")
+    assert mod.listdir() == ["probe.dcm"]
+    accepted = []
+    for bad in ("n" * 300 + ".dcm", "bad\x01name.dcm", "what?.dcm", "star*.dcm", "a<b.dcm", "pipe|.dcm"):
+        try:
+            mod.write(bad, b"x")
+            accepted.append(bad)
+        except (OSError, ValueError):
+            pass
+    assert accepted == []
+    # '..' sent as such (smbclient itself would clamp it client-side): Samba refuses it
+    raw_create(mod, "raw-ok.dcm")  # the same raw request with a good name works
+    for escape in ("..\\escape.dcm", "a\\..\\..\\escape.dcm", "..\\..\\..\\etc\\x.dcm", "\\..\\x.dcm"):
+        with pytest.raises(SMBResponseException):
+            raw_create(mod, escape)
+    mod.close()
+    with pytest.raises(SMB_ERRORS):
+        Smb(agent, "pacs", "wrong-password").listdir()
+    with pytest.raises(SMB_ERRORS):  # password_hash users are not SMB users
+        Smb(agent, "hashed", "hashed-pw").listdir()
+    with pytest.raises(SMB_ERRORS):
+        Smb(agent, "pacs", PASSWORD, share="IPC$x").listdir()
+    pacs = Smb(agent)
+    assert pacs.listdir() == ["US"]
+    pacs.close()
+    assert set(s3_objects(agent.store, agent.prefix)) == {"US/probe.dcm", "US/raw-ok.dcm"}
+    assert [e["user"] for e in agent.events("smb_user_skipped")] == ["hashed"]
+
+
+@pytest.mark.slow
+def test_kill9_during_writes_loses_nothing_acknowledged(smb_agent):
+    agent = smb_agent().start()
+    intended: dict[str, bytes] = {}
+    acked: dict[str, str] = {}
+    stop = threading.Event()
+    lock = threading.Lock()
+
+    def writer(c: int) -> None:
+        smb = Smb(agent)
+        try:
+            smb.makedirs(f"CT/w{c}")
+            for i in range(10_000):
+                if stop.is_set():
+                    return
+                path, data = f"CT/w{c}/{i}.dcm", os.urandom(100_000 + 37_000 * (i % 9))
+                with lock:
+                    intended[path] = data
+                smb.write(path, data)  # returns after the SMB CLOSE reply: Samba acknowledged it
+                with lock:
+                    acked[path] = sha256(data)
+        except Exception:  # noqa: BLE001 - the agent dies under these writers
+            return
+        finally:
+            smb.close()
+
+    threads = [threading.Thread(target=writer, args=(c,)) for c in range(4)]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + 60
+    while len(acked) < 24 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    agent.kill9()
+    stop.set()
+    for t in threads:
+        t.join(60)
+    assert len(acked) >= 24
+    done = dict(acked)
+
+    # While the agent is down the share answers with errors, never with stale or partial content.
+    some = sorted(done)[:3]
+    down = Smb(agent)
+    for path in some:
+        with pytest.raises(SMB_ERRORS):
+            down.read(path)
+    down.close()
+
+    agent.start()  # stops the orphaned smbd, detaches the dead mount, mounts again
+    agent.wait_drained(120)
+    remote = s3_objects(agent.store, agent.prefix)
+    for path, digest in done.items():
+        assert remote.get(path, {}).get("sha256") == digest, path
+    # whatever else reached S3 was committed whole (its close was under way when the agent died)
+    for path, r in remote.items():
+        assert r["sha256"] == sha256(intended[path]), path
+    up = Smb(agent)
+    for path in some:
+        assert sha256(up.read(path)) == done[path]
+    up.close()
+    # (searched in the raw text: kill -9 can cut the dead agent's last log line before its newline)
+    text = agent.log_path.read_text()
+    assert '"event": "stale_smbd_stopped"' in text and '"event": "stale_mount_removed"' in text
+
+
+def test_sigterm_lets_open_smb_file_finish(smb_agent):
+    """SIGTERM while a file is open over SMB: it may still be written and closed (and is stored); new files
+    are refused meanwhile; then smbd stops, the mount goes, the agent exits cleanly."""
+    agent = smb_agent().start()
+    smb = Smb(agent)
+    data = os.urandom(3 * 1024 * 1024)
+    with smbclient.open_file(smb.p("slow.dcm"), mode="wb", **smb.kw) as f:
+        f.write(data[:1024 * 1024])
+        agent.proc.send_signal(15)
+        time.sleep(1.0)
+        other = Smb(agent)
+        with pytest.raises(OSError):
+            other.write("new-during-drain.dcm", b"x")
+        other.close()
+        f.write(data[1024 * 1024:])
+    smb.close()
+    assert agent.proc.wait(60) == 0
+    stopped = agent.events("stopped")[0]
+    assert stopped["drained"] is True and stopped["queued_files"] == 0
+    assert set(s3_objects(agent.store, agent.prefix)) == {"slow.dcm"}
+    assert s3_objects(agent.store, agent.prefix)["slow.dcm"]["sha256"] == sha256(data)
+    assert not Path(agent.overrides["smb.mountpoint"]).is_mount()
+
+
+def test_fuse_flush_semantics(smb_agent):
+    """The mount itself: every close(2) (flush) commits what was written; a write after a flush starts a new
+    version keeping the committed bytes; a flush with nothing new is a no-op; ftruncate works."""
+    agent = smb_agent().start()
+    mp = Path(agent.overrides["smb.mountpoint"])
+    fd = os.open(mp / "f.dcm", os.O_CREAT | os.O_WRONLY, 0o644)
+    os.write(fd, b"first part|")
+    dup = os.dup(fd)
+    os.close(dup)  # flush #1: committed, in S3 (write-through) before close returned
+    assert s3_objects(agent.store, agent.prefix)["f.dcm"]["sha256"] == sha256(b"first part|")
+    os.write(fd, b"second part")  # a write after the flush: a new version that keeps the first part
+    dup = os.dup(fd)
+    os.close(dup)
+    os.close(fd)  # a flush with nothing new: no third version
+    assert s3_objects(agent.store, agent.prefix)["f.dcm"]["sha256"] == sha256(b"first part|second part")
+    assert (mp / "f.dcm").read_bytes() == b"first part|second part"
+    assert len([e for e in agent.events("stored") if e["path"] == "f.dcm"]) == 2
+    with open(mp / "f.dcm", "r+b") as f:
+        f.truncate(5)
+    assert (mp / "f.dcm").read_bytes() == b"first"
+    assert s3_objects(agent.store, agent.prefix)["f.dcm"]["sha256"] == sha256(b"first")
+    # unlinking a file that is still open and uncommitted: nothing is ever stored under that name
+    fd = os.open(mp / "gone.dcm", os.O_CREAT | os.O_WRONLY, 0o644)
+    os.write(fd, b"temporary")
+    os.unlink(mp / "gone.dcm")
+    os.close(fd)
+    assert not (mp / "gone.dcm").exists()
+    agent.wait_drained()
+    assert set(s3_objects(agent.store, agent.prefix)) == {"f.dcm"}
+    assert os.listdir(mp) == ["f.dcm"]
