@@ -1,0 +1,354 @@
+"""Replay a trace through a cache of a given capacity, with the agent's own policy classes.
+
+Schemes (see agent/policy): A = `lru`; B = `age` (90-day rule); C = `kmeans` eviction + LSTM
+day-directory prefetch in an early-morning window; `ours` = whole-study LRU + prior-study prefetch at
+write time (when the first file of a new study arrives, the patient's most recent prior studies, same
+modality first, are fetched from S3 within a bandwidth and space budget, before the radiologist opens
+the new study with them).
+
+What is counted:
+  * only reads count for hit ratios and latency; writes always land in the cache (write-through);
+  * the first `warmup_days` fill the cache and are not counted;
+  * latency model (`LatencyModel`): hit = SSD latency + size / SSD rate; miss = round trip + size /
+    line rate (default 10 MB/s, the paper's measured private line). No queueing: this is the latency
+    of one request on an idle line, stated as such in the report;
+  * egress = bytes fetched from S3 (demand misses at request time + prefetches at their arrival time),
+    summed per 1-minute window; the peak is reported in Mbps (offered load; uploads excluded, they are
+    the same for every scheme);
+  * a prefetched file that is read before its fetch completed counts as a miss (fetched on demand);
+  * prior studies are known to the policy only through the trace's catalog lines (`S`): their total
+    bytes, so a prefetch pays for the whole study, including files nobody reads later.
+
+Per-request work is a few dict/bytearray operations; the batch policy (kmeans) runs when the cache is
+over capacity and frees down to `low_watermark`, like the agent's pressure loop.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import structlog
+
+from agent.policy import eviction
+from agent.policy.features import WINDOW, window_features, daily_counts
+from agent.policy.prefetch import Budget, Candidate, plan
+from agent.sim.trace import TraceArrays, _bar
+from agent.sim.workload import DAY
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass(frozen=True)
+class LatencyModel:
+    ssd_s: float = 0.0002          # NVMe/SATA SSD random read
+    ssd_bps: float = 500e6
+    rtt_s: float = 0.030           # object-store round trip over the private line
+    line_bps: float = 10e6         # 10 MB/s, as measured in the paper
+
+    def latency(self, hit: np.ndarray, size: np.ndarray) -> np.ndarray:
+        return np.where(hit, self.ssd_s + size / self.ssd_bps, self.rtt_s + size / self.line_bps)
+
+
+@dataclass(frozen=True)
+class ReplayConfig:
+    capacity: int
+    warmup_days: float = 3.0
+    low_watermark: float = 0.95        # batch policies free down to this share of the capacity
+    latency: LatencyModel = field(default_factory=LatencyModel)
+    prefetch_bps: float = 5e6          # prefetch may use half of the 10 MB/s line
+    prefetch_space: float = 0.05       # one plan may fill at most this share of the capacity
+    lstm_hour: float = 5.0             # scheme C: the early-morning prefetch window starts here
+    lstm_window_h: float = 2.0
+    priors_k: int = 3                  # ours: prior studies considered per new study
+    priors_window_s: float = 3600.0    # ours: a prior plan must be fetched within this
+    model: str | None = None           # .tflite for scheme C (default: models/hotness.tflite)
+
+
+SCHEMES: dict[str, tuple[str, str | None]] = {
+    "A": ("lru", None),
+    "B": ("age", None),
+    "C": ("kmeans", "lstm"),
+    "ours": ("study", "priors"),
+}
+
+
+@dataclass
+class SchemeResult:
+    scheme: str
+    reads: int
+    hits: int
+    read_bytes: int
+    hit_bytes: int
+    mean_latency_s: float
+    p95_latency_s: float
+    egress_peak_mbps: float
+    prefetch_bytes: int
+    prefetch_used_bytes: int
+    daily_hit_ratio: list[float]
+    egress_per_min: np.ndarray = dataclasses.field(repr=False)
+
+    @property
+    def hit_ratio(self) -> float:
+        return self.hits / max(self.reads, 1)
+
+    @property
+    def byte_hit_ratio(self) -> float:
+        return self.hit_bytes / max(self.read_bytes, 1)
+
+
+class _Index:
+    """CSR lists: objects per study, objects per directory, studies per patient."""
+
+    def __init__(self, ta: TraceArrays) -> None:
+        self.study_objs = _csr(ta.obj_study, len(ta.study_bytes))
+        self.dir_objs = _csr(ta.obj_dir, len(ta.dir_names))
+        self.patient_studies = _csr(ta.study_patient, int(ta.study_patient.max()) + 1 if ta.study_patient.size else 0)
+
+
+def _csr(keys: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    order = np.argsort(keys, kind="stable")
+    starts = np.concatenate(([0], np.cumsum(np.bincount(keys, minlength=n))))
+    return order, starts
+
+
+def _members(csr: tuple[np.ndarray, np.ndarray], k: int) -> np.ndarray:
+    order, starts = csr
+    return order[starts[k]:starts[k + 1]]
+
+
+class Replayer:
+    def __init__(self, ta: TraceArrays, scheme: str, cfg: ReplayConfig, predictor=None) -> None:  # noqa: ANN001
+        if scheme not in SCHEMES:
+            raise ValueError(f"unknown scheme {scheme!r}; known: {sorted(SCHEMES)}")
+        self.ta, self.scheme, self.cfg = ta, scheme, cfg
+        ev_name, self.prefetch = SCHEMES[scheme]
+        self.policy = eviction.make(ev_name)
+        self.idx = _Index(ta)
+        n_obj, n_st = ta.n_objects, len(ta.study_bytes)
+        known = np.bincount(ta.obj_study, weights=ta.obj_size, minlength=n_st).astype(np.int64)
+        # one "phantom" object per study holds the bytes of its files that never appear in the trace
+        phantom = np.maximum(ta.study_bytes - known, 0)
+        self.size = np.concatenate([ta.obj_size, phantom])
+        self.study = np.concatenate([ta.obj_study, np.arange(n_st, dtype=np.int32)])
+        self.created = np.concatenate([ta.study_day[ta.obj_study], ta.study_day]).astype(np.float64) * DAY
+        self.directory = np.concatenate([ta.obj_dir, np.full(n_st, -1, dtype=np.int32)])
+        self.n_obj = n_obj
+        self.in_cache = bytearray(n_obj + n_st)
+        self.cached_view = np.frombuffer(self.in_cache, dtype=np.uint8)
+        self.prefetched = bytearray(n_obj + n_st)
+        self.ready: dict[int, float] = {}
+        self.used = 0
+        self.queue_free = 0.0
+        self.pf_times: list[float] = []
+        self.pf_sizes: list[int] = []
+        self.pf_used = 0
+        self.predictor = predictor
+        if not self.policy.online:
+            self.last = np.zeros(n_obj + n_st)
+            self.count = np.zeros(n_obj + n_st, dtype=np.int64)
+
+    # -- cache state
+    def _insert(self, o: int, t: float) -> None:
+        self.in_cache[o] = 1
+        self.used += int(self.size[o])
+        if self.policy.online:
+            self.policy.on_insert(o, int(self.size[o]), t, float(self.created[o]), int(self.study[o]))
+        else:
+            self.last[o] = t
+            self.count[o] = 1
+
+    def _evict(self, t: float) -> None:
+        cap = self.cfg.capacity
+        if self.policy.online:
+            for v in self.policy.victims(self.used - cap, t):
+                self.in_cache[v] = 0
+                self.used -= int(self.size[v])
+                self.ready.pop(v, None)
+            return
+        cached = np.flatnonzero(self.cached_view)
+        table = eviction.FileTable(
+            key=cached, size=self.size[cached], last_access=self.last[cached],
+            access_count=self.count[cached], created=self.created[cached],
+            directory=self.directory[cached], study=self.study[cached])
+        victims = cached[self.policy.select_victims(table, int(self.used - self.cfg.low_watermark * cap), t)]
+        self.cached_view[victims] = 0
+        self.used -= int(self.size[victims].sum())
+        for v in victims.tolist():
+            self.ready.pop(v, None)
+
+    def _fetch_plan(self, objs: list[int], t: float) -> None:
+        """Fetch objects in order at the prefetch rate behind whatever is queued."""
+        start = max(t, self.queue_free)
+        for o in objs:
+            start += float(self.size[o]) / self.cfg.prefetch_bps
+            self._insert(o, t)
+            self.ready[o] = start
+            self.prefetched[o] = 1
+            self.pf_times.append(start)
+            self.pf_sizes.append(int(self.size[o]))
+        self.queue_free = start
+
+    # -- ours: prior studies of the patient when a new study arrives
+    def _plan_priors(self, s: int, t: float) -> None:
+        ta, cfg = self.ta, self.cfg
+        day = ta.study_day[s]
+        mod = ta.study_modality[s]
+        studies = _members(self.idx.patient_studies, int(ta.study_patient[s]))
+        older = [int(x) for x in studies if x != s and ta.study_day[x] <= day]
+        if not older:
+            return
+        # same modality first, then the most recent: what a hanging protocol puts beside the new study
+        older.sort(key=lambda x: (ta.study_modality[x] != mod, -ta.study_day[x], x))
+        cands = []
+        for rank, x in enumerate(older[:cfg.priors_k]):
+            objs = [int(o) for o in _members(self.idx.study_objs, x) if not self.in_cache[o]]
+            ph = self.n_obj + x
+            if not self.in_cache[ph] and self.size[ph] > 0:
+                objs.append(ph)
+            size = int(self.size[objs].sum()) if objs else 0
+            cands.append(Candidate((x, tuple(objs)), 1.0 / (rank + 1), size))
+        backlog = max(0.0, self.queue_free - t)
+        budget = Budget(int(cfg.prefetch_space * cfg.capacity), cfg.prefetch_bps,
+                        max(0.0, cfg.priors_window_s - backlog))
+        chosen = plan(cands, budget)
+        # fetch in clinical order (most relevant first), not in the planner's heat-per-byte order
+        chosen.sort(key=lambda c: -c.heat)
+        for c in chosen:
+            self._fetch_plan(list(c.key[1]), t)
+
+    # -- scheme C: LSTM-predicted day-directories in the early-morning window
+    def _plan_lstm(self, day: int, t: float, counts: np.ndarray, dir_day: np.ndarray, dir_mod: np.ndarray,
+                   start_weekday: int) -> None:
+        cfg = self.cfg
+        # directories acquired in the last WINDOW days: their full content is known to the catalog
+        # (older day-directories hold tens of GB of unrelated studies: no budget could afford them)
+        dirs = np.flatnonzero((dir_day < day) & (dir_day >= day - WINDOW))
+        if dirs.size == 0 or self.predictor is None:
+            return
+        x = window_features(counts[dirs], day, dir_day[dirs], dir_mod[dirs], len(self.ta.modality_names),
+                            start_weekday)
+        heat = self.predictor.predict(x)
+        cands = []
+        for d, h in zip(dirs.tolist(), heat.tolist()):
+            objs = _members(self.idx.dir_objs, d)
+            objs = objs[self.cached_view[objs] == 0]
+            objs = objs[self.created[objs] < t]   # only files that already exist
+            if objs.size:
+                cands.append(Candidate((d, objs), float(h), int(self.size[objs].sum())))
+        budget = Budget(int(cfg.prefetch_space * cfg.capacity), cfg.prefetch_bps, cfg.lstm_window_h * 3600)
+        for c in plan(cands, budget):
+            self._fetch_plan(c.key[1].tolist(), t)
+            if self.used > cfg.capacity:
+                self._evict(t)
+
+    def run(self, progress: bool = False) -> SchemeResult:
+        ta, cfg = self.ta, self.cfg
+        n = ta.n
+        T = ta.t.tolist()
+        O = ta.obj.tolist()
+        W = ta.is_write.tolist()
+        hit = bytearray(n)
+        cap = cfg.capacity
+        online = self.policy.online
+        in_cache, ready, prefetched = self.in_cache, self.ready, self.prefetched
+        study = self.study.tolist()
+        seen_study = bytearray(len(ta.study_bytes))
+        lstm = self.prefetch == "lstm"
+        priors = self.prefetch == "priors"
+        next_plan = cfg.lstm_hour * 3600 if lstm else float("inf")
+        if lstm:
+            reads = ~ta.is_write
+            counts = daily_counts(ta.t[reads], ta.obj_dir[ta.obj[reads]], len(ta.dir_names), ta.n_days)
+            dir_day, dir_mod = ta.dir_day(), ta.dir_modality()
+            import datetime as dt
+            start_weekday = dt.date.fromisoformat(ta.meta["start"]).weekday()
+        size_l = self.size
+        last = getattr(self, "last", None)
+        count = getattr(self, "count", None)
+        pf_used = 0
+        bar = _bar(progress, n, f"replay {self.scheme}")
+        step = 200_000
+        for i in range(n):
+            t = T[i]
+            o = O[i]
+            if t >= next_plan:
+                day = int(next_plan // DAY)
+                self._plan_lstm(day, next_plan, counts, dir_day, dir_mod, start_weekday)
+                next_plan += DAY
+            if W[i]:
+                if priors:
+                    s = study[o]
+                    if not seen_study[s]:
+                        seen_study[s] = 1
+                        self._plan_priors(s, t)
+                if not in_cache[o]:
+                    self._insert(o, t)
+            elif in_cache[o]:
+                r = ready.get(o)
+                if r is None or r <= t:
+                    hit[i] = 1
+                    if prefetched[o]:
+                        prefetched[o] = 0
+                        pf_used += int(size_l[o])
+                if r is not None:
+                    del ready[o]
+                if online:
+                    self.policy.on_access(o, t)
+                else:
+                    last[o] = t
+                    count[o] += 1
+            else:
+                self._insert(o, t)
+            if self.used > cap:
+                self._evict(t)
+            if i % step == 0:
+                bar.update(step if i else 0)
+        bar.close()
+        self.pf_used = pf_used
+        return self._result(np.frombuffer(hit, dtype=np.uint8).astype(bool))
+
+    def _result(self, hit: np.ndarray) -> SchemeResult:
+        ta, cfg = self.ta, self.cfg
+        post = ta.t >= cfg.warmup_days * DAY
+        reads = ~ta.is_write & post
+        size = ta.size
+        lat = cfg.latency.latency(hit[reads], size[reads])
+        n_min = int(np.ceil(ta.n_days * DAY / 60)) + 1
+        miss = reads & ~hit
+        egress = np.bincount(np.minimum((ta.t[miss] // 60).astype(np.int64), n_min - 1),
+                             weights=size[miss], minlength=n_min)
+        if self.pf_times:
+            pt = np.array(self.pf_times)
+            ps = np.array(self.pf_sizes, dtype=np.float64)
+            keep = pt >= cfg.warmup_days * DAY
+            egress += np.bincount(np.minimum((pt[keep] // 60).astype(np.int64), n_min - 1),
+                                  weights=ps[keep], minlength=n_min)
+        first = int(np.ceil(cfg.warmup_days * DAY / 60))
+        peak = float(egress[first:].max()) * 8 / 60 / 1e6 if egress[first:].size else 0.0
+        day = (ta.t // DAY).astype(np.int64)
+        all_reads = ~ta.is_write
+        per_day_reads = np.bincount(day[all_reads], minlength=ta.n_days)
+        per_day_hits = np.bincount(day[all_reads & hit], minlength=ta.n_days)
+        daily = (per_day_hits / np.maximum(per_day_reads, 1)).tolist()
+        pf_total = int(np.sum(self.pf_sizes)) if self.pf_sizes else 0
+        return SchemeResult(
+            scheme=self.scheme, reads=int(reads.sum()), hits=int((hit & reads).sum()),
+            read_bytes=int(size[reads].sum()), hit_bytes=int(size[reads & hit].sum()),
+            mean_latency_s=float(lat.mean()) if lat.size else 0.0,
+            p95_latency_s=float(np.percentile(lat, 95)) if lat.size else 0.0,
+            egress_peak_mbps=peak, prefetch_bytes=pf_total, prefetch_used_bytes=self.pf_used,
+            daily_hit_ratio=daily, egress_per_min=egress)
+
+
+def replay(ta: TraceArrays, scheme: str, cfg: ReplayConfig, progress: bool = False) -> SchemeResult:
+    predictor = None
+    if SCHEMES[scheme][1] == "lstm":
+        from agent.policy.predictor import DEFAULT_MODEL, HotnessPredictor
+        predictor = HotnessPredictor(Path(cfg.model) if cfg.model else DEFAULT_MODEL)
+    log.info("replay.start", scheme=scheme, requests=ta.n, capacity=cfg.capacity)
+    r = Replayer(ta, scheme, cfg, predictor).run(progress)
+    log.info("replay.done", scheme=scheme, hit_ratio=round(r.hit_ratio, 4), byte_hit_ratio=round(r.byte_hit_ratio, 4))
+    return r
