@@ -21,8 +21,8 @@ Policies:
            size weight), k by the elbow method; the coldest cluster is evicted first, then the
            lowest-scored files of the next warmer cluster, and so on.
   `study`  ours: whole studies in least-recently-used order (a viewer opens studies, not files), so
-           one eviction does not leave a study half cached; files prefetched but not yet opened count
-           as accessed at prefetch time, so a prefetch is not undone before the read it was made for.
+           one eviction does not leave a study half cached; old studies (priors, long-tail reads) are
+           demoted once they have been read; prefetched files count as used at prefetch time.
 """
 
 from __future__ import annotations
@@ -82,7 +82,8 @@ class LRU:
     def select_victims(self, table: FileTable, bytes_to_free: int, now: float) -> np.ndarray:
         return take_until(np.argsort(table.last_access, kind="stable"), table.size, bytes_to_free)
 
-    def on_insert(self, key: int, size: int, now: float, created: float, study: int) -> None:
+    def on_insert(self, key: int, size: int, now: float, created: float, study: int,
+                  prefetch: bool = False) -> None:
         self._order[key] = size
         self._order.move_to_end(key)
 
@@ -118,7 +119,8 @@ class Age(LRU):
         young = young[np.argsort(table.last_access[young], kind="stable")]
         return take_until(np.concatenate([old_idx, young]), table.size, bytes_to_free)
 
-    def on_insert(self, key: int, size: int, now: float, created: float, study: int) -> None:
+    def on_insert(self, key: int, size: int, now: float, created: float, study: int,
+                  prefetch: bool = False) -> None:
         super().on_insert(key, size, now, created, study)
         heapq.heappush(self._by_created, (created, key))
 
@@ -200,50 +202,102 @@ class KMeansEviction:
 
 
 class StudyLRU:
-    """Ours: evict whole studies, least recently used first (online: OrderedDict of studies)."""
+    """Ours: evict whole studies in least-recently-used order, with *consumed old studies demoted*.
+
+    A study acquired more than `recent_days` ago (a prior, or a long-tail read) that has been opened
+    since it entered the cache is ranked as if it had been used `old_penalty_s` earlier: once its
+    comparison read is done, an old study is rarely opened again, while a new study is re-read for
+    days (clinicians, follow-ups, tumour boards). A prefetched old study is not demoted until read, so
+    a prefetch is not undone before the read it was made for.
+
+    Priority (lower goes first) = last use of the study − (old_penalty_s if old and consumed).
+    Online: two OrderedDicts (recent-or-unconsumed, consumed-old), each in last-use order; the victim
+    is the head with the lower priority. Batch: the same priority over the FileTable.
+    """
 
     name = "study"
     online = True
 
-    def __init__(self) -> None:
-        self._studies: OrderedDict[int, dict[int, int]] = OrderedDict()
+    def __init__(self, recent_days: float = 30.0, old_penalty_s: float = DAY) -> None:
+        self.recent = recent_days * DAY
+        self.penalty = old_penalty_s
+        self._young: OrderedDict[int, dict[int, int]] = OrderedDict()
+        self._old: OrderedDict[int, dict[int, int]] = OrderedDict()
+        self._last: dict[int, float] = {}
+        self._created: dict[int, float] = {}
         self._study_of: dict[int, int] = {}
 
     def select_victims(self, table: FileTable, bytes_to_free: int, now: float) -> np.ndarray:
         group = table.study if table.study is not None else table.directory
         _, inv = np.unique(group, return_inverse=True)
-        last = np.full(inv.max() + 1 if inv.size else 0, -np.inf)
+        n = int(inv.max()) + 1 if inv.size else 0
+        last = np.full(n, -np.inf)
         np.maximum.at(last, inv, table.last_access)
-        # studies by last use, then files of a study together (series order is kept by key)
-        order = np.lexsort((table.last_access, inv, last[inv]))
+        created = np.full(n, np.inf)
+        np.minimum.at(created, inv, table.created)
+        accessed = np.zeros(n, dtype=bool)
+        np.logical_or.at(accessed, inv, table.access_count > 0)
+        prio = last - self.penalty * ((created < now - self.recent) & accessed)
+        order = np.lexsort((table.last_access, inv, prio[inv]))
         return take_until(order, table.size, bytes_to_free)
 
-    def on_insert(self, key: int, size: int, now: float, created: float, study: int) -> None:
-        files = self._studies.get(study)
-        if files is None:
-            files = self._studies[study] = {}
-        files[key] = size
+    def on_insert(self, key: int, size: int, now: float, created: float, study: int,
+                  prefetch: bool = False) -> None:
+        if study not in self._last:
+            self._created[study] = created
         self._study_of[key] = study
-        self._studies.move_to_end(study)
+        queue = self._old if study in self._old else self._young
+        files = queue.get(study)
+        if files is None:
+            files = queue[study] = {}
+        files[key] = size
+        if not prefetch:
+            self._touch(study, now)
+        else:
+            self._last.setdefault(study, now)
+            queue.move_to_end(study)
+
+    def _touch(self, study: int, now: float) -> None:
+        self._last[study] = now
+        if study in self._old:
+            self._old.move_to_end(study)
+        elif self._created.get(study, now) < now - self.recent:
+            self._old[study] = self._young.pop(study)      # consumed old study: demoted
+        else:
+            self._young.move_to_end(study)
 
     def on_access(self, key: int, now: float) -> None:
         study = self._study_of.get(key)
         if study is not None:
-            self._studies.move_to_end(study)
+            self._touch(study, now)
 
     def on_remove(self, key: int) -> None:
         study = self._study_of.pop(key, None)
-        if study is not None:
-            files = self._studies.get(study)
-            if files is not None:
-                files.pop(key, None)
-                if not files:
-                    del self._studies[study]
+        if study is None:
+            return
+        queue = self._old if study in self._old else self._young
+        files = queue.get(study)
+        if files is not None:
+            files.pop(key, None)
+            if not files:
+                del queue[study]
+                self._last.pop(study, None)
+                self._created.pop(study, None)
 
     def victims(self, bytes_to_free: int, now: float) -> Iterator[int]:
         freed = 0
-        while freed < bytes_to_free and self._studies:
-            study, files = self._studies.popitem(last=False)
+        while freed < bytes_to_free and (self._young or self._old):
+            if not self._old:
+                queue = self._young
+            elif not self._young:
+                queue = self._old
+            else:
+                y = self._last[next(iter(self._young))]
+                o = self._last[next(iter(self._old))] - self.penalty
+                queue = self._old if o <= y else self._young
+            study, files = queue.popitem(last=False)
+            self._last.pop(study, None)
+            self._created.pop(study, None)
             for key, size in files.items():
                 self._study_of.pop(key, None)
                 freed += size

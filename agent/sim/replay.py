@@ -35,6 +35,7 @@ import structlog
 from agent.policy import eviction
 from agent.policy.features import WINDOW, window_features, daily_counts
 from agent.policy.prefetch import Budget, Candidate, plan
+from agent.policy.priors import PriorPrefetcher, StudyInfo
 from agent.sim.trace import TraceArrays, _bar
 from agent.sim.workload import DAY
 
@@ -72,6 +73,9 @@ SCHEMES: dict[str, tuple[str, str | None]] = {
     "B": ("age", None),
     "C": ("kmeans", "lstm"),
     "ours": ("study", "priors"),
+    # demand-only variants (no prefetch): for comparisons with Belady, which cannot prefetch
+    "study": ("study", None),
+    "kmeans": ("kmeans", None),
 }
 
 
@@ -146,19 +150,21 @@ class Replayer:
         self.pf_sizes: list[int] = []
         self.pf_used = 0
         self.predictor = predictor
+        self.priors = PriorPrefetcher(k=cfg.priors_k)
+        self.pf_rank: dict[int, int] = {}    # prefetched study → rank, until opened or evicted
         if not self.policy.online:
             self.last = np.zeros(n_obj + n_st)
             self.count = np.zeros(n_obj + n_st, dtype=np.int64)
 
     # -- cache state
-    def _insert(self, o: int, t: float) -> None:
+    def _insert(self, o: int, t: float, prefetch: bool = False) -> None:
         self.in_cache[o] = 1
         self.used += int(self.size[o])
         if self.policy.online:
-            self.policy.on_insert(o, int(self.size[o]), t, float(self.created[o]), int(self.study[o]))
+            self.policy.on_insert(o, int(self.size[o]), t, float(self.created[o]), int(self.study[o]), prefetch)
         else:
             self.last[o] = t
-            self.count[o] = 1
+            self.count[o] = 0 if prefetch else 1
 
     def _evict(self, t: float) -> None:
         cap = self.cfg.capacity
@@ -167,6 +173,9 @@ class Replayer:
                 self.in_cache[v] = 0
                 self.used -= int(self.size[v])
                 self.ready.pop(v, None)
+                if self.prefetched[v]:
+                    self.prefetched[v] = 0
+                    self._prefetch_feedback(v, False)
             return
         cached = np.flatnonzero(self.cached_view)
         table = eviction.FileTable(
@@ -178,13 +187,16 @@ class Replayer:
         self.used -= int(self.size[victims].sum())
         for v in victims.tolist():
             self.ready.pop(v, None)
+            if self.prefetched[v]:
+                self.prefetched[v] = 0
+                self._prefetch_feedback(v, False)
 
     def _fetch_plan(self, objs: list[int], t: float) -> None:
         """Fetch objects in order at the prefetch rate behind whatever is queued."""
         start = max(t, self.queue_free)
         for o in objs:
             start += float(self.size[o]) / self.cfg.prefetch_bps
-            self._insert(o, t)
+            self._insert(o, t, prefetch=True)
             self.ready[o] = start
             self.prefetched[o] = 1
             self.pf_times.append(start)
@@ -194,30 +206,39 @@ class Replayer:
     # -- ours: prior studies of the patient when a new study arrives
     def _plan_priors(self, s: int, t: float) -> None:
         ta, cfg = self.ta, self.cfg
-        day = ta.study_day[s]
-        mod = ta.study_modality[s]
         studies = _members(self.idx.patient_studies, int(ta.study_patient[s]))
-        older = [int(x) for x in studies if x != s and ta.study_day[x] <= day]
-        if not older:
+        if studies.size <= 1:
             return
-        # same modality first, then the most recent: what a hanging protocol puts beside the new study
-        older.sort(key=lambda x: (ta.study_modality[x] != mod, -ta.study_day[x], x))
+        info = [StudyInfo(int(x), int(ta.study_modality[x]), float(ta.study_day[x]), 0) for x in studies]
+        new = StudyInfo(s, int(ta.study_modality[s]), float(ta.study_day[s]), 0)
         cands = []
-        for rank, x in enumerate(older[:cfg.priors_k]):
+        for rank, prior, heat in self.priors.candidates(new, info):
+            x = prior.key
+            if x in self.pf_rank:
+                continue
             objs = [int(o) for o in _members(self.idx.study_objs, x) if not self.in_cache[o]]
             ph = self.n_obj + x
             if not self.in_cache[ph] and self.size[ph] > 0:
                 objs.append(ph)
-            size = int(self.size[objs].sum()) if objs else 0
-            cands.append(Candidate((x, tuple(objs)), 1.0 / (rank + 1), size))
+            if objs:
+                cands.append(Candidate((x, rank, tuple(objs)), heat, int(self.size[objs].sum())))
+        if not cands:
+            return
         backlog = max(0.0, self.queue_free - t)
         budget = Budget(int(cfg.prefetch_space * cfg.capacity), cfg.prefetch_bps,
                         max(0.0, cfg.priors_window_s - backlog))
         chosen = plan(cands, budget)
-        # fetch in clinical order (most relevant first), not in the planner's heat-per-byte order
-        chosen.sort(key=lambda c: -c.heat)
+        # fetch in clinical order (rank), not in the planner's heat-per-byte order
+        chosen.sort(key=lambda c: c.key[1])
         for c in chosen:
-            self._fetch_plan(list(c.key[1]), t)
+            self.pf_rank[c.key[0]] = c.key[1]
+            self._fetch_plan(list(c.key[2]), t)
+
+    def _prefetch_feedback(self, o: int, used: bool) -> None:
+        st = int(self.study[o])
+        rank = self.pf_rank.pop(st, None)
+        if rank is not None:
+            self.priors.feedback(rank, used)
 
     # -- scheme C: LSTM-predicted day-directories in the early-morning window
     def _plan_lstm(self, day: int, t: float, counts: np.ndarray, dir_day: np.ndarray, dir_mod: np.ndarray,
@@ -288,11 +309,12 @@ class Replayer:
                     self._insert(o, t)
             elif in_cache[o]:
                 r = ready.get(o)
+                if prefetched[o]:
+                    prefetched[o] = 0
+                    pf_used += int(size_l[o])
+                    self._prefetch_feedback(o, True)
                 if r is None or r <= t:
                     hit[i] = 1
-                    if prefetched[o]:
-                        prefetched[o] = 0
-                        pf_used += int(size_l[o])
                 if r is not None:
                     del ready[o]
                 if online:

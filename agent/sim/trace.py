@@ -197,12 +197,16 @@ class TraceArrays:
     def dir_day(self) -> np.ndarray:
         """Acquisition day of every directory (relative to the trace start)."""
         start = dt.date.fromisoformat(self.meta["start"])
-        return np.array([(dt.date.fromisoformat(d.rsplit("/", 1)[-1]) - start).days
-                         for d in self.dir_names], dtype=np.int32)
+        out = []
+        for d in self.dir_names:
+            day = next(p for p in d.split("/") if len(p) == 10 and p[4] == "-" and p[7] == "-")
+            out.append((dt.date.fromisoformat(day) - start).days)
+        return np.array(out, dtype=np.int32)
 
     def dir_modality(self) -> np.ndarray:
-        return np.array([self.modality_names.index(d.split("/", 1)[0]) if d.split("/", 1)[0]
-                         in self.modality_names else 0 for d in self.dir_names], dtype=np.int16)
+        codes = {m: i for i, m in enumerate(self.modality_names)}
+        return np.array([next((codes[p] for p in d.split("/") if p in codes), 0) for d in self.dir_names],
+                        dtype=np.int16)
 
 
 def _layout_index(layout: str, key: str) -> int:
@@ -212,7 +216,9 @@ def _layout_index(layout: str, key: str) -> int:
 def parse_trace(path: str | Path, progress: bool = False) -> TraceArrays:
     meta = read_header(path)
     layout = meta.get("layout", "{modality}/{date}/{study}/{series}/{instance}.dcm")
-    dir_depth = _layout_index(layout, "date") + 1
+    # the day-directory: the layout's prefix that holds both the modality and the date
+    dir_depth = max(_layout_index(layout, "date"), _layout_index(layout, "modality")) + 1
+    date_index = _layout_index(layout, "date")
     start = dt.date.fromisoformat(meta["start"])
     objs: dict[str, int] = {}
     studies: dict[str, int] = {}
@@ -244,7 +250,7 @@ def parse_trace(path: str | Path, progress: bool = False) -> TraceArrays:
                 st_pat.append(patients.setdefault(patient, len(patients)))
                 st_mod.append(mods.setdefault(modality, len(mods)))
                 st_dep.append(deps.setdefault(dep, len(deps)))
-                st_day.append((dt.date.fromisoformat(p.split("/")[dir_depth - 1]) - start).days)
+                st_day.append((dt.date.fromisoformat(p.split("/")[date_index]) - start).days)
                 st_bytes.append(int(size))
                 continue
             oid = objs.get(p)
@@ -257,7 +263,7 @@ def parse_trace(path: str | Path, progress: bool = False) -> TraceArrays:
                     st_pat.append(patients.setdefault(patient, len(patients)))
                     st_mod.append(mods.setdefault(modality, len(mods)))
                     st_dep.append(deps.setdefault(dep, len(deps)))
-                    date_part = p.split("/")[dir_depth - 1]
+                    date_part = p.split("/")[date_index]
                     st_day.append((dt.date.fromisoformat(date_part) - start).days)
                     st_bytes.append(-1)   # a study acquired during the trace: summed below
                 dname = p.split("/", dir_depth)

@@ -117,7 +117,7 @@ class WorkloadParams:
 def oncology() -> WorkloadParams:
     """A cancer centre: CT/PET/MR heavy, nearly every patient returns, weekly tumour boards."""
     return WorkloadParams(
-        preset="oncology",
+        preset="oncology", monthly_tb=2.5,
         modality_mix={"CT": 0.40, "PT": 0.15, "MR": 0.18, "CR": 0.10, "DX": 0.02, "US": 0.07,
                       "MG": 0.05, "NM": 0.03},
         departments={"ONC": Department(0.70, 4.0, tumour_board=True), "IP": Department(0.15, 2.0),
@@ -239,6 +239,9 @@ class Generator:
             return
         p = self.p
         n = 1 + int(self.rng.poisson(max(p.priors_mean - 1, 0.0)))
+        # the archive's history ends where the trace starts: studies acquired during the trace are
+        # generated (and written) by the trace itself
+        before_day = min(before_day, 0)
         day = before_day
         days: list[int] = []
         for _ in range(n):
@@ -326,9 +329,10 @@ class Generator:
                     read_t = self._next_working(read_t)
                 # the viewer opens the priors first (hanging protocol), then the new study
                 n_priors = int(rng.integers(p.priors_read[0], p.priors_read[1] + 1))
-                for k, prior in enumerate(self._pick_priors(st, n_priors)):
+                chosen = self._pick_priors(st, n_priors)
+                for k, prior in enumerate(chosen):
                     self._event(read_t + k * 5.0, "R", prior, kind="prior")
-                self._event(read_t + 10.0, "R", st.idx, kind="primary")
+                self._event(read_t + len(chosen) * 5.0 + 5.0, "R", st.idx, kind="primary")
                 n_primary += 1
                 for _ in range(int(rng.poisson(p.followup_rate))):
                     delay = rng.lognormal(np.log(p.followup_median_days * DAY), 1.0)
