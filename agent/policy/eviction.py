@@ -239,7 +239,13 @@ class StudyLRU:
         np.logical_or.at(accessed, inv, table.access_count > 0)
         prio = last - self.penalty * ((created < now - self.recent) & accessed)
         order = np.lexsort((table.last_access, inv, prio[inv]))
-        return take_until(order, table.size, bytes_to_free)
+        chosen = take_until(order, table.size, bytes_to_free)
+        if chosen.size:   # never leave a study half cached: finish the last one started
+            last_study = inv[chosen[-1]]
+            rest = order[chosen.size:]
+            n_more = int(np.argmax(inv[rest] != last_study)) if np.any(inv[rest] != last_study) else rest.size
+            chosen = order[:chosen.size + n_more]
+        return chosen
 
     def on_insert(self, key: int, size: int, now: float, created: float, study: int,
                   prefetch: bool = False) -> None:

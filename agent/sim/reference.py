@@ -73,6 +73,9 @@ def check_writes_first(ta: TraceArrays) -> None:
 
 def _make(name: str, cap_kib: int):  # noqa: ANN202
     import libcachesim as lcs
+    if name == "S3FIFO" and cap_kib < 10:
+        # its small queue is 10 % of the cache: below 10 units libCacheSim aborts the process
+        raise ValueError("libCacheSim S3FIFO needs a cache of at least 10 KiB")
     cls = {"S3FIFO": lcs.S3FIFO, "Sieve": lcs.Sieve}.get(name) or getattr(lcs, name)
     return cls(cache_size=int(cap_kib))
 
