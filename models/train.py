@@ -6,8 +6,8 @@
 Needs the `train` extra (TensorFlow-CPU + Keras 3) in its own venv; the agent and the tests never
 import TensorFlow. Inputs are `pacsgw gen-trace` outputs. Per trace, reads are aggregated into a
 (day-directory × day) count matrix; every (directory, day) with the directory acquired in the previous
-`WINDOW` days becomes one sample: the last `WINDOW` days of features (agent.policy.features) → log1p of
-the directory's reads on that day. The model: LSTM(32) → LSTM(16) → Dense(1), built with `unroll=True`
+`WINDOW` days becomes one sample: the last `WINDOW` days of features (agent.policy.features) → the
+directory's reads on that day per file (log1p, scaled; volume-independent). The model: LSTM(32) → LSTM(16) → Dense(1), built with `unroll=True`
 because converting an LSTM with an open batch dimension otherwise fails (TensorListReserve); the
 unrolled graph has builtin ops only and its batch dimension stays resizable in LiteRT.
 """
@@ -27,7 +27,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from agent.policy.features import FEATURES, N_FEATURES, WINDOW, daily_counts, window_features  # noqa: E402
+from agent.policy.features import (FEATURES, N_FEATURES, WINDOW, daily_counts, target,  # noqa: E402
+                                   window_features)
 from agent.sim.trace import load_arrays  # noqa: E402
 
 
@@ -39,13 +40,15 @@ def samples(trace: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     counts = daily_counts(ta.t[reads], ta.obj_dir[ta.obj[reads]], len(ta.dir_names), n_days)
     dir_day, dir_mod = ta.dir_day(), ta.dir_modality()
     wd = dt.date.fromisoformat(ta.meta["start"]).weekday()
+    files = np.bincount(ta.obj_dir, minlength=len(ta.dir_names))
     xs, ys, ds = [], [], []
     for day in range(1, n_days):
         dirs = np.flatnonzero((dir_day < day) & (dir_day >= day - WINDOW))
         if dirs.size == 0:
             continue
-        xs.append(window_features(counts[dirs], day, dir_day[dirs], dir_mod[dirs], len(ta.modality_names), wd))
-        ys.append(np.log1p(counts[dirs, day]))
+        xs.append(window_features(counts[dirs], day, dir_day[dirs], dir_mod[dirs], len(ta.modality_names), wd,
+                                  files[dirs]))
+        ys.append(target(counts[dirs, day], files[dirs]))
         ds.append(np.full(dirs.size, day))
     return np.concatenate(xs), np.concatenate(ys).astype(np.float32), np.concatenate(ds)
 
@@ -90,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--trace", action="append", required=True, help="training trace (repeatable)")
     ap.add_argument("--val-trace", action="append", required=True, help="validation trace (repeatable)")
     ap.add_argument("--out", default=str(ROOT / "models" / "hotness.tflite"))
-    ap.add_argument("--epochs", type=int, default=8)
+    ap.add_argument("--epochs", type=int, default=40)
     ap.add_argument("--seed", type=int, default=7)
     ap.add_argument("--version", default=None, help="model version (default: date + data hash)")
     args = ap.parse_args(argv)
@@ -111,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"train {x.shape}, validation {vx.shape}")
 
     model = build()
-    model.fit(x, y, epochs=args.epochs, batch_size=256, shuffle=True, verbose=2, validation_data=(vx, vy))
+    model.fit(x, y, epochs=args.epochs, batch_size=128, shuffle=True, verbose=2, validation_data=(vx, vy))
     pred = model.predict(vx, batch_size=4096, verbose=0).reshape(-1)
     mse = float(np.mean((pred - vy) ** 2))
     baseline = float(np.mean((vx[:, -1, 0] - vy) ** 2))   # "tomorrow = today" in log space
@@ -132,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
         "features": FEATURES,
         "window_days": WINDOW,
         "unit": "day-directory (MODALITY/YYYY-MM-DD)",
-        "target": "log1p(reads of the directory's files in the next 24 h)",
+        "target": "log1p(10 * reads of the directory's files in the next 24 h / files in the directory)",
         "architecture": "LSTM(32, return_sequences, unroll) -> LSTM(16, unroll) -> Dense(1)",
         "runtime": "LiteRT (ai-edge-litert), builtin ops only, batch resizable",
         "training_data": data_ids[:len(args.trace)],

@@ -121,3 +121,11 @@ def test_warmup_is_not_counted(small_trace) -> None:  # noqa: ANN001
     first = np.zeros(small_trace.n, dtype=bool)
     first[np.unique(small_trace.obj, return_index=True)[1]] = True
     assert r0.reads - r0.hits == int((reads & first).sum())
+
+
+def test_line_queue_serialises_bursts() -> None:
+    from agent.sim.replay import LatencyModel
+    lm = LatencyModel(line_bps=10.0)
+    t = np.array([0.0, 0.0, 0.0, 100.0, 100.5])
+    s = np.array([10.0, 10.0, 10.0, 10.0, 10.0])
+    assert lm.line_queue(t, s).tolist() == [1.0, 2.0, 3.0, 101.0, 102.0]

@@ -12,8 +12,11 @@ from __future__ import annotations
 import numpy as np
 
 WINDOW = 30
+# Counts are per file of the directory (x READ_SCALE), so one model serves a 1 TB/month clinic and a
+# 5 TB/month hospital alike: a bigger site has proportionally more files per day-directory.
+READ_SCALE = 10.0
 FEATURES = [
-    "log1p_reads",        # reads of the directory's files that day
+    "log1p_reads_per_file",   # log1p(READ_SCALE * reads that day / files in the directory)
     "weekday_sin",        # day of week of that day (cyclic)
     "weekday_cos",
     "weekend",            # 1 on Saturday/Sunday
@@ -25,11 +28,13 @@ N_FEATURES = len(FEATURES)
 
 
 def window_features(counts: np.ndarray, day: int, dir_day: np.ndarray, dir_mod: np.ndarray,
-                    n_modalities: int, start_weekday: int, window: int = WINDOW) -> np.ndarray:
+                    n_modalities: int, start_weekday: int, dir_files: np.ndarray,
+                    window: int = WINDOW) -> np.ndarray:
     """(n_dirs, window, N_FEATURES) float32 for predicting day `day` from days day-window … day-1.
 
     counts: (n_dirs, n_days) read counts, day 0 = the first day of `counts`; days before 0 are zeros.
-    dir_day: acquisition day of each directory on the same day axis; dir_mod: modality code.
+    dir_day: acquisition day of each directory on the same day axis; dir_mod: modality code;
+    dir_files: number of files in each directory.
     """
     n = counts.shape[0]
     days = np.arange(day - window, day)
@@ -40,7 +45,7 @@ def window_features(counts: np.ndarray, day: int, dir_day: np.ndarray, dir_mod: 
     ang = 2 * np.pi * wd / 7
     age = days[None, :] - dir_day[:, None]
     x = np.empty((n, window, N_FEATURES), dtype=np.float32)
-    x[:, :, 0] = np.log1p(c)
+    x[:, :, 0] = np.log1p(READ_SCALE * c / np.maximum(dir_files, 1)[:, None])
     x[:, :, 1] = np.sin(ang)[None, :]
     x[:, :, 2] = np.cos(ang)[None, :]
     x[:, :, 3] = (wd >= 5)[None, :]
@@ -56,3 +61,12 @@ def daily_counts(t: np.ndarray, dirs: np.ndarray, n_dirs: int, n_days: int) -> n
     out = np.zeros((n_dirs, n_days), dtype=np.float32)
     np.add.at(out, (dirs, day), 1.0)
     return out
+
+
+def target(next_day_reads: np.ndarray, dir_files: np.ndarray) -> np.ndarray:
+    """What the model predicts: log1p(READ_SCALE * reads in the next 24 h / files)."""
+    return np.log1p(READ_SCALE * next_day_reads / np.maximum(dir_files, 1)).astype(np.float32)
+
+
+def reads_from_target(y: np.ndarray, dir_files: np.ndarray) -> np.ndarray:
+    return np.maximum(np.expm1(y), 0.0) / READ_SCALE * np.maximum(dir_files, 1)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from agent.policy.features import FEATURES, WINDOW
+from agent.policy.features import FEATURES, WINDOW, reads_from_target
 
 MODELS = Path(__file__).resolve().parents[2] / "models"
 DEFAULT_MODEL = MODELS / "hotness.tflite"
@@ -44,7 +44,7 @@ class HotnessPredictor:
         self._batch = -1
 
     def predict_log(self, x: np.ndarray) -> np.ndarray:
-        """log1p(expected reads in the next 24 h) for x of shape (n, WINDOW, len(FEATURES))."""
+        """The model's output, log1p(READ_SCALE * reads next 24 h / files), for x (n, WINDOW, F)."""
         if x.ndim != 3 or x.shape[1:] != (WINDOW, len(FEATURES)):
             raise ValueError(f"expected (n, {WINDOW}, {len(FEATURES)}), got {x.shape}")
         n = x.shape[0]
@@ -58,6 +58,6 @@ class HotnessPredictor:
         self._interp.invoke()
         return self._interp.get_tensor(self._out).reshape(n).copy()
 
-    def predict(self, x: np.ndarray) -> np.ndarray:
-        """Expected reads in the next 24 h (>= 0)."""
-        return np.maximum(np.expm1(self.predict_log(x)), 0.0)
+    def predict(self, x: np.ndarray, dir_files: np.ndarray) -> np.ndarray:
+        """Expected reads of each directory in the next 24 h (>= 0)."""
+        return reads_from_target(self.predict_log(x), dir_files)

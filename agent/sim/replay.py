@@ -10,11 +10,12 @@ What is counted:
   * only reads count for hit ratios and latency; writes always land in the cache (write-through);
   * the first `warmup_days` fill the cache and are not counted;
   * latency model (`LatencyModel`): hit = SSD latency + size / SSD rate; miss = round trip + size /
-    line rate (default 10 MB/s, the paper's measured private line). No queueing: this is the latency
-    of one request on an idle line, stated as such in the report;
-  * egress = bytes fetched from S3 (demand misses at request time + prefetches at their arrival time),
-    summed per 1-minute window; the peak is reported in Mbps (offered load; uploads excluded, they are
-    the same for every scheme);
+    line rate (default 10 MB/s, the paper's measured private line), reported twice: on an idle line,
+    and through one FIFO queue of all demand misses at the line rate (a burst of misses waits);
+  * egress = bytes fetched from S3 (demand misses in the minute their queued transfer completes +
+    prefetches at their arrival time), per 1-minute window; the peak is reported in Mbps. Prefetch
+    runs at its own capped rate on top (demand is not slowed by it in this model); uploads are
+    excluded, they are the same for every scheme;
   * a prefetched file that is read before its fetch completed counts as a miss (fetched on demand);
   * prior studies are known to the policy only through the trace's catalog lines (`S`): their total
     bytes, so a prefetch pays for the whole study, including files nobody reads later.
@@ -50,7 +51,19 @@ class LatencyModel:
     line_bps: float = 10e6         # 10 MB/s, as measured in the paper
 
     def latency(self, hit: np.ndarray, size: np.ndarray) -> np.ndarray:
+        """Per request on an idle line."""
         return np.where(hit, self.ssd_s + size / self.ssd_bps, self.rtt_s + size / self.line_bps)
+
+    def line_queue(self, t: np.ndarray, size: np.ndarray) -> np.ndarray:
+        """Completion times of demand fetches arriving at t (sorted) through one FIFO line.
+
+        finish_i = max(t_i, finish_{i-1}) + s_i / rate, in closed form:
+        finish = C + running max of (t - C_prev), C = cumulative transfer time."""
+        if t.size == 0:
+            return t.copy()
+        dur = size / self.line_bps
+        c = np.cumsum(dur)
+        return c + np.maximum.accumulate(t - (c - dur))
 
 
 @dataclass(frozen=True)
@@ -90,6 +103,8 @@ class SchemeResult:
     p95_latency_s: float
     egress_peak_mbps: float
     prefetch_bytes: int
+    mean_queued_latency_s: float
+    p95_queued_latency_s: float
     prefetch_used_bytes: int
     daily_hit_ratio: list[float]
     egress_per_min: np.ndarray = dataclasses.field(repr=False)
@@ -140,6 +155,7 @@ class Replayer:
         self.created = np.concatenate([ta.study_day[ta.obj_study], ta.study_day]).astype(np.float64) * DAY
         self.directory = np.concatenate([ta.obj_dir, np.full(n_st, -1, dtype=np.int32)])
         self.n_obj = n_obj
+        self.dir_files = np.bincount(ta.obj_dir, minlength=len(ta.dir_names))
         self.in_cache = bytearray(n_obj + n_st)
         self.cached_view = np.frombuffer(self.in_cache, dtype=np.uint8)
         self.prefetched = bytearray(n_obj + n_st)
@@ -249,9 +265,10 @@ class Replayer:
         dirs = np.flatnonzero((dir_day < day) & (dir_day >= day - WINDOW))
         if dirs.size == 0 or self.predictor is None:
             return
+        files = self.dir_files[dirs]
         x = window_features(counts[dirs], day, dir_day[dirs], dir_mod[dirs], len(self.ta.modality_names),
-                            start_weekday)
-        heat = self.predictor.predict(x)
+                            start_weekday, files)
+        heat = self.predictor.predict(x, files)
         cands = []
         for d, h in zip(dirs.tolist(), heat.tolist()):
             objs = _members(self.idx.dir_objs, d)
@@ -339,8 +356,16 @@ class Replayer:
         size = ta.size
         lat = cfg.latency.latency(hit[reads], size[reads])
         n_min = int(np.ceil(ta.n_days * DAY / 60)) + 1
+        # demand misses (warm-up included: the line is busy then too) through one FIFO line
+        all_miss = ~ta.is_write & ~hit
+        finish = cfg.latency.line_queue(ta.t[all_miss], size[all_miss].astype(np.float64))
+        queued = np.full(ta.n, np.nan)
+        queued[all_miss] = finish - ta.t[all_miss] + cfg.latency.rtt_s
+        q_lat = np.where(hit[reads], cfg.latency.ssd_s + size[reads] / cfg.latency.ssd_bps, queued[reads])
         miss = reads & ~hit
-        egress = np.bincount(np.minimum((ta.t[miss] // 60).astype(np.int64), n_min - 1),
+        # bytes are counted in the minute their transfer completes: at most the line rate per minute
+        egress = np.bincount(np.minimum((finish[ta.t[all_miss] >= cfg.warmup_days * DAY] // 60).astype(np.int64),
+                                        n_min - 1),
                              weights=size[miss], minlength=n_min)
         if self.pf_times:
             pt = np.array(self.pf_times)
@@ -361,6 +386,8 @@ class Replayer:
             read_bytes=int(size[reads].sum()), hit_bytes=int(size[reads & hit].sum()),
             mean_latency_s=float(lat.mean()) if lat.size else 0.0,
             p95_latency_s=float(np.percentile(lat, 95)) if lat.size else 0.0,
+            mean_queued_latency_s=float(q_lat.mean()) if q_lat.size else 0.0,
+            p95_queued_latency_s=float(np.percentile(q_lat, 95)) if q_lat.size else 0.0,
             egress_peak_mbps=peak, prefetch_bytes=pf_total, prefetch_used_bytes=self.pf_used,
             daily_hit_ratio=daily, egress_per_min=egress)
 

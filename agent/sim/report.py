@@ -29,19 +29,25 @@ def memory_line(scheme: str, ta: TraceArrays) -> str:
 
 
 def table(ta: TraceArrays, cfg: ReplayConfig, results: list[SchemeResult], refs: list) -> str:  # noqa: ANN001
-    head = ("| scheme | object hit ratio | byte hit ratio | mean latency | p95 latency | egress peak (1 min) "
-            "| prefetch spent (used) | catalog memory |\n|---|---|---|---|---|---|---|---|\n")
+    head = ("| scheme | object hit ratio | byte hit ratio | mean / p95 latency (idle line) "
+            "| mean / p95 latency (queued) | egress peak (1 min) | prefetch spent (used) | catalog memory |\n"
+            "|---|---|---|---|---|---|---|---|\n")
     rows = []
     for r in results:
         pf = (f"{r.prefetch_bytes / 1e9:,.0f} GB ({r.prefetch_used_bytes / max(r.prefetch_bytes, 1):.0%})"
               if r.prefetch_bytes else "0")
         rows.append(f"| {NAMES.get(r.scheme, r.scheme)} | {r.hit_ratio:.1%} | {r.byte_hit_ratio:.1%} | "
-                    f"{r.mean_latency_s * 1000:,.0f} ms | {r.p95_latency_s * 1000:,.0f} ms | "
+                    f"{r.mean_latency_s * 1000:,.0f} / {r.p95_latency_s * 1000:,.0f} ms | "
+                    f"{_ms(r.mean_queued_latency_s)} / {_ms(r.p95_queued_latency_s)} | "
                     f"{r.egress_peak_mbps:,.0f} Mbps | {pf} | {memory_line(r.scheme, ta)} |")
     for ref in refs:
         rows.append(f"| libCacheSim {ref.algorithm} | {ref.hit_ratio:.1%} | {ref.byte_hit_ratio:.1%} "
                     f"| – | – | – | 0 | – |")
     return head + "\n".join(rows) + "\n"
+
+
+def _ms(s: float) -> str:
+    return f"{s * 1000:,.0f} ms" if s < 100 else f"{s / 60:,.0f} min"
 
 
 def describe(ta: TraceArrays, cfg: ReplayConfig) -> str:
@@ -53,8 +59,8 @@ def describe(ta: TraceArrays, cfg: ReplayConfig) -> str:
             f"Cache {cfg.capacity / 1e12:.2f} TB; first {cfg.warmup_days:g} days are warm-up (not counted); "
             f"only reads are counted. Latency model: hit = {cfg.latency.ssd_s * 1000:g} ms + size / "
             f"{cfg.latency.ssd_bps / 1e6:g} MB/s; miss = {cfg.latency.rtt_s * 1000:g} ms + size / "
-            f"{cfg.latency.line_bps / 1e6:g} MB/s (no queueing). Egress = demand misses + prefetch, per "
-            f"minute, offered load. Prefetch limited to {cfg.prefetch_bps / 1e6:g} MB/s and "
+            f"{cfg.latency.line_bps / 1e6:g} MB/s, on an idle line and queued (one FIFO line for all demand "
+            f"misses). Egress = demand misses (as the line delivers them) + prefetch, per minute. Prefetch limited to {cfg.prefetch_bps / 1e6:g} MB/s and "
             f"{cfg.prefetch_space:.0%} of the cache per plan.\n")
 
 
@@ -104,6 +110,8 @@ def write_report(ta: TraceArrays, cfg: ReplayConfig, results: list[SchemeResult]
     data = {"meta": {k: v for k, v in ta.meta.items() if k != "params"}, "capacity": cfg.capacity,
             "schemes": [{"scheme": r.scheme, "hit_ratio": r.hit_ratio, "byte_hit_ratio": r.byte_hit_ratio,
                          "mean_latency_s": r.mean_latency_s, "p95_latency_s": r.p95_latency_s,
+                         "mean_queued_latency_s": r.mean_queued_latency_s,
+                         "p95_queued_latency_s": r.p95_queued_latency_s,
                          "egress_peak_mbps": r.egress_peak_mbps, "prefetch_bytes": r.prefetch_bytes,
                          "prefetch_used_bytes": r.prefetch_used_bytes, "daily_hit_ratio": r.daily_hit_ratio}
                         for r in results],
