@@ -220,3 +220,21 @@ def test_presets_differ() -> None:
     with pytest.raises(ValueError):
         preset("nope")
     assert dataclasses.replace(g, seed=2).seed == 2
+
+
+def test_priors_opened_are_the_most_recent_relevant(onc: Generator) -> None:
+    """The viewer opens the newest same-modality priors first (a hanging protocol), not random ones."""
+    primary = {e.study: e.t for e in events(onc, "primary")}
+    checked = 0
+    for e in events(onc, "prior"):
+        prior = onc.studies[e.study]
+        new = next(s for s, t in primary.items() if onc.studies[s].patient == prior.patient and 0 < t - e.t < 60)
+        st = onc.studies[new]
+        same = [onc.studies[i] for i in onc.history[st.patient]
+                if onc.studies[i].modality == st.modality and onc.studies[i].acquired_at < st.acquired_at]
+        if prior.modality == st.modality:
+            newer_unread = [s for s in same if (s.day, s.acquired_at) > (prior.day, prior.acquired_at)]
+            # at most the priors opened before this one (same read) are newer than it
+            assert len(newer_unread) <= 2
+            checked += 1
+    assert checked > 50

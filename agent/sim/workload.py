@@ -254,7 +254,8 @@ class Generator:
         self.history[patient] = []
         for d in sorted(days):
             m = modality if self.rng.random() < p.same_modality_prior else self._draw_modality()
-            self._new_study(m, d, patient, self._draw_department())
+            prior = self._new_study(m, d, patient, self._draw_department())
+            prior.acquired_at = d * DAY + self.rng.uniform(p.work_start_h, p.work_end_h) * 3600
 
     def _draw_modality(self) -> str:
         return self.modalities[int(self.rng.choice(len(self.modalities), p=self.mod_p))]
