@@ -71,13 +71,13 @@ def check_writes_first(ta: TraceArrays) -> None:
         raise ValueError("trace has a write that is not its object's first request")
 
 
-def _make(name: str, cap_kib: int):  # noqa: ANN202
+def _make(name: str, cap_kib: int, hashpower: int = 24):  # noqa: ANN202
     import libcachesim as lcs
     if name == "S3FIFO" and cap_kib < 10:
         # its small queue is 10 % of the cache: below 10 units libCacheSim aborts the process
         raise ValueError("libCacheSim S3FIFO needs a cache of at least 10 KiB")
     cls = {"S3FIFO": lcs.S3FIFO, "Sieve": lcs.Sieve}.get(name) or getattr(lcs, name)
-    return cls(cache_size=int(cap_kib))
+    return cls(cache_size=int(cap_kib), hashpower=hashpower)
 
 
 def run_reference(ta: TraceArrays, capacity: int, warmup_days: float = 3.0,
@@ -106,9 +106,11 @@ def run_arrays(obj: np.ndarray, size: np.ndarray, t: np.ndarray, is_write: np.nd
     os.close(fd)
     try:
         write_oracle(obj, size, t, path)
+        # the hash table is 2^hashpower buckets: the default 2^24 costs ~100 MB per cache, sized here
+        hashpower = int(np.clip(np.ceil(np.log2(max(int(obj.max()) + 1, 2))) + 1, 10, 26))
         for name in algorithms:
             reader = lcs.TraceReader(path, lcs.TraceType.ORACLE_GENERAL_TRACE)
-            cache = _make(name, cap_kib)
+            cache = _make(name, cap_kib, hashpower)
             if warm:
                 cache.process_trace(reader, 0, warm)
             if n_post <= 0:
