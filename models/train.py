@@ -88,6 +88,55 @@ def export(model, out: Path) -> None:  # noqa: ANN001
     out.write_bytes(conv.convert())
 
 
+def write_card_md(card: dict, path: Path) -> None:
+    """The human-readable model card, from the same facts as the JSON one."""
+    def data(rows: list[dict]) -> str:
+        return "\n".join(f"| `{r['file']}` | {r['preset']} | {r['seed']} | {r['days']} | {r['monthly_tb']} |"
+                         for r in rows)
+    path.write_text(f"""# Model card: day-directory hotness LSTM (`hotness.tflite`)
+
+- **version**: `{card['version']}` (sha256 prefix `{card['sha256_12']}`), trained with TensorFlow {card['tensorflow']}
+- **what it predicts**: {card['target']}, for one day-directory ({card['unit']}); the agent multiplies back
+  by the directory's file count to get expected reads (`agent.policy.predictor.HotnessPredictor.predict`).
+- **input**: the last {card['window_days']} days × {len(card['features'])} features: {", ".join(f"`{f}`" for f in card['features'])}
+  (definitions in `agent/policy/features.py`; reads are per file so the model does not depend on the site's volume).
+- **architecture**: {card['architecture']}; exported with `unroll=True`, builtin TFLite ops only, batch resizable
+  with `resize_tensor_input`. Runs on LiteRT (`ai-edge-litert`), falls back to `tflite_runtime`.
+- **candidates**: directories acquired in the {card['window_days']} days before the predicted day (what scheme C considers).
+
+## Data
+Synthetic traces from `pacsgw gen-trace` (no patient data). Training:
+
+| trace | preset | seed | days | TB/month |
+|---|---|---|---|---|
+{data(card['training_data'])}
+
+Validation (different seeds, never trained on):
+
+| trace | preset | seed | days | TB/month |
+|---|---|---|---|---|
+{data(card['validation_data'])}
+
+{card['train_samples']:,} training and {card['validation_samples']:,} validation samples; {card['epochs']} epochs, seed {card['seed']}.
+
+## Validation
+| metric | value |
+|---|---|
+| MSE (target units) | {card['validation_mse']} |
+| MSE of "tomorrow = last day" (persistence baseline) | {card['validation_mse_persistence_baseline']} |
+| top-10 % precision (predicted top decile per day that is in the actual top decile) | {card['top10_precision']:.1%} |
+| top-10 % recall (actual top-decile directories found in the predicted top decile) | {card['top10_recall']:.1%} |
+
+Recall is above precision because ties in the actual counts (many directories with the same per-file rate)
+make the actual "hot" set larger than one decile.
+
+## Limits
+Trained on synthetic workloads only: retrain on the site's own access log aggregates before trusting it
+for capacity decisions. It ranks recent day-directories; it knows nothing about individual patients (the
+prior-study prefetcher in `agent/policy/priors.py` covers that).
+""")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--trace", action="append", required=True, help="training trace (repeatable)")
@@ -151,6 +200,7 @@ def main(argv: list[str] | None = None) -> int:
         "tensorflow": tf.__version__,
     }
     out.with_suffix(".card.json").write_text(json.dumps(card, indent=2) + "\n")
+    write_card_md(card, out.with_suffix(".md"))
     print(json.dumps(card, indent=2))
     return 0
 
