@@ -129,3 +129,11 @@ def test_line_queue_serialises_bursts() -> None:
     t = np.array([0.0, 0.0, 0.0, 100.0, 100.5])
     s = np.array([10.0, 10.0, 10.0, 10.0, 10.0])
     assert lm.line_queue(t, s).tolist() == [1.0, 2.0, 3.0, 101.0, 102.0]
+
+
+def test_prefetch_egress_is_spread_over_the_transfer() -> None:
+    from agent.sim.replay import spread_per_minute
+    # 1200 bytes at 10 B/s end at t=150 s: on the line from 30 s to 150 s → 300, 600, 300 bytes
+    out = spread_per_minute(np.array([150.0, 61.0]), np.array([1200.0, 10.0]), 10.0, 0.0, 4)
+    assert out.tolist() == [300.0, 610.0, 300.0, 0.0]
+    assert out.sum() == 1210.0

@@ -118,6 +118,22 @@ class SchemeResult:
         return self.hit_bytes / max(self.read_bytes, 1)
 
 
+def spread_per_minute(end: np.ndarray, size: np.ndarray, rate: float, since: float, n_min: int) -> np.ndarray:
+    """Bytes per minute of transfers that end at `end` and ran at `rate`: each transfer's bytes are
+    spread over the minutes it was on the line (a 2 GB prior arrives over minutes, not in one)."""
+    out = np.zeros(n_min)
+    start = end - size / rate
+    keep = end >= since
+    short = keep & (np.floor(start / 60) == np.floor(end / 60))
+    out += np.bincount(np.minimum((end[short] // 60).astype(np.int64), n_min - 1), weights=size[short],
+                       minlength=n_min)
+    for s0, e0 in zip(start[keep & ~short].tolist(), end[keep & ~short].tolist()):
+        m0, m1 = int(s0 // 60), int(e0 // 60)
+        edges = np.clip(np.arange(m0, m1 + 2) * 60.0, s0, e0)
+        out[np.minimum(np.arange(m0, m1 + 1), n_min - 1)] += np.diff(edges) * rate
+    return out
+
+
 class _Index:
     """CSR lists: objects per study, objects per directory, studies per patient."""
 
@@ -368,11 +384,8 @@ class Replayer:
                                         n_min - 1),
                              weights=size[miss], minlength=n_min)
         if self.pf_times:
-            pt = np.array(self.pf_times)
-            ps = np.array(self.pf_sizes, dtype=np.float64)
-            keep = pt >= cfg.warmup_days * DAY
-            egress += np.bincount(np.minimum((pt[keep] // 60).astype(np.int64), n_min - 1),
-                                  weights=ps[keep], minlength=n_min)
+            egress += spread_per_minute(np.array(self.pf_times), np.array(self.pf_sizes, dtype=np.float64),
+                                        cfg.prefetch_bps, cfg.warmup_days * DAY, n_min)
         first = int(np.ceil(cfg.warmup_days * DAY / 60))
         peak = float(egress[first:].max()) * 8 / 60 / 1e6 if egress[first:].size else 0.0
         day = (ta.t // DAY).astype(np.int64)

@@ -16,7 +16,8 @@ CATALOG_BYTES_PER_ROW = 200      # SQLite catalog row on SSD (design estimate)
 CATALOG_RAM_BYTES = 64 * 2**20   # SQLite page cache cap: bounded, independent of the archive size
 
 NAMES = {"A": "A: LRU (rclone default)", "B": "B: 90-day rule", "C": "C: LSTM prefetch + K-means",
-         "ours": "ours: prior-study prefetch + study LRU"}
+         "ours": "ours: prior-study prefetch + study LRU", "study": "ours without prefetch (study LRU only)",
+         "kmeans": "K-means eviction only"}
 
 
 def memory_line(scheme: str, ta: TraceArrays) -> str:
