@@ -1,0 +1,317 @@
+"""Eviction policies over `clean` cached files. Policies decide; they never do I/O.
+
+Two ways in, one decision:
+
+* **Batch (the live agent).** The catalog hands over the clean cached files as a `FileTable` (columns:
+  key, size, last_access, access_count, created, directory, and optionally study and patient) plus the
+  number of bytes to free; `select_victims(table, bytes_to_free, now)` returns row indices in eviction
+  order whose sizes add up to at least `bytes_to_free` (or every row, if that is not enough).
+  Dirty files never enter the table, so a policy cannot evict them (durability contract, rule 2).
+
+* **Online (the simulator, and a later per-access fast path).** `on_insert(key, size, now, ...)`,
+  `on_access(key, now)`, `on_remove(key)` keep the policy's own index; `victims(bytes_to_free, now)`
+  yields keys in eviction order. A policy without an online index sets `online = False`; the
+  simulator then keeps the FileTable itself and calls `select_victims`, exactly as the agent does.
+
+Policies:
+  `lru`    scheme A (rclone's default): least recently accessed first.
+  `age`    scheme B (the paper's 90-day rule): files acquired more than `max_age_days` ago go first,
+           oldest first; then LRU.
+  `kmeans` scheme C's eviction: K-means over (recent access frequency, recency decay 1/(now-last+1),
+           size weight), k by the elbow method; the coldest cluster is evicted first, then the
+           lowest-scored files of the next warmer cluster, and so on.
+  `study`  ours: whole studies in least-recently-used order (a viewer opens studies, not files), so
+           one eviction does not leave a study half cached; old studies (priors, long-tail reads) are
+           demoted once they have been read; prefetched files count as used at prefetch time.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Iterator, Protocol
+
+import numpy as np
+
+DAY = 86_400.0
+
+
+@dataclass
+class FileTable:
+    """Clean cached files, one row each (numpy columns of equal length)."""
+
+    key: np.ndarray               # catalog row id or path
+    size: np.ndarray              # bytes
+    last_access: np.ndarray       # seconds (any epoch, same as `now`)
+    access_count: np.ndarray
+    created: np.ndarray           # acquisition time / mtime, seconds
+    directory: np.ndarray         # int code of the day-directory (MODALITY/YYYY-MM-DD)
+    study: np.ndarray | None = None    # int code of the study directory, if the layout has one
+    patient: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return int(self.size.size)
+
+
+def take_until(order: np.ndarray, size: np.ndarray, bytes_to_free: int) -> np.ndarray:
+    """The shortest prefix of `order` whose sizes reach bytes_to_free."""
+    if bytes_to_free <= 0 or order.size == 0:
+        return order[:0]
+    csum = np.cumsum(size[order])
+    cut = int(np.searchsorted(csum, bytes_to_free, side="left")) + 1
+    return order[:cut]
+
+
+class EvictionPolicy(Protocol):
+    name: str
+    online: bool
+
+    def select_victims(self, table: FileTable, bytes_to_free: int, now: float) -> np.ndarray: ...
+
+
+class LRU:
+    """Scheme A. Online index: an OrderedDict in access order (O(1) per request)."""
+
+    name = "lru"
+    online = True
+
+    def __init__(self) -> None:
+        self._order: OrderedDict[int, int] = OrderedDict()
+
+    def select_victims(self, table: FileTable, bytes_to_free: int, now: float) -> np.ndarray:
+        return take_until(np.argsort(table.last_access, kind="stable"), table.size, bytes_to_free)
+
+    def on_insert(self, key: int, size: int, now: float, created: float, study: int,
+                  prefetch: bool = False) -> None:
+        self._order[key] = size
+        self._order.move_to_end(key)
+
+    def on_access(self, key: int, now: float) -> None:
+        self._order.move_to_end(key)
+
+    def on_remove(self, key: int) -> None:
+        self._order.pop(key, None)
+
+    def victims(self, bytes_to_free: int, now: float) -> Iterator[int]:
+        freed = 0
+        while freed < bytes_to_free and self._order:
+            key, size = self._order.popitem(last=False)
+            freed += size
+            yield key
+
+
+class Age(LRU):
+    """Scheme B: the 90-day rule first (oldest acquisitions), then LRU."""
+
+    name = "age"
+
+    def __init__(self, max_age_days: float = 90.0) -> None:
+        super().__init__()
+        self.max_age = max_age_days * DAY
+        self._by_created: list[tuple[float, int]] = []
+
+    def select_victims(self, table: FileTable, bytes_to_free: int, now: float) -> np.ndarray:
+        old = table.created < now - self.max_age
+        old_idx = np.flatnonzero(old)
+        old_idx = old_idx[np.argsort(table.created[old_idx], kind="stable")]
+        young = np.flatnonzero(~old)
+        young = young[np.argsort(table.last_access[young], kind="stable")]
+        return take_until(np.concatenate([old_idx, young]), table.size, bytes_to_free)
+
+    def on_insert(self, key: int, size: int, now: float, created: float, study: int,
+                  prefetch: bool = False) -> None:
+        super().on_insert(key, size, now, created, study)
+        heapq.heappush(self._by_created, (created, key))
+
+    def victims(self, bytes_to_free: int, now: float) -> Iterator[int]:
+        freed = 0
+        limit = now - self.max_age
+        while freed < bytes_to_free and self._by_created and self._by_created[0][0] < limit:
+            _, key = heapq.heappop(self._by_created)
+            size = self._order.pop(key, None)
+            if size is not None:          # stale heap entries (already evicted) are skipped
+                freed += size
+                yield key
+        if freed < bytes_to_free:
+            yield from super().victims(bytes_to_free - freed, now)
+
+
+@dataclass
+class KMeansConfig:
+    k_min: int = 2
+    k_max: int = 6
+    sample: int = 20_000          # rows used to fit; all rows are then assigned (bounded CPU and RAM)
+    window_days: float = 7.0      # "recent" access frequency: accesses per day over this window
+    seed: int = 0
+
+
+class KMeansEviction:
+    """Scheme C's eviction (batch only)."""
+
+    name = "kmeans"
+    online = False
+
+    def __init__(self, config: KMeansConfig | None = None) -> None:
+        self.cfg = config or KMeansConfig()
+        self.last_k: int | None = None
+
+    @staticmethod
+    def features(table: FileTable, now: float, window_days: float = 7.0) -> np.ndarray:
+        """(frequency, recency decay, size weight), each scaled to [0, 1]-ish."""
+        age_days = np.maximum((now - table.created) / DAY, 0.0)
+        freq = table.access_count / np.minimum(age_days + 1.0, window_days)
+        hours_idle = np.maximum(now - table.last_access, 0.0) / 3600.0
+        recency = 1.0 / (hours_idle + 1.0)
+        size_w = np.log1p(table.size) / np.log1p(max(float(table.size.max()), 1.0))
+        return np.column_stack([np.log1p(freq), recency, size_w])
+
+    def elbow_k(self, x: np.ndarray) -> int:
+        """Smallest k whose next step gains < 10 % of the total inertia drop (the elbow)."""
+        from sklearn.cluster import KMeans
+        ks = list(range(self.cfg.k_min, self.cfg.k_max + 1))
+        inertia = [KMeans(n_clusters=k, n_init=1, random_state=self.cfg.seed).fit(x).inertia_ for k in ks]
+        drop = inertia[0] - inertia[-1]
+        for i in range(len(ks) - 1):
+            if drop <= 0 or inertia[i] - inertia[i + 1] < 0.1 * drop:
+                return ks[i]
+        return ks[-1]
+
+    def select_victims(self, table: FileTable, bytes_to_free: int, now: float) -> np.ndarray:
+        from sklearn.cluster import KMeans
+        n = len(table)
+        if n == 0 or bytes_to_free <= 0:
+            return np.zeros(0, dtype=np.int64)
+        x = self.features(table, now, self.cfg.window_days)
+        # hotness score: frequent and recent is hot, big is (slightly) cheaper to drop per file kept
+        score = x[:, 0] + x[:, 1] - 0.1 * x[:, 2]
+        if n <= self.cfg.k_max * 4 or np.ptp(x, axis=0).max() == 0:
+            return take_until(np.argsort(score, kind="stable"), table.size, bytes_to_free)
+        rng = np.random.default_rng(self.cfg.seed)
+        fit = x if n <= self.cfg.sample else x[rng.choice(n, self.cfg.sample, replace=False)]
+        k = self.elbow_k(fit)
+        self.last_k = k
+        km = KMeans(n_clusters=k, n_init=1, random_state=self.cfg.seed).fit(fit)
+        labels = km.predict(x)
+        c = km.cluster_centers_
+        cluster_heat = c[:, 0] + c[:, 1] - 0.1 * c[:, 2]
+        rank = np.empty(k, dtype=np.int64)
+        rank[np.argsort(cluster_heat)] = np.arange(k)       # 0 = coldest cluster
+        order = np.lexsort((score, rank[labels]))
+        return take_until(order, table.size, bytes_to_free)
+
+
+class StudyLRU:
+    """Ours: evict whole studies in least-recently-used order, with *consumed old studies demoted*.
+
+    A study acquired more than `recent_days` ago (a prior, or a long-tail read) that has been opened
+    since it entered the cache is ranked as if it had been used `old_penalty_s` earlier: once its
+    comparison read is done, an old study is rarely opened again, while a new study is re-read for
+    days (clinicians, follow-ups, tumour boards). A prefetched old study is not demoted until read, so
+    a prefetch is not undone before the read it was made for.
+
+    Priority (lower goes first) = last use of the study − (old_penalty_s if old and consumed).
+    Online: two OrderedDicts (recent-or-unconsumed, consumed-old), each in last-use order; the victim
+    is the head with the lower priority. Batch: the same priority over the FileTable.
+    """
+
+    name = "study"
+    online = True
+
+    def __init__(self, recent_days: float = 30.0, old_penalty_s: float = DAY) -> None:
+        self.recent = recent_days * DAY
+        self.penalty = old_penalty_s
+        self._young: OrderedDict[int, dict[int, int]] = OrderedDict()
+        self._old: OrderedDict[int, dict[int, int]] = OrderedDict()
+        self._last: dict[int, float] = {}
+        self._created: dict[int, float] = {}
+        self._study_of: dict[int, int] = {}
+
+    def select_victims(self, table: FileTable, bytes_to_free: int, now: float) -> np.ndarray:
+        group = table.study if table.study is not None else table.directory
+        _, inv = np.unique(group, return_inverse=True)
+        n = int(inv.max()) + 1 if inv.size else 0
+        last = np.full(n, -np.inf)
+        np.maximum.at(last, inv, table.last_access)
+        created = np.full(n, np.inf)
+        np.minimum.at(created, inv, table.created)
+        accessed = np.zeros(n, dtype=bool)
+        np.logical_or.at(accessed, inv, table.access_count > 0)
+        prio = last - self.penalty * ((created < now - self.recent) & accessed)
+        order = np.lexsort((table.last_access, inv, prio[inv]))
+        chosen = take_until(order, table.size, bytes_to_free)
+        if chosen.size:   # never leave a study half cached: finish the last one started
+            last_study = inv[chosen[-1]]
+            rest = order[chosen.size:]
+            n_more = int(np.argmax(inv[rest] != last_study)) if np.any(inv[rest] != last_study) else rest.size
+            chosen = order[:chosen.size + n_more]
+        return chosen
+
+    def on_insert(self, key: int, size: int, now: float, created: float, study: int,
+                  prefetch: bool = False) -> None:
+        if study not in self._last:
+            self._created[study] = created
+        self._study_of[key] = study
+        queue = self._old if study in self._old else self._young
+        files = queue.get(study)
+        if files is None:
+            files = queue[study] = {}
+        files[key] = size
+        if not prefetch:
+            self._touch(study, now)
+        else:
+            self._last.setdefault(study, now)
+            queue.move_to_end(study)
+
+    def _touch(self, study: int, now: float) -> None:
+        self._last[study] = now
+        if study in self._old:
+            self._old.move_to_end(study)
+        elif self._created.get(study, now) < now - self.recent:
+            self._old[study] = self._young.pop(study)      # consumed old study: demoted
+        else:
+            self._young.move_to_end(study)
+
+    def on_access(self, key: int, now: float) -> None:
+        study = self._study_of.get(key)
+        if study is not None:
+            self._touch(study, now)
+
+    def on_remove(self, key: int) -> None:
+        study = self._study_of.pop(key, None)
+        if study is None:
+            return
+        queue = self._old if study in self._old else self._young
+        files = queue.get(study)
+        if files is not None:
+            files.pop(key, None)
+            if not files:
+                del queue[study]
+                self._last.pop(study, None)
+                self._created.pop(study, None)
+
+    def victims(self, bytes_to_free: int, now: float) -> Iterator[int]:
+        freed = 0
+        while freed < bytes_to_free and (self._young or self._old):
+            if not self._old:
+                queue = self._young
+            elif not self._young:
+                queue = self._old
+            else:
+                y = self._last[next(iter(self._young))]
+                o = self._last[next(iter(self._old))] - self.penalty
+                queue = self._old if o <= y else self._young
+            study, files = queue.popitem(last=False)
+            self._last.pop(study, None)
+            self._created.pop(study, None)
+            for key, size in files.items():
+                self._study_of.pop(key, None)
+                freed += size
+                yield key
+
+
+def make(name: str) -> LRU | Age | KMeansEviction | StudyLRU:
+    policies = {"lru": LRU, "age": Age, "kmeans": KMeansEviction, "study": StudyLRU}
+    if name not in policies:
+        raise ValueError(f"unknown eviction policy {name!r}; known: {sorted(policies)}")
+    return policies[name]()

@@ -1,0 +1,134 @@
+"""`pacsgw gen-trace`, `pacsgw simulate` and `pacsgw train` (wired into agent/cli.py by `register`).
+
+Also runnable without the CLI: `python -m agent.sim.commands gen-trace ...`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+
+import structlog
+
+from agent.config import parse_rate, parse_size
+
+log = structlog.get_logger(__name__)
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def register(subparsers) -> None:  # noqa: ANN001 - argparse's private _SubParsersAction
+    g = subparsers.add_parser("gen-trace", help="generate a synthetic PACS trace (docs/workload.md)")
+    g.add_argument("out", help="trace file to write (.gz: compressed)")
+    g.add_argument("--preset", default="general", help="general | oncology")
+    g.add_argument("--seed", type=int, default=1)
+    g.add_argument("--days", type=int, default=None)
+    g.add_argument("--monthly-tb", type=float, default=None, help="acquired TB per month (default: preset)")
+    g.add_argument("--start", default=None, help="first day, YYYY-MM-DD")
+    g.add_argument("--layout", default=None, help="path template, e.g. {modality}/{date}/{study}/{series}/{instance}.dcm")
+    g.add_argument("--set", action="append", default=[], metavar="KEY=JSON",
+                   help="override any WorkloadParams field, e.g. --set returning_share=0.7")
+    g.add_argument("--no-progress", action="store_true")
+    g.set_defaults(func=cmd_gen_trace)
+
+    s = subparsers.add_parser("simulate", help="replay a trace through the cache policies and libCacheSim")
+    s.add_argument("trace")
+    s.add_argument("--capacity", required=True, help="cache size, e.g. 1TB")
+    s.add_argument("--schemes", default="A,B,C,ours", help="comma list of A, B, C, ours")
+    s.add_argument("--reference", default="LRU,ARC,S3FIFO,Sieve,Belady,BeladySize",
+                   help="libCacheSim algorithms (comma list, or 'none')")
+    s.add_argument("--warmup-days", type=float, default=3.0)
+    s.add_argument("--line-rate", default="10MB", help="private line rate for the latency model")
+    s.add_argument("--prefetch-rate", default="5MB", help="bandwidth the prefetcher may use")
+    s.add_argument("--model", default=None, help="hotness .tflite for scheme C")
+    s.add_argument("--out", default=None, help="directory for report.md, results.json and PNG plots")
+    s.add_argument("--title", default=None)
+    s.add_argument("--no-progress", action="store_true")
+    s.set_defaults(func=cmd_simulate)
+
+    t = subparsers.add_parser("train", help="train the hotness LSTM (needs the `train` extra)")
+    t.add_argument("args", nargs=argparse.REMAINDER, help="arguments for models/train.py")
+    t.set_defaults(func=cmd_train)
+
+
+def cmd_gen_trace(ns: argparse.Namespace) -> int:
+    from agent.sim.trace import write_trace
+    from agent.sim.workload import generate, preset
+
+    overrides: dict = {}
+    for item in ns.set:
+        key, _, value = item.partition("=")
+        overrides[key] = json.loads(value)
+    for key in ("seed", "days", "start", "layout"):
+        if getattr(ns, key) is not None:
+            overrides[key] = getattr(ns, key)
+    if ns.monthly_tb is not None:
+        overrides["monthly_tb"] = ns.monthly_tb
+    for key, value in list(overrides.items()):
+        if isinstance(value, list):   # JSON has no tuples
+            overrides[key] = tuple(value)
+    try:
+        params = preset(ns.preset, **overrides)
+    except (TypeError, ValueError) as e:
+        print(f"gen-trace: {e}", file=sys.stderr)
+        return 2
+    t0 = time.monotonic()
+    meta = write_trace(generate(params), ns.out, progress=not ns.no_progress)
+    log.info("gen_trace.done", out=ns.out, requests=meta["requests"], bytes=meta["request_bytes"],
+             seconds=round(time.monotonic() - t0, 1))
+    return 0
+
+
+def cmd_simulate(ns: argparse.Namespace) -> int:
+    from agent.sim.replay import LatencyModel, ReplayConfig, replay
+    from agent.sim.report import write_report
+    from agent.sim.trace import load_arrays
+
+    cfg = ReplayConfig(capacity=parse_size(ns.capacity), warmup_days=ns.warmup_days,
+                       latency=LatencyModel(line_bps=parse_rate(ns.line_rate)),
+                       prefetch_bps=parse_rate(ns.prefetch_rate), model=ns.model)
+    progress = not ns.no_progress
+    ta = load_arrays(ns.trace, progress=progress)
+    results = []
+    for scheme in [s for s in ns.schemes.split(",") if s]:
+        t0 = time.monotonic()
+        results.append(replay(ta, scheme, cfg, progress=progress))
+        log.info("simulate.scheme", scheme=scheme, seconds=round(time.monotonic() - t0, 1))
+    refs = []
+    if ns.reference.lower() != "none":
+        from agent.sim.reference import run_reference
+        t0 = time.monotonic()
+        refs = run_reference(ta, cfg.capacity, cfg.warmup_days, tuple(ns.reference.split(",")))
+        log.info("simulate.reference", seconds=round(time.monotonic() - t0, 1))
+    text = write_report(ta, cfg, results, refs, ns.out, title=ns.title)
+    print(text)
+    return 0
+
+
+def cmd_train(ns: argparse.Namespace) -> int:
+    import importlib.util
+    try:
+        import tensorflow  # noqa: F401
+    except ImportError:
+        print("train: TensorFlow is not installed; use a separate venv with `pip install -e '.[train]'`",
+              file=sys.stderr)
+        return 2
+    spec = importlib.util.spec_from_file_location("pacsgw_train", ROOT / "models" / "train.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    args = ns.args[1:] if ns.args[:1] == ["--"] else ns.args
+    return int(mod.main(args))
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m agent.sim.commands")
+    register(ap.add_subparsers(dest="command", required=True))
+    ns = ap.parse_args(argv)
+    return int(ns.func(ns))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,126 @@
+"""The same trace through libCacheSim (LRU, ARC, S3-FIFO, SIEVE, Belady, BeladySize).
+
+libCacheSim is a dev/bench dependency (it pulls boto3 and pytest), imported only here.
+
+The trace is converted to libCacheSim's oracleGeneral binary format: 24-byte little-endian records
+(u32 time, u64 object id, u32 size, i64 index of the object's next request or -1). Belady needs that
+next-access field (on a CSV trace it silently degrades to LRU-like numbers). Sizes are in KiB (rounded
+up) so that caches over 2 GiB do not overflow 32-bit counters; the capacity is converted likewise.
+
+Only reads count (as in agent.sim.replay): every write in a pacsgw trace is the first request of its
+object (checked), so it is a compulsory miss in any libCacheSim policy; read misses = misses - writes.
+Warm-up requests are processed first and not counted (the cache object keeps its state).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+
+import numpy as np
+
+from agent.sim.trace import TraceArrays
+from agent.sim.workload import DAY
+
+ORACLE = np.dtype([("t", "<u4"), ("id", "<u8"), ("size", "<u4"), ("next", "<i8")])
+ALGORITHMS = ("LRU", "ARC", "S3FIFO", "Sieve", "Belady", "BeladySize")
+
+
+@dataclass
+class ReferenceResult:
+    algorithm: str
+    reads: int
+    hits: int
+    read_kib: int
+    hit_kib: int
+
+    @property
+    def hit_ratio(self) -> float:
+        return self.hits / max(self.reads, 1)
+
+    @property
+    def byte_hit_ratio(self) -> float:
+        return self.hit_kib / max(self.read_kib, 1)
+
+
+def next_access(obj: np.ndarray) -> np.ndarray:
+    """Index of each request's next request for the same object, or -1."""
+    order = np.argsort(obj, kind="stable")
+    nxt = np.full(obj.size, -1, dtype=np.int64)
+    same = obj[order[1:]] == obj[order[:-1]]
+    nxt[order[:-1][same]] = order[1:][same]
+    return nxt
+
+
+def write_oracle(obj: np.ndarray, size_bytes: np.ndarray, t: np.ndarray, path: str) -> None:
+    rec = np.empty(obj.size, dtype=ORACLE)
+    rec["t"] = t.astype(np.uint32)
+    rec["id"] = obj.astype(np.uint64) + 1          # libCacheSim treats id 0 as special in places
+    rec["size"] = np.maximum(1, -(-size_bytes // 1024)).astype(np.uint32)
+    rec["next"] = next_access(obj)
+    rec.tofile(path)
+
+
+def check_writes_first(ta: TraceArrays) -> None:
+    """Every write must be its object's first request (the read-miss arithmetic relies on it)."""
+    _, first = np.unique(ta.obj, return_index=True)
+    is_first = np.zeros(ta.n, dtype=bool)
+    is_first[first] = True
+    if np.any(ta.is_write & ~is_first):
+        raise ValueError("trace has a write that is not its object's first request")
+
+
+def _make(name: str, cap_kib: int, hashpower: int = 24):  # noqa: ANN202
+    import libcachesim as lcs
+    if name == "S3FIFO" and cap_kib < 10:
+        # its small queue is 10 % of the cache: below 10 units libCacheSim aborts the process
+        raise ValueError("libCacheSim S3FIFO needs a cache of at least 10 KiB")
+    cls = {"S3FIFO": lcs.S3FIFO, "Sieve": lcs.Sieve}.get(name) or getattr(lcs, name)
+    return cls(cache_size=int(cap_kib), hashpower=hashpower)
+
+
+def run_reference(ta: TraceArrays, capacity: int, warmup_days: float = 3.0,
+                  algorithms: tuple[str, ...] = ALGORITHMS) -> list[ReferenceResult]:
+    return run_arrays(ta.obj, ta.size, ta.t, ta.is_write, capacity, warmup_days * DAY, algorithms,
+                      check=lambda: check_writes_first(ta))
+
+
+def run_arrays(obj: np.ndarray, size: np.ndarray, t: np.ndarray, is_write: np.ndarray, capacity: int,
+               warmup_s: float = 0.0, algorithms: tuple[str, ...] = ALGORITHMS,
+               check=None) -> list[ReferenceResult]:  # noqa: ANN001
+    import libcachesim as lcs
+    if check is not None:
+        check()
+    kib = np.maximum(1, -(-size // 1024)).astype(np.int64)
+    warm = int(np.searchsorted(t, warmup_s, side="left"))
+    post = slice(warm, None)
+    n_post = obj.size - warm
+    writes_post = int(is_write[post].sum())
+    wkib_post = int(kib[post][is_write[post]].sum())
+    reads = n_post - writes_post
+    read_kib = int(kib[post].sum()) - wkib_post
+    cap_kib = max(1, capacity // 1024)
+    out = []
+    fd, path = tempfile.mkstemp(suffix=".oracleGeneral.bin")
+    os.close(fd)
+    try:
+        write_oracle(obj, size, t, path)
+        # the hash table is 2^hashpower buckets: the default 2^24 costs ~100 MB per cache, sized here
+        hashpower = int(np.clip(np.ceil(np.log2(max(int(obj.max()) + 1, 2))) + 1, 10, 26))
+        for name in algorithms:
+            reader = lcs.TraceReader(path, lcs.TraceType.ORACLE_GENERAL_TRACE)
+            cache = _make(name, cap_kib, hashpower)
+            if warm:
+                cache.process_trace(reader, 0, warm)
+            if n_post <= 0:
+                out.append(ReferenceResult(name, 0, 0, 0, 0))
+                continue
+            reader = lcs.TraceReader(path, lcs.TraceType.ORACLE_GENERAL_TRACE)
+            mr, bmr = cache.process_trace(reader, warm, -1)
+            misses = int(round(mr * n_post)) - writes_post
+            miss_kib = int(round(bmr * int(kib[post].sum()))) - wkib_post
+            out.append(ReferenceResult(name, reads, reads - misses, read_kib, read_kib - miss_kib))
+    finally:
+        os.unlink(path)
+    return out

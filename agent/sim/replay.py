@@ -1,0 +1,416 @@
+"""Replay a trace through a cache of a given capacity, with the agent's own policy classes.
+
+Schemes (see agent/policy): A = `lru`; B = `age` (90-day rule); C = `kmeans` eviction + LSTM
+day-directory prefetch in an early-morning window; `ours` = whole-study LRU + prior-study prefetch at
+write time (when the first file of a new study arrives, the patient's most recent prior studies, same
+modality first, are fetched from S3 within a bandwidth and space budget, before the radiologist opens
+the new study with them).
+
+What is counted:
+  * only reads count for hit ratios and latency; writes always land in the cache (write-through);
+  * the first `warmup_days` fill the cache and are not counted;
+  * latency model (`LatencyModel`): hit = SSD latency + size / SSD rate; miss = round trip + size /
+    line rate (default 10 MB/s, the paper's measured private line), reported twice: on an idle line,
+    and through one FIFO queue of all demand misses at the line rate (a burst of misses waits);
+  * egress = bytes fetched from S3 (demand misses in the minute their queued transfer completes +
+    prefetches at their arrival time), per 1-minute window; the peak is reported in Mbps. Prefetch
+    runs at its own capped rate on top (demand is not slowed by it in this model); uploads are
+    excluded, they are the same for every scheme;
+  * a prefetched file that is read before its fetch completed counts as a miss (fetched on demand);
+  * prior studies are known to the policy only through the trace's catalog lines (`S`): their total
+    bytes, so a prefetch pays for the whole study, including files nobody reads later.
+
+Per-request work is a few dict/bytearray operations; the batch policy (kmeans) runs when the cache is
+over capacity and frees down to `low_watermark`, like the agent's pressure loop.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import structlog
+
+from agent.policy import eviction
+from agent.policy.features import WINDOW, window_features, daily_counts
+from agent.policy.prefetch import Budget, Candidate, plan
+from agent.policy.priors import PriorPrefetcher, StudyInfo
+from agent.sim.trace import TraceArrays, _bar
+from agent.sim.workload import DAY
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass(frozen=True)
+class LatencyModel:
+    ssd_s: float = 0.0002          # NVMe/SATA SSD random read
+    ssd_bps: float = 500e6
+    rtt_s: float = 0.030           # object-store round trip over the private line
+    line_bps: float = 10e6         # 10 MB/s, as measured in the paper
+
+    def latency(self, hit: np.ndarray, size: np.ndarray) -> np.ndarray:
+        """Per request on an idle line."""
+        return np.where(hit, self.ssd_s + size / self.ssd_bps, self.rtt_s + size / self.line_bps)
+
+    def line_queue(self, t: np.ndarray, size: np.ndarray) -> np.ndarray:
+        """Completion times of demand fetches arriving at t (sorted) through one FIFO line.
+
+        finish_i = max(t_i, finish_{i-1}) + s_i / rate, in closed form:
+        finish = C + running max of (t - C_prev), C = cumulative transfer time."""
+        if t.size == 0:
+            return t.copy()
+        dur = size / self.line_bps
+        c = np.cumsum(dur)
+        return c + np.maximum.accumulate(t - (c - dur))
+
+
+@dataclass(frozen=True)
+class ReplayConfig:
+    capacity: int
+    warmup_days: float = 3.0
+    low_watermark: float = 0.95        # batch policies free down to this share of the capacity
+    latency: LatencyModel = field(default_factory=LatencyModel)
+    prefetch_bps: float = 5e6          # prefetch may use half of the 10 MB/s line
+    prefetch_space: float = 0.05       # one plan may fill at most this share of the capacity
+    lstm_hour: float = 5.0             # scheme C: the early-morning prefetch window starts here
+    lstm_window_h: float = 2.0
+    priors_k: int = 3                  # ours: prior studies considered per new study
+    priors_window_s: float = 3600.0    # ours: a prior plan must be fetched within this
+    model: str | None = None           # .tflite for scheme C (default: models/hotness.tflite)
+
+
+SCHEMES: dict[str, tuple[str, str | None]] = {
+    "A": ("lru", None),
+    "B": ("age", None),
+    "C": ("kmeans", "lstm"),
+    "ours": ("study", "priors"),
+    # demand-only variants (no prefetch): for comparisons with Belady, which cannot prefetch
+    "study": ("study", None),
+    "kmeans": ("kmeans", None),
+}
+
+
+@dataclass
+class SchemeResult:
+    scheme: str
+    reads: int
+    hits: int
+    read_bytes: int
+    hit_bytes: int
+    mean_latency_s: float
+    p95_latency_s: float
+    egress_peak_mbps: float
+    prefetch_bytes: int
+    mean_queued_latency_s: float
+    p95_queued_latency_s: float
+    prefetch_used_bytes: int
+    daily_hit_ratio: list[float]
+    egress_per_min: np.ndarray = dataclasses.field(repr=False)
+
+    @property
+    def hit_ratio(self) -> float:
+        return self.hits / max(self.reads, 1)
+
+    @property
+    def byte_hit_ratio(self) -> float:
+        return self.hit_bytes / max(self.read_bytes, 1)
+
+
+def spread_per_minute(end: np.ndarray, size: np.ndarray, rate: float, since: float, n_min: int) -> np.ndarray:
+    """Bytes per minute of transfers that end at `end` and ran at `rate`: each transfer's bytes are
+    spread over the minutes it was on the line (a 2 GB prior arrives over minutes, not in one)."""
+    out = np.zeros(n_min)
+    start = end - size / rate
+    keep = end >= since
+    short = keep & (np.floor(start / 60) == np.floor(end / 60))
+    out += np.bincount(np.minimum((end[short] // 60).astype(np.int64), n_min - 1), weights=size[short],
+                       minlength=n_min)
+    for s0, e0 in zip(start[keep & ~short].tolist(), end[keep & ~short].tolist()):
+        m0, m1 = int(s0 // 60), int(e0 // 60)
+        edges = np.clip(np.arange(m0, m1 + 2) * 60.0, s0, e0)
+        out[np.minimum(np.arange(m0, m1 + 1), n_min - 1)] += np.diff(edges) * rate
+    return out
+
+
+class _Index:
+    """CSR lists: objects per study, objects per directory, studies per patient."""
+
+    def __init__(self, ta: TraceArrays) -> None:
+        self.study_objs = _csr(ta.obj_study, len(ta.study_bytes))
+        self.dir_objs = _csr(ta.obj_dir, len(ta.dir_names))
+        self.patient_studies = _csr(ta.study_patient, int(ta.study_patient.max()) + 1 if ta.study_patient.size else 0)
+
+
+def _csr(keys: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    order = np.argsort(keys, kind="stable")
+    starts = np.concatenate(([0], np.cumsum(np.bincount(keys, minlength=n))))
+    return order, starts
+
+
+def _members(csr: tuple[np.ndarray, np.ndarray], k: int) -> np.ndarray:
+    order, starts = csr
+    return order[starts[k]:starts[k + 1]]
+
+
+class Replayer:
+    def __init__(self, ta: TraceArrays, scheme: str, cfg: ReplayConfig, predictor=None) -> None:  # noqa: ANN001
+        if scheme not in SCHEMES:
+            raise ValueError(f"unknown scheme {scheme!r}; known: {sorted(SCHEMES)}")
+        self.ta, self.scheme, self.cfg = ta, scheme, cfg
+        ev_name, self.prefetch = SCHEMES[scheme]
+        self.policy = eviction.make(ev_name)
+        self.idx = _Index(ta)
+        n_obj, n_st = ta.n_objects, len(ta.study_bytes)
+        known = np.bincount(ta.obj_study, weights=ta.obj_size, minlength=n_st).astype(np.int64)
+        # one "phantom" object per study holds the bytes of its files that never appear in the trace
+        phantom = np.maximum(ta.study_bytes - known, 0)
+        self.size = np.concatenate([ta.obj_size, phantom])
+        self.study = np.concatenate([ta.obj_study, np.arange(n_st, dtype=np.int32)])
+        self.created = np.concatenate([ta.study_day[ta.obj_study], ta.study_day]).astype(np.float64) * DAY
+        self.directory = np.concatenate([ta.obj_dir, np.full(n_st, -1, dtype=np.int32)])
+        self.n_obj = n_obj
+        self.dir_files = np.bincount(ta.obj_dir, minlength=len(ta.dir_names))
+        self.in_cache = bytearray(n_obj + n_st)
+        self.cached_view = np.frombuffer(self.in_cache, dtype=np.uint8)
+        self.prefetched = bytearray(n_obj + n_st)
+        self.ready: dict[int, float] = {}
+        self.used = 0
+        self.queue_free = 0.0
+        self.pf_times: list[float] = []
+        self.pf_sizes: list[int] = []
+        self.pf_used = 0
+        self.predictor = predictor
+        self.priors = PriorPrefetcher(k=cfg.priors_k)
+        self.pf_rank: dict[int, int] = {}    # prefetched study → rank, until opened or evicted
+        if not self.policy.online:
+            self.last = np.zeros(n_obj + n_st)
+            self.count = np.zeros(n_obj + n_st, dtype=np.int64)
+
+    # -- cache state
+    def _insert(self, o: int, t: float, prefetch: bool = False) -> None:
+        self.in_cache[o] = 1
+        self.used += int(self.size[o])
+        if self.policy.online:
+            self.policy.on_insert(o, int(self.size[o]), t, float(self.created[o]), int(self.study[o]), prefetch)
+        else:
+            self.last[o] = t
+            self.count[o] = 0 if prefetch else 1
+
+    def _evict(self, t: float) -> None:
+        cap = self.cfg.capacity
+        if self.policy.online:
+            for v in self.policy.victims(self.used - cap, t):
+                self.in_cache[v] = 0
+                self.used -= int(self.size[v])
+                self.ready.pop(v, None)
+                if self.prefetched[v]:
+                    self.prefetched[v] = 0
+                    self._prefetch_feedback(v, False)
+            return
+        cached = np.flatnonzero(self.cached_view)
+        table = eviction.FileTable(
+            key=cached, size=self.size[cached], last_access=self.last[cached],
+            access_count=self.count[cached], created=self.created[cached],
+            directory=self.directory[cached], study=self.study[cached])
+        victims = cached[self.policy.select_victims(table, int(self.used - self.cfg.low_watermark * cap), t)]
+        self.cached_view[victims] = 0
+        self.used -= int(self.size[victims].sum())
+        for v in victims.tolist():
+            self.ready.pop(v, None)
+            if self.prefetched[v]:
+                self.prefetched[v] = 0
+                self._prefetch_feedback(v, False)
+
+    def _fetch_plan(self, objs: list[int], t: float) -> None:
+        """Fetch objects in order at the prefetch rate behind whatever is queued."""
+        start = max(t, self.queue_free)
+        for o in objs:
+            start += float(self.size[o]) / self.cfg.prefetch_bps
+            self._insert(o, t, prefetch=True)
+            self.ready[o] = start
+            self.prefetched[o] = 1
+            self.pf_times.append(start)
+            self.pf_sizes.append(int(self.size[o]))
+        self.queue_free = start
+
+    # -- ours: prior studies of the patient when a new study arrives
+    def _plan_priors(self, s: int, t: float) -> None:
+        ta, cfg = self.ta, self.cfg
+        studies = _members(self.idx.patient_studies, int(ta.study_patient[s]))
+        if studies.size <= 1:
+            return
+        info = [StudyInfo(int(x), int(ta.study_modality[x]), float(ta.study_day[x]), 0) for x in studies]
+        new = StudyInfo(s, int(ta.study_modality[s]), float(ta.study_day[s]), 0)
+        cands = []
+        for rank, prior, heat in self.priors.candidates(new, info):
+            x = prior.key
+            if x in self.pf_rank:
+                continue
+            objs = [int(o) for o in _members(self.idx.study_objs, x) if not self.in_cache[o]]
+            ph = self.n_obj + x
+            if not self.in_cache[ph] and self.size[ph] > 0:
+                objs.append(ph)
+            if objs:
+                cands.append(Candidate((x, rank, tuple(objs)), heat, int(self.size[objs].sum())))
+        if not cands:
+            return
+        backlog = max(0.0, self.queue_free - t)
+        budget = Budget(int(cfg.prefetch_space * cfg.capacity), cfg.prefetch_bps,
+                        max(0.0, cfg.priors_window_s - backlog))
+        chosen = plan(cands, budget)
+        # fetch in clinical order (rank), not in the planner's heat-per-byte order
+        chosen.sort(key=lambda c: c.key[1])
+        for c in chosen:
+            self.pf_rank[c.key[0]] = c.key[1]
+            self._fetch_plan(list(c.key[2]), t)
+
+    def _prefetch_feedback(self, o: int, used: bool) -> None:
+        st = int(self.study[o])
+        rank = self.pf_rank.pop(st, None)
+        if rank is not None:
+            self.priors.feedback(rank, used)
+
+    # -- scheme C: LSTM-predicted day-directories in the early-morning window
+    def _plan_lstm(self, day: int, t: float, counts: np.ndarray, dir_day: np.ndarray, dir_mod: np.ndarray,
+                   start_weekday: int) -> None:
+        cfg = self.cfg
+        # directories acquired in the last WINDOW days: their full content is known to the catalog
+        # (older day-directories hold tens of GB of unrelated studies: no budget could afford them)
+        dirs = np.flatnonzero((dir_day < day) & (dir_day >= day - WINDOW))
+        if dirs.size == 0 or self.predictor is None:
+            return
+        files = self.dir_files[dirs]
+        x = window_features(counts[dirs], day, dir_day[dirs], dir_mod[dirs], len(self.ta.modality_names),
+                            start_weekday, files)
+        heat = self.predictor.predict(x, files)
+        cands = []
+        for d, h in zip(dirs.tolist(), heat.tolist()):
+            objs = _members(self.idx.dir_objs, d)
+            objs = objs[self.cached_view[objs] == 0]
+            objs = objs[self.created[objs] < t]   # only files that already exist
+            if objs.size:
+                cands.append(Candidate((d, objs), float(h), int(self.size[objs].sum())))
+        budget = Budget(int(cfg.prefetch_space * cfg.capacity), cfg.prefetch_bps, cfg.lstm_window_h * 3600)
+        for c in plan(cands, budget):
+            self._fetch_plan(c.key[1].tolist(), t)
+            if self.used > cfg.capacity:
+                self._evict(t)
+
+    def run(self, progress: bool = False) -> SchemeResult:
+        ta, cfg = self.ta, self.cfg
+        n = ta.n
+        T = ta.t.tolist()
+        O = ta.obj.tolist()
+        W = ta.is_write.tolist()
+        hit = bytearray(n)
+        cap = cfg.capacity
+        online = self.policy.online
+        in_cache, ready, prefetched = self.in_cache, self.ready, self.prefetched
+        study = self.study.tolist()
+        seen_study = bytearray(len(ta.study_bytes))
+        lstm = self.prefetch == "lstm"
+        priors = self.prefetch == "priors"
+        next_plan = cfg.lstm_hour * 3600 if lstm else float("inf")
+        if lstm:
+            reads = ~ta.is_write
+            counts = daily_counts(ta.t[reads], ta.obj_dir[ta.obj[reads]], len(ta.dir_names), ta.n_days)
+            dir_day, dir_mod = ta.dir_day(), ta.dir_modality()
+            import datetime as dt
+            start_weekday = dt.date.fromisoformat(ta.meta["start"]).weekday()
+        size_l = self.size
+        last = getattr(self, "last", None)
+        count = getattr(self, "count", None)
+        pf_used = 0
+        bar = _bar(progress, n, f"replay {self.scheme}")
+        step = 200_000
+        for i in range(n):
+            t = T[i]
+            o = O[i]
+            if t >= next_plan:
+                day = int(next_plan // DAY)
+                self._plan_lstm(day, next_plan, counts, dir_day, dir_mod, start_weekday)
+                next_plan += DAY
+            if W[i]:
+                if priors:
+                    s = study[o]
+                    if not seen_study[s]:
+                        seen_study[s] = 1
+                        self._plan_priors(s, t)
+                if not in_cache[o]:
+                    self._insert(o, t)
+            elif in_cache[o]:
+                r = ready.get(o)
+                if prefetched[o]:
+                    prefetched[o] = 0
+                    pf_used += int(size_l[o])
+                    self._prefetch_feedback(o, True)
+                if r is None or r <= t:
+                    hit[i] = 1
+                if r is not None:
+                    del ready[o]
+                if online:
+                    self.policy.on_access(o, t)
+                else:
+                    last[o] = t
+                    count[o] += 1
+            else:
+                self._insert(o, t)
+            if self.used > cap:
+                self._evict(t)
+            if i % step == 0:
+                bar.update(step if i else 0)
+        bar.close()
+        self.pf_used = pf_used
+        return self._result(np.frombuffer(hit, dtype=np.uint8).astype(bool))
+
+    def _result(self, hit: np.ndarray) -> SchemeResult:
+        ta, cfg = self.ta, self.cfg
+        post = ta.t >= cfg.warmup_days * DAY
+        reads = ~ta.is_write & post
+        size = ta.size
+        lat = cfg.latency.latency(hit[reads], size[reads])
+        n_min = int(np.ceil(ta.n_days * DAY / 60)) + 1
+        # demand misses (warm-up included: the line is busy then too) through one FIFO line
+        all_miss = ~ta.is_write & ~hit
+        finish = cfg.latency.line_queue(ta.t[all_miss], size[all_miss].astype(np.float64))
+        queued = np.full(ta.n, np.nan)
+        queued[all_miss] = finish - ta.t[all_miss] + cfg.latency.rtt_s
+        q_lat = np.where(hit[reads], cfg.latency.ssd_s + size[reads] / cfg.latency.ssd_bps, queued[reads])
+        miss = reads & ~hit
+        # bytes are counted in the minute their transfer completes: at most the line rate per minute
+        egress = np.bincount(np.minimum((finish[ta.t[all_miss] >= cfg.warmup_days * DAY] // 60).astype(np.int64),
+                                        n_min - 1),
+                             weights=size[miss], minlength=n_min)
+        if self.pf_times:
+            egress += spread_per_minute(np.array(self.pf_times), np.array(self.pf_sizes, dtype=np.float64),
+                                        cfg.prefetch_bps, cfg.warmup_days * DAY, n_min)
+        first = int(np.ceil(cfg.warmup_days * DAY / 60))
+        peak = float(egress[first:].max()) * 8 / 60 / 1e6 if egress[first:].size else 0.0
+        day = (ta.t // DAY).astype(np.int64)
+        all_reads = ~ta.is_write
+        per_day_reads = np.bincount(day[all_reads], minlength=ta.n_days)
+        per_day_hits = np.bincount(day[all_reads & hit], minlength=ta.n_days)
+        daily = (per_day_hits / np.maximum(per_day_reads, 1)).tolist()
+        pf_total = int(np.sum(self.pf_sizes)) if self.pf_sizes else 0
+        return SchemeResult(
+            scheme=self.scheme, reads=int(reads.sum()), hits=int((hit & reads).sum()),
+            read_bytes=int(size[reads].sum()), hit_bytes=int(size[reads & hit].sum()),
+            mean_latency_s=float(lat.mean()) if lat.size else 0.0,
+            p95_latency_s=float(np.percentile(lat, 95)) if lat.size else 0.0,
+            mean_queued_latency_s=float(q_lat.mean()) if q_lat.size else 0.0,
+            p95_queued_latency_s=float(np.percentile(q_lat, 95)) if q_lat.size else 0.0,
+            egress_peak_mbps=peak, prefetch_bytes=pf_total, prefetch_used_bytes=self.pf_used,
+            daily_hit_ratio=daily, egress_per_min=egress)
+
+
+def replay(ta: TraceArrays, scheme: str, cfg: ReplayConfig, progress: bool = False) -> SchemeResult:
+    predictor = None
+    if SCHEMES[scheme][1] == "lstm":
+        from agent.policy.predictor import DEFAULT_MODEL, HotnessPredictor
+        predictor = HotnessPredictor(Path(cfg.model) if cfg.model else DEFAULT_MODEL)
+    log.info("replay.start", scheme=scheme, requests=ta.n, capacity=cfg.capacity)
+    r = Replayer(ta, scheme, cfg, predictor).run(progress)
+    log.info("replay.done", scheme=scheme, hit_ratio=round(r.hit_ratio, 4), byte_hit_ratio=round(r.byte_hit_ratio, 4))
+    return r

@@ -1,0 +1,122 @@
+"""The simulate report: a markdown table like the paper's table 3, results.json and PNG plots."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from agent.sim.replay import ReplayConfig, SchemeResult
+from agent.sim.trace import TraceArrays
+from agent.sim.workload import DAY
+
+RCLONE_GB_PER_TB = 4.16          # rclone's in-RAM directory cache on PACS data (the paper)
+CATALOG_BYTES_PER_ROW = 200      # SQLite catalog row on SSD (design estimate)
+CATALOG_RAM_BYTES = 64 * 2**20   # SQLite page cache cap: bounded, independent of the archive size
+
+NAMES = {"A": "A: LRU (rclone default)", "B": "B: 90-day rule", "C": "C: LSTM prefetch + K-means",
+         "ours": "ours: prior-study prefetch + study LRU", "study": "ours without prefetch (study LRU only)",
+         "kmeans": "K-means eviction only"}
+
+
+def memory_line(scheme: str, ta: TraceArrays) -> str:
+    tb = ta.meta.get("archive_bytes", 0) / 1e12
+    files = ta.meta.get("archive_files", 0)
+    if scheme == "ours":
+        return (f"{CATALOG_RAM_BYTES / 2**20:.0f} MiB RAM (flat) + {files * CATALOG_BYTES_PER_ROW / 1e9:.0f} GB "
+                f"catalog on SSD")
+    return f"{RCLONE_GB_PER_TB * tb:,.0f} GB RAM (rclone model, {tb:,.0f} TB archive)"
+
+
+def table(ta: TraceArrays, cfg: ReplayConfig, results: list[SchemeResult], refs: list) -> str:  # noqa: ANN001
+    head = ("| scheme | object hit ratio | byte hit ratio | mean / p95 latency (idle line) "
+            "| mean / p95 latency (queued) | egress peak (1 min) | prefetch spent (used) | catalog memory |\n"
+            "|---|---|---|---|---|---|---|---|\n")
+    rows = []
+    for r in results:
+        pf = (f"{r.prefetch_bytes / 1e9:,.0f} GB ({r.prefetch_used_bytes / max(r.prefetch_bytes, 1):.0%})"
+              if r.prefetch_bytes else "0")
+        rows.append(f"| {NAMES.get(r.scheme, r.scheme)} | {r.hit_ratio:.1%} | {r.byte_hit_ratio:.1%} | "
+                    f"{r.mean_latency_s * 1000:,.0f} / {r.p95_latency_s * 1000:,.0f} ms | "
+                    f"{_ms(r.mean_queued_latency_s)} / {_ms(r.p95_queued_latency_s)} | "
+                    f"{r.egress_peak_mbps:,.0f} Mbps | {pf} | {memory_line(r.scheme, ta)} |")
+    for ref in refs:
+        rows.append(f"| libCacheSim {ref.algorithm} | {ref.hit_ratio:.1%} | {ref.byte_hit_ratio:.1%} "
+                    f"| – | – | – | 0 | – |")
+    return head + "\n".join(rows) + "\n"
+
+
+def _ms(s: float) -> str:
+    return f"{s * 1000:,.0f} ms" if s < 100 else f"{s / 60:,.0f} min"
+
+
+def describe(ta: TraceArrays, cfg: ReplayConfig) -> str:
+    m = ta.meta
+    reads = ~ta.is_write
+    return (f"Trace: preset `{m.get('preset')}`, seed {m.get('seed')}, {m.get('days')} days from {m.get('start')}, "
+            f"{m.get('monthly_tb')} TB/month; {ta.n:,} requests ({int(reads.sum()):,} reads, "
+            f"{ta.size[reads].sum() / 1e12:.2f} TB read; {ta.size[ta.is_write].sum() / 1e12:.2f} TB written). "
+            f"Cache {cfg.capacity / 1e12:.2f} TB; first {cfg.warmup_days:g} days are warm-up (not counted); "
+            f"only reads are counted. Latency model: hit = {cfg.latency.ssd_s * 1000:g} ms + size / "
+            f"{cfg.latency.ssd_bps / 1e6:g} MB/s; miss = {cfg.latency.rtt_s * 1000:g} ms + size / "
+            f"{cfg.latency.line_bps / 1e6:g} MB/s, on an idle line and queued (one FIFO line for all demand "
+            f"misses). Egress = demand misses (as the line delivers them) + prefetch, per minute. Prefetch limited to {cfg.prefetch_bps / 1e6:g} MB/s and "
+            f"{cfg.prefetch_space:.0%} of the cache per plan.\n")
+
+
+def plots(results: list[SchemeResult], out: Path, ta: TraceArrays) -> list[str]:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    names = []
+    fig, ax = plt.subplots(figsize=(8, 4))
+    for r in results:
+        ax.plot(range(len(r.daily_hit_ratio)), r.daily_hit_ratio, marker="o", label=NAMES.get(r.scheme, r.scheme))
+    ax.set_xlabel("day")
+    ax.set_ylabel("object hit ratio (reads)")
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out / "hit_ratio_per_day.png", dpi=100)
+    plt.close(fig)
+    names.append("hit_ratio_per_day.png")
+    fig, ax = plt.subplots(figsize=(10, 4))
+    for r in results:
+        mbps = r.egress_per_min * 8 / 60 / 1e6
+        hourly = mbps[: mbps.size // 60 * 60].reshape(-1, 60).max(axis=1)
+        ax.plot(np.arange(hourly.size) / 24, hourly, label=NAMES.get(r.scheme, r.scheme), lw=0.8)
+    ax.set_xlabel("day")
+    ax.set_ylabel("egress, max 1-min window per hour (Mbps)")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out / "egress.png", dpi=100)
+    plt.close(fig)
+    names.append("egress.png")
+    return names
+
+
+def write_report(ta: TraceArrays, cfg: ReplayConfig, results: list[SchemeResult], refs: list,
+                 out: str | Path | None, title: str | None = None) -> str:  # noqa: ANN001
+    text = f"## {title or 'Cache replay'}\n\n" + describe(ta, cfg) + "\n" + table(ta, cfg, results, refs)
+    if out is None:
+        return text
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    imgs = plots(results, out, ta) if results else []
+    text += "\n" + "\n".join(f"![{n}]({n})" for n in imgs) + "\n"
+    (out / "report.md").write_text(text)
+    data = {"meta": {k: v for k, v in ta.meta.items() if k != "params"}, "capacity": cfg.capacity,
+            "schemes": [{"scheme": r.scheme, "hit_ratio": r.hit_ratio, "byte_hit_ratio": r.byte_hit_ratio,
+                         "mean_latency_s": r.mean_latency_s, "p95_latency_s": r.p95_latency_s,
+                         "mean_queued_latency_s": r.mean_queued_latency_s,
+                         "p95_queued_latency_s": r.p95_queued_latency_s,
+                         "egress_peak_mbps": r.egress_peak_mbps, "prefetch_bytes": r.prefetch_bytes,
+                         "prefetch_used_bytes": r.prefetch_used_bytes, "daily_hit_ratio": r.daily_hit_ratio}
+                        for r in results],
+            "reference": [{"algorithm": f.algorithm, "hit_ratio": f.hit_ratio, "byte_hit_ratio": f.byte_hit_ratio}
+                          for f in refs]}
+    (out / "results.json").write_text(json.dumps(data, indent=2) + "\n")
+    return text

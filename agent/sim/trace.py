@@ -1,0 +1,319 @@
+"""The trace file: one request per line, streaming, optionally gzip-compressed (name ends in .gz).
+
+Format (tab-separated, UTF-8)::
+
+    # pacsgw-trace v1 {"start": "2026-01-05", "preset": "general", "seed": 1, ...}
+    t	op	path	size	patient	study	modality	department
+    29412.350	W	CT/2026-01-05/ST00000012/SE001/00001.dcm	524288	P0001234	ST00000012	CT	ED
+
+`t` is seconds since local midnight of `start` (ms resolution), `op` is R or W, `size` is bytes.
+The first line carries the generator parameters and the archive totals as JSON, so a trace is
+self-describing and the replay can model rclone's memory for the same archive.
+
+`load_arrays` turns a trace into compact numpy columns (ints instead of strings) for the replay and
+caches them next to the trace (`<trace>.npz`), so repeated `pacsgw simulate` runs skip parsing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import gzip
+import io
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Iterator
+
+import numpy as np
+
+from agent.sim.workload import DAY, Generator, Request, archive_totals
+
+MAGIC = "# pacsgw-trace v1 "
+COLUMNS = ("t", "op", "path", "size", "patient", "study", "modality", "department")
+
+
+def _open(path: str | Path, mode: str) -> IO[str]:
+    if str(path).endswith(".gz"):
+        # level 1: the trace is large and written once; speed matters more than the last 10 %
+        return io.TextIOWrapper(gzip.open(path, mode + "b", compresslevel=1), encoding="utf-8")
+    return open(path, mode, encoding="utf-8", buffering=1 << 20)
+
+
+def write_trace(g: Generator, path: str | Path, progress: bool = False) -> dict:
+    """Stream the generator's requests to `path`; returns the header metadata (with counts)."""
+    archive_bytes, archive_files = archive_totals(g)
+    meta = {"start": g.p.start, "preset": g.p.preset, "seed": g.p.seed, "days": g.p.days,
+            "monthly_tb": g.p.monthly_tb, "layout": g.p.layout, "archive_bytes": archive_bytes,
+            "archive_files": archive_files, "params": _jsonable(dataclasses.asdict(g.p))}
+    n = 0
+    nbytes = 0
+    bar = _bar(progress, g.p.days, "gen-trace (days)")
+    with _open(path, "w") as f:
+        f.write(MAGIC + json.dumps(meta, sort_keys=True) + "\n")
+        f.write("\t".join(COLUMNS) + "\n")
+        names: dict[int, tuple[list[int], str, list[str]]] = {}
+        # The catalog's view of the archive at the start: one `S` line per pre-existing study of every
+        # patient the trace touches (its directory and total bytes). A policy may use these (as the
+        # agent uses its catalog); they are not requests. Without them a prefetcher in the simulator
+        # could only see the files that are going to be read, which would be an oracle.
+        for st in g.studies:
+            if st.day < 0:
+                sdir = _study_dir(g, st)
+                f.write(f"0.000\tS\t{sdir}\t{int(st.sizes.sum())}\tP{st.patient:07d}\tST{st.idx:08d}"
+                        f"\t{st.modality}\t{st.department}\n")
+        for t, w, s, i in g.iter_chunks():
+            lines = []
+            for tt, ww, ss, ii in zip(t.tolist(), w.tolist(), s.tolist(), i.tolist()):
+                entry = names.get(ss)
+                if entry is None:
+                    entry = names[ss] = _study_names(g, ss)
+                size = entry[0][ii]
+                nbytes += size
+                lines.append(f"{tt:.3f}\t{'W' if ww else 'R'}\t{entry[2][ii]}\t{size}\t{entry[1]}")
+            f.write("\n".join(lines))
+            if lines:
+                f.write("\n")
+            n += len(lines)
+            if len(names) > 50_000:   # bound memory: the names of a day's studies are enough
+                names.clear()
+            bar.update(1)
+    bar.close()
+    meta["requests"] = n
+    meta["request_bytes"] = nbytes
+    return meta
+
+
+def _study_names(g: Generator, idx: int) -> tuple[list[int], str, list[str]]:
+    """(sizes, the study's trailing columns, every instance path): computed once per study."""
+    st = g.studies[idx]
+    layout = g.p.layout
+    date = (g.start + dt.timedelta(days=st.day)).isoformat()
+    paths: list[str] = []
+    starts = st.series_starts.tolist()
+    for se in range(len(starts) - 1):
+        for k in range(starts[se + 1] - starts[se]):
+            paths.append(layout.format(modality=st.modality, date=date, study=f"ST{st.idx:08d}",
+                                       series=f"SE{se + 1:03d}", instance=f"{k + 1:05d}"))
+    tail = f"P{st.patient:07d}\tST{st.idx:08d}\t{st.modality}\t{st.department}"
+    return st.sizes.tolist(), tail, paths
+
+
+def _study_dir(g: Generator, st) -> str:  # noqa: ANN001
+    """The study's directory: the layout up to and including {study}."""
+    parts = g.p.layout.split("/")
+    depth = _layout_index(g.p.layout, "study") + 1
+    date = (g.start + dt.timedelta(days=st.day)).isoformat()
+    return "/".join(parts[:depth]).format(modality=st.modality, date=date, study=f"ST{st.idx:08d}")
+
+
+def _jsonable(obj: object) -> object:
+    if isinstance(obj, dict):
+        return {k: _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    return obj
+
+
+def _bar(enabled: bool, total: int | None, desc: str):  # noqa: ANN202 - tqdm or a no-op
+    if enabled:
+        from tqdm import tqdm
+        return tqdm(total=total, desc=desc, unit_scale=True, mininterval=1.0)
+
+    class _Null:
+        def update(self, n: int = 1) -> None: ...
+        def close(self) -> None: ...
+    return _Null()
+
+
+def read_header(path: str | Path) -> dict:
+    with _open(path, "r") as f:
+        first = f.readline()
+    if not first.startswith(MAGIC):
+        raise ValueError(f"{path}: not a pacsgw trace (first line must start with {MAGIC!r})")
+    return json.loads(first[len(MAGIC):])
+
+
+def iter_catalog(path: str | Path) -> Iterator[Request]:
+    """The `S` lines: pre-existing studies (path = study directory, size = total bytes)."""
+    with _open(path, "r") as f:
+        f.readline()
+        f.readline()
+        for line in f:
+            t, op, p, size, patient, study, modality, dep = line.rstrip("\n").split("\t")
+            if op != "S":
+                return
+            yield Request(float(t), op, p, int(size), patient, study, modality, dep)
+
+
+def iter_requests(path: str | Path) -> Iterator[Request]:
+    """Every request of a trace file as a record (for tests, small traces and conversions)."""
+    with _open(path, "r") as f:
+        f.readline()
+        f.readline()
+        for line in f:
+            t, op, p, size, patient, study, modality, dep = line.rstrip("\n").split("\t")
+            if op == "S":
+                continue
+            yield Request(float(t), op, p, int(size), patient, study, modality, dep)
+
+
+@dataclass
+class TraceArrays:
+    """A trace as integer columns. Per request: t, is_write, obj, size; per object: its study, its
+    directory (the day directory, e.g. CT/2026-01-05) and size; per study: patient, modality,
+    department and acquisition day (relative to the trace start, negative for priors)."""
+
+    meta: dict
+    t: np.ndarray            # float64 seconds
+    is_write: np.ndarray     # bool
+    obj: np.ndarray          # int32 object id (interned path)
+    size: np.ndarray         # int64 bytes
+    obj_study: np.ndarray    # int32
+    obj_dir: np.ndarray      # int32
+    obj_size: np.ndarray     # int64
+    study_patient: np.ndarray  # int32
+    study_modality: np.ndarray  # int16
+    study_department: np.ndarray  # int16
+    study_day: np.ndarray    # int32
+    study_bytes: np.ndarray  # int64 total bytes of the study (catalog `S` line, or its written files)
+    dir_names: list[str]
+    modality_names: list[str]
+    department_names: list[str]
+
+    @property
+    def n(self) -> int:
+        return int(self.t.size)
+
+    @property
+    def n_objects(self) -> int:
+        return int(self.obj_size.size)
+
+    @property
+    def n_days(self) -> int:
+        return int(self.meta.get("days") or int(self.t[-1] // DAY) + 1)
+
+    def dir_day(self) -> np.ndarray:
+        """Acquisition day of every directory (relative to the trace start)."""
+        start = dt.date.fromisoformat(self.meta["start"])
+        out = []
+        for d in self.dir_names:
+            day = next(p for p in d.split("/") if len(p) == 10 and p[4] == "-" and p[7] == "-")
+            out.append((dt.date.fromisoformat(day) - start).days)
+        return np.array(out, dtype=np.int32)
+
+    def dir_modality(self) -> np.ndarray:
+        codes = {m: i for i, m in enumerate(self.modality_names)}
+        return np.array([next((codes[p] for p in d.split("/") if p in codes), 0) for d in self.dir_names],
+                        dtype=np.int16)
+
+
+def _layout_index(layout: str, key: str) -> int:
+    return [i for i, part in enumerate(layout.split("/")) if "{" + key + "}" in part][0]
+
+
+def parse_trace(path: str | Path, progress: bool = False) -> TraceArrays:
+    meta = read_header(path)
+    layout = meta.get("layout", "{modality}/{date}/{study}/{series}/{instance}.dcm")
+    # the day-directory: the layout's prefix that holds both the modality and the date
+    dir_depth = max(_layout_index(layout, "date"), _layout_index(layout, "modality")) + 1
+    date_index = _layout_index(layout, "date")
+    start = dt.date.fromisoformat(meta["start"])
+    objs: dict[str, int] = {}
+    studies: dict[str, int] = {}
+    dirs: dict[str, int] = {}
+    patients: dict[str, int] = {}
+    mods: dict[str, int] = {}
+    deps: dict[str, int] = {}
+    t_l: list[float] = []
+    w_l: list[bool] = []
+    o_l: list[int] = []
+    s_l: list[int] = []
+    obj_study: list[int] = []
+    obj_dir: list[int] = []
+    obj_size: list[int] = []
+    st_pat: list[int] = []
+    st_mod: list[int] = []
+    st_dep: list[int] = []
+    st_day: list[int] = []
+    st_bytes: list[int] = []
+    bar = _bar(progress, meta.get("requests"), "parse trace")
+    k = 0
+    with _open(path, "r") as f:
+        f.readline()
+        f.readline()
+        for line in f:
+            t, op, p, size, patient, study, modality, dep = line.rstrip("\n").split("\t")
+            if op == "S":
+                sid = studies[study] = len(studies)
+                st_pat.append(patients.setdefault(patient, len(patients)))
+                st_mod.append(mods.setdefault(modality, len(mods)))
+                st_dep.append(deps.setdefault(dep, len(deps)))
+                st_day.append((dt.date.fromisoformat(p.split("/")[date_index]) - start).days)
+                st_bytes.append(int(size))
+                continue
+            oid = objs.get(p)
+            isize = int(size)
+            if oid is None:
+                oid = objs[p] = len(objs)
+                sid = studies.get(study)
+                if sid is None:
+                    sid = studies[study] = len(studies)
+                    st_pat.append(patients.setdefault(patient, len(patients)))
+                    st_mod.append(mods.setdefault(modality, len(mods)))
+                    st_dep.append(deps.setdefault(dep, len(deps)))
+                    date_part = p.split("/")[date_index]
+                    st_day.append((dt.date.fromisoformat(date_part) - start).days)
+                    st_bytes.append(-1)   # a study acquired during the trace: summed below
+                dname = p.split("/", dir_depth)
+                dname = "/".join(dname[:dir_depth])
+                did = dirs.get(dname)
+                if did is None:
+                    did = dirs[dname] = len(dirs)
+                obj_study.append(sid)
+                obj_dir.append(did)
+                obj_size.append(isize)
+            t_l.append(float(t))
+            w_l.append(op == "W")
+            o_l.append(oid)
+            s_l.append(isize)
+            k += 1
+            if k % 1_000_000 == 0:
+                bar.update(1_000_000)
+    bar.close()
+    obj_study_a = np.array(obj_study, dtype=np.int32)
+    obj_size_a = np.array(obj_size, dtype=np.int64)
+    study_bytes = np.array(st_bytes, dtype=np.int64)
+    summed = np.bincount(obj_study_a, weights=obj_size_a, minlength=len(st_bytes)).astype(np.int64)
+    study_bytes = np.where(study_bytes < 0, summed, study_bytes)
+    return TraceArrays(study_bytes=study_bytes,
+        meta=meta, t=np.array(t_l, dtype=np.float64), is_write=np.array(w_l, dtype=bool),
+        obj=np.array(o_l, dtype=np.int32), size=np.array(s_l, dtype=np.int64),
+        obj_study=obj_study_a, obj_dir=np.array(obj_dir, dtype=np.int32),
+        obj_size=obj_size_a, study_patient=np.array(st_pat, dtype=np.int32),
+        study_modality=np.array(st_mod, dtype=np.int16), study_department=np.array(st_dep, dtype=np.int16),
+        study_day=np.array(st_day, dtype=np.int32), dir_names=list(dirs),
+        modality_names=list(mods), department_names=list(deps))
+
+
+_ARRAYS = ("t", "is_write", "obj", "size", "obj_study", "obj_dir", "obj_size", "study_patient",
+           "study_modality", "study_department", "study_day", "study_bytes")
+
+
+def load_arrays(path: str | Path, progress: bool = False, cache: bool = True) -> TraceArrays:
+    """parse_trace, memoised in `<trace>.npz` (rebuilt when the trace is newer)."""
+    npz = Path(str(path) + ".npz")
+    if cache and npz.exists() and npz.stat().st_mtime >= os.stat(path).st_mtime:
+        with np.load(npz, allow_pickle=False) as z:
+            names = json.loads(str(z["names"]))
+            return TraceArrays(meta=names["meta"], dir_names=names["dirs"], modality_names=names["mods"],
+                               department_names=names["deps"], **{k: z[k] for k in _ARRAYS})
+    ta = parse_trace(path, progress)
+    if cache:
+        names = json.dumps({"meta": ta.meta, "dirs": ta.dir_names, "mods": ta.modality_names,
+                            "deps": ta.department_names})
+        tmp = npz.with_suffix(".tmp.npz")
+        np.savez(tmp, names=np.array(names), **{k: getattr(ta, k) for k in _ARRAYS})
+        os.replace(tmp, npz)
+    return ta

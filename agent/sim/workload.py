@@ -1,0 +1,438 @@
+"""Synthetic PACS workload: a seeded, parameterised generator of per-file requests.
+
+The model is study-centred, because that is how a PACS works: a modality *writes* a study (all its
+instances, within minutes), a radiologist *reads* it within hours (together with the **prior studies
+of the same patient**), clinicians re-read parts of it over the following days, oncology cases are
+re-read at the weekly **tumour board**, and a thin **long tail** of random old studies is read for
+audits, research and transfers.  Every study-level event is expanded into one request per DICOM
+instance, so the trace is per file, like the gateway's own access log.
+
+Generation is two-pass and streaming:
+  1. draw every study-level event of the horizon (tens of thousands: small), sorted by time;
+  2. expand the events day by day into per-instance requests (numpy), sort, and write them out;
+     requests that spill past midnight are carried into the next day's chunk.
+Memory is bounded by one day of requests plus the per-study size tables, so 10 M requests fit.
+
+All defaults and their public sources are documented in docs/workload.md.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import numpy as np
+
+DAY = 86_400.0
+MB = 1_000_000
+
+
+@dataclass(frozen=True)
+class ModalityShape:
+    """How one modality's studies look on disk."""
+
+    share: float                 # share of studies (normalised over the preset's modalities)
+    series: tuple[int, int]      # min, max series per study (uniform)
+    images_median: float         # median instances per series (lognormal)
+    images_sigma: float          # lognormal sigma of instances per series
+    image_mb: float              # median instance size, MB (lognormal per study)
+    size_sigma: float = 0.15     # lognormal sigma of instance size within a study
+    write_spacing_s: float = 0.2  # seconds between two instances arriving from the modality
+
+
+# Study shapes, shared by the presets (see docs/workload.md for the sources).
+SHAPES: dict[str, ModalityShape] = {
+    "CT": ModalityShape(0.0, (2, 6), 220, 0.7, 0.52, 0.05, 0.1),
+    "MR": ModalityShape(0.0, (6, 14), 60, 0.6, 0.13, 0.2, 0.3),
+    "CR": ModalityShape(0.0, (1, 2), 1.5, 0.3, 12.0, 0.3, 5.0),
+    "DX": ModalityShape(0.0, (1, 3), 1.5, 0.3, 18.0, 0.3, 5.0),
+    "US": ModalityShape(0.0, (1, 2), 30, 0.6, 0.9, 0.4, 2.0),
+    "MG": ModalityShape(0.0, (1, 2), 4, 0.2, 40.0, 0.3, 10.0),
+    "PT": ModalityShape(0.0, (2, 4), 300, 0.4, 0.07, 0.1, 0.05),
+    "NM": ModalityShape(0.0, (1, 3), 20, 0.6, 0.3, 0.3, 1.0),
+}
+
+
+@dataclass(frozen=True)
+class Department:
+    """Who ordered the study: decides how soon it is read and whether the tumour board sees it."""
+
+    share: float
+    read_median_h: float         # primary read delay after acquisition (lognormal median, hours)
+    tumour_board: bool = False   # cases discussed at the weekly tumour board
+
+
+@dataclass(frozen=True)
+class WorkloadParams:
+    """Every knob of the generator. Defaults: a general hospital (`general` preset)."""
+
+    preset: str = "general"
+    seed: int = 1
+    start: str = "2026-01-05"             # a Monday; trace time 0 is local midnight of this day
+    days: int = 14
+    monthly_tb: float = 5.0               # acquired volume per month (TB, SI), scales the study count
+    layout: str = "{modality}/{date}/{study}/{series}/{instance}.dcm"
+    modality_mix: dict[str, float] = field(default_factory=lambda: {
+        "CR": 0.30, "DX": 0.12, "CT": 0.20, "US": 0.18, "MR": 0.10, "MG": 0.06, "PT": 0.02, "NM": 0.02})
+    departments: dict[str, Department] = field(default_factory=lambda: {
+        "ED": Department(0.20, 0.5), "IP": Department(0.30, 2.0),
+        "OP": Department(0.45, 6.0), "ONC": Department(0.05, 4.0, tumour_board=True)})
+    # time of day / week
+    work_start_h: float = 8.0
+    work_end_h: float = 18.0
+    working_hours_share: float = 0.75     # share of weekday acquisitions inside working hours
+    weekend_factor: float = 0.35          # a weekend day's study count relative to a weekday's
+    read_sigma: float = 0.8               # lognormal sigma of the primary read delay
+    # patients and priors
+    patient_pool: int = 200_000           # patients with history in the archive
+    returning_share: float = 0.55         # new studies whose patient already has priors
+    priors_mean: float = 2.0              # mean number of prior studies of a returning patient
+    prior_gap_days: float = 365.0         # mean gap between a patient's successive studies
+    priors_read: tuple[int, int] = (1, 2)  # priors opened with a new study (min, max)
+    same_modality_prior: float = 0.7      # a prior is of the same modality as the new study
+    history_years: float = 5.0            # how far back the archive (and priors) go
+    # re-reads
+    followup_rate: float = 0.6            # mean clinician re-reads per study (Poisson)
+    followup_median_days: float = 2.0     # lognormal median delay of a re-read
+    followup_series_share: float = 0.5    # share of a study's series a re-read opens
+    tumour_board_share: float = 0.6       # share of tumour-board-department studies discussed
+    tumour_board_weekday: int = 2         # 0 = Monday; the weekly board meets on this day
+    tumour_board_hour: float = 14.0
+    longtail_share: float = 0.02          # random old-study reads as a share of study read events
+    read_spacing_s: float = 0.05          # seconds between two instances fetched by a viewer
+
+    def __post_init__(self) -> None:
+        if self.days < 1:
+            raise ValueError("days must be >= 1")
+        unknown = set(self.modality_mix) - set(SHAPES)
+        if unknown:
+            raise ValueError(f"unknown modalities {sorted(unknown)}; known: {sorted(SHAPES)}")
+        for key in ("{modality}", "{date}", "{study}", "{series}", "{instance}"):
+            if key not in self.layout:
+                raise ValueError(f"layout {self.layout!r} lacks {key}")
+
+
+def oncology() -> WorkloadParams:
+    """A cancer centre: CT/PET/MR heavy, nearly every patient returns, weekly tumour boards."""
+    return WorkloadParams(
+        preset="oncology", monthly_tb=2.5,
+        modality_mix={"CT": 0.40, "PT": 0.15, "MR": 0.18, "CR": 0.10, "DX": 0.02, "US": 0.07,
+                      "MG": 0.05, "NM": 0.03},
+        departments={"ONC": Department(0.70, 4.0, tumour_board=True), "IP": Department(0.15, 2.0),
+                     "OP": Department(0.15, 8.0)},
+        patient_pool=30_000, returning_share=0.85, priors_mean=5.0, prior_gap_days=90.0,
+        priors_read=(1, 3), followup_rate=1.0, tumour_board_share=0.7, longtail_share=0.01,
+        weekend_factor=0.2, working_hours_share=0.85)
+
+
+PRESETS = {"general": WorkloadParams, "oncology": oncology}
+
+
+def preset(name: str, **overrides: object) -> WorkloadParams:
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; known: {sorted(PRESETS)}")
+    return dataclasses.replace(PRESETS[name](), **overrides)
+
+
+# --- studies -----------------------------------------------------------------------------------
+
+
+@dataclass
+class Study:
+    """One study in the archive: its place and the size of every instance (bytes), series-ordered."""
+
+    idx: int
+    modality: str
+    day: int                     # acquisition day relative to the trace start (negative: prior)
+    patient: int
+    department: str
+    sizes: np.ndarray            # int64 bytes per instance
+    series_starts: np.ndarray    # offsets into sizes where each series begins (len = n_series + 1)
+    acquired_at: float = 0.0
+
+    @property
+    def n_series(self) -> int:
+        return len(self.series_starts) - 1
+
+
+@dataclass(frozen=True, order=True)
+class Event:
+    """A study-level action that expands into per-instance requests."""
+
+    t: float
+    seq: int                     # tie-breaker, keeps the order deterministic
+    op: str = field(compare=False)          # "W" or "R"
+    study: int = field(compare=False)
+    series: tuple[int, ...] = field(compare=False, default=())   # empty = all series
+    kind: str = field(compare=False, default="primary")
+
+
+@dataclass(frozen=True)
+class Request:
+    t: float
+    op: str
+    path: str
+    size: int
+    patient: str
+    study: str
+    modality: str
+    department: str
+
+
+class Generator:
+    """Draws the study-level events, then streams per-instance requests (see module docstring)."""
+
+    def __init__(self, params: WorkloadParams) -> None:
+        self.p = params
+        self.rng = np.random.default_rng(params.seed)
+        self.start = dt.date.fromisoformat(params.start)
+        self.studies: list[Study] = []
+        self.history: dict[int, list[int]] = {}      # patient → study indices, oldest first
+        self.events: list[Event] = []
+        self._seq = 0
+        mix = {m: s for m, s in params.modality_mix.items() if s > 0}
+        total = sum(mix.values())
+        self.modalities = list(mix)
+        self.mod_p = np.array([mix[m] / total for m in self.modalities])
+        dep_total = sum(d.share for d in params.departments.values())
+        self.departments = list(params.departments)
+        self.dep_p = np.array([params.departments[d].share / dep_total for d in self.departments])
+
+    # -- sizes
+    def expected_study_bytes(self) -> float:
+        """E[bytes per study] under the modality mix, for scaling the study count to monthly_tb."""
+        total = 0.0
+        for m, pm in zip(self.modalities, self.mod_p):
+            s = SHAPES[m]
+            series = (s.series[0] + s.series[1]) / 2
+            images = max(1.0, s.images_median * np.exp(s.images_sigma**2 / 2))
+            size = s.image_mb * MB * np.exp(s.size_sigma**2 / 2)
+            total += pm * series * images * size
+        return total
+
+    def studies_per_day(self, weekday: int) -> float:
+        daily = self.p.monthly_tb * 1e12 / (365.25 / 12)
+        per_week = 7 * daily / self.expected_study_bytes()
+        weekday_n = per_week / (5 + 2 * self.p.weekend_factor)
+        return weekday_n * (self.p.weekend_factor if weekday >= 5 else 1.0)
+
+    def _new_study(self, modality: str, day: int, patient: int, department: str) -> Study:
+        s = SHAPES[modality]
+        rng = self.rng
+        n_series = int(rng.integers(s.series[0], s.series[1] + 1))
+        images = np.maximum(1, np.round(rng.lognormal(np.log(s.images_median), s.images_sigma,
+                                                      n_series))).astype(np.int64)
+        median = s.image_mb * MB * float(rng.lognormal(0.0, 0.1))
+        sizes = np.maximum(1024, rng.lognormal(np.log(median), s.size_sigma, int(images.sum())))
+        starts = np.concatenate(([0], np.cumsum(images)))
+        st = Study(len(self.studies), modality, day, patient, department, sizes.astype(np.int64), starts)
+        self.studies.append(st)
+        self.history.setdefault(patient, []).append(st.idx)
+        return st
+
+    # -- patients
+    def _materialise_history(self, patient: int, modality: str, before_day: int) -> None:
+        """A returning patient seen for the first time in the trace gets priors in the archive."""
+        if patient in self.history:
+            return
+        p = self.p
+        n = 1 + int(self.rng.poisson(max(p.priors_mean - 1, 0.0)))
+        # the archive's history ends where the trace starts: studies acquired during the trace are
+        # generated (and written) by the trace itself
+        before_day = min(before_day, 0)
+        day = before_day
+        days: list[int] = []
+        for _ in range(n):
+            day -= max(1, int(self.rng.exponential(p.prior_gap_days)))
+            if day < -p.history_years * 365.25:
+                break
+            days.append(day)
+        if not days:
+            days = [before_day - 1 - int(self.rng.integers(0, int(p.history_years * 365)))]
+        self.history[patient] = []
+        for d in sorted(days):
+            m = modality if self.rng.random() < p.same_modality_prior else self._draw_modality()
+            prior = self._new_study(m, d, patient, self._draw_department())
+            prior.acquired_at = d * DAY + self.rng.uniform(p.work_start_h, p.work_end_h) * 3600
+
+    def _draw_modality(self) -> str:
+        return self.modalities[int(self.rng.choice(len(self.modalities), p=self.mod_p))]
+
+    def _draw_department(self) -> str:
+        return self.departments[int(self.rng.choice(len(self.departments), p=self.dep_p))]
+
+    # -- events
+    def _event(self, t: float, op: str, study: int, series: tuple[int, ...] = (), kind: str = "primary") -> None:
+        if t < self.p.days * DAY:
+            self.events.append(Event(t, self._seq, op, study, series, kind))
+            self._seq += 1
+
+    def _acquisition_time(self, day: int) -> float:
+        p = self.p
+        weekday = (self.start + dt.timedelta(days=day)).weekday()
+        if weekday < 5 and self.rng.random() < p.working_hours_share:
+            hour = self.rng.uniform(p.work_start_h, p.work_end_h)
+        elif weekday < 5:
+            # outside working hours: the rest of the day, uniformly
+            off = 24 - (p.work_end_h - p.work_start_h)
+            hour = (p.work_end_h + self.rng.uniform(0, off)) % 24
+        else:
+            hour = self.rng.uniform(0, 24)
+        return day * DAY + hour * 3600
+
+    def _next_working(self, t: float) -> float:
+        """Move a non-urgent read into working hours (reporting is done by day staff)."""
+        p = self.p
+        while True:  # at most three turns: a weekend is two days
+            day = int(t // DAY)
+            hour = (t - day * DAY) / 3600
+            if (self.start + dt.timedelta(days=day)).weekday() < 5:
+                if p.work_start_h <= hour < p.work_end_h:
+                    return t
+                if hour < p.work_start_h:
+                    return day * DAY + (p.work_start_h + self.rng.uniform(0, 2)) * 3600
+            t = (day + 1) * DAY
+
+    def _subset(self, st: Study, share: float) -> tuple[int, ...]:
+        k = max(1, int(round(st.n_series * share)))
+        return tuple(sorted(self.rng.choice(st.n_series, size=k, replace=False).tolist()))
+
+    def _pick_priors(self, st: Study, n: int) -> list[int]:
+        older = [i for i in self.history[st.patient] if i != st.idx and self.studies[i].acquired_at < st.acquired_at]
+        older.sort(key=lambda i: self.studies[i].acquired_at, reverse=True)
+        same = [i for i in older if self.studies[i].modality == st.modality]
+        rest = [i for i in older if self.studies[i].modality != st.modality]
+        return (same + rest)[:n]
+
+    def draw_events(self) -> None:
+        p, rng = self.p, self.rng
+        n_primary = 0
+        for day in range(p.days):
+            weekday = (self.start + dt.timedelta(days=day)).weekday()
+            n = int(rng.poisson(self.studies_per_day(weekday)))
+            for t in sorted(self._acquisition_time(day) for _ in range(n)):
+                modality = self._draw_modality()
+                dep_name = self._draw_department()
+                dep = p.departments[dep_name]
+                if rng.random() < p.returning_share:
+                    patient = int(rng.integers(0, p.patient_pool))
+                    self._materialise_history(patient, modality, day)
+                else:
+                    patient = p.patient_pool + len(self.studies)   # a new patient: no history
+                st = self._new_study(modality, day, patient, dep_name)
+                st.acquired_at = t
+                self._event(t, "W", st.idx, kind="write")
+                duration = (st.sizes.size * SHAPES[modality].write_spacing_s)
+                read_t = t + duration + rng.lognormal(np.log(dep.read_median_h * 3600), p.read_sigma)
+                if dep_name != "ED":
+                    read_t = self._next_working(read_t)
+                # the viewer opens the priors first (hanging protocol), then the new study
+                n_priors = int(rng.integers(p.priors_read[0], p.priors_read[1] + 1))
+                chosen = self._pick_priors(st, n_priors)
+                for k, prior in enumerate(chosen):
+                    self._event(read_t + k * 5.0, "R", prior, kind="prior")
+                self._event(read_t + len(chosen) * 5.0 + 5.0, "R", st.idx, kind="primary")
+                n_primary += 1
+                for _ in range(int(rng.poisson(p.followup_rate))):
+                    delay = rng.lognormal(np.log(p.followup_median_days * DAY), 1.0)
+                    self._event(self._next_working(read_t + delay), "R", st.idx,
+                                self._subset(st, p.followup_series_share), kind="followup")
+                if dep.tumour_board and rng.random() < p.tumour_board_share:
+                    board = self._next_board(read_t)
+                    self._event(board, "R", st.idx, self._subset(st, p.followup_series_share), kind="board")
+                    priors = self._pick_priors(st, 1)
+                    if priors:
+                        prior = self.studies[priors[0]]
+                        self._event(board + 30.0, "R", prior.idx,
+                                    self._subset(prior, p.followup_series_share), kind="board")
+        self._draw_longtail(n_primary)
+        self.events.sort()
+
+    def _next_board(self, t: float) -> float:
+        day = int(t // DAY) + 1
+        while (self.start + dt.timedelta(days=day)).weekday() != self.p.tumour_board_weekday:
+            day += 1
+        return day * DAY + self.p.tumour_board_hour * 3600 + self.rng.uniform(0, 2 * 3600)
+
+    def _draw_longtail(self, n_primary: int) -> None:
+        """Random reads of old archive studies: audits, research exports, transfers."""
+        p, rng = self.p, self.rng
+        n = int(rng.poisson(p.longtail_share * n_primary))
+        for _ in range(n):
+            day = int(rng.integers(0, p.days))
+            patient = int(rng.integers(0, p.patient_pool))
+            self._materialise_history(patient, self._draw_modality(), 0)
+            old = [i for i in self.history[patient] if self.studies[i].day < 0]
+            if not old:
+                continue
+            t = self._next_working(day * DAY + rng.uniform(0, DAY))
+            self._event(t, "R", int(rng.choice(old)), kind="longtail")
+
+    # -- expansion
+    def _expand(self, ev: Event) -> tuple[np.ndarray, np.ndarray]:
+        """(times, instance indices) of one event's per-instance requests."""
+        st = self.studies[ev.study]
+        if ev.series:
+            idx = np.concatenate([np.arange(st.series_starts[s], st.series_starts[s + 1]) for s in ev.series])
+        else:
+            idx = np.arange(st.sizes.size)
+        spacing = SHAPES[st.modality].write_spacing_s if ev.op == "W" else self.p.read_spacing_s
+        return ev.t + np.arange(idx.size) * spacing, idx
+
+    def path(self, st: Study, instance: int) -> str:
+        series = int(np.searchsorted(st.series_starts, instance, side="right")) - 1
+        return self.p.layout.format(
+            modality=st.modality, date=(self.start + dt.timedelta(days=st.day)).isoformat(),
+            study=f"ST{st.idx:08d}", series=f"SE{series + 1:03d}",
+            instance=f"{instance - st.series_starts[series] + 1:05d}")
+
+    def iter_chunks(self) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
+        """Per-day chunks of (t, is_write, study, instance), sorted by time, for the whole horizon."""
+        carry: list[tuple[np.ndarray, ...]] = []
+        ev_i = 0
+        for day in range(self.p.days):
+            end = (day + 1) * DAY
+            parts = carry
+            while ev_i < len(self.events) and self.events[ev_i].t < end:
+                ev = self.events[ev_i]
+                t, inst = self._expand(ev)
+                parts.append((t, np.full(t.size, ev.op == "W"), np.full(t.size, ev.study, np.int64), inst))
+                ev_i += 1
+            if not parts:
+                carry = []
+                continue
+            t, w, s, i = (np.concatenate(c) for c in zip(*parts))
+            order = np.lexsort((i, s, t))
+            t, w, s, i = t[order], w[order], s[order], i[order]
+            cut = int(np.searchsorted(t, end))
+            yield t[:cut], w[:cut], s[:cut], i[:cut]
+            carry = [(t[cut:], w[cut:], s[cut:], i[cut:])] if cut < t.size else []
+        # requests that run past the horizon are dropped: the trace ends at days * DAY
+
+    def requests(self) -> Iterator[Request]:
+        """Every request as a record (slow: for tests and small traces; write_trace is the fast path)."""
+        for t, w, s, i in self.iter_chunks():
+            for tt, ww, ss, ii in zip(t.tolist(), w.tolist(), s.tolist(), i.tolist()):
+                st = self.studies[ss]
+                yield Request(round(tt, 3), "W" if ww else "R", self.path(st, ii), int(st.sizes[ii]),
+                              f"P{st.patient:07d}", f"ST{st.idx:08d}", st.modality, st.department)
+
+
+def generate(params: WorkloadParams) -> Generator:
+    g = Generator(params)
+    g.draw_events()
+    return g
+
+
+def archive_totals(g: Generator) -> tuple[int, int]:
+    """(bytes, files) of the archive the trace refers to, extrapolated to the whole history."""
+    daily = g.p.monthly_tb * 1e12 / (365.25 / 12)
+    avg = sum(int(s.sizes.sum()) for s in g.studies) / max(1, sum(s.sizes.size for s in g.studies))
+    total = daily * 365.25 * g.p.history_years
+    return int(total), int(total / max(avg, 1))
+
+
+__all__ = ["ModalityShape", "Department", "WorkloadParams", "SHAPES", "PRESETS", "preset", "oncology",
+           "Generator", "Study", "Event", "Request", "generate", "archive_totals"]

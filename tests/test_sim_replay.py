@@ -1,0 +1,139 @@
+"""Replay: the simulator agrees with libCacheSim, Belady bounds every online policy, budgets hold."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from agent.sim.reference import ALGORITHMS, next_access, run_arrays, run_reference
+from agent.sim.replay import ReplayConfig, Replayer, replay
+from agent.sim.report import write_report
+from agent.sim.trace import load_arrays, write_trace
+from agent.sim.workload import DAY, generate, preset
+from tests.sim_helpers import arrays, write_first
+
+KIB = 1024
+
+
+def demand_misses(ta, scheme: str, capacity: int) -> int:  # noqa: ANN001
+    r = Replayer(ta, scheme, ReplayConfig(capacity=capacity, warmup_days=0)).run()
+    return r.reads - r.hits
+
+
+# (seed, requests, objects, cache slots, share of objects written) — S3FIFO needs >= 10 slots
+traces = st.tuples(st.integers(0, 2**32 - 1), st.integers(20, 400), st.integers(12, 80), st.integers(10, 30),
+                   st.floats(0.0, 1.0))
+
+
+def random_trace(seed: int, n: int, n_obj: int, skew: float) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    p = 1.0 / np.arange(1, n_obj + 1) ** skew
+    obj = rng.choice(n_obj, size=n, p=p / p.sum())
+    return obj, rng
+
+
+@settings(max_examples=40, deadline=None)
+@given(traces)
+def test_belady_bounds_every_online_policy(params: tuple) -> None:
+    seed, n, n_obj, slots, write_share = params
+    obj, rng = random_trace(seed, n, n_obj, 0.8)
+    obj = np.unique(obj, return_inverse=True)[1]          # dense ids
+    w = write_first(obj, write_share, rng)
+    ta = arrays(obj, w, size=np.full(obj.max() + 1, KIB))
+    cap = slots * KIB
+    ref = {r.algorithm: r for r in run_arrays(ta.obj, ta.size, ta.t, ta.is_write, cap)}
+    belady = ref["Belady"].reads - ref["Belady"].hits
+    for name in ("LRU", "ARC", "S3FIFO", "Sieve"):
+        assert belady <= ref[name].reads - ref[name].hits, name
+    for scheme in ("A", "B", "study", "kmeans"):
+        assert belady <= demand_misses(ta, scheme, cap), scheme
+
+
+@settings(max_examples=30, deadline=None)
+@given(traces)
+def test_our_lru_is_libcachesim_lru(params: tuple) -> None:
+    seed, n, n_obj, slots, write_share = params
+    obj, rng = random_trace(seed, n, n_obj, 1.0)
+    obj = np.unique(obj, return_inverse=True)[1]
+    w = write_first(obj, write_share, rng)
+    ta = arrays(obj, w, size=np.full(obj.max() + 1, KIB))
+    ref = run_arrays(ta.obj, ta.size, ta.t, ta.is_write, slots * KIB, algorithms=("LRU",))[0]
+    assert ref.reads - ref.hits == demand_misses(ta, "A", slots * KIB)
+
+
+def test_next_access_index() -> None:
+    assert next_access(np.array([3, 1, 3, 3, 1, 2])).tolist() == [2, 4, 3, -1, -1, -1]
+
+
+@pytest.fixture(scope="module")
+def small_trace(tmp_path_factory):  # noqa: ANN201
+    path = tmp_path_factory.mktemp("trace") / "general.tsv"
+    write_trace(generate(preset("general", seed=42, days=8, monthly_tb=0.15)), path)
+    return load_arrays(path)
+
+
+def test_prefetch_respects_its_bandwidth(small_trace) -> None:  # noqa: ANN001
+    written = int(small_trace.size[small_trace.is_write].sum())
+    cfg = ReplayConfig(capacity=written // 3, warmup_days=2, prefetch_bps=2e6)
+    r = Replayer(small_trace, "ours", cfg)
+    res = r.run()
+    assert res.prefetch_bytes > 0
+    t = np.array(r.pf_times)
+    s = np.array(r.pf_sizes, dtype=np.float64)
+    assert np.all(np.diff(t) >= -1e-6), "fetched one after another"
+    # between any two arrivals no more than rate x elapsed time was delivered
+    cum = np.cumsum(s)
+    for i in range(0, t.size, max(1, t.size // 200)):
+        j = np.arange(i + 1, t.size)
+        assert np.all(cum[j] - cum[i] <= cfg.prefetch_bps * (t[j] - t[i]) + 1.0)
+
+
+def test_schemes_on_a_generated_trace(small_trace, tmp_path) -> None:  # noqa: ANN001
+    written = int(small_trace.size[small_trace.is_write].sum())
+    cfg = ReplayConfig(capacity=written // 3, warmup_days=2)
+    res = {s: replay(small_trace, s, cfg) for s in ("A", "B", "ours")}
+    for r in res.values():
+        assert 0 < r.hits <= r.reads and 0 < r.hit_bytes <= r.read_bytes
+        assert r.p95_latency_s >= r.mean_latency_s * 0.5 > 0
+    # prior-study prefetch turns the comparison reads of priors into hits: a large, not marginal, gain
+    assert res["ours"].hit_ratio > res["A"].hit_ratio + 0.1
+    assert res["ours"].mean_latency_s < res["A"].mean_latency_s
+    refs = run_reference(small_trace, cfg.capacity, cfg.warmup_days)
+    assert [r.algorithm for r in refs] == list(ALGORITHMS)
+    lru = next(r for r in refs if r.algorithm == "LRU")
+    assert lru.reads == res["A"].reads
+    assert abs(lru.hit_ratio - res["A"].hit_ratio) < 0.01    # KiB rounding of sizes only
+    text = write_report(small_trace, cfg, list(res.values()), refs, tmp_path)
+    assert "libCacheSim Belady" in text and "ours" in text
+    assert (tmp_path / "hit_ratio_per_day.png").stat().st_size > 1000
+    assert (tmp_path / "egress.png").stat().st_size > 1000
+
+
+def test_warmup_is_not_counted(small_trace) -> None:  # noqa: ANN001
+    cap = int(small_trace.size.sum())     # everything fits: only compulsory misses remain
+    r0 = replay(small_trace, "A", ReplayConfig(capacity=cap, warmup_days=0))
+    r2 = replay(small_trace, "A", ReplayConfig(capacity=cap, warmup_days=2))
+    reads = ~small_trace.is_write
+    assert r0.reads == int(reads.sum())
+    assert r2.reads == int((reads & (small_trace.t >= 2 * DAY)).sum())
+    first = np.zeros(small_trace.n, dtype=bool)
+    first[np.unique(small_trace.obj, return_index=True)[1]] = True
+    assert r0.reads - r0.hits == int((reads & first).sum())
+
+
+def test_line_queue_serialises_bursts() -> None:
+    from agent.sim.replay import LatencyModel
+    lm = LatencyModel(line_bps=10.0)
+    t = np.array([0.0, 0.0, 0.0, 100.0, 100.5])
+    s = np.array([10.0, 10.0, 10.0, 10.0, 10.0])
+    assert lm.line_queue(t, s).tolist() == [1.0, 2.0, 3.0, 101.0, 102.0]
+
+
+def test_prefetch_egress_is_spread_over_the_transfer() -> None:
+    from agent.sim.replay import spread_per_minute
+    # 1200 bytes at 10 B/s end at t=150 s: on the line from 30 s to 150 s → 300, 600, 300 bytes
+    out = spread_per_minute(np.array([150.0, 61.0]), np.array([1200.0, 10.0]), 10.0, 0.0, 4)
+    assert out.tolist() == [300.0, 610.0, 300.0, 0.0]
+    assert out.sum() == 1210.0
