@@ -2,7 +2,7 @@
 # Build the pacsgw appliance disk image: Debian bookworm by debootstrap, provisioned by ansible/site.yml
 # (the fleet's own roles) through the chroot connection, then a GPT disk with systemd-boot (UEFI).
 #
-#   image/build.sh [--out DIR] [--release TAR] [--rootfs-only] [--no-kernel] [--mirror URL]
+#   image/build.sh [--out DIR] [--release TAR] [--rootfs-only] [--no-kernel] [--no-compress] [--mirror URL]
 #
 # Output (default build/image/): rootfs/ (the provisioned tree), pacsgw.raw and pacsgw.qcow2.
 # Partitions: 1 ESP (FAT32, PACSGW-ESP: systemd-boot, kernel, initrd), 2 config (FAT, PACSGW-CFG: the
@@ -14,6 +14,7 @@ out="$repo/build/image"
 release=""
 rootfs_only=0
 kernel=1
+compress=1
 mirror=""
 while (($#)); do
   case "$1" in
@@ -21,6 +22,7 @@ while (($#)); do
     --release) release="$2"; shift 2 ;;
     --rootfs-only) rootfs_only=1; shift ;;
     --no-kernel) kernel=0; shift ;;
+    --no-compress) compress=0; shift ;;
     --mirror) mirror="$2"; shift 2 ;;
     *) echo "unknown argument: $1" >&2; exit 2 ;;
   esac
@@ -144,5 +146,5 @@ dd if="$work/cfg.img" of="$raw" bs=1M seek=$((1 + esp_mb)) conv=notrunc,sparse s
 dd if="$work/root.img" of="$raw" bs=1M seek=$((1 + esp_mb + cfg_mb)) conv=notrunc,sparse status=none
 rm -rf "$work"
 step "qcow2"
-qemu-img convert -O qcow2 -c "$raw" "$out/pacsgw.qcow2"
+qemu-img convert -O qcow2 $([[ $compress == 1 ]] && echo -c) "$raw" "$out/pacsgw.qcow2"
 step "done: $raw ($(du -h "$raw" | cut -f1) used of ${total_mb} MiB), $out/pacsgw.qcow2 ($(du -h "$out/pacsgw.qcow2" | cut -f1))"

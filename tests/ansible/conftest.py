@@ -20,7 +20,7 @@ def base_release(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def appliance(tmp_path_factory, base_release) -> Path:
+def appliance(tmp_path_factory, request) -> Path:
     """The appliance built by image/build.sh: debootstrap + site.yml over chroot + kernel + disk.
 
     PACSGW_TEST_IMAGE_DIR (development only, never set in CI) points at an existing build to reuse.
@@ -29,4 +29,4 @@ def appliance(tmp_path_factory, base_release) -> Path:
     if reuse:
         return Path(reuse)
     out = tmp_path_factory.mktemp("image")
-    return build_appliance(out, base_release, kernel=True, rootfs_only=False)
+    return build_appliance(out, request.getfixturevalue("base_release"), kernel=True, rootfs_only=False)
