@@ -247,6 +247,12 @@ class LogConfig:
 
 
 @dataclass(frozen=True)
+class ModelConfig:
+    path: str = _f(_str, "a path to the .tflite heat model (its model card <name>.card.json beside it), or ''",
+                   default="")
+
+
+@dataclass(frozen=True)
 class UserConfig:
     name: str = _f(_name, "1-32 characters of A-Z a-z 0-9 _ . - (not starting with . or -)")
     password: str = _f(_str, "a string (prefer password_hash)", default="")
@@ -267,6 +273,7 @@ class Config:
     sftp: SftpConfig
     http: HttpConfig
     log: LogConfig
+    model: ModelConfig
     users: tuple[UserConfig, ...]
 
     @property
@@ -276,7 +283,7 @@ class Config:
 
 _SECTIONS: dict[str, type] = {
     "cache": CacheConfig, "uplink": UplinkConfig, "ftp": FtpConfig, "sftp": SftpConfig,
-    "http": HttpConfig, "log": LogConfig,
+    "http": HttpConfig, "log": LogConfig, "model": ModelConfig,
 }
 
 

@@ -1,0 +1,106 @@
+"""`pacsgw` command line: run, check-config, status, hash-password (and the simulator's commands)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import getpass
+import json
+import sys
+import urllib.error
+import urllib.request
+
+from agent import __version__
+from agent.config import ConfigError, load
+
+DEFAULT_CONFIG = "/etc/pacsgw/agent.toml"
+
+
+def _load_or_exit(path: str):  # noqa: ANN202
+    try:
+        return load(path)
+    except ConfigError as e:
+        print(f"pacsgw: configuration error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from agent import daemon, logs
+    cfg = _load_or_exit(args.config)
+    logs.configure(cfg.log.level, cfg.log.format)
+    asyncio.run(daemon.serve(cfg))
+    return 0
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    cfg = _load_or_exit(args.config)
+    print(f"{cfg.path}: ok ({len(cfg.users)} users, bucket {cfg.uplink.bucket!r}, "
+          f"write mode {cfg.uplink.write_mode})")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from agent.serve.http import status_lines
+    url = args.url
+    if not url:
+        host, port = _load_or_exit(args.config).http.listen
+        url = f"http://{'[' + host + ']' if ':' in host else host}:{port}"
+    try:
+        with urllib.request.urlopen(url.rstrip("/") + "/healthz", timeout=10) as r:
+            health = json.load(r)
+    except urllib.error.HTTPError as e:  # 503 still carries the health document
+        health = json.load(e)
+    except OSError as e:
+        print(f"pacsgw: cannot reach the agent at {url}: {e}", file=sys.stderr)
+        return 3
+    if args.json:
+        print(json.dumps(health, indent=2))
+    else:
+        width = max(len(k) for k, _ in status_lines(health))
+        for k, v in status_lines(health):
+            print(f"{k:<{width}}  {v}")
+    return {"ok": 0, "degraded": 1}.get(health["status"], 2)
+
+
+def cmd_hash_password(args: argparse.Namespace) -> int:
+    from agent.auth import hash_password
+    password = sys.stdin.readline().rstrip("\n") if args.stdin else getpass.getpass("password: ")
+    if not password:
+        print("pacsgw: empty password", file=sys.stderr)
+        return 2
+    print(hash_password(password))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="pacsgw", description="Edge storage gateway for hospital PACS.")
+    ap.add_argument("--version", action="version", version=f"pacsgw {__version__}")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("run", help="run the agent in the foreground (SIGTERM drains and stops)")
+    p.add_argument("--config", default=DEFAULT_CONFIG)
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("check-config", help="validate a configuration file")
+    p.add_argument("--config", default=DEFAULT_CONFIG)
+    p.set_defaults(func=cmd_check_config)
+
+    p = sub.add_parser("status", help="print the running agent's health (exit 0 ok, 1 degraded, 2 failing)")
+    p.add_argument("--config", default=DEFAULT_CONFIG)
+    p.add_argument("--url", help="the agent's HTTP address, instead of reading [http] listen from the config")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("hash-password", help="print a password_hash for [[users]]")
+    p.add_argument("--stdin", action="store_true", help="read the password from standard input")
+    p.set_defaults(func=cmd_hash_password)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

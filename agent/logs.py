@@ -1,0 +1,40 @@
+"""structlog set-up: one key-value event per line, JSON for journald and log shippers, or console."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+
+import structlog
+
+_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
+
+
+class _DropClientHangups(logging.Filter):
+    """aioftp leaves a client's hang-up (reset, cancelled dispatcher) as an unretrieved task exception;
+    that is a normal end of session, not an error worth an admin's attention."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        return not isinstance(exc, (ConnectionResetError, BrokenPipeError, asyncio.CancelledError))
+
+
+def configure(level: str = "info", fmt: str = "json") -> None:
+    renderer = structlog.processors.JSONRenderer() if fmt == "json" else structlog.dev.ConsoleRenderer(colors=False)
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.processors.dict_tracebacks if fmt == "json" else structlog.processors.format_exc_info,
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level]),
+        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        cache_logger_on_first_use=True,
+    )
+    # Libraries (asyncssh, aioftp, botocore) log through stdlib logging: keep their noise at warning.
+    logging.basicConfig(stream=sys.stderr, level=max(_LEVELS[level], logging.WARNING),
+                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    logging.getLogger("asyncio").addFilter(_DropClientHangups())

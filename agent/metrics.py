@@ -1,0 +1,34 @@
+"""Prometheus metrics of one agent (its own registry, so several agents can live in one test process)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.hits = Counter("pacsgw_cache_hits", "Reads served from the SSD cache", registry=r)
+        self.misses = Counter("pacsgw_cache_misses", "Reads that had to fetch from object storage", registry=r)
+        self.bytes_in = Counter("pacsgw_bytes_received", "Bytes written by clients", ["protocol"], registry=r)
+        self.bytes_out = Counter("pacsgw_bytes_sent", "Bytes read by clients", ["protocol"], registry=r)
+        self.uploaded_bytes = Counter("pacsgw_uploaded_bytes", "Bytes uploaded to object storage", registry=r)
+        self.fetched_bytes = Counter("pacsgw_fetched_bytes", "Bytes fetched from object storage", registry=r)
+        self.uploads = Counter("pacsgw_uploads", "Upload attempts by result", ["result"], registry=r)
+        self.upload_seconds = Histogram("pacsgw_upload_seconds", "Time to put one object", registry=r,
+                                        buckets=_LATENCY_BUCKETS)
+        self.ack_seconds = Histogram("pacsgw_close_to_ack_seconds", "From client close to success reply",
+                                     ["protocol"], registry=r, buckets=_LATENCY_BUCKETS)
+        self.fetch_seconds = Histogram("pacsgw_fetch_seconds", "Time to fetch one object", registry=r,
+                                       buckets=_LATENCY_BUCKETS)
+        self.errors = Counter("pacsgw_errors", "Errors returned to clients", ["protocol", "kind"], registry=r)
+        self.evictions = Counter("pacsgw_evictions", "Cached copies dropped", registry=r)
+        self.queue_depth = Gauge("pacsgw_upload_queue_files", "Files waiting for object storage", registry=r)
+        self.queue_bytes = Gauge("pacsgw_upload_queue_bytes", "Bytes waiting for object storage", registry=r)
+        self.cached_bytes = Gauge("pacsgw_cache_bytes", "Bytes held in the SSD cache", registry=r)
+        self.uplink_up = Gauge("pacsgw_uplink_up", "1 when object storage answers", registry=r)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

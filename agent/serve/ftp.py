@@ -1,0 +1,363 @@
+"""FTP front end (aioftp) over the gateway facade.
+
+aioftp provides the protocol; this module supplies a PathIO onto the gateway, a user manager with
+hashed passwords, and its own STOR/APPE/RETR workers so that
+  * 226 is sent only after the gateway committed the file (durable, and in S3 in write-through mode),
+  * an upload whose data connection fails (reset, timeout) is discarded, never committed,
+  * every gateway error gets its own FTP reply code and message,
+plus the SIZE, MDTM, FEAT, OPTS and NOOP commands aioftp lacks. Paths are resolved with
+agent.store.paths, so traversal attempts are refused, not clamped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import stat as statmod
+import time
+from pathlib import Path, PurePosixPath
+from typing import Any, AsyncIterator
+
+import aioftp
+import structlog
+from aioftp.server import ConnectionConditions, PathPermissions, worker
+
+from agent.auth import verify_password
+from agent.config import Config, UserConfig
+from agent.store.catalog import Entry
+from agent.store.errors import (AlreadyExists, BadPath, Corrupt, GatewayError, IsADirectory, NoSpace,
+                                NotADirectory, NotEmpty, NotFound, PermissionDenied, Unavailable)
+from agent.store.gateway import Gateway
+from agent.store.paths import resolve
+
+log = structlog.get_logger("pacsgw.ftp")
+
+BLOCK = 256 * 1024
+FAILED_LOGIN_DELAY = 1.0
+
+# Gateway error → (FTP code, reply). 450/451/452 are transient ("try again"), 55x permanent.
+REPLIES: dict[type, str] = {
+    NotFound: "550", AlreadyExists: "550", IsADirectory: "550", NotADirectory: "550", NotEmpty: "550",
+    PermissionDenied: "550", BadPath: "553", NoSpace: "452", Unavailable: "451", Corrupt: "451",
+}
+
+PATH_COMMANDS = ("cwd", "dele", "list", "nlst", "mkd", "mlsd", "mlst", "rmd", "rnfr", "rnto", "stor", "appe", "retr",
+                 "size", "mdtm")
+
+
+def reply_for(exc: GatewayError) -> tuple[str, str]:
+    return REPLIES.get(type(exc), "451"), exc.reason
+
+
+def _gateway_error(exc: BaseException) -> GatewayError | None:
+    """aioftp wraps PathIO exceptions in PathIOError; find ours inside."""
+    seen = exc
+    while seen is not None:
+        if isinstance(seen, GatewayError):
+            return seen
+        seen = seen.__cause__
+    return None
+
+
+class EntryPath(PurePosixPath):
+    """A path yielded by a listing that carries its catalog entry, so LIST/MLSD need no more queries."""
+
+    entry: Entry
+
+
+def _ns(path: PurePosixPath) -> str:
+    return str(path).lstrip("/")
+
+
+class _Stat:
+    def __init__(self, e: Entry) -> None:
+        self.st_size = e.size
+        self.st_mtime = self.st_ctime = e.mtime
+        self.st_mode = (statmod.S_IFDIR | 0o755) if e.is_dir else (statmod.S_IFREG | 0o644)
+        self.st_nlink = 1
+
+
+class GatewayPathIO(aioftp.AbstractPathIO):
+    """aioftp's view of the namespace. Paths arrive as /<user root>/<virtual path>."""
+
+    gateway: Gateway  # set by the factory
+
+    async def _entry(self, path: PurePosixPath) -> Entry | None:
+        if isinstance(path, EntryPath):
+            return path.entry
+        try:
+            return await self.gateway.stat(_ns(path))
+        except NotFound:
+            return None
+
+    async def exists(self, path: PurePosixPath) -> bool:
+        return await self._entry(path) is not None
+
+    async def is_dir(self, path: PurePosixPath) -> bool:
+        e = await self._entry(path)
+        return e is not None and e.is_dir
+
+    async def is_file(self, path: PurePosixPath) -> bool:
+        e = await self._entry(path)
+        return e is not None and not e.is_dir
+
+    async def mkdir(self, path: PurePosixPath, *, parents: bool = False, exist_ok: bool = False) -> None:
+        await self.gateway.mkdir(_ns(path))
+
+    async def rmdir(self, path: PurePosixPath) -> None:
+        await self.gateway.rmdir(_ns(path))
+
+    async def unlink(self, path: PurePosixPath) -> None:
+        await self.gateway.delete(_ns(path))
+
+    def list(self, path: PurePosixPath) -> AsyncIterator[PurePosixPath]:
+        async def gen() -> AsyncIterator[PurePosixPath]:
+            for e in await self.gateway.listdir(_ns(path)):
+                p = EntryPath(path, e.name)
+                p.entry = e
+                yield p
+        return gen()
+
+    async def stat(self, path: PurePosixPath) -> _Stat:
+        e = await self._entry(path)
+        if e is None:
+            raise NotFound(_ns(path))
+        return _Stat(e)
+
+    async def rename(self, source: PurePosixPath, destination: PurePosixPath) -> PurePosixPath:
+        await self.gateway.rename(_ns(source), _ns(destination))
+        return destination
+
+    # File I/O goes through the server's own STOR/RETR workers, never through these.
+    async def _open(self, path: PurePosixPath, mode: str) -> Any:
+        raise NotImplementedError
+
+    async def seek(self, file: Any, offset: int, whence: int = 0) -> int:
+        raise NotImplementedError
+
+    async def write(self, file: Any, data: bytes) -> int:
+        raise NotImplementedError
+
+    async def read(self, file: Any, block_size: int) -> bytes:
+        raise NotImplementedError
+
+    async def close(self, file: Any) -> None:
+        raise NotImplementedError
+
+
+class _Users(aioftp.AbstractUserManager):
+    """Unknown names get a 331 like known ones (no user enumeration) and fail at PASS, after a delay."""
+
+    def __init__(self, users: tuple[UserConfig, ...]) -> None:
+        super().__init__()
+        self.by_name = {u.name: u for u in users}
+        self.ftp_users = {u.name: aioftp.User(u.name, "-", base_path=Path(u.root), home_path="/",
+                                              permissions=[aioftp.Permission("/", readable=True, writable=True)])
+                          for u in users}
+
+    async def get_user(self, login: str) -> tuple[Any, aioftp.User | None, str]:
+        user = self.ftp_users.get(login) or aioftp.User(login or "-", None, base_path=Path("/nonexistent"))
+        return aioftp.AbstractUserManager.GetUserResponse.PASSWORD_REQUIRED, user, "password required"
+
+    async def authenticate(self, user: aioftp.User, password: str) -> bool:
+        cfg = self.by_name.get(user.login)
+        ok = cfg is not None and await asyncio.to_thread(
+            verify_password, password, plain=cfg.password, encoded=cfg.password_hash)
+        if not ok:
+            log.warning("login_failed", protocol="ftp", user=user.login)
+            await asyncio.sleep(FAILED_LOGIN_DELAY)
+        else:
+            log.info("login", protocol="ftp", user=user.login)
+        return ok
+
+    async def notify_logout(self, user: aioftp.User) -> None:
+        return None
+
+
+class FtpServer(aioftp.Server):
+    def __init__(self, cfg: Config, gateway: Gateway) -> None:
+        factory = type("BoundPathIO", (GatewayPathIO,), {"gateway": gateway})
+        lo, hi = cfg.ftp.passive_ports
+        super().__init__(
+            _Users(cfg.users), path_io_factory=factory, block_size=BLOCK, data_ports=range(lo, hi + 1),
+            ipv4_pasv_forced_response_address=cfg.ftp.masquerade_address or None,
+            idle_timeout=600, socket_timeout=120)
+        self.cfg, self.gateway = cfg, gateway
+        self.roots = {u.name: u.root for u in cfg.users}
+        self.commands_mapping.update({"nlst": self.nlst, "size": self.size, "mdtm": self.mdtm, "feat": self.feat,
+                                      "opts": self.opts, "noop": self.noop})
+        for name in PATH_COMMANDS:
+            self.commands_mapping[name] = self._guarded(self.commands_mapping[name])
+
+    # --- paths and errors ------------------------------------------------------------------------
+
+    def _resolve(self, connection: aioftp.Connection, rest: str) -> str:
+        return resolve(self.roots.get(connection.user.login, "/"), str(connection.current_directory), rest)
+
+    def _guarded(self, handler):  # noqa: ANN001, ANN202
+        """Refuse bad paths before aioftp sees them; map gateway errors raised inside a command."""
+        @functools.wraps(handler)
+        async def run(connection: aioftp.Connection, rest: str) -> bool:
+            if connection.future.logged.done() and rest:
+                try:
+                    self._resolve(connection, rest)
+                except GatewayError as e:
+                    return self._fail(connection, e)
+            try:
+                return await handler(connection, rest)
+            except aioftp.errors.PathIOError as exc:
+                err = _gateway_error(exc)
+                if err is None:
+                    raise
+                return self._fail(connection, err)
+            except GatewayError as e:
+                return self._fail(connection, e)
+        return run
+
+    def _fail(self, connection: aioftp.Connection, e: GatewayError) -> bool:
+        code, info = reply_for(e)
+        self.gateway.metrics.errors.labels("ftp", type(e).__name__).inc()
+        log.warning("ftp_error", user=connection.user.login, path=e.path, code=code, reason=info)
+        connection.response(code, info)
+        return True
+
+    # --- transfers ---------------------------------------------------------------------------------
+
+    @ConnectionConditions(ConnectionConditions.login_required, ConnectionConditions.passive_server_started)
+    @PathPermissions(PathPermissions.writable)
+    async def stor(self, connection: aioftp.Connection, rest: str, mode: str = "wb") -> bool:
+        path = self._resolve(connection, rest)
+        offset = connection.restart_offset
+        connection.restart_offset = 0
+        if mode == "ab":
+            try:
+                offset = (await self.gateway.stat(path)).size
+            except NotFound:
+                offset = 0
+        handle = await self.gateway.open_write(path, "ftp", offset=offset)
+
+        @ConnectionConditions(ConnectionConditions.data_connection_made, wait=True, fail_code="425",
+                              fail_info="Can't open data connection")
+        @worker
+        async def stor_worker(self: "FtpServer", connection: aioftp.Connection, rest: str) -> bool:
+            stream = connection.data_connection
+            del connection.data_connection
+            try:
+                async with stream:
+                    async for data in stream.iter_by_block(connection.block_size):
+                        await handle.write(data)
+            except asyncio.CancelledError:
+                await handle.abort("aborted")
+                raise
+            except GatewayError as e:
+                await handle.abort(e.reason)
+                return self._fail(connection, e)
+            except Exception as e:  # noqa: BLE001 - the data connection broke: the file is incomplete
+                await handle.abort(f"data connection failed: {type(e).__name__}")
+                connection.response("426", "connection closed; transfer aborted, file discarded")
+                return True
+            try:
+                await handle.commit()
+            except GatewayError as e:
+                return self._fail(connection, e)
+            connection.response("226", "stored")
+            return True
+
+        task = asyncio.create_task(stor_worker(self, connection, rest))
+        connection.extra_workers.add(task)
+        connection.response("150", "data transfer started")
+        return True
+
+    @ConnectionConditions(ConnectionConditions.login_required, ConnectionConditions.passive_server_started)
+    @PathPermissions(PathPermissions.readable)
+    async def retr(self, connection: aioftp.Connection, rest: str) -> bool:
+        path = self._resolve(connection, rest)
+        handle = await self.gateway.open_read(path, "ftp")
+        offset = connection.restart_offset
+        connection.restart_offset = 0
+
+        @ConnectionConditions(ConnectionConditions.data_connection_made, wait=True, fail_code="425",
+                              fail_info="Can't open data connection")
+        @worker
+        async def retr_worker(self: "FtpServer", connection: aioftp.Connection, rest: str) -> bool:
+            stream = connection.data_connection
+            del connection.data_connection
+            pos = offset
+            try:
+                async with stream:
+                    while data := await handle.read(pos, connection.block_size):
+                        await stream.write(data)
+                        pos += len(data)
+            except GatewayError as e:
+                return self._fail(connection, e)
+            finally:
+                await handle.close()
+            connection.response("226", "transfer complete")
+            return True
+
+        task = asyncio.create_task(retr_worker(self, connection, rest))
+        connection.extra_workers.add(task)
+        connection.response("150", "data transfer started")
+        return True
+
+    # --- commands aioftp lacks ---------------------------------------------------------------------
+
+    @ConnectionConditions(ConnectionConditions.login_required, ConnectionConditions.passive_server_started)
+    @PathPermissions(PathPermissions.readable)
+    async def nlst(self, connection: aioftp.Connection, rest: str) -> bool:
+        entries = await self.gateway.listdir(self._resolve(connection, rest or "."))
+
+        @ConnectionConditions(ConnectionConditions.data_connection_made, wait=True, fail_code="425",
+                              fail_info="Can't open data connection")
+        @worker
+        async def nlst_worker(self: "FtpServer", connection: aioftp.Connection, rest: str) -> bool:
+            stream = connection.data_connection
+            del connection.data_connection
+            async with stream:
+                for e in entries:
+                    await stream.write((e.name + "\r\n").encode())
+            connection.response("226", "name list done")
+            return True
+
+        task = asyncio.create_task(nlst_worker(self, connection, rest))
+        connection.extra_workers.add(task)
+        connection.response("150", "name list started")
+        return True
+
+    @ConnectionConditions(ConnectionConditions.login_required)
+    async def size(self, connection: aioftp.Connection, rest: str) -> bool:
+        e = await self.gateway.stat(self._resolve(connection, rest))
+        if e.is_dir:
+            raise IsADirectory(e.path)
+        connection.response("213", str(e.size))
+        return True
+
+    @ConnectionConditions(ConnectionConditions.login_required)
+    async def mdtm(self, connection: aioftp.Connection, rest: str) -> bool:
+        e = await self.gateway.stat(self._resolve(connection, rest))
+        connection.response("213", time.strftime("%Y%m%d%H%M%S", time.gmtime(e.mtime)))
+        return True
+
+    async def feat(self, connection: aioftp.Connection, rest: str) -> bool:
+        connection.response("211", ["Features:", " SIZE", " MDTM", " REST STREAM", " MLST type*;size*;modify*;",
+                                    " EPSV", " PASV", " UTF8", "End"], True)
+        return True
+
+    async def opts(self, connection: aioftp.Connection, rest: str) -> bool:
+        if rest.strip().upper() == "UTF8 ON":
+            connection.response("200", "UTF8 is always on")
+        else:
+            connection.response("501", f"option {rest!r} not supported")
+        return True
+
+    async def noop(self, connection: aioftp.Connection, rest: str) -> bool:
+        connection.response("200", "ok")
+        return True
+
+    async def build_mlsx_string(self, connection: aioftp.Connection, path: PurePosixPath) -> str:
+        e = await connection.path_io._entry(path)
+        if e is None:
+            return f"Type=unknown; {path.name}"
+        modify = time.strftime("%Y%m%d%H%M%S", time.gmtime(e.mtime))
+        kind = "dir" if e.is_dir else "file"
+        return f"Type={kind};Size={e.size};Modify={modify}; {path.name}"

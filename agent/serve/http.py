@@ -1,0 +1,125 @@
+"""Operations over HTTP: /healthz (JSON), /metrics (Prometheus text), /status (a small page for people)."""
+
+from __future__ import annotations
+
+import html
+import json
+import time
+from pathlib import Path
+from typing import Any, Awaitable, Callable
+
+import psutil
+from aiohttp import web
+
+STALE_QUEUE_SECONDS = 900  # dirty data older than this makes the box 'degraded' even with a live uplink
+
+
+def model_info(path: str) -> dict[str, Any] | None:
+    """The shipped model's card (version and training facts), or None when no model is configured."""
+    if not path:
+        return None
+    card = Path(path).with_suffix(".card.json")
+    info: dict[str, Any] = {"path": path, "present": Path(path).is_file()}
+    try:
+        info.update(json.loads(card.read_text()))
+    except (OSError, ValueError) as e:
+        info["card_error"] = f"{card}: {e}"
+    return info
+
+
+def judge(health: dict[str, Any], min_free: int) -> tuple[str, list[str]]:
+    """ok / degraded / failing, with the reasons an admin should read."""
+    reasons: list[str] = []
+    status = "ok"
+    if not health["uplink"]["reachable"]:
+        status = "degraded"
+        reasons.append(f"object storage unreachable ({health['uplink']['last_error']}); writing back locally")
+    if health["oldest_dirty_seconds"] > STALE_QUEUE_SECONDS:
+        status = "degraded"
+        reasons.append(f"oldest file not yet in object storage waits {health['oldest_dirty_seconds']:.0f}s")
+    if health["cache"]["disk_free"] < min_free:
+        status = "failing"
+        reasons.append("cache disk nearly full: new writes may be refused")
+    if health.get("draining"):
+        reasons.append("draining for shutdown")
+    return status, reasons
+
+
+class HttpServer:
+    def __init__(self, host: str, port: int, health: Callable[[], Awaitable[dict[str, Any]]],
+                 metrics: Callable[[], Awaitable[bytes]]) -> None:
+        self.host, self.port, self._health, self._metrics = host, port, health, metrics
+        self.app = web.Application()
+        self.app.add_routes([web.get("/healthz", self.healthz), web.get("/metrics", self.metrics),
+                             web.get("/status", self.status), web.get("/", self.status)])
+        self._runner: web.AppRunner | None = None
+
+    async def start(self) -> None:
+        self._runner = web.AppRunner(self.app, access_log=None)
+        await self._runner.setup()
+        await web.TCPSite(self._runner, self.host, self.port).start()
+
+    async def close(self) -> None:
+        if self._runner:
+            await self._runner.cleanup()
+
+    async def healthz(self, request: web.Request) -> web.Response:
+        h = await self._health()
+        return web.json_response(h, status=503 if h["status"] == "failing" else 200)
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        return web.Response(body=await self._metrics(), content_type="text/plain", charset="utf-8",
+                            headers={"X-Content-Type-Options": "nosniff"})
+
+    async def status(self, request: web.Request) -> web.Response:
+        return web.Response(text=render_status_html(await self._health()), content_type="text/html")
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"
+
+
+def status_lines(h: dict[str, Any]) -> list[tuple[str, str]]:
+    """The status as (label, value) rows: shared by the HTML page and `pacsgw status`."""
+    c, m, u = h["cache"], h["memory"], h["uplink"]
+    rows = [
+        ("status", h["status"] + ("" if not h["reasons"] else " — " + "; ".join(h["reasons"]))),
+        ("version", h["version"]),
+        ("uptime", f"{h['uptime_seconds']:.0f} s"),
+        ("object storage", f"{u['endpoint']} bucket {u['bucket']} prefix {u['prefix'] or '(none)'}: "
+                           + ("reachable" if u["reachable"] else "UNREACHABLE")),
+        ("write mode", h["write_mode"]),
+        ("not yet in object storage", f"{h['queue_depth']} files, {human_bytes(h['queue_bytes'])}, "
+                                      f"oldest {h['oldest_dirty_seconds']:.0f} s"),
+        ("pending deletes", str(h["pending_deletes"])),
+        ("files known", str(c["files"])),
+        ("cache", f"{c['cached_files']} files, {human_bytes(c['bytes'])} of {human_bytes(c['max_bytes'])}; "
+                  f"disk {human_bytes(c['disk_free'])} free of {human_bytes(c['disk_total'])}"),
+        ("memory", f"agent RSS {human_bytes(m['rss'])}, system available {human_bytes(m['available'])}"),
+    ]
+    if h.get("model"):
+        rows.append(("model", f"{h['model'].get('version', '?')} ({h['model']['path']})"))
+    return rows
+
+
+def render_status_html(h: dict[str, Any]) -> str:
+    rows = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>" for k, v in status_lines(h))
+    color = {"ok": "#1a7f37", "degraded": "#9a6700", "failing": "#cf222e"}[h["status"]]
+    return (
+        "<!doctype html><html><head><meta charset='utf-8'><meta http-equiv='refresh' content='10'>"
+        "<title>pacsgw status</title><style>body{font-family:sans-serif;margin:2em}"
+        "th{text-align:left;padding-right:2em;vertical-align:top}td,th{padding:.25em}"
+        f"h1 span{{color:{color}}}</style></head><body>"
+        f"<h1>pacsgw <span>{html.escape(h['status'])}</span></h1><table>{rows}</table>"
+        f"<p><a href='/healthz'>/healthz</a> · <a href='/metrics'>/metrics</a> · generated "
+        f"{time.strftime('%Y-%m-%d %H:%M:%S %Z')}</p></body></html>")
+
+
+def process_memory() -> dict[str, int]:
+    vm = psutil.virtual_memory()
+    return {"rss": psutil.Process().memory_info().rss, "available": vm.available, "total": vm.total}
+

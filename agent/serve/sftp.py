@@ -1,0 +1,261 @@
+"""SFTP front end (asyncssh) over the gateway facade.
+
+Each client sees its configured root as '/'. A file opened for writing streams into the gateway's
+staging file; `close` commits it — and the SFTP status OK goes back only after the commit (durable,
+and in S3 in write-through mode). asyncssh calls `close` even when the client vanished mid-upload:
+then the channel is closing, and the partial file is discarded instead of committed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import stat as statmod
+import weakref
+from pathlib import Path
+from typing import AsyncIterator
+
+import asyncssh
+import structlog
+
+from agent.auth import verify_password
+from agent.config import Config, UserConfig
+from agent.store.catalog import Entry
+from agent.store.errors import (AlreadyExists, BadPath, Corrupt, GatewayError, IsADirectory, NoSpace,
+                                NotADirectory, NotEmpty, NotFound, PermissionDenied, Unavailable)
+from agent.store.gateway import Gateway, ReadHandle, WriteHandle
+from agent.store.paths import resolve
+
+log = structlog.get_logger("pacsgw.sftp")
+
+FAILED_LOGIN_DELAY = 1.0
+
+_ERRORS: dict[type, type[asyncssh.SFTPError]] = {
+    NotFound: asyncssh.SFTPNoSuchFile, AlreadyExists: asyncssh.SFTPFileAlreadyExists,
+    IsADirectory: asyncssh.SFTPFileIsADirectory, NotADirectory: asyncssh.SFTPNotADirectory,
+    NotEmpty: asyncssh.SFTPDirNotEmpty, PermissionDenied: asyncssh.SFTPPermissionDenied,
+    BadPath: asyncssh.SFTPInvalidFilename, NoSpace: asyncssh.SFTPNoSpaceOnFilesystem,
+    Unavailable: asyncssh.SFTPFailure, Corrupt: asyncssh.SFTPFailure,
+}
+
+
+def sftp_error(e: GatewayError) -> asyncssh.SFTPError:
+    return _ERRORS.get(type(e), asyncssh.SFTPFailure)(e.reason)
+
+
+def _attrs(e: Entry) -> asyncssh.SFTPAttrs:
+    mode = (statmod.S_IFDIR | 0o755) if e.is_dir else (statmod.S_IFREG | 0o644)
+    return asyncssh.SFTPAttrs(type=asyncssh.FILEXFER_TYPE_DIRECTORY if e.is_dir else asyncssh.FILEXFER_TYPE_REGULAR,
+                              size=e.size, permissions=mode, uid=0, gid=0, nlink=1,
+                              atime=int(e.mtime), mtime=int(e.mtime))
+
+
+def ensure_host_key(path: str) -> asyncssh.SSHKey:
+    """Load the host key, generating an Ed25519 key (mode 0600) on first start."""
+    p = Path(path)
+    if not p.exists():
+        p.parent.mkdir(parents=True, exist_ok=True)
+        key = asyncssh.generate_private_key("ssh-ed25519")
+        fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(key.export_private_key())
+        log.info("host_key_generated", path=str(p), fingerprint=key.get_fingerprint())
+    return asyncssh.read_private_key(str(p))
+
+
+class _Auth(asyncssh.SSHServer):
+    def __init__(self, users: dict[str, UserConfig]) -> None:
+        self.users = users
+        self.conn: asyncssh.SSHServerConnection | None = None
+
+    def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
+        self.conn = conn
+
+    def begin_auth(self, username: str) -> bool:
+        user = self.users.get(username)
+        if user and user.authorized_keys and self.conn is not None:
+            self.conn.set_authorized_keys(asyncssh.read_authorized_keys(list(user.authorized_keys)))
+        return True
+
+    def password_auth_supported(self) -> bool:
+        return True
+
+    def public_key_auth_supported(self) -> bool:
+        return True
+
+    async def validate_password(self, username: str, password: str) -> bool:
+        user = self.users.get(username)
+        ok = user is not None and bool(user.password or user.password_hash) and await asyncio.to_thread(
+            verify_password, password, plain=user.password, encoded=user.password_hash)
+        peer = self.conn.get_extra_info("peername") if self.conn else None
+        if ok:
+            log.info("login", protocol="sftp", user=username, peer=peer, method="password")
+        else:
+            log.warning("login_failed", protocol="sftp", user=username, peer=peer, method="password")
+            await asyncio.sleep(FAILED_LOGIN_DELAY)
+        return ok
+
+
+class _OpenFile:
+    def __init__(self, path: str, reader: ReadHandle | None = None, writer: WriteHandle | None = None) -> None:
+        self.path, self.reader, self.writer = path, reader, writer
+
+
+class GatewaySFTP(asyncssh.SFTPServer):
+    gateway: Gateway  # set by the factory
+    roots: dict[str, str]
+
+    def __init__(self, chan: asyncssh.SSHServerChannel) -> None:
+        super().__init__(chan)
+        self.user = chan.get_extra_info("username")
+        self.root = self.roots[self.user]
+
+    def _ns(self, path: bytes) -> str:
+        try:
+            text = path.decode("utf-8")
+        except UnicodeDecodeError:
+            raise asyncssh.SFTPInvalidFilename("path is not valid UTF-8") from None
+        try:
+            return resolve(self.root, "/", text)
+        except GatewayError as e:
+            self._log_error(e)
+            raise sftp_error(e) from None
+
+    def _log_error(self, e: GatewayError) -> None:
+        self.gateway.metrics.errors.labels("sftp", type(e).__name__).inc()
+        log.warning("sftp_error", user=self.user, path=e.path, reason=e.reason, kind=type(e).__name__)
+
+    async def _call(self, coro):  # noqa: ANN001, ANN202
+        try:
+            return await coro
+        except GatewayError as e:
+            self._log_error(e)
+            raise sftp_error(e) from None
+
+    # --- paths -----------------------------------------------------------------------------------
+
+    def realpath(self, path: bytes) -> bytes:
+        ns = self._ns(path)
+        root = self.root.strip("/")
+        rel = ns[len(root):].lstrip("/") if root else ns
+        return ("/" + rel).encode()
+
+    async def stat(self, path: bytes) -> asyncssh.SFTPAttrs:
+        return _attrs(await self._call(self.gateway.stat(self._ns(path))))
+
+    lstat = stat
+
+    async def fstat(self, file_obj: _OpenFile) -> asyncssh.SFTPAttrs:
+        if file_obj.writer is not None:
+            w = file_obj.writer
+            return asyncssh.SFTPAttrs(type=asyncssh.FILEXFER_TYPE_REGULAR, size=w.size,
+                                      permissions=statmod.S_IFREG | 0o644)
+        return _attrs(file_obj.reader.entry)
+
+    def setstat(self, path: bytes, attrs: asyncssh.SFTPAttrs) -> None:
+        """Clients set times and modes after uploads; the object store keeps its own, so accept and ignore."""
+
+    def fsetstat(self, file_obj: _OpenFile, attrs: asyncssh.SFTPAttrs) -> None:
+        """See setstat."""
+
+    async def scandir(self, path: bytes) -> AsyncIterator[asyncssh.SFTPName]:
+        entries = await self._call(self.gateway.listdir(self._ns(path)))
+        for e in entries:
+            yield asyncssh.SFTPName(e.name.encode(), attrs=_attrs(e))
+
+    async def mkdir(self, path: bytes, attrs: asyncssh.SFTPAttrs) -> None:
+        await self._call(self.gateway.mkdir(self._ns(path)))
+
+    async def rmdir(self, path: bytes) -> None:
+        await self._call(self.gateway.rmdir(self._ns(path)))
+
+    async def remove(self, path: bytes) -> None:
+        await self._call(self.gateway.delete(self._ns(path)))
+
+    async def rename(self, oldpath: bytes, newpath: bytes) -> None:
+        """SFTPv3 rename refuses to replace an existing target; posix_rename replaces it."""
+        dst = self._ns(newpath)
+        try:
+            await self.gateway.stat(dst)
+        except NotFound:
+            pass
+        else:
+            raise asyncssh.SFTPFileAlreadyExists(f"{dst} exists")
+        await self._call(self.gateway.rename(self._ns(oldpath), dst))
+
+    async def posix_rename(self, oldpath: bytes, newpath: bytes) -> None:
+        await self._call(self.gateway.rename(self._ns(oldpath), self._ns(newpath)))
+
+    # --- files -----------------------------------------------------------------------------------
+
+    async def open(self, path: bytes, pflags: int, attrs: asyncssh.SFTPAttrs) -> _OpenFile:
+        ns = self._ns(path)
+        if not pflags & (asyncssh.FXF_WRITE | asyncssh.FXF_APPEND):
+            return _OpenFile(ns, reader=await self._call(self.gateway.open_read(ns, "sftp")))
+        try:
+            existing = await self.gateway.stat(ns)
+        except NotFound:
+            existing = None
+        except GatewayError as e:
+            self._log_error(e)
+            raise sftp_error(e) from None
+        if existing is not None and pflags & asyncssh.FXF_EXCL:
+            raise asyncssh.SFTPFileAlreadyExists(f"{ns} exists")
+        if existing is None and not pflags & asyncssh.FXF_CREAT:
+            raise asyncssh.SFTPNoSuchFile(f"{ns} does not exist")
+        keep = existing.size if existing is not None and not existing.is_dir and not pflags & asyncssh.FXF_TRUNC else 0
+        writer = await self._call(self.gateway.open_write(ns, "sftp", offset=keep))
+        return _OpenFile(ns, writer=writer)
+
+    async def read(self, file_obj: _OpenFile, offset: int, size: int) -> bytes:
+        if file_obj.reader is None:
+            raise asyncssh.SFTPPermissionDenied("file not opened for reading")
+        return await self._call(file_obj.reader.read(offset, size))
+
+    async def write(self, file_obj: _OpenFile, offset: int, data: bytes) -> int:
+        if file_obj.writer is None:
+            raise asyncssh.SFTPPermissionDenied("file not opened for writing")
+        await self._call(file_obj.writer.write(data, offset))
+        return len(data)
+
+    async def close(self, file_obj: _OpenFile) -> None:
+        if file_obj.reader is not None:
+            await file_obj.reader.close()
+            return
+        if self.channel.is_closing():
+            # The client went away before closing: this is not a completed upload.
+            await file_obj.writer.abort("client disconnected before close")
+            return
+        await self._call(file_obj.writer.commit())
+
+    def exit(self) -> None:
+        log.debug("sftp_session_end", user=self.user)
+
+
+class SftpService:
+    def __init__(self, cfg: Config, gateway: Gateway) -> None:
+        self.cfg, self.gateway = cfg, gateway
+        self.users = {u.name: u for u in cfg.users}
+        self._acceptor: asyncssh.SSHAcceptor | None = None
+        self._conns: weakref.WeakSet[asyncssh.SSHServerConnection] = weakref.WeakSet()
+
+    async def start(self) -> None:
+        key = ensure_host_key(self.cfg.sftp.host_key)
+        factory = type("BoundSFTP", (GatewaySFTP,), {"gateway": self.gateway,
+                                                      "roots": {u.name: u.root for u in self.cfg.users}})
+        host, port = self.cfg.sftp.listen
+        self._acceptor = await asyncssh.listen(
+            host, port, server_host_keys=[key], server_factory=lambda: _Auth(self.users),
+            sftp_factory=factory, allow_scp=False, agent_forwarding=False, x11_forwarding=False,
+            allow_pty=False, login_timeout=60, keepalive_interval=30,
+            acceptor=self._conns.add)
+
+    def stop_accepting(self) -> None:
+        if self._acceptor:
+            self._acceptor.close()
+
+    async def close(self) -> None:
+        for conn in list(self._conns):
+            conn.close()
+        if self._acceptor:
+            await self._acceptor.wait_closed()

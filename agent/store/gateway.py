@@ -1,0 +1,470 @@
+"""The facade every front end uses: stat, list, open-read, open-write, commit, rename, delete.
+
+Write path: bytes stream into a staging file; `commit` fsyncs it, renames it into the cache, commits
+the catalog row, and in write-through mode waits for the verified PUT before returning — the front end
+sends its success reply only after `commit` returns. When object storage is unreachable the row stays
+queued (write-back) and `commit` still returns: the PACS is never refused because the cloud is down.
+
+Read path: a cached file is read from the SSD; a missing one is fetched once (concurrent readers share
+the fetch) and streamed to readers while it lands in the cache, then verified against its SHA-256.
+Namespace paths here are already resolved and confined (see agent.store.paths).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import hashlib
+import os
+import time
+from dataclasses import dataclass, field
+
+import structlog
+
+from agent.config import Config
+from agent.metrics import Metrics
+from agent.store.cache import Cache
+from agent.store.catalog import AsyncCatalog, Entry
+from agent.store.errors import (Corrupt, GatewayError, IsADirectory, NoSpace, NotADirectory, NotFound,
+                                Unavailable)
+from agent.store.paths import ancestors, parent_of
+from agent.uplink.s3 import S3Uplink, error_code
+from agent.uplink.uploader import Uploader
+
+log = structlog.get_logger("pacsgw.gateway")
+
+ACCESS_FLUSH_SECONDS = 5.0
+EVICT_CHECK_SECONDS = 10.0
+
+
+class WriteHandle:
+    """One file being written. Sequential writes are hashed on the fly; others are hashed at commit."""
+
+    def __init__(self, gw: "Gateway", path: str, blob: str, fd: int, protocol: str) -> None:
+        self.gw, self.path, self.blob, self.fd, self.protocol = gw, path, blob, fd, protocol
+        self.size = 0
+        self._hash: hashlib._Hash | None = hashlib.sha256()
+        self._done = False
+
+    async def write(self, data: bytes, offset: int | None = None) -> None:
+        pos = self.size if offset is None else offset
+        if pos != self.size:
+            self._hash = None  # out-of-order write: hash the whole file at commit
+        elif self._hash is not None:
+            self._hash.update(data)
+        try:
+            written = os.pwrite(self.fd, data, pos)
+        except OSError as e:
+            if e.errno in (errno.ENOSPC, errno.EDQUOT) and await self.gw.make_room(len(data)):
+                written = os.pwrite(self.fd, data, pos)
+            elif e.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise NoSpace(self.path, "cache disk full and nothing evictable") from e
+            else:
+                raise
+        if written != len(data):
+            raise NoSpace(self.path, "short write to the cache disk")
+        self.size = max(self.size, pos + len(data))
+        self.gw.metrics.bytes_in.labels(self.protocol).inc(len(data))
+
+    async def commit(self) -> None:
+        """Make the file durable (and, in write-through, confirmed in S3). Only then may the client be told."""
+        if self._done:
+            return
+        self._done = True
+        try:
+            await self._commit()
+        finally:
+            self.gw.write_finished()
+
+    async def _commit(self) -> None:
+        t0 = time.monotonic()
+        try:
+            sha = self._hash.hexdigest() if self._hash is not None else await asyncio.to_thread(self._hash_fd)
+            await asyncio.to_thread(self.gw.cache.commit, self.blob, self.fd)
+        except BaseException:
+            self._close_fd()
+            self.gw.cache.discard_staging(self.blob)
+            raise
+        self._close_fd()
+        try:
+            await self.gw.commit_file(self.path, self.blob, self.size, sha)
+        except BaseException:
+            self.gw.cache.remove(self.blob)
+            raise
+        self.gw.metrics.ack_seconds.labels(self.protocol).observe(time.monotonic() - t0)
+
+    async def abort(self, reason: str) -> None:
+        """The client went away or failed: nothing becomes visible under the final name."""
+        if self._done:
+            return
+        self._done = True
+        self.gw.write_finished()
+        self._close_fd()
+        self.gw.cache.discard_staging(self.blob)
+        log.warning("upload_aborted", path=self.path, protocol=self.protocol, bytes=self.size, reason=reason)
+
+    def _hash_fd(self) -> str:
+        h = hashlib.sha256()
+        offset = 0
+        while chunk := os.pread(self.fd, 1024 * 1024, offset):
+            h.update(chunk)
+            offset += len(chunk)
+        return h.hexdigest()
+
+    def _close_fd(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+@dataclass
+class _Fill:
+    """A fetch from S3 in progress; readers wait on `cond` for `written` to grow."""
+
+    entry: Entry
+    blob: str
+    fd: int
+    written: int = 0
+    done: bool = False
+    error: GatewayError | None = None
+    cond: asyncio.Condition = field(default_factory=asyncio.Condition)
+
+
+class ReadHandle:
+    def __init__(self, gw: "Gateway", entry: Entry, fd: int, fill: _Fill | None, protocol: str) -> None:
+        self.gw, self.entry, self.fd, self.fill, self.protocol = gw, entry, fd, fill, protocol
+
+    @property
+    def size(self) -> int:
+        return self.entry.size
+
+    async def read(self, offset: int, length: int) -> bytes:
+        fill = self.fill
+        if fill is not None:
+            # Bytes stream to the reader as they land, but the end of the file only after the whole
+            # object was verified: no client ever receives a complete file that failed its checksum.
+            want = offset + length
+            async with fill.cond:
+                await fill.cond.wait_for(lambda: fill.done or (want < self.entry.size and fill.written >= want))
+            if fill.error is not None:
+                raise fill.error
+        data = await asyncio.to_thread(os.pread, self.fd, length, offset)
+        self.gw.metrics.bytes_out.labels(self.protocol).inc(len(data))
+        return data
+
+    async def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+class Gateway:
+    def __init__(self, cfg: Config, db: AsyncCatalog, cache: Cache, s3: S3Uplink, uploader: Uploader,
+                 metrics: Metrics) -> None:
+        self.cfg, self.db, self.cache, self.s3, self.uploader, self.metrics = cfg, db, cache, s3, uploader, metrics
+        self._fills: dict[str, _Fill] = {}
+        self._listings: dict[str, asyncio.Future] = {}
+        self._access: dict[str, tuple[float, int]] = {}
+        self._loops: list[asyncio.Task] = []
+        self._evicting = asyncio.Lock()
+        self.active_writes = 0
+        self._writes_idle = asyncio.Event()
+        self._writes_idle.set()
+
+    async def start(self) -> None:
+        self._loops = [asyncio.create_task(self._flush_access_loop(), name="access-flush"),
+                       asyncio.create_task(self._evict_loop(), name="evict")]
+
+    async def stop(self) -> None:
+        for t in self._loops:
+            t.cancel()
+        await asyncio.gather(*self._loops, return_exceptions=True)
+        await self._flush_access()
+
+    # --- namespace ------------------------------------------------------------------------------
+
+    async def stat(self, path: str) -> Entry:
+        e = await self.db.get(path)
+        if e is None and path:
+            await self._ensure_listed(parent_of(path))
+            e = await self.db.get(path)
+        if e is None:
+            raise NotFound(path)
+        return e
+
+    async def listdir(self, path: str) -> list[Entry]:
+        await self._ensure_listed(path)
+        return await self.db.children(path)
+
+    async def _ensure_listed(self, path: str, *, missing_ok: bool = False) -> None:
+        """Merge the remote listing of `path` and its ancestors into the catalog, once per directory.
+
+        With missing_ok, a missing directory ends the walk (a write will create it) instead of failing.
+        """
+        for d in ancestors(path + "/x") if path else [""]:
+            e = await self.db.get(d)
+            if e is None:
+                if missing_ok:
+                    return
+                raise NotFound(d)
+            if not e.is_dir:
+                raise NotADirectory(d)
+            if not e.listed:
+                await self._list_remote(d)
+
+    async def _list_remote(self, path: str) -> None:
+        pending = self._listings.get(path)
+        if pending is None:
+            pending = self._listings[path] = asyncio.ensure_future(self._do_list(path))
+            pending.add_done_callback(lambda _: self._listings.pop(path, None))
+        await asyncio.shield(pending)
+
+    async def _do_list(self, path: str) -> None:
+        if not self.uploader.reachable:
+            return  # serve what the catalog knows; list again once the line is back
+        t0 = time.monotonic()
+        try:
+            listing = await self.s3.list_dir(path)
+        except Exception as e:  # noqa: BLE001 - a failed listing must not fail the client's request
+            log.warning("remote_list_failed", path=path, error=error_code(e))
+            return
+        await self.db.merge_listing(path, listing.objects, listing.dirs)
+        log.info("remote_listed", path=path, files=len(listing.objects), dirs=len(listing.dirs),
+                 seconds=round(time.monotonic() - t0, 4))
+
+    async def mkdir(self, path: str) -> None:
+        await self._ensure_listed(parent_of(path), missing_ok=True)
+        await self.db.mkdir(path)
+        log.info("mkdir", path=path)
+
+    async def rmdir(self, path: str) -> None:
+        await self._ensure_listed(path)
+        await self.db.rmdir(path)
+        log.info("rmdir", path=path)
+
+    async def delete(self, path: str) -> None:
+        await self.stat(path)
+        blob = await self.db.delete(path)
+        if blob:
+            self.cache.remove(blob)
+        self.uploader.wake()
+        log.info("delete", path=path)
+
+    async def rename(self, src: str, dst: str) -> None:
+        e = await self.stat(src)
+        if e.is_dir:
+            await self._list_tree(src)
+        await self._ensure_listed(parent_of(dst), missing_ok=True)
+        for blob in await self.db.rename(src, dst):
+            self.cache.remove(blob)
+        self.uploader.wake()
+        log.info("rename", src=src, dst=dst, directory=e.is_dir)
+
+    async def _list_tree(self, path: str) -> None:
+        """A directory is about to move: every remote object under it must be known first."""
+        await self._ensure_listed(path)
+        for child in await self.db.children(path):
+            if child.is_dir:
+                await self._list_tree(child.path)
+
+    # --- writes ----------------------------------------------------------------------------------
+
+    async def open_write(self, path: str, protocol: str, *, offset: int = 0) -> WriteHandle:
+        """Start writing path; offset > 0 resumes (REST/append): the existing first bytes are kept."""
+        if not path:
+            raise IsADirectory(path)
+        await self._ensure_listed(parent_of(path), missing_ok=True)
+        existing = await self.db.get(path)
+        if existing is not None and existing.is_dir:
+            raise IsADirectory(path)
+        blob = self.cache.new_blob()
+        fd = self.cache.create_staging(blob)
+        handle = WriteHandle(self, path, blob, fd, protocol)
+        self.active_writes += 1
+        self._writes_idle.clear()
+        if offset:
+            if existing is None:
+                await handle.abort("resume of a missing file")
+                raise NotFound(path)
+            source = await self.open_read(path, protocol)
+            try:
+                pos = 0
+                while pos < min(offset, source.size):
+                    data = await source.read(pos, min(1024 * 1024, offset - pos))
+                    if not data:
+                        break
+                    await handle.write(data)
+                    pos += len(data)
+            finally:
+                await source.close()
+        return handle
+
+    def write_finished(self) -> None:
+        self.active_writes -= 1
+        if not self.active_writes:
+            self._writes_idle.set()
+
+    async def wait_writes_idle(self, timeout: float) -> bool:
+        """Drain: wait until no file is being written; → False on timeout."""
+        try:
+            await asyncio.wait_for(self._writes_idle.wait(), timeout)
+            return True
+        except asyncio.TimeoutError:
+            return False
+
+    async def commit_file(self, path: str, blob: str, size: int, sha: str) -> None:
+        claim = self.cfg.uplink.write_mode == "through" and self.uploader.reachable
+        gen, replaced = await self.db.commit_write(path, blob, size, sha, time.time(), claim=claim)
+        if replaced:
+            self.cache.remove(replaced)
+        log.info("stored", path=path, bytes=size, sha256=sha, write_through=claim)
+        if not claim:
+            self.uploader.wake()
+            return
+        entry = await self.db.get(path)
+        if entry is None or entry.gen != gen:
+            return  # already superseded by a newer write
+        task = asyncio.create_task(self.uploader.transfer(entry))
+        try:
+            await asyncio.wait_for(asyncio.shield(task), self.cfg.uplink.through_timeout)
+        except asyncio.TimeoutError:
+            log.warning("write_through_timeout", path=path, seconds=self.cfg.uplink.through_timeout,
+                        mode="write-back")
+
+    # --- reads -----------------------------------------------------------------------------------
+
+    async def open_read(self, path: str, protocol: str) -> ReadHandle:
+        e = await self.stat(path)
+        if e.is_dir:
+            raise IsADirectory(path)
+        self._note_access(path)
+        if e.blob is not None:
+            try:
+                fd = self.cache.open_blob(e.blob)
+            except FileNotFoundError:
+                log.error("cache_copy_missing", path=path, blob=e.blob)
+                await self.db.drop_corrupt(path, e.blob)
+                e = await self.stat(path)
+            else:
+                self.metrics.hits.inc()
+                return ReadHandle(self, e, fd, None, protocol)
+            if e.blob is not None:  # dirty and missing: nothing else holds this content
+                raise Corrupt(path, "cached copy missing and not yet in object storage")
+        self.metrics.misses.inc()
+        fill = self._fills.get(path)
+        if fill is None or fill.done:
+            fill = self._start_fill(e)
+        return ReadHandle(self, e, os.dup(fill.fd), fill, protocol)
+
+    def _start_fill(self, e: Entry) -> _Fill:
+        if not self.uploader.reachable:
+            raise Unavailable(e.path, "not in the cache and object storage is unreachable")
+        blob = self.cache.new_blob()
+        fill = _Fill(e, blob, self.cache.create_staging(blob))
+        self._fills[e.path] = fill
+        asyncio.create_task(self._fetch(fill))
+        return fill
+
+    async def _fetch(self, fill: _Fill) -> None:
+        e, t0 = fill.entry, time.monotonic()
+        h = hashlib.sha256()
+        try:
+            async with self.s3.get(e.path) as (length, meta_sha, chunks):
+                async for data in chunks:
+                    await asyncio.to_thread(os.pwrite, fill.fd, data, fill.written)
+                    h.update(data)
+                    async with fill.cond:
+                        fill.written += len(data)
+                        fill.cond.notify_all()
+            expected = e.sha256 or meta_sha
+            if fill.written != e.size or (expected and h.hexdigest() != expected):
+                raise Corrupt(e.path, f"fetched {fill.written} bytes sha256 {h.hexdigest()}, "
+                                      f"expected {e.size} bytes sha256 {expected}")
+            await asyncio.to_thread(self.cache.commit, fill.blob, fill.fd)
+            if not await self.db.set_cached(e.path, e.gen, fill.blob, h.hexdigest()):
+                self.cache.remove(fill.blob)  # the file changed meanwhile; this copy is stale
+            self.metrics.fetched_bytes.inc(fill.written)
+            self.metrics.fetch_seconds.observe(time.monotonic() - t0)
+            log.info("fetched", path=e.path, bytes=fill.written, seconds=round(time.monotonic() - t0, 4))
+        except Exception as exc:  # noqa: BLE001 - every failure reaches the waiting readers
+            fill.error = exc if isinstance(exc, GatewayError) else Unavailable(e.path, f"fetch failed: {error_code(exc)}")
+            self.cache.discard_staging(fill.blob)
+            log.error("fetch_failed", path=e.path, error=error_code(exc), detail=str(exc)[:300])
+        finally:
+            os.close(fill.fd)
+            async with fill.cond:
+                fill.done = True
+                fill.cond.notify_all()
+            if self._fills.get(e.path) is fill:
+                del self._fills[e.path]
+
+    # --- access statistics ---------------------------------------------------------------------
+
+    def _note_access(self, path: str) -> None:
+        _, count = self._access.get(path, (0.0, 0))
+        self._access[path] = (time.time(), count + 1)
+
+    async def _flush_access(self) -> None:
+        if self._access:
+            batch, self._access = self._access, {}
+            await self.db.record_access([(p, t, n) for p, (t, n) in batch.items()])
+
+    async def _flush_access_loop(self) -> None:
+        while True:
+            await asyncio.sleep(ACCESS_FLUSH_SECONDS)
+            await self._flush_access()
+
+    # --- eviction (least recently used clean files, down to the low watermark) ------------------
+
+    async def evict(self, path: str) -> bool:
+        """Drop the cached copy of one clean file; → False if it is dirty or not cached."""
+        e = await self.stat(path)
+        blob = await self.db.uncache(path, e.gen)
+        if blob is None:
+            return False
+        self.cache.remove(blob)
+        self.metrics.evictions.inc()
+        log.info("evicted", path=path, bytes=e.size)
+        return True
+
+    async def make_room(self, need: int) -> bool:
+        """The disk is full: evict clean files until `need` more bytes fit; → whether anything went."""
+        freed = await self._evict_lru(need + self.cfg.cache.min_free_bytes)
+        return freed > 0
+
+    async def _evict_lru(self, target: int) -> int:
+        freed = 0
+        async with self._evicting:
+            while freed < target:
+                victims = await self.db.lru_evictable(256)
+                if not victims:
+                    break
+                for v in victims:
+                    blob = await self.db.uncache(v.path, v.gen)
+                    if blob:
+                        self.cache.remove(blob)
+                        freed += v.size
+                        self.metrics.evictions.inc()
+                    if freed >= target:
+                        break
+        if freed:
+            log.info("evicted_lru", bytes=freed)
+        return freed
+
+    def _over_high(self, cached: int) -> int:
+        """Bytes to free to reach the low watermark, or 0 when under the high watermark."""
+        c = self.cfg.cache
+        disk = self.cache.disk_usage()
+        limit = min(c.max_bytes, disk.total)
+        used = max(cached, disk.used) if c.max_bytes >= disk.total else cached
+        if used < c.high_watermark * limit and disk.free > c.min_free_bytes:
+            return 0
+        return int(used - c.low_watermark * limit)
+
+    async def _evict_loop(self) -> None:
+        while True:
+            await asyncio.sleep(EVICT_CHECK_SECONDS)
+            totals = await self.db.totals()
+            excess = self._over_high(totals.cached_bytes)
+            if excess > 0:
+                await self._evict_lru(excess)

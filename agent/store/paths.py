@@ -1,0 +1,74 @@
+"""Client paths → namespace paths, with confinement to the user's root.
+
+A namespace path has no leading slash ('' is the root): 'CT/2026-11-23/1.2.3/4/5.dcm'. It is also the
+object key below the uplink prefix, so its limits are S3's (1024 bytes) and every component must be a
+name a Windows or Linux client can also represent.
+"""
+
+from __future__ import annotations
+
+import posixpath
+
+from agent.store.errors import BadPath, PermissionDenied
+
+MAX_NAME_BYTES = 255
+MAX_PATH_BYTES = 1000  # leaves room for the uplink prefix inside S3's 1024-byte key limit
+
+
+def check_name(name: str, original: str) -> None:
+    if name in (".", ".."):
+        raise BadPath(original, f"'{name}' is not a valid name")
+    if any(ord(c) < 32 or c == "\x7f" for c in name):
+        raise BadPath(original, "control characters (NUL, newline…) are not allowed in names")
+    if "\\" in name:
+        raise BadPath(original, "backslash is not allowed in names")
+    if len(name.encode("utf-8", "surrogatepass")) > MAX_NAME_BYTES:
+        raise BadPath(original, f"name longer than {MAX_NAME_BYTES} bytes")
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        raise BadPath(original, "name is not valid UTF-8") from None
+
+
+def resolve(root: str, cwd: str, client_path: str) -> str:
+    """Resolve a client path (absolute, or relative to cwd) inside root; return the namespace path.
+
+    `root` and `cwd` are absolute client-side paths ('/' or '/CT'); a path that climbs above the
+    user's root is refused, never clamped, so a traversal attempt gets an error the client can see.
+    """
+    if "\0" in client_path:
+        raise BadPath(client_path, "NUL is not allowed in paths")
+    joined = client_path if client_path.startswith("/") else posixpath.join(cwd or "/", client_path)
+    parts: list[str] = []
+    for part in joined.split("/"):
+        if part in ("", "."):
+            continue
+        if part == "..":
+            if not parts:
+                raise PermissionDenied(client_path, "path escapes the user's root")
+            parts.pop()
+            continue
+        check_name(part, client_path)
+        parts.append(part)
+    root_parts = [p for p in root.split("/") if p]
+    ns = "/".join(root_parts + parts)
+    if len(ns.encode("utf-8")) > MAX_PATH_BYTES:
+        raise BadPath(client_path, f"path longer than {MAX_PATH_BYTES} bytes")
+    return ns
+
+
+def parent_of(path: str) -> str:
+    return path.rpartition("/")[0]
+
+
+def name_of(path: str) -> str:
+    return path.rpartition("/")[2]
+
+
+def ancestors(path: str) -> list[str]:
+    """'a/b/c' → ['', 'a', 'a/b'] (outermost first)."""
+    out = [""]
+    parts = path.split("/")[:-1] if path else []
+    for i in range(len(parts)):
+        out.append("/".join(parts[: i + 1]))
+    return out

@@ -1,0 +1,31 @@
+"""Token bucket for the private line: the average rate never exceeds `rate` bytes per second."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+
+class TokenBucket:
+    def __init__(self, rate: int, burst: int | None = None) -> None:
+        self.rate = rate
+        self.capacity = burst or max(rate, 1)  # one second's worth by default
+        self._tokens = float(self.capacity)
+        self._stamp = time.monotonic()
+        self._lock = asyncio.Lock()
+
+    @property
+    def unlimited(self) -> bool:
+        return self.rate <= 0
+
+    async def acquire(self, n: int) -> None:
+        """Wait until n bytes may be sent. Requests larger than the burst go into debt (average kept)."""
+        if self.unlimited or n <= 0:
+            return
+        async with self._lock:  # FIFO: one waiter at a time keeps large transfers from starving
+            now = time.monotonic()
+            self._tokens = min(self.capacity, self._tokens + (now - self._stamp) * self.rate)
+            self._stamp = now
+            self._tokens -= n
+            if self._tokens < 0:
+                await asyncio.sleep(-self._tokens / self.rate)

@@ -1,0 +1,211 @@
+"""The object store, through aiobotocore: put (single or multipart, SHA-256 verified), copy, get, list, delete.
+
+Every object carries its SHA-256 twice: as the S3 checksum (`x-amz-checksum-sha256`, verified by the
+server on arrival) and as user metadata `sha256` (the full-object hash, also for multipart objects
+whose S3 checksum is a composite), so a replacement box can verify what it reads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import hashlib
+import os
+from dataclasses import dataclass
+from datetime import datetime
+from typing import AsyncIterator
+
+import aiohttp
+from aiobotocore.config import AioConfig
+from aiobotocore.session import get_session
+from botocore.exceptions import BotoCoreError, ClientError, ConnectionError as BotoConnectionError
+from botocore.exceptions import ConnectTimeoutError, EndpointConnectionError, ReadTimeoutError
+
+from agent.config import UplinkConfig
+from agent.store.catalog import RemoteObject
+from agent.uplink.ratelimit import TokenBucket
+
+META_SHA = "sha256"
+
+
+class ChecksumMismatch(Exception):
+    """The object store stored something else than what we sent or expected."""
+
+
+@dataclass(frozen=True)
+class PutResult:
+    etag: str | None
+    version_id: str | None
+
+
+@dataclass(frozen=True)
+class RemoteListing:
+    objects: list[RemoteObject]
+    dirs: list[str]
+
+
+def is_unreachable(exc: BaseException) -> bool:
+    """True when the failure says 'the line or the server is down' rather than 'the request was bad'."""
+    if isinstance(exc, (EndpointConnectionError, ConnectTimeoutError, ReadTimeoutError, BotoConnectionError,
+                        aiohttp.ClientError, asyncio.TimeoutError, ConnectionError)):
+        return True
+    if isinstance(exc, ClientError):
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+        return status >= 500 or status == 0
+    return isinstance(exc, BotoCoreError) and "connect" in str(exc).lower()
+
+
+def error_code(exc: BaseException) -> str:
+    if isinstance(exc, ClientError):
+        return exc.response.get("Error", {}).get("Code", "ClientError")
+    return type(exc).__name__
+
+
+def meta_sha(metadata: dict[str, str] | None) -> str | None:
+    """The sha256 user metadata; some servers (rclone) change the key's case, and S3 keys are headers."""
+    return {k.lower(): v for k, v in (metadata or {}).items()}.get(META_SHA)
+
+
+def b64(digest_hex: str) -> str:
+    return base64.b64encode(bytes.fromhex(digest_hex)).decode()
+
+
+class S3Uplink:
+    def __init__(self, cfg: UplinkConfig) -> None:
+        self.cfg = cfg
+        self.up_bucket = TokenBucket(cfg.bwlimit)
+        self.down_bucket = TokenBucket(cfg.bwlimit)
+        self._stack = contextlib.AsyncExitStack()
+        self._client = None
+
+    async def start(self) -> None:
+        config = AioConfig(
+            s3={"addressing_style": "path"},
+            retries={"max_attempts": 1, "mode": "standard"},  # our queue retries, with backoff and jitter
+            connect_timeout=self.cfg.connect_timeout,
+            read_timeout=self.cfg.read_timeout,
+            max_pool_connections=self.cfg.max_concurrency * 2 + 4,
+            request_checksum_calculation="when_required",
+            response_checksum_validation="when_required",
+        )
+        self._client = await self._stack.enter_async_context(get_session().create_client(
+            "s3", endpoint_url=self.cfg.endpoint_url, region_name=self.cfg.region,
+            aws_access_key_id=self.cfg.access_key_id, aws_secret_access_key=self.cfg.secret_access_key,
+            config=config))
+
+    async def close(self) -> None:
+        await self._stack.aclose()
+
+    def key(self, path: str) -> str:
+        return self.cfg.prefix + path
+
+    async def probe(self) -> None:
+        await self._client.head_bucket(Bucket=self.cfg.bucket)
+
+    # --- writes --------------------------------------------------------------------------------
+
+    async def put_file(self, path: str, fd: int, size: int, sha256: str) -> PutResult:
+        """Upload the content behind fd (read with pread, so the caller's offset is untouched)."""
+        if size >= self.cfg.multipart_threshold:
+            return await self._put_multipart(path, fd, size, sha256)
+        body = await asyncio.to_thread(os.pread, fd, size, 0)
+        if len(body) != size or hashlib.sha256(body).hexdigest() != sha256:
+            raise ChecksumMismatch(f"{path}: cached content does not match its catalog checksum")
+        await self.up_bucket.acquire(size)
+        resp = await self._client.put_object(
+            Bucket=self.cfg.bucket, Key=self.key(path), Body=body,
+            ChecksumSHA256=b64(sha256), Metadata={META_SHA: sha256})
+        returned = resp.get("ChecksumSHA256")
+        if returned is not None and returned != b64(sha256):
+            raise ChecksumMismatch(f"{path}: object store answered checksum {returned}")
+        return PutResult(resp.get("ETag"), resp.get("VersionId"))
+
+    async def _put_multipart(self, path: str, fd: int, size: int, sha256: str) -> PutResult:
+        key, chunk = self.key(path), self.cfg.multipart_chunk
+        mpu = await self._client.create_multipart_upload(
+            Bucket=self.cfg.bucket, Key=key, ChecksumAlgorithm="SHA256", Metadata={META_SHA: sha256})
+        upload_id = mpu["UploadId"]
+        whole = hashlib.sha256()
+        try:
+            parts = []
+            for number, offset in enumerate(range(0, size, chunk), start=1):
+                body = await asyncio.to_thread(os.pread, fd, min(chunk, size - offset), offset)
+                whole.update(body)
+                part_sha = base64.b64encode(hashlib.sha256(body).digest()).decode()
+                await self.up_bucket.acquire(len(body))
+                resp = await self._client.upload_part(
+                    Bucket=self.cfg.bucket, Key=key, UploadId=upload_id, PartNumber=number, Body=body,
+                    ChecksumSHA256=part_sha)
+                if resp.get("ChecksumSHA256", part_sha) != part_sha:
+                    raise ChecksumMismatch(f"{path}: part {number} checksum differs")
+                parts.append({"PartNumber": number, "ETag": resp["ETag"], "ChecksumSHA256": part_sha})
+            if whole.hexdigest() != sha256:
+                raise ChecksumMismatch(f"{path}: cached content does not match its catalog checksum")
+            done = await self._client.complete_multipart_upload(
+                Bucket=self.cfg.bucket, Key=key, UploadId=upload_id, MultipartUpload={"Parts": parts})
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await asyncio.shield(self._client.abort_multipart_upload(
+                    Bucket=self.cfg.bucket, Key=key, UploadId=upload_id))
+            raise
+        return PutResult(done.get("ETag"), done.get("VersionId"))
+
+    async def copy(self, src: str, dst: str, sha256: str | None) -> PutResult:
+        """Server-side copy (no traffic on the private line), verified by the copy's recorded hash."""
+        resp = await self._client.copy_object(
+            Bucket=self.cfg.bucket, Key=self.key(dst),
+            CopySource={"Bucket": self.cfg.bucket, "Key": self.key(src)}, MetadataDirective="COPY")
+        head = await self._client.head_object(Bucket=self.cfg.bucket, Key=self.key(dst))
+        remote_sha = meta_sha(head.get("Metadata"))
+        if sha256 and remote_sha and remote_sha != sha256:
+            raise ChecksumMismatch(f"{dst}: copied object's sha256 {remote_sha} != {sha256}")
+        return PutResult(resp.get("CopyObjectResult", {}).get("ETag"), resp.get("VersionId"))
+
+    async def delete(self, path: str) -> None:
+        await self._client.delete_object(Bucket=self.cfg.bucket, Key=self.key(path))
+
+    # --- reads ---------------------------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def get(self, path: str) -> AsyncIterator[tuple[int, str | None, AsyncIterator[bytes]]]:
+        """→ (content length, the object's sha256 metadata, an iterator of rate-limited chunks)."""
+        resp = await self._client.get_object(Bucket=self.cfg.bucket, Key=self.key(path))
+        body = resp["Body"]
+
+        async def chunks() -> AsyncIterator[bytes]:
+            while data := await body.read(256 * 1024):
+                await self.down_bucket.acquire(len(data))
+                yield data
+
+        try:
+            yield resp["ContentLength"], meta_sha(resp.get("Metadata")), chunks()
+        finally:
+            body.close()
+
+    async def head(self, path: str) -> dict | None:
+        try:
+            return await self._client.head_object(Bucket=self.cfg.bucket, Key=self.key(path))
+        except ClientError as e:
+            if e.response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 404:
+                return None
+            raise
+
+    async def list_dir(self, path: str) -> RemoteListing:
+        prefix = self.key(path + "/" if path else "")
+        objects: list[RemoteObject] = []
+        dirs: list[str] = []
+        paginator = self._client.get_paginator("list_objects_v2")
+        async for page in paginator.paginate(Bucket=self.cfg.bucket, Prefix=prefix, Delimiter="/"):
+            for cp in page.get("CommonPrefixes", []):
+                name = cp["Prefix"][len(prefix):].rstrip("/")
+                if name:
+                    dirs.append(name)
+            for obj in page.get("Contents", []):
+                name = obj["Key"][len(prefix):]
+                if name and "/" not in name:
+                    mtime = obj["LastModified"]
+                    objects.append(RemoteObject(name, obj["Size"], mtime.timestamp()
+                                                if isinstance(mtime, datetime) else float(mtime),
+                                                obj.get("ETag")))
+        return RemoteListing(objects, dirs)

@@ -1,0 +1,219 @@
+"""The upload queue: catalog rows not yet 'clean', pushed to S3 with bounded concurrency and retries.
+
+The queue is the catalog itself, so it survives kill -9 and power loss: on start every 'uploading' row
+goes back to 'dirty'. Write-through closes call `transfer` directly (the row was claimed in the same
+transaction that committed it); everything else — write-back, retries, renames, rows left by a crash —
+is picked up by the dispatcher. Deleted and renamed-away keys are removed by the tombstone loop.
+A per-key lock keeps a delete and a put of the same key from overlapping.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import time
+import weakref
+from dataclasses import dataclass
+
+import structlog
+
+from agent.metrics import Metrics
+from agent.store.cache import Cache
+from agent.store.catalog import Entry
+from agent.uplink.s3 import S3Uplink, error_code, is_unreachable
+
+log = structlog.get_logger("pacsgw.uplink")
+
+PROBE_INTERVAL = 2.0
+IDLE_POLL = 5.0
+
+
+def backoff(attempts: int, base: float = 1.0, cap: float = 300.0) -> float:
+    """Exponential backoff with full jitter in [0.5, 1.5) of the nominal delay."""
+    return min(cap, base * 2 ** min(attempts, 16)) * random.uniform(0.5, 1.5)
+
+
+@dataclass
+class UplinkHealth:
+    reachable: bool = True
+    last_error: str = ""
+    since: float = 0.0
+
+
+class Uploader:
+    def __init__(self, db, cache: Cache, s3: S3Uplink, metrics: Metrics, max_concurrency: int) -> None:
+        self.db, self.cache, self.s3, self.metrics = db, cache, s3, metrics
+        self.slots = asyncio.Semaphore(max_concurrency)
+        self.max_concurrency = max_concurrency
+        self.health = UplinkHealth(since=time.time())
+        self._wake = asyncio.Event()
+        self._reachable = asyncio.Event()
+        self._reachable.set()
+        self._key_locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
+        self._tasks: set[asyncio.Task] = set()
+        self._loops: list[asyncio.Task] = []
+
+    # --- lifecycle ----------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        resumed = await self.db.reset_uploading()
+        if resumed:
+            log.info("uploads_resumed", files=resumed)
+        self._loops = [asyncio.create_task(self._dispatch(), name="upload-dispatch"),
+                       asyncio.create_task(self._tombstones(), name="tombstones")]
+        try:
+            await self.s3.probe()
+        except Exception as e:  # noqa: BLE001 - any failure means 'not reachable yet'
+            self._unreachable(e)
+
+    async def stop(self, timeout: float) -> None:
+        """Let in-flight transfers finish (up to timeout); what remains stays queued in the catalog."""
+        for t in self._loops:
+            t.cancel()
+        if self._tasks:
+            await asyncio.wait(self._tasks, timeout=timeout)
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._loops, *self._tasks, return_exceptions=True)
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    @property
+    def reachable(self) -> bool:
+        return self.health.reachable
+
+    # --- health ---------------------------------------------------------------------------------
+
+    def _unreachable(self, exc: BaseException) -> None:
+        self.health.last_error = f"{error_code(exc)}: {exc}"[:300]
+        if self.health.reachable:
+            self.health.reachable, self.health.since = False, time.time()
+            self._reachable.clear()
+            self.metrics.uplink_up.set(0)
+            log.warning("uplink_unreachable", error=self.health.last_error, mode="write-back")
+            self._loops.append(asyncio.create_task(self._probe(), name="uplink-probe"))
+
+    def _reached(self) -> None:
+        if not self.health.reachable:
+            log.info("uplink_reachable", down_seconds=round(time.time() - self.health.since, 1))
+            self.health.reachable, self.health.since, self.health.last_error = True, time.time(), ""
+            self._reachable.set()
+            self.wake()
+        self.metrics.uplink_up.set(1)
+
+    async def _probe(self) -> None:
+        while not self.health.reachable:
+            await asyncio.sleep(PROBE_INTERVAL)
+            try:
+                await self.s3.probe()
+            except Exception as e:  # noqa: BLE001
+                self.health.last_error = f"{error_code(e)}: {e}"[:300]
+                continue
+            self._reached()
+
+    # --- transfers -------------------------------------------------------------------------------
+
+    def key_lock(self, key: str) -> asyncio.Lock:
+        lock = self._key_locks.get(key)
+        if lock is None:
+            lock = self._key_locks[key] = asyncio.Lock()
+        return lock
+
+    async def transfer(self, e: Entry) -> bool:
+        """Upload (or server-side copy) one claimed row; → True when it is clean in S3."""
+        async with self.slots, self.key_lock(e.path):
+            t0 = time.monotonic()
+            try:
+                if e.copy_from:
+                    result = await self._copy_or_upload(e)
+                else:
+                    result = await self._upload(e)
+            except asyncio.CancelledError:
+                await asyncio.shield(self.db.mark_failed(e.path, e.gen, "cancelled", time.time()))
+                raise
+            except Exception as exc:  # noqa: BLE001 - every failure is retried from the durable queue
+                retry_at = time.time() + backoff(e.attempts)
+                await self.db.mark_failed(e.path, e.gen, f"{error_code(exc)}: {exc}", retry_at)
+                self.metrics.uploads.labels("error").inc()
+                if is_unreachable(exc):
+                    self._unreachable(exc)
+                else:
+                    log.error("upload_failed", path=e.path, error=error_code(exc), detail=str(exc)[:300],
+                              attempts=e.attempts + 1, retry_in=round(retry_at - time.time(), 1))
+                return False
+            clean = await self.db.mark_clean(e.path, e.gen, result.etag, result.version_id, e.sha256)
+            elapsed = time.monotonic() - t0
+            self.metrics.uploads.labels("ok").inc()
+            self.metrics.upload_seconds.observe(elapsed)
+            self._reached()
+            log.info("uploaded", path=e.path, bytes=e.size, seconds=round(elapsed, 4),
+                     copy=bool(e.copy_from), superseded=not clean)
+            return clean
+
+    async def _upload(self, e: Entry):  # noqa: ANN202
+        if e.blob is None:
+            raise FileNotFoundError(f"{e.path}: no cached content to upload")
+        fd = await asyncio.to_thread(self.cache.open_blob, e.blob)
+        try:
+            result = await self.s3.put_file(e.path, fd, e.size, e.sha256)
+        finally:
+            os.close(fd)
+        self.metrics.uploaded_bytes.inc(e.size)
+        return result
+
+    async def _copy_or_upload(self, e: Entry):  # noqa: ANN202
+        if await self.s3.head(e.copy_from) is None:
+            # The source went away (deleted behind our back): upload from the cache if we still can.
+            await self.db.drop_copy_source(e.path, e.gen)
+            return await self._upload(e)
+        return await self.s3.copy(e.copy_from, e.path, e.sha256)
+
+    # --- background loops ------------------------------------------------------------------------
+
+    async def _dispatch(self) -> None:
+        while True:
+            await self._reachable.wait()
+            self._wake.clear()
+            room = self.max_concurrency * 2 - len(self._tasks)
+            rows = await self.db.due_uploads(time.time(), max(room, 0)) if room > 0 else []
+            for row in rows:
+                if await self.db.claim(row.path, row.gen):
+                    task = asyncio.create_task(self.transfer(row))
+                    self._tasks.add(task)
+                    task.add_done_callback(self._done)
+            if rows and room > 0:
+                continue
+            next_due = await self.db.next_due()
+            delay = IDLE_POLL if next_due is None else min(IDLE_POLL, max(0.05, next_due - time.time()))
+            try:
+                await asyncio.wait_for(self._wake.wait(), delay)
+            except asyncio.TimeoutError:
+                pass
+
+    def _done(self, task: asyncio.Task) -> None:
+        self._tasks.discard(task)
+        self.wake()
+
+    async def _tombstones(self) -> None:
+        while True:
+            await self._reachable.wait()
+            keys = await self.db.due_tombstones(time.time(), 100)
+            for key in keys:
+                async with self.key_lock(key):
+                    if not await self.db.tombstone_pending(key):
+                        continue  # the key was written again meanwhile: nothing to delete
+                    try:
+                        await self.s3.delete(key)
+                    except Exception as exc:  # noqa: BLE001
+                        await self.db.tombstone_failed(key, time.time() + backoff(1))
+                        if is_unreachable(exc):
+                            self._unreachable(exc)
+                            break
+                        log.error("delete_failed", path=key, error=error_code(exc))
+                        continue
+                    await self.db.tombstone_done(key)
+                    log.info("deleted", path=key)
+            if not keys:
+                await asyncio.sleep(1.0)

@@ -1,0 +1,189 @@
+"""The catalog alone (real SQLite): states, renames and tombstones, totals, crash recovery, flat memory."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from agent.store.catalog import Catalog, RemoteObject
+from agent.store.errors import AlreadyExists, IsADirectory, NotADirectory, NotEmpty, NotFound
+
+
+@pytest.fixture
+def cat(tmp_path):
+    c = Catalog(tmp_path / "catalog.sqlite")
+    yield c
+    c.close()
+
+
+def write(cat: Catalog, path: str, size: int = 10, claim: bool = False) -> int:
+    gen, _ = cat.commit_write(path, f"blob-{path}-{time.monotonic_ns()}", size, "ab" * 32, time.time(), claim=claim)
+    return gen
+
+
+def test_write_creates_parents_and_queues(cat):
+    write(cat, "CT/2026-11-23/s/1.dcm", 100)
+    assert cat.get("CT").is_dir and cat.get("CT/2026-11-23/s").is_dir
+    e = cat.get("CT/2026-11-23/s/1.dcm")
+    assert (e.state, e.size, e.cached) == ("dirty", 100, True)
+    t = cat.totals()
+    assert (t.files, t.queue_files, t.queue_bytes, t.cached_bytes) == (1, 1, 100, 100)
+    assert [r.path for r in cat.due_uploads(time.time(), 10)] == ["CT/2026-11-23/s/1.dcm"]
+
+
+def test_upload_lifecycle_and_stale_generation(cat):
+    gen = write(cat, "a.dcm")
+    assert cat.claim("a.dcm", gen)
+    assert not cat.claim("a.dcm", gen)  # already claimed
+    gen2 = write(cat, "a.dcm", 20)  # overwritten while the first upload runs
+    assert not cat.mark_clean("a.dcm", gen, "etag", None, "ab" * 32)  # stale: must not mark new content clean
+    assert cat.get("a.dcm").state == "dirty"
+    assert cat.claim("a.dcm", gen2) and cat.mark_clean("a.dcm", gen2, "etag", "v1", "cd" * 32)
+    e = cat.get("a.dcm")
+    assert (e.state, e.etag, e.version_id) == ("clean", "etag", "v1")
+    assert cat.totals().queue_files == 0
+
+
+def test_failure_backoff_and_crash_reset(cat):
+    gen = write(cat, "a.dcm")
+    cat.claim("a.dcm", gen)
+    cat.mark_failed("a.dcm", gen, "boom", time.time() + 60)
+    assert cat.due_uploads(time.time(), 10) == []
+    e = cat.get("a.dcm")
+    assert (e.state, e.attempts, e.last_error) == ("dirty", 1, "boom")
+    gen = write(cat, "b.dcm")
+    cat.claim("b.dcm", gen)
+    assert cat.reset_uploading() == 1
+    assert cat.get("b.dcm").state == "dirty"
+
+
+def test_rename_clean_file_copies_then_tombstones(cat):
+    gen = write(cat, "x.part")
+    cat.claim("x.part", gen)
+    cat.mark_clean("x.part", gen, "e", None, "ab" * 32)
+    cat.rename("x.part", "dir/x.dcm")
+    assert cat.get("x.part") is None
+    e = cat.get("dir/x.dcm")
+    assert (e.state, e.copy_from) == ("dirty", "x.part")
+    # The old key is protected while the copy still needs it.
+    assert cat.due_tombstones(time.time(), 10) == []
+    cat.claim("dir/x.dcm", e.gen)
+    cat.mark_clean("dir/x.dcm", e.gen, "e2", None, "ab" * 32)
+    assert cat.due_tombstones(time.time(), 10) == ["x.part"]
+
+
+def test_rename_dirty_file_uploads_fresh(cat):
+    write(cat, "x.part")
+    cat.rename("x.part", "x.dcm")
+    e = cat.get("x.dcm")
+    assert (e.state, e.copy_from) == ("dirty", None)
+    assert cat.due_tombstones(time.time(), 10) == ["x.part"]
+
+
+def test_rename_over_existing_and_directories(cat):
+    write(cat, "a")
+    write(cat, "b")
+    replaced = cat.rename("a", "b")
+    assert len(replaced) == 1 and cat.get("a") is None and cat.totals().files == 1
+    write(cat, "d/1")
+    write(cat, "d/e/2")
+    cat.rename("d", "f")
+    assert cat.get("f/1") and cat.get("f/e/2") and cat.get("d") is None and cat.get("d/e/2") is None
+    with pytest.raises(NotADirectory):
+        cat.rename("f", "f/e/inside")
+    cat.mkdir("g")
+    with pytest.raises(AlreadyExists):
+        cat.rename("f", "g")
+
+
+def test_write_again_cancels_tombstone(cat):
+    write(cat, "a")
+    cat.delete("a")
+    assert cat.tombstone_pending("a")
+    write(cat, "a")
+    assert not cat.tombstone_pending("a")
+
+
+def test_directory_rules(cat):
+    cat.mkdir("d")
+    with pytest.raises(AlreadyExists):
+        cat.mkdir("d")
+    write(cat, "d/f")
+    with pytest.raises(NotEmpty):
+        cat.rmdir("d")
+    with pytest.raises(IsADirectory):
+        cat.commit_write("d", "b", 1, "00", 0, claim=False)
+    with pytest.raises(NotADirectory):
+        write(cat, "d/f/g")
+    with pytest.raises(IsADirectory):
+        cat.delete("d")
+    with pytest.raises(NotFound):
+        cat.rmdir("nope")
+
+
+def test_merge_listing_keeps_local_state(cat):
+    write(cat, "CT/local.dcm")
+    cat.merge_listing("CT", [RemoteObject("local.dcm", 999, 0.0, "x"), RemoteObject("remote.dcm", 5, 1.0, "y")],
+                      ["2025"])
+    assert cat.get("CT/local.dcm").state == "dirty" and cat.get("CT/local.dcm").size == 10
+    r = cat.get("CT/remote.dcm")
+    assert (r.state, r.cached, r.size) == ("clean", False, 5)
+    assert cat.get("CT/2025").is_dir and cat.get("CT").listed
+
+
+def test_totals_match_a_full_count(cat):
+    for i in range(50):
+        gen = write(cat, f"d{i % 5}/f{i}", size=i)
+        if i % 3 == 0:
+            cat.claim(f"d{i % 5}/f{i}", gen)
+            cat.mark_clean(f"d{i % 5}/f{i}", gen, None, None, "00")
+    for i in range(0, 50, 7):
+        cat.delete(f"d{i % 5}/f{i}")
+    cat.rename("d1", "e1")
+    files = list(cat.walk_files(batch=7))
+    t = cat.totals()
+    assert t.files == len(files)
+    assert t.queue_files == sum(f.state != "clean" for f in files)
+    assert t.queue_bytes == sum(f.size for f in files if f.state != "clean")
+    assert t.cached_bytes == sum(f.size for f in files if f.cached)
+
+
+def test_commit_survives_kill9(tmp_path):
+    """A committed row is on disk the moment commit returns: a process killed right after keeps it."""
+    script = (
+        "import os, signal, time, sys\n"
+        "from agent.store.catalog import Catalog\n"
+        f"c = Catalog(__import__('pathlib').Path({str(tmp_path / 'c.sqlite')!r}))\n"
+        "for i in range(200):\n"
+        "    c.commit_write(f'f{i}', 'b', 1, '00', time.time(), claim=False)\n"
+        "print('committed', flush=True)\n"
+        "os.kill(os.getpid(), signal.SIGKILL)\n")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert out.returncode == -9 and "committed" in out.stdout
+    c = Catalog(tmp_path / "c.sqlite")
+    assert c.totals().files == 200 and c.get("f199") is not None
+
+
+def _rss_after(n: int, tmp_path) -> int:
+    script = (
+        "import time, psutil\n"
+        "from agent.store.catalog import Catalog\n"
+        f"c = Catalog(__import__('pathlib').Path({str(tmp_path / f'm{n}.sqlite')!r}))\n"
+        "c.db.execute('BEGIN')\n"
+        f"c.db.executemany(\"INSERT INTO entries (path, parent, name, is_dir, size, mtime, state, gen) "
+        f"VALUES (?, 'd', ?, 0, 1, 0, 'clean', 1)\", ((f'd/{{i:09d}}', f'{{i:09d}}') for i in range({n})))\n"
+        "c.db.execute('COMMIT')\n"
+        "for _ in c.walk_files(batch=5000): pass\n"
+        "print(psutil.Process().memory_info().rss)\n")
+    return int(subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout)
+
+
+def test_memory_does_not_grow_with_file_count(tmp_path):
+    """RAM must not grow with the archive: 20x the files, a full walk, and RSS stays within the page cache bound."""
+    small, large = _rss_after(10_000, tmp_path), _rss_after(200_000, tmp_path)
+    # The catalog's page cache is capped at 64 MiB; nothing else may scale with the row count.
+    assert large - small < 100 * 2**20, (small, large)
