@@ -27,7 +27,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.timeout(1800)
+@pytest.mark.timeout(2400)
 def test_image_boots_and_serves_healthz(appliance, tmp_path):
     qcow2 = appliance / "pacsgw.qcow2"
     raw = appliance / "pacsgw.raw"
@@ -73,6 +73,9 @@ password = "boot-test-only"
 """)
     seed_img = tmp_path / "seed.img"
     run(["bash", str(REPO / "image" / "mkseed.sh"), str(seed), str(seed_img)])
+    # A bigger disk than the image, as on a real box: the root partition and filesystem grow at first boot.
+    disk = tmp_path / "disk.qcow2"
+    run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(qcow2), "-F", "qcow2", str(disk), "6G"])
     vars_copy = tmp_path / "OVMF_VARS.fd"
     shutil.copy(OVMF_VARS, vars_copy)
     console = tmp_path / "console.log"
@@ -81,9 +84,8 @@ password = "boot-test-only"
         "-display", "none", "-no-user-config", "-nodefaults", "-serial", f"file:{console}",
         "-drive", f"if=pflash,format=raw,readonly=on,file={OVMF_CODE}",
         "-drive", f"if=pflash,format=raw,file={vars_copy}",
-        "-drive", f"file={qcow2},if=virtio,format=qcow2",
-        "-drive", f"file={seed_img},if=virtio,format=raw",
-        "-snapshot",
+        "-drive", f"file={disk},if=virtio,format=qcow2",
+        "-drive", f"file={seed_img},if=virtio,format=raw,readonly=on",
         "-nic", f"user,model=virtio-net-pci,hostfwd=tcp:127.0.0.1:{http_port}-:8080,"
                 f"hostfwd=tcp:127.0.0.1:{ssh_port}-:22",
     ]
@@ -114,12 +116,13 @@ password = "boot-test-only"
         ssh = ["ssh", "-i", str(key), "-p", str(ssh_port), "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=no",
                "-o", "UserKnownHostsFile=/dev/null", "-o", "LogLevel=ERROR", "pacsadmin@127.0.0.1"]
         out = run(ssh + ["hostname; sudo stat -c '%U %a' /etc/pacsgw/agent.toml; systemctl is-active pacsgw; "
-                         "systemctl is-active nftables; readlink /opt/pacsgw/current; findmnt -no SOURCE /"],
+                         "systemctl is-active nftables; readlink /opt/pacsgw/current; df -B1 --output=size / | tail -1"],
                   timeout=120).stdout.split("\n")
         assert out[0] == "pacsgw-boot-test"
         assert out[1] == "pacsgw 600"
         assert out[2] == "active" and out[3] == "active"
         assert out[4] == f"releases/{project_version()}"
+        assert int(out[5]) > 4 * 1024**3, f"root filesystem did not grow to the disk: {out[5]} bytes"
     finally:
         os.killpg(vm.pid, signal.SIGTERM)
         vm.wait(timeout=30)
