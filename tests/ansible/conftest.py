@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -27,6 +28,10 @@ def appliance(tmp_path_factory, request) -> Path:
     """
     reuse = os.environ.get("PACSGW_TEST_IMAGE_DIR")
     if reuse:
-        return Path(reuse)
+        yield Path(reuse)
+        return
     out = tmp_path_factory.mktemp("image")
-    return build_appliance(out, request.getfixturevalue("base_release"), kernel=True, rootfs_only=False)
+    yield build_appliance(out, request.getfixturevalue("base_release"), kernel=True, rootfs_only=False,
+                          compress=False)
+    # About 3 GB: do not leave it in pytest's retained temporary directories.
+    shutil.rmtree(out, ignore_errors=True)

@@ -57,6 +57,7 @@ def ansible_env(workdir: Path) -> dict[str, str]:
         "ANSIBLE_FORCE_COLOR": "0",
         "ANSIBLE_RETRY_FILES_ENABLED": "0",
         "PY_COLORS": "0",
+        "ANSIBLE_CALLBACKS_ENABLED": "ansible.posix.profile_tasks",
     })
     return env
 
@@ -100,7 +101,7 @@ def build_variant_release(base: Path, out: Path, version: str, patch=None) -> Pa
         tf.extractall(wheels, filter="data")
     for w in wheels.glob("pacsgw-*.whl"):
         w.unlink()
-    run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation",
+    run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps",
          "--wheel-dir", str(wheels), str(work)], timeout=300)
     tar = out / f"pacsgw-{version}.tar"
     with tarfile.open(tar, "w") as tf:
@@ -138,8 +139,10 @@ _injected_fault()
 
 # --- the appliance tree -------------------------------------------------------------------------
 
-def build_appliance(out: Path, release: Path, *, kernel: bool, rootfs_only: bool) -> Path:
+def build_appliance(out: Path, release: Path, *, kernel: bool, rootfs_only: bool, compress: bool = True) -> Path:
     cmd = ["bash", str(REPO / "image" / "build.sh"), "--out", str(out), "--release", str(release)]
+    if not compress:
+        cmd.append("--no-compress")
     if rootfs_only:
         cmd.append("--rootfs-only")
     if not kernel:
@@ -233,7 +236,7 @@ class Fleet:
             f"{host.dir}/merged; "
             f"exec systemd-nspawn --quiet -D {host.dir}/merged --machine={host.netns} --boot "
             f"--network-namespace-path=/run/netns/{host.netns} --register=no --keep-unit "
-            f"--resolv-conf=off --timezone=off --link-journal=no --console=passive "
+            f"--resolv-conf=off --timezone=off --link-journal=no --console=passive --capability=CAP_NET_ADMIN "
             f"--bind-ro={seed}:/boot/pacsgw-config"
         )
         logf = open(host.dir / "console.log", "wb")
