@@ -308,6 +308,7 @@ class Fleet:
             "base_apt_update_cache": False,      # the hosts have no package mirror
             "base_admin_authorized_keys": [Path(f"{self.key}.pub").read_text().strip()],
             "pacsgw_smb_enabled": False,
+            "samba_hosts_allow": "{{ pacsgw_pacs_subnets }}",
             "pacsgw_model_file": "",
             "pacsgw_serial": 1,
             "pacsgw_drain_timeout": 20,
@@ -333,10 +334,11 @@ class Fleet:
         (inv / "group_vars" / "all" / "main.yml").write_text(json.dumps(common, indent=2))
         for group in self.groups:
             slug = group.replace("_", "-")
-            (inv / "group_vars" / f"{group}.yml").write_text(json.dumps({
-                "gateway_uplink_bucket": f"pacs-{slug}",
-                "gateway_uplink_prefix": f"{slug}/",
-            }, indent=2))
+            gvars = {"gateway_uplink_bucket": f"pacs-{slug}", "gateway_uplink_prefix": f"{slug}/"}
+            if group == "hospital_b":   # this hospital's old PACS also needs SMB
+                gvars |= {"pacsgw_smb_enabled": True,
+                          "samba_users": [{"name": "pacssmb", "password": "smb-fleet-test"}]}  # test-only
+            (inv / "group_vars" / f"{group}.yml").write_text(json.dumps(gvars, indent=2))
         return inv
 
     def playbook(self, name: str, *args: str, timeout: float = 900) -> subprocess.CompletedProcess:

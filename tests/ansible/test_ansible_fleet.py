@@ -64,6 +64,16 @@ def test_site_provisions_every_box(fleet):
         assert f'prefix = "{h.group.replace("_", "-")}/"' in conf
         assert "table inet pacsgw" in fleet.ssh(h, "sudo nft list ruleset").stdout
         assert fleet.ssh(h, "systemctl show -p User --value pacsgw").stdout.strip() == "pacsgw"
+    # SMB only where the hospital asked for it (hospital B); elsewhere the image's Samba stays off.
+    for h in fleet.hosts:
+        smb = fleet.ssh(h, "systemctl is-active smbd; systemctl is-active nmbd; ss -Hltn 'sport = :445' | wc -l; "
+                           "sudo pdbedit -L | cut -d: -f1", check=False).stdout.split()
+        if h.group == "hospital_b":
+            assert smb[0] == "active" and smb[1] == "inactive" and int(smb[2]) >= 1 and "pacssmb" in smb[3:], smb
+            conf = fleet.ssh(h, "testparm -s 2>/dev/null").stdout
+            assert "server min protocol = SMB3" in conf and "server signing = mandatory" in conf
+        else:
+            assert smb[:3] == ["inactive", "inactive", "0"], (h.name, smb)
     # Idempotent: a second run changes nothing.
     p = fleet.playbook("site.yml")
     _assert_ok(p)
