@@ -17,6 +17,7 @@ $(VENV)/.installed: pyproject.toml
 # A local SeaweedFS on 127.0.0.1:8333 and the agent with examples/agent.toml, in the foreground.
 run: venv
 	@mkdir -p $(RUNDIR)
+	@chmod 600 examples/agent.toml  # it holds (example) secrets: the agent refuses a world-readable one
 	@$(BIN)/python -m agent.devstack --dir $(RUNDIR)/s3 --port 8333 --bucket pacs & \
 	  store=$$!; trap 'kill $$store 2>/dev/null; wait $$store' EXIT INT TERM; \
 	  for i in $$(seq 1 100); do curl -s -o /dev/null 127.0.0.1:8333 && break; sleep 0.2; done; \

@@ -62,6 +62,61 @@ def cmd_status(args: argparse.Namespace) -> int:
     return {"ok": 0, "degraded": 1}.get(health["status"], 2)
 
 
+def _agent_url(args: argparse.Namespace) -> str:
+    if args.url:
+        return args.url.rstrip("/")
+    host, port = _load_or_exit(args.config).http.listen
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
+    return f"http://{'[' + host + ']' if ':' in host else host}:{port}"
+
+
+def cmd_evict(args: argparse.Namespace) -> int:
+    """Ask the running agent to drop cached copies (only of files already safe in S3)."""
+    url, worst = _agent_url(args) + "/admin/evict", 0
+    for path in args.paths:
+        req = urllib.request.Request(url, data=json.dumps({"path": path}).encode(), method="POST",
+                                     headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=30) as r:
+                result = json.load(r)
+        except urllib.error.HTTPError as e:
+            result = json.load(e)
+            worst = max(worst, 1)
+        except OSError as e:
+            print(f"pacsgw: cannot reach the agent at {url}: {e}", file=sys.stderr)
+            return 3
+        print(f"{path}: " + ("evicted" if result.get("evicted") else f"not evicted ({result.get('error')})"))
+    return worst
+
+
+def cmd_fsck(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from agent import logs
+    from agent.fsck import Fsck
+    cfg = _load_or_exit(args.config)
+    logs.configure(cfg.log.level, "console" if sys.stderr.isatty() else cfg.log.format)
+    report = asyncio.run(Fsck(cfg, remote=args.remote, repair=args.repair, progress=not args.json).run())
+    if args.json:
+        print(json.dumps(dataclasses.asdict(report) | {"exit_code": report.exit_code}, indent=2))
+    else:
+        print(f"checked {report.files} files, verified {report.verified_bytes} cached bytes")
+        for label, items in (("corrupt or missing cached copies", report.corrupt),
+                             ("fetched again", report.refetched),
+                             ("missing or different in object storage", report.remote_missing),
+                             ("queued for upload again", report.requeued),
+                             ("LOST (no good copy anywhere)", report.lost)):
+            if items:
+                print(f"{label}: {len(items)}")
+                for path in items[:20]:
+                    print(f"  {path}")
+        if report.orphans:
+            print(f"orphan cache files: {report.orphans}" + (" (removed)" if args.repair else ""))
+        if not args.repair and report.exit_code == 1:
+            print("run again with --repair to fix what can be fixed")
+    return report.exit_code
+
+
 def cmd_hash_password(args: argparse.Namespace) -> int:
     from agent.auth import hash_password
     password = sys.stdin.readline().rstrip("\n") if args.stdin else getpass.getpass("password: ")
@@ -90,6 +145,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--url", help="the agent's HTTP address, instead of reading [http] listen from the config")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("fsck", help="verify cached files (and with --remote, objects in S3); --repair fixes "
+                                    "(exit 0 clean, 1 problems found, 2 data lost)")
+    p.add_argument("--config", default=DEFAULT_CONFIG)
+    p.add_argument("--remote", action="store_true", help="also check every clean file's object in S3")
+    p.add_argument("--repair", action="store_true", help="fetch corrupt copies again, re-queue missing objects")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_fsck)
+
+    p = sub.add_parser("evict", help="drop the cached copies of files already in S3 (exit 1 if one was not)")
+    p.add_argument("--config", default=DEFAULT_CONFIG)
+    p.add_argument("--url", help="the agent's HTTP address, instead of reading [http] listen from the config")
+    p.add_argument("paths", nargs="+", metavar="PATH", help="namespace paths such as CT/2026-11-23/1.2.3/4/5.dcm")
+    p.set_defaults(func=cmd_evict)
 
     p = sub.add_parser("hash-password", help="print a password_hash for [[users]]")
     p.add_argument("--stdin", action="store_true", help="read the password from standard input")

@@ -215,6 +215,8 @@ class UplinkConfig:
     through_timeout: float = _f(_float_between(1, 3600), "seconds 1..3600", default=60.0)
     connect_timeout: float = _f(_float_between(0.5, 300), "seconds 0.5..300", default=5.0)
     read_timeout: float = _f(_float_between(1, 3600), "seconds 1..3600", default=60.0)
+    ca_bundle: str = _f(_str, "a path to a PEM file of CA certificates trusted for the endpoint, or ''",
+                        default="")
 
 
 @dataclass(frozen=True)
@@ -224,6 +226,9 @@ class FtpConfig:
     passive_ports: tuple[int, int] = _f(_port_range, "'LOW-HIGH' with 1024 <= LOW <= HIGH <= 65535",
                                         default=(30000, 30100))
     masquerade_address: str = _f(_str, "the IP address to announce in PASV replies, or ''", default="")
+    tls_cert: str = _f(_str, "a PEM certificate (chain) file for FTPS (AUTH TLS), or ''", default="")
+    tls_key: str = _f(_str, "the PEM private key file of tls_cert", default="")
+    require_tls: bool = _f(_bool, "true or false (true: refuse plain-text logins and data)", default=False)
 
 
 @dataclass(frozen=True)
@@ -231,6 +236,7 @@ class SftpConfig:
     enabled: bool = _f(_bool, "true or false", default=True)
     listen: tuple[str, int] = _f(_listen, LISTEN, default=("127.0.0.1", 2222))
     host_key: str = _f(_str, "a path; the key is generated there on first start if missing", default="")
+    password_auth: bool = _f(_bool, "true or false (false: public keys only)", default=True)
 
 
 @dataclass(frozen=True)
@@ -244,6 +250,72 @@ class LogConfig:
     level: str = _f(_choice("debug", "info", "warning", "error"), "debug, info, warning or error",
                     default="info")
     format: str = _f(_choice("json", "console"), "'json' or 'console'", default="json")
+
+
+def _suffixes(value: Any) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(v, str) and v.startswith(".") and "/" not in v
+                                              for v in value):
+        raise ValueError
+    return tuple(value)
+
+
+def _days(value: Any) -> int:
+    return _int_between(0, 100 * 366)(value)
+
+
+@dataclass(frozen=True)
+class RetentionRule:
+    prefix: str = _f(_prefix, "a namespace path prefix such as 'inpatient/' (no leading '/')")
+    retention_days: int = _f(_days, "days 0..36600 (0: not retained)")
+    legal_hold: bool = _f(_bool, "true or false", default=False)
+
+
+@dataclass(frozen=True)
+class ComplianceConfig:
+    worm: bool = _f(_bool, "true or false", default=False)
+    mode: str = _f(_choice("COMPLIANCE", "GOVERNANCE"), "'COMPLIANCE' or 'GOVERNANCE'", default="COMPLIANCE")
+    retention_days: int = _f(_days, "days 0..36600", default=15 * 365 + 4)
+    legal_hold: bool = _f(_bool, "true or false", default=False)
+    temp_suffixes: tuple[str, ...] = _f(_suffixes, "a list of suffixes such as ['.part', '.filepart', '.tmp']",
+                                        default=(".part", ".filepart", ".tmp"))
+    rules: tuple[RetentionRule, ...] = _f(lambda v: v, "[[compliance.rules]] tables", default=())
+
+
+@dataclass(frozen=True)
+class AuditConfig:
+    enabled: bool = _f(_bool, "true or false", default=True)
+    path: str = _f(_str, "a path for the audit log file (default <cache.dir>/audit/audit.jsonl)", default="")
+    max_bytes: int = _f(parse_size, SIZE, default=parse_size("100MB"))
+    keep: int = _f(_int_between(1, 100000), "an integer 1..100000", default=50)
+    ship: bool = _f(_bool, "true or false", default=False)
+    ship_prefix: str = _f(_prefix, "a key prefix outside uplink.prefix, e.g. 'pacsgw-audit/hospital-a/'",
+                          default="")
+
+
+@dataclass(frozen=True)
+class PrefetchConfig:
+    dir_depth: int = _f(_int_between(1, 8), "an integer 1..8: how many path levels make a directory "
+                        "whose daily reads are counted (2 for MODALITY/DAY)", default=2)
+
+
+@dataclass(frozen=True)
+class PressureConfig:
+    memory_high: int = _f(parse_size, SIZE + ": system memory available below this is high pressure",
+                          default=parse_size("8GiB"))
+    memory_critical: int = _f(parse_size, SIZE + ": available below this is critical", default=parse_size("2GiB"))
+    rss_high: int = _f(parse_size, SIZE + ": the agent's own memory above this is high pressure (0: no limit)",
+                       default=parse_size("16GiB"))
+    rss_critical: int = _f(parse_size, SIZE + " (0: no limit)", default=parse_size("32GiB"))
+    disk_critical: float = _f(_ratio, "a fraction 0..1 of cache.max_bytes above high_watermark", default=0.95)
+    interval_seconds: float = _f(_float_between(0.5, 300), "seconds 0.5..300", default=5.0)
+
+
+@dataclass(frozen=True)
+class ScrubConfig:
+    enabled: bool = _f(_bool, "true or false", default=True)
+    rate: int = _f(parse_rate, RATE.replace("0 means unlimited", "at least 1MB"), default=parse_size("20MB"))
+    pause_seconds: float = _f(_float_between(1, 30 * 86400), "seconds between passes, 1..2592000",
+                              default=3600.0)
 
 
 @dataclass(frozen=True)
@@ -273,6 +345,11 @@ class Config:
     sftp: SftpConfig
     http: HttpConfig
     log: LogConfig
+    audit: AuditConfig
+    compliance: ComplianceConfig
+    pressure: PressureConfig
+    prefetch: PrefetchConfig
+    scrub: ScrubConfig
     model: ModelConfig
     users: tuple[UserConfig, ...]
 
@@ -283,7 +360,10 @@ class Config:
 
 _SECTIONS: dict[str, type] = {
     "cache": CacheConfig, "uplink": UplinkConfig, "ftp": FtpConfig, "sftp": SftpConfig,
-    "http": HttpConfig, "log": LogConfig, "model": ModelConfig,
+    "http": HttpConfig, "log": LogConfig, "audit": AuditConfig,
+    "compliance": ComplianceConfig, "pressure": PressureConfig,
+    "prefetch": PrefetchConfig, "scrub": ScrubConfig,
+    "model": ModelConfig,
 }
 
 
@@ -325,6 +405,33 @@ def _check_cross(cfg: Config) -> None:
     if not up.credentials_file and not (up.access_key_id and up.secret_access_key):
         raise ConfigError(file, "uplink.access_key_id", up.access_key_id,
                           "access_key_id and secret_access_key are both required (or credentials_file)")
+    if up.ca_bundle and not Path(up.ca_bundle).is_file():
+        raise ConfigError(file, "uplink.ca_bundle", up.ca_bundle, "an existing PEM file")
+    ftp = cfg.ftp
+    if bool(ftp.tls_cert) != bool(ftp.tls_key):
+        raise ConfigError(file, "ftp.tls_key" if ftp.tls_cert else "ftp.tls_cert", "",
+                          "tls_cert and tls_key go together")
+    for key in ("tls_cert", "tls_key"):
+        if getattr(ftp, key) and not Path(getattr(ftp, key)).is_file():
+            raise ConfigError(file, f"ftp.{key}", getattr(ftp, key), "an existing PEM file")
+    if ftp.require_tls and not ftp.tls_cert:
+        raise ConfigError(file, "ftp.require_tls", True, "tls_cert and tls_key to be set")
+    if not cfg.sftp.password_auth and cfg.sftp.enabled and not any(u.authorized_keys for u in cfg.users):
+        raise ConfigError(file, "sftp.password_auth", False, "true, or authorized_keys for at least one user")
+    if cfg.audit.ship and cfg.audit.ship_prefix.startswith(up.prefix):
+        raise ConfigError(file, "audit.ship_prefix", cfg.audit.ship_prefix,
+                          f"a prefix outside the PACS namespace (uplink.prefix {up.prefix!r}); "
+                          "with an empty uplink.prefix the whole bucket is the namespace")
+    pr = cfg.pressure
+    if pr.memory_critical > pr.memory_high:
+        raise ConfigError(file, "pressure.memory_critical", pr.memory_critical, "at most pressure.memory_high")
+    if pr.rss_high and pr.rss_critical and pr.rss_critical < pr.rss_high:
+        raise ConfigError(file, "pressure.rss_critical", pr.rss_critical, "at least pressure.rss_high")
+    if pr.disk_critical <= cfg.cache.high_watermark:
+        raise ConfigError(file, "pressure.disk_critical", pr.disk_critical,
+                          f"above cache.high_watermark ({cfg.cache.high_watermark})")
+    if cfg.scrub.rate < 10**6:
+        raise ConfigError(file, "scrub.rate", cfg.scrub.rate, "at least 1MB per second")
     if not cfg.users:
         raise ConfigError(file, "users", [], "at least one [[users]] entry")
     seen: set[str] = set()
@@ -349,6 +456,16 @@ def _check_cross(cfg: Config) -> None:
                 raise ConfigError(file, f"users[{i}].authorized_keys", keyfile, "an existing readable file")
 
 
+def _check_private(file: Path, holds_secrets: bool) -> None:
+    """A file holding secrets must not be readable by group or others (mode 0600 or 0400)."""
+    if not holds_secrets:
+        return
+    mode = file.stat().st_mode & 0o777
+    if mode & 0o077:
+        raise ConfigError(file, "(file mode)", oct(mode),
+                          f"0600: this file holds secrets; run: chmod 600 {file}")
+
+
 def _credentials(cfg: Config) -> Config:
     """Resolve uplink.credentials_file into the key pair."""
     up = cfg.uplink
@@ -359,6 +476,7 @@ def _credentials(cfg: Config) -> Config:
         cred_path = cfg.path.parent / cred_path
     try:
         data = tomllib.loads(cred_path.read_text())
+        _check_private(cred_path, True)
     except OSError as e:
         raise ConfigError(cfg.path, "uplink.credentials_file", up.credentials_file,
                           f"a readable file ({e.strerror})") from None
@@ -392,7 +510,13 @@ def load(path: str | Path) -> Config:
     for required in ("cache", "uplink"):
         if required not in data:
             raise ConfigError(file, required, None, f"required section [{required}]")
+    compliance = data.get("compliance", {})
+    rules_raw = compliance.pop("rules", []) if isinstance(compliance, dict) else []
+    if not isinstance(rules_raw, list):
+        raise ConfigError(file, "compliance.rules", rules_raw, "an array of tables: [[compliance.rules]]")
     sections = {name: _build(cls, data.get(name, {}), file, name) for name, cls in _SECTIONS.items()}
+    sections["compliance"] = dataclasses.replace(sections["compliance"], rules=tuple(
+        _build(RetentionRule, r, file, f"compliance.rules[{i}]") for i, r in enumerate(rules_raw)))
     users_raw = data.get("users", [])
     if not isinstance(users_raw, list):
         raise ConfigError(file, "users", users_raw, "an array of tables: [[users]]")
@@ -406,10 +530,22 @@ def load(path: str | Path) -> Config:
     if not Path(host_key).is_absolute():
         host_key = str((file.parent / host_key).resolve())
     sections["sftp"] = dataclasses.replace(sftp, host_key=host_key)
+    ftp = sections["ftp"]
+    sections["ftp"] = dataclasses.replace(ftp, **{k: str((file.parent / getattr(ftp, k)).resolve())
+                                                  for k in ("tls_cert", "tls_key") if getattr(ftp, k)})
+    audit = sections["audit"]
+    audit_path = Path(audit.path) if audit.path else cache.dir / "audit" / "audit.jsonl"
+    sections["audit"] = dataclasses.replace(
+        audit, path=str(audit_path if audit_path.is_absolute() else (file.parent / audit_path).resolve()),
+        ship_prefix=audit.ship_prefix or "pacsgw-audit/" + sections["uplink"].prefix)
+    uplink = sections["uplink"]
+    if uplink.ca_bundle and not Path(uplink.ca_bundle).is_absolute():
+        sections["uplink"] = dataclasses.replace(uplink, ca_bundle=str((file.parent / uplink.ca_bundle).resolve()))
     users = tuple(
         dataclasses.replace(u, authorized_keys=tuple(
             k if os.path.isabs(k) else str((file.parent / k).resolve()) for k in u.authorized_keys))
         for u in users)
     cfg = Config(path=file, users=users, **sections)
     _check_cross(cfg)
+    _check_private(file, bool(cfg.uplink.secret_access_key or any(u.password for u in cfg.users)))
     return _credentials(cfg)

@@ -5,19 +5,24 @@ from __future__ import annotations
 import asyncio
 import signal
 import time
+from pathlib import Path
 from typing import Any
 
 import structlog
 
 from agent import __version__
+from agent.audit import AuditLog, AuditShipper
 from agent.config import Config
 from agent.metrics import Metrics
+from agent.monitor import PressureMonitor
 from agent.serve.ftp import FtpServer
 from agent.serve.http import HttpServer, judge, model_info, process_memory
 from agent.serve.sftp import SftpService
 from agent.store.cache import Cache
 from agent.store.catalog import AsyncCatalog, Catalog
 from agent.store.gateway import Gateway
+from agent.store.scrub import Scrubber
+from agent.store.worm import WormPolicy
 from agent.uplink.s3 import S3Uplink
 from agent.uplink.uploader import Uploader
 
@@ -43,10 +48,21 @@ class Agent:
         self.cache = Cache(cfg.cache.dir)
         self.s3 = S3Uplink(cfg.uplink)
         await self.s3.start()
-        self.uploader = Uploader(self.db, self.cache, self.s3, self.metrics, cfg.uplink.max_concurrency)
+        if cfg.compliance.worm:
+            await self._check_object_lock()
+        self.uploader = Uploader(self.db, self.cache, self.s3, self.metrics, cfg.uplink.max_concurrency,
+                                 WormPolicy(cfg.compliance))
         await self.uploader.start()
-        self.gateway = Gateway(cfg, self.db, self.cache, self.s3, self.uploader, self.metrics)
+        self.audit = AuditLog(Path(cfg.audit.path), cfg.audit.max_bytes, cfg.audit.keep, cfg.audit.enabled)
+        self._ship = (asyncio.create_task(AuditShipper(self.audit, self.s3, cfg.audit.ship_prefix).run(),
+                                          name="audit-ship") if cfg.audit.enabled and cfg.audit.ship else None)
+        self.gateway = Gateway(cfg, self.db, self.cache, self.s3, self.uploader, self.metrics, self.audit)
         await self.gateway.start()
+        self.monitor = PressureMonitor(cfg, self.db, self.cache, self.gateway, self.uploader, self.metrics)
+        await self.monitor.sample()
+        self._monitor = asyncio.create_task(self.monitor.run(), name="pressure")
+        self.scrubber = Scrubber(self.db, self.cache, cfg.scrub.rate, cfg.scrub.pause_seconds)
+        self._scrub = asyncio.create_task(self.scrubber.run(), name="scrub") if cfg.scrub.enabled else None
         if cfg.ftp.enabled:
             self.ftp = FtpServer(cfg, self.gateway)
             await self.ftp.start(*cfg.ftp.listen)
@@ -54,7 +70,8 @@ class Agent:
             self.sftp = SftpService(cfg, self.gateway)
             await self.sftp.start()
         if cfg.http.enabled:
-            self.http = HttpServer(*cfg.http.listen, health=self.health, metrics=self.render_metrics)
+            self.http = HttpServer(*cfg.http.listen, health=self.health, metrics=self.render_metrics,
+                                   evict=self.admin_evict)
             await self.http.start()
         log.info("started", version=__version__, config=str(cfg.path),
                  ftp=cfg.ftp.listen if cfg.ftp.enabled else None,
@@ -62,6 +79,18 @@ class Agent:
                  http=cfg.http.listen if cfg.http.enabled else None,
                  uplink=cfg.uplink.endpoint_url, bucket=cfg.uplink.bucket, write_mode=cfg.uplink.write_mode,
                  uplink_reachable=self.uploader.reachable)
+
+    async def _check_object_lock(self) -> None:
+        """WORM needs a bucket created with Object Lock: refuse to run against one without."""
+        try:
+            enabled = await self.s3.object_lock_enabled()
+        except Exception as e:  # noqa: BLE001 - unreachable now: checked by S3 itself on every locked PUT
+            log.warning("object_lock_unchecked", bucket=self.cfg.uplink.bucket, error=str(e)[:200])
+            return
+        if not enabled:
+            raise SystemExit(f"pacsgw: [compliance] worm = true but bucket {self.cfg.uplink.bucket!r} has no "
+                             "Object Lock; create the bucket with Object Lock enabled (it cannot be added later "
+                             "on most S3 services) or set worm = false")
 
     async def stop(self, drain_seconds: float = DRAIN_SECONDS) -> None:
         """No new sessions; let in-flight transfers and uploads finish; the rest stays queued on disk."""
@@ -77,11 +106,15 @@ class Agent:
             await self.ftp.close()
         if self.sftp:
             await self.sftp.close()
+        for task in (self._scrub, self._ship, self._monitor):
+            if task:
+                task.cancel()
         await self.uploader.stop(max(1.0, drain_seconds - (time.monotonic() - t0)))
         await self.gateway.stop()
         if self.http:
             await self.http.close()
         await self.s3.close()
+        self.audit.close()
         totals = await self.db.totals()
         await asyncio.to_thread(self.db.shutdown)
         log.info("stopped", drained=drained, queued_files=totals.queue_files,
@@ -109,9 +142,29 @@ class Agent:
                       "max_bytes": self.cfg.cache.max_bytes, "disk_total": disk.total, "disk_free": disk.free},
             "memory": process_memory(),
             "model": model_info(self.cfg.model.path),
+            "pressure": {"level": str(self.monitor.current.level), "reasons": list(self.monitor.current.reasons)},
+            "scrub": {"passes": self.scrubber.passes, "last_pass_end": self.scrubber.last_pass_end},
         }
         h["status"], h["reasons"] = judge(h, self.cfg.cache.min_free_bytes)
         return h
+
+    async def admin_evict(self, client_path: str) -> tuple[int, dict[str, Any]]:
+        """Drop one file's cached copy (it must be clean: safe in S3); → (HTTP status, JSON result)."""
+        from agent.store.errors import BadPath, GatewayError, NotFound, PermissionDenied
+        from agent.store.paths import resolve
+        try:
+            path = resolve("/", "/", client_path)
+            evicted = await self.gateway.evict(path)
+        except (BadPath, PermissionDenied) as e:
+            return 400, {"path": client_path, "error": e.reason}
+        except NotFound as e:
+            return 404, {"path": client_path, "error": e.reason}
+        except GatewayError as e:
+            return 409, {"path": client_path, "error": e.reason}
+        if not evicted:
+            return 409, {"path": path, "evicted": False,
+                         "error": "not cached, or not yet in object storage (only clean files can be evicted)"}
+        return 200, {"path": path, "evicted": True}
 
     async def render_metrics(self) -> bytes:
         totals = await self.db.totals()

@@ -65,12 +65,13 @@ class ObjectStore:
     access_key: str = EXAMPLE_ACCESS_KEY
     secret_key: str = EXAMPLE_SECRET_KEY
     log_path: Path | None = None
+    tls: tuple[Path, Path, Path] | None = None  # (certificate, key, CA) PEM files: serve https (rclone only)
     _proc: subprocess.Popen | None = field(default=None, repr=False)
     _ports: list[int] = field(default_factory=list, repr=False)
 
     @property
     def endpoint_url(self) -> str:
-        return f"http://127.0.0.1:{self.s3_port}"
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.s3_port}"
 
     def _seaweed_cmd(self) -> list[str]:
         if not self._ports:
@@ -97,6 +98,7 @@ class ObjectStore:
             _bin("rclone"), "serve", "s3", str(self.data_dir / "data"),
             "--addr", f"127.0.0.1:{self.s3_port}", "--auth-key", f"{self.access_key},{self.secret_key}",
             "--config", "/dev/null",
+            *(["--cert", str(self.tls[0]), "--key", str(self.tls[1])] if self.tls else []),
         ]
 
     @staticmethod
@@ -150,6 +152,7 @@ class ObjectStore:
         session = botocore.session.get_session()
         return session.create_client(
             "s3", endpoint_url=self.endpoint_url, region_name="us-east-1",
+            verify=str(self.tls[2]) if self.tls else None,
             aws_access_key_id=self.access_key, aws_secret_access_key=self.secret_key,
             config=BotoConfig(s3={"addressing_style": "path"}, retries={"max_attempts": 2},
                               connect_timeout=2, read_timeout=30),

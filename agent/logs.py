@@ -12,8 +12,8 @@ _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARN
 
 
 class _DropClientHangups(logging.Filter):
-    """aioftp leaves a client's hang-up (reset, cancelled dispatcher) as an unretrieved task exception;
-    that is a normal end of session, not an error worth an admin's attention."""
+    """aioftp reports a client's hang-up (reset, cancelled dispatcher) as an exception; that is a normal
+    end of session, not an error worth an admin's attention."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         exc = record.exc_info[1] if record.exc_info else None
@@ -37,4 +37,5 @@ def configure(level: str = "info", fmt: str = "json") -> None:
     # Libraries (asyncssh, aioftp, botocore) log through stdlib logging: keep their noise at warning.
     logging.basicConfig(stream=sys.stderr, level=max(_LEVELS[level], logging.WARNING),
                         format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    logging.getLogger("asyncio").addFilter(_DropClientHangups())
+    for name in ("asyncio", "aioftp.server"):
+        logging.getLogger(name).addFilter(_DropClientHangups())

@@ -22,26 +22,36 @@ BUCKET = "pacs-test"
 PASSWORD = "test-only-password"  # test-only credential for the agents these tests start
 
 
-@pytest.fixture(scope="session")
-def seaweed(tmp_path_factory) -> ObjectStore:
-    store = ObjectStore("seaweedfs", tmp_path_factory.mktemp("seaweed")).start()
+def _session_store(kind: str, tmp_path_factory):  # noqa: ANN202 - a generator fixture body
+    store = ObjectStore(kind, tmp_path_factory.mktemp(kind)).start()
     store.create_bucket(BUCKET)
     yield store
     store.stop()
+
+
+@pytest.fixture(scope="session")
+def seaweed(tmp_path_factory) -> ObjectStore:
+    yield from _session_store("seaweedfs", tmp_path_factory)
 
 
 @pytest.fixture(scope="session")
 def rclone_s3(tmp_path_factory) -> ObjectStore:
-    store = ObjectStore("rclone", tmp_path_factory.mktemp("rclone-s3")).start()
-    store.create_bucket(BUCKET)
-    yield store
-    store.stop()
+    yield from _session_store("rclone", tmp_path_factory)
 
 
 @pytest.fixture(params=["seaweedfs", "rclone"])
 def any_store(request) -> ObjectStore:
     """The S3-facing tests run against both independent S3 implementations."""
     return request.getfixturevalue("seaweed" if request.param == "seaweedfs" else "rclone_s3")
+
+
+def toml_value(v) -> str:
+    """TOML for the values our configs use (JSON's strings, numbers and booleans are TOML too)."""
+    if isinstance(v, dict):
+        return "{" + ", ".join(f"{k} = {toml_value(x)}" for k, x in v.items()) + "}"
+    if isinstance(v, list):
+        return "[" + ", ".join(toml_value(x) for x in v) + "]"
+    return json.dumps(v)
 
 
 def sha256(data: bytes) -> str:
@@ -81,15 +91,16 @@ class AgentProc:
         }
         for key, value in self.overrides.items():
             section, _, name = key.partition(".")
-            sections[section][name] = value
+            sections.setdefault(section, {})[name] = value
         lines = []
         for name, table in sections.items():
             lines.append(f"[{name}]")
-            lines += [f"{k} = {json.dumps(v)}" for k, v in table.items()]
+            lines += [f"{k} = {toml_value(v)}" for k, v in table.items()]
         for user in self.users or [{"name": "pacs", "password": PASSWORD, "root": "/"}]:
             lines.append("[[users]]")
-            lines += [f"{k} = {json.dumps(v)}" for k, v in user.items()]
+            lines += [f"{k} = {toml_value(v)}" for k, v in user.items()]
         self.config_path.write_text("\n".join(lines) + "\n")
+        self.config_path.chmod(0o600)  # it holds secrets: the agent refuses anything more open
 
     @property
     def log_path(self) -> Path:
@@ -183,3 +194,12 @@ def s3_objects(store: ObjectStore, prefix: str) -> dict[str, dict]:
             out[obj["Key"][len(prefix):]] = {"size": len(body), "sha256": sha256(body),
                                              "meta": {k.lower(): v for k, v in got.get("Metadata", {}).items()}}
     return out
+
+
+@pytest.fixture
+def private_seaweed(tmp_path_factory) -> ObjectStore:
+    """A SeaweedFS of this test's own, for tests that stop and start the object store (outages)."""
+    store = ObjectStore("seaweedfs", tmp_path_factory.mktemp("seaweed-private")).start()
+    store.create_bucket(BUCKET)
+    yield store
+    store.stop()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import time
@@ -150,6 +149,34 @@ def test_totals_match_a_full_count(cat):
     assert t.queue_files == sum(f.state != "clean" for f in files)
     assert t.queue_bytes == sum(f.size for f in files if f.state != "clean")
     assert t.cached_bytes == sum(f.size for f in files if f.cached)
+
+
+def test_hot_queries_never_scan_the_whole_catalog(cat):
+    """Every query the agent runs per request or per loop uses an index: cost must not grow with the archive."""
+    for i in range(200):
+        write(cat, f"d{i % 7}/f{i}")
+    gen = write(cat, "x.part")
+    cat.claim("x.part", gen)
+    cat.mark_clean("x.part", gen, None, None, "00")
+    statements: list[str] = []
+    cat.db.set_trace_callback(statements.append)
+    now = time.time()
+    cat.get("d1/f1"), cat.children("d1"), cat.has_children("d1"), cat.totals(), cat.oldest_dirty()
+    cat.due_uploads(now, 16), cat.next_due(), cat.due_tombstones(now, 16), cat.tombstone_pending("x")
+    cat.lru_evictable(16), cat.files_after("", 16), cat.files_after("", 16, cached_only=True)
+    cat.blob_referenced("nope"), cat.reset_uploading(), cat.rename("x.part", "x.dcm"), cat.delete("d1/f1")
+    g = write(cat, "d2/new")
+    cat.claim("d2/new", g), cat.mark_failed("d2/new", g, "e", now), cat.record_access([("d2/new", now, 1)])
+    cat.db.set_trace_callback(None)
+    checked = 0
+    for sql in set(statements):
+        if not sql.lstrip().upper().startswith(("SELECT", "UPDATE", "DELETE", "INSERT")):
+            continue
+        plan = [row[3] for row in cat.db.execute("EXPLAIN QUERY PLAN " + sql)]
+        full_scans = [d for d in plan if d.startswith("SCAN entries") and "INDEX" not in d]
+        assert not full_scans, (sql, plan)
+        checked += 1
+    assert checked > 15
 
 
 def test_commit_survives_kill9(tmp_path):

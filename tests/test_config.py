@@ -31,6 +31,7 @@ password = "test-only"
 def write(tmp_path: Path, text: str) -> Path:
     p = tmp_path / "agent.toml"
     p.write_text(text)
+    p.chmod(0o600)
     return p
 
 
@@ -93,6 +94,12 @@ BAD_CASES = [
     ('password = "test-only"', 'password = "x"\nauthorized_keys = "/nonexistent/keys"', "users[0].authorized_keys",
      "existing"),
     ('password = "test-only"', 'password = "x"\nshell = "/bin/sh"', "users[0].shell", "unknown key"),
+    ('[[users]]', '[compliance]\nmode = "STRICT"\n[[users]]', "compliance.mode", "COMPLIANCE"),
+    ('[[users]]', '[[compliance.rules]]\nprefix = "inpatient/"\nretention_days = -1\n[[users]]',
+     "compliance.rules[0].retention_days", "days"),
+    ('[[users]]', '[[compliance.rules]]\nretention_days = 10\n[[users]]', "compliance.rules[0].prefix", "required"),
+    ('[[users]]', '[compliance]\ntemp_suffixes = ["part"]\n[[users]]', "compliance.temp_suffixes", "suffixes"),
+    ('[[users]]', '[audit]\nship = true\n[[users]]', "audit.ship_prefix", "outside the PACS namespace"),
 ]
 
 
@@ -127,6 +134,7 @@ def test_duplicate_users(tmp_path):
 
 def test_credentials_file(tmp_path):
     (tmp_path / "s3.toml").write_text('access_key_id = "AK"\nsecret_access_key = "SK"\n')
+    (tmp_path / "s3.toml").chmod(0o600)
     text = GOOD.replace('access_key_id = "EXAMPLEACCESSKEY"\nsecret_access_key = "EXAMPLESECRETKEY0123456789"',
                         'credentials_file = "s3.toml"')
     cfg = load(write(tmp_path, text))
@@ -158,12 +166,45 @@ def test_check_config_cli(tmp_path):
                         capture_output=True, text=True)
     assert ok.returncode == 0 and "ok" in ok.stdout
     good.write_text(GOOD.replace('bucket = "pacs"', 'bucket = "pacs"\nbwlimt = 5'))
+    good.chmod(0o600)
     bad = subprocess.run([sys.executable, "-m", "agent.cli", "check-config", "--config", str(good)],
                          capture_output=True, text=True)
     assert bad.returncode == 2
     assert "uplink.bwlimt" in bad.stderr and str(good) in bad.stderr and "allowed keys" in bad.stderr
 
 
-def test_example_config_is_valid():
-    cfg = load(Path(__file__).parent.parent / "examples" / "agent.toml")
+def test_files_with_secrets_must_be_private(tmp_path):
+    path = write(tmp_path, GOOD)
+    path.chmod(0o644)
+    with pytest.raises(ConfigError, match="chmod 600") as err:
+        load(path)
+    assert err.value.key == "(file mode)"
+    (tmp_path / "s3.toml").write_text('access_key_id = "AK"\nsecret_access_key = "SK"\n')
+    (tmp_path / "s3.toml").chmod(0o640)
+    path.write_text(GOOD.replace('access_key_id = "EXAMPLEACCESSKEY"\nsecret_access_key = "EXAMPLESECRETKEY0123456789"',
+                                 'credentials_file = "s3.toml"').replace('password = "test-only"',
+                                                                          f'password_hash = "{hash_password("x")}"'))
+    path.chmod(0o644)  # no secret left in the main file: its mode is free
+    with pytest.raises(ConfigError, match="chmod 600") as err:
+        load(path)
+    assert err.value.file == str(tmp_path / "s3.toml")
+
+
+def test_example_config_is_valid(tmp_path):
+    example = tmp_path / "agent.toml"
+    example.write_text((Path(__file__).parent.parent / "examples" / "agent.toml").read_text())
+    example.chmod(0o600)
+    cfg = load(example)
     assert cfg.ftp.listen == ("127.0.0.1", 2121) and cfg.http.listen == ("127.0.0.1", 8080)
+
+
+def test_readme_documents_every_key():
+    import dataclasses
+
+    from agent import config
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    for section, cls in [*config._SECTIONS.items(), ("users", config.UserConfig)]:
+        heading = f"[[{section}]]" if section == "users" else f"[{section}]"
+        assert heading in readme, heading
+        for f in dataclasses.fields(cls):
+            assert f"`{f.name}`" in readme, f"{section}.{f.name} is not documented in README.md"

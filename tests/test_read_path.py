@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import ftplib
 import io
 import os
 
-import asyncio
 import asyncssh
 
 from conftest import BUCKET, PASSWORD, sha256

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import ssl
 import stat as statmod
 import time
 from pathlib import Path, PurePosixPath
@@ -22,11 +23,23 @@ import aioftp
 import structlog
 from aioftp.server import ConnectionConditions, PathPermissions, worker
 
+from agent.audit import Who, failure
 from agent.auth import verify_password
 from agent.config import Config, UserConfig
 from agent.store.catalog import Entry
-from agent.store.errors import (AlreadyExists, BadPath, Corrupt, GatewayError, IsADirectory, NoSpace,
-                                NotADirectory, NotEmpty, NotFound, PermissionDenied, Unavailable)
+from agent.store.errors import (
+    AlreadyExists,
+    BadPath,
+    Corrupt,
+    GatewayError,
+    IsADirectory,
+    NoSpace,
+    NotADirectory,
+    NotEmpty,
+    NotFound,
+    PermissionDenied,
+    Unavailable,
+)
 from agent.store.gateway import Gateway
 from agent.store.paths import resolve
 
@@ -43,6 +56,21 @@ REPLIES: dict[type, str] = {
 
 PATH_COMMANDS = ("cwd", "dele", "list", "nlst", "mkd", "mlsd", "mlst", "rmd", "rnfr", "rnto", "stor", "appe", "retr",
                  "size", "mdtm")
+
+
+def tls_context(cert: str, key: str) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(cert, key)
+    return ctx
+
+
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def reply_for(exc: GatewayError) -> tuple[str, str]:
@@ -67,6 +95,13 @@ class EntryPath(PurePosixPath):
 
 def _ns(path: PurePosixPath) -> str:
     return str(path).lstrip("/")
+
+
+def who(connection: aioftp.Connection) -> Who:
+    """The audited party of an FTP session."""
+    user = connection.user.login if connection.future.user.done() else "-"
+    protocol = "ftps" if getattr(connection, "tls", False) else "ftp"
+    return Who(user, protocol, f"{connection.client_host}:{connection.client_port}")
 
 
 class _Stat:
@@ -102,17 +137,17 @@ class GatewayPathIO(aioftp.AbstractPathIO):
         return e is not None and not e.is_dir
 
     async def mkdir(self, path: PurePosixPath, *, parents: bool = False, exist_ok: bool = False) -> None:
-        await self.gateway.mkdir(_ns(path))
+        await self.gateway.mkdir(_ns(path), who(self.connection))
 
     async def rmdir(self, path: PurePosixPath) -> None:
-        await self.gateway.rmdir(_ns(path))
+        await self.gateway.rmdir(_ns(path), who(self.connection))
 
     async def unlink(self, path: PurePosixPath) -> None:
-        await self.gateway.delete(_ns(path))
+        await self.gateway.delete(_ns(path), who(self.connection))
 
     def list(self, path: PurePosixPath) -> AsyncIterator[PurePosixPath]:
         async def gen() -> AsyncIterator[PurePosixPath]:
-            for e in await self.gateway.listdir(_ns(path)):
+            for e in await self.gateway.listdir(_ns(path), who(self.connection)):
                 p = EntryPath(path, e.name)
                 p.entry = e
                 yield p
@@ -125,7 +160,7 @@ class GatewayPathIO(aioftp.AbstractPathIO):
         return _Stat(e)
 
     async def rename(self, source: PurePosixPath, destination: PurePosixPath) -> PurePosixPath:
-        await self.gateway.rename(_ns(source), _ns(destination))
+        await self.gateway.rename(_ns(source), _ns(destination), who(self.connection))
         return destination
 
     # File I/O goes through the server's own STOR/RETR workers, never through these.
@@ -161,7 +196,7 @@ class _Users(aioftp.AbstractUserManager):
 
     async def authenticate(self, user: aioftp.User, password: str) -> bool:
         cfg = self.by_name.get(user.login)
-        ok = cfg is not None and await asyncio.to_thread(
+        ok = cfg is not None and _is_utf8(password) and await asyncio.to_thread(
             verify_password, password, plain=cfg.password, encoded=cfg.password_hash)
         if not ok:
             log.warning("login_failed", protocol="ftp", user=user.login)
@@ -184,12 +219,109 @@ class FtpServer(aioftp.Server):
             idle_timeout=600, socket_timeout=120)
         self.cfg, self.gateway = cfg, gateway
         self.roots = {u.name: u.root for u in cfg.users}
-        self.commands_mapping.update({"nlst": self.nlst, "size": self.size, "mdtm": self.mdtm, "feat": self.feat,
-                                      "opts": self.opts, "noop": self.noop})
+        self.tls = tls_context(cfg.ftp.tls_cert, cfg.ftp.tls_key) if cfg.ftp.tls_cert else None
+        self.commands_mapping.update({
+            "auth": self.auth, "prot": self.prot, "pbsz": self.pbsz, "user": self.user, "pass": self.pass_,
+            "pasv": self.pasv,
+            "epsv": self.epsv, "nlst": self.nlst, "size": self.size, "mdtm": self.mdtm, "feat": self.feat,
+            "opts": self.opts, "noop": self.noop})
         for name in PATH_COMMANDS:
             self.commands_mapping[name] = self._guarded(self.commands_mapping[name])
 
+    # --- FTPS (explicit, RFC 4217) ---------------------------------------------------------------
+
+    async def auth(self, connection: aioftp.Connection, rest: str) -> bool:
+        if rest.strip().upper() not in ("TLS", "TLS-C", "SSL"):
+            connection.response("504", f"AUTH {rest} not supported; use AUTH TLS")
+        elif self.tls is None:
+            connection.response("502", "TLS is not configured on this server")
+        elif getattr(connection, "tls", False):
+            connection.response("503", "TLS already active")
+        else:
+            # Stop reading first: the client's TLS hello must reach the TLS layer, not the command parser.
+            stream = connection.command_connection
+            stream.writer.transport.pause_reading()
+            await self.write_response(stream, "234", "AUTH TLS successful")
+            await stream.start_tls(self.tls, server_hostname=None)
+            connection.tls = True
+        return True
+
+    async def pbsz(self, connection: aioftp.Connection, rest: str) -> bool:
+        connection.response("200", "PBSZ=0")
+        return True
+
+    async def prot(self, connection: aioftp.Connection, rest: str) -> bool:
+        level = rest.strip().upper()
+        if level == "P" and getattr(connection, "tls", False):
+            connection.prot_private = True
+            connection.response("200", "data connections will be protected")
+        elif level == "C" and not self.cfg.ftp.require_tls:
+            connection.prot_private = False
+            connection.response("200", "data connections in clear")
+        else:
+            connection.response("536" if level in ("C", "P") else "504",
+                                "PROT P after AUTH TLS is required" if self.cfg.ftp.require_tls or level == "P"
+                                else f"PROT {rest} not supported")
+        return True
+
+    async def user(self, connection: aioftp.Connection, rest: str) -> bool:
+        if self.cfg.ftp.require_tls and not getattr(connection, "tls", False):
+            log.warning("login_refused", protocol="ftp", user=rest, reason="plain-text login while TLS is required")
+            self.gateway.audit.record(Who(rest, "ftp", f"{connection.client_host}:{connection.client_port}"),
+                                      "login", "", "refused: TLS required")
+            connection.response("530", "TLS required: use AUTH TLS before USER")
+            return True
+        return await super().user(connection, rest)
+
+    async def pass_(self, connection: aioftp.Connection, rest: str) -> bool:
+        result = await super().pass_(connection, rest)
+        if connection.future.user.done():
+            ok = connection.future.logged.done()
+            self.gateway.audit.record(who(connection), "login", "", "ok" if ok else "error: wrong user or password")
+        return result
+
+    async def pasv(self, connection: aioftp.Connection, rest: str) -> bool:
+        return await self._passive(super().pasv, connection, rest)
+
+    async def epsv(self, connection: aioftp.Connection, rest: str) -> bool:
+        return await self._passive(super().epsv, connection, rest)
+
+    async def _passive(self, handler, connection: aioftp.Connection, rest: str) -> bool:  # noqa: ANN001
+        if self.cfg.ftp.require_tls and not getattr(connection, "prot_private", False):
+            connection.response("521", "data connections must be protected: PROT P")
+            return True
+        return await handler(connection, rest)
+
+    async def _start_passive_server(self, connection: aioftp.Connection, handler_callback):  # noqa: ANN001, ANN202
+        # aioftp takes the data listener's TLS context from self.ssl; choose it per connection (PROT P or C).
+        # The assignment and aioftp's read of it happen without an await in between.
+        self.ssl = self.tls if getattr(connection, "prot_private", False) else None
+        return await super()._start_passive_server(connection, handler_callback)
+
+    async def close(self) -> None:
+        """Close sessions after the drain. aioftp's own close can wait forever on a connection task that is
+        cancelled while idle, so the wait is bounded: the transfers have already finished by now."""
+        self.server.close()
+        tasks = [c._dispatcher for c in list(self.connections.values())]
+        for t in tasks:
+            t.cancel()
+        if tasks:
+            await asyncio.wait(tasks, timeout=5)
+
     # --- paths and errors ------------------------------------------------------------------------
+
+    async def parse_command(self, stream, censor_commands: tuple[str, ...] = ("pass",)):  # noqa: ANN001, ANN201
+        """aioftp's parser, but bytes that are not UTF-8 no longer kill the session.
+
+        aioftp decodes strictly, so one such byte raised UnicodeDecodeError in the dispatcher and the
+        connection was dropped without a reply. Decoding with surrogateescape lets the command run: the
+        path checks then refuse the name with 553 ("not valid UTF-8"), other commands answer as usual.
+        """
+        line = await stream.readline()
+        if not line:
+            raise ConnectionResetError
+        cmd, _, rest = line.decode(self.encoding, errors="surrogateescape").rstrip().partition(" ")
+        return cmd.lower(), rest
 
     def _resolve(self, connection: aioftp.Connection, rest: str) -> str:
         return resolve(self.roots.get(connection.user.login, "/"), str(connection.current_directory), rest)
@@ -217,6 +349,8 @@ class FtpServer(aioftp.Server):
     def _fail(self, connection: aioftp.Connection, e: GatewayError) -> bool:
         code, info = reply_for(e)
         self.gateway.metrics.errors.labels("ftp", type(e).__name__).inc()
+        if isinstance(e, (BadPath, PermissionDenied)):
+            self.gateway.audit.record(who(connection), "refused", e.path, failure(e))
         log.warning("ftp_error", user=connection.user.login, path=e.path, code=code, reason=info)
         connection.response(code, info)
         return True
@@ -234,7 +368,7 @@ class FtpServer(aioftp.Server):
                 offset = (await self.gateway.stat(path)).size
             except NotFound:
                 offset = 0
-        handle = await self.gateway.open_write(path, "ftp", offset=offset)
+        handle = await self.gateway.open_write(path, "ftp", offset=offset, who=who(connection))
 
         @ConnectionConditions(ConnectionConditions.data_connection_made, wait=True, fail_code="425",
                               fail_info="Can't open data connection")
@@ -263,16 +397,13 @@ class FtpServer(aioftp.Server):
             connection.response("226", "stored")
             return True
 
-        task = asyncio.create_task(stor_worker(self, connection, rest))
-        connection.extra_workers.add(task)
-        connection.response("150", "data transfer started")
-        return True
+        return self._start_transfer(connection, stor_worker(self, connection, rest))
 
     @ConnectionConditions(ConnectionConditions.login_required, ConnectionConditions.passive_server_started)
     @PathPermissions(PathPermissions.readable)
     async def retr(self, connection: aioftp.Connection, rest: str) -> bool:
         path = self._resolve(connection, rest)
-        handle = await self.gateway.open_read(path, "ftp")
+        handle = await self.gateway.open_read(path, "ftp", who(connection))
         offset = connection.restart_offset
         connection.restart_offset = 0
 
@@ -295,9 +426,51 @@ class FtpServer(aioftp.Server):
             connection.response("226", "transfer complete")
             return True
 
-        task = asyncio.create_task(retr_worker(self, connection, rest))
-        connection.extra_workers.add(task)
+        return self._start_transfer(connection, retr_worker(self, connection, rest))
+
+    @staticmethod
+    def _start_transfer(connection: aioftp.Connection, worker_coro) -> bool:  # noqa: ANN001
+        """Run a data-connection worker beside the command loop (aioftp's model) and say so: 150."""
+        connection.extra_workers.add(asyncio.create_task(worker_coro))
         connection.response("150", "data transfer started")
+        return True
+
+    # --- namespace commands: straight to the gateway, so every outcome has its precise reply and audit ---
+
+    @ConnectionConditions(ConnectionConditions.login_required)
+    async def dele(self, connection: aioftp.Connection, rest: str) -> bool:
+        await self.gateway.delete(self._resolve(connection, rest), who(connection))
+        connection.response("250", "deleted")
+        return True
+
+    @ConnectionConditions(ConnectionConditions.login_required)
+    async def mkd(self, connection: aioftp.Connection, rest: str) -> bool:
+        path = self._resolve(connection, rest)
+        await self.gateway.mkdir(path, who(connection))
+        connection.response("257", f'"{rest}" created')
+        return True
+
+    @ConnectionConditions(ConnectionConditions.login_required)
+    async def rmd(self, connection: aioftp.Connection, rest: str) -> bool:
+        await self.gateway.rmdir(self._resolve(connection, rest), who(connection))
+        connection.response("250", "removed")
+        return True
+
+    @ConnectionConditions(ConnectionConditions.login_required)
+    async def rnfr(self, connection: aioftp.Connection, rest: str) -> bool:
+        path = self._resolve(connection, rest)
+        await self.gateway.stat(path)
+        connection.rename_from = path
+        connection.response("350", "ready for RNTO")
+        return True
+
+    @ConnectionConditions(ConnectionConditions.login_required, ConnectionConditions.rename_from_required)
+    async def rnto(self, connection: aioftp.Connection, rest: str) -> bool:
+        """Like rename(2), an existing target file is replaced (PACS clients re-send x.part → x)."""
+        source = connection.rename_from
+        del connection.rename_from
+        await self.gateway.rename(source, self._resolve(connection, rest), who(connection))
+        connection.response("250", "renamed")
         return True
 
     # --- commands aioftp lacks ---------------------------------------------------------------------
@@ -305,7 +478,7 @@ class FtpServer(aioftp.Server):
     @ConnectionConditions(ConnectionConditions.login_required, ConnectionConditions.passive_server_started)
     @PathPermissions(PathPermissions.readable)
     async def nlst(self, connection: aioftp.Connection, rest: str) -> bool:
-        entries = await self.gateway.listdir(self._resolve(connection, rest or "."))
+        entries = await self.gateway.listdir(self._resolve(connection, rest or "."), who(connection))
 
         @ConnectionConditions(ConnectionConditions.data_connection_made, wait=True, fail_code="425",
                               fail_info="Can't open data connection")
@@ -319,10 +492,7 @@ class FtpServer(aioftp.Server):
             connection.response("226", "name list done")
             return True
 
-        task = asyncio.create_task(nlst_worker(self, connection, rest))
-        connection.extra_workers.add(task)
-        connection.response("150", "name list started")
-        return True
+        return self._start_transfer(connection, nlst_worker(self, connection, rest))
 
     @ConnectionConditions(ConnectionConditions.login_required)
     async def size(self, connection: aioftp.Connection, rest: str) -> bool:
@@ -339,8 +509,9 @@ class FtpServer(aioftp.Server):
         return True
 
     async def feat(self, connection: aioftp.Connection, rest: str) -> bool:
-        connection.response("211", ["Features:", " SIZE", " MDTM", " REST STREAM", " MLST type*;size*;modify*;",
-                                    " EPSV", " PASV", " UTF8", "End"], True)
+        tls = [" AUTH TLS", " PBSZ", " PROT"] if self.tls else []
+        connection.response("211", ["Features:", *tls, " SIZE", " MDTM", " REST STREAM",
+                                    " MLST type*;size*;modify*;", " EPSV", " PASV", " UTF8", "End"], True)
         return True
 
     async def opts(self, connection: aioftp.Connection, rest: str) -> bool:

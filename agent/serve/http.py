@@ -37,6 +37,12 @@ def judge(health: dict[str, Any], min_free: int) -> tuple[str, list[str]]:
     if health["oldest_dirty_seconds"] > STALE_QUEUE_SECONDS:
         status = "degraded"
         reasons.append(f"oldest file not yet in object storage waits {health['oldest_dirty_seconds']:.0f}s")
+    pressure = health.get("pressure", {})
+    if pressure.get("level", "normal") != "normal":
+        status = "degraded"
+        reasons.append(f"{pressure['level']} pressure: {'; '.join(pressure['reasons'])}"
+                       + ("; fetches from object storage refused" if pressure["level"] == "critical" else
+                          "; reduced concurrency"))
     if health["cache"]["disk_free"] < min_free:
         status = "failing"
         reasons.append("cache disk nearly full: new writes may be refused")
@@ -47,11 +53,13 @@ def judge(health: dict[str, Any], min_free: int) -> tuple[str, list[str]]:
 
 class HttpServer:
     def __init__(self, host: str, port: int, health: Callable[[], Awaitable[dict[str, Any]]],
-                 metrics: Callable[[], Awaitable[bytes]]) -> None:
-        self.host, self.port, self._health, self._metrics = host, port, health, metrics
+                 metrics: Callable[[], Awaitable[bytes]],
+                 evict: Callable[[str], Awaitable[tuple[int, dict[str, Any]]]] | None = None) -> None:
+        self.host, self.port, self._health, self._metrics, self._evict = host, port, health, metrics, evict
         self.app = web.Application()
         self.app.add_routes([web.get("/healthz", self.healthz), web.get("/metrics", self.metrics),
-                             web.get("/status", self.status), web.get("/", self.status)])
+                             web.get("/status", self.status), web.get("/", self.status),
+                             web.post("/admin/evict", self.evict)])
         self._runner: web.AppRunner | None = None
 
     async def start(self) -> None:
@@ -73,6 +81,31 @@ class HttpServer:
 
     async def status(self, request: web.Request) -> web.Response:
         return web.Response(text=render_status_html(await self._health()), content_type="text/html")
+
+    async def evict(self, request: web.Request) -> web.Response:
+        """POST /admin/evict {"path": "CT/…/x.dcm"}: drop the cached copy of a file that is safe in S3.
+
+        Only from loopback (the listener has no authentication): `pacsgw evict` on the box itself.
+        """
+        if self._evict is None or not _is_loopback(request.remote):
+            return web.json_response({"error": "admin requests are accepted from loopback only"}, status=403)
+        try:
+            body = await request.json()
+            path = body["path"]
+            if not isinstance(path, str):
+                raise TypeError
+        except (ValueError, KeyError, TypeError):
+            return web.json_response({"error": 'expected a JSON body {"path": "…"}'}, status=400)
+        status, result = await self._evict(path)
+        return web.json_response(result, status=status)
+
+
+def _is_loopback(remote: str | None) -> bool:
+    import ipaddress
+    try:
+        return remote is not None and ipaddress.ip_address(remote).is_loopback
+    except ValueError:
+        return False
 
 
 def human_bytes(n: float) -> str:

@@ -18,11 +18,23 @@ from typing import AsyncIterator
 import asyncssh
 import structlog
 
+from agent.audit import AuditLog, Who, failure
 from agent.auth import verify_password
 from agent.config import Config, UserConfig
 from agent.store.catalog import Entry
-from agent.store.errors import (AlreadyExists, BadPath, Corrupt, GatewayError, IsADirectory, NoSpace,
-                                NotADirectory, NotEmpty, NotFound, PermissionDenied, Unavailable)
+from agent.store.errors import (
+    AlreadyExists,
+    BadPath,
+    Corrupt,
+    GatewayError,
+    IsADirectory,
+    NoSpace,
+    NotADirectory,
+    NotEmpty,
+    NotFound,
+    PermissionDenied,
+    Unavailable,
+)
 from agent.store.gateway import Gateway, ReadHandle, WriteHandle
 from agent.store.paths import resolve
 
@@ -50,6 +62,11 @@ def _attrs(e: Entry) -> asyncssh.SFTPAttrs:
                               atime=int(e.mtime), mtime=int(e.mtime))
 
 
+def _peer(conn: asyncssh.SSHServerConnection | asyncssh.SSHServerChannel | None) -> str:
+    peer = conn.get_extra_info("peername") if conn is not None else None
+    return f"{peer[0]}:{peer[1]}" if peer else ""
+
+
 def ensure_host_key(path: str) -> asyncssh.SSHKey:
     """Load the host key, generating an Ed25519 key (mode 0600) on first start."""
     p = Path(path)
@@ -64,21 +81,29 @@ def ensure_host_key(path: str) -> asyncssh.SSHKey:
 
 
 class _Auth(asyncssh.SSHServer):
-    def __init__(self, users: dict[str, UserConfig]) -> None:
-        self.users = users
+    def __init__(self, users: dict[str, UserConfig], password_auth: bool, audit: AuditLog) -> None:
+        self.users, self.password_auth, self.audit = users, password_auth, audit
         self.conn: asyncssh.SSHServerConnection | None = None
+        self.username = "-"
 
     def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
         self.conn = conn
 
+    def _who(self, username: str) -> Who:
+        return Who(username, "sftp", _peer(self.conn))
+
+    def auth_completed(self) -> None:
+        self.audit.record(self._who(self.username), "login", "")
+
     def begin_auth(self, username: str) -> bool:
+        self.username = username
         user = self.users.get(username)
         if user and user.authorized_keys and self.conn is not None:
             self.conn.set_authorized_keys(asyncssh.read_authorized_keys(list(user.authorized_keys)))
         return True
 
     def password_auth_supported(self) -> bool:
-        return True
+        return self.password_auth
 
     def public_key_auth_supported(self) -> bool:
         return True
@@ -87,11 +112,12 @@ class _Auth(asyncssh.SSHServer):
         user = self.users.get(username)
         ok = user is not None and bool(user.password or user.password_hash) and await asyncio.to_thread(
             verify_password, password, plain=user.password, encoded=user.password_hash)
-        peer = self.conn.get_extra_info("peername") if self.conn else None
+        peer = _peer(self.conn)
         if ok:
             log.info("login", protocol="sftp", user=username, peer=peer, method="password")
         else:
             log.warning("login_failed", protocol="sftp", user=username, peer=peer, method="password")
+            self.audit.record(self._who(username), "login", "", "error: wrong user or password")
             await asyncio.sleep(FAILED_LOGIN_DELAY)
         return ok
 
@@ -109,6 +135,7 @@ class GatewaySFTP(asyncssh.SFTPServer):
         super().__init__(chan)
         self.user = chan.get_extra_info("username")
         self.root = self.roots[self.user]
+        self.who = Who(self.user, "sftp", _peer(chan))
 
     def _ns(self, path: bytes) -> str:
         try:
@@ -123,6 +150,8 @@ class GatewaySFTP(asyncssh.SFTPServer):
 
     def _log_error(self, e: GatewayError) -> None:
         self.gateway.metrics.errors.labels("sftp", type(e).__name__).inc()
+        if isinstance(e, (BadPath, PermissionDenied)):
+            self.gateway.audit.record(self.who, "refused", e.path, failure(e))
         log.warning("sftp_error", user=self.user, path=e.path, reason=e.reason, kind=type(e).__name__)
 
     async def _call(self, coro):  # noqa: ANN001, ANN202
@@ -153,24 +182,29 @@ class GatewaySFTP(asyncssh.SFTPServer):
         return _attrs(file_obj.reader.entry)
 
     def setstat(self, path: bytes, attrs: asyncssh.SFTPAttrs) -> None:
-        """Clients set times and modes after uploads; the object store keeps its own, so accept and ignore."""
+        """Clients set times and modes after uploads; the object store keeps its own, so accept and ignore
+        (for a valid path inside the user's root: a path that escapes gets the usual error). Existence is
+        not required: some clients set attributes on a file they are still writing."""
+        self._ns(path)
+
+    lsetstat = setstat  # lsetstat@openssh.com: asyncssh's default would chmod/chown/utime a *local* path
 
     def fsetstat(self, file_obj: _OpenFile, attrs: asyncssh.SFTPAttrs) -> None:
         """See setstat."""
 
     async def scandir(self, path: bytes) -> AsyncIterator[asyncssh.SFTPName]:
-        entries = await self._call(self.gateway.listdir(self._ns(path)))
+        entries = await self._call(self.gateway.listdir(self._ns(path), self.who))
         for e in entries:
             yield asyncssh.SFTPName(e.name.encode(), attrs=_attrs(e))
 
     async def mkdir(self, path: bytes, attrs: asyncssh.SFTPAttrs) -> None:
-        await self._call(self.gateway.mkdir(self._ns(path)))
+        await self._call(self.gateway.mkdir(self._ns(path), self.who))
 
     async def rmdir(self, path: bytes) -> None:
-        await self._call(self.gateway.rmdir(self._ns(path)))
+        await self._call(self.gateway.rmdir(self._ns(path), self.who))
 
     async def remove(self, path: bytes) -> None:
-        await self._call(self.gateway.delete(self._ns(path)))
+        await self._call(self.gateway.delete(self._ns(path), self.who))
 
     async def rename(self, oldpath: bytes, newpath: bytes) -> None:
         """SFTPv3 rename refuses to replace an existing target; posix_rename replaces it."""
@@ -181,17 +215,17 @@ class GatewaySFTP(asyncssh.SFTPServer):
             pass
         else:
             raise asyncssh.SFTPFileAlreadyExists(f"{dst} exists")
-        await self._call(self.gateway.rename(self._ns(oldpath), dst))
+        await self._call(self.gateway.rename(self._ns(oldpath), dst, self.who))
 
     async def posix_rename(self, oldpath: bytes, newpath: bytes) -> None:
-        await self._call(self.gateway.rename(self._ns(oldpath), self._ns(newpath)))
+        await self._call(self.gateway.rename(self._ns(oldpath), self._ns(newpath), self.who))
 
     # --- files -----------------------------------------------------------------------------------
 
     async def open(self, path: bytes, pflags: int, attrs: asyncssh.SFTPAttrs) -> _OpenFile:
         ns = self._ns(path)
         if not pflags & (asyncssh.FXF_WRITE | asyncssh.FXF_APPEND):
-            return _OpenFile(ns, reader=await self._call(self.gateway.open_read(ns, "sftp")))
+            return _OpenFile(ns, reader=await self._call(self.gateway.open_read(ns, "sftp", self.who)))
         try:
             existing = await self.gateway.stat(ns)
         except NotFound:
@@ -204,7 +238,7 @@ class GatewaySFTP(asyncssh.SFTPServer):
         if existing is None and not pflags & asyncssh.FXF_CREAT:
             raise asyncssh.SFTPNoSuchFile(f"{ns} does not exist")
         keep = existing.size if existing is not None and not existing.is_dir and not pflags & asyncssh.FXF_TRUNC else 0
-        writer = await self._call(self.gateway.open_write(ns, "sftp", offset=keep))
+        writer = await self._call(self.gateway.open_write(ns, "sftp", offset=keep, who=self.who))
         return _OpenFile(ns, writer=writer)
 
     async def read(self, file_obj: _OpenFile, offset: int, size: int) -> bytes:
@@ -228,6 +262,25 @@ class GatewaySFTP(asyncssh.SFTPServer):
             return
         await self._call(file_obj.writer.commit())
 
+    async def fsync(self, file_obj: _OpenFile) -> None:
+        """fsync@openssh.com: flush what was written so far to the staging file (the commit does the rest)."""
+        if file_obj.writer is not None and file_obj.writer.fd >= 0:
+            await asyncio.to_thread(os.fsync, file_obj.writer.fd)
+
+    # --- everything else asyncssh.SFTPServer would do on the *local* filesystem ------------------
+    # Its default implementations act on real paths of this host, as the agent's user (root on the
+    # appliance): symlink/link created links anywhere, readlink and statvfs read the host, open56
+    # (SFTPv5+) opened any file. Links have no meaning in the object namespace: refuse them all, and
+    # make map_path fail closed for any default method not overridden here.
+
+    def map_path(self, path: bytes) -> bytes:
+        raise asyncssh.SFTPPermissionDenied("operation not supported by this server")
+
+    def _unsupported(self, *args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        raise asyncssh.SFTPOpUnsupported("links and file-system queries are not supported by this server")
+
+    readlink = symlink = link = statvfs = fstatvfs = open56 = _unsupported
+
     def exit(self) -> None:
         log.debug("sftp_session_end", user=self.user)
 
@@ -245,10 +298,13 @@ class SftpService:
                                                       "roots": {u.name: u.root for u in self.cfg.users}})
         host, port = self.cfg.sftp.listen
         self._acceptor = await asyncssh.listen(
-            host, port, server_host_keys=[key], server_factory=lambda: _Auth(self.users),
+            host, port, server_host_keys=[key], server_factory=self._auth,
             sftp_factory=factory, allow_scp=False, agent_forwarding=False, x11_forwarding=False,
             allow_pty=False, login_timeout=60, keepalive_interval=30,
             acceptor=self._conns.add)
+
+    def _auth(self) -> _Auth:
+        return _Auth(self.users, self.cfg.sftp.password_auth, self.gateway.audit)
 
     def stop_accepting(self) -> None:
         if self._acceptor:

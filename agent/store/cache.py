@@ -28,13 +28,14 @@ class DiskUsage:
 
 
 class Cache:
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, *, clear_staging: bool = True) -> None:
         self.root = root
         self.staging = root / "staging"
         self.data = root / "data"
         self.data.mkdir(parents=True, exist_ok=True)
-        # Anything left in staging is a write that was never acknowledged: discard it.
-        shutil.rmtree(self.staging, ignore_errors=True)
+        if clear_staging:
+            # At agent start, anything left in staging is a write that was never acknowledged: discard it.
+            shutil.rmtree(self.staging, ignore_errors=True)
         self.staging.mkdir(parents=True, exist_ok=True)
 
     @staticmethod
@@ -83,13 +84,27 @@ class Cache:
     def open_blob(self, blob: str) -> int:
         return os.open(self.blob_path(blob), os.O_RDONLY)
 
+    def open_verified(self, blob: str, sha256: str | None) -> tuple[int | None, str | None]:
+        """Open a cached copy only if its bytes hash to sha256. Blocking: run in a thread.
+
+        → (fd, None), or (None, 'missing' | 'checksum mismatch').
+        """
+        try:
+            fd = self.open_blob(blob)
+        except FileNotFoundError:
+            return None, "missing"
+        if sha256 is None or sha256_fd(fd) == sha256:
+            return fd, None
+        os.close(fd)
+        return None, "checksum mismatch"
+
     def sha256(self, blob: str) -> str:
         """Hash a committed blob. Blocking: run in a thread."""
-        h = hashlib.sha256()
-        with open(self.blob_path(blob), "rb") as f:
-            while chunk := f.read(CHUNK):
-                h.update(chunk)
-        return h.hexdigest()
+        fd = self.open_blob(blob)
+        try:
+            return sha256_fd(fd)
+        finally:
+            os.close(fd)
 
     def disk_usage(self) -> DiskUsage:
         st = os.statvfs(self.root)
@@ -102,6 +117,16 @@ class Cache:
             if sub.is_dir():
                 for f in sub.iterdir():
                     yield f.name
+
+
+def sha256_fd(fd: int) -> str:
+    """SHA-256 of a whole file by pread (the fd's offset is untouched). Blocking: run in a thread."""
+    h = hashlib.sha256()
+    offset = 0
+    while chunk := os.pread(fd, CHUNK, offset):
+        h.update(chunk)
+        offset += len(chunk)
+    return h.hexdigest()
 
 
 def _fsync_dir(path: Path) -> None:

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from agent.store.errors import AlreadyExists, IsADirectory, NotADirectory, NotEmpty, NotFound
+from agent.store.errors import AlreadyExists, IsADirectory, NoSpace, NotADirectory, NotEmpty, NotFound
 from agent.store.paths import ancestors, name_of, parent_of
 
 SCHEMA = """
@@ -50,8 +50,13 @@ CREATE TABLE IF NOT EXISTS entries (
     access_count INTEGER NOT NULL DEFAULT 0
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS entries_parent ON entries(parent, name);
-CREATE INDEX IF NOT EXISTS entries_queue ON entries(next_attempt) WHERE state IN ('dirty', 'uploading');
+-- Partial indexes are used only when the query repeats their WHERE term verbatim: keep them in step.
+DROP INDEX IF EXISTS entries_queue;
+CREATE INDEX IF NOT EXISTS entries_dirty ON entries(next_attempt, dirty_since) WHERE state = 'dirty';
+CREATE INDEX IF NOT EXISTS entries_uploading ON entries(path) WHERE state = 'uploading';
 CREATE INDEX IF NOT EXISTS entries_dirty_since ON entries(dirty_since) WHERE state IN ('dirty', 'uploading');
+CREATE INDEX IF NOT EXISTS entries_blob ON entries(blob) WHERE blob IS NOT NULL;
+CREATE INDEX IF NOT EXISTS entries_copy_from ON entries(copy_from) WHERE copy_from IS NOT NULL;
 CREATE INDEX IF NOT EXISTS entries_evictable ON entries(last_access) WHERE state = 'clean' AND blob IS NOT NULL;
 
 CREATE TABLE IF NOT EXISTS tombstones (
@@ -60,6 +65,17 @@ CREATE TABLE IF NOT EXISTS tombstones (
     attempts     INTEGER NOT NULL DEFAULT 0,
     next_attempt REAL NOT NULL DEFAULT 0
 );
+
+-- Reads per directory (the first [prefetch] dir_depth levels, e.g. CT/2026-11-23) per local day: the history
+-- the heat model learns from. Bounded by directories x days, not by files.
+CREATE TABLE IF NOT EXISTS heat (
+    dir    TEXT NOT NULL,
+    day    TEXT NOT NULL,
+    reads  INTEGER NOT NULL,
+    misses INTEGER NOT NULL,
+    bytes  INTEGER NOT NULL,
+    PRIMARY KEY (dir, day)
+) WITHOUT ROWID;
 
 CREATE TABLE IF NOT EXISTS totals (
     id           INTEGER PRIMARY KEY CHECK (id = 1),
@@ -165,6 +181,7 @@ class Catalog:
         self.db.execute("PRAGMA journal_mode=WAL")
         # FULL: a commit survives power loss, which the durability contract needs before any ack.
         self.db.execute("PRAGMA synchronous=FULL")
+        self._synchronous_full = True
         self.db.execute("PRAGMA cache_size=-65536")  # 64 MiB page cache, whatever the archive size
         self.db.execute("PRAGMA busy_timeout=10000")
         self.db.executescript(SCHEMA)
@@ -175,8 +192,8 @@ class Catalog:
 
     # --- transactions ----------------------------------------------------------------------
 
-    def _tx(self) -> "_Tx":
-        return _Tx(self.db)
+    def _tx(self, durable: bool = True) -> "_Tx":
+        return _Tx(self, durable)
 
     def _ensure_root(self) -> None:
         self.db.execute("INSERT OR IGNORE INTO entries (path, parent, name, is_dir, mtime) VALUES ('', '', '', 1, ?)",
@@ -243,16 +260,19 @@ class Catalog:
             "ORDER BY last_access LIMIT ?", (limit,)).fetchall()
         return [_entry(r) for r in rows]
 
+    def files_after(self, last: str, limit: int, *, cached_only: bool = False) -> list[Entry]:
+        """A page of files in path order after `last` (keyset pagination keeps memory flat)."""
+        cond = " AND blob IS NOT NULL" if cached_only else ""
+        rows = self.db.execute(f"SELECT {_COLUMNS} FROM entries WHERE path > ? AND is_dir = 0{cond} "
+                               "ORDER BY path LIMIT ?", (last, limit)).fetchall()
+        return [_entry(r) for r in rows]
+
     def walk_files(self, batch: int = 1000) -> Iterator[Entry]:
-        """Every file, in path order, a batch at a time (keyset pagination keeps memory flat)."""
+        """Every file, in path order, a page at a time."""
         last = ""
-        while True:
-            rows = self.db.execute(f"SELECT {_COLUMNS} FROM entries WHERE path > ? AND is_dir = 0 "
-                                   "ORDER BY path LIMIT ?", (last, batch)).fetchall()
-            if not rows:
-                return
-            yield from (_entry(r) for r in rows)
-            last = rows[-1][0]
+        while page := self.files_after(last, batch):
+            yield from page
+            last = page[-1].path
 
     # --- namespace changes -----------------------------------------------------------------
 
@@ -371,7 +391,7 @@ class Catalog:
         """Add what a remote listing of directory `path` found and the catalog lacks; mark it listed."""
         now = time.time()
         prefix = path + "/" if path else ""
-        with self._tx():
+        with self._tx(durable=False):
             self._ensure_dirs(prefix + "x", now)
             for d in dirs:
                 self.db.execute(
@@ -380,19 +400,20 @@ class Catalog:
             for o in objects:
                 self.db.execute(
                     "INSERT OR IGNORE INTO entries (path, parent, name, is_dir, size, mtime, state, etag, gen) "
-                    "VALUES (?, ?, ?, 0, ?, ?, 'clean', ?, 1)", (prefix + o.name, path, o.name, o.size, o.mtime, o.etag))
+                    "VALUES (?, ?, ?, 0, ?, ?, 'clean', ?, 1)",
+                    (prefix + o.name, path, o.name, o.size, o.mtime, o.etag))
             self.db.execute("UPDATE entries SET listed = 1 WHERE path = ?", (path,))
 
     # --- upload queue ----------------------------------------------------------------------
 
     def claim(self, path: str, gen: int) -> bool:
-        with self._tx():
-            cur = self.db.execute("UPDATE entries SET state = 'uploading' WHERE path = ? AND gen = ? AND state = 'dirty'",
-                                  (path, gen))
+        with self._tx(durable=False):
+            cur = self.db.execute(
+                "UPDATE entries SET state = 'uploading' WHERE path = ? AND gen = ? AND state = 'dirty'", (path, gen))
             return cur.rowcount == 1
 
     def mark_clean(self, path: str, gen: int, etag: str | None, version_id: str | None, sha256: str) -> bool:
-        with self._tx():
+        with self._tx(durable=False):
             cur = self.db.execute(
                 "UPDATE entries SET state = 'clean', etag = ?, version_id = ?, copy_from = NULL, dirty_since = NULL, "
                 "attempts = 0, next_attempt = 0, last_error = NULL, sha256 = ? WHERE path = ? AND gen = ?",
@@ -400,14 +421,22 @@ class Catalog:
             return cur.rowcount == 1
 
     def mark_failed(self, path: str, gen: int, error: str, retry_at: float) -> None:
-        with self._tx():
+        with self._tx(durable=False):
             self.db.execute(
                 "UPDATE entries SET state = 'dirty', attempts = attempts + 1, next_attempt = ?, last_error = ? "
                 "WHERE path = ? AND gen = ? AND state = 'uploading'", (retry_at, error[:500], path, gen))
 
+    def requeue(self, path: str, gen: int) -> bool:
+        """The object is missing or wrong in S3 but the cache holds verified content: upload it again."""
+        with self._tx():
+            cur = self.db.execute(
+                "UPDATE entries SET state = 'dirty', copy_from = NULL, dirty_since = ?, attempts = 0, next_attempt = 0 "
+                "WHERE path = ? AND gen = ? AND state = 'clean' AND blob IS NOT NULL", (time.time(), path, gen))
+            return cur.rowcount == 1
+
     def drop_copy_source(self, path: str, gen: int) -> None:
         """The copy source vanished: fall back to uploading from the cached blob."""
-        with self._tx():
+        with self._tx(durable=False):
             self.db.execute("UPDATE entries SET copy_from = NULL WHERE path = ? AND gen = ?", (path, gen))
 
     def reset_uploading(self) -> int:
@@ -417,11 +446,11 @@ class Catalog:
                                    "WHERE state = 'uploading'").rowcount
 
     def tombstone_done(self, key: str) -> None:
-        with self._tx():
+        with self._tx(durable=False):
             self.db.execute("DELETE FROM tombstones WHERE key = ?", (key,))
 
     def tombstone_failed(self, key: str, retry_at: float) -> None:
-        with self._tx():
+        with self._tx(durable=False):
             self.db.execute("UPDATE tombstones SET attempts = attempts + 1, next_attempt = ? WHERE key = ?",
                             (retry_at, key))
 
@@ -431,14 +460,14 @@ class Catalog:
     # --- cache ----------------------------------------------------------------------------
 
     def set_cached(self, path: str, gen: int, blob: str, sha256: str) -> bool:
-        with self._tx():
+        with self._tx(durable=False):
             cur = self.db.execute("UPDATE entries SET blob = ?, sha256 = COALESCE(sha256, ?) "
                                   "WHERE path = ? AND gen = ? AND blob IS NULL", (blob, sha256, path, gen))
             return cur.rowcount == 1
 
     def uncache(self, path: str, gen: int) -> str | None:
         """Drop the cached copy of a clean file (eviction). → its blob, or None if not evictable now."""
-        with self._tx():
+        with self._tx(durable=False):
             row = self.db.execute("SELECT blob FROM entries WHERE path = ? AND gen = ? AND state = 'clean' "
                                   "AND blob IS NOT NULL", (path, gen)).fetchone()
             if row is None:
@@ -448,34 +477,65 @@ class Catalog:
 
     def drop_corrupt(self, path: str, blob: str) -> bool:
         """A cached copy failed its checksum: forget it if the object is safe in S3."""
-        with self._tx():
+        with self._tx(durable=False):
             cur = self.db.execute("UPDATE entries SET blob = NULL WHERE path = ? AND blob = ? AND state = 'clean'",
                                   (path, blob))
             return cur.rowcount == 1
 
-    def record_access(self, hits: Iterable[tuple[str, float, int]]) -> None:
-        """Batched access statistics: (path, last access time, count)."""
-        with self._tx():
+    def record_access(self, hits: Iterable[tuple[str, float, int]],
+                      heat: Iterable[tuple[str, str, int, int, int]] = ()) -> None:
+        """Batched access statistics: per file (path, last access time, count) and per directory and day
+        (dir, day, reads, misses, bytes)."""
+        with self._tx(durable=False):
             self.db.executemany("UPDATE entries SET last_access = MAX(COALESCE(last_access, 0), ?), "
                                 "access_count = access_count + ? WHERE path = ?",
                                 [(t, n, p) for p, t, n in hits])
+            self.db.executemany(
+                "INSERT INTO heat (dir, day, reads, misses, bytes) VALUES (?, ?, ?, ?, ?) "
+                "ON CONFLICT (dir, day) DO UPDATE SET reads = reads + excluded.reads, "
+                "misses = misses + excluded.misses, bytes = bytes + excluded.bytes", list(heat))
 
-    def blobs(self) -> set[str]:
-        """Every referenced blob (for fsck's orphan sweep; proportional to cached files)."""
-        return {r[0] for r in self.db.execute("SELECT blob FROM entries WHERE blob IS NOT NULL")}
+    def heat_since(self, day: str) -> list[tuple[str, str, int, int, int]]:
+        """(dir, day, reads, misses, bytes) for every directory read on or after day (YYYY-MM-DD)."""
+        return self.db.execute("SELECT dir, day, reads, misses, bytes FROM heat WHERE day >= ? ORDER BY dir, day",
+                               (day,)).fetchall()
+
+    def shrink_memory(self) -> None:
+        self.db.execute("PRAGMA shrink_memory")
+
+    def blob_referenced(self, blob: str) -> bool:
+        return self.db.execute("SELECT 1 FROM entries WHERE blob = ?", (blob,)).fetchone() is not None
 
 
 class _Tx:
-    """BEGIN IMMEDIATE … COMMIT, or ROLLBACK on any exception."""
+    """BEGIN IMMEDIATE … COMMIT, or ROLLBACK on any exception.
 
-    def __init__(self, db: sqlite3.Connection) -> None:
-        self.db = db
+    A durable transaction (synchronous=FULL) is fsynced before it returns: every change a client is told
+    about. Bookkeeping that can be redone after a power cut (upload results, access counts, claims) commits
+    with synchronous=NORMAL — safe against a crash of the process, and fsynced by the next durable commit.
+    """
+
+    def __init__(self, catalog: "Catalog", durable: bool) -> None:
+        self.db, self.catalog, self.durable = catalog.db, catalog, durable
 
     def __enter__(self) -> None:
+        if self.catalog._synchronous_full != self.durable:
+            self.db.execute(f"PRAGMA synchronous={'FULL' if self.durable else 'NORMAL'}")
+            self.catalog._synchronous_full = self.durable
         self.db.execute("BEGIN IMMEDIATE")
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        self.db.execute("ROLLBACK" if exc_type else "COMMIT")
+        if exc_type:
+            self.db.execute("ROLLBACK")
+            return
+        try:
+            self.db.execute("COMMIT")
+        except sqlite3.Error:
+            # E.g. SQLITE_FULL: the transaction may still be open; leave it rolled back, or every
+            # later BEGIN fails ("cannot start a transaction within a transaction").
+            if self.db.in_transaction:
+                self.db.execute("ROLLBACK")
+            raise
 
 
 class AsyncCatalog:
@@ -492,8 +552,14 @@ class AsyncCatalog:
         method = getattr(self.catalog, name)
 
         async def call(*args, **kwargs):  # noqa: ANN202
-            return await asyncio.get_running_loop().run_in_executor(
-                self._pool, functools.partial(method, *args, **kwargs))
+            try:
+                return await asyncio.get_running_loop().run_in_executor(
+                    self._pool, functools.partial(method, *args, **kwargs))
+            except sqlite3.OperationalError as e:
+                if getattr(e, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL:
+                    # The catalog shares the cache disk: a full disk is the front ends' NoSpace too.
+                    raise NoSpace("catalog", "cache disk full (catalog cannot grow)") from e
+                raise
 
         return call
 

@@ -21,13 +21,16 @@ from dataclasses import dataclass, field
 
 import structlog
 
+from agent.audit import AuditLog, Who, failure
 from agent.config import Config
 from agent.metrics import Metrics
-from agent.store.cache import Cache
+from agent.store.access import AccessStats
+from agent.store.cache import Cache, sha256_fd
 from agent.store.catalog import AsyncCatalog, Entry
-from agent.store.errors import (Corrupt, GatewayError, IsADirectory, NoSpace, NotADirectory, NotFound,
-                                Unavailable)
+from agent.store.errors import Corrupt, GatewayError, IsADirectory, NoSpace, NotADirectory, NotFound, Unavailable
+from agent.store.fetch import download
 from agent.store.paths import ancestors, parent_of
+from agent.store.worm import WormPolicy
 from agent.uplink.s3 import S3Uplink, error_code
 from agent.uplink.uploader import Uploader
 
@@ -40,46 +43,85 @@ EVICT_CHECK_SECONDS = 10.0
 class WriteHandle:
     """One file being written. Sequential writes are hashed on the fly; others are hashed at commit."""
 
-    def __init__(self, gw: "Gateway", path: str, blob: str, fd: int, protocol: str) -> None:
-        self.gw, self.path, self.blob, self.fd, self.protocol = gw, path, blob, fd, protocol
+    def __init__(self, gw: "Gateway", path: str, blob: str, fd: int, protocol: str, who: Who | None) -> None:
+        self.gw, self.path, self.blob, self.fd, self.protocol, self.who = gw, path, blob, fd, protocol, who
         self.size = 0
         self._hash: hashlib._Hash | None = hashlib.sha256()
         self._done = False
+        self._failed: BaseException | None = None
 
     async def write(self, data: bytes, offset: int | None = None) -> None:
+        try:
+            await self._write(data, offset)
+        except BaseException as e:
+            # The file now has a hole or a missing tail: a later close must not commit it (an SFTP
+            # client closes its handle after a failed write, and would otherwise get OK for it).
+            self._failed = e
+            raise
+
+    async def _write(self, data: bytes, offset: int | None) -> None:
         pos = self.size if offset is None else offset
         if pos != self.size:
             self._hash = None  # out-of-order write: hash the whole file at commit
         elif self._hash is not None:
             self._hash.update(data)
-        try:
-            written = os.pwrite(self.fd, data, pos)
-        except OSError as e:
-            if e.errno in (errno.ENOSPC, errno.EDQUOT) and await self.gw.make_room(len(data)):
-                written = os.pwrite(self.fd, data, pos)
-            elif e.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise NoSpace(self.path, "cache disk full and nothing evictable") from e
-            else:
-                raise
-        if written != len(data):
-            raise NoSpace(self.path, "short write to the cache disk")
+        # Content must leave cache.min_free_bytes free: the catalog lives on the same disk, and a
+        # catalog that cannot commit cannot mark files clean, so nothing could ever be evicted again.
+        if not await self.gw.ensure_space(len(data)):
+            raise NoSpace(self.path, "cache disk full and nothing evictable")
+        # A nearly full disk gives short writes before ENOSPC: write the rest, making room while
+        # clean files can be evicted, and refuse only when nothing can be.
+        view, done = memoryview(data), 0
+        while done < len(data):
+            try:
+                written = os.pwrite(self.fd, view[done:], pos + done)
+            except OSError as e:
+                if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+                    raise
+                if not await self.gw.make_room(len(data) - done):
+                    raise NoSpace(self.path, "cache disk full and nothing evictable") from e
+                continue
+            if written <= 0:
+                raise NoSpace(self.path, "cache disk full: no progress writing")
+            done += written
         self.size = max(self.size, pos + len(data))
         self.gw.metrics.bytes_in.labels(self.protocol).inc(len(data))
 
     async def commit(self) -> None:
-        """Make the file durable (and, in write-through, confirmed in S3). Only then may the client be told."""
+        """Make the file durable (and, in write-through, confirmed in S3). Only then may the client be told.
+
+        The durable part (fsync, rename, catalog commit) runs as its own shielded task: when the client
+        goes away meanwhile, the front end's task is cancelled, but the threads doing the fsync and the
+        catalog transaction cannot be stopped halfway. Abandoning them used to orphan the content file,
+        or delete the cached copy of a file the catalog had just committed (then nothing could upload it).
+        Only the wait for the write-through PUT may be cancelled: the upload itself carries on.
+        """
         if self._done:
             return
+        if self._failed is not None:
+            reason = self._failed.reason if isinstance(self._failed, GatewayError) else type(self._failed).__name__
+            await self.abort(f"a write failed earlier: {reason}")
+            if isinstance(self._failed, GatewayError):
+                raise type(self._failed)(self.path, f"{reason}; file discarded")
+            raise Unavailable(self.path, f"a write failed earlier ({reason}); file discarded")
         self._done = True
-        try:
-            await self._commit()
-        finally:
-            self.gw.write_finished()
-
-    async def _commit(self) -> None:
         t0 = time.monotonic()
+        durable = asyncio.ensure_future(self._make_durable())
         try:
-            sha = self._hash.hexdigest() if self._hash is not None else await asyncio.to_thread(self._hash_fd)
+            async with self.gw.audit.op(self.who, "store", self.path, bytes=self.size):
+                upload = await asyncio.shield(durable)
+                await self.gw.write_through(self.path, upload)
+        finally:
+            if durable.done():
+                self.gw.write_finished()
+            else:  # cancelled while the durable part still runs: the write ends when it does
+                durable.add_done_callback(lambda _: self.gw.write_finished())
+        self.gw.metrics.ack_seconds.labels(self.protocol).observe(time.monotonic() - t0)
+
+    async def _make_durable(self) -> asyncio.Task | None:
+        """fsync + rename into the cache + catalog commit (+ start of a write-through upload)."""
+        try:
+            sha = self._hash.hexdigest() if self._hash is not None else await asyncio.to_thread(sha256_fd, self.fd)
             await asyncio.to_thread(self.gw.cache.commit, self.blob, self.fd)
         except BaseException:
             self._close_fd()
@@ -87,11 +129,10 @@ class WriteHandle:
             raise
         self._close_fd()
         try:
-            await self.gw.commit_file(self.path, self.blob, self.size, sha)
+            return await self.gw.commit_file(self.path, self.blob, self.size, sha)
         except BaseException:
             self.gw.cache.remove(self.blob)
             raise
-        self.gw.metrics.ack_seconds.labels(self.protocol).observe(time.monotonic() - t0)
 
     async def abort(self, reason: str) -> None:
         """The client went away or failed: nothing becomes visible under the final name."""
@@ -102,14 +143,7 @@ class WriteHandle:
         self._close_fd()
         self.gw.cache.discard_staging(self.blob)
         log.warning("upload_aborted", path=self.path, protocol=self.protocol, bytes=self.size, reason=reason)
-
-    def _hash_fd(self) -> str:
-        h = hashlib.sha256()
-        offset = 0
-        while chunk := os.pread(self.fd, 1024 * 1024, offset):
-            h.update(chunk)
-            offset += len(chunk)
-        return h.hexdigest()
+        self.gw.audit.record(self.who, "store", self.path, f"aborted: {reason}", self.size)
 
     def _close_fd(self) -> None:
         if self.fd >= 0:
@@ -160,11 +194,14 @@ class ReadHandle:
 
 class Gateway:
     def __init__(self, cfg: Config, db: AsyncCatalog, cache: Cache, s3: S3Uplink, uploader: Uploader,
-                 metrics: Metrics) -> None:
+                 metrics: Metrics, audit: AuditLog) -> None:
         self.cfg, self.db, self.cache, self.s3, self.uploader, self.metrics = cfg, db, cache, s3, uploader, metrics
+        self.audit = audit
+        self.worm = WormPolicy(cfg.compliance)
+        self.fetch_refusal = ""  # set under critical pressure: no new fetches from S3
         self._fills: dict[str, _Fill] = {}
         self._listings: dict[str, asyncio.Future] = {}
-        self._access: dict[str, tuple[float, int]] = {}
+        self.access = AccessStats(cfg.prefetch.dir_depth)
         self._loops: list[asyncio.Task] = []
         self._evicting = asyncio.Lock()
         self.active_writes = 0
@@ -192,9 +229,10 @@ class Gateway:
             raise NotFound(path)
         return e
 
-    async def listdir(self, path: str) -> list[Entry]:
-        await self._ensure_listed(path)
-        return await self.db.children(path)
+    async def listdir(self, path: str, who: Who | None = None) -> list[Entry]:
+        async with self.audit.op(who, "list", path):
+            await self._ensure_listed(path)
+            return await self.db.children(path)
 
     async def _ensure_listed(self, path: str, *, missing_ok: bool = False) -> None:
         """Merge the remote listing of `path` and its ancestors into the catalog, once per directory.
@@ -232,30 +270,39 @@ class Gateway:
         log.info("remote_listed", path=path, files=len(listing.objects), dirs=len(listing.dirs),
                  seconds=round(time.monotonic() - t0, 4))
 
-    async def mkdir(self, path: str) -> None:
-        await self._ensure_listed(parent_of(path), missing_ok=True)
-        await self.db.mkdir(path)
+    async def mkdir(self, path: str, who: Who | None = None) -> None:
+        async with self.audit.op(who, "mkdir", path):
+            await self._ensure_listed(parent_of(path), missing_ok=True)
+            await self.db.mkdir(path)
         log.info("mkdir", path=path)
 
-    async def rmdir(self, path: str) -> None:
-        await self._ensure_listed(path)
-        await self.db.rmdir(path)
+    async def rmdir(self, path: str, who: Who | None = None) -> None:
+        async with self.audit.op(who, "rmdir", path):
+            await self._ensure_listed(path)
+            await self.db.rmdir(path)
         log.info("rmdir", path=path)
 
-    async def delete(self, path: str) -> None:
-        await self.stat(path)
-        blob = await self.db.delete(path)
+    async def delete(self, path: str, who: Who | None = None) -> None:
+        async with self.audit.op(who, "delete", path):
+            self.worm.check_mutable(await self.stat(path), time.time())
+            blob = await self.db.delete(path)
         if blob:
             self.cache.remove(blob)
         self.uploader.wake()
         log.info("delete", path=path)
 
-    async def rename(self, src: str, dst: str) -> None:
-        e = await self.stat(src)
-        if e.is_dir:
-            await self._list_tree(src)
-        await self._ensure_listed(parent_of(dst), missing_ok=True)
-        for blob in await self.db.rename(src, dst):
+    async def rename(self, src: str, dst: str, who: Who | None = None) -> None:
+        async with self.audit.op(who, "rename", src, to=dst):
+            e = await self.stat(src)
+            self.worm.check_mutable(e, time.time())
+            if e.is_dir:
+                await self._list_tree(src)
+            await self._ensure_listed(parent_of(dst), missing_ok=True)
+            replaced_entry = await self.db.get(dst)
+            if replaced_entry is not None:
+                self.worm.check_mutable(replaced_entry, time.time())
+            replaced = await self.db.rename(src, dst)
+        for blob in replaced:
             self.cache.remove(blob)
         self.uploader.wake()
         log.info("rename", src=src, dst=dst, directory=e.is_dir)
@@ -269,17 +316,21 @@ class Gateway:
 
     # --- writes ----------------------------------------------------------------------------------
 
-    async def open_write(self, path: str, protocol: str, *, offset: int = 0) -> WriteHandle:
+    async def open_write(self, path: str, protocol: str, *, offset: int = 0,
+                         who: Who | None = None) -> WriteHandle:
         """Start writing path; offset > 0 resumes (REST/append): the existing first bytes are kept."""
-        if not path:
-            raise IsADirectory(path)
-        await self._ensure_listed(parent_of(path), missing_ok=True)
-        existing = await self.db.get(path)
-        if existing is not None and existing.is_dir:
-            raise IsADirectory(path)
-        blob = self.cache.new_blob()
-        fd = self.cache.create_staging(blob)
-        handle = WriteHandle(self, path, blob, fd, protocol)
+        async with self.audit.op(who, "store", path, record_ok=False):
+            if not path:
+                raise IsADirectory(path)
+            await self._ensure_listed(parent_of(path), missing_ok=True)
+            existing = await self.db.get(path)
+            if existing is not None and existing.is_dir:
+                raise IsADirectory(path)
+            if existing is not None:
+                self.worm.check_mutable(existing, time.time())
+            blob = self.cache.new_blob()
+            fd = self.cache.create_staging(blob)
+        handle = WriteHandle(self, path, blob, fd, protocol, who)
         self.active_writes += 1
         self._writes_idle.clear()
         if offset:
@@ -312,7 +363,12 @@ class Gateway:
         except asyncio.TimeoutError:
             return False
 
-    async def commit_file(self, path: str, blob: str, size: int, sha: str) -> None:
+    async def commit_file(self, path: str, blob: str, size: int, sha: str) -> asyncio.Task | None:
+        """Commit the catalog row; in write-through, start its upload. → that upload task, if any.
+
+        The upload starts here, in the same uncancellable step as the commit that claimed the row: a row
+        claimed ('uploading') without an upload running would wait for the next restart.
+        """
         claim = self.cfg.uplink.write_mode == "through" and self.uploader.reachable
         gen, replaced = await self.db.commit_write(path, blob, size, sha, time.time(), claim=claim)
         if replaced:
@@ -320,45 +376,73 @@ class Gateway:
         log.info("stored", path=path, bytes=size, sha256=sha, write_through=claim)
         if not claim:
             self.uploader.wake()
-            return
+            return None
         entry = await self.db.get(path)
         if entry is None or entry.gen != gen:
-            return  # already superseded by a newer write
-        task = asyncio.create_task(self.uploader.transfer(entry))
+            return None  # already superseded by a newer write
+        return asyncio.create_task(self.uploader.transfer(entry))
+
+    async def write_through(self, path: str, upload: asyncio.Task | None) -> None:
+        """Wait (up to through_timeout) for S3 to confirm a write-through upload; it goes on regardless."""
+        if upload is None:
+            return
         try:
-            await asyncio.wait_for(asyncio.shield(task), self.cfg.uplink.through_timeout)
+            await asyncio.wait_for(asyncio.shield(upload), self.cfg.uplink.through_timeout)
         except asyncio.TimeoutError:
             log.warning("write_through_timeout", path=path, seconds=self.cfg.uplink.through_timeout,
                         mode="write-back")
 
     # --- reads -----------------------------------------------------------------------------------
 
-    async def open_read(self, path: str, protocol: str) -> ReadHandle:
+    async def open_read(self, path: str, protocol: str, who: Who | None = None) -> ReadHandle:
+        try:
+            handle = await self._open_read(path, protocol)
+        except Exception as e:
+            self.audit.record(who, "retrieve", path, failure(e))
+            raise
+        self.audit.record(who, "retrieve", path, "ok", handle.size, cached=handle.fill is None)
+        return handle
+
+    async def _open_read(self, path: str, protocol: str) -> ReadHandle:
         e = await self.stat(path)
         if e.is_dir:
             raise IsADirectory(path)
-        self._note_access(path)
         if e.blob is not None:
-            try:
-                fd = self.cache.open_blob(e.blob)
-            except FileNotFoundError:
-                log.error("cache_copy_missing", path=path, blob=e.blob)
-                await self.db.drop_corrupt(path, e.blob)
-                e = await self.stat(path)
-            else:
+            fd = await self._open_verified(e)
+            if fd is not None:
                 self.metrics.hits.inc()
+                self.access.note(path, e.size, hit=True)
                 return ReadHandle(self, e, fd, None, protocol)
-            if e.blob is not None:  # dirty and missing: nothing else holds this content
-                raise Corrupt(path, "cached copy missing and not yet in object storage")
+            e = await self.stat(path)  # the bad copy is gone: fetch the object again below
         self.metrics.misses.inc()
+        self.access.note(path, e.size, hit=False)
         fill = self._fills.get(path)
         if fill is None or fill.done:
             fill = self._start_fill(e)
         return ReadHandle(self, e, os.dup(fill.fd), fill, protocol)
 
+    async def _open_verified(self, e: Entry) -> int | None:
+        """Open a cached copy only after its SHA-256 matched: a flipped bit on the SSD is never served.
+
+        → fd, or None when the copy was bad and the object is safe in S3 (it is then fetched again).
+        """
+        fd, problem = await asyncio.to_thread(self.cache.open_verified, e.blob, e.sha256)
+        if fd is not None:
+            return fd
+        if e.state != "clean":
+            log.critical("cache_copy_lost", path=e.path, blob=e.blob, problem=problem, state=e.state)
+            raise Corrupt(e.path, f"cached copy {problem} and not yet in object storage")
+        log.error("cache_copy_corrupt", path=e.path, blob=e.blob, problem=problem, action="fetch again")
+        if await self.db.drop_corrupt(e.path, e.blob):
+            self.cache.remove(e.blob)
+        return None
+
     def _start_fill(self, e: Entry) -> _Fill:
         if not self.uploader.reachable:
             raise Unavailable(e.path, "not in the cache and object storage is unreachable")
+        if self.fetch_refusal:
+            log.warning("fetch_refused", path=e.path, reason=self.fetch_refusal)
+            raise Unavailable(e.path, f"not in the cache; fetching refused: {self.fetch_refusal}")
         blob = self.cache.new_blob()
         fill = _Fill(e, blob, self.cache.create_staging(blob))
         self._fills[e.path] = fill
@@ -367,27 +451,23 @@ class Gateway:
 
     async def _fetch(self, fill: _Fill) -> None:
         e, t0 = fill.entry, time.monotonic()
-        h = hashlib.sha256()
+
+        async def landed(written: int) -> None:
+            async with fill.cond:
+                fill.written = written
+                fill.cond.notify_all()
+
         try:
-            async with self.s3.get(e.path) as (length, meta_sha, chunks):
-                async for data in chunks:
-                    await asyncio.to_thread(os.pwrite, fill.fd, data, fill.written)
-                    h.update(data)
-                    async with fill.cond:
-                        fill.written += len(data)
-                        fill.cond.notify_all()
-            expected = e.sha256 or meta_sha
-            if fill.written != e.size or (expected and h.hexdigest() != expected):
-                raise Corrupt(e.path, f"fetched {fill.written} bytes sha256 {h.hexdigest()}, "
-                                      f"expected {e.size} bytes sha256 {expected}")
-            await asyncio.to_thread(self.cache.commit, fill.blob, fill.fd)
-            if not await self.db.set_cached(e.path, e.gen, fill.blob, h.hexdigest()):
+            async with self.uploader.slots:  # fetches share the line's concurrency with uploads
+                sha = await download(self.s3, self.cache, e, fill.blob, fill.fd, landed)
+            if not await self.db.set_cached(e.path, e.gen, fill.blob, sha):
                 self.cache.remove(fill.blob)  # the file changed meanwhile; this copy is stale
             self.metrics.fetched_bytes.inc(fill.written)
             self.metrics.fetch_seconds.observe(time.monotonic() - t0)
             log.info("fetched", path=e.path, bytes=fill.written, seconds=round(time.monotonic() - t0, 4))
         except Exception as exc:  # noqa: BLE001 - every failure reaches the waiting readers
-            fill.error = exc if isinstance(exc, GatewayError) else Unavailable(e.path, f"fetch failed: {error_code(exc)}")
+            fill.error = (exc if isinstance(exc, GatewayError)
+                          else Unavailable(e.path, f"fetch failed: {error_code(exc)}"))
             self.cache.discard_staging(fill.blob)
             log.error("fetch_failed", path=e.path, error=error_code(exc), detail=str(exc)[:300])
         finally:
@@ -400,19 +480,20 @@ class Gateway:
 
     # --- access statistics ---------------------------------------------------------------------
 
-    def _note_access(self, path: str) -> None:
-        _, count = self._access.get(path, (0.0, 0))
-        self._access[path] = (time.time(), count + 1)
-
     async def _flush_access(self) -> None:
-        if self._access:
-            batch, self._access = self._access, {}
-            await self.db.record_access([(p, t, n) for p, (t, n) in batch.items()])
+        files, heat = self.access.drain()
+        if files:
+            await self.db.record_access(files, heat)
 
     async def _flush_access_loop(self) -> None:
         while True:
             await asyncio.sleep(ACCESS_FLUSH_SECONDS)
             await self._flush_access()
+
+    async def shrink_memory(self) -> None:
+        """Memory pressure: flush buffered statistics and give SQLite's page cache back."""
+        await self._flush_access()
+        await self.db.shrink_memory()
 
     # --- eviction (least recently used clean files, down to the low watermark) ------------------
 
@@ -426,6 +507,14 @@ class Gateway:
         self.metrics.evictions.inc()
         log.info("evicted", path=path, bytes=e.size)
         return True
+
+    async def ensure_space(self, need: int) -> bool:
+        """True when `need` more bytes fit above the free-space reserve, after evicting if necessary."""
+        reserve = self.cfg.cache.min_free_bytes
+        if self.cache.disk_usage().free - need >= reserve:
+            return True
+        await self.make_room(need)
+        return self.cache.disk_usage().free - need >= reserve
 
     async def make_room(self, need: int) -> bool:
         """The disk is full: evict clean files until `need` more bytes fit; → whether anything went."""

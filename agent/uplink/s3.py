@@ -19,11 +19,18 @@ from typing import AsyncIterator
 import aiohttp
 from aiobotocore.config import AioConfig
 from aiobotocore.session import get_session
-from botocore.exceptions import BotoCoreError, ClientError, ConnectionError as BotoConnectionError
-from botocore.exceptions import ConnectTimeoutError, EndpointConnectionError, ReadTimeoutError
+from botocore.exceptions import (
+    BotoCoreError,
+    ClientError,
+    ConnectTimeoutError,
+    EndpointConnectionError,
+    ReadTimeoutError,
+)
+from botocore.exceptions import ConnectionError as BotoConnectionError
 
 from agent.config import UplinkConfig
 from agent.store.catalog import RemoteObject
+from agent.store.worm import Lock
 from agent.uplink.ratelimit import TokenBucket
 
 META_SHA = "sha256"
@@ -37,6 +44,7 @@ class ChecksumMismatch(Exception):
 class PutResult:
     etag: str | None
     version_id: str | None
+    parts: int = 1
 
 
 @dataclass(frozen=True)
@@ -92,7 +100,7 @@ class S3Uplink:
         self._client = await self._stack.enter_async_context(get_session().create_client(
             "s3", endpoint_url=self.cfg.endpoint_url, region_name=self.cfg.region,
             aws_access_key_id=self.cfg.access_key_id, aws_secret_access_key=self.cfg.secret_access_key,
-            config=config))
+            verify=self.cfg.ca_bundle or None, config=config))
 
     async def close(self) -> None:
         await self._stack.aclose()
@@ -103,28 +111,42 @@ class S3Uplink:
     async def probe(self) -> None:
         await self._client.head_bucket(Bucket=self.cfg.bucket)
 
+    async def object_lock_enabled(self) -> bool:
+        try:
+            resp = await self._client.get_object_lock_configuration(Bucket=self.cfg.bucket)
+        except ClientError as e:
+            if e.response.get("ResponseMetadata", {}).get("HTTPStatusCode") in (400, 404, 501):
+                return False
+            raise
+        return resp.get("ObjectLockConfiguration", {}).get("ObjectLockEnabled") == "Enabled"
+
     # --- writes --------------------------------------------------------------------------------
 
-    async def put_file(self, path: str, fd: int, size: int, sha256: str) -> PutResult:
-        """Upload the content behind fd (read with pread, so the caller's offset is untouched)."""
+    async def put_file(self, path: str, fd: int, size: int, sha256: str, lock: Lock | None = None) -> PutResult:
+        """Upload the content behind fd (read with pread, so the caller's offset is untouched).
+
+        With a lock, the object is written with S3 Object Lock retention (and legal hold) in one request.
+        """
+        lock_args = lock.s3_args() if lock else {}
         if size >= self.cfg.multipart_threshold:
-            return await self._put_multipart(path, fd, size, sha256)
+            return await self._put_multipart(path, fd, size, sha256, lock_args)
         body = await asyncio.to_thread(os.pread, fd, size, 0)
         if len(body) != size or hashlib.sha256(body).hexdigest() != sha256:
             raise ChecksumMismatch(f"{path}: cached content does not match its catalog checksum")
         await self.up_bucket.acquire(size)
         resp = await self._client.put_object(
             Bucket=self.cfg.bucket, Key=self.key(path), Body=body,
-            ChecksumSHA256=b64(sha256), Metadata={META_SHA: sha256})
+            ChecksumSHA256=b64(sha256), Metadata={META_SHA: sha256}, **lock_args)
         returned = resp.get("ChecksumSHA256")
         if returned is not None and returned != b64(sha256):
             raise ChecksumMismatch(f"{path}: object store answered checksum {returned}")
         return PutResult(resp.get("ETag"), resp.get("VersionId"))
 
-    async def _put_multipart(self, path: str, fd: int, size: int, sha256: str) -> PutResult:
+    async def _put_multipart(self, path: str, fd: int, size: int, sha256: str,
+                             lock_args: dict[str, object]) -> PutResult:
         key, chunk = self.key(path), self.cfg.multipart_chunk
         mpu = await self._client.create_multipart_upload(
-            Bucket=self.cfg.bucket, Key=key, ChecksumAlgorithm="SHA256", Metadata={META_SHA: sha256})
+            Bucket=self.cfg.bucket, Key=key, ChecksumAlgorithm="SHA256", Metadata={META_SHA: sha256}, **lock_args)
         upload_id = mpu["UploadId"]
         whole = hashlib.sha256()
         try:
@@ -149,18 +171,40 @@ class S3Uplink:
                 await asyncio.shield(self._client.abort_multipart_upload(
                     Bucket=self.cfg.bucket, Key=key, UploadId=upload_id))
             raise
-        return PutResult(done.get("ETag"), done.get("VersionId"))
+        return PutResult(done.get("ETag"), done.get("VersionId"), len(parts))
 
-    async def copy(self, src: str, dst: str, sha256: str | None) -> PutResult:
+    async def put_raw(self, key: str, body: bytes) -> PutResult:
+        """Put bytes under an absolute key (outside the namespace prefix: audit logs), checksummed."""
+        sha = hashlib.sha256(body).hexdigest()
+        await self.up_bucket.acquire(len(body))
+        resp = await self._client.put_object(Bucket=self.cfg.bucket, Key=key, Body=body,
+                                             ChecksumSHA256=b64(sha), Metadata={META_SHA: sha})
+        return PutResult(resp.get("ETag"), resp.get("VersionId"))
+
+    async def copy(self, src: str, dst: str, sha256: str | None, lock: Lock | None = None) -> PutResult:
         """Server-side copy (no traffic on the private line), verified by the copy's recorded hash."""
+        lock_args = {**lock.s3_args(), "ChecksumAlgorithm": "SHA256"} if lock else {}
         resp = await self._client.copy_object(
             Bucket=self.cfg.bucket, Key=self.key(dst),
-            CopySource={"Bucket": self.cfg.bucket, "Key": self.key(src)}, MetadataDirective="COPY")
+            CopySource={"Bucket": self.cfg.bucket, "Key": self.key(src)}, MetadataDirective="COPY", **lock_args)
+        if lock:
+            await self._apply_lock(dst, resp.get("VersionId"), lock)
         head = await self._client.head_object(Bucket=self.cfg.bucket, Key=self.key(dst))
         remote_sha = meta_sha(head.get("Metadata"))
         if sha256 and remote_sha and remote_sha != sha256:
             raise ChecksumMismatch(f"{dst}: copied object's sha256 {remote_sha} != {sha256}")
         return PutResult(resp.get("CopyObjectResult", {}).get("ETag"), resp.get("VersionId"))
+
+    async def _apply_lock(self, path: str, version_id: str | None, lock: Lock) -> None:
+        """Set retention (and legal hold) explicitly: not every S3 server honours lock headers on CopyObject."""
+        version = {"VersionId": version_id} if version_id else {}
+        await self._client.put_object_retention(
+            Bucket=self.cfg.bucket, Key=self.key(path), ChecksumAlgorithm="SHA256",
+            Retention={"Mode": lock.mode, "RetainUntilDate": lock.until}, **version)
+        if lock.legal_hold:
+            await self._client.put_object_legal_hold(Bucket=self.cfg.bucket, Key=self.key(path),
+                                                     ChecksumAlgorithm="SHA256", LegalHold={"Status": "ON"},
+                                                     **version)
 
     async def delete(self, path: str) -> None:
         await self._client.delete_object(Bucket=self.cfg.bucket, Key=self.key(path))

@@ -10,6 +10,7 @@ A per-key lock keeps a delete and a put of the same key from overlapping.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import random
 import time
@@ -21,6 +22,7 @@ import structlog
 from agent.metrics import Metrics
 from agent.store.cache import Cache
 from agent.store.catalog import Entry
+from agent.store.worm import WormPolicy
 from agent.uplink.s3 import S3Uplink, error_code, is_unreachable
 
 log = structlog.get_logger("pacsgw.uplink")
@@ -34,6 +36,29 @@ def backoff(attempts: int, base: float = 1.0, cap: float = 300.0) -> float:
     return min(cap, base * 2 ** min(attempts, 16)) * random.uniform(0.5, 1.5)
 
 
+class Limiter:
+    """A semaphore whose limit can change while it is in use (memory pressure lowers it)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit, self.active = limit, 0
+        self._cond = asyncio.Condition()
+
+    async def set_limit(self, limit: int) -> None:
+        async with self._cond:
+            self.limit = limit
+            self._cond.notify_all()
+
+    async def __aenter__(self) -> None:
+        async with self._cond:
+            await self._cond.wait_for(lambda: self.active < self.limit)
+            self.active += 1
+
+    async def __aexit__(self, *exc: object) -> None:
+        async with self._cond:
+            self.active -= 1
+            self._cond.notify_all()
+
+
 @dataclass
 class UplinkHealth:
     reachable: bool = True
@@ -42,9 +67,10 @@ class UplinkHealth:
 
 
 class Uploader:
-    def __init__(self, db, cache: Cache, s3: S3Uplink, metrics: Metrics, max_concurrency: int) -> None:
-        self.db, self.cache, self.s3, self.metrics = db, cache, s3, metrics
-        self.slots = asyncio.Semaphore(max_concurrency)
+    def __init__(self, db, cache: Cache, s3: S3Uplink, metrics: Metrics, max_concurrency: int,
+                 worm: WormPolicy) -> None:
+        self.db, self.cache, self.s3, self.metrics, self.worm = db, cache, s3, metrics, worm
+        self.slots = Limiter(max_concurrency)
         self.max_concurrency = max_concurrency
         self.health = UplinkHealth(since=time.time())
         self._wake = asyncio.Event()
@@ -143,13 +169,19 @@ class Uploader:
                     log.error("upload_failed", path=e.path, error=error_code(exc), detail=str(exc)[:300],
                               attempts=e.attempts + 1, retry_in=round(retry_at - time.time(), 1))
                 return False
-            clean = await self.db.mark_clean(e.path, e.gen, result.etag, result.version_id, e.sha256)
+            try:
+                clean = await self.db.mark_clean(e.path, e.gen, result.etag, result.version_id, e.sha256)
+            except Exception as exc:  # noqa: BLE001 - e.g. the catalog's disk is full: retry the row later
+                log.error("catalog_update_failed", path=e.path, error=error_code(exc), detail=str(exc)[:300])
+                with contextlib.suppress(Exception):
+                    await self.db.mark_failed(e.path, e.gen, f"catalog: {exc}", time.time() + backoff(e.attempts))
+                return False
             elapsed = time.monotonic() - t0
             self.metrics.uploads.labels("ok").inc()
             self.metrics.upload_seconds.observe(elapsed)
             self._reached()
             log.info("uploaded", path=e.path, bytes=e.size, seconds=round(elapsed, 4),
-                     copy=bool(e.copy_from), superseded=not clean)
+                     parts=result.parts, copy=bool(e.copy_from), superseded=not clean)
             return clean
 
     async def _upload(self, e: Entry):  # noqa: ANN202
@@ -157,7 +189,7 @@ class Uploader:
             raise FileNotFoundError(f"{e.path}: no cached content to upload")
         fd = await asyncio.to_thread(self.cache.open_blob, e.blob)
         try:
-            result = await self.s3.put_file(e.path, fd, e.size, e.sha256)
+            result = await self.s3.put_file(e.path, fd, e.size, e.sha256, self.worm.lock_for(e.path, e.mtime))
         finally:
             os.close(fd)
         self.metrics.uploaded_bytes.inc(e.size)
@@ -168,7 +200,7 @@ class Uploader:
             # The source went away (deleted behind our back): upload from the cache if we still can.
             await self.db.drop_copy_source(e.path, e.gen)
             return await self._upload(e)
-        return await self.s3.copy(e.copy_from, e.path, e.sha256)
+        return await self.s3.copy(e.copy_from, e.path, e.sha256, self.worm.lock_for(e.path, e.mtime))
 
     # --- background loops ------------------------------------------------------------------------
 
@@ -176,7 +208,7 @@ class Uploader:
         while True:
             await self._reachable.wait()
             self._wake.clear()
-            room = self.max_concurrency * 2 - len(self._tasks)
+            room = self.slots.limit * 2 - len(self._tasks)
             rows = await self.db.due_uploads(time.time(), max(room, 0)) if room > 0 else []
             for row in rows:
                 if await self.db.claim(row.path, row.gen):

@@ -1,0 +1,152 @@
+"""`pacsgw fsck`: verify the cache against the catalog (and, with --remote, S3 against the catalog); repair.
+
+Safe while the agent runs: it works through its own catalog connection with the same conditional
+updates the agent uses (a row that changed meanwhile is left alone), and it removes only orphan cache
+files older than an hour, so a file the agent is committing right now is never touched.
+
+Findings, and the repair --repair makes:
+  corrupt / missing cached copy of a file in S3 → dropped and fetched again (verified)
+  corrupt / missing cached copy not yet in S3   → LOST: reported, cannot be repaired here
+  object missing / different in S3 (--remote)   → re-queued for upload from the verified cached copy
+  … and not cached either                       → LOST: reported
+  orphan cache file (no catalog row, > 1 h old) → removed
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from dataclasses import dataclass, field
+
+import structlog
+from tqdm import tqdm
+
+from agent.config import Config
+from agent.store.cache import Cache
+from agent.store.catalog import AsyncCatalog, Catalog, Entry
+from agent.store.fetch import download
+from agent.uplink.s3 import S3Uplink, meta_sha
+
+log = structlog.get_logger("pacsgw.fsck")
+
+ORPHAN_AGE_SECONDS = 3600
+PAGE = 500
+
+
+@dataclass
+class FsckReport:
+    files: int = 0
+    verified_bytes: int = 0
+    corrupt: list[str] = field(default_factory=list)
+    refetched: list[str] = field(default_factory=list)
+    remote_missing: list[str] = field(default_factory=list)
+    requeued: list[str] = field(default_factory=list)
+    lost: list[str] = field(default_factory=list)
+    orphans: int = 0
+
+    @property
+    def exit_code(self) -> int:
+        """0 all good, 1 problems found (repaired or repairable), 2 data that cannot be recovered here."""
+        if self.lost:
+            return 2
+        return 1 if self.corrupt or self.remote_missing or self.orphans else 0
+
+
+class Fsck:
+    def __init__(self, cfg: Config, *, remote: bool, repair: bool, progress: bool = True) -> None:
+        self.cfg, self.remote, self.repair, self.progress = cfg, remote, repair, progress
+        self.report = FsckReport()
+
+    async def run(self) -> FsckReport:
+        self.db = AsyncCatalog(await asyncio.to_thread(Catalog, self.cfg.catalog_path))
+        self.cache = Cache(self.cfg.cache.dir, clear_staging=False)
+        self.s3 = S3Uplink(self.cfg.uplink)
+        await self.s3.start()
+        try:
+            totals = await self.db.totals()
+            with tqdm(total=totals.files, unit="file", disable=not self.progress, desc="fsck") as bar:
+                last = ""
+                while page := await self.db.files_after(last, PAGE):
+                    for e in page:
+                        await self._check(e)
+                        bar.update(1)
+                    last = page[-1].path
+            await self._orphans()
+        finally:
+            await self.s3.close()
+            await asyncio.to_thread(self.db.shutdown)
+        return self.report
+
+    async def _check(self, e: Entry) -> None:
+        self.report.files += 1
+        good_copy = False
+        if e.blob is not None:
+            good_copy = await self._verify_cached(e)
+        if self.remote and e.state == "clean":
+            await self._verify_remote(e, good_copy)
+
+    async def _verify_cached(self, e: Entry) -> bool:
+        fd, problem = await asyncio.to_thread(self.cache.open_verified, e.blob, e.sha256)
+        if fd is not None:
+            os.close(fd)
+            self.report.verified_bytes += e.size
+            return True
+        self.report.corrupt.append(e.path)
+        if e.state != "clean":
+            self.report.lost.append(e.path)
+            log.critical("fsck_lost", path=e.path, problem=problem, state=e.state,
+                         detail="the only copy is damaged and it never reached object storage")
+            return False
+        log.error("fsck_corrupt_copy", path=e.path, problem=problem, repair=self.repair)
+        if self.repair and await self.db.drop_corrupt(e.path, e.blob):
+            self.cache.remove(e.blob)
+            await self._refetch(e)
+        return False
+
+    async def _refetch(self, e: Entry) -> None:
+        blob = self.cache.new_blob()
+        fd = self.cache.create_staging(blob)
+        try:
+            sha = await download(self.s3, self.cache, e, blob, fd)
+        except Exception as exc:  # noqa: BLE001 - reported; the next read fetches it again anyway
+            self.cache.discard_staging(blob)
+            log.error("fsck_refetch_failed", path=e.path, error=str(exc)[:300])
+            return
+        finally:
+            os.close(fd)
+        if await self.db.set_cached(e.path, e.gen, blob, sha):
+            self.report.refetched.append(e.path)
+        else:
+            self.cache.remove(blob)
+
+    async def _verify_remote(self, e: Entry, good_copy: bool) -> None:
+        head = await self.s3.head(e.path)
+        if head is not None:
+            remote_sha = meta_sha(head.get("Metadata"))
+            if head.get("ContentLength") == e.size and (not remote_sha or not e.sha256 or remote_sha == e.sha256):
+                return
+        self.report.remote_missing.append(e.path)
+        problem = "missing" if head is None else "different"
+        if not good_copy:
+            self.report.lost.append(e.path)
+            log.critical("fsck_lost", path=e.path, problem=f"object {problem} in S3 and not in the cache")
+            return
+        log.error("fsck_remote_bad", path=e.path, problem=problem, repair=self.repair)
+        if self.repair and await self.db.requeue(e.path, e.gen):
+            self.report.requeued.append(e.path)
+
+    async def _orphans(self) -> None:
+        cutoff = time.time() - ORPHAN_AGE_SECONDS
+        for blob in self.cache.iter_blobs():
+            if await self.db.blob_referenced(blob):
+                continue
+            path = self.cache.blob_path(blob)
+            try:
+                if path.stat().st_mtime > cutoff:
+                    continue  # perhaps being committed right now
+            except FileNotFoundError:
+                continue
+            self.report.orphans += 1
+            if self.repair:
+                self.cache.remove(blob)

@@ -1,0 +1,62 @@
+"""Samples memory and disk (psutil), asks the pressure policy for a level, and applies it to the agent."""
+
+from __future__ import annotations
+
+import asyncio
+
+import psutil
+import structlog
+
+from agent.config import Config
+from agent.metrics import Metrics
+from agent.policy.pressure import Level, Pressure, Readings, Watermarks, assess, concurrency_at
+from agent.store.cache import Cache
+from agent.store.catalog import AsyncCatalog
+from agent.store.gateway import Gateway
+from agent.uplink.uploader import Uploader
+
+log = structlog.get_logger("pacsgw.pressure")
+
+
+class PressureMonitor:
+    def __init__(self, cfg: Config, db: AsyncCatalog, cache: Cache, gateway: Gateway, uploader: Uploader,
+                 metrics: Metrics) -> None:
+        self.cfg, self.db, self.cache, self.gateway, self.uploader, self.metrics = (
+            cfg, db, cache, gateway, uploader, metrics)
+        p, c = cfg.pressure, cfg.cache
+        self.watermarks = Watermarks(c.high_watermark, p.disk_critical, p.memory_high, p.memory_critical,
+                                     p.rss_high, p.rss_critical)
+        self.current = Pressure(Level.NORMAL, ())
+        self._process = psutil.Process()
+
+    async def readings(self) -> Readings:
+        totals = await self.db.totals()
+        disk = self.cache.disk_usage()
+        budget = min(self.cfg.cache.max_bytes, disk.total)
+        used = max(totals.cached_bytes, disk.used if self.cfg.cache.max_bytes >= disk.total else 0)
+        return Readings(disk_used=used / budget if budget else 1.0,
+                        mem_available=psutil.virtual_memory().available,
+                        rss=self._process.memory_info().rss)
+
+    async def run(self) -> None:
+        while True:
+            await self.sample()
+            await asyncio.sleep(self.cfg.pressure.interval_seconds)
+
+    async def sample(self) -> Pressure:
+        new = assess(await self.readings(), self.watermarks)
+        if new.level != self.current.level:
+            (log.warning if new.level > self.current.level else log.info)(
+                "pressure", now=str(new.level), was=str(self.current.level), reasons=list(new.reasons))
+            await self._apply(new)
+        self.current = new
+        self.metrics.pressure_level.set(int(new.level))
+        return new
+
+    async def _apply(self, pressure: Pressure) -> None:
+        level = pressure.level
+        await self.uploader.slots.set_limit(concurrency_at(level, self.cfg.uplink.max_concurrency))
+        self.gateway.fetch_refusal = (f"pressure critical ({'; '.join(pressure.reasons)})"
+                                      if level is Level.CRITICAL else "")
+        if level >= Level.HIGH:
+            await self.gateway.shrink_memory()

@@ -1,0 +1,38 @@
+"""Read statistics, buffered in memory for a few seconds and then written to the catalog in one go.
+
+Per file: last access and count (what eviction ranks by). Per directory and local day: reads, misses,
+bytes (what the heat model learns tomorrow's directories from). The directory is the path's first
+`dir_depth` levels — MODALITY/DAY in the usual PACS layout.
+"""
+
+from __future__ import annotations
+
+import time
+
+
+class AccessStats:
+    def __init__(self, dir_depth: int) -> None:
+        self.dir_depth = dir_depth
+        self._files: dict[str, tuple[float, int]] = {}
+        self._heat: dict[tuple[str, str], list[int]] = {}
+
+    def heat_dir(self, path: str) -> str:
+        parts = path.split("/")[:-1]
+        return "/".join(parts[: self.dir_depth])
+
+    def note(self, path: str, size: int, *, hit: bool) -> None:
+        now = time.time()
+        _, count = self._files.get(path, (0.0, 0))
+        self._files[path] = (now, count + 1)
+        counts = self._heat.setdefault((self.heat_dir(path), time.strftime("%Y-%m-%d", time.localtime(now))),
+                                       [0, 0, 0])
+        counts[0] += 1
+        counts[1] += 0 if hit else 1
+        counts[2] += size
+
+    def drain(self) -> tuple[list[tuple[str, float, int]], list[tuple[str, str, int, int, int]]]:
+        """Everything noted since the last drain, as catalog rows; the buffers start empty again."""
+        files, heat = self._files, self._heat
+        self._files, self._heat = {}, {}
+        return ([(p, t, n) for p, (t, n) in files.items()],
+                [(d, day, r, m, b) for (d, day), (r, m, b) in heat.items()])

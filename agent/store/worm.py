@@ -1,0 +1,66 @@
+"""WORM policy: which files are retained, until when, and which changes are therefore refused.
+
+Decides only; the uplink applies the S3 Object Lock it returns, and the gateway refuses changes it forbids.
+A file is retained by the longest matching [[compliance.rules]] prefix, else by the default period;
+temporary upload names (x.dcm.part) are never retained, so the usual upload-then-rename still works.
+"""
+
+from __future__ import annotations
+
+import datetime
+from dataclasses import dataclass
+
+from agent.config import ComplianceConfig
+from agent.store.catalog import Entry
+from agent.store.errors import PermissionDenied
+
+DAY = 86400
+
+
+@dataclass(frozen=True)
+class Lock:
+    mode: str
+    until: datetime.datetime
+    legal_hold: bool
+
+    def s3_args(self) -> dict[str, object]:
+        args: dict[str, object] = {"ObjectLockMode": self.mode, "ObjectLockRetainUntilDate": self.until}
+        if self.legal_hold:
+            args["ObjectLockLegalHoldStatus"] = "ON"
+        return args
+
+
+class WormPolicy:
+    def __init__(self, cfg: ComplianceConfig) -> None:
+        self.cfg = cfg
+        self.rules = sorted(cfg.rules, key=lambda r: len(r.prefix), reverse=True)
+
+    def _terms(self, path: str) -> tuple[int, bool]:
+        for rule in self.rules:
+            if path.startswith(rule.prefix):
+                return rule.retention_days, rule.legal_hold
+        return self.cfg.retention_days, self.cfg.legal_hold
+
+    def lock_for(self, path: str, stored_at: float) -> Lock | None:
+        """The Object Lock a new object at path gets, or None when it is not retained."""
+        if not self.cfg.worm or path.endswith(self.cfg.temp_suffixes):
+            return None
+        days, hold = self._terms(path)
+        if days <= 0 and not hold:
+            return None
+        until = datetime.datetime.fromtimestamp(stored_at + days * DAY, tz=datetime.timezone.utc)
+        return Lock(self.cfg.mode, until, hold)
+
+    def check_mutable(self, e: Entry, now: float) -> None:
+        """Refuse overwrite, rename and delete of a retained file (PermissionDenied names the date)."""
+        if e.is_dir:
+            if self.cfg.worm:
+                raise PermissionDenied(e.path, "WORM: directories cannot be moved on a write-once archive")
+            return
+        lock = self.lock_for(e.path, e.mtime)
+        if lock is None:
+            return
+        if lock.legal_hold:
+            raise PermissionDenied(e.path, "WORM: file is under legal hold")
+        if now < lock.until.timestamp():
+            raise PermissionDenied(e.path, f"WORM: file is retained until {lock.until:%Y-%m-%d}")

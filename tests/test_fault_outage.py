@@ -1,0 +1,68 @@
+"""Outage: the object store goes away for 30 s in the middle of an ingest.
+
+DESIGN.md: if the uplink is down the gateway degrades to write-back: it still accepts writes against the
+durable local journal, says so on /healthz and in the log, and drains the queue when the line returns.
+The object store is a private SeaweedFS that the test really stops (SIGTERM) and starts again on the same
+ports and data; the PACS is two ftplib and two asyncssh clients storing files the whole time.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from conftest import s3_objects
+from faultkit import Ingest, catalog_rows, wait_for
+
+OUTAGE_SECONDS = 30
+
+
+@pytest.mark.slow
+def test_object_store_outage_during_ingest(agent_factory, private_seaweed):
+    store = private_seaweed
+    a = agent_factory(store).start()
+    assert a.health()["status"] == "ok"
+    ingest = Ingest(a, ftp_clients=2, sftp_clients=2, pause=0.25).start()
+    try:
+        wait_for(lambda: len(ingest.acked) >= 20, 60, what="ingest to get going")
+        store.stop()
+        down_at = time.monotonic()
+
+        # The agent notices (a failed write-through PUT or probe) and says so.
+        h = wait_for(lambda: (lambda h: h if h["status"] == "degraded" else None)(a.health()), 30,
+                     what="/healthz to say degraded")
+        assert h["uplink"]["reachable"] is False
+        assert h["write_mode"] == "through (degraded to write-back)"
+        assert "unreachable" in " ".join(h["reasons"])
+        noticed_at = time.monotonic()
+        # ... and keeps saying so, while the PACS keeps storing, for the rest of the outage.
+        samples = []
+        while time.monotonic() - down_at < OUTAGE_SECONDS:
+            samples.append(a.health())
+            time.sleep(0.5)
+        assert samples and all(s["status"] == "degraded" and not s["uplink"]["reachable"] for s in samples)
+        assert max(s["queue_depth"] for s in samples) > 0
+        acks_during = ingest.acks_between(noticed_at, time.monotonic())
+        assert acks_during >= 10, f"only {acks_during} files acknowledged while the store was down"
+
+        store.start()
+        up_at = time.monotonic()
+        wait_for(lambda: a.health()["uplink"]["reachable"], 60, what="uplink to be reachable again")
+        # Some more ingest with the line back, then stop the PACS.
+        wait_for(lambda: ingest.acks_between(up_at, time.monotonic()) >= 10, 60, what="ingest after the outage")
+    finally:
+        ingest.stop()
+
+    assert ingest.errors == [], f"the PACS saw errors: {ingest.errors[:5]}"
+    h = a.wait_drained(120)
+    assert h["status"] == "ok" and h["uplink"]["reachable"] and h["queue_depth"] == 0
+    assert a.events("uplink_unreachable") and a.events("uplink_reachable")
+
+    objects = s3_objects(store, a.prefix)
+    missing = sorted(set(ingest.acked) - set(objects))
+    assert missing == [], f"{len(missing)} acknowledged files not in S3, e.g. {missing[:3]}"
+    bad = [p for p, sha in ingest.acked.items() if objects[p]["sha256"] != sha]
+    assert bad == [], f"wrong content in S3: {bad[:3]}"
+    assert set(objects) == set(ingest.acked)
+    assert {state for _, state, *_ in catalog_rows(a)} == {"clean"}

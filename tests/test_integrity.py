@@ -1,0 +1,130 @@
+"""A flipped bit on the SSD is never served: cached copies are verified before every read."""
+
+from __future__ import annotations
+
+import ftplib
+import io
+import os
+import sqlite3
+
+import pytest
+
+from agent.devstack import free_port
+from conftest import PASSWORD
+
+
+def ftp(agent) -> ftplib.FTP:
+    f = ftplib.FTP(timeout=30)
+    f.connect("127.0.0.1", agent.ftp_port)
+    f.login("pacs", PASSWORD)
+    return f
+
+
+def flip_a_byte(agent, path: str) -> None:
+    db = sqlite3.connect(f"file:{agent.workdir / 'cache' / 'catalog.sqlite'}?mode=ro", uri=True)
+    (blob,) = db.execute("SELECT blob FROM entries WHERE path = ?", (path,)).fetchone()
+    db.close()
+    blob_path = agent.workdir / "cache" / "data" / blob[:2] / blob
+    raw = bytearray(blob_path.read_bytes())
+    raw[len(raw) // 2] ^= 0x01
+    blob_path.write_bytes(bytes(raw))
+
+
+def test_corrupt_clean_copy_is_fetched_again(agent_factory):
+    agent = agent_factory().start()
+    data = os.urandom(100_000)
+    f = ftp(agent)
+    f.storbinary("STOR CT/a.dcm", io.BytesIO(data))
+    agent.wait_drained()
+    flip_a_byte(agent, "CT/a.dcm")
+    buf = io.BytesIO()
+    f.retrbinary("RETR CT/a.dcm", buf.write)
+    assert buf.getvalue() == data  # the right bytes, from S3
+    [event] = agent.events("cache_copy_corrupt")
+    assert event["path"] == "CT/a.dcm" and event["problem"] == "checksum mismatch"
+    assert [e["path"] for e in agent.events("fetched")] == ["CT/a.dcm"]
+    buf = io.BytesIO()
+    f.retrbinary("RETR CT/a.dcm", buf.write)  # the re-fetched copy is good and cached again
+    assert buf.getvalue() == data and len(agent.events("fetched")) == 1
+    f.quit()
+
+
+def test_corrupt_copy_not_yet_in_s3_is_an_error_not_bad_data(agent_factory):
+    agent = agent_factory(**{"uplink.endpoint_url": f"http://127.0.0.1:{free_port()}"}).start()
+    f = ftp(agent)
+    f.storbinary("STOR only-here.dcm", io.BytesIO(os.urandom(50_000)))  # acknowledged as write-back
+    flip_a_byte(agent, "only-here.dcm")
+    with pytest.raises(ftplib.error_temp, match="451"):
+        f.retrbinary("RETR only-here.dcm", io.BytesIO().write)
+    assert agent.events("cache_copy_lost")[0]["path"] == "only-here.dcm"
+    f.quit()
+
+
+def fsck(agent, *args: str) -> tuple[int, dict]:
+    import json
+    import subprocess
+    import sys
+    out = subprocess.run([sys.executable, "-m", "agent.cli", "fsck", "--config", str(agent.config_path), "--json",
+                          *args], capture_output=True, text=True, timeout=120)
+    return out.returncode, json.loads(out.stdout)
+
+
+def test_fsck_finds_and_repairs(agent_factory):
+    from conftest import BUCKET, s3_objects, sha256
+    agent = agent_factory().start()
+    files = {f"CT/{i}.dcm": os.urandom(30_000 + i) for i in range(6)}
+    f = ftp(agent)
+    for path, data in files.items():
+        f.storbinary(f"STOR {path}", io.BytesIO(data))
+    f.quit()
+    agent.wait_drained()
+    assert fsck(agent, "--remote")[0] == 0
+    flip_a_byte(agent, "CT/1.dcm")
+    agent.store.client().delete_object(Bucket=BUCKET, Key=agent.prefix + "CT/4.dcm")  # behind the agent's back
+
+    code, report = fsck(agent, "--remote")
+    assert code == 1
+    assert report["corrupt"] == ["CT/1.dcm"] and report["remote_missing"] == ["CT/4.dcm"]
+    assert report["refetched"] == [] and report["requeued"] == []  # without --repair nothing changes
+
+    code, report = fsck(agent, "--remote", "--repair")
+    assert report["refetched"] == ["CT/1.dcm"] and report["requeued"] == ["CT/4.dcm"] and report["lost"] == []
+    agent.wait_drained()  # the running agent uploads the re-queued file
+    assert fsck(agent, "--remote")[0] == 0
+    assert {p: o["sha256"] for p, o in s3_objects(agent.store, agent.prefix).items()} == \
+        {p: sha256(d) for p, d in files.items()}
+    f = ftp(agent)
+    buf = io.BytesIO()
+    f.retrbinary("RETR CT/1.dcm", buf.write)
+    assert buf.getvalue() == files["CT/1.dcm"] and agent.events("cache_copy_corrupt") == []  # repaired before read
+    f.quit()
+
+
+def test_fsck_reports_lost_data(agent_factory):
+    agent = agent_factory(**{"uplink.endpoint_url": f"http://127.0.0.1:{free_port()}"}).start()
+    f = ftp(agent)
+    f.storbinary("STOR only-here.dcm", io.BytesIO(os.urandom(10_000)))
+    f.quit()
+    flip_a_byte(agent, "only-here.dcm")
+    code, report = fsck(agent)
+    assert code == 2 and report["lost"] == ["only-here.dcm"]
+
+
+def test_background_scrub_drops_a_bad_copy(agent_factory):
+    import time
+    agent = agent_factory(**{"scrub.pause_seconds": 1, "scrub.rate": "50MB"}).start()
+    data = os.urandom(40_000)
+    f = ftp(agent)
+    f.storbinary("STOR MG/a.dcm", io.BytesIO(data))
+    agent.wait_drained()
+    flip_a_byte(agent, "MG/a.dcm")
+    deadline = time.monotonic() + 30
+    while not agent.events("cache_copy_corrupt") and time.monotonic() < deadline:
+        time.sleep(0.2)
+    [event] = agent.events("cache_copy_corrupt")
+    assert event["found_by"] == "scrub" and event["path"] == "MG/a.dcm"
+    assert agent.health()["cache"]["cached_files"] == 0
+    buf = io.BytesIO()
+    f.retrbinary("RETR MG/a.dcm", buf.write)
+    assert buf.getvalue() == data
+    f.quit()

@@ -1,0 +1,134 @@
+"""Encryption in transit: TLS to the object store with a private CA; SFTP with public keys only."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import ftplib
+import io
+import ipaddress
+
+import asyncssh
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from agent.devstack import ObjectStore
+from conftest import BUCKET, PASSWORD, s3_objects, sha256
+
+
+def make_ca_and_cert(directory) -> tuple:
+    """A test-only private CA and a server certificate for 127.0.0.1 signed by it."""
+    now = datetime.datetime.now(datetime.timezone.utc)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "pacsgw test CA")])
+    later = now + datetime.timedelta(days=1)
+    ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name).public_key(ca_key.public_key())
+          .serial_number(x509.random_serial_number()).not_valid_before(now).not_valid_after(later)
+          .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True).sign(ca_key, hashes.SHA256()))
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = (x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")]))
+            .issuer_name(ca_name).public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now).not_valid_after(later)
+            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                           critical=False)
+            .sign(ca_key, hashes.SHA256()))
+    paths = directory / "ca.pem", directory / "server.pem", directory / "server.key"
+    paths[0].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    paths[1].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    paths[2].write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return paths
+
+
+@pytest.fixture
+def tls_store(tmp_path):
+    ca, cert, key = make_ca_and_cert(tmp_path)
+    store = ObjectStore("rclone", tmp_path / "s3", tls=(cert, key, ca)).start()
+    store.create_bucket(BUCKET)
+    yield store, ca
+    store.stop()
+
+
+def test_tls_to_object_store_with_private_ca(agent_factory, tls_store):
+    store, ca = tls_store
+    trusted = agent_factory(store, **{"uplink.ca_bundle": str(ca)}).start()
+    f = ftplib.FTP(timeout=30)
+    f.connect("127.0.0.1", trusted.ftp_port)
+    f.login("pacs", PASSWORD)
+    f.storbinary("STOR a.dcm", io.BytesIO(b"over tls"))
+    f.quit()
+    assert trusted.health()["uplink"]["reachable"] is True
+    assert s3_objects(store, trusted.prefix)["a.dcm"]["sha256"] == sha256(b"over tls")
+    # Without the CA the certificate is not trusted: the agent refuses to talk and says why.
+    untrusted = agent_factory(store).start()
+    h = untrusted.health()
+    assert h["uplink"]["reachable"] is False and h["status"] == "degraded"
+    assert "certificate" in h["uplink"]["last_error"].lower() or "ssl" in h["uplink"]["last_error"].lower()
+
+
+def test_sftp_public_key_only(agent_factory, tmp_path):
+    key = asyncssh.generate_private_key("ssh-ed25519")
+    (tmp_path / "keys").write_bytes(key.export_public_key())
+    agent = agent_factory(**{"sftp.password_auth": False},
+                          users=[{"name": "pacs", "password": PASSWORD, "authorized_keys": str(tmp_path / "keys")}])
+    agent.start()
+
+    async def session() -> None:
+        with pytest.raises(asyncssh.PermissionDenied):
+            await asyncssh.connect("127.0.0.1", agent.sftp_port, username="pacs", password=PASSWORD,
+                                   client_keys=None, known_hosts=None)
+        async with asyncssh.connect("127.0.0.1", agent.sftp_port, username="pacs", client_keys=[key],
+                                    known_hosts=None) as conn, conn.start_sftp_client() as sftp:
+            assert await sftp.listdir("/") == []
+
+    asyncio.run(session())
+
+
+def test_ftps_explicit_tls_and_plain_refused(agent_factory, tmp_path):
+    import ssl
+    ca, cert, key = make_ca_and_cert(tmp_path)
+    agent = agent_factory(**{"ftp.tls_cert": str(cert), "ftp.tls_key": str(key), "ftp.require_tls": True}).start()
+    ctx = ssl.create_default_context(cafile=str(ca))
+    f = ftplib.FTP_TLS(context=ctx, timeout=30)
+    f.connect("127.0.0.1", agent.ftp_port)
+    assert "AUTH TLS" in f.sendcmd("FEAT")
+    f.login("pacs", PASSWORD)  # AUTH TLS first: the password never crosses in clear
+    assert isinstance(f.sock, ssl.SSLSocket)
+    f.prot_p()
+    data = b"protected" * 1000
+    assert f.storbinary("STOR secret.dcm", io.BytesIO(data)).startswith("226")
+    buf = io.BytesIO()
+    f.retrbinary("RETR secret.dcm", buf.write)
+    assert buf.getvalue() == data and f.nlst() == ["secret.dcm"]
+    with pytest.raises(ftplib.error_perm, match="536"):
+        f.prot_c()  # refused: data must stay protected
+    f.quit()
+    assert s3_objects(agent.store, agent.prefix)["secret.dcm"]["sha256"] == sha256(data)
+
+    plain = ftplib.FTP(timeout=30)
+    plain.connect("127.0.0.1", agent.ftp_port)
+    with pytest.raises(ftplib.error_perm, match="530 TLS required"):
+        plain.login("pacs", PASSWORD)
+    plain.close()
+    assert agent.events("login_refused")
+
+
+def test_ftps_optional_tls_still_serves_plain(agent_factory, tmp_path):
+    import ssl
+    ca, cert, key = make_ca_and_cert(tmp_path)
+    agent = agent_factory(**{"ftp.tls_cert": str(cert), "ftp.tls_key": str(key)}).start()
+    plain = ftplib.FTP(timeout=30)
+    plain.connect("127.0.0.1", agent.ftp_port)
+    plain.login("pacs", PASSWORD)
+    plain.storbinary("STOR clear.dcm", io.BytesIO(b"clear"))
+    plain.quit()
+    f = ftplib.FTP_TLS(context=ssl.create_default_context(cafile=str(ca)), timeout=30)
+    f.connect("127.0.0.1", agent.ftp_port)
+    f.login("pacs", PASSWORD)
+    f.prot_p()
+    assert f.nlst() == ["clear.dcm"]
+    f.quit()
