@@ -6,7 +6,6 @@ import os
 from pathlib import Path
 
 import pytest
-
 from fleetlib import build_appliance, build_base_release, log
 
 

@@ -12,7 +12,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tarfile
@@ -85,7 +84,8 @@ def build_variant_release(base: Path, out: Path, version: str, patch=None) -> Pa
     shutil.copytree(REPO, work, ignore=shutil.ignore_patterns(".venv", "build", ".git", "*.egg-info",
                                                                "__pycache__", ".pytest_cache", "tests"))
     pyproject = work / "pyproject.toml"
-    pyproject.write_text(re.sub(r'(?m)^version\s*=\s*"[^"]*"', f'version = "{version}"', pyproject.read_text(), count=1))
+    text = pyproject.read_text()
+    pyproject.write_text(re.sub(r'(?m)^version\s*=\s*"[^"]*"', f'version = "{version}"', text, count=1))
     init = work / "agent" / "__init__.py"
     text = init.read_text()
     if "__version__" in text and "importlib" not in text:

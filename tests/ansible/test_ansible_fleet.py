@@ -18,7 +18,6 @@ import sys
 import uuid
 
 import pytest
-
 from fleetlib import REPO, Fleet, break_for_hospital_b, build_variant_release, log, project_version, run
 
 pytestmark = pytest.mark.timeout(2400)

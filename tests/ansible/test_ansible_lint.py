@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-
 from fleetlib import ANSIBLE_DIR, REPO, VENV_BIN, ansible_env, run
 
 VAULT_PASS = ANSIBLE_DIR / "inventory" / "example" / "vault-password.TEST-ONLY.txt"

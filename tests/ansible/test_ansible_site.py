@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import pytest
 import testinfra
-
 from fleetlib import project_version, run
 
 # The first test to ask for the appliance pays for building it.
@@ -64,7 +63,8 @@ def test_agent_unit(root):
 
 
 def test_services_enabled(root):
-    for unit, target in [("nftables.service", "sysinit.target.wants"), ("pacsgw-firstboot.service", "sysinit.target.wants"),
+    for unit, target in [("nftables.service", "sysinit.target.wants"),
+                         ("pacsgw-firstboot.service", "sysinit.target.wants"),
                          ("systemd-networkd.service", "multi-user.target.wants"),
                          ("systemd-timesyncd.service", "sysinit.target.wants"),
                          ("ssh.service", "multi-user.target.wants"),

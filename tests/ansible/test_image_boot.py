@@ -13,7 +13,6 @@ import time
 import urllib.request
 
 import pytest
-
 from fleetlib import REPO, VENV_BIN, log, project_version, run
 
 OVMF_CODE = "/usr/share/OVMF/OVMF_CODE_4M.fd"
@@ -116,7 +115,8 @@ password = "boot-test-only"
         ssh = ["ssh", "-i", str(key), "-p", str(ssh_port), "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=no",
                "-o", "UserKnownHostsFile=/dev/null", "-o", "LogLevel=ERROR", "pacsadmin@127.0.0.1"]
         out = run(ssh + ["hostname; sudo stat -c '%U %a' /etc/pacsgw/agent.toml; systemctl is-active pacsgw; "
-                         "systemctl is-active nftables; readlink /opt/pacsgw/current; df -B1 --output=size / | tail -1"],
+                         "systemctl is-active nftables; readlink /opt/pacsgw/current; "
+                         "df -B1 --output=size / | tail -1"],
                   timeout=120).stdout.split("\n")
         assert out[0] == "pacsgw-boot-test"
         assert out[1] == "pacsgw 600"
