@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 RUNDIR := run
 
-.PHONY: venv run test lint bench bench-smb clean
+.PHONY: venv run test lint bench bench-smb clean image image-test
 
 venv: $(VENV)/.installed
 
@@ -29,6 +29,14 @@ run: venv
 
 test: venv
 	$(BIN)/python -m pytest -q -p no:cacheprovider
+
+# The appliance disk image (issue 6): build/image/pacsgw.raw and pacsgw.qcow2. Needs root.
+image: venv
+	PACSGW_VENV_BIN=$(abspath $(BIN)) image/build.sh --out build/image
+
+# Build the image and boot it under qemu (TCG), checking /healthz over a forwarded port.
+image-test: venv
+	$(BIN)/python -m pytest -q -p no:cacheprovider tests/ansible/test_image_boot.py
 
 bench: venv
 	$(BIN)/python bench/ingest.py

@@ -1,0 +1,150 @@
+#!/usr/bin/env bash
+# Build the pacsgw appliance disk image: Debian bookworm by debootstrap, provisioned by ansible/site.yml
+# (the fleet's own roles) through the chroot connection, then a GPT disk with systemd-boot (UEFI).
+#
+#   image/build.sh [--out DIR] [--release TAR] [--rootfs-only] [--no-kernel] [--no-compress] [--mirror URL]
+#
+# Output (default build/image/): rootfs/ (the provisioned tree), pacsgw.raw and pacsgw.qcow2.
+# Partitions: 1 ESP (FAT32, PACSGW-ESP: systemd-boot, kernel, initrd), 2 config (FAT, PACSGW-CFG: the
+# hospital's agent.toml and network settings, see docs/fleet.md), 3 root (ext4, pacsgw-root; grows to
+# fill the disk on first boot). Needs root (debootstrap, chroot); no loop devices or mounts of images.
+set -euo pipefail
+repo="$(cd "$(dirname "$0")/.." && pwd)"
+out="$repo/build/image"
+release=""
+rootfs_only=0
+kernel=1
+compress=1
+mirror=""
+while (($#)); do
+  case "$1" in
+    --out) out="$2"; shift 2 ;;
+    --release) release="$2"; shift 2 ;;
+    --rootfs-only) rootfs_only=1; shift ;;
+    --no-kernel) kernel=0; shift ;;
+    --no-compress) compress=0; shift ;;
+    --mirror) mirror="$2"; shift 2 ;;
+    *) echo "unknown argument: $1" >&2; exit 2 ;;
+  esac
+done
+venv_bin="${PACSGW_VENV_BIN:-$repo/.venv/bin}"
+export PATH="$venv_bin:$PATH"
+if [[ -z "$mirror" ]]; then
+  mirror="$(awk '/^URIs:/ {print $2; exit}' /etc/apt/sources.list.d/*.sources 2>/dev/null || true)"
+  [[ -n "$mirror" ]] || mirror="$(awk '$1=="deb" {print $2; exit}' /etc/apt/sources.list 2>/dev/null || true)"
+  [[ -n "$mirror" ]] || mirror="http://deb.debian.org/debian"
+fi
+t0=$SECONDS
+step() { echo "==> [$((SECONDS - t0)) s] $*"; }
+
+mkdir -p "$out"
+rootfs="$out/rootfs"
+
+# --- the agent release (a wheelhouse the box installs with pip --no-index) ----------------------
+if [[ -z "$release" ]]; then
+  step "building the agent release"
+  release="$(PYTHON="$venv_bin/python" "$repo/image/build-release.sh" "$repo" "$out/releases" | tail -1)"
+fi
+release="$(cd "$(dirname "$release")" && pwd)/$(basename "$release")"
+version="$(basename "$release" .tar)"; version="${version#pacsgw-}"
+
+# --- debootstrap ------------------------------------------------------------------------------
+mounted=()
+cleanup() {
+  local m
+  for ((i=${#mounted[@]}-1; i>=0; i--)); do umount -l "${mounted[i]}" 2>/dev/null || true; done
+  rm -f "$rootfs/usr/sbin/policy-rc.d"
+}
+trap cleanup EXIT
+rm -rf "$rootfs"
+step "debootstrap bookworm from $mirror"
+debootstrap --variant=minbase --include=python3,ca-certificates bookworm "$rootfs" "$mirror" > "$out/debootstrap.log" 2>&1 \
+  || { tail -20 "$out/debootstrap.log"; exit 1; }
+security="$(awk '/^URIs:/ {print $2}' /etc/apt/sources.list.d/*.sources 2>/dev/null | grep -m1 security || true)"
+{
+  echo "deb $mirror bookworm main"
+  echo "deb $mirror bookworm-updates main"
+  [[ -n "$security" ]] && echo "deb $security bookworm-security main"
+} > "$rootfs/etc/apt/sources.list"
+# No service starts inside the chroot.
+printf '#!/bin/sh\nexit 101\n' > "$rootfs/usr/sbin/policy-rc.d"; chmod +x "$rootfs/usr/sbin/policy-rc.d"
+for m in proc sys dev dev/pts; do
+  case $m in
+    proc) mount -t proc proc "$rootfs/proc" ;;
+    sys) mount -t sysfs sys "$rootfs/sys" ;;
+    dev) mount --bind /dev "$rootfs/dev" ;;
+    dev/pts) mount -t devpts devpts "$rootfs/dev/pts" ;;
+  esac
+  mounted+=("$rootfs/$m")
+done
+
+# --- the fleet roles through the chroot connection ------------------------------------------------
+step "ansible: site.yml + appliance extras (chroot)"
+export ANSIBLE_HOME="$out/.ansible" ANSIBLE_SSH_CONTROL_PATH_DIR="$out/.ansible/cp" ANSIBLE_LOCAL_TEMP="$out/.ansible/tmp"
+export ANSIBLE_CONFIG="$repo/ansible/ansible.cfg" ANSIBLE_ROLES_PATH="$repo/ansible/roles"
+ansible-playbook -i "$repo/image/inventory.yml" "$repo/image/image.yml" \
+  -e "pacsgw_rootfs=$rootfs" -e "pacsgw_release_version=$version" -e "pacsgw_release_dir=$(dirname "$release")" \
+  -e "image_kernel=$([[ $kernel == 1 ]] && echo true || echo false)" > "$out/ansible.log" 2>&1 \
+  || { tail -40 "$out/ansible.log"; exit 1; }
+grep -E '^(PLAY RECAP|appliance)' "$out/ansible.log" | tail -1
+
+# --- clean what must differ per box or not ship -----------------------------------------------
+step "cleaning the tree"
+for ((i=${#mounted[@]}-1; i>=0; i--)); do umount -l "${mounted[i]}"; done
+mounted=()
+rm -f "$rootfs/usr/sbin/policy-rc.d" "$rootfs"/etc/ssh/ssh_host_* "$rootfs/etc/resolv.conf"
+: > "$rootfs/etc/machine-id"
+rm -f "$rootfs/var/lib/dbus/machine-id"
+rm -rf "$rootfs"/var/lib/apt/lists/* "$rootfs"/var/cache/apt/*.bin "$rootfs"/var/cache/apt/archives/*.deb \
+  "$rootfs"/tmp/* "$rootfs"/var/tmp/* "$rootfs"/root/.ansible "$rootfs"/var/log/*.log "$rootfs"/var/log/apt/*
+mkdir -p "$rootfs/usr/share/doc/pacsgw"
+cp "$repo/docs/fleet.md" "$rootfs/usr/share/doc/pacsgw/" 2>/dev/null || true
+echo "$version" > "$rootfs/etc/pacsgw/image-release"
+step "rootfs ready: $rootfs ($(du -sh "$rootfs" | cut -f1))"
+((rootfs_only)) && exit 0
+
+# --- disk: ESP + config + root, GPT ------------------------------------------------------------
+kver="$(ls "$rootfs/boot" | sed -n 's/^vmlinuz-//p' | sort -V | tail -1)"
+[[ -n "$kver" ]] || { echo "no kernel in $rootfs/boot (built with --no-kernel?)" >&2; exit 1; }
+work="$out/parts"; rm -rf "$work"; mkdir -p "$work/esp/EFI/BOOT" "$work/esp/loader/entries" "$work/cfg/network"
+step "assembling the disk (kernel $kver)"
+cp "$rootfs/usr/lib/systemd/boot/efi/systemd-bootx64.efi" "$work/esp/EFI/BOOT/BOOTX64.EFI"
+cp "$rootfs/boot/vmlinuz-$kver" "$work/esp/vmlinuz"
+cp "$rootfs/boot/initrd.img-$kver" "$work/esp/initrd.img"
+printf 'default pacsgw.conf\ntimeout 2\nconsole-mode keep\n' > "$work/esp/loader/loader.conf"
+cat > "$work/esp/loader/entries/pacsgw.conf" <<EOC
+title   pacsgw appliance $version (Debian bookworm, $kver)
+linux   /vmlinuz
+initrd  /initrd.img
+options root=LABEL=pacsgw-root ro rootwait console=tty0 console=ttyS0,115200 systemd.show_status=auto
+EOC
+cp "$repo/image/config-partition/README.txt" "$work/cfg/README.txt"
+cp "$repo/image/config-partition/agent.toml.example" "$work/cfg/agent.toml.example"
+cp "$repo/image/config-partition/10-static.network.example" "$work/cfg/network/10-static.network.example"
+
+MiB=$((1024 * 1024))
+esp_mb=128; cfg_mb=16
+root_mb=$(( $(du -sm "$rootfs" | cut -f1) * 13 / 10 + 256 ))
+rm -f "$work"/*.img
+mkfs.vfat -C -F 32 -n PACSGW-ESP "$work/esp.img" $((esp_mb * 1024)) >/dev/null
+mcopy -s -i "$work/esp.img" "$work/esp/EFI" "$work/esp/loader" "$work/esp/vmlinuz" "$work/esp/initrd.img" ::
+mkfs.vfat -C -n PACSGW-CFG "$work/cfg.img" $((cfg_mb * 1024)) >/dev/null
+mcopy -s -i "$work/cfg.img" "$work/cfg/README.txt" "$work/cfg/agent.toml.example" "$work/cfg/network" ::
+mkfs.ext4 -q -F -L pacsgw-root -d "$rootfs" "$work/root.img" "${root_mb}M"
+
+raw="$out/pacsgw.raw"
+total_mb=$((1 + esp_mb + cfg_mb + root_mb + 1))
+rm -f "$raw"; truncate -s "${total_mb}M" "$raw"
+sfdisk -q "$raw" <<EOS
+label: gpt
+start=2048, size=$((esp_mb * 2048)), type=C12A7328-F81F-11D2-BA4B-00A0C93EC93B, name=esp
+size=$((cfg_mb * 2048)), type=EBD0A0A2-B9E5-4433-87C0-68B6B72699C7, name=pacsgw-config
+size=$((root_mb * 2048)), type=4F68BCE3-E8CD-4DB1-96E7-FBCAF984B709, name=root
+EOS
+dd if="$work/esp.img" of="$raw" bs=1M seek=1 conv=notrunc,sparse status=none
+dd if="$work/cfg.img" of="$raw" bs=1M seek=$((1 + esp_mb)) conv=notrunc,sparse status=none
+dd if="$work/root.img" of="$raw" bs=1M seek=$((1 + esp_mb + cfg_mb)) conv=notrunc,sparse status=none
+rm -rf "$work"
+step "qcow2"
+qemu-img convert -O qcow2 $([[ $compress == 1 ]] && echo -c) "$raw" "$out/pacsgw.qcow2"
+step "done: $raw ($(du -h "$raw" | cut -f1) used of ${total_mb} MiB), $out/pacsgw.qcow2 ($(du -h "$out/pacsgw.qcow2" | cut -f1))"

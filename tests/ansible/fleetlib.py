@@ -1,0 +1,382 @@
+"""Helpers for the Ansible, image and fleet tests (issue 6).
+
+Everything here runs real tools: debootstrap, ansible-playbook over the chroot connection and over SSH,
+systemd-nspawn containers booted from the appliance tree in network namespaces this code creates
+(and deletes), rclone's S3 server inside the controller namespace, qemu (TCG) for the image boot.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+ANSIBLE_DIR = REPO / "ansible"
+VENV_BIN = Path(sys.executable).parent
+
+
+def log(msg: str) -> None:
+    print(f"[fleet {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def run(cmd, *, check=True, timeout=900, **kw) -> subprocess.CompletedProcess:
+    kw.setdefault("capture_output", True)
+    kw.setdefault("text", True)
+    p = subprocess.run(cmd, timeout=timeout, **kw)
+    if check and p.returncode != 0:
+        raise AssertionError(f"{cmd!r} exited {p.returncode}\nstdout:\n{p.stdout[-6000:]}\nstderr:\n{p.stderr[-4000:]}")
+    return p
+
+
+def ansible_env(workdir: Path) -> dict[str, str]:
+    """Ansible writes ~/.ansible and control sockets unless told otherwise: keep it all in workdir."""
+    home = workdir / ".ansible"
+    cp = Path("/tmp") / f"pgw-cp-{uuid.uuid4().hex[:8]}"  # short: unix socket paths are limited
+    cp.mkdir(exist_ok=True)
+    env = dict(os.environ)
+    env.update({
+        "PATH": f"{VENV_BIN}:{env.get('PATH', '/usr/bin:/bin')}",
+        "ANSIBLE_HOME": str(home),
+        "ANSIBLE_LOCAL_TEMP": str(home / "tmp"),
+        "ANSIBLE_SSH_CONTROL_PATH_DIR": str(cp),
+        "ANSIBLE_CONFIG": str(ANSIBLE_DIR / "ansible.cfg"),
+        "ANSIBLE_ROLES_PATH": str(ANSIBLE_DIR / "roles"),
+        "ANSIBLE_HOST_KEY_CHECKING": "False",
+        "ANSIBLE_NOCOLOR": "1",
+        "ANSIBLE_FORCE_COLOR": "0",
+        "ANSIBLE_RETRY_FILES_ENABLED": "0",
+        "PY_COLORS": "0",
+        "ANSIBLE_CALLBACKS_ENABLED": "ansible.posix.profile_tasks",
+    })
+    return env
+
+
+# --- releases ---------------------------------------------------------------------------------
+
+def project_version(src: Path = REPO) -> str:
+    import tomllib
+    return tomllib.loads((src / "pyproject.toml").read_text())["project"]["version"]
+
+
+def build_base_release(out: Path) -> Path:
+    """The agent as it is in this tree, with all its dependencies: build/releases/pacsgw-<v>.tar."""
+    p = run(["bash", str(REPO / "image" / "build-release.sh"), str(REPO), str(out)],
+            env={**os.environ, "PYTHON": sys.executable}, timeout=600)
+    return Path(p.stdout.strip().splitlines()[-1])
+
+
+def build_variant_release(base: Path, out: Path, version: str, patch=None) -> Path:
+    """A release with another version number (and optionally patched code): the tree is copied,
+    its version changed, the pacsgw wheel rebuilt and put beside the base release's dependency wheels."""
+    work = out / f"src-{version}"
+    if work.exists():
+        shutil.rmtree(work)
+    shutil.copytree(REPO, work, ignore=shutil.ignore_patterns(".venv", "build", ".git", "*.egg-info",
+                                                               "__pycache__", ".pytest_cache", "tests"))
+    pyproject = work / "pyproject.toml"
+    text = pyproject.read_text()
+    pyproject.write_text(re.sub(r'(?m)^version\s*=\s*"[^"]*"', f'version = "{version}"', text, count=1))
+    init = work / "agent" / "__init__.py"
+    text = init.read_text()
+    if "__version__" in text and "importlib" not in text:
+        text = re.sub(r'__version__\s*=\s*["\'][^"\']*["\']', f'__version__ = "{version}"', text)
+    if patch:
+        text = patch(text)
+    init.write_text(text)
+    wheels = out / f"wheels-{version}"
+    if wheels.exists():
+        shutil.rmtree(wheels)
+    wheels.mkdir(parents=True)
+    with tarfile.open(base) as tf:
+        tf.extractall(wheels, filter="data")
+    for w in wheels.glob("pacsgw-*.whl"):
+        w.unlink()
+    run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps",
+         "--wheel-dir", str(wheels), str(work)], timeout=300)
+    tar = out / f"pacsgw-{version}.tar"
+    with tarfile.open(tar, "w") as tf:
+        for w in sorted(wheels.iterdir()):
+            tf.add(w, arcname=w.name)
+    shutil.rmtree(wheels)
+    shutil.rmtree(work)
+    return tar
+
+
+# A genuinely broken release: its `pacsgw run` dies at start-up on hospital B's configuration (the
+# config check still passes), so its health check fails there and only there.
+BROKEN_PATCH_MARK = "FAULT INJECTED BY tests/ansible"
+
+
+def break_for_hospital_b(text: str) -> str:
+    return text + f'''
+
+# --- {BROKEN_PATCH_MARK}: this release crashes `pacsgw run` on hospital B's configuration.
+def _injected_fault() -> None:
+    import sys as _sys
+    argv = _sys.argv
+    if "run" in argv[1:2] and "--config" in argv:
+        try:
+            text = open(argv[argv.index("--config") + 1]).read()
+        except OSError:
+            return
+        if "hospital-b" in text:
+            raise SystemExit("injected fault: this release cannot start with hospital-b's configuration")
+
+
+_injected_fault()
+'''
+
+
+# --- the appliance tree -------------------------------------------------------------------------
+
+def build_appliance(out: Path, release: Path, *, kernel: bool, rootfs_only: bool, compress: bool = True) -> Path:
+    cmd = ["bash", str(REPO / "image" / "build.sh"), "--out", str(out), "--release", str(release)]
+    if not compress:
+        cmd.append("--no-compress")
+    if rootfs_only:
+        cmd.append("--rootfs-only")
+    if not kernel:
+        cmd.append("--no-kernel")
+    t = time.monotonic()
+    p = run(cmd, env={**os.environ, "PACSGW_VENV_BIN": str(VENV_BIN)}, timeout=1500)
+    log(f"image/build.sh took {time.monotonic() - t:.0f} s\n{p.stdout[-2000:]}")
+    return out
+
+
+# --- fleet hosts: systemd-nspawn containers in network namespaces ----------------------------------
+
+SUBNET = "10.251.0"          # only ever inside the namespaces created below
+CTL_ADDR = f"{SUBNET}.1"
+
+
+@dataclass
+class Host:
+    name: str                 # inventory name
+    group: str                # hospital group
+    addr: str
+    netns: str
+    dir: Path
+    proc: subprocess.Popen | None = None
+
+
+@dataclass
+class Fleet:
+    """N booted containers of the appliance tree, one network namespace each, joined by a bridge that
+    lives in a controller namespace where ansible-playbook and the S3 server run."""
+
+    rootfs: Path
+    workdir: Path
+    groups: list[str]
+    tag: str = field(default_factory=lambda: uuid.uuid4().hex[:6])
+    hosts: list[Host] = field(default_factory=list)
+    s3_proc: subprocess.Popen | None = None
+    s3_port: int = 9000
+    s3_key: tuple[str, str] = ("FLEETTESTKEY", "FLEETTESTSECRET0123456789")  # test-only
+    key: Path | None = None
+    env: dict = field(default_factory=dict)
+
+    @property
+    def ctl(self) -> str:
+        return f"pgwc{self.tag}"
+
+    def nsexec(self, *cmd: str) -> list[str]:
+        return ["ip", "netns", "exec", self.ctl, *cmd]
+
+    # -- setup ---------------------------------------------------------------------------------
+    def start(self) -> "Fleet":
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.env = ansible_env(self.workdir)
+        self.key = self.workdir / "id_ed25519"
+        run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "fleet-test", "-f", str(self.key)])
+        run(["ip", "netns", "add", self.ctl])
+        run(["ip", "-n", self.ctl, "link", "set", "lo", "up"])
+        run(["ip", "-n", self.ctl, "link", "add", "br0", "type", "bridge"])
+        run(["ip", "-n", self.ctl, "addr", "add", f"{CTL_ADDR}/24", "dev", "br0"])
+        run(["ip", "-n", self.ctl, "link", "set", "br0", "up"])
+        for i, group in enumerate(self.groups, start=1):
+            host = Host(name=f"gw{i}", group=group, addr=f"{SUBNET}.{10 + i}", netns=f"pgwh{self.tag}{i}",
+                        dir=self.workdir / f"gw{i}")
+            self.hosts.append(host)
+            run(["ip", "netns", "add", host.netns])
+            peer = f"v{self.tag}{i}"
+            run(["ip", "-n", self.ctl, "link", "add", peer, "type", "veth", "peer", "name", "pgw0",
+                 "netns", host.netns])
+            run(["ip", "-n", self.ctl, "link", "set", peer, "master", "br0", "up"])
+            run(["ip", "-n", host.netns, "link", "set", "lo", "up"])
+            run(["ip", "-n", host.netns, "addr", "add", f"{host.addr}/24", "dev", "pgw0"])
+            run(["ip", "-n", host.netns, "link", "set", "pgw0", "up"])
+            self._boot(host)
+        self._start_s3()
+        for host in self.hosts:
+            self.wait_ssh(host)
+        self.write_inventory()
+        return self
+
+    def _boot(self, host: Host) -> None:
+        seed = host.dir / "seed"
+        (host.dir / "upper").mkdir(parents=True)
+        (host.dir / "work").mkdir()
+        (host.dir / "merged").mkdir()
+        seed.mkdir()
+        shutil.copy(f"{self.key}.pub", seed / "authorized_keys")
+        (seed / "hostname").write_text(host.name + "\n")
+        script = (
+            "set -e; mkdir -p /run/systemd/nspawn; mount -t tmpfs tmpfs /run/systemd/nspawn; "
+            f"mount -t overlay overlay -o lowerdir={self.rootfs},upperdir={host.dir}/upper,workdir={host.dir}/work "
+            f"{host.dir}/merged; "
+            f"exec systemd-nspawn --quiet -D {host.dir}/merged --machine={host.netns} --boot "
+            f"--network-namespace-path=/run/netns/{host.netns} --register=no --keep-unit "
+            f"--resolv-conf=off --timezone=off --link-journal=no --console=passive --capability=CAP_NET_ADMIN "
+            f"--bind-ro={seed}:/boot/pacsgw-config"
+        )
+        logf = open(host.dir / "console.log", "wb")
+        host.proc = subprocess.Popen(["unshare", "--mount", "--propagation", "private", "sh", "-c", script],
+                                     stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                     start_new_session=True)
+        logf.close()
+
+    def _start_s3(self) -> None:
+        data = self.workdir / "s3"
+        for group in self.groups:
+            (data / f"pacs-{group.replace('_', '-')}").mkdir(parents=True, exist_ok=True)
+        rclone = shutil.which("rclone", path=str(VENV_BIN)) or shutil.which("rclone")
+        logf = open(self.workdir / "s3.log", "wb")
+        self.s3_proc = subprocess.Popen(
+            self.nsexec(rclone, "serve", "s3", str(data), "--addr", f"{CTL_ADDR}:{self.s3_port}",
+                        "--auth-key", ",".join(self.s3_key), "--config", "/dev/null"),
+            stdout=logf, stderr=subprocess.STDOUT, start_new_session=True)
+        logf.close()
+
+    def wait_ssh(self, host: Host, timeout: float = 120) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            if host.proc.poll() is not None:
+                raise AssertionError(f"{host.name}: nspawn exited {host.proc.returncode}:\n"
+                                     + (host.dir / "console.log").read_text(errors="replace")[-3000:])
+            p = self.ssh(host, "true", check=False, timeout=20)
+            if p.returncode == 0:
+                return
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{host.name}: no SSH after {timeout} s: {p.stderr}\n"
+                                     + (host.dir / "console.log").read_text(errors="replace")[-3000:])
+            time.sleep(1)
+
+    def ssh(self, host: Host, command: str, *, check=True, timeout=60) -> subprocess.CompletedProcess:
+        return run(self.nsexec(
+            "ssh", "-i", str(self.key), "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=no",
+            "-o", "UserKnownHostsFile=/dev/null", "-o", "LogLevel=ERROR", "-o", "ConnectTimeout=5",
+            f"pacsadmin@{host.addr}", command), check=check, timeout=timeout)
+
+    def healthz(self, host: Host) -> dict:
+        p = self.ssh(host, "curl -fsS --max-time 5 http://127.0.0.1:8080/healthz", check=False)
+        if p.returncode != 0:
+            return {"error": p.stderr.strip() or f"curl exit {p.returncode}"}
+        return json.loads(p.stdout)
+
+    def current_release(self, host: Host) -> str:
+        return self.ssh(host, "basename $(readlink /opt/pacsgw/current)").stdout.strip()
+
+    def releases(self, host: Host) -> list[str]:
+        return sorted(self.ssh(host, "ls /opt/pacsgw/releases").stdout.split())
+
+    # -- inventory and playbooks -----------------------------------------------------------------
+    def write_inventory(self, extra_vars: dict | None = None) -> Path:
+        inv = self.workdir / "inventory"
+        (inv / "group_vars" / "all").mkdir(parents=True, exist_ok=True)
+        hosts = {"pacsgw": {"children": {}}}
+        for h in self.hosts:
+            hosts["pacsgw"]["children"].setdefault(h.group, {"hosts": {}})["hosts"][h.name] = {"ansible_host": h.addr}
+        (inv / "hosts.yml").write_text(json.dumps(hosts, indent=2))
+        common = {
+            "ansible_user": "pacsadmin",
+            "ansible_ssh_private_key_file": str(self.key),
+            "ansible_ssh_common_args": "-o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null",
+            "pacsgw_admin_subnets": [f"{SUBNET}.0/24"],
+            "base_admin_subnets": "{{ pacsgw_admin_subnets }}",
+            "base_pacs_subnets": "{{ pacsgw_pacs_subnets }}",
+            "pacsgw_pacs_subnets": [f"{SUBNET}.0/24"],
+            "base_apt_update_cache": False,      # the hosts have no package mirror
+            "base_admin_authorized_keys": [Path(f"{self.key}.pub").read_text().strip()],
+            "pacsgw_smb_enabled": False,
+            "samba_hosts_allow": "{{ pacsgw_pacs_subnets }}",
+            "pacsgw_model_file": "",
+            "pacsgw_serial": 1,
+            "pacsgw_drain_timeout": 20,
+            "pacsgw_drain_delay": 2,
+            "gateway_release_dir": str(self.workdir / "releases"),
+            "gateway_health_retries": 20,
+            "gateway_health_delay": 1,
+            "gateway_ftp_listen": "0.0.0.0:2121",
+            "gateway_sftp_listen": "0.0.0.0:2222",
+            "gateway_http_listen": "127.0.0.1:8080",
+            "gateway_cache_max_bytes": "2GB",
+            "gateway_uplink_endpoint_url": f"http://{CTL_ADDR}:{self.s3_port}",
+            "gateway_uplink_access_key_id": self.s3_key[0],
+            "gateway_uplink_secret_access_key": self.s3_key[1],
+            "gateway_users": [{"name": "pacs", "password": "pacs-fleet-test"}],  # test-only
+            "gateway_no_log": False,
+            "base_ftp_port": "2121",
+            "models_health_url": "http://127.0.0.1:8080/healthz",
+            "models_health_retries": 20,
+            "models_health_delay": 1,
+        }
+        common.update(extra_vars or {})
+        (inv / "group_vars" / "all" / "main.yml").write_text(json.dumps(common, indent=2))
+        for group in self.groups:
+            slug = group.replace("_", "-")
+            gvars = {"gateway_uplink_bucket": f"pacs-{slug}", "gateway_uplink_prefix": f"{slug}/"}
+            if group == "hospital_b":   # this hospital's old PACS also needs SMB
+                gvars |= {"pacsgw_smb_enabled": True,
+                          "samba_users": [{"name": "pacssmb", "password": "smb-fleet-test"}]}  # test-only
+            (inv / "group_vars" / f"{group}.yml").write_text(json.dumps(gvars, indent=2))
+        return inv
+
+    def playbook(self, name: str, *args: str, timeout: float = 900) -> subprocess.CompletedProcess:
+        t = time.monotonic()
+        p = run(self.nsexec(str(VENV_BIN / "ansible-playbook"), "-i", str(self.workdir / "inventory"),
+                            str(ANSIBLE_DIR / name), *args),
+                check=False, timeout=timeout, env=self.env, cwd=str(ANSIBLE_DIR))
+        log(f"ansible-playbook {name} {' '.join(args)}: exit {p.returncode} in {time.monotonic() - t:.0f} s")
+        (self.workdir / f"{name}.{int(time.time())}.log").write_text(p.stdout + p.stderr)
+        return p
+
+    # -- teardown --------------------------------------------------------------------------------
+    def stop(self) -> None:
+        procs = [h.proc for h in self.hosts if h.proc] + ([self.s3_proc] if self.s3_proc else [])
+        for proc in procs:
+            if proc.poll() is None:
+                try:
+                    os.killpg(proc.pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+        deadline = time.monotonic() + 20
+        for proc in procs:
+            try:
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                try:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                proc.wait(timeout=10)
+        for h in self.hosts:
+            subprocess.run(["ip", "netns", "delete", h.netns], capture_output=True)
+            shutil.rmtree(h.dir / "upper", ignore_errors=True)
+            shutil.rmtree(h.dir / "work", ignore_errors=True)
+        subprocess.run(["ip", "netns", "delete", self.ctl], capture_output=True)
+        try:
+            if Path("/run/netns").is_dir() and not any(Path("/run/netns").iterdir()):
+                subprocess.run(["umount", "/run/netns"], capture_output=True)
+        except OSError:
+            pass
+        shutil.rmtree(self.env.get("ANSIBLE_SSH_CONTROL_PATH_DIR", "/nonexistent"), ignore_errors=True)
