@@ -12,6 +12,7 @@ import urllib.request
 
 from agent import __version__
 from agent.config import ConfigError, load
+from agent.sim import commands as sim_commands
 
 DEFAULT_CONFIG = "/etc/pacsgw/agent.toml"
 
@@ -184,6 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("hash-password", help="print a password_hash for [[users]]")
     p.add_argument("--stdin", action="store_true", help="read the password from standard input")
     p.set_defaults(func=cmd_hash_password)
+
+    sim_commands.register(sub)  # gen-trace, simulate, train
     return ap
 
 
