@@ -7,7 +7,8 @@ Needs the `train` extra (TensorFlow-CPU + Keras 3) in its own venv; the agent an
 import TensorFlow. Inputs are `pacsgw gen-trace` outputs. Per trace, reads are aggregated into a
 (day-directory × day) count matrix; every (directory, day) with the directory acquired in the previous
 `WINDOW` days becomes one sample: the last `WINDOW` days of features (agent.policy.features) → the
-directory's reads on that day per file (log1p, scaled; volume-independent). The model: LSTM(32) → LSTM(16) → Dense(1), built with `unroll=True`
+directory's reads on that day per file (log1p, scaled; volume-independent). The model: LSTM(32) → LSTM(16) →
+Dense(1), built with `unroll=True`
 because converting an LSTM with an open batch dimension otherwise fails (TensorListReserve); the
 unrolled graph has builtin ops only and its batch dimension stays resizable in LiteRT.
 """
@@ -27,8 +28,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from agent.policy.features import (FEATURES, N_FEATURES, WINDOW, daily_counts, target,  # noqa: E402
-                                   window_features)
+from agent.policy.features import FEATURES, N_FEATURES, WINDOW, daily_counts, target, window_features  # noqa: E402
 from agent.sim.trace import load_arrays  # noqa: E402
 
 
@@ -98,11 +98,14 @@ def write_card_md(card: dict, path: Path) -> None:
 - **version**: `{card['version']}` (sha256 prefix `{card['sha256_12']}`), trained with TensorFlow {card['tensorflow']}
 - **what it predicts**: {card['target']}, for one day-directory ({card['unit']}); the agent multiplies back
   by the directory's file count to get expected reads (`agent.policy.predictor.HotnessPredictor.predict`).
-- **input**: the last {card['window_days']} days × {len(card['features'])} features: {", ".join(f"`{f}`" for f in card['features'])}
-  (definitions in `agent/policy/features.py`; reads are per file so the model does not depend on the site's volume).
+- **input**: the last {card['window_days']} days × {len(card['features'])} features:
+  {", ".join(f"`{f}`" for f in card['features'])}
+  (definitions in `agent/policy/features.py`; reads are per file so the model does not depend on the site's
+  volume).
 - **architecture**: {card['architecture']}; exported with `unroll=True`, builtin TFLite ops only, batch resizable
   with `resize_tensor_input`. Runs on LiteRT (`ai-edge-litert`), falls back to `tflite_runtime`.
-- **candidates**: directories acquired in the {card['window_days']} days before the predicted day (what scheme C considers).
+- **candidates**: directories acquired in the {card['window_days']} days before the predicted day (what scheme C
+  considers).
 
 ## Data
 Synthetic traces from `pacsgw gen-trace` (no patient data). Training:
@@ -117,7 +120,8 @@ Validation (different seeds, never trained on):
 |---|---|---|---|---|
 {data(card['validation_data'])}
 
-{card['train_samples']:,} training and {card['validation_samples']:,} validation samples; {card['epochs']} epochs, seed {card['seed']}.
+{card['train_samples']:,} training and {card['validation_samples']:,} validation samples; {card['epochs']} epochs,
+seed {card['seed']}.
 
 ## Validation
 | metric | value |

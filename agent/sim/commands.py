@@ -6,7 +6,6 @@ Also runnable without the CLI: `python -m agent.sim.commands gen-trace ...`.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 import time
@@ -28,7 +27,8 @@ def register(subparsers) -> None:  # noqa: ANN001 - argparse's private _SubParse
     g.add_argument("--days", type=int, default=None)
     g.add_argument("--monthly-tb", type=float, default=None, help="acquired TB per month (default: preset)")
     g.add_argument("--start", default=None, help="first day, YYYY-MM-DD")
-    g.add_argument("--layout", default=None, help="path template, e.g. {modality}/{date}/{study}/{series}/{instance}.dcm")
+    g.add_argument("--layout", default=None,
+                   help="path template, e.g. {modality}/{date}/{study}/{series}/{instance}.dcm")
     g.add_argument("--set", action="append", default=[], metavar="KEY=JSON",
                    help="override any WorkloadParams field, e.g. --set returning_share=0.7")
     g.add_argument("--no-progress", action="store_true")

@@ -34,7 +34,7 @@ import numpy as np
 import structlog
 
 from agent.policy import eviction
-from agent.policy.features import WINDOW, window_features, daily_counts
+from agent.policy.features import WINDOW, daily_counts, window_features
 from agent.policy.prefetch import Budget, Candidate, plan
 from agent.policy.priors import PriorPrefetcher, StudyInfo
 from agent.sim.trace import TraceArrays, _bar
@@ -127,7 +127,7 @@ def spread_per_minute(end: np.ndarray, size: np.ndarray, rate: float, since: flo
     short = keep & (np.floor(start / 60) == np.floor(end / 60))
     out += np.bincount(np.minimum((end[short] // 60).astype(np.int64), n_min - 1), weights=size[short],
                        minlength=n_min)
-    for s0, e0 in zip(start[keep & ~short].tolist(), end[keep & ~short].tolist()):
+    for s0, e0 in zip(start[keep & ~short].tolist(), end[keep & ~short].tolist(), strict=True):
         m0, m1 = int(s0 // 60), int(e0 // 60)
         edges = np.clip(np.arange(m0, m1 + 2) * 60.0, s0, e0)
         out[np.minimum(np.arange(m0, m1 + 1), n_min - 1)] += np.diff(edges) * rate
@@ -286,7 +286,7 @@ class Replayer:
                             start_weekday, files)
         heat = self.predictor.predict(x, files)
         cands = []
-        for d, h in zip(dirs.tolist(), heat.tolist()):
+        for d, h in zip(dirs.tolist(), heat.tolist(), strict=True):
             objs = _members(self.idx.dir_objs, d)
             objs = objs[self.cached_view[objs] == 0]
             objs = objs[self.created[objs] < t]   # only files that already exist
@@ -302,7 +302,7 @@ class Replayer:
         ta, cfg = self.ta, self.cfg
         n = ta.n
         T = ta.t.tolist()
-        O = ta.obj.tolist()
+        objs = ta.obj.tolist()
         W = ta.is_write.tolist()
         hit = bytearray(n)
         cap = cfg.capacity
@@ -327,7 +327,7 @@ class Replayer:
         step = 200_000
         for i in range(n):
             t = T[i]
-            o = O[i]
+            o = objs[i]
             if t >= next_plan:
                 day = int(next_plan // DAY)
                 self._plan_lstm(day, next_plan, counts, dir_day, dir_mod, start_weekday)

@@ -9,7 +9,6 @@ import numpy as np
 
 from agent.sim.replay import ReplayConfig, SchemeResult
 from agent.sim.trace import TraceArrays
-from agent.sim.workload import DAY
 
 RCLONE_GB_PER_TB = 4.16          # rclone's in-RAM directory cache on PACS data (the paper)
 CATALOG_BYTES_PER_ROW = 200      # SQLite catalog row on SSD (design estimate)
@@ -61,7 +60,8 @@ def describe(ta: TraceArrays, cfg: ReplayConfig) -> str:
             f"only reads are counted. Latency model: hit = {cfg.latency.ssd_s * 1000:g} ms + size / "
             f"{cfg.latency.ssd_bps / 1e6:g} MB/s; miss = {cfg.latency.rtt_s * 1000:g} ms + size / "
             f"{cfg.latency.line_bps / 1e6:g} MB/s, on an idle line and queued (one FIFO line for all demand "
-            f"misses). Egress = demand misses (as the line delivers them) + prefetch, per minute. Prefetch limited to {cfg.prefetch_bps / 1e6:g} MB/s and "
+            f"misses). Egress = demand misses (as the line delivers them) + prefetch, per minute. "
+            f"Prefetch limited to {cfg.prefetch_bps / 1e6:g} MB/s and "
             f"{cfg.prefetch_space:.0%} of the cache per plan.\n")
 
 

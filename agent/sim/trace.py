@@ -65,7 +65,7 @@ def write_trace(g: Generator, path: str | Path, progress: bool = False) -> dict:
                         f"\t{st.modality}\t{st.department}\n")
         for t, w, s, i in g.iter_chunks():
             lines = []
-            for tt, ww, ss, ii in zip(t.tolist(), w.tolist(), s.tolist(), i.tolist()):
+            for tt, ww, ss, ii in zip(t.tolist(), w.tolist(), s.tolist(), i.tolist(), strict=True):
                 entry = names.get(ss)
                 if entry is None:
                     entry = names[ss] = _study_names(g, ss)

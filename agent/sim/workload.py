@@ -204,7 +204,7 @@ class Generator:
     def expected_study_bytes(self) -> float:
         """E[bytes per study] under the modality mix, for scaling the study count to monthly_tb."""
         total = 0.0
-        for m, pm in zip(self.modalities, self.mod_p):
+        for m, pm in zip(self.modalities, self.mod_p, strict=True):
             s = SHAPES[m]
             series = (s.series[0] + s.series[1]) / 2
             images = max(1.0, s.images_median * np.exp(s.images_sigma**2 / 2))
@@ -403,7 +403,7 @@ class Generator:
             if not parts:
                 carry = []
                 continue
-            t, w, s, i = (np.concatenate(c) for c in zip(*parts))
+            t, w, s, i = (np.concatenate(c) for c in zip(*parts, strict=True))
             order = np.lexsort((i, s, t))
             t, w, s, i = t[order], w[order], s[order], i[order]
             cut = int(np.searchsorted(t, end))
@@ -414,7 +414,7 @@ class Generator:
     def requests(self) -> Iterator[Request]:
         """Every request as a record (slow: for tests and small traces; write_trace is the fast path)."""
         for t, w, s, i in self.iter_chunks():
-            for tt, ww, ss, ii in zip(t.tolist(), w.tolist(), s.tolist(), i.tolist()):
+            for tt, ww, ss, ii in zip(t.tolist(), w.tolist(), s.tolist(), i.tolist(), strict=True):
                 st = self.studies[ss]
                 yield Request(round(tt, 3), "W" if ww else "R", self.path(st, ii), int(st.sizes[ii]),
                               f"P{st.patient:07d}", f"ST{st.idx:08d}", st.modality, st.department)
