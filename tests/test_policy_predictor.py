@@ -23,7 +23,16 @@ def test_card_describes_the_model() -> None:
 
 def test_predicts_with_litert_only_and_resizes_batches() -> None:
     code = r"""
-import sys, json, numpy as np
+import importlib.abc, sys, json
+
+class NoTensorFlow(importlib.abc.MetaPathFinder):
+    # as on the box: importing TensorFlow or Keras fails, even where this machine has them installed
+    def find_spec(self, name, path, target=None):
+        if name.split(".")[0] in ("tensorflow", "keras", "tf_keras"):
+            raise ImportError(f"{name}: not installed on the box")
+
+sys.meta_path.insert(0, NoTensorFlow())
+import numpy as np
 from agent.policy.predictor import HotnessPredictor
 from agent.policy.features import window_features
 p = HotnessPredictor()
