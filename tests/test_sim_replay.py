@@ -158,3 +158,10 @@ def test_transfers_queued_at_the_end_are_counted_after_it() -> None:
     assert res.egress_per_min.sum() == 1_200_000_000 + 1000
     assert res.egress_per_min.size > DAY / 60 + 1, "the series runs on past the trace's last minute"
     assert res.egress_peak_mbps == pytest.approx(80.0)
+
+
+def test_a_day_without_reads_has_no_hit_ratio() -> None:
+    # day 0: a write and its read; day 1: a write only (a weekend without an ED); day 2: a read
+    ta = arrays([0, 0, 1, 1], [True, False, True, False], t=[10.0, 20.0, DAY + 10, 2 * DAY + 10], days=3)
+    res = Replayer(ta, "A", ReplayConfig(capacity=10**6, warmup_days=0)).run()
+    assert res.daily_hit_ratio == [1.0, None, 1.0]

@@ -107,7 +107,7 @@ class SchemeResult:
     mean_queued_latency_s: float
     p95_queued_latency_s: float
     prefetch_used_bytes: int
-    daily_hit_ratio: list[float]
+    daily_hit_ratio: list[float | None]   # None: no reads that day (e.g. a weekend without an ED)
     egress_per_min: np.ndarray = dataclasses.field(repr=False)
 
     @property
@@ -398,7 +398,7 @@ class Replayer:
         all_reads = ~ta.is_write
         per_day_reads = np.bincount(day[all_reads], minlength=ta.n_days)
         per_day_hits = np.bincount(day[all_reads & hit], minlength=ta.n_days)
-        daily = (per_day_hits / np.maximum(per_day_reads, 1)).tolist()
+        daily = [h / n if n else None for h, n in zip(per_day_hits.tolist(), per_day_reads.tolist(), strict=True)]
         pf_total = int(np.sum(self.pf_sizes)) if self.pf_sizes else 0
         return SchemeResult(
             scheme=self.scheme, reads=int(reads.sum()), hits=int((hit & reads).sum()),

@@ -72,23 +72,32 @@ def describe(ta: TraceArrays, cfg: ReplayConfig) -> str:
             f"{cfg.prefetch_space:.0%} of the cache per plan.\n")
 
 
-def plots(results: list[SchemeResult], out: Path, ta: TraceArrays) -> list[str]:
+def plots(results: list[SchemeResult], out: Path) -> list[str]:
     import matplotlib
     matplotlib.use("Agg")
+    return [hit_ratio_plot(results, out / "hit_ratio_per_day.png"), egress_plot(results, out / "egress.png")]
+
+
+def hit_ratio_plot(results: list[SchemeResult], path: Path) -> str:
+    """Object hit ratio of each day's reads; a day without reads is a gap, not a zero."""
     import matplotlib.pyplot as plt
-    names = []
     fig, ax = plt.subplots(figsize=(8, 4))
     for r in results:
-        ax.plot(range(len(r.daily_hit_ratio)), r.daily_hit_ratio, marker="o", label=NAMES.get(r.scheme, r.scheme))
+        daily = np.array(r.daily_hit_ratio, dtype=float)       # None → NaN: no point drawn
+        ax.plot(range(daily.size), daily, marker="o", label=NAMES.get(r.scheme, r.scheme))
     ax.set_xlabel("day")
     ax.set_ylabel("object hit ratio (reads)")
     ax.set_ylim(0, 1)
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(out / "hit_ratio_per_day.png", dpi=100)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
-    names.append("hit_ratio_per_day.png")
+    return path.name
+
+
+def egress_plot(results: list[SchemeResult], path: Path) -> str:
+    import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(10, 4))
     for r in results:
         mbps = r.egress_per_min * 8 / 60 / 1e6
@@ -99,10 +108,9 @@ def plots(results: list[SchemeResult], out: Path, ta: TraceArrays) -> list[str]:
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(out / "egress.png", dpi=100)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
-    names.append("egress.png")
-    return names
+    return path.name
 
 
 def write_report(ta: TraceArrays, cfg: ReplayConfig, results: list[SchemeResult], refs: list,  # noqa: ANN001
@@ -116,7 +124,7 @@ def write_report(ta: TraceArrays, cfg: ReplayConfig, results: list[SchemeResult]
         return text
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    imgs = plots(results, out, ta) if results else []
+    imgs = plots(results, out) if results else []
     text += "\n" + "\n".join(f"![{n}]({n})" for n in imgs) + "\n"
     (out / "report.md").write_text(text)
     data = {"meta": {k: v for k, v in ta.meta.items() if k != "params"}, "capacity": cfg.capacity,
