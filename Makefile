@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 RUNDIR := run
 
-.PHONY: venv run test lint bench bench-smb clean image image-test
+.PHONY: venv run test lint bench bench-smb bench-replay model clean image image-test
 
 venv: $(VENV)/.installed
 
@@ -44,6 +44,27 @@ bench: venv
 # SMB ingest over the agent vs Samba over a plain directory (root, samba, fuse3).
 bench-smb: venv
 	$(BIN)/python bench/ingest_smb.py
+
+# The cache replay table for both presets (docs/replay.md): traces in /tmp/pacsgw-bench, reports in bench/results.
+bench-replay: venv
+	$(BIN)/python bench/replay.py
+
+# Retrain the cache-heat LSTM from gen-trace output (models/README.md). TensorFlow lives in its own venv
+# (.venv-train, ~1.6 GB) so the agent's venv keeps proving it runs without it. Writes models/hotness.*
+TRAIN_VENV := .venv-train
+TRAIN_DIR  := build/train
+TRAIN_SETS := general:101:1.0:45 oncology:102:0.5:45 general:201:1.0:21 oncology:202:0.5:21
+model: venv
+	test -x $(TRAIN_VENV)/bin/python || { $(PYTHON) -m venv $(TRAIN_VENV) && $(TRAIN_VENV)/bin/pip install --quiet -e '.[train]'; }
+	@mkdir -p $(TRAIN_DIR)
+	for spec in $(TRAIN_SETS); do \
+	  set -- $$(echo $$spec | tr : ' '); \
+	  test -s $(TRAIN_DIR)/$$1-$$2.tsv || $(BIN)/pacsgw gen-trace $(TRAIN_DIR)/$$1-$$2.tsv \
+	    --preset $$1 --seed $$2 --monthly-tb $$3 --days $$4 --no-progress || exit 1; \
+	done
+	$(TRAIN_VENV)/bin/python models/train.py --version 0.1.0 \
+	  --trace $(TRAIN_DIR)/general-101.tsv --trace $(TRAIN_DIR)/oncology-102.tsv \
+	  --val-trace $(TRAIN_DIR)/general-201.tsv --val-trace $(TRAIN_DIR)/oncology-202.tsv
 
 clean:
 	rm -rf $(RUNDIR) .pytest_cache

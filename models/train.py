@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from agent.policy.features import FEATURES, N_FEATURES, WINDOW, daily_counts, target, window_features  # noqa: E402
-from agent.sim.trace import load_arrays  # noqa: E402
+from agent.sim.trace import load_arrays, read_header  # noqa: E402
 
 
 def samples(trace: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -141,15 +141,45 @@ prior-study prefetcher in `agent/policy/priors.py` covers that).
 """)
 
 
+def validation_set(traces: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(x, y, day) of the validation traces; days of different traces are kept apart (+1000 per trace)."""
+    parts = [samples(t) for t in traces]
+    return (np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]),
+            np.concatenate([p[2] + 1000 * i for i, p in enumerate(parts)]))
+
+
+def metrics(pred: np.ndarray, vx: np.ndarray, vy: np.ndarray, vday: np.ndarray) -> dict[str, float]:
+    """The model card's validation figures for predictions `pred` of the targets `vy`."""
+    precision, recall = top_decile(pred, vy, vday)
+    return {"validation_mse": round(float(np.mean((pred - vy) ** 2)), 5),
+            # "tomorrow = today" in log space
+            "validation_mse_persistence_baseline": round(float(np.mean((vx[:, -1, 0] - vy) ** 2)), 5),
+            "top10_precision": round(precision, 4), "top10_recall": round(recall, 4)}
+
+
+def evaluate(model: Path, val_traces: list[str]) -> dict[str, float]:
+    """A shipped .tflite on validation traces, with LiteRT (no TensorFlow): checks a card's figures."""
+    from agent.policy.predictor import HotnessPredictor
+    vx, vy, vday = validation_set(val_traces)
+    return metrics(HotnessPredictor(model).predict_log(vx), vx, vy, vday)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--trace", action="append", required=True, help="training trace (repeatable)")
+    ap.add_argument("--trace", action="append", default=[], help="training trace (repeatable)")
     ap.add_argument("--val-trace", action="append", required=True, help="validation trace (repeatable)")
     ap.add_argument("--out", default=str(ROOT / "models" / "hotness.tflite"))
     ap.add_argument("--epochs", type=int, default=40)
     ap.add_argument("--seed", type=int, default=7)
     ap.add_argument("--version", default=None, help="model version (default: date + data hash)")
+    ap.add_argument("--evaluate", default=None, metavar="TFLITE",
+                    help="do not train: print this model's validation figures (LiteRT only, no TensorFlow)")
     args = ap.parse_args(argv)
+    if args.evaluate:
+        print(json.dumps(evaluate(Path(args.evaluate), args.val_trace), indent=2))
+        return 0
+    if not args.trace:
+        ap.error("--trace is required for training")
 
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import keras
@@ -160,25 +190,18 @@ def main(argv: list[str] | None = None) -> int:
     parts = [samples(t) for t in args.trace]
     x = np.concatenate([p[0] for p in parts])
     y = np.concatenate([p[1] for p in parts])
-    vparts = [samples(t) for t in args.val_trace]
-    vx = np.concatenate([p[0] for p in vparts])
-    vy = np.concatenate([p[1] for p in vparts])
-    vday = np.concatenate([p[2] + 1000 * i for i, p in enumerate(vparts)])  # days of different traces apart
+    vx, vy, vday = validation_set(args.val_trace)
     print(f"train {x.shape}, validation {vx.shape}")
 
     model = build()
     model.fit(x, y, epochs=args.epochs, batch_size=128, shuffle=True, verbose=2, validation_data=(vx, vy))
-    pred = model.predict(vx, batch_size=4096, verbose=0).reshape(-1)
-    mse = float(np.mean((pred - vy) ** 2))
-    baseline = float(np.mean((vx[:, -1, 0] - vy) ** 2))   # "tomorrow = today" in log space
-    precision, recall = top_decile(pred, vy, vday)
+    figures = metrics(model.predict(vx, batch_size=4096, verbose=0).reshape(-1), vx, vy, vday)
 
     out = Path(args.out)
     export(model, out)
     digest = hashlib.sha256(out.read_bytes()).hexdigest()[:12]
     data_ids = []
     for t in args.trace + args.val_trace:
-        from agent.sim.trace import read_header
         h = read_header(t)
         data_ids.append({"file": Path(t).name, "preset": h["preset"], "seed": h["seed"], "days": h["days"],
                          "monthly_tb": h["monthly_tb"]})
@@ -197,10 +220,7 @@ def main(argv: list[str] | None = None) -> int:
         "validation_samples": int(vx.shape[0]),
         "epochs": args.epochs,
         "seed": args.seed,
-        "validation_mse": round(mse, 5),
-        "validation_mse_persistence_baseline": round(baseline, 5),
-        "top10_precision": round(precision, 4),
-        "top10_recall": round(recall, 4),
+        **figures,
         "tensorflow": tf.__version__,
     }
     out.with_suffix(".card.json").write_text(json.dumps(card, indent=2) + "\n")

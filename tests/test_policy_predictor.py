@@ -23,7 +23,16 @@ def test_card_describes_the_model() -> None:
 
 def test_predicts_with_litert_only_and_resizes_batches() -> None:
     code = r"""
-import sys, json, numpy as np
+import importlib.abc, sys, json
+
+class NoTensorFlow(importlib.abc.MetaPathFinder):
+    # as on the box: importing TensorFlow or Keras fails, even where this machine has them installed
+    def find_spec(self, name, path, target=None):
+        if name.split(".")[0] in ("tensorflow", "keras", "tf_keras"):
+            raise ImportError(f"{name}: not installed on the box")
+
+sys.meta_path.insert(0, NoTensorFlow())
+import numpy as np
 from agent.policy.predictor import HotnessPredictor
 from agent.policy.features import window_features
 p = HotnessPredictor()
@@ -62,3 +71,20 @@ def test_wrong_shape_is_refused() -> None:
     x = window_features(np.ones((3, 5)), 5, np.zeros(3, int), np.zeros(3, int), 1, 0, np.full(3, 10))
     assert x.shape == (3, WINDOW, N_FEATURES)
     assert np.allclose(x[:, -5:, 0], np.log1p(1.0)), "one read per ten files"
+
+
+def test_shipped_model_beats_persistence_on_a_held_out_trace(tmp_path) -> None:
+    """`models/train.py --evaluate` scores the shipped model with LiteRT on gen-trace output it never saw."""
+    import importlib.util
+
+    from agent.sim.trace import write_trace
+    from agent.sim.workload import generate, preset
+
+    spec = importlib.util.spec_from_file_location("pacsgw_train", DEFAULT_MODEL.parent / "train.py")
+    train = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(train)
+    trace = tmp_path / "oncology.tsv"
+    write_trace(generate(preset("oncology", seed=4242, days=21, monthly_tb=0.1)), trace)
+    figures = train.evaluate(DEFAULT_MODEL, [str(trace)])
+    assert figures["validation_mse"] < 0.7 * figures["validation_mse_persistence_baseline"]
+    assert figures["top10_recall"] > 0.2

@@ -137,3 +137,31 @@ def test_prefetch_egress_is_spread_over_the_transfer() -> None:
     out = spread_per_minute(np.array([150.0, 61.0]), np.array([1200.0, 10.0]), 10.0, 0.0, 4)
     assert out.tolist() == [300.0, 610.0, 300.0, 0.0]
     assert out.sum() == 1210.0
+
+
+def test_egress_conserves_bytes_and_respects_the_rates(small_trace) -> None:  # noqa: ANN001
+    written = int(small_trace.size[small_trace.is_write].sum())
+    cfg = ReplayConfig(capacity=written // 3, warmup_days=0)
+    r = Replayer(small_trace, "ours", cfg)
+    res = r.run()
+    demand = res.read_bytes - res.hit_bytes       # no warm-up: every read miss crossed the line
+    assert res.prefetch_bytes > 0
+    assert abs(res.egress_per_min.sum() - (demand + res.prefetch_bytes)) < 1e-6 * res.egress_per_min.sum()
+    assert res.egress_per_min.max() <= (cfg.latency.line_bps + cfg.prefetch_bps) * 60 * (1 + 1e-9)
+
+
+def test_transfers_queued_at_the_end_are_counted_after_it() -> None:
+    from agent.sim.replay import LatencyModel
+    # one 1.2 GB miss a minute before the end of a one-day trace: 120 s on a 10 MB/s line
+    ta = arrays([0, 1], [False, False], t=[10.0, DAY - 60.0], size=[1000, 1_200_000_000])
+    res = Replayer(ta, "A", ReplayConfig(capacity=10**10, warmup_days=0, latency=LatencyModel(line_bps=10e6))).run()
+    assert res.egress_per_min.sum() == 1_200_000_000 + 1000
+    assert res.egress_per_min.size > DAY / 60 + 1, "the series runs on past the trace's last minute"
+    assert res.egress_peak_mbps == pytest.approx(80.0)
+
+
+def test_a_day_without_reads_has_no_hit_ratio() -> None:
+    # day 0: a write and its read; day 1: a write only (a weekend without an ED); day 2: a read
+    ta = arrays([0, 0, 1, 1], [True, False, True, False], t=[10.0, 20.0, DAY + 10, 2 * DAY + 10], days=3)
+    res = Replayer(ta, "A", ReplayConfig(capacity=10**6, warmup_days=0)).run()
+    assert res.daily_hit_ratio == [1.0, None, 1.0]

@@ -238,3 +238,39 @@ def test_priors_opened_are_the_most_recent_relevant(onc: Generator) -> None:
             assert len(newer_unread) <= 2
             checked += 1
     assert checked > 50
+
+
+def test_study_shapes_follow_their_parameters(gen: Generator) -> None:
+    """Per modality: series within the range, median images per series and median file size as set."""
+    for m, shape in SHAPES.items():
+        studies = [s for s in gen.studies if s.modality == m]
+        if len(studies) < 30:
+            continue
+        per_series = np.concatenate([np.diff(s.series_starts) for s in studies])
+        sizes = np.concatenate([s.sizes for s in studies])
+        if shape.images_median >= 5:     # below that, rounding to whole images dominates the median
+            assert abs(np.median(per_series) / shape.images_median - 1) < 0.2, m
+        assert abs(np.median(sizes) / (shape.image_mb * 1e6) - 1) < 0.15, m
+        n_series = np.array([s.n_series for s in studies])
+        assert abs(n_series.mean() - sum(shape.series) / 2) < 4 * n_series.std() / np.sqrt(len(studies)) + 0.05, m
+
+
+def test_read_delay_follows_the_department(gen: Generator) -> None:
+    """A slower department's studies are read later; ED is read around the clock, others in working hours."""
+    slow = dict(gen.p.departments)
+    slow["ED"] = dataclasses.replace(slow["ED"], read_median_h=6.0)
+    g2 = small(seed=11, departments=slow)
+
+    def ed_delays(g: Generator) -> np.ndarray:
+        acquired = {s.idx: s.acquired_at for s in new_studies(g)}
+        return np.array([e.t - acquired[e.study] for e in events(g, "primary")
+                         if g.studies[e.study].department == "ED"]) / 3600
+
+    fast, late = ed_delays(gen), ed_delays(g2)
+    assert np.median(late) > 4 * np.median(fast)
+    p = gen.p
+    for e in events(gen, "primary"):
+        if gen.studies[e.study].department != "ED":
+            hour = (e.t % DAY) / 3600
+            weekday = (gen.start + dt.timedelta(days=int(e.t // DAY))).weekday()
+            assert weekday < 5 and p.work_start_h <= hour < p.work_end_h + 0.1

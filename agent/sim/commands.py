@@ -6,10 +6,12 @@ Also runnable without the CLI: `python -m agent.sim.commands gen-trace ...`.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
 from pathlib import Path
+from typing import Iterator
 
 import structlog
 
@@ -44,6 +46,8 @@ def register(subparsers) -> None:  # noqa: ANN001 - argparse's private _SubParse
     s.add_argument("--line-rate", default="10MB", help="private line rate for the latency model")
     s.add_argument("--prefetch-rate", default="5MB", help="bandwidth the prefetcher may use")
     s.add_argument("--model", default=None, help="hotness .tflite for scheme C")
+    s.add_argument("--catalog-rows", type=int, default=400_000,
+                   help="files of the trace put in a real SQLite catalog to measure ours' memory (0: skip)")
     s.add_argument("--out", default=None, help="directory for report.md, results.json and PNG plots")
     s.add_argument("--title", default=None)
     s.add_argument("--no-progress", action="store_true")
@@ -91,21 +95,37 @@ def cmd_simulate(ns: argparse.Namespace) -> int:
                        latency=LatencyModel(line_bps=parse_rate(ns.line_rate)),
                        prefetch_bps=parse_rate(ns.prefetch_rate), model=ns.model)
     progress = not ns.no_progress
-    ta = load_arrays(ns.trace, progress=progress)
+    timings: dict[str, float] = {}
+    with _timed(timings, "load trace"):
+        ta = load_arrays(ns.trace, progress=progress)
     results = []
-    for scheme in [s for s in ns.schemes.split(",") if s]:
-        t0 = time.monotonic()
-        results.append(replay(ta, scheme, cfg, progress=progress))
-        log.info("simulate.scheme", scheme=scheme, seconds=round(time.monotonic() - t0, 1))
+    schemes = [s for s in ns.schemes.split(",") if s]
+    for scheme in schemes:
+        with _timed(timings, f"replay {scheme}"):
+            results.append(replay(ta, scheme, cfg, progress=progress))
     refs = []
     if ns.reference.lower() != "none":
         from agent.sim.reference import run_reference
-        t0 = time.monotonic()
-        refs = run_reference(ta, cfg.capacity, cfg.warmup_days, tuple(ns.reference.split(",")))
-        log.info("simulate.reference", seconds=round(time.monotonic() - t0, 1))
-    text = write_report(ta, cfg, results, refs, ns.out, title=ns.title)
+        algorithms = tuple(ns.reference.split(","))
+        with _timed(timings, f"libCacheSim ({len(algorithms)} algorithms)"):
+            refs = run_reference(ta, cfg.capacity, cfg.warmup_days, algorithms)
+    catalog = None
+    if ns.catalog_rows > 0 and {"ours", "study"} & set(schemes):
+        from agent.sim.catalog_memory import measure_trace
+        with _timed(timings, f"catalog memory ({ns.catalog_rows:,} files)"):
+            catalog = measure_trace(ns.trace, ns.catalog_rows)
+    text = write_report(ta, cfg, results, refs, ns.out, title=ns.title, catalog=catalog, timings=timings)
     print(text)
     return 0
+
+
+@contextlib.contextmanager
+def _timed(timings: dict[str, float], step: str) -> Iterator[None]:
+    """Record a step's wall time (for the report) and log it."""
+    t0 = time.monotonic()
+    yield
+    timings[step] = time.monotonic() - t0
+    log.info("simulate.step", step=step, seconds=round(timings[step], 1))
 
 
 def cmd_train(ns: argparse.Namespace) -> int:

@@ -12,10 +12,11 @@ What is counted:
   * latency model (`LatencyModel`): hit = SSD latency + size / SSD rate; miss = round trip + size /
     line rate (default 10 MB/s, the paper's measured private line), reported twice: on an idle line,
     and through one FIFO queue of all demand misses at the line rate (a burst of misses waits);
-  * egress = bytes fetched from S3 (demand misses in the minute their queued transfer completes +
-    prefetches at their arrival time), per 1-minute window; the peak is reported in Mbps. Prefetch
-    runs at its own capped rate on top (demand is not slowed by it in this model); uploads are
-    excluded, they are the same for every scheme;
+  * egress = bytes fetched from S3 per 1-minute window, each transfer's bytes in the minutes it was on
+    the line (demand misses back to back through the FIFO line, prefetches at their capped rate); the
+    peak is reported in Mbps. Prefetch runs on top (demand is not slowed by it in this model), so a
+    minute can carry up to line rate + prefetch rate; transfers still queued at the end of the trace
+    extend the series. Uploads are excluded, they are the same for every scheme;
   * a prefetched file that is read before its fetch completed counts as a miss (fetched on demand);
   * prior studies are known to the policy only through the trace's catalog lines (`S`): their total
     bytes, so a prefetch pays for the whole study, including files nobody reads later.
@@ -106,7 +107,7 @@ class SchemeResult:
     mean_queued_latency_s: float
     p95_queued_latency_s: float
     prefetch_used_bytes: int
-    daily_hit_ratio: list[float]
+    daily_hit_ratio: list[float | None]   # None: no reads that day (e.g. a weekend without an ED)
     egress_per_min: np.ndarray = dataclasses.field(repr=False)
 
     @property
@@ -120,18 +121,25 @@ class SchemeResult:
 
 def spread_per_minute(end: np.ndarray, size: np.ndarray, rate: float, since: float, n_min: int) -> np.ndarray:
     """Bytes per minute of transfers that end at `end` and ran at `rate`: each transfer's bytes are
-    spread over the minutes it was on the line (a 2 GB prior arrives over minutes, not in one)."""
+    spread over the minutes it was on the line (a 2 GB prior arrives over minutes, not in one).
+    `n_min` must cover the last end (see `egress_minutes`)."""
     out = np.zeros(n_min)
     start = end - size / rate
     keep = end >= since
     short = keep & (np.floor(start / 60) == np.floor(end / 60))
-    out += np.bincount(np.minimum((end[short] // 60).astype(np.int64), n_min - 1), weights=size[short],
-                       minlength=n_min)
+    out += np.bincount((end[short] // 60).astype(np.int64), weights=size[short], minlength=n_min)
     for s0, e0 in zip(start[keep & ~short].tolist(), end[keep & ~short].tolist(), strict=True):
         m0, m1 = int(s0 // 60), int(e0 // 60)
         edges = np.clip(np.arange(m0, m1 + 2) * 60.0, s0, e0)
-        out[np.minimum(np.arange(m0, m1 + 1), n_min - 1)] += np.diff(edges) * rate
+        out[m0:m1 + 1] += np.diff(edges) * rate
     return out
+
+
+def egress_minutes(horizon_s: float, *ends: np.ndarray) -> int:
+    """Minutes of the egress series: the trace's horizon, or longer when transfers queued at its end
+    finish after it (they are still on the line, and are counted, not folded into the last minute)."""
+    last = max([horizon_s] + [float(e.max()) for e in ends if e.size])
+    return int(last // 60) + 1
 
 
 class _Index:
@@ -371,28 +379,26 @@ class Replayer:
         reads = ~ta.is_write & post
         size = ta.size
         lat = cfg.latency.latency(hit[reads], size[reads])
-        n_min = int(np.ceil(ta.n_days * DAY / 60)) + 1
         # demand misses (warm-up included: the line is busy then too) through one FIFO line
         all_miss = ~ta.is_write & ~hit
         finish = cfg.latency.line_queue(ta.t[all_miss], size[all_miss].astype(np.float64))
         queued = np.full(ta.n, np.nan)
         queued[all_miss] = finish - ta.t[all_miss] + cfg.latency.rtt_s
         q_lat = np.where(hit[reads], cfg.latency.ssd_s + size[reads] / cfg.latency.ssd_bps, queued[reads])
-        miss = reads & ~hit
-        # bytes are counted in the minute their transfer completes: at most the line rate per minute
-        egress = np.bincount(np.minimum((finish[ta.t[all_miss] >= cfg.warmup_days * DAY] // 60).astype(np.int64),
-                                        n_min - 1),
-                             weights=size[miss], minlength=n_min)
-        if self.pf_times:
-            egress += spread_per_minute(np.array(self.pf_times), np.array(self.pf_sizes, dtype=np.float64),
-                                        cfg.prefetch_bps, cfg.warmup_days * DAY, n_min)
+        # each transfer's bytes in the minutes it was on the line: demand back to back at the line rate,
+        # prefetch at its own capped rate on top
+        pf_end = np.array(self.pf_times, dtype=np.float64)
+        n_min = egress_minutes(ta.n_days * DAY, finish, pf_end)
+        warm = cfg.warmup_days * DAY
+        egress = spread_per_minute(finish, size[all_miss].astype(np.float64), cfg.latency.line_bps, warm, n_min)
+        egress += spread_per_minute(pf_end, np.array(self.pf_sizes, dtype=np.float64), cfg.prefetch_bps, warm, n_min)
         first = int(np.ceil(cfg.warmup_days * DAY / 60))
         peak = float(egress[first:].max()) * 8 / 60 / 1e6 if egress[first:].size else 0.0
         day = (ta.t // DAY).astype(np.int64)
         all_reads = ~ta.is_write
         per_day_reads = np.bincount(day[all_reads], minlength=ta.n_days)
         per_day_hits = np.bincount(day[all_reads & hit], minlength=ta.n_days)
-        daily = (per_day_hits / np.maximum(per_day_reads, 1)).tolist()
+        daily = [h / n if n else None for h, n in zip(per_day_hits.tolist(), per_day_reads.tolist(), strict=True)]
         pf_total = int(np.sum(self.pf_sizes)) if self.pf_sizes else 0
         return SchemeResult(
             scheme=self.scheme, reads=int(reads.sum()), hits=int((hit & reads).sum()),

@@ -3,32 +3,39 @@
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 
+from agent.sim.catalog_memory import CatalogMemory
 from agent.sim.replay import ReplayConfig, SchemeResult
 from agent.sim.trace import TraceArrays
 
 RCLONE_GB_PER_TB = 4.16          # rclone's in-RAM directory cache on PACS data (the paper)
-CATALOG_BYTES_PER_ROW = 200      # SQLite catalog row on SSD (design estimate)
-CATALOG_RAM_BYTES = 64 * 2**20   # SQLite page cache cap: bounded, independent of the archive size
 
 NAMES = {"A": "A: LRU (rclone default)", "B": "B: 90-day rule", "C": "C: LSTM prefetch + K-means",
          "ours": "ours: prior-study prefetch + study LRU", "study": "ours without prefetch (study LRU only)",
          "kmeans": "K-means eviction only"}
 
 
-def memory_line(scheme: str, ta: TraceArrays) -> str:
+def memory_line(scheme: str, ta: TraceArrays, catalog: CatalogMemory | None) -> str:
+    """Ours: the SQLite catalog as measured (RAM; SSD bytes per row scaled to the archive's files).
+    A, B and C run on rclone (the paper's C did too): its in-RAM cache modelled per TB of archive."""
     tb = ta.meta.get("archive_bytes", 0) / 1e12
+    if scheme not in ("ours", "study"):
+        return f"{RCLONE_GB_PER_TB * tb:,.0f} GB RAM (rclone model, {tb:,.0f} TB archive)"
+    if catalog is None:
+        return "not measured"
     files = ta.meta.get("archive_files", 0)
-    if scheme == "ours":
-        return (f"{CATALOG_RAM_BYTES / 2**20:.0f} MiB RAM (flat) + {files * CATALOG_BYTES_PER_ROW / 1e9:.0f} GB "
-                f"catalog on SSD")
-    return f"{RCLONE_GB_PER_TB * tb:,.0f} GB RAM (rclone model, {tb:,.0f} TB archive)"
+    return (f"{catalog.rss_full_bytes / 2**20:,.0f} MiB RAM at {catalog.rows:,} files "
+            f"({catalog.rss_half_bytes / 2**20:,.0f} MiB at half; measured) + "
+            f"{files * catalog.bytes_per_row / 1e9:,.0f} GB catalog on SSD for {files / 1e6:,.0f} M files "
+            f"({catalog.bytes_per_row:,.0f} B/file measured)")
 
 
-def table(ta: TraceArrays, cfg: ReplayConfig, results: list[SchemeResult], refs: list) -> str:  # noqa: ANN001
+def table(ta: TraceArrays, results: list[SchemeResult], refs: list,  # noqa: ANN001
+          catalog: CatalogMemory | None) -> str:
     head = ("| scheme | object hit ratio | byte hit ratio | mean / p95 latency (idle line) "
             "| mean / p95 latency (queued) | egress peak (1 min) | prefetch spent (used) | catalog memory |\n"
             "|---|---|---|---|---|---|---|---|\n")
@@ -39,7 +46,7 @@ def table(ta: TraceArrays, cfg: ReplayConfig, results: list[SchemeResult], refs:
         rows.append(f"| {NAMES.get(r.scheme, r.scheme)} | {r.hit_ratio:.1%} | {r.byte_hit_ratio:.1%} | "
                     f"{r.mean_latency_s * 1000:,.0f} / {r.p95_latency_s * 1000:,.0f} ms | "
                     f"{_ms(r.mean_queued_latency_s)} / {_ms(r.p95_queued_latency_s)} | "
-                    f"{r.egress_peak_mbps:,.0f} Mbps | {pf} | {memory_line(r.scheme, ta)} |")
+                    f"{r.egress_peak_mbps:,.0f} Mbps | {pf} | {memory_line(r.scheme, ta, catalog)} |")
     for ref in refs:
         rows.append(f"| libCacheSim {ref.algorithm} | {ref.hit_ratio:.1%} | {ref.byte_hit_ratio:.1%} "
                     f"| – | – | – | 0 | – |")
@@ -65,23 +72,32 @@ def describe(ta: TraceArrays, cfg: ReplayConfig) -> str:
             f"{cfg.prefetch_space:.0%} of the cache per plan.\n")
 
 
-def plots(results: list[SchemeResult], out: Path, ta: TraceArrays) -> list[str]:
+def plots(results: list[SchemeResult], out: Path) -> list[str]:
     import matplotlib
     matplotlib.use("Agg")
+    return [hit_ratio_plot(results, out / "hit_ratio_per_day.png"), egress_plot(results, out / "egress.png")]
+
+
+def hit_ratio_plot(results: list[SchemeResult], path: Path) -> str:
+    """Object hit ratio of each day's reads; a day without reads is a gap, not a zero."""
     import matplotlib.pyplot as plt
-    names = []
     fig, ax = plt.subplots(figsize=(8, 4))
     for r in results:
-        ax.plot(range(len(r.daily_hit_ratio)), r.daily_hit_ratio, marker="o", label=NAMES.get(r.scheme, r.scheme))
+        daily = np.array(r.daily_hit_ratio, dtype=float)       # None → NaN: no point drawn
+        ax.plot(range(daily.size), daily, marker="o", label=NAMES.get(r.scheme, r.scheme))
     ax.set_xlabel("day")
     ax.set_ylabel("object hit ratio (reads)")
     ax.set_ylim(0, 1)
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(out / "hit_ratio_per_day.png", dpi=100)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
-    names.append("hit_ratio_per_day.png")
+    return path.name
+
+
+def egress_plot(results: list[SchemeResult], path: Path) -> str:
+    import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(10, 4))
     for r in results:
         mbps = r.egress_per_min * 8 / 60 / 1e6
@@ -92,20 +108,23 @@ def plots(results: list[SchemeResult], out: Path, ta: TraceArrays) -> list[str]:
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(out / "egress.png", dpi=100)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
-    names.append("egress.png")
-    return names
+    return path.name
 
 
-def write_report(ta: TraceArrays, cfg: ReplayConfig, results: list[SchemeResult], refs: list,
-                 out: str | Path | None, title: str | None = None) -> str:  # noqa: ANN001
-    text = f"## {title or 'Cache replay'}\n\n" + describe(ta, cfg) + "\n" + table(ta, cfg, results, refs)
+def write_report(ta: TraceArrays, cfg: ReplayConfig, results: list[SchemeResult], refs: list,  # noqa: ANN001
+                 out: str | Path | None, title: str | None = None, catalog: CatalogMemory | None = None,
+                 timings: dict[str, float] | None = None) -> str:
+    text = f"## {title or 'Cache replay'}\n\n" + describe(ta, cfg) + "\n" + table(ta, results, refs, catalog)
+    if timings:
+        text += (f"\nWall time ({ta.n:,} requests): "
+                 + "; ".join(f"{step} {seconds:,.0f} s" for step, seconds in timings.items()) + ".\n")
     if out is None:
         return text
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    imgs = plots(results, out, ta) if results else []
+    imgs = plots(results, out) if results else []
     text += "\n" + "\n".join(f"![{n}]({n})" for n in imgs) + "\n"
     (out / "report.md").write_text(text)
     data = {"meta": {k: v for k, v in ta.meta.items() if k != "params"}, "capacity": cfg.capacity,
@@ -116,6 +135,7 @@ def write_report(ta: TraceArrays, cfg: ReplayConfig, results: list[SchemeResult]
                          "egress_peak_mbps": r.egress_peak_mbps, "prefetch_bytes": r.prefetch_bytes,
                          "prefetch_used_bytes": r.prefetch_used_bytes, "daily_hit_ratio": r.daily_hit_ratio}
                         for r in results],
+            "catalog": asdict(catalog) if catalog else None, "timings_s": timings or {},
             "reference": [{"algorithm": f.algorithm, "hit_ratio": f.hit_ratio, "byte_hit_ratio": f.byte_hit_ratio}
                           for f in refs]}
     (out / "results.json").write_text(json.dumps(data, indent=2) + "\n")
