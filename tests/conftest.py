@@ -5,9 +5,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -19,6 +21,7 @@ import pytest
 from agent.devstack import ObjectStore, free_port
 
 BUCKET = "pacs-test"
+LOCKED_BUCKET = "pacs-worm"  # created with S3 Object Lock (and so versioning), for the WORM tests
 PASSWORD = "test-only-password"  # test-only credential for the agents these tests start
 
 
@@ -204,3 +207,34 @@ def private_seaweed(tmp_path_factory) -> ObjectStore:
     store.create_bucket(BUCKET)
     yield store
     store.stop()
+
+
+@pytest.fixture(scope="session")
+def locked_bucket(seaweed) -> str:
+    seaweed.create_bucket(LOCKED_BUCKET, object_lock=True)
+    return LOCKED_BUCKET
+
+
+@pytest.fixture
+def smb_agent(agent_factory):
+    """Agents serving SMB too (real smbd over the FUSE mount; needs root); smbd and the mount are cleaned up."""
+    from smbutil import cleanup_smb, smb_overrides
+    made, bases = [], []
+
+    def make(**overrides) -> AgentProc:
+        base = Path(tempfile.mkdtemp(prefix="pacsgw-smb-"))
+        os.chmod(base, 0o755)
+        bases.append(base)
+        a = agent_factory(**{**smb_overrides(base), **overrides})
+        made.append(a)
+        return a
+
+    yield make
+    for a in made:
+        a.stop()
+        cleanup_smb(a)
+        log = Path(a.overrides["smb.state_dir"]) / "log" / "smbd.log"
+        if log.exists():  # keep Samba's log beside the agent's for a failed test
+            shutil.copy(log, a.workdir / "smbd.log")
+    for base in bases:
+        shutil.rmtree(base, ignore_errors=True)

@@ -12,7 +12,6 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -21,34 +20,11 @@ import asyncssh
 import pytest
 import smbclient
 from smbprotocol.exceptions import SMBException, SMBResponseException
-from smbutil import Smb, cleanup_smb, raw_create, smb_overrides
+from smbutil import Smb, cleanup_smb, raw_create
 
 from conftest import BUCKET, PASSWORD, s3_objects, sha256
 
 SMB_ERRORS = (OSError, SMBException)  # what smbprotocol raises for refusals and dead servers
-
-
-@pytest.fixture
-def smb_agent(agent_factory):
-    made, bases = [], []
-
-    def make(**overrides):
-        base = Path(tempfile.mkdtemp(prefix="pacsgw-smb-"))
-        os.chmod(base, 0o755)
-        bases.append(base)
-        a = agent_factory(**{**smb_overrides(base), **overrides})
-        made.append(a)
-        return a
-
-    yield make
-    for a in made:
-        a.stop()
-        cleanup_smb(a)
-        log = Path(a.overrides["smb.state_dir"]) / "log" / "smbd.log"
-        if log.exists():  # keep Samba's log beside the agent's for a failed test
-            shutil.copy(log, a.workdir / "smbd.log")
-    for base in bases:
-        shutil.rmtree(base, ignore_errors=True)
 
 
 def test_round_trip(smb_agent):
