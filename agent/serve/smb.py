@@ -81,7 +81,7 @@ def render_conf(cfg: Config) -> str:
         f"interfaces = {host}",
         "bind interfaces only = yes",
         "disable netbios = yes",
-        "server min protocol = SMB3",
+        "server min protocol = SMB3_00",  # plain "SMB3" means SMB3_11 only: Windows 8 / Server 2012 need 3.0(2)
         "server signing = mandatory",
         f"server smb encrypt = {enc}",
         "map to guest = never",
@@ -195,11 +195,9 @@ class SmbService:
         if s.manage:
             await asyncio.to_thread(self._kill_stale_smbd)
         uid, gid = await asyncio.to_thread(_ensure_account, s.unix_user)
-        if not Path(s.mountpoint).is_mount():
-            try:
-                Path(s.mountpoint).mkdir(parents=True, exist_ok=True)
-            except FileExistsError:
-                pass  # a dead mount left by a killed agent: FuseMount detaches it
+        # the mount point itself is FuseMount's: a dead mount a killed agent left answers every stat with
+        # ENOTCONN until FuseMount has detached it
+        Path(s.mountpoint).parent.mkdir(parents=True, exist_ok=True)
         for path in (Path(s.mountpoint).parent, self.state / "roots"):
             _check_searchable(path, uid, gid, s.unix_user)
         self.conf_path.write_text(render_conf(self.cfg))
