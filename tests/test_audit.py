@@ -144,5 +144,6 @@ def test_smb_session_is_audited(smb_agent, locked_bucket):
     assert ("ct", "smb", "list", "CT/day", "ok") in [(r["user"], r["protocol"], r["op"], r["path"], r["result"])
                                                      for r in records]
     assert {r["user"] for r in records} == {"ct", "pacs"}
+    assert all(r["peer"].startswith("127.0.0.1:") for r in records)  # the SMB client's address
     assert [r["to"] for r in records if r["op"] == "rename"] == ["CT/day/a.dcm"]
     assert [r["result"] for r in records if r["op"] == "delete"][0].startswith("error: PermissionDenied: WORM")

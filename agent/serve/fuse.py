@@ -25,6 +25,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import psutil
 import pyfuse3
 import structlog
 
@@ -62,6 +63,30 @@ def errno_for(e: GatewayError) -> int:
     return ERRNO.get(type(e), errno.EIO)
 
 
+class SmbPeers:
+    """The client address behind a request: smbd runs one process per client connection, and that
+    process's TCP connection to the SMB port names the client. Looked up once per process."""
+
+    LIMIT = 4096
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self._known: dict[tuple[int, float], str] = {}
+
+    def of(self, pid: int) -> str:
+        try:
+            proc = psutil.Process(pid)
+            key = (pid, proc.create_time())  # a reused pid is another process
+            if key not in self._known:
+                if len(self._known) >= self.LIMIT:
+                    self._known.clear()
+                self._known[key] = next((f"{c.raddr.ip}:{c.raddr.port}" for c in proc.net_connections("tcp")
+                                         if c.raddr and c.laddr.port == self.port), "")
+            return self._known[key]
+        except psutil.Error:
+            return ""
+
+
 @dataclass
 class _Inode:
     path: str | None  # None: the name was deleted or replaced while the kernel still held the inode
@@ -95,10 +120,11 @@ class GatewayFS(pyfuse3.Operations):
     enable_writeback_cache = False
     supports_dot_lookup = False
 
-    def __init__(self, gateway: Gateway, uid: int, gid: int, users: dict[int, str]) -> None:
+    def __init__(self, gateway: Gateway, uid: int, gid: int, users: dict[int, str], peers: SmbPeers) -> None:
         super().__init__()
         self.gw, self.uid, self.gid = gateway, uid, gid
         self.users = users  # uid of an SMB user's Unix account → the user's name in [[users]]
+        self.peers = peers
         self._inodes: dict[int, _Inode] = {pyfuse3.ROOT_INODE: _Inode("", 1)}
         self._by_path: dict[str, int] = {"": pyfuse3.ROOT_INODE}
         self._next_inode = pyfuse3.ROOT_INODE + 1
@@ -145,10 +171,9 @@ class GatewayFS(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.ENAMETOOLONG)
         return path
 
-    def _who(self, ctx: pyfuse3.RequestContext | None) -> Who:
+    def _who(self, ctx: pyfuse3.RequestContext) -> Who:
         """The SMB user behind a request: smbd does each session's file access as that user's Unix account."""
-        uid = ctx.uid if ctx is not None else -1
-        return Who(user=self.users.get(uid, f"(uid {uid})"), protocol=PROTOCOL)
+        return Who(user=self.users.get(ctx.uid, f"(uid {ctx.uid})"), protocol=PROTOCOL, peer=self.peers.of(ctx.pid))
 
     def _counted(self, attrs: pyfuse3.EntryAttributes) -> pyfuse3.EntryAttributes:
         self._inodes[attrs.st_ino].lookups += 1
@@ -554,9 +579,10 @@ def unmount_stale(mountpoint: Path) -> bool:
 class FuseMount:
     """Mounts GatewayFS at mountpoint and runs its request loop as a task of the agent's loop."""
 
-    def __init__(self, gateway: Gateway, mountpoint: Path, uid: int, gid: int, users: dict[int, str]) -> None:
+    def __init__(self, gateway: Gateway, mountpoint: Path, uid: int, gid: int, users: dict[int, str],
+                 smb_port: int) -> None:
         self.mountpoint = mountpoint
-        self.fs = GatewayFS(gateway, uid, gid, users)
+        self.fs = GatewayFS(gateway, uid, gid, users, SmbPeers(smb_port))
         self._task: asyncio.Task | None = None
 
     async def start(self) -> None:

@@ -202,7 +202,7 @@ class SmbService:
             _check_searchable(path, uid, gid, s.unix_user)
         self.conf_path.write_text(render_conf(self.cfg))
         users = await asyncio.to_thread(self._sync_users, gid)
-        self.mount = FuseMount(self.gateway, Path(s.mountpoint), uid, gid, users)
+        self.mount = FuseMount(self.gateway, Path(s.mountpoint), uid, gid, users, s.listen[1])
         await self.mount.start()
         await self._ensure_roots()
         if s.manage:
