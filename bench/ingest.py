@@ -1,13 +1,17 @@
 #!/usr/bin/env python3
-"""Ingest benchmark: N files over FTP and over SFTP with C concurrent clients into a real agent.
+"""Ingest benchmark: N files over FTP, SFTP and SMB with C concurrent clients into a real agent.
 
     python bench/ingest.py [--files 2000 --size 524288 --clients 8 --write-mode through|back]
+                           [--protocols ftp,sftp,smb] [--smb-big-mb 256] [--smb-encryption desired]
 
 Starts its own loopback SeaweedFS (`weed mini`) and a `pacsgw run` process in a temporary directory,
 stores N files per protocol (each client its own FTP session / SSH connection), and prints per
 protocol: files/s, MB/s, close-to-ack latency p50/p99 (FTP: data connection closed → 226; SFTP:
 CLOSE sent → status OK) and the time until the last object was in S3 (queue empty and every key
 listed). With --verify it also reads every object back and checks its SHA-256.
+SMB (as root, with samba and fuse3; the default then) runs bench/ingest_smb.py's run_smb_bench with the same
+files, size and clients: smbd over the agent's FUSE view (write-through and write-back, its own agents) and
+smbd over a plain directory on the same disk, which gives the FUSE overhead as a ratio (plain ÷ agent).
 Everything it starts is stopped and its directory removed at the end, also on Ctrl-C.
 """
 
@@ -212,12 +216,29 @@ def verify(store: ObjectStore, protocol: str, n: int, size: int, pool: list[byte
     return bad
 
 
+def smb_rows(args: argparse.Namespace) -> tuple[list[dict], dict]:
+    """SMB with the same files, size and clients: rows for the agent (args.write_mode, then the other write
+    mode) and plain Samba, and the FUSE overhead ratios (how many times faster Samba over a plain directory is)."""
+    from ingest_smb import run_smb_bench
+    r = run_smb_bench(args.files, args.size, args.clients, args.smb_big_mb * 1024 * 1024, args.smb_encryption)
+    other = "back" if args.write_mode == "through" else "through"
+    rows = []
+    for name, key in (("smb", f"agent_{args.write_mode}"), (f"smb-{other}", f"agent_{other}"), ("smb-plain", "plain")):
+        x = r[key]
+        rows.append({"protocol": name, "files": x["files"], "errors": 0, "seconds": x["seconds"],
+                     "files_per_s": x["files_per_s"], "MB_per_s": x["MB_per_s"], "big_MB_per_s": x["big_MB_per_s"]})
+    return rows, r["fuse_overhead"]
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--files", type=int, default=2000, help="files per protocol (default 2000)")
     ap.add_argument("--size", type=int, default=512 * 1024, help="bytes per file (default 524288)")
     ap.add_argument("--clients", type=int, default=8, help="concurrent clients per protocol (default 8)")
-    ap.add_argument("--protocols", default="ftp,sftp")
+    ap.add_argument("--protocols", default="ftp,sftp,smb" if os.geteuid() == 0 else "ftp,sftp",
+                    help="default ftp,sftp,smb as root (SMB needs root, samba, fuse3), else ftp,sftp")
+    ap.add_argument("--smb-big-mb", type=int, default=256, help="MiB of the single large SMB file (default 256)")
+    ap.add_argument("--smb-encryption", choices=["required", "desired", "off"], default="desired")
     ap.add_argument("--write-mode", choices=["through", "back"], default="through")
     ap.add_argument("--verify", action="store_true", help="read every object back and check its SHA-256")
     ap.add_argument("--keep", action="store_true", help="keep the temporary directory (logs)")
@@ -250,7 +271,8 @@ def main() -> int:
               f"write-{args.write_mode}, SeaweedFS on loopback, {cpu} CPUs (clients, agent and S3 share them)",
               flush=True)
         runs = []
-        for protocol in args.protocols.split(","):
+        protocols = args.protocols.split(",")
+        for protocol in [p for p in protocols if p != "smb"]:
             run = Run(protocol, args.files, args.size)
             shards = [list(range(c, args.files, args.clients)) for c in range(args.clients)]
             run.started = time.perf_counter()
@@ -274,13 +296,26 @@ def main() -> int:
             print(json.dumps(r), flush=True)
             for e in run.errors[:5]:
                 print("  error:", e, flush=True)
+        overhead = None
+        if "smb" in protocols:
+            smb, overhead = smb_rows(args)
+            for r in smb:
+                print(json.dumps(r), flush=True)
+            runs += smb
 
         cols = ["protocol", "files", "errors", "seconds", "files_per_s", "MB_per_s", "ack_p50_ms", "ack_p99_ms",
                 "all_in_s3_s", "all_in_s3_after_last_ack_s"] + (["bad_checksums"] if args.verify else [])
         print()
         print("  ".join(f"{c:>12}" for c in cols))
         for r in runs:
-            print("  ".join(f"{r[c]!s:>12}" for c in cols))
+            print("  ".join(f"{r.get(c, '-')!s:>12}" for c in cols))
+        if overhead is not None:
+            print(f"\nSMB big file ({args.smb_big_mb} MiB), MB/s: " + ", ".join(f"{r['protocol']} {r['big_MB_per_s']}"
+                                                                          for r in runs[-3:]))
+            o = overhead
+            print(f"FUSE overhead (plain / agent, x times): small files write-back x{o['small_files_back']}, "
+                  f"write-through x{o['small_files_through']}; big file write-back x{o['big_file_back']}, "
+                  f"write-through x{o['big_file_through']}")
         return 1 if any(r["errors"] or r.get("bad_checksums") for r in runs) else 0
     finally:
         if agent is not None and agent.poll() is None:

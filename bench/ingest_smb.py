@@ -132,6 +132,7 @@ class _PlainSamba:
         data = self.base / "data"
         data.mkdir()
         os.chown(data, uid, gid)
+        os.chmod(data, 0o775)  # like the agent's mount: writable by the group every SMB user's account has
         (state / "roots" / USER).symlink_to(data)
         self.conf = state / "smb.conf"
         self.conf.write_text(render_conf(cfg))

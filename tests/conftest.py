@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 import time
+from pathlib import Path
 
 import pytest
 
 from agent.devstack import ObjectStore
 from harness import BUCKET, AgentProc
+
+LOCKED_BUCKET = "pacs-worm"  # created with S3 Object Lock (and so versioning), for the WORM tests
 
 
 def _session_store(kind: str, tmp_path_factory):  # noqa: ANN202 - a generator fixture body
@@ -59,3 +65,34 @@ def private_seaweed(tmp_path_factory) -> ObjectStore:
     store.create_bucket(BUCKET)
     yield store
     store.stop()
+
+
+@pytest.fixture(scope="session")
+def locked_bucket(seaweed) -> str:
+    seaweed.create_bucket(LOCKED_BUCKET, object_lock=True)
+    return LOCKED_BUCKET
+
+
+@pytest.fixture
+def smb_agent(agent_factory):
+    """Agents serving SMB too (real smbd over the FUSE mount; needs root); smbd and the mount are cleaned up."""
+    from smbutil import cleanup_smb, smb_overrides
+    made, bases = [], []
+
+    def make(**overrides) -> AgentProc:
+        base = Path(tempfile.mkdtemp(prefix="pacsgw-smb-"))
+        os.chmod(base, 0o755)
+        bases.append(base)
+        a = agent_factory(**{**smb_overrides(base), **overrides})
+        made.append(a)
+        return a
+
+    yield make
+    for a in made:
+        a.stop()
+        cleanup_smb(a)
+        log = Path(a.overrides["smb.state_dir"]) / "log" / "smbd.log"
+        if log.exists():  # keep Samba's log beside the agent's for a failed test
+            shutil.copy(log, a.workdir / "smbd.log")
+    for base in bases:
+        shutil.rmtree(base, ignore_errors=True)

@@ -10,6 +10,9 @@ import time
 
 import asyncssh
 import pytest
+from smbprotocol.exceptions import SMBOSError
+from smbprotocol.header import NtStatus
+from smbutil import Smb
 
 from harness import BUCKET, PASSWORD
 
@@ -100,3 +103,47 @@ def test_audit_rotates_and_ships_outside_the_namespace(agent_factory):
     assert keys, "no rotated audit file reached the bucket"
     body = client.get_object(Bucket=BUCKET, Key=keys[0])["Body"].read().decode()
     assert all(json.loads(line)["user"] == "pacs" for line in body.splitlines())
+
+
+def test_smb_session_is_audited(smb_agent, locked_bucket):
+    """SMB: smbd does each session's file access as that user's Unix account; the FUSE layer maps the uid
+    back to the [[users]] name. A WORM bucket gives the gateway a refusal to record (Samba refuses bad names
+    and paths itself, before they reach the gateway; its own log has those)."""
+    agent = smb_agent(**{"uplink.bucket": locked_bucket, "compliance.worm": True},
+                      users=[{"name": "ct", "password": "ct-test-pw", "root": "/CT"},
+                             {"name": "pacs", "password": PASSWORD}]).start()
+    ct = Smb(agent, "ct", "ct-test-pw")
+    ct.makedirs("day")
+    ct.write("day/a.dcm.part", b"x" * 1234)
+    ct.rename("day/a.dcm.part", "day/a.dcm")
+    assert ct.read("day/a.dcm") == b"x" * 1234
+    assert ct.listdir("day") == ["a.dcm"]
+    with pytest.raises(SMBOSError) as refused:
+        ct.remove("day/a.dcm")  # retained: WORM
+    assert refused.value.ntstatus == NtStatus.STATUS_ACCESS_DENIED
+    ct.close()
+    pacs = Smb(agent)
+    pacs.makedirs("MR")
+    pacs.write("MR/b.dcm.tmp", b"y" * 10)
+    pacs.remove("MR/b.dcm.tmp")
+    pacs.close()
+    time.sleep(0.2)
+    records = audit_records(agent)
+    got = [(r["user"], r["protocol"], r["op"], r["path"], r["result"].split(":")[0], r.get("bytes"))
+           for r in records if r["op"] != "list"]  # smbd also lists directories for its own checks
+    assert got == [
+        ("ct", "smb", "mkdir", "CT/day", "ok", None),
+        ("ct", "smb", "store", "CT/day/a.dcm.part", "ok", 1234),
+        ("ct", "smb", "rename", "CT/day/a.dcm.part", "ok", None),
+        ("ct", "smb", "retrieve", "CT/day/a.dcm", "ok", 1234),
+        ("ct", "smb", "delete", "CT/day/a.dcm", "error", None),
+        ("pacs", "smb", "mkdir", "MR", "ok", None),
+        ("pacs", "smb", "store", "MR/b.dcm.tmp", "ok", 10),
+        ("pacs", "smb", "delete", "MR/b.dcm.tmp", "ok", None),
+    ]
+    assert ("ct", "smb", "list", "CT/day", "ok") in [(r["user"], r["protocol"], r["op"], r["path"], r["result"])
+                                                     for r in records]
+    assert {r["user"] for r in records} == {"ct", "pacs"}
+    assert all(r["peer"].startswith("127.0.0.1:") for r in records)  # the SMB client's address
+    assert [r["to"] for r in records if r["op"] == "rename"] == ["CT/day/a.dcm"]
+    assert [r["result"] for r in records if r["op"] == "delete"][0].startswith("error: PermissionDenied: WORM")

@@ -12,7 +12,6 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -21,34 +20,11 @@ import asyncssh
 import pytest
 import smbclient
 from smbprotocol.exceptions import SMBException, SMBResponseException
-from smbutil import Smb, cleanup_smb, raw_create, smb_overrides
+from smbutil import Smb, cleanup_smb, raw_create
 
 from harness import BUCKET, PASSWORD, s3_objects, sha256
 
 SMB_ERRORS = (OSError, SMBException)  # what smbprotocol raises for refusals and dead servers
-
-
-@pytest.fixture
-def smb_agent(agent_factory):
-    made, bases = [], []
-
-    def make(**overrides):
-        base = Path(tempfile.mkdtemp(prefix="pacsgw-smb-"))
-        os.chmod(base, 0o755)
-        bases.append(base)
-        a = agent_factory(**{**smb_overrides(base), **overrides})
-        made.append(a)
-        return a
-
-    yield make
-    for a in made:
-        a.stop()
-        cleanup_smb(a)
-        log = Path(a.overrides["smb.state_dir"]) / "log" / "smbd.log"
-        if log.exists():  # keep Samba's log beside the agent's for a failed test
-            shutil.copy(log, a.workdir / "smbd.log")
-    for base in bases:
-        shutil.rmtree(base, ignore_errors=True)
 
 
 def test_round_trip(smb_agent):
@@ -244,6 +220,34 @@ def test_reads_files_only_in_s3(smb_agent):
     assert smb.read("CR/foreign.dcm") == foreign
     smb.close()
     assert {e["path"] for e in agent.events("fetched")} >= {"CR/evicted.dcm", "CR/foreign.dcm"}
+
+
+def test_existing_account_joins_the_service_group(smb_agent):
+    """smbd writes as the user's own Unix account, which the mount lets in through the service account's
+    group: an account that already existed in another primary group is moved into it at start."""
+    import grp
+    import pwd
+
+    from agent.serve.smb import unix_account
+    account = unix_account("elsewhere")
+
+    def drop_account() -> None:  # test-only account (and its own group), also when an earlier run left it
+        subprocess.run(["userdel", account], capture_output=True)
+        subprocess.run(["groupdel", account], capture_output=True)
+
+    drop_account()
+    subprocess.run(["useradd", "--system", "--user-group", "--no-create-home", "--shell", "/usr/sbin/nologin",
+                    account], check=True, capture_output=True)
+    assert grp.getgrgid(pwd.getpwnam(account).pw_gid).gr_name == account
+    agent = smb_agent(users=[{"name": "elsewhere", "password": "elsewhere-test-pw"}]).start()
+    assert grp.getgrgid(pwd.getpwnam(account).pw_gid).gr_name == "pacsgw"
+    smb = Smb(agent, "elsewhere", "elsewhere-test-pw")
+    smb.write("probe.dcm", b"written as its own account")
+    smb.close()
+    assert [e["account"] for e in agent.events("unix_account_group_set")] == [account]
+    assert s3_objects(agent.store, agent.prefix)["probe.dcm"]["sha256"] == sha256(b"written as its own account")
+    agent.stop()
+    drop_account()
 
 
 def test_confinement_wrong_password_and_bad_names(smb_agent):

@@ -1,4 +1,5 @@
-"""Encryption in transit: TLS to the object store with a private CA; SFTP with public keys only."""
+"""Encryption in transit: TLS to the object store with a private CA; SFTP with public keys only; FTPS; SMB3
+encryption."""
 
 from __future__ import annotations
 
@@ -7,6 +8,11 @@ import datetime
 import ftplib
 import io
 import ipaddress
+import json
+import os
+import subprocess
+import uuid
+from pathlib import Path
 
 import asyncssh
 import pytest
@@ -14,6 +20,11 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+from smbprotocol.connection import Connection, Dialects
+from smbprotocol.exceptions import NotSupported, SMBException
+from smbprotocol.session import Session
+from smbprotocol.tree import TreeConnect
+from smbutil import Smb
 
 from agent.devstack import ObjectStore
 from harness import BUCKET, PASSWORD, s3_objects, sha256
@@ -132,3 +143,70 @@ def test_ftps_optional_tls_still_serves_plain(agent_factory, tmp_path):
     f.prot_p()
     assert f.nlst() == ["clear.dcm"]
     f.quit()
+
+
+def smb_session(agent, *, dialect: int | None = None, encrypt: bool = False) -> tuple[Session, TreeConnect]:
+    """A session and tree connect to the agent's share; the client asks for encryption only if `encrypt`."""
+    port = int(agent.overrides["smb.listen"].rsplit(":", 1)[1])
+    conn = Connection(uuid.uuid4(), "127.0.0.1", port, require_signing=True)
+    conn.connect(dialect=dialect, timeout=15)
+    session = Session(conn, "pacs", PASSWORD, require_encryption=encrypt)
+    session.connect()
+    tree = TreeConnect(session, r"\\127.0.0.1\pacs")
+    tree.connect()
+    return session, tree
+
+
+def smbd_sessions(agent) -> list[dict]:
+    """The sessions as smbd itself reports them (smbstatus): dialect, encryption cipher, user."""
+    conf = Path(agent.overrides["smb.state_dir"]) / "smb.conf"
+    out = subprocess.run(["smbstatus", "-s", str(conf), "-b", "--json"], capture_output=True, text=True, check=True)
+    return list(json.loads(out.stdout).get("sessions", {}).values())
+
+
+def smb_conf_lines(agent) -> list[str]:
+    return (Path(agent.overrides["smb.state_dir"]) / "smb.conf").read_text().splitlines()
+
+
+def test_smb3_encryption_required(smb_agent):
+    """`encryption = "required"`: a client that asks for encryption works; one that does not is encrypted
+    anyway (Samba sets SMB2_SESSION_FLAG_ENCRYPT_DATA, smbd reports the cipher); SMB 2.x, which has no
+    encryption, is refused at negotiation; SMB 3.0.2 (Windows 8.1 / Server 2012 R2) is served, encrypted."""
+    agent = smb_agent(**{"smb.encryption": "required"}).start()
+    assert "server smb encrypt = required" in smb_conf_lines(agent)
+    data = os.urandom(200_000)
+    asks = Smb(agent, encrypt=True)
+    asks.write("enc.dcm", data)
+    assert asks.read("enc.dcm") == data
+    asks.close()
+
+    session, tree = smb_session(agent, encrypt=False)
+    assert (session.encrypt_data, tree.encrypt_data) == (True, True)
+    assert [(s["session_dialect"], s["encryption"]["cipher"], s["encryption"]["degree"], s["username"])
+            for s in smbd_sessions(agent)] == [("SMB3_11", "AES-128-GCM", "full", "pacsgw-pacs")]
+    session.connection.disconnect()
+
+    session, tree = smb_session(agent, dialect=Dialects.SMB_3_0_2, encrypt=False)
+    assert (session.connection.dialect, session.encrypt_data, tree.encrypt_data) == (Dialects.SMB_3_0_2, True, True)
+    assert [(s["session_dialect"], s["encryption"]["cipher"]) for s in smbd_sessions(agent)] == \
+        [("SMB3_02", "AES-128-CCM")]
+    session.connection.disconnect()
+
+    for old in (Dialects.SMB_2_0_2, Dialects.SMB_2_1_0):
+        with pytest.raises(NotSupported):
+            smb_session(agent, dialect=old)
+    assert s3_objects(agent.store, agent.prefix)["enc.dcm"]["sha256"] == sha256(data)
+
+
+def test_smb3_encryption_off(smb_agent):
+    """`encryption = "off"`: sessions are signed, not encrypted; a client that insists on encryption is
+    refused (the server does not offer it)."""
+    agent = smb_agent(**{"smb.encryption": "off"}).start()
+    assert "server smb encrypt = off" in smb_conf_lines(agent)
+    assert "server signing = mandatory" in smb_conf_lines(agent)
+    session, tree = smb_session(agent, encrypt=False)
+    assert (session.connection.supports_encryption, session.encrypt_data) == (False, False)
+    assert [(s["encryption"]["cipher"], s["signing"]["degree"]) for s in smbd_sessions(agent)] == [("-", "full")]
+    session.connection.disconnect()
+    with pytest.raises(SMBException, match="encryption is required but the connection does not support it"):
+        smb_session(agent, encrypt=True)

@@ -10,16 +10,12 @@ import io
 import asyncssh
 import botocore.exceptions
 import pytest
+import smbclient
+from smbprotocol.exceptions import SMBOSError, SMBResponseException
+from smbprotocol.header import NtStatus
+from smbutil import Smb
 
 from harness import PASSWORD, sha256
-
-LOCKED_BUCKET = "pacs-worm"
-
-
-@pytest.fixture(scope="module")
-def locked_bucket(seaweed):
-    seaweed.create_bucket(LOCKED_BUCKET, object_lock=True)
-    return LOCKED_BUCKET
 
 
 def ftp(agent) -> ftplib.FTP:
@@ -100,3 +96,55 @@ def test_worm_refuses_a_bucket_without_object_lock(agent_factory):
     agent = agent_factory(**{"compliance.worm": True})
     with pytest.raises(RuntimeError, match="has no Object Lock"):
         agent.start()
+
+
+def test_worm_over_smb(smb_agent, locked_bucket):
+    """SMB: overwriting, truncating, writing into, renaming (also onto) and deleting a retained file, moving its
+    directory, are refused with STATUS_ACCESS_DENIED (the FUSE layer turns the gateway's WORM refusal into
+    EACCES, Samba that into the NT status); each refusal is logged; the locked object in S3 is unchanged."""
+    agent = smb_agent(**{"uplink.bucket": locked_bucket, "compliance.worm": True}).start()
+    smb = Smb(agent)
+    smb.makedirs("outpatient")
+    smb.write("outpatient/a.dcm.part", b"outpatient image")
+    smb.rename("outpatient/a.dcm.part", "outpatient/a.dcm")  # upload-then-rename still works under WORM
+    smb.write("outpatient/b.dcm.part", b"another image")
+    key = agent.prefix + "outpatient/a.dcm"
+    client = agent.store.client()
+    locked = client.head_object(Bucket=locked_bucket, Key=key)
+    assert locked["ObjectLockMode"] == "COMPLIANCE"
+
+    def truncate() -> None:
+        with smbclient.open_file(smb.p("outpatient/a.dcm"), mode="r+b", **smb.kw) as f:
+            f.truncate(3)
+
+    def write_in_place() -> None:
+        with smbclient.open_file(smb.p("outpatient/a.dcm"), mode="r+b", buffering=0, **smb.kw) as f:
+            f.write(b"X")
+
+    attempts = {
+        "overwrite": lambda: smb.write("outpatient/a.dcm", b"tampered"),
+        "truncate": truncate,
+        "write in place": write_in_place,
+        "rename": lambda: smb.rename("outpatient/a.dcm", "outpatient/z.dcm"),
+        "replace onto": lambda: smb.replace("outpatient/b.dcm.part", "outpatient/a.dcm"),
+        "delete": lambda: smb.remove("outpatient/a.dcm"),
+        "directory rename": lambda: smb.rename("outpatient", "moved"),
+    }
+    refused = {}
+    for name, attempt in attempts.items():
+        with pytest.raises((SMBOSError, SMBResponseException)) as e:  # smbclient's path calls, a raw WRITE
+            attempt()
+        refused[name] = e.value.ntstatus if isinstance(e.value, SMBOSError) else e.value.status
+    assert refused == {name: NtStatus.STATUS_ACCESS_DENIED for name in attempts}
+    assert smb.listdir("outpatient") == ["a.dcm", "b.dcm.part"]
+    assert smb.read("outpatient/a.dcm") == b"outpatient image"
+    smb.close()
+
+    worm_events = [e for e in agent.events("smb_error") if e["reason"].startswith("WORM")]
+    assert {e["kind"] for e in worm_events} == {"PermissionDenied"}
+    assert {e["path"] for e in worm_events} == {"outpatient/a.dcm", "outpatient"}
+    assert len(worm_events) >= len(attempts)
+    versions = client.list_object_versions(Bucket=locked_bucket, Prefix=key)
+    assert [v["VersionId"] for v in versions["Versions"] if v["Key"] == key] == [locked["VersionId"]]
+    assert not [m for m in versions.get("DeleteMarkers", []) if m["Key"] == key]
+    assert client.get_object(Bucket=locked_bucket, Key=key)["Body"].read() == b"outpatient image"

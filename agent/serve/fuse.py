@@ -25,6 +25,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import psutil
 import pyfuse3
 import structlog
 
@@ -48,9 +49,6 @@ from agent.store.paths import MAX_PATH_BYTES, check_name, name_of, parent_of
 log = structlog.get_logger("pacsgw.fuse")
 
 PROTOCOL = "smb"
-# smbd reaches the filesystem as one service account: the SMB login is not visible at this layer
-# (Samba's own log names it); audit records from SMB carry this identity.
-WHO = Who(user="(smb)", protocol=PROTOCOL)
 
 ERRNO: dict[type, int] = {
     NotFound: errno.ENOENT, AlreadyExists: errno.EEXIST, IsADirectory: errno.EISDIR,
@@ -63,6 +61,30 @@ def errno_for(e: GatewayError) -> int:
     if isinstance(e, BadPath) and "longer than" in e.reason:
         return errno.ENAMETOOLONG
     return ERRNO.get(type(e), errno.EIO)
+
+
+class SmbPeers:
+    """The client address behind a request: smbd runs one process per client connection, and that
+    process's TCP connection to the SMB port names the client. Looked up once per process."""
+
+    LIMIT = 4096
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self._known: dict[tuple[int, float], str] = {}
+
+    def of(self, pid: int) -> str:
+        try:
+            proc = psutil.Process(pid)
+            key = (pid, proc.create_time())  # a reused pid is another process
+            if key not in self._known:
+                if len(self._known) >= self.LIMIT:
+                    self._known.clear()
+                self._known[key] = next((f"{c.raddr.ip}:{c.raddr.port}" for c in proc.net_connections("tcp")
+                                         if c.raddr and c.laddr.port == self.port), "")
+            return self._known[key]
+        except psutil.Error:
+            return ""
 
 
 @dataclass
@@ -78,6 +100,7 @@ class _Open:
     inode: int
     path: str
     writable: bool
+    who: Who  # the SMB user who opened it: reads and writes (no request context of their own) act for them
     truncate: bool = False
     reader: ReadHandle | None = None
     writer: WriteHandle | None = None
@@ -97,9 +120,11 @@ class GatewayFS(pyfuse3.Operations):
     enable_writeback_cache = False
     supports_dot_lookup = False
 
-    def __init__(self, gateway: Gateway, uid: int = 0, gid: int = 0) -> None:
+    def __init__(self, gateway: Gateway, uid: int, gid: int, users: dict[int, str], peers: SmbPeers) -> None:
         super().__init__()
         self.gw, self.uid, self.gid = gateway, uid, gid
+        self.users = users  # uid of an SMB user's Unix account → the user's name in [[users]]
+        self.peers = peers
         self._inodes: dict[int, _Inode] = {pyfuse3.ROOT_INODE: _Inode("", 1)}
         self._by_path: dict[str, int] = {"": pyfuse3.ROOT_INODE}
         self._next_inode = pyfuse3.ROOT_INODE + 1
@@ -145,6 +170,10 @@ class GatewayFS(pyfuse3.Operations):
         if len(path.encode()) > MAX_PATH_BYTES:
             raise pyfuse3.FUSEError(errno.ENAMETOOLONG)
         return path
+
+    def _who(self, ctx: pyfuse3.RequestContext) -> Who:
+        """The SMB user behind a request: smbd does each session's file access as that user's Unix account."""
+        return Who(user=self.users.get(ctx.uid, f"(uid {ctx.uid})"), protocol=PROTOCOL, peer=self.peers.of(ctx.pid))
 
     def _counted(self, attrs: pyfuse3.EntryAttributes) -> pyfuse3.EntryAttributes:
         self._inodes[attrs.st_ino].lookups += 1
@@ -201,7 +230,8 @@ class GatewayFS(pyfuse3.Operations):
         a.generation = 0
         a.entry_timeout = 0
         a.attr_timeout = 0
-        a.st_mode = (statmod.S_IFDIR | 0o755) if is_dir else (statmod.S_IFREG | 0o644)
+        # group-writable: every SMB user's Unix account has the service account's group
+        a.st_mode = (statmod.S_IFDIR | 0o775) if is_dir else (statmod.S_IFREG | 0o664)
         a.st_nlink = 2 if is_dir else 1
         a.st_uid, a.st_gid = self.uid, self.gid
         a.st_rdev = 0
@@ -244,7 +274,7 @@ class GatewayFS(pyfuse3.Operations):
             op = self._files.get(fh) if fh is not None else self._writing.get(path)
             if op is None or not op.writable:
                 # truncate(2) by name: a new version of the file with its first st_size bytes
-                writer = await self._call(self._open_writer(path, keep=attr.st_size))
+                writer = await self._call(self._open_writer(path, self._who(ctx), keep=attr.st_size))
                 await writer.truncate(attr.st_size)
                 await self._call(writer.commit())
             else:
@@ -272,12 +302,12 @@ class GatewayFS(pyfuse3.Operations):
 
     async def mkdir(self, parent_inode, name, mode, ctx):  # noqa: ANN001, ANN201
         path = self._child(parent_inode, name)
-        await self._call(self.gw.mkdir(path, WHO))
+        await self._call(self.gw.mkdir(path, self._who(ctx)))
         return self._counted(await self._attrs_of(path))
 
     async def rmdir(self, parent_inode, name, ctx):  # noqa: ANN001, ANN201
         path = self._child(parent_inode, name)
-        await self._call(self.gw.rmdir(path, WHO))
+        await self._call(self.gw.rmdir(path, self._who(ctx)))
         self._detach(path)
 
     async def unlink(self, parent_inode, name, ctx):  # noqa: ANN001, ANN201
@@ -293,7 +323,7 @@ class GatewayFS(pyfuse3.Operations):
             except NotFound:
                 self._detach(path)
                 return
-        await self._call(self.gw.delete(path, WHO))
+        await self._call(self.gw.delete(path, self._who(ctx)))
         self._detach(path)
 
     async def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx):  # noqa: ANN001, ANN201
@@ -317,7 +347,7 @@ class GatewayFS(pyfuse3.Operations):
         except NotFound:
             committed = False
         if committed:
-            await self._call(self.gw.rename(src, dst, WHO))
+            await self._call(self.gw.rename(src, dst, self._who(ctx)))
         elif op is None:
             raise pyfuse3.FUSEError(errno.ENOENT)
         else:  # only the open, not yet committed file: it will be committed under the new name
@@ -331,7 +361,7 @@ class GatewayFS(pyfuse3.Operations):
 
     async def opendir(self, inode, ctx):  # noqa: ANN001, ANN201
         path = self._path(inode)
-        entries = await self._call(self.gw.listdir(path, WHO))
+        entries = await self._call(self.gw.listdir(path, self._who(ctx)))
         d = _Dir([(e.name.encode(), e.path, e.is_dir, e.size, e.mtime) for e in entries])
         known = {e.name for e in entries}
         for wpath, op in self._writing.items():
@@ -365,7 +395,7 @@ class GatewayFS(pyfuse3.Operations):
         self._files[fh] = op
         return fh
 
-    async def _open_writer(self, path: str, keep: int | None = None) -> WriteHandle:
+    async def _open_writer(self, path: str, who: Who, keep: int | None = None) -> WriteHandle:
         """A writer for path that starts with the committed file's first `keep` bytes (all when None)."""
         try:
             e = await self.gw.stat(path)
@@ -375,7 +405,7 @@ class GatewayFS(pyfuse3.Operations):
             raise IsADirectory(path)
         size = e.size if e is not None else 0
         offset = size if keep is None else min(keep, size)
-        return await self.gw.open_write(path, PROTOCOL, offset=offset, who=WHO)
+        return await self.gw.open_write(path, PROTOCOL, offset=offset, who=who)
 
     async def _ensure_writer(self, op: _Open, keep: int | None = None) -> None:
         if op.writer is not None and not op.committed:
@@ -386,7 +416,7 @@ class GatewayFS(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EIO)
         if self.closing:
             raise pyfuse3.FUSEError(errno.EIO)
-        op.writer = await self._call(self._open_writer(op.path, 0 if op.truncate else keep))
+        op.writer = await self._call(self._open_writer(op.path, op.who, 0 if op.truncate else keep))
         op.truncate = False
         op.committed = False
         prev = self._writing.get(op.path)
@@ -409,8 +439,8 @@ class GatewayFS(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EISDIR)
         if (e is not None or existing is not None) and flags & os.O_EXCL:
             raise pyfuse3.FUSEError(errno.EEXIST)
-        op = _Open(0, path, writable=True)
-        op.writer = await self._call(self.gw.open_write(path, PROTOCOL, who=WHO))
+        op = _Open(0, path, writable=True, who=self._who(ctx))
+        op.writer = await self._call(self.gw.open_write(path, PROTOCOL, who=op.who))
         self._writing[path] = op
         op.inode = self._inode_for(path)
         fh = self._new_fh(op)
@@ -426,7 +456,7 @@ class GatewayFS(pyfuse3.Operations):
                 raise pyfuse3.FUSEError(errno.EISDIR)
         if writable and (self.closing or self.draining):
             raise pyfuse3.FUSEError(errno.EROFS)
-        op = _Open(inode, path, writable=writable, truncate=bool(flags & os.O_TRUNC))
+        op = _Open(inode, path, writable=writable, who=self._who(ctx), truncate=bool(flags & os.O_TRUNC))
         if op.truncate and writable:
             await self._ensure_writer(op)
         return pyfuse3.FileInfo(fh=self._new_fh(op), keep_cache=False)
@@ -439,7 +469,7 @@ class GatewayFS(pyfuse3.Operations):
         if op.reader is None or op.reader.entry.path != op.path:
             if op.reader is not None:
                 await op.reader.close()
-            op.reader = await self._call(self.gw.open_read(op.path, PROTOCOL, WHO))
+            op.reader = await self._call(self.gw.open_read(op.path, PROTOCOL, op.who))
         if off >= op.reader.size:
             return b""
         return await self._call(op.reader.read(off, min(size, op.reader.size - off)))
@@ -549,9 +579,10 @@ def unmount_stale(mountpoint: Path) -> bool:
 class FuseMount:
     """Mounts GatewayFS at mountpoint and runs its request loop as a task of the agent's loop."""
 
-    def __init__(self, gateway: Gateway, mountpoint: Path, uid: int, gid: int) -> None:
+    def __init__(self, gateway: Gateway, mountpoint: Path, uid: int, gid: int, users: dict[int, str],
+                 smb_port: int) -> None:
         self.mountpoint = mountpoint
-        self.fs = GatewayFS(gateway, uid, gid)
+        self.fs = GatewayFS(gateway, uid, gid, users, SmbPeers(smb_port))
         self._task: asyncio.Task | None = None
 
     async def start(self) -> None:

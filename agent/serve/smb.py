@@ -7,8 +7,10 @@ smbd itself (private state, lock, pid and cache directories under `[smb] state_d
 
 Samba needs a Unix account for every SMB user: each [[users]] name maps (Samba `username map`) to a
 locked system account `pacsgw-<name>` (no home, no shell; an 8-hex-digit hash replaces names that are
-not valid Unix names). All file access happens as the `[smb] unix_user` service account (`force user`),
-which owns everything the FUSE mount shows. A user's `root` is the share's path for that user:
+not valid Unix names) whose primary group is the `[smb] unix_user` service account's group. smbd does
+each session's file access as that user's account, so the FUSE layer knows the SMB user of every request
+from its uid (audit records name them); the mount shows everything owned by the service account and its
+group, group-writable. A user's `root` is the share's path for that user:
 `path = <state_dir>/roots/%U`, a symlink to `<mountpoint>/<root>`; Samba keeps every request below it.
 Samba checks NTLM against the NT hash of the password, so only users with a plain `password` can use
 SMB; users with only `password_hash` or `authorized_keys` are left out, with a warning in the log.
@@ -79,7 +81,7 @@ def render_conf(cfg: Config) -> str:
         f"interfaces = {host}",
         "bind interfaces only = yes",
         "disable netbios = yes",
-        "server min protocol = SMB3",
+        "server min protocol = SMB3_00",  # plain "SMB3" means SMB3_11 only: Windows 8 / Server 2012 need 3.0(2)
         "server signing = mandatory",
         f"server smb encrypt = {enc}",
         "map to guest = never",
@@ -117,10 +119,8 @@ def render_conf(cfg: Config) -> str:
         "browseable = yes",
         "read only = no",
         f"valid users = {' '.join(n for u in smb_users(cfg) for n in (u.name, unix_account(u.name))) or 'nobody'}",
-        f"force user = {s.unix_user}",
-        f"force group = {s.unix_user}",
-        "create mask = 0644",
-        "directory mask = 0755",
+        "create mask = 0664",
+        "directory mask = 0775",
         "wide links = no",
         "follow symlinks = no",
         "hide dot files = no",
@@ -133,11 +133,17 @@ def render_conf(cfg: Config) -> str:
 
 
 def _ensure_account(name: str, *, group: str | None = None) -> tuple[int, int]:
+    """The Unix account `name` (created if missing; with `group` as its primary group) → (uid, gid)."""
     try:
         pw = pwd.getpwnam(name)
-        return pw.pw_uid, pw.pw_gid
     except KeyError:
         pass
+    else:
+        if group is not None and grp.getgrgid(pw.pw_gid).gr_name != group:
+            subprocess.run(["usermod", "--gid", group, name], check=True, capture_output=True)
+            log.info("unix_account_group_set", account=name, group=group)
+            pw = pwd.getpwnam(name)
+        return pw.pw_uid, pw.pw_gid
     cmd = ["useradd", "--system", "--no-create-home", "--home-dir", "/nonexistent", "--shell", "/usr/sbin/nologin"]
     cmd += ["--gid", group] if group else ["--user-group"]
     subprocess.run([*cmd, name], check=True, capture_output=True)
@@ -189,18 +195,16 @@ class SmbService:
         if s.manage:
             await asyncio.to_thread(self._kill_stale_smbd)
         uid, gid = await asyncio.to_thread(_ensure_account, s.unix_user)
-        if not Path(s.mountpoint).is_mount():
-            try:
-                Path(s.mountpoint).mkdir(parents=True, exist_ok=True)
-            except FileExistsError:
-                pass  # a dead mount left by a killed agent: FuseMount detaches it
+        # the mount point itself is FuseMount's: a dead mount a killed agent left answers every stat with
+        # ENOTCONN until FuseMount has detached it
+        Path(s.mountpoint).parent.mkdir(parents=True, exist_ok=True)
         for path in (Path(s.mountpoint).parent, self.state / "roots"):
             _check_searchable(path, uid, gid, s.unix_user)
-        self.mount = FuseMount(self.gateway, Path(s.mountpoint), uid, gid)
+        self.conf_path.write_text(render_conf(self.cfg))
+        users = await asyncio.to_thread(self._sync_users, gid)
+        self.mount = FuseMount(self.gateway, Path(s.mountpoint), uid, gid, users, s.listen[1])
         await self.mount.start()
         await self._ensure_roots()
-        self.conf_path.write_text(render_conf(self.cfg))
-        await asyncio.to_thread(self._sync_users, gid)
         if s.manage:
             self._start_smbd()
             await self._wait_listening()
@@ -230,7 +234,8 @@ class SmbService:
                 link.unlink()
             link.symlink_to(target)
 
-    def _sync_users(self, gid: int) -> None:
+    def _sync_users(self, gid: int) -> dict[int, str]:
+        """Samba's accounts and passwords as [[users]] says. → uid of each user's Unix account → user name."""
         users = smb_users(self.cfg)
         for u in self.cfg.users:
             if not u.password:
@@ -238,10 +243,11 @@ class SmbService:
                             reason="Samba needs the NT hash of a plain password; this user has only "
                                    "password_hash or authorized_keys and cannot log in over SMB")
         group = grp.getgrgid(gid).gr_name
-        mapping = []
+        mapping, by_uid = [], {}
         for u in users:
             account = unix_account(u.name)
-            _ensure_account(account, group=group)
+            uid, _ = _ensure_account(account, group=group)
+            by_uid[uid] = u.name
             mapping.append(f"{account} = {u.name}")
             # the password goes to smbpasswd on stdin only, never onto a command line or into the log
             r = subprocess.run(["smbpasswd", "-c", str(self.conf_path), "-s", "-a", account],
@@ -256,6 +262,7 @@ class SmbService:
             if account.startswith(ACCOUNT_PREFIX) and account not in keep:
                 subprocess.run(["smbpasswd", "-c", str(self.conf_path), "-x", account], capture_output=True)
                 log.info("smb_user_removed", account=account)
+        return by_uid
 
     def _start_smbd(self) -> None:
         s = self.cfg.smb
