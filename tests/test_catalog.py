@@ -214,3 +214,16 @@ def test_memory_does_not_grow_with_file_count(tmp_path):
     small, large = _rss_after(10_000, tmp_path), _rss_after(200_000, tmp_path)
     # The catalog's page cache is capped at 64 MiB; nothing else may scale with the row count.
     assert large - small < 100 * 2**20, (small, large)
+
+
+def test_import_inventory_adds_clean_files_and_listed_directories(cat):
+    write(cat, "CT/d1/s/1.dcm", 5)  # a local file the inventory also names: kept as it is
+    added = cat.import_inventory([("CT/d1/s/1.dcm", 9, 1.0), ("CT/d1/s/2.dcm", 7, 2.0), ("MR/d2/x.dcm", 3, 3.0)],
+                                 batch=2)
+    assert added == 2
+    assert cat.get("CT/d1/s/1.dcm").size == 5 and cat.get("CT/d1/s/1.dcm").state == "dirty"
+    e = cat.get("CT/d1/s/2.dcm")
+    assert (e.size, e.mtime, e.state, e.blob, e.gen) == (7, 2.0, "clean", None, 1)
+    assert all(cat.get(d).listed for d in ("", "MR", "MR/d2"))
+    assert [c.name for c in cat.children("CT/d1/s")] == ["1.dcm", "2.dcm"]
+    assert cat.totals().files == 3 and cat.totals().queue_files == 1

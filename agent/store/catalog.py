@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import itertools
 import sqlite3
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -403,6 +404,28 @@ class Catalog:
                     "VALUES (?, ?, ?, 0, ?, ?, 'clean', ?, 1)",
                     (prefix + o.name, path, o.name, o.size, o.mtime, o.etag))
             self.db.execute("UPDATE entries SET listed = 1 WHERE path = ?", (path,))
+
+    def import_inventory(self, files: Iterable[tuple[str, int, float]], batch: int = 200_000) -> int:
+        """Record objects already in S3 (an inventory of path, size, mtime) as clean, uncached files.
+
+        The inventory is taken as complete: the directories it implies are created as listed, so they are
+        never listed remotely. Existing rows are kept. Bulk speed needs path order; memory is one batch.
+        → the number of files added.
+        """
+        added, rows = 0, iter(files)
+        while chunk := list(itertools.islice(rows, batch)):
+            dirs = {d for p in {parent_of(f[0]) for f in chunk} for d in ancestors(p + "/x")[1:]}
+            with self._tx(durable=False):
+                self.db.executemany(
+                    "INSERT OR IGNORE INTO entries (path, parent, name, is_dir, mtime, listed) "
+                    "VALUES (?, ?, ?, 1, ?, 1)",
+                    ((d, parent_of(d), name_of(d), chunk[0][2]) for d in sorted(dirs)))
+                self.db.execute("UPDATE entries SET listed = 1 WHERE path = ''")
+                added += self.db.executemany(
+                    "INSERT OR IGNORE INTO entries (path, parent, name, is_dir, size, mtime, state, gen) "
+                    "VALUES (?, ?, ?, 0, ?, ?, 'clean', 1)",
+                    ((p, parent_of(p), name_of(p), size, mtime) for p, size, mtime in chunk)).rowcount
+        return added
 
     # --- upload queue ----------------------------------------------------------------------
 
