@@ -21,7 +21,6 @@ RSS after the walk and GB of RSS per million files.
 from __future__ import annotations
 
 import argparse
-import ftplib
 import json
 import random
 import shutil
@@ -36,7 +35,7 @@ import psutil  # noqa: E402
 from agent.devstack import ObjectStore  # noqa: E402
 from agent.sim.workload import WorkloadParams, archive_listing  # noqa: E402
 from agent.store.catalog import Catalog  # noqa: E402
-from bench.common import BUCKET, ftp_login, load, pct, ratio, start_agent, start_rclone, table  # noqa: E402
+from bench.common import BUCKET, ftp_login, load, pct, ratio, retr, start_agent, start_rclone, table  # noqa: E402
 
 PREFIX = "archive/"
 MAX_READ_BYTES = 2 * 2**20  # sampled objects are at most this large (CR/DX/MG instances are tens of MB)
@@ -107,19 +106,6 @@ def timed(fn, *args) -> float:  # noqa: ANN001 - any FTP call
     return time.perf_counter() - t0
 
 
-def first_byte(ftp: ftplib.FTP, path: str) -> tuple[float, int]:
-    """RETR path → (seconds to the first byte, bytes read)."""
-    t0 = time.perf_counter()
-    conn = ftp.transfercmd(f"RETR /{path}")
-    first, total = 0.0, 0
-    while data := conn.recv(1 << 16):
-        first = first or time.perf_counter() - t0
-        total += len(data)
-    conn.close()
-    ftp.voidresp()
-    return first, total
-
-
 def operations(port: int, picks: dict[str, list]) -> dict[str, list[float]]:
     ftp = ftp_login(port)
     try:
@@ -132,7 +118,7 @@ def operations(port: int, picks: dict[str, list]) -> dict[str, list[float]]:
         for label in ("open_cold", "open_cached"):
             out[label] = []
             for path, size in picks["reads"]:
-                seconds, got = first_byte(ftp, path)
+                seconds, got = retr(ftp, path)
                 if got != size:
                     raise RuntimeError(f"{path}: read {got} bytes, expected {size}")
                 out[label].append(seconds)

@@ -72,6 +72,19 @@ def ftp_login(port: int) -> ftplib.FTP:
     return ftp
 
 
+def retr(ftp: ftplib.FTP, path: str) -> tuple[float, int]:
+    """RETR /path, reading and dropping the bytes → (seconds from the command to the first byte, bytes read)."""
+    t0 = time.perf_counter()
+    conn = ftp.transfercmd(f"RETR /{path}")
+    first, total = 0.0, 0
+    while data := conn.recv(1 << 16):
+        first = first or time.perf_counter() - t0
+        total += len(data)
+    conn.close()
+    ftp.voidresp()
+    return first, total
+
+
 def count_keys(store: ObjectStore, prefix: str) -> int:
     client, count = store.client(), 0
     for page in client.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=prefix):
