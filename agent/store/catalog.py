@@ -261,11 +261,17 @@ class Catalog:
             "ORDER BY last_access LIMIT ?", (limit,)).fetchall()
         return [_entry(r) for r in rows]
 
-    def files_after(self, last: str, limit: int, *, cached_only: bool = False) -> list[Entry]:
+    def files_after(self, last: str, limit: int) -> list[Entry]:
         """A page of files in path order after `last` (keyset pagination keeps memory flat)."""
-        cond = " AND blob IS NOT NULL" if cached_only else ""
-        rows = self.db.execute(f"SELECT {_COLUMNS} FROM entries WHERE path > ? AND is_dir = 0{cond} "
+        rows = self.db.execute(f"SELECT {_COLUMNS} FROM entries WHERE path > ? AND is_dir = 0 "
                                "ORDER BY path LIMIT ?", (last, limit)).fetchall()
+        return [_entry(r) for r in rows]
+
+    def cached_after(self, last_blob: str, limit: int) -> list[Entry]:
+        """A page of cached files in blob order after `last_blob`: through the partial blob index, so a
+        page costs what the cache holds, not what the archive holds (in path order it scanned every file)."""
+        rows = self.db.execute(f"SELECT {_COLUMNS} FROM entries WHERE blob > ? ORDER BY blob LIMIT ?",
+                               (last_blob, limit)).fetchall()
         return [_entry(r) for r in rows]
 
     def walk_files(self, batch: int = 1000) -> Iterator[Entry]:
