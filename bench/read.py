@@ -8,8 +8,9 @@ so every cold pass is really cold). Per reader count and target (our agent; `rcl
 --vfs-cache-mode full`, both over the same objects), it lists the directory first (untimed: both then
 know the files), reads every file once (cold: fetched from S3) and once more (cached: from the local
 SSD cache), the files split over the readers, each reader its own FTP session. Printed: MB/s and files/s
-over the pass, first-byte latency p50/p99 (RETR sent → first data byte), the load average, and the
-ratios ours/rclone.
+over the pass, first-byte latency p50/p99 (RETR sent → first data byte), the server's CPU time per file
+(user + system: on a shared, loaded machine the steadier figure), the load average, and the ratios
+ours/rclone.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import psutil  # noqa: E402
 
 from agent.devstack import ObjectStore  # noqa: E402
 from bench.common import (  # noqa: E402
@@ -56,8 +59,14 @@ def put_all(store: ObjectStore, keys: list[str], size: int, blocks: list[bytes])
         list(ex.map(put, range(len(keys))))
 
 
-def read_pass(port: int, paths: list[str], readers: int, size: int) -> dict:
-    """Every path read once, split over `readers` FTP sessions → MB/s, files/s, first-byte p50/p99."""
+def cpu_seconds(pid: int) -> float:
+    t = psutil.Process(pid).cpu_times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
+def read_pass(port: int, pid: int, paths: list[str], readers: int, size: int) -> dict:
+    """Every path read once, split over `readers` FTP sessions → MB/s, files/s, first-byte p50/p99 and the
+    server's CPU time per file (its own work, less sensitive than wall time to a loaded machine)."""
     firsts: list[float] = []
     errors: list[str] = []
     lock = threading.Lock()
@@ -72,24 +81,25 @@ def read_pass(port: int, paths: list[str], readers: int, size: int) -> dict:
                     errors.append(f"{path}: {got} bytes")
 
     threads = [threading.Thread(target=reader, args=(k,)) for k in range(readers)]
-    at, t0 = load(), time.perf_counter()
+    at, t0, cpu0 = load(), time.perf_counter(), cpu_seconds(pid)
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    wall = time.perf_counter() - t0
+    wall, cpu = time.perf_counter() - t0, cpu_seconds(pid) - cpu0
     for s in sessions:
         s.quit()
     return {"MB_per_s": round(len(firsts) * size / wall / 1e6, 1), "files_per_s": round(len(firsts) / wall, 1),
             "first_byte_p50_ms": pct(firsts, 0.5), "first_byte_p99_ms": pct(firsts, 0.99),
+            "cpu_ms_per_file": round(cpu * 1000 / max(1, len(firsts)), 2),
             "errors": len(errors) + len(paths) - len(firsts), "load": at}
 
 
-def measure(port: int, keys: list[str], readers: int, size: int) -> list[dict]:
+def measure(port: int, pid: int, keys: list[str], readers: int, size: int) -> list[dict]:
     ftp = ftp_login(port)
     ftp.retrlines(f"LIST /{keys[0].rsplit('/', 1)[0]}", lambda _: None)  # both now know the files
     ftp.quit()
-    return [{"pass": label, **read_pass(port, keys, readers, size)} for label in ("cold", "cached")]
+    return [{"pass": label, **read_pass(port, pid, keys, readers, size)} for label in ("cold", "cached")]
 
 
 def main() -> int:
@@ -125,7 +135,7 @@ def main() -> int:
                 port = server.port
             servers.append(server)
             for r in levels:
-                for row in measure(port, names(r, args.files), r, args.size):
+                for row in measure(port, server.proc.pid, names(r, args.files), r, args.size):
                     rows.append({"target": target, "readers": r, **row})
                     print(json.dumps(rows[-1]), flush=True)
             server.stop()
@@ -135,10 +145,10 @@ def main() -> int:
                 o = ours[(x["readers"], x["pass"])]
                 rows.append({"target": "ours/rclone", "readers": x["readers"], "pass": x["pass"],
                              **{c: ratio(o[c], x[c]) for c in ("MB_per_s", "files_per_s", "first_byte_p50_ms",
-                                                               "first_byte_p99_ms")}})
+                                                               "first_byte_p99_ms", "cpu_ms_per_file")}})
         print()
         print(table(rows, ["target", "readers", "pass", "MB_per_s", "files_per_s", "first_byte_p50_ms",
-                           "first_byte_p99_ms", "errors", "load"]))
+                           "first_byte_p99_ms", "cpu_ms_per_file", "errors", "load"]))
         return 1 if any(x.get("errors") for x in rows) else 0
     finally:
         for server in servers:
