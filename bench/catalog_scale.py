@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import shutil
 import sys
@@ -240,7 +241,7 @@ def main() -> int:
     args = ap.parse_args()
     args.sizes = [int(s) for s in args.sizes.split(",")]
     args.dir.mkdir(parents=True, exist_ok=True)
-    args.work = args.dir / "run"
+    args.work = args.dir / f"run-{os.getpid()}"
     if args.build_only:
         for n in args.sizes:
             print(n, build(args.dir / f"cat-{n}", n, args.seed), flush=True)
