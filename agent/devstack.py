@@ -178,7 +178,7 @@ class ObjectStore:
             pass
 
 
-def toml_value(v) -> str:
+def toml_value(v: object) -> str:
     """TOML for the values our configs use (JSON's strings, numbers and booleans are TOML too)."""
     if isinstance(v, dict):
         return "{" + ", ".join(f"{k} = {toml_value(x)}" for k, x in v.items()) + "}"

@@ -28,6 +28,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -101,7 +102,7 @@ def put_objects(store: ObjectStore, items: list[tuple[str, int]], seed: int) -> 
 # --- FTP operations -------------------------------------------------------------------------------------
 
 
-def timed(fn, *args) -> float:  # noqa: ANN001 - any FTP call
+def timed(fn: Callable[..., object], *args: object) -> float:
     t0 = time.perf_counter()
     fn(*args)
     return time.perf_counter() - t0
@@ -195,12 +196,20 @@ def populate_tree(store: ObjectStore, cache_dir: Path) -> int:
     return written
 
 
-def run_walks(args: argparse.Namespace, store: ObjectStore) -> list[dict]:
+def prepare_walk(args: argparse.Namespace, store: ObjectStore) -> int:
+    """Write the tree before the S3 server starts: `rclone serve s3` caches directory listings (5 min), so
+    files written under a directory it has listed stay invisible for a while. → files written."""
+    n = min(args.sizes)
+    build(args.dir / f"cat-{n}", n, args.seed)
+    t0 = time.perf_counter()
+    written = populate_tree(store, args.dir / f"cat-{n}")
+    print(f"  {written} zero-byte objects written into the S3 folder in {time.perf_counter() - t0:.0f} s", flush=True)
+    return written
+
+
+def run_walks(args: argparse.Namespace, store: ObjectStore, written: int) -> list[dict]:
     """Walk the smallest archive over FTP on our agent (its catalog) and on rclone (the same tree in S3)."""
     source = args.dir / f"cat-{min(args.sizes)}"
-    t0 = time.perf_counter()
-    written = populate_tree(store, source)
-    print(f"  {written} zero-byte objects written into the S3 folder in {time.perf_counter() - t0:.0f} s", flush=True)
     rows = []
     agent = start_agent(args.work / "agent-walk", store, "tree/", **{"cache.dir": str(source)})
     try:
@@ -217,7 +226,7 @@ def run_walks(args: argparse.Namespace, store: ObjectStore) -> list[dict]:
     return rows
 
 
-def walk_row(target: str, port: int, rss, pid: int, expected: int) -> dict:  # noqa: ANN001 - rss: () -> int
+def walk_row(target: str, port: int, rss: Callable[[], int], pid: int, expected: int) -> dict:
     before, at = rss(), load()
     files, dirs, seconds = walk(port)
     if files != expected:
@@ -249,6 +258,7 @@ def main() -> int:
     shutil.rmtree(args.work, ignore_errors=True)
     store = ObjectStore("rclone", args.work / "s3")
     try:
+        written = 0 if args.no_walk else prepare_walk(args, store)
         store.start()
         store.create_bucket(BUCKET)
         print(f"catalog scale bench: sizes {args.sizes}, {psutil.cpu_count()} CPUs, load {load()}", flush=True)
@@ -261,7 +271,7 @@ def main() -> int:
             print()
             print(table(rows, group))
         if not args.no_walk:
-            walks = run_walks(args, store)
+            walks = run_walks(args, store, written)
             print()
             print(table(walks, ["target", "files", "dirs", "walk_s", "rss_before_MB", "rss_after_MB", "rss_peak_MB",
                                 "GB_per_M_files", "load"]))
