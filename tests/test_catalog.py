@@ -163,7 +163,7 @@ def test_hot_queries_never_scan_the_whole_catalog(cat):
     now = time.time()
     cat.get("d1/f1"), cat.children("d1"), cat.has_children("d1"), cat.totals(), cat.oldest_dirty()
     cat.due_uploads(now, 16), cat.next_due(), cat.due_tombstones(now, 16), cat.tombstone_pending("x")
-    cat.lru_evictable(16), cat.files_after("", 16), cat.files_after("", 16, cached_only=True)
+    cat.lru_evictable(16), cat.files_after("", 16), cat.cached_after("", 16)
     cat.blob_referenced("nope"), cat.reset_uploading(), cat.rename("x.part", "x.dcm"), cat.delete("d1/f1")
     g = write(cat, "d2/new")
     cat.claim("d2/new", g), cat.mark_failed("d2/new", g, "e", now), cat.record_access([("d2/new", now, 1)])
@@ -177,6 +177,21 @@ def test_hot_queries_never_scan_the_whole_catalog(cat):
         assert not full_scans, (sql, plan)
         checked += 1
     assert checked > 15
+
+
+def test_scrub_pages_cost_what_the_cache_holds(cat):
+    """The scrub pages through cached files by the partial blob index, never through every file."""
+    cat.import_inventory((f"d/{i:05d}", 1, 0.0) for i in range(500))
+    for i in range(3):
+        write(cat, f"c/{i}")
+    statements: list[str] = []
+    cat.db.set_trace_callback(statements.append)
+    first = cat.cached_after("", 2)
+    cat.db.set_trace_callback(None)
+    plan = [row[3] for row in cat.db.execute("EXPLAIN QUERY PLAN " + statements[0])]
+    assert any("entries_blob" in d for d in plan), plan
+    assert [e.path for e in first + cat.cached_after(first[-1].blob, 2)] == sorted(
+        [f"c/{i}" for i in range(3)], key=lambda p: cat.get(p).blob)
 
 
 def test_commit_survives_kill9(tmp_path):
@@ -214,3 +229,16 @@ def test_memory_does_not_grow_with_file_count(tmp_path):
     small, large = _rss_after(10_000, tmp_path), _rss_after(200_000, tmp_path)
     # The catalog's page cache is capped at 64 MiB; nothing else may scale with the row count.
     assert large - small < 100 * 2**20, (small, large)
+
+
+def test_import_inventory_adds_clean_files_and_listed_directories(cat):
+    write(cat, "CT/d1/s/1.dcm", 5)  # a local file the inventory also names: kept as it is
+    added = cat.import_inventory([("CT/d1/s/1.dcm", 9, 1.0), ("CT/d1/s/2.dcm", 7, 2.0), ("MR/d2/x.dcm", 3, 3.0)],
+                                 batch=2)
+    assert added == 2
+    assert cat.get("CT/d1/s/1.dcm").size == 5 and cat.get("CT/d1/s/1.dcm").state == "dirty"
+    e = cat.get("CT/d1/s/2.dcm")
+    assert (e.size, e.mtime, e.state, e.blob, e.gen) == (7, 2.0, "clean", None, 1)
+    assert all(cat.get(d).listed for d in ("", "MR", "MR/d2"))
+    assert [c.name for c in cat.children("CT/d1/s")] == ["1.dcm", "2.dcm"]
+    assert cat.totals().files == 3 and cat.totals().queue_files == 1

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from agent.sim.trace import iter_catalog, iter_requests, load_arrays, read_header, write_trace
-from agent.sim.workload import DAY, SHAPES, Generator, generate, preset
+from agent.sim.workload import DAY, SHAPES, Generator, WorkloadParams, archive_listing, generate, preset
 
 
 def small(name: str = "general", **kw) -> Generator:  # noqa: ANN003
@@ -274,3 +274,15 @@ def test_read_delay_follows_the_department(gen: Generator) -> None:
             hour = (e.t % DAY) / 3600
             weekday = (gen.start + dt.timedelta(days=int(e.t // DAY))).weekday()
             assert weekday < 5 and p.work_start_h <= hour < p.work_end_h + 0.1
+
+
+def test_archive_listing_is_a_sorted_pacs_tree() -> None:
+    rows = list(archive_listing(WorkloadParams(seed=3), 100_000))
+    paths = [p for p, _, _ in rows]
+    assert paths == sorted(paths) and len(set(paths)) == len(paths)
+    assert 80_000 < len(rows) < 120_000
+    modalities = {p.split("/")[0] for p in paths}
+    assert modalities <= set(SHAPES) and len(modalities) >= 5
+    first = paths[0].split("/")
+    assert len(first) == 5 and dt.date.fromisoformat(first[1]) < dt.date(2026, 1, 5) and first[4].endswith(".dcm")
+    assert all(size >= 1024 for _, size, _ in rows)

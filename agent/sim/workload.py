@@ -181,6 +181,16 @@ class Request:
     department: str
 
 
+def draw_instances(rng: np.random.Generator, s: ModalityShape) -> tuple[np.ndarray, np.ndarray]:
+    """One study's instance sizes (int64 bytes, series-ordered) and series start offsets."""
+    n_series = int(rng.integers(s.series[0], s.series[1] + 1))
+    images = np.maximum(1, np.round(rng.lognormal(np.log(s.images_median), s.images_sigma,
+                                                  n_series))).astype(np.int64)
+    median = s.image_mb * MB * float(rng.lognormal(0.0, 0.1))
+    sizes = np.maximum(1024, rng.lognormal(np.log(median), s.size_sigma, int(images.sum())))
+    return sizes.astype(np.int64), np.concatenate(([0], np.cumsum(images)))
+
+
 class Generator:
     """Draws the study-level events, then streams per-instance requests (see module docstring)."""
 
@@ -219,15 +229,8 @@ class Generator:
         return weekday_n * (self.p.weekend_factor if weekday >= 5 else 1.0)
 
     def _new_study(self, modality: str, day: int, patient: int, department: str) -> Study:
-        s = SHAPES[modality]
-        rng = self.rng
-        n_series = int(rng.integers(s.series[0], s.series[1] + 1))
-        images = np.maximum(1, np.round(rng.lognormal(np.log(s.images_median), s.images_sigma,
-                                                      n_series))).astype(np.int64)
-        median = s.image_mb * MB * float(rng.lognormal(0.0, 0.1))
-        sizes = np.maximum(1024, rng.lognormal(np.log(median), s.size_sigma, int(images.sum())))
-        starts = np.concatenate(([0], np.cumsum(images)))
-        st = Study(len(self.studies), modality, day, patient, department, sizes.astype(np.int64), starts)
+        sizes, starts = draw_instances(self.rng, SHAPES[modality])
+        st = Study(len(self.studies), modality, day, patient, department, sizes, starts)
         self.studies.append(st)
         self.history.setdefault(patient, []).append(st.idx)
         return st
@@ -434,5 +437,43 @@ def archive_totals(g: Generator) -> tuple[int, int]:
     return int(total), int(total / max(avg, 1))
 
 
+def expected_files_per_study(g: Generator) -> float:
+    """E[instances per study] under the modality mix."""
+    total = 0.0
+    for m, pm in zip(g.modalities, g.mod_p, strict=True):
+        s = SHAPES[m]
+        total += pm * (s.series[0] + s.series[1]) / 2 * max(1.0, s.images_median * np.exp(s.images_sigma**2 / 2))
+    return total
+
+
+def archive_listing(params: WorkloadParams, n_files: int) -> Iterator[tuple[str, int, float]]:
+    """(path, size, mtime) of an archive of about n_files instances, in path order.
+
+    The archive is the days before `start` that hold n_files at (about) the preset's daily study rate; each
+    modality's studies are drawn day by day with the preset's shapes, so memory is one study at a time.
+    Paths follow the default layout (fixed-width names: path order is the order they are yielded in).
+    """
+    g = Generator(params)
+    per_study = expected_files_per_study(g)
+    dates = [g.start - dt.timedelta(days=1)]
+    while sum(g.studies_per_day(d.weekday()) for d in dates) * per_study < n_files:
+        dates.append(dates[-1] - dt.timedelta(days=1))
+    # the oldest day is partly filled: spread the remainder, so the count is about n_files
+    rate = n_files / (sum(g.studies_per_day(d.weekday()) for d in dates) * per_study)
+    rng, study = g.rng, 0
+    for m, pm in sorted(zip(g.modalities, g.mod_p, strict=True)):
+        shape = SHAPES[m]
+        for date in reversed(dates):
+            mtime = dt.datetime.combine(date, dt.time(12)).timestamp()
+            for _ in range(int(rng.poisson(g.studies_per_day(date.weekday()) * pm * rate))):
+                sizes, starts = draw_instances(rng, shape)
+                for se in range(len(starts) - 1):
+                    prefix = f"{m}/{date.isoformat()}/ST{study:08d}/SE{se + 1:03d}/"
+                    for k, size in enumerate(sizes[starts[se]:starts[se + 1]].tolist()):
+                        yield f"{prefix}{k + 1:05d}.dcm", size, mtime
+                study += 1
+
+
 __all__ = ["ModalityShape", "Department", "WorkloadParams", "SHAPES", "PRESETS", "preset", "oncology",
-           "Generator", "Study", "Event", "Request", "generate", "archive_totals"]
+           "Generator", "Study", "Event", "Request", "generate", "archive_totals", "archive_listing",
+           "draw_instances", "expected_files_per_study"]

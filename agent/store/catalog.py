@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import itertools
 import sqlite3
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -260,11 +261,17 @@ class Catalog:
             "ORDER BY last_access LIMIT ?", (limit,)).fetchall()
         return [_entry(r) for r in rows]
 
-    def files_after(self, last: str, limit: int, *, cached_only: bool = False) -> list[Entry]:
+    def files_after(self, last: str, limit: int) -> list[Entry]:
         """A page of files in path order after `last` (keyset pagination keeps memory flat)."""
-        cond = " AND blob IS NOT NULL" if cached_only else ""
-        rows = self.db.execute(f"SELECT {_COLUMNS} FROM entries WHERE path > ? AND is_dir = 0{cond} "
+        rows = self.db.execute(f"SELECT {_COLUMNS} FROM entries WHERE path > ? AND is_dir = 0 "
                                "ORDER BY path LIMIT ?", (last, limit)).fetchall()
+        return [_entry(r) for r in rows]
+
+    def cached_after(self, last_blob: str, limit: int) -> list[Entry]:
+        """A page of cached files in blob order after `last_blob`: through the partial blob index, so a
+        page costs what the cache holds, not what the archive holds (in path order it scanned every file)."""
+        rows = self.db.execute(f"SELECT {_COLUMNS} FROM entries WHERE blob > ? ORDER BY blob LIMIT ?",
+                               (last_blob, limit)).fetchall()
         return [_entry(r) for r in rows]
 
     def walk_files(self, batch: int = 1000) -> Iterator[Entry]:
@@ -403,6 +410,28 @@ class Catalog:
                     "VALUES (?, ?, ?, 0, ?, ?, 'clean', ?, 1)",
                     (prefix + o.name, path, o.name, o.size, o.mtime, o.etag))
             self.db.execute("UPDATE entries SET listed = 1 WHERE path = ?", (path,))
+
+    def import_inventory(self, files: Iterable[tuple[str, int, float]], batch: int = 200_000) -> int:
+        """Record objects already in S3 (an inventory of path, size, mtime) as clean, uncached files.
+
+        The inventory is taken as complete: the directories it implies are created as listed, so they are
+        never listed remotely. Existing rows are kept. Bulk speed needs path order; memory is one batch.
+        → the number of files added.
+        """
+        added, rows = 0, iter(files)
+        while chunk := list(itertools.islice(rows, batch)):
+            dirs = {d for p in {parent_of(f[0]) for f in chunk} for d in ancestors(p + "/x")[1:]}
+            with self._tx(durable=False):
+                self.db.executemany(
+                    "INSERT OR IGNORE INTO entries (path, parent, name, is_dir, mtime, listed) "
+                    "VALUES (?, ?, ?, 1, ?, 1)",
+                    ((d, parent_of(d), name_of(d), chunk[0][2]) for d in sorted(dirs)))
+                self.db.execute("UPDATE entries SET listed = 1 WHERE path = ''")
+                added += self.db.executemany(
+                    "INSERT OR IGNORE INTO entries (path, parent, name, is_dir, size, mtime, state, gen) "
+                    "VALUES (?, ?, ?, 0, ?, ?, 'clean', 1)",
+                    ((p, parent_of(p), name_of(p), size, mtime) for p, size, mtime in chunk)).rowcount
+        return added
 
     # --- upload queue ----------------------------------------------------------------------
 

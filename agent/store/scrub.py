@@ -41,7 +41,7 @@ class Scrubber:
     async def scrub_pass(self) -> tuple[int, int]:
         checked = bad = 0
         last = ""
-        while page := await self.db.files_after(last, PAGE, cached_only=True):
+        while page := await self.db.cached_after(last, PAGE):
             for e in page:
                 await self.bucket.acquire(e.size)
                 fd, problem = await asyncio.to_thread(self.cache.open_verified, e.blob, e.sha256)
@@ -57,5 +57,5 @@ class Scrubber:
                     self.cache.remove(e.blob)
                     log.error("cache_copy_corrupt", path=e.path, blob=e.blob, problem=problem,
                               action="dropped; the next read fetches it again", found_by="scrub")
-            last = page[-1].path
+            last = page[-1].blob
         return checked, bad

@@ -75,6 +75,12 @@ def meta_sha(metadata: dict[str, str] | None) -> str | None:
     return {k.lower(): v for k, v in (metadata or {}).items()}.get(META_SHA)
 
 
+def read_verified(fd: int, size: int, sha256: str) -> bytes | None:
+    """The size bytes behind fd if they hash to sha256, else None. Blocking (read and hash off the loop)."""
+    body = os.pread(fd, size, 0)
+    return body if len(body) == size and hashlib.sha256(body).hexdigest() == sha256 else None
+
+
 def b64(digest_hex: str) -> str:
     return base64.b64encode(bytes.fromhex(digest_hex)).decode()
 
@@ -130,8 +136,8 @@ class S3Uplink:
         lock_args = lock.s3_args() if lock else {}
         if size >= self.cfg.multipart_threshold:
             return await self._put_multipart(path, fd, size, sha256, lock_args)
-        body = await asyncio.to_thread(os.pread, fd, size, 0)
-        if len(body) != size or hashlib.sha256(body).hexdigest() != sha256:
+        body = await asyncio.to_thread(read_verified, fd, size, sha256)
+        if body is None:
             raise ChecksumMismatch(f"{path}: cached content does not match its catalog checksum")
         await self.up_bucket.acquire(size)
         resp = await self._client.put_object(

@@ -1,0 +1,161 @@
+#!/usr/bin/env python3
+"""Read benchmark: cold (from S3) and cached reads over FTP at 1, 8 and 32 concurrent readers, ours vs rclone.
+
+    .venv/bin/python bench/read.py [--files 128 --size 1048576 --readers 1,8,32]
+
+Starts a loopback SeaweedFS and puts --files objects of --size bytes per reader count (a fresh set each,
+so every cold pass is really cold). Per reader count and target (our agent; `rclone serve ftp
+--vfs-cache-mode full`, both over the same objects), it lists the directory first (untimed: both then
+know the files), reads every file once (cold: fetched from S3) and once more (cached: from the local
+SSD cache), the files split over the readers, each reader its own FTP session. Printed: MB/s and files/s
+over the pass, first-byte latency p50/p99 (RETR sent → first data byte), the server's CPU time per file
+(user + system: on a shared, loaded machine the steadier figure), the load average, and the ratios
+ours/rclone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import psutil  # noqa: E402
+
+from agent.devstack import ObjectStore  # noqa: E402
+from bench.common import (  # noqa: E402
+    BUCKET,
+    content,
+    ftp_login,
+    load,
+    pct,
+    pool,
+    ratio,
+    retr,
+    start_agent,
+    start_rclone,
+    table,
+)
+
+
+def names(readers: int, files: int) -> list[str]:
+    return [f"r{readers}/CT/2026-11-23/1.2.840.7/1/{i:05d}.dcm" for i in range(files)]
+
+
+def put_all(store: ObjectStore, keys: list[str], size: int, blocks: list[bytes]) -> None:
+    client = store.client()
+
+    def put(i: int) -> None:
+        client.put_object(Bucket=BUCKET, Key=keys[i], Body=content("read", i, size, blocks))
+
+    with ThreadPoolExecutor(16) as ex:
+        list(ex.map(put, range(len(keys))))
+
+
+def cpu_seconds(pid: int) -> float:
+    t = psutil.Process(pid).cpu_times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
+def read_pass(port: int, pid: int, paths: list[str], readers: int, size: int) -> dict:
+    """Every path read once, split over `readers` FTP sessions → MB/s, files/s, first-byte p50/p99 and the
+    server's CPU time per file (its own work, less sensitive than wall time to a loaded machine)."""
+    firsts: list[float] = []
+    errors: list[str] = []
+    lock = threading.Lock()
+    sessions = [ftp_login(port) for _ in range(readers)]
+
+    def reader(k: int) -> None:
+        for path in paths[k::readers]:
+            first, got = retr(sessions[k], path)
+            with lock:
+                firsts.append(first)
+                if got != size:
+                    errors.append(f"{path}: {got} bytes")
+
+    threads = [threading.Thread(target=reader, args=(k,)) for k in range(readers)]
+    at, t0, cpu0 = load(), time.perf_counter(), cpu_seconds(pid)
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall, cpu = time.perf_counter() - t0, cpu_seconds(pid) - cpu0
+    for s in sessions:
+        s.quit()
+    return {"MB_per_s": round(len(firsts) * size / wall / 1e6, 1), "files_per_s": round(len(firsts) / wall, 1),
+            "first_byte_p50_ms": pct(firsts, 0.5), "first_byte_p99_ms": pct(firsts, 0.99),
+            "cpu_ms_per_file": round(cpu * 1000 / max(1, len(firsts)), 2),
+            "errors": len(errors) + len(paths) - len(firsts), "load": at}
+
+
+def measure(port: int, pid: int, keys: list[str], readers: int, size: int) -> list[dict]:
+    ftp = ftp_login(port)
+    ftp.retrlines(f"LIST /{keys[0].rsplit('/', 1)[0]}", lambda _: None)  # both now know the files
+    ftp.quit()
+    return [{"pass": label, **read_pass(port, pid, keys, readers, size)} for label in ("cold", "cached")]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--files", type=int, default=128, help="files per reader count (default 128)")
+    ap.add_argument("--size", type=int, default=2**20, help="bytes per file (default 1 MiB)")
+    ap.add_argument("--readers", default="1,8,32")
+    ap.add_argument("--targets", default="pacsgw,rclone")
+    args = ap.parse_args()
+    levels = [int(r) for r in args.readers.split(",")]
+    targets = args.targets.split(",")
+
+    work = Path(tempfile.mkdtemp(prefix="pacsgw-read-"))
+    store = ObjectStore("seaweedfs", work / "s3")
+    servers: list = []
+    try:
+        store.start()
+        store.create_bucket(BUCKET)
+        blocks = pool(args.size)
+        for r in levels:
+            put_all(store, ["read/" + k for k in names(r, args.files)], args.size, blocks)
+        concurrency = max(8, max(levels))
+        print(f"read bench: {args.files} files x {args.size} B per reader count, readers {levels}, FTP, "
+              f"pacsgw vs rclone --vfs-cache-mode full (--transfers {concurrency}), SeaweedFS, load {load()}",
+              flush=True)
+        rows: list[dict] = []
+        for target in targets:
+            if target == "pacsgw":
+                server = start_agent(work / target, store, "read/", concurrency=concurrency)
+                port = server.ftp_port
+            else:
+                server = start_rclone("ftp", work / target, store, "read", cache_mode="full", transfers=concurrency)
+                port = server.port
+            servers.append(server)
+            for r in levels:
+                for row in measure(port, server.proc.pid, names(r, args.files), r, args.size):
+                    rows.append({"target": target, "readers": r, **row})
+                    print(json.dumps(rows[-1]), flush=True)
+            server.stop()
+        if len(targets) == 2:
+            ours = {(x["readers"], x["pass"]): x for x in rows if x["target"] == targets[0]}
+            for x in [x for x in rows if x["target"] == targets[1]]:
+                o = ours[(x["readers"], x["pass"])]
+                rows.append({"target": "ours/rclone", "readers": x["readers"], "pass": x["pass"],
+                             **{c: ratio(o[c], x[c]) for c in ("MB_per_s", "files_per_s", "first_byte_p50_ms",
+                                                               "first_byte_p99_ms", "cpu_ms_per_file")}})
+        print()
+        print(table(rows, ["target", "readers", "pass", "MB_per_s", "files_per_s", "first_byte_p50_ms",
+                           "first_byte_p99_ms", "cpu_ms_per_file", "errors", "load"]))
+        return 1 if any(x.get("errors") for x in rows) else 0
+    finally:
+        for server in servers:
+            server.stop()
+        store.stop()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,22 @@
+"""The benchmarks still run: each script on a tiny size, against its real servers (ours and rclone)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("script, args", [
+    ("ingest.py", ["--files", "4", "--clients", "2", "--size", "4096", "--verify", "--protocols", "ftp,sftp"]),
+    ("read.py", ["--files", "2", "--readers", "1", "--size", "4096"]),
+])
+def test_bench_script_runs_on_a_tiny_size(script, args):
+    out = subprocess.run([sys.executable, str(ROOT / "bench" / script), *args], capture_output=True, text=True,
+                         timeout=600, cwd=ROOT)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    assert "ours/rclone" in out.stdout
