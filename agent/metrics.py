@@ -25,6 +25,16 @@ class Metrics:
                                        buckets=_LATENCY_BUCKETS)
         self.errors = Counter("pacsgw_errors", "Errors returned to clients", ["protocol", "kind"], registry=r)
         self.evictions = Counter("pacsgw_evictions", "Cached copies dropped", registry=r)
+        self.evicted_bytes = Counter("pacsgw_evicted_bytes", "Bytes of cached copies dropped", registry=r)
+        self.prefetched_files = Counter("pacsgw_prefetched_files", "Files fetched ahead of any read", registry=r)
+        self.prefetched_bytes = Counter("pacsgw_prefetched_bytes", "Bytes fetched ahead of any read", registry=r)
+        self.prefetch_used_files = Counter("pacsgw_prefetch_used_files", "Prefetched files later read",
+                                           registry=r)
+        self.prefetch_used_bytes = Counter("pacsgw_prefetch_used_bytes", "Bytes of prefetched files later read",
+                                           registry=r)
+        self.prefetch_hit_ratio = Gauge("pacsgw_prefetch_hit_ratio",
+                                        "Share of the files prefetched since start that were later read",
+                                        registry=r)
         self.queue_depth = Gauge("pacsgw_upload_queue_files", "Files waiting for object storage", registry=r)
         self.queue_bytes = Gauge("pacsgw_upload_queue_bytes", "Bytes waiting for object storage", registry=r)
         self.cached_bytes = Gauge("pacsgw_cache_bytes", "Bytes held in the SSD cache", registry=r)

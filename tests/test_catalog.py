@@ -163,7 +163,7 @@ def test_hot_queries_never_scan_the_whole_catalog(cat):
     now = time.time()
     cat.get("d1/f1"), cat.children("d1"), cat.has_children("d1"), cat.totals(), cat.oldest_dirty()
     cat.due_uploads(now, 16), cat.next_due(), cat.due_tombstones(now, 16), cat.tombstone_pending("x")
-    cat.lru_evictable(16), cat.files_after("", 16), cat.files_after("", 16, cached_only=True)
+    cat.files_after("", 16), cat.files_after("", 16, cached_only=True)
     cat.blob_referenced("nope"), cat.reset_uploading(), cat.rename("x.part", "x.dcm"), cat.delete("d1/f1")
     g = write(cat, "d2/new")
     cat.claim("d2/new", g), cat.mark_failed("d2/new", g, "e", now), cat.record_access([("d2/new", now, 1)])

@@ -77,6 +77,26 @@ CREATE TABLE IF NOT EXISTS heat (
     PRIMARY KEY (dir, day)
 ) WITHOUT ROWID;
 
+-- Files fetched ahead of any read by a prefetch, until they are read (a prefetch hit) or evicted.
+CREATE TABLE IF NOT EXISTS prefetched (
+    path   TEXT PRIMARY KEY,
+    bytes  INTEGER NOT NULL,
+    at     REAL NOT NULL
+) WITHOUT ROWID;
+
+-- One row per study directory seen being written ([prefetch] study_depth levels), from the DICOM header of
+-- its first file: what prior-study prefetch finds a patient's earlier studies by. patient is NULL for a
+-- directory whose first file was not DICOM (it is not looked at again).
+CREATE TABLE IF NOT EXISTS studies (
+    dir        TEXT PRIMARY KEY,
+    patient    TEXT,
+    study_uid  TEXT,
+    study_date TEXT,
+    modality   TEXT,
+    recorded   REAL NOT NULL
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS studies_patient ON studies(patient, study_date) WHERE patient IS NOT NULL;
+
 CREATE TABLE IF NOT EXISTS totals (
     id           INTEGER PRIMARY KEY CHECK (id = 1),
     files        INTEGER NOT NULL,
@@ -254,11 +274,27 @@ class Catalog:
     def tombstone_count(self) -> int:
         return self.db.execute("SELECT COUNT(*) FROM tombstones").fetchone()[0]
 
-    def lru_evictable(self, limit: int) -> list[Entry]:
-        rows = self.db.execute(
-            f"SELECT {_COLUMNS} FROM entries WHERE state = 'clean' AND blob IS NOT NULL "
-            "ORDER BY last_access LIMIT ?", (limit,)).fetchall()
+    def eviction_rows(self) -> list[tuple[str, int, int, float, int, float]]:
+        """(path, gen, size, last access, access count, mtime) of every clean cached file: the eviction
+        policy's input. Dirty and uploading files are never in it."""
+        return self.db.execute(
+            "SELECT path, gen, size, COALESCE(last_access, mtime), access_count, mtime FROM entries "
+            "WHERE state = 'clean' AND blob IS NOT NULL ORDER BY last_access").fetchall()
+
+    def files_under(self, path: str) -> list[Entry]:
+        """Every file below directory path (a range scan of the primary key)."""
+        rows = self.db.execute(f"SELECT {_COLUMNS} FROM entries WHERE path > ? AND path < ? AND is_dir = 0 "
+                               "ORDER BY path", (path + "/", path + "0")).fetchall()  # '0' sorts after '/'
         return [_entry(r) for r in rows]
+
+    def count_files_under(self, path: str) -> int:
+        return self.db.execute("SELECT COUNT(*) FROM entries WHERE path > ? AND path < ? AND is_dir = 0",
+                               (path + "/", path + "0")).fetchone()[0]
+
+    def writes_since(self, since: float) -> list[tuple[str, int]]:
+        """(parent directory, files) of files stored since `since`: the prefetch cold-start rule's input."""
+        return self.db.execute("SELECT parent, COUNT(*) FROM entries WHERE is_dir = 0 AND mtime >= ? "
+                               "GROUP BY parent", (since,)).fetchall()
 
     def files_after(self, last: str, limit: int, *, cached_only: bool = False) -> list[Entry]:
         """A page of files in path order after `last` (keyset pagination keeps memory flat)."""
@@ -384,6 +420,7 @@ class Catalog:
             if e.is_dir:
                 raise IsADirectory(path)
             self.db.execute("DELETE FROM entries WHERE path = ?", (path,))
+            self.db.execute("DELETE FROM prefetched WHERE path = ?", (path,))
             self.db.execute("INSERT OR IGNORE INTO tombstones (key, queued) VALUES (?, ?)", (path, now))
         return e.blob
 
@@ -473,6 +510,7 @@ class Catalog:
             if row is None:
                 return None
             self.db.execute("UPDATE entries SET blob = NULL WHERE path = ?", (path,))
+            self.db.execute("DELETE FROM prefetched WHERE path = ?", (path,))
             return row[0]
 
     def drop_corrupt(self, path: str, blob: str) -> bool:
@@ -483,17 +521,43 @@ class Catalog:
             return cur.rowcount == 1
 
     def record_access(self, hits: Iterable[tuple[str, float, int]],
-                      heat: Iterable[tuple[str, str, int, int, int]] = ()) -> None:
+                      heat: Iterable[tuple[str, str, int, int, int]] = ()) -> tuple[int, int]:
         """Batched access statistics: per file (path, last access time, count) and per directory and day
-        (dir, day, reads, misses, bytes)."""
+        (dir, day, reads, misses, bytes). → (files, bytes) of prefetched files read for the first time."""
+        hits = list(hits)
         with self._tx(durable=False):
             self.db.executemany("UPDATE entries SET last_access = MAX(COALESCE(last_access, 0), ?), "
                                 "access_count = access_count + ? WHERE path = ?",
                                 [(t, n, p) for p, t, n in hits])
+            used = [r for (p, _, _) in hits
+                    for r in self.db.execute("DELETE FROM prefetched WHERE path = ? RETURNING bytes", (p,))]
             self.db.executemany(
                 "INSERT INTO heat (dir, day, reads, misses, bytes) VALUES (?, ?, ?, ?, ?) "
                 "ON CONFLICT (dir, day) DO UPDATE SET reads = reads + excluded.reads, "
                 "misses = misses + excluded.misses, bytes = bytes + excluded.bytes", list(heat))
+        return len(used), sum(b for (b,) in used)
+
+    def mark_prefetched(self, path: str, size: int) -> None:
+        with self._tx(durable=False):
+            self.db.execute("INSERT OR REPLACE INTO prefetched (path, bytes, at) VALUES (?, ?, ?)",
+                            (path, size, time.time()))
+
+    def study_known(self, dir: str) -> bool:
+        return self.db.execute("SELECT 1 FROM studies WHERE dir = ?", (dir,)).fetchone() is not None
+
+    def record_study(self, dir: str, patient: str | None, study_uid: str | None, study_date: str | None,
+                     modality: str | None) -> bool:
+        """Remember a study directory (first writer wins). → False if it was already known."""
+        with self._tx(durable=False):
+            cur = self.db.execute("INSERT OR IGNORE INTO studies (dir, patient, study_uid, study_date, modality, "
+                                  "recorded) VALUES (?, ?, ?, ?, ?, ?)",
+                                  (dir, patient, study_uid, study_date, modality, time.time()))
+            return cur.rowcount == 1
+
+    def patient_studies(self, patient: str) -> list[tuple[str, str | None, str | None, str | None]]:
+        """(dir, study_uid, study_date, modality) of every study of a patient, oldest first."""
+        return self.db.execute("SELECT dir, study_uid, study_date, modality FROM studies "
+                               "WHERE patient = ? ORDER BY study_date, dir", (patient,)).fetchall()
 
     def heat_since(self, day: str) -> list[tuple[str, str, int, int, int]]:
         """(dir, day, reads, misses, bytes) for every directory read on or after day (YYYY-MM-DD)."""
