@@ -175,16 +175,14 @@ def _plan_text(plan: dict) -> str:
 
 def _follow_prefetch(url: str) -> int:
     import time
-    _, first = _admin(url)
-    run = first["status"]
-    with _bar(run["planned_bytes"] or first["planned_bytes"], "prefetch", "B") as bar:
+    with _bar(0, "prefetch", "B") as bar:
         while True:
-            bar.total = max(run["planned_bytes"], bar.total or 0)
+            run = _admin(url + "?status=1")[1]["status"]
+            bar.total = run["planned_bytes"]  # known once the run has planned
             bar.update(run["fetched_bytes"] - bar.n)
             if not run["running"]:
                 break
             time.sleep(0.5)
-            run = _admin(url + "?status=1")[1]["status"]
     print(f"prefetched {run['fetched_files']} files, {run['fetched_bytes']} bytes"
           + (f"; stopped: {run['stopped']}" if run["stopped"] else ""))
     return 0

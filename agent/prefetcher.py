@@ -127,7 +127,7 @@ class DirPrefetcher:
         self.predictor = _load_predictor(cfg)
         self.status = RunStatus()
         self._lock = asyncio.Lock()
-        self._last_window = 0.0
+        self._model_lock = asyncio.Lock()  # one LiteRT interpreter: a dry run must not resize it under a run
 
     async def history(self, now: float) -> History:
         today = dt.date.fromtimestamp(now)
@@ -139,7 +139,8 @@ class DirPrefetcher:
     async def rank(self, now: float) -> list[RankedDir]:
         h = await self.history(now)
         if not h.empty and self.predictor is not None:
-            return await asyncio.to_thread(rank_by_model, h, self.predictor, self.predictor.version)
+            async with self._model_lock:
+                return await asyncio.to_thread(rank_by_model, h, self.predictor, self.predictor.version)
         days = self.cfg.prefetch.cold_start_days
         writes: dict[str, int] = {}
         for parent, n in await self.db.writes_since(now - days * 86400):
@@ -188,12 +189,14 @@ class DirPrefetcher:
             return status
 
     async def loop(self) -> None:
-        """Start one run in each window (a restart inside the window runs again: cached files are skipped)."""
+        """Start one run in each window. The window is marked in the catalog when its run starts, so a
+        restart inside the window does not spend max_bytes a second time."""
         while True:
             now = time.time()
             start, _ = window_bounds(now, self.cfg.prefetch.window)
-            if start <= now and start != self._last_window and self.fetcher.pressure() < Level.HIGH:
-                self._last_window = start
+            if (start <= now and self.fetcher.pressure() < Level.HIGH
+                    and await self.db.get_state("prefetch_window") != str(start)):
+                await self.db.set_state("prefetch_window", str(start))
                 try:
                     await self.run()
                 except Exception as e:  # noqa: BLE001 - a failed run must not end the loop

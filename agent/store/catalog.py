@@ -97,6 +97,12 @@ CREATE TABLE IF NOT EXISTS studies (
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS studies_patient ON studies(patient, study_date) WHERE patient IS NOT NULL;
 
+-- Small facts that must survive a restart (e.g. the start of the last prefetch window that had its run).
+CREATE TABLE IF NOT EXISTS agent_state (
+    key   TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+) WITHOUT ROWID;
+
 CREATE TABLE IF NOT EXISTS totals (
     id           INTEGER PRIMARY KEY CHECK (id = 1),
     files        INTEGER NOT NULL,
@@ -541,6 +547,14 @@ class Catalog:
         with self._tx(durable=False):
             self.db.execute("INSERT OR REPLACE INTO prefetched (path, bytes, at) VALUES (?, ?, ?)",
                             (path, size, time.time()))
+
+    def get_state(self, key: str) -> str | None:
+        row = self.db.execute("SELECT value FROM agent_state WHERE key = ?", (key,)).fetchone()
+        return row[0] if row else None
+
+    def set_state(self, key: str, value: str) -> None:
+        with self._tx():
+            self.db.execute("INSERT OR REPLACE INTO agent_state (key, value) VALUES (?, ?)", (key, value))
 
     def study_known(self, dir: str) -> bool:
         return self.db.execute("SELECT 1 FROM studies WHERE dir = ?", (dir,)).fetchone() is not None
