@@ -220,7 +220,7 @@ class Agent:
             want = parse_size(query["bytes"]) if "bytes" in query else self.gateway.evictor.excess(totals.cached_bytes)
         except ValueError:
             return 400, {"error": f"bytes={query['bytes']!r} is not a size such as '10MB'"}
-        victims = await self.gateway.evictor.plan(want)
+        victims = await self.gateway.evictor.plan(want, explain=True)
         return 200, {"policy": self.cfg.cache.eviction, "bytes_to_free": want, "cached_bytes": totals.cached_bytes,
                      "k": getattr(self.gateway.evictor.policy, "last_k", None),
                      "victims": [dataclasses.asdict(v) for v in victims]}

@@ -144,7 +144,7 @@ class DirPrefetcher:
         days = self.cfg.prefetch.cold_start_days
         writes: dict[str, int] = {}
         for parent, n in await self.db.writes_since(now - days * 86400):
-            d = self.gateway.access.heat_dir(parent + "/x")
+            d = self.gateway.access.heat_dir(parent + "/x")  # heat_dir takes a file's path: any file in parent
             writes[d] = writes.get(d, 0) + n
         return rank_cold_start(writes, days)
 

@@ -140,6 +140,13 @@ def status_lines(h: dict[str, Any]) -> list[tuple[str, str]]:
                   f"disk {human_bytes(c['disk_free'])} free of {human_bytes(c['disk_total'])}"),
         ("memory", f"agent RSS {human_bytes(m['rss'])}, system available {human_bytes(m['available'])}"),
     ]
+    if h.get("prefetch"):
+        p = h["prefetch"]
+        rows.append(("prefetch", f"{p['state']}, window {p['window']}, last run "
+                                 f"{human_bytes(p['last_run']['fetched_bytes'])}"
+                                 + (f" (stopped: {p['last_run']['stopped']})" if p["last_run"]["stopped"] else "")))
+    if h.get("eviction"):
+        rows.append(("eviction", h["eviction"]["policy"]))
     if h.get("model"):
         rows.append(("model", f"{h['model'].get('version', '?')} ({h['model']['path']})"))
     return rows

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass
+from typing import Awaitable, Callable
 
 import numpy as np
 import structlog
@@ -63,8 +64,10 @@ def candidates(rows: list[tuple[str, int, int, float, int, float]]) -> Candidate
 
 
 class Evictor:
-    def __init__(self, cfg: CacheConfig, db: AsyncCatalog, cache: Cache, metrics: Metrics) -> None:
+    def __init__(self, cfg: CacheConfig, db: AsyncCatalog, cache: Cache, metrics: Metrics,
+                 flush_reads: Callable[[], Awaitable[None]]) -> None:
         self.cfg, self.db, self.cache, self.metrics = cfg, db, cache, metrics
+        self.flush_reads = flush_reads  # reads are buffered for seconds: the policy must see the latest
         self.policy = policy_for(cfg)
         self._lock = asyncio.Lock()
 
@@ -79,14 +82,16 @@ class Evictor:
             return 0
         return int(used - c.low_watermark * limit)
 
-    async def plan(self, bytes_to_free: int) -> list[Victim]:
-        """What the policy would evict to free bytes_to_free, in eviction order (no file is touched)."""
+    async def plan(self, bytes_to_free: int, *, explain: bool = False) -> list[Victim]:
+        """What the policy would evict to free bytes_to_free, in eviction order (no file is touched);
+        explain: with each file's k-means cluster and score (for `pacsgw evict --dry-run`)."""
+        await self.flush_reads()
         cand = candidates(await self.db.eviction_rows())
         now = time.time()
         # the policy (sklearn for kmeans) is CPU work: off the event loop
         order = await asyncio.to_thread(self.policy.select_victims, cand.table, bytes_to_free, now)
         cluster, score = (await asyncio.to_thread(self.policy.clusters, cand.table, now)
-                          if isinstance(self.policy, eviction.KMeansEviction) else (None, None))
+                          if explain and isinstance(self.policy, eviction.KMeansEviction) else (None, None))
         t = cand.table
         return [Victim(cand.paths[i], int(cand.gens[i]), int(t.size[i]), float(t.last_access[i]),
                        int(t.access_count[i]), None if cluster is None else int(cluster[i]),

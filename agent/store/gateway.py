@@ -212,7 +212,7 @@ class Gateway:
         self._listings: dict[str, asyncio.Future] = {}
         self.access = AccessStats(cfg.prefetch.dir_depth)
         self._loops: list[asyncio.Task] = []
-        self.evictor = Evictor(cfg.cache, db, cache, metrics)
+        self.evictor = Evictor(cfg.cache, db, cache, metrics, self._flush_access)
         self.on_stored: Callable[[str, str], None] | None = None  # (path, blob) after a commit: prior prefetch
         self.active_writes = 0
         self._writes_idle = asyncio.Event()
