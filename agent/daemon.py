@@ -202,7 +202,7 @@ class Agent:
         return 200, plan.as_json() | {"status": self.prefetcher.status.as_json()}
 
     async def admin_prefetch_run(self, query: dict[str, str], body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
-        """`pacsgw prefetch`: start a run now (it ends with the current or next window, like a scheduled one)."""
+        """`pacsgw prefetch`: start a run now (it ends with the current window, or after a window's length)."""
         if self.prefetcher.status.running:
             return 409, {"error": "a prefetch run is already running", "status": self.prefetcher.status.as_json()}
         if self.monitor.current.level >= Level.HIGH:

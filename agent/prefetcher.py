@@ -150,8 +150,11 @@ class DirPrefetcher:
 
     async def plan(self, now: float) -> Plan:
         """Rank, list the top `top_dirs`, and fit them into max_bytes and what the line carries by the
-        window's end (the current window, or the next one when outside it)."""
+        window's end. Outside the window (a dry run, or `pacsgw prefetch` by hand) a run now gets the
+        window's length."""
         start, end = window_bounds(now, self.cfg.prefetch.window)
+        if now < start:
+            start, end = now, now + (end - start)
         ranked = await self.rank(now)
         listed: list[PlannedDir] = []
         for r in ranked[: self.cfg.prefetch.top_dirs]:
@@ -170,7 +173,7 @@ class DirPrefetcher:
         return Plan(ranked, chosen, skipped, budget.byte_limit, end)
 
     async def run(self) -> RunStatus:
-        """One prefetch run now, ending at the current (or next) window's end."""
+        """One prefetch run now, ending with the current window (or after a window's length, outside it)."""
         async with self._lock:
             self.status = status = RunStatus(running=True)
             p = await self.plan(time.time())
