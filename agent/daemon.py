@@ -252,9 +252,6 @@ class Agent:
         self.metrics.queue_bytes.set(totals.queue_bytes)
         self.metrics.cached_bytes.set(totals.cached_bytes)
         self.metrics.uplink_up.set(1 if self.uploader.reachable else 0)
-        prefetched = self.metrics.prefetched_files._value.get()
-        self.metrics.prefetch_hit_ratio.set(self.metrics.prefetch_used_files._value.get() / prefetched
-                                            if prefetched else 0.0)
         return self.metrics.render()
 
 

@@ -246,21 +246,20 @@ class PriorFetcher:
         try:
             if await self.db.study_known(d):
                 return
-            header = await asyncio.to_thread(read_header, blob_path)
-            if not await self.db.record_study(d, *header):
+            h = await asyncio.to_thread(read_header, blob_path)
+            if not await self.db.record_study(d, h.patient, h.study_uid, h.study_date, h.modality):
                 return
-            log.info("study_recorded", dir=d, first=path, dicom=header[0] is not None, modality=header[3])
-            if header[0] is not None:
-                await self.fetch_priors(d, header)
+            log.info("study_recorded", dir=d, first=path, dicom=h.patient is not None, modality=h.modality)
+            if h.patient is not None:
+                await self.fetch_priors(d, h)
         except Exception as e:  # noqa: BLE001 - prior prefetch is best effort; the store itself succeeded
             log.error("prior_prefetch_failed", dir=d, error=repr(e)[:300])
 
-    async def fetch_priors(self, d: str, header: tuple) -> None:
-        patient, _, study_date, modality = header
-        studies = await self.db.patient_studies(patient)
+    async def fetch_priors(self, d: str, h: StudyHeader) -> None:
+        studies = await self.db.patient_studies(h.patient)
         info = [StudyInfo(i, m or "", _ordinal(day), 0) for i, (_, _, day, m) in enumerate(studies)]
         keys = [s[0] for s in studies]
-        new = StudyInfo(keys.index(d), modality or "", _ordinal(study_date), 0)
+        new = StudyInfo(keys.index(d), h.modality or "", _ordinal(h.study_date), 0)
         cands: list[Candidate] = []
         files: dict[str, tuple[int, list[Entry]]] = {}
         for rank, prior, heat in self.policy.candidates(new, info):
@@ -289,16 +288,27 @@ def _ordinal(day: str | None) -> float:
         return 0.0
 
 
-def read_header(path: Path) -> tuple[str | None, str | None, str | None, str | None]:
-    """(PatientID, StudyInstanceUID, StudyDate, Modality) from a DICOM file's header (pixels not read);
-    all None for a file that is not DICOM."""
+@dataclass(frozen=True)
+class StudyHeader:
+    """What prior-study prefetch needs from a DICOM header; all None for a file that is not DICOM."""
+
+    patient: str | None = None
+    study_uid: str | None = None
+    study_date: str | None = None     # DICOM DA: YYYYMMDD
+    modality: str | None = None
+
+
+def read_header(path: Path) -> StudyHeader:
+    """The header of a DICOM file (pixel data not read)."""
     import pydicom
     from pydicom.errors import InvalidDicomError
     try:
         ds = pydicom.dcmread(path, stop_before_pixels=True,
                              specific_tags=["PatientID", "StudyInstanceUID", "StudyDate", "Modality"])
     except (InvalidDicomError, ValueError, EOFError):  # OSError (the copy vanished) is not 'not DICOM'
-        return None, None, None, None
-    patient = str(ds.get("PatientID", "") or "") or None
-    return (patient, str(ds.get("StudyInstanceUID", "") or "") or None,
-            str(ds.get("StudyDate", "") or "") or None, str(ds.get("Modality", "") or "") or None)
+        return StudyHeader()
+
+    def text(keyword: str) -> str | None:
+        return str(ds.get(keyword, "") or "") or None
+
+    return StudyHeader(text("PatientID"), text("StudyInstanceUID"), text("StudyDate"), text("Modality"))

@@ -462,8 +462,7 @@ class Gateway:
         if fill.error is not None:
             return False
         await self.db.mark_prefetched(e.path, e.size)
-        self.metrics.prefetched_files.inc()
-        self.metrics.prefetched_bytes.inc(e.size)
+        self.metrics.note_prefetched(e.size)
         return True
 
     def _start_fill(self, e: Entry) -> _Fill:
@@ -512,9 +511,7 @@ class Gateway:
     async def _flush_access(self) -> None:
         files, heat = self.access.drain()
         if files:
-            used_files, used_bytes = await self.db.record_access(files, heat)
-            self.metrics.prefetch_used_files.inc(used_files)
-            self.metrics.prefetch_used_bytes.inc(used_bytes)
+            self.metrics.note_prefetch_used(*await self.db.record_access(files, heat))
 
     async def _flush_access_loop(self) -> None:
         while True:
