@@ -4,6 +4,7 @@ back from S3."""
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import subprocess
 import sys
@@ -148,3 +149,25 @@ def test_catalog_rows_feed_the_configured_policy():
     age = policy_for(CacheConfig(dir="/x", eviction="age", age_max_days=1))
     assert age.max_age == 86400
     assert candidates([]).table.size.size == 0
+
+
+def test_kmeans_is_refitted_on_schedule_in_the_agent(agent_factory):
+    """With nothing to evict, the agent still fits K-means on its clean files every kmeans_refit_seconds."""
+    a = agent_factory(**{"cache.eviction": "kmeans", "cache.evict_interval_seconds": 0.2,
+                         "cache.kmeans_refit_seconds": 1, "prefetch.enabled": False, "prefetch.priors": False})
+    a.start()
+    ftp = ftp_login(a)
+    for i in range(30):
+        assert ftp_put(ftp, f"CT/2026-11-22/s/{i}.dcm", payload(i, 1000 * (i + 1))).startswith("226")
+    ftp.quit()
+    a.wait_drained()
+    deadline = time.monotonic() + 30
+    while len([f for f in a.events("kmeans_fitted") if f["files"] == 30]) < 2:  # fitted, and fitted again
+        assert time.monotonic() < deadline, a.events("kmeans_fitted")
+        time.sleep(0.2)
+    fits = a.events("kmeans_fitted")
+    assert all(f["files"] > 24 and f["k"] >= 2 for f in fits)   # fewer files are ranked without clusters
+    # not on every 0.2 s pass: about once a second (the first fit also imports scikit-learn)
+    span = (dt.datetime.fromisoformat(fits[-1]["timestamp"]) - dt.datetime.fromisoformat(fits[0]["timestamp"]))
+    assert len(fits) <= span.total_seconds() / 1.0 + 2
+    assert not a.events("eviction_pass") and a.health()["eviction"]["k"] == a.events("kmeans_fitted")[-1]["k"]

@@ -118,11 +118,28 @@ class Evictor:
                      wanted=bytes_to_free, k=getattr(self.policy, "last_k", None))
         return freed
 
+    async def refit_if_due(self) -> None:
+        """K-means: fit again once the model is kmeans_refit_seconds old, whether or not anything has to go,
+        so the clusters follow the cache and the next pass under pressure does not wait for a fit."""
+        p = self.policy
+        if not isinstance(p, eviction.KMeansEviction) or p.cfg.refit_seconds <= 0:
+            return
+        now = time.time()
+        if p.fitted_at is not None and now - p.fitted_at < p.cfg.refit_seconds:
+            return
+        cand = candidates(await self.db.eviction_rows())
+        if len(cand.table):
+            await asyncio.to_thread(p.clusters, cand.table, now)
+            if p.fitted_at == now:  # too few (or identical) files are ranked by score alone, without a fit
+                log.info("kmeans_fitted", files=len(cand.table), k=p.last_k)
+
     async def run(self) -> None:
         """The background pass: above the high watermark, evict down to the low watermark."""
         while True:
             await asyncio.sleep(self.cfg.evict_interval_seconds)
             try:
+                async with self._lock:
+                    await self.refit_if_due()
                 totals = await self.db.totals()
                 await self.free(self.excess(totals.cached_bytes), "high watermark")
             except Exception as e:  # noqa: BLE001 - a failed pass (e.g. disk full) is retried next interval
