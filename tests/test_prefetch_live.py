@@ -159,3 +159,17 @@ def test_prefetch_stops_when_its_window_ends(agent_factory):
     assert last < start["window_end"] + 3.0   # the file in flight at the end may land; nothing starts after
     assert len(cached_paths(a) - {"OT/big.bin"}) * FILE == stopped[0]["fetched_bytes"]
     assert cached_paths(a) <= set(data)
+
+
+def test_new_box_without_history_uses_the_cold_start_rule(agent_factory):
+    """No reads recorded yet: directories rank by the files stored into them lately, and that is said."""
+    a = agent_factory(**{"prefetch.enabled": False, "prefetch.priors": False}).start()
+    ftp = ftp_login(a)
+    for d, n in (("CT/2026-11-22", 3), ("MR/2026-11-22", 1)):
+        for i in range(n):
+            assert ftp_put(ftp, f"{d}/study/{i}.dcm", payload(i, 100)).startswith("226")
+    ftp.quit()
+    plan = json.loads(cli(a, "prefetch", "--dry-run", "--json").stdout)
+    assert [(r["dir"], r["heat"]) for r in plan["ranked"]] == [("CT/2026-11-22", 3.0), ("MR/2026-11-22", 1.0)]
+    assert plan["ranked"][0]["why"] == "cold start: 3 files stored in the last 7 days"
+    assert plan["chosen"] == [] and plan["planned_bytes"] == 0   # all of it is cached already
