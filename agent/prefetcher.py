@@ -225,6 +225,18 @@ class PriorFetcher:
 
     def __post_init__(self) -> None:
         self.policy = PriorPrefetcher(k=self.cfg.prefetch.priors_k)
+        self._learned = False
+
+    async def learn(self) -> None:
+        """Feed the policy what became of earlier prior fetches (opened or evicted unread), as the simulator
+        does; the outcomes live in the catalog, so what was learnt survives restarts."""
+        outcomes = await self.db.settle_prior_fetches()
+        if not self._learned:
+            outcomes = await self.db.prior_outcomes()  # every decided outcome, those just settled included
+            self._learned = True
+        for rank, used in outcomes:
+            if rank < self.policy.k:
+                self.policy.feedback(rank, used)
 
     def study_dir(self, path: str) -> str | None:
         parts = path.split("/")
@@ -256,6 +268,7 @@ class PriorFetcher:
             log.error("prior_prefetch_failed", dir=d, error=repr(e)[:300])
 
     async def fetch_priors(self, d: str, h: StudyHeader) -> None:
+        await self.learn()
         studies = await self.db.patient_studies(h.patient)
         info = [StudyInfo(i, m or "", _ordinal(day), 0) for i, (_, _, day, m) in enumerate(studies)]
         keys = [s[0] for s in studies]
@@ -274,8 +287,10 @@ class PriorFetcher:
         chosen.sort(key=lambda c: files[c.key][0])  # clinical order: the most relevant prior first
         deadline = time.time() + p.priors_window_seconds
         log.info("prior_prefetch", study=d, patient_studies=len(studies), priors=[c.key for c in chosen],
-                 bytes=sum(c.size for c in chosen))
+                 heat=[round(c.heat, 3) for c in chosen], bytes=sum(c.size for c in chosen),
+                 rank_heat=[round(self.policy.heat(r), 3) for r in range(self.policy.k)])
         for c in chosen:
+            await self.db.record_prior_fetch(c.key, files[c.key][0])
             if await self.fetcher.fetch(files[c.key][1], deadline, self.status, "prior"):
                 break
 

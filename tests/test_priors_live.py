@@ -106,6 +106,19 @@ def test_new_study_brings_the_patients_priors_into_the_cache(agent_factory):
         time.sleep(0.5)
     assert metric(a, "pacsgw_prefetch_hit_ratio") == 1.0
 
+    # The next new study of P1: the policy has learnt that the rank-0 prior it fetched was opened.
+    assert a.events("prior_prefetch")[-1]["rank_heat"] == [0.5, 0.5, 0.5]
+    ftp = ftp_login(a)
+    store_study(ftp, "CT/2026-11-24", "P1", "20261124", "CT", files=1)
+    ftp.quit()
+    deadline = time.monotonic() + 30
+    while len(a.events("prior_prefetch")) < 5:  # one per P1 study after the first, one per new study
+        assert time.monotonic() < deadline, a.events("prior_prefetch")
+        time.sleep(0.2)
+    assert a.events("prior_prefetch")[-1]["rank_heat"][0] == 0.667
+    # the CT prior was opened; the MR prior (rank 2 now, the budget holds it) is fetched, its outcome open
+    assert sorted(catalog_rows(a, "SELECT rank, used FROM prior_fetches")) == [(0, 1), (2, None)]
+
 
 def test_priors_off_reads_no_headers(agent_factory):
     a = agent_factory(**{"prefetch.enabled": False, "prefetch.priors": False}).start()

@@ -97,6 +97,15 @@ CREATE TABLE IF NOT EXISTS studies (
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS studies_patient ON studies(patient, study_date) WHERE patient IS NOT NULL;
 
+-- Prior studies fetched by prior-study prefetch, with their rank, until it is known whether they were opened
+-- (a file read after the fetch) or not (evicted unread): what PriorPrefetcher learns its per-rank heat from.
+CREATE TABLE IF NOT EXISTS prior_fetches (
+    dir     TEXT PRIMARY KEY,
+    rank    INTEGER NOT NULL,
+    fetched REAL NOT NULL,
+    used    INTEGER
+) WITHOUT ROWID;
+
 -- Small facts that must survive a restart (e.g. the start of the last prefetch window that had its run).
 CREATE TABLE IF NOT EXISTS agent_state (
     key   TEXT PRIMARY KEY,
@@ -547,6 +556,32 @@ class Catalog:
         with self._tx(durable=False):
             self.db.execute("INSERT OR REPLACE INTO prefetched (path, bytes, at) VALUES (?, ?, ?)",
                             (path, size, time.time()))
+
+    def record_prior_fetch(self, dir: str, rank: int) -> None:
+        with self._tx(durable=False):
+            self.db.execute("INSERT OR REPLACE INTO prior_fetches (dir, rank, fetched, used) VALUES (?, ?, ?, NULL)",
+                            (dir, rank, time.time()))
+
+    def settle_prior_fetches(self) -> list[tuple[int, bool]]:
+        """Decide the outcome of prior fetches still open: used when one of the study's files was read since,
+        unused when none of them is cached any more. → (rank, used) of those decided now."""
+        settled = []
+        with self._tx(durable=False):
+            for d, rank, fetched in self.db.execute(
+                    "SELECT dir, rank, fetched FROM prior_fetches WHERE used IS NULL").fetchall():
+                lo, hi = d + "/", d + "0"  # '0' sorts right after '/': the directory's subtree
+                read = self.db.execute("SELECT 1 FROM entries WHERE path > ? AND path < ? AND last_access > ? "
+                                       "LIMIT 1", (lo, hi, fetched)).fetchone()
+                cached = self.db.execute("SELECT 1 FROM entries WHERE path > ? AND path < ? AND blob IS NOT NULL "
+                                         "LIMIT 1", (lo, hi)).fetchone()
+                if read or not cached:
+                    self.db.execute("UPDATE prior_fetches SET used = ? WHERE dir = ?", (int(bool(read)), d))
+                    settled.append((rank, bool(read)))
+        return settled
+
+    def prior_outcomes(self) -> list[tuple[int, bool]]:
+        return [(r, bool(u)) for r, u in self.db.execute(
+            "SELECT rank, used FROM prior_fetches WHERE used IS NOT NULL").fetchall()]
 
     def get_state(self, key: str) -> str | None:
         row = self.db.execute("SELECT value FROM agent_state WHERE key = ?", (key,)).fetchone()
