@@ -22,7 +22,7 @@ from typing import Iterator
 
 import asyncssh
 
-from conftest import BUCKET, PASSWORD
+from harness import BUCKET, PASSWORD
 
 
 def payload(seed: int | str, size: int) -> bytes:

@@ -12,7 +12,7 @@ from pathlib import Path
 import smbclient
 from smbprotocol.connection import Connection
 
-from conftest import PASSWORD
+from harness import PASSWORD
 
 
 def smb_overrides(base: Path) -> dict:

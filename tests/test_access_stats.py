@@ -8,7 +8,7 @@ import sqlite3
 import time
 
 from agent.store.access import AccessStats
-from conftest import PASSWORD
+from harness import PASSWORD
 
 
 def test_directory_key_and_drain():

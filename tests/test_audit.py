@@ -11,7 +11,7 @@ import time
 import asyncssh
 import pytest
 
-from conftest import BUCKET, PASSWORD
+from harness import BUCKET, PASSWORD
 
 
 def audit_records(agent) -> list[dict]:

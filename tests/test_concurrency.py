@@ -11,7 +11,7 @@ import threading
 
 import asyncssh
 
-from conftest import PASSWORD, s3_objects, sha256
+from harness import PASSWORD, s3_objects, sha256
 
 CLIENTS, FILES = 32, 50
 

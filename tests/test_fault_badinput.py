@@ -22,8 +22,8 @@ from pathlib import Path
 import asyncssh
 import pytest
 
-from conftest import BUCKET, PASSWORD, s3_objects
 from faultkit import bucket_keys, catalog_rows, ftp_get, ftp_login, ftp_put, sftp_session, sha256, tree_snapshot
+from harness import BUCKET, PASSWORD, s3_objects
 
 ESCAPES = [
     "..", "../", "/..", "/../", "../MR/secret.dcm", "../../MR/secret.dcm", "/../MR/secret.dcm",

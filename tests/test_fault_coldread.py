@@ -15,8 +15,8 @@ import urllib.request
 
 import pytest
 
-from conftest import s3_objects
 from faultkit import ftp_get, ftp_login, ftp_put, metric, payload, sftp_session, sha256
+from harness import s3_objects
 
 BIG = 24 * 1024 * 1024
 

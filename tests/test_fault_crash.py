@@ -16,7 +16,6 @@ import threading
 import asyncssh
 import pytest
 
-from conftest import BUCKET, s3_objects
 from faultkit import (
     catalog_rows,
     ftp_get,
@@ -30,6 +29,7 @@ from faultkit import (
     sha256,
     staging_files,
 )
+from harness import BUCKET, s3_objects
 
 N_FILES = 2000
 FTP_CLIENTS = 4

@@ -30,7 +30,6 @@ import time
 import asyncssh
 import pytest
 
-from conftest import PASSWORD, s3_objects
 from faultkit import (
     catalog_rows,
     ftp_get,
@@ -47,6 +46,7 @@ from faultkit import (
     staging_files,
     wait_for,
 )
+from harness import PASSWORD, s3_objects
 
 SIZE = 4 * 1024 * 1024
 SENT = 1536 * 1024  # what the client managed to send before it went away

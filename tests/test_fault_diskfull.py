@@ -16,7 +16,6 @@ import os
 import asyncssh
 import pytest
 
-from conftest import s3_objects
 from faultkit import (
     catalog_rows,
     ftp_get,
@@ -30,6 +29,7 @@ from faultkit import (
     staging_files,
     tmpfs,
 )
+from harness import s3_objects
 
 FILE = 512 * 1024
 

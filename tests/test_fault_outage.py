@@ -12,8 +12,8 @@ import time
 
 import pytest
 
-from conftest import s3_objects
 from faultkit import Ingest, catalog_rows, wait_for
+from harness import s3_objects
 
 OUTAGE_SECONDS = 30
 

@@ -11,7 +11,7 @@ import time
 import aioftp
 import pytest
 
-from conftest import PASSWORD, s3_objects, sha256
+from harness import PASSWORD, s3_objects, sha256
 
 
 def ftp(agent, user: str = "pacs", password: str = PASSWORD) -> ftplib.FTP:

@@ -10,7 +10,7 @@ import sqlite3
 import pytest
 
 from agent.devstack import free_port
-from conftest import PASSWORD
+from harness import PASSWORD
 
 
 def ftp(agent) -> ftplib.FTP:
@@ -70,7 +70,7 @@ def fsck(agent, *args: str) -> tuple[int, dict]:
 
 
 def test_fsck_finds_and_repairs(agent_factory):
-    from conftest import BUCKET, s3_objects, sha256
+    from harness import BUCKET, s3_objects, sha256
     agent = agent_factory().start()
     files = {f"CT/{i}.dcm": os.urandom(30_000 + i) for i in range(6)}
     f = ftp(agent)

@@ -11,7 +11,7 @@ import threading
 import time
 import urllib.request
 
-from conftest import PASSWORD, s3_objects, sha256
+from harness import PASSWORD, s3_objects, sha256
 
 
 def fetch(agent, path: str) -> tuple[int, str]:

@@ -10,7 +10,7 @@ import sys
 import time
 
 from agent.policy.pressure import Level, Readings, Watermarks, assess, concurrency_at
-from conftest import PASSWORD, s3_objects, sha256
+from harness import PASSWORD, s3_objects, sha256
 
 W = Watermarks(disk_high=0.75, disk_critical=0.95, mem_available_high=8 << 30, mem_available_critical=2 << 30,
                rss_high=16 << 30, rss_critical=32 << 30)

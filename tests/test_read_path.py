@@ -9,7 +9,7 @@ import os
 
 import asyncssh
 
-from conftest import BUCKET, PASSWORD, sha256
+from harness import BUCKET, PASSWORD, sha256
 
 
 def test_replacement_box_discovers_existing_bucket(agent_factory, any_store):

@@ -11,8 +11,8 @@ import pytest
 from agent.sim.commands import main as sim
 from agent.sim.replay import ReplayConfig, replay
 from agent.sim.trace import iter_requests, load_arrays
-from conftest import BUCKET
 from faultkit import ftp_login, payload
+from harness import BUCKET
 
 SCALE = 1000          # live bytes = trace bytes / SCALE: the same cache decisions, a thousandth of the I/O
 # Of the bytes the trace touches. This small trace (2 days, 2556 requests) has a steep hit-ratio cliff between

@@ -8,7 +8,7 @@ import os
 import asyncssh
 import pytest
 
-from conftest import PASSWORD, s3_objects, sha256
+from harness import PASSWORD, s3_objects, sha256
 
 
 def connect(agent, user: str = "pacs", **kw):

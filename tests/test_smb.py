@@ -23,7 +23,7 @@ import smbclient
 from smbprotocol.exceptions import SMBException, SMBResponseException
 from smbutil import Smb, cleanup_smb, raw_create, smb_overrides
 
-from conftest import BUCKET, PASSWORD, s3_objects, sha256
+from harness import BUCKET, PASSWORD, s3_objects, sha256
 
 SMB_ERRORS = (OSError, SMBException)  # what smbprotocol raises for refusals and dead servers
 

@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from agent.devstack import ObjectStore
-from conftest import BUCKET, PASSWORD, s3_objects, sha256
+from harness import BUCKET, PASSWORD, s3_objects, sha256
 
 
 def make_ca_and_cert(directory) -> tuple:

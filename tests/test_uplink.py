@@ -10,7 +10,7 @@ import time
 
 from agent.uplink.ratelimit import TokenBucket
 from agent.uplink.uploader import backoff
-from conftest import BUCKET, PASSWORD, s3_objects, sha256
+from harness import BUCKET, PASSWORD, s3_objects, sha256
 
 
 def test_multipart_upload_is_verified_and_readable(agent_factory, any_store):

@@ -11,7 +11,7 @@ import asyncssh
 import botocore.exceptions
 import pytest
 
-from conftest import PASSWORD, sha256
+from harness import PASSWORD, sha256
 
 LOCKED_BUCKET = "pacs-worm"
 

@@ -20,6 +20,7 @@ import dataclasses
 import datetime as dt
 import gzip
 import io
+import itertools
 import json
 import os
 from dataclasses import dataclass
@@ -135,28 +136,24 @@ def read_header(path: str | Path) -> dict:
     return json.loads(first[len(MAGIC):])
 
 
-def iter_catalog(path: str | Path) -> Iterator[Request]:
-    """The `S` lines: pre-existing studies (path = study directory, size = total bytes)."""
+def _records(path: str | Path) -> Iterator[Request]:
+    """Every record after the two header lines, `S` (catalog) lines first."""
     with _open(path, "r") as f:
         f.readline()
         f.readline()
         for line in f:
             t, op, p, size, patient, study, modality, dep = line.rstrip("\n").split("\t")
-            if op != "S":
-                return
             yield Request(float(t), op, p, int(size), patient, study, modality, dep)
+
+
+def iter_catalog(path: str | Path) -> Iterator[Request]:
+    """The `S` lines: pre-existing studies (path = study directory, size = total bytes)."""
+    return itertools.takewhile(lambda r: r.op == "S", _records(path))
 
 
 def iter_requests(path: str | Path) -> Iterator[Request]:
     """Every request of a trace file as a record (for tests, small traces and conversions)."""
-    with _open(path, "r") as f:
-        f.readline()
-        f.readline()
-        for line in f:
-            t, op, p, size, patient, study, modality, dep = line.rstrip("\n").split("\t")
-            if op == "S":
-                continue
-            yield Request(float(t), op, p, int(size), patient, study, modality, dep)
+    return (r for r in _records(path) if r.op != "S")
 
 
 @dataclass
