@@ -65,7 +65,7 @@ class Agent:
         self.monitor = PressureMonitor(cfg, self.db, self.cache, self.gateway, self.uploader, self.metrics)
         await self.monitor.sample()
         self._monitor = asyncio.create_task(self.monitor.run(), name="pressure")
-        fetcher = Fetcher(self.gateway, lambda: self.monitor.current.level)
+        fetcher = Fetcher(self.gateway, self.db, lambda: self.monitor.current.level)
         self.prefetcher = DirPrefetcher(cfg, self.db, self.gateway, fetcher)
         self._prefetch = (asyncio.create_task(self.prefetcher.loop(), name="prefetch")
                           if cfg.prefetch.enabled else None)

@@ -23,7 +23,7 @@ from agent.policy.features import WINDOW
 from agent.policy.prefetch import Budget, Candidate, plan
 from agent.policy.pressure import Level
 from agent.policy.priors import PriorPrefetcher, StudyInfo
-from agent.store.catalog import AsyncCatalog, Entry
+from agent.store.catalog import AsyncCatalog
 from agent.store.errors import GatewayError
 from agent.store.gateway import Gateway
 
@@ -35,11 +35,8 @@ class PlannedDir:
     dir: str
     heat: float
     why: str
-    files: tuple[Entry, ...]      # files not cached yet, in path order
-
-    @property
-    def bytes(self) -> int:
-        return sum(e.size for e in self.files)
+    files: int        # files not cached yet (counted by the catalog: a day-directory may hold a million)
+    bytes: int
 
 
 @dataclass(frozen=True)
@@ -58,7 +55,7 @@ class Plan:
 
 
 def _dir_json(d: PlannedDir) -> dict:
-    return {"dir": d.dir, "heat": d.heat, "why": d.why, "files": len(d.files), "bytes": d.bytes}
+    return {"dir": d.dir, "heat": d.heat, "why": d.why, "files": d.files, "bytes": d.bytes}
 
 
 @dataclass
@@ -89,10 +86,13 @@ def _load_predictor(cfg: Config):  # noqa: ANN202 - HotnessPredictor or None
 
 
 class Fetcher:
-    """Fetches planned files one after another, until a stop condition says why not to go on."""
+    """Fetches the uncached files of planned directories, a catalog page at a time (memory stays flat),
+    until a stop condition says why not to go on."""
 
-    def __init__(self, gateway: Gateway, pressure: Callable[[], Level]) -> None:
-        self.gateway, self.pressure = gateway, pressure
+    PAGE = 256
+
+    def __init__(self, gateway: Gateway, db: AsyncCatalog, pressure: Callable[[], Level]) -> None:
+        self.gateway, self.db, self.pressure = gateway, db, pressure
 
     def stop_reason(self, deadline: float) -> str:
         if time.time() >= deadline:
@@ -101,21 +101,24 @@ class Fetcher:
             return f"pressure {self.pressure()}"
         return ""
 
-    async def fetch(self, files: list[Entry], deadline: float, status: RunStatus, kind: str) -> str:
-        """→ '' when every file was fetched, else why the run stopped."""
-        for e in files:
-            reason = self.stop_reason(deadline)
-            if reason:
-                return reason
-            try:
-                landed = await self.gateway.prefetch(e)
-            except GatewayError as err:
-                log.warning("prefetch_failed", path=e.path, kind=kind, error=err.reason)
-                continue
-            if landed:
-                status.fetched_files += 1
-                status.fetched_bytes += e.size
-                log.info("prefetched", path=e.path, bytes=e.size, kind=kind)
+    async def fetch_dir(self, d: str, deadline: float, status: RunStatus, kind: str) -> str:
+        """→ '' when every missing file below d was fetched (or failed, logged), else why the run stopped."""
+        after = ""
+        while page := await self.db.missing_page(d, after, self.PAGE):
+            for e in page:
+                reason = self.stop_reason(deadline)
+                if reason:
+                    return reason
+                try:
+                    landed = await self.gateway.prefetch(e)
+                except GatewayError as err:
+                    log.warning("prefetch_failed", path=e.path, kind=kind, error=err.reason)
+                    continue
+                if landed:
+                    status.fetched_files += 1
+                    status.fetched_bytes += e.size
+                    log.info("prefetched", path=e.path, bytes=e.size, kind=kind)
+            after = page[-1].path
         return ""
 
 
@@ -163,8 +166,7 @@ class DirPrefetcher:
             except GatewayError as e:  # the directory is gone (deleted): nothing to fetch
                 log.info("prefetch_dir_skipped", dir=r.dir, reason=e.reason)
                 continue
-            missing = tuple(e for e in await self.db.files_under(r.dir) if e.blob is None and e.state == "clean")
-            listed.append(PlannedDir(r.dir, r.heat, r.why, missing))
+            listed.append(PlannedDir(r.dir, r.heat, r.why, *await self.db.missing_under(r.dir)))
         budget = Budget(self.cfg.prefetch.max_bytes, line_rate(self.cfg), end - max(now, start))
         fits = plan([Candidate(d.dir, d.heat, d.bytes) for d in listed], budget)
         by_dir = {d.dir: d for d in listed}
@@ -176,17 +178,19 @@ class DirPrefetcher:
         """One prefetch run now, ending with the current window (or after a window's length, outside it)."""
         async with self._lock:
             self.status = status = RunStatus(running=True)
-            p = await self.plan(time.time())
-            status.planned_bytes = sum(d.bytes for d in p.chosen)
-            log.info("prefetch_start", dirs=[d.dir for d in p.chosen], planned_bytes=status.planned_bytes,
-                     budget_bytes=p.budget_bytes, window_end=p.window_end)
-            for d in p.chosen:
-                status.stopped = await self.fetcher.fetch(list(d.files), p.window_end, status, "directory")
-                if status.stopped:
-                    log.warning("prefetch_stopped", reason=status.stopped, fetched_bytes=status.fetched_bytes,
-                                planned_bytes=status.planned_bytes)
-                    break
-            status.running, status.finished_at = False, time.time()
+            try:
+                p = await self.plan(time.time())
+                status.planned_bytes = sum(d.bytes for d in p.chosen)
+                log.info("prefetch_start", dirs=[d.dir for d in p.chosen], planned_bytes=status.planned_bytes,
+                         budget_bytes=p.budget_bytes, window_end=p.window_end)
+                for d in p.chosen:
+                    status.stopped = await self.fetcher.fetch_dir(d.dir, p.window_end, status, "directory")
+                    if status.stopped:
+                        log.warning("prefetch_stopped", reason=status.stopped, fetched_bytes=status.fetched_bytes,
+                                    planned_bytes=status.planned_bytes)
+                        break
+            finally:  # a failed run (e.g. the catalog disk full) must not look like one still running
+                status.running, status.finished_at = False, time.time()
             log.info("prefetch_done", files=status.fetched_files, bytes=status.fetched_bytes,
                      stopped=status.stopped or None)
             return status
@@ -274,24 +278,24 @@ class PriorFetcher:
         keys = [s[0] for s in studies]
         new = StudyInfo(keys.index(d), h.modality or "", _ordinal(h.study_date), 0)
         cands: list[Candidate] = []
-        files: dict[str, tuple[int, list[Entry]]] = {}
+        ranks: dict[str, int] = {}
         for rank, prior, heat in self.policy.candidates(new, info):
             prior_dir = keys[prior.key]
             await self.gateway.list_tree(prior_dir)
-            missing = [e for e in await self.db.files_under(prior_dir) if e.blob is None and e.state == "clean"]
-            if missing:
-                files[prior_dir] = (rank, missing)
-                cands.append(Candidate(prior_dir, heat, sum(e.size for e in missing)))
+            _, missing_bytes = await self.db.missing_under(prior_dir)
+            if missing_bytes:
+                ranks[prior_dir] = rank
+                cands.append(Candidate(prior_dir, heat, missing_bytes))
         p = self.cfg.prefetch
         chosen = plan(cands, Budget(p.priors_max_bytes, line_rate(self.cfg), p.priors_window_seconds))
-        chosen.sort(key=lambda c: files[c.key][0])  # clinical order: the most relevant prior first
+        chosen.sort(key=lambda c: ranks[c.key])  # clinical order: the most relevant prior first
         deadline = time.time() + p.priors_window_seconds
         log.info("prior_prefetch", study=d, patient_studies=len(studies), priors=[c.key for c in chosen],
                  heat=[round(c.heat, 3) for c in chosen], bytes=sum(c.size for c in chosen),
                  rank_heat=[round(self.policy.heat(r), 3) for r in range(self.policy.k)])
         for c in chosen:
-            await self.db.record_prior_fetch(c.key, files[c.key][0])
-            if await self.fetcher.fetch(files[c.key][1], deadline, self.status, "prior"):
+            await self.db.record_prior_fetch(c.key, ranks[c.key])
+            if await self.fetcher.fetch_dir(c.key, deadline, self.status, "prior"):
                 break
 
 

@@ -164,6 +164,8 @@ def test_hot_queries_never_scan_the_whole_catalog(cat):
     cat.get("d1/f1"), cat.children("d1"), cat.has_children("d1"), cat.totals(), cat.oldest_dirty()
     cat.due_uploads(now, 16), cat.next_due(), cat.due_tombstones(now, 16), cat.tombstone_pending("x")
     cat.files_after("", 16), cat.files_after("", 16, cached_only=True)
+    cat.missing_under("d1"), cat.missing_page("d1", "", 16), cat.count_files_under("d1"), cat.study_known("d1")
+    cat.patient_studies("P1"), cat.mark_prefetched("d1/f2", 1), cat.uncache("d1/f2", 1)
     cat.blob_referenced("nope"), cat.reset_uploading(), cat.rename("x.part", "x.dcm"), cat.delete("d1/f1")
     g = write(cat, "d2/new")
     cat.claim("d2/new", g), cat.mark_failed("d2/new", g, "e", now), cat.record_access([("d2/new", now, 1)])

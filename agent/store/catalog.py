@@ -296,10 +296,17 @@ class Catalog:
             "SELECT path, gen, size, COALESCE(last_access, mtime), access_count, mtime FROM entries "
             "WHERE state = 'clean' AND blob IS NOT NULL ORDER BY last_access").fetchall()
 
-    def files_under(self, path: str) -> list[Entry]:
-        """Every file below directory path (a range scan of the primary key)."""
+    def missing_under(self, path: str) -> tuple[int, int]:
+        """(files, bytes) below directory path that are in S3 but not cached: what a prefetch would fetch."""
+        return self.db.execute("SELECT COUNT(*), COALESCE(SUM(size), 0) FROM entries WHERE path > ? AND path < ? "
+                               "AND is_dir = 0 AND blob IS NULL AND state = 'clean'",
+                               (path + "/", path + "0")).fetchone()  # '0' sorts right after '/'
+
+    def missing_page(self, path: str, after: str, limit: int) -> list[Entry]:
+        """The next page (path order, after `after`) of uncached clean files below directory path."""
         rows = self.db.execute(f"SELECT {_COLUMNS} FROM entries WHERE path > ? AND path < ? AND is_dir = 0 "
-                               "ORDER BY path", (path + "/", path + "0")).fetchall()  # '0' sorts after '/'
+                               "AND blob IS NULL AND state = 'clean' ORDER BY path LIMIT ?",
+                               (max(after, path + "/"), path + "0", limit)).fetchall()
         return [_entry(r) for r in rows]
 
     def count_files_under(self, path: str) -> int:
