@@ -214,6 +214,8 @@ class CacheConfig:
     kmeans_refit_seconds: float = _f(_float_between(0, 7 * 86400), "seconds 0..604800 (0: re-fit on every pass)",
                                      default=3600.0)
     age_max_days: float = _f(_float_between(1, 36600), "days 1..36600", default=90.0)
+    eviction_candidates: int = _f(_int_between(1000, 10_000_000), "an integer 1000..10000000",
+                                  default=200_000)
 
 
 @dataclass(frozen=True)

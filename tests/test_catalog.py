@@ -165,7 +165,7 @@ def test_hot_queries_never_scan_the_whole_catalog(cat):
     cat.due_uploads(now, 16), cat.next_due(), cat.due_tombstones(now, 16), cat.tombstone_pending("x")
     cat.files_after("", 16), cat.files_after("", 16, cached_only=True)
     cat.missing_under("d1"), cat.missing_page("d1", "", 16), cat.count_files_under("d1"), cat.study_known("d1")
-    cat.patient_studies("P1"), cat.mark_prefetched("d1/f2", 1), cat.uncache("d1/f2", 1)
+    cat.patient_studies("P1"), cat.mark_prefetched("d1/f2", 1), cat.uncache("d1/f2", 1), cat.eviction_rows(16)
     cat.blob_referenced("nope"), cat.reset_uploading(), cat.rename("x.part", "x.dcm"), cat.delete("d1/f1")
     g = write(cat, "d2/new")
     cat.claim("d2/new", g), cat.mark_failed("d2/new", g, "e", now), cat.record_access([("d2/new", now, 1)])
@@ -216,3 +216,17 @@ def test_memory_does_not_grow_with_file_count(tmp_path):
     small, large = _rss_after(10_000, tmp_path), _rss_after(200_000, tmp_path)
     # The catalog's page cache is capped at 64 MiB; nothing else may scale with the row count.
     assert large - small < 100 * 2**20, (small, large)
+
+
+def test_eviction_rows_are_clean_cached_files_least_recently_read_first(cat):
+    """The eviction policy's input: only clean cached files, the least recently read `limit` of them."""
+    now = time.time()
+    for i in range(5):
+        gen = write(cat, f"d/{i}")
+        if i != 4:  # d/4 stays dirty: never a candidate
+            cat.claim(f"d/{i}", gen)
+            cat.mark_clean(f"d/{i}", gen, None, None, "00")
+    cat.record_access([("d/0", now + 30, 3), ("d/1", now + 10, 1), ("d/2", now + 20, 1), ("d/3", now + 40, 1)])
+    rows = cat.eviction_rows(2)
+    assert [(p, n) for p, _, _, _, n, _ in rows] == [("d/1", 1), ("d/2", 1)]
+    assert [r[0] for r in cat.eviction_rows(10)] == ["d/1", "d/2", "d/0", "d/3"]

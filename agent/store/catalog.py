@@ -289,12 +289,12 @@ class Catalog:
     def tombstone_count(self) -> int:
         return self.db.execute("SELECT COUNT(*) FROM tombstones").fetchone()[0]
 
-    def eviction_rows(self) -> list[tuple[str, int, int, float, int, float]]:
-        """(path, gen, size, last access, access count, mtime) of every clean cached file: the eviction
-        policy's input. Dirty and uploading files are never in it."""
+    def eviction_rows(self, limit: int) -> list[tuple[str, int, int, float, int, float]]:
+        """(path, gen, size, last access, access count, mtime) of the `limit` least recently read clean cached
+        files: the eviction policy's input. Dirty and uploading files are never in it."""
         return self.db.execute(
             "SELECT path, gen, size, COALESCE(last_access, mtime), access_count, mtime FROM entries "
-            "WHERE state = 'clean' AND blob IS NOT NULL ORDER BY last_access").fetchall()
+            "WHERE state = 'clean' AND blob IS NOT NULL ORDER BY last_access LIMIT ?", (limit,)).fetchall()
 
     def missing_under(self, path: str) -> tuple[int, int]:
         """(files, bytes) below directory path that are in S3 but not cached: what a prefetch would fetch."""

@@ -86,7 +86,7 @@ class Evictor:
         """What the policy would evict to free bytes_to_free, in eviction order (no file is touched);
         explain: with each file's k-means cluster and score (for `pacsgw evict --dry-run`)."""
         await self.flush_reads()
-        cand = candidates(await self.db.eviction_rows())
+        cand = candidates(await self.db.eviction_rows(self.cfg.eviction_candidates))
         now = time.time()
         # the policy (sklearn for kmeans) is CPU work: off the event loop
         order = await asyncio.to_thread(self.policy.select_victims, cand.table, bytes_to_free, now)
@@ -127,7 +127,7 @@ class Evictor:
         now = time.time()
         if p.fitted_at is not None and now - p.fitted_at < p.cfg.refit_seconds:
             return
-        cand = candidates(await self.db.eviction_rows())
+        cand = candidates(await self.db.eviction_rows(self.cfg.eviction_candidates))
         if len(cand.table):
             await asyncio.to_thread(p.clusters, cand.table, now)
             if p.fitted_at == now:  # too few (or identical) files are ranked by score alone, without a fit
