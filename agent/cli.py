@@ -8,6 +8,7 @@ import getpass
 import json
 import sys
 import urllib.error
+import urllib.parse
 import urllib.request
 
 from agent import __version__
@@ -71,23 +72,120 @@ def _agent_url(args: argparse.Namespace) -> str:
     return f"http://{'[' + host + ']' if ':' in host else host}:{port}"
 
 
+class Unreachable(Exception):
+    """The agent's HTTP listener did not answer."""
+
+
+def _admin(url: str, body: dict | None = None, method: str = "GET") -> tuple[int, dict]:
+    """One admin request to the running agent → (HTTP status, JSON answer); raises Unreachable."""
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=120) as r:
+            return r.status, json.load(r)
+    except urllib.error.HTTPError as e:
+        return e.code, json.load(e)
+    except OSError as e:
+        raise Unreachable(f"pacsgw: cannot reach the agent at {url}: {e}") from e
+
+
+def _bar(total: int, desc: str, unit: str = "file"):  # noqa: ANN202 - a tqdm bar on stderr
+    from tqdm import tqdm
+    return tqdm(total=total, desc=desc, unit=unit, unit_scale=unit == "B", file=sys.stderr)
+
+
 def cmd_evict(args: argparse.Namespace) -> int:
-    """Ask the running agent to drop cached copies (only of files already safe in S3)."""
-    url, worst = _agent_url(args) + "/admin/evict", 0
-    for path in args.paths:
-        req = urllib.request.Request(url, data=json.dumps({"path": path}).encode(), method="POST",
-                                     headers={"Content-Type": "application/json"})
-        try:
-            with urllib.request.urlopen(req, timeout=30) as r:
-                result = json.load(r)
-        except urllib.error.HTTPError as e:
-            result = json.load(e)
-            worst = max(worst, 1)
-        except OSError as e:
-            print(f"pacsgw: cannot reach the agent at {url}: {e}", file=sys.stderr)
-            return 3
-        print(f"{path}: " + ("evicted" if result.get("evicted") else f"not evicted ({result.get('error')})"))
-    return worst
+    """Ask the running agent to drop cached copies (only of files already safe in S3), or with --dry-run
+    what its eviction policy would drop."""
+    url = _agent_url(args) + "/admin/evict"
+    try:
+        if args.dry_run:
+            return _evict_dry_run(url, args)
+        if not args.paths:
+            print("pacsgw: evict needs PATH... (or --dry-run)", file=sys.stderr)
+            return 2
+        worst = 0
+        with _bar(len(args.paths), "evict") as bar:
+            for path in args.paths:
+                status, result = _admin(url, {"path": path}, "POST")
+                worst = max(worst, 0 if status == 200 else 1)
+                bar.write(f"{path}: " + ("evicted" if result.get("evicted")
+                                         else f"not evicted ({result.get('error')})"), file=sys.stdout)
+                bar.update()
+        return worst
+    except Unreachable as e:
+        print(e, file=sys.stderr)
+        return 3
+
+
+def _evict_dry_run(url: str, args: argparse.Namespace) -> int:
+    query = "?" + urllib.parse.urlencode({"bytes": args.bytes}) if args.bytes else ""
+    status, plan = _admin(url + query)
+    if status != 200:
+        print(f"pacsgw: {plan.get('error')}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(plan, indent=2))
+        return 0
+    victims = plan["victims"]
+    print(f"policy {plan['policy']}" + (f" (k = {plan['k']})" if plan.get("k") else "")
+          + f": {len(victims)} files, {sum(v['size'] for v in victims)} bytes would go "
+          f"to free {plan['bytes_to_free']} of {plan['cached_bytes']} cached bytes")
+    by_cluster: dict = {}
+    for v in victims:
+        by_cluster.setdefault(v["cluster"], []).append(v)
+    for cluster, files in by_cluster.items():
+        label = "no clusters" if cluster is None else f"cluster {cluster}" + (" (coldest)" if cluster == 0 else "")
+        print(f"{label}: {len(files)} files, {sum(v['size'] for v in files)} bytes")
+        for v in files:
+            print(f"  {v['path']}  {v['size']} B  read {v['access_count']}x"
+                  + (f"  score {v['score']}" if v["score"] is not None else ""))
+    return 0
+
+
+def cmd_prefetch(args: argparse.Namespace) -> int:
+    """Show what the agent's prefetch would fetch (--dry-run), or start a run and follow it."""
+    url = _agent_url(args) + "/admin/prefetch"
+    try:
+        if args.dry_run:
+            status, plan = _admin(url)
+            if status != 200:
+                print(f"pacsgw: {plan.get('error')}", file=sys.stderr)
+                return 2
+            print(json.dumps(plan, indent=2) if args.json else _plan_text(plan))
+            return 0
+        status, started = _admin(url, {}, "POST")
+        if status != 202:
+            print(f"pacsgw: {started.get('error')}", file=sys.stderr)
+            return 1
+        return _follow_prefetch(url)
+    except Unreachable as e:
+        print(e, file=sys.stderr)
+        return 3
+
+
+def _plan_text(plan: dict) -> str:
+    lines = ["predicted heat (expected reads in the next 24 h):"]
+    lines += [f"  {r['heat']:>10.2f}  {r['dir']}  ({r['why']})" for r in plan["ranked"]]
+    lines.append(f"would fetch {plan['planned_bytes']} bytes (budget {plan['budget_bytes']}):")
+    lines += [f"  {d['dir']}: {d['files']} files, {d['bytes']} bytes, heat {d['heat']}" for d in plan["chosen"]]
+    lines += [f"  not fitting the budget: {d['dir']} ({d['bytes']} bytes)" for d in plan["skipped"]]
+    return "\n".join(lines)
+
+
+def _follow_prefetch(url: str) -> int:
+    import time
+    with _bar(0, "prefetch", "B") as bar:
+        while True:
+            run = _admin(url + "?status=1")[1]["status"]
+            bar.total = run["planned_bytes"]  # known once the run has planned
+            bar.update(run["fetched_bytes"] - bar.n)
+            if not run["running"]:
+                break
+            time.sleep(0.5)
+    print(f"prefetched {run['fetched_files']} files, {run['fetched_bytes']} bytes"
+          + (f"; stopped: {run['stopped']}" if run["stopped"] else ""))
+    return 0
 
 
 def cmd_fsck(args: argparse.Namespace) -> int:
@@ -179,8 +277,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evict", help="drop the cached copies of files already in S3 (exit 1 if one was not)")
     p.add_argument("--config", default=DEFAULT_CONFIG)
     p.add_argument("--url", help="the agent's HTTP address, instead of reading [http] listen from the config")
-    p.add_argument("paths", nargs="+", metavar="PATH", help="namespace paths such as CT/2026-11-23/1.2.3/4/5.dcm")
+    p.add_argument("paths", nargs="*", metavar="PATH", help="namespace paths such as CT/2026-11-23/1.2.3/4/5.dcm")
+    p.add_argument("--dry-run", action="store_true", help="list what the eviction policy would drop now, by cluster")
+    p.add_argument("--bytes", help="with --dry-run: how much to free (default: down to the low watermark)")
+    p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_evict)
+
+    p = sub.add_parser("prefetch", help="start a prefetch run in the agent, or show what it would fetch (--dry-run)")
+    p.add_argument("--config", default=DEFAULT_CONFIG)
+    p.add_argument("--url", help="the agent's HTTP address, instead of reading [http] listen from the config")
+    p.add_argument("--dry-run", action="store_true", help="what would be fetched and why, with predicted heat")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_prefetch)
 
     p = sub.add_parser("hash-password", help="print a password_hash for [[users]]")
     p.add_argument("--stdin", action="store_true", help="read the password from standard input")

@@ -209,6 +209,13 @@ class CacheConfig:
     high_watermark: float = _f(_ratio, "a fraction 0..1 or a percentage such as '75%'", default=0.75)
     low_watermark: float = _f(_ratio, "a fraction 0..1 below high_watermark", default=0.60)
     min_free_bytes: int = _f(parse_size, SIZE, default=parse_size("1GB"))
+    eviction: str = _f(_choice("lru", "age", "kmeans"), "'lru', 'age' or 'kmeans'", default="kmeans")
+    evict_interval_seconds: float = _f(_float_between(0.1, 3600), "seconds 0.1..3600", default=10.0)
+    kmeans_refit_seconds: float = _f(_float_between(0, 7 * 86400), "seconds 0..604800 (0: re-fit on every pass)",
+                                     default=3600.0)
+    age_max_days: float = _f(_float_between(1, 36600), "days 1..36600", default=90.0)
+    eviction_candidates: int = _f(_int_between(1000, 10_000_000), "an integer 1000..10000000",
+                                  default=200_000)
 
 
 @dataclass(frozen=True)
@@ -321,10 +328,41 @@ class AuditConfig:
                           default="")
 
 
+def _clock(text: str) -> int:
+    """'05:00' or '05:00:30' → seconds after midnight."""
+    m = re.fullmatch(r"(\d{1,2}):(\d{2})(?::(\d{2}))?", text.strip())
+    if not m or int(m.group(1)) > 23 or int(m.group(2)) > 59 or int(m.group(3) or 0) > 59:
+        raise ValueError
+    return int(m.group(1)) * 3600 + int(m.group(2)) * 60 + int(m.group(3) or 0)
+
+
+def _window(value: Any) -> tuple[int, int]:
+    """'05:00-07:30' → (18000, 27000) seconds after local midnight; the end may be past midnight."""
+    if not isinstance(value, str) or value.count("-") != 1:
+        raise ValueError
+    start, end = (_clock(part) for part in value.split("-"))
+    if start == end:
+        raise ValueError
+    return start, end
+
+
 @dataclass(frozen=True)
 class PrefetchConfig:
     dir_depth: int = _f(_int_between(1, 8), "an integer 1..8: how many path levels make a directory "
                         "whose daily reads are counted (2 for MODALITY/DAY)", default=2)
+    enabled: bool = _f(_bool, "true or false", default=True)
+    window: tuple[int, int] = _f(_window, "'HH:MM-HH:MM' (or HH:MM:SS) in local time, e.g. '05:00-07:30'",
+                                 default=(5 * 3600, 7 * 3600 + 1800))
+    max_bytes: int = _f(parse_size, SIZE, default=parse_size("20GB"))
+    top_dirs: int = _f(_int_between(1, 10000), "an integer 1..10000", default=20)
+    check_seconds: float = _f(_float_between(0.1, 3600), "seconds 0.1..3600", default=60.0)
+    cold_start_days: int = _f(_int_between(1, 365), "days 1..365", default=7)
+    priors: bool = _f(_bool, "true or false", default=True)
+    study_depth: int = _f(_int_between(1, 16), "an integer 1..16: path levels of a study directory "
+                          "(3 for MODALITY/DAY/STUDY)", default=3)
+    priors_k: int = _f(_int_between(1, 20), "an integer 1..20", default=3)
+    priors_max_bytes: int = _f(parse_size, SIZE, default=parse_size("2GB"))
+    priors_window_seconds: float = _f(_float_between(1, 86400), "seconds 1..86400", default=3600.0)
 
 
 @dataclass(frozen=True)
@@ -460,6 +498,10 @@ def _check_cross(cfg: Config) -> None:
     if pr.disk_critical <= cfg.cache.high_watermark:
         raise ConfigError(file, "pressure.disk_critical", pr.disk_critical,
                           f"above cache.high_watermark ({cfg.cache.high_watermark})")
+    if cfg.prefetch.study_depth <= cfg.prefetch.dir_depth and cfg.prefetch.priors:
+        raise ConfigError(file, "prefetch.study_depth", cfg.prefetch.study_depth,
+                          f"deeper than prefetch.dir_depth ({cfg.prefetch.dir_depth}): a study lies inside a "
+                          "day-directory")
     if cfg.scrub.rate < 10**6:
         raise ConfigError(file, "scrub.rate", cfg.scrub.rate, "at least 1MB per second")
     if not cfg.users:

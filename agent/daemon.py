@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import signal
 import time
 from pathlib import Path
@@ -15,6 +16,8 @@ from agent.audit import AuditLog, AuditShipper
 from agent.config import Config
 from agent.metrics import Metrics
 from agent.monitor import PressureMonitor
+from agent.policy.pressure import Level
+from agent.prefetcher import DirPrefetcher, Fetcher, PriorFetcher
 from agent.serve.ftp import FtpServer
 from agent.serve.http import HttpServer, judge, model_info, process_memory
 from agent.serve.sftp import SftpService
@@ -62,6 +65,14 @@ class Agent:
         self.monitor = PressureMonitor(cfg, self.db, self.cache, self.gateway, self.uploader, self.metrics)
         await self.monitor.sample()
         self._monitor = asyncio.create_task(self.monitor.run(), name="pressure")
+        fetcher = Fetcher(self.gateway, self.db, lambda: self.monitor.current.level)
+        self.prefetcher = DirPrefetcher(cfg, self.db, self.gateway, fetcher)
+        self._prefetch = (asyncio.create_task(self.prefetcher.loop(), name="prefetch")
+                          if cfg.prefetch.enabled else None)
+        self._prefetch_now: asyncio.Task | None = None
+        self.priors = PriorFetcher(cfg, self.db, self.gateway, fetcher)
+        if cfg.prefetch.priors:
+            self.gateway.on_stored = self.priors.on_stored
         self.scrubber = Scrubber(self.db, self.cache, cfg.scrub.rate, cfg.scrub.pause_seconds)
         self._scrub = asyncio.create_task(self.scrubber.run(), name="scrub") if cfg.scrub.enabled else None
         if cfg.ftp.enabled:
@@ -75,8 +86,10 @@ class Agent:
             self.smb = SmbService(cfg, self.gateway)
             await self.smb.start()
         if cfg.http.enabled:
-            self.http = HttpServer(*cfg.http.listen, health=self.health, metrics=self.render_metrics,
-                                   evict=self.admin_evict)
+            self.http = HttpServer(*cfg.http.listen, health=self.health, metrics=self.render_metrics, admin={
+                ("POST", "/admin/evict"): self.admin_evict, ("GET", "/admin/evict"): self.admin_evict_plan,
+                ("GET", "/admin/prefetch"): self.admin_prefetch_plan,
+                ("POST", "/admin/prefetch"): self.admin_prefetch_run})
             await self.http.start()
         log.info("started", version=__version__, config=str(cfg.path),
                  ftp=cfg.ftp.listen if cfg.ftp.enabled else None,
@@ -116,7 +129,7 @@ class Agent:
             await self.sftp.close()
         if self.smb:
             await self.smb.stop()
-        for task in (self._scrub, self._ship, self._monitor):
+        for task in (self._scrub, self._ship, self._monitor, self._prefetch, self._prefetch_now):
             if task:
                 task.cancel()
         await self.uploader.stop(max(1.0, drain_seconds - (time.monotonic() - t0)))
@@ -153,6 +166,9 @@ class Agent:
             "memory": process_memory(),
             "model": model_info(self.cfg.model.path),
             "pressure": {"level": str(self.monitor.current.level), "reasons": list(self.monitor.current.reasons)},
+            "prefetch": self.prefetch_health(),
+            "eviction": {"policy": self.cfg.cache.eviction,
+                         "k": getattr(self.gateway.evictor.policy, "last_k", None)},
             "scrub": {"passes": self.scrubber.passes, "last_pass_end": self.scrubber.last_pass_end},
         }
         if self.smb is not None:
@@ -162,10 +178,60 @@ class Agent:
         h["status"], h["reasons"] = judge(h, self.cfg.cache.min_free_bytes)
         return h
 
-    async def admin_evict(self, client_path: str) -> tuple[int, dict[str, Any]]:
+    def prefetch_health(self) -> dict[str, Any]:
+        """Prefetch on /healthz: whether it runs, and why not (pressure pauses it)."""
+        p, level = self.cfg.prefetch, self.monitor.current.level
+        if not p.enabled:
+            state = "disabled"
+        elif level >= Level.HIGH:
+            state = f"paused: pressure {level}"
+        else:
+            state = "running" if self.prefetcher.status.running else "idle"
+        start, end = p.window
+        return {"state": state, "window": f"{start // 3600:02d}:{start % 3600 // 60:02d}-"
+                                          f"{end // 3600:02d}:{end % 3600 // 60:02d}",
+                "priors": p.priors, "last_run": self.prefetcher.status.as_json(),
+                "model": str(self.prefetcher.predictor.path) if self.prefetcher.predictor else None}
+
+    async def admin_prefetch_plan(self, query: dict[str, str], body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        """`pacsgw prefetch --dry-run`: what a run now would fetch and why; and the last run's progress
+        (only that with ?status=1: a progress bar polls it)."""
+        if "status" in query:
+            return 200, {"status": self.prefetcher.status.as_json()}
+        plan = await self.prefetcher.plan(time.time())
+        return 200, plan.as_json() | {"status": self.prefetcher.status.as_json()}
+
+    async def admin_prefetch_run(self, query: dict[str, str], body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        """`pacsgw prefetch`: start a run now (it ends with the current window, or after a window's length)."""
+        if self.prefetcher.status.running:
+            return 409, {"error": "a prefetch run is already running", "status": self.prefetcher.status.as_json()}
+        if self.monitor.current.level >= Level.HIGH:
+            return 409, {"error": f"prefetch paused: pressure {self.monitor.current.level} "
+                                  f"({'; '.join(self.monitor.current.reasons)})"}
+        self._prefetch_now = asyncio.create_task(self.prefetcher.run(), name="prefetch-now")
+        await asyncio.sleep(0)  # let it take the lock and mark itself running before we answer
+        return 202, {"started": True}
+
+    async def admin_evict_plan(self, query: dict[str, str], body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        """`pacsgw evict --dry-run`: what the policy would evict now (to the low watermark, or `bytes`)."""
+        from agent.config import parse_size
+        totals = await self.db.totals()
+        try:
+            want = parse_size(query["bytes"]) if "bytes" in query else self.gateway.evictor.excess(totals.cached_bytes)
+        except ValueError:
+            return 400, {"error": f"bytes={query['bytes']!r} is not a size such as '10MB'"}
+        victims = await self.gateway.evictor.plan(want, explain=True)
+        return 200, {"policy": self.cfg.cache.eviction, "bytes_to_free": want, "cached_bytes": totals.cached_bytes,
+                     "k": getattr(self.gateway.evictor.policy, "last_k", None),
+                     "victims": [dataclasses.asdict(v) for v in victims]}
+
+    async def admin_evict(self, query: dict[str, str], body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
         """Drop one file's cached copy (it must be clean: safe in S3); → (HTTP status, JSON result)."""
         from agent.store.errors import BadPath, GatewayError, NotFound, PermissionDenied
         from agent.store.paths import resolve
+        client_path = body.get("path")
+        if not isinstance(client_path, str):
+            return 400, {"error": 'expected a JSON body {"path": "…"}'}
         try:
             path = resolve("/", "/", client_path)
             evicted = await self.gateway.evict(path)

@@ -25,11 +25,37 @@ class Metrics:
                                        buckets=_LATENCY_BUCKETS)
         self.errors = Counter("pacsgw_errors", "Errors returned to clients", ["protocol", "kind"], registry=r)
         self.evictions = Counter("pacsgw_evictions", "Cached copies dropped", registry=r)
+        self.evicted_bytes = Counter("pacsgw_evicted_bytes", "Bytes of cached copies dropped", registry=r)
+        self.prefetched_files = Counter("pacsgw_prefetched_files", "Files fetched ahead of any read", registry=r)
+        self.prefetched_bytes = Counter("pacsgw_prefetched_bytes", "Bytes fetched ahead of any read", registry=r)
+        self.prefetch_used_files = Counter("pacsgw_prefetch_used_files", "Prefetched files later read",
+                                           registry=r)
+        self.prefetch_used_bytes = Counter("pacsgw_prefetch_used_bytes", "Bytes of prefetched files later read",
+                                           registry=r)
+        # since start, for the ratio (prometheus-client counters do not expose their value publicly)
+        self._prefetched = self._prefetch_used = 0
+        self.prefetch_hit_ratio = Gauge("pacsgw_prefetch_hit_ratio",
+                                        "Share of the files prefetched since start that were later read",
+                                        registry=r)
         self.queue_depth = Gauge("pacsgw_upload_queue_files", "Files waiting for object storage", registry=r)
         self.queue_bytes = Gauge("pacsgw_upload_queue_bytes", "Bytes waiting for object storage", registry=r)
         self.cached_bytes = Gauge("pacsgw_cache_bytes", "Bytes held in the SSD cache", registry=r)
         self.pressure_level = Gauge("pacsgw_pressure_level", "0 normal, 1 high, 2 critical", registry=r)
         self.uplink_up = Gauge("pacsgw_uplink_up", "1 when object storage answers", registry=r)
+
+    def note_prefetched(self, size: int) -> None:
+        self.prefetched_files.inc()
+        self.prefetched_bytes.inc(size)
+        self._prefetched += 1
+        self.prefetch_hit_ratio.set(self._prefetch_used / self._prefetched)
+
+    def note_prefetch_used(self, files: int, size: int) -> None:
+        """Prefetched files read for the first time (counted when read statistics are flushed)."""
+        self.prefetch_used_files.inc(files)
+        self.prefetch_used_bytes.inc(size)
+        self._prefetch_used += files
+        if self._prefetched:
+            self.prefetch_hit_ratio.set(self._prefetch_used / self._prefetched)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

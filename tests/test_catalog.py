@@ -163,7 +163,9 @@ def test_hot_queries_never_scan_the_whole_catalog(cat):
     now = time.time()
     cat.get("d1/f1"), cat.children("d1"), cat.has_children("d1"), cat.totals(), cat.oldest_dirty()
     cat.due_uploads(now, 16), cat.next_due(), cat.due_tombstones(now, 16), cat.tombstone_pending("x")
-    cat.lru_evictable(16), cat.files_after("", 16), cat.cached_after("", 16)
+    cat.files_after("", 16), cat.cached_after("", 16)
+    cat.missing_under("d1"), cat.missing_page("d1", "", 16), cat.count_files_under("d1"), cat.study_known("d1")
+    cat.patient_studies("P1"), cat.mark_prefetched("d1/f2", 1), cat.uncache("d1/f2", 1), cat.eviction_rows(16)
     cat.blob_referenced("nope"), cat.reset_uploading(), cat.rename("x.part", "x.dcm"), cat.delete("d1/f1")
     g = write(cat, "d2/new")
     cat.claim("d2/new", g), cat.mark_failed("d2/new", g, "e", now), cat.record_access([("d2/new", now, 1)])
@@ -242,3 +244,17 @@ def test_import_inventory_adds_clean_files_and_listed_directories(cat):
     assert all(cat.get(d).listed for d in ("", "MR", "MR/d2"))
     assert [c.name for c in cat.children("CT/d1/s")] == ["1.dcm", "2.dcm"]
     assert cat.totals().files == 3 and cat.totals().queue_files == 1
+
+
+def test_eviction_rows_are_clean_cached_files_least_recently_read_first(cat):
+    """The eviction policy's input: only clean cached files, the least recently read `limit` of them."""
+    now = time.time()
+    for i in range(5):
+        gen = write(cat, f"d/{i}")
+        if i != 4:  # d/4 stays dirty: never a candidate
+            cat.claim(f"d/{i}", gen)
+            cat.mark_clean(f"d/{i}", gen, None, None, "00")
+    cat.record_access([("d/0", now + 30, 3), ("d/1", now + 10, 1), ("d/2", now + 20, 1), ("d/3", now + 40, 1)])
+    rows = cat.eviction_rows(2)
+    assert [(p, n) for p, _, _, _, n, _ in rows] == [("d/1", 1), ("d/2", 1)]
+    assert [r[0] for r in cat.eviction_rows(10)] == ["d/1", "d/2", "d/0", "d/3"]

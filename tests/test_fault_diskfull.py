@@ -122,7 +122,7 @@ async def test_full_cache_disk_with_uplink_down(agent_factory, private_seaweed):
                 await sftp_put(sftp, "/CT/after/sftp.dcm", data)
                 acked["CT/after/sftp.dcm"] = sha256(data)
             await asyncio.to_thread(a.wait_drained, 60)
-            assert a.events("evicted_lru")
+            assert a.events("eviction_pass")
             objects = await asyncio.to_thread(s3_objects, store, a.prefix)
             assert {p: o["sha256"] for p, o in objects.items()} == acked
             # An evicted file still reads back whole (from S3).

@@ -5,6 +5,8 @@ from __future__ import annotations
 import ftplib
 import io
 import os
+import subprocess
+import sys
 import time
 
 from agent.policy.pressure import Level, Readings, Watermarks, assess, concurrency_at
@@ -57,6 +59,10 @@ def test_agent_under_memory_pressure_keeps_serving(agent_factory):
     h = wait_for(agent, "critical")
     assert h["status"] == "degraded" and any("agent memory" in r for r in h["pressure"]["reasons"])
     assert any("fetches from object storage refused" in r for r in h["reasons"])
+    assert h["prefetch"]["state"] == "paused: pressure critical"
+    refused = subprocess.run([sys.executable, "-m", "agent.cli", "prefetch", "--config", str(agent.config_path)],
+                             capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 1 and "prefetch paused: pressure critical" in refused.stderr
     f = ftplib.FTP(timeout=30)
     f.connect("127.0.0.1", agent.ftp_port)
     f.login("pacs", PASSWORD)
@@ -76,6 +82,38 @@ def test_agent_under_memory_pressure_keeps_serving(agent_factory):
     assert agent.events("pressure")[0]["now"] in ("high", "critical")
     metrics = urllib_get(agent, "/metrics")
     assert "pacsgw_pressure_level 2.0" in metrics
+
+
+def test_high_memory_pressure_pauses_prefetch_and_keeps_serving(agent_factory):
+    """Only the high RSS watermark is below the agent's real RSS: prefetch pauses in its window (said on
+    /healthz), while stores, uploads and fetches from S3 go on at reduced concurrency."""
+    prep = agent_factory(prefix="pressure-high/", **{"prefetch.enabled": False}).start()
+    f = ftplib.FTP(timeout=30)
+    f.connect("127.0.0.1", prep.ftp_port)
+    f.login("pacs", PASSWORD)
+    f.storbinary("STOR CT/2026-11-20/s/remote-only.dcm", io.BytesIO(b"in s3"))
+    f.quit()
+    prep.stop()
+    now = time.time()
+    window = "-".join(time.strftime("%H:%M:%S", time.localtime(t)) for t in (now - 60, now + 600))
+    agent = agent_factory(prefix="pressure-high/", **{
+        "pressure.rss_high": "1MB", "pressure.rss_critical": 0, "pressure.interval_seconds": 0.5,
+        "prefetch.window": window, "prefetch.check_seconds": 0.2}).start()
+    h = wait_for(agent, "high")
+    assert h["prefetch"]["state"] == "paused: pressure high" and h["status"] == "degraded"
+    f = ftplib.FTP(timeout=30)
+    f.connect("127.0.0.1", agent.ftp_port)
+    f.login("pacs", PASSWORD)
+    data = os.urandom(50_000)
+    assert f.storbinary("STOR new.dcm", io.BytesIO(data)).startswith("226")
+    buf = io.BytesIO()
+    f.retrbinary("RETR CT/2026-11-20/s/remote-only.dcm", buf.write)  # high pressure still fetches
+    assert buf.getvalue() == b"in s3"
+    f.quit()
+    agent.wait_drained()
+    assert s3_objects(agent.store, agent.prefix)["new.dcm"]["sha256"] == sha256(data)
+    time.sleep(1.0)  # several prefetch checks inside the window
+    assert not agent.events("prefetch_start")
 
 
 def urllib_get(agent, path: str) -> str:

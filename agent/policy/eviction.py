@@ -144,6 +144,12 @@ class KMeansConfig:
     sample: int = 20_000          # rows used to fit; all rows are then assigned (bounded CPU and RAM)
     window_days: float = 7.0      # "recent" access frequency: accesses per day over this window
     seed: int = 0
+    refit_seconds: float = 0.0    # keep a fitted model this long (the agent re-fits on a schedule); 0: every call
+
+
+def _heat(x: np.ndarray) -> np.ndarray:
+    """Hotness score of feature rows: frequent and recent is hot, big is (slightly) cheaper to drop."""
+    return x[:, 0] + x[:, 1] - 0.1 * x[:, 2]
 
 
 class KMeansEviction:
@@ -155,6 +161,9 @@ class KMeansEviction:
     def __init__(self, config: KMeansConfig | None = None) -> None:
         self.cfg = config or KMeansConfig()
         self.last_k: int | None = None
+        self._model = None               # the fitted sklearn KMeans, kept for cfg.refit_seconds
+        self._cluster_rank: np.ndarray | None = None
+        self.fitted_at: float | None = None
 
     @staticmethod
     def features(table: FileTable, now: float, window_days: float = 7.0) -> np.ndarray:
@@ -177,28 +186,38 @@ class KMeansEviction:
                 return ks[i]
         return ks[-1]
 
-    def select_victims(self, table: FileTable, bytes_to_free: int, now: float) -> np.ndarray:
+    def _fit(self, x: np.ndarray, now: float) -> None:
         from sklearn.cluster import KMeans
-        n = len(table)
-        if n == 0 or bytes_to_free <= 0:
-            return np.zeros(0, dtype=np.int64)
-        x = self.features(table, now, self.cfg.window_days)
-        # hotness score: frequent and recent is hot, big is (slightly) cheaper to drop per file kept
-        score = x[:, 0] + x[:, 1] - 0.1 * x[:, 2]
-        if n <= self.cfg.k_max * 4 or np.ptp(x, axis=0).max() == 0:
-            return take_until(np.argsort(score, kind="stable"), table.size, bytes_to_free)
+        n = x.shape[0]
         rng = np.random.default_rng(self.cfg.seed)
         fit = x if n <= self.cfg.sample else x[rng.choice(n, self.cfg.sample, replace=False)]
         k = self.elbow_k(fit)
         self.last_k = k
-        km = KMeans(n_clusters=k, n_init=1, random_state=self.cfg.seed).fit(fit)
-        labels = km.predict(x)
-        c = km.cluster_centers_
-        cluster_heat = c[:, 0] + c[:, 1] - 0.1 * c[:, 2]
+        self._model = KMeans(n_clusters=k, n_init=1, random_state=self.cfg.seed).fit(fit)
         rank = np.empty(k, dtype=np.int64)
-        rank[np.argsort(cluster_heat)] = np.arange(k)       # 0 = coldest cluster
-        order = np.lexsort((score, rank[labels]))
-        return take_until(order, table.size, bytes_to_free)
+        rank[np.argsort(_heat(self._model.cluster_centers_))] = np.arange(k)       # 0 = coldest cluster
+        self._cluster_rank = rank
+        self.fitted_at = now
+
+    def clusters(self, table: FileTable, now: float) -> tuple[np.ndarray | None, np.ndarray]:
+        """(cluster rank of each row, 0 = coldest; None when too few or identical rows to cluster) and the
+        per-row hotness score. Re-fits when no model is younger than cfg.refit_seconds."""
+        x = self.features(table, now, self.cfg.window_days)
+        score = _heat(x)
+        if len(table) <= self.cfg.k_max * 4 or np.ptp(x, axis=0).max() == 0:
+            return None, score
+        stale = self.fitted_at is None or now - self.fitted_at >= self.cfg.refit_seconds
+        if stale:
+            self._fit(x, now)
+        return self._cluster_rank[self._model.predict(x)], score
+
+    def select_victims(self, table: FileTable, bytes_to_free: int, now: float) -> np.ndarray:
+        if len(table) == 0 or bytes_to_free <= 0:
+            return np.zeros(0, dtype=np.int64)
+        rank, score = self.clusters(table, now)
+        if rank is None:
+            return take_until(np.argsort(score, kind="stable"), table.size, bytes_to_free)
+        return take_until(np.lexsort((score, rank)), table.size, bytes_to_free)
 
 
 class StudyLRU:
@@ -310,8 +329,10 @@ class StudyLRU:
                 yield key
 
 
-def make(name: str) -> LRU | Age | KMeansEviction | StudyLRU:
-    policies = {"lru": LRU, "age": Age, "kmeans": KMeansEviction, "study": StudyLRU}
+def make(name: str, *, kmeans: KMeansConfig | None = None,
+         max_age_days: float = 90.0) -> LRU | Age | KMeansEviction | StudyLRU:
+    policies = {"lru": LRU, "age": lambda: Age(max_age_days), "kmeans": lambda: KMeansEviction(kmeans),
+                "study": StudyLRU}
     if name not in policies:
         raise ValueError(f"unknown eviction policy {name!r}; known: {sorted(policies)}")
     return policies[name]()

@@ -406,7 +406,7 @@ class FtpServer(aioftp.Server):
                 await handle.abort(e.reason)
                 return self._fail(connection, e)
             except Exception as e:  # noqa: BLE001 - the data connection broke: the file is incomplete
-                await handle.abort(f"data connection failed: {type(e).__name__}")
+                await handle.abort(f"data connection failed: {type(e).__name__}: {str(e)[:200]}")
                 connection.response("426", "connection closed; transfer aborted, file discarded")
                 return True
             try:

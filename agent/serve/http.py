@@ -51,15 +51,22 @@ def judge(health: dict[str, Any], min_free: int) -> tuple[str, list[str]]:
     return status, reasons
 
 
+# An admin request: (query parameters, JSON body or {}) → (HTTP status, JSON result).
+AdminHandler = Callable[[dict[str, str], dict[str, Any]], Awaitable[tuple[int, dict[str, Any]]]]
+
+
 class HttpServer:
+    """`admin` maps (method, path) such as ("POST", "/admin/evict") to handlers, served to loopback only."""
+
     def __init__(self, host: str, port: int, health: Callable[[], Awaitable[dict[str, Any]]],
                  metrics: Callable[[], Awaitable[bytes]],
-                 evict: Callable[[str], Awaitable[tuple[int, dict[str, Any]]]] | None = None) -> None:
-        self.host, self.port, self._health, self._metrics, self._evict = host, port, health, metrics, evict
+                 admin: dict[tuple[str, str], AdminHandler] | None = None) -> None:
+        self.host, self.port, self._health, self._metrics = host, port, health, metrics
+        self._admin = admin or {}
         self.app = web.Application()
         self.app.add_routes([web.get("/healthz", self.healthz), web.get("/metrics", self.metrics),
-                             web.get("/status", self.status), web.get("/", self.status),
-                             web.post("/admin/evict", self.evict)])
+                             web.get("/status", self.status), web.get("/", self.status)]
+                            + [web.route(method, path, self.admin) for method, path in self._admin])
         self._runner: web.AppRunner | None = None
 
     async def start(self) -> None:
@@ -82,21 +89,20 @@ class HttpServer:
     async def status(self, request: web.Request) -> web.Response:
         return web.Response(text=render_status_html(await self._health()), content_type="text/html")
 
-    async def evict(self, request: web.Request) -> web.Response:
-        """POST /admin/evict {"path": "CT/…/x.dcm"}: drop the cached copy of a file that is safe in S3.
-
-        Only from loopback (the listener has no authentication): `pacsgw evict` on the box itself.
-        """
-        if self._evict is None or not _is_loopback(request.remote):
+    async def admin(self, request: web.Request) -> web.Response:
+        """Admin requests (`pacsgw evict`, `pacsgw prefetch` on the box itself): the listener has no
+        authentication, so they are accepted from loopback addresses only."""
+        if not _is_loopback(request.remote):
             return web.json_response({"error": "admin requests are accepted from loopback only"}, status=403)
-        try:
-            body = await request.json()
-            path = body["path"]
-            if not isinstance(path, str):
-                raise TypeError
-        except (ValueError, KeyError, TypeError):
-            return web.json_response({"error": 'expected a JSON body {"path": "…"}'}, status=400)
-        status, result = await self._evict(path)
+        body: dict[str, Any] = {}
+        if request.can_read_body:
+            try:
+                parsed = await request.json()
+            except ValueError:
+                parsed = None
+            # a body that is not a JSON object reaches the handler as {}: it names what it expected
+            body = parsed if isinstance(parsed, dict) else {}
+        status, result = await self._admin[(request.method, request.path)](dict(request.query), body)
         return web.json_response(result, status=status)
 
 
@@ -134,6 +140,13 @@ def status_lines(h: dict[str, Any]) -> list[tuple[str, str]]:
                   f"disk {human_bytes(c['disk_free'])} free of {human_bytes(c['disk_total'])}"),
         ("memory", f"agent RSS {human_bytes(m['rss'])}, system available {human_bytes(m['available'])}"),
     ]
+    if h.get("prefetch"):
+        p = h["prefetch"]
+        rows.append(("prefetch", f"{p['state']}, window {p['window']}, last run "
+                                 f"{human_bytes(p['last_run']['fetched_bytes'])}"
+                                 + (f" (stopped: {p['last_run']['stopped']})" if p["last_run"]["stopped"] else "")))
+    if h.get("eviction"):
+        rows.append(("eviction", h["eviction"]["policy"]))
     if h.get("model"):
         rows.append(("model", f"{h['model'].get('version', '?')} ({h['model']['path']})"))
     return rows

@@ -78,6 +78,41 @@ CREATE TABLE IF NOT EXISTS heat (
     PRIMARY KEY (dir, day)
 ) WITHOUT ROWID;
 
+-- Files fetched ahead of any read by a prefetch, until they are read (a prefetch hit) or evicted.
+CREATE TABLE IF NOT EXISTS prefetched (
+    path   TEXT PRIMARY KEY,
+    bytes  INTEGER NOT NULL,
+    at     REAL NOT NULL
+) WITHOUT ROWID;
+
+-- One row per study directory seen being written ([prefetch] study_depth levels), from the DICOM header of
+-- its first file: what prior-study prefetch finds a patient's earlier studies by. patient is NULL for a
+-- directory whose first file was not DICOM (it is not looked at again).
+CREATE TABLE IF NOT EXISTS studies (
+    dir        TEXT PRIMARY KEY,
+    patient    TEXT,
+    study_uid  TEXT,
+    study_date TEXT,
+    modality   TEXT,
+    recorded   REAL NOT NULL
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS studies_patient ON studies(patient, study_date) WHERE patient IS NOT NULL;
+
+-- Prior studies fetched by prior-study prefetch, with their rank, until it is known whether they were opened
+-- (a file read after the fetch) or not (evicted unread): what PriorPrefetcher learns its per-rank heat from.
+CREATE TABLE IF NOT EXISTS prior_fetches (
+    dir     TEXT PRIMARY KEY,
+    rank    INTEGER NOT NULL,
+    fetched REAL NOT NULL,
+    used    INTEGER
+) WITHOUT ROWID;
+
+-- Small facts that must survive a restart (e.g. the start of the last prefetch window that had its run).
+CREATE TABLE IF NOT EXISTS agent_state (
+    key   TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+) WITHOUT ROWID;
+
 CREATE TABLE IF NOT EXISTS totals (
     id           INTEGER PRIMARY KEY CHECK (id = 1),
     files        INTEGER NOT NULL,
@@ -255,11 +290,34 @@ class Catalog:
     def tombstone_count(self) -> int:
         return self.db.execute("SELECT COUNT(*) FROM tombstones").fetchone()[0]
 
-    def lru_evictable(self, limit: int) -> list[Entry]:
-        rows = self.db.execute(
-            f"SELECT {_COLUMNS} FROM entries WHERE state = 'clean' AND blob IS NOT NULL "
-            "ORDER BY last_access LIMIT ?", (limit,)).fetchall()
+    def eviction_rows(self, limit: int) -> list[tuple[str, int, int, float, int, float]]:
+        """(path, gen, size, last access, access count, mtime) of the `limit` least recently read clean cached
+        files: the eviction policy's input. Dirty and uploading files are never in it."""
+        return self.db.execute(
+            "SELECT path, gen, size, COALESCE(last_access, mtime), access_count, mtime FROM entries "
+            "WHERE state = 'clean' AND blob IS NOT NULL ORDER BY last_access LIMIT ?", (limit,)).fetchall()
+
+    def missing_under(self, path: str) -> tuple[int, int]:
+        """(files, bytes) below directory path that are in S3 but not cached: what a prefetch would fetch."""
+        return self.db.execute("SELECT COUNT(*), COALESCE(SUM(size), 0) FROM entries WHERE path > ? AND path < ? "
+                               "AND is_dir = 0 AND blob IS NULL AND state = 'clean'",
+                               (path + "/", path + "0")).fetchone()  # '0' sorts right after '/'
+
+    def missing_page(self, path: str, after: str, limit: int) -> list[Entry]:
+        """The next page (path order, after `after`) of uncached clean files below directory path."""
+        rows = self.db.execute(f"SELECT {_COLUMNS} FROM entries WHERE path > ? AND path < ? AND is_dir = 0 "
+                               "AND blob IS NULL AND state = 'clean' ORDER BY path LIMIT ?",
+                               (max(after, path + "/"), path + "0", limit)).fetchall()
         return [_entry(r) for r in rows]
+
+    def count_files_under(self, path: str) -> int:
+        return self.db.execute("SELECT COUNT(*) FROM entries WHERE path > ? AND path < ? AND is_dir = 0",
+                               (path + "/", path + "0")).fetchone()[0]
+
+    def writes_since(self, since: float) -> list[tuple[str, int]]:
+        """(parent directory, files) of files stored since `since`: the prefetch cold-start rule's input."""
+        return self.db.execute("SELECT parent, COUNT(*) FROM entries WHERE is_dir = 0 AND mtime >= ? "
+                               "GROUP BY parent", (since,)).fetchall()
 
     def files_after(self, last: str, limit: int) -> list[Entry]:
         """A page of files in path order after `last` (keyset pagination keeps memory flat)."""
@@ -391,6 +449,7 @@ class Catalog:
             if e.is_dir:
                 raise IsADirectory(path)
             self.db.execute("DELETE FROM entries WHERE path = ?", (path,))
+            self.db.execute("DELETE FROM prefetched WHERE path = ?", (path,))
             self.db.execute("INSERT OR IGNORE INTO tombstones (key, queued) VALUES (?, ?)", (path, now))
         return e.blob
 
@@ -502,6 +561,7 @@ class Catalog:
             if row is None:
                 return None
             self.db.execute("UPDATE entries SET blob = NULL WHERE path = ?", (path,))
+            self.db.execute("DELETE FROM prefetched WHERE path = ?", (path,))
             return row[0]
 
     def drop_corrupt(self, path: str, blob: str) -> bool:
@@ -512,17 +572,77 @@ class Catalog:
             return cur.rowcount == 1
 
     def record_access(self, hits: Iterable[tuple[str, float, int]],
-                      heat: Iterable[tuple[str, str, int, int, int]] = ()) -> None:
+                      heat: Iterable[tuple[str, str, int, int, int]] = ()) -> tuple[int, int]:
         """Batched access statistics: per file (path, last access time, count) and per directory and day
-        (dir, day, reads, misses, bytes)."""
+        (dir, day, reads, misses, bytes). → (files, bytes) of prefetched files read for the first time."""
+        hits = list(hits)
         with self._tx(durable=False):
             self.db.executemany("UPDATE entries SET last_access = MAX(COALESCE(last_access, 0), ?), "
                                 "access_count = access_count + ? WHERE path = ?",
                                 [(t, n, p) for p, t, n in hits])
+            used = [r for (p, _, _) in hits
+                    for r in self.db.execute("DELETE FROM prefetched WHERE path = ? RETURNING bytes", (p,))]
             self.db.executemany(
                 "INSERT INTO heat (dir, day, reads, misses, bytes) VALUES (?, ?, ?, ?, ?) "
                 "ON CONFLICT (dir, day) DO UPDATE SET reads = reads + excluded.reads, "
                 "misses = misses + excluded.misses, bytes = bytes + excluded.bytes", list(heat))
+        return len(used), sum(b for (b,) in used)
+
+    def mark_prefetched(self, path: str, size: int) -> None:
+        with self._tx(durable=False):
+            self.db.execute("INSERT OR REPLACE INTO prefetched (path, bytes, at) VALUES (?, ?, ?)",
+                            (path, size, time.time()))
+
+    def record_prior_fetch(self, dir: str, rank: int) -> None:
+        with self._tx(durable=False):
+            self.db.execute("INSERT OR REPLACE INTO prior_fetches (dir, rank, fetched, used) VALUES (?, ?, ?, NULL)",
+                            (dir, rank, time.time()))
+
+    def settle_prior_fetches(self) -> list[tuple[int, bool]]:
+        """Decide the outcome of prior fetches still open: used when one of the study's files was read since,
+        unused when none of them is cached any more. → (rank, used) of those decided now."""
+        settled = []
+        with self._tx(durable=False):
+            for d, rank, fetched in self.db.execute(
+                    "SELECT dir, rank, fetched FROM prior_fetches WHERE used IS NULL").fetchall():
+                lo, hi = d + "/", d + "0"  # '0' sorts right after '/': the directory's subtree
+                read = self.db.execute("SELECT 1 FROM entries WHERE path > ? AND path < ? AND last_access > ? "
+                                       "LIMIT 1", (lo, hi, fetched)).fetchone()
+                cached = self.db.execute("SELECT 1 FROM entries WHERE path > ? AND path < ? AND blob IS NOT NULL "
+                                         "LIMIT 1", (lo, hi)).fetchone()
+                if read or not cached:
+                    self.db.execute("UPDATE prior_fetches SET used = ? WHERE dir = ?", (int(bool(read)), d))
+                    settled.append((rank, bool(read)))
+        return settled
+
+    def prior_outcomes(self) -> list[tuple[int, bool]]:
+        return [(r, bool(u)) for r, u in self.db.execute(
+            "SELECT rank, used FROM prior_fetches WHERE used IS NOT NULL").fetchall()]
+
+    def get_state(self, key: str) -> str | None:
+        row = self.db.execute("SELECT value FROM agent_state WHERE key = ?", (key,)).fetchone()
+        return row[0] if row else None
+
+    def set_state(self, key: str, value: str) -> None:
+        with self._tx():
+            self.db.execute("INSERT OR REPLACE INTO agent_state (key, value) VALUES (?, ?)", (key, value))
+
+    def study_known(self, dir: str) -> bool:
+        return self.db.execute("SELECT 1 FROM studies WHERE dir = ?", (dir,)).fetchone() is not None
+
+    def record_study(self, dir: str, patient: str | None, study_uid: str | None, study_date: str | None,
+                     modality: str | None) -> bool:
+        """Remember a study directory (first writer wins). → False if it was already known."""
+        with self._tx(durable=False):
+            cur = self.db.execute("INSERT OR IGNORE INTO studies (dir, patient, study_uid, study_date, modality, "
+                                  "recorded) VALUES (?, ?, ?, ?, ?, ?)",
+                                  (dir, patient, study_uid, study_date, modality, time.time()))
+            return cur.rowcount == 1
+
+    def patient_studies(self, patient: str) -> list[tuple[str, str | None, str | None, str | None]]:
+        """(dir, study_uid, study_date, modality) of every study of a patient, oldest first."""
+        return self.db.execute("SELECT dir, study_uid, study_date, modality FROM studies "
+                               "WHERE patient = ? ORDER BY study_date, dir", (patient,)).fetchall()
 
     def heat_since(self, day: str) -> list[tuple[str, str, int, int, int]]:
         """(dir, day, reads, misses, bytes) for every directory read on or after day (YYYY-MM-DD)."""

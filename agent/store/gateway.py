@@ -18,6 +18,7 @@ import hashlib
 import os
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 import structlog
 
@@ -28,6 +29,7 @@ from agent.store.access import AccessStats
 from agent.store.cache import Cache, sha256_fd
 from agent.store.catalog import AsyncCatalog, Entry
 from agent.store.errors import Corrupt, GatewayError, IsADirectory, NoSpace, NotADirectory, NotFound, Unavailable
+from agent.store.evictor import Evictor
 from agent.store.fetch import download
 from agent.store.paths import ancestors, parent_of
 from agent.store.worm import WormPolicy
@@ -37,7 +39,6 @@ from agent.uplink.uploader import Uploader
 log = structlog.get_logger("pacsgw.gateway")
 
 ACCESS_FLUSH_SECONDS = 5.0
-EVICT_CHECK_SECONDS = 10.0
 
 
 class WriteHandle:
@@ -211,14 +212,15 @@ class Gateway:
         self._listings: dict[str, asyncio.Future] = {}
         self.access = AccessStats(cfg.prefetch.dir_depth)
         self._loops: list[asyncio.Task] = []
-        self._evicting = asyncio.Lock()
+        self.evictor = Evictor(cfg.cache, db, cache, metrics, self._flush_access)
+        self.on_stored: Callable[[str, str], None] | None = None  # (path, blob) after a commit: prior prefetch
         self.active_writes = 0
         self._writes_idle = asyncio.Event()
         self._writes_idle.set()
 
     async def start(self) -> None:
         self._loops = [asyncio.create_task(self._flush_access_loop(), name="access-flush"),
-                       asyncio.create_task(self._evict_loop(), name="evict")]
+                       asyncio.create_task(self.evictor.run(), name="evict")]
 
     async def stop(self) -> None:
         for t in self._loops:
@@ -304,7 +306,7 @@ class Gateway:
             e = await self.stat(src)
             self.worm.check_mutable(e, time.time())
             if e.is_dir:
-                await self._list_tree(src)
+                await self.list_tree(src)
             await self._ensure_listed(parent_of(dst), missing_ok=True)
             replaced_entry = await self.db.get(dst)
             if replaced_entry is not None:
@@ -315,12 +317,12 @@ class Gateway:
         self.uploader.wake()
         log.info("rename", src=src, dst=dst, directory=e.is_dir)
 
-    async def _list_tree(self, path: str) -> None:
+    async def list_tree(self, path: str) -> None:
         """A directory is about to move: every remote object under it must be known first."""
         await self._ensure_listed(path)
         for child in await self.db.children(path):
             if child.is_dir:
-                await self._list_tree(child.path)
+                await self.list_tree(child.path)
 
     # --- writes ----------------------------------------------------------------------------------
 
@@ -382,6 +384,8 @@ class Gateway:
         if replaced:
             self.cache.remove(replaced)
         log.info("stored", path=path, bytes=size, sha256=sha, write_through=claim)
+        if self.on_stored is not None:
+            self.on_stored(path, blob)
         if not claim:
             self.uploader.wake()
             return None
@@ -445,6 +449,22 @@ class Gateway:
             self.cache.remove(e.blob)
         return None
 
+    async def prefetch(self, e: Entry) -> bool:
+        """Bring one file into the cache ahead of any read; → whether it landed (a fetch already running
+        for a reader is joined, not repeated). Refused like any fetch under critical pressure."""
+        if e.blob is not None:
+            return False
+        fill = self._fills.get(e.path)
+        if fill is None or fill.done:
+            fill = self._start_fill(e)
+        async with fill.cond:
+            await fill.cond.wait_for(lambda: fill.done)
+        if fill.error is not None:
+            return False
+        await self.db.mark_prefetched(e.path, e.size)
+        self.metrics.note_prefetched(e.size)
+        return True
+
     def _start_fill(self, e: Entry) -> _Fill:
         if not self.uploader.reachable:
             raise Unavailable(e.path, "not in the cache and object storage is unreachable")
@@ -491,7 +511,7 @@ class Gateway:
     async def _flush_access(self) -> None:
         files, heat = self.access.drain()
         if files:
-            await self.db.record_access(files, heat)
+            self.metrics.note_prefetch_used(*await self.db.record_access(files, heat))
 
     async def _flush_access_loop(self) -> None:
         while True:
@@ -503,7 +523,7 @@ class Gateway:
         await self._flush_access()
         await self.db.shrink_memory()
 
-    # --- eviction (least recently used clean files, down to the low watermark) ------------------
+    # --- eviction (the policy runs in agent.store.evictor) ---------------------------------------
 
     async def evict(self, path: str) -> bool:
         """Drop the cached copy of one clean file; → False if it is dirty or not cached."""
@@ -513,6 +533,7 @@ class Gateway:
             return False
         self.cache.remove(blob)
         self.metrics.evictions.inc()
+        self.metrics.evicted_bytes.inc(e.size)
         log.info("evicted", path=path, bytes=e.size)
         return True
 
@@ -526,42 +547,4 @@ class Gateway:
 
     async def make_room(self, need: int) -> bool:
         """The disk is full: evict clean files until `need` more bytes fit; → whether anything went."""
-        freed = await self._evict_lru(need + self.cfg.cache.min_free_bytes)
-        return freed > 0
-
-    async def _evict_lru(self, target: int) -> int:
-        freed = 0
-        async with self._evicting:
-            while freed < target:
-                victims = await self.db.lru_evictable(256)
-                if not victims:
-                    break
-                for v in victims:
-                    blob = await self.db.uncache(v.path, v.gen)
-                    if blob:
-                        self.cache.remove(blob)
-                        freed += v.size
-                        self.metrics.evictions.inc()
-                    if freed >= target:
-                        break
-        if freed:
-            log.info("evicted_lru", bytes=freed)
-        return freed
-
-    def _over_high(self, cached: int) -> int:
-        """Bytes to free to reach the low watermark, or 0 when under the high watermark."""
-        c = self.cfg.cache
-        disk = self.cache.disk_usage()
-        limit = min(c.max_bytes, disk.total)
-        used = max(cached, disk.used) if c.max_bytes >= disk.total else cached
-        if used < c.high_watermark * limit and disk.free > c.min_free_bytes:
-            return 0
-        return int(used - c.low_watermark * limit)
-
-    async def _evict_loop(self) -> None:
-        while True:
-            await asyncio.sleep(EVICT_CHECK_SECONDS)
-            totals = await self.db.totals()
-            excess = self._over_high(totals.cached_bytes)
-            if excess > 0:
-                await self._evict_lru(excess)
+        return await self.evictor.free(need + self.cfg.cache.min_free_bytes, "disk full") > 0

@@ -1,0 +1,333 @@
+"""Prefetch into the cache: tomorrow's hot day-directories in the early-morning window, and a patient's
+prior studies when a new study is written. The policies decide (agent/policy: dirheat, prefetch.plan,
+priors.PriorPrefetcher); this module gathers their input from the catalog and does the fetching.
+
+Every fetch goes through the gateway (shared with readers, verified, under the uplink's bandwidth limit
+and concurrency), and a run stops before its next file as soon as its time is up or pressure is high.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import structlog
+
+from agent.config import Config
+from agent.policy.dirheat import History, RankedDir, history, rank_by_model, rank_cold_start, window_bounds
+from agent.policy.features import WINDOW
+from agent.policy.prefetch import Budget, Candidate, plan
+from agent.policy.pressure import Level
+from agent.policy.priors import PriorPrefetcher, StudyInfo
+from agent.store.catalog import AsyncCatalog
+from agent.store.errors import GatewayError
+from agent.store.gateway import Gateway
+
+log = structlog.get_logger("pacsgw.prefetch")
+
+
+@dataclass(frozen=True)
+class PlannedDir:
+    dir: str
+    heat: float
+    why: str
+    files: int        # files not cached yet (counted by the catalog: a day-directory may hold a million)
+    bytes: int
+
+
+@dataclass(frozen=True)
+class Plan:
+    ranked: list[RankedDir]       # every directory considered, hottest first
+    chosen: list[PlannedDir]      # what will be fetched, in fetch order (best heat per byte first)
+    skipped: list[PlannedDir]     # listed candidates that did not fit the budget
+    budget_bytes: int
+    window_end: float
+
+    def as_json(self) -> dict:
+        return {"budget_bytes": self.budget_bytes, "window_end": self.window_end,
+                "planned_bytes": sum(d.bytes for d in self.chosen),
+                "chosen": [_dir_json(d) for d in self.chosen], "skipped": [_dir_json(d) for d in self.skipped],
+                "ranked": [{"dir": r.dir, "heat": r.heat, "why": r.why} for r in self.ranked]}
+
+
+def _dir_json(d: PlannedDir) -> dict:
+    return {"dir": d.dir, "heat": d.heat, "why": d.why, "files": d.files, "bytes": d.bytes}
+
+
+@dataclass
+class RunStatus:
+    running: bool = False
+    planned_bytes: int = 0
+    fetched_bytes: int = 0
+    fetched_files: int = 0
+    stopped: str = ""             # why the last run ended early ('' when it finished its plan)
+    finished_at: float = 0.0
+
+    def as_json(self) -> dict:
+        return dict(self.__dict__)
+
+
+def line_rate(cfg: Config) -> float:
+    """Bytes per second prefetch may plan with: the uplink's limit, or unlimited."""
+    return float(cfg.uplink.bwlimit) if cfg.uplink.bwlimit else float("inf")
+
+
+def _load_predictor(cfg: Config):  # noqa: ANN202 - HotnessPredictor or None
+    from agent.policy.predictor import DEFAULT_MODEL, HotnessPredictor
+    path = Path(cfg.model.path) if cfg.model.path else DEFAULT_MODEL
+    if not path.is_file():
+        log.warning("prefetch_model_missing", path=str(path), fallback="cold-start rule")
+        return None
+    return HotnessPredictor(path)
+
+
+class Fetcher:
+    """Fetches the uncached files of planned directories, a catalog page at a time (memory stays flat),
+    until a stop condition says why not to go on."""
+
+    PAGE = 256
+
+    def __init__(self, gateway: Gateway, db: AsyncCatalog, pressure: Callable[[], Level]) -> None:
+        self.gateway, self.db, self.pressure = gateway, db, pressure
+
+    def stop_reason(self, deadline: float) -> str:
+        if time.time() >= deadline:
+            return "window ended"
+        if self.pressure() >= Level.HIGH:
+            return f"pressure {self.pressure()}"
+        return ""
+
+    async def fetch_dir(self, d: str, deadline: float, status: RunStatus, kind: str) -> str:
+        """→ '' when every missing file below d was fetched (or failed, logged), else why the run stopped."""
+        after = ""
+        while page := await self.db.missing_page(d, after, self.PAGE):
+            for e in page:
+                reason = self.stop_reason(deadline)
+                if reason:
+                    return reason
+                try:
+                    landed = await self.gateway.prefetch(e)
+                except GatewayError as err:
+                    log.warning("prefetch_failed", path=e.path, kind=kind, error=err.reason)
+                    continue
+                if landed:
+                    status.fetched_files += 1
+                    status.fetched_bytes += e.size
+                    log.info("prefetched", path=e.path, bytes=e.size, kind=kind)
+            after = page[-1].path
+        return ""
+
+
+class DirPrefetcher:
+    """Scheme C in the live agent: rank day-directories, list the top ones, fetch within the budget."""
+
+    def __init__(self, cfg: Config, db: AsyncCatalog, gateway: Gateway, fetcher: Fetcher) -> None:
+        self.cfg, self.db, self.gateway, self.fetcher = cfg, db, gateway, fetcher
+        self.predictor = _load_predictor(cfg)
+        self.status = RunStatus()
+        self._lock = asyncio.Lock()
+        self._model_lock = asyncio.Lock()  # one LiteRT interpreter: a dry run must not resize it under a run
+
+    async def history(self, now: float) -> History:
+        today = dt.date.fromtimestamp(now)
+        rows = await self.db.heat_since((today - dt.timedelta(days=WINDOW)).isoformat())
+        rows = [(d, day, reads) for d, day, reads, _, _ in rows if day < today.isoformat()]
+        files = {d: await self.db.count_files_under(d) for d in {r[0] for r in rows}}
+        return history(rows, files, today)
+
+    async def rank(self, now: float) -> list[RankedDir]:
+        h = await self.history(now)
+        if not h.empty and self.predictor is not None:
+            async with self._model_lock:
+                return await asyncio.to_thread(rank_by_model, h, self.predictor, self.predictor.version)
+        days = self.cfg.prefetch.cold_start_days
+        writes: dict[str, int] = {}
+        for parent, n in await self.db.writes_since(now - days * 86400):
+            d = self.gateway.access.heat_dir(parent + "/x")  # heat_dir takes a file's path: any file in parent
+            writes[d] = writes.get(d, 0) + n
+        return rank_cold_start(writes, days)
+
+    async def plan(self, now: float) -> Plan:
+        """Rank, list the top `top_dirs`, and fit them into max_bytes and what the line carries by the
+        window's end. Outside the window (a dry run, or `pacsgw prefetch` by hand) a run now gets the
+        window's length."""
+        start, end = window_bounds(now, self.cfg.prefetch.window)
+        if now < start:
+            start, end = now, now + (end - start)
+        ranked = await self.rank(now)
+        listed: list[PlannedDir] = []
+        for r in ranked[: self.cfg.prefetch.top_dirs]:
+            try:
+                await self.gateway.list_tree(r.dir)
+            except GatewayError as e:  # the directory is gone (deleted): nothing to fetch
+                log.info("prefetch_dir_skipped", dir=r.dir, reason=e.reason)
+                continue
+            listed.append(PlannedDir(r.dir, r.heat, r.why, *await self.db.missing_under(r.dir)))
+        budget = Budget(self.cfg.prefetch.max_bytes, line_rate(self.cfg), end - max(now, start))
+        fits = plan([Candidate(d.dir, d.heat, d.bytes) for d in listed], budget)
+        by_dir = {d.dir: d for d in listed}
+        chosen = [by_dir[c.key] for c in fits]
+        skipped = [d for d in listed if d.dir not in {c.key for c in fits}]
+        return Plan(ranked, chosen, skipped, budget.byte_limit, end)
+
+    async def run(self) -> RunStatus:
+        """One prefetch run now, ending with the current window (or after a window's length, outside it)."""
+        async with self._lock:
+            self.status = status = RunStatus(running=True)
+            try:
+                p = await self.plan(time.time())
+                status.planned_bytes = sum(d.bytes for d in p.chosen)
+                log.info("prefetch_start", dirs=[d.dir for d in p.chosen], planned_bytes=status.planned_bytes,
+                         budget_bytes=p.budget_bytes, window_end=p.window_end)
+                for d in p.chosen:
+                    status.stopped = await self.fetcher.fetch_dir(d.dir, p.window_end, status, "directory")
+                    if status.stopped:
+                        log.warning("prefetch_stopped", reason=status.stopped, fetched_bytes=status.fetched_bytes,
+                                    planned_bytes=status.planned_bytes)
+                        break
+            finally:  # a failed run (e.g. the catalog disk full) must not look like one still running
+                status.running, status.finished_at = False, time.time()
+            log.info("prefetch_done", files=status.fetched_files, bytes=status.fetched_bytes,
+                     stopped=status.stopped or None)
+            return status
+
+    async def loop(self) -> None:
+        """Start one run in each window. The window is marked in the catalog when its run starts, so a
+        restart inside the window does not spend max_bytes a second time."""
+        while True:
+            now = time.time()
+            start, _ = window_bounds(now, self.cfg.prefetch.window)
+            if (start <= now and self.fetcher.pressure() < Level.HIGH
+                    and await self.db.get_state("prefetch_window") != str(start)):
+                await self.db.set_state("prefetch_window", str(start))
+                try:
+                    await self.run()
+                except Exception as e:  # noqa: BLE001 - a failed run must not end the loop
+                    log.error("prefetch_run_failed", error=repr(e)[:300])
+            await asyncio.sleep(self.cfg.prefetch.check_seconds)
+
+
+@dataclass
+class PriorFetcher:
+    """When the first file of a new study directory is stored: read its DICOM header, remember the study
+    (catalog `studies` table), and fetch the patient's earlier studies within the budget."""
+
+    cfg: Config
+    db: AsyncCatalog
+    gateway: Gateway
+    fetcher: Fetcher
+    policy: PriorPrefetcher = field(init=False)
+    _seen: dict[str, None] = field(default_factory=dict)   # recent study dirs: no catalog query per file
+    _tasks: set[asyncio.Task] = field(default_factory=set)
+    status: RunStatus = field(default_factory=RunStatus)
+
+    SEEN_MAX = 4096
+
+    def __post_init__(self) -> None:
+        self.policy = PriorPrefetcher(k=self.cfg.prefetch.priors_k)
+        self._learned = False
+
+    async def learn(self) -> None:
+        """Feed the policy what became of earlier prior fetches (opened or evicted unread), as the simulator
+        does; the outcomes live in the catalog, so what was learnt survives restarts."""
+        outcomes = await self.db.settle_prior_fetches()
+        if not self._learned:
+            outcomes = await self.db.prior_outcomes()  # every decided outcome, those just settled included
+            self._learned = True
+        for rank, used in outcomes:
+            if rank < self.policy.k:
+                self.policy.feedback(rank, used)
+
+    def study_dir(self, path: str) -> str | None:
+        parts = path.split("/")
+        depth = self.cfg.prefetch.study_depth
+        return "/".join(parts[:depth]) if len(parts) > depth else None
+
+    def on_stored(self, path: str, blob: str) -> None:
+        d = self.study_dir(path)
+        if d is None or d in self._seen:
+            return
+        self._seen[d] = None
+        if len(self._seen) > self.SEEN_MAX:
+            del self._seen[next(iter(self._seen))]
+        task = asyncio.create_task(self.new_study(d, path, self.gateway.cache.blob_path(blob)))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def new_study(self, d: str, path: str, blob_path: Path) -> None:
+        try:
+            if await self.db.study_known(d):
+                return
+            h = await asyncio.to_thread(read_header, blob_path)
+            if not await self.db.record_study(d, h.patient, h.study_uid, h.study_date, h.modality):
+                return
+            log.info("study_recorded", dir=d, first=path, dicom=h.patient is not None, modality=h.modality)
+            if h.patient is not None:
+                await self.fetch_priors(d, h)
+        except Exception as e:  # noqa: BLE001 - prior prefetch is best effort; the store itself succeeded
+            log.error("prior_prefetch_failed", dir=d, error=repr(e)[:300])
+
+    async def fetch_priors(self, d: str, h: StudyHeader) -> None:
+        await self.learn()
+        studies = await self.db.patient_studies(h.patient)
+        info = [StudyInfo(i, m or "", _ordinal(day), 0) for i, (_, _, day, m) in enumerate(studies)]
+        keys = [s[0] for s in studies]
+        new = StudyInfo(keys.index(d), h.modality or "", _ordinal(h.study_date), 0)
+        cands: list[Candidate] = []
+        ranks: dict[str, int] = {}
+        for rank, prior, heat in self.policy.candidates(new, info):
+            prior_dir = keys[prior.key]
+            await self.gateway.list_tree(prior_dir)
+            _, missing_bytes = await self.db.missing_under(prior_dir)
+            if missing_bytes:
+                ranks[prior_dir] = rank
+                cands.append(Candidate(prior_dir, heat, missing_bytes))
+        p = self.cfg.prefetch
+        chosen = plan(cands, Budget(p.priors_max_bytes, line_rate(self.cfg), p.priors_window_seconds))
+        chosen.sort(key=lambda c: ranks[c.key])  # clinical order: the most relevant prior first
+        deadline = time.time() + p.priors_window_seconds
+        log.info("prior_prefetch", study=d, patient_studies=len(studies), priors=[c.key for c in chosen],
+                 heat=[round(c.heat, 3) for c in chosen], bytes=sum(c.size for c in chosen),
+                 rank_heat=[round(self.policy.heat(r), 3) for r in range(self.policy.k)])
+        for c in chosen:
+            await self.db.record_prior_fetch(c.key, ranks[c.key])
+            if await self.fetcher.fetch_dir(c.key, deadline, self.status, "prior"):
+                break
+
+
+def _ordinal(day: str | None) -> float:
+    """DICOM StudyDate YYYYMMDD → a day number (unknown dates sort first)."""
+    try:
+        return float(dt.datetime.strptime(day or "", "%Y%m%d").toordinal())
+    except ValueError:
+        return 0.0
+
+
+@dataclass(frozen=True)
+class StudyHeader:
+    """What prior-study prefetch needs from a DICOM header; all None for a file that is not DICOM."""
+
+    patient: str | None = None
+    study_uid: str | None = None
+    study_date: str | None = None     # DICOM DA: YYYYMMDD
+    modality: str | None = None
+
+
+def read_header(path: Path) -> StudyHeader:
+    """The header of a DICOM file (pixel data not read)."""
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=True,
+                             specific_tags=["PatientID", "StudyInstanceUID", "StudyDate", "Modality"])
+    except (InvalidDicomError, ValueError, EOFError):  # OSError (the copy vanished) is not 'not DICOM'
+        return StudyHeader()
+
+    def text(keyword: str) -> str | None:
+        return str(ds.get(keyword, "") or "") or None
+
+    return StudyHeader(text("PatientID"), text("StudyInstanceUID"), text("StudyDate"), text("Modality"))

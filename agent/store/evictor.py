@@ -1,0 +1,146 @@
+"""Runs the configured eviction policy (agent/policy/eviction.py) against the live cache.
+
+The policy decides from the catalog's rows (recency, frequency, size, age); this module does the I/O:
+it reads the rows, asks the policy which files go, and drops their cached copies. Only `clean` files
+(confirmed in S3) are ever offered to the policy, and `Catalog.uncache` re-checks the state in the same
+transaction, so a file that became dirty meanwhile is skipped (durability contract, rule 2).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+from typing import Awaitable, Callable
+
+import numpy as np
+import structlog
+
+from agent.config import CacheConfig
+from agent.metrics import Metrics
+from agent.policy import eviction
+from agent.store.cache import Cache
+from agent.store.catalog import AsyncCatalog
+
+log = structlog.get_logger("pacsgw.evict")
+
+
+@dataclass(frozen=True)
+class Victim:
+    path: str
+    gen: int
+    size: int
+    last_access: float
+    access_count: int
+    cluster: int | None     # k-means cluster rank (0 = coldest), None for lru/age or too few files
+    score: float | None     # k-means hotness score
+
+
+@dataclass(frozen=True)
+class Candidates:
+    """The clean cached files as the policy sees them, with what is needed to evict them."""
+
+    table: eviction.FileTable
+    paths: list[str]
+    gens: np.ndarray
+
+
+def policy_for(c: CacheConfig) -> eviction.LRU | eviction.Age | eviction.KMeansEviction:
+    return eviction.make(c.eviction, kmeans=eviction.KMeansConfig(refit_seconds=c.kmeans_refit_seconds),
+                         max_age_days=c.age_max_days)
+
+
+def candidates(rows: list[tuple[str, int, int, float, int, float]]) -> Candidates:
+    """Catalog rows (path, gen, size, last access, access count, mtime) → the policy's FileTable."""
+    cols = list(zip(*rows, strict=True)) if rows else [(), (), (), (), (), ()]
+    paths = list(cols[0])
+    parents = np.array([p.rpartition("/")[0] for p in paths], dtype=object)
+    directory = np.unique(parents, return_inverse=True)[1] if paths else np.zeros(0, dtype=np.int64)
+    table = eviction.FileTable(key=np.arange(len(paths)), size=np.array(cols[2], dtype=np.int64),
+                               last_access=np.array(cols[3], dtype=np.float64),
+                               access_count=np.array(cols[4], dtype=np.int64),
+                               created=np.array(cols[5], dtype=np.float64), directory=directory)
+    return Candidates(table, paths, np.array(cols[1], dtype=np.int64))
+
+
+class Evictor:
+    def __init__(self, cfg: CacheConfig, db: AsyncCatalog, cache: Cache, metrics: Metrics,
+                 flush_reads: Callable[[], Awaitable[None]]) -> None:
+        self.cfg, self.db, self.cache, self.metrics = cfg, db, cache, metrics
+        self.flush_reads = flush_reads  # reads are buffered for seconds: the policy must see the latest
+        self.policy = policy_for(cfg)
+        self._lock = asyncio.Lock()
+
+    def excess(self, cached: int) -> int:
+        """Bytes to free to reach the low watermark, or 0 while under the high watermark (and the disk's
+        free-space reserve holds)."""
+        c = self.cfg
+        disk = self.cache.disk_usage()
+        limit = min(c.max_bytes, disk.total)
+        used = max(cached, disk.used) if c.max_bytes >= disk.total else cached
+        if used < c.high_watermark * limit and disk.free > c.min_free_bytes:
+            return 0
+        return int(used - c.low_watermark * limit)
+
+    async def plan(self, bytes_to_free: int, *, explain: bool = False) -> list[Victim]:
+        """What the policy would evict to free bytes_to_free, in eviction order (no file is touched);
+        explain: with each file's k-means cluster and score (for `pacsgw evict --dry-run`)."""
+        await self.flush_reads()
+        cand = candidates(await self.db.eviction_rows(self.cfg.eviction_candidates))
+        now = time.time()
+        # the policy (sklearn for kmeans) is CPU work: off the event loop
+        order = await asyncio.to_thread(self.policy.select_victims, cand.table, bytes_to_free, now)
+        cluster, score = (await asyncio.to_thread(self.policy.clusters, cand.table, now)
+                          if explain and isinstance(self.policy, eviction.KMeansEviction) else (None, None))
+        t = cand.table
+        return [Victim(cand.paths[i], int(cand.gens[i]), int(t.size[i]), float(t.last_access[i]),
+                       int(t.access_count[i]), None if cluster is None else int(cluster[i]),
+                       None if score is None else round(float(score[i]), 4)) for i in order.tolist()]
+
+    async def free(self, bytes_to_free: int, reason: str) -> int:
+        """Evict until bytes_to_free are freed (or nothing clean is left); → bytes freed."""
+        if bytes_to_free <= 0:
+            return 0
+        async with self._lock:
+            victims = await self.plan(bytes_to_free)
+            freed = files = 0
+            for v in victims:
+                blob = await self.db.uncache(v.path, v.gen)
+                if blob is None:
+                    continue  # written, read into a new copy or deleted meanwhile: no longer this row
+                self.cache.remove(blob)
+                freed += v.size
+                files += 1
+                self.metrics.evictions.inc()
+                self.metrics.evicted_bytes.inc(v.size)
+        if files:
+            log.info("eviction_pass", policy=self.policy.name, reason=reason, files=files, bytes=freed,
+                     wanted=bytes_to_free, k=getattr(self.policy, "last_k", None))
+        return freed
+
+    async def refit_if_due(self) -> None:
+        """K-means: fit again once the model is kmeans_refit_seconds old, whether or not anything has to go,
+        so the clusters follow the cache and the next pass under pressure does not wait for a fit."""
+        p = self.policy
+        if not isinstance(p, eviction.KMeansEviction) or p.cfg.refit_seconds <= 0:
+            return
+        now = time.time()
+        if p.fitted_at is not None and now - p.fitted_at < p.cfg.refit_seconds:
+            return
+        cand = candidates(await self.db.eviction_rows(self.cfg.eviction_candidates))
+        if len(cand.table):
+            await asyncio.to_thread(p.clusters, cand.table, now)
+            if p.fitted_at == now:  # too few (or identical) files are ranked by score alone, without a fit
+                log.info("kmeans_fitted", files=len(cand.table), k=p.last_k)
+
+    async def run(self) -> None:
+        """The background pass: above the high watermark, evict down to the low watermark."""
+        while True:
+            await asyncio.sleep(self.cfg.evict_interval_seconds)
+            try:
+                async with self._lock:
+                    await self.refit_if_due()
+                totals = await self.db.totals()
+                await self.free(self.excess(totals.cached_bytes), "high watermark")
+            except Exception as e:  # noqa: BLE001 - a failed pass (e.g. disk full) is retried next interval
+                log.error("eviction_failed", error=repr(e)[:300])

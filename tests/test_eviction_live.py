@@ -1,0 +1,173 @@
+"""The live agent evicts with the configured policy class (agent/policy/eviction.py), fed from its catalog:
+past the high watermark down to the low one, clean files only, the cold cluster first; evicted files read
+back from S3."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+from agent.config import CacheConfig
+from agent.devstack import free_port
+from agent.policy.eviction import FileTable, KMeansConfig, KMeansEviction
+from agent.store.evictor import candidates, policy_for
+from faultkit import catalog_rows, ftp_get, ftp_login, ftp_put, payload, sha256
+
+FILE = 100_000
+HIGH, LOW, MAX = 0.8, 0.5, 4_000_000
+
+
+def cached(agent) -> dict[str, tuple[str, bool]]:
+    """path → (state, has a cached copy)."""
+    return {p: (s, b is not None) for p, s, _, _, b in catalog_rows(agent)}
+
+
+def metric(agent, name: str) -> float:
+    import urllib.request
+    with urllib.request.urlopen(f"http://127.0.0.1:{agent.http_port}/metrics", timeout=10) as r:
+        for line in r.read().decode().splitlines():
+            if line.startswith(name + " "):
+                return float(line.split()[1])
+    raise AssertionError(f"{name} not in /metrics")
+
+
+def test_kmeans_evicts_cold_cluster_first_never_dirty(agent_factory):
+    a = agent_factory(**{"cache.max_bytes": MAX, "cache.high_watermark": HIGH, "cache.low_watermark": LOW,
+                         "cache.eviction": "kmeans", "cache.evict_interval_seconds": 0.3,
+                         "cache.kmeans_refit_seconds": 0, "prefetch.enabled": False, "prefetch.priors": False})
+    a.start()
+    data: dict[str, bytes] = {}
+    ftp = ftp_login(a)
+    # The hot set is stored first and read repeatedly; the cold set is stored afterwards and never read, so
+    # by recency alone (LRU) the hot files would be the older ones: only the frequency feature saves them.
+    hot = [f"CT/2026-11-20/hot/{i}.dcm" for i in range(8)]
+    cold = [f"CT/2026-11-21/cold/{i}.dcm" for i in range(20)]
+    for p in hot:
+        data[p] = payload(p, FILE)
+        assert ftp_put(ftp, p, data[p]).startswith("226")
+    for _ in range(4):
+        for p in hot:
+            assert ftp_get(ftp, p) == data[p]
+    for p in cold:
+        data[p] = payload(p, FILE)
+        assert ftp_put(ftp, p, data[p]).startswith("226")
+    ftp.quit()
+    a.wait_drained()
+    a.stop()  # flushes the read counts into the catalog
+    assert not a.events("eviction_pass")  # 2.8 MB < the 3.2 MB high watermark
+
+    # Dry run, through the CLI, of freeing everything: the eviction order goes cluster by cluster, coldest
+    # first, and every cold file's cluster comes before every hot file's.
+    a.start()
+    out = subprocess.run([sys.executable, "-m", "agent.cli", "evict", "--config", str(a.config_path), "--dry-run",
+                          "--bytes", "100MB", "--json"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    plan = json.loads(out.stdout)
+    assert plan["policy"] == "kmeans" and plan["k"] >= 2
+    order = [v["path"] for v in plan["victims"]]
+    clusters = [v["cluster"] for v in plan["victims"]]
+    assert set(order[:20]) == set(cold) and set(order[20:]) == set(hot)
+    assert clusters == sorted(clusters) and clusters[0] == 0 and clusters[19] < clusters[20]
+    text = subprocess.run([sys.executable, "-m", "agent.cli", "evict", "--config", str(a.config_path), "--dry-run",
+                           "--bytes", "1MB"], capture_output=True, text=True, timeout=120).stdout
+    assert "cluster 0 (coldest)" in text and cold[0].split("/")[0] in text
+    assert all(has for _, has in cached(a).values())  # a dry run touches nothing
+    a.stop()
+
+    # Object storage unreachable: new stores stay dirty on the SSD and push the cache past the high watermark.
+    real_endpoint = a.overrides.get("uplink.endpoint_url")
+    a.overrides["uplink.endpoint_url"] = f"http://127.0.0.1:{free_port()}"
+    a.write_config()
+    a.start()
+    new = [f"CT/2026-11-23/new/{i}.dcm" for i in range(6)]
+    ftp = ftp_login(a)
+    for p in new:
+        data[p] = payload(p, FILE)
+        assert ftp_put(ftp, p, data[p]).startswith("226")
+    ftp.quit()
+    deadline = time.monotonic() + 30
+    while a.health()["cache"]["bytes"] > LOW * MAX:
+        assert time.monotonic() < deadline, a.health()["cache"]
+        time.sleep(0.2)
+    state = cached(a)
+    evicted = {p for p, (_, has) in state.items() if not has}
+    assert all(state[p] == ("dirty", True) for p in new)           # never a dirty file
+    assert all(state[p][1] for p in hot)                           # the hot set stays
+    assert evicted <= set(cold) and len(evicted) == 14             # 3.4 MB → 2.0 MB: 14 cold files, no more
+    passes = a.events("eviction_pass")
+    assert passes[0]["policy"] == "kmeans" and passes[0]["reason"] == "high watermark"
+    assert metric(a, "pacsgw_evictions_total") == 14 and metric(a, "pacsgw_evicted_bytes_total") == 14 * FILE
+    a.stop()
+
+    # The line is back: the dirty files upload, and every evicted file reads back whole from S3.
+    if real_endpoint is None:
+        del a.overrides["uplink.endpoint_url"]
+    a.write_config()
+    a.start()
+    a.wait_drained()
+    ftp = ftp_login(a)
+    for p in sorted(evicted):
+        assert sha256(ftp_get(ftp, p)) == sha256(data[p])
+    ftp.quit()
+    assert all(cached(a)[p][1] for p in evicted)
+
+
+def _table(n: int, hot: int) -> FileTable:
+    now = 1e6
+    count = np.where(np.arange(n) < hot, 20, 0)
+    return FileTable(key=np.arange(n), size=np.full(n, 1000), last_access=now - 60.0 - np.arange(n),
+                     access_count=count, created=np.full(n, now - 3600.0), directory=np.zeros(n, dtype=np.int64))
+
+
+def test_kmeans_refits_on_schedule():
+    """The agent keeps a fitted model for kmeans_refit_seconds; the simulator (0) fits on every call."""
+    policy = KMeansEviction(KMeansConfig(refit_seconds=100))
+    policy.select_victims(_table(40, 10), 5000, 1e6)
+    first = policy.fitted_at
+    policy.select_victims(_table(40, 10), 5000, 1e6 + 50)
+    assert policy.fitted_at == first
+    policy.select_victims(_table(40, 10), 5000, 1e6 + 100)
+    assert policy.fitted_at == 1e6 + 100
+    every = KMeansEviction()
+    every.select_victims(_table(40, 10), 5000, 1e6)
+    every.select_victims(_table(40, 10), 5000, 1e6 + 1)
+    assert every.fitted_at == 1e6 + 1
+
+
+def test_catalog_rows_feed_the_configured_policy():
+    rows = [("CT/d/a", 1, 10, 5.0, 3, 1.0), ("CT/d/b", 2, 20, 1.0, 0, 1.0), ("MR/e/c", 1, 30, 3.0, 1, 2.0)]
+    cand = candidates(rows)
+    assert cand.paths == ["CT/d/a", "CT/d/b", "MR/e/c"] and cand.gens.tolist() == [1, 2, 1]
+    assert cand.table.directory.tolist() == [0, 0, 1]
+    lru = policy_for(CacheConfig(dir="/x", eviction="lru"))
+    assert [cand.paths[i] for i in lru.select_victims(cand.table, 25, 10.0)] == ["CT/d/b", "MR/e/c"]
+    age = policy_for(CacheConfig(dir="/x", eviction="age", age_max_days=1))
+    assert age.max_age == 86400
+    assert candidates([]).table.size.size == 0
+
+
+def test_kmeans_is_refitted_on_schedule_in_the_agent(agent_factory):
+    """With nothing to evict, the agent still fits K-means on its clean files every kmeans_refit_seconds."""
+    a = agent_factory(**{"cache.eviction": "kmeans", "cache.evict_interval_seconds": 0.2,
+                         "cache.kmeans_refit_seconds": 1, "prefetch.enabled": False, "prefetch.priors": False})
+    a.start()
+    ftp = ftp_login(a)
+    for i in range(30):
+        assert ftp_put(ftp, f"CT/2026-11-22/s/{i}.dcm", payload(i, 1000 * (i + 1))).startswith("226")
+    ftp.quit()
+    a.wait_drained()
+    deadline = time.monotonic() + 30
+    while len([f for f in a.events("kmeans_fitted") if f["files"] == 30]) < 2:  # fitted, and fitted again
+        assert time.monotonic() < deadline, a.events("kmeans_fitted")
+        time.sleep(0.2)
+    fits = a.events("kmeans_fitted")
+    assert all(f["files"] > 24 and f["k"] >= 2 for f in fits)   # fewer files are ranked without clusters
+    # not on every 0.2 s pass: about once a second (the first fit also imports scikit-learn)
+    span = (dt.datetime.fromisoformat(fits[-1]["timestamp"]) - dt.datetime.fromisoformat(fits[0]["timestamp"]))
+    assert len(fits) <= span.total_seconds() / 1.0 + 2
+    assert not a.events("eviction_pass") and a.health()["eviction"]["k"] == a.events("kmeans_fitted")[-1]["k"]

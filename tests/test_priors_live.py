@@ -1,0 +1,129 @@
+"""Prior-study prefetch in the live agent: a new study's first DICOM header (pydicom, real files) names the
+patient; the patient's earlier studies, known to the catalog and evicted to S3, are cached before anyone reads
+them, the most relevant first and within the budget. Non-DICOM trees are recognised and left alone."""
+
+from __future__ import annotations
+
+import io
+import subprocess
+import sys
+import time
+
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+
+from faultkit import catalog_rows, ftp_get, ftp_login, ftp_put
+
+PIXELS = 20_000
+
+
+def dicom(patient: str, study_uid: str, date: str, modality: str, instance: int) -> bytes:
+    """A small but real DICOM Part 10 file (preamble, file meta, header, pixel data)."""
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = CTImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, meta.MediaStorageSOPInstanceUID
+    ds.PatientID, ds.PatientName = patient, f"Test^{patient}"
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = study_uid, generate_uid()
+    ds.StudyDate, ds.Modality, ds.InstanceNumber = date, modality, instance
+    ds.Rows, ds.Columns, ds.BitsAllocated, ds.BitsStored, ds.SamplesPerPixel = 100, 100, 16, 16, 1
+    ds.PixelData = bytes([instance % 256]) * PIXELS
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
+
+
+def store_study(ftp, directory: str, patient: str, date: str, modality: str, files: int = 4) -> dict[str, bytes]:
+    uid = generate_uid()
+    out = {}
+    for i in range(files):
+        path = f"{directory}/{uid}/{i}.dcm"
+        out[path] = dicom(patient, uid, date, modality, i)
+        assert ftp_put(ftp, path, out[path]).startswith("226")
+    return out
+
+
+def cached(agent) -> set[str]:
+    return {p for p, _, _, _, b in catalog_rows(agent) if b is not None}
+
+
+def metric(agent, name: str) -> float:
+    import urllib.request
+    with urllib.request.urlopen(f"http://127.0.0.1:{agent.http_port}/metrics", timeout=10) as r:
+        for line in r.read().decode().splitlines():
+            if line.startswith(name + " "):
+                return float(line.split()[1])
+    raise AssertionError(f"{name} not in /metrics")
+
+
+def test_new_study_brings_the_patients_priors_into_the_cache(agent_factory):
+    budget = 5 * (PIXELS + 2000)  # one prior study of four files fits, two do not
+    a = agent_factory(**{"prefetch.enabled": False, "prefetch.priors": True, "prefetch.study_depth": 3,
+                         "prefetch.priors_max_bytes": budget}).start()
+    ftp = ftp_login(a)
+    ct_prior = store_study(ftp, "CT/2025-01-10", "P1", "20250110", "CT")
+    mr_prior = store_study(ftp, "MR/2025-06-01", "P1", "20250601", "MR")
+    other = store_study(ftp, "CT/2025-03-01", "P2", "20250301", "CT")
+    assert ftp_put(ftp, "OT/2025-01-01/scan/x.bin", b"not dicom" * 100).startswith("226")
+    a.wait_drained()
+    studies = catalog_rows(a, "SELECT dir, patient, study_date, modality FROM studies ORDER BY dir")
+    assert [(d.split("/")[0], p, day, m) for d, p, day, m in studies] == [
+        ("CT", "P1", "20250110", "CT"), ("CT", "P2", "20250301", "CT"), ("MR", "P1", "20250601", "MR"),
+        ("OT", None, None, None)]
+
+    # The priors age out of the cache (evicted through the CLI, with its progress bar): they are in S3 only.
+    olds = sorted([*ct_prior, *mr_prior, *other])
+    out = subprocess.run([sys.executable, "-m", "agent.cli", "evict", "--config", str(a.config_path), *olds],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.count(": evicted") == len(olds) and "evict: 100%" in out.stderr
+    assert not cached(a) & set(olds)
+
+    # P1 comes back for a new CT: before anyone opens anything, the CT prior (same modality first) is cached;
+    # the MR prior does not fit the budget; the other patient's study is not touched.
+    new = store_study(ftp, "CT/2026-11-23", "P1", "20261123", "CT")
+    deadline = time.monotonic() + 30
+    while not set(ct_prior) <= cached(a):
+        assert time.monotonic() < deadline, a.events("prior_prefetch")
+        time.sleep(0.2)
+    event = a.events("prior_prefetch")[-1]
+    assert event["priors"] == [next(iter(ct_prior)).rsplit("/", 1)[0]] and event["study"] in next(iter(new))
+    assert not cached(a) & (set(mr_prior) | set(other))
+    assert metric(a, "pacsgw_prefetched_files_total") == 4
+
+    # The radiologist opens the prior: served from the SSD, counted as a prefetch hit.
+    hits, misses = metric(a, "pacsgw_cache_hits_total"), metric(a, "pacsgw_cache_misses_total")
+    for path, data in ct_prior.items():
+        assert ftp_get(ftp, path) == data
+    assert metric(a, "pacsgw_cache_hits_total") == hits + 4 and metric(a, "pacsgw_cache_misses_total") == misses
+    ftp.quit()
+    deadline = time.monotonic() + 20
+    while metric(a, "pacsgw_prefetch_used_files_total") < 4:
+        assert time.monotonic() < deadline
+        time.sleep(0.5)
+    assert metric(a, "pacsgw_prefetch_hit_ratio") == 1.0
+
+    # The next new study of P1: the policy has learnt that the rank-0 prior it fetched was opened.
+    assert a.events("prior_prefetch")[-1]["rank_heat"] == [0.5, 0.5, 0.5]
+    ftp = ftp_login(a)
+    store_study(ftp, "CT/2026-11-24", "P1", "20261124", "CT", files=1)
+    ftp.quit()
+    deadline = time.monotonic() + 30
+    while len(a.events("prior_prefetch")) < 5:  # one per P1 study after the first, one per new study
+        assert time.monotonic() < deadline, a.events("prior_prefetch")
+        time.sleep(0.2)
+    assert a.events("prior_prefetch")[-1]["rank_heat"][0] == 0.667
+    # the CT prior was opened; the MR prior (rank 2 now, the budget holds it) is fetched, its outcome open
+    assert sorted(catalog_rows(a, "SELECT rank, used FROM prior_fetches")) == [(0, 1), (2, None)]
+
+
+def test_priors_off_reads_no_headers(agent_factory):
+    a = agent_factory(**{"prefetch.enabled": False, "prefetch.priors": False}).start()
+    ftp = ftp_login(a)
+    store_study(ftp, "CT/2025-01-10", "P1", "20250110", "CT", files=1)
+    ftp.quit()
+    a.wait_drained()
+    assert catalog_rows(a, "SELECT * FROM studies") == [] and not a.events("study_recorded")
