@@ -80,6 +80,9 @@ password = "boot-test-only"
     console = tmp_path / "console.log"
     cmd = [
         "qemu-system-x86_64", "-machine", "q35", "-accel", "tcg,thread=multi", "-smp", "2", "-m", "1024",
+        # TCG's default CPU (qemu64) lacks x86-64-v2 (SSE4.2, POPCNT), numpy's baseline: the agent would die with
+        # SIGILL. Real boxes and VMs with `-cpu host` have it.
+        "-cpu", "max",
         "-display", "none", "-no-user-config", "-nodefaults", "-serial", f"file:{console}",
         "-drive", f"if=pflash,format=raw,readonly=on,file={OVMF_CODE}",
         "-drive", f"if=pflash,format=raw,file={vars_copy}",
