@@ -155,8 +155,10 @@ def test_prefetch_stops_when_its_window_ends(agent_factory):
     assert start["window_end"] - time.time() < 30                  # the configured window, not a later one
     assert stopped and stopped[0]["reason"] == "window ended"
     assert 0 < stopped[0]["fetched_bytes"] < stopped[0]["planned_bytes"] == start["planned_bytes"]
-    last = max(dt.datetime.fromisoformat(e["timestamp"]).timestamp() for e in a.events("prefetched"))
-    assert last < start["window_end"] + 3.0   # the file in flight at the end may land; nothing starts after
+    # The run fetches one file at a time: the one in flight at the window's end may land after it (however
+    # slowly the loaded line carries it), nothing starts after it.
+    landed = [dt.datetime.fromisoformat(e["timestamp"]).timestamp() for e in a.events("prefetched")]
+    assert sum(t > start["window_end"] for t in landed) <= 1, (landed, start["window_end"])
     assert len(cached_paths(a) - {"OT/big.bin"}) * FILE == stopped[0]["fetched_bytes"]
     assert cached_paths(a) <= set(data)
 
