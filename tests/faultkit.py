@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import ftplib
-import hashlib
 import io
 import os
 import random
@@ -22,16 +21,12 @@ from typing import Iterator
 
 import asyncssh
 
-from harness import BUCKET, PASSWORD
+from harness import BUCKET, PASSWORD, sha256
 
 
 def payload(seed: int | str, size: int) -> bytes:
     """Deterministic pseudo-random bytes: the test can regenerate what a client sent."""
     return random.Random(str(seed)).randbytes(size)
-
-
-def sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
 
 
 # --- FTP (ftplib: the stdlib client a PACS script would use) -------------------------------------
@@ -179,6 +174,11 @@ def wait_for(predicate, timeout: float, interval: float = 0.2, what: str = "cond
         if time.monotonic() > deadline:
             raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
         time.sleep(interval)
+
+
+def cached_paths(agent) -> set[str]:
+    """The files that have a copy in the agent's cache."""
+    return {p for p, _, _, _, b in catalog_rows(agent) if b is not None}
 
 
 def metric(agent, name: str) -> float:

@@ -16,7 +16,7 @@ from agent.config import CacheConfig
 from agent.devstack import free_port
 from agent.policy.eviction import FileTable, KMeansConfig, KMeansEviction
 from agent.store.evictor import candidates, policy_for
-from faultkit import catalog_rows, ftp_get, ftp_login, ftp_put, payload, sha256
+from faultkit import catalog_rows, ftp_get, ftp_login, ftp_put, metric, payload, sha256
 
 FILE = 100_000
 HIGH, LOW, MAX = 0.8, 0.5, 4_000_000
@@ -25,15 +25,6 @@ HIGH, LOW, MAX = 0.8, 0.5, 4_000_000
 def cached(agent) -> dict[str, tuple[str, bool]]:
     """path → (state, has a cached copy)."""
     return {p: (s, b is not None) for p, s, _, _, b in catalog_rows(agent)}
-
-
-def metric(agent, name: str) -> float:
-    import urllib.request
-    with urllib.request.urlopen(f"http://127.0.0.1:{agent.http_port}/metrics", timeout=10) as r:
-        for line in r.read().decode().splitlines():
-            if line.startswith(name + " "):
-                return float(line.split()[1])
-    raise AssertionError(f"{name} not in /metrics")
 
 
 def test_kmeans_evicts_cold_cluster_first_never_dirty(agent_factory):

@@ -60,6 +60,18 @@ def assert_nothing_under(agent, store, path: str) -> None:
     wait_for(lambda: staging_files(agent) == [], 10, what="staging to be cleaned up")
 
 
+def kill_after_first_mib(client_args: list[str]) -> None:
+    """Run a client script (`python -c`) that prints the bytes it has sent, and kill -9 it after 1 MiB."""
+    client = subprocess.Popen([sys.executable, "-c", *client_args], stdout=subprocess.PIPE, text=True)
+    try:
+        for line in client.stdout:
+            if int(line) >= 1024 * 1024:
+                break
+    finally:
+        client.kill()
+        client.wait()
+
+
 def aborted(agent, path: str) -> list[dict]:
     return [e for e in agent.events("upload_aborted") if e["path"] == path]
 
@@ -120,15 +132,7 @@ def test_sftp_client_killed_mid_upload(agent_factory, seaweed):
     """kill -9 the client process in the middle of a file: nothing appears under its name."""
     a = agent_factory().start()
     path = "CT/cut/killed-sftp.dcm"
-    client = subprocess.Popen([sys.executable, "-c", KILLED_SFTP_CLIENT, str(a.sftp_port), "/" + path,
-                               str(SIZE), PASSWORD], stdout=subprocess.PIPE, text=True)
-    try:
-        for line in client.stdout:
-            if int(line) >= 1024 * 1024:
-                break
-    finally:
-        client.kill()
-        client.wait()
+    kill_after_first_mib([KILLED_SFTP_CLIENT, str(a.sftp_port), "/" + path, str(SIZE), PASSWORD])
     wait_for(lambda: aborted(a, path), 10, what="the upload_aborted event")
     assert_nothing_under(a, seaweed, path)
 
@@ -198,15 +202,7 @@ def test_ftp_part_then_rename_protects_the_final_name(agent_factory, seaweed):
     """The .part → RNTO pattern: a client killed mid-upload never exposes a truncated file as x.dcm."""
     a = agent_factory().start()
     final, part = "CT/part/1.dcm", "CT/part/1.dcm.part"
-    client = subprocess.Popen([sys.executable, "-c", KILLED_FTP_CLIENT, str(a.ftp_port), part, PASSWORD],
-                              stdout=subprocess.PIPE, text=True)
-    try:
-        for line in client.stdout:
-            if int(line) >= 1024 * 1024:
-                break
-    finally:
-        client.kill()
-        client.wait()
+    kill_after_first_mib([KILLED_FTP_CLIENT, str(a.ftp_port), part, PASSWORD])
     # The server saw the data connection end: the .part is stored truncated (FIN) or discarded (RST).
     wait_for(lambda: a.events("stored") and a.events("stored")[-1]["path"] == part or aborted(a, part), 15,
              what="the killed upload to end")

@@ -11,7 +11,7 @@ import threading
 import time
 
 from agent.store.catalog import Catalog
-from faultkit import catalog_rows, ftp_get, ftp_login, ftp_put, payload, sha256
+from faultkit import cached_paths, ftp_get, ftp_login, ftp_put, metric, payload, sha256
 
 FILE = 50_000
 DIRS = ["CT/2026-11-10", "MR/2026-11-12", "CT/2026-11-15", "US/2026-11-16"]
@@ -64,19 +64,6 @@ def window_around_now(before: float, after: float) -> str:
 def cli(agent, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "agent.cli", *args, "--config", str(agent.config_path)],
                           capture_output=True, text=True, timeout=120)
-
-
-def cached_paths(agent) -> set[str]:
-    return {p for p, _, _, _, b in catalog_rows(agent) if b is not None}
-
-
-def metric(agent, name: str) -> float:
-    import urllib.request
-    with urllib.request.urlopen(f"http://127.0.0.1:{agent.http_port}/metrics", timeout=10) as r:
-        for line in r.read().decode().splitlines():
-            if line.startswith(name + " "):
-                return float(line.split()[1])
-    raise AssertionError(f"{name} not in /metrics")
 
 
 def test_prefetch_run_fetches_the_predicted_directories_within_budget(agent_factory):

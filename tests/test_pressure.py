@@ -10,7 +10,8 @@ import sys
 import time
 
 from agent.policy.pressure import Level, Readings, Watermarks, assess, concurrency_at
-from harness import PASSWORD, s3_objects, sha256
+from faultkit import ftp_login
+from harness import s3_objects, sha256
 
 W = Watermarks(disk_high=0.75, disk_critical=0.95, mem_available_high=8 << 30, mem_available_critical=2 << 30,
                rss_high=16 << 30, rss_critical=32 << 30)
@@ -47,9 +48,7 @@ def test_agent_under_memory_pressure_keeps_serving(agent_factory):
     """Watermarks below the agent's real RSS: critical, said on /healthz; writes, uploads and cached reads go on,
     fetches from S3 are refused with the reason."""
     prep = agent_factory(prefix="pressure/").start()  # an object that is only in S3
-    f = ftplib.FTP(timeout=30)
-    f.connect("127.0.0.1", prep.ftp_port)
-    f.login("pacs", PASSWORD)
+    f = ftp_login(prep)
     f.storbinary("STOR remote-only.dcm", io.BytesIO(b"in s3"))
     f.quit()
     prep.stop()
@@ -63,9 +62,7 @@ def test_agent_under_memory_pressure_keeps_serving(agent_factory):
     refused = subprocess.run([sys.executable, "-m", "agent.cli", "prefetch", "--config", str(agent.config_path)],
                              capture_output=True, text=True, timeout=60)
     assert refused.returncode == 1 and "prefetch paused: pressure critical" in refused.stderr
-    f = ftplib.FTP(timeout=30)
-    f.connect("127.0.0.1", agent.ftp_port)
-    f.login("pacs", PASSWORD)
+    f = ftp_login(agent)
     data = os.urandom(100_000)
     assert f.storbinary("STOR new.dcm", io.BytesIO(data)).startswith("226")
     buf = io.BytesIO()
@@ -88,9 +85,7 @@ def test_high_memory_pressure_pauses_prefetch_and_keeps_serving(agent_factory):
     """Only the high RSS watermark is below the agent's real RSS: prefetch pauses in its window (said on
     /healthz), while stores, uploads and fetches from S3 go on at reduced concurrency."""
     prep = agent_factory(prefix="pressure-high/", **{"prefetch.enabled": False}).start()
-    f = ftplib.FTP(timeout=30)
-    f.connect("127.0.0.1", prep.ftp_port)
-    f.login("pacs", PASSWORD)
+    f = ftp_login(prep)
     f.storbinary("STOR CT/2026-11-20/s/remote-only.dcm", io.BytesIO(b"in s3"))
     f.quit()
     prep.stop()
@@ -101,9 +96,7 @@ def test_high_memory_pressure_pauses_prefetch_and_keeps_serving(agent_factory):
         "prefetch.window": window, "prefetch.check_seconds": 0.2}).start()
     h = wait_for(agent, "high")
     assert h["prefetch"]["state"] == "paused: pressure high" and h["status"] == "degraded"
-    f = ftplib.FTP(timeout=30)
-    f.connect("127.0.0.1", agent.ftp_port)
-    f.login("pacs", PASSWORD)
+    f = ftp_login(agent)
     data = os.urandom(50_000)
     assert f.storbinary("STOR new.dcm", io.BytesIO(data)).startswith("226")
     buf = io.BytesIO()

@@ -12,7 +12,7 @@ import time
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
-from faultkit import catalog_rows, ftp_get, ftp_login, ftp_put
+from faultkit import cached_paths, catalog_rows, ftp_get, ftp_login, ftp_put, metric
 
 PIXELS = 20_000
 
@@ -46,19 +46,6 @@ def store_study(ftp, directory: str, patient: str, date: str, modality: str, fil
     return out
 
 
-def cached(agent) -> set[str]:
-    return {p for p, _, _, _, b in catalog_rows(agent) if b is not None}
-
-
-def metric(agent, name: str) -> float:
-    import urllib.request
-    with urllib.request.urlopen(f"http://127.0.0.1:{agent.http_port}/metrics", timeout=10) as r:
-        for line in r.read().decode().splitlines():
-            if line.startswith(name + " "):
-                return float(line.split()[1])
-    raise AssertionError(f"{name} not in /metrics")
-
-
 def test_new_study_brings_the_patients_priors_into_the_cache(agent_factory):
     budget = 5 * (PIXELS + 2000)  # one prior study of four files fits, two do not
     a = agent_factory(**{"prefetch.enabled": False, "prefetch.priors": True, "prefetch.study_depth": 3,
@@ -80,18 +67,18 @@ def test_new_study_brings_the_patients_priors_into_the_cache(agent_factory):
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.count(": evicted") == len(olds) and "evict: 100%" in out.stderr
-    assert not cached(a) & set(olds)
+    assert not cached_paths(a) & set(olds)
 
     # P1 comes back for a new CT: before anyone opens anything, the CT prior (same modality first) is cached;
     # the MR prior does not fit the budget; the other patient's study is not touched.
     new = store_study(ftp, "CT/2026-11-23", "P1", "20261123", "CT")
     deadline = time.monotonic() + 30
-    while not set(ct_prior) <= cached(a):
+    while not set(ct_prior) <= cached_paths(a):
         assert time.monotonic() < deadline, a.events("prior_prefetch")
         time.sleep(0.2)
     event = a.events("prior_prefetch")[-1]
     assert event["priors"] == [next(iter(ct_prior)).rsplit("/", 1)[0]] and event["study"] in next(iter(new))
-    assert not cached(a) & (set(mr_prior) | set(other))
+    assert not cached_paths(a) & (set(mr_prior) | set(other))
     assert metric(a, "pacsgw_prefetched_files_total") == 4
 
     # The radiologist opens the prior: served from the SSD, counted as a prefetch hit.

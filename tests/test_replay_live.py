@@ -11,22 +11,13 @@ import pytest
 from agent.sim.commands import main as sim
 from agent.sim.replay import ReplayConfig, replay
 from agent.sim.trace import iter_requests, load_arrays
-from faultkit import ftp_login, payload
+from faultkit import ftp_login, metric, payload
 from harness import BUCKET
 
 SCALE = 1000          # live bytes = trace bytes / SCALE: the same cache decisions, a thousandth of the I/O
 # Of the bytes the trace touches. This small trace (2 days, 2556 requests) has a steep hit-ratio cliff between
 # 11 % and 14 % (one big study either fits or not); 20 % is past it, where the re-reads fit and first reads miss.
 CAPACITY_SHARE = 0.2
-
-
-def metric(agent, name: str) -> float:
-    import urllib.request
-    with urllib.request.urlopen(f"http://127.0.0.1:{agent.http_port}/metrics", timeout=10) as r:
-        for line in r.read().decode().splitlines():
-            if line.startswith(name + " "):
-                return float(line.split()[1])
-    raise AssertionError(f"{name} not in /metrics")
 
 
 @pytest.mark.slow

@@ -88,12 +88,7 @@ def hit_ratio_plot(results: list[SchemeResult], path: Path) -> str:
     ax.set_xlabel("day")
     ax.set_ylabel("object hit ratio (reads)")
     ax.set_ylim(0, 1)
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path.name
+    return _save(fig, ax, path)
 
 
 def egress_plot(results: list[SchemeResult], path: Path) -> str:
@@ -105,6 +100,12 @@ def egress_plot(results: list[SchemeResult], path: Path) -> str:
         ax.plot(np.arange(hourly.size) / 24, hourly, label=NAMES.get(r.scheme, r.scheme), lw=0.8)
     ax.set_xlabel("day")
     ax.set_ylabel("egress, max 1-min window per hour (Mbps)")
+    return _save(fig, ax, path)
+
+
+def _save(fig, ax, path: Path) -> str:  # noqa: ANN001 - matplotlib Figure/Axes, imported lazily
+    """Legend, grid, layout, write the PNG, free the figure; → its file name for the report."""
+    import matplotlib.pyplot as plt
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
