@@ -219,6 +219,7 @@ class Gateway:
         self._writes_idle.set()
 
     async def start(self) -> None:
+        await self.evictor.prepare()
         self._loops = [asyncio.create_task(self._flush_access_loop(), name="access-flush"),
                        asyncio.create_task(self.evictor.run(), name="evict")]
 
