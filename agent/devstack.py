@@ -286,6 +286,13 @@ class AgentProc:
                 raise TimeoutError(f"queue not drained: {h}")
             time.sleep(0.2)
 
+    def wait_events(self, name: str, count: int = 1, timeout: float = 10.0) -> list[dict]:
+        """The events `name` once at least count were logged (work finishing after a reply logs after it)."""
+        deadline = time.monotonic() + timeout
+        while len(found := self.events(name)) < count and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return found
+
     def events(self, name: str) -> list[dict]:
         out = []
         for line in self.log_path.read_text().splitlines():

@@ -49,14 +49,14 @@ async def test_evicted_file_reads_back_from_s3(agent_factory, seaweed):
 
     # Cold read over FTP: fetched from S3, verified, and cached again.
     assert sha256(ftp_get(ftp, path)) == sha256(data)
-    assert [e for e in a.events("fetched") if e["path"] == path]
+    assert [e for e in a.wait_events("fetched") if e["path"] == path]  # logged once the copy is cached
     assert blob_of(a, path) is not None
     # ... evicted again, and read over SFTP.
     assert evict_cli(a, path).returncode == 0
     async with sftp_session(a) as sftp:
         async with sftp.open("/" + path, "rb") as f:
             assert sha256(await f.read()) == sha256(data)
-    assert len([e for e in a.events("fetched") if e["path"] == path]) == 2
+    assert len([e for e in a.wait_events("fetched", 2) if e["path"] == path]) == 2
     assert s3_objects(seaweed, a.prefix)[path]["sha256"] == sha256(data)
     ftp.quit()
 

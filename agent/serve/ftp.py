@@ -48,7 +48,7 @@ from agent.store.paths import resolve
 log = structlog.get_logger("pacsgw.ftp")
 
 BLOCK = 256 * 1024
-SEND_CHUNK = 4 * BLOCK  # a cached copy leaves by sendfile(2) in chunks this large, each within the socket timeout
+SEND_CHUNK = 4 * BLOCK  # a file leaves by sendfile(2) in chunks this large, each within the socket timeout
 SOCKET_TIMEOUT = 120
 FAILED_LOGIN_DELAY = 1.0
 
@@ -108,19 +108,26 @@ def who(connection: aioftp.Connection) -> Who:
     return Who(user, protocol, f"{connection.client_host}:{connection.client_port}")
 
 
-async def send_cached(stream: aioftp.StreamIO, handle: ReadHandle, offset: int) -> int:
-    """Send a verified cached copy from offset by sendfile(2): page cache to socket, no copies through Python
-    (TLS data connections fall back to asyncio's read-and-write loop). → bytes sent."""
-    loop, sent = asyncio.get_running_loop(), 0
-    with os.fdopen(os.dup(handle.fd), "rb") as f:
-        while offset + sent < handle.size:
-            n = await asyncio.wait_for(loop.sendfile(stream.writer.transport, f, offset + sent, SEND_CHUNK),
-                                       SOCKET_TIMEOUT)
-            if not n:
+async def send_file(stream: aioftp.StreamIO, handle: ReadHandle, offset: int) -> int:
+    """Send the file from offset to its end by sendfile(2) as the handle allows (a verified cached copy at
+    once, a fetch as it lands): page cache to socket, no copies through Python (TLS data connections fall
+    back to asyncio's read-and-write loop). → bytes sent."""
+    loop, pos = asyncio.get_running_loop(), offset
+    try:
+        while True:
+            end = await handle.ready(pos)  # at least once: a fetch's end (even of an empty file) waits for its check
+            with os.fdopen(os.dup(handle.fd), "rb") as f:
+                while pos < end:
+                    n = await asyncio.wait_for(
+                        loop.sendfile(stream.writer.transport, f, pos, min(SEND_CHUNK, end - pos)), SOCKET_TIMEOUT)
+                    if not n:
+                        raise Corrupt(handle.entry.path, f"content ends at {pos} of {handle.size} bytes")
+                    pos += n
+            if pos >= handle.size:
                 break
-            sent += n
-    handle.gw.metrics.bytes_out.labels(handle.protocol).inc(sent)
-    return sent
+    finally:
+        handle.gw.metrics.bytes_out.labels(handle.protocol).inc(pos - offset)
+    return pos - offset
 
 
 class _Stat:
@@ -432,14 +439,9 @@ class FtpServer(aioftp.Server):
         async def retr_worker(self: "FtpServer", connection: aioftp.Connection, rest: str) -> bool:
             stream = connection.data_connection
             del connection.data_connection
-            pos = offset
             try:
                 async with stream:
-                    if handle.fill is None:
-                        pos += await send_cached(stream, handle, pos)
-                    while data := await handle.read(pos, connection.block_size):
-                        await stream.write(data)
-                        pos += len(data)
+                    await send_file(stream, handle, offset)
             except GatewayError as e:
                 return self._fail(connection, e)
             finally:

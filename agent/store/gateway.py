@@ -39,6 +39,7 @@ from agent.uplink.uploader import Uploader
 log = structlog.get_logger("pacsgw.gateway")
 
 ACCESS_FLUSH_SECONDS = 5.0
+STEP = 256 * 1024  # a reader streaming a fetch moves on once this much more has landed (or the end)
 
 
 class WriteHandle:
@@ -162,12 +163,13 @@ class WriteHandle:
 
 @dataclass
 class _Fill:
-    """A fetch from S3 in progress; readers wait on `cond` for `written` to grow."""
+    """A fetch from S3 in progress; readers wait on `cond` for `written` to grow (and `verified`)."""
 
     entry: Entry
     blob: str
     fd: int
     written: int = 0
+    verified: bool = False
     done: bool = False
     error: GatewayError | None = None
     cond: asyncio.Condition = field(default_factory=asyncio.Condition)
@@ -181,19 +183,30 @@ class ReadHandle:
     def size(self) -> int:
         return self.entry.size
 
+    async def ready(self, pos: int) -> int:
+        """Wait until bytes from pos may be served → the offset they may be served up to (> pos before EOF):
+        a verified cached copy at once, a fetch once another STEP bytes (or the rest) have landed."""
+        return self.size if self.fill is None else await self._landed(min(pos + STEP, self.size))
+
     async def read(self, offset: int, length: int) -> bytes:
-        fill = self.fill
-        if fill is not None:
-            # Bytes stream to the reader as they land, but the end of the file only after the whole
-            # object was verified: no client ever receives a complete file that failed its checksum.
-            want = offset + length
-            async with fill.cond:
-                await fill.cond.wait_for(lambda: fill.done or (want < self.entry.size and fill.written >= want))
-            if fill.error is not None:
-                raise fill.error
+        if self.fill is not None:
+            await self._landed(min(offset + length, self.size))
         data = await asyncio.to_thread(os.pread, self.fd, length, offset)
         self.gw.metrics.bytes_out.labels(self.protocol).inc(len(data))
         return data
+
+    async def _landed(self, end: int) -> int:
+        """Wait until the fetch has landed the bytes before `end` → how far they may be served now (≥ end).
+
+        Bytes stream to the reader as they land, but the end of the file only after the whole object was
+        verified: no client ever receives a complete file that failed its checksum.
+        """
+        fill = self.fill
+        async with fill.cond:
+            await fill.cond.wait_for(lambda: fill.done or fill.verified or end <= min(fill.written, self.size - 1))
+        if fill.error is not None:
+            raise fill.error
+        return self.size if fill.verified else min(fill.written, self.size - 1)
 
     async def close(self) -> None:
         if self.fd >= 0:
@@ -219,6 +232,7 @@ class Gateway:
         self._writes_idle.set()
 
     async def start(self) -> None:
+        await self.evictor.prepare()
         self._loops = [asyncio.create_task(self._flush_access_loop(), name="access-flush"),
                        asyncio.create_task(self.evictor.run(), name="evict")]
 
@@ -485,9 +499,14 @@ class Gateway:
                 fill.written = written
                 fill.cond.notify_all()
 
+        async def verified() -> None:
+            async with fill.cond:
+                fill.verified = True
+                fill.cond.notify_all()
+
         try:
             async with self.uploader.slots:  # fetches share the line's concurrency with uploads
-                sha = await download(self.s3, self.cache, e, fill.blob, fill.fd, landed)
+                sha = await download(self.s3, self.cache, e, fill.blob, fill.fd, landed, verified)
             if not await self.db.set_cached(e.path, e.gen, fill.blob, sha):
                 self.cache.remove(fill.blob)  # the file changed meanwhile; this copy is stale
             self.metrics.fetched_bytes.inc(fill.written)

@@ -14,7 +14,7 @@ import hashlib
 import os
 from dataclasses import dataclass
 from datetime import datetime
-from typing import AsyncIterator
+from typing import Any, AsyncIterator
 
 import aiohttp
 from aiobotocore.config import AioConfig
@@ -34,6 +34,7 @@ from agent.store.worm import Lock
 from agent.uplink.ratelimit import TokenBucket
 
 META_SHA = "sha256"
+GET_CHUNK = 256 * 1024  # a download lands (written, hashed, readers woken) in blocks this large
 
 
 class ChecksumMismatch(Exception):
@@ -79,6 +80,15 @@ def read_verified(fd: int, size: int, sha256: str) -> bytes | None:
     """The size bytes behind fd if they hash to sha256, else None. Blocking (read and hash off the loop)."""
     body = os.pread(fd, size, 0)
     return body if len(body) == size and hashlib.sha256(body).hexdigest() == sha256 else None
+
+
+async def _read_block(body: Any, size: int) -> bytes:
+    """Up to size bytes of a response body, fewer only at its end (a read returns what has arrived)."""
+    parts, got = [], 0
+    while got < size and (data := await body.read(size - got)):
+        parts.append(data)
+        got += len(data)
+    return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
 def b64(digest_hex: str) -> str:
@@ -224,7 +234,7 @@ class S3Uplink:
         body = resp["Body"]
 
         async def chunks() -> AsyncIterator[bytes]:
-            while data := await body.read(256 * 1024):
+            while data := await _read_block(body, GET_CHUNK):
                 await self.down_bucket.acquire(len(data))
                 yield data
 
