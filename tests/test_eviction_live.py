@@ -105,6 +105,7 @@ def test_kmeans_evicts_cold_cluster_first_never_dirty(agent_factory):
     for p in sorted(evicted):
         assert sha256(ftp_get(ftp, p)) == sha256(data[p])
     ftp.quit()
+    assert len(a.wait_events("fetched", len(evicted))) == len(evicted)  # logged once cached again
     assert all(cached(a)[p][1] for p in evicted)
 
 

@@ -118,4 +118,4 @@ def test_concurrent_cold_readers_share_one_fetch(agent_factory, seaweed):
         t.join(120)
     assert results == {"r1": sha256(data), "r2": sha256(data)}
     assert metric(a, "pacsgw_cache_misses_total") - misses_before == 2
-    assert len([e for e in a.events("fetched") if e["path"] == path]) == 1
+    assert len([e for e in a.wait_events("fetched") if e["path"] == path]) == 1  # logged once cached

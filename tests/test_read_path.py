@@ -41,7 +41,7 @@ def test_replacement_box_discovers_existing_bucket(agent_factory, any_store):
     f.storbinary("STOR CT/2026-11-21/study21/1/new.dcm", io.BytesIO(b"new"))
     assert sorted(f.nlst("CT/2026-11-21/study21/1")) == ["0.dcm", "1.dcm", "2.dcm", "new.dcm"]
     f.quit()
-    fetched = {e["path"] for e in agent.events("fetched")}
+    fetched = {e["path"] for e in agent.wait_events("fetched", len(existing) + 1)}  # logged once cached
     assert fetched == set(existing) | {"MR/imported.dcm"}
     # Once fetched, reads are cache hits: a second read fetches nothing more.
     f = ftplib.FTP(timeout=30)

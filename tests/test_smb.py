@@ -206,7 +206,7 @@ def test_reads_files_only_in_s3(smb_agent):
                           "CR/evicted.dcm"], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and "evicted" in out.stdout, out.stdout + out.stderr
     assert smb.read("CR/evicted.dcm") == data  # fetched from S3 again, verified, served
-    assert [e["path"] for e in agent.events("fetched")] == ["CR/evicted.dcm"]
+    assert [e["path"] for e in agent.wait_events("fetched")] == ["CR/evicted.dcm"]  # logged once cached
     smb.close()
     agent.stop()
     cleanup_smb(agent)
