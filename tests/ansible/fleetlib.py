@@ -155,6 +155,7 @@ def build_appliance(out: Path, release: Path, *, kernel: bool, rootfs_only: bool
 
 # --- fleet hosts: systemd-nspawn containers in network namespaces ----------------------------------
 
+SMB_PASSWORD = "smb-fleet-test"  # test-only: hospital B's SMB user
 SUBNET = "10.251.0"          # only ever inside the namespaces created below
 CTL_ADDR = f"{SUBNET}.1"
 
@@ -308,7 +309,6 @@ class Fleet:
             "base_apt_update_cache": False,      # the hosts have no package mirror
             "base_admin_authorized_keys": [Path(f"{self.key}.pub").read_text().strip()],
             "pacsgw_smb_enabled": False,
-            "samba_hosts_allow": "{{ pacsgw_pacs_subnets }}",
             "pacsgw_model_file": "",
             "pacsgw_serial": 1,
             "pacsgw_drain_timeout": 20,
@@ -336,8 +336,8 @@ class Fleet:
             slug = group.replace("_", "-")
             gvars = {"gateway_uplink_bucket": f"pacs-{slug}", "gateway_uplink_prefix": f"{slug}/"}
             if group == "hospital_b":   # this hospital's old PACS also needs SMB
-                gvars |= {"pacsgw_smb_enabled": True,
-                          "samba_users": [{"name": "pacssmb", "password": "smb-fleet-test"}]}  # test-only
+                gvars |= {"pacsgw_smb_enabled": True, "gateway_users": [
+                    *common["gateway_users"], {"name": "pacssmb", "password": SMB_PASSWORD, "root": "/"}]}
             (inv / "group_vars" / f"{group}.yml").write_text(json.dumps(gvars, indent=2))
         return inv
 
