@@ -153,6 +153,44 @@ def build_appliance(out: Path, release: Path, *, kernel: bool, rootfs_only: bool
     return out
 
 
+def provision_chroot(rootfs: Path, work: Path, host_vars: dict) -> Path:
+    """site.yml through the chroot connection onto an overlay of the appliance tree (the tree itself stays
+    as built), as for one box with these settings (no service starts: pacsgw_image_build). → the merged
+    tree; unmount it with unmount_chroot(work)."""
+    merged = work / "merged"
+    for d in ("upper", "ovlwork", "merged"):
+        (work / d).mkdir(parents=True)
+    run(["mount", "-t", "overlay", "overlay", "-o",
+         f"lowerdir={rootfs},upperdir={work}/upper,workdir={work}/ovlwork", str(merged)])
+    run(["mount", "-t", "proc", "proc", str(merged / "proc")])
+    run(["mount", "-t", "sysfs", "sys", str(merged / "sys")])
+    run(["mount", "--bind", "/dev", str(merged / "dev")])
+    (merged / "usr/sbin/policy-rc.d").write_text("#!/bin/sh\nexit 101\n")
+    (merged / "usr/sbin/policy-rc.d").chmod(0o755)
+    host = {"ansible_connection": "community.general.chroot", "ansible_host": str(merged),
+            "ansible_become": False, "ansible_python_interpreter": "/usr/bin/python3",
+            "pacsgw_image_build": True, "base_apt_update_cache": False, "pacsgw_model_file": "",
+            "gateway_version": (rootfs / "etc/pacsgw/image-release").read_text().strip(),
+            "gateway_release_dir": str(work / "releases"),   # the tree has the release installed already
+            **host_vars}
+    inventory = work / "inventory.yml"
+    inventory.write_text(json.dumps({"pacsgw": {"hosts": {"box": host}}}, indent=2))
+    p = run([str(VENV_BIN / "ansible-playbook"), "-i", str(inventory), str(ANSIBLE_DIR / "site.yml")],
+            check=False, timeout=900, env=ansible_env(work), cwd=str(ANSIBLE_DIR))
+    (work / "ansible.log").write_text(p.stdout + p.stderr)
+    if p.returncode != 0:
+        unmount_chroot(work)
+        raise AssertionError(f"site.yml over chroot failed:\n{p.stdout[-6000:]}\n{p.stderr[-2000:]}")
+    (merged / "usr/sbin/policy-rc.d").unlink()
+    return merged
+
+
+def unmount_chroot(work: Path) -> None:
+    merged = work / "merged"
+    for target in ("dev", "sys", "proc", ""):
+        subprocess.run(["umount", "-l", str(merged / target)], capture_output=True)
+
+
 # --- fleet hosts: systemd-nspawn containers in network namespaces ----------------------------------
 
 SMB_PASSWORD = "smb-fleet-test"  # test-only: hospital B's SMB user
