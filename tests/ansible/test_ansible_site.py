@@ -190,6 +190,11 @@ def test_smb_box_smbd_runs_on_the_agents_conf(smb_box):
                 if line.strip() and not line.lstrip().startswith("#")]
     assert etc_conf == ["[global]", "include = /var/lib/pacsgw/samba/smb.conf"]
     assert not (smb_box / "var/lib/pacsgw/smb").exists()
+    # smbd passes through the agent's state directory as the SMB users' accounts (group pacsgw).
+    for d in ("var/lib/pacsgw/samba", "var/lib/pacsgw/samba/roots"):
+        st = (smb_box / d).stat()
+        assert (st.st_uid, oct(st.st_mode & 0o777)) == (0, "0o750"), d
+        assert _in(smb_box, "stat", "-c", "%G", "/" + d).stdout.strip() == "pacsgw", d
     # The firewall opens SMB to the PACS subnet only.
     nft = (smb_box / "etc/nftables.conf").read_text()
     assert "ip saddr @pacs4 tcp dport { 21, 30000-30100, 2222, 445 } accept" in nft
