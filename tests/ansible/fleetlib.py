@@ -276,7 +276,8 @@ class Fleet:
             f"exec systemd-nspawn --quiet -D {host.dir}/merged --machine={host.netns} --boot "
             f"--network-namespace-path=/run/netns/{host.netns} --register=no --keep-unit "
             f"--resolv-conf=off --timezone=off --link-journal=no --console=passive --capability=CAP_NET_ADMIN "
-            f"--bind-ro={seed}:/boot/pacsgw-config"
+            f"--bind-ro={seed}:/boot/pacsgw-config "
+            "--bind=/dev/fuse"   # nspawn gives containers no /dev/fuse; an SMB box's agent mounts its view
         )
         logf = open(host.dir / "console.log", "wb")
         host.proc = subprocess.Popen(["unshare", "--mount", "--propagation", "private", "sh", "-c", script],
