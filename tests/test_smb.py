@@ -285,6 +285,28 @@ def test_confinement_wrong_password_and_bad_names(smb_agent):
     assert [e["user"] for e in agent.events("smb_user_skipped")] == ["hashed"]
 
 
+def test_users_removed_from_the_config_lose_smb(smb_agent):
+    """A user taken out of [[users]] is removed from Samba's database at the next start: no login."""
+    agent = smb_agent(users=[{"name": "pacs", "password": PASSWORD, "root": "/"},
+                             {"name": "leaver", "password": "leaver-test-pw", "root": "/"}]).start()
+    leaver = Smb(agent, "leaver", "leaver-test-pw")
+    leaver.write("before.dcm", b"DICM")
+    leaver.close()
+    agent.stop()
+    agent.users = [{"name": "pacs", "password": PASSWORD, "root": "/"}]
+    agent.write_config()
+    agent.start()
+    conf = Path(agent.overrides["smb.state_dir"]) / "smb.conf"
+    listed = subprocess.run(["pdbedit", "-s", str(conf), "-L"], capture_output=True, text=True, check=True)
+    assert [line.split(":")[0] for line in listed.stdout.splitlines()] == ["pacsgw-pacs"]
+    assert [e["account"] for e in agent.events("smb_user_removed")] == ["pacsgw-leaver"]
+    with pytest.raises(SMB_ERRORS):
+        Smb(agent, "leaver", "leaver-test-pw").listdir()
+    pacs = Smb(agent)
+    assert pacs.read("before.dcm") == b"DICM"
+    pacs.close()
+
+
 def test_hosts_allow_admits_only_the_listed_networks(smb_agent):
     """smbd refuses a client outside [smb] hosts_allow before it can log in; a listed network gets in."""
     inside = smb_agent(**{"smb.hosts_allow": ["127.0.0.0/8", "192.0.2.0/24"]}).start()

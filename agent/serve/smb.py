@@ -265,7 +265,9 @@ class SmbService:
                 raise RuntimeError(f"smbpasswd failed for SMB user {u.name!r}: {r.stderr.strip() or r.stdout.strip()}")
         (self.state / "usermap").write_text("\n".join(mapping) + "\n")
         keep = {unix_account(u.name) for u in users}
-        listed = subprocess.run(["pdbedit", "-c", str(self.conf_path), "-L"], capture_output=True, text=True)
+        listed = subprocess.run(["pdbedit", "-s", str(self.conf_path), "-L"], capture_output=True, text=True)
+        if listed.returncode != 0:
+            raise RuntimeError(f"pdbedit could not list Samba's users: {listed.stderr.strip()[:500]}")
         for line in listed.stdout.splitlines():
             account = line.split(":", 1)[0]
             if account.startswith(ACCOUNT_PREFIX) and account not in keep:
