@@ -166,9 +166,9 @@ def test_smb_box_agent_config(smb_box):
     assert "Loaded services file OK." in p.stderr, p.stderr
     parsed = p.stdout
     for line in ("[pacs]", "\tpath = /var/lib/pacsgw/samba/roots/%U", "\thosts allow = 172.20.5.0/24",
-                 "\tserver min protocol = SMB3", "\tserver signing = mandatory", "\tsmb ports = 445"):
+                 "\thosts deny = ALL", "\tserver min protocol = SMB3_00", "\tserver signing = required",
+                 "\tserver smb encrypt = required", "\tsmb ports = 445"):
         assert line in parsed.splitlines(), (line, parsed)
-    assert "server smb encrypt = required" in parsed
     # pyfuse3 (the release's smb extra) loads against the image's libfuse3; fusermount3 is there.
     p = _in(smb_box, "/opt/pacsgw/current/bin/python", "-c", "import pyfuse3")
     assert p.returncode == 0, p.stderr
