@@ -179,7 +179,7 @@ def test_smb_box_smbd_runs_on_the_agents_conf(smb_box):
     dropin = (smb_box / "etc/systemd/system/smbd.service.d/pacsgw.conf").read_text().splitlines()
     for line in ("After=pacsgw.service", "BindsTo=pacsgw.service", "ExecStart=", "ExecCondition=",
                  "ExecStart=/usr/sbin/smbd --foreground --no-process-group -s /var/lib/pacsgw/samba/smb.conf",
-                 "PIDFile=/var/lib/pacsgw/samba/run/smbd-smb.conf.pid"):
+                 "PIDFile=/var/lib/pacsgw/samba/run/smbd.pid"):
         assert line in dropin, line
     assert "Upholds=smbd.service" in (smb_box / "etc/systemd/system/pacsgw.service.d/smbd.conf").read_text()
     wants = smb_box / "etc/systemd/system/multi-user.target.wants"
