@@ -81,7 +81,7 @@ def test_site_provisions_every_box(fleet):
                            "systemctl is-active smbd; systemctl is-active nmbd; ss -Hltn 'sport = :445' | wc -l; "
                            "sudo pdbedit -L | cut -d: -f1", check=False).stdout.split()
         if h.group == "hospital_b":
-            assert smb[0] == "active" and smb[1] == "inactive" and int(smb[2]) >= 1, (smb, _smb_journal(fleet, h))
+            assert smb[0] == "active" and smb[1] == "inactive" and int(smb[2]) >= 1, f"{smb}\n{_smb_journal(fleet, h)}"
             assert "pacsgw-pacssmb" in smb[3:] and "pacsgw-pacs" in smb[3:], smb
             cmdline = fleet.ssh(h, "systemctl show -p ExecStart --value smbd").stdout
             assert "-s /var/lib/pacsgw/samba/smb.conf" in cmdline, cmdline
@@ -94,7 +94,8 @@ def test_site_provisions_every_box(fleet):
 
 
 def _smb_journal(fleet, host) -> str:
-    return fleet.ssh(host, "sudo journalctl -u smbd -u pacsgw --no-pager -o cat | tail -60", check=False).stdout
+    return fleet.ssh(host, "systemctl status smbd --no-pager; sudo journalctl -u smbd --no-pager | tail -30",
+                     check=False).stdout
 
 
 # A PACS writing over SMB (smbprotocol: SMB3, signed, encrypted), then reading back. argv: address,

@@ -181,7 +181,8 @@ def test_smb_box_smbd_runs_on_the_agents_conf(smb_box):
                  "ExecStart=/usr/sbin/smbd --foreground --no-process-group -s /var/lib/pacsgw/samba/smb.conf",
                  "PIDFile=/var/lib/pacsgw/samba/run/smbd.pid"):
         assert line in dropin, line
-    assert "Upholds=smbd.service" in (smb_box / "etc/systemd/system/pacsgw.service.d/smbd.conf").read_text()
+    agent_dropin = (smb_box / "etc/systemd/system/pacsgw.service.d/smbd.conf").read_text().splitlines()
+    assert "Wants=smbd.service" in agent_dropin and "Upholds=smbd.service" in agent_dropin
     wants = smb_box / "etc/systemd/system/multi-user.target.wants"
     assert (wants / "smbd.service").is_symlink()
     assert not (wants / "nmbd.service").exists() and not (wants / "samba-ad-dc.service").exists()
