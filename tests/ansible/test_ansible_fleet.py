@@ -94,7 +94,9 @@ def test_site_provisions_every_box(fleet):
 
 
 def _smb_journal(fleet, host) -> str:
-    return fleet.ssh(host, "systemctl status smbd --no-pager; sudo journalctl -u smbd --no-pager | tail -30",
+    return fleet.ssh(host, "systemctl status smbd --no-pager; sudo journalctl -u smbd --no-pager | tail -30; "
+                           "systemctl show pacsgw -p Wants -p Upholds -p DropInPaths -p ActiveState; "
+                           "sudo journalctl -b --no-pager | grep -i -E 'smbd|upho' | tail -20",
                      check=False).stdout
 
 
