@@ -252,7 +252,6 @@ class Fleet:
                  "netns", host.netns])
             run(["ip", "-n", self.ctl, "link", "set", peer, "master", "br0", "up"])
             run(["ip", "-n", host.netns, "link", "set", "lo", "up"])
-            run(["ip", "-n", host.netns, "addr", "add", f"{host.addr}/24", "dev", "pgw0"])
             run(["ip", "-n", host.netns, "link", "set", "pgw0", "up"])
             self._boot(host)
         self._start_s3()
@@ -269,6 +268,14 @@ class Fleet:
         seed.mkdir()
         shutil.copy(f"{self.key}.pub", seed / "authorized_keys")
         (seed / "hostname").write_text(host.name + "\n")
+        # The box's address comes from its config partition, as on a real box: networkd owns the link, so
+        # network-online.target (Debian's smbd.service waits for it) is reached. An address set from
+        # outside leaves the link unmanaged (or failed: networkd cannot take it over) and smbd starts only
+        # when systemd-networkd-wait-online gives up, 2 minutes later.
+        (seed / "network").mkdir()
+        (seed / "network" / "10-fleet.network").write_text(
+            f"[Match]\nName=pgw0\n\n[Network]\nAddress={host.addr}/24\nLinkLocalAddressing=no\n"
+            "IPv6AcceptRA=no\n")
         script = (
             "set -e; mkdir -p /run/systemd/nspawn; mount -t tmpfs tmpfs /run/systemd/nspawn; "
             f"mount -t overlay overlay -o lowerdir={self.rootfs},upperdir={host.dir}/upper,workdir={host.dir}/work "
