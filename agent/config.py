@@ -191,6 +191,13 @@ def _share(value: Any) -> str:
     return value
 
 
+def _hosts_allow(value: Any) -> tuple[str, ...]:
+    """['10.10.20.0/24', '192.0.2.7', 'fd00::/8'] → the same strings as networks (host bits cleared)."""
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ValueError
+    return tuple(str(ipaddress.ip_network(v.strip(), strict=False)) for v in value)
+
+
 def _unix_name(value: Any) -> str:
     if not isinstance(value, str) or not re.fullmatch(r"[a-z_][a-z0-9_-]{0,31}", value) or value == "root":
         raise ValueError
@@ -273,6 +280,8 @@ class SmbConfig:
     unix_user: str = _f(_unix_name, "a Unix account name (a-z 0-9 _ -, at most 32)", default="pacsgw")
     case_sensitive: bool = _f(_bool, "true or false", default=True)
     smbd: str = _f(_nonempty, "the path of the smbd binary", default="/usr/sbin/smbd")
+    hosts_allow: tuple[str, ...] = _f(_hosts_allow, "a list of client networks or addresses such as "
+                                      "['10.10.20.0/24', '192.0.2.7'] ([]: every client)", default=())
 
 
 @dataclass(frozen=True)
@@ -618,6 +627,10 @@ def load(path: str | Path) -> Config:
     if not Path(host_key).is_absolute():
         host_key = str((file.parent / host_key).resolve())
     sections["sftp"] = dataclasses.replace(sftp, host_key=host_key)
+    smb = sections["smb"]
+    sections["smb"] = dataclasses.replace(
+        smb, mountpoint=_abs(file, smb.mountpoint) if smb.mountpoint else str(cache.dir / "fs"),
+        state_dir=_abs(file, smb.state_dir) if smb.state_dir else str(cache.dir / "smb"))
     ftp = sections["ftp"]
     sections["ftp"] = dataclasses.replace(ftp, **{k: str((file.parent / getattr(ftp, k)).resolve())
                                                   for k in ("tls_cert", "tls_key") if getattr(ftp, k)})

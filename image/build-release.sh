@@ -13,7 +13,9 @@ trap 'rm -rf "$tmp"' EXIT
 # Build from a copy so a dirty build/ or .venv in the source tree never ends up in the wheel.
 mkdir -p "$tmp/src" "$tmp/wheels"
 (cd "$src" && tar --exclude=./.venv --exclude=./build --exclude=./.git --exclude='*.egg-info' -cf - .) | tar -C "$tmp/src" -xf -
-"$py" -m pip wheel --quiet --disable-pip-version-check --wheel-dir "$tmp/wheels" "$tmp/src"
+# With the smb extra (pyfuse3: built here against apt libfuse3-dev, pkg-config, gcc): one release serves
+# boxes with and without SMB.
+"$py" -m pip wheel --quiet --disable-pip-version-check --wheel-dir "$tmp/wheels" "$tmp/src[smb]"
 mkdir -p "$out"
 tar -C "$tmp/wheels" -cf "$out/pacsgw-$version.tar.part" .
 mv "$out/pacsgw-$version.tar.part" "$out/pacsgw-$version.tar"

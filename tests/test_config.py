@@ -46,6 +46,15 @@ def test_good_config_loads_with_documented_defaults(tmp_path):
     assert cfg.http.listen == ("127.0.0.1", 8080)
     assert cfg.sftp.host_key == str(cfg.cache.dir / "ssh_host_ed25519_key")
     assert cfg.users[0].root == "/"
+    assert (cfg.smb.mountpoint, cfg.smb.state_dir) == (str(cfg.cache.dir / "fs"), str(cfg.cache.dir / "smb"))
+    assert cfg.smb.hosts_allow == ()
+
+
+def test_smb_paths_and_hosts_allow(tmp_path):
+    cfg = load(write(tmp_path, GOOD.replace("[[users]]", '[smb]\nmountpoint = "fs"\nstate_dir = "/srv/samba"\n'
+                                            'hosts_allow = ["10.10.20.0/24", "192.0.2.7", "10.1.2.3/8"]\n[[users]]')))
+    assert (cfg.smb.mountpoint, cfg.smb.state_dir) == (str(tmp_path / "fs"), "/srv/samba")
+    assert cfg.smb.hosts_allow == ("10.10.20.0/24", "192.0.2.7/32", "10.0.0.0/8")
 
 
 @pytest.mark.parametrize("text,value", [("800GB", 800 * 10**9), ("512KiB", 524288), ("1.5MB", 1_500_000),
@@ -90,6 +99,8 @@ BAD_CASES = [
     ('[[users]]', '[smb]\nencryption = "maybe"\n[[users]]', "smb.encryption", "'required', 'desired' or 'off'"),
     ('[[users]]', '[smb]\nshare = "my share"\n[[users]]', "smb.share", "share name"),
     ('[[users]]', '[smb]\nunix_user = "root"\n[[users]]', "smb.unix_user", "Unix account"),
+    ('[[users]]', '[smb]\nhosts_allow = ["10.10.20.0/33"]\n[[users]]', "smb.hosts_allow", "client networks"),
+    ('[[users]]', '[smb]\nhosts_allow = "10.10.20.0/24"\n[[users]]', "smb.hosts_allow", "a list"),
     ('[[users]]', '[smb]\nenabled = true\nlisten = "127.0.0.1:2121"\n[[users]]', "smb.listen", "ftp.listen"),
     ('password = "test-only"', 'password_hash = "scrypt$16384$8$1$c2FsdHNhbHRzYWx0c2FsdA==$'
      'aGFzaGhhc2hoYXNoaGFzaGhhc2hoYXNoaGFzaGhhc2g="\n[smb]\nenabled = true', "smb.enabled", "plain password"),

@@ -285,6 +285,70 @@ def test_confinement_wrong_password_and_bad_names(smb_agent):
     assert [e["user"] for e in agent.events("smb_user_skipped")] == ["hashed"]
 
 
+def test_users_removed_from_the_config_lose_smb(smb_agent):
+    """A user taken out of [[users]] is removed from Samba's database at the next start: no login."""
+    agent = smb_agent(users=[{"name": "pacs", "password": PASSWORD, "root": "/"},
+                             {"name": "leaver", "password": "leaver-test-pw", "root": "/"}]).start()
+    leaver = Smb(agent, "leaver", "leaver-test-pw")
+    leaver.write("before.dcm", b"DICM")
+    leaver.close()
+    agent.stop()
+    agent.users = [{"name": "pacs", "password": PASSWORD, "root": "/"}]
+    agent.write_config()
+    agent.start()
+    conf = Path(agent.overrides["smb.state_dir"]) / "smb.conf"
+    listed = subprocess.run(["pdbedit", "-s", str(conf), "-L"], capture_output=True, text=True, check=True)
+    assert [line.split(":")[0] for line in listed.stdout.splitlines()] == ["pacsgw-pacs"]
+    assert [e["account"] for e in agent.events("smb_user_removed")] == ["pacsgw-leaver"]
+    with pytest.raises(SMB_ERRORS):
+        Smb(agent, "leaver", "leaver-test-pw").listdir()
+    pacs = Smb(agent)
+    assert pacs.read("before.dcm") == b"DICM"
+    pacs.close()
+
+
+def test_hosts_allow_admits_only_the_listed_networks(smb_agent):
+    """smbd refuses a client outside [smb] hosts_allow before it can log in; a listed network gets in."""
+    inside = smb_agent(**{"smb.hosts_allow": ["127.0.0.0/8", "192.0.2.0/24"]}).start()
+    smb = Smb(inside)
+    smb.write("allowed.dcm", b"DICM")
+    assert smb.read("allowed.dcm") == b"DICM"
+    smb.close()
+    outside = smb_agent(**{"smb.hosts_allow": ["192.0.2.0/24"]}).start()
+    with pytest.raises(SMB_ERRORS):
+        Smb(outside).listdir()
+    log = (Path(outside.overrides["smb.state_dir"]) / "log" / "smbd.log").read_text()
+    assert "Denied connection from 127.0.0.1" in log
+
+
+def test_appliance_conf_listens_everywhere_for_the_allowed_networks(agent_factory, tmp_path):
+    """The appliance's [smb] (systemd runs smbd, a wildcard listen address, the PACS subnets): Samba's
+    own parser (testparm) reads the rendered smb.conf back with those settings."""
+    from agent.config import load
+    from agent.serve.smb import render_conf
+    state = tmp_path / "samba"
+    for d in ("private", "lock", "state", "cache", "run", "log"):
+        (state / d).mkdir(parents=True)
+    agent = agent_factory(**{"smb.enabled": True, "smb.manage": False, "smb.listen": "0.0.0.0:445",
+                             "smb.hosts_allow": ["10.10.20.0/24", "192.0.2.7", "fd00::/8"],
+                             "smb.mountpoint": str(tmp_path / "fs"), "smb.state_dir": str(state)})
+    conf = agent.workdir / "smb.conf"
+    conf.write_text(render_conf(load(agent.config_path)))
+    lines = conf.read_text().splitlines()
+    assert not any(line.startswith("interfaces") for line in lines)
+    assert "hosts allow = 10.10.20.0/24 192.0.2.7/32 fd00::/8" in lines
+    parsed = {}
+    for name in ("bind interfaces only", "smb ports", "hosts allow", "hosts deny", "server min protocol",
+                 "server smb encrypt", "private dir"):
+        p = subprocess.run(["testparm", "-s", "--suppress-prompt", f"--parameter-name={name}", str(conf)],
+                           capture_output=True, text=True, check=True)
+        parsed[name] = p.stdout.strip()
+    assert parsed == {"bind interfaces only": "No", "smb ports": "445",
+                      "hosts allow": "10.10.20.0/24 192.0.2.7/32 fd00::/8", "hosts deny": "ALL",
+                      "server min protocol": "SMB3_00", "server smb encrypt": "required",
+                      "private dir": f"{state}/private"}
+
+
 @pytest.mark.slow
 def test_kill9_during_writes_loses_nothing_acknowledged(smb_agent):
     agent = smb_agent().start()

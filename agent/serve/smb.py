@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import grp
 import hashlib
+import ipaddress
 import os
 import pwd
 import re
@@ -56,6 +57,14 @@ def smb_users(cfg: Config) -> list[UserConfig]:
     return [u for u in cfg.users if u.password]
 
 
+def _listen_lines(host: str) -> list[str]:
+    """A wildcard address listens on every interface (Samba's interface list cannot name 0.0.0.0 or ::);
+    any other address only on the interface that has it."""
+    if host != "localhost" and ipaddress.ip_address(host).is_unspecified:
+        return ["bind interfaces only = no"]
+    return [f"interfaces = {host}", "bind interfaces only = yes"]
+
+
 def render_conf(cfg: Config) -> str:
     s = cfg.smb
     host, port = s.listen
@@ -78,8 +87,8 @@ def render_conf(cfg: Config) -> str:
         "log level = 1",
         f"username map = {state}/usermap",
         f"smb ports = {port}",
-        f"interfaces = {host}",
-        "bind interfaces only = yes",
+        *_listen_lines(host),
+        *([f"hosts allow = {' '.join(s.hosts_allow)}", "hosts deny = ALL"] if s.hosts_allow else []),
         "disable netbios = yes",
         "server min protocol = SMB3_00",  # plain "SMB3" means SMB3_11 only: Windows 8 / Server 2012 need 3.0(2)
         "server signing = mandatory",
@@ -256,7 +265,9 @@ class SmbService:
                 raise RuntimeError(f"smbpasswd failed for SMB user {u.name!r}: {r.stderr.strip() or r.stdout.strip()}")
         (self.state / "usermap").write_text("\n".join(mapping) + "\n")
         keep = {unix_account(u.name) for u in users}
-        listed = subprocess.run(["pdbedit", "-c", str(self.conf_path), "-L"], capture_output=True, text=True)
+        listed = subprocess.run(["pdbedit", "-s", str(self.conf_path), "-L"], capture_output=True, text=True)
+        if listed.returncode != 0:
+            raise RuntimeError(f"pdbedit could not list Samba's users: {listed.stderr.strip()[:500]}")
         for line in listed.stdout.splitlines():
             account = line.split(":", 1)[0]
             if account.startswith(ACCOUNT_PREFIX) and account not in keep:

@@ -153,8 +153,47 @@ def build_appliance(out: Path, release: Path, *, kernel: bool, rootfs_only: bool
     return out
 
 
+def provision_chroot(rootfs: Path, work: Path, host_vars: dict) -> Path:
+    """site.yml through the chroot connection onto an overlay of the appliance tree (the tree itself stays
+    as built), as for one box with these settings (no service starts: pacsgw_image_build). → the merged
+    tree; unmount it with unmount_chroot(work)."""
+    merged = work / "merged"
+    for d in ("upper", "ovlwork", "merged"):
+        (work / d).mkdir(parents=True)
+    run(["mount", "-t", "overlay", "overlay", "-o",
+         f"lowerdir={rootfs},upperdir={work}/upper,workdir={work}/ovlwork", str(merged)])
+    run(["mount", "-t", "proc", "proc", str(merged / "proc")])
+    run(["mount", "-t", "sysfs", "sys", str(merged / "sys")])
+    run(["mount", "--bind", "/dev", str(merged / "dev")])
+    (merged / "usr/sbin/policy-rc.d").write_text("#!/bin/sh\nexit 101\n")
+    (merged / "usr/sbin/policy-rc.d").chmod(0o755)
+    host = {"ansible_connection": "community.general.chroot", "ansible_host": str(merged),
+            "ansible_become": False, "ansible_python_interpreter": "/usr/bin/python3",
+            "pacsgw_image_build": True, "base_apt_update_cache": False, "pacsgw_model_file": "",
+            "gateway_version": (rootfs / "etc/pacsgw/image-release").read_text().strip(),
+            "gateway_release_dir": str(work / "releases"),   # the tree has the release installed already
+            **host_vars}
+    inventory = work / "inventory.yml"
+    inventory.write_text(json.dumps({"pacsgw": {"hosts": {"box": host}}}, indent=2))
+    p = run([str(VENV_BIN / "ansible-playbook"), "-i", str(inventory), str(ANSIBLE_DIR / "site.yml")],
+            check=False, timeout=900, env=ansible_env(work), cwd=str(ANSIBLE_DIR))
+    (work / "ansible.log").write_text(p.stdout + p.stderr)
+    if p.returncode != 0:
+        unmount_chroot(work)
+        raise AssertionError(f"site.yml over chroot failed:\n{p.stdout[-6000:]}\n{p.stderr[-2000:]}")
+    (merged / "usr/sbin/policy-rc.d").unlink()
+    return merged
+
+
+def unmount_chroot(work: Path) -> None:
+    merged = work / "merged"
+    for target in ("dev", "sys", "proc", ""):
+        subprocess.run(["umount", "-l", str(merged / target)], capture_output=True)
+
+
 # --- fleet hosts: systemd-nspawn containers in network namespaces ----------------------------------
 
+SMB_PASSWORD = "smb-fleet-test"  # test-only: hospital B's SMB user
 SUBNET = "10.251.0"          # only ever inside the namespaces created below
 CTL_ADDR = f"{SUBNET}.1"
 
@@ -213,7 +252,6 @@ class Fleet:
                  "netns", host.netns])
             run(["ip", "-n", self.ctl, "link", "set", peer, "master", "br0", "up"])
             run(["ip", "-n", host.netns, "link", "set", "lo", "up"])
-            run(["ip", "-n", host.netns, "addr", "add", f"{host.addr}/24", "dev", "pgw0"])
             run(["ip", "-n", host.netns, "link", "set", "pgw0", "up"])
             self._boot(host)
         self._start_s3()
@@ -230,6 +268,14 @@ class Fleet:
         seed.mkdir()
         shutil.copy(f"{self.key}.pub", seed / "authorized_keys")
         (seed / "hostname").write_text(host.name + "\n")
+        # The box's address comes from its config partition, as on a real box: networkd owns the link, so
+        # network-online.target (Debian's smbd.service waits for it) is reached. An address set from
+        # outside leaves the link unmanaged (or failed: networkd cannot take it over) and smbd starts only
+        # when systemd-networkd-wait-online gives up, 2 minutes later.
+        (seed / "network").mkdir()
+        (seed / "network" / "10-fleet.network").write_text(
+            f"[Match]\nName=pgw0\n\n[Network]\nAddress={host.addr}/24\nLinkLocalAddressing=no\n"
+            "IPv6AcceptRA=no\n")
         script = (
             "set -e; mkdir -p /run/systemd/nspawn; mount -t tmpfs tmpfs /run/systemd/nspawn; "
             f"mount -t overlay overlay -o lowerdir={self.rootfs},upperdir={host.dir}/upper,workdir={host.dir}/work "
@@ -237,7 +283,8 @@ class Fleet:
             f"exec systemd-nspawn --quiet -D {host.dir}/merged --machine={host.netns} --boot "
             f"--network-namespace-path=/run/netns/{host.netns} --register=no --keep-unit "
             f"--resolv-conf=off --timezone=off --link-journal=no --console=passive --capability=CAP_NET_ADMIN "
-            f"--bind-ro={seed}:/boot/pacsgw-config"
+            f"--bind-ro={seed}:/boot/pacsgw-config "
+            "--bind=/dev/fuse"   # nspawn gives containers no /dev/fuse; an SMB box's agent mounts its view
         )
         logf = open(host.dir / "console.log", "wb")
         host.proc = subprocess.Popen(["unshare", "--mount", "--propagation", "private", "sh", "-c", script],
@@ -308,7 +355,6 @@ class Fleet:
             "base_apt_update_cache": False,      # the hosts have no package mirror
             "base_admin_authorized_keys": [Path(f"{self.key}.pub").read_text().strip()],
             "pacsgw_smb_enabled": False,
-            "samba_hosts_allow": "{{ pacsgw_pacs_subnets }}",
             "pacsgw_model_file": "",
             "pacsgw_serial": 1,
             "pacsgw_drain_timeout": 20,
@@ -336,8 +382,8 @@ class Fleet:
             slug = group.replace("_", "-")
             gvars = {"gateway_uplink_bucket": f"pacs-{slug}", "gateway_uplink_prefix": f"{slug}/"}
             if group == "hospital_b":   # this hospital's old PACS also needs SMB
-                gvars |= {"pacsgw_smb_enabled": True,
-                          "samba_users": [{"name": "pacssmb", "password": "smb-fleet-test"}]}  # test-only
+                gvars |= {"pacsgw_smb_enabled": True, "gateway_users": [
+                    *common["gateway_users"], {"name": "pacssmb", "password": SMB_PASSWORD, "root": "/"}]}
             (inv / "group_vars" / f"{group}.yml").write_text(json.dumps(gvars, indent=2))
         return inv
 

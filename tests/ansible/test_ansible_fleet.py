@@ -1,7 +1,8 @@
 """The fleet playbooks over SSH against three booted appliance containers, one per hospital, each in a
 network namespace of its own with its own sshd and agent (systemd-nspawn on the image tree):
 
-- site.yml provisions all three (agent.toml from inventory, agent healthy);
+- site.yml provisions all three (agent.toml from inventory, agent healthy), hospital B's with SMB;
+- a file written over SMB to hospital B's box lands in hospital B's bucket;
 - update.yml rolls a healthy release out to all three, one box per batch;
 - update.yml with a release that fails its health check on the second box: that box is rolled back,
   the first keeps the new release, the third is untouched, and the play fails saying so;
@@ -18,7 +19,16 @@ import sys
 import uuid
 
 import pytest
-from fleetlib import REPO, Fleet, break_for_hospital_b, build_variant_release, log, project_version, run
+from fleetlib import (
+    REPO,
+    SMB_PASSWORD,
+    Fleet,
+    break_for_hospital_b,
+    build_variant_release,
+    log,
+    project_version,
+    run,
+)
 
 pytestmark = pytest.mark.timeout(2400)
 
@@ -62,21 +72,70 @@ def test_site_provisions_every_box(fleet):
         conf = fleet.ssh(h, "sudo cat /etc/pacsgw/agent.toml").stdout
         assert f'prefix = "{h.group.replace("_", "-")}/"' in conf
         assert "table inet pacsgw" in fleet.ssh(h, "sudo nft list ruleset").stdout
-        assert fleet.ssh(h, "systemctl show -p User --value pacsgw").stdout.strip() == "pacsgw"
+        # the agent with SMB runs as root (FUSE mount, Samba accounts); without, as the service user
+        user = fleet.ssh(h, "systemctl show -p User --value pacsgw").stdout.strip()
+        assert user == ("" if h.group == "hospital_b" else "pacsgw"), (h.name, user)
     # SMB only where the hospital asked for it (hospital B); elsewhere the image's Samba stays off.
     for h in fleet.hosts:
-        smb = fleet.ssh(h, "systemctl is-active smbd; systemctl is-active nmbd; ss -Hltn 'sport = :445' | wc -l; "
+        smb = fleet.ssh(h, "for i in $(seq 60); do systemctl is-active -q smbd && break; sleep 0.5; done; "
+                           "systemctl is-active smbd; systemctl is-active nmbd; ss -Hltn 'sport = :445' | wc -l; "
                            "sudo pdbedit -L | cut -d: -f1", check=False).stdout.split()
         if h.group == "hospital_b":
-            assert smb[0] == "active" and smb[1] == "inactive" and int(smb[2]) >= 1 and "pacssmb" in smb[3:], smb
-            conf = fleet.ssh(h, "cat /etc/samba/smb.conf").stdout   # checked by testparm when written
-            assert "server min protocol = SMB3" in conf and "server signing = mandatory" in conf
+            assert smb[0] == "active" and smb[1] == "inactive" and int(smb[2]) >= 1, f"{smb}\n{_smb_journal(fleet, h)}"
+            assert "pacsgw-pacssmb" in smb[3:] and "pacsgw-pacs" in smb[3:], smb
+            cmdline = fleet.ssh(h, "systemctl show -p ExecStart --value smbd").stdout
+            assert "-s /var/lib/pacsgw/samba/smb.conf" in cmdline, cmdline
         else:
             assert smb[:3] == ["inactive", "inactive", "0"], (h.name, smb)
     # Idempotent: a second run changes nothing.
     p = fleet.playbook("site.yml")
     _assert_ok(p)
     assert "changed=0" in p.stdout.split("PLAY RECAP")[-1], p.stdout.split("PLAY RECAP")[-1]
+
+
+def _smb_journal(fleet, host) -> str:
+    return fleet.ssh(host, "systemctl status smbd --no-pager; sudo journalctl -u smbd --no-pager | tail -30; "
+                           "systemctl show pacsgw -p Wants -p Upholds -p DropInPaths -p ActiveState; "
+                           "sudo journalctl -b --no-pager | grep -i -E 'smbd|upho' | tail -20",
+                     check=False).stdout
+
+
+# A PACS writing over SMB (smbprotocol: SMB3, signed, encrypted), then reading back. argv: address,
+# password, the local file to store as CT\2026-11-23\smb-fleet.dcm.
+SMB_CLIENT = r"""
+import sys, uuid
+import smbclient
+from smbprotocol.connection import Connection
+addr, password, source = sys.argv[1:]
+data = open(source, "rb").read()
+conn = Connection(uuid.uuid4(), addr, 445, require_signing=True)
+conn.connect(timeout=20)
+kw = dict(username="pacssmb", password=password, port=445, encrypt=True,
+          connection_cache={f"{addr}:445": conn})
+day = "\\\\" + addr + "\\pacs\\CT\\2026-11-23"
+smbclient.makedirs(day, exist_ok=True, **kw)
+with smbclient.open_file(day + "\\smb-fleet.dcm", mode="wb", **kw) as f:
+    f.write(data)
+with smbclient.open_file(day + "\\smb-fleet.dcm", mode="rb", **kw) as f:
+    assert f.read() == data, "read back differs"
+"""
+
+
+def test_smb_write_reaches_the_hospitals_bucket(fleet):
+    """A PACS on the hospital network writes over SMB to hospital B's box: the file goes through the agent
+    into that hospital's S3 bucket (and its audit trail, under the SMB user's name) and reads back."""
+    gw = next(h for h in fleet.hosts if h.group == "hospital_b")
+    data = b"DICM" + bytes(range(256)) * 400
+    source = fleet.workdir / "smb-fleet.dcm"
+    source.write_bytes(data)
+    p = run(fleet.nsexec(sys.executable, "-c", SMB_CLIENT, gw.addr, SMB_PASSWORD, str(source)),
+            check=False, timeout=120)
+    assert p.returncode == 0, p.stderr[-3000:] + _smb_journal(fleet, gw)
+    # write-through: the close returned after S3 confirmed the object (rclone keeps one file per object)
+    stored = fleet.workdir / "s3" / "pacs-hospital-b" / "hospital-b" / "CT" / "2026-11-23" / "smb-fleet.dcm"
+    assert stored.read_bytes() == data
+    audit = fleet.ssh(gw, "sudo grep -h smb-fleet.dcm /var/lib/pacsgw/cache/audit/audit.jsonl").stdout
+    assert '"pacssmb"' in audit, audit
 
 
 def test_rolling_update_all_healthy(fleet):

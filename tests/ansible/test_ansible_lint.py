@@ -51,3 +51,12 @@ def test_example_inventory_renders_valid_agent_config(tmp_path):
         assert cfg.uplink.secret_access_key.startswith("EXAMPLESECRETKEY")  # decrypted from the vault
         assert cfg.users and cfg.users[0].password_hash.startswith("scrypt$")
         assert oct(f.stat().st_mode & 0o777) == "0o600"
+        # SMB where the hospital asked for it (hospital B): through the agent, smbd run by systemd.
+        smb = cfg.smb
+        if "hospital-b" in f.name:
+            assert smb.enabled and not smb.manage and smb.listen == ("0.0.0.0", 445)
+            assert smb.encryption == "required" and smb.hosts_allow == ("172.20.5.0/24",)
+            assert (smb.mountpoint, smb.state_dir) == ("/var/lib/pacsgw/fs", "/var/lib/pacsgw/samba")
+            assert [u.name for u in cfg.users if u.password] == ["pacssmb"]
+        else:
+            assert not smb.enabled

@@ -3,9 +3,12 @@ fleet's own roles) produces the expected files, users and units."""
 
 from __future__ import annotations
 
+import subprocess
+import tomllib
+
 import pytest
 import testinfra
-from fleetlib import project_version, run
+from fleetlib import project_version, provision_chroot, run, unmount_chroot
 
 # The first test to ask for the appliance pays for building it.
 pytestmark = pytest.mark.timeout(2400)
@@ -88,7 +91,8 @@ def test_tuning_and_logging(root):
     assert "Storage=persistent" in root.file("/etc/systemd/journald.conf.d/pacsgw.conf").content_string
     sshd = root.file("/etc/ssh/sshd_config.d/pacsgw.conf").content_string
     assert "PasswordAuthentication no" in sshd and "PermitRootLogin no" in sshd
-    for pkg in ("openssh-server", "nftables", "systemd-timesyncd", "python3-venv", "samba", "linux-image-amd64"):
+    for pkg in ("openssh-server", "nftables", "systemd-timesyncd", "python3-venv", "samba", "fuse3",
+                "linux-image-amd64"):
         assert root.package(pkg).is_installed, pkg
 
 
@@ -100,3 +104,113 @@ def test_image_is_generic(root):
     assert root.run("ls /var/lib/apt/lists/*_Packages").rc != 0
     assert not root.file("/usr/sbin/policy-rc.d").exists
     assert root.file("/usr/local/sbin/pacsgw-firstboot").mode == 0o755
+
+
+def test_image_keeps_samba_off(root):
+    """The image (no SMB until a hospital asks for it): the agent's unprivileged unit, Samba disabled."""
+    for unit in ("smbd", "nmbd", "samba-ad-dc"):
+        assert not root.file(f"/etc/systemd/system/multi-user.target.wants/{unit}.service").exists, unit
+    assert not root.file("/etc/systemd/system/smbd.service.d/pacsgw.conf").exists
+    assert not root.file("/etc/systemd/system/pacsgw.service.d/smbd.conf").exists
+
+
+# --- an SMB-enabled box: site.yml over the chroot with hospital B's kind of settings ------------------
+
+SMB_VARS = {
+    "pacsgw_smb_enabled": True,
+    "pacsgw_pacs_subnets": ["172.20.5.0/24"],
+    "base_pacs_subnets": ["172.20.5.0/24"],
+    "base_admin_subnets": ["203.0.113.0/24"],
+    "gateway_uplink_endpoint_url": "https://s3.region.example",
+    "gateway_uplink_bucket": "pacs-hospital-b",
+    "gateway_uplink_prefix": "hospital-b/",
+    "gateway_uplink_access_key_id": "SITETESTKEY",                       # test-only
+    "gateway_uplink_secret_access_key": "SITETESTSECRET0123456789",      # test-only
+    "gateway_users": [{"name": "pacssmb", "password": "smb-site-test", "root": "/"}],  # test-only
+    "gateway_no_log": False,   # a failed config check shows why
+}
+
+
+@pytest.fixture(scope="module")
+def smb_box(appliance, tmp_path_factory):
+    work = tmp_path_factory.mktemp("smb-box")
+    merged = provision_chroot(appliance / "rootfs", work, SMB_VARS)
+    try:
+        yield merged
+    finally:
+        unmount_chroot(work)
+
+
+def _in(tree, *cmd: str) -> subprocess.CompletedProcess:
+    return run(["chroot", str(tree), *cmd], check=False)
+
+
+def test_smb_box_agent_config(smb_box):
+    conf = smb_box / "etc/pacsgw/agent.toml"
+    st = conf.stat()
+    assert oct(st.st_mode & 0o777) == "0o600"
+    p = _in(smb_box, "/opt/pacsgw/current/bin/pacsgw", "check-config", "--config", "/etc/pacsgw/agent.toml")
+    assert p.returncode == 0, p.stdout + p.stderr
+    smb = tomllib.loads(conf.read_text())["smb"]
+    assert smb == {"enabled": True, "manage": False, "listen": "0.0.0.0:445", "share": "pacs",
+                   "encryption": "required", "hosts_allow": ["172.20.5.0/24"],
+                   "mountpoint": "/var/lib/pacsgw/fs", "state_dir": "/var/lib/pacsgw/samba",
+                   "unix_user": "pacsgw"}
+    # The smb.conf this agent will render for systemd's smbd, read back by the image's own Samba.
+    render = ("from agent.config import load; from agent.serve.smb import render_conf; "
+              "print(render_conf(load('/etc/pacsgw/agent.toml')), end='')")
+    p = _in(smb_box, "/opt/pacsgw/current/bin/python", "-c", render)
+    assert p.returncode == 0, p.stderr
+    (smb_box / "tmp/agent-smb.conf").write_text(p.stdout)
+    p = _in(smb_box, "testparm", "-s", "--suppress-prompt", "/tmp/agent-smb.conf")
+    assert "Loaded services file OK." in p.stderr, p.stderr
+    parsed = p.stdout
+    for line in ("[pacs]", "\tpath = /var/lib/pacsgw/samba/roots/%U", "\thosts allow = 172.20.5.0/24",
+                 "\thosts deny = ALL", "\tserver min protocol = SMB3_00", "\tserver signing = required",
+                 "\tserver smb encrypt = required", "\tsmb ports = 445"):
+        assert line in parsed.splitlines(), (line, parsed)
+    # pyfuse3 (the release's smb extra) loads against the image's libfuse3; fusermount3 is there.
+    p = _in(smb_box, "/opt/pacsgw/current/bin/python", "-c", "import pyfuse3")
+    assert p.returncode == 0, p.stderr
+    assert (smb_box / "usr/bin/fusermount3").exists()
+
+
+def test_smb_box_smbd_runs_on_the_agents_conf(smb_box):
+    dropin = (smb_box / "etc/systemd/system/smbd.service.d/pacsgw.conf").read_text().splitlines()
+    for line in ("After=pacsgw.service", "BindsTo=pacsgw.service", "ExecStart=", "ExecCondition=",
+                 "ExecStart=/usr/sbin/smbd --foreground --no-process-group -s /var/lib/pacsgw/samba/smb.conf",
+                 "PIDFile=/var/lib/pacsgw/samba/run/smbd.pid"):
+        assert line in dropin, line
+    agent_dropin = (smb_box / "etc/systemd/system/pacsgw.service.d/smbd.conf").read_text().splitlines()
+    assert "Wants=smbd.service" in agent_dropin and "Upholds=smbd.service" in agent_dropin
+    wants = smb_box / "etc/systemd/system/multi-user.target.wants"
+    assert (wants / "smbd.service").is_symlink()
+    assert not (wants / "nmbd.service").exists() and not (wants / "samba-ad-dc.service").exists()
+    # No share of Samba's own: /etc/samba/smb.conf only includes the agent's, no plain directory is shared.
+    etc_conf = [line.strip() for line in (smb_box / "etc/samba/smb.conf").read_text().splitlines()
+                if line.strip() and not line.lstrip().startswith("#")]
+    assert etc_conf == ["[global]", "include = /var/lib/pacsgw/samba/smb.conf"]
+    assert not (smb_box / "var/lib/pacsgw/smb").exists()
+    # smbd passes through the agent's state directory as the SMB users' accounts (group pacsgw).
+    for d in ("var/lib/pacsgw/samba", "var/lib/pacsgw/samba/roots"):
+        st = (smb_box / d).stat()
+        assert (st.st_uid, oct(st.st_mode & 0o777)) == (0, "0o750"), d
+        assert _in(smb_box, "stat", "-c", "%G", "/" + d).stdout.strip() == "pacsgw", d
+    # The firewall opens SMB to the PACS subnet only.
+    nft = (smb_box / "etc/nftables.conf").read_text()
+    assert "ip saddr @pacs4 tcp dport { 21, 30000-30100, 2222, 445 } accept" in nft
+    run(["nft", "-c", "-f", str(smb_box / "etc/nftables.conf")])
+
+
+def test_smb_box_agent_unit_privileges(smb_box):
+    """With SMB the agent runs as root, in the host's mount namespace (smbd must see its FUSE mount),
+    with a reduced capability set, /dev/fuse, and @mount on top of @system-service."""
+    lines = (smb_box / "etc/systemd/system/pacsgw.service").read_text().splitlines()
+    assert not any(line.startswith(("User=", "Group=")) for line in lines)
+    for line in ("CapabilityBoundingSet=CAP_SYS_ADMIN CAP_NET_BIND_SERVICE CAP_CHOWN CAP_DAC_OVERRIDE CAP_FOWNER",
+                 "DevicePolicy=closed", "DeviceAllow=/dev/fuse rw", "NoNewPrivileges=yes",
+                 "SystemCallFilter=@system-service @mount", "RestrictNamespaces=yes"):
+        assert line in lines, line
+    namespacing = ("ProtectSystem", "ProtectHome", "PrivateTmp", "PrivateDevices", "ProtectKernel",
+                   "ProtectControlGroups", "ProtectHostname", "ProtectProc", "ReadWritePaths", "ReadOnlyPaths")
+    assert not [line for line in lines if line.startswith(namespacing)]
