@@ -24,7 +24,6 @@ import sys
 import tempfile
 import threading
 import time
-import urllib.request
 import uuid
 from pathlib import Path
 
@@ -32,12 +31,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import smbclient  # noqa: E402
+from common import BUCKET, PASSWORD, USER, start_agent  # noqa: E402
 from smbprotocol.connection import Connection  # noqa: E402
 
-from agent.devstack import ObjectStore, free_port  # noqa: E402
-
-BUCKET = "bench"
-USER, PASSWORD = "bench", "bench-only-password"  # benchmark-only credentials on loopback
+from agent.devstack import AgentProc, ObjectStore, free_port  # noqa: E402
 
 
 def _toml(sections: dict, users: list[dict]) -> str:
@@ -51,57 +48,6 @@ def _toml(sections: dict, users: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-class _Agent:
-    def __init__(self, work: Path, store: ObjectStore, write_mode: str, encryption: str) -> None:
-        self.work, self.port, self.http = work, free_port(), free_port()
-        base = Path(tempfile.mkdtemp(prefix="pacsgw-bench-smb-"))
-        os.chmod(base, 0o755)
-        self.base = base
-        cfg = _toml({
-            "cache": {"dir": str(work / "cache"), "max_bytes": "50GB", "min_free_bytes": "100MB"},
-            "uplink": {"endpoint_url": store.endpoint_url, "bucket": BUCKET, "prefix": f"{write_mode}{time.time_ns()}/",
-                       "access_key_id": store.access_key, "secret_access_key": store.secret_key,
-                       "write_mode": write_mode},
-            "ftp": {"enabled": False}, "sftp": {"enabled": False},
-            "smb": {"enabled": True, "listen": f"127.0.0.1:{self.port}", "encryption": encryption,
-                    "mountpoint": str(base / "fs"), "state_dir": str(base / "smb")},
-            "http": {"listen": f"127.0.0.1:{self.http}"},
-            "log": {"level": "warning", "format": "json"},
-        }, [{"name": USER, "password": PASSWORD}])
-        work.mkdir(parents=True, exist_ok=True)
-        self.conf = work / "agent.toml"
-        self.conf.write_text(cfg)
-        os.chmod(self.conf, 0o600)
-        self.proc = subprocess.Popen([sys.executable, "-m", "agent.cli", "run", "--config", str(self.conf)],
-                                     stdout=open(work / "agent.log", "ab"), stderr=subprocess.STDOUT, cwd=ROOT)
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{self.http}/healthz", timeout=2).read()
-                return
-            except OSError:
-                if self.proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError((work / "agent.log").read_text()[-2000:]) from None
-                time.sleep(0.2)
-
-    def drained(self, timeout: float = 300) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            h = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{self.http}/healthz", timeout=5).read())
-            if h["queue_depth"] == 0:
-                return
-            time.sleep(0.2)
-
-    def stop(self) -> None:
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(60)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        shutil.rmtree(self.base, ignore_errors=True)
-
-
 class _PlainSamba:
     """smbd with the agent's smb.conf settings, sharing a plain directory on the same disk."""
 
@@ -110,10 +56,7 @@ class _PlainSamba:
         from agent.serve.smb import _ensure_account, render_conf, unix_account
         self.base = Path(tempfile.mkdtemp(prefix="pacsgw-bench-plain-", dir=str(work)))
         os.chmod(self.base, 0o755)
-        for p in work.parents:  # the share must be reachable for the service account
-            if p == Path("/"):
-                break
-        os.chmod(work, 0o755)
+        os.chmod(work, 0o755)  # the share must be reachable for the SMB users' accounts
         self.port = free_port()
         conf_toml = work / "plain.toml"
         conf_toml.write_text(_toml({
@@ -212,6 +155,28 @@ def _ingest(port: int, files: int, size: int, clients: int, big: int, tag: str) 
             "big_MB_per_s": round(big / big_s / 1e6, 1)}
 
 
+def _agent_run(work: Path, store: ObjectStore, write_mode: str, encryption: str, ingest) -> dict:
+    """ingest(port) against the agent serving SMB only, then wait until every file is in S3."""
+    port = free_port()
+    # The FUSE view and Samba state outside `work`, in a directory every SMB user's account can pass.
+    base = Path(tempfile.mkdtemp(prefix="pacsgw-bench-smb-"))
+    os.chmod(base, 0o755)
+    agent: AgentProc | None = None
+    try:
+        agent = start_agent(work, store, f"{write_mode}{time.time_ns()}/", write_mode=write_mode,
+                            **{"cache.max_bytes": "50GB", "cache.min_free_bytes": "100MB",
+                               "ftp.enabled": False, "sftp.enabled": False, "smb.enabled": True,
+                               "smb.listen": f"127.0.0.1:{port}", "smb.encryption": encryption,
+                               "smb.mountpoint": str(base / "fs"), "smb.state_dir": str(base / "smb")})
+        figures = ingest(port)
+        agent.wait_drained(timeout=300)
+        return figures
+    finally:
+        if agent is not None:
+            agent.stop()
+        shutil.rmtree(base, ignore_errors=True)
+
+
 def run_smb_bench(files: int = 400, size: int = 512 * 1024, clients: int = 4, big: int = 256 * 1024 * 1024,
                   encryption: str = "desired", workdir: str | None = None) -> dict:
     """→ {'agent_through': {...}, 'agent_back': {...}, 'plain': {...}, 'fuse_overhead': {...}}"""
@@ -222,12 +187,8 @@ def run_smb_bench(files: int = 400, size: int = 512 * 1024, clients: int = 4, bi
     try:
         store.create_bucket(BUCKET)
         for mode in ("through", "back"):
-            agent = _Agent(work / f"agent-{mode}", store, mode, encryption)
-            try:
-                out[f"agent_{mode}"] = _ingest(agent.port, files, size, clients, big, "bench")
-                agent.drained()
-            finally:
-                agent.stop()
+            out[f"agent_{mode}"] = _agent_run(work / f"agent-{mode}", store, mode, encryption,
+                                              lambda port: _ingest(port, files, size, clients, big, "bench"))
         plain = _PlainSamba(work, encryption)
         try:
             out["plain"] = _ingest(plain.port, files, size, clients, big, "bench")

@@ -11,12 +11,14 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize("script, args", [
-    ("ingest.py", ["--files", "4", "--clients", "2", "--size", "4096", "--verify", "--protocols", "ftp,sftp"]),
-    ("read.py", ["--files", "2", "--readers", "1", "--size", "4096"]),
+@pytest.mark.parametrize("script, args, figure", [
+    ("ingest.py", ["--files", "4", "--clients", "2", "--size", "4096", "--verify", "--protocols", "ftp,sftp"],
+     "ours/rclone"),
+    ("read.py", ["--files", "2", "--readers", "1", "--size", "4096"], "ours/rclone"),
+    ("ingest_smb.py", ["--files", "4", "--clients", "2", "--size", "4096", "--big-mb", "4"], "FUSE overhead"),
 ])
-def test_bench_script_runs_on_a_tiny_size(script, args):
+def test_bench_script_runs_on_a_tiny_size(script, args, figure):
     out = subprocess.run([sys.executable, str(ROOT / "bench" / script), *args], capture_output=True, text=True,
                          timeout=600, cwd=ROOT)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
-    assert "ours/rclone" in out.stdout
+    assert figure in out.stdout
