@@ -18,7 +18,7 @@ import ssl
 import stat as statmod
 import time
 from pathlib import Path, PurePosixPath
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Awaitable, Callable
 
 import aioftp
 import structlog
@@ -114,17 +114,18 @@ async def send_file(stream: aioftp.StreamIO, handle: ReadHandle, offset: int) ->
     back to asyncio's read-and-write loop). → bytes sent."""
     loop, pos = asyncio.get_running_loop(), offset
     try:
-        while True:
-            end = await handle.ready(pos)  # at least once: a fetch's end (even of an empty file) waits for its check
-            with os.fdopen(os.dup(handle.fd), "rb") as f:
+        with os.fdopen(os.dup(handle.fd), "rb") as f:
+            while True:
+                # at least once: a fetch's end (even of an empty file) waits for its check
+                end = await handle.ready(pos)
                 while pos < end:
                     n = await asyncio.wait_for(
                         loop.sendfile(stream.writer.transport, f, pos, min(SEND_CHUNK, end - pos)), SOCKET_TIMEOUT)
                     if not n:
                         raise Corrupt(handle.entry.path, f"content ends at {pos} of {handle.size} bytes")
                     pos += n
-            if pos >= handle.size:
-                break
+                if pos >= handle.size:
+                    break
     finally:
         handle.gw.metrics.bytes_out.labels(handle.protocol).inc(pos - offset)
     return pos - offset
@@ -504,22 +505,29 @@ class FtpServer(aioftp.Server):
         ~60-byte line on its own, which was most of the cost of listing a directory."""
         real_path, _ = self.get_paths(connection, rest)
 
+        async def lines() -> list[str]:
+            return [await self.build_list_string(connection, p) async for p in connection.path_io.list(real_path)]
+
+        return self._send_lines(connection, rest, lines, "list transfer done")
+
+    def _send_lines(self, connection: aioftp.Connection, rest: str,
+                    lines: Callable[[], Awaitable[list[str]]], done: str) -> bool:
+        """Send lines() over the data connection in BLOCK-sized writes (LIST, NLST), then 226 done."""
+
         @ConnectionConditions(ConnectionConditions.data_connection_made, wait=True, fail_code="425",
                               fail_info="Can't open data connection")
         @worker
-        async def list_worker(self: "FtpServer", connection: aioftp.Connection, rest: str) -> bool:
+        async def send_worker(self: "FtpServer", connection: aioftp.Connection, rest: str) -> bool:
             stream = connection.data_connection
             del connection.data_connection
             async with stream:
-                lines = [await self.build_list_string(connection, p) + END_OF_LINE
-                         async for p in connection.path_io.list(real_path)]
-                data = "".join(lines).encode(self.encoding)
+                data = "".join(line + END_OF_LINE for line in await lines()).encode(self.encoding)
                 for start in range(0, len(data), BLOCK):
                     await stream.write(data[start:start + BLOCK])
-            connection.response("226", "list transfer done")
+            connection.response("226", done)
             return True
 
-        return self._start_transfer(connection, list_worker(self, connection, rest))
+        return self._start_transfer(connection, send_worker(self, connection, rest))
 
     # --- commands aioftp lacks ---------------------------------------------------------------------
 
@@ -528,19 +536,10 @@ class FtpServer(aioftp.Server):
     async def nlst(self, connection: aioftp.Connection, rest: str) -> bool:
         entries = await self.gateway.listdir(self._resolve(connection, rest or "."), who(connection))
 
-        @ConnectionConditions(ConnectionConditions.data_connection_made, wait=True, fail_code="425",
-                              fail_info="Can't open data connection")
-        @worker
-        async def nlst_worker(self: "FtpServer", connection: aioftp.Connection, rest: str) -> bool:
-            stream = connection.data_connection
-            del connection.data_connection
-            async with stream:
-                for e in entries:
-                    await stream.write((e.name + "\r\n").encode())
-            connection.response("226", "name list done")
-            return True
+        async def names() -> list[str]:
+            return [e.name for e in entries]
 
-        return self._start_transfer(connection, nlst_worker(self, connection, rest))
+        return self._send_lines(connection, rest, names, "name list done")
 
     @ConnectionConditions(ConnectionConditions.login_required)
     async def size(self, connection: aioftp.Connection, rest: str) -> bool:
