@@ -58,6 +58,18 @@ def _wait_port(port: int, proc: subprocess.Popen, timeout: float) -> None:
     raise TimeoutError(f"{proc.args[0]} did not listen on 127.0.0.1:{port} within {timeout}s")
 
 
+def stop_group(proc: subprocess.Popen | None, timeout: float) -> None:
+    """SIGTERM a server started with start_new_session (its whole process group), SIGKILL after timeout."""
+    if proc is None or proc.poll() is not None:
+        return
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
 @dataclass
 class ObjectStore:
     """One running loopback S3 server (SeaweedFS or rclone), startable and stoppable by tests."""
@@ -144,13 +156,7 @@ class ObjectStore:
                 time.sleep(0.2)
 
     def stop(self) -> None:
-        if self._proc and self._proc.poll() is None:
-            os.killpg(self._proc.pid, signal.SIGTERM)
-            try:
-                self._proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                os.killpg(self._proc.pid, signal.SIGKILL)
-                self._proc.wait()
+        stop_group(self._proc, 15)
         self._proc = None
 
     @property
@@ -358,13 +364,7 @@ class RcloneServe:
         return psutil.Process(self.proc.pid).memory_info().rss if self.proc else 0
 
     def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
+        stop_group(self.proc, 30)
         self.proc = None
 
 

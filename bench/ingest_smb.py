@@ -18,7 +18,6 @@ import argparse
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -31,10 +30,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import smbclient  # noqa: E402
-from common import BUCKET, PASSWORD, USER, start_agent  # noqa: E402
 from smbprotocol.connection import Connection  # noqa: E402
 
-from agent.devstack import AgentProc, ObjectStore, free_port  # noqa: E402
+from agent.devstack import AgentProc, ObjectStore, free_port, stop_group  # noqa: E402
+from bench.common import BUCKET, PASSWORD, USER, start_agent  # noqa: E402
 
 
 def _toml(sections: dict, users: list[dict]) -> str:
@@ -99,12 +98,7 @@ class _PlainSamba:
                 time.sleep(0.1)
 
     def stop(self) -> None:
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(15)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        stop_group(self.proc, 15)
         shutil.rmtree(self.base, ignore_errors=True)
 
 
