@@ -123,6 +123,8 @@ class Agent:
         if self.smb:
             self.smb.stop_accepting()
         drained = await self.gateway.wait_writes_idle(drain_seconds)
+        if self.smb:
+            drained = await self.smb.wait_files_closed(max(0.0, drain_seconds - (time.monotonic() - t0))) and drained
         if self.ftp:
             await self.ftp.close()
         if self.sftp:

@@ -22,6 +22,7 @@ import asyncio
 import grp
 import hashlib
 import ipaddress
+import json
 import os
 import pwd
 import re
@@ -354,6 +355,27 @@ class SmbService:
         """Drain: files already open may be finished and closed; no new file is opened for writing."""
         if self.mount is not None:
             self.mount.fs.draining = True
+
+    def _open_files(self) -> int | None:
+        """How many files smbd has open (its share-mode table, `smbstatus -L --json`); None if unknown."""
+        r = subprocess.run(["smbstatus", "-s", str(self.conf_path), "-L", "--json"],
+                           capture_output=True, text=True, timeout=10)
+        if r.returncode != 0:
+            return None
+        try:
+            return len(json.loads(r.stdout).get("open_files", {}))
+        except ValueError:
+            return None
+
+    async def wait_files_closed(self, timeout: float) -> bool:
+        """Drain: wait until smbd has closed every file, so that a close it is still answering (the file is
+        already committed and stored) gets its reply before smbd is stopped; → False on timeout."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not await asyncio.to_thread(self._open_files):
+                return True
+            await asyncio.sleep(0.1)
+        return False
 
     async def stop(self) -> None:
         """Stop smbd (its closes of still-open files are aborts, not completions), then unmount."""
