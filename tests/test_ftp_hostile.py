@@ -14,10 +14,13 @@ import time
 
 import psutil
 import pytest
+from test_config import GOOD
 from test_ftp import ftp, get
 from test_transport_security import make_ca_and_cert
 
-from harness import PASSWORD, s3_objects, sha256
+from agent.config import ConfigError, load
+from agent.store.paths import creatable_problem, name_problem
+from harness import BUCKET, PASSWORD, s3_objects, sha256
 
 
 def test_rest_before_pasv_resumes_and_rest_past_end_is_refused(agent_factory):
@@ -251,3 +254,92 @@ def test_session_caps_per_address_and_per_user(agent_factory):
     wait_for(lambda: ftp(agent).quit())  # a slot of pacs is free again
     b.quit()
     assert len(agent.events("session_refused")) >= 2
+
+
+# --- names: S3 keys with control characters (item 10), RFC 2428 / 959 details and Windows names (item 13) ------
+
+def test_s3_keys_with_control_characters_never_forge_listing_lines(agent_factory):
+    agent = agent_factory()
+    s3 = agent.store.client()
+    evil = ["evil\r\n226 forged reply.dcm", "esc\x1b[2Jcleared.dcm", "nl\nname.dcm"]
+    for name in ["fine.dcm", *evil]:  # written by another S3 client, before the agent first lists ext/
+        s3.put_object(Bucket=BUCKET, Key=f"{agent.prefix}ext/{name}", Body=b"x")
+    agent.start()
+    f = ftp(agent)
+    assert f.nlst("ext") == ["fine.dcm"]
+    lines: list[str] = []
+    f.retrlines("LIST ext", lines.append)
+    assert len(lines) == 1 and lines[0].endswith(" fine.dcm")
+    assert [name for name, _ in f.mlsd("ext")] == ["fine.dcm"]
+    assert f.sendcmd("NOOP").startswith("200")  # no forged reply is waiting on the control connection
+    f.quit()
+    hidden = agent.events("listing_name_hidden")
+    assert {e["name"] for e in hidden if e["directory"].endswith("ext")} == {repr(n) for n in evil}
+
+
+def test_epsv_all_and_epsv_with_a_protocol_keep_the_session(agent_factory):
+    agent = agent_factory().start()
+    f = ftp(agent)
+    with pytest.raises(ftplib.error_perm, match=r"522 .*\(1\)"):
+        f.sendcmd("EPSV 2")  # IPv6 asked on an IPv4 connection: RFC 2428 names the usable one
+    with pytest.raises(ftplib.error_perm, match="501"):
+        f.sendcmd("EPSV x")
+    assert f.sendcmd("EPSV 1").startswith("229")
+    assert f.sendcmd("EPSV ALL").startswith("200")
+    with pytest.raises(ftplib.error_perm, match="503"):
+        f.sendcmd("PASV")  # refused after EPSV ALL
+    port = ftplib.parse229(f.sendcmd("EPSV"), ("127.0.0.1", agent.ftp_port))[1]
+    data = socket.create_connection(("127.0.0.1", port), timeout=30)
+    assert f.sendcmd("NLST").startswith("150")
+    assert recv_all(data) == b""
+    assert f.voidresp().startswith("226")
+    assert f.sendcmd("NOOP").startswith("200")
+    f.quit()
+
+
+def test_quotes_trailing_spaces_and_windows_names(agent_factory):
+    agent = agent_factory().start()
+    f = ftp(agent)
+    assert f.sendcmd('MKD a"b') == '257 "/a""b" created'  # RFC 959: a quote inside the name is doubled
+    f.cwd('a"b')
+    assert f.sendcmd("PWD").startswith('257 "/a""b"') and f.pwd() == '/a"b'
+    f.cwd("/")
+    f.storbinary("STOR ok.dcm", io.BytesIO(b"ok"))
+    for bad in ("CON", "aux", "con.txt", "LPT1.dcm", "x.", "x ", "dir./y.dcm"):
+        with pytest.raises(ftplib.error_perm, match="553"):
+            f.storbinary(f"STOR {bad}", io.BytesIO(b"x"))
+        with pytest.raises(ftplib.error_perm, match="553"):
+            f.mkd(bad)
+        with pytest.raises(ftplib.error_perm, match="553"):
+            f.rename("ok.dcm", bad)
+    with pytest.raises(ftplib.error_perm, match="550"):
+        get(f, "ok.dcm ")  # the trailing space is part of the name, not stripped into "ok.dcm"
+    assert sorted(f.nlst()) == ['a"b', "ok.dcm"]
+    f.quit()
+    agent.wait_drained()
+    assert set(s3_objects(agent.store, agent.prefix)) == {"ok.dcm"}
+
+
+@pytest.mark.parametrize("key,value", [("max_sessions_per_user", "0"), ("max_sessions_per_address", "-1"),
+                                       ("max_sessions_per_address", '"many"'), ("passive_timeout", "0")])
+def test_session_limit_keys_are_checked(tmp_path, key, value):
+    path = tmp_path / "agent.toml"
+    path.write_text(GOOD.replace("[[users]]", f"[ftp]\n{key} = {value}\n[[users]]", 1))
+    path.chmod(0o600)
+    with pytest.raises(ConfigError) as err:
+        load(path)
+    assert err.value.key == f"ftp.{key}" and str(path) in str(err.value)
+    path.write_text(GOOD)
+    ftp_cfg = load(path).ftp  # the documented defaults
+    assert (ftp_cfg.max_sessions_per_user, ftp_cfg.max_sessions_per_address, ftp_cfg.passive_timeout) == (32, 64, 30)
+
+
+def test_creatable_and_listable_names():
+    """The pure name rules in agent.store.paths that every front end can use."""
+    for name in ("CON", "aux", "Nul.txt", "com1", "LPT9.tar.gz", "a.", "a ", "..."):
+        assert creatable_problem(name), name
+    for name in ("COM10", "console", "a.dcm", "CON_x", ".hidden", "a b"):
+        assert creatable_problem(name) is None, name
+    for name in ("a\rb", "a\nb", "\x1b[2J", "a\x7fb", "a\x85b"):
+        assert name_problem(name), repr(name)
+    assert name_problem("études ünd 医学.dcm") is None

@@ -35,7 +35,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Any, AsyncContextManager, AsyncIterator, Awaitable, Callable
+from typing import Any, AsyncContextManager, AsyncIterator, Awaitable, Callable, Iterable
 
 import aioftp
 import structlog
@@ -388,8 +388,6 @@ class Session:
         return rest
 
 
-
-
 class Reply(Exception):
     """End a transfer with this reply (425 no data connection, 554 REST beyond the end…)."""
 
@@ -465,8 +463,8 @@ class FtpServer(aioftp.Server):
             read_timeout=self.idle_timeout, write_timeout=self.socket_timeout)
         replies: asyncio.Queue = asyncio.Queue()
 
-        def respond(code: str, lines: str | list[str] = "", as_list: bool = False) -> None:
-            lines = [printable(line) for line in lines] if isinstance(lines, list) else printable(lines)
+        def respond(code: str, lines: str | Iterable[str] = "", as_list: bool = False) -> None:
+            lines = printable(lines) if isinstance(lines, str) else [printable(line) for line in lines]
             replies.put_nowait((code, lines, as_list))
 
         connection = aioftp.Connection(
@@ -841,23 +839,23 @@ class FtpServer(aioftp.Server):
     @PathPermissions(PathPermissions.readable)
     async def list(self, connection: aioftp.Connection, rest: str) -> bool:
         """aioftp's LIST lines, sent in blocks (aioftp wrote and drained each ~60-byte line on its own)."""
-        real_path, _ = self.get_paths(connection, rest)
-
-        async def lines() -> list[str]:
-            return [await self.build_list_string(connection, p) async for p in connection.path_io.list(real_path)]
-
-        return self._send_lines(connection, lines, "list transfer done")
+        return self._describe(connection, rest, self.build_list_string, "list transfer done")
 
     @ConnectionConditions(ConnectionConditions.login_required)
     @PathConditions(PathConditions.path_must_exists)
     @PathPermissions(PathPermissions.readable)
     async def mlsd(self, connection: aioftp.Connection, rest: str) -> bool:
+        return self._describe(connection, rest, self.build_mlsx_string, "mlsd transfer done")
+
+    def _describe(self, connection: aioftp.Connection, rest: str,
+                  line: Callable[[aioftp.Connection, PurePosixPath], Awaitable[str]], done: str) -> bool:
+        """Send one line(entry) per directory entry (LIST, MLSD)."""
         real_path, _ = self.get_paths(connection, rest)
 
         async def lines() -> list[str]:
-            return [await self.build_mlsx_string(connection, p) async for p in connection.path_io.list(real_path)]
+            return [await line(connection, p) async for p in connection.path_io.list(real_path)]
 
-        return self._send_lines(connection, lines, "mlsd transfer done")
+        return self._send_lines(connection, lines, done)
 
     @ConnectionConditions(ConnectionConditions.login_required)
     @PathPermissions(PathPermissions.readable)
