@@ -256,6 +256,11 @@ class FtpConfig:
     tls_cert: str = _f(_str, "a PEM certificate (chain) file for FTPS (AUTH TLS), or ''", default="")
     tls_key: str = _f(_str, "the PEM private key file of tls_cert", default="")
     require_tls: bool = _f(_bool, "true or false (true: refuse plain-text logins and data)", default=False)
+    # --- session limits and passive mode (issue 19: passive-port theft and pool exhaustion) ---
+    max_sessions_per_user: int = _f(_int_between(1, 10000), "an integer 1..10000", default=32)
+    max_sessions_per_address: int = _f(_int_between(1, 10000), "an integer 1..10000", default=64)
+    passive_timeout: float = _f(_float_between(1, 600), "seconds 1..600 (how long a PASV/EPSV port waits for "
+                                "its data connection)", default=30.0)
 
 
 @dataclass(frozen=True)

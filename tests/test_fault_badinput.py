@@ -34,7 +34,7 @@ ESCAPES = [
     "bad\x01name.dcm", "line\nbreak.dcm",
 ]
 # Not escapes: FTP and SFTP do not percent-decode, so these are literal names inside the root.
-LITERALS = ["..%2FMR%2Fsecret.dcm", "%2e%2e%2fMR%2fsecret.dcm", "..%5cMR%5csecret.dcm", "%00.dcm", "...",
+LITERALS = ["..%2FMR%2Fsecret.dcm", "%2e%2e%2fMR%2fsecret.dcm", "..%5cMR%5csecret.dcm", "%00.dcm", "...x",
             "..dcm"]
 INVALID_UTF8 = [b"\xc0\xaf..\xc0\xafMR", b"..\xc0\xafMR\xc0\xafsecret.dcm", b"\xff\xfe.dcm"]
 
@@ -161,6 +161,7 @@ async def test_hostile_paths_stay_inside_the_root(agent_factory, seaweed, tmp_pa
     for name in LITERALS:
         assert ftp_put(ct, name, b"literal").startswith("226")
         assert ct.size(name) == len(b"literal")
+    assert ftp_try(ct, "STOR", "...").startswith("553")  # not a parent, but Windows clients cannot use it
 
     async with sftp_session(a, "ct") as sftp:
         for path in ESCAPES + INVALID_UTF8:

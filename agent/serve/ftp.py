@@ -1,28 +1,45 @@
 """FTP front end (aioftp) over the gateway facade.
 
-aioftp provides the protocol; this module supplies a PathIO onto the gateway, a user manager with
-hashed passwords, and its own STOR/APPE/RETR workers so that
-  * 226 is sent only after the gateway committed the file (durable, and in S3 in write-through mode),
-  * an upload whose data connection fails (reset, timeout) is discarded, never committed,
-  * every gateway error gets its own FTP reply code and message,
-plus the SIZE, MDTM, FEAT, OPTS and NOOP commands aioftp lacks. Paths are resolved with
-agent.store.paths, so traversal attempts are refused, not clamped.
+aioftp gives the command handlers for login, CWD/PWD, TYPE and MLST, and its Connection, StreamIO and
+condition decorators. This module supplies a PathIO onto the gateway, a user manager with hashed passwords,
+and these pieces of its own:
+  * the session loop (`FtpServer.dispatcher`): commands are read as sent (a trailing space stays part of a
+    name; bytes that are not UTF-8 reach the path checks and get 553 instead of killing the session), the
+    per-address and per-user session caps are enforced, and the sessions are tracked for shutdown;
+  * passive data connections (`Passive`): one listener per transfer on a random free port of the range,
+    handing over exactly one connection, and only from the control connection's address;
+  * the STOR/APPE/RETR/LIST/NLST/MLSD workers: nothing is opened before the data connection is there (a
+    425 leaves nothing behind), 150 comes once it is, 226 only after the gateway committed the file, an
+    upload whose data connection fails is discarded, every gateway error has its own reply code;
+plus SIZE, MDTM, FEAT, OPTS, NOOP, REST, EPSV (RFC 2428) and AUTH/PBSZ/PROT (RFC 4217).
+
+Why not aioftp's own session loop and passive mode: its dispatcher strips trailing spaces, dies on
+non-UTF-8 input and clears the REST marker on every other command; its passive listener accepts anyone,
+for the session's life, from a lowest-first port pool, with one TLS setting for the whole server. Changing
+that meant overriding its private methods (`_start_passive_server`, `self.ssl` per connection,
+`Connection._dispatcher`), which pinned aioftp to one minor release. Only aioftp's public API is used now.
+Paths are resolved with agent.store.paths, so traversal attempts are refused, not clamped.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
+import ipaddress
 import os
+import random
 import ssl
 import stat as statmod
 import time
+from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Any, AsyncIterator, Awaitable, Callable
+from typing import Any, AsyncContextManager, AsyncIterator, Awaitable, Callable, Iterable
 
 import aioftp
 import structlog
-from aioftp.common import END_OF_LINE
+from aioftp.common import END_OF_LINE, ThrottleStreamIO
 from aioftp.server import ConnectionConditions, PathConditions, PathPermissions, worker
 
 from agent.audit import Who, failure
@@ -42,8 +59,8 @@ from agent.store.errors import (
     PermissionDenied,
     Unavailable,
 )
-from agent.store.gateway import Gateway, ReadHandle
-from agent.store.paths import resolve
+from agent.store.gateway import Gateway, ReadHandle, WriteHandle
+from agent.store.paths import check_creatable, name_problem, resolve
 
 log = structlog.get_logger("pacsgw.ftp")
 
@@ -51,6 +68,7 @@ BLOCK = 256 * 1024
 SEND_CHUNK = 4 * BLOCK  # a file leaves by sendfile(2) in chunks this large, each within the socket timeout
 SOCKET_TIMEOUT = 120
 FAILED_LOGIN_DELAY = 1.0
+TLS_HANDSHAKE_TIMEOUT = 30
 
 # Gateway error → (FTP code, reply). 450/451/452 are transient ("try again"), 55x permanent.
 REPLIES: dict[type, str] = {
@@ -60,6 +78,7 @@ REPLIES: dict[type, str] = {
 
 PATH_COMMANDS = ("cwd", "dele", "list", "nlst", "mkd", "mlsd", "mlst", "rmd", "rnfr", "rnto", "stor", "appe", "retr",
                  "size", "mdtm")
+
 
 
 def tls_context(cert: str, key: str) -> ssl.SSLContext:
@@ -91,6 +110,43 @@ def _gateway_error(exc: BaseException) -> GatewayError | None:
     return None
 
 
+def visible(entries: list[Entry], directory: str) -> list[Entry]:
+    """The entries a listing may show. A name with a control character (an S3 key written by another client
+    can hold CR, LF or ESC) would forge a line of the listing or of a reply, and no FTP client could name it
+    anyway: it is left out, and logged so the admin can rename the object."""
+    shown = []
+    for e in entries:
+        problem = name_problem(e.name)
+        if problem is None:
+            shown.append(e)
+        else:
+            log.warning("listing_name_hidden", directory=directory, name=repr(e.name), reason=problem)
+    return shown
+
+
+def printable(text: str) -> str:
+    """A reply line as sent: control characters (and bytes that were not UTF-8) escaped, so nothing a client
+    or an S3 key put into a reply can end it early or start a forged one."""
+    return "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in text)
+
+
+def quoted(path: str) -> str:
+    """A pathname as a 257 reply quotes it (RFC 959): inside double quotes, each quote doubled."""
+    return '"' + path.replace('"', '""') + '"'
+
+
+def same_host(a: str, b: str) -> bool:
+    """Two peer addresses are the same host (an IPv4 client seen through an IPv6 socket as ::ffff:a.b.c.d)."""
+    return _unmapped(a) == _unmapped(b)
+
+
+def _unmapped(address: str) -> str:
+    ip = ipaddress.ip_address(address.split("%")[0])
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return str(ip)
+
+
 class EntryPath(PurePosixPath):
     """A path yielded by a listing that carries its catalog entry, so LIST/MLSD need no more queries."""
 
@@ -104,7 +160,7 @@ def _ns(path: PurePosixPath) -> str:
 def who(connection: aioftp.Connection) -> Who:
     """The audited party of an FTP session."""
     user = connection.user.login if connection.future.user.done() else "-"
-    protocol = "ftps" if getattr(connection, "tls", False) else "ftp"
+    protocol = "ftps" if connection.session.tls else "ftp"
     return Who(user, protocol, f"{connection.client_host}:{connection.client_port}")
 
 
@@ -174,7 +230,7 @@ class GatewayPathIO(aioftp.AbstractPathIO):
 
     def list(self, path: PurePosixPath) -> AsyncIterator[PurePosixPath]:
         async def gen() -> AsyncIterator[PurePosixPath]:
-            for e in await self.gateway.listdir(_ns(path), who(self.connection)):
+            for e in visible(await self.gateway.listdir(_ns(path), who(self.connection)), _ns(path)):
                 p = EntryPath(path, e.name)
                 p.entry = e
                 yield p
@@ -236,33 +292,267 @@ class _Users(aioftp.AbstractUserManager):
         return None
 
 
+class Passive:
+    """One passive data connection (PASV/EPSV): a listener on a random free port of the configured range. It
+    hands over the first connection that comes from the control connection's address, drops and reports any
+    other, and stops listening after that one or after `timeout` seconds, whichever comes first. The transfer
+    command takes it; whatever was not taken by then is closed too, so an idle session holds no port."""
+
+    def __init__(self, peer: str, tls: ssl.SSLContext | None, timeout: float,
+                 on_refused: Callable[[str, str], None]) -> None:
+        loop = asyncio.get_running_loop()
+        self.peer, self.tls, self.on_refused = peer, tls, on_refused
+        self.server: asyncio.Server | None = None
+        self.port = 0
+        self.taken = False  # a transfer command owns it (and closes the data connection)
+        self.connected: asyncio.Future[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = loop.create_future()
+        self.handshake: asyncio.Future[None] | None = None  # PROT P: the data connection's TLS handshake
+        self._timer = loop.call_later(timeout, self._expire)
+
+    @classmethod
+    async def open(cls, host: str, ports: range, peer: str, tls: ssl.SSLContext | None, timeout: float,
+                   on_refused: Callable[[str, str], None]) -> "Passive | None":
+        """Listen on a free port of `ports` picked at random (a port cannot be guessed from the last one)
+        → None if every port is taken."""
+        passive = cls(peer, tls, timeout, on_refused)
+        for port in random.SystemRandom().sample(ports, len(ports)):
+            try:
+                passive.server = await asyncio.start_server(passive._accept, host, port, backlog=8)
+            except OSError:
+                continue
+            passive.port = port
+            return passive
+        passive.close()
+        return None
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        # First, before any byte is read: a TLS client hello must reach the TLS layer, not the stream buffer.
+        writer.transport.pause_reading()
+        host, port = writer.get_extra_info("peername")[:2]
+        if self.connected.done() or not same_host(host, self.peer):
+            self.on_refused(f"{host}:{port}", "the data connection was already made" if self.connected.done()
+                            else "its address is not the control connection's")
+            writer.transport.abort()
+            return
+        self._stop_listening()
+        if self.tls is not None:
+            # Clients start TLS right after connecting or only after the 150 reply: begin now, await at 150.
+            self.handshake = asyncio.ensure_future(
+                writer.start_tls(self.tls, ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT))
+            self.handshake.add_done_callback(lambda f: f.cancelled() or f.exception())  # seen, if never awaited
+        self.connected.set_result((reader, writer))
+
+    def _expire(self) -> None:
+        if not self.connected.done():
+            self.connected.set_exception(TimeoutError("no data connection came"))
+        self._stop_listening()
+        if not self.taken:
+            self.close()
+
+    def _stop_listening(self) -> None:
+        self._timer.cancel()
+        if self.server is not None:
+            self.server.close()
+
+    def close(self) -> None:
+        """Stop listening; close the data connection unless a transfer owns it (the transfer closes it)."""
+        self._stop_listening()
+        if not self.connected.done():
+            self.connected.cancel()
+        elif not self.taken and not self.connected.cancelled() and self.connected.exception() is None:
+            if self.handshake is not None:
+                self.handshake.cancel()
+            self.connected.result()[1].transport.abort()
+
+
+@dataclass
+class Session:
+    """What this module keeps per FTP session (aioftp's Connection holds the rest)."""
+
+    address: str  # the control connection's peer address: data connections must come from it
+    tls: bool = False  # AUTH TLS done on the control connection
+    prot_private: bool = False  # PROT P: data connections are TLS too
+    epsv_all: bool = False  # EPSV ALL: no other data connection set-up command is accepted (RFC 2428)
+    user: str | None = None  # logged in, and counted against ftp.max_sessions_per_user
+    rest: int = 0  # the REST marker for the next STOR/APPE/RETR
+    passive: Passive | None = None
+
+    def take_passive(self) -> Passive | None:
+        passive, self.passive = self.passive, None
+        if passive is not None:
+            passive.taken = True
+        return passive
+
+    def take_rest(self) -> int:
+        rest, self.rest = self.rest, 0
+        return rest
+
+
+class Reply(Exception):
+    """End a transfer with this reply (425 no data connection, 554 REST beyond the end…)."""
+
+    def __init__(self, code: str, text: str) -> None:
+        super().__init__(text)
+        self.code, self.text = code, text
+
+
+def _abort_reason(e: BaseException) -> str:
+    if isinstance(e, GatewayError):
+        return e.reason
+    if isinstance(e, Reply):
+        return e.text
+    if isinstance(e, asyncio.CancelledError):
+        return "aborted (ABOR, or the session ended)"
+    return f"data connection failed: {type(e).__name__}: {str(e)[:200]}"
+
+
 class FtpServer(aioftp.Server):
     def __init__(self, cfg: Config, gateway: Gateway) -> None:
         factory = type("BoundPathIO", (GatewayPathIO,), {"gateway": gateway})
-        lo, hi = cfg.ftp.passive_ports
-        super().__init__(
-            _Users(cfg.users), path_io_factory=factory, block_size=BLOCK, data_ports=range(lo, hi + 1),
-            ipv4_pasv_forced_response_address=cfg.ftp.masquerade_address or None,
-            idle_timeout=600, socket_timeout=SOCKET_TIMEOUT)
+        super().__init__(_Users(cfg.users), path_io_factory=factory, block_size=BLOCK, idle_timeout=600,
+                         socket_timeout=SOCKET_TIMEOUT, welcome_message="pacsgw FTP ready")
         self.cfg, self.gateway = cfg, gateway
+        lo, hi = cfg.ftp.passive_ports
+        self.passive_ports = range(lo, hi + 1)
         self.roots = {u.name: u.root for u in cfg.users}
         self.tls = tls_context(cfg.ftp.tls_cert, cfg.ftp.tls_key) if cfg.ftp.tls_cert else None
+        self.sessions: set[asyncio.Task] = set()
+        self.by_address: Counter[str] = Counter()
+        self.by_user: Counter[str] = Counter()
         self.commands_mapping.update({
             "auth": self.auth, "prot": self.prot, "pbsz": self.pbsz, "user": self.user, "pass": self.pass_,
-            "pasv": self.pasv,
-            "epsv": self.epsv, "nlst": self.nlst, "size": self.size, "mdtm": self.mdtm, "feat": self.feat,
-            "opts": self.opts, "noop": self.noop})
+            "pasv": self.pasv, "epsv": self.epsv, "nlst": self.nlst, "size": self.size, "mdtm": self.mdtm,
+            "feat": self.feat, "opts": self.opts, "noop": self.noop, "rest": self.rest, "pwd": self.pwd})
         for name in PATH_COMMANDS:
             self.commands_mapping[name] = self._guarded(self.commands_mapping[name])
 
-    # --- FTPS (explicit, RFC 4217) ---------------------------------------------------------------
+    # --- sessions ----------------------------------------------------------------------------------
+
+    async def dispatcher(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """One session: aioftp.Server.start serves each control connection with this method."""
+        host, port = writer.get_extra_info("peername")[:2]
+        address = _unmapped(host)
+        cap = self.cfg.ftp.max_sessions_per_address
+        if self.by_address[address] >= cap:
+            self._refuse_session(Who("-", "ftp", f"{host}:{port}"), f"too many sessions from {address} (limit {cap})")
+            writer.write(f"421 too many sessions from your address (limit {cap}); try again later\r\n".encode())
+            writer.close()
+            return
+        task = asyncio.current_task()
+        self.sessions.add(task)
+        self.by_address[address] += 1
+        try:
+            await self._session(reader, writer, host, port, Session(address))
+        finally:
+            self.sessions.discard(task)
+            self.by_address[address] -= 1
+            if not self.by_address[address]:
+                del self.by_address[address]
+
+    def _refuse_session(self, party: Who, reason: str) -> None:
+        log.warning("session_refused", protocol="ftp", user=party.user, peer=party.peer, reason=reason)
+        self.gateway.audit.record(party, "login", "", f"refused: {reason}")
+        self.gateway.metrics.errors.labels("ftp", "SessionLimit").inc()
+
+    async def _session(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, host: str, port: int,
+                       session: Session) -> None:
+        """The command loop, shaped like aioftp's: each command runs as a task beside the command reader,
+        transfers as workers, and replies leave in order through one queue."""
+        stream = ThrottleStreamIO(reader, writer, throttles={
+            "server_global": self.throttle, "server_per_connection": self.throttle_per_connection.clone()},
+            read_timeout=self.idle_timeout, write_timeout=self.socket_timeout)
+        replies: asyncio.Queue = asyncio.Queue()
+
+        def respond(code: str, lines: str | Iterable[str] = "", as_list: bool = False) -> None:
+            lines = printable(lines) if isinstance(lines, str) else [printable(line) for line in lines]
+            replies.put_nowait((code, lines, as_list))
+
+        connection = aioftp.Connection(
+            client_host=host, client_port=port, server_host=writer.get_extra_info("sockname")[0],
+            server_port=self.server_port, command_connection=stream, socket_timeout=self.socket_timeout,
+            idle_timeout=self.idle_timeout, wait_future_timeout=self.wait_future_timeout, block_size=self.block_size,
+            path_io_factory=self.path_io_factory, path_timeout=self.path_timeout, extra_workers=set(),
+            response=respond, session=session)
+        connection.path_io = self.path_io_factory(timeout=self.path_timeout, connection=connection)
+        respond("220", self.welcome_message)
+        read = asyncio.create_task(self._read_command(stream))
+        write = asyncio.create_task(self.response_writer(stream, replies))
+        commands: set[asyncio.Task] = set()
+        try:
+            while True:
+                done, _ = await asyncio.wait({read, write} | commands | connection.extra_workers,
+                                             return_when=asyncio.FIRST_COMPLETED)
+                if write in done:
+                    write.result()  # the client is gone: raises
+                for task in done - {read, write}:
+                    commands.discard(task)
+                    connection.extra_workers.discard(task)
+                    if task.cancelled():
+                        continue
+                    if task.exception() is not None:
+                        exc = task.exception()
+                        log.error("ftp_command_failed", user=session.user, error=f"{type(exc).__name__}: {exc}"[:300],
+                                  exc_info=exc)
+                        respond("451", "internal error; the server log has the details")
+                    elif task.result() is False:  # QUIT, or a refusal that ends the session
+                        await asyncio.wait_for(replies.join(), self.socket_timeout)
+                        return
+                if read in done:
+                    cmd, rest = read.result()  # a closed or idle connection raises
+                    read = asyncio.create_task(self._read_command(stream))
+                    handler = self.commands_mapping.get(cmd)
+                    if handler is None:
+                        respond("502", f"{cmd[:16].upper()} not implemented")
+                    else:
+                        commands.add(asyncio.create_task(handler(connection, rest)))
+        except (ConnectionError, asyncio.IncompleteReadError, TimeoutError, ssl.SSLError, ValueError):
+            pass  # the client went away, stayed idle too long, or sent an over-long line
+        finally:
+            tasks = {read, write} | commands | connection.extra_workers
+            for task in tasks:
+                task.cancel()
+            passive = session.take_passive()
+            if passive is not None:
+                passive.close()
+            stream.writer.transport.abort()
+            await asyncio.wait(tasks, timeout=10)  # workers abort their uploads and close their files
+            if session.user is not None:
+                self._count_out(session)
+
+    async def _read_command(self, stream: aioftp.StreamIO) -> tuple[str, str]:
+        """→ (command, argument). Only the line end is cut from a path argument: a trailing space is part of
+        the name (refused for a new file, never silently dropped). Bytes that are not UTF-8 are kept as
+        surrogates, so the path checks answer 553 instead of the session dying."""
+        line = await stream.readline()
+        if not line:
+            raise ConnectionResetError("client closed the control connection")
+        cmd, _, rest = line.decode("utf-8", errors="surrogateescape").rstrip("\r\n").partition(" ")
+        cmd = cmd.strip().lower()
+        return cmd, rest if cmd in PATH_COMMANDS else rest.strip()
+
+    def _count_out(self, session: Session) -> None:
+        self.by_user[session.user] -= 1
+        if not self.by_user[session.user]:
+            del self.by_user[session.user]
+        session.user = None
+
+    async def close(self) -> None:
+        """Close the sessions left after the drain (their transfers have finished by now), within a bound."""
+        self.server.close()
+        tasks = list(self.sessions)
+        for t in tasks:
+            t.cancel()
+        if tasks:
+            await asyncio.wait(tasks, timeout=15)
+
+    # --- login and FTPS (explicit, RFC 4217) -----------------------------------------------------
 
     async def auth(self, connection: aioftp.Connection, rest: str) -> bool:
-        if rest.strip().upper() not in ("TLS", "TLS-C", "SSL"):
+        if rest.upper() not in ("TLS", "TLS-C", "SSL"):
             connection.response("504", f"AUTH {rest} not supported; use AUTH TLS")
         elif self.tls is None:
             connection.response("502", "TLS is not configured on this server")
-        elif getattr(connection, "tls", False):
+        elif connection.session.tls:
             connection.response("503", "TLS already active")
         else:
             # Stop reading first: the client's TLS hello must reach the TLS layer, not the command parser.
@@ -270,7 +560,7 @@ class FtpServer(aioftp.Server):
             stream.writer.transport.pause_reading()
             await self.write_response(stream, "234", "AUTH TLS successful")
             await stream.start_tls(self.tls, server_hostname=None)
-            connection.tls = True
+            connection.session.tls = True
         return True
 
     async def pbsz(self, connection: aioftp.Connection, rest: str) -> bool:
@@ -278,12 +568,12 @@ class FtpServer(aioftp.Server):
         return True
 
     async def prot(self, connection: aioftp.Connection, rest: str) -> bool:
-        level = rest.strip().upper()
-        if level == "P" and getattr(connection, "tls", False):
-            connection.prot_private = True
+        level, session = rest.upper(), connection.session
+        if level == "P" and session.tls:
+            session.prot_private = True
             connection.response("200", "data connections will be protected")
         elif level == "C" and not self.cfg.ftp.require_tls:
-            connection.prot_private = False
+            session.prot_private = False
             connection.response("200", "data connections in clear")
         else:
             connection.response("536" if level in ("C", "P") else "504",
@@ -292,63 +582,151 @@ class FtpServer(aioftp.Server):
         return True
 
     async def user(self, connection: aioftp.Connection, rest: str) -> bool:
-        if self.cfg.ftp.require_tls and not getattr(connection, "tls", False):
+        if self.cfg.ftp.require_tls and not connection.session.tls:
             log.warning("login_refused", protocol="ftp", user=rest, reason="plain-text login while TLS is required")
             self.gateway.audit.record(Who(rest, "ftp", f"{connection.client_host}:{connection.client_port}"),
                                       "login", "", "refused: TLS required")
             connection.response("530", "TLS required: use AUTH TLS before USER")
             return True
+        if connection.session.user is not None:  # USER again: the earlier login ends
+            self._count_out(connection.session)
         return await super().user(connection, rest)
 
+    @ConnectionConditions(ConnectionConditions.user_required)
     async def pass_(self, connection: aioftp.Connection, rest: str) -> bool:
-        result = await super().pass_(connection, rest)
-        if connection.future.user.done():
-            ok = connection.future.logged.done()
-            self.gateway.audit.record(who(connection), "login", "", "ok" if ok else "error: wrong user or password")
-        return result
-
-    async def pasv(self, connection: aioftp.Connection, rest: str) -> bool:
-        return await self._passive(super().pasv, connection, rest)
-
-    async def epsv(self, connection: aioftp.Connection, rest: str) -> bool:
-        return await self._passive(super().epsv, connection, rest)
-
-    async def _passive(self, handler, connection: aioftp.Connection, rest: str) -> bool:  # noqa: ANN001
-        if self.cfg.ftp.require_tls and not getattr(connection, "prot_private", False):
-            connection.response("521", "data connections must be protected: PROT P")
+        if connection.future.logged.done():
+            connection.response("503", "already logged in")
             return True
-        return await handler(connection, rest)
+        if not await self.user_manager.authenticate(connection.user, rest):
+            self.gateway.audit.record(who(connection), "login", "", "error: wrong user or password")
+            connection.response("530", "wrong user or password")
+            return True
+        name, cap = connection.user.login, self.cfg.ftp.max_sessions_per_user
+        if self.by_user[name] >= cap:
+            self._refuse_session(who(connection), f"too many sessions for user {name} (limit {cap})")
+            connection.response("421", f"too many sessions for this user (limit {cap}); try again later")
+            return False
+        self.by_user[name] += 1
+        connection.session.user = name
+        connection.logged = True
+        self.gateway.audit.record(who(connection), "login", "", "ok")
+        connection.response("230", "logged in")
+        return True
 
-    async def _start_passive_server(self, connection: aioftp.Connection, handler_callback):  # noqa: ANN001, ANN202
-        # aioftp takes the data listener's TLS context from self.ssl; choose it per connection (PROT P or C).
-        # The assignment and aioftp's read of it happen without an await in between.
-        self.ssl = self.tls if getattr(connection, "prot_private", False) else None
-        return await super()._start_passive_server(connection, handler_callback)
+    # --- passive data connections ---------------------------------------------------------------
 
-    async def close(self) -> None:
-        """Close sessions after the drain. aioftp's own close can wait forever on a connection task that is
-        cancelled while idle, so the wait is bounded: the transfers have already finished by now."""
-        self.server.close()
-        tasks = [c._dispatcher for c in list(self.connections.values())]
-        for t in tasks:
-            t.cancel()
-        if tasks:
-            await asyncio.wait(tasks, timeout=5)
+    @ConnectionConditions(ConnectionConditions.login_required)
+    async def pasv(self, connection: aioftp.Connection, rest: str) -> bool:
+        if connection.session.epsv_all:
+            connection.response("503", "EPSV ALL was sent: use EPSV")
+            return True
+        host = self.cfg.ftp.masquerade_address or _unmapped(connection.server_host)
+        if ":" in host:
+            connection.response("425", "PASV cannot announce an IPv6 address; use EPSV")
+            return True
+        passive = await self._listen(connection)
+        if passive is not None:
+            numbers = [*host.split("."), str(passive.port >> 8), str(passive.port & 0xFF)]
+            connection.response("227", f"Entering Passive Mode ({','.join(numbers)})")
+        return True
+
+    @ConnectionConditions(ConnectionConditions.login_required)
+    async def epsv(self, connection: aioftp.Connection, rest: str) -> bool:
+        """EPSV, EPSV ALL and EPSV <net-prt> (RFC 2428: 1 is IPv4, 2 is IPv6)."""
+        arg = rest.upper()
+        if arg == "ALL":
+            connection.session.epsv_all = True
+            connection.response("200", "EPSV ALL ok: only EPSV from now on")
+            return True
+        family = "2" if ":" in _unmapped(connection.server_host) else "1"
+        if arg and not arg.isdigit():
+            connection.response("501", f"EPSV takes ALL or a network protocol number, not {rest!r}")
+            return True
+        if arg and arg != family:
+            connection.response("522", f"Network protocol not supported, use ({family})")
+            return True
+        passive = await self._listen(connection)
+        if passive is not None:
+            connection.response("229", f"Entering Extended Passive Mode (|||{passive.port}|)")
+        return True
+
+    async def _listen(self, connection: aioftp.Connection) -> Passive | None:
+        """A fresh passive listener for the next transfer (an unused earlier one is closed) → None after
+        replying why not."""
+        session = connection.session
+        if self.cfg.ftp.require_tls and not session.prot_private:
+            connection.response("521", "data connections must be protected: PROT P")
+            return None
+        old = session.take_passive()
+        if old is not None:
+            old.close()
+        user = connection.user.login
+
+        def refused(peer: str, reason: str) -> None:
+            log.warning("data_connection_refused", user=user, peer=peer, control_peer=connection.client_host,
+                        reason=reason)
+            self.gateway.metrics.errors.labels("ftp", "DataConnectionRefused").inc()
+            self.gateway.audit.record(Who(user, "ftp", peer), "data-connection", "", f"refused: {reason}")
+
+        session.passive = await Passive.open(
+            connection.server_host, self.passive_ports, session.address,
+            self.tls if session.prot_private else None, self.cfg.ftp.passive_timeout, refused)
+        if session.passive is None:
+            log.warning("passive_ports_exhausted", user=user,
+                        range=f"{self.passive_ports.start}-{self.passive_ports.stop - 1}")
+            connection.response("425", "no free passive port; try again")
+        return session.passive
+
+    def _transfer(self, connection: aioftp.Connection, passive: Passive | None,
+                  opener: Callable[[], AsyncContextManager[Any]], body: Callable[[Any, aioftp.StreamIO], Awaitable[str]]
+                  ) -> bool:
+        """Run a transfer beside the command loop (aioftp's model): wait for the data connection; enter
+        `opener()` (the file or listing; its errors are answered without a 150); 150; the data connection's TLS
+        handshake if PROT P; `body(opened, stream)` → the 226 text. Nothing is opened before the data
+        connection is there (a 425 leaves nothing behind), and the data connection is closed on every path."""
+
+        @worker
+        async def run(self: "FtpServer", connection: aioftp.Connection, rest: str) -> None:
+            writer = None
+            try:
+                if passive is None:
+                    raise Reply("425", "no data connection: send PASV or EPSV first")
+                try:
+                    reader, writer = await asyncio.shield(passive.connected)
+                except TimeoutError:
+                    raise Reply("425", f"no data connection within {self.cfg.ftp.passive_timeout:g} s") from None
+                async with opener() as opened:
+                    connection.response("150", "data connection open")
+                    if passive.handshake is not None:
+                        try:
+                            await passive.handshake
+                        except (OSError, ssl.SSLError, TimeoutError) as e:
+                            raise Reply("425", f"TLS handshake on the data connection failed: {e}") from None
+                    else:
+                        writer.transport.resume_reading()
+                    stream = ThrottleStreamIO(reader, writer, throttles=connection.command_connection.throttles,
+                                              timeout=connection.socket_timeout)
+                    async with stream:
+                        done = await body(opened, stream)
+                connection.response("226", done)
+            except Reply as e:
+                log.warning("ftp_error", user=connection.user.login, code=e.code, reason=e.text)
+                connection.response(e.code, e.text)
+            except GatewayError as e:
+                self._fail(connection, e)
+            except (OSError, TimeoutError, ssl.SSLError, asyncio.IncompleteReadError) as e:
+                log.warning("ftp_error", user=connection.user.login, code="426", reason=_abort_reason(e))
+                connection.response("426", "data connection failed; transfer aborted")
+            finally:
+                if writer is not None:
+                    writer.close()
+                if passive is not None:
+                    passive.close()
+
+        connection.extra_workers.add(asyncio.create_task(run(self, connection, "")))
+        return True
 
     # --- paths and errors ------------------------------------------------------------------------
-
-    async def parse_command(self, stream, censor_commands: tuple[str, ...] = ("pass",)):  # noqa: ANN001, ANN201
-        """aioftp's parser, but bytes that are not UTF-8 no longer kill the session.
-
-        aioftp decodes strictly, so one such byte raised UnicodeDecodeError in the dispatcher and the
-        connection was dropped without a reply. Decoding with surrogateescape lets the command run: the
-        path checks then refuse the name with 553 ("not valid UTF-8"), other commands answer as usual.
-        """
-        line = await stream.readline()
-        if not line:
-            raise ConnectionResetError
-        cmd, _, rest = line.decode(self.encoding, errors="surrogateescape").rstrip().partition(" ")
-        return cmd.lower(), rest
 
     def _resolve(self, connection: aioftp.Connection, rest: str) -> str:
         return resolve(self.roots.get(connection.user.login, "/"), str(connection.current_directory), rest)
@@ -384,80 +762,111 @@ class FtpServer(aioftp.Server):
 
     # --- transfers ---------------------------------------------------------------------------------
 
-    @ConnectionConditions(ConnectionConditions.login_required, ConnectionConditions.passive_server_started)
+    @ConnectionConditions(ConnectionConditions.login_required)
     @PathPermissions(PathPermissions.writable)
     async def stor(self, connection: aioftp.Connection, rest: str, mode: str = "wb") -> bool:
         path = self._resolve(connection, rest)
-        offset = connection.restart_offset
-        connection.restart_offset = 0
-        if mode == "ab":
-            try:
-                offset = (await self.gateway.stat(path)).size
-            except NotFound:
-                offset = 0
-        handle = await self.gateway.open_write(path, "ftp", offset=offset, who=who(connection))
+        check_creatable(path, rest)
+        offset, passive = connection.session.take_rest(), connection.session.take_passive()
 
-        @ConnectionConditions(ConnectionConditions.data_connection_made, wait=True, fail_code="425",
-                              fail_info="Can't open data connection")
-        @worker
-        async def stor_worker(self: "FtpServer", connection: aioftp.Connection, rest: str) -> bool:
-            stream = connection.data_connection
-            del connection.data_connection
+        @contextlib.asynccontextmanager
+        async def upload() -> AsyncIterator[WriteHandle]:
+            """The file being written: discarded unless committed."""
+            start = offset
+            if mode == "ab":
+                try:
+                    start = (await self.gateway.stat(path)).size
+                except NotFound:
+                    start = 0
+            handle = await self.gateway.open_write(path, "ftp", offset=start, who=who(connection))
             try:
-                async with stream:
-                    async for data in stream.iter_by_block(connection.block_size):
-                        await handle.write(data)
-            except asyncio.CancelledError:
-                await handle.abort("aborted")
+                if handle.size < start:  # what open_write kept: the file may also have shrunk meanwhile
+                    raise Reply("554", f"REST {start} is beyond the end of the file ({handle.size} bytes)")
+                yield handle
+            except BaseException as e:
+                await handle.abort(_abort_reason(e))
                 raise
-            except GatewayError as e:
-                await handle.abort(e.reason)
-                return self._fail(connection, e)
-            except Exception as e:  # noqa: BLE001 - the data connection broke: the file is incomplete
-                await handle.abort(f"data connection failed: {type(e).__name__}: {str(e)[:200]}")
-                connection.response("426", "connection closed; transfer aborted, file discarded")
-                return True
-            try:
-                await handle.commit()
-            except GatewayError as e:
-                return self._fail(connection, e)
-            connection.response("226", "stored")
-            return True
 
-        return self._start_transfer(connection, stor_worker(self, connection, rest))
+        async def receive(handle: WriteHandle, stream: aioftp.StreamIO) -> str:
+            async for data in stream.iter_by_block(connection.block_size):
+                await handle.write(data)
+            await handle.commit()
+            return "stored"
 
-    @ConnectionConditions(ConnectionConditions.login_required, ConnectionConditions.passive_server_started)
+        return self._transfer(connection, passive, upload, receive)
+
+    async def appe(self, connection: aioftp.Connection, rest: str) -> bool:
+        return await self.stor(connection, rest, "ab")
+
+    @ConnectionConditions(ConnectionConditions.login_required)
     @PathPermissions(PathPermissions.readable)
     async def retr(self, connection: aioftp.Connection, rest: str) -> bool:
         path = self._resolve(connection, rest)
-        handle = await self.gateway.open_read(path, "ftp", who(connection))
-        offset = connection.restart_offset
-        connection.restart_offset = 0
+        offset, passive = connection.session.take_rest(), connection.session.take_passive()
 
-        @ConnectionConditions(ConnectionConditions.data_connection_made, wait=True, fail_code="425",
-                              fail_info="Can't open data connection")
-        @worker
-        async def retr_worker(self: "FtpServer", connection: aioftp.Connection, rest: str) -> bool:
-            stream = connection.data_connection
-            del connection.data_connection
+        @contextlib.asynccontextmanager
+        async def download() -> AsyncIterator[ReadHandle]:
+            handle = await self.gateway.open_read(path, "ftp", who(connection))
             try:
-                async with stream:
-                    await send_file(stream, handle, offset)
-            except GatewayError as e:
-                return self._fail(connection, e)
+                if offset > handle.size:
+                    raise Reply("554", f"REST {offset} is beyond the end of the file ({handle.size} bytes)")
+                yield handle
             finally:
                 await handle.close()
-            connection.response("226", "transfer complete")
-            return True
 
-        return self._start_transfer(connection, retr_worker(self, connection, rest))
+        async def send(handle: ReadHandle, stream: aioftp.StreamIO) -> str:
+            await send_file(stream, handle, offset)
+            return "transfer complete"
 
-    @staticmethod
-    def _start_transfer(connection: aioftp.Connection, worker_coro) -> bool:  # noqa: ANN001
-        """Run a data-connection worker beside the command loop (aioftp's model) and say so: 150."""
-        connection.extra_workers.add(asyncio.create_task(worker_coro))
-        connection.response("150", "data transfer started")
-        return True
+        return self._transfer(connection, passive, download, send)
+
+    def _send_lines(self, connection: aioftp.Connection, lines: Callable[[], Awaitable[list[str]]], done: str) -> bool:
+        """Send lines() over the data connection in BLOCK-sized writes (LIST, NLST, MLSD), then 226 done."""
+
+        @contextlib.asynccontextmanager
+        async def listing() -> AsyncIterator[bytes]:
+            yield "".join(line + END_OF_LINE for line in await lines()).encode(self.encoding)
+
+        async def send(data: bytes, stream: aioftp.StreamIO) -> str:
+            for start in range(0, len(data), BLOCK):
+                await stream.write(data[start:start + BLOCK])
+            return done
+
+        return self._transfer(connection, connection.session.take_passive(), listing, send)
+
+    @ConnectionConditions(ConnectionConditions.login_required)
+    @PathConditions(PathConditions.path_must_exists)
+    @PathPermissions(PathPermissions.readable)
+    async def list(self, connection: aioftp.Connection, rest: str) -> bool:
+        """aioftp's LIST lines, sent in blocks (aioftp wrote and drained each ~60-byte line on its own)."""
+        return self._describe(connection, rest, self.build_list_string, "list transfer done")
+
+    @ConnectionConditions(ConnectionConditions.login_required)
+    @PathConditions(PathConditions.path_must_exists)
+    @PathPermissions(PathPermissions.readable)
+    async def mlsd(self, connection: aioftp.Connection, rest: str) -> bool:
+        return self._describe(connection, rest, self.build_mlsx_string, "mlsd transfer done")
+
+    def _describe(self, connection: aioftp.Connection, rest: str,
+                  line: Callable[[aioftp.Connection, PurePosixPath], Awaitable[str]], done: str) -> bool:
+        """Send one line(entry) per directory entry (LIST, MLSD)."""
+        real_path, _ = self.get_paths(connection, rest)
+
+        async def lines() -> list[str]:
+            return [await line(connection, p) async for p in connection.path_io.list(real_path)]
+
+        return self._send_lines(connection, lines, done)
+
+    @ConnectionConditions(ConnectionConditions.login_required)
+    @PathPermissions(PathPermissions.readable)
+    async def nlst(self, connection: aioftp.Connection, rest: str) -> bool:
+        directory = self._resolve(connection, rest or ".")
+        entries = visible(await self.gateway.listdir(directory, who(connection)), directory)
+
+        async def names() -> list[str]:
+            return [e.name for e in entries]
+
+        return self._send_lines(connection, names, "name list done")
 
     # --- namespace commands: straight to the gateway, so every outcome has its precise reply and audit ---
 
@@ -470,8 +879,14 @@ class FtpServer(aioftp.Server):
     @ConnectionConditions(ConnectionConditions.login_required)
     async def mkd(self, connection: aioftp.Connection, rest: str) -> bool:
         path = self._resolve(connection, rest)
+        check_creatable(path, rest)
         await self.gateway.mkdir(path, who(connection))
-        connection.response("257", f'"{rest}" created')
+        connection.response("257", f"{quoted(str(self.get_paths(connection, rest)[1]))} created")
+        return True
+
+    @ConnectionConditions(ConnectionConditions.login_required)
+    async def pwd(self, connection: aioftp.Connection, rest: str) -> bool:
+        connection.response("257", f"{quoted(str(connection.current_directory))} is the current directory")
         return True
 
     @ConnectionConditions(ConnectionConditions.login_required)
@@ -493,53 +908,13 @@ class FtpServer(aioftp.Server):
         """Like rename(2), an existing target file is replaced (PACS clients re-send x.part → x)."""
         source = connection.rename_from
         del connection.rename_from
-        await self.gateway.rename(source, self._resolve(connection, rest), who(connection))
+        target = self._resolve(connection, rest)
+        check_creatable(target, rest)
+        await self.gateway.rename(source, target, who(connection))
         connection.response("250", "renamed")
         return True
 
-    @ConnectionConditions(ConnectionConditions.login_required, ConnectionConditions.passive_server_started)
-    @PathConditions(PathConditions.path_must_exists)
-    @PathPermissions(PathPermissions.readable)
-    async def list(self, connection: aioftp.Connection, rest: str) -> bool:
-        """aioftp's LIST with the same lines, sent in blocks: aioftp wrote (and drained, under a timer) each
-        ~60-byte line on its own, which was most of the cost of listing a directory."""
-        real_path, _ = self.get_paths(connection, rest)
-
-        async def lines() -> list[str]:
-            return [await self.build_list_string(connection, p) async for p in connection.path_io.list(real_path)]
-
-        return self._send_lines(connection, rest, lines, "list transfer done")
-
-    def _send_lines(self, connection: aioftp.Connection, rest: str,
-                    lines: Callable[[], Awaitable[list[str]]], done: str) -> bool:
-        """Send lines() over the data connection in BLOCK-sized writes (LIST, NLST), then 226 done."""
-
-        @ConnectionConditions(ConnectionConditions.data_connection_made, wait=True, fail_code="425",
-                              fail_info="Can't open data connection")
-        @worker
-        async def send_worker(self: "FtpServer", connection: aioftp.Connection, rest: str) -> bool:
-            stream = connection.data_connection
-            del connection.data_connection
-            async with stream:
-                data = "".join(line + END_OF_LINE for line in await lines()).encode(self.encoding)
-                for start in range(0, len(data), BLOCK):
-                    await stream.write(data[start:start + BLOCK])
-            connection.response("226", done)
-            return True
-
-        return self._start_transfer(connection, send_worker(self, connection, rest))
-
     # --- commands aioftp lacks ---------------------------------------------------------------------
-
-    @ConnectionConditions(ConnectionConditions.login_required, ConnectionConditions.passive_server_started)
-    @PathPermissions(PathPermissions.readable)
-    async def nlst(self, connection: aioftp.Connection, rest: str) -> bool:
-        entries = await self.gateway.listdir(self._resolve(connection, rest or "."), who(connection))
-
-        async def names() -> list[str]:
-            return [e.name for e in entries]
-
-        return self._send_lines(connection, rest, names, "name list done")
 
     @ConnectionConditions(ConnectionConditions.login_required)
     async def size(self, connection: aioftp.Connection, rest: str) -> bool:
@@ -562,10 +937,21 @@ class FtpServer(aioftp.Server):
         return True
 
     async def opts(self, connection: aioftp.Connection, rest: str) -> bool:
-        if rest.strip().upper() == "UTF8 ON":
+        if rest.upper() == "UTF8 ON":
             connection.response("200", "UTF8 is always on")
         else:
             connection.response("501", f"option {rest!r} not supported")
+        return True
+
+    async def rest(self, connection: aioftp.Connection, rest: str) -> bool:
+        """REST n: the next STOR/RETR starts at byte n. The marker is kept until a transfer command takes it,
+        whatever comes in between (PASV, EPSV, TYPE): aioftp's was cleared by any other command, so REST, PASV,
+        STOR replaced the file with its tail."""
+        if not rest.isdigit():
+            connection.response("501", f"REST needs a byte offset, not {rest!r}")
+            return True
+        connection.session.rest = int(rest)
+        connection.response("350", f"restarting at {int(rest)}; send STOR or RETR")
         return True
 
     async def noop(self, connection: aioftp.Connection, rest: str) -> bool:

@@ -8,6 +8,7 @@ name a Windows or Linux client can also represent.
 from __future__ import annotations
 
 import posixpath
+import unicodedata
 
 from agent.store.errors import BadPath, PermissionDenied
 
@@ -15,11 +16,44 @@ MAX_NAME_BYTES = 255
 MAX_PATH_BYTES = 1000  # leaves room for the uplink prefix inside S3's 1024-byte key limit
 
 
+# Device names Windows reserves, with or without an extension ("CON", "aux.txt"): an SMB client cannot use them.
+WINDOWS_RESERVED = frozenset({"CON", "PRN", "AUX", "NUL", *(f"COM{i}" for i in range(1, 10)),
+                              *(f"LPT{i}" for i in range(1, 10))})
+
+
+def name_problem(name: str) -> str | None:
+    """Why `name` cannot be shown to or used by a client (None if it can): a control character (CR, LF, ESC, C1…)
+    would forge a reply or listing line. Names from the object store (written by other S3 clients) can hold them."""
+    if any(unicodedata.category(c) == "Cc" for c in name):
+        return "control characters (NUL, newline, escape…) are not allowed in names"
+    return None
+
+
+def creatable_problem(name: str) -> str | None:
+    """Why a new file or directory may not be called `name` though such a name may be looked up (None if it
+    may): Windows clients (SMB) cannot open names ending in a dot or a space, nor its reserved device names."""
+    if name.endswith((".", " ")):
+        return f"'{name}': a name ending in a dot or a space cannot be used by Windows clients"
+    if name.split(".")[0].rstrip(" ").upper() in WINDOWS_RESERVED:
+        return f"'{name}' is a device name Windows reserves"
+    return None
+
+
+def check_creatable(path: str, original: str) -> None:
+    """Refuse creating `path` (a namespace path; missing parents are created too) if any component is a name
+    Windows clients cannot use. For every front end: a file stored over FTP must be readable over SMB."""
+    for part in path.split("/"):
+        problem = creatable_problem(part) if part else None
+        if problem:
+            raise BadPath(original, problem)
+
+
 def check_name(name: str, original: str) -> None:
     if name in (".", ".."):
         raise BadPath(original, f"'{name}' is not a valid name")
-    if any(ord(c) < 32 or c == "\x7f" for c in name):
-        raise BadPath(original, "control characters (NUL, newline…) are not allowed in names")
+    problem = name_problem(name)
+    if problem:
+        raise BadPath(original, problem)
     if "\\" in name:
         raise BadPath(original, "backslash is not allowed in names")
     if len(name.encode("utf-8", "surrogatepass")) > MAX_NAME_BYTES:

@@ -1,0 +1,345 @@
+"""The FTP front end against hostile and careless clients (issue 19): each test reproduces one attack or
+mistake with a real client (ftplib or a raw socket) against a real agent and checks it is refused or handled."""
+
+from __future__ import annotations
+
+import contextlib
+import ftplib
+import io
+import os
+import random
+import socket
+import ssl
+import time
+
+import psutil
+import pytest
+from test_config import GOOD
+from test_ftp import ftp, get
+from test_transport_security import make_ca_and_cert
+
+from agent.config import ConfigError, load
+from agent.store.paths import creatable_problem, name_problem
+from harness import BUCKET, PASSWORD, s3_objects, sha256
+
+
+def test_rest_before_pasv_resumes_and_rest_past_end_is_refused(agent_factory):
+    """REST 600, PASV, STOR resumes at byte 600 (it used to replace the file with the tail); REST beyond the
+    end is refused with 554 for STOR and RETR and the file is left as it was."""
+    agent = agent_factory().start()
+    f = ftp(agent)
+    original = os.urandom(1000)
+    f.storbinary("STOR r.dcm", io.BytesIO(original))
+    f.voidcmd("TYPE I")
+    assert f.sendcmd("REST 600").startswith("350")
+    conn = f.transfercmd("STOR r.dcm")  # ftplib sends PASV here, after the REST
+    conn.sendall(b"T" * 500)
+    conn.close()
+    assert f.voidresp().startswith("226")
+    resumed = original[:600] + b"T" * 500
+    assert get(f, "r.dcm") == resumed
+
+    for cmd in ("STOR r.dcm", "RETR r.dcm", "APPE r.dcm"):
+        f.sendcmd("REST 5000")
+        if cmd.startswith("APPE"):  # APPE appends at the end whatever the marker said
+            conn = f.transfercmd(cmd)
+            conn.close()
+            assert f.voidresp().startswith("226")
+            continue
+        with pytest.raises(ftplib.error_perm, match="554"):
+            f.transfercmd(cmd)
+    assert get(f, "r.dcm") == resumed  # the refused resumes changed nothing, and the marker was consumed
+    with pytest.raises(ftplib.error_perm, match="501"):
+        f.sendcmd("REST -5")
+    f.quit()
+    agent.wait_drained()
+    assert s3_objects(agent.store, agent.prefix)["r.dcm"]["sha256"] == sha256(resumed)
+
+
+# --- passive data connections: theft (item 2), pool exhaustion (item 7), leaks on 425 (item 5) ---------------
+
+def port_range(n: int) -> tuple[int, int]:
+    """n consecutive loopback ports free right now, for a passive range this test alone uses."""
+    rng = random.Random()
+    for _ in range(200):
+        base, socks = rng.randint(40000, 60000 - n), []
+        try:
+            for port in range(base, base + n):
+                s = socket.socket()
+                socks.append(s)
+                s.bind(("127.0.0.1", port))
+            return base, base + n - 1
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise RuntimeError("no free port range")
+
+
+def stranger(port: int) -> socket.socket:
+    """A connection to the passive port from another loopback address than the session's (127.0.0.1)."""
+    s = socket.socket()
+    s.settimeout(30)
+    s.bind(("127.0.0.2", 0))
+    s.connect(("127.0.0.1", port))
+    return s
+
+
+def dropped(s: socket.socket) -> bool:
+    """The server closed the connection without a byte (a timeout here means it kept it: the old bug)."""
+    try:
+        return s.recv(1) == b""
+    except ConnectionResetError:
+        return True
+    finally:
+        s.close()
+
+
+def recv_all(s: socket.socket) -> bytes:
+    chunks = []
+    while chunk := s.recv(65536):
+        chunks.append(chunk)
+    s.close()
+    return b"".join(chunks)
+
+
+def wait_for(fn, timeout: float = 60.0):  # noqa: ANN001, ANN201 - retries fn until it stops raising
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return fn()
+        except (ftplib.Error, OSError):
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+
+
+def test_stranger_on_the_passive_port_never_gets_or_gives_data(agent_factory):
+    agent = agent_factory().start()
+    f = ftp(agent)
+    secret, genuine = os.urandom(300_000), os.urandom(200_000)
+    f.storbinary("STOR secret.dcm", io.BytesIO(secret))
+    f.voidcmd("TYPE I")
+
+    # RETR: the stranger connects first; it is dropped, the session's own connection gets the file
+    port = f.makepasv()[1]
+    assert dropped(stranger(port))
+    victim = socket.create_connection(("127.0.0.1", port), timeout=30)
+    assert f.sendcmd("RETR secret.dcm").startswith("150")
+    with pytest.raises(ConnectionRefusedError):  # one connection accepted, then the listener is gone
+        socket.create_connection(("127.0.0.1", port), timeout=30)
+    assert recv_all(victim) == secret
+    assert f.voidresp().startswith("226")
+
+    # STOR: the stranger's bytes never land; the session's do
+    port = f.makepasv()[1]
+    thief = stranger(port)
+    with contextlib.suppress(OSError):
+        thief.sendall(b"forged body")
+    assert dropped(thief)
+    victim = socket.create_connection(("127.0.0.1", port), timeout=30)
+    assert f.sendcmd("STOR upload.dcm").startswith("150")
+    victim.sendall(genuine)
+    victim.close()
+    assert f.voidresp().startswith("226")
+    assert get(f, "upload.dcm") == genuine
+
+    # ports are drawn at random from the range (they were handed out lowest first, and kept)
+    assert len({f.makepasv()[1] for _ in range(8)}) > 1
+    f.quit()
+    refused = agent.events("data_connection_refused")
+    assert len(refused) == 2 and all(e["peer"].startswith("127.0.0.2:") for e in refused)
+    assert s3_objects(agent.store, agent.prefix)["upload.dcm"]["sha256"] == sha256(genuine)
+
+
+def test_stranger_on_the_passive_port_with_tls_and_prot_p(agent_factory, tmp_path):
+    ca, cert, key = make_ca_and_cert(tmp_path)
+    agent = agent_factory(**{"ftp.tls_cert": str(cert), "ftp.tls_key": str(key), "ftp.require_tls": True}).start()
+    f = ftplib.FTP_TLS(context=ssl.create_default_context(cafile=str(ca)), timeout=30)
+    f.connect("127.0.0.1", agent.ftp_port)
+    f.login("pacs", PASSWORD)
+    f.prot_p()
+    secret = os.urandom(100_000)
+    f.storbinary("STOR secret.dcm", io.BytesIO(secret))
+    f.voidcmd("TYPE I")
+    port = f.makepasv()[1]
+    thief = ssl.create_default_context()
+    thief.check_hostname, thief.verify_mode = False, ssl.CERT_NONE
+    with pytest.raises(OSError):  # dropped before any TLS handshake: no session of its own
+        thief.wrap_socket(stranger(port)).recv(1)
+    victim = socket.create_connection(("127.0.0.1", port), timeout=30)
+    assert f.sendcmd("RETR secret.dcm").startswith("150")
+    assert recv_all(f.context.wrap_socket(victim, server_hostname="127.0.0.1")) == secret
+    assert f.voidresp().startswith("226")
+    f.quit()
+    assert agent.events("data_connection_refused")
+
+
+def test_passive_ports_live_for_one_transfer_only(agent_factory):
+    """Two idle sessions that have transferred once hold no port; an unused PASV holds one only for
+    passive_timeout; with every port busy PASV answers 425 and the session goes on (it got 421 and was
+    dropped)."""
+    lo, hi = port_range(2)
+    agent = agent_factory(**{"ftp.passive_ports": f"{lo}-{hi}", "ftp.passive_timeout": 2}).start()
+    idle = [ftp(agent) for _ in range(2)]
+    for f in idle:
+        assert f.nlst() == []
+    third = ftp(agent)
+    assert third.nlst() == []
+    for f in idle:
+        assert f.sendcmd("PASV").startswith("227")  # and never connect
+    with pytest.raises(ftplib.error_temp, match="425 no free passive port"):
+        third.sendcmd("PASV")
+    assert third.sendcmd("NOOP").startswith("200")
+    assert wait_for(third.nlst) == []  # the unused listeners closed after passive_timeout
+    for f in (*idle, third):
+        f.quit()
+    assert agent.events("passive_ports_exhausted")
+
+
+def test_a_transfer_without_data_connection_leaves_nothing_behind(agent_factory):
+    """425 frees everything (a descriptor, a staging file and a write count leaked); so does QUIT; and a
+    SIGTERM then drains at once (it waited the whole drain)."""
+    agent = agent_factory(**{"ftp.passive_timeout": 2}).start()
+    f = ftp(agent)
+    f.storbinary("STOR keep.dcm", io.BytesIO(b"kept"))
+    staging = agent.workdir / "cache" / "staging"
+
+    def held() -> list[str]:
+        return [p.path for p in psutil.Process(agent.proc.pid).open_files() if "staging" in p.path]
+
+    for cmd in ("STOR a.dcm", "APPE keep.dcm", "RETR keep.dcm", "LIST"):
+        f.sendcmd("PASV")  # and never connect
+        f.putcmd(cmd)
+        with pytest.raises(ftplib.error_temp, match="425"):
+            f.getresp()
+        assert list(staging.iterdir()) == [] and held() == []
+    with pytest.raises(ftplib.error_temp, match="425"):
+        f.sendcmd("STOR b.dcm")  # no PASV at all
+    f.sendcmd("PASV")
+    f.putcmd("STOR c.dcm")
+    assert f.sendcmd("QUIT").startswith("221")
+    g = ftp(agent)
+    g.sendcmd("PASV")
+    g.putcmd("STOR d.dcm")  # still waiting for its data connection when the agent is stopped
+    assert g.sendcmd("NOOP").startswith("200")
+    agent.stop()
+    assert agent.events("stopped")[0]["drained"] is True
+    assert list(staging.iterdir()) == []
+
+
+def test_session_caps_per_address_and_per_user(agent_factory):
+    agent = agent_factory(**{"ftp.max_sessions_per_address": 3, "ftp.max_sessions_per_user": 2},
+                          users=[{"name": "pacs", "password": PASSWORD, "root": "/"},
+                                 {"name": "viewer", "password": PASSWORD, "root": "/"}]).start()
+    a, b, v = ftp(agent), ftp(agent), ftp(agent, "viewer")
+    with pytest.raises(ftplib.error_temp, match="421 too many sessions from your address"):
+        ftplib.FTP(timeout=30).connect("127.0.0.1", agent.ftp_port)
+    v.quit()
+
+    def third_pacs() -> ftplib.FTP:
+        c = ftplib.FTP(timeout=30)
+        c.connect("127.0.0.1", agent.ftp_port)
+        return c
+
+    c = wait_for(third_pacs)  # once the server has counted v out
+    with pytest.raises(ftplib.error_temp, match="421 too many sessions for this user"):
+        c.login("pacs", PASSWORD)
+    other = ftplib.FTP(timeout=30, source_address=("127.0.0.2", 0))  # the address cap is per address
+    other.connect("127.0.0.1", agent.ftp_port)
+    other.login("viewer", PASSWORD)
+    other.quit()
+    a.quit()
+    wait_for(lambda: ftp(agent).quit())  # a slot of pacs is free again
+    b.quit()
+    assert len(agent.events("session_refused")) >= 2
+
+
+# --- names: S3 keys with control characters (item 10), RFC 2428 / 959 details and Windows names (item 13) ------
+
+def test_s3_keys_with_control_characters_never_forge_listing_lines(agent_factory):
+    agent = agent_factory()
+    s3 = agent.store.client()
+    evil = ["evil\r\n226 forged reply.dcm", "esc\x1b[2Jcleared.dcm", "nl\nname.dcm"]
+    for name in ["fine.dcm", *evil]:  # written by another S3 client, before the agent first lists ext/
+        s3.put_object(Bucket=BUCKET, Key=f"{agent.prefix}ext/{name}", Body=b"x")
+    agent.start()
+    f = ftp(agent)
+    assert f.nlst("ext") == ["fine.dcm"]
+    lines: list[str] = []
+    f.retrlines("LIST ext", lines.append)
+    assert len(lines) == 1 and lines[0].endswith(" fine.dcm")
+    assert [name for name, _ in f.mlsd("ext")] == ["fine.dcm"]
+    assert f.sendcmd("NOOP").startswith("200")  # no forged reply is waiting on the control connection
+    f.quit()
+    hidden = agent.events("listing_name_hidden")
+    assert {e["name"] for e in hidden if e["directory"].endswith("ext")} == {repr(n) for n in evil}
+
+
+def test_epsv_all_and_epsv_with_a_protocol_keep_the_session(agent_factory):
+    agent = agent_factory().start()
+    f = ftp(agent)
+    with pytest.raises(ftplib.error_perm, match=r"522 .*\(1\)"):
+        f.sendcmd("EPSV 2")  # IPv6 asked on an IPv4 connection: RFC 2428 names the usable one
+    with pytest.raises(ftplib.error_perm, match="501"):
+        f.sendcmd("EPSV x")
+    assert f.sendcmd("EPSV 1").startswith("229")
+    assert f.sendcmd("EPSV ALL").startswith("200")
+    with pytest.raises(ftplib.error_perm, match="503"):
+        f.sendcmd("PASV")  # refused after EPSV ALL
+    port = ftplib.parse229(f.sendcmd("EPSV"), ("127.0.0.1", agent.ftp_port))[1]
+    data = socket.create_connection(("127.0.0.1", port), timeout=30)
+    assert f.sendcmd("NLST").startswith("150")
+    assert recv_all(data) == b""
+    assert f.voidresp().startswith("226")
+    assert f.sendcmd("NOOP").startswith("200")
+    f.quit()
+
+
+def test_quotes_trailing_spaces_and_windows_names(agent_factory):
+    agent = agent_factory().start()
+    f = ftp(agent)
+    assert f.sendcmd('MKD a"b') == '257 "/a""b" created'  # RFC 959: a quote inside the name is doubled
+    f.cwd('a"b')
+    assert f.sendcmd("PWD").startswith('257 "/a""b"') and f.pwd() == '/a"b'
+    f.cwd("/")
+    f.storbinary("STOR ok.dcm", io.BytesIO(b"ok"))
+    for bad in ("CON", "aux", "con.txt", "LPT1.dcm", "x.", "x ", "dir./y.dcm"):
+        with pytest.raises(ftplib.error_perm, match="553"):
+            f.storbinary(f"STOR {bad}", io.BytesIO(b"x"))
+        with pytest.raises(ftplib.error_perm, match="553"):
+            f.mkd(bad)
+        with pytest.raises(ftplib.error_perm, match="553"):
+            f.rename("ok.dcm", bad)
+    with pytest.raises(ftplib.error_perm, match="550"):
+        get(f, "ok.dcm ")  # the trailing space is part of the name, not stripped into "ok.dcm"
+    assert sorted(f.nlst()) == ['a"b', "ok.dcm"]
+    f.quit()
+    agent.wait_drained()
+    assert set(s3_objects(agent.store, agent.prefix)) == {"ok.dcm"}
+
+
+@pytest.mark.parametrize("key,value", [("max_sessions_per_user", "0"), ("max_sessions_per_address", "-1"),
+                                       ("max_sessions_per_address", '"many"'), ("passive_timeout", "0")])
+def test_session_limit_keys_are_checked(tmp_path, key, value):
+    path = tmp_path / "agent.toml"
+    path.write_text(GOOD.replace("[[users]]", f"[ftp]\n{key} = {value}\n[[users]]", 1))
+    path.chmod(0o600)
+    with pytest.raises(ConfigError) as err:
+        load(path)
+    assert err.value.key == f"ftp.{key}" and str(path) in str(err.value)
+    path.write_text(GOOD)
+    ftp_cfg = load(path).ftp  # the documented defaults
+    assert (ftp_cfg.max_sessions_per_user, ftp_cfg.max_sessions_per_address, ftp_cfg.passive_timeout) == (32, 64, 30)
+
+
+def test_creatable_and_listable_names():
+    """The pure name rules in agent.store.paths that every front end can use."""
+    for name in ("CON", "aux", "Nul.txt", "com1", "LPT9.tar.gz", "a.", "a ", "..."):
+        assert creatable_problem(name), name
+    for name in ("COM10", "console", "a.dcm", "CON_x", ".hidden", "a b"):
+        assert creatable_problem(name) is None, name
+    for name in ("a\rb", "a\nb", "\x1b[2J", "a\x7fb", "a\x85b"):
+        assert name_problem(name), repr(name)
+    assert name_problem("études ünd 医学.dcm") is None
