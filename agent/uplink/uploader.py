@@ -16,9 +16,11 @@ import random
 import time
 import weakref
 from dataclasses import dataclass
+from typing import Callable
 
 import structlog
 
+from agent.dicom.objectmeta import ObjectMeta
 from agent.metrics import Metrics
 from agent.store.cache import Cache
 from agent.store.catalog import Entry
@@ -68,8 +70,9 @@ class UplinkHealth:
 
 class Uploader:
     def __init__(self, db, cache: Cache, s3: S3Uplink, metrics: Metrics, max_concurrency: int,
-                 worm: WormPolicy) -> None:
+                 worm: WormPolicy, describe: Callable[[str, int, int], ObjectMeta] | None = None) -> None:
         self.db, self.cache, self.s3, self.metrics, self.worm = db, cache, s3, metrics, worm
+        self.describe = describe  # (path, fd, size) → the object's metadata and tags (DICOM header)
         self.slots = Limiter(max_concurrency)
         self.max_concurrency = max_concurrency
         self.health = UplinkHealth(since=time.time())
@@ -189,7 +192,8 @@ class Uploader:
             raise FileNotFoundError(f"{e.path}: no cached content to upload")
         fd = await asyncio.to_thread(self.cache.open_blob, e.blob)
         try:
-            result = await self.s3.put_file(e.path, fd, e.size, e.sha256, self.worm.lock_for(e.path, e.mtime))
+            meta = await asyncio.to_thread(self.describe, e.path, fd, e.size) if self.describe else None
+            result = await self.s3.put_file(e.path, fd, e.size, e.sha256, self.worm.lock_for(e.path, e.mtime), meta)
         finally:
             os.close(fd)
         self.metrics.uploaded_bytes.inc(e.size)
