@@ -18,7 +18,7 @@ HEADER_MAX = 256 * 1024        # real headers are a few KiB; private tags can ma
 PREAMBLE = 128                 # then b"DICM"
 MAGIC = b"DICM"
 
-# Tags read: (group, element). Sorted, so pydicom can stop once it is past the last one it needs.
+# The tags used: (group, element).
 _TAGS = {
     "SOPClassUID": 0x00080016, "SOPInstanceUID": 0x00080018, "StudyDate": 0x00080020, "Modality": 0x00080060,
     "PatientID": 0x00100020, "PatientBirthDate": 0x00100030, "StudyInstanceUID": 0x0020000D,
@@ -48,6 +48,16 @@ def _text(value: object) -> str | None:
     return s or None
 
 
+def _cut_element(ds: object) -> int | None:
+    """The tag of an element whose value ends early (pydicom keeps what it could read, silently), else None."""
+    from pydicom.dataelem import RawDataElement
+
+    for e in ds.elements():  # raw: not converted, cheap
+        if isinstance(e, RawDataElement) and e.length != 0xFFFFFFFF and len(e.value or b"") < e.length:
+            return int(e.tag)
+    return None
+
+
 def parse(head: bytes, whole: bool) -> Header:
     """Parse a file's first bytes (`whole`: they are the entire file). Never raises."""
     import pydicom
@@ -58,16 +68,19 @@ def parse(head: bytes, whole: bool) -> Header:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # pydicom warns on odd-but-readable values; we report what matters
-            ds = pydicom.dcmread(io.BytesIO(head), stop_before_pixels=True, specific_tags=list(_TAGS.values()))
-            values = {k: _text(ds.get(tag).value) if tag in ds else None for k, tag in _TAGS.items()}
+            ds = pydicom.dcmread(io.BytesIO(head), stop_before_pixels=True)
+            cut = _cut_element(ds)
+            values = {k: _text(ds.get(tag).value) if tag in ds and tag != cut else None for k, tag in _TAGS.items()}
             ts = _text(getattr(ds.file_meta, "TransferSyntaxUID", None))
     except (InvalidDicomError, ValueError, EOFError, KeyError, TypeError, AttributeError, OverflowError,
             NotImplementedError, UnicodeError, IndexError) as e:
-        cut = "" if whole else f" (only the first {len(head)} bytes read)"
-        return Header(dicom=True, problem=f"unreadable header{cut}: {type(e).__name__}: {str(e)[:120]}")
-    problem = ""
-    if values["StudyInstanceUID"] is None or values["SOPInstanceUID"] is None:
-        problem = "header incomplete" + ("" if whole else f" within the first {len(head)} bytes")
+        bound = "" if whole else f" (only the first {len(head)} bytes read)"
+        return Header(dicom=True, problem=f"unreadable header{bound}: {type(e).__name__}: {str(e)[:120]}")
+    problem, bound = "", "" if whole else f" (only the first {len(head)} bytes read)"
+    if cut is not None:
+        problem = f"header truncated in element {cut:08X}{bound}"
+    elif None in (values["StudyInstanceUID"], values["SeriesInstanceUID"], values["SOPInstanceUID"]):
+        problem = f"header incomplete{bound}"
     return Header(dicom=True, problem=problem, transfer_syntax=ts, sop_class=values["SOPClassUID"],
                   sop_uid=values["SOPInstanceUID"], study_uid=values["StudyInstanceUID"],
                   series_uid=values["SeriesInstanceUID"], study_date=values["StudyDate"],
