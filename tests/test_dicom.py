@@ -171,3 +171,26 @@ def test_metadata_and_tags_over_every_protocol_and_no_patient_in_clear(dicom_age
     for path, (meta, tags, _) in objects.items():
         flat = repr(sorted(meta.items())) + repr(sorted(tags.items()))
         assert PATIENT not in flat and NAME.decode() not in flat, path
+
+
+def test_pseudonym_key_file_is_checked(tmp_path):
+    from test_config import GOOD, write
+
+    from agent.config import ConfigError, load
+    key = tmp_path / "pseudo.key"
+    cfg = write(tmp_path, GOOD + '\n[dicom]\npseudonym_key_file = "pseudo.key"\n')
+    with pytest.raises(ConfigError, match="dicom.pseudonym_key_file.*a readable file"):
+        load(cfg)
+    key.write_bytes(b"short")
+    key.chmod(0o600)
+    with pytest.raises(ConfigError, match="at least 32 characters") as err:
+        load(cfg)
+    assert "short" not in str(err.value)  # the secret is never echoed
+    key.write_bytes(KEY + b"\n")
+    key.chmod(0o644)
+    with pytest.raises(ConfigError, match="chmod 600"):
+        load(cfg)
+    key.chmod(0o600)
+    assert load(cfg).dicom.pseudonym_key == KEY and "pseudonym_key=" not in repr(load(cfg).dicom)
+    with pytest.raises(ConfigError, match="dicom.pseudonym_key"):  # only the file is configurable
+        load(write(tmp_path, GOOD + '\n[dicom]\npseudonym_key = "inline"\n'))
