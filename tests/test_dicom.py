@@ -194,3 +194,69 @@ def test_pseudonym_key_file_is_checked(tmp_path):
     assert load(cfg).dicom.pseudonym_key == KEY and "pseudonym_key=" not in repr(load(cfg).dicom)
     with pytest.raises(ConfigError, match="dicom.pseudonym_key"):  # only the file is configurable
         load(write(tmp_path, GOOD + '\n[dicom]\npseudonym_key = "inline"\n'))
+
+
+def pacsgw(agent, *args: str) -> dict:
+    import json
+    import subprocess
+    import sys
+    out = subprocess.run([sys.executable, "-m", "agent.cli", *args, "--config", str(agent.config_path), "--json"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    return json.loads(out.stdout)
+
+
+def test_find_and_rebuild_from_the_bucket(agent_factory, tmp_path):
+    keyfile = tmp_path / "pseudonym.key"
+    keyfile.write_bytes(KEY)
+    keyfile.chmod(0o600)
+    agent = agent_factory(**{"dicom.pseudonym_key_file": str(keyfile)}).start()
+    rng = np.random.default_rng(3)
+    study_a, study_b, study_c = generate_uid(), generate_uid(), generate_uid()
+    files = {}
+    for i in range(3):
+        files[f"CT/2019/a/{i}.dcm"] = ct_slice(rng, patient="P-A", study_uid=study_a, series_uid=study_a + ".1",
+                                               rows=32, cols=32, study_date="20190610")
+        files[f"MR/2020/b/{i}.dcm"] = ct_slice(rng, patient="P-A", study_uid=study_b, series_uid=study_b + ".1",
+                                               rows=32, cols=32, modality="MR", study_date="20200102")
+        files[f"CT/2020/c/{i}.dcm"] = ct_slice(rng, patient="P-B", study_uid=study_c, series_uid=study_c + ".1",
+                                               rows=32, cols=32, study_date="20200103")
+    files["CT/2019/readme.txt"] = b"not dicom"
+    ftp = ftplib.FTP(timeout=60)
+    ftp.connect("127.0.0.1", agent.ftp_port)
+    ftp.login("pacs", PASSWORD)
+    for d in ("CT", "CT/2019", "CT/2019/a", "MR", "MR/2020", "MR/2020/b", "CT/2020", "CT/2020/c", "CT/2019/gone"):
+        ftp.mkd(d)
+    for path, data in files.items():
+        ftp.storbinary(f"STOR {path}", io.BytesIO(data))
+    ftp.storbinary("STOR CT/2019/gone/x.dcm", io.BytesIO(ct_slice(rng, patient="P-A", study_uid=study_a,
+                                                                   series_uid=study_a + ".9", rows=32, cols=32)))
+    agent.wait_drained()
+    assert pacsgw(agent, "find", "--study", study_a)["objects"] == 4
+    ftp.delete("CT/2019/gone/x.dcm")  # a deleted object leaves the index once it is gone from S3
+    ftp.quit()
+    agent.wait_drained()
+
+    queries = [("--study", study_a), ("--patient", "P-A"), ("--patient", "P-B"), ("--modality", "CT"),
+               ("--modality", "CT", "--from", "2019-01-01", "--to", "2019-12-31"), ("--from", "2020-01-01"),
+               ("--patient", "nobody")]
+    before = [pacsgw(agent, "find", *q) for q in queries]
+    by_path = {i["path"]: i for i in before[1]["items"]}
+    assert sorted(by_path) == sorted(p for p in files if "/a/" in p or "/b/" in p)
+    assert before[0]["objects"] == 3 and before[0]["bytes"] == sum(len(files[p]) for p in files if "/a/" in p)
+    assert [r["objects"] for r in before] == [3, 6, 3, 6, 3, 6, 0]
+    assert all(i["where"] == "cached" for i in before[3]["items"])
+    assert by_path["MR/2020/b/0.dcm"]["modality"] == "MR" and by_path["MR/2020/b/0.dcm"]["study_date"] == "20200102"
+
+    # the box is replaced: its catalog is lost; the index comes back from the bucket's metadata alone
+    agent.stop()
+    agent.workdir.joinpath("cache", "catalog.sqlite").unlink()
+    for suffix in ("-wal", "-shm"):
+        agent.workdir.joinpath("cache", "catalog.sqlite" + suffix).unlink(missing_ok=True)
+    report = pacsgw(agent, "index-rebuild")
+    assert report["objects"] == len(files) and report["indexed"] == len(files) - 1 and report["failed"] == 0
+    after = [pacsgw(agent, "find", *q) for q in queries]
+    for b, a in zip(before, after, strict=True):
+        assert a["s3_only"] == a["objects"]  # nothing is cached on the new box yet
+        assert [{**i, "where": "s3"} for i in b["items"]] == a["items"]
+        assert (a["objects"], a["bytes"]) == (b["objects"], b["bytes"])

@@ -91,3 +91,13 @@ class Describer:
         if h.problem and (h.dicom or path.lower().endswith(DICOM_SUFFIXES)):
             log.warning("dicom_header_problem", path=path, problem=h.problem, stored="as given")
         return object_meta(h, self.cfg.pseudonym_key or None, self.retention(path))
+
+
+def index_row(path: str, size: int, metadata: dict[str, str]) -> tuple | None:
+    """The study-index row (catalog dicom_objects) of an object with this user metadata; None if not DICOM.
+    The same for a fresh upload and for a rebuild from the bucket (keys compared in lower case)."""
+    m = {k.lower(): v for k, v in metadata.items()}
+    if PREFIX + "study" not in m:
+        return None
+    return (path, size, *(m.get(PREFIX + k) for k in ("study", "series", "sop", "modality", "study-date",
+                                                       "patient")))

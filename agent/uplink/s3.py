@@ -257,6 +257,12 @@ class S3Uplink:
                 return None
             raise
 
+    async def list_all(self) -> AsyncIterator[list[tuple[str, int]]]:
+        """Every object under the namespace prefix, a page (path, size) at a time (no delimiter: recursive)."""
+        paginator = self._client.get_paginator("list_objects_v2")
+        async for page in paginator.paginate(Bucket=self.cfg.bucket, Prefix=self.cfg.prefix):
+            yield [(o["Key"][len(self.cfg.prefix):], o["Size"]) for o in page.get("Contents", [])]
+
     async def list_dir(self, path: str) -> RemoteListing:
         prefix = self.key(path + "/" if path else "")
         objects: list[RemoteObject] = []

@@ -20,7 +20,7 @@ from typing import Callable
 
 import structlog
 
-from agent.dicom.objectmeta import ObjectMeta
+from agent.dicom.objectmeta import ObjectMeta, index_row
 from agent.metrics import Metrics
 from agent.store.cache import Cache
 from agent.store.catalog import Entry
@@ -196,6 +196,8 @@ class Uploader:
             result = await self.s3.put_file(e.path, fd, e.size, e.sha256, self.worm.lock_for(e.path, e.mtime), meta)
         finally:
             os.close(fd)
+        if meta and (row := index_row(e.path, e.size, meta.metadata)):
+            await self.db.index_dicom([row])
         self.metrics.uploaded_bytes.inc(e.size)
         return result
 
