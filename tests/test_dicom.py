@@ -231,6 +231,12 @@ def test_find_and_rebuild_from_the_bucket(agent_factory, tmp_path):
         ftp.storbinary(f"STOR {path}", io.BytesIO(data))
     ftp.storbinary("STOR CT/2019/gone/x.dcm", io.BytesIO(ct_slice(rng, patient="P-A", study_uid=study_a,
                                                                    series_uid=study_a + ".9", rows=32, cols=32)))
+    # the usual upload-then-rename: the renamed object (a server-side copy in S3) is indexed under its name
+    files["CT/2020/c/3.dcm"] = ct_slice(rng, patient="P-B", study_uid=study_c, series_uid=study_c + ".1",
+                                        rows=32, cols=32, study_date="20200103")
+    ftp.storbinary("STOR CT/2020/c/3.dcm.part", io.BytesIO(files["CT/2020/c/3.dcm"]))
+    agent.wait_drained()
+    ftp.rename("CT/2020/c/3.dcm.part", "CT/2020/c/3.dcm")
     agent.wait_drained()
     assert pacsgw(agent, "find", "--study", study_a)["objects"] == 4
     ftp.delete("CT/2019/gone/x.dcm")  # a deleted object leaves the index once it is gone from S3
@@ -244,7 +250,8 @@ def test_find_and_rebuild_from_the_bucket(agent_factory, tmp_path):
     by_path = {i["path"]: i for i in before[1]["items"]}
     assert sorted(by_path) == sorted(p for p in files if "/a/" in p or "/b/" in p)
     assert before[0]["objects"] == 3 and before[0]["bytes"] == sum(len(files[p]) for p in files if "/a/" in p)
-    assert [r["objects"] for r in before] == [3, 6, 3, 6, 3, 6, 0]
+    assert [r["objects"] for r in before] == [3, 6, 4, 7, 3, 7, 0]
+    assert "CT/2020/c/3.dcm" in {i["path"] for i in before[2]["items"]}
     assert all(i["where"] == "cached" for i in before[3]["items"])
     assert by_path["MR/2020/b/0.dcm"]["modality"] == "MR" and by_path["MR/2020/b/0.dcm"]["study_date"] == "20200102"
 

@@ -662,6 +662,13 @@ class Catalog:
         with self._tx(durable=False):
             self.db.executemany("INSERT OR REPLACE INTO dicom_objects VALUES (?, ?, ?, ?, ?, ?, ?, ?)", rows)
 
+    def copy_dicom_row(self, src: str, dst: str) -> None:
+        """A server-side copy (rename) of an indexed object: index the copy too (the source leaves with its
+        tombstone)."""
+        with self._tx(durable=False):
+            self.db.execute("INSERT OR REPLACE INTO dicom_objects SELECT ?, size, study_uid, series_uid, sop_uid, "
+                            "modality, study_date, patient FROM dicom_objects WHERE path = ?", (dst, src))
+
     def dicom_index_size(self) -> int:
         return self.db.execute("SELECT count(*) FROM dicom_objects").fetchone()[0]
 

@@ -206,7 +206,9 @@ class Uploader:
             # The source went away (deleted behind our back): upload from the cache if we still can.
             await self.db.drop_copy_source(e.path, e.gen)
             return await self._upload(e)
-        return await self.s3.copy(e.copy_from, e.path, e.sha256, self.worm.lock_for(e.path, e.mtime))
+        result = await self.s3.copy(e.copy_from, e.path, e.sha256, self.worm.lock_for(e.path, e.mtime))
+        await self.db.copy_dicom_row(e.copy_from, e.path)  # the copy carries the source's metadata
+        return result
 
     # --- background loops ------------------------------------------------------------------------
 
