@@ -212,7 +212,7 @@ def test_find_and_rebuild_from_the_bucket(agent_factory, tmp_path):
     keyfile.chmod(0o600)
     agent = agent_factory(**{"dicom.pseudonym_key_file": str(keyfile)}).start()
     rng = np.random.default_rng(3)
-    study_a, study_b, study_c = generate_uid(), generate_uid(), generate_uid()
+    study_a, study_b, study_c = (generate_uid()[:60] for _ in range(3))  # room for a ".1" series
     files = {}
     for i in range(3):
         files[f"CT/2019/a/{i}.dcm"] = ct_slice(rng, patient="P-A", study_uid=study_a, series_uid=study_a + ".1",

@@ -1,8 +1,8 @@
 """Rebuild the study index (catalog dicom_objects) from the bucket alone: a replaced box, its SSD lost.
 
 ListObjectsV2 does not return user metadata, so every object costs one HEAD; they run `concurrency` at a
-time over one connection pool, and rows reach the catalog in batches. Objects without DICOM metadata are
-counted, not indexed.
+time over one connection pool (the listing has a client of its own), and rows reach the catalog in
+batches. Objects without DICOM metadata are counted, not indexed.
 """
 
 from __future__ import annotations
@@ -35,8 +35,10 @@ class RebuildReport:
 
 
 async def rebuild(cfg: Config, catalog: Catalog, concurrency: int = 64, progress: bool = True) -> RebuildReport:
-    s3 = S3Uplink(dataclasses.replace(cfg.uplink, max_concurrency=concurrency))
+    s3 = S3Uplink(dataclasses.replace(cfg.uplink, max_concurrency=concurrency))  # a pool with room for every HEAD
+    lister = S3Uplink(cfg.uplink)  # its own pool: the listing never queues behind HEADs for a connection
     await s3.start()
+    await lister.start()
     report, rows = RebuildReport(), []
     queue: asyncio.Queue[tuple[str, int] | None] = asyncio.Queue(maxsize=concurrency * 4)
     bar = tqdm(unit="obj", desc="index rebuild", disable=not progress)
@@ -61,7 +63,7 @@ async def rebuild(cfg: Config, catalog: Catalog, concurrency: int = 64, progress
     try:
         catalog.clear_dicom_index()
         workers = [asyncio.create_task(worker()) for _ in range(concurrency)]
-        async for page in s3.list_all():
+        async for page in lister.list_all():
             for item in page:
                 await queue.put(item)
         for _ in workers:
@@ -71,6 +73,7 @@ async def rebuild(cfg: Config, catalog: Catalog, concurrency: int = 64, progress
     finally:
         bar.close()
         await s3.close()
+        await lister.close()
     report.seconds = time.monotonic() - t0
     report.indexed = catalog.dicom_index_size()
     return report
