@@ -13,6 +13,7 @@ import urllib.request
 
 from agent import __version__
 from agent.config import ConfigError, load
+from agent.dicom import commands as dicom_commands
 from agent.sim import commands as sim_commands
 
 DEFAULT_CONFIG = "/etc/pacsgw/agent.toml"
@@ -295,6 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_hash_password)
 
     sim_commands.register(sub)  # gen-trace, simulate, train
+    dicom_commands.register(sub)  # find, index-rebuild
     return ap
 
 

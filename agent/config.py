@@ -332,6 +332,15 @@ class ComplianceConfig:
 
 
 @dataclass(frozen=True)
+class DicomConfig:
+    metadata: bool = _f(_bool, "true or false (true: each DICOM object carries its header as S3 metadata and tags)",
+                        default=True)
+    pseudonym_key_file: str = _f(_str, "a path to a file (mode 0600) holding this hospital's secret pseudonym key "
+                                 "(at least 32 characters), or '' (no patient pseudonym is stored)", default="")
+    pseudonym_key: bytes = field(default=b"", repr=False)  # read from pseudonym_key_file by load()
+
+
+@dataclass(frozen=True)
 class AuditConfig:
     enabled: bool = _f(_bool, "true or false", default=True)
     path: str = _f(_str, "a path for the audit log file (default <cache.dir>/audit/audit.jsonl)", default="")
@@ -434,6 +443,7 @@ class Config:
     scrub: ScrubConfig
     model: ModelConfig
     users: tuple[UserConfig, ...]
+    dicom: DicomConfig = DicomConfig()
 
     @property
     def catalog_path(self) -> Path:
@@ -445,14 +455,14 @@ _SECTIONS: dict[str, type] = {
     "smb": SmbConfig, "http": HttpConfig, "log": LogConfig, "audit": AuditConfig,
     "compliance": ComplianceConfig, "pressure": PressureConfig,
     "prefetch": PrefetchConfig, "scrub": ScrubConfig,
-    "model": ModelConfig,
+    "model": ModelConfig, "dicom": DicomConfig,
 }
 
 
 def _build(cls: type, table: Any, file: Path, where: str) -> Any:
     if not isinstance(table, dict):
         raise ConfigError(file, where, table, "a table")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
+    fields = {f.name: f for f in dataclasses.fields(cls) if "parse" in f.metadata}  # not derived ones
     for key, value in table.items():
         if key not in fields:
             raise ConfigError(file, f"{where}.{key}", value,
@@ -590,6 +600,22 @@ def _credentials(cfg: Config) -> Config:
     return dataclasses.replace(cfg, uplink=up)
 
 
+def _pseudonym_key(cfg: Config) -> Config:
+    """Read dicom.pseudonym_key_file (a secret: mode 0600, never logged)."""
+    name = cfg.dicom.pseudonym_key_file
+    if not name:
+        return cfg
+    path = Path(name) if os.path.isabs(name) else cfg.path.parent / name
+    try:
+        key = path.read_bytes().strip()
+        _check_private(path, True)
+    except OSError as e:
+        raise ConfigError(cfg.path, "dicom.pseudonym_key_file", name, f"a readable file ({e.strerror})") from None
+    if len(key) < 32:
+        raise ConfigError(path, "(key)", "***", "at least 32 characters of secret (e.g. openssl rand -hex 32)")
+    return dataclasses.replace(cfg, dicom=dataclasses.replace(cfg.dicom, pseudonym_key=key))
+
+
 def _abs(file: Path, path: str) -> str:
     return path if os.path.isabs(path) else str((file.parent / path).resolve())
 
@@ -654,4 +680,4 @@ def load(path: str | Path) -> Config:
     cfg = Config(path=file, users=users, **sections)
     _check_cross(cfg)
     _check_private(file, bool(cfg.uplink.secret_access_key or any(u.password for u in cfg.users)))
-    return _credentials(cfg)
+    return _pseudonym_key(_credentials(cfg))

@@ -14,6 +14,7 @@ import structlog
 from agent import __version__
 from agent.audit import AuditLog, AuditShipper
 from agent.config import Config
+from agent.dicom.objectmeta import Describer
 from agent.metrics import Metrics
 from agent.monitor import PressureMonitor
 from agent.policy.pressure import Level
@@ -54,8 +55,9 @@ class Agent:
         await self.s3.start()
         if cfg.compliance.worm:
             await self._check_object_lock()
+        worm = WormPolicy(cfg.compliance)
         self.uploader = Uploader(self.db, self.cache, self.s3, self.metrics, cfg.uplink.max_concurrency,
-                                 WormPolicy(cfg.compliance))
+                                 worm, Describer(cfg.dicom, worm.retention_class))
         await self.uploader.start()
         self.audit = AuditLog(Path(cfg.audit.path), cfg.audit.max_bytes, cfg.audit.keep, cfg.audit.enabled)
         self._ship = (asyncio.create_task(AuditShipper(self.audit, self.s3, cfg.audit.ship_prefix).run(),

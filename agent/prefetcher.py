@@ -18,6 +18,7 @@ from typing import Callable
 import structlog
 
 from agent.config import Config
+from agent.dicom import header as dicom_header
 from agent.policy.dirheat import History, RankedDir, history, rank_by_model, rank_cold_start, window_bounds
 from agent.policy.features import WINDOW
 from agent.policy.prefetch import Budget, Candidate, plan
@@ -318,16 +319,6 @@ class StudyHeader:
 
 
 def read_header(path: Path) -> StudyHeader:
-    """The header of a DICOM file (pixel data not read)."""
-    import pydicom
-    from pydicom.errors import InvalidDicomError
-    try:
-        ds = pydicom.dcmread(path, stop_before_pixels=True,
-                             specific_tags=["PatientID", "StudyInstanceUID", "StudyDate", "Modality"])
-    except (InvalidDicomError, ValueError, EOFError):  # OSError (the copy vanished) is not 'not DICOM'
-        return StudyHeader()
-
-    def text(keyword: str) -> str | None:
-        return str(ds.get(keyword, "") or "") or None
-
-    return StudyHeader(text("PatientID"), text("StudyInstanceUID"), text("StudyDate"), text("Modality"))
+    """The header of a DICOM file (bounded read, pixel data not read); OSError if the copy vanished."""
+    h = dicom_header.read_path(path)
+    return StudyHeader(h.patient, h.study_uid, h.study_date, h.modality)

@@ -107,6 +107,23 @@ CREATE TABLE IF NOT EXISTS prior_fetches (
     used    INTEGER
 ) WITHOUT ROWID;
 
+-- The study index: one row per DICOM object, from the header metadata its S3 object carries (agent/dicom),
+-- written when the upload is confirmed and rebuildable from the bucket alone (`pacsgw index-rebuild`).
+-- patient is the keyed pseudonym, never the PatientID. What `pacsgw find` answers from.
+CREATE TABLE IF NOT EXISTS dicom_objects (
+    path       TEXT PRIMARY KEY,
+    size       INTEGER NOT NULL,
+    study_uid  TEXT,
+    series_uid TEXT,
+    sop_uid    TEXT,
+    modality   TEXT,
+    study_date TEXT,
+    patient    TEXT
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS dicom_objects_study ON dicom_objects(study_uid, series_uid);
+CREATE INDEX IF NOT EXISTS dicom_objects_patient ON dicom_objects(patient) WHERE patient IS NOT NULL;
+CREATE INDEX IF NOT EXISTS dicom_objects_modality ON dicom_objects(modality, study_date);
+
 -- Small facts that must survive a restart (e.g. the start of the last prefetch window that had its run).
 CREATE TABLE IF NOT EXISTS agent_state (
     key   TEXT PRIMARY KEY,
@@ -536,6 +553,7 @@ class Catalog:
     def tombstone_done(self, key: str) -> None:
         with self._tx(durable=False):
             self.db.execute("DELETE FROM tombstones WHERE key = ?", (key,))
+            self.db.execute("DELETE FROM dicom_objects WHERE path = ?", (key,))  # the object is gone
 
     def tombstone_failed(self, key: str, retry_at: float) -> None:
         with self._tx(durable=False):
@@ -638,6 +656,44 @@ class Catalog:
                                   "recorded) VALUES (?, ?, ?, ?, ?, ?)",
                                   (dir, patient, study_uid, study_date, modality, time.time()))
             return cur.rowcount == 1
+
+    def index_dicom(self, rows: list[tuple]) -> None:
+        """Upsert study-index rows (path, size, study_uid, series_uid, sop_uid, modality, study_date, patient)."""
+        with self._tx(durable=False):
+            self.db.executemany("INSERT OR REPLACE INTO dicom_objects VALUES (?, ?, ?, ?, ?, ?, ?, ?)", rows)
+
+    def copy_dicom_row(self, src: str, dst: str) -> None:
+        """A server-side copy (rename) of an indexed object: index the copy too (the source leaves with its
+        tombstone)."""
+        with self._tx(durable=False):
+            self.db.execute("INSERT OR REPLACE INTO dicom_objects SELECT ?, size, study_uid, series_uid, sop_uid, "
+                            "modality, study_date, patient FROM dicom_objects WHERE path = ?", (dst, src))
+
+    def dicom_index_size(self) -> int:
+        return self.db.execute("SELECT count(*) FROM dicom_objects").fetchone()[0]
+
+    def clear_dicom_index(self) -> None:
+        with self._tx(durable=False):
+            self.db.execute("DELETE FROM dicom_objects")
+
+    def find_dicom(self, study: str | None = None, patient: str | None = None, modality: str | None = None,
+                   date_from: str | None = None, date_to: str | None = None) -> list[tuple]:
+        """(path, size, study_uid, series_uid, modality, study_date, cached) of the matching objects, by path."""
+        where, args = [], []
+        for column, value in (("study_uid", study), ("patient", patient), ("modality", modality)):
+            if value is not None:
+                where.append(f"d.{column} = ?")
+                args.append(value)
+        if date_from is not None:
+            where.append("d.study_date >= ?")
+            args.append(date_from)
+        if date_to is not None:
+            where.append("d.study_date <= ?")
+            args.append(date_to)
+        return self.db.execute(
+            "SELECT d.path, d.size, d.study_uid, d.series_uid, d.modality, d.study_date, e.blob IS NOT NULL "
+            "FROM dicom_objects d LEFT JOIN entries e ON e.path = d.path"
+            + (" WHERE " + " AND ".join(where) if where else "") + " ORDER BY d.path", args).fetchall()
 
     def patient_studies(self, patient: str) -> list[tuple[str, str | None, str | None, str | None]]:
         """(dir, study_uid, study_date, modality) of every study of a patient, oldest first."""

@@ -41,6 +41,10 @@ class WormPolicy:
                 return rule.retention_days, rule.legal_hold
         return self.cfg.retention_days, self.cfg.legal_hold
 
+    def retention_class(self, path: str) -> str:
+        """The retention a lifecycle rule can select on (an object tag): '<days>d', or 'none' without WORM."""
+        return f"{self._terms(path)[0]}d" if self.cfg.worm else "none"
+
     def lock_for(self, path: str, stored_at: float) -> Lock | None:
         """The Object Lock a new object at path gets, or None when it is not retained."""
         if not self.cfg.worm or path.endswith(self.cfg.temp_suffixes):

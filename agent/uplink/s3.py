@@ -29,6 +29,7 @@ from botocore.exceptions import (
 from botocore.exceptions import ConnectionError as BotoConnectionError
 
 from agent.config import UplinkConfig
+from agent.dicom.objectmeta import ObjectMeta
 from agent.store.catalog import RemoteObject
 from agent.store.worm import Lock
 from agent.uplink.ratelimit import TokenBucket
@@ -138,31 +139,36 @@ class S3Uplink:
 
     # --- writes --------------------------------------------------------------------------------
 
-    async def put_file(self, path: str, fd: int, size: int, sha256: str, lock: Lock | None = None) -> PutResult:
+    async def put_file(self, path: str, fd: int, size: int, sha256: str, lock: Lock | None = None,
+                       meta: ObjectMeta | None = None) -> PutResult:
         """Upload the content behind fd (read with pread, so the caller's offset is untouched).
 
-        With a lock, the object is written with S3 Object Lock retention (and legal hold) in one request.
+        With a lock, the object is written with S3 Object Lock retention (and legal hold) in one request;
+        meta adds user metadata and tags (the DICOM header) to the same request.
         """
         lock_args = lock.s3_args() if lock else {}
+        metadata = {**(meta.metadata if meta else {}), META_SHA: sha256}
+        if meta and meta.tags:
+            lock_args["Tagging"] = meta.tagging()
         if size >= self.cfg.multipart_threshold:
-            return await self._put_multipart(path, fd, size, sha256, lock_args)
+            return await self._put_multipart(path, fd, size, sha256, lock_args, metadata)
         body = await asyncio.to_thread(read_verified, fd, size, sha256)
         if body is None:
             raise ChecksumMismatch(f"{path}: cached content does not match its catalog checksum")
         await self.up_bucket.acquire(size)
         resp = await self._client.put_object(
             Bucket=self.cfg.bucket, Key=self.key(path), Body=body,
-            ChecksumSHA256=b64(sha256), Metadata={META_SHA: sha256}, **lock_args)
+            ChecksumSHA256=b64(sha256), Metadata=metadata, **lock_args)
         returned = resp.get("ChecksumSHA256")
         if returned is not None and returned != b64(sha256):
             raise ChecksumMismatch(f"{path}: object store answered checksum {returned}")
         return PutResult(resp.get("ETag"), resp.get("VersionId"))
 
     async def _put_multipart(self, path: str, fd: int, size: int, sha256: str,
-                             lock_args: dict[str, object]) -> PutResult:
+                             lock_args: dict[str, object], metadata: dict[str, str]) -> PutResult:
         key, chunk = self.key(path), self.cfg.multipart_chunk
         mpu = await self._client.create_multipart_upload(
-            Bucket=self.cfg.bucket, Key=key, ChecksumAlgorithm="SHA256", Metadata={META_SHA: sha256}, **lock_args)
+            Bucket=self.cfg.bucket, Key=key, ChecksumAlgorithm="SHA256", Metadata=metadata, **lock_args)
         upload_id = mpu["UploadId"]
         whole = hashlib.sha256()
         try:
@@ -250,6 +256,12 @@ class S3Uplink:
             if e.response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 404:
                 return None
             raise
+
+    async def list_all(self) -> AsyncIterator[list[tuple[str, int]]]:
+        """Every object under the namespace prefix, a page (path, size) at a time (no delimiter: recursive)."""
+        paginator = self._client.get_paginator("list_objects_v2")
+        async for page in paginator.paginate(Bucket=self.cfg.bucket, Prefix=self.cfg.prefix):
+            yield [(o["Key"][len(self.cfg.prefix):], o["Size"]) for o in page.get("Contents", [])]
 
     async def list_dir(self, path: str) -> RemoteListing:
         prefix = self.key(path + "/" if path else "")

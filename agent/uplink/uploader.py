@@ -16,9 +16,11 @@ import random
 import time
 import weakref
 from dataclasses import dataclass
+from typing import Callable
 
 import structlog
 
+from agent.dicom.objectmeta import ObjectMeta, index_row
 from agent.metrics import Metrics
 from agent.store.cache import Cache
 from agent.store.catalog import Entry
@@ -68,8 +70,9 @@ class UplinkHealth:
 
 class Uploader:
     def __init__(self, db, cache: Cache, s3: S3Uplink, metrics: Metrics, max_concurrency: int,
-                 worm: WormPolicy) -> None:
+                 worm: WormPolicy, describe: Callable[[str, int, int], ObjectMeta] | None = None) -> None:
         self.db, self.cache, self.s3, self.metrics, self.worm = db, cache, s3, metrics, worm
+        self.describe = describe  # (path, fd, size) → the object's metadata and tags (DICOM header)
         self.slots = Limiter(max_concurrency)
         self.max_concurrency = max_concurrency
         self.health = UplinkHealth(since=time.time())
@@ -189,9 +192,12 @@ class Uploader:
             raise FileNotFoundError(f"{e.path}: no cached content to upload")
         fd = await asyncio.to_thread(self.cache.open_blob, e.blob)
         try:
-            result = await self.s3.put_file(e.path, fd, e.size, e.sha256, self.worm.lock_for(e.path, e.mtime))
+            meta = await asyncio.to_thread(self.describe, e.path, fd, e.size) if self.describe else None
+            result = await self.s3.put_file(e.path, fd, e.size, e.sha256, self.worm.lock_for(e.path, e.mtime), meta)
         finally:
             os.close(fd)
+        if meta and (row := index_row(e.path, e.size, meta.metadata)):
+            await self.db.index_dicom([row])
         self.metrics.uploaded_bytes.inc(e.size)
         return result
 
@@ -200,7 +206,9 @@ class Uploader:
             # The source went away (deleted behind our back): upload from the cache if we still can.
             await self.db.drop_copy_source(e.path, e.gen)
             return await self._upload(e)
-        return await self.s3.copy(e.copy_from, e.path, e.sha256, self.worm.lock_for(e.path, e.mtime))
+        result = await self.s3.copy(e.copy_from, e.path, e.sha256, self.worm.lock_for(e.path, e.mtime))
+        await self.db.copy_dicom_row(e.copy_from, e.path)  # the copy carries the source's metadata
+        return result
 
     # --- background loops ------------------------------------------------------------------------
 

@@ -1,0 +1,94 @@
+"""`pacsgw find` (objects by study, patient, modality and study date) and `pacsgw index-rebuild`."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import json
+import sys
+
+from agent.dicom.objectmeta import pseudonym
+
+DEFAULT_CONFIG = "/etc/pacsgw/agent.toml"
+
+
+def _day(text: str) -> str:
+    """'2019-01-31' → DICOM DA '20190131'."""
+    try:
+        return dt.date.fromisoformat(text).strftime("%Y%m%d")
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a date YYYY-MM-DD") from None
+
+
+def _open(config: str):  # noqa: ANN202 - (Config, Catalog)
+    from agent.cli import _load_or_exit
+    from agent.store.catalog import Catalog
+    cfg = _load_or_exit(config)
+    return cfg, Catalog(cfg.catalog_path)
+
+
+def cmd_find(args: argparse.Namespace) -> int:
+    cfg, catalog = _open(args.config)
+    patient = None
+    if args.patient is not None:
+        if not cfg.dicom.pseudonym_key:
+            print("pacsgw: --patient needs [dicom] pseudonym_key_file (objects carry only the keyed pseudonym)",
+                  file=sys.stderr)
+            return 2
+        patient = pseudonym(cfg.dicom.pseudonym_key, args.patient)
+    try:
+        rows = catalog.find_dicom(args.study, patient, args.modality, args.date_from, args.date_to)
+    finally:
+        catalog.close()
+    items = [{"path": p, "bytes": size, "study": study, "series": series, "modality": modality,
+              "study_date": date, "where": "cached" if cached else "s3"}
+             for p, size, study, series, modality, date, cached in rows]
+    cached = [i for i in items if i["where"] == "cached"]
+    summary = {"objects": len(items), "bytes": sum(i["bytes"] for i in items), "cached": len(cached),
+               "cached_bytes": sum(i["bytes"] for i in cached), "s3_only": len(items) - len(cached)}
+    if args.json:
+        print(json.dumps({**summary, "items": items}, indent=2))
+    else:
+        for i in items:
+            print(f"{i['where']:<6} {i['bytes']:>12} {i['modality'] or '-':<6} {i['study_date'] or '-':<8} {i['path']}")
+        print(f"{summary['objects']} objects, {summary['bytes']} bytes; {summary['cached']} cached "
+              f"({summary['cached_bytes']} bytes), {summary['s3_only']} in S3 only")
+    return 0
+
+
+def cmd_index_rebuild(args: argparse.Namespace) -> int:
+    from agent.dicom.reindex import rebuild
+    cfg, catalog = _open(args.config)
+    try:
+        report = asyncio.run(rebuild(cfg, catalog, args.concurrency, progress=not args.json))
+    finally:
+        catalog.close()
+    per_million = 1e6 / report.per_second if report.per_second else 0.0
+    out = {"objects": report.objects, "indexed": report.indexed, "failed": report.failed,
+           "seconds": round(report.seconds, 2), "objects_per_s": round(report.per_second, 1),
+           "seconds_per_million": round(per_million, 1)}
+    if args.json:
+        print(json.dumps(out, indent=2))
+    else:
+        print(f"{report.objects} objects read, {report.indexed} DICOM objects indexed, {report.failed} failed, "
+              f"{report.seconds:.1f} s ({report.per_second:.0f} objects/s: {per_million / 60:.1f} min per million)")
+    return 1 if report.failed else 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("find", help="DICOM objects by study, patient, modality and study date, and where they are")
+    p.add_argument("--config", default=DEFAULT_CONFIG)
+    p.add_argument("--study", help="StudyInstanceUID")
+    p.add_argument("--patient", help="PatientID (matched through the keyed pseudonym; never stored in clear)")
+    p.add_argument("--modality", help="e.g. CT, MR, MG")
+    p.add_argument("--from", dest="date_from", type=_day, help="study date from (YYYY-MM-DD, inclusive)")
+    p.add_argument("--to", dest="date_to", type=_day, help="study date to (YYYY-MM-DD, inclusive)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_find)
+
+    p = sub.add_parser("index-rebuild", help="rebuild the study index from the bucket's object metadata alone")
+    p.add_argument("--config", default=DEFAULT_CONFIG)
+    p.add_argument("--concurrency", type=int, default=64, help="HEAD requests in flight (default 64)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_index_rebuild)

@@ -1,0 +1,102 @@
+"""The DICOM header of a stored file: one bounded, header-only parse shared by everything that needs it
+(object metadata on upload, prior-study prefetch).
+
+At most HEADER_MAX bytes are read, whatever the file claims: a crafted 1 GB "header" costs one bounded
+read, not a gigabyte of memory. Parsing stops before Pixel Data. Whatever is wrong with a file (not DICOM,
+no preamble, truncated, a header beyond the bound, garbage values) gives a `Header` with `problem` set;
+the file itself is always stored as given, the caller only logs the problem.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import warnings
+from dataclasses import dataclass
+
+HEADER_MAX = 256 * 1024        # real headers are a few KiB; private tags can make them tens of KiB
+PREAMBLE = 128                 # then b"DICM"
+MAGIC = b"DICM"
+
+# The tags used: (group, element).
+_TAGS = {
+    "SOPClassUID": 0x00080016, "SOPInstanceUID": 0x00080018, "StudyDate": 0x00080020, "Modality": 0x00080060,
+    "PatientID": 0x00100020, "PatientBirthDate": 0x00100030, "StudyInstanceUID": 0x0020000D,
+    "SeriesInstanceUID": 0x0020000E,
+}
+
+
+@dataclass(frozen=True)
+class Header:
+    """What the gateway uses of a DICOM header; `dicom` False for anything else. Values are stripped text."""
+
+    dicom: bool = False
+    problem: str = ""               # why the header could not be (fully) read; '' when it could
+    transfer_syntax: str | None = None
+    sop_class: str | None = None
+    sop_uid: str | None = None
+    study_uid: str | None = None
+    series_uid: str | None = None
+    study_date: str | None = None   # DA: YYYYMMDD
+    modality: str | None = None
+    patient: str | None = None      # PatientID, in clear: never leaves the box (see agent.dicom.objectmeta)
+    birth_date: str | None = None   # DA, for age-based retention; never leaves the box either
+
+
+def _text(value: object) -> str | None:
+    s = str(value if value is not None else "").strip().strip("\x00").strip()
+    return s or None
+
+
+def _cut_element(ds: object) -> int | None:
+    """The tag of an element whose value ends early (pydicom keeps what it could read, silently), else None."""
+    from pydicom.dataelem import RawDataElement
+
+    for e in ds.elements():  # raw: not converted, cheap
+        if isinstance(e, RawDataElement) and e.length != 0xFFFFFFFF and len(e.value or b"") < e.length:
+            return int(e.tag)
+    return None
+
+
+def parse(head: bytes, whole: bool) -> Header:
+    """Parse a file's first bytes (`whole`: they are the entire file). Never raises."""
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    if len(head) < PREAMBLE + 4 or head[PREAMBLE:PREAMBLE + 4] != MAGIC:
+        return Header(problem="no DICM preamble")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # pydicom warns on odd-but-readable values; we report what matters
+            ds = pydicom.dcmread(io.BytesIO(head), stop_before_pixels=True)
+            cut = _cut_element(ds)
+            values = {k: _text(ds.get(tag).value) if tag in ds and tag != cut else None for k, tag in _TAGS.items()}
+            ts = _text(getattr(ds.file_meta, "TransferSyntaxUID", None))
+    except (InvalidDicomError, ValueError, EOFError, KeyError, TypeError, AttributeError, OverflowError,
+            NotImplementedError, UnicodeError, IndexError) as e:
+        bound = "" if whole else f" (only the first {len(head)} bytes read)"
+        return Header(dicom=True, problem=f"unreadable header{bound}: {type(e).__name__}: {str(e)[:120]}")
+    problem, bound = "", "" if whole else f" (only the first {len(head)} bytes read)"
+    if cut is not None:
+        problem = f"header truncated in element {cut:08X}{bound}"
+    elif None in (values["StudyInstanceUID"], values["SeriesInstanceUID"], values["SOPInstanceUID"]):
+        problem = f"header incomplete{bound}"
+    return Header(dicom=True, problem=problem, transfer_syntax=ts, sop_class=values["SOPClassUID"],
+                  sop_uid=values["SOPInstanceUID"], study_uid=values["StudyInstanceUID"],
+                  series_uid=values["SeriesInstanceUID"], study_date=values["StudyDate"],
+                  modality=values["Modality"], patient=values["PatientID"], birth_date=values["PatientBirthDate"])
+
+
+def read_fd(fd: int, size: int) -> Header:
+    """The header of the file behind fd (pread: the caller's offset is untouched). Blocking."""
+    n = min(size, HEADER_MAX)
+    return parse(os.pread(fd, n, 0), whole=n == size)
+
+
+def read_path(path: str | os.PathLike) -> Header:
+    """The header of the file at path. Blocking; OSError (the file vanished) is raised, not 'not DICOM'."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return read_fd(fd, os.fstat(fd).st_size)
+    finally:
+        os.close(fd)

@@ -1,0 +1,103 @@
+"""What a DICOM file's object carries in S3: user metadata (UIDs, modality, date, transfer syntax, a keyed
+pseudonym of the patient) and tags for lifecycle rules (modality, study year, retention).
+
+The patient never reaches the bucket in clear: only HMAC-SHA256(per-hospital key, PatientID), so the
+archive team can find a patient's objects (they hold the key on the box) and nobody reading the bucket can
+reverse it. Every value is checked against what the DICOM VR allows before it becomes an HTTP header: a
+hostile header cannot inject characters or blow S3's 2 KB user-metadata limit.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import re
+from dataclasses import dataclass
+from typing import Callable
+from urllib.parse import urlencode
+
+import structlog
+
+from agent.config import DicomConfig
+from agent.dicom.header import Header, read_fd
+
+log = structlog.get_logger("pacsgw.dicom")
+
+PREFIX = "dicom-"
+META_LIMIT = 2048            # S3: user metadata keys + values, in bytes
+DICOM_SUFFIXES = (".dcm", ".dicom")  # names that promise DICOM: a missing preamble there is worth a warning
+
+_UID = re.compile(r"[0-9]+(\.[0-9]+)*")            # UI: digits and dots, at most 64
+_DA = re.compile(r"[0-9]{8}")                      # DA: YYYYMMDD
+_CS = re.compile(r"[A-Z0-9_ ]{1,16}")              # CS: upper case, digits, space, underscore
+
+
+@dataclass(frozen=True)
+class ObjectMeta:
+    metadata: dict[str, str]   # S3 user metadata, without the 'x-amz-meta-' prefix
+    tags: dict[str, str]       # S3 object tags
+
+    def tagging(self) -> str:
+        """The x-amz-tagging header value (URL query encoded)."""
+        return urlencode(self.tags)
+
+
+def pseudonym(key: bytes, patient: str) -> str:
+    """The keyed pseudonym of a PatientID: stable per hospital key, irreversible without it (128 bits)."""
+    return hmac.new(key, patient.encode("utf-8", "surrogateescape"), hashlib.sha256).hexdigest()[:32]
+
+
+def _valid(value: str | None, pattern: re.Pattern[str], max_len: int = 64) -> str | None:
+    return value if value is not None and len(value) <= max_len and pattern.fullmatch(value) else None
+
+
+def object_meta(h: Header, key: bytes | None, retention: str) -> ObjectMeta:
+    """The metadata and tags of a DICOM object (header h); nothing for a file that is not DICOM."""
+    if not h.dicom:
+        return ObjectMeta({}, {})
+    fields = {
+        "study": _valid(h.study_uid, _UID), "series": _valid(h.series_uid, _UID), "sop": _valid(h.sop_uid, _UID),
+        "sop-class": _valid(h.sop_class, _UID), "modality": _valid(h.modality, _CS),
+        "study-date": _valid(h.study_date, _DA), "ts": _valid(h.transfer_syntax, _UID),
+        "patient": pseudonym(key, h.patient) if key and h.patient else None,
+    }
+    # at most 9 values of at most 64 characters: far below META_LIMIT, whatever the header says
+    metadata = {PREFIX + k: v for k, v in fields.items() if v is not None}
+    if h.problem:
+        metadata[PREFIX + "problem"] = "header"   # details go to the log; a marker is enough for a scan
+    tags = {"retention": retention}
+    if fields["modality"]:
+        tags["modality"] = fields["modality"].strip()
+    if fields["study-date"]:
+        tags["study-year"] = fields["study-date"][:4]
+    return ObjectMeta(metadata, tags)
+
+
+class Describer:
+    """For the uploader: read a cached file's header (bounded) and build its object's metadata and tags.
+
+    A file that is not DICOM, or whose header cannot be read, is uploaded as given with no DICOM metadata;
+    a damaged header of a DICOM-looking file is a warning in the log (the store is never refused).
+    """
+
+    def __init__(self, cfg: DicomConfig, retention: Callable[[str], str]) -> None:
+        self.cfg, self.retention = cfg, retention
+
+    def __call__(self, path: str, fd: int, size: int) -> ObjectMeta:
+        """Blocking (one pread of at most HEADER_MAX bytes and a parse): run it off the event loop."""
+        if not self.cfg.metadata:
+            return ObjectMeta({}, {})
+        h = read_fd(fd, size)
+        if h.problem and (h.dicom or path.lower().endswith(DICOM_SUFFIXES)):
+            log.warning("dicom_header_problem", path=path, problem=h.problem, stored="as given")
+        return object_meta(h, self.cfg.pseudonym_key or None, self.retention(path))
+
+
+def index_row(path: str, size: int, metadata: dict[str, str]) -> tuple | None:
+    """The study-index row (catalog dicom_objects) of an object with this user metadata; None if not DICOM.
+    The same for a fresh upload and for a rebuild from the bucket (keys compared in lower case)."""
+    m = {k.lower(): v for k, v in metadata.items()}
+    if PREFIX + "study" not in m:
+        return None
+    return (path, size, *(m.get(PREFIX + k) for k in ("study", "series", "sop", "modality", "study-date",
+                                                       "patient")))

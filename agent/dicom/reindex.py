@@ -1,0 +1,79 @@
+"""Rebuild the study index (catalog dicom_objects) from the bucket alone: a replaced box, its SSD lost.
+
+ListObjectsV2 does not return user metadata, so every object costs one HEAD; they run `concurrency` at a
+time over one connection pool (the listing has a client of its own), and rows reach the catalog in
+batches. Objects without DICOM metadata are counted, not indexed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+from dataclasses import dataclass
+
+from tqdm import tqdm
+
+from agent.config import Config
+from agent.dicom.objectmeta import index_row
+from agent.store.catalog import Catalog
+from agent.uplink.s3 import S3Uplink
+
+BATCH = 1000
+
+
+@dataclass
+class RebuildReport:
+    objects: int = 0
+    indexed: int = 0
+    failed: int = 0
+    seconds: float = 0.0
+
+    @property
+    def per_second(self) -> float:
+        return self.objects / self.seconds if self.seconds else 0.0
+
+
+async def rebuild(cfg: Config, catalog: Catalog, concurrency: int = 64, progress: bool = True) -> RebuildReport:
+    s3 = S3Uplink(dataclasses.replace(cfg.uplink, max_concurrency=concurrency))  # a pool with room for every HEAD
+    lister = S3Uplink(cfg.uplink)  # its own pool: the listing never queues behind HEADs for a connection
+    await s3.start()
+    await lister.start()
+    report, rows = RebuildReport(), []
+    queue: asyncio.Queue[tuple[str, int] | None] = asyncio.Queue(maxsize=concurrency * 4)
+    bar = tqdm(unit="obj", desc="index rebuild", disable=not progress)
+    t0 = time.monotonic()
+
+    async def worker() -> None:
+        while (item := await queue.get()) is not None:
+            path, size = item
+            try:
+                head = await s3.head(path)
+            except Exception:  # noqa: BLE001 - counted and reported; a rebuild can be run again
+                report.failed += 1
+                head = None
+            if head is not None and (row := index_row(path, size, head.get("Metadata") or {})):
+                rows.append(row)
+            report.objects += 1
+            bar.update()
+            if len(rows) >= BATCH:
+                catalog.index_dicom(rows[:])
+                rows.clear()
+
+    try:
+        catalog.clear_dicom_index()
+        workers = [asyncio.create_task(worker()) for _ in range(concurrency)]
+        async for page in lister.list_all():
+            for item in page:
+                await queue.put(item)
+        for _ in workers:
+            await queue.put(None)
+        await asyncio.gather(*workers)
+        catalog.index_dicom(rows)
+    finally:
+        bar.close()
+        await s3.close()
+        await lister.close()
+    report.seconds = time.monotonic() - t0
+    report.indexed = catalog.dicom_index_size()
+    return report
