@@ -23,12 +23,13 @@ from agent.metrics import Metrics
 from agent.store.cache import Cache
 from agent.store.catalog import Entry
 from agent.store.worm import WormPolicy
-from agent.uplink.s3 import S3Uplink, error_code, is_unreachable
+from agent.uplink.s3 import PutResult, S3Uplink, error_code, is_unreachable, meta_sha, precondition_failed
 
 log = structlog.get_logger("pacsgw.uplink")
 
 PROBE_INTERVAL = 2.0
 IDLE_POLL = 5.0
+CONFLICTS = ".pacsgw-conflicts"  # where an HA box keeps content it must not write over the other box's
 
 
 def backoff(attempts: int, base: float = 1.0, cap: float = 300.0) -> float:
@@ -79,6 +80,8 @@ class Uploader:
         self._key_locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
         self._tasks: set[asyncio.Task] = set()
         self._loops: list[asyncio.Task] = []
+        # In an HA pair (agent/ha.py) every PUT is conditional: never over an object this box did not know.
+        self.conditional = False
 
     # --- lifecycle ----------------------------------------------------------------------------
 
@@ -187,12 +190,37 @@ class Uploader:
     async def _upload(self, e: Entry):  # noqa: ANN202
         if e.blob is None:
             raise FileNotFoundError(f"{e.path}: no cached content to upload")
+        # The object this box last knew (its etag), or none at all: S3 refuses the PUT if that changed.
+        condition = ({"IfMatch": e.etag} if e.etag else {"IfNoneMatch": "*"}) if self.conditional else None
         fd = await asyncio.to_thread(self.cache.open_blob, e.blob)
         try:
-            result = await self.s3.put_file(e.path, fd, e.size, e.sha256, self.worm.lock_for(e.path, e.mtime))
+            try:
+                result = await self.s3.put_file(e.path, fd, e.size, e.sha256, self.worm.lock_for(e.path, e.mtime),
+                                                condition)
+            except Exception as exc:
+                if condition is None or not precondition_failed(exc):
+                    raise
+                result = await self._not_overwritten(e, fd)
         finally:
             os.close(fd)
         self.metrics.uploaded_bytes.inc(e.size)
+        return result
+
+    async def _not_overwritten(self, e: Entry, fd: int) -> PutResult:
+        """A conditional PUT was refused: the key holds an object this box did not know."""
+        head = await self.s3.head(e.path)
+        if head is not None and meta_sha(head.get("Metadata")) == e.sha256:
+            return PutResult(head.get("ETag"), head.get("VersionId"))  # our own PUT, whose answer was lost
+        # The other box stored this path after this box last saw it (its content is the newer one: this box's
+        # queue predates its failure). Keep this copy beside the namespace and take the other box's object.
+        side = f"{CONFLICTS}/{e.path}.{e.sha256[:16]}"
+        result = await self.s3.put_file(side, fd, e.size, e.sha256)
+        blob = await self.db.adopt_remote(e.path, e.gen, head["ContentLength"] if head else None,
+                                          head.get("ETag") if head else None)
+        if blob:
+            self.cache.remove(blob)
+        log.error("ha_conflict", path=e.path, kept_as=side, remote_etag=head.get("ETag") if head else None,
+                  reason="the other box of the HA pair wrote this path after this box last knew it; its object stays")
         return result
 
     async def _copy_or_upload(self, e: Entry):  # noqa: ANN202
