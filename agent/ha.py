@@ -37,6 +37,7 @@ log = structlog.get_logger("pacsgw.ha")
 
 ROLE_POLL = 0.2  # seconds: part of the fail-over time
 PEER_POLL = 2.0
+LINE_POLL = 2.0
 STANDBY_REFUSAL = "this is the standby box of an HA pair: store to the pair's floating address"
 SYSTEM = Who(user="keepalived", protocol="ha")
 
@@ -91,7 +92,8 @@ class HaMonitor:
         self.gateway.write_refusal = STANDBY_REFUSAL
         self._apply(read_role_file(Path(self.cfg.role_file), self._boot))
         self._tasks = [asyncio.create_task(self._watch_role(), name="ha-role"),
-                       asyncio.create_task(self._follow_loop(), name="ha-follow")]
+                       asyncio.create_task(self._follow_loop(), name="ha-follow"),
+                       asyncio.create_task(self._watch_line(), name="ha-line")]
         if self.cfg.peer:
             self._tasks.append(asyncio.create_task(self._watch_peer(), name="ha-peer"))
 
@@ -172,6 +174,12 @@ class HaMonitor:
             if added or changed or gone:
                 log.info("ha_followed", **self.state.followed)
             return self.state.followed
+
+    async def _watch_line(self) -> None:
+        """A dead line must show on /healthz (and so move the address) even when nothing is uploading."""
+        while True:
+            await asyncio.sleep(LINE_POLL)
+            await self.uploader.check_line()
 
     # --- the peer -------------------------------------------------------------------------------
 

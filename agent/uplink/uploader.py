@@ -132,6 +132,17 @@ class Uploader:
             self.wake()
         self.metrics.uplink_up.set(1)
 
+    async def check_line(self) -> None:
+        """Probe the line now, not only when an upload fails: an HA box must give up the address on a dead
+        line even when no upload is in flight."""
+        if not self.health.reachable:
+            return  # the probe loop runs until the line is back
+        try:
+            await self.s3.probe()
+        except Exception as e:  # noqa: BLE001 - only 'unreachable' matters here; uploads report the rest
+            if is_unreachable(e):
+                self._unreachable(e)
+
     async def _probe(self) -> None:
         while not self.health.reachable:
             await asyncio.sleep(PROBE_INTERVAL)
