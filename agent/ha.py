@@ -56,6 +56,17 @@ def read_role_file(path: Path, boot_time: float) -> str:
     return state if state in ("MASTER", "BACKUP", "FAULT", "STOP") else "UNKNOWN"
 
 
+def ineligible(role: str, queue_files: int, draining: bool) -> str:
+    """Why this box may not hold the floating address now ('' if it may). A standby with files of its own not
+    yet in object storage (a box back from a failure) uploads them first: no box with a queue takes over."""
+    if draining:
+        return "draining for shutdown"
+    if role == "standby" and queue_files:
+        return (f"{queue_files} files of this box not yet in object storage: uploading them before competing "
+                "for the address")
+    return ""
+
+
 @dataclass
 class HaState:
     role: str = "standby"
@@ -134,12 +145,7 @@ class HaMonitor:
 
     def health(self, queue_files: int, draining: bool) -> dict[str, Any]:
         """/healthz's `ha`: the role, and whether this box may hold the address (agent/hahook.py)."""
-        reason = ""
-        if draining:
-            reason = "draining for shutdown"
-        elif self.state.role == "standby" and queue_files:
-            reason = (f"{queue_files} files of this box not yet in object storage: uploading them before "
-                      "competing for the address")
+        reason = ineligible(self.state.role, queue_files, draining)
         s = self.state
         return {"role": s.role, "keepalived": s.keepalived, "since": s.since, "eligible": not reason,
                 "reason": reason, "last_takeover": s.last_takeover, "takeovers": s.takeovers,

@@ -150,6 +150,9 @@ class Pair:
                 "ha.role_file": str(box.role_file), "ha.follow_seconds": 2, "uplink.read_timeout": 5.0,
                 **overrides}, [{"name": "pacs", "password": PASSWORD, "root": "/"}], bucket=BUCKET)
             box.agent.http_port, box.agent.ftp_port = HTTP_PORT, FTP_PORT
+        elif overrides:
+            box.agent.overrides.update(overrides)
+            box.agent.write_config()
         in_netns(box.ns, box.agent.start)
 
     def start_keepalived(self, box: Box) -> None:
