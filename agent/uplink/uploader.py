@@ -29,6 +29,7 @@ log = structlog.get_logger("pacsgw.uplink")
 
 PROBE_INTERVAL = 2.0
 IDLE_POLL = 5.0
+LINE_CHECK_TIMEOUT = 3.0
 CONFLICTS = ".pacsgw-conflicts"  # where an HA box keeps content it must not write over the other box's
 
 
@@ -138,7 +139,8 @@ class Uploader:
         if not self.health.reachable:
             return  # the probe loop runs until the line is back
         try:
-            await self.s3.probe()
+            # A pooled connection into a dead line waits for the whole read timeout: a HEAD answers faster.
+            await asyncio.wait_for(self.s3.probe(), LINE_CHECK_TIMEOUT)
         except Exception as e:  # noqa: BLE001 - only 'unreachable' matters here; uploads report the rest
             if is_unreachable(e):
                 self._unreachable(e)
