@@ -428,7 +428,7 @@ class HaConfig:
     enabled: bool = _f(_bool, "true or false", default=False)
     peer: str = _f(_peer_url, "'' or the peer box's status URL such as 'http://10.0.0.12:8080'", default="")
     role_file: str = _f(_nonempty, "the path keepalived's notify hook writes the role to",
-                        default="/run/pacsgw/ha-role")
+                        default="/run/pacsgw-ha/role")
     follow_seconds: float = _f(_float_between(1, 86400), "seconds between standby catalog syncs, 1..86400",
                                default=30.0)
 
