@@ -431,6 +431,8 @@ class HaConfig:
                         default="/run/pacsgw-ha/role")
     follow_seconds: float = _f(_float_between(1, 86400), "seconds between standby catalog syncs, 1..86400",
                                default=30.0)
+    prefetch_bytes: int = _f(parse_size, SIZE + "; 0 turns the standby's prefetch of the active box's hot set off",
+                             default=parse_size("10GB"))
 
 
 @dataclass(frozen=True)

@@ -38,6 +38,10 @@ log = structlog.get_logger("pacsgw.ha")
 ROLE_POLL = 0.2  # seconds: part of the fail-over time
 PEER_POLL = 2.0
 LINE_POLL = 2.0
+HA_DIR = ".pacsgw-ha"  # the pair's own objects, in the namespace's prefix, never followed as files
+HOT_PATH = f"{HA_DIR}/hot.json"  # the active box's hot set, published every follow_seconds
+HOT_FILES = 2000
+HOT_MAX_BYTES = 4 * 1024 * 1024
 STANDBY_REFUSAL = "this is the standby box of an HA pair: store to the pair's floating address"
 SYSTEM = Who(user="keepalived", protocol="ha")
 
@@ -154,13 +158,55 @@ class HaMonitor:
     # --- following the bucket (standby) ---------------------------------------------------------
 
     async def _follow_loop(self) -> None:
+        """Standby: follow the bucket, then prefetch the active box's hot set. Active: publish the hot set."""
         while True:
-            if self.state.role == "standby" and self.uploader.reachable:
+            if self.uploader.reachable:
                 try:
-                    await self.follow()
+                    if self.state.role == "standby":
+                        await self.follow()
+                        await self.prefetch_hot()
+                    else:
+                        await self.publish_hot()
                 except Exception as e:  # noqa: BLE001 - the next pass tries again
-                    log.warning("ha_follow_failed", error=error_code(e), detail=str(e)[:200])
+                    log.warning("ha_follow_failed", role=self.state.role, error=error_code(e), detail=str(e)[:200])
             await asyncio.sleep(self.cfg.follow_seconds)
+
+    async def publish_hot(self) -> None:
+        paths = await self.db.hot_paths(HOT_FILES)
+        body = json.dumps({"time": time.time(), "paths": paths}).encode()
+        await self.s3.put_raw(self.s3.key(HOT_PATH), body)
+
+    async def prefetch_hot(self) -> dict[str, int]:
+        """Bring the active box's hot set into this box's cache, hottest first, up to prefetch_bytes (files
+        already cached count too); downloads go through the line's bandwidth cap like any fetch."""
+        if not self.cfg.prefetch_bytes:
+            return {}
+        head = await self.s3.head(HOT_PATH)
+        if head is None or head["ContentLength"] > HOT_MAX_BYTES:
+            return {}
+        async with self.s3.get(HOT_PATH) as (_size, _sha, chunks):
+            body = b"".join([c async for c in chunks])
+        try:
+            paths = json.loads(body)["paths"]
+        except (ValueError, KeyError, TypeError):
+            log.warning("ha_hot_set_unreadable", key=HOT_PATH)
+            return {}
+        held = fetched = files = 0
+        deadline = time.monotonic() + self.cfg.follow_seconds  # the next follow must not wait for a long prefetch
+        for path in paths[:HOT_FILES] if isinstance(paths, list) else []:
+            if self.state.role != "standby" or not isinstance(path, str) or time.monotonic() > deadline:
+                break
+            e = await self.db.get(path)  # only files the catalog knows: the list names nothing new
+            if e is None or e.is_dir or e.state != "clean" or held + e.size > self.cfg.prefetch_bytes:
+                continue
+            if e.blob is None:
+                if not await self.gateway.prefetch(e):
+                    continue
+                fetched, files = fetched + e.size, files + 1
+            held += e.size
+        if files:
+            log.info("ha_prefetched", files=files, bytes=fetched, hot_set_bytes=held)
+        return {"files": files, "bytes": fetched}
 
     async def follow(self) -> dict[str, Any]:
         """One pass over the whole namespace in the bucket into the catalog (new, changed and gone objects)."""
@@ -168,6 +214,7 @@ class HaMonitor:
             t0, added, changed, objects = time.monotonic(), 0, 0, 0
             await self.db.follow_begin()
             async for page in self.s3.walk():
+                page = [o for o in page if not o[0].startswith(HA_DIR + "/")]
                 a, c, stale = await self.db.follow_batch(page)
                 added, changed, objects = added + a, changed + c, objects + len(page)
                 for blob in stale:

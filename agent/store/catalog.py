@@ -553,6 +553,12 @@ class Catalog:
                     "last_error = NULL, gen = gen + 1 WHERE path = ? AND gen = ?", (size, etag, path, gen))
         return e.blob
 
+    def hot_paths(self, limit: int) -> list[str]:
+        """The most recently used files this box has cached (clean): its hot set, hottest first."""
+        return [r[0] for r in self.db.execute(
+            "SELECT path FROM entries WHERE state = 'clean' AND blob IS NOT NULL ORDER BY last_access DESC LIMIT ?",
+            (limit,))]
+
     def unlist_all(self) -> None:
         """Every directory is listed again on its next use (a take-over: the old active may have written
         since the standby's last sync)."""
