@@ -12,6 +12,7 @@ import shutil
 import subprocess
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -191,6 +192,17 @@ def test_box_with_dead_s3_line_gives_up_the_address(pair):
     assert h["status"] == "degraded" and not h["uplink"]["reachable"]
     assert subprocess.run(["ip", "netns", "exec", a.ns, str(pair.workdir / "hahook"), "check",
                            "http://127.0.0.1:8080"], capture_output=True).returncode == 1
+    # Operators see it: the status page, the metrics and the peer's view.
+    b = pair.boxes["b"]
+
+    def page(path: str) -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:8080{path}", timeout=10) as r:
+            return r.read().decode()
+    status, metrics = in_netns(b.ns, page, "/status"), in_netns(b.ns, page, "/metrics")
+    assert "HA role</th><td>active (keepalived MASTER); last take-over 20" in status
+    assert "HA peer</th><td>http://10.253.0.11:8080: standby (degraded)" in status
+    assert "pacsgw_ha_active 1.0" in metrics and "pacsgw_ha_takeovers_total 1.0" in metrics
+    assert "pacsgw_ha_peer_up 1.0" in metrics
     ftp_store(pair.lan, "CT/line/after.dcm", b"stored on b")
     assert s3_objects(pair)[f"ha{pair.tag}/CT/line/after.dcm"] == b"stored on b"
 
