@@ -99,6 +99,18 @@ class Box:
             return "down"
 
 
+def kill_all(box: Box) -> None:
+    """SIGKILL every process in the box's namespace (agent, keepalived, its check scripts) and reap ours."""
+    for pid in run("ip", "netns", "pids", box.ns, check=False).stdout.split():
+        try:
+            os.kill(int(pid), signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    for proc in (box.agent.proc if box.agent else None, box.keepalived):
+        if proc is not None:
+            proc.wait(10)
+
+
 @dataclass
 class Pair:
     """The LAN namespace (bridge, SeaweedFS, clients) and boxes a and b."""
@@ -213,14 +225,7 @@ vrrp_instance pacsgw {{
 
     def power_off(self, box: Box) -> None:
         """Every process of the box dies at once and its NIC goes dark (its addresses die with it)."""
-        for pid in run("ip", "netns", "pids", box.ns, check=False).stdout.split():
-            try:
-                os.kill(int(pid), signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        for proc in (box.agent.proc if box.agent else None, box.keepalived):
-            if proc is not None:
-                proc.wait(10)
+        kill_all(box)
         run("ip", "-n", box.ns, "link", "set", "eth0", "down")
 
     def power_on(self, box: Box) -> None:
@@ -261,14 +266,7 @@ vrrp_instance pacsgw {{
 
     def stop(self) -> None:
         for box in self.boxes.values():
-            for pid in run("ip", "netns", "pids", box.ns, check=False).stdout.split():
-                try:
-                    os.kill(int(pid), signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-            for proc in (box.agent.proc if box.agent else None, box.keepalived):
-                if proc is not None and proc.poll() is None:
-                    proc.wait(10)
+            kill_all(box)
         if self.store:
             self.store.stop()
         for ns in [b.ns for b in self.boxes.values()] + [self.lan]:
