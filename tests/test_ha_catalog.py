@@ -35,6 +35,10 @@ def test_follow_adds_changes_and_forgets(cat):
     assert (e.size, e.etag, e.cached, e.sha256) == (11, '"e3"', False, None)
     assert cat.get("CT/d/2.dcm") is None
     assert cat.totals().files == 1
+    # A row without an ETag (from an S3 inventory) learns it: its next overwrite can be conditional.
+    cat.import_inventory([("CT/i/1.dcm", 4, t)])
+    follow(cat, [("CT/d/1.dcm", 11, t + 5, '"e3"'), ("CT/i/1.dcm", 4, t, '"e4"')])
+    assert cat.get("CT/i/1.dcm").etag == '"e4"'
 
 
 def test_follow_keeps_this_boxs_queue_and_newer_uploads(cat):

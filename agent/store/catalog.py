@@ -526,6 +526,9 @@ class Catalog:
                         "blob = NULL, gen = gen + 1 WHERE path = ?", (size, mtime, etag, path))
                     stale += [e.blob] if e.blob else []
                     changed += 1
+                elif not e.is_dir and e.state == "clean" and e.etag is None and etag and e.size == size:
+                    # e.g. a row from an S3 inventory: the ETag its next conditional overwrite needs
+                    self.db.execute("UPDATE entries SET etag = ? WHERE path = ?", (etag, path))
         return added, changed, stale
 
     def follow_end(self) -> int:
