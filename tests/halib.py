@@ -181,7 +181,7 @@ vrrp_script pacsgw_check {{
     script "{hook} check http://127.0.0.1:{HTTP_PORT}"
     interval 1
     timeout 2
-    fall 2
+    fall 3
     rise 2
     weight -50
     init_fail

@@ -151,6 +151,7 @@ def test_active_killed_mid_ingest_standby_takes_over(pair, failure):
     pair.wait("b follows a's files", lambda: b.health()["cache"]["files"] >= 50, timeout=30)
     # ... and holds a's hot set (here: a's recent stores) in its cache.
     pair.wait("b prefetched a's hot set", lambda: b.health()["cache"]["cached_files"] >= 50, timeout=30)
+    assert pair.active() == "a", pair.describe()  # else a flap before the kill would be measured
     t_kill = time.time()
     if failure == "agent":
         pair.kill_agent(a)
