@@ -426,6 +426,29 @@ class UserConfig:
                    default="/")
 
 
+def _peer_url(value: Any) -> str:
+    """'' or the peer box's status address such as 'http://10.0.0.12:8080'."""
+    if not isinstance(value, str):
+        raise ValueError
+    if value and not re.fullmatch(r"https?://[A-Za-z0-9.\-:\[\]]+(:\d+)?", value):
+        raise ValueError
+    return value
+
+
+@dataclass(frozen=True)
+class HaConfig:
+    """An active/standby pair behind a keepalived address (agent/ha.py)."""
+
+    enabled: bool = _f(_bool, "true or false", default=False)
+    peer: str = _f(_peer_url, "'' or the peer box's status URL such as 'http://10.0.0.12:8080'", default="")
+    role_file: str = _f(_nonempty, "the path keepalived's notify hook writes the role to",
+                        default="/run/pacsgw-ha/role")
+    follow_seconds: float = _f(_float_between(1, 86400), "seconds between standby catalog syncs, 1..86400",
+                               default=30.0)
+    prefetch_bytes: int = _f(parse_size, SIZE + "; 0 turns the standby's prefetch of the active box's hot set off",
+                             default=parse_size("10GB"))
+
+
 @dataclass(frozen=True)
 class Config:
     path: Path
@@ -444,6 +467,7 @@ class Config:
     model: ModelConfig
     users: tuple[UserConfig, ...]
     dicom: DicomConfig = DicomConfig()
+    ha: HaConfig = field(default_factory=HaConfig)
 
     @property
     def catalog_path(self) -> Path:
@@ -455,7 +479,7 @@ _SECTIONS: dict[str, type] = {
     "smb": SmbConfig, "http": HttpConfig, "log": LogConfig, "audit": AuditConfig,
     "compliance": ComplianceConfig, "pressure": PressureConfig,
     "prefetch": PrefetchConfig, "scrub": ScrubConfig,
-    "model": ModelConfig, "dicom": DicomConfig,
+    "model": ModelConfig, "dicom": DicomConfig, "ha": HaConfig,
 }
 
 
@@ -673,6 +697,7 @@ def load(path: str | Path) -> Config:
     uplink = sections["uplink"]
     if uplink.ca_bundle and not Path(uplink.ca_bundle).is_absolute():
         sections["uplink"] = dataclasses.replace(uplink, ca_bundle=str((file.parent / uplink.ca_bundle).resolve()))
+    sections["ha"] = dataclasses.replace(sections["ha"], role_file=_abs(file, sections["ha"].role_file))
     users = tuple(
         dataclasses.replace(u, authorized_keys=tuple(
             k if os.path.isabs(k) else str((file.parent / k).resolve()) for k in u.authorized_keys))

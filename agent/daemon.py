@@ -64,6 +64,11 @@ class Agent:
                                           name="audit-ship") if cfg.audit.enabled and cfg.audit.ship else None)
         self.gateway = Gateway(cfg, self.db, self.cache, self.s3, self.uploader, self.metrics, self.audit)
         await self.gateway.start()
+        self.ha = None
+        if cfg.ha.enabled:
+            from agent.ha import HaMonitor
+            self.ha = HaMonitor(cfg, self.gateway, self.uploader, self.s3, self.cache, self.audit, self.metrics)
+            await self.ha.start()
         self.monitor = PressureMonitor(cfg, self.db, self.cache, self.gateway, self.uploader, self.metrics)
         await self.monitor.sample()
         self._monitor = asyncio.create_task(self.monitor.run(), name="pressure")
@@ -136,6 +141,8 @@ class Agent:
         for task in (self._scrub, self._ship, self._monitor, self._prefetch, self._prefetch_now):
             if task:
                 task.cancel()
+        if self.ha:
+            await self.ha.stop()
         await self.uploader.stop(max(1.0, drain_seconds - (time.monotonic() - t0)))
         await self.gateway.stop()
         if self.http:
@@ -177,6 +184,8 @@ class Agent:
         }
         if self.smb is not None:
             h["smb"] = self.smb.health()
+        if self.ha is not None:
+            h["ha"] = self.ha.health(totals.queue_files, self.draining)
         from agent.selfcheck import last_result
         h["selfcheck"] = last_result(self.cfg)
         h["status"], h["reasons"] = judge(h, self.cfg.cache.min_free_bytes)

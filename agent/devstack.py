@@ -45,17 +45,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _wait_port(port: int, proc: subprocess.Popen, timeout: float) -> None:
+def _wait_port(port: int, proc: subprocess.Popen, timeout: float, host: str = "127.0.0.1") -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"{proc.args[0]} exited with {proc.returncode}")
         try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            with socket.create_connection((host, port), timeout=0.5):
                 return
         except OSError:
             time.sleep(0.1)
-    raise TimeoutError(f"{proc.args[0]} did not listen on 127.0.0.1:{port} within {timeout}s")
+    raise TimeoutError(f"{proc.args[0]} did not listen on {host}:{port} within {timeout}s")
 
 
 def stop_group(proc: subprocess.Popen | None, timeout: float) -> None:
@@ -81,12 +81,13 @@ class ObjectStore:
     secret_key: str = EXAMPLE_SECRET_KEY
     log_path: Path | None = None
     tls: tuple[Path, Path, Path] | None = None  # (certificate, key, CA) PEM files: serve https (rclone only)
+    host: str = "127.0.0.1"  # another address only inside a network namespace a test created (tests/test_ha.py)
     _proc: subprocess.Popen | None = field(default=None, repr=False)
     _ports: list[int] = field(default_factory=list, repr=False)
 
     @property
     def endpoint_url(self) -> str:
-        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.s3_port}"
+        return f"{'https' if self.tls else 'http'}://{self.host}:{self.s3_port}"
 
     def _seaweed_cmd(self) -> list[str]:
         if not self._ports:
@@ -102,7 +103,7 @@ class ObjectStore:
         return [
             # -logdir: weed writes glog files to /tmp otherwise.
             _bin("weed"), f"-logdir={self.data_dir}", "mini", f"-dir={self.data_dir / 'data'}",
-            "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+            f"-ip={self.host}", f"-ip.bind={self.host}",
             "-master.telemetry=false", "-webdav=false", "-admin.ui=false",
             f"-master.port={master}", f"-volume.port={volume}", f"-filer.port={filer}",
             f"-s3.port={self.s3_port}", "-s3.port.iceberg=0", "-s3.port.lance=0",
@@ -113,7 +114,7 @@ class ObjectStore:
     def _rclone_cmd(self) -> list[str]:
         return [
             _bin("rclone"), "serve", "s3", str(self.data_dir / "data"),
-            "--addr", f"127.0.0.1:{self.s3_port}", "--auth-key", f"{self.access_key},{self.secret_key}",
+            "--addr", f"{self.host}:{self.s3_port}", "--auth-key", f"{self.access_key},{self.secret_key}",
             "--config", "/dev/null",
             *(["--cert", str(self.tls[0]), "--key", str(self.tls[1])] if self.tls else []),
         ]
@@ -135,7 +136,7 @@ class ObjectStore:
         self._proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         log.close()
         try:
-            _wait_port(self.s3_port, self._proc, timeout)
+            _wait_port(self.s3_port, self._proc, timeout, self.host)
             self._wait_s3_ready(timeout)
         except BaseException:
             self.stop()  # never leave a half-started server behind

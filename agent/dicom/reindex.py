@@ -63,9 +63,9 @@ async def rebuild(cfg: Config, catalog: Catalog, concurrency: int = 64, progress
     try:
         catalog.clear_dicom_index()
         workers = [asyncio.create_task(worker()) for _ in range(concurrency)]
-        async for page in lister.list_all():
-            for item in page:
-                await queue.put(item)
+        async for page in lister.walk():
+            for path, size, _mtime, _etag in page:
+                await queue.put((path, size))
         for _ in workers:
             await queue.put(None)
         await asyncio.gather(*workers)

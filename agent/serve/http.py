@@ -145,6 +145,14 @@ def status_lines(h: dict[str, Any]) -> list[tuple[str, str]]:
         rows.append(("prefetch", f"{p['state']}, window {p['window']}, last run "
                                  f"{human_bytes(p['last_run']['fetched_bytes'])}"
                                  + (f" (stopped: {p['last_run']['stopped']})" if p["last_run"]["stopped"] else "")))
+    if h.get("ha"):
+        a, peer = h["ha"], h["ha"]["peer"]
+        last = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(a["last_takeover"])) if a["last_takeover"] else "never"
+        rows.append(("HA role", f"{a['role']} (keepalived {a['keepalived']}); last take-over {last}"
+                                + (f"; not eligible: {a['reason']}" if a["reason"] else "")))
+        rows.append(("HA peer", "not configured" if not peer else f"{peer['url']}: " + (
+            f"{peer.get('role')} ({peer.get('status')})" if peer.get("reachable") else
+            f"UNREACHABLE ({peer.get('error')})")))
     if h.get("eviction"):
         rows.append(("eviction", h["eviction"]["policy"]))
     if h.get("model"):

@@ -509,6 +509,82 @@ class Catalog:
                     ((p, parent_of(p), name_of(p), size, mtime) for p, size, mtime in chunk)).rowcount
         return added
 
+    # --- following the active box's namespace (HA standby, agent/ha.py) -----------------------
+
+    def follow_begin(self) -> None:
+        self.db.execute("CREATE TEMP TABLE IF NOT EXISTS follow_seen (path TEXT PRIMARY KEY) WITHOUT ROWID")
+        self.db.execute("DELETE FROM follow_seen")
+
+    def follow_batch(self, objects: list[tuple[str, int, float, str | None]]) -> tuple[int, int, list[str]]:
+        """One page of a full listing of the bucket (path, size, mtime, etag): a new object becomes a clean,
+        uncached file; a clean file whose object changed (size or etag) takes the new object and drops its
+        cached copy. Dirty rows are this box's own queue and stay. → (added, changed, blobs to delete)."""
+        now, added, changed, stale = time.time(), 0, 0, []
+        with self._tx(durable=False):
+            self.db.executemany("INSERT OR IGNORE INTO follow_seen VALUES (?)", ((o[0],) for o in objects))
+            for path, size, mtime, etag in objects:
+                e = self.get(path)
+                if e is None:
+                    try:
+                        self._ensure_dirs(path, now)
+                    except NotADirectory:
+                        continue  # a key below a file's name: not representable, as in a listing
+                    self.db.execute(
+                        "INSERT INTO entries (path, parent, name, is_dir, size, mtime, state, etag, gen) "
+                        "VALUES (?, ?, ?, 0, ?, ?, 'clean', ?, 1)", (path, parent_of(path), name_of(path), size,
+                                                                      mtime, etag))
+                    added += 1
+                # Only a newer object replaces a clean row: a page listed before this box's own upload
+                # still shows the object that upload replaced.
+                elif not e.is_dir and e.state == "clean" and mtime > e.mtime and (
+                        e.size != size or (etag and e.etag and etag.strip('"') != e.etag.strip('"'))):
+                    self.db.execute(
+                        "UPDATE entries SET size = ?, mtime = ?, etag = ?, sha256 = NULL, version_id = NULL, "
+                        "blob = NULL, gen = gen + 1 WHERE path = ?", (size, mtime, etag, path))
+                    stale += [e.blob] if e.blob else []
+                    changed += 1
+                elif not e.is_dir and e.state == "clean" and e.etag is None and etag and e.size == size:
+                    # e.g. a row from an S3 inventory: the ETag its next conditional overwrite needs
+                    self.db.execute("UPDATE entries SET etag = ? WHERE path = ?", (etag, path))
+        return added, changed, stale
+
+    def follow_end(self) -> int:
+        """After a complete listing: forget clean, uncached files whose object is gone. → how many."""
+        with self._tx(durable=False):
+            gone = self.db.execute(
+                "DELETE FROM entries WHERE is_dir = 0 AND state = 'clean' AND blob IS NULL "
+                "AND path NOT IN (SELECT path FROM follow_seen)").rowcount
+            self.db.execute("DELETE FROM follow_seen")
+        return gone
+
+    def adopt_remote(self, path: str, gen: int, size: int | None, etag: str | None) -> str | None:
+        """This box's queued content lost to the other HA box's newer object: the row takes that object
+        (uncached; or goes, when the object was deleted). → the blob to delete."""
+        with self._tx():
+            e = self.get(path)
+            if e is None or e.gen != gen:
+                return None
+            if size is None:
+                self.db.execute("DELETE FROM entries WHERE path = ? AND gen = ?", (path, gen))
+            else:
+                self.db.execute(
+                    "UPDATE entries SET state = 'clean', size = ?, etag = ?, sha256 = NULL, version_id = NULL, "
+                    "blob = NULL, copy_from = NULL, dirty_since = NULL, attempts = 0, next_attempt = 0, "
+                    "last_error = NULL, gen = gen + 1 WHERE path = ? AND gen = ?", (size, etag, path, gen))
+        return e.blob
+
+    def hot_paths(self, limit: int) -> list[str]:
+        """The most recently used files this box has cached (clean): its hot set, hottest first."""
+        return [r[0] for r in self.db.execute(
+            "SELECT path FROM entries WHERE state = 'clean' AND blob IS NOT NULL ORDER BY last_access DESC LIMIT ?",
+            (limit,))]
+
+    def unlist_all(self) -> None:
+        """Every directory is listed again on its next use (a take-over: the old active may have written
+        since the standby's last sync)."""
+        with self._tx(durable=False):
+            self.db.execute("UPDATE entries SET listed = 0 WHERE is_dir = 1")
+
     # --- upload queue ----------------------------------------------------------------------
 
     def claim(self, path: str, gen: int) -> bool:

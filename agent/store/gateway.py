@@ -221,6 +221,7 @@ class Gateway:
         self.audit = audit
         self.worm = WormPolicy(cfg.compliance)
         self.fetch_refusal = ""  # set under critical pressure: no new fetches from S3
+        self.write_refusal = ""  # set on the standby box of an HA pair (agent/ha.py): no changes
         self._fills: dict[str, _Fill] = {}
         self._listings: dict[str, asyncio.Future] = {}
         self.access = AccessStats(cfg.prefetch.dir_depth)
@@ -243,6 +244,10 @@ class Gateway:
         await self._flush_access()
 
     # --- namespace ------------------------------------------------------------------------------
+
+    def _check_writable(self, path: str) -> None:
+        if self.write_refusal:
+            raise Unavailable(path, self.write_refusal)
 
     async def stat(self, path: str) -> Entry:
         e = await self.db.get(path)
@@ -296,18 +301,21 @@ class Gateway:
 
     async def mkdir(self, path: str, who: Who | None = None) -> None:
         async with self.audit.op(who, "mkdir", path):
+            self._check_writable(path)
             await self._ensure_listed(parent_of(path), missing_ok=True)
             await self.db.mkdir(path)
         log.info("mkdir", path=path)
 
     async def rmdir(self, path: str, who: Who | None = None) -> None:
         async with self.audit.op(who, "rmdir", path):
+            self._check_writable(path)
             await self._ensure_listed(path)
             await self.db.rmdir(path)
         log.info("rmdir", path=path)
 
     async def delete(self, path: str, who: Who | None = None) -> None:
         async with self.audit.op(who, "delete", path):
+            self._check_writable(path)
             self.worm.check_mutable(await self.stat(path), time.time())
             blob = await self.db.delete(path)
         if blob:
@@ -317,6 +325,7 @@ class Gateway:
 
     async def rename(self, src: str, dst: str, who: Who | None = None) -> None:
         async with self.audit.op(who, "rename", src, to=dst):
+            self._check_writable(src)
             e = await self.stat(src)
             self.worm.check_mutable(e, time.time())
             if e.is_dir:
@@ -344,6 +353,7 @@ class Gateway:
                          who: Who | None = None) -> WriteHandle:
         """Start writing path; offset > 0 resumes (REST/append): the existing first bytes are kept."""
         async with self.audit.op(who, "store", path, record_ok=False):
+            self._check_writable(path)
             if not path:
                 raise IsADirectory(path)
             await self._ensure_listed(parent_of(path), missing_ok=True)

@@ -72,6 +72,13 @@ def error_code(exc: BaseException) -> str:
     return type(exc).__name__
 
 
+def precondition_failed(exc: BaseException) -> bool:
+    """S3 refused a conditional write (If-Match / If-None-Match): the object is not the one expected."""
+    return isinstance(exc, ClientError) and (
+        error_code(exc) in ("PreconditionFailed", "ConditionalRequestConflict")
+        or exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 412)
+
+
 def meta_sha(metadata: dict[str, str] | None) -> str | None:
     """The sha256 user metadata; some servers (rclone) change the key's case, and S3 keys are headers."""
     return {k.lower(): v for k, v in (metadata or {}).items()}.get(META_SHA)
@@ -140,32 +147,36 @@ class S3Uplink:
     # --- writes --------------------------------------------------------------------------------
 
     async def put_file(self, path: str, fd: int, size: int, sha256: str, lock: Lock | None = None,
-                       meta: ObjectMeta | None = None) -> PutResult:
+                       meta: ObjectMeta | None = None, condition: dict[str, str] | None = None) -> PutResult:
         """Upload the content behind fd (read with pread, so the caller's offset is untouched).
 
         With a lock, the object is written with S3 Object Lock retention (and legal hold) in one request;
-        meta adds user metadata and tags (the DICOM header) to the same request.
+        meta adds user metadata and tags (the DICOM header) to the same request. A condition
+        ({"IfMatch": etag} or {"IfNoneMatch": "*"}) makes S3 refuse the write (412) when the object is not the
+        one this box last knew: an HA pair never overwrites the other box's newer content.
         """
         lock_args = lock.s3_args() if lock else {}
         metadata = {**(meta.metadata if meta else {}), META_SHA: sha256}
         if meta and meta.tags:
             lock_args["Tagging"] = meta.tagging()
+        condition = condition or {}
         if size >= self.cfg.multipart_threshold:
-            return await self._put_multipart(path, fd, size, sha256, lock_args, metadata)
+            return await self._put_multipart(path, fd, size, sha256, lock_args, metadata, condition)
         body = await asyncio.to_thread(read_verified, fd, size, sha256)
         if body is None:
             raise ChecksumMismatch(f"{path}: cached content does not match its catalog checksum")
         await self.up_bucket.acquire(size)
         resp = await self._client.put_object(
             Bucket=self.cfg.bucket, Key=self.key(path), Body=body,
-            ChecksumSHA256=b64(sha256), Metadata=metadata, **lock_args)
+            ChecksumSHA256=b64(sha256), Metadata=metadata, **lock_args, **condition)
         returned = resp.get("ChecksumSHA256")
         if returned is not None and returned != b64(sha256):
             raise ChecksumMismatch(f"{path}: object store answered checksum {returned}")
         return PutResult(resp.get("ETag"), resp.get("VersionId"))
 
     async def _put_multipart(self, path: str, fd: int, size: int, sha256: str,
-                             lock_args: dict[str, object], metadata: dict[str, str]) -> PutResult:
+                             lock_args: dict[str, object], metadata: dict[str, str],
+                             condition: dict[str, str]) -> PutResult:
         key, chunk = self.key(path), self.cfg.multipart_chunk
         mpu = await self._client.create_multipart_upload(
             Bucket=self.cfg.bucket, Key=key, ChecksumAlgorithm="SHA256", Metadata=metadata, **lock_args)
@@ -187,7 +198,7 @@ class S3Uplink:
             if whole.hexdigest() != sha256:
                 raise ChecksumMismatch(f"{path}: cached content does not match its catalog checksum")
             done = await self._client.complete_multipart_upload(
-                Bucket=self.cfg.bucket, Key=key, UploadId=upload_id, MultipartUpload={"Parts": parts})
+                Bucket=self.cfg.bucket, Key=key, UploadId=upload_id, MultipartUpload={"Parts": parts}, **condition)
         except BaseException:
             with contextlib.suppress(Exception):
                 await asyncio.shield(self._client.abort_multipart_upload(
@@ -257,11 +268,21 @@ class S3Uplink:
                 return None
             raise
 
-    async def list_all(self) -> AsyncIterator[list[tuple[str, int]]]:
-        """Every object under the namespace prefix, a page (path, size) at a time (no delimiter: recursive)."""
+    async def walk(self) -> AsyncIterator[list[tuple[str, int, float, str | None]]]:
+        """Every object of the namespace, a listing page at a time: (path, size, mtime, etag). Keys that are
+        no valid namespace path (empty, '.' or '..' segments, directory markers) are left out."""
+        prefix = self.cfg.prefix
         paginator = self._client.get_paginator("list_objects_v2")
-        async for page in paginator.paginate(Bucket=self.cfg.bucket, Prefix=self.cfg.prefix):
-            yield [(o["Key"][len(self.cfg.prefix):], o["Size"]) for o in page.get("Contents", [])]
+        async for page in paginator.paginate(Bucket=self.cfg.bucket, Prefix=prefix):
+            rows = []
+            for obj in page.get("Contents", []):
+                path = obj["Key"][len(prefix):]
+                if any(part in ("", ".", "..") for part in path.split("/")):
+                    continue
+                mtime = obj["LastModified"]
+                rows.append((path, obj["Size"], mtime.timestamp() if isinstance(mtime, datetime) else float(mtime),
+                             obj.get("ETag")))
+            yield rows
 
     async def list_dir(self, path: str) -> RemoteListing:
         prefix = self.key(path + "/" if path else "")

@@ -25,12 +25,14 @@ from agent.metrics import Metrics
 from agent.store.cache import Cache
 from agent.store.catalog import Entry
 from agent.store.worm import WormPolicy
-from agent.uplink.s3 import S3Uplink, error_code, is_unreachable
+from agent.uplink.s3 import PutResult, S3Uplink, error_code, is_unreachable, meta_sha, precondition_failed
 
 log = structlog.get_logger("pacsgw.uplink")
 
 PROBE_INTERVAL = 2.0
 IDLE_POLL = 5.0
+LINE_CHECK_TIMEOUT = 3.0
+CONFLICTS = ".pacsgw-conflicts"  # where an HA box keeps content it must not write over the other box's
 
 
 def backoff(attempts: int, base: float = 1.0, cap: float = 300.0) -> float:
@@ -82,6 +84,8 @@ class Uploader:
         self._key_locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
         self._tasks: set[asyncio.Task] = set()
         self._loops: list[asyncio.Task] = []
+        # In an HA pair (agent/ha.py) every PUT is conditional: never over an object this box did not know.
+        self.conditional = False
 
     # --- lifecycle ----------------------------------------------------------------------------
 
@@ -131,6 +135,18 @@ class Uploader:
             self._reachable.set()
             self.wake()
         self.metrics.uplink_up.set(1)
+
+    async def check_line(self) -> None:
+        """Probe the line now, not only when an upload fails: an HA box must give up the address on a dead
+        line even when no upload is in flight."""
+        if not self.health.reachable:
+            return  # the probe loop runs until the line is back
+        try:
+            # A pooled connection into a dead line waits for the whole read timeout: a HEAD answers faster.
+            await asyncio.wait_for(self.s3.probe(), LINE_CHECK_TIMEOUT)
+        except Exception as e:  # noqa: BLE001 - only 'unreachable' matters here; uploads report the rest
+            if is_unreachable(e):
+                self._unreachable(e)
 
     async def _probe(self) -> None:
         while not self.health.reachable:
@@ -190,15 +206,40 @@ class Uploader:
     async def _upload(self, e: Entry):  # noqa: ANN202
         if e.blob is None:
             raise FileNotFoundError(f"{e.path}: no cached content to upload")
+        # The object this box last knew (its etag), or none at all: S3 refuses the PUT if that changed.
+        condition = ({"IfMatch": e.etag} if e.etag else {"IfNoneMatch": "*"}) if self.conditional else None
         fd = await asyncio.to_thread(self.cache.open_blob, e.blob)
         try:
             meta = await asyncio.to_thread(self.describe, e.path, fd, e.size) if self.describe else None
-            result = await self.s3.put_file(e.path, fd, e.size, e.sha256, self.worm.lock_for(e.path, e.mtime), meta)
+            try:
+                result = await self.s3.put_file(e.path, fd, e.size, e.sha256, self.worm.lock_for(e.path, e.mtime),
+                                                meta, condition)
+            except Exception as exc:
+                if condition is None or not precondition_failed(exc):
+                    raise
+                result = await self._not_overwritten(e, fd)
         finally:
             os.close(fd)
         if meta and (row := index_row(e.path, e.size, meta.metadata)):
             await self.db.index_dicom([row])
         self.metrics.uploaded_bytes.inc(e.size)
+        return result
+
+    async def _not_overwritten(self, e: Entry, fd: int) -> PutResult:
+        """A conditional PUT was refused: the key holds an object this box did not know."""
+        head = await self.s3.head(e.path)
+        if head is not None and meta_sha(head.get("Metadata")) == e.sha256:
+            return PutResult(head.get("ETag"), head.get("VersionId"))  # our own PUT, whose answer was lost
+        # The other box stored this path after this box last saw it (its content is the newer one: this box's
+        # queue predates its failure). Keep this copy beside the namespace and take the other box's object.
+        side = f"{CONFLICTS}/{e.path}.{e.sha256[:16]}"
+        result = await self.s3.put_file(side, fd, e.size, e.sha256)
+        blob = await self.db.adopt_remote(e.path, e.gen, head["ContentLength"] if head else None,
+                                          head.get("ETag") if head else None)
+        if blob:
+            self.cache.remove(blob)
+        log.error("ha_conflict", path=e.path, kept_as=side, remote_etag=head.get("ETag") if head else None,
+                  reason="the other box of the HA pair wrote this path after this box last knew it; its object stays")
         return result
 
     async def _copy_or_upload(self, e: Entry):  # noqa: ANN202

@@ -1,0 +1,257 @@
+"""Two boxes, one address: this box's role in an active/standby pair behind a keepalived (VRRP) address.
+
+keepalived decides who holds the floating address; agent/hahook.py is its health check (this agent's /healthz)
+and its notify hook, which writes keepalived's state to a role file that this module polls:
+- standby: refuses writes (the PACS stores to the floating address, i.e. to the active box), follows the bucket
+  into its catalog every `follow_seconds` so that a take-over serves every object at once, and uploads its own
+  queue (a box that returns after a failure); /healthz says it may not hold the address until that queue is empty.
+- active: takes writes. On a take-over every directory is listed again on its next use (files the old active
+  stored after the standby's last follow).
+Every PUT of a pair is conditional (If-Match / If-None-Match, agent/uplink/uploader.py): a box never writes over
+an object it did not know, so two boxes never leave one key with the older content.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import psutil
+import structlog
+from prometheus_client import Counter, Gauge
+
+from agent.audit import AuditLog, Who
+from agent.config import Config
+from agent.metrics import Metrics
+from agent.store.cache import Cache
+from agent.store.gateway import Gateway
+from agent.uplink.s3 import S3Uplink, error_code
+from agent.uplink.uploader import Uploader
+
+log = structlog.get_logger("pacsgw.ha")
+
+ROLE_POLL = 0.2  # seconds: part of the fail-over time
+PEER_POLL = 2.0
+LINE_POLL = 2.0
+HA_DIR = ".pacsgw-ha"  # the pair's own objects, in the namespace's prefix, never followed as files
+HOT_PATH = f"{HA_DIR}/hot.json"  # the active box's hot set, published every follow_seconds
+HOT_FILES = 2000
+HOT_MAX_BYTES = 4 * 1024 * 1024
+STANDBY_REFUSAL = "this is the standby box of an HA pair: store to the pair's floating address"
+SYSTEM = Who(user="keepalived", protocol="ha")
+
+
+def read_role_file(path: Path, boot_time: float) -> str:
+    """keepalived's last state for this box: MASTER, BACKUP, FAULT, STOP or UNKNOWN (no file, unreadable, or
+    written before this boot: the role file belongs in /run, but a stale MASTER must never make a box active)."""
+    try:
+        st = path.stat()
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return "UNKNOWN"
+    if st.st_mtime < boot_time or not isinstance(data, dict):
+        return "UNKNOWN"
+    state = data.get("state")
+    return state if state in ("MASTER", "BACKUP", "FAULT", "STOP") else "UNKNOWN"
+
+
+def ineligible(role: str, queue_files: int, draining: bool) -> str:
+    """Why this box may not hold the floating address now ('' if it may). A standby with files of its own not
+    yet in object storage (a box back from a failure) uploads them first: no box with a queue takes over."""
+    if draining:
+        return "draining for shutdown"
+    if role == "standby" and queue_files:
+        return (f"{queue_files} files of this box not yet in object storage: uploading them before competing "
+                "for the address")
+    return ""
+
+
+@dataclass
+class HaState:
+    role: str = "standby"
+    keepalived: str = "UNKNOWN"
+    since: float = field(default_factory=time.time)
+    last_takeover: float | None = None
+    takeovers: int = 0
+    followed_at: float | None = None
+    followed: dict[str, Any] = field(default_factory=dict)
+    peer: dict[str, Any] = field(default_factory=dict)
+
+
+class HaMonitor:
+    def __init__(self, cfg: Config, gateway: Gateway, uploader: Uploader, s3: S3Uplink, cache: Cache,
+                 audit: AuditLog, metrics: Metrics) -> None:
+        self.cfg, self.gateway, self.uploader, self.s3, self.cache, self.audit = (
+            cfg.ha, gateway, uploader, s3, cache, audit)
+        self.db = gateway.db
+        self.state = HaState()
+        self._boot = psutil.boot_time()
+        self._follow_lock = asyncio.Lock()
+        self._tasks: list[asyncio.Task] = []
+        r = metrics.registry
+        self.m_active = Gauge("pacsgw_ha_active", "1 when this box is the active box of its HA pair", registry=r)
+        self.m_peer_up = Gauge("pacsgw_ha_peer_up", "1 when the HA peer's /healthz answered", registry=r)
+        self.m_takeovers = Counter("pacsgw_ha_takeovers", "Times this box became the active box", registry=r)
+        self.m_last_takeover = Gauge("pacsgw_ha_last_takeover_timestamp_seconds",
+                                     "When this box last became the active box (0: never)", registry=r)
+        self.m_followed = Gauge("pacsgw_ha_followed_timestamp_seconds",
+                                "When the standby last followed the bucket into its catalog", registry=r)
+
+    async def start(self) -> None:
+        self.uploader.conditional = True
+        self.gateway.write_refusal = STANDBY_REFUSAL
+        self._apply(read_role_file(Path(self.cfg.role_file), self._boot))
+        self._tasks = [asyncio.create_task(self._watch_role(), name="ha-role"),
+                       asyncio.create_task(self._follow_loop(), name="ha-follow"),
+                       asyncio.create_task(self._watch_line(), name="ha-line")]
+        if self.cfg.peer:
+            self._tasks.append(asyncio.create_task(self._watch_peer(), name="ha-peer"))
+
+    async def stop(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    # --- the role -------------------------------------------------------------------------------
+
+    async def _watch_role(self) -> None:
+        path = Path(self.cfg.role_file)
+        while True:
+            await asyncio.sleep(ROLE_POLL)
+            self._apply(await asyncio.to_thread(read_role_file, path, self._boot))
+
+    def _apply(self, keepalived_state: str) -> None:
+        role = "active" if keepalived_state == "MASTER" else "standby"
+        changed_state = keepalived_state != self.state.keepalived
+        self.state.keepalived = keepalived_state
+        if role == self.state.role:
+            if changed_state:
+                log.info("ha_state", role=role, keepalived=keepalived_state)
+            return
+        previous, now = self.state.role, time.time()
+        self.state.role, self.state.since = role, now
+        self.m_active.set(1 if role == "active" else 0)
+        self.gateway.write_refusal = "" if role == "active" else STANDBY_REFUSAL
+        if role == "active":
+            self.state.takeovers += 1
+            self.state.last_takeover = now
+            self.m_takeovers.inc()
+            self.m_last_takeover.set(now)
+            self._tasks.append(asyncio.create_task(self.db.unlist_all(), name="ha-unlist"))
+        log.warning("ha_takeover" if role == "active" else "ha_standby", role=role, previous=previous,
+                    keepalived=keepalived_state)
+        self.audit.record(SYSTEM, "ha_role", "/", role=role, previous=previous, keepalived=keepalived_state)
+
+    def health(self, queue_files: int, draining: bool) -> dict[str, Any]:
+        """/healthz's `ha`: the role, and whether this box may hold the address (agent/hahook.py)."""
+        reason = ineligible(self.state.role, queue_files, draining)
+        s = self.state
+        return {"role": s.role, "keepalived": s.keepalived, "since": s.since, "eligible": not reason,
+                "reason": reason, "last_takeover": s.last_takeover, "takeovers": s.takeovers,
+                "followed": s.followed, "peer": s.peer}
+
+    # --- following the bucket (standby) ---------------------------------------------------------
+
+    async def _follow_loop(self) -> None:
+        """Standby: follow the bucket, then prefetch the active box's hot set. Active: publish the hot set."""
+        while True:
+            if self.uploader.reachable:
+                try:
+                    if self.state.role == "standby":
+                        await self.follow()
+                        await self.prefetch_hot()
+                    else:
+                        await self.publish_hot()
+                except Exception as e:  # noqa: BLE001 - the next pass tries again
+                    log.warning("ha_follow_failed", role=self.state.role, error=error_code(e), detail=str(e)[:200])
+            await asyncio.sleep(self.cfg.follow_seconds)
+
+    async def publish_hot(self) -> None:
+        paths = await self.db.hot_paths(HOT_FILES)
+        body = json.dumps({"time": time.time(), "paths": paths}).encode()
+        await self.s3.put_raw(self.s3.key(HOT_PATH), body)
+
+    async def prefetch_hot(self) -> dict[str, int]:
+        """Bring the active box's hot set into this box's cache, hottest first, up to prefetch_bytes (files
+        already cached count too); downloads go through the line's bandwidth cap like any fetch."""
+        if not self.cfg.prefetch_bytes:
+            return {}
+        head = await self.s3.head(HOT_PATH)
+        if head is None or head["ContentLength"] > HOT_MAX_BYTES:
+            return {}
+        async with self.s3.get(HOT_PATH) as (_size, _sha, chunks):
+            body = b"".join([c async for c in chunks])
+        try:
+            paths = json.loads(body)["paths"]
+        except (ValueError, KeyError, TypeError):
+            log.warning("ha_hot_set_unreadable", key=HOT_PATH)
+            return {}
+        held = fetched = files = 0
+        deadline = time.monotonic() + self.cfg.follow_seconds  # the next follow must not wait for a long prefetch
+        for path in paths[:HOT_FILES] if isinstance(paths, list) else []:
+            if self.state.role != "standby" or not isinstance(path, str) or time.monotonic() > deadline:
+                break
+            e = await self.db.get(path)  # only files the catalog knows: the list names nothing new
+            if e is None or e.is_dir or e.state != "clean" or held + e.size > self.cfg.prefetch_bytes:
+                continue
+            if e.blob is None:
+                if not await self.gateway.prefetch(e):
+                    continue
+                fetched, files = fetched + e.size, files + 1
+            held += e.size
+        if files:
+            log.info("ha_prefetched", files=files, bytes=fetched, hot_set_bytes=held)
+        return {"files": files, "bytes": fetched}
+
+    async def follow(self) -> dict[str, Any]:
+        """One pass over the whole namespace in the bucket into the catalog (new, changed and gone objects)."""
+        async with self._follow_lock:
+            t0, added, changed, objects = time.monotonic(), 0, 0, 0
+            await self.db.follow_begin()
+            async for page in self.s3.walk():
+                page = [o for o in page if not o[0].startswith(HA_DIR + "/")]
+                a, c, stale = await self.db.follow_batch(page)
+                added, changed, objects = added + a, changed + c, objects + len(page)
+                for blob in stale:
+                    self.cache.remove(blob)
+            gone = await self.db.follow_end()
+            self.state.followed_at = time.time()
+            self.state.followed = {"at": self.state.followed_at, "objects": objects, "added": added,
+                                   "changed": changed, "gone": gone, "seconds": round(time.monotonic() - t0, 3)}
+            self.m_followed.set(self.state.followed_at)
+            if added or changed or gone:
+                log.info("ha_followed", **self.state.followed)
+            return self.state.followed
+
+    async def _watch_line(self) -> None:
+        """A dead line must show on /healthz (and so move the address) even when nothing is uploading."""
+        while True:
+            await asyncio.sleep(LINE_POLL)
+            await self.uploader.check_line()
+
+    # --- the peer -------------------------------------------------------------------------------
+
+    async def _watch_peer(self) -> None:
+        url = self.cfg.peer.rstrip("/") + "/healthz"
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=PEER_POLL)) as session:
+            while True:
+                peer: dict[str, Any] = {"url": self.cfg.peer, "checked": time.time()}
+                try:
+                    async with session.get(url) as r:
+                        h = await r.json()
+                    ha = h.get("ha") or {}
+                    peer |= {"reachable": True, "status": h.get("status"), "role": ha.get("role"),
+                             "eligible": ha.get("eligible")}
+                except Exception as e:  # noqa: BLE001 - a dead peer is what this watches for
+                    peer |= {"reachable": False, "error": error_code(e)}
+                if peer["reachable"] != self.state.peer.get("reachable") or \
+                        peer.get("role") != self.state.peer.get("role"):
+                    log.warning("ha_peer", **{k: v for k, v in peer.items() if k != "checked"})
+                self.state.peer = peer
+                self.m_peer_up.set(1 if peer["reachable"] else 0)
+                await asyncio.sleep(PEER_POLL)
