@@ -1,4 +1,4 @@
-"""`pacsgw gen-trace`, `pacsgw simulate` and `pacsgw train` (wired into agent/cli.py by `register`).
+"""`pacsgw gen-trace`, `import-trace`, `simulate` and `train` (wired into agent/cli.py by `register`).
 
 Also runnable without the CLI: `python -m agent.sim.commands gen-trace ...`.
 """
@@ -53,6 +53,17 @@ def register(subparsers) -> None:  # noqa: ANN001 - argparse's private _SubParse
     s.add_argument("--no-progress", action="store_true")
     s.set_defaults(func=cmd_simulate)
 
+    m = subparsers.add_parser("import-trace", help="convert CSV, the agent's audit log or xferlog into a trace")
+    m.add_argument("src", help="CSV (ts,op,path,size[,patient,study,modality,dept]), audit log or xferlog")
+    m.add_argument("dst", help="trace file to write (.gz: compressed)")
+    m.add_argument("--format", default="auto", help="csv | audit | xferlog | auto (from the first line)")
+    m.add_argument("--start", default=None,
+                   help="YYYY-MM-DD: the day CSV times count from (default 2026-01-05); for logs, "
+                        "the day the trace starts (default: the first request's)")
+    m.add_argument("--series-dirs", type=int, default=1,
+                   help="without a study column: directory levels between a file and its study (default 1)")
+    m.set_defaults(func=cmd_import_trace)
+
     t = subparsers.add_parser("train", help="train the hotness LSTM (needs the `train` extra)")
     t.add_argument("args", nargs=argparse.REMAINDER, help="arguments for models/train.py")
     t.set_defaults(func=cmd_train)
@@ -86,18 +97,44 @@ def cmd_gen_trace(ns: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_import_trace(ns: argparse.Namespace) -> int:
+    from agent.sim.importer import TraceImportError, import_trace
+    if ns.series_dirs < 0:
+        print("import-trace: --series-dirs must be 0 or more", file=sys.stderr)
+        return 2
+    try:
+        summary = import_trace(ns.src, ns.dst, ns.format, ns.start, ns.series_dirs)
+    except (OSError, TraceImportError) as e:
+        print(f"import-trace: {e}", file=sys.stderr)
+        return 2
+    print(summary.text())
+    print(f"  wrote {ns.dst}")
+    return 0
+
+
 def cmd_simulate(ns: argparse.Namespace) -> int:
     from agent.sim.replay import LatencyModel, ReplayConfig, replay
-    from agent.sim.report import write_report
-    from agent.sim.trace import load_arrays
+    from agent.sim.report import unit_of, write_report
+    from agent.sim.trace import check_replayable, load_arrays
 
-    cfg = ReplayConfig(capacity=parse_size(ns.capacity), warmup_days=ns.warmup_days,
-                       latency=LatencyModel(line_bps=parse_rate(ns.line_rate)),
-                       prefetch_bps=parse_rate(ns.prefetch_rate), model=ns.model)
+    try:
+        capacity = parse_size(ns.capacity)
+        line_bps, prefetch_bps = parse_rate(ns.line_rate), parse_rate(ns.prefetch_rate)
+    except ValueError:
+        print(f"simulate: --capacity {ns.capacity!r}, --line-rate {ns.line_rate!r} and --prefetch-rate "
+              f"{ns.prefetch_rate!r} must be sizes such as 3GB, 0.5TB, 10MB", file=sys.stderr)
+        return 2
+    cfg = ReplayConfig(capacity=capacity, warmup_days=ns.warmup_days, latency=LatencyModel(line_bps=line_bps),
+                       prefetch_bps=prefetch_bps, model=ns.model, capacity_unit=unit_of(ns.capacity))
     progress = not ns.no_progress
     timings: dict[str, float] = {}
     with _timed(timings, "load trace"):
-        ta = load_arrays(ns.trace, progress=progress)
+        try:
+            ta = load_arrays(ns.trace, progress=progress)
+            check_replayable(ta)     # before any scheme runs, not after the first hour of them
+        except (OSError, ValueError) as e:
+            print(f"simulate: {ns.trace}: {e}", file=sys.stderr)
+            return 2
     results = []
     schemes = [s for s in ns.schemes.split(",") if s]
     for scheme in schemes:

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from agent.sim.trace import TraceArrays
+from agent.sim.trace import TraceArrays, check_replayable
 from agent.sim.workload import DAY
 
 ORACLE = np.dtype([("t", "<u4"), ("id", "<u8"), ("size", "<u4"), ("next", "<i8")])
@@ -62,15 +62,6 @@ def write_oracle(obj: np.ndarray, size_bytes: np.ndarray, t: np.ndarray, path: s
     rec.tofile(path)
 
 
-def check_writes_first(ta: TraceArrays) -> None:
-    """Every write must be its object's first request (the read-miss arithmetic relies on it)."""
-    _, first = np.unique(ta.obj, return_index=True)
-    is_first = np.zeros(ta.n, dtype=bool)
-    is_first[first] = True
-    if np.any(ta.is_write & ~is_first):
-        raise ValueError("trace has a write that is not its object's first request")
-
-
 def _make(name: str, cap_kib: int, hashpower: int = 24):  # noqa: ANN202
     import libcachesim as lcs
     if name == "S3FIFO" and cap_kib < 10:
@@ -83,7 +74,7 @@ def _make(name: str, cap_kib: int, hashpower: int = 24):  # noqa: ANN202
 def run_reference(ta: TraceArrays, capacity: int, warmup_days: float = 3.0,
                   algorithms: tuple[str, ...] = ALGORITHMS) -> list[ReferenceResult]:
     return run_arrays(ta.obj, ta.size, ta.t, ta.is_write, capacity, warmup_days * DAY, algorithms,
-                      check=lambda: check_writes_first(ta))
+                      check=lambda: check_replayable(ta))
 
 
 def run_arrays(obj: np.ndarray, size: np.ndarray, t: np.ndarray, is_write: np.ndarray, capacity: int,

@@ -80,6 +80,7 @@ class ReplayConfig:
     priors_k: int = 3                  # ours: prior studies considered per new study
     priors_window_s: float = 3600.0    # ours: a prior plan must be fetched within this
     model: str | None = None           # .tflite for scheme C (default: models/hotness.tflite)
+    capacity_unit: str | None = None   # the unit the capacity was given in, for the report ('GB')
 
 
 SCHEMES: dict[str, tuple[str, str | None]] = {

@@ -19,12 +19,31 @@ NAMES = {"A": "A: LRU (rclone default)", "B": "B: 90-day rule", "C": "C: LSTM pr
          "kmeans": "K-means eviction only"}
 
 
+_UNITS = {"B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9, "TB": 1e12, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30,
+          "TiB": 2**40}
+
+
+def unit_of(text: str) -> str | None:
+    """The unit a size was given in ('3GB' → 'GB', '0.5 tib' → 'TiB'); None for bare bytes."""
+    letters = "".join(c for c in text if c.isalpha()).lower()
+    letters = {"k": "kb", "m": "mb", "g": "gb", "t": "tb"}.get(letters, letters)
+    return next((u for u in _UNITS if u.lower() == letters and u != "B"), None)
+
+
+def fmt_bytes(n: float, unit: str | None = None) -> str:
+    """`n` bytes in `unit`, or in the largest SI unit of which it holds at least one."""
+    if unit is None:
+        unit = next((u for u in ("TB", "GB", "MB", "KB") if abs(n) >= _UNITS[u]), "B")
+    v = n / _UNITS[unit]
+    return f"{v:,.0f} {unit}" if v >= 100 or unit == "B" else f"{v:,.2f} {unit}"
+
+
 def memory_line(scheme: str, ta: TraceArrays, catalog: CatalogMemory | None) -> str:
     """Ours: the SQLite catalog as measured (RAM; SSD bytes per row scaled to the archive's files).
     A, B and C run on rclone (the paper's C did too): its in-RAM cache modelled per TB of archive."""
-    tb = ta.meta.get("archive_bytes", 0) / 1e12
+    archive = ta.meta.get("archive_bytes", 0)
     if scheme not in ("ours", "study"):
-        return f"{RCLONE_GB_PER_TB * tb:,.0f} GB RAM (rclone model, {tb:,.0f} TB archive)"
+        return f"{fmt_bytes(RCLONE_GB_PER_TB * archive / 1000)} RAM (rclone model, {fmt_bytes(archive)} archive)"
     if catalog is None:
         return "not measured"
     files = ta.meta.get("archive_files", 0)
@@ -41,7 +60,7 @@ def table(ta: TraceArrays, results: list[SchemeResult], refs: list,  # noqa: ANN
             "|---|---|---|---|---|---|---|---|\n")
     rows = []
     for r in results:
-        pf = (f"{r.prefetch_bytes / 1e9:,.0f} GB ({r.prefetch_used_bytes / max(r.prefetch_bytes, 1):.0%})"
+        pf = (f"{fmt_bytes(r.prefetch_bytes)} ({r.prefetch_used_bytes / max(r.prefetch_bytes, 1):.0%})"
               if r.prefetch_bytes else "0")
         rows.append(f"| {NAMES.get(r.scheme, r.scheme)} | {r.hit_ratio:.1%} | {r.byte_hit_ratio:.1%} | "
                     f"{r.mean_latency_s * 1000:,.0f} / {r.p95_latency_s * 1000:,.0f} ms | "
@@ -60,10 +79,13 @@ def _ms(s: float) -> str:
 def describe(ta: TraceArrays, cfg: ReplayConfig) -> str:
     m = ta.meta
     reads = ~ta.is_write
-    return (f"Trace: preset `{m.get('preset')}`, seed {m.get('seed')}, {m.get('days')} days from {m.get('start')}, "
+    origin = (f"imported from `{m['import']['source']}` ({m['import']['format']})" if "import" in m
+              else f"preset `{m.get('preset')}`, seed {m.get('seed')}")
+    return (f"Trace: {origin}, {m.get('days')} days from {m.get('start')}, "
             f"{m.get('monthly_tb')} TB/month; {ta.n:,} requests ({int(reads.sum()):,} reads, "
-            f"{ta.size[reads].sum() / 1e12:.2f} TB read; {ta.size[ta.is_write].sum() / 1e12:.2f} TB written). "
-            f"Cache {cfg.capacity / 1e12:.2f} TB; first {cfg.warmup_days:g} days are warm-up (not counted); "
+            f"{fmt_bytes(ta.size[reads].sum())} read; {fmt_bytes(ta.size[ta.is_write].sum())} written). "
+            f"Cache {fmt_bytes(cfg.capacity, cfg.capacity_unit)}; first {cfg.warmup_days:g} days are warm-up "
+            f"(not counted); "
             f"only reads are counted. Latency model: hit = {cfg.latency.ssd_s * 1000:g} ms + size / "
             f"{cfg.latency.ssd_bps / 1e6:g} MB/s; miss = {cfg.latency.rtt_s * 1000:g} ms + size / "
             f"{cfg.latency.line_bps / 1e6:g} MB/s, on an idle line and queued (one FIFO line for all demand "
@@ -129,6 +151,7 @@ def write_report(ta: TraceArrays, cfg: ReplayConfig, results: list[SchemeResult]
     text += "\n" + "\n".join(f"![{n}]({n})" for n in imgs) + "\n"
     (out / "report.md").write_text(text)
     data = {"meta": {k: v for k, v in ta.meta.items() if k != "params"}, "capacity": cfg.capacity,
+            "capacity_text": fmt_bytes(cfg.capacity, cfg.capacity_unit),
             "schemes": [{"scheme": r.scheme, "hit_ratio": r.hit_ratio, "byte_hit_ratio": r.byte_hit_ratio,
                          "mean_latency_s": r.mean_latency_s, "p95_latency_s": r.p95_latency_s,
                          "mean_queued_latency_s": r.mean_queued_latency_s,
