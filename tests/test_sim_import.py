@@ -168,7 +168,7 @@ def test_import_then_simulate(tmp_path: Path, capsys) -> None:  # noqa: ANN001
     assert main(["import-trace", str(tmp_path / "m.csv"), str(tmp_path / "m.tsv")]) == 0
     out = capsys.readouterr().out
     assert "repaired: 360 reads given their object's size" in out and "bad rows" not in out
-    rc = main(["simulate", str(tmp_path / "m.tsv"), "--capacity", "10MB", "--schemes", "A,ours",
+    rc = main(["simulate", str(tmp_path / "m.tsv"), "--capacity", "10MB", "--schemes", "A,ours,agent",
                "--reference", "LRU,Belady", "--warmup-days", "1", "--catalog-rows", "0", "--no-progress",
                "--out", str(tmp_path / "r")])
     assert rc == 0
@@ -176,6 +176,8 @@ def test_import_then_simulate(tmp_path: Path, capsys) -> None:  # noqa: ANN001
     res = json.loads((tmp_path / "r" / "results.json").read_text())
     lru = {r["algorithm"]: r for r in res["reference"]}["LRU"]
     ours_a = {r["scheme"]: r for r in res["schemes"]}["A"]
+    assert [r["default"] for r in res["schemes"]] == [False, False, True]    # the agent's own defaults
+    assert ours_a["gap_closed"]["object"] == 0.0                             # LRU closes none of its gap
     assert abs(lru["hit_ratio"] - ours_a["hit_ratio"]) < 0.02
 
 

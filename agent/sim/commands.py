@@ -40,8 +40,9 @@ def register(subparsers) -> None:  # noqa: ANN001 - argparse's private _SubParse
     s.add_argument("trace")
     s.add_argument("--capacity", required=True, help="cache size, e.g. 1TB")
     s.add_argument("--schemes", default="A,B,C,ours", help="comma list of A, B, C, ours")
-    s.add_argument("--reference", default="LRU,ARC,S3FIFO,Sieve,Belady,BeladySize",
-                   help="libCacheSim algorithms (comma list, or 'none')")
+    s.add_argument("--reference", default="all",
+                   help="libCacheSim algorithms: a comma list, 'all' (LRU, ARC, S3FIFO, Sieve, LRB, GL-Cache, "
+                        "3L-Cache, LeCaR, CACHEUS, GDSF, LHD, Belady, BeladySize) or 'none'")
     s.add_argument("--warmup-days", type=float, default=3.0)
     s.add_argument("--line-rate", default="10MB", help="private line rate for the latency model")
     s.add_argument("--prefetch-rate", default="5MB", help="bandwidth the prefetcher may use")
@@ -135,15 +136,19 @@ def cmd_simulate(ns: argparse.Namespace) -> int:
         except (OSError, ValueError) as e:
             print(f"simulate: {ns.trace}: {e}", file=sys.stderr)
             return 2
+    try:
+        algorithms = _reference_algorithms(ns.reference)
+    except ValueError as e:
+        print(f"simulate: --reference: {e}", file=sys.stderr)
+        return 2
     results = []
     schemes = [s for s in ns.schemes.split(",") if s]
     for scheme in schemes:
         with _timed(timings, f"replay {scheme}"):
             results.append(replay(ta, scheme, cfg, progress=progress))
     refs = []
-    if ns.reference.lower() != "none":
+    if algorithms:
         from agent.sim.reference import run_reference
-        algorithms = tuple(ns.reference.split(","))
         with _timed(timings, f"libCacheSim ({len(algorithms)} algorithms)"):
             refs = run_reference(ta, cfg.capacity, cfg.warmup_days, algorithms)
     catalog = None
@@ -154,6 +159,15 @@ def cmd_simulate(ns: argparse.Namespace) -> int:
     text = write_report(ta, cfg, results, refs, ns.out, title=ns.title, catalog=catalog, timings=timings)
     print(text)
     return 0
+
+
+def _reference_algorithms(text: str) -> tuple[str, ...]:
+    from agent.sim.reference import ALGORITHMS, canonical
+    if text.strip().lower() == "none":
+        return ()
+    if text.strip().lower() == "all":
+        return ALGORITHMS
+    return tuple(canonical(a) for a in text.split(",") if a.strip())
 
 
 @contextlib.contextmanager

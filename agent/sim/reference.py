@@ -1,4 +1,5 @@
-"""The same trace through libCacheSim (LRU, ARC, S3-FIFO, SIEVE, Belady, BeladySize).
+"""The same trace through libCacheSim (LRU, ARC, S3-FIFO, SIEVE, LRB, GL-Cache, 3L-Cache, LeCaR, CACHEUS,
+GDSF, LHD, Belady, BeladySize).
 
 libCacheSim is a dev/bench dependency (it pulls boto3 and pytest), imported only here.
 
@@ -24,7 +25,21 @@ from agent.sim.trace import TraceArrays, check_replayable
 from agent.sim.workload import DAY
 
 ORACLE = np.dtype([("t", "<u4"), ("id", "<u8"), ("size", "<u4"), ("next", "<i8")])
-ALGORITHMS = ("LRU", "ARC", "S3FIFO", "Sieve", "Belady", "BeladySize")
+# the learned and adaptive ones (LRB, GL-Cache, 3L-Cache, LeCaR, CACHEUS) and the size-aware ones (GDSF,
+# LHD) as libCacheSim 0.3.5 implements them, beside the classic ones and the offline optimum
+ALGORITHMS = ("LRU", "ARC", "S3FIFO", "Sieve", "LRB", "GL-Cache", "3L-Cache", "LeCaR", "CACHEUS", "GDSF", "LHD",
+              "Belady", "BeladySize")
+_CLASSES = {"S3FIFO": "S3FIFO", "Sieve": "Sieve", "GL-Cache": "GLCache", "3L-Cache": "ThreeLCache",
+            "CACHEUS": "Cacheus"}
+
+
+def canonical(name: str) -> str:
+    """'glcache' → 'GL-Cache': the report's name of a libCacheSim algorithm, any spelling of it."""
+    key = name.strip().replace("-", "").lower()
+    for known in ALGORITHMS:
+        if key in (known.replace("-", "").lower(), _CLASSES.get(known, "").lower()):
+            return known
+    raise ValueError(f"unknown libCacheSim algorithm {name!r}; known: {', '.join(ALGORITHMS)}")
 
 
 @dataclass
@@ -67,7 +82,7 @@ def _make(name: str, cap_kib: int, hashpower: int = 24):  # noqa: ANN202
     if name == "S3FIFO" and cap_kib < 10:
         # its small queue is 10 % of the cache: below 10 units libCacheSim aborts the process
         raise ValueError("libCacheSim S3FIFO needs a cache of at least 10 KiB")
-    cls = {"S3FIFO": lcs.S3FIFO, "Sieve": lcs.Sieve}.get(name) or getattr(lcs, name)
+    cls = getattr(lcs, _CLASSES.get(name, name))
     return cls(cache_size=int(cap_kib), hashpower=hashpower)
 
 

@@ -9,14 +9,34 @@ from pathlib import Path
 import numpy as np
 
 from agent.sim.catalog_memory import CatalogMemory
-from agent.sim.replay import ReplayConfig, SchemeResult
+from agent.sim.replay import DEFAULT_SCHEME, SCHEMES, ReplayConfig, SchemeResult
 from agent.sim.trace import TraceArrays
 
 RCLONE_GB_PER_TB = 4.16          # rclone's in-RAM directory cache on PACS data (the paper)
 
 NAMES = {"A": "A: LRU (rclone default)", "B": "B: 90-day rule", "C": "C: LSTM prefetch + K-means",
          "ours": "ours: prior-study prefetch + study LRU", "study": "ours without prefetch (study LRU only)",
-         "kmeans": "K-means eviction only"}
+         "kmeans": "K-means eviction only",
+         "agent": "agent default ({} eviction, prefetch: {})".format(*SCHEMES[DEFAULT_SCHEME])}
+
+
+def gaps(results: list[SchemeResult], refs: list) -> dict[str, tuple[float | None, float | None]] | None:  # noqa: ANN001
+    """Share of the LRU→Belady miss gap each scheme closes, (object, byte), each against its own gap.
+
+    LRU is scheme A when it ran (else libCacheSim's LRU); the bound is libCacheSim's Belady (object) and
+    the better of Belady and BeladySize (byte). Belady is demand-only: a prefetching scheme can pass 100 %."""
+    ref = {f.algorithm: f for f in refs}
+    by = {r.scheme: r for r in results}
+    lru = by.get("A") or ref.get("LRU")
+    if lru is None or "Belady" not in ref:
+        return None
+    best_obj = ref["Belady"].hit_ratio
+    best_byte = max(f.byte_hit_ratio for k, f in ref.items() if k.startswith("Belady"))
+
+    def share(x: float, lo: float, hi: float) -> float | None:    # None: LRU is already optimal
+        return (x - lo) / (hi - lo) if hi - lo > 1e-9 else None
+    return {r.scheme: (share(r.hit_ratio, lru.hit_ratio, best_obj),
+                       share(r.byte_hit_ratio, lru.byte_hit_ratio, best_byte)) for r in results}
 
 
 _UNITS = {"B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9, "TB": 1e12, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30,
@@ -55,20 +75,27 @@ def memory_line(scheme: str, ta: TraceArrays, catalog: CatalogMemory | None) -> 
 
 def table(ta: TraceArrays, results: list[SchemeResult], refs: list,  # noqa: ANN001
           catalog: CatalogMemory | None) -> str:
-    head = ("| scheme | object hit ratio | byte hit ratio | mean / p95 latency (idle line) "
-            "| mean / p95 latency (queued) | egress peak (1 min) | prefetch spent (used) | catalog memory |\n"
-            "|---|---|---|---|---|---|---|---|\n")
+    head = ("| scheme | object hit ratio | byte hit ratio | LRU→Belady gap closed (object / byte) "
+            "| mean / p95 latency (idle line) | mean / p95 latency (queued) | egress peak (1 min) "
+            "| prefetch spent (used) | replay CPU per hour of traffic | catalog memory |\n"
+            "|---|---|---|---|---|---|---|---|---|---|\n")
     rows = []
+    closed = gaps(results, refs) or {}
+    hours = max(float(ta.t[-1] - ta.t[0]) / 3600, 1e-9) if ta.n else 1.0
     for r in results:
+        g = closed.get(r.scheme)
+        gap = " / ".join("–" if x is None else f"{x:.0%}" for x in g) if g else "–"
+        name = NAMES.get(r.scheme, r.scheme) + (" **(default)**" if r.scheme == DEFAULT_SCHEME else "")
         pf = (f"{fmt_bytes(r.prefetch_bytes)} ({r.prefetch_used_bytes / max(r.prefetch_bytes, 1):.0%})"
               if r.prefetch_bytes else "0")
-        rows.append(f"| {NAMES.get(r.scheme, r.scheme)} | {r.hit_ratio:.1%} | {r.byte_hit_ratio:.1%} | "
+        rows.append(f"| {name} | {r.hit_ratio:.1%} | {r.byte_hit_ratio:.1%} | {gap} | "
                     f"{r.mean_latency_s * 1000:,.0f} / {r.p95_latency_s * 1000:,.0f} ms | "
                     f"{_ms(r.mean_queued_latency_s)} / {_ms(r.p95_queued_latency_s)} | "
-                    f"{r.egress_peak_mbps:,.0f} Mbps | {pf} | {memory_line(r.scheme, ta, catalog)} |")
+                    f"{r.egress_peak_mbps:,.0f} Mbps | {pf} | {r.cpu_s / hours * 1000:,.1f} ms | "
+                    f"{memory_line(r.scheme, ta, catalog)} |")
     for ref in refs:
         rows.append(f"| libCacheSim {ref.algorithm} | {ref.hit_ratio:.1%} | {ref.byte_hit_ratio:.1%} "
-                    f"| – | – | – | 0 | – |")
+                    f"| – | – | – | – | 0 | – | – |")
     return head + "\n".join(rows) + "\n"
 
 
@@ -150,9 +177,15 @@ def write_report(ta: TraceArrays, cfg: ReplayConfig, results: list[SchemeResult]
     imgs = plots(results, out) if results else []
     text += "\n" + "\n".join(f"![{n}]({n})" for n in imgs) + "\n"
     (out / "report.md").write_text(text)
+    closed = gaps(results, refs) or {}
     data = {"meta": {k: v for k, v in ta.meta.items() if k != "params"}, "capacity": cfg.capacity,
             "capacity_text": fmt_bytes(cfg.capacity, cfg.capacity_unit),
-            "schemes": [{"scheme": r.scheme, "hit_ratio": r.hit_ratio, "byte_hit_ratio": r.byte_hit_ratio,
+            "schemes": [{"scheme": r.scheme, "default": r.scheme == DEFAULT_SCHEME,
+                         "stack": dict(zip(("eviction", "prefetch"), SCHEMES.get(r.scheme, (None, None)),
+                                           strict=True)),
+                         "gap_closed": dict(zip(("object", "byte"), closed.get(r.scheme, (None, None)),
+                                                strict=True)),
+                         "cpu_s": r.cpu_s, "hit_ratio": r.hit_ratio, "byte_hit_ratio": r.byte_hit_ratio,
                          "mean_latency_s": r.mean_latency_s, "p95_latency_s": r.p95_latency_s,
                          "mean_queued_latency_s": r.mean_queued_latency_s,
                          "p95_queued_latency_s": r.p95_queued_latency_s,
