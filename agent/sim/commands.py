@@ -24,7 +24,8 @@ ROOT = Path(__file__).resolve().parents[2]
 def register(subparsers) -> None:  # noqa: ANN001 - argparse's private _SubParsersAction
     g = subparsers.add_parser("gen-trace", help="generate a synthetic PACS trace (docs/workload.md)")
     g.add_argument("out", help="trace file to write (.gz: compressed)")
-    g.add_argument("--preset", default="general", help="general | oncology")
+    g.add_argument("--preset", default="general",
+                   help="general | oncology | outpatient | cancer | teaching (docs/replay.md: tuning vs held out)")
     g.add_argument("--seed", type=int, default=1)
     g.add_argument("--days", type=int, default=None)
     g.add_argument("--monthly-tb", type=float, default=None, help="acquired TB per month (default: preset)")
