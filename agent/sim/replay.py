@@ -102,6 +102,9 @@ SCHEMES: dict[str, tuple[str, str | None]] = {
     # demand-only variants (no prefetch): for comparisons with Belady, which cannot prefetch
     "study": ("study", None),
     "kmeans": ("kmeans", None),
+    # study hit density learned from the trace's own traffic (agent/policy/learned.py)
+    "learned": ("learned", None),
+    "learned+priors": ("learned", "priors"),
     # what the agent runs with its default configuration (results.json marks it "default": true)
     "agent": agent_default(),
 }

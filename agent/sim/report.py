@@ -16,7 +16,8 @@ RCLONE_GB_PER_TB = 4.16          # rclone's in-RAM directory cache on PACS data 
 
 NAMES = {"A": "A: LRU (rclone default)", "B": "B: 90-day rule", "C": "C: LSTM prefetch + K-means",
          "ours": "ours: prior-study prefetch + study LRU", "study": "ours without prefetch (study LRU only)",
-         "kmeans": "K-means eviction only",
+         "kmeans": "K-means eviction only", "learned": "learned study hit density (demand only)",
+         "learned+priors": "learned study hit density + prior-study prefetch",
          "agent": "agent default ({} eviction, prefetch: {})".format(*SCHEMES[DEFAULT_SCHEME])}
 
 
