@@ -153,7 +153,7 @@ def cmd_simulate(ns: argparse.Namespace) -> int:
         with _timed(timings, f"libCacheSim ({len(algorithms)} algorithms)"):
             refs = run_reference(ta, cfg.capacity, cfg.warmup_days, algorithms)
     catalog = None
-    if ns.catalog_rows > 0 and {"ours", "study"} & set(schemes):
+    if ns.catalog_rows > 0 and set(schemes) - {"A", "B", "C"}:    # a stack the agent runs on its catalog
         from agent.sim.catalog_memory import measure_trace
         with _timed(timings, f"catalog memory ({ns.catalog_rows:,} files)"):
             catalog = measure_trace(ns.trace, ns.catalog_rows)

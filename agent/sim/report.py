@@ -60,10 +60,10 @@ def fmt_bytes(n: float, unit: str | None = None) -> str:
 
 
 def memory_line(scheme: str, ta: TraceArrays, catalog: CatalogMemory | None) -> str:
-    """Ours: the SQLite catalog as measured (RAM; SSD bytes per row scaled to the archive's files).
-    A, B and C run on rclone (the paper's C did too): its in-RAM cache modelled per TB of archive."""
+    """The agent's stacks: the SQLite catalog as measured (RAM; SSD bytes per row scaled to the archive's
+    files). A, B and C run on rclone (the paper's C did too): its in-RAM cache modelled per TB of archive."""
     archive = ta.meta.get("archive_bytes", 0)
-    if scheme not in ("ours", "study"):
+    if scheme in ("A", "B", "C"):
         return f"{fmt_bytes(RCLONE_GB_PER_TB * archive / 1000)} RAM (rclone model, {fmt_bytes(archive)} archive)"
     if catalog is None:
         return "not measured"
