@@ -295,7 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stdin", action="store_true", help="read the password from standard input")
     p.set_defaults(func=cmd_hash_password)
 
-    sim_commands.register(sub)  # gen-trace, simulate, train
+    sim_commands.register(sub)  # gen-trace, import-trace, simulate, train
     dicom_commands.register(sub)  # find, index-rebuild
     return ap
 

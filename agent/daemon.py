@@ -204,7 +204,8 @@ class Agent:
         return {"state": state, "window": f"{start // 3600:02d}:{start % 3600 // 60:02d}-"
                                           f"{end // 3600:02d}:{end % 3600 // 60:02d}",
                 "priors": p.priors, "last_run": self.prefetcher.status.as_json(),
-                "model": str(self.prefetcher.predictor.path) if self.prefetcher.predictor else None}
+                "model": str(self.prefetcher.predictor.path) if self.prefetcher.predictor else None,
+                "model_state": self.prefetcher.model_state}
 
     async def admin_prefetch_plan(self, query: dict[str, str], body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
         """`pacsgw prefetch --dry-run`: what a run now would fetch and why; and the last run's progress

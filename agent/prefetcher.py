@@ -77,13 +77,21 @@ def line_rate(cfg: Config) -> float:
     return float(cfg.uplink.bwlimit) if cfg.uplink.bwlimit else float("inf")
 
 
-def _load_predictor(cfg: Config):  # noqa: ANN202 - HotnessPredictor or None
+def _load_predictor(cfg: Config):  # noqa: ANN202 - (HotnessPredictor or None, what /status says)
+    """The heat model, or None and the cold-start rule: a missing or unusable model (corrupt file, card
+    that does not match, runtime that refuses it) is logged and shown in /status; serving goes on."""
     from agent.policy.predictor import DEFAULT_MODEL, HotnessPredictor
     path = Path(cfg.model.path) if cfg.model.path else DEFAULT_MODEL
     if not path.is_file():
         log.warning("prefetch_model_missing", path=str(path), fallback="cold-start rule")
-        return None
-    return HotnessPredictor(path)
+        return None, f"fallback: cold-start rule (no model at {path})"
+    try:
+        predictor = HotnessPredictor(path)
+    except Exception as e:  # noqa: BLE001 - LiteRT raises ValueError/RuntimeError; the card OSError/JSON
+        reason = f"{type(e).__name__}: {e}"[:300]
+        log.error("prefetch_model_unusable", path=str(path), error=reason, fallback="cold-start rule")
+        return None, f"fallback: cold-start rule (model {path} unusable: {reason})"
+    return predictor, f"model {path} (version {predictor.version})"
 
 
 class Fetcher:
@@ -128,7 +136,7 @@ class DirPrefetcher:
 
     def __init__(self, cfg: Config, db: AsyncCatalog, gateway: Gateway, fetcher: Fetcher) -> None:
         self.cfg, self.db, self.gateway, self.fetcher = cfg, db, gateway, fetcher
-        self.predictor = _load_predictor(cfg)
+        self.predictor, self.model_state = _load_predictor(cfg)
         self.status = RunStatus()
         self._lock = asyncio.Lock()
         self._model_lock = asyncio.Lock()  # one LiteRT interpreter: a dry run must not resize it under a run

@@ -6,6 +6,12 @@
 For each preset: `pacsgw gen-trace` (if the trace is missing), then `pacsgw simulate` with schemes A, B,
 C, ours and libCacheSim at the same capacity. The report (`<out>/<preset>-s<seed>/report.md`) ends with
 the wall time of every step (the issue asks for 10 M requests in minutes on 2 cores).
+
+    .venv/bin/python bench/replay.py --families --monthly-tb 0.05 --days 28 --seed 77
+
+The workload families instead (docs/replay.md): every preset, tuning and held out, at caches of 3 % and
+10 % of the data written per month, with the demand-only and prefetching stacks and Belady; prints the
+share of the LRU→Belady gap each closes (object / byte) and whether the family is tuning or held out.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from agent.sim.commands import main as pacsgw_sim  # noqa: E402
+from agent.sim.workload import HELD_OUT, TUNING  # noqa: E402
 
 CAPACITY = {"general": "1TB", "oncology": "0.5TB"}
 
@@ -31,9 +38,13 @@ def main() -> int:
     ap.add_argument("--work", default="/tmp/pacsgw-bench", help="where traces go (GBs)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
     ap.add_argument("--schemes", default="A,B,C,ours")
+    ap.add_argument("--families", action="store_true", help="every family at 3 %% and 10 %% of a month")
+    ap.add_argument("--monthly-tb", type=float, default=0.05, help="--families: TB written per month")
     args = ap.parse_args()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
+    if args.families:
+        return families(args, work)
     for name in args.presets.split(","):
         trace = work / f"{name}-s{args.seed}-d{args.days}.tsv"
         if not trace.exists():
@@ -45,6 +56,38 @@ def main() -> int:
                     "--out", str(Path(args.out) / f"{name}-s{args.seed}"),
                     "--title", f"{name}, seed {args.seed}, cache {CAPACITY[name]}"])
     return 0
+
+
+def families(args: argparse.Namespace, work: Path) -> int:
+    import json
+    schemes = "A,study,ours,learned,learned+priors"
+    rows = []
+    for name in TUNING + HELD_OUT:
+        trace = work / f"{name}-s{args.seed}-d{args.days}-m{args.monthly_tb:g}.tsv"
+        if not trace.exists():
+            pacsgw_sim(["gen-trace", str(trace), "--preset", name, "--seed", str(args.seed), "--days",
+                        str(args.days), "--monthly-tb", str(args.monthly_tb), "--no-progress"])
+        for share in (0.03, 0.10):
+            cap = f"{args.monthly_tb * share * 1000:g}GB"
+            out = Path(args.out) / f"{name}-s{args.seed}-{cap}"
+            pacsgw_sim(["simulate", str(trace), "--capacity", cap, "--schemes", schemes, "--reference",
+                        "LRU,Belady,BeladySize", "--catalog-rows", "0", "--no-progress", "--out", str(out),
+                        "--title", f"{name}, seed {args.seed}, cache {cap} ({share:.0%} of a month)"])
+            res = json.loads((out / "results.json").read_text())
+            role = "tuning" if name in TUNING else "held out"
+            for r in res["schemes"]:
+                g = r["gap_closed"]
+                pf = r["prefetch_used_bytes"] / r["prefetch_bytes"] if r["prefetch_bytes"] else None
+                rows.append(f"| {name} ({role}) | {cap} | {r['scheme']} | {r['hit_ratio']:.1%} / "
+                            f"{r['byte_hit_ratio']:.1%} | {_pct(g['object'])} / {_pct(g['byte'])} | {_pct(pf)} |")
+    print("| family | cache | scheme | hit ratio (object / byte) | LRU→Belady gap closed (object / byte) "
+          "| prefetched bytes read |\n|---|---|---|---|---|---|")
+    print("\n".join(rows))
+    return 0
+
+
+def _pct(x: float | None) -> str:
+    return "–" if x is None else f"{x:.0%}"
 
 
 if __name__ == "__main__":

@@ -162,3 +162,23 @@ def test_new_box_without_history_uses_the_cold_start_rule(agent_factory):
     assert [(r["dir"], r["heat"]) for r in plan["ranked"]] == [("CT/2026-11-22", 3.0), ("MR/2026-11-22", 1.0)]
     assert plan["ranked"][0]["why"] == "cold start: 3 files stored in the last 7 days"
     assert plan["chosen"] == [] and plan["planned_bytes"] == 0   # all of it is cached already
+
+
+def test_corrupt_model_falls_back_and_serving_goes_on(agent_factory, tmp_path) -> None:
+    """A model file that LiteRT cannot load (here: garbage with a valid card beside it) and one that is
+    missing: the agent logs it, /healthz shows the cold-start fallback, and files are stored and read."""
+    from agent.policy.predictor import DEFAULT_MODEL
+    bad = tmp_path / "broken.tflite"
+    bad.write_bytes(b"not a flatbuffer" * 64)
+    bad.with_suffix(".card.json").write_text(DEFAULT_MODEL.with_suffix(".card.json").read_text())
+    for model, event in ((bad, "prefetch_model_unusable"), (tmp_path / "gone.tflite", "prefetch_model_missing")):
+        a = agent_factory(**{"model.path": str(model), "prefetch.priors": False}).start()
+        state = a.health()["prefetch"]["model_state"]
+        assert state.startswith("fallback: cold-start rule") and str(model) in state
+        assert a.events(event)[0]["fallback"] == "cold-start rule"
+        ftp = ftp_login(a)
+        data = payload(str(model), FILE)
+        assert ftp_put(ftp, "CT/2026-11-30/s/1.dcm", data).startswith("226")
+        assert ftp_get(ftp, "CT/2026-11-30/s/1.dcm") == data
+        ftp.quit()
+        a.stop()

@@ -286,3 +286,42 @@ def test_archive_listing_is_a_sorted_pacs_tree() -> None:
     first = paths[0].split("/")
     assert len(first) == 5 and dt.date.fromisoformat(first[1]) < dt.date(2026, 1, 5) and first[4].endswith(".dcm")
     assert all(size >= 1024 for _, size, _ in rows)
+
+
+def share_of_reads(g: Generator, kind: str) -> float:
+    reads = [e for e in g.events if e.op == "R"]
+    return sum(e.kind == kind for e in reads) / max(len(reads), 1)
+
+
+def test_families_differ_in_structure() -> None:
+    """The three other families: few priors and many follow-ups; boards that recur and PET-CT pairs;
+    a fat long tail of teaching cases read again and again."""
+    out = small("outpatient", seed=21, days=28, monthly_tb=0.05)
+    can = small("cancer", seed=22, days=28, monthly_tb=0.05)
+    tea = small("teaching", seed=23, days=28, monthly_tb=0.05)
+    gen = small("general", seed=24, days=28, monthly_tb=0.05)
+    assert share_of_reads(out, "prior") < share_of_reads(gen, "prior") / 2
+    assert share_of_reads(out, "followup") > 2 * share_of_reads(gen, "followup")
+    # a cancer case comes back to the board in later weeks, with the CT of its PET-CT
+    weeks: dict[int, set[int]] = {}
+    for e in events(can, "board"):
+        weeks.setdefault(e.study, set()).add(int(e.t // (7 * DAY)))
+    assert sum(len(w) >= 2 for w in weeks.values()) > 10
+    pet = [s for s in can.studies if s.modality == "PT" and s.day >= 0]
+    paired = [s for s in pet if any(c.modality == "CT" and c.patient == s.patient and c.day == s.day
+                                    for c in can.studies[s.idx + 1:s.idx + 2])]
+    assert len(paired) >= 0.7 * len(pet) > 0
+    # teaching cases: a small set of old studies read many times
+    teach = [e.study for e in events(tea, "teaching")]
+    assert teach and all(tea.studies[s].day < 0 for s in teach)
+    assert max(np.bincount(teach)) >= 5
+    assert share_of_reads(tea, "teaching") + share_of_reads(tea, "longtail") > 5 * share_of_reads(gen, "longtail")
+
+
+def test_new_box_has_no_archive() -> None:
+    g = small("teaching", seed=25, days=14, monthly_tb=0.05, archive=False)
+    assert all(s.day >= 0 for s in g.studies)
+    assert not events(g, "teaching")
+    assert all(g.studies[e.study].acquired_at < e.t for e in events(g, "prior"))   # priors the box saw
+    for e in events(g, "longtail"):          # the tail reaches back only to what the box has seen
+        assert g.studies[e.study].acquired_at < e.t - DAY

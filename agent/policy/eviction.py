@@ -23,6 +23,7 @@ Policies:
   `study`  ours: whole studies in least-recently-used order (a viewer opens studies, not files), so
            one eviction does not leave a study half cached; old studies (priors, long-tail reads) are
            demoted once they have been read; prefetched files count as used at prefetch time.
+  `learned` whole studies by hit density learned online from the traffic (agent/policy/learned.py).
 """
 
 from __future__ import annotations
@@ -331,8 +332,9 @@ class StudyLRU:
 
 def make(name: str, *, kmeans: KMeansConfig | None = None,
          max_age_days: float = 90.0) -> LRU | Age | KMeansEviction | StudyLRU:
+    from agent.policy.learned import HitDensity  # it builds on StudyLRU (import cycle otherwise)
     policies = {"lru": LRU, "age": lambda: Age(max_age_days), "kmeans": lambda: KMeansEviction(kmeans),
-                "study": StudyLRU}
+                "study": StudyLRU, "learned": HitDensity}
     if name not in policies:
         raise ValueError(f"unknown eviction policy {name!r}; known: {sorted(policies)}")
     return policies[name]()

@@ -1,4 +1,4 @@
-"""`pacsgw gen-trace`, `pacsgw simulate` and `pacsgw train` (wired into agent/cli.py by `register`).
+"""`pacsgw gen-trace`, `import-trace`, `simulate` and `train` (wired into agent/cli.py by `register`).
 
 Also runnable without the CLI: `python -m agent.sim.commands gen-trace ...`.
 """
@@ -24,7 +24,8 @@ ROOT = Path(__file__).resolve().parents[2]
 def register(subparsers) -> None:  # noqa: ANN001 - argparse's private _SubParsersAction
     g = subparsers.add_parser("gen-trace", help="generate a synthetic PACS trace (docs/workload.md)")
     g.add_argument("out", help="trace file to write (.gz: compressed)")
-    g.add_argument("--preset", default="general", help="general | oncology")
+    g.add_argument("--preset", default="general",
+                   help="general | oncology | outpatient | cancer | teaching (docs/replay.md: tuning vs held out)")
     g.add_argument("--seed", type=int, default=1)
     g.add_argument("--days", type=int, default=None)
     g.add_argument("--monthly-tb", type=float, default=None, help="acquired TB per month (default: preset)")
@@ -40,8 +41,9 @@ def register(subparsers) -> None:  # noqa: ANN001 - argparse's private _SubParse
     s.add_argument("trace")
     s.add_argument("--capacity", required=True, help="cache size, e.g. 1TB")
     s.add_argument("--schemes", default="A,B,C,ours", help="comma list of A, B, C, ours")
-    s.add_argument("--reference", default="LRU,ARC,S3FIFO,Sieve,Belady,BeladySize",
-                   help="libCacheSim algorithms (comma list, or 'none')")
+    s.add_argument("--reference", default="all",
+                   help="libCacheSim algorithms: a comma list, 'all' (LRU, ARC, S3FIFO, Sieve, LRB, GL-Cache, "
+                        "3L-Cache, LeCaR, CACHEUS, GDSF, LHD, Belady, BeladySize) or 'none'")
     s.add_argument("--warmup-days", type=float, default=3.0)
     s.add_argument("--line-rate", default="10MB", help="private line rate for the latency model")
     s.add_argument("--prefetch-rate", default="5MB", help="bandwidth the prefetcher may use")
@@ -52,6 +54,17 @@ def register(subparsers) -> None:  # noqa: ANN001 - argparse's private _SubParse
     s.add_argument("--title", default=None)
     s.add_argument("--no-progress", action="store_true")
     s.set_defaults(func=cmd_simulate)
+
+    m = subparsers.add_parser("import-trace", help="convert CSV, the agent's audit log or xferlog into a trace")
+    m.add_argument("src", help="CSV (ts,op,path,size[,patient,study,modality,dept]), audit log or xferlog")
+    m.add_argument("dst", help="trace file to write (.gz: compressed)")
+    m.add_argument("--format", default="auto", help="csv | audit | xferlog | auto (from the first line)")
+    m.add_argument("--start", default=None,
+                   help="YYYY-MM-DD: the day CSV times count from (default 2026-01-05); for logs, "
+                        "the day the trace starts (default: the first request's)")
+    m.add_argument("--series-dirs", type=int, default=1,
+                   help="without a study column: directory levels between a file and its study (default 1)")
+    m.set_defaults(func=cmd_import_trace)
 
     t = subparsers.add_parser("train", help="train the hotness LSTM (needs the `train` extra)")
     t.add_argument("args", nargs=argparse.REMAINDER, help="arguments for models/train.py")
@@ -86,37 +99,76 @@ def cmd_gen_trace(ns: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_import_trace(ns: argparse.Namespace) -> int:
+    from agent.sim.importer import TraceImportError, import_trace
+    if ns.series_dirs < 0:
+        print("import-trace: --series-dirs must be 0 or more", file=sys.stderr)
+        return 2
+    try:
+        summary = import_trace(ns.src, ns.dst, ns.format, ns.start, ns.series_dirs)
+    except (OSError, TraceImportError) as e:
+        print(f"import-trace: {e}", file=sys.stderr)
+        return 2
+    print(summary.text())
+    print(f"  wrote {ns.dst}")
+    return 0
+
+
 def cmd_simulate(ns: argparse.Namespace) -> int:
     from agent.sim.replay import LatencyModel, ReplayConfig, replay
-    from agent.sim.report import write_report
-    from agent.sim.trace import load_arrays
+    from agent.sim.report import unit_of, write_report
+    from agent.sim.trace import check_replayable, load_arrays
 
-    cfg = ReplayConfig(capacity=parse_size(ns.capacity), warmup_days=ns.warmup_days,
-                       latency=LatencyModel(line_bps=parse_rate(ns.line_rate)),
-                       prefetch_bps=parse_rate(ns.prefetch_rate), model=ns.model)
+    try:
+        capacity = parse_size(ns.capacity)
+        line_bps, prefetch_bps = parse_rate(ns.line_rate), parse_rate(ns.prefetch_rate)
+    except ValueError:
+        print(f"simulate: --capacity {ns.capacity!r}, --line-rate {ns.line_rate!r} and --prefetch-rate "
+              f"{ns.prefetch_rate!r} must be sizes such as 3GB, 0.5TB, 10MB", file=sys.stderr)
+        return 2
+    cfg = ReplayConfig(capacity=capacity, warmup_days=ns.warmup_days, latency=LatencyModel(line_bps=line_bps),
+                       prefetch_bps=prefetch_bps, model=ns.model, capacity_unit=unit_of(ns.capacity))
     progress = not ns.no_progress
     timings: dict[str, float] = {}
     with _timed(timings, "load trace"):
-        ta = load_arrays(ns.trace, progress=progress)
+        try:
+            ta = load_arrays(ns.trace, progress=progress)
+            check_replayable(ta)     # before any scheme runs, not after the first hour of them
+        except (OSError, ValueError) as e:
+            print(f"simulate: {ns.trace}: {e}", file=sys.stderr)
+            return 2
+    try:
+        algorithms = _reference_algorithms(ns.reference)
+    except ValueError as e:
+        print(f"simulate: --reference: {e}", file=sys.stderr)
+        return 2
     results = []
     schemes = [s for s in ns.schemes.split(",") if s]
     for scheme in schemes:
         with _timed(timings, f"replay {scheme}"):
             results.append(replay(ta, scheme, cfg, progress=progress))
     refs = []
-    if ns.reference.lower() != "none":
+    if algorithms:
         from agent.sim.reference import run_reference
-        algorithms = tuple(ns.reference.split(","))
         with _timed(timings, f"libCacheSim ({len(algorithms)} algorithms)"):
             refs = run_reference(ta, cfg.capacity, cfg.warmup_days, algorithms)
     catalog = None
-    if ns.catalog_rows > 0 and {"ours", "study"} & set(schemes):
+    if ns.catalog_rows > 0 and set(schemes) - {"A", "B", "C"}:    # a stack the agent runs on its catalog
         from agent.sim.catalog_memory import measure_trace
         with _timed(timings, f"catalog memory ({ns.catalog_rows:,} files)"):
             catalog = measure_trace(ns.trace, ns.catalog_rows)
     text = write_report(ta, cfg, results, refs, ns.out, title=ns.title, catalog=catalog, timings=timings)
     print(text)
     return 0
+
+
+def _reference_algorithms(text: str) -> tuple[str, ...]:
+    from agent.sim.reference import ALGORITHMS, canonical
+    if text.strip().lower() == "none":
+        return ()
+    if text.strip().lower() == "all":
+        return ALGORITHMS
+    return tuple(canonical(a) for a in text.split(",") if a.strip())
 
 
 @contextlib.contextmanager

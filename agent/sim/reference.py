@@ -1,4 +1,5 @@
-"""The same trace through libCacheSim (LRU, ARC, S3-FIFO, SIEVE, Belady, BeladySize).
+"""The same trace through libCacheSim (LRU, ARC, S3-FIFO, SIEVE, LRB, GL-Cache, 3L-Cache, LeCaR, CACHEUS,
+GDSF, LHD, Belady, BeladySize).
 
 libCacheSim is a dev/bench dependency (it pulls boto3 and pytest), imported only here.
 
@@ -20,11 +21,25 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from agent.sim.trace import TraceArrays
+from agent.sim.trace import TraceArrays, check_replayable
 from agent.sim.workload import DAY
 
 ORACLE = np.dtype([("t", "<u4"), ("id", "<u8"), ("size", "<u4"), ("next", "<i8")])
-ALGORITHMS = ("LRU", "ARC", "S3FIFO", "Sieve", "Belady", "BeladySize")
+# the learned and adaptive ones (LRB, GL-Cache, 3L-Cache, LeCaR, CACHEUS) and the size-aware ones (GDSF,
+# LHD) as libCacheSim 0.3.5 implements them, beside the classic ones and the offline optimum
+ALGORITHMS = ("LRU", "ARC", "S3FIFO", "Sieve", "LRB", "GL-Cache", "3L-Cache", "LeCaR", "CACHEUS", "GDSF", "LHD",
+              "Belady", "BeladySize")
+_CLASSES = {"S3FIFO": "S3FIFO", "Sieve": "Sieve", "GL-Cache": "GLCache", "3L-Cache": "ThreeLCache",
+            "CACHEUS": "Cacheus"}
+
+
+def canonical(name: str) -> str:
+    """'glcache' → 'GL-Cache': the report's name of a libCacheSim algorithm, any spelling of it."""
+    key = name.strip().replace("-", "").lower()
+    for known in ALGORITHMS:
+        if key in (known.replace("-", "").lower(), _CLASSES.get(known, "").lower()):
+            return known
+    raise ValueError(f"unknown libCacheSim algorithm {name!r}; known: {', '.join(ALGORITHMS)}")
 
 
 @dataclass
@@ -62,28 +77,19 @@ def write_oracle(obj: np.ndarray, size_bytes: np.ndarray, t: np.ndarray, path: s
     rec.tofile(path)
 
 
-def check_writes_first(ta: TraceArrays) -> None:
-    """Every write must be its object's first request (the read-miss arithmetic relies on it)."""
-    _, first = np.unique(ta.obj, return_index=True)
-    is_first = np.zeros(ta.n, dtype=bool)
-    is_first[first] = True
-    if np.any(ta.is_write & ~is_first):
-        raise ValueError("trace has a write that is not its object's first request")
-
-
 def _make(name: str, cap_kib: int, hashpower: int = 24):  # noqa: ANN202
     import libcachesim as lcs
     if name == "S3FIFO" and cap_kib < 10:
         # its small queue is 10 % of the cache: below 10 units libCacheSim aborts the process
         raise ValueError("libCacheSim S3FIFO needs a cache of at least 10 KiB")
-    cls = {"S3FIFO": lcs.S3FIFO, "Sieve": lcs.Sieve}.get(name) or getattr(lcs, name)
+    cls = getattr(lcs, _CLASSES.get(name, name))
     return cls(cache_size=int(cap_kib), hashpower=hashpower)
 
 
 def run_reference(ta: TraceArrays, capacity: int, warmup_days: float = 3.0,
                   algorithms: tuple[str, ...] = ALGORITHMS) -> list[ReferenceResult]:
     return run_arrays(ta.obj, ta.size, ta.t, ta.is_write, capacity, warmup_days * DAY, algorithms,
-                      check=lambda: check_writes_first(ta))
+                      check=lambda: check_replayable(ta))
 
 
 def run_arrays(obj: np.ndarray, size: np.ndarray, t: np.ndarray, is_write: np.ndarray, capacity: int,

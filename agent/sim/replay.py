@@ -28,6 +28,7 @@ over capacity and frees down to `low_watermark`, like the agent's pressure loop.
 from __future__ import annotations
 
 import dataclasses
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -80,6 +81,17 @@ class ReplayConfig:
     priors_k: int = 3                  # ours: prior studies considered per new study
     priors_window_s: float = 3600.0    # ours: a prior plan must be fetched within this
     model: str | None = None           # .tflite for scheme C (default: models/hotness.tflite)
+    capacity_unit: str | None = None   # the unit the capacity was given in, for the report ('GB')
+
+
+def agent_default() -> tuple[str, str | None]:
+    """The stack a box runs when its config says nothing: `[cache] eviction` and the prefetchers that
+    `[prefetch]` enables by default (LSTM day-directories: `enabled`; prior studies: `priors`)."""
+    from agent.config import CacheConfig, PrefetchConfig
+    ev = {f.name: f.default for f in dataclasses.fields(CacheConfig)}["eviction"]
+    pf = {f.name: f.default for f in dataclasses.fields(PrefetchConfig)}
+    planners = [name for name, on in (("lstm", pf["enabled"]), ("priors", pf["priors"])) if on]
+    return ev, "+".join(planners) or None
 
 
 SCHEMES: dict[str, tuple[str, str | None]] = {
@@ -90,7 +102,13 @@ SCHEMES: dict[str, tuple[str, str | None]] = {
     # demand-only variants (no prefetch): for comparisons with Belady, which cannot prefetch
     "study": ("study", None),
     "kmeans": ("kmeans", None),
+    # study hit density learned from the trace's own traffic (agent/policy/learned.py)
+    "learned": ("learned", None),
+    "learned+priors": ("learned", "priors"),
+    # what the agent runs with its default configuration (results.json marks it "default": true)
+    "agent": agent_default(),
 }
+DEFAULT_SCHEME = "agent"
 
 
 @dataclass
@@ -109,6 +127,7 @@ class SchemeResult:
     prefetch_used_bytes: int
     daily_hit_ratio: list[float | None]   # None: no reads that day (e.g. a weekend without an ED)
     egress_per_min: np.ndarray = dataclasses.field(repr=False)
+    cpu_s: float = 0.0                     # process CPU of the replay (policy + simulator bookkeeping)
 
     @property
     def hit_ratio(self) -> float:
@@ -318,8 +337,9 @@ class Replayer:
         in_cache, ready, prefetched = self.in_cache, self.ready, self.prefetched
         study = self.study.tolist()
         seen_study = bytearray(len(ta.study_bytes))
-        lstm = self.prefetch == "lstm"
-        priors = self.prefetch == "priors"
+        planners = (self.prefetch or "").split("+")
+        lstm = "lstm" in planners
+        priors = "priors" in planners
         next_plan = cfg.lstm_hour * 3600 if lstm else float("inf")
         if lstm:
             reads = ~ta.is_write
@@ -413,10 +433,12 @@ class Replayer:
 
 def replay(ta: TraceArrays, scheme: str, cfg: ReplayConfig, progress: bool = False) -> SchemeResult:
     predictor = None
-    if SCHEMES[scheme][1] == "lstm":
+    if "lstm" in (SCHEMES[scheme][1] or "").split("+"):
         from agent.policy.predictor import DEFAULT_MODEL, HotnessPredictor
         predictor = HotnessPredictor(Path(cfg.model) if cfg.model else DEFAULT_MODEL)
     log.info("replay.start", scheme=scheme, requests=ta.n, capacity=cfg.capacity)
+    cpu0 = time.process_time()
     r = Replayer(ta, scheme, cfg, predictor).run(progress)
+    r.cpu_s = time.process_time() - cpu0
     log.info("replay.done", scheme=scheme, hit_ratio=round(r.hit_ratio, 4), byte_hit_ratio=round(r.byte_hit_ratio, 4))
     return r

@@ -9,22 +9,62 @@ from pathlib import Path
 import numpy as np
 
 from agent.sim.catalog_memory import CatalogMemory
-from agent.sim.replay import ReplayConfig, SchemeResult
+from agent.sim.replay import DEFAULT_SCHEME, SCHEMES, ReplayConfig, SchemeResult
 from agent.sim.trace import TraceArrays
 
 RCLONE_GB_PER_TB = 4.16          # rclone's in-RAM directory cache on PACS data (the paper)
 
 NAMES = {"A": "A: LRU (rclone default)", "B": "B: 90-day rule", "C": "C: LSTM prefetch + K-means",
          "ours": "ours: prior-study prefetch + study LRU", "study": "ours without prefetch (study LRU only)",
-         "kmeans": "K-means eviction only"}
+         "kmeans": "K-means eviction only", "learned": "learned study hit density (demand only)",
+         "learned+priors": "learned study hit density + prior-study prefetch",
+         "agent": "agent default ({} eviction, prefetch: {})".format(*SCHEMES[DEFAULT_SCHEME])}
+
+
+def gaps(results: list[SchemeResult], refs: list) -> dict[str, tuple[float | None, float | None]] | None:  # noqa: ANN001
+    """Share of the LRU→Belady miss gap each scheme closes, (object, byte), each against its own gap.
+
+    LRU is scheme A when it ran (else libCacheSim's LRU); the bound is libCacheSim's Belady (object) and
+    the better of Belady and BeladySize (byte). Belady is demand-only: a prefetching scheme can pass 100 %."""
+    ref = {f.algorithm: f for f in refs}
+    by = {r.scheme: r for r in results}
+    lru = by.get("A") or ref.get("LRU")
+    if lru is None or "Belady" not in ref:
+        return None
+    best_obj = ref["Belady"].hit_ratio
+    best_byte = max(f.byte_hit_ratio for k, f in ref.items() if k.startswith("Belady"))
+
+    def share(x: float, lo: float, hi: float) -> float | None:    # None: LRU is already optimal
+        return (x - lo) / (hi - lo) if hi - lo > 1e-9 else None
+    return {r.scheme: (share(r.hit_ratio, lru.hit_ratio, best_obj),
+                       share(r.byte_hit_ratio, lru.byte_hit_ratio, best_byte)) for r in results}
+
+
+_UNITS = {"B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9, "TB": 1e12, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30,
+          "TiB": 2**40}
+
+
+def unit_of(text: str) -> str | None:
+    """The unit a size was given in ('3GB' → 'GB', '0.5 tib' → 'TiB'); None for bare bytes."""
+    letters = "".join(c for c in text if c.isalpha()).lower()
+    letters = {"k": "kb", "m": "mb", "g": "gb", "t": "tb"}.get(letters, letters)
+    return next((u for u in _UNITS if u.lower() == letters and u != "B"), None)
+
+
+def fmt_bytes(n: float, unit: str | None = None) -> str:
+    """`n` bytes in `unit`, or in the largest SI unit of which it holds at least one."""
+    if unit is None:
+        unit = next((u for u in ("TB", "GB", "MB", "KB") if abs(n) >= _UNITS[u]), "B")
+    v = n / _UNITS[unit]
+    return f"{v:,.0f} {unit}" if v >= 100 or unit == "B" else f"{v:,.2f} {unit}"
 
 
 def memory_line(scheme: str, ta: TraceArrays, catalog: CatalogMemory | None) -> str:
-    """Ours: the SQLite catalog as measured (RAM; SSD bytes per row scaled to the archive's files).
-    A, B and C run on rclone (the paper's C did too): its in-RAM cache modelled per TB of archive."""
-    tb = ta.meta.get("archive_bytes", 0) / 1e12
-    if scheme not in ("ours", "study"):
-        return f"{RCLONE_GB_PER_TB * tb:,.0f} GB RAM (rclone model, {tb:,.0f} TB archive)"
+    """The agent's stacks: the SQLite catalog as measured (RAM; SSD bytes per row scaled to the archive's
+    files). A, B and C run on rclone (the paper's C did too): its in-RAM cache modelled per TB of archive."""
+    archive = ta.meta.get("archive_bytes", 0)
+    if scheme in ("A", "B", "C"):
+        return f"{fmt_bytes(RCLONE_GB_PER_TB * archive / 1000)} RAM (rclone model, {fmt_bytes(archive)} archive)"
     if catalog is None:
         return "not measured"
     files = ta.meta.get("archive_files", 0)
@@ -36,20 +76,27 @@ def memory_line(scheme: str, ta: TraceArrays, catalog: CatalogMemory | None) -> 
 
 def table(ta: TraceArrays, results: list[SchemeResult], refs: list,  # noqa: ANN001
           catalog: CatalogMemory | None) -> str:
-    head = ("| scheme | object hit ratio | byte hit ratio | mean / p95 latency (idle line) "
-            "| mean / p95 latency (queued) | egress peak (1 min) | prefetch spent (used) | catalog memory |\n"
-            "|---|---|---|---|---|---|---|---|\n")
+    head = ("| scheme | object hit ratio | byte hit ratio | LRU→Belady gap closed (object / byte) "
+            "| mean / p95 latency (idle line) | mean / p95 latency (queued) | egress peak (1 min) "
+            "| prefetch spent (used) | replay CPU per hour of traffic | catalog memory |\n"
+            "|---|---|---|---|---|---|---|---|---|---|\n")
     rows = []
+    closed = gaps(results, refs) or {}
+    hours = max(float(ta.t[-1] - ta.t[0]) / 3600, 1e-9) if ta.n else 1.0
     for r in results:
-        pf = (f"{r.prefetch_bytes / 1e9:,.0f} GB ({r.prefetch_used_bytes / max(r.prefetch_bytes, 1):.0%})"
+        g = closed.get(r.scheme)
+        gap = " / ".join("–" if x is None else f"{x:.0%}" for x in g) if g else "–"
+        name = NAMES.get(r.scheme, r.scheme) + (" **(default)**" if r.scheme == DEFAULT_SCHEME else "")
+        pf = (f"{fmt_bytes(r.prefetch_bytes)} ({r.prefetch_used_bytes / max(r.prefetch_bytes, 1):.0%})"
               if r.prefetch_bytes else "0")
-        rows.append(f"| {NAMES.get(r.scheme, r.scheme)} | {r.hit_ratio:.1%} | {r.byte_hit_ratio:.1%} | "
+        rows.append(f"| {name} | {r.hit_ratio:.1%} | {r.byte_hit_ratio:.1%} | {gap} | "
                     f"{r.mean_latency_s * 1000:,.0f} / {r.p95_latency_s * 1000:,.0f} ms | "
                     f"{_ms(r.mean_queued_latency_s)} / {_ms(r.p95_queued_latency_s)} | "
-                    f"{r.egress_peak_mbps:,.0f} Mbps | {pf} | {memory_line(r.scheme, ta, catalog)} |")
+                    f"{r.egress_peak_mbps:,.0f} Mbps | {pf} | {r.cpu_s / hours * 1000:,.1f} ms | "
+                    f"{memory_line(r.scheme, ta, catalog)} |")
     for ref in refs:
         rows.append(f"| libCacheSim {ref.algorithm} | {ref.hit_ratio:.1%} | {ref.byte_hit_ratio:.1%} "
-                    f"| – | – | – | 0 | – |")
+                    f"| – | – | – | – | 0 | – | – |")
     return head + "\n".join(rows) + "\n"
 
 
@@ -60,10 +107,13 @@ def _ms(s: float) -> str:
 def describe(ta: TraceArrays, cfg: ReplayConfig) -> str:
     m = ta.meta
     reads = ~ta.is_write
-    return (f"Trace: preset `{m.get('preset')}`, seed {m.get('seed')}, {m.get('days')} days from {m.get('start')}, "
+    origin = (f"imported from `{m['import']['source']}` ({m['import']['format']})" if "import" in m
+              else f"preset `{m.get('preset')}`, seed {m.get('seed')}")
+    return (f"Trace: {origin}, {m.get('days')} days from {m.get('start')}, "
             f"{m.get('monthly_tb')} TB/month; {ta.n:,} requests ({int(reads.sum()):,} reads, "
-            f"{ta.size[reads].sum() / 1e12:.2f} TB read; {ta.size[ta.is_write].sum() / 1e12:.2f} TB written). "
-            f"Cache {cfg.capacity / 1e12:.2f} TB; first {cfg.warmup_days:g} days are warm-up (not counted); "
+            f"{fmt_bytes(ta.size[reads].sum())} read; {fmt_bytes(ta.size[ta.is_write].sum())} written). "
+            f"Cache {fmt_bytes(cfg.capacity, cfg.capacity_unit)}; first {cfg.warmup_days:g} days are warm-up "
+            f"(not counted); "
             f"only reads are counted. Latency model: hit = {cfg.latency.ssd_s * 1000:g} ms + size / "
             f"{cfg.latency.ssd_bps / 1e6:g} MB/s; miss = {cfg.latency.rtt_s * 1000:g} ms + size / "
             f"{cfg.latency.line_bps / 1e6:g} MB/s, on an idle line and queued (one FIFO line for all demand "
@@ -128,8 +178,15 @@ def write_report(ta: TraceArrays, cfg: ReplayConfig, results: list[SchemeResult]
     imgs = plots(results, out) if results else []
     text += "\n" + "\n".join(f"![{n}]({n})" for n in imgs) + "\n"
     (out / "report.md").write_text(text)
+    closed = gaps(results, refs) or {}
     data = {"meta": {k: v for k, v in ta.meta.items() if k != "params"}, "capacity": cfg.capacity,
-            "schemes": [{"scheme": r.scheme, "hit_ratio": r.hit_ratio, "byte_hit_ratio": r.byte_hit_ratio,
+            "capacity_text": fmt_bytes(cfg.capacity, cfg.capacity_unit),
+            "schemes": [{"scheme": r.scheme, "default": r.scheme == DEFAULT_SCHEME,
+                         "stack": dict(zip(("eviction", "prefetch"), SCHEMES.get(r.scheme, (None, None)),
+                                           strict=True)),
+                         "gap_closed": dict(zip(("object", "byte"), closed.get(r.scheme, (None, None)),
+                                                strict=True)),
+                         "cpu_s": r.cpu_s, "hit_ratio": r.hit_ratio, "byte_hit_ratio": r.byte_hit_ratio,
                          "mean_latency_s": r.mean_latency_s, "p95_latency_s": r.p95_latency_s,
                          "mean_queued_latency_s": r.mean_queued_latency_s,
                          "p95_queued_latency_s": r.p95_queued_latency_s,

@@ -206,6 +206,22 @@ class TraceArrays:
                         dtype=np.int16)
 
 
+def check_replayable(ta: TraceArrays) -> None:
+    """Raise ValueError unless requests are in time order and every write is its object's first request
+    (the replay and libCacheSim's read-miss arithmetic rely on both). `pacsgw import-trace` repairs both."""
+    late = np.flatnonzero(np.diff(ta.t) < 0)
+    if late.size:
+        raise ValueError(f"request {int(late[0]) + 2:,} is earlier than the one before it "
+                         f"({late.size:,} such); convert the source with `pacsgw import-trace`")
+    _, first = np.unique(ta.obj, return_index=True)
+    is_first = np.zeros(ta.n, dtype=bool)
+    is_first[first] = True
+    bad = np.flatnonzero(ta.is_write & ~is_first)
+    if bad.size:
+        raise ValueError(f"request {int(bad[0]) + 1:,} writes a file that was already written or read "
+                         f"({bad.size:,} such); convert the source with `pacsgw import-trace`")
+
+
 def _layout_index(layout: str, key: str) -> int:
     return [i for i, part in enumerate(layout.split("/")) if "{" + key + "}" in part][0]
 
@@ -213,9 +229,14 @@ def _layout_index(layout: str, key: str) -> int:
 def parse_trace(path: str | Path, progress: bool = False) -> TraceArrays:
     meta = read_header(path)
     layout = meta.get("layout", "{modality}/{date}/{study}/{series}/{instance}.dcm")
-    # the day-directory: the layout's prefix that holds both the modality and the date
-    dir_depth = max(_layout_index(layout, "date"), _layout_index(layout, "modality")) + 1
-    date_index = _layout_index(layout, "date")
+    # An imported trace (layout null) has paths of any shape: its study's day is that of the study's
+    # first write (-1: in the archive before the trace) and its "day directory" is modality/date, as
+    # the generator's layouts have it; both set after the pass, once the first writes are known.
+    dated = bool(layout) and "{date}" in layout and "{modality}" in layout
+    if dated:
+        # the day-directory: the layout's prefix that holds both the modality and the date
+        dir_depth = max(_layout_index(layout, "date"), _layout_index(layout, "modality")) + 1
+        date_index = _layout_index(layout, "date")
     start = dt.date.fromisoformat(meta["start"])
     objs: dict[str, int] = {}
     studies: dict[str, int] = {}
@@ -260,14 +281,22 @@ def parse_trace(path: str | Path, progress: bool = False) -> TraceArrays:
                     st_pat.append(patients.setdefault(patient, len(patients)))
                     st_mod.append(mods.setdefault(modality, len(mods)))
                     st_dep.append(deps.setdefault(dep, len(deps)))
-                    date_part = p.split("/")[date_index]
-                    st_day.append((dt.date.fromisoformat(date_part) - start).days)
+                    if dated:
+                        date_part = p.split("/")[date_index]
+                        st_day.append((dt.date.fromisoformat(date_part) - start).days)
+                    else:
+                        st_day.append(int(float(t) // DAY) if op == "W" else -1)
                     st_bytes.append(-1)   # a study acquired during the trace: summed below
-                dname = p.split("/", dir_depth)
-                dname = "/".join(dname[:dir_depth])
-                did = dirs.get(dname)
-                if did is None:
-                    did = dirs[dname] = len(dirs)
+                elif not dated and op == "W" and st_day[sid] < 0:
+                    st_day[sid] = int(float(t) // DAY)
+                if dated:
+                    dname = p.split("/", dir_depth)
+                    dname = "/".join(dname[:dir_depth])
+                    did = dirs.get(dname)
+                    if did is None:
+                        did = dirs[dname] = len(dirs)
+                else:
+                    did = -1
                 obj_study.append(sid)
                 obj_dir.append(did)
                 obj_size.append(isize)
@@ -284,10 +313,16 @@ def parse_trace(path: str | Path, progress: bool = False) -> TraceArrays:
     study_bytes = np.array(st_bytes, dtype=np.int64)
     summed = np.bincount(obj_study_a, weights=obj_size_a, minlength=len(st_bytes)).astype(np.int64)
     study_bytes = np.where(study_bytes < 0, summed, study_bytes)
+    obj_dir_a = np.array(obj_dir, dtype=np.int32)
+    if not dated:
+        mod_names = list(mods)
+        for o, sid in enumerate(obj_study):
+            date = (start + dt.timedelta(days=st_day[sid])).isoformat()
+            obj_dir_a[o] = dirs.setdefault(f"{mod_names[st_mod[sid]]}/{date}", len(dirs))
     return TraceArrays(study_bytes=study_bytes,
         meta=meta, t=np.array(t_l, dtype=np.float64), is_write=np.array(w_l, dtype=bool),
         obj=np.array(o_l, dtype=np.int32), size=np.array(s_l, dtype=np.int64),
-        obj_study=obj_study_a, obj_dir=np.array(obj_dir, dtype=np.int32),
+        obj_study=obj_study_a, obj_dir=obj_dir_a,
         obj_size=obj_size_a, study_patient=np.array(st_pat, dtype=np.int32),
         study_modality=np.array(st_mod, dtype=np.int16), study_department=np.array(st_dep, dtype=np.int16),
         study_day=np.array(st_day, dtype=np.int32), dir_names=list(dirs),

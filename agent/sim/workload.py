@@ -102,6 +102,12 @@ class WorkloadParams:
     tumour_board_hour: float = 14.0
     longtail_share: float = 0.02          # random old-study reads as a share of study read events
     read_spacing_s: float = 0.05          # seconds between two instances fetched by a viewer
+    # structural knobs of the other families (their defaults leave general/oncology as they were)
+    archive: bool = True                  # False: a new box/hospital, nothing acquired before the trace
+    board_weeks: float = 1.0              # mean weekly boards a discussed case comes back to (geometric)
+    petct_share: float = 0.0              # PET studies acquired with a companion CT of the same patient
+    teaching_cases: int = 0               # >0: the long tail prefers this many teaching cases (Zipf)
+    teaching_share: float = 0.0           # share of long-tail reads that are teaching-case reads
 
     def __post_init__(self) -> None:
         if self.days < 1:
@@ -127,7 +133,47 @@ def oncology() -> WorkloadParams:
         weekend_factor=0.2, working_hours_share=0.85)
 
 
-PRESETS = {"general": WorkloadParams, "oncology": oncology}
+def outpatient() -> WorkloadParams:
+    """An outpatient imaging centre: few priors, short reports, many clinic follow-ups days to weeks
+    later (the same study re-opened at the referrer's clinic), patients who come back within weeks."""
+    return WorkloadParams(
+        preset="outpatient", monthly_tb=0.6,
+        modality_mix={"MR": 0.30, "US": 0.25, "CR": 0.15, "DX": 0.10, "CT": 0.12, "MG": 0.08},
+        departments={"OP": Department(0.85, 3.0), "ED": Department(0.15, 1.0)},
+        patient_pool=20_000, returning_share=0.35, priors_mean=1.0, prior_gap_days=40.0,
+        priors_read=(0, 1), followup_rate=2.5, followup_median_days=9.0, followup_series_share=0.8,
+        longtail_share=0.005, weekend_factor=0.1, working_hours_share=0.95)
+
+
+def cancer() -> WorkloadParams:
+    """A cancer centre organised around weekly boards: PET-CT pairs, cases that return to the board
+    for weeks, whole studies shown (not a few series), frequent restaging studies."""
+    return WorkloadParams(
+        preset="cancer", monthly_tb=1.2,
+        modality_mix={"CT": 0.35, "PT": 0.25, "MR": 0.20, "NM": 0.08, "CR": 0.07, "MG": 0.05},
+        departments={"ONC": Department(0.75, 6.0, tumour_board=True), "RT": Department(0.15, 12.0),
+                     "IP": Department(0.10, 2.0)},
+        patient_pool=8_000, returning_share=0.9, priors_mean=4.0, prior_gap_days=60.0, priors_read=(1, 2),
+        followup_rate=0.4, followup_series_share=1.0, tumour_board_share=0.85, tumour_board_weekday=3,
+        tumour_board_hour=8.0, board_weeks=3.0, petct_share=0.9, longtail_share=0.01, weekend_factor=0.05)
+
+
+def teaching() -> WorkloadParams:
+    """A teaching hospital: the general mix plus a fat long tail — residents and conferences open old
+    cases, a few hundred teaching cases again and again, research exports sweep random old studies."""
+    return WorkloadParams(
+        preset="teaching", monthly_tb=1.5, returning_share=0.5, priors_read=(1, 2), followup_rate=0.8,
+        longtail_share=0.35, teaching_cases=400, teaching_share=0.6,
+        departments={"ED": Department(0.25, 0.5), "IP": Department(0.35, 3.0), "OP": Department(0.35, 12.0),
+                     "ONC": Department(0.05, 6.0, tumour_board=True)})
+
+
+PRESETS = {"general": WorkloadParams, "oncology": oncology, "outpatient": outpatient, "cancer": cancer,
+           "teaching": teaching}
+# Which families policies may be tuned on, and which are only reported (held out). A `-new` variant of
+# any preset (`--set archive=false`) is a box without a pre-existing archive: no priors, no old tail.
+TUNING = ("general", "oncology", "outpatient")
+HELD_OUT = ("cancer", "teaching")
 
 
 def preset(name: str, **overrides: object) -> WorkloadParams:
@@ -241,6 +287,9 @@ class Generator:
         if patient in self.history:
             return
         p = self.p
+        if not p.archive:      # a new box: the patient's history starts in the trace
+            self.history[patient] = []
+            return
         n = 1 + int(self.rng.poisson(max(p.priors_mean - 1, 0.0)))
         # the archive's history ends where the trace starts: studies acquired during the trace are
         # generated (and written) by the trace itself
@@ -328,6 +377,12 @@ class Generator:
                 st.acquired_at = t
                 self._event(t, "W", st.idx, kind="write")
                 duration = (st.sizes.size * SHAPES[modality].write_spacing_s)
+                companion = None
+                if modality == "PT" and p.petct_share and rng.random() < p.petct_share:
+                    # the low-dose CT of a PET-CT: same patient, same session, read and shown together
+                    companion = self._new_study("CT", day, patient, dep_name)
+                    companion.acquired_at = t + 1.0
+                    self._event(t + 1.0, "W", companion.idx, kind="write")
                 read_t = t + duration + rng.lognormal(np.log(dep.read_median_h * 3600), p.read_sigma)
                 if dep_name != "ED":
                     read_t = self._next_working(read_t)
@@ -337,6 +392,8 @@ class Generator:
                 for k, prior in enumerate(chosen):
                     self._event(read_t + k * 5.0, "R", prior, kind="prior")
                 self._event(read_t + len(chosen) * 5.0 + 5.0, "R", st.idx, kind="primary")
+                if companion is not None:
+                    self._event(read_t + len(chosen) * 5.0 + 10.0, "R", companion.idx, kind="primary")
                 n_primary += 1
                 for _ in range(int(rng.poisson(p.followup_rate))):
                     delay = rng.lognormal(np.log(p.followup_median_days * DAY), 1.0)
@@ -344,12 +401,19 @@ class Generator:
                                 self._subset(st, p.followup_series_share), kind="followup")
                 if dep.tumour_board and rng.random() < p.tumour_board_share:
                     board = self._next_board(read_t)
-                    self._event(board, "R", st.idx, self._subset(st, p.followup_series_share), kind="board")
-                    priors = self._pick_priors(st, 1)
-                    if priors:
-                        prior = self.studies[priors[0]]
-                        self._event(board + 30.0, "R", prior.idx,
-                                    self._subset(prior, p.followup_series_share), kind="board")
+                    # a case comes back to the board week after week until it is settled
+                    weeks = int(rng.geometric(1.0 / p.board_weeks)) if p.board_weeks > 1 else 1
+                    for week in range(weeks):
+                        self._event(board, "R", st.idx, self._subset(st, p.followup_series_share), kind="board")
+                        if companion is not None:
+                            self._event(board + 15.0, "R", companion.idx, kind="board")
+                        priors = self._pick_priors(st, 1)
+                        if priors:
+                            prior = self.studies[priors[0]]
+                            self._event(board + 30.0, "R", prior.idx,
+                                        self._subset(prior, p.followup_series_share), kind="board")
+                        if week + 1 < weeks:
+                            board = self._next_board(board)
         self._draw_longtail(n_primary)
         self.events.sort()
 
@@ -363,8 +427,22 @@ class Generator:
         """Random reads of old archive studies: audits, research exports, transfers."""
         p, rng = self.p, self.rng
         n = int(rng.poisson(p.longtail_share * n_primary))
+        teaching = self._teaching_cases()
+        acquired = np.array([s.acquired_at for s in self.studies])
         for _ in range(n):
             day = int(rng.integers(0, p.days))
+            if teaching.size and rng.random() < p.teaching_share:
+                # a few cases are shown again and again (Zipf popularity over the teaching file)
+                rank = min(int(rng.zipf(1.3)), teaching.size) - 1
+                t = self._next_working(day * DAY + rng.uniform(0, DAY))
+                self._event(t, "R", int(teaching[rank]), kind="teaching")
+                continue
+            if not p.archive:   # a new box: the tail reaches back only to what the trace acquired
+                t = self._next_working(day * DAY + rng.uniform(0, DAY))
+                done = np.flatnonzero(acquired < t - DAY)
+                if done.size:
+                    self._event(t, "R", int(rng.choice(done)), kind="longtail")
+                continue
             patient = int(rng.integers(0, p.patient_pool))
             self._materialise_history(patient, self._draw_modality(), 0)
             old = [i for i in self.history[patient] if self.studies[i].day < 0]
@@ -372,6 +450,20 @@ class Generator:
                 continue
             t = self._next_working(day * DAY + rng.uniform(0, DAY))
             self._event(t, "R", int(rng.choice(old)), kind="longtail")
+
+    def _teaching_cases(self) -> np.ndarray:
+        """The teaching file: archive studies of random patients (or, on a new box, none)."""
+        p, rng = self.p, self.rng
+        if not p.teaching_cases or not p.archive:
+            return np.zeros(0, dtype=np.int64)
+        cases: list[int] = []
+        for _ in range(p.teaching_cases):
+            patient = int(rng.integers(0, p.patient_pool))
+            self._materialise_history(patient, self._draw_modality(), 0)
+            old = [i for i in self.history[patient] if self.studies[i].day < 0]
+            if old:
+                cases.append(int(rng.choice(old)))
+        return np.array(cases, dtype=np.int64)
 
     # -- expansion
     def _expand(self, ev: Event) -> tuple[np.ndarray, np.ndarray]:
@@ -474,6 +566,7 @@ def archive_listing(params: WorkloadParams, n_files: int) -> Iterator[tuple[str,
                 study += 1
 
 
-__all__ = ["ModalityShape", "Department", "WorkloadParams", "SHAPES", "PRESETS", "preset", "oncology",
+__all__ = ["ModalityShape", "Department", "WorkloadParams", "SHAPES", "PRESETS", "TUNING", "HELD_OUT", "preset",
+           "oncology", "outpatient", "cancer", "teaching",
            "Generator", "Study", "Event", "Request", "generate", "archive_totals", "archive_listing",
            "draw_instances", "expected_files_per_study"]

@@ -1,0 +1,223 @@
+"""`learned`: whole-study eviction by *hit density* learned from the cache's own traffic (after LHD).
+
+A radiologist waits for the whole study, so the unit is the study: it enters, is read (sessions: reads
+more than `session_s` apart), and leaves whole. For each study *class* the policy learns, online, at
+which ages (time since the study's last session) studies come back and at which they are evicted:
+
+    class = (sessions so far: 0, 1, 2, 3+) × (study age at entry: < 1 day, < 1 week, < 5 weeks, older)
+
+Ages are log-spaced buckets (1 min … ~1 year). From the per-class histograms of hits H(x) and
+evictions E(x), a study of class c at age a is worth
+
+    density(c, a) = P(another session | survived to a) / E[remaining time in cache | a]
+                  = Σ_{x≥a} H(x) / Σ_{x≥a} (x − a)(H(x) + E(x))
+
+and the victim is the cached study of lowest density per byte^`size_exp` among `sample` random ones
+(LHD's sampling). A weekly schedule needs no code: a study class read again ~7 days later has hits
+piling up in the 4–8-day bucket, so its density stays high through the week while one that is never
+read again decays. The histograms are refitted every `refit_events` events and decayed by `decay`, so
+the policy follows the box's traffic; memory is (4 × 4 × 20) × 2 floats plus one record per cached
+study. Until `warm_events` events have been seen the policy is *cold* and evicts studies in LRU order
+(the safe heuristic); `status()` says which.
+
+Policies decide, never do I/O: the caller offers only clean files (already in S3), so a file not yet in
+S3 is never evicted (durability contract, rule 2).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+
+from agent.policy.eviction import DAY, FileTable, StudyLRU
+
+N_AGE = 20                      # log2 buckets of minutes: 1 min .. 2^19 min (~1 year)
+N_READS = 4
+N_ENTRY = 4
+_ENTRY_EDGES = (DAY, 7 * DAY, 35 * DAY)
+
+
+def age_bucket(age_s: float) -> int:
+    m = age_s / 60.0
+    return 0 if m < 1 else min(N_AGE - 1, int(math.log2(m)) + 1)
+
+
+_LOW = np.array([0.0] + [60.0 * 2 ** (b - 1) for b in range(1, N_AGE)])           # bucket starts, s
+_MID = np.array([30.0] + [60.0 * 1.5 * 2 ** (b - 1) for b in range(1, N_AGE)])   # bucket midpoints, s
+
+
+@dataclass
+class _Study:
+    files: dict[int, int]
+    size: int
+    last: float
+    entry: int                  # study-age class at entry
+    sessions: int = 0
+
+
+class HitDensity:
+    """The online study-level hit-density eviction (see the module docstring)."""
+
+    name = "learned"
+    online = True
+
+    def __init__(self, sample: int = 64, size_exp: float = 0.5, session_s: float = 600.0,
+                 refit_events: int = 100, decay: float = 0.95, warm_events: int = 200, seed: int = 0,
+                 max_ghosts: int = 200_000) -> None:
+        self.sample, self.size_exp, self.session_s = sample, size_exp, session_s
+        self.refit_events, self.decay, self.warm_events = refit_events, decay, warm_events
+        self.hits = np.zeros((N_READS, N_ENTRY, N_AGE))
+        self.evictions = np.zeros((N_READS, N_ENTRY, N_AGE))
+        self.density = np.zeros((N_READS, N_ENTRY, N_AGE))
+        self.events = 0
+        self.fitted = False
+        self._studies: dict[int, _Study] = {}
+        self._ids: list[int] = []               # cached studies, for O(1) random sampling
+        self._pos: dict[int, int] = {}
+        self._study_of: dict[int, int] = {}
+        self._lru: OrderedDict[int, None] = OrderedDict()   # cold-start order
+        self._rng = random.Random(seed)
+        # evicted studies (sessions, entry class, last session, age bucket at eviction), oldest first
+        self._ghosts: OrderedDict[int, tuple[int, int, float, int]] = OrderedDict()
+        self.max_ghosts = max_ghosts
+
+    # -- learning
+    def _cls(self, s: _Study) -> tuple[int, int]:
+        return min(s.sessions, N_READS - 1), s.entry
+
+    def _count(self, table: np.ndarray, s: _Study, now: float) -> None:
+        r, e = self._cls(s)
+        table[r, e, age_bucket(now - s.last)] += 1
+        self.events += 1
+        if self.events % self.refit_events == 0:
+            self.refit()
+
+    def refit(self) -> None:
+        """density(c, a) from the histograms, then decay them (recent traffic weighs more)."""
+        total = self.hits + self.evictions
+        # suffix sums over ages ≥ a
+        h_tail = np.cumsum(self.hits[..., ::-1], axis=-1)[..., ::-1]
+        n_tail = np.cumsum(total[..., ::-1], axis=-1)[..., ::-1]
+        t_tail = np.cumsum((total * _MID)[..., ::-1], axis=-1)[..., ::-1]
+        life = t_tail - n_tail * _LOW          # Σ (x − a)(H + E), x at its bucket's midpoint, a at its start
+        with np.errstate(divide="ignore", invalid="ignore"):
+            d = np.where(life > 0, h_tail / np.maximum(life, 1e-9), 0.0)
+        # a class seen too little borrows from the pooled table of its session count
+        pooled_h = np.cumsum(self.hits.sum(axis=1)[..., ::-1], axis=-1)[..., ::-1]
+        pooled_t = np.cumsum((total.sum(axis=1) * _MID)[..., ::-1], axis=-1)[..., ::-1]
+        pooled_n = np.cumsum(total.sum(axis=1)[..., ::-1], axis=-1)[..., ::-1]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            pooled = np.where(pooled_t - pooled_n * _LOW > 0,
+                              pooled_h / np.maximum(pooled_t - pooled_n * _LOW, 1e-9), 0.0)
+        thin = n_tail < 20
+        self.density = np.where(thin, pooled[:, None, :], d)
+        self.hits *= self.decay
+        self.evictions *= self.decay
+        self.fitted = self.events >= self.warm_events
+
+    def status(self) -> dict:
+        return {"policy": self.name, "mode": "learned" if self.fitted else "cold start: study LRU",
+                "events": self.events, "studies": len(self._studies)}
+
+    # -- the online index
+    def on_insert(self, key: int, size: int, now: float, created: float, study: int,
+                  prefetch: bool = False) -> None:
+        s = self._studies.get(study)
+        if s is None:
+            age = now - created
+            entry = sum(age >= e for e in _ENTRY_EDGES)
+            s = self._studies[study] = _Study({}, 0, now, entry)
+            self._pos[study] = len(self._ids)
+            self._ids.append(study)
+            ghost = self._ghosts.pop(study, None)
+            if ghost is not None:
+                self._returned(s, ghost, now, prefetch)
+        s.files[key] = size
+        s.size += size
+        self._study_of[key] = study
+        self._lru[study] = None
+        if not prefetch:
+            self._session(study, s, now)
+
+    def _returned(self, s: _Study, ghost: tuple[int, int, float, int], now: float, prefetch: bool) -> None:
+        """A study evicted earlier is back. Its eviction was premature: the histogram learns the real
+        time to its next session (a hit at that age) instead of the eviction, so a class is not judged
+        by what the cache happened to keep (the chicken-and-egg of learning only from cached objects)."""
+        sessions, entry, last, evicted_at = ghost
+        s.sessions, s.entry, s.last = sessions, entry, last
+        if prefetch:
+            return          # the read it was fetched for, if it comes, is the session
+        r = min(sessions, N_READS - 1)
+        self.evictions[r, entry, evicted_at] = max(0.0, self.evictions[r, entry, evicted_at] - 1)
+        self._count(self.hits, s, now)
+        s.sessions += 1
+        s.last = now
+
+    def _session(self, study: int, s: _Study, now: float) -> None:
+        if now - s.last > self.session_s:
+            self._count(self.hits, s, now)
+            s.sessions += 1
+        s.last = now
+        self._lru.move_to_end(study)
+
+    def on_access(self, key: int, now: float) -> None:
+        study = self._study_of.get(key)
+        if study is not None:
+            self._session(study, self._studies[study], now)
+
+    def on_remove(self, key: int) -> None:
+        study = self._study_of.pop(key, None)
+        if study is None:
+            return
+        s = self._studies[study]
+        s.size -= s.files.pop(key, 0)
+        if not s.files:
+            self._drop(study)
+
+    def _drop(self, study: int) -> _Study:
+        s = self._studies.pop(study)
+        i = self._pos.pop(study)
+        last = self._ids.pop()
+        if last != study:
+            self._ids[i] = last
+            self._pos[last] = i
+        self._lru.pop(study, None)
+        for key in s.files:
+            self._study_of.pop(key, None)
+        return s
+
+    def _rank(self, s: _Study, now: float) -> float:
+        r, e = self._cls(s)
+        return float(self.density[r, e, age_bucket(now - s.last)]) / max(s.size, 1) ** self.size_exp
+
+    def _victim(self, now: float) -> int:
+        if not self.fitted:
+            return next(iter(self._lru))
+        k = min(self.sample, len(self._ids))
+        cand = self._rng.sample(self._ids, k) if k < len(self._ids) else list(self._ids)
+        # ties (an unseen class: density 0) go to the least recently used
+        return min(cand, key=lambda st: (self._rank(self._studies[st], now), self._studies[st].last))
+
+    def victims(self, bytes_to_free: int, now: float) -> Iterator[int]:
+        freed = 0
+        while freed < bytes_to_free and self._ids:
+            study = self._victim(now)
+            s = self._studies[study]
+            self._count(self.evictions, s, now)
+            self._drop(study)
+            self._ghosts[study] = (s.sessions, s.entry, s.last, age_bucket(now - s.last))
+            if len(self._ghosts) > self.max_ghosts:
+                self._ghosts.popitem(last=False)
+            for key, size in s.files.items():
+                freed += size
+                yield key
+
+    # -- batch (the live agent's catalog rows): the live agent does not feed the histograms yet, so a
+    # batch caller gets the cold-start heuristic, whole studies in LRU order
+    def select_victims(self, table: FileTable, bytes_to_free: int, now: float) -> np.ndarray:
+        return StudyLRU().select_victims(table, bytes_to_free, now)

@@ -1,0 +1,398 @@
+"""`pacsgw import-trace`: real traffic (CSV, the agent's audit log, xferlog) → a pacsgw trace.
+
+A hospital replays its own month before it picks a policy. Three sources:
+
+* **csv**: a header naming the columns ``ts,op,path,size`` and optionally ``patient,study,modality,dept``
+  (``department`` is accepted too), in any order; ``ts`` is seconds from the start (``--start`` at
+  midnight), ``op`` is ``read`` or ``write``, ``size`` whole bytes; rows in any order.
+* **audit**: the agent's own audit log (one JSON object per line, agent/audit.py): ``store`` is a
+  write, ``retrieve`` a read; only records with ``result`` ``ok`` are transfers.
+* **xferlog**: the FTP transfer log of vsftpd and proftpd: direction ``i`` is a write, ``o`` a read;
+  the request time is the line's time minus the transfer time; incomplete transfers (``i``) are skipped.
+
+A row that cannot be parsed is *bad*: reported with its line number, never written. Rows are then sorted
+by time (a write before a read of the same second) and made replayable, with a summary:
+
+* a read before its object's first write: the object existed before the trace (it is read like a
+  prior); its later writes are rewrites, dropped;
+* a rewrite of an object already written is dropped (the replay keeps one version per path);
+* a read whose size differs from its object's is given the object's size (the first write's size, or
+  the first read's for an object written before the trace).
+
+Without ``study``/``patient`` columns a file's study is its directory ``--series-dirs`` levels above
+the file's own (1: ``…/study/series/file``), and every study is its own patient (no priors known).
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import json
+import math
+import posixpath
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Iterator
+
+from agent.sim.trace import COLUMNS, MAGIC, _open
+from agent.sim.workload import DAY
+
+FORMATS = ("csv", "audit", "xferlog")
+CSV_REQUIRED = ("ts", "op", "path", "size")
+CSV_OPTIONAL = {"patient": "patient", "study": "study", "modality": "modality", "dept": "department",
+                "department": "department"}
+DEFAULT_START = dt.datetime(2026, 1, 5)   # a Monday: CSV times are relative
+NO_MODALITY = "OT"          # DICOM's "other"
+NO_DEPARTMENT = "-"
+_CONTROL = {chr(c) for c in range(32)} | {"\x7f"}
+
+
+class TraceImportError(ValueError):
+    """The source as a whole cannot be imported (no header, unknown format, no usable row)."""
+
+
+@dataclass
+class Row:
+    t: float              # seconds since midnight of the trace's start
+    write: bool
+    path: str
+    size: int
+    line: int
+    patient: str = ""
+    study: str = ""
+    modality: str = ""
+    department: str = ""
+
+
+@dataclass
+class Bad:
+    line: int
+    reason: str
+
+
+@dataclass
+class Summary:
+    source: str
+    format: str
+    start: str = ""
+    rows: int = 0                      # transfer rows parsed
+    bad: list[Bad] = field(default_factory=list)
+    ignored: Counter = field(default_factory=Counter)   # not a transfer (audit: list, login, …)
+    read_before_write: int = 0         # objects read before their first write (treated as pre-existing)
+    rewrites: int = 0                  # writes dropped: the object was already written or read
+    sizes_fixed: int = 0
+    reads: int = 0
+    writes: int = 0
+    objects: int = 0
+    studies: int = 0
+    days: int = 0
+
+    def text(self, max_bad: int = 20) -> str:
+        lines = [f"import-trace: {self.source} ({self.format}): {self.rows:,} transfer rows"]
+        if self.bad:
+            lines.append(f"  bad rows (skipped): {len(self.bad):,}")
+            lines += [f"    line {b.line}: {b.reason}" for b in self.bad[:max_bad]]
+            if len(self.bad) > max_bad:
+                lines.append(f"    … and {len(self.bad) - max_bad:,} more")
+        if self.ignored:
+            lines.append("  not transfers (skipped): "
+                         + ", ".join(f"{k} {v:,}" for k, v in sorted(self.ignored.items())))
+        if self.read_before_write:
+            lines.append(f"  repaired: {self.read_before_write:,} objects read before their first write "
+                         "(treated as in the archive before the trace)")
+        if self.rewrites:
+            lines.append(f"  dropped: {self.rewrites:,} rewrites of an object already written or read "
+                         "(the replay keeps one version per path)")
+        if self.sizes_fixed:
+            lines.append(f"  repaired: {self.sizes_fixed:,} reads given their object's size")
+        lines.append(f"  trace: {self.reads + self.writes:,} requests ({self.reads:,} reads, {self.writes:,} "
+                     f"writes), {self.objects:,} files, {self.studies:,} studies, {self.days} days from "
+                     f"{self.start}")
+        return "\n".join(lines)
+
+    def as_dict(self) -> dict:
+        return {"source": self.source, "format": self.format, "rows": self.rows, "bad": len(self.bad),
+                "ignored": dict(self.ignored), "read_before_write": self.read_before_write,
+                "rewrites": self.rewrites, "sizes_fixed": self.sizes_fixed}
+
+
+# -- field checks shared by the three formats ------------------------------------------------------
+
+def _path(raw: str) -> str:
+    """A relative POSIX path without '.'/'..' parts or control characters (they would break the TSV)."""
+    if not raw or any(c in _CONTROL for c in raw):
+        raise ValueError(f"path {raw!r} is empty or has control characters")
+    parts = [p for p in raw.strip("/").split("/") if p not in ("", ".")]
+    if not parts or ".." in parts:
+        raise ValueError(f"path {raw!r} is empty or has a '..' part")
+    return "/".join(parts)
+
+
+def _size(raw: object) -> int:
+    if isinstance(raw, bool) or not isinstance(raw, (int, str)):
+        raise ValueError(f"size {raw!r} is not a whole number of bytes")
+    try:
+        n = int(raw)
+    except ValueError:
+        raise ValueError(f"size {raw!r} is not a whole number of bytes") from None
+    if n < 0:
+        raise ValueError(f"size {raw!r} is negative")
+    return n
+
+
+def _label(name: str, raw: str) -> str:
+    if any(c in _CONTROL for c in raw):
+        raise ValueError(f"{name} {raw!r} has control characters")
+    return raw.strip()
+
+
+# -- the three parsers: each yields Row, Bad, or (str) a non-transfer kind to count ----------------
+
+def parse_csv(f: IO[str]) -> Iterator[Row | Bad | str]:
+    reader = csv.reader(f)
+    header = next(reader, None)
+    if header is None:
+        raise TraceImportError("empty CSV (a header `ts,op,path,size[,patient,study,modality,dept]` is needed)")
+    cols = [c.strip().lower() for c in header]
+    unknown = [c for c in cols if c not in CSV_REQUIRED and c not in CSV_OPTIONAL]
+    missing = [c for c in CSV_REQUIRED if c not in cols]
+    if unknown or missing or len(set(cols)) != len(cols):
+        raise TraceImportError(f"CSV header {header!r}: needs ts,op,path,size (optional patient,study,modality,dept); "
+                           f"missing {missing}, unknown {unknown}")
+    for row in reader:
+        line = reader.line_num
+        if not row or (len(row) == 1 and not row[0].strip()):
+            continue
+        if len(row) != len(cols):
+            yield Bad(line, f"{len(row)} fields, the header has {len(cols)}")
+            continue
+        rec = dict(zip(cols, row, strict=True))
+        try:
+            ts = float(rec["ts"])
+            if not math.isfinite(ts) or ts < 0:
+                raise ValueError(f"ts {rec['ts']!r} is not a time in seconds from the start")
+            op = rec["op"].strip().lower()
+            if op not in ("read", "write"):
+                raise ValueError(f"op {rec['op']!r} is neither read nor write")
+            r = Row(ts, op == "write", _path(rec["path"]), _size(rec["size"].strip()), line)
+            for col, attr in CSV_OPTIONAL.items():
+                if col in rec:
+                    setattr(r, attr, _label(col, rec[col]))
+        except ValueError as e:
+            msg = str(e)
+            if msg.startswith("could not convert"):
+                msg = f"ts {rec['ts']!r} is not a number"
+            yield Bad(line, msg)
+            continue
+        yield r
+
+
+def parse_audit(f: IO[str]) -> Iterator[Row | Bad | str]:
+    """Absolute times (UTC); Row.t is seconds since the epoch here, rebased by `load`."""
+    for line, text in enumerate(f, 1):
+        if not text.strip():
+            continue
+        try:
+            rec = json.loads(text)
+            if not isinstance(rec, dict):
+                raise ValueError("not a JSON object")
+        except ValueError as e:
+            yield Bad(line, f"not an audit record: {e}")
+            continue
+        op = rec.get("op")
+        if op not in ("store", "retrieve"):
+            yield f"audit {op}"
+            continue
+        if rec.get("result") != "ok":
+            yield f"audit {op} not ok"
+            continue
+        try:
+            stamp = rec.get("time")
+            if not isinstance(stamp, str):
+                raise ValueError(f"time {stamp!r} is missing")
+            try:
+                when = dt.datetime.fromisoformat(stamp.replace("Z", "+00:00"))
+            except ValueError:
+                raise ValueError(f"time {stamp!r} is not an ISO time") from None
+            if when.tzinfo is None:
+                when = when.replace(tzinfo=dt.timezone.utc)
+            if "bytes" not in rec:
+                raise ValueError("no byte count")
+            r = Row(when.timestamp(), op == "store", _path(str(rec.get("path", ""))), _size(rec["bytes"]), line,
+                    department=_label("user", str(rec.get("user", ""))))
+        except ValueError as e:
+            yield Bad(line, str(e))
+            continue
+        yield r
+
+
+def parse_xferlog(f: IO[str]) -> Iterator[Row | Bad | str]:
+    """`Mon Nov 30 21:12:14 2026 <secs> <host> <bytes> <file…> <type> <action> <i|o|d> <mode> <user>
+    <service> <auth> <auth-user> <c|i>`: a file name may hold spaces, so it is what lies between the 8
+    leading and the 9 trailing fields. Times are the server's local time, taken as they are."""
+    for line, text in enumerate(f, 1):
+        tok = text.split()
+        if not tok:
+            continue
+        try:
+            if len(tok) < 18:
+                raise ValueError(f"{len(tok)} fields, an xferlog line has at least 18")
+            try:
+                when = dt.datetime.strptime(" ".join(tok[:5]), "%a %b %d %H:%M:%S %Y")
+            except ValueError:
+                raise ValueError(f"time {' '.join(tok[:5])!r} is not `Mon Nov 30 21:12:14 2026`") from None
+            try:
+                secs = int(tok[5])
+            except ValueError:
+                raise ValueError(f"transfer time {tok[5]!r} is not whole seconds") from None
+            direction, status, user = tok[-7], tok[-1], tok[-5]
+            if direction not in ("i", "o", "d"):
+                raise ValueError(f"direction {direction!r} is not i, o or d")
+            if status not in ("c", "i"):
+                raise ValueError(f"completion status {status!r} is not c or i")
+            size = _size(tok[7])
+            path = _path(" ".join(tok[8:-9]))
+        except ValueError as e:
+            yield Bad(line, str(e))
+            continue
+        if direction == "d":
+            yield "xferlog delete"
+            continue
+        if status == "i":
+            yield "xferlog incomplete transfer"
+            continue
+        t = when.replace(tzinfo=dt.timezone.utc).timestamp() - max(secs, 0)
+        yield Row(t, direction == "i", path, size, line, department=_label("user", user))
+
+
+def sniff(first_line: str) -> str:
+    s = first_line.lstrip()
+    if s.startswith("{"):
+        return "audit"
+    if s.split(",")[0].strip().lower() == "ts" or "," in s and "path" in s.lower():
+        return "csv"
+    return "xferlog"
+
+
+# -- from rows to a replayable trace ---------------------------------------------------------------
+
+def _study_of(path: str, series_dirs: int) -> str:
+    d = posixpath.dirname(path)
+    for _ in range(series_dirs):
+        if "/" not in d:
+            break
+        d = posixpath.dirname(d)
+    return d or path
+
+
+def repair(rows: list[Row], summary: Summary) -> list[Row]:
+    """Sort (a write before a read of the same second) and keep one write per object, first."""
+    rows.sort(key=lambda r: (r.t, not r.write, r.line))
+    first: dict[str, tuple[bool, int]] = {}     # path → (first request was a write, object size)
+    out: list[Row] = []
+    pre_existing_rewritten: set[str] = set()
+    for r in rows:
+        known = first.get(r.path)
+        if known is None:
+            first[r.path] = (r.write, r.size)
+            out.append(r)
+            continue
+        if r.write:
+            summary.rewrites += 1
+            if not known[0]:
+                pre_existing_rewritten.add(r.path)
+            continue
+        if r.size != known[1]:
+            r.size = known[1]
+            summary.sizes_fixed += 1
+        out.append(r)
+    summary.read_before_write = len(pre_existing_rewritten)
+    return out
+
+
+def load(src: str | Path, fmt: str = "auto", start: str | None = None,
+         series_dirs: int = 1) -> tuple[list[Row], Summary]:
+    """Parse `src` and make it replayable; → rows with t relative to midnight of the start day."""
+    with _open(src, "r") as f:
+        first = f.readline()
+    if not first:
+        raise TraceImportError(f"{src}: empty file")
+    fmt = sniff(first) if fmt == "auto" else fmt
+    if fmt not in FORMATS:
+        raise TraceImportError(f"unknown format {fmt!r}; known: {', '.join(FORMATS)}")
+    summary = Summary(source=str(src), format=fmt)
+    rows: list[Row] = []
+    try:
+        base = dt.datetime.fromisoformat(start) if start else None
+    except ValueError:
+        raise TraceImportError(f"--start {start!r} is not a date (YYYY-MM-DD)") from None
+    with _open(src, "r") as f:
+        if fmt == "csv":
+            items = parse_csv(f)
+        elif fmt == "audit":
+            items = parse_audit(f)
+        else:
+            items = parse_xferlog(f)
+        for item in items:
+            if isinstance(item, Row):
+                rows.append(item)
+            elif isinstance(item, Bad):
+                summary.bad.append(item)
+            else:
+                summary.ignored[item] += 1
+    summary.rows = len(rows)
+    if not rows:
+        raise TraceImportError(f"{src}: no usable transfer rows ({len(summary.bad)} bad)\n" + summary.text())
+    if fmt == "csv":
+        day0 = (base or DEFAULT_START).date()
+    else:   # absolute times: the trace starts at midnight (UTC / the log's clock) of the first request
+        epoch0 = min(r.t for r in rows)
+        day0 = dt.datetime.fromtimestamp(epoch0, dt.timezone.utc).date() if base is None else base.date()
+        midnight = dt.datetime.combine(day0, dt.time(), dt.timezone.utc).timestamp()
+        for r in rows:
+            r.t -= midnight
+        if min(r.t for r in rows) < 0:
+            raise TraceImportError(f"{src}: --start {start} is after the first request")
+    summary.start = day0.isoformat()
+    for r in rows:
+        r.study = r.study or _study_of(r.path, series_dirs)
+        r.patient = r.patient or r.study
+        r.modality = r.modality or NO_MODALITY
+        r.department = r.department or NO_DEPARTMENT
+    rows = repair(rows, summary)
+    return rows, summary
+
+
+def write(rows: list[Row], summary: Summary, dst: str | Path) -> dict:
+    """The trace file (agent.sim.trace format, no `S` catalog lines: the archive before it is unknown)."""
+    written: dict[str, int] = {}
+    studies: set[str] = set()
+    for r in rows:
+        written.setdefault(r.path, r.size)
+        studies.add(r.study)
+        if r.write:
+            summary.writes += 1
+        else:
+            summary.reads += 1
+    summary.objects, summary.studies = len(written), len(studies)
+    summary.days = int(rows[-1].t // DAY) + 1
+    write_bytes = sum(r.size for r in rows if r.write)
+    meta = {"start": summary.start, "preset": "import", "seed": None, "days": summary.days,
+            "monthly_tb": round(write_bytes / 1e12 * 30 / summary.days, 6), "layout": None,
+            "archive_bytes": sum(written.values()), "archive_files": len(written),
+            "requests": len(rows), "request_bytes": sum(r.size for r in rows), "import": summary.as_dict()}
+    with _open(dst, "w") as f:
+        f.write(MAGIC + json.dumps(meta, sort_keys=True) + "\n")
+        f.write("\t".join(COLUMNS) + "\n")
+        for r in rows:
+            f.write(f"{r.t:.3f}\t{'W' if r.write else 'R'}\t{r.path}\t{r.size}\t{r.patient}\t{r.study}"
+                    f"\t{r.modality}\t{r.department}\n")
+    return meta
+
+
+def import_trace(src: str | Path, dst: str | Path, fmt: str = "auto", start: str | None = None,
+                 series_dirs: int = 1) -> Summary:
+    rows, summary = load(src, fmt, start, series_dirs)
+    write(rows, summary, dst)
+    return summary
