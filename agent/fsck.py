@@ -23,8 +23,9 @@ import structlog
 from tqdm import tqdm
 
 from agent.config import Config
+from agent.records import Entry
 from agent.store.cache import Cache
-from agent.store.catalog import AsyncCatalog, Catalog, Entry
+from agent.store.catalog import AsyncCatalog, Catalog
 from agent.store.fetch import download
 from agent.uplink.s3 import S3Uplink, meta_sha
 

@@ -9,7 +9,7 @@ import os
 import time
 
 from agent.uplink.ratelimit import TokenBucket
-from agent.uplink.uploader import backoff
+from agent.uplink.line import backoff
 from harness import BUCKET, PASSWORD, s3_objects, sha256
 
 

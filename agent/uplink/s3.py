@@ -29,9 +29,8 @@ from botocore.exceptions import (
 from botocore.exceptions import ConnectionError as BotoConnectionError
 
 from agent.config import UplinkConfig
-from agent.store.catalog import RemoteObject
-from agent.store.worm import Lock
-from agent.uplink.ratelimit import TokenBucket
+from agent.records import Lock, RemoteObject
+from agent.uplink.ratelimit import Bandwidth
 
 META_SHA = "sha256"
 GET_CHUNK = 256 * 1024  # a download lands (written, hashed, readers woken) in blocks this large
@@ -54,8 +53,27 @@ class RemoteListing:
     dirs: list[str]
 
 
+# The codes S3 servers answer "slow down" with (AWS: 503 SlowDown; SeaweedFS's circuit breaker: 503
+# ErrTooManyRequest / ErrRequestBytesExceed; botocore's list of throttling codes for the rest).
+THROTTLE_CODES = frozenset({
+    "SlowDown", "ErrTooManyRequest", "ErrRequestBytesExceed", "Throttling", "ThrottlingException",
+    "ThrottledException", "RequestThrottledException", "TooManyRequestsException", "RequestThrottled",
+    "RequestLimitExceeded", "BandwidthLimitExceeded", "LimitExceededException", "PriorRequestNotComplete",
+})
+
+
+def is_throttled(exc: BaseException) -> bool:
+    """True when the server is up but asks us to slow down: retry later, do not call the line down."""
+    if not isinstance(exc, ClientError):
+        return False
+    status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+    return status == 429 or exc.response.get("Error", {}).get("Code") in THROTTLE_CODES
+
+
 def is_unreachable(exc: BaseException) -> bool:
     """True when the failure says 'the line or the server is down' rather than 'the request was bad'."""
+    if is_throttled(exc):
+        return False
     if isinstance(exc, (EndpointConnectionError, ConnectTimeoutError, ReadTimeoutError, BotoConnectionError,
                         aiohttp.ClientError, asyncio.TimeoutError, ConnectionError)):
         return True
@@ -96,10 +114,10 @@ def b64(digest_hex: str) -> str:
 
 
 class S3Uplink:
-    def __init__(self, cfg: UplinkConfig) -> None:
+    def __init__(self, cfg: UplinkConfig, bandwidth: Bandwidth | None = None) -> None:
         self.cfg = cfg
-        self.up_bucket = TokenBucket(cfg.bwlimit)
-        self.down_bucket = TokenBucket(cfg.bwlimit)
+        self.bandwidth = bandwidth or Bandwidth.limited_to(cfg.bwlimit)  # the line's (agent.uplink.line)
+        self.up_bucket, self.down_bucket = self.bandwidth.up, self.bandwidth.down
         self._stack = contextlib.AsyncExitStack()
         self._client = None
 
