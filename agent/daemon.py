@@ -104,7 +104,7 @@ class Agent:
         """WORM needs a bucket created with Object Lock: refuse to run against one without."""
         try:
             enabled = await self.s3.object_lock_enabled()
-        except Exception as e:  # noqa: BLE001 - unreachable now: checked by S3 itself on every locked PUT
+        except Exception as e:  # unreachable now: checked by S3 itself on every locked PUT
             log.warning("object_lock_unchecked", bucket=self.cfg.uplink.bucket, error=str(e)[:200])
             return
         if not enabled:

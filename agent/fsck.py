@@ -110,7 +110,7 @@ class Fsck:
         fd = self.cache.create_staging(blob)
         try:
             sha = await download(self.s3, self.cache, e, blob, fd)
-        except Exception as exc:  # noqa: BLE001 - reported; the next read fetches it again anyway
+        except Exception as exc:  # reported; the next read fetches it again anyway
             self.cache.discard_staging(blob)
             log.error("fsck_refetch_failed", path=e.path, error=str(exc)[:300])
             return

@@ -76,7 +76,7 @@ def line_rate(cfg: Config) -> float:
     return float(cfg.uplink.bwlimit) if cfg.uplink.bwlimit else float("inf")
 
 
-def _load_predictor(cfg: Config):  # noqa: ANN202 - HotnessPredictor or None
+def _load_predictor(cfg: Config):  # HotnessPredictor or None
     from agent.policy.predictor import DEFAULT_MODEL, HotnessPredictor
     path = Path(cfg.model.path) if cfg.model.path else DEFAULT_MODEL
     if not path.is_file():
@@ -206,7 +206,7 @@ class DirPrefetcher:
                 await self.db.set_state("prefetch_window", str(start))
                 try:
                     await self.run()
-                except Exception as e:  # noqa: BLE001 - a failed run must not end the loop
+                except Exception as e:  # a failed run must not end the loop
                     log.error("prefetch_run_failed", error=repr(e)[:300])
             await asyncio.sleep(self.cfg.prefetch.check_seconds)
 
@@ -268,7 +268,7 @@ class PriorFetcher:
             log.info("study_recorded", dir=d, first=path, dicom=h.patient is not None, modality=h.modality)
             if h.patient is not None:
                 await self.fetch_priors(d, h)
-        except Exception as e:  # noqa: BLE001 - prior prefetch is best effort; the store itself succeeded
+        except Exception as e:  # prior prefetch is best effort; the store itself succeeded
             log.error("prior_prefetch_failed", dir=d, error=repr(e)[:300])
 
     async def fetch_priors(self, d: str, h: StudyHeader) -> None:

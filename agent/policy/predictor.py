@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -19,16 +20,17 @@ MODELS = Path(__file__).resolve().parents[2] / "models"
 DEFAULT_MODEL = MODELS / "hotness.tflite"
 
 
-def _interpreter_class():  # noqa: ANN202
+def _interpreter_class() -> Any:
     try:
         from ai_edge_litert.interpreter import Interpreter
     except ImportError:  # older boxes: the standalone runtime
-        from tflite_runtime.interpreter import Interpreter  # type: ignore[no-redef]
+        from tflite_runtime.interpreter import Interpreter
     return Interpreter
 
 
-def load_card(model: Path = DEFAULT_MODEL) -> dict:
-    return json.loads(model.with_suffix(".card.json").read_text())
+def load_card(model: Path = DEFAULT_MODEL) -> dict[str, Any]:
+    card: dict[str, Any] = json.loads(model.with_suffix(".card.json").read_text())
+    return card
 
 
 class HotnessPredictor:
@@ -56,7 +58,8 @@ class HotnessPredictor:
             self._batch = n
         self._interp.set_tensor(self._in, np.ascontiguousarray(x, dtype=np.float32))
         self._interp.invoke()
-        return self._interp.get_tensor(self._out).reshape(n).copy()
+        y: np.ndarray = self._interp.get_tensor(self._out).reshape(n).copy()
+        return y
 
     def predict(self, x: np.ndarray, dir_files: np.ndarray) -> np.ndarray:
         """Expected reads of each directory in the next 24 h (>= 0)."""

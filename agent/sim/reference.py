@@ -71,7 +71,7 @@ def check_writes_first(ta: TraceArrays) -> None:
         raise ValueError("trace has a write that is not its object's first request")
 
 
-def _make(name: str, cap_kib: int, hashpower: int = 24):  # noqa: ANN202
+def _make(name: str, cap_kib: int, hashpower: int = 24):
     import libcachesim as lcs
     if name == "S3FIFO" and cap_kib < 10:
         # its small queue is 10 % of the cache: below 10 units libCacheSim aborts the process
@@ -88,7 +88,7 @@ def run_reference(ta: TraceArrays, capacity: int, warmup_days: float = 3.0,
 
 def run_arrays(obj: np.ndarray, size: np.ndarray, t: np.ndarray, is_write: np.ndarray, capacity: int,
                warmup_s: float = 0.0, algorithms: tuple[str, ...] = ALGORITHMS,
-               check=None) -> list[ReferenceResult]:  # noqa: ANN001
+               check=None) -> list[ReferenceResult]:
     import libcachesim as lcs
     if check is not None:
         check()

@@ -34,7 +34,7 @@ def memory_line(scheme: str, ta: TraceArrays, catalog: CatalogMemory | None) -> 
             f"({catalog.bytes_per_row:,.0f} B/file measured)")
 
 
-def table(ta: TraceArrays, results: list[SchemeResult], refs: list,  # noqa: ANN001
+def table(ta: TraceArrays, results: list[SchemeResult], refs: list,
           catalog: CatalogMemory | None) -> str:
     head = ("| scheme | object hit ratio | byte hit ratio | mean / p95 latency (idle line) "
             "| mean / p95 latency (queued) | egress peak (1 min) | prefetch spent (used) | catalog memory |\n"
@@ -103,7 +103,7 @@ def egress_plot(results: list[SchemeResult], path: Path) -> str:
     return _save(fig, ax, path)
 
 
-def _save(fig, ax, path: Path) -> str:  # noqa: ANN001 - matplotlib Figure/Axes, imported lazily
+def _save(fig, ax, path: Path) -> str:  # matplotlib Figure/Axes, imported lazily
     """Legend, grid, layout, write the PNG, free the figure; → its file name for the report."""
     import matplotlib.pyplot as plt
     ax.legend(fontsize=8)
@@ -114,7 +114,7 @@ def _save(fig, ax, path: Path) -> str:  # noqa: ANN001 - matplotlib Figure/Axes,
     return path.name
 
 
-def write_report(ta: TraceArrays, cfg: ReplayConfig, results: list[SchemeResult], refs: list,  # noqa: ANN001
+def write_report(ta: TraceArrays, cfg: ReplayConfig, results: list[SchemeResult], refs: list,
                  out: str | Path | None, title: str | None = None, catalog: CatalogMemory | None = None,
                  timings: dict[str, float] | None = None) -> str:
     text = f"## {title or 'Cache replay'}\n\n" + describe(ta, cfg) + "\n" + table(ta, results, refs, catalog)

@@ -659,10 +659,10 @@ class AsyncCatalog:
         self.catalog = catalog
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="catalog")
 
-    def __getattr__(self, name: str):  # noqa: ANN204
+    def __getattr__(self, name: str):
         method = getattr(self.catalog, name)
 
-        async def call(*args, **kwargs):  # noqa: ANN202
+        async def call(*args, **kwargs):
             try:
                 return await asyncio.get_running_loop().run_in_executor(
                     self._pool, functools.partial(method, *args, **kwargs))

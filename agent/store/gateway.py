@@ -288,7 +288,7 @@ class Gateway:
         t0 = time.monotonic()
         try:
             listing = await self.s3.list_dir(path)
-        except Exception as e:  # noqa: BLE001 - a failed listing must not fail the client's request
+        except Exception as e:  # a failed listing must not fail the client's request
             log.warning("remote_list_failed", path=path, error=error_code(e))
             return
         await self.db.merge_listing(path, listing.objects, listing.dirs)
@@ -514,7 +514,7 @@ class Gateway:
             self.metrics.fetched_bytes.inc(fill.written)
             self.metrics.fetch_seconds.observe(time.monotonic() - t0)
             log.info("fetched", path=e.path, bytes=fill.written, seconds=round(time.monotonic() - t0, 4))
-        except Exception as exc:  # noqa: BLE001 - every failure reaches the waiting readers
+        except Exception as exc:  # every failure reaches the waiting readers
             fill.error = (exc if isinstance(exc, GatewayError)
                           else Unavailable(e.path, f"fetch failed: {error_code(exc)}"))
             self.cache.discard_staging(fill.blob)

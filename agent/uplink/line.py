@@ -28,7 +28,7 @@ T = TypeVar("T")
 
 def backoff(attempts: int, base: float = 1.0, cap: float = 300.0) -> float:
     """Exponential backoff with full jitter in [0.5, 1.5) of the nominal delay."""
-    return min(cap, base * 2 ** min(attempts, 16)) * random.uniform(0.5, 1.5)
+    return min(cap, base * 2.0 ** min(attempts, 16)) * random.uniform(0.5, 1.5)
 
 
 class Limiter:

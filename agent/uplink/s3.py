@@ -78,14 +78,14 @@ def is_unreachable(exc: BaseException) -> bool:
                         aiohttp.ClientError, asyncio.TimeoutError, ConnectionError)):
         return True
     if isinstance(exc, ClientError):
-        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+        status: int = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
         return status >= 500 or status == 0
     return isinstance(exc, BotoCoreError) and "connect" in str(exc).lower()
 
 
 def error_code(exc: BaseException) -> str:
     if isinstance(exc, ClientError):
-        return exc.response.get("Error", {}).get("Code", "ClientError")
+        return str(exc.response.get("Error", {}).get("Code", "ClientError"))
     return type(exc).__name__
 
 
@@ -119,7 +119,7 @@ class S3Uplink:
         self.bandwidth = bandwidth or Bandwidth.limited_to(cfg.bwlimit)  # the line's (agent.uplink.line)
         self.up_bucket, self.down_bucket = self.bandwidth.up, self.bandwidth.down
         self._stack = contextlib.AsyncExitStack()
-        self._client = None
+        self._client: Any = None  # aiobotocore's S3 client: generated at run time, untyped
 
     async def start(self) -> None:
         config = AioConfig(
@@ -152,7 +152,7 @@ class S3Uplink:
             if e.response.get("ResponseMetadata", {}).get("HTTPStatusCode") in (400, 404, 501):
                 return False
             raise
-        return resp.get("ObjectLockConfiguration", {}).get("ObjectLockEnabled") == "Enabled"
+        return bool(resp.get("ObjectLockConfiguration", {}).get("ObjectLockEnabled") == "Enabled")
 
     # --- writes --------------------------------------------------------------------------------
 
@@ -261,13 +261,14 @@ class S3Uplink:
         finally:
             body.close()
 
-    async def head(self, path: str) -> dict | None:
+    async def head(self, path: str) -> dict[str, Any] | None:
         try:
-            return await self._client.head_object(Bucket=self.cfg.bucket, Key=self.key(path))
+            head: dict[str, Any] = await self._client.head_object(Bucket=self.cfg.bucket, Key=self.key(path))
         except ClientError as e:
             if e.response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 404:
                 return None
             raise
+        return head
 
     async def list_dir(self, path: str) -> RemoteListing:
         prefix = self.key(path + "/" if path else "")
