@@ -1,4 +1,4 @@
-"""Next-24-hour heat of day-directories with the shipped LSTM (`models/hotness.tflite`) on LiteRT.
+"""Next-24-hour heat of day-directories with the shipped LSTM (`models/hotness.tflite`, package data) on LiteRT.
 
 Never imports TensorFlow: the box runs `ai_edge_litert` (falling back to `tflite_runtime`). The model
 was exported with `unroll=True`, so it has builtin ops only and its batch dimension can be resized per
@@ -9,6 +9,7 @@ feature list and the window; the predictor refuses a model whose card does not m
 from __future__ import annotations
 
 import json
+from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
@@ -16,8 +17,8 @@ import numpy as np
 
 from agent.policy.features import FEATURES, WINDOW, reads_from_target
 
-MODELS = Path(__file__).resolve().parents[2] / "models"
-DEFAULT_MODEL = MODELS / "hotness.tflite"
+# Package data (models/ in the source tree, through the agent/policy/model link); wheels install as files.
+DEFAULT_MODEL = Path(str(files("agent.policy") / "model" / "hotness.tflite"))
 
 
 def _interpreter_class() -> Any:
