@@ -6,7 +6,7 @@ second Debian root is built. In a chroot on it: the README's `apt install python
 of the commit, `make run` (its venv step with the network, pip from PyPI; the servers then in a network
 namespace of their own, so its fixed ports meet nothing on this machine). Then /healthz answers ok, SMB is
 off and make run said how to turn it on, and a file stored over FTP is in the S3 bucket. Takes about 3-5
-minutes (most of it pip; the shared pip cache is bound in).
+minutes (most of it pip, which sees this machine's package mirrors as pip here does).
 """
 
 from __future__ import annotations
@@ -18,9 +18,13 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from fleetlib import REPO, log, run, unmount_chroot
+from fleetlib import REPO, log, mount_chroot, run, unmount_chroot
 
-PIP_CACHE = Path(os.environ.get("PIP_CACHE_DIR", Path.home() / ".cache" / "pip"))
+# This machine's pip setup (its package index mirrors under /opt and the pip.conf files naming them), shown to
+# the chroot as it is, so pip there resolves what pip here does; PyPI is reachable too.
+PIP_DIRS = [Path(d) for d in ("/opt/pypi", "/opt/pypi-more", "/opt/wheels", Path.home() / ".cache" / "pip")]
+PIP_CONFIGS = [Path(f) for f in ("/etc/pip.conf", "/etc/xdg/pip/pip.conf", "/etc/xdg/pip/constraints.txt",
+                                 Path.home() / ".config" / "pip" / "pip.conf")]
 
 # Runs inside the chroot, in a network namespace with only loopback: make run in the background, then
 # the checks, then make run is stopped. Prints one JSON line with what it saw.
@@ -43,7 +47,7 @@ up = cfg["uplink"]
 result = {"healthz": None, "stored": None, "in_s3": []}
 try:
     result["healthz"] = json.load(open("/root/healthz.json"))
-    ftp = ftplib.FTP("127.0.0.1", timeout=30)
+    ftp = ftplib.FTP(timeout=30)
     ftp.connect("127.0.0.1", 2121)
     ftp.login("pacs", "pacs-example")
     ftp.mkd("CT")
@@ -70,14 +74,7 @@ true
 
 
 def _mount_root(lower: Path, work: Path) -> Path:
-    merged = work / "merged"
-    for d in ("upper", "ovlwork", "merged"):
-        (work / d).mkdir(parents=True)
-    run(["mount", "-t", "overlay", "overlay", "-o",
-         f"lowerdir={lower},upperdir={work}/upper,workdir={work}/ovlwork", str(merged)])
-    run(["mount", "-t", "proc", "proc", str(merged / "proc")])
-    run(["mount", "-t", "sysfs", "sys", str(merged / "sys")])
-    run(["mount", "--bind", "/dev", str(merged / "dev")])
+    merged = mount_chroot(lower, work)
     # The network as this machine has it (name servers, and the CA bundle that its HTTPS proxy, if any, needs).
     (merged / "etc/resolv.conf").unlink(missing_ok=True)
     shutil.copy("/etc/resolv.conf", merged / "etc/resolv.conf")
@@ -91,11 +88,12 @@ def test_readme_first_start_on_debian(appliance, tmp_path):
         pytest.fail("needs root (overlay mount, chroot, network namespace): run make test as root")
     work = tmp_path / "root"
     merged = _mount_root(appliance / "rootfs", work)
-    cache = merged / "root/.cache/pip"
+    binds: list[Path] = []
     try:
         assert not (merged / "usr/bin/make").exists(), "the root already has make: not a first start"
         env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "HOME": "/root", "LANG": "C.UTF-8",
-               "DEBIAN_FRONTEND": "noninteractive", "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
+               "DEBIAN_FRONTEND": "noninteractive",
+               **{k: v for k, v in os.environ.items() if k.startswith("PIP_") or k.endswith("_proxy")}}
         # The README's first line.
         run(["chroot", str(merged), "sh", "-c", "apt-get update -qq && apt-get install -y -qq python3-venv make curl"],
             env=env, timeout=600)
@@ -103,9 +101,15 @@ def test_readme_first_start_on_debian(appliance, tmp_path):
         commit = run(["git", "-C", str(REPO), "rev-parse", "HEAD"]).stdout.strip()
         run(["git", "clone", "--quiet", "--no-checkout", str(REPO), str(merged / "root/pacsgw")], timeout=300)
         run(["git", "-C", str(merged / "root/pacsgw"), "checkout", "--quiet", "--detach", commit])
-        cache.mkdir(parents=True)
-        if PIP_CACHE.is_dir():
-            run(["mount", "--bind", str(PIP_CACHE), str(cache)])
+        for d in PIP_DIRS:
+            if d.is_dir():
+                (merged / d.relative_to("/")).mkdir(parents=True, exist_ok=True)
+                run(["mount", "--bind", str(d), str(merged / d.relative_to("/"))])
+                binds.append(merged / d.relative_to("/"))
+        for f in PIP_CONFIGS:
+            if f.is_file():
+                (merged / f.relative_to("/")).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy(f, merged / f.relative_to("/"))
         # make run, part 1: its venv step (pip needs the network).
         p = run(["chroot", str(merged), "make", "-C", "/root/pacsgw", "venv"], env=env, timeout=1500, check=False)
         log(f"make venv: exit {p.returncode}\n{p.stdout[-1500:]}{p.stderr[-1500:]}")
@@ -127,5 +131,6 @@ def test_readme_first_start_on_debian(appliance, tmp_path):
         assert result["stored"].startswith("226"), result
         assert result["in_s3"] == ["hospital-a/CT/first.dcm"], result
     finally:
-        subprocess.run(["umount", "-l", str(cache)], capture_output=True)
+        for b in binds:
+            subprocess.run(["umount", "-l", str(b)], capture_output=True)
         unmount_chroot(work)
