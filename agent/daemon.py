@@ -58,6 +58,7 @@ class Agent:
             await self._check_object_lock()
         self.uploader = Uploader(self.db, self.cache, self.s3, self.line, self.metrics, WormPolicy(cfg.compliance))
         await self.uploader.start()
+        await self.line.start()
         self.audit = AuditLog(Path(cfg.audit.path), cfg.audit.max_bytes, cfg.audit.keep, cfg.audit.enabled)
         self._ship = (asyncio.create_task(AuditShipper(self.audit, self.s3, cfg.audit.ship_prefix).run(),
                                           name="audit-ship") if cfg.audit.enabled and cfg.audit.ship else None)
@@ -134,6 +135,7 @@ class Agent:
             if task:
                 task.cancel()
         await self.uploader.stop(max(1.0, drain_seconds - (time.monotonic() - t0)))
+        await self.line.stop()
         await self.gateway.stop()
         if self.http:
             await self.http.close()

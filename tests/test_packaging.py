@@ -90,7 +90,7 @@ def test_wheel_carries_the_model(tmp_path):
     wheel = next((tmp_path / "dist").glob("pacsgw-*.whl"))
     names = zipfile.ZipFile(wheel).namelist()
     assert {"agent/policy/model/hotness.tflite", "agent/policy/model/hotness.card.json"} <= set(names)
-    assert not any(n.startswith("agent/policy/model/") and n.endswith(".py") for n in names)  # not train.py
+    assert not any(n.startswith("agent/policy/model/") and n.endswith(".py") for n in names)
     # Installed from the wheel (not this tree), the predictor finds the model there and loads it.
     target = tmp_path / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", str(target),

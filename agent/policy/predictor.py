@@ -17,7 +17,7 @@ import numpy as np
 
 from agent.policy.features import FEATURES, WINDOW, reads_from_target
 
-# Package data (models/ in the source tree, through the agent/policy/model link); wheels install as files.
+# Package data (linked to models/ in the source tree); wheels install as files, so this is a real path.
 DEFAULT_MODEL = Path(str(files("agent.policy") / "model" / "hotness.tflite"))
 
 

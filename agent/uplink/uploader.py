@@ -80,7 +80,6 @@ class Uploader:
             log.info("uploads_resumed", files=resumed)
         self._loops = [asyncio.create_task(self._dispatch(), name="upload-dispatch"),
                        asyncio.create_task(self._tombstones(), name="tombstones")]
-        await self.line.start()
 
     async def stop(self, timeout: float) -> None:
         """Let in-flight transfers finish (up to timeout); what remains stays queued in the catalog."""
@@ -91,7 +90,6 @@ class Uploader:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._loops, *self._tasks, return_exceptions=True)
-        await self.line.stop()
 
     def wake(self) -> None:
         self._wake.set()
