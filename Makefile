@@ -8,23 +8,30 @@ RUNDIR := run
 
 venv: $(VENV)/.installed
 
-# The base venv: the agent, its test and lint tools. No compiler needed (pyfuse3 is the smb extra).
-$(VENV)/.installed: pyproject.toml
+$(BIN)/python:
 	@.ci/apt-needs venv
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
+
+# What make run needs: the agent and the local object store (a quick first start: no test tools).
+$(VENV)/.run: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet -e '.[devstack]'
+	touch $@
+
+# The agent, its test and lint tools. No compiler needed (pyfuse3 is the smb extra).
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $@
 
 # The smb extra (pyfuse3 builds against libfuse3-dev): SMB in make run, and make test.
-$(VENV)/.smb: $(VENV)/.installed
+$(VENV)/.smb: pyproject.toml | $(BIN)/python
 	@.ci/apt-needs smb
-	$(BIN)/pip install --quiet -e '.[dev,smb]'
+	$(BIN)/pip install --quiet -e '.[smb]'
 	touch $@
 
 # A local SeaweedFS on 127.0.0.1:8333 and the agent with examples/agent.toml, in the foreground.
 # SMB needs root and Samba + FUSE: without them the agent starts with SMB off and says how to turn it on.
-run: venv
+run: $(VENV)/.run
 	@mkdir -p $(RUNDIR)
 	@chmod 600 examples/agent.toml  # it holds (example) secrets: the agent refuses a world-readable one
 	@if [ "$$(id -u)" = 0 ] && [ -x /usr/sbin/smbd ] && command -v fusermount3 >/dev/null; then \
@@ -39,7 +46,7 @@ run: venv
 	  for i in $$(seq 1 100); do curl -s -o /dev/null 127.0.0.1:8333 && break; sleep 0.2; done; \
 	  echo "FTP   ftp://pacs:pacs-example@127.0.0.1:2121  (example credentials)"; \
 	  echo "SFTP  sftp -P 2222 pacs@127.0.0.1             (password pacs-example)"; \
-	  grep -q '^enabled = true' $(RUNDIR)/agent.toml && \
+	  sed -n '/^\[smb\]/,/^\[/p' $(RUNDIR)/agent.toml | grep -q '^enabled = true' && \
 	  echo "SMB3  smbclient //127.0.0.1/pacs -p 4450 -U pacs  (apt smbclient; password pacs-example)"; \
 	  echo "HTTP  http://127.0.0.1:8080/status  /healthz  /metrics"; \
 	  $(BIN)/pacsgw run --config $(RUNDIR)/agent.toml
@@ -47,7 +54,7 @@ run: venv
 # Everything CI runs. Needs root: installs the Debian packages it needs (.ci/apt-needs test) first.
 test:
 	@.ci/apt-needs test
-	@$(MAKE) --no-print-directory $(VENV)/.smb
+	@$(MAKE) --no-print-directory $(VENV)/.installed $(VENV)/.smb
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
 # The appliance disk image (issue 6): build/image/pacsgw.raw and pacsgw.qcow2. Needs root.
