@@ -69,7 +69,7 @@ bench: venv
 	$(BIN)/python bench/ingest.py
 
 # SMB ingest over the agent vs Samba over a plain directory (root, samba, fuse3).
-bench-smb: venv
+bench-smb: venv $(VENV)/.smb
 	$(BIN)/python bench/ingest_smb.py
 
 # The cache replay table for both presets (docs/replay.md): traces in /tmp/pacsgw-bench, reports in bench/results.
