@@ -8,26 +8,53 @@ RUNDIR := run
 
 venv: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+$(BIN)/python:
+	@.ci/apt-needs venv
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
+
+# What make run needs: the agent and the local object store (a quick first start: no test tools).
+$(VENV)/.run: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet -e '.[devstack]'
+	touch $@
+
+# The agent, its test and lint tools. No compiler needed (pyfuse3 is the smb extra).
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $@
 
+# The smb extra (pyfuse3 builds against libfuse3-dev): SMB in make run, and make test.
+$(VENV)/.smb: pyproject.toml | $(BIN)/python
+	@.ci/apt-needs smb
+	$(BIN)/pip install --quiet -e '.[smb]'
+	touch $@
+
 # A local SeaweedFS on 127.0.0.1:8333 and the agent with examples/agent.toml, in the foreground.
-run: venv
+# SMB needs root and Samba + FUSE: without them the agent starts with SMB off and says how to turn it on.
+run: $(VENV)/.run
 	@mkdir -p $(RUNDIR)
 	@chmod 600 examples/agent.toml  # it holds (example) secrets: the agent refuses a world-readable one
+	@if [ "$$(id -u)" = 0 ] && [ -x /usr/sbin/smbd ] && command -v fusermount3 >/dev/null; then \
+	  $(MAKE) --no-print-directory $(VENV)/.smb && cp examples/agent.toml $(RUNDIR)/agent.toml; \
+	else \
+	  sed '/^\[smb\]/,/^\[/ s/^enabled = true/enabled = false/' examples/agent.toml > $(RUNDIR)/agent.toml; \
+	  echo "SMB   off: it needs root and Samba + FUSE. To turn it on, as root:"; \
+	  echo "        apt-get install -y samba fuse3 libfuse3-dev pkg-config gcc python3-dev && make run"; \
+	fi; chmod 600 $(RUNDIR)/agent.toml
 	@$(BIN)/python -m agent.devstack --dir $(RUNDIR)/s3 --port 8333 --bucket pacs & \
 	  store=$$!; trap 'kill $$store 2>/dev/null; wait $$store' EXIT INT TERM; \
 	  for i in $$(seq 1 100); do curl -s -o /dev/null 127.0.0.1:8333 && break; sleep 0.2; done; \
 	  echo "FTP   ftp://pacs:pacs-example@127.0.0.1:2121  (example credentials)"; \
 	  echo "SFTP  sftp -P 2222 pacs@127.0.0.1             (password pacs-example)"; \
-	  echo "SMB3  smbclient //127.0.0.1/pacs -p 4450 -U pacs  (apt smbclient; password pacs-example; needs root)"; \
+	  sed -n '/^\[smb\]/,/^\[/p' $(RUNDIR)/agent.toml | grep -q '^enabled = true' && \
+	  echo "SMB3  smbclient //127.0.0.1/pacs -p 4450 -U pacs  (apt smbclient; password pacs-example)"; \
 	  echo "HTTP  http://127.0.0.1:8080/status  /healthz  /metrics"; \
-	  $(BIN)/pacsgw run --config examples/agent.toml
+	  $(BIN)/pacsgw run --config $(RUNDIR)/agent.toml
 
-test: venv
+# Everything CI runs. Needs root: installs the Debian packages it needs (.ci/apt-needs test) first.
+test:
+	@.ci/apt-needs test
+	@$(MAKE) --no-print-directory $(VENV)/.installed $(VENV)/.smb
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
 # The appliance disk image (issue 6): build/image/pacsgw.raw and pacsgw.qcow2. Needs root.
@@ -42,7 +69,7 @@ bench: venv
 	$(BIN)/python bench/ingest.py
 
 # SMB ingest over the agent vs Samba over a plain directory (root, samba, fuse3).
-bench-smb: venv
+bench-smb: venv $(VENV)/.smb
 	$(BIN)/python bench/ingest_smb.py
 
 # The cache replay table for both presets (docs/replay.md): traces in /tmp/pacsgw-bench, reports in bench/results.

@@ -96,7 +96,7 @@ class AuditLog:
 class AuditShipper:
     """Uploads rotated audit files to the bucket, then keeps only the newest `keep` of them locally."""
 
-    def __init__(self, audit: AuditLog, s3, prefix: str) -> None:  # noqa: ANN001 - S3Uplink
+    def __init__(self, audit: AuditLog, s3, prefix: str) -> None:  # S3Uplink
         self.audit, self.s3, self.prefix = audit, s3, prefix
 
     async def run(self) -> None:
@@ -116,7 +116,7 @@ class AuditShipper:
                 continue
             try:
                 await self.s3.put_raw(self.prefix + f.name, await asyncio.to_thread(f.read_bytes))
-            except Exception as e:  # noqa: BLE001 - retried at the next interval
+            except Exception as e:  # retried at the next interval
                 log.warning("audit_ship_failed", file=f.name, error=str(e)[:200])
                 return shipped
             marker.touch()

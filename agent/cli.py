@@ -19,7 +19,7 @@ from agent.sim import commands as sim_commands
 DEFAULT_CONFIG = "/etc/pacsgw/agent.toml"
 
 
-def _load_or_exit(path: str):  # noqa: ANN202
+def _load_or_exit(path: str):
     try:
         return load(path)
     except ConfigError as e:
@@ -90,7 +90,7 @@ def _admin(url: str, body: dict | None = None, method: str = "GET") -> tuple[int
         raise Unreachable(f"pacsgw: cannot reach the agent at {url}: {e}") from e
 
 
-def _bar(total: int, desc: str, unit: str = "file"):  # noqa: ANN202 - a tqdm bar on stderr
+def _bar(total: int, desc: str, unit: str = "file"):  # a tqdm bar on stderr
     from tqdm import tqdm
     return tqdm(total=total, desc=desc, unit=unit, unit_scale=unit == "B", file=sys.stderr)
 

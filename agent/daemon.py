@@ -27,6 +27,7 @@ from agent.store.catalog import AsyncCatalog, Catalog
 from agent.store.gateway import Gateway
 from agent.store.scrub import Scrubber
 from agent.store.worm import WormPolicy
+from agent.uplink.line import Line
 from agent.uplink.s3 import S3Uplink
 from agent.uplink.uploader import Uploader
 
@@ -52,13 +53,15 @@ class Agent:
         self.db = AsyncCatalog(await asyncio.to_thread(Catalog, cfg.catalog_path))
         self.cache = Cache(cfg.cache.dir)
         self.s3 = S3Uplink(cfg.uplink)
+        self.line = Line(self.s3.probe, self.metrics, cfg.uplink.max_concurrency, self.s3.bandwidth)
         await self.s3.start()
         if cfg.compliance.worm:
             await self._check_object_lock()
         worm = WormPolicy(cfg.compliance)
-        self.uploader = Uploader(self.db, self.cache, self.s3, self.metrics, cfg.uplink.max_concurrency,
-                                 worm, Describer(cfg.dicom, worm.retention_class))
+        self.uploader = Uploader(self.db, self.cache, self.s3, self.line, self.metrics, worm,
+                                 Describer(cfg.dicom, worm.retention_class))
         await self.uploader.start()
+        await self.line.start()
         self.audit = AuditLog(Path(cfg.audit.path), cfg.audit.max_bytes, cfg.audit.keep, cfg.audit.enabled)
         self._ship = (asyncio.create_task(AuditShipper(self.audit, self.s3, cfg.audit.ship_prefix).run(),
                                           name="audit-ship") if cfg.audit.enabled and cfg.audit.ship else None)
@@ -69,7 +72,7 @@ class Agent:
             from agent.ha import HaMonitor
             self.ha = HaMonitor(cfg, self.gateway, self.uploader, self.s3, self.cache, self.audit, self.metrics)
             await self.ha.start()
-        self.monitor = PressureMonitor(cfg, self.db, self.cache, self.gateway, self.uploader, self.metrics)
+        self.monitor = PressureMonitor(cfg, self.db, self.cache, self.gateway, self.line, self.metrics)
         await self.monitor.sample()
         self._monitor = asyncio.create_task(self.monitor.run(), name="pressure")
         fetcher = Fetcher(self.gateway, self.db, lambda: self.monitor.current.level)
@@ -104,13 +107,13 @@ class Agent:
                  smb=cfg.smb.listen if cfg.smb.enabled else None,
                  http=cfg.http.listen if cfg.http.enabled else None,
                  uplink=cfg.uplink.endpoint_url, bucket=cfg.uplink.bucket, write_mode=cfg.uplink.write_mode,
-                 uplink_reachable=self.uploader.reachable)
+                 uplink_reachable=self.line.reachable)
 
     async def _check_object_lock(self) -> None:
         """WORM needs a bucket created with Object Lock: refuse to run against one without."""
         try:
             enabled = await self.s3.object_lock_enabled()
-        except Exception as e:  # noqa: BLE001 - unreachable now: checked by S3 itself on every locked PUT
+        except Exception as e:  # unreachable now: checked by S3 itself on every locked PUT
             log.warning("object_lock_unchecked", bucket=self.cfg.uplink.bucket, error=str(e)[:200])
             return
         if not enabled:
@@ -144,6 +147,7 @@ class Agent:
         if self.ha:
             await self.ha.stop()
         await self.uploader.stop(max(1.0, drain_seconds - (time.monotonic() - t0)))
+        await self.line.stop()
         await self.gateway.stop()
         if self.http:
             await self.http.close()
@@ -158,7 +162,7 @@ class Agent:
         totals = await self.db.totals()
         oldest = await self.db.oldest_dirty()
         disk = self.cache.disk_usage()
-        up = self.uploader.health
+        up = self.line.health
         mode = self.cfg.uplink.write_mode
         h: dict[str, Any] = {
             "version": __version__,
@@ -265,7 +269,7 @@ class Agent:
         self.metrics.queue_depth.set(totals.queue_files)
         self.metrics.queue_bytes.set(totals.queue_bytes)
         self.metrics.cached_bytes.set(totals.cached_bytes)
-        self.metrics.uplink_up.set(1 if self.uploader.reachable else 0)
+        self.metrics.uplink_up.set(1 if self.line.reachable else 0)
         return self.metrics.render()
 
 

@@ -164,7 +164,7 @@ class ObjectStore:
     def running(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
 
-    def client(self):  # noqa: ANN201 - a botocore S3 client
+    def client(self):  # a botocore S3 client
         session = botocore.session.get_session()
         return session.create_client(
             "s3", endpoint_url=self.endpoint_url, region_name="us-east-1",

@@ -23,8 +23,9 @@ import structlog
 from tqdm import tqdm
 
 from agent.config import Config
+from agent.records import Entry
 from agent.store.cache import Cache
-from agent.store.catalog import AsyncCatalog, Catalog, Entry
+from agent.store.catalog import AsyncCatalog, Catalog
 from agent.store.fetch import download
 from agent.uplink.s3 import S3Uplink, meta_sha
 
@@ -109,7 +110,7 @@ class Fsck:
         fd = self.cache.create_staging(blob)
         try:
             sha = await download(self.s3, self.cache, e, blob, fd)
-        except Exception as exc:  # noqa: BLE001 - reported; the next read fetches it again anyway
+        except Exception as exc:  # reported; the next read fetches it again anyway
             self.cache.discard_staging(blob)
             log.error("fsck_refetch_failed", path=e.path, error=str(exc)[:300])
             return

@@ -160,14 +160,14 @@ class HaMonitor:
     async def _follow_loop(self) -> None:
         """Standby: follow the bucket, then prefetch the active box's hot set. Active: publish the hot set."""
         while True:
-            if self.uploader.reachable:
+            if self.uploader.line.reachable:
                 try:
                     if self.state.role == "standby":
                         await self.follow()
                         await self.prefetch_hot()
                     else:
                         await self.publish_hot()
-                except Exception as e:  # noqa: BLE001 - the next pass tries again
+                except Exception as e:  # - the next pass tries again
                     log.warning("ha_follow_failed", role=self.state.role, error=error_code(e), detail=str(e)[:200])
             await asyncio.sleep(self.cfg.follow_seconds)
 
@@ -232,7 +232,7 @@ class HaMonitor:
         """A dead line must show on /healthz (and so move the address) even when nothing is uploading."""
         while True:
             await asyncio.sleep(LINE_POLL)
-            await self.uploader.check_line()
+            await self.uploader.line.check()
 
     # --- the peer -------------------------------------------------------------------------------
 
@@ -247,7 +247,7 @@ class HaMonitor:
                     ha = h.get("ha") or {}
                     peer |= {"reachable": True, "status": h.get("status"), "role": ha.get("role"),
                              "eligible": ha.get("eligible")}
-                except Exception as e:  # noqa: BLE001 - a dead peer is what this watches for
+                except Exception as e:  # - a dead peer is what this watches for
                     peer |= {"reachable": False, "error": error_code(e)}
                 if peer["reachable"] != self.state.peer.get("reachable") or \
                         peer.get("role") != self.state.peer.get("role"):

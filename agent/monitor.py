@@ -13,16 +13,16 @@ from agent.policy.pressure import Level, Pressure, Readings, Watermarks, assess,
 from agent.store.cache import Cache
 from agent.store.catalog import AsyncCatalog
 from agent.store.gateway import Gateway
-from agent.uplink.uploader import Uploader
+from agent.uplink.line import Line
 
 log = structlog.get_logger("pacsgw.pressure")
 
 
 class PressureMonitor:
-    def __init__(self, cfg: Config, db: AsyncCatalog, cache: Cache, gateway: Gateway, uploader: Uploader,
+    def __init__(self, cfg: Config, db: AsyncCatalog, cache: Cache, gateway: Gateway, line: Line,
                  metrics: Metrics) -> None:
-        self.cfg, self.db, self.cache, self.gateway, self.uploader, self.metrics = (
-            cfg, db, cache, gateway, uploader, metrics)
+        self.cfg, self.db, self.cache, self.gateway, self.line, self.metrics = (
+            cfg, db, cache, gateway, line, metrics)
         p, c = cfg.pressure, cfg.cache
         self.watermarks = Watermarks(c.high_watermark, p.disk_critical, p.memory_high, p.memory_critical,
                                      p.rss_high, p.rss_critical)
@@ -55,7 +55,7 @@ class PressureMonitor:
 
     async def _apply(self, pressure: Pressure) -> None:
         level = pressure.level
-        await self.uploader.slots.set_limit(concurrency_at(level, self.cfg.uplink.max_concurrency))
+        await self.line.slots.set_limit(concurrency_at(level, self.cfg.uplink.max_concurrency))
         self.gateway.fetch_refusal = (f"pressure critical ({'; '.join(pressure.reasons)})"
                                       if level is Level.CRITICAL else "")
         if level >= Level.HIGH:

@@ -77,7 +77,7 @@ def line_rate(cfg: Config) -> float:
     return float(cfg.uplink.bwlimit) if cfg.uplink.bwlimit else float("inf")
 
 
-def _load_predictor(cfg: Config):  # noqa: ANN202 - (HotnessPredictor or None, what /status says)
+def _load_predictor(cfg: Config):  # (HotnessPredictor or None, what /status says)
     """The heat model, or None and the cold-start rule: a missing or unusable model (corrupt file, card
     that does not match, runtime that refuses it) is logged and shown in /status; serving goes on."""
     from agent.policy.predictor import DEFAULT_MODEL, HotnessPredictor
@@ -87,7 +87,7 @@ def _load_predictor(cfg: Config):  # noqa: ANN202 - (HotnessPredictor or None, w
         return None, f"fallback: cold-start rule (no model at {path})"
     try:
         predictor = HotnessPredictor(path)
-    except Exception as e:  # noqa: BLE001 - LiteRT raises ValueError/RuntimeError; the card OSError/JSON
+    except Exception as e:  # - LiteRT raises ValueError/RuntimeError; the card OSError/JSON
         reason = f"{type(e).__name__}: {e}"[:300]
         log.error("prefetch_model_unusable", path=str(path), error=reason, fallback="cold-start rule")
         return None, f"fallback: cold-start rule (model {path} unusable: {reason})"
@@ -215,7 +215,7 @@ class DirPrefetcher:
                 await self.db.set_state("prefetch_window", str(start))
                 try:
                     await self.run()
-                except Exception as e:  # noqa: BLE001 - a failed run must not end the loop
+                except Exception as e:  # a failed run must not end the loop
                     log.error("prefetch_run_failed", error=repr(e)[:300])
             await asyncio.sleep(self.cfg.prefetch.check_seconds)
 
@@ -277,7 +277,7 @@ class PriorFetcher:
             log.info("study_recorded", dir=d, first=path, dicom=h.patient is not None, modality=h.modality)
             if h.patient is not None:
                 await self.fetch_priors(d, h)
-        except Exception as e:  # noqa: BLE001 - prior prefetch is best effort; the store itself succeeded
+        except Exception as e:  # prior prefetch is best effort; the store itself succeeded
             log.error("prior_prefetch_failed", dir=d, error=repr(e)[:300])
 
     async def fetch_priors(self, d: str, h: StudyHeader) -> None:

@@ -32,12 +32,12 @@ from typing import Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import psutil  # noqa: E402
+import psutil
 
-from agent.devstack import ObjectStore  # noqa: E402
-from agent.sim.workload import WorkloadParams, archive_listing  # noqa: E402
-from agent.store.catalog import Catalog  # noqa: E402
-from bench.common import BUCKET, ftp_login, load, pct, ratio, retr, start_agent, start_rclone, table  # noqa: E402
+from agent.devstack import ObjectStore
+from agent.sim.workload import WorkloadParams, archive_listing
+from agent.store.catalog import Catalog
+from bench.common import BUCKET, ftp_login, load, pct, ratio, retr, start_agent, start_rclone, table
 
 PREFIX = "archive/"
 MAX_READ_BYTES = 2 * 2**20  # sampled objects are at most this large (CR/DX/MG instances are tens of MB)

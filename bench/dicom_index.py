@@ -23,15 +23,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import numpy as np  # noqa: E402
+import numpy as np
 
-from agent.config import load as load_config  # noqa: E402
-from agent.devstack import AgentProc, ObjectStore  # noqa: E402
-from agent.dicom.header import read_fd  # noqa: E402
-from agent.dicom.objectmeta import object_meta  # noqa: E402
-from agent.store.catalog import Catalog  # noqa: E402
-from bench.common import BUCKET, PASSWORD, USER, load, table  # noqa: E402
-from bench.dicomgen import series  # noqa: E402
+from agent.config import load as load_config
+from agent.devstack import AgentProc, ObjectStore
+from agent.dicom.header import read_fd
+from agent.dicom.objectmeta import object_meta
+from agent.store.catalog import Catalog
+from bench.common import BUCKET, PASSWORD, USER, load, table
+from bench.dicomgen import series
 
 
 def parse_cost(work: Path, n: int = 200) -> dict:

@@ -39,10 +39,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import asyncssh  # noqa: E402
+import asyncssh
 
-from agent.devstack import ObjectStore  # noqa: E402
-from bench.common import (  # noqa: E402
+from agent.devstack import ObjectStore
+from bench.common import (
     BUCKET,
     PASSWORD,
     USER,
@@ -129,7 +129,7 @@ def ftp_client(port: int, idx: list[int], run: Run, blocks: list[bytes]) -> None
     ftp.quit()
 
 
-def _ssh(port: int):  # noqa: ANN202 - asyncssh's connection context manager
+def _ssh(port: int):  # asyncssh's connection context manager
     return asyncssh.connect("127.0.0.1", port, username=USER, password=PASSWORD, known_hosts=None,
                             client_keys=None, agent_path=None)
 

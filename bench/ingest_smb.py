@@ -121,7 +121,7 @@ def _ingest(port: int, files: int, size: int, clients: int, big: int, tag: str) 
             for i in per[c]:
                 with smbclient.open_file(rf"\\127.0.0.1\pacs\{tag}\c{c}\{i}.dcm", mode="wb", **kw) as f:
                     f.write(payload[:-8] + i.to_bytes(8, "big"))
-        except BaseException as e:  # noqa: BLE001
+        except BaseException as e:
             errors.append(e)
         finally:
             smbclient.reset_connection_cache(fail_on_error=False, connection_cache=kw["connection_cache"])

@@ -27,10 +27,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import psutil  # noqa: E402
+import psutil
 
-from agent.devstack import ObjectStore  # noqa: E402
-from bench.common import (  # noqa: E402
+from agent.devstack import ObjectStore
+from bench.common import (
     BUCKET,
     content,
     ftp_login,

@@ -70,7 +70,7 @@ def top_decile(pred: np.ndarray, true: np.ndarray, day: np.ndarray) -> tuple[flo
     return tp / max(n_pred, 1), tp / max(n_hot, 1)
 
 
-def build(units: tuple[int, int] = (32, 16)):  # noqa: ANN201
+def build(units: tuple[int, int] = (32, 16)):
     import keras
     inp = keras.Input(shape=(WINDOW, N_FEATURES), name="features")
     x = keras.layers.LSTM(units[0], return_sequences=True, unroll=True)(inp)
@@ -81,7 +81,7 @@ def build(units: tuple[int, int] = (32, 16)):  # noqa: ANN201
     return model
 
 
-def export(model, out: Path) -> None:  # noqa: ANN001
+def export(model, out: Path) -> None:
     import tensorflow as tf
     conv = tf.lite.TFLiteConverter.from_keras_model(model)
     conv.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]   # builtin ops only

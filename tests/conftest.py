@@ -16,7 +16,7 @@ from harness import BUCKET, PASSWORD
 LOCKED_BUCKET = "pacs-worm"  # created with S3 Object Lock (and so versioning), for the WORM tests
 
 
-def _session_store(kind: str, tmp_path_factory):  # noqa: ANN202 - a generator fixture body
+def _session_store(kind: str, tmp_path_factory):  # a generator fixture body
     store = ObjectStore(kind, tmp_path_factory.mktemp(kind)).start()
     store.create_bucket(BUCKET)
     yield store

@@ -246,7 +246,7 @@ class Ingest:
     def _ftp(self, name: str) -> None:
         try:
             ftp = ftp_login(self.agent)
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             self._err("(ftp login)", e)
             return
         n = 0
@@ -255,7 +255,7 @@ class Ingest:
             n += 1
             try:
                 reply = ftp_put(ftp, path, data)
-            except Exception as e:  # noqa: BLE001
+            except Exception as e:
                 self._err(path, e)
                 return
             if reply.startswith("226"):
@@ -277,12 +277,12 @@ class Ingest:
                         n += 1
                         try:
                             await sftp_put(sftp, "/" + path, data)
-                        except Exception as e:  # noqa: BLE001
+                        except Exception as e:
                             self._err(path, e)
                             return
                         self._ok(path, data)
                         await asyncio.sleep(self.pause)
-            except Exception as e:  # noqa: BLE001
+            except Exception as e:
                 self._err("(sftp session)", e)
 
         async def main() -> None:

@@ -8,7 +8,7 @@ from agent.sim.trace import TraceArrays
 
 
 def arrays(obj, is_write, t=None, size=None, obj_study=None, study_day=None, study_patient=None,
-           study_bytes=None, days=1) -> TraceArrays:  # noqa: ANN001
+           study_bytes=None, days=1) -> TraceArrays:
     obj = np.asarray(obj, dtype=np.int32)
     n_obj = int(obj.max()) + 1
     t = np.arange(obj.size, dtype=np.float64) if t is None else np.asarray(t, dtype=np.float64)

@@ -68,7 +68,7 @@ class Smb:
     def makedirs(self, path: str) -> None:
         smbclient.makedirs(self.p(path), exist_ok=True, **self.kw)
 
-    def stat(self, path: str):  # noqa: ANN201
+    def stat(self, path: str):
         return smbclient.stat(self.p(path), **self.kw)
 
     def rename(self, src: str, dst: str) -> None:

@@ -8,7 +8,8 @@ import time
 
 import pytest
 
-from agent.store.catalog import Catalog, RemoteObject
+from agent.records import RemoteObject
+from agent.store.catalog import Catalog
 from agent.store.errors import AlreadyExists, IsADirectory, NotADirectory, NotEmpty, NotFound
 
 

@@ -26,7 +26,7 @@ def evict_cli(agent, *paths: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=60)
 
 
-def blob_of(agent, path: str):  # noqa: ANN201
+def blob_of(agent, path: str):
     from faultkit import catalog_rows
     return catalog_rows(agent, "SELECT blob FROM entries WHERE path = ?", (path,))[0][0]
 

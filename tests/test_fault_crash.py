@@ -78,7 +78,7 @@ class Ledger:
 def ftp_client(agent, files: list[tuple[str, int]], ledger: Ledger) -> None:
     try:
         ftp = ftp_login(agent)
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         ledger.failed("(login)", e)
         return
     for path, size in files:

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from agent.policy.eviction import DAY, LRU, Age, FileTable, KMeansEviction, StudyLRU, make
 
 
-def table(n: int, seed: int = 0, **cols) -> FileTable:  # noqa: ANN003
+def table(n: int, seed: int = 0, **cols) -> FileTable:
     rng = np.random.default_rng(seed)
     base = dict(key=np.arange(n), size=rng.integers(1, 10**7, n), last_access=rng.uniform(0, 1e6, n),
                 access_count=rng.integers(0, 20, n), created=rng.uniform(-2e7, 1e6, n),

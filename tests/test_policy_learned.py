@@ -12,7 +12,7 @@ from tests.sim_helpers import arrays
 FILES = 3
 
 
-def weekly_board_trace(days: int = 42, one_shots: int = 6):  # noqa: ANN201
+def weekly_board_trace(days: int = 42, one_shots: int = 6):
     """Every day one board case (written, read twice that morning, shown at the board 7 days later)
     and `one_shots` studies read once. A cache of ~2 days of writes (a week of board cases and a day's
     studies fit): LRU has dropped a case by its board; nothing in the policy knows about boards or weeks."""

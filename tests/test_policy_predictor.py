@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 
@@ -80,7 +81,7 @@ def test_shipped_model_beats_persistence_on_a_held_out_trace(tmp_path) -> None:
     from agent.sim.trace import write_trace
     from agent.sim.workload import generate, preset
 
-    spec = importlib.util.spec_from_file_location("pacsgw_train", DEFAULT_MODEL.parent / "train.py")
+    spec = importlib.util.spec_from_file_location("pacsgw_train", Path(__file__).parents[1] / "models" / "train.py")
     train = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(train)
     trace = tmp_path / "oncology.tsv"

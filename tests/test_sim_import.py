@@ -140,7 +140,7 @@ def _trace_text(rows: list[str]) -> str:
     return head + "t\top\tpath\tsize\tpatient\tstudy\tmodality\tdepartment\n" + "".join(r + "\n" for r in rows)
 
 
-def test_simulate_refuses_an_unrepaired_trace_before_any_scheme(tmp_path: Path, capsys) -> None:  # noqa: ANN001
+def test_simulate_refuses_an_unrepaired_trace_before_any_scheme(tmp_path: Path, capsys) -> None:
     bad = tmp_path / "bad.tsv"
     bad.write_text(_trace_text(["1.000\tW\ta/s/1\t10\tP\tS\tCT\tED", "2.000\tR\ta/s/1\t10\tP\tS\tCT\tED",
                                 "3.000\tW\ta/s/1\t10\tP\tS\tCT\tED"]))
@@ -151,7 +151,7 @@ def test_simulate_refuses_an_unrepaired_trace_before_any_scheme(tmp_path: Path, 
     assert not (tmp_path / "out").exists()
 
 
-def test_import_then_simulate(tmp_path: Path, capsys) -> None:  # noqa: ANN001
+def test_import_then_simulate(tmp_path: Path, capsys) -> None:
     rng = np.random.default_rng(5)
     lines = ["ts,op,path,size,patient,study,modality,dept"]
     for k in range(60):   # 60 studies over 6 days, each read back twice
@@ -187,7 +187,7 @@ rows = st.lists(st.tuples(st.integers(0, 5 * 86400), st.booleans(), st.integers(
 
 @settings(max_examples=30, deadline=None)
 @given(rows)
-def test_any_csv_imports_to_a_replayable_trace(tmp_path_factory, data: list) -> None:  # noqa: ANN001
+def test_any_csv_imports_to_a_replayable_trace(tmp_path_factory, data: list) -> None:
     d = tmp_path_factory.mktemp("p")
     text = "ts,op,path,size\n" + "".join(f"{t},{'write' if w else 'read'},s{o % 4}/f{o},{100 + sz}\n"
                                          for t, w, o, sz in data)

@@ -17,7 +17,7 @@ from tests.sim_helpers import arrays, write_first
 KIB = 1024
 
 
-def demand_misses(ta, scheme: str, capacity: int) -> int:  # noqa: ANN001
+def demand_misses(ta, scheme: str, capacity: int) -> int:
     r = Replayer(ta, scheme, ReplayConfig(capacity=capacity, warmup_days=0)).run()
     return r.reads - r.hits
 
@@ -68,13 +68,13 @@ def test_next_access_index() -> None:
 
 
 @pytest.fixture(scope="module")
-def small_trace(tmp_path_factory):  # noqa: ANN201
+def small_trace(tmp_path_factory):
     path = tmp_path_factory.mktemp("trace") / "general.tsv"
     write_trace(generate(preset("general", seed=42, days=8, monthly_tb=0.15)), path)
     return load_arrays(path)
 
 
-def test_prefetch_respects_its_bandwidth(small_trace) -> None:  # noqa: ANN001
+def test_prefetch_respects_its_bandwidth(small_trace) -> None:
     written = int(small_trace.size[small_trace.is_write].sum())
     cfg = ReplayConfig(capacity=written // 3, warmup_days=2, prefetch_bps=2e6)
     r = Replayer(small_trace, "ours", cfg)
@@ -90,7 +90,7 @@ def test_prefetch_respects_its_bandwidth(small_trace) -> None:  # noqa: ANN001
         assert np.all(cum[j] - cum[i] <= cfg.prefetch_bps * (t[j] - t[i]) + 1.0)
 
 
-def test_schemes_on_a_generated_trace(small_trace, tmp_path) -> None:  # noqa: ANN001
+def test_schemes_on_a_generated_trace(small_trace, tmp_path) -> None:
     written = int(small_trace.size[small_trace.is_write].sum())
     cfg = ReplayConfig(capacity=written // 3, warmup_days=2)
     res = {s: replay(small_trace, s, cfg) for s in ("A", "B", "ours")}
@@ -111,7 +111,7 @@ def test_schemes_on_a_generated_trace(small_trace, tmp_path) -> None:  # noqa: A
     assert (tmp_path / "egress.png").stat().st_size > 1000
 
 
-def test_warmup_is_not_counted(small_trace) -> None:  # noqa: ANN001
+def test_warmup_is_not_counted(small_trace) -> None:
     cap = int(small_trace.size.sum())     # everything fits: only compulsory misses remain
     r0 = replay(small_trace, "A", ReplayConfig(capacity=cap, warmup_days=0))
     r2 = replay(small_trace, "A", ReplayConfig(capacity=cap, warmup_days=2))
@@ -139,7 +139,7 @@ def test_prefetch_egress_is_spread_over_the_transfer() -> None:
     assert out.sum() == 1210.0
 
 
-def test_egress_conserves_bytes_and_respects_the_rates(small_trace) -> None:  # noqa: ANN001
+def test_egress_conserves_bytes_and_respects_the_rates(small_trace) -> None:
     written = int(small_trace.size[small_trace.is_write].sum())
     cfg = ReplayConfig(capacity=written // 3, warmup_days=0)
     r = Replayer(small_trace, "ours", cfg)

@@ -12,7 +12,7 @@ from agent.sim.trace import iter_catalog, iter_requests, load_arrays, read_heade
 from agent.sim.workload import DAY, SHAPES, Generator, WorkloadParams, archive_listing, generate, preset
 
 
-def small(name: str = "general", **kw) -> Generator:  # noqa: ANN003
+def small(name: str = "general", **kw) -> Generator:
     kw.setdefault("days", 14)
     kw.setdefault("monthly_tb", 0.4)
     return generate(preset(name, **kw))

@@ -31,9 +31,12 @@ from __future__ import annotations
 import heapq
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Iterator, Protocol
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Protocol
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from agent.policy.learned import HitDensity
 
 DAY = 86_400.0
 
@@ -150,7 +153,8 @@ class KMeansConfig:
 
 def _heat(x: np.ndarray) -> np.ndarray:
     """Hotness score of feature rows: frequent and recent is hot, big is (slightly) cheaper to drop."""
-    return x[:, 0] + x[:, 1] - 0.1 * x[:, 2]
+    heat: np.ndarray = x[:, 0] + x[:, 1] - 0.1 * x[:, 2]
+    return heat
 
 
 class KMeansEviction:
@@ -162,7 +166,7 @@ class KMeansEviction:
     def __init__(self, config: KMeansConfig | None = None) -> None:
         self.cfg = config or KMeansConfig()
         self.last_k: int | None = None
-        self._model = None               # the fitted sklearn KMeans, kept for cfg.refit_seconds
+        self._model: Any = None          # the fitted sklearn KMeans (untyped), kept for cfg.refit_seconds
         self._cluster_rank: np.ndarray | None = None
         self.fitted_at: float | None = None
 
@@ -210,6 +214,7 @@ class KMeansEviction:
         stale = self.fitted_at is None or now - self.fitted_at >= self.cfg.refit_seconds
         if stale:
             self._fit(x, now)
+        assert self._cluster_rank is not None  # set by every fit
         return self._cluster_rank[self._model.predict(x)], score
 
     def select_victims(self, table: FileTable, bytes_to_free: int, now: float) -> np.ndarray:
@@ -331,10 +336,11 @@ class StudyLRU:
 
 
 def make(name: str, *, kmeans: KMeansConfig | None = None,
-         max_age_days: float = 90.0) -> LRU | Age | KMeansEviction | StudyLRU:
+         max_age_days: float = 90.0) -> LRU | Age | KMeansEviction | StudyLRU | HitDensity:
     from agent.policy.learned import HitDensity  # it builds on StudyLRU (import cycle otherwise)
-    policies = {"lru": LRU, "age": lambda: Age(max_age_days), "kmeans": lambda: KMeansEviction(kmeans),
-                "study": StudyLRU, "learned": HitDensity}
+    policies: dict[str, Callable[[], LRU | Age | KMeansEviction | StudyLRU | HitDensity]] = {
+        "lru": LRU, "age": lambda: Age(max_age_days), "kmeans": lambda: KMeansEviction(kmeans), "study": StudyLRU,
+        "learned": HitDensity}
     if name not in policies:
         raise ValueError(f"unknown eviction policy {name!r}; known: {sorted(policies)}")
     return policies[name]()

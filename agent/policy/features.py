@@ -65,8 +65,10 @@ def daily_counts(t: np.ndarray, dirs: np.ndarray, n_dirs: int, n_days: int) -> n
 
 def target(next_day_reads: np.ndarray, dir_files: np.ndarray) -> np.ndarray:
     """What the model predicts: log1p(READ_SCALE * reads in the next 24 h / files)."""
-    return np.log1p(READ_SCALE * next_day_reads / np.maximum(dir_files, 1)).astype(np.float32)
+    y: np.ndarray = np.log1p(READ_SCALE * next_day_reads / np.maximum(dir_files, 1)).astype(np.float32)
+    return y
 
 
 def reads_from_target(y: np.ndarray, dir_files: np.ndarray) -> np.ndarray:
-    return np.maximum(np.expm1(y), 0.0) / READ_SCALE * np.maximum(dir_files, 1)
+    reads: np.ndarray = np.maximum(np.expm1(y), 0.0) / READ_SCALE * np.maximum(dir_files, 1)
+    return reads

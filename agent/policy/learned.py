@@ -120,7 +120,7 @@ class HitDensity:
         self.evictions *= self.decay
         self.fitted = self.events >= self.warm_events
 
-    def status(self) -> dict:
+    def status(self) -> dict[str, object]:
         return {"policy": self.name, "mode": "learned" if self.fitted else "cold start: study LRU",
                 "events": self.events, "studies": len(self._studies)}
 
@@ -193,7 +193,7 @@ class HitDensity:
 
     def _rank(self, s: _Study, now: float) -> float:
         r, e = self._cls(s)
-        return float(self.density[r, e, age_bucket(now - s.last)]) / max(s.size, 1) ** self.size_exp
+        return float(self.density[r, e, age_bucket(now - s.last)]) / float(max(s.size, 1) ** self.size_exp)
 
     def _victim(self, now: float) -> int:
         if not self.fitted:

@@ -1,4 +1,4 @@
-"""Next-24-hour heat of day-directories with the shipped LSTM (`models/hotness.tflite`) on LiteRT.
+"""Next-24-hour heat of day-directories with the shipped LSTM (`models/hotness.tflite`, package data) on LiteRT.
 
 Never imports TensorFlow: the box runs `ai_edge_litert` (falling back to `tflite_runtime`). The model
 was exported with `unroll=True`, so it has builtin ops only and its batch dimension can be resized per
@@ -9,26 +9,29 @@ feature list and the window; the predictor refuses a model whose card does not m
 from __future__ import annotations
 
 import json
+from importlib.resources import files
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from agent.policy.features import FEATURES, WINDOW, reads_from_target
 
-MODELS = Path(__file__).resolve().parents[2] / "models"
-DEFAULT_MODEL = MODELS / "hotness.tflite"
+# Package data (linked to models/ in the source tree); wheels install as files, so this is a real path.
+DEFAULT_MODEL = Path(str(files("agent.policy") / "model" / "hotness.tflite"))
 
 
-def _interpreter_class():  # noqa: ANN202
+def _interpreter_class() -> Any:
     try:
         from ai_edge_litert.interpreter import Interpreter
     except ImportError:  # older boxes: the standalone runtime
-        from tflite_runtime.interpreter import Interpreter  # type: ignore[no-redef]
+        from tflite_runtime.interpreter import Interpreter
     return Interpreter
 
 
-def load_card(model: Path = DEFAULT_MODEL) -> dict:
-    return json.loads(model.with_suffix(".card.json").read_text())
+def load_card(model: Path = DEFAULT_MODEL) -> dict[str, Any]:
+    card: dict[str, Any] = json.loads(model.with_suffix(".card.json").read_text())
+    return card
 
 
 class HotnessPredictor:
@@ -56,7 +59,8 @@ class HotnessPredictor:
             self._batch = n
         self._interp.set_tensor(self._in, np.ascontiguousarray(x, dtype=np.float32))
         self._interp.invoke()
-        return self._interp.get_tensor(self._out).reshape(n).copy()
+        y: np.ndarray = self._interp.get_tensor(self._out).reshape(n).copy()
+        return y
 
     def predict(self, x: np.ndarray, dir_files: np.ndarray) -> np.ndarray:
         """Expected reads of each directory in the next 24 h (>= 0)."""

@@ -45,7 +45,7 @@ from aioftp.server import ConnectionConditions, PathConditions, PathPermissions,
 from agent.audit import Who, failure
 from agent.auth import verify_password
 from agent.config import Config, UserConfig
-from agent.store.catalog import Entry
+from agent.records import Entry
 from agent.store.errors import (
     AlreadyExists,
     BadPath,

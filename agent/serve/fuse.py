@@ -179,7 +179,7 @@ class GatewayFS(pyfuse3.Operations):
         self._inodes[attrs.st_ino].lookups += 1
         return attrs
 
-    async def forget(self, inode_list) -> None:  # noqa: ANN001
+    async def forget(self, inode_list) -> None:
         for inode, n in inode_list:
             node = self._inodes.get(inode)
             if node is None or inode == pyfuse3.ROOT_INODE:
@@ -249,7 +249,7 @@ class GatewayFS(pyfuse3.Operations):
         e = await self._call(self.gw.stat(path))
         return self._attrs(self._inode_for(path), is_dir=e.is_dir, size=e.size, mtime=e.mtime)
 
-    async def _call(self, coro):  # noqa: ANN001, ANN202
+    async def _call(self, coro):
         try:
             return await coro
         except GatewayError as e:
@@ -258,17 +258,17 @@ class GatewayFS(pyfuse3.Operations):
                 log.warning("smb_error", path=e.path, reason=e.reason, kind=type(e).__name__)
             raise pyfuse3.FUSEError(errno_for(e)) from None
 
-    async def lookup(self, parent_inode, name, ctx=None):  # noqa: ANN001, ANN201
+    async def lookup(self, parent_inode, name, ctx=None):
         if name == b".":
             return self._counted(await self._attrs_of(self._path(parent_inode)))
         if name == b"..":
             return self._counted(await self._attrs_of(parent_of(self._path(parent_inode))))
         return self._counted(await self._attrs_of(self._child(parent_inode, name)))
 
-    async def getattr(self, inode, ctx=None):  # noqa: ANN001, ANN201
+    async def getattr(self, inode, ctx=None):
         return await self._attrs_of(self._path(inode))
 
-    async def setattr(self, inode, attr, fields, fh, ctx):  # noqa: ANN001, ANN201
+    async def setattr(self, inode, attr, fields, fh, ctx):
         path = self._path(inode)
         if fields.update_size:
             op = self._files.get(fh) if fh is not None else self._writing.get(path)
@@ -284,11 +284,11 @@ class GatewayFS(pyfuse3.Operations):
         # modes, owners and times: the object store keeps its own; accept and ignore
         return await self._attrs_of(path)
 
-    async def access(self, inode, mode, ctx):  # noqa: ANN001, ANN201
+    async def access(self, inode, mode, ctx):
         self._path(inode)
         return True
 
-    async def statfs(self, ctx):  # noqa: ANN001, ANN201
+    async def statfs(self, ctx):
         disk = self.gw.cache.disk_usage()
         s = pyfuse3.StatvfsData()
         s.f_bsize = s.f_frsize = 4096
@@ -300,17 +300,17 @@ class GatewayFS(pyfuse3.Operations):
 
     # --- namespace -------------------------------------------------------------------------------
 
-    async def mkdir(self, parent_inode, name, mode, ctx):  # noqa: ANN001, ANN201
+    async def mkdir(self, parent_inode, name, mode, ctx):
         path = self._child(parent_inode, name)
         await self._call(self.gw.mkdir(path, self._who(ctx)))
         return self._counted(await self._attrs_of(path))
 
-    async def rmdir(self, parent_inode, name, ctx):  # noqa: ANN001, ANN201
+    async def rmdir(self, parent_inode, name, ctx):
         path = self._child(parent_inode, name)
         await self._call(self.gw.rmdir(path, self._who(ctx)))
         self._detach(path)
 
-    async def unlink(self, parent_inode, name, ctx):  # noqa: ANN001, ANN201
+    async def unlink(self, parent_inode, name, ctx):
         path = self._child(parent_inode, name)
         op = self._writing.pop(path, None)
         if op is not None:  # being written and not (or not again) committed: nothing will be
@@ -326,7 +326,7 @@ class GatewayFS(pyfuse3.Operations):
         await self._call(self.gw.delete(path, self._who(ctx)))
         self._detach(path)
 
-    async def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx):  # noqa: ANN001, ANN201
+    async def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx):
         src = self._child(parent_inode_old, name_old)
         dst = self._child(parent_inode_new, name_new)
         if src == dst:
@@ -359,7 +359,7 @@ class GatewayFS(pyfuse3.Operations):
 
     # --- directories -----------------------------------------------------------------------------
 
-    async def opendir(self, inode, ctx):  # noqa: ANN001, ANN201
+    async def opendir(self, inode, ctx):
         path = self._path(inode)
         entries = await self._call(self.gw.listdir(path, self._who(ctx)))
         d = _Dir([(e.name.encode(), e.path, e.is_dir, e.size, e.mtime) for e in entries])
@@ -372,7 +372,7 @@ class GatewayFS(pyfuse3.Operations):
         self._dirs[fh] = d
         return fh
 
-    async def readdir(self, fh, start_id, token):  # noqa: ANN001, ANN201
+    async def readdir(self, fh, start_id, token):
         d = self._dirs[fh]
         for i in range(start_id, len(d.entries)):
             name, path, is_dir, size, mtime = d.entries[i]
@@ -384,7 +384,7 @@ class GatewayFS(pyfuse3.Operations):
                 return
             self._inodes[ino].lookups += 1
 
-    async def releasedir(self, fh):  # noqa: ANN001, ANN201
+    async def releasedir(self, fh):
         self._dirs.pop(fh, None)
 
     # --- files -----------------------------------------------------------------------------------
@@ -424,7 +424,7 @@ class GatewayFS(pyfuse3.Operations):
             log.warning("smb_concurrent_writers", path=op.path)
         self._writing[op.path] = op
 
-    async def create(self, parent_inode, name, mode, flags, ctx):  # noqa: ANN001, ANN201
+    async def create(self, parent_inode, name, mode, flags, ctx):
         path = self._child(parent_inode, name)
         if self.closing or self.draining:
             raise pyfuse3.FUSEError(errno.EROFS)
@@ -447,7 +447,7 @@ class GatewayFS(pyfuse3.Operations):
         attrs = self._counted(self._attrs(op.inode, is_dir=False, size=0, mtime=time.time()))
         return pyfuse3.FileInfo(fh=fh, keep_cache=False), attrs
 
-    async def open(self, inode, flags, ctx):  # noqa: ANN001, ANN201
+    async def open(self, inode, flags, ctx):
         path = self._path(inode)
         writable = bool(flags & (os.O_WRONLY | os.O_RDWR))
         if path not in self._writing:
@@ -461,7 +461,7 @@ class GatewayFS(pyfuse3.Operations):
             await self._ensure_writer(op)
         return pyfuse3.FileInfo(fh=self._new_fh(op), keep_cache=False)
 
-    async def read(self, fh, off, size):  # noqa: ANN001, ANN201
+    async def read(self, fh, off, size):
         op = self._files[fh]
         src = op if op.writer is not None else self._writing.get(op.path)
         if src is not None and src.writer is not None and src.writer.fd >= 0:
@@ -474,7 +474,7 @@ class GatewayFS(pyfuse3.Operations):
             return b""
         return await self._call(op.reader.read(off, min(size, op.reader.size - off)))
 
-    async def write(self, fh, off, buf):  # noqa: ANN001, ANN201
+    async def write(self, fh, off, buf):
         op = self._files[fh]
         if not op.writable:
             raise pyfuse3.FUSEError(errno.EBADF)
@@ -491,7 +491,7 @@ class GatewayFS(pyfuse3.Operations):
             raise
         return len(buf)
 
-    async def flush(self, fh):  # noqa: ANN001, ANN201
+    async def flush(self, fh):
         """close(2): commit what this handle wrote. smbd's CLOSE reply waits for this."""
         op = self._files.get(fh)
         if op is not None and op.failed:
@@ -516,10 +516,10 @@ class GatewayFS(pyfuse3.Operations):
             await op.reader.close()
             op.reader = None
 
-    async def fsync(self, fh, datasync):  # noqa: ANN001, ANN201
+    async def fsync(self, fh, datasync):
         """Durability comes with close (flush); an fsync in the middle of a file changes nothing."""
 
-    async def release(self, fh):  # noqa: ANN001, ANN201
+    async def release(self, fh):
         op = self._files.pop(fh, None)
         if op is None:
             return
@@ -602,7 +602,7 @@ class FuseMount:
         pyfuse3.terminate()
         try:
             await asyncio.wait_for(self._task, 10)
-        except (asyncio.TimeoutError, Exception) as e:  # noqa: BLE001 - unmount regardless
+        except (asyncio.TimeoutError, Exception) as e:  # unmount regardless
             log.warning("fuse_loop_end", error=repr(e))
         await self.fs.abort_all("agent stopping")
         pyfuse3.close(unmount=True)

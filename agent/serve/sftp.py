@@ -21,7 +21,7 @@ import structlog
 from agent.audit import AuditLog, Who, failure
 from agent.auth import verify_password
 from agent.config import Config, UserConfig
-from agent.store.catalog import Entry
+from agent.records import Entry
 from agent.store.errors import (
     AlreadyExists,
     BadPath,

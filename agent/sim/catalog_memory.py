@@ -28,8 +28,9 @@ from pathlib import Path
 
 import psutil
 
+from agent.records import RemoteObject
 from agent.sim.trace import iter_requests
-from agent.store.catalog import Catalog, RemoteObject
+from agent.store.catalog import Catalog
 from agent.store.paths import name_of, parent_of
 
 BATCH = 10_000

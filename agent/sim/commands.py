@@ -21,7 +21,7 @@ log = structlog.get_logger(__name__)
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def register(subparsers) -> None:  # noqa: ANN001 - argparse's private _SubParsersAction
+def register(subparsers) -> None:  # argparse's private _SubParsersAction
     g = subparsers.add_parser("gen-trace", help="generate a synthetic PACS trace (docs/workload.md)")
     g.add_argument("out", help="trace file to write (.gz: compressed)")
     g.add_argument("--preset", default="general",

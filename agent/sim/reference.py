@@ -77,7 +77,7 @@ def write_oracle(obj: np.ndarray, size_bytes: np.ndarray, t: np.ndarray, path: s
     rec.tofile(path)
 
 
-def _make(name: str, cap_kib: int, hashpower: int = 24):  # noqa: ANN202
+def _make(name: str, cap_kib: int, hashpower: int = 24):
     import libcachesim as lcs
     if name == "S3FIFO" and cap_kib < 10:
         # its small queue is 10 % of the cache: below 10 units libCacheSim aborts the process
@@ -94,7 +94,7 @@ def run_reference(ta: TraceArrays, capacity: int, warmup_days: float = 3.0,
 
 def run_arrays(obj: np.ndarray, size: np.ndarray, t: np.ndarray, is_write: np.ndarray, capacity: int,
                warmup_s: float = 0.0, algorithms: tuple[str, ...] = ALGORITHMS,
-               check=None) -> list[ReferenceResult]:  # noqa: ANN001
+               check=None) -> list[ReferenceResult]:
     import libcachesim as lcs
     if check is not None:
         check()

@@ -182,7 +182,7 @@ def _members(csr: tuple[np.ndarray, np.ndarray], k: int) -> np.ndarray:
 
 
 class Replayer:
-    def __init__(self, ta: TraceArrays, scheme: str, cfg: ReplayConfig, predictor=None) -> None:  # noqa: ANN001
+    def __init__(self, ta: TraceArrays, scheme: str, cfg: ReplayConfig, predictor=None) -> None:
         if scheme not in SCHEMES:
             raise ValueError(f"unknown scheme {scheme!r}; known: {sorted(SCHEMES)}")
         self.ta, self.scheme, self.cfg = ta, scheme, cfg

@@ -21,7 +21,7 @@ NAMES = {"A": "A: LRU (rclone default)", "B": "B: 90-day rule", "C": "C: LSTM pr
          "agent": "agent default ({} eviction, prefetch: {})".format(*SCHEMES[DEFAULT_SCHEME])}
 
 
-def gaps(results: list[SchemeResult], refs: list) -> dict[str, tuple[float | None, float | None]] | None:  # noqa: ANN001
+def gaps(results: list[SchemeResult], refs: list) -> dict[str, tuple[float | None, float | None]] | None:
     """Share of the LRU→Belady miss gap each scheme closes, (object, byte), each against its own gap.
 
     LRU is scheme A when it ran (else libCacheSim's LRU); the bound is libCacheSim's Belady (object) and
@@ -74,7 +74,7 @@ def memory_line(scheme: str, ta: TraceArrays, catalog: CatalogMemory | None) -> 
             f"({catalog.bytes_per_row:,.0f} B/file measured)")
 
 
-def table(ta: TraceArrays, results: list[SchemeResult], refs: list,  # noqa: ANN001
+def table(ta: TraceArrays, results: list[SchemeResult], refs: list,
           catalog: CatalogMemory | None) -> str:
     head = ("| scheme | object hit ratio | byte hit ratio | LRU→Belady gap closed (object / byte) "
             "| mean / p95 latency (idle line) | mean / p95 latency (queued) | egress peak (1 min) "
@@ -153,7 +153,7 @@ def egress_plot(results: list[SchemeResult], path: Path) -> str:
     return _save(fig, ax, path)
 
 
-def _save(fig, ax, path: Path) -> str:  # noqa: ANN001 - matplotlib Figure/Axes, imported lazily
+def _save(fig, ax, path: Path) -> str:  # matplotlib Figure/Axes, imported lazily
     """Legend, grid, layout, write the PNG, free the figure; → its file name for the report."""
     import matplotlib.pyplot as plt
     ax.legend(fontsize=8)
@@ -164,7 +164,7 @@ def _save(fig, ax, path: Path) -> str:  # noqa: ANN001 - matplotlib Figure/Axes,
     return path.name
 
 
-def write_report(ta: TraceArrays, cfg: ReplayConfig, results: list[SchemeResult], refs: list,  # noqa: ANN001
+def write_report(ta: TraceArrays, cfg: ReplayConfig, results: list[SchemeResult], refs: list,
                  out: str | Path | None, title: str | None = None, catalog: CatalogMemory | None = None,
                  timings: dict[str, float] | None = None) -> str:
     text = f"## {title or 'Cache replay'}\n\n" + describe(ta, cfg) + "\n" + table(ta, results, refs, catalog)

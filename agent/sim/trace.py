@@ -101,7 +101,7 @@ def _study_names(g: Generator, idx: int) -> tuple[list[int], str, list[str]]:
     return st.sizes.tolist(), tail, paths
 
 
-def _study_dir(g: Generator, st) -> str:  # noqa: ANN001
+def _study_dir(g: Generator, st) -> str:
     """The study's directory: the layout up to and including {study}."""
     parts = g.p.layout.split("/")
     depth = _layout_index(g.p.layout, "study") + 1
@@ -117,7 +117,7 @@ def _jsonable(obj: object) -> object:
     return obj
 
 
-def _bar(enabled: bool, total: int | None, desc: str):  # noqa: ANN202 - tqdm or a no-op
+def _bar(enabled: bool, total: int | None, desc: str):  # tqdm or a no-op
     if enabled:
         from tqdm import tqdm
         return tqdm(total=total, desc=desc, unit_scale=True, mininterval=1.0)

@@ -112,7 +112,7 @@ class Cache:
         free = st.f_bavail * st.f_frsize
         return DiskUsage(total=total, used=total - st.f_bfree * st.f_frsize, free=free)
 
-    def iter_blobs(self):  # noqa: ANN201 - generator of blob names on disk
+    def iter_blobs(self):  # generator of blob names on disk
         for sub in self.data.iterdir():
             if sub.is_dir():
                 for f in sub.iterdir():

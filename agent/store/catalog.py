@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
 
+from agent.records import Entry, RemoteObject
 from agent.store.errors import AlreadyExists, IsADirectory, NoSpace, NotADirectory, NotEmpty, NotFound
 from agent.store.paths import ancestors, name_of, parent_of
 
@@ -175,51 +176,12 @@ _COLUMNS = ("path, is_dir, size, mtime, sha256, state, blob, gen, etag, version_
 
 
 @dataclass(frozen=True, slots=True)
-class Entry:
-    path: str
-    is_dir: bool
-    size: int
-    mtime: float
-    sha256: str | None
-    state: str | None
-    blob: str | None
-    gen: int
-    etag: str | None
-    version_id: str | None
-    copy_from: str | None
-    listed: bool
-    dirty_since: float | None
-    attempts: int
-    last_error: str | None
-    last_access: float | None
-    access_count: int
-
-    @property
-    def name(self) -> str:
-        return name_of(self.path)
-
-    @property
-    def cached(self) -> bool:
-        return self.blob is not None
-
-
-@dataclass(frozen=True, slots=True)
 class Totals:
     files: int
     cached_files: int
     cached_bytes: int
     queue_files: int
     queue_bytes: int
-
-
-@dataclass(frozen=True, slots=True)
-class RemoteObject:
-    """One object found by a remote listing, relative to the directory listed."""
-
-    name: str
-    size: int
-    mtime: float
-    etag: str | None
 
 
 def _entry(row: tuple) -> Entry:
@@ -829,10 +791,10 @@ class AsyncCatalog:
         self.catalog = catalog
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="catalog")
 
-    def __getattr__(self, name: str):  # noqa: ANN204
+    def __getattr__(self, name: str):
         method = getattr(self.catalog, name)
 
-        async def call(*args, **kwargs):  # noqa: ANN202
+        async def call(*args, **kwargs):
             try:
                 return await asyncio.get_running_loop().run_in_executor(
                     self._pool, functools.partial(method, *args, **kwargs))

@@ -149,5 +149,5 @@ class Evictor:
                     await self.refit_if_due()
                 totals = await self.db.totals()
                 await self.free(self.excess(totals.cached_bytes), "high watermark")
-            except Exception as e:  # noqa: BLE001 - a failed pass (e.g. disk full) is retried next interval
+            except Exception as e:  # a failed pass (e.g. disk full) is retried next interval
                 log.error("eviction_failed", error=repr(e)[:300])

@@ -7,8 +7,8 @@ import hashlib
 import os
 from typing import Awaitable, Callable
 
+from agent.records import Entry
 from agent.store.cache import Cache
-from agent.store.catalog import Entry
 from agent.store.errors import Corrupt
 from agent.uplink.s3 import S3Uplink
 

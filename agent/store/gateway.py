@@ -25,9 +25,10 @@ import structlog
 from agent.audit import AuditLog, Who, failure
 from agent.config import Config
 from agent.metrics import Metrics
+from agent.records import Entry
 from agent.store.access import AccessStats
 from agent.store.cache import Cache, sha256_fd
-from agent.store.catalog import AsyncCatalog, Entry
+from agent.store.catalog import AsyncCatalog
 from agent.store.errors import Corrupt, GatewayError, IsADirectory, NoSpace, NotADirectory, NotFound, Unavailable
 from agent.store.evictor import Evictor
 from agent.store.fetch import download
@@ -218,7 +219,7 @@ class Gateway:
     def __init__(self, cfg: Config, db: AsyncCatalog, cache: Cache, s3: S3Uplink, uploader: Uploader,
                  metrics: Metrics, audit: AuditLog) -> None:
         self.cfg, self.db, self.cache, self.s3, self.uploader, self.metrics = cfg, db, cache, s3, uploader, metrics
-        self.audit = audit
+        self.audit, self.line = audit, uploader.line
         self.worm = WormPolicy(cfg.compliance)
         self.fetch_refusal = ""  # set under critical pressure: no new fetches from S3
         self.write_refusal = ""  # set on the standby box of an HA pair (agent/ha.py): no changes
@@ -287,12 +288,12 @@ class Gateway:
         await asyncio.shield(pending)
 
     async def _do_list(self, path: str) -> None:
-        if not self.uploader.reachable:
+        if not self.line.reachable:
             return  # serve what the catalog knows; list again once the line is back
         t0 = time.monotonic()
         try:
             listing = await self.s3.list_dir(path)
-        except Exception as e:  # noqa: BLE001 - a failed listing must not fail the client's request
+        except Exception as e:  # a failed listing must not fail the client's request
             log.warning("remote_list_failed", path=path, error=error_code(e))
             return
         await self.db.merge_listing(path, listing.objects, listing.dirs)
@@ -403,7 +404,7 @@ class Gateway:
         The upload starts here, in the same uncancellable step as the commit that claimed the row: a row
         claimed ('uploading') without an upload running would wait for the next restart.
         """
-        claim = self.cfg.uplink.write_mode == "through" and self.uploader.reachable
+        claim = self.cfg.uplink.write_mode == "through" and self.line.reachable
         gen, replaced = await self.db.commit_write(path, blob, size, sha, time.time(), claim=claim)
         if replaced:
             self.cache.remove(replaced)
@@ -490,7 +491,7 @@ class Gateway:
         return True
 
     def _start_fill(self, e: Entry) -> _Fill:
-        if not self.uploader.reachable:
+        if not self.line.reachable:
             raise Unavailable(e.path, "not in the cache and object storage is unreachable")
         if self.fetch_refusal:
             log.warning("fetch_refused", path=e.path, reason=self.fetch_refusal)
@@ -515,14 +516,15 @@ class Gateway:
                 fill.cond.notify_all()
 
         try:
-            async with self.uploader.slots:  # fetches share the line's concurrency with uploads
-                sha = await download(self.s3, self.cache, e, fill.blob, fill.fd, landed, verified)
+            async with self.line.slots:  # fetches share the line's concurrency with uploads
+                sha = await self.line.patiently(
+                    lambda: download(self.s3, self.cache, e, fill.blob, fill.fd, landed, verified), e.path)
             if not await self.db.set_cached(e.path, e.gen, fill.blob, sha):
                 self.cache.remove(fill.blob)  # the file changed meanwhile; this copy is stale
             self.metrics.fetched_bytes.inc(fill.written)
             self.metrics.fetch_seconds.observe(time.monotonic() - t0)
             log.info("fetched", path=e.path, bytes=fill.written, seconds=round(time.monotonic() - t0, 4))
-        except Exception as exc:  # noqa: BLE001 - every failure reaches the waiting readers
+        except Exception as exc:  # every failure reaches the waiting readers
             fill.error = (exc if isinstance(exc, GatewayError)
                           else Unavailable(e.path, f"fetch failed: {error_code(exc)}"))
             self.cache.discard_staging(fill.blob)

@@ -8,26 +8,12 @@ temporary upload names (x.dcm.part) are never retained, so the usual upload-then
 from __future__ import annotations
 
 import datetime
-from dataclasses import dataclass
 
 from agent.config import ComplianceConfig
-from agent.store.catalog import Entry
+from agent.records import Entry, Lock
 from agent.store.errors import PermissionDenied
 
 DAY = 86400
-
-
-@dataclass(frozen=True)
-class Lock:
-    mode: str
-    until: datetime.datetime
-    legal_hold: bool
-
-    def s3_args(self) -> dict[str, object]:
-        args: dict[str, object] = {"ObjectLockMode": self.mode, "ObjectLockRetainUntilDate": self.until}
-        if self.legal_hold:
-            args["ObjectLockLegalHoldStatus"] = "ON"
-        return args
 
 
 class WormPolicy:

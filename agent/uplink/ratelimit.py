@@ -1,9 +1,10 @@
-"""Token bucket for the private line: the average rate never exceeds `rate` bytes per second."""
+"""Token buckets for the private line: the average rate never exceeds `rate` bytes per second."""
 
 from __future__ import annotations
 
 import asyncio
 import time
+from dataclasses import dataclass
 
 
 class TokenBucket:
@@ -29,3 +30,15 @@ class TokenBucket:
             self._tokens -= n
             if self._tokens < 0:
                 await asyncio.sleep(-self._tokens / self.rate)
+
+
+@dataclass(frozen=True)
+class Bandwidth:
+    """The line's rate, each way (0: unlimited)."""
+
+    up: TokenBucket
+    down: TokenBucket
+
+    @classmethod
+    def limited_to(cls, rate: int) -> Bandwidth:
+        return cls(TokenBucket(rate), TokenBucket(rate))

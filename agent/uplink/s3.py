@@ -30,9 +30,8 @@ from botocore.exceptions import ConnectionError as BotoConnectionError
 
 from agent.config import UplinkConfig
 from agent.dicom.objectmeta import ObjectMeta
-from agent.store.catalog import RemoteObject
-from agent.store.worm import Lock
-from agent.uplink.ratelimit import TokenBucket
+from agent.records import Lock, RemoteObject
+from agent.uplink.ratelimit import Bandwidth
 
 META_SHA = "sha256"
 GET_CHUNK = 256 * 1024  # a download lands (written, hashed, readers woken) in blocks this large
@@ -55,20 +54,39 @@ class RemoteListing:
     dirs: list[str]
 
 
+# The codes S3 servers answer "slow down" with (AWS: 503 SlowDown; SeaweedFS's circuit breaker: 503
+# ErrTooManyRequest / ErrRequestBytesExceed; botocore's list of throttling codes for the rest).
+THROTTLE_CODES = frozenset({
+    "SlowDown", "ErrTooManyRequest", "ErrRequestBytesExceed", "Throttling", "ThrottlingException",
+    "ThrottledException", "RequestThrottledException", "TooManyRequestsException", "RequestThrottled",
+    "RequestLimitExceeded", "BandwidthLimitExceeded", "LimitExceededException", "PriorRequestNotComplete",
+})
+
+
+def is_throttled(exc: BaseException) -> bool:
+    """True when the server is up but asks us to slow down: retry later, do not call the line down."""
+    if not isinstance(exc, ClientError):
+        return False
+    status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+    return status == 429 or exc.response.get("Error", {}).get("Code") in THROTTLE_CODES
+
+
 def is_unreachable(exc: BaseException) -> bool:
     """True when the failure says 'the line or the server is down' rather than 'the request was bad'."""
+    if is_throttled(exc):
+        return False
     if isinstance(exc, (EndpointConnectionError, ConnectTimeoutError, ReadTimeoutError, BotoConnectionError,
                         aiohttp.ClientError, asyncio.TimeoutError, ConnectionError)):
         return True
     if isinstance(exc, ClientError):
-        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+        status: int = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
         return status >= 500 or status == 0
     return isinstance(exc, BotoCoreError) and "connect" in str(exc).lower()
 
 
 def error_code(exc: BaseException) -> str:
     if isinstance(exc, ClientError):
-        return exc.response.get("Error", {}).get("Code", "ClientError")
+        return str(exc.response.get("Error", {}).get("Code", "ClientError"))
     return type(exc).__name__
 
 
@@ -104,12 +122,12 @@ def b64(digest_hex: str) -> str:
 
 
 class S3Uplink:
-    def __init__(self, cfg: UplinkConfig) -> None:
+    def __init__(self, cfg: UplinkConfig, bandwidth: Bandwidth | None = None) -> None:
         self.cfg = cfg
-        self.up_bucket = TokenBucket(cfg.bwlimit)
-        self.down_bucket = TokenBucket(cfg.bwlimit)
+        self.bandwidth = bandwidth or Bandwidth.limited_to(cfg.bwlimit)  # the line's (agent.uplink.line)
+        self.up_bucket, self.down_bucket = self.bandwidth.up, self.bandwidth.down
         self._stack = contextlib.AsyncExitStack()
-        self._client = None
+        self._client: Any = None  # aiobotocore's S3 client: generated at run time, untyped
 
     async def start(self) -> None:
         config = AioConfig(
@@ -142,7 +160,7 @@ class S3Uplink:
             if e.response.get("ResponseMetadata", {}).get("HTTPStatusCode") in (400, 404, 501):
                 return False
             raise
-        return resp.get("ObjectLockConfiguration", {}).get("ObjectLockEnabled") == "Enabled"
+        return bool(resp.get("ObjectLockConfiguration", {}).get("ObjectLockEnabled") == "Enabled")
 
     # --- writes --------------------------------------------------------------------------------
 
@@ -260,13 +278,14 @@ class S3Uplink:
         finally:
             body.close()
 
-    async def head(self, path: str) -> dict | None:
+    async def head(self, path: str) -> dict[str, Any] | None:
         try:
-            return await self._client.head_object(Bucket=self.cfg.bucket, Key=self.key(path))
+            head: dict[str, Any] = await self._client.head_object(Bucket=self.cfg.bucket, Key=self.key(path))
         except ClientError as e:
             if e.response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 404:
                 return None
             raise
+        return head
 
     async def walk(self) -> AsyncIterator[list[tuple[str, int, float, str | None]]]:
         """Every object of the namespace, a listing page at a time: (path, size, mtime, etag). Keys that are

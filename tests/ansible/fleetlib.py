@@ -157,14 +157,7 @@ def provision_chroot(rootfs: Path, work: Path, host_vars: dict) -> Path:
     """site.yml through the chroot connection onto an overlay of the appliance tree (the tree itself stays
     as built), as for one box with these settings (no service starts: pacsgw_image_build). → the merged
     tree; unmount it with unmount_chroot(work)."""
-    merged = work / "merged"
-    for d in ("upper", "ovlwork", "merged"):
-        (work / d).mkdir(parents=True)
-    run(["mount", "-t", "overlay", "overlay", "-o",
-         f"lowerdir={rootfs},upperdir={work}/upper,workdir={work}/ovlwork", str(merged)])
-    run(["mount", "-t", "proc", "proc", str(merged / "proc")])
-    run(["mount", "-t", "sysfs", "sys", str(merged / "sys")])
-    run(["mount", "--bind", "/dev", str(merged / "dev")])
+    merged = mount_chroot(rootfs, work)
     (merged / "usr/sbin/policy-rc.d").write_text("#!/bin/sh\nexit 101\n")
     (merged / "usr/sbin/policy-rc.d").chmod(0o755)
     host = {"ansible_connection": "community.general.chroot", "ansible_host": str(merged),
@@ -182,6 +175,19 @@ def provision_chroot(rootfs: Path, work: Path, host_vars: dict) -> Path:
         unmount_chroot(work)
         raise AssertionError(f"site.yml over chroot failed:\n{p.stdout[-6000:]}\n{p.stderr[-2000:]}")
     (merged / "usr/sbin/policy-rc.d").unlink()
+    return merged
+
+
+def mount_chroot(rootfs: Path, work: Path) -> Path:
+    """An overlay of rootfs at work/merged (changes go to work/upper) with /proc, /sys and /dev: → merged."""
+    merged = work / "merged"
+    for d in ("upper", "ovlwork", "merged"):
+        (work / d).mkdir(parents=True)
+    run(["mount", "-t", "overlay", "overlay", "-o",
+         f"lowerdir={rootfs},upperdir={work}/upper,workdir={work}/ovlwork", str(merged)])
+    run(["mount", "-t", "proc", "proc", str(merged / "proc")])
+    run(["mount", "-t", "sysfs", "sys", str(merged / "sys")])
+    run(["mount", "--bind", "/dev", str(merged / "dev")])
     return merged
 
 

@@ -1,0 +1,99 @@
+"""Dependencies point one way (docs/architecture.md): serve → gateway facade → catalog/cache → uplink.
+
+Every `import` in agent/ (also those inside functions) is read with ast; an import from a higher layer
+fails the test, naming the module, the line and the import.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+AGENT = Path(__file__).resolve().parents[1] / "agent"
+
+# Lowest first; a module may import its own layer and the layers below it.
+LAYERS: list[tuple[str, tuple[str, ...]]] = [
+    ("base", ("agent", "agent.records", "agent.config", "agent.auth", "agent.metrics", "agent.logs",
+              "agent.dicom", "agent.dicom.header", "agent.dicom.objectmeta", "agent.hahook")),
+    ("policy", ("agent.policy",)),
+    ("uplink", ("agent.uplink",)),
+    ("store", ("agent.store", "agent.audit")),
+    ("services", ("agent.serve", "agent.sim", "agent.prefetcher", "agent.monitor", "agent.fsck",
+                  "agent.selfcheck", "agent.dicom.reindex", "agent.ha")),
+    ("wiring", ("agent.daemon", "agent.cli", "agent.devstack", "agent.dicom.commands")),
+]
+# Front ends see the facade and its vocabulary (errors, path rules), not the catalog, cache or uplink.
+FACADE = ("agent.store.gateway", "agent.store.errors", "agent.store.paths")
+
+
+def module_name(path: Path, root: Path) -> str:
+    parts = path.relative_to(root.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def within(module: str, prefix: str) -> bool:
+    return module == prefix or (prefix != "agent" and module.startswith(prefix + "."))
+
+
+def layer_of(module: str) -> int:
+    matches = [(len(p), i) for i, (_, prefixes) in enumerate(LAYERS) for p in prefixes if within(module, p)]
+    if not matches:
+        raise AssertionError(f"{module} is in no layer: add it to LAYERS in tests/test_architecture.py")
+    return max(matches)[1]
+
+
+def agent_imports(path: Path) -> list[tuple[int, str]]:
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names = [node.module]
+        elif isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        else:
+            continue
+        found += [(node.lineno, n) for n in names if n == "agent" or n.startswith("agent.")]
+    return found
+
+
+def violations(root: Path = AGENT) -> list[str]:
+    bad = []
+    for path in sorted(root.rglob("*.py")):
+        src = module_name(path, root)
+        for lineno, target in agent_imports(path):
+            where = f"{path.relative_to(root.parent)}:{lineno} imports {target}"
+            if layer_of(target) > layer_of(src):
+                bad.append(f"{where} ({LAYERS[layer_of(src)][0]} → {LAYERS[layer_of(target)][0]}: upward)")
+            elif within(src, "agent.serve") and within(target, "agent.store") and \
+                    not any(within(target, f) for f in FACADE):
+                bad.append(f"{where} (a front end past the gateway facade)")
+            elif within(src, "agent.serve") and within(target, "agent.uplink"):
+                bad.append(f"{where} (a front end past the gateway facade)")
+    return bad
+
+
+def test_no_upward_imports_in_agent():
+    assert violations() == []
+
+
+def test_uplink_imports_nothing_from_store():
+    uplink = [(p, t) for p in (AGENT / "uplink").rglob("*.py") for _, t in agent_imports(p)]
+    assert uplink, "the walk found no imports at all: it is not looking at agent/uplink"
+    assert [f"{p.name}: {t}" for p, t in uplink if within(t, "agent.store")] == []
+
+
+def test_policy_decides_without_the_rest_of_the_agent():
+    """agent/policy does no I/O and knows no other part: it imports only itself."""
+    imports = {t for p in (AGENT / "policy").rglob("*.py") for _, t in agent_imports(p)}
+    assert {t for t in imports if not within(t, "agent.policy")} == set()
+
+
+def test_an_upward_import_is_caught(tmp_path):
+    """The walk really fails on a wrong import (here: the uplink reaching up into the catalog)."""
+    fake = tmp_path / "agent"
+    (fake / "uplink").mkdir(parents=True)
+    (fake / "uplink" / "bad.py").write_text("def f():\n    from agent.store.catalog import Catalog\n")
+    (fake / "serve").mkdir()
+    (fake / "serve" / "worse.py").write_text("from agent.store.cache import Cache\n")
+    found = violations(fake)
+    assert any("uplink/bad.py:2 imports agent.store.catalog" in v and "upward" in v for v in found), found
+    assert any("serve/worse.py:1" in v and "facade" in v for v in found), found

@@ -1,0 +1,58 @@
+"""Throttling: the object store answers "slow down" (HTTP 503) to part of the PUTs during an ingest.
+
+A real fault, not a mock: SeaweedFS's S3 circuit breaker (`weed shell` s3.circuitBreaker) is set to one
+simultaneous write, so concurrent PUTs get 503 ErrTooManyRequest, SeaweedFS's SlowDown. The agent must retry
+them with backoff and must not take them for an outage: the line stays 'reachable' (no write-back
+degradation on /healthz), and every acknowledged file reaches S3 with its content.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import time
+
+import pytest
+
+from agent.devstack import _bin
+from faultkit import Ingest
+from harness import s3_objects
+
+
+def circuit_breaker(store, writes: int) -> str:
+    master = store._ports[0]  # the `weed mini` master this ObjectStore started
+    p = subprocess.run([_bin("weed"), "shell", f"-master=127.0.0.1:{master}"], capture_output=True, text=True,
+                       input=f"s3.circuitBreaker -global -type Count -actions Write -values {writes} -apply\n",
+                       timeout=60, check=True)
+    return p.stdout
+
+
+@pytest.mark.slow
+def test_slow_down_is_retried_not_an_outage(agent_factory, private_seaweed):
+    store = private_seaweed
+    a = agent_factory(store, **{"uplink.max_concurrency": 8}).start()
+    assert '"Write:Count":  "1"' in circuit_breaker(store, 1)
+    ingest = Ingest(a, ftp_clients=4, sftp_clients=4, min_size=256 * 1024, max_size=1024 * 1024).start()
+    samples = []
+    try:
+        deadline = time.monotonic() + 120
+        while not a.events("uplink_throttled"):
+            assert time.monotonic() < deadline, "no PUT was throttled: the fault did not happen"
+            samples.append(a.health())
+            time.sleep(0.5)
+        for _ in range(10):  # a few more seconds of ingest under the breaker
+            samples.append(a.health())
+            time.sleep(0.5)
+    finally:
+        ingest.stop()
+
+    assert ingest.errors == [], f"the PACS saw errors: {ingest.errors[:5]}"
+    assert all(s["uplink"]["reachable"] for s in samples), "a 503 SlowDown was taken for an outage"
+    assert not a.events("uplink_unreachable")
+    throttled = a.events("uplink_throttled")
+    assert {e["error"] for e in throttled} == {"ErrTooManyRequest"}
+    h = a.wait_drained(180)
+    assert h["uplink"]["reachable"] and h["queue_depth"] == 0
+    objects = s3_objects(store, a.prefix)
+    missing = sorted(set(ingest.acked) - set(objects))
+    assert missing == [], f"{len(missing)} acknowledged files not in S3, e.g. {missing[:3]}"
+    assert [p for p, sha in ingest.acked.items() if objects[p]["sha256"] != sha] == []
