@@ -199,6 +199,9 @@ def test_box_with_dead_s3_line_gives_up_the_address(pair):
     def page(path: str) -> str:
         with urllib.request.urlopen(f"http://127.0.0.1:8080{path}", timeout=10) as r:
             return r.read().decode()
+    # b polls its peer every 2 s: a's step down reaches b's page within a poll or two.
+    pair.wait("b's page shows a as standby", lambda: "HA peer</th><td>http://10.253.0.11:8080: standby (degraded)"
+              in in_netns(b.ns, page, "/status"), timeout=15)
     status, metrics = in_netns(b.ns, page, "/status"), in_netns(b.ns, page, "/metrics")
     assert "HA role</th><td>active (keepalived MASTER); last take-over 20" in status
     assert "HA peer</th><td>http://10.253.0.11:8080: standby (degraded)" in status
