@@ -131,6 +131,15 @@ async def send_file(stream: aioftp.StreamIO, handle: ReadHandle, offset: int) ->
     return pos - offset
 
 
+def _take_rest(connection: aioftp.Connection) -> int:
+    """The REST offset for this transfer (0 if none), consumed."""
+    if not connection.future.rest_offset.done():
+        return 0
+    offset = connection.rest_offset
+    del connection.rest_offset
+    return offset
+
+
 class _Stat:
     def __init__(self, e: Entry) -> None:
         self.st_size = e.size
@@ -251,7 +260,7 @@ class FtpServer(aioftp.Server):
             "auth": self.auth, "prot": self.prot, "pbsz": self.pbsz, "user": self.user, "pass": self.pass_,
             "pasv": self.pasv,
             "epsv": self.epsv, "nlst": self.nlst, "size": self.size, "mdtm": self.mdtm, "feat": self.feat,
-            "opts": self.opts, "noop": self.noop})
+            "opts": self.opts, "noop": self.noop, "rest": self.rest})
         for name in PATH_COMMANDS:
             self.commands_mapping[name] = self._guarded(self.commands_mapping[name])
 
@@ -388,14 +397,17 @@ class FtpServer(aioftp.Server):
     @PathPermissions(PathPermissions.writable)
     async def stor(self, connection: aioftp.Connection, rest: str, mode: str = "wb") -> bool:
         path = self._resolve(connection, rest)
-        offset = connection.restart_offset
-        connection.restart_offset = 0
+        offset = _take_rest(connection)
         if mode == "ab":
             try:
                 offset = (await self.gateway.stat(path)).size
             except NotFound:
                 offset = 0
         handle = await self.gateway.open_write(path, "ftp", offset=offset, who=who(connection))
+        if handle.size < offset:  # checked on what open_write kept: the file may have shrunk meanwhile
+            await handle.abort("REST beyond the end of the file")
+            connection.response("554", f"REST {offset} is beyond the end of the file ({handle.size} bytes)")
+            return True
 
         @ConnectionConditions(ConnectionConditions.data_connection_made, wait=True, fail_code="425",
                               fail_info="Can't open data connection")
@@ -431,8 +443,11 @@ class FtpServer(aioftp.Server):
     async def retr(self, connection: aioftp.Connection, rest: str) -> bool:
         path = self._resolve(connection, rest)
         handle = await self.gateway.open_read(path, "ftp", who(connection))
-        offset = connection.restart_offset
-        connection.restart_offset = 0
+        offset = _take_rest(connection)
+        if offset > handle.size:
+            await handle.close()
+            connection.response("554", f"REST {offset} is beyond the end of the file ({handle.size} bytes)")
+            return True
 
         @ConnectionConditions(ConnectionConditions.data_connection_made, wait=True, fail_code="425",
                               fail_info="Can't open data connection")
@@ -566,6 +581,18 @@ class FtpServer(aioftp.Server):
             connection.response("200", "UTF8 is always on")
         else:
             connection.response("501", f"option {rest!r} not supported")
+        return True
+
+    async def rest(self, connection: aioftp.Connection, rest: str) -> bool:
+        """REST n: the next STOR/RETR starts at byte n. Kept across PASV/EPSV/TYPE (clients send REST before or
+        after PASV), consumed by the transfer. aioftp's own marker was cleared by any command in between, so
+        REST, PASV, STOR replaced the file with its tail."""
+        if not rest.isdigit():
+            connection.response("501", f"REST needs a byte offset, not {rest!r}")
+            return True
+        _take_rest(connection)
+        connection.rest_offset = int(rest)
+        connection.response("350", f"restarting at {int(rest)}; send STOR or RETR")
         return True
 
     async def noop(self, connection: aioftp.Connection, rest: str) -> bool:
