@@ -50,7 +50,6 @@ log = structlog.get_logger("pacsgw.ftp")
 BLOCK = 256 * 1024
 SEND_CHUNK = 4 * BLOCK  # a file leaves by sendfile(2) in chunks this large, each within the socket timeout
 SOCKET_TIMEOUT = 120
-FAILED_LOGIN_DELAY = 1.0
 
 # Gateway error → (FTP code, reply). 450/451/452 are transient ("try again"), 55x permanent.
 REPLIES: dict[type, str] = {
@@ -235,8 +234,7 @@ class _Users(aioftp.AbstractUserManager):
         ok = cfg is not None and _is_utf8(password) and await asyncio.to_thread(
             verify_password, password, plain=cfg.password, encoded=cfg.password_hash)
         if not ok:
-            log.warning("login_failed", protocol="ftp", user=user.login)
-            await asyncio.sleep(FAILED_LOGIN_DELAY)
+            log.warning("login_failed", protocol="ftp", user=user.login)  # FtpServer.pass_ delays the reply
         else:
             log.info("login", protocol="ftp", user=user.login)
         return ok
@@ -310,11 +308,21 @@ class FtpServer(aioftp.Server):
         return await super().user(connection, rest)
 
     async def pass_(self, connection: aioftp.Connection, rest: str) -> bool:
-        result = await super().pass_(connection, rest)
-        if connection.future.user.done():
-            ok = connection.future.logged.done()
-            self.gateway.audit.record(who(connection), "login", "", "ok" if ok else "error: wrong user or password")
-        return result
+        if not connection.future.user.done() or connection.future.logged.done():
+            return await super().pass_(connection, rest)
+        login, guard, address = who(connection).user, self.gateway.logins, connection.client_host
+        if refusal := guard.refusal(login, address, "ftp"):  # LoginGuard (agent.auth): backoff and bans
+            connection.response("530", refusal)
+            return True
+        ok = await self.user_manager.authenticate(connection.user, rest)
+        self.gateway.audit.record(who(connection), "login", "", "ok" if ok else "error: wrong user or password")
+        if ok:
+            guard.succeeded(login, address)
+            connection.logged = True
+        else:
+            await asyncio.sleep(guard.failed(login, address, "ftp"))  # before the reply: that is the backoff
+        connection.response("230" if ok else "530", "normal login" if ok else "wrong password")
+        return True
 
     async def pasv(self, connection: aioftp.Connection, rest: str) -> bool:
         return await self._passive(super().pasv, connection, rest)
