@@ -323,3 +323,16 @@ def test_run_turns_start_up_failures_into_config_messages(agent_factory):
                           capture_output=True, text=True, timeout=120, cwd=broken.workdir)
     assert done.returncode == 2
     assert "cache.dir" in done.stderr and "Traceback" not in done.stderr + done.stdout, done.stderr
+
+
+def test_smb_password_guessing_locks_the_user(smb_agent):
+    """SMB passwords are checked by Samba: its account policy, set from [login], locks the user."""
+    from smbprotocol.exceptions import SMBException
+    from smbutil import Smb
+    agent = smb_agent(**{"login.max_failures": 3, "login.ban_seconds": 600}).start(timeout=180)
+    for _ in range(3):
+        with pytest.raises((OSError, SMBException)):
+            Smb(agent, password="wrong-guess").listdir("")
+    with pytest.raises((OSError, SMBException)) as err:
+        Smb(agent).listdir("")  # the right password, but the account is locked
+    assert "LOCKED" in str(err.value).upper() or "0xc0000234" in str(err.value).lower(), err.value

@@ -367,13 +367,13 @@ def run_machine(protocol: str, agent, client_factory, allow_kill: bool = True) -
 
 
 def test_model_ftp(agent_factory):
-    run_machine("ftp", agent_factory().start(), FtpClient)
+    run_machine("ftp", agent_factory().start(timeout=180), FtpClient)
 
 
 def test_model_sftp(agent_factory):
-    run_machine("sftp", agent_factory().start(), SftpClient)
+    run_machine("sftp", agent_factory().start(timeout=180), SftpClient)
 
 
 def test_model_smb(smb_agent):
     # kill -9 leaves the FUSE mount and smbd behind; the SMB run covers the operations, not the crash
-    run_machine("smb", smb_agent().start(), SmbClient, allow_kill=False)
+    run_machine("smb", smb_agent().start(timeout=180), SmbClient, allow_kill=False)

@@ -22,6 +22,7 @@ import asyncio
 import grp
 import hashlib
 import ipaddress
+import math
 import os
 import pwd
 import re
@@ -211,6 +212,7 @@ class SmbService:
             _check_searchable(path, uid, gid, s.unix_user)
         self.conf_path.write_text(render_conf(self.cfg))
         users = await asyncio.to_thread(self._sync_users, gid)
+        await asyncio.to_thread(self._lockout_policy)
         self.mount = FuseMount(self.gateway, Path(s.mountpoint), uid, gid, users, s.listen[1])
         await self.mount.start()
         await self._ensure_roots()
@@ -274,6 +276,18 @@ class SmbService:
                 subprocess.run(["smbpasswd", "-c", str(self.conf_path), "-x", account], capture_output=True)
                 log.info("smb_user_removed", account=account)
         return by_uid
+
+    def _lockout_policy(self) -> None:
+        """[login] for SMB: Samba checks SMB passwords itself, so its own account policy locks a user after
+        max_failures wrong passwords (within window_seconds) for ban_seconds (Samba counts in minutes)."""
+        lg = self.cfg.login
+        for policy, value in (("bad lockout attempt", lg.max_failures),
+                              ("reset count minutes", math.ceil(lg.window_seconds / 60)),
+                              ("lockout duration", math.ceil(lg.ban_seconds / 60))):
+            r = subprocess.run(["pdbedit", "-s", str(self.conf_path), "-P", policy, "-C", str(value)],
+                               capture_output=True, text=True)
+            if r.returncode != 0:
+                raise RuntimeError(f"pdbedit could not set Samba's {policy!r}: {r.stderr.strip()[:500]}")
 
     def _start_smbd(self) -> None:
         s = self.cfg.smb

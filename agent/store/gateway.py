@@ -335,7 +335,9 @@ class Gateway:
             return
         # Keys deleted or renamed away here whose object deletion is still queued are not files any more:
         # drop them, and directories that hold nothing else (else a deleted file would come back).
-        dirs = [d for d in listing.dirs if await self._remote_dir_live(f"{path}/{d}" if path else d)]
+        dirs = listing.dirs
+        if dirs and await (self.db.tombstones_under(path) if path else self.db.tombstone_count()):
+            dirs = [d for d in dirs if await self._remote_dir_live(f"{path}/{d}" if path else d)]
         await self.db.merge_listing(path, listing.objects, dirs)
         log.info("remote_listed", path=path, files=len(listing.objects), dirs=len(listing.dirs),
                  seconds=round(time.monotonic() - t0, 4))
