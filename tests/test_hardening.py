@@ -325,14 +325,29 @@ def test_run_turns_start_up_failures_into_config_messages(agent_factory):
     assert "cache.dir" in done.stderr and "Traceback" not in done.stderr + done.stdout, done.stderr
 
 
-def test_smb_password_guessing_locks_the_user(smb_agent):
-    """SMB passwords are checked by Samba: its account policy, set from [login], locks the user."""
+def test_smb_permissions_and_password_guessing(smb_agent):
+    """SMB goes through the gateway (FUSE) too, so [[users]] permissions hold; and SMB passwords are checked by
+    Samba, whose account policy, set from [login], locks the user."""
     from smbprotocol.exceptions import SMBException
     from smbutil import Smb
-    agent = smb_agent(**{"login.max_failures": 3, "login.ban_seconds": 600}).start(timeout=180)
+    errors = (OSError, SMBException)
+    agent = smb_agent(users=[{"name": "pacs", "password": PASSWORD, "permissions": ["read", "write", "rename"]}],
+                      **{"login.max_failures": 3, "login.ban_seconds": 600}).start(timeout=180)
+    smb = Smb(agent)
+    smb.makedirs("CT")
+    smb.write("CT/a.dcm", b"stored")
+    with pytest.raises(errors):
+        smb.remove("CT/a.dcm")
+    with pytest.raises(errors):
+        smb.write("CT/a.dcm", b"overwrite")
+    with pytest.raises(errors):
+        smb.rmdir("CT")
+    smb.rename("CT/a.dcm", "CT/b.dcm")
+    assert smb.listdir("CT") == ["b.dcm"] and smb.read("CT/b.dcm") == b"stored"
+    smb.close()
     for _ in range(3):
-        with pytest.raises((OSError, SMBException)):
+        with pytest.raises(errors):
             Smb(agent, password="wrong-guess").listdir("")
-    with pytest.raises((OSError, SMBException)) as err:
+    with pytest.raises(errors) as err:
         Smb(agent).listdir("")  # the right password, but the account is locked
     assert "LOCKED" in str(err.value).upper() or "0xc0000234" in str(err.value).lower(), err.value
