@@ -126,8 +126,9 @@ class _Auth(asyncssh.SSHServer):
 
 
 class _OpenFile:
-    def __init__(self, path: str, reader: ReadHandle | None = None, writer: WriteHandle | None = None) -> None:
-        self.path, self.reader, self.writer = path, reader, writer
+    def __init__(self, path: str, reader: ReadHandle | None = None, writer: WriteHandle | None = None,
+                 append: bool = False) -> None:
+        self.path, self.reader, self.writer, self.append = path, reader, writer, append
 
 
 class GatewaySFTP(asyncssh.SFTPServer):
@@ -259,7 +260,7 @@ class GatewaySFTP(asyncssh.SFTPServer):
             raise asyncssh.SFTPNoSuchFile(f"{ns} does not exist")
         keep = existing.size if existing is not None and not existing.is_dir and not pflags & asyncssh.FXF_TRUNC else 0
         writer = await self._call(self.gateway.open_write(ns, "sftp", offset=keep, who=self.who))
-        return _OpenFile(ns, writer=writer)
+        return _OpenFile(ns, writer=writer, append=bool(pflags & asyncssh.FXF_APPEND))
 
     async def read(self, file_obj: _OpenFile, offset: int, size: int) -> bytes:
         if file_obj.reader is None:
@@ -269,7 +270,8 @@ class GatewaySFTP(asyncssh.SFTPServer):
     async def write(self, file_obj: _OpenFile, offset: int, data: bytes) -> int:
         if file_obj.writer is None:
             raise asyncssh.SFTPPermissionDenied("file not opened for writing")
-        await self._call(file_obj.writer.write(data, offset))
+        # FXF_APPEND: every write goes to the end, whatever offset the client sends (clients send 0)
+        await self._call(file_obj.writer.write(data, None if file_obj.append else offset))
         return len(data)
 
     async def close(self, file_obj: _OpenFile) -> None:
