@@ -127,6 +127,20 @@ def test_sftp_ftruncate_and_setstat_size(agent_factory):
     assert s3_objects(agent.store, agent.prefix)["t.dcm"]["sha256"] == sha256(b"NE")
 
 
+def test_sftp_append_mode_writes_at_the_end(agent_factory):
+    """Found by the model test: asyncssh's 'ab' sends offset 0; FXF_APPEND must still append."""
+    agent = agent_factory().start()
+
+    async def body(sftp):  # noqa: ANN001, ANN202
+        async with sftp.open("a.dcm", "wb") as f:
+            await f.write(b"0123456789")
+        async with sftp.open("a.dcm", "ab") as f:
+            await f.write(b"X")
+        async with sftp.open("a.dcm", "rb") as f:
+            assert await f.read() == b"0123456789X"
+    sftp_session(agent, body)
+
+
 # --- 6: deleted files come back ---------------------------------------------------------------------
 
 
