@@ -281,13 +281,15 @@ class SmbService:
         """[login] for SMB: Samba checks SMB passwords itself, so its own account policy locks a user after
         max_failures wrong passwords (within window_seconds) for ban_seconds (Samba counts in minutes)."""
         lg = self.cfg.login
-        for policy, value in (("bad lockout attempt", lg.max_failures),
-                              ("reset count minutes", math.ceil(lg.window_seconds / 60)),
-                              ("lockout duration", math.ceil(lg.ban_seconds / 60))):
-            r = subprocess.run(["pdbedit", "-s", str(self.conf_path), "-P", policy, "-C", str(value)],
-                               capture_output=True, text=True)
-            if r.returncode != 0:
-                raise RuntimeError(f"pdbedit could not set Samba's {policy!r}: {r.stderr.strip()[:500]}")
+        policies = {"bad lockout attempt": lg.max_failures, "reset count minutes": math.ceil(lg.window_seconds / 60),
+                    "lockout duration": math.ceil(lg.ban_seconds / 60)}
+        runs = {policy: subprocess.Popen(["pdbedit", "-s", str(self.conf_path), "-P", policy, "-C", str(value)],
+                                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                for policy, value in policies.items()}  # one pdbedit per policy: run them side by side
+        for policy, run in runs.items():
+            _, err = run.communicate()
+            if run.returncode != 0:
+                raise RuntimeError(f"pdbedit could not set Samba's {policy!r}: {err.strip()[:500]}")
 
     def _start_smbd(self) -> None:
         s = self.cfg.smb
