@@ -3,9 +3,11 @@ rmdir / list / read over FTP, SFTP and SMB against a live agent, compared after 
 in-memory model of the namespace and the bytes; the bucket is compared whenever the agent has drained. Now and
 then the agent is killed with SIGKILL and restarted: every acknowledged change must have survived.
 
-Bounded: PACSGW_MODEL_STEPS steps per protocol (default 2000), in examples of STEPS_PER_EXAMPLE steps, each
-example in a directory of its own on one agent per protocol. Hypothesis shrinks a divergence to a short
-sequence and prints it.
+Bounded: PACSGW_MODEL_STEPS steps per protocol (default 300, which keeps `make test` in budget: measured under
+a load average of ~11 on 2 cores, 400 steps took 74 s over FTP, 200 s over SFTP, 52 s over SMB), in examples of
+STEPS_PER_EXAMPLE steps, each example in a directory of its own on one agent per protocol. The issue's target,
+2000 steps per protocol, is `PACSGW_MODEL_STEPS=2000`. Hypothesis shrinks a divergence to a short sequence and
+prints it (shrinking against a live agent can take minutes).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 
 from harness import PASSWORD, s3_objects
 
-STEPS = int(os.environ.get("PACSGW_MODEL_STEPS", "2000"))
+STEPS = int(os.environ.get("PACSGW_MODEL_STEPS", "300"))
 STEPS_PER_EXAMPLE = 50
 KILL_ONE_IN = 150  # on average one kill -9 per this many steps
 
