@@ -14,6 +14,7 @@ import urllib.request
 from agent import __version__
 from agent.config import ConfigError, load
 from agent.dicom import commands as dicom_commands
+from agent.serve.http import ADMIN_TOKEN_FILE
 from agent.sim import commands as sim_commands
 
 DEFAULT_CONFIG = "/etc/pacsgw/agent.toml"
@@ -31,7 +32,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     from agent import daemon, logs
     cfg = _load_or_exit(args.config)
     logs.configure(cfg.log.level, cfg.log.format)
-    asyncio.run(daemon.serve(cfg))
+    try:
+        asyncio.run(daemon.serve(cfg))
+    except ConfigError as e:  # a setting the host cannot honour (port taken, cache.dir unusable)
+        print(f"pacsgw: cannot start: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        print(f"pacsgw: cannot start: {e}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -73,14 +81,23 @@ def _agent_url(args: argparse.Namespace) -> str:
     return f"http://{'[' + host + ']' if ':' in host else host}:{port}"
 
 
+def _admin_token(args: argparse.Namespace) -> str:
+    """The running agent's admin token (<cache.dir>/admin.token, readable by root only), or ''."""
+    try:
+        return (_load_or_exit(args.config).cache.dir / ADMIN_TOKEN_FILE).read_text().strip()
+    except (OSError, SystemExit):
+        return ""
+
+
 class Unreachable(Exception):
     """The agent's HTTP listener did not answer."""
 
 
-def _admin(url: str, body: dict | None = None, method: str = "GET") -> tuple[int, dict]:
+def _admin(url: str, token: str, body: dict | None = None, method: str = "GET") -> tuple[int, dict]:
     """One admin request to the running agent → (HTTP status, JSON answer); raises Unreachable."""
     data = json.dumps(body).encode() if body is not None else None
-    req = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json"})
+    req = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json",
+                                                                          "Authorization": f"Bearer {token}"})
     try:
         with urllib.request.urlopen(req, timeout=120) as r:
             return r.status, json.load(r)
@@ -98,7 +115,7 @@ def _bar(total: int, desc: str, unit: str = "file"):  # a tqdm bar on stderr
 def cmd_evict(args: argparse.Namespace) -> int:
     """Ask the running agent to drop cached copies (only of files already safe in S3), or with --dry-run
     what its eviction policy would drop."""
-    url = _agent_url(args) + "/admin/evict"
+    url, token = _agent_url(args) + "/admin/evict", _admin_token(args)
     try:
         if args.dry_run:
             return _evict_dry_run(url, args)
@@ -108,7 +125,7 @@ def cmd_evict(args: argparse.Namespace) -> int:
         worst = 0
         with _bar(len(args.paths), "evict") as bar:
             for path in args.paths:
-                status, result = _admin(url, {"path": path}, "POST")
+                status, result = _admin(url, token, {"path": path}, "POST")
                 worst = max(worst, 0 if status == 200 else 1)
                 bar.write(f"{path}: " + ("evicted" if result.get("evicted")
                                          else f"not evicted ({result.get('error')})"), file=sys.stdout)
@@ -121,7 +138,7 @@ def cmd_evict(args: argparse.Namespace) -> int:
 
 def _evict_dry_run(url: str, args: argparse.Namespace) -> int:
     query = "?" + urllib.parse.urlencode({"bytes": args.bytes}) if args.bytes else ""
-    status, plan = _admin(url + query)
+    status, plan = _admin(url + query, _admin_token(args))
     if status != 200:
         print(f"pacsgw: {plan.get('error')}", file=sys.stderr)
         return 2
@@ -146,20 +163,20 @@ def _evict_dry_run(url: str, args: argparse.Namespace) -> int:
 
 def cmd_prefetch(args: argparse.Namespace) -> int:
     """Show what the agent's prefetch would fetch (--dry-run), or start a run and follow it."""
-    url = _agent_url(args) + "/admin/prefetch"
+    url, token = _agent_url(args) + "/admin/prefetch", _admin_token(args)
     try:
         if args.dry_run:
-            status, plan = _admin(url)
+            status, plan = _admin(url, token)
             if status != 200:
                 print(f"pacsgw: {plan.get('error')}", file=sys.stderr)
                 return 2
             print(json.dumps(plan, indent=2) if args.json else _plan_text(plan))
             return 0
-        status, started = _admin(url, {}, "POST")
+        status, started = _admin(url, token, {}, "POST")
         if status != 202:
             print(f"pacsgw: {started.get('error')}", file=sys.stderr)
             return 1
-        return _follow_prefetch(url)
+        return _follow_prefetch(url, token)
     except Unreachable as e:
         print(e, file=sys.stderr)
         return 3
@@ -174,11 +191,11 @@ def _plan_text(plan: dict) -> str:
     return "\n".join(lines)
 
 
-def _follow_prefetch(url: str) -> int:
+def _follow_prefetch(url: str, token: str) -> int:
     import time
     with _bar(0, "prefetch", "B") as bar:
         while True:
-            run = _admin(url + "?status=1")[1]["status"]
+            run = _admin(url + "?status=1", token)[1]["status"]
             bar.total = run["planned_bytes"]  # known once the run has planned
             bar.update(run["fetched_bytes"] - bar.n)
             if not run["running"]:

@@ -198,6 +198,15 @@ def _hosts_allow(value: Any) -> tuple[str, ...]:
     return tuple(str(ipaddress.ip_network(v.strip(), strict=False)) for v in value)
 
 
+RIGHTS = ("read", "write", "delete", "rename")
+
+
+def _rights(value: Any) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(v in RIGHTS for v in value):
+        raise ValueError
+    return tuple(dict.fromkeys(value))
+
+
 def _unix_name(value: Any) -> str:
     if not isinstance(value, str) or not re.fullmatch(r"[a-z_][a-z0-9_-]{0,31}", value) or value == "root":
         raise ValueError
@@ -424,6 +433,20 @@ class UserConfig:
                                           default=())
     root: str = _f(_ns_root, "an absolute path inside the gateway namespace such as '/' or '/CT'",
                    default="/")
+    permissions: tuple[str, ...] = _f(_rights, "a list of 'read', 'write', 'delete', 'rename' "
+                                      "(a PACS account: ['read', 'write', 'rename'])", default=RIGHTS)
+
+
+@dataclass(frozen=True)
+class LoginConfig:
+    """Password guessing: each failure delays the next answer to that address and that user (doubling up to
+    max_delay_seconds); max_failures within window_seconds bans the address (or locks the user) for ban_seconds."""
+
+    delay_seconds: float = _f(_float_between(0, 60), "seconds 0..60", default=1.0)
+    max_delay_seconds: float = _f(_float_between(0, 600), "seconds 0..600, at least delay_seconds", default=16.0)
+    max_failures: int = _f(_int_between(1, 10000), "an integer 1..10000", default=10)
+    window_seconds: float = _f(_float_between(1, 86400), "seconds 1..86400", default=600.0)
+    ban_seconds: float = _f(_float_between(1, 7 * 86400), "seconds 1..604800", default=900.0)
 
 
 def _peer_url(value: Any) -> str:
@@ -468,6 +491,7 @@ class Config:
     users: tuple[UserConfig, ...]
     dicom: DicomConfig = DicomConfig()
     ha: HaConfig = field(default_factory=HaConfig)
+    login: LoginConfig = field(default_factory=LoginConfig)
 
     @property
     def catalog_path(self) -> Path:
@@ -479,7 +503,7 @@ _SECTIONS: dict[str, type] = {
     "smb": SmbConfig, "http": HttpConfig, "log": LogConfig, "audit": AuditConfig,
     "compliance": ComplianceConfig, "pressure": PressureConfig,
     "prefetch": PrefetchConfig, "scrub": ScrubConfig,
-    "model": ModelConfig, "dicom": DicomConfig, "ha": HaConfig,
+    "model": ModelConfig, "dicom": DicomConfig, "ha": HaConfig, "login": LoginConfig,
 }
 
 
@@ -574,18 +598,68 @@ def _check_cross(cfg: Config) -> None:
         for keyfile in u.authorized_keys:
             if not Path(keyfile).is_file():
                 raise ConfigError(file, f"users[{i}].authorized_keys", keyfile, "an existing readable file")
+        if u.password and len(u.password) < MIN_PASSWORD:
+            raise ConfigError(file, f"users[{i}].password", "***", f"at least {MIN_PASSWORD} characters")
+    if cfg.login.max_delay_seconds < cfg.login.delay_seconds:
+        raise ConfigError(file, "login.max_delay_seconds", cfg.login.max_delay_seconds,
+                          f"at least login.delay_seconds ({cfg.login.delay_seconds})")
+    _check_ports(cfg)
+    _check_cache_dir(cfg)
     if cfg.smb.enabled:
         if not any(u.password for u in cfg.users):
             raise ConfigError(file, "smb.enabled", True,
                               "at least one [[users]] entry with a plain password: Samba authenticates with "
                               "the password's NT hash, which a password_hash cannot give")
-        taken = {cfg.ftp.listen: "ftp.listen", cfg.sftp.listen: "sftp.listen", cfg.http.listen: "http.listen"}
-        if cfg.smb.listen in taken:
-            raise ConfigError(file, "smb.listen", f"{cfg.smb.listen[0]}:{cfg.smb.listen[1]}",
-                              f"an address not already used by {taken[cfg.smb.listen]}")
         mp = Path(cfg.smb.mountpoint)
         if mp == cfg.cache.dir or cfg.cache.dir.is_relative_to(mp):
             raise ConfigError(file, "smb.mountpoint", str(mp), "a directory that does not contain cache.dir")
+
+
+MIN_PASSWORD = 8
+MIN_CACHE_BYTES = 10**6
+
+
+def _clash(a: tuple[str, int], b: tuple[str, int]) -> bool:
+    wildcard = ("0.0.0.0", "::")
+    return a[1] == b[1] and (a[0] == b[0] or a[0] in wildcard or b[0] in wildcard)
+
+
+def _check_ports(cfg: Config) -> None:
+    """Two services on one port (or the FTP passive range over a listener) fail only at start-up."""
+    file, seen = cfg.path, []
+    for name in ("ftp", "sftp", "http", "smb"):
+        section = getattr(cfg, name)
+        if not section.enabled:
+            continue
+        for other, addr in seen:
+            if _clash(section.listen, addr):
+                raise ConfigError(file, f"{name}.listen", f"{section.listen[0]}:{section.listen[1]}",
+                                  f"an address not already used by {other}")
+        seen.append((f"{name}.listen", section.listen))
+    if cfg.ftp.enabled:
+        low, high = cfg.ftp.passive_ports
+        for other, (_, port) in seen:
+            if low <= port <= high:
+                raise ConfigError(file, "ftp.passive_ports", f"{low}-{high}",
+                                  f"a range that does not include {other}'s port {port}")
+
+
+def _check_cache_dir(cfg: Config) -> None:
+    """cache.dir must be (or become) a directory on a file system with room beyond min_free_bytes."""
+    file, c = cfg.path, cfg.cache
+    if c.max_bytes < MIN_CACHE_BYTES:
+        raise ConfigError(file, "cache.max_bytes", c.max_bytes, f"{SIZE}, at least 1MB")
+    probe = c.dir
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        raise ConfigError(file, "cache.dir", str(c.dir),
+                          f"a directory path on the cache SSD ({probe} is not a directory)")
+    st = os.statvfs(probe)
+    total = st.f_blocks * st.f_frsize
+    if c.min_free_bytes >= total:
+        raise ConfigError(file, "cache.min_free_bytes", c.min_free_bytes,
+                          f"{SIZE}, below the size of the cache file system ({total} bytes at {probe})")
 
 
 def _check_private(file: Path, holds_secrets: bool) -> None:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import signal
+import sqlite3
 import time
 from pathlib import Path
 from typing import Any
@@ -13,14 +15,14 @@ import structlog
 
 from agent import __version__
 from agent.audit import AuditLog, AuditShipper
-from agent.config import Config
+from agent.config import Config, ConfigError
 from agent.dicom.objectmeta import Describer
 from agent.metrics import Metrics
 from agent.monitor import PressureMonitor
 from agent.policy.pressure import Level
 from agent.prefetcher import DirPrefetcher, Fetcher, PriorFetcher
 from agent.serve.ftp import FtpServer
-from agent.serve.http import HttpServer, judge, model_info, process_memory
+from agent.serve.http import ADMIN_TOKEN_FILE, HttpServer, issue_admin_token, judge, model_info, process_memory
 from agent.serve.sftp import SftpService
 from agent.store.cache import Cache
 from agent.store.catalog import AsyncCatalog, Catalog
@@ -36,6 +38,19 @@ log = structlog.get_logger("pacsgw.daemon")
 DRAIN_SECONDS = 60.0
 
 
+@contextlib.contextmanager
+def _setting(cfg: Config, key: str, value: Any, allowed: str) -> Any:
+    """A start-up step that fails on the host (port taken, directory unusable) names its config key."""
+    try:
+        yield
+    except (OSError, sqlite3.Error) as e:
+        raise ConfigError(cfg.path, key, value, f"{allowed} ({getattr(e, 'strerror', None) or e})") from None
+
+
+def _addr(listen: tuple[str, int]) -> str:
+    return f"{listen[0]}:{listen[1]}"
+
+
 class Agent:
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
@@ -49,9 +64,10 @@ class Agent:
 
     async def start(self) -> None:
         cfg = self.cfg
-        cfg.cache.dir.mkdir(parents=True, exist_ok=True)
-        self.db = AsyncCatalog(await asyncio.to_thread(Catalog, cfg.catalog_path))
-        self.cache = Cache(cfg.cache.dir)
+        with _setting(cfg, "cache.dir", str(cfg.cache.dir), "a writable directory on the cache SSD"):
+            cfg.cache.dir.mkdir(parents=True, exist_ok=True)
+            self.db = AsyncCatalog(await asyncio.to_thread(Catalog, cfg.catalog_path))
+            self.cache = Cache(cfg.cache.dir)
         self.s3 = S3Uplink(cfg.uplink)
         self.line = Line(self.s3.probe, self.metrics, cfg.uplink.max_concurrency, self.s3.bandwidth)
         await self.s3.start()
@@ -87,10 +103,12 @@ class Agent:
         self._scrub = asyncio.create_task(self.scrubber.run(), name="scrub") if cfg.scrub.enabled else None
         if cfg.ftp.enabled:
             self.ftp = FtpServer(cfg, self.gateway)
-            await self.ftp.start(*cfg.ftp.listen)
+            with _setting(cfg, "ftp.listen", _addr(cfg.ftp.listen), "an address this box can listen on"):
+                await self.ftp.start(*cfg.ftp.listen)
         if cfg.sftp.enabled:
             self.sftp = SftpService(cfg, self.gateway)
-            await self.sftp.start()
+            with _setting(cfg, "sftp.listen", _addr(cfg.sftp.listen), "an address this box can listen on"):
+                await self.sftp.start()
         if cfg.smb.enabled:
             from agent.serve.smb import SmbService
             self.smb = SmbService(cfg, self.gateway)
@@ -99,8 +117,10 @@ class Agent:
             self.http = HttpServer(*cfg.http.listen, health=self.health, metrics=self.render_metrics, admin={
                 ("POST", "/admin/evict"): self.admin_evict, ("GET", "/admin/evict"): self.admin_evict_plan,
                 ("GET", "/admin/prefetch"): self.admin_prefetch_plan,
-                ("POST", "/admin/prefetch"): self.admin_prefetch_run})
-            await self.http.start()
+                ("POST", "/admin/prefetch"): self.admin_prefetch_run},
+                admin_token=issue_admin_token(cfg.cache.dir / ADMIN_TOKEN_FILE))
+            with _setting(cfg, "http.listen", _addr(cfg.http.listen), "an address this box can listen on"):
+                await self.http.start()
         log.info("started", version=__version__, config=str(cfg.path),
                  ftp=cfg.ftp.listen if cfg.ftp.enabled else None,
                  sftp=cfg.sftp.listen if cfg.sftp.enabled else None,

@@ -167,7 +167,7 @@ class HaMonitor:
                         await self.prefetch_hot()
                     else:
                         await self.publish_hot()
-                except Exception as e:  # - the next pass tries again
+                except Exception as e:  # the next pass tries again
                     log.warning("ha_follow_failed", role=self.state.role, error=error_code(e), detail=str(e)[:200])
             await asyncio.sleep(self.cfg.follow_seconds)
 
@@ -247,7 +247,7 @@ class HaMonitor:
                     ha = h.get("ha") or {}
                     peer |= {"reachable": True, "status": h.get("status"), "role": ha.get("role"),
                              "eligible": ha.get("eligible")}
-                except Exception as e:  # - a dead peer is what this watches for
+                except Exception as e:  # a dead peer is what this watches for
                     peer |= {"reachable": False, "error": error_code(e)}
                 if peer["reachable"] != self.state.peer.get("reachable") or \
                         peer.get("role") != self.state.peer.get("role"):

@@ -42,6 +42,11 @@ class Metrics:
         self.cached_bytes = Gauge("pacsgw_cache_bytes", "Bytes held in the SSD cache", registry=r)
         self.pressure_level = Gauge("pacsgw_pressure_level", "0 normal, 1 high, 2 critical", registry=r)
         self.uplink_up = Gauge("pacsgw_uplink_up", "1 when object storage answers", registry=r)
+        self.login_failures = Counter("pacsgw_login_failures", "Failed logins", ["protocol"], registry=r)
+        self.login_refused = Counter("pacsgw_login_refused", "Logins refused unchecked during a ban",
+                                     ["protocol", "scope"], registry=r)
+        self.login_bans = Counter("pacsgw_login_bans", "Temporary bans imposed", ["scope"], registry=r)
+        self.login_banned = Gauge("pacsgw_login_banned", "Addresses and users banned now", ["scope"], registry=r)
 
     def note_prefetched(self, size: int) -> None:
         self.prefetched_files.inc()

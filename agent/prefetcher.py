@@ -87,7 +87,7 @@ def _load_predictor(cfg: Config):  # (HotnessPredictor or None, what /status say
         return None, f"fallback: cold-start rule (no model at {path})"
     try:
         predictor = HotnessPredictor(path)
-    except Exception as e:  # - LiteRT raises ValueError/RuntimeError; the card OSError/JSON
+    except Exception as e:  # LiteRT raises ValueError/RuntimeError; the card OSError/JSON
         reason = f"{type(e).__name__}: {e}"[:300]
         log.error("prefetch_model_unusable", path=str(path), error=reason, fallback="cold-start rule")
         return None, f"fallback: cold-start rule (model {path} unusable: {reason})"

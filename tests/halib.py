@@ -53,7 +53,7 @@ def in_netns(ns: str, fn: Callable[..., Any], *args: Any, **kw: Any) -> Any:
         try:
             enter_netns(ns)
             out["value"] = fn(*args, **kw)
-        except BaseException as e:  # - re-raised in the caller
+        except BaseException as e:  # re-raised in the caller
             out["error"] = e
 
     t = threading.Thread(target=target)
@@ -258,7 +258,7 @@ vrrp_instance pacsgw {{
             try:
                 h = b.health()
                 out.append(f"{b.name}: {h['status']} {h['reasons']} ha={h['ha']} queue={h['queue_depth']}")
-            except Exception as e:  # - diagnostics only
+            except Exception as e:  # diagnostics only
                 out.append(f"{b.name}: {e!r}")
             if b.keepalived_log.exists():
                 out.append(b.keepalived_log.read_text()[-1500:])

@@ -118,6 +118,22 @@ BAD_CASES = [
     ('[[users]]', '[[compliance.rules]]\nretention_days = 10\n[[users]]', "compliance.rules[0].prefix", "required"),
     ('[[users]]', '[compliance]\ntemp_suffixes = ["part"]\n[[users]]', "compliance.temp_suffixes", "suffixes"),
     ('[[users]]', '[audit]\nship = true\n[[users]]', "audit.ship_prefix", "outside the PACS namespace"),
+    # issue 19 item 12: values that used to pass check-config and broke the box at run time
+    ('max_bytes = "800GB"', 'max_bytes = 0', "cache.max_bytes", "at least 1MB"),
+    ('max_bytes = "800GB"', 'max_bytes = "800GB"\nmin_free_bytes = "500TB"', "cache.min_free_bytes",
+     "below the size of the cache file system"),
+    ('dir = "cache"', 'dir = "agent.toml"', "cache.dir", "is not a directory"),
+    ('dir = "cache"', 'dir = "agent.toml/cache"', "cache.dir", "is not a directory"),
+    ('[[users]]', '[sftp]\nlisten = "127.0.0.1:2121"\n[[users]]', "sftp.listen", "not already used by ftp.listen"),
+    ('[[users]]', '[http]\nlisten = "0.0.0.0:2222"\n[[users]]', "http.listen", "not already used by sftp.listen"),
+    ('[[users]]', '[ftp]\npassive_ports = "2100-2200"\n[[users]]', "ftp.passive_ports", "ftp.listen's port 2121"),
+    ('[[users]]', '[ftp]\npassive_ports = "8000-9000"\n[[users]]', "ftp.passive_ports", "http.listen's port 8080"),
+    ('password = "test-only"', 'password = "x"', "users[0].password", "at least 8 characters"),
+    ('password = "test-only"', 'password = "test-only"\npermissions = ["read", "erase"]', "users[0].permissions",
+     "'read', 'write', 'delete', 'rename'"),
+    ('[[users]]', '[login]\nmax_failures = 0\n[[users]]', "login.max_failures", "1..10000"),
+    ('[[users]]', '[login]\ndelay_seconds = 5\nmax_delay_seconds = 1\n[[users]]', "login.max_delay_seconds",
+     "at least login.delay_seconds"),
 ]
 
 

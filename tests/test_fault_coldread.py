@@ -76,8 +76,10 @@ def test_evict_refuses_what_is_not_safe_in_s3(agent_factory, private_seaweed):
     assert lines[2].startswith("../etc/passwd: not evicted") and "escapes" in lines[2]
     assert blob_of(a, "CT/dirty.dcm") is not None
     assert ftp_get(ftp, "CT/dirty.dcm") == b"only here"
-    # The admin path takes JSON only, from loopback only (the listener has no authentication).
-    req = urllib.request.Request(f"http://127.0.0.1:{a.http_port}/admin/evict", data=b"not json", method="POST")
+    # The admin path takes JSON only, from loopback only, with the agent's token.
+    token = (a.workdir / "cache" / "admin.token").read_text().strip()
+    req = urllib.request.Request(f"http://127.0.0.1:{a.http_port}/admin/evict", data=b"not json", method="POST",
+                                 headers={"Content-Type": "application/json", "Authorization": f"Bearer {token}"})
     with pytest.raises(urllib.error.HTTPError) as err:
         urllib.request.urlopen(req, timeout=10)
     assert err.value.code == 400 and "path" in json.load(err.value)["error"]

@@ -104,7 +104,7 @@ def recv_all(s: socket.socket) -> bytes:
     return b"".join(chunks)
 
 
-def wait_for(fn, timeout: float = 60.0):  # - retries fn until it stops raising
+def wait_for(fn, timeout: float = 60.0):  # retries fn until it stops raising
     deadline = time.monotonic() + timeout
     while True:
         try:

@@ -21,7 +21,7 @@ def _day(text: str) -> str:
         raise argparse.ArgumentTypeError(f"{text!r} is not a date YYYY-MM-DD") from None
 
 
-def _open(config: str):  # - (Config, Catalog)
+def _open(config: str):  # (Config, Catalog)
     from agent.cli import _load_or_exit
     from agent.store.catalog import Catalog
     cfg = _load_or_exit(config)

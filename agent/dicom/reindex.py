@@ -49,7 +49,7 @@ async def rebuild(cfg: Config, catalog: Catalog, concurrency: int = 64, progress
             path, size = item
             try:
                 head = await s3.head(path)
-            except Exception:  # - counted and reported; a rebuild can be run again
+            except Exception:  # counted and reported; a rebuild can be run again
                 report.failed += 1
                 head = None
             if head is not None and (row := index_row(path, size, head.get("Metadata") or {})):

@@ -67,7 +67,6 @@ log = structlog.get_logger("pacsgw.ftp")
 BLOCK = 256 * 1024
 SEND_CHUNK = 4 * BLOCK  # a file leaves by sendfile(2) in chunks this large, each within the socket timeout
 SOCKET_TIMEOUT = 120
-FAILED_LOGIN_DELAY = 1.0
 TLS_HANDSHAKE_TIMEOUT = 30
 
 # Gateway error → (FTP code, reply). 450/451/452 are transient ("try again"), 55x permanent.
@@ -282,8 +281,7 @@ class _Users(aioftp.AbstractUserManager):
         ok = cfg is not None and _is_utf8(password) and await asyncio.to_thread(
             verify_password, password, plain=cfg.password, encoded=cfg.password_hash)
         if not ok:
-            log.warning("login_failed", protocol="ftp", user=user.login)
-            await asyncio.sleep(FAILED_LOGIN_DELAY)
+            log.warning("login_failed", protocol="ftp", user=user.login)  # FtpServer.pass_ delays the reply
         else:
             log.info("login", protocol="ftp", user=user.login)
         return ok
@@ -597,10 +595,16 @@ class FtpServer(aioftp.Server):
         if connection.future.logged.done():
             connection.response("503", "already logged in")
             return True
+        login, guard, address = connection.user.login, self.gateway.logins, connection.client_host
+        if refusal := guard.refusal(login, address, "ftp"):  # LoginGuard (agent.auth): backoff and bans
+            connection.response("530", refusal)
+            return True
         if not await self.user_manager.authenticate(connection.user, rest):
             self.gateway.audit.record(who(connection), "login", "", "error: wrong user or password")
+            await asyncio.sleep(guard.failed(login, address, "ftp"))  # before the reply: that is the backoff
             connection.response("530", "wrong user or password")
             return True
+        guard.succeeded(login, address)
         name, cap = connection.user.login, self.cfg.ftp.max_sessions_per_user
         if self.by_user[name] >= cap:
             self._refuse_session(who(connection), f"too many sessions for user {name} (limit {cap})")

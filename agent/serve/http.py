@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import hmac
 import html
 import json
+import os
+import secrets
 import time
 from pathlib import Path
 from typing import Any, Awaitable, Callable
 
 import psutil
+import structlog
 from aiohttp import web
+
+log = structlog.get_logger("pacsgw.http")
 
 STALE_QUEUE_SECONDS = 900  # dirty data older than this makes the box 'degraded' even with a live uplink
 
@@ -55,14 +61,31 @@ def judge(health: dict[str, Any], min_free: int) -> tuple[str, list[str]]:
 AdminHandler = Callable[[dict[str, str], dict[str, Any]], Awaitable[tuple[int, dict[str, Any]]]]
 
 
+ADMIN_TOKEN_FILE = "admin.token"
+
+
+def issue_admin_token(path: Path) -> str:
+    """A new random admin token, written (mode 0600) where `pacsgw evict/prefetch` on the box read it."""
+    token = secrets.token_urlsafe(32)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.unlink(missing_ok=True)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(token + "\n")
+    os.replace(tmp, path)
+    return token
+
+
 class HttpServer:
-    """`admin` maps (method, path) such as ("POST", "/admin/evict") to handlers, served to loopback only."""
+    """`admin` maps (method, path) such as ("POST", "/admin/evict") to handlers, served to loopback
+    requests that carry `admin_token` only (no token: no admin requests at all)."""
 
     def __init__(self, host: str, port: int, health: Callable[[], Awaitable[dict[str, Any]]],
                  metrics: Callable[[], Awaitable[bytes]],
-                 admin: dict[tuple[str, str], AdminHandler] | None = None) -> None:
+                 admin: dict[tuple[str, str], AdminHandler] | None = None, admin_token: str = "") -> None:
         self.host, self.port, self._health, self._metrics = host, port, health, metrics
-        self._admin = admin or {}
+        self._admin, self._admin_token = admin or {}, admin_token
         self.app = web.Application()
         self.app.add_routes([web.get("/healthz", self.healthz), web.get("/metrics", self.metrics),
                              web.get("/status", self.status), web.get("/", self.status)]
@@ -90,10 +113,20 @@ class HttpServer:
         return web.Response(text=render_status_html(await self._health()), content_type="text/html")
 
     async def admin(self, request: web.Request) -> web.Response:
-        """Admin requests (`pacsgw evict`, `pacsgw prefetch` on the box itself): the listener has no
-        authentication, so they are accepted from loopback addresses only."""
+        """Admin requests (`pacsgw evict`, `pacsgw prefetch` on the box itself): from loopback only, with
+        the token of <cache.dir>/admin.token (GETs too: plans list patient paths), and a POST body declared
+        as JSON — a web page cannot send that header or that content type cross-origin without the
+        browser asking first, so a browser on the box cannot be made to trigger them (CSRF)."""
         if not _is_loopback(request.remote):
             return web.json_response({"error": "admin requests are accepted from loopback only"}, status=403)
+        sent = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
+        if not self._admin_token or not hmac.compare_digest(sent.encode(), self._admin_token.encode()):
+            log.warning("admin_refused", path=request.path, method=request.method, reason="no or wrong token")
+            return web.json_response({"error": "admin requests need 'Authorization: Bearer <token>' with the "
+                                      f"token in <cache.dir>/{ADMIN_TOKEN_FILE} (pacsgw evict/prefetch "
+                                      "send it)"}, status=401)
+        if request.method == "POST" and request.content_type != "application/json":
+            return web.json_response({"error": "admin POSTs take Content-Type: application/json"}, status=415)
         body: dict[str, Any] = {}
         if request.can_read_body:
             try:

@@ -19,7 +19,7 @@ import asyncssh
 import structlog
 
 from agent.audit import AuditLog, Who, failure
-from agent.auth import verify_password
+from agent.auth import LoginGuard, verify_password
 from agent.config import Config, UserConfig
 from agent.records import Entry
 from agent.store.errors import (
@@ -39,8 +39,6 @@ from agent.store.gateway import Gateway, ReadHandle, WriteHandle
 from agent.store.paths import resolve
 
 log = structlog.get_logger("pacsgw.sftp")
-
-FAILED_LOGIN_DELAY = 1.0
 
 _ERRORS: dict[type, type[asyncssh.SFTPError]] = {
     NotFound: asyncssh.SFTPNoSuchFile, AlreadyExists: asyncssh.SFTPFileAlreadyExists,
@@ -81,8 +79,9 @@ def ensure_host_key(path: str) -> asyncssh.SSHKey:
 
 
 class _Auth(asyncssh.SSHServer):
-    def __init__(self, users: dict[str, UserConfig], password_auth: bool, audit: AuditLog) -> None:
-        self.users, self.password_auth, self.audit = users, password_auth, audit
+    def __init__(self, users: dict[str, UserConfig], password_auth: bool, audit: AuditLog,
+                 guard: LoginGuard) -> None:
+        self.users, self.password_auth, self.audit, self.guard = users, password_auth, audit, guard
         self.conn: asyncssh.SSHServerConnection | None = None
         self.username = "-"
 
@@ -109,22 +108,27 @@ class _Auth(asyncssh.SSHServer):
         return True
 
     async def validate_password(self, username: str, password: str) -> bool:
+        address = self.conn.get_extra_info("peername")[0] if self.conn is not None else ""
+        if self.guard.refusal(username, address, "sftp"):
+            return False
         user = self.users.get(username)
         ok = user is not None and bool(user.password or user.password_hash) and await asyncio.to_thread(
             verify_password, password, plain=user.password, encoded=user.password_hash)
         peer = _peer(self.conn)
         if ok:
             log.info("login", protocol="sftp", user=username, peer=peer, method="password")
+            self.guard.succeeded(username, address)
         else:
             log.warning("login_failed", protocol="sftp", user=username, peer=peer, method="password")
             self.audit.record(self._who(username), "login", "", "error: wrong user or password")
-            await asyncio.sleep(FAILED_LOGIN_DELAY)
+            await asyncio.sleep(self.guard.failed(username, address, "sftp"))
         return ok
 
 
 class _OpenFile:
-    def __init__(self, path: str, reader: ReadHandle | None = None, writer: WriteHandle | None = None) -> None:
-        self.path, self.reader, self.writer = path, reader, writer
+    def __init__(self, path: str, reader: ReadHandle | None = None, writer: WriteHandle | None = None,
+                 append: bool = False) -> None:
+        self.path, self.reader, self.writer, self.append = path, reader, writer, append
 
 
 class GatewaySFTP(asyncssh.SFTPServer):
@@ -181,16 +185,33 @@ class GatewaySFTP(asyncssh.SFTPServer):
                                       permissions=statmod.S_IFREG | 0o644)
         return _attrs(file_obj.reader.entry)
 
-    def setstat(self, path: bytes, attrs: asyncssh.SFTPAttrs) -> None:
-        """Clients set times and modes after uploads; the object store keeps its own, so accept and ignore
-        (for a valid path inside the user's root: a path that escapes gets the usual error). Existence is
-        not required: some clients set attributes on a file they are still writing."""
-        self._ns(path)
+    async def setstat(self, path: bytes, attrs: asyncssh.SFTPAttrs) -> None:
+        """A size truncates (or extends with zeros) the stored file: a new version is committed. Times and
+        modes are accepted and ignored: the object store keeps its own (for a valid path inside the user's
+        root: a path that escapes gets the usual error; some clients set them on a file still being written)."""
+        ns = self._ns(path)
+        if attrs.size is None:
+            return
+        e = await self._call(self.gateway.stat(ns))
+        if e.is_dir:
+            raise asyncssh.SFTPFileIsADirectory(f"{ns} is a directory")
+        writer = await self._call(self.gateway.open_write(ns, "sftp", offset=min(attrs.size, e.size), who=self.who))
+        try:
+            await self._call(writer.truncate(attrs.size))
+        except BaseException:
+            await writer.abort("setstat size failed")
+            raise
+        await self._call(writer.commit())
 
     lsetstat = setstat  # lsetstat@openssh.com: asyncssh's default would chmod/chown/utime a *local* path
 
-    def fsetstat(self, file_obj: _OpenFile, attrs: asyncssh.SFTPAttrs) -> None:
-        """See setstat."""
+    async def fsetstat(self, file_obj: _OpenFile, attrs: asyncssh.SFTPAttrs) -> None:
+        """ftruncate: a size cuts (or extends) the file being written; otherwise see setstat."""
+        if attrs.size is None:
+            return
+        if file_obj.writer is None:
+            raise asyncssh.SFTPPermissionDenied("file not opened for writing")
+        await self._call(file_obj.writer.truncate(attrs.size))
 
     async def scandir(self, path: bytes) -> AsyncIterator[asyncssh.SFTPName]:
         entries = await self._call(self.gateway.listdir(self._ns(path), self.who))
@@ -239,7 +260,7 @@ class GatewaySFTP(asyncssh.SFTPServer):
             raise asyncssh.SFTPNoSuchFile(f"{ns} does not exist")
         keep = existing.size if existing is not None and not existing.is_dir and not pflags & asyncssh.FXF_TRUNC else 0
         writer = await self._call(self.gateway.open_write(ns, "sftp", offset=keep, who=self.who))
-        return _OpenFile(ns, writer=writer)
+        return _OpenFile(ns, writer=writer, append=bool(pflags & asyncssh.FXF_APPEND))
 
     async def read(self, file_obj: _OpenFile, offset: int, size: int) -> bytes:
         if file_obj.reader is None:
@@ -249,18 +270,28 @@ class GatewaySFTP(asyncssh.SFTPServer):
     async def write(self, file_obj: _OpenFile, offset: int, data: bytes) -> int:
         if file_obj.writer is None:
             raise asyncssh.SFTPPermissionDenied("file not opened for writing")
-        await self._call(file_obj.writer.write(data, offset))
+        # FXF_APPEND: every write goes to the end, whatever offset the client sends (clients send 0)
+        await self._call(file_obj.writer.write(data, None if file_obj.append else offset))
         return len(data)
 
     async def close(self, file_obj: _OpenFile) -> None:
         if file_obj.reader is not None:
             await file_obj.reader.close()
             return
-        if self.channel.is_closing():
-            # The client went away before closing: this is not a completed upload.
-            await file_obj.writer.abort("client disconnected before close")
+        if self._client_left():
+            # The client went away, or ended the SFTP session, before closing: not a completed upload.
+            await file_obj.writer.abort("session ended before close")
             return
         await self._call(file_obj.writer.commit())
+
+    def _client_left(self) -> bool:
+        """Whether this close comes from asyncssh ending the session, not from the client's CLOSE.
+
+        asyncssh closes every handle still open when the session ends, through the same close() as a CLOSE
+        request; the channel tells them apart: the client's EOF (it left the SFTP subsystem) or our side
+        closing (it vanished). asyncssh has no public accessor for the receive state, hence the attribute.
+        """
+        return self.channel.is_closing() or getattr(self.channel, "_recv_state", "open") != "open"
 
     async def fsync(self, file_obj: _OpenFile) -> None:
         """fsync@openssh.com: flush what was written so far to the staging file (the commit does the rest)."""
@@ -304,7 +335,7 @@ class SftpService:
             acceptor=self._conns.add)
 
     def _auth(self) -> _Auth:
-        return _Auth(self.users, self.cfg.sftp.password_auth, self.gateway.audit)
+        return _Auth(self.users, self.cfg.sftp.password_auth, self.gateway.audit, self.gateway.logins)
 
     def stop_accepting(self) -> None:
         if self._acceptor:

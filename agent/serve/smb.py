@@ -23,6 +23,7 @@ import grp
 import hashlib
 import ipaddress
 import json
+import math
 import os
 import pwd
 import re
@@ -212,6 +213,7 @@ class SmbService:
             _check_searchable(path, uid, gid, s.unix_user)
         self.conf_path.write_text(render_conf(self.cfg))
         users = await asyncio.to_thread(self._sync_users, gid)
+        await asyncio.to_thread(self._lockout_policy)
         self.mount = FuseMount(self.gateway, Path(s.mountpoint), uid, gid, users, s.listen[1])
         await self.mount.start()
         await self._ensure_roots()
@@ -275,6 +277,20 @@ class SmbService:
                 subprocess.run(["smbpasswd", "-c", str(self.conf_path), "-x", account], capture_output=True)
                 log.info("smb_user_removed", account=account)
         return by_uid
+
+    def _lockout_policy(self) -> None:
+        """[login] for SMB: Samba checks SMB passwords itself, so its own account policy locks a user after
+        max_failures wrong passwords (within window_seconds) for ban_seconds (Samba counts in minutes)."""
+        lg = self.cfg.login
+        policies = {"bad lockout attempt": lg.max_failures, "reset count minutes": math.ceil(lg.window_seconds / 60),
+                    "lockout duration": math.ceil(lg.ban_seconds / 60)}
+        runs = {policy: subprocess.Popen(["pdbedit", "-s", str(self.conf_path), "-P", policy, "-C", str(value)],
+                                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                for policy, value in policies.items()}  # one pdbedit per policy: run them side by side
+        for policy, run in runs.items():
+            _, err = run.communicate()
+            if run.returncode != 0:
+                raise RuntimeError(f"pdbedit could not set Samba's {policy!r}: {err.strip()[:500]}")
 
     def _start_smbd(self) -> None:
         s = self.cfg.smb

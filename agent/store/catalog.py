@@ -442,11 +442,11 @@ class Catalog:
                 self.db.execute(
                     "INSERT OR IGNORE INTO entries (path, parent, name, is_dir, mtime) VALUES (?, ?, ?, 1, ?)",
                     (prefix + d, path, d, now))
-            for o in objects:
+            for o in objects:  # an object whose key waits for deletion was deleted (or renamed) here
                 self.db.execute(
                     "INSERT OR IGNORE INTO entries (path, parent, name, is_dir, size, mtime, state, etag, gen) "
-                    "VALUES (?, ?, ?, 0, ?, ?, 'clean', ?, 1)",
-                    (prefix + o.name, path, o.name, o.size, o.mtime, o.etag))
+                    "SELECT ?, ?, ?, 0, ?, ?, 'clean', ?, 1 WHERE NOT EXISTS (SELECT 1 FROM tombstones WHERE key = ?)",
+                    (prefix + o.name, path, o.name, o.size, o.mtime, o.etag, prefix + o.name))
             self.db.execute("UPDATE entries SET listed = 1 WHERE path = ?", (path,))
 
     def import_inventory(self, files: Iterable[tuple[str, int, float]], batch: int = 200_000) -> int:
@@ -600,6 +600,10 @@ class Catalog:
 
     def tombstone_pending(self, key: str) -> bool:
         return self.db.execute("SELECT 1 FROM tombstones WHERE key = ?", (key,)).fetchone() is not None
+
+    def tombstones_under(self, path: str) -> bool:
+        return self.db.execute("SELECT 1 FROM tombstones WHERE key > ? AND key < ? LIMIT 1",
+                               (path + "/", path + "0")).fetchone() is not None  # '0' sorts right after '/'
 
     # --- cache ----------------------------------------------------------------------------
 

@@ -23,13 +23,23 @@ from typing import Callable
 import structlog
 
 from agent.audit import AuditLog, Who, failure
+from agent.auth import LoginGuard
 from agent.config import Config
 from agent.metrics import Metrics
 from agent.records import Entry
 from agent.store.access import AccessStats
 from agent.store.cache import Cache, sha256_fd
 from agent.store.catalog import AsyncCatalog
-from agent.store.errors import Corrupt, GatewayError, IsADirectory, NoSpace, NotADirectory, NotFound, Unavailable
+from agent.store.errors import (
+    Corrupt,
+    GatewayError,
+    IsADirectory,
+    NoSpace,
+    NotADirectory,
+    NotFound,
+    PermissionDenied,
+    Unavailable,
+)
 from agent.store.evictor import Evictor
 from agent.store.fetch import download
 from agent.store.paths import ancestors, parent_of
@@ -46,9 +56,13 @@ STEP = 256 * 1024  # a reader streaming a fetch moves on once this much more has
 class WriteHandle:
     """One file being written. Sequential writes are hashed on the fly; others are hashed at commit."""
 
-    def __init__(self, gw: "Gateway", path: str, blob: str, fd: int, protocol: str, who: Who | None) -> None:
+    def __init__(self, gw: "Gateway", path: str, blob: str, fd: int, protocol: str, who: Who | None,
+                 protected: int = 0) -> None:
         self.gw, self.path, self.blob, self.fd, self.protocol, self.who = gw, path, blob, fd, protocol, who
         self.size = 0
+        # Bytes of the stored file a user without the `delete` right resumed from: they may be appended
+        # to, never changed or cut (that would destroy stored content as surely as a delete).
+        self.protected = protected
         self._hash: hashlib._Hash | None = hashlib.sha256()
         self._done = False
         self._failed: BaseException | None = None
@@ -64,6 +78,8 @@ class WriteHandle:
 
     async def _write(self, data: bytes, offset: int | None) -> None:
         pos = self.size if offset is None else offset
+        if pos < self.protected:
+            raise PermissionDenied(self.path, "changing stored bytes needs the 'delete' permission")
         if pos != self.size:
             self._hash = None  # out-of-order write: hash the whole file at commit
         elif self._hash is not None:
@@ -94,6 +110,8 @@ class WriteHandle:
         """Cut (or extend with zeros) the file being written to `length` bytes (SMB/FUSE set end-of-file)."""
         if length == self.size:
             return
+        if length < self.protected:
+            raise PermissionDenied(self.path, "cutting a stored file needs the 'delete' permission")
         await asyncio.to_thread(os.ftruncate, self.fd, length)
         self._hash = None  # hash the whole file at commit
         self.size = length
@@ -220,6 +238,7 @@ class Gateway:
                  metrics: Metrics, audit: AuditLog) -> None:
         self.cfg, self.db, self.cache, self.s3, self.uploader, self.metrics = cfg, db, cache, s3, uploader, metrics
         self.audit, self.line = audit, uploader.line
+        self.logins = LoginGuard(cfg.login, metrics, audit)  # shared by the front ends: one agent, one count
         self.worm = WormPolicy(cfg.compliance)
         self.fetch_refusal = ""  # set under critical pressure: no new fetches from S3
         self.write_refusal = ""  # set on the standby box of an HA pair (agent/ha.py): no changes
@@ -232,6 +251,13 @@ class Gateway:
         self.active_writes = 0
         self._writes_idle = asyncio.Event()
         self._writes_idle.set()
+        self._rights = {u.name: frozenset(u.permissions) for u in cfg.users}
+        # The namespace root and every user's root (with the directories above it) hold the tree every
+        # session starts from: removing or renaming one would leave users without a working directory.
+        self._fixed = {""}
+        for u in cfg.users:
+            root = u.root.strip("/")
+            self._fixed.update([root, *ancestors(root)])
 
     async def start(self) -> None:
         await self.evictor.prepare()
@@ -243,6 +269,22 @@ class Gateway:
             t.cancel()
         await asyncio.gather(*self._loops, return_exceptions=True)
         await self._flush_access()
+
+    # --- permissions ----------------------------------------------------------------------------
+
+    def allowed(self, who: Who | None, right: str) -> bool:
+        """Whether `who` holds `right` (read, write, delete, rename) under [[users]] permissions. Requests
+        of the agent itself (who is None) and of local processes that are no configured user pass."""
+        rights = self._rights.get(who.user) if who is not None else None
+        return rights is None or right in rights
+
+    def _require(self, who: Who | None, right: str, path: str) -> None:
+        if not self.allowed(who, right):
+            raise PermissionDenied(path, f"user {who.user} lacks the '{right}' permission")
+
+    def _movable(self, path: str) -> None:
+        if path in self._fixed:
+            raise PermissionDenied("/" + path, "the root of the namespace or of a user cannot be removed or renamed")
 
     # --- namespace ------------------------------------------------------------------------------
 
@@ -261,6 +303,7 @@ class Gateway:
 
     async def listdir(self, path: str, who: Who | None = None) -> list[Entry]:
         async with self.audit.op(who, "list", path):
+            self._require(who, "read", path)
             await self._ensure_listed(path)
             return await self.db.children(path)
 
@@ -296,13 +339,32 @@ class Gateway:
         except Exception as e:  # a failed listing must not fail the client's request
             log.warning("remote_list_failed", path=path, error=error_code(e))
             return
-        await self.db.merge_listing(path, listing.objects, listing.dirs)
+        # Keys deleted or renamed away here whose object deletion is still queued are not files any more:
+        # drop them, and directories that hold nothing else (else a deleted file would come back).
+        dirs = listing.dirs
+        if dirs and await (self.db.tombstones_under(path) if path else self.db.tombstone_count()):
+            dirs = [d for d in dirs if await self._remote_dir_live(f"{path}/{d}" if path else d)]
+        await self.db.merge_listing(path, listing.objects, dirs)
         log.info("remote_listed", path=path, files=len(listing.objects), dirs=len(listing.dirs),
                  seconds=round(time.monotonic() - t0, 4))
+
+    async def _remote_dir_live(self, path: str) -> bool:
+        """Whether the remote directory `path` holds an object that is not a pending delete here."""
+        if not await self.db.tombstones_under(path):
+            return True
+        listing = await self.s3.list_dir(path)
+        for o in listing.objects:
+            if not await self.db.tombstone_pending(f"{path}/{o.name}"):
+                return True
+        for d in listing.dirs:
+            if await self._remote_dir_live(f"{path}/{d}"):
+                return True
+        return False
 
     async def mkdir(self, path: str, who: Who | None = None) -> None:
         async with self.audit.op(who, "mkdir", path):
             self._check_writable(path)
+            self._require(who, "write", path)
             await self._ensure_listed(parent_of(path), missing_ok=True)
             await self.db.mkdir(path)
         log.info("mkdir", path=path)
@@ -310,6 +372,8 @@ class Gateway:
     async def rmdir(self, path: str, who: Who | None = None) -> None:
         async with self.audit.op(who, "rmdir", path):
             self._check_writable(path)
+            self._require(who, "delete", path)
+            self._movable(path)
             await self._ensure_listed(path)
             await self.db.rmdir(path)
         log.info("rmdir", path=path)
@@ -317,6 +381,8 @@ class Gateway:
     async def delete(self, path: str, who: Who | None = None) -> None:
         async with self.audit.op(who, "delete", path):
             self._check_writable(path)
+            self._require(who, "delete", path)
+            self._movable(path)
             self.worm.check_mutable(await self.stat(path), time.time())
             blob = await self.db.delete(path)
         if blob:
@@ -327,6 +393,9 @@ class Gateway:
     async def rename(self, src: str, dst: str, who: Who | None = None) -> None:
         async with self.audit.op(who, "rename", src, to=dst):
             self._check_writable(src)
+            self._require(who, "rename", src)
+            self._movable(src)
+            self._movable(dst)
             e = await self.stat(src)
             self.worm.check_mutable(e, time.time())
             if e.is_dir:
@@ -334,6 +403,7 @@ class Gateway:
             await self._ensure_listed(parent_of(dst), missing_ok=True)
             replaced_entry = await self.db.get(dst)
             if replaced_entry is not None:
+                self._require(who, "delete", dst)  # the file replaced is lost
                 self.worm.check_mutable(replaced_entry, time.time())
             replaced = await self.db.rename(src, dst)
         for blob in replaced:
@@ -355,6 +425,7 @@ class Gateway:
         """Start writing path; offset > 0 resumes (REST/append): the existing first bytes are kept."""
         async with self.audit.op(who, "store", path, record_ok=False):
             self._check_writable(path)
+            self._require(who, "write", path)
             if not path:
                 raise IsADirectory(path)
             await self._ensure_listed(parent_of(path), missing_ok=True)
@@ -363,6 +434,8 @@ class Gateway:
                 raise IsADirectory(path)
             if existing is not None:
                 self.worm.check_mutable(existing, time.time())
+                if offset < existing.size and not self.allowed(who, "delete"):
+                    raise PermissionDenied(path, "replacing a stored file needs the 'delete' permission")
             blob = self.cache.new_blob()
             fd = self.cache.create_staging(blob)
         handle = WriteHandle(self, path, blob, fd, protocol, who)
@@ -383,6 +456,8 @@ class Gateway:
                     pos += len(data)
             finally:
                 await source.close()
+        if not self.allowed(who, "delete"):
+            handle.protected = handle.size
         return handle
 
     def write_finished(self) -> None:
@@ -433,6 +508,7 @@ class Gateway:
 
     async def open_read(self, path: str, protocol: str, who: Who | None = None) -> ReadHandle:
         try:
+            self._require(who, "read", path)
             handle = await self._open_read(path, protocol)
         except Exception as e:
             self.audit.record(who, "retrieve", path, failure(e))

@@ -1,0 +1,367 @@
+"""Regression tests for issue 19 (hostile and careless clients), each the issue's own reproduction against a
+live agent with real clients: the root, SFTP session ends and truncation, deleted files coming back,
+per-user permissions, password guessing, the admin path and start-up failures."""
+
+from __future__ import annotations
+
+import asyncio
+import ftplib
+import io
+import json
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+
+import asyncssh
+import pytest
+
+from harness import PASSWORD, s3_objects, sha256
+
+
+def ftp(agent, user: str = "pacs", password: str = PASSWORD) -> ftplib.FTP:
+    f = ftplib.FTP(timeout=30)
+    f.connect("127.0.0.1", agent.ftp_port)
+    f.login(user, password)
+    return f
+
+
+def put(f: ftplib.FTP, path: str, data: bytes, cmd: str = "STOR") -> str:
+    return f.storbinary(f"{cmd} {path}", io.BytesIO(data))
+
+
+def get(f: ftplib.FTP, path: str) -> bytes:
+    buf = io.BytesIO()
+    f.retrbinary(f"RETR {path}", buf.write)
+    return buf.getvalue()
+
+
+def sftp_session(agent, body, user: str = "pacs", password: str = PASSWORD):
+    async def run():
+        async with asyncssh.connect("127.0.0.1", agent.sftp_port, username=user, password=password,
+                                    known_hosts=None) as conn, conn.start_sftp_client() as sftp:
+            return await body(sftp)
+    return asyncio.run(run())
+
+
+def refused(code: str, call, *args) -> None:
+    with pytest.raises(ftplib.error_perm) as err:
+        call(*args)
+    assert str(err.value).startswith(code), err.value
+
+
+# --- 1: the root ------------------------------------------------------------------------------------
+
+
+def test_root_and_user_roots_cannot_be_renamed_or_removed(agent_factory):
+    agent = agent_factory(users=[{"name": "pacs", "password": PASSWORD, "root": "/"},
+                                 {"name": "ct", "password": PASSWORD, "root": "/CT"}]).start()
+    admin = ftp(agent)
+    refused("550", admin.rename, "/", "/zz")
+    refused("550", admin.rmd, "/")  # empty namespace: the root is still not removable
+    admin.mkd("CT")
+    refused("550", admin.rmd, "CT")       # another user's root
+    refused("550", admin.rename, "CT", "CT2")
+    ct = ftp(agent, "ct")
+    refused("550", ct.rmd, "/")           # the user's own root
+    refused("550", ct.rename, "/", "/x")
+
+    async def body(sftp):
+        with pytest.raises(asyncssh.SFTPPermissionDenied):
+            await sftp.rename("/", "/zzz")
+        with pytest.raises(asyncssh.SFTPPermissionDenied):
+            await sftp.rmdir("/")
+    sftp_session(agent, body)
+    # everything still works for everyone
+    assert put(admin, "CT/a.dcm", b"a").startswith("226")
+    assert ct.nlst() == ["a.dcm"]
+    admin.mkd("MR")
+    admin.rename("MR", "MR2")
+    assert sorted(admin.nlst()) == ["CT", "MR2"]
+    admin.quit()
+    ct.quit()
+
+
+# --- 3 and 4: SFTP ----------------------------------------------------------------------------------
+
+
+def test_sftp_session_ended_with_a_write_handle_open_discards_the_file(agent_factory):
+    agent = agent_factory().start()
+
+    async def run() -> None:
+        async with asyncssh.connect("127.0.0.1", agent.sftp_port, username="pacs", password=PASSWORD,
+                                    known_hosts=None) as conn:
+            sftp = await conn.start_sftp_client()
+            f = await sftp.open("partial.dcm", "wb")
+            await f.write(b"x" * 100_000)
+            sftp.exit()  # leaves the SFTP subsystem without CLOSE; the SSH connection stays up
+            await sftp.wait_closed()
+            await asyncio.sleep(1.0)
+            async with conn.start_sftp_client() as again:
+                assert await again.listdir(".") == []
+    asyncio.run(run())
+    agent.wait_drained()
+    assert s3_objects(agent.store, agent.prefix) == {}
+    assert "upload_aborted" in agent.log_path.read_text()
+
+
+def test_sftp_ftruncate_and_setstat_size(agent_factory):
+    agent = agent_factory().start()
+
+    async def body(sftp):
+        async with sftp.open("t.dcm", "wb") as f:
+            await f.write(b"OLDCONTENT")
+        async with sftp.open("t.dcm", "r+b") as f:
+            await f.write(b"NEW", 0)
+            await f.truncate(3)
+        async with sftp.open("t.dcm", "rb") as f:
+            assert await f.read() == b"NEW"
+        await sftp.truncate("t.dcm", 2)  # setstat with a size
+        assert (await sftp.stat("t.dcm")).size == 2
+        async with sftp.open("t.dcm", "rb") as f:
+            assert await f.read() == b"NE"
+    sftp_session(agent, body)
+    agent.wait_drained()
+    assert s3_objects(agent.store, agent.prefix)["t.dcm"]["sha256"] == sha256(b"NE")
+
+
+def test_sftp_append_mode_writes_at_the_end(agent_factory):
+    """Found by the model test: asyncssh's 'ab' sends offset 0; FXF_APPEND must still append."""
+    agent = agent_factory().start()
+
+    async def body(sftp):
+        async with sftp.open("a.dcm", "wb") as f:
+            await f.write(b"0123456789")
+        async with sftp.open("a.dcm", "ab") as f:
+            await f.write(b"X")
+        async with sftp.open("a.dcm", "rb") as f:
+            assert await f.read() == b"0123456789X"
+    sftp_session(agent, body)
+
+
+# --- 6: deleted files come back ---------------------------------------------------------------------
+
+
+def test_pending_deletes_are_not_listed_again(tmp_path):
+    """The catalog's side, deterministic: a listing that still has a deleted key does not bring it back."""
+    from agent.store.catalog import Catalog, RemoteObject
+    c = Catalog(tmp_path / "c.sqlite")
+    c.commit_write("D/a", "blob", 1, "0" * 64, time.time(), claim=False)
+    c.delete("D/a")
+    c.rmdir("D")
+    c.commit_write("D/b", "blob2", 1, "0" * 64, time.time(), claim=False)
+    c.merge_listing("D", [RemoteObject("a", 1, time.time(), None), RemoteObject("b", 1, time.time(), None)], [])
+    assert [e.name for e in c.children("D")] == ["b"]
+    assert c.tombstones_under("D") and not c.tombstones_under("E")
+    c.close()
+
+
+def test_deleted_file_does_not_come_back_over_ftp(agent_factory):
+    agent = agent_factory().start()
+    f = ftp(agent)
+    for _ in range(3):
+        put(f, "D/a", b"first")
+        f.delete("D/a")
+        f.rmd("D")
+        put(f, "D/b", b"second")
+        assert f.nlst("D") == ["b"]
+        refused("550", get, f, "D/a")
+        f.delete("D/b")
+        f.rmd("D")
+    # a directory whose only objects are pending deletes does not come back either
+    put(f, "E/x/a", b"e")
+    f.delete("E/x/a")
+    f.rmd("E/x")
+    f.rmd("E")
+    put(f, "F", b"f")
+    assert f.nlst() == ["F"]
+    f.quit()
+    agent.wait_drained()
+    assert set(s3_objects(agent.store, agent.prefix)) == {"F"}
+
+
+# --- 11: permissions --------------------------------------------------------------------------------
+
+
+def test_permissions_per_user_over_ftp_and_sftp(agent_factory):
+    agent = agent_factory(users=[{"name": "pacs", "password": PASSWORD, "permissions": ["read", "write", "rename"]},
+                                 {"name": "viewer", "password": PASSWORD, "permissions": ["read"]},
+                                 {"name": "admin", "password": PASSWORD}]).start()
+    admin, pacs, viewer = ftp(agent, "admin"), ftp(agent, "pacs"), ftp(agent, "viewer")
+    assert put(pacs, "CT/a.dcm", b"12345").startswith("226")
+    assert put(pacs, "CT/a.dcm", b"678", "APPE").startswith("226")  # appending destroys nothing
+    refused("550", put, pacs, "CT/a.dcm", b"other")                  # overwriting does
+    refused("550", pacs.delete, "CT/a.dcm")
+    refused("550", pacs.rmd, "CT")
+    pacs.mkd("MR")
+    refused("550", pacs.rmd, "MR")
+    put(pacs, "CT/tmp.part", b"new")
+    pacs.rename("CT/tmp.part", "CT/b.dcm")                         # rename to a new name: allowed
+    put(pacs, "CT/c.part", b"c")
+    refused("550", pacs.rename, "CT/c.part", "CT/a.dcm")           # rename over a file: a delete
+    assert get(viewer, "CT/a.dcm") == b"12345678"
+    refused("550", put, viewer, "CT/v.dcm", b"v")
+    refused("550", viewer.mkd, "US")
+    refused("550", viewer.rename, "CT/b.dcm", "CT/z.dcm")
+    refused("550", viewer.delete, "CT/b.dcm")
+
+    async def body(sftp):
+        with pytest.raises(asyncssh.SFTPPermissionDenied):
+            await sftp.remove("CT/a.dcm")
+        f = await sftp.open("CT/a.dcm", "r+b")
+        with pytest.raises(asyncssh.SFTPPermissionDenied):
+            await f.write(b"X", 0)                                  # changing stored bytes
+        with pytest.raises(asyncssh.SFTPPermissionDenied):
+            await f.close()                                         # that version is discarded
+        with pytest.raises(asyncssh.SFTPPermissionDenied):
+            await sftp.truncate("CT/a.dcm", 1)
+    sftp_session(agent, body)
+    admin.delete("CT/c.part")
+    assert sorted(admin.nlst("CT")) == ["a.dcm", "b.dcm"]
+    assert get(admin, "CT/a.dcm") == b"12345678"
+    for f in (admin, pacs, viewer):
+        f.quit()
+    audit = (agent.workdir / "cache" / "audit" / "audit.jsonl").read_text()
+    assert "lacks the 'delete' permission" in audit
+
+
+# --- 8: password guessing ---------------------------------------------------------------------------
+
+
+def metric(agent, name: str) -> float:
+    with urllib.request.urlopen(f"http://127.0.0.1:{agent.http_port}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name))
+
+
+def test_password_guessing_is_slowed_then_banned(agent_factory):
+    agent = agent_factory(**{"login.delay_seconds": 0.2, "login.max_delay_seconds": 0.4, "login.max_failures": 4,
+                             "login.ban_seconds": 3600}).start()
+    t0 = time.monotonic()
+    for _ in range(3):
+        with pytest.raises(ftplib.error_perm):
+            ftp(agent, password="wrong-guess")
+    assert time.monotonic() - t0 >= 0.2 + 0.4 + 0.4  # backoff: 0.2, 0.4, then capped
+    with pytest.raises(asyncssh.PermissionDenied):
+        sftp_session(agent, lambda s: asyncio.sleep(0), password="wrong-guess")  # the 4th: shared count → ban
+    # banned: even the right password is refused, over every protocol, without being checked
+    with pytest.raises(ftplib.error_perm) as err:
+        ftp(agent)
+    assert "banned" in str(err.value)
+    with pytest.raises(asyncssh.PermissionDenied):
+        sftp_session(agent, lambda s: asyncio.sleep(0))
+    assert metric(agent, "pacsgw_login_failures_total") == 4
+    assert metric(agent, 'pacsgw_login_bans_total{scope="address"}') == 1
+    assert metric(agent, 'pacsgw_login_banned{scope="address"}') == 1
+    assert metric(agent, "pacsgw_login_refused_total") >= 2
+    audit = (agent.workdir / "cache" / "audit" / "audit.jsonl").read_text()
+    assert "address banned for 3600 s" in audit and "refused: address temporarily banned" in audit
+    assert '"event": "login_ban"' in agent.log_path.read_text()
+
+
+def test_locked_user_still_logs_in_from_its_known_address():
+    """The per-user lock spares addresses that logged in as that user before (a guesser elsewhere on the
+    network must not lock the PACS out); the clock is passed in, so this needs no waiting."""
+    from agent.audit import AuditLog
+    from agent.auth import LoginGuard
+    from agent.config import LoginConfig
+    from agent.metrics import Metrics
+    g = LoginGuard(LoginConfig(max_failures=3, ban_seconds=60), Metrics(), AuditLog(None, 0, 1, False))
+    g.succeeded("pacs", "10.0.0.5", now=0)
+    for i, addr in enumerate(["10.9.0.1", "10.9.0.2", "10.9.0.3"]):  # one guess from each of three addresses
+        assert g.refusal("pacs", addr, "ftp", now=i) == ""
+        g.failed("pacs", addr, "ftp", now=i)
+    assert "user temporarily banned" in g.refusal("pacs", "10.9.0.4", "ftp", now=5)
+    assert g.refusal("pacs", "10.0.0.5", "ftp", now=5) == ""
+    assert g.refusal("pacs", "10.9.0.4", "ftp", now=63) == ""  # the ban ends
+
+
+# --- 14: the admin path -----------------------------------------------------------------------------
+
+
+def test_admin_requests_need_the_token_and_json(agent_factory):
+    agent = agent_factory().start()
+    f = ftp(agent)
+    for i in range(4):
+        put(f, f"CT/{i}.dcm", b"x" * 1000)
+    f.quit()
+    agent.wait_drained()
+    base = f"http://127.0.0.1:{agent.http_port}"
+    token = (agent.workdir / "cache" / "admin.token").read_text().strip()
+    assert (agent.workdir / "cache" / "admin.token").stat().st_mode & 0o077 == 0
+
+    def call(path: str, data: bytes | None = None, **headers: str) -> int:
+        req = urllib.request.Request(base + path, data=data, headers=headers, method="POST" if data else "GET")
+        try:
+            with urllib.request.urlopen(req, timeout=30) as r:
+                return r.status
+        except urllib.error.HTTPError as e:
+            json.load(e)  # the refusal is JSON naming what is needed
+            return e.code
+
+    body = json.dumps({"path": "CT/x.dcm"}).encode()
+    assert call("/admin/evict") == 401
+    assert call("/admin/prefetch") == 401
+    assert call("/admin/evict", body, **{"Content-Type": "text/plain"}) == 401
+    assert call("/admin/evict", body, **{"Content-Type": "text/plain", "Authorization": f"Bearer {token}"}) == 415
+    assert call("/admin/evict", body, **{"Content-Type": "application/json", "Authorization": "Bearer nope"}) == 401
+    auth = {"Authorization": f"Bearer {token}"}
+    assert call("/admin/evict", **auth) == 200
+    assert call("/admin/prefetch", **auth) == 200
+    assert call("/admin/evict", body, **{"Content-Type": "application/json", **auth}) == 404  # no such file
+    # the CLI on the box reads the token itself
+    done = subprocess.run([sys.executable, "-m", "agent.cli", "evict", "--config", str(agent.config_path),
+                           "--dry-run", "--json"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+
+
+# --- 12: configuration and start-up -----------------------------------------------------------------
+
+
+def test_run_turns_start_up_failures_into_config_messages(agent_factory):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        agent = agent_factory()
+        agent.overrides["ftp.listen"] = f"127.0.0.1:{taken.getsockname()[1]}"
+        agent.write_config()
+        done = subprocess.run([sys.executable, "-m", "agent.cli", "run", "--config", str(agent.config_path)],
+                              capture_output=True, text=True, timeout=120, cwd=agent.workdir)
+    assert done.returncode == 2
+    assert "ftp.listen" in done.stderr and "Traceback" not in done.stderr + done.stdout, done.stderr
+    broken = agent_factory()
+    (broken.workdir / "cache" / "catalog.sqlite").mkdir(parents=True)  # cache.dir that cannot hold a catalog
+    done = subprocess.run([sys.executable, "-m", "agent.cli", "run", "--config", str(broken.config_path)],
+                          capture_output=True, text=True, timeout=120, cwd=broken.workdir)
+    assert done.returncode == 2
+    assert "cache.dir" in done.stderr and "Traceback" not in done.stderr + done.stdout, done.stderr
+
+
+def test_smb_permissions_and_password_guessing(smb_agent):
+    """SMB goes through the gateway (FUSE) too, so [[users]] permissions hold; and SMB passwords are checked by
+    Samba, whose account policy, set from [login], locks the user."""
+    from smbprotocol.exceptions import SMBException
+    from smbutil import Smb
+    errors = (OSError, SMBException)
+    agent = smb_agent(users=[{"name": "pacs", "password": PASSWORD, "permissions": ["read", "write", "rename"]}],
+                      **{"login.max_failures": 3, "login.ban_seconds": 600}).start(timeout=180)
+    smb = Smb(agent)
+    smb.makedirs("CT")
+    smb.write("CT/a.dcm", b"stored")
+    with pytest.raises(errors):
+        smb.remove("CT/a.dcm")
+    with pytest.raises(errors):
+        smb.write("CT/a.dcm", b"overwrite")
+    with pytest.raises(errors):
+        smb.rmdir("CT")
+    smb.rename("CT/a.dcm", "CT/b.dcm")
+    assert smb.listdir("CT") == ["b.dcm"] and smb.read("CT/b.dcm") == b"stored"
+    smb.close()
+    for _ in range(3):
+        with pytest.raises(errors):
+            Smb(agent, password="wrong-guess").listdir("")
+    with pytest.raises(errors) as err:
+        Smb(agent).listdir("")  # the right password, but the account is locked
+    assert "LOCKED" in str(err.value).upper() or "0xc0000234" in str(err.value).lower(), err.value
