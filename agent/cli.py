@@ -28,9 +28,14 @@ def _load_or_exit(path: str):  # noqa: ANN202
 
 def cmd_run(args: argparse.Namespace) -> int:
     from agent import daemon, logs
+    from agent.store.catalog import CatalogSchemaError
     cfg = _load_or_exit(args.config)
     logs.configure(cfg.log.level, cfg.log.format)
-    asyncio.run(daemon.serve(cfg))
+    try:
+        asyncio.run(daemon.serve(cfg))
+    except CatalogSchemaError as e:
+        print(f"pacsgw: {e}", file=sys.stderr)
+        return 3
     return 0
 
 

@@ -19,7 +19,7 @@ from agent.monitor import PressureMonitor
 from agent.policy.pressure import Level
 from agent.prefetcher import DirPrefetcher, Fetcher, PriorFetcher
 from agent.serve.ftp import FtpServer
-from agent.serve.http import HttpServer, judge, model_info, process_memory
+from agent.serve.http import HttpServer, clock_sync, judge, model_info, process_memory
 from agent.serve.sftp import SftpService
 from agent.store.cache import Cache
 from agent.store.catalog import AsyncCatalog, Catalog
@@ -170,6 +170,7 @@ class Agent:
             "eviction": {"policy": self.cfg.cache.eviction,
                          "k": getattr(self.gateway.evictor.policy, "last_k", None)},
             "scrub": {"passes": self.scrubber.passes, "last_pass_end": self.scrubber.last_pass_end},
+            "clock": clock_sync(),
         }
         if self.smb is not None:
             h["smb"] = self.smb.health()
