@@ -64,7 +64,7 @@ def test_example_inventory_renders_valid_agent_config(tmp_path):
         smb = cfg.smb
         if "hospital-b" in f.name:
             assert smb.enabled and not smb.manage and smb.listen == ("0.0.0.0", 445)
-            assert smb.encryption == "required" and smb.hosts_allow == ("172.20.5.0/24",)
+            assert smb.encryption == "required" and smb.hosts_allow == ("172.20.5.0/24", "127.0.0.1/32")
             assert (smb.mountpoint, smb.state_dir) == ("/var/lib/pacsgw/fs", "/var/lib/pacsgw/samba")
             assert [u.name for u in cfg.users if u.password] == ["pacssmb"]
         else:

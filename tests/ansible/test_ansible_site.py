@@ -153,7 +153,7 @@ def test_smb_box_agent_config(smb_box):
     assert p.returncode == 0, p.stdout + p.stderr
     smb = tomllib.loads(conf.read_text())["smb"]
     assert smb == {"enabled": True, "manage": False, "listen": "0.0.0.0:445", "share": "pacs",
-                   "encryption": "required", "hosts_allow": ["172.20.5.0/24"],
+                   "encryption": "required", "hosts_allow": ["172.20.5.0/24", "127.0.0.1/32"],
                    "mountpoint": "/var/lib/pacsgw/fs", "state_dir": "/var/lib/pacsgw/samba",
                    "unix_user": "pacsgw"}
     # The smb.conf this agent will render for systemd's smbd, read back by the image's own Samba.
@@ -165,7 +165,7 @@ def test_smb_box_agent_config(smb_box):
     p = _in(smb_box, "testparm", "-s", "--suppress-prompt", "/tmp/agent-smb.conf")
     assert "Loaded services file OK." in p.stderr, p.stderr
     parsed = p.stdout
-    for line in ("[pacs]", "\tpath = /var/lib/pacsgw/samba/roots/%U", "\thosts allow = 172.20.5.0/24",
+    for line in ("[pacs]", "\tpath = /var/lib/pacsgw/samba/roots/%U", "\thosts allow = 172.20.5.0/24 127.0.0.1/32",
                  "\thosts deny = ALL", "\tserver min protocol = SMB3_00", "\tserver signing = required",
                  "\tserver smb encrypt = required", "\tsmb ports = 445"):
         assert line in parsed.splitlines(), (line, parsed)
