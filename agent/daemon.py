@@ -251,6 +251,8 @@ class Agent:
         totals = await self.db.totals()
         self.metrics.queue_depth.set(totals.queue_files)
         self.metrics.queue_bytes.set(totals.queue_bytes)
+        oldest = await self.db.oldest_dirty()
+        self.metrics.queue_oldest.set(time.time() - oldest if oldest else 0)
         self.metrics.cached_bytes.set(totals.cached_bytes)
         self.metrics.uplink_up.set(1 if self.uploader.reachable else 0)
         return self.metrics.render()

@@ -100,3 +100,16 @@ def test_role_renders_ftps_ca_bundle_and_credentials_file(tmp_path):
                                                                            str(pem / "ftp.key"), True)
         assert cfg.uplink.ca_bundle == str(pem / "ca.pem")
         assert cfg.uplink.credentials_file == str(creds) and cfg.uplink.access_key_id == "ROTATEDKEY"
+
+
+def test_prometheus_scrape_config_and_alert_rules():
+    """The example scrape config and alert rules load in Prometheus' own checker, and the alerts fire on
+    the faults they are named for (promtool test rules on alerts_test.yml)."""
+    import shutil
+    promtool = shutil.which("promtool")
+    assert promtool, "promtool (Debian package prometheus) is needed: .ci/run installs it"
+    p = run([promtool, "check", "config", str(ANSIBLE_DIR / "monitoring" / "prometheus.yml")], check=False)
+    assert p.returncode == 0 and "SUCCESS: 7 rules found" in p.stdout, p.stdout + p.stderr
+    here = REPO / "tests" / "ansible"
+    p = run([promtool, "test", "rules", "alerts_test.yml"], cwd=here, check=False)
+    assert p.returncode == 0, p.stdout + p.stderr
