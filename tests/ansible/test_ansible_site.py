@@ -71,6 +71,7 @@ def test_services_enabled(root):
                          ("systemd-networkd.service", "multi-user.target.wants"),
                          ("systemd-timesyncd.service", "sysinit.target.wants"),
                          ("ssh.service", "multi-user.target.wants"),
+                         ("prometheus-node-exporter.service", "multi-user.target.wants"),
                          ("serial-getty@ttyS0.service", "getty.target.wants")]:
         assert root.file(f"/etc/systemd/system/{target}/{unit}").is_symlink, unit
 
@@ -94,6 +95,10 @@ def test_tuning_and_logging(root):
     for pkg in ("openssh-server", "nftables", "systemd-timesyncd", "python3-venv", "samba", "fuse3",
                 "linux-image-amd64"):
         assert root.package(pkg).is_installed, pkg
+
+
+def test_node_exporter_collects_unit_states(root):
+    assert "--collector.systemd" in root.file("/etc/default/prometheus-node-exporter").content_string
 
 
 def test_image_is_generic(root):
