@@ -30,10 +30,14 @@ def _load_or_exit(path: str):
 
 def cmd_run(args: argparse.Namespace) -> int:
     from agent import daemon, logs
+    from agent.store.catalog import CatalogSchemaError
     cfg = _load_or_exit(args.config)
     logs.configure(cfg.log.level, cfg.log.format)
     try:
         asyncio.run(daemon.serve(cfg))
+    except CatalogSchemaError as e:
+        print(f"pacsgw: {e}", file=sys.stderr)
+        return 3
     except ConfigError as e:  # a setting the host cannot honour (port taken, cache.dir unusable)
         print(f"pacsgw: cannot start: {e}", file=sys.stderr)
         return 2

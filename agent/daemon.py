@@ -22,7 +22,15 @@ from agent.monitor import PressureMonitor
 from agent.policy.pressure import Level
 from agent.prefetcher import DirPrefetcher, Fetcher, PriorFetcher
 from agent.serve.ftp import FtpServer
-from agent.serve.http import ADMIN_TOKEN_FILE, HttpServer, issue_admin_token, judge, model_info, process_memory
+from agent.serve.http import (
+    ADMIN_TOKEN_FILE,
+    HttpServer,
+    clock_sync,
+    issue_admin_token,
+    judge,
+    model_info,
+    process_memory,
+)
 from agent.serve.sftp import SftpService
 from agent.store.cache import Cache
 from agent.store.catalog import AsyncCatalog, Catalog
@@ -205,6 +213,7 @@ class Agent:
             "eviction": {"policy": self.cfg.cache.eviction,
                          "k": getattr(self.gateway.evictor.policy, "last_k", None)},
             "scrub": {"passes": self.scrubber.passes, "last_pass_end": self.scrubber.last_pass_end},
+            "clock": clock_sync(),
         }
         if self.smb is not None:
             h["smb"] = self.smb.health()
@@ -288,6 +297,8 @@ class Agent:
         totals = await self.db.totals()
         self.metrics.queue_depth.set(totals.queue_files)
         self.metrics.queue_bytes.set(totals.queue_bytes)
+        oldest = await self.db.oldest_dirty()
+        self.metrics.queue_oldest.set(time.time() - oldest if oldest else 0)
         self.metrics.cached_bytes.set(totals.cached_bytes)
         self.metrics.uplink_up.set(1 if self.line.reachable else 0)
         return self.metrics.render()

@@ -209,6 +209,8 @@ class AgentProc:
     def __post_init__(self) -> None:
         self.ftp_port, self.sftp_port, self.http_port = free_port(), free_port(), free_port()
         base = 20000 + (os.getpid() * 7 + self.ftp_port) % 20000
+        while any(base <= p <= base + 63 for p in (self.ftp_port, self.sftp_port, self.http_port)):
+            base += 64  # the agent refuses a passive range that holds one of its own listeners
         self.passive = (base, base + 63)
         self.config_path = self.workdir / "agent.toml"
         self.write_config()

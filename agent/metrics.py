@@ -39,6 +39,8 @@ class Metrics:
                                         registry=r)
         self.queue_depth = Gauge("pacsgw_upload_queue_files", "Files waiting for object storage", registry=r)
         self.queue_bytes = Gauge("pacsgw_upload_queue_bytes", "Bytes waiting for object storage", registry=r)
+        self.queue_oldest = Gauge("pacsgw_upload_queue_oldest_seconds",
+                                  "Age of the oldest file not yet in object storage (0: none)", registry=r)
         self.cached_bytes = Gauge("pacsgw_cache_bytes", "Bytes held in the SSD cache", registry=r)
         self.pressure_level = Gauge("pacsgw_pressure_level", "0 normal, 1 high, 2 critical", registry=r)
         self.uplink_up = Gauge("pacsgw_uplink_up", "1 when object storage answers", registry=r)

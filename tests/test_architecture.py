@@ -13,11 +13,12 @@ AGENT = Path(__file__).resolve().parents[1] / "agent"
 
 # Lowest first; a module may import its own layer and the layers below it.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
-    ("base", ("agent", "agent.records", "agent.config", "agent.auth", "agent.metrics", "agent.logs",
+    # agent.audit imports nothing of the agent: the login guard (agent.auth) records bans through it.
+    ("base", ("agent", "agent.records", "agent.config", "agent.auth", "agent.audit", "agent.metrics", "agent.logs",
               "agent.dicom", "agent.dicom.header", "agent.dicom.objectmeta", "agent.hahook")),
     ("policy", ("agent.policy",)),
     ("uplink", ("agent.uplink",)),
-    ("store", ("agent.store", "agent.audit")),
+    ("store", ("agent.store",)),
     ("services", ("agent.serve", "agent.sim", "agent.prefetcher", "agent.monitor", "agent.fsck",
                   "agent.selfcheck", "agent.dicom.reindex", "agent.ha")),
     ("wiring", ("agent.daemon", "agent.cli", "agent.devstack", "agent.dicom.commands")),

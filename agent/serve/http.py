@@ -33,6 +33,28 @@ def model_info(path: str) -> dict[str, Any] | None:
     return info
 
 
+TIMESYNC_FLAG = Path("/run/systemd/timesync/synchronized")  # touched by systemd-timesyncd once in sync
+TIME_ERROR = 5  # adjtimex(2): the kernel's clock is not synchronised
+
+
+def clock_sync() -> dict[str, Any]:
+    """Whether the system clock is synchronised (S3 request signing fails with a skewed clock): the
+    kernel's NTP state from adjtimex(2) read-only, else systemd-timesyncd's flag file; None when neither
+    can be read (the agent's sandbox may filter adjtimex)."""
+    import ctypes
+    import os
+    buf = ctypes.create_string_buffer(512)   # struct timex (208 bytes on x86-64); modes = 0: read only
+    try:
+        state = ctypes.CDLL(None, use_errno=True).adjtimex(buf)
+    except (OSError, AttributeError):
+        state = -1
+    if state >= 0:
+        return {"synchronized": state != TIME_ERROR, "source": "adjtimex"}
+    if TIMESYNC_FLAG.exists():
+        return {"synchronized": True, "source": str(TIMESYNC_FLAG)}
+    return {"synchronized": None, "source": f"unknown: {os.strerror(ctypes.get_errno()) if state < 0 else ''}"}
+
+
 def judge(health: dict[str, Any], min_free: int) -> tuple[str, list[str]]:
     """ok / degraded / failing, with the reasons an admin should read."""
     reasons: list[str] = []
@@ -52,6 +74,8 @@ def judge(health: dict[str, Any], min_free: int) -> tuple[str, list[str]]:
     if health["cache"]["disk_free"] < min_free:
         status = "failing"
         reasons.append("cache disk nearly full: new writes may be refused")
+    if health.get("clock", {}).get("synchronized") is False:
+        reasons.append("system clock not synchronised: S3 request signing fails once it drifts by 15 minutes")
     if health.get("draining"):
         reasons.append("draining for shutdown")
     return status, reasons

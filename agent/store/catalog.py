@@ -28,6 +28,31 @@ from agent.records import Entry, RemoteObject
 from agent.store.errors import AlreadyExists, IsADirectory, NoSpace, NotADirectory, NotEmpty, NotFound
 from agent.store.paths import ancestors, name_of, parent_of
 
+# PRAGMA user_version of a catalog this release writes. Bump it (and add the migration) only for a change an
+# older release cannot read correctly; a new table that older releases simply ignore needs no bump. The
+# guard in both directions: a release refuses a catalog written by a newer schema (a rollback across a
+# schema change must restore the catalog the old release wrote), and a catalog older than this release
+# knows how to upgrade. 0 is a catalog from before versioning (its tables are version 1's) or a new file.
+SCHEMA_VERSION = 1
+
+
+class CatalogSchemaError(RuntimeError):
+    """The catalog's schema version is not one this release reads."""
+
+
+def check_schema_version(db: sqlite3.Connection, path: Path) -> None:
+    found = db.execute("PRAGMA user_version").fetchone()[0]
+    if found > SCHEMA_VERSION:
+        raise CatalogSchemaError(
+            f"{path}: catalog schema version {found} was written by a newer release; this release "
+            f"reads version {SCHEMA_VERSION}. Start the newer release again, or restore the catalog "
+            "backup taken before that release was installed.")
+    if 0 < found < SCHEMA_VERSION:
+        raise CatalogSchemaError(
+            f"{path}: catalog schema version {found} is older than this release's {SCHEMA_VERSION} and "
+            "this release has no migration from it.")
+
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS entries (
     path         TEXT PRIMARY KEY,
@@ -199,7 +224,9 @@ class Catalog:
         self._synchronous_full = True
         self.db.execute("PRAGMA cache_size=-65536")  # 64 MiB page cache, whatever the archive size
         self.db.execute("PRAGMA busy_timeout=10000")
+        check_schema_version(self.db, path)
         self.db.executescript(SCHEMA)
+        self.db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
         self._ensure_root()
 
     def close(self) -> None:

@@ -75,9 +75,10 @@ def build_base_release(out: Path) -> Path:
     return Path(p.stdout.strip().splitlines()[-1])
 
 
-def build_variant_release(base: Path, out: Path, version: str, patch=None) -> Path:
-    """A release with another version number (and optionally patched code): the tree is copied,
-    its version changed, the pacsgw wheel rebuilt and put beside the base release's dependency wheels."""
+def build_variant_release(base: Path, out: Path, version: str, patch=None, patch_files=None) -> Path:
+    """A release with another version number (and optionally patched code: `patch` on agent/__init__.py,
+    `patch_files` {relative path: function of its text}): the tree is copied, its version changed, the
+    pacsgw wheel rebuilt and put beside the base release's dependency wheels."""
     work = out / f"src-{version}"
     if work.exists():
         shutil.rmtree(work)
@@ -93,6 +94,9 @@ def build_variant_release(base: Path, out: Path, version: str, patch=None) -> Pa
     if patch:
         text = patch(text)
     init.write_text(text)
+    for rel, fn in (patch_files or {}).items():
+        target = work / rel
+        target.write_text(fn(target.read_text()))
     wheels = out / f"wheels-{version}"
     if wheels.exists():
         shutil.rmtree(wheels)
@@ -135,6 +139,18 @@ def _injected_fault() -> None:
 
 _injected_fault()
 '''
+
+
+# A release whose agent cannot reach its object store: its S3 client goes to a port where nothing listens
+# (the agent starts, serves and answers /healthz 200 "degraded", writing back locally).
+UNREACHABLE_S3_PATCH = {"agent/uplink/s3.py": lambda text: _must_replace(
+    text, "endpoint_url=self.cfg.endpoint_url", 'endpoint_url="http://127.0.0.1:9"')
+    + f"\n# {BROKEN_PATCH_MARK}: this release cannot reach S3\n"}
+
+
+def _must_replace(text: str, old: str, new: str) -> str:
+    assert old in text, f"the fault cannot be injected: {old!r} is gone"
+    return text.replace(old, new, 1)
 
 
 # --- the appliance tree -------------------------------------------------------------------------
@@ -199,6 +215,17 @@ def unmount_chroot(work: Path) -> None:
 
 # --- fleet hosts: systemd-nspawn containers in network namespaces ----------------------------------
 
+def seed_agent_toml(host: "Host", key: tuple[str, str], endpoint: str) -> str:
+    """What a hospital puts on the config partition before the box is adopted (test-only credentials):
+    a prefix of its own, so a test can tell it from the fleet's rendering."""
+    slug = host.group.replace("_", "-")
+    return (f'[cache]\ndir = "/var/lib/pacsgw/cache"\nmax_bytes = "1GB"\n\n'
+            f'[uplink]\nendpoint_url = "{endpoint}"\nbucket = "pacs-{slug}"\nprefix = "seeded-{slug}/"\n'
+            f'access_key_id = "{key[0]}"\nsecret_access_key = "{key[1]}"\n\n'
+            '[http]\nlisten = "127.0.0.1:8080"\n\n'
+            '[[users]]\nname = "seeded"\npassword = "seeded-at-flashing"\n')
+
+
 SMB_PASSWORD = "smb-fleet-test"  # test-only: hospital B's SMB user
 SUBNET = "10.251.0"          # only ever inside the namespaces created below
 CTL_ADDR = f"{SUBNET}.1"
@@ -228,6 +255,7 @@ class Fleet:
     s3_port: int = 9000
     s3_key: tuple[str, str] = ("FLEETTESTKEY", "FLEETTESTSECRET0123456789")  # test-only
     key: Path | None = None
+    seed_signer: Path | None = None   # the fleet's seed-signing key (test-only, made per run)
     env: dict = field(default_factory=dict)
 
     @property
@@ -243,6 +271,8 @@ class Fleet:
         self.env = ansible_env(self.workdir)
         self.key = self.workdir / "id_ed25519"
         run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "fleet-test", "-f", str(self.key)])
+        self.seed_signer = self.workdir / "seed_signer"
+        run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "fleet-seed-signer", "-f", str(self.seed_signer)])
         run(["ip", "netns", "add", self.ctl])
         run(["ip", "-n", self.ctl, "link", "set", "lo", "up"])
         run(["ip", "-n", self.ctl, "link", "add", "br0", "type", "bridge"])
@@ -252,6 +282,7 @@ class Fleet:
             host = Host(name=f"gw{i}", group=group, addr=f"{SUBNET}.{10 + i}", netns=f"pgwh{self.tag}{i}",
                         dir=self.workdir / f"gw{i}")
             self.hosts.append(host)
+            self._write_seed(host)
             run(["ip", "netns", "add", host.netns])
             peer = f"v{self.tag}{i}"
             run(["ip", "-n", self.ctl, "link", "add", peer, "type", "veth", "peer", "name", "pgw0",
@@ -266,12 +297,10 @@ class Fleet:
         self.write_inventory()
         return self
 
-    def _boot(self, host: Host) -> None:
+    def _write_seed(self, host: Host) -> None:
         seed = host.dir / "seed"
-        (host.dir / "upper").mkdir(parents=True)
-        (host.dir / "work").mkdir()
-        (host.dir / "merged").mkdir()
-        seed.mkdir()
+        for d in ("upper", "work", "merged", "seed"):
+            (host.dir / d).mkdir(parents=True)
         shutil.copy(f"{self.key}.pub", seed / "authorized_keys")
         (seed / "hostname").write_text(host.name + "\n")
         # The box's address comes from its config partition, as on a real box: networkd owns the link, so
@@ -282,6 +311,14 @@ class Fleet:
         (seed / "network" / "10-fleet.network").write_text(
             f"[Match]\nName=pgw0\n\n[Network]\nAddress={host.addr}/24\nLinkLocalAddressing=no\n"
             "IPv6AcceptRA=no\n")
+        # The agent.toml typed at flashing time: the box runs on it until the fleet adopts it.
+        (seed / "agent.toml").write_text(seed_agent_toml(host, self.s3_key, f"http://{CTL_ADDR}:{self.s3_port}"))
+
+    def _boot(self, host: Host, usb: Path | None = None) -> None:
+        """Boot the container on its overlay (the upper layer keeps the box's state across boots); `usb`:
+        a directory attached as a seed disk (PACSGW-SEED, mounted at /boot/pacsgw-seed)."""
+        seed = host.dir / "seed"
+        usb_bind = f"--bind-ro={usb}:/boot/pacsgw-seed " if usb else ""
         script = (
             "set -e; mkdir -p /run/systemd/nspawn; mount -t tmpfs tmpfs /run/systemd/nspawn; "
             f"mount -t overlay overlay -o lowerdir={self.rootfs},upperdir={host.dir}/upper,workdir={host.dir}/work "
@@ -289,7 +326,7 @@ class Fleet:
             f"exec systemd-nspawn --quiet -D {host.dir}/merged --machine={host.netns} --boot "
             f"--network-namespace-path=/run/netns/{host.netns} --register=no --keep-unit "
             f"--resolv-conf=off --timezone=off --link-journal=no --console=passive --capability=CAP_NET_ADMIN "
-            f"--bind-ro={seed}:/boot/pacsgw-config "
+            f"--bind-ro={seed}:/boot/pacsgw-config {usb_bind}"
             "--bind=/dev/fuse"   # nspawn gives containers no /dev/fuse; an SMB box's agent mounts its view
         )
         logf = open(host.dir / "console.log", "wb")
@@ -298,17 +335,43 @@ class Fleet:
                                      start_new_session=True)
         logf.close()
 
-    def _start_s3(self) -> None:
+    def reboot(self, host: Host, usb: Path | None = None) -> None:
+        """A clean power-off of the container (SIGTERM: nspawn shuts the box down), then a boot on the same
+        disk, optionally with a seed disk attached."""
+        host.proc.send_signal(signal.SIGTERM)
+        try:
+            host.proc.wait(timeout=90)
+        except subprocess.TimeoutExpired:
+            host.proc.kill()
+            host.proc.wait(timeout=30)
+        self._boot(host, usb)
+        self.wait_ssh(host)
+
+    def restart_s3(self, *keys: tuple[str, str]) -> None:
+        """The object store again with these access keys (a key rotation: old and new, then the new only)."""
+        self.s3_proc.send_signal(signal.SIGTERM)
+        self.s3_proc.wait(timeout=30)
+        self._start_s3(keys)
+
+    def _start_s3(self, keys: tuple[tuple[str, str], ...] = ()) -> None:
         data = self.workdir / "s3"
         for group in self.groups:
             (data / f"pacs-{group.replace('_', '-')}").mkdir(parents=True, exist_ok=True)
         rclone = shutil.which("rclone", path=str(VENV_BIN)) or shutil.which("rclone")
-        logf = open(self.workdir / "s3.log", "wb")
+        auth = [arg for k in (keys or (self.s3_key,)) for arg in ("--auth-key", ",".join(k))]
+        logf = open(self.workdir / "s3.log", "ab")
         self.s3_proc = subprocess.Popen(
             self.nsexec(rclone, "serve", "s3", str(data), "--addr", f"{CTL_ADDR}:{self.s3_port}",
-                        "--auth-key", ",".join(self.s3_key), "--config", "/dev/null"),
+                        *auth, "--config", "/dev/null"),
             stdout=logf, stderr=subprocess.STDOUT, start_new_session=True)
         logf.close()
+        deadline = time.monotonic() + 30
+        while run(self.nsexec("curl", "-s", "-o", "/dev/null", f"http://{CTL_ADDR}:{self.s3_port}/"),
+                  check=False).returncode != 0:
+            if time.monotonic() > deadline:
+                raise AssertionError("rclone serve s3 did not answer:\n"
+                                     + (self.workdir / "s3.log").read_text()[-2000:])
+            time.sleep(0.3)
 
     def wait_ssh(self, host: Host, timeout: float = 120) -> None:
         deadline = time.monotonic() + timeout
@@ -352,6 +415,9 @@ class Fleet:
         (inv / "hosts.yml").write_text(json.dumps(hosts, indent=2))
         common = {
             "ansible_user": "pacsadmin",
+            "ansible_ssh_timeout": 10,           # an unreachable box is listed after 10 s, not 30
+            "gateway_version": project_version(),  # the one place the release is named
+            "gateway_seed_signers": [Path(f"{self.seed_signer}.pub").read_text().strip()],
             "ansible_ssh_private_key_file": str(self.key),
             "ansible_ssh_common_args": "-o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null",
             "pacsgw_admin_subnets": [f"{SUBNET}.0/24"],

@@ -71,6 +71,7 @@ def test_services_enabled(root):
                          ("systemd-networkd.service", "multi-user.target.wants"),
                          ("systemd-timesyncd.service", "sysinit.target.wants"),
                          ("ssh.service", "multi-user.target.wants"),
+                         ("prometheus-node-exporter.service", "multi-user.target.wants"),
                          ("serial-getty@ttyS0.service", "getty.target.wants")]:
         assert root.file(f"/etc/systemd/system/{target}/{unit}").is_symlink, unit
 
@@ -94,6 +95,10 @@ def test_tuning_and_logging(root):
     for pkg in ("openssh-server", "nftables", "systemd-timesyncd", "python3-venv", "samba", "fuse3",
                 "linux-image-amd64"):
         assert root.package(pkg).is_installed, pkg
+
+
+def test_node_exporter_collects_unit_states(root):
+    assert "--collector.systemd" in root.file("/etc/default/prometheus-node-exporter").content_string
 
 
 def test_image_is_generic(root):
@@ -153,7 +158,7 @@ def test_smb_box_agent_config(smb_box):
     assert p.returncode == 0, p.stdout + p.stderr
     smb = tomllib.loads(conf.read_text())["smb"]
     assert smb == {"enabled": True, "manage": False, "listen": "0.0.0.0:445", "share": "pacs",
-                   "encryption": "required", "hosts_allow": ["172.20.5.0/24"],
+                   "encryption": "required", "hosts_allow": ["172.20.5.0/24", "127.0.0.1/32"],
                    "mountpoint": "/var/lib/pacsgw/fs", "state_dir": "/var/lib/pacsgw/samba",
                    "unix_user": "pacsgw"}
     # The smb.conf this agent will render for systemd's smbd, read back by the image's own Samba.
@@ -165,7 +170,7 @@ def test_smb_box_agent_config(smb_box):
     p = _in(smb_box, "testparm", "-s", "--suppress-prompt", "/tmp/agent-smb.conf")
     assert "Loaded services file OK." in p.stderr, p.stderr
     parsed = p.stdout
-    for line in ("[pacs]", "\tpath = /var/lib/pacsgw/samba/roots/%U", "\thosts allow = 172.20.5.0/24",
+    for line in ("[pacs]", "\tpath = /var/lib/pacsgw/samba/roots/%U", "\thosts allow = 172.20.5.0/24 127.0.0.1/32",
                  "\thosts deny = ALL", "\tserver min protocol = SMB3_00", "\tserver signing = required",
                  "\tserver smb encrypt = required", "\tsmb ports = 445"):
         assert line in parsed.splitlines(), (line, parsed)
