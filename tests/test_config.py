@@ -119,7 +119,7 @@ BAD_CASES = [
     ('[[users]]', '[compliance]\ntemp_suffixes = ["part"]\n[[users]]', "compliance.temp_suffixes", "suffixes"),
     ('[[users]]', '[audit]\nship = true\n[[users]]', "audit.ship_prefix", "outside the PACS namespace"),
     # issue 19 item 12: values that used to pass check-config and broke the box at run time
-    ('max_bytes = "800GB"', 'max_bytes = 0', "cache.max_bytes", "at least 1MB"),
+    ('max_bytes = "800GB"', 'max_bytes = 0', "cache.max_bytes", "at least 64KiB"),
     ('max_bytes = "800GB"', 'max_bytes = "800GB"\nmin_free_bytes = "500TB"', "cache.min_free_bytes",
      "below the size of the cache file system"),
     ('dir = "cache"', 'dir = "agent.toml"', "cache.dir", "is not a directory"),
