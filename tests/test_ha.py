@@ -48,11 +48,14 @@ def start_pair(pair: Pair, **overrides) -> None:
 
 class Ingest(threading.Thread):
     """A PACS storing `count` files to the floating address over FTP; after any error it reconnects and
-    sends the same file again. `acked` holds the files whose STOR got its 226 (name → time acknowledged)."""
+    sends the same file again. `acked` holds the files whose STOR got its 226 (name → time acknowledged).
+    Before file `hold_at` it waits for `go` (set by the test once its fault is injected), so that on a slow
+    machine the fault still lands mid-ingest instead of after the last file."""
 
-    def __init__(self, ns: str, count: int, prefix: str = "CT/2026-11-30") -> None:
+    def __init__(self, ns: str, count: int, hold_at: int, prefix: str = "CT/2026-11-30") -> None:
         super().__init__(daemon=True)
-        self.ns, self.count, self.prefix = ns, count, prefix
+        self.ns, self.count, self.hold_at, self.prefix = ns, count, hold_at, prefix
+        self.go = threading.Event()
         self.acked: dict[str, float] = {}
         self.errors: list[tuple[float, str]] = []
         self.deadline = time.monotonic() + 240
@@ -63,7 +66,9 @@ class Ingest(threading.Thread):
     def run(self) -> None:
         enter_netns(self.ns)
         ftp: ftplib.FTP | None = None
-        for name in self.names():
+        for i, name in enumerate(self.names()):
+            if i == self.hold_at:
+                self.go.wait(timeout=120)
             while time.monotonic() < self.deadline:
                 try:
                     if ftp is None:
@@ -144,7 +149,7 @@ def test_active_killed_mid_ingest_standby_takes_over(pair, failure):
     readable from b. Prints the fail-over time: kill → the floating address acknowledges a store again."""
     start_pair(pair)
     a, b = pair.boxes["a"], pair.boxes["b"]
-    ingest = Ingest(pair.lan, 300)
+    ingest = Ingest(pair.lan, 300, hold_at=200)
     ingest.start()
     pair.wait("100 files acknowledged", lambda: len(ingest.acked) >= 100, timeout=120)
     # The standby followed the bucket: it knows the active box's files before any take-over.
@@ -158,6 +163,7 @@ def test_active_killed_mid_ingest_standby_takes_over(pair, failure):
     else:
         pair.power_off(a)
     t_dead = time.time()  # a store acknowledged before this may still be a's last one
+    ingest.go.set()
     ingest.join(260)
     assert not ingest.is_alive()
     assert len(ingest.acked) == 300, ingest.errors[-5:]

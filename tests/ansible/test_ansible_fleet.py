@@ -391,6 +391,8 @@ def test_key_rotation_rolls_out_with_no_pacs_visible_error(provisioned, tmp_path
         assert f"{h.name}: configuration updated on {release}" in p.stdout, p.stdout[-5000:]
         assert new[0] in _conf(fleet, h) and old[0] not in _conf(fleet, h)
     fleet.restart_s3(new)               # the old key is revoked
+    fleet.s3_key = new                  # and the fleet's inventory names the new one, as an admin's would:
+    fleet.write_inventory()             # later rollouts render it (the old key would get 403 from now on)
     report = json.loads(result.read_text())
     assert report["errors"] == [], report["errors"]
     assert len(report["acked"]) >= 3, report
