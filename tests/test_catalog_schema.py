@@ -7,8 +7,8 @@ import time
 
 import pytest
 
-from agent.store import catalog as catalog_mod
 from agent.store.catalog import SCHEMA_VERSION, Catalog, CatalogSchemaError
+from agent.store.catalog import schema as catalog_mod
 
 
 def _user_version(path) -> int:

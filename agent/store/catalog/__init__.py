@@ -1,0 +1,130 @@
+"""The namespace and every file's state, in SQLite (WAL) on the SSD: the only metadata store.
+
+RAM does not grow with the number of files: lookups and listings go through indexes, totals are kept
+by triggers in a one-row table, and the upload queue is the set of rows whose state is not 'clean'.
+
+One Catalog, one connection, its methods in one part per concern: names.py (the namespace the front ends
+change), remote.py (what the bucket says), uploads.py (the upload queue and tombstones), heat.py (the cached
+copies and their reads), studies.py (studies, prior fetches, the DICOM index); schema.py has every table.
+Catalog is synchronous and not thread-safe: AsyncCatalog runs every call on one dedicated thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import sqlite3
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable, Concatenate, Coroutine, ParamSpec, TypeVar
+
+from agent.records import RemoteObject
+from agent.store.catalog.base import Totals
+from agent.store.catalog.heat import Heat
+from agent.store.catalog.names import Namespace
+from agent.store.catalog.remote import RemoteSync
+from agent.store.catalog.schema import SCHEMA_VERSION, CatalogSchemaError
+from agent.store.catalog.studies import Studies
+from agent.store.catalog.uploads import Uploads
+from agent.store.errors import NoSpace
+
+__all__ = ["SCHEMA_VERSION", "AsyncCatalog", "Catalog", "CatalogSchemaError", "RemoteObject", "Totals"]
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+class Catalog(Namespace, RemoteSync, Uploads, Heat, Studies):
+    """The catalog file at a path (created on first use), every concern's methods on one connection."""
+
+
+def _offload(method: Callable[Concatenate[Catalog, P], R]) -> Callable[Concatenate[AsyncCatalog, P],
+                                                                      Coroutine[Any, Any, R]]:
+    """`await db.get(path)` runs `Catalog.get(path)` on the catalog's thread, typed as Catalog.get is."""
+    async def call(self: AsyncCatalog, /, *args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return await asyncio.get_running_loop().run_in_executor(
+                self._pool, functools.partial(method, self.catalog, *args, **kwargs))
+        except sqlite3.OperationalError as e:
+            if e.sqlite_errorcode == sqlite3.SQLITE_FULL:
+                # The catalog shares the cache disk: a full disk is the front ends' NoSpace too.
+                raise NoSpace("catalog", "cache disk full (catalog cannot grow)") from e
+            raise
+    return call
+
+
+class AsyncCatalog:
+    """Runs every Catalog call on one dedicated thread, so SQLite's fsyncs never block the event loop."""
+
+    def __init__(self, catalog: Catalog) -> None:
+        self.catalog = catalog
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="catalog")
+
+    def shutdown(self) -> None:
+        self._pool.shutdown(wait=True)
+        self.catalog.close()
+
+    get = _offload(Catalog.get)
+    totals = _offload(Catalog.totals)
+    get_state = _offload(Catalog.get_state)
+    set_state = _offload(Catalog.set_state)
+    shrink_memory = _offload(Catalog.shrink_memory)
+    # the namespace
+    children = _offload(Catalog.children)
+    has_children = _offload(Catalog.has_children)
+    count_files_under = _offload(Catalog.count_files_under)
+    writes_since = _offload(Catalog.writes_since)
+    files_after = _offload(Catalog.files_after)
+    mkdir = _offload(Catalog.mkdir)
+    rmdir = _offload(Catalog.rmdir)
+    commit_write = _offload(Catalog.commit_write)
+    rename = _offload(Catalog.rename)
+    delete = _offload(Catalog.delete)
+    # the bucket's view
+    merge_listing = _offload(Catalog.merge_listing)
+    import_inventory = _offload(Catalog.import_inventory)
+    unlist_all = _offload(Catalog.unlist_all)
+    hot_paths = _offload(Catalog.hot_paths)
+    follow_begin = _offload(Catalog.follow_begin)
+    follow_batch = _offload(Catalog.follow_batch)
+    follow_end = _offload(Catalog.follow_end)
+    adopt_remote = _offload(Catalog.adopt_remote)
+    # the upload queue
+    oldest_dirty = _offload(Catalog.oldest_dirty)
+    due_uploads = _offload(Catalog.due_uploads)
+    next_due = _offload(Catalog.next_due)
+    claim = _offload(Catalog.claim)
+    mark_clean = _offload(Catalog.mark_clean)
+    mark_failed = _offload(Catalog.mark_failed)
+    requeue = _offload(Catalog.requeue)
+    drop_copy_source = _offload(Catalog.drop_copy_source)
+    reset_uploading = _offload(Catalog.reset_uploading)
+    due_tombstones = _offload(Catalog.due_tombstones)
+    tombstone_count = _offload(Catalog.tombstone_count)
+    tombstone_done = _offload(Catalog.tombstone_done)
+    tombstone_failed = _offload(Catalog.tombstone_failed)
+    tombstone_pending = _offload(Catalog.tombstone_pending)
+    tombstones_under = _offload(Catalog.tombstones_under)
+    # cached copies and heat
+    set_cached = _offload(Catalog.set_cached)
+    uncache = _offload(Catalog.uncache)
+    drop_corrupt = _offload(Catalog.drop_corrupt)
+    blob_referenced = _offload(Catalog.blob_referenced)
+    cached_after = _offload(Catalog.cached_after)
+    eviction_rows = _offload(Catalog.eviction_rows)
+    missing_under = _offload(Catalog.missing_under)
+    missing_page = _offload(Catalog.missing_page)
+    record_access = _offload(Catalog.record_access)
+    mark_prefetched = _offload(Catalog.mark_prefetched)
+    heat_since = _offload(Catalog.heat_since)
+    # studies
+    study_known = _offload(Catalog.study_known)
+    record_study = _offload(Catalog.record_study)
+    patient_studies = _offload(Catalog.patient_studies)
+    record_prior_fetch = _offload(Catalog.record_prior_fetch)
+    settle_prior_fetches = _offload(Catalog.settle_prior_fetches)
+    prior_outcomes = _offload(Catalog.prior_outcomes)
+    index_dicom = _offload(Catalog.index_dicom)
+    copy_dicom_row = _offload(Catalog.copy_dicom_row)
+    dicom_index_size = _offload(Catalog.dicom_index_size)
+    clear_dicom_index = _offload(Catalog.clear_dicom_index)
+    find_dicom = _offload(Catalog.find_dicom)

@@ -1,0 +1,125 @@
+"""The catalog's connection, its transactions and what every part of it shares: a row by path, the
+ancestors a new path needs, the totals, small facts kept across restarts (agent_state)."""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Sequence
+
+from agent.records import Entry
+from agent.store.catalog.schema import SCHEMA, SCHEMA_VERSION, check_schema_version
+from agent.store.errors import NotADirectory
+from agent.store.paths import ancestors, name_of, parent_of
+
+COLUMNS = ("path, is_dir, size, mtime, sha256, state, blob, gen, etag, version_id, copy_from, listed, "
+           "dirty_since, attempts, last_error, last_access, access_count")
+
+
+@dataclass(frozen=True, slots=True)
+class Totals:
+    files: int
+    cached_files: int
+    cached_bytes: int
+    queue_files: int
+    queue_bytes: int
+
+
+def entry(row: Sequence[Any]) -> Entry:
+    """An Entry from a row of COLUMNS."""
+    return Entry(row[0], bool(row[1]), row[2], row[3], row[4], row[5], row[6], row[7], row[8], row[9],
+                 row[10], bool(row[11]), row[12], row[13], row[14], row[15], row[16])
+
+
+class CatalogBase:
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        # FULL: a commit survives power loss, which the durability contract needs before any ack.
+        self.db.execute("PRAGMA synchronous=FULL")
+        self._synchronous_full = True
+        self.db.execute("PRAGMA cache_size=-65536")  # 64 MiB page cache, whatever the archive size
+        self.db.execute("PRAGMA busy_timeout=10000")
+        check_schema_version(self.db, path)
+        self.db.executescript(SCHEMA)
+        self.db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        self.db.execute("INSERT OR IGNORE INTO entries (path, parent, name, is_dir, mtime) VALUES ('', '', '', 1, ?)",
+                        (time.time(),))
+
+    def close(self) -> None:
+        self.db.close()
+
+    def _tx(self, durable: bool = True) -> _Tx:
+        return _Tx(self, durable)
+
+    def _exists(self, sql: str, args: Sequence[object]) -> bool:
+        return self.db.execute(sql, args).fetchone() is not None
+
+    def _entries(self, sql: str, args: Sequence[object]) -> list[Entry]:
+        return [entry(r) for r in self.db.execute(sql, args).fetchall()]
+
+    def _ensure_dirs(self, path: str, now: float) -> None:
+        """Create the missing ancestors of path as directories; refuse if one of them is a file."""
+        for anc in ancestors(path)[1:]:
+            row = self.db.execute("SELECT is_dir FROM entries WHERE path = ?", (anc,)).fetchone()
+            if row is None:
+                self.db.execute(
+                    "INSERT INTO entries (path, parent, name, is_dir, mtime) VALUES (?, ?, ?, 1, ?)",
+                    (anc, parent_of(anc), name_of(anc), now))
+            elif not row[0]:
+                raise NotADirectory(anc)
+
+    def get(self, path: str) -> Entry | None:
+        row = self.db.execute(f"SELECT {COLUMNS} FROM entries WHERE path = ?", (path,)).fetchone()
+        return entry(row) if row else None
+
+    def totals(self) -> Totals:
+        return Totals(*self.db.execute(
+            "SELECT files, cached_files, cached_bytes, queue_files, queue_bytes FROM totals").fetchone())
+
+    def get_state(self, key: str) -> str | None:
+        row = self.db.execute("SELECT value FROM agent_state WHERE key = ?", (key,)).fetchone()
+        return str(row[0]) if row else None
+
+    def set_state(self, key: str, value: str) -> None:
+        with self._tx():
+            self.db.execute("INSERT OR REPLACE INTO agent_state (key, value) VALUES (?, ?)", (key, value))
+
+    def shrink_memory(self) -> None:
+        self.db.execute("PRAGMA shrink_memory")
+
+
+class _Tx:
+    """BEGIN IMMEDIATE … COMMIT, or ROLLBACK on any exception.
+
+    A durable transaction (synchronous=FULL) is fsynced before it returns: every change a client is told
+    about. Bookkeeping that can be redone after a power cut (upload results, access counts, claims) commits
+    with synchronous=NORMAL — safe against a crash of the process, and fsynced by the next durable commit.
+    """
+
+    def __init__(self, catalog: CatalogBase, durable: bool) -> None:
+        self.db, self.catalog, self.durable = catalog.db, catalog, durable
+
+    def __enter__(self) -> None:
+        if self.catalog._synchronous_full != self.durable:
+            self.db.execute(f"PRAGMA synchronous={'FULL' if self.durable else 'NORMAL'}")
+            self.catalog._synchronous_full = self.durable
+        self.db.execute("BEGIN IMMEDIATE")
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        if exc_type:
+            self.db.execute("ROLLBACK")
+            return
+        try:
+            self.db.execute("COMMIT")
+        except sqlite3.Error:
+            # E.g. SQLITE_FULL: the transaction may still be open; leave it rolled back, or every
+            # later BEGIN fails ("cannot start a transaction within a transaction").
+            if self.db.in_transaction:
+                self.db.execute("ROLLBACK")
+            raise

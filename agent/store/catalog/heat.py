@@ -1,0 +1,91 @@
+"""What the SSD holds and how hot it is: the cached copy of each file (`blob`, NULL: not cached), reads per
+file and per directory and day (the heat the prefetch model learns from), and files fetched ahead of a read."""
+
+from __future__ import annotations
+
+import time
+from typing import Iterable
+
+from agent.records import Entry
+from agent.store.catalog.base import COLUMNS, CatalogBase
+
+
+class Heat(CatalogBase):
+    def set_cached(self, path: str, gen: int, blob: str, sha256: str) -> bool:
+        with self._tx(durable=False):
+            cur = self.db.execute("UPDATE entries SET blob = ?, sha256 = COALESCE(sha256, ?) "
+                                  "WHERE path = ? AND gen = ? AND blob IS NULL", (blob, sha256, path, gen))
+            return cur.rowcount == 1
+
+    def uncache(self, path: str, gen: int) -> str | None:
+        """Drop the cached copy of a clean file (eviction). → its blob, or None if not evictable now."""
+        with self._tx(durable=False):
+            row = self.db.execute("SELECT blob FROM entries WHERE path = ? AND gen = ? AND state = 'clean' "
+                                  "AND blob IS NOT NULL", (path, gen)).fetchone()
+            if row is None:
+                return None
+            self.db.execute("UPDATE entries SET blob = NULL WHERE path = ?", (path,))
+            self.db.execute("DELETE FROM prefetched WHERE path = ?", (path,))
+            return str(row[0])
+
+    def drop_corrupt(self, path: str, blob: str) -> bool:
+        """A cached copy failed its checksum: forget it if the object is safe in S3."""
+        with self._tx(durable=False):
+            cur = self.db.execute("UPDATE entries SET blob = NULL WHERE path = ? AND blob = ? AND state = 'clean'",
+                                  (path, blob))
+            return cur.rowcount == 1
+
+    def blob_referenced(self, blob: str) -> bool:
+        return self._exists("SELECT 1 FROM entries WHERE blob = ?", (blob,))
+
+    def cached_after(self, last_blob: str, limit: int) -> list[Entry]:
+        """A page of cached files in blob order after `last_blob`: through the partial blob index, so a
+        page costs what the cache holds, not what the archive holds (in path order it scanned every file)."""
+        return self._entries(f"SELECT {COLUMNS} FROM entries WHERE blob > ? ORDER BY blob LIMIT ?", (last_blob, limit))
+
+    def eviction_rows(self, limit: int) -> list[tuple[str, int, int, float, int, float]]:
+        """(path, gen, size, last access, access count, mtime) of the `limit` least recently read clean cached
+        files: the eviction policy's input. Dirty and uploading files are never in it."""
+        return self.db.execute(
+            "SELECT path, gen, size, COALESCE(last_access, mtime), access_count, mtime FROM entries "
+            "WHERE state = 'clean' AND blob IS NOT NULL ORDER BY last_access LIMIT ?", (limit,)).fetchall()
+
+    def missing_under(self, path: str) -> tuple[int, int]:
+        """(files, bytes) below directory path that are in S3 but not cached: what a prefetch would fetch."""
+        files, size = self.db.execute("SELECT COUNT(*), COALESCE(SUM(size), 0) FROM entries WHERE path > ? AND "
+                                      "path < ? AND is_dir = 0 AND blob IS NULL AND state = 'clean'",
+                                      (path + "/", path + "0")).fetchone()  # '0' sorts right after '/'
+        return int(files), int(size)
+
+    def missing_page(self, path: str, after: str, limit: int) -> list[Entry]:
+        """The next page (path order, after `after`) of uncached clean files below directory path."""
+        return self._entries(f"SELECT {COLUMNS} FROM entries WHERE path > ? AND path < ? AND is_dir = 0 "
+                             "AND blob IS NULL AND state = 'clean' ORDER BY path LIMIT ?",
+                             (max(after, path + "/"), path + "0", limit))
+
+    def record_access(self, hits: Iterable[tuple[str, float, int]],
+                      heat: Iterable[tuple[str, str, int, int, int]] = ()) -> tuple[int, int]:
+        """Batched access statistics: per file (path, last access time, count) and per directory and day
+        (dir, day, reads, misses, bytes). → (files, bytes) of prefetched files read for the first time."""
+        hits = list(hits)
+        with self._tx(durable=False):
+            self.db.executemany("UPDATE entries SET last_access = MAX(COALESCE(last_access, 0), ?), "
+                                "access_count = access_count + ? WHERE path = ?",
+                                [(t, n, p) for p, t, n in hits])
+            used = [r for (p, _, _) in hits
+                    for r in self.db.execute("DELETE FROM prefetched WHERE path = ? RETURNING bytes", (p,))]
+            self.db.executemany(
+                "INSERT INTO heat (dir, day, reads, misses, bytes) VALUES (?, ?, ?, ?, ?) "
+                "ON CONFLICT (dir, day) DO UPDATE SET reads = reads + excluded.reads, "
+                "misses = misses + excluded.misses, bytes = bytes + excluded.bytes", list(heat))
+        return len(used), sum(b for (b,) in used)
+
+    def mark_prefetched(self, path: str, size: int) -> None:
+        with self._tx(durable=False):
+            self.db.execute("INSERT OR REPLACE INTO prefetched (path, bytes, at) VALUES (?, ?, ?)",
+                            (path, size, time.time()))
+
+    def heat_since(self, day: str) -> list[tuple[str, str, int, int, int]]:
+        """(dir, day, reads, misses, bytes) for every directory read on or after day (YYYY-MM-DD)."""
+        return self.db.execute("SELECT dir, day, reads, misses, bytes FROM heat WHERE day >= ? ORDER BY dir, day",
+                               (day,)).fetchall()

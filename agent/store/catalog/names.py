@@ -1,0 +1,151 @@
+"""The namespace as the front ends change it: listings, mkdir, rmdir, new content, rename, delete.
+
+Deleted or renamed-away keys become tombstones (object deletions that wait; uploads.py runs them down).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Iterator
+
+from agent.records import Entry
+from agent.store.catalog.base import COLUMNS, CatalogBase
+from agent.store.errors import AlreadyExists, IsADirectory, NotADirectory, NotEmpty, NotFound
+from agent.store.paths import name_of, parent_of
+
+
+class Namespace(CatalogBase):
+    def children(self, path: str) -> list[Entry]:
+        return self._entries(f"SELECT {COLUMNS} FROM entries WHERE parent = ? AND path != '' ORDER BY name", (path,))
+
+    def has_children(self, path: str) -> bool:
+        return self._exists("SELECT 1 FROM entries WHERE parent = ? AND path != '' LIMIT 1", (path,))
+
+    def count_files_under(self, path: str) -> int:
+        return int(self.db.execute("SELECT COUNT(*) FROM entries WHERE path > ? AND path < ? AND is_dir = 0",
+                                   (path + "/", path + "0")).fetchone()[0])
+
+    def writes_since(self, since: float) -> list[tuple[str, int]]:
+        """(parent directory, files) of files stored since `since`: the prefetch cold-start rule's input."""
+        return self.db.execute("SELECT parent, COUNT(*) FROM entries WHERE is_dir = 0 AND mtime >= ? "
+                               "GROUP BY parent", (since,)).fetchall()
+
+    def files_after(self, last: str, limit: int) -> list[Entry]:
+        """A page of files in path order after `last` (keyset pagination keeps memory flat)."""
+        return self._entries(f"SELECT {COLUMNS} FROM entries WHERE path > ? AND is_dir = 0 ORDER BY path LIMIT ?",
+                             (last, limit))
+
+    def walk_files(self, batch: int = 1000) -> Iterator[Entry]:
+        """Every file, in path order, a page at a time."""
+        last = ""
+        while page := self.files_after(last, batch):
+            yield from page
+            last = page[-1].path
+
+    def mkdir(self, path: str) -> None:
+        now = time.time()
+        with self._tx():
+            if self._exists("SELECT 1 FROM entries WHERE path = ?", (path,)):
+                raise AlreadyExists(path)
+            self._ensure_dirs(path, now)
+            self.db.execute("INSERT INTO entries (path, parent, name, is_dir, mtime, listed) VALUES (?, ?, ?, 1, ?, 1)",
+                            (path, parent_of(path), name_of(path), now))
+
+    def rmdir(self, path: str) -> None:
+        with self._tx():
+            e = self.get(path)
+            if e is None:
+                raise NotFound(path)
+            if not e.is_dir:
+                raise NotADirectory(path)
+            if self.has_children(path):
+                raise NotEmpty(path)
+            self.db.execute("DELETE FROM entries WHERE path = ?", (path,))
+
+    def commit_write(self, path: str, blob: str, size: int, sha256: str, mtime: float, *,
+                     claim: bool) -> tuple[int, str | None]:
+        """Record new content for path (state dirty, or uploading when claim). → (gen, replaced blob)."""
+        now = time.time()
+        with self._tx():
+            old = self.get(path)
+            if old is not None and old.is_dir:
+                raise IsADirectory(path)
+            self._ensure_dirs(path, now)
+            state = "uploading" if claim else "dirty"
+            if old is None:
+                self.db.execute(
+                    "INSERT INTO entries (path, parent, name, is_dir, size, mtime, sha256, state, blob, gen, "
+                    "dirty_since, last_access, access_count) VALUES (?, ?, ?, 0, ?, ?, ?, ?, ?, 1, ?, ?, 0)",
+                    (path, parent_of(path), name_of(path), size, mtime, sha256, state, blob, now, now))
+                gen = 1
+            else:
+                gen = old.gen + 1
+                self.db.execute(
+                    "UPDATE entries SET size = ?, mtime = ?, sha256 = ?, state = ?, blob = ?, gen = ?, "
+                    "copy_from = NULL, dirty_since = ?, attempts = 0, next_attempt = 0, last_error = NULL "
+                    "WHERE path = ?", (size, mtime, sha256, state, blob, gen, now, path))
+            self.db.execute("DELETE FROM tombstones WHERE key = ?", (path,))
+        return gen, (old.blob if old else None)
+
+    def rename(self, src: str, dst: str) -> list[str]:
+        """Move a file or a whole directory; → blobs of files the move replaced (to delete).
+
+        Each moved file becomes dirty again: its object must appear under the new key, by a server-side
+        copy from the old key when the old object is complete, else by a fresh upload. The old keys
+        become tombstones, deleted once no pending copy reads from them.
+        """
+        now = time.time()
+        replaced: list[str] = []
+        with self._tx():
+            e = self.get(src)
+            if e is None:
+                raise NotFound(src)
+            if dst == src:
+                return replaced
+            if e.is_dir and (dst + "/").startswith(src + "/"):
+                raise NotADirectory(dst, "cannot move a directory into itself")
+            target = self.get(dst)
+            if target is not None:
+                if target.is_dir or e.is_dir:
+                    raise AlreadyExists(dst)
+                if target.blob:
+                    replaced.append(target.blob)
+                self.db.execute("DELETE FROM entries WHERE path = ?", (dst,))
+            self._ensure_dirs(dst, now)
+            # '0' sorts right after '/': the subtree of a directory
+            subtree = self._entries(f"SELECT {COLUMNS} FROM entries WHERE path > ? AND path < ?",
+                                    (src + "/", src + "0")) if e.is_dir else []
+            for m in [e, *subtree]:
+                self._move_row(m, dst + m.path[len(src):], now)
+        return replaced
+
+    def _move_row(self, e: Entry, new_path: str, now: float) -> None:
+        self.db.execute("DELETE FROM entries WHERE path = ?", (e.path,))
+        if e.is_dir:
+            self.db.execute("INSERT INTO entries (path, parent, name, is_dir, mtime, listed) VALUES (?, ?, ?, 1, ?, ?)",
+                            (new_path, parent_of(new_path), name_of(new_path), e.mtime, int(e.listed)))
+            return
+        # A complete object exists under the old key only when the row was clean (or already a pending
+        # copy whose source is still protected): copy from there; otherwise upload from the cache.
+        copy_from = e.path if e.state == "clean" else (e.copy_from if e.state == "dirty" else None)
+        self.db.execute(
+            "INSERT INTO entries (path, parent, name, is_dir, size, mtime, sha256, state, blob, gen, copy_from, "
+            "dirty_since, last_access, access_count) VALUES (?, ?, ?, 0, ?, ?, ?, 'dirty', ?, ?, ?, ?, ?, ?)",
+            (new_path, parent_of(new_path), name_of(new_path), e.size, e.mtime, e.sha256, e.blob, e.gen + 1,
+             copy_from, now, e.last_access, e.access_count))
+        self.db.execute("DELETE FROM tombstones WHERE key = ?", (new_path,))
+        self.db.execute("INSERT OR IGNORE INTO tombstones (key, queued) VALUES (?, ?)", (e.path, now))
+
+    def delete(self, path: str) -> str | None:
+        """Remove a file; its object becomes a tombstone. → the blob to delete, if cached."""
+        now = time.time()
+        with self._tx():
+            e = self.get(path)
+            if e is None:
+                raise NotFound(path)
+            if e.is_dir:
+                raise IsADirectory(path)
+            self.db.execute("DELETE FROM entries WHERE path = ?", (path,))
+            self.db.execute("DELETE FROM prefetched WHERE path = ?", (path,))
+            self.db.execute("INSERT OR IGNORE INTO tombstones (key, queued) VALUES (?, ?)", (path, now))
+        return e.blob

@@ -1,0 +1,128 @@
+"""The namespace as the bucket says it is: a remote listing merged in, an S3 inventory imported, and the HA
+standby following the active box's namespace (agent/ha.py)."""
+
+from __future__ import annotations
+
+import itertools
+import time
+from typing import Iterable
+
+from agent.records import RemoteObject
+from agent.store.catalog.base import CatalogBase
+from agent.store.errors import NotADirectory
+from agent.store.paths import ancestors, name_of, parent_of
+
+
+class RemoteSync(CatalogBase):
+    def merge_listing(self, path: str, objects: Iterable[RemoteObject], dirs: Iterable[str]) -> None:
+        """Add what a remote listing of directory `path` found and the catalog lacks; mark it listed."""
+        now = time.time()
+        prefix = path + "/" if path else ""
+        with self._tx(durable=False):
+            self._ensure_dirs(prefix + "x", now)
+            for d in dirs:
+                self.db.execute(
+                    "INSERT OR IGNORE INTO entries (path, parent, name, is_dir, mtime) VALUES (?, ?, ?, 1, ?)",
+                    (prefix + d, path, d, now))
+            for o in objects:  # an object whose key waits for deletion was deleted (or renamed) here
+                self.db.execute(
+                    "INSERT OR IGNORE INTO entries (path, parent, name, is_dir, size, mtime, state, etag, gen) "
+                    "SELECT ?, ?, ?, 0, ?, ?, 'clean', ?, 1 WHERE NOT EXISTS (SELECT 1 FROM tombstones WHERE key = ?)",
+                    (prefix + o.name, path, o.name, o.size, o.mtime, o.etag, prefix + o.name))
+            self.db.execute("UPDATE entries SET listed = 1 WHERE path = ?", (path,))
+
+    def import_inventory(self, files: Iterable[tuple[str, int, float]], batch: int = 200_000) -> int:
+        """Record objects already in S3 (an inventory of path, size, mtime) as clean, uncached files.
+
+        The inventory is taken as complete: the directories it implies are created as listed, so they are
+        never listed remotely. Existing rows are kept. Bulk speed needs path order; memory is one batch.
+        → the number of files added.
+        """
+        added, rows = 0, iter(files)
+        while chunk := list(itertools.islice(rows, batch)):
+            dirs = {d for p in {parent_of(f[0]) for f in chunk} for d in ancestors(p + "/x")[1:]}
+            with self._tx(durable=False):
+                self.db.executemany(
+                    "INSERT OR IGNORE INTO entries (path, parent, name, is_dir, mtime, listed) "
+                    "VALUES (?, ?, ?, 1, ?, 1)",
+                    ((d, parent_of(d), name_of(d), chunk[0][2]) for d in sorted(dirs)))
+                self.db.execute("UPDATE entries SET listed = 1 WHERE path = ''")
+                added += self.db.executemany(
+                    "INSERT OR IGNORE INTO entries (path, parent, name, is_dir, size, mtime, state, gen) "
+                    "VALUES (?, ?, ?, 0, ?, ?, 'clean', 1)",
+                    ((p, parent_of(p), name_of(p), size, mtime) for p, size, mtime in chunk)).rowcount
+        return added
+
+    def unlist_all(self) -> None:
+        """Every directory is listed again on its next use (a take-over: the old active may have written
+        since the standby's last sync)."""
+        with self._tx(durable=False):
+            self.db.execute("UPDATE entries SET listed = 0 WHERE is_dir = 1")
+
+    def hot_paths(self, limit: int) -> list[str]:
+        """The most recently used files this box has cached (clean): its hot set, hottest first."""
+        return [r[0] for r in self.db.execute(
+            "SELECT path FROM entries WHERE state = 'clean' AND blob IS NOT NULL ORDER BY last_access DESC LIMIT ?",
+            (limit,))]
+
+    def follow_begin(self) -> None:
+        self.db.execute("CREATE TEMP TABLE IF NOT EXISTS follow_seen (path TEXT PRIMARY KEY) WITHOUT ROWID")
+        self.db.execute("DELETE FROM follow_seen")
+
+    def follow_batch(self, objects: list[tuple[str, int, float, str | None]]) -> tuple[int, int, list[str]]:
+        """One page of a full listing of the bucket (path, size, mtime, etag): a new object becomes a clean,
+        uncached file; a clean file whose object changed (size or etag) takes the new object and drops its
+        cached copy. Dirty rows are this box's own queue and stay. → (added, changed, blobs to delete)."""
+        now, added, changed, stale = time.time(), 0, 0, []
+        with self._tx(durable=False):
+            self.db.executemany("INSERT OR IGNORE INTO follow_seen VALUES (?)", ((o[0],) for o in objects))
+            for path, size, mtime, etag in objects:
+                e = self.get(path)
+                if e is None:
+                    try:
+                        self._ensure_dirs(path, now)
+                    except NotADirectory:
+                        continue  # a key below a file's name: not representable, as in a listing
+                    self.db.execute(
+                        "INSERT INTO entries (path, parent, name, is_dir, size, mtime, state, etag, gen) "
+                        "VALUES (?, ?, ?, 0, ?, ?, 'clean', ?, 1)", (path, parent_of(path), name_of(path), size,
+                                                                      mtime, etag))
+                    added += 1
+                # Only a newer object replaces a clean row: a page listed before this box's own upload
+                # still shows the object that upload replaced.
+                elif not e.is_dir and e.state == "clean" and mtime > e.mtime and (
+                        e.size != size or (etag and e.etag and etag.strip('"') != e.etag.strip('"'))):
+                    self.db.execute(
+                        "UPDATE entries SET size = ?, mtime = ?, etag = ?, sha256 = NULL, version_id = NULL, "
+                        "blob = NULL, gen = gen + 1 WHERE path = ?", (size, mtime, etag, path))
+                    stale += [e.blob] if e.blob else []
+                    changed += 1
+                elif not e.is_dir and e.state == "clean" and e.etag is None and etag and e.size == size:
+                    # e.g. a row from an S3 inventory: the ETag its next conditional overwrite needs
+                    self.db.execute("UPDATE entries SET etag = ? WHERE path = ?", (etag, path))
+        return added, changed, stale
+
+    def follow_end(self) -> int:
+        """After a complete listing: forget clean, uncached files whose object is gone. → how many."""
+        with self._tx(durable=False):
+            gone = self.db.execute(
+                "DELETE FROM entries WHERE is_dir = 0 AND state = 'clean' AND blob IS NULL "
+                "AND path NOT IN (SELECT path FROM follow_seen)").rowcount
+            self.db.execute("DELETE FROM follow_seen")
+        return gone
+
+    def adopt_remote(self, path: str, gen: int, size: int | None, etag: str | None) -> str | None:
+        """This box's queued content lost to the other HA box's newer object: the row takes that object
+        (uncached; or goes, when the object was deleted). → the blob to delete."""
+        with self._tx():
+            e = self.get(path)
+            if e is None or e.gen != gen:
+                return None
+            if size is None:
+                self.db.execute("DELETE FROM entries WHERE path = ? AND gen = ?", (path, gen))
+            else:
+                self.db.execute(
+                    "UPDATE entries SET state = 'clean', size = ?, etag = ?, sha256 = NULL, version_id = NULL, "
+                    "blob = NULL, copy_from = NULL, dirty_since = NULL, attempts = 0, next_attempt = 0, "
+                    "last_error = NULL, gen = gen + 1 WHERE path = ? AND gen = ?", (size, etag, path, gen))
+        return e.blob

@@ -1,0 +1,179 @@
+"""The catalog's SQLite schema, and the guard on its version: every table, in one place.
+
+Which part of the catalog owns which table: entries (the namespace, names.py; its upload-queue columns,
+uploads.py; its cache and read columns, heat.py), tombstones (uploads.py), heat and prefetched (heat.py),
+studies, prior_fetches and dicom_objects (studies.py), agent_state and totals (base.py).
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+# PRAGMA user_version of a catalog this release writes. Bump it (and add the migration) only for a change an
+# older release cannot read correctly; a new table that older releases simply ignore needs no bump. The
+# guard in both directions: a release refuses a catalog written by a newer schema (a rollback across a
+# schema change must restore the catalog the old release wrote), and a catalog older than this release
+# knows how to upgrade. 0 is a catalog from before versioning (its tables are version 1's) or a new file.
+SCHEMA_VERSION = 1
+
+
+class CatalogSchemaError(RuntimeError):
+    """The catalog's schema version is not one this release reads."""
+
+
+def check_schema_version(db: sqlite3.Connection, path: Path) -> None:
+    found = db.execute("PRAGMA user_version").fetchone()[0]
+    if found > SCHEMA_VERSION:
+        raise CatalogSchemaError(
+            f"{path}: catalog schema version {found} was written by a newer release; this release "
+            f"reads version {SCHEMA_VERSION}. Start the newer release again, or restore the catalog "
+            "backup taken before that release was installed.")
+    if 0 < found < SCHEMA_VERSION:
+        raise CatalogSchemaError(
+            f"{path}: catalog schema version {found} is older than this release's {SCHEMA_VERSION} and "
+            "this release has no migration from it.")
+
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS entries (
+    path         TEXT PRIMARY KEY,
+    parent       TEXT NOT NULL,
+    name         TEXT NOT NULL,
+    is_dir       INTEGER NOT NULL,
+    size         INTEGER NOT NULL DEFAULT 0,
+    mtime        REAL NOT NULL,
+    sha256       TEXT,
+    state        TEXT,
+    blob         TEXT,
+    gen          INTEGER NOT NULL DEFAULT 0,
+    etag         TEXT,
+    version_id   TEXT,
+    copy_from    TEXT,
+    listed       INTEGER NOT NULL DEFAULT 0,
+    dirty_since  REAL,
+    attempts     INTEGER NOT NULL DEFAULT 0,
+    next_attempt REAL NOT NULL DEFAULT 0,
+    last_error   TEXT,
+    last_access  REAL,
+    access_count INTEGER NOT NULL DEFAULT 0
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS entries_parent ON entries(parent, name);
+-- Partial indexes are used only when the query repeats their WHERE term verbatim: keep them in step.
+DROP INDEX IF EXISTS entries_queue;
+CREATE INDEX IF NOT EXISTS entries_dirty ON entries(next_attempt, dirty_since) WHERE state = 'dirty';
+CREATE INDEX IF NOT EXISTS entries_uploading ON entries(path) WHERE state = 'uploading';
+CREATE INDEX IF NOT EXISTS entries_dirty_since ON entries(dirty_since) WHERE state IN ('dirty', 'uploading');
+CREATE INDEX IF NOT EXISTS entries_blob ON entries(blob) WHERE blob IS NOT NULL;
+CREATE INDEX IF NOT EXISTS entries_copy_from ON entries(copy_from) WHERE copy_from IS NOT NULL;
+CREATE INDEX IF NOT EXISTS entries_evictable ON entries(last_access) WHERE state = 'clean' AND blob IS NOT NULL;
+
+CREATE TABLE IF NOT EXISTS tombstones (
+    key          TEXT PRIMARY KEY,
+    queued       REAL NOT NULL,
+    attempts     INTEGER NOT NULL DEFAULT 0,
+    next_attempt REAL NOT NULL DEFAULT 0
+);
+
+-- Reads per directory (the first [prefetch] dir_depth levels, e.g. CT/2026-11-23) per local day: the history
+-- the heat model learns from. Bounded by directories x days, not by files.
+CREATE TABLE IF NOT EXISTS heat (
+    dir    TEXT NOT NULL,
+    day    TEXT NOT NULL,
+    reads  INTEGER NOT NULL,
+    misses INTEGER NOT NULL,
+    bytes  INTEGER NOT NULL,
+    PRIMARY KEY (dir, day)
+) WITHOUT ROWID;
+
+-- Files fetched ahead of any read by a prefetch, until they are read (a prefetch hit) or evicted.
+CREATE TABLE IF NOT EXISTS prefetched (
+    path   TEXT PRIMARY KEY,
+    bytes  INTEGER NOT NULL,
+    at     REAL NOT NULL
+) WITHOUT ROWID;
+
+-- One row per study directory seen being written ([prefetch] study_depth levels), from the DICOM header of
+-- its first file: what prior-study prefetch finds a patient's earlier studies by. patient is NULL for a
+-- directory whose first file was not DICOM (it is not looked at again).
+CREATE TABLE IF NOT EXISTS studies (
+    dir        TEXT PRIMARY KEY,
+    patient    TEXT,
+    study_uid  TEXT,
+    study_date TEXT,
+    modality   TEXT,
+    recorded   REAL NOT NULL
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS studies_patient ON studies(patient, study_date) WHERE patient IS NOT NULL;
+
+-- Prior studies fetched by prior-study prefetch, with their rank, until it is known whether they were opened
+-- (a file read after the fetch) or not (evicted unread): what PriorPrefetcher learns its per-rank heat from.
+CREATE TABLE IF NOT EXISTS prior_fetches (
+    dir     TEXT PRIMARY KEY,
+    rank    INTEGER NOT NULL,
+    fetched REAL NOT NULL,
+    used    INTEGER
+) WITHOUT ROWID;
+
+-- The study index: one row per DICOM object, from the header metadata its S3 object carries (agent/dicom),
+-- written when the upload is confirmed and rebuildable from the bucket alone (`pacsgw index-rebuild`).
+-- patient is the keyed pseudonym, never the PatientID. What `pacsgw find` answers from.
+CREATE TABLE IF NOT EXISTS dicom_objects (
+    path       TEXT PRIMARY KEY,
+    size       INTEGER NOT NULL,
+    study_uid  TEXT,
+    series_uid TEXT,
+    sop_uid    TEXT,
+    modality   TEXT,
+    study_date TEXT,
+    patient    TEXT
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS dicom_objects_study ON dicom_objects(study_uid, series_uid);
+CREATE INDEX IF NOT EXISTS dicom_objects_patient ON dicom_objects(patient) WHERE patient IS NOT NULL;
+CREATE INDEX IF NOT EXISTS dicom_objects_modality ON dicom_objects(modality, study_date);
+
+-- Small facts that must survive a restart (e.g. the start of the last prefetch window that had its run).
+CREATE TABLE IF NOT EXISTS agent_state (
+    key   TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+) WITHOUT ROWID;
+
+CREATE TABLE IF NOT EXISTS totals (
+    id           INTEGER PRIMARY KEY CHECK (id = 1),
+    files        INTEGER NOT NULL,
+    cached_files INTEGER NOT NULL,
+    cached_bytes INTEGER NOT NULL,
+    queue_files  INTEGER NOT NULL,
+    queue_bytes  INTEGER NOT NULL
+);
+INSERT OR IGNORE INTO totals VALUES (1, 0, 0, 0, 0, 0);
+
+CREATE TRIGGER IF NOT EXISTS totals_ins AFTER INSERT ON entries WHEN NEW.is_dir = 0 BEGIN
+    UPDATE totals SET
+        files = files + 1,
+        cached_files = cached_files + (NEW.blob IS NOT NULL),
+        cached_bytes = cached_bytes + (CASE WHEN NEW.blob IS NOT NULL THEN NEW.size ELSE 0 END),
+        queue_files = queue_files + (NEW.state != 'clean'),
+        queue_bytes = queue_bytes + (CASE WHEN NEW.state != 'clean' THEN NEW.size ELSE 0 END)
+    WHERE id = 1;
+END;
+CREATE TRIGGER IF NOT EXISTS totals_del AFTER DELETE ON entries WHEN OLD.is_dir = 0 BEGIN
+    UPDATE totals SET
+        files = files - 1,
+        cached_files = cached_files - (OLD.blob IS NOT NULL),
+        cached_bytes = cached_bytes - (CASE WHEN OLD.blob IS NOT NULL THEN OLD.size ELSE 0 END),
+        queue_files = queue_files - (OLD.state != 'clean'),
+        queue_bytes = queue_bytes - (CASE WHEN OLD.state != 'clean' THEN OLD.size ELSE 0 END)
+    WHERE id = 1;
+END;
+CREATE TRIGGER IF NOT EXISTS totals_upd AFTER UPDATE OF blob, size, state ON entries WHEN NEW.is_dir = 0 BEGIN
+    UPDATE totals SET
+        cached_files = cached_files + (NEW.blob IS NOT NULL) - (OLD.blob IS NOT NULL),
+        cached_bytes = cached_bytes + (CASE WHEN NEW.blob IS NOT NULL THEN NEW.size ELSE 0 END)
+                                    - (CASE WHEN OLD.blob IS NOT NULL THEN OLD.size ELSE 0 END),
+        queue_files = queue_files + (NEW.state != 'clean') - (OLD.state != 'clean'),
+        queue_bytes = queue_bytes + (CASE WHEN NEW.state != 'clean' THEN NEW.size ELSE 0 END)
+                                  - (CASE WHEN OLD.state != 'clean' THEN OLD.size ELSE 0 END)
+    WHERE id = 1;
+END;
+"""

@@ -1,0 +1,91 @@
+"""Studies: the study directories seen being written (what prior-study prefetch finds a patient's earlier
+studies by), the prior studies it fetched and whether they were opened, and the study index of DICOM objects
+(`pacsgw find`; rebuildable from the bucket alone)."""
+
+from __future__ import annotations
+
+import time
+from typing import Sequence
+
+from agent.store.catalog.base import CatalogBase
+
+# (path, size, study_uid, series_uid, modality, study_date, cached)
+Found = tuple[str, int, str | None, str | None, str | None, str | None, int]
+
+
+class Studies(CatalogBase):
+    def study_known(self, dir: str) -> bool:
+        return self._exists("SELECT 1 FROM studies WHERE dir = ?", (dir,))
+
+    def record_study(self, dir: str, patient: str | None, study_uid: str | None, study_date: str | None,
+                     modality: str | None) -> bool:
+        """Remember a study directory (first writer wins). → False if it was already known."""
+        with self._tx(durable=False):
+            cur = self.db.execute("INSERT OR IGNORE INTO studies (dir, patient, study_uid, study_date, modality, "
+                                  "recorded) VALUES (?, ?, ?, ?, ?, ?)",
+                                  (dir, patient, study_uid, study_date, modality, time.time()))
+            return cur.rowcount == 1
+
+    def patient_studies(self, patient: str) -> list[tuple[str, str | None, str | None, str | None]]:
+        """(dir, study_uid, study_date, modality) of every study of a patient, oldest first."""
+        return self.db.execute("SELECT dir, study_uid, study_date, modality FROM studies "
+                               "WHERE patient = ? ORDER BY study_date, dir", (patient,)).fetchall()
+
+    def record_prior_fetch(self, dir: str, rank: int) -> None:
+        with self._tx(durable=False):
+            self.db.execute("INSERT OR REPLACE INTO prior_fetches (dir, rank, fetched, used) VALUES (?, ?, ?, NULL)",
+                            (dir, rank, time.time()))
+
+    def settle_prior_fetches(self) -> list[tuple[int, bool]]:
+        """Decide the outcome of prior fetches still open: used when one of the study's files was read since,
+        unused when none of them is cached any more. → (rank, used) of those decided now."""
+        settled = []
+        with self._tx(durable=False):
+            for d, rank, fetched in self.db.execute(
+                    "SELECT dir, rank, fetched FROM prior_fetches WHERE used IS NULL").fetchall():
+                lo, hi = d + "/", d + "0"  # '0' sorts right after '/': the directory's subtree
+                read = self._exists("SELECT 1 FROM entries WHERE path > ? AND path < ? AND last_access > ? LIMIT 1",
+                                    (lo, hi, fetched))
+                cached = self._exists("SELECT 1 FROM entries WHERE path > ? AND path < ? AND blob IS NOT NULL LIMIT 1",
+                                      (lo, hi))
+                if read or not cached:
+                    self.db.execute("UPDATE prior_fetches SET used = ? WHERE dir = ?", (int(read), d))
+                    settled.append((int(rank), read))
+        return settled
+
+    def prior_outcomes(self) -> list[tuple[int, bool]]:
+        return [(r, bool(u)) for r, u in self.db.execute(
+            "SELECT rank, used FROM prior_fetches WHERE used IS NOT NULL").fetchall()]
+
+    def index_dicom(self, rows: Sequence[tuple[object, ...]]) -> None:
+        """Upsert study-index rows (path, size, study_uid, series_uid, sop_uid, modality, study_date, patient)."""
+        with self._tx(durable=False):
+            self.db.executemany("INSERT OR REPLACE INTO dicom_objects VALUES (?, ?, ?, ?, ?, ?, ?, ?)", rows)
+
+    def copy_dicom_row(self, src: str, dst: str) -> None:
+        """A server-side copy (rename) of an indexed object: index the copy too (the source leaves with its
+        tombstone)."""
+        with self._tx(durable=False):
+            self.db.execute("INSERT OR REPLACE INTO dicom_objects SELECT ?, size, study_uid, series_uid, sop_uid, "
+                            "modality, study_date, patient FROM dicom_objects WHERE path = ?", (dst, src))
+
+    def dicom_index_size(self) -> int:
+        return int(self.db.execute("SELECT count(*) FROM dicom_objects").fetchone()[0])
+
+    def clear_dicom_index(self) -> None:
+        with self._tx(durable=False):
+            self.db.execute("DELETE FROM dicom_objects")
+
+    def find_dicom(self, study: str | None = None, patient: str | None = None, modality: str | None = None,
+                   date_from: str | None = None, date_to: str | None = None) -> list[Found]:
+        """The matching objects (Found), by path."""
+        where, args = [], []
+        for column, value in (("study_uid = ?", study), ("patient = ?", patient), ("modality = ?", modality),
+                              ("study_date >= ?", date_from), ("study_date <= ?", date_to)):
+            if value is not None:
+                where.append("d." + column)
+                args.append(value)
+        return self.db.execute(
+            "SELECT d.path, d.size, d.study_uid, d.series_uid, d.modality, d.study_date, e.blob IS NOT NULL "
+            "FROM dicom_objects d LEFT JOIN entries e ON e.path = d.path"
+            + (" WHERE " + " AND ".join(where) if where else "") + " ORDER BY d.path", args).fetchall()

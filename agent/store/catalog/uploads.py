@@ -1,0 +1,95 @@
+"""The upload queue: rows whose state is not 'clean', and the tombstones (object deletions that wait).
+
+File states: dirty (content on the SSD only) → uploading (claimed by an upload) → clean (confirmed in S3).
+`gen` increases on every content or name change, so an upload that finishes after the file changed cannot
+mark the new content clean. A tombstone is deleted from S3 only once no pending copy still reads its key.
+"""
+
+from __future__ import annotations
+
+import time
+
+from agent.records import Entry
+from agent.store.catalog.base import COLUMNS, CatalogBase
+
+
+class Uploads(CatalogBase):
+    def oldest_dirty(self) -> float | None:
+        row = self.db.execute(
+            "SELECT MIN(dirty_since) FROM entries WHERE state IN ('dirty', 'uploading')").fetchone()
+        oldest: float | None = row[0]
+        return oldest
+
+    def due_uploads(self, now: float, limit: int) -> list[Entry]:
+        return self._entries(f"SELECT {COLUMNS} FROM entries WHERE state = 'dirty' AND next_attempt <= ? "
+                             "ORDER BY next_attempt, dirty_since LIMIT ?", (now, limit))
+
+    def next_due(self) -> float | None:
+        due: float | None = self.db.execute("SELECT MIN(next_attempt) FROM entries WHERE state = 'dirty'").fetchone()[0]
+        return due
+
+    def claim(self, path: str, gen: int) -> bool:
+        with self._tx(durable=False):
+            cur = self.db.execute(
+                "UPDATE entries SET state = 'uploading' WHERE path = ? AND gen = ? AND state = 'dirty'", (path, gen))
+            return cur.rowcount == 1
+
+    def mark_clean(self, path: str, gen: int, etag: str | None, version_id: str | None, sha256: str | None) -> bool:
+        with self._tx(durable=False):
+            cur = self.db.execute(
+                "UPDATE entries SET state = 'clean', etag = ?, version_id = ?, copy_from = NULL, dirty_since = NULL, "
+                "attempts = 0, next_attempt = 0, last_error = NULL, sha256 = ? WHERE path = ? AND gen = ?",
+                (etag, version_id, sha256, path, gen))
+            return cur.rowcount == 1
+
+    def mark_failed(self, path: str, gen: int, error: str, retry_at: float) -> None:
+        with self._tx(durable=False):
+            self.db.execute(
+                "UPDATE entries SET state = 'dirty', attempts = attempts + 1, next_attempt = ?, last_error = ? "
+                "WHERE path = ? AND gen = ? AND state = 'uploading'", (retry_at, error[:500], path, gen))
+
+    def requeue(self, path: str, gen: int) -> bool:
+        """The object is missing or wrong in S3 but the cache holds verified content: upload it again."""
+        with self._tx():
+            cur = self.db.execute(
+                "UPDATE entries SET state = 'dirty', copy_from = NULL, dirty_since = ?, attempts = 0, next_attempt = 0 "
+                "WHERE path = ? AND gen = ? AND state = 'clean' AND blob IS NOT NULL", (time.time(), path, gen))
+            return cur.rowcount == 1
+
+    def drop_copy_source(self, path: str, gen: int) -> None:
+        """The copy source vanished: fall back to uploading from the cached blob."""
+        with self._tx(durable=False):
+            self.db.execute("UPDATE entries SET copy_from = NULL WHERE path = ? AND gen = ?", (path, gen))
+
+    def reset_uploading(self) -> int:
+        """After a crash or restart, unfinished uploads start again."""
+        with self._tx():
+            return self.db.execute("UPDATE entries SET state = 'dirty', next_attempt = 0 "
+                                   "WHERE state = 'uploading'").rowcount
+
+    def due_tombstones(self, now: float, limit: int) -> list[str]:
+        rows = self.db.execute(
+            "SELECT key FROM tombstones WHERE next_attempt <= ? AND key NOT IN "
+            "(SELECT copy_from FROM entries WHERE copy_from IS NOT NULL) ORDER BY queued LIMIT ?",
+            (now, limit)).fetchall()
+        return [r[0] for r in rows]
+
+    def tombstone_count(self) -> int:
+        return int(self.db.execute("SELECT COUNT(*) FROM tombstones").fetchone()[0])
+
+    def tombstone_done(self, key: str) -> None:
+        with self._tx(durable=False):
+            self.db.execute("DELETE FROM tombstones WHERE key = ?", (key,))
+            self.db.execute("DELETE FROM dicom_objects WHERE path = ?", (key,))  # the object is gone
+
+    def tombstone_failed(self, key: str, retry_at: float) -> None:
+        with self._tx(durable=False):
+            self.db.execute("UPDATE tombstones SET attempts = attempts + 1, next_attempt = ? WHERE key = ?",
+                            (retry_at, key))
+
+    def tombstone_pending(self, key: str) -> bool:
+        return self._exists("SELECT 1 FROM tombstones WHERE key = ?", (key,))
+
+    def tombstones_under(self, path: str) -> bool:
+        return self._exists("SELECT 1 FROM tombstones WHERE key > ? AND key < ? LIMIT 1",
+                            (path + "/", path + "0"))  # '0' sorts right after '/'
