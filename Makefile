@@ -41,7 +41,7 @@ run: $(VENV)/.run
 	  echo "SMB   off: it needs root and Samba + FUSE. To turn it on, as root:"; \
 	  echo "        apt-get install -y samba fuse3 libfuse3-dev pkg-config gcc python3-dev && make run"; \
 	fi; chmod 600 $(RUNDIR)/agent.toml
-	@$(BIN)/python -m agent.devstack --dir $(RUNDIR)/s3 --port 8333 --bucket pacs & \
+	@$(BIN)/python tests/devstack.py --dir $(RUNDIR)/s3 --port 8333 --bucket pacs & \
 	  store=$$!; trap 'kill $$store 2>/dev/null; wait $$store' EXIT INT TERM; \
 	  for i in $$(seq 1 100); do curl -s -o /dev/null 127.0.0.1:8333 && break; sleep 0.2; done; \
 	  echo "FTP   ftp://pacs:pacs-example@127.0.0.1:2121  (example credentials)"; \

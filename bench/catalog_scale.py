@@ -34,10 +34,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import psutil
 
-from agent.devstack import ObjectStore
 from agent.sim.workload import WorkloadParams, archive_listing
 from agent.store.catalog import Catalog
 from bench.common import BUCKET, ftp_login, load, pct, ratio, retr, start_agent, start_rclone, table
+from tests.devstack import ObjectStore
 
 PREFIX = "archive/"
 MAX_READ_BYTES = 2 * 2**20  # sampled objects are at most this large (CR/DX/MG instances are tens of MB)

@@ -11,7 +11,7 @@ import random
 import time
 from pathlib import Path
 
-from agent.devstack import AgentProc, ObjectStore, RcloneServe
+from tests.devstack import AgentProc, ObjectStore, RcloneServe
 
 BUCKET = "bench"
 USER, PASSWORD = "pacs", "bench-only-password"  # exists only in the servers the benchmarks start

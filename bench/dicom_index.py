@@ -26,12 +26,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import numpy as np
 
 from agent.config import load as load_config
-from agent.devstack import AgentProc, ObjectStore
 from agent.dicom.header import read_fd
 from agent.dicom.objectmeta import object_meta
 from agent.store.catalog import Catalog
 from bench.common import BUCKET, PASSWORD, USER, load, table
 from bench.dicomgen import series
+from tests.devstack import AgentProc, ObjectStore
 
 
 def parse_cost(work: Path, n: int = 200) -> dict:

@@ -41,7 +41,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import asyncssh
 
-from agent.devstack import ObjectStore
 from bench.common import (
     BUCKET,
     PASSWORD,
@@ -57,6 +56,7 @@ from bench.common import (
     table,
     wait_keys,
 )
+from tests.devstack import ObjectStore
 
 
 @dataclass

@@ -32,8 +32,8 @@ sys.path.insert(0, str(ROOT))
 import smbclient  # noqa: E402
 from smbprotocol.connection import Connection  # noqa: E402
 
-from agent.devstack import AgentProc, ObjectStore, free_port, stop_group  # noqa: E402
 from bench.common import BUCKET, PASSWORD, USER, start_agent  # noqa: E402
+from tests.devstack import AgentProc, ObjectStore, free_port, stop_group  # noqa: E402
 
 
 def _toml(sections: dict, users: list[dict]) -> str:

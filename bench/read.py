@@ -29,7 +29,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import psutil
 
-from agent.devstack import ObjectStore
 from bench.common import (
     BUCKET,
     content,
@@ -43,6 +42,7 @@ from bench.common import (
     start_rclone,
     table,
 )
+from tests.devstack import ObjectStore
 
 
 def names(readers: int, files: int) -> list[str]:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.devstack import AgentProc, ObjectStore
+from devstack import AgentProc, ObjectStore
 from harness import BUCKET, PASSWORD
 
 LOCKED_BUCKET = "pacs-worm"  # created with S3 Object Lock (and so versioning), for the WORM tests

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from agent.devstack import AgentProc, ObjectStore
+from devstack import AgentProc, ObjectStore
 from harness import BUCKET, PASSWORD
 
 LAN_ADDR = "10.253.0.1"

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 
-from agent.devstack import ObjectStore
+from devstack import ObjectStore
 
 BUCKET = "pacs-test"
 PASSWORD = "test-only-password"  # test-only credential for the agents these tests start

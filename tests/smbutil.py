@@ -18,7 +18,7 @@ from harness import PASSWORD
 def smb_overrides(base: Path) -> dict:
     """[smb] for a test agent. pytest's tmp dirs are mode 0700: smbd's service account could not enter a
     mount below them, so the mount point and Samba's state live in a world-searchable dir of their own."""
-    from agent.devstack import free_port
+    from devstack import free_port
     return {"smb.enabled": True, "smb.listen": f"127.0.0.1:{free_port()}", "smb.encryption": "desired",
             "smb.mountpoint": str(base / "fs"), "smb.state_dir": str(base / "smb")}
 

@@ -13,9 +13,9 @@ import time
 import numpy as np
 
 from agent.config import CacheConfig
-from agent.devstack import free_port
 from agent.policy.eviction import FileTable, KMeansConfig, KMeansEviction
 from agent.store.evictor import candidates, policy_for
+from devstack import free_port
 from faultkit import catalog_rows, ftp_get, ftp_login, ftp_put, metric, payload, sha256
 
 FILE = 100_000

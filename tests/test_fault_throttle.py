@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from agent.devstack import _bin
+from devstack import _bin
 from faultkit import Ingest
 from harness import s3_objects
 

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from agent.devstack import free_port
+from devstack import free_port
 from harness import PASSWORD
 
 

@@ -12,8 +12,11 @@ import tomllib
 import zipfile
 from pathlib import Path
 
+import pytest
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
+
+from devstack import EXAMPLE_ACCESS_KEY, EXAMPLE_SECRET_KEY
 
 REPO = Path(__file__).resolve().parents[1]
 # Modules of an extra: they run only when it is installed ([smb] enabled), so they may import it at the top.
@@ -80,14 +83,30 @@ def test_every_declared_dependency_is_imported():
     assert base - imported == set()
 
 
-def test_wheel_carries_the_model(tmp_path):
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory) -> Path:
     # From a copy of the tree: setuptools builds in place, and an old build/lib would leak into the wheel.
+    tmp_path = tmp_path_factory.mktemp("wheel")
     src = tmp_path / "src"
     shutil.copytree(REPO, src, symlinks=True, ignore=shutil.ignore_patterns(
         ".venv*", "build", "run", ".git", "*.egg-info", "__pycache__", ".hypothesis", ".pytest_cache"))
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps",
                     "-w", str(tmp_path / "dist"), str(src)], check=True, timeout=600, capture_output=True)
-    wheel = next((tmp_path / "dist").glob("pacsgw-*.whl"))
+    return next((tmp_path / "dist").glob("pacsgw-*.whl"))
+
+
+def test_wheel_ships_no_test_servers_and_no_example_keys(wheel):
+    """The loopback servers of make run and the tests (tests/devstack.py) and their example keys stay out of
+    what a box installs: the wheel holds the agent package and its metadata only."""
+    with zipfile.ZipFile(wheel) as z:
+        names = z.namelist()
+        assert [n for n in names if not n.startswith(("agent/", "pacsgw-"))] == []
+        assert [n for n in names if "devstack" in n] == []
+        keys = (EXAMPLE_ACCESS_KEY.encode(), EXAMPLE_SECRET_KEY.encode())
+        assert [n for n in names if any(k in z.read(n) for k in keys)] == []
+
+
+def test_wheel_carries_the_model(wheel, tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     assert {"agent/policy/model/hotness.tflite", "agent/policy/model/hotness.card.json"} <= set(names)
     assert not any(n.startswith("agent/policy/model/") and n.endswith(".py") for n in names)

@@ -26,7 +26,7 @@ from smbprotocol.session import Session
 from smbprotocol.tree import TreeConnect
 from smbutil import Smb
 
-from agent.devstack import ObjectStore
+from devstack import ObjectStore
 from harness import BUCKET, PASSWORD, s3_objects, sha256
 
 

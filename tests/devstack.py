@@ -372,7 +372,7 @@ class RcloneServe:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m agent.devstack --dir run/s3 --port 8333 --bucket pacs`: run until interrupted."""
+    """`python tests/devstack.py --dir run/s3 --port 8333 --bucket pacs`: run until interrupted."""
     ap = argparse.ArgumentParser(description="Run a loopback S3 server for development.")
     ap.add_argument("--dir", type=Path, required=True)
     ap.add_argument("--port", type=int, default=8333)
