@@ -9,8 +9,22 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
+def _mypy(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "mypy", "--cache-dir", str(REPO / "build" / "mypy-cache"), *args],
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
+
+
 def test_mypy_strict_is_clean():
-    p = subprocess.run([sys.executable, "-m", "mypy", "--cache-dir", str(REPO / "build" / "mypy-cache")],
-                       cwd=REPO, capture_output=True, text=True, timeout=600)
+    p = _mypy()
     assert p.returncode == 0, p.stdout[-6000:] + p.stderr[-2000:]
     assert "Success" in p.stdout
+
+
+def test_a_wrong_call_through_the_async_catalog_is_a_type_error(tmp_path):
+    """AsyncCatalog's methods carry Catalog's signatures (no __getattr__ erasing them to Any)."""
+    probe = tmp_path / "probe.py"
+    probe.write_text("from agent.store.catalog import AsyncCatalog\n\n\n"
+                     "async def f(db: AsyncCatalog) -> str:\n    return await db.get(1)\n")
+    out = _mypy("--strict", str(probe)).stdout
+    assert 'Argument 1 has incompatible type "int"; expected "str"' in out, out
+    assert 'Incompatible return value type (got "Entry | None", expected "str")' in out, out

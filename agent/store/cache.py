@@ -14,6 +14,7 @@ import secrets
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 from agent.store.errors import NoSpace
 
@@ -112,7 +113,7 @@ class Cache:
         free = st.f_bavail * st.f_frsize
         return DiskUsage(total=total, used=total - st.f_bfree * st.f_frsize, free=free)
 
-    def iter_blobs(self):  # generator of blob names on disk
+    def iter_blobs(self) -> Iterator[str]:  # blob names on disk
         for sub in self.data.iterdir():
             if sub.is_dir():
                 for f in sub.iterdir():

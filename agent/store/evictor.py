@@ -46,7 +46,7 @@ class Candidates:
     gens: np.ndarray
 
 
-def policy_for(c: CacheConfig) -> eviction.LRU | eviction.Age | eviction.KMeansEviction:
+def policy_for(c: CacheConfig) -> eviction.EvictionPolicy:
     return eviction.make(c.eviction, kmeans=eviction.KMeansConfig(refit_seconds=c.kmeans_refit_seconds),
                          max_age_days=c.age_max_days)
 

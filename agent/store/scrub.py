@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
+from typing import cast
 
 import structlog
 
@@ -43,19 +44,20 @@ class Scrubber:
         last = ""
         while page := await self.db.cached_after(last, PAGE):
             for e in page:
+                blob = cast(str, e.blob)  # cached_after yields cached rows only
                 await self.bucket.acquire(e.size)
-                fd, problem = await asyncio.to_thread(self.cache.open_verified, e.blob, e.sha256)
+                fd, problem = await asyncio.to_thread(self.cache.open_verified, blob, e.sha256)
                 checked += 1
                 if fd is not None:
                     os.close(fd)
                     continue
                 bad += 1
                 if e.state != "clean":
-                    log.critical("cache_copy_lost", path=e.path, blob=e.blob, problem=problem, state=e.state,
+                    log.critical("cache_copy_lost", path=e.path, blob=blob, problem=problem, state=e.state,
                                  found_by="scrub")
-                elif await self.db.drop_corrupt(e.path, e.blob):
-                    self.cache.remove(e.blob)
-                    log.error("cache_copy_corrupt", path=e.path, blob=e.blob, problem=problem,
+                elif await self.db.drop_corrupt(e.path, blob):
+                    self.cache.remove(blob)
+                    log.error("cache_copy_corrupt", path=e.path, blob=blob, problem=problem,
                               action="dropped; the next read fetches it again", found_by="scrub")
-            last = page[-1].blob
+            last = blob
         return checked, bad
