@@ -53,7 +53,8 @@ def _offload(method: Callable[Concatenate[Catalog, P], R]) -> Callable[Concatena
 
 
 class AsyncCatalog:
-    """Runs every Catalog call on one dedicated thread, so SQLite's fsyncs never block the event loop."""
+    """Runs Catalog calls on one dedicated thread, so SQLite's fsyncs never block the event loop: every method
+    the agent awaits (the commands that open a Catalog of their own, and tests, call it directly)."""
 
     def __init__(self, catalog: Catalog) -> None:
         self.catalog = catalog
@@ -70,7 +71,6 @@ class AsyncCatalog:
     shrink_memory = _offload(Catalog.shrink_memory)
     # the namespace
     children = _offload(Catalog.children)
-    has_children = _offload(Catalog.has_children)
     count_files_under = _offload(Catalog.count_files_under)
     writes_since = _offload(Catalog.writes_since)
     files_after = _offload(Catalog.files_after)
@@ -81,7 +81,6 @@ class AsyncCatalog:
     delete = _offload(Catalog.delete)
     # the bucket's view
     merge_listing = _offload(Catalog.merge_listing)
-    import_inventory = _offload(Catalog.import_inventory)
     unlist_all = _offload(Catalog.unlist_all)
     hot_paths = _offload(Catalog.hot_paths)
     follow_begin = _offload(Catalog.follow_begin)
@@ -125,6 +124,3 @@ class AsyncCatalog:
     prior_outcomes = _offload(Catalog.prior_outcomes)
     index_dicom = _offload(Catalog.index_dicom)
     copy_dicom_row = _offload(Catalog.copy_dicom_row)
-    dicom_index_size = _offload(Catalog.dicom_index_size)
-    clear_dicom_index = _offload(Catalog.clear_dicom_index)
-    find_dicom = _offload(Catalog.find_dicom)
