@@ -56,6 +56,11 @@ class CatalogBase:
     def _tx(self, durable: bool = True) -> _Tx:
         return _Tx(self, durable)
 
+    def _write(self, sql: str, args: Sequence[object] = (), *, durable: bool) -> int:
+        """One statement in a transaction of its own. → the number of rows it changed."""
+        with self._tx(durable):
+            return self.db.execute(sql, args).rowcount
+
     def _exists(self, sql: str, args: Sequence[object]) -> bool:
         return self.db.execute(sql, args).fetchone() is not None
 
@@ -86,8 +91,7 @@ class CatalogBase:
         return str(row[0]) if row else None
 
     def set_state(self, key: str, value: str) -> None:
-        with self._tx():
-            self.db.execute("INSERT OR REPLACE INTO agent_state (key, value) VALUES (?, ?)", (key, value))
+        self._write("INSERT OR REPLACE INTO agent_state (key, value) VALUES (?, ?)", (key, value), durable=True)
 
     def shrink_memory(self) -> None:
         self.db.execute("PRAGMA shrink_memory")

@@ -12,10 +12,8 @@ from agent.store.catalog.base import COLUMNS, CatalogBase
 
 class Heat(CatalogBase):
     def set_cached(self, path: str, gen: int, blob: str, sha256: str) -> bool:
-        with self._tx(durable=False):
-            cur = self.db.execute("UPDATE entries SET blob = ?, sha256 = COALESCE(sha256, ?) "
-                                  "WHERE path = ? AND gen = ? AND blob IS NULL", (blob, sha256, path, gen))
-            return cur.rowcount == 1
+        return self._write("UPDATE entries SET blob = ?, sha256 = COALESCE(sha256, ?) "
+                           "WHERE path = ? AND gen = ? AND blob IS NULL", (blob, sha256, path, gen), durable=False) == 1
 
     def uncache(self, path: str, gen: int) -> str | None:
         """Drop the cached copy of a clean file (eviction). → its blob, or None if not evictable now."""
@@ -30,10 +28,8 @@ class Heat(CatalogBase):
 
     def drop_corrupt(self, path: str, blob: str) -> bool:
         """A cached copy failed its checksum: forget it if the object is safe in S3."""
-        with self._tx(durable=False):
-            cur = self.db.execute("UPDATE entries SET blob = NULL WHERE path = ? AND blob = ? AND state = 'clean'",
-                                  (path, blob))
-            return cur.rowcount == 1
+        return self._write("UPDATE entries SET blob = NULL WHERE path = ? AND blob = ? AND state = 'clean'",
+                           (path, blob), durable=False) == 1
 
     def blob_referenced(self, blob: str) -> bool:
         return self._exists("SELECT 1 FROM entries WHERE blob = ?", (blob,))
@@ -81,9 +77,8 @@ class Heat(CatalogBase):
         return len(used), sum(b for (b,) in used)
 
     def mark_prefetched(self, path: str, size: int) -> None:
-        with self._tx(durable=False):
-            self.db.execute("INSERT OR REPLACE INTO prefetched (path, bytes, at) VALUES (?, ?, ?)",
-                            (path, size, time.time()))
+        self._write("INSERT OR REPLACE INTO prefetched (path, bytes, at) VALUES (?, ?, ?)", (path, size, time.time()),
+                    durable=False)
 
     def heat_since(self, day: str) -> list[tuple[str, str, int, int, int]]:
         """(dir, day, reads, misses, bytes) for every directory read on or after day (YYYY-MM-DD)."""

@@ -56,8 +56,7 @@ class RemoteSync(CatalogBase):
     def unlist_all(self) -> None:
         """Every directory is listed again on its next use (a take-over: the old active may have written
         since the standby's last sync)."""
-        with self._tx(durable=False):
-            self.db.execute("UPDATE entries SET listed = 0 WHERE is_dir = 1")
+        self._write("UPDATE entries SET listed = 0 WHERE is_dir = 1", durable=False)
 
     def hot_paths(self, limit: int) -> list[str]:
         """The most recently used files this box has cached (clean): its hot set, hottest first."""

@@ -20,11 +20,9 @@ class Studies(CatalogBase):
     def record_study(self, dir: str, patient: str | None, study_uid: str | None, study_date: str | None,
                      modality: str | None) -> bool:
         """Remember a study directory (first writer wins). → False if it was already known."""
-        with self._tx(durable=False):
-            cur = self.db.execute("INSERT OR IGNORE INTO studies (dir, patient, study_uid, study_date, modality, "
-                                  "recorded) VALUES (?, ?, ?, ?, ?, ?)",
-                                  (dir, patient, study_uid, study_date, modality, time.time()))
-            return cur.rowcount == 1
+        return self._write("INSERT OR IGNORE INTO studies (dir, patient, study_uid, study_date, modality, recorded) "
+                           "VALUES (?, ?, ?, ?, ?, ?)", (dir, patient, study_uid, study_date, modality, time.time()),
+                           durable=False) == 1
 
     def patient_studies(self, patient: str) -> list[tuple[str, str | None, str | None, str | None]]:
         """(dir, study_uid, study_date, modality) of every study of a patient, oldest first."""
@@ -32,9 +30,8 @@ class Studies(CatalogBase):
                                "WHERE patient = ? ORDER BY study_date, dir", (patient,)).fetchall()
 
     def record_prior_fetch(self, dir: str, rank: int) -> None:
-        with self._tx(durable=False):
-            self.db.execute("INSERT OR REPLACE INTO prior_fetches (dir, rank, fetched, used) VALUES (?, ?, ?, NULL)",
-                            (dir, rank, time.time()))
+        self._write("INSERT OR REPLACE INTO prior_fetches (dir, rank, fetched, used) VALUES (?, ?, ?, NULL)",
+                    (dir, rank, time.time()), durable=False)
 
     def settle_prior_fetches(self) -> list[tuple[int, bool]]:
         """Decide the outcome of prior fetches still open: used when one of the study's files was read since,
@@ -65,16 +62,14 @@ class Studies(CatalogBase):
     def copy_dicom_row(self, src: str, dst: str) -> None:
         """A server-side copy (rename) of an indexed object: index the copy too (the source leaves with its
         tombstone)."""
-        with self._tx(durable=False):
-            self.db.execute("INSERT OR REPLACE INTO dicom_objects SELECT ?, size, study_uid, series_uid, sop_uid, "
-                            "modality, study_date, patient FROM dicom_objects WHERE path = ?", (dst, src))
+        self._write("INSERT OR REPLACE INTO dicom_objects SELECT ?, size, study_uid, series_uid, sop_uid, modality, "
+                    "study_date, patient FROM dicom_objects WHERE path = ?", (dst, src), durable=False)
 
     def dicom_index_size(self) -> int:
         return int(self.db.execute("SELECT count(*) FROM dicom_objects").fetchone()[0])
 
     def clear_dicom_index(self) -> None:
-        with self._tx(durable=False):
-            self.db.execute("DELETE FROM dicom_objects")
+        self._write("DELETE FROM dicom_objects", durable=False)
 
     def find_dicom(self, study: str | None = None, patient: str | None = None, modality: str | None = None,
                    date_from: str | None = None, date_to: str | None = None) -> list[Found]:

@@ -29,43 +29,35 @@ class Uploads(CatalogBase):
         return due
 
     def claim(self, path: str, gen: int) -> bool:
-        with self._tx(durable=False):
-            cur = self.db.execute(
-                "UPDATE entries SET state = 'uploading' WHERE path = ? AND gen = ? AND state = 'dirty'", (path, gen))
-            return cur.rowcount == 1
+        return self._write("UPDATE entries SET state = 'uploading' WHERE path = ? AND gen = ? AND state = 'dirty'",
+                           (path, gen), durable=False) == 1
 
     def mark_clean(self, path: str, gen: int, etag: str | None, version_id: str | None, sha256: str | None) -> bool:
-        with self._tx(durable=False):
-            cur = self.db.execute(
-                "UPDATE entries SET state = 'clean', etag = ?, version_id = ?, copy_from = NULL, dirty_since = NULL, "
-                "attempts = 0, next_attempt = 0, last_error = NULL, sha256 = ? WHERE path = ? AND gen = ?",
-                (etag, version_id, sha256, path, gen))
-            return cur.rowcount == 1
+        return self._write(
+            "UPDATE entries SET state = 'clean', etag = ?, version_id = ?, copy_from = NULL, dirty_since = NULL, "
+            "attempts = 0, next_attempt = 0, last_error = NULL, sha256 = ? WHERE path = ? AND gen = ?",
+            (etag, version_id, sha256, path, gen), durable=False) == 1
 
     def mark_failed(self, path: str, gen: int, error: str, retry_at: float) -> None:
-        with self._tx(durable=False):
-            self.db.execute(
-                "UPDATE entries SET state = 'dirty', attempts = attempts + 1, next_attempt = ?, last_error = ? "
-                "WHERE path = ? AND gen = ? AND state = 'uploading'", (retry_at, error[:500], path, gen))
+        self._write("UPDATE entries SET state = 'dirty', attempts = attempts + 1, next_attempt = ?, last_error = ? "
+                    "WHERE path = ? AND gen = ? AND state = 'uploading'", (retry_at, error[:500], path, gen),
+                    durable=False)
 
     def requeue(self, path: str, gen: int) -> bool:
         """The object is missing or wrong in S3 but the cache holds verified content: upload it again."""
-        with self._tx():
-            cur = self.db.execute(
-                "UPDATE entries SET state = 'dirty', copy_from = NULL, dirty_since = ?, attempts = 0, next_attempt = 0 "
-                "WHERE path = ? AND gen = ? AND state = 'clean' AND blob IS NOT NULL", (time.time(), path, gen))
-            return cur.rowcount == 1
+        return self._write(
+            "UPDATE entries SET state = 'dirty', copy_from = NULL, dirty_since = ?, attempts = 0, next_attempt = 0 "
+            "WHERE path = ? AND gen = ? AND state = 'clean' AND blob IS NOT NULL", (time.time(), path, gen),
+            durable=True) == 1
 
     def drop_copy_source(self, path: str, gen: int) -> None:
         """The copy source vanished: fall back to uploading from the cached blob."""
-        with self._tx(durable=False):
-            self.db.execute("UPDATE entries SET copy_from = NULL WHERE path = ? AND gen = ?", (path, gen))
+        self._write("UPDATE entries SET copy_from = NULL WHERE path = ? AND gen = ?", (path, gen), durable=False)
 
     def reset_uploading(self) -> int:
         """After a crash or restart, unfinished uploads start again."""
-        with self._tx():
-            return self.db.execute("UPDATE entries SET state = 'dirty', next_attempt = 0 "
-                                   "WHERE state = 'uploading'").rowcount
+        return self._write("UPDATE entries SET state = 'dirty', next_attempt = 0 WHERE state = 'uploading'",
+                           durable=True)
 
     def due_tombstones(self, now: float, limit: int) -> list[str]:
         rows = self.db.execute(
@@ -83,9 +75,8 @@ class Uploads(CatalogBase):
             self.db.execute("DELETE FROM dicom_objects WHERE path = ?", (key,))  # the object is gone
 
     def tombstone_failed(self, key: str, retry_at: float) -> None:
-        with self._tx(durable=False):
-            self.db.execute("UPDATE tombstones SET attempts = attempts + 1, next_attempt = ? WHERE key = ?",
-                            (retry_at, key))
+        self._write("UPDATE tombstones SET attempts = attempts + 1, next_attempt = ? WHERE key = ?", (retry_at, key),
+                    durable=False)
 
     def tombstone_pending(self, key: str) -> bool:
         return self._exists("SELECT 1 FROM tombstones WHERE key = ?", (key,))
