@@ -9,8 +9,8 @@ import time
 import pytest
 
 from agent.records import RemoteObject
-from agent.store.catalog import Catalog
-from agent.store.errors import AlreadyExists, IsADirectory, NotADirectory, NotEmpty, NotFound
+from agent.store.catalog import AsyncCatalog, Catalog
+from agent.store.errors import AlreadyExists, IsADirectory, NoSpace, NotADirectory, NotEmpty, NotFound
 
 
 @pytest.fixture
@@ -259,3 +259,23 @@ def test_eviction_rows_are_clean_cached_files_least_recently_read_first(cat):
     rows = cat.eviction_rows(2)
     assert [(p, n) for p, _, _, _, n, _ in rows] == [("d/1", 1), ("d/2", 1)]
     assert [r[0] for r in cat.eviction_rows(10)] == ["d/1", "d/2", "d/0", "d/3"]
+
+
+async def test_a_full_catalog_is_no_space_through_the_async_catalog(tmp_path):
+    """SQLite's SQLITE_FULL (here a real page limit, as on a full disk) reaches the front ends as NoSpace; the
+    transaction rolls back and the catalog goes on answering."""
+    db = AsyncCatalog(Catalog(tmp_path / "catalog.sqlite"))
+    try:
+        gen, replaced = await db.commit_write("CT/a.dcm", "blob-a", 10, "ab" * 32, time.time(), claim=False)
+        assert (gen, replaced) == (1, None)
+        db.catalog.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        pages = db.catalog.db.execute("PRAGMA page_count").fetchone()[0]
+        db.catalog.db.execute(f"PRAGMA max_page_count = {pages}")
+        with pytest.raises(NoSpace):
+            for i in range(2000):
+                await db.commit_write(f"CT/{i:04}/" + "x" * 200 + ".dcm", f"blob-{i}", 10, "ab" * 32, time.time(),
+                                      claim=False)
+        assert (await db.get("CT/a.dcm")).gen == 1
+        assert await db.claim("CT/a.dcm", 1) is True  # a write that needs no new page still commits
+    finally:
+        db.shutdown()
