@@ -126,7 +126,7 @@ class Uploader:
                 await self.db.mark_failed(e.path, e.gen, f"{error_code(exc)}: {exc}", retry_at)
                 self.metrics.uploads.labels("error").inc()
                 if is_unreachable(exc):
-                    self.line.went_down(exc)
+                    self.line.failed(exc)
                 else:
                     log.error("upload_failed", path=e.path, error=error_code(exc), detail=str(exc)[:300],
                               attempts=e.attempts + 1, retry_in=round(retry_at - time.time(), 1))
@@ -242,7 +242,7 @@ class Uploader:
                     except Exception as exc:  # retried from the durable tombstone table
                         await self.db.tombstone_failed(key, time.time() + backoff(1))
                         if is_unreachable(exc):
-                            self.line.went_down(exc)
+                            self.line.failed(exc)
                             break
                         log.error("delete_failed", path=key, error=error_code(exc))
                         continue
