@@ -19,13 +19,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+import asyncssh
+
 from agent.devstack import AgentProc, ObjectStore
 from harness import BUCKET, PASSWORD
 
 LAN_ADDR = "10.253.0.1"
 S3_ADDR = "10.253.0.2"  # its own address, so one box's S3 line can be cut with a blackhole route
 VIP = "10.253.0.100"
-FTP_PORT, HTTP_PORT = 2121, 8080
+FTP_PORT, SFTP_PORT, HTTP_PORT = 2121, 2222, 8080
 CLONE_NEWNET = 0x40000000
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -119,6 +121,7 @@ class Pair:
     tag: str = field(default_factory=lambda: f"{os.getpid() % 10000}")
     store: ObjectStore | None = None
     boxes: dict[str, Box] = field(default_factory=dict)
+    host_key: asyncssh.SSHKey | None = None  # the pair's SFTP host key (start)
 
     @property
     def lan(self) -> str:
@@ -148,6 +151,12 @@ class Pair:
         hook = self.workdir / "hahook"
         hook.write_text(f"#!/bin/sh\nexec {sys.executable} -m agent.hahook \"$@\"\n")
         hook.chmod(0o755)
+        # Both boxes answer SFTP on the floating address with one host key (the ha role installs the pair's key
+        # on both): a PACS that checks the host key keeps trusting the address after a take-over.
+        self.host_key = asyncssh.generate_private_key("ssh-ed25519")
+        key_file = self.workdir / "ssh_host_ed25519_key"
+        key_file.write_bytes(self.host_key.export_private_key())
+        key_file.chmod(0o600)
         return self
 
     # --- a box's parts ---------------------------------------------------------------------------
@@ -157,7 +166,8 @@ class Pair:
         if box.agent is None:
             (box.workdir / "agent").mkdir()
             box.agent = AgentProc(box.workdir / "agent", self.store, f"ha{self.tag}/", {
-                "ftp.listen": f"0.0.0.0:{FTP_PORT}", "http.listen": f"0.0.0.0:{HTTP_PORT}", "sftp.enabled": False,
+                "ftp.listen": f"0.0.0.0:{FTP_PORT}", "http.listen": f"0.0.0.0:{HTTP_PORT}",
+                "sftp.listen": f"0.0.0.0:{SFTP_PORT}", "sftp.host_key": str(self.workdir / "ssh_host_ed25519_key"),
                 "ha.enabled": True, "ha.peer": f"http://{box.peer_addr}:{HTTP_PORT}",
                 "ha.role_file": str(box.role_file), "ha.follow_seconds": 2, "uplink.read_timeout": 5.0,
                 **overrides}, [{"name": "pacs", "password": PASSWORD, "root": "/"}], bucket=BUCKET)
