@@ -13,6 +13,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -27,7 +28,7 @@ from harness import BUCKET, PASSWORD
 LAN_ADDR = "10.253.0.1"
 S3_ADDR = "10.253.0.2"  # its own address, so one box's S3 line can be cut with a blackhole route
 VIP = "10.253.0.100"
-FTP_PORT, SFTP_PORT, HTTP_PORT = 2121, 2222, 8080
+FTP_PORT, SFTP_PORT, SMB_PORT, HTTP_PORT = 2121, 2222, 4450, 8080
 CLONE_NEWNET = 0x40000000
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -122,6 +123,7 @@ class Pair:
     store: ObjectStore | None = None
     boxes: dict[str, Box] = field(default_factory=dict)
     host_key: asyncssh.SSHKey | None = None  # the pair's SFTP host key (start)
+    smb_dirs: list[Path] = field(default_factory=list)
 
     @property
     def lan(self) -> str:
@@ -274,9 +276,22 @@ vrrp_instance pacsgw {{
                 out.append(b.keepalived_log.read_text()[-1500:])
         return "\n".join(out)
 
+    def smb_overrides(self, box: Box) -> dict[str, Any]:
+        """[smb] for a box (smbd run by its agent, in its namespace). The FUSE mount and Samba's state live in a
+        world-searchable dir of their own: smbd's service account cannot enter pytest's 0700 tmp dirs."""
+        base = Path(tempfile.mkdtemp(prefix=f"pgha-smb-{box.name}-"))
+        base.chmod(0o755)
+        self.smb_dirs.append(base)
+        return {"smb.enabled": True, "smb.listen": f"0.0.0.0:{SMB_PORT}", "smb.encryption": "desired",
+                "smb.mountpoint": str(base / "fs"), "smb.state_dir": str(base / "smb"),
+                "smb.hosts_allow": [f"{LAN_ADDR.rsplit('.', 1)[0]}.0/24"]}
+
     def stop(self) -> None:
         for box in self.boxes.values():
             kill_all(box)
+        for base in self.smb_dirs:  # a killed agent leaves its FUSE mount behind
+            subprocess.run(["fusermount3", "-u", "-z", str(base / "fs")], capture_output=True, timeout=30)
+            shutil.rmtree(base, ignore_errors=True)
         if self.store:
             self.store.stop()
         for ns in [b.ns for b in self.boxes.values()] + [self.lan]:

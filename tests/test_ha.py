@@ -19,7 +19,7 @@ from pathlib import Path
 
 import asyncssh
 import pytest
-from halib import FTP_PORT, SFTP_PORT, VIP, Pair, enter_netns, in_netns, payload
+from halib import FTP_PORT, SFTP_PORT, SMB_PORT, VIP, Pair, enter_netns, in_netns, payload
 
 from agent.ha import ineligible
 from agent.hahook import eligible
@@ -246,6 +246,60 @@ def test_active_killed_mid_ingest_standby_takes_over(pair, failure):
     names = ingest.names()
     read = ftp_read_all(pair.lan, names)
     assert [n for n in names if read[n] != payload(n)] == []
+
+
+def smb_store_all(ns: str, names: list[str], deadline: float) -> dict[str, int]:
+    """Store names over SMB to the floating address (smbprotocol, a PACS of its own); after any error the client
+    drops its connection and stores the same file again. → attempts per file."""
+    import smbclient
+    from smbprotocol.exceptions import SMBException
+
+    def run() -> dict[str, int]:
+        cache: dict = {}
+        kw = {"port": SMB_PORT, "username": "pacs", "password": PASSWORD, "connection_cache": cache,
+              "connection_timeout": 5}
+        attempts = {}
+        for name in names:
+            attempts[name] = 0
+            while True:
+                attempts[name] += 1
+                try:
+                    smbclient.makedirs(rf"\\{VIP}\pacs\{os.path.dirname(name)}".replace("/", "\\"),
+                                       exist_ok=True, **kw)
+                    with smbclient.open_file(rf"\\{VIP}\pacs\{name}".replace("/", "\\"), mode="wb", **kw) as f:
+                        f.write(payload(name))
+                    break
+                except (OSError, SMBException, ValueError):
+                    smbclient.reset_connection_cache(fail_on_error=False, connection_cache=cache)
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.5)
+        smbclient.reset_connection_cache(fail_on_error=False, connection_cache=cache)
+        return attempts
+    return in_netns(ns, run)
+
+
+@needs_netns
+@pytest.mark.skipif(not shutil.which("smbd") or not shutil.which("fusermount3"), reason="needs samba and fuse3")
+def test_smb_stores_survive_failover(pair):
+    """SMB through the floating address: each box's agent runs smbd over its FUSE view. The whole active box dies;
+    the PACS's SMB client reconnects to the address, now b, and its stores continue; nothing acknowledged lost."""
+    a, b = pair.boxes["a"], pair.boxes["b"]
+    pair.start_box(a, **pair.smb_overrides(a))
+    pair.wait("a active", lambda: a.role() == "active")
+    pair.start_box(b, **pair.smb_overrides(b))
+    pair.wait("b standby and eligible", lambda: b.health()["ha"]["eligible"] and b.health()["status"] == "ok")
+    before = [f"MR/2026-11-30/smb/{i:03d}.dcm" for i in range(5)]
+    assert set(smb_store_all(pair.lan, before, time.monotonic() + 60).values()) == {1}
+    pair.power_off(a)
+    after = [f"MR/2026-11-30/smb/{i:03d}.dcm" for i in range(5, 10)]
+    attempts = smb_store_all(pair.lan, after, time.monotonic() + 90)
+    assert pair.active() == "b" and attempts[after[0]] > 1  # the first store after the kill had to retry
+    objects = s3_objects(pair)
+    prefix = f"ha{pair.tag}/"
+    assert [n for n in before + after if objects.get(prefix + n) != payload(n)] == []
+    read = ftp_read_all(pair.lan, before + after)  # b serves the files a stored too
+    assert [n for n in before + after if read[n] != payload(n)] == []
 
 
 @needs_netns
