@@ -55,7 +55,7 @@ run: $(VENV)/.run
 test:
 	@.ci/apt-needs test
 	@$(MAKE) --no-print-directory $(VENV)/.installed $(VENV)/.smb
-	$(BIN)/python -m pytest -q -p no:cacheprovider
+	$(BIN)/python -m pytest -q -p no:cacheprovider --durations=25
 
 # The appliance disk image (issue 6): build/image/pacsgw.raw and pacsgw.qcow2. Needs root.
 image: venv

@@ -13,11 +13,14 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
+
+import asyncssh
 
 from devstack import AgentProc, ObjectStore
 from harness import BUCKET, PASSWORD
@@ -25,7 +28,7 @@ from harness import BUCKET, PASSWORD
 LAN_ADDR = "10.253.0.1"
 S3_ADDR = "10.253.0.2"  # its own address, so one box's S3 line can be cut with a blackhole route
 VIP = "10.253.0.100"
-FTP_PORT, HTTP_PORT = 2121, 8080
+FTP_PORT, SFTP_PORT, SMB_PORT, HTTP_PORT = 2121, 2222, 4450, 8080
 CLONE_NEWNET = 0x40000000
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -119,6 +122,8 @@ class Pair:
     tag: str = field(default_factory=lambda: f"{os.getpid() % 10000}")
     store: ObjectStore | None = None
     boxes: dict[str, Box] = field(default_factory=dict)
+    host_key: asyncssh.SSHKey | None = None  # the pair's SFTP host key (start)
+    smb_dirs: list[Path] = field(default_factory=list)
 
     @property
     def lan(self) -> str:
@@ -148,6 +153,12 @@ class Pair:
         hook = self.workdir / "hahook"
         hook.write_text(f"#!/bin/sh\nexec {sys.executable} -m agent.hahook \"$@\"\n")
         hook.chmod(0o755)
+        # Both boxes answer SFTP on the floating address with one host key (the ha role installs the pair's key
+        # on both): a PACS that checks the host key keeps trusting the address after a take-over.
+        self.host_key = asyncssh.generate_private_key("ssh-ed25519")
+        key_file = self.workdir / "ssh_host_ed25519_key"
+        key_file.write_bytes(self.host_key.export_private_key())
+        key_file.chmod(0o600)
         return self
 
     # --- a box's parts ---------------------------------------------------------------------------
@@ -157,7 +168,8 @@ class Pair:
         if box.agent is None:
             (box.workdir / "agent").mkdir()
             box.agent = AgentProc(box.workdir / "agent", self.store, f"ha{self.tag}/", {
-                "ftp.listen": f"0.0.0.0:{FTP_PORT}", "http.listen": f"0.0.0.0:{HTTP_PORT}", "sftp.enabled": False,
+                "ftp.listen": f"0.0.0.0:{FTP_PORT}", "http.listen": f"0.0.0.0:{HTTP_PORT}",
+                "sftp.listen": f"0.0.0.0:{SFTP_PORT}", "sftp.host_key": str(self.workdir / "ssh_host_ed25519_key"),
                 "ha.enabled": True, "ha.peer": f"http://{box.peer_addr}:{HTTP_PORT}",
                 "ha.role_file": str(box.role_file), "ha.follow_seconds": 2, "uplink.read_timeout": 5.0,
                 **overrides}, [{"name": "pacs", "password": PASSWORD, "root": "/"}], bucket=BUCKET)
@@ -264,9 +276,22 @@ vrrp_instance pacsgw {{
                 out.append(b.keepalived_log.read_text()[-1500:])
         return "\n".join(out)
 
+    def smb_overrides(self, box: Box) -> dict[str, Any]:
+        """[smb] for a box (smbd run by its agent, in its namespace). The FUSE mount and Samba's state live in a
+        world-searchable dir of their own: smbd's service account cannot enter pytest's 0700 tmp dirs."""
+        base = Path(tempfile.mkdtemp(prefix=f"pgha-smb-{box.name}-"))
+        base.chmod(0o755)
+        self.smb_dirs.append(base)
+        return {"smb.enabled": True, "smb.listen": f"0.0.0.0:{SMB_PORT}", "smb.encryption": "desired",
+                "smb.mountpoint": str(base / "fs"), "smb.state_dir": str(base / "smb"),
+                "smb.hosts_allow": [f"{LAN_ADDR.rsplit('.', 1)[0]}.0/24"]}
+
     def stop(self) -> None:
         for box in self.boxes.values():
             kill_all(box)
+        for base in self.smb_dirs:  # a killed agent leaves its FUSE mount behind
+            subprocess.run(["fusermount3", "-u", "-z", str(base / "fs")], capture_output=True, timeout=30)
+            shutil.rmtree(base, ignore_errors=True)
         if self.store:
             self.store.stop()
         for ns in [b.ns for b in self.boxes.values()] + [self.lan]:

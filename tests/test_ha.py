@@ -3,11 +3,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import ftplib
 import hashlib
 import io
 import json
 import os
+import random
 import shutil
 import subprocess
 import threading
@@ -15,8 +17,9 @@ import time
 import urllib.request
 from pathlib import Path
 
+import asyncssh
 import pytest
-from halib import FTP_PORT, VIP, Pair, enter_netns, in_netns, payload
+from halib import FTP_PORT, SFTP_PORT, SMB_PORT, VIP, Pair, enter_netns, in_netns, payload
 
 from agent.ha import ineligible
 from agent.hahook import eligible
@@ -46,28 +49,48 @@ def start_pair(pair: Pair, **overrides) -> None:
     assert pair.active() == "a"
 
 
-class Ingest(threading.Thread):
-    """A PACS storing `count` files to the floating address over FTP; after any error it reconnects and
-    sends the same file again. `acked` holds the files whose STOR got its 226 (name → time acknowledged).
-    Before file `hold_at` it waits for `go` (set by the test once its fault is injected), so that on a slow
+# The issue's target is a 2 000-file ingest; make test runs a shorter one (the kill point is random either way).
+HA_FILES = int(os.environ.get("PACSGW_HA_FILES", "400"))
+
+
+class Ingest:
+    """A PACS storing `count` files to the floating address with two clients at once, one over FTP and one over
+    SFTP (checking the pair's host key); after any error a client reconnects and sends the same file again.
+    `acked` holds the files whose store was acknowledged (FTP 226, SFTP close OK: name → time). No file from
+    index `hold_at` on starts before `go` is set (by the test once its fault is injected), so that on a slow
     machine the fault still lands mid-ingest instead of after the last file."""
 
-    def __init__(self, ns: str, count: int, hold_at: int, prefix: str = "CT/2026-11-30") -> None:
-        super().__init__(daemon=True)
-        self.ns, self.count, self.hold_at, self.prefix = ns, count, hold_at, prefix
+    def __init__(self, pair: Pair, count: int, hold_at: int, prefix: str = "CT/2026-11-30") -> None:
+        self.pair, self.count, self.hold_at, self.prefix = pair, count, hold_at, prefix
         self.go = threading.Event()
         self.acked: dict[str, float] = {}
         self.errors: list[tuple[float, str]] = []
-        self.deadline = time.monotonic() + 240
+        self.deadline = time.monotonic() + 180 + count * 0.3
+        names = self.names()
+        self.threads = [threading.Thread(target=self._ftp, args=(list(enumerate(names))[0::2],), daemon=True),
+                        threading.Thread(target=self._sftp, args=(list(enumerate(names))[1::2],), daemon=True)]
 
     def names(self) -> list[str]:
         return [f"{self.prefix}/st{i // 50:03d}/{i:05d}.dcm" for i in range(self.count)]
 
-    def run(self) -> None:
-        enter_netns(self.ns)
+    def start(self) -> None:
+        for t in self.threads:
+            t.start()
+
+    def join(self, timeout: float) -> bool:
+        end = time.monotonic() + timeout
+        for t in self.threads:
+            t.join(max(0.0, end - time.monotonic()))
+        return not any(t.is_alive() for t in self.threads)
+
+    def _failed(self, name: str, e: BaseException) -> None:
+        self.errors.append((time.time(), f"{name}: {e!r}"[:200]))
+
+    def _ftp(self, files: list[tuple[int, str]]) -> None:
+        enter_netns(self.pair.lan)
         ftp: ftplib.FTP | None = None
-        for i, name in enumerate(self.names()):
-            if i == self.hold_at:
+        for i, name in files:
+            if i >= self.hold_at:
                 self.go.wait(timeout=120)
             while time.monotonic() < self.deadline:
                 try:
@@ -79,13 +102,48 @@ class Ingest(threading.Thread):
                     self.acked[name] = time.time()
                     break
                 except (OSError, EOFError, ftplib.Error) as e:
-                    self.errors.append((time.time(), f"{name}: {e!r}"[:200]))
+                    self._failed(name, e)
                     if ftp is not None:
                         ftp.close()
                     ftp = None
                     time.sleep(0.1)
         if ftp is not None:
             ftp.close()
+
+    def _sftp(self, files: list[tuple[int, str]]) -> None:
+        enter_netns(self.pair.lan)
+        trusted = ([self.pair.host_key.convert_to_public()], [], [])  # this key only, as a PACS would pin it
+
+        async def store(sftp: asyncssh.SFTPClient, name: str) -> None:
+            async with sftp.open("/" + name, "wb") as f:
+                await f.write(payload(name))
+
+        async def run() -> None:
+            conn: asyncssh.SSHClientConnection | None = None
+            sftp: asyncssh.SFTPClient | None = None
+            for i, name in files:
+                if i >= self.hold_at:
+                    await asyncio.to_thread(self.go.wait, 120)
+                while time.monotonic() < self.deadline:
+                    try:
+                        if sftp is None:
+                            conn = await asyncio.wait_for(asyncssh.connect(
+                                VIP, SFTP_PORT, username="pacs", password=PASSWORD, known_hosts=trusted,
+                                client_keys=None, agent_path=None), 10)
+                            sftp = await asyncio.wait_for(conn.start_sftp_client(), 10)
+                        await asyncio.wait_for(store(sftp, name), 15)
+                        self.acked[name] = time.time()
+                        break
+                    except (OSError, asyncssh.Error, asyncio.TimeoutError) as e:
+                        self._failed(name, e)
+                        if conn is not None:
+                            conn.abort()
+                        conn = sftp = None
+                        await asyncio.sleep(0.1)
+            if conn is not None:
+                conn.close()
+
+        asyncio.run(run())
 
 
 def ftp_read_all(ns: str, names: list[str]) -> dict[str, bytes]:
@@ -144,33 +202,36 @@ def test_eligibility_rules():
 @needs_netns
 @pytest.mark.parametrize("failure", ["agent", "power"])
 def test_active_killed_mid_ingest_standby_takes_over(pair, failure):
-    """kill -9 of the active agent (keepalived's check fails) or of its whole box (VRRP adverts stop) in the
-    middle of an ingest: b takes the address, stores continue, nothing acknowledged is lost, every file is
-    readable from b. Prints the fail-over time: kill → the floating address acknowledges a store again."""
+    """kill -9 of the active agent (keepalived's check fails) or of its whole box (VRRP adverts stop) at a random
+    point of an ingest over FTP and SFTP: b takes the address, stores continue, nothing acknowledged is lost, every
+    file is readable from b. Prints the fail-over time: kill → the floating address acknowledges a store again.
+    PACSGW_HA_FILES sets the ingest's size (the issue's 2 000), PACSGW_HA_SEED replays a kill point."""
+    seed = int(os.environ.get("PACSGW_HA_SEED", time.time_ns() % 100000))
+    kill_at = random.Random(seed).randint(max(40, HA_FILES // 10), HA_FILES * 7 // 10)
     start_pair(pair)
     a, b = pair.boxes["a"], pair.boxes["b"]
-    ingest = Ingest(pair.lan, 300, hold_at=200)
+    ingest = Ingest(pair, HA_FILES, hold_at=kill_at + max(40, HA_FILES // 10))
     ingest.start()
-    pair.wait("100 files acknowledged", lambda: len(ingest.acked) >= 100, timeout=120)
-    # The standby followed the bucket: it knows the active box's files before any take-over.
-    pair.wait("b follows a's files", lambda: b.health()["cache"]["files"] >= 50, timeout=30)
+    # The standby follows the bucket: it knows the active box's files before any take-over ...
+    pair.wait("b follows a's files", lambda: b.health()["cache"]["files"] >= 20, timeout=120)
     # ... and holds a's hot set (here: a's recent stores) in its cache.
-    pair.wait("b prefetched a's hot set", lambda: b.health()["cache"]["cached_files"] >= 50, timeout=30)
+    pair.wait("b prefetched a's hot set", lambda: b.health()["cache"]["cached_files"] >= 20, timeout=60)
+    pair.wait(f"{kill_at} files acknowledged", lambda: len(ingest.acked) >= kill_at, timeout=120 + kill_at * 0.3)
     assert pair.active() == "a", pair.describe()  # else a flap before the kill would be measured
-    t_kill = time.time()
+    t_kill, acked_at_kill = time.time(), len(ingest.acked)
     if failure == "agent":
         pair.kill_agent(a)
     else:
         pair.power_off(a)
     t_dead = time.time()  # a store acknowledged before this may still be a's last one
     ingest.go.set()
-    ingest.join(260)
-    assert not ingest.is_alive()
-    assert len(ingest.acked) == 300, ingest.errors[-5:]
+    assert ingest.join(ingest.deadline - time.monotonic() + 30)
+    assert len(ingest.acked) == HA_FILES, ingest.errors[-5:]
     after = sorted(t for t in ingest.acked.values() if t > t_dead)
     failover = after[0] - t_kill  # from the moment the kill started: the slower, honest figure
-    print(f"\nfail-over ({failure} killed -> a store acknowledged on {VIP}): {failover:.2f} s; "
-          f"client errors during it: {sum(1 for t, _ in ingest.errors if t > t_kill)}")
+    print(f"\nfail-over ({failure} killed after {acked_at_kill} of {HA_FILES} files, seed {seed} -> a store "
+          f"acknowledged on {VIP}): {failover:.2f} s; client errors during it: "
+          f"{sum(1 for t, _ in ingest.errors if t > t_kill)}")
     assert failover <= 10, f"fail-over took {failover:.1f}s"
     assert pair.active() == "b"
     hb = b.health()["ha"]
@@ -179,12 +240,66 @@ def test_active_killed_mid_ingest_standby_takes_over(pair, failure):
     # Nothing acknowledged lost: every file is in object storage with the content the PACS sent ...
     objects = s3_objects(pair)
     prefix = f"ha{pair.tag}/"
-    for name in ingest.acked:
-        assert objects.get(prefix + name) == payload(name), name
+    lost = [n for n in ingest.acked if objects.get(prefix + n) != payload(n)]
+    assert lost == [], (len(lost), lost[:3], [len(objects.get(prefix + n, b"")) for n in lost[:3]])
     # ... and readable through the floating address, now b (earlier files included).
     names = ingest.names()
     read = ftp_read_all(pair.lan, names)
-    assert all(read[n] == payload(n) for n in names)
+    assert [n for n in names if read[n] != payload(n)] == []
+
+
+def smb_store_all(ns: str, names: list[str], deadline: float) -> dict[str, int]:
+    """Store names over SMB to the floating address (smbprotocol, a PACS of its own); after any error the client
+    drops its connection and stores the same file again. → attempts per file."""
+    import smbclient
+    from smbprotocol.exceptions import SMBException
+
+    def run() -> dict[str, int]:
+        cache: dict = {}
+        kw = {"port": SMB_PORT, "username": "pacs", "password": PASSWORD, "connection_cache": cache,
+              "connection_timeout": 5}
+        attempts = {}
+        for name in names:
+            attempts[name] = 0
+            while True:
+                attempts[name] += 1
+                try:
+                    smbclient.makedirs(rf"\\{VIP}\pacs\{os.path.dirname(name)}".replace("/", "\\"),
+                                       exist_ok=True, **kw)
+                    with smbclient.open_file(rf"\\{VIP}\pacs\{name}".replace("/", "\\"), mode="wb", **kw) as f:
+                        f.write(payload(name))
+                    break
+                except (OSError, SMBException, ValueError):
+                    smbclient.reset_connection_cache(fail_on_error=False, connection_cache=cache)
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.5)
+        smbclient.reset_connection_cache(fail_on_error=False, connection_cache=cache)
+        return attempts
+    return in_netns(ns, run)
+
+
+@needs_netns
+@pytest.mark.skipif(not shutil.which("smbd") or not shutil.which("fusermount3"), reason="needs samba and fuse3")
+def test_smb_stores_survive_failover(pair):
+    """SMB through the floating address: each box's agent runs smbd over its FUSE view. The whole active box dies;
+    the PACS's SMB client reconnects to the address, now b, and its stores continue; nothing acknowledged lost."""
+    a, b = pair.boxes["a"], pair.boxes["b"]
+    pair.start_box(a, **pair.smb_overrides(a))
+    pair.wait("a active", lambda: a.role() == "active")
+    pair.start_box(b, **pair.smb_overrides(b))
+    pair.wait("b standby and eligible", lambda: b.health()["ha"]["eligible"] and b.health()["status"] == "ok")
+    before = [f"MR/2026-11-30/smb/{i:03d}.dcm" for i in range(5)]
+    assert set(smb_store_all(pair.lan, before, time.monotonic() + 60).values()) == {1}
+    pair.power_off(a)
+    after = [f"MR/2026-11-30/smb/{i:03d}.dcm" for i in range(5, 10)]
+    attempts = smb_store_all(pair.lan, after, time.monotonic() + 90)
+    assert pair.active() == "b" and attempts[after[0]] > 1  # the first store after the kill had to retry
+    objects = s3_objects(pair)
+    prefix = f"ha{pair.tag}/"
+    assert [n for n in before + after if objects.get(prefix + n) != payload(n)] == []
+    read = ftp_read_all(pair.lan, before + after)  # b serves the files a stored too
+    assert [n for n in before + after if read[n] != payload(n)] == []
 
 
 @needs_netns

@@ -21,10 +21,13 @@ def test_mypy_strict_is_clean():
 
 
 def test_a_wrong_call_through_the_async_catalog_is_a_type_error(tmp_path):
-    """AsyncCatalog's methods carry Catalog's signatures (no __getattr__ erasing them to Any)."""
+    """AsyncCatalog's methods carry Catalog's signatures (no __getattr__ erasing them to Any), and they are what
+    the uplink's UploadQueue protocol asks for."""
     probe = tmp_path / "probe.py"
-    probe.write_text("from agent.store.catalog import AsyncCatalog\n\n\n"
-                     "async def f(db: AsyncCatalog) -> str:\n    return await db.get(1)\n")
+    probe.write_text("from agent.store.catalog import AsyncCatalog\nfrom agent.uplink.uploader import UploadQueue\n\n\n"
+                     "async def f(db: AsyncCatalog) -> str:\n    return await db.get(1)\n\n\n"
+                     "def g(db: AsyncCatalog) -> UploadQueue:\n    return db\n")
     out = _mypy("--strict", str(probe)).stdout
+    assert "Found 2 errors" in out, out  # and none in g: AsyncCatalog is the uploader's UploadQueue
     assert 'Argument 1 has incompatible type "int"; expected "str"' in out, out
     assert 'Incompatible return value type (got "Entry | None", expected "str")' in out, out

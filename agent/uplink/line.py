@@ -1,8 +1,11 @@
 """The line to object storage as one part: is it up, how many transfers may use it at once, how fast.
 
-Uploads and cold-read fetches share its slots (memory pressure resizes them) and its bandwidth. A transfer
-that fails because the line or the server is down marks the line down; a probe marks it up again. A server
-that only asks us to slow down (503 SlowDown, 429) is up: `patiently` retries those calls with backoff.
+Uploads and cold-read fetches share its slots (memory pressure resizes them) and its bandwidth. The line is
+called down only on sustained failure: FAILURES_TO_DOWN requests in a row failing as 'unreachable' (a transfer,
+or the probes that one such failure starts) with no answer between. One S3 5xx or one dropped connection is
+retried, not an outage: a down line degrades the box to write-back, and an HA box gives up its address for it.
+A probe marks the line up again. A server that only asks us to slow down (503 SlowDown, 429) is up:
+`patiently` retries those calls with backoff.
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ from agent.uplink.s3 import error_code, is_throttled, is_unreachable
 log = structlog.get_logger("pacsgw.uplink")
 
 PROBE_INTERVAL = 2.0
+FAILURES_TO_DOWN = 3  # unreachable failures in a row (transfers and confirming probes) that make the line down
+CONFIRM_INTERVAL = 0.5  # after a failure, probe this often until the line answers or is called down
 CHECK_TIMEOUT = 3.0  # a pooled connection into a dead line waits the whole read timeout: a probe answers sooner
 THROTTLE_RETRIES = 6  # about 0.2 + 0.4 + ... + 6.4 s (jittered) before the queue's own backoff takes over
 T = TypeVar("T")
@@ -73,6 +78,8 @@ class Line:
         self._up.set()
         self._watchers: list[Callable[[], None]] = []
         self._probing: asyncio.Task[None] | None = None
+        self._confirming: asyncio.Task[None] | None = None
+        self.failures = 0  # unreachable failures since the last answer
 
     @property
     def reachable(self) -> bool:
@@ -92,12 +99,48 @@ class Line:
             self.went_down(e)
 
     async def stop(self) -> None:
-        if self._probing is not None:
-            self._probing.cancel()
-            await asyncio.gather(self._probing, return_exceptions=True)
+        tasks = [t for t in (self._probing, self._confirming) if t is not None]
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    def failed(self, exc: BaseException) -> None:
+        """A request failed as 'unreachable' (is_unreachable). One failure is not an outage: count it, and probe
+        until the line answers (then it stays up) or FAILURES_TO_DOWN failures in a row make it down."""
+        if not self.health.reachable:
+            self.health.last_error = f"{error_code(exc)}: {exc}"[:300]
+            return
+        self.failures += 1
+        if self.failures >= FAILURES_TO_DOWN:
+            self.went_down(exc)
+            return
+        log.info("uplink_failure", error=f"{error_code(exc)}: {exc}"[:300], in_a_row=self.failures,
+                 down_at=FAILURES_TO_DOWN)
+        if self._confirming is None or self._confirming.done():
+            self._confirming = asyncio.create_task(self._confirm(), name="uplink-confirm")
+
+    async def _confirm(self) -> None:
+        while self.health.reachable and self.failures:
+            await asyncio.sleep(CONFIRM_INTERVAL)
+            if not (self.health.reachable and self.failures):
+                return  # a transfer answered meanwhile, or the line is already down
+            await self._probe_once()
+
+    async def _probe_once(self) -> None:
+        try:
+            await asyncio.wait_for(self._probe_call(), CHECK_TIMEOUT)
+        except Exception as e:  # only 'unreachable' counts; any other error is an answer (transfers report it)
+            if is_unreachable(e):
+                self.failed(e)
+            else:
+                self.failures = 0
+            return
+        self.answered()
 
     def went_down(self, exc: BaseException) -> None:
+        """The line is down (sustained failure, or no answer at start): write-back until a probe answers."""
         self.health.last_error = f"{error_code(exc)}: {exc}"[:300]
+        self.failures = 0
         if self.health.reachable:
             self.health.reachable, self.health.since = False, time.time()
             self._up.clear()
@@ -107,6 +150,7 @@ class Line:
 
     def answered(self) -> None:
         """A request went through: the line is up."""
+        self.failures = 0
         if not self.health.reachable:
             log.info("uplink_reachable", down_seconds=round(time.time() - self.health.since, 1))
             self.health.reachable, self.health.since, self.health.last_error = True, time.time(), ""
@@ -117,14 +161,10 @@ class Line:
 
     async def check(self) -> None:
         """Probe the line now, not only when a transfer fails: an HA box must give up the address on a dead
-        line even when no upload is in flight."""
+        line even when no upload is in flight (a failed check counts like a failed transfer)."""
         if not self.health.reachable:
             return  # the probe loop runs until the line is back
-        try:
-            await asyncio.wait_for(self._probe_call(), CHECK_TIMEOUT)
-        except Exception as e:  # only 'unreachable' matters here; transfers report the rest
-            if is_unreachable(e):
-                self.went_down(e)
+        await self._probe_once()
 
     async def _probe(self) -> None:
         while not self.health.reachable:

@@ -232,12 +232,15 @@ class S3Uplink:
                                              ChecksumSHA256=b64(sha), Metadata={META_SHA: sha})
         return PutResult(resp.get("ETag"), resp.get("VersionId"))
 
-    async def copy(self, src: str, dst: str, sha256: str | None, lock: Lock | None = None) -> PutResult:
-        """Server-side copy (no traffic on the private line), verified by the copy's recorded hash."""
+    async def copy(self, src: str, dst: str, sha256: str | None, lock: Lock | None = None,
+                   condition: dict[str, str] | None = None) -> PutResult:
+        """Server-side copy (no traffic on the private line), verified by the copy's recorded hash. A condition
+        on the destination works as in put_file (S3 answers 412 if dst is not the object expected)."""
         lock_args = {**lock.s3_args(), "ChecksumAlgorithm": "SHA256"} if lock else {}
         resp = await self._client.copy_object(
             Bucket=self.cfg.bucket, Key=self.key(dst),
-            CopySource={"Bucket": self.cfg.bucket, "Key": self.key(src)}, MetadataDirective="COPY", **lock_args)
+            CopySource={"Bucket": self.cfg.bucket, "Key": self.key(src)}, MetadataDirective="COPY", **lock_args,
+            **(condition or {}))
         if lock:
             await self._apply_lock(dst, resp.get("VersionId"), lock)
         head = await self._client.head_object(Bucket=self.cfg.bucket, Key=self.key(dst))

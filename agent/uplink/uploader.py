@@ -19,7 +19,7 @@ import functools
 import os
 import time
 import weakref
-from typing import Callable, Protocol
+from typing import Awaitable, Callable, Protocol
 
 import structlog
 
@@ -126,7 +126,7 @@ class Uploader:
                 await self.db.mark_failed(e.path, e.gen, f"{error_code(exc)}: {exc}", retry_at)
                 self.metrics.uploads.labels("error").inc()
                 if is_unreachable(exc):
-                    self.line.went_down(exc)
+                    self.line.failed(exc)
                 else:
                     log.error("upload_failed", path=e.path, error=error_code(exc), detail=str(exc)[:300],
                               attempts=e.attempts + 1, retry_in=round(retry_at - time.time(), 1))
@@ -146,23 +146,29 @@ class Uploader:
                      parts=result.parts, copy=bool(e.copy_from), superseded=not clean)
             return clean
 
+    def _condition(self, e: Entry) -> dict[str, str] | None:
+        """In an HA pair: the object this box last knew under e.path (its etag), or none at all. S3 refuses the
+        write (412) if the key holds anything else, i.e. what the other box wrote since."""
+        if not self.conditional:
+            return None
+        return {"IfMatch": e.etag} if e.etag else {"IfNoneMatch": "*"}
+
     async def _upload(self, e: Entry) -> PutResult:
         if e.blob is None:
             raise FileNotFoundError(f"{e.path}: no cached content to upload")
         if e.sha256 is None:
             raise ValueError(f"{e.path}: no checksum recorded for its cached content")
-        # The object this box last knew (its etag), or none at all: S3 refuses the PUT if that changed.
-        condition = ({"IfMatch": e.etag} if e.etag else {"IfNoneMatch": "*"}) if self.conditional else None
+        sha, condition = e.sha256, self._condition(e)
         fd = await asyncio.to_thread(self.blobs.open_blob, e.blob)
         try:
             meta = await asyncio.to_thread(self.describe, e.path, fd, e.size) if self.describe else None
             try:
-                result = await self.s3.put_file(e.path, fd, e.size, e.sha256, self.locks.lock_for(e.path, e.mtime),
+                result = await self.s3.put_file(e.path, fd, e.size, sha, self.locks.lock_for(e.path, e.mtime),
                                                 meta, condition)
             except Exception as exc:
                 if condition is None or not precondition_failed(exc):
                     raise
-                result = await self._not_overwritten(e, fd)
+                return await self._not_overwritten(e, lambda side: self.s3.put_file(side, fd, e.size, sha))
         finally:
             os.close(fd)
         if meta and (row := index_row(e.path, e.size, meta.metadata)):
@@ -170,32 +176,42 @@ class Uploader:
         self.metrics.uploaded_bytes.inc(e.size)
         return result
 
-    async def _not_overwritten(self, e: Entry, fd: int) -> PutResult:
-        """A conditional PUT was refused: the key holds an object this box did not know."""
-        assert e.sha256 is not None  # _upload checked it
+    async def _not_overwritten(self, e: Entry, keep_aside: Callable[[str], Awaitable[PutResult]]) -> PutResult:
+        """A conditional PUT or copy was refused: the key holds an object this box did not know."""
         head = await self.s3.head(e.path)
+        if head is not None and (row := index_row(e.path, head["ContentLength"], head.get("Metadata") or {})):
+            await self.db.index_dicom([row])  # the study index describes the object the key holds, not ours
         if head is not None and meta_sha(head.get("Metadata")) == e.sha256:
-            return PutResult(head.get("ETag"), head.get("VersionId"))  # our own PUT, whose answer was lost
+            return PutResult(head.get("ETag"), head.get("VersionId"))  # our own write, whose answer was lost
         # The other box stored this path after this box last saw it (its content is the newer one: this box's
         # queue predates its failure). Keep this copy beside the namespace and take the other box's object.
-        side = f"{CONFLICTS}/{e.path}.{e.sha256[:16]}"
-        result = await self.s3.put_file(side, fd, e.size, e.sha256)
+        side = f"{CONFLICTS}/{e.path}.{(e.sha256 or '')[:16]}"
+        result = await keep_aside(side)
         blob = await self.db.adopt_remote(e.path, e.gen, head["ContentLength"] if head else None,
                                           head.get("ETag") if head else None)
         if blob:
             self.blobs.remove(blob)
         log.error("ha_conflict", path=e.path, kept_as=side, remote_etag=head.get("ETag") if head else None,
+                  rename_from=e.copy_from,
                   reason="the other box of the HA pair wrote this path after this box last knew it; its object stays")
         return result
 
     async def _copy_or_upload(self, e: Entry) -> PutResult:
-        assert e.copy_from is not None
-        if await self.s3.head(e.copy_from) is None:
+        """A rename: server-side copy from the old key (conditional like a PUT in an HA pair)."""
+        src = e.copy_from
+        assert src is not None
+        if await self.s3.head(src) is None:
             # The source went away (deleted behind our back): upload from the cache if we still can.
             await self.db.drop_copy_source(e.path, e.gen)
             return await self._upload(e)
-        result = await self.s3.copy(e.copy_from, e.path, e.sha256, self.locks.lock_for(e.path, e.mtime))
-        await self.db.copy_dicom_row(e.copy_from, e.path)  # the copy carries the source's metadata
+        condition = self._condition(e)
+        try:
+            result = await self.s3.copy(src, e.path, e.sha256, self.locks.lock_for(e.path, e.mtime), condition)
+        except Exception as exc:
+            if condition is None or not precondition_failed(exc):
+                raise
+            return await self._not_overwritten(e, lambda side: self.s3.copy(src, side, e.sha256))
+        await self.db.copy_dicom_row(src, e.path)  # the copy carries the source's metadata
         return result
 
     # --- background loops ------------------------------------------------------------------------
@@ -242,7 +258,7 @@ class Uploader:
                     except Exception as exc:  # retried from the durable tombstone table
                         await self.db.tombstone_failed(key, time.time() + backoff(1))
                         if is_unreachable(exc):
-                            self.line.went_down(exc)
+                            self.line.failed(exc)
                             break
                         log.error("delete_failed", path=key, error=error_code(exc))
                         continue

@@ -3,10 +3,12 @@ roles' own templates and defaults, pass keepalived's, the agent's and nft's own 
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
 
+import asyncssh
 import pytest
 from fleetlib import ANSIBLE_DIR, VENV_BIN, ansible_env, run
 
@@ -53,7 +55,7 @@ def test_pair_renders_and_passes_keepalived_agent_and_nft_checks(tmp_path, box_n
     env = ansible_env(tmp_path)
     out = tmp_path / "rendered"
     out.mkdir()
-    renders = {"gateway": ["agent.toml.j2"], "ha": ["keepalived.conf.j2", "tmpfiles.conf.j2"],
+    renders = {"gateway": ["agent.toml.j2"], "ha": ["keepalived.conf.j2", "tmpfiles.conf.j2", "sftp_host_key.j2"],
                "base": ["nftables.conf.j2"]}
     for role, templates in renders.items():
         r = tmp_path / "roles" / f"render_{role}"
@@ -66,12 +68,16 @@ def test_pair_renders_and_passes_keepalived_agent_and_nft_checks(tmp_path, box_n
             f"    dest: {out}/{{{{ inventory_hostname }}}}.{t.removesuffix('.j2')}\n    mode: '0600'\n"
             for t in templates))
     (tmp_path / "hosts.yml").write_text(INVENTORY)
+    pair_key = asyncssh.generate_private_key("ssh-ed25519")  # the pair's SFTP host key, from the vault
+    (tmp_path / "vault.yml").write_text(json.dumps({"gateway_ha_sftp_host_key":
+                                                    pair_key.export_private_key().decode()}))
     play = tmp_path / "render.yml"
     play.write_text("- hosts: pacsgw\n  connection: local\n  gather_facts: false\n"
                     "  roles: [render_gateway, render_ha, render_base]\n")
     run([str(VENV_BIN / "ansible-playbook"), "-i", str(tmp_path / "hosts.yml"),
          "-e", f"ansible_python_interpreter={VENV_BIN / 'python'}",
          "-e", f"ha_python={VENV_BIN / 'python'}",  # the check script must exist for keepalived's config test
+         "-e", f"@{tmp_path / 'vault.yml'}",
          str(play)], cwd=ANSIBLE_DIR,
         env=env | {"ANSIBLE_ROLES_PATH": str(tmp_path / "roles")})
     from agent import config
@@ -96,6 +102,9 @@ def test_pair_renders_and_passes_keepalived_agent_and_nft_checks(tmp_path, box_n
         assert "d /run/pacsgw-ha 0755 pacsgw pacsgw -" in (out / f"{host}.tmpfiles.conf").read_text()
         nft = (out / f"{host}.nftables.conf").read_text()
         assert f"ip saddr {peer} ip protocol vrrp accept" in nft
+        # Both boxes get the pair's one SFTP host key: the floating address keeps its key on a take-over.
+        host_key = asyncssh.import_private_key((out / f"{host}.sftp_host_key").read_bytes())
+        assert host_key.export_public_key() == pair_key.export_public_key()
         if shutil.which("nft"):
             p = subprocess.run(["nft", "-c", "-f", str(out / f"{host}.nftables.conf")], capture_output=True,
                                text=True, timeout=60)

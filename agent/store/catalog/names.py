@@ -116,10 +116,12 @@ class Namespace(CatalogBase):
             subtree = self._entries(f"SELECT {COLUMNS} FROM entries WHERE path > ? AND path < ?",
                                     (src + "/", src + "0")) if e.is_dir else []
             for m in [e, *subtree]:
-                self._move_row(m, dst + m.path[len(src):], now)
+                # The object this box knew under dst (a file moved over a file): an HA pair's copy or upload to
+                # dst is conditional on it (agent/uplink/uploader.py).
+                self._move_row(m, dst + m.path[len(src):], now, target.etag if target is not None else None)
         return replaced
 
-    def _move_row(self, e: Entry, new_path: str, now: float) -> None:
+    def _move_row(self, e: Entry, new_path: str, now: float, etag: str | None) -> None:
         self.db.execute("DELETE FROM entries WHERE path = ?", (e.path,))
         if e.is_dir:
             self.db.execute("INSERT INTO entries (path, parent, name, is_dir, mtime, listed) VALUES (?, ?, ?, 1, ?, ?)",
@@ -130,9 +132,9 @@ class Namespace(CatalogBase):
         copy_from = e.path if e.state == "clean" else (e.copy_from if e.state == "dirty" else None)
         self.db.execute(
             "INSERT INTO entries (path, parent, name, is_dir, size, mtime, sha256, state, blob, gen, copy_from, "
-            "dirty_since, last_access, access_count) VALUES (?, ?, ?, 0, ?, ?, ?, 'dirty', ?, ?, ?, ?, ?, ?)",
+            "etag, dirty_since, last_access, access_count) VALUES (?, ?, ?, 0, ?, ?, ?, 'dirty', ?, ?, ?, ?, ?, ?, ?)",
             (new_path, parent_of(new_path), name_of(new_path), e.size, e.mtime, e.sha256, e.blob, e.gen + 1,
-             copy_from, now, e.last_access, e.access_count))
+             copy_from, etag, now, e.last_access, e.access_count))
         self.db.execute("DELETE FROM tombstones WHERE key = ?", (new_path,))
         self.db.execute("INSERT OR IGNORE INTO tombstones (key, queued) VALUES (?, ?)", (e.path, now))
 

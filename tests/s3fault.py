@@ -1,0 +1,86 @@
+"""A fault-injecting HTTP proxy in front of a real S3 server (SeaweedFS).
+
+It forwards every request unchanged (the Host header too, so SigV4 signatures still verify) and, when told,
+answers some requests itself with an S3 error instead: a single 500 InternalError from a healthy server is a
+fault a real SeaweedFS cannot be made to produce on demand, so the tests that need it inject it here (and say
+so). Everything else, every object, comes from the real server behind it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import aiohttp
+from aiohttp import web
+
+from devstack import free_port
+
+HOP = {"connection", "keep-alive", "transfer-encoding", "expect", "content-length", "te", "upgrade",
+       "proxy-connection"}
+ERROR_BODY = (b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>InternalError</Code>'
+              b"<Message>injected by the test's fault proxy</Message></Error>")
+
+
+class FaultProxy:
+    def __init__(self, upstream: str) -> None:
+        self.upstream = upstream.rstrip("/")
+        self.port = free_port()
+        self.fail_puts = 0  # answer the next N PUT requests with 500
+        self.fail_all = False  # answer every request with 500 (a server that keeps failing)
+        self.injected: list[str] = []
+        self._loop = asyncio.new_event_loop()
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    @property
+    def endpoint_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> "FaultProxy":
+        self._thread.start()
+        if not self._ready.wait(15):
+            raise TimeoutError("fault proxy did not start")
+        return self
+
+    def stop(self) -> None:
+        self._loop.call_soon_threadsafe(self._stopped.set)
+        self._thread.join(15)
+
+    def _run(self) -> None:
+        self._loop.run_until_complete(self._serve())
+        self._loop.close()
+
+    async def _serve(self) -> None:
+        self._stopped = asyncio.Event()
+        app = web.Application(client_max_size=1 << 30)
+        app.router.add_route("*", "/{tail:.*}", self._handle)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", self.port).start()
+        async with aiohttp.ClientSession(auto_decompress=False) as self._session:
+            self._ready.set()
+            await self._stopped.wait()
+        await runner.cleanup()
+
+    def _inject(self, request: web.Request) -> bool:
+        if self.fail_all:
+            return True
+        if request.method == "PUT" and self.fail_puts > 0:
+            self.fail_puts -= 1
+            return True
+        return False
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        body = await request.read()
+        if self._inject(request):
+            self.injected.append(f"{request.method} {request.path_qs}")
+            return web.Response(status=500, body=ERROR_BODY, content_type="application/xml")
+        headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP}
+        async with self._session.request(request.method, self.upstream + request.path_qs, headers=headers,
+                                         data=body, allow_redirects=False, skip_auto_headers=("Content-Type",)
+                                         ) as r:
+            data = await r.read()
+            drop = HOP | {"content-encoding"} if request.method != "HEAD" else HOP - {"content-length"}
+            out = {k: v for k, v in r.headers.items() if k.lower() not in drop}
+            return web.Response(status=r.status, body=data or None, headers=out)

@@ -1,0 +1,104 @@
+"""An HA box never writes over an object the other box wrote meanwhile: conditional PUTs and conditional renames
+(server-side copies with If-Match / If-None-Match on the destination), against the real SeaweedFS.
+
+One real agent is the active box of a pair (keepalived's notify hook wrote MASTER to its role file); "the other
+box" is played by an S3 client writing to the same bucket and prefix, as the peer's agent would. No network
+namespaces: this file may run beside tests/test_ha.py.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import pytest
+from pydicom.uid import generate_uid
+
+from agent.hahook import notify
+from bench.dicomgen import ct_slice
+from faultkit import catalog_rows, ftp_get, ftp_login, ftp_put, payload
+from harness import BUCKET, s3_objects, sha256
+
+
+@pytest.fixture
+def active(agent_factory, tmp_path):
+    role = tmp_path / "ha-role"
+    assert notify(str(role), "MASTER") == 0
+    a = agent_factory(**{"ha.enabled": True, "ha.role_file": str(role)}).start()
+    assert a.health()["ha"]["role"] == "active"
+    return a
+
+
+def peer_put(store, agent, path: str, body: bytes, **meta: str) -> None:
+    """The other box stores path (its agent's object: content plus its sha256 metadata)."""
+    store.client().put_object(Bucket=BUCKET, Key=agent.prefix + path, Body=body,
+                              Metadata={"sha256": hashlib.sha256(body).hexdigest(), **meta})
+
+
+def conflict_key(path: str, body: bytes) -> str:
+    return f".pacsgw-conflicts/{path}.{sha256(body)[:16]}"
+
+
+def test_rename_never_overwrites_the_other_boxs_object(active, seaweed):
+    a = active
+    ftp = ftp_login(a)
+    ftp.mkd("CT")
+    ftp.mkd("CT/r")
+    old, src, kept, moved, newer, other = (payload(n, 20_000) for n in ("old", "src", "kept", "moved", "newer",
+                                                                         "other"))
+    ftp_put(ftp, "CT/r/dst.dcm", old)
+    ftp_put(ftp, "CT/r/src.dcm", src)
+    ftp_put(ftp, "CT/r/b.dcm", kept)
+    ftp_put(ftp, "CT/r/b.dcm.part", moved)
+    ftp_put(ftp, "CT/r/new.dcm.part", other)
+    a.wait_drained()
+    # Meanwhile the other box stores a newer dst.dcm, and a new.dcm this box never saw.
+    peer_put(seaweed, a, "CT/r/dst.dcm", newer)
+    peer_put(seaweed, a, "CT/r/new.dcm", newer)
+
+    ftp.rename("CT/r/src.dcm", "CT/r/dst.dcm")  # over the object this box knew: If-Match refuses it
+    ftp.rename("CT/r/new.dcm.part", "CT/r/new.dcm")  # onto a key this box knew empty: If-None-Match refuses it
+    ftp.rename("CT/r/b.dcm.part", "CT/r/b.dcm")  # nobody else wrote b.dcm: the conditional copy goes through
+    a.wait_drained()
+
+    objects = s3_objects(seaweed, a.prefix)
+    assert objects["CT/r/dst.dcm"]["sha256"] == sha256(newer)  # the other box's object stays
+    assert objects["CT/r/new.dcm"]["sha256"] == sha256(newer)
+    assert objects[conflict_key("CT/r/dst.dcm", src)]["sha256"] == sha256(src)  # this box's copy, beside it
+    assert objects[conflict_key("CT/r/new.dcm", other)]["sha256"] == sha256(other)
+    assert objects["CT/r/b.dcm"]["sha256"] == sha256(moved)
+    assert not {"CT/r/src.dcm", "CT/r/new.dcm.part", "CT/r/b.dcm.part"} & set(objects)  # the old keys left
+    conflicts = {e["path"]: e for e in a.wait_events("ha_conflict", 2)}
+    assert sorted(conflicts) == ["CT/r/dst.dcm", "CT/r/new.dcm"]
+    assert conflicts["CT/r/dst.dcm"]["rename_from"] == "CT/r/src.dcm"
+    # The box now serves the object S3 holds, not its own copy.
+    assert ftp_get(ftp, "CT/r/dst.dcm") == newer and ftp_get(ftp, "CT/r/b.dcm") == moved
+    ftp.quit()
+
+
+def test_refused_put_indexes_the_object_s3_holds(active, seaweed):
+    """The study index (`pacsgw find`) describes what the key holds: after a 412 it is the other box's DICOM
+    object, not this box's refused one."""
+    a, rng = active, np.random.default_rng(18)
+    studies = {n: generate_uid()[:60] for n in ("first", "peer", "refused")}
+
+    def slice_of(study: str) -> bytes:
+        return ct_slice(rng, patient="P-HA", study_uid=study, series_uid=study + ".1", rows=16, cols=16)
+
+    ftp = ftp_login(a)
+    ftp.mkd("CT")
+    ftp_put(ftp, "CT/1.dcm", slice_of(studies["first"]))
+    a.wait_drained()
+    index = "SELECT study_uid FROM dicom_objects WHERE path = ?"
+    assert catalog_rows(a, index, ("CT/1.dcm",)) == [(studies["first"],)]
+    peer_body = slice_of(studies["peer"])
+    peer_put(seaweed, a, "CT/1.dcm", peer_body, **{"dicom-study": studies["peer"], "dicom-modality": "CT"})
+    refused = slice_of(studies["refused"])
+    ftp_put(ftp, "CT/1.dcm", refused)
+    a.wait_drained()
+    assert a.wait_events("ha_conflict")
+    objects = s3_objects(seaweed, a.prefix)
+    assert objects["CT/1.dcm"]["sha256"] == sha256(peer_body)
+    assert objects[conflict_key("CT/1.dcm", refused)]["sha256"] == sha256(refused)
+    assert catalog_rows(a, index, ("CT/1.dcm",)) == [(studies["peer"],)]
+    ftp.quit()

@@ -1,0 +1,83 @@
+"""The line is called down only on sustained failure (agent/uplink/line.py): one S3 5xx is retried, not an
+outage, so it neither degrades the box to write-back nor makes an HA box give up its address.
+
+The agent talks to the real SeaweedFS through tests/s3fault.py, a proxy that forwards everything and answers
+chosen requests with 500 InternalError: a single 5xx from a healthy server is a fault SeaweedFS cannot be made
+to produce on demand, so this fault (and only it) is injected by the proxy.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+from s3fault import FaultProxy
+
+from faultkit import ftp_login, ftp_put, payload, wait_for
+from harness import s3_objects, sha256
+
+
+@pytest.fixture
+def proxy(seaweed):
+    p = FaultProxy(seaweed.endpoint_url).start()
+    yield p
+    p.stop()
+
+
+class Sampler(threading.Thread):
+    """/healthz every 0.1 s: did the box ever look degraded?"""
+
+    def __init__(self, agent) -> None:
+        super().__init__(daemon=True)
+        self.agent, self.samples, self.done = agent, [], threading.Event()
+
+    def run(self) -> None:
+        while not self.done.is_set():
+            h = self.agent.health()
+            self.samples.append((h["status"], h["uplink"]["reachable"]))
+            time.sleep(0.1)
+
+    def stop(self) -> list[tuple[str, bool]]:
+        self.done.set()
+        self.join(10)
+        return self.samples
+
+
+def test_one_5xx_is_retried_and_sustained_failure_is_an_outage(agent_factory, seaweed, proxy):
+    a = agent_factory(**{"uplink.endpoint_url": proxy.endpoint_url}).start()
+    wait_for(lambda: a.health()["status"] == "ok", 30, what="agent ok")
+    ftp = ftp_login(a)
+    ftp_put(ftp, "CT/warm.dcm", b"warm-up")  # the connection pool is open: the fault hits a live line
+
+    # One upload fails with 500 (botocore already retries a 500 once: the proxy fails both attempts). It is
+    # retried from the queue; the line stays up and /healthz stays ok.
+    sampler = Sampler(a)
+    sampler.start()
+    proxy.fail_puts = 2
+    data = payload("one-5xx", 40_000)
+    assert ftp_put(ftp, "CT/d/one.dcm", data).startswith("226")
+    a.wait_drained(60)
+    time.sleep(1.0)  # a line wrongly called down would show on /healthz for at least this long
+    samples = sampler.stop()
+    assert len(proxy.injected) == 2 and all(r.startswith("PUT ") for r in proxy.injected), proxy.injected
+    assert a.events("uplink_failure"), "the injected 500 never reached the line"
+    assert not a.events("uplink_unreachable"), "one 5xx was taken for an outage"
+    assert samples and all(s == ("ok", True) for s in samples), [s for s in samples if s != ("ok", True)][:5]
+    objects = s3_objects(seaweed, a.prefix)
+    assert objects["CT/d/one.dcm"]["sha256"] == sha256(data)
+
+    # The server keeps failing: a few failures in a row make the line down (write-back, degraded) ...
+    proxy.fail_all = True
+    later = payload("sustained", 40_000)
+    assert ftp_put(ftp, "CT/d/later.dcm", later).startswith("226")  # acknowledged in write-back
+    wait_for(lambda: not a.health()["uplink"]["reachable"], 30, what="line down after sustained failure")
+    h = a.health()
+    assert h["status"] == "degraded" and h["queue_depth"] == 1
+    assert a.events("uplink_unreachable")
+    # ... and up again once the server answers; the queued file reaches S3.
+    proxy.fail_all = False
+    wait_for(lambda: a.health()["uplink"]["reachable"], 30, what="line up again")
+    a.wait_drained(60)
+    assert s3_objects(seaweed, a.prefix)["CT/d/later.dcm"]["sha256"] == sha256(later)
+    ftp.quit()
