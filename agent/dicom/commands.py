@@ -76,6 +76,44 @@ def cmd_index_rebuild(args: argparse.Namespace) -> int:
     return 1 if report.failed else 0
 
 
+def cmd_retention_apply(args: argparse.Namespace) -> int:
+    import getpass
+    import os
+    from pathlib import Path
+
+    from agent.audit import AuditLog, Who
+    from agent.cli import _load_or_exit
+    from agent.dicom.reapply import apply, plan
+    cfg = _load_or_exit(args.config)
+    if not cfg.compliance.worm:
+        print(f"pacsgw: {cfg.path}: [compliance] worm = false: there is no retention to apply", file=sys.stderr)
+        return 2
+    p = asyncio.run(plan(cfg, args.concurrency))
+    failed = list(p.failed)
+    if not args.dry_run and p.changes:
+        audit = AuditLog(Path(cfg.audit.path), cfg.audit.max_bytes, cfg.audit.keep, cfg.audit.enabled)
+        who = Who(os.environ.get("SUDO_USER") or getpass.getuser(), "cli")
+        try:
+            failed += asyncio.run(apply(cfg, p.changes, audit, who))
+        finally:
+            audit.close()
+    out = {"dry_run": args.dry_run, "objects": p.objects, "changes": len(p.changes), "failed": failed,
+           "items": [c.as_dict() for c in p.changes]}
+    if args.json:
+        print(json.dumps(out, indent=2))
+    else:
+        verb = "would extend" if args.dry_run else "extended"
+        for c in p.changes:
+            before = f"{c.until_before:%Y-%m-%d}" if c.until_before else "none"
+            after = f"{c.until:%Y-%m-%d}" if c.until else before
+            hold = " + legal hold" if c.hold else ""
+            print(f"{verb}: {c.path}: {before} -> {after}{hold} ({c.reason})")
+        for f in failed:
+            print(f"failed: {f}", file=sys.stderr)
+        print(f"{p.objects} objects read, {len(p.changes)} {verb}, {len(failed)} failed")
+    return 1 if failed else 0
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("find", help="DICOM objects by study, patient, modality and study date, and where they are")
     p.add_argument("--config", default=DEFAULT_CONFIG)
@@ -92,3 +130,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--concurrency", type=int, default=64, help="HEAD requests in flight (default 64)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_index_rebuild)
+
+    p = sub.add_parser("retention", help="Object Lock retention of the objects already in the bucket")
+    rsub = p.add_subparsers(dest="retention_command", required=True)
+    p = rsub.add_parser("apply", help="extend (never shorten) the retention and legal hold of old objects to "
+                        "what today's [compliance] rules give them; every change is audited")
+    p.add_argument("--config", default=DEFAULT_CONFIG)
+    p.add_argument("--dry-run", action="store_true", help="list what would be extended, and why; change nothing")
+    p.add_argument("--concurrency", type=int, default=32, help="HEAD requests in flight (default 32)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_retention_apply)

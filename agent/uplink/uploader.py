@@ -23,6 +23,7 @@ from typing import Callable, Protocol
 
 import structlog
 
+from agent.dicom.header import Header
 from agent.dicom.objectmeta import ObjectMeta, index_row
 from agent.metrics import Metrics
 from agent.records import Entry, Lock
@@ -63,9 +64,9 @@ class Blobs(Protocol):
 
 
 class LockPolicy(Protocol):
-    """Which Object Lock a new object gets (agent.store.worm.WormPolicy)."""
+    """Which Object Lock a new object gets (agent.dicom.retention.DicomRetention: path and DICOM rules)."""
 
-    def lock_for(self, path: str, stored_at: float) -> Lock | None: ...
+    def lock_for(self, path: str, stored_at: float, header: Header | None = None) -> Lock | None: ...
 
 
 class Uploader:
@@ -157,8 +158,8 @@ class Uploader:
         try:
             meta = await asyncio.to_thread(self.describe, e.path, fd, e.size) if self.describe else None
             try:
-                result = await self.s3.put_file(e.path, fd, e.size, e.sha256, self.locks.lock_for(e.path, e.mtime),
-                                                meta, condition)
+                lock = self.locks.lock_for(e.path, e.mtime, meta.header if meta else None)
+                result = await self.s3.put_file(e.path, fd, e.size, e.sha256, lock, meta, condition)
             except Exception as exc:
                 if condition is None or not precondition_failed(exc):
                     raise
@@ -188,13 +189,28 @@ class Uploader:
                   reason="the other box of the HA pair wrote this path after this box last knew it; its object stays")
         return result
 
+    async def _header(self, e: Entry) -> Header | None:
+        """The DICOM header of a renamed file's cached content (the copy keeps its metadata, but DICOM
+        retention rules need the header); None when it is not cached."""
+        if self.describe is None or e.blob is None:
+            return None
+        try:
+            fd = await asyncio.to_thread(self.blobs.open_blob, e.blob)
+        except OSError:
+            return None
+        try:
+            return (await asyncio.to_thread(self.describe, e.path, fd, e.size)).header
+        finally:
+            os.close(fd)
+
     async def _copy_or_upload(self, e: Entry) -> PutResult:
         assert e.copy_from is not None
         if await self.s3.head(e.copy_from) is None:
             # The source went away (deleted behind our back): upload from the cache if we still can.
             await self.db.drop_copy_source(e.path, e.gen)
             return await self._upload(e)
-        result = await self.s3.copy(e.copy_from, e.path, e.sha256, self.locks.lock_for(e.path, e.mtime))
+        result = await self.s3.copy(e.copy_from, e.path, e.sha256,
+                                    self.locks.lock_for(e.path, e.mtime, await self._header(e)))
         await self.db.copy_dicom_row(e.copy_from, e.path)  # the copy carries the source's metadata
         return result
 
