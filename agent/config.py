@@ -778,6 +778,10 @@ def load(path: str | Path) -> Config:
     sections = {name: _build(cls, data.get(name, {}), file, name) for name, cls in _SECTIONS.items()}
     sections["compliance"] = dataclasses.replace(sections["compliance"], rules=tuple(
         _build(RetentionRule, r, file, f"compliance.rules[{i}]") for i, r in enumerate(rules_raw)))
+    for i, (rule, raw) in enumerate(zip(sections["compliance"].rules, rules_raw, strict=True)):
+        if not rule.selects_dicom and "prefix" not in raw:
+            raise ConfigError(file, f"compliance.rules[{i}].prefix", None,
+                              "required in a rule that selects by no DICOM attribute (a path rule)")
     users_raw = data.get("users", [])
     if not isinstance(users_raw, list):
         raise ConfigError(file, "users", users_raw, "an array of tables: [[users]]")
