@@ -21,10 +21,18 @@ def _day(text: str) -> str:
         raise argparse.ArgumentTypeError(f"{text!r} is not a date YYYY-MM-DD") from None
 
 
-def _open(config: str):  # (Config, Catalog)
+def _config(path: str):  # Config
+    """The config (exit 2 naming the key when it is bad); log events go to stderr, stdout is the answer."""
+    from agent import logs
     from agent.cli import _load_or_exit
+    cfg = _load_or_exit(path)
+    logs.configure(cfg.log.level, "console" if sys.stderr.isatty() else cfg.log.format)
+    return cfg
+
+
+def _open(config: str):  # (Config, Catalog)
     from agent.store.catalog import Catalog
-    cfg = _load_or_exit(config)
+    cfg = _config(config)
     return cfg, Catalog(cfg.catalog_path)
 
 
@@ -82,9 +90,8 @@ def cmd_index_rebuild(args: argparse.Namespace) -> int:
 def cmd_index_snapshot(args: argparse.Namespace) -> int:
     import time
 
-    from agent.cli import _load_or_exit
     from agent.dicom import snapshot
-    cfg = _load_or_exit(args.config)
+    cfg = _config(args.config)
     t0 = time.monotonic()
     try:
         manifest = asyncio.run(snapshot.write(cfg, snapshot.catalog_rows(cfg.catalog_path)))
@@ -107,9 +114,8 @@ def cmd_retention_apply(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from agent.audit import AuditLog, Who
-    from agent.cli import _load_or_exit
     from agent.dicom.reapply import apply, plan
-    cfg = _load_or_exit(args.config)
+    cfg = _config(args.config)
     if not cfg.compliance.worm:
         print(f"pacsgw: {cfg.path}: [compliance] worm = false: there is no retention to apply", file=sys.stderr)
         return 2
