@@ -145,36 +145,33 @@ def cmd_retention_apply(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
-def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("find", help="DICOM objects by study, patient, modality and study date, and where they are")
+def _command(sub: argparse._SubParsersAction, name: str, func, help: str) -> argparse.ArgumentParser:
+    """A subcommand with the --config and --json every one of these takes."""
+    p = sub.add_parser(name, help=help)
     p.add_argument("--config", default=DEFAULT_CONFIG)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=func)
+    return p
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = _command(sub, "find", cmd_find, "DICOM objects by study, patient, modality and study date, and where they are")
     p.add_argument("--study", help="StudyInstanceUID")
     p.add_argument("--patient", help="PatientID (matched through the keyed pseudonym; never stored in clear)")
     p.add_argument("--modality", help="e.g. CT, MR, MG")
     p.add_argument("--from", dest="date_from", type=_day, help="study date from (YYYY-MM-DD, inclusive)")
     p.add_argument("--to", dest="date_to", type=_day, help="study date to (YYYY-MM-DD, inclusive)")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_find)
 
-    p = sub.add_parser("index-rebuild", help="rebuild the study index from the bucket's object metadata alone")
-    p.add_argument("--config", default=DEFAULT_CONFIG)
+    p = _command(sub, "index-rebuild", cmd_index_rebuild, "rebuild the study index from the bucket alone")
     p.add_argument("--concurrency", type=int, default=64, help="HEAD requests in flight (default 64)")
     p.add_argument("--no-snapshot", action="store_true", help="HEAD every object; ignore the index snapshot")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_index_rebuild)
 
-    p = sub.add_parser("index-snapshot", help="write the study index to the bucket (beside the namespace), so "
-                       "that index-rebuild reads a few objects instead of HEADing every one; run it e.g. nightly")
-    p.add_argument("--config", default=DEFAULT_CONFIG)
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_index_snapshot)
+    _command(sub, "index-snapshot", cmd_index_snapshot, "write the study index to the bucket (beside the namespace) "
+             "so that index-rebuild reads a few objects instead of HEADing every one; run it e.g. nightly")
 
     p = sub.add_parser("retention", help="Object Lock retention of the objects already in the bucket")
-    rsub = p.add_subparsers(dest="retention_command", required=True)
-    p = rsub.add_parser("apply", help="extend (never shorten) the retention and legal hold of old objects to "
-                        "what today's [compliance] rules give them; every change is audited")
-    p.add_argument("--config", default=DEFAULT_CONFIG)
+    p = _command(p.add_subparsers(dest="retention_command", required=True), "apply", cmd_retention_apply,
+                 "extend (never shorten) the retention and legal hold of old objects to what today's "
+                 "[compliance] rules give them; every change is audited")
     p.add_argument("--dry-run", action="store_true", help="list what would be extended, and why; change nothing")
     p.add_argument("--concurrency", type=int, default=32, help="HEAD requests in flight (default 32)")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_retention_apply)
