@@ -70,6 +70,7 @@ def test_dicom_rules_only_lengthen_the_path_terms():
     assert until("scratch/a.dcm", header("MG")) == today + datetime.timedelta(days=3653)  # extends a 0 too
     assert until("scratch/a.dcm", header("OT")) is None
     assert until("MG/a.dcm.part", header("MG")) is None                               # temporary names never
+    assert r.retention_class("MG/a.dcm.part", header("MG")) == "3653d"  # … but tagged for their final name
     assert DicomRetention(ComplianceConfig(worm=False, rules=cfg.rules)).lock_for("MG/a", now, header("MG")) is None
     why = r.decide("CT/a.dcm", now, header("CT", birth="20150601")).reason
     assert "until age 25" in why and "legal hold: compliance.rules[3]" in why
@@ -146,9 +147,9 @@ def test_rules_lock_on_upload_and_apply_extends_old_objects(agent_factory, seawe
     assert retention(client, locked_bucket, key("MG/b/2.dcm")) == (today + days(3653), False)
     for path in ("CT/a/child.dcm", "CT/a/adult.dcm", "notes.txt"):
         assert retention(client, locked_bucket, key(path)) == (today + days(1), False), path
-    tags = {t["Key"]: t["Value"] for t in client.get_object_tagging(Bucket=locked_bucket,
-                                                                     Key=key("MG/a/1.dcm"))["TagSet"]}
-    assert tags["retention"] == "3653d"
+    for path in ("MG/a/1.dcm", "MG/b/2.dcm"):  # the renamed one keeps the tag its .part was given
+        tags = client.get_object_tagging(Bucket=locked_bucket, Key=key(path))["TagSet"]
+        assert {t["Key"]: t["Value"] for t in tags}["retention"] == "3653d", path
 
     # the rules change: children until 25, CT studies of 2019 for 30 days and held; mammography shortened
     agent.overrides["compliance.rules"] = [
