@@ -91,12 +91,18 @@ def test_dicom_rule_config_is_checked(tmp_path):
             rules(f"[[compliance.rules]]\nretention_days = 1\n{bad}\n")
 
 
-def test_retention_apply_refuses_without_worm(tmp_path):
+def test_retention_apply_refuses_without_worm_or_object_lock(tmp_path, agent_factory):
     import subprocess
     import sys
-    out = subprocess.run([sys.executable, "-m", "agent.cli", "retention", "apply", "--dry-run", "--config",
-                          str(write(tmp_path, GOOD))], capture_output=True, text=True, timeout=120)
+
+    def apply(config) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "agent.cli", "retention", "apply", "--dry-run", "--config",
+                               str(config)], capture_output=True, text=True, timeout=120)
+
+    out = apply(write(tmp_path, GOOD))
     assert out.returncode == 2 and "worm = false" in out.stderr
+    out = apply(agent_factory(**{"compliance.worm": True}).config_path)  # the plain test bucket: no Object Lock
+    assert out.returncode == 2 and "has no Object Lock" in out.stderr
 
 
 # --- live: upload with DICOM rules, then a rule change applied to the old objects ---------------------

@@ -114,12 +114,16 @@ def cmd_retention_apply(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from agent.audit import AuditLog, Who
-    from agent.dicom.reapply import apply, plan
+    from agent.dicom.reapply import NoObjectLock, apply, plan
     cfg = _config(args.config)
     if not cfg.compliance.worm:
         print(f"pacsgw: {cfg.path}: [compliance] worm = false: there is no retention to apply", file=sys.stderr)
         return 2
-    p = asyncio.run(plan(cfg, args.concurrency))
+    try:
+        p = asyncio.run(plan(cfg, args.concurrency))
+    except NoObjectLock as e:
+        print(f"pacsgw: {e}", file=sys.stderr)
+        return 2
     failed = list(p.failed)
     if not args.dry_run and p.changes:
         audit = AuditLog(Path(cfg.audit.path), cfg.audit.max_bytes, cfg.audit.keep, cfg.audit.enabled)

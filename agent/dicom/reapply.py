@@ -87,12 +87,20 @@ def _change(path: str, head: dict[str, Any], decision_lock: Any, reason: str) ->
                   hold, reason)
 
 
+class NoObjectLock(RuntimeError):
+    """The bucket cannot hold retention: there is nothing to extend."""
+
+
 async def plan(cfg: Config, concurrency: int = 32) -> Plan:
     """What today's rules would extend on the objects in the bucket (read only)."""
     rules = DicomRetention(cfg.compliance)
     s3, lister = S3Uplink(cfg.uplink), S3Uplink(cfg.uplink)
     await s3.start()
     await lister.start()
+    if not await s3.object_lock_enabled():
+        await s3.close()
+        await lister.close()
+        raise NoObjectLock(f"bucket {cfg.uplink.bucket!r} has no Object Lock: its objects cannot be retained")
     out = Plan()
     queue: asyncio.Queue[tuple[str, int, float] | None] = asyncio.Queue(maxsize=concurrency * 4)
 
