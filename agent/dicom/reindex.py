@@ -13,7 +13,7 @@ import asyncio
 import dataclasses
 import time
 from dataclasses import dataclass
-from typing import AsyncIterator
+from typing import AsyncGenerator
 
 from tqdm import tqdm
 
@@ -66,10 +66,10 @@ async def rebuild(cfg: Config, catalog: Catalog, concurrency: int = 64, progress
                 catalog.index_dicom(rows[:])
                 rows.clear()
 
+    cursor = snapshot.Cursor(snapshot.read(cfg, lister) if use_snapshot and cfg.uplink.prefix else _none())
     try:
         catalog.clear_dicom_index()
         workers = [asyncio.create_task(worker()) for _ in range(concurrency)]
-        cursor = snapshot.Cursor(snapshot.read(cfg, lister) if use_snapshot and cfg.uplink.prefix else _none())
         async for page in lister.walk():
             for path, size, _mtime, etag in page:
                 if (row := await cursor.match(path, size, etag)) is None:
@@ -88,6 +88,7 @@ async def rebuild(cfg: Config, catalog: Catalog, concurrency: int = 64, progress
         catalog.index_dicom(rows)
     finally:
         bar.close()
+        await cursor.aclose()
         await s3.close()
         await lister.close()
     report.seconds = time.monotonic() - t0
@@ -95,6 +96,6 @@ async def rebuild(cfg: Config, catalog: Catalog, concurrency: int = 64, progress
     return report
 
 
-async def _none() -> AsyncIterator[snapshot.Row]:
+async def _none() -> AsyncGenerator[snapshot.Row, None]:
     return
     yield

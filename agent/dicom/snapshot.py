@@ -18,7 +18,7 @@ import json
 import os
 import sqlite3
 from pathlib import Path
-from typing import Any, AsyncIterator, Iterable, Iterator
+from typing import Any, AsyncGenerator, Iterable, Iterator
 
 import structlog
 from botocore.exceptions import ClientError
@@ -140,7 +140,7 @@ def _valid(row: Any) -> bool:
             and all(v is None or isinstance(v, str) for v in row[2:]))
 
 
-async def read(cfg: Config, s3: S3Uplink) -> AsyncIterator[Row]:
+async def read(cfg: Config, s3: S3Uplink) -> AsyncGenerator[Row, None]:
     """The current snapshot's rows in path order (the next segment is fetched while one is consumed). Nothing
     when there is none; on a damaged one, what came before the damage (the rest is HEADed by the caller)."""
     try:
@@ -174,7 +174,7 @@ async def read(cfg: Config, s3: S3Uplink) -> AsyncIterator[Row]:
 class Cursor:
     """Walks the snapshot rows alongside the bucket listing (both in key order): a merge join."""
 
-    def __init__(self, rows: AsyncIterator[Row]) -> None:
+    def __init__(self, rows: AsyncGenerator[Row, None]) -> None:
         self.rows, self.cur, self.started = rows, None, False
 
     async def match(self, path: str, size: int, etag: str | None) -> Row | None:
@@ -187,3 +187,7 @@ class Cursor:
         if c is not None and c[0] == path and c[1] == size and _etag(c[2]) == _etag(etag):
             return (path, size, *c[3:])
         return None
+
+    async def aclose(self) -> None:
+        """Stop reading segments (the listing ended first): before the client they are read with closes."""
+        await self.rows.aclose()
