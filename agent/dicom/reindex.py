@@ -13,7 +13,7 @@ import asyncio
 import dataclasses
 import time
 from dataclasses import dataclass
-from typing import AsyncGenerator
+from typing import Any, AsyncGenerator, Literal
 
 from tqdm import tqdm
 
@@ -24,6 +24,7 @@ from agent.store.catalog import Catalog
 from agent.uplink.s3 import S3Uplink
 
 BATCH = 1000
+ATTEMPTS = 3
 
 
 @dataclass
@@ -53,12 +54,10 @@ async def rebuild(cfg: Config, catalog: Catalog, concurrency: int = 64, progress
     async def worker() -> None:
         while (item := await queue.get()) is not None:
             path, size = item
-            try:
-                head = await s3.head(path)
-            except Exception:  # counted and reported; a rebuild can be run again
+            head = await _head(s3, path)
+            if head is False:  # counted and reported; a rebuild can be run again
                 report.failed += 1
-                head = None
-            if head is not None and (row := index_row(path, size, head.get("Metadata") or {})):
+            if isinstance(head, dict) and (row := index_row(path, size, head.get("Metadata") or {})):
                 rows.append(row)
             report.objects += 1
             bar.update()
@@ -94,6 +93,18 @@ async def rebuild(cfg: Config, catalog: Catalog, concurrency: int = 64, progress
     report.seconds = time.monotonic() - t0
     report.indexed = catalog.dicom_index_size()
     return report
+
+
+async def _head(s3: S3Uplink, path: str) -> dict[str, Any] | None | Literal[False]:
+    """The object's HEAD (None: gone since the listing), tried ATTEMPTS times; False when every try failed
+    (a loaded server times out now and then)."""
+    for attempt in range(ATTEMPTS):
+        try:
+            return await s3.head(path)
+        except Exception:
+            if attempt + 1 < ATTEMPTS:
+                await asyncio.sleep(0.5 * 2 ** attempt)
+    return False
 
 
 async def _none() -> AsyncGenerator[snapshot.Row, None]:
