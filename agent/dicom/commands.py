@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import datetime as dt
 import json
+import sqlite3
 import sys
 
 from agent.dicom.objectmeta import pseudonym
@@ -97,6 +98,9 @@ def cmd_index_snapshot(args: argparse.Namespace) -> int:
         manifest = asyncio.run(snapshot.write(cfg, snapshot.catalog_rows(cfg.catalog_path)))
     except snapshot.NoPlace as e:
         print(f"pacsgw: {e}", file=sys.stderr)
+        return 2
+    except sqlite3.Error as e:
+        print(f"pacsgw: {cfg.catalog_path}: cannot read the catalog: {e}", file=sys.stderr)
         return 2
     out = {"snapshot": manifest["snapshot"], "rows": manifest["rows"], "segments": len(manifest["segments"]),
            "seconds": round(time.monotonic() - t0, 2)}

@@ -76,7 +76,7 @@ class BucketFiles:
 def catalog_rows(catalog_path: Path) -> Iterator[Row]:
     """The box's study index with each object's ETag, by path: rows whose object is confirmed in S3 (clean).
     Read-only, on a connection of its own (the agent may be running)."""
-    db = sqlite3.connect(f"file:{catalog_path}?mode=ro", uri=True, timeout=30)
+    db = sqlite3.connect(f"{catalog_path.resolve().as_uri()}?mode=ro", uri=True, timeout=30)
     try:
         yield from db.execute(
             "SELECT d.path, d.size, e.etag, d.study_uid, d.series_uid, d.sop_uid, d.modality, d.study_date, d.patient "
