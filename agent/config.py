@@ -322,11 +322,46 @@ def _days(value: Any) -> int:
     return _int_between(0, 100 * 366)(value)
 
 
-@dataclass(frozen=True)
+def _modalities(value: Any) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(v, str) and re.fullmatch(r"[A-Z0-9_]{1,16}", v)
+                                              for v in value):
+        raise ValueError
+    return tuple(value)
+
+
+def _uids(value: Any) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(v, str) and len(v) <= 64
+                                              and re.fullmatch(r"[0-9]+(\.[0-9]+)*", v) for v in value):
+        raise ValueError
+    return tuple(value)
+
+
+def _da(value: Any) -> str:
+    """'2019-01-31' → DICOM DA '20190131'; '' stays ''."""
+    if not isinstance(value, str) or (value and not re.fullmatch(r"\d{4}-\d{2}-\d{2}", value)):
+        raise ValueError
+    import datetime
+    return datetime.date.fromisoformat(value).strftime("%Y%m%d") if value else ""
+
+
+@dataclass(frozen=True, kw_only=True)
 class RetentionRule:
-    prefix: str = _f(_prefix, "a namespace path prefix such as 'inpatient/' (no leading '/')")
+    prefix: str = _f(_prefix, "a namespace path prefix such as 'inpatient/' (no leading '/'); '' for every path "
+                     "(DICOM rules only)", default="")
     retention_days: int = _f(_days, "days 0..36600 (0: not retained)")
     legal_hold: bool = _f(_bool, "true or false", default=False)
+    # DICOM selectors (agent/dicom/retention.py): a rule with any of them only ever lengthens what the path rules give
+    modality: tuple[str, ...] = _f(_modalities, "a list of DICOM modalities such as ['MG']", default=())
+    sop_class: tuple[str, ...] = _f(_uids, "a list of SOP Class UIDs such as ['1.2.840.10008.5.1.4.1.1.1.2']",
+                                    default=())
+    study_from: str = _f(_da, "a study date 'YYYY-MM-DD' (inclusive) or ''", default="")
+    study_to: str = _f(_da, "a study date 'YYYY-MM-DD' (inclusive) or ''", default="")
+    until_age: int = _f(_int_between(0, 150), "years 0..150: retained until the patient is this old, when the "
+                        "header has a birth date (0: no age term)", default=0)
+
+    @property
+    def selects_dicom(self) -> bool:
+        return bool(self.modality or self.sop_class or self.study_from or self.study_to or self.until_age)
 
 
 @dataclass(frozen=True)
@@ -743,6 +778,10 @@ def load(path: str | Path) -> Config:
     sections = {name: _build(cls, data.get(name, {}), file, name) for name, cls in _SECTIONS.items()}
     sections["compliance"] = dataclasses.replace(sections["compliance"], rules=tuple(
         _build(RetentionRule, r, file, f"compliance.rules[{i}]") for i, r in enumerate(rules_raw)))
+    for i, (rule, raw) in enumerate(zip(sections["compliance"].rules, rules_raw, strict=True)):
+        if not rule.selects_dicom and "prefix" not in raw:
+            raise ConfigError(file, f"compliance.rules[{i}].prefix", None,
+                              "required in a rule that selects by no DICOM attribute (a path rule)")
     users_raw = data.get("users", [])
     if not isinstance(users_raw, list):
         raise ConfigError(file, "users", users_raw, "an array of tables: [[users]]")

@@ -17,6 +17,7 @@ from agent import __version__
 from agent.audit import AuditLog, AuditShipper
 from agent.config import Config, ConfigError
 from agent.dicom.objectmeta import Describer
+from agent.dicom.retention import DicomRetention
 from agent.metrics import Metrics
 from agent.monitor import PressureMonitor
 from agent.policy.pressure import Level
@@ -81,9 +82,9 @@ class Agent:
         await self.s3.start()
         if cfg.compliance.worm:
             await self._check_object_lock()
-        worm = WormPolicy(cfg.compliance)
-        self.uploader = Uploader(self.db, self.cache, self.s3, self.line, self.metrics, worm,
-                                 Describer(cfg.dicom, worm.retention_class))
+        retention = DicomRetention(cfg.compliance, WormPolicy(cfg.compliance))
+        self.uploader = Uploader(self.db, self.cache, self.s3, self.line, self.metrics, retention,
+                                 Describer(cfg.dicom, retention.retention_class, bool(retention.rules)))
         await self.uploader.start()
         await self.line.start()
         self.audit = AuditLog(Path(cfg.audit.path), cfg.audit.max_bytes, cfg.audit.keep, cfg.audit.enabled)

@@ -18,9 +18,9 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
               "agent.dicom", "agent.dicom.header", "agent.dicom.objectmeta", "agent.hahook")),
     ("policy", ("agent.policy",)),
     ("uplink", ("agent.uplink",)),
-    ("store", ("agent.store",)),
+    ("store", ("agent.store", "agent.dicom.retention")),
     ("services", ("agent.serve", "agent.sim", "agent.prefetcher", "agent.monitor", "agent.fsck",
-                  "agent.selfcheck", "agent.dicom.reindex", "agent.ha")),
+                  "agent.selfcheck", "agent.dicom.reindex", "agent.dicom.reapply", "agent.dicom.snapshot", "agent.ha")),
     ("wiring", ("agent.daemon", "agent.cli", "agent.dicom.commands")),
 ]
 # Front ends see the facade and its vocabulary (errors, path rules), not the catalog, cache or uplink.

@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import datetime as dt
 import json
+import sqlite3
 import sys
 
 from agent.dicom.objectmeta import pseudonym
@@ -21,10 +22,18 @@ def _day(text: str) -> str:
         raise argparse.ArgumentTypeError(f"{text!r} is not a date YYYY-MM-DD") from None
 
 
-def _open(config: str):  # (Config, Catalog)
+def _config(path: str):  # Config
+    """The config (exit 2 naming the key when it is bad); log events go to stderr, stdout is the answer."""
+    from agent import logs
     from agent.cli import _load_or_exit
+    cfg = _load_or_exit(path)
+    logs.configure(cfg.log.level, "console" if sys.stderr.isatty() else cfg.log.format)
+    return cfg
+
+
+def _open(config: str):  # (Config, Catalog)
     from agent.store.catalog import Catalog
-    cfg = _load_or_exit(config)
+    cfg = _config(config)
     return cfg, Catalog(cfg.catalog_path)
 
 
@@ -61,34 +70,116 @@ def cmd_index_rebuild(args: argparse.Namespace) -> int:
     from agent.dicom.reindex import rebuild
     cfg, catalog = _open(args.config)
     try:
-        report = asyncio.run(rebuild(cfg, catalog, args.concurrency, progress=not args.json))
+        report = asyncio.run(rebuild(cfg, catalog, args.concurrency, progress=not args.json,
+                                     use_snapshot=not args.no_snapshot))
     finally:
         catalog.close()
     per_million = 1e6 / report.per_second if report.per_second else 0.0
     out = {"objects": report.objects, "indexed": report.indexed, "failed": report.failed,
-           "seconds": round(report.seconds, 2), "objects_per_s": round(report.per_second, 1),
+           "from_snapshot": report.from_snapshot, "seconds": round(report.seconds, 2),
+           "objects_per_s": round(report.per_second, 1),
            "seconds_per_million": round(per_million, 1)}
     if args.json:
         print(json.dumps(out, indent=2))
     else:
-        print(f"{report.objects} objects read, {report.indexed} DICOM objects indexed, {report.failed} failed, "
+        print(f"{report.objects} objects read ({report.from_snapshot} from the index snapshot, the rest HEADed), "
+              f"{report.indexed} DICOM objects indexed, {report.failed} failed, "
               f"{report.seconds:.1f} s ({report.per_second:.0f} objects/s: {per_million / 60:.1f} min per million)")
     return 1 if report.failed else 0
 
 
-def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("find", help="DICOM objects by study, patient, modality and study date, and where they are")
+def cmd_index_snapshot(args: argparse.Namespace) -> int:
+    import time
+
+    from agent.dicom import snapshot
+    cfg = _config(args.config)
+    t0 = time.monotonic()
+    try:
+        manifest = asyncio.run(snapshot.write(cfg, snapshot.catalog_rows(cfg.catalog_path)))
+    except snapshot.NoPlace as e:
+        print(f"pacsgw: {e}", file=sys.stderr)
+        return 2
+    except sqlite3.Error as e:
+        print(f"pacsgw: {cfg.catalog_path}: cannot read the catalog: {e}", file=sys.stderr)
+        return 2
+    out = {"snapshot": manifest["snapshot"], "rows": manifest["rows"], "segments": len(manifest["segments"]),
+           "seconds": round(time.monotonic() - t0, 2)}
+    if args.json:
+        print(json.dumps(out, indent=2))
+    else:
+        print(f"index snapshot {out['snapshot']}: {out['rows']} objects in {out['segments']} segments, "
+              f"{out['seconds']} s")
+    return 0
+
+
+def cmd_retention_apply(args: argparse.Namespace) -> int:
+    import getpass
+    import os
+    from pathlib import Path
+
+    from agent.audit import AuditLog, Who
+    from agent.dicom.reapply import NoObjectLock, apply, plan
+    cfg = _config(args.config)
+    if not cfg.compliance.worm:
+        print(f"pacsgw: {cfg.path}: [compliance] worm = false: there is no retention to apply", file=sys.stderr)
+        return 2
+    try:
+        p = asyncio.run(plan(cfg, args.concurrency))
+    except NoObjectLock as e:
+        print(f"pacsgw: {e}", file=sys.stderr)
+        return 2
+    failed = list(p.failed)
+    if not args.dry_run and p.changes:
+        audit = AuditLog(Path(cfg.audit.path), cfg.audit.max_bytes, cfg.audit.keep, cfg.audit.enabled)
+        who = Who(os.environ.get("SUDO_USER") or getpass.getuser(), "cli")
+        try:
+            failed += asyncio.run(apply(cfg, p.changes, audit, who))
+        finally:
+            audit.close()
+    out = {"dry_run": args.dry_run, "objects": p.objects, "changes": len(p.changes), "failed": failed,
+           "items": [c.as_dict() for c in p.changes]}
+    if args.json:
+        print(json.dumps(out, indent=2))
+    else:
+        verb = "would extend" if args.dry_run else "extended"
+        for c in p.changes:
+            before = f"{c.until_before:%Y-%m-%d}" if c.until_before else "none"
+            after = f"{c.until:%Y-%m-%d}" if c.until else before
+            hold = " + legal hold" if c.hold else ""
+            print(f"{verb}: {c.path}: {before} -> {after}{hold} ({c.reason})")
+        for f in failed:
+            print(f"failed: {f}", file=sys.stderr)
+        print(f"{p.objects} objects read, {len(p.changes)} {verb}, {len(failed)} failed")
+    return 1 if failed else 0
+
+
+def _command(sub: argparse._SubParsersAction, name: str, func, help: str) -> argparse.ArgumentParser:
+    """A subcommand with the --config and --json every one of these takes."""
+    p = sub.add_parser(name, help=help)
     p.add_argument("--config", default=DEFAULT_CONFIG)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=func)
+    return p
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = _command(sub, "find", cmd_find, "DICOM objects by study, patient, modality and study date, and where they are")
     p.add_argument("--study", help="StudyInstanceUID")
     p.add_argument("--patient", help="PatientID (matched through the keyed pseudonym; never stored in clear)")
     p.add_argument("--modality", help="e.g. CT, MR, MG")
     p.add_argument("--from", dest="date_from", type=_day, help="study date from (YYYY-MM-DD, inclusive)")
     p.add_argument("--to", dest="date_to", type=_day, help="study date to (YYYY-MM-DD, inclusive)")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_find)
 
-    p = sub.add_parser("index-rebuild", help="rebuild the study index from the bucket's object metadata alone")
-    p.add_argument("--config", default=DEFAULT_CONFIG)
+    p = _command(sub, "index-rebuild", cmd_index_rebuild, "rebuild the study index from the bucket alone")
     p.add_argument("--concurrency", type=int, default=64, help="HEAD requests in flight (default 64)")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_index_rebuild)
+    p.add_argument("--no-snapshot", action="store_true", help="HEAD every object; ignore the index snapshot")
+
+    _command(sub, "index-snapshot", cmd_index_snapshot, "write the study index to the bucket (beside the namespace) "
+             "so that index-rebuild reads a few objects instead of HEADing every one; run it e.g. nightly")
+
+    p = sub.add_parser("retention", help="Object Lock retention of the objects already in the bucket")
+    p = _command(p.add_subparsers(dest="retention_command", required=True), "apply", cmd_retention_apply,
+                 "extend (never shorten) the retention and legal hold of old objects to what today's "
+                 "[compliance] rules give them; every change is audited")
+    p.add_argument("--dry-run", action="store_true", help="list what would be extended, and why; change nothing")
+    p.add_argument("--concurrency", type=int, default=32, help="HEAD requests in flight (default 32)")

@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Callable
 from urllib.parse import urlencode
 
@@ -36,6 +36,8 @@ _CS = re.compile(r"[A-Z0-9_ ]{1,16}")              # CS: upper case, digits, spa
 class ObjectMeta:
     metadata: dict[str, str]   # S3 user metadata, without the 'x-amz-meta-' prefix
     tags: dict[str, str]       # S3 object tags
+    # the parsed header, for the retention decision on the box (it holds the patient in clear: never printed)
+    header: Header | None = field(default=None, repr=False, compare=False)
 
     def tagging(self) -> str:
         """The x-amz-tagging header value (URL query encoded)."""
@@ -77,20 +79,24 @@ class Describer:
     """For the uploader: read a cached file's header (bounded) and build its object's metadata and tags.
 
     A file that is not DICOM, or whose header cannot be read, is uploaded as given with no DICOM metadata;
-    a damaged header of a DICOM-looking file is a warning in the log (the store is never refused).
+    a damaged header of a DICOM-looking file is a warning in the log (the store is never refused). The header
+    is also read, for the retention decision only, when metadata is off but rules select by DICOM attributes.
     """
 
-    def __init__(self, cfg: DicomConfig, retention: Callable[[str], str]) -> None:
-        self.cfg, self.retention = cfg, retention
+    def __init__(self, cfg: DicomConfig, retention: Callable[[str, Header | None], str],
+                 needs_header: bool = False) -> None:
+        self.cfg, self.retention, self.needs_header = cfg, retention, needs_header
 
     def __call__(self, path: str, fd: int, size: int) -> ObjectMeta:
         """Blocking (one pread of at most HEADER_MAX bytes and a parse): run it off the event loop."""
-        if not self.cfg.metadata:
+        if not self.cfg.metadata and not self.needs_header:
             return ObjectMeta({}, {})
         h = read_fd(fd, size)
         if h.problem and (h.dicom or path.lower().endswith(DICOM_SUFFIXES)):
             log.warning("dicom_header_problem", path=path, problem=h.problem, stored="as given")
-        return object_meta(h, self.cfg.pseudonym_key or None, self.retention(path))
+        if not self.cfg.metadata:
+            return ObjectMeta({}, {}, h)
+        return replace(object_meta(h, self.cfg.pseudonym_key or None, self.retention(path, h)), header=h)
 
 
 def index_row(path: str, size: int, metadata: dict[str, str]) -> tuple | None:

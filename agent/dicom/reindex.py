@@ -1,8 +1,10 @@
 """Rebuild the study index (catalog dicom_objects) from the bucket alone: a replaced box, its SSD lost.
 
-ListObjectsV2 does not return user metadata, so every object costs one HEAD; they run `concurrency` at a
-time over one connection pool (the listing has a client of its own), and rows reach the catalog in
-batches. Objects without DICOM metadata are counted, not indexed.
+ListObjectsV2 does not return user metadata. An object the last index snapshot holds unchanged (same path,
+size and ETag: agent.dicom.snapshot) takes its row from there; every other one (objects that are not DICOM
+among them: the snapshot holds only what the box knows to be DICOM) costs one HEAD. HEADs run
+`concurrency` at a time over one connection pool (the listing has a client of its own), and rows reach the
+catalog in batches. Objects without DICOM metadata are counted, not indexed.
 """
 
 from __future__ import annotations
@@ -11,15 +13,18 @@ import asyncio
 import dataclasses
 import time
 from dataclasses import dataclass
+from typing import Any, AsyncGenerator, Literal
 
 from tqdm import tqdm
 
 from agent.config import Config
+from agent.dicom import snapshot
 from agent.dicom.objectmeta import index_row
 from agent.store.catalog import Catalog
 from agent.uplink.s3 import S3Uplink
 
 BATCH = 1000
+ATTEMPTS = 3
 
 
 @dataclass
@@ -27,6 +32,7 @@ class RebuildReport:
     objects: int = 0
     indexed: int = 0
     failed: int = 0
+    from_snapshot: int = 0   # objects whose row came from the index snapshot (no HEAD)
     seconds: float = 0.0
 
     @property
@@ -34,7 +40,8 @@ class RebuildReport:
         return self.objects / self.seconds if self.seconds else 0.0
 
 
-async def rebuild(cfg: Config, catalog: Catalog, concurrency: int = 64, progress: bool = True) -> RebuildReport:
+async def rebuild(cfg: Config, catalog: Catalog, concurrency: int = 64, progress: bool = True,
+                  use_snapshot: bool = True) -> RebuildReport:
     s3 = S3Uplink(dataclasses.replace(cfg.uplink, max_concurrency=concurrency))  # a pool with room for every HEAD
     lister = S3Uplink(cfg.uplink)  # its own pool: the listing never queues behind HEADs for a connection
     await s3.start()
@@ -47,12 +54,10 @@ async def rebuild(cfg: Config, catalog: Catalog, concurrency: int = 64, progress
     async def worker() -> None:
         while (item := await queue.get()) is not None:
             path, size = item
-            try:
-                head = await s3.head(path)
-            except Exception:  # counted and reported; a rebuild can be run again
+            head = await _head(s3, path)
+            if head is False:  # counted and reported; a rebuild can be run again
                 report.failed += 1
-                head = None
-            if head is not None and (row := index_row(path, size, head.get("Metadata") or {})):
+            if isinstance(head, dict) and (row := index_row(path, size, head.get("Metadata") or {})):
                 rows.append(row)
             report.objects += 1
             bar.update()
@@ -60,20 +65,48 @@ async def rebuild(cfg: Config, catalog: Catalog, concurrency: int = 64, progress
                 catalog.index_dicom(rows[:])
                 rows.clear()
 
+    cursor = snapshot.Cursor(snapshot.read(cfg, lister) if use_snapshot and cfg.uplink.prefix else _none())
     try:
         catalog.clear_dicom_index()
         workers = [asyncio.create_task(worker()) for _ in range(concurrency)]
         async for page in lister.walk():
-            for path, size, _mtime, _etag in page:
-                await queue.put((path, size))
+            for path, size, _mtime, etag in page:
+                if (row := await cursor.match(path, size, etag)) is None:
+                    await queue.put((path, size))
+                    continue
+                rows.append(row)
+                if len(rows) >= BATCH:
+                    catalog.index_dicom(rows[:])
+                    rows.clear()
+                report.objects += 1
+                report.from_snapshot += 1
+                bar.update()
         for _ in workers:
             await queue.put(None)
         await asyncio.gather(*workers)
         catalog.index_dicom(rows)
     finally:
         bar.close()
+        await cursor.aclose()
         await s3.close()
         await lister.close()
     report.seconds = time.monotonic() - t0
     report.indexed = catalog.dicom_index_size()
     return report
+
+
+async def _head(s3: S3Uplink, path: str) -> dict[str, Any] | None | Literal[False]:
+    """The object's HEAD (None: gone since the listing), tried ATTEMPTS times; False when every try failed
+    (a loaded server times out now and then)."""
+    for attempt in range(ATTEMPTS):
+        try:
+            return await s3.head(path)
+        except Exception:
+            if attempt + 1 < ATTEMPTS:
+                await asyncio.sleep(0.5 * 2 ** attempt)
+    return False
+
+
+async def _none() -> AsyncGenerator[snapshot.Row, None]:
+    return
+    yield

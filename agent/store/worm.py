@@ -19,7 +19,8 @@ DAY = 86400
 class WormPolicy:
     def __init__(self, cfg: ComplianceConfig) -> None:
         self.cfg = cfg
-        self.rules = sorted(cfg.rules, key=lambda r: len(r.prefix), reverse=True)
+        # rules that select by DICOM attributes only lengthen these terms (agent.dicom.retention)
+        self.rules = sorted((r for r in cfg.rules if not r.selects_dicom), key=lambda r: len(r.prefix), reverse=True)
 
     def _terms(self, path: str) -> tuple[int, bool]:
         for rule in self.rules:

@@ -27,6 +27,7 @@ from botocore.exceptions import (
     ReadTimeoutError,
 )
 from botocore.exceptions import ConnectionError as BotoConnectionError
+from botocore.utils import parse_timestamp as botocore_parse_timestamp
 
 from agent.config import UplinkConfig
 from agent.dicom.objectmeta import ObjectMeta
@@ -117,6 +118,18 @@ async def _read_block(body: Any, size: int) -> bytes:
     return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
+def parse_timestamp(value: str) -> datetime:
+    """S3's ISO 8601 times natively; anything else (HTTP dates, epoch seconds) as botocore does."""
+    try:
+        parsed = datetime.fromisoformat(value)
+    except (TypeError, ValueError):
+        parsed = None
+    if parsed is None or parsed.tzinfo is None:
+        fallback: datetime = botocore_parse_timestamp(value)
+        return fallback
+    return parsed
+
+
 def b64(digest_hex: str) -> str:
     return base64.b64encode(bytes.fromhex(digest_hex)).decode()
 
@@ -139,7 +152,10 @@ class S3Uplink:
             request_checksum_calculation="when_required",
             response_checksum_validation="when_required",
         )
-        self._client = await self._stack.enter_async_context(get_session().create_client(
+        session = get_session()
+        # botocore parses every listed object's LastModified with dateutil (most of a listing's CPU time)
+        session.get_component("response_parser_factory").set_parser_defaults(timestamp_parser=parse_timestamp)
+        self._client = await self._stack.enter_async_context(session.create_client(
             "s3", endpoint_url=self.cfg.endpoint_url, region_name=self.cfg.region,
             aws_access_key_id=self.cfg.access_key_id, aws_secret_access_key=self.cfg.secret_access_key,
             verify=self.cfg.ca_bundle or None, config=config))

@@ -23,6 +23,7 @@ from typing import Awaitable, Callable, Protocol
 
 import structlog
 
+from agent.dicom.header import Header
 from agent.dicom.objectmeta import ObjectMeta, index_row
 from agent.metrics import Metrics
 from agent.records import Entry, Lock
@@ -63,9 +64,9 @@ class Blobs(Protocol):
 
 
 class LockPolicy(Protocol):
-    """Which Object Lock a new object gets (agent.store.worm.WormPolicy)."""
+    """Which Object Lock a new object gets (agent.dicom.retention.DicomRetention: path and DICOM rules)."""
 
-    def lock_for(self, path: str, stored_at: float) -> Lock | None: ...
+    def lock_for(self, path: str, stored_at: float, header: Header | None = None) -> Lock | None: ...
 
 
 class Uploader:
@@ -163,8 +164,8 @@ class Uploader:
         try:
             meta = await asyncio.to_thread(self.describe, e.path, fd, e.size) if self.describe else None
             try:
-                result = await self.s3.put_file(e.path, fd, e.size, sha, self.locks.lock_for(e.path, e.mtime),
-                                                meta, condition)
+                lock = self.locks.lock_for(e.path, e.mtime, meta.header if meta else None)
+                result = await self.s3.put_file(e.path, fd, e.size, sha, lock, meta, condition)
             except Exception as exc:
                 if condition is None or not precondition_failed(exc):
                     raise
@@ -196,6 +197,20 @@ class Uploader:
                   reason="the other box of the HA pair wrote this path after this box last knew it; its object stays")
         return result
 
+    async def _header(self, e: Entry) -> Header | None:
+        """The DICOM header of a renamed file's cached content (the copy keeps its metadata, but DICOM
+        retention rules need the header); None when it is not cached."""
+        if self.describe is None or e.blob is None:
+            return None
+        try:
+            fd = await asyncio.to_thread(self.blobs.open_blob, e.blob)
+        except OSError:
+            return None
+        try:
+            return (await asyncio.to_thread(self.describe, e.path, fd, e.size)).header
+        finally:
+            os.close(fd)
+
     async def _copy_or_upload(self, e: Entry) -> PutResult:
         """A rename: server-side copy from the old key (conditional like a PUT in an HA pair)."""
         src = e.copy_from
@@ -205,8 +220,9 @@ class Uploader:
             await self.db.drop_copy_source(e.path, e.gen)
             return await self._upload(e)
         condition = self._condition(e)
+        lock = self.locks.lock_for(e.path, e.mtime, await self._header(e))
         try:
-            result = await self.s3.copy(src, e.path, e.sha256, self.locks.lock_for(e.path, e.mtime), condition)
+            result = await self.s3.copy(src, e.path, e.sha256, lock, condition)
         except Exception as exc:
             if condition is None or not precondition_failed(exc):
                 raise

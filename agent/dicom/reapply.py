@@ -1,0 +1,166 @@
+"""`pacsgw retention apply`: bring the Object Lock of objects already in the bucket up to today's rules.
+
+A rule change applies by itself to new objects (the uploader asks agent.dicom.retention). For old ones this
+walks the bucket, HEADs every object (its DICOM metadata and its current lock), asks the same decision, and
+only ever extends: a later retain-until, a legal hold switched on. Nothing is shortened, released or deleted,
+and only objects that are in the bucket are looked at (a file not yet uploaded gets the new terms on upload).
+Age rules need the patient's birth date, which never goes to the bucket: it is read from the object's first
+bytes (a ranged GET of at most HEADER_MAX), only when such a rule exists. Every change is written to the
+audit log (op 'retention-extend' / 'legal-hold') with the old and new terms and the rule that asked for it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import datetime
+from dataclasses import dataclass, field
+from typing import Any
+
+from agent.audit import AuditLog, Who, failure
+from agent.config import Config
+from agent.dicom.header import HEADER_MAX, Header, parse
+from agent.dicom.objectmeta import PREFIX
+from agent.dicom.retention import DicomRetention
+from agent.uplink.s3 import S3Uplink, error_code
+
+SLACK = datetime.timedelta(days=1)  # the upload time (LastModified) trails the PACS's write: not worth a request
+FIRST_READ = 64 * 1024              # the header of almost every file; HEADER_MAX when it is longer
+
+
+@dataclass(frozen=True)
+class Change:
+    path: str
+    version_id: str | None
+    mode: str                              # kept when the object already has one (COMPLIANCE cannot change)
+    until_before: datetime.datetime | None
+    until: datetime.datetime | None        # None: the date stays
+    hold: bool                             # switch legal hold on
+    reason: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"path": self.path, "version_id": self.version_id, "mode": self.mode,
+                "until_before": self.until_before.isoformat() if self.until_before else None,
+                "until": self.until.isoformat() if self.until else None, "legal_hold": self.hold,
+                "reason": self.reason}
+
+
+@dataclass
+class Plan:
+    objects: int = 0
+    failed: list[str] = field(default_factory=list)   # 'path: error' of objects that could not be read
+    changes: list[Change] = field(default_factory=list)
+
+
+def _header_from_meta(metadata: dict[str, str]) -> Header | None:
+    m = {k.lower(): v for k, v in metadata.items()}
+    if PREFIX + "study" not in m:
+        return None
+    return Header(dicom=True, sop_class=m.get(PREFIX + "sop-class"), modality=m.get(PREFIX + "modality"),
+                  study_date=m.get(PREFIX + "study-date"), transfer_syntax=m.get(PREFIX + "ts"))
+
+
+async def _birth_date(s3: S3Uplink, path: str, version: str | None, size: int) -> str | None:
+    """PatientBirthDate from the object's first bytes (never from metadata: it is not there)."""
+    for n in (min(size, FIRST_READ), min(size, HEADER_MAX)):
+        args = {"VersionId": version} if version else {}
+        # a ranged read of a header, not the file: the uplink's GET path streams whole objects
+        resp = await s3._client.get_object(Bucket=s3.cfg.bucket, Key=s3.key(path), Range=f"bytes=0-{n - 1}", **args)
+        async with resp["Body"] as body:
+            head = await body.read()
+        h = parse(head, whole=n == size)
+        if not h.problem or n == size or n == HEADER_MAX:
+            return h.birth_date
+    return None
+
+
+def _change(path: str, head: dict[str, Any], decision_lock: Any, reason: str) -> Change | None:
+    current = head.get("ObjectLockRetainUntilDate")
+    held = head.get("ObjectLockLegalHoldStatus") == "ON"
+    if decision_lock is None:
+        return None
+    longer = decision_lock.until if current is None or decision_lock.until > current + SLACK else None
+    hold = decision_lock.legal_hold and not held
+    if longer is None and not hold:
+        return None
+    return Change(path, head.get("VersionId"), head.get("ObjectLockMode") or decision_lock.mode, current, longer,
+                  hold, reason)
+
+
+class NoObjectLock(RuntimeError):
+    """The bucket cannot hold retention: there is nothing to extend."""
+
+
+async def plan(cfg: Config, concurrency: int = 32) -> Plan:
+    """What today's rules would extend on the objects in the bucket (read only)."""
+    rules = DicomRetention(cfg.compliance)
+    s3, lister = S3Uplink(cfg.uplink), S3Uplink(cfg.uplink)
+    await s3.start()
+    await lister.start()
+    if not await s3.object_lock_enabled():
+        await s3.close()
+        await lister.close()
+        raise NoObjectLock(f"bucket {cfg.uplink.bucket!r} has no Object Lock: its objects cannot be retained")
+    out = Plan()
+    queue: asyncio.Queue[tuple[str, int, float] | None] = asyncio.Queue(maxsize=concurrency * 4)
+
+    async def worker() -> None:
+        while (item := await queue.get()) is not None:
+            path, size, mtime = item
+            out.objects += 1
+            try:
+                head = await s3.head(path)
+                if head is None:
+                    continue  # deleted since the listing
+                h = _header_from_meta(head.get("Metadata") or {})
+                if h is not None and rules.needs_birth_date:
+                    born = await _birth_date(s3, path, head.get("VersionId"), size)
+                    h = dataclasses.replace(h, birth_date=born)
+                d = rules.decide(path, mtime, h)
+                if (c := _change(path, head, d.lock, d.reason)) is not None:
+                    out.changes.append(c)
+            except Exception as e:  # reported and counted; the command can be run again
+                out.failed.append(f"{path}: {error_code(e)}: {str(e)[:200]}")
+
+    try:
+        workers = [asyncio.create_task(worker()) for _ in range(concurrency)]
+        async for page in lister.walk():
+            for path, size, mtime, _etag in page:
+                await queue.put((path, size, mtime))
+        for _ in workers:
+            await queue.put(None)
+        await asyncio.gather(*workers)
+    finally:
+        await s3.close()
+        await lister.close()
+    out.changes.sort(key=lambda c: c.path)
+    return out
+
+
+async def apply(cfg: Config, changes: list[Change], audit: AuditLog, who: Who) -> list[str]:
+    """Extend retention and set legal holds as planned; → 'path: error' of the changes S3 refused."""
+    s3 = S3Uplink(cfg.uplink)
+    await s3.start()
+    failed = []
+    try:
+        for c in changes:
+            version = {"VersionId": c.version_id} if c.version_id else {}
+            detail = {"until_before": c.until_before.isoformat() if c.until_before else None,
+                      "reason": c.reason, "version_id": c.version_id}
+            try:
+                if c.until is not None:
+                    await s3._client.put_object_retention(
+                        Bucket=cfg.uplink.bucket, Key=s3.key(c.path), ChecksumAlgorithm="SHA256",
+                        Retention={"Mode": c.mode, "RetainUntilDate": c.until}, **version)
+                    audit.record(who, "retention-extend", c.path, until=c.until.isoformat(), mode=c.mode, **detail)
+                if c.hold:
+                    await s3._client.put_object_legal_hold(
+                        Bucket=cfg.uplink.bucket, Key=s3.key(c.path), ChecksumAlgorithm="SHA256",
+                        LegalHold={"Status": "ON"}, **version)
+                    audit.record(who, "legal-hold", c.path, status="ON", **detail)
+            except Exception as e:  # S3 refused (e.g. a mode it will not change): reported, the rest goes on
+                audit.record(who, "retention-extend", c.path, failure(e), **detail)
+                failed.append(f"{c.path}: {error_code(e)}: {str(e)[:200]}")
+    finally:
+        await s3.close()
+    return failed

@@ -1,0 +1,125 @@
+"""Retention by DICOM rule: [[compliance.rules]] that select by modality, SOP class, study date or patient age.
+
+Decides only. The path rules (agent.store.worm) give a file its base terms; every DICOM rule whose prefix and
+selectors match can only lengthen them (a later retain-until, a legal hold), never shorten them. So adding a
+rule for mammography can never release a file the path rules keep. A rule's period counts from when the file
+was stored, as the path rules do; `until_age` counts from the patient's birth date, when the header has one
+(it never leaves the box: it is read from the file, not from the bucket).
+"""
+
+from __future__ import annotations
+
+import datetime
+import time
+from dataclasses import dataclass
+
+from agent.config import ComplianceConfig, RetentionRule
+from agent.dicom.header import Header
+from agent.records import Lock
+from agent.store.worm import DAY, WormPolicy
+
+UTC = datetime.timezone.utc
+
+
+@dataclass(frozen=True)
+class Decision:
+    lock: Lock | None    # what the object should carry; None: not retained
+    reason: str          # which rule gave the retain-until (and the hold), for `retention apply` and the log
+    retention: str       # the object tag lifecycle rules select on: '<days>d', 'age<N>' or 'none'
+
+
+def _birth(h: Header) -> datetime.datetime | None:
+    try:
+        return datetime.datetime.strptime(h.birth_date or "", "%Y%m%d").replace(tzinfo=UTC)
+    except ValueError:
+        return None
+
+
+def _plus_years(t: datetime.datetime, years: int) -> datetime.datetime:
+    try:
+        return t.replace(year=t.year + years)
+    except ValueError:  # 29 February
+        return t.replace(year=t.year + years, day=28)
+
+
+def describe(rule: RetentionRule, index: int) -> str:
+    what = [f"modality {'/'.join(rule.modality)}"] if rule.modality else []
+    what += [f"SOP class {'/'.join(rule.sop_class)}"] if rule.sop_class else []
+    if rule.study_from or rule.study_to:
+        what.append(f"study {rule.study_from or '…'}-{rule.study_to or '…'}")
+    what += [f"under {rule.prefix}"] if rule.prefix else []
+    return f"compliance.rules[{index}] ({', '.join(what) or 'every file'})"
+
+
+def matches(rule: RetentionRule, path: str, h: Header) -> bool:
+    """Does a DICOM rule select this file (header h)? Every selector it sets must match."""
+    if not h.dicom or not path.startswith(rule.prefix):
+        return False
+    if rule.modality and (h.modality or "").strip().upper() not in rule.modality:
+        return False
+    if rule.sop_class and h.sop_class not in rule.sop_class:
+        return False
+    if rule.study_from or rule.study_to:
+        date = h.study_date or ""
+        if len(date) != 8 or not date.isdigit():
+            return False
+        if (rule.study_from and date < rule.study_from) or (rule.study_to and date > rule.study_to):
+            return False
+    return True
+
+
+class DicomRetention:
+    """The Object Lock of a file from its path and its DICOM header (the uploader's LockPolicy)."""
+
+    def __init__(self, cfg: ComplianceConfig, worm: WormPolicy | None = None) -> None:
+        self.cfg, self.worm = cfg, worm or WormPolicy(cfg)
+        self.rules = [(i, r) for i, r in enumerate(cfg.rules) if r.selects_dicom]
+
+    @property
+    def needs_birth_date(self) -> bool:
+        return any(r.until_age for _, r in self.rules)
+
+    def decide(self, path: str, stored_at: float, h: Header | None) -> Decision:
+        base = self.worm.lock_for(path, stored_at)
+        if not self.cfg.worm or path.endswith(self.cfg.temp_suffixes):
+            return Decision(None, "not retained (WORM off, or a temporary upload name)", "none")
+        tag = self.worm.retention_class(path)
+        until, reason = (base.until, f"path rules: {tag[:-1]} days") if base else (None, "")
+        hold, hold_reason = (True, "path rules") if base and base.legal_hold else (False, "")
+        stored = datetime.datetime.fromtimestamp(stored_at, tz=UTC)
+        for i, rule in self.rules if h is not None else ():
+            if h is None or not matches(rule, path, h):
+                continue
+            name = describe(rule, i)
+            terms = []
+            if rule.retention_days:
+                terms.append((stored + datetime.timedelta(seconds=rule.retention_days * DAY),
+                              f"{name}: {rule.retention_days} days", f"{rule.retention_days}d"))
+            born = _birth(h) if rule.until_age else None
+            if born is not None:
+                terms.append((_plus_years(born, rule.until_age), f"{name}: until age {rule.until_age}",
+                              f"age{rule.until_age}"))
+            for t, why, cls in terms:
+                if until is None or t > until:
+                    until, reason, tag = t, why, cls
+            if rule.legal_hold and not hold:
+                hold, hold_reason = True, name
+        if base is not None and (until, hold) == (base.until, base.legal_hold):
+            return Decision(base, reason + ("; legal hold: path rules" if hold else ""), tag)
+        if until is None and hold:
+            until = stored  # held without a period, as the path rules do it
+        if until is None or (until <= datetime.datetime.now(UTC) and not hold):
+            return Decision(None, "not retained by any rule (or its date has passed)", tag)
+        if hold_reason:
+            reason = f"{reason}; legal hold: {hold_reason}" if reason else f"legal hold: {hold_reason}"
+        return Decision(Lock(self.cfg.mode, until, hold), reason, tag)
+
+    def lock_for(self, path: str, stored_at: float, header: Header | None = None) -> Lock | None:
+        return self.decide(path, stored_at, header).lock
+
+    def retention_class(self, path: str, header: Header | None = None) -> str:
+        """The retention tag of a file stored now. A temporary upload name gets its final name's tag: a rename
+        is a server-side copy, and the copy keeps the tags."""
+        for suffix in self.cfg.temp_suffixes:
+            path = path.removesuffix(suffix)
+        return self.decide(path, time.time(), header).retention

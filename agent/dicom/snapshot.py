@@ -1,0 +1,193 @@
+"""Study-index snapshots in the bucket: a rebuild reads a few objects instead of HEADing every one.
+
+`pacsgw index-snapshot` (run on the box, e.g. nightly) writes the study index as gzip'd JSON segments of
+SEGMENT_ROWS rows, sorted by path, every row with its object's ETag, under pacsgw-index/<uplink.prefix>, then a
+manifest naming them, and only then removes the previous snapshot's segments: a reader always finds one whole
+snapshot. `pacsgw index-rebuild` merges the bucket listing (in key order) with the segments (in the same order):
+an object whose path, size and ETag match a row takes that row; every other object (new since the snapshot,
+overwritten, never covered) is HEADed as before. A stale, missing or damaged snapshot costs time, never a
+wrong row. The rows hold what the object metadata already holds (the patient only as the keyed pseudonym).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import gzip
+import json
+import os
+import sqlite3
+from pathlib import Path
+from typing import Any, AsyncGenerator, Iterable, Iterator
+
+import structlog
+from botocore.exceptions import ClientError
+
+from agent.config import Config
+from agent.uplink.s3 import S3Uplink
+
+log = structlog.get_logger("pacsgw.dicom")
+
+SEGMENT_ROWS = 50_000   # ~2 MB gzip'd: a handful of GETs per million objects
+ROOT = "pacsgw-index/"
+
+Row = tuple[Any, ...]   # (path, size, etag, study, series, sop, modality, study_date, patient)
+
+
+class NoPlace(ValueError):
+    """Snapshots live beside the namespace: without uplink.prefix there is no 'beside'."""
+
+
+def index_prefix(cfg: Config) -> str:
+    if not cfg.uplink.prefix:
+        raise NoPlace(f"{cfg.path}: index snapshots need uplink.prefix: they are kept beside the PACS namespace, "
+                      f"under {ROOT}<prefix>, and with an empty prefix the whole bucket is the namespace")
+    return ROOT + cfg.uplink.prefix
+
+
+def _etag(etag: str | None) -> str:
+    return (etag or "").strip('"')
+
+
+class BucketFiles:
+    """Whole small objects under absolute keys (outside the namespace prefix the uplink adds)."""
+
+    def __init__(self, s3: S3Uplink) -> None:
+        self.s3 = s3
+
+    async def get(self, key: str) -> bytes | None:
+        try:
+            resp = await self.s3._client.get_object(Bucket=self.s3.cfg.bucket, Key=key)
+        except ClientError as e:
+            if e.response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 404:
+                return None
+            raise
+        async with resp["Body"] as body:
+            data: bytes = await body.read()
+        return data
+
+    async def put(self, key: str, body: bytes) -> None:
+        await self.s3.put_raw(key, body)
+
+    async def delete(self, key: str) -> None:
+        await self.s3._client.delete_object(Bucket=self.s3.cfg.bucket, Key=key)
+
+
+def catalog_rows(catalog_path: Path) -> Iterator[Row]:
+    """The box's study index with each object's ETag, by path: rows whose object is confirmed in S3 (clean).
+    Read-only, on a connection of its own (the agent may be running)."""
+    db = sqlite3.connect(f"{catalog_path.resolve().as_uri()}?mode=ro", uri=True, timeout=30)
+    try:
+        yield from db.execute(
+            "SELECT d.path, d.size, e.etag, d.study_uid, d.series_uid, d.sop_uid, d.modality, d.study_date, d.patient "
+            "FROM dicom_objects d JOIN entries e ON e.path = d.path "
+            "WHERE e.state = 'clean' AND e.etag IS NOT NULL AND e.size = d.size ORDER BY d.path")
+    finally:
+        db.close()
+
+
+def _chunks(rows: Iterable[Row], n: int) -> Iterator[list[Row]]:
+    chunk: list[Row] = []
+    for row in rows:
+        chunk.append(row)
+        if len(chunk) == n:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+async def write(cfg: Config, rows: Iterable[Row]) -> dict[str, Any]:
+    """Write a snapshot of rows (sorted by path) and make it the current one; → its manifest."""
+    prefix = index_prefix(cfg)
+    s3 = S3Uplink(cfg.uplink)
+    await s3.start()
+    try:
+        files = BucketFiles(s3)
+        old = await _manifest(files, prefix)
+        stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+        snap = f"{stamp}-{os.urandom(4).hex()}"
+        segments, total = [], 0
+        for n, chunk in enumerate(_chunks(rows, SEGMENT_ROWS)):
+            key = f"{prefix}{snap}/{n:05d}.json.gz"
+            body = await asyncio.to_thread(lambda c=chunk: gzip.compress(json.dumps(c).encode(), 6))
+            await files.put(key, body)
+            segments.append(key)
+            total += len(chunk)
+        manifest = {"snapshot": snap, "rows": total, "segments": segments}
+        await files.put(prefix + "manifest.json", json.dumps(manifest).encode())
+        for key in (old or {}).get("segments", []):
+            if key.startswith(prefix) and key not in segments:  # only ever our own keys
+                await files.delete(key)
+        return manifest
+    finally:
+        await s3.close()
+
+
+async def _manifest(files: BucketFiles, prefix: str) -> dict[str, Any] | None:
+    data = await files.get(prefix + "manifest.json")
+    if data is None:
+        return None
+    manifest = json.loads(data)
+    if not isinstance(manifest, dict) or not all(isinstance(k, str) and k.startswith(prefix)
+                                                 for k in manifest.get("segments", [])):
+        raise ValueError("manifest.json is not a snapshot manifest")
+    return manifest
+
+
+def _valid(row: Any) -> bool:
+    return (isinstance(row, list) and len(row) == 9 and isinstance(row[0], str) and type(row[1]) is int
+            and all(v is None or isinstance(v, str) for v in row[2:]))
+
+
+async def read(cfg: Config, s3: S3Uplink) -> AsyncGenerator[Row, None]:
+    """The current snapshot's rows in path order (the next segment is fetched while one is consumed). Nothing
+    when there is none; on a damaged one, what came before the damage (the rest is HEADed by the caller)."""
+    try:
+        prefix = index_prefix(cfg)
+        files = BucketFiles(s3)
+        manifest = await _manifest(files, prefix)
+    except (NoPlace, ValueError, ClientError) as e:
+        log.warning("index_snapshot_unusable", error=str(e)[:300])
+        return
+    if manifest is None:
+        return
+    keys = list(manifest.get("segments", []))
+    nxt = asyncio.create_task(files.get(keys[0])) if keys else None
+    try:
+        for i, key in enumerate(keys):
+            assert nxt is not None
+            data = await nxt
+            nxt = asyncio.create_task(files.get(keys[i + 1])) if i + 1 < len(keys) else None
+            rows = json.loads(await asyncio.to_thread(gzip.decompress, data or b""))
+            if not isinstance(rows, list) or not all(_valid(r) for r in rows):
+                raise ValueError(f"{key}: not a snapshot segment")
+            for r in rows:
+                yield tuple(r)
+    except Exception as e:  # a damaged snapshot: the caller HEADs what it does not cover
+        log.warning("index_snapshot_unusable", error=f"{type(e).__name__}: {str(e)[:300]}")
+    finally:
+        if nxt is not None:
+            nxt.cancel()
+
+
+class Cursor:
+    """Walks the snapshot rows alongside the bucket listing (both in key order): a merge join."""
+
+    def __init__(self, rows: AsyncGenerator[Row, None]) -> None:
+        self.rows, self.cur, self.started = rows, None, False
+
+    async def match(self, path: str, size: int, etag: str | None) -> Row | None:
+        """The index row (path, size, study, …) of this listed object if the snapshot holds it unchanged."""
+        if not self.started:
+            self.cur, self.started = await anext(self.rows, None), True
+        while self.cur is not None and self.cur[0] < path:
+            self.cur = await anext(self.rows, None)
+        c = self.cur
+        if c is not None and c[0] == path and c[1] == size and _etag(c[2]) == _etag(etag):
+            return (path, size, *c[3:])
+        return None
+
+    async def aclose(self) -> None:
+        """Stop reading segments (the listing ended first): before the client they are read with closes."""
+        await self.rows.aclose()
