@@ -61,6 +61,17 @@ class CatalogBase:
         with self._tx(durable):
             return self.db.execute(sql, args).rowcount
 
+    def _next_gen(self) -> int:
+        """A generation never handed out before, to any path (inside the caller's transaction). Per-path
+        counters came back: a file deleted and written again, or another file renamed over it, got the gen an
+        earlier transfer still in flight held, and that transfer's late mark_clean then matched the new row.
+        Starts above 1, the gen of rows that only mirror S3 (listings, inventories)."""
+        row = self.db.execute(
+            "INSERT INTO agent_state (key, value) VALUES ('gen', (SELECT MAX(COALESCE(MAX(gen), 0), 1) + 1 "
+            "FROM entries)) ON CONFLICT(key) DO UPDATE SET value = CAST(value AS INTEGER) + 1 RETURNING value"
+        ).fetchone()
+        return int(row[0])
+
     def _exists(self, sql: str, args: Sequence[object]) -> bool:
         return self.db.execute(sql, args).fetchone() is not None
 

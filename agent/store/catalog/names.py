@@ -71,15 +71,13 @@ class Namespace(CatalogBase):
             if old is not None and old.is_dir:
                 raise IsADirectory(path)
             self._ensure_dirs(path, now)
-            state = "uploading" if claim else "dirty"
+            state, gen = ("uploading" if claim else "dirty"), self._next_gen()
             if old is None:
                 self.db.execute(
                     "INSERT INTO entries (path, parent, name, is_dir, size, mtime, sha256, state, blob, gen, "
-                    "dirty_since, last_access, access_count) VALUES (?, ?, ?, 0, ?, ?, ?, ?, ?, 1, ?, ?, 0)",
-                    (path, parent_of(path), name_of(path), size, mtime, sha256, state, blob, now, now))
-                gen = 1
+                    "dirty_since, last_access, access_count) VALUES (?, ?, ?, 0, ?, ?, ?, ?, ?, ?, ?, ?, 0)",
+                    (path, parent_of(path), name_of(path), size, mtime, sha256, state, blob, gen, now, now))
             else:
-                gen = old.gen + 1
                 self.db.execute(
                     "UPDATE entries SET size = ?, mtime = ?, sha256 = ?, state = ?, blob = ?, gen = ?, "
                     "copy_from = NULL, dirty_since = ?, attempts = 0, next_attempt = 0, last_error = NULL "
@@ -133,7 +131,7 @@ class Namespace(CatalogBase):
         self.db.execute(
             "INSERT INTO entries (path, parent, name, is_dir, size, mtime, sha256, state, blob, gen, copy_from, "
             "etag, dirty_since, last_access, access_count) VALUES (?, ?, ?, 0, ?, ?, ?, 'dirty', ?, ?, ?, ?, ?, ?, ?)",
-            (new_path, parent_of(new_path), name_of(new_path), e.size, e.mtime, e.sha256, e.blob, e.gen + 1,
+            (new_path, parent_of(new_path), name_of(new_path), e.size, e.mtime, e.sha256, e.blob, self._next_gen(),
              copy_from, etag, now, e.last_access, e.access_count))
         self.db.execute("DELETE FROM tombstones WHERE key = ?", (new_path,))
         self.db.execute("INSERT OR IGNORE INTO tombstones (key, queued) VALUES (?, ?)", (e.path, now))

@@ -93,7 +93,7 @@ class RemoteSync(CatalogBase):
                         e.size != size or (etag and e.etag and etag.strip('"') != e.etag.strip('"'))):
                     self.db.execute(
                         "UPDATE entries SET size = ?, mtime = ?, etag = ?, sha256 = NULL, version_id = NULL, "
-                        "blob = NULL, gen = gen + 1 WHERE path = ?", (size, mtime, etag, path))
+                        "blob = NULL, gen = ? WHERE path = ?", (size, mtime, etag, self._next_gen(), path))
                     stale += [e.blob] if e.blob else []
                     changed += 1
                 elif not e.is_dir and e.state == "clean" and e.etag is None and etag and e.size == size:
@@ -123,5 +123,5 @@ class RemoteSync(CatalogBase):
                 self.db.execute(
                     "UPDATE entries SET state = 'clean', size = ?, etag = ?, sha256 = NULL, version_id = NULL, "
                     "blob = NULL, copy_from = NULL, dirty_since = NULL, attempts = 0, next_attempt = 0, "
-                    "last_error = NULL, gen = gen + 1 WHERE path = ? AND gen = ?", (size, etag, path, gen))
+                    "last_error = NULL, gen = ? WHERE path = ? AND gen = ?", (size, etag, self._next_gen(), path, gen))
         return e.blob
