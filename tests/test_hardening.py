@@ -462,3 +462,35 @@ def test_smb_names_control_keys_and_far_offsets(smb_agent):
 def smbclient_open(smb, path: str):
     import smbclient
     return smbclient.open_file(smb.p(path), mode="wb", buffering=0, **smb.kw)
+
+
+def test_smb_password_guessing_bans_the_address(smb_agent):
+    """Item 8 for SMB: Samba's authentication audit feeds the agent's LoginGuard (shared with FTP and SFTP), which
+    bans the guessing address in smb.conf: no SMB connection from it, even with the right password, until the ban
+    ends. Logged, audited and counted in /metrics like the other front ends' bans."""
+    from smbprotocol.exceptions import SMBException
+    from smbutil import Smb
+    errors = (OSError, SMBException)
+    agent = smb_agent(**{"login.max_failures": 3, "login.ban_seconds": 6}).start(timeout=180)
+    assert Smb(agent).listdir("") == []
+    for _ in range(3):  # a user that does not exist: Samba's own per-user lockout plays no part
+        with pytest.raises(errors):
+            Smb(agent, user="intruder", password="guess").listdir("")
+    wait_for(lambda: agent.events("smb_hosts_denied"), 20)
+    with pytest.raises(errors):
+        Smb(agent).listdir("")  # the right password, from the banned address
+    assert metric(agent, 'pacsgw_login_failures_total{protocol="smb"}') == 3
+    assert metric(agent, 'pacsgw_login_bans_total{scope="address"}') == 1
+    audit = (agent.workdir / "cache" / "audit" / "audit.jsonl").read_text()
+    assert '"protocol": "smb"' in audit and "address banned for 6 s after 3 failed logins" in audit, audit[-2000:]
+    assert agent.events("login_ban") and len(agent.events("login_failed")) == 3
+    wait_for(lambda: len(agent.events("smb_hosts_denied")) >= 2, 30)  # the ban ended: the address is allowed again
+    assert Smb(agent).listdir("") == []
+    assert metric(agent, 'pacsgw_login_banned{scope="address"}') == 0
+
+
+def wait_for(predicate, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.2)
