@@ -494,3 +494,22 @@ def wait_for(predicate, timeout: float) -> None:
     while not predicate():
         assert time.monotonic() < deadline, "timed out"
         time.sleep(0.2)
+
+
+def test_samba_auth_audit_lines_and_ban_rendering():
+    """The pure parts of the SMB ban: reading Samba's JSON authentication audit, and the smb.conf lines."""
+    from types import SimpleNamespace
+
+    from agent.serve.smb import auth_event, render_bans
+    line = ('  {"timestamp": "2026-12-01T03:09:42.528773+0000", "type": "Authentication", "Authentication": '
+            '{"status": "NT_STATUS_NO_SUCH_USER", "remoteAddress": "ipv4:10.1.2.3:42880", "clientAccount": "x"}}')
+    assert auth_event(line) == ("x", "10.1.2.3", False)
+    assert auth_event(line.replace("NT_STATUS_NO_SUCH_USER", "NT_STATUS_OK").replace("ipv4:10.1.2.3", "ipv6:fe80::1")) \
+        == ("x", "fe80::1", True)
+    for other in ("", "not json {", '{"type": "Authorization", "Authorization": {}}', '{"Authentication": 3}'):
+        assert auth_event(other) is None
+    cfg = SimpleNamespace(smb=SimpleNamespace(hosts_allow=[]))
+    assert render_bans(cfg, ["10.1.2.3"]) == "hosts deny = 10.1.2.3\n"
+    assert "hosts" not in render_bans(cfg, [])
+    cfg.smb.hosts_allow = ["10.1.0.0/16"]  # Samba lets an allowed host in whatever hosts deny says
+    assert render_bans(cfg, ["10.1.2.3", "10.1.2.4"]) == "hosts allow = 10.1.0.0/16 EXCEPT 10.1.2.3 10.1.2.4\n"
