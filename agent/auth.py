@@ -86,6 +86,12 @@ class LoginGuard:
                 return f"too many failed logins: {scope} temporarily banned"
         return ""
 
+    def banned(self, scope: str, now: float | None = None) -> list[str]:
+        """The addresses (scope 'address') or users ('user') banned now, for a front end that enforces bans
+        elsewhere (Samba checks SMB passwords itself: its smb.conf denies banned addresses)."""
+        self._expire(time.monotonic() if now is None else now)
+        return sorted(key for sc, key in self._banned if sc == scope)
+
     def succeeded(self, user: str, address: str, now: float | None = None) -> None:
         now = time.monotonic() if now is None else now
         self._failures.pop(("address", address), None)

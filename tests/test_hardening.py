@@ -18,7 +18,7 @@ import urllib.request
 import asyncssh
 import pytest
 
-from harness import PASSWORD, s3_objects, sha256
+from harness import BUCKET, PASSWORD, s3_objects, sha256
 
 
 def ftp(agent, user: str = "pacs", password: str = PASSWORD) -> ftplib.FTP:
@@ -365,3 +365,151 @@ def test_smb_permissions_and_password_guessing(smb_agent):
     with pytest.raises(errors) as err:
         Smb(agent).listdir("")  # the right password, but the account is locked
     assert "LOCKED" in str(err.value).upper() or "0xc0000234" in str(err.value).lower(), err.value
+
+
+# --- names Windows cannot use (13), control characters in S3 keys (10), offsets past the end (9): every protocol ---
+
+WINDOWS_UNUSABLE = ("CON", "aux", "con.txt", "LPT1.dcm", "x.", "x ")
+CONTROL_KEYS = ("evil\r\n226 forged.dcm", "esc\x1b[2Jcleared.dcm", "nl\nname.dcm")
+
+
+def put_control_keys(agent) -> None:
+    """Keys another S3 client wrote under ext/ before the agent first lists it."""
+    s3 = agent.store.client()
+    for name in ("fine.dcm", *CONTROL_KEYS):
+        s3.put_object(Bucket=BUCKET, Key=f"{agent.prefix}ext/{name}", Body=b"x")
+
+
+def hidden_names(agent) -> set[str]:
+    return {e["name"] for e in agent.events("listing_name_hidden") if e["directory"].endswith("ext")}
+
+
+def test_sftp_names_control_keys_and_far_offsets(agent_factory):
+    """The gateway refuses names Windows clients cannot use for SFTP too (SSH_FX_INVALID_FILENAME), hides S3 keys
+    with control characters from SFTP listings, and refuses a write past the end only when its hole cannot fit
+    on the cache disk (out-of-order writes, as SFTP clients send them, still work)."""
+    agent = agent_factory()
+    put_control_keys(agent)
+    agent.start()
+
+    async def body(sftp):
+        async with sftp.open("ok.dcm", "wb") as f:
+            await f.write(b"ok")
+        for bad in WINDOWS_UNUSABLE:
+            for call, args in ((sftp.mkdir, (bad,)), (sftp.open, (bad, "wb")), (sftp.posix_rename, ("ok.dcm", bad))):
+                with pytest.raises(asyncssh.SFTPError) as err:
+                    await call(*args)
+                # SSH_FX_INVALID_FILENAME is SFTPv4+; asyncssh's server sends v3 clients SSH_FX_FAILURE, the reason
+                assert err.value.code in (asyncssh.FX_INVALID_FILENAME, asyncssh.FX_FAILURE), err.value
+                assert "Windows" in err.value.reason, err.value
+        assert sorted(await sftp.listdir("ext")) == ["fine.dcm"]
+        async with sftp.open("holes.dcm", "wb") as f:  # out of order: the hole is filled before the close
+            await f.write(b"B", 4)
+            await f.write(b"AAAA", 0)
+        async with sftp.open("holes.dcm", "rb") as f:
+            assert await f.read() == b"AAAAB"
+        f = await sftp.open("far.dcm", "wb")
+        await f.write(b"start", 0)
+        with pytest.raises(asyncssh.SFTPError) as err:
+            await f.write(b"end", 1 << 50)  # a 1 PiB hole: real zeros in S3, and never fits the cache disk
+        assert err.value.code in (asyncssh.FX_NO_SPACE_ON_FILESYSTEM, asyncssh.FX_FAILURE), err.value
+        with pytest.raises(asyncssh.SFTPError):
+            await f.close()  # a file with a refused write is discarded, not committed
+        with pytest.raises(asyncssh.SFTPError):
+            await sftp.truncate("ok.dcm", 1 << 50)
+        return sorted(await sftp.listdir("."))
+    assert sftp_session(agent, body) == ["ext", "holes.dcm", "ok.dcm"]
+    assert hidden_names(agent) == {repr(n) for n in CONTROL_KEYS}
+    agent.wait_drained()
+    objects = s3_objects(agent.store, agent.prefix)
+    assert {k for k in objects if not k.startswith("ext/")} == {"ok.dcm", "holes.dcm"}
+    assert objects["ok.dcm"]["size"] == 2
+
+
+def test_smb_names_control_keys_and_far_offsets(smb_agent):
+    """The same over SMB (Samba over the FUSE view of the gateway): names Windows cannot use are refused, S3 keys
+    with control characters are not listed, a write whose hole can never fit is refused and the file discarded."""
+    from smbprotocol.exceptions import SMBException, SMBOSError
+    from smbutil import Smb
+    agent = smb_agent()
+    put_control_keys(agent)
+    agent.start(timeout=180)
+    smb = Smb(agent)
+    smb.write("ok.dcm", b"ok")
+    for bad in WINDOWS_UNUSABLE:
+        with pytest.raises((SMBOSError, SMBException)):
+            smb.makedirs(bad)
+        with pytest.raises((SMBOSError, SMBException)):
+            smb.write(bad, b"x")
+        with pytest.raises((SMBOSError, SMBException)):
+            smb.rename("ok.dcm", bad)
+    assert smb.listdir("ext") == ["fine.dcm"]
+    f = smbclient_open(smb, "far.dcm")
+    f.write(b"start")
+    f.seek(1 << 40)  # a 1 TiB hole: never fits the cache disk
+    with pytest.raises((SMBOSError, SMBException)) as err:
+        f.write(b"end")
+    assert "0xc000007f" in str(err.value).lower(), err.value  # STATUS_DISK_FULL
+    with pytest.raises((SMBOSError, SMBException)):
+        f.close()  # the file with the refused write is discarded (STATUS_IO_DEVICE_ERROR)
+    assert smb.listdir("") == ["ext", "ok.dcm"]
+    smb.close()
+    assert hidden_names(agent) == {repr(n) for n in CONTROL_KEYS}
+    agent.wait_drained()
+    assert {k for k in s3_objects(agent.store, agent.prefix) if not k.startswith("ext/")} == {"ok.dcm"}
+
+
+def smbclient_open(smb, path: str):
+    import smbclient
+    return smbclient.open_file(smb.p(path), mode="wb", buffering=0, **smb.kw)
+
+
+def test_smb_password_guessing_bans_the_address(smb_agent):
+    """Item 8 for SMB: Samba's authentication audit feeds the agent's LoginGuard (shared with FTP and SFTP), which
+    bans the guessing address in smb.conf: no SMB connection from it, even with the right password, until the ban
+    ends. Logged, audited and counted in /metrics like the other front ends' bans."""
+    from smbprotocol.exceptions import SMBException
+    from smbutil import Smb
+    errors = (OSError, SMBException)
+    agent = smb_agent(**{"login.max_failures": 3, "login.ban_seconds": 6}).start(timeout=180)
+    assert Smb(agent).listdir("") == []
+    for _ in range(3):  # a user that does not exist: Samba's own per-user lockout plays no part
+        with pytest.raises(errors):
+            Smb(agent, user="intruder", password="guess").listdir("")
+    wait_for(lambda: agent.events("smb_hosts_denied"), 20)
+    with pytest.raises(errors):
+        Smb(agent).listdir("")  # the right password, from the banned address
+    assert metric(agent, 'pacsgw_login_failures_total{protocol="smb"}') == 3
+    assert metric(agent, 'pacsgw_login_bans_total{scope="address"}') == 1
+    audit = (agent.workdir / "cache" / "audit" / "audit.jsonl").read_text()
+    assert '"protocol": "smb"' in audit and "address banned for 6 s after 3 failed logins" in audit, audit[-2000:]
+    assert agent.events("login_ban") and len(agent.events("login_failed")) == 3
+    wait_for(lambda: len(agent.events("smb_hosts_denied")) >= 2, 30)  # the ban ended: the address is allowed again
+    assert Smb(agent).listdir("") == []
+    assert metric(agent, 'pacsgw_login_banned{scope="address"}') == 0
+
+
+def wait_for(predicate, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.2)
+
+
+def test_samba_auth_audit_lines_and_ban_rendering():
+    """The pure parts of the SMB ban: reading Samba's JSON authentication audit, and the smb.conf lines."""
+    from types import SimpleNamespace
+
+    from agent.serve.smb import auth_event, render_bans
+    line = ('  {"timestamp": "2026-12-01T03:09:42.528773+0000", "type": "Authentication", "Authentication": '
+            '{"status": "NT_STATUS_NO_SUCH_USER", "remoteAddress": "ipv4:10.1.2.3:42880", "clientAccount": "x"}}')
+    assert auth_event(line) == ("x", "10.1.2.3", False)
+    assert auth_event(line.replace("NT_STATUS_NO_SUCH_USER", "NT_STATUS_OK").replace("ipv4:10.1.2.3", "ipv6:fe80::1")) \
+        == ("x", "fe80::1", True)
+    for other in ("", "not json {", '{"type": "Authorization", "Authorization": {}}', '{"Authentication": 3}'):
+        assert auth_event(other) is None
+    cfg = SimpleNamespace(smb=SimpleNamespace(hosts_allow=[]))
+    assert render_bans(cfg, ["10.1.2.3"]) == "hosts deny = 10.1.2.3\n"
+    assert "hosts" not in render_bans(cfg, [])
+    cfg.smb.hosts_allow = ["10.1.0.0/16"]  # Samba lets an allowed host in whatever hosts deny says
+    assert render_bans(cfg, ["10.1.2.3", "10.1.2.4"]) == "hosts allow = 10.1.0.0/16 EXCEPT 10.1.2.3 10.1.2.4\n"

@@ -48,6 +48,7 @@ from agent.config import Config, UserConfig
 from agent.records import Entry
 from agent.store.errors import (
     AlreadyExists,
+    BadOffset,
     BadPath,
     Corrupt,
     GatewayError,
@@ -60,7 +61,7 @@ from agent.store.errors import (
     Unavailable,
 )
 from agent.store.gateway import Gateway, ReadHandle, WriteHandle
-from agent.store.paths import check_creatable, name_problem, resolve
+from agent.store.paths import resolve
 
 log = structlog.get_logger("pacsgw.ftp")
 
@@ -72,7 +73,7 @@ TLS_HANDSHAKE_TIMEOUT = 30
 # Gateway error → (FTP code, reply). 450/451/452 are transient ("try again"), 55x permanent.
 REPLIES: dict[type, str] = {
     NotFound: "550", AlreadyExists: "550", IsADirectory: "550", NotADirectory: "550", NotEmpty: "550",
-    PermissionDenied: "550", BadPath: "553", NoSpace: "452", Unavailable: "451", Corrupt: "451",
+    PermissionDenied: "550", BadPath: "553", BadOffset: "554", NoSpace: "452", Unavailable: "451", Corrupt: "451",
 }
 
 PATH_COMMANDS = ("cwd", "dele", "list", "nlst", "mkd", "mlsd", "mlst", "rmd", "rnfr", "rnto", "stor", "appe", "retr",
@@ -107,20 +108,6 @@ def _gateway_error(exc: BaseException) -> GatewayError | None:
             return seen
         seen = seen.__cause__
     return None
-
-
-def visible(entries: list[Entry], directory: str) -> list[Entry]:
-    """The entries a listing may show. A name with a control character (an S3 key written by another client
-    can hold CR, LF or ESC) would forge a line of the listing or of a reply, and no FTP client could name it
-    anyway: it is left out, and logged so the admin can rename the object."""
-    shown = []
-    for e in entries:
-        problem = name_problem(e.name)
-        if problem is None:
-            shown.append(e)
-        else:
-            log.warning("listing_name_hidden", directory=directory, name=repr(e.name), reason=problem)
-    return shown
 
 
 def printable(text: str) -> str:
@@ -229,7 +216,7 @@ class GatewayPathIO(aioftp.AbstractPathIO):
 
     def list(self, path: PurePosixPath) -> AsyncIterator[PurePosixPath]:
         async def gen() -> AsyncIterator[PurePosixPath]:
-            for e in visible(await self.gateway.listdir(_ns(path), who(self.connection)), _ns(path)):
+            for e in await self.gateway.listdir(_ns(path), who(self.connection)):
                 p = EntryPath(path, e.name)
                 p.entry = e
                 yield p
@@ -770,7 +757,6 @@ class FtpServer(aioftp.Server):
     @PathPermissions(PathPermissions.writable)
     async def stor(self, connection: aioftp.Connection, rest: str, mode: str = "wb") -> bool:
         path = self._resolve(connection, rest)
-        check_creatable(path, rest)
         offset, passive = connection.session.take_rest(), connection.session.take_passive()
 
         @contextlib.asynccontextmanager
@@ -784,8 +770,6 @@ class FtpServer(aioftp.Server):
                     start = 0
             handle = await self.gateway.open_write(path, "ftp", offset=start, who=who(connection))
             try:
-                if handle.size < start:  # what open_write kept: the file may also have shrunk meanwhile
-                    raise Reply("554", f"REST {start} is beyond the end of the file ({handle.size} bytes)")
                 yield handle
             except BaseException as e:
                 await handle.abort(_abort_reason(e))
@@ -865,7 +849,7 @@ class FtpServer(aioftp.Server):
     @PathPermissions(PathPermissions.readable)
     async def nlst(self, connection: aioftp.Connection, rest: str) -> bool:
         directory = self._resolve(connection, rest or ".")
-        entries = visible(await self.gateway.listdir(directory, who(connection)), directory)
+        entries = await self.gateway.listdir(directory, who(connection))
 
         async def names() -> list[str]:
             return [e.name for e in entries]
@@ -883,7 +867,6 @@ class FtpServer(aioftp.Server):
     @ConnectionConditions(ConnectionConditions.login_required)
     async def mkd(self, connection: aioftp.Connection, rest: str) -> bool:
         path = self._resolve(connection, rest)
-        check_creatable(path, rest)
         await self.gateway.mkdir(path, who(connection))
         connection.response("257", f"{quoted(str(self.get_paths(connection, rest)[1]))} created")
         return True
@@ -913,7 +896,6 @@ class FtpServer(aioftp.Server):
         source = connection.rename_from
         del connection.rename_from
         target = self._resolve(connection, rest)
-        check_creatable(target, rest)
         await self.gateway.rename(source, target, who(connection))
         connection.response("250", "renamed")
         return True

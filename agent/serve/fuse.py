@@ -32,6 +32,7 @@ import structlog
 from agent.audit import Who
 from agent.store.errors import (
     AlreadyExists,
+    BadOffset,
     BadPath,
     Corrupt,
     GatewayError,
@@ -53,7 +54,8 @@ PROTOCOL = "smb"
 ERRNO: dict[type, int] = {
     NotFound: errno.ENOENT, AlreadyExists: errno.EEXIST, IsADirectory: errno.EISDIR,
     NotADirectory: errno.ENOTDIR, NotEmpty: errno.ENOTEMPTY, PermissionDenied: errno.EACCES,
-    BadPath: errno.EINVAL, NoSpace: errno.ENOSPC, Unavailable: errno.EIO, Corrupt: errno.EIO,
+    BadPath: errno.EINVAL, BadOffset: errno.EINVAL, NoSpace: errno.ENOSPC, Unavailable: errno.EIO,
+    Corrupt: errno.EIO,
 }
 
 

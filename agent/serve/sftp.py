@@ -24,6 +24,7 @@ from agent.config import Config, UserConfig
 from agent.records import Entry
 from agent.store.errors import (
     AlreadyExists,
+    BadOffset,
     BadPath,
     Corrupt,
     GatewayError,
@@ -44,8 +45,8 @@ _ERRORS: dict[type, type[asyncssh.SFTPError]] = {
     NotFound: asyncssh.SFTPNoSuchFile, AlreadyExists: asyncssh.SFTPFileAlreadyExists,
     IsADirectory: asyncssh.SFTPFileIsADirectory, NotADirectory: asyncssh.SFTPNotADirectory,
     NotEmpty: asyncssh.SFTPDirNotEmpty, PermissionDenied: asyncssh.SFTPPermissionDenied,
-    BadPath: asyncssh.SFTPInvalidFilename, NoSpace: asyncssh.SFTPNoSpaceOnFilesystem,
-    Unavailable: asyncssh.SFTPFailure, Corrupt: asyncssh.SFTPFailure,
+    BadPath: asyncssh.SFTPInvalidFilename, BadOffset: asyncssh.SFTPInvalidParameter,
+    NoSpace: asyncssh.SFTPNoSpaceOnFilesystem, Unavailable: asyncssh.SFTPFailure, Corrupt: asyncssh.SFTPFailure,
 }
 
 

@@ -14,6 +14,13 @@ group, group-writable. A user's `root` is the share's path for that user:
 `path = <state_dir>/roots/%U`, a symlink to `<mountpoint>/<root>`; Samba keeps every request below it.
 Samba checks NTLM against the NT hash of the password, so only users with a plain `password` can use
 SMB; users with only `password_hash` or `authorized_keys` are left out, with a warning in the log.
+
+Password guessing ([login]): Samba checks SMB passwords itself. Its account policy locks a user after
+max_failures; and its JSON authentication audit (one file of its own) is followed by the agent, which feeds
+every SMB login into the same LoginGuard as FTP and SFTP (logged, audited, counted in /metrics). An address
+the guard bans is denied in smb.conf (`hosts deny`, or `EXCEPT` in `hosts allow`) and smbd reloads it, so
+a banned address gets no SMB connection at all until the ban ends. Samba has no way to delay its answer to
+one failed login: SMB gets the ban, not the growing delay FTP and SFTP give.
 """
 
 from __future__ import annotations
@@ -35,6 +42,7 @@ from typing import Any
 
 import structlog
 
+from agent.audit import Who
 from agent.config import Config, UserConfig
 from agent.serve.fuse import FuseMount
 from agent.store.errors import AlreadyExists
@@ -44,6 +52,9 @@ log = structlog.get_logger("pacsgw.smb")
 
 ACCOUNT_PREFIX = "pacsgw-"
 SMBD_STOP_SECONDS = 10.0
+AUTH_POLL_SECONDS = 0.25
+AUTH_LOG = "log/auth.json"  # Samba's JSON authentication audit, below state_dir
+BANS_CONF = "bans.conf"     # included by smb.conf: the addresses the LoginGuard bans now
 
 
 def unix_account(name: str) -> str:
@@ -86,11 +97,13 @@ def render_conf(cfg: Config) -> str:
         f"ncalrpc dir = {state}/run/ncalrpc",
         f"log file = {state}/log/smbd.log",
         "max log size = 10000",
-        "log level = 1",
+        # failed (level 2) and successful (level 3) logins as JSON, in a file of their own the agent follows
+        f"log level = 1 auth_json_audit:3@{state}/{AUTH_LOG}",
         f"username map = {state}/usermap",
         f"smb ports = {port}",
         *_listen_lines(host),
         *([f"hosts allow = {' '.join(s.hosts_allow)}", "hosts deny = ALL"] if s.hosts_allow else []),
+        f"include = {state}/{BANS_CONF}",  # after the hosts lines: it overrides them while a ban lasts
         "disable netbios = yes",
         "server min protocol = SMB3_00",  # plain "SMB3" means SMB3_11 only: Windows 8 / Server 2012 need 3.0(2)
         "server signing = mandatory",
@@ -143,6 +156,36 @@ def render_conf(cfg: Config) -> str:
     return "\n".join(lines)
 
 
+def render_bans(cfg: Config, banned: list[str]) -> str:
+    """bans.conf: deny the banned addresses. Samba lets a client on `hosts allow` in even when `hosts deny`
+    names it, so with an allow list the banned addresses are cut out of it (`EXCEPT`)."""
+    if not banned:
+        return "# no address is banned now\n"
+    if cfg.smb.hosts_allow:
+        return f"hosts allow = {' '.join(cfg.smb.hosts_allow)} EXCEPT {' '.join(banned)}\n"
+    return f"hosts deny = {' '.join(banned)}\n"
+
+
+def auth_event(line: str) -> tuple[str, str, bool] | None:
+    """One line of Samba's JSON authentication audit → (user, client address, succeeded), None for others.
+
+    Samba writes one JSON object a line ({"type": "Authentication", "Authentication": {...}}); the remote
+    address reads 'ipv4:10.1.2.3:51234' or 'ipv6:fe80::1:51234'."""
+    start = line.find("{")
+    try:
+        record = json.loads(line[start:]) if start >= 0 else {}
+    except ValueError:
+        return None
+    event = record.get("Authentication") if isinstance(record, dict) else None
+    if not isinstance(event, dict):
+        return None
+    remote, status = event.get("remoteAddress") or "", event.get("status") or ""
+    if not remote.startswith(("ipv4:", "ipv6:")) or not status:
+        return None
+    address = remote.split(":", 1)[1].rsplit(":", 1)[0]
+    return str(event.get("clientAccount") or "-"), address, status == "NT_STATUS_OK"
+
+
 def _ensure_account(name: str, *, group: str | None = None) -> tuple[int, int]:
     """The Unix account `name` (created if missing; with `group` as its primary group) → (uid, gid)."""
     try:
@@ -161,6 +204,12 @@ def _ensure_account(name: str, *, group: str | None = None) -> tuple[int, int]:
     log.info("unix_account_created", account=name)
     pw = pwd.getpwnam(name)
     return pw.pw_uid, pw.pw_gid
+
+
+def _read_from(path: Path, offset: int) -> bytes:
+    with open(path, "rb") as f:
+        f.seek(offset)
+        return f.read(4 * 1024 * 1024)
 
 
 def _check_searchable(path: Path, uid: int, gid: int, account: str) -> None:
@@ -183,8 +232,10 @@ class SmbService:
         self.mount: FuseMount | None = None
         self.proc: subprocess.Popen | None = None
         self._supervisor: asyncio.Task | None = None
+        self._auth_watch: asyncio.Task | None = None
         self._stopping = False
         self.restarts = 0
+        self._bans: list[str] = []
 
     # --- start / stop ----------------------------------------------------------------------------
 
@@ -212,6 +263,9 @@ class SmbService:
         for path in (Path(s.mountpoint).parent, self.state / "roots"):
             _check_searchable(path, uid, gid, s.unix_user)
         self.conf_path.write_text(render_conf(self.cfg))
+        (self.state / BANS_CONF).write_text(render_bans(self.cfg, []))
+        auth_log = self.state / AUTH_LOG
+        auth_offset = auth_log.stat().st_size if auth_log.exists() else 0  # earlier runs' logins are history
         users = await asyncio.to_thread(self._sync_users, gid)
         await asyncio.to_thread(self._lockout_policy)
         self.mount = FuseMount(self.gateway, Path(s.mountpoint), uid, gid, users, s.listen[1])
@@ -221,6 +275,7 @@ class SmbService:
             self._start_smbd()
             await self._wait_listening()
             self._supervisor = asyncio.create_task(self._supervise(), name="smbd-supervisor")
+        self._auth_watch = asyncio.create_task(self._watch_logins(auth_log, auth_offset), name="smb-logins")
         log.info("smb_started", listen=s.listen, share=s.share, mountpoint=s.mountpoint, manage=s.manage,
                  encryption=s.encryption, users=[u.name for u in smb_users(self.cfg)])
 
@@ -291,6 +346,63 @@ class SmbService:
             _, err = run.communicate()
             if run.returncode != 0:
                 raise RuntimeError(f"pdbedit could not set Samba's {policy!r}: {err.strip()[:500]}")
+
+    # --- password guessing: Samba's authentication audit → LoginGuard → smb.conf ---------------------
+
+    async def _watch_logins(self, path: Path, offset: int) -> None:
+        """Follow Samba's authentication audit; deny the addresses the guard bans, allow them again after."""
+        inode = None
+        while True:
+            try:
+                st = await asyncio.to_thread(path.stat)
+                if inode is not None and (st.st_ino != inode or st.st_size < offset):
+                    offset = 0  # Samba rotated the file (max log size)
+                inode = st.st_ino
+                if st.st_size > offset:
+                    chunk = await asyncio.to_thread(_read_from, path, offset)
+                    complete = chunk.rpartition(b"\n")[0]
+                    offset += len(complete) + 1 if complete else 0
+                    for line in complete.decode("utf-8", "replace").splitlines():
+                        event = auth_event(line)
+                        if event is not None:
+                            self._login(*event)
+            except FileNotFoundError:
+                pass
+            except Exception as e:  # a bad line or a failed reload must not end the watch
+                log.error("smb_login_watch_failed", error=f"{type(e).__name__}: {e}")
+            await self._enforce_bans()
+            await asyncio.sleep(AUTH_POLL_SECONDS)
+
+    def _login(self, user: str, address: str, ok: bool) -> None:
+        guard, who = self.gateway.logins, Who(user, "smb", address)
+        if ok:
+            log.info("login", protocol="smb", user=user, peer=address, method="password")
+            guard.succeeded(user, address)
+            self.gateway.audit.record(who, "login", "")
+            return
+        log.warning("login_failed", protocol="smb", user=user, peer=address, method="password")
+        self.gateway.audit.record(who, "login", "", "error: wrong user or password")
+        guard.failed(user, address, "smb")  # its delay cannot be applied: Samba has already answered
+
+    async def _enforce_bans(self) -> None:
+        banned = self.gateway.logins.banned("address")
+        if banned == self._bans:
+            return
+        (self.state / BANS_CONF).write_text(render_bans(self.cfg, banned))
+        await asyncio.to_thread(self._reload_smbd)
+        log.warning("smb_hosts_denied", addresses=banned, lifted=sorted(set(self._bans) - set(banned)))
+        self._bans = banned
+
+    def _reload_smbd(self) -> None:
+        """smbd rereads smb.conf (and so bans.conf): new connections from a banned address are refused."""
+        if self.proc is not None:
+            if self.proc.poll() is None:
+                os.kill(self.proc.pid, signal.SIGHUP)
+            return
+        r = subprocess.run(["smbcontrol", "-s", str(self.conf_path), "smbd", "reload-config"],
+                           capture_output=True, text=True, timeout=30)
+        if r.returncode != 0:
+            log.error("smbd_reload_failed", error=(r.stderr or r.stdout).strip()[:300])
 
     def _start_smbd(self) -> None:
         s = self.cfg.smb
@@ -396,6 +508,9 @@ class SmbService:
     async def stop(self) -> None:
         """Stop smbd (its closes of still-open files are aborts, not completions), then unmount."""
         self._stopping = True
+        if self._auth_watch is not None:
+            self._auth_watch.cancel()
+            await asyncio.gather(self._auth_watch, return_exceptions=True)
         if self.mount is not None:
             self.mount.fs.closing = True
         if self.proc is not None and self.proc.poll() is None:

@@ -35,6 +35,10 @@ class BadPath(GatewayError):
     """invalid path"""
 
 
+class BadOffset(GatewayError):
+    """offset beyond the end of the file"""
+
+
 class PermissionDenied(GatewayError):
     """permission denied"""
 

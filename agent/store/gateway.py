@@ -31,6 +31,7 @@ from agent.store.access import AccessStats
 from agent.store.cache import Cache, sha256_fd
 from agent.store.catalog import AsyncCatalog
 from agent.store.errors import (
+    BadOffset,
     Corrupt,
     GatewayError,
     IsADirectory,
@@ -42,7 +43,7 @@ from agent.store.errors import (
 )
 from agent.store.evictor import Evictor
 from agent.store.fetch import download
-from agent.store.paths import ancestors, parent_of
+from agent.store.paths import ancestors, check_creatable, name_problem, parent_of
 from agent.store.worm import WormPolicy
 from agent.uplink.s3 import S3Uplink, error_code
 from agent.uplink.uploader import Uploader
@@ -86,7 +87,9 @@ class WriteHandle:
             self._hash.update(data)
         # Content must leave cache.min_free_bytes free: the catalog lives on the same disk, and a
         # catalog that cannot commit cannot mark files clean, so nothing could ever be evicted again.
-        if not await self.gw.ensure_space(len(data)):
+        # A write past the end (SFTP and SMB clients send writes out of order) leaves a hole that is
+        # sparse here but real bytes in S3 and in every fetched copy: it must fit too.
+        if not await self.gw.ensure_space(max(len(data), pos + len(data) - self.size)):
             raise NoSpace(self.path, "cache disk full and nothing evictable")
         # A nearly full disk gives short writes before ENOSPC: write the rest, making room while
         # clean files can be evicted, and refuse only when nothing can be.
@@ -112,6 +115,8 @@ class WriteHandle:
             return
         if length < self.protected:
             raise PermissionDenied(self.path, "cutting a stored file needs the 'delete' permission")
+        if length > self.size and not await self.gw.ensure_space(length - self.size):
+            raise NoSpace(self.path, "cache disk full and nothing evictable")  # the zeros are real bytes in S3
         await asyncio.to_thread(os.ftruncate, self.fd, length)
         self._hash = None  # hash the whole file at commit
         self.size = length
@@ -305,7 +310,22 @@ class Gateway:
         async with self.audit.op(who, "list", path):
             self._require(who, "read", path)
             await self._ensure_listed(path)
-            return await self.db.children(path)
+            return self._visible(await self.db.children(path), path)
+
+    @staticmethod
+    def _visible(entries: list[Entry], directory: str) -> list[Entry]:
+        """The entries a client may be shown. A name with a control character (an S3 key written by another
+        client can hold CR, LF or ESC) would forge a line of an FTP listing or reply, or drive the terminal of
+        whoever lists it over SFTP or SMB, and no client could name it anyway: it is left out, and logged so
+        the admin can rename the object."""
+        shown = []
+        for e in entries:
+            problem = name_problem(e.name)
+            if problem is None:
+                shown.append(e)
+            else:
+                log.warning("listing_name_hidden", directory=directory, name=repr(e.name), reason=problem)
+        return shown
 
     async def _ensure_listed(self, path: str, *, missing_ok: bool = False) -> None:
         """Merge the remote listing of `path` and its ancestors into the catalog, once per directory.
@@ -365,6 +385,7 @@ class Gateway:
         async with self.audit.op(who, "mkdir", path):
             self._check_writable(path)
             self._require(who, "write", path)
+            check_creatable(path, path)
             await self._ensure_listed(parent_of(path), missing_ok=True)
             await self.db.mkdir(path)
         log.info("mkdir", path=path)
@@ -396,6 +417,7 @@ class Gateway:
             self._require(who, "rename", src)
             self._movable(src)
             self._movable(dst)
+            check_creatable(dst, dst)
             e = await self.stat(src)
             self.worm.check_mutable(e, time.time())
             if e.is_dir:
@@ -422,7 +444,8 @@ class Gateway:
 
     async def open_write(self, path: str, protocol: str, *, offset: int = 0,
                          who: Who | None = None) -> WriteHandle:
-        """Start writing path; offset > 0 resumes (REST/append): the existing first bytes are kept."""
+        """Start writing path; offset > 0 resumes (REST/append): the existing first bytes are kept. An offset
+        past the end is refused (BadOffset): resuming there would leave a hole no client sent."""
         async with self.audit.op(who, "store", path, record_ok=False):
             self._check_writable(path)
             self._require(who, "write", path)
@@ -432,6 +455,10 @@ class Gateway:
             existing = await self.db.get(path)
             if existing is not None and existing.is_dir:
                 raise IsADirectory(path)
+            if existing is None:
+                check_creatable(path, path)  # a new name: Windows (SMB) clients must be able to use it
+            elif offset > existing.size:
+                raise BadOffset(path, f"offset {offset} is beyond the end of the file ({existing.size} bytes)")
             if existing is not None:
                 self.worm.check_mutable(existing, time.time())
                 if offset < existing.size and not self.allowed(who, "delete"):
@@ -445,17 +472,23 @@ class Gateway:
             if existing is None:
                 await handle.abort("resume of a missing file")
                 raise NotFound(path)
-            source = await self.open_read(path, protocol)
             try:
-                pos = 0
-                while pos < min(offset, source.size):
-                    data = await source.read(pos, min(1024 * 1024, offset - pos))
-                    if not data:
-                        break
-                    await handle.write(data)
-                    pos += len(data)
-            finally:
-                await source.close()
+                source = await self.open_read(path, protocol)
+                try:
+                    pos = 0
+                    while pos < min(offset, source.size):
+                        data = await source.read(pos, min(1024 * 1024, offset - pos))
+                        if not data:
+                            break
+                        await handle.write(data)
+                        pos += len(data)
+                finally:
+                    await source.close()
+                if handle.size < offset:  # the file was replaced by a shorter one meanwhile
+                    raise BadOffset(path, f"offset {offset} is beyond the end of the file ({handle.size} bytes)")
+            except BaseException as e:
+                await handle.abort(f"resume failed: {type(e).__name__}")
+                raise
         if not self.allowed(who, "delete"):
             handle.protected = handle.size
         return handle
@@ -647,8 +680,11 @@ class Gateway:
     async def ensure_space(self, need: int) -> bool:
         """True when `need` more bytes fit above the free-space reserve, after evicting if necessary."""
         reserve = self.cfg.cache.min_free_bytes
-        if self.cache.disk_usage().free - need >= reserve:
+        usage = self.cache.disk_usage()
+        if usage.free - need >= reserve:
             return True
+        if need > usage.total - reserve:
+            return False  # can never fit (a write at a far offset): evicting the whole cache would not help
         await self.make_room(need)
         return self.cache.disk_usage().free - need >= reserve
 
