@@ -53,7 +53,7 @@ def test_weekly_board_learned_where_lru_misses_it() -> None:
     lru = Replayer(ta, "A", cfg).run()
     policy = HitDensity()
     learned = Replayer(ta, "learned", cfg)
-    learned.policy = policy
+    learned.stack.policy = policy
     res = learned.run()
     boards = int(((kind == "board") & (ta.t >= 14 * DAY)).sum())
     # LRU cannot keep a week: every board read misses; the learned policy keeps the board cases
