@@ -24,7 +24,7 @@ The day-directory planner (LiteRT LSTM ranking, agent/policy/dirheat.py) is a st
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Hashable, Iterable, Iterator, Sequence
+from typing import Any, Callable, Hashable, Iterable, Iterator, Protocol, Sequence, cast
 
 from agent.policy import eviction
 from agent.policy.prefetch import Budget, Candidate, plan
@@ -51,6 +51,19 @@ def spec_of(eviction_name: str, planners: Iterable[str]) -> StackSpec:
     return StackSpec(eviction_name, chosen)
 
 
+class OnlineIndex(Protocol):
+    """What an online eviction policy keeps up to date (keys: the simulator's ints, the agent's paths)."""
+
+    def on_insert(self, key: Any, size: int, now: float, created: float, study: Any,
+                  prefetch: bool = False) -> None: ...
+
+    def on_access(self, key: Any, now: float) -> None: ...
+
+    def on_remove(self, key: Any) -> None: ...
+
+    def victims(self, bytes_to_free: int, now: float) -> Iterator[Any]: ...
+
+
 @dataclass(frozen=True)
 class CatalogRow:
     """One clean cached file as the live agent's catalog shows it."""
@@ -70,32 +83,40 @@ class PolicyStack:
                  max_age_days: float = 90.0) -> None:
         self.spec = spec
         self.policy = eviction.make(spec.eviction, kmeans=kmeans, max_age_days=max_age_days)
-        self.online = bool(self.policy.online)
         self.priors = PriorPrefetcher(k=priors_k) if "priors" in spec.planners else None
         self._seen: dict[Hashable, tuple[float, int]] = {}   # sync: key → (last access, reads) last pass
         self._last_sync = float("-inf")
 
+    @property
+    def index(self) -> OnlineIndex | None:
+        """The policy's online index, or None for a batch policy (kmeans)."""
+        return cast(OnlineIndex, self.policy) if self.policy.online else None
+
+    @property
+    def online(self) -> bool:
+        return bool(self.policy.online)
+
     # -- cache events
     def inserted(self, key: Hashable, size: int, now: float, created: float, study: int,
                  prefetch: bool = False) -> None:
-        if self.online:
-            self.policy.on_insert(key, size, now, created, study, prefetch)
+        if (index := self.index) is not None:
+            index.on_insert(key, size, now, created, study, prefetch)
 
     def accessed(self, key: Hashable, now: float) -> None:
-        if self.online:
-            self.policy.on_access(key, now)
+        if (index := self.index) is not None:
+            index.on_access(key, now)
 
     def removed(self, key: Hashable) -> None:
-        if self.online:
-            self.policy.on_remove(key)
+        if (index := self.index) is not None:
+            index.on_remove(key)
         self._seen.pop(key, None)
 
     def victims(self, bytes_to_free: int, now: float,
                 table: Callable[[], tuple[eviction.FileTable, Sequence[Hashable]]]) -> Iterator[Hashable]:
         """Keys to evict, in order, until bytes_to_free are freed. `table` → (the clean cached files as a
         FileTable, the key of each row); only built for a batch policy."""
-        if self.online:
-            for key in self.policy.victims(bytes_to_free, now):
+        if (index := self.index) is not None:
+            for key in index.victims(bytes_to_free, now):
                 self._seen.pop(key, None)
                 yield key
             return
@@ -110,7 +131,8 @@ class PolicyStack:
 
         A new row whose last use is older than the previous pass (less `SLACK`: an upload takes a while
         before a written file is clean) landed without being used: a prefetch, inserted as of now."""
-        if not self.online:
+        index = self.index
+        if index is None:
             return 0
         events: list[tuple[float, int, CatalogRow]] = []
         now_keys: set[Hashable] = set()
@@ -129,9 +151,9 @@ class PolicyStack:
         events.sort(key=lambda e: (e[0], e[1]))
         for t, kind, r in events:
             if kind == 1:
-                self.policy.on_access(r.key, t)
+                index.on_access(r.key, t)
             else:
-                self.policy.on_insert(r.key, r.size, t, r.created, r.study, kind == 2)
+                index.on_insert(r.key, r.size, t, r.created, r.study, kind == 2)
         self._last_sync = now
         return len(events) + len(gone)
 
