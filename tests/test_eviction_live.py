@@ -1,6 +1,7 @@
-"""The live agent evicts with the configured policy class (agent/policy/eviction.py), fed from its catalog:
-past the high watermark down to the low one, clean files only, the cold cluster first; evicted files read
-back from S3."""
+"""The live agent evicts with the configured policy stack (agent/policy/stack.py), fed from its catalog:
+past the high watermark down to the low one, clean files only (kmeans: the cold cluster first; the
+default learned policy: whole studies, never a dirty one, never more than asked plus the rest of one
+study); evicted files read back from S3."""
 
 from __future__ import annotations
 
@@ -9,13 +10,14 @@ import json
 import subprocess
 import sys
 import time
+import urllib.request
 
 import numpy as np
 
 from agent.config import CacheConfig
 from agent.devstack import free_port
 from agent.policy.eviction import FileTable, KMeansConfig, KMeansEviction
-from agent.store.evictor import candidates, policy_for
+from agent.store.evictor import candidates, stack_for
 from faultkit import catalog_rows, ftp_get, ftp_login, ftp_put, metric, payload, sha256
 
 FILE = 100_000
@@ -109,6 +111,69 @@ def test_kmeans_evicts_cold_cluster_first_never_dirty(agent_factory):
     assert all(cached(a)[p][1] for p in evicted)
 
 
+STUDY_FILES = 6
+
+
+def test_default_learned_policy_evicts_whole_studies_never_dirty(agent_factory):
+    """The default stack (learned eviction) live: under pressure with the line down, it evicts whole clean
+    studies, the least recently used first (cold start), never a dirty file, and frees what the pass asked
+    for and no more than the rest of the last study; /status says which stack runs and in which mode."""
+    a = agent_factory(**{"cache.max_bytes": MAX, "cache.high_watermark": HIGH, "cache.low_watermark": LOW,
+                         "cache.evict_interval_seconds": 0.3, "prefetch.priors": False})
+    a.start()
+    data: dict[str, bytes] = {}
+    studies = [[f"CT/2026-11-2{s}/st{s}/1/{i}.dcm" for i in range(STUDY_FILES)] for s in range(4)]
+    ftp = ftp_login(a)
+    for files in studies:
+        for p in files:
+            data[p] = payload(p, FILE)
+            assert ftp_put(ftp, p, data[p]).startswith("226")
+    assert ftp_get(ftp, studies[0][0]) == data[studies[0][0]]     # the oldest study is the most recently used
+    ftp.quit()
+    a.wait_drained()
+    h = a.health()["eviction"]
+    assert h["policy"] == "learned" and h["stack"] == "learned" and h["mode"] == "cold start: study LRU"
+    with urllib.request.urlopen(f"http://127.0.0.1:{a.http_port}/status", timeout=10) as r:
+        page = r.read().decode()
+    assert "cache policy" in page and "learned (cold start: study LRU)" in page
+    a.stop()
+
+    # Object storage unreachable: new stores stay dirty and push the cache (2.4 MB clean) past 3.2 MB.
+    real_endpoint = a.overrides.get("uplink.endpoint_url")
+    a.overrides["uplink.endpoint_url"] = f"http://127.0.0.1:{free_port()}"
+    a.write_config()
+    a.start()
+    new = [f"CT/2026-11-29/new/1/{i}.dcm" for i in range(12)]
+    ftp = ftp_login(a)
+    for p in new:
+        data[p] = payload(p, FILE)
+        assert ftp_put(ftp, p, data[p]).startswith("226")
+    ftp.quit()
+    deadline = time.monotonic() + 60
+    while a.health()["cache"]["bytes"] > LOW * MAX:
+        assert time.monotonic() < deadline, a.health()["cache"]
+        time.sleep(0.2)
+    state = cached(a)
+    evicted = {p for p, (_, has) in state.items() if not has}
+    assert all(state[p] == ("dirty", True) for p in new)            # never a dirty file
+    # 3.6 MB → 2.0 MB asks for 1.6 MB: three whole studies (1.8 MB), the least recently used; not the fourth
+    assert evicted == set(studies[1] + studies[2] + studies[3])
+    passes = a.events("eviction_pass")
+    assert passes[0]["policy"] == "learned" and passes[0]["wanted"] <= passes[0]["bytes"]
+    assert passes[0]["bytes"] < passes[0]["wanted"] + STUDY_FILES * FILE
+    a.stop()
+
+    if real_endpoint is None:
+        del a.overrides["uplink.endpoint_url"]
+    a.write_config()
+    a.start()
+    a.wait_drained()
+    ftp = ftp_login(a)
+    for p in sorted(evicted)[:3]:
+        assert sha256(ftp_get(ftp, p)) == sha256(data[p])
+    ftp.quit()
+
+
 def _table(n: int, hot: int) -> FileTable:
     now = 1e6
     count = np.where(np.arange(n) < hot, 20, 0)
@@ -136,9 +201,9 @@ def test_catalog_rows_feed_the_configured_policy():
     cand = candidates(rows)
     assert cand.paths == ["CT/d/a", "CT/d/b", "MR/e/c"] and cand.gens.tolist() == [1, 2, 1]
     assert cand.table.directory.tolist() == [0, 0, 1]
-    lru = policy_for(CacheConfig(dir="/x", eviction="lru"))
+    lru = stack_for(CacheConfig(dir="/x", eviction="lru")).policy
     assert [cand.paths[i] for i in lru.select_victims(cand.table, 25, 10.0)] == ["CT/d/b", "MR/e/c"]
-    age = policy_for(CacheConfig(dir="/x", eviction="age", age_max_days=1))
+    age = stack_for(CacheConfig(dir="/x", eviction="age", age_max_days=1)).policy
     assert age.max_age == 86400
     assert candidates([]).table.size.size == 0
 
