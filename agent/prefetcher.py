@@ -304,7 +304,8 @@ class PriorFetcher:
         deadline = time.time() + p.priors_window_seconds
         heat = {key: h for _, key, h, _ in ranked}
         log.info("prior_prefetch", study=d, patient_studies=len(studies), priors=[c[0] for c in chosen],
-                 heat=[round(heat[c[0]], 3) for c in chosen], bytes=sum(c[2] for c in chosen))
+                 heat=[round(heat[c[0]], 3) for c in chosen], bytes=sum(c[2] for c in chosen),
+                 rank_heat=self.stack.prior_heat())
         for key, rank, _ in chosen:
             await self.db.record_prior_fetch(str(key), rank)
             if await self.fetcher.fetch_dir(str(key), deadline, self.status, "prior"):

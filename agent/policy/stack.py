@@ -177,6 +177,10 @@ class PolicyStack:
         if self.priors is not None and rank < self.priors.k:
             self.priors.feedback(rank, used)
 
+    def prior_heat(self) -> list[float]:
+        """The learnt chance that a prefetched prior of each rank is opened."""
+        return [] if self.priors is None else [round(self.priors.heat(r), 3) for r in range(self.priors.k)]
+
     def status(self) -> dict[str, object]:
         st = self.policy.status() if hasattr(self.policy, "status") else {"policy": self.policy.name, "mode": "rule"}
         return {"stack": self.spec.label, **st, "last_k": getattr(self.policy, "last_k", None)}
