@@ -225,8 +225,8 @@ class CacheConfig:
     high_watermark: float = _f(_ratio, "a fraction 0..1 or a percentage such as '75%'", default=0.75)
     low_watermark: float = _f(_ratio, "a fraction 0..1 below high_watermark", default=0.60)
     min_free_bytes: int = _f(parse_size, SIZE, default=parse_size("1GB"))
-    eviction: str = _f(_choice("lru", "age", "kmeans", "study", "learned"),
-                       "'lru', 'age', 'kmeans', 'study' or 'learned'", default="learned")
+    eviction: str = _f(_choice("lru", "age", "kmeans", "study", "learned", "adaptive"),
+                       "'lru', 'age', 'kmeans', 'study', 'learned' or 'adaptive'", default="adaptive")
     evict_interval_seconds: float = _f(_float_between(0.1, 3600), "seconds 0.1..3600", default=10.0)
     kmeans_refit_seconds: float = _f(_float_between(0, 7 * 86400), "seconds 0..604800 (0: re-fit on every pass)",
                                      default=3600.0)

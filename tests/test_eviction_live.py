@@ -1,6 +1,6 @@
 """The live agent evicts with the configured policy stack (agent/policy/stack.py), fed from its catalog:
 past the high watermark down to the low one, clean files only (kmeans: the cold cluster first; the
-default learned policy: whole studies, never a dirty one, never more than asked plus the rest of one
+default adaptive policy: whole studies, never a dirty one, never more than asked plus the rest of one
 study); evicted files read back from S3."""
 
 from __future__ import annotations
@@ -114,8 +114,8 @@ def test_kmeans_evicts_cold_cluster_first_never_dirty(agent_factory):
 STUDY_FILES = 6
 
 
-def test_default_learned_policy_evicts_whole_studies_never_dirty(agent_factory):
-    """The default stack (learned eviction) live: under pressure with the line down, it evicts whole clean
+def test_default_policy_evicts_whole_studies_never_dirty(agent_factory):
+    """The default stack (adaptive eviction) live: under pressure with the line down, it evicts whole clean
     studies, the least recently used first (cold start), never a dirty file, and frees what the pass asked
     for and no more than the rest of the last study; /status says which stack runs and in which mode."""
     a = agent_factory(**{"cache.max_bytes": MAX, "cache.high_watermark": HIGH, "cache.low_watermark": LOW,
@@ -132,10 +132,10 @@ def test_default_learned_policy_evicts_whole_studies_never_dirty(agent_factory):
     ftp.quit()
     a.wait_drained()
     h = a.health()["eviction"]
-    assert h["policy"] == "learned" and h["stack"] == "learned" and h["mode"] == "cold start: study LRU"
+    assert h["policy"] == "adaptive" and h["stack"] == "adaptive" and h["mode"] == "cold start: study LRU"
     with urllib.request.urlopen(f"http://127.0.0.1:{a.http_port}/status", timeout=10) as r:
         page = r.read().decode()
-    assert "cache policy" in page and "learned (cold start: study LRU)" in page
+    assert "cache policy" in page and "adaptive (cold start: study LRU)" in page
     a.stop()
 
     # Object storage unreachable: new stores stay dirty and push the cache (2.4 MB clean) past 3.2 MB.
@@ -159,7 +159,7 @@ def test_default_learned_policy_evicts_whole_studies_never_dirty(agent_factory):
     # 3.6 MB → 2.0 MB asks for 1.6 MB: three whole studies (1.8 MB), the least recently used; not the fourth
     assert evicted == set(studies[1] + studies[2] + studies[3])
     passes = a.events("eviction_pass")
-    assert passes[0]["policy"] == "learned" and passes[0]["wanted"] <= passes[0]["bytes"]
+    assert passes[0]["policy"] == "adaptive" and passes[0]["wanted"] <= passes[0]["bytes"]
     assert passes[0]["bytes"] < passes[0]["wanted"] + STUDY_FILES * FILE
     a.stop()
 

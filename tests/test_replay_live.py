@@ -2,10 +2,11 @@
 agent with its default policy stack (FTP stores and reads in trace order, object sizes scaled down together
 with the cache) gives the hit ratio `pacsgw simulate` gives for the same requests, stack and capacity.
 
-The live replay compresses two days into a minute or two, and the default eviction (`learned`) is driven
-by time (sessions, ages): the simulator is given the times at which the live agent saw each request, so both
-run the same policy on the same inputs. The prior-study planner is not exercised here (the payloads are
-not DICOM, and the archive's studies are not in a new box's catalog); tests/test_priors_live.py covers it."""
+The live replay compresses two days into a minute or two, and the default eviction (`adaptive`: study LRU
+or the learned hit density) is driven by time (sessions, ages): the simulator is given the times at which
+the live agent saw each request, so both run the same policy on the same inputs. The prior-study planner
+is not exercised here (the payloads are not DICOM, and the archive's studies are not in a new box's
+catalog); tests/test_priors_live.py covers it."""
 
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ def away_from_a_cliff(ta, touched: int) -> float:
     cliffs where one big study fits or not; parity there would hang on a few bytes of accounting), among
     those where neither everything nor nothing fits."""
     def ratio(share: float) -> float:
-        return replay(ta, "learned", ReplayConfig(capacity=int(share * touched), warmup_days=0)).hit_ratio
+        return replay(ta, "adaptive", ReplayConfig(capacity=int(share * touched), warmup_days=0)).hit_ratio
     slopes = {}
     for s in SHARES:
         r = ratio(s)
@@ -45,7 +46,7 @@ def away_from_a_cliff(ta, touched: int) -> float:
 
 @pytest.mark.slow
 def test_live_default_stack_matches_the_simulator(agent_factory, seaweed, tmp_path):
-    assert CacheConfig.__dataclass_fields__["eviction"].default == "learned"
+    assert CacheConfig.__dataclass_fields__["eviction"].default == "adaptive"
     trace = tmp_path / "day.tsv"
     assert sim(["gen-trace", str(trace), "--days", "2", "--monthly-tb", "0.008", "--seed", "4",
                 "--no-progress"]) == 0
@@ -71,7 +72,7 @@ def test_live_default_stack_matches_the_simulator(agent_factory, seaweed, tmp_pa
             client.put_object(Bucket=BUCKET, Key=a.prefix + r.path, Body=payload(r.path, max(1, r.size // SCALE)))
             written.add(r.path)
     a.start()
-    assert a.health()["eviction"]["stack"] == "learned"
+    assert a.health()["eviction"]["stack"] == "adaptive"
     ftp = ftp_login(a)
     seen = []
     for r in requests:
@@ -88,8 +89,8 @@ def test_live_default_stack_matches_the_simulator(agent_factory, seaweed, tmp_pa
     # where the archive was put just before and the rest is written during the replay)
     t = np.array(seen) - seen[0]
     same = dataclasses.replace(ta, t=t, study_day=np.zeros_like(ta.study_day))
-    simulated = replay(same, "learned", ReplayConfig(capacity=capacity, warmup_days=0))
-    on_trace_time = replay(ta, "learned", ReplayConfig(capacity=capacity, warmup_days=0))
+    simulated = replay(same, "adaptive", ReplayConfig(capacity=capacity, warmup_days=0))
+    on_trace_time = replay(ta, "adaptive", ReplayConfig(capacity=capacity, warmup_days=0))
     print(f"\nreads {simulated.reads}, cache {share:.0%} of the bytes touched: hit ratio simulated "
           f"{simulated.hit_ratio:.3f} (on the trace's own times {on_trace_time.hit_ratio:.3f}), live {live:.3f}")
     assert hits + misses == simulated.reads == sum(r.op == "R" for r in requests)

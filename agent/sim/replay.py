@@ -107,6 +107,9 @@ SCHEMES: dict[str, tuple[str, str | None]] = {
     "learned": ("learned", None),
     "learned+priors": ("learned", "priors"),
     "learned+lstm+priors": ("learned", "lstm+priors"),      # does the LSTM earn its place? (ablation)
+    # study LRU or learned hit density, whichever shadow cache serves more (agent/policy/adaptive.py)
+    "adaptive": ("adaptive", None),
+    "adaptive+priors": ("adaptive", "priors"),
     # what the agent runs with its default configuration (results.json marks it "default": true)
     "agent": agent_default(),
 }
