@@ -29,6 +29,38 @@ def cached(agent) -> dict[str, tuple[str, bool]]:
     return {p: (s, b is not None) for p, s, _, _, b in catalog_rows(agent)}
 
 
+def store_with_line_down(a, data: dict[str, bytes], new: list[str], timeout: float) -> tuple[str | None, set[str]]:
+    """Restart `a` with object storage unreachable and store `new` (they stay dirty on the SSD), wait until
+    eviction has brought the cache under the high watermark, check that no dirty file went.
+    → (the real endpoint override, the evicted paths). A pass may start before the last file is stored (it
+    then frees what was over at its start), so the callers check each pass against what it asked for."""
+    real_endpoint = a.overrides.get("uplink.endpoint_url")
+    a.overrides["uplink.endpoint_url"] = f"http://127.0.0.1:{free_port()}"
+    a.write_config()
+    a.start()
+    ftp = ftp_login(a)
+    for p in new:
+        data[p] = payload(p, FILE)
+        assert ftp_put(ftp, p, data[p]).startswith("226")
+    ftp.quit()
+    deadline = time.monotonic() + timeout
+    while not a.events("eviction_pass") or a.health()["cache"]["bytes"] >= HIGH * MAX:
+        assert time.monotonic() < deadline, a.health()["cache"]
+        time.sleep(0.2)
+    state = cached(a)
+    assert all(state[p] == ("dirty", True) for p in new)           # never a dirty file
+    return real_endpoint, {p for p, (_, has) in state.items() if not has}
+
+
+def line_back(a, real_endpoint: str | None) -> None:
+    """Restart `a` with its object storage back and wait until the dirty files are uploaded."""
+    if real_endpoint is None:
+        del a.overrides["uplink.endpoint_url"]
+    a.write_config()
+    a.start()
+    a.wait_drained()
+
+
 def test_kmeans_evicts_cold_cluster_first_never_dirty(agent_factory):
     a = agent_factory(**{"cache.max_bytes": MAX, "cache.high_watermark": HIGH, "cache.low_watermark": LOW,
                          "cache.eviction": "kmeans", "cache.evict_interval_seconds": 0.3,
@@ -73,36 +105,19 @@ def test_kmeans_evicts_cold_cluster_first_never_dirty(agent_factory):
     a.stop()
 
     # Object storage unreachable: new stores stay dirty on the SSD and push the cache past the high watermark.
-    real_endpoint = a.overrides.get("uplink.endpoint_url")
-    a.overrides["uplink.endpoint_url"] = f"http://127.0.0.1:{free_port()}"
-    a.write_config()
-    a.start()
     new = [f"CT/2026-11-23/new/{i}.dcm" for i in range(6)]
-    ftp = ftp_login(a)
-    for p in new:
-        data[p] = payload(p, FILE)
-        assert ftp_put(ftp, p, data[p]).startswith("226")
-    ftp.quit()
-    deadline = time.monotonic() + 30
-    while a.health()["cache"]["bytes"] > LOW * MAX:
-        assert time.monotonic() < deadline, a.health()["cache"]
-        time.sleep(0.2)
-    state = cached(a)
-    evicted = {p for p, (_, has) in state.items() if not has}
-    assert all(state[p] == ("dirty", True) for p in new)           # never a dirty file
-    assert all(state[p][1] for p in hot)                           # the hot set stays
-    assert evicted <= set(cold) and len(evicted) == 14             # 3.4 MB → 2.0 MB: 14 cold files, no more
+    real_endpoint, evicted = store_with_line_down(a, data, new, 30)
+    assert not evicted & set(hot)                                  # the hot set stays
     passes = a.events("eviction_pass")
+    # 3.4 MB → 2.0 MB: 14 cold files and no more (fewer when a pass started before the last store)
+    assert evicted <= set(cold) and len(evicted) == sum(-(-p["wanted"] // FILE) for p in passes) >= 12
     assert passes[0]["policy"] == "kmeans" and passes[0]["reason"] == "high watermark"
-    assert metric(a, "pacsgw_evictions_total") == 14 and metric(a, "pacsgw_evicted_bytes_total") == 14 * FILE
+    assert metric(a, "pacsgw_evictions_total") == len(evicted)
+    assert metric(a, "pacsgw_evicted_bytes_total") == len(evicted) * FILE
     a.stop()
 
     # The line is back: the dirty files upload, and every evicted file reads back whole from S3.
-    if real_endpoint is None:
-        del a.overrides["uplink.endpoint_url"]
-    a.write_config()
-    a.start()
-    a.wait_drained()
+    line_back(a, real_endpoint)
     ftp = ftp_login(a)
     for p in sorted(evicted):
         assert sha256(ftp_get(ftp, p)) == sha256(data[p])
@@ -139,35 +154,17 @@ def test_default_policy_evicts_whole_studies_never_dirty(agent_factory):
     a.stop()
 
     # Object storage unreachable: new stores stay dirty and push the cache (2.4 MB clean) past 3.2 MB.
-    real_endpoint = a.overrides.get("uplink.endpoint_url")
-    a.overrides["uplink.endpoint_url"] = f"http://127.0.0.1:{free_port()}"
-    a.write_config()
-    a.start()
     new = [f"CT/2026-11-29/new/1/{i}.dcm" for i in range(12)]
-    ftp = ftp_login(a)
-    for p in new:
-        data[p] = payload(p, FILE)
-        assert ftp_put(ftp, p, data[p]).startswith("226")
-    ftp.quit()
-    deadline = time.monotonic() + 60
-    while a.health()["cache"]["bytes"] > LOW * MAX:
-        assert time.monotonic() < deadline, a.health()["cache"]
-        time.sleep(0.2)
-    state = cached(a)
-    evicted = {p for p, (_, has) in state.items() if not has}
-    assert all(state[p] == ("dirty", True) for p in new)            # never a dirty file
+    real_endpoint, evicted = store_with_line_down(a, data, new, 60)
     # 3.6 MB → 2.0 MB asks for 1.6 MB: three whole studies (1.8 MB), the least recently used; not the fourth
-    assert evicted == set(studies[1] + studies[2] + studies[3])
-    passes = a.events("eviction_pass")
-    assert passes[0]["policy"] == "adaptive" and passes[0]["wanted"] <= passes[0]["bytes"]
-    assert passes[0]["bytes"] < passes[0]["wanted"] + STUDY_FILES * FILE
+    # (two, if the pass started when 3.2 MB were reached)
+    n = len(evicted) // STUDY_FILES
+    assert n in (2, 3) and evicted == {p for st in studies[1:1 + n] for p in st}
+    for p in a.events("eviction_pass"):
+        assert p["policy"] == "adaptive" and p["wanted"] <= p["bytes"] < p["wanted"] + STUDY_FILES * FILE
     a.stop()
 
-    if real_endpoint is None:
-        del a.overrides["uplink.endpoint_url"]
-    a.write_config()
-    a.start()
-    a.wait_drained()
+    line_back(a, real_endpoint)
     ftp = ftp_login(a)
     for p in sorted(evicted)[:3]:
         assert sha256(ftp_get(ftp, p)) == sha256(data[p])
