@@ -225,7 +225,8 @@ class CacheConfig:
     high_watermark: float = _f(_ratio, "a fraction 0..1 or a percentage such as '75%'", default=0.75)
     low_watermark: float = _f(_ratio, "a fraction 0..1 below high_watermark", default=0.60)
     min_free_bytes: int = _f(parse_size, SIZE, default=parse_size("1GB"))
-    eviction: str = _f(_choice("lru", "age", "kmeans"), "'lru', 'age' or 'kmeans'", default="kmeans")
+    eviction: str = _f(_choice("lru", "age", "kmeans", "study", "learned", "adaptive"),
+                       "'lru', 'age', 'kmeans', 'study', 'learned' or 'adaptive'", default="adaptive")
     evict_interval_seconds: float = _f(_float_between(0.1, 3600), "seconds 0.1..3600", default=10.0)
     kmeans_refit_seconds: float = _f(_float_between(0, 7 * 86400), "seconds 0..604800 (0: re-fit on every pass)",
                                      default=3600.0)
@@ -417,7 +418,7 @@ def _window(value: Any) -> tuple[int, int]:
 class PrefetchConfig:
     dir_depth: int = _f(_int_between(1, 8), "an integer 1..8: how many path levels make a directory "
                         "whose daily reads are counted (2 for MODALITY/DAY)", default=2)
-    enabled: bool = _f(_bool, "true or false", default=True)
+    enabled: bool = _f(_bool, "true or false", default=False)   # the LSTM planner: off, it lost its ablation
     window: tuple[int, int] = _f(_window, "'HH:MM-HH:MM' (or HH:MM:SS) in local time, e.g. '05:00-07:30'",
                                  default=(5 * 3600, 7 * 3600 + 1800))
     max_bytes: int = _f(parse_size, SIZE, default=parse_size("20GB"))

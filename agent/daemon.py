@@ -21,7 +21,7 @@ from agent.dicom.retention import DicomRetention
 from agent.metrics import Metrics
 from agent.monitor import PressureMonitor
 from agent.policy.pressure import Level
-from agent.prefetcher import DirPrefetcher, Fetcher, PriorFetcher
+from agent.prefetcher import DirPrefetcher, Fetcher, PriorFetcher, stack_for
 from agent.serve.ftp import FtpServer
 from agent.serve.http import (
     ADMIN_TOKEN_FILE,
@@ -101,11 +101,13 @@ class Agent:
         await self.monitor.sample()
         self._monitor = asyncio.create_task(self.monitor.run(), name="pressure")
         fetcher = Fetcher(self.gateway, self.db, lambda: self.monitor.current.level)
+        stack = stack_for(cfg)   # one policy stack: the evictor and the prior-study planner share it
+        self.gateway.evictor.use(stack, cfg.prefetch.study_depth)
         self.prefetcher = DirPrefetcher(cfg, self.db, self.gateway, fetcher)
         self._prefetch = (asyncio.create_task(self.prefetcher.loop(), name="prefetch")
                           if cfg.prefetch.enabled else None)
         self._prefetch_now: asyncio.Task | None = None
-        self.priors = PriorFetcher(cfg, self.db, self.gateway, fetcher)
+        self.priors = PriorFetcher(cfg, self.db, self.gateway, fetcher, stack)
         if cfg.prefetch.priors:
             self.gateway.on_stored = self.priors.on_stored
         self.scrubber = Scrubber(self.db, self.cache, cfg.scrub.rate, cfg.scrub.pause_seconds)
@@ -211,8 +213,8 @@ class Agent:
             "model": model_info(self.cfg.model.path),
             "pressure": {"level": str(self.monitor.current.level), "reasons": list(self.monitor.current.reasons)},
             "prefetch": self.prefetch_health(),
-            "eviction": {"policy": self.cfg.cache.eviction,
-                         "k": getattr(self.gateway.evictor.policy, "last_k", None)},
+            "eviction": {"policy": self.cfg.cache.eviction, "k": getattr(self.gateway.evictor.policy, "last_k", None),
+                         **self.gateway.evictor.status()},
             "scrub": {"passes": self.scrubber.passes, "last_pass_end": self.scrubber.last_pass_end},
             "clock": clock_sync(),
         }

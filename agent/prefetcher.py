@@ -1,6 +1,7 @@
 """Prefetch into the cache: tomorrow's hot day-directories in the early-morning window, and a patient's
-prior studies when a new study is written. The policies decide (agent/policy: dirheat, prefetch.plan,
-priors.PriorPrefetcher); this module gathers their input from the catalog and does the fetching.
+prior studies when a new study is written. The policies decide (agent/policy: dirheat, and the policy
+stack's prior planner, agent/policy/stack.py, which the simulator drives the same way); this module
+gathers their input from the catalog and does the fetching.
 
 Every fetch goes through the gateway (shared with readers, verified, under the uplink's bandwidth limit
 and concurrency), and a run stops before its next file as soon as its time is up or pressure is high.
@@ -23,9 +24,11 @@ from agent.policy.dirheat import History, RankedDir, history, rank_by_model, ran
 from agent.policy.features import WINDOW
 from agent.policy.prefetch import Budget, Candidate, plan
 from agent.policy.pressure import Level
-from agent.policy.priors import PriorPrefetcher, StudyInfo
+from agent.policy.priors import StudyInfo
+from agent.policy.stack import PolicyStack
 from agent.store.catalog import AsyncCatalog
 from agent.store.errors import GatewayError
+from agent.store.evictor import stack_for as eviction_stack
 from agent.store.gateway import Gateway
 
 log = structlog.get_logger("pacsgw.prefetch")
@@ -70,6 +73,12 @@ class RunStatus:
 
     def as_json(self) -> dict:
         return dict(self.__dict__)
+
+
+def stack_for(cfg: Config) -> PolicyStack:
+    """The policy stack the config asks for: `[cache] eviction` and the planners `[prefetch]` enables."""
+    planners = tuple(name for name, on in (("lstm", cfg.prefetch.enabled), ("priors", cfg.prefetch.priors)) if on)
+    return eviction_stack(cfg.cache, planners, cfg.prefetch.priors_k)
 
 
 def line_rate(cfg: Config) -> float:
@@ -229,7 +238,7 @@ class PriorFetcher:
     db: AsyncCatalog
     gateway: Gateway
     fetcher: Fetcher
-    policy: PriorPrefetcher = field(init=False)
+    stack: PolicyStack
     _seen: dict[str, None] = field(default_factory=dict)   # recent study dirs: no catalog query per file
     _tasks: set[asyncio.Task] = field(default_factory=set)
     status: RunStatus = field(default_factory=RunStatus)
@@ -237,7 +246,6 @@ class PriorFetcher:
     SEEN_MAX = 4096
 
     def __post_init__(self) -> None:
-        self.policy = PriorPrefetcher(k=self.cfg.prefetch.priors_k)
         self._learned = False
 
     async def learn(self) -> None:
@@ -248,8 +256,7 @@ class PriorFetcher:
             outcomes = await self.db.prior_outcomes()  # every decided outcome, those just settled included
             self._learned = True
         for rank, used in outcomes:
-            if rank < self.policy.k:
-                self.policy.feedback(rank, used)
+            self.stack.prior_outcome(rank, used)
 
     def study_dir(self, path: str) -> str | None:
         parts = path.split("/")
@@ -286,25 +293,22 @@ class PriorFetcher:
         info = [StudyInfo(i, m or "", _ordinal(day), 0) for i, (_, _, day, m) in enumerate(studies)]
         keys = [s[0] for s in studies]
         new = StudyInfo(keys.index(d), h.modality or "", _ordinal(h.study_date), 0)
-        cands: list[Candidate] = []
-        ranks: dict[str, int] = {}
-        for rank, prior, heat in self.policy.candidates(new, info):
+        ranked: list[tuple[int, str, float, int]] = []
+        for rank, prior, heat in self.stack.prior_ranked(new, info):
             prior_dir = keys[prior.key]
             await self.gateway.list_tree(prior_dir)
             _, missing_bytes = await self.db.missing_under(prior_dir)
-            if missing_bytes:
-                ranks[prior_dir] = rank
-                cands.append(Candidate(prior_dir, heat, missing_bytes))
+            ranked.append((rank, prior_dir, heat, missing_bytes))
         p = self.cfg.prefetch
-        chosen = plan(cands, Budget(p.priors_max_bytes, line_rate(self.cfg), p.priors_window_seconds))
-        chosen.sort(key=lambda c: ranks[c.key])  # clinical order: the most relevant prior first
+        chosen = self.stack.prior_plan(ranked, Budget(p.priors_max_bytes, line_rate(self.cfg), p.priors_window_seconds))
         deadline = time.time() + p.priors_window_seconds
-        log.info("prior_prefetch", study=d, patient_studies=len(studies), priors=[c.key for c in chosen],
-                 heat=[round(c.heat, 3) for c in chosen], bytes=sum(c.size for c in chosen),
-                 rank_heat=[round(self.policy.heat(r), 3) for r in range(self.policy.k)])
-        for c in chosen:
-            await self.db.record_prior_fetch(c.key, ranks[c.key])
-            if await self.fetcher.fetch_dir(c.key, deadline, self.status, "prior"):
+        heat = {key: h for _, key, h, _ in ranked}
+        log.info("prior_prefetch", study=d, patient_studies=len(studies), priors=[c[0] for c in chosen],
+                 heat=[round(heat[c[0]], 3) for c in chosen], bytes=sum(c[2] for c in chosen),
+                 rank_heat=self.stack.prior_heat())
+        for key, rank, _ in chosen:
+            await self.db.record_prior_fetch(str(key), rank)
+            if await self.fetcher.fetch_dir(str(key), deadline, self.status, "prior"):
                 break
 
 

@@ -59,7 +59,7 @@ def test_window_bounds_now_inside_and_outside():
 
 
 @pytest.mark.parametrize("key, value, allowed", [
-    ("cache.eviction", '"fifo"', "'lru', 'age' or 'kmeans'"),
+    ("cache.eviction", '"fifo"', "'lru', 'age', 'kmeans', 'study', 'learned' or 'adaptive'"),
     ("prefetch.window", '"25:00-07:00"', "'HH:MM-HH:MM'"),
     ("prefetch.window", '"05:00"', "'HH:MM-HH:MM'"),
     ("prefetch.window", '"05:00-05:00"', "'HH:MM-HH:MM'"),
@@ -77,5 +77,5 @@ def test_bad_prefetch_and_eviction_keys_are_named(tmp_path, key, value, allowed)
 
 def test_window_and_policy_defaults(tmp_path):
     cfg = load(write(tmp_path, GOOD))
-    assert cfg.prefetch.window == (5 * 3600, 7 * 3600 + 1800) and cfg.cache.eviction == "kmeans"
+    assert cfg.prefetch.window == (5 * 3600, 7 * 3600 + 1800) and cfg.cache.eviction == "adaptive"
     assert np.isclose(cfg.cache.kmeans_refit_seconds, 3600)

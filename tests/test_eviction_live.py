@@ -1,6 +1,7 @@
-"""The live agent evicts with the configured policy class (agent/policy/eviction.py), fed from its catalog:
-past the high watermark down to the low one, clean files only, the cold cluster first; evicted files read
-back from S3."""
+"""The live agent evicts with the configured policy stack (agent/policy/stack.py), fed from its catalog:
+past the high watermark down to the low one, clean files only (kmeans: the cold cluster first; the
+default adaptive policy: whole studies, never a dirty one, never more than asked plus the rest of one
+study); evicted files read back from S3."""
 
 from __future__ import annotations
 
@@ -9,12 +10,13 @@ import json
 import subprocess
 import sys
 import time
+import urllib.request
 
 import numpy as np
 
 from agent.config import CacheConfig
 from agent.policy.eviction import FileTable, KMeansConfig, KMeansEviction
-from agent.store.evictor import candidates, policy_for
+from agent.store.evictor import candidates, stack_for
 from devstack import free_port
 from faultkit import catalog_rows, ftp_get, ftp_login, ftp_put, metric, payload, sha256
 
@@ -25,6 +27,38 @@ HIGH, LOW, MAX = 0.8, 0.5, 4_000_000
 def cached(agent) -> dict[str, tuple[str, bool]]:
     """path → (state, has a cached copy)."""
     return {p: (s, b is not None) for p, s, _, _, b in catalog_rows(agent)}
+
+
+def store_with_line_down(a, data: dict[str, bytes], new: list[str], timeout: float) -> tuple[str | None, set[str]]:
+    """Restart `a` with object storage unreachable and store `new` (they stay dirty on the SSD), wait until
+    eviction has brought the cache under the high watermark, check that no dirty file went.
+    → (the real endpoint override, the evicted paths). A pass may start before the last file is stored (it
+    then frees what was over at its start), so the callers check each pass against what it asked for."""
+    real_endpoint = a.overrides.get("uplink.endpoint_url")
+    a.overrides["uplink.endpoint_url"] = f"http://127.0.0.1:{free_port()}"
+    a.write_config()
+    a.start()
+    ftp = ftp_login(a)
+    for p in new:
+        data[p] = payload(p, FILE)
+        assert ftp_put(ftp, p, data[p]).startswith("226")
+    ftp.quit()
+    deadline = time.monotonic() + timeout
+    while not a.events("eviction_pass") or a.health()["cache"]["bytes"] >= HIGH * MAX:
+        assert time.monotonic() < deadline, a.health()["cache"]
+        time.sleep(0.2)
+    state = cached(a)
+    assert all(state[p] == ("dirty", True) for p in new)           # never a dirty file
+    return real_endpoint, {p for p, (_, has) in state.items() if not has}
+
+
+def line_back(a, real_endpoint: str | None) -> None:
+    """Restart `a` with its object storage back and wait until the dirty files are uploaded."""
+    if real_endpoint is None:
+        del a.overrides["uplink.endpoint_url"]
+    a.write_config()
+    a.start()
+    a.wait_drained()
 
 
 def test_kmeans_evicts_cold_cluster_first_never_dirty(agent_factory):
@@ -71,42 +105,70 @@ def test_kmeans_evicts_cold_cluster_first_never_dirty(agent_factory):
     a.stop()
 
     # Object storage unreachable: new stores stay dirty on the SSD and push the cache past the high watermark.
-    real_endpoint = a.overrides.get("uplink.endpoint_url")
-    a.overrides["uplink.endpoint_url"] = f"http://127.0.0.1:{free_port()}"
-    a.write_config()
-    a.start()
     new = [f"CT/2026-11-23/new/{i}.dcm" for i in range(6)]
-    ftp = ftp_login(a)
-    for p in new:
-        data[p] = payload(p, FILE)
-        assert ftp_put(ftp, p, data[p]).startswith("226")
-    ftp.quit()
-    deadline = time.monotonic() + 30
-    while a.health()["cache"]["bytes"] > LOW * MAX:
-        assert time.monotonic() < deadline, a.health()["cache"]
-        time.sleep(0.2)
-    state = cached(a)
-    evicted = {p for p, (_, has) in state.items() if not has}
-    assert all(state[p] == ("dirty", True) for p in new)           # never a dirty file
-    assert all(state[p][1] for p in hot)                           # the hot set stays
-    assert evicted <= set(cold) and len(evicted) == 14             # 3.4 MB → 2.0 MB: 14 cold files, no more
+    real_endpoint, evicted = store_with_line_down(a, data, new, 30)
+    assert not evicted & set(hot)                                  # the hot set stays
     passes = a.events("eviction_pass")
+    # 3.4 MB → 2.0 MB: 14 cold files and no more (fewer when a pass started before the last store)
+    assert evicted <= set(cold) and len(evicted) == sum(-(-p["wanted"] // FILE) for p in passes) >= 12
     assert passes[0]["policy"] == "kmeans" and passes[0]["reason"] == "high watermark"
-    assert metric(a, "pacsgw_evictions_total") == 14 and metric(a, "pacsgw_evicted_bytes_total") == 14 * FILE
+    assert metric(a, "pacsgw_evictions_total") == len(evicted)
+    assert metric(a, "pacsgw_evicted_bytes_total") == len(evicted) * FILE
     a.stop()
 
     # The line is back: the dirty files upload, and every evicted file reads back whole from S3.
-    if real_endpoint is None:
-        del a.overrides["uplink.endpoint_url"]
-    a.write_config()
-    a.start()
-    a.wait_drained()
+    line_back(a, real_endpoint)
     ftp = ftp_login(a)
     for p in sorted(evicted):
         assert sha256(ftp_get(ftp, p)) == sha256(data[p])
     ftp.quit()
     assert len(a.wait_events("fetched", len(evicted))) == len(evicted)  # logged once cached again
     assert all(cached(a)[p][1] for p in evicted)
+
+
+STUDY_FILES = 6
+
+
+def test_default_policy_evicts_whole_studies_never_dirty(agent_factory):
+    """The default stack (adaptive eviction) live: under pressure with the line down, it evicts whole clean
+    studies, the least recently used first (cold start), never a dirty file, and frees what the pass asked
+    for and no more than the rest of the last study; /status says which stack runs and in which mode."""
+    a = agent_factory(**{"cache.max_bytes": MAX, "cache.high_watermark": HIGH, "cache.low_watermark": LOW,
+                         "cache.evict_interval_seconds": 0.3, "prefetch.priors": False})
+    a.start()
+    data: dict[str, bytes] = {}
+    studies = [[f"CT/2026-11-2{s}/st{s}/1/{i}.dcm" for i in range(STUDY_FILES)] for s in range(4)]
+    ftp = ftp_login(a)
+    for files in studies:
+        for p in files:
+            data[p] = payload(p, FILE)
+            assert ftp_put(ftp, p, data[p]).startswith("226")
+    assert ftp_get(ftp, studies[0][0]) == data[studies[0][0]]     # the oldest study is the most recently used
+    ftp.quit()
+    a.wait_drained()
+    h = a.health()["eviction"]
+    assert h["policy"] == "adaptive" and h["stack"] == "adaptive" and h["mode"] == "cold start: study LRU"
+    with urllib.request.urlopen(f"http://127.0.0.1:{a.http_port}/status", timeout=10) as r:
+        page = r.read().decode()
+    assert "cache policy" in page and "adaptive (cold start: study LRU)" in page
+    a.stop()
+
+    # Object storage unreachable: new stores stay dirty and push the cache (2.4 MB clean) past 3.2 MB.
+    new = [f"CT/2026-11-29/new/1/{i}.dcm" for i in range(12)]
+    real_endpoint, evicted = store_with_line_down(a, data, new, 60)
+    # 3.6 MB → 2.0 MB asks for 1.6 MB: three whole studies (1.8 MB), the least recently used; not the fourth
+    # (two, if the pass started when 3.2 MB were reached)
+    n = len(evicted) // STUDY_FILES
+    assert n in (2, 3) and evicted == {p for st in studies[1:1 + n] for p in st}
+    for p in a.events("eviction_pass"):
+        assert p["policy"] == "adaptive" and p["wanted"] <= p["bytes"] < p["wanted"] + STUDY_FILES * FILE
+    a.stop()
+
+    line_back(a, real_endpoint)
+    ftp = ftp_login(a)
+    for p in sorted(evicted)[:3]:
+        assert sha256(ftp_get(ftp, p)) == sha256(data[p])
+    ftp.quit()
 
 
 def _table(n: int, hot: int) -> FileTable:
@@ -136,9 +198,9 @@ def test_catalog_rows_feed_the_configured_policy():
     cand = candidates(rows)
     assert cand.paths == ["CT/d/a", "CT/d/b", "MR/e/c"] and cand.gens.tolist() == [1, 2, 1]
     assert cand.table.directory.tolist() == [0, 0, 1]
-    lru = policy_for(CacheConfig(dir="/x", eviction="lru"))
+    lru = stack_for(CacheConfig(dir="/x", eviction="lru")).policy
     assert [cand.paths[i] for i in lru.select_victims(cand.table, 25, 10.0)] == ["CT/d/b", "MR/e/c"]
-    age = policy_for(CacheConfig(dir="/x", eviction="age", age_max_days=1))
+    age = stack_for(CacheConfig(dir="/x", eviction="age", age_max_days=1)).policy
     assert age.max_age == 86400
     assert candidates([]).table.size.size == 0
 

@@ -53,7 +53,7 @@ def test_weekly_board_learned_where_lru_misses_it() -> None:
     lru = Replayer(ta, "A", cfg).run()
     policy = HitDensity()
     learned = Replayer(ta, "learned", cfg)
-    learned.policy = policy
+    learned.stack.policy = policy
     res = learned.run()
     boards = int(((kind == "board") & (ta.t >= 14 * DAY)).sum())
     # LRU cannot keep a week: every board read misses; the learned policy keeps the board cases
@@ -74,3 +74,16 @@ def test_cold_start_is_study_lru_and_says_so() -> None:
 
 def test_age_buckets_are_log_spaced() -> None:
     assert [age_bucket(a) for a in (0, 59, 60, 119, 120, 7 * DAY)] == [0, 0, 1, 1, 2, 14]
+
+
+def test_adaptive_keeps_the_weekly_board_too() -> None:
+    """The default eviction picks between study LRU and the hit density by shadow caches: on a weekly board,
+    where LRU misses every board read, it runs the learned expert and keeps the cases."""
+    ta, kind = weekly_board_trace()
+    cfg = ReplayConfig(capacity=15 * FILES * 1000, warmup_days=14)
+    lru = Replayer(ta, "A", cfg).run()
+    r = Replayer(ta, "adaptive", cfg)
+    res = r.run()
+    boards = int(((kind == "board") & (ta.t >= 14 * DAY)).sum())
+    assert res.hits - lru.hits >= 0.8 * boards
+    assert r.stack.status()["mode"] == "expert: learned hit density"

@@ -24,6 +24,8 @@ Policies:
            one eviction does not leave a study half cached; old studies (priors, long-tail reads) are
            demoted once they have been read; prefetched files count as used at prefetch time.
   `learned` whole studies by hit density learned online from the traffic (agent/policy/learned.py).
+  `adaptive` whole studies by study LRU or the learned hit density, whichever serves the traffic better now
+           (shadow caches; agent/policy/adaptive.py).
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Protocol
 import numpy as np
 
 if TYPE_CHECKING:
+    from agent.policy.adaptive import Adaptive
     from agent.policy.learned import HitDensity
 
 DAY = 86_400.0
@@ -336,11 +339,12 @@ class StudyLRU:
 
 
 def make(name: str, *, kmeans: KMeansConfig | None = None,
-         max_age_days: float = 90.0) -> LRU | Age | KMeansEviction | StudyLRU | HitDensity:
-    from agent.policy.learned import HitDensity  # it builds on StudyLRU (import cycle otherwise)
-    policies: dict[str, Callable[[], LRU | Age | KMeansEviction | StudyLRU | HitDensity]] = {
+         max_age_days: float = 90.0) -> LRU | Age | KMeansEviction | StudyLRU | HitDensity | Adaptive:
+    from agent.policy.adaptive import Adaptive  # they build on StudyLRU (import cycle otherwise)
+    from agent.policy.learned import HitDensity
+    policies: dict[str, Callable[[], LRU | Age | KMeansEviction | StudyLRU | HitDensity | Adaptive]] = {
         "lru": LRU, "age": lambda: Age(max_age_days), "kmeans": lambda: KMeansEviction(kmeans), "study": StudyLRU,
-        "learned": HitDensity}
+        "learned": HitDensity, "adaptive": Adaptive}
     if name not in policies:
         raise ValueError(f"unknown eviction policy {name!r}; known: {sorted(policies)}")
     return policies[name]()

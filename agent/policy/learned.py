@@ -217,7 +217,7 @@ class HitDensity:
                 freed += size
                 yield key
 
-    # -- batch (the live agent's catalog rows): the live agent does not feed the histograms yet, so a
-    # batch caller gets the cold-start heuristic, whole studies in LRU order
+    # -- batch (a caller without the online index): the cold-start heuristic, whole studies in LRU order.
+    # The live agent feeds the online index (agent/policy/stack.py `sync`) and does not come here
     def select_victims(self, table: FileTable, bytes_to_free: int, now: float) -> np.ndarray:
         return StudyLRU().select_victims(table, bytes_to_free, now)

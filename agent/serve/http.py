@@ -211,7 +211,11 @@ def status_lines(h: dict[str, Any]) -> list[tuple[str, str]]:
             f"{peer.get('role')} ({peer.get('status')})" if peer.get("reachable") else
             f"UNREACHABLE ({peer.get('error')})")))
     if h.get("eviction"):
-        rows.append(("eviction", h["eviction"]["policy"]))
+        e = h["eviction"]
+        ratio = e.get("recent_hit_ratio")
+        rows.append(("cache policy", f"{e.get('stack', e['policy'])} ({e.get('mode', 'rule')}); reads from the cache "
+                                     + ("in the last hour: none yet" if ratio is None else
+                                        f"in the last hour: {ratio:.1%}")))
     if h.get("model"):
         rows.append(("model", f"{h['model'].get('version', '?')} ({h['model']['path']})"))
     return rows

@@ -38,7 +38,8 @@ import structlog
 from agent.policy import eviction
 from agent.policy.features import WINDOW, daily_counts, window_features
 from agent.policy.prefetch import Budget, Candidate, plan
-from agent.policy.priors import PriorPrefetcher, StudyInfo
+from agent.policy.priors import StudyInfo
+from agent.policy.stack import PolicyStack, spec_of
 from agent.sim.trace import TraceArrays, _bar
 from agent.sim.workload import DAY
 
@@ -105,6 +106,10 @@ SCHEMES: dict[str, tuple[str, str | None]] = {
     # study hit density learned from the trace's own traffic (agent/policy/learned.py)
     "learned": ("learned", None),
     "learned+priors": ("learned", "priors"),
+    "learned+lstm+priors": ("learned", "lstm+priors"),      # does the LSTM earn its place? (ablation)
+    # study LRU or learned hit density, whichever shadow cache serves more (agent/policy/adaptive.py)
+    "adaptive": ("adaptive", None),
+    "adaptive+priors": ("adaptive", "priors"),
     # what the agent runs with its default configuration (results.json marks it "default": true)
     "agent": agent_default(),
 }
@@ -187,7 +192,9 @@ class Replayer:
             raise ValueError(f"unknown scheme {scheme!r}; known: {sorted(SCHEMES)}")
         self.ta, self.scheme, self.cfg = ta, scheme, cfg
         ev_name, self.prefetch = SCHEMES[scheme]
-        self.policy = eviction.make(ev_name)
+        # the agent's own runner: the same eviction policy and planners as agent/store/evictor.py and
+        # agent/prefetcher.py build from the config
+        self.stack = PolicyStack(spec_of(ev_name, (self.prefetch or "").split("+")), priors_k=cfg.priors_k)
         self.idx = _Index(ta)
         n_obj, n_st = ta.n_objects, len(ta.study_bytes)
         known = np.bincount(ta.obj_study, weights=ta.obj_size, minlength=n_st).astype(np.int64)
@@ -209,9 +216,8 @@ class Replayer:
         self.pf_sizes: list[int] = []
         self.pf_used = 0
         self.predictor = predictor
-        self.priors = PriorPrefetcher(k=cfg.priors_k)
         self.pf_rank: dict[int, int] = {}    # prefetched study → rank, until opened or evicted
-        if not self.policy.online:
+        if not self.stack.online:
             self.last = np.zeros(n_obj + n_st)
             self.count = np.zeros(n_obj + n_st, dtype=np.int64)
 
@@ -219,32 +225,26 @@ class Replayer:
     def _insert(self, o: int, t: float, prefetch: bool = False) -> None:
         self.in_cache[o] = 1
         self.used += int(self.size[o])
-        if self.policy.online:
-            self.policy.on_insert(o, int(self.size[o]), t, float(self.created[o]), int(self.study[o]), prefetch)
+        if self.stack.online:
+            self.stack.inserted(o, int(self.size[o]), t, float(self.created[o]), int(self.study[o]), prefetch)
         else:
             self.last[o] = t
             self.count[o] = 0 if prefetch else 1
 
-    def _evict(self, t: float) -> None:
-        cap = self.cfg.capacity
-        if self.policy.online:
-            for v in self.policy.victims(self.used - cap, t):
-                self.in_cache[v] = 0
-                self.used -= int(self.size[v])
-                self.ready.pop(v, None)
-                if self.prefetched[v]:
-                    self.prefetched[v] = 0
-                    self._prefetch_feedback(v, False)
-            return
+    def _table(self) -> tuple[eviction.FileTable, np.ndarray]:
         cached = np.flatnonzero(self.cached_view)
-        table = eviction.FileTable(
+        return eviction.FileTable(
             key=cached, size=self.size[cached], last_access=self.last[cached],
             access_count=self.count[cached], created=self.created[cached],
-            directory=self.directory[cached], study=self.study[cached])
-        victims = cached[self.policy.select_victims(table, int(self.used - self.cfg.low_watermark * cap), t)]
-        self.cached_view[victims] = 0
-        self.used -= int(self.size[victims].sum())
-        for v in victims.tolist():
+            directory=self.directory[cached], study=self.study[cached]), cached
+
+    def _evict(self, t: float) -> None:
+        cap = self.cfg.capacity
+        # online policies free just enough; batch ones down to the low watermark, like the agent's pass
+        want = self.used - cap if self.stack.online else int(self.used - self.cfg.low_watermark * cap)
+        for v in self.stack.victims(want, t, self._table):
+            self.in_cache[v] = 0
+            self.used -= int(self.size[v])
             self.ready.pop(v, None)
             if self.prefetched[v]:
                 self.prefetched[v] = 0
@@ -270,8 +270,8 @@ class Replayer:
             return
         info = [StudyInfo(int(x), int(ta.study_modality[x]), float(ta.study_day[x]), 0) for x in studies]
         new = StudyInfo(s, int(ta.study_modality[s]), float(ta.study_day[s]), 0)
-        cands = []
-        for rank, prior, heat in self.priors.candidates(new, info):
+        ranked, objs_of = [], {}
+        for rank, prior, heat in self.stack.prior_ranked(new, info):
             x = prior.key
             if x in self.pf_rank:
                 continue
@@ -279,25 +279,22 @@ class Replayer:
             ph = self.n_obj + x
             if not self.in_cache[ph] and self.size[ph] > 0:
                 objs.append(ph)
-            if objs:
-                cands.append(Candidate((x, rank, tuple(objs)), heat, int(self.size[objs].sum())))
-        if not cands:
+            objs_of[x] = objs
+            ranked.append((rank, x, heat, int(self.size[objs].sum()) if objs else 0))
+        if not objs_of:
             return
         backlog = max(0.0, self.queue_free - t)
         budget = Budget(int(cfg.prefetch_space * cfg.capacity), cfg.prefetch_bps,
                         max(0.0, cfg.priors_window_s - backlog))
-        chosen = plan(cands, budget)
-        # fetch in clinical order (rank), not in the planner's heat-per-byte order
-        chosen.sort(key=lambda c: c.key[1])
-        for c in chosen:
-            self.pf_rank[c.key[0]] = c.key[1]
-            self._fetch_plan(list(c.key[2]), t)
+        for x, rank, _ in self.stack.prior_plan(ranked, budget):
+            self.pf_rank[x] = rank
+            self._fetch_plan(objs_of[x], t)
 
     def _prefetch_feedback(self, o: int, used: bool) -> None:
         st = int(self.study[o])
         rank = self.pf_rank.pop(st, None)
         if rank is not None:
-            self.priors.feedback(rank, used)
+            self.stack.prior_outcome(rank, used)
 
     # -- scheme C: LSTM-predicted day-directories in the early-morning window
     def _plan_lstm(self, day: int, t: float, counts: np.ndarray, dir_day: np.ndarray, dir_mod: np.ndarray,
@@ -333,7 +330,7 @@ class Replayer:
         W = ta.is_write.tolist()
         hit = bytearray(n)
         cap = cfg.capacity
-        online = self.policy.online
+        online = self.stack.online
         in_cache, ready, prefetched = self.in_cache, self.ready, self.prefetched
         study = self.study.tolist()
         seen_study = bytearray(len(ta.study_bytes))
@@ -379,7 +376,7 @@ class Replayer:
                 if r is not None:
                     del ready[o]
                 if online:
-                    self.policy.on_access(o, t)
+                    self.stack.accessed(o, t)
                 else:
                     last[o] = t
                     count[o] += 1

@@ -18,6 +18,8 @@ NAMES = {"A": "A: LRU (rclone default)", "B": "B: 90-day rule", "C": "C: LSTM pr
          "ours": "ours: prior-study prefetch + study LRU", "study": "ours without prefetch (study LRU only)",
          "kmeans": "K-means eviction only", "learned": "learned study hit density (demand only)",
          "learned+priors": "learned study hit density + prior-study prefetch",
+         "adaptive": "study LRU or learned hit density by shadow caches (demand only)",
+         "adaptive+priors": "adaptive study eviction + prior-study prefetch",
          "agent": "agent default ({} eviction, prefetch: {})".format(*SCHEMES[DEFAULT_SCHEME])}
 
 

@@ -1,14 +1,19 @@
-"""Runs the configured eviction policy (agent/policy/eviction.py) against the live cache.
+"""Runs the policy stack's eviction (agent/policy/stack.py, the runner the simulator drives too) against
+the live cache.
 
-The policy decides from the catalog's rows (recency, frequency, size, age); this module does the I/O:
-it reads the rows, asks the policy which files go, and drops their cached copies. Only `clean` files
-(confirmed in S3) are ever offered to the policy, and `Catalog.uncache` re-checks the state in the same
-transaction, so a file that became dirty meanwhile is skipped (durability contract, rule 2).
+The policy decides from the catalog's rows (recency, frequency, size, age, study); this module does the
+I/O: each pass it reads the rows, feeds the runner what changed since the last pass (an online policy
+such as `learned` keeps its index and its model from these events), asks it which files go, and drops
+their cached copies. Only `clean` files (confirmed in S3) are ever offered to the policy, and
+`Catalog.uncache` re-checks the state in the same transaction, so a file that became dirty meanwhile is
+skipped (durability contract, rule 2). A pass never frees more than it was asked to, plus the rest of
+the last study it started (whole studies go, a radiologist waits for all of one).
 """
 
 from __future__ import annotations
 
 import asyncio
+import copy
 import importlib
 import time
 from dataclasses import dataclass
@@ -20,6 +25,7 @@ import structlog
 from agent.config import CacheConfig
 from agent.metrics import Metrics
 from agent.policy import eviction
+from agent.policy.stack import CatalogRow, PolicyStack, StackSpec
 from agent.store.cache import Cache
 from agent.store.catalog import AsyncCatalog
 
@@ -46,9 +52,15 @@ class Candidates:
     gens: np.ndarray
 
 
-def policy_for(c: CacheConfig) -> eviction.EvictionPolicy:
-    return eviction.make(c.eviction, kmeans=eviction.KMeansConfig(refit_seconds=c.kmeans_refit_seconds),
-                         max_age_days=c.age_max_days)
+def stack_for(c: CacheConfig, planners: tuple[str, ...] = (), priors_k: int = 3) -> PolicyStack:
+    return PolicyStack(StackSpec(c.eviction, planners), priors_k=priors_k,
+                       kmeans=eviction.KMeansConfig(refit_seconds=c.kmeans_refit_seconds), max_age_days=c.age_max_days)
+
+
+def study_of(path: str, depth: int) -> str:
+    """The study directory of a file (its first `depth` levels), or its parent when the path is shorter."""
+    parts = path.split("/")
+    return "/".join(parts[:depth]) if len(parts) > depth else path.rpartition("/")[0]
 
 
 def candidates(rows: list[tuple[str, int, int, float, int, float]]) -> Candidates:
@@ -65,12 +77,35 @@ def candidates(rows: list[tuple[str, int, int, float, int, float]]) -> Candidate
 
 
 class Evictor:
+    SYNC_S = 60.0
+
     def __init__(self, cfg: CacheConfig, db: AsyncCatalog, cache: Cache, metrics: Metrics,
                  flush_reads: Callable[[], Awaitable[None]]) -> None:
         self.cfg, self.db, self.cache, self.metrics = cfg, db, cache, metrics
         self.flush_reads = flush_reads  # reads are buffered for seconds: the policy must see the latest
-        self.policy = policy_for(cfg)
+        self.use(stack_for(cfg), 3)
         self._lock = asyncio.Lock()
+        self._synced = 0.0
+        self._hits: list[tuple[float, float, float]] = []   # (time, hits, misses) samples: recent hit ratio
+
+    def use(self, stack: PolicyStack, study_depth: int) -> None:
+        """Run this stack (the daemon hands over the one its prior-study planner shares)."""
+        self.stack, self.policy, self.study_depth = stack, stack.policy, study_depth
+
+    def recent_hit_ratio(self, window_s: float = 3600.0) -> float | None:
+        """Reads served from the cache over about the last `window_s` (None: no reads yet)."""
+        now = time.time()
+        value = self.metrics.registry.get_sample_value
+        hits, misses = value("pacsgw_cache_hits_total") or 0.0, value("pacsgw_cache_misses_total") or 0.0
+        self._hits.append((now, hits, misses))
+        while len(self._hits) > 2 and self._hits[1][0] < now - window_s:
+            self._hits.pop(0)
+        _, h0, m0 = self._hits[0]
+        reads = hits - h0 + misses - m0
+        return (hits - h0) / reads if reads else None
+
+    def status(self) -> dict[str, object]:
+        return {**self.stack.status(), "recent_hit_ratio": self.recent_hit_ratio()}
 
     def excess(self, cached: int) -> int:
         """Bytes to free to reach the low watermark, or 0 while under the high watermark (and the disk's
@@ -87,16 +122,47 @@ class Evictor:
         """What the policy would evict to free bytes_to_free, in eviction order (no file is touched);
         explain: with each file's k-means cluster and score (for `pacsgw evict --dry-run`)."""
         await self.flush_reads()
-        cand = candidates(await self.db.eviction_rows(self.cfg.eviction_candidates))
+        rows = await self.db.eviction_rows(self.cfg.eviction_candidates)
+        cand = candidates(rows)
         now = time.time()
-        # the policy (sklearn for kmeans) is CPU work: off the event loop
-        order = await asyncio.to_thread(self.policy.select_victims, cand.table, bytes_to_free, now)
+        # the policy (sklearn for kmeans) is CPU work: off the event loop. A dry run asks a copy: asking an
+        # online policy for victims takes them out of its index
+        stack = copy.deepcopy(self.stack) if explain and self.stack.online else self.stack
+        order = await asyncio.to_thread(self._choose, stack, rows, cand, bytes_to_free, now)
+        if stack is self.stack:
+            self._synced = now
         cluster, score = (await asyncio.to_thread(self.policy.clusters, cand.table, now)
                           if explain and isinstance(self.policy, eviction.KMeansEviction) else (None, None))
         t = cand.table
         return [Victim(cand.paths[i], int(cand.gens[i]), int(t.size[i]), float(t.last_access[i]),
                        int(t.access_count[i]), None if cluster is None else int(cluster[i]),
                        None if score is None else round(float(score[i]), 4)) for i in order.tolist()]
+
+    def _sync(self, stack: PolicyStack, rows: list[tuple[str, int, int, float, int, float]], now: float) -> None:
+        stack.sync((CatalogRow(p, size, last, count, mtime, study_of(p, self.study_depth))
+                    for p, _, size, last, count, mtime in rows), now)
+
+    def _choose(self, stack: PolicyStack, rows: list[tuple[str, int, int, float, int, float]], cand: Candidates,
+                bytes_to_free: int, now: float) -> np.ndarray:
+        """Row indices to evict, in order: the runner is fed this pass's view, then asked."""
+        self._sync(stack, rows, now)
+        if not stack.online:   # batch (kmeans): one call over the table
+            return stack.policy.select_victims(cand.table, bytes_to_free, now)
+        row_of = {p: i for i, p in enumerate(cand.paths)}
+        out = [row_of[k] for k in stack.victims(bytes_to_free, now, lambda: (cand.table, cand.paths))
+               if k in row_of]      # after the sync every key the policy holds is one of this pass's rows
+        return np.array(out, dtype=np.int64)
+
+    async def learn(self) -> None:
+        """An online policy learns from the traffic whether or not anything has to go: feed it the
+        catalog's view at most every SYNC_S (sessions are minutes apart; the query reads many rows)."""
+        now = time.time()
+        if not self.stack.online or now - self._synced < self.SYNC_S:
+            return
+        await self.flush_reads()
+        rows = await self.db.eviction_rows(self.cfg.eviction_candidates)
+        await asyncio.to_thread(self._sync, self.stack, rows, now)
+        self._synced = now
 
     async def free(self, bytes_to_free: int, reason: str) -> int:
         """Evict until bytes_to_free are freed (or nothing clean is left); → bytes freed."""
@@ -147,6 +213,7 @@ class Evictor:
             try:
                 async with self._lock:
                     await self.refit_if_due()
+                    await self.learn()
                 totals = await self.db.totals()
                 await self.free(self.excess(totals.cached_bytes), "high watermark")
             except Exception as e:  # a failed pass (e.g. disk full) is retried next interval

@@ -1,0 +1,121 @@
+"""`adaptive`: whole-study eviction by whichever of two experts serves this box's traffic better now.
+
+The experts are study LRU (`StudyLRU`: recency, right where re-reads come within days) and the learned
+hit density (`HitDensity`: right where the cache holds less than the re-read interval, or reads follow a
+schedule). Each has a *shadow*: a metadata-only cache of the same capacity that sees every request and
+evicts by that expert alone; a shadow counts its hits, decayed every `window` requests. The real cache
+evicts with the expert whose shadow scored more (ARC/CACHEUS-style expert choice, by simulation rather
+than by regret). The learned expert ranks the real cache with its shadow's model, which learns from an
+undisturbed run of its own policy (its evictions and its ghosts), not from the other expert's choices.
+
+The capacity of the shadows is learnt from the eviction calls (the cache's size when it has to shed
+bytes). Memory: four study indexes instead of one (~100 B per cached file and study each). Policies decide,
+never do I/O: the caller offers only clean files, so a file not yet in S3 is never a victim.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterator
+
+import numpy as np
+
+from agent.policy.eviction import FileTable, StudyLRU
+from agent.policy.learned import HitDensity
+
+
+class _Shadow:
+    """A metadata-only cache of one expert: which files it would hold, and how many requests it served."""
+
+    def __init__(self, policy: StudyLRU | HitDensity) -> None:
+        self.policy = policy
+        self.size: dict[Any, int] = {}
+        self.used = 0
+        self.score = 0.0
+
+    def request(self, key: Any, size: int, now: float, created: float, study: Any, prefetch: bool,
+                capacity: int) -> None:
+        if key in self.size:
+            if not prefetch:
+                self.score += 1
+            self.policy.on_access(key, now)
+            return
+        self.size[key] = size
+        self.used += size
+        self.policy.on_insert(key, size, now, created, study, prefetch)
+        if capacity and self.used > capacity:
+            for v in self.policy.victims(self.used - capacity, now):
+                self.used -= self.size.pop(v, 0)
+
+
+class Adaptive:
+    name = "adaptive"
+    online = True
+
+    def __init__(self, window: int = 20_000, decay: float = 0.9) -> None:
+        self.window, self.decay = window, decay
+        self.lru, self.learned = StudyLRU(), HitDensity()
+        self.shadows = (_Shadow(StudyLRU()), _Shadow(HitDensity()))
+        self._meta: dict[Any, tuple[int, float, Any]] = {}    # key → (size, created, study) of cached files
+        self.used = 0
+        self.capacity = 0
+        self.requests = 0
+        self.use_learned = True
+
+    def _request(self, key: Any, now: float, prefetch: bool) -> None:
+        size, created, study = self._meta[key]
+        for s in self.shadows:
+            s.request(key, size, now, created, study, prefetch, self.capacity)
+        self.requests += 1
+        if self.requests % self.window == 0:
+            lru, learned = (s.score for s in self.shadows)
+            self.use_learned = learned >= lru
+            for s in self.shadows:
+                s.score *= self.decay
+
+    def on_insert(self, key: Any, size: int, now: float, created: float, study: Any,
+                  prefetch: bool = False) -> None:
+        self._meta[key] = (size, created, study)
+        self.used += size
+        self.lru.on_insert(key, size, now, created, study, prefetch)
+        self.learned.on_insert(key, size, now, created, study, prefetch)
+        self._request(key, now, prefetch)
+
+    def on_access(self, key: Any, now: float) -> None:
+        if key not in self._meta:
+            return
+        self.lru.on_access(key, now)
+        self.learned.on_access(key, now)
+        self._request(key, now, False)
+
+    def on_remove(self, key: Any) -> None:
+        self.lru.on_remove(key)
+        self.learned.on_remove(key)
+        meta = self._meta.pop(key, None)
+        if meta is not None:
+            self.used -= meta[0]
+
+    def victims(self, bytes_to_free: int, now: float) -> Iterator[Any]:
+        self.capacity = max(self.capacity, self.used - bytes_to_free)
+        model = self.shadows[1].policy
+        assert isinstance(model, HitDensity)
+        self.learned.density, self.learned.fitted = model.density, model.fitted
+        chosen, other = (self.learned, self.lru) if self.use_learned else (self.lru, self.learned)
+        for key in list(chosen.victims(bytes_to_free, now)):
+            other.on_remove(key)
+            meta = self._meta.pop(key, None)
+            if meta is not None:
+                self.used -= meta[0]
+            yield key
+
+    def status(self) -> dict[str, object]:
+        model = self.shadows[1].policy
+        assert isinstance(model, HitDensity)
+        if not model.fitted:
+            mode = "cold start: study LRU"
+        else:
+            mode = "expert: learned hit density" if self.use_learned else "expert: study LRU (recency wins now)"
+        return {"policy": self.name, "mode": mode, "events": model.events, "files": len(self._meta)}
+
+    # batch (no online index fed): whole studies in LRU order, the cold-start rule
+    def select_victims(self, table: FileTable, bytes_to_free: int, now: float) -> np.ndarray:
+        return StudyLRU().select_victims(table, bytes_to_free, now)

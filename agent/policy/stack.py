@@ -1,0 +1,186 @@
+"""The policy stack: one eviction policy plus the prefetch planners, behind one runner interface that the
+live agent (agent/store/evictor.py, agent/prefetcher.py) and the simulator (agent/sim/replay.py) drive in
+the same way, so the stack the simulator scores is the stack the box runs.
+
+The runner (`PolicyStack`) decides and never does I/O. Its callers feed it what happened and act on what
+it answers:
+
+* cache events: `inserted` (a file landed: written, read on a miss, or prefetched), `accessed` (a read
+  hit), `removed` (dropped for any other reason); online policies keep their index from these;
+* `victims(bytes_to_free, now, table)`: keys to evict, in order. An online policy answers from its
+  index; a batch policy (kmeans) from the `FileTable` that `table()` builds on demand. Callers offer
+  only clean files (already in S3), so a file not yet uploaded can never be a victim;
+* `sync(rows, now)`: the live agent's way in. It sees the cache through the catalog (each pass: the clean
+  cached files with size, last access and read count), not event by event; `sync` turns the difference
+  from the previous pass into the same `inserted`/`accessed`/`removed` events, in time order;
+* `prior_ranked` → `prior_plan` / `prior_outcome`: the prior-study planner (rank the patient's earlier studies,
+  fit them into the budget, learn per rank from what was read);
+* `status()`: what is running and in which mode (learned or cold start), for /status.
+
+The day-directory planner (LiteRT LSTM ranking, agent/policy/dirheat.py) is a stack member too
+(`"lstm" in spec.planners`); its candidates come from the catalog (live) or the trace (simulator).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Hashable, Iterable, Iterator, Protocol, Sequence, cast
+
+from agent.policy import eviction
+from agent.policy.prefetch import Budget, Candidate, plan
+from agent.policy.priors import PriorPrefetcher, StudyInfo
+
+
+@dataclass(frozen=True)
+class StackSpec:
+    eviction: str                       # lru | age | kmeans | study | learned
+    planners: tuple[str, ...] = ()      # of: lstm (day-directories, early morning), priors (on a new study)
+
+    @property
+    def prefetch(self) -> str | None:
+        return "+".join(self.planners) or None
+
+    @property
+    def label(self) -> str:
+        return "+".join((self.eviction, *self.planners))
+
+
+def spec_of(eviction_name: str, planners: Iterable[str]) -> StackSpec:
+    known = ("lstm", "priors")
+    chosen = tuple(p for p in known if p in set(planners))
+    return StackSpec(eviction_name, chosen)
+
+
+class OnlineIndex(Protocol):
+    """What an online eviction policy keeps up to date (keys: the simulator's ints, the agent's paths)."""
+
+    def on_insert(self, key: Any, size: int, now: float, created: float, study: Any,
+                  prefetch: bool = False) -> None: ...
+
+    def on_access(self, key: Any, now: float) -> None: ...
+
+    def on_remove(self, key: Any) -> None: ...
+
+    def victims(self, bytes_to_free: int, now: float) -> Iterator[Any]: ...
+
+
+@dataclass(frozen=True)
+class CatalogRow:
+    """One clean cached file as the live agent's catalog shows it."""
+
+    key: Hashable
+    size: int
+    last_access: float
+    access_count: int
+    created: float
+    study: int
+
+
+class PolicyStack:
+    SLACK = 600.0
+
+    def __init__(self, spec: StackSpec, *, priors_k: int = 3, kmeans: eviction.KMeansConfig | None = None,
+                 max_age_days: float = 90.0) -> None:
+        self.spec = spec
+        self.policy = eviction.make(spec.eviction, kmeans=kmeans, max_age_days=max_age_days)
+        self.priors = PriorPrefetcher(k=priors_k) if "priors" in spec.planners else None
+        self._seen: dict[Hashable, tuple[float, int]] = {}   # sync: key → (last access, reads) last pass
+        self._last_sync = float("-inf")
+
+    @property
+    def index(self) -> OnlineIndex | None:
+        """The policy's online index, or None for a batch policy (kmeans)."""
+        return cast(OnlineIndex, self.policy) if self.policy.online else None
+
+    @property
+    def online(self) -> bool:
+        return bool(self.policy.online)
+
+    # -- cache events
+    def inserted(self, key: Hashable, size: int, now: float, created: float, study: int,
+                 prefetch: bool = False) -> None:
+        if (index := self.index) is not None:
+            index.on_insert(key, size, now, created, study, prefetch)
+
+    def accessed(self, key: Hashable, now: float) -> None:
+        if (index := self.index) is not None:
+            index.on_access(key, now)
+
+    def removed(self, key: Hashable) -> None:
+        if (index := self.index) is not None:
+            index.on_remove(key)
+        self._seen.pop(key, None)
+
+    def victims(self, bytes_to_free: int, now: float,
+                table: Callable[[], tuple[eviction.FileTable, Sequence[Hashable]]]) -> Iterator[Hashable]:
+        """Keys to evict, in order, until bytes_to_free are freed. `table` → (the clean cached files as a
+        FileTable, the key of each row); only built for a batch policy."""
+        if (index := self.index) is not None:
+            for key in index.victims(bytes_to_free, now):
+                self._seen.pop(key, None)
+                yield key
+            return
+        t, keys = table()
+        for i in self.policy.select_victims(t, bytes_to_free, now).tolist():
+            self._seen.pop(keys[i], None)
+            yield keys[i]
+
+    def sync(self, rows: Iterable[CatalogRow], now: float) -> int:
+        """Feed an online policy the difference between this view of the cache and the last one: new rows
+        are inserted, rows read since are accessed, rows gone are removed. → events applied.
+
+        A new row whose last use is older than the previous pass (less `SLACK`: an upload takes a while
+        before a written file is clean) landed without being used: a prefetch, inserted as of now."""
+        index = self.index
+        if index is None:
+            return 0
+        events: list[tuple[float, int, CatalogRow]] = []
+        now_keys: set[Hashable] = set()
+        since = self._last_sync - self.SLACK
+        for r in rows:
+            now_keys.add(r.key)
+            before = self._seen.get(r.key)
+            if before is None:
+                events.append((r.last_access, 0, r) if r.last_access >= since else (now, 2, r))
+            elif r.last_access > before[0] or r.access_count > before[1]:
+                events.append((r.last_access, 1, r))
+            self._seen[r.key] = (r.last_access, r.access_count)
+        gone = [k for k in self._seen if k not in now_keys]
+        for k in gone:
+            self.removed(k)
+        events.sort(key=lambda e: (e[0], e[1]))
+        for t, kind, r in events:
+            if kind == 1:
+                index.on_access(r.key, t)
+            else:
+                index.on_insert(r.key, r.size, t, r.created, r.study, kind == 2)
+        self._last_sync = now
+        return len(events) + len(gone)
+
+    # -- the prior-study planner
+    def prior_ranked(self, new: StudyInfo, studies: Sequence[StudyInfo]) -> list[tuple[int, StudyInfo, float]]:
+        """(rank, study, heat) of the patient's earlier studies worth fetching, most relevant first."""
+        return [] if self.priors is None else self.priors.candidates(new, list(studies))
+
+    @staticmethod
+    def prior_plan(ranked: Sequence[tuple[int, Hashable, float, int]],
+                   budget: Budget) -> list[tuple[Hashable, int, int]]:
+        """(key, rank, bytes) to fetch, in clinical order (the most relevant first), within the budget.
+        ranked: (rank, key, heat, bytes not cached) of `prior_ranked`'s studies."""
+        rank_of = {key: rank for rank, key, _, size in ranked if size > 0}
+        chosen = plan([Candidate(key, heat, size) for _, key, heat, size in ranked if size > 0], budget)
+        chosen.sort(key=lambda c: rank_of[c.key])
+        return [(c.key, rank_of[c.key], c.size) for c in chosen]
+
+    def prior_outcome(self, rank: int, used: bool) -> None:
+        """A prefetched prior of this rank was opened (used) or evicted unopened."""
+        if self.priors is not None and rank < self.priors.k:
+            self.priors.feedback(rank, used)
+
+    def prior_heat(self) -> list[float]:
+        """The learnt chance that a prefetched prior of each rank is opened."""
+        return [] if self.priors is None else [round(self.priors.heat(r), 3) for r in range(self.priors.k)]
+
+    def status(self) -> dict[str, object]:
+        st = self.policy.status() if hasattr(self.policy, "status") else {"policy": self.policy.name, "mode": "rule"}
+        return {"stack": self.spec.label, **st, "last_k": getattr(self.policy, "last_k", None)}
