@@ -73,7 +73,7 @@ class CatalogRow:
     last_access: float
     access_count: int
     created: float
-    study: int
+    study: Hashable                     # a study id (the simulator) or a study directory (the agent)
 
 
 class PolicyStack:
@@ -97,7 +97,7 @@ class PolicyStack:
         return bool(self.policy.online)
 
     # -- cache events
-    def inserted(self, key: Hashable, size: int, now: float, created: float, study: int,
+    def inserted(self, key: Hashable, size: int, now: float, created: float, study: Hashable,
                  prefetch: bool = False) -> None:
         if (index := self.index) is not None:
             index.on_insert(key, size, now, created, study, prefetch)
