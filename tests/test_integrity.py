@@ -128,3 +128,83 @@ def test_background_scrub_drops_a_bad_copy(agent_factory):
     f.retrbinary("RETR MG/a.dcm", buf.write)
     assert buf.getvalue() == data
     f.quit()
+
+
+# --- bit rot found while sending (issue 14): the copy's stamp is still valid, its bytes are not ---------
+
+def rot_a_byte(agent, path: str, at: int) -> None:
+    """Flip one bit in place the way a failing SSD does: same inode, size and mtime (the cheap checks on
+    open pass), so only the digest checked while sending can find it."""
+    db = sqlite3.connect(f"file:{agent.workdir / 'cache' / 'catalog.sqlite'}?mode=ro", uri=True)
+    (blob,) = db.execute("SELECT blob FROM entries WHERE path = ?", (path,)).fetchone()
+    db.close()
+    blob_path = agent.workdir / "cache" / "data" / blob[:2] / blob
+    st = os.stat(blob_path)
+    with open(blob_path, "r+b") as f:
+        f.seek(at)
+        byte = f.read(1)
+        f.seek(at)
+        f.write(bytes([byte[0] ^ 0x10]))
+    os.utime(blob_path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert os.stat(blob_path).st_mtime_ns == st.st_mtime_ns and os.stat(blob_path).st_ino == st.st_ino
+
+
+def test_rotten_copy_never_completes_a_transfer_and_is_fetched_again(smb_agent):
+    import asyncio
+
+    import asyncssh
+    import smbclient
+    from smbprotocol.exceptions import SMBResponseException
+    from smbutil import Smb
+    agent = smb_agent().start()
+    big = 4 * 1024 * 1024 + 12_345  # larger than VERIFY_AHEAD: checked while it is sent
+    files = {"CT/ftp.dcm": os.urandom(big), "CT/sftp.dcm": os.urandom(big), "CT/smb.dcm": os.urandom(big),
+             "CT/small.dcm": os.urandom(300_000)}
+    f = ftp(agent)
+    for path, data in files.items():
+        f.storbinary(f"STOR {path}", io.BytesIO(data))
+    agent.wait_drained()
+    for path, data in files.items():
+        rot_a_byte(agent, path, len(data) - 5000)
+
+    # a small copy is checked whole before its first byte: the read gets the right bytes, from S3
+    buf = io.BytesIO()
+    f.retrbinary("RETR CT/small.dcm", buf.write)
+    assert buf.getvalue() == files["CT/small.dcm"]
+
+    # FTP: the bytes before the damage may have gone out, but the transfer ends in 451, not 226
+    buf = io.BytesIO()
+    with pytest.raises(ftplib.error_temp, match="^451"):
+        f.retrbinary("RETR CT/ftp.dcm", buf.write)
+    assert len(buf.getvalue()) < big
+
+    # SFTP: the read that reaches the damaged end fails with an SFTP failure status
+    async def sftp_read() -> bytes:
+        async with asyncssh.connect("127.0.0.1", agent.sftp_port, username="pacs", password=PASSWORD,
+                                    known_hosts=None) as conn, conn.start_sftp_client() as sftp:
+            async with sftp.open("CT/sftp.dcm", "rb") as fh:
+                return await fh.read()
+    with pytest.raises(asyncssh.SFTPFailure):
+        asyncio.run(sftp_read())
+
+    # SMB (Samba over the FUSE view): the read fails with STATUS_IO_DEVICE_ERROR (the FUSE view's EIO)
+    smb = Smb(agent)
+    with pytest.raises(SMBResponseException) as failed:
+        with smbclient.open_file(smb.p("CT/smb.dcm"), mode="rb", **smb.kw) as fh:
+            fh.read()
+    assert failed.value.status == 0xC0000185
+
+    corrupt = {e["path"]: e for e in agent.events("cache_copy_corrupt")}
+    assert set(corrupt) == set(files)
+    assert {corrupt[p]["found_by"] for p in ("CT/ftp.dcm", "CT/sftp.dcm", "CT/smb.dcm")} == {"read"}
+    assert corrupt["CT/small.dcm"]["found_by"] == "open"
+
+    # each bad copy was dropped: the next read fetches the object again and gets the right bytes
+    buf = io.BytesIO()
+    f.retrbinary("RETR CT/ftp.dcm", buf.write)
+    assert buf.getvalue() == files["CT/ftp.dcm"]
+    f.quit()
+    assert asyncio.run(sftp_read()) == files["CT/sftp.dcm"]
+    assert smb.read("CT/smb.dcm") == files["CT/smb.dcm"]
+    smb.close()
+    assert {e["path"] for e in agent.wait_events("fetched", 4)} == set(files)

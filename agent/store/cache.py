@@ -3,6 +3,12 @@
 Content is stored by blob name (a random id), not by path: a rename is a catalog change only, and an
 upload reading the old content of a file being overwritten keeps reading consistent bytes.
 Layout: DIR/staging/<id> while being written, DIR/data/<id[:2]>/<id> once committed.
+
+Integrity: the catalog's SHA-256 is what S3 checks; hashing a whole copy with it before every read would
+put ~2 ms per MiB before the first byte. So a committed copy carries a stamp in an extended attribute:
+a fast digest (xxh3-128, ~20x SHA-256's speed here) and the size, mtime_ns and inode it had when it was
+verified. Opening checks the stamp against fstat (cheap); the reader checks the digest while sending
+(agent.store.gateway). A copy without a valid stamp is verified with SHA-256 first and stamped again.
 """
 
 from __future__ import annotations
@@ -16,9 +22,40 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+import structlog
+import xxhash
+
 from agent.store.errors import NoSpace
 
+log = structlog.get_logger("pacsgw.cache")
+
 CHUNK = 1024 * 1024
+STAMP = "user.pacsgw.verified"  # xattr: "<xxh3-128 hex> <size> <mtime_ns> <inode>"
+
+
+def fast_hash() -> "xxhash.xxh3_128":
+    """The running digest cached copies are checked with while they are sent."""
+    return xxhash.xxh3_128()
+
+
+@dataclass(frozen=True)
+class Stamp:
+    digest: str
+    size: int
+    mtime_ns: int
+    ino: int
+
+    def matches(self, st: os.stat_result) -> bool:
+        return (self.size, self.mtime_ns, self.ino) == (st.st_size, st.st_mtime_ns, st.st_ino)
+
+
+@dataclass(frozen=True)
+class Opened:
+    """A cached copy opened for reading: `digest` is the stamp's, to be checked while sending, or None
+    when the whole copy was already verified at open."""
+
+    fd: int
+    digest: str | None
 
 
 @dataclass(frozen=True)
@@ -56,9 +93,11 @@ class Cache:
         except OSError as e:
             raise _translate(e, blob) from e
 
-    def commit(self, blob: str, fd: int) -> None:
-        """fsync the staging file, rename it into data/, fsync the directories. Blocking: run in a thread."""
+    def commit(self, blob: str, fd: int, digest: str | None = None) -> None:
+        """Stamp the staging file (digest: its fast digest if the caller hashed it on the way in), fsync it,
+        rename it into data/, fsync the directories. Blocking: run in a thread."""
         try:
+            _stamp(fd, digest or fast_digest_fd(fd))
             os.fsync(fd)
             target = self.blob_path(blob)
             target.parent.mkdir(exist_ok=True)
@@ -86,18 +125,48 @@ class Cache:
         return os.open(self.blob_path(blob), os.O_RDONLY)
 
     def open_verified(self, blob: str, sha256: str | None) -> tuple[int | None, str | None]:
-        """Open a cached copy only if its bytes hash to sha256. Blocking: run in a thread.
+        """Open a cached copy only if its bytes hash to sha256 (and stamp it). Blocking: run in a thread.
 
+        The full check of a copy (scrub, fsck, a read of a copy without a valid stamp).
         → (fd, None), or (None, 'missing' | 'checksum mismatch').
         """
         try:
             fd = self.open_blob(blob)
         except FileNotFoundError:
             return None, "missing"
-        if sha256 is None or sha256_fd(fd) == sha256:
+        fast = fast_hash()
+        if sha256 is None or sha256_fd(fd, fast) == sha256:
+            if sha256 is not None and _read_stamp(fd) != _stamp_of(fd, fast.hexdigest()):
+                _stamp(fd, fast.hexdigest())
             return fd, None
         os.close(fd)
         return None, "checksum mismatch"
+
+    def open_checked(self, blob: str, size: int, sha256: str | None, whole: int) -> tuple[Opened | None, str | None]:
+        """Open a cached copy for a read after cheap checks (size; the stamp's size, mtime_ns and inode).
+        Copies up to `whole` bytes are checked against the stamp's digest here; larger ones are checked
+        while they are sent. A copy without a valid stamp gets the full SHA-256 check. Blocking.
+
+        → (Opened, None), or (None, 'missing' | 'size mismatch' | 'checksum mismatch').
+        """
+        try:
+            fd = self.open_blob(blob)
+        except FileNotFoundError:
+            return None, "missing"
+        st = os.fstat(fd)
+        stamp = _read_stamp(fd)
+        problem = "size mismatch" if st.st_size != size else None
+        if problem is None and stamp is not None and stamp.matches(st):
+            if size > whole:
+                return Opened(fd, stamp.digest), None
+            if fast_digest_fd(fd) == stamp.digest:
+                return Opened(fd, None), None
+            problem = "checksum mismatch"
+        os.close(fd)
+        if problem is not None:
+            return None, problem
+        fd2, problem = self.open_verified(blob, sha256)  # no stamp, or a stale one: the full check
+        return (Opened(fd2, None) if fd2 is not None else None), problem
 
     def sha256(self, blob: str) -> str:
         """Hash a committed blob. Blocking: run in a thread."""
@@ -120,14 +189,68 @@ class Cache:
                     yield f.name
 
 
-def sha256_fd(fd: int) -> str:
-    """SHA-256 of a whole file by pread (the fd's offset is untouched). Blocking: run in a thread."""
+def sha256_fd(fd: int, also: "xxhash.xxh3_128 | None" = None) -> str:
+    """SHA-256 of a whole file by pread (the fd's offset is untouched), feeding `also` the same bytes.
+    Blocking: run in a thread."""
     h = hashlib.sha256()
+    offset = 0
+    while chunk := os.pread(fd, CHUNK, offset):
+        h.update(chunk)
+        if also is not None:
+            also.update(chunk)
+        offset += len(chunk)
+    return h.hexdigest()
+
+
+def hash_range(fd: int, h: "xxhash.xxh3_128", start: int, end: int) -> int:
+    """Feed h the file's bytes [start, end) by pread; → where it stopped (< end only at the file's end).
+    Blocking: run in a thread."""
+    pos = start
+    while pos < end and (chunk := os.pread(fd, min(CHUNK, end - pos), pos)):
+        h.update(chunk)
+        pos += len(chunk)
+    return pos
+
+
+def fast_digest_fd(fd: int) -> str:
+    """The fast digest of a whole file by pread. Blocking."""
+    h = fast_hash()
     offset = 0
     while chunk := os.pread(fd, CHUNK, offset):
         h.update(chunk)
         offset += len(chunk)
     return h.hexdigest()
+
+
+_stamps_unsupported = False
+
+
+def _stamp_of(fd: int, digest: str) -> Stamp:
+    st = os.fstat(fd)
+    return Stamp(digest, st.st_size, st.st_mtime_ns, st.st_ino)
+
+
+def _stamp(fd: int, digest: str) -> None:
+    """Record that the file behind fd, as it is now, has this fast digest."""
+    global _stamps_unsupported
+    s = _stamp_of(fd, digest)
+    try:
+        os.setxattr(fd, STAMP, f"{s.digest} {s.size} {s.mtime_ns} {s.ino}".encode())
+    except OSError as e:
+        if e.errno not in (errno.ENOTSUP, errno.EOPNOTSUPP):
+            raise
+        if not _stamps_unsupported:  # then every read checks the whole copy with SHA-256 first, as before
+            _stamps_unsupported = True
+            log.warning("cache_stamps_unsupported", error=str(e),
+                        effect="every cached read is verified in full before its first byte")
+
+
+def _read_stamp(fd: int) -> Stamp | None:
+    try:
+        digest, size, mtime_ns, ino = os.getxattr(fd, STAMP).decode().split()
+        return Stamp(digest, int(size), int(mtime_ns), int(ino))
+    except (OSError, ValueError, UnicodeDecodeError):
+        return None
 
 
 def _fsync_dir(path: Path) -> None:

@@ -3,44 +3,51 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import os
 from typing import Awaitable, Callable
 
 from agent.records import Entry
-from agent.store.cache import Cache
+from agent.store.cache import Cache, fast_hash
 from agent.store.errors import Corrupt
 from agent.uplink.s3 import S3Uplink
 
 
-def _land(fd: int, h: "hashlib._Hash", data: bytes, offset: int) -> None:
-    """Write one chunk at offset and add it to the running hash. Blocking: one thread hop does both."""
+def _land(fd: int, hashes: tuple, data: bytes, offset: int) -> None:
+    """Write one chunk at offset and add it to the running hashes. Blocking: one thread hop does all."""
     os.pwrite(fd, data, offset)
-    h.update(data)
+    for h in hashes:
+        h.update(data)
 
 
 async def download(s3: S3Uplink, cache: Cache, e: Entry, blob: str, fd: int,
                    on_data: Callable[[int], Awaitable[None]] | None = None,
-                   on_verified: Callable[[], Awaitable[None]] | None = None) -> str:
+                   on_verified: Callable[[], Awaitable[None]] | None = None,
+                   on_start: Callable[[str | None], None] | None = None,
+                   lock: asyncio.Lock | None = None) -> str:
     """Stream e's object into the staging file fd, check its size and SHA-256, commit it as blob. → sha256.
 
-    on_data(bytes so far) runs after every chunk (readers waiting on a fetch, progress bars); on_verified()
-    once the bytes matched, before the commit's fsyncs (readers may then have the end of the file).
+    on_start(ETag) runs once the object answered; on_data(bytes so far) after every chunk (readers waiting
+    on a fetch, progress bars), inside `lock` with the chunk's write (ranged reads ahead of the stream
+    write under it too, so the stream's bytes are the ones that stay); on_verified() once the bytes
+    matched, before the commit's fsyncs (readers may then have the end of the file).
     Raises Corrupt when the bytes are not the ones the catalog (or the object's metadata) recorded.
     """
-    h = hashlib.sha256()
+    h, fast = hashlib.sha256(), fast_hash()
     written = 0
-    async with s3.get(e.path) as (_, meta_sha, chunks):
+    async with s3.get(e.path, on_start) as (_, meta_sha, chunks):
         async for data in chunks:
-            await asyncio.to_thread(_land, fd, h, data, written)
-            written += len(data)
-            if on_data is not None:
-                await on_data(written)
+            async with lock or contextlib.nullcontext():
+                await asyncio.to_thread(_land, fd, (h, fast), data, written)
+                written += len(data)
+                if on_data is not None:
+                    await on_data(written)
     expected = e.sha256 or meta_sha
     if written != e.size or (expected and h.hexdigest() != expected):
         raise Corrupt(e.path, f"fetched {written} bytes sha256 {h.hexdigest()}, "
                               f"expected {e.size} bytes sha256 {expected}")
     if on_verified is not None:
         await on_verified()
-    await asyncio.to_thread(cache.commit, blob, fd)
+    await asyncio.to_thread(cache.commit, blob, fd, fast.hexdigest())
     return h.hexdigest()

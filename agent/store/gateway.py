@@ -28,7 +28,7 @@ from agent.config import Config
 from agent.metrics import Metrics
 from agent.records import Entry
 from agent.store.access import AccessStats
-from agent.store.cache import Cache, sha256_fd
+from agent.store.cache import Cache, fast_hash, hash_range, sha256_fd
 from agent.store.catalog import AsyncCatalog
 from agent.store.errors import (
     BadOffset,
@@ -52,6 +52,12 @@ log = structlog.get_logger("pacsgw.gateway")
 
 ACCESS_FLUSH_SECONDS = 5.0
 STEP = 256 * 1024  # a reader streaming a fetch moves on once this much more has landed (or the end)
+# A cached copy is checked this far ahead of the sender; copies this small are checked whole before their
+# first byte (xxh3: ~50 µs per MiB), so a bad one is fetched again without failing the read.
+VERIFY_AHEAD = 1024 * 1024
+RANGE_GAP = 2 * 1024 * 1024  # a cold reader this far ahead of the fetch's stream gets a ranged GET
+RANGE_FIRST = 1024 * 1024  # the first ranged GET of a fetch; each next one doubles, up to RANGE_MAX
+RANGE_MAX = 8 * 1024 * 1024
 
 
 class WriteHandle:
@@ -187,7 +193,13 @@ class WriteHandle:
 
 @dataclass
 class _Fill:
-    """A fetch from S3 in progress; readers wait on `cond` for `written` to grow (and `verified`)."""
+    """A fetch from S3 in progress; readers wait on `cond` for `written` to grow (and `verified`).
+
+    The stream writes every byte in order and is the one that is verified. A reader far ahead of it (a
+    REST, a read at an offset) gets its bytes sooner by a ranged GET of the same object version, landed
+    in the same staging file only beyond the stream's position, under `lock`: the stream then overwrites
+    them with the bytes it verifies, so the cached copy is always the stream's.
+    """
 
     entry: Entry
     blob: str
@@ -197,11 +209,38 @@ class _Fill:
     done: bool = False
     error: GatewayError | None = None
     cond: asyncio.Condition = field(default_factory=asyncio.Condition)
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    etag: str | None = None  # of the version the stream reads; None until it answered
+    started: bool = False
+    ranges: list[tuple[int, int]] = field(default_factory=list)  # landed by ranged GETs, [start, end)
+    ranging: asyncio.Task | None = None  # one ranged GET at a time per fetch
+    window: int = RANGE_FIRST  # the next ranged GET's size: doubles for a sequential reader
+    no_ranges: bool = False  # a ranged GET failed: the stream brings the rest
+
+    def landed_from(self, pos: int) -> int:
+        """How far the bytes from pos have landed, by the stream or ranged GETs (pos: not yet)."""
+        end = self.written if pos < self.written else pos
+        grew = True
+        while grew:
+            grew = False
+            for a, b in self.ranges:
+                if a <= end < b:
+                    end, grew = b, True
+        return end
 
 
 class ReadHandle:
-    def __init__(self, gw: "Gateway", entry: Entry, fd: int, fill: _Fill | None, protocol: str) -> None:
+    """A file open for reading: a cached copy (checked against its stamp's digest while it is sent,
+    VERIFY_AHEAD bytes ahead of the sender) or a fetch from S3 in progress."""
+
+    def __init__(self, gw: "Gateway", entry: Entry, fd: int, fill: _Fill | None, protocol: str,
+                 digest: str | None = None) -> None:
         self.gw, self.entry, self.fd, self.fill, self.protocol = gw, entry, fd, fill, protocol
+        self._digest = digest  # still to be checked; None once it was (or for a fetch: the fetch checks)
+        self._hash = fast_hash()
+        self._checked = 0  # bytes of the cached copy fed to _hash so far
+        self._checking = asyncio.Lock()
+        self._broken: Corrupt | None = None
 
     @property
     def size(self) -> int:
@@ -209,28 +248,72 @@ class ReadHandle:
 
     async def ready(self, pos: int) -> int:
         """Wait until bytes from pos may be served → the offset they may be served up to (> pos before EOF):
-        a verified cached copy at once, a fetch once another STEP bytes (or the rest) have landed."""
-        return self.size if self.fill is None else await self._landed(min(pos + STEP, self.size))
+        a cached copy once checked that far ahead, a fetch once another STEP bytes (or the rest) have landed.
+        The end of a file only once all of it matched its digest."""
+        if self.fill is not None:
+            return await self._landed(pos, min(pos + STEP, self.size))
+        await self._check(min(pos + VERIFY_AHEAD, self.size))
+        return self.size if self._digest is None else self._checked
 
     async def read(self, offset: int, length: int) -> bytes:
+        end = min(offset + length, self.size)
         if self.fill is not None:
-            await self._landed(min(offset + length, self.size))
+            await self._landed(offset, end)
+        else:
+            await self._check(end)
         data = await asyncio.to_thread(os.pread, self.fd, length, offset)
         self.gw.metrics.bytes_out.labels(self.protocol).inc(len(data))
         return data
 
-    async def _landed(self, end: int) -> int:
-        """Wait until the fetch has landed the bytes before `end` → how far they may be served now (≥ end).
+    async def _check(self, end: int) -> None:
+        """Hash the cached copy up to at least `end` (a VERIFY_AHEAD step at a time); at its end compare
+        with the stamp. A mismatch fails this read and every later one, and drops the copy."""
+        if self._broken is not None:
+            raise self._broken
+        if self._digest is None or (self._checked >= end and end < self.size):
+            return
+        async with self._checking:
+            if self._digest is None or (self._checked >= end and end < self.size):
+                return
+            target = min(max(end, self._checked + VERIFY_AHEAD), self.size)
+            reached = await asyncio.to_thread(hash_range, self.fd, self._hash, self._checked, target)
+            if reached == target:
+                self._checked = reached
+                if reached < self.size:
+                    return
+                if self._hash.hexdigest() == self._digest:
+                    self._digest = None
+                    return
+            problem = "checksum mismatch while sending" if reached == target else "content ends early"
+            self._broken = Corrupt(self.entry.path, f"cached copy failed its check ({problem})")
+            await self.gw.bad_copy(self.entry, problem, found_by="read")
+            raise self._broken
+
+    async def _landed(self, pos: int, end: int) -> int:
+        """Wait until the fetch has landed the bytes [pos, end) → how far from pos they may be served now
+        (≥ end). Starts a ranged GET when pos is far ahead of the stream, and the next one ahead of a
+        sequential reader nearing the end of the last.
 
         Bytes stream to the reader as they land, but the end of the file only after the whole object was
         verified: no client ever receives a complete file that failed its checksum.
         """
         fill = self.fill
         async with fill.cond:
-            await fill.cond.wait_for(lambda: fill.done or fill.verified or end <= min(fill.written, self.size - 1))
-        if fill.error is not None:
-            raise fill.error
-        return self.size if fill.verified else min(fill.written, self.size - 1)
+            while True:
+                if fill.error is not None:
+                    raise fill.error
+                if fill.verified:
+                    return self.size
+                if fill.done:
+                    raise Unavailable(self.entry.path, "fetch ended unverified")
+                landed = fill.landed_from(pos)
+                avail = min(landed, self.size - 1)
+                if end <= avail:
+                    if landed - pos <= fill.window // 2:
+                        self.gw.read_ahead(fill, landed)
+                    return avail
+                self.gw.read_ahead(fill, pos)
+                await fill.cond.wait()
 
     async def close(self) -> None:
         if self.fd >= 0:
@@ -554,34 +637,35 @@ class Gateway:
         if e.is_dir:
             raise IsADirectory(path)
         if e.blob is not None:
-            fd = await self._open_verified(e)
-            if fd is not None:
+            opened, problem = await asyncio.to_thread(self.cache.open_checked, e.blob, e.size, e.sha256,
+                                                      VERIFY_AHEAD)
+            if opened is not None:
                 self.metrics.hits.inc()
                 self.access.note(path, e.size, hit=True)
-                return ReadHandle(self, e, fd, None, protocol)
+                return ReadHandle(self, e, opened.fd, None, protocol, opened.digest)
+            await self.bad_copy(e, problem or "")
             e = await self.stat(path)  # the bad copy is gone: fetch the object again below
         self.metrics.misses.inc()
         self.access.note(path, e.size, hit=False)
         fill = self._fills.get(path)
-        if fill is None or fill.done:
+        if fill is None or fill.done or fill.fd < 0:
             fill = self._start_fill(e)
         return ReadHandle(self, e, os.dup(fill.fd), fill, protocol)
 
-    async def _open_verified(self, e: Entry) -> int | None:
-        """Open a cached copy only after its SHA-256 matched: a flipped bit on the SSD is never served.
-
-        → fd, or None when the copy was bad and the object is safe in S3 (it is then fetched again).
-        """
-        fd, problem = await asyncio.to_thread(self.cache.open_verified, e.blob, e.sha256)
-        if fd is not None:
-            return fd
+    async def bad_copy(self, e: Entry, problem: str, found_by: str = "open") -> None:
+        """A cached copy failed a check: a flipped bit on the SSD is never served. A clean file's copy is
+        dropped (the next read fetches it again); raises Corrupt when the copy is the only one."""
+        cur = await self.db.get(e.path)
+        if cur is not None and cur.blob == e.blob:
+            e = cur  # it may have reached S3 since it was opened
         if e.state != "clean":
-            log.critical("cache_copy_lost", path=e.path, blob=e.blob, problem=problem, state=e.state)
+            log.critical("cache_copy_lost", path=e.path, blob=e.blob, problem=problem, state=e.state,
+                         found_by=found_by)
             raise Corrupt(e.path, f"cached copy {problem} and not yet in object storage")
-        log.error("cache_copy_corrupt", path=e.path, blob=e.blob, problem=problem, action="fetch again")
+        log.error("cache_copy_corrupt", path=e.path, blob=e.blob, problem=problem, action="fetch again",
+                  found_by=found_by)
         if await self.db.drop_corrupt(e.path, e.blob):
             self.cache.remove(e.blob)
-        return None
 
     async def prefetch(self, e: Entry) -> bool:
         """Bring one file into the cache ahead of any read; → whether it landed (a fetch already running
@@ -624,10 +708,14 @@ class Gateway:
                 fill.verified = True
                 fill.cond.notify_all()
 
+        def started(etag: str | None) -> None:
+            fill.etag, fill.started = etag, True
+
         try:
             async with self.line.slots:  # fetches share the line's concurrency with uploads
                 sha = await self.line.patiently(
-                    lambda: download(self.s3, self.cache, e, fill.blob, fill.fd, landed, verified), e.path)
+                    lambda: download(self.s3, self.cache, e, fill.blob, fill.fd, landed, verified, started,
+                                     fill.lock), e.path)
             if not await self.db.set_cached(e.path, e.gen, fill.blob, sha):
                 self.cache.remove(fill.blob)  # the file changed meanwhile; this copy is stale
             self.metrics.fetched_bytes.inc(fill.written)
@@ -639,12 +727,45 @@ class Gateway:
             self.cache.discard_staging(fill.blob)
             log.error("fetch_failed", path=e.path, error=error_code(exc), detail=str(exc)[:300])
         finally:
-            os.close(fill.fd)
+            async with fill.lock:  # a ranged GET writing into the file finishes first
+                os.close(fill.fd)
+                fill.fd = -1
             async with fill.cond:
                 fill.done = True
                 fill.cond.notify_all()
             if self._fills.get(e.path) is fill:
                 del self._fills[e.path]
+
+    def read_ahead(self, fill: _Fill, pos: int) -> None:
+        """Start a ranged GET from pos when a reader there is far ahead of the fetch's stream (and none
+        runs for this fetch): a cold read at an offset, or the next window of a sequential reader."""
+        if (fill.ranging is not None or not fill.started or fill.no_ranges or fill.done
+                or pos >= fill.entry.size or pos < fill.written + RANGE_GAP):
+            return
+        fill.ranging = asyncio.create_task(self._fetch_range(fill, pos))
+
+    async def _fetch_range(self, fill: _Fill, start: int) -> None:
+        e, t0 = fill.entry, time.monotonic()
+        length = min(fill.window, e.size - start)
+        try:
+            data = await self.s3.get_range(e.path, start, length, fill.etag)
+            if len(data) != length:
+                raise Corrupt(e.path, f"ranged GET gave {len(data)} of {length} bytes")
+            async with fill.lock:  # only beyond the stream: its bytes are the ones verified and kept
+                lo = max(start, fill.written)
+                if fill.fd >= 0 and lo < start + length:
+                    await asyncio.to_thread(os.pwrite, fill.fd, memoryview(data)[lo - start:], lo)
+                    fill.ranges.append((lo, start + length))
+            log.info("ranged_get", path=e.path, offset=start, bytes=length, stream_at=fill.written,
+                     seconds=round(time.monotonic() - t0, 4))
+            fill.window = min(fill.window * 2, RANGE_MAX)
+        except Exception as exc:  # the stream brings these bytes anyway
+            fill.no_ranges = True
+            log.warning("ranged_get_failed", path=e.path, offset=start, error=error_code(exc), detail=str(exc)[:200])
+        finally:
+            fill.ranging = None
+            async with fill.cond:
+                fill.cond.notify_all()
 
     # --- access statistics ---------------------------------------------------------------------
 

@@ -1,6 +1,7 @@
 """Background scrub: re-verify every cached copy, slowly, forever.
 
-Reads are verified anyway before a cached copy is served; the scrub finds damage on files nobody reads
+Reads check a copy's fast digest while sending it (and abort on a mismatch); the scrub checks every copy
+against its SHA-256, re-stamps copies whose stamp is missing or stale, finds damage on files nobody reads
 (so a bad copy of a file not yet in S3 is reported while the SSD can still be replaced) and frees the
 space of bad clean copies. It reads at most `rate` bytes per second so it never competes with the PACS.
 """

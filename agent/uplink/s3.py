@@ -14,7 +14,7 @@ import hashlib
 import os
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Callable
 
 import aiohttp
 from aiobotocore.config import AioConfig
@@ -282,9 +282,13 @@ class S3Uplink:
     # --- reads ---------------------------------------------------------------------------------
 
     @contextlib.asynccontextmanager
-    async def get(self, path: str) -> AsyncIterator[tuple[int, str | None, AsyncIterator[bytes]]]:
-        """→ (content length, the object's sha256 metadata, an iterator of rate-limited chunks)."""
+    async def get(self, path: str, on_etag: Callable[[str | None], None] | None = None,
+                  ) -> AsyncIterator[tuple[int, str | None, AsyncIterator[bytes]]]:
+        """→ (content length, the object's sha256 metadata, an iterator of rate-limited chunks).
+        on_etag(the object's ETag) runs once it answered (ranged reads of the same version use it)."""
         resp = await self._client.get_object(Bucket=self.cfg.bucket, Key=self.key(path))
+        if on_etag is not None:
+            on_etag(resp.get("ETag"))
         body = resp["Body"]
 
         async def chunks() -> AsyncIterator[bytes]:
@@ -296,6 +300,22 @@ class S3Uplink:
             yield resp["ContentLength"], meta_sha(resp.get("Metadata")), chunks()
         finally:
             body.close()
+
+    async def get_range(self, path: str, start: int, length: int, etag: str | None) -> bytes:
+        """length bytes of the object from start (fewer at its end), of the version with this ETag only:
+        a cold read at an offset gets its bytes without waiting for the whole object to stream in."""
+        resp = await self._client.get_object(Bucket=self.cfg.bucket, Key=self.key(path),
+                                             Range=f"bytes={start}-{start + length - 1}",
+                                             **({"IfMatch": etag} if etag else {}))
+        body = resp["Body"]
+        try:
+            parts = []
+            while data := await _read_block(body, GET_CHUNK):
+                await self.down_bucket.acquire(len(data))
+                parts.append(data)
+        finally:
+            body.close()
+        return b"".join(parts)
 
     async def head(self, path: str) -> dict[str, Any] | None:
         try:
