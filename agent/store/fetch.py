@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import hashlib
 import os
-from typing import Awaitable, Callable
+from typing import Any, Awaitable, Callable
 
 from agent.records import Entry
 from agent.store.cache import Cache, fast_hash
@@ -14,7 +14,7 @@ from agent.store.errors import Corrupt
 from agent.uplink.s3 import S3Uplink
 
 
-def _land(fd: int, hashes: tuple, data: bytes, offset: int) -> None:
+def _land(fd: int, hashes: tuple[Any, ...], data: bytes, offset: int) -> None:
     """Write one chunk at offset and add it to the running hashes. Blocking: one thread hop does all."""
     os.pwrite(fd, data, offset)
     for h in hashes:
