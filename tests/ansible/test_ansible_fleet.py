@@ -183,25 +183,32 @@ def test_prometheus_scrapes_the_fleet(provisioned):
     fleet = provisioned
     prom = fleet.start_prometheus(ANSIBLE_DIR / "monitoring" / "pacsgw-alerts.yml")
     try:
-        up: dict = {}
-        for _ in range(90):
-            result = fleet.prometheus_get("query", query="up").get("result", [])
-            up = {(r["labels"]["job"], r["labels"]["instance"]): r["value"][1] for r in result}
-            if len(up) == 2 * len(fleet.hosts) and set(up.values()) == {"1"}:
+        def scraped() -> dict:
+            """What Prometheus has once every target answered and every rule was evaluated ({} before)."""
+            up = {(r["metric"]["job"], r["metric"]["instance"]): r["value"][1]
+                  for r in fleet.prometheus_get("query", query="up").get("result", [])}
+            groups = fleet.prometheus_get("rules").get("groups", [])
+            rules = [r for g in groups for r in g["rules"]]
+            if len(up) < 2 * len(fleet.hosts) or not rules or any(r["health"] == "unknown" for r in rules):
+                return {}
+            return {"up": up, "rules": rules}
+
+        seen: dict = {}
+        for _ in range(120):
+            seen = scraped()
+            if seen and set(seen["up"].values()) == {"1"}:
                 break
             time.sleep(1)
         targets = fleet.prometheus_get("targets").get("activeTargets", [])
-        assert len(up) == 2 * len(fleet.hosts) and set(up.values()) == {"1"}, (up, [
-            (t["scrapeUrl"], t["lastError"]) for t in targets])
+        assert seen and set(seen["up"].values()) == {"1"}, (seen, [(t["scrapeUrl"], t["lastError"]) for t in targets])
         # the agent's own metrics and the box's unit states, per box
         for query in ("pacsgw_uplink_up", 'node_systemd_unit_state{name="pacsgw.service",state="active"}'):
             result = fleet.prometheus_get("query", query=query)["result"]
-            assert sorted(r["labels"]["instance"].split(":")[0] for r in result) == [h.addr for h in fleet.hosts]
+            assert sorted(r["metric"]["instance"].split(":")[0] for r in result) == [h.addr for h in fleet.hosts]
             assert {r["value"][1] for r in result} == {"1"}, (query, result)
         # the rules evaluate on the real series; the SMB alert is not raised for boxes that run no SMB
-        groups = fleet.prometheus_get("rules")["groups"]
-        assert groups and all(r["health"] == "ok" for g in groups for r in g["rules"]), groups
-        smb = [a for g in groups for r in g["rules"] if r["name"] == "PacsgwSmbdDown" for a in r["alerts"]]
+        assert all(r["health"] == "ok" for r in seen["rules"]), seen["rules"]
+        smb = [a for r in seen["rules"] if r["name"] == "PacsgwSmbdDown" for a in r["alerts"]]
         assert smb == [], smb
     finally:
         fleet.stop_prometheus(prom)
