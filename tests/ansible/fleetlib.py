@@ -155,11 +155,12 @@ UNREACHABLE_S3_PATCH = {"agent/uplink/s3.py": lambda text: _must_replace(
 
 
 def _newer_schema(text: str) -> str:
-    """agent/store/catalog.py with SCHEMA_VERSION one higher (same tables): the release before refuses the
-    catalog this one has opened, as it would after a real schema change."""
+    """agent/store/catalog.py with SCHEMA_VERSION one higher (same tables, so the previous version migrates
+    by its version number alone): the release before refuses the catalog this one has opened, as it would
+    after a real schema change."""
     new, n = re.subn(r"(?m)^SCHEMA_VERSION = (\d+)$", lambda m: f"SCHEMA_VERSION = {int(m.group(1)) + 1}", text)
     assert n == 1, "the schema bump cannot be injected: SCHEMA_VERSION is gone"
-    return new
+    return _must_replace(new, "if 0 < found < SCHEMA_VERSION:", "if 0 < found < SCHEMA_VERSION - 1:")
 
 
 NEWER_SCHEMA_PATCH = {"agent/store/catalog.py": _newer_schema}
