@@ -7,6 +7,8 @@ systemd-nspawn containers booted from the appliance tree in network namespaces t
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import json
 import os
 import re
@@ -27,6 +29,10 @@ VENV_BIN = Path(sys.executable).parent
 
 def log(msg: str) -> None:
     print(f"[fleet {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def _text(out: str | bytes | None) -> str:
+    return out.decode(errors="replace") if isinstance(out, bytes) else out or ""
 
 
 def run(cmd, *, check=True, timeout=900, **kw) -> subprocess.CompletedProcess:
@@ -148,6 +154,18 @@ UNREACHABLE_S3_PATCH = {"agent/uplink/s3.py": lambda text: _must_replace(
     + f"\n# {BROKEN_PATCH_MARK}: this release cannot reach S3\n"}
 
 
+def _newer_schema(text: str) -> str:
+    """agent/store/catalog.py with SCHEMA_VERSION one higher (same tables, so the previous version migrates
+    by its version number alone): the release before refuses the catalog this one has opened, as it would
+    after a real schema change."""
+    new, n = re.subn(r"(?m)^SCHEMA_VERSION = (\d+)$", lambda m: f"SCHEMA_VERSION = {int(m.group(1)) + 1}", text)
+    assert n == 1, "the schema bump cannot be injected: SCHEMA_VERSION is gone"
+    return _must_replace(new, "if 0 < found < SCHEMA_VERSION:", "if 0 < found < SCHEMA_VERSION - 1:")
+
+
+NEWER_SCHEMA_PATCH = {"agent/store/catalog.py": _newer_schema}
+
+
 def _must_replace(text: str, old: str, new: str) -> str:
     assert old in text, f"the fault cannot be injected: {old!r} is gone"
     return text.replace(old, new, 1)
@@ -227,8 +245,18 @@ def seed_agent_toml(host: "Host", key: tuple[str, str], endpoint: str) -> str:
 
 
 SMB_PASSWORD = "smb-fleet-test"  # test-only: hospital B's SMB user
+PROMETHEUS_PASSWORD = "prometheus-fleet-test"  # test-only: the central Prometheus at the node exporters
 SUBNET = "10.251.0"          # only ever inside the namespaces created below
 CTL_ADDR = f"{SUBNET}.1"
+
+
+def bcrypt(password: str) -> str:
+    """A bcrypt hash ($2b$, cost 10) by the system's libcrypt (libxcrypt), as `htpasswd -B` makes."""
+    lib = ctypes.CDLL(ctypes.util.find_library("crypt"))
+    lib.crypt_gensalt.restype = lib.crypt.restype = ctypes.c_char_p
+    lib.crypt_gensalt.argtypes = [ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p, ctypes.c_int]
+    lib.crypt.argtypes = [ctypes.c_char_p, ctypes.c_char_p]
+    return lib.crypt(password.encode(), lib.crypt_gensalt(b"$2b$", 10, None, 0)).decode()
 
 
 @dataclass
@@ -257,6 +285,7 @@ class Fleet:
     key: Path | None = None
     seed_signer: Path | None = None   # the fleet's seed-signing key (test-only, made per run)
     env: dict = field(default_factory=dict)
+    _basic_auth_hash: str = ""
 
     @property
     def ctl(self) -> str:
@@ -271,6 +300,7 @@ class Fleet:
         self.env = ansible_env(self.workdir)
         self.key = self.workdir / "id_ed25519"
         run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "fleet-test", "-f", str(self.key)])
+        self._make_monitoring_tls()
         self.seed_signer = self.workdir / "seed_signer"
         run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "fleet-seed-signer", "-f", str(self.seed_signer)])
         run(["ip", "netns", "add", self.ctl])
@@ -296,6 +326,29 @@ class Fleet:
             self.wait_ssh(host)
         self.write_inventory()
         return self
+
+    @property
+    def basic_auth_hash(self) -> str:
+        """The bcrypt hash of PROMETHEUS_PASSWORD (made once: a new salt each time would change web.yml)."""
+        if not self._basic_auth_hash:
+            self._basic_auth_hash = bcrypt(PROMETHEUS_PASSWORD)
+        return self._basic_auth_hash
+
+    def _make_monitoring_tls(self) -> None:
+        """A CA of the test's own and, per box, a certificate for its address: the node exporter serves TLS
+        with it (and basic auth for the user `prometheus`, whose bcrypt hash goes to the inventory)."""
+        tls = self.workdir / "tls"
+        tls.mkdir()
+        run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+             "-keyout", str(tls / "ca.key"), "-out", str(tls / "ca.crt"), "-days", "2", "-subj", "/CN=fleet-test-ca"])
+        for i, _ in enumerate(self.groups, start=1):
+            name, addr = f"gw{i}", f"{SUBNET}.{10 + i}"
+            run(["openssl", "req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+                 "-keyout", str(tls / f"{name}.key"), "-out", str(tls / f"{name}.csr"), "-subj", f"/CN={name}"])
+            (tls / f"{name}.ext").write_text(f"subjectAltName=IP:{addr}\n")
+            run(["openssl", "x509", "-req", "-in", str(tls / f"{name}.csr"), "-CA", str(tls / "ca.crt"),
+                 "-CAkey", str(tls / "ca.key"), "-CAcreateserial", "-days", "2", "-extfile", str(tls / f"{name}.ext"),
+                 "-out", str(tls / f"{name}.crt")])
 
     def _write_seed(self, host: Host) -> None:
         seed = host.dir / "seed"
@@ -345,6 +398,12 @@ class Fleet:
             host.proc.kill()
             host.proc.wait(timeout=30)
         self._boot(host, usb)
+        self.wait_ssh(host)
+
+    def power_on(self, host: Host) -> None:
+        """Boot a box whose container has ended (a reboot inside a container ends systemd-nspawn, exit 133)."""
+        assert host.proc.poll() is not None, f"{host.name} is still running"
+        self._boot(host)
         self.wait_ssh(host)
 
     def restart_s3(self, *keys: tuple[str, str]) -> None:
@@ -408,6 +467,7 @@ class Fleet:
     # -- inventory and playbooks -----------------------------------------------------------------
     def write_inventory(self, extra_vars: dict | None = None) -> Path:
         inv = self.workdir / "inventory"
+        tls = self.workdir / "tls"
         (inv / "group_vars" / "all").mkdir(parents=True, exist_ok=True)
         hosts = {"pacsgw": {"children": {}}}
         for h in self.hosts:
@@ -431,12 +491,12 @@ class Fleet:
             "pacsgw_serial": 1,
             "pacsgw_drain_timeout": 20,
             "pacsgw_drain_delay": 2,
+            "base_reboot_drain_timeout": 6,      # the reboot window's drain: a box that holds a file waits
             "gateway_release_dir": str(self.workdir / "releases"),
             "gateway_health_retries": 20,
             "gateway_health_delay": 1,
             "gateway_ftp_listen": "0.0.0.0:2121",
             "gateway_sftp_listen": "0.0.0.0:2222",
-            "gateway_http_listen": "127.0.0.1:8080",
             "gateway_cache_max_bytes": "2GB",
             "gateway_uplink_endpoint_url": f"http://{CTL_ADDR}:{self.s3_port}",
             "gateway_uplink_access_key_id": self.s3_key[0],
@@ -447,6 +507,13 @@ class Fleet:
             "models_health_url": "http://127.0.0.1:8080/healthz",
             "models_health_retries": 20,
             "models_health_delay": 1,
+            # The central Prometheus (in the controller namespace) scrapes the agent's /metrics and the node
+            # exporter, over TLS with basic auth (start_prometheus).
+            "pacsgw_monitoring_subnets": [f"{CTL_ADDR}/32"],
+            "gateway_http_listen": "0.0.0.0:8080",
+            "base_node_exporter_tls_cert": "{{ lookup('file', '%s/' ~ inventory_hostname ~ '.crt') }}" % tls,
+            "base_node_exporter_tls_key": "{{ lookup('file', '%s/' ~ inventory_hostname ~ '.key') }}" % tls,
+            "base_node_exporter_basic_auth_users": {"prometheus": self.basic_auth_hash},
         }
         common.update(extra_vars or {})
         (inv / "group_vars" / "all" / "main.yml").write_text(json.dumps(common, indent=2))
@@ -461,12 +528,61 @@ class Fleet:
 
     def playbook(self, name: str, *args: str, timeout: float = 900) -> subprocess.CompletedProcess:
         t = time.monotonic()
-        p = run(self.nsexec(str(VENV_BIN / "ansible-playbook"), "-i", str(self.workdir / "inventory"),
-                            str(ANSIBLE_DIR / name), *args),
-                check=False, timeout=timeout, env=self.env, cwd=str(ANSIBLE_DIR))
+        try:
+            p = run(self.nsexec(str(VENV_BIN / "ansible-playbook"), "-i", str(self.workdir / "inventory"),
+                                str(ANSIBLE_DIR / name), *args),
+                    check=False, timeout=timeout, env=self.env, cwd=str(ANSIBLE_DIR))
+        except subprocess.TimeoutExpired as e:   # what it did until then (the last task started)
+            raise AssertionError(f"ansible-playbook {name} {' '.join(args)} did not finish in {timeout} s:\n"
+                                 + _text(e.stdout)[-6000:] + _text(e.stderr)[-2000:]) from None
         log(f"ansible-playbook {name} {' '.join(args)}: exit {p.returncode} in {time.monotonic() - t:.0f} s")
         (self.workdir / f"{name}.{int(time.time())}.log").write_text(p.stdout + p.stderr)
         return p
+
+    # -- the central Prometheus --------------------------------------------------------------------
+    def start_prometheus(self, rules: Path) -> subprocess.Popen:
+        """Debian's prometheus in the controller namespace (loopback :9090 there), scraping every box's agent
+        (/metrics, plain HTTP from the monitoring subnet) and node exporter (TLS, basic auth) each second,
+        with `rules` loaded. Stop it with stop_prometheus."""
+        prom = self.workdir / "prometheus"
+        prom.mkdir(exist_ok=True)
+        conf = {
+            "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+            "rule_files": [str(rules)],
+            "scrape_configs": [
+                {"job_name": "pacsgw", "static_configs": [{"targets": [f"{h.addr}:8080" for h in self.hosts]}]},
+                {"job_name": "node", "scheme": "https",
+                 "tls_config": {"ca_file": str(self.workdir / "tls" / "ca.crt")},
+                 "basic_auth": {"username": "prometheus", "password": PROMETHEUS_PASSWORD},
+                 "static_configs": [{"targets": [f"{h.addr}:9100" for h in self.hosts]}]},
+            ],
+        }
+        (prom / "prometheus.yml").write_text(json.dumps(conf, indent=2))
+        logf = open(prom / "prometheus.log", "ab")
+        proc = subprocess.Popen(
+            self.nsexec("prometheus", f"--config.file={prom / 'prometheus.yml'}",
+                        f"--storage.tsdb.path={prom / 'data'}", "--web.listen-address=127.0.0.1:9090"),
+            stdout=logf, stderr=subprocess.STDOUT, start_new_session=True)
+        logf.close()
+        return proc
+
+    def prometheus_get(self, path: str, **params: str) -> dict:
+        """A Prometheus HTTP API call (GET /api/v1/<path>) from the controller namespace: → its data."""
+        args = [a for k, v in params.items() for a in ("--data-urlencode", f"{k}={v}")]
+        p = run(self.nsexec("curl", "-fsS", "--max-time", "10", "-G", *args, f"http://127.0.0.1:9090/api/v1/{path}"),
+                check=False)
+        if p.returncode != 0:
+            return {}
+        return json.loads(p.stdout)["data"]
+
+    @staticmethod
+    def stop_prometheus(proc: subprocess.Popen) -> None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
 
     # -- teardown --------------------------------------------------------------------------------
     def stop(self) -> None:

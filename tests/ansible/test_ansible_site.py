@@ -219,3 +219,17 @@ def test_smb_box_agent_unit_privileges(smb_box):
     namespacing = ("ProtectSystem", "ProtectHome", "PrivateTmp", "PrivateDevices", "ProtectKernel",
                    "ProtectControlGroups", "ProtectHostname", "ProtectProc", "ReadWritePaths", "ReadOnlyPaths")
     assert not [line for line in lines if line.startswith(namespacing)]
+
+
+def test_security_updates_only_and_a_draining_reboot_window(root):
+    """unattended-upgrades takes the Debian security pocket and nothing else (Debian's own list cleared),
+    never reboots by itself; the reboot window's timer (drain first) is enabled."""
+    assert root.package("unattended-upgrades").is_installed
+    origins = root.check_output("apt-config dump Unattended-Upgrade::Origins-Pattern").splitlines()
+    assert [o for o in origins if "origin=" in o] == [
+        'Unattended-Upgrade::Origins-Pattern:: "origin=Debian,codename=${distro_codename}-security,'
+        'label=Debian-Security";'], origins
+    assert 'Unattended-Upgrade::Automatic-Reboot "false";' in root.check_output("apt-config dump")
+    assert 'APT::Periodic::Unattended-Upgrade "1";' in root.file("/etc/apt/apt.conf.d/20auto-upgrades").content_string
+    assert root.file("/etc/systemd/system/timers.target.wants/pacsgw-drain-reboot.timer").is_symlink
+    assert root.file("/usr/local/sbin/pacsgw-drain-reboot").mode == 0o755
