@@ -146,6 +146,6 @@ def test_smb_session_is_audited(smb_agent, locked_bucket):
     assert {r["user"] for r in records} == {"ct", "pacs"}
     # Logins come from Samba's auth log, which the agent follows: in the trail, not in step with the file ops.
     assert sorted((r["user"], r["result"]) for r in records if r["op"] == "login") == [("ct", "ok"), ("pacs", "ok")]
-    assert all(r["peer"].partition(":")[0] == "127.0.0.1" for r in records)  # the SMB client's address (logins: no port)
+    assert all(r["peer"].partition(":")[0] == "127.0.0.1" for r in records)  # logins: no port
     assert [r["to"] for r in records if r["op"] == "rename"] == ["CT/day/a.dcm"]
     assert [r["result"] for r in records if r["op"] == "delete"][0].startswith("error: PermissionDenied: WORM")
