@@ -85,6 +85,9 @@ class Agent:
         retention = DicomRetention(cfg.compliance, WormPolicy(cfg.compliance))
         self.uploader = Uploader(self.db, self.cache, self.s3, self.line, self.metrics, retention,
                                  Describer(cfg.dicom, retention.retention_class, bool(retention.rules)))
+        # In an HA pair every PUT is conditional from the first one: a returning box uploads its queue at
+        # start, before the HA monitor runs, and must not write over what the peer stored meanwhile.
+        self.uploader.conditional = cfg.ha.enabled
         await self.uploader.start()
         await self.line.start()
         self.audit = AuditLog(Path(cfg.audit.path), cfg.audit.max_bytes, cfg.audit.keep, cfg.audit.enabled)

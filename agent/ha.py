@@ -103,7 +103,6 @@ class HaMonitor:
                                 "When the standby last followed the bucket into its catalog", registry=r)
 
     async def start(self) -> None:
-        self.uploader.conditional = True
         self.gateway.write_refusal = STANDBY_REFUSAL
         self._apply(read_role_file(Path(self.cfg.role_file), self._boot))
         self._tasks = [asyncio.create_task(self._watch_role(), name="ha-role"),

@@ -294,7 +294,8 @@ def test_smb_stores_survive_failover(pair):
     pair.power_off(a)
     after = [f"MR/2026-11-30/smb/{i:03d}.dcm" for i in range(5, 10)]
     attempts = smb_store_all(pair.lan, after, time.monotonic() + 90)
-    assert pair.active() == "b" and attempts[after[0]] > 1  # the first store after the kill had to retry
+    # (a store may need a retry, or its connect may just wait in SYN retransmits until b has the address)
+    assert pair.active() == "b" and set(attempts) == set(after)
     objects = s3_objects(pair)
     prefix = f"ha{pair.tag}/"
     assert [n for n in before + after if objects.get(prefix + n) != payload(n)] == []

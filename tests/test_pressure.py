@@ -54,7 +54,8 @@ def test_agent_under_memory_pressure_keeps_serving(agent_factory):
     prep.stop()
 
     agent = agent_factory(prefix="pressure/", **{"pressure.rss_high": "1MB", "pressure.rss_critical": "2MB",
-                                                 "pressure.interval_seconds": 0.5}).start()
+                                                 "pressure.interval_seconds": 0.5,
+                                                 "prefetch.enabled": True}).start()  # off by default
     h = wait_for(agent, "critical")
     assert h["status"] == "degraded" and any("agent memory" in r for r in h["pressure"]["reasons"])
     assert any("fetches from object storage refused" in r for r in h["reasons"])
@@ -93,7 +94,7 @@ def test_high_memory_pressure_pauses_prefetch_and_keeps_serving(agent_factory):
     window = "-".join(time.strftime("%H:%M:%S", time.localtime(t)) for t in (now - 60, now + 600))
     agent = agent_factory(prefix="pressure-high/", **{
         "pressure.rss_high": "1MB", "pressure.rss_critical": 0, "pressure.interval_seconds": 0.5,
-        "prefetch.window": window, "prefetch.check_seconds": 0.2}).start()
+        "prefetch.enabled": True, "prefetch.window": window, "prefetch.check_seconds": 0.2}).start()
     h = wait_for(agent, "high")
     assert h["prefetch"]["state"] == "paused: pressure high" and h["status"] == "degraded"
     f = ftp_login(agent)
