@@ -155,7 +155,7 @@ UNREACHABLE_S3_PATCH = {"agent/uplink/s3.py": lambda text: _must_replace(
 
 
 def _newer_schema(text: str) -> str:
-    """agent/store/catalog.py with SCHEMA_VERSION one higher (same tables, so the previous version migrates
+    """agent/store/catalog/schema.py with SCHEMA_VERSION one higher (same tables, so the previous version migrates
     by its version number alone): the release before refuses the catalog this one has opened, as it would
     after a real schema change."""
     new, n = re.subn(r"(?m)^SCHEMA_VERSION = (\d+)$", lambda m: f"SCHEMA_VERSION = {int(m.group(1)) + 1}", text)
@@ -163,7 +163,7 @@ def _newer_schema(text: str) -> str:
     return _must_replace(new, "if 0 < found < SCHEMA_VERSION:", "if 0 < found < SCHEMA_VERSION - 1:")
 
 
-NEWER_SCHEMA_PATCH = {"agent/store/catalog.py": _newer_schema}
+NEWER_SCHEMA_PATCH = {"agent/store/catalog/schema.py": _newer_schema}
 
 
 def _must_replace(text: str, old: str, new: str) -> str:
