@@ -11,6 +11,8 @@ import threading
 import time
 import urllib.request
 
+import pytest
+
 from harness import PASSWORD, s3_objects, sha256
 
 
@@ -96,10 +98,16 @@ def test_sigterm_drains_in_flight_upload(agent_factory):
     while "started" not in result:
         time.sleep(0.05)
     time.sleep(0.3)
+    idle = ftplib.FTP(timeout=30)  # logged in, between transfers
+    idle.connect("127.0.0.1", agent.ftp_port)
+    idle.login("pacs", PASSWORD)
     agent.proc.send_signal(15)
     t.join(60)
     assert result["reply"].startswith("226")
     assert agent.proc.wait(60) == 0
+    with pytest.raises(ftplib.error_temp, match="^421"):  # told why its session ends, not just cut off
+        idle.getresp()
+    idle.close()
     stopped = agent.events("stopped")[0]
     assert stopped["drained"] is True and stopped["queued_files"] == 0
     assert s3_objects(agent.store, agent.prefix)["slow.dcm"]["sha256"] == sha256(data)

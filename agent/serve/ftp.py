@@ -492,6 +492,14 @@ class FtpServer(aioftp.Server):
                         commands.add(asyncio.create_task(handler(connection, rest)))
         except (ConnectionError, asyncio.IncompleteReadError, TimeoutError, ssl.SSLError, ValueError):
             pass  # the client went away, stayed idle too long, or sent an over-long line
+        except asyncio.CancelledError:
+            # The agent stops after its drain: an idle session hears why (421, as RFC 959 allows at any
+            # command) instead of a bare close, which a PACS would take for a failed transfer.
+            if not commands:
+                with contextlib.suppress(Exception):
+                    writer.write(b"421 service restarting; try again later\r\n")
+                    await asyncio.wait_for(writer.drain(), 1)
+            raise
         finally:
             tasks = {read, write} | commands | connection.extra_workers
             for task in tasks:

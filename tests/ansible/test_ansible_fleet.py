@@ -412,9 +412,14 @@ while not os.path.exists(stop):
         try:
             f.storbinary(f"STOR {name}", io.BytesIO(data))
             acked.append([addr, name, len(data)])
+        except ftplib.error_temp as e:
+            if not str(e).startswith("421"):
+                errors.append([addr, name, str(e)])
+            # 421: the agent is restarting (an idle session at the end of its drain); nothing was
+            # acknowledged, and the PACS stores the file again later, like a refused connection above
         except (ftplib.error_perm, ftplib.error_reply) as e:
             errors.append([addr, name, str(e)])
-        except (OSError, EOFError, ftplib.error_temp) as e:
+        except (OSError, EOFError) as e:
             errors.append([addr, name, f"{type(e).__name__}: {e}"])
         finally:
             f.close()
