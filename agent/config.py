@@ -485,6 +485,17 @@ class LoginConfig:
     ban_seconds: float = _f(_float_between(1, 7 * 86400), "seconds 1..604800", default=900.0)
 
 
+@dataclass(frozen=True)
+class ServerConfig:
+    """How many processes serve FTP and SFTP (docs/workers.md): 1 is one process; N > 1 is the owner and N-1
+    workers behind SO_REUSEPORT; 0 is one per CPU this process may run on (its affinity, e.g. taskset)."""
+
+    workers: int = _f(_int_between(0, 256), "an integer 0..256 (1: one process, 0: one per CPU)", default=1)
+
+    def serving_processes(self) -> int:
+        return self.workers or len(os.sched_getaffinity(0))
+
+
 def _peer_url(value: Any) -> str:
     """'' or the peer box's status address such as 'http://10.0.0.12:8080'."""
     if not isinstance(value, str):
@@ -528,6 +539,7 @@ class Config:
     dicom: DicomConfig = DicomConfig()
     ha: HaConfig = field(default_factory=HaConfig)
     login: LoginConfig = field(default_factory=LoginConfig)
+    server: ServerConfig = field(default_factory=ServerConfig)
 
     @property
     def catalog_path(self) -> Path:
@@ -540,6 +552,7 @@ _SECTIONS: dict[str, type] = {
     "compliance": ComplianceConfig, "pressure": PressureConfig,
     "prefetch": PrefetchConfig, "scrub": ScrubConfig,
     "model": ModelConfig, "dicom": DicomConfig, "ha": HaConfig, "login": LoginConfig,
+    "server": ServerConfig,
 }
 
 
@@ -636,6 +649,9 @@ def _check_cross(cfg: Config) -> None:
                 raise ConfigError(file, f"users[{i}].authorized_keys", keyfile, "an existing readable file")
         if u.password and len(u.password) < MIN_PASSWORD:
             raise ConfigError(file, f"users[{i}].password", "***", f"at least {MIN_PASSWORD} characters")
+    if cfg.server.workers != 1 and cfg.ha.enabled:
+        raise ConfigError(file, "server.workers", cfg.server.workers,
+                          "1 when [ha] is enabled (only the owner process follows the standby role)")
     if cfg.login.max_delay_seconds < cfg.login.delay_seconds:
         raise ConfigError(file, "login.max_delay_seconds", cfg.login.max_delay_seconds,
                           f"at least login.delay_seconds ({cfg.login.delay_seconds})")

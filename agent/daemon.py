@@ -70,6 +70,7 @@ class Agent:
         self.sftp: SftpService | None = None
         self.smb = None  # agent.serve.smb.SmbService when [smb] is enabled (imports pyfuse3)
         self.http: HttpServer | None = None
+        self.workers: Any = None  # agent.workers.Supervisor when [server] workers > 1
 
     async def start(self) -> None:
         cfg = self.cfg
@@ -118,11 +119,11 @@ class Agent:
         if cfg.ftp.enabled:
             self.ftp = FtpServer(cfg, self.gateway)
             with _setting(cfg, "ftp.listen", _addr(cfg.ftp.listen), "an address this box can listen on"):
-                await self.ftp.start(*cfg.ftp.listen)
+                await self.ftp.start(*cfg.ftp.listen, reuse_port=self.shares_ports)
         if cfg.sftp.enabled:
             self.sftp = SftpService(cfg, self.gateway)
             with _setting(cfg, "sftp.listen", _addr(cfg.sftp.listen), "an address this box can listen on"):
-                await self.sftp.start()
+                await self.sftp.start(reuse_port=self.shares_ports)
         if cfg.smb.enabled:
             from agent.serve.smb import SmbService
             self.smb = SmbService(cfg, self.gateway)
@@ -135,6 +136,7 @@ class Agent:
                 admin_token=issue_admin_token(cfg.cache.dir / ADMIN_TOKEN_FILE))
             with _setting(cfg, "http.listen", _addr(cfg.http.listen), "an address this box can listen on"):
                 await self.http.start()
+        await self.start_workers()
         log.info("started", version=__version__, config=str(cfg.path),
                  ftp=cfg.ftp.listen if cfg.ftp.enabled else None,
                  sftp=cfg.sftp.listen if cfg.sftp.enabled else None,
@@ -142,6 +144,26 @@ class Agent:
                  http=cfg.http.listen if cfg.http.enabled else None,
                  uplink=cfg.uplink.endpoint_url, bucket=cfg.uplink.bucket, write_mode=cfg.uplink.write_mode,
                  uplink_reachable=self.line.reachable)
+
+    @property
+    def shares_ports(self) -> bool:
+        """Several processes serve FTP and SFTP (docs/workers.md): every listener takes SO_REUSEPORT."""
+        return self.cfg.server.serving_processes() > 1
+
+    async def start_workers(self) -> None:
+        """[server] workers > 1: start the serving workers (agent.workers) beside this process."""
+        if not self.shares_ports:
+            return
+        from agent.workers import Supervisor
+        self.workers = Supervisor(self.cfg, self.cfg.server.serving_processes(), self.recover_claims)
+        await self.workers.start()
+
+    async def recover_claims(self) -> int:
+        """A worker died: the rows it had claimed for upload go back on the queue (so do the rows other
+        processes are uploading right now; uploading one of those twice is harmless: same bytes, same gen)."""
+        resumed = await self.db.reset_uploading()
+        self.uploader.wake()
+        return resumed
 
     async def _check_object_lock(self) -> None:
         """WORM needs a bucket created with Object Lock: refuse to run against one without."""
@@ -160,6 +182,7 @@ class Agent:
         self.draining = True
         t0 = time.monotonic()
         log.info("draining", active_writes=self.gateway.active_writes)
+        workers = asyncio.create_task(self.workers.stop(drain_seconds + 10)) if self.workers else None
         if self.ftp:
             self.ftp.server.close()
         if self.sftp:
@@ -185,6 +208,8 @@ class Agent:
         await self.gateway.stop()
         if self.http:
             await self.http.close()
+        if workers:
+            await workers
         await self.s3.close()
         self.audit.close()
         totals = await self.db.totals()
@@ -312,7 +337,11 @@ class Agent:
 
 async def serve(cfg: Config) -> None:
     """Run until SIGTERM or SIGINT, then drain."""
-    agent = Agent(cfg)
+    await run_until_signal(Agent(cfg))
+
+
+async def run_until_signal(agent: Agent) -> None:
+    """Start the owner or a serving worker (agent.workers), run until SIGTERM or SIGINT, then drain."""
     await agent.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

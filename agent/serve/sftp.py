@@ -324,7 +324,7 @@ class SftpService:
         self._acceptor: asyncssh.SSHAcceptor | None = None
         self._conns: weakref.WeakSet[asyncssh.SSHServerConnection] = weakref.WeakSet()
 
-    async def start(self) -> None:
+    async def start(self, reuse_port: bool = False) -> None:
         key = ensure_host_key(self.cfg.sftp.host_key)
         factory = type("BoundSFTP", (GatewaySFTP,), {"gateway": self.gateway,
                                                       "roots": {u.name: u.root for u in self.cfg.users}})
@@ -333,7 +333,7 @@ class SftpService:
             host, port, server_host_keys=[key], server_factory=self._auth,
             sftp_factory=factory, allow_scp=False, agent_forwarding=False, x11_forwarding=False,
             allow_pty=False, login_timeout=60, keepalive_interval=30,
-            acceptor=self._conns.add)
+            acceptor=self._conns.add, reuse_port=reuse_port)
 
     def _auth(self) -> _Auth:
         return _Auth(self.users, self.cfg.sftp.password_auth, self.gateway.audit, self.gateway.logins)

@@ -347,10 +347,12 @@ class Gateway:
             root = u.root.strip("/")
             self._fixed.update([root, *ancestors(root)])
 
-    async def start(self) -> None:
+    async def start(self, evict: bool = True) -> None:
+        """evict: run the eviction loop here (a serving worker leaves it to the owner, docs/workers.md)."""
         await self.evictor.prepare()
-        self._loops = [asyncio.create_task(self._flush_access_loop(), name="access-flush"),
-                       asyncio.create_task(self.evictor.run(), name="evict")]
+        self._loops = [asyncio.create_task(self._flush_access_loop(), name="access-flush")]
+        if evict:
+            self._loops.append(asyncio.create_task(self.evictor.run(), name="evict"))
 
     async def stop(self) -> None:
         for t in self._loops:

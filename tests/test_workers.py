@@ -1,0 +1,201 @@
+"""Serving workers ([server] workers = 2): kill -9 of the worker or of the owner in the middle of an FTP + SFTP
+ingest loses nothing acknowledged, the catalog passes `pacsgw fsck`, and the other process keeps serving.
+
+Real parts: a `pacsgw run` owner with one worker process (SO_REUSEPORT), ftplib and asyncssh clients that
+retry a file when their connection dies (as a PACS does), SeaweedFS read back with botocore.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ftplib
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import asyncssh
+import psutil
+
+from faultkit import ftp_get, ftp_login, ftp_put, payload, sftp_put, sftp_session, sha256, wait_for
+from harness import s3_objects
+
+N_FILES = 200
+FTP_CLIENTS = SFTP_CLIENTS = 3
+KILL_AFTER = 60
+DEADLINE = 120.0  # the whole ingest; it takes ~10-20 s on a loaded 2-core machine
+
+
+def plan() -> dict[str, bytes]:
+    return {f"MR/2026-12-01/1.2.{i // 40}/{i}.dcm": payload(i, 16 * 1024 + (i * 977) % (48 * 1024))
+            for i in range(N_FILES)}
+
+
+class Ingest:
+    """A shared list of files; a client takes one, puts it back when its connection dies (the PACS retries)."""
+
+    def __init__(self, files: dict[str, bytes]) -> None:
+        self.files, self.todo, self.acked = files, list(files), set[str]()
+        self.lock = threading.Lock()
+        self.deadline = time.monotonic() + DEADLINE
+        self.errors: list[str] = []
+
+    def take(self) -> str | None:
+        with self.lock:
+            return self.todo.pop() if self.todo else None
+
+    def done(self, path: str, ok: bool, error: str = "") -> None:
+        with self.lock:
+            if ok:
+                self.acked.add(path)
+            else:
+                self.todo.append(path)
+                self.errors.append(error)
+
+    def running(self) -> bool:
+        with self.lock:
+            return (bool(self.todo) or len(self.acked) < len(self.files)) and time.monotonic() < self.deadline
+
+
+def ftp_client(agent, ingest: Ingest) -> None:
+    while ingest.running():
+        try:
+            ftp = ftp_login(agent, timeout=20)
+        except (OSError, EOFError, ftplib.Error):
+            time.sleep(0.2)
+            continue
+        while (path := ingest.take()) is not None:
+            try:
+                ok = ftp_put(ftp, path, ingest.files[path]).startswith("226")
+                ingest.done(path, ok, "reply")
+            except (OSError, EOFError, ftplib.Error) as e:
+                ingest.done(path, False, f"ftp {type(e).__name__}: {e}")
+                break
+        else:
+            time.sleep(0.1)  # nothing to take now: a file another client holds may come back
+        ftp.close()
+
+
+async def sftp_client(agent, ingest: Ingest) -> None:
+    while ingest.running():
+        try:
+            async with sftp_session(agent) as sftp:
+                while (path := ingest.take()) is not None:
+                    try:
+                        await sftp_put(sftp, path, ingest.files[path])
+                    except (OSError, asyncssh.Error, asyncio.IncompleteReadError) as e:
+                        ingest.done(path, False, f"sftp {type(e).__name__}: {e}")
+                        break
+                    ingest.done(path, True)
+        except (OSError, asyncssh.Error, asyncio.IncompleteReadError):
+            pass
+        await asyncio.sleep(0.1)
+
+
+def worker_pid(agent) -> int:
+    pidfile = agent.workdir / "cache" / "workers" / "1.pid"
+    return int(pidfile.read_text())
+
+
+def live_worker(agent, not_pid: int = 0) -> int:
+    """The worker's pid once it is up (a new one, when not_pid names the one it replaces)."""
+    def up() -> int:
+        try:
+            pid = worker_pid(agent)
+        except (OSError, ValueError):
+            return 0
+        return pid if pid != not_pid and psutil.pid_exists(pid) else 0
+    return wait_for(up, 60, what="a serving worker")
+
+
+def served_by(pid: int, agent) -> bool:
+    """A fresh FTP session lands on process pid (the kernel spreads them); one STOR and RETR go through it."""
+    for _ in range(40):
+        ftp = ftp_login(agent)
+        port = ftp.sock.getsockname()[1]
+        conns = psutil.Process(pid).net_connections("tcp")
+        if any(c.raddr and c.raddr.port == port for c in conns):
+            data = payload("probe", 40_000)
+            assert ftp_put(ftp, "probe.dcm", data).startswith("226")
+            assert ftp_get(ftp, "probe.dcm") == data
+            ftp.quit()
+            return True
+        ftp.quit()
+    return False
+
+
+async def run_ingest(agent, ingest: Ingest, kill) -> None:
+    threads = [threading.Thread(target=ftp_client, args=(agent, ingest), daemon=True) for _ in range(FTP_CLIENTS)]
+    for t in threads:
+        t.start()
+    tasks = [asyncio.create_task(sftp_client(agent, ingest)) for _ in range(SFTP_CLIENTS)]
+    await asyncio.to_thread(wait_for, lambda: len(ingest.acked) >= KILL_AFTER, 90, what="ingest under way")
+    await kill()
+    await asyncio.gather(*tasks)
+    for t in threads:
+        await asyncio.to_thread(t.join, 30)
+
+
+async def check_durable(agent, seaweed, ingest: Ingest) -> None:
+    """Every file acknowledged (after retries), in S3 with its bytes; the stopped agent's catalog passes fsck."""
+    assert ingest.acked == set(ingest.files), f"not acknowledged by the deadline: {len(ingest.acked)}/{N_FILES}"
+    await asyncio.to_thread(agent.wait_drained, 60)
+    objects = await asyncio.to_thread(s3_objects, seaweed, agent.prefix)
+    bad = [p for p in ingest.files if objects.get(p, {}).get("sha256") != sha256(ingest.files[p])]
+    assert bad == [], f"acknowledged but missing or wrong in S3: {bad[:5]}"
+    assert agent.stop() == 0
+    out = subprocess.run([sys.executable, "-m", "agent.cli", "fsck", "--config", str(agent.config_path), "--json",
+                          "--remote"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    assert json.loads(out.stdout)
+
+
+async def test_kill9_worker_during_ingest(agent_factory, seaweed):
+    a = agent_factory(**{"server.workers": 2}).start()
+    first = await asyncio.to_thread(live_worker, a)
+    ingest = Ingest(plan())
+
+    async def kill() -> None:
+        os.kill(first, signal.SIGKILL)
+
+    await run_ingest(a, ingest, kill)
+    died = await asyncio.to_thread(a.wait_events, "worker_died", 1, 30)
+    assert died[0]["pid"] == first and died[0]["returncode"] == -signal.SIGKILL
+    second = await asyncio.to_thread(live_worker, a, first)
+    assert await asyncio.to_thread(served_by, second, a), "the restarted worker takes no sessions"
+    assert await asyncio.to_thread(served_by, a.proc.pid, a), "the owner stopped serving"
+    ingest.files["probe.dcm"] = payload("probe", 40_000)
+    ingest.acked.add("probe.dcm")
+    await check_durable(a, seaweed, ingest)
+
+
+async def test_kill9_owner_during_ingest(agent_factory, seaweed):
+    a = agent_factory(**{"server.workers": 2}).start()
+    orphan = await asyncio.to_thread(live_worker, a)
+    ingest = Ingest(plan())
+
+    async def kill() -> None:
+        a.kill9()
+        # The worker goes on serving without its owner: sessions that were on the owner reconnect to it.
+        at_kill = len(ingest.acked)
+        await asyncio.to_thread(wait_for, lambda: len(ingest.acked) >= at_kill + 20, 60,
+                                what="the worker serving while the owner is dead")
+        assert served_by(orphan, a)
+        await asyncio.to_thread(a.start)  # the service manager's restart: the orphan is told to drain and go
+
+    try:
+        await run_ingest(a, ingest, kill)
+        await asyncio.to_thread(wait_for, lambda: not psutil.pid_exists(orphan) or
+                                psutil.Process(orphan).status() == psutil.STATUS_ZOMBIE, 90,
+                                what="the orphaned worker to drain and exit")
+        assert a.events("worker_retired")[0]["pid"] == orphan
+        assert await asyncio.to_thread(served_by, await asyncio.to_thread(live_worker, a, orphan), a)
+        ingest.files["probe.dcm"] = payload("probe", 40_000)
+        ingest.acked.add("probe.dcm")
+        await check_durable(a, seaweed, ingest)
+    finally:
+        if psutil.pid_exists(orphan):
+            os.kill(orphan, signal.SIGKILL)
