@@ -33,7 +33,6 @@ from agent.serve.http import (
     process_memory,
 )
 from agent.serve.sftp import SftpService
-from agent.store.cache import Cache
 from agent.store.catalog import AsyncCatalog, Catalog
 from agent.store.gateway import Gateway
 from agent.store.scrub import Scrubber
@@ -41,6 +40,7 @@ from agent.store.worm import WormPolicy
 from agent.uplink.line import Line
 from agent.uplink.s3 import S3Uplink
 from agent.uplink.uploader import Uploader
+from agent.workers import Supervisor, open_cache
 
 log = structlog.get_logger("pacsgw.daemon")
 
@@ -70,14 +70,14 @@ class Agent:
         self.sftp: SftpService | None = None
         self.smb = None  # agent.serve.smb.SmbService when [smb] is enabled (imports pyfuse3)
         self.http: HttpServer | None = None
-        self.workers: Any = None  # agent.workers.Supervisor when [server] workers > 1
+        self.workers: Supervisor | None = None  # [server] workers > 1
 
     async def start(self) -> None:
         cfg = self.cfg
         with _setting(cfg, "cache.dir", str(cfg.cache.dir), "a writable directory on the cache SSD"):
             cfg.cache.dir.mkdir(parents=True, exist_ok=True)
             self.db = AsyncCatalog(await asyncio.to_thread(Catalog, cfg.catalog_path))
-            self.cache = Cache(cfg.cache.dir)
+            self.cache = open_cache(cfg)  # Cache(cfg.cache.dir), minding workers a dead owner left serving
         self.s3 = S3Uplink(cfg.uplink)
         self.line = Line(self.s3.probe, self.metrics, cfg.uplink.max_concurrency, self.s3.bandwidth)
         await self.s3.start()
@@ -154,7 +154,6 @@ class Agent:
         """[server] workers > 1: start the serving workers (agent.workers) beside this process."""
         if not self.shares_ports:
             return
-        from agent.workers import Supervisor
         self.workers = Supervisor(self.cfg, self.cfg.server.serving_processes(), self.recover_claims)
         await self.workers.start()
 
@@ -341,7 +340,7 @@ async def serve(cfg: Config) -> None:
 
 
 async def run_until_signal(agent: Agent) -> None:
-    """Start the owner or a serving worker (agent.workers), run until SIGTERM or SIGINT, then drain."""
+    """Start the owner or a serving worker (agent.worker), run until SIGTERM or SIGINT, then drain."""
     await agent.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -1,0 +1,99 @@
+"""One serving worker process (`python -m agent.worker`, started by agent.workers.Supervisor; docs/workers.md)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import sys
+from pathlib import Path
+
+import structlog
+
+from agent.audit import AuditLog
+from agent.config import Config
+from agent.daemon import DRAIN_SECONDS, Agent, run_until_signal
+from agent.dicom.objectmeta import Describer
+from agent.dicom.retention import DicomRetention
+from agent.serve.ftp import FtpServer
+from agent.serve.sftp import SftpService
+from agent.store.cache import Cache
+from agent.store.catalog import AsyncCatalog, Catalog
+from agent.store.gateway import Gateway
+from agent.store.worm import WormPolicy
+from agent.uplink.line import Line
+from agent.uplink.s3 import S3Uplink
+from agent.uplink.uploader import Uploader
+from agent.workers import pid_dir
+
+log = structlog.get_logger("pacsgw.workers")
+
+
+def worker_audit_path(path: Path, index: int) -> Path:
+    """A worker's own audit file beside the owner's (one writer per file: rotation is not multi-process)."""
+    return path.with_name(f"{path.stem}.worker{index}{path.suffix}")
+
+
+class Worker(Agent):
+    """One serving worker: the front ends, the gateway and write-through uploads; no queue drain, eviction,
+    scrub, prefetch, HA, SMB or HTTP (the owner's). Agent.stop drains it like the owner."""
+
+    def __init__(self, cfg: Config, index: int) -> None:
+        super().__init__(cfg)
+        self.index = index
+        self._scrub = self._ship = self._monitor = self._prefetch = self._prefetch_now = None
+        self.ha = None
+
+    async def start(self) -> None:
+        cfg = self.cfg
+        self.db = AsyncCatalog(await asyncio.to_thread(Catalog, cfg.catalog_path))
+        self.cache = Cache(cfg.cache.dir, clear_staging=False)  # the other processes' writes are in staging
+        self.s3 = S3Uplink(cfg.uplink)
+        self.line = Line(self.s3.probe, self.metrics, cfg.uplink.max_concurrency, self.s3.bandwidth)
+        await self.s3.start()
+        retention = DicomRetention(cfg.compliance, WormPolicy(cfg.compliance))
+        # Not started: the dispatcher (and its reset of claimed rows at start) is the owner's alone.
+        self.uploader = Uploader(self.db, self.cache, self.s3, self.line, self.metrics, retention,
+                                 Describer(cfg.dicom, retention.retention_class, bool(retention.rules)))
+        await self.line.start()
+        self.audit = AuditLog(worker_audit_path(Path(cfg.audit.path), self.index), cfg.audit.max_bytes,
+                              cfg.audit.keep, cfg.audit.enabled)
+        self.gateway = Gateway(cfg, self.db, self.cache, self.s3, self.uploader, self.metrics, self.audit)
+        await self.gateway.start(evict=False)
+        if cfg.ftp.enabled:
+            self.ftp = FtpServer(cfg, self.gateway)
+            await self.ftp.start(*cfg.ftp.listen, reuse_port=True)
+        if cfg.sftp.enabled:
+            self.sftp = SftpService(cfg, self.gateway)
+            await self.sftp.start(reuse_port=True)
+        path = pid_dir(cfg) / f"{self.index}.pid"
+        path.parent.mkdir(exist_ok=True)
+        path.write_text(f"{os.getpid()}\n")
+        log.info("worker_started", worker=self.index, pid=os.getpid())
+
+    async def stop(self, drain_seconds: float = DRAIN_SECONDS) -> None:
+        await super().stop(drain_seconds)
+        with contextlib.suppress(OSError):
+            path = pid_dir(self.cfg) / f"{self.index}.pid"
+            if path.read_text().strip() == str(os.getpid()):
+                path.unlink()
+
+
+def main(argv: list[str] | None = None) -> int:
+    from agent import logs
+    from agent.cli import _load_or_exit
+    p = argparse.ArgumentParser(prog="python -m agent.worker", description="one serving worker (started by "
+                                "the agent when [server] workers > 1; not meant to be run by hand)")
+    p.add_argument("--config", required=True)
+    p.add_argument("--index", type=int, required=True)
+    args = p.parse_args(argv)
+    cfg = _load_or_exit(args.config)
+    logs.configure(cfg.log.level, cfg.log.format)
+    structlog.contextvars.bind_contextvars(worker=args.index)
+    asyncio.run(run_until_signal(Worker(cfg, args.index)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
