@@ -11,6 +11,8 @@ import random
 import time
 from pathlib import Path
 
+import psutil
+
 from tests.devstack import AgentProc, ObjectStore, RcloneServe
 
 BUCKET = "bench"
@@ -54,6 +56,36 @@ def start_agent(work: Path, store: ObjectStore, prefix: str, *, concurrency: int
                 "uplink.connect_timeout": 5.0, "log.level": "warning", **overrides}
     return AgentProc(work, store, prefix, settings, [{"name": USER, "password": PASSWORD, "root": "/"}],
                      bucket=BUCKET).start(timeout=120)
+
+
+def cpus(value: str) -> list[int] | None:
+    """--agent-cpus '0,1' → [0, 1]; '' → None (the agent runs wherever the kernel puts it)."""
+    return [int(c) for c in value.split(",")] if value else None
+
+
+def pin_agent(agent: AgentProc, workers: int, cpu_list: list[int] | None) -> None:
+    """Wait until the agent's serving workers ([server] workers) listen, then pin the whole agent (owner and
+    workers; a restarted worker inherits the owner's CPUs) to cpu_list, like `taskset -c` would."""
+    pids = agent.workdir / "cache" / "workers"
+    deadline = time.monotonic() + 60
+    while workers > 1 and len(list(pids.glob("*.pid"))) < workers - 1:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{workers - 1} workers did not start")
+        time.sleep(0.1)
+    if cpu_list is not None:
+        owner = psutil.Process(agent.proc.pid)
+        for p in [owner, *owner.children(recursive=True)]:
+            p.cpu_affinity(cpu_list)
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU time (user + system) of a process and its live children (the agent's workers)."""
+    root = psutil.Process(pid)
+    total = 0.0
+    for p in [root, *root.children(recursive=True)]:
+        t = p.cpu_times()
+        total += t.user + t.system
+    return total
 
 
 def start_rclone(protocol: str, work: Path, store: ObjectStore, prefix: str, *, cache_mode: str,

@@ -46,14 +46,17 @@ from bench.common import (
     PASSWORD,
     USER,
     content,
+    cpus,
     ftp_login,
     load,
     pct,
+    pin_agent,
     pool,
     ratio,
     start_agent,
     start_rclone,
     table,
+    tree_cpu_seconds,
     wait_keys,
 )
 from tests.devstack import ObjectStore
@@ -213,6 +216,8 @@ def main() -> int:
     ap.add_argument("--verify", action="store_true", help="read every object back and check its SHA-256")
     ap.add_argument("--dicom", action="store_true", help="real DICOM CT slices instead of random bytes")
     ap.add_argument("--keep", action="store_true", help="keep the temporary directory (logs)")
+    ap.add_argument("--workers", type=int, default=1, help="our agent's [server] workers (default 1)")
+    ap.add_argument("--agent-cpus", default="", help="pin our agent (and its workers) to these CPUs, e.g. 0,1")
     args = ap.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="pacsgw-bench-"))
@@ -233,7 +238,8 @@ def main() -> int:
         store.create_bucket(BUCKET)
         concurrency = max(8, args.clients)
         print(f"ingest bench: {args.files} files x {args.size} B per protocol and target, {args.clients} clients, "
-              f"pacsgw write-{args.write_mode}, rclone --vfs-cache-mode writes --transfers {concurrency}, "
+              f"pacsgw write-{args.write_mode} (workers {args.workers}, CPUs {args.agent_cpus or 'any'}), "
+              f"rclone --vfs-cache-mode writes --transfers {concurrency}, "
               f"SeaweedFS on loopback, load {load()}", flush=True)
         runs: list[dict] = []
         protocols = args.protocols.split(",")
@@ -244,7 +250,8 @@ def main() -> int:
                     dicom = ({"dicom.metadata": target != "pacsgw-nometa", "dicom.pseudonym_key_file": str(keyfile)}
                              if args.dicom else {})
                     server = start_agent(work / prefix, store, prefix, concurrency=concurrency,
-                                         write_mode=args.write_mode, **dicom)
+                                         write_mode=args.write_mode, **dicom, **{"server.workers": args.workers})
+                    pin_agent(server, args.workers, cpus(args.agent_cpus))
                     port = server.ftp_port if protocol == "ftp" else server.sftp_port
                 else:
                     server = start_rclone(protocol, work / prefix, store, prefix, cache_mode="writes",
@@ -252,9 +259,11 @@ def main() -> int:
                     port = server.port
                 servers.append(server)
                 run = Run(target, protocol, args.size)
+                cpu0 = tree_cpu_seconds(server.proc.pid)
                 ingest(run, port, args.files, args.clients, blocks)
                 run.in_s3 = wait_keys(store, prefix, args.files)
-                r = run.report()
+                r = run.report() | {"cpu_ms_per_file": round((tree_cpu_seconds(server.proc.pid) - cpu0)
+                                                             * 1000 / args.files, 2)}
                 if args.verify:
                     r["bad_checksums"] = verify(store, prefix, run, args.files, blocks)
                 server.stop()
@@ -275,7 +284,7 @@ def main() -> int:
                 print(json.dumps(r), flush=True)
             runs += smb
         cols = ["target", "protocol", "files", "errors", "seconds", "files_per_s", "MB_per_s", "ack_p50_ms",
-                "ack_p99_ms", "all_in_s3_s", "load"] + (["bad_checksums"] if args.verify else [])
+                "ack_p99_ms", "all_in_s3_s", "cpu_ms_per_file", "load"] + (["bad_checksums"] if args.verify else [])
         print()
         print(table(runs, cols))
         if overhead is not None:

@@ -27,20 +27,22 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import psutil
 
 from bench.common import (
     BUCKET,
     content,
+    cpus,
     ftp_login,
     load,
     pct,
+    pin_agent,
     pool,
     ratio,
     retr,
     start_agent,
     start_rclone,
     table,
+    tree_cpu_seconds,
 )
 from tests.devstack import ObjectStore
 
@@ -57,11 +59,6 @@ def put_all(store: ObjectStore, keys: list[str], size: int, blocks: list[bytes])
 
     with ThreadPoolExecutor(16) as ex:
         list(ex.map(put, range(len(keys))))
-
-
-def cpu_seconds(pid: int) -> float:
-    t = psutil.Process(pid).cpu_times()
-    return t.user + t.system + t.children_user + t.children_system
 
 
 def read_pass(port: int, pid: int, paths: list[str], readers: int, size: int) -> dict:
@@ -81,12 +78,12 @@ def read_pass(port: int, pid: int, paths: list[str], readers: int, size: int) ->
                     errors.append(f"{path}: {got} bytes")
 
     threads = [threading.Thread(target=reader, args=(k,)) for k in range(readers)]
-    at, t0, cpu0 = load(), time.perf_counter(), cpu_seconds(pid)
+    at, t0, cpu0 = load(), time.perf_counter(), tree_cpu_seconds(pid)
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    wall, cpu = time.perf_counter() - t0, cpu_seconds(pid) - cpu0
+    wall, cpu = time.perf_counter() - t0, tree_cpu_seconds(pid) - cpu0
     for s in sessions:
         s.quit()
     return {"MB_per_s": round(len(firsts) * size / wall / 1e6, 1), "files_per_s": round(len(firsts) / wall, 1),
@@ -108,6 +105,8 @@ def main() -> int:
     ap.add_argument("--size", type=int, default=2**20, help="bytes per file (default 1 MiB)")
     ap.add_argument("--readers", default="1,8,32")
     ap.add_argument("--targets", default="pacsgw,rclone")
+    ap.add_argument("--workers", type=int, default=1, help="our agent's [server] workers (default 1)")
+    ap.add_argument("--agent-cpus", default="", help="pin our agent (and its workers) to these CPUs, e.g. 0,1")
     args = ap.parse_args()
     levels = [int(r) for r in args.readers.split(",")]
     targets = args.targets.split(",")
@@ -123,12 +122,15 @@ def main() -> int:
             put_all(store, ["read/" + k for k in names(r, args.files)], args.size, blocks)
         concurrency = max(8, max(levels))
         print(f"read bench: {args.files} files x {args.size} B per reader count, readers {levels}, FTP, "
-              f"pacsgw vs rclone --vfs-cache-mode full (--transfers {concurrency}), SeaweedFS, load {load()}",
+              f"pacsgw (workers {args.workers}, CPUs {args.agent_cpus or 'any'}) vs rclone --vfs-cache-mode full "
+              f"(--transfers {concurrency}), SeaweedFS, load {load()}",
               flush=True)
         rows: list[dict] = []
         for target in targets:
             if target == "pacsgw":
-                server = start_agent(work / target, store, "read/", concurrency=concurrency)
+                server = start_agent(work / target, store, "read/", concurrency=concurrency,
+                                     **{"server.workers": args.workers})
+                pin_agent(server, args.workers, cpus(args.agent_cpus))
                 port = server.ftp_port
             else:
                 server = start_rclone("ftp", work / target, store, "read", cache_mode="full", transfers=concurrency)
