@@ -19,9 +19,24 @@ import time
 
 import asyncssh
 import psutil
+import pytest
 
+from agent.config import ConfigError, load
 from faultkit import ftp_get, ftp_login, ftp_put, payload, sftp_put, sftp_session, sha256, wait_for
 from harness import s3_objects
+
+CONFIG = """
+[cache]
+dir = "cache"
+[uplink]
+endpoint_url = "http://127.0.0.1:8333"
+bucket = "pacs"
+access_key_id = "EXAMPLEACCESSKEY"
+secret_access_key = "EXAMPLESECRETKEY0123456789"
+[[users]]
+name = "pacs"
+password = "test-only-password"
+"""
 
 N_FILES = 200
 FTP_CLIENTS = SFTP_CLIENTS = 3
@@ -199,3 +214,26 @@ async def test_kill9_owner_during_ingest(agent_factory, seaweed):
     finally:
         if psutil.pid_exists(orphan):
             os.kill(orphan, signal.SIGKILL)
+
+
+@pytest.mark.parametrize("server,key,message", [
+    ("workers = -1", "server.workers", "0..256"),
+    ("workers = 'all'", "server.workers", "0..256"),
+    ("workers = 2\n[ha]\nenabled = true", "server.workers", "1 when [ha] is enabled"),
+])
+def test_workers_config_refused(tmp_path, server, key, message):
+    path = tmp_path / "agent.toml"
+    path.write_text(CONFIG + "[server]\n" + server + "\n")
+    path.chmod(0o600)
+    with pytest.raises(ConfigError) as e:
+        load(path)
+    assert e.value.key == key and message in e.value.allowed and str(path) in str(e.value)
+
+
+def test_workers_default_and_per_cpu(tmp_path):
+    path = tmp_path / "agent.toml"
+    path.write_text(CONFIG)
+    path.chmod(0o600)
+    assert load(path).server.serving_processes() == 1  # today's single process unless asked
+    path.write_text(CONFIG + "[server]\nworkers = 0\n")
+    assert load(path).server.serving_processes() == len(os.sched_getaffinity(0))
