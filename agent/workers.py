@@ -98,16 +98,22 @@ class Supervisor:
         failures = 0
         while not self._stopping:
             started = asyncio.get_running_loop().time()
-            proc = self.procs[index] = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "agent.worker", "--config", str(self.cfg.path), "--index", str(index),
-                start_new_session=True)  # a Ctrl-C on the terminal reaches the owner, which stops them
-            code = await proc.wait()
+            try:
+                proc = self.procs[index] = await asyncio.create_subprocess_exec(
+                    sys.executable, "-m", "agent.worker", "--config", str(self.cfg.path), "--index", str(index),
+                    start_new_session=True)  # a Ctrl-C on the terminal reaches the owner, which stops them
+                pid, code = proc.pid, await proc.wait()
+            except OSError as e:  # e.g. out of memory or pids: try again like after a death
+                pid, code = 0, f"not started: {e}"
             if self._stopping:
                 return
             failures = 0 if asyncio.get_running_loop().time() - started > STABLE_SECONDS else failures + 1
             delay = RESTART_DELAYS[min(failures, len(RESTART_DELAYS) - 1)]
-            resumed = await self.recover()
-            log.error("worker_died", worker=index, pid=proc.pid, returncode=code, uploads_resumed=resumed,
+            try:
+                resumed: int | str = await self.recover()
+            except Exception as e:  # the catalog failed (disk full): the next owner start resets the rows
+                resumed = f"failed: {e}"
+            log.error("worker_died", worker=index, pid=pid, returncode=code, uploads_resumed=resumed,
                       restart_in=delay)
             await asyncio.sleep(delay)
 
