@@ -249,6 +249,8 @@ class Agent:
             h["smb"] = self.smb.health()
         if self.ha is not None:
             h["ha"] = self.ha.health(totals.queue_files, self.draining)
+        if self.workers is not None:
+            h["workers"] = self.workers.status()
         from agent.selfcheck import last_result
         h["selfcheck"] = last_result(self.cfg)
         h["status"], h["reasons"] = judge(h, self.cfg.cache.min_free_bytes)

@@ -90,6 +90,7 @@ class Supervisor:
         self.procs: dict[int, asyncio.subprocess.Process] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = False
+        self.restarts = 0
 
     async def start(self) -> None:
         self._tasks = [asyncio.create_task(self._keep(i), name=f"worker-{i}") for i in range(1, self.count)]
@@ -115,7 +116,13 @@ class Supervisor:
                 resumed = f"failed: {e}"
             log.error("worker_died", worker=index, pid=pid, returncode=code, uploads_resumed=resumed,
                       restart_in=delay)
+            self.restarts += 1
             await asyncio.sleep(delay)
+
+    def status(self) -> dict[str, int]:
+        """For /healthz: serving processes configured (the owner included), workers running, restarts so far."""
+        running = sum(p.returncode is None for p in self.procs.values())
+        return {"processes": self.count, "workers_running": running, "restarts": self.restarts}
 
     async def stop(self, timeout: float) -> None:
         """SIGTERM every worker (each drains like the owner), kill what is left after timeout."""

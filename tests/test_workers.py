@@ -183,6 +183,7 @@ async def test_kill9_worker_during_ingest(agent_factory, seaweed):
     died = await asyncio.to_thread(a.wait_events, "worker_died", 1, 30)
     assert died[0]["pid"] == first and died[0]["returncode"] == -signal.SIGKILL
     second = await asyncio.to_thread(live_worker, a, first)
+    assert a.health()["workers"] == {"processes": 2, "workers_running": 1, "restarts": 1}
     assert await asyncio.to_thread(served_by, second, a), "the restarted worker takes no sessions"
     assert await asyncio.to_thread(served_by, a.proc.pid, a), "the owner stopped serving"
     ingest.files["probe.dcm"] = payload("probe", 40_000)
