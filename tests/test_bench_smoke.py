@@ -15,6 +15,9 @@ ROOT = Path(__file__).resolve().parents[1]
     ("ingest.py", ["--files", "4", "--clients", "2", "--size", "4096", "--verify", "--protocols", "ftp,sftp"],
      "ours/rclone"),
     ("read.py", ["--files", "2", "--readers", "1", "--size", "4096"], "ours/rclone"),
+    ("read.py", ["--files", "2", "--readers", "2", "--size", "4096", "--targets", "pacsgw", "--workers", "2",
+                 "--agent-cpus", "0"], "workers 2, CPUs 0"),
+    ("catalog_commits.py", ["--processes", "1,2", "--commits", "20"], "'gens_unique': True"),
     ("ingest_smb.py", ["--files", "4", "--clients", "2", "--size", "4096", "--big-mb", "4"], "FUSE overhead"),
 ])
 def test_bench_script_runs_on_a_tiny_size(script, args, figure):
