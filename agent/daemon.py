@@ -154,7 +154,7 @@ class Agent:
         """[server] workers > 1: start the serving workers (agent.workers) beside this process."""
         if not self.shares_ports:
             return
-        self.workers = Supervisor(self.cfg, self.cfg.server.serving_processes(), self.recover_claims)
+        self.workers = Supervisor(self.cfg, self.cfg.server.serving_processes(), self.recover_claims, self.s3)
         await self.workers.start()
 
     async def recover_claims(self) -> int:

@@ -25,14 +25,9 @@ from agent.store.worm import WormPolicy
 from agent.uplink.line import Line
 from agent.uplink.s3 import S3Uplink
 from agent.uplink.uploader import Uploader
-from agent.workers import pid_dir
+from agent.workers import pid_dir, worker_audit_path
 
 log = structlog.get_logger("pacsgw.workers")
-
-
-def worker_audit_path(path: Path, index: int) -> Path:
-    """A worker's own audit file beside the owner's (one writer per file: rotation is not multi-process)."""
-    return path.with_name(f"{path.stem}.worker{index}{path.suffix}")
 
 
 class Worker(Agent):

@@ -25,7 +25,7 @@ import pytest
 
 from agent.config import ConfigError, load
 from agent.store.catalog import Catalog
-from faultkit import ftp_get, ftp_login, ftp_put, payload, sftp_put, sftp_session, sha256, wait_for
+from faultkit import bucket_keys, ftp_get, ftp_login, ftp_put, payload, sftp_put, sftp_session, sha256, wait_for
 from harness import s3_objects
 
 CONFIG = """
@@ -192,7 +192,8 @@ async def test_kill9_worker_during_ingest(agent_factory, seaweed):
 
 
 async def test_kill9_owner_during_ingest(agent_factory, seaweed):
-    a = agent_factory(**{"server.workers": 2}).start()
+    # Small audit files: the worker rotates its own several times, the restarted owner ships them.
+    a = agent_factory(**{"server.workers": 2, "audit.ship": True, "audit.max_bytes": "4KB"}).start()
     orphan = await asyncio.to_thread(live_worker, a)
     ingest = Ingest(plan())
 
@@ -211,6 +212,10 @@ async def test_kill9_owner_during_ingest(agent_factory, seaweed):
                                 psutil.Process(orphan).status() == psutil.STATUS_ZOMBIE, 90,
                                 what="the orphaned worker to drain and exit")
         assert a.events("worker_retired")[0]["pid"] == orphan
+        shipped = await asyncio.to_thread(wait_for, lambda: [k for k in bucket_keys(seaweed)
+                                                             if k.startswith(f"pacsgw-audit/{a.prefix}audit.worker1-")],
+                                          30, what="the worker's rotated audit files in the bucket")
+        assert all(k.endswith(".jsonl") for k in shipped)
         assert await asyncio.to_thread(served_by, await asyncio.to_thread(live_worker, a, orphan), a)
         ingest.files["probe.dcm"] = payload("probe", 40_000)
         ingest.acked.add("probe.dcm")
