@@ -16,6 +16,7 @@ from agent.config import Config
 from agent.daemon import DRAIN_SECONDS, Agent, run_until_signal
 from agent.dicom.objectmeta import Describer
 from agent.dicom.retention import DicomRetention
+from agent.monitor import PressureMonitor
 from agent.serve.ftp import FtpServer
 from agent.serve.sftp import SftpService
 from agent.store.cache import Cache
@@ -31,13 +32,13 @@ log = structlog.get_logger("pacsgw.workers")
 
 
 class Worker(Agent):
-    """One serving worker: the front ends, the gateway and write-through uploads; no queue drain, eviction,
-    scrub, prefetch, HA, SMB or HTTP (the owner's). Agent.stop drains it like the owner."""
+    """One serving worker: the front ends, the gateway, write-through uploads and its own pressure monitor; no
+    queue drain, eviction, scrub, prefetch, HA, SMB or HTTP (the owner's). Agent.stop drains it like the owner."""
 
     def __init__(self, cfg: Config, index: int) -> None:
         super().__init__(cfg)
         self.index = index
-        self._scrub = self._ship = self._monitor = self._prefetch = self._prefetch_now = None
+        self._scrub = self._ship = self._prefetch = self._prefetch_now = None
         self.ha = None
 
     async def start(self) -> None:
@@ -56,6 +57,11 @@ class Worker(Agent):
                               cfg.audit.keep, cfg.audit.enabled)
         self.gateway = Gateway(cfg, self.db, self.cache, self.s3, self.uploader, self.metrics, self.audit)
         await self.gateway.start(evict=False)
+        # Its own pressure monitor: disk and memory are the box's, so every process refuses cold fetches under
+        # critical pressure and narrows its transfer slots like the owner; eviction stays with the owner.
+        self.monitor = PressureMonitor(cfg, self.db, self.cache, self.gateway, self.line, self.metrics)
+        await self.monitor.sample()
+        self._monitor = asyncio.create_task(self.monitor.run(), name="pressure")
         if cfg.ftp.enabled:
             self.ftp = FtpServer(cfg, self.gateway)
             await self.ftp.start(*cfg.ftp.listen, reuse_port=True)
