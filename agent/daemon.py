@@ -78,13 +78,15 @@ class Agent:
             self.db = AsyncCatalog(await asyncio.to_thread(Catalog, cfg.catalog_path))
             self.cache = Cache(cfg.cache.dir)
         self.s3 = S3Uplink(cfg.uplink)
+        self.s3.known_sizes = self.db.known_sizes  # listings of compressed objects: logical sizes
         self.line = Line(self.s3.probe, self.metrics, cfg.uplink.max_concurrency, self.s3.bandwidth)
         await self.s3.start()
         if cfg.compliance.worm:
             await self._check_object_lock()
         retention = DicomRetention(cfg.compliance, WormPolicy(cfg.compliance))
         self.uploader = Uploader(self.db, self.cache, self.s3, self.line, self.metrics, retention,
-                                 Describer(cfg.dicom, retention.retention_class, bool(retention.rules)))
+                                 Describer(cfg.dicom, retention.retention_class,
+                                           bool(retention.rules) or cfg.uplink.compress != "off"))
         # In an HA pair every PUT is conditional from the first one: a returning box uploads its queue at
         # start, before the HA monitor runs, and must not write over what the peer stored meanwhile.
         self.uploader.conditional = cfg.ha.enabled

@@ -69,7 +69,7 @@ async def rebuild(cfg: Config, catalog: Catalog, concurrency: int = 64, progress
     try:
         catalog.clear_dicom_index()
         workers = [asyncio.create_task(worker()) for _ in range(concurrency)]
-        async for page in lister.walk():
+        async for page in lister.walk(logical=False):  # the logical size of a compressed object: its HEAD
             for path, size, _mtime, etag in page:
                 if (row := await cursor.match(path, size, etag)) is None:
                     await queue.put((path, size))

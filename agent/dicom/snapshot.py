@@ -184,8 +184,10 @@ class Cursor:
         while self.cur is not None and self.cur[0] < path:
             self.cur = await anext(self.rows, None)
         c = self.cur
-        if c is not None and c[0] == path and c[1] == size and _etag(c[2]) == _etag(etag):
-            return (path, size, *c[3:])
+        # the ETag names the stored version; the listed size of a compressed object is not the file's, the
+        # snapshot's (the catalog's) is
+        if c is not None and c[0] == path and etag and _etag(c[2]) == _etag(etag):
+            return (path, c[1], *c[3:])
         return None
 
     async def aclose(self) -> None:
