@@ -267,3 +267,18 @@ def test_find_and_rebuild_from_the_bucket(agent_factory, tmp_path):
         assert a["s3_only"] == a["objects"]  # nothing is cached on the new box yet
         assert [{**i, "where": "s3"} for i in b["items"]] == a["items"]
         assert (a["objects"], a["bytes"]) == (b["objects"], b["bytes"])
+
+
+def test_parse_never_raises_on_pydicom_test_files_cut_anywhere():
+    """Real files cut at the header bound or earlier (a sequence or a deflated body across the cut made
+    pydicom raise OSError / zlib.error, which failed the upload over and over)."""
+    from pathlib import Path
+
+    import pydicom
+    files = sorted((Path(pydicom.__file__).parent / "data" / "test_files").rglob("*.dcm"))
+    assert len(files) > 50
+    for p in files:
+        data = p.read_bytes()
+        for n in (HEADER_MAX, 40_000, 5000, 1000, 300):
+            h = parse(data[:n], whole=len(data) <= n)
+            assert isinstance(h, Header), p.name
