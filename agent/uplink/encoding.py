@@ -75,17 +75,20 @@ class Decoder:
     def __init__(self) -> None:
         self._obj = zstandard.ZstdDecompressor().decompressobj()
 
+    def _ended(self) -> bool:
+        return bool(self._obj.eof)
+
     def feed(self, data: bytes) -> bytes:
-        if self._obj.eof:
+        if self._ended():
             raise Undecodable("bytes after the end of the zstd frame")
         try:
             out = self._obj.decompress(data)
         except zstandard.ZstdError as e:
             raise Undecodable(f"zstd: {e}") from e
-        if self._obj.eof and self._obj.unused_data:
+        if self._ended() and self._obj.unused_data:
             raise Undecodable("bytes after the end of the zstd frame")
         return bytes(out)
 
     def finish(self) -> None:
-        if not self._obj.eof:
+        if not self._ended():
             raise Undecodable("the zstd frame ends early (truncated object)")

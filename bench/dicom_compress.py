@@ -1,0 +1,116 @@
+#!/usr/bin/env python3
+"""zstd on the line (`[uplink] compress = "zstd"`): the ratio and CPU on real DICOM, and time-to-S3 on a
+10 MB/s line with and without it.
+
+    .venv/bin/python bench/dicom_compress.py [--slices 100 --rate 10MB --skip-line]
+
+Codec: every file of pydicom's bundled test data whose transfer syntax the agent compresses (uncompressed
+Implicit/Explicit VR), and generated 512x512 CT and 256x256 MR series (bench/dicomgen.py: a body phantom with
+Gaussian noise), at zstd levels 1, 3 (the agent's) and 9: ratio, compression and decompression MB/s on one
+core (process CPU time). Line: two agents against a loopback SeaweedFS with `uplink.bwlimit` = rate, one
+with compress off and one with zstd; the CT series is stored over FTP (write-through) and timed from the first
+STOR until the queue is drained, with the agent's CPU seconds. Everything it starts is stopped and its
+directory removed at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import numpy as np
+import psutil
+import pydicom
+import zstandard
+
+from agent.dicom.header import parse
+from agent.uplink.encoding import worth_compressing
+from bench.common import BUCKET, PASSWORD, USER, ftp_login, load, start_agent, table
+from bench.dicomgen import series
+from tests.devstack import ObjectStore
+
+
+def pydicom_files() -> list[bytes]:
+    """pydicom's bundled test files the agent would compress (no download: the files in the wheel)."""
+    out = []
+    for p in sorted((Path(pydicom.__file__).parent / "data" / "test_files").glob("*.dcm")):
+        data = p.read_bytes()
+        if worth_compressing(parse(data[:256 * 1024], whole=len(data) <= 256 * 1024).transfer_syntax):
+            out.append(data)
+    return out
+
+
+def codec(name: str, files: list[bytes], level: int) -> dict:
+    cctx, dctx = zstandard.ZstdCompressor(level=level, write_checksum=True), zstandard.ZstdDecompressor()
+    total = sum(map(len, files))
+    t0 = time.process_time()
+    packed = [cctx.compress(f) for f in files]
+    t1 = time.process_time()
+    for p in packed:
+        dctx.decompress(p)
+    t2 = time.process_time()
+    return {"set": name, "files": len(files), "MB": round(total / 1e6, 1), "level": level,
+            "ratio": round(total / sum(map(len, packed)), 2),
+            "compress_MB_s": round(total / 1e6 / max(t1 - t0, 1e-9)),
+            "decompress_MB_s": round(total / 1e6 / max(t2 - t1, 1e-9)), "load": load()}
+
+
+def line(work: Path, store: ObjectStore, files: list[bytes], rate: str, compress: str) -> dict:
+    agent = start_agent(work / compress, store, f"compress-{compress}-{time.time_ns()}/",
+                        **{"uplink.bwlimit": rate, "uplink.compress": compress})
+    try:
+        proc = psutil.Process(agent.proc.pid)
+        cpu0 = sum(proc.cpu_times()[:2])
+        t0 = time.monotonic()
+        f = ftp_login(agent.ftp_port)
+        for i, data in enumerate(files):
+            f.storbinary(f"STOR ct{i:04d}.dcm", io.BytesIO(data))
+        f.quit()
+        agent.wait_drained(timeout=3600)
+        seconds = time.monotonic() - t0
+        cpu = sum(proc.cpu_times()[:2]) - cpu0
+    finally:
+        agent.stop()
+    sent = sum(o["Size"] for page in store.client().get_paginator("list_objects_v2").paginate(
+        Bucket=BUCKET, Prefix=agent.prefix) for o in page.get("Contents", []))
+    total = sum(map(len, files))
+    return {"compress": compress, "rate": rate, "files": len(files), "MB": round(total / 1e6, 1),
+            "MB_sent": round(sent / 1e6, 1), "seconds_to_s3": round(seconds, 2),
+            "agent_cpu_s": round(cpu, 2), "load": load()}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--slices", type=int, default=100, help="slices of the CT series (512x512, 513 KB each)")
+    ap.add_argument("--rate", default="10MB", help="the line's rate (uplink.bwlimit)")
+    ap.add_argument("--skip-line", action="store_true", help="the codec figures only (no servers)")
+    args = ap.parse_args()
+    rng = np.random.default_rng(11)
+    ct = series(rng, args.slices, rows=512, cols=512)
+    sets = {"pydicom test files": pydicom_files(), "CT 512x512": ct,
+            "MR 256x256": series(rng, max(args.slices, 4) * 4, modality="MR", rows=256, cols=256)}
+    print(table([codec(n, fs, lv) for n, fs in sets.items() for lv in (1, 3, 9)],
+                ["set", "files", "MB", "level", "ratio", "compress_MB_s", "decompress_MB_s", "load"]))
+    if args.skip_line:
+        return
+    work = Path(tempfile.mkdtemp(prefix="bench-compress-"))
+    store = ObjectStore("seaweedfs", work / "s3").start()
+    try:
+        store.create_bucket(BUCKET)
+        rows = [line(work, store, ct, args.rate, c) for c in ("off", "zstd")]
+        print(table(rows, ["compress", "rate", "files", "MB", "MB_sent", "seconds_to_s3", "agent_cpu_s", "load"]))
+    finally:
+        store.stop()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    assert USER and PASSWORD  # the benchmark's user exists only in the agents it starts
+    main()
