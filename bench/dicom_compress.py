@@ -2,14 +2,15 @@
 """zstd on the line (`[uplink] compress = "zstd"`): the ratio and CPU on real DICOM, and time-to-S3 on a
 10 MB/s line with and without it.
 
-    .venv/bin/python bench/dicom_compress.py [--slices 100 --rate 10MB --skip-line]
+    .venv/bin/python bench/dicom_compress.py [--slices 100 --rate 10MB --senders 1,4 --skip-line]
 
 Codec: every file of pydicom's bundled test data whose transfer syntax the agent compresses (uncompressed
 Implicit/Explicit VR), and generated 512x512 CT and 256x256 MR series (bench/dicomgen.py: a body phantom with
 Gaussian noise), at zstd levels 1, 3 (the agent's) and 9: ratio, compression and decompression MB/s on one
 core (process CPU time). Line: two agents against a loopback SeaweedFS with `uplink.bwlimit` = rate, one
-with compress off and one with zstd; the CT series is stored over FTP (write-through) and timed from the first
-STOR until the queue is drained, with the agent's CPU seconds. Everything it starts is stopped and its
+with compress off and one with zstd; the CT series is stored over FTP (write-through: each 226 waits for S3)
+by 1 or more concurrent sessions (a PACS's associations) and timed from the first STOR until the queue is
+drained, with the agent's CPU seconds. Everything it starts is stopped and its
 directory removed at the end.
 """
 
@@ -21,6 +22,7 @@ import shutil
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -62,17 +64,22 @@ def codec(name: str, files: list[bytes], level: int) -> dict:
             "decompress_MB_s": round(total / 1e6 / max(t2 - t1, 1e-9)), "load": load()}
 
 
-def line(work: Path, store: ObjectStore, files: list[bytes], rate: str, compress: str) -> dict:
-    agent = start_agent(work / compress, store, f"compress-{compress}-{time.time_ns()}/",
+def line(work: Path, store: ObjectStore, files: list[bytes], rate: str, compress: str, senders: int) -> dict:
+    agent = start_agent(work / f"{compress}-{senders}", store, f"compress-{compress}-{time.time_ns()}/",
                         **{"uplink.bwlimit": rate, "uplink.compress": compress})
+
+    def send(k: int) -> None:
+        f = ftp_login(agent.ftp_port)
+        for i in range(k, len(files), senders):
+            f.storbinary(f"STOR ct{i:04d}.dcm", io.BytesIO(files[i]))
+        f.quit()
+
     try:
         proc = psutil.Process(agent.proc.pid)
         cpu0 = sum(proc.cpu_times()[:2])
         t0 = time.monotonic()
-        f = ftp_login(agent.ftp_port)
-        for i, data in enumerate(files):
-            f.storbinary(f"STOR ct{i:04d}.dcm", io.BytesIO(data))
-        f.quit()
+        with ThreadPoolExecutor(senders) as ex:
+            list(ex.map(send, range(senders)))
         agent.wait_drained(timeout=3600)
         seconds = time.monotonic() - t0
         cpu = sum(proc.cpu_times()[:2]) - cpu0
@@ -81,7 +88,7 @@ def line(work: Path, store: ObjectStore, files: list[bytes], rate: str, compress
     sent = sum(o["Size"] for page in store.client().get_paginator("list_objects_v2").paginate(
         Bucket=BUCKET, Prefix=agent.prefix) for o in page.get("Contents", []))
     total = sum(map(len, files))
-    return {"compress": compress, "rate": rate, "files": len(files), "MB": round(total / 1e6, 1),
+    return {"compress": compress, "rate": rate, "senders": senders, "files": len(files), "MB": round(total / 1e6, 1),
             "MB_sent": round(sent / 1e6, 1), "seconds_to_s3": round(seconds, 2),
             "agent_cpu_s": round(cpu, 2), "load": load()}
 
@@ -90,6 +97,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--slices", type=int, default=100, help="slices of the CT series (512x512, 513 KB each)")
     ap.add_argument("--rate", default="10MB", help="the line's rate (uplink.bwlimit)")
+    ap.add_argument("--senders", default="1,4", help="concurrent FTP sessions, comma-separated runs")
     ap.add_argument("--skip-line", action="store_true", help="the codec figures only (no servers)")
     args = ap.parse_args()
     rng = np.random.default_rng(11)
@@ -104,8 +112,9 @@ def main() -> None:
     store = ObjectStore("seaweedfs", work / "s3").start()
     try:
         store.create_bucket(BUCKET)
-        rows = [line(work, store, ct, args.rate, c) for c in ("off", "zstd")]
-        print(table(rows, ["compress", "rate", "files", "MB", "MB_sent", "seconds_to_s3", "agent_cpu_s", "load"]))
+        rows = [line(work, store, ct, args.rate, c, int(n)) for n in args.senders.split(",") for c in ("off", "zstd")]
+        print(table(rows, ["compress", "rate", "senders", "files", "MB", "MB_sent", "seconds_to_s3", "agent_cpu_s",
+                           "load"]))
     finally:
         store.stop()
         shutil.rmtree(work, ignore_errors=True)
