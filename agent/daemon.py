@@ -18,6 +18,7 @@ from agent.audit import AuditLog, AuditShipper
 from agent.config import Config, ConfigError
 from agent.dicom.objectmeta import Describer
 from agent.dicom.retention import DicomRetention
+from agent.dicom.schedule import SnapshotSchedule
 from agent.metrics import Metrics
 from agent.monitor import PressureMonitor
 from agent.policy.pressure import Level
@@ -105,6 +106,10 @@ class Agent:
         self.monitor = PressureMonitor(cfg, self.db, self.cache, self.gateway, self.line, self.metrics)
         await self.monitor.sample()
         self._monitor = asyncio.create_task(self.monitor.run(), name="pressure")
+        # the study-index snapshot, by the active box only (agent/dicom/schedule.py)
+        self._snapshots = (asyncio.create_task(SnapshotSchedule(
+            cfg, lambda: self.ha is None or self.ha.state.role == "active").run(), name="index-snapshot")
+            if cfg.dicom.snapshot_interval else None)
         fetcher = Fetcher(self.gateway, self.db, lambda: self.monitor.current.level)
         stack = stack_for(cfg)   # one policy stack: the evictor and the prior-study planner share it
         self.gateway.evictor.use(stack, cfg.prefetch.study_depth)
@@ -177,7 +182,7 @@ class Agent:
             await self.sftp.close()
         if self.smb:
             await self.smb.stop()
-        for task in (self._scrub, self._ship, self._monitor, self._prefetch, self._prefetch_now):
+        for task in (self._scrub, self._ship, self._monitor, self._prefetch, self._prefetch_now, self._snapshots):
             if task:
                 task.cancel()
         if self.ha:

@@ -17,6 +17,7 @@ import gzip
 import json
 import os
 import sqlite3
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, AsyncGenerator, Iterable, Iterator
 
@@ -101,6 +102,9 @@ async def write(cfg: Config, rows: Iterable[Row]) -> dict[str, Any]:
     """Write a snapshot of rows (sorted by path) and make it the current one; → its manifest."""
     prefix = index_prefix(cfg)
     s3 = S3Uplink(cfg.uplink)
+    # the rows come from SQLite: read on one thread of their own (a connection stays on its thread), so a
+    # snapshot the agent writes never blocks its event loop
+    reader, loop = ThreadPoolExecutor(1, thread_name_prefix="snapshot"), asyncio.get_running_loop()
     await s3.start()
     try:
         files = BucketFiles(s3)
@@ -108,8 +112,10 @@ async def write(cfg: Config, rows: Iterable[Row]) -> dict[str, Any]:
         stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
         snap = f"{stamp}-{os.urandom(4).hex()}"
         segments, total = [], 0
-        for n, chunk in enumerate(_chunks(rows, SEGMENT_ROWS)):
+        chunks, n = _chunks(rows, SEGMENT_ROWS), 0
+        while (chunk := await loop.run_in_executor(reader, next, chunks, None)) is not None:
             key = f"{prefix}{snap}/{n:05d}.json.gz"
+            n += 1
             body = await asyncio.to_thread(lambda c=chunk: gzip.compress(json.dumps(c).encode(), 6))
             await files.put(key, body)
             segments.append(key)
@@ -121,6 +127,9 @@ async def write(cfg: Config, rows: Iterable[Row]) -> dict[str, Any]:
                 await files.delete(key)
         return manifest
     finally:
+        if (close := getattr(rows, "close", None)) is not None:
+            await loop.run_in_executor(reader, close)  # on the thread that opened the rows' connection
+        reader.shutdown(wait=False)
         await s3.close()
 
 
