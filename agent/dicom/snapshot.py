@@ -4,7 +4,8 @@
 SEGMENT_ROWS rows, sorted by path, every row with its object's ETag, under pacsgw-index/<uplink.prefix>, then a
 manifest naming them, and only then removes the previous snapshot's segments: a reader always finds one whole
 snapshot. `pacsgw index-rebuild` merges the bucket listing (in key order) with the segments (in the same order):
-an object whose path, size and ETag match a row takes that row; every other object (new since the snapshot,
+an object whose path and ETag match a row takes that row (with the row's size: a compressed object's listed
+size is not the file's); every other object (new since the snapshot,
 overwritten, never covered) is HEADed as before. A stale, missing or damaged snapshot costs time, never a
 wrong row. The rows hold what the object metadata already holds (the patient only as the keyed pseudonym).
 """
