@@ -105,6 +105,16 @@ def dicom_agent(smb_agent, tmp_path):
     return smb_agent(**{"dicom.pseudonym_key_file": str(keyfile)}).start()
 
 
+def sftp_write(agent, path: str, data: bytes) -> None:
+    async def write() -> None:
+        async with asyncssh.connect("127.0.0.1", agent.sftp_port, username="pacs", password=PASSWORD,
+                                    known_hosts=None) as conn, conn.start_sftp_client() as s:
+            async with s.open(path, "wb") as fh:
+                await fh.write(data)
+
+    asyncio.run(write())
+
+
 def scan(client, prefix: str) -> dict[str, tuple[dict, dict, bytes]]:
     """Every object under prefix → (user metadata, tags, body)."""
     out = {}
@@ -132,13 +142,7 @@ def test_metadata_and_tags_over_every_protocol_and_no_patient_in_clear(dicom_age
         ftp.storbinary(f"STOR {path}", io.BytesIO({**files, **bad}[path]))  # 226: stored, never refused
     ftp.quit()
 
-    async def sftp() -> None:
-        async with asyncssh.connect("127.0.0.1", agent.sftp_port, username="pacs", password=PASSWORD,
-                                    known_hosts=None) as conn, conn.start_sftp_client() as s:
-            async with s.open("MR/a/sftp.dcm", "wb") as fh:
-                await fh.write(files["MR/a/sftp.dcm"])
-
-    asyncio.run(sftp())
+    sftp_write(agent, "MR/a/sftp.dcm", files["MR/a/sftp.dcm"])
     smb = Smb(agent)
     smb.write("CT/a/smb.dcm", files["CT/a/smb.dcm"])
     smb.close()

@@ -19,7 +19,7 @@ import zstandard
 from pydicom.encaps import encapsulate
 from pydicom.uid import JPEGBaseline8Bit, generate_uid
 from smbutil import Smb
-from test_dicom import pacsgw
+from test_dicom import pacsgw, sftp_write
 from test_integrity import fsck
 
 from agent.uplink.encoding import Decoder, Undecodable, compress, worth_compressing
@@ -90,13 +90,7 @@ def test_compressed_round_trip_replacement_box_and_fsck(smb_agent, seaweed):
         f.storbinary(f"STOR {path}", io.BytesIO(files[path]))
     f.quit()
 
-    async def sftp_write() -> None:
-        async with asyncssh.connect("127.0.0.1", agent.sftp_port, username="pacs", password=PASSWORD,
-                                    known_hosts=None) as conn, conn.start_sftp_client() as s:
-            async with s.open("MR/sftp.dcm", "wb") as fh:
-                await fh.write(files["MR/sftp.dcm"])
-
-    asyncio.run(sftp_write())
+    sftp_write(agent, "MR/sftp.dcm", files["MR/sftp.dcm"])
     smb = Smb(agent)
     smb.write("CT/smb.dcm", files["CT/smb.dcm"])
     smb.close()
