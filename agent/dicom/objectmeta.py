@@ -20,7 +20,6 @@ import structlog
 
 from agent.config import DicomConfig
 from agent.dicom.header import Header, read_fd
-from agent.uplink.encoding import SIZE
 
 log = structlog.get_logger("pacsgw.dicom")
 
@@ -102,12 +101,10 @@ class Describer:
 
 def index_row(path: str, size: int, metadata: dict[str, str]) -> tuple | None:
     """The study-index row (catalog dicom_objects) of an object with this user metadata; None if not DICOM.
-    The same for a fresh upload and for a rebuild from the bucket (keys compared in lower case); a
-    compressed object's size is the file's, from its metadata."""
+    The same for a fresh upload and for a rebuild from the bucket (keys compared in lower case). size: the
+    file's (of a compressed object, its `pacsgw-size`, not the stored size)."""
     m = {k.lower(): v for k, v in metadata.items()}
     if PREFIX + "study" not in m:
         return None
-    if (logical := m.get(SIZE, "")).isdigit():
-        size = int(logical)
     return (path, size, *(m.get(PREFIX + k) for k in ("study", "series", "sop", "modality", "study-date",
                                                        "patient")))
