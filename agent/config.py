@@ -254,6 +254,9 @@ class UplinkConfig:
     read_timeout: float = _f(_float_between(1, 3600), "seconds 1..3600", default=60.0)
     ca_bundle: str = _f(_str, "a path to a PEM file of CA certificates trusted for the endpoint, or ''",
                         default="")
+    # zstd for uncompressed DICOM on the line (agent/uplink/encoding.py); also makes listings ask the object
+    # (HEAD) for the logical size of objects the catalog does not know
+    compress: str = _f(_choice("off", "zstd"), "'off' or 'zstd'", default="off")
 
 
 @dataclass(frozen=True)
@@ -383,6 +386,8 @@ class DicomConfig:
     pseudonym_key_file: str = _f(_str, "a path to a file (mode 0600) holding this hospital's secret pseudonym key "
                                  "(at least 32 characters), or '' (no patient pseudonym is stored)", default="")
     pseudonym_key: bytes = field(default=b"", repr=False)  # read from pseudonym_key_file by load()
+    snapshot_interval: float = _f(_float_between(0, 30 * 86400), "seconds 0..2592000 between study-index "
+                                  "snapshots the agent writes (0: never; e.g. 86400 for daily)", default=0.0)
 
 
 @dataclass(frozen=True)
@@ -596,6 +601,9 @@ def _check_cross(cfg: Config) -> None:
                           "access_key_id and secret_access_key are both required (or credentials_file)")
     if up.ca_bundle and not Path(up.ca_bundle).is_file():
         raise ConfigError(file, "uplink.ca_bundle", up.ca_bundle, "an existing PEM file")
+    if cfg.dicom.snapshot_interval and not up.prefix:
+        raise ConfigError(file, "dicom.snapshot_interval", cfg.dicom.snapshot_interval,
+                          "0 while uplink.prefix is empty (snapshots are kept beside the namespace prefix)")
     ftp = cfg.ftp
     if bool(ftp.tls_cert) != bool(ftp.tls_key):
         raise ConfigError(file, "ftp.tls_key" if ftp.tls_cert else "ftp.tls_cert", "",

@@ -18,6 +18,7 @@ from agent.audit import AuditLog, AuditShipper
 from agent.config import Config, ConfigError
 from agent.dicom.objectmeta import Describer
 from agent.dicom.retention import DicomRetention
+from agent.dicom.schedule import SnapshotSchedule
 from agent.metrics import Metrics
 from agent.monitor import PressureMonitor
 from agent.policy.pressure import Level
@@ -79,13 +80,15 @@ class Agent:
             self.db = AsyncCatalog(await asyncio.to_thread(Catalog, cfg.catalog_path))
             self.cache = open_cache(cfg)  # Cache(cfg.cache.dir), minding workers a dead owner left serving
         self.s3 = S3Uplink(cfg.uplink)
+        self.s3.known_sizes = self.db.known_sizes  # listings of compressed objects: logical sizes
         self.line = Line(self.s3.probe, self.metrics, cfg.uplink.max_concurrency, self.s3.bandwidth)
         await self.s3.start()
         if cfg.compliance.worm:
             await self._check_object_lock()
         retention = DicomRetention(cfg.compliance, WormPolicy(cfg.compliance))
         self.uploader = Uploader(self.db, self.cache, self.s3, self.line, self.metrics, retention,
-                                 Describer(cfg.dicom, retention.retention_class, bool(retention.rules)))
+                                 Describer(cfg.dicom, retention.retention_class,
+                                           bool(retention.rules) or cfg.uplink.compress != "off"))
         # In an HA pair every PUT is conditional from the first one: a returning box uploads its queue at
         # start, before the HA monitor runs, and must not write over what the peer stored meanwhile.
         self.uploader.conditional = cfg.ha.enabled
@@ -104,6 +107,10 @@ class Agent:
         self.monitor = PressureMonitor(cfg, self.db, self.cache, self.gateway, self.line, self.metrics)
         await self.monitor.sample()
         self._monitor = asyncio.create_task(self.monitor.run(), name="pressure")
+        # the study-index snapshot, by the active box only (agent/dicom/schedule.py)
+        self._snapshots = (asyncio.create_task(SnapshotSchedule(
+            cfg, lambda: self.ha is None or self.ha.state.role == "active").run(), name="index-snapshot")
+            if cfg.dicom.snapshot_interval else None)
         fetcher = Fetcher(self.gateway, self.db, lambda: self.monitor.current.level)
         stack = stack_for(cfg)   # one policy stack: the evictor and the prior-study planner share it
         self.gateway.evictor.use(stack, cfg.prefetch.study_depth)
@@ -197,7 +204,7 @@ class Agent:
             await self.sftp.close()
         if self.smb:
             await self.smb.stop()
-        for task in (self._scrub, self._ship, self._monitor, self._prefetch, self._prefetch_now):
+        for task in (self._scrub, self._ship, self._monitor, self._prefetch, self._prefetch_now, self._snapshots):
             if task:
                 task.cancel()
         if self.ha:

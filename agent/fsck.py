@@ -8,6 +8,8 @@ Findings, and the repair --repair makes:
   corrupt / missing cached copy of a file in S3 → dropped and fetched again (verified)
   corrupt / missing cached copy not yet in S3   → LOST: reported, cannot be repaired here
   object missing / different in S3 (--remote)   → re-queued for upload from the verified cached copy
+    (a compressed object is read whole and decoded: its SHA-256 is the file's, S3 only checked the
+    compressed bytes on arrival)
   … and not cached either                       → LOST: reported
   orphan cache file (no catalog row, > 1 h old) → removed
 """
@@ -27,6 +29,7 @@ from agent.records import Entry
 from agent.store.cache import Cache
 from agent.store.catalog import AsyncCatalog, Catalog
 from agent.store.fetch import download
+from agent.uplink.encoding import Undecodable, encoding_of, logical_size
 from agent.uplink.s3 import S3Uplink, meta_sha
 
 log = structlog.get_logger("pacsgw.fsck")
@@ -123,12 +126,17 @@ class Fsck:
 
     async def _verify_remote(self, e: Entry, good_copy: bool) -> None:
         head = await self.s3.head(e.path)
+        problem = "missing" if head is None else "different"
         if head is not None:
-            remote_sha = meta_sha(head.get("Metadata"))
-            if head.get("ContentLength") == e.size and (not remote_sha or not e.sha256 or remote_sha == e.sha256):
+            try:
+                remote_sha, size = meta_sha(head.get("Metadata")), logical_size(head)
+                if encoding_of(head.get("Metadata")) is not None and size == e.size:
+                    size, remote_sha = await self.s3.decoded_sha256(e.path)
+            except Undecodable as exc:
+                size, remote_sha, problem = -1, None, f"undecodable ({exc})"
+            if size == e.size and (not remote_sha or not e.sha256 or remote_sha == e.sha256):
                 return
         self.report.remote_missing.append(e.path)
-        problem = "missing" if head is None else "different"
         if not good_copy:
             self.report.lost.append(e.path)
             log.critical("fsck_lost", path=e.path, problem=f"object {problem} in S3 and not in the cache")

@@ -83,3 +83,42 @@ def test_snapshot_needs_a_prefix(tmp_path):
     out = subprocess.run([sys.executable, "-m", "agent.cli", "index-snapshot", "--config", str(write(tmp_path, GOOD))],
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and "index snapshots need uplink.prefix" in out.stderr
+
+
+def test_the_agent_writes_snapshots_and_an_ha_standby_does_not(agent_factory, seaweed, tmp_path):
+    """`[dicom] snapshot_interval`: the agent writes the snapshot itself; a standby of an HA pair (no role
+    file from keepalived yet: standby) only logs that it skipped. Needs uplink.prefix, checked at load."""
+    import json
+    import time
+
+    import pytest
+
+    from agent.config import ConfigError, load
+    with pytest.raises(ConfigError, match="dicom.snapshot_interval"):
+        load(write(tmp_path, GOOD + "\n[dicom]\nsnapshot_interval = 60\n"))
+
+    active = agent_factory(**{"dicom.snapshot_interval": 1}).start()
+    standby = agent_factory(**{"dicom.snapshot_interval": 1, "ha.enabled": True,
+                               "ha.role_file": str(tmp_path / "no-role-yet"),
+                               "ha.peer": "http://127.0.0.1:9"}).start()
+    rng = np.random.default_rng(9)
+    study = generate_uid()[:60]  # room for its series' ".1"
+    f = ftplib.FTP(timeout=60)
+    f.connect("127.0.0.1", active.ftp_port)
+    f.login("pacs", PASSWORD)
+    for i in range(2):
+        f.storbinary(f"STOR {i}.dcm", io.BytesIO(ct_slice(rng, patient="P", study_uid=study,
+                                                           series_uid=study + ".1", rows=32, cols=32)))
+    f.quit()
+    active.wait_drained()
+    deadline = time.monotonic() + 60
+    while not [e for e in active.events("index_snapshot_written") if e["rows"] == 2]:
+        assert time.monotonic() < deadline, active.events("index_snapshot_failed")
+        time.sleep(0.5)
+    client = seaweed.client()
+    manifest = json.loads(client.get_object(Bucket=BUCKET, Key=f"pacsgw-index/{active.prefix}manifest.json")
+                          ["Body"].read())
+    assert manifest["rows"] == 2 and len(manifest["segments"]) == 1
+    standby.wait_events("index_snapshot_skipped", 2, timeout=30)
+    assert not standby.events("index_snapshot_written")
+    assert not client.list_objects_v2(Bucket=BUCKET, Prefix=f"pacsgw-index/{standby.prefix}").get("KeyCount")

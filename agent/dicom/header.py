@@ -61,7 +61,6 @@ def _cut_element(ds: object) -> int | None:
 def parse(head: bytes, whole: bool) -> Header:
     """Parse a file's first bytes (`whole`: they are the entire file). Never raises."""
     import pydicom
-    from pydicom.errors import InvalidDicomError
 
     if len(head) < PREAMBLE + 4 or head[PREAMBLE:PREAMBLE + 4] != MAGIC:
         return Header(problem="no DICM preamble")
@@ -72,8 +71,8 @@ def parse(head: bytes, whole: bool) -> Header:
             cut = _cut_element(ds)
             values = {k: _text(ds.get(tag).value) if tag in ds and tag != cut else None for k, tag in _TAGS.items()}
             ts = _text(getattr(ds.file_meta, "TransferSyntaxUID", None))
-    except (InvalidDicomError, ValueError, EOFError, KeyError, TypeError, AttributeError, OverflowError,
-            NotImplementedError, UnicodeError, IndexError) as e:
+    except Exception as e:  # pydicom raises many kinds (OSError at a cut sequence, zlib.error in a deflated
+        # body, InvalidDicomError, ValueError...): whatever a header holds, the file is stored, never refused
         bound = "" if whole else f" (only the first {len(head)} bytes read)"
         return Header(dicom=True, problem=f"unreadable header{bound}: {type(e).__name__}: {str(e)[:120]}")
     problem, bound = "", "" if whole else f" (only the first {len(head)} bytes read)"

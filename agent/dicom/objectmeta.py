@@ -101,7 +101,8 @@ class Describer:
 
 def index_row(path: str, size: int, metadata: dict[str, str]) -> tuple | None:
     """The study-index row (catalog dicom_objects) of an object with this user metadata; None if not DICOM.
-    The same for a fresh upload and for a rebuild from the bucket (keys compared in lower case)."""
+    The same for a fresh upload and for a rebuild from the bucket (keys compared in lower case). size: the
+    file's (of a compressed object, its `pacsgw-size`, not the stored size)."""
     m = {k.lower(): v for k, v in metadata.items()}
     if PREFIX + "study" not in m:
         return None

@@ -22,6 +22,7 @@ from agent.config import Config
 from agent.dicom.header import HEADER_MAX, Header, parse
 from agent.dicom.objectmeta import PREFIX
 from agent.dicom.retention import DicomRetention
+from agent.uplink.encoding import Decoder, encoding_of
 from agent.uplink.s3 import S3Uplink, error_code
 
 SLACK = datetime.timedelta(days=1)  # the upload time (LastModified) trails the PACS's write: not worth a request
@@ -60,15 +61,18 @@ def _header_from_meta(metadata: dict[str, str]) -> Header | None:
                   study_date=m.get(PREFIX + "study-date"), transfer_syntax=m.get(PREFIX + "ts"))
 
 
-async def _birth_date(s3: S3Uplink, path: str, version: str | None, size: int) -> str | None:
-    """PatientBirthDate from the object's first bytes (never from metadata: it is not there)."""
+async def _birth_date(s3: S3Uplink, path: str, version: str | None, size: int, encoded: bool) -> str | None:
+    """PatientBirthDate from the object's first bytes (never from metadata: it is not there). Of a compressed
+    object (size: its stored size) the first bytes are decoded: a zstd frame decodes from its start."""
     for n in (min(size, FIRST_READ), min(size, HEADER_MAX)):
         args = {"VersionId": version} if version else {}
         # a ranged read of a header, not the file: the uplink's GET path streams whole objects
         resp = await s3._client.get_object(Bucket=s3.cfg.bucket, Key=s3.key(path), Range=f"bytes=0-{n - 1}", **args)
         async with resp["Body"] as body:
             head = await body.read()
-        h = parse(head, whole=n == size)
+        if encoded:
+            head = Decoder().feed(head)
+        h = parse(head, whole=n == size and not encoded)
         if not h.problem or n == size or n == HEADER_MAX:
             return h.birth_date
     return None
@@ -114,7 +118,8 @@ async def plan(cfg: Config, concurrency: int = 32) -> Plan:
                     continue  # deleted since the listing
                 h = _header_from_meta(head.get("Metadata") or {})
                 if h is not None and rules.needs_birth_date:
-                    born = await _birth_date(s3, path, head.get("VersionId"), size)
+                    born = await _birth_date(s3, path, head.get("VersionId"), head["ContentLength"],
+                                             encoding_of(head.get("Metadata")) is not None)
                     h = dataclasses.replace(h, birth_date=born)
                 d = rules.decide(path, mtime, h)
                 if (c := _change(path, head, d.lock, d.reason)) is not None:
@@ -124,7 +129,7 @@ async def plan(cfg: Config, concurrency: int = 32) -> Plan:
 
     try:
         workers = [asyncio.create_task(worker()) for _ in range(concurrency)]
-        async for page in lister.walk():
+        async for page in lister.walk(logical=False):  # sizes unused: every object is HEADed
             for path, size, mtime, _etag in page:
                 await queue.put((path, size, mtime))
         for _ in workers:

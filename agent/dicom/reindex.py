@@ -21,6 +21,7 @@ from agent.config import Config
 from agent.dicom import snapshot
 from agent.dicom.objectmeta import index_row
 from agent.store.catalog import Catalog
+from agent.uplink.encoding import Undecodable, logical_size
 from agent.uplink.s3 import S3Uplink
 
 BATCH = 1000
@@ -53,11 +54,11 @@ async def rebuild(cfg: Config, catalog: Catalog, concurrency: int = 64, progress
 
     async def worker() -> None:
         while (item := await queue.get()) is not None:
-            path, size = item
+            path, _ = item  # the listed size: a compressed object's is not the file's
             head = await _head(s3, path)
             if head is False:  # counted and reported; a rebuild can be run again
                 report.failed += 1
-            if isinstance(head, dict) and (row := index_row(path, size, head.get("Metadata") or {})):
+            if isinstance(head, dict) and (row := _row(path, head)):
                 rows.append(row)
             report.objects += 1
             bar.update()
@@ -69,7 +70,7 @@ async def rebuild(cfg: Config, catalog: Catalog, concurrency: int = 64, progress
     try:
         catalog.clear_dicom_index()
         workers = [asyncio.create_task(worker()) for _ in range(concurrency)]
-        async for page in lister.walk():
+        async for page in lister.walk(logical=False):  # the logical size of a compressed object: its HEAD
             for path, size, _mtime, etag in page:
                 if (row := await cursor.match(path, size, etag)) is None:
                     await queue.put((path, size))
@@ -93,6 +94,15 @@ async def rebuild(cfg: Config, catalog: Catalog, concurrency: int = 64, progress
     report.seconds = time.monotonic() - t0
     report.indexed = catalog.dicom_index_size()
     return report
+
+
+def _row(path: str, head: dict[str, Any]) -> tuple | None:
+    """The index row of a HEADed object, with the file's size (a compressed object's is in its metadata); a
+    compressed object without a valid size is left out, as its listing cannot say what it holds."""
+    try:
+        return index_row(path, logical_size(head), head.get("Metadata") or {})
+    except Undecodable:
+        return None
 
 
 async def _head(s3: S3Uplink, path: str) -> dict[str, Any] | None | Literal[False]:

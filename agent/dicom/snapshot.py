@@ -4,7 +4,8 @@
 SEGMENT_ROWS rows, sorted by path, every row with its object's ETag, under pacsgw-index/<uplink.prefix>, then a
 manifest naming them, and only then removes the previous snapshot's segments: a reader always finds one whole
 snapshot. `pacsgw index-rebuild` merges the bucket listing (in key order) with the segments (in the same order):
-an object whose path, size and ETag match a row takes that row; every other object (new since the snapshot,
+an object whose path and ETag match a row takes that row (with the row's size: a compressed object's listed
+size is not the file's); every other object (new since the snapshot,
 overwritten, never covered) is HEADed as before. A stale, missing or damaged snapshot costs time, never a
 wrong row. The rows hold what the object metadata already holds (the patient only as the keyed pseudonym).
 """
@@ -17,6 +18,7 @@ import gzip
 import json
 import os
 import sqlite3
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, AsyncGenerator, Iterable, Iterator
 
@@ -101,6 +103,9 @@ async def write(cfg: Config, rows: Iterable[Row]) -> dict[str, Any]:
     """Write a snapshot of rows (sorted by path) and make it the current one; → its manifest."""
     prefix = index_prefix(cfg)
     s3 = S3Uplink(cfg.uplink)
+    # the rows come from SQLite: read on one thread of their own (a connection stays on its thread), so a
+    # snapshot the agent writes never blocks its event loop
+    reader, loop = ThreadPoolExecutor(1, thread_name_prefix="snapshot"), asyncio.get_running_loop()
     await s3.start()
     try:
         files = BucketFiles(s3)
@@ -108,8 +113,10 @@ async def write(cfg: Config, rows: Iterable[Row]) -> dict[str, Any]:
         stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
         snap = f"{stamp}-{os.urandom(4).hex()}"
         segments, total = [], 0
-        for n, chunk in enumerate(_chunks(rows, SEGMENT_ROWS)):
+        chunks, n = _chunks(rows, SEGMENT_ROWS), 0
+        while (chunk := await loop.run_in_executor(reader, next, chunks, None)) is not None:
             key = f"{prefix}{snap}/{n:05d}.json.gz"
+            n += 1
             body = await asyncio.to_thread(lambda c=chunk: gzip.compress(json.dumps(c).encode(), 6))
             await files.put(key, body)
             segments.append(key)
@@ -121,6 +128,9 @@ async def write(cfg: Config, rows: Iterable[Row]) -> dict[str, Any]:
                 await files.delete(key)
         return manifest
     finally:
+        if (close := getattr(rows, "close", None)) is not None:
+            await loop.run_in_executor(reader, close)  # on the thread that opened the rows' connection
+        reader.shutdown(wait=False)
         await s3.close()
 
 
@@ -184,8 +194,10 @@ class Cursor:
         while self.cur is not None and self.cur[0] < path:
             self.cur = await anext(self.rows, None)
         c = self.cur
-        if c is not None and c[0] == path and c[1] == size and _etag(c[2]) == _etag(etag):
-            return (path, size, *c[3:])
+        # the ETag names the stored version; the listed size of a compressed object is not the file's, the
+        # snapshot's (the catalog's) is
+        if c is not None and c[0] == path and etag and _etag(c[2]) == _etag(etag):
+            return (path, c[1], *c[3:])
         return None
 
     async def aclose(self) -> None:

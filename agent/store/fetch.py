@@ -1,4 +1,7 @@
-"""Bring one object from S3 into the cache, verified: shared by the read path and `pacsgw fsck`."""
+"""Bring one object from S3 into the cache, verified: shared by the read path and `pacsgw fsck`.
+
+A compressed object arrives decoded (agent.uplink.s3 decodes while it streams), so what lands here and is
+hashed is the file the PACS wrote; an object that does not decode is Corrupt like one whose hash differs."""
 
 from __future__ import annotations
 
@@ -11,6 +14,7 @@ from typing import Any, Awaitable, Callable
 from agent.records import Entry
 from agent.store.cache import Cache, fast_hash
 from agent.store.errors import Corrupt
+from agent.uplink.encoding import Undecodable
 from agent.uplink.s3 import S3Uplink
 
 
@@ -24,25 +28,29 @@ def _land(fd: int, hashes: tuple[Any, ...], data: bytes, offset: int) -> None:
 async def download(s3: S3Uplink, cache: Cache, e: Entry, blob: str, fd: int,
                    on_data: Callable[[int], Awaitable[None]] | None = None,
                    on_verified: Callable[[], Awaitable[None]] | None = None,
-                   on_start: Callable[[str | None], None] | None = None,
+                   on_start: Callable[[str | None, bool], None] | None = None,
                    lock: asyncio.Lock | None = None) -> str:
     """Stream e's object into the staging file fd, check its size and SHA-256, commit it as blob. → sha256.
 
-    on_start(ETag) runs once the object answered; on_data(bytes so far) after every chunk (readers waiting
-    on a fetch, progress bars), inside `lock` with the chunk's write (ranged reads ahead of the stream
-    write under it too, so the stream's bytes are the ones that stay); on_verified() once the bytes
-    matched, before the commit's fsyncs (readers may then have the end of the file).
+    on_start(ETag, whether ranged GETs may read it) runs once the object answered; on_data(bytes so far)
+    after every chunk (readers waiting on a fetch, progress bars), inside `lock` with the chunk's write
+    (ranged reads ahead of the stream write under it too, so the stream's bytes are the ones that stay);
+    on_verified() once the bytes matched, before the commit's fsyncs (readers may then have the end of
+    the file).
     Raises Corrupt when the bytes are not the ones the catalog (or the object's metadata) recorded.
     """
     h, fast = hashlib.sha256(), fast_hash()
     written = 0
-    async with s3.get(e.path, on_start) as (_, meta_sha, chunks):
-        async for data in chunks:
-            async with lock or contextlib.nullcontext():
-                await asyncio.to_thread(_land, fd, (h, fast), data, written)
-                written += len(data)
-                if on_data is not None:
-                    await on_data(written)
+    try:
+        async with s3.get(e.path, on_start) as (_, meta_sha, chunks):
+            async for data in chunks:
+                async with lock or contextlib.nullcontext():
+                    await asyncio.to_thread(_land, fd, (h, fast), data, written)
+                    written += len(data)
+                    if on_data is not None:
+                        await on_data(written)
+    except Undecodable as exc:
+        raise Corrupt(e.path, f"object does not decode: {exc}") from exc
     expected = e.sha256 or meta_sha
     if written != e.size or (expected and h.hexdigest() != expected):
         raise Corrupt(e.path, f"fetched {written} bytes sha256 {h.hexdigest()}, "

@@ -710,8 +710,8 @@ class Gateway:
                 fill.verified = True
                 fill.cond.notify_all()
 
-        def started(etag: str | None) -> None:
-            fill.etag, fill.started = etag, True
+        def started(etag: str | None, rangeable: bool) -> None:  # a compressed object is read whole
+            fill.etag, fill.started, fill.no_ranges = etag, True, not rangeable
 
         try:
             async with self.line.slots:  # fetches share the line's concurrency with uploads

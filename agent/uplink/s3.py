@@ -3,6 +3,13 @@
 Every object carries its SHA-256 twice: as the S3 checksum (`x-amz-checksum-sha256`, verified by the
 server on arrival) and as user metadata `sha256` (the full-object hash, also for multipart objects
 whose S3 checksum is a composite), so a replacement box can verify what it reads.
+
+With `[uplink] compress = "zstd"` the uploader asks for uncompressed DICOM to go zstd-compressed
+(agent.uplink.encoding): this module encodes on put and decodes on get, so everything above it sees the
+file's own bytes and size. The S3 checksum is then the compressed bytes' (the server checks what it
+received); `sha256` stays the original's, checked after decoding. A compressed object cannot be read at
+an offset (get_range refuses it), and a listing shows its compressed size: with compression on, listings
+take the logical size from the catalog (`known_sizes`, objects it knows by ETag) or else from a HEAD.
 """
 
 from __future__ import annotations
@@ -14,7 +21,7 @@ import hashlib
 import os
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, AsyncIterator, Callable
+from typing import Any, AsyncIterator, Awaitable, Callable
 
 import aiohttp
 from aiobotocore.config import AioConfig
@@ -32,6 +39,8 @@ from botocore.utils import parse_timestamp as botocore_parse_timestamp
 from agent.config import UplinkConfig
 from agent.dicom.objectmeta import ObjectMeta
 from agent.records import Lock, RemoteObject
+from agent.uplink import encoding
+from agent.uplink.encoding import Decoder, encoding_of, logical_size
 from agent.uplink.ratelimit import Bandwidth
 
 META_SHA = "sha256"
@@ -40,6 +49,15 @@ GET_CHUNK = 256 * 1024  # a download lands (written, hashed, readers woken) in b
 
 class ChecksumMismatch(Exception):
     """The object store stored something else than what we sent or expected."""
+
+
+class NotRangeable(Exception):
+    """A ranged GET hit a compressed object: its bytes at an offset are not the file's."""
+
+
+# (path, ETag) of listed objects → the logical sizes of those the catalog knows (same ETag)
+KnownSizes = Callable[[list[tuple[str, str | None]]], Awaitable[dict[str, int]]]
+Row = tuple[str, int, float, str | None]  # a walked object: path, size, mtime, etag
 
 
 @dataclass(frozen=True)
@@ -141,6 +159,10 @@ class S3Uplink:
         self.up_bucket, self.down_bucket = self.bandwidth.up, self.bandwidth.down
         self._stack = contextlib.AsyncExitStack()
         self._client: Any = None  # aiobotocore's S3 client: generated at run time, untyped
+        # Listings need logical sizes only when the bucket may hold compressed objects; the daemon points
+        # known_sizes at the catalog (without it every listed object is asked for its size).
+        self.sizes_from_head = cfg.compress != "off"
+        self.known_sizes: KnownSizes | None = None
 
     async def start(self) -> None:
         config = AioConfig(
@@ -181,8 +203,12 @@ class S3Uplink:
     # --- writes --------------------------------------------------------------------------------
 
     async def put_file(self, path: str, fd: int, size: int, sha256: str, lock: Lock | None = None,
-                       meta: ObjectMeta | None = None, condition: dict[str, str] | None = None) -> PutResult:
+                       meta: ObjectMeta | None = None, condition: dict[str, str] | None = None,
+                       compress: bool = False) -> PutResult:
         """Upload the content behind fd (read with pread, so the caller's offset is untouched).
+
+        compress: zstd-encode it on the way (the caller decided the file is worth it); a small file that does
+        not shrink is sent as it is.
 
         With a lock, the object is written with S3 Object Lock retention (and legal hold) in one request;
         meta adds user metadata and tags (the DICOM header) to the same request. A condition
@@ -195,22 +221,28 @@ class S3Uplink:
             lock_args["Tagging"] = meta.tagging()
         condition = condition or {}
         if size >= self.cfg.multipart_threshold:
-            return await self._put_multipart(path, fd, size, sha256, lock_args, metadata, condition)
+            if compress:
+                metadata |= encoding.metadata(size)
+            return await self._put_multipart(path, fd, size, sha256, lock_args, metadata, condition, compress)
         body = await asyncio.to_thread(read_verified, fd, size, sha256)
         if body is None:
             raise ChecksumMismatch(f"{path}: cached content does not match its catalog checksum")
-        await self.up_bucket.acquire(size)
+        sent_sha = sha256
+        if compress and len(packed := await asyncio.to_thread(encoding.compress, body)) < size:
+            body, metadata = packed, metadata | encoding.metadata(size)
+            sent_sha = hashlib.sha256(body).hexdigest()
+        await self.up_bucket.acquire(len(body))
         resp = await self._client.put_object(
             Bucket=self.cfg.bucket, Key=self.key(path), Body=body,
-            ChecksumSHA256=b64(sha256), Metadata=metadata, **lock_args, **condition)
+            ChecksumSHA256=b64(sent_sha), Metadata=metadata, **lock_args, **condition)
         returned = resp.get("ChecksumSHA256")
-        if returned is not None and returned != b64(sha256):
+        if returned is not None and returned != b64(sent_sha):
             raise ChecksumMismatch(f"{path}: object store answered checksum {returned}")
         return PutResult(resp.get("ETag"), resp.get("VersionId"))
 
     async def _put_multipart(self, path: str, fd: int, size: int, sha256: str,
                              lock_args: dict[str, object], metadata: dict[str, str],
-                             condition: dict[str, str]) -> PutResult:
+                             condition: dict[str, str], compress: bool = False) -> PutResult:
         key, chunk = self.key(path), self.cfg.multipart_chunk
         mpu = await self._client.create_multipart_upload(
             Bucket=self.cfg.bucket, Key=key, ChecksumAlgorithm="SHA256", Metadata=metadata, **lock_args)
@@ -218,9 +250,7 @@ class S3Uplink:
         whole = hashlib.sha256()
         try:
             parts = []
-            for number, offset in enumerate(range(0, size, chunk), start=1):
-                body = await asyncio.to_thread(os.pread, fd, min(chunk, size - offset), offset)
-                whole.update(body)
+            async for number, body in _parts(fd, size, chunk, whole, compress):
                 part_sha = base64.b64encode(hashlib.sha256(body).digest()).decode()
                 await self.up_bucket.acquire(len(body))
                 resp = await self._client.upload_part(
@@ -282,24 +312,44 @@ class S3Uplink:
     # --- reads ---------------------------------------------------------------------------------
 
     @contextlib.asynccontextmanager
-    async def get(self, path: str, on_etag: Callable[[str | None], None] | None = None,
+    async def get(self, path: str, on_etag: Callable[[str | None, bool], None] | None = None,
                   ) -> AsyncIterator[tuple[int, str | None, AsyncIterator[bytes]]]:
-        """→ (content length, the object's sha256 metadata, an iterator of rate-limited chunks).
-        on_etag(the object's ETag) runs once it answered (ranged reads of the same version use it)."""
+        """→ (the file's size, the object's sha256 metadata, an iterator of rate-limited chunks of the file:
+        decoded when the object is compressed; Undecodable when it does not decode). on_etag(the object's
+        ETag, whether it can be read at an offset) runs once it answered (ranged reads of the same version
+        use it)."""
         resp = await self._client.get_object(Bucket=self.cfg.bucket, Key=self.key(path))
-        if on_etag is not None:
-            on_etag(resp.get("ETag"))
         body = resp["Body"]
-
-        async def chunks() -> AsyncIterator[bytes]:
-            while data := await _read_block(body, GET_CHUNK):
-                await self.down_bucket.acquire(len(data))
-                yield data
-
         try:
-            yield resp["ContentLength"], meta_sha(resp.get("Metadata")), chunks()
+            encoded = encoding_of(resp.get("Metadata")) is not None
+            size = logical_size(resp)
+            if on_etag is not None:
+                on_etag(resp.get("ETag"), not encoded)
+
+            async def chunks() -> AsyncIterator[bytes]:
+                decoder = Decoder() if encoded else None
+                while data := await _read_block(body, GET_CHUNK):
+                    await self.down_bucket.acquire(len(data))
+                    if decoder is None:
+                        yield data
+                    elif out := await asyncio.to_thread(decoder.feed, data):
+                        yield out
+                if decoder is not None:
+                    decoder.finish()
+
+            yield size, meta_sha(resp.get("Metadata")), chunks()
         finally:
             body.close()
+
+    async def decoded_sha256(self, path: str) -> tuple[int, str]:
+        """(size, SHA-256) of the file a (compressed) object holds, streamed and decoded: `pacsgw fsck
+        --remote` on objects whose stored bytes S3 checked but whose decoding nobody did yet."""
+        h, n = hashlib.sha256(), 0
+        async with self.get(path) as (_size, _sha, chunks):
+            async for data in chunks:
+                await asyncio.to_thread(h.update, data)
+                n += len(data)
+        return n, h.hexdigest()
 
     async def get_range(self, path: str, start: int, length: int, etag: str | None) -> bytes:
         """length bytes of the object from start (fewer at its end), of the version with this ETag only:
@@ -309,6 +359,8 @@ class S3Uplink:
                                              **({"IfMatch": etag} if etag else {}))
         body = resp["Body"]
         try:
+            if encoding_of(resp.get("Metadata")) is not None:
+                raise NotRangeable(f"{path}: compressed object, read whole")
             parts = []
             while data := await _read_block(body, GET_CHUNK):
                 await self.down_bucket.acquire(len(data))
@@ -326,9 +378,10 @@ class S3Uplink:
             raise
         return head
 
-    async def walk(self) -> AsyncIterator[list[tuple[str, int, float, str | None]]]:
+    async def walk(self, logical: bool = True) -> AsyncIterator[list[Row]]:
         """Every object of the namespace, a listing page at a time: (path, size, mtime, etag). Keys that are
-        no valid namespace path (empty, '.' or '..' segments, directory markers) are left out."""
+        no valid namespace path (empty, '.' or '..' segments, directory markers) are left out. logical=False:
+        the stored sizes as listed (a caller that HEADs every object anyway)."""
         prefix = self.cfg.prefix
         paginator = self._client.get_paginator("list_objects_v2")
         async for page in paginator.paginate(Bucket=self.cfg.bucket, Prefix=prefix):
@@ -340,7 +393,7 @@ class S3Uplink:
                 mtime = obj["LastModified"]
                 rows.append((path, obj["Size"], mtime.timestamp() if isinstance(mtime, datetime) else float(mtime),
                              obj.get("ETag")))
-            yield rows
+            yield await self.logical_sizes(rows) if logical else rows
 
     async def list_dir(self, path: str) -> RemoteListing:
         prefix = self.key(path + "/" if path else "")
@@ -359,4 +412,48 @@ class S3Uplink:
                     objects.append(RemoteObject(name, obj["Size"], mtime.timestamp()
                                                 if isinstance(mtime, datetime) else float(mtime),
                                                 obj.get("ETag")))
+        if self.sizes_from_head and objects:
+            rows = await self.logical_sizes([(prefix[len(self.cfg.prefix):] + o.name, o.size, o.mtime, o.etag)
+                                             for o in objects])
+            objects = [RemoteObject(p.rsplit("/", 1)[-1], size, mtime, etag) for p, size, mtime, etag in rows]
         return RemoteListing(objects, dirs)
+
+    async def logical_sizes(self, rows: list[Row]) -> list[Row]:
+        """The rows with each object's logical size (the file's, not the compressed object's): from the
+        catalog when it knows the object (same ETag), else from the object's HEAD (one request per unknown
+        object, max_concurrency at a time). Objects gone since the listing are left out. Without compression
+        configured the rows are returned as listed."""
+        if not self.sizes_from_head or not rows:
+            return rows
+        known = await self.known_sizes([(r[0], r[3]) for r in rows]) if self.known_sizes else {}
+        gate = asyncio.Semaphore(self.cfg.max_concurrency)
+
+        async def size_of(path: str) -> int | None:
+            async with gate:
+                head = await self.head(path)
+            return None if head is None else logical_size(head)
+
+        unknown = [r[0] for r in rows if r[0] not in known]
+        sizes = await asyncio.gather(*map(size_of, unknown))
+        known |= {p: s for p, s in zip(unknown, sizes, strict=True) if s is not None}
+        return [(p, known[p], mtime, etag) for p, _, mtime, etag in rows if p in known]
+
+
+async def _parts(fd: int, size: int, chunk: int, whole: Any, compress: bool) -> AsyncIterator[tuple[int, bytes]]:
+    """(part number, body) of a multipart upload of the size bytes behind fd, adding them to the hash
+    `whole` as read; compressed: parts of `chunk` compressed bytes (the last one shorter)."""
+    packer = encoding.compressor(size) if compress else None
+    pending, number = b"", 1
+    for offset in range(0, size, chunk):
+        body = await asyncio.to_thread(os.pread, fd, min(chunk, size - offset), offset)
+        whole.update(body)
+        if packer is None:
+            yield number, body
+            number += 1
+            continue
+        pending += await asyncio.to_thread(packer.compress, body)
+        if offset + chunk >= size:
+            pending += packer.flush()
+        while len(pending) >= chunk or (pending and offset + chunk >= size):
+            yield number, pending[:chunk]
+            pending, number = pending[chunk:], number + 1

@@ -27,6 +27,7 @@ from agent.dicom.header import Header
 from agent.dicom.objectmeta import ObjectMeta, index_row
 from agent.metrics import Metrics
 from agent.records import Entry, Lock
+from agent.uplink.encoding import logical_size, worth_compressing
 from agent.uplink.line import Line, backoff
 from agent.uplink.s3 import PutResult, S3Uplink, error_code, is_unreachable, meta_sha, precondition_failed
 
@@ -164,8 +165,11 @@ class Uploader:
         try:
             meta = await asyncio.to_thread(self.describe, e.path, fd, e.size) if self.describe else None
             try:
-                lock = self.locks.lock_for(e.path, e.mtime, meta.header if meta else None)
-                result = await self.s3.put_file(e.path, fd, e.size, sha, lock, meta, condition)
+                header = meta.header if meta else None
+                lock = self.locks.lock_for(e.path, e.mtime, header)
+                compress = self.s3.cfg.compress == "zstd" and header is not None and worth_compressing(
+                    header.transfer_syntax)
+                result = await self.s3.put_file(e.path, fd, e.size, sha, lock, meta, condition, compress)
             except Exception as exc:
                 if condition is None or not precondition_failed(exc):
                     raise
@@ -180,7 +184,8 @@ class Uploader:
     async def _not_overwritten(self, e: Entry, keep_aside: Callable[[str], Awaitable[PutResult]]) -> PutResult:
         """A conditional PUT or copy was refused: the key holds an object this box did not know."""
         head = await self.s3.head(e.path)
-        if head is not None and (row := index_row(e.path, head["ContentLength"], head.get("Metadata") or {})):
+        size = logical_size(head) if head is not None else None
+        if head is not None and size is not None and (row := index_row(e.path, size, head.get("Metadata") or {})):
             await self.db.index_dicom([row])  # the study index describes the object the key holds, not ours
         if head is not None and meta_sha(head.get("Metadata")) == e.sha256:
             return PutResult(head.get("ETag"), head.get("VersionId"))  # our own write, whose answer was lost
@@ -188,8 +193,7 @@ class Uploader:
         # queue predates its failure). Keep this copy beside the namespace and take the other box's object.
         side = f"{CONFLICTS}/{e.path}.{(e.sha256 or '')[:16]}"
         result = await keep_aside(side)
-        blob = await self.db.adopt_remote(e.path, e.gen, head["ContentLength"] if head else None,
-                                          head.get("ETag") if head else None)
+        blob = await self.db.adopt_remote(e.path, e.gen, size, head.get("ETag") if head else None)
         if blob:
             self.blobs.remove(blob)
         log.error("ha_conflict", path=e.path, kept_as=side, remote_etag=head.get("ETag") if head else None,

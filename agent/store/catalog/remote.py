@@ -31,6 +31,16 @@ class RemoteSync(CatalogBase):
                     (prefix + o.name, path, o.name, o.size, o.mtime, o.etag, prefix + o.name))
             self.db.execute("UPDATE entries SET listed = 1 WHERE path = ?", (path,))
 
+    def known_sizes(self, objects: list[tuple[str, str | None]]) -> dict[str, int]:
+        """The catalog's sizes of listed (path, ETag) objects it knows: same ETag, so the logical size a
+        compressed object's listing cannot show (agent.uplink.s3.logical_sizes asks S3 for the rest)."""
+        known = {}
+        for path, etag in objects:
+            row = self.db.execute("SELECT size, etag FROM entries WHERE path = ? AND is_dir = 0", (path,)).fetchone()
+            if etag and row is not None and row[1] and row[1].strip('"') == etag.strip('"'):
+                known[path] = row[0]
+        return known
+
     def import_inventory(self, files: Iterable[tuple[str, int, float]], batch: int = 200_000) -> int:
         """Record objects already in S3 (an inventory of path, size, mtime) as clean, uncached files.
 

@@ -1,0 +1,168 @@
+"""zstd on the line (issue 17, `[uplink] compress = "zstd"`): uncompressed DICOM goes compressed, marked in
+its metadata, and comes back byte-identical over every protocol, also to a replacement box that knows
+nothing of it (logical sizes in its listings, ranged reads refused, index sizes from the metadata);
+compressed syntaxes and non-DICOM files go as they are; `pacsgw fsck --remote` decodes compressed objects
+and catches a damaged one. Real agent, real SeaweedFS, real FTP/SFTP/SMB clients, files written by pydicom."""
+
+from __future__ import annotations
+
+import asyncio
+import ftplib
+import io
+import shutil
+
+import asyncssh
+import numpy as np
+import pydicom
+import pytest
+import zstandard
+from pydicom.encaps import encapsulate
+from pydicom.uid import JPEGBaseline8Bit, generate_uid
+from smbutil import Smb
+from test_dicom import pacsgw, sftp_write
+from test_integrity import fsck
+
+from agent.uplink.encoding import Decoder, Undecodable, compress, worth_compressing
+from bench.dicomgen import ct_slice
+from harness import BUCKET, PASSWORD, sha256
+
+MiB = 1024 * 1024
+RNG = np.random.default_rng(17)
+
+
+def slice_(rows: int, modality: str = "CT") -> bytes:
+    return ct_slice(RNG, patient="P-Z", study_uid=generate_uid(), series_uid=generate_uid(), rows=rows, cols=rows,
+                    modality=modality)
+
+
+def jpeg() -> bytes:
+    """A DICOM file in JPEG Baseline: its pixel data is compressed already."""
+    ds = pydicom.dcmread(io.BytesIO(slice_(64)))
+    ds.file_meta.TransferSyntaxUID = JPEGBaseline8Bit
+    ds.PixelData = encapsulate([bytes(20_000)])  # zeros: zstd would shrink it, and must not be asked to
+    ds["PixelData"].VR = "OB"
+    out = io.BytesIO()
+    ds.save_as(out, enforce_file_format=True)
+    return out.getvalue()
+
+
+def test_codec_refuses_damage():
+    data = slice_(64)
+    packed = compress(data)
+    d = Decoder()
+    assert b"".join(d.feed(packed[i:i + 1000]) for i in range(0, len(packed), 1000)) == data
+    d.finish()
+    with pytest.raises(Undecodable, match="ends early"):
+        d = Decoder()
+        d.feed(packed[:-10])
+        d.finish()
+    with pytest.raises(Undecodable, match="after the end"):
+        Decoder().feed(packed + b"x")
+    flipped = bytearray(packed)
+    flipped[len(packed) // 2] ^= 0x40
+    with pytest.raises(Undecodable):
+        d = Decoder()
+        d.feed(bytes(flipped))
+        d.finish()
+    assert worth_compressing("1.2.840.10008.1.2") and worth_compressing("1.2.840.10008.1.2.1")
+    assert not worth_compressing(JPEGBaseline8Bit) and not worth_compressing("1.2.840.10008.1.2.1.99")
+    assert not worth_compressing(None)
+
+
+def ftp_login(agent) -> ftplib.FTP:
+    f = ftplib.FTP(timeout=60)
+    f.connect("127.0.0.1", agent.ftp_port)
+    f.login("pacs", PASSWORD)
+    return f
+
+
+def test_compressed_round_trip_replacement_box_and_fsck(smb_agent, seaweed):
+    agent = smb_agent(**{"uplink.compress": "zstd", "uplink.multipart_threshold": "5MiB",
+                         "uplink.multipart_chunk": "5MiB", "uplink.bwlimit": "8MB"}).start()
+    big = slice_(3584)  # 25 MiB: a multipart upload of more than one compressed part
+    files = {"CT/ftp.dcm": slice_(256), "CT/big-ftp.dcm": big, "MR/sftp.dcm": slice_(256, "MR"),
+             "CT/smb.dcm": slice_(256), "CT/jpeg.dcm": jpeg(), "CT/notes.txt": b"compressible text " * 2000}
+    compressed = {"CT/ftp.dcm", "CT/big-ftp.dcm", "MR/sftp.dcm", "CT/smb.dcm"}
+    f = ftp_login(agent)
+    f.mkd("CT")
+    f.mkd("MR")
+    for path in ("CT/ftp.dcm", "CT/big-ftp.dcm", "CT/jpeg.dcm", "CT/notes.txt"):
+        f.storbinary(f"STOR {path}", io.BytesIO(files[path]))
+    f.quit()
+
+    sftp_write(agent, "MR/sftp.dcm", files["MR/sftp.dcm"])
+    smb = Smb(agent)
+    smb.write("CT/smb.dcm", files["CT/smb.dcm"])
+    smb.close()
+    agent.wait_drained(120)
+
+    client = seaweed.client()
+    for path, data in files.items():
+        got = client.get_object(Bucket=BUCKET, Key=agent.prefix + path)
+        meta, body = {k.lower(): v for k, v in got["Metadata"].items()}, got["Body"].read()
+        assert meta["sha256"] == sha256(data), path  # the original's hash, also of a compressed object
+        if path in compressed:
+            assert meta["pacsgw-encoding"] == "zstd" and meta["pacsgw-size"] == str(len(data)), path
+            assert len(body) < len(data) * 0.8 and zstandard.ZstdDecompressor().decompress(body) == data, path
+        else:
+            assert "pacsgw-encoding" not in meta and body == data, path
+
+    # A replacement box: same config, its SSD (catalog and cache) lost. The index comes back from the bucket
+    # with the files' sizes, not the compressed objects'.
+    agent.stop()
+    shutil.rmtree(agent.workdir / "cache")
+    (agent.workdir / "cache").mkdir()
+    rebuilt = pacsgw(agent, "index-rebuild")
+    assert rebuilt["objects"] == len(files) and rebuilt["failed"] == 0
+    found = pacsgw(agent, "find", "--modality", "CT")
+    assert {i["path"]: i["bytes"] for i in found["items"]} == \
+        {p: len(files[p]) for p in ("CT/ftp.dcm", "CT/big-ftp.dcm", "CT/smb.dcm", "CT/jpeg.dcm")}
+    agent.start()
+
+    f = ftp_login(agent)
+    listed = {f"{d}/{name}": int(facts["size"]) for d in ("CT", "MR") for name, facts in f.mlsd(d)
+              if facts.get("type") == "file"}
+    assert listed == {p: len(d) for p, d in files.items()}  # logical sizes in a fresh box's listing
+
+    # a cold read at an offset of a compressed object: no ranged GET into the zstd stream, the right bytes
+    start, length = 20 * MiB, MiB
+
+    async def sftp_reads() -> tuple[bytes, bytes, int]:
+        async with asyncssh.connect("127.0.0.1", agent.sftp_port, username="pacs", password=PASSWORD,
+                                    known_hosts=None) as conn, conn.start_sftp_client() as s:
+            async with s.open("CT/big-ftp.dcm", "rb") as fh:
+                await fh.seek(start)
+                part = await fh.read(length)
+            async with s.open("MR/sftp.dcm", "rb") as fh:
+                whole = await fh.read()
+            return part, whole, (await s.stat("CT/smb.dcm")).size
+
+    part, whole, smb_size = asyncio.run(sftp_reads())
+    assert part == big[start:start + length] and whole == files["MR/sftp.dcm"] and smb_size == len(files["CT/smb.dcm"])
+    assert not [e for e in agent.events("ranged_get") + agent.events("ranged_get_failed")
+                if e["path"] == "CT/big-ftp.dcm"]
+    for path in ("CT/ftp.dcm", "CT/big-ftp.dcm", "CT/jpeg.dcm", "CT/notes.txt"):
+        buf = io.BytesIO()
+        f.retrbinary(f"RETR {path}", buf.write)
+        assert buf.getvalue() == files[path], path
+    f.quit()
+    smb = Smb(agent)
+    assert smb.read("CT/smb.dcm") == files["CT/smb.dcm"]
+    smb.close()
+
+    # fsck --remote decodes compressed objects; a damaged one (same size and metadata, a flipped byte in the
+    # zstd stream: S3's checksum of what it was sent says nothing) is caught and re-uploaded from the cache
+    assert fsck(agent, "--remote")[0] == 0
+    key = agent.prefix + "CT/ftp.dcm"
+    got = client.get_object(Bucket=BUCKET, Key=key)
+    body = bytearray(got["Body"].read())
+    body[len(body) // 2] ^= 0x40
+    client.put_object(Bucket=BUCKET, Key=key, Body=bytes(body), Metadata=got["Metadata"])
+    code, report = fsck(agent, "--remote")
+    assert code == 1 and report["remote_missing"] == ["CT/ftp.dcm"] and report["lost"] == []
+    code, report = fsck(agent, "--remote", "--repair")
+    assert report["requeued"] == ["CT/ftp.dcm"]
+    agent.wait_drained()
+    assert fsck(agent, "--remote")[0] == 0
+    repaired = client.get_object(Bucket=BUCKET, Key=key)["Body"].read()
+    assert zstandard.ZstdDecompressor().decompress(repaired) == files["CT/ftp.dcm"]
