@@ -79,16 +79,10 @@ class Agent:
             cfg.cache.dir.mkdir(parents=True, exist_ok=True)
             self.db = AsyncCatalog(await asyncio.to_thread(Catalog, cfg.catalog_path))
             self.cache = open_cache(cfg)  # Cache(cfg.cache.dir), minding workers a dead owner left serving
-        self.s3 = S3Uplink(cfg.uplink)
-        self.s3.known_sizes = self.db.known_sizes  # listings of compressed objects: logical sizes
-        self.line = Line(self.s3.probe, self.metrics, cfg.uplink.max_concurrency, self.s3.bandwidth)
+        self._build_uplink()
         await self.s3.start()
         if cfg.compliance.worm:
             await self._check_object_lock()
-        retention = DicomRetention(cfg.compliance, WormPolicy(cfg.compliance))
-        self.uploader = Uploader(self.db, self.cache, self.s3, self.line, self.metrics, retention,
-                                 Describer(cfg.dicom, retention.retention_class,
-                                           bool(retention.rules) or cfg.uplink.compress != "off"))
         # In an HA pair every PUT is conditional from the first one: a returning box uploads its queue at
         # start, before the HA monitor runs, and must not write over what the peer stored meanwhile.
         self.uploader.conditional = cfg.ha.enabled
@@ -151,6 +145,17 @@ class Agent:
                  http=cfg.http.listen if cfg.http.enabled else None,
                  uplink=cfg.uplink.endpoint_url, bucket=cfg.uplink.bucket, write_mode=cfg.uplink.write_mode,
                  uplink_reachable=self.line.reachable)
+
+    def _build_uplink(self) -> None:
+        """The S3 client, the line and the uploader, not yet started (a worker never starts the dispatcher)."""
+        cfg = self.cfg
+        self.s3 = S3Uplink(cfg.uplink)
+        self.s3.known_sizes = self.db.known_sizes  # listings of compressed objects: logical sizes
+        self.line = Line(self.s3.probe, self.metrics, cfg.uplink.max_concurrency, self.s3.bandwidth)
+        retention = DicomRetention(cfg.compliance, WormPolicy(cfg.compliance))
+        self.uploader = Uploader(self.db, self.cache, self.s3, self.line, self.metrics, retention,
+                                 Describer(cfg.dicom, retention.retention_class,
+                                           bool(retention.rules) or cfg.uplink.compress != "off"))
 
     @property
     def shares_ports(self) -> bool:

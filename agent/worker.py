@@ -14,18 +14,12 @@ import structlog
 from agent.audit import AuditLog
 from agent.config import Config
 from agent.daemon import DRAIN_SECONDS, Agent, run_until_signal
-from agent.dicom.objectmeta import Describer
-from agent.dicom.retention import DicomRetention
 from agent.monitor import PressureMonitor
 from agent.serve.ftp import FtpServer
 from agent.serve.sftp import SftpService
 from agent.store.cache import Cache
 from agent.store.catalog import AsyncCatalog, Catalog
 from agent.store.gateway import Gateway
-from agent.store.worm import WormPolicy
-from agent.uplink.line import Line
-from agent.uplink.s3 import S3Uplink
-from agent.uplink.uploader import Uploader
 from agent.workers import pid_dir, worker_audit_path
 
 log = structlog.get_logger("pacsgw.workers")
@@ -38,20 +32,15 @@ class Worker(Agent):
     def __init__(self, cfg: Config, index: int) -> None:
         super().__init__(cfg)
         self.index = index
-        self._scrub = self._ship = self._prefetch = self._prefetch_now = None
+        self._scrub = self._ship = self._prefetch = self._prefetch_now = self._snapshots = None
         self.ha = None
 
     async def start(self) -> None:
         cfg = self.cfg
         self.db = AsyncCatalog(await asyncio.to_thread(Catalog, cfg.catalog_path))
         self.cache = Cache(cfg.cache.dir, clear_staging=False)  # the other processes' writes are in staging
-        self.s3 = S3Uplink(cfg.uplink)
-        self.line = Line(self.s3.probe, self.metrics, cfg.uplink.max_concurrency, self.s3.bandwidth)
+        self._build_uplink()  # the dispatcher (and its reset of claimed rows at start) is the owner's alone
         await self.s3.start()
-        retention = DicomRetention(cfg.compliance, WormPolicy(cfg.compliance))
-        # Not started: the dispatcher (and its reset of claimed rows at start) is the owner's alone.
-        self.uploader = Uploader(self.db, self.cache, self.s3, self.line, self.metrics, retention,
-                                 Describer(cfg.dicom, retention.retention_class, bool(retention.rules)))
         await self.line.start()
         self.audit = AuditLog(worker_audit_path(Path(cfg.audit.path), self.index), cfg.audit.max_bytes,
                               cfg.audit.keep, cfg.audit.enabled)
