@@ -53,7 +53,10 @@ class Adaptive:
 
     def __init__(self, window: int = 20_000, decay: float = 0.9) -> None:
         self.window, self.decay = window, decay
-        self.lru, self.learned = StudyLRU(), HitDensity()
+        # the real cache's learned index ranks with the shadow's model and learns nothing itself: a model
+        # fitted on the mixed evictions of the real cache would drift from its shadow's (and cost a refit
+        # every 100 events)
+        self.lru, self.learned = StudyLRU(), HitDensity(learn=False)
         self.shadows = (_Shadow(StudyLRU()), _Shadow(HitDensity()))
         self._meta: dict[Any, tuple[int, float, Any]] = {}    # key → (size, created, study) of cached files
         self.used = 0

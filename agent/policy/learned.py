@@ -68,8 +68,9 @@ class HitDensity:
 
     def __init__(self, sample: int = 64, size_exp: float = 0.5, session_s: float = 600.0,
                  refit_events: int = 100, decay: float = 0.95, warm_events: int = 200, seed: int = 0,
-                 max_ghosts: int = 200_000) -> None:
+                 max_ghosts: int = 200_000, learn: bool = True) -> None:
         self.sample, self.size_exp, self.session_s = sample, size_exp, session_s
+        self.learn = learn          # False: rank with a density set from outside (adaptive's shadow model)
         self.refit_events, self.decay, self.warm_events = refit_events, decay, warm_events
         self.hits = np.zeros((N_READS, N_ENTRY, N_AGE))
         self.evictions = np.zeros((N_READS, N_ENTRY, N_AGE))
@@ -91,6 +92,8 @@ class HitDensity:
         return min(s.sessions, N_READS - 1), s.entry
 
     def _count(self, table: np.ndarray, s: _Study, now: float) -> None:
+        if not self.learn:
+            return
         r, e = self._cls(s)
         table[r, e, age_bucket(now - s.last)] += 1
         self.events += 1
@@ -152,9 +155,10 @@ class HitDensity:
         s.sessions, s.entry, s.last = sessions, entry, last
         if prefetch:
             return          # the read it was fetched for, if it comes, is the session
-        r = min(sessions, N_READS - 1)
-        self.evictions[r, entry, evicted_at] = max(0.0, self.evictions[r, entry, evicted_at] - 1)
-        self._count(self.hits, s, now)
+        if self.learn:
+            r = min(sessions, N_READS - 1)
+            self.evictions[r, entry, evicted_at] = max(0.0, self.evictions[r, entry, evicted_at] - 1)
+            self._count(self.hits, s, now)
         s.sessions += 1
         s.last = now
 
