@@ -87,3 +87,15 @@ def test_adaptive_keeps_the_weekly_board_too() -> None:
     boards = int(((kind == "board") & (ta.t >= 14 * DAY)).sum())
     assert res.hits - lru.hits >= 0.8 * boards
     assert r.stack.status()["mode"] == "expert: learned hit density"
+
+
+def test_adaptive_ranks_with_its_shadows_model_only() -> None:
+    """The real cache's learned index fits nothing of its own (its evictions are the mixed experts' choices,
+    a biased sample): it ranks with the density its shadow learnt from an undisturbed run."""
+    ta, _ = weekly_board_trace()
+    r = Replayer(ta, "adaptive", ReplayConfig(capacity=15 * FILES * 1000, warmup_days=14))
+    r.run()
+    policy = r.stack.policy
+    model = policy.shadows[1].policy
+    assert policy.learned.events == 0 and not policy.learned.hits.any() and not policy.learned.evictions.any()
+    assert model.events > 0 and policy.learned.density is model.density
