@@ -99,3 +99,20 @@ def test_adaptive_ranks_with_its_shadows_model_only() -> None:
     model = policy.shadows[1].policy
     assert policy.learned.events == 0 and not policy.learned.hits.any() and not policy.learned.evictions.any()
     assert model.events > 0 and policy.learned.density is model.density
+
+
+def test_gap_factor_learns_that_studies_back_after_a_week_come_back_again() -> None:
+    """Studies read, then again a week later, then again (a board) against studies read once: the factor of
+    "came back after 3–10 days" rises above 1, that of "not back yet" falls below, from the traffic alone."""
+    from agent.policy.learned import gap_bucket
+    p = HitDensity(refit_events=50, warm_events=0)
+    t = 0.0
+    for study in range(400):
+        t += 600.0
+        p.on_insert(study, 1, t, t, study)
+    for week in range(1, 5):                # the even studies come back every week (four boards), odd never
+        for study in range(0, 400, 2):
+            p.on_access(study, week * 7 * DAY + study)
+    list(p.victims(400, 29 * DAY))           # then all are evicted
+    p.refit()
+    assert p.gap_factor[gap_bucket(7 * DAY)] > 1.0 > p.gap_factor[0]

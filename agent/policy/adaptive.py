@@ -101,7 +101,8 @@ class Adaptive:
         self.capacity = max(self.capacity, self.used - bytes_to_free)
         model = self.shadows[1].policy
         assert isinstance(model, HitDensity)
-        self.learned.density, self.learned.fitted = model.density, model.fitted
+        learned = self.learned
+        learned.density, learned.gap_factor, learned.fitted = model.density, model.gap_factor, model.fitted
         chosen, other = (self.learned, self.lru) if self.use_learned else (self.lru, self.learned)
         for key in list(chosen.victims(bytes_to_free, now)):
             other.on_remove(key)

@@ -12,13 +12,18 @@ evictions E(x), a study of class c at age a is worth
     density(c, a) = P(another session | survived to a) / E[remaining time in cache | a]
                   = Σ_{x≥a} H(x) / Σ_{x≥a} (x − a)(H(x) + E(x))
 
-and the victim is the cached study of lowest density per byte^`size_exp` among `sample` random ones
-(LHD's sampling). A weekly schedule needs no code: a study class read again ~7 days later has hits
+and the victim is the cached study of lowest density × gap factor per byte^`size_exp` among `sample`
+random ones (LHD's sampling). The *gap factor* is one more feature without one more class dimension (a
+finer class table splits the counts: a class by gap, by department or finer ages each lost on the tuning
+families): how long the study stayed away before its latest session (not back yet, < 1 d, < 3 d,
+< 10 d, longer), and per gap bucket P(back) / P(back) over all, learnt from the same hits and evictions
+(naive Bayes). A case that came back after a week (a board, a follow-up clinic) is kept over one read
+once, whichever its class. A weekly schedule needs no code: a study class read again ~7 days later has hits
 piling up in the 4–8-day bucket, so its density stays high through the week while one that is never
 read again decays. The histograms are refitted every `refit_events` events and decayed by `decay`, so
-the policy follows the box's traffic; memory is (4 × 4 × 20) × 2 floats plus one record per cached
-study. Until `warm_events` events have been seen the policy is *cold* and evicts studies in LRU order
-(the safe heuristic); `status()` says which.
+the policy follows the box's traffic; memory is (4 × 4 × 20) × 2 + 3 × 5 floats plus one record per
+cached study and per ghost (~100 B). Until `warm_events` events have been seen the policy is *cold* and
+evicts studies in LRU order (the safe heuristic); `status()` says which.
 
 Policies decide, never do I/O: the caller offers only clean files (already in S3), so a file not yet in
 S3 is never evicted (durability contract, rule 2).
@@ -40,6 +45,13 @@ N_AGE = 20                      # log2 buckets of minutes: 1 min .. 2^19 min (~1
 N_READS = 4
 N_ENTRY = 4
 _ENTRY_EDGES = (DAY, 7 * DAY, 35 * DAY)
+N_GAP = 5                       # the study's last gap between sessions: none yet, < 1 d, < 3 d, < 10 d, longer
+_GAP_EDGES = (DAY, 3 * DAY, 10 * DAY)
+
+
+def gap_bucket(gap_s: float) -> int:
+    """1..N_GAP-1: how long the study stayed away before its latest session (0: not back yet)."""
+    return 1 + sum(gap_s >= e for e in _GAP_EDGES)
 
 
 def age_bucket(age_s: float) -> int:
@@ -58,6 +70,7 @@ class _Study:
     last: float
     entry: int                  # study-age class at entry
     sessions: int = 0
+    gap: int = 0                # gap_bucket of the time it stayed away before its latest session
 
 
 class HitDensity:
@@ -75,6 +88,11 @@ class HitDensity:
         self.hits = np.zeros((N_READS, N_ENTRY, N_AGE))
         self.evictions = np.zeros((N_READS, N_ENTRY, N_AGE))
         self.density = np.zeros((N_READS, N_ENTRY, N_AGE))
+        # P(back) per gap bucket against P(back) overall: a factor on the class density (naive Bayes), so
+        # a feature shares the class tables' counts instead of splitting them
+        self.gap_back = np.zeros(N_GAP)
+        self.gap_seen = np.zeros(N_GAP)
+        self.gap_factor = np.ones(N_GAP)
         self.events = 0
         self.fitted = False
         self._studies: dict[int, _Study] = {}
@@ -84,7 +102,7 @@ class HitDensity:
         self._lru: OrderedDict[int, None] = OrderedDict()   # cold-start order
         self._rng = random.Random(seed)
         # evicted studies (sessions, entry class, last session, age bucket at eviction), oldest first
-        self._ghosts: OrderedDict[int, tuple[int, int, float, int]] = OrderedDict()
+        self._ghosts: OrderedDict[int, tuple[int, int, float, int, int]] = OrderedDict()
         self.max_ghosts = max_ghosts
 
     # -- learning
@@ -96,6 +114,9 @@ class HitDensity:
             return
         r, e = self._cls(s)
         table[r, e, age_bucket(now - s.last)] += 1
+        self.gap_seen[s.gap] += 1
+        if table is self.hits:
+            self.gap_back[s.gap] += 1
         self.events += 1
         if self.events % self.refit_events == 0:
             self.refit()
@@ -119,8 +140,12 @@ class HitDensity:
                               pooled_h / np.maximum(pooled_t - pooled_n * _LOW, 1e-9), 0.0)
         thin = n_tail < 20
         self.density = np.where(thin, pooled[:, None, :], d)
+        overall = (self.gap_back.sum() + 1) / (self.gap_seen.sum() + 2)
+        self.gap_factor = (self.gap_back + 1) / (self.gap_seen + 2) / overall
         self.hits *= self.decay
         self.evictions *= self.decay
+        self.gap_back *= self.decay
+        self.gap_seen *= self.decay
         self.fitted = self.events >= self.warm_events
 
     def status(self) -> dict[str, object]:
@@ -147,25 +172,28 @@ class HitDensity:
         if not prefetch:
             self._session(study, s, now)
 
-    def _returned(self, s: _Study, ghost: tuple[int, int, float, int], now: float, prefetch: bool) -> None:
+    def _returned(self, s: _Study, ghost: tuple[int, int, float, int, int], now: float, prefetch: bool) -> None:
         """A study evicted earlier is back. Its eviction was premature: the histogram learns the real
         time to its next session (a hit at that age) instead of the eviction, so a class is not judged
         by what the cache happened to keep (the chicken-and-egg of learning only from cached objects)."""
-        sessions, entry, last, evicted_at = ghost
-        s.sessions, s.entry, s.last = sessions, entry, last
+        sessions, entry, last, evicted_at, gap = ghost
+        s.sessions, s.entry, s.last, s.gap = sessions, entry, last, gap
         if prefetch:
             return          # the read it was fetched for, if it comes, is the session
         if self.learn:
             r = min(sessions, N_READS - 1)
             self.evictions[r, entry, evicted_at] = max(0.0, self.evictions[r, entry, evicted_at] - 1)
+            self.gap_seen[gap] = max(0.0, self.gap_seen[gap] - 1)
             self._count(self.hits, s, now)
         s.sessions += 1
+        s.gap = gap_bucket(now - last)
         s.last = now
 
     def _session(self, study: int, s: _Study, now: float) -> None:
         if now - s.last > self.session_s:
             self._count(self.hits, s, now)
             s.sessions += 1
+            s.gap = gap_bucket(now - s.last)
         s.last = now
         self._lru.move_to_end(study)
 
@@ -197,7 +225,8 @@ class HitDensity:
 
     def _rank(self, s: _Study, now: float) -> float:
         r, e = self._cls(s)
-        return float(self.density[r, e, age_bucket(now - s.last)]) / float(max(s.size, 1) ** self.size_exp)
+        return (float(self.density[r, e, age_bucket(now - s.last)]) * float(self.gap_factor[s.gap])
+                / float(max(s.size, 1) ** self.size_exp))
 
     def _victim(self, now: float) -> int:
         if not self.fitted:
@@ -214,7 +243,7 @@ class HitDensity:
             s = self._studies[study]
             self._count(self.evictions, s, now)
             self._drop(study)
-            self._ghosts[study] = (s.sessions, s.entry, s.last, age_bucket(now - s.last))
+            self._ghosts[study] = (s.sessions, s.entry, s.last, age_bucket(now - s.last), s.gap)
             if len(self._ghosts) > self.max_ghosts:
                 self._ghosts.popitem(last=False)
             for key, size in s.files.items():
