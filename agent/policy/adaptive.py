@@ -103,6 +103,7 @@ class Adaptive:
         assert isinstance(model, HitDensity)
         learned = self.learned
         learned.density, learned.gap_factor, learned.fitted = model.density, model.gap_factor, model.fitted
+        learned.size_factor = model.size_factor
         chosen, other = (self.learned, self.lru) if self.use_learned else (self.lru, self.learned)
         for key in list(chosen.victims(bytes_to_free, now)):
             other.on_remove(key)
