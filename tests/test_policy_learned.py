@@ -87,3 +87,32 @@ def test_adaptive_keeps_the_weekly_board_too() -> None:
     boards = int(((kind == "board") & (ta.t >= 14 * DAY)).sum())
     assert res.hits - lru.hits >= 0.8 * boards
     assert r.stack.status()["mode"] == "expert: learned hit density"
+
+
+def test_adaptive_ranks_with_its_shadows_model_only() -> None:
+    """The real cache's learned index fits nothing of its own (its evictions are the mixed experts' choices,
+    a biased sample): it ranks with the density its shadow learnt from an undisturbed run."""
+    ta, _ = weekly_board_trace()
+    r = Replayer(ta, "adaptive", ReplayConfig(capacity=15 * FILES * 1000, warmup_days=14))
+    r.run()
+    policy = r.stack.policy
+    model = policy.shadows[1].policy
+    assert policy.learned.events == 0 and not policy.learned.hits.any() and not policy.learned.evictions.any()
+    assert model.events > 0 and policy.learned.density is model.density
+
+
+def test_gap_factor_learns_that_studies_back_after_a_week_come_back_again() -> None:
+    """Studies read, then again a week later, then again (a board) against studies read once: the factor of
+    "came back after 3–10 days" rises above 1, that of "not back yet" falls below, from the traffic alone."""
+    from agent.policy.learned import gap_bucket
+    p = HitDensity(refit_events=50, warm_events=0)
+    t = 0.0
+    for study in range(400):
+        t += 600.0
+        p.on_insert(study, 1, t, t, study)
+    for week in range(1, 5):                # the even studies come back every week (four boards), odd never
+        for study in range(0, 400, 2):
+            p.on_access(study, week * 7 * DAY + study)
+    list(p.victims(400, 29 * DAY))           # then all are evicted
+    p.refit()
+    assert p.gap_factor[gap_bucket(7 * DAY)] > 1.0 > p.gap_factor[0]

@@ -53,7 +53,10 @@ class Adaptive:
 
     def __init__(self, window: int = 20_000, decay: float = 0.9) -> None:
         self.window, self.decay = window, decay
-        self.lru, self.learned = StudyLRU(), HitDensity()
+        # the real cache's learned index ranks with the shadow's model and learns nothing itself: a model
+        # fitted on the mixed evictions of the real cache would drift from its shadow's (and cost a refit
+        # every 100 events)
+        self.lru, self.learned = StudyLRU(), HitDensity(learn=False)
         self.shadows = (_Shadow(StudyLRU()), _Shadow(HitDensity()))
         self._meta: dict[Any, tuple[int, float, Any]] = {}    # key → (size, created, study) of cached files
         self.used = 0
@@ -98,7 +101,9 @@ class Adaptive:
         self.capacity = max(self.capacity, self.used - bytes_to_free)
         model = self.shadows[1].policy
         assert isinstance(model, HitDensity)
-        self.learned.density, self.learned.fitted = model.density, model.fitted
+        learned = self.learned
+        learned.density, learned.gap_factor, learned.fitted = model.density, model.gap_factor, model.fitted
+        learned.size_factor = model.size_factor
         chosen, other = (self.learned, self.lru) if self.use_learned else (self.lru, self.learned)
         for key in list(chosen.victims(bytes_to_free, now)):
             other.on_remove(key)

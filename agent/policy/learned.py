@@ -12,13 +12,20 @@ evictions E(x), a study of class c at age a is worth
     density(c, a) = P(another session | survived to a) / E[remaining time in cache | a]
                   = Σ_{x≥a} H(x) / Σ_{x≥a} (x − a)(H(x) + E(x))
 
-and the victim is the cached study of lowest density per byte^`size_exp` among `sample` random ones
-(LHD's sampling). A weekly schedule needs no code: a study class read again ~7 days later has hits
-piling up in the 4–8-day bucket, so its density stays high through the week while one that is never
-read again decays. The histograms are refitted every `refit_events` events and decayed by `decay`, so
-the policy follows the box's traffic; memory is (4 × 4 × 20) × 2 floats plus one record per cached
-study. Until `warm_events` events have been seen the policy is *cold* and evicts studies in LRU order
-(the safe heuristic); `status()` says which.
+and the victim is the cached study of lowest density × gap factor × size factor per byte^`size_exp` among
+`sample` random ones (LHD's sampling). The factors are features without more class dimensions (a finer
+class table splits the counts: a class by gap, by department or finer ages each lost on the tuning
+families): per bucket of a feature, P(back) / P(back) over all, learnt from the same hits and evictions
+(naive Bayes). *Gap*: how long the study stayed away before its latest session (not back yet, < 1 d, < 3
+d, < 10 d, longer): a case that came back after a week (a board, a follow-up clinic) is kept over one
+read once, whichever its class. *Size*: the study's bytes (< 10 MB, < 100 MB, < 1 GB, more): where big
+studies come back (PET-CT at a board), the byte penalty is learnt off. A weekly schedule needs no code: a
+study class read again ~7 days later has hits piling up in the 4–8-day bucket, so its density stays high
+through the week while one that is never read again decays. The histograms are refitted every
+`refit_events` events and decayed by `decay`, so the policy follows the box's traffic; memory is (4 × 4 ×
+20) × 2 + 3 × (5 + 4) floats plus one record per cached study and per ghost (~100 B). Until `warm_events`
+events have been seen the policy is *cold* and evicts studies in LRU order (the safe heuristic);
+`status()` says which.
 
 Policies decide, never do I/O: the caller offers only clean files (already in S3), so a file not yet in
 S3 is never evicted (durability contract, rule 2).
@@ -40,6 +47,21 @@ N_AGE = 20                      # log2 buckets of minutes: 1 min .. 2^19 min (~1
 N_READS = 4
 N_ENTRY = 4
 _ENTRY_EDGES = (DAY, 7 * DAY, 35 * DAY)
+N_GAP = 5                       # the study's last gap between sessions: none yet, < 1 d, < 3 d, < 10 d, longer
+_GAP_EDGES = (DAY, 3 * DAY, 10 * DAY)
+
+
+N_SIZE = 4                      # study bytes: < 10 MB, < 100 MB, < 1 GB, more
+_SIZE_EDGES = (1e7, 1e8, 1e9)
+
+
+def size_bucket(size: int) -> int:
+    return sum(size >= e for e in _SIZE_EDGES)
+
+
+def gap_bucket(gap_s: float) -> int:
+    """1..N_GAP-1: how long the study stayed away before its latest session (0: not back yet)."""
+    return 1 + sum(gap_s >= e for e in _GAP_EDGES)
 
 
 def age_bucket(age_s: float) -> int:
@@ -58,6 +80,8 @@ class _Study:
     last: float
     entry: int                  # study-age class at entry
     sessions: int = 0
+    gap: int = 0                # gap_bucket of the time it stayed away before its latest session
+    sizeb: int = -1             # size_bucket when it was last evicted (a returning ghost has no files yet)
 
 
 class HitDensity:
@@ -68,12 +92,21 @@ class HitDensity:
 
     def __init__(self, sample: int = 64, size_exp: float = 0.5, session_s: float = 600.0,
                  refit_events: int = 100, decay: float = 0.95, warm_events: int = 200, seed: int = 0,
-                 max_ghosts: int = 200_000) -> None:
+                 max_ghosts: int = 200_000, learn: bool = True) -> None:
         self.sample, self.size_exp, self.session_s = sample, size_exp, session_s
+        self.learn = learn          # False: rank with a density set from outside (adaptive's shadow model)
         self.refit_events, self.decay, self.warm_events = refit_events, decay, warm_events
         self.hits = np.zeros((N_READS, N_ENTRY, N_AGE))
         self.evictions = np.zeros((N_READS, N_ENTRY, N_AGE))
         self.density = np.zeros((N_READS, N_ENTRY, N_AGE))
+        # P(back) per gap bucket against P(back) overall: a factor on the class density (naive Bayes), so
+        # a feature shares the class tables' counts instead of splitting them
+        self.gap_back = np.zeros(N_GAP)
+        self.gap_seen = np.zeros(N_GAP)
+        self.gap_factor = np.ones(N_GAP)
+        self.size_back = np.zeros(N_SIZE)
+        self.size_seen = np.zeros(N_SIZE)
+        self.size_factor = np.ones(N_SIZE)
         self.events = 0
         self.fitted = False
         self._studies: dict[int, _Study] = {}
@@ -83,7 +116,7 @@ class HitDensity:
         self._lru: OrderedDict[int, None] = OrderedDict()   # cold-start order
         self._rng = random.Random(seed)
         # evicted studies (sessions, entry class, last session, age bucket at eviction), oldest first
-        self._ghosts: OrderedDict[int, tuple[int, int, float, int]] = OrderedDict()
+        self._ghosts: OrderedDict[int, tuple[int, int, float, int, int, int]] = OrderedDict()
         self.max_ghosts = max_ghosts
 
     # -- learning
@@ -91,8 +124,16 @@ class HitDensity:
         return min(s.sessions, N_READS - 1), s.entry
 
     def _count(self, table: np.ndarray, s: _Study, now: float) -> None:
+        if not self.learn:
+            return
         r, e = self._cls(s)
         table[r, e, age_bucket(now - s.last)] += 1
+        self.gap_seen[s.gap] += 1
+        sb = size_bucket(s.size) if s.sizeb < 0 else s.sizeb
+        self.size_seen[sb] += 1
+        if table is self.hits:
+            self.gap_back[s.gap] += 1
+            self.size_back[sb] += 1
         self.events += 1
         if self.events % self.refit_events == 0:
             self.refit()
@@ -116,8 +157,15 @@ class HitDensity:
                               pooled_h / np.maximum(pooled_t - pooled_n * _LOW, 1e-9), 0.0)
         thin = n_tail < 20
         self.density = np.where(thin, pooled[:, None, :], d)
+        overall = (self.gap_back.sum() + 1) / (self.gap_seen.sum() + 2)
+        self.gap_factor = (self.gap_back + 1) / (self.gap_seen + 2) / overall
+        self.size_factor = (self.size_back + 1) / (self.size_seen + 2) / overall
+        self.size_back *= self.decay
+        self.size_seen *= self.decay
         self.hits *= self.decay
         self.evictions *= self.decay
+        self.gap_back *= self.decay
+        self.gap_seen *= self.decay
         self.fitted = self.events >= self.warm_events
 
     def status(self) -> dict[str, object]:
@@ -144,24 +192,31 @@ class HitDensity:
         if not prefetch:
             self._session(study, s, now)
 
-    def _returned(self, s: _Study, ghost: tuple[int, int, float, int], now: float, prefetch: bool) -> None:
+    def _returned(self, s: _Study, ghost: tuple[int, int, float, int, int, int], now: float, prefetch: bool) -> None:
         """A study evicted earlier is back. Its eviction was premature: the histogram learns the real
         time to its next session (a hit at that age) instead of the eviction, so a class is not judged
         by what the cache happened to keep (the chicken-and-egg of learning only from cached objects)."""
-        sessions, entry, last, evicted_at = ghost
-        s.sessions, s.entry, s.last = sessions, entry, last
+        sessions, entry, last, evicted_at, gap, sizeb = ghost
+        s.sessions, s.entry, s.last, s.gap = sessions, entry, last, gap
         if prefetch:
             return          # the read it was fetched for, if it comes, is the session
-        r = min(sessions, N_READS - 1)
-        self.evictions[r, entry, evicted_at] = max(0.0, self.evictions[r, entry, evicted_at] - 1)
-        self._count(self.hits, s, now)
+        if self.learn:
+            r = min(sessions, N_READS - 1)
+            self.evictions[r, entry, evicted_at] = max(0.0, self.evictions[r, entry, evicted_at] - 1)
+            self.gap_seen[gap] = max(0.0, self.gap_seen[gap] - 1)
+            self.size_seen[sizeb] = max(0.0, self.size_seen[sizeb] - 1)
+            s.sizeb = sizeb         # its files are not back yet: count it at the size it left with
+            self._count(self.hits, s, now)
+            s.sizeb = -1
         s.sessions += 1
+        s.gap = gap_bucket(now - last)
         s.last = now
 
     def _session(self, study: int, s: _Study, now: float) -> None:
         if now - s.last > self.session_s:
             self._count(self.hits, s, now)
             s.sessions += 1
+            s.gap = gap_bucket(now - s.last)
         s.last = now
         self._lru.move_to_end(study)
 
@@ -193,7 +248,9 @@ class HitDensity:
 
     def _rank(self, s: _Study, now: float) -> float:
         r, e = self._cls(s)
-        return float(self.density[r, e, age_bucket(now - s.last)]) / float(max(s.size, 1) ** self.size_exp)
+        return (float(self.density[r, e, age_bucket(now - s.last)]) * float(self.gap_factor[s.gap])
+                * float(self.size_factor[size_bucket(s.size)])
+                / float(max(s.size, 1) ** self.size_exp))
 
     def _victim(self, now: float) -> int:
         if not self.fitted:
@@ -210,7 +267,8 @@ class HitDensity:
             s = self._studies[study]
             self._count(self.evictions, s, now)
             self._drop(study)
-            self._ghosts[study] = (s.sessions, s.entry, s.last, age_bucket(now - s.last))
+            self._ghosts[study] = (s.sessions, s.entry, s.last, age_bucket(now - s.last), s.gap,
+                                  size_bucket(s.size))
             if len(self._ghosts) > self.max_ghosts:
                 self._ghosts.popitem(last=False)
             for key, size in s.files.items():

@@ -1,0 +1,53 @@
+"""Share of the LRU→Belady gap one scheme closes on the family traces, against stored reference runs
+(LRU and Belady / BeladySize come from an earlier `pacsgw simulate --reference ...` of the same trace and
+capacity, so trying a policy variant costs one replay, not a libCacheSim run):
+
+    .venv/bin/python bench/gap_share.py --traces /tmp/cachew --refs /tmp/cachew/refs \\
+        --families general,oncology,outpatient --scheme agent
+
+`<refs>/<family>-<cap>/results.json` must hold scheme A and the reference rows Belady and BeladySize.
+Tune on the tuning families only (agent.sim.workload.TUNING); report the held-out ones after.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from agent.sim.replay import ReplayConfig, Replayer  # noqa: E402
+from agent.sim.trace import load_arrays  # noqa: E402
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--traces", default="/tmp/cachew")
+    ap.add_argument("--refs", default="/tmp/cachew/refs")
+    ap.add_argument("--families", default="general,oncology,outpatient")
+    ap.add_argument("--caps", default="1.5GB,5GB")
+    ap.add_argument("--scheme", default="agent")
+    args = ap.parse_args()
+    for fam in args.families.split(","):
+        ta = load_arrays(Path(args.traces) / f"{fam}.tsv")
+        for cap in args.caps.split(","):
+            ref = json.loads((Path(args.refs) / f"{fam}-{cap}" / "results.json").read_text())
+            lru = next(s for s in ref["schemes"] if s["scheme"] == "A")
+            refs = {r["algorithm"]: r for r in ref["reference"]}
+            bo = refs["Belady"]["hit_ratio"]
+            bb = max(refs["Belady"]["byte_hit_ratio"], refs["BeladySize"]["byte_hit_ratio"])
+            res = Replayer(ta, args.scheme, ReplayConfig(capacity=int(float(cap[:-2]) * 1e9))).run()
+            go = (res.hit_ratio - lru["hit_ratio"]) / (bo - lru["hit_ratio"])
+            gb = (res.byte_hit_ratio - lru["byte_hit_ratio"]) / (bb - lru["byte_hit_ratio"])
+            pf = f"{res.prefetch_used_bytes / res.prefetch_bytes:.0%}" if res.prefetch_bytes else "–"
+            print(f"{fam} {cap} {args.scheme}: hit {res.hit_ratio:.1%} / {res.byte_hit_ratio:.1%} "
+                  f"(LRU {lru['hit_ratio']:.1%} / {lru['byte_hit_ratio']:.1%}, Belady {bo:.1%} / {bb:.1%}), "
+                  f"gap closed {go:.0%} / {gb:.0%}, prefetched bytes read {pf}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
