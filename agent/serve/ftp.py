@@ -43,7 +43,7 @@ from aioftp.common import END_OF_LINE, ThrottleStreamIO
 from aioftp.server import ConnectionConditions, PathConditions, PathPermissions, worker
 
 from agent.audit import Who, failure
-from agent.auth import verify_password
+from agent.auth import LoginGuard, verify_password
 from agent.config import Config, UserConfig
 from agent.records import Entry
 from agent.store.errors import (
@@ -392,11 +392,11 @@ def _abort_reason(e: BaseException) -> str:
 
 
 class FtpServer(aioftp.Server):
-    def __init__(self, cfg: Config, gateway: Gateway) -> None:
+    def __init__(self, cfg: Config, gateway: Gateway, logins: LoginGuard) -> None:
         factory = type("BoundPathIO", (GatewayPathIO,), {"gateway": gateway})
         super().__init__(_Users(cfg.users), path_io_factory=factory, block_size=BLOCK, idle_timeout=600,
                          socket_timeout=SOCKET_TIMEOUT, welcome_message="pacsgw FTP ready")
-        self.cfg, self.gateway = cfg, gateway
+        self.cfg, self.gateway, self.logins = cfg, gateway, logins
         lo, hi = cfg.ftp.passive_ports
         self.passive_ports = range(lo, hi + 1)
         self.roots = {u.name: u.root for u in cfg.users}
@@ -590,7 +590,7 @@ class FtpServer(aioftp.Server):
         if connection.future.logged.done():
             connection.response("503", "already logged in")
             return True
-        login, guard, address = connection.user.login, self.gateway.logins, connection.client_host
+        login, guard, address = connection.user.login, self.logins, connection.client_host
         if refusal := guard.refusal(login, address, "ftp"):  # LoginGuard (agent.auth): backoff and bans
             connection.response("530", refusal)
             return True

@@ -318,8 +318,8 @@ class GatewaySFTP(asyncssh.SFTPServer):
 
 
 class SftpService:
-    def __init__(self, cfg: Config, gateway: Gateway) -> None:
-        self.cfg, self.gateway = cfg, gateway
+    def __init__(self, cfg: Config, gateway: Gateway, logins: LoginGuard) -> None:
+        self.cfg, self.gateway, self.logins = cfg, gateway, logins
         self.users = {u.name: u for u in cfg.users}
         self._acceptor: asyncssh.SSHAcceptor | None = None
         self._conns: weakref.WeakSet[asyncssh.SSHServerConnection] = weakref.WeakSet()
@@ -336,7 +336,7 @@ class SftpService:
             acceptor=self._conns.add)
 
     def _auth(self) -> _Auth:
-        return _Auth(self.users, self.cfg.sftp.password_auth, self.gateway.audit, self.gateway.logins)
+        return _Auth(self.users, self.cfg.sftp.password_auth, self.gateway.audit, self.logins)
 
     def stop_accepting(self) -> None:
         if self._acceptor:

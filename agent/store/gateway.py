@@ -23,7 +23,6 @@ from typing import Callable
 import structlog
 
 from agent.audit import AuditLog, Who, failure
-from agent.auth import LoginGuard
 from agent.config import Config
 from agent.metrics import Metrics
 from agent.records import Entry
@@ -325,7 +324,6 @@ class Gateway:
                  metrics: Metrics, audit: AuditLog) -> None:
         self.cfg, self.db, self.cache, self.s3, self.uploader, self.metrics = cfg, db, cache, s3, uploader, metrics
         self.audit, self.line = audit, uploader.line
-        self.logins = LoginGuard(cfg.login, metrics, audit)  # shared by the front ends: one agent, one count
         self.worm = WormPolicy(cfg.compliance)
         self.fetch_refusal = ""  # set under critical pressure: no new fetches from S3
         self.write_refusal = ""  # set on the standby box of an HA pair (agent/ha.py): no changes
