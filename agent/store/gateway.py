@@ -30,6 +30,7 @@ from agent.store.access import AccessStats
 from agent.store.cache import Cache, fast_hash, hash_range, sha256_fd
 from agent.store.catalog import AsyncCatalog
 from agent.store.errors import (
+    AlreadyExists,
     BadOffset,
     Corrupt,
     GatewayError,
@@ -572,6 +573,34 @@ class Gateway:
         if not self.allowed(who, "delete"):
             handle.protected = handle.size
         return handle
+
+    async def open_for_write(self, path: str, protocol: str, who: Who | None, *, keep: int | None = None,
+                             create: bool = True, exclusive: bool = False) -> WriteHandle:
+        """open(2) for writing, for SFTP and SMB (FUSE): a writer that starts with the stored file's first `keep`
+        bytes (all of them when None, none for O_TRUNC). `exclusive` (O_EXCL) refuses an existing name; without
+        `create` (O_CREAT) a missing file is NotFound."""
+        async with self.audit.op(who, "store", path, record_ok=False):
+            try:
+                e: Entry | None = await self.stat(path)
+            except NotFound:
+                e = None
+            if e is not None and exclusive:
+                raise AlreadyExists(path)
+            if e is None and not create:
+                raise NotFound(path)
+        size = e.size if e is not None and not e.is_dir else 0  # a directory: open_write refuses it
+        return await self.open_write(path, protocol, offset=size if keep is None else min(keep, size), who=who)
+
+    async def truncate(self, path: str, length: int, protocol: str, who: Who | None) -> None:
+        """truncate(2) by name (SFTP setstat, SMB set end-of-file): a new version of the stored file, cut to
+        `length` bytes or extended with zeros."""
+        handle = await self.open_for_write(path, protocol, who, keep=length, create=False)
+        try:
+            await handle.truncate(length)
+        except BaseException as e:
+            await handle.abort(f"truncate failed: {type(e).__name__}")
+            raise
+        await handle.commit()
 
     def write_finished(self) -> None:
         self.active_writes -= 1
