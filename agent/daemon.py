@@ -15,6 +15,7 @@ import structlog
 
 from agent import __version__
 from agent.audit import AuditLog, AuditShipper
+from agent.auth import LoginGuard
 from agent.config import Config, ConfigError
 from agent.dicom.objectmeta import Describer
 from agent.dicom.retention import DicomRetention
@@ -117,17 +118,18 @@ class Agent:
             self.gateway.on_stored = self.priors.on_stored
         self.scrubber = Scrubber(self.db, self.cache, cfg.scrub.rate, cfg.scrub.pause_seconds)
         self._scrub = asyncio.create_task(self.scrubber.run(), name="scrub") if cfg.scrub.enabled else None
+        logins = LoginGuard(cfg.login, self.metrics, self.audit)  # one count of failures across the front ends
         if cfg.ftp.enabled:
-            self.ftp = FtpServer(cfg, self.gateway)
+            self.ftp = FtpServer(cfg, self.gateway, logins)
             with _setting(cfg, "ftp.listen", _addr(cfg.ftp.listen), "an address this box can listen on"):
                 await self.ftp.start(*cfg.ftp.listen, reuse_port=self.shares_ports)
         if cfg.sftp.enabled:
-            self.sftp = SftpService(cfg, self.gateway)
+            self.sftp = SftpService(cfg, self.gateway, logins)
             with _setting(cfg, "sftp.listen", _addr(cfg.sftp.listen), "an address this box can listen on"):
                 await self.sftp.start(reuse_port=self.shares_ports)
         if cfg.smb.enabled:
             from agent.serve.smb import SmbService
-            self.smb = SmbService(cfg, self.gateway)
+            self.smb = SmbService(cfg, self.gateway, logins)
             await self.smb.start()
         if cfg.http.enabled:
             self.http = HttpServer(*cfg.http.listen, health=self.health, metrics=self.render_metrics, admin={

@@ -1,4 +1,4 @@
-"""mypy, strict, over the layers below the gateway facade (the files listed in pyproject's [tool.mypy])."""
+"""mypy, strict, over the gateway facade and the layers below it (the files listed in pyproject's [tool.mypy])."""
 
 from __future__ import annotations
 

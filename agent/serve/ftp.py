@@ -30,7 +30,6 @@ import ipaddress
 import os
 import random
 import ssl
-import stat as statmod
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -42,24 +41,12 @@ import structlog
 from aioftp.common import END_OF_LINE, ThrottleStreamIO
 from aioftp.server import ConnectionConditions, PathConditions, PathPermissions, worker
 
-from agent.audit import Who, failure
-from agent.auth import verify_password
+from agent.audit import Who
+from agent.auth import LoginGuard, verify_password
 from agent.config import Config, UserConfig
 from agent.records import Entry
-from agent.store.errors import (
-    AlreadyExists,
-    BadOffset,
-    BadPath,
-    Corrupt,
-    GatewayError,
-    IsADirectory,
-    NoSpace,
-    NotADirectory,
-    NotEmpty,
-    NotFound,
-    PermissionDenied,
-    Unavailable,
-)
+from agent.serve.contract import answer, report, st_mode
+from agent.store.errors import Corrupt, GatewayError, IsADirectory, NotFound
 from agent.store.gateway import Gateway, ReadHandle, WriteHandle
 from agent.store.paths import resolve
 
@@ -69,12 +56,6 @@ BLOCK = 256 * 1024
 SEND_CHUNK = 4 * BLOCK  # a file leaves by sendfile(2) in chunks this large, each within the socket timeout
 SOCKET_TIMEOUT = 120
 TLS_HANDSHAKE_TIMEOUT = 30
-
-# Gateway error → (FTP code, reply). 450/451/452 are transient ("try again"), 55x permanent.
-REPLIES: dict[type, str] = {
-    NotFound: "550", AlreadyExists: "550", IsADirectory: "550", NotADirectory: "550", NotEmpty: "550",
-    PermissionDenied: "550", BadPath: "553", BadOffset: "554", NoSpace: "452", Unavailable: "451", Corrupt: "451",
-}
 
 PATH_COMMANDS = ("cwd", "dele", "list", "nlst", "mkd", "mlsd", "mlst", "rmd", "rnfr", "rnto", "stor", "appe", "retr",
                  "size", "mdtm")
@@ -97,7 +78,7 @@ def _is_utf8(text: str) -> bool:
 
 
 def reply_for(exc: GatewayError) -> tuple[str, str]:
-    return REPLIES.get(type(exc), "451"), exc.reason
+    return answer(exc).ftp, exc.reason
 
 
 def _gateway_error(exc: BaseException) -> GatewayError | None:
@@ -177,7 +158,7 @@ class _Stat:
     def __init__(self, e: Entry) -> None:
         self.st_size = e.size
         self.st_mtime = self.st_ctime = e.mtime
-        self.st_mode = (statmod.S_IFDIR | 0o755) if e.is_dir else (statmod.S_IFREG | 0o644)
+        self.st_mode = st_mode(e.is_dir)
         self.st_nlink = 1
 
 
@@ -392,11 +373,11 @@ def _abort_reason(e: BaseException) -> str:
 
 
 class FtpServer(aioftp.Server):
-    def __init__(self, cfg: Config, gateway: Gateway) -> None:
+    def __init__(self, cfg: Config, gateway: Gateway, logins: LoginGuard) -> None:
         factory = type("BoundPathIO", (GatewayPathIO,), {"gateway": gateway})
         super().__init__(_Users(cfg.users), path_io_factory=factory, block_size=BLOCK, idle_timeout=600,
                          socket_timeout=SOCKET_TIMEOUT, welcome_message="pacsgw FTP ready")
-        self.cfg, self.gateway = cfg, gateway
+        self.cfg, self.gateway, self.logins = cfg, gateway, logins
         lo, hi = cfg.ftp.passive_ports
         self.passive_ports = range(lo, hi + 1)
         self.roots = {u.name: u.root for u in cfg.users}
@@ -590,7 +571,7 @@ class FtpServer(aioftp.Server):
         if connection.future.logged.done():
             connection.response("503", "already logged in")
             return True
-        login, guard, address = connection.user.login, self.gateway.logins, connection.client_host
+        login, guard, address = connection.user.login, self.logins, connection.client_host
         if refusal := guard.refusal(login, address, "ftp"):  # LoginGuard (agent.auth): backoff and bans
             connection.response("530", refusal)
             return True
@@ -738,7 +719,7 @@ class FtpServer(aioftp.Server):
                 try:
                     self._resolve(connection, rest)
                 except GatewayError as e:
-                    return self._fail(connection, e)
+                    return self._fail(connection, e, refused_here=True)
             try:
                 return await handler(connection, rest)
             except aioftp.errors.PathIOError as exc:
@@ -750,12 +731,9 @@ class FtpServer(aioftp.Server):
                 return self._fail(connection, e)
         return run
 
-    def _fail(self, connection: aioftp.Connection, e: GatewayError) -> bool:
+    def _fail(self, connection: aioftp.Connection, e: GatewayError, refused_here: bool = False) -> bool:
         code, info = reply_for(e)
-        self.gateway.metrics.errors.labels("ftp", type(e).__name__).inc()
-        if isinstance(e, (BadPath, PermissionDenied)):
-            self.gateway.audit.record(who(connection), "refused", e.path, failure(e))
-        log.warning("ftp_error", user=connection.user.login, path=e.path, code=code, reason=info)
+        report(self.gateway, "ftp", who(connection), e, refused_here=refused_here, code=code)
         connection.response(code, info)
         return True
 
@@ -763,20 +741,17 @@ class FtpServer(aioftp.Server):
 
     @ConnectionConditions(ConnectionConditions.login_required)
     @PathPermissions(PathPermissions.writable)
-    async def stor(self, connection: aioftp.Connection, rest: str, mode: str = "wb") -> bool:
+    async def stor(self, connection: aioftp.Connection, rest: str, append: bool = False) -> bool:
         path = self._resolve(connection, rest)
         offset, passive = connection.session.take_rest(), connection.session.take_passive()
 
         @contextlib.asynccontextmanager
         async def upload() -> AsyncIterator[WriteHandle]:
             """The file being written: discarded unless committed."""
-            start = offset
-            if mode == "ab":
-                try:
-                    start = (await self.gateway.stat(path)).size
-                except NotFound:
-                    start = 0
-            handle = await self.gateway.open_write(path, "ftp", offset=start, who=who(connection))
+            if append:
+                handle = await self.gateway.open_for_write(path, "ftp", who(connection))
+            else:
+                handle = await self.gateway.open_write(path, "ftp", offset=offset, who=who(connection))
             try:
                 yield handle
             except BaseException as e:
@@ -792,7 +767,7 @@ class FtpServer(aioftp.Server):
         return self._transfer(connection, passive, upload, receive)
 
     async def appe(self, connection: aioftp.Connection, rest: str) -> bool:
-        return await self.stor(connection, rest, "ab")
+        return await self.stor(connection, rest, append=True)
 
     @ConnectionConditions(ConnectionConditions.login_required)
     @PathPermissions(PathPermissions.readable)

@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import errno
 import os
-import stat as statmod
 import subprocess
 import time
 from dataclasses import dataclass, field
@@ -30,20 +29,8 @@ import pyfuse3
 import structlog
 
 from agent.audit import Who
-from agent.store.errors import (
-    AlreadyExists,
-    BadOffset,
-    BadPath,
-    Corrupt,
-    GatewayError,
-    IsADirectory,
-    NoSpace,
-    NotADirectory,
-    NotEmpty,
-    NotFound,
-    PermissionDenied,
-    Unavailable,
-)
+from agent.serve.contract import answer, report, st_mode
+from agent.store.errors import BadPath, GatewayError, NotFound
 from agent.store.gateway import Gateway, ReadHandle, WriteHandle
 from agent.store.paths import MAX_PATH_BYTES, check_name, name_of, parent_of
 
@@ -51,18 +38,11 @@ log = structlog.get_logger("pacsgw.fuse")
 
 PROTOCOL = "smb"
 
-ERRNO: dict[type, int] = {
-    NotFound: errno.ENOENT, AlreadyExists: errno.EEXIST, IsADirectory: errno.EISDIR,
-    NotADirectory: errno.ENOTDIR, NotEmpty: errno.ENOTEMPTY, PermissionDenied: errno.EACCES,
-    BadPath: errno.EINVAL, BadOffset: errno.EINVAL, NoSpace: errno.ENOSPC, Unavailable: errno.EIO,
-    Corrupt: errno.EIO,
-}
-
 
 def errno_for(e: GatewayError) -> int:
     if isinstance(e, BadPath) and "longer than" in e.reason:
         return errno.ENAMETOOLONG
-    return ERRNO.get(type(e), errno.EIO)
+    return answer(e).errno
 
 
 class SmbPeers:
@@ -158,19 +138,19 @@ class GatewayFS(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.ENOENT)
         return node.path
 
-    def _child(self, parent_inode: int, name: bytes) -> str:
+    def _child(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext | None) -> str:
         parent = self._path(parent_inode)
         try:
-            text = name.decode("utf-8")
-        except UnicodeDecodeError:
-            raise pyfuse3.FUSEError(errno.EINVAL) from None
-        try:
-            check_name(text, text)
+            text = name.decode("utf-8", "replace")
+            path = f"{parent}/{text}" if parent else text
+            if text.encode() != name:
+                raise BadPath(path, "name is not valid UTF-8")
+            check_name(text, path)
+            if len(path.encode()) > MAX_PATH_BYTES:
+                raise BadPath(path, f"path longer than {MAX_PATH_BYTES} bytes")
         except BadPath as e:
+            report(self.gw, PROTOCOL, self._who(ctx) if ctx is not None else None, e, refused_here=True)
             raise pyfuse3.FUSEError(errno_for(e)) from None
-        path = f"{parent}/{text}" if parent else text
-        if len(path.encode()) > MAX_PATH_BYTES:
-            raise pyfuse3.FUSEError(errno.ENAMETOOLONG)
         return path
 
     def _who(self, ctx: pyfuse3.RequestContext) -> Who:
@@ -232,8 +212,7 @@ class GatewayFS(pyfuse3.Operations):
         a.generation = 0
         a.entry_timeout = 0
         a.attr_timeout = 0
-        # group-writable: every SMB user's Unix account has the service account's group
-        a.st_mode = (statmod.S_IFDIR | 0o775) if is_dir else (statmod.S_IFREG | 0o664)
+        a.st_mode = st_mode(is_dir)  # group-writable: smbd checks it (agent.serve.contract)
         a.st_nlink = 2 if is_dir else 1
         a.st_uid, a.st_gid = self.uid, self.gid
         a.st_rdev = 0
@@ -255,9 +234,8 @@ class GatewayFS(pyfuse3.Operations):
         try:
             return await coro
         except GatewayError as e:
-            if not isinstance(e, NotFound):
-                self.gw.metrics.errors.labels(PROTOCOL, type(e).__name__).inc()
-                log.warning("smb_error", path=e.path, reason=e.reason, kind=type(e).__name__)
+            if not isinstance(e, NotFound):  # smbd looks names up before it creates them: an answer, not an error
+                report(self.gw, PROTOCOL, None, e)
             raise pyfuse3.FUSEError(errno_for(e)) from None
 
     async def lookup(self, parent_inode, name, ctx=None):
@@ -265,7 +243,7 @@ class GatewayFS(pyfuse3.Operations):
             return self._counted(await self._attrs_of(self._path(parent_inode)))
         if name == b"..":
             return self._counted(await self._attrs_of(parent_of(self._path(parent_inode))))
-        return self._counted(await self._attrs_of(self._child(parent_inode, name)))
+        return self._counted(await self._attrs_of(self._child(parent_inode, name, ctx)))
 
     async def getattr(self, inode, ctx=None):
         return await self._attrs_of(self._path(inode))
@@ -275,13 +253,10 @@ class GatewayFS(pyfuse3.Operations):
         if fields.update_size:
             op = self._files.get(fh) if fh is not None else self._writing.get(path)
             if op is None or not op.writable:
-                # truncate(2) by name: a new version of the file with its first st_size bytes
-                writer = await self._call(self._open_writer(path, self._who(ctx), keep=attr.st_size))
-                await writer.truncate(attr.st_size)
-                await self._call(writer.commit())
+                await self._call(self.gw.truncate(path, attr.st_size, PROTOCOL, self._who(ctx)))
             else:
                 await self._ensure_writer(op, keep=attr.st_size)
-                await op.writer.truncate(attr.st_size)
+                await self._call(op.writer.truncate(attr.st_size))
                 op.committed = False
         # modes, owners and times: the object store keeps its own; accept and ignore
         return await self._attrs_of(path)
@@ -303,17 +278,17 @@ class GatewayFS(pyfuse3.Operations):
     # --- namespace -------------------------------------------------------------------------------
 
     async def mkdir(self, parent_inode, name, mode, ctx):
-        path = self._child(parent_inode, name)
+        path = self._child(parent_inode, name, ctx)
         await self._call(self.gw.mkdir(path, self._who(ctx)))
         return self._counted(await self._attrs_of(path))
 
     async def rmdir(self, parent_inode, name, ctx):
-        path = self._child(parent_inode, name)
+        path = self._child(parent_inode, name, ctx)
         await self._call(self.gw.rmdir(path, self._who(ctx)))
         self._detach(path)
 
     async def unlink(self, parent_inode, name, ctx):
-        path = self._child(parent_inode, name)
+        path = self._child(parent_inode, name, ctx)
         op = self._writing.pop(path, None)
         if op is not None:  # being written and not (or not again) committed: nothing will be
             op.unlinked = True
@@ -329,8 +304,8 @@ class GatewayFS(pyfuse3.Operations):
         self._detach(path)
 
     async def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx):
-        src = self._child(parent_inode_old, name_old)
-        dst = self._child(parent_inode_new, name_new)
+        src = self._child(parent_inode_old, name_old, ctx)
+        dst = self._child(parent_inode_new, name_new, ctx)
         if src == dst:
             return
         if flags & pyfuse3.RENAME_EXCHANGE:
@@ -397,18 +372,6 @@ class GatewayFS(pyfuse3.Operations):
         self._files[fh] = op
         return fh
 
-    async def _open_writer(self, path: str, who: Who, keep: int | None = None) -> WriteHandle:
-        """A writer for path that starts with the committed file's first `keep` bytes (all when None)."""
-        try:
-            e = await self.gw.stat(path)
-        except NotFound:
-            e = None
-        if e is not None and e.is_dir:
-            raise IsADirectory(path)
-        size = e.size if e is not None else 0
-        offset = size if keep is None else min(keep, size)
-        return await self.gw.open_write(path, PROTOCOL, offset=offset, who=who)
-
     async def _ensure_writer(self, op: _Open, keep: int | None = None) -> None:
         if op.writer is not None and not op.committed:
             return
@@ -418,7 +381,7 @@ class GatewayFS(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EIO)
         if self.closing:
             raise pyfuse3.FUSEError(errno.EIO)
-        op.writer = await self._call(self._open_writer(op.path, op.who, 0 if op.truncate else keep))
+        op.writer = await self._call(self.gw.open_for_write(op.path, PROTOCOL, op.who, keep=0 if op.truncate else keep))
         op.truncate = False
         op.committed = False
         prev = self._writing.get(op.path)
@@ -427,22 +390,14 @@ class GatewayFS(pyfuse3.Operations):
         self._writing[op.path] = op
 
     async def create(self, parent_inode, name, mode, flags, ctx):
-        path = self._child(parent_inode, name)
+        path = self._child(parent_inode, name, ctx)
         if self.closing or self.draining:
             raise pyfuse3.FUSEError(errno.EROFS)
-        existing = self._writing.get(path)
-        try:
-            e = await self.gw.stat(path)
-        except NotFound:
-            e = None
-        except GatewayError as exc:
-            raise pyfuse3.FUSEError(errno_for(exc)) from None
-        if e is not None and e.is_dir:
-            raise pyfuse3.FUSEError(errno.EISDIR)
-        if (e is not None or existing is not None) and flags & os.O_EXCL:
+        if path in self._writing and flags & os.O_EXCL:  # a file being written, not yet committed, holds the name
             raise pyfuse3.FUSEError(errno.EEXIST)
         op = _Open(0, path, writable=True, who=self._who(ctx))
-        op.writer = await self._call(self.gw.open_write(path, PROTOCOL, who=op.who))
+        op.writer = await self._call(self.gw.open_for_write(path, PROTOCOL, op.who, keep=0,
+                                                            exclusive=bool(flags & os.O_EXCL)))
         self._writing[path] = op
         op.inode = self._inode_for(path)
         fh = self._new_fh(op)

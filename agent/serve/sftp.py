@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import stat as statmod
 import weakref
 from pathlib import Path
 from typing import AsyncIterator
@@ -18,46 +17,25 @@ from typing import AsyncIterator
 import asyncssh
 import structlog
 
-from agent.audit import AuditLog, Who, failure
+from agent.audit import AuditLog, Who
 from agent.auth import LoginGuard, verify_password
 from agent.config import Config, UserConfig
 from agent.records import Entry
-from agent.store.errors import (
-    AlreadyExists,
-    BadOffset,
-    BadPath,
-    Corrupt,
-    GatewayError,
-    IsADirectory,
-    NoSpace,
-    NotADirectory,
-    NotEmpty,
-    NotFound,
-    PermissionDenied,
-    Unavailable,
-)
+from agent.serve.contract import answer, report, st_mode
+from agent.store.errors import GatewayError, NotFound
 from agent.store.gateway import Gateway, ReadHandle, WriteHandle
 from agent.store.paths import resolve
 
 log = structlog.get_logger("pacsgw.sftp")
 
-_ERRORS: dict[type, type[asyncssh.SFTPError]] = {
-    NotFound: asyncssh.SFTPNoSuchFile, AlreadyExists: asyncssh.SFTPFileAlreadyExists,
-    IsADirectory: asyncssh.SFTPFileIsADirectory, NotADirectory: asyncssh.SFTPNotADirectory,
-    NotEmpty: asyncssh.SFTPDirNotEmpty, PermissionDenied: asyncssh.SFTPPermissionDenied,
-    BadPath: asyncssh.SFTPInvalidFilename, BadOffset: asyncssh.SFTPInvalidParameter,
-    NoSpace: asyncssh.SFTPNoSpaceOnFilesystem, Unavailable: asyncssh.SFTPFailure, Corrupt: asyncssh.SFTPFailure,
-}
-
 
 def sftp_error(e: GatewayError) -> asyncssh.SFTPError:
-    return _ERRORS.get(type(e), asyncssh.SFTPFailure)(e.reason)
+    return answer(e).sftp(e.reason)
 
 
 def _attrs(e: Entry) -> asyncssh.SFTPAttrs:
-    mode = (statmod.S_IFDIR | 0o755) if e.is_dir else (statmod.S_IFREG | 0o644)
     return asyncssh.SFTPAttrs(type=asyncssh.FILEXFER_TYPE_DIRECTORY if e.is_dir else asyncssh.FILEXFER_TYPE_REGULAR,
-                              size=e.size, permissions=mode, uid=0, gid=0, nlink=1,
+                              size=e.size, permissions=st_mode(e.is_dir), uid=0, gid=0, nlink=1,
                               atime=int(e.mtime), mtime=int(e.mtime))
 
 
@@ -150,20 +128,14 @@ class GatewaySFTP(asyncssh.SFTPServer):
         try:
             return resolve(self.root, "/", text)
         except GatewayError as e:
-            self._log_error(e)
+            report(self.gateway, "sftp", self.who, e, refused_here=True)
             raise sftp_error(e) from None
-
-    def _log_error(self, e: GatewayError) -> None:
-        self.gateway.metrics.errors.labels("sftp", type(e).__name__).inc()
-        if isinstance(e, (BadPath, PermissionDenied)):
-            self.gateway.audit.record(self.who, "refused", e.path, failure(e))
-        log.warning("sftp_error", user=self.user, path=e.path, reason=e.reason, kind=type(e).__name__)
 
     async def _call(self, coro):  # noqa: ANN001, ANN202
         try:
             return await coro
         except GatewayError as e:
-            self._log_error(e)
+            report(self.gateway, "sftp", self.who, e)
             raise sftp_error(e) from None
 
     # --- paths -----------------------------------------------------------------------------------
@@ -182,8 +154,7 @@ class GatewaySFTP(asyncssh.SFTPServer):
     async def fstat(self, file_obj: _OpenFile) -> asyncssh.SFTPAttrs:
         if file_obj.writer is not None:
             w = file_obj.writer
-            return asyncssh.SFTPAttrs(type=asyncssh.FILEXFER_TYPE_REGULAR, size=w.size,
-                                      permissions=statmod.S_IFREG | 0o644)
+            return asyncssh.SFTPAttrs(type=asyncssh.FILEXFER_TYPE_REGULAR, size=w.size, permissions=st_mode(False))
         return _attrs(file_obj.reader.entry)
 
     async def setstat(self, path: bytes, attrs: asyncssh.SFTPAttrs) -> None:
@@ -191,18 +162,8 @@ class GatewaySFTP(asyncssh.SFTPServer):
         modes are accepted and ignored: the object store keeps its own (for a valid path inside the user's
         root: a path that escapes gets the usual error; some clients set them on a file still being written)."""
         ns = self._ns(path)
-        if attrs.size is None:
-            return
-        e = await self._call(self.gateway.stat(ns))
-        if e.is_dir:
-            raise asyncssh.SFTPFileIsADirectory(f"{ns} is a directory")
-        writer = await self._call(self.gateway.open_write(ns, "sftp", offset=min(attrs.size, e.size), who=self.who))
-        try:
-            await self._call(writer.truncate(attrs.size))
-        except BaseException:
-            await writer.abort("setstat size failed")
-            raise
-        await self._call(writer.commit())
+        if attrs.size is not None:
+            await self._call(self.gateway.truncate(ns, attrs.size, "sftp", self.who))
 
     lsetstat = setstat  # lsetstat@openssh.com: asyncssh's default would chmod/chown/utime a *local* path
 
@@ -248,19 +209,9 @@ class GatewaySFTP(asyncssh.SFTPServer):
         ns = self._ns(path)
         if not pflags & (asyncssh.FXF_WRITE | asyncssh.FXF_APPEND):
             return _OpenFile(ns, reader=await self._call(self.gateway.open_read(ns, "sftp", self.who)))
-        try:
-            existing = await self.gateway.stat(ns)
-        except NotFound:
-            existing = None
-        except GatewayError as e:
-            self._log_error(e)
-            raise sftp_error(e) from None
-        if existing is not None and pflags & asyncssh.FXF_EXCL:
-            raise asyncssh.SFTPFileAlreadyExists(f"{ns} exists")
-        if existing is None and not pflags & asyncssh.FXF_CREAT:
-            raise asyncssh.SFTPNoSuchFile(f"{ns} does not exist")
-        keep = existing.size if existing is not None and not existing.is_dir and not pflags & asyncssh.FXF_TRUNC else 0
-        writer = await self._call(self.gateway.open_write(ns, "sftp", offset=keep, who=self.who))
+        writer = await self._call(self.gateway.open_for_write(
+            ns, "sftp", self.who, keep=0 if pflags & asyncssh.FXF_TRUNC else None,
+            create=bool(pflags & asyncssh.FXF_CREAT), exclusive=bool(pflags & asyncssh.FXF_EXCL)))
         return _OpenFile(ns, writer=writer, append=bool(pflags & asyncssh.FXF_APPEND))
 
     async def read(self, file_obj: _OpenFile, offset: int, size: int) -> bytes:
@@ -318,8 +269,8 @@ class GatewaySFTP(asyncssh.SFTPServer):
 
 
 class SftpService:
-    def __init__(self, cfg: Config, gateway: Gateway) -> None:
-        self.cfg, self.gateway = cfg, gateway
+    def __init__(self, cfg: Config, gateway: Gateway, logins: LoginGuard) -> None:
+        self.cfg, self.gateway, self.logins = cfg, gateway, logins
         self.users = {u.name: u for u in cfg.users}
         self._acceptor: asyncssh.SSHAcceptor | None = None
         self._conns: weakref.WeakSet[asyncssh.SSHServerConnection] = weakref.WeakSet()
@@ -336,7 +287,7 @@ class SftpService:
             acceptor=self._conns.add, reuse_port=reuse_port)
 
     def _auth(self) -> _Auth:
-        return _Auth(self.users, self.cfg.sftp.password_auth, self.gateway.audit, self.gateway.logins)
+        return _Auth(self.users, self.cfg.sftp.password_auth, self.gateway.audit, self.logins)
 
     def stop_accepting(self) -> None:
         if self._acceptor:

@@ -43,6 +43,7 @@ from typing import Any
 import structlog
 
 from agent.audit import Who
+from agent.auth import LoginGuard
 from agent.config import Config, UserConfig
 from agent.serve.fuse import FuseMount
 from agent.store.errors import AlreadyExists
@@ -225,8 +226,8 @@ def _check_searchable(path: Path, uid: int, gid: int, account: str) -> None:
 
 
 class SmbService:
-    def __init__(self, cfg: Config, gateway: Gateway) -> None:
-        self.cfg, self.gateway = cfg, gateway
+    def __init__(self, cfg: Config, gateway: Gateway, logins: LoginGuard) -> None:
+        self.cfg, self.gateway, self.logins = cfg, gateway, logins
         self.state = Path(cfg.smb.state_dir)
         self.conf_path = self.state / "smb.conf"
         self.mount: FuseMount | None = None
@@ -374,7 +375,7 @@ class SmbService:
             await asyncio.sleep(AUTH_POLL_SECONDS)
 
     def _login(self, user: str, address: str, ok: bool) -> None:
-        guard, who = self.gateway.logins, Who(user, "smb", address)
+        guard, who = self.logins, Who(user, "smb", address)
         if ok:
             log.info("login", protocol="smb", user=user, peer=address, method="password")
             guard.succeeded(user, address)
@@ -385,7 +386,7 @@ class SmbService:
         guard.failed(user, address, "smb")  # its delay cannot be applied: Samba has already answered
 
     async def _enforce_bans(self) -> None:
-        banned = self.gateway.logins.banned("address")
+        banned = self.logins.banned("address")
         if banned == self._bans:
             return
         (self.state / BANS_CONF).write_text(render_bans(self.cfg, banned))

@@ -23,7 +23,6 @@ from typing import Callable
 import structlog
 
 from agent.audit import AuditLog, Who, failure
-from agent.auth import LoginGuard
 from agent.config import Config
 from agent.metrics import Metrics
 from agent.records import Entry
@@ -31,6 +30,7 @@ from agent.store.access import AccessStats
 from agent.store.cache import Cache, fast_hash, hash_range, sha256_fd
 from agent.store.catalog import AsyncCatalog
 from agent.store.errors import (
+    AlreadyExists,
     BadOffset,
     Corrupt,
     GatewayError,
@@ -158,7 +158,7 @@ class WriteHandle:
                 durable.add_done_callback(lambda _: self.gw.write_finished())
         self.gw.metrics.ack_seconds.labels(self.protocol).observe(time.monotonic() - t0)
 
-    async def _make_durable(self) -> asyncio.Task | None:
+    async def _make_durable(self) -> asyncio.Task[bool] | None:
         """fsync + rename into the cache + catalog commit (+ start of a write-through upload)."""
         try:
             sha = self._hash.hexdigest() if self._hash is not None else await asyncio.to_thread(sha256_fd, self.fd)
@@ -213,7 +213,7 @@ class _Fill:
     etag: str | None = None  # of the version the stream reads; None until it answered
     started: bool = False
     ranges: list[tuple[int, int]] = field(default_factory=list)  # landed by ranged GETs, [start, end)
-    ranging: asyncio.Task | None = None  # one ranged GET at a time per fetch
+    ranging: asyncio.Task[None] | None = None  # one ranged GET at a time per fetch
     window: int = RANGE_FIRST  # the next ranged GET's size: doubles for a sequential reader
     no_ranges: bool = False  # a ranged GET failed: the stream brings the rest
 
@@ -251,14 +251,14 @@ class ReadHandle:
         a cached copy once checked that far ahead, a fetch once another STEP bytes (or the rest) have landed.
         The end of a file only once all of it matched its digest."""
         if self.fill is not None:
-            return await self._landed(pos, min(pos + STEP, self.size))
+            return await self._landed(self.fill, pos, min(pos + STEP, self.size))
         await self._check(min(pos + VERIFY_AHEAD, self.size))
         return self.size if self._digest is None else self._checked
 
     async def read(self, offset: int, length: int) -> bytes:
         end = min(offset + length, self.size)
         if self.fill is not None:
-            await self._landed(offset, end)
+            await self._landed(self.fill, offset, end)
         else:
             await self._check(end)
         data = await asyncio.to_thread(os.pread, self.fd, length, offset)
@@ -289,7 +289,7 @@ class ReadHandle:
             await self.gw.bad_copy(self.entry, problem, found_by="read")
             raise self._broken
 
-    async def _landed(self, pos: int, end: int) -> int:
+    async def _landed(self, fill: _Fill, pos: int, end: int) -> int:
         """Wait until the fetch has landed the bytes [pos, end) → how far from pos they may be served now
         (≥ end). Starts a ranged GET when pos is far ahead of the stream, and the next one ahead of a
         sequential reader nearing the end of the last.
@@ -297,7 +297,6 @@ class ReadHandle:
         Bytes stream to the reader as they land, but the end of the file only after the whole object was
         verified: no client ever receives a complete file that failed its checksum.
         """
-        fill = self.fill
         async with fill.cond:
             while True:
                 if fill.error is not None:
@@ -326,14 +325,13 @@ class Gateway:
                  metrics: Metrics, audit: AuditLog) -> None:
         self.cfg, self.db, self.cache, self.s3, self.uploader, self.metrics = cfg, db, cache, s3, uploader, metrics
         self.audit, self.line = audit, uploader.line
-        self.logins = LoginGuard(cfg.login, metrics, audit)  # shared by the front ends: one agent, one count
         self.worm = WormPolicy(cfg.compliance)
         self.fetch_refusal = ""  # set under critical pressure: no new fetches from S3
         self.write_refusal = ""  # set on the standby box of an HA pair (agent/ha.py): no changes
         self._fills: dict[str, _Fill] = {}
-        self._listings: dict[str, asyncio.Future] = {}
+        self._listings: dict[str, asyncio.Future[None]] = {}
         self.access = AccessStats(cfg.prefetch.dir_depth)
-        self._loops: list[asyncio.Task] = []
+        self._loops: list[asyncio.Task[None]] = []
         self.evictor = Evictor(cfg.cache, db, cache, metrics, self._flush_access)
         self.on_stored: Callable[[str, str], None] | None = None  # (path, blob) after a commit: prior prefetch
         self.active_writes = 0
@@ -369,7 +367,7 @@ class Gateway:
         return rights is None or right in rights
 
     def _require(self, who: Who | None, right: str, path: str) -> None:
-        if not self.allowed(who, right):
+        if who is not None and not self.allowed(who, right):
             raise PermissionDenied(path, f"user {who.user} lacks the '{right}' permission")
 
     def _movable(self, path: str) -> None:
@@ -578,6 +576,34 @@ class Gateway:
             handle.protected = handle.size
         return handle
 
+    async def open_for_write(self, path: str, protocol: str, who: Who | None, *, keep: int | None = None,
+                             create: bool = True, exclusive: bool = False) -> WriteHandle:
+        """open(2) for writing, for SFTP and SMB (FUSE): a writer that starts with the stored file's first `keep`
+        bytes (all of them when None, none for O_TRUNC). `exclusive` (O_EXCL) refuses an existing name; without
+        `create` (O_CREAT) a missing file is NotFound."""
+        async with self.audit.op(who, "store", path, record_ok=False):
+            try:
+                e: Entry | None = await self.stat(path)
+            except NotFound:
+                e = None
+            if e is not None and exclusive:
+                raise AlreadyExists(path)
+            if e is None and not create:
+                raise NotFound(path)
+        size = e.size if e is not None and not e.is_dir else 0  # a directory: open_write refuses it
+        return await self.open_write(path, protocol, offset=size if keep is None else min(keep, size), who=who)
+
+    async def truncate(self, path: str, length: int, protocol: str, who: Who | None) -> None:
+        """truncate(2) by name (SFTP setstat, SMB set end-of-file): a new version of the stored file, cut to
+        `length` bytes or extended with zeros."""
+        handle = await self.open_for_write(path, protocol, who, keep=length, create=False)
+        try:
+            await handle.truncate(length)
+        except BaseException as e:
+            await handle.abort(f"truncate failed: {type(e).__name__}")
+            raise
+        await handle.commit()
+
     def write_finished(self) -> None:
         self.active_writes -= 1
         if not self.active_writes:
@@ -591,7 +617,7 @@ class Gateway:
         except asyncio.TimeoutError:
             return False
 
-    async def commit_file(self, path: str, blob: str, size: int, sha: str) -> asyncio.Task | None:
+    async def commit_file(self, path: str, blob: str, size: int, sha: str) -> asyncio.Task[bool] | None:
         """Commit the catalog row; in write-through, start its upload. → that upload task, if any.
 
         The upload starts here, in the same uncancellable step as the commit that claimed the row: a row
@@ -612,7 +638,7 @@ class Gateway:
             return None  # already superseded by a newer write
         return self.uploader.start_transfer(entry)
 
-    async def write_through(self, path: str, upload: asyncio.Task | None) -> None:
+    async def write_through(self, path: str, upload: asyncio.Task[bool] | None) -> None:
         """Wait (up to through_timeout) for S3 to confirm a write-through upload; it goes on regardless."""
         if upload is None:
             return
@@ -666,7 +692,7 @@ class Gateway:
             raise Corrupt(e.path, f"cached copy {problem} and not yet in object storage")
         log.error("cache_copy_corrupt", path=e.path, blob=e.blob, problem=problem, action="fetch again",
                   found_by=found_by)
-        if await self.db.drop_corrupt(e.path, e.blob):
+        if e.blob is not None and await self.db.drop_corrupt(e.path, e.blob):
             self.cache.remove(e.blob)
 
     async def prefetch(self, e: Entry) -> bool:

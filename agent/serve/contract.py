@@ -1,0 +1,86 @@
+"""What every front end (FTP, SFTP, SMB over FUSE) does the same way; the protocol modules only translate.
+
+* Modes: one file shows one mode whatever protocol lists it. 0664 / 0775 (group-writable) because SMB needs
+  it: smbd checks the mode bits itself, as the session user's Unix account, which is not the mount's owner but
+  is in its group (agent.serve.smb). The object store keeps no modes; FTP and SFTP only display them.
+* Errors: one table (`ANSWERS`) says what each gateway error is in every protocol (FTP: 450/451/452 are
+  transient, "try again", 55x permanent; SMB: an errno Samba turns into an NT status). `report` counts a
+  gateway error in pacsgw_errors_total{protocol,kind} and logs it as `<protocol>_error`; a request the front
+  end refused itself, before the gateway saw it (a path outside the user's root, a name no client may use),
+  is audited here as 'refused'. Whatever reached the gateway was audited there, once.
+* Opening for write (create, exclusive, truncate, resume) is decided by the facade:
+  Gateway.open_for_write, Gateway.open_write (FTP's REST) and Gateway.truncate.
+"""
+
+from __future__ import annotations
+
+import errno
+import stat
+from dataclasses import dataclass
+from typing import Callable
+
+import asyncssh
+import structlog
+
+from agent.audit import Who, failure
+from agent.store.errors import (
+    AlreadyExists,
+    BadOffset,
+    BadPath,
+    Corrupt,
+    GatewayError,
+    IsADirectory,
+    NoSpace,
+    NotADirectory,
+    NotEmpty,
+    NotFound,
+    PermissionDenied,
+    Unavailable,
+)
+from agent.store.gateway import Gateway
+
+log = structlog.get_logger("pacsgw.serve")
+
+FILE_MODE = stat.S_IFREG | 0o664
+DIR_MODE = stat.S_IFDIR | 0o775
+
+
+def st_mode(is_dir: bool) -> int:
+    return DIR_MODE if is_dir else FILE_MODE
+
+
+@dataclass(frozen=True)
+class Answer:
+    ftp: str  # reply code
+    sftp: Callable[[str], asyncssh.SFTPError]  # the SFTPError subclass, given the reason
+    errno: int  # FUSE → Samba → NT status
+
+
+ANSWERS: dict[type[GatewayError], Answer] = {
+    NotFound: Answer("550", asyncssh.SFTPNoSuchFile, errno.ENOENT),
+    AlreadyExists: Answer("550", asyncssh.SFTPFileAlreadyExists, errno.EEXIST),
+    IsADirectory: Answer("550", asyncssh.SFTPFileIsADirectory, errno.EISDIR),
+    NotADirectory: Answer("550", asyncssh.SFTPNotADirectory, errno.ENOTDIR),
+    NotEmpty: Answer("550", asyncssh.SFTPDirNotEmpty, errno.ENOTEMPTY),
+    PermissionDenied: Answer("550", asyncssh.SFTPPermissionDenied, errno.EACCES),
+    BadPath: Answer("553", asyncssh.SFTPInvalidFilename, errno.EINVAL),
+    BadOffset: Answer("554", asyncssh.SFTPInvalidParameter, errno.EINVAL),
+    NoSpace: Answer("452", asyncssh.SFTPNoSpaceOnFilesystem, errno.ENOSPC),
+    Unavailable: Answer("451", asyncssh.SFTPFailure, errno.EIO),
+    Corrupt: Answer("451", asyncssh.SFTPFailure, errno.EIO),
+}
+_OTHER = Answer("451", asyncssh.SFTPFailure, errno.EIO)
+
+
+def answer(e: GatewayError) -> Answer:
+    return ANSWERS.get(type(e), _OTHER)
+
+
+def report(gw: Gateway, protocol: str, who: Who | None, e: GatewayError, *, refused_here: bool = False,
+           **context: object) -> None:
+    """A gateway error on its way back to a client (`context`: what the protocol answered, e.g. its code)."""
+    gw.metrics.errors.labels(protocol, type(e).__name__).inc()
+    if refused_here:
+        gw.audit.record(who, "refused", e.path, failure(e))
+    log.warning(f"{protocol}_error", user=who.user if who is not None else None, path=e.path, reason=e.reason,
+                kind=type(e).__name__, **context)
