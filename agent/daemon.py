@@ -119,14 +119,7 @@ class Agent:
         self.scrubber = Scrubber(self.db, self.cache, cfg.scrub.rate, cfg.scrub.pause_seconds)
         self._scrub = asyncio.create_task(self.scrubber.run(), name="scrub") if cfg.scrub.enabled else None
         logins = LoginGuard(cfg.login, self.metrics, self.audit)  # one count of failures across the front ends
-        if cfg.ftp.enabled:
-            self.ftp = FtpServer(cfg, self.gateway, logins)
-            with _setting(cfg, "ftp.listen", _addr(cfg.ftp.listen), "an address this box can listen on"):
-                await self.ftp.start(*cfg.ftp.listen, reuse_port=self.shares_ports)
-        if cfg.sftp.enabled:
-            self.sftp = SftpService(cfg, self.gateway, logins)
-            with _setting(cfg, "sftp.listen", _addr(cfg.sftp.listen), "an address this box can listen on"):
-                await self.sftp.start(reuse_port=self.shares_ports)
+        await self._serve_ftp_sftp(logins)
         if cfg.smb.enabled:
             from agent.serve.smb import SmbService
             self.smb = SmbService(cfg, self.gateway, logins)
@@ -158,6 +151,18 @@ class Agent:
         self.uploader = Uploader(self.db, self.cache, self.s3, self.line, self.metrics, retention,
                                  Describer(cfg.dicom, retention.retention_class,
                                            bool(retention.rules) or cfg.uplink.compress != "off"))
+
+    async def _serve_ftp_sftp(self, logins: LoginGuard) -> None:
+        """FTP and SFTP listeners: the owner's and every worker's (SO_REUSEPORT when several processes serve)."""
+        cfg = self.cfg
+        if cfg.ftp.enabled:
+            self.ftp = FtpServer(cfg, self.gateway, logins)
+            with _setting(cfg, "ftp.listen", _addr(cfg.ftp.listen), "an address this box can listen on"):
+                await self.ftp.start(*cfg.ftp.listen, reuse_port=self.shares_ports)
+        if cfg.sftp.enabled:
+            self.sftp = SftpService(cfg, self.gateway, logins)
+            with _setting(cfg, "sftp.listen", _addr(cfg.sftp.listen), "an address this box can listen on"):
+                await self.sftp.start(reuse_port=self.shares_ports)
 
     @property
     def shares_ports(self) -> bool:

@@ -12,11 +12,10 @@ from pathlib import Path
 import structlog
 
 from agent.audit import AuditLog
+from agent.auth import LoginGuard
 from agent.config import Config
 from agent.daemon import DRAIN_SECONDS, Agent, run_until_signal
 from agent.monitor import PressureMonitor
-from agent.serve.ftp import FtpServer
-from agent.serve.sftp import SftpService
 from agent.store.cache import Cache
 from agent.store.catalog import AsyncCatalog, Catalog
 from agent.store.gateway import Gateway
@@ -51,12 +50,8 @@ class Worker(Agent):
         self.monitor = PressureMonitor(cfg, self.db, self.cache, self.gateway, self.line, self.metrics)
         await self.monitor.sample()
         self._monitor = asyncio.create_task(self.monitor.run(), name="pressure")
-        if cfg.ftp.enabled:
-            self.ftp = FtpServer(cfg, self.gateway)
-            await self.ftp.start(*cfg.ftp.listen, reuse_port=True)
-        if cfg.sftp.enabled:
-            self.sftp = SftpService(cfg, self.gateway)
-            await self.sftp.start(reuse_port=True)
+        # Failures are counted per process: a guesser gets up to N times the allowance (docs/workers.md).
+        await self._serve_ftp_sftp(LoginGuard(cfg.login, self.metrics, self.audit))
         path = pid_dir(cfg) / f"{self.index}.pid"
         path.parent.mkdir(exist_ok=True)
         path.write_text(f"{os.getpid()}\n")
