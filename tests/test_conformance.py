@@ -1,10 +1,10 @@
 """Conformance (issue 16, like rclone's vfstest): each scenario is written once and run against FTP, SFTP and SMB
-through tests/clients.py; the scenarios that change S3 run once more over FTP with rclone's S3 server behind the
-agent (the second S3 implementation: copies for renames, deletes). Every scenario checks what the client sees
-and what S3 holds.
+through tests/clients.py; the scenarios with S3 requests of their own (puts of new kinds of keys, copies,
+deletes, reads) run once more over FTP with rclone's S3 server behind the agent, the second S3 implementation.
+Every scenario checks what the client sees and what S3 holds.
 
-One agent per target serves all of a target's scenarios (each in a directory named after the test), with a
-second user confined to /confined and, written to the bucket before the agent started, objects only S3 knows.
+One agent per target serves all of a target's scenarios (each in a directory named after the test), with users
+confined to /confined and /US and, written to the bucket before the agent started, objects only S3 knows.
 Protocol-specific behaviour (FTP REST/APPE replies and the aioftp client, SFTP keys and random-access writes,
 SMB's large files, Samba settings, FUSE flushes, kill -9) stays in test_ftp.py, test_sftp.py, test_smb.py.
 """
@@ -43,7 +43,7 @@ USERS = [{"name": "pacs", "password": PASSWORD, "root": "/"},
          {"name": "us", "password": PASSWORD, "root": "/US"}]  # test_roots_cannot_be_removed_or_renamed
 ONLY_IN_S3 = {"s3only/foreign.dcm": os.urandom(123_457), "s3only/deep/nested.dcm": os.urandom(5_000)}
 # Names no client may create: control characters, over 255 bytes, Windows device names, a trailing dot or space.
-BAD_NAMES = ["bad\x01name.dcm", "n" * 300 + ".dcm", "CON", "aux.dcm", "LPT1.dcm", "x.", "x "]
+BAD_NAMES = ["bad\x01name.dcm", "n" * 300 + ".dcm", "CON", "aux", "con.txt", "LPT1.dcm", "x.", "x "]
 
 
 def evict(agent: AgentProc, path: str) -> dict:
