@@ -39,16 +39,15 @@ def any_store(request) -> ObjectStore:
     return request.getfixturevalue("seaweed" if request.param == "seaweedfs" else "rclone_s3")
 
 
-@pytest.fixture
-def agent_factory(tmp_path, seaweed):
-    """Start agents (default: against SeaweedFS, a fresh prefix per test); all stopped at teardown."""
+def _agents(root: Path, default_store: ObjectStore):  # a generator fixture body
+    """Start agents (default: against default_store, a fresh prefix each); all stopped at teardown."""
     started: list[AgentProc] = []
 
     def make(store: ObjectStore | None = None, *, prefix: str | None = None, **overrides) -> AgentProc:
         users = overrides.pop("users", None)
-        workdir = tmp_path / f"agent{len(started)}"
+        workdir = root / f"agent{len(started)}"
         workdir.mkdir()
-        a = AgentProc(workdir, store or seaweed, prefix if prefix is not None else f"t{time.time_ns()}/",
+        a = AgentProc(workdir, store or default_store, prefix if prefix is not None else f"t{time.time_ns()}/",
                       overrides, users or [{"name": "pacs", "password": PASSWORD, "root": "/"}], bucket=BUCKET)
         started.append(a)
         return a
@@ -56,6 +55,17 @@ def agent_factory(tmp_path, seaweed):
     yield make
     for a in started:
         a.stop()
+
+
+@pytest.fixture
+def agent_factory(tmp_path, seaweed):
+    yield from _agents(tmp_path, seaweed)
+
+
+@pytest.fixture(scope="module")
+def module_agent_factory(tmp_path_factory, seaweed):
+    """agent_factory for agents that the tests of one module share (the conformance suite)."""
+    yield from _agents(tmp_path_factory.mktemp("agents"), seaweed)
 
 
 @pytest.fixture
@@ -73,8 +83,7 @@ def locked_bucket(seaweed) -> str:
     return LOCKED_BUCKET
 
 
-@pytest.fixture
-def smb_agent(agent_factory):
+def _smb_agents(agent_factory):  # a generator fixture body
     """Agents serving SMB too (real smbd over the FUSE mount; needs root); smbd and the mount are cleaned up."""
     from smbutil import cleanup_smb, smb_overrides
     made, bases = [], []
@@ -96,3 +105,13 @@ def smb_agent(agent_factory):
             shutil.copy(log, a.workdir / "smbd.log")
     for base in bases:
         shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture
+def smb_agent(agent_factory):
+    yield from _smb_agents(agent_factory)
+
+
+@pytest.fixture(scope="module")
+def module_smb_agent(module_agent_factory):
+    yield from _smb_agents(module_agent_factory)

@@ -113,8 +113,9 @@ def cleanup_smb(agent) -> None:
         time.sleep(0.1)
 
 
-def raw_create(smb: "Smb", name: str) -> None:
-    """CREATE+WRITE+CLOSE of `name` exactly as given (smbclient would normalise '..' away client-side)."""
+def raw_request(smb: "Smb", name: str, data: bytes | None = None) -> bytes:
+    """Write `data` to `name` (CREATE, WRITE, CLOSE), or read it when data is None, with the name exactly as given:
+    smbclient would resolve '..' client-side, and the server is the one that must refuse it."""
     from smbprotocol.open import (
         CreateDisposition,
         CreateOptions,
@@ -131,10 +132,17 @@ def raw_create(smb: "Smb", name: str) -> None:
     tree.connect()
     try:
         f = Open(tree, name)
-        f.create(ImpersonationLevel.Impersonation, FilePipePrinterAccessMask.GENERIC_WRITE, 0x80,
-                 ShareAccess.FILE_SHARE_READ, CreateDisposition.FILE_OVERWRITE_IF,
-                 CreateOptions.FILE_NON_DIRECTORY_FILE)
-        f.write(b"escaped", 0)
+        if data is None:
+            f.create(ImpersonationLevel.Impersonation, FilePipePrinterAccessMask.GENERIC_READ, 0x80,
+                     ShareAccess.FILE_SHARE_READ, CreateDisposition.FILE_OPEN, CreateOptions.FILE_NON_DIRECTORY_FILE)
+            got = f.read(0, f.end_of_file) if f.end_of_file else b""
+        else:
+            f.create(ImpersonationLevel.Impersonation, FilePipePrinterAccessMask.GENERIC_WRITE, 0x80,
+                     ShareAccess.FILE_SHARE_READ, CreateDisposition.FILE_OVERWRITE_IF,
+                     CreateOptions.FILE_NON_DIRECTORY_FILE)
+            f.write(data, 0)
+            got = b""
         f.close()
+        return got
     finally:
         tree.disconnect()

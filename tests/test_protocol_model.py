@@ -14,21 +14,18 @@ it (shrinking against a live agent can take minutes).
 
 from __future__ import annotations
 
-import asyncio
-import ftplib
-import io
 import itertools
 import os
 import random
 import signal
 from dataclasses import dataclass, field
 
-import asyncssh
+from clients import ClientError, FtpClient, SftpClient, SmbClient
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from harness import PASSWORD, s3_objects, sha256
+from harness import s3_objects, sha256
 
 DEFAULT_STEPS = 2000
 STEPS = int(os.environ.get("PACSGW_MODEL_STEPS", str(DEFAULT_STEPS)))
@@ -41,190 +38,6 @@ CUT_PAYLOAD = 256 * 1024  # an upload cut by the kill: this much is sent, then t
 DIRS = ["A", "B"]
 FILES = ["a", "b", "c"]
 _examples = itertools.count()
-
-
-class Refused(Exception):
-    """The server refused the operation (any protocol error)."""
-
-
-# --- one client per protocol, the same small synchronous interface -------------------------------------
-
-
-class FtpClient:
-    def __init__(self, agent) -> None:
-        self.f = ftplib.FTP(timeout=60)
-        self.f.connect("127.0.0.1", agent.ftp_port)
-        self.f.login("pacs", PASSWORD)
-
-    def _do(self, call, *args):
-        try:
-            return call(*args)
-        except ftplib.Error as e:
-            raise Refused(str(e)) from None
-
-    def mkdir(self, p: str) -> None:
-        self._do(self.f.mkd, p)
-
-    def store(self, p: str, data: bytes) -> None:
-        self._do(self.f.storbinary, f"STOR {p}", io.BytesIO(data))
-
-    def append(self, p: str, data: bytes) -> None:
-        self._do(self.f.storbinary, f"APPE {p}", io.BytesIO(data))
-
-    def resume(self, p: str, offset: int, data: bytes) -> None:
-        self._do(self.f.storbinary, f"STOR {p}", io.BytesIO(data), 8192, None, offset)
-
-    def rename(self, src: str, dst: str) -> None:
-        self._do(self.f.rename, src, dst)
-
-    def delete(self, p: str) -> None:
-        self._do(self.f.delete, p)
-
-    def rmdir(self, p: str) -> None:
-        self._do(self.f.rmd, p)
-
-    def list(self, p: str) -> list[str]:
-        return sorted(self._do(self.f.nlst, p))
-
-    def read(self, p: str) -> bytes:
-        buf = io.BytesIO()
-        self._do(self.f.retrbinary, f"RETR {p}", buf.write)
-        return buf.getvalue()
-
-    def begin_store(self, p: str, data: bytes) -> None:
-        """Start STOR p and send data, leaving the upload unfinished."""
-        self.f.voidcmd("TYPE I")
-        self.cut = self.f.transfercmd(f"STOR {p}")
-        self.cut.sendall(data)
-
-    def close(self) -> None:
-        try:
-            self.f.quit()
-        except (ftplib.Error, OSError, EOFError):
-            self.f.close()
-
-
-class SftpClient:
-    def __init__(self, agent) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.conn = self.loop.run_until_complete(asyncssh.connect(
-            "127.0.0.1", agent.sftp_port, username="pacs", password=PASSWORD, known_hosts=None))
-        self.sftp = self.loop.run_until_complete(self.conn.start_sftp_client())
-
-    def _do(self, coro):
-        try:
-            return self.loop.run_until_complete(coro)
-        except asyncssh.SFTPError as e:
-            raise Refused(str(e)) from None
-
-    async def _write(self, p: str, mode: str, data: bytes, offset: int | None = None) -> None:
-        async with self.sftp.open(p, mode) as f:
-            if offset is None:
-                await f.write(data)
-            else:
-                await f.write(data, offset)
-                await f.truncate(offset + len(data))
-
-    def mkdir(self, p: str) -> None:
-        self._do(self.sftp.mkdir(p))
-
-    def store(self, p: str, data: bytes) -> None:
-        self._do(self._write(p, "wb", data))
-
-    def append(self, p: str, data: bytes) -> None:
-        self._do(self._write(p, "ab", data))
-
-    def resume(self, p: str, offset: int, data: bytes) -> None:
-        self._do(self._write(p, "r+b", data, offset))
-
-    def rename(self, src: str, dst: str) -> None:
-        self._do(self.sftp.posix_rename(src, dst))
-
-    def delete(self, p: str) -> None:
-        self._do(self.sftp.remove(p))
-
-    def rmdir(self, p: str) -> None:
-        self._do(self.sftp.rmdir(p))
-
-    def list(self, p: str) -> list[str]:
-        return sorted(n for n in self._do(self.sftp.listdir(p)) if n not in (".", ".."))
-
-    def read(self, p: str) -> bytes:
-        async def body() -> bytes:
-            async with self.sftp.open(p, "rb") as f:
-                return await f.read()
-        return self._do(body())
-
-    def begin_store(self, p: str, data: bytes) -> None:
-        async def body() -> None:
-            self.cut = await self.sftp.open(p, "wb")
-            await self.cut.write(data)
-        self._do(body())
-
-    def close(self) -> None:
-        try:
-            self.sftp.exit()
-            self.conn.close()
-            self.loop.run_until_complete(self.conn.wait_closed())
-        except (OSError, asyncssh.Error):
-            pass
-        self.loop.close()
-
-
-class SmbClient:
-    def __init__(self, agent) -> None:
-        import smbclient
-        from smbprotocol.exceptions import SMBException
-        from smbutil import Smb
-        self.smbclient, self.errors, self.smb = smbclient, (OSError, SMBException), Smb(agent)
-
-    def _do(self, call, *args):
-        try:
-            return call(*args)
-        except self.errors as e:
-            raise Refused(str(e)) from None
-
-    def _open_write(self, p: str, mode: str, data: bytes, offset: int | None = None) -> None:
-        with self.smbclient.open_file(self.smb.p(p), mode=mode, **self.smb.kw) as f:
-            if offset is not None:
-                f.seek(offset)
-            f.write(data)
-            if offset is not None:
-                f.truncate(offset + len(data))
-
-    def mkdir(self, p: str) -> None:
-        self._do(lambda: self.smbclient.mkdir(self.smb.p(p), **self.smb.kw))
-
-    def store(self, p: str, data: bytes) -> None:
-        self._do(self._open_write, p, "wb", data)
-
-    def append(self, p: str, data: bytes) -> None:
-        self._do(self._open_write, p, "ab", data)
-
-    def resume(self, p: str, offset: int, data: bytes) -> None:
-        self._do(self._open_write, p, "r+b", data, offset)
-
-    def rename(self, src: str, dst: str) -> None:
-        self._do(self.smb.replace, src, dst)
-
-    def delete(self, p: str) -> None:
-        self._do(self.smb.remove, p)
-
-    def rmdir(self, p: str) -> None:
-        self._do(self.smb.rmdir, p)
-
-    def list(self, p: str) -> list[str]:
-        return self._do(self.smb.listdir, p)
-
-    def read(self, p: str) -> bytes:
-        return self._do(self.smb.read, p)
-
-    def begin_store(self, p: str, data: bytes) -> None:
-        self.cut = self.smbclient.open_file(self.smb.p(p), mode="wb", buffering=0, **self.smb.kw)
-        self.cut.write(data)
-
-    def close(self) -> None:
-        self.smb.close()
 
 
 # --- the model ----------------------------------------------------------------------------------------
@@ -311,7 +124,7 @@ def machine_for(run: Run):
             """Run the operation; it must succeed exactly when the model says it may."""
             try:
                 call(*args)
-            except Refused as e:
+            except ClientError as e:
                 assert not ok, f"{protocol}: {call.__name__}{args} refused but the model allows it: {e}"
                 return False
             assert ok, f"{protocol}: {call.__name__}{args} succeeded but the model refuses it"
@@ -331,7 +144,7 @@ def machine_for(run: Run):
         @rule(f=file_paths(), data=payloads)
         def store(self, f: str, data: bytes) -> None:
             self.touch(f)
-            if self.expect(self.may_create(f), self.client.store, self.p(f), data):
+            if self.expect(self.may_create(f), self.client.put, self.p(f), data):
                 self.model.dirs.update([f.rpartition("/")[0]] if "/" in f else [])
                 self.model.files[f] = data
 
@@ -398,14 +211,14 @@ def machine_for(run: Run):
         @rule(data=st.data())
         def read(self, data: st.DataObject) -> None:
             f = data.draw(st.sampled_from(sorted(self.model.files)))
-            assert self.client.read(self.p(f)) == self.model.files[f], f"{protocol}: content of {f}"
+            assert self.client.get(self.p(f)) == self.model.files[f], f"{protocol}: content of {f}"
 
         def kill(self) -> None:
             """kill -9 between two steps, or (every other time) in the middle of an upload of a file of this
             example: that upload was never acknowledged, so the file must be as it was."""
             cut = random.Random(run.seed + run.steps).choice(FILES) if run.killed % 2 else None
             if cut is not None:
-                self.client.begin_store(self.p(cut), os.urandom(CUT_PAYLOAD))
+                self.client.begin_put(self.p(cut), os.urandom(CUT_PAYLOAD))
             try:
                 run.restart()
             finally:
@@ -417,7 +230,7 @@ def machine_for(run: Run):
             self.touched.update([*self.model.dirs, ""])
             run.check_bucket()
             if cut in self.model.files:
-                assert self.client.read(self.p(cut)) == self.model.files[cut], f"{protocol}: {cut} after the cut upload"
+                assert self.client.get(self.p(cut)) == self.model.files[cut], f"{protocol}: {cut} after the cut upload"
 
         @invariant()
         def after_step(self) -> None:
