@@ -4,7 +4,7 @@ network namespace of its own with its own sshd and agent (systemd-nspawn on the 
 - each box boots on the seed typed at flashing time (agent.toml included), then site.yml adopts all three
   (agent.toml from inventory, agent healthy), hospital B's with SMB (the `provisioned` fixture);
 - a file written over SMB to hospital B's box lands in hospital B's bucket;
-- a real Prometheus scrapes every box (agent /metrics; node exporter over TLS with basic auth) and
+- a real Prometheus scrapes every box (agent metrics listener, node exporter: TLS, basic auth) and
   evaluates the example alert rules;
 - a reboot after adoption keeps the fleet's agent.toml; an unsigned USB seed after adoption is ignored and
   logged, a seed signed with the fleet's key is applied;
@@ -36,6 +36,7 @@ from pathlib import Path
 import pytest
 from fleetlib import (
     ANSIBLE_DIR,
+    METRICS_PORT,
     NEWER_SCHEMA_PATCH,
     REPO,
     SMB_PASSWORD,
@@ -177,9 +178,9 @@ def test_smb_write_reaches_the_hospitals_bucket(provisioned):
 
 
 def test_prometheus_scrapes_the_fleet(provisioned):
-    """A real Prometheus (Debian's) in the monitoring subnet scrapes every box: the agent's /metrics and the
-    node exporter over TLS (the fleet's CA) with basic auth, and evaluates the example alert rules on them.
-    The node exporter refuses a scrape without the password."""
+    """A real Prometheus (Debian's) in the monitoring subnet scrapes every box: the agent's metrics listener
+    and the node exporter, both over TLS (the fleet's CA) with basic auth, and evaluates the example alert
+    rules on them. Both refuse a scrape without the password; the agent's status port stays closed."""
     fleet = provisioned
     prom = fleet.start_prometheus(ANSIBLE_DIR / "monitoring" / "pacsgw-alerts.yml")
     try:
@@ -213,11 +214,16 @@ def test_prometheus_scrapes_the_fleet(provisioned):
     finally:
         fleet.stop_prometheus(prom)
     gw = fleet.hosts[0]
-    refused = run(fleet.nsexec("curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "--cacert",
-                               str(fleet.workdir / "tls" / "ca.crt"), f"https://{gw.addr}:9100/metrics"), check=False)
-    assert refused.stdout == "401", refused
-    plain = run(fleet.nsexec("curl", "-s", "--max-time", "5", f"http://{gw.addr}:9100/metrics"), check=False)
-    assert "node_" not in plain.stdout
+    for port in (9100, METRICS_PORT):   # the node exporter and the agent's metrics listener
+        refused = run(fleet.nsexec("curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "--cacert",
+                                   str(fleet.workdir / "tls" / "ca.crt"), f"https://{gw.addr}:{port}/metrics"),
+                      check=False)
+        assert refused.stdout == "401", (port, refused)
+        plain = run(fleet.nsexec("curl", "-s", "--max-time", "5", f"http://{gw.addr}:{port}/metrics"), check=False)
+        assert "node_" not in plain.stdout and "pacsgw_" not in plain.stdout, port
+    # the agent's status port (/healthz, /status, admin requests) is not open to the monitoring subnet
+    status = run(fleet.nsexec("curl", "-s", "--max-time", "5", f"http://{gw.addr}:8080/healthz"), check=False)
+    assert status.returncode != 0 and "status" not in status.stdout, status
 
 
 def _firstboot_log(fleet, host) -> str:
