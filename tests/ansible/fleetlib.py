@@ -240,6 +240,7 @@ def seed_agent_toml(host: "Host", key: tuple[str, str], endpoint: str) -> str:
     return (f'[cache]\ndir = "/var/lib/pacsgw/cache"\nmax_bytes = "1GB"\n\n'
             f'[uplink]\nendpoint_url = "{endpoint}"\nbucket = "pacs-{slug}"\nprefix = "seeded-{slug}/"\n'
             f'access_key_id = "{key[0]}"\nsecret_access_key = "{key[1]}"\n\n'
+            '[ftp]\nlisten = "0.0.0.0:2121"\npassive_ports = "30000-30100"\n\n'
             '[http]\nlisten = "127.0.0.1:8080"\n\n'
             '[[users]]\nname = "seeded"\npassword = "seeded-at-flashing"\n')
 
@@ -376,6 +377,10 @@ class Fleet:
             "IPv6AcceptRA=no\n")
         # The agent.toml typed at flashing time: the box runs on it until the fleet adopts it.
         (seed / "agent.toml").write_text(seed_agent_toml(host, self.s3_key, f"http://{CTL_ADDR}:{self.s3_port}"))
+        # The hospital's PACS networks: the controller (the test's PACS) for the first two boxes, another
+        # network for the third.
+        (seed / "pacs-subnets").write_text(
+            f"# the PACS\n{CTL_ADDR}/32\n" if host.group != self.groups[-1] else "192.0.2.0/24\n")
 
     def _boot(self, host: Host, usb: Path | None = None) -> None:
         """Boot the container on its overlay (the upper layer keeps the box's state across boots); `usb`:

@@ -1,7 +1,8 @@
 """The fleet playbooks over SSH against three booted appliance containers, one per hospital, each in a
 network namespace of its own with its own sshd and agent (systemd-nspawn on the image tree):
 
-- each box boots on the seed typed at flashing time (agent.toml included), then site.yml adopts all three
+- each box boots on the seed typed at flashing time (agent.toml and pacs-subnets included) and serves a PACS
+  in the networks its seed names, no other (the `flashed` fixture), then site.yml adopts all three
   (agent.toml from inventory, agent healthy), hospital B's with SMB (the `provisioned` fixture);
 - a file written over SMB to hospital B's box lands in hospital B's bucket;
 - a real Prometheus scrapes every box (agent metrics listener, node exporter: TLS, basic auth) and
@@ -88,13 +89,56 @@ def _conf(fleet, host) -> str:
     return fleet.ssh(host, "sudo cat /etc/pacsgw/agent.toml").stdout
 
 
+# A PACS storing one file over FTP (passive mode). argv: address, port, user, password, remote name. Prints
+# the server's reply to STOR, or the error.
+FTP_STORE = r"""
+import ftplib, io, sys
+addr, port, user, password, name = sys.argv[1:]
+try:
+    ftp = ftplib.FTP(timeout=10)
+    ftp.connect(addr, int(port))
+    ftp.login(user, password)
+    print(ftp.storbinary(f"STOR {name}", io.BytesIO(b"DICM" + name.encode() * 100)))
+    ftp.quit()
+except Exception as e:
+    print(f"{type(e).__name__}: {e}")
+"""
+
+
 @pytest.fixture(scope="module")
-def provisioned(fleet):
-    """The boxes as flashed (running on their seed's agent.toml), then adopted by site.yml."""
+def flashed(fleet):
+    """What a PACS sees of the boxes as flashed, before any site.yml: an FTP store to each on the port of
+    its seed's agent.toml. → {host name: (STOR reply or error, firstboot journal)}"""
+    seen = {}
     for h in fleet.hosts:
         assert 'prefix = "seeded-' in _conf(fleet, h), h.name
+        p = run(fleet.nsexec(sys.executable, "-c", FTP_STORE, h.addr, "2121", "seeded", "seeded-at-flashing",
+                             f"flashed-{h.name}.dcm"), check=False, timeout=120)
+        seen[h.name] = (p.stdout.strip() + p.stderr[-500:], _firstboot_log(fleet, h))
+    return seen
+
+
+@pytest.fixture(scope="module")
+def provisioned(fleet, flashed):
+    """The boxes as flashed (running on their seed's agent.toml), then adopted by site.yml."""
     _assert_ok(fleet.playbook("site.yml"))
     return fleet
+
+
+def test_flashed_box_serves_the_pacs_subnets_of_its_config_partition(flashed, fleet):
+    """A box that never saw site.yml opens its agent.toml's PACS ports to the networks its config partition
+    names (pacs-subnets) and to no others: the first two boxes name the PACS, the third another network."""
+    first, second, third = fleet.hosts
+    for h in (first, second):
+        reply, journal = flashed[h.name]
+        assert reply.startswith("226"), (h.name, reply, journal)
+        slug = h.group.replace("_", "-")
+        stored = fleet.workdir / "s3" / f"pacs-{slug}" / f"seeded-{slug}" / f"flashed-{h.name}.dcm"
+        assert stored.read_bytes().startswith(b"DICM"), stored
+        assert "PACS ports open to the networks of /boot/pacsgw-config/pacs-subnets" in journal, journal
+    reply, journal = flashed[third.name]
+    assert reply.startswith(("TimeoutError", "timeout", "OSError")) and "226" not in reply, reply
+    assert "192.0.2.0/24" in journal, journal
 
 
 def test_site_provisions_every_box(provisioned):
@@ -109,7 +153,9 @@ def test_site_provisions_every_box(provisioned):
         assert stat == "pacsgw pacsgw 600"
         conf = fleet.ssh(h, "sudo cat /etc/pacsgw/agent.toml").stdout
         assert f'prefix = "{h.group.replace("_", "-")}/"' in conf
-        assert "table inet pacsgw" in fleet.ssh(h, "sudo nft list ruleset").stdout
+        ruleset = fleet.ssh(h, "sudo nft list ruleset").stdout
+        # the fleet's firewall replaced the config partition's PACS rules
+        assert "table inet pacsgw" in ruleset and "config partition" not in ruleset, ruleset
         # the agent with SMB runs as root (FUSE mount, Samba accounts); without, as the service user
         user = fleet.ssh(h, "systemctl show -p User --value pacsgw").stdout.strip()
         assert user == ("" if h.group == "hospital_b" else "pacsgw"), (h.name, user)
