@@ -18,7 +18,8 @@ network namespace of its own with its own sshd and agent (systemd-nspawn on the 
 - an unreachable box is listed in the summary and left; the others are updated;
 - an S3 key rotation rolled out as a configuration-only update while a PACS writes: nothing acknowledged lost;
 - a box whose upload queue does not drain is skipped, by update.yml and by the reboot window after security
-  updates (a drained box stops its agent, then reboots); push-model.yml with and without models_file.
+  updates (a drained box stops its agent, then reboots); push-model.yml with and without models_file;
+- reflash.yml drains one box, stops its agent and marks it ready for re-flashing.
 
 The tests share one fleet (module fixture) and run in this order; each one brings the fleet to the state
 it needs (update.yml to a release is a no-op on boxes already there) or gets it from a fixture.
@@ -602,3 +603,29 @@ def test_push_model_reaches_every_box(provisioned, tmp_path):
         same = fleet.ssh(h, "sudo sha256sum /var/lib/pacsgw/models/hotness.tflite").stdout.split()[0]
         import hashlib
         assert same == hashlib.sha256(model.read_bytes()).hexdigest()
+
+
+def test_reflash_drains_first_and_stops_the_agent(provisioned):
+    """reflash.yml runs on one box named with -l only; there it waits for an empty upload queue, stops the
+    agent, finds nothing waiting for object storage in the stopped agent's catalog and marks the box ready
+    for re-flashing. The other boxes keep serving."""
+    fleet = provisioned
+    gw, others = fleet.hosts[0], fleet.hosts[1:]
+    p = fleet.playbook("reflash.yml")
+    assert p.returncode != 0 and "re-flash one box at a time" in p.stdout, p.stdout[-3000:]
+    assert fleet.ssh(gw, "systemctl is-active pacsgw", check=False).stdout.strip() == "active"
+    try:
+        p = fleet.playbook("reflash.yml", "-l", gw.name)
+        _assert_ok(p)
+        assert f"READY: {gw.name} is drained" in p.stdout, p.stdout[-3000:]
+        state = fleet.ssh(gw, "systemctl is-active pacsgw; test -e /etc/pacsgw/reflash-ready && echo marked",
+                          check=False).stdout.split()
+        assert state == ["inactive", "marked"], state
+        assert [fleet.ssh(h, "systemctl is-active pacsgw", check=False).stdout.strip() for h in others] \
+            == ["active"] * len(others)
+    finally:   # not re-flashed here: the box goes back to serving
+        fleet.ssh(gw, "sudo rm -f /etc/pacsgw/reflash-ready; sudo systemctl start pacsgw", check=False)
+        for _ in range(90):
+            if fleet.healthz(gw).get("status") in ("ok", "degraded"):
+                break
+            time.sleep(1)
