@@ -618,7 +618,7 @@ def test_reflash_drains_first_and_stops_the_agent(provisioned):
         p = fleet.playbook("reflash.yml", "-l", gw.name)
         _assert_ok(p)
         assert f"READY: {gw.name} is drained" in p.stdout, p.stdout[-3000:]
-        state = fleet.ssh(gw, "systemctl is-active pacsgw; test -e /etc/pacsgw/reflash-ready && echo marked",
+        state = fleet.ssh(gw, "systemctl is-active pacsgw; sudo test -e /etc/pacsgw/reflash-ready && echo marked",
                           check=False).stdout.split()
         assert state == ["inactive", "marked"], state
         assert [fleet.ssh(h, "systemctl is-active pacsgw", check=False).stdout.strip() for h in others] \
