@@ -302,10 +302,29 @@ class SmbConfig:
                                       "['10.10.20.0/24', '192.0.2.7'] ([]: every client)", default=())
 
 
+def _optional_listen(value: Any) -> tuple[str, int] | None:
+    return None if value == "" else _listen(value)
+
+
+def _optional_hash(value: Any) -> str:
+    if not isinstance(value, str):
+        raise ValueError
+    if value:
+        from agent.auth import parse_hash
+        parse_hash(value)
+    return value
+
+
 @dataclass(frozen=True)
 class HttpConfig:
     enabled: bool = _f(_bool, "true or false", default=True)
     listen: tuple[str, int] = _f(_listen, LISTEN, default=("127.0.0.1", 8080))
+    # A second listener serving /metrics only, for the central Prometheus on a monitoring subnet.
+    metrics_listen: tuple[str, int] | None = _f(_optional_listen, f"'' (off) or {LISTEN}", default=None)
+    metrics_tls_cert: str = _f(_str, "'' (plain HTTP) or the path of a PEM certificate chain", default="")
+    metrics_tls_key: str = _f(_str, "'' or the path of the PEM private key of metrics_tls_cert", default="")
+    metrics_user: str = _f(_str, "'' (no basic auth) or the user name Prometheus sends", default="")
+    metrics_password_hash: str = _f(_optional_hash, "'' or a hash made by 'pacsgw hash-password'", default="")
 
 
 @dataclass(frozen=True)
@@ -613,6 +632,7 @@ def _check_cross(cfg: Config) -> None:
             raise ConfigError(file, f"ftp.{key}", getattr(ftp, key), "an existing PEM file")
     if ftp.require_tls and not ftp.tls_cert:
         raise ConfigError(file, "ftp.require_tls", True, "tls_cert and tls_key to be set")
+    _check_metrics_listener(cfg)
     if not cfg.sftp.password_auth and cfg.sftp.enabled and not any(u.authorized_keys for u in cfg.users):
         raise ConfigError(file, "sftp.password_auth", False, "true, or authorized_keys for at least one user")
     if cfg.audit.ship and cfg.audit.ship_prefix.startswith(up.prefix):
@@ -684,18 +704,52 @@ def _clash(a: tuple[str, int], b: tuple[str, int]) -> bool:
     return a[1] == b[1] and (a[0] == b[0] or a[0] in wildcard or b[0] in wildcard)
 
 
+def _check_metrics_listener(cfg: Config) -> None:
+    """http.metrics_*: TLS files that load together, a user with a password hash, an [http] that runs."""
+    import ssl
+    file, h = cfg.path, cfg.http
+    if h.metrics_listen is None:
+        for key in ("metrics_tls_cert", "metrics_tls_key", "metrics_user", "metrics_password_hash"):
+            if getattr(h, key):
+                raise ConfigError(file, f"http.{key}", getattr(h, key) if "hash" not in key else "***",
+                                  "set together with http.metrics_listen")
+        return
+    if not h.enabled:
+        raise ConfigError(file, "http.metrics_listen", _fmt_listen(h.metrics_listen), "http.enabled = true")
+    if bool(h.metrics_tls_cert) != bool(h.metrics_tls_key):
+        raise ConfigError(file, "http.metrics_tls_key" if h.metrics_tls_cert else "http.metrics_tls_cert", "",
+                          "metrics_tls_cert and metrics_tls_key go together")
+    for key in ("metrics_tls_cert", "metrics_tls_key"):
+        if getattr(h, key) and not Path(getattr(h, key)).is_file():
+            raise ConfigError(file, f"http.{key}", getattr(h, key), "an existing PEM file")
+    if h.metrics_tls_cert:
+        try:
+            ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(h.metrics_tls_cert, h.metrics_tls_key)
+        except (ssl.SSLError, OSError) as e:
+            raise ConfigError(file, "http.metrics_tls_cert", h.metrics_tls_cert,
+                              f"a readable PEM certificate chain whose key is http.metrics_tls_key "
+                              f"({h.metrics_tls_key}): {e}") from None
+    if bool(h.metrics_user) != bool(h.metrics_password_hash):
+        raise ConfigError(file, "http.metrics_password_hash" if h.metrics_user else "http.metrics_user", "",
+                          "metrics_user and metrics_password_hash go together")
+
+
+def _fmt_listen(listen: tuple[str, int]) -> str:
+    return f"{listen[0]}:{listen[1]}"
+
+
 def _check_ports(cfg: Config) -> None:
     """Two services on one port (or the FTP passive range over a listener) fail only at start-up."""
     file, seen = cfg.path, []
-    for name in ("ftp", "sftp", "http", "smb"):
-        section = getattr(cfg, name)
-        if not section.enabled:
-            continue
+    listeners = [(f"{name}.listen", getattr(cfg, name).listen) for name in ("ftp", "sftp", "http", "smb")
+                 if getattr(cfg, name).enabled]
+    if cfg.http.enabled and cfg.http.metrics_listen:
+        listeners.append(("http.metrics_listen", cfg.http.metrics_listen))
+    for key, listen in listeners:
         for other, addr in seen:
-            if _clash(section.listen, addr):
-                raise ConfigError(file, f"{name}.listen", f"{section.listen[0]}:{section.listen[1]}",
-                                  f"an address not already used by {other}")
-        seen.append((f"{name}.listen", section.listen))
+            if _clash(listen, addr):
+                raise ConfigError(file, key, _fmt_listen(listen), f"an address not already used by {other}")
+        seen.append((key, listen))
     if cfg.ftp.enabled:
         low, high = cfg.ftp.passive_ports
         for other, (_, port) in seen:

@@ -132,6 +132,10 @@ class Agent:
                 admin_token=issue_admin_token(cfg.cache.dir / ADMIN_TOKEN_FILE))
             with _setting(cfg, "http.listen", _addr(cfg.http.listen), "an address this box can listen on"):
                 await self.http.start()
+            if cfg.http.metrics_listen:
+                with _setting(cfg, "http.metrics_listen", _addr(cfg.http.metrics_listen),
+                              "an address this box can listen on"):
+                    await self.http.start_scrape(cfg.http)
         await self.start_workers()
         log.info("started", version=__version__, config=str(cfg.path),
                  ftp=cfg.ftp.listen if cfg.ftp.enabled else None,

@@ -121,6 +121,7 @@ EOC
 cp "$repo/image/config-partition/README.txt" "$work/cfg/README.txt"
 cp "$repo/image/config-partition/agent.toml.example" "$work/cfg/agent.toml.example"
 cp "$repo/image/config-partition/10-static.network.example" "$work/cfg/network/10-static.network.example"
+cp "$repo/image/config-partition/pacs-subnets.example" "$work/cfg/pacs-subnets.example"
 
 MiB=$((1024 * 1024))
 esp_mb=128; cfg_mb=16
@@ -129,7 +130,8 @@ rm -f "$work"/*.img
 mkfs.vfat -C -F 32 -n PACSGW-ESP "$work/esp.img" $((esp_mb * 1024)) >/dev/null
 mcopy -s -i "$work/esp.img" "$work/esp/EFI" "$work/esp/loader" "$work/esp/vmlinuz" "$work/esp/initrd.img" ::
 mkfs.vfat -C -n PACSGW-CFG "$work/cfg.img" $((cfg_mb * 1024)) >/dev/null
-mcopy -s -i "$work/cfg.img" "$work/cfg/README.txt" "$work/cfg/agent.toml.example" "$work/cfg/network" ::
+mcopy -s -i "$work/cfg.img" "$work/cfg/README.txt" "$work/cfg/agent.toml.example" "$work/cfg/pacs-subnets.example" \
+  "$work/cfg/network" ::
 mkfs.ext4 -q -F -L pacsgw-root -d "$rootfs" "$work/root.img" "${root_mb}M"
 
 raw="$out/pacsgw.raw"

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
+import base64
+import binascii
 import hmac
 import html
 import json
 import os
 import secrets
+import ssl
 import time
 from pathlib import Path
 from typing import Any, Awaitable, Callable
@@ -14,6 +18,9 @@ from typing import Any, Awaitable, Callable
 import psutil
 import structlog
 from aiohttp import web
+
+from agent.auth import verify_password
+from agent.config import HttpConfig
 
 log = structlog.get_logger("pacsgw.http")
 
@@ -115,13 +122,21 @@ class HttpServer:
                              web.get("/status", self.status), web.get("/", self.status)]
                             + [web.route(method, path, self.admin) for method, path in self._admin])
         self._runner: web.AppRunner | None = None
+        self._scrape: ScrapeListener | None = None
 
     async def start(self) -> None:
         self._runner = web.AppRunner(self.app, access_log=None)
         await self._runner.setup()
         await web.TCPSite(self._runner, self.host, self.port).start()
 
+    async def start_scrape(self, cfg: HttpConfig) -> None:
+        """The /metrics-only listener of http.metrics_listen, for the central Prometheus."""
+        self._scrape = ScrapeListener(cfg, self.metrics)
+        await self._scrape.start()
+
     async def close(self) -> None:
+        if self._scrape:
+            await self._scrape.close()
         if self._runner:
             await self._runner.cleanup()
 
@@ -161,6 +176,61 @@ class HttpServer:
             body = parsed if isinstance(parsed, dict) else {}
         status, result = await self._admin[(request.method, request.path)](dict(request.query), body)
         return web.json_response(result, status=status)
+
+
+class ScrapeListener:
+    """/metrics and nothing else on http.metrics_listen, reachable from the monitoring subnet: over TLS when
+    metrics_tls_cert is set, behind basic auth when metrics_user is. The status page, /healthz and admin
+    requests stay on http.listen."""
+
+    def __init__(self, cfg: HttpConfig, metrics: Callable[[web.Request], Awaitable[web.Response]]) -> None:
+        assert cfg.metrics_listen is not None
+        self.cfg, self._metrics = cfg, metrics
+        self._checked = ""               # the last Authorization header that verified: skips scrypt per scrape
+        self._verifying = asyncio.Lock()  # one scrypt at a time: guessing costs the box one core at most
+        app = web.Application()
+        app.add_routes([web.get("/metrics", self.metrics)])
+        self._runner = web.AppRunner(app, access_log=None)
+
+    def _tls(self) -> ssl.SSLContext | None:
+        if not self.cfg.metrics_tls_cert:
+            return None
+        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        ctx.load_cert_chain(self.cfg.metrics_tls_cert, self.cfg.metrics_tls_key)
+        return ctx
+
+    async def start(self) -> None:
+        assert self.cfg.metrics_listen is not None
+        await self._runner.setup()
+        await web.TCPSite(self._runner, *self.cfg.metrics_listen, ssl_context=self._tls()).start()
+
+    async def close(self) -> None:
+        await self._runner.cleanup()
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        if self.cfg.metrics_user and not await self._authorized(request.headers.get("Authorization", "")):
+            log.warning("metrics_refused", peer=request.remote, reason="no or wrong basic auth")
+            return web.Response(status=401, text="basic auth required\n",
+                                headers={"WWW-Authenticate": 'Basic realm="pacsgw metrics", charset="UTF-8"'})
+        return await self._metrics(request)
+
+    async def _authorized(self, header: str) -> bool:
+        if self._checked and hmac.compare_digest(header.encode(), self._checked.encode()):
+            return True
+        scheme, _, encoded = header.partition(" ")
+        try:
+            user, sep, password = base64.b64decode(encoded.strip(), validate=True).decode().partition(":")
+        except (binascii.Error, UnicodeDecodeError):
+            return False
+        if scheme.lower() != "basic" or not sep:
+            return False
+        async with self._verifying:
+            ok = await asyncio.to_thread(verify_password, password, encoded=self.cfg.metrics_password_hash)
+        if not (ok and hmac.compare_digest(user.encode(), self.cfg.metrics_user.encode())):
+            return False
+        self._checked = header
+        return True
 
 
 def _is_loopback(remote: str | None) -> bool:

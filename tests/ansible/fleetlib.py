@@ -240,12 +240,14 @@ def seed_agent_toml(host: "Host", key: tuple[str, str], endpoint: str) -> str:
     return (f'[cache]\ndir = "/var/lib/pacsgw/cache"\nmax_bytes = "1GB"\n\n'
             f'[uplink]\nendpoint_url = "{endpoint}"\nbucket = "pacs-{slug}"\nprefix = "seeded-{slug}/"\n'
             f'access_key_id = "{key[0]}"\nsecret_access_key = "{key[1]}"\n\n'
+            '[ftp]\nlisten = "0.0.0.0:2121"\npassive_ports = "30000-30100"\n\n'
             '[http]\nlisten = "127.0.0.1:8080"\n\n'
             '[[users]]\nname = "seeded"\npassword = "seeded-at-flashing"\n')
 
 
 SMB_PASSWORD = "smb-fleet-test"  # test-only: hospital B's SMB user
-PROMETHEUS_PASSWORD = "prometheus-fleet-test"  # test-only: the central Prometheus at the node exporters
+PROMETHEUS_PASSWORD = "prometheus-fleet-test"  # test-only: the central Prometheus at the boxes
+METRICS_PORT = 9180          # the agent's metrics listener (base_metrics_port)
 SUBNET = "10.251.0"          # only ever inside the namespaces created below
 CTL_ADDR = f"{SUBNET}.1"
 
@@ -286,6 +288,7 @@ class Fleet:
     seed_signer: Path | None = None   # the fleet's seed-signing key (test-only, made per run)
     env: dict = field(default_factory=dict)
     _basic_auth_hash: str = ""
+    _metrics_password_hash: str = ""
 
     @property
     def ctl(self) -> str:
@@ -334,6 +337,14 @@ class Fleet:
             self._basic_auth_hash = bcrypt(PROMETHEUS_PASSWORD)
         return self._basic_auth_hash
 
+    @property
+    def metrics_password_hash(self) -> str:
+        """The agent's (scrypt) hash of PROMETHEUS_PASSWORD, made once like basic_auth_hash."""
+        if not self._metrics_password_hash:
+            from agent.auth import hash_password
+            self._metrics_password_hash = hash_password(PROMETHEUS_PASSWORD)
+        return self._metrics_password_hash
+
     def _make_monitoring_tls(self) -> None:
         """A CA of the test's own and, per box, a certificate for its address: the node exporter serves TLS
         with it (and basic auth for the user `prometheus`, whose bcrypt hash goes to the inventory)."""
@@ -366,6 +377,10 @@ class Fleet:
             "IPv6AcceptRA=no\n")
         # The agent.toml typed at flashing time: the box runs on it until the fleet adopts it.
         (seed / "agent.toml").write_text(seed_agent_toml(host, self.s3_key, f"http://{CTL_ADDR}:{self.s3_port}"))
+        # The hospital's PACS networks: the controller (the test's PACS) for the first two boxes, another
+        # network for the third.
+        (seed / "pacs-subnets").write_text(
+            f"# the PACS\n{CTL_ADDR}/32\n" if host.group != self.groups[-1] else "192.0.2.0/24\n")
 
     def _boot(self, host: Host, usb: Path | None = None) -> None:
         """Boot the container on its overlay (the upper layer keeps the box's state across boots); `usb`:
@@ -507,10 +522,15 @@ class Fleet:
             "models_health_url": "http://127.0.0.1:8080/healthz",
             "models_health_retries": 20,
             "models_health_delay": 1,
-            # The central Prometheus (in the controller namespace) scrapes the agent's /metrics and the node
-            # exporter, over TLS with basic auth (start_prometheus).
+            # The central Prometheus (in the controller namespace) scrapes the agent's metrics listener and
+            # the node exporter, both over TLS with basic auth (start_prometheus); the agent's status port
+            # stays on loopback.
             "pacsgw_monitoring_subnets": [f"{CTL_ADDR}/32"],
-            "gateway_http_listen": "0.0.0.0:8080",
+            "gateway_metrics_listen": f"0.0.0.0:{METRICS_PORT}",
+            "gateway_metrics_tls_cert": "{{ lookup('file', '%s/' ~ inventory_hostname ~ '.crt') }}" % tls,
+            "gateway_metrics_tls_key": "{{ lookup('file', '%s/' ~ inventory_hostname ~ '.key') }}" % tls,
+            "gateway_metrics_user": "prometheus",
+            "gateway_metrics_password_hash": self.metrics_password_hash,
             "base_node_exporter_tls_cert": "{{ lookup('file', '%s/' ~ inventory_hostname ~ '.crt') }}" % tls,
             "base_node_exporter_tls_key": "{{ lookup('file', '%s/' ~ inventory_hostname ~ '.key') }}" % tls,
             "base_node_exporter_basic_auth_users": {"prometheus": self.basic_auth_hash},
@@ -542,7 +562,7 @@ class Fleet:
     # -- the central Prometheus --------------------------------------------------------------------
     def start_prometheus(self, rules: Path) -> subprocess.Popen:
         """Debian's prometheus in the controller namespace (loopback :9090 there), scraping every box's agent
-        (/metrics, plain HTTP from the monitoring subnet) and node exporter (TLS, basic auth) each second,
+        (its metrics listener) and node exporter, both over TLS with basic auth, each second,
         with `rules` loaded. Stop it with stop_prometheus."""
         prom = self.workdir / "prometheus"
         prom.mkdir(exist_ok=True)
@@ -550,11 +570,11 @@ class Fleet:
             "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
             "rule_files": [str(rules)],
             "scrape_configs": [
-                {"job_name": "pacsgw", "static_configs": [{"targets": [f"{h.addr}:8080" for h in self.hosts]}]},
-                {"job_name": "node", "scheme": "https",
+                {"job_name": job, "scheme": "https",
                  "tls_config": {"ca_file": str(self.workdir / "tls" / "ca.crt")},
                  "basic_auth": {"username": "prometheus", "password": PROMETHEUS_PASSWORD},
-                 "static_configs": [{"targets": [f"{h.addr}:9100" for h in self.hosts]}]},
+                 "static_configs": [{"targets": [f"{h.addr}:{port}" for h in self.hosts]}]}
+                for job, port in (("pacsgw", METRICS_PORT), ("node", 9100))
             ],
         }
         (prom / "prometheus.yml").write_text(json.dumps(conf, indent=2))

@@ -1,10 +1,11 @@
 """The fleet playbooks over SSH against three booted appliance containers, one per hospital, each in a
 network namespace of its own with its own sshd and agent (systemd-nspawn on the image tree):
 
-- each box boots on the seed typed at flashing time (agent.toml included), then site.yml adopts all three
+- each box boots on the seed typed at flashing time (agent.toml and pacs-subnets included) and serves a PACS
+  in the networks its seed names, no other (the `flashed` fixture), then site.yml adopts all three
   (agent.toml from inventory, agent healthy), hospital B's with SMB (the `provisioned` fixture);
 - a file written over SMB to hospital B's box lands in hospital B's bucket;
-- a real Prometheus scrapes every box (agent /metrics; node exporter over TLS with basic auth) and
+- a real Prometheus scrapes every box (agent metrics listener, node exporter: TLS, basic auth) and
   evaluates the example alert rules;
 - a reboot after adoption keeps the fleet's agent.toml; an unsigned USB seed after adoption is ignored and
   logged, a seed signed with the fleet's key is applied;
@@ -17,7 +18,8 @@ network namespace of its own with its own sshd and agent (systemd-nspawn on the 
 - an unreachable box is listed in the summary and left; the others are updated;
 - an S3 key rotation rolled out as a configuration-only update while a PACS writes: nothing acknowledged lost;
 - a box whose upload queue does not drain is skipped, by update.yml and by the reboot window after security
-  updates (a drained box stops its agent, then reboots); push-model.yml with and without models_file.
+  updates (a drained box stops its agent, then reboots); push-model.yml with and without models_file;
+- reflash.yml drains one box, stops its agent and marks it ready for re-flashing.
 
 The tests share one fleet (module fixture) and run in this order; each one brings the fleet to the state
 it needs (update.yml to a release is a no-op on boxes already there) or gets it from a fixture.
@@ -36,6 +38,7 @@ from pathlib import Path
 import pytest
 from fleetlib import (
     ANSIBLE_DIR,
+    METRICS_PORT,
     NEWER_SCHEMA_PATCH,
     REPO,
     SMB_PASSWORD,
@@ -87,13 +90,56 @@ def _conf(fleet, host) -> str:
     return fleet.ssh(host, "sudo cat /etc/pacsgw/agent.toml").stdout
 
 
+# A PACS storing one file over FTP (passive mode). argv: address, port, user, password, remote name. Prints
+# the server's reply to STOR, or the error.
+FTP_STORE = r"""
+import ftplib, io, sys
+addr, port, user, password, name = sys.argv[1:]
+try:
+    ftp = ftplib.FTP(timeout=10)
+    ftp.connect(addr, int(port))
+    ftp.login(user, password)
+    print(ftp.storbinary(f"STOR {name}", io.BytesIO(b"DICM" + name.encode() * 100)))
+    ftp.quit()
+except Exception as e:
+    print(f"{type(e).__name__}: {e}")
+"""
+
+
 @pytest.fixture(scope="module")
-def provisioned(fleet):
-    """The boxes as flashed (running on their seed's agent.toml), then adopted by site.yml."""
+def flashed(fleet):
+    """What a PACS sees of the boxes as flashed, before any site.yml: an FTP store to each on the port of
+    its seed's agent.toml. → {host name: (STOR reply or error, firstboot journal)}"""
+    seen = {}
     for h in fleet.hosts:
         assert 'prefix = "seeded-' in _conf(fleet, h), h.name
+        p = run(fleet.nsexec(sys.executable, "-c", FTP_STORE, h.addr, "2121", "seeded", "seeded-at-flashing",
+                             f"flashed-{h.name}.dcm"), check=False, timeout=120)
+        seen[h.name] = (p.stdout.strip() + p.stderr[-500:], _firstboot_log(fleet, h))
+    return seen
+
+
+@pytest.fixture(scope="module")
+def provisioned(fleet, flashed):
+    """The boxes as flashed (running on their seed's agent.toml), then adopted by site.yml."""
     _assert_ok(fleet.playbook("site.yml"))
     return fleet
+
+
+def test_flashed_box_serves_the_pacs_subnets_of_its_config_partition(flashed, fleet):
+    """A box that never saw site.yml opens its agent.toml's PACS ports to the networks its config partition
+    names (pacs-subnets) and to no others: the first two boxes name the PACS, the third another network."""
+    first, second, third = fleet.hosts
+    for h in (first, second):
+        reply, journal = flashed[h.name]
+        assert reply.startswith("226"), (h.name, reply, journal)
+        slug = h.group.replace("_", "-")
+        stored = fleet.workdir / "s3" / f"pacs-{slug}" / f"seeded-{slug}" / f"flashed-{h.name}.dcm"
+        assert stored.read_bytes().startswith(b"DICM"), stored
+        assert "PACS ports open to the networks of /boot/pacsgw-config/pacs-subnets" in journal, journal
+    reply, journal = flashed[third.name]
+    assert reply.startswith(("TimeoutError", "timeout", "OSError")) and "226" not in reply, reply
+    assert "192.0.2.0/24" in journal, journal
 
 
 def test_site_provisions_every_box(provisioned):
@@ -108,7 +154,9 @@ def test_site_provisions_every_box(provisioned):
         assert stat == "pacsgw pacsgw 600"
         conf = fleet.ssh(h, "sudo cat /etc/pacsgw/agent.toml").stdout
         assert f'prefix = "{h.group.replace("_", "-")}/"' in conf
-        assert "table inet pacsgw" in fleet.ssh(h, "sudo nft list ruleset").stdout
+        ruleset = fleet.ssh(h, "sudo nft list ruleset").stdout
+        # the fleet's firewall replaced the config partition's PACS rules
+        assert "table inet pacsgw" in ruleset and "config partition" not in ruleset, ruleset
         # the agent with SMB runs as root (FUSE mount, Samba accounts); without, as the service user
         user = fleet.ssh(h, "systemctl show -p User --value pacsgw").stdout.strip()
         assert user == ("" if h.group == "hospital_b" else "pacsgw"), (h.name, user)
@@ -177,9 +225,9 @@ def test_smb_write_reaches_the_hospitals_bucket(provisioned):
 
 
 def test_prometheus_scrapes_the_fleet(provisioned):
-    """A real Prometheus (Debian's) in the monitoring subnet scrapes every box: the agent's /metrics and the
-    node exporter over TLS (the fleet's CA) with basic auth, and evaluates the example alert rules on them.
-    The node exporter refuses a scrape without the password."""
+    """A real Prometheus (Debian's) in the monitoring subnet scrapes every box: the agent's metrics listener
+    and the node exporter, both over TLS (the fleet's CA) with basic auth, and evaluates the example alert
+    rules on them. Both refuse a scrape without the password; the agent's status port stays closed."""
     fleet = provisioned
     prom = fleet.start_prometheus(ANSIBLE_DIR / "monitoring" / "pacsgw-alerts.yml")
     try:
@@ -213,11 +261,16 @@ def test_prometheus_scrapes_the_fleet(provisioned):
     finally:
         fleet.stop_prometheus(prom)
     gw = fleet.hosts[0]
-    refused = run(fleet.nsexec("curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "--cacert",
-                               str(fleet.workdir / "tls" / "ca.crt"), f"https://{gw.addr}:9100/metrics"), check=False)
-    assert refused.stdout == "401", refused
-    plain = run(fleet.nsexec("curl", "-s", "--max-time", "5", f"http://{gw.addr}:9100/metrics"), check=False)
-    assert "node_" not in plain.stdout
+    for port in (9100, METRICS_PORT):   # the node exporter and the agent's metrics listener
+        refused = run(fleet.nsexec("curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "--cacert",
+                                   str(fleet.workdir / "tls" / "ca.crt"), f"https://{gw.addr}:{port}/metrics"),
+                      check=False)
+        assert refused.stdout == "401", (port, refused)
+        plain = run(fleet.nsexec("curl", "-s", "--max-time", "5", f"http://{gw.addr}:{port}/metrics"), check=False)
+        assert "node_" not in plain.stdout and "pacsgw_" not in plain.stdout, port
+    # the agent's status port (/healthz, /status, admin requests) is not open to the monitoring subnet
+    status = run(fleet.nsexec("curl", "-s", "--max-time", "5", f"http://{gw.addr}:8080/healthz"), check=False)
+    assert status.returncode != 0 and "status" not in status.stdout, status
 
 
 def _firstboot_log(fleet, host) -> str:
@@ -550,3 +603,29 @@ def test_push_model_reaches_every_box(provisioned, tmp_path):
         same = fleet.ssh(h, "sudo sha256sum /var/lib/pacsgw/models/hotness.tflite").stdout.split()[0]
         import hashlib
         assert same == hashlib.sha256(model.read_bytes()).hexdigest()
+
+
+def test_reflash_drains_first_and_stops_the_agent(provisioned):
+    """reflash.yml runs on one box named with -l only; there it waits for an empty upload queue, stops the
+    agent, finds nothing waiting for object storage in the stopped agent's catalog and marks the box ready
+    for re-flashing. The other boxes keep serving."""
+    fleet = provisioned
+    gw, others = fleet.hosts[0], fleet.hosts[1:]
+    p = fleet.playbook("reflash.yml")
+    assert p.returncode != 0 and "re-flash one box at a time" in p.stdout, p.stdout[-3000:]
+    assert fleet.ssh(gw, "systemctl is-active pacsgw", check=False).stdout.strip() == "active"
+    try:
+        p = fleet.playbook("reflash.yml", "-l", gw.name)
+        _assert_ok(p)
+        assert f"READY: {gw.name} is drained" in p.stdout, p.stdout[-3000:]
+        state = fleet.ssh(gw, "systemctl is-active pacsgw; sudo test -e /etc/pacsgw/reflash-ready && echo marked",
+                          check=False).stdout.split()
+        assert state == ["inactive", "marked"], state
+        assert [fleet.ssh(h, "systemctl is-active pacsgw", check=False).stdout.strip() for h in others] \
+            == ["active"] * len(others)
+    finally:   # not re-flashed here: the box goes back to serving
+        fleet.ssh(gw, "sudo rm -f /etc/pacsgw/reflash-ready; sudo systemctl start pacsgw", check=False)
+        for _ in range(90):
+            if fleet.healthz(gw).get("status") in ("ok", "degraded"):
+                break
+            time.sleep(1)

@@ -18,7 +18,7 @@ def test_ansible_lint_offline(tmp_path):
     assert "image.yml" in p.stdout + p.stderr or "passed" in (p.stdout + p.stderr).lower()
 
 
-@pytest.mark.parametrize("playbook", ["site.yml", "update.yml", "push-model.yml"])
+@pytest.mark.parametrize("playbook", ["site.yml", "update.yml", "push-model.yml", "reflash.yml"])
 def test_syntax_check(tmp_path, playbook):
     env = ansible_env(tmp_path)
     run([str(VENV_BIN / "ansible-playbook"), "--syntax-check", "--vault-password-file", str(VAULT_PASS),

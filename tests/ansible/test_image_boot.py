@@ -1,5 +1,6 @@
 """The appliance disk image boots under qemu (TCG: no KVM here), applies a seed disk "beside the image"
-(agent.toml, hostname, admin key) at first boot, and its agent answers /healthz over a forwarded port."""
+(agent.toml, hostname, admin key, pacs-subnets) at first boot, and its agent answers /healthz over a
+forwarded port; the PACS network the seed names (qemu's host side, 10.0.2.2) reaches the SFTP port."""
 
 from __future__ import annotations
 
@@ -36,7 +37,7 @@ def test_image_boots_and_serves_healthz(appliance, tmp_path):
     assert names == ["esp", "pacsgw-config", "root"]
 
     # An S3 server on the host's loopback; the guest reaches it as 10.0.2.2 through qemu's user network.
-    s3_port, http_port, ssh_port = _free_port(), _free_port(), _free_port()
+    s3_port, http_port, ssh_port, sftp_port = _free_port(), _free_port(), _free_port(), _free_port()
     (tmp_path / "s3" / "pacs-boot").mkdir(parents=True)
     s3 = subprocess.Popen([str(VENV_BIN / "rclone"), "serve", "s3", str(tmp_path / "s3"), "--addr",
                            f"127.0.0.1:{s3_port}", "--auth-key", ",".join(S3_KEY), "--config", "/dev/null"],
@@ -47,6 +48,8 @@ def test_image_boots_and_serves_healthz(appliance, tmp_path):
     seed.mkdir()
     shutil.copy(f"{key}.pub", seed / "authorized_keys")
     (seed / "hostname").write_text("pacsgw-boot-test\n")
+    # qemu's user network: forwarded connections reach the guest from 10.0.2.2, here the PACS
+    (seed / "pacs-subnets").write_text("10.0.2.2/32\n")
     (seed / "agent.toml").write_text(f"""
 [cache]
 dir = "/var/lib/pacsgw/cache"
@@ -89,7 +92,7 @@ password = "boot-test-only"
         "-drive", f"file={disk},if=virtio,format=qcow2",
         "-drive", f"file={seed_img},if=virtio,format=raw,readonly=on",
         "-nic", f"user,model=virtio-net-pci,hostfwd=tcp:127.0.0.1:{http_port}-:8080,"
-                f"hostfwd=tcp:127.0.0.1:{ssh_port}-:22",
+                f"hostfwd=tcp:127.0.0.1:{ssh_port}-:22,hostfwd=tcp:127.0.0.1:{sftp_port}-:2222",
     ]
     t0 = time.monotonic()
     vm = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
@@ -126,6 +129,11 @@ password = "boot-test-only"
         assert out[2] == "active" and out[3] == "active"
         assert out[4] == f"releases/{project_version()}"
         assert int(out[5]) > 4 * 1024**3, f"root filesystem did not grow to the disk: {out[5]} bytes"
+        # a box that never saw site.yml: its firewall lets the PACS of pacs-subnets reach the SFTP port
+        with socket.create_connection(("127.0.0.1", sftp_port), timeout=30) as s:
+            s.settimeout(30)
+            banner = s.recv(64)
+        assert banner.startswith(b"SSH-2.0-"), banner
     finally:
         os.killpg(vm.pid, signal.SIGTERM)
         vm.wait(timeout=30)
