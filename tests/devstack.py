@@ -39,10 +39,19 @@ def _bin(name: str) -> str:
     return found
 
 
+_handed_out: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free loopback port, never one handed out before in this process: once the probe socket is closed the
+    kernel may give the same port to the next probe, and an agent's HTTP and SFTP listeners got one port."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in _handed_out:
+            _handed_out.add(port)
+            return port
 
 
 def _wait_port(port: int, proc: subprocess.Popen, timeout: float, host: str = "127.0.0.1") -> None:
