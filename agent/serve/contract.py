@@ -79,8 +79,8 @@ def answer(e: GatewayError) -> Answer:
 def report(gw: Gateway, protocol: str, who: Who | None, e: GatewayError, *, refused_here: bool = False,
            **context: object) -> None:
     """A gateway error on its way back to a client (`context`: what the protocol answered, e.g. its code)."""
-    gw.metrics.errors.labels(protocol, type(e).__name__).inc()
+    gw.count_error(protocol, type(e).__name__)
     if refused_here:
-        gw.audit.record(who, "refused", e.path, failure(e))
+        gw.audit_event(who, "refused", e.path, failure(e))
     log.warning(f"{protocol}_error", user=who.user if who is not None else None, path=e.path, reason=e.reason,
                 kind=type(e).__name__, **context)

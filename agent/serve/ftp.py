@@ -150,7 +150,7 @@ async def send_file(stream: aioftp.StreamIO, handle: ReadHandle, offset: int) ->
                 if pos >= handle.size:
                     break
     finally:
-        handle.gw.metrics.bytes_out.labels(handle.protocol).inc(pos - offset)
+        handle.sent(pos - offset)
     return pos - offset
 
 
@@ -170,10 +170,7 @@ class GatewayPathIO(aioftp.AbstractPathIO):
     async def _entry(self, path: PurePosixPath) -> Entry | None:
         if isinstance(path, EntryPath):
             return path.entry
-        try:
-            return await self.gateway.stat(_ns(path))
-        except NotFound:
-            return None
+        return await self.gateway.find(_ns(path))
 
     async def exists(self, path: PurePosixPath) -> bool:
         return await self._entry(path) is not None
@@ -417,8 +414,8 @@ class FtpServer(aioftp.Server):
 
     def _refuse_session(self, party: Who, reason: str) -> None:
         log.warning("session_refused", protocol="ftp", user=party.user, peer=party.peer, reason=reason)
-        self.gateway.audit.record(party, "login", "", f"refused: {reason}")
-        self.gateway.metrics.errors.labels("ftp", "SessionLimit").inc()
+        self.gateway.audit_event(party, "login", "", f"refused: {reason}")
+        self.gateway.count_error("ftp", "SessionLimit")
 
     async def _session(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, host: str, port: int,
                        session: Session) -> None:
@@ -558,8 +555,8 @@ class FtpServer(aioftp.Server):
     async def user(self, connection: aioftp.Connection, rest: str) -> bool:
         if self.cfg.ftp.require_tls and not connection.session.tls:
             log.warning("login_refused", protocol="ftp", user=rest, reason="plain-text login while TLS is required")
-            self.gateway.audit.record(Who(rest, "ftp", f"{connection.client_host}:{connection.client_port}"),
-                                      "login", "", "refused: TLS required")
+            self.gateway.audit_event(Who(rest, "ftp", f"{connection.client_host}:{connection.client_port}"),
+                                     "login", "", "refused: TLS required")
             connection.response("530", "TLS required: use AUTH TLS before USER")
             return True
         if connection.session.user is not None:  # USER again: the earlier login ends
@@ -576,7 +573,7 @@ class FtpServer(aioftp.Server):
             connection.response("530", refusal)
             return True
         if not await self.user_manager.authenticate(connection.user, rest):
-            self.gateway.audit.record(who(connection), "login", "", "error: wrong user or password")
+            self.gateway.audit_event(who(connection), "login", "", "error: wrong user or password")
             await asyncio.sleep(guard.failed(login, address, "ftp"))  # before the reply: that is the backoff
             connection.response("530", "wrong user or password")
             return True
@@ -589,7 +586,7 @@ class FtpServer(aioftp.Server):
         self.by_user[name] += 1
         connection.session.user = name
         connection.logged = True
-        self.gateway.audit.record(who(connection), "login", "", "ok")
+        self.gateway.audit_event(who(connection), "login")
         connection.response("230", "logged in")
         return True
 
@@ -645,8 +642,8 @@ class FtpServer(aioftp.Server):
         def refused(peer: str, reason: str) -> None:
             log.warning("data_connection_refused", user=user, peer=peer, control_peer=connection.client_host,
                         reason=reason)
-            self.gateway.metrics.errors.labels("ftp", "DataConnectionRefused").inc()
-            self.gateway.audit.record(Who(user, "ftp", peer), "data-connection", "", f"refused: {reason}")
+            self.gateway.count_error("ftp", "DataConnectionRefused")
+            self.gateway.audit_event(Who(user, "ftp", peer), "data-connection", "", f"refused: {reason}")
 
         session.passive = await Passive.open(
             connection.server_host, self.passive_ports, session.address,

@@ -266,7 +266,7 @@ class GatewayFS(pyfuse3.Operations):
         return True
 
     async def statfs(self, ctx):
-        disk = self.gw.cache.disk_usage()
+        disk = self.gw.disk_usage()
         s = pyfuse3.StatvfsData()
         s.f_bsize = s.f_frsize = 4096
         s.f_blocks = disk.total // 4096
@@ -295,9 +295,7 @@ class GatewayFS(pyfuse3.Operations):
             if op.writer is not None and not op.committed:
                 await op.writer.abort("unlinked while open")
                 op.writer = None
-            try:
-                await self.gw.stat(path)
-            except NotFound:
+            if await self.gw.find(path) is None:
                 self._detach(path)
                 return
         await self._call(self.gw.delete(path, self._who(ctx)))
@@ -310,24 +308,17 @@ class GatewayFS(pyfuse3.Operations):
             return
         if flags & pyfuse3.RENAME_EXCHANGE:
             raise pyfuse3.FUSEError(errno.EINVAL)
-        if flags & pyfuse3.RENAME_NOREPLACE:
-            try:
-                await self._attrs_of(dst)
-            except pyfuse3.FUSEError:
-                pass
-            else:
-                raise pyfuse3.FUSEError(errno.EEXIST)
+        replace = not flags & pyfuse3.RENAME_NOREPLACE
+        if not replace and dst in self._writing:  # a file being written, not yet committed, holds the name
+            raise pyfuse3.FUSEError(errno.EEXIST)
         op = self._writing.get(src)
-        try:
-            await self.gw.stat(src)
-            committed = True
-        except NotFound:
-            committed = False
-        if committed:
-            await self._call(self.gw.rename(src, dst, self._who(ctx)))
+        if await self.gw.find(src) is not None:
+            await self._call(self.gw.rename(src, dst, self._who(ctx), replace=replace))
         elif op is None:
             raise pyfuse3.FUSEError(errno.ENOENT)
         else:  # only the open, not yet committed file: it will be committed under the new name
+            if not replace and await self.gw.find(dst) is not None:
+                raise pyfuse3.FUSEError(errno.EEXIST)
             old = self._writing.get(dst)
             if old is not None and old is not op:
                 old.unlinked = True
@@ -421,8 +412,8 @@ class GatewayFS(pyfuse3.Operations):
     async def read(self, fh, off, size):
         op = self._files[fh]
         src = op if op.writer is not None else self._writing.get(op.path)
-        if src is not None and src.writer is not None and src.writer.fd >= 0:
-            return await asyncio.to_thread(os.pread, src.writer.fd, size, off)
+        if src is not None and src.writer is not None and src.writer.open:
+            return await src.writer.read_back(off, size)
         if op.reader is None or op.reader.entry.path != op.path:
             if op.reader is not None:
                 await op.reader.close()

@@ -17,12 +17,12 @@ from typing import AsyncIterator
 import asyncssh
 import structlog
 
-from agent.audit import AuditLog, Who
+from agent.audit import Who
 from agent.auth import LoginGuard, verify_password
 from agent.config import Config, UserConfig
 from agent.records import Entry
 from agent.serve.contract import answer, report, st_mode
-from agent.store.errors import GatewayError, NotFound
+from agent.store.errors import GatewayError
 from agent.store.gateway import Gateway, ReadHandle, WriteHandle
 from agent.store.paths import resolve
 
@@ -58,9 +58,9 @@ def ensure_host_key(path: str) -> asyncssh.SSHKey:
 
 
 class _Auth(asyncssh.SSHServer):
-    def __init__(self, users: dict[str, UserConfig], password_auth: bool, audit: AuditLog,
+    def __init__(self, users: dict[str, UserConfig], password_auth: bool, gateway: Gateway,
                  guard: LoginGuard) -> None:
-        self.users, self.password_auth, self.audit, self.guard = users, password_auth, audit, guard
+        self.users, self.password_auth, self.gateway, self.guard = users, password_auth, gateway, guard
         self.conn: asyncssh.SSHServerConnection | None = None
         self.username = "-"
 
@@ -71,7 +71,7 @@ class _Auth(asyncssh.SSHServer):
         return Who(username, "sftp", _peer(self.conn))
 
     def auth_completed(self) -> None:
-        self.audit.record(self._who(self.username), "login", "")
+        self.gateway.audit_event(self._who(self.username), "login")
 
     def begin_auth(self, username: str) -> bool:
         self.username = username
@@ -99,7 +99,7 @@ class _Auth(asyncssh.SSHServer):
             self.guard.succeeded(username, address)
         else:
             log.warning("login_failed", protocol="sftp", user=username, peer=peer, method="password")
-            self.audit.record(self._who(username), "login", "", "error: wrong user or password")
+            self.gateway.audit_event(self._who(username), "login", "", "error: wrong user or password")
             await asyncio.sleep(self.guard.failed(username, address, "sftp"))
         return ok
 
@@ -191,14 +191,7 @@ class GatewaySFTP(asyncssh.SFTPServer):
 
     async def rename(self, oldpath: bytes, newpath: bytes) -> None:
         """SFTPv3 rename refuses to replace an existing target; posix_rename replaces it."""
-        dst = self._ns(newpath)
-        try:
-            await self.gateway.stat(dst)
-        except NotFound:
-            pass
-        else:
-            raise asyncssh.SFTPFileAlreadyExists(f"{dst} exists")
-        await self._call(self.gateway.rename(self._ns(oldpath), dst, self.who))
+        await self._call(self.gateway.rename(self._ns(oldpath), self._ns(newpath), self.who, replace=False))
 
     async def posix_rename(self, oldpath: bytes, newpath: bytes) -> None:
         await self._call(self.gateway.rename(self._ns(oldpath), self._ns(newpath), self.who))
@@ -247,8 +240,8 @@ class GatewaySFTP(asyncssh.SFTPServer):
 
     async def fsync(self, file_obj: _OpenFile) -> None:
         """fsync@openssh.com: flush what was written so far to the staging file (the commit does the rest)."""
-        if file_obj.writer is not None and file_obj.writer.fd >= 0:
-            await asyncio.to_thread(os.fsync, file_obj.writer.fd)
+        if file_obj.writer is not None:
+            await file_obj.writer.fsync()
 
     # --- everything else asyncssh.SFTPServer would do on the *local* filesystem ------------------
     # Its default implementations act on real paths of this host, as the agent's user (root on the
@@ -287,7 +280,7 @@ class SftpService:
             acceptor=self._conns.add, reuse_port=reuse_port)
 
     def _auth(self) -> _Auth:
-        return _Auth(self.users, self.cfg.sftp.password_auth, self.gateway.audit, self.logins)
+        return _Auth(self.users, self.cfg.sftp.password_auth, self.gateway, self.logins)
 
     def stop_accepting(self) -> None:
         if self._acceptor:

@@ -379,10 +379,10 @@ class SmbService:
         if ok:
             log.info("login", protocol="smb", user=user, peer=address, method="password")
             guard.succeeded(user, address)
-            self.gateway.audit.record(who, "login", "")
+            self.gateway.audit_event(who, "login")
             return
         log.warning("login_failed", protocol="smb", user=user, peer=address, method="password")
-        self.gateway.audit.record(who, "login", "", "error: wrong user or password")
+        self.gateway.audit_event(who, "login", "", "error: wrong user or password")
         guard.failed(user, address, "smb")  # its delay cannot be applied: Samba has already answered
 
     async def _enforce_bans(self) -> None:

@@ -27,7 +27,7 @@ from agent.config import Config
 from agent.metrics import Metrics
 from agent.records import Entry
 from agent.store.access import AccessStats
-from agent.store.cache import Cache, fast_hash, hash_range, sha256_fd
+from agent.store.cache import Cache, DiskUsage, fast_hash, hash_range, sha256_fd
 from agent.store.catalog import AsyncCatalog
 from agent.store.errors import (
     AlreadyExists,
@@ -114,6 +114,20 @@ class WriteHandle:
             done += written
         self.size = max(self.size, pos + len(data))
         self.gw.metrics.bytes_in.labels(self.protocol).inc(len(data))
+
+    @property
+    def open(self) -> bool:
+        """Still being written: neither committed nor aborted."""
+        return self.fd >= 0
+
+    async def read_back(self, offset: int, length: int) -> bytes:
+        """Bytes written so far (SMB reads a file it is still writing)."""
+        return await asyncio.to_thread(os.pread, self.fd, length, offset)
+
+    async def fsync(self) -> None:
+        """Flush what was written so far to the staging file (SFTP's fsync@openssh.com); the commit does the rest."""
+        if self.open:
+            await asyncio.to_thread(os.fsync, self.fd)
 
     async def truncate(self, length: int) -> None:
         """Cut (or extend with zeros) the file being written to `length` bytes (SMB/FUSE set end-of-file)."""
@@ -262,8 +276,12 @@ class ReadHandle:
         else:
             await self._check(end)
         data = await asyncio.to_thread(os.pread, self.fd, length, offset)
-        self.gw.metrics.bytes_out.labels(self.protocol).inc(len(data))
+        self.sent(len(data))
         return data
+
+    def sent(self, nbytes: int) -> None:
+        """Bytes a front end sent straight from `fd` (FTP's sendfile), counted like those of `read`."""
+        self.gw.metrics.bytes_out.labels(self.protocol).inc(nbytes)
 
     async def _check(self, end: int) -> None:
         """Hash the cached copy up to at least `end` (a VERIFY_AHEAD step at a time); at its end compare
@@ -374,6 +392,21 @@ class Gateway:
         if path in self._fixed:
             raise PermissionDenied("/" + path, "the root of the namespace or of a user cannot be removed or renamed")
 
+    # --- what front ends decide themselves ------------------------------------------------------
+
+    def audit_event(self, who: Who | None, op: str, path: str = "", result: str = "ok") -> None:
+        """An audit record of a front end's own decision (a login, a refused session or data connection, a
+        path refused before any gateway call); whatever reaches the gateway is audited here already."""
+        self.audit.record(who, op, path, result)
+
+    def count_error(self, protocol: str, kind: str) -> None:
+        """An error answered to a client, in pacsgw_errors_total{protocol,kind}."""
+        self.metrics.errors.labels(protocol, kind).inc()
+
+    def disk_usage(self) -> DiskUsage:
+        """The cache disk's size and free space (FUSE's statfs)."""
+        return self.cache.disk_usage()
+
     # --- namespace ------------------------------------------------------------------------------
 
     def _check_writable(self, path: str) -> None:
@@ -388,6 +421,13 @@ class Gateway:
         if e is None:
             raise NotFound(path)
         return e
+
+    async def find(self, path: str) -> Entry | None:
+        """stat, with None for a missing name."""
+        try:
+            return await self.stat(path)
+        except NotFound:
+            return None
 
     async def listdir(self, path: str, who: Who | None = None) -> list[Entry]:
         async with self.audit.op(who, "list", path):
@@ -494,7 +534,9 @@ class Gateway:
         self.uploader.wake()
         log.info("delete", path=path)
 
-    async def rename(self, src: str, dst: str, who: Who | None = None) -> None:
+    async def rename(self, src: str, dst: str, who: Who | None = None, *, replace: bool = True) -> None:
+        """Like rename(2), an existing target file is replaced (PACS clients re-send x.part → x); without
+        `replace` (SFTPv3 rename, renameat2's RENAME_NOREPLACE) an existing target is AlreadyExists."""
         async with self.audit.op(who, "rename", src, to=dst):
             self._check_writable(src)
             self._require(who, "rename", src)
@@ -508,6 +550,8 @@ class Gateway:
             await self._ensure_listed(parent_of(dst), missing_ok=True)
             replaced_entry = await self.db.get(dst)
             if replaced_entry is not None:
+                if not replace:
+                    raise AlreadyExists(dst, "the target exists and this rename does not replace")
                 self._require(who, "delete", dst)  # the file replaced is lost
                 self.worm.check_mutable(replaced_entry, time.time())
             replaced = await self.db.rename(src, dst)
@@ -582,10 +626,7 @@ class Gateway:
         bytes (all of them when None, none for O_TRUNC). `exclusive` (O_EXCL) refuses an existing name; without
         `create` (O_CREAT) a missing file is NotFound."""
         async with self.audit.op(who, "store", path, record_ok=False):
-            try:
-                e: Entry | None = await self.stat(path)
-            except NotFound:
-                e = None
+            e = await self.find(path)
             if e is not None and exclusive:
                 raise AlreadyExists(path)
             if e is None and not create:
