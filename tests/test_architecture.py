@@ -99,3 +99,37 @@ def test_an_upward_import_is_caught(tmp_path):
     found = violations(fake)
     assert any("uplink/bad.py:2 imports agent.store.catalog" in v and "upward" in v for v in found), found
     assert any("serve/worse.py:1" in v and "facade" in v for v in found), found
+
+
+def facade_methods() -> set[str]:
+    """The public methods and properties of the Gateway class (agent/store/gateway.py)."""
+    tree = ast.parse((AGENT / "store" / "gateway.py").read_text())
+    cls = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "Gateway")
+    return {n.name for n in cls.body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))
+            and not n.name.startswith("_")}
+
+
+def reach_throughs(root: Path = AGENT) -> list[str]:
+    """Uses of a gateway (`gateway.x`, `gw.x`, `self.gateway.x`) in agent/serve that are not facade methods:
+    its audit log, metrics, cache or catalog are its own."""
+    allowed, bad = facade_methods(), []
+    for path in sorted((root / "serve").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if not isinstance(node, ast.Attribute):
+                continue
+            owner = node.value
+            name = owner.id if isinstance(owner, ast.Name) else owner.attr if isinstance(owner, ast.Attribute) else ""
+            if name in ("gateway", "gw") and node.attr not in allowed:
+                bad.append(f"{path.relative_to(root.parent)}:{node.lineno} uses {name}.{node.attr}")
+    return bad
+
+
+def test_front_ends_call_only_the_facade_methods(tmp_path):
+    assert {"stat", "open_read", "open_write", "audit_event", "count_error"} <= facade_methods()
+    assert reach_throughs() == []
+    fake = tmp_path / "agent"
+    (fake / "serve").mkdir(parents=True)
+    (fake / "store").mkdir()
+    (fake / "store" / "gateway.py").write_text((AGENT / "store" / "gateway.py").read_text())
+    (fake / "serve" / "bad.py").write_text("def f(self, gw):\n    gw.stat('a')\n    self.gateway.audit.record()\n")
+    assert reach_throughs(fake) == ["agent/serve/bad.py:3 uses gateway.audit"]
