@@ -33,13 +33,12 @@ import ssl
 import time
 from collections import Counter
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
-from typing import Any, AsyncContextManager, AsyncIterator, Awaitable, Callable, Iterable
+from pathlib import Path, PurePath, PurePosixPath
+from typing import Any, AsyncContextManager, AsyncIterator, Awaitable, Callable, Iterable, TypeVar, cast
 
 import aioftp
 import structlog
 from aioftp.common import END_OF_LINE, ThrottleStreamIO
-from aioftp.server import ConnectionConditions, PathConditions, PathPermissions, worker
 
 from agent.audit import Who
 from agent.auth import LoginGuard, verify_password
@@ -59,6 +58,16 @@ TLS_HANDSHAKE_TIMEOUT = 30
 
 PATH_COMMANDS = ("cwd", "dele", "list", "nlst", "mkd", "mlsd", "mlst", "rmd", "rnfr", "rnto", "stor", "appe", "retr",
                  "size", "mdtm")
+AIOFTP_COMMANDS = ("abor", "cdup", "cwd", "mlst", "quit", "syst", "type")  # aioftp's own handlers serve these
+
+# What a command needs done before it (aioftp's ConnectionConditions fields): the future's name, what is missing.
+USER_SENT = ("user", "no user (use USER firstly)")
+LOGGED_IN = ("logged", "not logged in")
+RENAME_FROM = ("rename_from", "no filename (use RNFR firstly)")
+
+Handler = Callable[[aioftp.Connection, str], Awaitable[bool]]
+Command = Callable[["FtpServer", aioftp.Connection, str], Awaitable[bool]]
+T = TypeVar("T")
 
 
 
@@ -83,7 +92,7 @@ def reply_for(exc: GatewayError) -> tuple[str, str]:
 
 def _gateway_error(exc: BaseException) -> GatewayError | None:
     """aioftp wraps PathIO exceptions in PathIOError; find ours inside."""
-    seen = exc
+    seen: BaseException | None = exc
     while seen is not None:
         if isinstance(seen, GatewayError):
             return seen
@@ -114,14 +123,33 @@ def _unmapped(address: str) -> str:
     return str(ip)
 
 
+def _transport(writer: asyncio.StreamWriter) -> asyncio.Transport:
+    """A stream's transport, which reads as well as writes (typeshed has it as a WriteTransport)."""
+    return cast(asyncio.Transport, writer.transport)
+
+
 class EntryPath(PurePosixPath):
     """A path yielded by a listing that carries its catalog entry, so LIST/MLSD need no more queries."""
 
     entry: Entry
 
 
-def _ns(path: PurePosixPath) -> str:
+def _ns(path: PurePath) -> str:
     return str(path).lstrip("/")
+
+
+def needs(*fields: tuple[str, str]) -> Callable[[Command], Command]:
+    """A command that needs USER, a login or RNFR first gets 503 without it (aioftp's ConnectionConditions, typed)."""
+    def decorate(command: Command) -> Command:
+        @functools.wraps(command)
+        async def run(self: FtpServer, connection: aioftp.Connection, rest: str) -> bool:
+            for name, missing in fields:
+                if not connection[name].done():
+                    connection.response("503", f"bad sequence of commands ({missing})")
+                    return True
+            return await command(self, connection, rest)
+        return run
+    return decorate
 
 
 def who(connection: aioftp.Connection) -> Who:
@@ -154,60 +182,59 @@ async def send_file(stream: aioftp.StreamIO, handle: ReadHandle, offset: int) ->
     return pos - offset
 
 
-class _Stat:
-    def __init__(self, e: Entry) -> None:
-        self.st_size = e.size
-        self.st_mtime = self.st_ctime = e.mtime
-        self.st_mode = st_mode(e.is_dir)
-        self.st_nlink = 1
-
-
-class GatewayPathIO(aioftp.AbstractPathIO):
+class GatewayPathIO(aioftp.AbstractPathIO[PurePosixPath]):
     """aioftp's view of the namespace. Paths arrive as /<user root>/<virtual path>."""
 
     gateway: Gateway  # set by the factory
 
-    async def _entry(self, path: PurePosixPath) -> Entry | None:
+    @property
+    def party(self) -> Who:
+        if self.connection is None:  # the server makes one per session
+            raise RuntimeError("a PathIO without its session")
+        return who(self.connection)
+
+    async def entry(self, path: PurePath) -> Entry | None:
         if isinstance(path, EntryPath):
             return path.entry
         return await self.gateway.find(_ns(path))
 
     async def exists(self, path: PurePosixPath) -> bool:
-        return await self._entry(path) is not None
+        return await self.entry(path) is not None
 
     async def is_dir(self, path: PurePosixPath) -> bool:
-        e = await self._entry(path)
+        e = await self.entry(path)
         return e is not None and e.is_dir
 
     async def is_file(self, path: PurePosixPath) -> bool:
-        e = await self._entry(path)
+        e = await self.entry(path)
         return e is not None and not e.is_dir
 
     async def mkdir(self, path: PurePosixPath, *, parents: bool = False, exist_ok: bool = False) -> None:
-        await self.gateway.mkdir(_ns(path), who(self.connection))
+        await self.gateway.mkdir(_ns(path), self.party)
 
     async def rmdir(self, path: PurePosixPath) -> None:
-        await self.gateway.rmdir(_ns(path), who(self.connection))
+        await self.gateway.rmdir(_ns(path), self.party)
 
     async def unlink(self, path: PurePosixPath) -> None:
-        await self.gateway.delete(_ns(path), who(self.connection))
+        await self.gateway.delete(_ns(path), self.party)
 
     def list(self, path: PurePosixPath) -> AsyncIterator[PurePosixPath]:
         async def gen() -> AsyncIterator[PurePosixPath]:
-            for e in await self.gateway.listdir(_ns(path), who(self.connection)):
+            for e in await self.gateway.listdir(_ns(path), self.party):
                 p = EntryPath(path, e.name)
                 p.entry = e
                 yield p
         return gen()
 
-    async def stat(self, path: PurePosixPath) -> _Stat:
-        e = await self._entry(path)
+    async def stat(self, path: PurePosixPath) -> os.stat_result:
+        e = await self.entry(path)
         if e is None:
             raise NotFound(_ns(path))
-        return _Stat(e)
+        # mode, ino, dev, nlink, uid, gid, size, atime, mtime, ctime
+        return os.stat_result((st_mode(e.is_dir), 0, 0, 1, 0, 0, e.size, e.mtime, e.mtime, e.mtime))
 
     async def rename(self, source: PurePosixPath, destination: PurePosixPath) -> PurePosixPath:
-        await self.gateway.rename(_ns(source), _ns(destination), who(self.connection))
+        await self.gateway.rename(_ns(source), _ns(destination), self.party)
         return destination
 
     # File I/O goes through the server's own STOR/RETR workers, never through these.
@@ -242,7 +269,7 @@ class _Users(aioftp.AbstractUserManager):
         return aioftp.AbstractUserManager.GetUserResponse.PASSWORD_REQUIRED, user, "password required"
 
     async def authenticate(self, user: aioftp.User, password: str) -> bool:
-        cfg = self.by_name.get(user.login)
+        cfg = self.by_name.get(user.login or "")
         ok = cfg is not None and _is_utf8(password) and await asyncio.to_thread(
             verify_password, password, plain=cfg.password, encoded=cfg.password_hash)
         if not ok:
@@ -290,7 +317,7 @@ class Passive:
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         # First, before any byte is read: a TLS client hello must reach the TLS layer, not the stream buffer.
-        writer.transport.pause_reading()
+        _transport(writer).pause_reading()
         host, port = writer.get_extra_info("peername")[:2]
         if self.connected.done() or not same_host(host, self.peer):
             self.on_refused(f"{host}:{port}", "the data connection was already made" if self.connected.done()
@@ -379,15 +406,18 @@ class FtpServer(aioftp.Server):
         self.passive_ports = range(lo, hi + 1)
         self.roots = {u.name: u.root for u in cfg.users}
         self.tls = tls_context(cfg.ftp.tls_cert, cfg.ftp.tls_key) if cfg.ftp.tls_cert else None
-        self.sessions: set[asyncio.Task] = set()
+        self.sessions: set[asyncio.Task[Any]] = set()
         self.by_address: Counter[str] = Counter()
         self.by_user: Counter[str] = Counter()
-        self.commands_mapping.update({
-            "auth": self.auth, "prot": self.prot, "pbsz": self.pbsz, "user": self.user, "pass": self.pass_,
-            "pasv": self.pasv, "epsv": self.epsv, "nlst": self.nlst, "size": self.size, "mdtm": self.mdtm,
-            "feat": self.feat, "opts": self.opts, "noop": self.noop, "rest": self.rest, "pwd": self.pwd})
-        for name in PATH_COMMANDS:
-            self.commands_mapping[name] = self._guarded(self.commands_mapping[name])
+        own: dict[str, Handler] = {
+            "auth": self.on_auth, "pbsz": self.on_pbsz, "prot": self.on_prot, "user": self.on_user,
+            "pass": self.on_pass, "pasv": self.on_pasv, "epsv": self.on_epsv, "stor": self.on_stor,
+            "appe": self.on_appe, "retr": self.on_retr, "list": self.on_list, "mlsd": self.on_mlsd,
+            "nlst": self.on_nlst, "dele": self.on_dele, "mkd": self.on_mkd, "pwd": self.on_pwd, "rmd": self.on_rmd,
+            "rnfr": self.on_rnfr, "rnto": self.on_rnto, "size": self.on_size, "mdtm": self.on_mdtm,
+            "feat": self.on_feat, "opts": self.on_opts, "noop": self.on_noop, "rest": self.on_rest}
+        handlers: dict[str, Handler] = {name: self.commands_mapping[name] for name in AIOFTP_COMMANDS} | own
+        self.handlers = {name: self._guarded(h) if name in PATH_COMMANDS else h for name, h in handlers.items()}
 
     # --- sessions ----------------------------------------------------------------------------------
 
@@ -402,6 +432,7 @@ class FtpServer(aioftp.Server):
             writer.close()
             return
         task = asyncio.current_task()
+        assert task is not None  # asyncio.start_server runs each connection as a task
         self.sessions.add(task)
         self.by_address[address] += 1
         try:
@@ -424,7 +455,7 @@ class FtpServer(aioftp.Server):
         stream = ThrottleStreamIO(reader, writer, throttles={
             "server_global": self.throttle, "server_per_connection": self.throttle_per_connection.clone()},
             read_timeout=self.idle_timeout, write_timeout=self.socket_timeout)
-        replies: asyncio.Queue = asyncio.Queue()
+        replies: asyncio.Queue[tuple[str, str | list[str], bool]] = asyncio.Queue()
 
         def respond(code: str, lines: str | Iterable[str] = "", as_list: bool = False) -> None:
             lines = printable(lines) if isinstance(lines, str) else [printable(line) for line in lines]
@@ -440,7 +471,7 @@ class FtpServer(aioftp.Server):
         respond("220", self.welcome_message)
         read = asyncio.create_task(self._read_command(stream))
         write = asyncio.create_task(self.response_writer(stream, replies))
-        commands: set[asyncio.Task] = set()
+        commands: set[asyncio.Future[bool]] = set()
         try:
             while True:
                 done, _ = await asyncio.wait({read, write} | commands | connection.extra_workers,
@@ -463,11 +494,11 @@ class FtpServer(aioftp.Server):
                 if read in done:
                     cmd, rest = read.result()  # a closed or idle connection raises
                     read = asyncio.create_task(self._read_command(stream))
-                    handler = self.commands_mapping.get(cmd)
+                    handler = self.handlers.get(cmd)
                     if handler is None:
                         respond("502", f"{cmd[:16].upper()} not implemented")
                     else:
-                        commands.add(asyncio.create_task(handler(connection, rest)))
+                        commands.add(asyncio.ensure_future(handler(connection, rest)))
         except (ConnectionError, asyncio.IncompleteReadError, TimeoutError, ssl.SSLError, ValueError):
             pass  # the client went away, stayed idle too long, or sent an over-long line
         except asyncio.CancelledError:
@@ -487,8 +518,7 @@ class FtpServer(aioftp.Server):
                 passive.close()
             stream.writer.transport.abort()
             await asyncio.wait(tasks, timeout=10)  # workers abort their uploads and close their files
-            if session.user is not None:
-                self._count_out(session)
+            self._count_out(session)
 
     async def _read_command(self, stream: aioftp.StreamIO) -> tuple[str, str]:
         """→ (command, argument). Only the line end is cut from a path argument: a trailing space is part of
@@ -502,10 +532,12 @@ class FtpServer(aioftp.Server):
         return cmd, rest if cmd in PATH_COMMANDS else rest.strip()
 
     def _count_out(self, session: Session) -> None:
-        self.by_user[session.user] -= 1
-        if not self.by_user[session.user]:
-            del self.by_user[session.user]
-        session.user = None
+        """The session's login (if any) ends: it no longer counts against ftp.max_sessions_per_user."""
+        if session.user is not None:
+            self.by_user[session.user] -= 1
+            if not self.by_user[session.user]:
+                del self.by_user[session.user]
+            session.user = None
 
     async def close(self) -> None:
         """Close the sessions left after the drain (their transfers have finished by now), within a bound."""
@@ -518,7 +550,7 @@ class FtpServer(aioftp.Server):
 
     # --- login and FTPS (explicit, RFC 4217) -----------------------------------------------------
 
-    async def auth(self, connection: aioftp.Connection, rest: str) -> bool:
+    async def on_auth(self, connection: aioftp.Connection, rest: str) -> bool:
         if rest.upper() not in ("TLS", "TLS-C", "SSL"):
             connection.response("504", f"AUTH {rest} not supported; use AUTH TLS")
         elif self.tls is None:
@@ -534,11 +566,11 @@ class FtpServer(aioftp.Server):
             connection.session.tls = True
         return True
 
-    async def pbsz(self, connection: aioftp.Connection, rest: str) -> bool:
+    async def on_pbsz(self, connection: aioftp.Connection, rest: str) -> bool:
         connection.response("200", "PBSZ=0")
         return True
 
-    async def prot(self, connection: aioftp.Connection, rest: str) -> bool:
+    async def on_prot(self, connection: aioftp.Connection, rest: str) -> bool:
         level, session = rest.upper(), connection.session
         if level == "P" and session.tls:
             session.prot_private = True
@@ -552,19 +584,18 @@ class FtpServer(aioftp.Server):
                                 else f"PROT {rest} not supported")
         return True
 
-    async def user(self, connection: aioftp.Connection, rest: str) -> bool:
+    async def on_user(self, connection: aioftp.Connection, rest: str) -> bool:
         if self.cfg.ftp.require_tls and not connection.session.tls:
             log.warning("login_refused", protocol="ftp", user=rest, reason="plain-text login while TLS is required")
             self.gateway.audit_event(Who(rest, "ftp", f"{connection.client_host}:{connection.client_port}"),
                                      "login", "", "refused: TLS required")
             connection.response("530", "TLS required: use AUTH TLS before USER")
             return True
-        if connection.session.user is not None:  # USER again: the earlier login ends
-            self._count_out(connection.session)
-        return await super().user(connection, rest)
+        self._count_out(connection.session)  # USER again: the earlier login ends
+        return await self.user(connection, rest)
 
-    @ConnectionConditions(ConnectionConditions.user_required)
-    async def pass_(self, connection: aioftp.Connection, rest: str) -> bool:
+    @needs(USER_SENT)
+    async def on_pass(self, connection: aioftp.Connection, rest: str) -> bool:
         if connection.future.logged.done():
             connection.response("503", "already logged in")
             return True
@@ -592,8 +623,8 @@ class FtpServer(aioftp.Server):
 
     # --- passive data connections ---------------------------------------------------------------
 
-    @ConnectionConditions(ConnectionConditions.login_required)
-    async def pasv(self, connection: aioftp.Connection, rest: str) -> bool:
+    @needs(LOGGED_IN)
+    async def on_pasv(self, connection: aioftp.Connection, rest: str) -> bool:
         if connection.session.epsv_all:
             connection.response("503", "EPSV ALL was sent: use EPSV")
             return True
@@ -607,8 +638,8 @@ class FtpServer(aioftp.Server):
             connection.response("227", f"Entering Passive Mode ({','.join(numbers)})")
         return True
 
-    @ConnectionConditions(ConnectionConditions.login_required)
-    async def epsv(self, connection: aioftp.Connection, rest: str) -> bool:
+    @needs(LOGGED_IN)
+    async def on_epsv(self, connection: aioftp.Connection, rest: str) -> bool:
         """EPSV, EPSV ALL and EPSV <net-prt> (RFC 2428: 1 is IPv4, 2 is IPv6)."""
         arg = rest.upper()
         if arg == "ALL":
@@ -630,7 +661,7 @@ class FtpServer(aioftp.Server):
     async def _listen(self, connection: aioftp.Connection) -> Passive | None:
         """A fresh passive listener for the next transfer (an unused earlier one is closed) → None after
         replying why not."""
-        session = connection.session
+        session: Session = connection.session
         if self.cfg.ftp.require_tls and not session.prot_private:
             connection.response("521", "data connections must be protected: PROT P")
             return None
@@ -655,15 +686,15 @@ class FtpServer(aioftp.Server):
         return session.passive
 
     def _transfer(self, connection: aioftp.Connection, passive: Passive | None,
-                  opener: Callable[[], AsyncContextManager[Any]], body: Callable[[Any, aioftp.StreamIO], Awaitable[str]]
+                  opener: Callable[[], AsyncContextManager[T]], body: Callable[[T, ThrottleStreamIO], Awaitable[str]]
                   ) -> bool:
         """Run a transfer beside the command loop (aioftp's model): wait for the data connection; enter
         `opener()` (the file or listing; its errors are answered without a 150); 150; the data connection's TLS
         handshake if PROT P; `body(opened, stream)` → the 226 text. Nothing is opened before the data
-        connection is there (a 425 leaves nothing behind), and the data connection is closed on every path."""
+        connection is there (a 425 leaves nothing behind), and the data connection is closed on every path.
+        ABOR (or the session's end) cancels it: 426, then 226."""
 
-        @worker
-        async def run(self: "FtpServer", connection: aioftp.Connection, rest: str) -> None:
+        async def run() -> None:
             writer = None
             try:
                 if passive is None:
@@ -680,7 +711,7 @@ class FtpServer(aioftp.Server):
                         except (OSError, ssl.SSLError, TimeoutError) as e:
                             raise Reply("425", f"TLS handshake on the data connection failed: {e}") from None
                     else:
-                        writer.transport.resume_reading()
+                        _transport(writer).resume_reading()
                     stream = ThrottleStreamIO(reader, writer, throttles=connection.command_connection.throttles,
                                               timeout=connection.socket_timeout)
                     async with stream:
@@ -694,13 +725,16 @@ class FtpServer(aioftp.Server):
             except (OSError, TimeoutError, ssl.SSLError, asyncio.IncompleteReadError) as e:
                 log.warning("ftp_error", user=connection.user.login, code="426", reason=_abort_reason(e))
                 connection.response("426", "data connection failed; transfer aborted")
+            except asyncio.CancelledError:
+                connection.response("426", "transfer aborted")
+                connection.response("226", "abort successful")
             finally:
                 if writer is not None:
                     writer.close()
                 if passive is not None:
                     passive.close()
 
-        connection.extra_workers.add(asyncio.create_task(run(self, connection, "")))
+        connection.extra_workers.add(asyncio.create_task(run()))
         return True
 
     # --- paths and errors ------------------------------------------------------------------------
@@ -708,7 +742,7 @@ class FtpServer(aioftp.Server):
     def _resolve(self, connection: aioftp.Connection, rest: str) -> str:
         return resolve(self.roots.get(connection.user.login, "/"), str(connection.current_directory), rest)
 
-    def _guarded(self, handler):  # noqa: ANN001, ANN202
+    def _guarded(self, handler: Handler) -> Handler:
         """Refuse bad paths before aioftp sees them; map gateway errors raised inside a command."""
         @functools.wraps(handler)
         async def run(connection: aioftp.Connection, rest: str) -> bool:
@@ -736,9 +770,15 @@ class FtpServer(aioftp.Server):
 
     # --- transfers ---------------------------------------------------------------------------------
 
-    @ConnectionConditions(ConnectionConditions.login_required)
-    @PathPermissions(PathPermissions.writable)
-    async def stor(self, connection: aioftp.Connection, rest: str, append: bool = False) -> bool:
+    @needs(LOGGED_IN)
+    async def on_stor(self, connection: aioftp.Connection, rest: str) -> bool:
+        return self._store(connection, rest, append=False)
+
+    @needs(LOGGED_IN)
+    async def on_appe(self, connection: aioftp.Connection, rest: str) -> bool:
+        return self._store(connection, rest, append=True)
+
+    def _store(self, connection: aioftp.Connection, rest: str, append: bool) -> bool:
         path = self._resolve(connection, rest)
         offset, passive = connection.session.take_rest(), connection.session.take_passive()
 
@@ -755,7 +795,7 @@ class FtpServer(aioftp.Server):
                 await handle.abort(_abort_reason(e))
                 raise
 
-        async def receive(handle: WriteHandle, stream: aioftp.StreamIO) -> str:
+        async def receive(handle: WriteHandle, stream: ThrottleStreamIO) -> str:
             async for data in stream.iter_by_block(connection.block_size):
                 await handle.write(data)
             await handle.commit()
@@ -763,12 +803,8 @@ class FtpServer(aioftp.Server):
 
         return self._transfer(connection, passive, upload, receive)
 
-    async def appe(self, connection: aioftp.Connection, rest: str) -> bool:
-        return await self.stor(connection, rest, append=True)
-
-    @ConnectionConditions(ConnectionConditions.login_required)
-    @PathPermissions(PathPermissions.readable)
-    async def retr(self, connection: aioftp.Connection, rest: str) -> bool:
+    @needs(LOGGED_IN)
+    async def on_retr(self, connection: aioftp.Connection, rest: str) -> bool:
         path = self._resolve(connection, rest)
         offset, passive = connection.session.take_rest(), connection.session.take_passive()
 
@@ -782,7 +818,7 @@ class FtpServer(aioftp.Server):
             finally:
                 await handle.close()
 
-        async def send(handle: ReadHandle, stream: aioftp.StreamIO) -> str:
+        async def send(handle: ReadHandle, stream: ThrottleStreamIO) -> str:
             await send_file(stream, handle, offset)
             return "transfer complete"
 
@@ -795,39 +831,37 @@ class FtpServer(aioftp.Server):
         async def listing() -> AsyncIterator[bytes]:
             yield "".join(line + END_OF_LINE for line in await lines()).encode(self.encoding)
 
-        async def send(data: bytes, stream: aioftp.StreamIO) -> str:
+        async def send(data: bytes, stream: ThrottleStreamIO) -> str:
             for start in range(0, len(data), BLOCK):
                 await stream.write(data[start:start + BLOCK])
             return done
 
         return self._transfer(connection, connection.session.take_passive(), listing, send)
 
-    @ConnectionConditions(ConnectionConditions.login_required)
-    @PathConditions(PathConditions.path_must_exists)
-    @PathPermissions(PathPermissions.readable)
-    async def list(self, connection: aioftp.Connection, rest: str) -> bool:
+    @needs(LOGGED_IN)
+    async def on_list(self, connection: aioftp.Connection, rest: str) -> bool:
         """aioftp's LIST lines, sent in blocks (aioftp wrote and drained each ~60-byte line on its own)."""
-        return self._describe(connection, rest, self.build_list_string, "list transfer done")
+        return await self._describe(connection, rest, self.build_list_string, "list transfer done")
 
-    @ConnectionConditions(ConnectionConditions.login_required)
-    @PathConditions(PathConditions.path_must_exists)
-    @PathPermissions(PathPermissions.readable)
-    async def mlsd(self, connection: aioftp.Connection, rest: str) -> bool:
-        return self._describe(connection, rest, self.build_mlsx_string, "mlsd transfer done")
+    @needs(LOGGED_IN)
+    async def on_mlsd(self, connection: aioftp.Connection, rest: str) -> bool:
+        return await self._describe(connection, rest, self.build_mlsx_string, "mlsd transfer done")
 
-    def _describe(self, connection: aioftp.Connection, rest: str,
-                  line: Callable[[aioftp.Connection, PurePosixPath], Awaitable[str]], done: str) -> bool:
+    async def _describe(self, connection: aioftp.Connection, rest: str,
+                        line: Callable[[aioftp.Connection, PurePosixPath], Awaitable[str]], done: str) -> bool:
         """Send one line(entry) per directory entry (LIST, MLSD)."""
         real_path, _ = self.get_paths(connection, rest)
+        if not await connection.path_io.exists(real_path):
+            connection.response("550", "path does not exists")  # aioftp's words
+            return True
 
         async def lines() -> list[str]:
             return [await line(connection, p) async for p in connection.path_io.list(real_path)]
 
         return self._send_lines(connection, lines, done)
 
-    @ConnectionConditions(ConnectionConditions.login_required)
-    @PathPermissions(PathPermissions.readable)
-    async def nlst(self, connection: aioftp.Connection, rest: str) -> bool:
+    @needs(LOGGED_IN)
+    async def on_nlst(self, connection: aioftp.Connection, rest: str) -> bool:
         directory = self._resolve(connection, rest or ".")
         entries = await self.gateway.listdir(directory, who(connection))
 
@@ -838,40 +872,40 @@ class FtpServer(aioftp.Server):
 
     # --- namespace commands: straight to the gateway, so every outcome has its precise reply and audit ---
 
-    @ConnectionConditions(ConnectionConditions.login_required)
-    async def dele(self, connection: aioftp.Connection, rest: str) -> bool:
+    @needs(LOGGED_IN)
+    async def on_dele(self, connection: aioftp.Connection, rest: str) -> bool:
         await self.gateway.delete(self._resolve(connection, rest), who(connection))
         connection.response("250", "deleted")
         return True
 
-    @ConnectionConditions(ConnectionConditions.login_required)
-    async def mkd(self, connection: aioftp.Connection, rest: str) -> bool:
+    @needs(LOGGED_IN)
+    async def on_mkd(self, connection: aioftp.Connection, rest: str) -> bool:
         path = self._resolve(connection, rest)
         await self.gateway.mkdir(path, who(connection))
         connection.response("257", f"{quoted(str(self.get_paths(connection, rest)[1]))} created")
         return True
 
-    @ConnectionConditions(ConnectionConditions.login_required)
-    async def pwd(self, connection: aioftp.Connection, rest: str) -> bool:
+    @needs(LOGGED_IN)
+    async def on_pwd(self, connection: aioftp.Connection, rest: str) -> bool:
         connection.response("257", f"{quoted(str(connection.current_directory))} is the current directory")
         return True
 
-    @ConnectionConditions(ConnectionConditions.login_required)
-    async def rmd(self, connection: aioftp.Connection, rest: str) -> bool:
+    @needs(LOGGED_IN)
+    async def on_rmd(self, connection: aioftp.Connection, rest: str) -> bool:
         await self.gateway.rmdir(self._resolve(connection, rest), who(connection))
         connection.response("250", "removed")
         return True
 
-    @ConnectionConditions(ConnectionConditions.login_required)
-    async def rnfr(self, connection: aioftp.Connection, rest: str) -> bool:
+    @needs(LOGGED_IN)
+    async def on_rnfr(self, connection: aioftp.Connection, rest: str) -> bool:
         path = self._resolve(connection, rest)
         await self.gateway.stat(path)
         connection.rename_from = path
         connection.response("350", "ready for RNTO")
         return True
 
-    @ConnectionConditions(ConnectionConditions.login_required, ConnectionConditions.rename_from_required)
-    async def rnto(self, connection: aioftp.Connection, rest: str) -> bool:
+    @needs(LOGGED_IN, RENAME_FROM)
+    async def on_rnto(self, connection: aioftp.Connection, rest: str) -> bool:
         """Like rename(2), an existing target file is replaced (PACS clients re-send x.part → x)."""
         source = connection.rename_from
         del connection.rename_from
@@ -882,34 +916,34 @@ class FtpServer(aioftp.Server):
 
     # --- commands aioftp lacks ---------------------------------------------------------------------
 
-    @ConnectionConditions(ConnectionConditions.login_required)
-    async def size(self, connection: aioftp.Connection, rest: str) -> bool:
+    @needs(LOGGED_IN)
+    async def on_size(self, connection: aioftp.Connection, rest: str) -> bool:
         e = await self.gateway.stat(self._resolve(connection, rest))
         if e.is_dir:
             raise IsADirectory(e.path)
         connection.response("213", str(e.size))
         return True
 
-    @ConnectionConditions(ConnectionConditions.login_required)
-    async def mdtm(self, connection: aioftp.Connection, rest: str) -> bool:
+    @needs(LOGGED_IN)
+    async def on_mdtm(self, connection: aioftp.Connection, rest: str) -> bool:
         e = await self.gateway.stat(self._resolve(connection, rest))
         connection.response("213", time.strftime("%Y%m%d%H%M%S", time.gmtime(e.mtime)))
         return True
 
-    async def feat(self, connection: aioftp.Connection, rest: str) -> bool:
+    async def on_feat(self, connection: aioftp.Connection, rest: str) -> bool:
         tls = [" AUTH TLS", " PBSZ", " PROT"] if self.tls else []
         connection.response("211", ["Features:", *tls, " SIZE", " MDTM", " REST STREAM",
                                     " MLST type*;size*;modify*;", " EPSV", " PASV", " UTF8", "End"], True)
         return True
 
-    async def opts(self, connection: aioftp.Connection, rest: str) -> bool:
+    async def on_opts(self, connection: aioftp.Connection, rest: str) -> bool:
         if rest.upper() == "UTF8 ON":
             connection.response("200", "UTF8 is always on")
         else:
             connection.response("501", f"option {rest!r} not supported")
         return True
 
-    async def rest(self, connection: aioftp.Connection, rest: str) -> bool:
+    async def on_rest(self, connection: aioftp.Connection, rest: str) -> bool:
         """REST n: the next STOR/RETR starts at byte n. The marker is kept until a transfer command takes it,
         whatever comes in between (PASV, EPSV, TYPE): aioftp's was cleared by any other command, so REST, PASV,
         STOR replaced the file with its tail."""
@@ -920,12 +954,12 @@ class FtpServer(aioftp.Server):
         connection.response("350", f"restarting at {int(rest)}; send STOR or RETR")
         return True
 
-    async def noop(self, connection: aioftp.Connection, rest: str) -> bool:
+    async def on_noop(self, connection: aioftp.Connection, rest: str) -> bool:
         connection.response("200", "ok")
         return True
 
-    async def build_mlsx_string(self, connection: aioftp.Connection, path: PurePosixPath) -> str:
-        e = await connection.path_io._entry(path)
+    async def build_mlsx_string(self, connection: aioftp.Connection, path: PurePath) -> str:
+        e = await connection.path_io.entry(path)
         if e is None:
             return f"Type=unknown; {path.name}"
         modify = time.strftime("%Y%m%d%H%M%S", time.gmtime(e.mtime))

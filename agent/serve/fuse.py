@@ -23,6 +23,7 @@ import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Awaitable, Sequence, TypeVar
 
 import psutil
 import pyfuse3
@@ -35,6 +36,8 @@ from agent.store.gateway import Gateway, ReadHandle, WriteHandle
 from agent.store.paths import MAX_PATH_BYTES, check_name, name_of, parent_of
 
 log = structlog.get_logger("pacsgw.fuse")
+
+T = TypeVar("T")
 
 PROTOCOL = "smb"
 
@@ -161,7 +164,7 @@ class GatewayFS(pyfuse3.Operations):
         self._inodes[attrs.st_ino].lookups += 1
         return attrs
 
-    async def forget(self, inode_list) -> None:
+    async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
         for inode, n in inode_list:
             node = self._inodes.get(inode)
             if node is None or inode == pyfuse3.ROOT_INODE:
@@ -230,7 +233,7 @@ class GatewayFS(pyfuse3.Operations):
         e = await self._call(self.gw.stat(path))
         return self._attrs(self._inode_for(path), is_dir=e.is_dir, size=e.size, mtime=e.mtime)
 
-    async def _call(self, coro):
+    async def _call(self, coro: Awaitable[T]) -> T:
         try:
             return await coro
         except GatewayError as e:
@@ -238,34 +241,36 @@ class GatewayFS(pyfuse3.Operations):
                 report(self.gw, PROTOCOL, None, e)
             raise pyfuse3.FUSEError(errno_for(e)) from None
 
-    async def lookup(self, parent_inode, name, ctx=None):
+    async def lookup(self, parent_inode: int, name: bytes,
+                     ctx: pyfuse3.RequestContext | None = None) -> pyfuse3.EntryAttributes:
         if name == b".":
             return self._counted(await self._attrs_of(self._path(parent_inode)))
         if name == b"..":
             return self._counted(await self._attrs_of(parent_of(self._path(parent_inode))))
         return self._counted(await self._attrs_of(self._child(parent_inode, name, ctx)))
 
-    async def getattr(self, inode, ctx=None):
+    async def getattr(self, inode: int, ctx: pyfuse3.RequestContext | None = None) -> pyfuse3.EntryAttributes:
         return await self._attrs_of(self._path(inode))
 
-    async def setattr(self, inode, attr, fields, fh, ctx):
+    async def setattr(self, inode: int, attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields,
+                      fh: int | None, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         path = self._path(inode)
         if fields.update_size:
             op = self._files.get(fh) if fh is not None else self._writing.get(path)
             if op is None or not op.writable:
                 await self._call(self.gw.truncate(path, attr.st_size, PROTOCOL, self._who(ctx)))
             else:
-                await self._ensure_writer(op, keep=attr.st_size)
-                await self._call(op.writer.truncate(attr.st_size))
+                writer = await self._ensure_writer(op, keep=attr.st_size)
+                await self._call(writer.truncate(attr.st_size))
                 op.committed = False
         # modes, owners and times: the object store keeps its own; accept and ignore
         return await self._attrs_of(path)
 
-    async def access(self, inode, mode, ctx):
+    async def access(self, inode: int, mode: int, ctx: pyfuse3.RequestContext) -> bool:
         self._path(inode)
         return True
 
-    async def statfs(self, ctx):
+    async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
         disk = self.gw.disk_usage()
         s = pyfuse3.StatvfsData()
         s.f_bsize = s.f_frsize = 4096
@@ -277,17 +282,18 @@ class GatewayFS(pyfuse3.Operations):
 
     # --- namespace -------------------------------------------------------------------------------
 
-    async def mkdir(self, parent_inode, name, mode, ctx):
+    async def mkdir(self, parent_inode: int, name: bytes, mode: int,
+                    ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         path = self._child(parent_inode, name, ctx)
         await self._call(self.gw.mkdir(path, self._who(ctx)))
         return self._counted(await self._attrs_of(path))
 
-    async def rmdir(self, parent_inode, name, ctx):
+    async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         path = self._child(parent_inode, name, ctx)
         await self._call(self.gw.rmdir(path, self._who(ctx)))
         self._detach(path)
 
-    async def unlink(self, parent_inode, name, ctx):
+    async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         path = self._child(parent_inode, name, ctx)
         op = self._writing.pop(path, None)
         if op is not None:  # being written and not (or not again) committed: nothing will be
@@ -301,7 +307,8 @@ class GatewayFS(pyfuse3.Operations):
         await self._call(self.gw.delete(path, self._who(ctx)))
         self._detach(path)
 
-    async def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx):
+    async def rename(self, parent_inode_old: int, name_old: bytes, parent_inode_new: int, name_new: bytes,
+                     flags: int, ctx: pyfuse3.RequestContext) -> None:
         src = self._child(parent_inode_old, name_old, ctx)
         dst = self._child(parent_inode_new, name_new, ctx)
         if src == dst:
@@ -327,7 +334,7 @@ class GatewayFS(pyfuse3.Operations):
 
     # --- directories -----------------------------------------------------------------------------
 
-    async def opendir(self, inode, ctx):
+    async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
         path = self._path(inode)
         entries = await self._call(self.gw.listdir(path, self._who(ctx)))
         d = _Dir([(e.name.encode(), e.path, e.is_dir, e.size, e.mtime) for e in entries])
@@ -340,7 +347,7 @@ class GatewayFS(pyfuse3.Operations):
         self._dirs[fh] = d
         return fh
 
-    async def readdir(self, fh, start_id, token):
+    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
         d = self._dirs[fh]
         for i in range(start_id, len(d.entries)):
             name, path, is_dir, size, mtime = d.entries[i]
@@ -352,7 +359,7 @@ class GatewayFS(pyfuse3.Operations):
                 return
             self._inodes[ino].lookups += 1
 
-    async def releasedir(self, fh):
+    async def releasedir(self, fh: int) -> None:
         self._dirs.pop(fh, None)
 
     # --- files -----------------------------------------------------------------------------------
@@ -363,24 +370,25 @@ class GatewayFS(pyfuse3.Operations):
         self._files[fh] = op
         return fh
 
-    async def _ensure_writer(self, op: _Open, keep: int | None = None) -> None:
+    async def _ensure_writer(self, op: _Open, keep: int | None = None) -> WriteHandle:
         if op.writer is not None and not op.committed:
-            return
+            return op.writer
         if op.unlinked:
             raise pyfuse3.FUSEError(errno.ENOENT)
-        if op.failed:
+        if op.failed or self.closing:
             raise pyfuse3.FUSEError(errno.EIO)
-        if self.closing:
-            raise pyfuse3.FUSEError(errno.EIO)
-        op.writer = await self._call(self.gw.open_for_write(op.path, PROTOCOL, op.who, keep=0 if op.truncate else keep))
+        writer = op.writer = await self._call(self.gw.open_for_write(op.path, PROTOCOL, op.who,
+                                                                      keep=0 if op.truncate else keep))
         op.truncate = False
         op.committed = False
         prev = self._writing.get(op.path)
         if prev is not None and prev is not op and prev.writer is not None and not prev.committed:
             log.warning("smb_concurrent_writers", path=op.path)
         self._writing[op.path] = op
+        return writer
 
-    async def create(self, parent_inode, name, mode, flags, ctx):
+    async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
+                     ctx: pyfuse3.RequestContext) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
         path = self._child(parent_inode, name, ctx)
         if self.closing or self.draining:
             raise pyfuse3.FUSEError(errno.EROFS)
@@ -395,7 +403,7 @@ class GatewayFS(pyfuse3.Operations):
         attrs = self._counted(self._attrs(op.inode, is_dir=False, size=0, mtime=time.time()))
         return pyfuse3.FileInfo(fh=fh, keep_cache=False), attrs
 
-    async def open(self, inode, flags, ctx):
+    async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
         path = self._path(inode)
         writable = bool(flags & (os.O_WRONLY | os.O_RDWR))
         if path not in self._writing:
@@ -409,7 +417,7 @@ class GatewayFS(pyfuse3.Operations):
             await self._ensure_writer(op)
         return pyfuse3.FileInfo(fh=self._new_fh(op), keep_cache=False)
 
-    async def read(self, fh, off, size):
+    async def read(self, fh: int, off: int, size: int) -> bytes:
         op = self._files[fh]
         src = op if op.writer is not None else self._writing.get(op.path)
         if src is not None and src.writer is not None and src.writer.open:
@@ -422,24 +430,24 @@ class GatewayFS(pyfuse3.Operations):
             return b""
         return await self._call(op.reader.read(off, min(size, op.reader.size - off)))
 
-    async def write(self, fh, off, buf):
+    async def write(self, fh: int, off: int, buf: bytes) -> int:
         op = self._files[fh]
         if not op.writable:
             raise pyfuse3.FUSEError(errno.EBADF)
-        await self._ensure_writer(op)
+        writer = await self._ensure_writer(op)
         try:
-            await self._call(op.writer.write(buf, off))
+            await self._call(writer.write(buf, off))
         except pyfuse3.FUSEError:
             # a file with a failed write is never committed, whatever the client does next
             op.failed = True
-            await op.writer.abort("write failed")
+            await writer.abort("write failed")
             op.writer = None
             if self._writing.get(op.path) is op:
                 del self._writing[op.path]
             raise
         return len(buf)
 
-    async def flush(self, fh):
+    async def flush(self, fh: int) -> None:
         """close(2): commit what this handle wrote. smbd's CLOSE reply waits for this."""
         op = self._files.get(fh)
         if op is not None and op.failed:
@@ -464,10 +472,10 @@ class GatewayFS(pyfuse3.Operations):
             await op.reader.close()
             op.reader = None
 
-    async def fsync(self, fh, datasync):
+    async def fsync(self, fh: int, datasync: bool) -> None:
         """Durability comes with close (flush); an fsync in the middle of a file changes nothing."""
 
-    async def release(self, fh):
+    async def release(self, fh: int) -> None:
         op = self._files.pop(fh, None)
         if op is None:
             return
@@ -531,7 +539,7 @@ class FuseMount:
                  smb_port: int) -> None:
         self.mountpoint = mountpoint
         self.fs = GatewayFS(gateway, uid, gid, users, SmbPeers(smb_port))
-        self._task: asyncio.Task | None = None
+        self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         import pyfuse3.asyncio as pyfuse3_asyncio

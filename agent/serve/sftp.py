@@ -12,7 +12,7 @@ import asyncio
 import os
 import weakref
 from pathlib import Path
-from typing import AsyncIterator
+from typing import Any, AsyncIterator, Awaitable, NoReturn, TypeVar
 
 import asyncssh
 import structlog
@@ -28,6 +28,8 @@ from agent.store.paths import resolve
 
 log = structlog.get_logger("pacsgw.sftp")
 
+T = TypeVar("T")
+
 
 def sftp_error(e: GatewayError) -> asyncssh.SFTPError:
     return answer(e).sftp(e.reason)
@@ -39,7 +41,7 @@ def _attrs(e: Entry) -> asyncssh.SFTPAttrs:
                               atime=int(e.mtime), mtime=int(e.mtime))
 
 
-def _peer(conn: asyncssh.SSHServerConnection | asyncssh.SSHServerChannel | None) -> str:
+def _peer(conn: asyncssh.SSHServerConnection | asyncssh.SSHServerChannel[bytes] | None) -> str:
     peer = conn.get_extra_info("peername") if conn is not None else None
     return f"{peer[0]}:{peer[1]}" if peer else ""
 
@@ -110,11 +112,23 @@ class _OpenFile:
         self.path, self.reader, self.writer, self.append = path, reader, writer, append
 
 
+def _reader(file_obj: object) -> ReadHandle:
+    if not isinstance(file_obj, _OpenFile) or file_obj.reader is None:
+        raise asyncssh.SFTPPermissionDenied("file not opened for reading")
+    return file_obj.reader
+
+
+def _writer(file_obj: object) -> WriteHandle:
+    if not isinstance(file_obj, _OpenFile) or file_obj.writer is None:
+        raise asyncssh.SFTPPermissionDenied("file not opened for writing")
+    return file_obj.writer
+
+
 class GatewaySFTP(asyncssh.SFTPServer):
     gateway: Gateway  # set by the factory
     roots: dict[str, str]
 
-    def __init__(self, chan: asyncssh.SSHServerChannel) -> None:
+    def __init__(self, chan: asyncssh.SSHServerChannel[bytes]) -> None:
         super().__init__(chan)
         self.user = chan.get_extra_info("username")
         self.root = self.roots[self.user]
@@ -131,7 +145,7 @@ class GatewaySFTP(asyncssh.SFTPServer):
             report(self.gateway, "sftp", self.who, e, refused_here=True)
             raise sftp_error(e) from None
 
-    async def _call(self, coro):  # noqa: ANN001, ANN202
+    async def _call(self, coro: Awaitable[T]) -> T:
         try:
             return await coro
         except GatewayError as e:
@@ -151,11 +165,11 @@ class GatewaySFTP(asyncssh.SFTPServer):
 
     lstat = stat
 
-    async def fstat(self, file_obj: _OpenFile) -> asyncssh.SFTPAttrs:
-        if file_obj.writer is not None:
-            w = file_obj.writer
-            return asyncssh.SFTPAttrs(type=asyncssh.FILEXFER_TYPE_REGULAR, size=w.size, permissions=st_mode(False))
-        return _attrs(file_obj.reader.entry)
+    async def fstat(self, file_obj: object) -> asyncssh.SFTPAttrs:
+        if isinstance(file_obj, _OpenFile) and file_obj.writer is not None:
+            return asyncssh.SFTPAttrs(type=asyncssh.FILEXFER_TYPE_REGULAR, size=file_obj.writer.size,
+                                      permissions=st_mode(False))
+        return _attrs(_reader(file_obj).entry)
 
     async def setstat(self, path: bytes, attrs: asyncssh.SFTPAttrs) -> None:
         """A size truncates (or extends with zeros) the stored file: a new version is committed. Times and
@@ -167,13 +181,10 @@ class GatewaySFTP(asyncssh.SFTPServer):
 
     lsetstat = setstat  # lsetstat@openssh.com: asyncssh's default would chmod/chown/utime a *local* path
 
-    async def fsetstat(self, file_obj: _OpenFile, attrs: asyncssh.SFTPAttrs) -> None:
+    async def fsetstat(self, file_obj: object, attrs: asyncssh.SFTPAttrs) -> None:
         """ftruncate: a size cuts (or extends) the file being written; otherwise see setstat."""
-        if attrs.size is None:
-            return
-        if file_obj.writer is None:
-            raise asyncssh.SFTPPermissionDenied("file not opened for writing")
-        await self._call(file_obj.writer.truncate(attrs.size))
+        if attrs.size is not None:
+            await self._call(_writer(file_obj).truncate(attrs.size))
 
     async def scandir(self, path: bytes) -> AsyncIterator[asyncssh.SFTPName]:
         entries = await self._call(self.gateway.listdir(self._ns(path), self.who))
@@ -207,27 +218,25 @@ class GatewaySFTP(asyncssh.SFTPServer):
             create=bool(pflags & asyncssh.FXF_CREAT), exclusive=bool(pflags & asyncssh.FXF_EXCL)))
         return _OpenFile(ns, writer=writer, append=bool(pflags & asyncssh.FXF_APPEND))
 
-    async def read(self, file_obj: _OpenFile, offset: int, size: int) -> bytes:
-        if file_obj.reader is None:
-            raise asyncssh.SFTPPermissionDenied("file not opened for reading")
-        return await self._call(file_obj.reader.read(offset, size))
+    async def read(self, file_obj: object, offset: int, size: int) -> bytes:
+        return await self._call(_reader(file_obj).read(offset, size))
 
-    async def write(self, file_obj: _OpenFile, offset: int, data: bytes) -> int:
-        if file_obj.writer is None:
-            raise asyncssh.SFTPPermissionDenied("file not opened for writing")
+    async def write(self, file_obj: object, offset: int, data: bytes) -> int:
+        writer = _writer(file_obj)
         # FXF_APPEND: every write goes to the end, whatever offset the client sends (clients send 0)
-        await self._call(file_obj.writer.write(data, None if file_obj.append else offset))
+        await self._call(writer.write(data, None if isinstance(file_obj, _OpenFile) and file_obj.append else offset))
         return len(data)
 
-    async def close(self, file_obj: _OpenFile) -> None:
-        if file_obj.reader is not None:
+    async def close(self, file_obj: object) -> None:
+        if isinstance(file_obj, _OpenFile) and file_obj.reader is not None:
             await file_obj.reader.close()
             return
+        writer = _writer(file_obj)
         if self._client_left():
             # The client went away, or ended the SFTP session, before closing: not a completed upload.
-            await file_obj.writer.abort("session ended before close")
+            await writer.abort("session ended before close")
             return
-        await self._call(file_obj.writer.commit())
+        await self._call(writer.commit())
 
     def _client_left(self) -> bool:
         """Whether this close comes from asyncssh ending the session, not from the client's CLOSE.
@@ -238,9 +247,9 @@ class GatewaySFTP(asyncssh.SFTPServer):
         """
         return self.channel.is_closing() or getattr(self.channel, "_recv_state", "open") != "open"
 
-    async def fsync(self, file_obj: _OpenFile) -> None:
+    async def fsync(self, file_obj: object) -> None:
         """fsync@openssh.com: flush what was written so far to the staging file (the commit does the rest)."""
-        if file_obj.writer is not None:
+        if isinstance(file_obj, _OpenFile) and file_obj.writer is not None:
             await file_obj.writer.fsync()
 
     # --- everything else asyncssh.SFTPServer would do on the *local* filesystem ------------------
@@ -252,7 +261,7 @@ class GatewaySFTP(asyncssh.SFTPServer):
     def map_path(self, path: bytes) -> bytes:
         raise asyncssh.SFTPPermissionDenied("operation not supported by this server")
 
-    def _unsupported(self, *args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+    def _unsupported(self, *args: Any, **kwargs: Any) -> NoReturn:
         raise asyncssh.SFTPOpUnsupported("links and file-system queries are not supported by this server")
 
     readlink = symlink = link = statvfs = fstatvfs = open56 = _unsupported

@@ -231,9 +231,9 @@ class SmbService:
         self.state = Path(cfg.smb.state_dir)
         self.conf_path = self.state / "smb.conf"
         self.mount: FuseMount | None = None
-        self.proc: subprocess.Popen | None = None
-        self._supervisor: asyncio.Task | None = None
-        self._auth_watch: asyncio.Task | None = None
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._supervisor: asyncio.Task[None] | None = None
+        self._auth_watch: asyncio.Task[None] | None = None
         self._stopping = False
         self.restarts = 0
         self._bans: list[str] = []
@@ -273,9 +273,9 @@ class SmbService:
         await self.mount.start()
         await self._ensure_roots()
         if s.manage:
-            self._start_smbd()
+            proc = self._start_smbd()
             await self._wait_listening()
-            self._supervisor = asyncio.create_task(self._supervise(), name="smbd-supervisor")
+            self._supervisor = asyncio.create_task(self._supervise(proc), name="smbd-supervisor")
         self._auth_watch = asyncio.create_task(self._watch_logins(auth_log, auth_offset), name="smb-logins")
         log.info("smb_started", listen=s.listen, share=s.share, mountpoint=s.mountpoint, manage=s.manage,
                  encryption=s.encryption, users=[u.name for u in smb_users(self.cfg)])
@@ -405,7 +405,7 @@ class SmbService:
         if r.returncode != 0:
             log.error("smbd_reload_failed", error=(r.stderr or r.stdout).strip()[:300])
 
-    def _start_smbd(self) -> None:
+    def _start_smbd(self) -> subprocess.Popen[bytes]:
         s = self.cfg.smb
         log_out = open(self.state / "log" / "smbd.stdout", "ab")
         self.proc = subprocess.Popen(
@@ -413,6 +413,7 @@ class SmbService:
             stdin=subprocess.DEVNULL, stdout=log_out, stderr=subprocess.STDOUT, start_new_session=True)
         log_out.close()
         log.info("smbd_started", pid=self.proc.pid, conf=str(self.conf_path))
+        return self.proc
 
     async def _wait_listening(self, timeout: float = 30.0) -> None:
         host, port = self.cfg.smb.listen
@@ -428,18 +429,17 @@ class SmbService:
                 await asyncio.sleep(0.1)
         raise RuntimeError(f"smbd did not listen on {host}:{port} within {timeout:.0f}s")
 
-    async def _supervise(self) -> None:
+    async def _supervise(self, proc: subprocess.Popen[bytes]) -> None:
         delay = 1.0
         while True:
-            rc = await asyncio.to_thread(self.proc.wait)
-            if self._stopping:
-                return
-            log.error("smbd_exited", returncode=rc, restart_in=delay)
-            await asyncio.sleep(delay)
+            rc = await asyncio.to_thread(proc.wait)
+            if not self._stopping:
+                log.error("smbd_exited", returncode=rc, restart_in=delay)
+                await asyncio.sleep(delay)
             if self._stopping:
                 return
             self.restarts += 1
-            self._start_smbd()
+            proc = self._start_smbd()
             delay = min(delay * 2, 30.0)
 
     def _smbd_pids(self) -> list[int]:
