@@ -1,9 +1,10 @@
-"""mypy, strict, over the gateway facade and the layers below it (the files listed in pyproject's [tool.mypy])."""
+"""mypy, strict, over the front ends, the gateway facade and the layers below it (pyproject's [tool.mypy] files)."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -12,6 +13,11 @@ REPO = Path(__file__).resolve().parents[1]
 def _mypy(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "mypy", "--cache-dir", str(REPO / "build" / "mypy-cache"), *args],
                           cwd=REPO, capture_output=True, text=True, timeout=600)
+
+
+def test_the_strict_set_covers_every_layer_from_the_front_ends_down():
+    files = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["mypy"]["files"]
+    assert {"agent/serve", "agent/store", "agent/uplink", "agent/policy", "agent/records.py"} <= set(files)
 
 
 def test_mypy_strict_is_clean():
