@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import errno
+import ssl
 import stat
 from dataclasses import dataclass
 from typing import Callable
@@ -43,6 +44,14 @@ log = structlog.get_logger("pacsgw.serve")
 
 FILE_MODE = stat.S_IFREG | 0o664
 DIR_MODE = stat.S_IFDIR | 0o775
+
+
+def tls_context(cert: str, key: str) -> ssl.SSLContext:
+    """A server's TLS (FTPS, the metrics listener): TLS 1.2 at least."""
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(cert, key)
+    return ctx
 
 
 def st_mode(is_dir: bool) -> int:

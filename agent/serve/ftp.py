@@ -34,7 +34,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path, PurePath, PurePosixPath
-from typing import Any, AsyncContextManager, AsyncIterator, Awaitable, Callable, Iterable, TypeVar, cast
+from typing import Any, AsyncContextManager, AsyncIterator, Awaitable, Callable, Iterable, NoReturn, TypeVar, cast
 
 import aioftp
 import structlog
@@ -44,7 +44,7 @@ from agent.audit import Who
 from agent.auth import LoginGuard, verify_password
 from agent.config import Config, UserConfig
 from agent.records import Entry
-from agent.serve.contract import answer, report, st_mode
+from agent.serve.contract import answer, report, st_mode, tls_context
 from agent.store.errors import Corrupt, GatewayError, IsADirectory, NotFound
 from agent.store.gateway import Gateway, ReadHandle, WriteHandle
 from agent.store.paths import resolve
@@ -71,23 +71,12 @@ T = TypeVar("T")
 
 
 
-def tls_context(cert: str, key: str) -> ssl.SSLContext:
-    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    ctx.load_cert_chain(cert, key)
-    return ctx
-
-
 def _is_utf8(text: str) -> bool:
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:
         return False
     return True
-
-
-def reply_for(exc: GatewayError) -> tuple[str, str]:
-    return answer(exc).ftp, exc.reason
 
 
 def _gateway_error(exc: BaseException) -> GatewayError | None:
@@ -132,6 +121,12 @@ class EntryPath(PurePosixPath):
     """A path yielded by a listing that carries its catalog entry, so LIST/MLSD need no more queries."""
 
     entry: Entry
+
+    @classmethod
+    def of(cls, directory: PurePath, entry: Entry) -> EntryPath:
+        path = cls(directory, entry.name)
+        path.entry = entry
+        return path
 
 
 def _ns(path: PurePath) -> str:
@@ -187,12 +182,6 @@ class GatewayPathIO(aioftp.AbstractPathIO[PurePosixPath]):
 
     gateway: Gateway  # set by the factory
 
-    @property
-    def party(self) -> Who:
-        if self.connection is None:  # the server makes one per session
-            raise RuntimeError("a PathIO without its session")
-        return who(self.connection)
-
     async def entry(self, path: PurePath) -> Entry | None:
         if isinstance(path, EntryPath):
             return path.entry
@@ -205,27 +194,6 @@ class GatewayPathIO(aioftp.AbstractPathIO[PurePosixPath]):
         e = await self.entry(path)
         return e is not None and e.is_dir
 
-    async def is_file(self, path: PurePosixPath) -> bool:
-        e = await self.entry(path)
-        return e is not None and not e.is_dir
-
-    async def mkdir(self, path: PurePosixPath, *, parents: bool = False, exist_ok: bool = False) -> None:
-        await self.gateway.mkdir(_ns(path), self.party)
-
-    async def rmdir(self, path: PurePosixPath) -> None:
-        await self.gateway.rmdir(_ns(path), self.party)
-
-    async def unlink(self, path: PurePosixPath) -> None:
-        await self.gateway.delete(_ns(path), self.party)
-
-    def list(self, path: PurePosixPath) -> AsyncIterator[PurePosixPath]:
-        async def gen() -> AsyncIterator[PurePosixPath]:
-            for e in await self.gateway.listdir(_ns(path), self.party):
-                p = EntryPath(path, e.name)
-                p.entry = e
-                yield p
-        return gen()
-
     async def stat(self, path: PurePosixPath) -> os.stat_result:
         e = await self.entry(path)
         if e is None:
@@ -233,25 +201,12 @@ class GatewayPathIO(aioftp.AbstractPathIO[PurePosixPath]):
         # mode, ino, dev, nlink, uid, gid, size, atime, mtime, ctime
         return os.stat_result((st_mode(e.is_dir), 0, 0, 1, 0, 0, e.size, e.mtime, e.mtime, e.mtime))
 
-    async def rename(self, source: PurePosixPath, destination: PurePosixPath) -> PurePosixPath:
-        await self.gateway.rename(_ns(source), _ns(destination), self.party)
-        return destination
+    # Only aioftp's CWD, CDUP, MLST and LIST lines use this PathIO (exists, is_dir, stat, entry); namespace
+    # commands, listings and file I/O are this module's own handlers, straight to the gateway.
+    def _unused(self, *args: Any, **kwargs: Any) -> NoReturn:
+        raise NotImplementedError("the FTP front end calls the gateway for this")
 
-    # File I/O goes through the server's own STOR/RETR workers, never through these.
-    async def _open(self, path: PurePosixPath, mode: str) -> Any:
-        raise NotImplementedError
-
-    async def seek(self, file: Any, offset: int, whence: int = 0) -> int:
-        raise NotImplementedError
-
-    async def write(self, file: Any, data: bytes) -> int:
-        raise NotImplementedError
-
-    async def read(self, file: Any, block_size: int) -> bytes:
-        raise NotImplementedError
-
-    async def close(self, file: Any) -> None:
-        raise NotImplementedError
+    is_file = mkdir = rmdir = unlink = rename = list = _open = seek = write = read = close = _unused
 
 
 class _Users(aioftp.AbstractUserManager):
@@ -763,7 +718,7 @@ class FtpServer(aioftp.Server):
         return run
 
     def _fail(self, connection: aioftp.Connection, e: GatewayError, refused_here: bool = False) -> bool:
-        code, info = reply_for(e)
+        code, info = answer(e).ftp, e.reason
         report(self.gateway, "ftp", who(connection), e, refused_here=refused_here, code=code)
         connection.response(code, info)
         return True
@@ -856,7 +811,8 @@ class FtpServer(aioftp.Server):
             return True
 
         async def lines() -> list[str]:
-            return [await line(connection, p) async for p in connection.path_io.list(real_path)]
+            entries = await self.gateway.listdir(_ns(real_path), who(connection))
+            return [await line(connection, EntryPath.of(real_path, e)) for e in entries]
 
         return self._send_lines(connection, lines, done)
 

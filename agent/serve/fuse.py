@@ -170,8 +170,19 @@ class GatewayFS(pyfuse3.Operations):
             if node is None or inode == pyfuse3.ROOT_INODE:
                 continue
             node.lookups -= n
-            if node.lookups <= 0 and not any(f.inode == inode for f in self._files.values()):
-                self._drop(inode)
+            self._drop_unused(inode)
+
+    def _drop_unused(self, inode: int) -> None:
+        """Forget an inode the kernel no longer looks up and no open file uses (never the root)."""
+        node = self._inodes.get(inode)
+        if node is not None and node.lookups <= 0 and inode != pyfuse3.ROOT_INODE \
+                and not any(f.inode == inode for f in self._files.values()):
+            self._drop(inode)
+
+    def _stop_showing(self, op: _Open) -> None:
+        """op's uncommitted content is no longer what its path shows (committed, failed or closed)."""
+        if self._writing.get(op.path) is op:
+            del self._writing[op.path]
 
     def _drop(self, inode: int) -> None:
         node = self._inodes.pop(inode, None)
@@ -442,8 +453,7 @@ class GatewayFS(pyfuse3.Operations):
             op.failed = True
             await writer.abort("write failed")
             op.writer = None
-            if self._writing.get(op.path) is op:
-                del self._writing[op.path]
+            self._stop_showing(op)
             raise
         return len(buf)
 
@@ -466,8 +476,7 @@ class GatewayFS(pyfuse3.Operations):
             await self._call(op.writer.commit())
         finally:
             op.committed = True
-            if self._writing.get(op.path) is op:
-                del self._writing[op.path]
+            self._stop_showing(op)
         if op.reader is not None:
             await op.reader.close()
             op.reader = None
@@ -481,14 +490,10 @@ class GatewayFS(pyfuse3.Operations):
             return
         if op.writer is not None and not op.committed:
             await op.writer.abort("released without a flush")
-        if self._writing.get(op.path) is op:
-            del self._writing[op.path]
+        self._stop_showing(op)
         if op.reader is not None:
             await op.reader.close()
-        node = self._inodes.get(op.inode)
-        if node is not None and node.lookups <= 0 and op.inode != pyfuse3.ROOT_INODE \
-                and not any(f.inode == op.inode for f in self._files.values()):
-            self._drop(op.inode)
+        self._drop_unused(op.inode)
 
     async def abort_all(self, reason: str) -> None:
         for op in list(self._files.values()):

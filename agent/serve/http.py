@@ -7,10 +7,10 @@ import base64
 import binascii
 import hmac
 import html
+import ipaddress
 import json
 import os
 import secrets
-import ssl
 import time
 from pathlib import Path
 from typing import Any, Awaitable, Callable
@@ -21,6 +21,7 @@ from aiohttp import web
 
 from agent.auth import verify_password
 from agent.config import HttpConfig
+from agent.serve.contract import tls_context
 
 log = structlog.get_logger("pacsgw.http")
 
@@ -49,7 +50,6 @@ def clock_sync() -> dict[str, Any]:
     kernel's NTP state from adjtimex(2) read-only, else systemd-timesyncd's flag file; None when neither
     can be read (the agent's sandbox may filter adjtimex)."""
     import ctypes
-    import os
     buf = ctypes.create_string_buffer(512)   # struct timex (208 bytes on x86-64); modes = 0: read only
     try:
         state = ctypes.CDLL(None, use_errno=True).adjtimex(buf)
@@ -192,18 +192,11 @@ class ScrapeListener:
         app.add_routes([web.get("/metrics", self.metrics)])
         self._runner = web.AppRunner(app, access_log=None)
 
-    def _tls(self) -> ssl.SSLContext | None:
-        if not self.cfg.metrics_tls_cert:
-            return None
-        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-        ctx.load_cert_chain(self.cfg.metrics_tls_cert, self.cfg.metrics_tls_key)
-        return ctx
-
     async def start(self) -> None:
         assert self.cfg.metrics_listen is not None
         await self._runner.setup()
-        await web.TCPSite(self._runner, *self.cfg.metrics_listen, ssl_context=self._tls()).start()
+        tls = tls_context(self.cfg.metrics_tls_cert, self.cfg.metrics_tls_key) if self.cfg.metrics_tls_cert else None
+        await web.TCPSite(self._runner, *self.cfg.metrics_listen, ssl_context=tls).start()
 
     async def close(self) -> None:
         await self._runner.cleanup()
@@ -234,7 +227,6 @@ class ScrapeListener:
 
 
 def _is_loopback(remote: str | None) -> bool:
-    import ipaddress
     try:
         return remote is not None and ipaddress.ip_address(remote).is_loopback
     except ValueError:
