@@ -8,12 +8,15 @@
   gateway error in pacsgw_errors_total{protocol,kind} and logs it as `<protocol>_error`; a request the front
   end refused itself, before the gateway saw it (a path outside the user's root, a name no client may use),
   is audited here as 'refused'. Whatever reached the gateway was audited there, once.
+* Logins: `login` logs a password check (`login` / `login_failed`), tells the LoginGuard and audits a failure;
+  a success is audited by the front end once the session is really open (FTP may still refuse it).
 * Opening for write (create, exclusive, truncate, resume) is decided by the facade:
   Gateway.open_for_write, Gateway.open_write (FTP's REST) and Gateway.truncate.
 """
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import ssl
 import stat
@@ -24,6 +27,7 @@ import asyncssh
 import structlog
 
 from agent.audit import Who, failure
+from agent.auth import LoginGuard
 from agent.store.errors import (
     AlreadyExists,
     BadOffset,
@@ -93,3 +97,18 @@ def report(gw: Gateway, protocol: str, who: Who | None, e: GatewayError, *, refu
         gw.audit_event(who, "refused", e.path, failure(e))
     log.warning(f"{protocol}_error", user=who.user if who is not None else None, path=e.path, reason=e.reason,
                 kind=type(e).__name__, **context)
+
+
+async def login(gw: Gateway, guard: LoginGuard, protocol: str, who: Who, address: str, ok: bool, *,
+                delay: bool = True, **context: object) -> None:
+    """A password check's outcome. A failure waits the guard's growing delay before the answer (that is the
+    backoff), unless `delay` is False (Samba has answered already)."""
+    if ok:
+        log.info("login", protocol=protocol, user=who.user, peer=who.peer, **context)
+        guard.succeeded(who.user, address)
+        return
+    log.warning("login_failed", protocol=protocol, user=who.user, peer=who.peer, **context)
+    gw.audit_event(who, "login", "", "error: wrong user or password")
+    wait = guard.failed(who.user, address, protocol)
+    if delay:
+        await asyncio.sleep(wait)

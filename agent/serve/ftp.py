@@ -44,6 +44,7 @@ from agent.audit import Who
 from agent.auth import LoginGuard, verify_password
 from agent.config import Config, UserConfig
 from agent.records import Entry
+from agent.serve import contract
 from agent.serve.contract import answer, report, st_mode, tls_context
 from agent.store.errors import Corrupt, GatewayError, IsADirectory, NotFound
 from agent.store.gateway import Gateway, ReadHandle, WriteHandle
@@ -225,13 +226,8 @@ class _Users(aioftp.AbstractUserManager):
 
     async def authenticate(self, user: aioftp.User, password: str) -> bool:
         cfg = self.by_name.get(user.login or "")
-        ok = cfg is not None and _is_utf8(password) and await asyncio.to_thread(
+        return cfg is not None and _is_utf8(password) and await asyncio.to_thread(
             verify_password, password, plain=cfg.password, encoded=cfg.password_hash)
-        if not ok:
-            log.warning("login_failed", protocol="ftp", user=user.login)  # FtpServer.pass_ delays the reply
-        else:
-            log.info("login", protocol="ftp", user=user.login)
-        return ok
 
     async def notify_logout(self, user: aioftp.User) -> None:
         return None
@@ -558,12 +554,11 @@ class FtpServer(aioftp.Server):
         if refusal := guard.refusal(login, address, "ftp"):  # LoginGuard (agent.auth): backoff and bans
             connection.response("530", refusal)
             return True
-        if not await self.user_manager.authenticate(connection.user, rest):
-            self.gateway.audit_event(who(connection), "login", "", "error: wrong user or password")
-            await asyncio.sleep(guard.failed(login, address, "ftp"))  # before the reply: that is the backoff
+        ok = await self.user_manager.authenticate(connection.user, rest)
+        await contract.login(self.gateway, guard, "ftp", who(connection), address, ok)
+        if not ok:
             connection.response("530", "wrong user or password")
             return True
-        guard.succeeded(login, address)
         name, cap = connection.user.login, self.cfg.ftp.max_sessions_per_user
         if self.by_user[name] >= cap:
             self._refuse_session(who(connection), f"too many sessions for user {name} (limit {cap})")

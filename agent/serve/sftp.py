@@ -21,7 +21,7 @@ from agent.audit import Who
 from agent.auth import LoginGuard, verify_password
 from agent.config import Config, UserConfig
 from agent.records import Entry
-from agent.serve.contract import answer, report, st_mode
+from agent.serve.contract import answer, login, report, st_mode
 from agent.store.errors import GatewayError
 from agent.store.gateway import Gateway, ReadHandle, WriteHandle
 from agent.store.paths import resolve
@@ -95,14 +95,7 @@ class _Auth(asyncssh.SSHServer):
         user = self.users.get(username)
         ok = user is not None and bool(user.password or user.password_hash) and await asyncio.to_thread(
             verify_password, password, plain=user.password, encoded=user.password_hash)
-        peer = _peer(self.conn)
-        if ok:
-            log.info("login", protocol="sftp", user=username, peer=peer, method="password")
-            self.guard.succeeded(username, address)
-        else:
-            log.warning("login_failed", protocol="sftp", user=username, peer=peer, method="password")
-            self.gateway.audit_event(self._who(username), "login", "", "error: wrong user or password")
-            await asyncio.sleep(self.guard.failed(username, address, "sftp"))
+        await login(self.gateway, self.guard, "sftp", self._who(username), address, ok, method="password")
         return ok
 
 

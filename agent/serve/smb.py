@@ -45,6 +45,7 @@ import structlog
 from agent.audit import Who
 from agent.auth import LoginGuard
 from agent.config import Config, UserConfig
+from agent.serve.contract import login
 from agent.serve.fuse import FuseMount
 from agent.store.errors import AlreadyExists
 from agent.store.gateway import Gateway
@@ -366,7 +367,7 @@ class SmbService:
                     for line in complete.decode("utf-8", "replace").splitlines():
                         event = auth_event(line)
                         if event is not None:
-                            self._login(*event)
+                            await self._login(*event)
             except FileNotFoundError:
                 pass
             except Exception as e:  # a bad line or a failed reload must not end the watch
@@ -374,16 +375,12 @@ class SmbService:
             await self._enforce_bans()
             await asyncio.sleep(AUTH_POLL_SECONDS)
 
-    def _login(self, user: str, address: str, ok: bool) -> None:
-        guard, who = self.logins, Who(user, "smb", address)
+    async def _login(self, user: str, address: str, ok: bool) -> None:
+        who = Who(user, "smb", address)
+        # no delay: Samba has already answered
+        await login(self.gateway, self.logins, "smb", who, address, ok, delay=False, method="password")
         if ok:
-            log.info("login", protocol="smb", user=user, peer=address, method="password")
-            guard.succeeded(user, address)
             self.gateway.audit_event(who, "login")
-            return
-        log.warning("login_failed", protocol="smb", user=user, peer=address, method="password")
-        self.gateway.audit_event(who, "login", "", "error: wrong user or password")
-        guard.failed(user, address, "smb")  # its delay cannot be applied: Samba has already answered
 
     async def _enforce_bans(self) -> None:
         banned = self.logins.banned("address")
