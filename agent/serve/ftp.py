@@ -30,6 +30,7 @@ import ipaddress
 import os
 import random
 import ssl
+import stat
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -46,7 +47,7 @@ from agent.config import Config, UserConfig
 from agent.records import Entry
 from agent.serve import contract
 from agent.serve.contract import answer, report, st_mode, tls_context
-from agent.store.errors import Corrupt, GatewayError, IsADirectory, NotFound
+from agent.store.errors import Corrupt, GatewayError, IsADirectory
 from agent.store.gateway import Gateway, ReadHandle, WriteHandle
 from agent.store.paths import resolve
 
@@ -118,18 +119,6 @@ def _transport(writer: asyncio.StreamWriter) -> asyncio.Transport:
     return cast(asyncio.Transport, writer.transport)
 
 
-class EntryPath(PurePosixPath):
-    """A path yielded by a listing that carries its catalog entry, so LIST/MLSD need no more queries."""
-
-    entry: Entry
-
-    @classmethod
-    def of(cls, directory: PurePath, entry: Entry) -> EntryPath:
-        path = cls(directory, entry.name)
-        path.entry = entry
-        return path
-
-
 def _ns(path: PurePath) -> str:
     return str(path).lstrip("/")
 
@@ -184,8 +173,6 @@ class GatewayPathIO(aioftp.AbstractPathIO[PurePosixPath]):
     gateway: Gateway  # set by the factory
 
     async def entry(self, path: PurePath) -> Entry | None:
-        if isinstance(path, EntryPath):
-            return path.entry
         return await self.gateway.find(_ns(path))
 
     async def exists(self, path: PurePosixPath) -> bool:
@@ -195,19 +182,12 @@ class GatewayPathIO(aioftp.AbstractPathIO[PurePosixPath]):
         e = await self.entry(path)
         return e is not None and e.is_dir
 
-    async def stat(self, path: PurePosixPath) -> os.stat_result:
-        e = await self.entry(path)
-        if e is None:
-            raise NotFound(_ns(path))
-        # mode, ino, dev, nlink, uid, gid, size, atime, mtime, ctime
-        return os.stat_result((st_mode(e.is_dir), 0, 0, 1, 0, 0, e.size, e.mtime, e.mtime, e.mtime))
-
-    # Only aioftp's CWD, CDUP, MLST and LIST lines use this PathIO (exists, is_dir, stat, entry); namespace
-    # commands, listings and file I/O are this module's own handlers, straight to the gateway.
+    # Only aioftp's CWD, CDUP and MLST use this PathIO (exists, is_dir, entry); namespace commands, listings
+    # and file I/O are this module's own handlers, straight to the gateway.
     def _unused(self, *args: Any, **kwargs: Any) -> NoReturn:
         raise NotImplementedError("the FTP front end calls the gateway for this")
 
-    is_file = mkdir = rmdir = unlink = rename = list = _open = seek = write = read = close = _unused
+    is_file = mkdir = rmdir = unlink = rename = list = stat = _open = seek = write = read = close = _unused
 
 
 class _Users(aioftp.AbstractUserManager):
@@ -774,12 +754,30 @@ class FtpServer(aioftp.Server):
 
         return self._transfer(connection, passive, download, send)
 
-    def _send_lines(self, connection: aioftp.Connection, lines: Callable[[], Awaitable[list[str]]], done: str) -> bool:
-        """Send lines() over the data connection in BLOCK-sized writes (LIST, NLST, MLSD), then 226 done."""
+    @needs(LOGGED_IN)
+    async def on_list(self, connection: aioftp.Connection, rest: str) -> bool:
+        """aioftp's LIST line format."""
+        return await self._listing(connection, rest, "list transfer done", lambda e: " ".join((
+            stat.filemode(st_mode(e.is_dir)), "1", "none", "none", str(e.size), self.build_list_mtime(e.mtime),
+            e.name)))
+
+    @needs(LOGGED_IN)
+    async def on_mlsd(self, connection: aioftp.Connection, rest: str) -> bool:
+        return await self._listing(connection, rest, "mlsd transfer done", lambda e: _mlsx(e, e.name))
+
+    @needs(LOGGED_IN)
+    async def on_nlst(self, connection: aioftp.Connection, rest: str) -> bool:
+        return await self._listing(connection, rest, "name list done", lambda e: e.name)
+
+    async def _listing(self, connection: aioftp.Connection, rest: str, done: str, line: Callable[[Entry], str]) -> bool:
+        """One line per entry of a directory over the data connection, in BLOCK-sized writes (aioftp wrote and
+        drained each ~60-byte line on its own), then 226 done."""
+        entries = await self.gateway.listdir(self._resolve(connection, rest or "."), who(connection))
+        data = "".join(line(e) + END_OF_LINE for e in entries).encode(self.encoding)
 
         @contextlib.asynccontextmanager
         async def listing() -> AsyncIterator[bytes]:
-            yield "".join(line + END_OF_LINE for line in await lines()).encode(self.encoding)
+            yield data
 
         async def send(data: bytes, stream: ThrottleStreamIO) -> str:
             for start in range(0, len(data), BLOCK):
@@ -787,39 +785,6 @@ class FtpServer(aioftp.Server):
             return done
 
         return self._transfer(connection, connection.session.take_passive(), listing, send)
-
-    @needs(LOGGED_IN)
-    async def on_list(self, connection: aioftp.Connection, rest: str) -> bool:
-        """aioftp's LIST lines, sent in blocks (aioftp wrote and drained each ~60-byte line on its own)."""
-        return await self._describe(connection, rest, self.build_list_string, "list transfer done")
-
-    @needs(LOGGED_IN)
-    async def on_mlsd(self, connection: aioftp.Connection, rest: str) -> bool:
-        return await self._describe(connection, rest, self.build_mlsx_string, "mlsd transfer done")
-
-    async def _describe(self, connection: aioftp.Connection, rest: str,
-                        line: Callable[[aioftp.Connection, PurePosixPath], Awaitable[str]], done: str) -> bool:
-        """Send one line(entry) per directory entry (LIST, MLSD)."""
-        real_path, _ = self.get_paths(connection, rest)
-        if not await connection.path_io.exists(real_path):
-            connection.response("550", "path does not exists")  # aioftp's words
-            return True
-
-        async def lines() -> list[str]:
-            entries = await self.gateway.listdir(_ns(real_path), who(connection))
-            return [await line(connection, EntryPath.of(real_path, e)) for e in entries]
-
-        return self._send_lines(connection, lines, done)
-
-    @needs(LOGGED_IN)
-    async def on_nlst(self, connection: aioftp.Connection, rest: str) -> bool:
-        directory = self._resolve(connection, rest or ".")
-        entries = await self.gateway.listdir(directory, who(connection))
-
-        async def names() -> list[str]:
-            return [e.name for e in entries]
-
-        return self._send_lines(connection, names, "name list done")
 
     # --- namespace commands: straight to the gateway, so every outcome has its precise reply and audit ---
 
@@ -878,7 +843,7 @@ class FtpServer(aioftp.Server):
     @needs(LOGGED_IN)
     async def on_mdtm(self, connection: aioftp.Connection, rest: str) -> bool:
         e = await self.gateway.stat(self._resolve(connection, rest))
-        connection.response("213", time.strftime("%Y%m%d%H%M%S", time.gmtime(e.mtime)))
+        connection.response("213", _mdtm(e.mtime))
         return True
 
     async def on_feat(self, connection: aioftp.Connection, rest: str) -> bool:
@@ -910,9 +875,15 @@ class FtpServer(aioftp.Server):
         return True
 
     async def build_mlsx_string(self, connection: aioftp.Connection, path: PurePath) -> str:
+        """MLST (aioftp's handler)."""
         e = await connection.path_io.entry(path)
-        if e is None:
-            return f"Type=unknown; {path.name}"
-        modify = time.strftime("%Y%m%d%H%M%S", time.gmtime(e.mtime))
-        kind = "dir" if e.is_dir else "file"
-        return f"Type={kind};Size={e.size};Modify={modify}; {path.name}"
+        return f"Type=unknown; {path.name}" if e is None else _mlsx(e, path.name)
+
+
+def _mlsx(e: Entry, name: str) -> str:
+    """An MLST/MLSD line (RFC 3659)."""
+    return f"Type={'dir' if e.is_dir else 'file'};Size={e.size};Modify={_mdtm(e.mtime)}; {name}"
+
+
+def _mdtm(mtime: float) -> str:
+    return time.strftime("%Y%m%d%H%M%S", time.gmtime(mtime))
