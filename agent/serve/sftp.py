@@ -99,22 +99,16 @@ class _Auth(asyncssh.SSHServer):
         return ok
 
 
-class _OpenFile:
-    def __init__(self, path: str, reader: ReadHandle | None = None, writer: WriteHandle | None = None,
-                 append: bool = False) -> None:
-        self.path, self.reader, self.writer, self.append = path, reader, writer, append
-
-
 def _reader(file_obj: object) -> ReadHandle:
-    if not isinstance(file_obj, _OpenFile) or file_obj.reader is None:
+    if not isinstance(file_obj, ReadHandle):
         raise asyncssh.SFTPPermissionDenied("file not opened for reading")
-    return file_obj.reader
+    return file_obj
 
 
 def _writer(file_obj: object) -> WriteHandle:
-    if not isinstance(file_obj, _OpenFile) or file_obj.writer is None:
+    if not isinstance(file_obj, WriteHandle):
         raise asyncssh.SFTPPermissionDenied("file not opened for writing")
-    return file_obj.writer
+    return file_obj
 
 
 class GatewaySFTP(asyncssh.SFTPServer):
@@ -126,6 +120,7 @@ class GatewaySFTP(asyncssh.SFTPServer):
         self.user = chan.get_extra_info("username")
         self.root = self.roots[self.user]
         self.who = Who(self.user, "sftp", _peer(chan))
+        self.appending: set[WriteHandle] = set()  # opened with FXF_APPEND
 
     def _ns(self, path: bytes) -> str:
         try:
@@ -159,8 +154,8 @@ class GatewaySFTP(asyncssh.SFTPServer):
     lstat = stat
 
     async def fstat(self, file_obj: object) -> asyncssh.SFTPAttrs:
-        if isinstance(file_obj, _OpenFile) and file_obj.writer is not None:
-            return asyncssh.SFTPAttrs(type=asyncssh.FILEXFER_TYPE_REGULAR, size=file_obj.writer.size,
+        if isinstance(file_obj, WriteHandle):
+            return asyncssh.SFTPAttrs(type=asyncssh.FILEXFER_TYPE_REGULAR, size=file_obj.size,
                                       permissions=st_mode(False))
         return _attrs(_reader(file_obj).entry)
 
@@ -202,14 +197,16 @@ class GatewaySFTP(asyncssh.SFTPServer):
 
     # --- files -----------------------------------------------------------------------------------
 
-    async def open(self, path: bytes, pflags: int, attrs: asyncssh.SFTPAttrs) -> _OpenFile:
+    async def open(self, path: bytes, pflags: int, attrs: asyncssh.SFTPAttrs) -> ReadHandle | WriteHandle:
         ns = self._ns(path)
         if not pflags & (asyncssh.FXF_WRITE | asyncssh.FXF_APPEND):
-            return _OpenFile(ns, reader=await self._call(self.gateway.open_read(ns, "sftp", self.who)))
+            return await self._call(self.gateway.open_read(ns, "sftp", self.who))
         writer = await self._call(self.gateway.open_for_write(
             ns, "sftp", self.who, keep=0 if pflags & asyncssh.FXF_TRUNC else None,
             create=bool(pflags & asyncssh.FXF_CREAT), exclusive=bool(pflags & asyncssh.FXF_EXCL)))
-        return _OpenFile(ns, writer=writer, append=bool(pflags & asyncssh.FXF_APPEND))
+        if pflags & asyncssh.FXF_APPEND:
+            self.appending.add(writer)
+        return writer
 
     async def read(self, file_obj: object, offset: int, size: int) -> bytes:
         return await self._call(_reader(file_obj).read(offset, size))
@@ -217,14 +214,15 @@ class GatewaySFTP(asyncssh.SFTPServer):
     async def write(self, file_obj: object, offset: int, data: bytes) -> int:
         writer = _writer(file_obj)
         # FXF_APPEND: every write goes to the end, whatever offset the client sends (clients send 0)
-        await self._call(writer.write(data, None if isinstance(file_obj, _OpenFile) and file_obj.append else offset))
+        await self._call(writer.write(data, None if writer in self.appending else offset))
         return len(data)
 
     async def close(self, file_obj: object) -> None:
-        if isinstance(file_obj, _OpenFile) and file_obj.reader is not None:
-            await file_obj.reader.close()
+        if isinstance(file_obj, ReadHandle):
+            await file_obj.close()
             return
         writer = _writer(file_obj)
+        self.appending.discard(writer)
         if self._client_left():
             # The client went away, or ended the SFTP session, before closing: not a completed upload.
             await writer.abort("session ended before close")
@@ -242,8 +240,8 @@ class GatewaySFTP(asyncssh.SFTPServer):
 
     async def fsync(self, file_obj: object) -> None:
         """fsync@openssh.com: flush what was written so far to the staging file (the commit does the rest)."""
-        if isinstance(file_obj, _OpenFile) and file_obj.writer is not None:
-            await file_obj.writer.fsync()
+        if isinstance(file_obj, WriteHandle):
+            await file_obj.fsync()
 
     # --- everything else asyncssh.SFTPServer would do on the *local* filesystem ------------------
     # Its default implementations act on real paths of this host, as the agent's user (root on the
