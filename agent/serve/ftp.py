@@ -73,14 +73,6 @@ T = TypeVar("T")
 
 
 
-def _is_utf8(text: str) -> bool:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
 def _gateway_error(exc: BaseException) -> GatewayError | None:
     """aioftp wraps PathIO exceptions in PathIOError; find ours inside."""
     seen: BaseException | None = exc
@@ -102,12 +94,8 @@ def quoted(path: str) -> str:
     return '"' + path.replace('"', '""') + '"'
 
 
-def same_host(a: str, b: str) -> bool:
-    """Two peer addresses are the same host (an IPv4 client seen through an IPv6 socket as ::ffff:a.b.c.d)."""
-    return _unmapped(a) == _unmapped(b)
-
-
 def _unmapped(address: str) -> str:
+    """A peer address as compared: an IPv4 client seen through an IPv6 socket (::ffff:a.b.c.d) as a.b.c.d."""
     ip = ipaddress.ip_address(address.split("%")[0])
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
         ip = ip.ipv4_mapped
@@ -206,7 +194,8 @@ class _Users(aioftp.AbstractUserManager):
 
     async def authenticate(self, user: aioftp.User, password: str) -> bool:
         cfg = self.by_name.get(user.login or "")
-        return cfg is not None and _is_utf8(password) and await asyncio.to_thread(
+        # bytes that were not UTF-8 arrive as surrogate escapes (FtpServer._read_command): never a password
+        return cfg is not None and not any("\ud800" <= c <= "\udfff" for c in password) and await asyncio.to_thread(
             verify_password, password, plain=cfg.password, encoded=cfg.password_hash)
 
     async def notify_logout(self, user: aioftp.User) -> None:
@@ -250,7 +239,7 @@ class Passive:
         # First, before any byte is read: a TLS client hello must reach the TLS layer, not the stream buffer.
         _transport(writer).pause_reading()
         host, port = writer.get_extra_info("peername")[:2]
-        if self.connected.done() or not same_host(host, self.peer):
+        if self.connected.done() or _unmapped(host) != _unmapped(self.peer):
             self.on_refused(f"{host}:{port}", "the data connection was already made" if self.connected.done()
                             else "its address is not the control connection's")
             writer.transport.abort()
