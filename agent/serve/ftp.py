@@ -72,7 +72,6 @@ Command = Callable[["FtpServer", aioftp.Connection, str], Awaitable[bool]]
 T = TypeVar("T")
 
 
-
 def _gateway_error(exc: BaseException) -> GatewayError | None:
     """aioftp wraps PathIO exceptions in PathIOError; find ours inside."""
     seen: BaseException | None = exc
