@@ -9,7 +9,7 @@ import signal
 import sqlite3
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import structlog
 
@@ -35,8 +35,10 @@ from agent.serve.http import (
     process_memory,
 )
 from agent.serve.sftp import SftpService
+from agent.store.access import AccessStats
 from agent.store.catalog import AsyncCatalog, Catalog
-from agent.store.gateway import Gateway
+from agent.store.evictor import Evictor
+from agent.store.gateway import Gateway, Refusals
 from agent.store.scrub import Scrubber
 from agent.store.worm import WormPolicy
 from agent.uplink.line import Line
@@ -92,14 +94,17 @@ class Agent:
         self.audit = AuditLog(Path(cfg.audit.path), cfg.audit.max_bytes, cfg.audit.keep, cfg.audit.enabled)
         self._ship = (asyncio.create_task(AuditShipper(self.audit, self.s3, cfg.audit.ship_prefix).run(),
                                           name="audit-ship") if cfg.audit.enabled and cfg.audit.ship else None)
-        self.gateway = Gateway(cfg, self.db, self.cache, self.s3, self.uploader, self.metrics, self.audit)
+        # prior prefetch hears of every store; self.priors is built below, before any front end serves
+        self._build_gateway((lambda path, content: self.priors.on_stored(path, content)) if cfg.prefetch.priors
+                            else None)
         await self.gateway.start()
         self.ha = None
         if cfg.ha.enabled:
             from agent.ha import HaMonitor
-            self.ha = HaMonitor(cfg, self.gateway, self.uploader, self.s3, self.cache, self.audit, self.metrics)
+            self.ha = HaMonitor(cfg, self.gateway, self.db, self.refusals, self.uploader, self.s3, self.cache,
+                                self.audit, self.metrics)
             await self.ha.start()
-        self.monitor = PressureMonitor(cfg, self.db, self.cache, self.gateway, self.line, self.metrics)
+        self.monitor = PressureMonitor(cfg, self.db, self.cache, self.gateway, self.line, self.metrics, self.refusals)
         await self.monitor.sample()
         self._monitor = asyncio.create_task(self.monitor.run(), name="pressure")
         # the study-index snapshot, by the active box only (agent/dicom/schedule.py)
@@ -108,14 +113,12 @@ class Agent:
             if cfg.dicom.snapshot_interval else None)
         fetcher = Fetcher(self.gateway, self.db, lambda: self.monitor.current.level)
         stack = stack_for(cfg)   # one policy stack: the evictor and the prior-study planner share it
-        self.gateway.evictor.use(stack, cfg.prefetch.study_depth)
+        self.evictor.use(stack, cfg.prefetch.study_depth)
         self.prefetcher = DirPrefetcher(cfg, self.db, self.gateway, fetcher)
         self._prefetch = (asyncio.create_task(self.prefetcher.loop(), name="prefetch")
                           if cfg.prefetch.enabled else None)
         self._prefetch_now: asyncio.Task | None = None
         self.priors = PriorFetcher(cfg, self.db, self.gateway, fetcher, stack)
-        if cfg.prefetch.priors:
-            self.gateway.on_stored = self.priors.on_stored
         self.scrubber = Scrubber(self.db, self.cache, cfg.scrub.rate, cfg.scrub.pause_seconds)
         self._scrub = asyncio.create_task(self.scrubber.run(), name="scrub") if cfg.scrub.enabled else None
         logins = LoginGuard(cfg.login, self.metrics, self.audit)  # one count of failures across the front ends
@@ -151,10 +154,22 @@ class Agent:
         self.s3 = S3Uplink(cfg.uplink)
         self.s3.known_sizes = self.db.known_sizes  # listings of compressed objects: logical sizes
         self.line = Line(self.s3.probe, self.metrics, cfg.uplink.max_concurrency, self.s3.bandwidth)
-        retention = DicomRetention(cfg.compliance, WormPolicy(cfg.compliance))
+        self.worm = WormPolicy(cfg.compliance)  # one policy: the uploader locks objects, the gateway refuses changes
+        retention = DicomRetention(cfg.compliance, self.worm)
         self.uploader = Uploader(self.db, self.cache, self.s3, self.line, self.metrics, retention,
                                  Describer(cfg.dicom, retention.retention_class,
                                            bool(retention.rules) or cfg.uplink.compress != "off"))
+
+    def _build_gateway(self, on_stored: Callable[[str, Path], None] | None = None) -> None:
+        """The gateway and the parts it is handed, which the agent keeps: the evictor (its admin calls and
+        /healthz), the refusals (set by the pressure and HA monitors). After _build_uplink; nothing started."""
+        cfg = self.cfg
+        self.refusals = Refusals()
+        access = AccessStats(cfg.prefetch.dir_depth)
+        self.evictor = Evictor(cfg.cache, self.db, self.cache, self.metrics, access)
+        self.gateway = Gateway(cfg, self.db, self.cache, self.s3, self.uploader, self.metrics, self.audit,
+                               worm=self.worm, access=access, evictor=self.evictor, refusals=self.refusals,
+                               on_stored=on_stored)
 
     async def _serve_ftp_sftp(self, logins: LoginGuard) -> None:
         """FTP and SFTP listeners: the owner's and every worker's (SO_REUSEPORT when several processes serve)."""
@@ -263,8 +278,7 @@ class Agent:
             "model": model_info(self.cfg.model.path),
             "pressure": {"level": str(self.monitor.current.level), "reasons": list(self.monitor.current.reasons)},
             "prefetch": self.prefetch_health(),
-            "eviction": {"policy": self.cfg.cache.eviction, "k": getattr(self.gateway.evictor.policy, "last_k", None),
-                         **self.gateway.evictor.status()},
+            "eviction": {"policy": self.cfg.cache.eviction, "k": self.evictor.last_k, **self.evictor.status()},
             "scrub": {"passes": self.scrubber.passes, "last_pass_end": self.scrubber.last_pass_end},
             "clock": clock_sync(),
         }
@@ -319,12 +333,12 @@ class Agent:
         from agent.config import parse_size
         totals = await self.db.totals()
         try:
-            want = parse_size(query["bytes"]) if "bytes" in query else self.gateway.evictor.excess(totals.cached_bytes)
+            want = parse_size(query["bytes"]) if "bytes" in query else self.evictor.excess(totals.cached_bytes)
         except ValueError:
             return 400, {"error": f"bytes={query['bytes']!r} is not a size such as '10MB'"}
-        victims = await self.gateway.evictor.plan(want, explain=True)
+        victims = await self.evictor.plan(want, explain=True)
         return 200, {"policy": self.cfg.cache.eviction, "bytes_to_free": want, "cached_bytes": totals.cached_bytes,
-                     "k": getattr(self.gateway.evictor.policy, "last_k", None),
+                     "k": self.evictor.last_k,
                      "victims": [dataclasses.asdict(v) for v in victims]}
 
     async def admin_evict(self, query: dict[str, str], body: dict[str, Any]) -> tuple[int, dict[str, Any]]:

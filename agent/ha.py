@@ -29,7 +29,8 @@ from agent.audit import AuditLog, Who
 from agent.config import Config
 from agent.metrics import Metrics
 from agent.store.cache import Cache
-from agent.store.gateway import Gateway
+from agent.store.catalog import AsyncCatalog
+from agent.store.gateway import Gateway, Refusals
 from agent.uplink.s3 import S3Uplink, error_code
 from agent.uplink.uploader import Uploader
 
@@ -84,11 +85,10 @@ class HaState:
 
 
 class HaMonitor:
-    def __init__(self, cfg: Config, gateway: Gateway, uploader: Uploader, s3: S3Uplink, cache: Cache,
-                 audit: AuditLog, metrics: Metrics) -> None:
-        self.cfg, self.gateway, self.uploader, self.s3, self.cache, self.audit = (
-            cfg.ha, gateway, uploader, s3, cache, audit)
-        self.db = gateway.db
+    def __init__(self, cfg: Config, gateway: Gateway, db: AsyncCatalog, refusals: Refusals, uploader: Uploader,
+                 s3: S3Uplink, cache: Cache, audit: AuditLog, metrics: Metrics) -> None:
+        self.cfg, self.gateway, self.db, self.refusals, self.uploader, self.s3, self.cache, self.audit = (
+            cfg.ha, gateway, db, refusals, uploader, s3, cache, audit)  # refusals.write is set here
         self.state = HaState()
         self._boot = psutil.boot_time()
         self._follow_lock = asyncio.Lock()
@@ -103,7 +103,7 @@ class HaMonitor:
                                 "When the standby last followed the bucket into its catalog", registry=r)
 
     async def start(self) -> None:
-        self.gateway.write_refusal = STANDBY_REFUSAL
+        self.refusals.write = STANDBY_REFUSAL
         self._apply(read_role_file(Path(self.cfg.role_file), self._boot))
         self._tasks = [asyncio.create_task(self._watch_role(), name="ha-role"),
                        asyncio.create_task(self._follow_loop(), name="ha-follow"),
@@ -135,7 +135,7 @@ class HaMonitor:
         previous, now = self.state.role, time.time()
         self.state.role, self.state.since = role, now
         self.m_active.set(1 if role == "active" else 0)
-        self.gateway.write_refusal = "" if role == "active" else STANDBY_REFUSAL
+        self.refusals.write = "" if role == "active" else STANDBY_REFUSAL
         if role == "active":
             self.state.takeovers += 1
             self.state.last_takeover = now

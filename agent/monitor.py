@@ -12,7 +12,7 @@ from agent.metrics import Metrics
 from agent.policy.pressure import Level, Pressure, Readings, Watermarks, assess, concurrency_at
 from agent.store.cache import Cache
 from agent.store.catalog import AsyncCatalog
-from agent.store.gateway import Gateway
+from agent.store.gateway import Gateway, Refusals
 from agent.uplink.line import Line
 
 log = structlog.get_logger("pacsgw.pressure")
@@ -20,9 +20,9 @@ log = structlog.get_logger("pacsgw.pressure")
 
 class PressureMonitor:
     def __init__(self, cfg: Config, db: AsyncCatalog, cache: Cache, gateway: Gateway, line: Line,
-                 metrics: Metrics) -> None:
-        self.cfg, self.db, self.cache, self.gateway, self.line, self.metrics = (
-            cfg, db, cache, gateway, line, metrics)
+                 metrics: Metrics, refusals: Refusals) -> None:
+        self.cfg, self.db, self.cache, self.gateway, self.line, self.metrics, self.refusals = (
+            cfg, db, cache, gateway, line, metrics, refusals)  # refusals.fetch is set here
         p, c = cfg.pressure, cfg.cache
         self.watermarks = Watermarks(c.high_watermark, p.disk_critical, p.memory_high, p.memory_critical,
                                      p.rss_high, p.rss_critical)
@@ -56,7 +56,6 @@ class PressureMonitor:
     async def _apply(self, pressure: Pressure) -> None:
         level = pressure.level
         await self.line.slots.set_limit(concurrency_at(level, self.cfg.uplink.max_concurrency))
-        self.gateway.fetch_refusal = (f"pressure critical ({'; '.join(pressure.reasons)})"
-                                      if level is Level.CRITICAL else "")
+        self.refusals.fetch = f"pressure critical ({'; '.join(pressure.reasons)})" if level is Level.CRITICAL else ""
         if level >= Level.HIGH:
             await self.gateway.shrink_memory()

@@ -26,6 +26,7 @@ from agent.policy.prefetch import Budget, Candidate, plan
 from agent.policy.pressure import Level
 from agent.policy.priors import StudyInfo
 from agent.policy.stack import PolicyStack
+from agent.store.access import heat_dir
 from agent.store.catalog import AsyncCatalog
 from agent.store.errors import GatewayError
 from agent.store.evictor import stack_for as eviction_stack
@@ -165,7 +166,7 @@ class DirPrefetcher:
         days = self.cfg.prefetch.cold_start_days
         writes: dict[str, int] = {}
         for parent, n in await self.db.writes_since(now - days * 86400):
-            d = self.gateway.access.heat_dir(parent + "/x")  # heat_dir takes a file's path: any file in parent
+            d = heat_dir(parent, self.cfg.prefetch.dir_depth)
             writes[d] = writes.get(d, 0) + n
         return rank_cold_start(writes, days)
 
@@ -263,14 +264,14 @@ class PriorFetcher:
         depth = self.cfg.prefetch.study_depth
         return "/".join(parts[:depth]) if len(parts) > depth else None
 
-    def on_stored(self, path: str, blob: str) -> None:
+    def on_stored(self, path: str, content: Path) -> None:
         d = self.study_dir(path)
         if d is None or d in self._seen:
             return
         self._seen[d] = None
         if len(self._seen) > self.SEEN_MAX:
             del self._seen[next(iter(self._seen))]
-        task = asyncio.create_task(self.new_study(d, path, self.gateway.cache.blob_path(blob)))
+        task = asyncio.create_task(self.new_study(d, path, content))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 

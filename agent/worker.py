@@ -18,7 +18,6 @@ from agent.daemon import DRAIN_SECONDS, Agent, run_until_signal
 from agent.monitor import PressureMonitor
 from agent.store.cache import Cache
 from agent.store.catalog import AsyncCatalog, Catalog
-from agent.store.gateway import Gateway
 from agent.workers import pid_dir, worker_audit_path
 
 log = structlog.get_logger("pacsgw.workers")
@@ -43,11 +42,11 @@ class Worker(Agent):
         await self.line.start()
         self.audit = AuditLog(worker_audit_path(Path(cfg.audit.path), self.index), cfg.audit.max_bytes,
                               cfg.audit.keep, cfg.audit.enabled)
-        self.gateway = Gateway(cfg, self.db, self.cache, self.s3, self.uploader, self.metrics, self.audit)
+        self._build_gateway()
         await self.gateway.start(evict=False)
         # Its own pressure monitor: disk and memory are the box's, so every process refuses cold fetches under
         # critical pressure and narrows its transfer slots like the owner; eviction stays with the owner.
-        self.monitor = PressureMonitor(cfg, self.db, self.cache, self.gateway, self.line, self.metrics)
+        self.monitor = PressureMonitor(cfg, self.db, self.cache, self.gateway, self.line, self.metrics, self.refusals)
         await self.monitor.sample()
         self._monitor = asyncio.create_task(self.monitor.run(), name="pressure")
         # Failures are counted per process: a guesser gets up to N times the allowance (docs/workers.md).

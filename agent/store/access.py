@@ -9,6 +9,14 @@ from __future__ import annotations
 
 import time
 
+from agent.metrics import Metrics
+from agent.store.catalog import AsyncCatalog
+
+
+def heat_dir(directory: str, depth: int) -> str:
+    """The directory whose reads are counted together: the first `depth` levels of `directory`."""
+    return "/".join(directory.split("/")[:depth])
+
 
 class AccessStats:
     def __init__(self, dir_depth: int) -> None:
@@ -17,8 +25,8 @@ class AccessStats:
         self._heat: dict[tuple[str, str], list[int]] = {}
 
     def heat_dir(self, path: str) -> str:
-        parts = path.split("/")[:-1]
-        return "/".join(parts[: self.dir_depth])
+        """The heat directory of a file's path."""
+        return heat_dir(path.rpartition("/")[0], self.dir_depth)
 
     def note(self, path: str, size: int, *, hit: bool) -> None:
         now = time.time()
@@ -36,3 +44,9 @@ class AccessStats:
         self._files, self._heat = {}, {}
         return ([(p, t, n) for p, (t, n) in files.items()],
                 [(d, day, r, m, b) for (d, day), (r, m, b) in heat.items()])
+
+    async def flush(self, db: AsyncCatalog, metrics: Metrics) -> None:
+        """Write what was noted since the last flush to the catalog."""
+        files, heat = self.drain()
+        if files:
+            metrics.note_prefetch_used(*await db.record_access(files, heat))

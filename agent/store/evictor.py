@@ -17,7 +17,6 @@ import copy
 import importlib
 import time
 from dataclasses import dataclass
-from typing import Awaitable, Callable
 
 import numpy as np
 import structlog
@@ -26,6 +25,7 @@ from agent.config import CacheConfig
 from agent.metrics import Metrics
 from agent.policy import eviction
 from agent.policy.stack import CatalogRow, PolicyStack, StackSpec
+from agent.store.access import AccessStats
 from agent.store.cache import Cache
 from agent.store.catalog import AsyncCatalog
 
@@ -79,10 +79,9 @@ def candidates(rows: list[tuple[str, int, int, float, int, float]]) -> Candidate
 class Evictor:
     SYNC_S = 60.0
 
-    def __init__(self, cfg: CacheConfig, db: AsyncCatalog, cache: Cache, metrics: Metrics,
-                 flush_reads: Callable[[], Awaitable[None]]) -> None:
+    def __init__(self, cfg: CacheConfig, db: AsyncCatalog, cache: Cache, metrics: Metrics, reads: AccessStats) -> None:
         self.cfg, self.db, self.cache, self.metrics = cfg, db, cache, metrics
-        self.flush_reads = flush_reads  # reads are buffered for seconds: the policy must see the latest
+        self.reads = reads  # buffered for seconds: flushed first, the policy must see the latest
         self.use(stack_for(cfg), 3)
         self._lock = asyncio.Lock()
         self._synced = 0.0
@@ -91,6 +90,11 @@ class Evictor:
     def use(self, stack: PolicyStack, study_depth: int) -> None:
         """Run this stack (the daemon hands over the one its prior-study planner shares)."""
         self.stack, self.policy, self.study_depth = stack, stack.policy, study_depth
+
+    @property
+    def last_k(self) -> int | None:
+        """The k of the last K-means fit (None: another policy, or not fitted yet)."""
+        return getattr(self.policy, "last_k", None)
 
     def recent_hit_ratio(self, window_s: float = 3600.0) -> float | None:
         """Reads served from the cache over about the last `window_s` (None: no reads yet)."""
@@ -121,7 +125,7 @@ class Evictor:
     async def plan(self, bytes_to_free: int, *, explain: bool = False) -> list[Victim]:
         """What the policy would evict to free bytes_to_free, in eviction order (no file is touched);
         explain: with each file's k-means cluster and score (for `pacsgw evict --dry-run`)."""
-        await self.flush_reads()
+        await self.reads.flush(self.db, self.metrics)
         rows = await self.db.eviction_rows(self.cfg.eviction_candidates)
         cand = candidates(rows)
         now = time.time()
@@ -159,7 +163,7 @@ class Evictor:
         now = time.time()
         if not self.stack.online or now - self._synced < self.SYNC_S:
             return
-        await self.flush_reads()
+        await self.reads.flush(self.db, self.metrics)
         rows = await self.db.eviction_rows(self.cfg.eviction_candidates)
         await asyncio.to_thread(self._sync, self.stack, rows, now)
         self._synced = now
@@ -182,7 +186,7 @@ class Evictor:
                 self.metrics.evicted_bytes.inc(v.size)
         if files:
             log.info("eviction_pass", policy=self.policy.name, reason=reason, files=files, bytes=freed,
-                     wanted=bytes_to_free, k=getattr(self.policy, "last_k", None))
+                     wanted=bytes_to_free, k=self.last_k)
         return freed
 
     async def prepare(self) -> None:

@@ -18,6 +18,7 @@ import hashlib
 import os
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 import structlog
@@ -338,21 +339,28 @@ class ReadHandle:
             self.fd = -1
 
 
+@dataclass
+class Refusals:
+    """Why the gateway refuses now ("": it does not). The daemon hands one to the gateway and to who decides."""
+
+    fetch: str = ""  # set by the pressure monitor under critical pressure: no new fetches from S3
+    write: str = ""  # set on the standby box of an HA pair (agent/ha.py): no changes
+
+
 class Gateway:
+    """on_stored(path, content file) runs after each commit (prior-study prefetch reads the new file's header)."""
+
     def __init__(self, cfg: Config, db: AsyncCatalog, cache: Cache, s3: S3Uplink, uploader: Uploader,
-                 metrics: Metrics, audit: AuditLog) -> None:
+                 metrics: Metrics, audit: AuditLog, *, worm: WormPolicy, access: AccessStats, evictor: Evictor,
+                 refusals: Refusals, on_stored: Callable[[str, Path], None] | None = None) -> None:
         self.cfg, self.db, self.cache, self.s3, self.uploader, self.metrics = cfg, db, cache, s3, uploader, metrics
         self.audit, self.line = audit, uploader.line
-        self.worm = WormPolicy(cfg.compliance)
-        self.fetch_refusal = ""  # set under critical pressure: no new fetches from S3
-        self.write_refusal = ""  # set on the standby box of an HA pair (agent/ha.py): no changes
+        self.worm = worm
+        self.refusals, self.access, self.evictor, self.on_stored = refusals, access, evictor, on_stored
         self._fills: dict[str, _Fill] = {}
         self._listings: dict[str, asyncio.Future[None]] = {}
-        self.access = AccessStats(cfg.prefetch.dir_depth)
         self._loops: list[asyncio.Task[None]] = []
-        self.evictor = Evictor(cfg.cache, db, cache, metrics, self._flush_access)
-        self.on_stored: Callable[[str, str], None] | None = None  # (path, blob) after a commit: prior prefetch
-        self.active_writes = 0
+        self._active_writes = 0
         self._writes_idle = asyncio.Event()
         self._writes_idle.set()
         self._rights = {u.name: frozenset(u.permissions) for u in cfg.users}
@@ -374,7 +382,7 @@ class Gateway:
         for t in self._loops:
             t.cancel()
         await asyncio.gather(*self._loops, return_exceptions=True)
-        await self._flush_access()
+        await self.access.flush(self.db, self.metrics)
 
     # --- permissions ----------------------------------------------------------------------------
 
@@ -410,8 +418,8 @@ class Gateway:
     # --- namespace ------------------------------------------------------------------------------
 
     def _check_writable(self, path: str) -> None:
-        if self.write_refusal:
-            raise Unavailable(path, self.write_refusal)
+        if self.refusals.write:
+            raise Unavailable(path, self.refusals.write)
 
     async def stat(self, path: str) -> Entry:
         e = await self.db.get(path)
@@ -593,7 +601,7 @@ class Gateway:
             blob = self.cache.new_blob()
             fd = self.cache.create_staging(blob)
         handle = WriteHandle(self, path, blob, fd, protocol, who)
-        self.active_writes += 1
+        self._active_writes += 1
         self._writes_idle.clear()
         if offset:
             if existing is None:
@@ -645,9 +653,13 @@ class Gateway:
             raise
         await handle.commit()
 
+    @property
+    def active_writes(self) -> int:
+        return self._active_writes
+
     def write_finished(self) -> None:
-        self.active_writes -= 1
-        if not self.active_writes:
+        self._active_writes -= 1
+        if not self._active_writes:
             self._writes_idle.set()
 
     async def wait_writes_idle(self, timeout: float) -> bool:
@@ -670,7 +682,7 @@ class Gateway:
             self.cache.remove(replaced)
         log.info("stored", path=path, bytes=size, sha256=sha, write_through=claim)
         if self.on_stored is not None:
-            self.on_stored(path, blob)
+            self.on_stored(path, self.cache.blob_path(blob))
         if not claim:
             self.uploader.wake()
             return None
@@ -755,9 +767,9 @@ class Gateway:
     def _start_fill(self, e: Entry) -> _Fill:
         if not self.line.reachable:
             raise Unavailable(e.path, "not in the cache and object storage is unreachable")
-        if self.fetch_refusal:
-            log.warning("fetch_refused", path=e.path, reason=self.fetch_refusal)
-            raise Unavailable(e.path, f"not in the cache; fetching refused: {self.fetch_refusal}")
+        if self.refusals.fetch:
+            log.warning("fetch_refused", path=e.path, reason=self.refusals.fetch)
+            raise Unavailable(e.path, f"not in the cache; fetching refused: {self.refusals.fetch}")
         blob = self.cache.new_blob()
         fill = _Fill(e, blob, self.cache.create_staging(blob))
         self._fills[e.path] = fill
@@ -838,19 +850,14 @@ class Gateway:
 
     # --- access statistics ---------------------------------------------------------------------
 
-    async def _flush_access(self) -> None:
-        files, heat = self.access.drain()
-        if files:
-            self.metrics.note_prefetch_used(*await self.db.record_access(files, heat))
-
     async def _flush_access_loop(self) -> None:
         while True:
             await asyncio.sleep(ACCESS_FLUSH_SECONDS)
-            await self._flush_access()
+            await self.access.flush(self.db, self.metrics)
 
     async def shrink_memory(self) -> None:
         """Memory pressure: flush buffered statistics and give SQLite's page cache back."""
-        await self._flush_access()
+        await self.access.flush(self.db, self.metrics)
         await self.db.shrink_memory()
 
     # --- eviction (the policy runs in agent.store.evictor) ---------------------------------------
