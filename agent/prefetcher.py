@@ -282,6 +282,7 @@ class PriorFetcher:
             if not await self.db.record_study(d, h.patient, h.study_uid, h.study_date, h.modality):
                 return
             log.info("study_recorded", dir=d, first=path, dicom=h.patient is not None, modality=h.modality)
+            self.stack.describe(d, h.modality, None, False)
             if h.patient is not None:
                 await self.fetch_priors(d, h)
         except Exception as e:  # prior prefetch is best effort; the store itself succeeded
@@ -290,6 +291,10 @@ class PriorFetcher:
     async def fetch_priors(self, d: str, h: StudyHeader) -> None:
         await self.learn()
         studies = await self.db.patient_studies(h.patient)
+        new_day = _ordinal(h.study_date)
+        for prior_dir, _, day, modality in studies:     # they have a newer study now (the simulator says the same)
+            if prior_dir != d and _ordinal(day) < new_day:
+                self.stack.describe(prior_dir, modality, None, True)
         info = [StudyInfo(i, m or "", _ordinal(day), 0) for i, (_, _, day, m) in enumerate(studies)]
         keys = [s[0] for s in studies]
         new = StudyInfo(keys.index(d), h.modality or "", _ordinal(h.study_date), 0)

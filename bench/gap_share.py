@@ -32,11 +32,14 @@ def main() -> int:
     ap.add_argument("--caps", default="1.5GB,5GB")
     ap.add_argument("--scheme", default="agent")
     ap.add_argument("--factors", default=None,
-                    help="the learned policy's factors, e.g. gap,size,newer (ablation; default: learned.DEFAULT_FACTORS)")
+                    help="the learned policy's factors, e.g. gap,size,newer (default: learned.DEFAULT_FACTORS)")
+    ap.add_argument("--byte-weight", type=float, default=None, help="learned.BYTE_WEIGHT")
     args = ap.parse_args()
+    if args.byte_weight is not None:
+        learned.BYTE_WEIGHT = args.byte_weight
     if args.factors is not None:
         learned.DEFAULT_FACTORS = tuple(f for f in args.factors.split(",") if f)
-    total = 0.0
+    total = worst = 0.0
     for fam in args.families.split(","):
         ta = load_arrays(Path(args.traces) / f"{fam}.tsv")
         for cap in args.caps.split(","):
@@ -49,12 +52,14 @@ def main() -> int:
             go = (res.hit_ratio - lru["hit_ratio"]) / (bo - lru["hit_ratio"])
             gb = (res.byte_hit_ratio - lru["byte_hit_ratio"]) / (bb - lru["byte_hit_ratio"])
             total += go + gb
+            worst += min(go, gb)
             pf = f"{res.prefetch_used_bytes / res.prefetch_bytes:.0%}" if res.prefetch_bytes else "–"
             print(f"{fam} {cap} {args.scheme}: hit {res.hit_ratio:.1%} / {res.byte_hit_ratio:.1%} "
                   f"(LRU {lru['hit_ratio']:.1%} / {lru['byte_hit_ratio']:.1%}, Belady {bo:.1%} / {bb:.1%}), "
                   f"gap closed {go:.0%} / {gb:.0%}, prefetched bytes read {pf}", flush=True)
-    print(f"sum of the object and byte gap shares: {total:.0%} ({args.scheme}, factors "
-          f"{','.join(learned.DEFAULT_FACTORS)})")
+    print(f"sum of the object and byte gap shares: {total:.0%}, of the lower of the two: {worst:.0%} "
+          f"({args.scheme}, factors "
+          f"{','.join(learned.DEFAULT_FACTORS)}, byte weight {learned.BYTE_WEIGHT:g})")
     return 0
 
 

@@ -12,8 +12,12 @@ evictions E(x), a study of class c at age a is worth
     density(c, a) = P(another session | survived to a) / E[remaining time in cache | a]
                   = Σ_{x≥a} H(x) / Σ_{x≥a} (x − a)(H(x) + E(x))
 
-and the victim is the cached study of lowest density × gap factor × size factor per byte^`size_exp` among
-`sample` random ones (LHD's sampling). The factors are features without more class dimensions (a finer
+and the victim is the cached study of lowest density × factors × (mean file size / the study's mean file
+size + `byte_weight`) among `sample` random ones (LHD's sampling). That last term is what a byte of the
+study is worth on both targets, object hits (its share of the files) and byte hits (its share of the
+bytes, weighted): a study of small files is kept over one of big files that is as likely to come back,
+but a big study is not given up for its size (the radiologist waits for all of it; density per
+byte^0.5 did, and lost the byte hit ratio). The factors are features without more class dimensions (a finer
 class table splits the counts: a class by gap, by department or finer ages each lost on the tuning
 families): per bucket of a feature, P(back) / P(back) over all, learnt from the same hits and evictions
 (naive Bayes). *Gap*: how long the study stayed away before its latest session (not back yet, < 1 d, < 3
@@ -62,6 +66,10 @@ FACTOR_BUCKETS = {"gap": N_GAP, "size": N_SIZE, "modality": N_CODE, "dept": N_CO
 # chosen on the tuning families (docs/replay.md, "Study features"); bench/gap_share.py --factors overrides
 DEFAULT_FACTORS: tuple[str, ...] = ("gap", "size")
 
+# the rank's weight of a study's bytes against its files (see `_rank`); chosen on the tuning families
+# (docs/replay.md, "Bytes"); bench/gap_share.py --byte-weight overrides
+BYTE_WEIGHT = 10.0
+
 Attrs = Callable[[Any], tuple[int, int, int]]     # study → (modality code, department code, newer 0/1)
 
 
@@ -105,11 +113,12 @@ class HitDensity:
     name = "learned"
     online = True
 
-    def __init__(self, sample: int = 64, size_exp: float = 0.5, session_s: float = 600.0,
+    def __init__(self, sample: int = 64, byte_weight: float | None = None, session_s: float = 600.0,
                  refit_events: int = 100, decay: float = 0.95, warm_events: int = 200, seed: int = 0,
                  max_ghosts: int = 200_000, learn: bool = True, factors: tuple[str, ...] | None = None,
                  attrs: Attrs | None = None) -> None:
-        self.sample, self.size_exp, self.session_s = sample, size_exp, session_s
+        self.sample, self.session_s = sample, session_s
+        self.byte_weight = BYTE_WEIGHT if byte_weight is None else byte_weight
         self.learn = learn          # False: rank with a density set from outside (adaptive's shadow model)
         self.refit_events, self.decay, self.warm_events = refit_events, decay, warm_events
         self.hits = np.zeros((N_READS, N_ENTRY, N_AGE))
@@ -138,6 +147,7 @@ class HitDensity:
         # buckets at eviction), oldest first
         self._ghosts: OrderedDict[Any, tuple[int, int, float, int, int, tuple[int, ...]]] = OrderedDict()
         self.max_ghosts = max_ghosts
+        self._files = self._bytes = 0           # files and bytes inserted so far: the mean file size
 
     # -- learning
     def _cls(self, s: _Study) -> tuple[int, int]:
@@ -208,6 +218,8 @@ class HitDensity:
                 self._returned(s, ghost, now, prefetch)
         s.files[key] = size
         s.size += size
+        self._files += 1
+        self._bytes += size
         self._study_of[key] = study
         self._lru[study] = None
         if not prefetch:
@@ -272,7 +284,10 @@ class HitDensity:
         rank = float(self.density[r, e, age_bucket(now - s.last)])
         for f, b in zip(self.factor, self._buckets(s), strict=True):
             rank *= float(f[b])
-        return rank / float(max(s.size, 1) ** self.size_exp)
+        # what keeping the study is worth per byte on both targets: its share of the files (object hits) plus
+        # `byte_weight` × its share of the bytes (byte hits), per byte; ∝ mean file size / the study's + weight
+        mean = self._bytes / max(self._files, 1)
+        return rank * (mean * len(s.files) / max(s.size, 1) + self.byte_weight)
 
     def _victim(self, now: float) -> int:
         if not self.fitted:
