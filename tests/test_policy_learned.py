@@ -141,3 +141,19 @@ def test_study_features_reach_the_policy_as_factors() -> None:
     assert abs(modality[1] - 1.0) < 0.05           # every study is CT: the factor stays neutral
     stack.describe(1, None, None, newer=True)        # a later call keeps what was known
     assert stack.attrs_of(1) == (1, 2, 1)
+
+
+def test_the_simulator_describes_each_new_study_and_marks_the_patients_earlier_ones() -> None:
+    """The replay tells the stack what the agent's prefetcher tells it from the catalog: a new study's
+    modality and department, and that the patient's earlier studies (an archive prior included) now have a
+    newer one; another patient's study is left alone."""
+    from tests.sim_helpers import arrays
+    # studies: 0 = patient 0's archive prior (day -400), 1 = patient 0's new study, 2 = patient 1's study
+    ta = arrays(obj=[1, 2, 0], is_write=[True, True, False], t=[0.0, 1.0, 2.0], obj_study=[0, 1, 2],
+                study_day=[-400, 0, 0], study_patient=[0, 0, 1])
+    r = Replayer(ta, "adaptive", ReplayConfig(capacity=10_000, warmup_days=0))
+    r.run()
+    ct, ed = r.stack.attrs_of(1)[:2]
+    assert ct > 0 and ed > 0
+    assert r.stack.attrs_of(1) == (ct, ed, 0) and r.stack.attrs_of(0) == (ct, ed, 1)
+    assert r.stack.attrs_of(2) == (ct, ed, 0)

@@ -64,7 +64,7 @@ N_CODE = 16                     # modality / department codes, folded into this 
 FACTORS = ("gap", "size", "modality", "dept", "newer")
 FACTOR_BUCKETS = {"gap": N_GAP, "size": N_SIZE, "modality": N_CODE, "dept": N_CODE, "newer": 2}
 # chosen on the tuning families (docs/replay.md, "Study features"); bench/gap_share.py --factors overrides
-DEFAULT_FACTORS: tuple[str, ...] = ("gap", "size")
+DEFAULT_FACTORS: tuple[str, ...] = ("gap", "size", "newer")
 
 # the rank's weight of a study's bytes against its files (see `_rank`); chosen on the tuning families
 # (docs/replay.md, "Bytes"); bench/gap_share.py --byte-weight overrides
