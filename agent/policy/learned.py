@@ -23,11 +23,14 @@ families): per bucket of a feature, P(back) / P(back) over all, learnt from the 
 (naive Bayes). *Gap*: how long the study stayed away before its latest session (not back yet, < 1 d, < 3
 d, < 10 d, longer): a case that came back after a week (a board, a follow-up clinic) is kept over one
 read once, whichever its class. *Size*: the study's bytes (< 10 MB, < 100 MB, < 1 GB, more): where big
-studies come back (PET-CT at a board), the byte penalty is learnt off. A weekly schedule needs no code: a
+studies come back (PET-CT at a board), they are kept for it. *Newer*: the study's patient has a newer
+study (a prior, which a board may show again beside the new one). *Modality* and *department* are offered
+too but off by default (they lost on the tuning families). The study features come from `attrs` (the
+runner's `describe`: the catalog's study index live, the trace in the simulator). A weekly schedule needs no code: a
 study class read again ~7 days later has hits piling up in the 4–8-day bucket, so its density stays high
 through the week while one that is never read again decays. The histograms are refitted every
 `refit_events` events and decayed by `decay`, so the policy follows the box's traffic; memory is (4 × 4 ×
-20) × 2 + 3 × (5 + 4) floats plus one record per cached study and per ghost (~100 B). Until `warm_events`
+20) × 2 + 3 × (5 + 4 + 2) floats plus one record per cached study and per ghost (~100 B). Until `warm_events`
 events have been seen the policy is *cold* and evicts studies in LRU order (the safe heuristic);
 `status()` says which.
 
