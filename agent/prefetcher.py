@@ -283,6 +283,7 @@ class PriorFetcher:
             if not await self.db.record_study(d, h.patient, h.study_uid, h.study_date, h.modality):
                 return
             log.info("study_recorded", dir=d, first=path, dicom=h.patient is not None, modality=h.modality)
+            self.stack.describe(d, h.modality, None, False)
             if h.patient is not None:
                 await self.fetch_priors(d, h)
         except Exception as e:  # prior prefetch is best effort; the store itself succeeded
@@ -291,6 +292,11 @@ class PriorFetcher:
     async def fetch_priors(self, d: str, h: StudyHeader) -> None:
         await self.learn()
         studies = await self.db.patient_studies(h.patient)
+        new_day = _ordinal(h.study_date)
+        older = [(prior_dir, modality) for prior_dir, _, day, modality in studies
+                 if prior_dir != d and _ordinal(day) < new_day]
+        for prior_dir, modality in older:       # they have a newer study now (the simulator says the same)
+            self.stack.describe(prior_dir, modality, None, True)
         info = [StudyInfo(i, m or "", _ordinal(day), 0) for i, (_, _, day, m) in enumerate(studies)]
         keys = [s[0] for s in studies]
         new = StudyInfo(keys.index(d), h.modality or "", _ordinal(h.study_date), 0)
@@ -304,7 +310,8 @@ class PriorFetcher:
         chosen = self.stack.prior_plan(ranked, Budget(p.priors_max_bytes, line_rate(self.cfg), p.priors_window_seconds))
         deadline = time.time() + p.priors_window_seconds
         heat = {key: h for _, key, h, _ in ranked}
-        log.info("prior_prefetch", study=d, patient_studies=len(studies), priors=[c[0] for c in chosen],
+        log.info("prior_prefetch", study=d, patient_studies=len(studies), newer=len(older),
+                 priors=[c[0] for c in chosen],
                  heat=[round(heat[c[0]], 3) for c in chosen], bytes=sum(c[2] for c in chosen),
                  rank_heat=self.stack.prior_heat())
         for key, rank, _ in chosen:

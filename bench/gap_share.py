@@ -19,6 +19,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from agent.policy import learned  # noqa: E402
 from agent.sim.replay import ReplayConfig, Replayer  # noqa: E402
 from agent.sim.trace import load_arrays  # noqa: E402
 
@@ -30,7 +31,15 @@ def main() -> int:
     ap.add_argument("--families", default="general,oncology,outpatient")
     ap.add_argument("--caps", default="1.5GB,5GB")
     ap.add_argument("--scheme", default="agent")
+    ap.add_argument("--factors", default=None,
+                    help="the learned policy's factors, e.g. gap,size,newer (default: learned.DEFAULT_FACTORS)")
+    ap.add_argument("--byte-weight", type=float, default=None, help="learned.BYTE_WEIGHT")
     args = ap.parse_args()
+    if args.byte_weight is not None:
+        learned.BYTE_WEIGHT = args.byte_weight
+    if args.factors is not None:
+        learned.DEFAULT_FACTORS = tuple(f for f in args.factors.split(",") if f)
+    total = worst = 0.0
     for fam in args.families.split(","):
         ta = load_arrays(Path(args.traces) / f"{fam}.tsv")
         for cap in args.caps.split(","):
@@ -42,10 +51,15 @@ def main() -> int:
             res = Replayer(ta, args.scheme, ReplayConfig(capacity=int(float(cap[:-2]) * 1e9))).run()
             go = (res.hit_ratio - lru["hit_ratio"]) / (bo - lru["hit_ratio"])
             gb = (res.byte_hit_ratio - lru["byte_hit_ratio"]) / (bb - lru["byte_hit_ratio"])
+            total += go + gb
+            worst += min(go, gb)
             pf = f"{res.prefetch_used_bytes / res.prefetch_bytes:.0%}" if res.prefetch_bytes else "–"
             print(f"{fam} {cap} {args.scheme}: hit {res.hit_ratio:.1%} / {res.byte_hit_ratio:.1%} "
                   f"(LRU {lru['hit_ratio']:.1%} / {lru['byte_hit_ratio']:.1%}, Belady {bo:.1%} / {bb:.1%}), "
                   f"gap closed {go:.0%} / {gb:.0%}, prefetched bytes read {pf}", flush=True)
+    print(f"sum of the object and byte gap shares: {total:.0%}, of the lower of the two: {worst:.0%} "
+          f"({args.scheme}, factors "
+          f"{','.join(learned.DEFAULT_FACTORS)}, byte weight {learned.BYTE_WEIGHT:g})")
     return 0
 
 

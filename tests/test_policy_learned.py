@@ -86,7 +86,7 @@ def test_adaptive_keeps_the_weekly_board_too() -> None:
     res = r.run()
     boards = int(((kind == "board") & (ta.t >= 14 * DAY)).sum())
     assert res.hits - lru.hits >= 0.8 * boards
-    assert r.stack.status()["mode"] == "expert: learned hit density"
+    assert r.stack.status()["mode"].startswith("expert: learned hit density")
 
 
 def test_adaptive_ranks_with_its_shadows_model_only() -> None:
@@ -115,4 +115,45 @@ def test_gap_factor_learns_that_studies_back_after_a_week_come_back_again() -> N
             p.on_access(study, week * 7 * DAY + study)
     list(p.victims(400, 29 * DAY))           # then all are evicted
     p.refit()
-    assert p.gap_factor[gap_bucket(7 * DAY)] > 1.0 > p.gap_factor[0]
+    gap = p.factor[p.factors.index("gap")]
+    assert gap[gap_bucket(7 * DAY)] > 1.0 > gap[0]
+
+
+def test_study_features_reach_the_policy_as_factors() -> None:
+    """Priors of a patient with a newer study come back (a board shows them beside the new one), the rest
+    not: told through the stack's `describe` (what the prefetcher learns from the catalog's study index
+    and the simulator from the trace), the "newer" factor learns it; a modality learns nothing it should not."""
+    from agent.policy.stack import PolicyStack, StackSpec
+    stack = PolicyStack(StackSpec("lru"))          # the describer; the policy under test reads its features
+    p = HitDensity(factors=("newer", "modality"), attrs=stack.attrs_of, refit_events=50, warm_events=0)
+    t = 0.0
+    for study in range(400):
+        t += 600.0
+        stack.describe(study, "CT", "oncology", newer=study % 2 == 0)
+        p.on_insert(study, 1, t, t, study)
+    assert stack.attrs_of(0) == (1, 2, 1) and stack.attrs_of(1) == (1, 2, 0) and stack.attrs_of(999) == (0, 0, 0)
+    for study in range(0, 400, 2):
+        p.on_access(study, 3 * DAY + study)
+    list(p.victims(400, 10 * DAY))
+    p.refit()
+    newer, modality = p.factor
+    assert newer[1] > 1.0 > newer[0]
+    assert abs(modality[1] - 1.0) < 0.05           # every study is CT: the factor stays neutral
+    stack.describe(1, None, None, newer=True)        # a later call keeps what was known
+    assert stack.attrs_of(1) == (1, 2, 1)
+
+
+def test_the_simulator_describes_each_new_study_and_marks_the_patients_earlier_ones() -> None:
+    """The replay tells the stack what the agent's prefetcher tells it from the catalog: a new study's
+    modality and department, and that the patient's earlier studies (an archive prior included) now have a
+    newer one; another patient's study is left alone."""
+    from tests.sim_helpers import arrays
+    # studies: 0 = patient 0's archive prior (day -400), 1 = patient 0's new study, 2 = patient 1's study
+    ta = arrays(obj=[1, 2, 0], is_write=[True, True, False], t=[0.0, 1.0, 2.0], obj_study=[0, 1, 2],
+                study_day=[-400, 0, 0], study_patient=[0, 0, 1])
+    r = Replayer(ta, "adaptive", ReplayConfig(capacity=10_000, warmup_days=0))
+    r.run()
+    ct, ed = r.stack.attrs_of(1)[:2]
+    assert ct > 0 and ed > 0
+    assert r.stack.attrs_of(1) == (ct, ed, 0) and r.stack.attrs_of(0) == (ct, ed, 1)
+    assert r.stack.attrs_of(2) == (ct, ed, 0)

@@ -78,6 +78,7 @@ def test_new_study_brings_the_patients_priors_into_the_cache(agent_factory):
         time.sleep(0.2)
     event = a.events("prior_prefetch")[-1]
     assert event["priors"] == [next(iter(ct_prior)).rsplit("/", 1)[0]] and event["study"] in next(iter(new))
+    assert event["newer"] == 2      # the eviction policy is told both earlier P1 studies now have a newer one
     assert not cached_paths(a) & (set(mr_prior) | set(other))
     assert metric(a, "pacsgw_prefetched_files_total") == 4
 

@@ -20,7 +20,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from agent.policy.eviction import FileTable, StudyLRU
-from agent.policy.learned import HitDensity
+from agent.policy.learned import Attrs, HitDensity
 
 
 class _Shadow:
@@ -51,13 +51,13 @@ class Adaptive:
     name = "adaptive"
     online = True
 
-    def __init__(self, window: int = 20_000, decay: float = 0.9) -> None:
+    def __init__(self, window: int = 20_000, decay: float = 0.9, attrs: Attrs | None = None) -> None:
         self.window, self.decay = window, decay
         # the real cache's learned index ranks with the shadow's model and learns nothing itself: a model
         # fitted on the mixed evictions of the real cache would drift from its shadow's (and cost a refit
         # every 100 events)
-        self.lru, self.learned = StudyLRU(), HitDensity(learn=False)
-        self.shadows = (_Shadow(StudyLRU()), _Shadow(HitDensity()))
+        self.lru, self.learned = StudyLRU(), HitDensity(learn=False, attrs=attrs)
+        self.shadows = (_Shadow(StudyLRU()), _Shadow(HitDensity(attrs=attrs)))
         self._meta: dict[Any, tuple[int, float, Any]] = {}    # key → (size, created, study) of cached files
         self.used = 0
         self.capacity = 0
@@ -102,8 +102,7 @@ class Adaptive:
         model = self.shadows[1].policy
         assert isinstance(model, HitDensity)
         learned = self.learned
-        learned.density, learned.gap_factor, learned.fitted = model.density, model.gap_factor, model.fitted
-        learned.size_factor = model.size_factor
+        learned.density, learned.factor, learned.fitted = model.density, model.factor, model.fitted
         chosen, other = (self.learned, self.lru) if self.use_learned else (self.lru, self.learned)
         for key in list(chosen.victims(bytes_to_free, now)):
             other.on_remove(key)

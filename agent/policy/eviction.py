@@ -338,13 +338,14 @@ class StudyLRU:
                 yield key
 
 
-def make(name: str, *, kmeans: KMeansConfig | None = None,
-         max_age_days: float = 90.0) -> LRU | Age | KMeansEviction | StudyLRU | HitDensity | Adaptive:
+def make(name: str, *, kmeans: KMeansConfig | None = None, max_age_days: float = 90.0,
+         attrs: Callable[[Any], tuple[int, int, int]] | None = None,
+         ) -> LRU | Age | KMeansEviction | StudyLRU | HitDensity | Adaptive:
     from agent.policy.adaptive import Adaptive  # they build on StudyLRU (import cycle otherwise)
     from agent.policy.learned import HitDensity
     policies: dict[str, Callable[[], LRU | Age | KMeansEviction | StudyLRU | HitDensity | Adaptive]] = {
         "lru": LRU, "age": lambda: Age(max_age_days), "kmeans": lambda: KMeansEviction(kmeans), "study": StudyLRU,
-        "learned": HitDensity, "adaptive": Adaptive}
+        "learned": lambda: HitDensity(attrs=attrs), "adaptive": lambda: Adaptive(attrs=attrs)}
     if name not in policies:
         raise ValueError(f"unknown eviction policy {name!r}; known: {sorted(policies)}")
     return policies[name]()

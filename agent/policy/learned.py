@@ -12,18 +12,25 @@ evictions E(x), a study of class c at age a is worth
     density(c, a) = P(another session | survived to a) / E[remaining time in cache | a]
                   = Σ_{x≥a} H(x) / Σ_{x≥a} (x − a)(H(x) + E(x))
 
-and the victim is the cached study of lowest density × gap factor × size factor per byte^`size_exp` among
-`sample` random ones (LHD's sampling). The factors are features without more class dimensions (a finer
+and the victim is the cached study of lowest density × factors × (mean file size / the study's mean file
+size + `byte_weight`) among `sample` random ones (LHD's sampling). That last term is what a byte of the
+study is worth on both targets, object hits (its share of the files) and byte hits (its share of the
+bytes, weighted): a study of small files is kept over one of big files that is as likely to come back,
+but a big study is not given up for its size (the radiologist waits for all of it; density per
+byte^0.5 did, and lost the byte hit ratio). The factors are features without more class dimensions (a finer
 class table splits the counts: a class by gap, by department or finer ages each lost on the tuning
 families): per bucket of a feature, P(back) / P(back) over all, learnt from the same hits and evictions
 (naive Bayes). *Gap*: how long the study stayed away before its latest session (not back yet, < 1 d, < 3
 d, < 10 d, longer): a case that came back after a week (a board, a follow-up clinic) is kept over one
 read once, whichever its class. *Size*: the study's bytes (< 10 MB, < 100 MB, < 1 GB, more): where big
-studies come back (PET-CT at a board), the byte penalty is learnt off. A weekly schedule needs no code: a
+studies come back (PET-CT at a board), they are kept for it. *Newer*: the study's patient has a newer
+study (a prior, which a board may show again beside the new one). *Modality* and *department* are offered
+too but off by default (they lost on the tuning families). The study features come from `attrs` (the
+runner's `describe`: the catalog's study index live, the trace in the simulator). A weekly schedule needs no code: a
 study class read again ~7 days later has hits piling up in the 4–8-day bucket, so its density stays high
 through the week while one that is never read again decays. The histograms are refitted every
 `refit_events` events and decayed by `decay`, so the policy follows the box's traffic; memory is (4 × 4 ×
-20) × 2 + 3 × (5 + 4) floats plus one record per cached study and per ghost (~100 B). Until `warm_events`
+20) × 2 + 3 × (5 + 4 + 2) floats plus one record per cached study and per ghost (~100 B). Until `warm_events`
 events have been seen the policy is *cold* and evicts studies in LRU order (the safe heuristic);
 `status()` says which.
 
@@ -37,7 +44,7 @@ import math
 import random
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
@@ -53,10 +60,29 @@ _GAP_EDGES = (DAY, 3 * DAY, 10 * DAY)
 
 N_SIZE = 4                      # study bytes: < 10 MB, < 100 MB, < 1 GB, more
 _SIZE_EDGES = (1e7, 1e8, 1e9)
+N_CODE = 16                     # modality / department codes, folded into this many buckets (0: unknown)
+
+# the factors a rank multiplies (naive Bayes over the class density), in `_Study.attrs` order after gap
+# and size: modality and department of the study, and whether its patient has a newer study (a prior)
+FACTORS = ("gap", "size", "modality", "dept", "newer")
+FACTOR_BUCKETS = {"gap": N_GAP, "size": N_SIZE, "modality": N_CODE, "dept": N_CODE, "newer": 2}
+# chosen on the tuning families (docs/replay.md, "Study features"); bench/gap_share.py --factors overrides
+DEFAULT_FACTORS: tuple[str, ...] = ("gap", "size", "newer")
+
+# the rank's weight of a study's bytes against its files (see `_rank`); chosen on the tuning families
+# (docs/replay.md, "Bytes"); bench/gap_share.py --byte-weight overrides
+BYTE_WEIGHT = 10.0
+
+Attrs = Callable[[Any], tuple[int, int, int]]     # study → (modality code, department code, newer 0/1)
 
 
 def size_bucket(size: int) -> int:
     return sum(size >= e for e in _SIZE_EDGES)
+
+
+def _fold(code: int) -> int:
+    """A modality / department code (0: unknown) into N_CODE buckets, unknown kept apart."""
+    return code and 1 + (code - 1) % (N_CODE - 1)
 
 
 def gap_bucket(gap_s: float) -> int:
@@ -81,7 +107,7 @@ class _Study:
     entry: int                  # study-age class at entry
     sessions: int = 0
     gap: int = 0                # gap_bucket of the time it stayed away before its latest session
-    sizeb: int = -1             # size_bucket when it was last evicted (a returning ghost has no files yet)
+    study: Any = None
 
 
 class HitDensity:
@@ -90,10 +116,12 @@ class HitDensity:
     name = "learned"
     online = True
 
-    def __init__(self, sample: int = 64, size_exp: float = 0.5, session_s: float = 600.0,
+    def __init__(self, sample: int = 64, byte_weight: float | None = None, session_s: float = 600.0,
                  refit_events: int = 100, decay: float = 0.95, warm_events: int = 200, seed: int = 0,
-                 max_ghosts: int = 200_000, learn: bool = True) -> None:
-        self.sample, self.size_exp, self.session_s = sample, size_exp, session_s
+                 max_ghosts: int = 200_000, learn: bool = True, factors: tuple[str, ...] | None = None,
+                 attrs: Attrs | None = None) -> None:
+        self.sample, self.session_s = sample, session_s
+        self.byte_weight = BYTE_WEIGHT if byte_weight is None else byte_weight
         self.learn = learn          # False: rank with a density set from outside (adaptive's shadow model)
         self.refit_events, self.decay, self.warm_events = refit_events, decay, warm_events
         self.hits = np.zeros((N_READS, N_ENTRY, N_AGE))
@@ -101,12 +129,15 @@ class HitDensity:
         self.density = np.zeros((N_READS, N_ENTRY, N_AGE))
         # P(back) per gap bucket against P(back) overall: a factor on the class density (naive Bayes), so
         # a feature shares the class tables' counts instead of splitting them
-        self.gap_back = np.zeros(N_GAP)
-        self.gap_seen = np.zeros(N_GAP)
-        self.gap_factor = np.ones(N_GAP)
-        self.size_back = np.zeros(N_SIZE)
-        self.size_seen = np.zeros(N_SIZE)
-        self.size_factor = np.ones(N_SIZE)
+        self.factors = DEFAULT_FACTORS if factors is None else factors
+        unknown = set(self.factors) - set(FACTORS)
+        if unknown:
+            raise ValueError(f"unknown factors {sorted(unknown)}; known: {FACTORS}")
+        self._fi = [FACTORS.index(f) for f in self.factors]
+        self.attrs = attrs          # the study's features the catalog knows (None: all unknown)
+        self.back = [np.zeros(FACTOR_BUCKETS[f]) for f in self.factors]
+        self.seen = [np.zeros(FACTOR_BUCKETS[f]) for f in self.factors]
+        self.factor = [np.ones(FACTOR_BUCKETS[f]) for f in self.factors]
         self.events = 0
         self.fitted = False
         self._studies: dict[int, _Study] = {}
@@ -115,25 +146,32 @@ class HitDensity:
         self._study_of: dict[int, int] = {}
         self._lru: OrderedDict[int, None] = OrderedDict()   # cold-start order
         self._rng = random.Random(seed)
-        # evicted studies (sessions, entry class, last session, age bucket at eviction), oldest first
-        self._ghosts: OrderedDict[int, tuple[int, int, float, int, int, int]] = OrderedDict()
+        # evicted studies (sessions, entry class, last session, age bucket at eviction, gap, the factor
+        # buckets at eviction), oldest first
+        self._ghosts: OrderedDict[Any, tuple[int, int, float, int, int, tuple[int, ...]]] = OrderedDict()
         self.max_ghosts = max_ghosts
+        self._files = self._bytes = 0           # files and bytes inserted so far: the mean file size
 
     # -- learning
     def _cls(self, s: _Study) -> tuple[int, int]:
         return min(s.sessions, N_READS - 1), s.entry
 
-    def _count(self, table: np.ndarray, s: _Study, now: float) -> None:
+    def _buckets(self, s: _Study) -> tuple[int, ...]:
+        """The study's bucket of each factor in use."""
+        a = self.attrs(s.study) if self.attrs is not None else (0, 0, 0)
+        every = (s.gap, size_bucket(s.size), _fold(a[0]), _fold(a[1]), a[2])
+        return tuple(every[i] for i in self._fi)
+
+    def _count(self, table: np.ndarray, s: _Study, now: float, buckets: tuple[int, ...] | None = None) -> None:
         if not self.learn:
             return
         r, e = self._cls(s)
         table[r, e, age_bucket(now - s.last)] += 1
-        self.gap_seen[s.gap] += 1
-        sb = size_bucket(s.size) if s.sizeb < 0 else s.sizeb
-        self.size_seen[sb] += 1
-        if table is self.hits:
-            self.gap_back[s.gap] += 1
-            self.size_back[sb] += 1
+        hit = table is self.hits
+        for seen, back, b in zip(self.seen, self.back, buckets or self._buckets(s), strict=True):
+            seen[b] += 1
+            if hit:
+                back[b] += 1
         self.events += 1
         if self.events % self.refit_events == 0:
             self.refit()
@@ -157,15 +195,11 @@ class HitDensity:
                               pooled_h / np.maximum(pooled_t - pooled_n * _LOW, 1e-9), 0.0)
         thin = n_tail < 20
         self.density = np.where(thin, pooled[:, None, :], d)
-        overall = (self.gap_back.sum() + 1) / (self.gap_seen.sum() + 2)
-        self.gap_factor = (self.gap_back + 1) / (self.gap_seen + 2) / overall
-        self.size_factor = (self.size_back + 1) / (self.size_seen + 2) / overall
-        self.size_back *= self.decay
-        self.size_seen *= self.decay
-        self.hits *= self.decay
-        self.evictions *= self.decay
-        self.gap_back *= self.decay
-        self.gap_seen *= self.decay
+        if self.factors:
+            overall = (self.back[0].sum() + 1) / (self.seen[0].sum() + 2)
+            self.factor = [(b + 1) / (n + 2) / overall for b, n in zip(self.back, self.seen, strict=True)]
+        for t in (*self.back, *self.seen, self.hits, self.evictions):
+            t *= self.decay
         self.fitted = self.events >= self.warm_events
 
     def status(self) -> dict[str, object]:
@@ -179,7 +213,7 @@ class HitDensity:
         if s is None:
             age = now - created
             entry = sum(age >= e for e in _ENTRY_EDGES)
-            s = self._studies[study] = _Study({}, 0, now, entry)
+            s = self._studies[study] = _Study({}, 0, now, entry, study=study)
             self._pos[study] = len(self._ids)
             self._ids.append(study)
             ghost = self._ghosts.pop(study, None)
@@ -187,27 +221,29 @@ class HitDensity:
                 self._returned(s, ghost, now, prefetch)
         s.files[key] = size
         s.size += size
+        self._files += 1
+        self._bytes += size
         self._study_of[key] = study
         self._lru[study] = None
         if not prefetch:
             self._session(study, s, now)
 
-    def _returned(self, s: _Study, ghost: tuple[int, int, float, int, int, int], now: float, prefetch: bool) -> None:
+    def _returned(self, s: _Study, ghost: tuple[int, int, float, int, int, tuple[int, ...]], now: float,
+                  prefetch: bool) -> None:
         """A study evicted earlier is back. Its eviction was premature: the histogram learns the real
         time to its next session (a hit at that age) instead of the eviction, so a class is not judged
         by what the cache happened to keep (the chicken-and-egg of learning only from cached objects)."""
-        sessions, entry, last, evicted_at, gap, sizeb = ghost
+        sessions, entry, last, evicted_at, gap, buckets = ghost
         s.sessions, s.entry, s.last, s.gap = sessions, entry, last, gap
         if prefetch:
             return          # the read it was fetched for, if it comes, is the session
         if self.learn:
             r = min(sessions, N_READS - 1)
             self.evictions[r, entry, evicted_at] = max(0.0, self.evictions[r, entry, evicted_at] - 1)
-            self.gap_seen[gap] = max(0.0, self.gap_seen[gap] - 1)
-            self.size_seen[sizeb] = max(0.0, self.size_seen[sizeb] - 1)
-            s.sizeb = sizeb         # its files are not back yet: count it at the size it left with
-            self._count(self.hits, s, now)
-            s.sizeb = -1
+            for seen, b in zip(self.seen, buckets, strict=True):
+                seen[b] = max(0.0, seen[b] - 1)
+            # counted with the buckets it left with (its files are not back yet: no size of its own)
+            self._count(self.hits, s, now, buckets)
         s.sessions += 1
         s.gap = gap_bucket(now - last)
         s.last = now
@@ -248,9 +284,13 @@ class HitDensity:
 
     def _rank(self, s: _Study, now: float) -> float:
         r, e = self._cls(s)
-        return (float(self.density[r, e, age_bucket(now - s.last)]) * float(self.gap_factor[s.gap])
-                * float(self.size_factor[size_bucket(s.size)])
-                / float(max(s.size, 1) ** self.size_exp))
+        rank = float(self.density[r, e, age_bucket(now - s.last)])
+        for f, b in zip(self.factor, self._buckets(s), strict=True):
+            rank *= float(f[b])
+        # what keeping the study is worth per byte on both targets: its share of the files (object hits) plus
+        # `byte_weight` × its share of the bytes (byte hits), per byte; ∝ mean file size / the study's + weight
+        mean = self._bytes / max(self._files, 1)
+        return rank * (mean * len(s.files) / max(s.size, 1) + self.byte_weight)
 
     def _victim(self, now: float) -> int:
         if not self.fitted:
@@ -268,7 +308,7 @@ class HitDensity:
             self._count(self.evictions, s, now)
             self._drop(study)
             self._ghosts[study] = (s.sessions, s.entry, s.last, age_bucket(now - s.last), s.gap,
-                                  size_bucket(s.size))
+                                  self._buckets(s))
             if len(self._ghosts) > self.max_ghosts:
                 self._ghosts.popitem(last=False)
             for key, size in s.files.items():

@@ -15,6 +15,10 @@ it answers:
   from the previous pass into the same `inserted`/`accessed`/`removed` events, in time order;
 * `prior_ranked` → `prior_plan` / `prior_outcome`: the prior-study planner (rank the patient's earlier studies,
   fit them into the budget, learn per rank from what was read);
+* `describe(study, modality, dept, newer)`: what the catalog knows of a study (its DICOM modality, the
+  department or calling user, whether its patient has a newer study), told when a study is first
+  written (for it, and for the patient's earlier studies, which now have a newer one); the learned
+  policy reads them as factors (agent/policy/learned.py `FACTORS`);
 * `status()`: what is running and in which mode (learned or cold start), for /status.
 
 The day-directory planner (LiteRT LSTM ranking, agent/policy/dirheat.py) is a stack member too
@@ -79,10 +83,14 @@ class CatalogRow:
 class PolicyStack:
     SLACK = 600.0
 
+    MAX_DESCRIBED = 1_000_000           # studies whose features are kept (~100 B each), oldest forgotten
+
     def __init__(self, spec: StackSpec, *, priors_k: int = 3, kmeans: eviction.KMeansConfig | None = None,
                  max_age_days: float = 90.0) -> None:
         self.spec = spec
-        self.policy = eviction.make(spec.eviction, kmeans=kmeans, max_age_days=max_age_days)
+        self._attrs: dict[Hashable, tuple[int, int, int]] = {}
+        self._codes: dict[tuple[int, str], int] = {}        # (kind, name) → code, 1.. in order of first sight
+        self.policy = eviction.make(spec.eviction, kmeans=kmeans, max_age_days=max_age_days, attrs=self.attrs_of)
         self.priors = PriorPrefetcher(k=priors_k) if "priors" in spec.planners else None
         self._seen: dict[Hashable, tuple[float, int]] = {}   # sync: key → (last access, reads) last pass
         self._last_sync = float("-inf")
@@ -156,6 +164,27 @@ class PolicyStack:
                 index.on_insert(r.key, r.size, t, r.created, r.study, kind == 2)
         self._last_sync = now
         return len(events) + len(gone)
+
+    # -- study features
+    def _code(self, kind: int, name: str | None) -> int:
+        if not name:
+            return 0
+        code = self._codes.get((kind, name))
+        if code is None:
+            code = self._codes[(kind, name)] = len(self._codes) + 1
+        return code
+
+    def describe(self, study: Hashable, modality: str | None, dept: str | None, newer: bool) -> None:
+        """What is known of a study: its modality, its department (or calling user), whether its patient has
+        a newer study. A later call replaces an earlier one, keeping a known modality or department."""
+        old = self._attrs.pop(study, (0, 0, 0))
+        self._attrs[study] = (self._code(0, modality) or old[0], self._code(1, dept) or old[1], int(newer))
+        if len(self._attrs) > self.MAX_DESCRIBED:
+            del self._attrs[next(iter(self._attrs))]
+
+    def attrs_of(self, study: Hashable) -> tuple[int, int, int]:
+        """(modality code, department code, newer 0/1) of a study; 0 where unknown."""
+        return self._attrs.get(study, (0, 0, 0))
 
     # -- the prior-study planner
     def prior_ranked(self, new: StudyInfo, studies: Sequence[StudyInfo]) -> list[tuple[int, StudyInfo, float]]:

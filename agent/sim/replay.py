@@ -262,6 +262,16 @@ class Replayer:
             self.pf_sizes.append(int(self.size[o]))
         self.queue_free = start
 
+    def _describe(self, s: int) -> None:
+        """A new study is written: tell the stack its features, and that the patient's earlier studies now
+        have a newer one (what the agent's prefetcher tells it from the catalog's study index)."""
+        ta = self.ta
+        earlier = [x for x in _members(self.idx.patient_studies, int(ta.study_patient[s])).tolist()
+                   if ta.study_day[x] < ta.study_day[s]]
+        for x in [s, *earlier]:
+            dept = ta.department_names[ta.study_department[x]] if ta.department_names else None
+            self.stack.describe(x, ta.modality_names[ta.study_modality[x]], dept, x != s)
+
     # -- ours: prior studies of the patient when a new study arrives
     def _plan_priors(self, s: int, t: float) -> None:
         ta, cfg = self.ta, self.cfg
@@ -358,10 +368,11 @@ class Replayer:
                 self._plan_lstm(day, next_plan, counts, dir_day, dir_mod, start_weekday)
                 next_plan += DAY
             if W[i]:
-                if priors:
-                    s = study[o]
-                    if not seen_study[s]:
-                        seen_study[s] = 1
+                s = study[o]
+                if not seen_study[s]:
+                    seen_study[s] = 1
+                    self._describe(s)
+                    if priors:
                         self._plan_priors(s, t)
                 if not in_cache[o]:
                     self._insert(o, t)
