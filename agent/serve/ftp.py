@@ -31,7 +31,6 @@ import os
 import random
 import ssl
 import time
-from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any, AsyncContextManager, AsyncIterator, Awaitable, Callable, Iterable
@@ -340,6 +339,7 @@ class Session:
     prot_private: bool = False  # PROT P: data connections are TLS too
     epsv_all: bool = False  # EPSV ALL: no other data connection set-up command is accepted (RFC 2428)
     user: str | None = None  # logged in, and counted against ftp.max_sessions_per_user
+    user_slot: int | None = None  # that count's slot in the LoginGuard
     rest: int = 0  # the REST marker for the next STOR/APPE/RETR
     passive: Passive | None = None
 
@@ -383,8 +383,6 @@ class FtpServer(aioftp.Server):
         self.roots = {u.name: u.root for u in cfg.users}
         self.tls = tls_context(cfg.ftp.tls_cert, cfg.ftp.tls_key) if cfg.ftp.tls_cert else None
         self.sessions: set[asyncio.Task] = set()
-        self.by_address: Counter[str] = Counter()
-        self.by_user: Counter[str] = Counter()
         self.commands_mapping.update({
             "auth": self.auth, "prot": self.prot, "pbsz": self.pbsz, "user": self.user, "pass": self.pass_,
             "pasv": self.pasv, "epsv": self.epsv, "nlst": self.nlst, "size": self.size, "mdtm": self.mdtm,
@@ -399,21 +397,19 @@ class FtpServer(aioftp.Server):
         host, port = writer.get_extra_info("peername")[:2]
         address = _unmapped(host)
         cap = self.cfg.ftp.max_sessions_per_address
-        if self.by_address[address] >= cap:
+        slot = self.logins.take_session("address", address, cap)  # counted box-wide (agent.auth.LoginGuard)
+        if slot is None:
             self._refuse_session(Who("-", "ftp", f"{host}:{port}"), f"too many sessions from {address} (limit {cap})")
             writer.write(f"421 too many sessions from your address (limit {cap}); try again later\r\n".encode())
             writer.close()
             return
         task = asyncio.current_task()
         self.sessions.add(task)
-        self.by_address[address] += 1
         try:
             await self._session(reader, writer, host, port, Session(address))
         finally:
             self.sessions.discard(task)
-            self.by_address[address] -= 1
-            if not self.by_address[address]:
-                del self.by_address[address]
+            self.logins.release_session(slot)
 
     def _refuse_session(self, party: Who, reason: str) -> None:
         log.warning("session_refused", protocol="ftp", user=party.user, peer=party.peer, reason=reason)
@@ -505,10 +501,9 @@ class FtpServer(aioftp.Server):
         return cmd, rest if cmd in PATH_COMMANDS else rest.strip()
 
     def _count_out(self, session: Session) -> None:
-        self.by_user[session.user] -= 1
-        if not self.by_user[session.user]:
-            del self.by_user[session.user]
-        session.user = None
+        if session.user_slot is not None:
+            self.logins.release_session(session.user_slot)
+        session.user, session.user_slot = None, None
 
     async def close(self) -> None:
         """Close the sessions left after the drain (their transfers have finished by now), within a bound."""
@@ -582,12 +577,12 @@ class FtpServer(aioftp.Server):
             return True
         guard.succeeded(login, address)
         name, cap = connection.user.login, self.cfg.ftp.max_sessions_per_user
-        if self.by_user[name] >= cap:
+        slot = guard.take_session("user", name, cap)
+        if slot is None:
             self._refuse_session(who(connection), f"too many sessions for user {name} (limit {cap})")
             connection.response("421", f"too many sessions for this user (limit {cap}); try again later")
             return False
-        self.by_user[name] += 1
-        connection.session.user = name
+        connection.session.user, connection.session.user_slot = name, slot
         connection.logged = True
         self.gateway.audit.record(who(connection), "login", "", "ok")
         connection.response("230", "logged in")
