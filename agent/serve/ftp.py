@@ -33,7 +33,7 @@ import ssl
 import time
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Any, AsyncContextManager, AsyncIterator, Awaitable, Callable, Iterable
+from typing import Any, AsyncContextManager, AsyncIterator, Awaitable, Callable, Iterable, Iterator
 
 import aioftp
 import structlog
@@ -280,7 +280,7 @@ class Passive:
         """Listen on a free port of `ports` picked at random (a port cannot be guessed from the last one)
         → None if every port is taken."""
         passive = cls(peer, tls, timeout, on_refused)
-        for port in random.SystemRandom().sample(ports, len(ports)):
+        for port in _random_ports(ports):
             try:
                 passive.server = await asyncio.start_server(passive._accept, host, port, backlog=8)
             except OSError:
@@ -328,6 +328,17 @@ class Passive:
             if self.handshake is not None:
                 self.handshake.cancel()
             self.connected.result()[1].transport.abort()
+
+
+_RNG = random.SystemRandom()
+
+
+def _random_ports(ports: range) -> Iterator[int]:
+    """Ports of the range in an order that cannot be guessed: a few single draws, then, only if those were all
+    taken, every port shuffled. Shuffling the whole range for every PASV cost 1.2 ms of CPU per 1 000 ports
+    (0.12 ms for the default 101), per transferred file; a single draw costs 2 µs (issue 14)."""
+    yield from (_RNG.choice(ports) for _ in range(8))
+    yield from _RNG.sample(ports, len(ports))
 
 
 @dataclass
