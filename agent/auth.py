@@ -105,10 +105,22 @@ class LoginGuard:
         self.db.execute("BEGIN IMMEDIATE")
         try:
             yield
+            self.db.execute("COMMIT")
         except BaseException:
-            self.db.execute("ROLLBACK")
+            if self.db.in_transaction:  # also a COMMIT that failed (disk full) leaves it open
+                self.db.execute("ROLLBACK")
             raise
-        self.db.execute("COMMIT")
+
+    @contextlib.contextmanager
+    def _unless_disk_full(self, what: str) -> Iterator[None]:
+        """A full cache disk must not keep the PACS from logging in to read what is cached: a login or a
+        session that cannot be recorded is let through uncounted (logged), never refused for that."""
+        try:
+            yield
+        except sqlite3.OperationalError as e:
+            if e.sqlite_errorcode != sqlite3.SQLITE_FULL:
+                raise
+            log.error("login_guard_not_recorded", what=what, error=str(e))
 
     def refusal(self, user: str, address: str, protocol: str, now: float | None = None) -> str:
         """Why a login must be refused unchecked now ('' when it may be checked)."""
@@ -137,7 +149,7 @@ class LoginGuard:
 
     def succeeded(self, user: str, address: str, now: float | None = None) -> None:
         now = time.monotonic() if now is None else now
-        with self._tx():
+        with self._unless_disk_full("login"), self._tx():
             self.db.execute("DELETE FROM failures WHERE scope = 'address' AND key = ?", (address,))
             self.db.execute("INSERT OR REPLACE INTO trusted (user, address, at) VALUES (?, ?, ?)", (user, address, now))
             self.db.execute("DELETE FROM trusted WHERE user = ? AND address NOT IN (SELECT address FROM trusted "
@@ -173,18 +185,20 @@ class LoginGuard:
 
     def take_session(self, scope: str, key: str, cap: int) -> int | None:
         """A session slot for key (an address, a user) if fewer than cap are held on the whole box → its id
-        (give it back with release_session); None at the cap."""
-        with self._tx():
+        (give it back with release_session); None at the cap. 0 (no slot) when the disk is full."""
+        with self._unless_disk_full("session"), self._tx():
             if self._sessions(scope, key) >= cap:
                 self._free_dead(scope, key)
                 if self._sessions(scope, key) >= cap:
                     return None
             return self.db.execute("INSERT INTO sessions (scope, key, pid, started) VALUES (?, ?, ?, ?)",
                                    (scope, key, *self._me)).lastrowid
+        return 0
 
     def release_session(self, slot: int) -> None:
-        with self._tx():
-            self.db.execute("DELETE FROM sessions WHERE id = ?", (slot,))
+        if slot:
+            with self._tx():
+                self.db.execute("DELETE FROM sessions WHERE id = ?", (slot,))
 
     def _sessions(self, scope: str, key: str) -> int:
         return int(self.db.execute("SELECT COUNT(*) FROM sessions WHERE scope = ? AND key = ?",

@@ -293,6 +293,36 @@ def test_login_guard_counts_are_shared_through_its_file(tmp_path):
     c.close()
 
 
+def test_login_guard_lets_logins_through_on_a_full_disk(tmp_path):
+    """The guard's file shares the cache disk: when that is full, a good login and a new session are let
+    through uncounted (the PACS must still read what is cached), and the file stays usable afterwards."""
+    import os
+
+    from agent.audit import AuditLog
+    from agent.auth import LoginGuard
+    from agent.config import LoginConfig
+    from agent.metrics import Metrics
+    from faultkit import tmpfs
+    if os.geteuid() != 0:
+        pytest.skip("needs root to mount a small tmpfs")
+    with tmpfs(tmp_path / "disk", "1m") as disk:
+        g = LoginGuard(LoginConfig(max_failures=3), Metrics(), AuditLog(None, 0, 1, False), disk / "logins.sqlite")
+        fd = os.open(disk / "filler", os.O_WRONLY | os.O_CREAT)
+        with pytest.raises(OSError):
+            while True:
+                os.write(fd, b"x" * 4096)
+        os.close(fd)
+        slots = [g.take_session("address", f"10.1.{i // 250}.{i % 250}", 2) for i in range(400)]
+        for i in range(400):
+            g.succeeded("pacs", f"10.2.{i // 250}.{i % 250}")
+        assert None not in slots and 0 in slots  # some could not be recorded: let through
+        for slot in slots:
+            g.release_session(slot)
+        (disk / "filler").unlink()
+        assert g.take_session("address", "10.9.9.9", 1) and g.take_session("address", "10.9.9.9", 1) is None
+        g.close()
+
+
 # --- 14: the admin path -----------------------------------------------------------------------------
 
 
