@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import hmac
 import os
+import sqlite3
 import time
-from collections import deque
+from pathlib import Path
+from typing import Iterator
 
 import structlog
 
@@ -18,6 +21,7 @@ from agent.metrics import Metrics
 log = structlog.get_logger("pacsgw.auth")
 
 _N, _R, _P = 2**14, 8, 1
+GUARD_FILE = "logins.sqlite"  # in the cache directory: LoginGuard's box-wide counts
 
 
 def hash_password(password: str) -> str:
@@ -55,80 +59,199 @@ def verify_password(password: str, *, plain: str = "", encoded: str = "") -> boo
 
 
 class LoginGuard:
-    """Backoff and temporary bans against password guessing, shared by every front end of one agent.
+    """Backoff, temporary bans and session caps against password guessing, shared by every front end of the box.
 
     Each failed login delays its answer by delay_seconds, doubled for every earlier failure of the same
     address or user within window_seconds (up to max_delay_seconds). max_failures within the window ban the
     address, or lock the user, for ban_seconds: logins are then refused without checking the password.
     A locked user can still log in from an address it logged in from successfully before the lock, so a
-    guesser elsewhere on the network cannot lock the PACS out. Memory is bounded: old entries are pruned.
+    guesser elsewhere on the network cannot lock the PACS out.
+
+    The counts live in a small SQLite file (path; in memory without one) that every serving process of the box
+    opens ([server] workers, docs/workers.md): failures, bans and session slots are box-wide, so N processes
+    do not give a guesser N times the allowance. Every change is one BEGIN IMMEDIATE transaction, so two
+    processes never both take the last slot or both miss the ban. A session slot names its process (pid and
+    start time): the slots of a process that died (kill -9) are freed by the next process that finds the cap
+    reached. Times are CLOCK_MONOTONIC, the same in every process of one boot; a new boot starts empty.
+    Storage is bounded: failures older than the window go, at most MAX_TRACKED are kept, 16 addresses per user.
     """
 
     MAX_TRACKED = 100_000
+    TRUSTED_PER_USER = 16
 
-    def __init__(self, cfg: LoginConfig, metrics: Metrics, audit: AuditLog) -> None:
+    def __init__(self, cfg: LoginConfig, metrics: Metrics, audit: AuditLog, path: Path | None = None) -> None:
         self.cfg, self.metrics, self.audit = cfg, metrics, audit
-        self._failures: dict[tuple[str, str], deque[float]] = {}  # (scope, key) → failure times
-        self._banned: dict[tuple[str, str], float] = {}           # (scope, key) → ban end
-        self._trusted: dict[str, dict[str, float]] = {}           # user → {address: last good login}
+        self.db = sqlite3.connect(str(path) if path else ":memory:", isolation_level=None, check_same_thread=False)
+        # Calls are synchronous on the event loop: every transaction is a few rows, so a wait for another
+        # process's is short; NORMAL: a power cut may forget the last failures, never corrupt the file.
+        self.db.execute("PRAGMA busy_timeout=5000")
+        if path:
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute("PRAGMA synchronous=NORMAL")
+        self.db.executescript(_GUARD_SCHEMA)
+        self._me = _process_identity(os.getpid())
+        with self._tx():
+            boot = self.db.execute("SELECT value FROM meta WHERE key = 'boot'").fetchone()
+            if boot is None or boot[0] != _BOOT_ID:  # monotonic times of another boot mean nothing
+                for table in ("failures", "bans", "trusted", "sessions"):
+                    self.db.execute(f"DELETE FROM {table}")
+                self.db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('boot', ?)", (_BOOT_ID,))
+
+    def close(self) -> None:
+        self.db.close()
+
+    @contextlib.contextmanager
+    def _tx(self) -> Iterator[None]:
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+            self.db.execute("COMMIT")
+        except BaseException:
+            if self.db.in_transaction:  # also a COMMIT that failed (disk full) leaves it open
+                self.db.execute("ROLLBACK")
+            raise
+
+    @contextlib.contextmanager
+    def _unless_disk_full(self, what: str) -> Iterator[None]:
+        """A full cache disk must not keep the PACS from logging in to read what is cached: a login or a
+        session that cannot be recorded is let through uncounted (logged), never refused for that."""
+        try:
+            yield
+        except sqlite3.OperationalError as e:
+            if e.sqlite_errorcode != sqlite3.SQLITE_FULL:
+                raise
+            log.error("login_guard_not_recorded", what=what, error=str(e))
 
     def refusal(self, user: str, address: str, protocol: str, now: float | None = None) -> str:
         """Why a login must be refused unchecked now ('' when it may be checked)."""
         now = time.monotonic() if now is None else now
-        self._expire(now)
-        for scope, key in (("address", address), ("user", user)):
-            if (scope, key) in self._banned:
-                if scope == "user" and address in self._trusted.get(user, {}):
-                    continue
-                self.metrics.login_refused.labels(protocol, scope).inc()
-                log.warning("login_refused", protocol=protocol, user=user, peer=address, reason=f"{scope} banned")
-                self.audit.record(Who(user, protocol, address), "login", "", f"refused: {scope} temporarily banned")
-                return f"too many failed logins: {scope} temporarily banned"
+        with self._tx():
+            self._expire(now)
+            for scope, key in (("address", address), ("user", user)):
+                if self.db.execute("SELECT 1 FROM bans WHERE scope = ? AND key = ?", (scope, key)).fetchone():
+                    if scope == "user" and self.db.execute(
+                            "SELECT 1 FROM trusted WHERE user = ? AND address = ?", (user, address)).fetchone():
+                        continue
+                    self.metrics.login_refused.labels(protocol, scope).inc()
+                    log.warning("login_refused", protocol=protocol, user=user, peer=address,
+                                reason=f"{scope} banned")
+                    self.audit.record(Who(user, protocol, address), "login", "",
+                                      f"refused: {scope} temporarily banned")
+                    return f"too many failed logins: {scope} temporarily banned"
         return ""
 
     def banned(self, scope: str, now: float | None = None) -> list[str]:
         """The addresses (scope 'address') or users ('user') banned now, for a front end that enforces bans
         elsewhere (Samba checks SMB passwords itself: its smb.conf denies banned addresses)."""
-        self._expire(time.monotonic() if now is None else now)
-        return sorted(key for sc, key in self._banned if sc == scope)
+        with self._tx():
+            self._expire(time.monotonic() if now is None else now)
+            return [k for (k,) in self.db.execute("SELECT key FROM bans WHERE scope = ? ORDER BY key", (scope,))]
 
     def succeeded(self, user: str, address: str, now: float | None = None) -> None:
         now = time.monotonic() if now is None else now
-        self._failures.pop(("address", address), None)
-        self._trusted.setdefault(user, {})[address] = now
+        with self._unless_disk_full("login"), self._tx():
+            self.db.execute("DELETE FROM failures WHERE scope = 'address' AND key = ?", (address,))
+            self.db.execute("INSERT OR REPLACE INTO trusted (user, address, at) VALUES (?, ?, ?)", (user, address, now))
+            self.db.execute("DELETE FROM trusted WHERE user = ? AND address NOT IN (SELECT address FROM trusted "
+                            "WHERE user = ? ORDER BY at DESC LIMIT ?)", (user, user, self.TRUSTED_PER_USER))
 
     def failed(self, user: str, address: str, protocol: str, now: float | None = None) -> float:
         """Record a failed login → the seconds to wait before answering it."""
         now = time.monotonic() if now is None else now
         self.metrics.login_failures.labels(protocol).inc()
-        if len(self._failures) >= self.MAX_TRACKED:
-            self._prune(now)
         worst = 0
-        for scope, key in (("address", address), ("user", user)):
-            times = self._failures.setdefault((scope, key), deque())
-            while times and times[0] <= now - self.cfg.window_seconds:
-                times.popleft()
-            times.append(now)
-            worst = max(worst, len(times))
-            if len(times) >= self.cfg.max_failures and (scope, key) not in self._banned:
-                self._banned[(scope, key)] = now + self.cfg.ban_seconds
-                times.clear()
-                self.metrics.login_bans.labels(scope).inc()
-                self.metrics.login_banned.labels(scope).inc()
-                log.warning("login_ban", scope=scope, key=key, protocol=protocol, seconds=self.cfg.ban_seconds,
-                            failures=self.cfg.max_failures)
-                self.audit.record(Who(user, protocol, address), "ban", "", f"{scope} banned for "
-                                  f"{self.cfg.ban_seconds:g} s after {self.cfg.max_failures} failed logins")
+        with self._tx():
+            self.db.execute("DELETE FROM failures WHERE at <= ?", (now - self.cfg.window_seconds,))
+            for scope, key in (("address", address), ("user", user)):
+                self.db.execute("INSERT INTO failures (scope, key, at) VALUES (?, ?, ?)", (scope, key, now))
+                (count,) = self.db.execute("SELECT COUNT(*) FROM failures WHERE scope = ? AND key = ?",
+                                           (scope, key)).fetchone()
+                worst = max(worst, count)
+                if count >= self.cfg.max_failures and not self.db.execute(
+                        "SELECT 1 FROM bans WHERE scope = ? AND key = ?", (scope, key)).fetchone():
+                    self.db.execute("INSERT INTO bans (scope, key, until) VALUES (?, ?, ?)",
+                                    (scope, key, now + self.cfg.ban_seconds))
+                    self.db.execute("DELETE FROM failures WHERE scope = ? AND key = ?", (scope, key))
+                    self.metrics.login_bans.labels(scope).inc()
+                    log.warning("login_ban", scope=scope, key=key, protocol=protocol, seconds=self.cfg.ban_seconds,
+                                failures=self.cfg.max_failures)
+                    self.audit.record(Who(user, protocol, address), "ban", "", f"{scope} banned for "
+                                      f"{self.cfg.ban_seconds:g} s after {self.cfg.max_failures} failed logins")
+            # rowids grow: this keeps the newest MAX_TRACKED failures (a spray from many addresses is bounded)
+            self.db.execute("DELETE FROM failures WHERE rowid <= (SELECT MAX(rowid) FROM failures) - ?",
+                            (self.MAX_TRACKED,))
+            self._gauge()
         return min(self.cfg.delay_seconds * 2 ** (worst - 1), self.cfg.max_delay_seconds)
 
-    def _expire(self, now: float) -> None:
-        for k, end in list(self._banned.items()):
-            if end <= now:
-                del self._banned[k]
-                self.metrics.login_banned.labels(k[0]).dec()
+    def take_session(self, scope: str, key: str, cap: int) -> int | None:
+        """A session slot for key (an address, a user) if fewer than cap are held on the whole box → its id
+        (give it back with release_session); None at the cap. 0 (no slot) when the disk is full."""
+        with self._unless_disk_full("session"), self._tx():
+            if self._sessions(scope, key) >= cap:
+                self._free_dead(scope, key)
+                if self._sessions(scope, key) >= cap:
+                    return None
+            return self.db.execute("INSERT INTO sessions (scope, key, pid, started) VALUES (?, ?, ?, ?)",
+                                   (scope, key, *self._me)).lastrowid
+        return 0
 
-    def _prune(self, now: float) -> None:
-        horizon = now - self.cfg.window_seconds
-        self._failures = {k: t for k, t in self._failures.items() if t and t[-1] > horizon}
-        for user, addrs in list(self._trusted.items()):
-            self._trusted[user] = dict(sorted(addrs.items(), key=lambda kv: kv[1])[-16:])
+    def release_session(self, slot: int) -> None:
+        if slot:
+            with self._tx():
+                self.db.execute("DELETE FROM sessions WHERE id = ?", (slot,))
+
+    def _sessions(self, scope: str, key: str) -> int:
+        return int(self.db.execute("SELECT COUNT(*) FROM sessions WHERE scope = ? AND key = ?",
+                                   (scope, key)).fetchone()[0])
+
+    def _free_dead(self, scope: str, key: str) -> None:
+        """Drop the slots of key whose process is gone (killed without releasing them)."""
+        for pid, started in self.db.execute("SELECT DISTINCT pid, started FROM sessions WHERE scope = ? AND key = ?",
+                                            (scope, key)).fetchall():
+            if _process_identity(pid) != (pid, started):
+                self.db.execute("DELETE FROM sessions WHERE pid = ? AND started = ?", (pid, started))
+                log.warning("session_slots_freed", scope=scope, key=key, pid=pid, reason="process gone")
+
+    def _expire(self, now: float) -> None:
+        self.db.execute("DELETE FROM bans WHERE until <= ?", (now,))
+        self._gauge()  # bans other processes imposed show here too
+
+    def _gauge(self) -> None:
+        for scope in ("address", "user"):
+            (n,) = self.db.execute("SELECT COUNT(*) FROM bans WHERE scope = ?", (scope,)).fetchone()
+            self.metrics.login_banned.labels(scope).set(n)
+
+
+_GUARD_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS failures (scope TEXT NOT NULL, key TEXT NOT NULL, at REAL NOT NULL);
+CREATE INDEX IF NOT EXISTS failures_by_key ON failures (scope, key);
+CREATE INDEX IF NOT EXISTS failures_by_time ON failures (at);
+CREATE TABLE IF NOT EXISTS bans (scope TEXT NOT NULL, key TEXT NOT NULL, until REAL NOT NULL,
+                                 PRIMARY KEY (scope, key));
+CREATE TABLE IF NOT EXISTS trusted (user TEXT NOT NULL, address TEXT NOT NULL, at REAL NOT NULL,
+                                    PRIMARY KEY (user, address));
+CREATE TABLE IF NOT EXISTS sessions (id INTEGER PRIMARY KEY, scope TEXT NOT NULL, key TEXT NOT NULL,
+                                     pid INTEGER NOT NULL, started INTEGER NOT NULL);
+CREATE INDEX IF NOT EXISTS sessions_by_key ON sessions (scope, key);
+"""
+
+
+def _boot_id() -> str:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return ""
+
+
+_BOOT_ID = _boot_id()
+
+
+def _process_identity(pid: int) -> tuple[int, int]:
+    """(pid, its start time in clock ticks since boot): a pid the kernel reused names another process.
+    (pid, -1) when no such process runs, or it is dead and not yet reaped (a zombie holds no sessions)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()  # from field 3, the state
+    except OSError:
+        return pid, -1
+    return pid, -1 if fields[0] in ("Z", "X") else int(fields[19])  # field 22: the start time

@@ -15,7 +15,7 @@ import structlog
 
 from agent import __version__
 from agent.audit import AuditLog, AuditShipper
-from agent.auth import LoginGuard
+from agent.auth import GUARD_FILE, LoginGuard
 from agent.config import Config, ConfigError
 from agent.dicom.objectmeta import Describer
 from agent.dicom.retention import DicomRetention
@@ -75,6 +75,7 @@ class Agent:
         self.smb = None  # agent.serve.smb.SmbService when [smb] is enabled (imports pyfuse3)
         self.http: HttpServer | None = None
         self.workers: Supervisor | None = None  # [server] workers > 1
+        self.logins: LoginGuard | None = None
 
     async def start(self) -> None:
         cfg = self.cfg
@@ -121,11 +122,10 @@ class Agent:
         self.priors = PriorFetcher(cfg, self.db, self.gateway, fetcher, stack)
         self.scrubber = Scrubber(self.db, self.cache, cfg.scrub.rate, cfg.scrub.pause_seconds)
         self._scrub = asyncio.create_task(self.scrubber.run(), name="scrub") if cfg.scrub.enabled else None
-        logins = LoginGuard(cfg.login, self.metrics, self.audit)  # one count of failures across the front ends
-        await self._serve_ftp_sftp(logins)
+        await self._serve_ftp_sftp()
         if cfg.smb.enabled:
             from agent.serve.smb import SmbService
-            self.smb = SmbService(cfg, self.gateway, logins)
+            self.smb = SmbService(cfg, self.gateway, self._login_guard())
             await self.smb.start()
         if cfg.http.enabled:
             self.http = HttpServer(*cfg.http.listen, health=self.health, metrics=self.render_metrics, admin={
@@ -171,9 +171,15 @@ class Agent:
                                worm=self.worm, access=access, evictor=self.evictor, refusals=self.refusals,
                                on_stored=on_stored)
 
-    async def _serve_ftp_sftp(self, logins: LoginGuard) -> None:
+    def _login_guard(self) -> LoginGuard:
+        """One count of failed logins and sessions for every front end of every serving process of the box."""
+        if self.logins is None:
+            self.logins = LoginGuard(self.cfg.login, self.metrics, self.audit, self.cfg.cache.dir / GUARD_FILE)
+        return self.logins
+
+    async def _serve_ftp_sftp(self) -> None:
         """FTP and SFTP listeners: the owner's and every worker's (SO_REUSEPORT when several processes serve)."""
-        cfg = self.cfg
+        cfg, logins = self.cfg, self._login_guard()
         if cfg.ftp.enabled:
             self.ftp = FtpServer(cfg, self.gateway, logins)
             with _setting(cfg, "ftp.listen", _addr(cfg.ftp.listen), "an address this box can listen on"):
@@ -249,6 +255,8 @@ class Agent:
             await workers
         await self.s3.close()
         self.audit.close()
+        if self.logins:
+            self.logins.close()
         totals = await self.db.totals()
         await asyncio.to_thread(self.db.shutdown)
         log.info("stopped", drained=drained, queued_files=totals.queue_files,

@@ -12,7 +12,6 @@ from pathlib import Path
 import structlog
 
 from agent.audit import AuditLog
-from agent.auth import LoginGuard
 from agent.config import Config
 from agent.daemon import DRAIN_SECONDS, Agent, run_until_signal
 from agent.monitor import PressureMonitor
@@ -49,8 +48,7 @@ class Worker(Agent):
         self.monitor = PressureMonitor(cfg, self.db, self.cache, self.gateway, self.line, self.metrics, self.refusals)
         await self.monitor.sample()
         self._monitor = asyncio.create_task(self.monitor.run(), name="pressure")
-        # Failures are counted per process: a guesser gets up to N times the allowance (docs/workers.md).
-        await self._serve_ftp_sftp(LoginGuard(cfg.login, self.metrics, self.audit))
+        await self._serve_ftp_sftp()  # its LoginGuard opens the box's shared counts (agent.auth)
         path = pid_dir(cfg) / f"{self.index}.pid"
         path.parent.mkdir(exist_ok=True)
         path.write_text(f"{os.getpid()}\n")

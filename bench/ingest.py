@@ -262,8 +262,11 @@ def main() -> int:
                 cpu0 = tree_cpu_seconds(server.proc.pid)
                 ingest(run, port, args.files, args.clients, blocks)
                 run.in_s3 = wait_keys(store, prefix, args.files)
-                r = run.report() | {"cpu_ms_per_file": round((tree_cpu_seconds(server.proc.pid) - cpu0)
-                                                             * 1000 / args.files, 2)}
+                cpu = tree_cpu_seconds(server.proc.pid) - cpu0
+                # CPUs busy: the agent's CPU seconds per second until the last file was in S3 (below the CPUs
+                # it may use, the clients, SeaweedFS or the rest of the machine set the pace)
+                r = run.report() | {"cpu_ms_per_file": round(cpu * 1000 / args.files, 2),
+                                    "cpus_busy": round(cpu / (max(run.finished, run.in_s3) - run.started), 2)}
                 if args.verify:
                     r["bad_checksums"] = verify(store, prefix, run, args.files, blocks)
                 server.stop()
@@ -284,7 +287,8 @@ def main() -> int:
                 print(json.dumps(r), flush=True)
             runs += smb
         cols = ["target", "protocol", "files", "errors", "seconds", "files_per_s", "MB_per_s", "ack_p50_ms",
-                "ack_p99_ms", "all_in_s3_s", "cpu_ms_per_file", "load"] + (["bad_checksums"] if args.verify else [])
+                "ack_p99_ms", "all_in_s3_s", "cpu_ms_per_file", "cpus_busy", "load"]
+        cols += ["bad_checksums"] if args.verify else []
         print()
         print(table(runs, cols))
         if overhead is not None:

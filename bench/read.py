@@ -9,7 +9,8 @@ so every cold pass is really cold). Per reader count and target (our agent; `rcl
 know the files), reads every file once (cold: fetched from S3) and once more (cached: from the local
 SSD cache), the files split over the readers, each reader its own FTP session. Printed: MB/s and files/s
 over the pass, first-byte latency p50/p99 (RETR sent → first data byte), the server's CPU time per file
-(user + system: on a shared, loaded machine the steadier figure), the load average, and the ratios
+(user + system: on a shared, loaded machine the steadier figure) and per MB, its CPUs busy (CPU seconds per
+second of the pass: below the CPUs it may use, something else set the pace), the load average, and the ratios
 ours/rclone.
 """
 
@@ -89,6 +90,8 @@ def read_pass(port: int, pid: int, paths: list[str], readers: int, size: int) ->
     return {"MB_per_s": round(len(firsts) * size / wall / 1e6, 1), "files_per_s": round(len(firsts) / wall, 1),
             "first_byte_p50_ms": pct(firsts, 0.5), "first_byte_p99_ms": pct(firsts, 0.99),
             "cpu_ms_per_file": round(cpu * 1000 / max(1, len(firsts)), 2),
+            "cpu_ms_per_MB": round(cpu * 1000 / max(1e-9, len(firsts) * size / 1e6), 2),
+            "cpus_busy": round(cpu / wall, 2),  # the server's CPU seconds per second: below its CPUs = not CPU-bound
             "errors": len(errors) + len(paths) - len(firsts), "load": at}
 
 
@@ -150,7 +153,7 @@ def main() -> int:
                                                                "first_byte_p99_ms", "cpu_ms_per_file")}})
         print()
         print(table(rows, ["target", "readers", "pass", "MB_per_s", "files_per_s", "first_byte_p50_ms",
-                           "first_byte_p99_ms", "cpu_ms_per_file", "errors", "load"]))
+                           "first_byte_p99_ms", "cpu_ms_per_file", "cpu_ms_per_MB", "cpus_busy", "errors", "load"]))
         return 1 if any(x.get("errors") for x in rows) else 0
     finally:
         for server in servers:

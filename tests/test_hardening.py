@@ -14,6 +14,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import asyncssh
 import pytest
@@ -230,6 +231,96 @@ def test_locked_user_still_logs_in_from_its_known_address():
     assert "user temporarily banned" in g.refusal("pacs", "10.9.0.4", "ftp", now=5)
     assert g.refusal("pacs", "10.0.0.5", "ftp", now=5) == ""
     assert g.refusal("pacs", "10.9.0.4", "ftp", now=63) == ""  # the ban ends
+
+
+def _hold_slots(path: str, n: int, ready) -> None:
+    """In another process: take n session slots from the guard file, then wait to be killed."""
+    from agent.audit import AuditLog
+    from agent.auth import LoginGuard
+    from agent.config import LoginConfig
+    from agent.metrics import Metrics
+    g = LoginGuard(LoginConfig(), Metrics(), AuditLog(None, 0, 1, False), Path(path))
+    for _ in range(n):
+        assert g.take_session("address", "10.0.0.9", 3) is not None
+    ready.set()
+    time.sleep(600)
+
+
+def test_login_guard_counts_are_shared_through_its_file(tmp_path):
+    """Two guards on one file (two serving processes): failures and bans add up across them, a session cap
+    holds for both, and the slots of a process killed with kill -9 are freed when the cap is reached."""
+    import multiprocessing
+    import os
+    import signal
+
+    from agent.audit import AuditLog
+    from agent.auth import LoginGuard
+    from agent.config import LoginConfig
+    from agent.metrics import Metrics
+    path = tmp_path / "logins.sqlite"
+    cfg, off = LoginConfig(max_failures=4, ban_seconds=60), AuditLog(None, 0, 1, False)
+    a, b = LoginGuard(cfg, Metrics(), off, path), LoginGuard(cfg, Metrics(), off, path)
+    for i in range(3):
+        (a if i % 2 else b).failed("pacs", "10.9.0.1", "ftp", now=i)
+    assert a.refusal("pacs", "10.9.0.1", "sftp", now=3) == b.refusal("pacs", "10.9.0.1", "ftp", now=3) == ""
+    a.failed("pacs", "10.9.0.1", "ftp", now=3)  # the 4th of the box: both refuse
+    assert "address temporarily banned" in b.refusal("pacs", "10.9.0.1", "ftp", now=4)
+    assert b.banned("address", now=4) == ["10.9.0.1"]
+    assert b.refusal("pacs", "10.9.0.1", "ftp", now=64) == ""  # the ban ends for both
+    slots = [a.take_session("user", "pacs", 3), b.take_session("user", "pacs", 3), a.take_session("user", "pacs", 3)]
+    assert None not in slots and b.take_session("user", "pacs", 3) is None
+    a.release_session(slots[0])
+    assert b.take_session("user", "pacs", 3) is not None
+    spawn = multiprocessing.get_context("spawn")
+    ready = spawn.Event()
+    holder = spawn.Process(target=_hold_slots, args=(str(path), 2, ready))
+    holder.start()
+    try:
+        assert ready.wait(60)
+        assert a.take_session("address", "10.0.0.9", 3) is not None
+        assert b.take_session("address", "10.0.0.9", 3) is None  # 2 held by the other process + 1
+        os.kill(holder.pid, signal.SIGKILL)
+        holder.join(10)
+        assert b.take_session("address", "10.0.0.9", 3) is not None  # the dead process's two are freed
+        assert b.take_session("address", "10.0.0.9", 3) is not None
+        assert a.take_session("address", "10.0.0.9", 3) is None
+    finally:
+        holder.kill()
+    a.close()
+    b.close()
+    c = LoginGuard(cfg, Metrics(), off, path)  # a restarted agent of the same boot keeps what was counted
+    assert c.take_session("address", "10.0.0.9", 3) is None
+    c.close()
+
+
+def test_login_guard_lets_logins_through_on_a_full_disk(tmp_path):
+    """The guard's file shares the cache disk: when that is full, a good login and a new session are let
+    through uncounted (the PACS must still read what is cached), and the file stays usable afterwards."""
+    import os
+
+    from agent.audit import AuditLog
+    from agent.auth import LoginGuard
+    from agent.config import LoginConfig
+    from agent.metrics import Metrics
+    from faultkit import tmpfs
+    if os.geteuid() != 0:
+        pytest.skip("needs root to mount a small tmpfs")
+    with tmpfs(tmp_path / "disk", "1m") as disk:
+        g = LoginGuard(LoginConfig(max_failures=3), Metrics(), AuditLog(None, 0, 1, False), disk / "logins.sqlite")
+        fd = os.open(disk / "filler", os.O_WRONLY | os.O_CREAT)
+        with pytest.raises(OSError):
+            while True:
+                os.write(fd, b"x" * 4096)
+        os.close(fd)
+        slots = [g.take_session("address", f"10.1.{i // 250}.{i % 250}", 2) for i in range(400)]
+        for i in range(400):
+            g.succeeded("pacs", f"10.2.{i // 250}.{i % 250}")
+        assert None not in slots and 0 in slots  # some could not be recorded: let through
+        for slot in slots:
+            g.release_session(slot)
+        (disk / "filler").unlink()
+        assert g.take_session("address", "10.9.9.9", 1) and g.take_session("address", "10.9.9.9", 1) is None
+        g.close()
 
 
 # --- 14: the admin path -----------------------------------------------------------------------------

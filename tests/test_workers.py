@@ -8,6 +8,7 @@ retry a file when their connection dies (as a PACS does), SeaweedFS read back wi
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ftplib
 import json
 import multiprocessing
@@ -26,7 +27,7 @@ import pytest
 from agent.config import ConfigError, load
 from agent.store.catalog import Catalog
 from faultkit import bucket_keys, ftp_get, ftp_login, ftp_put, payload, sftp_put, sftp_session, sha256, wait_for
-from harness import s3_objects
+from harness import PASSWORD, s3_objects
 
 CONFIG = """
 [cache]
@@ -223,6 +224,123 @@ async def test_kill9_owner_during_ingest(agent_factory, seaweed):
     finally:
         if psutil.pid_exists(orphan):
             os.kill(orphan, signal.SIGKILL)
+
+
+def serving_pid(local_port: int, pids: set[int]) -> int:
+    """Which of pids holds the server end of the client connection from local_port (0: none of them)."""
+    for pid in pids:
+        with contextlib.suppress(psutil.Error):
+            if any(c.raddr and c.raddr.port == local_port for c in psutil.Process(pid).net_connections("tcp")):
+                return pid
+    return 0
+
+
+def ftp_open(agent) -> tuple[ftplib.FTP | None, str]:
+    """A control connection → (it, None) when greeted with 220, (None, the reply) when refused."""
+    ftp = ftplib.FTP(timeout=20)
+    try:
+        ftp.connect("127.0.0.1", agent.ftp_port)
+    except (ftplib.error_temp, OSError, EOFError) as e:  # OSError: a listener of a process just killed
+        ftp.close()
+        return None, str(e)
+    return ftp, ""
+
+
+def ftp_try_login(agent, password: str) -> None:
+    """USER and PASS on a connection of its own (once the sessions just closed have freed a slot), closed
+    whatever the answer (a refusal raises)."""
+    ftp = wait_for(lambda: ftp_open(agent)[0], 20, what="a free FTP session slot")
+    try:
+        ftp.login("pacs", password)
+    finally:
+        ftp.close()
+
+
+def test_login_limits_hold_for_the_box(agent_factory):
+    """workers = 2: the FTP per-address session cap and the failed-login ban count the whole box (one shared
+    LoginGuard file), not each process: with the cap held, both processes refuse; after max_failures wrong
+    passwords over FTP and SFTP together, both processes refuse the right one. kill -9 of the worker frees
+    the slots of its sessions."""
+    cap, failures = 3, 4
+    a = agent_factory(**{"server.workers": 2, "ftp.max_sessions_per_address": cap, "login.delay_seconds": 0,
+                         "login.max_delay_seconds": 0, "login.max_failures": failures,
+                         "login.ban_seconds": 3600}).start()
+    worker = live_worker(a)
+    pids = {a.proc.pid, worker}
+    held: dict[ftplib.FTP, int] = {}  # open sessions → the process serving them
+    refused_by: set[int] = set()
+    for _ in range(60):  # until both processes have refused one: a per-process count would accept more
+        ftp, reply = ftp_open(a)
+        if ftp is not None:
+            held[ftp] = serving_pid(ftp.sock.getsockname()[1], pids)
+            assert len(held) <= cap, f"more than {cap} sessions from one address on the box"
+        else:
+            assert reply.startswith("421") and "too many sessions" in reply
+            refused_by |= {pid for pid in pids if "refused: too many sessions" in audit_text(a, pid)}
+            if refused_by == pids:
+                break
+    assert len(held) == cap and refused_by == pids, (held, refused_by)
+    # Let the worker hold one of the sessions, then kill it: its slot must come free for new sessions.
+    for _ in range(60):
+        if worker in held.values():
+            break
+        ftp = next(f for f, pid in held.items() if pid != worker)
+        ftp.close()
+        del held[ftp]
+        wait_for(lambda: ftp_open_and_keep(a, held, pids), 20, what="a session slot after a close")
+    on_worker = [f for f, pid in held.items() if pid == worker]
+    assert on_worker, "no session landed on the worker"
+    os.kill(worker, signal.SIGKILL)
+    for f in on_worker:
+        f.close()
+        del held[f]
+    for _ in range(len(on_worker)):
+        wait_for(lambda: ftp_open_and_keep(a, held, pids), 20, what="the killed worker's slot")
+    assert ftp_open(a)[0] is None  # and the cap holds again
+    for f in held:
+        f.close()
+    # Wrong passwords over FTP and SFTP, whichever process takes them: the ban comes after `failures` in all.
+    for i in range(failures):
+        if i % 2:
+            with pytest.raises(asyncssh.PermissionDenied):
+                asyncio.run(sftp_login(a, "wrong-guess"))
+        else:
+            with pytest.raises(ftplib.error_perm):
+                ftp_try_login(a, "wrong-guess")
+    pids = {a.proc.pid, live_worker(a, worker)}
+    banned_by: set[int] = set()
+    for _ in range(60):
+        ftp = wait_for(lambda: ftp_open(a)[0], 20, what="an FTP session")
+        pid = serving_pid(ftp.sock.getsockname()[1], pids)
+        with pytest.raises(ftplib.error_perm, match="banned"):
+            ftp.login("pacs", PASSWORD)
+        ftp.close()
+        banned_by.add(pid)
+        if banned_by == pids:
+            break
+    assert banned_by == pids, banned_by
+    with pytest.raises(asyncssh.PermissionDenied):
+        asyncio.run(sftp_login(a, PASSWORD))
+
+
+def audit_text(agent, pid: int) -> str:
+    """The audit file of the serving process pid (the owner's or worker 1's)."""
+    name = "audit.jsonl" if pid == agent.proc.pid else "audit.worker1.jsonl"
+    path = agent.workdir / "cache" / "audit" / name
+    return path.read_text() if path.exists() else ""
+
+
+def ftp_open_and_keep(agent, held: dict, pids: set[int]) -> bool:
+    ftp, _ = ftp_open(agent)
+    if ftp is not None:
+        held[ftp] = serving_pid(ftp.sock.getsockname()[1], pids)
+    return ftp is not None
+
+
+async def sftp_login(agent, password: str) -> None:
+    async with asyncssh.connect("127.0.0.1", agent.sftp_port, username="pacs", password=password,
+                                known_hosts=None, client_keys=None, agent_path=None):
+        pass
 
 
 @pytest.mark.parametrize("server,key,message", [

@@ -32,10 +32,20 @@ import random
 import ssl
 import stat
 import time
-from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path, PurePath, PurePosixPath
-from typing import Any, AsyncContextManager, AsyncIterator, Awaitable, Callable, Iterable, NoReturn, TypeVar, cast
+from typing import (
+    Any,
+    AsyncContextManager,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Iterable,
+    Iterator,
+    NoReturn,
+    TypeVar,
+    cast,
+)
 
 import aioftp
 import structlog
@@ -224,7 +234,7 @@ class Passive:
         """Listen on a free port of `ports` picked at random (a port cannot be guessed from the last one)
         → None if every port is taken."""
         passive = cls(peer, tls, timeout, on_refused)
-        for port in random.SystemRandom().sample(ports, len(ports)):
+        for port in _random_ports(ports):
             try:
                 passive.server = await asyncio.start_server(passive._accept, host, port, backlog=8)
             except OSError:
@@ -274,6 +284,17 @@ class Passive:
             self.connected.result()[1].transport.abort()
 
 
+_RNG = random.SystemRandom()
+
+
+def _random_ports(ports: range) -> Iterator[int]:
+    """Ports of the range in an order that cannot be guessed: a few single draws, then, only if those were all
+    taken, every port shuffled. Shuffling the whole range for every PASV cost 1.2 ms of CPU per 1 000 ports
+    (0.12 ms for the default 101), per transferred file; a single draw costs 2 µs (issue 14)."""
+    yield from (_RNG.choice(ports) for _ in range(8))
+    yield from _RNG.sample(ports, len(ports))
+
+
 @dataclass
 class Session:
     """What this module keeps per FTP session (aioftp's Connection holds the rest)."""
@@ -283,6 +304,7 @@ class Session:
     prot_private: bool = False  # PROT P: data connections are TLS too
     epsv_all: bool = False  # EPSV ALL: no other data connection set-up command is accepted (RFC 2428)
     user: str | None = None  # logged in, and counted against ftp.max_sessions_per_user
+    user_slot: int | None = None  # that count's slot in the LoginGuard
     rest: int = 0  # the REST marker for the next STOR/APPE/RETR
     passive: Passive | None = None
 
@@ -326,8 +348,6 @@ class FtpServer(aioftp.Server):
         self.roots = {u.name: u.root for u in cfg.users}
         self.tls = tls_context(cfg.ftp.tls_cert, cfg.ftp.tls_key) if cfg.ftp.tls_cert else None
         self.sessions: set[asyncio.Task[Any]] = set()
-        self.by_address: Counter[str] = Counter()
-        self.by_user: Counter[str] = Counter()
         own: dict[str, Handler] = {
             "auth": self.on_auth, "pbsz": self.on_pbsz, "prot": self.on_prot, "user": self.on_user,
             "pass": self.on_pass, "pasv": self.on_pasv, "epsv": self.on_epsv, "stor": self.on_stor,
@@ -345,7 +365,8 @@ class FtpServer(aioftp.Server):
         host, port = writer.get_extra_info("peername")[:2]
         address = _unmapped(host)
         cap = self.cfg.ftp.max_sessions_per_address
-        if self.by_address[address] >= cap:
+        slot = self.logins.take_session("address", address, cap)  # counted box-wide (agent.auth.LoginGuard)
+        if slot is None:
             self._refuse_session(Who("-", "ftp", f"{host}:{port}"), f"too many sessions from {address} (limit {cap})")
             writer.write(f"421 too many sessions from your address (limit {cap}); try again later\r\n".encode())
             writer.close()
@@ -353,14 +374,11 @@ class FtpServer(aioftp.Server):
         task = asyncio.current_task()
         assert task is not None  # asyncio.start_server runs each connection as a task
         self.sessions.add(task)
-        self.by_address[address] += 1
         try:
             await self._session(reader, writer, host, port, Session(address))
         finally:
             self.sessions.discard(task)
-            self.by_address[address] -= 1
-            if not self.by_address[address]:
-                del self.by_address[address]
+            self.logins.release_session(slot)
 
     def _refuse_session(self, party: Who, reason: str) -> None:
         log.warning("session_refused", protocol="ftp", user=party.user, peer=party.peer, reason=reason)
@@ -452,11 +470,9 @@ class FtpServer(aioftp.Server):
 
     def _count_out(self, session: Session) -> None:
         """The session's login (if any) ends: it no longer counts against ftp.max_sessions_per_user."""
-        if session.user is not None:
-            self.by_user[session.user] -= 1
-            if not self.by_user[session.user]:
-                del self.by_user[session.user]
-            session.user = None
+        if session.user_slot is not None:
+            self.logins.release_session(session.user_slot)
+        session.user, session.user_slot = None, None
 
     async def close(self) -> None:
         """Close the sessions left after the drain (their transfers have finished by now), within a bound."""
@@ -528,12 +544,12 @@ class FtpServer(aioftp.Server):
             connection.response("530", "wrong user or password")
             return True
         name, cap = connection.user.login, self.cfg.ftp.max_sessions_per_user
-        if self.by_user[name] >= cap:
+        slot = guard.take_session("user", name, cap)
+        if slot is None:
             self._refuse_session(who(connection), f"too many sessions for user {name} (limit {cap})")
             connection.response("421", f"too many sessions for this user (limit {cap}); try again later")
             return False
-        self.by_user[name] += 1
-        connection.session.user = name
+        connection.session.user, connection.session.user_slot = name, slot
         connection.logged = True
         self.gateway.audit_event(who(connection), "login")
         connection.response("230", "logged in")

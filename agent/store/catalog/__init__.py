@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import sqlite3
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Concatenate, Coroutine, ParamSpec, TypeVar
 
@@ -37,6 +38,13 @@ class Catalog(Namespace, RemoteSync, Uploads, Heat, Studies):
     """The catalog file at a path (created on first use), every concern's methods on one connection."""
 
 
+def _no_space(e: sqlite3.OperationalError) -> BaseException:
+    if e.sqlite_errorcode == sqlite3.SQLITE_FULL:
+        # The catalog shares the cache disk: a full disk is the front ends' NoSpace too.
+        return NoSpace("catalog", "cache disk full (catalog cannot grow)")
+    return e
+
+
 def _offload(method: Callable[Concatenate[Catalog, P], R]) -> Callable[Concatenate[AsyncCatalog, P],
                                                                       Coroutine[Any, Any, R]]:
     """`await db.get(path)` runs `Catalog.get(path)` on the catalog's thread, typed as Catalog.get is."""
@@ -45,11 +53,36 @@ def _offload(method: Callable[Concatenate[Catalog, P], R]) -> Callable[Concatena
             return await asyncio.get_running_loop().run_in_executor(
                 self._pool, functools.partial(method, self.catalog, *args, **kwargs))
         except sqlite3.OperationalError as e:
-            if e.sqlite_errorcode == sqlite3.SQLITE_FULL:
-                # The catalog shares the cache disk: a full disk is the front ends' NoSpace too.
-                raise NoSpace("catalog", "cache disk full (catalog cannot grow)") from e
-            raise
+            raise _no_space(e) from e
     return call
+
+
+def _grouped(method: Callable[Concatenate[Catalog, P], R]) -> Callable[Concatenate[AsyncCatalog, P],
+                                                                      Coroutine[Any, Any, R]]:
+    """Like _offload, for a durable write that may share its transaction and fsync with the same writes other
+    sessions make meanwhile (group commit, CatalogBase.group): the calls that arrive while the catalog thread
+    is busy run together in its next transaction. Each caller returns only after that COMMIT."""
+    async def call(self: AsyncCatalog, /, *args: P.args, **kwargs: P.kwargs) -> R:
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[R] = loop.create_future()
+        with self._group_lock:
+            self._group.append((functools.partial(method, self.catalog, *args, **kwargs), done))
+            first = len(self._group) == 1
+        if first:  # else a group is already waiting for the thread: this call joins it
+            loop.run_in_executor(self._pool, self._run_group, loop)
+        try:
+            return await done
+        except sqlite3.OperationalError as e:
+            raise _no_space(e) from e
+    return call
+
+
+def _settle(done: asyncio.Future[Any], result: Any) -> None:
+    if not done.cancelled():  # a cancelled caller's write is committed all the same, as with _offload
+        if isinstance(result, BaseException):
+            done.set_exception(result)
+        else:
+            done.set_result(result)
 
 
 class AsyncCatalog:
@@ -59,6 +92,19 @@ class AsyncCatalog:
     def __init__(self, catalog: Catalog) -> None:
         self.catalog = catalog
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="catalog")
+        self._group: list[tuple[Callable[[], Any], asyncio.Future[Any]]] = []
+        self._group_lock = threading.Lock()
+
+    def _run_group(self, loop: asyncio.AbstractEventLoop) -> None:
+        """On the catalog thread: every grouped call waiting now, in one transaction; then wake each caller."""
+        with self._group_lock:
+            group, self._group = self._group, []
+        try:
+            results = self.catalog.group([call for call, _ in group])
+        except BaseException as e:  # never leave a caller waiting
+            results = [e] * len(group)
+        for (_, done), result in zip(group, results, strict=True):
+            loop.call_soon_threadsafe(_settle, done, result)
 
     def shutdown(self) -> None:
         self._pool.shutdown(wait=True)
@@ -76,7 +122,7 @@ class AsyncCatalog:
     files_after = _offload(Catalog.files_after)
     mkdir = _offload(Catalog.mkdir)
     rmdir = _offload(Catalog.rmdir)
-    commit_write = _offload(Catalog.commit_write)
+    commit_write = _grouped(Catalog.commit_write)  # one per stored file: the ack waits for it
     rename = _offload(Catalog.rename)
     delete = _offload(Catalog.delete)
     # the bucket's view

@@ -8,7 +8,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from agent.records import Entry
 from agent.store.catalog.schema import SCHEMA, SCHEMA_VERSION, check_schema_version
@@ -49,6 +49,35 @@ class CatalogBase:
         self.db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
         self.db.execute("INSERT OR IGNORE INTO entries (path, parent, name, is_dir, mtime) VALUES ('', '', '', 1, ?)",
                         (time.time(),))
+        self._grouped = False  # inside group(): a transaction is a SAVEPOINT of the group's
+
+    def group(self, calls: Sequence[Callable[[], Any]]) -> list[Any]:
+        """Group commit: run calls (each opens its own transaction) in ONE durable transaction, one fsync for
+        all → each call's result, or the exception it raised. A call that raises is rolled back to its
+        SAVEPOINT alone; the others commit. Nothing is returned before the COMMIT: a caller told "done" has
+        its row on disk exactly as with a commit of its own. If the COMMIT fails, every call gets that error."""
+        if len(calls) == 1:
+            try:
+                return [calls[0]()]
+            except Exception as e:
+                return [e]
+        results: list[Any] = []
+        try:
+            with self._tx(durable=True):
+                self._grouped = True
+                try:
+                    for call in calls:
+                        try:
+                            results.append(call())
+                        except Exception as e:
+                            if not self.db.in_transaction:  # SQLite rolled the whole group back (e.g. disk full)
+                                raise
+                            results.append(e)
+                finally:
+                    self._grouped = False
+        except sqlite3.Error as e:
+            return [e] * len(calls)
+        return results
 
     def close(self) -> None:
         self.db.close()
@@ -120,6 +149,9 @@ class _Tx:
         self.db, self.catalog, self.durable = catalog.db, catalog, durable
 
     def __enter__(self) -> None:
+        if self.catalog._grouped:  # a member of a group commit: the group's transaction is durable
+            self.db.execute("SAVEPOINT member")
+            return
         if self.catalog._synchronous_full != self.durable:
             self.db.execute(f"PRAGMA synchronous={'FULL' if self.durable else 'NORMAL'}")
             self.catalog._synchronous_full = self.durable
@@ -127,6 +159,11 @@ class _Tx:
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
+        if self.catalog._grouped:
+            if exc_type:
+                self.db.execute("ROLLBACK TO member")
+            self.db.execute("RELEASE member")
+            return
         if exc_type:
             self.db.execute("ROLLBACK")
             return
