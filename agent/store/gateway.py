@@ -24,6 +24,7 @@ import structlog
 
 from agent.audit import AuditLog, Who, failure
 from agent.config import Config
+from agent.dicom.retention import DicomRetention, RetentionGuard
 from agent.metrics import Metrics
 from agent.records import Entry
 from agent.store.access import AccessStats
@@ -44,7 +45,6 @@ from agent.store.errors import (
 from agent.store.evictor import Evictor
 from agent.store.fetch import download
 from agent.store.paths import ancestors, check_creatable, name_problem, parent_of
-from agent.store.worm import WormPolicy
 from agent.uplink.s3 import S3Uplink, error_code
 from agent.uplink.uploader import Uploader
 
@@ -325,7 +325,7 @@ class Gateway:
                  metrics: Metrics, audit: AuditLog) -> None:
         self.cfg, self.db, self.cache, self.s3, self.uploader, self.metrics = cfg, db, cache, s3, uploader, metrics
         self.audit, self.line = audit, uploader.line
-        self.worm = WormPolicy(cfg.compliance)
+        self.worm = RetentionGuard(DicomRetention(cfg.compliance), cache, s3)  # path and DICOM retention rules
         self.fetch_refusal = ""  # set under critical pressure: no new fetches from S3
         self.write_refusal = ""  # set on the standby box of an HA pair (agent/ha.py): no changes
         self._fills: dict[str, _Fill] = {}
@@ -487,7 +487,7 @@ class Gateway:
             self._check_writable(path)
             self._require(who, "delete", path)
             self._movable(path)
-            self.worm.check_mutable(await self.stat(path), time.time())
+            await self.worm.check_mutable(await self.stat(path), time.time())
             blob = await self.db.delete(path)
         if blob:
             self.cache.remove(blob)
@@ -502,14 +502,14 @@ class Gateway:
             self._movable(dst)
             check_creatable(dst, dst)
             e = await self.stat(src)
-            self.worm.check_mutable(e, time.time())
+            await self.worm.check_mutable(e, time.time())
             if e.is_dir:
                 await self.list_tree(src)
             await self._ensure_listed(parent_of(dst), missing_ok=True)
             replaced_entry = await self.db.get(dst)
             if replaced_entry is not None:
                 self._require(who, "delete", dst)  # the file replaced is lost
-                self.worm.check_mutable(replaced_entry, time.time())
+                await self.worm.check_mutable(replaced_entry, time.time())
             replaced = await self.db.rename(src, dst)
         for blob in replaced:
             self.cache.remove(blob)
@@ -543,7 +543,7 @@ class Gateway:
             elif offset > existing.size:
                 raise BadOffset(path, f"offset {offset} is beyond the end of the file ({existing.size} bytes)")
             if existing is not None:
-                self.worm.check_mutable(existing, time.time())
+                await self.worm.check_mutable(existing, time.time())
                 if offset < existing.size and not self.allowed(who, "delete"):
                     raise PermissionDenied(path, "replacing a stored file needs the 'delete' permission")
             blob = self.cache.new_blob()
