@@ -262,3 +262,28 @@ def test_a_file_a_dicom_rule_retains_cannot_be_changed(smb_agent, locked_bucket)
     for path in ("MG/a.dcm", "MG/cold.dcm"):
         body = client.get_object(Bucket=locked_bucket, Key=agent.prefix + path)["Body"].read()
         assert body == files[path], path
+
+
+def test_without_the_line_a_file_not_cached_is_not_released(agent_factory, private_seaweed):
+    """A file not cached here whose terms only its object can tell (a DICOM rule applies): with object storage
+    down, its delete is refused as unavailable (FTP 451), not let through on a guess."""
+    private_seaweed.create_bucket("locked-offline", object_lock=True)
+    agent = agent_factory(private_seaweed, **{"uplink.bucket": "locked-offline", "compliance.worm": True,
+                                              "compliance.retention_days": 0,
+                                              "compliance.rules": [{"modality": ["MG"], "retention_days": 3653}]})
+    agent.start()
+    f = ftplib.FTP(timeout=60)
+    f.connect("127.0.0.1", agent.ftp_port)
+    f.login("pacs", PASSWORD)
+    mammogram = ct_slice(np.random.default_rng(1), patient="P", modality="MG", rows=16, cols=16,
+                         study_uid=generate_uid(), series_uid=generate_uid())
+    f.storbinary("STOR cold.dcm", io.BytesIO(mammogram))
+    agent.wait_drained()
+    evicted = subprocess.run([sys.executable, "-m", "agent.cli", "evict", "--config", str(agent.config_path),
+                              "cold.dcm"], capture_output=True, text=True, timeout=60)
+    assert evicted.returncode == 0 and "evicted" in evicted.stdout, evicted.stdout + evicted.stderr
+    private_seaweed.stop()
+    with pytest.raises(ftplib.error_temp, match="451 .*retention cannot be checked"):
+        f.delete("cold.dcm")
+    f.quit()
+    assert agent.events("retention_unchecked")

@@ -17,6 +17,8 @@ import time
 from dataclasses import dataclass
 from typing import Any, Mapping
 
+import structlog
+
 from agent.config import ComplianceConfig, RetentionRule
 from agent.dicom.header import Header, read_fd
 from agent.dicom.objectmeta import PREFIX
@@ -24,7 +26,9 @@ from agent.records import Entry, Lock
 from agent.store.cache import Cache
 from agent.store.errors import Unavailable
 from agent.store.worm import DAY, WormPolicy, refuse_if_retained
-from agent.uplink.s3 import S3Uplink
+from agent.uplink.s3 import S3Uplink, error_code
+
+log = structlog.get_logger("pacsgw.worm")
 
 UTC = datetime.timezone.utc
 
@@ -167,7 +171,8 @@ class RetentionGuard:
         try:
             head = await self.s3.head(e.path)
         except Exception as exc:  # the line is down, S3 refused: the file's terms cannot be known now
-            raise Unavailable(e.path, f"cannot check the file's retention in object storage now ({exc})") from exc
+            log.warning("retention_unchecked", path=e.path, error=error_code(exc), detail=str(exc)[:200])
+            raise Unavailable(e.path, "object storage unavailable: the file's retention cannot be checked") from exc
         if head is not None:
             refuse_if_retained(e.path, self.retention.lock_for(
                 e.path, e.mtime, header_from_meta(head.get("Metadata") or {})), now)
