@@ -226,6 +226,8 @@ def cmd_fsck(args: argparse.Namespace) -> int:
                              ("fetched again", report.refetched),
                              ("missing or different in object storage", report.remote_missing),
                              ("queued for upload again", report.requeued),
+                             ("compressed objects recorded with their stored size", report.wrong_size),
+                             ("their size corrected", report.resized),
                              ("LOST (no good copy anywhere)", report.lost)):
             if items:
                 print(f"{label}: {len(items)}")

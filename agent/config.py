@@ -254,8 +254,7 @@ class UplinkConfig:
     read_timeout: float = _f(_float_between(1, 3600), "seconds 1..3600", default=60.0)
     ca_bundle: str = _f(_str, "a path to a PEM file of CA certificates trusted for the endpoint, or ''",
                         default="")
-    # zstd for uncompressed DICOM on the line (agent/uplink/encoding.py); also makes listings ask the object
-    # (HEAD) for the logical size of objects the catalog does not know
+    # zstd for uncompressed DICOM on the line (agent/uplink/encoding.py); reads decode by the object's metadata
     compress: str = _f(_choice("off", "zstd"), "'off' or 'zstd'", default="off")
 
 

@@ -18,7 +18,7 @@ from agent.audit import AuditLog, AuditShipper
 from agent.auth import GUARD_FILE, LoginGuard
 from agent.config import Config, ConfigError
 from agent.dicom.objectmeta import Describer
-from agent.dicom.retention import DicomRetention
+from agent.dicom.retention import DicomRetention, RetentionGuard
 from agent.dicom.schedule import SnapshotSchedule
 from agent.metrics import Metrics
 from agent.monitor import PressureMonitor
@@ -154,8 +154,9 @@ class Agent:
         self.s3 = S3Uplink(cfg.uplink)
         self.s3.known_sizes = self.db.known_sizes  # listings of compressed objects: logical sizes
         self.line = Line(self.s3.probe, self.metrics, cfg.uplink.max_concurrency, self.s3.bandwidth)
-        self.worm = WormPolicy(cfg.compliance)  # one policy: the uploader locks objects, the gateway refuses changes
-        retention = DicomRetention(cfg.compliance, self.worm)
+        retention = DicomRetention(cfg.compliance, WormPolicy(cfg.compliance))
+        # one set of rules: the uploader locks objects by them, the gateway refuses changes by them
+        self.worm = RetentionGuard(retention, self.cache, self.s3)
         self.uploader = Uploader(self.db, self.cache, self.s3, self.line, self.metrics, retention,
                                  Describer(cfg.dicom, retention.retention_class,
                                            bool(retention.rules) or cfg.uplink.compress != "off"))

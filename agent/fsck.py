@@ -11,6 +11,9 @@ Findings, and the repair --repair makes:
     (a compressed object is read whole and decoded: its SHA-256 is the file's, S3 only checked the
     compressed bytes on arrival)
   … and not cached either                       → LOST: reported
+  compressed object recorded with its listed     → the file's size recorded, once its decoded bytes match
+    (compressed) size (a listing merged before      the object's sha256 (a catalog of a release whose listings
+    listings carried logical sizes)                 did not ask a box without `compress` for them)
   orphan cache file (no catalog row, > 1 h old) → removed
 """
 
@@ -46,6 +49,8 @@ class FsckReport:
     refetched: list[str] = field(default_factory=list)
     remote_missing: list[str] = field(default_factory=list)
     requeued: list[str] = field(default_factory=list)
+    wrong_size: list[str] = field(default_factory=list)  # a compressed object's listed size in the catalog
+    resized: list[str] = field(default_factory=list)
     lost: list[str] = field(default_factory=list)
     orphans: int = 0
 
@@ -54,7 +59,7 @@ class FsckReport:
         """0 all good, 1 problems found (repaired or repairable), 2 data that cannot be recovered here."""
         if self.lost:
             return 2
-        return 1 if self.corrupt or self.remote_missing or self.orphans else 0
+        return 1 if self.corrupt or self.remote_missing or self.wrong_size or self.orphans else 0
 
 
 class Fsck:
@@ -130,8 +135,11 @@ class Fsck:
         if head is not None:
             try:
                 remote_sha, size = meta_sha(head.get("Metadata")), logical_size(head)
-                if encoding_of(head.get("Metadata")) is not None and size == e.size:
-                    size, remote_sha = await self.s3.decoded_sha256(e.path)
+                if encoding_of(head.get("Metadata")) is not None and e.size in (size, head["ContentLength"]):
+                    listed, (size, remote_sha) = e.size != size, await self.s3.decoded_sha256(e.path)
+                    if listed and remote_sha == (e.sha256 or meta_sha(head.get("Metadata"))):
+                        await self._listed_size(e, size)
+                        return
             except Undecodable as exc:
                 size, remote_sha, problem = -1, None, f"undecodable ({exc})"
             if size == e.size and (not remote_sha or not e.sha256 or remote_sha == e.sha256):
@@ -144,6 +152,14 @@ class Fsck:
         log.error("fsck_remote_bad", path=e.path, problem=problem, repair=self.repair)
         if self.repair and await self.db.requeue(e.path, e.gen):
             self.report.requeued.append(e.path)
+
+    async def _listed_size(self, e: Entry, size: int) -> None:
+        """The catalog holds a compressed object's stored size (its listing's), the object is sound: reads of it
+        fail until the row takes the file's size."""
+        self.report.wrong_size.append(e.path)
+        log.error("fsck_listed_size", path=e.path, recorded=e.size, size=size, repair=self.repair)
+        if self.repair and await self.db.correct_size(e.path, e.gen, e.size, size):
+            self.report.resized.append(e.path)
 
     async def _orphans(self) -> None:
         cutoff = time.time() - ORPHAN_AGE_SECONDS

@@ -11,16 +11,15 @@ core (process CPU time). Line: two agents against a loopback SeaweedFS with `upl
 with compress off and one with zstd; the CT series is stored over FTP (write-through: each 226 waits for S3)
 by 1 or more concurrent sessions (a PACS's associations) and timed from the first STOR until the queue is
 drained, with the agent's CPU seconds. Listing: what a replacement box's first listing of a directory of
-`listed` objects costs when compression is configured (one HEAD per object it does not know) against the
-listing alone. Everything it starts is stopped and its
-directory removed at the end.
+`listed` objects costs (one HEAD per object it does not know, for the logical size; any box, whatever its
+`compress`) against a box that knows them all by ETag (the listing alone). Everything it starts is stopped and
+its directory removed at the end.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import dataclasses
 import io
 import shutil
 import sys
@@ -100,7 +99,8 @@ def line(work: Path, store: ObjectStore, files: list[bytes], rate: str, compress
 
 
 def listing(work: Path, store: ObjectStore, n: int) -> list[dict]:
-    """Seconds for a first listing of a directory of n objects, without and with compression configured."""
+    """Seconds for a first listing of a directory of n objects by a box that knows them all by ETag, and by a
+    box that knows none of them (a HEAD each)."""
     client = store.client()
     with ThreadPoolExecutor(16) as ex:
         list(ex.map(lambda i: client.put_object(Bucket=BUCKET, Key=f"list/CT/{i}.dcm", Body=b"x" * 100,
@@ -110,9 +110,13 @@ def listing(work: Path, store: ObjectStore, n: int) -> list[dict]:
     cfg = load_config(AgentProc(work / "list", store, "list/", {}, [{"name": USER, "password": PASSWORD,
                                                                      "root": "/"}], bucket=BUCKET).config_path)
     rows = []
-    for compress in ("off", "zstd"):
-        async def run(compress: str = compress) -> tuple[float, int]:
-            s3 = S3Uplink(dataclasses.replace(cfg.uplink, compress=compress))
+    async def all_known(objects: list[tuple[str, str | None]]) -> dict[str, int]:
+        return {path: 200 for path, _ in objects}
+
+    for known in ("all", "none"):
+        async def run(known: str = known) -> tuple[float, int]:
+            s3 = S3Uplink(cfg.uplink)
+            s3.known_sizes = all_known if known == "all" else None
             await s3.start()
             try:
                 t0 = time.monotonic()
@@ -121,7 +125,7 @@ def listing(work: Path, store: ObjectStore, n: int) -> list[dict]:
             finally:
                 await s3.close()
         seconds, size = asyncio.run(run())
-        rows.append({"compress": compress, "objects": n, "listed_bytes": size, "seconds": round(seconds, 3),
+        rows.append({"known_by_etag": known, "objects": n, "listed_bytes": size, "seconds": round(seconds, 3),
                      "ms_per_object": round(seconds * 1000 / n, 3), "load": load()})
     return rows
 
@@ -147,7 +151,7 @@ def main() -> None:
     try:
         store.create_bucket(BUCKET)
         print(table(listing(work, store, args.listed),
-                    ["compress", "objects", "listed_bytes", "seconds", "ms_per_object", "load"]))
+                    ["known_by_etag", "objects", "listed_bytes", "seconds", "ms_per_object", "load"]))
         rows = [line(work, store, ct, args.rate, c, int(n)) for n in args.senders.split(",") for c in ("off", "zstd")]
         print(table(rows, ["compress", "rate", "senders", "files", "MB", "MB_sent", "seconds_to_s3", "agent_cpu_s",
                            "load"]))

@@ -10,6 +10,9 @@ import asyncio
 import ftplib
 import io
 import shutil
+import sqlite3
+import subprocess
+import sys
 
 import asyncssh
 import numpy as np
@@ -166,3 +169,92 @@ def test_compressed_round_trip_replacement_box_and_fsck(smb_agent, seaweed):
     assert fsck(agent, "--remote")[0] == 0
     repaired = client.get_object(Bucket=BUCKET, Key=key)["Body"].read()
     assert zstandard.ZstdDecompressor().decompress(repaired) == files["CT/ftp.dcm"]
+
+
+def read_back(agent, first_ftp: str, first_sftp: str, files: dict[str, bytes]) -> None:
+    """Every file read whole over FTP and over SFTP equals what was written (first_ftp is fetched from S3 by an
+    FTP read, first_sftp by an SFTP read: each protocol decodes one cold object), and SFTP stats the file's size."""
+    f = ftp_login(agent)
+
+    def retr(path: str) -> bytes:
+        buf = io.BytesIO()
+        f.retrbinary(f"RETR {path}", buf.write)
+        return buf.getvalue()
+
+    assert retr(first_ftp) == files[first_ftp]
+
+    async def sftp() -> dict[str, tuple[int, bytes]]:
+        async with asyncssh.connect("127.0.0.1", agent.sftp_port, username="pacs", password=PASSWORD,
+                                    known_hosts=None) as conn, conn.start_sftp_client() as s:
+            out = {}
+            for path in [first_sftp, *sorted(files)]:
+                size = (await s.stat(path)).size
+                async with s.open(path, "rb") as fh:
+                    out[path] = (size, await fh.read())
+            return out
+
+    for path, (size, data) in asyncio.run(sftp()).items():
+        assert size == len(files[path]) and data == files[path], path
+    for path, data in files.items():
+        assert retr(path) == data, path
+    f.quit()
+
+
+def test_a_box_with_compress_off_reads_what_was_compressed(agent_factory):
+    """Decoding and the sizes in listings follow each object's own metadata (pacsgw-encoding, pacsgw-size), not
+    this box's `compress`: the same box with the setting turned off, and another box (fresh catalog) that learns
+    of the objects from listings and rebuilds its index from the bucket, read them byte-identical; fsck is clean."""
+    writer = agent_factory(**{"uplink.compress": "zstd"}).start()
+    files = {"CT/ftp.dcm": slice_(256), "CT/ftp2.dcm": slice_(128), "MR/sftp.dcm": slice_(256, "MR"),
+             "CT/notes.txt": b"compressible text " * 2000}
+    f = ftp_login(writer)
+    f.mkd("CT")
+    f.mkd("MR")
+    for path in ("CT/ftp.dcm", "CT/ftp2.dcm", "CT/notes.txt"):
+        f.storbinary(f"STOR {path}", io.BytesIO(files[path]))
+    f.quit()
+    sftp_write(writer, "MR/sftp.dcm", files["MR/sftp.dcm"])
+    writer.wait_drained()
+    writer.stop()
+
+    # The same box, compression turned off, its cached copies evicted: the reads fetch and decode.
+    writer.overrides["uplink.compress"] = "off"
+    writer.write_config()
+    writer.start()
+    evicted = subprocess.run([sys.executable, "-m", "agent.cli", "evict", "--config", str(writer.config_path),
+                              *files], capture_output=True, text=True, timeout=60)
+    assert evicted.returncode == 0, evicted.stdout + evicted.stderr
+    read_back(writer, "CT/ftp.dcm", "MR/sftp.dcm", files)
+    assert fsck(writer, "--remote")[0] == 0
+
+    # Another box, compression off, on the same prefix with a catalog of its own: it knows the objects only from
+    # listings (logical sizes from their HEADs) and its study index only from the bucket.
+    other = agent_factory(prefix=writer.prefix, **{"uplink.compress": "off"})
+    rebuilt = pacsgw(other, "index-rebuild")
+    assert rebuilt["objects"] == len(files) and rebuilt["failed"] == 0
+    found = pacsgw(other, "find", "--modality", "CT")
+    assert {i["path"]: i["bytes"] for i in found["items"]} == {p: len(files[p]) for p in ("CT/ftp.dcm", "CT/ftp2.dcm")}
+    other.start()
+    f = ftp_login(other)
+    listed = {f"{d}/{name}": int(facts["size"]) for d in ("CT", "MR") for name, facts in f.mlsd(d)
+              if facts.get("type") == "file"}
+    f.quit()
+    assert listed == {p: len(d) for p, d in files.items()}
+    read_back(other, "CT/ftp2.dcm", "CT/ftp.dcm", files)
+    assert fsck(other, "--remote")[0] == 0
+    other.stop()
+
+    # A catalog from before listings carried logical sizes holds a compressed object's stored size (the row a
+    # listing merged: clean, uncached). Written here with sqlite: the current agent no longer produces it.
+    stored = len(compress(files["MR/sftp.dcm"]))
+    db = sqlite3.connect(other.workdir / "cache" / "catalog.sqlite")
+    with db:
+        assert db.execute("UPDATE entries SET size = ?, blob = NULL, sha256 = NULL WHERE path = 'MR/sftp.dcm'",
+                          (stored,)).rowcount == 1
+    db.close()
+    code, report = fsck(other, "--remote")
+    assert code == 1 and report["wrong_size"] == ["MR/sftp.dcm"] and report["lost"] == [] == report["remote_missing"]
+    assert fsck(other, "--remote", "--repair")[1]["resized"] == ["MR/sftp.dcm"]
+    assert fsck(other, "--remote")[0] == 0
+    other.start()
+    read_back(other, "MR/sftp.dcm", "CT/notes.txt", files)

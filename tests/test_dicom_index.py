@@ -6,6 +6,7 @@ SeaweedFS, real FTP."""
 from __future__ import annotations
 
 import ftplib
+import gzip
 import io
 import subprocess
 import sys
@@ -15,6 +16,7 @@ from pydicom.uid import generate_uid
 from test_config import GOOD, write
 from test_dicom import KEY, pacsgw
 
+from agent.dicom.objectmeta import pseudonym
 from bench.dicomgen import ct_slice
 from harness import BUCKET, PASSWORD
 
@@ -49,6 +51,11 @@ def test_rebuild_from_a_snapshot_equals_the_index_before(agent_factory, seaweed,
     keys = [o["Key"] for o in seaweed.client().list_objects_v2(Bucket=BUCKET, Prefix="pacsgw-index/")["Contents"]]
     assert set(keys) == {f"pacsgw-index/{agent.prefix}manifest.json",
                          f"pacsgw-index/{agent.prefix}{snap['snapshot']}/00000.json.gz"}
+    for key in keys:  # the snapshot is in the bucket too: the patients only as their pseudonyms
+        body = seaweed.client().get_object(Bucket=BUCKET, Key=key)["Body"].read()
+        text = (gzip.decompress(body) if key.endswith(".gz") else body).decode()
+        assert pseudonym(KEY, "P-A") in text or key.endswith("manifest.json")
+        assert "P-A" not in text and "P-B" not in text, key
 
     # after the snapshot: new objects, one overwritten with another study's file, one deleted
     store({"c/0.dcm": dcm("P-A", study_b, "MR"), "c/1.dcm": dcm("P-C", generate_uid()),

@@ -4,15 +4,22 @@ objects to a changed rule set, dry-run first, every change audited. Real agent, 
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import ftplib
 import io
 import json
+import subprocess
+import sys
 import time
 
+import asyncssh
 import numpy as np
 import pytest
 from pydicom.uid import generate_uid
+from smbprotocol.exceptions import SMBOSError
+from smbprotocol.header import NtStatus
+from smbutil import Smb
 from test_config import GOOD, write
 from test_dicom import pacsgw
 
@@ -185,3 +192,98 @@ def test_rules_lock_on_upload_and_apply_extends_old_objects(agent_factory, seawe
     assert sorted(changed) == sorted((op, p, "ok") for op in ("retention-extend", "legal-hold")
                                      for p in ("CT/a/child.dcm", "CT/a/adult.dcm"))
     assert pacsgw(agent, "retention", "apply", "--dry-run")["changes"] == 0  # applied: nothing left to do
+
+
+def test_a_file_a_dicom_rule_retains_cannot_be_changed(smb_agent, locked_bucket):
+    """A file only a DICOM rule retains (the path rules keep nothing) is protected like one a path rule keeps:
+    overwrite, rename and delete are refused over FTP (550), SFTP (permission denied) and SMB (access denied),
+    from its cached header, and, once it is not cached here, from its object's lock and metadata (one HEAD);
+    a file no rule keeps stays deletable. The objects in S3 are unchanged."""
+    agent = smb_agent(**{"uplink.bucket": locked_bucket, "compliance.worm": True, "compliance.retention_days": 0,
+                         "compliance.rules": [{"modality": ["MG"], "retention_days": 3653}]}).start()
+    rng = np.random.default_rng(13)
+
+    def dcm(modality: str) -> bytes:
+        return ct_slice(rng, patient="P", study_uid=generate_uid(), series_uid=generate_uid(), modality=modality,
+                        rows=32, cols=32)
+
+    files = {"MG/a.dcm": dcm("MG"), "MG/cold.dcm": dcm("MG"), "CT/c.dcm": dcm("CT")}
+    f = ftplib.FTP(timeout=60)
+    f.connect("127.0.0.1", agent.ftp_port)
+    f.login("pacs", PASSWORD)
+    f.mkd("MG")
+    f.mkd("CT")
+    for path, data in files.items():
+        f.storbinary(f"STOR {path}", io.BytesIO(data))
+    agent.wait_drained()
+    until = (datetime.datetime.now(UTC) + datetime.timedelta(days=3653)).date()
+
+    with pytest.raises(ftplib.error_perm, match=f"550 WORM: file is retained until {until:%Y-%m-%d}"):
+        f.storbinary("STOR MG/a.dcm", io.BytesIO(b"tampered"))
+    with pytest.raises(ftplib.error_perm, match="550 WORM"):
+        f.delete("MG/a.dcm")
+    with pytest.raises(ftplib.error_perm, match="550 WORM"):
+        f.rename("MG/a.dcm", "MG/z.dcm")
+    f.delete("CT/c.dcm")  # CT: no rule keeps it
+
+    async def sftp() -> None:
+        async with asyncssh.connect("127.0.0.1", agent.sftp_port, username="pacs", password=PASSWORD,
+                                    known_hosts=None) as conn, conn.start_sftp_client() as s:
+            with pytest.raises(asyncssh.SFTPPermissionDenied):
+                await s.remove("MG/a.dcm")
+            with pytest.raises(asyncssh.SFTPPermissionDenied):
+                async with s.open("MG/a.dcm", "wb") as fh:
+                    await fh.write(b"tampered")
+            with pytest.raises(asyncssh.SFTPPermissionDenied):
+                await s.posix_rename("MG/a.dcm", "MG/x.dcm")
+
+    asyncio.run(sftp())
+    smb = Smb(agent)
+    for attempt in (lambda: smb.write("MG/a.dcm", b"tampered"), lambda: smb.rename("MG/a.dcm", "MG/y.dcm"),
+                    lambda: smb.remove("MG/a.dcm")):
+        with pytest.raises(SMBOSError) as e:
+            attempt()
+        assert e.value.ntstatus == NtStatus.STATUS_ACCESS_DENIED
+    assert smb.read("MG/a.dcm") == files["MG/a.dcm"]
+    smb.close()
+
+    # not cached here any more: the object in S3 says it is retained
+    evicted = subprocess.run([sys.executable, "-m", "agent.cli", "evict", "--config", str(agent.config_path),
+                              "MG/cold.dcm"], capture_output=True, text=True, timeout=60)
+    assert evicted.returncode == 0 and "evicted" in evicted.stdout, evicted.stdout + evicted.stderr
+    with pytest.raises(ftplib.error_perm, match=f"550 WORM: file is retained until {until:%Y-%m-%d}"):
+        f.delete("MG/cold.dcm")
+    with pytest.raises(ftplib.error_perm, match="550 WORM"):
+        f.rename("MG/cold.dcm", "MG/warm.dcm")
+    assert sorted(f.nlst("MG")) in (["MG/a.dcm", "MG/cold.dcm"], ["a.dcm", "cold.dcm"])
+    f.quit()
+    agent.wait_drained()
+    client = agent.store.client()
+    for path in ("MG/a.dcm", "MG/cold.dcm"):
+        body = client.get_object(Bucket=locked_bucket, Key=agent.prefix + path)["Body"].read()
+        assert body == files[path], path
+
+
+def test_without_the_line_a_file_not_cached_is_not_released(agent_factory, private_seaweed):
+    """A file not cached here whose terms only its object can tell (a DICOM rule applies): with object storage
+    down, its delete is refused as unavailable (FTP 451), not let through on a guess."""
+    private_seaweed.create_bucket("locked-offline", object_lock=True)
+    agent = agent_factory(private_seaweed, **{"uplink.bucket": "locked-offline", "compliance.worm": True,
+                                              "compliance.retention_days": 0,
+                                              "compliance.rules": [{"modality": ["MG"], "retention_days": 3653}]})
+    agent.start()
+    f = ftplib.FTP(timeout=60)
+    f.connect("127.0.0.1", agent.ftp_port)
+    f.login("pacs", PASSWORD)
+    mammogram = ct_slice(np.random.default_rng(1), patient="P", modality="MG", rows=16, cols=16,
+                         study_uid=generate_uid(), series_uid=generate_uid())
+    f.storbinary("STOR cold.dcm", io.BytesIO(mammogram))
+    agent.wait_drained()
+    evicted = subprocess.run([sys.executable, "-m", "agent.cli", "evict", "--config", str(agent.config_path),
+                              "cold.dcm"], capture_output=True, text=True, timeout=60)
+    assert evicted.returncode == 0 and "evicted" in evicted.stdout, evicted.stdout + evicted.stderr
+    private_seaweed.stop()
+    with pytest.raises(ftplib.error_temp, match="451 .*retention cannot be checked"):
+        f.delete("cold.dcm")
+    f.quit()
+    assert agent.events("retention_unchecked")

@@ -13,6 +13,7 @@ import io
 import os
 import warnings
 from dataclasses import dataclass
+from typing import Any
 
 HEADER_MAX = 256 * 1024        # real headers are a few KiB; private tags can make them tens of KiB
 PREAMBLE = 128                 # then b"DICM"
@@ -24,6 +25,8 @@ _TAGS = {
     "PatientID": 0x00100020, "PatientBirthDate": 0x00100030, "StudyInstanceUID": 0x0020000D,
     "SeriesInstanceUID": 0x0020000E,
 }
+
+_PATIENT_ID = _TAGS["PatientID"]
 
 
 @dataclass(frozen=True)
@@ -58,6 +61,18 @@ def _cut_element(ds: object) -> int | None:
     return None
 
 
+def _value(ds: Any, tag: int) -> str | None:
+    """An element's value as stripped text. UI, DA and CS values are ASCII by the standard: taken from the raw
+    bytes (pydicom's conversion of the 8 elements cost as much as reading the whole header). PatientID (LO)
+    is decoded in the file's character set by pydicom, as its pseudonym always was."""
+    from pydicom.dataelem import RawDataElement
+
+    raw = ds.get_item(tag)
+    if tag != _PATIENT_ID and isinstance(raw, RawDataElement) and isinstance(raw.value, bytes):
+        return _text(raw.value.decode("latin-1"))
+    return _text(ds[tag].value)
+
+
 def parse(head: bytes, whole: bool) -> Header:
     """Parse a file's first bytes (`whole`: they are the entire file). Never raises."""
     import pydicom
@@ -69,7 +84,7 @@ def parse(head: bytes, whole: bool) -> Header:
             warnings.simplefilter("ignore")  # pydicom warns on odd-but-readable values; we report what matters
             ds = pydicom.dcmread(io.BytesIO(head), stop_before_pixels=True)
             cut = _cut_element(ds)
-            values = {k: _text(ds.get(tag).value) if tag in ds and tag != cut else None for k, tag in _TAGS.items()}
+            values = {k: _value(ds, tag) if tag in ds and tag != cut else None for k, tag in _TAGS.items()}
             ts = _text(getattr(ds.file_meta, "TransferSyntaxUID", None))
     except Exception as e:  # pydicom raises many kinds (OSError at a cut sequence, zlib.error in a deflated
         # body, InvalidDicomError, ValueError...): whatever a header holds, the file is stored, never refused

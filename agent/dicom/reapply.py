@@ -19,9 +19,8 @@ from typing import Any
 
 from agent.audit import AuditLog, Who, failure
 from agent.config import Config
-from agent.dicom.header import HEADER_MAX, Header, parse
-from agent.dicom.objectmeta import PREFIX
-from agent.dicom.retention import DicomRetention
+from agent.dicom.header import HEADER_MAX, parse
+from agent.dicom.retention import DicomRetention, header_from_meta
 from agent.uplink.encoding import Decoder, encoding_of
 from agent.uplink.s3 import S3Uplink, error_code
 
@@ -51,14 +50,6 @@ class Plan:
     objects: int = 0
     failed: list[str] = field(default_factory=list)   # 'path: error' of objects that could not be read
     changes: list[Change] = field(default_factory=list)
-
-
-def _header_from_meta(metadata: dict[str, str]) -> Header | None:
-    m = {k.lower(): v for k, v in metadata.items()}
-    if PREFIX + "study" not in m:
-        return None
-    return Header(dicom=True, sop_class=m.get(PREFIX + "sop-class"), modality=m.get(PREFIX + "modality"),
-                  study_date=m.get(PREFIX + "study-date"), transfer_syntax=m.get(PREFIX + "ts"))
 
 
 async def _birth_date(s3: S3Uplink, path: str, version: str | None, size: int, encoded: bool) -> str | None:
@@ -116,7 +107,7 @@ async def plan(cfg: Config, concurrency: int = 32) -> Plan:
                 head = await s3.head(path)
                 if head is None:
                     continue  # deleted since the listing
-                h = _header_from_meta(head.get("Metadata") or {})
+                h = header_from_meta(head.get("Metadata") or {})
                 if h is not None and rules.needs_birth_date:
                     born = await _birth_date(s3, path, head.get("VersionId"), head["ContentLength"],
                                              encoding_of(head.get("Metadata")) is not None)

@@ -1,22 +1,34 @@
 """Retention by DICOM rule: [[compliance.rules]] that select by modality, SOP class, study date or patient age.
 
-Decides only. The path rules (agent.store.worm) give a file its base terms; every DICOM rule whose prefix and
-selectors match can only lengthen them (a later retain-until, a legal hold), never shorten them. So adding a
-rule for mammography can never release a file the path rules keep. A rule's period counts from when the file
-was stored, as the path rules do; `until_age` counts from the patient's birth date, when the header has one
-(it never leaves the box: it is read from the file, not from the bucket).
+DicomRetention decides only; RetentionGuard reads what the decision needs (a cached header, an object's
+HEAD) for the gateway's refusals. The path rules (agent.store.worm) give a file its base terms; every DICOM
+rule whose prefix and selectors match can only lengthen them (a later retain-until, a legal hold), never
+shorten them. So adding a rule for mammography can never release a file the path rules keep. A rule's period
+counts from when the file was stored, as the path rules do; `until_age` counts from the patient's birth
+date, when the header has one (it never leaves the box: it is read from the file, not from the bucket).
 """
 
 from __future__ import annotations
 
+import asyncio
 import datetime
+import os
 import time
 from dataclasses import dataclass
+from typing import Any, Mapping
+
+import structlog
 
 from agent.config import ComplianceConfig, RetentionRule
-from agent.dicom.header import Header
-from agent.records import Lock
-from agent.store.worm import DAY, WormPolicy
+from agent.dicom.header import Header, read_fd
+from agent.dicom.objectmeta import PREFIX
+from agent.records import Entry, Lock
+from agent.store.cache import Cache
+from agent.store.errors import Unavailable
+from agent.store.worm import DAY, WormPolicy, refuse_if_retained
+from agent.uplink.s3 import S3Uplink, error_code
+
+log = structlog.get_logger("pacsgw.worm")
 
 UTC = datetime.timezone.utc
 
@@ -40,6 +52,15 @@ def _plus_years(t: datetime.datetime, years: int) -> datetime.datetime:
         return t.replace(year=t.year + years)
     except ValueError:  # 29 February
         return t.replace(year=t.year + years, day=28)
+
+
+def header_from_meta(metadata: Mapping[str, str]) -> Header | None:
+    """What the DICOM rules select on, from an object's user metadata (no birth date: it is never there)."""
+    m = {k.lower(): v for k, v in metadata.items()}
+    if PREFIX + "study" not in m:
+        return None
+    return Header(dicom=True, sop_class=m.get(PREFIX + "sop-class"), modality=m.get(PREFIX + "modality"),
+                  study_date=m.get(PREFIX + "study-date"), transfer_syntax=m.get(PREFIX + "ts"))
 
 
 def describe(rule: RetentionRule, index: int) -> str:
@@ -123,3 +144,55 @@ class DicomRetention:
         for suffix in self.cfg.temp_suffixes:
             path = path.removesuffix(suffix)
         return self.decide(path, time.time(), header).retention
+
+
+class RetentionGuard:
+    """The gateway's refusal of a delete, rename or overwrite of a retained file: by the path rules (no I/O),
+    then, when rules select by DICOM attributes, by the terms the file's header gives it.
+
+    A cached file's header is read from the cache (at most HEADER_MAX bytes): the terms its upload locks, or
+    locked, it with. A file not cached here (evicted, or known from a listing) is asked with one HEAD: the
+    Object Lock its object carries (also one `retention apply` extended) and the terms today's rules give its
+    metadata, whichever keeps it longer. Without the line such a change is refused as Unavailable: a retained
+    file is never released on a guess.
+    """
+
+    def __init__(self, retention: DicomRetention, cache: Cache, s3: S3Uplink) -> None:
+        self.retention, self.cache, self.s3 = retention, cache, s3
+
+    async def check_mutable(self, e: Entry, now: float) -> None:
+        self.retention.worm.check_mutable(e, now)
+        if e.is_dir or not self.retention.rules or not self.retention.cfg.worm:
+            return
+        header = await asyncio.to_thread(self._cached_header, e) if e.blob is not None else None
+        if header is not None or e.state != "clean":  # not in S3 yet: its header decides its upload's lock
+            refuse_if_retained(e.path, self.retention.lock_for(e.path, e.mtime, header), now)
+            return
+        try:
+            head = await self.s3.head(e.path)
+        except Exception as exc:  # the line is down, S3 refused: the file's terms cannot be known now
+            log.warning("retention_unchecked", path=e.path, error=error_code(exc), detail=str(exc)[:200])
+            raise Unavailable(e.path, "object storage unavailable: the file's retention cannot be checked") from exc
+        if head is not None:
+            refuse_if_retained(e.path, self.retention.lock_for(
+                e.path, e.mtime, header_from_meta(head.get("Metadata") or {})), now)
+            refuse_if_retained(e.path, _object_lock(self.retention.cfg.mode, head), now)
+
+    def _cached_header(self, e: Entry) -> Header | None:
+        """The header of e's cached copy; None when it went meanwhile (evicted). Blocking."""
+        try:
+            fd = self.cache.open_blob(e.blob or "")
+        except OSError:
+            return None
+        try:
+            return read_fd(fd, e.size)
+        finally:
+            os.close(fd)
+
+
+def _object_lock(mode: str, head: dict[str, Any]) -> Lock | None:
+    """The Object Lock an object's HEAD shows (retain-until, legal hold), or None."""
+    until, held = head.get("ObjectLockRetainUntilDate"), head.get("ObjectLockLegalHoldStatus") == "ON"
+    if until is None and not held:
+        return None
+    return Lock(head.get("ObjectLockMode") or mode, until or datetime.datetime.fromtimestamp(0, UTC), held)

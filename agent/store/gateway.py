@@ -25,6 +25,7 @@ import structlog
 
 from agent.audit import AuditLog, Who, failure
 from agent.config import Config
+from agent.dicom.retention import RetentionGuard
 from agent.metrics import Metrics
 from agent.records import Entry
 from agent.store.access import AccessStats
@@ -45,7 +46,6 @@ from agent.store.errors import (
 from agent.store.evictor import Evictor
 from agent.store.fetch import download
 from agent.store.paths import ancestors, check_creatable, name_problem, parent_of
-from agent.store.worm import WormPolicy
 from agent.uplink.s3 import S3Uplink, error_code
 from agent.uplink.uploader import Uploader
 
@@ -351,11 +351,11 @@ class Gateway:
     """on_stored(path, content file) runs after each commit (prior-study prefetch reads the new file's header)."""
 
     def __init__(self, cfg: Config, db: AsyncCatalog, cache: Cache, s3: S3Uplink, uploader: Uploader,
-                 metrics: Metrics, audit: AuditLog, *, worm: WormPolicy, access: AccessStats, evictor: Evictor,
+                 metrics: Metrics, audit: AuditLog, *, worm: RetentionGuard, access: AccessStats, evictor: Evictor,
                  refusals: Refusals, on_stored: Callable[[str, Path], None] | None = None) -> None:
         self.cfg, self.db, self.cache, self.s3, self.uploader, self.metrics = cfg, db, cache, s3, uploader, metrics
         self.audit, self.line = audit, uploader.line
-        self.worm = worm
+        self.worm = worm  # path and DICOM retention rules
         self.refusals, self.access, self.evictor, self.on_stored = refusals, access, evictor, on_stored
         self._fills: dict[str, _Fill] = {}
         self._listings: dict[str, asyncio.Future[None]] = {}
@@ -535,7 +535,7 @@ class Gateway:
             self._check_writable(path)
             self._require(who, "delete", path)
             self._movable(path)
-            self.worm.check_mutable(await self.stat(path), time.time())
+            await self.worm.check_mutable(await self.stat(path), time.time())
             blob = await self.db.delete(path)
         if blob:
             self.cache.remove(blob)
@@ -552,7 +552,7 @@ class Gateway:
             self._movable(dst)
             check_creatable(dst, dst)
             e = await self.stat(src)
-            self.worm.check_mutable(e, time.time())
+            await self.worm.check_mutable(e, time.time())
             if e.is_dir:
                 await self.list_tree(src)
             await self._ensure_listed(parent_of(dst), missing_ok=True)
@@ -561,7 +561,7 @@ class Gateway:
                 if not replace:
                     raise AlreadyExists(dst, "the target exists and this rename does not replace")
                 self._require(who, "delete", dst)  # the file replaced is lost
-                self.worm.check_mutable(replaced_entry, time.time())
+                await self.worm.check_mutable(replaced_entry, time.time())
             replaced = await self.db.rename(src, dst)
         for blob in replaced:
             self.cache.remove(blob)
@@ -595,7 +595,7 @@ class Gateway:
             elif offset > existing.size:
                 raise BadOffset(path, f"offset {offset} is beyond the end of the file ({existing.size} bytes)")
             if existing is not None:
-                self.worm.check_mutable(existing, time.time())
+                await self.worm.check_mutable(existing, time.time())
                 if offset < existing.size and not self.allowed(who, "delete"):
                     raise PermissionDenied(path, "replacing a stored file needs the 'delete' permission")
             blob = self.cache.new_blob()

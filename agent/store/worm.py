@@ -48,10 +48,14 @@ class WormPolicy:
             if self.cfg.worm:
                 raise PermissionDenied(e.path, "WORM: directories cannot be moved on a write-once archive")
             return
-        lock = self.lock_for(e.path, e.mtime)
-        if lock is None:
-            return
-        if lock.legal_hold:
-            raise PermissionDenied(e.path, "WORM: file is under legal hold")
-        if now < lock.until.timestamp():
-            raise PermissionDenied(e.path, f"WORM: file is retained until {lock.until:%Y-%m-%d}")
+        refuse_if_retained(e.path, self.lock_for(e.path, e.mtime), now)
+
+
+def refuse_if_retained(path: str, lock: Lock | None, now: float) -> None:
+    """PermissionDenied (naming the date, or the hold) while `lock` keeps the file at path."""
+    if lock is None:
+        return
+    if lock.legal_hold:
+        raise PermissionDenied(path, "WORM: file is under legal hold")
+    if now < lock.until.timestamp():
+        raise PermissionDenied(path, f"WORM: file is retained until {lock.until:%Y-%m-%d}")

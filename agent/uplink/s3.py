@@ -7,9 +7,11 @@ whose S3 checksum is a composite), so a replacement box can verify what it reads
 With `[uplink] compress = "zstd"` the uploader asks for uncompressed DICOM to go zstd-compressed
 (agent.uplink.encoding): this module encodes on put and decodes on get, so everything above it sees the
 file's own bytes and size. The S3 checksum is then the compressed bytes' (the server checks what it
-received); `sha256` stays the original's, checked after decoding. A compressed object cannot be read at
-an offset (get_range refuses it), and a listing shows its compressed size: with compression on, listings
-take the logical size from the catalog (`known_sizes`, objects it knows by ETag) or else from a HEAD.
+received); `sha256` stays the original's, checked after decoding. Decoding follows the object's own
+metadata, whatever this box's setting: any box may meet objects another box (or this one, configured
+otherwise before) compressed. A compressed object cannot be read at an offset (get_range refuses it), and
+a listing shows its compressed size: every listing takes the logical size from the catalog (`known_sizes`,
+objects it knows by ETag) or else from a HEAD.
 """
 
 from __future__ import annotations
@@ -159,9 +161,8 @@ class S3Uplink:
         self.up_bucket, self.down_bucket = self.bandwidth.up, self.bandwidth.down
         self._stack = contextlib.AsyncExitStack()
         self._client: Any = None  # aiobotocore's S3 client: generated at run time, untyped
-        # Listings need logical sizes only when the bucket may hold compressed objects; the daemon points
-        # known_sizes at the catalog (without it every listed object is asked for its size).
-        self.sizes_from_head = cfg.compress != "off"
+        # Listings carry logical sizes: the daemon points known_sizes at the catalog (without it every listed
+        # object is asked for its size with a HEAD).
         self.known_sizes: KnownSizes | None = None
 
     async def start(self) -> None:
@@ -412,7 +413,7 @@ class S3Uplink:
                     objects.append(RemoteObject(name, obj["Size"], mtime.timestamp()
                                                 if isinstance(mtime, datetime) else float(mtime),
                                                 obj.get("ETag")))
-        if self.sizes_from_head and objects:
+        if objects:
             rows = await self.logical_sizes([(prefix[len(self.cfg.prefix):] + o.name, o.size, o.mtime, o.etag)
                                              for o in objects])
             objects = [RemoteObject(p.rsplit("/", 1)[-1], size, mtime, etag) for p, size, mtime, etag in rows]
@@ -421,9 +422,9 @@ class S3Uplink:
     async def logical_sizes(self, rows: list[Row]) -> list[Row]:
         """The rows with each object's logical size (the file's, not the compressed object's): from the
         catalog when it knows the object (same ETag), else from the object's HEAD (one request per unknown
-        object, max_concurrency at a time). Objects gone since the listing are left out. Without compression
-        configured the rows are returned as listed."""
-        if not self.sizes_from_head or not rows:
+        object, max_concurrency at a time). Objects gone since the listing are left out. Asked whatever
+        `compress` says here: another box, or this one before its setting changed, may have compressed it."""
+        if not rows:
             return rows
         known = await self.known_sizes([(r[0], r[3]) for r in rows]) if self.known_sizes else {}
         gate = asyncio.Semaphore(self.cfg.max_concurrency)

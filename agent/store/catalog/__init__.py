@@ -128,6 +128,7 @@ class AsyncCatalog:
     # the bucket's view
     merge_listing = _offload(Catalog.merge_listing)
     known_sizes = _offload(Catalog.known_sizes)
+    correct_size = _offload(Catalog.correct_size)
     unlist_all = _offload(Catalog.unlist_all)
     hot_paths = _offload(Catalog.hot_paths)
     follow_begin = _offload(Catalog.follow_begin)

@@ -41,6 +41,12 @@ class RemoteSync(CatalogBase):
                 known[path] = row[0]
         return known
 
+    def correct_size(self, path: str, gen: int, listed: int, size: int) -> bool:
+        """An uncached clean row that holds a compressed object's listed size (merged before listings carried
+        logical sizes) takes the file's size. → False if the row changed meanwhile."""
+        return self._write("UPDATE entries SET size = ? WHERE path = ? AND gen = ? AND size = ? AND state = 'clean' "
+                           "AND blob IS NULL", (size, path, gen, listed), durable=False) == 1
+
     def import_inventory(self, files: Iterable[tuple[str, int, float]], batch: int = 200_000) -> int:
         """Record objects already in S3 (an inventory of path, size, mtime) as clean, uncached files.
 
