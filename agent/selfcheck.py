@@ -9,6 +9,7 @@ ends in a temporary suffix (WORM rules never lock it). The result is written to
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ftplib
 import io
 import json
@@ -122,10 +123,8 @@ def run_selfcheck(cfg: Config) -> dict[str, Any]:
                               "error": f"{type(e).__name__}: {e}"[:500]}
     report = {"ok": all(r["ok"] is not False for r in results.values()) and bool(results),
               "time": time.time(), "user": user.name if user else None, "results": results}
-    try:
+    with contextlib.suppress(OSError):
         result_path(cfg).write_text(json.dumps(report))
-    except OSError:
-        pass
     return report
 
 

@@ -26,6 +26,7 @@ one failed login: SMB gets the ban, not the growing delay FTP and SFTP give.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import grp
 import hashlib
 import ipaddress
@@ -472,10 +473,8 @@ class SmbService:
             except (ProcessLookupError, FileNotFoundError):
                 return
             time.sleep(0.05)
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
 
     def stop_accepting(self) -> None:
         """Drain: files already open may be finished and closed; no new file is opened for writing."""

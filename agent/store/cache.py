@@ -107,16 +107,10 @@ class Cache:
             raise _translate(e, blob) from e
 
     def discard_staging(self, blob: str) -> None:
-        try:
-            os.unlink(self.staging_path(blob))
-        except FileNotFoundError:
-            pass
+        self.staging_path(blob).unlink(missing_ok=True)
 
     def remove(self, blob: str) -> None:
-        try:
-            os.unlink(self.blob_path(blob))
-        except FileNotFoundError:
-            pass
+        self.blob_path(blob).unlink(missing_ok=True)
 
     def exists(self, blob: str) -> bool:
         return self.blob_path(blob).exists()
