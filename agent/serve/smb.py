@@ -292,10 +292,8 @@ class SmbService:
         for name, root in wanted.items():
             ns = root.strip("/")
             if ns:
-                try:
+                with contextlib.suppress(AlreadyExists):
                     await self.gateway.mkdir(ns)
-                except AlreadyExists:
-                    pass
             target = mp / ns if ns else mp
             link = roots / name
             if link.is_symlink() and os.readlink(link) == str(target):

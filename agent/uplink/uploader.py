@@ -249,10 +249,8 @@ class Uploader:
                 continue
             next_due = await self.db.next_due()
             delay = IDLE_POLL if next_due is None else min(IDLE_POLL, max(0.05, next_due - time.time()))
-            try:
+            with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), delay)
-            except asyncio.TimeoutError:
-                pass
 
     def start_transfer(self, e: Entry) -> asyncio.Task[bool]:
         """Run `transfer` for a claimed row as a task the drain on stop waits for."""
