@@ -358,9 +358,7 @@ class FtpServer(aioftp.Server):
             await self._session(reader, writer, host, port, Session(address))
         finally:
             self.sessions.discard(task)
-            self.by_address[address] -= 1
-            if not self.by_address[address]:
-                del self.by_address[address]
+            self.by_address -= Counter((address,))  # an address at 0 is dropped
 
     def _refuse_session(self, party: Who, reason: str) -> None:
         log.warning("session_refused", protocol="ftp", user=party.user, peer=party.peer, reason=reason)
@@ -453,9 +451,7 @@ class FtpServer(aioftp.Server):
     def _count_out(self, session: Session) -> None:
         """The session's login (if any) ends: it no longer counts against ftp.max_sessions_per_user."""
         if session.user is not None:
-            self.by_user[session.user] -= 1
-            if not self.by_user[session.user]:
-                del self.by_user[session.user]
+            self.by_user -= Counter((session.user,))
             session.user = None
 
     async def close(self) -> None:
@@ -763,16 +759,13 @@ class FtpServer(aioftp.Server):
         entries = await self.gateway.listdir(self._resolve(connection, rest or "."), who(connection))
         data = "".join(line(e) + END_OF_LINE for e in entries).encode(self.encoding)
 
-        @contextlib.asynccontextmanager
-        async def listing() -> AsyncIterator[bytes]:
-            yield data
-
         async def send(data: bytes, stream: ThrottleStreamIO) -> str:
             for start in range(0, len(data), BLOCK):
                 await stream.write(data[start:start + BLOCK])
             return done
 
-        return self._transfer(connection, connection.session.take_passive(), listing, send)
+        return self._transfer(connection, connection.session.take_passive(), lambda: contextlib.nullcontext(data),
+                              send)
 
     # --- namespace commands: straight to the gateway, so every outcome has its precise reply and audit ---
 
