@@ -50,13 +50,12 @@ def cmd_status(args: argparse.Namespace) -> int:
     from agent.serve.http import status_lines
     url = _agent_url(args)
     try:
-        with urllib.request.urlopen(url.rstrip("/") + "/healthz", timeout=10) as r:
+        with urllib.request.urlopen(url + "/healthz", timeout=10) as r:
             health = json.load(r)
     except urllib.error.HTTPError as e:  # 503 still carries the health document
         health = json.load(e)
     except OSError as e:
-        print(f"pacsgw: cannot reach the agent at {url}: {e}", file=sys.stderr)
-        return 3
+        raise Unreachable(f"pacsgw: cannot reach the agent at {url}: {e}") from e
     if args.json:
         print(json.dumps(health, indent=2))
     else:
@@ -83,7 +82,7 @@ def _admin_token(args: argparse.Namespace) -> str:
 
 
 class Unreachable(Exception):
-    """The agent's HTTP listener did not answer."""
+    """The agent's HTTP listener did not answer: main() prints why and exits 3."""
 
 
 def _admin(url: str, token: str, body: dict | None = None, method: str = "GET") -> tuple[int, dict]:
@@ -109,24 +108,20 @@ def cmd_evict(args: argparse.Namespace) -> int:
     """Ask the running agent to drop cached copies (only of files already safe in S3), or with --dry-run
     what its eviction policy would drop."""
     url, token = _agent_url(args) + "/admin/evict", _admin_token(args)
-    try:
-        if args.dry_run:
-            return _evict_dry_run(url, args)
-        if not args.paths:
-            print("pacsgw: evict needs PATH... (or --dry-run)", file=sys.stderr)
-            return 2
-        worst = 0
-        with _bar(len(args.paths), "evict") as bar:
-            for path in args.paths:
-                status, result = _admin(url, token, {"path": path}, "POST")
-                worst = max(worst, 0 if status == 200 else 1)
-                bar.write(f"{path}: " + ("evicted" if result.get("evicted")
-                                         else f"not evicted ({result.get('error')})"), file=sys.stdout)
-                bar.update()
-        return worst
-    except Unreachable as e:
-        print(e, file=sys.stderr)
-        return 3
+    if args.dry_run:
+        return _evict_dry_run(url, args)
+    if not args.paths:
+        print("pacsgw: evict needs PATH... (or --dry-run)", file=sys.stderr)
+        return 2
+    worst = 0
+    with _bar(len(args.paths), "evict") as bar:
+        for path in args.paths:
+            status, result = _admin(url, token, {"path": path}, "POST")
+            worst = max(worst, 0 if status == 200 else 1)
+            bar.write(f"{path}: " + ("evicted" if result.get("evicted")
+                                     else f"not evicted ({result.get('error')})"), file=sys.stdout)
+            bar.update()
+    return worst
 
 
 def _evict_dry_run(url: str, args: argparse.Namespace) -> int:
@@ -157,22 +152,18 @@ def _evict_dry_run(url: str, args: argparse.Namespace) -> int:
 def cmd_prefetch(args: argparse.Namespace) -> int:
     """Show what the agent's prefetch would fetch (--dry-run), or start a run and follow it."""
     url, token = _agent_url(args) + "/admin/prefetch", _admin_token(args)
-    try:
-        if args.dry_run:
-            status, plan = _admin(url, token)
-            if status != 200:
-                print(f"pacsgw: {plan.get('error')}", file=sys.stderr)
-                return 2
-            print(json.dumps(plan, indent=2) if args.json else _plan_text(plan))
-            return 0
-        status, started = _admin(url, token, {}, "POST")
-        if status != 202:
-            print(f"pacsgw: {started.get('error')}", file=sys.stderr)
-            return 1
-        return _follow_prefetch(url, token)
-    except Unreachable as e:
-        print(e, file=sys.stderr)
-        return 3
+    if args.dry_run:
+        status, plan = _admin(url, token)
+        if status != 200:
+            print(f"pacsgw: {plan.get('error')}", file=sys.stderr)
+            return 2
+        print(json.dumps(plan, indent=2) if args.json else _plan_text(plan))
+        return 0
+    status, started = _admin(url, token, {}, "POST")
+    if status != 202:
+        print(f"pacsgw: {started.get('error')}", file=sys.stderr)
+        return 1
+    return _follow_prefetch(url, token)
 
 
 def _plan_text(plan: dict) -> str:
@@ -296,7 +287,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except Unreachable as e:
+        print(e, file=sys.stderr)
+        return 3
 
 
 if __name__ == "__main__":
