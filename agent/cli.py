@@ -26,7 +26,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     cfg = load_or_exit(args.config)
     logs.configure(cfg.log.level, cfg.log.format)
     try:
-        asyncio.run(daemon.serve(cfg))
+        asyncio.run(daemon.run_until_signal(daemon.Agent(cfg)))
     except CatalogSchemaError as e:
         print(f"pacsgw: {e}", file=sys.stderr)
         return 3

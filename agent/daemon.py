@@ -372,11 +372,6 @@ class Agent:
         return self.metrics.render()
 
 
-async def serve(cfg: Config) -> None:
-    """Run until SIGTERM or SIGINT, then drain."""
-    await run_until_signal(Agent(cfg))
-
-
 async def run_until_signal(agent: Agent) -> None:
     """Start the owner or a serving worker (agent.worker), run until SIGTERM or SIGINT, then drain."""
     await agent.start()
