@@ -85,7 +85,6 @@ def render_conf(cfg: Config) -> str:
     s = cfg.smb
     host, port = s.listen
     state = s.state_dir
-    enc = {"required": "required", "desired": "desired", "off": "off"}[s.encryption]
     lines = [
         "# Rendered by pacsgw from " + str(cfg.path) + " — do not edit; edit the agent's TOML instead.",
         "[global]",
@@ -110,7 +109,7 @@ def render_conf(cfg: Config) -> str:
         "disable netbios = yes",
         "server min protocol = SMB3_00",  # plain "SMB3" means SMB3_11 only: Windows 8 / Server 2012 need 3.0(2)
         "server signing = mandatory",
-        f"server smb encrypt = {enc}",
+        f"server smb encrypt = {s.encryption}",  # the config allows Samba's own words only
         "map to guest = never",
         "restrict anonymous = 2",
         "load printers = no",
@@ -194,17 +193,14 @@ def _ensure_account(name: str, *, group: str | None = None) -> tuple[int, int]:
     try:
         pw = pwd.getpwnam(name)
     except KeyError:
-        pass
+        cmd = ["useradd", "--system", "--no-create-home", "--home-dir", "/nonexistent", "--shell", "/usr/sbin/nologin"]
+        cmd += ["--gid", group] if group else ["--user-group"]
+        subprocess.run([*cmd, name], check=True, capture_output=True)
+        log.info("unix_account_created", account=name)
     else:
         if group is not None and grp.getgrgid(pw.pw_gid).gr_name != group:
             subprocess.run(["usermod", "--gid", group, name], check=True, capture_output=True)
             log.info("unix_account_group_set", account=name, group=group)
-            pw = pwd.getpwnam(name)
-        return pw.pw_uid, pw.pw_gid
-    cmd = ["useradd", "--system", "--no-create-home", "--home-dir", "/nonexistent", "--shell", "/usr/sbin/nologin"]
-    cmd += ["--gid", group] if group else ["--user-group"]
-    subprocess.run([*cmd, name], check=True, capture_output=True)
-    log.info("unix_account_created", account=name)
     pw = pwd.getpwnam(name)
     return pw.pw_uid, pw.pw_gid
 
