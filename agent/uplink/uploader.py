@@ -108,10 +108,7 @@ class Uploader:
     # --- transfers -------------------------------------------------------------------------------
 
     def key_lock(self, key: str) -> asyncio.Lock:
-        lock = self._key_locks.get(key)
-        if lock is None:
-            lock = self._key_locks[key] = asyncio.Lock()
-        return lock
+        return self._key_locks.setdefault(key, asyncio.Lock())
 
     async def transfer(self, e: Entry) -> bool:
         """Upload (or server-side copy) one claimed row; → True when it is clean in S3."""
