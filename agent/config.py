@@ -305,10 +305,6 @@ class SmbConfig:
                                       "['10.10.20.0/24', '192.0.2.7'] ([]: every client)", default=())
 
 
-def _optional_listen(value: Any) -> tuple[str, int] | None:
-    return None if value == "" else _listen(value)
-
-
 def _optional_hash(value: Any) -> str:
     if not isinstance(value, str):
         raise ValueError
@@ -323,7 +319,8 @@ class HttpConfig:
     enabled: bool = _f(_bool, "true or false", default=True)
     listen: tuple[str, int] = _f(_listen, LISTEN, default=("127.0.0.1", 8080))
     # A second listener serving /metrics only, for the central Prometheus on a monitoring subnet.
-    metrics_listen: tuple[str, int] | None = _f(_optional_listen, f"'' (off) or {LISTEN}", default=None)
+    metrics_listen: tuple[str, int] | None = _f(lambda v: None if v == "" else _listen(v), f"'' (off) or {LISTEN}",
+                                                default=None)
     metrics_tls_cert: str = _f(_str, "'' (plain HTTP) or the path of a PEM certificate chain", default="")
     metrics_tls_key: str = _f(_str, "'' or the path of the PEM private key of metrics_tls_cert", default="")
     metrics_user: str = _f(_str, "'' (no basic auth) or the user name Prometheus sends", default="")
@@ -794,9 +791,7 @@ def _credentials(cfg: Config) -> Config:
     up = cfg.uplink
     if not up.credentials_file:
         return cfg
-    cred_path = Path(up.credentials_file)
-    if not cred_path.is_absolute():
-        cred_path = cfg.path.parent / cred_path
+    cred_path = cfg.path.parent / up.credentials_file  # an absolute credentials_file stays as it is
     try:
         data = tomllib.loads(cred_path.read_text())
         _check_private(cred_path, True)

@@ -100,11 +100,10 @@ CHECKS: dict[str, Callable[[Config, UserConfig, str, bytes], None]] = {
 
 def run_selfcheck(cfg: Config) -> dict[str, Any]:
     """→ {'ok': bool, 'time': epoch, 'results': {proto: {'ok', 'seconds', 'error'?}}}"""
-    enabled = {"ftp": cfg.ftp.enabled, "sftp": cfg.sftp.enabled, "smb": cfg.smb.enabled}
     user = next((u for u in cfg.users if u.password), None)
     results: dict[str, dict[str, Any]] = {}
     for proto, check in CHECKS.items():
-        if not enabled[proto]:
+        if not getattr(cfg, proto).enabled:
             continue
         if proto == "sftp" and not cfg.sftp.password_auth:
             results[proto] = {"ok": None, "seconds": 0.0, "error": "skipped: SFTP allows public keys only"}
