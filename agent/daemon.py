@@ -140,10 +140,8 @@ class Agent:
                     await self.http.start_scrape(cfg.http)
         await self.start_workers()
         log.info("started", version=__version__, config=str(cfg.path),
-                 ftp=cfg.ftp.listen if cfg.ftp.enabled else None,
-                 sftp=cfg.sftp.listen if cfg.sftp.enabled else None,
-                 smb=cfg.smb.listen if cfg.smb.enabled else None,
-                 http=cfg.http.listen if cfg.http.enabled else None,
+                 **{name: section.listen if section.enabled else None
+                    for name, section in (("ftp", cfg.ftp), ("sftp", cfg.sftp), ("smb", cfg.smb), ("http", cfg.http))},
                  uplink=cfg.uplink.endpoint_url, bucket=cfg.uplink.bucket, write_mode=cfg.uplink.write_mode,
                  uplink_reachable=self.line.reachable)
 

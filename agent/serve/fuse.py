@@ -120,7 +120,6 @@ class GatewayFS(pyfuse3.Operations):
         self._writing: dict[str, _Open] = {}  # path → the open file whose uncommitted content it shows
         self.closing = False  # set before smbd is stopped: its closes of open files are not completions
         self.draining = False  # agent stopping: files already open may finish, no new file is opened to write
-        self.started = time.time()
 
     # --- inode table -----------------------------------------------------------------------------
 
