@@ -294,8 +294,7 @@ class SmbService:
             link = roots / name
             if link.is_symlink() and os.readlink(link) == str(target):
                 continue
-            if link.is_symlink() or link.exists():
-                link.unlink()
+            link.unlink(missing_ok=True)
             link.symlink_to(target)
 
     def _sync_users(self, gid: int) -> dict[int, str]:
@@ -399,11 +398,10 @@ class SmbService:
 
     def _start_smbd(self) -> subprocess.Popen[bytes]:
         s = self.cfg.smb
-        log_out = open(self.state / "log" / "smbd.stdout", "ab")
-        self.proc = subprocess.Popen(
-            [s.smbd, "--foreground", "--no-process-group", "-s", str(self.conf_path)],
-            stdin=subprocess.DEVNULL, stdout=log_out, stderr=subprocess.STDOUT, start_new_session=True)
-        log_out.close()
+        with open(self.state / "log" / "smbd.stdout", "ab") as log_out:  # smbd keeps its own copy of the fd
+            self.proc = subprocess.Popen(
+                [s.smbd, "--foreground", "--no-process-group", "-s", str(self.conf_path)],
+                stdin=subprocess.DEVNULL, stdout=log_out, stderr=subprocess.STDOUT, start_new_session=True)
         log.info("smbd_started", pid=self.proc.pid, conf=str(self.conf_path))
         return self.proc
 
