@@ -354,8 +354,7 @@ class Gateway:
                  metrics: Metrics, audit: AuditLog, *, worm: WormPolicy, access: AccessStats, evictor: Evictor,
                  refusals: Refusals, on_stored: Callable[[str, Path], None] | None = None) -> None:
         self.cfg, self.db, self.cache, self.s3, self.uploader, self.metrics = cfg, db, cache, s3, uploader, metrics
-        self.audit, self.line = audit, uploader.line
-        self.worm = worm
+        self.audit, self.line, self.worm = audit, uploader.line, worm
         self.refusals, self.access, self.evictor, self.on_stored = refusals, access, evictor, on_stored
         self._fills: dict[str, _Fill] = {}
         self._listings: dict[str, asyncio.Future[None]] = {}
