@@ -103,10 +103,8 @@ class AuditShipper:
         while True:
             self.audit.rotated_event.clear()
             await self.ship_once()
-            try:  # ship right after a rotation; retry failures every interval
+            with contextlib.suppress(asyncio.TimeoutError):  # ship right after a rotation; retry every interval
                 await asyncio.wait_for(self.audit.rotated_event.wait(), SHIP_INTERVAL)
-            except asyncio.TimeoutError:
-                pass
 
     async def ship_once(self) -> int:
         shipped = 0

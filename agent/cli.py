@@ -12,29 +12,19 @@ import urllib.parse
 import urllib.request
 
 from agent import __version__
-from agent.config import ConfigError, load
+from agent.config import DEFAULT_CONFIG, ConfigError, load_or_exit
 from agent.dicom import commands as dicom_commands
 from agent.serve.http import ADMIN_TOKEN_FILE
 from agent.sim import commands as sim_commands
-
-DEFAULT_CONFIG = "/etc/pacsgw/agent.toml"
-
-
-def _load_or_exit(path: str):
-    try:
-        return load(path)
-    except ConfigError as e:
-        print(f"pacsgw: configuration error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     from agent import daemon, logs
     from agent.store.catalog import CatalogSchemaError
-    cfg = _load_or_exit(args.config)
+    cfg = load_or_exit(args.config)
     logs.configure(cfg.log.level, cfg.log.format)
     try:
-        asyncio.run(daemon.serve(cfg))
+        asyncio.run(daemon.run_until_signal(daemon.Agent(cfg)))
     except CatalogSchemaError as e:
         print(f"pacsgw: {e}", file=sys.stderr)
         return 3
@@ -48,7 +38,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
-    cfg = _load_or_exit(args.config)
+    cfg = load_or_exit(args.config)
     print(f"{cfg.path}: ok ({len(cfg.users)} users, bucket {cfg.uplink.bucket!r}, "
           f"write mode {cfg.uplink.write_mode})")
     return 0
@@ -56,18 +46,14 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 def cmd_status(args: argparse.Namespace) -> int:
     from agent.serve.http import status_lines
-    url = args.url
-    if not url:
-        host, port = _load_or_exit(args.config).http.listen
-        url = f"http://{'[' + host + ']' if ':' in host else host}:{port}"
+    url = _agent_url(args)
     try:
-        with urllib.request.urlopen(url.rstrip("/") + "/healthz", timeout=10) as r:
+        with urllib.request.urlopen(url + "/healthz", timeout=10) as r:
             health = json.load(r)
     except urllib.error.HTTPError as e:  # 503 still carries the health document
         health = json.load(e)
     except OSError as e:
-        print(f"pacsgw: cannot reach the agent at {url}: {e}", file=sys.stderr)
-        return 3
+        raise Unreachable(f"pacsgw: cannot reach the agent at {url}: {e}") from e
     if args.json:
         print(json.dumps(health, indent=2))
     else:
@@ -80,7 +66,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 def _agent_url(args: argparse.Namespace) -> str:
     if args.url:
         return args.url.rstrip("/")
-    host, port = _load_or_exit(args.config).http.listen
+    host, port = load_or_exit(args.config).http.listen
     host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
     return f"http://{'[' + host + ']' if ':' in host else host}:{port}"
 
@@ -88,13 +74,13 @@ def _agent_url(args: argparse.Namespace) -> str:
 def _admin_token(args: argparse.Namespace) -> str:
     """The running agent's admin token (<cache.dir>/admin.token, readable by root only), or ''."""
     try:
-        return (_load_or_exit(args.config).cache.dir / ADMIN_TOKEN_FILE).read_text().strip()
+        return (load_or_exit(args.config).cache.dir / ADMIN_TOKEN_FILE).read_text().strip()
     except (OSError, SystemExit):
         return ""
 
 
 class Unreachable(Exception):
-    """The agent's HTTP listener did not answer."""
+    """The agent's HTTP listener did not answer: main() prints why and exits 3."""
 
 
 def _admin(url: str, token: str, body: dict | None = None, method: str = "GET") -> tuple[int, dict]:
@@ -120,24 +106,20 @@ def cmd_evict(args: argparse.Namespace) -> int:
     """Ask the running agent to drop cached copies (only of files already safe in S3), or with --dry-run
     what its eviction policy would drop."""
     url, token = _agent_url(args) + "/admin/evict", _admin_token(args)
-    try:
-        if args.dry_run:
-            return _evict_dry_run(url, args)
-        if not args.paths:
-            print("pacsgw: evict needs PATH... (or --dry-run)", file=sys.stderr)
-            return 2
-        worst = 0
-        with _bar(len(args.paths), "evict") as bar:
-            for path in args.paths:
-                status, result = _admin(url, token, {"path": path}, "POST")
-                worst = max(worst, 0 if status == 200 else 1)
-                bar.write(f"{path}: " + ("evicted" if result.get("evicted")
-                                         else f"not evicted ({result.get('error')})"), file=sys.stdout)
-                bar.update()
-        return worst
-    except Unreachable as e:
-        print(e, file=sys.stderr)
-        return 3
+    if args.dry_run:
+        return _evict_dry_run(url, args)
+    if not args.paths:
+        print("pacsgw: evict needs PATH... (or --dry-run)", file=sys.stderr)
+        return 2
+    worst = 0
+    with _bar(len(args.paths), "evict") as bar:
+        for path in args.paths:
+            status, result = _admin(url, token, {"path": path}, "POST")
+            worst = max(worst, 0 if status == 200 else 1)
+            bar.write(f"{path}: " + ("evicted" if result.get("evicted")
+                                     else f"not evicted ({result.get('error')})"), file=sys.stdout)
+            bar.update()
+    return worst
 
 
 def _evict_dry_run(url: str, args: argparse.Namespace) -> int:
@@ -168,22 +150,18 @@ def _evict_dry_run(url: str, args: argparse.Namespace) -> int:
 def cmd_prefetch(args: argparse.Namespace) -> int:
     """Show what the agent's prefetch would fetch (--dry-run), or start a run and follow it."""
     url, token = _agent_url(args) + "/admin/prefetch", _admin_token(args)
-    try:
-        if args.dry_run:
-            status, plan = _admin(url, token)
-            if status != 200:
-                print(f"pacsgw: {plan.get('error')}", file=sys.stderr)
-                return 2
-            print(json.dumps(plan, indent=2) if args.json else _plan_text(plan))
-            return 0
-        status, started = _admin(url, token, {}, "POST")
-        if status != 202:
-            print(f"pacsgw: {started.get('error')}", file=sys.stderr)
-            return 1
-        return _follow_prefetch(url, token)
-    except Unreachable as e:
-        print(e, file=sys.stderr)
-        return 3
+    if args.dry_run:
+        status, plan = _admin(url, token)
+        if status != 200:
+            print(f"pacsgw: {plan.get('error')}", file=sys.stderr)
+            return 2
+        print(json.dumps(plan, indent=2) if args.json else _plan_text(plan))
+        return 0
+    status, started = _admin(url, token, {}, "POST")
+    if status != 202:
+        print(f"pacsgw: {started.get('error')}", file=sys.stderr)
+        return 1
+    return _follow_prefetch(url, token)
 
 
 def _plan_text(plan: dict) -> str:
@@ -215,7 +193,7 @@ def cmd_fsck(args: argparse.Namespace) -> int:
 
     from agent import logs
     from agent.fsck import Fsck
-    cfg = _load_or_exit(args.config)
+    cfg = load_or_exit(args.config)
     logs.configure(cfg.log.level, "console" if sys.stderr.isatty() else cfg.log.format)
     report = asyncio.run(Fsck(cfg, remote=args.remote, repair=args.repair, progress=not args.json).run())
     if args.json:
@@ -252,7 +230,7 @@ def cmd_hash_password(args: argparse.Namespace) -> int:
 
 def cmd_selfcheck(args: argparse.Namespace) -> int:
     from agent.selfcheck import run_selfcheck
-    cfg = _load_or_exit(args.config)
+    cfg = load_or_exit(args.config)
     report = run_selfcheck(cfg)
     if args.json:
         print(json.dumps(report, indent=2))
@@ -269,50 +247,34 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="pacsgw", description="Edge storage gateway for hospital PACS.")
     ap.add_argument("--version", action="version", version=f"pacsgw {__version__}")
     sub = ap.add_subparsers(dest="command", required=True)
+    config, url, as_json = (argparse.ArgumentParser(add_help=False) for _ in range(3))
+    config.add_argument("--config", default=DEFAULT_CONFIG)
+    url.add_argument("--url", help="the agent's HTTP address, instead of reading [http] listen from the config")
+    as_json.add_argument("--json", action="store_true")
 
-    p = sub.add_parser("run", help="run the agent in the foreground (SIGTERM drains and stops)")
-    p.add_argument("--config", default=DEFAULT_CONFIG)
-    p.set_defaults(func=cmd_run)
+    def command(name: str, func, help: str, *parents: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, parents=[config, *parents])
+        p.set_defaults(func=func)
+        return p
 
-    p = sub.add_parser("check-config", help="validate a configuration file")
-    p.add_argument("--config", default=DEFAULT_CONFIG)
-    p.set_defaults(func=cmd_check_config)
-
-    p = sub.add_parser("status", help="print the running agent's health (exit 0 ok, 1 degraded, 2 failing)")
-    p.add_argument("--config", default=DEFAULT_CONFIG)
-    p.add_argument("--url", help="the agent's HTTP address, instead of reading [http] listen from the config")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_status)
-
-    p = sub.add_parser("fsck", help="verify cached files (and with --remote, objects in S3); --repair fixes "
-                                    "(exit 0 clean, 1 problems found, 2 data lost)")
-    p.add_argument("--config", default=DEFAULT_CONFIG)
+    command("run", cmd_run, "run the agent in the foreground (SIGTERM drains and stops)")
+    command("check-config", cmd_check_config, "validate a configuration file")
+    command("status", cmd_status, "print the running agent's health (exit 0 ok, 1 degraded, 2 failing)",
+            url, as_json)
+    p = command("fsck", cmd_fsck, "verify cached files (and with --remote, objects in S3); --repair fixes "
+                "(exit 0 clean, 1 problems found, 2 data lost)", as_json)
     p.add_argument("--remote", action="store_true", help="also check every clean file's object in S3")
     p.add_argument("--repair", action="store_true", help="fetch corrupt copies again, re-queue missing objects")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_fsck)
-
-    p = sub.add_parser("selfcheck", help="write, read back and delete a canary file through every enabled "
-                                         "front end (FTP, SFTP, SMB); exit 1 if one fails")
-    p.add_argument("--config", default=DEFAULT_CONFIG)
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_selfcheck)
-
-    p = sub.add_parser("evict", help="drop the cached copies of files already in S3 (exit 1 if one was not)")
-    p.add_argument("--config", default=DEFAULT_CONFIG)
-    p.add_argument("--url", help="the agent's HTTP address, instead of reading [http] listen from the config")
+    command("selfcheck", cmd_selfcheck, "write, read back and delete a canary file through every enabled "
+            "front end (FTP, SFTP, SMB); exit 1 if one fails", as_json)
+    p = command("evict", cmd_evict, "drop the cached copies of files already in S3 (exit 1 if one was not)",
+                url, as_json)
     p.add_argument("paths", nargs="*", metavar="PATH", help="namespace paths such as CT/2026-11-23/1.2.3/4/5.dcm")
     p.add_argument("--dry-run", action="store_true", help="list what the eviction policy would drop now, by cluster")
     p.add_argument("--bytes", help="with --dry-run: how much to free (default: down to the low watermark)")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_evict)
-
-    p = sub.add_parser("prefetch", help="start a prefetch run in the agent, or show what it would fetch (--dry-run)")
-    p.add_argument("--config", default=DEFAULT_CONFIG)
-    p.add_argument("--url", help="the agent's HTTP address, instead of reading [http] listen from the config")
+    p = command("prefetch", cmd_prefetch, "start a prefetch run in the agent, or show what it would fetch "
+                "(--dry-run)", url, as_json)
     p.add_argument("--dry-run", action="store_true", help="what would be fetched and why, with predicted heat")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_prefetch)
 
     p = sub.add_parser("hash-password", help="print a password_hash for [[users]]")
     p.add_argument("--stdin", action="store_true", help="read the password from standard input")
@@ -325,7 +287,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except Unreachable as e:
+        print(e, file=sys.stderr)
+        return 3
 
 
 if __name__ == "__main__":

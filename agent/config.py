@@ -11,10 +11,13 @@ import dataclasses
 import ipaddress
 import os
 import re
+import sys
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
+
+DEFAULT_CONFIG = "/etc/pacsgw/agent.toml"
 
 
 class ConfigError(ValueError):
@@ -301,10 +304,6 @@ class SmbConfig:
                                       "['10.10.20.0/24', '192.0.2.7'] ([]: every client)", default=())
 
 
-def _optional_listen(value: Any) -> tuple[str, int] | None:
-    return None if value == "" else _listen(value)
-
-
 def _optional_hash(value: Any) -> str:
     if not isinstance(value, str):
         raise ValueError
@@ -319,7 +318,8 @@ class HttpConfig:
     enabled: bool = _f(_bool, "true or false", default=True)
     listen: tuple[str, int] = _f(_listen, LISTEN, default=("127.0.0.1", 8080))
     # A second listener serving /metrics only, for the central Prometheus on a monitoring subnet.
-    metrics_listen: tuple[str, int] | None = _f(_optional_listen, f"'' (off) or {LISTEN}", default=None)
+    metrics_listen: tuple[str, int] | None = _f(lambda v: None if v == "" else _listen(v), f"'' (off) or {LISTEN}",
+                                                default=None)
     metrics_tls_cert: str = _f(_str, "'' (plain HTTP) or the path of a PEM certificate chain", default="")
     metrics_tls_key: str = _f(_str, "'' or the path of the PEM private key of metrics_tls_cert", default="")
     metrics_user: str = _f(_str, "'' (no basic auth) or the user name Prometheus sends", default="")
@@ -623,12 +623,7 @@ def _check_cross(cfg: Config) -> None:
         raise ConfigError(file, "dicom.snapshot_interval", cfg.dicom.snapshot_interval,
                           "0 while uplink.prefix is empty (snapshots are kept beside the namespace prefix)")
     ftp = cfg.ftp
-    if bool(ftp.tls_cert) != bool(ftp.tls_key):
-        raise ConfigError(file, "ftp.tls_key" if ftp.tls_cert else "ftp.tls_cert", "",
-                          "tls_cert and tls_key go together")
-    for key in ("tls_cert", "tls_key"):
-        if getattr(ftp, key) and not Path(getattr(ftp, key)).is_file():
-            raise ConfigError(file, f"ftp.{key}", getattr(ftp, key), "an existing PEM file")
+    _check_pem_pair(file, "ftp", ftp.tls_cert, ftp.tls_key, "tls_")
     if ftp.require_tls and not ftp.tls_cert:
         raise ConfigError(file, "ftp.require_tls", True, "tls_cert and tls_key to be set")
     _check_metrics_listener(cfg)
@@ -715,12 +710,7 @@ def _check_metrics_listener(cfg: Config) -> None:
         return
     if not h.enabled:
         raise ConfigError(file, "http.metrics_listen", _fmt_listen(h.metrics_listen), "http.enabled = true")
-    if bool(h.metrics_tls_cert) != bool(h.metrics_tls_key):
-        raise ConfigError(file, "http.metrics_tls_key" if h.metrics_tls_cert else "http.metrics_tls_cert", "",
-                          "metrics_tls_cert and metrics_tls_key go together")
-    for key in ("metrics_tls_cert", "metrics_tls_key"):
-        if getattr(h, key) and not Path(getattr(h, key)).is_file():
-            raise ConfigError(file, f"http.{key}", getattr(h, key), "an existing PEM file")
+    _check_pem_pair(file, "http", h.metrics_tls_cert, h.metrics_tls_key, "metrics_tls_")
     if h.metrics_tls_cert:
         try:
             ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(h.metrics_tls_cert, h.metrics_tls_key)
@@ -731,6 +721,16 @@ def _check_metrics_listener(cfg: Config) -> None:
     if bool(h.metrics_user) != bool(h.metrics_password_hash):
         raise ConfigError(file, "http.metrics_password_hash" if h.metrics_user else "http.metrics_user", "",
                           "metrics_user and metrics_password_hash go together")
+
+
+def _check_pem_pair(file: Path, section: str, cert: str, key: str, prefix: str) -> None:
+    """<prefix>cert and <prefix>key: both set or neither, and both existing files."""
+    if bool(cert) != bool(key):
+        raise ConfigError(file, f"{section}.{prefix}{'key' if cert else 'cert'}", "",
+                          f"{prefix}cert and {prefix}key go together")
+    for name, value in (("cert", cert), ("key", key)):
+        if value and not Path(value).is_file():
+            raise ConfigError(file, f"{section}.{prefix}{name}", value, "an existing PEM file")
 
 
 def _fmt_listen(listen: tuple[str, int]) -> str:
@@ -790,9 +790,7 @@ def _credentials(cfg: Config) -> Config:
     up = cfg.uplink
     if not up.credentials_file:
         return cfg
-    cred_path = Path(up.credentials_file)
-    if not cred_path.is_absolute():
-        cred_path = cfg.path.parent / cred_path
+    cred_path = cfg.path.parent / up.credentials_file  # an absolute credentials_file stays as it is
     try:
         data = tomllib.loads(cred_path.read_text())
         _check_private(cred_path, True)
@@ -869,10 +867,8 @@ def load(path: str | Path) -> Config:
         cache = dataclasses.replace(cache, dir=(file.parent / cache.dir).resolve())
         sections["cache"] = cache
     sftp = sections["sftp"]
-    host_key = sftp.host_key or str(cache.dir / "ssh_host_ed25519_key")
-    if not Path(host_key).is_absolute():
-        host_key = str((file.parent / host_key).resolve())
-    sections["sftp"] = dataclasses.replace(sftp, host_key=host_key)
+    sections["sftp"] = dataclasses.replace(sftp, host_key=_abs(file, sftp.host_key
+                                                               or str(cache.dir / "ssh_host_ed25519_key")))
     smb = sections["smb"]
     sections["smb"] = dataclasses.replace(
         smb, mountpoint=_abs(file, smb.mountpoint) if smb.mountpoint else str(cache.dir / "fs"),
@@ -881,19 +877,24 @@ def load(path: str | Path) -> Config:
     sections["ftp"] = dataclasses.replace(ftp, **{k: str((file.parent / getattr(ftp, k)).resolve())
                                                   for k in ("tls_cert", "tls_key") if getattr(ftp, k)})
     audit = sections["audit"]
-    audit_path = Path(audit.path) if audit.path else cache.dir / "audit" / "audit.jsonl"
     sections["audit"] = dataclasses.replace(
-        audit, path=str(audit_path if audit_path.is_absolute() else (file.parent / audit_path).resolve()),
+        audit, path=_abs(file, audit.path or str(cache.dir / "audit" / "audit.jsonl")),
         ship_prefix=audit.ship_prefix or "pacsgw-audit/" + sections["uplink"].prefix)
-    uplink = sections["uplink"]
-    if uplink.ca_bundle and not Path(uplink.ca_bundle).is_absolute():
-        sections["uplink"] = dataclasses.replace(uplink, ca_bundle=str((file.parent / uplink.ca_bundle).resolve()))
+    if (uplink := sections["uplink"]).ca_bundle:
+        sections["uplink"] = dataclasses.replace(uplink, ca_bundle=_abs(file, uplink.ca_bundle))
     sections["ha"] = dataclasses.replace(sections["ha"], role_file=_abs(file, sections["ha"].role_file))
-    users = tuple(
-        dataclasses.replace(u, authorized_keys=tuple(
-            k if os.path.isabs(k) else str((file.parent / k).resolve()) for k in u.authorized_keys))
-        for u in users)
+    users = tuple(dataclasses.replace(u, authorized_keys=tuple(_abs(file, k) for k in u.authorized_keys))
+                  for u in users)
     cfg = Config(path=file, users=users, **sections)
     _check_cross(cfg)
     _check_private(file, bool(cfg.uplink.secret_access_key or any(u.password for u in cfg.users)))
     return _pseudonym_key(_credentials(cfg))
+
+
+def load_or_exit(path: str) -> Config:
+    """load() for the command line: a bad config prints the error and exits 2."""
+    try:
+        return load(path)
+    except ConfigError as e:
+        print(f"pacsgw: configuration error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None

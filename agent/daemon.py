@@ -60,8 +60,8 @@ def _setting(cfg: Config, key: str, value: Any, allowed: str) -> Any:
         raise ConfigError(cfg.path, key, value, f"{allowed} ({getattr(e, 'strerror', None) or e})") from None
 
 
-def _addr(listen: tuple[str, int]) -> str:
-    return f"{listen[0]}:{listen[1]}"
+def _listening(cfg: Config, key: str, listen: tuple[str, int]) -> Any:
+    return _setting(cfg, key, f"{listen[0]}:{listen[1]}", "an address this box can listen on")
 
 
 class Agent:
@@ -133,18 +133,15 @@ class Agent:
                 ("GET", "/admin/prefetch"): self.admin_prefetch_plan,
                 ("POST", "/admin/prefetch"): self.admin_prefetch_run},
                 admin_token=issue_admin_token(cfg.cache.dir / ADMIN_TOKEN_FILE))
-            with _setting(cfg, "http.listen", _addr(cfg.http.listen), "an address this box can listen on"):
+            with _listening(cfg, "http.listen", cfg.http.listen):
                 await self.http.start()
             if cfg.http.metrics_listen:
-                with _setting(cfg, "http.metrics_listen", _addr(cfg.http.metrics_listen),
-                              "an address this box can listen on"):
+                with _listening(cfg, "http.metrics_listen", cfg.http.metrics_listen):
                     await self.http.start_scrape(cfg.http)
         await self.start_workers()
         log.info("started", version=__version__, config=str(cfg.path),
-                 ftp=cfg.ftp.listen if cfg.ftp.enabled else None,
-                 sftp=cfg.sftp.listen if cfg.sftp.enabled else None,
-                 smb=cfg.smb.listen if cfg.smb.enabled else None,
-                 http=cfg.http.listen if cfg.http.enabled else None,
+                 **{name: section.listen if section.enabled else None
+                    for name, section in (("ftp", cfg.ftp), ("sftp", cfg.sftp), ("smb", cfg.smb), ("http", cfg.http))},
                  uplink=cfg.uplink.endpoint_url, bucket=cfg.uplink.bucket, write_mode=cfg.uplink.write_mode,
                  uplink_reachable=self.line.reachable)
 
@@ -183,11 +180,11 @@ class Agent:
         cfg, logins = self.cfg, self._login_guard()
         if cfg.ftp.enabled:
             self.ftp = FtpServer(cfg, self.gateway, logins)
-            with _setting(cfg, "ftp.listen", _addr(cfg.ftp.listen), "an address this box can listen on"):
+            with _listening(cfg, "ftp.listen", cfg.ftp.listen):
                 await self.ftp.start(*cfg.ftp.listen, reuse_port=self.shares_ports)
         if cfg.sftp.enabled:
             self.sftp = SftpService(cfg, self.gateway, logins)
-            with _setting(cfg, "sftp.listen", _addr(cfg.sftp.listen), "an address this box can listen on"):
+            with _listening(cfg, "sftp.listen", cfg.sftp.listen):
                 await self.sftp.start(reuse_port=self.shares_ports)
 
     @property
@@ -380,11 +377,6 @@ class Agent:
         self.metrics.cached_bytes.set(totals.cached_bytes)
         self.metrics.uplink_up.set(1 if self.line.reachable else 0)
         return self.metrics.render()
-
-
-async def serve(cfg: Config) -> None:
-    """Run until SIGTERM or SIGINT, then drain."""
-    await run_until_signal(Agent(cfg))
 
 
 async def run_until_signal(agent: Agent) -> None:

@@ -9,6 +9,7 @@ ends in a temporary suffix (WORM rules never lock it). The result is written to
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ftplib
 import io
 import json
@@ -99,11 +100,10 @@ CHECKS: dict[str, Callable[[Config, UserConfig, str, bytes], None]] = {
 
 def run_selfcheck(cfg: Config) -> dict[str, Any]:
     """→ {'ok': bool, 'time': epoch, 'results': {proto: {'ok', 'seconds', 'error'?}}}"""
-    enabled = {"ftp": cfg.ftp.enabled, "sftp": cfg.sftp.enabled, "smb": cfg.smb.enabled}
     user = next((u for u in cfg.users if u.password), None)
     results: dict[str, dict[str, Any]] = {}
     for proto, check in CHECKS.items():
-        if not enabled[proto]:
+        if not getattr(cfg, proto).enabled:
             continue
         if proto == "sftp" and not cfg.sftp.password_auth:
             results[proto] = {"ok": None, "seconds": 0.0, "error": "skipped: SFTP allows public keys only"}
@@ -122,10 +122,8 @@ def run_selfcheck(cfg: Config) -> dict[str, Any]:
                               "error": f"{type(e).__name__}: {e}"[:500]}
     report = {"ok": all(r["ok"] is not False for r in results.values()) and bool(results),
               "time": time.time(), "user": user.name if user else None, "results": results}
-    try:
+    with contextlib.suppress(OSError):
         result_path(cfg).write_text(json.dumps(report))
-    except OSError:
-        pass
     return report
 
 

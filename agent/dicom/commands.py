@@ -9,9 +9,8 @@ import json
 import sqlite3
 import sys
 
+from agent.config import DEFAULT_CONFIG, load_or_exit
 from agent.dicom.objectmeta import pseudonym
-
-DEFAULT_CONFIG = "/etc/pacsgw/agent.toml"
 
 
 def _day(text: str) -> str:
@@ -25,8 +24,7 @@ def _day(text: str) -> str:
 def _config(path: str):  # Config
     """The config (exit 2 naming the key when it is bad); log events go to stderr, stdout is the answer."""
     from agent import logs
-    from agent.cli import _load_or_exit
-    cfg = _load_or_exit(path)
+    cfg = load_or_exit(path)
     logs.configure(cfg.log.level, "console" if sys.stderr.isatty() else cfg.log.format)
     return cfg
 

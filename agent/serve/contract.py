@@ -82,11 +82,10 @@ ANSWERS: dict[type[GatewayError], Answer] = {
     Unavailable: Answer("451", asyncssh.SFTPFailure, errno.EIO),
     Corrupt: Answer("451", asyncssh.SFTPFailure, errno.EIO),
 }
-_OTHER = Answer("451", asyncssh.SFTPFailure, errno.EIO)
 
 
 def answer(e: GatewayError) -> Answer:
-    return ANSWERS.get(type(e), _OTHER)
+    return ANSWERS.get(type(e), ANSWERS[Unavailable])
 
 
 def report(gw: Gateway, protocol: str, who: Who | None, e: GatewayError, *, refused_here: bool = False,

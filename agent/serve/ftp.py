@@ -779,16 +779,13 @@ class FtpServer(aioftp.Server):
         entries = await self.gateway.listdir(self._resolve(connection, rest or "."), who(connection))
         data = "".join(line(e) + END_OF_LINE for e in entries).encode(self.encoding)
 
-        @contextlib.asynccontextmanager
-        async def listing() -> AsyncIterator[bytes]:
-            yield data
-
         async def send(data: bytes, stream: ThrottleStreamIO) -> str:
             for start in range(0, len(data), BLOCK):
                 await stream.write(data[start:start + BLOCK])
             return done
 
-        return self._transfer(connection, connection.session.take_passive(), listing, send)
+        return self._transfer(connection, connection.session.take_passive(), lambda: contextlib.nullcontext(data),
+                              send)
 
     # --- namespace commands: straight to the gateway, so every outcome has its precise reply and audit ---
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import itertools
 import os
 import subprocess
 import time
@@ -112,14 +113,13 @@ class GatewayFS(pyfuse3.Operations):
         self.peers = peers
         self._inodes: dict[int, _Inode] = {pyfuse3.ROOT_INODE: _Inode("", 1)}
         self._by_path: dict[str, int] = {"": pyfuse3.ROOT_INODE}
-        self._next_inode = pyfuse3.ROOT_INODE + 1
+        self._inode_numbers = itertools.count(pyfuse3.ROOT_INODE + 1)
         self._files: dict[int, _Open] = {}
         self._dirs: dict[int, _Dir] = {}
-        self._next_fh = 1
+        self._fh_numbers = itertools.count(1)
         self._writing: dict[str, _Open] = {}  # path → the open file whose uncommitted content it shows
         self.closing = False  # set before smbd is stopped: its closes of open files are not completions
         self.draining = False  # agent stopping: files already open may finish, no new file is opened to write
-        self.started = time.time()
 
     # --- inode table -----------------------------------------------------------------------------
 
@@ -129,8 +129,7 @@ class GatewayFS(pyfuse3.Operations):
     def _inode_for(self, path: str) -> int:
         ino = self._by_path.get(path)
         if ino is None:
-            ino = self._next_inode
-            self._next_inode += 1
+            ino = next(self._inode_numbers)
             self._inodes[ino] = _Inode(path)
             self._by_path[path] = ino
         return ino
@@ -353,8 +352,7 @@ class GatewayFS(pyfuse3.Operations):
         for wpath, op in self._writing.items():
             if parent_of(wpath) == path and name_of(wpath) not in known and op.writer is not None:
                 d.entries.append((name_of(wpath).encode(), wpath, False, op.writer.size, time.time()))
-        fh = self._next_fh
-        self._next_fh += 1
+        fh = next(self._fh_numbers)
         self._dirs[fh] = d
         return fh
 
@@ -376,8 +374,7 @@ class GatewayFS(pyfuse3.Operations):
     # --- files -----------------------------------------------------------------------------------
 
     def _new_fh(self, op: _Open) -> int:
-        fh = self._next_fh
-        self._next_fh += 1
+        fh = next(self._fh_numbers)
         self._files[fh] = op
         return fh
 

@@ -52,8 +52,7 @@ def ensure_host_key(path: str) -> asyncssh.SSHKey:
     if not p.exists():
         p.parent.mkdir(parents=True, exist_ok=True)
         key = asyncssh.generate_private_key("ssh-ed25519")
-        fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "wb") as f:
+        with os.fdopen(os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as f:
             f.write(key.export_private_key())
         log.info("host_key_generated", path=str(p), fingerprint=key.get_fingerprint())
     return asyncssh.read_private_key(str(p))

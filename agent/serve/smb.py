@@ -26,6 +26,7 @@ one failed login: SMB gets the ban, not the growing delay FTP and SFTP give.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import grp
 import hashlib
 import ipaddress
@@ -84,7 +85,6 @@ def render_conf(cfg: Config) -> str:
     s = cfg.smb
     host, port = s.listen
     state = s.state_dir
-    enc = {"required": "required", "desired": "desired", "off": "off"}[s.encryption]
     lines = [
         "# Rendered by pacsgw from " + str(cfg.path) + " — do not edit; edit the agent's TOML instead.",
         "[global]",
@@ -109,7 +109,7 @@ def render_conf(cfg: Config) -> str:
         "disable netbios = yes",
         "server min protocol = SMB3_00",  # plain "SMB3" means SMB3_11 only: Windows 8 / Server 2012 need 3.0(2)
         "server signing = mandatory",
-        f"server smb encrypt = {enc}",
+        f"server smb encrypt = {s.encryption}",  # the config allows Samba's own words only
         "map to guest = never",
         "restrict anonymous = 2",
         "load printers = no",
@@ -193,17 +193,14 @@ def _ensure_account(name: str, *, group: str | None = None) -> tuple[int, int]:
     try:
         pw = pwd.getpwnam(name)
     except KeyError:
-        pass
+        cmd = ["useradd", "--system", "--no-create-home", "--home-dir", "/nonexistent", "--shell", "/usr/sbin/nologin"]
+        cmd += ["--gid", group] if group else ["--user-group"]
+        subprocess.run([*cmd, name], check=True, capture_output=True)
+        log.info("unix_account_created", account=name)
     else:
         if group is not None and grp.getgrgid(pw.pw_gid).gr_name != group:
             subprocess.run(["usermod", "--gid", group, name], check=True, capture_output=True)
             log.info("unix_account_group_set", account=name, group=group)
-            pw = pwd.getpwnam(name)
-        return pw.pw_uid, pw.pw_gid
-    cmd = ["useradd", "--system", "--no-create-home", "--home-dir", "/nonexistent", "--shell", "/usr/sbin/nologin"]
-    cmd += ["--gid", group] if group else ["--user-group"]
-    subprocess.run([*cmd, name], check=True, capture_output=True)
-    log.info("unix_account_created", account=name)
     pw = pwd.getpwnam(name)
     return pw.pw_uid, pw.pw_gid
 
@@ -291,16 +288,13 @@ class SmbService:
         for name, root in wanted.items():
             ns = root.strip("/")
             if ns:
-                try:
+                with contextlib.suppress(AlreadyExists):
                     await self.gateway.mkdir(ns)
-                except AlreadyExists:
-                    pass
             target = mp / ns if ns else mp
             link = roots / name
             if link.is_symlink() and os.readlink(link) == str(target):
                 continue
-            if link.is_symlink() or link.exists():
-                link.unlink()
+            link.unlink(missing_ok=True)
             link.symlink_to(target)
 
     def _sync_users(self, gid: int) -> dict[int, str]:
@@ -404,11 +398,10 @@ class SmbService:
 
     def _start_smbd(self) -> subprocess.Popen[bytes]:
         s = self.cfg.smb
-        log_out = open(self.state / "log" / "smbd.stdout", "ab")
-        self.proc = subprocess.Popen(
-            [s.smbd, "--foreground", "--no-process-group", "-s", str(self.conf_path)],
-            stdin=subprocess.DEVNULL, stdout=log_out, stderr=subprocess.STDOUT, start_new_session=True)
-        log_out.close()
+        with open(self.state / "log" / "smbd.stdout", "ab") as log_out:  # smbd keeps its own copy of the fd
+            self.proc = subprocess.Popen(
+                [s.smbd, "--foreground", "--no-process-group", "-s", str(self.conf_path)],
+                stdin=subprocess.DEVNULL, stdout=log_out, stderr=subprocess.STDOUT, start_new_session=True)
         log.info("smbd_started", pid=self.proc.pid, conf=str(self.conf_path))
         return self.proc
 
@@ -472,10 +465,8 @@ class SmbService:
             except (ProcessLookupError, FileNotFoundError):
                 return
             time.sleep(0.05)
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
 
     def stop_accepting(self) -> None:
         """Drain: files already open may be finished and closed; no new file is opened for writing."""

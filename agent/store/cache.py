@@ -18,6 +18,7 @@ import hashlib
 import os
 import secrets
 import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -107,16 +108,10 @@ class Cache:
             raise _translate(e, blob) from e
 
     def discard_staging(self, blob: str) -> None:
-        try:
-            os.unlink(self.staging_path(blob))
-        except FileNotFoundError:
-            pass
+        self.staging_path(blob).unlink(missing_ok=True)
 
     def remove(self, blob: str) -> None:
-        try:
-            os.unlink(self.blob_path(blob))
-        except FileNotFoundError:
-            pass
+        self.blob_path(blob).unlink(missing_ok=True)
 
     def exists(self, blob: str) -> bool:
         return self.blob_path(blob).exists()
@@ -168,14 +163,6 @@ class Cache:
         fd2, problem = self.open_verified(blob, sha256)  # no stamp, or a stale one: the full check
         return (Opened(fd2, None) if fd2 is not None else None), problem
 
-    def sha256(self, blob: str) -> str:
-        """Hash a committed blob. Blocking: run in a thread."""
-        fd = self.open_blob(blob)
-        try:
-            return sha256_fd(fd)
-        finally:
-            os.close(fd)
-
     def disk_usage(self) -> DiskUsage:
         st = os.statvfs(self.root)
         total = st.f_blocks * st.f_frsize
@@ -215,10 +202,7 @@ def hash_range(fd: int, h: "xxhash.xxh3_128", start: int, end: int) -> int:
 def fast_digest_fd(fd: int) -> str:
     """The fast digest of a whole file by pread. Blocking."""
     h = fast_hash()
-    offset = 0
-    while chunk := os.pread(fd, CHUNK, offset):
-        h.update(chunk)
-        offset += len(chunk)
+    hash_range(fd, h, 0, sys.maxsize)  # to the file's end
     return h.hexdigest()
 
 

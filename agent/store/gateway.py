@@ -354,8 +354,7 @@ class Gateway:
                  metrics: Metrics, audit: AuditLog, *, worm: RetentionGuard, access: AccessStats, evictor: Evictor,
                  refusals: Refusals, on_stored: Callable[[str, Path], None] | None = None) -> None:
         self.cfg, self.db, self.cache, self.s3, self.uploader, self.metrics = cfg, db, cache, s3, uploader, metrics
-        self.audit, self.line = audit, uploader.line
-        self.worm = worm  # path and DICOM retention rules
+        self.audit, self.line, self.worm = audit, uploader.line, worm  # worm: path and DICOM retention rules
         self.refusals, self.access, self.evictor, self.on_stored = refusals, access, evictor, on_stored
         self._fills: dict[str, _Fill] = {}
         self._listings: dict[str, asyncio.Future[None]] = {}
@@ -417,9 +416,11 @@ class Gateway:
 
     # --- namespace ------------------------------------------------------------------------------
 
-    def _check_writable(self, path: str) -> None:
+    def _may_change(self, who: Who | None, right: str, path: str) -> None:
+        """A change to the namespace: refused on an HA standby, and to a user without `right`."""
         if self.refusals.write:
             raise Unavailable(path, self.refusals.write)
+        self._require(who, right, path)
 
     async def stat(self, path: str) -> Entry:
         e = await self.db.get(path)
@@ -514,8 +515,7 @@ class Gateway:
 
     async def mkdir(self, path: str, who: Who | None = None) -> None:
         async with self.audit.op(who, "mkdir", path):
-            self._check_writable(path)
-            self._require(who, "write", path)
+            self._may_change(who, "write", path)
             check_creatable(path, path)
             await self._ensure_listed(parent_of(path), missing_ok=True)
             await self.db.mkdir(path)
@@ -523,8 +523,7 @@ class Gateway:
 
     async def rmdir(self, path: str, who: Who | None = None) -> None:
         async with self.audit.op(who, "rmdir", path):
-            self._check_writable(path)
-            self._require(who, "delete", path)
+            self._may_change(who, "delete", path)
             self._movable(path)
             await self._ensure_listed(path)
             await self.db.rmdir(path)
@@ -532,8 +531,7 @@ class Gateway:
 
     async def delete(self, path: str, who: Who | None = None) -> None:
         async with self.audit.op(who, "delete", path):
-            self._check_writable(path)
-            self._require(who, "delete", path)
+            self._may_change(who, "delete", path)
             self._movable(path)
             await self.worm.check_mutable(await self.stat(path), time.time())
             blob = await self.db.delete(path)
@@ -546,8 +544,7 @@ class Gateway:
         """Like rename(2), an existing target file is replaced (PACS clients re-send x.part → x); without
         `replace` (SFTPv3 rename, renameat2's RENAME_NOREPLACE) an existing target is AlreadyExists."""
         async with self.audit.op(who, "rename", src, to=dst):
-            self._check_writable(src)
-            self._require(who, "rename", src)
+            self._may_change(who, "rename", src)
             self._movable(src)
             self._movable(dst)
             check_creatable(dst, dst)
@@ -582,8 +579,7 @@ class Gateway:
         """Start writing path; offset > 0 resumes (REST/append): the existing first bytes are kept. An offset
         past the end is refused (BadOffset): resuming there would leave a hole no client sent."""
         async with self.audit.op(who, "store", path, record_ok=False):
-            self._check_writable(path)
-            self._require(who, "write", path)
+            self._may_change(who, "write", path)
             if not path:
                 raise IsADirectory(path)
             await self._ensure_listed(parent_of(path), missing_ok=True)

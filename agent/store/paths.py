@@ -43,16 +43,14 @@ def check_creatable(path: str, original: str) -> None:
     """Refuse creating `path` (a namespace path; missing parents are created too) if any component is a name
     Windows clients cannot use. For every front end: a file stored over FTP must be readable over SMB."""
     for part in path.split("/"):
-        problem = creatable_problem(part) if part else None
-        if problem:
+        if part and (problem := creatable_problem(part)):
             raise BadPath(original, problem)
 
 
 def check_name(name: str, original: str) -> None:
     if name in (".", ".."):
         raise BadPath(original, f"'{name}' is not a valid name")
-    problem = name_problem(name)
-    if problem:
+    if problem := name_problem(name):
         raise BadPath(original, problem)
     if "\\" in name:
         raise BadPath(original, "backslash is not allowed in names")
@@ -101,8 +99,5 @@ def name_of(path: str) -> str:
 
 def ancestors(path: str) -> list[str]:
     """'a/b/c' → ['', 'a', 'a/b'] (outermost first)."""
-    out = [""]
     parts = path.split("/")[:-1] if path else []
-    for i in range(len(parts)):
-        out.append("/".join(parts[: i + 1]))
-    return out
+    return ["", *("/".join(parts[: i + 1]) for i in range(len(parts)))]

@@ -65,7 +65,6 @@ class UplinkHealth:
     reachable: bool = True
     last_error: str = ""
     since: float = field(default_factory=time.time)
-    throttled: int = 0  # requests the server asked us to slow down on, since start
 
 
 class Line:
@@ -185,7 +184,6 @@ class Line:
             except Exception as exc:
                 if not is_throttled(exc) or attempt == THROTTLE_RETRIES:
                     raise
-                self.health.throttled += 1
                 delay = backoff(attempt, base=0.2, cap=10.0)
                 log.info("uplink_throttled", path=what, error=error_code(exc), retry_in=round(delay, 2))
                 await asyncio.sleep(delay)

@@ -150,6 +150,11 @@ def parse_timestamp(value: str) -> datetime:
     return parsed
 
 
+def _epoch(mtime: Any) -> float:
+    """A listed object's LastModified (a datetime; epoch seconds from some servers) → epoch seconds."""
+    return mtime.timestamp() if isinstance(mtime, datetime) else float(mtime)
+
+
 def b64(digest_hex: str) -> str:
     return base64.b64encode(bytes.fromhex(digest_hex)).decode()
 
@@ -391,9 +396,7 @@ class S3Uplink:
                 path = obj["Key"][len(prefix):]
                 if any(part in ("", ".", "..") for part in path.split("/")):
                     continue
-                mtime = obj["LastModified"]
-                rows.append((path, obj["Size"], mtime.timestamp() if isinstance(mtime, datetime) else float(mtime),
-                             obj.get("ETag")))
+                rows.append((path, obj["Size"], _epoch(obj["LastModified"]), obj.get("ETag")))
             yield await self.logical_sizes(rows) if logical else rows
 
     async def list_dir(self, path: str) -> RemoteListing:
@@ -409,10 +412,7 @@ class S3Uplink:
             for obj in page.get("Contents", []):
                 name = obj["Key"][len(prefix):]
                 if name and "/" not in name:
-                    mtime = obj["LastModified"]
-                    objects.append(RemoteObject(name, obj["Size"], mtime.timestamp()
-                                                if isinstance(mtime, datetime) else float(mtime),
-                                                obj.get("ETag")))
+                    objects.append(RemoteObject(name, obj["Size"], _epoch(obj["LastModified"]), obj.get("ETag")))
         if objects:
             rows = await self.logical_sizes([(prefix[len(self.cfg.prefix):] + o.name, o.size, o.mtime, o.etag)
                                              for o in objects])

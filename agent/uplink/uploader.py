@@ -108,10 +108,7 @@ class Uploader:
     # --- transfers -------------------------------------------------------------------------------
 
     def key_lock(self, key: str) -> asyncio.Lock:
-        lock = self._key_locks.get(key)
-        if lock is None:
-            lock = self._key_locks[key] = asyncio.Lock()
-        return lock
+        return self._key_locks.setdefault(key, asyncio.Lock())
 
     async def transfer(self, e: Entry) -> bool:
         """Upload (or server-side copy) one claimed row; → True when it is clean in S3."""
@@ -249,10 +246,8 @@ class Uploader:
                 continue
             next_due = await self.db.next_due()
             delay = IDLE_POLL if next_due is None else min(IDLE_POLL, max(0.05, next_due - time.time()))
-            try:
+            with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), delay)
-            except asyncio.TimeoutError:
-                pass
 
     def start_transfer(self, e: Entry) -> asyncio.Task[bool]:
         """Run `transfer` for a claimed row as a task the drain on stop waits for."""
