@@ -18,8 +18,9 @@ What is counted:
     minute can carry up to line rate + prefetch rate; transfers still queued at the end of the trace
     extend the series. Uploads are excluded, they are the same for every scheme;
   * a prefetched file that is read before its fetch completed counts as a miss (fetched on demand);
-  * prior studies are known to the policy only through the trace's catalog lines (`S`): their total
-    bytes, so a prefetch pays for the whole study, including files nobody reads later.
+  * prior studies are known to the policy only through the trace's catalog lines (`S`) and the studies
+    written so far (one acquired later, even the same day, is not a prior yet, as in the agent's study
+    index): their total bytes, so a prefetch pays for the whole study, including files nobody reads later.
 
 Per-request work is a few dict/bytearray operations; the batch policy (kmeans) runs when the cache is
 over capacity and frees down to `low_watermark`, like the agent's pressure loop.
@@ -217,6 +218,11 @@ class Replayer:
         self.pf_used = 0
         self.predictor = predictor
         self.pf_rank: dict[int, int] = {}    # prefetched study → rank, until opened or evicted
+        # the studies the catalog knows at the current request: the archive's (never written during the
+        # trace) from the start, the others from their first write; a study acquired later the same day
+        # is not a prior yet (the agent's study index learns it from its first file's header)
+        self.known = np.ones(n_st, dtype=bool)
+        self.known[ta.obj_study[ta.obj[ta.is_write]]] = False
         if not self.stack.online:
             self.last = np.zeros(n_obj + n_st)
             self.count = np.zeros(n_obj + n_st, dtype=np.int64)
@@ -267,7 +273,7 @@ class Replayer:
         have a newer one (what the agent's prefetcher tells it from the catalog's study index)."""
         ta = self.ta
         earlier = [x for x in _members(self.idx.patient_studies, int(ta.study_patient[s])).tolist()
-                   if ta.study_day[x] < ta.study_day[s]]
+                   if ta.study_day[x] < ta.study_day[s] and self.known[x]]
         for x in [s, *earlier]:
             dept = ta.department_names[ta.study_department[x]] if ta.department_names else None
             self.stack.describe(x, ta.modality_names[ta.study_modality[x]], dept, x != s)
@@ -276,6 +282,7 @@ class Replayer:
     def _plan_priors(self, s: int, t: float) -> None:
         ta, cfg = self.ta, self.cfg
         studies = _members(self.idx.patient_studies, int(ta.study_patient[s]))
+        studies = studies[self.known[studies]]
         if studies.size <= 1:
             return
         info = [StudyInfo(int(x), int(ta.study_modality[x]), float(ta.study_day[x]), 0) for x in studies]
@@ -343,7 +350,6 @@ class Replayer:
         online = self.stack.online
         in_cache, ready, prefetched = self.in_cache, self.ready, self.prefetched
         study = self.study.tolist()
-        seen_study = bytearray(len(ta.study_bytes))
         planners = (self.prefetch or "").split("+")
         lstm = "lstm" in planners
         priors = "priors" in planners
@@ -369,8 +375,8 @@ class Replayer:
                 next_plan += DAY
             if W[i]:
                 s = study[o]
-                if not seen_study[s]:
-                    seen_study[s] = 1
+                if not self.known[s]:
+                    self.known[s] = True
                     self._describe(s)
                     if priors:
                         self._plan_priors(s, t)
