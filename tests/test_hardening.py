@@ -325,6 +325,37 @@ def test_login_guard_lets_logins_through_on_a_full_disk(tmp_path):
         g.close()
 
 
+def test_login_guard_does_not_stall_on_a_locked_file(tmp_path):
+    """Another process stuck inside a transaction of the guard's file (here: a second connection holding the
+    write lock) must not stall logins for seconds: bans are still read, a good login and a session are let
+    through uncounted, a failure gets the longest delay, and a slot released meanwhile is freed afterwards."""
+    import sqlite3
+
+    from agent.audit import AuditLog
+    from agent.auth import LoginGuard
+    from agent.config import LoginConfig
+    from agent.metrics import Metrics
+    path = tmp_path / "logins.sqlite"
+    cfg = LoginConfig(max_failures=2, delay_seconds=0.1, max_delay_seconds=7)
+    g = LoginGuard(cfg, Metrics(), AuditLog(None, 0, 1, False), path)
+    for _ in range(2):
+        g.failed("guesser", "10.6.6.6", "sftp")
+    slot = g.take_session("address", "10.0.0.1", 1)
+    stuck = sqlite3.connect(path, isolation_level=None)
+    stuck.execute("BEGIN IMMEDIATE")
+    t0 = time.monotonic()
+    assert "banned" in g.refusal("other", "10.6.6.6", "sftp") and g.refusal("pacs", "10.0.0.2", "sftp") == ""
+    g.succeeded("pacs", "10.0.0.2")
+    assert g.take_session("address", "10.0.0.3", 5) == 0  # uncounted
+    assert g.failed("pacs", "10.0.0.4", "sftp") == cfg.max_delay_seconds
+    g.release_session(slot)
+    assert time.monotonic() - t0 < 2.5  # each locked call waits BUSY_MS (0.2 s), not seconds
+    stuck.execute("ROLLBACK")
+    assert g.take_session("address", "10.0.0.1", 1)  # the release is done once the lock is gone
+    assert g.take_session("address", "10.0.0.1", 1) is None
+    g.close()
+
+
 def test_sftp_session_caps_per_address_and_per_user(agent_factory):
     """SSH connections count against [sftp] max_sessions_per_address before the key exchange, logins against
     max_sessions_per_user; one more is disconnected (TOO_MANY_CONNECTIONS) and its slot is free again once a
