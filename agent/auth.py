@@ -78,18 +78,21 @@ class LoginGuard:
 
     MAX_TRACKED = 100_000
     TRUSTED_PER_USER = 16
+    BUSY_MS = 200  # the longest a call waits for another process's transaction
 
     def __init__(self, cfg: LoginConfig, metrics: Metrics, audit: AuditLog, path: Path | None = None) -> None:
         self.cfg, self.metrics, self.audit = cfg, metrics, audit
         self.db = sqlite3.connect(str(path) if path else ":memory:", isolation_level=None, check_same_thread=False)
-        # Calls are synchronous on the event loop: every transaction is a few rows, so a wait for another
-        # process's is short; NORMAL: a power cut may forget the last failures, never corrupt the file.
-        self.db.execute("PRAGMA busy_timeout=5000")
+        # Calls are synchronous on the event loop: every transaction is a few rows (microseconds), so a lock
+        # held longer means a stuck process; waiting for it must not stall every client of this one for
+        # seconds (see _unless_unrecordable). NORMAL: a power cut may forget the last failures, never corrupt.
+        self.db.execute(f"PRAGMA busy_timeout={self.BUSY_MS}")
         if path:
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute("PRAGMA synchronous=NORMAL")
         self.db.executescript(_GUARD_SCHEMA)
         self._me = _process_identity(os.getpid())
+        self._unreleased: list[int] = []  # slots whose release could not be recorded: retried with the next call
         with self._tx():
             boot = self.db.execute("SELECT value FROM meta WHERE key = 'boot'").fetchone()
             if boot is None or boot[0] != _BOOT_ID:  # monotonic times of another boot mean nothing
@@ -112,23 +115,27 @@ class LoginGuard:
             raise
 
     @contextlib.contextmanager
-    def _unless_disk_full(self, what: str) -> Iterator[None]:
-        """A full cache disk must not keep the PACS from logging in to read what is cached: a login or a
-        session that cannot be recorded is let through uncounted (logged), never refused for that."""
+    def _unless_unrecordable(self, what: str) -> Iterator[None]:
+        """A full cache disk, or the file locked beyond BUSY_MS by a stuck process, must not keep the PACS
+        from logging in to read what is cached: a good login or a session that cannot be recorded is let
+        through uncounted (logged), never refused for that. (A failed login gets the longest delay instead,
+        and a ban that cannot be checked refuses: the guesser never gains.)"""
         try:
             yield
         except sqlite3.OperationalError as e:
-            if e.sqlite_errorcode != sqlite3.SQLITE_FULL:
+            if e.sqlite_errorcode not in (sqlite3.SQLITE_FULL, sqlite3.SQLITE_BUSY):
                 raise
             log.error("login_guard_not_recorded", what=what, error=str(e))
 
     def refusal(self, user: str, address: str, protocol: str, now: float | None = None) -> str:
         """Why a login must be refused unchecked now ('' when it may be checked)."""
         now = time.monotonic() if now is None else now
-        with self._tx():
-            self._expire(now)
+        # reads only: in WAL mode another process's write lock never blocks them, and a full disk neither
+        with self._unless_unrecordable("ban check"):
+            self._gauge(now)  # bans other processes imposed show here too
             for scope, key in (("address", address), ("user", user)):
-                if self.db.execute("SELECT 1 FROM bans WHERE scope = ? AND key = ?", (scope, key)).fetchone():
+                if self.db.execute("SELECT 1 FROM bans WHERE scope = ? AND key = ? AND until > ?",
+                                   (scope, key, now)).fetchone():
                     if scope == "user" and self.db.execute(
                             "SELECT 1 FROM trusted WHERE user = ? AND address = ?", (user, address)).fetchone():
                         continue
@@ -138,18 +145,23 @@ class LoginGuard:
                     self.audit.record(Who(user, protocol, address), "login", "",
                                       f"refused: {scope} temporarily banned")
                     return f"too many failed logins: {scope} temporarily banned"
-        return ""
+            return ""
+        self.metrics.login_refused.labels(protocol, "unchecked").inc()
+        log.warning("login_refused", protocol=protocol, user=user, peer=address, reason="bans not readable")
+        self.audit.record(Who(user, protocol, address), "login", "", "refused: bans could not be checked")
+        return "login check unavailable: try again later"
 
     def banned(self, scope: str, now: float | None = None) -> list[str]:
         """The addresses (scope 'address') or users ('user') banned now, for a front end that enforces bans
         elsewhere (Samba checks SMB passwords itself: its smb.conf denies banned addresses)."""
-        with self._tx():
-            self._expire(time.monotonic() if now is None else now)
-            return [k for (k,) in self.db.execute("SELECT key FROM bans WHERE scope = ? ORDER BY key", (scope,))]
+        now = time.monotonic() if now is None else now
+        self._gauge(now)
+        return [k for (k,) in self.db.execute("SELECT key FROM bans WHERE scope = ? AND until > ? ORDER BY key",
+                                              (scope, now))]
 
     def succeeded(self, user: str, address: str, now: float | None = None) -> None:
         now = time.monotonic() if now is None else now
-        with self._unless_disk_full("login"), self._tx():
+        with self._unless_unrecordable("login"), self._tx():
             self.db.execute("DELETE FROM failures WHERE scope = 'address' AND key = ?", (address,))
             self.db.execute("INSERT OR REPLACE INTO trusted (user, address, at) VALUES (?, ?, ?)", (user, address, now))
             self.db.execute("DELETE FROM trusted WHERE user = ? AND address NOT IN (SELECT address FROM trusted "
@@ -160,8 +172,9 @@ class LoginGuard:
         now = time.monotonic() if now is None else now
         self.metrics.login_failures.labels(protocol).inc()
         worst = 0
-        with self._tx():
+        with self._unless_unrecordable("failed login"), self._tx():
             self.db.execute("DELETE FROM failures WHERE at <= ?", (now - self.cfg.window_seconds,))
+            self.db.execute("DELETE FROM bans WHERE until <= ?", (now,))
             for scope, key in (("address", address), ("user", user)):
                 self.db.execute("INSERT INTO failures (scope, key, at) VALUES (?, ?, ?)", (scope, key, now))
                 (count,) = self.db.execute("SELECT COUNT(*) FROM failures WHERE scope = ? AND key = ?",
@@ -180,13 +193,15 @@ class LoginGuard:
             # rowids grow: this keeps the newest MAX_TRACKED failures (a spray from many addresses is bounded)
             self.db.execute("DELETE FROM failures WHERE rowid <= (SELECT MAX(rowid) FROM failures) - ?",
                             (self.MAX_TRACKED,))
-            self._gauge()
-        return min(self.cfg.delay_seconds * 2 ** (worst - 1), self.cfg.max_delay_seconds)
+            self._gauge(now)
+            return min(self.cfg.delay_seconds * 2 ** (worst - 1), self.cfg.max_delay_seconds)
+        return self.cfg.max_delay_seconds
 
     def take_session(self, scope: str, key: str, cap: int) -> int | None:
         """A session slot for key (an address, a user) if fewer than cap are held on the whole box → its id
-        (give it back with release_session); None at the cap. 0 (no slot) when the disk is full."""
-        with self._unless_disk_full("session"), self._tx():
+        (give it back with release_session); None at the cap. 0 (no slot) when it cannot be recorded."""
+        self._release_pending()
+        with self._unless_unrecordable("session"), self._tx():
             if self._sessions(scope, key) >= cap:
                 self._free_dead(scope, key)
                 if self._sessions(scope, key) >= cap:
@@ -197,8 +212,15 @@ class LoginGuard:
 
     def release_session(self, slot: int) -> None:
         if slot:
-            with self._tx():
-                self.db.execute("DELETE FROM sessions WHERE id = ?", (slot,))
+            self._unreleased.append(slot)
+        self._release_pending()
+
+    def _release_pending(self) -> None:
+        if self._unreleased:
+            with self._unless_unrecordable("session end"):
+                with self._tx():
+                    self.db.executemany("DELETE FROM sessions WHERE id = ?", [(s,) for s in self._unreleased])
+                self._unreleased = []  # committed
 
     def _sessions(self, scope: str, key: str) -> int:
         return int(self.db.execute("SELECT COUNT(*) FROM sessions WHERE scope = ? AND key = ?",
@@ -212,13 +234,9 @@ class LoginGuard:
                 self.db.execute("DELETE FROM sessions WHERE pid = ? AND started = ?", (pid, started))
                 log.warning("session_slots_freed", scope=scope, key=key, pid=pid, reason="process gone")
 
-    def _expire(self, now: float) -> None:
-        self.db.execute("DELETE FROM bans WHERE until <= ?", (now,))
-        self._gauge()  # bans other processes imposed show here too
-
-    def _gauge(self) -> None:
+    def _gauge(self, now: float) -> None:
         for scope in ("address", "user"):
-            (n,) = self.db.execute("SELECT COUNT(*) FROM bans WHERE scope = ?", (scope,)).fetchone()
+            (n,) = self.db.execute("SELECT COUNT(*) FROM bans WHERE scope = ? AND until > ?", (scope, now)).fetchone()
             self.metrics.login_banned.labels(scope).set(n)
 
 

@@ -284,6 +284,9 @@ class SftpConfig:
     listen: tuple[str, int] = _f(_listen, LISTEN, default=("127.0.0.1", 2222))
     host_key: str = _f(_str, "a path; the key is generated there on first start if missing", default="")
     password_auth: bool = _f(_bool, "true or false (false: public keys only)", default=True)
+    # the same caps as [ftp]'s, counted apart from FTP's (issue 19: connection floods)
+    max_sessions_per_user: int = _f(_int_between(1, 10000), "an integer 1..10000", default=32)
+    max_sessions_per_address: int = _f(_int_between(1, 10000), "an integer 1..10000", default=64)
 
 
 @dataclass(frozen=True)

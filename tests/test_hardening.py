@@ -18,7 +18,9 @@ from pathlib import Path
 
 import asyncssh
 import pytest
+from test_config import GOOD
 
+from agent.config import ConfigError, load
 from harness import BUCKET, PASSWORD, s3_objects, sha256
 
 
@@ -321,6 +323,113 @@ def test_login_guard_lets_logins_through_on_a_full_disk(tmp_path):
         (disk / "filler").unlink()
         assert g.take_session("address", "10.9.9.9", 1) and g.take_session("address", "10.9.9.9", 1) is None
         g.close()
+
+
+def test_login_guard_does_not_stall_on_a_locked_file(tmp_path):
+    """Another process stuck inside a transaction of the guard's file (here: a second connection holding the
+    write lock) must not stall logins for seconds: bans are still read, a good login and a session are let
+    through uncounted, a failure gets the longest delay, and a slot released meanwhile is freed afterwards."""
+    import sqlite3
+
+    from agent.audit import AuditLog
+    from agent.auth import LoginGuard
+    from agent.config import LoginConfig
+    from agent.metrics import Metrics
+    path = tmp_path / "logins.sqlite"
+    cfg = LoginConfig(max_failures=2, delay_seconds=0.1, max_delay_seconds=7)
+    g = LoginGuard(cfg, Metrics(), AuditLog(None, 0, 1, False), path)
+    for _ in range(2):
+        g.failed("guesser", "10.6.6.6", "sftp")
+    slot = g.take_session("address", "10.0.0.1", 1)
+    stuck = sqlite3.connect(path, isolation_level=None)
+    stuck.execute("BEGIN IMMEDIATE")
+    t0 = time.monotonic()
+    assert "banned" in g.refusal("other", "10.6.6.6", "sftp") and g.refusal("pacs", "10.0.0.2", "sftp") == ""
+    g.succeeded("pacs", "10.0.0.2")
+    assert g.take_session("address", "10.0.0.3", 5) == 0  # uncounted
+    assert g.failed("pacs", "10.0.0.4", "sftp") == cfg.max_delay_seconds
+    g.release_session(slot)
+    assert time.monotonic() - t0 < 2.5  # each locked call waits BUSY_MS (0.2 s), not seconds
+    stuck.execute("ROLLBACK")
+    assert g.take_session("address", "10.0.0.1", 1)  # the release is done once the lock is gone
+    assert g.take_session("address", "10.0.0.1", 1) is None
+    g.close()
+
+
+def test_sftp_session_caps_per_address_and_per_user(agent_factory):
+    """SSH connections count against [sftp] max_sessions_per_address before the key exchange, logins against
+    max_sessions_per_user; one more is disconnected (TOO_MANY_CONNECTIONS) and its slot is free again once a
+    client leaves. FTP sessions from the same address count apart."""
+    agent = agent_factory(**{"sftp.max_sessions_per_address": 3, "sftp.max_sessions_per_user": 2},
+                          users=[{"name": "pacs", "password": PASSWORD, "root": "/"},
+                                 {"name": "viewer", "password": PASSWORD, "root": "/"}]).start()
+
+    class Client(asyncssh.SSHClient):
+        ended: Exception | None = None
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self.ended = exc
+
+    def connect(user: str = "pacs", source: str = "127.0.0.1"):
+        return asyncssh.create_connection(Client, "127.0.0.1", agent.sftp_port, username=user, password=PASSWORD,
+                                          known_hosts=None, local_addr=(source, 0))
+
+    async def session(user: str = "pacs", source: str = "127.0.0.1") -> str:
+        """One SFTP session → '' when it could list '/', else why the server disconnected."""
+        try:
+            conn, client = await connect(user, source)
+        except asyncssh.DisconnectError as e:  # before the login
+            assert e.code == asyncssh.DISC_TOO_MANY_CONNECTIONS, e
+            return e.reason
+        try:
+            async with conn, conn.start_sftp_client() as sftp:
+                await sftp.listdir("/")
+                return ""
+        except asyncssh.ChannelOpenError:  # the server disconnected right after the login
+            await conn.wait_closed()
+            assert isinstance(client.ended, asyncssh.DisconnectError), client.ended
+            assert client.ended.code == asyncssh.DISC_TOO_MANY_CONNECTIONS
+            return client.ended.reason
+
+    async def until(user: str, outcome: str) -> None:
+        deadline = time.monotonic() + 30
+        while (got := await session(user)).split(" (")[0] != outcome:
+            # the server counts a client out when it sees the connection end
+            assert time.monotonic() < deadline, got
+            await asyncio.sleep(0.2)
+
+    async def run() -> None:
+        (a, _), (b, _), (v, _) = [await connect(user) for user in ("pacs", "pacs", "viewer")]
+        assert (await session("viewer")).startswith("too many sessions from your address (limit 3)")
+        await asyncio.to_thread(lambda: ftp(agent).quit())  # FTP's own caps, not SFTP's
+        v.close()
+        await v.wait_closed()
+        await until("pacs", "too many sessions for this user")  # the address has a slot again, pacs has none
+        assert await session("viewer", "127.0.0.2") == ""  # the address cap is per address
+        a.close()
+        await a.wait_closed()
+        await until("pacs", "")  # a slot of pacs is free again
+        b.close()
+        await b.wait_closed()
+
+    asyncio.run(run())
+    refusals = [e for e in agent.events("session_refused") if e.get("protocol") == "sftp"]
+    assert {r["reason"].split(" (")[0] for r in refusals} >= {"too many sessions from 127.0.0.1",
+                                                               "too many sessions for user pacs"}
+
+
+@pytest.mark.parametrize("key,value", [("max_sessions_per_user", "0"), ("max_sessions_per_address", "10001"),
+                                       ("max_sessions_per_address", '"many"')])
+def test_sftp_session_limit_keys_are_checked(tmp_path, key, value):
+    path = tmp_path / "agent.toml"
+    path.write_text(GOOD.replace("[[users]]", f"[sftp]\n{key} = {value}\n[[users]]", 1))
+    path.chmod(0o600)
+    with pytest.raises(ConfigError) as err:
+        load(path)
+    assert err.value.key == f"sftp.{key}" and str(path) in str(err.value)
+    path.write_text(GOOD)
+    sftp_cfg = load(path).sftp  # the documented defaults, those of [ftp]
+    assert (sftp_cfg.max_sessions_per_user, sftp_cfg.max_sessions_per_address) == (32, 64)
 
 
 # --- 14: the admin path -----------------------------------------------------------------------------

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import ipaddress
 import ssl
 import stat
 from dataclasses import dataclass
@@ -111,3 +112,18 @@ async def login(gw: Gateway, guard: LoginGuard, protocol: str, who: Who, address
     wait = guard.failed(who.user, address, protocol)
     if delay:
         await asyncio.sleep(wait)
+
+
+def refuse_session(gw: Gateway, protocol: str, who: Who, reason: str) -> None:
+    """A connection or login turned away at a session cap ([ftp]/[sftp] max_sessions_per_*)."""
+    log.warning("session_refused", protocol=protocol, user=who.user, peer=who.peer, reason=reason)
+    gw.audit_event(who, "login", "", f"refused: {reason}")
+    gw.count_error(protocol, "SessionLimit")
+
+
+def unmapped(address: str) -> str:
+    """A peer address as compared: an IPv4 client seen through an IPv6 socket (::ffff:a.b.c.d) as a.b.c.d."""
+    ip = ipaddress.ip_address(address.split("%")[0])
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return str(ip)

@@ -26,7 +26,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import ipaddress
 import os
 import random
 import ssl
@@ -56,7 +55,7 @@ from agent.auth import LoginGuard, verify_password
 from agent.config import Config, UserConfig
 from agent.records import Entry
 from agent.serve import contract
-from agent.serve.contract import answer, report, st_mode, tls_context
+from agent.serve.contract import answer, report, st_mode, tls_context, unmapped
 from agent.store.errors import Corrupt, GatewayError, IsADirectory
 from agent.store.gateway import Gateway, ReadHandle, WriteHandle
 from agent.store.paths import resolve
@@ -101,14 +100,6 @@ def printable(text: str) -> str:
 def quoted(path: str) -> str:
     """A pathname as a 257 reply quotes it (RFC 959): inside double quotes, each quote doubled."""
     return '"' + path.replace('"', '""') + '"'
-
-
-def _unmapped(address: str) -> str:
-    """A peer address as compared: an IPv4 client seen through an IPv6 socket (::ffff:a.b.c.d) as a.b.c.d."""
-    ip = ipaddress.ip_address(address.split("%")[0])
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    return str(ip)
 
 
 def _transport(writer: asyncio.StreamWriter) -> asyncio.Transport:
@@ -248,7 +239,7 @@ class Passive:
         # First, before any byte is read: a TLS client hello must reach the TLS layer, not the stream buffer.
         _transport(writer).pause_reading()
         host, port = writer.get_extra_info("peername")[:2]
-        if self.connected.done() or _unmapped(host) != _unmapped(self.peer):
+        if self.connected.done() or unmapped(host) != unmapped(self.peer):
             self.on_refused(f"{host}:{port}", "the data connection was already made" if self.connected.done()
                             else "its address is not the control connection's")
             writer.transport.abort()
@@ -363,11 +354,12 @@ class FtpServer(aioftp.Server):
     async def dispatcher(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """One session: aioftp.Server.start serves each control connection with this method."""
         host, port = writer.get_extra_info("peername")[:2]
-        address = _unmapped(host)
+        address = unmapped(host)
         cap = self.cfg.ftp.max_sessions_per_address
         slot = self.logins.take_session("address", address, cap)  # counted box-wide (agent.auth.LoginGuard)
         if slot is None:
-            self._refuse_session(Who("-", "ftp", f"{host}:{port}"), f"too many sessions from {address} (limit {cap})")
+            contract.refuse_session(self.gateway, "ftp", Who("-", "ftp", f"{host}:{port}"),
+                                    f"too many sessions from {address} (limit {cap})")
             writer.write(f"421 too many sessions from your address (limit {cap}); try again later\r\n".encode())
             writer.close()
             return
@@ -379,11 +371,6 @@ class FtpServer(aioftp.Server):
         finally:
             self.sessions.discard(task)
             self.logins.release_session(slot)
-
-    def _refuse_session(self, party: Who, reason: str) -> None:
-        log.warning("session_refused", protocol="ftp", user=party.user, peer=party.peer, reason=reason)
-        self.gateway.audit_event(party, "login", "", f"refused: {reason}")
-        self.gateway.count_error("ftp", "SessionLimit")
 
     async def _session(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, host: str, port: int,
                        session: Session) -> None:
@@ -546,7 +533,8 @@ class FtpServer(aioftp.Server):
         name, cap = connection.user.login, self.cfg.ftp.max_sessions_per_user
         slot = guard.take_session("user", name, cap)
         if slot is None:
-            self._refuse_session(who(connection), f"too many sessions for user {name} (limit {cap})")
+            contract.refuse_session(self.gateway, "ftp", who(connection),
+                                    f"too many sessions for user {name} (limit {cap})")
             connection.response("421", f"too many sessions for this user (limit {cap}); try again later")
             return False
         connection.session.user, connection.session.user_slot = name, slot
@@ -562,7 +550,7 @@ class FtpServer(aioftp.Server):
         if connection.session.epsv_all:
             connection.response("503", "EPSV ALL was sent: use EPSV")
             return True
-        host = self.cfg.ftp.masquerade_address or _unmapped(connection.server_host)
+        host = self.cfg.ftp.masquerade_address or unmapped(connection.server_host)
         if ":" in host:
             connection.response("425", "PASV cannot announce an IPv6 address; use EPSV")
             return True
@@ -580,7 +568,7 @@ class FtpServer(aioftp.Server):
             connection.session.epsv_all = True
             connection.response("200", "EPSV ALL ok: only EPSV from now on")
             return True
-        family = "2" if ":" in _unmapped(connection.server_host) else "1"
+        family = "2" if ":" in unmapped(connection.server_host) else "1"
         if arg and not arg.isdigit():
             connection.response("501", f"EPSV takes ALL or a network protocol number, not {rest!r}")
             return True

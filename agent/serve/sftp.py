@@ -19,9 +19,9 @@ import structlog
 
 from agent.audit import Who
 from agent.auth import LoginGuard, verify_password
-from agent.config import Config, UserConfig
+from agent.config import Config, SftpConfig, UserConfig
 from agent.records import Entry
-from agent.serve.contract import answer, login, report, st_mode
+from agent.serve.contract import answer, login, refuse_session, report, st_mode, unmapped
 from agent.store.errors import GatewayError
 from agent.store.gateway import Gateway, ReadHandle, WriteHandle
 from agent.store.paths import resolve
@@ -59,20 +59,46 @@ def ensure_host_key(path: str) -> asyncssh.SSHKey:
 
 
 class _Auth(asyncssh.SSHServer):
-    def __init__(self, users: dict[str, UserConfig], password_auth: bool, gateway: Gateway,
-                 guard: LoginGuard) -> None:
-        self.users, self.password_auth, self.gateway, self.guard = users, password_auth, gateway, guard
+    """One SSH connection: its login, and its slots against [sftp] max_sessions_per_address and _per_user
+    (LoginGuard's box-wide slots, scopes 'sftp address' and 'sftp user': counted apart from FTP's)."""
+
+    def __init__(self, users: dict[str, UserConfig], cfg: SftpConfig, gateway: Gateway, guard: LoginGuard) -> None:
+        self.users, self.cfg, self.gateway, self.guard = users, cfg, gateway, guard
         self.conn: asyncssh.SSHServerConnection | None = None
         self.username = "-"
+        self.slots: list[int] = []
 
     def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
         self.conn = conn
+        # before the key exchange: a flood from one address costs no crypto beyond its cap
+        address, cap = unmapped(conn.get_extra_info("peername")[0]), self.cfg.max_sessions_per_address
+        self._take_slot("sftp address", address, cap, f"from {address}", "from your address")
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        for slot in self.slots:
+            self.guard.release_session(slot)
+        self.slots = []
+
+    def _take_slot(self, scope: str, key: str, cap: int, whose: str, yours: str) -> bool:
+        """A slot of the guard for this connection, or refuse it: audit, log, and an SSH disconnect."""
+        slot = self.guard.take_session(scope, key, cap)
+        if slot is not None:
+            self.slots.append(slot)
+            return True
+        assert self.conn is not None
+        refuse_session(self.gateway, "sftp", self._who(self.username), f"too many sessions {whose} (limit {cap})")
+        # soon, not now: asyncssh sends its version line when connection_made returns
+        asyncio.get_running_loop().call_soon(self.conn.disconnect, asyncssh.DISC_TOO_MANY_CONNECTIONS,
+                                             f"too many sessions {yours} (limit {cap}); try again later")
+        return False
 
     def _who(self, username: str) -> Who:
         return Who(username, "sftp", _peer(self.conn))
 
     def auth_completed(self) -> None:
-        self.gateway.audit_event(self._who(self.username), "login")
+        name, cap = self.username, self.cfg.max_sessions_per_user
+        if self._take_slot("sftp user", name, cap, f"for user {name}", "for this user"):
+            self.gateway.audit_event(self._who(self.username), "login")
 
     def begin_auth(self, username: str) -> bool:
         self.username = username
@@ -82,7 +108,7 @@ class _Auth(asyncssh.SSHServer):
         return True
 
     def password_auth_supported(self) -> bool:
-        return self.password_auth
+        return self.cfg.password_auth
 
     def public_key_auth_supported(self) -> bool:
         return True
@@ -279,7 +305,7 @@ class SftpService:
             acceptor=self._conns.add, reuse_port=reuse_port)
 
     def _auth(self) -> _Auth:
-        return _Auth(self.users, self.cfg.sftp.password_auth, self.gateway, self.logins)
+        return _Auth(self.users, self.cfg.sftp, self.gateway, self.logins)
 
     def stop_accepting(self) -> None:
         if self._acceptor:
