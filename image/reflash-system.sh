@@ -23,7 +23,7 @@ parts() {
   dump=$(sfdisk -d "$1") || die "$1: no partition table"
   sector=$(sed -n 's/^sector-size: *\([0-9]*\)/\1/p' <<<"$dump")
   sed -n 's/^.* : start= *\([0-9]*\), size= *\([0-9]*\),.*name="\([^"]*\)".*/\1 \2 \3/p' <<<"$dump" |
-    awk -v s="${sector:-512}" '{print $1 * s, $2 * s, $3}'
+    awk -v s="${sector:-512}" '{printf "%.0f %.0f %s\n", $1 * s, $2 * s, $3}'
 }
 names() { awk '{printf "%s%s", sep, $3; sep=" "}' <<<"$1"; }
 field() { awk -v n="$2" -v f="$3" '$3 == n {print $f}' <<<"$1"; }

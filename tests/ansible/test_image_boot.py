@@ -218,7 +218,7 @@ def test_image_boots_and_serves_healthz(appliance, box):
     out = box.ssh("hostname; sudo stat -c '%U %a' /etc/pacsgw/agent.toml; systemctl is-active pacsgw; "
                   "systemctl is-active nftables; readlink /opt/pacsgw/current; "
                   "df -B1 --output=size / | tail -1; findmnt -n -o SOURCE,FSTYPE /var/lib/pacsgw/cache; "
-                  "df -B1 --output=size /var/lib/pacsgw/cache | tail -1; stat -c '%U %a' /var/lib/pacsgw/cache; "
+                  "sudo df -B1 --output=size /var/lib/pacsgw/cache | tail -1; sudo stat -c '%U %a' /var/lib/pacsgw/cache; "
                   "sudo ls /boot/efi/loader/entries; uname -r").stdout.split("\n")
     assert out[0] == "pacsgw-boot-test"
     assert out[1] == "pacsgw 600"
@@ -277,3 +277,56 @@ def test_reflash_keeps_the_cache_partition_and_uploads_its_queue(appliance, box)
     assert "root-kept" not in state, "the root file system was not re-flashed"
     assert "cache-kept" in state and "kept the cache partition /dev/vda4" in state, state
     assert "applying the seed on /boot/pacsgw-seed (box not adopted yet)" in state, state
+
+
+NEWER_KERNEL_SUITE = "bookworm-backports"   # a kernel newer than bookworm's and its security pocket's
+
+
+def _download_newer_kernel(work: Path) -> Path:
+    """The newest kernel package of NEWER_KERNEL_SUITE, fetched by apt on this machine with a private source
+    list (the box has no mirror here): → the .deb."""
+    lists = work / "apt-lists"
+    (lists / "partial").mkdir(parents=True)
+    mirror = run(["sh", "-c", "awk '/^URIs:/ {print $2; exit}' /etc/apt/sources.list.d/*.sources"],
+                 check=False).stdout.strip() or "http://deb.debian.org/debian"
+    (work / "sources.list").write_text(f"deb {mirror} {NEWER_KERNEL_SUITE} main\n")
+    opts = ["-o", f"Dir::Etc::SourceList={work / 'sources.list'}", "-o", "Dir::Etc::SourceParts=/dev/null",
+            "-o", f"Dir::State::Lists={lists}", "-o", "APT::Get::List-Cleanup=0"]
+    run(["apt-get", "-q", *opts, "update"], timeout=300)
+    meta = run(["apt-cache", *opts, "show", f"linux-image-amd64/{NEWER_KERNEL_SUITE}"]).stdout
+    package = next(d.strip() for line in meta.splitlines() if line.startswith("Depends:")
+                   for d in line[len("Depends:"):].split(",") if d.strip().startswith("linux-image-"))
+    run(["apt-get", "-q", *opts, "download", package.split()[0]], cwd=str(work), timeout=900)
+    return next(work.glob("linux-image-*.deb"))
+
+
+@pytest.mark.skipif(os.environ.get("PACSGW_TEST_KERNEL_UPDATE") != "1",
+                    reason="opt-in (about 12 min under TCG, too long for make test): PACSGW_TEST_KERNEL_UPDATE=1 "
+                           "or make image-kernel-test; docs/fleet.md, 'Tests and timings'")
+@pytest.mark.timeout(3600)
+def test_newer_kernel_package_reaches_the_esp_and_boots(box, tmp_path):
+    """A newer kernel package installed on the running box (as unattended-upgrades would): the kernel and
+    initramfs hooks put it on the ESP as the default entry beside the previous kernel, and the box boots it."""
+    deb = _download_newer_kernel(tmp_path)
+    new = deb.name.split("_")[0].removeprefix("linux-image-")
+    _running(box)
+    old = box.ssh("uname -r").stdout.strip()
+    assert old != new
+    run(["scp", "-i", str(box.key), "-P", str(box.ssh_port), "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=no",
+         "-o", "UserKnownHostsFile=/dev/null", "-o", "LogLevel=ERROR", str(deb), "pacsadmin@127.0.0.1:/tmp/"],
+        timeout=600)
+    t0 = time.monotonic()
+    p = box.ssh(f"sudo DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends /tmp/{deb.name} "
+                "2>&1; echo; sudo ls /boot/efi/loader/entries; sudo cat /boot/efi/loader/loader.conf", timeout=3000)
+    log(f"kernel {new} installed under TCG in {time.monotonic() - t0:.0f} s")
+    assert "pacsgw-esp-update: ESP /boot/efi boots kernel " + new in p.stdout, p.stdout[-4000:]
+    assert f"pacsgw-{new}.conf" in p.stdout and f"pacsgw-{old}.conf" in p.stdout, p.stdout[-2000:]
+    assert f"default pacsgw-{new}.conf" in p.stdout, p.stdout[-2000:]
+    box.poweroff()
+    box.boot()
+    box.wait_ssh()
+    # systemd-boot names the entry it started in an EFI variable (UTF-16, after 4 bytes of attributes)
+    out = box.ssh("uname -r; sudo tail -c +5 /sys/firmware/efi/efivars/"
+                  "LoaderEntrySelected-4a67b082-0a4c-41cf-b6c7-440b29bb8c4f | tr -d '\\0'; echo").stdout.split()
+    assert out == [new, f"pacsgw-{new}.conf"], out
+    assert box.healthz()["status"] in ("ok", "degraded")
