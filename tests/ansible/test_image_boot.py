@@ -218,7 +218,8 @@ def test_image_boots_and_serves_healthz(appliance, box):
     out = box.ssh("hostname; sudo stat -c '%U %a' /etc/pacsgw/agent.toml; systemctl is-active pacsgw; "
                   "systemctl is-active nftables; readlink /opt/pacsgw/current; "
                   "df -B1 --output=size / | tail -1; findmnt -n -o SOURCE,FSTYPE /var/lib/pacsgw/cache; "
-                  "sudo df -B1 --output=size /var/lib/pacsgw/cache | tail -1; sudo stat -c '%U %a' /var/lib/pacsgw/cache; "
+                  "sudo df -B1 --output=size /var/lib/pacsgw/cache | tail -1; "
+                  "sudo stat -c '%U %a' /var/lib/pacsgw/cache; "
                   "sudo ls /boot/efi/loader/entries; uname -r").stdout.split("\n")
     assert out[0] == "pacsgw-boot-test"
     assert out[1] == "pacsgw 600"
