@@ -243,7 +243,8 @@ def test_image_boots_and_serves_healthz(appliance, box):
 def test_reflash_keeps_the_cache_partition_and_uploads_its_queue(appliance, box):
     """Files acknowledged while the object store is down wait on the cache partition. The box is powered off and
     its system partitions re-flashed from the image; it boots as a new box (the marker on its old root is gone,
-    the seed applied again), keeps the cache partition as it is (not formatted) and uploads the queue."""
+    the seed applied again), keeps the cache partition as it is (not formatted; its files handed to this image's
+    service user) and uploads the queue."""
     _running(box)
     box.stop_s3()
     box.ssh("sudo touch /var/lib/pacsgw/before-reflash /var/lib/pacsgw/cache/on-the-cache-partition")
@@ -258,6 +259,9 @@ def test_reflash_keeps_the_cache_partition_and_uploads_its_queue(appliance, box)
         sftp.loop.close()
     health = box.healthz()
     assert health["queue_depth"] >= len(files), health
+    # The image that wrote the partition gave its service user another uid than the new image does (uids follow
+    # the packages installed before the user is made): the partition's files belong to nobody the new image knows.
+    box.ssh("sudo systemctl stop pacsgw && sudo chown -R 4242:4242 /var/lib/pacsgw/cache")
     box.poweroff()
 
     p = run(["bash", str(REPO / "image" / "reflash-system.sh"), str(appliance / "pacsgw.raw"), str(box.disk)],
@@ -277,6 +281,7 @@ def test_reflash_keeps_the_cache_partition_and_uploads_its_queue(appliance, box)
                     "sudo journalctl -b -u pacsgw-firstboot --no-pager -o cat", check=False).stdout
     assert "root-kept" not in state, "the root file system was not re-flashed"
     assert "cache-kept" in state and "kept the cache partition /dev/vda4" in state, state
+    assert "owned by 4242:4242, giving it to pacsgw" in state, state
     assert "applying the seed on /boot/pacsgw-seed (box not adopted yet)" in state, state
 
 
