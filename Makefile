@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 RUNDIR := run
 
-.PHONY: venv run test lint bench bench-smb bench-replay model clean image image-test
+.PHONY: venv run test lint bench bench-smb bench-replay model clean image image-test image-kernel-test
 
 venv: $(VENV)/.installed
 
@@ -64,6 +64,10 @@ image: venv
 # Build the image and boot it under qemu (TCG), checking /healthz over a forwarded port.
 image-test: venv
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests/ansible/test_image_boot.py
+
+# Only the kernel test: a newer kernel package installed on the booted image reaches the ESP and boots.
+image-kernel-test: venv
+	$(BIN)/python -m pytest -q -p no:cacheprovider tests/ansible/test_image_boot.py -k kernel
 
 bench: venv
 	$(BIN)/python bench/ingest.py

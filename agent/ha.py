@@ -38,6 +38,7 @@ log = structlog.get_logger("pacsgw.ha")
 
 ROLE_POLL = 0.2  # seconds: part of the fail-over time
 PEER_POLL = 2.0
+PEER_MAX_BYTES = 64 * 1024  # a /healthz answer is about 2 KiB
 LINE_POLL = 2.0
 HA_DIR = ".pacsgw-ha"  # the pair's own objects, in the namespace's prefix, never followed as files
 HOT_PATH = f"{HA_DIR}/hot.json"  # the active box's hot set, published every follow_seconds
@@ -59,6 +60,22 @@ def read_role_file(path: Path, boot_time: float) -> str:
         return "UNKNOWN"
     state = data.get("state")
     return state if state in ("MASTER", "BACKUP", "FAULT", "STOP") else "UNKNOWN"
+
+
+def peer_view(body: bytes) -> dict[str, Any]:
+    """The peer's /healthz answer reduced to what is shown of it, each value one of a known few: the answer comes
+    over plain HTTP and its strings reach the status page, `pacsgw status` in a terminal and the log.
+    ValueError for an answer that is not a /healthz JSON object of at most PEER_MAX_BYTES."""
+    if len(body) > PEER_MAX_BYTES:
+        raise ValueError(f"answer longer than {PEER_MAX_BYTES} bytes")
+    h = json.loads(body)
+    if not isinstance(h, dict):
+        raise ValueError("answer is not a JSON object")
+    ha = h.get("ha") if isinstance(h.get("ha"), dict) else {}
+    status, role, eligible = h.get("status"), ha.get("role"), ha.get("eligible")
+    return {"status": status if status in ("ok", "degraded", "failing") else "unknown",
+            "role": role if role in ("active", "standby") else "unknown",
+            "eligible": eligible if isinstance(eligible, bool) else None}
 
 
 def ineligible(role: str, queue_files: int, draining: bool) -> str:
@@ -236,16 +253,16 @@ class HaMonitor:
     # --- the peer -------------------------------------------------------------------------------
 
     async def _watch_peer(self) -> None:
+        """The peer's view for /status, /healthz, the log and pacsgw_ha_peer_up: informational only (keepalived
+        moves the address; docs/ha.md, "The peer's status"), read over the status port, which is plain HTTP."""
         url = self.cfg.peer.rstrip("/") + "/healthz"
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=PEER_POLL)) as session:
             while True:
                 peer: dict[str, Any] = {"url": self.cfg.peer, "checked": time.time()}
                 try:
                     async with session.get(url) as r:
-                        h = await r.json()
-                    ha = h.get("ha") or {}
-                    peer |= {"reachable": True, "status": h.get("status"), "role": ha.get("role"),
-                             "eligible": ha.get("eligible")}
+                        body = await r.content.read(PEER_MAX_BYTES + 1)
+                    peer |= {"reachable": True, **peer_view(body)}
                 except Exception as e:  # a dead peer is what this watches for
                     peer |= {"reachable": False, "error": error_code(e)}
                 if peer["reachable"] != self.state.peer.get("reachable") or \

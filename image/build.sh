@@ -5,9 +5,11 @@
 #   image/build.sh [--out DIR] [--release TAR] [--rootfs-only] [--no-kernel] [--no-compress] [--mirror URL]
 #
 # Output (default build/image/): rootfs/ (the provisioned tree), pacsgw.raw and pacsgw.qcow2.
-# Partitions: 1 ESP (FAT32, PACSGW-ESP: systemd-boot, kernel, initrd), 2 config (FAT, PACSGW-CFG: the
-# hospital's agent.toml and network settings, see docs/fleet.md), 3 root (ext4, pacsgw-root; grows to
-# fill the disk on first boot). Needs root (debootstrap, chroot); no loop devices or mounts of images.
+# Partitions: 1 ESP (FAT32, PACSGW-ESP: systemd-boot, kernels, initrds), 2 config (FAT, PACSGW-CFG: the
+# hospital's agent.toml and network settings, see docs/fleet.md), 3 root (ext4, pacsgw-root, a fixed 4 GiB),
+# 4 cache (ext4, pacsgw-cache: the catalog and the cached files; grows to fill the disk on first boot and
+# survives a re-flash of partitions 1 and 3 by image/reflash-system.sh). Needs root (debootstrap, chroot); no
+# loop devices or mounts of images.
 set -euo pipefail
 repo="$(cd "$(dirname "$0")/.." && pwd)"
 out="$repo/build/image"
@@ -103,49 +105,50 @@ echo "$version" > "$rootfs/etc/pacsgw/image-release"
 step "rootfs ready: $rootfs ($(du -sh "$rootfs" | cut -f1))"
 ((rootfs_only)) && exit 0
 
-# --- disk: ESP + config + root, GPT ------------------------------------------------------------
+# --- disk: ESP + config + root + cache, GPT ------------------------------------------------------
 kver="$(ls "$rootfs/boot" | sed -n 's/^vmlinuz-//p' | sort -V | tail -1)"
 [[ -n "$kver" ]] || { echo "no kernel in $rootfs/boot (built with --no-kernel?)" >&2; exit 1; }
-work="$out/parts"; rm -rf "$work"; mkdir -p "$work/esp/EFI/BOOT" "$work/esp/loader/entries" "$work/cfg/network"
+work="$out/parts"; rm -rf "$work"; mkdir -p "$work/esp" "$work/cfg/network"
 step "assembling the disk (kernel $kver)"
-cp "$rootfs/usr/lib/systemd/boot/efi/systemd-bootx64.efi" "$work/esp/EFI/BOOT/BOOTX64.EFI"
-cp "$rootfs/boot/vmlinuz-$kver" "$work/esp/vmlinuz"
-cp "$rootfs/boot/initrd.img-$kver" "$work/esp/initrd.img"
-printf 'default pacsgw.conf\ntimeout 2\nconsole-mode keep\n' > "$work/esp/loader/loader.conf"
-cat > "$work/esp/loader/entries/pacsgw.conf" <<EOC
-title   pacsgw appliance $version (Debian bookworm, $kver)
-linux   /vmlinuz
-initrd  /initrd.img
-options root=LABEL=pacsgw-root ro rootwait console=tty0 console=ttyS0,115200 systemd.show_status=auto
-EOC
+# The ESP is filled by the same script that the kernel hooks run on the box.
+sh "$repo/image/firstboot/pacsgw-esp-update" --root "$rootfs" --esp "$work/esp"
 cp "$repo/image/config-partition/README.txt" "$work/cfg/README.txt"
 cp "$repo/image/config-partition/agent.toml.example" "$work/cfg/agent.toml.example"
 cp "$repo/image/config-partition/10-static.network.example" "$work/cfg/network/10-static.network.example"
 cp "$repo/image/config-partition/pacs-subnets.example" "$work/cfg/pacs-subnets.example"
 
-MiB=$((1024 * 1024))
-esp_mb=128; cfg_mb=16
+# Fixed sizes for the ESP, config and root partitions: a later image's ESP and root are written over them
+# (image/reflash-system.sh) and the cache partition after them stays. The root file system is smaller than its
+# partition and grows into it at first boot (x-systemd.growfs); the cache partition grows over the disk
+# (systemd-repart, /etc/repart.d/60-cache.conf).
+esp_mb=256; cfg_mb=16; root_part_mb=${PACSGW_ROOT_PART_MB:-4096}; cache_mb=64
 root_mb=$(( $(du -sm "$rootfs" | cut -f1) * 13 / 10 + 256 ))
+((root_mb <= root_part_mb)) || { echo "the root file system ($root_mb MiB) does not fit its partition ($root_part_mb MiB)" >&2; exit 1; }
 rm -f "$work"/*.img
 mkfs.vfat -C -F 32 -n PACSGW-ESP "$work/esp.img" $((esp_mb * 1024)) >/dev/null
-mcopy -s -i "$work/esp.img" "$work/esp/EFI" "$work/esp/loader" "$work/esp/vmlinuz" "$work/esp/initrd.img" ::
+mcopy -s -i "$work/esp.img" "$work/esp"/* ::
 mkfs.vfat -C -n PACSGW-CFG "$work/cfg.img" $((cfg_mb * 1024)) >/dev/null
 mcopy -s -i "$work/cfg.img" "$work/cfg/README.txt" "$work/cfg/agent.toml.example" "$work/cfg/pacs-subnets.example" \
   "$work/cfg/network" ::
 mkfs.ext4 -q -F -L pacsgw-root -d "$rootfs" "$work/root.img" "${root_mb}M"
+owner="$(awk -F: '$1 == "pacsgw" {print $3 ":" $4}' "$rootfs/etc/passwd")"
+[[ -n "$owner" ]] || { echo "no pacsgw user in $rootfs" >&2; exit 1; }
+mkfs.ext4 -q -F -L pacsgw-cache -E "root_owner=$owner" "$work/cache.img" "${cache_mb}M"
 
 raw="$out/pacsgw.raw"
-total_mb=$((1 + esp_mb + cfg_mb + root_mb + 1))
+total_mb=$((1 + esp_mb + cfg_mb + root_part_mb + cache_mb + 1))
 rm -f "$raw"; truncate -s "${total_mb}M" "$raw"
 sfdisk -q "$raw" <<EOS
 label: gpt
 start=2048, size=$((esp_mb * 2048)), type=C12A7328-F81F-11D2-BA4B-00A0C93EC93B, name=esp
 size=$((cfg_mb * 2048)), type=EBD0A0A2-B9E5-4433-87C0-68B6B72699C7, name=pacsgw-config
-size=$((root_mb * 2048)), type=4F68BCE3-E8CD-4DB1-96E7-FBCAF984B709, name=root
+size=$((root_part_mb * 2048)), type=4F68BCE3-E8CD-4DB1-96E7-FBCAF984B709, name=root
+size=$((cache_mb * 2048)), type=0FC63DAF-8483-4772-8E79-3D69D8477DE4, name=pacsgw-cache
 EOS
 dd if="$work/esp.img" of="$raw" bs=1M seek=1 conv=notrunc,sparse status=none
 dd if="$work/cfg.img" of="$raw" bs=1M seek=$((1 + esp_mb)) conv=notrunc,sparse status=none
 dd if="$work/root.img" of="$raw" bs=1M seek=$((1 + esp_mb + cfg_mb)) conv=notrunc,sparse status=none
+dd if="$work/cache.img" of="$raw" bs=1M seek=$((1 + esp_mb + cfg_mb + root_part_mb)) conv=notrunc,sparse status=none
 rm -rf "$work"
 step "qcow2"
 qemu-img convert -O qcow2 $([[ $compress == 1 ]] && echo -c) "$raw" "$out/pacsgw.qcow2"

@@ -18,7 +18,8 @@ network namespace of its own with its own sshd and agent (systemd-nspawn on the 
 - an unreachable box is listed in the summary and left; the others are updated;
 - an S3 key rotation rolled out as a configuration-only update while a PACS writes: nothing acknowledged lost;
 - a box whose upload queue does not drain is skipped, by update.yml and by the reboot window after security
-  updates (a drained box stops its agent, then reboots); push-model.yml with and without models_file;
+  updates (a drained box stops its agent, then reboots), and reflash.yml refuses it; push-model.yml with and
+  without models_file;
 - reflash.yml drains one box, stops its agent and marks it ready for re-flashing.
 
 The tests share one fleet (module fixture) and run in this order; each one brings the fleet to the state
@@ -530,7 +531,8 @@ def test_key_rotation_rolls_out_with_no_pacs_visible_error(provisioned, tmp_path
 def test_box_that_does_not_drain_is_skipped(provisioned):
     """A box whose upload queue does not empty (its object store is unreachable and it holds a file that
     is not in S3 yet) is skipped after the drain timeout; the rollout goes on to the other boxes. The
-    reboot window after security updates likewise leaves that box and reboots a drained one."""
+    reboot window after security updates likewise leaves that box and reboots a drained one, and reflash.yml
+    refuses to mark it ready for re-flashing."""
     fleet = provisioned
     gw1, gw2, gw3 = fleet.hosts
     running = fleet.current_release(gw3)
@@ -560,6 +562,14 @@ def test_box_that_does_not_drain_is_skipped(provisioned):
     p = fleet.ssh(gw3, "sudo touch /run/reboot-required && sudo systemctl start pacsgw-drain-reboot.service && "
                        "sudo journalctl -u pacsgw-drain-reboot --no-pager -o cat", timeout=120)
     assert "reboot postponed to the next window: the upload queue did not drain within 6 s" in p.stdout, p.stdout
+    assert fleet.healthz(gw3)["queue_depth"] >= 1
+
+    # Nor may that box be re-flashed: reflash.yml refuses it, its agent keeps running and nothing marks it ready.
+    p = fleet.playbook("reflash.yml", "-l", gw3.name, "-e", "pacsgw_drain_timeout=6")
+    assert p.returncode != 0 and "NOT READY: the upload queue did not drain within 6 s" in p.stdout, p.stdout[-3000:]
+    state = fleet.ssh(gw3, "systemctl is-active pacsgw; sudo test -e /etc/pacsgw/reflash-ready && echo marked",
+                      check=False).stdout.split()
+    assert state == ["active"], state
     assert fleet.healthz(gw3)["queue_depth"] >= 1
     assert "pacsgw-drain-reboot.timer" in fleet.ssh(gw1, "systemctl list-timers --no-pager").stdout
     boot = fleet.ssh(gw1, "cat /proc/sys/kernel/random/boot_id").stdout.strip()
