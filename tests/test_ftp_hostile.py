@@ -320,18 +320,22 @@ def test_quotes_trailing_spaces_and_windows_names(agent_factory):
     assert set(s3_objects(agent.store, agent.prefix)) == {"ok.dcm"}
 
 
-@pytest.mark.parametrize("key,value", [("max_sessions_per_user", "0"), ("max_sessions_per_address", "-1"),
-                                       ("max_sessions_per_address", '"many"'), ("passive_timeout", "0")])
-def test_session_limit_keys_are_checked(tmp_path, key, value):
+@pytest.mark.parametrize("section,key,value", [
+    ("ftp", "max_sessions_per_user", "0"), ("ftp", "max_sessions_per_address", "-1"),
+    ("ftp", "max_sessions_per_address", '"many"'), ("ftp", "passive_timeout", "0"),
+    ("sftp", "max_sessions_per_user", "0"), ("sftp", "max_sessions_per_address", "10001"),
+    ("sftp", "max_sessions_per_address", '"many"')])
+def test_session_limit_keys_are_checked(tmp_path, section, key, value):
     path = tmp_path / "agent.toml"
-    path.write_text(GOOD.replace("[[users]]", f"[ftp]\n{key} = {value}\n[[users]]", 1))
+    path.write_text(GOOD.replace("[[users]]", f"[{section}]\n{key} = {value}\n[[users]]", 1))
     path.chmod(0o600)
     with pytest.raises(ConfigError) as err:
         load(path)
-    assert err.value.key == f"ftp.{key}" and str(path) in str(err.value)
+    assert err.value.key == f"{section}.{key}" and str(path) in str(err.value)
     path.write_text(GOOD)
-    ftp_cfg = load(path).ftp  # the documented defaults
-    assert (ftp_cfg.max_sessions_per_user, ftp_cfg.max_sessions_per_address, ftp_cfg.passive_timeout) == (32, 64, 30)
+    cfg = load(path)  # the documented defaults, the same for FTP and SFTP
+    assert (cfg.ftp.max_sessions_per_user, cfg.ftp.max_sessions_per_address, cfg.ftp.passive_timeout) == (32, 64, 30)
+    assert (cfg.sftp.max_sessions_per_user, cfg.sftp.max_sessions_per_address) == (32, 64)
 
 
 def test_creatable_and_listable_names():

@@ -18,9 +18,7 @@ from pathlib import Path
 
 import asyncssh
 import pytest
-from test_config import GOOD
 
-from agent.config import ConfigError, load
 from harness import BUCKET, PASSWORD, s3_objects, sha256
 
 
@@ -416,20 +414,6 @@ def test_sftp_session_caps_per_address_and_per_user(agent_factory):
     refusals = [e for e in agent.events("session_refused") if e.get("protocol") == "sftp"]
     assert {r["reason"].split(" (")[0] for r in refusals} >= {"too many sessions from 127.0.0.1",
                                                                "too many sessions for user pacs"}
-
-
-@pytest.mark.parametrize("key,value", [("max_sessions_per_user", "0"), ("max_sessions_per_address", "10001"),
-                                       ("max_sessions_per_address", '"many"')])
-def test_sftp_session_limit_keys_are_checked(tmp_path, key, value):
-    path = tmp_path / "agent.toml"
-    path.write_text(GOOD.replace("[[users]]", f"[sftp]\n{key} = {value}\n[[users]]", 1))
-    path.chmod(0o600)
-    with pytest.raises(ConfigError) as err:
-        load(path)
-    assert err.value.key == f"sftp.{key}" and str(path) in str(err.value)
-    path.write_text(GOOD)
-    sftp_cfg = load(path).sftp  # the documented defaults, those of [ftp]
-    assert (sftp_cfg.max_sessions_per_user, sftp_cfg.max_sessions_per_address) == (32, 64)
 
 
 # --- 14: the admin path -----------------------------------------------------------------------------
