@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import hashlib
 
+import asyncssh
+import pytest
+
 from devstack import ObjectStore
 
 BUCKET = "pacs-test"
@@ -29,3 +32,15 @@ def s3_objects(store: ObjectStore, prefix: str) -> dict[str, dict]:
             out[obj["Key"][len(prefix):]] = {"size": len(body), "sha256": sha256(body),
                                              "meta": {k.lower(): v for k, v in got.get("Metadata", {}).items()}}
     return out
+
+
+async def sftp_refuses_changes(s: asyncssh.SFTPClient, remove: str, overwrite: str, rename: str) -> None:
+    """Retained files over SFTP: a delete, an overwrite and a rename are each refused as permission denied."""
+    with pytest.raises(asyncssh.SFTPPermissionDenied):
+        await s.remove(remove)
+    with pytest.raises(asyncssh.SFTPPermissionDenied):
+        async with s.open(overwrite, "wb") as fh:
+            await fh.write(b"tampered")
+    with pytest.raises(asyncssh.SFTPPermissionDenied):
+        await s.posix_rename(rename, rename + ".moved")
+

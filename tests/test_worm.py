@@ -15,7 +15,7 @@ from smbprotocol.exceptions import SMBOSError, SMBResponseException
 from smbprotocol.header import NtStatus
 from smbutil import Smb
 
-from harness import PASSWORD, sha256
+from harness import PASSWORD, sftp_refuses_changes, sha256
 
 
 def ftp(agent) -> ftplib.FTP:
@@ -67,13 +67,7 @@ def test_worm_locks_objects_and_refuses_changes(agent_factory, seaweed, locked_b
     async def sftp() -> None:
         async with asyncssh.connect("127.0.0.1", agent.sftp_port, username="pacs", password=PASSWORD,
                                     known_hosts=None) as conn, conn.start_sftp_client() as s:
-            with pytest.raises(asyncssh.SFTPPermissionDenied):
-                await s.remove("outpatient/a.dcm")
-            with pytest.raises(asyncssh.SFTPPermissionDenied):
-                async with s.open("outpatient/a.dcm", "wb") as fh:
-                    await fh.write(b"tampered")
-            with pytest.raises(asyncssh.SFTPPermissionDenied):
-                await s.posix_rename("inpatient/b.dcm", "inpatient/x.dcm")
+            await sftp_refuses_changes(s, "outpatient/a.dcm", "outpatient/a.dcm", "inpatient/b.dcm")
             async with s.open("outpatient/a.dcm", "rb") as fh:
                 assert await fh.read() == b"outpatient image"
 
