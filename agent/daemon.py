@@ -115,6 +115,8 @@ class Agent:
         fetcher = Fetcher(self.gateway, self.db, lambda: self.monitor.current.level)
         stack = stack_for(cfg)   # one policy stack: the evictor and the prior-study planner share it
         self.evictor.use(stack, cfg.prefetch.study_depth)
+        await self.evictor.prepare()
+        self._evict: asyncio.Task[None] | None = asyncio.create_task(self.evictor.run(), name="evict")
         self.prefetcher = DirPrefetcher(cfg, self.db, self.gateway, fetcher)
         self._prefetch = (asyncio.create_task(self.prefetcher.loop(), name="prefetch")
                           if cfg.prefetch.enabled else None)
@@ -239,7 +241,8 @@ class Agent:
             await self.sftp.close()
         if self.smb:
             await self.smb.stop()
-        for task in (self._scrub, self._ship, self._monitor, self._prefetch, self._prefetch_now, self._snapshots):
+        for task in (self._scrub, self._ship, self._monitor, self._prefetch, self._prefetch_now, self._snapshots,
+                     self._evict):
             if task:
                 task.cancel()
         if self.ha:

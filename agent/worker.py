@@ -24,12 +24,12 @@ log = structlog.get_logger("pacsgw.workers")
 
 class Worker(Agent):
     """One serving worker: the front ends, the gateway, write-through uploads and its own pressure monitor; no
-    queue drain, eviction, scrub, prefetch, HA, SMB or HTTP (the owner's). Agent.stop drains it like the owner."""
+    queue drain, eviction loop, scrub, prefetch, HA, SMB or HTTP (the owner's). Agent.stop drains it like the owner."""
 
     def __init__(self, cfg: Config, index: int) -> None:
         super().__init__(cfg)
         self.index = index
-        self._scrub = self._ship = self._prefetch = self._prefetch_now = self._snapshots = None
+        self._scrub = self._ship = self._prefetch = self._prefetch_now = self._snapshots = self._evict = None
         self.ha = None
 
     async def start(self) -> None:
@@ -42,7 +42,8 @@ class Worker(Agent):
         self.audit = AuditLog(worker_audit_path(Path(cfg.audit.path), self.index), cfg.audit.max_bytes,
                               cfg.audit.keep, cfg.audit.enabled)
         self._build_gateway()
-        await self.gateway.start(evict=False)
+        await self.evictor.prepare()  # a full disk makes a worker evict too (Gateway.make_room)
+        await self.gateway.start()
         # Its own pressure monitor: disk and memory are the box's, so every process refuses cold fetches under
         # critical pressure and narrows its transfer slots like the owner; eviction stays with the owner.
         self.monitor = PressureMonitor(cfg, self.db, self.cache, self.gateway, self.line, self.metrics, self.refusals)

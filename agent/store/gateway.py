@@ -370,12 +370,9 @@ class Gateway:
             root = u.root.strip("/")
             self._fixed.update([root, *ancestors(root)])
 
-    async def start(self, evict: bool = True) -> None:
-        """evict: run the eviction loop here (a serving worker leaves it to the owner, docs/workers.md)."""
-        await self.evictor.prepare()
+    async def start(self) -> None:
+        """The access-count flush; the eviction loop is the daemon's (agent/daemon.py), like its other policies."""
         self._loops = [asyncio.create_task(self._flush_access_loop(), name="access-flush")]
-        if evict:
-            self._loops.append(asyncio.create_task(self.evictor.run(), name="evict"))
 
     async def stop(self) -> None:
         for t in self._loops:
