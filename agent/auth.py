@@ -15,7 +15,7 @@ from typing import Iterator
 import structlog
 
 from agent.audit import AuditLog, Who
-from agent.config import LoginConfig
+from agent.config import LoginConfig, parse_hash
 from agent.metrics import Metrics
 
 log = structlog.get_logger("pacsgw.auth")
@@ -30,20 +30,6 @@ def hash_password(password: str) -> str:
     digest = hashlib.scrypt(password.encode(), salt=salt, n=_N, r=_R, p=_P, dklen=32)
     b64 = lambda b: base64.b64encode(b).decode()  # noqa: E731
     return f"scrypt${_N}${_R}${_P}${b64(salt)}${b64(digest)}"
-
-
-def parse_hash(encoded: str) -> tuple[int, int, int, bytes, bytes]:
-    parts = encoded.split("$")
-    if len(parts) != 6 or parts[0] != "scrypt":
-        raise ValueError("not a scrypt hash")
-    try:
-        n, r, p = int(parts[1]), int(parts[2]), int(parts[3])
-        salt, digest = base64.b64decode(parts[4], validate=True), base64.b64decode(parts[5], validate=True)
-    except (ValueError, base64.binascii.Error) as e:
-        raise ValueError("malformed scrypt hash") from e
-    if n < 2 or n & (n - 1) or not (1 <= r <= 32 and 1 <= p <= 16) or len(digest) < 16:
-        raise ValueError("implausible scrypt parameters")
-    return n, r, p, salt, digest
 
 
 def verify_password(password: str, *, plain: str = "", encoded: str = "") -> bool:

@@ -7,6 +7,7 @@ schema, the validation and the messages cannot drift apart.
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import ipaddress
 import os
@@ -307,11 +308,25 @@ class SmbConfig:
                                       "['10.10.20.0/24', '192.0.2.7'] ([]: every client)", default=())
 
 
+def parse_hash(encoded: str) -> tuple[int, int, int, bytes, bytes]:
+    """The fields of a 'password_hash' (made by agent.auth.hash_password); ValueError when it is none."""
+    parts = encoded.split("$")
+    if len(parts) != 6 or parts[0] != "scrypt":
+        raise ValueError("not a scrypt hash")
+    try:
+        n, r, p = int(parts[1]), int(parts[2]), int(parts[3])
+        salt, digest = base64.b64decode(parts[4], validate=True), base64.b64decode(parts[5], validate=True)
+    except (ValueError, base64.binascii.Error) as e:
+        raise ValueError("malformed scrypt hash") from e
+    if n < 2 or n & (n - 1) or not (1 <= r <= 32 and 1 <= p <= 16) or len(digest) < 16:
+        raise ValueError("implausible scrypt parameters")
+    return n, r, p, salt, digest
+
+
 def _optional_hash(value: Any) -> str:
     if not isinstance(value, str):
         raise ValueError
     if value:
-        from agent.auth import parse_hash
         parse_hash(value)
     return value
 
@@ -663,7 +678,6 @@ def _check_cross(cfg: Config) -> None:
             raise ConfigError(file, f"users[{i}]", u.name,
                               "a password, a password_hash or authorized_keys")
         if u.password_hash:
-            from agent.auth import parse_hash
             try:
                 parse_hash(u.password_hash)
             except ValueError:

@@ -1,7 +1,8 @@
 """Dependencies point one way (docs/architecture.md): serve → gateway facade → catalog/cache → uplink.
 
-Every `import` in agent/ (also those inside functions) is read with ast; an import from a higher layer
-fails the test, naming the module, the line and the import.
+Every `import` in agent/ (also those inside functions and under TYPE_CHECKING) is read with ast; an import
+from a higher layer fails the test, naming the module, the line and the import; so does a cycle of modules
+(within one layer too): the lower module declares what it needs, shared types go to a neutral module.
 """
 
 from __future__ import annotations
@@ -75,6 +76,65 @@ def violations(root: Path = AGENT) -> list[str]:
 
 def test_no_upward_imports_in_agent():
     assert violations() == []
+
+
+def import_graph(root: Path = AGENT) -> dict[str, set[str]]:
+    """Module → the agent modules it imports (`from agent.x import y` names agent.x.y when y is a module)."""
+    modules = {module_name(p, root): p for p in root.rglob("*.py")}
+    graph: dict[str, set[str]] = {}
+    for name, path in modules.items():
+        targets = set()
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                targets |= {f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in modules else node.module
+                            for a in node.names} & modules.keys()
+            elif isinstance(node, ast.Import):
+                targets |= {a.name for a in node.names if a.name in modules}
+        graph[name] = targets - {name}
+    return graph
+
+
+def cycles(root: Path = AGENT) -> list[list[str]]:
+    """The import cycles among agent modules: each strongly connected set of two or more, sorted (Tarjan)."""
+    graph, index, low, stack, found = import_graph(root), {}, {}, [], []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        for w in sorted(graph[v]):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            ring = []
+            while not ring or ring[-1] != v:
+                ring.append(stack.pop())
+            if len(ring) > 1:
+                found.append(sorted(ring))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return sorted(found)
+
+
+def test_no_import_cycles_in_agent():
+    assert cycles() == []
+
+
+def test_an_import_cycle_is_caught(tmp_path):
+    """A cycle through a lazy import and through `from package import module` is found; a chain is not."""
+    fake = tmp_path / "agent"
+    (fake / "policy").mkdir(parents=True)
+    (fake / "auth.py").write_text("from agent.config import LoginConfig\n")
+    (fake / "config.py").write_text("def f():\n    from agent.auth import parse_hash\n")
+    (fake / "policy" / "a.py").write_text("from agent.policy import b\n")
+    (fake / "policy" / "b.py").write_text("from agent.policy.c import X\n")
+    (fake / "policy" / "c.py").write_text("import agent.policy.a\nfrom agent import records\n")
+    (fake / "records.py").write_text("")
+    assert cycles(fake) == [["agent.auth", "agent.config"], ["agent.policy.a", "agent.policy.b", "agent.policy.c"]]
 
 
 def test_uplink_imports_nothing_from_store():

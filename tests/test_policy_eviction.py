@@ -6,7 +6,8 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent.policy.eviction import DAY, LRU, Age, FileTable, KMeansEviction, StudyLRU, make
+from agent.policy.eviction import DAY, LRU, Age, FileTable, KMeansEviction, StudyLRU
+from agent.policy.stack import make
 
 
 def table(n: int, seed: int = 0, **cols) -> FileTable:

@@ -33,13 +33,9 @@ from __future__ import annotations
 import heapq
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Protocol
+from typing import Any, Iterator, Protocol
 
 import numpy as np
-
-if TYPE_CHECKING:
-    from agent.policy.adaptive import Adaptive
-    from agent.policy.learned import HitDensity
 
 DAY = 86_400.0
 
@@ -337,15 +333,3 @@ class StudyLRU:
                 freed += size
                 yield key
 
-
-def make(name: str, *, kmeans: KMeansConfig | None = None, max_age_days: float = 90.0,
-         attrs: Callable[[Any], tuple[int, int, int]] | None = None,
-         ) -> LRU | Age | KMeansEviction | StudyLRU | HitDensity | Adaptive:
-    from agent.policy.adaptive import Adaptive  # they build on StudyLRU (import cycle otherwise)
-    from agent.policy.learned import HitDensity
-    policies: dict[str, Callable[[], LRU | Age | KMeansEviction | StudyLRU | HitDensity | Adaptive]] = {
-        "lru": LRU, "age": lambda: Age(max_age_days), "kmeans": lambda: KMeansEviction(kmeans), "study": StudyLRU,
-        "learned": lambda: HitDensity(attrs=attrs), "adaptive": lambda: Adaptive(attrs=attrs)}
-    if name not in policies:
-        raise ValueError(f"unknown eviction policy {name!r}; known: {sorted(policies)}")
-    return policies[name]()

@@ -31,6 +31,9 @@ from dataclasses import dataclass
 from typing import Any, Callable, Hashable, Iterable, Iterator, Protocol, Sequence, cast
 
 from agent.policy import eviction
+from agent.policy.adaptive import Adaptive
+from agent.policy.eviction import LRU, Age, KMeansConfig, KMeansEviction, StudyLRU
+from agent.policy.learned import HitDensity
 from agent.policy.prefetch import Budget, Candidate, plan
 from agent.policy.priors import PriorPrefetcher, StudyInfo
 
@@ -80,17 +83,28 @@ class CatalogRow:
     study: Hashable                     # a study id (the simulator) or a study directory (the agent)
 
 
+def make(name: str, *, kmeans: KMeansConfig | None = None, max_age_days: float = 90.0,
+         attrs: Callable[[Any], tuple[int, int, int]] | None = None,
+         ) -> LRU | Age | KMeansEviction | StudyLRU | HitDensity | Adaptive:
+    policies: dict[str, Callable[[], LRU | Age | KMeansEviction | StudyLRU | HitDensity | Adaptive]] = {
+        "lru": LRU, "age": lambda: Age(max_age_days), "kmeans": lambda: KMeansEviction(kmeans), "study": StudyLRU,
+        "learned": lambda: HitDensity(attrs=attrs), "adaptive": lambda: Adaptive(attrs=attrs)}
+    if name not in policies:
+        raise ValueError(f"unknown eviction policy {name!r}; known: {sorted(policies)}")
+    return policies[name]()
+
+
 class PolicyStack:
     SLACK = 600.0
 
     MAX_DESCRIBED = 1_000_000           # studies whose features are kept (~100 B each), oldest forgotten
 
-    def __init__(self, spec: StackSpec, *, priors_k: int = 3, kmeans: eviction.KMeansConfig | None = None,
+    def __init__(self, spec: StackSpec, *, priors_k: int = 3, kmeans: KMeansConfig | None = None,
                  max_age_days: float = 90.0) -> None:
         self.spec = spec
         self._attrs: dict[Hashable, tuple[int, int, int]] = {}
         self._codes: dict[tuple[int, str], int] = {}        # (kind, name) → code, 1.. in order of first sight
-        self.policy = eviction.make(spec.eviction, kmeans=kmeans, max_age_days=max_age_days, attrs=self.attrs_of)
+        self.policy = make(spec.eviction, kmeans=kmeans, max_age_days=max_age_days, attrs=self.attrs_of)
         self.priors = PriorPrefetcher(k=priors_k) if "priors" in spec.planners else None
         self._seen: dict[Hashable, tuple[float, int]] = {}   # sync: key → (last access, reads) last pass
         self._last_sync = float("-inf")
