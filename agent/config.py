@@ -14,6 +14,7 @@ import os
 import re
 import sys
 import tomllib
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -504,7 +505,7 @@ class ModelConfig:
 class UserConfig:
     name: str = _f(_name, "1-32 characters of A-Z a-z 0-9 _ . - (not starting with . or -)")
     password: str = _f(_str, "a string (prefer password_hash)", default="")
-    password_hash: str = _f(_str, "a hash made by 'pacsgw hash-password'", default="")
+    password_hash: str = _f(_optional_hash, "a hash made by 'pacsgw hash-password'", default="")
     authorized_keys: tuple[str, ...] = _f(_path_list_or_str,
                                           "a path, or a list of paths, of OpenSSH authorized_keys files",
                                           default=())
@@ -587,14 +588,8 @@ class Config:
         return self.cache.dir / "catalog.sqlite"
 
 
-_SECTIONS: dict[str, type] = {
-    "cache": CacheConfig, "uplink": UplinkConfig, "ftp": FtpConfig, "sftp": SftpConfig,
-    "smb": SmbConfig, "http": HttpConfig, "log": LogConfig, "audit": AuditConfig,
-    "compliance": ComplianceConfig, "pressure": PressureConfig,
-    "prefetch": PrefetchConfig, "scrub": ScrubConfig,
-    "model": ModelConfig, "dicom": DicomConfig, "ha": HaConfig, "login": LoginConfig,
-    "server": ServerConfig,
-}
+# every [section] is a Config field of a dataclass type ([[users]] and the file's path are not)
+_SECTIONS: dict[str, type] = {n: t for n, t in typing.get_type_hints(Config).items() if dataclasses.is_dataclass(t)}
 
 
 def _build(cls: type, table: Any, file: Path, where: str) -> Any:
@@ -614,7 +609,8 @@ def _build(cls: type, table: Any, file: Path, where: str) -> Any:
         try:
             kwargs[name] = f.metadata["parse"](table[name])
         except (ValueError, TypeError, OverflowError):
-            raise ConfigError(file, f"{where}.{name}", table[name], f.metadata["allowed"]) from None
+            shown = "***" if "password" in name else table[name]  # a password (hash) is never echoed
+            raise ConfigError(file, f"{where}.{name}", shown, f.metadata["allowed"]) from None
     return cls(**kwargs)
 
 
@@ -677,12 +673,6 @@ def _check_cross(cfg: Config) -> None:
         if not (u.password or u.password_hash or u.authorized_keys):
             raise ConfigError(file, f"users[{i}]", u.name,
                               "a password, a password_hash or authorized_keys")
-        if u.password_hash:
-            try:
-                parse_hash(u.password_hash)
-            except ValueError:
-                raise ConfigError(file, f"users[{i}].password_hash", "***",
-                                  "a hash made by 'pacsgw hash-password'") from None
         for keyfile in u.authorized_keys:
             if not Path(keyfile).is_file():
                 raise ConfigError(file, f"users[{i}].authorized_keys", keyfile, "an existing readable file")
