@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
+import functools
 import hashlib
 import hmac
 import os
 import sqlite3
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Callable, Concatenate, Coroutine, Iterator, ParamSpec, TypeVar
 
 import structlog
 
@@ -21,6 +24,8 @@ from agent.metrics import Metrics
 log = structlog.get_logger("pacsgw.auth")
 
 _N, _R, _P = 2**14, 8, 1
+T = TypeVar("T")
+P = ParamSpec("P")
 GUARD_FILE = "logins.sqlite"  # in the cache directory: LoginGuard's box-wide counts
 
 
@@ -44,6 +49,17 @@ def verify_password(password: str, *, plain: str = "", encoded: str = "") -> boo
     return False
 
 
+def _on_thread(method: Callable[Concatenate[LoginGuard, P], T],
+               ) -> Callable[Concatenate[LoginGuard, P], Coroutine[Any, Any, T]]:
+    """The method runs on the guard's own thread, its callers await it: a wait for another process's lock
+    (up to BUSY_MS) never stalls the event loop and the sessions it serves."""
+    @functools.wraps(method)
+    async def call(self: LoginGuard, *args: P.args, **kwargs: P.kwargs) -> T:
+        return await asyncio.get_running_loop().run_in_executor(
+            self._thread, functools.partial(method, self, *args, **kwargs))
+    return call
+
+
 class LoginGuard:
     """Backoff, temporary bans and session caps against password guessing, shared by every front end of the box.
 
@@ -65,13 +81,14 @@ class LoginGuard:
     MAX_TRACKED = 100_000
     TRUSTED_PER_USER = 16
     BUSY_MS = 200  # the longest a call waits for another process's transaction
+    GAUGE_S = 1.0  # pacsgw_login_banned is counted again at most this often (bans of other processes show)
 
     def __init__(self, cfg: LoginConfig, metrics: Metrics, audit: AuditLog, path: Path | None = None) -> None:
         self.cfg, self.metrics, self.audit = cfg, metrics, audit
         self.db = sqlite3.connect(str(path) if path else ":memory:", isolation_level=None, check_same_thread=False)
-        # Calls are synchronous on the event loop: every transaction is a few rows (microseconds), so a lock
-        # held longer means a stuck process; waiting for it must not stall every client of this one for
-        # seconds (see _unless_unrecordable). NORMAL: a power cut may forget the last failures, never corrupt.
+        # Every transaction is a few rows (microseconds), so a lock held longer means a stuck process: a call
+        # waits for it at most BUSY_MS (see _unless_unrecordable), on the guard's own thread, so the event
+        # loop serves other sessions meanwhile. NORMAL: a power cut may forget the last failures, never corrupt.
         self.db.execute(f"PRAGMA busy_timeout={self.BUSY_MS}")
         if path:
             self.db.execute("PRAGMA journal_mode=WAL")
@@ -79,6 +96,8 @@ class LoginGuard:
         self.db.executescript(_GUARD_SCHEMA)
         self._me = _process_identity(os.getpid())
         self._unreleased: list[int] = []  # slots whose release could not be recorded: retried with the next call
+        self._gauged = float("-inf")
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="login-guard")  # one: calls run in order
         with self._tx():
             boot = self.db.execute("SELECT value FROM meta WHERE key = 'boot'").fetchone()
             if boot is None or boot[0] != _BOOT_ID:  # monotonic times of another boot mean nothing
@@ -87,7 +106,14 @@ class LoginGuard:
                 self.db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('boot', ?)", (_BOOT_ID,))
 
     def close(self) -> None:
-        self.db.close()
+        """After the releases still queued (the guard's thread runs its calls in order)."""
+        self._thread.submit(self.db.close)
+        self._thread.shutdown(wait=True)
+
+    def release_session(self, slot: int) -> Future[None]:
+        """Queued on the guard's thread: connection callbacks and cleanups need not wait (the future is done
+        once the release is recorded, or kept for the next call)."""
+        return self._thread.submit(self._release, slot)
 
     @contextlib.contextmanager
     def _tx(self) -> Iterator[None]:
@@ -113,6 +139,7 @@ class LoginGuard:
                 raise
             log.error("login_guard_not_recorded", what=what, error=str(e))
 
+    @_on_thread
     def refusal(self, user: str, address: str, protocol: str, now: float | None = None) -> str:
         """Why a login must be refused unchecked now ('' when it may be checked)."""
         now = time.monotonic() if now is None else now
@@ -137,6 +164,7 @@ class LoginGuard:
         self.audit.record(Who(user, protocol, address), "login", "", "refused: bans could not be checked")
         return "login check unavailable: try again later"
 
+    @_on_thread
     def banned(self, scope: str, now: float | None = None) -> list[str]:
         """The addresses (scope 'address') or users ('user') banned now, for a front end that enforces bans
         elsewhere (Samba checks SMB passwords itself: its smb.conf denies banned addresses)."""
@@ -145,6 +173,7 @@ class LoginGuard:
         return [k for (k,) in self.db.execute("SELECT key FROM bans WHERE scope = ? AND until > ? ORDER BY key",
                                               (scope, now))]
 
+    @_on_thread
     def succeeded(self, user: str, address: str, now: float | None = None) -> None:
         now = time.monotonic() if now is None else now
         with self._unless_unrecordable("login"), self._tx():
@@ -153,6 +182,7 @@ class LoginGuard:
             self.db.execute("DELETE FROM trusted WHERE user = ? AND address NOT IN (SELECT address FROM trusted "
                             "WHERE user = ? ORDER BY at DESC LIMIT ?)", (user, user, self.TRUSTED_PER_USER))
 
+    @_on_thread
     def failed(self, user: str, address: str, protocol: str, now: float | None = None) -> float:
         """Record a failed login → the seconds to wait before answering it."""
         now = time.monotonic() if now is None else now
@@ -179,10 +209,11 @@ class LoginGuard:
             # rowids grow: this keeps the newest MAX_TRACKED failures (a spray from many addresses is bounded)
             self.db.execute("DELETE FROM failures WHERE rowid <= (SELECT MAX(rowid) FROM failures) - ?",
                             (self.MAX_TRACKED,))
-            self._gauge(now)
+            self._gauge(now, fresh=worst >= self.cfg.max_failures)
             return min(self.cfg.delay_seconds * 2 ** (worst - 1), self.cfg.max_delay_seconds)
         return self.cfg.max_delay_seconds
 
+    @_on_thread
     def take_session(self, scope: str, key: str, cap: int) -> int | None:
         """A session slot for key (an address, a user) if fewer than cap are held on the whole box → its id
         (give it back with release_session); None at the cap. 0 (no slot) when it cannot be recorded."""
@@ -196,10 +227,10 @@ class LoginGuard:
                                    (scope, key, *self._me)).lastrowid
         return 0
 
-    def release_session(self, slot: int) -> None:
+    def _release(self, slot: int) -> None:
         if slot:
             self._unreleased.append(slot)
-        self._release_pending()
+            self._release_pending()
 
     def _release_pending(self) -> None:
         if self._unreleased:
@@ -220,7 +251,11 @@ class LoginGuard:
                 self.db.execute("DELETE FROM sessions WHERE pid = ? AND started = ?", (pid, started))
                 log.warning("session_slots_freed", scope=scope, key=key, pid=pid, reason="process gone")
 
-    def _gauge(self, now: float) -> None:
+    def _gauge(self, now: float, fresh: bool = False) -> None:
+        """pacsgw_login_banned: two counts, at most every GAUGE_S (each login asks), and after a new ban."""
+        if not fresh and now - self._gauged < self.GAUGE_S:
+            return
+        self._gauged = now
         for scope in ("address", "user"):
             (n,) = self.db.execute("SELECT COUNT(*) FROM bans WHERE scope = ? AND until > ?", (scope, now)).fetchone()
             self.metrics.login_banned.labels(scope).set(n)

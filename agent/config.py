@@ -289,6 +289,8 @@ class SftpConfig:
     # the same caps as [ftp]'s, counted apart from FTP's (issue 19: connection floods)
     max_sessions_per_user: int = _f(_int_between(1, 10000), "an integer 1..10000", default=32)
     max_sessions_per_address: int = _f(_int_between(1, 10000), "an integer 1..10000", default=64)
+    # channels one SSH connection may hold open (OpenSSH's MaxSessions is 10): each holds buffers and a task
+    max_channels_per_connection: int = _f(_int_between(1, 1000), "an integer 1..1000", default=10)
 
 
 @dataclass(frozen=True)

@@ -216,7 +216,7 @@ def test_password_guessing_is_slowed_then_banned(agent_factory):
     assert '"event": "login_ban"' in agent.log_path.read_text()
 
 
-def test_locked_user_still_logs_in_from_its_known_address():
+async def test_locked_user_still_logs_in_from_its_known_address():
     """The per-user lock spares addresses that logged in as that user before (a guesser elsewhere on the
     network must not lock the PACS out); the clock is passed in, so this needs no waiting."""
     from agent.audit import AuditLog
@@ -224,13 +224,13 @@ def test_locked_user_still_logs_in_from_its_known_address():
     from agent.config import LoginConfig
     from agent.metrics import Metrics
     g = LoginGuard(LoginConfig(max_failures=3, ban_seconds=60), Metrics(), AuditLog(None, 0, 1, False))
-    g.succeeded("pacs", "10.0.0.5", now=0)
+    await g.succeeded("pacs", "10.0.0.5", now=0)
     for i, addr in enumerate(["10.9.0.1", "10.9.0.2", "10.9.0.3"]):  # one guess from each of three addresses
-        assert g.refusal("pacs", addr, "ftp", now=i) == ""
-        g.failed("pacs", addr, "ftp", now=i)
-    assert "user temporarily banned" in g.refusal("pacs", "10.9.0.4", "ftp", now=5)
-    assert g.refusal("pacs", "10.0.0.5", "ftp", now=5) == ""
-    assert g.refusal("pacs", "10.9.0.4", "ftp", now=63) == ""  # the ban ends
+        assert await g.refusal("pacs", addr, "ftp", now=i) == ""
+        await g.failed("pacs", addr, "ftp", now=i)
+    assert "user temporarily banned" in await g.refusal("pacs", "10.9.0.4", "ftp", now=5)
+    assert await g.refusal("pacs", "10.0.0.5", "ftp", now=5) == ""
+    assert await g.refusal("pacs", "10.9.0.4", "ftp", now=63) == ""  # the ban ends
 
 
 def _hold_slots(path: str, n: int, ready) -> None:
@@ -241,12 +241,12 @@ def _hold_slots(path: str, n: int, ready) -> None:
     from agent.metrics import Metrics
     g = LoginGuard(LoginConfig(), Metrics(), AuditLog(None, 0, 1, False), Path(path))
     for _ in range(n):
-        assert g.take_session("address", "10.0.0.9", 3) is not None
+        assert asyncio.run(g.take_session("address", "10.0.0.9", 3)) is not None
     ready.set()
     time.sleep(600)
 
 
-def test_login_guard_counts_are_shared_through_its_file(tmp_path):
+async def test_login_guard_counts_are_shared_through_its_file(tmp_path):
     """Two guards on one file (two serving processes): failures and bans add up across them, a session cap
     holds for both, and the slots of a process killed with kill -9 are freed when the cap is reached."""
     import multiprocessing
@@ -261,39 +261,40 @@ def test_login_guard_counts_are_shared_through_its_file(tmp_path):
     cfg, off = LoginConfig(max_failures=4, ban_seconds=60), AuditLog(None, 0, 1, False)
     a, b = LoginGuard(cfg, Metrics(), off, path), LoginGuard(cfg, Metrics(), off, path)
     for i in range(3):
-        (a if i % 2 else b).failed("pacs", "10.9.0.1", "ftp", now=i)
-    assert a.refusal("pacs", "10.9.0.1", "sftp", now=3) == b.refusal("pacs", "10.9.0.1", "ftp", now=3) == ""
-    a.failed("pacs", "10.9.0.1", "ftp", now=3)  # the 4th of the box: both refuse
-    assert "address temporarily banned" in b.refusal("pacs", "10.9.0.1", "ftp", now=4)
-    assert b.banned("address", now=4) == ["10.9.0.1"]
-    assert b.refusal("pacs", "10.9.0.1", "ftp", now=64) == ""  # the ban ends for both
-    slots = [a.take_session("user", "pacs", 3), b.take_session("user", "pacs", 3), a.take_session("user", "pacs", 3)]
-    assert None not in slots and b.take_session("user", "pacs", 3) is None
-    a.release_session(slots[0])
-    assert b.take_session("user", "pacs", 3) is not None
+        await (a if i % 2 else b).failed("pacs", "10.9.0.1", "ftp", now=i)
+    assert await a.refusal("pacs", "10.9.0.1", "sftp", now=3) == ""
+    assert await b.refusal("pacs", "10.9.0.1", "ftp", now=3) == ""
+    await a.failed("pacs", "10.9.0.1", "ftp", now=3)  # the 4th of the box: both refuse
+    assert "address temporarily banned" in await b.refusal("pacs", "10.9.0.1", "ftp", now=4)
+    assert await b.banned("address", now=4) == ["10.9.0.1"]
+    assert await b.refusal("pacs", "10.9.0.1", "ftp", now=64) == ""  # the ban ends for both
+    slots = [await (a, b, a)[i].take_session("user", "pacs", 3) for i in range(3)]
+    assert None not in slots and await b.take_session("user", "pacs", 3) is None
+    await asyncio.wrap_future(a.release_session(slots[0]))
+    assert await b.take_session("user", "pacs", 3) is not None
     spawn = multiprocessing.get_context("spawn")
     ready = spawn.Event()
     holder = spawn.Process(target=_hold_slots, args=(str(path), 2, ready))
     holder.start()
     try:
         assert ready.wait(60)
-        assert a.take_session("address", "10.0.0.9", 3) is not None
-        assert b.take_session("address", "10.0.0.9", 3) is None  # 2 held by the other process + 1
+        assert await a.take_session("address", "10.0.0.9", 3) is not None
+        assert await b.take_session("address", "10.0.0.9", 3) is None  # 2 held by the other process + 1
         os.kill(holder.pid, signal.SIGKILL)
         holder.join(10)
-        assert b.take_session("address", "10.0.0.9", 3) is not None  # the dead process's two are freed
-        assert b.take_session("address", "10.0.0.9", 3) is not None
-        assert a.take_session("address", "10.0.0.9", 3) is None
+        assert await b.take_session("address", "10.0.0.9", 3) is not None  # the dead process's two are freed
+        assert await b.take_session("address", "10.0.0.9", 3) is not None
+        assert await a.take_session("address", "10.0.0.9", 3) is None
     finally:
         holder.kill()
     a.close()
     b.close()
     c = LoginGuard(cfg, Metrics(), off, path)  # a restarted agent of the same boot keeps what was counted
-    assert c.take_session("address", "10.0.0.9", 3) is None
+    assert await c.take_session("address", "10.0.0.9", 3) is None
     c.close()
 
 
-def test_login_guard_lets_logins_through_on_a_full_disk(tmp_path):
+async def test_login_guard_lets_logins_through_on_a_full_disk(tmp_path):
     """The guard's file shares the cache disk: when that is full, a good login and a new session are let
     through uncounted (the PACS must still read what is cached), and the file stays usable afterwards."""
     import os
@@ -312,18 +313,19 @@ def test_login_guard_lets_logins_through_on_a_full_disk(tmp_path):
             while True:
                 os.write(fd, b"x" * 4096)
         os.close(fd)
-        slots = [g.take_session("address", f"10.1.{i // 250}.{i % 250}", 2) for i in range(400)]
+        slots = [await g.take_session("address", f"10.1.{i // 250}.{i % 250}", 2) for i in range(400)]
         for i in range(400):
-            g.succeeded("pacs", f"10.2.{i // 250}.{i % 250}")
+            await g.succeeded("pacs", f"10.2.{i // 250}.{i % 250}")
         assert None not in slots and 0 in slots  # some could not be recorded: let through
         for slot in slots:
             g.release_session(slot)
         (disk / "filler").unlink()
-        assert g.take_session("address", "10.9.9.9", 1) and g.take_session("address", "10.9.9.9", 1) is None
+        assert await g.take_session("address", "10.9.9.9", 1)
+        assert await g.take_session("address", "10.9.9.9", 1) is None
         g.close()
 
 
-def test_login_guard_does_not_stall_on_a_locked_file(tmp_path):
+async def test_login_guard_does_not_stall_on_a_locked_file(tmp_path):
     """Another process stuck inside a transaction of the guard's file (here: a second connection holding the
     write lock) must not stall logins for seconds: bans are still read, a good login and a session are let
     through uncounted, a failure gets the longest delay, and a slot released meanwhile is freed afterwards."""
@@ -337,27 +339,28 @@ def test_login_guard_does_not_stall_on_a_locked_file(tmp_path):
     cfg = LoginConfig(max_failures=2, delay_seconds=0.1, max_delay_seconds=7)
     g = LoginGuard(cfg, Metrics(), AuditLog(None, 0, 1, False), path)
     for _ in range(2):
-        g.failed("guesser", "10.6.6.6", "sftp")
-    slot = g.take_session("address", "10.0.0.1", 1)
+        await g.failed("guesser", "10.6.6.6", "sftp")
+    slot = await g.take_session("address", "10.0.0.1", 1)
     stuck = sqlite3.connect(path, isolation_level=None)
     stuck.execute("BEGIN IMMEDIATE")
     t0 = time.monotonic()
-    assert "banned" in g.refusal("other", "10.6.6.6", "sftp") and g.refusal("pacs", "10.0.0.2", "sftp") == ""
-    g.succeeded("pacs", "10.0.0.2")
-    assert g.take_session("address", "10.0.0.3", 5) == 0  # uncounted
-    assert g.failed("pacs", "10.0.0.4", "sftp") == cfg.max_delay_seconds
+    assert "banned" in await g.refusal("other", "10.6.6.6", "sftp")
+    assert await g.refusal("pacs", "10.0.0.2", "sftp") == ""
+    await g.succeeded("pacs", "10.0.0.2")
+    assert await g.take_session("address", "10.0.0.3", 5) == 0  # uncounted
+    assert await g.failed("pacs", "10.0.0.4", "sftp") == cfg.max_delay_seconds
     g.release_session(slot)
     assert time.monotonic() - t0 < 2.5  # each locked call waits BUSY_MS (0.2 s), not seconds
     stuck.execute("ROLLBACK")
-    assert g.take_session("address", "10.0.0.1", 1)  # the release is done once the lock is gone
-    assert g.take_session("address", "10.0.0.1", 1) is None
+    assert await g.take_session("address", "10.0.0.1", 1)  # the release is done once the lock is gone
+    assert await g.take_session("address", "10.0.0.1", 1) is None
     g.close()
 
 
 def test_sftp_session_caps_per_address_and_per_user(agent_factory):
-    """SSH connections count against [sftp] max_sessions_per_address before the key exchange, logins against
-    max_sessions_per_user; one more is disconnected (TOO_MANY_CONNECTIONS) and its slot is free again once a
-    client leaves. FTP sessions from the same address count apart."""
+    """SSH connections count against [sftp] max_sessions_per_address, logins against max_sessions_per_user; one
+    more is disconnected (TOO_MANY_CONNECTIONS; over the address cap at its login request) and its slot is free
+    again once a client leaves. FTP sessions from the same address count apart."""
     agent = agent_factory(**{"sftp.max_sessions_per_address": 3, "sftp.max_sessions_per_user": 2},
                           users=[{"name": "pacs", "password": PASSWORD, "root": "/"},
                                  {"name": "viewer", "password": PASSWORD, "root": "/"}]).start()

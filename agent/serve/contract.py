@@ -105,11 +105,11 @@ async def login(gw: Gateway, guard: LoginGuard, protocol: str, who: Who, address
     backoff), unless `delay` is False (Samba has answered already)."""
     if ok:
         log.info("login", protocol=protocol, user=who.user, peer=who.peer, **context)
-        guard.succeeded(who.user, address)
+        await guard.succeeded(who.user, address)
         return
     log.warning("login_failed", protocol=protocol, user=who.user, peer=who.peer, **context)
     gw.audit_event(who, "login", "", "error: wrong user or password")
-    wait = guard.failed(who.user, address, protocol)
+    wait = await guard.failed(who.user, address, protocol)
     if delay:
         await asyncio.sleep(wait)
 

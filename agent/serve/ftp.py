@@ -356,7 +356,7 @@ class FtpServer(aioftp.Server):
         host, port = writer.get_extra_info("peername")[:2]
         address = unmapped(host)
         cap = self.cfg.ftp.max_sessions_per_address
-        slot = self.logins.take_session("address", address, cap)  # counted box-wide (agent.auth.LoginGuard)
+        slot = await self.logins.take_session("address", address, cap)  # counted box-wide (agent.auth.LoginGuard)
         if slot is None:
             contract.refuse_session(self.gateway, "ftp", Who("-", "ftp", f"{host}:{port}"),
                                     f"too many sessions from {address} (limit {cap})")
@@ -522,7 +522,7 @@ class FtpServer(aioftp.Server):
             connection.response("503", "already logged in")
             return True
         login, guard, address = connection.user.login, self.logins, connection.client_host
-        if refusal := guard.refusal(login, address, "ftp"):  # LoginGuard (agent.auth): backoff and bans
+        if refusal := await guard.refusal(login, address, "ftp"):  # LoginGuard (agent.auth): backoff and bans
             connection.response("530", refusal)
             return True
         ok = await self.user_manager.authenticate(connection.user, rest)
@@ -531,7 +531,7 @@ class FtpServer(aioftp.Server):
             connection.response("530", "wrong user or password")
             return True
         name, cap = connection.user.login, self.cfg.ftp.max_sessions_per_user
-        slot = guard.take_session("user", name, cap)
+        slot = await guard.take_session("user", name, cap)
         if slot is None:
             contract.refuse_session(self.gateway, "ftp", who(connection),
                                     f"too many sessions for user {name} (limit {cap})")

@@ -16,6 +16,7 @@ from typing import Any, AsyncIterator, Awaitable, NoReturn, TypeVar
 
 import asyncssh
 import structlog
+from asyncssh.stream import SSHServerStreamSession
 
 from agent.audit import Who
 from agent.auth import LoginGuard, verify_password
@@ -58,52 +59,120 @@ def ensure_host_key(path: str) -> asyncssh.SSHKey:
     return asyncssh.read_private_key(str(p))
 
 
-class _Auth(asyncssh.SSHServer):
-    """One SSH connection: its login, and its slots against [sftp] max_sessions_per_address and _per_user
-    (LoginGuard's box-wide slots, scopes 'sftp address' and 'sftp user': counted apart from FTP's)."""
+class _Session(SSHServerStreamSession[bytes]):
+    """asyncssh's own SFTP-only session (what `listen(sftp_factory=...)` builds), counted on its connection."""
 
-    def __init__(self, users: dict[str, UserConfig], cfg: SftpConfig, gateway: Gateway, guard: LoginGuard) -> None:
-        self.users, self.cfg, self.gateway, self.guard = users, cfg, gateway, guard
+    def __init__(self, owner: _Auth, sftp_factory: type[GatewaySFTP]) -> None:
+        super().__init__(None, sftp_factory, asyncssh.sftp.MIN_SFTP_VERSION)
+        self.owner = owner
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
+        self.owner.channels -= 1
+
+
+class _Auth(asyncssh.SSHServer):
+    """One SSH connection: its login, its slots against [sftp] max_sessions_per_address and _per_user
+    (LoginGuard's box-wide slots, scopes 'sftp address' and 'sftp user': counted apart from FTP's), and its
+    channels against max_channels_per_connection."""
+
+    REFUSE_S = 2.0  # the longest a connection over the address cap stays before its disconnect
+
+    def __init__(self, users: dict[str, UserConfig], cfg: SftpConfig, gateway: Gateway, guard: LoginGuard,
+                 sftp_factory: type[GatewaySFTP]) -> None:
+        self.users, self.cfg, self.gateway, self.guard, self.sftp_factory = users, cfg, gateway, guard, sftp_factory
         self.conn: asyncssh.SSHServerConnection | None = None
         self.username = "-"
         self.slots: list[int] = []
+        self.admitted: list[asyncio.Task[bool]] = []  # the slot checks: a channel opens once they all passed
+        self.channels = 0
+        self.by_password = False  # the login was a password's (the guard has recorded it already)
+        self.refused = ""  # the disconnect reason of a connection over a session cap, until it is sent
 
     def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
         self.conn = conn
-        # before the key exchange: a flood from one address costs no crypto beyond its cap
+        # counted at once: a connection over the cap is disconnected at its login request, before any password
         address, cap = unmapped(conn.get_extra_info("peername")[0]), self.cfg.max_sessions_per_address
-        self._take_slot("sftp address", address, cap, f"from {address}", "from your address")
+        self.admitted.append(asyncio.ensure_future(self._take_slot("sftp address", address, cap, f"from {address}",
+                                                                   "from your address")))
 
     def connection_lost(self, exc: Exception | None) -> None:
+        for task in self.admitted:
+            task.add_done_callback(lambda _: self._release())  # a slot taken after the client left goes too
+        self._release()
+
+    def _release(self) -> None:
         for slot in self.slots:
             self.guard.release_session(slot)
         self.slots = []
 
-    def _take_slot(self, scope: str, key: str, cap: int, whose: str, yours: str) -> bool:
+    async def _take_slot(self, scope: str, key: str, cap: int, whose: str, yours: str) -> bool:
         """A slot of the guard for this connection, or refuse it: audit, log, and an SSH disconnect."""
-        slot = self.guard.take_session(scope, key, cap)
+        slot = await self.guard.take_session(scope, key, cap)
         if slot is not None:
             self.slots.append(slot)
             return True
-        assert self.conn is not None
         refuse_session(self.gateway, "sftp", self._who(self.username), f"too many sessions {whose} (limit {cap})")
-        # soon, not now: asyncssh sends its version line when connection_made returns
-        asyncio.get_running_loop().call_soon(self.conn.disconnect, asyncssh.DISC_TOO_MANY_CONNECTIONS,
-                                             f"too many sessions {yours} (limit {cap}); try again later")
+        self.refused = f"too many sessions {yours} (limit {cap}); try again later"
+        if self.username == "-":
+            # The guard answers during the key exchange: a disconnect now (asyncssh aborts the socket) would
+            # reach a client that is still writing as a bare reset. It goes with the login request, or soon.
+            asyncio.get_running_loop().call_later(self.REFUSE_S, self._disconnect)
+        else:
+            self._disconnect()
         return False
+
+    def _disconnect(self) -> None:
+        if self.refused and self.conn is not None:
+            self.conn.disconnect(asyncssh.DISC_TOO_MANY_CONNECTIONS, self.refused)
+            self.refused = ""
 
     def _who(self, username: str) -> Who:
         return Who(username, "sftp", _peer(self.conn))
 
-    def auth_completed(self) -> None:
-        name, cap = self.username, self.cfg.max_sessions_per_user
-        if self._take_slot("sftp user", name, cap, f"for user {name}", "for this user"):
-            self.gateway.audit_event(self._who(self.username), "login")
+    def _address(self) -> str:
+        return self.conn.get_extra_info("peername")[0] if self.conn is not None else ""
 
-    def begin_auth(self, username: str) -> bool:
+    def auth_completed(self) -> None:
+        self.admitted.append(asyncio.ensure_future(self._login()))
+
+    async def _login(self) -> bool:
+        name, cap = self.username, self.cfg.max_sessions_per_user
+        if not await self._take_slot("sftp user", name, cap, f"for user {name}", "for this user"):
+            return False
+        if not self.by_password:  # a key login trusts its address too: a guesser elsewhere cannot lock it out
+            await self.guard.succeeded(name, self._address())
+        self.gateway.audit_event(self._who(name), "login")
+        return True
+
+    def session_requested(self) -> Awaitable[_Session]:
+        """A channel for SFTP: refused (RESOURCE_SHORTAGE) beyond max_channels_per_connection, which one
+        authenticated client could otherwise open by the thousand; opened once the session caps admit it."""
+        cap = self.cfg.max_channels_per_connection
+        if self.channels >= cap:
+            refuse_session(self.gateway, "sftp", self._who(self.username),
+                           f"too many channels on one connection (limit {cap})")
+            raise asyncssh.ChannelOpenError(asyncssh.OPEN_RESOURCE_SHORTAGE,
+                                            f"too many channels on this connection (limit {cap})")
+        self.channels += 1
+        return self._session()
+
+    async def _session(self) -> _Session:
+        if not all(await asyncio.gather(*self.admitted)):
+            self.channels -= 1
+            raise asyncssh.ChannelOpenError(asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED, "too many sessions")
+        return _Session(self, self.sftp_factory)
+
+    async def begin_auth(self, username: str) -> bool:
+        """Every method is checked against the guard's bans here: a banned address or user gets no login by
+        public key either (their keys are not even offered to asyncssh)."""
         self.username = username
+        if not await self.admitted[0]:  # over the address cap
+            self._disconnect()
+            return True
+        refused = await self.guard.refusal(username, self._address(), "sftp")
         user = self.users.get(username)
-        if user and user.authorized_keys and self.conn is not None:
+        if user and user.authorized_keys and self.conn is not None and not refused:
             self.conn.set_authorized_keys(asyncssh.read_authorized_keys(list(user.authorized_keys)))
         return True
 
@@ -114,13 +183,14 @@ class _Auth(asyncssh.SSHServer):
         return True
 
     async def validate_password(self, username: str, password: str) -> bool:
-        address = self.conn.get_extra_info("peername")[0] if self.conn is not None else ""
-        if self.guard.refusal(username, address, "sftp"):
+        address = self._address()
+        if await self.guard.refusal(username, address, "sftp"):  # also a ban this connection's failures made
             return False
         user = self.users.get(username)
         ok = user is not None and bool(user.password or user.password_hash) and await asyncio.to_thread(
             verify_password, password, plain=user.password, encoded=user.password_hash)
         await login(self.gateway, self.guard, "sftp", self._who(username), address, ok, method="password")
+        self.by_password = ok
         return ok
 
 
@@ -299,13 +369,11 @@ class SftpService:
                                                       "roots": {u.name: u.root for u in self.cfg.users}})
         host, port = self.cfg.sftp.listen
         self._acceptor = await asyncssh.listen(
-            host, port, server_host_keys=[key], server_factory=self._auth,
-            sftp_factory=factory, allow_scp=False, agent_forwarding=False, x11_forwarding=False,
+            host, port, server_host_keys=[key], allow_scp=False,
+            server_factory=lambda: _Auth(self.users, self.cfg.sftp, self.gateway, self.logins, factory),
+            agent_forwarding=False, x11_forwarding=False,
             allow_pty=False, login_timeout=60, keepalive_interval=30,
             acceptor=self._conns.add, reuse_port=reuse_port)
-
-    def _auth(self) -> _Auth:
-        return _Auth(self.users, self.cfg.sftp, self.gateway, self.logins)
 
     def stop_accepting(self) -> None:
         if self._acceptor:

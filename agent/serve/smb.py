@@ -377,7 +377,7 @@ class SmbService:
             self.gateway.audit_event(who, "login")
 
     async def _enforce_bans(self) -> None:
-        banned = self.logins.banned("address")
+        banned = await self.logins.banned("address")
         if banned == self._bans:
             return
         (self.state / BANS_CONF).write_text(render_bans(self.cfg, banned))
