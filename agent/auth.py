@@ -106,9 +106,9 @@ class LoginGuard:
                 self.db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('boot', ?)", (_BOOT_ID,))
 
     def close(self) -> None:
-        """After the releases still queued (the guard's thread runs its calls in order)."""
-        self._thread.submit(self.db.close)
-        self._thread.shutdown(wait=True)
+        """After the releases still queued (the guard's thread runs its calls in order). A release that comes
+        later (a connection callback at shutdown) fails unseen: its slot goes with this process (_free_dead)."""
+        self._thread.submit(self.db.close).result()
 
     def release_session(self, slot: int) -> Future[None]:
         """Queued on the guard's thread: connection callbacks and cleanups need not wait (the future is done
