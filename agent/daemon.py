@@ -96,18 +96,14 @@ class Agent:
         self._ship = (asyncio.create_task(AuditShipper(self.audit, self.s3, cfg.audit.ship_prefix).run(),
                                           name="audit-ship") if cfg.audit.enabled and cfg.audit.ship else None)
         # prior prefetch hears of every store; self.priors is built below, before any front end serves
-        self._build_gateway((lambda path, content: self.priors.on_stored(path, content)) if cfg.prefetch.priors
-                            else None)
-        await self.gateway.start()
+        await self._start_gateway((lambda path, content: self.priors.on_stored(path, content))
+                                  if cfg.prefetch.priors else None)
         self.ha = None
         if cfg.ha.enabled:
             from agent.ha import HaMonitor
             self.ha = HaMonitor(cfg, self.gateway, self.db, self.refusals, self.uploader, self.s3, self.cache,
                                 self.audit, self.metrics)
             await self.ha.start()
-        self.monitor = PressureMonitor(cfg, self.db, self.cache, self.gateway, self.line, self.metrics, self.refusals)
-        await self.monitor.sample()
-        self._monitor = asyncio.create_task(self.monitor.run(), name="pressure")
         # the study-index snapshot, by the active box only (agent/dicom/schedule.py)
         self._snapshots = (asyncio.create_task(SnapshotSchedule(
             cfg, lambda: self.ha is None or self.ha.state.role == "active").run(), name="index-snapshot")
@@ -115,7 +111,6 @@ class Agent:
         fetcher = Fetcher(self.gateway, self.db, lambda: self.monitor.current.level)
         stack = stack_for(cfg)   # one policy stack: the evictor and the prior-study planner share it
         self.evictor.use(stack, cfg.prefetch.study_depth)
-        await self.evictor.prepare()
         self._evict: asyncio.Task[None] | None = asyncio.create_task(self.evictor.run(), name="evict")
         self.prefetcher = DirPrefetcher(cfg, self.db, self.gateway, fetcher)
         self._prefetch = (asyncio.create_task(self.prefetcher.loop(), name="prefetch")
@@ -160,9 +155,11 @@ class Agent:
                                  Describer(cfg.dicom, retention.retention_class,
                                            bool(retention.rules) or cfg.uplink.compress != "off"))
 
-    def _build_gateway(self, on_stored: Callable[[str, Path], None] | None = None) -> None:
+    async def _start_gateway(self, on_stored: Callable[[str, Path], None] | None = None) -> None:
         """The gateway and the parts it is handed, which the agent keeps: the evictor (its admin calls and
-        /healthz), the refusals (set by the pressure and HA monitors). After _build_uplink; nothing started."""
+        /healthz), the refusals (set by the pressure and HA monitors). After _build_uplink. Then the pressure
+        monitor, in every serving process: disk and memory are the box's, so each refuses cold fetches under
+        critical pressure and narrows its transfer slots like the owner."""
         cfg = self.cfg
         self.refusals = Refusals()
         access = AccessStats(cfg.prefetch.dir_depth)
@@ -170,6 +167,11 @@ class Agent:
         self.gateway = Gateway(cfg, self.db, self.cache, self.s3, self.uploader, self.metrics, self.audit,
                                worm=self.worm, access=access, evictor=self.evictor, refusals=self.refusals,
                                on_stored=on_stored)
+        await self.evictor.prepare()  # before any front end serves; a full disk makes a worker evict too
+        await self.gateway.start()
+        self.monitor = PressureMonitor(cfg, self.db, self.cache, self.gateway, self.line, self.metrics, self.refusals)
+        await self.monitor.sample()
+        self._monitor = asyncio.create_task(self.monitor.run(), name="pressure")
 
     def _login_guard(self) -> LoginGuard:
         """One count of failed logins and sessions for every front end of every serving process of the box."""

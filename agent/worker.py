@@ -14,7 +14,6 @@ import structlog
 from agent.audit import AuditLog
 from agent.config import Config
 from agent.daemon import DRAIN_SECONDS, Agent, run_until_signal
-from agent.monitor import PressureMonitor
 from agent.store.cache import Cache
 from agent.store.catalog import AsyncCatalog, Catalog
 from agent.workers import pid_dir, worker_audit_path
@@ -41,14 +40,7 @@ class Worker(Agent):
         await self.line.start()
         self.audit = AuditLog(worker_audit_path(Path(cfg.audit.path), self.index), cfg.audit.max_bytes,
                               cfg.audit.keep, cfg.audit.enabled)
-        self._build_gateway()
-        await self.evictor.prepare()  # a full disk makes a worker evict too (Gateway.make_room)
-        await self.gateway.start()
-        # Its own pressure monitor: disk and memory are the box's, so every process refuses cold fetches under
-        # critical pressure and narrows its transfer slots like the owner; eviction stays with the owner.
-        self.monitor = PressureMonitor(cfg, self.db, self.cache, self.gateway, self.line, self.metrics, self.refusals)
-        await self.monitor.sample()
-        self._monitor = asyncio.create_task(self.monitor.run(), name="pressure")
+        await self._start_gateway()  # and its own pressure monitor; the eviction loop stays with the owner
         await self._serve_ftp_sftp()  # its LoginGuard opens the box's shared counts (agent.auth)
         path = pid_dir(cfg) / f"{self.index}.pid"
         path.parent.mkdir(exist_ok=True)
