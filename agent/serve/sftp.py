@@ -82,6 +82,7 @@ class _Auth(asyncssh.SSHServer):
                  sftp_factory: type[GatewaySFTP]) -> None:
         self.users, self.cfg, self.gateway, self.guard, self.sftp_factory = users, cfg, gateway, guard, sftp_factory
         self.conn: asyncssh.SSHServerConnection | None = None
+        self.address = ""
         self.username = "-"
         self.slots: list[int] = []
         self.admitted: list[asyncio.Task[bool]] = []  # the slot checks: a channel opens once they all passed
@@ -90,9 +91,9 @@ class _Auth(asyncssh.SSHServer):
         self.refused = ""  # the disconnect reason of a connection over a session cap, until it is sent
 
     def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
-        self.conn = conn
+        self.conn, self.address = conn, conn.get_extra_info("peername")[0]  # the guard's key for bans
         # counted at once: a connection over the cap is disconnected at its login request, before any password
-        address, cap = unmapped(conn.get_extra_info("peername")[0]), self.cfg.max_sessions_per_address
+        address, cap = unmapped(self.address), self.cfg.max_sessions_per_address
         self.admitted.append(asyncio.ensure_future(self._take_slot("sftp address", address, cap, f"from {address}",
                                                                    "from your address")))
 
@@ -130,9 +131,6 @@ class _Auth(asyncssh.SSHServer):
     def _who(self, username: str) -> Who:
         return Who(username, "sftp", _peer(self.conn))
 
-    def _address(self) -> str:
-        return self.conn.get_extra_info("peername")[0] if self.conn is not None else ""
-
     def auth_completed(self) -> None:
         self.admitted.append(asyncio.ensure_future(self._login()))
 
@@ -141,7 +139,7 @@ class _Auth(asyncssh.SSHServer):
         if not await self._take_slot("sftp user", name, cap, f"for user {name}", "for this user"):
             return False
         if not self.by_password:  # a key login trusts its address too: a guesser elsewhere cannot lock it out
-            await self.guard.succeeded(name, self._address())
+            await self.guard.succeeded(name, self.address)
         self.gateway.audit_event(self._who(name), "login")
         return True
 
@@ -170,7 +168,7 @@ class _Auth(asyncssh.SSHServer):
         if not await self.admitted[0]:  # over the address cap
             self._disconnect()
             return True
-        refused = await self.guard.refusal(username, self._address(), "sftp")
+        refused = await self.guard.refusal(username, self.address, "sftp")
         user = self.users.get(username)
         if user and user.authorized_keys and self.conn is not None and not refused:
             self.conn.set_authorized_keys(asyncssh.read_authorized_keys(list(user.authorized_keys)))
@@ -183,13 +181,12 @@ class _Auth(asyncssh.SSHServer):
         return True
 
     async def validate_password(self, username: str, password: str) -> bool:
-        address = self._address()
-        if await self.guard.refusal(username, address, "sftp"):  # also a ban this connection's failures made
+        if await self.guard.refusal(username, self.address, "sftp"):  # also a ban this connection's failures made
             return False
         user = self.users.get(username)
         ok = user is not None and bool(user.password or user.password_hash) and await asyncio.to_thread(
             verify_password, password, plain=user.password, encoded=user.password_hash)
-        await login(self.gateway, self.guard, "sftp", self._who(username), address, ok, method="password")
+        await login(self.gateway, self.guard, "sftp", self._who(username), self.address, ok, method="password")
         self.by_password = ok
         return ok
 
