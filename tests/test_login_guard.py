@@ -104,12 +104,14 @@ def test_sftp_channels_are_capped_and_bans_hold_for_key_logins(agent_factory, tm
             assert "limit 3" in refused.value.reason
             clients[0].exit()
             await clients[0].wait_closed()
-            for _ in range(100):  # the server counts the channel out when it has closed on both sides
+            for _ in range(200):  # the server counts the channel out when it has closed on both sides
                 try:
                     clients[0] = await conn.start_sftp_client()
                     break
                 except asyncssh.ChannelOpenError:
                     await asyncio.sleep(0.05)
+            else:
+                pytest.fail("a closed channel was never counted out")
             assert [await c.listdir("/") is not None for c in clients] == [True] * 3  # the connection stays
 
         await guess("pacs", "127.0.0.1")  # the address 127.0.0.1 is banned
