@@ -303,8 +303,10 @@ class Replayer:
         backlog = max(0.0, self.queue_free - t)
         budget = Budget(int(cfg.prefetch_space * cfg.capacity), cfg.prefetch_bps,
                         max(0.0, cfg.priors_window_s - backlog))
+        heat_of = {x: heat for _, x, heat, _ in ranked}
         for x, rank, _ in self.stack.prior_plan(ranked, budget):
             self.pf_rank[x] = rank
+            self.stack.prior_fetched(x, s, heat_of[x])
             self._fetch_plan(objs_of[x], t)
 
     def _prefetch_feedback(self, o: int, used: bool) -> None:
