@@ -33,15 +33,15 @@ def main() -> int:
     ap.add_argument("--scheme", default="agent")
     ap.add_argument("--factors", default=None,
                     help="the learned policy's factors, e.g. gap,size,newer (default: learned.DEFAULT_FACTORS)")
-    ap.add_argument("--prefetch-space", type=float, default=None,
-                    help="ReplayConfig.prefetch_space: the share of the cache one prior plan may fill")
+    ap.add_argument("--priors-space", type=float, default=None,
+                    help="ReplayConfig.priors_space: the share of the cache one prior plan may fill")
     ap.add_argument("--byte-weight", type=float, default=None, help="learned.BYTE_WEIGHT")
     args = ap.parse_args()
     if args.byte_weight is not None:
         learned.BYTE_WEIGHT = args.byte_weight
     if args.factors is not None:
         learned.DEFAULT_FACTORS = tuple(f for f in args.factors.split(",") if f)
-    space = {} if args.prefetch_space is None else {"prefetch_space": args.prefetch_space}
+    space = {} if args.priors_space is None else {"priors_space": args.priors_space}
     total = worst = 0.0
     for fam in args.families.split(","):
         ta = load_arrays(Path(args.traces) / f"{fam}.tsv")
