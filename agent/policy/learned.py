@@ -34,6 +34,10 @@ through the week while one that is never read again decays. The histograms are r
 events have been seen the policy is *cold* and evicts studies in LRU order (the safe heuristic);
 `status()` says which.
 
+A prior prefetched for a new study (`link`, told by the prior planner through the runner) is worth at least
+its chance of being opened × the new study's density until it is opened or the new study is read: the
+report opens both, hours after the fetch, and an unread old study alone would be the first victim.
+
 Policies decide, never do I/O: the caller offers only clean files (already in S3), so a file not yet in
 S3 is never evicted (durability contract, rule 2).
 """
