@@ -315,6 +315,7 @@ class PriorFetcher:
                  heat=[round(heat[c[0]], 3) for c in chosen], bytes=sum(c[2] for c in chosen),
                  rank_heat=self.stack.prior_heat())
         for key, rank, _ in chosen:
+            self.stack.prior_fetched(key, d, heat[key])     # kept beside its new study until the report
             await self.db.record_prior_fetch(str(key), rank)
             if await self.fetcher.fetch_dir(str(key), deadline, self.status, "prior"):
                 break

@@ -33,12 +33,15 @@ def main() -> int:
     ap.add_argument("--scheme", default="agent")
     ap.add_argument("--factors", default=None,
                     help="the learned policy's factors, e.g. gap,size,newer (default: learned.DEFAULT_FACTORS)")
+    ap.add_argument("--priors-space", type=float, default=None,
+                    help="ReplayConfig.priors_space: the share of the cache one prior plan may fill")
     ap.add_argument("--byte-weight", type=float, default=None, help="learned.BYTE_WEIGHT")
     args = ap.parse_args()
     if args.byte_weight is not None:
         learned.BYTE_WEIGHT = args.byte_weight
     if args.factors is not None:
         learned.DEFAULT_FACTORS = tuple(f for f in args.factors.split(",") if f)
+    space = {} if args.priors_space is None else {"priors_space": args.priors_space}
     total = worst = 0.0
     for fam in args.families.split(","):
         ta = load_arrays(Path(args.traces) / f"{fam}.tsv")
@@ -48,7 +51,7 @@ def main() -> int:
             refs = {r["algorithm"]: r for r in ref["reference"]}
             bo = refs["Belady"]["hit_ratio"]
             bb = max(refs["Belady"]["byte_hit_ratio"], refs["BeladySize"]["byte_hit_ratio"])
-            res = Replayer(ta, args.scheme, ReplayConfig(capacity=int(float(cap[:-2]) * 1e9))).run()
+            res = Replayer(ta, args.scheme, ReplayConfig(capacity=int(float(cap[:-2]) * 1e9), **space)).run()
             go = (res.hit_ratio - lru["hit_ratio"]) / (bo - lru["hit_ratio"])
             gb = (res.byte_hit_ratio - lru["byte_hit_ratio"]) / (bb - lru["byte_hit_ratio"])
             total += go + gb

@@ -157,3 +157,35 @@ def test_the_simulator_describes_each_new_study_and_marks_the_patients_earlier_o
     assert ct > 0 and ed > 0
     assert r.stack.attrs_of(1) == (ct, ed, 0) and r.stack.attrs_of(0) == (ct, ed, 1)
     assert r.stack.attrs_of(2) == (ct, ed, 0)
+
+
+def test_a_prefetched_prior_stays_beside_its_unread_new_study() -> None:
+    """A prior fetched for a new study is opened with it at the report, hours later: until then it is worth
+    its heat × the new study's density (its own class, an old study read never, is worth little), so it is
+    not the first victim; once the new study has been read it is ranked on its own again."""
+    from agent.policy.stack import PolicyStack, StackSpec
+    stack = PolicyStack(StackSpec("learned", ("priors",)))
+    p = stack.policy
+    assert isinstance(p, HitDensity)
+    p.learn, p.fitted = False, True
+    p.density[:] = 0.1                  # studies read before
+    p.density[0, 0, :] = 1.0            # a new study not read yet: what its report will read
+    p.density[0, 3, :] = 0.01           # an old study never read in the cache
+    new, prior, others = 0, 1, (2, 3)
+
+    def fill(heat: float) -> None:
+        for key in list(p._study_of):
+            p.on_remove(key)
+        stack.inserted(new, 10, 0.0, 0.0, new)
+        for s in others:
+            stack.inserted(s, 10, 0.0, 0.0, s)
+            stack.accessed(s, 700.0)
+        stack.prior_fetched(prior, new, heat)
+        stack.inserted(prior, 10, 800.0, -400 * DAY, prior, prefetch=True)
+
+    fill(0.5)
+    assert list(stack.victims(10, 900.0, lambda: (None, []))) in ([2], [3])     # not the prior
+    stack.accessed(new, 2 * 3600.0)                                              # the report: new is read
+    assert list(stack.victims(10, 2 * 3600.0 + 60, lambda: (None, []))) == [prior]
+    fill(0.05)                          # a prior rarely opened is not worth keeping for it
+    assert list(stack.victims(10, 900.0, lambda: (None, []))) == [prior]

@@ -195,7 +195,7 @@ def test_live_default_stack_with_priors_matches_the_simulator(agent_factory, sea
     # The prefetch line: the live agent with no bwlimit plans priors at an unlimited rate, and the test
     # waits for each plan's fetch before the next request, so the simulator's prior is ready at once
     # (prefetch_bps infinite). The byte budget is the same share of the cache on both sides.
-    sim_cfg = {"prefetch_bps": float("inf"), "prefetch_space": PRIOR_SPACE}
+    sim_cfg = {"prefetch_bps": float("inf"), "priors_space": PRIOR_SPACE}
     share = away_from_a_cliff(ta, touched, "agent", **sim_cfg)
     capacity = int(share * touched)
 

@@ -97,6 +97,13 @@ class Adaptive:
         if meta is not None:
             self.used -= meta[0]
 
+    def link(self, prior: Any, new: Any, heat: float) -> None:
+        """A prefetched prior's new study (HitDensity.link), for the real cache's learned index and its shadow."""
+        self.learned.link(prior, new, heat)
+        shadow = self.shadows[1].policy
+        assert isinstance(shadow, HitDensity)
+        shadow.link(prior, new, heat)
+
     def victims(self, bytes_to_free: int, now: float) -> Iterator[Any]:
         self.capacity = max(self.capacity, self.used - bytes_to_free)
         model = self.shadows[1].policy

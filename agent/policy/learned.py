@@ -34,6 +34,10 @@ through the week while one that is never read again decays. The histograms are r
 events have been seen the policy is *cold* and evicts studies in LRU order (the safe heuristic);
 `status()` says which.
 
+A prior prefetched for a new study (`link`, told by the prior planner through the runner) is worth at least
+its chance of being opened × the new study's density until it is opened or the new study is read: the
+report opens both, hours after the fetch, and an unread old study alone would be the first victim.
+
 Policies decide, never do I/O: the caller offers only clean files (already in S3), so a file not yet in
 S3 is never evicted (durability contract, rule 2).
 """
@@ -151,6 +155,8 @@ class HitDensity:
         self._ghosts: OrderedDict[Any, tuple[int, int, float, int, int, tuple[int, ...]]] = OrderedDict()
         self.max_ghosts = max_ghosts
         self._files = self._bytes = 0           # files and bytes inserted so far: the mean file size
+        # prefetched prior → (its new study, the planner's chance that it is opened with it), until opened
+        self._links: dict[Any, tuple[Any, float]] = {}
 
     # -- learning
     def _cls(self, s: _Study) -> tuple[int, int]:
@@ -259,7 +265,16 @@ class HitDensity:
     def on_access(self, key: int, now: float) -> None:
         study = self._study_of.get(key)
         if study is not None:
+            self._links.pop(study, None)
             self._session(study, self._studies[study], now)
+
+    def link(self, prior: Any, new: Any, heat: float) -> None:
+        """A prior was prefetched for a new study: until it is opened, it is worth `heat` × what its new study
+        is worth while that one waits for its first read (the radiologist opens both in one session), so it
+        stays as long as the new study does instead of being evicted hours before the report."""
+        self._links[prior] = (new, heat)
+        if len(self._links) > self.max_ghosts:      # priors whose fetch never landed
+            del self._links[next(iter(self._links))]
 
     def on_remove(self, key: int) -> None:
         study = self._study_of.pop(key, None)
@@ -278,15 +293,26 @@ class HitDensity:
             self._ids[i] = last
             self._pos[last] = i
         self._lru.pop(study, None)
+        self._links.pop(study, None)
         for key in s.files:
             self._study_of.pop(key, None)
         return s
 
-    def _rank(self, s: _Study, now: float) -> float:
+    def _worth(self, s: _Study, now: float) -> float:
+        """The study's hit density × its factors (before its bytes)."""
         r, e = self._cls(s)
         rank = float(self.density[r, e, age_bucket(now - s.last)])
         for f, b in zip(self.factor, self._buckets(s), strict=True):
             rank *= float(f[b])
+        return rank
+
+    def _rank(self, s: _Study, now: float) -> float:
+        rank = self._worth(s, now)
+        link = self._links.get(s.study)
+        if link is not None:
+            new = self._studies.get(link[0])
+            if new is not None and new.sessions == 0:
+                rank = max(rank, link[1] * self._worth(new, now))
         # what keeping the study is worth per byte on both targets: its share of the files (object hits) plus
         # `byte_weight` × its share of the bytes (byte hits), per byte; ∝ mean file size / the study's + weight
         mean = self._bytes / max(self._files, 1)

@@ -215,6 +215,13 @@ class PolicyStack:
         chosen.sort(key=lambda c: rank_of[c.key])
         return [(c.key, rank_of[c.key], c.size) for c in chosen]
 
+    def prior_fetched(self, prior: Hashable, new: Hashable, heat: float) -> None:
+        """A planned prior is being fetched for a new study: tell the eviction policy (one that keeps the pair,
+        agent/policy/learned.py `link`), before the prior's files land."""
+        link = getattr(self.policy, "link", None)
+        if link is not None:
+            link(prior, new, heat)
+
     def prior_outcome(self, rank: int, used: bool) -> None:
         """A prefetched prior of this rank was opened (used) or evicted unopened."""
         if self.priors is not None and rank < self.priors.k:

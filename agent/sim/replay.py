@@ -77,7 +77,8 @@ class ReplayConfig:
     low_watermark: float = 0.95        # batch policies free down to this share of the capacity
     latency: LatencyModel = field(default_factory=LatencyModel)
     prefetch_bps: float = 5e6          # prefetch may use half of the 10 MB/s line
-    prefetch_space: float = 0.05       # one plan may fill at most this share of the capacity
+    prefetch_space: float = 0.05       # scheme C: one LSTM plan may fill at most this share of the capacity
+    priors_space: float = 0.3          # one prior plan may fill at most this share (the tuning families' choice)
     lstm_hour: float = 5.0             # scheme C: the early-morning prefetch window starts here
     lstm_window_h: float = 2.0
     priors_k: int = 3                  # ours: prior studies considered per new study
@@ -301,10 +302,12 @@ class Replayer:
         if not objs_of:
             return
         backlog = max(0.0, self.queue_free - t)
-        budget = Budget(int(cfg.prefetch_space * cfg.capacity), cfg.prefetch_bps,
+        budget = Budget(int(cfg.priors_space * cfg.capacity), cfg.prefetch_bps,
                         max(0.0, cfg.priors_window_s - backlog))
+        heat_of = {x: heat for _, x, heat, _ in ranked}
         for x, rank, _ in self.stack.prior_plan(ranked, budget):
             self.pf_rank[x] = rank
+            self.stack.prior_fetched(x, s, heat_of[x])
             self._fetch_plan(objs_of[x], t)
 
     def _prefetch_feedback(self, o: int, used: bool) -> None:

@@ -121,7 +121,7 @@ def describe(ta: TraceArrays, cfg: ReplayConfig) -> str:
             f"{cfg.latency.line_bps / 1e6:g} MB/s, on an idle line and queued (one FIFO line for all demand "
             f"misses). Egress = demand misses (as the line delivers them) + prefetch, per minute. "
             f"Prefetch limited to {cfg.prefetch_bps / 1e6:g} MB/s and "
-            f"{cfg.prefetch_space:.0%} of the cache per plan.\n")
+            f"{cfg.prefetch_space:.0%} (LSTM) / {cfg.priors_space:.0%} (priors) of the cache per plan.\n")
 
 
 def plots(results: list[SchemeResult], out: Path) -> list[str]:
