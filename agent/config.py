@@ -473,7 +473,11 @@ class PrefetchConfig:
     study_depth: int = _f(_int_between(1, 16), "an integer 1..16: path levels of a study directory "
                           "(3 for MODALITY/DAY/STUDY)", default=3)
     priors_k: int = _f(_int_between(1, 20), "an integer 1..20", default=3)
-    priors_max_bytes: int = _f(parse_size, SIZE, default=parse_size("2GB"))
+    # One new study's priors may fill this share of cache.max_bytes: the share `pacsgw simulate` uses for the
+    # default stack (chosen on the tuning families, docs/replay.md round 4), so live and simulated agree.
+    priors_space: float = _f(_ratio, "a fraction 0..1 or a percentage such as '30%' of cache.max_bytes",
+                             default=0.3)
+    priors_max_bytes: int = _f(parse_size, SIZE + ": a ceiling on priors_space in bytes (0: none)", default=0)
     priors_window_seconds: float = _f(_float_between(1, 86400), "seconds 1..86400", default=3600.0)
 
 

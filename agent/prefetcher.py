@@ -87,6 +87,12 @@ def line_rate(cfg: Config) -> float:
     return float(cfg.uplink.bwlimit) if cfg.uplink.bwlimit else float("inf")
 
 
+def priors_budget(cfg: Config) -> int:
+    """Bytes one new study's priors may fill: priors_space of the cache, under priors_max_bytes if set."""
+    share = int(cfg.prefetch.priors_space * cfg.cache.max_bytes)
+    return min(share, cfg.prefetch.priors_max_bytes) if cfg.prefetch.priors_max_bytes else share
+
+
 def _load_predictor(cfg: Config):  # (HotnessPredictor or None, what /status says)
     """The heat model, or None and the cold-start rule: a missing or unusable model (corrupt file, card
     that does not match, runtime that refuses it) is logged and shown in /status; serving goes on."""
@@ -307,7 +313,8 @@ class PriorFetcher:
             _, missing_bytes = await self.db.missing_under(prior_dir)
             ranked.append((rank, prior_dir, heat, missing_bytes))
         p = self.cfg.prefetch
-        chosen = self.stack.prior_plan(ranked, Budget(p.priors_max_bytes, line_rate(self.cfg), p.priors_window_seconds))
+        chosen = self.stack.prior_plan(ranked, Budget(priors_budget(self.cfg), line_rate(self.cfg),
+                                                      p.priors_window_seconds))
         deadline = time.time() + p.priors_window_seconds
         heat = {key: h for _, key, h, _ in ranked}
         log.info("prior_prefetch", study=d, patient_studies=len(studies), newer=len(older),

@@ -38,7 +38,7 @@ SHARES = (0.1, 0.15, 0.2, 0.25, 0.3, 0.4)    # cache sizes considered, as shares
 STEP = 0.02
 TOLERANCE = 0.01      # the bar: within 1 point
 HIGH = 0.99           # the live cache evicts (to 0.97) from this share of its capacity
-PRIOR_SPACE = 0.1     # one prior plan may take this share of the cache (live: prefetch.priors_max_bytes)
+PRIOR_SPACE = 0.1     # one prior plan may take this share of the cache (live: prefetch.priors_space)
 
 
 def away_from_a_cliff(ta, touched: int, scheme: str = "adaptive", **cfg: float) -> float:
@@ -205,7 +205,7 @@ def test_live_default_stack_with_priors_matches_the_simulator(agent_factory, sea
         # the disk reading is taken once at start (empty cache): a full tight cache must not read as high
         # pressure, which stops a prior fetch (the simulator has no such throttle)
         "pressure.interval_seconds": 300,
-        "prefetch.priors_max_bytes": int(PRIOR_SPACE * capacity), "scrub.enabled": False}).start()
+        "prefetch.priors_space": PRIOR_SPACE, "scrub.enabled": False}).start()
     assert a.health()["eviction"]["stack"] == "adaptive+priors"
     ftp = ftp_login(a)
     seen, studies = [], set()
