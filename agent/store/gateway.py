@@ -673,7 +673,8 @@ class Gateway:
         claimed ('uploading') without an upload running would wait for the next restart.
         """
         claim = self.cfg.uplink.write_mode == "through" and self.line.reachable
-        gen, replaced = await self.db.commit_write(path, blob, size, sha, time.time(), claim=claim)
+        mtime = time.time()
+        gen, replaced = await self.db.commit_write(path, blob, size, sha, mtime, claim=claim)
         if replaced:
             self.cache.remove(replaced)
         log.info("stored", path=path, bytes=size, sha256=sha, write_through=claim)
@@ -682,9 +683,17 @@ class Gateway:
         if not claim:
             self.uploader.wake()
             return None
-        entry = await self.db.get(path)
-        if entry is None or entry.gen != gen:
-            return None  # already superseded by a newer write
+        if self.uploader.conditional:
+            # An HA pair's PUT is conditional on the ETag the row holds now: read it back.
+            entry = await self.db.get(path)
+            if entry is None or entry.gen != gen:
+                return None  # already superseded by a newer write
+        else:
+            # The row as commit_write left it, without a second catalog round trip per stored file. Should a
+            # newer write supersede it meanwhile, mark_clean is gen-checked and that write uploads its own.
+            entry = Entry(path=path, is_dir=False, size=size, mtime=mtime, sha256=sha, state="uploading", blob=blob,
+                          gen=gen, etag=None, version_id=None, copy_from=None, listed=False, dirty_since=mtime,
+                          attempts=0, last_error=None, last_access=None, access_count=0)
         return self.uploader.start_transfer(entry)
 
     async def write_through(self, path: str, upload: asyncio.Task[bool] | None) -> None:
