@@ -425,8 +425,7 @@ class Gateway:
     async def stat(self, path: str) -> Entry:
         e = await self.db.get(path)
         if e is None and path:
-            await self._ensure_listed(parent_of(path))
-            e = await self.db.get(path)
+            e = await self._ensure_listed(parent_of(path), then=path)
         if e is None:
             raise NotFound(path)
         return e
@@ -459,21 +458,32 @@ class Gateway:
                 log.warning("listing_name_hidden", directory=directory, name=repr(e.name), reason=problem)
         return shown
 
-    async def _ensure_listed(self, path: str, *, missing_ok: bool = False) -> None:
-        """Merge the remote listing of `path` and its ancestors into the catalog, once per directory.
+    async def _ensure_listed(self, path: str, *, missing_ok: bool = False, then: str | None = None) -> Entry | None:
+        """Merge the remote listing of `path` and its ancestors into the catalog, once per directory. → the row
+        of `then` (a name in `path`) after the walk.
 
-        With missing_ok, a missing directory ends the walk (a write will create it) instead of failing.
+        The directories and `then` are read in one catalog call (a stored file's walk was one round trip to the
+        catalog thread per directory); rows after a directory that had to be listed are read again, since the
+        listing may have merged them. With missing_ok, a missing directory ends the walk (a write will create
+        it) instead of failing.
         """
-        for d in ancestors(path + "/x") if path else [""]:
-            e = await self.db.get(d)
+        chain = ancestors(path + "/x") if path else [""]
+        known = await self.db.get_many(chain if then is None else [*chain, then])
+        merged = False
+        for d in chain:
+            e = await self.db.get(d) if merged else known.get(d)
             if e is None:
                 if missing_ok:
-                    return
+                    break
                 raise NotFound(d)
             if not e.is_dir:
                 raise NotADirectory(d)
             if not e.listed:
                 await self._list_remote(d)
+                merged = True
+        if then is None:
+            return None
+        return await self.db.get(then) if merged else known.get(then)
 
     async def _list_remote(self, path: str) -> None:
         pending = self._listings.get(path)
@@ -582,8 +592,7 @@ class Gateway:
             self._may_change(who, "write", path)
             if not path:
                 raise IsADirectory(path)
-            await self._ensure_listed(parent_of(path), missing_ok=True)
-            existing = await self.db.get(path)
+            existing = await self._ensure_listed(parent_of(path), missing_ok=True, then=path)
             if existing is not None and existing.is_dir:
                 raise IsADirectory(path)
             if existing is None:
