@@ -29,7 +29,7 @@ from agent.dicom.retention import RetentionGuard
 from agent.metrics import Metrics
 from agent.records import Entry
 from agent.store.access import AccessStats
-from agent.store.cache import Cache, DiskUsage, fast_hash, hash_range, sha256_fd
+from agent.store.cache import WOULD_BLOCK, Cache, DiskUsage, fast_hash, hash_range, sha256_fd
 from agent.store.catalog import AsyncCatalog
 from agent.store.errors import (
     AlreadyExists,
@@ -732,8 +732,12 @@ class Gateway:
         if e.is_dir:
             raise IsADirectory(path)
         if e.blob is not None:
-            opened, problem = await asyncio.to_thread(self.cache.open_checked, e.blob, e.size, e.sha256,
-                                                      VERIFY_AHEAD)
+            # On the loop when the copy is in the page cache (no thread hop before the first byte: under load
+            # each hop waits for a CPU); else, or for a full SHA-256 check, in a thread.
+            opened, problem = self.cache.open_checked(e.blob, e.size, e.sha256, VERIFY_AHEAD, nowait=True)
+            if problem == WOULD_BLOCK:
+                opened, problem = await asyncio.to_thread(self.cache.open_checked, e.blob, e.size, e.sha256,
+                                                          VERIFY_AHEAD)
             if opened is not None:
                 self.metrics.hits.inc()
                 self.access.note(path, e.size, hit=True)
