@@ -19,13 +19,16 @@ def test_replacement_box_discovers_existing_bucket(agent_factory, any_store):
     for path, data in existing.items():
         # as the old box wrote them: with the sha256 metadata …
         client.put_object(Bucket=BUCKET, Key=prefix + path, Body=data, Metadata={"sha256": sha256(data)})
+    # a directory nothing lists or reads before a write lands in it (each level is listed on the way down)
+    client.put_object(Bucket=BUCKET, Key=prefix + "US/2026-11-22/s/1/0.dcm", Body=b"us",
+                      Metadata={"sha256": sha256(b"us")})
     foreign = os.urandom(5000)
     client.put_object(Bucket=BUCKET, Key=prefix + "MR/imported.dcm", Body=foreign)  # … or by another tool: without
     agent = agent_factory(any_store, prefix=prefix).start()
     f = ftplib.FTP(timeout=30)
     f.connect("127.0.0.1", agent.ftp_port)
     f.login("pacs", PASSWORD)
-    assert sorted(f.nlst("/")) == ["CT", "MR"]
+    assert sorted(f.nlst("/")) == ["CT", "MR", "US"]
     assert sorted(f.nlst("CT")) == ["2026-11-20", "2026-11-21"]
     # stat and read deep paths without listing their parents first
     path = "CT/2026-11-21/study21/1/2.dcm"
@@ -40,6 +43,8 @@ def test_replacement_box_discovers_existing_bucket(agent_factory, any_store):
     # new writes land beside the discovered ones
     f.storbinary("STOR CT/2026-11-21/study21/1/new.dcm", io.BytesIO(b"new"))
     assert sorted(f.nlst("CT/2026-11-21/study21/1")) == ["0.dcm", "1.dcm", "2.dcm", "new.dcm"]
+    f.storbinary("STOR US/2026-11-22/s/1/new.dcm", io.BytesIO(b"new"))
+    assert sorted(f.nlst("US/2026-11-22/s/1")) == ["0.dcm", "new.dcm"]
     f.quit()
     fetched = {e["path"] for e in agent.wait_events("fetched", len(existing) + 1)}  # logged once cached
     assert fetched == set(existing) | {"MR/imported.dcm"}

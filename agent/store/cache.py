@@ -32,6 +32,7 @@ log = structlog.get_logger("pacsgw.cache")
 
 CHUNK = 1024 * 1024
 STAMP = "user.pacsgw.verified"  # xattr: "<xxh3-128 hex> <size> <mtime_ns> <inode>"
+WOULD_BLOCK = "would block"  # open_checked(nowait=True): the check needs the disk, run it in a thread
 
 
 def fast_hash() -> "xxhash.xxh3_128":
@@ -137,10 +138,15 @@ class Cache:
         os.close(fd)
         return None, "checksum mismatch"
 
-    def open_checked(self, blob: str, size: int, sha256: str | None, whole: int) -> tuple[Opened | None, str | None]:
+    def open_checked(self, blob: str, size: int, sha256: str | None, whole: int,
+                     nowait: bool = False) -> tuple[Opened | None, str | None]:
         """Open a cached copy for a read after cheap checks (size; the stamp's size, mtime_ns and inode).
         Copies up to `whole` bytes are checked against the stamp's digest here; larger ones are checked
         while they are sent. A copy without a valid stamp gets the full SHA-256 check. Blocking.
+
+        nowait: read only what the page cache holds (a copy just written or read: the common hit), so the
+        caller may run this on its event loop; → (None, WOULD_BLOCK) when the check needs the disk or a full
+        SHA-256 pass, to be run again without nowait in a thread.
 
         → (Opened, None), or (None, 'missing' | 'size mismatch' | 'checksum mismatch').
         """
@@ -154,10 +160,16 @@ class Cache:
         if problem is None and stamp is not None and stamp.matches(st):
             if size > whole:
                 return Opened(fd, stamp.digest), None
-            if fast_digest_fd(fd) == stamp.digest:
+            h = fast_hash()
+            if nowait and hash_range(fd, h, 0, size, nowait=True) < size:
+                os.close(fd)  # not all in the page cache (or shorter than its stamp): the thread decides
+                return None, WOULD_BLOCK
+            if (h.hexdigest() if nowait else fast_digest_fd(fd)) == stamp.digest:
                 return Opened(fd, None), None
             problem = "checksum mismatch"
         os.close(fd)
+        if nowait and problem is None:
+            return None, WOULD_BLOCK  # no valid stamp: the full SHA-256 check belongs in a thread
         if problem is not None:
             return None, problem
         fd2, problem = self.open_verified(blob, sha256)  # no stamp, or a stale one: the full check
@@ -189,14 +201,33 @@ def sha256_fd(fd: int, also: "xxhash.xxh3_128 | None" = None) -> str:
     return h.hexdigest()
 
 
-def hash_range(fd: int, h: "xxhash.xxh3_128", start: int, end: int) -> int:
+def hash_range(fd: int, h: "xxhash.xxh3_128", start: int, end: int, *, nowait: bool = False) -> int:
     """Feed h the file's bytes [start, end) by pread; → where it stopped (< end only at the file's end).
-    Blocking: run in a thread."""
+    Blocking: run in a thread. With nowait, only bytes in the page cache are read (preadv2 RWF_NOWAIT, no
+    disk wait): it also stops where the next byte is not cached."""
     pos = start
-    while pos < end and (chunk := os.pread(fd, min(CHUNK, end - pos), pos)):
+    while pos < end:
+        n = min(CHUNK, end - pos)
+        chunk = _pread_cached(fd, n, pos) if nowait else memoryview(os.pread(fd, n, pos))
+        if not chunk:
+            break
         h.update(chunk)
         pos += len(chunk)
     return pos
+
+
+def _pread_cached(fd: int, n: int, offset: int) -> memoryview:
+    """Up to n bytes at offset that are in the page cache (empty when the first is not, or at the end)."""
+    buf = bytearray(n)
+    try:
+        got = os.preadv(fd, [buf], offset, os.RWF_NOWAIT)
+    except BlockingIOError:
+        return memoryview(b"")
+    except OSError as e:
+        if e.errno in (errno.EOPNOTSUPP, errno.ENOTSUP, errno.EINVAL):  # no RWF_NOWAIT here: ask the thread
+            return memoryview(b"")
+        raise
+    return memoryview(buf)[:got]
 
 
 def fast_digest_fd(fd: int) -> str:

@@ -29,7 +29,7 @@ from agent.dicom.retention import RetentionGuard
 from agent.metrics import Metrics
 from agent.records import Entry
 from agent.store.access import AccessStats
-from agent.store.cache import Cache, DiskUsage, fast_hash, hash_range, sha256_fd
+from agent.store.cache import WOULD_BLOCK, Cache, DiskUsage, fast_hash, hash_range, sha256_fd
 from agent.store.catalog import AsyncCatalog
 from agent.store.errors import (
     AlreadyExists,
@@ -422,8 +422,7 @@ class Gateway:
     async def stat(self, path: str) -> Entry:
         e = await self.db.get(path)
         if e is None and path:
-            await self._ensure_listed(parent_of(path))
-            e = await self.db.get(path)
+            e = await self._ensure_listed(parent_of(path), then=path)
         if e is None:
             raise NotFound(path)
         return e
@@ -456,21 +455,32 @@ class Gateway:
                 log.warning("listing_name_hidden", directory=directory, name=repr(e.name), reason=problem)
         return shown
 
-    async def _ensure_listed(self, path: str, *, missing_ok: bool = False) -> None:
-        """Merge the remote listing of `path` and its ancestors into the catalog, once per directory.
+    async def _ensure_listed(self, path: str, *, missing_ok: bool = False, then: str | None = None) -> Entry | None:
+        """Merge the remote listing of `path` and its ancestors into the catalog, once per directory. → the row
+        of `then` (a name in `path`) after the walk.
 
-        With missing_ok, a missing directory ends the walk (a write will create it) instead of failing.
+        The directories and `then` are read in one catalog call (a stored file's walk was one round trip to the
+        catalog thread per directory); rows after a directory that had to be listed are read again, since the
+        listing may have merged them. With missing_ok, a missing directory ends the walk (a write will create
+        it) instead of failing.
         """
-        for d in ancestors(path + "/x") if path else [""]:
-            e = await self.db.get(d)
+        chain = ancestors(path + "/x") if path else [""]
+        known = await self.db.get_many(chain if then is None else [*chain, then])
+        merged = False
+        for d in chain:
+            e = await self.db.get(d) if merged else known.get(d)
             if e is None:
                 if missing_ok:
-                    return
+                    break
                 raise NotFound(d)
             if not e.is_dir:
                 raise NotADirectory(d)
             if not e.listed:
                 await self._list_remote(d)
+                merged = True
+        if then is None:
+            return None
+        return await self.db.get(then) if merged else known.get(then)
 
     async def _list_remote(self, path: str) -> None:
         pending = self._listings.get(path)
@@ -579,8 +589,7 @@ class Gateway:
             self._may_change(who, "write", path)
             if not path:
                 raise IsADirectory(path)
-            await self._ensure_listed(parent_of(path), missing_ok=True)
-            existing = await self.db.get(path)
+            existing = await self._ensure_listed(parent_of(path), missing_ok=True, then=path)
             if existing is not None and existing.is_dir:
                 raise IsADirectory(path)
             if existing is None:
@@ -670,7 +679,8 @@ class Gateway:
         claimed ('uploading') without an upload running would wait for the next restart.
         """
         claim = self.cfg.uplink.write_mode == "through" and self.line.reachable
-        gen, replaced = await self.db.commit_write(path, blob, size, sha, time.time(), claim=claim)
+        mtime = time.time()
+        gen, replaced = await self.db.commit_write(path, blob, size, sha, mtime, claim=claim)
         if replaced:
             self.cache.remove(replaced)
         log.info("stored", path=path, bytes=size, sha256=sha, write_through=claim)
@@ -679,9 +689,17 @@ class Gateway:
         if not claim:
             self.uploader.wake()
             return None
-        entry = await self.db.get(path)
-        if entry is None or entry.gen != gen:
-            return None  # already superseded by a newer write
+        if self.uploader.conditional:
+            # An HA pair's PUT is conditional on the ETag the row holds now: read it back.
+            entry = await self.db.get(path)
+            if entry is None or entry.gen != gen:
+                return None  # already superseded by a newer write
+        else:
+            # The row as commit_write left it, without a second catalog round trip per stored file. Should a
+            # newer write supersede it meanwhile, mark_clean is gen-checked and that write uploads its own.
+            entry = Entry(path=path, is_dir=False, size=size, mtime=mtime, sha256=sha, state="uploading", blob=blob,
+                          gen=gen, etag=None, version_id=None, copy_from=None, listed=False, dirty_since=mtime,
+                          attempts=0, last_error=None, last_access=None, access_count=0)
         return self.uploader.start_transfer(entry)
 
     async def write_through(self, path: str, upload: asyncio.Task[bool] | None) -> None:
@@ -711,8 +729,12 @@ class Gateway:
         if e.is_dir:
             raise IsADirectory(path)
         if e.blob is not None:
-            opened, problem = await asyncio.to_thread(self.cache.open_checked, e.blob, e.size, e.sha256,
-                                                      VERIFY_AHEAD)
+            # On the loop when the copy is in the page cache (no thread hop before the first byte: under load
+            # each hop waits for a CPU); else, or for a full SHA-256 check, in a thread.
+            opened, problem = self.cache.open_checked(e.blob, e.size, e.sha256, VERIFY_AHEAD, nowait=True)
+            if problem == WOULD_BLOCK:
+                opened, problem = await asyncio.to_thread(self.cache.open_checked, e.blob, e.size, e.sha256,
+                                                          VERIFY_AHEAD)
             if opened is not None:
                 self.metrics.hits.inc()
                 self.access.note(path, e.size, hit=True)

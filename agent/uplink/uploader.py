@@ -79,6 +79,7 @@ class Uploader:
         self._key_locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
         self._tasks: set[asyncio.Task[bool]] = set()
         self._loops: list[asyncio.Task[None]] = []
+        self._starved = False  # the dispatcher stopped for want of room: a finished transfer wakes it
         line.watch(self.wake)
         # In an HA pair (agent/ha.py) every PUT is conditional: never over an object this box did not know.
         self.conditional = False
@@ -239,6 +240,7 @@ class Uploader:
             self._wake.clear()
             room = self.line.slots.limit * 2 - len(self._tasks)
             rows = await self.db.due_uploads(time.time(), max(room, 0)) if room > 0 else []
+            self._starved = room <= 0 or len(rows) >= room
             for row in rows:
                 if await self.db.claim(row.path, row.gen):
                     self.start_transfer(row)
@@ -257,8 +259,12 @@ class Uploader:
         return task
 
     def _done(self, task: asyncio.Task[bool]) -> None:
+        """A transfer ended: the dispatcher looks again if it waits for room, or if this one failed (its
+        retry time changed). A clean write-through upload leaves it asleep: two catalog queries fewer per
+        stored file, and nothing for it to do."""
         self._tasks.discard(task)
-        self.wake()
+        if self._starved or task.cancelled() or task.exception() is not None or not task.result():
+            self.wake()
 
     async def _tombstones(self) -> None:
         while True:

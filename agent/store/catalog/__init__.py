@@ -111,6 +111,7 @@ class AsyncCatalog:
         self.catalog.close()
 
     get = _offload(Catalog.get)
+    get_many = _offload(Catalog.get_many)
     totals = _offload(Catalog.totals)
     get_state = _offload(Catalog.get_state)
     set_state = _offload(Catalog.set_state)

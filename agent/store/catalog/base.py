@@ -122,6 +122,12 @@ class CatalogBase:
         row = self.db.execute(f"SELECT {COLUMNS} FROM entries WHERE path = ?", (path,)).fetchone()
         return entry(row) if row else None
 
+    def get_many(self, paths: list[str]) -> dict[str, Entry]:
+        """The rows of these paths (a path's ancestors and itself: one catalog call, one snapshot)."""
+        marks = ", ".join("?" * len(paths))
+        rows = self.db.execute(f"SELECT {COLUMNS} FROM entries WHERE path IN ({marks})", paths).fetchall()
+        return {e.path: e for e in map(entry, rows)}
+
     def totals(self) -> Totals:
         return Totals(*self.db.execute(
             "SELECT files, cached_files, cached_bytes, queue_files, queue_bytes FROM totals").fetchone())
