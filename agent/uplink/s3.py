@@ -67,6 +67,7 @@ class PutResult:
     etag: str | None
     version_id: str | None
     parts: int = 1
+    index_row: tuple[object, ...] | None = None  # the study-index row of a DICOM object (uploader → mark_clean)
 
 
 @dataclass(frozen=True)
