@@ -226,4 +226,13 @@ def test_index_rows_wait_in_the_catalog_until_a_delta_holds_them(tmp_path):
     upload("a.dcm", '"a2"')
     cat.index_rows_shipped([("a.dcm", '"a1"'), ("b.dcm", '"b1"')])  # a delta written before a.dcm's new upload
     assert [(r[0], r[2]) for r in cat.unshipped_index_rows(10)] == [("a.dcm", '"a2"')]
+    # b.dcm replaced by a file that is not DICOM (index row ()): its row goes, nothing is queued for it
+    gen, _ = cat.commit_write("b.dcm", "blob-b2", 10, "ab" * 32, time.time(), claim=True)
+    assert cat.mark_clean("b.dcm", gen, '"b2"', None, "ab" * 32, ())
+    assert [r[0] for r in cat.find_dicom()] == ["a.dcm", "off.dcm"]
+    # a rename's server-side copy (row None: copy_dicom_row wrote it) is queued under the copy's ETag
+    gen, _ = cat.commit_write("c.dcm", "blob-c", 10, "ab" * 32, time.time(), claim=True)
+    cat.copy_dicom_row("a.dcm", "c.dcm")
+    assert cat.mark_clean("c.dcm", gen, '"c1"', None, "ab" * 32)
+    assert [(r[0], r[2]) for r in cat.unshipped_index_rows(10)] == [("a.dcm", '"a2"'), ("c.dcm", '"c1"')]
     cat.close()

@@ -67,7 +67,8 @@ class PutResult:
     etag: str | None
     version_id: str | None
     parts: int = 1
-    index_row: tuple[object, ...] | None = None  # the study-index row of a DICOM object (uploader → mark_clean)
+    # the uploader's study-index row of the object for mark_clean: () none (not DICOM), None unchanged (a copy)
+    index_row: tuple[object, ...] | None = None
 
 
 @dataclass(frozen=True)

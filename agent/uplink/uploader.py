@@ -176,10 +176,10 @@ class Uploader:
         finally:
             os.close(fd)
         self.metrics.uploaded_bytes.inc(e.size)
-        if meta and (row := index_row(e.path, e.size, meta.metadata)):
-            # written in mark_clean's transaction: no catalog round trip of its own per file
-            return dataclasses.replace(result, index_row=row)
-        return result
+        # the study-index row of what the key holds now, written in mark_clean's transaction (no catalog round
+        # trip of its own); () for an object without DICOM metadata: a row of an earlier file under this name goes
+        row = index_row(e.path, e.size, meta.metadata) if meta else None
+        return dataclasses.replace(result, index_row=row or ())
 
     async def _not_overwritten(self, e: Entry, keep_aside: Callable[[str], Awaitable[PutResult]]) -> PutResult:
         """A conditional PUT or copy was refused: the key holds an object this box did not know."""

@@ -107,8 +107,10 @@ class CatalogBase:
         self.db.executemany("INSERT OR REPLACE INTO dicom_objects VALUES (?, ?, ?, ?, ?, ?, ?, ?)", rows)
 
     def _index_unshipped(self, path: str, etag: str) -> None:
-        """The row of (path, etag) is for the next index delta (inside the caller's transaction)."""
-        self.db.execute("INSERT OR REPLACE INTO dicom_unshipped (path, etag) VALUES (?, ?)", (path, etag))
+        """The index row of path, if it has one, describes the object under etag: for the next index delta
+        (inside the caller's transaction)."""
+        self.db.execute("INSERT OR REPLACE INTO dicom_unshipped (path, etag) SELECT path, ? FROM dicom_objects "
+                        "WHERE path = ?", (etag, path))
 
     def _exists(self, sql: str, args: Sequence[object]) -> bool:
         return self.db.execute(sql, args).fetchone() is not None

@@ -34,13 +34,16 @@ class Uploads(CatalogBase):
 
     def mark_clean(self, path: str, gen: int, etag: str | None, version_id: str | None, sha256: str | None,
                    index_row: tuple[object, ...] | None = None) -> bool:
-        """The upload of (path, gen) is confirmed. index_row: the stored DICOM object's study-index row,
-        written in the same transaction (it describes the object the key now holds, superseded or not)."""
+        """The upload of (path, gen) is confirmed. index_row, written in the same transaction: the study-index
+        row of the object the key now holds (superseded or not); () it has none (not DICOM, or stored without
+        metadata); None: a server-side copy, whose row copy_dicom_row wrote."""
         with self._tx(durable=False):
-            if index_row is not None:
+            if index_row:
                 self._index_rows([index_row])
-                if self.ship_index and etag:
-                    self._index_unshipped(path, etag)
+            elif index_row is not None:
+                self.db.execute("DELETE FROM dicom_objects WHERE path = ?", (path,))
+            if self.ship_index and etag:
+                self._index_unshipped(path, etag)
             return self.db.execute(
                 "UPDATE entries SET state = 'clean', etag = ?, version_id = ?, copy_from = NULL, dirty_since = NULL, "
                 "attempts = 0, next_attempt = 0, last_error = NULL, sha256 = ? WHERE path = ? AND gen = ?",
