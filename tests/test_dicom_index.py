@@ -181,9 +181,9 @@ def test_rebuild_from_a_stale_snapshot_and_deltas_equals_the_index_before(agent_
     for key in keys:  # the deltas are in the bucket too: the patients only as their pseudonyms
         text = gzip.decompress(client.get_object(Bucket=BUCKET, Key=key)["Body"].read()).decode()
         assert "P-A" not in text and "P-B" not in text and "P-C" not in text, key
-    queries = [(), ("--study", study), ("--patient", "P-B"), ("--modality", "MR")]
+    queries = [(), ("--patient", "P-B")]  # every item compared whole: study, series, modality, date, size
     before = [pacsgw(agent, "find", *q) for q in queries]
-    assert [r["objects"] for r in before] == [5, 5, 2, 2]
+    assert [r["objects"] for r in before] == [5, 2]
 
     agent.stop()
     for suffix in ("", "-wal", "-shm"):
