@@ -12,13 +12,15 @@ fraction c, a snapshot of c of them is written (timed) and the rebuild runs with
 snapshot with no deltas since, e.g. a lost or a damaged delta), and again with the rest in index deltas
 (written by agent.dicom.deltas.DeltaShipper, timed); with c = 0 there is no snapshot, deltas only. Each
 rebuild prints objects/s, the time per million objects, and the rebuild's own CPU seconds per 1000 objects
-(the client's share of the cost). Everything it starts is stopped and its directory removed at the end.
+(the client's share of the cost). Last, the S3 client's CPU per PUT with and without the DICOM metadata and
+tags. Everything it starts is stopped and its directory removed at the end.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
 import os
 import shutil
 import sys
@@ -58,6 +60,38 @@ def parse_cost(work: Path, n: int = 200) -> dict:
         os.close(fd)
     return {"test": "header parse + metadata", "per_file_ms": round(ms, 2), "files_per_s_one_core": round(1000 / ms),
             "file_bytes": len(files[0]), "load": load()}
+
+
+def put_cost(cfg, work: Path, n: int = 1000) -> dict:
+    """Client CPU ms per PUT (S3Uplink.put_file of a 64x64 CT slice, 50 at a time) with the DICOM object
+    metadata and tags and without, in alternating batches: what the metadata adds on the S3 client's side."""
+    from agent.uplink.s3 import S3Uplink
+    data = series(np.random.default_rng(6), 1, rows=64, cols=64)[0]
+    p = work / "put.dcm"
+    p.write_bytes(data)
+    sha = hashlib.sha256(data).hexdigest()
+    fd = os.open(p, os.O_RDONLY)
+    meta = object_meta(read_fd(fd, len(data)), b"k" * 32, "none")
+    cpu = {"with": 0.0, "without": 0.0}
+
+    async def go() -> None:
+        s3 = S3Uplink(cfg.uplink)
+        await s3.start()
+        try:
+            await asyncio.gather(*(s3.put_file(f"put/warm-{j}.dcm", fd, len(data), sha) for j in range(50)))
+            for i in range(2 * n // 50):
+                label = "with" if i % 2 == 0 else "without"
+                t0 = time.process_time()
+                await asyncio.gather(*(s3.put_file(f"put/{label}/{i}-{j}.dcm", fd, len(data), sha,
+                                                   meta=meta if label == "with" else None) for j in range(50)))
+                cpu[label] += time.process_time() - t0
+        finally:
+            await s3.close()
+
+    asyncio.run(go())
+    os.close(fd)
+    return {"test": "PUT client CPU, with / without metadata", "with_ms": round(cpu["with"] / n * 1000, 3),
+            "without_ms": round(cpu["without"] / n * 1000, 3), "puts_each": n, "load": load()}
 
 
 def main() -> int:
@@ -157,6 +191,8 @@ def main() -> int:
                 run(64, f"snapshot {coverage:.0%} + deltas" if held else "deltas only", True)
         print(table(rows, ["rebuild", "concurrency", "objects", "indexed", "from_snapshot", "from_deltas", "deltas",
                            "seconds", "objects_per_s", "min_per_million", "cpu_s_per_1000", "load"]))
+        # last: its objects land in the namespace the rebuilds list
+        print(table([put_cost(cfg, work)], ["test", "with_ms", "without_ms", "puts_each", "load"]))
         return 0
     finally:
         store.stop()
