@@ -427,6 +427,8 @@ class DicomConfig:
     pseudonym_key: bytes = field(default=b"", repr=False)  # read from pseudonym_key_file by load()
     snapshot_interval: float = _f(_float_between(0, 30 * 86400), "seconds 0..2592000 between study-index "
                                   "snapshots the agent writes (0: never; e.g. 86400 for daily)", default=0.0)
+    delta_interval: float = _f(_float_between(0, 86400), "seconds 0..86400 between the study-index deltas the "
+                               "agent writes while it writes snapshots (0: none)", default=60.0)
 
 
 @dataclass(frozen=True)

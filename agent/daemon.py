@@ -17,6 +17,7 @@ from agent import __version__
 from agent.audit import AuditLog, AuditShipper
 from agent.auth import GUARD_FILE, LoginGuard
 from agent.config import Config, ConfigError
+from agent.dicom.deltas import DeltaShipper
 from agent.dicom.objectmeta import Describer
 from agent.dicom.retention import DicomRetention, RetentionGuard
 from agent.dicom.schedule import SnapshotSchedule
@@ -82,6 +83,8 @@ class Agent:
         with _setting(cfg, "cache.dir", str(cfg.cache.dir), "a writable directory on the cache SSD"):
             cfg.cache.dir.mkdir(parents=True, exist_ok=True)
             self.db = AsyncCatalog(await asyncio.to_thread(Catalog, cfg.catalog_path))
+            # each confirmed upload queues its study-index row for the next index delta (agent/dicom/deltas.py)
+            self.db.catalog.ship_index = bool(cfg.dicom.snapshot_interval and cfg.dicom.delta_interval)
             self.cache = open_cache(cfg)  # Cache(cfg.cache.dir), minding workers a dead owner left serving
         self._build_uplink()
         await self.s3.start()
@@ -104,10 +107,13 @@ class Agent:
             self.ha = HaMonitor(cfg, self.gateway, self.db, self.refusals, self.uploader, self.s3, self.cache,
                                 self.audit, self.metrics)
             await self.ha.start()
-        # the study-index snapshot, by the active box only (agent/dicom/schedule.py)
-        self._snapshots = (asyncio.create_task(SnapshotSchedule(
-            cfg, lambda: self.ha is None or self.ha.state.role == "active").run(), name="index-snapshot")
-            if cfg.dicom.snapshot_interval else None)
+        # the study-index snapshot and the deltas between snapshots, by the active box only (agent/dicom)
+        def active() -> bool:
+            return self.ha is None or self.ha.state.role == "active"
+        self._snapshots = (asyncio.create_task(SnapshotSchedule(cfg, active).run(), name="index-snapshot")
+                           if cfg.dicom.snapshot_interval else None)
+        self._deltas = (asyncio.create_task(DeltaShipper(cfg, self.db, self.s3, active).run(), name="index-deltas")
+                        if cfg.dicom.snapshot_interval and cfg.dicom.delta_interval else None)
         fetcher = Fetcher(self.gateway, self.db, lambda: self.monitor.current.level)
         stack = stack_for(cfg)   # one policy stack: the evictor and the prior-study planner share it
         self.evictor.use(stack, cfg.prefetch.study_depth)
@@ -244,7 +250,7 @@ class Agent:
         if self.smb:
             await self.smb.stop()
         for task in (self._scrub, self._ship, self._monitor, self._prefetch, self._prefetch_now, self._snapshots,
-                     self._evict):
+                     self._evict, self._deltas):
             if task:
                 task.cancel()
         if self.ha:

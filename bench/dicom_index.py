@@ -1,20 +1,26 @@
 #!/usr/bin/env python3
 """DICOM metadata benchmark: the per-file cost of the header parse + metadata on the upload path, and the
 study-index rebuild rate from the bucket against a loopback SeaweedFS: one HEAD per object, and from an index
-snapshot (agent.dicom.snapshot) covering all or part of the objects (the rest HEADed).
+snapshot (agent.dicom.snapshot) and index deltas (agent.dicom.deltas) covering all or part of the objects (the
+rest HEADed).
 
     .venv/bin/python bench/dicom_index.py [--objects 20000 --concurrency 32,64,128 --coverage 1.0,0.9]
 
 The objects are put directly (untimed, 16 threads), each with the user metadata the agent writes; then
-`agent.dicom.reindex.rebuild` runs against them at each concurrency (HEADs only), then a snapshot of the first
-coverage fraction of them is written (timed) and the rebuild runs with it; each prints objects/s and the time
-per million objects. Everything it starts is stopped and its directory removed at the end.
+`agent.dicom.reindex.rebuild` runs against them at each concurrency (HEADs only); then, for each coverage
+fraction c, a snapshot of c of them is written (timed) and the rebuild runs with it (the rest HEADed: a
+snapshot with no deltas since, e.g. a lost or a damaged delta), and again with the rest in index deltas
+(written by agent.dicom.deltas.DeltaShipper, timed); with c = 0 there is no snapshot, deltas only. Each
+rebuild prints objects/s, the time per million objects, and the rebuild's own CPU seconds per 1000 objects
+(the client's share of the cost). Last, the S3 client's CPU per PUT with and without the DICOM metadata and
+tags. Everything it starts is stopped and its directory removed at the end.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
 import os
 import shutil
 import sys
@@ -56,6 +62,38 @@ def parse_cost(work: Path, n: int = 200) -> dict:
             "file_bytes": len(files[0]), "load": load()}
 
 
+def put_cost(cfg, work: Path, n: int = 1000) -> dict:
+    """Client CPU ms per PUT (S3Uplink.put_file of a 64x64 CT slice, 50 at a time) with the DICOM object
+    metadata and tags and without, in alternating batches: what the metadata adds on the S3 client's side."""
+    from agent.uplink.s3 import S3Uplink
+    data = series(np.random.default_rng(6), 1, rows=64, cols=64)[0]
+    p = work / "put.dcm"
+    p.write_bytes(data)
+    sha = hashlib.sha256(data).hexdigest()
+    fd = os.open(p, os.O_RDONLY)
+    meta = object_meta(read_fd(fd, len(data)), b"k" * 32, "none")
+    cpu = {"with": 0.0, "without": 0.0}
+
+    async def go() -> None:
+        s3 = S3Uplink(cfg.uplink)
+        await s3.start()
+        try:
+            await asyncio.gather(*(s3.put_file(f"put/warm-{j}.dcm", fd, len(data), sha) for j in range(50)))
+            for i in range(2 * n // 50):
+                label = "with" if i % 2 == 0 else "without"
+                t0 = time.process_time()
+                await asyncio.gather(*(s3.put_file(f"put/{label}/{i}-{j}.dcm", fd, len(data), sha,
+                                                   meta=meta if label == "with" else None) for j in range(50)))
+                cpu[label] += time.process_time() - t0
+        finally:
+            await s3.close()
+
+    asyncio.run(go())
+    os.close(fd)
+    return {"test": "PUT client CPU, with / without metadata", "with_ms": round(cpu["with"] / n * 1000, 3),
+            "without_ms": round(cpu["without"] / n * 1000, 3), "puts_each": n, "load": load()}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--objects", type=int, default=20000)
@@ -87,28 +125,74 @@ def main() -> int:
                           bucket=BUCKET)  # only its config file: the rebuild needs [uplink]
         cfg = load_config(agent.config_path)
         from agent.dicom import snapshot
+        from agent.dicom.deltas import DeltaShipper
         from agent.dicom.reindex import rebuild
+        from agent.uplink.s3 import S3Uplink
         rows = []
+
+        class Queue:
+            """The rows an agent's catalog would have queued for its deltas (the shipper's IndexQueue)."""
+
+            def __init__(self, queued: list[tuple]) -> None:
+                self.queued = queued
+
+            async def unshipped_index_rows(self, limit: int) -> list[tuple]:
+                return self.queued[:limit]
+
+            async def index_rows_shipped(self, shipped: list[tuple[str, str]]) -> None:
+                self.queued = self.queued[len(shipped):]
+
+        async def ship(queued: list[tuple]) -> int:
+            s3 = S3Uplink(cfg.uplink)
+            await s3.start()
+            try:
+                return await DeltaShipper(cfg, Queue(queued), s3, lambda: True).once()
+            finally:
+                await s3.close()
+
+        async def clear_index() -> None:
+            """No snapshot, no deltas: the next round starts from nothing."""
+            s3 = S3Uplink(cfg.uplink)
+            await s3.start()
+            try:
+                files = snapshot.BucketFiles(s3)
+                for key in await files.keys(snapshot.index_prefix(cfg)):
+                    await files.delete(key)
+            finally:
+                await s3.close()
 
         def run(c: int, label: str, use_snapshot: bool) -> None:
             catalog = Catalog(work / f"catalog-{label}-{c}.sqlite")
+            cpu0 = time.process_time()
             r = asyncio.run(rebuild(cfg, catalog, c, progress=False, use_snapshot=use_snapshot))
+            cpu = time.process_time() - cpu0
             catalog.close()
             rows.append({"rebuild": label, "concurrency": c, "objects": r.objects, "indexed": r.indexed,
-                         "from_snapshot": r.from_snapshot, "seconds": round(r.seconds, 2),
-                         "objects_per_s": round(r.per_second), "min_per_million": round(1e6 / r.per_second / 60, 1),
-                         "load": load()})
+                         "from_snapshot": r.from_snapshot, "from_deltas": r.from_deltas, "deltas": r.deltas,
+                         "seconds": round(r.seconds, 2), "objects_per_s": round(r.per_second),
+                         "min_per_million": round(1e6 / r.per_second / 60, 1),
+                         "cpu_s_per_1000": round(cpu * 1000 / r.objects, 2), "load": load()})
 
         for c in (int(x) for x in args.concurrency.split(",")):
             run(c, "HEAD each", False)
         for coverage in (float(x) for x in args.coverage.split(",")):
             held = [r for i, r in enumerate(known) if i % 100 < round(coverage * 100)]  # the rest: new since
-            t0 = time.perf_counter()
-            asyncio.run(snapshot.write(cfg, held))
-            print(f"snapshot of {coverage:.0%} of {len(known)} objects written in {time.perf_counter() - t0:.2f} s")
-            run(64, f"snapshot {coverage:.0%}", True)
-        print(table(rows, ["rebuild", "concurrency", "objects", "indexed", "from_snapshot", "seconds",
-                           "objects_per_s", "min_per_million", "load"]))
+            asyncio.run(clear_index())
+            if held:
+                t0 = time.perf_counter()
+                asyncio.run(snapshot.write(cfg, held))
+                print(f"snapshot of {coverage:.0%} of {len(known)} objects written in "
+                      f"{time.perf_counter() - t0:.2f} s", flush=True)
+                run(64, f"snapshot {coverage:.0%}", True)
+            if coverage < 1:
+                t0 = time.perf_counter()
+                shipped = asyncio.run(ship([r for i, r in enumerate(known) if i % 100 >= round(coverage * 100)]))
+                print(f"deltas of {shipped} rows written in {time.perf_counter() - t0:.2f} s", flush=True)
+                run(64, f"snapshot {coverage:.0%} + deltas" if held else "deltas only", True)
+        print(table(rows, ["rebuild", "concurrency", "objects", "indexed", "from_snapshot", "from_deltas", "deltas",
+                           "seconds", "objects_per_s", "min_per_million", "cpu_s_per_1000", "load"]))
+        # last: its objects land in the namespace the rebuilds list
+        print(table([put_cost(cfg, work)], ["test", "with_ms", "without_ms", "puts_each", "load"]))
         return 0
     finally:
         store.stop()

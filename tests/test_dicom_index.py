@@ -10,6 +10,7 @@ import gzip
 import io
 import subprocess
 import sys
+import time
 
 import numpy as np
 from pydicom.uid import generate_uid
@@ -129,3 +130,109 @@ def test_the_agent_writes_snapshots_and_an_ha_standby_does_not(agent_factory, se
     standby.wait_events("index_snapshot_skipped", 2, timeout=30)
     assert not standby.events("index_snapshot_written")
     assert not client.list_objects_v2(Bucket=BUCKET, Prefix=f"pacsgw-index/{standby.prefix}").get("KeyCount")
+
+
+def test_rebuild_from_a_stale_snapshot_and_deltas_equals_the_index_before(agent_factory, seaweed, tmp_path):
+    """Between snapshots the agent ships each upload's index row in small delta objects: a rebuild takes the
+    objects stored since the (stale) snapshot from them, HEADs only what neither covers, and a damaged delta
+    is reported and skipped (its objects HEADed). A snapshot folds the deltas written before it in."""
+    keyfile = tmp_path / "pseudonym.key"
+    keyfile.write_bytes(KEY)
+    keyfile.chmod(0o600)
+    agent = agent_factory(**{"dicom.pseudonym_key_file": str(keyfile), "dicom.snapshot_interval": 86400,
+                             "dicom.delta_interval": 0.2}).start()
+    rng = np.random.default_rng(11)
+    study = generate_uid()
+    client = seaweed.client()
+    deltas = f"pacsgw-index/{agent.prefix}deltas/"
+
+    def dcm(patient: str, modality: str = "CT") -> bytes:
+        return ct_slice(rng, patient=patient, study_uid=study, series_uid=generate_uid(), modality=modality,
+                        rows=16, cols=16)
+
+    def delta_keys() -> list[str]:
+        return [o["Key"] for o in client.list_objects_v2(Bucket=BUCKET, Prefix=deltas).get("Contents", [])]
+
+    ftp = ftplib.FTP(timeout=60)
+    ftp.connect("127.0.0.1", agent.ftp_port)
+    ftp.login("pacs", PASSWORD)
+
+    def store(files: dict[str, bytes], shipped: int) -> None:
+        for path, data in files.items():
+            ftp.storbinary(f"STOR {path}", io.BytesIO(data))
+        agent.wait_drained()
+        rows = 0
+        deadline = time.monotonic() + 30
+        while rows < shipped:
+            assert time.monotonic() < deadline, agent.events("index_delta_failed")
+            time.sleep(0.2)
+            rows = sum(e["rows"] for e in agent.events("index_delta_written"))
+
+    store({f"{i}.dcm": dcm("P-A") for i in range(4)}, 4)
+    assert delta_keys()
+    snap = pacsgw(agent, "index-snapshot")
+    assert snap["rows"] == 4 and not delta_keys()  # folded into the snapshot
+    # after the snapshot: new objects, one overwritten with another patient's file, one deleted, a text file
+    store({"4.dcm": dcm("P-B", "MR"), "5.dcm": dcm("P-B", "MR"), "1.dcm": dcm("P-C"), "notes.txt": b"text"}, 7)
+    ftp.delete("2.dcm")
+    ftp.quit()
+    agent.wait_drained()
+    keys = delta_keys()
+    for key in keys:  # the deltas are in the bucket too: the patients only as their pseudonyms
+        text = gzip.decompress(client.get_object(Bucket=BUCKET, Key=key)["Body"].read()).decode()
+        assert "P-A" not in text and "P-B" not in text and "P-C" not in text, key
+    queries = [(), ("--patient", "P-B")]  # every item compared whole: study, series, modality, date, size
+    before = [pacsgw(agent, "find", *q) for q in queries]
+    assert [r["objects"] for r in before] == [5, 2]
+
+    agent.stop()
+    for suffix in ("", "-wal", "-shm"):
+        agent.workdir.joinpath("cache", "catalog.sqlite" + suffix).unlink(missing_ok=True)
+    report = pacsgw(agent, "index-rebuild")
+    # 6 objects: 2 unchanged rows from the snapshot (0, 3), 3 from the deltas (4, 5, the new 1); the text HEADed
+    assert (report["objects"], report["indexed"], report["from_snapshot"], report["from_deltas"],
+            report["deltas_skipped"], report["failed"]) == (6, 5, 2, 3, [], 0)
+    after = [pacsgw(agent, "find", *q) for q in queries]
+    for b, a in zip(before, after, strict=True):
+        assert [{**i, "where": "s3"} for i in b["items"]] == a["items"]
+
+    # a damaged delta is reported and skipped: its objects are HEADed, the index is the same
+    client.put_object(Bucket=BUCKET, Key=keys[0], Body=b"\x1f\x8b garbage")
+    report = pacsgw(agent, "index-rebuild")
+    assert report["deltas_skipped"] == [keys[0]] and report["from_deltas"] < 3 and report["indexed"] == 5
+    assert [pacsgw(agent, "find", *q) for q in queries] == after
+
+
+def test_index_rows_wait_in_the_catalog_until_a_delta_holds_them(tmp_path):
+    """The delta queue (real SQLite): a confirmed upload queues its row with its ETag; a file being written again
+    holds its row back; marking an older ETag shipped leaves the newer queued."""
+    from agent.store.catalog import Catalog
+    cat = Catalog(tmp_path / "catalog.sqlite")
+
+    def upload(path: str, etag: str) -> None:
+        gen, _ = cat.commit_write(path, f"blob-{path}-{etag}", 10, "ab" * 32, time.time(), claim=True)
+        assert cat.mark_clean(path, gen, etag, None, "ab" * 32,
+                              (path, 10, "1.2", "1.2.3", "1.2.3.4", "CT", "20190101", "cd" * 16))
+
+    upload("off.dcm", '"e0"')  # no deltas shipped by this agent: nothing queued
+    cat.ship_index = True
+    upload("a.dcm", '"a1"')
+    upload("b.dcm", '"b1"')
+    assert [(r[0], r[2]) for r in cat.unshipped_index_rows(10)] == [("a.dcm", '"a1"'), ("b.dcm", '"b1"')]
+    assert cat.unshipped_index_rows(10)[0] == ("a.dcm", 10, '"a1"', "1.2", "1.2.3", "1.2.3.4", "CT", "20190101",
+                                               "cd" * 16)
+    cat.commit_write("a.dcm", "blob-a2", 10, "ab" * 32, time.time(), claim=False)  # written again, not yet uploaded
+    assert [r[0] for r in cat.unshipped_index_rows(10)] == ["b.dcm"]
+    upload("a.dcm", '"a2"')
+    cat.index_rows_shipped([("a.dcm", '"a1"'), ("b.dcm", '"b1"')])  # a delta written before a.dcm's new upload
+    assert [(r[0], r[2]) for r in cat.unshipped_index_rows(10)] == [("a.dcm", '"a2"')]
+    # b.dcm replaced by a file that is not DICOM (index row ()): its row goes, nothing is queued for it
+    gen, _ = cat.commit_write("b.dcm", "blob-b2", 10, "ab" * 32, time.time(), claim=True)
+    assert cat.mark_clean("b.dcm", gen, '"b2"', None, "ab" * 32, ())
+    assert [r[0] for r in cat.find_dicom()] == ["a.dcm", "off.dcm"]
+    # a rename's server-side copy (row None: copy_dicom_row wrote it) is queued under the copy's ETag
+    gen, _ = cat.commit_write("c.dcm", "blob-c", 10, "ab" * 32, time.time(), claim=True)
+    cat.copy_dicom_row("a.dcm", "c.dcm")
+    assert cat.mark_clean("c.dcm", gen, '"c1"', None, "ab" * 32)
+    assert [(r[0], r[2]) for r in cat.unshipped_index_rows(10)] == [("a.dcm", '"a2"'), ("c.dcm", '"c1"')]
+    cat.close()

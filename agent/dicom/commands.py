@@ -74,15 +74,19 @@ def cmd_index_rebuild(args: argparse.Namespace) -> int:
         catalog.close()
     per_million = 1e6 / report.per_second if report.per_second else 0.0
     out = {"objects": report.objects, "indexed": report.indexed, "failed": report.failed,
-           "from_snapshot": report.from_snapshot, "seconds": round(report.seconds, 2),
+           "from_snapshot": report.from_snapshot, "from_deltas": report.from_deltas, "deltas": report.deltas,
+           "deltas_skipped": report.deltas_skipped, "seconds": round(report.seconds, 2),
            "objects_per_s": round(report.per_second, 1),
            "seconds_per_million": round(per_million, 1)}
     if args.json:
         print(json.dumps(out, indent=2))
     else:
-        print(f"{report.objects} objects read ({report.from_snapshot} from the index snapshot, the rest HEADed), "
+        print(f"{report.objects} objects read ({report.from_snapshot} from the index snapshot, {report.from_deltas} "
+              f"from {report.deltas} index deltas, the rest HEADed), "
               f"{report.indexed} DICOM objects indexed, {report.failed} failed, "
               f"{report.seconds:.1f} s ({report.per_second:.0f} objects/s: {per_million / 60:.1f} min per million)")
+    for key in report.deltas_skipped:
+        print(f"pacsgw: index delta {key} is damaged: skipped, its objects were HEADed", file=sys.stderr)
     return 1 if report.failed else 0
 
 

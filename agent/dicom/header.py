@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 HEADER_MAX = 256 * 1024        # real headers are a few KiB; private tags can make them tens of KiB
+FIRST_READ = 16 * 1024         # read first: enough for a usual header; HEADER_MAX only when it is not
 PREAMBLE = 128                 # then b"DICM"
 MAGIC = b"DICM"
 
@@ -103,8 +104,12 @@ def parse(head: bytes, whole: bool) -> Header:
 
 def read_fd(fd: int, size: int) -> Header:
     """The header of the file behind fd (pread: the caller's offset is untouched). Blocking."""
-    n = min(size, HEADER_MAX)
-    return parse(os.pread(fd, n, 0), whole=n == size)
+    n = min(size, FIRST_READ)
+    h = parse(os.pread(fd, n, 0), whole=n == size)
+    if h.dicom and h.problem and n < min(size, HEADER_MAX):  # the header goes on past the first read
+        n = min(size, HEADER_MAX)
+        h = parse(os.pread(fd, n, 0), whole=n == size)
+    return h
 
 
 def read_path(path: str | os.PathLike) -> Header:

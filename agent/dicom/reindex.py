@@ -1,8 +1,9 @@
 """Rebuild the study index (catalog dicom_objects) from the bucket alone: a replaced box, its SSD lost.
 
-ListObjectsV2 does not return user metadata. An object the last index snapshot holds unchanged (same path,
-size and ETag: agent.dicom.snapshot) takes its row from there; every other one (objects that are not DICOM
-among them: the snapshot holds only what the box knows to be DICOM) costs one HEAD. HEADs run
+ListObjectsV2 does not return user metadata. An object the last index snapshot (agent.dicom.snapshot) or an
+index delta written since (agent.dicom.deltas) holds under the ETag listed takes its row from there; every
+other one (objects that are not DICOM among them: snapshot and deltas hold only what the box knows to be
+DICOM) costs one HEAD. HEADs run
 `concurrency` at a time over one connection pool (the listing has a client of its own), and rows reach the
 catalog in batches. Objects without DICOM metadata are counted, not indexed.
 """
@@ -18,7 +19,7 @@ from typing import Any, AsyncGenerator, Literal
 from tqdm import tqdm
 
 from agent.config import Config
-from agent.dicom import snapshot
+from agent.dicom import deltas, snapshot
 from agent.dicom.objectmeta import index_row
 from agent.store.catalog import Catalog
 from agent.uplink.encoding import Undecodable, logical_size
@@ -34,6 +35,9 @@ class RebuildReport:
     indexed: int = 0
     failed: int = 0
     from_snapshot: int = 0   # objects whose row came from the index snapshot (no HEAD)
+    from_deltas: int = 0     # objects whose row came from an index delta (no HEAD)
+    deltas: int = 0          # index delta objects read
+    deltas_skipped: list[str] = dataclasses.field(default_factory=list)  # damaged deltas (their objects HEADed)
     seconds: float = 0.0
 
     @property
@@ -66,13 +70,20 @@ async def rebuild(cfg: Config, catalog: Catalog, concurrency: int = 64, progress
                 catalog.index_dicom(rows[:])
                 rows.clear()
 
-    cursor = snapshot.Cursor(snapshot.read(cfg, lister) if use_snapshot and cfg.uplink.prefix else _none())
+    use_snapshot = use_snapshot and bool(cfg.uplink.prefix)
+    cursor = snapshot.Cursor(snapshot.read(cfg, lister) if use_snapshot else _none())
     try:
+        delta = await deltas.read(cfg, lister) if use_snapshot else deltas.Deltas()
+        report.deltas, report.deltas_skipped = delta.objects, delta.skipped
         catalog.clear_dicom_index()
         workers = [asyncio.create_task(worker()) for _ in range(concurrency)]
         async for page in lister.walk(logical=False):  # the logical size of a compressed object: its HEAD
             for path, size, _mtime, etag in page:
-                if (row := await cursor.match(path, size, etag)) is None:
+                if (row := await cursor.match(path, size, etag)) is not None:
+                    report.from_snapshot += 1
+                elif (row := delta.match(path, etag)) is not None:
+                    report.from_deltas += 1
+                else:
                     await queue.put((path, size))
                     continue
                 rows.append(row)
@@ -80,7 +91,6 @@ async def rebuild(cfg: Config, catalog: Catalog, concurrency: int = 64, progress
                     catalog.index_dicom(rows[:])
                     rows.clear()
                 report.objects += 1
-                report.from_snapshot += 1
                 bar.update()
         for _ in workers:
             await queue.put(None)

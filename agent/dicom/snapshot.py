@@ -47,6 +47,11 @@ def index_prefix(cfg: Config) -> str:
     return ROOT + cfg.uplink.prefix
 
 
+def delta_prefix(cfg: Config) -> str:
+    """Where the index deltas (agent.dicom.deltas) are: the snapshot folds them in."""
+    return index_prefix(cfg) + "deltas/"
+
+
 def _etag(etag: str | None) -> str:
     return (etag or "").strip('"')
 
@@ -67,6 +72,14 @@ class BucketFiles:
         async with resp["Body"] as body:
             data: bytes = await body.read()
         return data
+
+    async def keys(self, prefix: str) -> list[str]:
+        """Every key under prefix, in key order."""
+        keys: list[str] = []
+        async for page in self.s3._client.get_paginator("list_objects_v2").paginate(Bucket=self.s3.cfg.bucket,
+                                                                                     Prefix=prefix):
+            keys += [o["Key"] for o in page.get("Contents", [])]
+        return keys
 
     async def put(self, key: str, body: bytes) -> None:
         await self.s3.put_raw(key, body)
@@ -110,6 +123,8 @@ async def write(cfg: Config, rows: Iterable[Row]) -> dict[str, Any]:
     try:
         files = BucketFiles(s3)
         old = await _manifest(files, prefix)
+        # the deltas written so far hold rows the catalog held before this read of it: the snapshot has them
+        folded = await files.keys(delta_prefix(cfg))
         stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
         snap = f"{stamp}-{os.urandom(4).hex()}"
         segments, total = [], 0
@@ -126,6 +141,9 @@ async def write(cfg: Config, rows: Iterable[Row]) -> dict[str, Any]:
         for key in (old or {}).get("segments", []):
             if key.startswith(prefix) and key not in segments:  # only ever our own keys
                 await files.delete(key)
+        for key in folded:
+            await files.delete(key)
+        manifest["deltas_folded"] = len(folded)
         return manifest
     finally:
         if (close := getattr(rows, "close", None)) is not None:
@@ -145,7 +163,7 @@ async def _manifest(files: BucketFiles, prefix: str) -> dict[str, Any] | None:
     return manifest
 
 
-def _valid(row: Any) -> bool:
+def valid_row(row: Any) -> bool:
     return (isinstance(row, list) and len(row) == 9 and isinstance(row[0], str) and type(row[1]) is int
             and all(v is None or isinstance(v, str) for v in row[2:]))
 
@@ -170,7 +188,7 @@ async def read(cfg: Config, s3: S3Uplink) -> AsyncGenerator[Row, None]:
             data = await nxt
             nxt = asyncio.create_task(files.get(keys[i + 1])) if i + 1 < len(keys) else None
             rows = json.loads(await asyncio.to_thread(gzip.decompress, data or b""))
-            if not isinstance(rows, list) or not all(_valid(r) for r in rows):
+            if not isinstance(rows, list) or not all(valid_row(r) for r in rows):
                 raise ValueError(f"{key}: not a snapshot segment")
             for r in rows:
                 yield tuple(r)

@@ -67,6 +67,8 @@ class PutResult:
     etag: str | None
     version_id: str | None
     parts: int = 1
+    # the uploader's study-index row of the object for mark_clean: () none (not DICOM), None unchanged (a copy)
+    index_row: tuple[object, ...] | None = None
 
 
 @dataclass(frozen=True)

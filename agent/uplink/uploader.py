@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import os
 import time
@@ -45,7 +46,7 @@ class UploadQueue(Protocol):
     async def next_due(self) -> float | None: ...
     async def claim(self, path: str, gen: int) -> bool: ...
     async def mark_clean(self, path: str, gen: int, etag: str | None, version_id: str | None,
-                         sha256: str | None) -> bool: ...
+                         sha256: str | None, index_row: tuple[object, ...] | None = None) -> bool: ...
     async def mark_failed(self, path: str, gen: int, error: str, retry_at: float) -> None: ...
     async def drop_copy_source(self, path: str, gen: int) -> None: ...
     async def due_tombstones(self, now: float, limit: int) -> list[str]: ...
@@ -132,7 +133,8 @@ class Uploader:
                               attempts=e.attempts + 1, retry_in=round(retry_at - time.time(), 1))
                 return False
             try:
-                clean = await self.db.mark_clean(e.path, e.gen, result.etag, result.version_id, e.sha256)
+                clean = await self.db.mark_clean(e.path, e.gen, result.etag, result.version_id, e.sha256,
+                                                 result.index_row)
             except Exception as exc:  # e.g. the catalog's disk is full: retry the row later
                 log.error("catalog_update_failed", path=e.path, error=error_code(exc), detail=str(exc)[:300])
                 with contextlib.suppress(Exception):
@@ -174,10 +176,11 @@ class Uploader:
                 return await self._not_overwritten(e, lambda side: self.s3.put_file(side, fd, e.size, sha))
         finally:
             os.close(fd)
-        if meta and (row := index_row(e.path, e.size, meta.metadata)):
-            await self.db.index_dicom([row])
         self.metrics.uploaded_bytes.inc(e.size)
-        return result
+        # the study-index row of what the key holds now, written in mark_clean's transaction (no catalog round
+        # trip of its own); () for an object without DICOM metadata: a row of an earlier file under this name goes
+        row = index_row(e.path, e.size, meta.metadata) if meta else None
+        return dataclasses.replace(result, index_row=row or ())
 
     async def _not_overwritten(self, e: Entry, keep_aside: Callable[[str], Awaitable[PutResult]]) -> PutResult:
         """A conditional PUT or copy was refused: the key holds an object this box did not know."""

@@ -173,3 +173,5 @@ class AsyncCatalog:
     prior_outcomes = _offload(Catalog.prior_outcomes)
     index_dicom = _offload(Catalog.index_dicom)
     copy_dicom_row = _offload(Catalog.copy_dicom_row)
+    unshipped_index_rows = _offload(Catalog.unshipped_index_rows)
+    index_rows_shipped = _offload(Catalog.index_rows_shipped)

@@ -50,6 +50,7 @@ class CatalogBase:
         self.db.execute("INSERT OR IGNORE INTO entries (path, parent, name, is_dir, mtime) VALUES ('', '', '', 1, ?)",
                         (time.time(),))
         self._grouped = False  # inside group(): a transaction is a SAVEPOINT of the group's
+        self.ship_index = False  # the agent ships study-index deltas: mark_clean queues each row (dicom_unshipped)
 
     def group(self, calls: Sequence[Callable[[], Any]]) -> list[Any]:
         """Group commit: run calls (each opens its own transaction) in ONE durable transaction, one fsync for
@@ -100,6 +101,16 @@ class CatalogBase:
             "FROM entries)) ON CONFLICT(key) DO UPDATE SET value = CAST(value AS INTEGER) + 1 RETURNING value"
         ).fetchone()
         return int(row[0])
+
+    def _index_rows(self, rows: Sequence[tuple[object, ...]]) -> None:
+        """Upsert study-index rows inside the caller's transaction (Studies.index_dicom, Uploads.mark_clean)."""
+        self.db.executemany("INSERT OR REPLACE INTO dicom_objects VALUES (?, ?, ?, ?, ?, ?, ?, ?)", rows)
+
+    def _index_unshipped(self, path: str, etag: str) -> None:
+        """The index row of path, if it has one, describes the object under etag: for the next index delta
+        (inside the caller's transaction)."""
+        self.db.execute("INSERT OR REPLACE INTO dicom_unshipped (path, etag) SELECT path, ? FROM dicom_objects "
+                        "WHERE path = ?", (etag, path))
 
     def _exists(self, sql: str, args: Sequence[object]) -> bool:
         return self.db.execute(sql, args).fetchone() is not None

@@ -2,7 +2,7 @@
 
 Which part of the catalog owns which table: entries (the namespace, names.py; its upload-queue columns,
 uploads.py; its cache and read columns, heat.py), tombstones (uploads.py), heat and prefetched (heat.py),
-studies, prior_fetches and dicom_objects (studies.py), agent_state and totals (base.py).
+studies, prior_fetches, dicom_objects and dicom_unshipped (studies.py), agent_state and totals (base.py).
 """
 
 from __future__ import annotations
@@ -131,6 +131,12 @@ CREATE TABLE IF NOT EXISTS dicom_objects (
 CREATE INDEX IF NOT EXISTS dicom_objects_study ON dicom_objects(study_uid, series_uid);
 CREATE INDEX IF NOT EXISTS dicom_objects_patient ON dicom_objects(patient) WHERE patient IS NOT NULL;
 CREATE INDEX IF NOT EXISTS dicom_objects_modality ON dicom_objects(modality, study_date);
+-- Study-index rows not yet shipped to the bucket in an index delta (agent/dicom/deltas.py): (path, etag) of
+-- the object each describes. Filled by mark_clean only while the agent ships deltas (Catalog.ship_index).
+CREATE TABLE IF NOT EXISTS dicom_unshipped (
+    path TEXT PRIMARY KEY,
+    etag TEXT NOT NULL
+) WITHOUT ROWID;
 
 -- Small facts that must survive a restart (e.g. the start of the last prefetch window that had its run).
 CREATE TABLE IF NOT EXISTS agent_state (

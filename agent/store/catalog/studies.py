@@ -57,13 +57,34 @@ class Studies(CatalogBase):
     def index_dicom(self, rows: Sequence[tuple[object, ...]]) -> None:
         """Upsert study-index rows (path, size, study_uid, series_uid, sop_uid, modality, study_date, patient)."""
         with self._tx(durable=False):
-            self.db.executemany("INSERT OR REPLACE INTO dicom_objects VALUES (?, ?, ?, ?, ?, ?, ?, ?)", rows)
+            self._index_rows(rows)
 
     def copy_dicom_row(self, src: str, dst: str) -> None:
         """A server-side copy (rename) of an indexed object: index the copy too (the source leaves with its
         tombstone)."""
         self._write("INSERT OR REPLACE INTO dicom_objects SELECT ?, size, study_uid, series_uid, sop_uid, modality, "
                     "study_date, patient FROM dicom_objects WHERE path = ?", (dst, src), durable=False)
+
+    def unshipped_index_rows(self, limit: int) -> list[tuple[object, ...]]:
+        """Up to limit study-index rows for the next index delta, as snapshot rows (path, size, etag, study, …):
+        rows whose object is confirmed in S3 under the ETag they were queued with. Queued rows whose object is
+        gone are dropped here; those whose file is being written again wait for its upload."""
+        with self._tx(durable=False):
+            # kept: rows of an indexed object that is confirmed under the queued ETag or still on its way
+            self.db.execute(
+                "DELETE FROM dicom_unshipped WHERE NOT EXISTS (SELECT 1 FROM dicom_objects d WHERE d.path = "
+                "dicom_unshipped.path) OR NOT EXISTS (SELECT 1 FROM entries e WHERE e.path = dicom_unshipped.path "
+                "AND (e.state != 'clean' OR e.etag = dicom_unshipped.etag))")
+            return self.db.execute(
+                "SELECT d.path, d.size, u.etag, d.study_uid, d.series_uid, d.sop_uid, d.modality, d.study_date, "
+                "d.patient FROM dicom_unshipped u JOIN dicom_objects d ON d.path = u.path "
+                "JOIN entries e ON e.path = u.path AND e.etag = u.etag AND e.state = 'clean' AND e.size = d.size "
+                "ORDER BY u.path LIMIT ?", (limit,)).fetchall()
+
+    def index_rows_shipped(self, shipped: Sequence[tuple[str, str]]) -> None:
+        """These (path, etag) are in a delta in the bucket now; a row queued since under another ETag stays."""
+        with self._tx(durable=False):
+            self.db.executemany("DELETE FROM dicom_unshipped WHERE path = ? AND etag = ?", shipped)
 
     def dicom_index_size(self) -> int:
         return int(self.db.execute("SELECT count(*) FROM dicom_objects").fetchone()[0])

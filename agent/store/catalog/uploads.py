@@ -32,11 +32,22 @@ class Uploads(CatalogBase):
         return self._write("UPDATE entries SET state = 'uploading' WHERE path = ? AND gen = ? AND state = 'dirty'",
                            (path, gen), durable=False) == 1
 
-    def mark_clean(self, path: str, gen: int, etag: str | None, version_id: str | None, sha256: str | None) -> bool:
-        return self._write(
-            "UPDATE entries SET state = 'clean', etag = ?, version_id = ?, copy_from = NULL, dirty_since = NULL, "
-            "attempts = 0, next_attempt = 0, last_error = NULL, sha256 = ? WHERE path = ? AND gen = ?",
-            (etag, version_id, sha256, path, gen), durable=False) == 1
+    def mark_clean(self, path: str, gen: int, etag: str | None, version_id: str | None, sha256: str | None,
+                   index_row: tuple[object, ...] | None = None) -> bool:
+        """The upload of (path, gen) is confirmed. index_row, written in the same transaction: the study-index
+        row of the object the key now holds (superseded or not); () it has none (not DICOM, or stored without
+        metadata); None: a server-side copy, whose row copy_dicom_row wrote."""
+        with self._tx(durable=False):
+            if index_row:
+                self._index_rows([index_row])
+            elif index_row is not None:
+                self.db.execute("DELETE FROM dicom_objects WHERE path = ?", (path,))
+            if self.ship_index and etag:
+                self._index_unshipped(path, etag)
+            return self.db.execute(
+                "UPDATE entries SET state = 'clean', etag = ?, version_id = ?, copy_from = NULL, dirty_since = NULL, "
+                "attempts = 0, next_attempt = 0, last_error = NULL, sha256 = ? WHERE path = ? AND gen = ?",
+                (etag, version_id, sha256, path, gen)).rowcount == 1
 
     def mark_failed(self, path: str, gen: int, error: str, retry_at: float) -> None:
         self._write("UPDATE entries SET state = 'dirty', attempts = attempts + 1, next_attempt = ?, last_error = ? "
@@ -73,6 +84,7 @@ class Uploads(CatalogBase):
         with self._tx(durable=False):
             self.db.execute("DELETE FROM tombstones WHERE key = ?", (key,))
             self.db.execute("DELETE FROM dicom_objects WHERE path = ?", (key,))  # the object is gone
+            self.db.execute("DELETE FROM dicom_unshipped WHERE path = ?", (key,))
 
     def tombstone_failed(self, key: str, retry_at: float) -> None:
         self._write("UPDATE tombstones SET attempts = attempts + 1, next_attempt = ? WHERE key = ?", (retry_at, key),

@@ -1,0 +1,125 @@
+"""Study-index deltas in the bucket: the index stays rebuildable fast between snapshots.
+
+A snapshot (agent.dicom.snapshot) is written once per `[dicom] snapshot_interval`; every object stored since
+would cost `index-rebuild` one HEAD. So the agent also ships the rows it indexes as it goes: each upload's
+mark_clean queues its row in the catalog (dicom_unshipped, same transaction), and every `[dicom]
+delta_interval` seconds the queued rows (at most DELTA_ROWS per object) are written as one small append-only
+gzip'd JSON object under pacsgw-index/<prefix>deltas/, rows in the snapshot's form (with the object's ETag),
+then marked shipped. The next snapshot folds them in: it deletes the deltas that existed before it read the
+catalog. A rebuild reads the snapshot and every delta; an object listed under the ETag a row names takes the
+row, every other one is HEADed.
+
+Crash safety: a delta written but not marked shipped is written again (the same rows: harmless); a delta lost
+or damaged only means HEADs (it is reported and skipped); a row never names an object other than the one
+listed (the ETag must match). The rows hold what the object metadata already holds: the patient only as the
+keyed pseudonym.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import gzip
+import json
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import structlog
+
+from agent.config import Config
+from agent.dicom.snapshot import BucketFiles, Row, delta_prefix, valid_row
+from agent.uplink.s3 import S3Uplink, error_code
+
+log = structlog.get_logger("pacsgw.dicom")
+
+DELTA_ROWS = 5000     # rows per delta object (~200 KB gzip'd)
+READ_AHEAD = 32       # delta objects fetched at once by a rebuild
+
+
+class IndexQueue(Protocol):
+    """The catalog's queue of study-index rows not yet shipped (agent.store.catalog through AsyncCatalog)."""
+
+    async def unshipped_index_rows(self, limit: int) -> list[tuple[object, ...]]: ...
+    async def index_rows_shipped(self, shipped: list[tuple[str, str]]) -> None: ...
+
+
+def _etag(etag: object) -> str:
+    return str(etag or "").strip('"')
+
+
+class DeltaShipper:
+    """Ships queued study-index rows to the bucket (only on the active box of an HA pair: the standby has none)."""
+
+    def __init__(self, cfg: Config, db: IndexQueue, s3: S3Uplink, active: Callable[[], bool]) -> None:
+        self.cfg, self.db, self.files, self.active = cfg, db, BucketFiles(s3), active
+
+    async def run(self) -> None:
+        while True:
+            await asyncio.sleep(self.cfg.dicom.delta_interval)
+            if self.active():
+                await self.once()
+
+    async def once(self) -> int:
+        """Ship every queued row now; → how many. A failure is logged and the rows stay queued."""
+        shipped = 0
+        while rows := await self.db.unshipped_index_rows(DELTA_ROWS):
+            stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
+            key = f"{delta_prefix(self.cfg)}{stamp}-{os.urandom(4).hex()}.json.gz"
+            body = await asyncio.to_thread(lambda: gzip.compress(json.dumps(rows).encode(), 6))
+            try:
+                await self.files.put(key, body)
+            except Exception as e:  # the line may be down: the next interval tries again
+                log.warning("index_delta_failed", error=error_code(e), detail=str(e)[:300], rows=len(rows))
+                break
+            await self.db.index_rows_shipped([(str(r[0]), str(r[2])) for r in rows])
+            shipped += len(rows)
+            log.info("index_delta_written", key=key, rows=len(rows), bytes=len(body))
+        return shipped
+
+
+@dataclass
+class Deltas:
+    """Every delta's rows by path, then by ETag: what a rebuild matches listed objects against."""
+
+    rows: dict[str, dict[str, Row]] = field(default_factory=dict)
+    objects: int = 0
+    skipped: list[str] = field(default_factory=list)   # damaged or unreadable delta objects (their rows HEADed)
+
+    def match(self, path: str, etag: str | None) -> Row | None:
+        """The index row (path, size, study, …) of this listed object if a delta holds it under its ETag."""
+        r = self.rows.get(path, {}).get(_etag(etag)) if etag else None
+        return (path, r[1], *r[3:]) if r is not None else None
+
+
+async def read(cfg: Config, s3: S3Uplink) -> Deltas:
+    """Every delta in the bucket (READ_AHEAD at a time). A damaged one is logged and skipped: its objects are
+    HEADed like any object no delta covers."""
+    deltas, files, gate = Deltas(), BucketFiles(s3), asyncio.Semaphore(READ_AHEAD)
+    try:  # in key order, i.e. oldest first (their names start with the time they were written)
+        keys = await files.keys(delta_prefix(cfg))
+    except Exception as e:
+        log.warning("index_deltas_unusable", error=f"{type(e).__name__}: {str(e)[:300]}")
+        return deltas
+
+    async def one(key: str) -> list[Any] | None:
+        async with gate:
+            try:
+                data = await files.get(key)
+                rows = json.loads(await asyncio.to_thread(gzip.decompress, data or b""))
+                if not isinstance(rows, list) or not all(valid_row(r) for r in rows):
+                    raise ValueError("not a list of index rows")
+                return rows
+            except Exception as e:
+                log.warning("index_delta_skipped", key=key, error=f"{type(e).__name__}: {str(e)[:200]}",
+                            fallback="its objects are HEADed")
+                deltas.skipped.append(key)
+                return None
+
+    for rows in await asyncio.gather(*(one(k) for k in keys)):  # in key order: a later delta wins a tie
+        if rows is not None:
+            deltas.objects += 1
+            for r in rows:
+                deltas.rows.setdefault(r[0], {})[_etag(r[2])] = tuple(r)
+    return deltas
