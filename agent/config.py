@@ -418,6 +418,9 @@ class ComplianceConfig:
     rules: tuple[RetentionRule, ...] = _f(lambda v: v, "[[compliance.rules]] tables", default=())
 
 
+DAILY_SNAPSHOT = 86400.0  # [dicom] snapshot_interval when the file leaves it out and uplink.prefix is set
+
+
 @dataclass(frozen=True)
 class DicomConfig:
     metadata: bool = _f(_bool, "true or false (true: each DICOM object carries its header as S3 metadata and tags)",
@@ -425,6 +428,8 @@ class DicomConfig:
     pseudonym_key_file: str = _f(_str, "a path to a file (mode 0600) holding this hospital's secret pseudonym key "
                                  "(at least 32 characters), or '' (no patient pseudonym is stored)", default="")
     pseudonym_key: bytes = field(default=b"", repr=False)  # read from pseudonym_key_file by load()
+    # The loaded default is daily where the index has a place beside the namespace (a non-empty uplink.prefix),
+    # else 0: see load(). A replaced box rebuilds from snapshot + deltas, not one HEAD per object.
     snapshot_interval: float = _f(_float_between(0, 30 * 86400), "seconds 0..2592000 between study-index "
                                   "snapshots the agent writes (0: never; e.g. 86400 for daily)", default=0.0)
     delta_interval: float = _f(_float_between(0, 86400), "seconds 0..86400 between the study-index deltas the "
@@ -895,6 +900,8 @@ def load(path: str | Path) -> Config:
     sections["audit"] = dataclasses.replace(
         audit, path=_abs(file, audit.path or str(cache.dir / "audit" / "audit.jsonl")),
         ship_prefix=audit.ship_prefix or "pacsgw-audit/" + sections["uplink"].prefix)
+    if "snapshot_interval" not in (data.get("dicom") or {}) and sections["uplink"].prefix:
+        sections["dicom"] = dataclasses.replace(sections["dicom"], snapshot_interval=DAILY_SNAPSHOT)
     if (uplink := sections["uplink"]).ca_bundle:
         sections["uplink"] = dataclasses.replace(uplink, ca_bundle=_abs(file, uplink.ca_bundle))
     sections["ha"] = dataclasses.replace(sections["ha"], role_file=_abs(file, sections["ha"].role_file))

@@ -236,6 +236,8 @@ class AgentProc:
             "sftp": {"listen": f"127.0.0.1:{self.sftp_port}", "host_key": str(self.workdir / "host_key")},
             "http": {"listen": f"127.0.0.1:{self.http_port}"},
             "log": {"level": "info", "format": "json"},
+            # the daily snapshot and minutely deltas stay off unless a test asks for them (tests/test_dicom_index)
+            "dicom": {"snapshot_interval": 0},
         }
         for key, value in self.overrides.items():
             section, _, name = key.partition(".")

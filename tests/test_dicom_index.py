@@ -104,6 +104,11 @@ def test_the_agent_writes_snapshots_and_an_ha_standby_does_not(agent_factory, se
     from agent.config import ConfigError, load
     with pytest.raises(ConfigError, match="dicom.snapshot_interval"):
         load(write(tmp_path, GOOD + "\n[dicom]\nsnapshot_interval = 60\n"))
+    # left out: daily where the index has a place (a prefix), off where it has none
+    assert load(write(tmp_path, GOOD)).dicom.snapshot_interval == 0
+    with_prefix = GOOD.replace('bucket = "pacs"', 'bucket = "pacs"\nprefix = "hospital-a/"')
+    assert load(write(tmp_path, with_prefix)).dicom.snapshot_interval == 86400
+    assert load(write(tmp_path, with_prefix + "\n[dicom]\nsnapshot_interval = 0\n")).dicom.snapshot_interval == 0
 
     active = agent_factory(**{"dicom.snapshot_interval": 1}).start()
     standby = agent_factory(**{"dicom.snapshot_interval": 1, "ha.enabled": True,
