@@ -182,7 +182,9 @@ def build_appliance(out: Path, release: Path, *, kernel: bool, rootfs_only: bool
     if not kernel:
         cmd.append("--no-kernel")
     t = time.monotonic()
-    p = run(cmd, env={**os.environ, "PACSGW_VENV_BIN": str(VENV_BIN)}, timeout=1500)
+    # profile_tasks: ansible.log says which task of the build took the time
+    p = run(cmd, env={**os.environ, "PACSGW_VENV_BIN": str(VENV_BIN),
+                      "ANSIBLE_CALLBACKS_ENABLED": "ansible.posix.profile_tasks"}, timeout=1500)
     log(f"image/build.sh took {time.monotonic() - t:.0f} s\n{p.stdout[-2000:]}")
     return out
 

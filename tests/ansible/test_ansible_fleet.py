@@ -34,6 +34,7 @@ import subprocess
 import sys
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -64,16 +65,21 @@ LAST = "99.0.5"      # another healthy release, for the drain test
 
 
 @pytest.fixture(scope="module")
-def fleet(appliance, base_release, tmp_path_factory):
+def fleet(base_release, tmp_path_factory, request):
     work = tmp_path_factory.mktemp("fleet")
     releases = work / "releases"
     releases.mkdir()
     shutil.copy(base_release, releases / base_release.name)
-    build_variant_release(base_release, releases, NEW)
-    build_variant_release(base_release, releases, BROKEN, patch=break_for_hospital_b)
-    build_variant_release(base_release, releases, NEXT)
-    build_variant_release(base_release, releases, NO_S3, patch_files=UNREACHABLE_S3_PATCH | NEWER_SCHEMA_PATCH)
-    build_variant_release(base_release, releases, LAST)
+    variants = {NEW: {}, BROKEN: {"patch": break_for_hospital_b}, NEXT: {},
+                NO_S3: {"patch_files": UNREACHABLE_S3_PATCH | NEWER_SCHEMA_PATCH}, LAST: {}}
+    # The release builds (each a pip wheel in a build environment of its own, mostly waiting) run side by side
+    # and while the appliance is built, if this module is the first to want it.
+    with ThreadPoolExecutor(len(variants)) as pool:
+        builds = [pool.submit(build_variant_release, base_release, releases, version, **kw)
+                  for version, kw in variants.items()]
+        appliance = request.getfixturevalue("appliance")
+        for b in builds:
+            b.result()
     f = Fleet(rootfs=appliance / "rootfs", workdir=work, groups=["hospital_a", "hospital_b", "hospital_c"])
     try:
         f.start()
@@ -114,6 +120,7 @@ def flashed(fleet):
     seen = {}
     for h in fleet.hosts:
         assert 'prefix = "seeded-' in _conf(fleet, h), h.name
+        _wait_agent(fleet, h)     # it starts after SSH does: a store before would be refused, not filtered
         p = run(fleet.nsexec(sys.executable, "-c", FTP_STORE, h.addr, "2121", "seeded", "seeded-at-flashing",
                              f"flashed-{h.name}.dcm"), check=False, timeout=120)
         seen[h.name] = (p.stdout.strip() + p.stderr[-500:], _firstboot_log(fleet, h))
@@ -274,6 +281,16 @@ def test_prometheus_scrapes_the_fleet(provisioned):
     assert status.returncode != 0 and "status" not in status.stdout, status
 
 
+def _wait_agent(fleet, host, seconds: int = 90) -> dict:
+    """/healthz once the agent answers it (after `seconds`, whatever it said last)."""
+    for _ in range(seconds):
+        health = fleet.healthz(host)
+        if "version" in health:
+            break
+        time.sleep(1)
+    return health
+
+
 def _firstboot_log(fleet, host) -> str:
     return fleet.ssh(host, "sudo journalctl -b -u pacsgw-firstboot --no-pager -o cat").stdout
 
@@ -288,11 +305,7 @@ def test_reboot_after_adoption_keeps_the_fleets_config(provisioned):
     fleet.reboot(gw)
     assert _conf(fleet, gw) == fleet_conf
     assert "seed on /boot/pacsgw-config already applied" in _firstboot_log(fleet, gw)
-    for _ in range(90):                 # the agent comes up after SSH does
-        health = fleet.healthz(gw)
-        if "version" in health:
-            break
-        time.sleep(1)
+    health = _wait_agent(fleet, gw)     # the agent comes up after SSH does
     assert health.get("version") == fleet.current_release(gw), health
 
 
@@ -349,9 +362,16 @@ def test_rolling_update_all_healthy(provisioned):
     assert fleet.current_release(gw1) == NEW and fleet.healthz(gw1)["version"] == NEW
 
 
+def _all_on(fleet, release: str) -> None:
+    """Every box on `release`: update.yml to it unless they all run it already (a test run on its own; in the
+    module's order the test before left them there, and the run would only find nothing to do)."""
+    if any(fleet.current_release(h) != release for h in fleet.hosts):
+        _assert_ok(fleet.playbook("update.yml", "-e", f"gateway_version={release}"))
+
+
 def test_update_check_mode_changes_nothing(provisioned):
     fleet = provisioned
-    _assert_ok(fleet.playbook("update.yml", "-e", f"gateway_version={NEW}"))
+    _all_on(fleet, NEW)
     p = fleet.playbook("update.yml", "--check", "-e", f"gateway_version={NEXT}")
     _assert_ok(p)
     assert "did not drain" not in p.stdout, p.stdout[-5000:]
@@ -364,7 +384,7 @@ def test_failed_install_restores_this_updates_config(provisioned):
     """The rescue restores the configuration this update replaced, not a .rollback left by an earlier
     update: here the new release's archive is missing, so the install fails before anything changes."""
     fleet = provisioned
-    _assert_ok(fleet.playbook("update.yml", "-e", f"gateway_version={NEW}"))
+    _all_on(fleet, NEW)
     gw1 = fleet.hosts[0]
     before = _conf(fleet, gw1)
     fleet.ssh(gw1, "sudo sh -c 'echo \"# an earlier update\" > /etc/pacsgw/agent.toml.rollback'")
@@ -378,7 +398,7 @@ def test_failed_install_restores_this_updates_config(provisioned):
 def test_failed_health_check_rolls_back_and_stops(provisioned):
     fleet = provisioned
     gw1, gw2, gw3 = fleet.hosts
-    _assert_ok(fleet.playbook("update.yml", "-e", f"gateway_version={NEW}"))
+    _all_on(fleet, NEW)
     p = fleet.playbook("update.yml", "-e", f"gateway_version={BROKEN}")
     out = p.stdout + p.stderr
     assert p.returncode != 0, out[-6000:]

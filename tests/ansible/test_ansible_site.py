@@ -108,6 +108,7 @@ def test_image_is_generic(root):
     assert not root.file("/etc/resolv.conf").exists
     assert root.run("ls /var/lib/apt/lists/*_Packages").rc != 0
     assert not root.file("/usr/sbin/policy-rc.d").exists
+    assert not root.file("/etc/dpkg/dpkg.cfg.d/pacsgw-build-unsafe-io").exists   # the build's, not the box's dpkg
     assert root.file("/usr/local/sbin/pacsgw-firstboot").mode == 0o755
 
 
