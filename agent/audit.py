@@ -42,6 +42,7 @@ class AuditLog:
     def __init__(self, path: Path, max_bytes: int, keep: int, enabled: bool = True) -> None:
         self.path, self.keep, self.enabled = path, keep, enabled
         self.rotated_event = asyncio.Event()
+        self.loop: asyncio.AbstractEventLoop | None = None  # the shipper's, which waits on rotated_event
         if not enabled:
             return
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -83,7 +84,14 @@ class AuditLog:
 
     def _rotate(self, source: str, dest: str) -> None:
         os.rename(source, dest)
-        self.rotated_event.set()  # emit() runs on the event loop's thread: wake the shipper now
+        # Wake the shipper now. emit() runs on the recording thread: the event loop's, or the login guard's
+        # (agent.auth), whose records must reach the loop's Event through the loop.
+        try:
+            asyncio.get_running_loop()
+            self.rotated_event.set()
+        except RuntimeError:
+            if self.loop is not None:
+                self.loop.call_soon_threadsafe(self.rotated_event.set)
 
     def rotated(self) -> list[Path]:
         return sorted(self.path.parent.glob(f"{self.path.stem}-*{self.path.suffix}"))
@@ -100,6 +108,7 @@ class AuditShipper:
         self.audit, self.s3, self.prefix = audit, s3, prefix
 
     async def run(self) -> None:
+        self.audit.loop = asyncio.get_running_loop()
         while True:
             self.audit.rotated_event.clear()
             await self.ship_once()

@@ -149,3 +149,22 @@ def test_smb_session_is_audited(smb_agent, locked_bucket):
     assert all(r["peer"].partition(":")[0] == "127.0.0.1" for r in records)  # logins: no port
     assert [r["to"] for r in records if r["op"] == "rename"] == ["CT/day/a.dcm"]
     assert [r["result"] for r in records if r["op"] == "delete"][0].startswith("error: PermissionDenied: WORM")
+
+
+async def test_a_rotation_by_another_thread_wakes_the_shipper_at_once(tmp_path):
+    """The login guard records from its own thread (agent.auth): a rotation there must wake the shipper on the
+    event loop through the loop (an asyncio.Event set from another thread wakes nobody until the loop's next
+    timer: here the 5 s timeout)."""
+    import threading
+
+    from agent.audit import AuditLog, Who
+    audit = AuditLog(tmp_path / "audit.jsonl", max_bytes=300, keep=5)
+    audit.loop = asyncio.get_running_loop()   # as AuditShipper.run does
+    audit.rotated_event.clear()
+    who = Who("pacs", "sftp", "127.0.0.1")
+    start = time.monotonic()
+    threading.Thread(target=lambda: [audit.record(who, "login", "", "refused") for _ in range(10)]).start()
+    await asyncio.wait_for(audit.rotated_event.wait(), 5)
+    assert time.monotonic() - start < 2, "the shipper was not woken by a rotation on another thread"
+    assert audit.rotated()
+    audit.close()
