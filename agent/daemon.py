@@ -77,6 +77,14 @@ class Agent:
         self.http: HttpServer | None = None
         self.workers: Supervisor | None = None  # [server] workers > 1
         self.logins: LoginGuard | None = None
+        # the owner's background loops, cancelled by stop (a worker starts only the pressure monitor)
+        self._scrub: asyncio.Task[Any] | None = None
+        self._ship: asyncio.Task[Any] | None = None
+        self._prefetch: asyncio.Task[Any] | None = None
+        self._prefetch_now: asyncio.Task[Any] | None = None
+        self._snapshots: asyncio.Task[Any] | None = None
+        self._evict: asyncio.Task[Any] | None = None
+        self._deltas: asyncio.Task[Any] | None = None
 
     async def start(self) -> None:
         cfg = self.cfg
@@ -117,11 +125,10 @@ class Agent:
         fetcher = Fetcher(self.gateway, self.db, lambda: self.monitor.current.level)
         stack = stack_for(cfg)   # one policy stack: the evictor and the prior-study planner share it
         self.evictor.use(stack, cfg.prefetch.study_depth)
-        self._evict: asyncio.Task[None] | None = asyncio.create_task(self.evictor.run(), name="evict")
+        self._evict = asyncio.create_task(self.evictor.run(), name="evict")
         self.prefetcher = DirPrefetcher(cfg, self.db, self.gateway, fetcher)
         self._prefetch = (asyncio.create_task(self.prefetcher.loop(), name="prefetch")
                           if cfg.prefetch.enabled else None)
-        self._prefetch_now: asyncio.Task | None = None
         self.priors = PriorFetcher(cfg, self.db, self.gateway, fetcher, stack)
         self.scrubber = Scrubber(self.db, self.cache, cfg.scrub.rate, cfg.scrub.pause_seconds)
         self._scrub = asyncio.create_task(self.scrubber.run(), name="scrub") if cfg.scrub.enabled else None

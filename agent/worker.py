@@ -28,7 +28,6 @@ class Worker(Agent):
     def __init__(self, cfg: Config, index: int) -> None:
         super().__init__(cfg)
         self.index = index
-        self._scrub = self._ship = self._prefetch = self._prefetch_now = self._snapshots = self._evict = None
         self.ha = None
 
     async def start(self) -> None:

@@ -166,6 +166,8 @@ async def check_durable(agent, seaweed, ingest: Ingest) -> None:
     bad = [p for p in ingest.files if objects.get(p, {}).get("sha256") != sha256(ingest.files[p])]
     assert bad == [], f"acknowledged but missing or wrong in S3: {bad[:5]}"
     assert agent.stop() == 0
+    log = agent.log_path.read_text()
+    assert "Traceback" not in log, "a process of the agent did not stop cleanly: " + log[log.find("Traceback"):][:1500]
     out = subprocess.run([sys.executable, "-m", "agent.cli", "fsck", "--config", str(agent.config_path), "--json",
                           "--remote"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
