@@ -5,29 +5,37 @@ them, the most relevant first and within the budget. Non-DICOM trees are recogni
 from __future__ import annotations
 
 import io
+import itertools
 import subprocess
 import sys
 import time
 
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
 
 from faultkit import cached_paths, catalog_rows, ftp_get, ftp_login, ftp_put, metric
 
 PIXELS = 20_000
+_SERIAL = itertools.count(1)
+
+
+def uid() -> str:
+    """A unique UID of fixed length: every study of four files is the same size, so the planner's heat per byte
+    ties and the clinical rank decides (pydicom's random UIDs differ by a digit: the smaller study won ~1 in 9)."""
+    return f"1.2.826.0.1.3680043.8.498.1{next(_SERIAL):019d}"  # no leading zero (PS3.5 9.1)
 
 
 def dicom(patient: str, study_uid: str, date: str, modality: str, instance: int) -> bytes:
     """A small but real DICOM Part 10 file (preamble, file meta, header, pixel data)."""
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = CTImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.MediaStorageSOPInstanceUID = uid()
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds = Dataset()
     ds.file_meta = meta
     ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, meta.MediaStorageSOPInstanceUID
     ds.PatientID, ds.PatientName = patient, f"Test^{patient}"
-    ds.StudyInstanceUID, ds.SeriesInstanceUID = study_uid, generate_uid()
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = study_uid, uid()
     ds.StudyDate, ds.Modality, ds.InstanceNumber = date, modality, instance
     ds.Rows, ds.Columns, ds.BitsAllocated, ds.BitsStored, ds.SamplesPerPixel = 100, 100, 16, 16, 1
     ds.PixelData = bytes([instance % 256]) * PIXELS
@@ -37,11 +45,11 @@ def dicom(patient: str, study_uid: str, date: str, modality: str, instance: int)
 
 
 def store_study(ftp, directory: str, patient: str, date: str, modality: str, files: int = 4) -> dict[str, bytes]:
-    uid = generate_uid()
+    study = uid()
     out = {}
     for i in range(files):
-        path = f"{directory}/{uid}/{i}.dcm"
-        out[path] = dicom(patient, uid, date, modality, i)
+        path = f"{directory}/{study}/{i}.dcm"
+        out[path] = dicom(patient, study, date, modality, i)
         assert ftp_put(ftp, path, out[path]).startswith("226")
     return out
 
