@@ -8,6 +8,7 @@ import contextlib
 import functools
 import hashlib
 import hmac
+import ipaddress
 import os
 import sqlite3
 import time
@@ -47,6 +48,19 @@ def verify_password(password: str, *, plain: str = "", encoded: str = "") -> boo
     if plain:
         return hmac.compare_digest(password.encode(), plain.encode())
     return False
+
+
+def unmapped(address: str) -> str:
+    """The one form of a peer address: an IPv4 client seen through an IPv6 socket (::ffff:a.b.c.d) as a.b.c.d.
+    LoginGuard keys every ban, trust, slot and audit record by it, so a ban made through one listener holds at
+    another (FTP on 0.0.0.0, SFTP on ::). A text that is no address is kept as it is."""
+    try:
+        ip = ipaddress.ip_address(address.split("%")[0])
+    except ValueError:
+        return address
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return str(ip)
 
 
 def _on_thread(method: Callable[Concatenate[LoginGuard, P], T],
@@ -142,7 +156,7 @@ class LoginGuard:
     @_on_thread
     def refusal(self, user: str, address: str, protocol: str, now: float | None = None) -> str:
         """Why a login must be refused unchecked now ('' when it may be checked)."""
-        now = time.monotonic() if now is None else now
+        now, address = time.monotonic() if now is None else now, unmapped(address)
         # reads only: in WAL mode another process's write lock never blocks them, and a full disk neither
         with self._unless_unrecordable("ban check"):
             self._gauge(now)  # bans other processes imposed show here too
@@ -175,7 +189,7 @@ class LoginGuard:
 
     @_on_thread
     def succeeded(self, user: str, address: str, now: float | None = None) -> None:
-        now = time.monotonic() if now is None else now
+        now, address = time.monotonic() if now is None else now, unmapped(address)
         with self._unless_unrecordable("login"), self._tx():
             self.db.execute("DELETE FROM failures WHERE scope = 'address' AND key = ?", (address,))
             self.db.execute("INSERT OR REPLACE INTO trusted (user, address, at) VALUES (?, ?, ?)", (user, address, now))
@@ -185,7 +199,7 @@ class LoginGuard:
     @_on_thread
     def failed(self, user: str, address: str, protocol: str, now: float | None = None) -> float:
         """Record a failed login → the seconds to wait before answering it."""
-        now = time.monotonic() if now is None else now
+        now, address = time.monotonic() if now is None else now, unmapped(address)
         self.metrics.login_failures.labels(protocol).inc()
         worst = 0
         with self._unless_unrecordable("failed login"), self._tx():
@@ -216,7 +230,9 @@ class LoginGuard:
     @_on_thread
     def take_session(self, scope: str, key: str, cap: int) -> int | None:
         """A session slot for key (an address, a user) if fewer than cap are held on the whole box → its id
-        (give it back with release_session); None at the cap. 0 (no slot) when it cannot be recorded."""
+        (give it back with release_session); None at the cap. 0 (no slot) when it cannot be recorded.
+        A scope ending in 'address' ('address', 'sftp address') keys by the unmapped address."""
+        key = unmapped(key) if scope.endswith("address") else key
         self._release_pending()
         with self._unless_unrecordable("session"), self._tx():
             if self._sessions(scope, key) >= cap:

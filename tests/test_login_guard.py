@@ -128,3 +128,26 @@ def test_sftp_channels_are_capped_and_bans_hold_for_key_logins(agent_factory, tm
     refusals = [e for e in agent.events("session_refused") if e.get("protocol") == "sftp"]
     assert refusals and {r["reason"] for r in refusals} == {"too many channels on one connection (limit 3)"}
     assert {e["reason"] for e in agent.events("login_refused")} == {"address banned", "user banned"}
+
+
+async def test_an_ipv4_mapped_address_is_one_key_for_bans_trust_and_slots():
+    """An IPv4 client seen through a dual-stack IPv6 socket is ::ffff:a.b.c.d (asyncio's own listeners are
+    IPv6-only, Samba's audit or a dual-stack socket need not be): the guard keys both forms as a.b.c.d, so a ban,
+    a trusted address and a session cap made under one form hold under the other."""
+    audit = AuditLog(None, 0, 1, False)
+    records: list[str] = []
+    audit.record = lambda who, *rest: records.append(who.peer)  # type: ignore[method-assign]
+    g = LoginGuard(LoginConfig(max_failures=2, ban_seconds=60), Metrics(), audit)
+    for _ in range(2):
+        await g.failed("guesser", "::ffff:10.6.6.6", "sftp", now=10)
+    assert "address temporarily banned" in await g.refusal("pacs", "10.6.6.6", "ftp", now=11)
+    assert await g.banned("address", now=11) == ["10.6.6.6"]  # the form smb.conf denies
+    assert set(records) == {"10.6.6.6"}
+    assert await g.take_session("sftp address", "::ffff:10.0.0.1", 1)
+    assert await g.take_session("sftp address", "10.0.0.1", 1) is None
+    await g.succeeded("pacs", "::ffff:10.0.0.2", now=12)
+    for _ in range(2):
+        await g.failed("pacs", "10.9.9.9", "ftp", now=13)  # the user is locked, but not from its known address
+    assert await g.refusal("pacs", "10.0.0.2", "ftp", now=14) == ""
+    g.close()
+

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import ipaddress
 import ssl
 import stat
 from dataclasses import dataclass
@@ -29,6 +28,7 @@ import structlog
 
 from agent.audit import Who, failure
 from agent.auth import LoginGuard
+from agent.auth import unmapped as unmapped  # FTP compares data-connection peers by it
 from agent.store.errors import (
     AlreadyExists,
     BadOffset,
@@ -119,11 +119,3 @@ def refuse_session(gw: Gateway, protocol: str, who: Who, reason: str) -> None:
     log.warning("session_refused", protocol=protocol, user=who.user, peer=who.peer, reason=reason)
     gw.audit_event(who, "login", "", f"refused: {reason}")
     gw.count_error(protocol, "SessionLimit")
-
-
-def unmapped(address: str) -> str:
-    """A peer address as compared: an IPv4 client seen through an IPv6 socket (::ffff:a.b.c.d) as a.b.c.d."""
-    ip = ipaddress.ip_address(address.split("%")[0])
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    return str(ip)

@@ -19,10 +19,10 @@ import structlog
 from asyncssh.stream import SSHServerStreamSession
 
 from agent.audit import Who
-from agent.auth import LoginGuard, verify_password
+from agent.auth import LoginGuard, unmapped, verify_password
 from agent.config import Config, SftpConfig, UserConfig
 from agent.records import Entry
-from agent.serve.contract import answer, login, refuse_session, report, st_mode, unmapped
+from agent.serve.contract import answer, login, refuse_session, report, st_mode
 from agent.store.errors import GatewayError
 from agent.store.gateway import Gateway, ReadHandle, WriteHandle
 from agent.store.paths import resolve
@@ -91,11 +91,11 @@ class _Auth(asyncssh.SSHServer):
         self.refused = ""  # the disconnect reason of a connection over a session cap, until it is sent
 
     def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
-        self.conn, self.address = conn, conn.get_extra_info("peername")[0]  # the guard's key for bans
+        self.conn, self.address = conn, unmapped(conn.get_extra_info("peername")[0])
         # counted at once: a connection over the cap is disconnected at its login request, before any password
-        address, cap = unmapped(self.address), self.cfg.max_sessions_per_address
-        self.admitted.append(asyncio.ensure_future(self._take_slot("sftp address", address, cap, f"from {address}",
-                                                                   "from your address")))
+        cap = self.cfg.max_sessions_per_address
+        self.admitted.append(asyncio.ensure_future(self._take_slot("sftp address", self.address, cap,
+                                                                   f"from {self.address}", "from your address")))
 
     def connection_lost(self, exc: Exception | None) -> None:
         for task in self.admitted:
