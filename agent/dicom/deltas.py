@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import datetime
-import gzip
-import json
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -29,7 +27,7 @@ from typing import Any, Protocol
 import structlog
 
 from agent.config import Config
-from agent.dicom.snapshot import BucketFiles, Row, delta_prefix, valid_row
+from agent.dicom.snapshot import BucketFiles, Row, bare_etag, decode_rows, delta_prefix, encode_rows
 from agent.uplink.s3 import S3Uplink, error_code
 
 log = structlog.get_logger("pacsgw.dicom")
@@ -43,10 +41,6 @@ class IndexQueue(Protocol):
 
     async def unshipped_index_rows(self, limit: int) -> list[tuple[object, ...]]: ...
     async def index_rows_shipped(self, shipped: list[tuple[str, str]]) -> None: ...
-
-
-def _etag(etag: object) -> str:
-    return str(etag or "").strip('"')
 
 
 class DeltaShipper:
@@ -67,7 +61,7 @@ class DeltaShipper:
         while rows := await self.db.unshipped_index_rows(DELTA_ROWS):
             stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
             key = f"{delta_prefix(self.cfg)}{stamp}-{os.urandom(4).hex()}.json.gz"
-            body = await asyncio.to_thread(lambda: gzip.compress(json.dumps(rows).encode(), 6))
+            body = await asyncio.to_thread(encode_rows, rows)
             try:
                 await self.files.put(key, body)
             except Exception as e:  # the line may be down: the next interval tries again
@@ -89,7 +83,7 @@ class Deltas:
 
     def match(self, path: str, etag: str | None) -> Row | None:
         """The index row (path, size, study, …) of this listed object if a delta holds it under its ETag."""
-        r = self.rows.get(path, {}).get(_etag(etag)) if etag else None
+        r = self.rows.get(path, {}).get(bare_etag(etag)) if etag else None
         return (path, r[1], *r[3:]) if r is not None else None
 
 
@@ -106,11 +100,7 @@ async def read(cfg: Config, s3: S3Uplink) -> Deltas:
     async def one(key: str) -> list[Any] | None:
         async with gate:
             try:
-                data = await files.get(key)
-                rows = json.loads(await asyncio.to_thread(gzip.decompress, data or b""))
-                if not isinstance(rows, list) or not all(valid_row(r) for r in rows):
-                    raise ValueError("not a list of index rows")
-                return rows
+                return await decode_rows(await files.get(key))
             except Exception as e:
                 log.warning("index_delta_skipped", key=key, error=f"{type(e).__name__}: {str(e)[:200]}",
                             fallback="its objects are HEADed")
@@ -121,5 +111,5 @@ async def read(cfg: Config, s3: S3Uplink) -> Deltas:
         if rows is not None:
             deltas.objects += 1
             for r in rows:
-                deltas.rows.setdefault(r[0], {})[_etag(r[2])] = tuple(r)
+                deltas.rows.setdefault(r[0], {})[bare_etag(r[2])] = tuple(r)
     return deltas

@@ -56,6 +56,12 @@ async def rebuild(cfg: Config, catalog: Catalog, concurrency: int = 64, progress
     bar = tqdm(unit="obj", desc="index rebuild", disable=not progress)
     t0 = time.monotonic()
 
+    def add(row: tuple[Any, ...]) -> None:
+        rows.append(row)
+        if len(rows) >= BATCH:
+            catalog.index_dicom(rows[:])
+            rows.clear()
+
     async def worker() -> None:
         while (item := await queue.get()) is not None:
             path, _ = item  # the listed size: a compressed object's is not the file's
@@ -63,12 +69,9 @@ async def rebuild(cfg: Config, catalog: Catalog, concurrency: int = 64, progress
             if head is False:  # counted and reported; a rebuild can be run again
                 report.failed += 1
             if isinstance(head, dict) and (row := _row(path, head)):
-                rows.append(row)
+                add(row)
             report.objects += 1
             bar.update()
-            if len(rows) >= BATCH:
-                catalog.index_dicom(rows[:])
-                rows.clear()
 
     use_snapshot = use_snapshot and bool(cfg.uplink.prefix)
     cursor = snapshot.Cursor(snapshot.read(cfg, lister) if use_snapshot else _none())
@@ -86,10 +89,7 @@ async def rebuild(cfg: Config, catalog: Catalog, concurrency: int = 64, progress
                 else:
                     await queue.put((path, size))
                     continue
-                rows.append(row)
-                if len(rows) >= BATCH:
-                    catalog.index_dicom(rows[:])
-                    rows.clear()
+                add(row)
                 report.objects += 1
                 bar.update()
         for _ in workers:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import datetime
 import gzip
+import itertools
 import json
 import os
 import sqlite3
@@ -52,8 +53,21 @@ def delta_prefix(cfg: Config) -> str:
     return index_prefix(cfg) + "deltas/"
 
 
-def _etag(etag: str | None) -> str:
-    return (etag or "").strip('"')
+def bare_etag(etag: object) -> str:
+    return str(etag or "").strip('"')
+
+
+def encode_rows(rows: list[Row]) -> bytes:
+    """Index rows as a segment or delta object holds them: gzip'd JSON."""
+    return gzip.compress(json.dumps(rows).encode(), 6)
+
+
+async def decode_rows(data: bytes | None) -> list[Any]:
+    """A segment's or a delta's rows; ValueError (or a gzip/JSON error) when it is damaged."""
+    rows = json.loads(await asyncio.to_thread(gzip.decompress, data or b""))
+    if not isinstance(rows, list) or not all(valid_row(r) for r in rows):
+        raise ValueError("not a list of index rows")
+    return rows
 
 
 class BucketFiles:
@@ -101,17 +115,6 @@ def catalog_rows(catalog_path: Path) -> Iterator[Row]:
         db.close()
 
 
-def _chunks(rows: Iterable[Row], n: int) -> Iterator[list[Row]]:
-    chunk: list[Row] = []
-    for row in rows:
-        chunk.append(row)
-        if len(chunk) == n:
-            yield chunk
-            chunk = []
-    if chunk:
-        yield chunk
-
-
 async def write(cfg: Config, rows: Iterable[Row]) -> dict[str, Any]:
     """Write a snapshot of rows (sorted by path) and make it the current one; → its manifest."""
     prefix = index_prefix(cfg)
@@ -128,12 +131,11 @@ async def write(cfg: Config, rows: Iterable[Row]) -> dict[str, Any]:
         stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
         snap = f"{stamp}-{os.urandom(4).hex()}"
         segments, total = [], 0
-        chunks, n = _chunks(rows, SEGMENT_ROWS), 0
+        it = iter(rows)
+        chunks = iter(lambda: list(itertools.islice(it, SEGMENT_ROWS)), [])
         while (chunk := await loop.run_in_executor(reader, next, chunks, None)) is not None:
-            key = f"{prefix}{snap}/{n:05d}.json.gz"
-            n += 1
-            body = await asyncio.to_thread(lambda c=chunk: gzip.compress(json.dumps(c).encode(), 6))
-            await files.put(key, body)
+            key = f"{prefix}{snap}/{len(segments):05d}.json.gz"
+            await files.put(key, await asyncio.to_thread(encode_rows, chunk))
             segments.append(key)
             total += len(chunk)
         manifest = {"snapshot": snap, "rows": total, "segments": segments}
@@ -187,9 +189,10 @@ async def read(cfg: Config, s3: S3Uplink) -> AsyncGenerator[Row, None]:
             assert nxt is not None
             data = await nxt
             nxt = asyncio.create_task(files.get(keys[i + 1])) if i + 1 < len(keys) else None
-            rows = json.loads(await asyncio.to_thread(gzip.decompress, data or b""))
-            if not isinstance(rows, list) or not all(valid_row(r) for r in rows):
-                raise ValueError(f"{key}: not a snapshot segment")
+            try:
+                rows = await decode_rows(data)
+            except ValueError as e:
+                raise ValueError(f"{key}: {e}") from None
             for r in rows:
                 yield tuple(r)
     except Exception as e:  # a damaged snapshot: the caller HEADs what it does not cover
@@ -214,7 +217,7 @@ class Cursor:
         c = self.cur
         # the ETag names the stored version; the listed size of a compressed object is not the file's, the
         # snapshot's (the catalog's) is
-        if c is not None and c[0] == path and etag and _etag(c[2]) == _etag(etag):
+        if c is not None and c[0] == path and etag and bare_etag(c[2]) == bare_etag(etag):
             return (path, c[1], *c[3:])
         return None
 
