@@ -71,20 +71,35 @@ def _f(parse: Callable[[Any], Any], allowed: str, default: Any = dataclasses.MIS
     return field(default=default, metadata={"parse": parse, "allowed": allowed}, **kw)
 
 
-def _str(value: Any) -> str:
-    if not isinstance(value, str):
-        raise ValueError
-    return value
+def _of(kind: type) -> Callable[[Any], Any]:
+    def parse(value: Any) -> Any:
+        if not isinstance(value, kind):
+            raise ValueError
+        return value
+    return parse
+
+
+def _matching(pattern: str) -> Callable[[Any], str]:
+    def parse(value: Any) -> str:
+        if not isinstance(value, str) or not re.fullmatch(pattern, value):
+            raise ValueError
+        return value
+    return parse
+
+
+def _str_list(ok: Callable[[str], object]) -> Callable[[Any], tuple[str, ...]]:
+    def parse(value: Any) -> tuple[str, ...]:
+        if not isinstance(value, list) or not all(isinstance(v, str) and ok(v) for v in value):
+            raise ValueError
+        return tuple(value)
+    return parse
+
+
+_str, _bool, _strings = _of(str), _of(bool), _str_list(lambda v: True)
 
 
 def _nonempty(value: Any) -> str:
     if not isinstance(value, str) or not value.strip():
-        raise ValueError
-    return value
-
-
-def _bool(value: Any) -> bool:
-    if not isinstance(value, bool):
         raise ValueError
     return value
 
@@ -152,10 +167,7 @@ def _url(value: Any) -> str:
     return value.rstrip("/")
 
 
-def _bucket(value: Any) -> str:
-    if not isinstance(value, str) or not re.fullmatch(r"[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]", value):
-        raise ValueError
-    return value
+_bucket = _matching(r"[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]")
 
 
 def _prefix(value: Any) -> str:
@@ -176,17 +188,10 @@ def _ns_root(value: Any) -> str:
 
 
 def _path_list_or_str(value: Any) -> tuple[str, ...]:
-    if isinstance(value, str):
-        return (value,)
-    if isinstance(value, list) and all(isinstance(v, str) for v in value):
-        return tuple(value)
-    raise ValueError
+    return (value,) if isinstance(value, str) else _strings(value)
 
 
-def _name(value: Any) -> str:
-    if not isinstance(value, str) or not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.\-]{0,31}", value):
-        raise ValueError
-    return value
+_name = _matching(r"[A-Za-z0-9_][A-Za-z0-9_.\-]{0,31}")
 
 
 def _share(value: Any) -> str:
@@ -198,9 +203,7 @@ def _share(value: Any) -> str:
 
 def _hosts_allow(value: Any) -> tuple[str, ...]:
     """['10.10.20.0/24', '192.0.2.7', 'fd00::/8'] → the same strings as networks (host bits cleared)."""
-    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        raise ValueError
-    return tuple(str(ipaddress.ip_network(v.strip(), strict=False)) for v in value)
+    return tuple(str(ipaddress.ip_network(v.strip(), strict=False)) for v in _strings(value))
 
 
 RIGHTS = ("read", "write", "delete", "rename")
@@ -354,29 +357,10 @@ class LogConfig:
     format: str = _f(_choice("json", "console"), "'json' or 'console'", default="json")
 
 
-def _suffixes(value: Any) -> tuple[str, ...]:
-    if not isinstance(value, list) or not all(isinstance(v, str) and v.startswith(".") and "/" not in v
-                                              for v in value):
-        raise ValueError
-    return tuple(value)
-
-
-def _days(value: Any) -> int:
-    return _int_between(0, 100 * 366)(value)
-
-
-def _modalities(value: Any) -> tuple[str, ...]:
-    if not isinstance(value, list) or not all(isinstance(v, str) and re.fullmatch(r"[A-Z0-9_]{1,16}", v)
-                                              for v in value):
-        raise ValueError
-    return tuple(value)
-
-
-def _uids(value: Any) -> tuple[str, ...]:
-    if not isinstance(value, list) or not all(isinstance(v, str) and len(v) <= 64
-                                              and re.fullmatch(r"[0-9]+(\.[0-9]+)*", v) for v in value):
-        raise ValueError
-    return tuple(value)
+_suffixes = _str_list(lambda v: v.startswith(".") and "/" not in v)
+_days = _int_between(0, 100 * 366)
+_modalities = _str_list(lambda v: re.fullmatch(r"[A-Z0-9_]{1,16}", v))
+_uids = _str_list(lambda v: len(v) <= 64 and re.fullmatch(r"[0-9]+(\.[0-9]+)*", v))
 
 
 def _da(value: Any) -> str:

@@ -148,7 +148,9 @@ class Agent:
             if cfg.http.metrics_listen:
                 with _listening(cfg, "http.metrics_listen", cfg.http.metrics_listen):
                     await self.http.start_scrape(cfg.http)
-        await self.start_workers()
+        if self.shares_ports:  # [server] workers > 1: the serving workers (agent.workers) beside this process
+            self.workers = Supervisor(cfg, cfg.server.serving_processes(), self.recover_claims, self.s3)
+            await self.workers.start()
         log.info("started", version=__version__, config=str(cfg.path),
                  **{name: section.listen if section.enabled else None
                     for name, section in (("ftp", cfg.ftp), ("sftp", cfg.sftp), ("smb", cfg.smb), ("http", cfg.http))},
@@ -208,13 +210,6 @@ class Agent:
     def shares_ports(self) -> bool:
         """Several processes serve FTP and SFTP (docs/workers.md): every listener takes SO_REUSEPORT."""
         return self.cfg.server.serving_processes() > 1
-
-    async def start_workers(self) -> None:
-        """[server] workers > 1: start the serving workers (agent.workers) beside this process."""
-        if not self.shares_ports:
-            return
-        self.workers = Supervisor(self.cfg, self.cfg.server.serving_processes(), self.recover_claims, self.s3)
-        await self.workers.start()
 
     async def recover_claims(self) -> int:
         """A worker died: the rows it had claimed for upload go back on the queue (so do the rows other
