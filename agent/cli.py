@@ -14,6 +14,7 @@ import urllib.request
 from agent import __version__
 from agent.config import DEFAULT_CONFIG, ConfigError, load_or_exit
 from agent.dicom import commands as dicom_commands
+from agent.selfcheck import local_host
 from agent.serve.http import ADMIN_TOKEN_FILE
 from agent.sim import commands as sim_commands
 
@@ -67,7 +68,7 @@ def _agent_url(args: argparse.Namespace) -> str:
     if args.url:
         return args.url.rstrip("/")
     host, port = load_or_exit(args.config).http.listen
-    host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
+    host = local_host(host)
     return f"http://{'[' + host + ']' if ':' in host else host}:{port}"
 
 

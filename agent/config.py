@@ -790,7 +790,6 @@ def _check_private(file: Path, holds_secrets: bool) -> None:
 
 
 def _credentials(cfg: Config) -> Config:
-    """Resolve uplink.credentials_file into the key pair."""
     up = cfg.uplink
     if not up.credentials_file:
         return cfg

@@ -23,8 +23,14 @@ from agent.config import Config, UserConfig
 TIMEOUT = 30.0
 
 
-def _host(h: str) -> str:
+def local_host(h: str) -> str:
+    """The address to reach a listener on this box by: a wildcard listener's loopback."""
     return {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(h, h)
+
+
+def _same(back: bytes, data: bytes) -> None:
+    if back != data:
+        raise RuntimeError(f"read back {len(back)} bytes that differ from the {len(data)} written")
 
 
 def _canary_name(cfg: Config, proto: str) -> str:
@@ -35,14 +41,13 @@ def _canary_name(cfg: Config, proto: str) -> str:
 def check_ftp(cfg: Config, user: UserConfig, name: str, data: bytes) -> None:
     host, port = cfg.ftp.listen
     f = ftplib.FTP(timeout=TIMEOUT)
-    f.connect(_host(host), port)
+    f.connect(local_host(host), port)
     try:
         f.login(user.name, user.password)
         f.storbinary(f"STOR {name}", io.BytesIO(data))
         buf = io.BytesIO()
         f.retrbinary(f"RETR {name}", buf.write)
-        if buf.getvalue() != data:
-            raise RuntimeError(f"read back {len(buf.getvalue())} bytes that differ from the {len(data)} written")
+        _same(buf.getvalue(), data)
         f.delete(name)
     finally:
         try:
@@ -55,19 +60,17 @@ def check_sftp(cfg: Config, user: UserConfig, name: str, data: bytes) -> None:
     import asyncssh
     host, port = cfg.sftp.listen
     key = asyncssh.read_private_key(cfg.sftp.host_key)
-    known = asyncssh.import_known_hosts(f"[{_host(host)}]:{port} {key.export_public_key().decode().strip()}\n"
-                                        f"{_host(host)} {key.export_public_key().decode().strip()}\n")
+    known = asyncssh.import_known_hosts(f"[{local_host(host)}]:{port} {key.export_public_key().decode().strip()}\n"
+                                        f"{local_host(host)} {key.export_public_key().decode().strip()}\n")
 
     async def run() -> None:
-        async with asyncssh.connect(_host(host), port, username=user.name, password=user.password,
+        async with asyncssh.connect(local_host(host), port, username=user.name, password=user.password,
                                     known_hosts=known, client_keys=None, connect_timeout=TIMEOUT) as conn, \
                 conn.start_sftp_client() as sftp:
             async with sftp.open(name, "wb") as fh:
                 await fh.write(data)
             async with sftp.open(name, "rb") as fh:
-                back = await fh.read()
-            if back != data:
-                raise RuntimeError(f"read back {len(back)} bytes that differ from the {len(data)} written")
+                _same(await fh.read(), data)
             await sftp.remove(name)
 
     asyncio.run(asyncio.wait_for(run(), TIMEOUT * 2))
@@ -80,14 +83,12 @@ def check_smb(cfg: Config, user: UserConfig, name: str, data: bytes) -> None:
                           "connection_cache": {}, "connection_timeout": TIMEOUT}
     if cfg.smb.encryption == "required":
         kw["encrypt"] = True
-    path = rf"\\{_host(host)}\{cfg.smb.share}\{name}"
+    path = rf"\\{local_host(host)}\{cfg.smb.share}\{name}"
     try:
         with smbclient.open_file(path, mode="wb", **kw) as f:
             f.write(data)
         with smbclient.open_file(path, mode="rb", **kw) as f:
-            back = f.read()
-        if back != data:
-            raise RuntimeError(f"read back {len(back)} bytes that differ from the {len(data)} written")
+            _same(f.read(), data)
         smbclient.remove(path, **kw)
     finally:
         smbclient.reset_connection_cache(fail_on_error=False, connection_cache=kw["connection_cache"])

@@ -139,7 +139,6 @@ class Supervisor:
         return {"processes": self.count, "workers_running": running, "restarts": self.restarts}
 
     async def stop(self, timeout: float) -> None:
-        """SIGTERM every worker (each drains like the owner), kill what is left after timeout."""
         self._stopping = True
         live = [p for p in self.procs.values() if p.returncode is None]
         for p in live:

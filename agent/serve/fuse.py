@@ -22,7 +22,7 @@ import itertools
 import os
 import subprocess
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Awaitable, Sequence, TypeVar
 
@@ -95,11 +95,6 @@ class _Open:
     failed: bool = False  # a write failed (e.g. disk full): the file is discarded, its close reports an error
 
 
-@dataclass
-class _Dir:
-    entries: list[tuple[bytes, str, bool, int, float]] = field(default_factory=list)  # name, path, dir, size, mtime
-
-
 class GatewayFS(pyfuse3.Operations):
     """pyfuse3 operations over the gateway. All handlers run as tasks on the agent's loop."""
 
@@ -115,7 +110,7 @@ class GatewayFS(pyfuse3.Operations):
         self._by_path: dict[str, int] = {"": pyfuse3.ROOT_INODE}
         self._inode_numbers = itertools.count(pyfuse3.ROOT_INODE + 1)
         self._files: dict[int, _Open] = {}
-        self._dirs: dict[int, _Dir] = {}
+        self._dirs: dict[int, list[tuple[bytes, str, bool, int, float]]] = {}  # name, path, dir, size, mtime
         self._fh_numbers = itertools.count(1)
         self._writing: dict[str, _Open] = {}  # path → the open file whose uncommitted content it shows
         self.closing = False  # set before smbd is stopped: its closes of open files are not completions
@@ -347,19 +342,19 @@ class GatewayFS(pyfuse3.Operations):
     async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
         path = self._path(inode)
         entries = await self._call(self.gw.listdir(path, self._who(ctx)))
-        d = _Dir([(e.name.encode(), e.path, e.is_dir, e.size, e.mtime) for e in entries])
+        d = [(e.name.encode(), e.path, e.is_dir, e.size, e.mtime) for e in entries]
         known = {e.name for e in entries}
         for wpath, op in self._writing.items():
             if parent_of(wpath) == path and name_of(wpath) not in known and op.writer is not None:
-                d.entries.append((name_of(wpath).encode(), wpath, False, op.writer.size, time.time()))
+                d.append((name_of(wpath).encode(), wpath, False, op.writer.size, time.time()))
         fh = next(self._fh_numbers)
         self._dirs[fh] = d
         return fh
 
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
         d = self._dirs[fh]
-        for i in range(start_id, len(d.entries)):
-            name, path, is_dir, size, mtime = d.entries[i]
+        for i in range(start_id, len(d)):
+            name, path, is_dir, size, mtime = d[i]
             ino = self._inode_for(path)
             attrs = self._attrs(ino, is_dir=is_dir, size=size, mtime=mtime)
             if not pyfuse3.readdir_reply(token, name, attrs, i + 1):

@@ -63,7 +63,6 @@ def clock_sync() -> dict[str, Any]:
 
 
 def judge(health: dict[str, Any], min_free: int) -> tuple[str, list[str]]:
-    """ok / degraded / failing, with the reasons an admin should read."""
     reasons: list[str] = []
     status = "ok"
     if not health["uplink"]["reachable"]:

@@ -25,7 +25,6 @@ class AccessStats:
         self._heat: dict[tuple[str, str], list[int]] = {}
 
     def heat_dir(self, path: str) -> str:
-        """The heat directory of a file's path."""
         return heat_dir(path.rpartition("/")[0], self.dir_depth)
 
     def note(self, path: str, size: int, *, hit: bool) -> None:
@@ -46,7 +45,6 @@ class AccessStats:
                 [(d, day, r, m, b) for (d, day), (r, m, b) in heat.items()])
 
     async def flush(self, db: AsyncCatalog, metrics: Metrics) -> None:
-        """Write what was noted since the last flush to the catalog."""
         files, heat = self.drain()
         if files:
             metrics.note_prefetch_used(*await db.record_access(files, heat))

@@ -169,7 +169,6 @@ class Evictor:
         self._synced = now
 
     async def free(self, bytes_to_free: int, reason: str) -> int:
-        """Evict until bytes_to_free are freed (or nothing clean is left); → bytes freed."""
         if bytes_to_free <= 0:
             return 0
         async with self._lock:
@@ -211,7 +210,6 @@ class Evictor:
                 log.info("kmeans_fitted", files=len(cand.table), k=p.last_k)
 
     async def run(self) -> None:
-        """The background pass: above the high watermark, evict down to the low watermark."""
         while True:
             await asyncio.sleep(self.cfg.evict_interval_seconds)
             try:

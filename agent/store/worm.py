@@ -33,7 +33,6 @@ class WormPolicy:
         return f"{self._terms(path)[0]}d" if self.cfg.worm else "none"
 
     def lock_for(self, path: str, stored_at: float) -> Lock | None:
-        """The Object Lock a new object at path gets, or None when it is not retained."""
         if not self.cfg.worm or path.endswith(self.cfg.temp_suffixes):
             return None
         days, hold = self._terms(path)

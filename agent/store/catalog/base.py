@@ -29,7 +29,6 @@ class Totals:
 
 
 def entry(row: Sequence[Any]) -> Entry:
-    """An Entry from a row of COLUMNS."""
     return Entry(row[0], bool(row[1]), row[2], row[3], row[4], row[5], row[6], row[7], row[8], row[9],
                  row[10], bool(row[11]), row[12], row[13], row[14], row[15], row[16])
 

@@ -36,7 +36,6 @@ class Namespace(CatalogBase):
                              (last, limit))
 
     def walk_files(self, batch: int = 1000) -> Iterator[Entry]:
-        """Every file, in path order, a page at a time."""
         last = ""
         while page := self.files_after(last, batch):
             yield from page

@@ -94,7 +94,6 @@ class Studies(CatalogBase):
 
     def find_dicom(self, study: str | None = None, patient: str | None = None, modality: str | None = None,
                    date_from: str | None = None, date_to: str | None = None) -> list[Found]:
-        """The matching objects (Found), by path."""
         where, args = [], []
         for column, value in (("study_uid = ?", study), ("patient = ?", patient), ("modality = ?", modality),
                               ("study_date >= ?", date_from), ("study_date <= ?", date_to)):
