@@ -47,7 +47,7 @@ class DeltaShipper:
     """Ships queued study-index rows to the bucket (only on the active box of an HA pair: the standby has none)."""
 
     def __init__(self, cfg: Config, db: IndexQueue, s3: S3Uplink, active: Callable[[], bool]) -> None:
-        self.cfg, self.db, self.files, self.active = cfg, db, BucketFiles(s3), active
+        self.cfg, self.db, self.s3, self.active = cfg, db, s3, active
 
     async def run(self) -> None:
         while True:
@@ -63,7 +63,7 @@ class DeltaShipper:
             key = f"{delta_prefix(self.cfg)}{stamp}-{os.urandom(4).hex()}.json.gz"
             body = await asyncio.to_thread(encode_rows, rows)
             try:
-                await self.files.put(key, body)
+                await self.s3.put_raw(key, body)
             except Exception as e:  # the line may be down: the next interval tries again
                 log.warning("index_delta_failed", error=error_code(e), detail=str(e)[:300], rows=len(rows))
                 break

@@ -95,9 +95,6 @@ class BucketFiles:
             keys += [o["Key"] for o in page.get("Contents", [])]
         return keys
 
-    async def put(self, key: str, body: bytes) -> None:
-        await self.s3.put_raw(key, body)
-
     async def delete(self, key: str) -> None:
         await self.s3._client.delete_object(Bucket=self.s3.cfg.bucket, Key=key)
 
@@ -135,11 +132,11 @@ async def write(cfg: Config, rows: Iterable[Row]) -> dict[str, Any]:
         chunks = iter(lambda: list(itertools.islice(it, SEGMENT_ROWS)), [])
         while (chunk := await loop.run_in_executor(reader, next, chunks, None)) is not None:
             key = f"{prefix}{snap}/{len(segments):05d}.json.gz"
-            await files.put(key, await asyncio.to_thread(encode_rows, chunk))
+            await s3.put_raw(key, await asyncio.to_thread(encode_rows, chunk))
             segments.append(key)
             total += len(chunk)
         manifest = {"snapshot": snap, "rows": total, "segments": segments}
-        await files.put(prefix + "manifest.json", json.dumps(manifest).encode())
+        await s3.put_raw(prefix + "manifest.json", json.dumps(manifest).encode())
         for key in (old or {}).get("segments", []):
             if key.startswith(prefix) and key not in segments:  # only ever our own keys
                 await files.delete(key)

@@ -32,10 +32,6 @@ log = structlog.get_logger("pacsgw.sftp")
 T = TypeVar("T")
 
 
-def sftp_error(e: GatewayError) -> asyncssh.SFTPError:
-    return answer(e).sftp(e.reason)
-
-
 def _attrs(e: Entry) -> asyncssh.SFTPAttrs:
     return asyncssh.SFTPAttrs(type=asyncssh.FILEXFER_TYPE_DIRECTORY if e.is_dir else asyncssh.FILEXFER_TYPE_REGULAR,
                               size=e.size, permissions=st_mode(e.is_dir), uid=0, gid=0, nlink=1,
@@ -223,14 +219,14 @@ class GatewaySFTP(asyncssh.SFTPServer):
             return resolve(self.root, "/", text)
         except GatewayError as e:
             report(self.gateway, "sftp", self.who, e, refused_here=True)
-            raise sftp_error(e) from None
+            raise answer(e).sftp(e.reason) from None
 
     async def _call(self, coro: Awaitable[T]) -> T:
         try:
             return await coro
         except GatewayError as e:
             report(self.gateway, "sftp", self.who, e)
-            raise sftp_error(e) from None
+            raise answer(e).sftp(e.reason) from None
 
     # --- paths -----------------------------------------------------------------------------------
 
