@@ -9,7 +9,7 @@ import signal
 import sqlite3
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Coroutine
 
 import structlog
 
@@ -77,14 +77,7 @@ class Agent:
         self.http: HttpServer | None = None
         self.workers: Supervisor | None = None  # [server] workers > 1
         self.logins: LoginGuard | None = None
-        # the owner's background loops, cancelled by stop (a worker starts only the pressure monitor)
-        self._scrub: asyncio.Task[Any] | None = None
-        self._ship: asyncio.Task[Any] | None = None
-        self._prefetch: asyncio.Task[Any] | None = None
-        self._prefetch_now: asyncio.Task[Any] | None = None
-        self._snapshots: asyncio.Task[Any] | None = None
-        self._evict: asyncio.Task[Any] | None = None
-        self._deltas: asyncio.Task[Any] | None = None
+        self._loops: list[asyncio.Task[Any]] = []  # background loops, cancelled by stop (a worker's: pressure only)
 
     async def start(self) -> None:
         cfg = self.cfg
@@ -104,8 +97,8 @@ class Agent:
         await self.uploader.start()
         await self.line.start()
         self.audit = AuditLog(Path(cfg.audit.path), cfg.audit.max_bytes, cfg.audit.keep, cfg.audit.enabled)
-        self._ship = (asyncio.create_task(AuditShipper(self.audit, self.s3, cfg.audit.ship_prefix).run(),
-                                          name="audit-ship") if cfg.audit.enabled and cfg.audit.ship else None)
+        if cfg.audit.enabled and cfg.audit.ship:
+            self._loop(AuditShipper(self.audit, self.s3, cfg.audit.ship_prefix).run(), "audit-ship")
         # prior prefetch hears of every store; self.priors is built below, before any front end serves
         await self._start_gateway((lambda path, content: self.priors.on_stored(path, content))
                                   if cfg.prefetch.priors else None)
@@ -118,20 +111,21 @@ class Agent:
         # the study-index snapshot and the deltas between snapshots, by the active box only (agent/dicom)
         def active() -> bool:
             return self.ha is None or self.ha.state.role == "active"
-        self._snapshots = (asyncio.create_task(SnapshotSchedule(cfg, active).run(), name="index-snapshot")
-                           if cfg.dicom.snapshot_interval else None)
-        self._deltas = (asyncio.create_task(DeltaShipper(cfg, self.db, self.s3, active).run(), name="index-deltas")
-                        if cfg.dicom.snapshot_interval and cfg.dicom.delta_interval else None)
+        if cfg.dicom.snapshot_interval:
+            self._loop(SnapshotSchedule(cfg, active).run(), "index-snapshot")
+        if cfg.dicom.snapshot_interval and cfg.dicom.delta_interval:
+            self._loop(DeltaShipper(cfg, self.db, self.s3, active).run(), "index-deltas")
         fetcher = Fetcher(self.gateway, self.db, lambda: self.monitor.current.level)
         stack = stack_for(cfg)   # one policy stack: the evictor and the prior-study planner share it
         self.evictor.use(stack, cfg.prefetch.study_depth)
-        self._evict = asyncio.create_task(self.evictor.run(), name="evict")
+        self._loop(self.evictor.run(), "evict")
         self.prefetcher = DirPrefetcher(cfg, self.db, self.gateway, fetcher)
-        self._prefetch = (asyncio.create_task(self.prefetcher.loop(), name="prefetch")
-                          if cfg.prefetch.enabled else None)
+        if cfg.prefetch.enabled:
+            self._loop(self.prefetcher.loop(), "prefetch")
         self.priors = PriorFetcher(cfg, self.db, self.gateway, fetcher, stack)
         self.scrubber = Scrubber(self.db, self.cache, cfg.scrub.rate, cfg.scrub.pause_seconds)
-        self._scrub = asyncio.create_task(self.scrubber.run(), name="scrub") if cfg.scrub.enabled else None
+        if cfg.scrub.enabled:
+            self._loop(self.scrubber.run(), "scrub")
         await self._serve_ftp_sftp()
         if cfg.smb.enabled:
             from agent.serve.smb import SmbService
@@ -186,7 +180,10 @@ class Agent:
         await self.gateway.start()
         self.monitor = PressureMonitor(cfg, self.db, self.cache, self.gateway, self.line, self.metrics, self.refusals)
         await self.monitor.sample()
-        self._monitor = asyncio.create_task(self.monitor.run(), name="pressure")
+        self._loop(self.monitor.run(), "pressure")
+
+    def _loop(self, coro: Coroutine[Any, Any, Any], name: str) -> None:
+        self._loops.append(asyncio.create_task(coro, name=name))
 
     def _login_guard(self) -> LoginGuard:
         """One count of failed logins and sessions for every front end of every serving process of the box."""
@@ -251,10 +248,8 @@ class Agent:
             await self.sftp.close()
         if self.smb:
             await self.smb.stop()
-        for task in (self._scrub, self._ship, self._monitor, self._prefetch, self._prefetch_now, self._snapshots,
-                     self._evict, self._deltas):
-            if task:
-                task.cancel()
+        for task in self._loops:
+            task.cancel()
         if self.ha:
             await self.ha.stop()
         await self.uploader.stop(max(1.0, drain_seconds - (time.monotonic() - t0)))
@@ -343,7 +338,7 @@ class Agent:
         if self.monitor.current.level >= Level.HIGH:
             return 409, {"error": f"prefetch paused: pressure {self.monitor.current.level} "
                                   f"({'; '.join(self.monitor.current.reasons)})"}
-        self._prefetch_now = asyncio.create_task(self.prefetcher.run(), name="prefetch-now")
+        self._loop(self.prefetcher.run(), "prefetch-now")
         await asyncio.sleep(0)  # let it take the lock and mark itself running before we answer
         return 202, {"started": True}
 

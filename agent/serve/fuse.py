@@ -215,15 +215,12 @@ class GatewayFS(pyfuse3.Operations):
     # --- attributes ------------------------------------------------------------------------------
 
     def _attrs(self, inode: int, *, is_dir: bool, size: int, mtime: float) -> pyfuse3.EntryAttributes:
-        a = pyfuse3.EntryAttributes()
+        a = pyfuse3.EntryAttributes()  # generation and st_rdev stay 0
         a.st_ino = inode
-        a.generation = 0
-        a.entry_timeout = 0
-        a.attr_timeout = 0
+        a.entry_timeout = a.attr_timeout = 0
         a.st_mode = st_mode(is_dir)  # group-writable: smbd checks it (agent.serve.contract)
         a.st_nlink = 2 if is_dir else 1
         a.st_uid, a.st_gid = self.uid, self.gid
-        a.st_rdev = 0
         a.st_size = size
         a.st_blksize = 128 * 1024
         a.st_blocks = (size + 511) // 512
@@ -500,15 +497,9 @@ class GatewayFS(pyfuse3.Operations):
 # --- mounting ------------------------------------------------------------------------------------
 
 def _mount_entry(mountpoint: Path) -> str | None:
-    """The filesystem type mounted exactly at mountpoint, from /proc/self/mountinfo."""
+    """The filesystem type mounted exactly at mountpoint (all=True: no stat of a dead mount)."""
     target = os.path.abspath(mountpoint)
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            parts = line.split()
-            mp = parts[4].encode().decode("unicode_escape")
-            if mp == target:
-                return parts[parts.index("-") + 1]
-    return None
+    return next((p.fstype for p in psutil.disk_partitions(all=True) if p.mountpoint == target), None)
 
 
 def unmount_stale(mountpoint: Path) -> bool:
