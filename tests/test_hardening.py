@@ -632,6 +632,7 @@ def test_samba_auth_audit_lines_and_ban_rendering():
     assert auth_event(line) == ("x", "10.1.2.3", False)
     assert auth_event(line.replace("NT_STATUS_NO_SUCH_USER", "NT_STATUS_OK").replace("ipv4:10.1.2.3", "ipv6:fe80::1")) \
         == ("x", "fe80::1", True)
+    assert auth_event(line.replace("ipv4:10.1.2.3", "ipv6:::ffff:10.1.2.3"))[1] == "10.1.2.3"  # as the guard keys it
     for other in ("", "not json {", '{"type": "Authorization", "Authorization": {}}', '{"Authentication": 3}'):
         assert auth_event(other) is None
     cfg = SimpleNamespace(smb=SimpleNamespace(hosts_allow=[]))

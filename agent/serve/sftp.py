@@ -40,7 +40,7 @@ def _attrs(e: Entry) -> asyncssh.SFTPAttrs:
 
 def _peer(conn: asyncssh.SSHServerConnection | asyncssh.SSHServerChannel[bytes] | None) -> str:
     peer = conn.get_extra_info("peername") if conn is not None else None
-    return f"{peer[0]}:{peer[1]}" if peer else ""
+    return f"{unmapped(peer[0])}:{peer[1]}" if peer else ""
 
 
 def ensure_host_key(path: str) -> asyncssh.SSHKey:

@@ -44,7 +44,7 @@ from typing import Any
 import structlog
 
 from agent.audit import Who
-from agent.auth import LoginGuard
+from agent.auth import LoginGuard, unmapped
 from agent.config import Config, UserConfig
 from agent.serve.contract import login
 from agent.serve.fuse import FuseMount
@@ -184,7 +184,7 @@ def auth_event(line: str) -> tuple[str, str, bool] | None:
     remote, status = event.get("remoteAddress") or "", event.get("status") or ""
     if not remote.startswith(("ipv4:", "ipv6:")) or not status:
         return None
-    address = remote.split(":", 1)[1].rsplit(":", 1)[0]
+    address = unmapped(remote.split(":", 1)[1].rsplit(":", 1)[0])  # as the guard keys it, also in the audit
     return str(event.get("clientAccount") or "-"), address, status == "NT_STATUS_OK"
 
 
