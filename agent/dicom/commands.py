@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import datetime as dt
 import json
 import sqlite3
@@ -73,11 +74,9 @@ def cmd_index_rebuild(args: argparse.Namespace) -> int:
     finally:
         catalog.close()
     per_million = 1e6 / report.per_second if report.per_second else 0.0
-    out = {"objects": report.objects, "indexed": report.indexed, "failed": report.failed,
-           "from_snapshot": report.from_snapshot, "from_deltas": report.from_deltas, "deltas": report.deltas,
-           "deltas_skipped": report.deltas_skipped, "seconds": round(report.seconds, 2),
-           "objects_per_s": round(report.per_second, 1),
-           "seconds_per_million": round(per_million, 1)}
+    out = dataclasses.asdict(report) | {"seconds": round(report.seconds, 2),
+                                         "objects_per_s": round(report.per_second, 1),
+                                         "seconds_per_million": round(per_million, 1)}
     if args.json:
         print(json.dumps(out, indent=2))
     else:
