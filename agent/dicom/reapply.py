@@ -92,10 +92,6 @@ async def plan(cfg: Config, concurrency: int = 32) -> Plan:
     s3, lister = S3Uplink(cfg.uplink), S3Uplink(cfg.uplink)
     await s3.start()
     await lister.start()
-    if not await s3.object_lock_enabled():
-        await s3.close()
-        await lister.close()
-        raise NoObjectLock(f"bucket {cfg.uplink.bucket!r} has no Object Lock: its objects cannot be retained")
     out = Plan()
     queue: asyncio.Queue[tuple[str, int, float] | None] = asyncio.Queue(maxsize=concurrency * 4)
 
@@ -119,6 +115,8 @@ async def plan(cfg: Config, concurrency: int = 32) -> Plan:
                 out.failed.append(f"{path}: {error_code(e)}: {str(e)[:200]}")
 
     try:
+        if not await s3.object_lock_enabled():
+            raise NoObjectLock(f"bucket {cfg.uplink.bucket!r} has no Object Lock: its objects cannot be retained")
         workers = [asyncio.create_task(worker()) for _ in range(concurrency)]
         async for page in lister.walk(logical=False):  # sizes unused: every object is HEADed
             for path, size, mtime, _etag in page:
