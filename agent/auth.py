@@ -184,8 +184,10 @@ class LoginGuard:
         elsewhere (Samba checks SMB passwords itself: its smb.conf denies banned addresses)."""
         now = time.monotonic() if now is None else now
         self._gauge(now)
-        return [k for (k,) in self.db.execute("SELECT key FROM bans WHERE scope = ? AND until > ? ORDER BY key",
+        keys = [k for (k,) in self.db.execute("SELECT key FROM bans WHERE scope = ? AND until > ? ORDER BY key",
                                               (scope, now))]
+        self.metrics.login_banned.labels(scope).set(len(keys))  # exact now, as smb.conf will be (not up to 1 s old)
+        return keys
 
     @_on_thread
     def succeeded(self, user: str, address: str, now: float | None = None) -> None:
