@@ -36,7 +36,10 @@ events have been seen the policy is *cold* and evicts studies in LRU order (the 
 
 A prior prefetched for a new study (`link`, told by the prior planner through the runner) is worth at least
 its chance of being opened × the new study's density until it is opened or the new study is read: the
-report opens both, hours after the fetch, and an unread old study alone would be the first victim.
+report opens both, hours after the fetch, and an unread old study alone would be the first victim. Such a
+prior is fetched into a full cache only if that worth is above the rank the cache has been evicting at
+lately (`admit`, `boundary`: a moving average of the victims' ranks): below it, it would push out a study
+worth more and be the next victim itself.
 
 Policies decide, never do I/O: the caller offers only clean files (already in S3), so a file not yet in
 S3 is never evicted (durability contract, rule 2).
@@ -76,6 +79,11 @@ DEFAULT_FACTORS: tuple[str, ...] = ("gap", "size", "newer")
 # the rank's weight of a study's bytes against its files (see `_rank`); chosen on the tuning families
 # (docs/replay.md, "Bytes"); bench/gap_share.py --byte-weight overrides
 BYTE_WEIGHT = 10.0
+
+# admission of a prefetched prior into a full cache (`admit`): only if, kept beside its new study, it is worth
+# more than the rank the cache evicts at lately; bench/gap_share.py --admit overrides
+ADMIT_PRIORS = True
+BOUNDARY_RATE = 0.01            # the eviction boundary: an average over the last ~100 victims' ranks
 
 Attrs = Callable[[Any], tuple[int, int, int]]     # study → (modality code, department code, newer 0/1)
 
@@ -157,6 +165,7 @@ class HitDensity:
         self._files = self._bytes = 0           # files and bytes inserted so far: the mean file size
         # prefetched prior → (its new study, the planner's chance that it is opened with it), until opened
         self._links: dict[Any, tuple[Any, float]] = {}
+        self.boundary = 0.0         # the rank the cache evicts at lately (moving average of victims); 0: unknown
 
     # -- learning
     def _cls(self, s: _Study) -> tuple[int, int]:
@@ -324,7 +333,22 @@ class HitDensity:
         k = min(self.sample, len(self._ids))
         cand = self._rng.sample(self._ids, k) if k < len(self._ids) else list(self._ids)
         # ties (an unseen class: density 0) go to the least recently used
-        return min(cand, key=lambda st: (self._rank(self._studies[st], now), self._studies[st].last))
+        ranks = {st: self._rank(self._studies[st], now) for st in cand}
+        victim = min(cand, key=lambda st: (ranks[st], self._studies[st].last))
+        self.boundary += BOUNDARY_RATE * (ranks[victim] - self.boundary) if self.boundary else ranks[victim]
+        return victim
+
+    def admit(self, new: Any, heat: float, files: int, size: int, now: float) -> bool:
+        """Is a prior worth fetching for the new study `new` into a full cache? Kept beside its new study
+        (`link`) it ranks heat × the new study's worth (then its own bytes term); fetched below the rank the
+        cache evicts at lately (`boundary`), it would push out a study worth more and be the next victim
+        itself, long before the report. Cold (no boundary yet): yes."""
+        if not (ADMIT_PRIORS and self.fitted and self.boundary > 0):
+            return True
+        s = self._studies.get(new) or _Study({}, 0, now, 0, study=new)     # not indexed yet: new, unread
+        mean = self._bytes / max(self._files, 1)
+        rank = heat * self._worth(s, now) * (mean * files / max(size, 1) + self.byte_weight)
+        return rank >= self.boundary
 
     def victims(self, bytes_to_free: int, now: float) -> Iterator[int]:
         freed = 0
