@@ -39,7 +39,11 @@ def main() -> int:
     ap.add_argument("--admit", choices=("on", "off"), default=None,
                     help="learned.ADMIT_PRIORS: admit a prefetched prior only above the eviction boundary")
     ap.add_argument("--min-heat", type=float, default=None, help="priors.MIN_HEAT: the open-rate floor of a prior")
+    ap.add_argument("--joint", choices=("on", "off"), default=None,
+                    help="learned.JOINT: the factors as one logistic model (on) or a naive-Bayes product (off)")
     args = ap.parse_args()
+    if args.joint is not None:
+        learned.JOINT = args.joint == "on"
     if args.min_heat is not None:
         priors.MIN_HEAT = args.min_heat
     if args.admit is not None:
@@ -70,6 +74,7 @@ def main() -> int:
     print(f"sum of the object and byte gap shares: {total:.0%}, of the lower of the two: {worst:.0%} "
           f"({args.scheme}, factors "
           f"{','.join(learned.DEFAULT_FACTORS)}, byte weight {learned.BYTE_WEIGHT:g}, "
+          f"{'logistic' if learned.JOINT else 'naive-Bayes'} factors, "
           f"prior admission {'on' if learned.ADMIT_PRIORS else 'off'})")
     return 0
 

@@ -85,6 +85,11 @@ BYTE_WEIGHT = 10.0
 ADMIT_PRIORS = True
 BOUNDARY_RATE = 0.01            # the eviction boundary: an average over the last ~100 victims' ranks
 
+# the factors as one logistic model of "comes back" over the same buckets (fitted online by SGD on the hits and
+# evictions) instead of their naive-Bayes product (docs/replay.md, round 5); bench/gap_share.py --joint overrides
+JOINT = True
+JOINT_RATE = 0.02               # SGD step: a few hundred events move a weight
+
 Attrs = Callable[[Any], tuple[int, int, int]]     # study → (modality code, department code, newer 0/1)
 
 
@@ -131,7 +136,7 @@ class HitDensity:
     def __init__(self, sample: int = 64, byte_weight: float | None = None, session_s: float = 600.0,
                  refit_events: int = 100, decay: float = 0.95, warm_events: int = 200, seed: int = 0,
                  max_ghosts: int = 200_000, learn: bool = True, factors: tuple[str, ...] | None = None,
-                 attrs: Attrs | None = None) -> None:
+                 attrs: Attrs | None = None, joint: bool | None = None) -> None:
         self.sample, self.session_s = sample, session_s
         self.byte_weight = BYTE_WEIGHT if byte_weight is None else byte_weight
         self.learn = learn          # False: rank with a density set from outside (adaptive's shadow model)
@@ -150,6 +155,12 @@ class HitDensity:
         self.back = [np.zeros(FACTOR_BUCKETS[f]) for f in self.factors]
         self.seen = [np.zeros(FACTOR_BUCKETS[f]) for f in self.factors]
         self.factor = [np.ones(FACTOR_BUCKETS[f]) for f in self.factors]
+        self.joint = JOINT if joint is None else joint
+        self._off = [0]
+        for f in self.factors:
+            self._off.append(self._off[-1] + FACTOR_BUCKETS[f])
+        self.w = [0.0] * (self._off[-1] + 1)       # one weight per bucket, then the bias
+        self.p_back = 0.5                          # running share of events that are hits
         self.events = 0
         self.fitted = False
         self._studies: dict[int, _Study] = {}
@@ -183,13 +194,27 @@ class HitDensity:
         r, e = self._cls(s)
         table[r, e, age_bucket(now - s.last)] += 1
         hit = table is self.hits
-        for seen, back, b in zip(self.seen, self.back, buckets or self._buckets(s), strict=True):
+        bs = buckets or self._buckets(s)
+        for seen, back, b in zip(self.seen, self.back, bs, strict=True):
             seen[b] += 1
             if hit:
                 back[b] += 1
+        if self.joint:
+            self._sgd(bs, float(hit))
         self.events += 1
         if self.events % self.refit_events == 0:
             self.refit()
+
+    def _p(self, bs: tuple[int, ...]) -> float:
+        z = self.w[-1] + sum(self.w[o + b] for o, b in zip(self._off, bs, strict=False))
+        return 1.0 / (1.0 + math.exp(-max(-30.0, min(30.0, z))))
+
+    def _sgd(self, bs: tuple[int, ...], y: float) -> None:
+        g = JOINT_RATE * (y - self._p(bs))
+        for o, b in zip(self._off, bs, strict=False):
+            self.w[o + b] += g
+        self.w[-1] += g
+        self.p_back += 0.005 * (y - self.p_back)
 
     def refit(self) -> None:
         """density(c, a) from the histograms, then decay them (recent traffic weighs more)."""
@@ -311,6 +336,8 @@ class HitDensity:
         """The study's hit density × its factors (before its bytes)."""
         r, e = self._cls(s)
         rank = float(self.density[r, e, age_bucket(now - s.last)])
+        if self.joint:
+            return rank * self._p(self._buckets(s)) / max(self.p_back, 1e-3)
         for f, b in zip(self.factor, self._buckets(s), strict=True):
             rank *= float(f[b])
         return rank
