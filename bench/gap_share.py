@@ -67,7 +67,7 @@ def main() -> int:
             gb = (res.byte_hit_ratio - lru["byte_hit_ratio"]) / (bb - lru["byte_hit_ratio"])
             total += go + gb
             worst += min(go, gb)
-            pf = f"{res.prefetch_used_bytes / res.prefetch_bytes:.0%}" if res.prefetch_bytes else "–"
+            pf = f"{res.prefetch_used_bytes / res.prefetch_bytes:.1%}" if res.prefetch_bytes else "–"
             print(f"{fam} {cap} {args.scheme}: hit {res.hit_ratio:.1%} / {res.byte_hit_ratio:.1%} "
                   f"(LRU {lru['hit_ratio']:.1%} / {lru['byte_hit_ratio']:.1%}, Belady {bo:.1%} / {bb:.1%}), "
                   f"gap closed {go:.0%} / {gb:.0%}, prefetched bytes read {pf}", flush=True)

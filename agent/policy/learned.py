@@ -87,7 +87,7 @@ BOUNDARY_RATE = 0.01            # the eviction boundary: an average over the las
 
 # the factors as one logistic model of "comes back" over the same buckets (fitted online by SGD on the hits and
 # evictions) instead of their naive-Bayes product (docs/replay.md, round 5); bench/gap_share.py --joint overrides
-JOINT = True
+JOINT = False
 JOINT_RATE = 0.02               # SGD step: a few hundred events move a weight
 
 Attrs = Callable[[Any], tuple[int, int, int]]     # study → (modality code, department code, newer 0/1)
