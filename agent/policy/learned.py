@@ -206,6 +206,7 @@ class HitDensity:
             self.refit()
 
     def _p(self, bs: tuple[int, ...]) -> float:
+        """The joint model's P(back) for these buckets (`_off` ends with the bias's offset: zip stops before it)."""
         z = self.w[-1] + sum(self.w[o + b] for o, b in zip(self._off, bs, strict=False))
         return 1.0 / (1.0 + math.exp(-max(-30.0, min(30.0, z))))
 

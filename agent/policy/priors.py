@@ -25,7 +25,7 @@ from dataclasses import dataclass
 class StudyInfo:
     key: int
     modality: str | int
-    acquired: float        # acquisition time (or day), any monotone unit
+    acquired: float        # acquisition day (a day number: `recent_days` is in days)
     missing_bytes: int     # bytes of the study not in the cache
 
 
