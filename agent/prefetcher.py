@@ -262,8 +262,8 @@ class PriorFetcher:
         if not self._learned:
             outcomes = await self.db.prior_outcomes()  # every decided outcome, those just settled included
             self._learned = True
-        for rank, used in outcomes:
-            self.stack.prior_outcome(rank, used)
+        for cell, used in outcomes:     # the catalog's rank column keeps the planner's cell
+            self.stack.prior_outcome(cell, used)
 
     def study_dir(self, path: str) -> str | None:
         parts = path.split("/")
@@ -306,24 +306,24 @@ class PriorFetcher:
         info = [StudyInfo(i, m or "", _ordinal(day), 0) for i, (_, _, day, m) in enumerate(studies)]
         keys = [s[0] for s in studies]
         new = StudyInfo(keys.index(d), h.modality or "", _ordinal(h.study_date), 0)
-        ranked: list[tuple[int, str, float, int]] = []
-        for rank, prior, heat in self.stack.prior_ranked(new, info):
+        ranked: list[tuple[int, str, float, int, int]] = []
+        for cell, prior, heat in self.stack.prior_ranked(new, info):
             prior_dir = keys[prior.key]
             await self.gateway.list_tree(prior_dir)
-            _, missing_bytes = await self.db.missing_under(prior_dir)
-            ranked.append((rank, prior_dir, heat, missing_bytes))
+            missing_files, missing_bytes = await self.db.missing_under(prior_dir)
+            ranked.append((cell, prior_dir, heat, missing_bytes, missing_files))
         p = self.cfg.prefetch
-        chosen = self.stack.prior_plan(ranked, Budget(priors_budget(self.cfg), line_rate(self.cfg),
-                                                      p.priors_window_seconds))
+        chosen = self.stack.prior_plan(d, ranked, Budget(priors_budget(self.cfg), line_rate(self.cfg),
+                                                         p.priors_window_seconds), time.time())
         deadline = time.time() + p.priors_window_seconds
-        heat = {key: h for _, key, h, _ in ranked}
+        heat = {key: h for _, key, h, _, _ in ranked}
         log.info("prior_prefetch", study=d, patient_studies=len(studies), newer=len(older),
                  priors=[c[0] for c in chosen],
                  heat=[round(heat[c[0]], 3) for c in chosen], bytes=sum(c[2] for c in chosen),
                  rank_heat=self.stack.prior_heat())
-        for key, rank, _ in chosen:
+        for key, cell, _ in chosen:
             self.stack.prior_fetched(key, d, heat[key])     # kept beside its new study until the report
-            await self.db.record_prior_fetch(str(key), rank)
+            await self.db.record_prior_fetch(str(key), cell)
             if await self.fetcher.fetch_dir(str(key), deadline, self.status, "prior"):
                 break
 

@@ -19,7 +19,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from agent.policy import learned  # noqa: E402
+from agent.policy import learned, priors  # noqa: E402
 from agent.sim.replay import ReplayConfig, Replayer  # noqa: E402
 from agent.sim.trace import load_arrays  # noqa: E402
 
@@ -36,7 +36,18 @@ def main() -> int:
     ap.add_argument("--priors-space", type=float, default=None,
                     help="ReplayConfig.priors_space: the share of the cache one prior plan may fill")
     ap.add_argument("--byte-weight", type=float, default=None, help="learned.BYTE_WEIGHT")
+    ap.add_argument("--admit", choices=("on", "off"), default=None,
+                    help="learned.ADMIT_PRIORS: admit a prefetched prior only above the eviction boundary")
+    ap.add_argument("--min-heat", type=float, default=None, help="priors.MIN_HEAT: the open-rate floor of a prior")
+    ap.add_argument("--joint", choices=("on", "off"), default=None,
+                    help="learned.JOINT: the factors as one logistic model (on) or a naive-Bayes product (off)")
     args = ap.parse_args()
+    if args.joint is not None:
+        learned.JOINT = args.joint == "on"
+    if args.min_heat is not None:
+        priors.MIN_HEAT = args.min_heat
+    if args.admit is not None:
+        learned.ADMIT_PRIORS = args.admit == "on"
     if args.byte_weight is not None:
         learned.BYTE_WEIGHT = args.byte_weight
     if args.factors is not None:
@@ -56,13 +67,15 @@ def main() -> int:
             gb = (res.byte_hit_ratio - lru["byte_hit_ratio"]) / (bb - lru["byte_hit_ratio"])
             total += go + gb
             worst += min(go, gb)
-            pf = f"{res.prefetch_used_bytes / res.prefetch_bytes:.0%}" if res.prefetch_bytes else "–"
+            pf = f"{res.prefetch_used_bytes / res.prefetch_bytes:.1%}" if res.prefetch_bytes else "–"
             print(f"{fam} {cap} {args.scheme}: hit {res.hit_ratio:.1%} / {res.byte_hit_ratio:.1%} "
                   f"(LRU {lru['hit_ratio']:.1%} / {lru['byte_hit_ratio']:.1%}, Belady {bo:.1%} / {bb:.1%}), "
                   f"gap closed {go:.0%} / {gb:.0%}, prefetched bytes read {pf}", flush=True)
     print(f"sum of the object and byte gap shares: {total:.0%}, of the lower of the two: {worst:.0%} "
           f"({args.scheme}, factors "
-          f"{','.join(learned.DEFAULT_FACTORS)}, byte weight {learned.BYTE_WEIGHT:g})")
+          f"{','.join(learned.DEFAULT_FACTORS)}, byte weight {learned.BYTE_WEIGHT:g}, "
+          f"{'logistic' if learned.JOINT else 'naive-Bayes'} factors, "
+          f"prior admission {'on' if learned.ADMIT_PRIORS else 'off'})")
     return 0
 
 

@@ -189,3 +189,68 @@ def test_a_prefetched_prior_stays_beside_its_unread_new_study() -> None:
     assert list(stack.victims(10, 2 * 3600.0 + 60, lambda: (None, []))) == [prior]
     fill(0.05)                          # a prior rarely opened is not worth keeping for it
     assert list(stack.victims(10, 900.0, lambda: (None, []))) == [prior]
+
+
+def test_a_prior_is_admitted_only_above_the_eviction_boundary() -> None:
+    """Into a full cache a prior is fetched only if, kept beside its new study, it ranks above what the cache
+    has been evicting lately: a rarely opened prior would push out a study worth more and be the next victim
+    itself. Cold (nothing evicted by rank yet), or with free space (adaptive), everything is admitted."""
+    from agent.policy.adaptive import Adaptive
+    from agent.policy.prefetch import Budget
+    from agent.policy.stack import PolicyStack, StackSpec
+    stack = PolicyStack(StackSpec("learned", ("priors",)))
+    p = stack.policy
+    assert isinstance(p, HitDensity)
+    ranked = [(0, 10, 0.9, 100, 10), (1, 11, 0.02, 100, 10)]    # (cell, prior, heat, bytes, files)
+    budget = Budget(10**9, 1e9, 3600.0)
+    assert [k for k, _, _ in stack.prior_plan(0, ranked, budget, 0.0)] == [10, 11]   # cold: both
+    p.learn, p.fitted = False, True
+    p.density[:] = 0.1
+    p.density[0, 0, :] = 1.0            # a new study not read yet
+    for s in range(1, 5):
+        stack.inserted(s, 10, 0.0, 0.0, s)
+        stack.accessed(s, 700.0)
+    list(stack.victims(20, 800.0, lambda: (None, [])))     # two victims set the boundary at their rank
+    assert p.boundary > 0
+    assert [k for k, _, _ in stack.prior_plan(0, ranked, budget, 900.0)] == [10]
+    # adaptive admits into free space, and asks its learned shadow's boundary when the cache is full
+    a = Adaptive()
+    a.capacity, a.used = 1000, 500
+    assert a.admit(0, 0.0, 1, 100, 0.0)
+    a.used = 950
+    shadow = a.shadows[1].policy
+    assert isinstance(shadow, HitDensity)
+    shadow.fitted, shadow.boundary = True, 1e9
+    assert not a.admit(0, 0.5, 1, 100, 0.0)
+
+
+def test_the_joint_model_does_not_count_one_signal_twice() -> None:
+    """Two features that say the same thing (every prior of a patient with a newer study is a PET, every other
+    study a CT; the priors come back once, the rest never): of the hits and evictions a third are hits, half of
+    a prior's, so a prior is worth P(hit | prior) / P(hit) = 1.5 times a class's density. The logistic model,
+    fitted online on those events, learns about that; the naive-Bayes product multiplies two factors of ~1.5
+    and counts the one signal twice (~2.25)."""
+    from agent.policy.learned import _Study
+    from agent.policy.stack import PolicyStack, StackSpec
+    worth = {}
+    for joint in (False, True):
+        stack = PolicyStack(StackSpec("lru"))
+        p = HitDensity(factors=("newer", "modality"), attrs=stack.attrs_of, refit_events=50, warm_events=0,
+                       joint=joint)
+        t = 0.0
+        for round_ in range(60):
+            base = round_ * 40
+            for study in range(base, base + 40):
+                t += 60.0
+                stack.describe(study, "PT" if study % 2 == 0 else "CT", None, newer=study % 2 == 0)
+                p.on_insert(study, 1, t, t, study)
+            for study in range(base, base + 40, 2):
+                p.on_access(study, t + DAY + study)
+            t += 2 * DAY + 40
+            list(p.victims(40, t))
+        p.refit()
+        p.density[:] = 1.0
+        worth[joint] = p._worth(_Study({}, 1, t, 0, study=0), t), p._worth(_Study({}, 1, t, 0, study=1), t)
+    assert worth[False][0] > 2.0                    # the product: the signal counted twice
+    assert 1.2 < worth[True][0] < 1.8               # the joint model: about 1.5
+    assert worth[True][1] < 0.1                     # and the others, never back, are worth little

@@ -60,3 +60,23 @@ def test_prior_prefetcher_ranks_like_a_hanging_protocol_and_learns() -> None:
         pf.feedback(0, used=True)
     assert [r for r, _, _ in pf.candidates(new, priors)] == [0]
     assert pf.heat(0) > 0.9 and pf.heat(1) < 0.1
+
+
+def test_prior_heat_is_learnt_per_kind_of_prior_within_a_rank() -> None:
+    """At the same rank a prior of another modality (no same-modality prior exists), or years old, can be
+    opened far less often than a recent one of the new study's modality: each kind learns its own heat, and a
+    kind seen rarely borrows its rank's (so it is not judged on two fetches)."""
+    pf = PriorPrefetcher(k=1, min_heat=0.3)
+    new = StudyInfo(9, "CT", 1000.0, 0)
+    same_recent, other_recent = StudyInfo(1, "CT", 950.0, 10), StudyInfo(2, "MR", 950.0, 10)
+    same_old = StudyInfo(3, "CT", 100.0, 10)
+    cell_same, cell_other = pf.cell(0, new, same_recent), pf.cell(0, new, other_recent)
+    assert len({cell_same, cell_other, pf.cell(0, new, same_old)}) == 3
+    assert [c for c, _, _ in pf.candidates(new, [same_recent])] == [cell_same]
+    for _ in range(20):
+        pf.feedback(cell_same, used=True)
+        pf.feedback(cell_other, used=False)
+    assert [p.key for _, p, _ in pf.candidates(new, [same_recent])] == [1]
+    assert pf.candidates(new, [other_recent]) == []                  # learnt: this kind is rarely opened
+    assert pf.cell_heat(pf.cell(0, new, same_old)) == pf.heat(0)     # unseen kind: its rank's heat (0.5)
+    pf.feedback(10**6, used=True)                                    # an unknown cell (old catalog row): ignored

@@ -112,8 +112,10 @@ def test_new_study_brings_the_patients_priors_into_the_cache(agent_factory):
         assert time.monotonic() < deadline, a.events("prior_prefetch")
         time.sleep(0.2)
     assert a.events("prior_prefetch")[-1]["rank_heat"][0] == 0.667
-    # the CT prior was opened; the MR prior (rank 2 now, the budget holds it) is fetched, its outcome open
-    assert sorted(catalog_rows(a, "SELECT rank, used FROM prior_fetches")) == [(0, 1), (2, None)]
+    # the CT prior was opened; the MR prior (rank 2 now, the budget holds it) is fetched, its outcome open. The
+    # catalog keeps each fetch's planner cell (rank + 3 × kind, agent/policy/priors.py): the CT prior was rank 0
+    # of the same modality and > 180 days old (kind 2: cell 6), the MR prior rank 2, another modality, old (11)
+    assert sorted(catalog_rows(a, "SELECT rank, used FROM prior_fetches")) == [(6, 1), (11, None)]
 
 
 def test_priors_off_reads_no_headers(agent_factory):

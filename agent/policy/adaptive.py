@@ -104,12 +104,22 @@ class Adaptive:
         assert isinstance(shadow, HitDensity)
         shadow.link(prior, new, heat)
 
+    def admit(self, new: Any, heat: float, files: int, size: int, now: float) -> bool:
+        """A prior fits in free space, or is worth more than what the learned shadow evicts lately
+        (HitDensity.admit: the shadow sees the same traffic and capacity, whichever expert evicts)."""
+        if not self.capacity or self.used + size <= self.capacity:
+            return True
+        model = self.shadows[1].policy
+        assert isinstance(model, HitDensity)
+        return model.admit(new, heat, files, size, now)
+
     def victims(self, bytes_to_free: int, now: float) -> Iterator[Any]:
         self.capacity = max(self.capacity, self.used - bytes_to_free)
         model = self.shadows[1].policy
         assert isinstance(model, HitDensity)
         learned = self.learned
         learned.density, learned.factor, learned.fitted = model.density, model.factor, model.fitted
+        learned.w, learned.p_back = model.w, model.p_back
         chosen, other = (self.learned, self.lru) if self.use_learned else (self.lru, self.learned)
         for key in list(chosen.victims(bytes_to_free, now)):
             other.on_remove(key)

@@ -36,7 +36,10 @@ events have been seen the policy is *cold* and evicts studies in LRU order (the 
 
 A prior prefetched for a new study (`link`, told by the prior planner through the runner) is worth at least
 its chance of being opened × the new study's density until it is opened or the new study is read: the
-report opens both, hours after the fetch, and an unread old study alone would be the first victim.
+report opens both, hours after the fetch, and an unread old study alone would be the first victim. Such a
+prior is fetched into a full cache only if that worth is above the rank the cache has been evicting at
+lately (`admit`, `boundary`: a moving average of the victims' ranks): below it, it would push out a study
+worth more and be the next victim itself.
 
 Policies decide, never do I/O: the caller offers only clean files (already in S3), so a file not yet in
 S3 is never evicted (durability contract, rule 2).
@@ -76,6 +79,16 @@ DEFAULT_FACTORS: tuple[str, ...] = ("gap", "size", "newer")
 # the rank's weight of a study's bytes against its files (see `_rank`); chosen on the tuning families
 # (docs/replay.md, "Bytes"); bench/gap_share.py --byte-weight overrides
 BYTE_WEIGHT = 10.0
+
+# admission of a prefetched prior into a full cache (`admit`): only if, kept beside its new study, it is worth
+# more than the rank the cache evicts at lately; bench/gap_share.py --admit overrides
+ADMIT_PRIORS = True
+BOUNDARY_RATE = 0.01            # the eviction boundary: an average over the last ~100 victims' ranks
+
+# the factors as one logistic model of "comes back" over the same buckets (fitted online by SGD on the hits and
+# evictions) instead of their naive-Bayes product (docs/replay.md, round 5); bench/gap_share.py --joint overrides
+JOINT = False
+JOINT_RATE = 0.02               # SGD step: a few hundred events move a weight
 
 Attrs = Callable[[Any], tuple[int, int, int]]     # study → (modality code, department code, newer 0/1)
 
@@ -123,7 +136,7 @@ class HitDensity:
     def __init__(self, sample: int = 64, byte_weight: float | None = None, session_s: float = 600.0,
                  refit_events: int = 100, decay: float = 0.95, warm_events: int = 200, seed: int = 0,
                  max_ghosts: int = 200_000, learn: bool = True, factors: tuple[str, ...] | None = None,
-                 attrs: Attrs | None = None) -> None:
+                 attrs: Attrs | None = None, joint: bool | None = None) -> None:
         self.sample, self.session_s = sample, session_s
         self.byte_weight = BYTE_WEIGHT if byte_weight is None else byte_weight
         self.learn = learn          # False: rank with a density set from outside (adaptive's shadow model)
@@ -142,6 +155,12 @@ class HitDensity:
         self.back = [np.zeros(FACTOR_BUCKETS[f]) for f in self.factors]
         self.seen = [np.zeros(FACTOR_BUCKETS[f]) for f in self.factors]
         self.factor = [np.ones(FACTOR_BUCKETS[f]) for f in self.factors]
+        self.joint = JOINT if joint is None else joint
+        self._off = [0]
+        for f in self.factors:
+            self._off.append(self._off[-1] + FACTOR_BUCKETS[f])
+        self.w = [0.0] * (self._off[-1] + 1)       # one weight per bucket, then the bias
+        self.p_back = 0.5                          # running share of events that are hits
         self.events = 0
         self.fitted = False
         self._studies: dict[int, _Study] = {}
@@ -157,6 +176,7 @@ class HitDensity:
         self._files = self._bytes = 0           # files and bytes inserted so far: the mean file size
         # prefetched prior → (its new study, the planner's chance that it is opened with it), until opened
         self._links: dict[Any, tuple[Any, float]] = {}
+        self.boundary = 0.0         # the rank the cache evicts at lately (moving average of victims); 0: unknown
 
     # -- learning
     def _cls(self, s: _Study) -> tuple[int, int]:
@@ -174,13 +194,28 @@ class HitDensity:
         r, e = self._cls(s)
         table[r, e, age_bucket(now - s.last)] += 1
         hit = table is self.hits
-        for seen, back, b in zip(self.seen, self.back, buckets or self._buckets(s), strict=True):
+        bs = buckets or self._buckets(s)
+        for seen, back, b in zip(self.seen, self.back, bs, strict=True):
             seen[b] += 1
             if hit:
                 back[b] += 1
+        if self.joint:
+            self._sgd(bs, float(hit))
         self.events += 1
         if self.events % self.refit_events == 0:
             self.refit()
+
+    def _p(self, bs: tuple[int, ...]) -> float:
+        """The joint model's P(back) for these buckets (`_off` ends with the bias's offset: zip stops before it)."""
+        z = self.w[-1] + sum(self.w[o + b] for o, b in zip(self._off, bs, strict=False))
+        return 1.0 / (1.0 + math.exp(-max(-30.0, min(30.0, z))))
+
+    def _sgd(self, bs: tuple[int, ...], y: float) -> None:
+        g = JOINT_RATE * (y - self._p(bs))
+        for o, b in zip(self._off, bs, strict=False):
+            self.w[o + b] += g
+        self.w[-1] += g
+        self.p_back += 0.005 * (y - self.p_back)
 
     def refit(self) -> None:
         """density(c, a) from the histograms, then decay them (recent traffic weighs more)."""
@@ -302,6 +337,8 @@ class HitDensity:
         """The study's hit density × its factors (before its bytes)."""
         r, e = self._cls(s)
         rank = float(self.density[r, e, age_bucket(now - s.last)])
+        if self.joint:
+            return rank * self._p(self._buckets(s)) / max(self.p_back, 1e-3)
         for f, b in zip(self.factor, self._buckets(s), strict=True):
             rank *= float(f[b])
         return rank
@@ -324,7 +361,22 @@ class HitDensity:
         k = min(self.sample, len(self._ids))
         cand = self._rng.sample(self._ids, k) if k < len(self._ids) else list(self._ids)
         # ties (an unseen class: density 0) go to the least recently used
-        return min(cand, key=lambda st: (self._rank(self._studies[st], now), self._studies[st].last))
+        ranks = {st: self._rank(self._studies[st], now) for st in cand}
+        victim = min(cand, key=lambda st: (ranks[st], self._studies[st].last))
+        self.boundary += BOUNDARY_RATE * (ranks[victim] - self.boundary) if self.boundary else ranks[victim]
+        return victim
+
+    def admit(self, new: Any, heat: float, files: int, size: int, now: float) -> bool:
+        """Is a prior worth fetching for the new study `new` into a full cache? Kept beside its new study
+        (`link`) it ranks heat × the new study's worth (then its own bytes term); fetched below the rank the
+        cache evicts at lately (`boundary`), it would push out a study worth more and be the next victim
+        itself, long before the report. Cold (no boundary yet): yes."""
+        if not (ADMIT_PRIORS and self.fitted and self.boundary > 0):
+            return True
+        s = self._studies.get(new) or _Study({}, 0, now, 0, study=new)     # not indexed yet: new, unread
+        mean = self._bytes / max(self._files, 1)
+        rank = heat * self._worth(s, now) * (mean * files / max(size, 1) + self.byte_weight)
+        return rank >= self.boundary
 
     def victims(self, bytes_to_free: int, now: float) -> Iterator[int]:
         freed = 0

@@ -2,10 +2,14 @@
 radiologist will open beside it (comparison with prior imaging is standard reporting practice).
 
 `PriorPrefetcher.candidates(new, priors)` ranks the patient's earlier studies the way a hanging
-protocol does (same modality first, then the most recent) and keeps the top `k`. The heat of rank r is
-learned online: the share of prefetched rank-r studies that were actually opened (Laplace-smoothed,
-`feedback(rank, used)`), so the prefetcher adapts to how many priors a site's radiologists open
-instead of assuming it. Candidates below `min_heat` are not fetched. The planner
+protocol does (same modality first, then the most recent) and keeps the top `k`. Its heat is learned
+online per *cell*: the rank × whether the prior is of the new study's modality × whether it is older
+than `recent_days` (a prior of another modality, or years old, is opened less often at the same rank:
+docs/replay.md, "Which priors are opened"). A cell's heat is the share of its prefetched studies that
+were opened, shrunk towards its rank's share (`shrink` pseudo-counts) so a thin cell borrows from its
+rank (`feedback(cell, used)`); the prefetcher adapts to which priors a site's radiologists open instead
+of assuming it. Candidates below `min_heat` are not fetched. A cell is an int (rank + k × kind), which the
+live agent keeps as the fetch's rank in the catalog, so what was learnt survives restarts. The planner
 (`agent.policy.prefetch.plan`) then applies the space and bandwidth budgets.
 
 Decides only: the catalog supplies the studies (from the DICOM PatientID of the new files), the
@@ -21,19 +25,34 @@ from dataclasses import dataclass
 class StudyInfo:
     key: int
     modality: str | int
-    acquired: float        # acquisition time (or day), any monotone unit
+    acquired: float        # acquisition day (a day number: `recent_days` is in days)
     missing_bytes: int     # bytes of the study not in the cache
 
 
+MIN_HEAT = 0.2  # chosen on the tuning families (docs/replay.md); bench/gap_share.py --min-heat overrides
+KINDS = 4       # (same modality, recent), (other, recent), (same, old), (other, old)
+
+
 class PriorPrefetcher:
-    def __init__(self, k: int = 3, min_heat: float = 0.2) -> None:
+    def __init__(self, k: int = 3, min_heat: float | None = None, recent_days: float = 180.0,
+                 shrink: float = 2.0) -> None:
         self.k = k
-        self.min_heat = min_heat
-        self.fetched = [0] * k
-        self.used = [0] * k
+        self.min_heat = MIN_HEAT if min_heat is None else min_heat
+        self.recent_days, self.shrink = recent_days, shrink
+        self.fetched = [0] * (k * KINDS)
+        self.used = [0] * (k * KINDS)
 
     def heat(self, rank: int) -> float:
-        return (self.used[rank] + 1) / (self.fetched[rank] + 2)
+        """The share of prefetched priors of this rank (any cell) that were opened, Laplace-smoothed."""
+        cells = range(rank, self.k * KINDS, self.k)
+        return (sum(self.used[c] for c in cells) + 1) / (sum(self.fetched[c] for c in cells) + 2)
+
+    def cell_heat(self, cell: int) -> float:
+        return (self.used[cell] + self.shrink * self.heat(cell % self.k)) / (self.fetched[cell] + self.shrink)
+
+    def cell(self, rank: int, new: StudyInfo, prior: StudyInfo) -> int:
+        kind = int(prior.modality != new.modality) + 2 * int(new.acquired - prior.acquired > self.recent_days)
+        return rank + self.k * kind
 
     def rank(self, new: StudyInfo, priors: list[StudyInfo]) -> list[StudyInfo]:
         older = [p for p in priors if p.key != new.key and p.acquired <= new.acquired]
@@ -41,15 +60,17 @@ class PriorPrefetcher:
         return older[: self.k]
 
     def candidates(self, new: StudyInfo, priors: list[StudyInfo]) -> list[tuple[int, StudyInfo, float]]:
-        """(rank, study, heat) for the ranked priors worth fetching (heat >= min_heat)."""
+        """(cell, study, heat) for the ranked priors worth fetching (heat >= min_heat), in rank order."""
         out = []
         for r, p in enumerate(self.rank(new, priors)):
-            h = self.heat(r)
+            c = self.cell(r, new, p)
+            h = self.cell_heat(c)
             if h >= self.min_heat:
-                out.append((r, p, h))
+                out.append((c, p, h))
         return out
 
-    def feedback(self, rank: int, used: bool) -> None:
-        """A prefetched study of this rank was opened (used) or evicted/expired unopened."""
-        self.fetched[rank] += 1
-        self.used[rank] += int(used)
+    def feedback(self, cell: int, used: bool) -> None:
+        """A prefetched study of this cell was opened (used) or evicted/expired unopened."""
+        if 0 <= cell < len(self.fetched):
+            self.fetched[cell] += 1
+            self.used[cell] += int(used)

@@ -202,18 +202,22 @@ class PolicyStack:
 
     # -- the prior-study planner
     def prior_ranked(self, new: StudyInfo, studies: Sequence[StudyInfo]) -> list[tuple[int, StudyInfo, float]]:
-        """(rank, study, heat) of the patient's earlier studies worth fetching, most relevant first."""
+        """(cell, study, heat) of the patient's earlier studies worth fetching, most relevant first (a cell is the
+        rank and kind of prior the planner learns its heat for, agent/policy/priors.py)."""
         return [] if self.priors is None else self.priors.candidates(new, list(studies))
 
-    @staticmethod
-    def prior_plan(ranked: Sequence[tuple[int, Hashable, float, int]],
-                   budget: Budget) -> list[tuple[Hashable, int, int]]:
-        """(key, rank, bytes) to fetch, in clinical order (the most relevant first), within the budget.
-        ranked: (rank, key, heat, bytes not cached) of `prior_ranked`'s studies."""
-        rank_of = {key: rank for rank, key, _, size in ranked if size > 0}
-        chosen = plan([Candidate(key, heat, size) for _, key, heat, size in ranked if size > 0], budget)
-        chosen.sort(key=lambda c: rank_of[c.key])
-        return [(c.key, rank_of[c.key], c.size) for c in chosen]
+    def prior_plan(self, new: Hashable, ranked: Sequence[tuple[int, Hashable, float, int, int]], budget: Budget,
+                   now: float) -> list[tuple[Hashable, int, int]]:
+        """(key, cell, bytes) to fetch for the new study, in clinical order (`ranked`'s), within the budget, each
+        admitted by the eviction policy (one that weighs a prior against what it would push out,
+        agent/policy/learned.py `admit`). ranked: (cell, key, heat, bytes and files not cached) of
+        `prior_ranked`'s studies."""
+        admit = getattr(self.policy, "admit", None)
+        wanted = [r for r in ranked if r[3] > 0 and (admit is None or admit(new, r[2], r[4], r[3], now))]
+        order = {key: (i, cell) for i, (cell, key, _, _, _) in enumerate(wanted)}
+        chosen = plan([Candidate(key, heat, size) for _, key, heat, size, _ in wanted], budget)
+        chosen.sort(key=lambda c: order[c.key][0])
+        return [(c.key, order[c.key][1], c.size) for c in chosen]
 
     def prior_fetched(self, prior: Hashable, new: Hashable, heat: float) -> None:
         """A planned prior is being fetched for a new study: tell the eviction policy (one that keeps the pair,
@@ -222,10 +226,10 @@ class PolicyStack:
         if link is not None:
             link(prior, new, heat)
 
-    def prior_outcome(self, rank: int, used: bool) -> None:
-        """A prefetched prior of this rank was opened (used) or evicted unopened."""
-        if self.priors is not None and rank < self.priors.k:
-            self.priors.feedback(rank, used)
+    def prior_outcome(self, cell: int, used: bool) -> None:
+        """A prefetched prior of this cell was opened (used) or evicted unopened."""
+        if self.priors is not None:
+            self.priors.feedback(cell, used)
 
     def prior_heat(self) -> list[float]:
         """The learnt chance that a prefetched prior of each rank is opened."""

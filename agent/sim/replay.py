@@ -218,7 +218,7 @@ class Replayer:
         self.pf_sizes: list[int] = []
         self.pf_used = 0
         self.predictor = predictor
-        self.pf_rank: dict[int, int] = {}    # prefetched study → rank, until opened or evicted
+        self.pf_cell: dict[int, int] = {}    # prefetched study → its planner cell, until opened or evicted
         # the studies the catalog knows at the current request: the archive's (never written during the
         # trace) from the start, the others from their first write; a study acquired later the same day
         # is not a prior yet (the agent's study index learns it from its first file's header)
@@ -289,32 +289,32 @@ class Replayer:
         info = [StudyInfo(int(x), int(ta.study_modality[x]), float(ta.study_day[x]), 0) for x in studies]
         new = StudyInfo(s, int(ta.study_modality[s]), float(ta.study_day[s]), 0)
         ranked, objs_of = [], {}
-        for rank, prior, heat in self.stack.prior_ranked(new, info):
+        for cell, prior, heat in self.stack.prior_ranked(new, info):
             x = prior.key
-            if x in self.pf_rank:
+            if x in self.pf_cell:
                 continue
             objs = [int(o) for o in _members(self.idx.study_objs, x) if not self.in_cache[o]]
             ph = self.n_obj + x
             if not self.in_cache[ph] and self.size[ph] > 0:
                 objs.append(ph)
             objs_of[x] = objs
-            ranked.append((rank, x, heat, int(self.size[objs].sum()) if objs else 0))
+            ranked.append((cell, x, heat, int(self.size[objs].sum()) if objs else 0, len(objs)))
         if not objs_of:
             return
         backlog = max(0.0, self.queue_free - t)
         budget = Budget(int(cfg.priors_space * cfg.capacity), cfg.prefetch_bps,
                         max(0.0, cfg.priors_window_s - backlog))
-        heat_of = {x: heat for _, x, heat, _ in ranked}
-        for x, rank, _ in self.stack.prior_plan(ranked, budget):
-            self.pf_rank[x] = rank
+        heat_of = {x: heat for _, x, heat, _, _ in ranked}
+        for x, cell, _ in self.stack.prior_plan(s, ranked, budget, t):
+            self.pf_cell[x] = cell
             self.stack.prior_fetched(x, s, heat_of[x])
             self._fetch_plan(objs_of[x], t)
 
     def _prefetch_feedback(self, o: int, used: bool) -> None:
         st = int(self.study[o])
-        rank = self.pf_rank.pop(st, None)
-        if rank is not None:
-            self.stack.prior_outcome(rank, used)
+        cell = self.pf_cell.pop(st, None)
+        if cell is not None:
+            self.stack.prior_outcome(cell, used)
 
     # -- scheme C: LSTM-predicted day-directories in the early-morning window
     def _plan_lstm(self, day: int, t: float, counts: np.ndarray, dir_day: np.ndarray, dir_mod: np.ndarray,
