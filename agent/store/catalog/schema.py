@@ -106,8 +106,9 @@ CREATE TABLE IF NOT EXISTS studies (
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS studies_patient ON studies(patient, study_date) WHERE patient IS NOT NULL;
 
--- Prior studies fetched by prior-study prefetch, with their rank, until it is known whether they were opened
--- (a file read after the fetch) or not (evicted unread): what PriorPrefetcher learns its per-rank heat from.
+-- Prior studies fetched by prior-study prefetch, with the planner's cell (`rank` holds rank + k x kind, kind =
+-- other modality / older than recent_days, agent/policy/priors.py), until it is known whether they were opened
+-- (a file read after the fetch) or not (evicted unread): what PriorPrefetcher learns its heat per cell from.
 CREATE TABLE IF NOT EXISTS prior_fetches (
     dir     TEXT PRIMARY KEY,
     rank    INTEGER NOT NULL,
