@@ -241,8 +241,8 @@ class S3Uplink:
         # Single-request PUTs (every file below multipart_threshold, audit logs) skip the client's per-request
         # machinery (_put): botocore's signer, its error parser and exception classes, aiohttp as aiobotocore
         # uses it (the same pool size and timeouts, 100-continue), a session of its own.
-        tls = ssl.create_default_context(cafile=self.cfg.ca_bundle or None) if self.cfg.endpoint_url.startswith(
-            "https:") else None
+        tls: ssl.SSLContext | bool = ssl.create_default_context(cafile=self.cfg.ca_bundle or None) if (
+            self.cfg.endpoint_url.startswith("https:")) else True
         self._http = await self._stack.enter_async_context(aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=config.max_pool_connections, keepalive_timeout=12, ssl=tls),
             timeout=aiohttp.ClientTimeout(sock_connect=self.cfg.connect_timeout, sock_read=self.cfg.read_timeout),
