@@ -9,6 +9,8 @@ import io
 import os
 import time
 
+import pytest
+
 from agent.uplink.line import backoff
 from agent.uplink.ratelimit import TokenBucket
 from harness import BUCKET, PASSWORD, s3_objects, sha256
@@ -146,3 +148,30 @@ def test_single_put_to_a_dead_endpoint_is_unreachable_not_a_bad_request():
 
     exc = asyncio.run(put())
     assert isinstance(exc, EndpointConnectionError) and is_unreachable(exc)
+
+
+def test_a_cached_copy_that_does_not_match_its_checksum_is_not_uploaded(seaweed):
+    """The bytes a single-request PUT sends are checked against the catalog's SHA-256 before they leave (the
+    signer is handed that hash, not a new one of the body): a rotten copy raises ChecksumMismatch, nothing is
+    stored."""
+    from agent.config import UplinkConfig
+    from agent.uplink.s3 import ChecksumMismatch, S3Uplink
+
+    good = os.urandom(30_000)
+    rotten = bytes([good[0] ^ 1]) + good[1:]
+
+    async def put() -> None:
+        s3 = S3Uplink(UplinkConfig(endpoint_url=seaweed.endpoint_url, bucket=BUCKET,
+                                   access_key_id=seaweed.access_key, secret_access_key=seaweed.secret_key))
+        await s3.start()
+        fd = os.memfd_create("rotten")
+        try:
+            os.write(fd, rotten)
+            await s3.put_file("rotten/a.dcm", fd, len(rotten), sha256(good))
+        finally:
+            os.close(fd)
+            await s3.close()
+
+    with pytest.raises(ChecksumMismatch):
+        asyncio.run(put())
+    assert "Contents" not in seaweed.client().list_objects_v2(Bucket=BUCKET, Prefix="rotten/")

@@ -133,10 +133,13 @@ def meta_sha(metadata: dict[str, str] | None) -> str | None:
     return {k.lower(): v for k, v in (metadata or {}).items()}.get(META_SHA)
 
 
-def read_verified(fd: int, size: int, sha256: str) -> bytes | None:
-    """The size bytes behind fd if they hash to sha256, else None. Blocking (read and hash off the loop)."""
+def read_verified(path: str, fd: int, size: int, sha256: str) -> bytes:
+    """The size bytes behind fd, checked against sha256 (ChecksumMismatch if they differ): what a single-request
+    PUT sends. Blocking (read and hash off the loop)."""
     body = os.pread(fd, size, 0)
-    return body if len(body) == size and hashlib.sha256(body).hexdigest() == sha256 else None
+    if len(body) != size or hashlib.sha256(body).hexdigest() != sha256:
+        raise ChecksumMismatch(f"{path}: cached content does not match its catalog checksum")
+    return body
 
 
 async def _read_block(body: Any, size: int) -> bytes:
@@ -274,8 +277,11 @@ class S3Uplink:
 
     async def put_file(self, path: str, fd: int, size: int, sha256: str, lock: Lock | None = None,
                        meta: ObjectMeta | None = None, condition: dict[str, str] | None = None,
-                       compress: bool = False) -> PutResult:
+                       compress: bool = False, body: bytes | None = None) -> PutResult:
         """Upload the content behind fd (read with pread, so the caller's offset is untouched).
+
+        body: its bytes, already read and checked by read_verified (a caller that went to a thread anyway),
+        for a file below multipart_threshold (single_request).
 
         compress: zstd-encode it on the way (the caller decided the file is worth it); a small file that does
         not shrink is sent as it is.
@@ -288,22 +294,25 @@ class S3Uplink:
         metadata = {**(meta.metadata if meta else {}), META_SHA: sha256}
         tagging = meta.tagging() if meta and meta.tags else None
         condition = condition or {}
-        if size >= self.cfg.multipart_threshold:
+        if not self.single_request(size):
             lock_args = lock.s3_args() if lock else {}
             if tagging:
                 lock_args["Tagging"] = tagging
             if compress:
                 metadata |= encoding.metadata(size)
             return await self._put_multipart(path, fd, size, sha256, lock_args, metadata, condition, compress)
-        body = await asyncio.to_thread(read_verified, fd, size, sha256)
         if body is None:
-            raise ChecksumMismatch(f"{path}: cached content does not match its catalog checksum")
+            body = await asyncio.to_thread(read_verified, path, fd, size, sha256)
         sent_sha = sha256
         if compress and len(packed := await asyncio.to_thread(encoding.compress, body)) < size:
             body, metadata = packed, metadata | encoding.metadata(size)
             sent_sha = hashlib.sha256(body).hexdigest()
         await self.up_bucket.acquire(len(body))
         return await self._put(self.key(path), body, sent_sha, put_headers(metadata, lock, tagging, condition))
+
+    def single_request(self, size: int) -> bool:
+        """Whether put_file sends a file of this size in one PutObject (else a multipart upload)."""
+        return size < self.cfg.multipart_threshold
 
     async def _put(self, key: str, body: bytes, sha256: str, headers: dict[str, str]) -> PutResult:
         """One PutObject of body (whose SHA-256 is sha256) with these headers, sent the way aiobotocore sends
