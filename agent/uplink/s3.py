@@ -39,6 +39,7 @@ from botocore.exceptions import (
     ConnectTimeoutError,
     EndpointConnectionError,
     ReadTimeoutError,
+    SSLError,
 )
 from botocore.exceptions import ConnectionError as BotoConnectionError
 from botocore.parsers import create_parser
@@ -206,7 +207,7 @@ def put_headers(metadata: Mapping[str, str], lock: Lock | None, tagging: str | N
 
 
 _CONDITIONS = {"IfMatch": "If-Match", "IfNoneMatch": "If-None-Match"}
-_NO_AUTO_HEADERS = ("Content-Type",)  # botocore sends none: the server's default applies, the same either way
+_NO_AUTO_HEADERS = ("Content-Type",)  # botocore sends none (the server's default); aiohttp would add its own
 
 
 class S3Uplink:
@@ -249,7 +250,7 @@ class S3Uplink:
         self._http = await self._stack.enter_async_context(aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=config.max_pool_connections, keepalive_timeout=12, ssl=tls),
             timeout=aiohttp.ClientTimeout(sock_connect=self.cfg.connect_timeout, sock_read=self.cfg.read_timeout),
-            auto_decompress=False))
+            auto_decompress=False, trust_env=True))  # HTTP(S)_PROXY / NO_PROXY from the environment, as botocore
         self._signer = _KnownPayload(Credentials(self.cfg.access_key_id, self.cfg.secret_access_key), "s3",
                                      self.cfg.region)
         self._put_model = self._client.meta.service_model.operation_model("PutObject")
@@ -332,6 +333,8 @@ class S3Uplink:
                                       skip_auto_headers=_NO_AUTO_HEADERS) as resp:
                 answer = await resp.read()
                 status, got = resp.status, {k.lower(): v for k, v in resp.headers.items()}
+        except aiohttp.ClientSSLError as e:  # a certificate problem is a configuration error, not an outage
+            raise SSLError(endpoint_url=url, error=e) from e
         except (aiohttp.ServerDisconnectedError, aiohttp.ClientPayloadError) as e:
             raise ConnectionClosedError(error=e, request=request, endpoint_url=url) from e
         except aiohttp.ServerTimeoutError as e:
