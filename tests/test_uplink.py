@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import datetime
 import ftplib
 import io
 import os
 import time
+
+import pytest
 
 from agent.uplink.line import backoff
 from agent.uplink.ratelimit import TokenBucket
@@ -56,3 +59,119 @@ def test_backoff_grows_with_jitter_and_is_capped():
     assert max(backoff(0) for _ in range(50)) < 1.5 <= min(backoff(3) for _ in range(50)) * 2
     assert len({round(backoff(5), 6) for _ in range(20)}) > 1  # jittered
     assert all(150 <= backoff(30) < 450 for _ in range(50))  # capped at 300 s nominal
+
+
+def test_single_put_sends_the_object_botocore_sends(seaweed, locked_bucket):
+    """S3Uplink._put (a signed PUT of its own, not the aiobotocore client's put_object) stores what botocore's
+    put_object stores with the same arguments: bytes, user metadata, tags, Content-Type, Object Lock mode,
+    retain-until and legal hold; its conditional write is refused with the same error botocore raises."""
+    from botocore.exceptions import ClientError
+
+    from agent.config import UplinkConfig
+    from agent.dicom.objectmeta import ObjectMeta
+    from agent.records import Lock
+    from agent.uplink.s3 import S3Uplink, b64, precondition_failed
+
+    body = os.urandom(70_000)
+    sha = sha256(body)
+    meta = ObjectMeta({"dicom-study": "1.2.840.113619.2.55.3", "dicom-modality": "CT", "dicom-study-date": "20190304",
+                       "dicom-ts": "1.2.840.10008.1.2.1", "dicom-patient": "0123456789abcdef0123456789abcdef"},
+                      {"retention": "mammo 10y", "modality": "CT", "study-year": "2019"})
+    until = datetime.datetime.now(datetime.UTC).replace(microsecond=0) + datetime.timedelta(days=1)
+    lock = Lock("GOVERNANCE", until, legal_hold=True)
+    ours, theirs = "fastpath/a b+é%/x~y.dcm", "fastpath/reference.dcm"  # a key that needs percent-encoding
+    client = seaweed.client()
+    client.put_object(Bucket=locked_bucket, Key=theirs, Body=body, ChecksumSHA256=b64(sha),
+                      Metadata={**meta.metadata, "sha256": sha}, Tagging=meta.tagging(), ObjectLockMode=lock.mode,
+                      ObjectLockRetainUntilDate=until, ObjectLockLegalHoldStatus="ON", IfNoneMatch="*")
+
+    async def put() -> tuple[object, ClientError]:
+        s3 = S3Uplink(UplinkConfig(endpoint_url=seaweed.endpoint_url, bucket=locked_bucket,
+                                   access_key_id=seaweed.access_key, secret_access_key=seaweed.secret_key))
+        await s3.start()
+        fd = os.memfd_create("body")
+        try:
+            os.write(fd, body)
+            result = await s3.put_file(ours, fd, len(body), sha, lock, meta, {"IfNoneMatch": "*"})
+            try:
+                await s3.put_file(ours, fd, len(body), sha, lock, meta, {"IfNoneMatch": "*"})
+            except ClientError as e:
+                return result, e
+            raise AssertionError("a conditional PUT over an existing object was accepted")
+        finally:
+            os.close(fd)
+            await s3.close()
+
+    result, refused = asyncio.run(put())
+    try:
+        client.put_object(Bucket=locked_bucket, Key=theirs, Body=body, IfNoneMatch="*")
+    except ClientError as e:
+        reference = e
+    assert precondition_failed(refused) and type(refused) is type(reference)
+    assert refused.response["Error"]["Code"] == reference.response["Error"]["Code"]
+    assert refused.response["ResponseMetadata"]["HTTPStatusCode"] == 412
+
+    def stored(key: str) -> dict:
+        got = client.get_object(Bucket=locked_bucket, Key=key)
+        tags = client.get_object_tagging(Bucket=locked_bucket, Key=key)["TagSet"]
+        return {"body": got["Body"].read(), "meta": got["Metadata"], "type": got.get("ContentType"),
+                "tags": sorted((t["Key"], t["Value"]) for t in tags), "mode": got.get("ObjectLockMode"),
+                "until": got.get("ObjectLockRetainUntilDate"), "hold": got.get("ObjectLockLegalHoldStatus")}
+
+    mine, reference_object = stored(ours), stored(theirs)
+    assert mine == reference_object
+    assert mine["body"] == body and mine["meta"]["sha256"] == sha and mine["until"] == until
+    assert ("modality", "CT") in mine["tags"] and mine["hold"] == "ON"
+    assert result.etag == client.head_object(Bucket=locked_bucket, Key=ours)["ETag"]
+
+
+def test_single_put_to_a_dead_endpoint_is_unreachable_not_a_bad_request():
+    """A PUT to an endpoint nobody listens on raises botocore's EndpointConnectionError, as the client did:
+    the line is called down (is_unreachable), the row stays queued."""
+    from botocore.exceptions import EndpointConnectionError
+
+    from agent.config import UplinkConfig
+    from agent.uplink.s3 import S3Uplink, is_unreachable
+    from devstack import free_port
+
+    async def put() -> BaseException:
+        s3 = S3Uplink(UplinkConfig(endpoint_url=f"http://127.0.0.1:{free_port()}", bucket="nobody-home",
+                                   access_key_id="k", secret_access_key="s", connect_timeout=2.0))
+        await s3.start()
+        try:
+            await s3.put_raw("audit/x", b"record")
+        except Exception as e:
+            return e
+        finally:
+            await s3.close()
+        raise AssertionError("a PUT to a closed port succeeded")
+
+    exc = asyncio.run(put())
+    assert isinstance(exc, EndpointConnectionError) and is_unreachable(exc)
+
+
+def test_a_cached_copy_that_does_not_match_its_checksum_is_not_uploaded(seaweed):
+    """The bytes a single-request PUT sends are checked against the catalog's SHA-256 before they leave (the
+    signer is handed that hash, not a new one of the body): a rotten copy raises ChecksumMismatch, nothing is
+    stored."""
+    from agent.config import UplinkConfig
+    from agent.uplink.s3 import ChecksumMismatch, S3Uplink
+
+    good = os.urandom(30_000)
+    rotten = bytes([good[0] ^ 1]) + good[1:]
+
+    async def put() -> None:
+        s3 = S3Uplink(UplinkConfig(endpoint_url=seaweed.endpoint_url, bucket=BUCKET,
+                                   access_key_id=seaweed.access_key, secret_access_key=seaweed.secret_key))
+        await s3.start()
+        fd = os.memfd_create("rotten")
+        try:
+            os.write(fd, rotten)
+            await s3.put_file("rotten/a.dcm", fd, len(rotten), sha256(good))
+        finally:
+            os.close(fd)
+            await s3.close()
+
+    with pytest.raises(ChecksumMismatch):
+        asyncio.run(put())
+    assert "Contents" not in seaweed.client().list_objects_v2(Bucket=BUCKET, Prefix="rotten/")

@@ -2,9 +2,11 @@
 (object metadata on upload, prior-study prefetch).
 
 At most HEADER_MAX bytes are read, whatever the file claims: a crafted 1 GB "header" costs one bounded
-read, not a gigabyte of memory. Parsing stops before Pixel Data. Whatever is wrong with a file (not DICOM,
-no preamble, truncated, a header beyond the bound, garbage values) gives a `Header` with `problem` set;
-the file itself is always stored as given, the caller only logs the problem.
+read, not a gigabyte of memory. Parsing stops after the last element used (SeriesInstanceUID, 0020,000E: a
+dataset is in tag order), long before Pixel Data: a real CT header has hundreds of elements, most after it.
+Whatever is wrong with a file (not DICOM, no preamble, truncated, a header beyond the bound, garbage values)
+gives a `Header` with `problem` set; the file itself is always stored as given, the caller only logs the
+problem. A header cut after 0020,000E is no problem: what the gateway uses of it was read whole.
 """
 
 from __future__ import annotations
@@ -28,6 +30,12 @@ _TAGS = {
 }
 
 _PATIENT_ID = _TAGS["PatientID"]
+_LAST = max(_TAGS.values())
+
+
+def _past_last(tag: int, vr: object, length: int) -> bool:
+    """pydicom's stop_when: nothing after the last tag used is read (nor checked for truncation)."""
+    return tag > _LAST
 
 
 @dataclass(frozen=True)
@@ -52,13 +60,16 @@ def _text(value: object) -> str | None:
     return s or None
 
 
-def _cut_element(ds: object) -> int | None:
-    """The tag of an element whose value ends early (pydicom keeps what it could read, silently), else None."""
+def _cut_element(ds: Any) -> int | None:
+    """The tag of an element whose value ends early (pydicom keeps what it could read, silently), else None.
+    Only the last element read can be cut: the bytes ran out there (the elements are read in order)."""
     from pydicom.dataelem import RawDataElement
 
-    for e in ds.elements():  # raw: not converted, cheap
-        if isinstance(e, RawDataElement) and e.length != 0xFFFFFFFF and len(e.value or b"") < e.length:
-            return int(e.tag)
+    if not ds:
+        return None
+    e = ds.get_item(max(ds.keys()))  # raw: not converted, cheap
+    if isinstance(e, RawDataElement) and e.length != 0xFFFFFFFF and len(e.value or b"") < e.length:
+        return int(e.tag)
     return None
 
 
@@ -76,14 +87,14 @@ def _value(ds: Any, tag: int) -> str | None:
 
 def parse(head: bytes, whole: bool) -> Header:
     """Parse a file's first bytes (`whole`: they are the entire file). Never raises."""
-    import pydicom
+    from pydicom.filereader import read_partial
 
     if len(head) < PREAMBLE + 4 or head[PREAMBLE:PREAMBLE + 4] != MAGIC:
         return Header(problem="no DICM preamble")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # pydicom warns on odd-but-readable values; we report what matters
-            ds = pydicom.dcmread(io.BytesIO(head), stop_before_pixels=True)
+            ds = read_partial(io.BytesIO(head), stop_when=_past_last)
             cut = _cut_element(ds)
             values = {k: _value(ds, tag) if tag in ds and tag != cut else None for k, tag in _TAGS.items()}
             ts = _text(getattr(ds.file_meta, "TransferSyntaxUID", None))

@@ -30,7 +30,15 @@ from agent.metrics import Metrics
 from agent.records import Entry, Lock
 from agent.uplink.encoding import logical_size, worth_compressing
 from agent.uplink.line import Line, backoff
-from agent.uplink.s3 import PutResult, S3Uplink, error_code, is_unreachable, meta_sha, precondition_failed
+from agent.uplink.s3 import (
+    PutResult,
+    S3Uplink,
+    error_code,
+    is_unreachable,
+    meta_sha,
+    precondition_failed,
+    read_verified,
+)
 
 log = structlog.get_logger("pacsgw.uplink")
 
@@ -161,15 +169,14 @@ class Uploader:
         if e.sha256 is None:
             raise ValueError(f"{e.path}: no checksum recorded for its cached content")
         sha, condition = e.sha256, self._condition(e)
-        fd = await asyncio.to_thread(self.blobs.open_blob, e.blob)
+        fd, meta, body = await asyncio.to_thread(self._stage, e.path, e.blob, e.size, sha)
         try:
-            meta = await asyncio.to_thread(self.describe, e.path, fd, e.size) if self.describe else None
             try:
                 header = meta.header if meta else None
                 lock = self.locks.lock_for(e.path, e.mtime, header)
                 compress = self.s3.cfg.compress == "zstd" and header is not None and worth_compressing(
                     header.transfer_syntax)
-                result = await self.s3.put_file(e.path, fd, e.size, sha, lock, meta, condition, compress)
+                result = await self.s3.put_file(e.path, fd, e.size, sha, lock, meta, condition, compress, body)
             except Exception as exc:
                 if condition is None or not precondition_failed(exc):
                     raise
@@ -181,6 +188,17 @@ class Uploader:
         # trip of its own); () for an object without DICOM metadata: a row of an earlier file under this name goes
         row = index_row(e.path, e.size, meta.metadata) if meta else None
         return dataclasses.replace(result, index_row=row or ())
+
+    def _stage(self, path: str, blob: str, size: int, sha256: str) -> tuple[int, ObjectMeta | None, bytes | None]:
+        """Open the cached copy, read its header (describe) and, for a single-request PUT, its bytes checked
+        against the catalog's SHA-256: blocking, all in one thread hop (each hop costs the loop a wake-up)."""
+        fd = self.blobs.open_blob(blob)
+        try:
+            meta = self.describe(path, fd, size) if self.describe else None
+            return fd, meta, read_verified(path, fd, size, sha256) if self.s3.single_request(size) else None
+        except BaseException:
+            os.close(fd)
+            raise
 
     async def _not_overwritten(self, e: Entry, keep_aside: Callable[[str], Awaitable[PutResult]]) -> PutResult:
         """A conditional PUT or copy was refused: the key holds an object this box did not know."""
