@@ -374,6 +374,7 @@ class Session:
     user_slot: int | None = None  # that count's slot in the LoginGuard
     rest: int = 0  # the REST marker for the next STOR/APPE/RETR
     passive: Passive | None = None
+    settled: Callable[["asyncio.Task[Any]"], None] | None = None  # the session's end-of-task callback (_session)
 
     def take_passive(self) -> Passive | None:
         passive, self.passive = self.passive, None
@@ -450,18 +451,38 @@ class FtpServer(aioftp.Server):
 
     async def _session(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, host: str, port: int,
                        session: Session) -> None:
-        """The command loop, shaped like aioftp's: each command runs as a task beside the command reader,
-        transfers as workers, and replies leave in order through one queue."""
+        """The command loop, shaped like aioftp's: each command runs as a task beside the command reader, transfers
+        as workers, and replies leave in order. One reading task for the session and a done callback per command
+        (aioftp's loop made a reading task and an asyncio.wait over every running task for each command)."""
+        # aioftp's handlers (and AUTH TLS) use this stream; commands are read straight from `reader`
         stream = ThrottleStreamIO(reader, writer, throttles={
             "server_global": self.throttle, "server_per_connection": self.throttle_per_connection.clone()},
             read_timeout=self.idle_timeout, write_timeout=self.socket_timeout)
+        ended: asyncio.Future[None] = asyncio.get_running_loop().create_future()  # set when the session is over
+        commands: set[asyncio.Task[bool]] = set()
 
         def respond(code: str, lines: str | Iterable[str] = "", as_list: bool = False) -> None:
             """A reply, written at once (replies leave in the order they are made; aioftp queued each line for a
             writer task that wrote and drained it under a timeout task of its own)."""
             text = [printable(lines)] if isinstance(lines, str) else [printable(line) for line in lines]
-            stream.writer.write(_reply(code, text, as_list, self.encoding))
+            writer.write(_reply(code, text, as_list, self.encoding))
 
+        def settled(task: asyncio.Task[Any]) -> None:
+            """A command or transfer ended: a failure is logged and answered 451; False (QUIT, or a refusal that
+            ends the session) ends the session."""
+            commands.discard(task)
+            connection.extra_workers.discard(task)
+            if task.cancelled():
+                return
+            exc = task.exception()
+            if exc is not None:
+                log.error("ftp_command_failed", user=session.user, error=f"{type(exc).__name__}: {exc}"[:300],
+                          exc_info=exc)
+                respond("451", "internal error; the server log has the details")
+            elif task.result() is False and not ended.done():
+                ended.set_result(None)
+
+        session.settled = settled
         connection = aioftp.Connection(
             client_host=host, client_port=port, server_host=writer.get_extra_info("sockname")[0],
             server_port=self.server_port, command_connection=stream, socket_timeout=self.socket_timeout,
@@ -470,33 +491,26 @@ class FtpServer(aioftp.Server):
             response=respond, session=session)
         connection.path_io = self.path_io_factory(timeout=self.path_timeout, connection=connection)
         respond("220", self.welcome_message)
-        read = asyncio.create_task(self._read_command(stream))
-        commands: set[asyncio.Future[bool]] = set()
-        try:
+
+        async def read_commands() -> None:
             while True:
-                done, _ = await asyncio.wait({read} | commands | connection.extra_workers,
-                                             return_when=asyncio.FIRST_COMPLETED)
-                for task in done - {read}:
-                    commands.discard(task)
-                    connection.extra_workers.discard(task)
-                    if task.cancelled():
-                        continue
-                    if task.exception() is not None:
-                        exc = task.exception()
-                        log.error("ftp_command_failed", user=session.user, error=f"{type(exc).__name__}: {exc}"[:300],
-                                  exc_info=exc)
-                        respond("451", "internal error; the server log has the details")
-                    elif task.result() is False:  # QUIT, or a refusal that ends the session
-                        await asyncio.wait_for(stream.writer.drain(), self.socket_timeout)
-                        return
-                if read in done:
-                    cmd, rest = read.result()  # a closed or idle connection raises
-                    read = asyncio.create_task(self._read_command(stream))
-                    handler = self.handlers.get(cmd)
-                    if handler is None:
-                        respond("502", f"{cmd[:16].upper()} not implemented")
-                    else:
-                        commands.add(asyncio.ensure_future(handler(connection, rest)))
+                cmd, rest = await self._read_command(reader, writer)  # a closed or idle connection raises
+                handler = self.handlers.get(cmd)
+                if handler is None:
+                    respond("502", f"{cmd[:16].upper()} not implemented")
+                    continue
+                task = asyncio.ensure_future(handler(connection, rest))
+                commands.add(task)
+                task.add_done_callback(settled)
+
+        read = asyncio.create_task(read_commands())
+        read.add_done_callback(lambda _: ended.done() or ended.set_result(None))
+        try:
+            await ended
+            if read.done():
+                read.result()  # the client went away (raises), or a fault of ours
+            else:  # QUIT, or a refusal that ends the session: the last reply leaves first
+                await asyncio.wait_for(writer.drain(), self.socket_timeout)
         except (ConnectionError, asyncio.IncompleteReadError, TimeoutError, ssl.SSLError, ValueError):
             pass  # the client went away, stayed idle too long, or sent an over-long line
         except asyncio.CancelledError:
@@ -508,7 +522,7 @@ class FtpServer(aioftp.Server):
                     await asyncio.wait_for(writer.drain(), 1)
             raise
         finally:
-            tasks = {read} | commands | connection.extra_workers
+            tasks: set[asyncio.Task[Any]] = {read, *commands, *connection.extra_workers}
             for task in tasks:
                 task.cancel()
             passive = session.take_passive()
@@ -518,14 +532,15 @@ class FtpServer(aioftp.Server):
             await asyncio.wait(tasks, timeout=10)  # workers abort their uploads and close their files
             self._count_out(session)
 
-    async def _read_command(self, stream: aioftp.StreamIO) -> tuple[str, str]:
+    async def _read_command(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> tuple[str, str]:
         """→ (command, argument). Only the line end is cut from a path argument: a trailing space is part of
         the name (refused for a new file, never silently dropped). Bytes that are not UTF-8 are kept as
         surrogates, so the path checks answer 553 instead of the session dying."""
-        if stream.writer.transport.get_write_buffer_size() > REPLY_BUFFER:
+        if writer.transport.get_write_buffer_size() > REPLY_BUFFER:
             # a client that sends commands but reads no replies: read its next command once they have left
-            await asyncio.wait_for(stream.writer.drain(), self.socket_timeout)
-        line = await stream.readline()
+            await asyncio.wait_for(writer.drain(), self.socket_timeout)
+        async with asyncio.timeout(self.idle_timeout):
+            line = await reader.readline()
         if not line:
             raise ConnectionResetError("client closed the control connection")
         cmd, _, rest = line.decode("utf-8", errors="surrogateescape").rstrip("\r\n").partition(" ")
@@ -729,7 +744,10 @@ class FtpServer(aioftp.Server):
                 if passive is not None:
                     passive.close()
 
-        connection.extra_workers.add(asyncio.create_task(run()))
+        worker = asyncio.create_task(run())
+        connection.extra_workers.add(worker)
+        if connection.session.settled is not None:
+            worker.add_done_callback(connection.session.settled)
         return True
 
     @staticmethod
