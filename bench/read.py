@@ -148,7 +148,7 @@ def main() -> int:
             ours = {(x["readers"], x["pass"]): x for x in rows if x["target"] == targets[0]}
             for x in [x for x in rows if x["target"] == targets[1]]:
                 o = ours[(x["readers"], x["pass"])]
-                rows.append({"target": "ours/rclone", "readers": x["readers"], "pass": x["pass"],
+                rows.append({"target": f"{targets[0]}/{targets[1]}", "readers": x["readers"], "pass": x["pass"],
                              **{c: ratio(o[c], x[c]) for c in ("MB_per_s", "files_per_s", "first_byte_p50_ms",
                                                                "first_byte_p99_ms", "cpu_ms_per_file")}})
         print()
