@@ -95,6 +95,8 @@ def _gateway_error(exc: BaseException) -> GatewayError | None:
 def printable(text: str) -> str:
     """A reply line as sent: control characters (and bytes that were not UTF-8) escaped, so nothing a client
     or an S3 key put into a reply can end it early or start a forged one."""
+    if text.isprintable():  # nearly every reply: no per-character pass
+        return text
     return "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in text)
 
 
@@ -195,6 +197,11 @@ class _Users(aioftp.AbstractUserManager):
         return None
 
 
+def _settle(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
 async def _streams(sock: socket.socket, tls: ssl.SSLContext | None
                    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     """asyncio streams over an accepted data connection, after the TLS handshake if tls."""
@@ -248,7 +255,7 @@ class DataConnection:
         """Wait until the socket takes more bytes, up to SOCKET_TIMEOUT (a reader that stopped reading)."""
         loop, fileno = asyncio.get_running_loop(), self.sock.fileno()
         ready: asyncio.Future[None] = loop.create_future()
-        loop.add_writer(fileno, lambda: ready.done() or ready.set_result(None))
+        loop.add_writer(fileno, _settle, ready)
         try:
             async with asyncio.timeout(SOCKET_TIMEOUT):
                 await ready
@@ -479,8 +486,8 @@ class FtpServer(aioftp.Server):
                 log.error("ftp_command_failed", user=session.user, error=f"{type(exc).__name__}: {exc}"[:300],
                           exc_info=exc)
                 respond("451", "internal error; the server log has the details")
-            elif task.result() is False and not ended.done():
-                ended.set_result(None)
+            elif task.result() is False:
+                _settle(ended)
 
         session.settled = settled
         connection = aioftp.Connection(
@@ -504,7 +511,7 @@ class FtpServer(aioftp.Server):
                 task.add_done_callback(settled)
 
         read = asyncio.create_task(read_commands())
-        read.add_done_callback(lambda _: ended.done() or ended.set_result(None))
+        read.add_done_callback(lambda _: _settle(ended))
         try:
             await ended
             if read.done():

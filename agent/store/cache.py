@@ -72,6 +72,7 @@ class Cache:
         self.root = root
         self.staging = root / "staging"
         self.data = root / "data"
+        self._data_dir = str(self.data)
         self.data.mkdir(parents=True, exist_ok=True)
         if clear_staging:
             # At agent start, anything left in staging is a write that was never acknowledged: discard it.
@@ -127,7 +128,8 @@ class Cache:
         return self.blob_path(blob).exists()
 
     def open_blob(self, blob: str) -> int:
-        return os.open(self.blob_path(blob), os.O_RDONLY)
+        # the path as a string, not blob_path's Path: two pathlib joins were ~2 % of a cached read's CPU
+        return os.open(f"{self._data_dir}/{blob[:2]}/{blob}", os.O_RDONLY)
 
     def open_verified(self, blob: str, sha256: str | None) -> tuple[int | None, str | None]:
         """Open a cached copy only if its bytes hash to sha256 (and stamp it). Blocking: run in a thread.
