@@ -148,7 +148,8 @@ def main() -> int:
             ours = {(x["readers"], x["pass"]): x for x in rows if x["target"] == targets[0]}
             for x in [x for x in rows if x["target"] == targets[1]]:
                 o = ours[(x["readers"], x["pass"])]
-                rows.append({"target": "ours/rclone", "readers": x["readers"], "pass": x["pass"],
+                label = "ours/rclone" if targets[0] == "pacsgw" else "rclone/ours"  # first target over second
+                rows.append({"target": label, "readers": x["readers"], "pass": x["pass"],
                              **{c: ratio(o[c], x[c]) for c in ("MB_per_s", "files_per_s", "first_byte_p50_ms",
                                                                "first_byte_p99_ms", "cpu_ms_per_file")}})
         print()

@@ -77,3 +77,36 @@ def test_aioftp_client_round_trip(agent_factory):
 
     assert asyncio.run(session()) == data
     assert s3_objects(agent.store, agent.prefix)["US/2026-11-23/echo.dcm"]["sha256"] == sha256(data)
+
+
+def test_retr_to_a_slow_reader_and_replies_left_unread(agent_factory):
+    """A RETR leaves by sendfile(2) on the bare data socket: a reader that waits before reading (the socket
+    buffer fills, the sender waits for room) still gets every byte, from a REST offset too. A client that
+    pipelines commands without reading their replies gets every reply, in order (the session stops reading
+    commands while 64 KiB of replies are unread, instead of queueing them without bound)."""
+    import time
+
+    agent = agent_factory().start()
+    data = os.urandom(12 * 2**20)  # well over a loopback socket's buffer
+    f = ftp(agent)
+    f.storbinary("STOR XA/big.dcm", io.BytesIO(data))
+    for rest in (None, 5_000_001):
+        conn = f.transfercmd("RETR XA/big.dcm", rest=rest)
+        time.sleep(1.0)  # nothing read yet: the agent's sendfile meets a full socket
+        got = bytearray()
+        while chunk := conn.recv(1 << 16):
+            got += chunk
+        conn.close()
+        assert f.voidresp().startswith("226")
+        assert bytes(got) == data[rest or 0:]
+    f.quit()
+
+    f = ftp(agent)
+    f.sock.sendall(b"NOOP\r\n" * 20_000 + b"QUIT\r\n")
+    time.sleep(1.0)  # ~160 KB of replies wait for the client to read them
+    replies = b""
+    while chunk := f.sock.recv(1 << 16):
+        replies += chunk
+    f.close()
+    lines = replies.decode().splitlines()
+    assert lines[:-1] == ["200 ok"] * 20_000 and lines[-1].startswith("221"), lines[-3:]

@@ -130,6 +130,41 @@ def test_background_scrub_drops_a_bad_copy(agent_factory):
     f.quit()
 
 
+def test_fetched_copy_a_crash_tore_is_fetched_again(agent_factory):
+    """A copy fetched from S3 is committed without fsyncs (agent/store/fetch.py: S3 holds the object). What a
+    crash can leave of it while the catalog row still names it — a shorter file, an empty one, none — fails the
+    next read's checks, and that read gets the right bytes from S3 and caches them again."""
+    from test_conformance import evict, wait_fetched
+    agent = agent_factory().start()
+    files = {f"CR/{name}.dcm": os.urandom(150_000 + i) for i, name in enumerate(("short", "empty", "gone"))}
+    f = ftp(agent)
+    for path, data in files.items():
+        f.storbinary(f"STOR {path}", io.BytesIO(data))
+    agent.wait_drained()
+    for path in files:
+        assert evict(agent, path)["evicted"]
+        f.retrbinary(f"RETR {path}", io.BytesIO().write)  # fetched from S3 into the cache
+    wait_fetched(agent, *files)
+    db = sqlite3.connect(f"file:{agent.workdir / 'cache' / 'catalog.sqlite'}?mode=ro", uri=True)
+    blobs = {p: agent.workdir / "cache" / "data" / b[:2] / b
+             for p, b in db.execute("SELECT path, blob FROM entries WHERE path LIKE 'CR/%'")}
+    db.close()
+    os.truncate(blobs["CR/short.dcm"], 100_000)
+    os.truncate(blobs["CR/empty.dcm"], 0)
+    blobs["CR/gone.dcm"].unlink()
+    for path, data in files.items():
+        buf = io.BytesIO()
+        f.retrbinary(f"RETR {path}", buf.write)
+        assert buf.getvalue() == data, path
+    f.quit()
+    problems = {e["path"]: e["problem"] for e in agent.events("cache_copy_corrupt")}
+    assert problems == {"CR/short.dcm": "size mismatch", "CR/empty.dcm": "size mismatch", "CR/gone.dcm": "missing"}
+    deadline = time.monotonic() + 10
+    while len(agent.events("fetched")) < 6:  # each fetched twice: after the eviction and after the tear
+        assert time.monotonic() < deadline, agent.events("fetched")
+        time.sleep(0.1)
+
+
 # --- bit rot found while sending (issue 14): the copy's stamp is still valid, its bytes are not ---------
 
 def rot_a_byte(agent, path: str, at: int) -> None:

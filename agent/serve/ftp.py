@@ -28,6 +28,7 @@ import contextlib
 import functools
 import os
 import random
+import socket
 import ssl
 import stat
 import time
@@ -43,7 +44,6 @@ from typing import (
     Iterator,
     NoReturn,
     TypeVar,
-    cast,
 )
 
 import aioftp
@@ -65,6 +65,7 @@ log = structlog.get_logger("pacsgw.ftp")
 BLOCK = 256 * 1024
 SEND_CHUNK = 4 * BLOCK  # a file leaves by sendfile(2) in chunks this large, each within the socket timeout
 SOCKET_TIMEOUT = 120
+REPLY_BUFFER = 64 * 1024  # replies a client left unread before its next command is read
 TLS_HANDSHAKE_TIMEOUT = 30
 
 PATH_COMMANDS = ("cwd", "dele", "list", "nlst", "mkd", "mlsd", "mlst", "rmd", "rnfr", "rnto", "stor", "appe", "retr",
@@ -94,17 +95,14 @@ def _gateway_error(exc: BaseException) -> GatewayError | None:
 def printable(text: str) -> str:
     """A reply line as sent: control characters (and bytes that were not UTF-8) escaped, so nothing a client
     or an S3 key put into a reply can end it early or start a forged one."""
+    if text.isprintable():  # nearly every reply: no per-character pass
+        return text
     return "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in text)
 
 
 def quoted(path: str) -> str:
     """A pathname as a 257 reply quotes it (RFC 959): inside double quotes, each quote doubled."""
     return '"' + path.replace('"', '""') + '"'
-
-
-def _transport(writer: asyncio.StreamWriter) -> asyncio.Transport:
-    """A stream's transport, which reads as well as writes (typeshed has it as a WriteTransport)."""
-    return cast(asyncio.Transport, writer.transport)
 
 
 def _ns(path: PurePath) -> str:
@@ -132,24 +130,21 @@ def who(connection: aioftp.Connection) -> Who:
     return Who(user, protocol, f"{connection.client_host}:{connection.client_port}")
 
 
-async def send_file(stream: aioftp.StreamIO, handle: ReadHandle, offset: int) -> int:
-    """Send the file from offset to its end by sendfile(2) as the handle allows (a verified cached copy at
-    once, a fetch as it lands): page cache to socket, no copies through Python (TLS data connections fall
-    back to asyncio's read-and-write loop). → bytes sent."""
-    loop, pos = asyncio.get_running_loop(), offset
+async def send_file(data: "DataConnection", handle: ReadHandle, offset: int) -> int:
+    """Send the file from offset to its end as the handle allows (a verified cached copy at once, a fetch as it
+    lands): by sendfile(2) from the page cache to the socket in clear, by reads and writes over TLS. → bytes sent."""
+    pos = offset
     try:
-        with os.fdopen(os.dup(handle.fd), "rb") as f:
-            while True:
-                # at least once: a fetch's end (even of an empty file) waits for its check
-                end = await handle.ready(pos)
-                while pos < end:
-                    n = await asyncio.wait_for(
-                        loop.sendfile(stream.writer.transport, f, pos, min(SEND_CHUNK, end - pos)), SOCKET_TIMEOUT)
-                    if not n:
-                        raise Corrupt(handle.entry.path, f"content ends at {pos} of {handle.size} bytes")
-                    pos += n
-                if pos >= handle.size:
-                    break
+        while True:
+            # at least once: a fetch's end (even of an empty file) waits for its check
+            end = await handle.ready(pos)
+            while pos < end:
+                n = await data.sendfile(handle.fd, pos, min(SEND_CHUNK, end - pos))
+                if not n:
+                    raise Corrupt(handle.entry.path, f"content ends at {pos} of {handle.size} bytes")
+                pos += n
+            if pos >= handle.size:
+                break
     finally:
         handle.sent(pos - offset)
     return pos - offset
@@ -202,55 +197,143 @@ class _Users(aioftp.AbstractUserManager):
         return None
 
 
+def _settle(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
+async def _streams(sock: socket.socket, tls: ssl.SSLContext | None
+                   ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """asyncio streams over an accepted data connection, after the TLS handshake if tls."""
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader(limit=2**16, loop=loop)
+    protocol = asyncio.StreamReaderProtocol(reader, loop=loop)
+    transport, _ = await loop.connect_accepted_socket(
+        lambda: protocol, sock, ssl=tls, ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT if tls else None)
+    return reader, asyncio.StreamWriter(transport, protocol, reader, loop)
+
+
+class DataConnection:
+    """An accepted data connection. A RETR in clear sends from its bare socket with sendfile(2): no transport and
+    no stream objects, whose set-up and tear-down (four epoll changes, a protocol, two tasks) were a fixed cost of
+    every transfer. Uploads, listings and TLS data connections use asyncio streams over it (`streams`)."""
+
+    def __init__(self, sock: socket.socket, tls: ssl.SSLContext | None) -> None:
+        self.sock = sock
+        self._streams: asyncio.Future[tuple[asyncio.StreamReader, asyncio.StreamWriter]] | None = None
+        if tls is not None:
+            # Clients start TLS right after connecting or only after the 150 reply: begin now, await at 150.
+            self._streams = asyncio.ensure_future(_streams(sock, tls))
+            self._streams.add_done_callback(lambda f: f.cancelled() or f.exception())  # seen, if never awaited
+
+    async def handshake(self) -> None:
+        """PROT P: wait for the TLS handshake begun when the connection came (nothing to wait for in clear)."""
+        if self._streams is not None:
+            await self._streams
+
+    async def streams(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        if self._streams is None:
+            self._streams = asyncio.ensure_future(_streams(self.sock, None))
+        return await self._streams
+
+    async def sendfile(self, fd: int, offset: int, count: int) -> int:
+        """Up to count bytes of fd from offset → bytes sent (0: fd ends before offset)."""
+        if self._streams is not None:  # TLS (or streams already made): through the transport
+            data = await asyncio.to_thread(os.pread, fd, count, offset)
+            _, writer = await self._streams
+            writer.write(data)
+            async with asyncio.timeout(SOCKET_TIMEOUT):
+                await writer.drain()
+            return len(data)
+        while True:
+            try:
+                return os.sendfile(self.sock.fileno(), fd, offset, count)
+            except BlockingIOError:
+                await self._writable()
+
+    async def _writable(self) -> None:
+        """Wait until the socket takes more bytes, up to SOCKET_TIMEOUT (a reader that stopped reading)."""
+        loop, fileno = asyncio.get_running_loop(), self.sock.fileno()
+        ready: asyncio.Future[None] = loop.create_future()
+        loop.add_writer(fileno, _settle, ready)
+        try:
+            async with asyncio.timeout(SOCKET_TIMEOUT):
+                await ready
+        finally:
+            loop.remove_writer(fileno)
+
+    def close(self) -> None:
+        """Close the connection (bytes already handed to the kernel still reach the client)."""
+        streams = self._streams
+        if streams is not None and streams.done() and not streams.cancelled() and streams.exception() is None:
+            streams.result()[1].close()
+            return
+        if streams is not None:
+            streams.cancel()
+        self.sock.close()
+
+
 class Passive:
-    """One passive data connection (PASV/EPSV): a listener on a random free port of the configured range. It
-    hands over the first connection that comes from the control connection's address, drops and reports any
+    """One passive data connection (PASV/EPSV): a listening socket on a random free port of the configured range.
+    It hands over the first connection that comes from the control connection's address, drops and reports any
     other, and stops listening after that one or after `timeout` seconds, whichever comes first. The transfer
-    command takes it; whatever was not taken by then is closed too, so an idle session holds no port."""
+    command takes it; whatever was not taken by then is closed too, so an idle session holds no port. The socket
+    is a bare one watched with add_reader (an asyncio.Server per transfer cost its own set-up and tear-down)."""
 
     def __init__(self, peer: str, tls: ssl.SSLContext | None, timeout: float,
                  on_refused: Callable[[str, str], None]) -> None:
-        loop = asyncio.get_running_loop()
-        self.peer, self.tls, self.on_refused = peer, tls, on_refused
-        self.server: asyncio.Server | None = None
+        self.loop = asyncio.get_running_loop()
+        self.peer, self.tls, self.on_refused = unmapped(peer), tls, on_refused
+        self.sock: socket.socket | None = None
         self.port = 0
         self.taken = False  # a transfer command owns it (and closes the data connection)
-        self.connected: asyncio.Future[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = loop.create_future()
-        self.handshake: asyncio.Future[None] | None = None  # PROT P: the data connection's TLS handshake
-        self._timer = loop.call_later(timeout, self._expire)
+        self.connected: asyncio.Future[DataConnection] = self.loop.create_future()
+        self._timer = self.loop.call_later(timeout, self._expire)
 
     @classmethod
-    async def open(cls, host: str, ports: range, peer: str, tls: ssl.SSLContext | None, timeout: float,
-                   on_refused: Callable[[str, str], None]) -> "Passive | None":
+    def open(cls, host: str, ports: range, peer: str, tls: ssl.SSLContext | None, timeout: float,
+             on_refused: Callable[[str, str], None]) -> "Passive | None":
         """Listen on a free port of `ports` picked at random (a port cannot be guessed from the last one)
         → None if every port is taken."""
         passive = cls(peer, tls, timeout, on_refused)
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
         for port in _random_ports(ports):
+            sock = socket.socket(family, socket.SOCK_STREAM)
             try:
-                passive.server = await asyncio.start_server(passive._accept, host, port, backlog=8)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as asyncio's servers: past TIME_WAIT
+                sock.setblocking(False)
+                sock.bind((host, port))
+                sock.listen(8)
             except OSError:
+                sock.close()
                 continue
-            passive.port = port
+            passive.sock, passive.port = sock, port
+            passive.loop.add_reader(sock.fileno(), passive._accept)
             return passive
         passive.close()
         return None
 
-    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        # First, before any byte is read: a TLS client hello must reach the TLS layer, not the stream buffer.
-        _transport(writer).pause_reading()
-        host, port = writer.get_extra_info("peername")[:2]
-        if self.connected.done() or unmapped(host) != unmapped(self.peer):
-            self.on_refused(f"{host}:{port}", "the data connection was already made" if self.connected.done()
-                            else "its address is not the control connection's")
-            writer.transport.abort()
-            return
-        self._stop_listening()
-        if self.tls is not None:
-            # Clients start TLS right after connecting or only after the 150 reply: begin now, await at 150.
-            self.handshake = asyncio.ensure_future(
-                writer.start_tls(self.tls, ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT))
-            self.handshake.add_done_callback(lambda f: f.cancelled() or f.exception())  # seen, if never awaited
-        self.connected.set_result((reader, writer))
+    def _accept(self) -> None:
+        while self.sock is not None:
+            try:
+                conn, address = self.sock.accept()
+            except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+                return
+            except OSError as e:  # out of descriptors or buffers: this transfer gets its 425 now
+                if not self.connected.done():
+                    self.connected.set_exception(e)
+                self._stop_listening()
+                return
+            host, port = address[:2]
+            if self.connected.done() or unmapped(host) != self.peer:
+                self.on_refused(f"{host}:{port}", "the data connection was already made" if self.connected.done()
+                                else "its address is not the control connection's")
+                conn.close()
+                continue
+            self._stop_listening()
+            conn.setblocking(False)
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # as asyncio's transports
+            self.connected.set_result(DataConnection(conn, self.tls))
 
     def _expire(self) -> None:
         if not self.connected.done():
@@ -261,8 +344,10 @@ class Passive:
 
     def _stop_listening(self) -> None:
         self._timer.cancel()
-        if self.server is not None:
-            self.server.close()
+        if self.sock is not None:
+            self.loop.remove_reader(self.sock.fileno())
+            self.sock.close()
+            self.sock = None
 
     def close(self) -> None:
         """Stop listening; close the data connection unless a transfer owns it (the transfer closes it)."""
@@ -270,9 +355,7 @@ class Passive:
         if not self.connected.done():
             self.connected.cancel()
         elif not self.taken and not self.connected.cancelled() and self.connected.exception() is None:
-            if self.handshake is not None:
-                self.handshake.cancel()
-            self.connected.result()[1].transport.abort()
+            self.connected.result().close()
 
 
 _RNG = random.SystemRandom()
@@ -298,6 +381,7 @@ class Session:
     user_slot: int | None = None  # that count's slot in the LoginGuard
     rest: int = 0  # the REST marker for the next STOR/APPE/RETR
     passive: Passive | None = None
+    settled: Callable[["asyncio.Task[Any]"], None] | None = None  # the session's end-of-task callback (_session)
 
     def take_passive(self) -> Passive | None:
         passive, self.passive = self.passive, None
@@ -374,17 +458,38 @@ class FtpServer(aioftp.Server):
 
     async def _session(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, host: str, port: int,
                        session: Session) -> None:
-        """The command loop, shaped like aioftp's: each command runs as a task beside the command reader,
-        transfers as workers, and replies leave in order through one queue."""
+        """The command loop, shaped like aioftp's: each command runs as a task beside the command reader, transfers
+        as workers, and replies leave in order. One reading task for the session and a done callback per command
+        (aioftp's loop made a reading task and an asyncio.wait over every running task for each command)."""
+        # aioftp's handlers (and AUTH TLS) use this stream; commands are read straight from `reader`
         stream = ThrottleStreamIO(reader, writer, throttles={
             "server_global": self.throttle, "server_per_connection": self.throttle_per_connection.clone()},
             read_timeout=self.idle_timeout, write_timeout=self.socket_timeout)
-        replies: asyncio.Queue[tuple[str, str | list[str], bool]] = asyncio.Queue()
+        ended: asyncio.Future[None] = asyncio.get_running_loop().create_future()  # set when the session is over
+        commands: set[asyncio.Task[bool]] = set()
 
         def respond(code: str, lines: str | Iterable[str] = "", as_list: bool = False) -> None:
-            lines = printable(lines) if isinstance(lines, str) else [printable(line) for line in lines]
-            replies.put_nowait((code, lines, as_list))
+            """A reply, written at once (replies leave in the order they are made; aioftp queued each line for a
+            writer task that wrote and drained it under a timeout task of its own)."""
+            text = [printable(lines)] if isinstance(lines, str) else [printable(line) for line in lines]
+            writer.write(_reply(code, text, as_list, self.encoding))
 
+        def settled(task: asyncio.Task[Any]) -> None:
+            """A command or transfer ended: a failure is logged and answered 451; False (QUIT, or a refusal that
+            ends the session) ends the session."""
+            commands.discard(task)
+            connection.extra_workers.discard(task)
+            if task.cancelled():
+                return
+            exc = task.exception()
+            if exc is not None:
+                log.error("ftp_command_failed", user=session.user, error=f"{type(exc).__name__}: {exc}"[:300],
+                          exc_info=exc)
+                respond("451", "internal error; the server log has the details")
+            elif task.result() is False:
+                _settle(ended)
+
+        session.settled = settled
         connection = aioftp.Connection(
             client_host=host, client_port=port, server_host=writer.get_extra_info("sockname")[0],
             server_port=self.server_port, command_connection=stream, socket_timeout=self.socket_timeout,
@@ -393,36 +498,26 @@ class FtpServer(aioftp.Server):
             response=respond, session=session)
         connection.path_io = self.path_io_factory(timeout=self.path_timeout, connection=connection)
         respond("220", self.welcome_message)
-        read = asyncio.create_task(self._read_command(stream))
-        write = asyncio.create_task(self.response_writer(stream, replies))
-        commands: set[asyncio.Future[bool]] = set()
-        try:
+
+        async def read_commands() -> None:
             while True:
-                done, _ = await asyncio.wait({read, write} | commands | connection.extra_workers,
-                                             return_when=asyncio.FIRST_COMPLETED)
-                if write in done:
-                    write.result()  # the client is gone: raises
-                for task in done - {read, write}:
-                    commands.discard(task)
-                    connection.extra_workers.discard(task)
-                    if task.cancelled():
-                        continue
-                    if task.exception() is not None:
-                        exc = task.exception()
-                        log.error("ftp_command_failed", user=session.user, error=f"{type(exc).__name__}: {exc}"[:300],
-                                  exc_info=exc)
-                        respond("451", "internal error; the server log has the details")
-                    elif task.result() is False:  # QUIT, or a refusal that ends the session
-                        await asyncio.wait_for(replies.join(), self.socket_timeout)
-                        return
-                if read in done:
-                    cmd, rest = read.result()  # a closed or idle connection raises
-                    read = asyncio.create_task(self._read_command(stream))
-                    handler = self.handlers.get(cmd)
-                    if handler is None:
-                        respond("502", f"{cmd[:16].upper()} not implemented")
-                    else:
-                        commands.add(asyncio.ensure_future(handler(connection, rest)))
+                cmd, rest = await self._read_command(reader, writer)  # a closed or idle connection raises
+                handler = self.handlers.get(cmd)
+                if handler is None:
+                    respond("502", f"{cmd[:16].upper()} not implemented")
+                    continue
+                task = asyncio.ensure_future(handler(connection, rest))
+                commands.add(task)
+                task.add_done_callback(settled)
+
+        read = asyncio.create_task(read_commands())
+        read.add_done_callback(lambda _: _settle(ended))
+        try:
+            await ended
+            if read.done():
+                read.result()  # the client went away (raises), or a fault of ours
+            else:  # QUIT, or a refusal that ends the session: the last reply leaves first
+                await asyncio.wait_for(writer.drain(), self.socket_timeout)
         except (ConnectionError, asyncio.IncompleteReadError, TimeoutError, ssl.SSLError, ValueError):
             pass  # the client went away, stayed idle too long, or sent an over-long line
         except asyncio.CancelledError:
@@ -434,7 +529,7 @@ class FtpServer(aioftp.Server):
                     await asyncio.wait_for(writer.drain(), 1)
             raise
         finally:
-            tasks = {read, write} | commands | connection.extra_workers
+            tasks: set[asyncio.Task[Any]] = {read, *commands, *connection.extra_workers}
             for task in tasks:
                 task.cancel()
             passive = session.take_passive()
@@ -444,11 +539,15 @@ class FtpServer(aioftp.Server):
             await asyncio.wait(tasks, timeout=10)  # workers abort their uploads and close their files
             self._count_out(session)
 
-    async def _read_command(self, stream: aioftp.StreamIO) -> tuple[str, str]:
+    async def _read_command(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> tuple[str, str]:
         """→ (command, argument). Only the line end is cut from a path argument: a trailing space is part of
         the name (refused for a new file, never silently dropped). Bytes that are not UTF-8 are kept as
         surrogates, so the path checks answer 553 instead of the session dying."""
-        line = await stream.readline()
+        if writer.transport.get_write_buffer_size() > REPLY_BUFFER:
+            # a client that sends commands but reads no replies: read its next command once they have left
+            await asyncio.wait_for(writer.drain(), self.socket_timeout)
+        async with asyncio.timeout(self.idle_timeout):
+            line = await reader.readline()
         if not line:
             raise ConnectionResetError("client closed the control connection")
         cmd, _, rest = line.decode("utf-8", errors="surrogateescape").rstrip("\r\n").partition(" ")
@@ -598,7 +697,7 @@ class FtpServer(aioftp.Server):
             self.gateway.count_error("ftp", "DataConnectionRefused")
             self.gateway.audit_event(Who(user, "ftp", peer), "data-connection", "", f"refused: {reason}")
 
-        session.passive = await Passive.open(
+        session.passive = Passive.open(
             connection.server_host, self.passive_ports, session.address,
             self.tls if session.prot_private else None, self.cfg.ftp.passive_timeout, refused)
         if session.passive is None:
@@ -608,36 +707,32 @@ class FtpServer(aioftp.Server):
         return session.passive
 
     def _transfer(self, connection: aioftp.Connection, passive: Passive | None,
-                  opener: Callable[[], AsyncContextManager[T]], body: Callable[[T, ThrottleStreamIO], Awaitable[str]]
+                  opener: Callable[[], AsyncContextManager[T]], body: Callable[[T, DataConnection], Awaitable[str]]
                   ) -> bool:
         """Run a transfer beside the command loop (aioftp's model): wait for the data connection; enter
         `opener()` (the file or listing; its errors are answered without a 150); 150; the data connection's TLS
-        handshake if PROT P; `body(opened, stream)` → the 226 text. Nothing is opened before the data
+        handshake if PROT P; `body(opened, data)` → the 226 text. Nothing is opened before the data
         connection is there (a 425 leaves nothing behind), and the data connection is closed on every path.
         ABOR (or the session's end) cancels it: 426, then 226."""
 
         async def run() -> None:
-            writer = None
+            data = None
             try:
                 if passive is None:
                     raise Reply("425", "no data connection: send PASV or EPSV first")
                 try:
-                    reader, writer = await asyncio.shield(passive.connected)
+                    data = await asyncio.shield(passive.connected)
                 except TimeoutError:
                     raise Reply("425", f"no data connection within {self.cfg.ftp.passive_timeout:g} s") from None
+                except OSError as e:
+                    raise Reply("425", f"no data connection: {e}") from None
                 async with opener() as opened:
                     connection.response("150", "data connection open")
-                    if passive.handshake is not None:
-                        try:
-                            await passive.handshake
-                        except (OSError, ssl.SSLError, TimeoutError) as e:
-                            raise Reply("425", f"TLS handshake on the data connection failed: {e}") from None
-                    else:
-                        _transport(writer).resume_reading()
-                    stream = ThrottleStreamIO(reader, writer, throttles=connection.command_connection.throttles,
-                                              timeout=connection.socket_timeout)
-                    async with stream:
-                        done = await body(opened, stream)
+                    try:
+                        await data.handshake()
+                    except (OSError, ssl.SSLError, TimeoutError) as e:
+                        raise Reply("425", f"TLS handshake on the data connection failed: {e}") from None
+                    done = await body(opened, data)
                 connection.response("226", done)
             except Reply as e:
                 log.warning("ftp_error", user=connection.user.login, code=e.code, reason=e.text)
@@ -651,13 +746,23 @@ class FtpServer(aioftp.Server):
                 connection.response("426", "transfer aborted")
                 connection.response("226", "abort successful")
             finally:
-                if writer is not None:
-                    writer.close()
+                if data is not None:
+                    data.close()
                 if passive is not None:
                     passive.close()
 
-        connection.extra_workers.add(asyncio.create_task(run()))
+        worker = asyncio.create_task(run())
+        connection.extra_workers.add(worker)
+        if connection.session.settled is not None:
+            worker.add_done_callback(connection.session.settled)
         return True
+
+    @staticmethod
+    async def _stream(connection: aioftp.Connection, data: DataConnection) -> ThrottleStreamIO:
+        """aioftp's stream over the data connection (uploads and listings; the data connection closes it)."""
+        reader, writer = await data.streams()
+        return ThrottleStreamIO(reader, writer, throttles=connection.command_connection.throttles,
+                                timeout=connection.socket_timeout)
 
     # --- paths and errors ------------------------------------------------------------------------
 
@@ -717,7 +822,8 @@ class FtpServer(aioftp.Server):
                 await handle.abort(_abort_reason(e))
                 raise
 
-        async def receive(handle: WriteHandle, stream: ThrottleStreamIO) -> str:
+        async def receive(handle: WriteHandle, conn: DataConnection) -> str:
+            stream = await self._stream(connection, conn)
             async for data in stream.iter_by_block(connection.block_size):
                 await handle.write(data)
             await handle.commit()
@@ -740,8 +846,8 @@ class FtpServer(aioftp.Server):
             finally:
                 await handle.close()
 
-        async def send(handle: ReadHandle, stream: ThrottleStreamIO) -> str:
-            await send_file(stream, handle, offset)
+        async def send(handle: ReadHandle, conn: DataConnection) -> str:
+            await send_file(conn, handle, offset)
             return "transfer complete"
 
         return self._transfer(connection, passive, download, send)
@@ -767,7 +873,8 @@ class FtpServer(aioftp.Server):
         entries = await self.gateway.listdir(self._resolve(connection, rest or "."), who(connection))
         data = "".join(line(e) + END_OF_LINE for e in entries).encode(self.encoding)
 
-        async def send(data: bytes, stream: ThrottleStreamIO) -> str:
+        async def send(data: bytes, conn: DataConnection) -> str:
+            stream = await self._stream(connection, conn)
             for start in range(0, len(data), BLOCK):
                 await stream.write(data[start:start + BLOCK])
             return done
@@ -867,6 +974,18 @@ class FtpServer(aioftp.Server):
         """MLST (aioftp's handler)."""
         e = await connection.path_io.entry(path)
         return f"Type=unknown; {path.name}" if e is None else _mlsx(e, path.name)
+
+
+def _reply(code: str, lines: list[str], as_list: bool, encoding: str) -> bytes:
+    """A reply as aioftp's write_response formats it: `code-` before each line but the last (a list: the lines
+    between the first and the last start with a space), `code ` before the last."""
+    if as_list:
+        head, *body, tail = lines
+        text = [f"{code}-{head}", *(f" {line}" for line in body), f"{code} {tail}"]
+    else:
+        *body, tail = lines
+        text = [*(f"{code}-{line}" for line in body), f"{code} {tail}"]
+    return "".join(line + END_OF_LINE for line in text).encode(encoding)
 
 
 def _mlsx(e: Entry, name: str) -> str:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import os
 from typing import Any, Awaitable, Callable
@@ -30,7 +31,8 @@ async def download(s3: S3Uplink, cache: Cache, e: Entry, blob: str, fd: int,
                    on_verified: Callable[[], Awaitable[None]] | None = None,
                    on_start: Callable[[str | None, bool], None] | None = None,
                    lock: asyncio.Lock | None = None) -> str:
-    """Stream e's object into the staging file fd, check its size and SHA-256, commit it as blob. → sha256.
+    """Stream e's object into the staging file fd, check its size and SHA-256, commit it as blob (without
+    fsyncs: S3 holds the object, and a copy a crash tore fails its checks and is fetched again). → sha256.
 
     on_start(ETag, whether ranged GETs may read it) runs once the object answered; on_data(bytes so far)
     after every chunk (readers waiting on a fetch, progress bars), inside `lock` with the chunk's write
@@ -57,5 +59,5 @@ async def download(s3: S3Uplink, cache: Cache, e: Entry, blob: str, fd: int,
                               f"expected {e.size} bytes sha256 {expected}")
     if on_verified is not None:
         await on_verified()
-    await asyncio.to_thread(cache.commit, blob, fd, fast.hexdigest())
+    await asyncio.to_thread(functools.partial(cache.commit, blob, fd, fast.hexdigest(), durable=False))
     return h.hexdigest()
