@@ -437,13 +437,13 @@ class FtpServer(aioftp.Server):
 
     async def dispatcher(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """One session: aioftp.Server.start serves each control connection with this method."""
-        host, port = writer.get_extra_info("peername")[:2]
-        address = unmapped(host)
+        peer, port = writer.get_extra_info("peername")[:2]
+        host = unmapped(peer)  # the one form: bans, slots, audit (agent.auth.unmapped)
         cap = self.cfg.ftp.max_sessions_per_address
-        slot = await self.logins.take_session("address", address, cap)  # counted box-wide (agent.auth.LoginGuard)
+        slot = await self.logins.take_session("address", host, cap)  # counted box-wide (agent.auth.LoginGuard)
         if slot is None:
             contract.refuse_session(self.gateway, "ftp", Who("-", "ftp", f"{host}:{port}"),
-                                    f"too many sessions from {address} (limit {cap})")
+                                    f"too many sessions from {host} (limit {cap})")
             writer.write(f"421 too many sessions from your address (limit {cap}); try again later\r\n".encode())
             writer.close()
             return
@@ -451,7 +451,7 @@ class FtpServer(aioftp.Server):
         assert task is not None  # asyncio.start_server runs each connection as a task
         self.sessions.add(task)
         try:
-            await self._session(reader, writer, host, port, Session(address))
+            await self._session(reader, writer, host, port, Session(host))
         finally:
             self.sessions.discard(task)
             self.logins.release_session(slot)
