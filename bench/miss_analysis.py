@@ -49,6 +49,8 @@ def classes(ta) -> dict[str, np.ndarray]:
     st_prev_session = np.full(n, np.nan)
     st_last: dict[int, float] = {}
     st_sess: dict[int, float] = {}
+    st_count: dict[int, int] = {}           # study → sessions so far (reads > 10 min apart)
+    sessions = np.zeros(n, dtype=np.int64)
     newer = np.zeros(n, dtype=bool)
     # patient → newest study day written so far in the trace
     newest: dict[int, int] = {}
@@ -71,6 +73,8 @@ def classes(ta) -> dict[str, np.ndarray]:
             if lt is None or t - lt > 600:
                 if lt is not None:
                     st_sess[s] = lt
+                st_count[s] = st_count.get(s, 0) + 1
+            sessions[i] = st_count[s] - 1
             if s in st_sess:
                 st_prev_session[i] = t - st_sess[s]
             st_last[s] = t
@@ -85,6 +89,8 @@ def classes(ta) -> dict[str, np.ndarray]:
     for lo, hi, name in ((0, 1e8, "< 100 MB"), (1e8, 1e9, "100 MB-1 GB"), (1e9, np.inf, "> 1 GB")):
         c[f"non-compulsory, study {name}"] = ~comp & (sbytes >= lo) & (sbytes < hi)
     c["non-compulsory, same weekday+hour as last session"] = ~comp & weekly
+    for lo, hi, name in ((0, 1, "none"), (1, 4, "1-3"), (4, 8, "4-7"), (8, 1 << 62, "8+")):
+        c[f"non-compulsory, study's earlier sessions {name}"] = ~comp & (sessions >= lo) & (sessions < hi)
     c["non-compulsory, patient has a newer study"] = ~comp & newer
     c["non-compulsory, prior study (acquired before the trace)"] = ~comp & (ta.study_day[obj_study[ta.obj]] < 0)
     return c
@@ -96,6 +102,7 @@ def main() -> int:
     ap.add_argument("--families", default="general,oncology,outpatient,cancer,teaching")
     ap.add_argument("--caps", default="1.5GB,5GB")
     ap.add_argument("--warmup-days", type=float, default=3.0)
+    ap.add_argument("--scheme", default="agent", help="the scheme set against LRU (agent: the default stack)")
     args = ap.parse_args()
     for fam in args.families.split(","):
         ta = load_arrays(Path(args.traces) / f"{fam}.tsv")
@@ -105,9 +112,9 @@ def main() -> int:
         cls = classes(ta)
         for cap in args.caps.split(","):
             capacity = int(float(cap[:-2]) * 1e9)
-            lru, dflt = hits_of(ta, "A", capacity), hits_of(ta, "agent", capacity)
+            lru, dflt = hits_of(ta, "A", capacity), hits_of(ta, args.scheme, capacity)
             print(f"\n## {fam} {cap}: reads {reads.sum():,} ({rb / 1e9:.1f} GB); byte hit LRU "
-                  f"{size[reads & lru].sum() / rb:.1%}, default {size[reads & dflt].sum() / rb:.1%}")
+                  f"{size[reads & lru].sum() / rb:.1%}, {args.scheme} {size[reads & dflt].sum() / rb:.1%}")
             print("| class | reads | read bytes | LRU miss bytes | default miss bytes | default hit bytes in class |")
             print("|---|---|---|---|---|---|")
             for name, m in cls.items():

@@ -119,6 +119,30 @@ def test_gap_factor_learns_that_studies_back_after_a_week_come_back_again() -> N
     assert gap[gap_bucket(7 * DAY)] > 1.0 > gap[0]
 
 
+def test_frequency_factor_learns_a_popular_set_beyond_the_class_table() -> None:
+    """A teaching file: half the studies are opened day after day (20 sessions), the rest on three days and
+    never again. The class table stops at 3+ sessions, so both halves share a class there; the frequency
+    factor (sessions 4-7, 8-15, 16+) learns from the hits and evictions that the popular ones come back."""
+    from agent.policy.learned import _Study, freq_bucket
+    p = HitDensity(factors=("freq",), refit_events=50, warm_events=0)
+    t = 0.0
+    for study in range(100):
+        t += 60.0
+        p.on_insert(study, 1, t, t, study)
+    for day in range(1, 21):
+        for study in range(100):
+            if study % 2 == 0 or day <= 3:
+                p.on_access(study, day * DAY + study)
+    list(p.victims(100, 30 * DAY))
+    p.refit()
+    freq = p.factor[0]
+    assert [freq_bucket(n) for n in (0, 3, 4, 7, 8, 15, 16, 99)] == [0, 0, 1, 1, 2, 2, 3, 3]
+    assert freq[freq_bucket(10)] > 1.0 > freq[0]
+    p.density[:] = 1.0
+    popular, once = _Study({}, 1, t, 0, sessions=12, study=0), _Study({}, 1, t, 0, sessions=3, study=1)
+    assert p._worth(popular, t) > p._worth(once, t)
+
+
 def test_study_features_reach_the_policy_as_factors() -> None:
     """Priors of a patient with a newer study come back (a board shows them beside the new one), the rest
     not: told through the stack's `describe` (what the prefetcher learns from the catalog's study index
