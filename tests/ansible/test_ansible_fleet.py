@@ -148,6 +148,10 @@ def test_flashed_box_serves_the_pacs_subnets_of_its_config_partition(flashed, fl
     reply, journal = flashed[third.name]
     assert reply.startswith(("TimeoutError", "timeout", "OSError")) and "226" not in reply, reply
     assert "192.0.2.0/24" in journal, journal
+    # the name its seed gave it resolves to the box itself: sudo does not warn "unable to resolve host"
+    for h in fleet.hosts:
+        p = fleet.ssh(h, "getent hosts $(hostname); sudo true")
+        assert p.stdout.split() == ["127.0.1.1", h.name] and p.stderr == "", (h.name, p.stdout, p.stderr)
 
 
 def test_site_provisions_every_box(provisioned):
@@ -339,6 +343,8 @@ def test_usb_seed_after_adoption_is_ignored_unless_signed(provisioned, tmp_path)
     journal = _firstboot_log(fleet, gw)
     assert "applying the seed on /boot/pacsgw-seed (signed by a fleet key)" in journal, journal
     assert fleet.ssh(gw, "cat /etc/hostname").stdout.strip() == f"{gw.name}-resigned"
+    assert fleet.ssh(gw, f"getent hosts {gw.name}-resigned; getent hosts {gw.name} || echo gone").stdout.split() \
+        == ["127.0.1.1", f"{gw.name}-resigned", "gone"]
     assert _conf(fleet, gw) == before
 
 

@@ -220,8 +220,9 @@ def test_image_boots_and_serves_healthz(appliance, box):
                   "df -B1 --output=size / | tail -1; findmnt -n -o SOURCE,FSTYPE /var/lib/pacsgw/cache; "
                   "sudo df -B1 --output=size /var/lib/pacsgw/cache | tail -1; "
                   "sudo stat -c '%U %a' /var/lib/pacsgw/cache; "
-                  "sudo ls /boot/efi/loader/entries; uname -r").stdout.split("\n")
+                  "sudo ls /boot/efi/loader/entries; uname -r; getent hosts pacsgw-boot-test").stdout.split("\n")
     assert out[0] == "pacsgw-boot-test"
+    assert out[11].split() == ["127.0.1.1", "pacsgw-boot-test"], out[11]   # the seed's name resolves
     assert out[1] == "pacsgw 600"
     assert out[2] == "active" and out[3] == "active"
     assert out[4] == f"releases/{project_version()}"
