@@ -20,6 +20,7 @@ import socket
 import subprocess
 import time
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -307,11 +308,19 @@ def _download_newer_kernel(work: Path) -> Path:
     return next(work.glob("linux-image-*.deb"))
 
 
+@pytest.fixture(scope="module", autouse=True)
+def newer_kernel(tmp_path_factory):
+    """The newer kernel package, fetched while the module's first boots run under TCG (not after them): → a
+    future of the .deb."""
+    with ThreadPoolExecutor(1) as pool:
+        yield pool.submit(_download_newer_kernel, tmp_path_factory.mktemp("kernel"))
+
+
 @pytest.mark.timeout(3600)
-def test_newer_kernel_package_reaches_the_esp_and_boots(box, tmp_path):
+def test_newer_kernel_package_reaches_the_esp_and_boots(box, newer_kernel):
     """A newer kernel package installed on the running box (as unattended-upgrades would): the kernel and
     initramfs hooks put it on the ESP as the default entry beside the previous kernel, and the box boots it."""
-    deb = _download_newer_kernel(tmp_path)
+    deb = newer_kernel.result(timeout=1200)
     new = deb.name.split("_")[0].removeprefix("linux-image-")
     _running(box)
     old = box.ssh("uname -r").stdout.strip()
