@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Build the pacsgw appliance disk image: Debian bookworm by debootstrap, provisioned by ansible/site.yml
+# Build the pacsgw appliance disk image: Debian bookworm by mmdebstrap, provisioned by ansible/site.yml
 # (the fleet's own roles) through the chroot connection, then a GPT disk with systemd-boot (UEFI).
 #
 #   image/build.sh [--out DIR] [--release TAR] [--rootfs-only] [--no-kernel] [--no-compress] [--mirror URL]
@@ -8,7 +8,7 @@
 # Partitions: 1 ESP (FAT32, PACSGW-ESP: systemd-boot, kernels, initrds), 2 config (FAT, PACSGW-CFG: the
 # hospital's agent.toml and network settings, see docs/fleet.md), 3 root (ext4, pacsgw-root, a fixed 4 GiB),
 # 4 cache (ext4, pacsgw-cache: the catalog and the cached files; grows to fill the disk on first boot and
-# survives a re-flash of partitions 1 and 3 by image/reflash-system.sh). Needs root (debootstrap, chroot); no
+# survives a re-flash of partitions 1 and 3 by image/reflash-system.sh). Needs root (mmdebstrap, chroot); no
 # loop devices or mounts of images.
 set -euo pipefail
 repo="$(cd "$(dirname "$0")/.." && pwd)"
@@ -50,7 +50,7 @@ fi
 release="$(cd "$(dirname "$release")" && pwd)/$(basename "$release")"
 version="$(basename "$release" .tar)"; version="${version#pacsgw-}"
 
-# --- debootstrap ------------------------------------------------------------------------------
+# --- mmdebstrap --------------------------------------------------------------------------------
 mounted=()
 cleanup() {
   local m
@@ -59,9 +59,17 @@ cleanup() {
 }
 trap cleanup EXIT
 rm -rf "$rootfs"
-step "debootstrap bookworm from $mirror"
-debootstrap --variant=minbase --include=python3,ca-certificates bookworm "$rootfs" "$mirror" > "$out/debootstrap.log" 2>&1 \
-  || { tail -20 "$out/debootstrap.log"; exit 1; }
+# mmdebstrap: the package set of `debootstrap --variant=minbase` (Priority: required + apt; merged /usr as
+# debootstrap makes it, so usr-is-merged and not usrmerge with perl), installed by apt in one go without an
+# fsync per file: 41-60 s here where debootstrap took 80-103 s (load 6-7).
+command -v mmdebstrap >/dev/null || { echo "build.sh needs mmdebstrap: apt-get install -y mmdebstrap" >&2; exit 1; }
+step "mmdebstrap bookworm from $mirror"
+mmdebstrap --variant=minbase --include=python3,ca-certificates --dpkgopt=force-unsafe-io \
+  --hook-dir=/usr/share/mmdebstrap/hooks/merged-usr bookworm "$rootfs" "$mirror" \
+  > "$out/mmdebstrap.log" 2>&1 || { tail -20 "$out/mmdebstrap.log"; exit 1; }
+rm -f "$rootfs/etc/dpkg/dpkg.cfg.d/99mmdebstrap"   # its --dpkgopt: the unsafe-io below is removed before shipping
+# apt in the chroot needs the build machine's resolver (removed again when the tree is cleaned)
+cp -L /etc/resolv.conf "$rootfs/etc/resolv.conf"
 security="$(awk '/^URIs:/ {print $2}' /etc/apt/sources.list.d/*.sources 2>/dev/null | grep -m1 security || true)"
 {
   echo "deb $mirror bookworm main"

@@ -7,11 +7,13 @@ from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
+import structlog
 
 from agent.sim.catalog_memory import CatalogMemory
 from agent.sim.replay import DEFAULT_SCHEME, SCHEMES, ReplayConfig, SchemeResult
 from agent.sim.trace import TraceArrays
 
+log = structlog.get_logger(__name__)
 RCLONE_GB_PER_TB = 4.16          # rclone's in-RAM directory cache on PACS data (the paper)
 
 NAMES = {"A": "A: LRU (rclone default)", "B": "B: 90-day rule", "C": "C: LSTM prefetch + K-means",
@@ -124,8 +126,18 @@ def describe(ta: TraceArrays, cfg: ReplayConfig) -> str:
             f"{cfg.prefetch_space:.0%} (LSTM) / {cfg.priors_space:.0%} (priors) of the cache per plan.\n")
 
 
+# The charts need matplotlib, which the boxes do not install (it is the [sim] extra): without it the report is
+# written without them and says how to get them.
+CHARTS_HINT = "charts not drawn: matplotlib is not installed (pip install 'pacsgw[sim]' draws them)"
+
+
 def plots(results: list[SchemeResult], out: Path) -> list[str]:
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:
+        log.warning("simulate_charts_skipped", reason="matplotlib is not installed",
+                    install="pip install 'pacsgw[sim]'")
+        return []
     matplotlib.use("Agg")
     return [hit_ratio_plot(results, out / "hit_ratio_per_day.png"), egress_plot(results, out / "egress.png")]
 
@@ -178,7 +190,8 @@ def write_report(ta: TraceArrays, cfg: ReplayConfig, results: list[SchemeResult]
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     imgs = plots(results, out) if results else []
-    text += "\n" + "\n".join(f"![{n}]({n})" for n in imgs) + "\n"
+    charts = [f"![{n}]({n})" for n in imgs] if imgs or not results else [f"({CHARTS_HINT})"]
+    text += "\n" + "\n".join(charts) + "\n"
     (out / "report.md").write_text(text)
     closed = gaps(results, refs) or {}
     data = {"meta": {k: v for k, v in ta.meta.items() if k != "params"}, "capacity": cfg.capacity,

@@ -20,7 +20,7 @@ def base_release(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def appliance(tmp_path_factory, request) -> Path:
-    """The appliance built by image/build.sh: debootstrap + site.yml over chroot + kernel + disk.
+    """The appliance built by image/build.sh: mmdebstrap + site.yml over chroot + kernel + disk.
 
     PACSGW_TEST_IMAGE_DIR (development only, never set in CI) points at an existing build to reuse.
     """

@@ -1,6 +1,6 @@
 """Helpers for the Ansible, image and fleet tests (issue 6).
 
-Everything here runs real tools: debootstrap, ansible-playbook over the chroot connection and over SSH,
+Everything here runs real tools: mmdebstrap, ansible-playbook over the chroot connection and over SSH,
 systemd-nspawn containers booted from the appliance tree in network namespaces this code creates
 (and deletes), rclone's S3 server inside the controller namespace, qemu (TCG) for the image boot.
 """

@@ -148,6 +148,10 @@ def test_flashed_box_serves_the_pacs_subnets_of_its_config_partition(flashed, fl
     reply, journal = flashed[third.name]
     assert reply.startswith(("TimeoutError", "timeout", "OSError")) and "226" not in reply, reply
     assert "192.0.2.0/24" in journal, journal
+    # the name its seed gave it resolves to the box itself: sudo does not warn "unable to resolve host"
+    for h in fleet.hosts:
+        p = fleet.ssh(h, "getent hosts $(hostname); sudo true")
+        assert p.stdout.split() == ["127.0.1.1", h.name] and p.stderr == "", (h.name, p.stdout, p.stderr)
 
 
 def test_site_provisions_every_box(provisioned):
@@ -339,6 +343,8 @@ def test_usb_seed_after_adoption_is_ignored_unless_signed(provisioned, tmp_path)
     journal = _firstboot_log(fleet, gw)
     assert "applying the seed on /boot/pacsgw-seed (signed by a fleet key)" in journal, journal
     assert fleet.ssh(gw, "cat /etc/hostname").stdout.strip() == f"{gw.name}-resigned"
+    assert fleet.ssh(gw, f"getent hosts {gw.name}-resigned; getent hosts {gw.name} || echo gone").stdout.split() \
+        == ["127.0.1.1", f"{gw.name}-resigned", "gone"]
     assert _conf(fleet, gw) == before
 
 
@@ -506,10 +512,13 @@ def test_key_rotation_rolls_out_with_no_pacs_visible_error(provisioned, tmp_path
     """New S3 keys as a configuration-only rolling update (canary, batches, the same gate) while a PACS
     keeps writing to every box: no transfer fails, and every acknowledged file reaches the bucket."""
     fleet = provisioned
-    # Every box onto one release that is healthy on all of them (an earlier test leaves gw1 on BROKEN, which
-    # cannot start on hospital B's box): after that the key change is config only.
-    release = NEXT
-    _assert_ok(fleet.playbook("update.yml", "-e", f"gateway_version={release}"))
+    # Each box stays on the release it runs (the tests before leave them on different ones, all healthy): named
+    # per box, so the key change is configuration only everywhere, without a release rollout first.
+    running = {h.name: fleet.current_release(h) for h in fleet.hosts}
+    host_vars = fleet.workdir / "inventory" / "host_vars"
+    host_vars.mkdir(exist_ok=True)
+    for h in fleet.hosts:
+        (host_vars / f"{h.name}.yml").write_text(json.dumps({"gateway_version": running[h.name]}))
     old = fleet.s3_key
     new = ("FLEETROTATEDKEY", "FLEETROTATEDSECRET0123456789")   # test-only
     fleet.restart_s3(old, new)          # the provider issues the new key beside the old one
@@ -517,16 +526,18 @@ def test_key_rotation_rolls_out_with_no_pacs_visible_error(provisioned, tmp_path
     writer = subprocess.Popen(fleet.nsexec(sys.executable, "-c", PACS_WRITER, str(stop), str(result),
                                            *[h.addr for h in fleet.hosts]))
     try:
-        p = fleet.playbook("update.yml", "-e", f"gateway_version={release}",
-                           "-e", f"gateway_uplink_access_key_id={new[0]}",
+        p = fleet.playbook("update.yml", "-e", f"gateway_uplink_access_key_id={new[0]}",
                            "-e", f"gateway_uplink_secret_access_key={new[1]}")
         _assert_ok(p)
         time.sleep(3)
     finally:
         stop.touch()
         writer.wait(timeout=120)
+        for h in fleet.hosts:
+            (host_vars / f"{h.name}.yml").unlink()
     for h in fleet.hosts:
-        assert f"{h.name}: configuration updated on {release}" in p.stdout, p.stdout[-5000:]
+        assert f"{h.name}: configuration updated on {running[h.name]}" in p.stdout, p.stdout[-5000:]
+        assert fleet.current_release(h) == running[h.name]
         assert new[0] in _conf(fleet, h) and old[0] not in _conf(fleet, h)
     fleet.restart_s3(new)               # the old key is revoked
     fleet.s3_key = new                  # and the fleet's inventory names the new one, as an admin's would:

@@ -1,4 +1,4 @@
-"""site.yml applied through the chroot connection to a debootstrap root (by image/build.sh, with the
+"""site.yml applied through the chroot connection to an mmdebstrap root (by image/build.sh, with the
 fleet's own roles) produces the expected files, users and units."""
 
 from __future__ import annotations

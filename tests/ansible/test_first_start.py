@@ -1,6 +1,6 @@
 """A new user's first start: the README's commands on a Debian 12 root, from a clone of this commit.
 
-The root is an overlay of the appliance tree the fleet tests build anyway (debootstrap'd bookworm plus the
+The root is an overlay of the appliance tree the fleet tests build anyway (mmdebstrap'd bookworm plus the
 fleet's roles), so no second Debian root is built. That tree has the SMB role's samba and fuse3: they are
 removed first, so the root has no make, no compiler, no samba, fuse3 or libfuse3-dev. In a chroot on it:
 the README's `apt install python3-venv make curl`, a clone of the commit, `make run` (its venv step with

@@ -20,6 +20,7 @@ import socket
 import subprocess
 import time
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -220,8 +221,9 @@ def test_image_boots_and_serves_healthz(appliance, box):
                   "df -B1 --output=size / | tail -1; findmnt -n -o SOURCE,FSTYPE /var/lib/pacsgw/cache; "
                   "sudo df -B1 --output=size /var/lib/pacsgw/cache | tail -1; "
                   "sudo stat -c '%U %a' /var/lib/pacsgw/cache; "
-                  "sudo ls /boot/efi/loader/entries; uname -r").stdout.split("\n")
+                  "sudo ls /boot/efi/loader/entries; uname -r; getent hosts pacsgw-boot-test").stdout.split("\n")
     assert out[0] == "pacsgw-boot-test"
+    assert out[11].split() == ["127.0.1.1", "pacsgw-boot-test"], out[11]   # the seed's name resolves
     assert out[1] == "pacsgw 600"
     assert out[2] == "active" and out[3] == "active"
     assert out[4] == f"releases/{project_version()}"
@@ -306,11 +308,19 @@ def _download_newer_kernel(work: Path) -> Path:
     return next(work.glob("linux-image-*.deb"))
 
 
+@pytest.fixture(scope="module", autouse=True)
+def newer_kernel(tmp_path_factory):
+    """The newer kernel package, fetched while the module's first boots run under TCG (not after them): → a
+    future of the .deb."""
+    with ThreadPoolExecutor(1) as pool:
+        yield pool.submit(_download_newer_kernel, tmp_path_factory.mktemp("kernel"))
+
+
 @pytest.mark.timeout(3600)
-def test_newer_kernel_package_reaches_the_esp_and_boots(box, tmp_path):
+def test_newer_kernel_package_reaches_the_esp_and_boots(box, newer_kernel):
     """A newer kernel package installed on the running box (as unattended-upgrades would): the kernel and
     initramfs hooks put it on the ESP as the default entry beside the previous kernel, and the box boots it."""
-    deb = _download_newer_kernel(tmp_path)
+    deb = newer_kernel.result(timeout=1200)
     new = deb.name.split("_")[0].removeprefix("linux-image-")
     _running(box)
     old = box.ssh("uname -r").stdout.strip()
