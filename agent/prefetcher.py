@@ -316,13 +316,12 @@ class PriorFetcher:
         chosen = self.stack.prior_plan(d, ranked, Budget(priors_budget(self.cfg), line_rate(self.cfg),
                                                          p.priors_window_seconds), time.time())
         deadline = time.time() + p.priors_window_seconds
-        heat = {key: h for _, key, h, _, _ in ranked}
         log.info("prior_prefetch", study=d, patient_studies=len(studies), newer=len(older),
                  priors=[c[0] for c in chosen],
-                 heat=[round(heat[c[0]], 3) for c in chosen], bytes=sum(c[2] for c in chosen),
+                 heat=[round(c[3], 3) for c in chosen], bytes=sum(c[2] for c in chosen),
                  rank_heat=self.stack.prior_heat())
-        for key, cell, _ in chosen:
-            self.stack.prior_fetched(key, d, heat[key])     # kept beside its new study until the report
+        for key, cell, _, heat in chosen:
+            self.stack.prior_fetched(key, d, heat)     # kept beside its new study until the report
             await self.db.record_prior_fetch(str(key), cell)
             if await self.fetcher.fetch_dir(str(key), deadline, self.status, "prior"):
                 break

@@ -227,7 +227,7 @@ def test_a_prior_is_admitted_only_above_the_eviction_boundary() -> None:
     assert isinstance(p, HitDensity)
     ranked = [(0, 10, 0.9, 100, 10), (1, 11, 0.02, 100, 10)]    # (cell, prior, heat, bytes, files)
     budget = Budget(10**9, 1e9, 3600.0)
-    assert [k for k, _, _ in stack.prior_plan(0, ranked, budget, 0.0)] == [10, 11]   # cold: both
+    assert [k for k, _, _, _ in stack.prior_plan(0, ranked, budget, 0.0)] == [10, 11]   # cold: both
     p.learn, p.fitted = False, True
     p.density[:] = 0.1
     p.density[0, 0, :] = 1.0            # a new study not read yet
@@ -236,7 +236,7 @@ def test_a_prior_is_admitted_only_above_the_eviction_boundary() -> None:
         stack.accessed(s, 700.0)
     list(stack.victims(20, 800.0, lambda: (None, [])))     # two victims set the boundary at their rank
     assert p.boundary > 0
-    assert [k for k, _, _ in stack.prior_plan(0, ranked, budget, 900.0)] == [10]
+    assert [k for k, _, _, _ in stack.prior_plan(0, ranked, budget, 900.0)] == [10]
     # adaptive admits into free space, and asks its learned shadow's boundary when the cache is full
     a = Adaptive()
     a.capacity, a.used = 1000, 500

@@ -207,8 +207,8 @@ class PolicyStack:
         return [] if self.priors is None else self.priors.candidates(new, list(studies))
 
     def prior_plan(self, new: Hashable, ranked: Sequence[tuple[int, Hashable, float, int, int]], budget: Budget,
-                   now: float) -> list[tuple[Hashable, int, int]]:
-        """(key, cell, bytes) to fetch for the new study, in clinical order (`ranked`'s), within the budget, each
+                   now: float) -> list[tuple[Hashable, int, int, float]]:
+        """(key, cell, bytes, heat) to fetch for the new study, in clinical order (`ranked`'s), within the budget, each
         admitted by the eviction policy (one that weighs a prior against what it would push out,
         agent/policy/learned.py `admit`). ranked: (cell, key, heat, bytes and files not cached) of
         `prior_ranked`'s studies."""
@@ -217,7 +217,7 @@ class PolicyStack:
         order = {key: (i, cell) for i, (cell, key, _, _, _) in enumerate(wanted)}
         chosen = plan([Candidate(key, heat, size) for _, key, heat, size, _ in wanted], budget)
         chosen.sort(key=lambda c: order[c.key][0])
-        return [(c.key, order[c.key][1], c.size) for c in chosen]
+        return [(c.key, order[c.key][1], c.size, c.heat) for c in chosen]
 
     def prior_fetched(self, prior: Hashable, new: Hashable, heat: float) -> None:
         """A planned prior is being fetched for a new study: tell the eviction policy (one that keeps the pair,

@@ -304,10 +304,9 @@ class Replayer:
         backlog = max(0.0, self.queue_free - t)
         budget = Budget(int(cfg.priors_space * cfg.capacity), cfg.prefetch_bps,
                         max(0.0, cfg.priors_window_s - backlog))
-        heat_of = {x: heat for _, x, heat, _, _ in ranked}
-        for x, cell, _ in self.stack.prior_plan(s, ranked, budget, t):
+        for x, cell, _, heat in self.stack.prior_plan(s, ranked, budget, t):
             self.pf_cell[x] = cell
-            self.stack.prior_fetched(x, s, heat_of[x])
+            self.stack.prior_fetched(x, s, heat)
             self._fetch_plan(objs_of[x], t)
 
     def _prefetch_feedback(self, o: int, used: bool) -> None:
