@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime
 import ftplib
 import io
 import os
 import time
+from typing import Any, AsyncIterator
 
 import pytest
 
@@ -61,16 +63,33 @@ def test_backoff_grows_with_jitter_and_is_capped():
     assert all(150 <= backoff(30) < 450 for _ in range(50))  # capped at 300 s nominal
 
 
+@contextlib.asynccontextmanager
+async def _uplink_and_file(seaweed, bucket: str, content: bytes) -> AsyncIterator[tuple[Any, int]]:
+    """A started S3Uplink on the test server's bucket and a memfd holding content (a cached copy's stand-in)."""
+    from agent.config import UplinkConfig
+    from agent.uplink.s3 import S3Uplink
+
+    s3 = S3Uplink(UplinkConfig(endpoint_url=seaweed.endpoint_url, bucket=bucket,
+                               access_key_id=seaweed.access_key, secret_access_key=seaweed.secret_key))
+    await s3.start()
+    fd = os.memfd_create("content")
+    try:
+        os.write(fd, content)
+        yield s3, fd
+    finally:
+        os.close(fd)
+        await s3.close()
+
+
 def test_single_put_sends_the_object_botocore_sends(seaweed, locked_bucket):
     """S3Uplink._put (a signed PUT of its own, not the aiobotocore client's put_object) stores what botocore's
     put_object stores with the same arguments: bytes, user metadata, tags, Content-Type, Object Lock mode,
     retain-until and legal hold; its conditional write is refused with the same error botocore raises."""
     from botocore.exceptions import ClientError
 
-    from agent.config import UplinkConfig
     from agent.dicom.objectmeta import ObjectMeta
     from agent.records import Lock
-    from agent.uplink.s3 import S3Uplink, b64, precondition_failed
+    from agent.uplink.s3 import b64, precondition_failed
 
     body = os.urandom(70_000)
     sha = sha256(body)
@@ -86,21 +105,13 @@ def test_single_put_sends_the_object_botocore_sends(seaweed, locked_bucket):
                       ObjectLockRetainUntilDate=until, ObjectLockLegalHoldStatus="ON", IfNoneMatch="*")
 
     async def put() -> tuple[object, ClientError]:
-        s3 = S3Uplink(UplinkConfig(endpoint_url=seaweed.endpoint_url, bucket=locked_bucket,
-                                   access_key_id=seaweed.access_key, secret_access_key=seaweed.secret_key))
-        await s3.start()
-        fd = os.memfd_create("body")
-        try:
-            os.write(fd, body)
+        async with _uplink_and_file(seaweed, locked_bucket, body) as (s3, fd):
             result = await s3.put_file(ours, fd, len(body), sha, lock, meta, {"IfNoneMatch": "*"})
             try:
                 await s3.put_file(ours, fd, len(body), sha, lock, meta, {"IfNoneMatch": "*"})
             except ClientError as e:
                 return result, e
             raise AssertionError("a conditional PUT over an existing object was accepted")
-        finally:
-            os.close(fd)
-            await s3.close()
 
     result, refused = asyncio.run(put())
     try:
@@ -154,23 +165,14 @@ def test_a_cached_copy_that_does_not_match_its_checksum_is_not_uploaded(seaweed)
     """The bytes a single-request PUT sends are checked against the catalog's SHA-256 before they leave (the
     signer is handed that hash, not a new one of the body): a rotten copy raises ChecksumMismatch, nothing is
     stored."""
-    from agent.config import UplinkConfig
-    from agent.uplink.s3 import ChecksumMismatch, S3Uplink
+    from agent.uplink.s3 import ChecksumMismatch
 
     good = os.urandom(30_000)
     rotten = bytes([good[0] ^ 1]) + good[1:]
 
     async def put() -> None:
-        s3 = S3Uplink(UplinkConfig(endpoint_url=seaweed.endpoint_url, bucket=BUCKET,
-                                   access_key_id=seaweed.access_key, secret_access_key=seaweed.secret_key))
-        await s3.start()
-        fd = os.memfd_create("rotten")
-        try:
-            os.write(fd, rotten)
+        async with _uplink_and_file(seaweed, BUCKET, rotten) as (s3, fd):
             await s3.put_file("rotten/a.dcm", fd, len(rotten), sha256(good))
-        finally:
-            os.close(fd)
-            await s3.close()
 
     with pytest.raises(ChecksumMismatch):
         asyncio.run(put())
