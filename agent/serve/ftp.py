@@ -816,7 +816,12 @@ class FtpServer(aioftp.Server):
 
         async def receive(handle: WriteHandle, conn: DataConnection) -> str:
             stream = await self._stream(connection, conn)
+            task = asyncio.current_task()
             async for data in stream.iter_by_block(connection.block_size):
+                if task is not None and task.cancelling():
+                    # ABOR came as this block did: aioftp's read (asyncio.wait_for, Python 3.11) returned the
+                    # block and dropped the cancellation, and the upload would have gone on to be committed
+                    raise asyncio.CancelledError
                 await handle.write(data)
             await handle.commit()
             return "stored"
