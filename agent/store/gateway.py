@@ -358,7 +358,6 @@ class Gateway:
         self.refusals, self.access, self.evictor, self.on_stored = refusals, access, evictor, on_stored
         self._fills: dict[str, _Fill] = {}
         self._listings: dict[str, asyncio.Future[None]] = {}
-        self._loops: list[asyncio.Task[None]] = []
         self._active_writes = 0
         self._writes_idle = asyncio.Event()
         self._writes_idle.set()
@@ -370,14 +369,8 @@ class Gateway:
             root = u.root.strip("/")
             self._fixed.update([root, *ancestors(root)])
 
-    async def start(self) -> None:
-        """The access-count flush; the eviction loop is the daemon's (agent/daemon.py), like its other policies."""
-        self._loops = [asyncio.create_task(self._flush_access_loop(), name="access-flush")]
-
     async def stop(self) -> None:
-        for t in self._loops:
-            t.cancel()
-        await asyncio.gather(*self._loops, return_exceptions=True)
+        """The access counts not flushed yet reach the catalog."""
         await self.access.flush(self.db, self.metrics)
 
     # --- permissions ----------------------------------------------------------------------------
@@ -865,7 +858,8 @@ class Gateway:
 
     # --- access statistics ---------------------------------------------------------------------
 
-    async def _flush_access_loop(self) -> None:
+    async def flush_access(self) -> None:
+        """The access-count flush, a background loop the daemon runs (agent/daemon.py) like its others."""
         while True:
             await asyncio.sleep(ACCESS_FLUSH_SECONDS)
             await self.access.flush(self.db, self.metrics)
