@@ -19,13 +19,12 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Protocol
 
 import structlog
 
 from agent.audit import AuditLog, Who, failure
 from agent.config import Config
-from agent.dicom.retention import RetentionGuard
 from agent.metrics import Metrics
 from agent.records import Entry
 from agent.store.access import AccessStats
@@ -347,11 +346,17 @@ class Refusals:
     write: str = ""  # set on the standby box of an HA pair (agent/ha.py): no changes
 
 
+class Retention(Protocol):
+    """What the gateway asks of the retention rules (agent.dicom.retention.RetentionGuard, handed in)."""
+
+    async def check_mutable(self, e: Entry, now: float) -> None: ...
+
+
 class Gateway:
     """on_stored(path, content file) runs after each commit (prior-study prefetch reads the new file's header)."""
 
     def __init__(self, cfg: Config, db: AsyncCatalog, cache: Cache, s3: S3Uplink, uploader: Uploader,
-                 metrics: Metrics, audit: AuditLog, *, worm: RetentionGuard, access: AccessStats, evictor: Evictor,
+                 metrics: Metrics, audit: AuditLog, *, worm: Retention, access: AccessStats, evictor: Evictor,
                  refusals: Refusals, on_stored: Callable[[str, Path], None] | None = None) -> None:
         self.cfg, self.db, self.cache, self.s3, self.uploader, self.metrics = cfg, db, cache, s3, uploader, metrics
         self.audit, self.line, self.worm = audit, uploader.line, worm  # worm: path and DICOM retention rules
