@@ -47,14 +47,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 def cmd_status(args: argparse.Namespace) -> int:
     from agent.serve.http import status_lines
-    url = _agent_url(args)
-    try:
-        with urllib.request.urlopen(url + "/healthz", timeout=10) as r:
-            health = json.load(r)
-    except urllib.error.HTTPError as e:  # 503 still carries the health document
-        health = json.load(e)
-    except OSError as e:
-        raise Unreachable(f"pacsgw: cannot reach the agent at {url}: {e}") from e
+    health = _admin(_agent_url(args) + "/healthz", "", timeout=10)[1]  # a 503 still carries the health document
     if args.json:
         print(json.dumps(health, indent=2))
     else:
@@ -84,13 +77,14 @@ class Unreachable(Exception):
     """The agent's HTTP listener did not answer: main() prints why and exits 3."""
 
 
-def _admin(url: str, token: str, body: dict | None = None, method: str = "GET") -> tuple[int, dict]:
-    """One admin request to the running agent → (HTTP status, JSON answer); raises Unreachable."""
+def _admin(url: str, token: str, body: dict | None = None, method: str = "GET", timeout: float = 120
+           ) -> tuple[int, dict]:
+    """One request to the running agent → (HTTP status, JSON answer); raises Unreachable."""
     data = json.dumps(body).encode() if body is not None else None
     req = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json",
                                                                           "Authorization": f"Bearer {token}"})
     try:
-        with urllib.request.urlopen(req, timeout=120) as r:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
             return r.status, json.load(r)
     except urllib.error.HTTPError as e:
         return e.code, json.load(e)

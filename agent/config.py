@@ -779,10 +779,8 @@ def _check_cache_dir(cfg: Config) -> None:
                           f"{SIZE}, below the size of the cache file system ({total} bytes at {probe})")
 
 
-def _check_private(file: Path, holds_secrets: bool) -> None:
+def _check_private(file: Path) -> None:
     """A file holding secrets must not be readable by group or others (mode 0600 or 0400)."""
-    if not holds_secrets:
-        return
     mode = file.stat().st_mode & 0o777
     if mode & 0o077:
         raise ConfigError(file, "(file mode)", oct(mode),
@@ -796,7 +794,7 @@ def _credentials(cfg: Config) -> Config:
     cred_path = cfg.path.parent / up.credentials_file  # an absolute credentials_file stays as it is
     try:
         data = tomllib.loads(cred_path.read_text())
-        _check_private(cred_path, True)
+        _check_private(cred_path)
     except OSError as e:
         raise ConfigError(cfg.path, "uplink.credentials_file", up.credentials_file,
                           f"a readable file ({e.strerror})") from None
@@ -820,7 +818,7 @@ def _pseudonym_key(cfg: Config) -> Config:
     path = Path(name) if os.path.isabs(name) else cfg.path.parent / name
     try:
         key = path.read_bytes().strip()
-        _check_private(path, True)
+        _check_private(path)
     except OSError as e:
         raise ConfigError(cfg.path, "dicom.pseudonym_key_file", name, f"a readable file ({e.strerror})") from None
     if len(key) < 32:
@@ -892,7 +890,8 @@ def load(path: str | Path) -> Config:
                   for u in users)
     cfg = Config(path=file, users=users, **sections)
     _check_cross(cfg)
-    _check_private(file, bool(cfg.uplink.secret_access_key or any(u.password for u in cfg.users)))
+    if cfg.uplink.secret_access_key or any(u.password for u in cfg.users):
+        _check_private(file)
     return _pseudonym_key(_credentials(cfg))
 
 

@@ -177,7 +177,7 @@ class Agent:
                                worm=self.worm, access=access, evictor=self.evictor, refusals=self.refusals,
                                on_stored=on_stored)
         await self.evictor.prepare()  # before any front end serves; a full disk makes a worker evict too
-        await self.gateway.start()
+        self._loop(self.gateway.flush_access(), "access-flush")
         self.monitor = PressureMonitor(cfg, self.db, self.cache, self.gateway, self.line, self.metrics, self.refusals)
         await self.monitor.sample()
         self._loop(self.monitor.run(), "pressure")

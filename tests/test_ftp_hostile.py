@@ -199,7 +199,7 @@ def test_passive_ports_live_for_one_transfer_only(agent_factory):
 
 
 def test_a_transfer_without_data_connection_leaves_nothing_behind(agent_factory):
-    """425 frees everything (a descriptor, a staging file and a write count leaked); so does QUIT; and a
+    """425 frees everything (a descriptor, a staging file and a write count leaked); so do ABOR and QUIT; and a
     SIGTERM then drains at once (it waited the whole drain)."""
     agent = agent_factory(**{"ftp.passive_timeout": 2}).start()
     f = ftp(agent)
@@ -217,6 +217,18 @@ def test_a_transfer_without_data_connection_leaves_nothing_behind(agent_factory)
         assert list(staging.iterdir()) == [] and held() == []
     with pytest.raises(ftplib.error_temp, match="425"):
         f.sendcmd("STOR b.dcm")  # no PASV at all
+    f.sendcmd("PASV")
+    f.putcmd("STOR e.dcm")  # waiting for its data connection: ABOR (aioftp's) cancels the transfer
+    f.putcmd("ABOR")
+    assert f.getmultiline().startswith("426") and f.getresp().startswith("226")
+    f.sock.settimeout(10)
+    for _ in range(10):  # and mid-upload, ABOR right behind the bytes: its cancellation was lost in 23 of 30
+        conn = f.transfercmd("STOR e.dcm")  # tries (the read took the block), and the upload was then stored
+        conn.sendall(b"x" * 1000)
+        f.putcmd("ABOR")
+        assert f.getmultiline().startswith("426") and f.getresp().startswith("226")
+        conn.close()
+    assert list(staging.iterdir()) == [] and held() == [] and "e.dcm" not in f.nlst()
     f.sendcmd("PASV")
     f.putcmd("STOR c.dcm")
     assert f.sendcmd("QUIT").startswith("221")

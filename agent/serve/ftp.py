@@ -381,7 +381,6 @@ class Session:
     user_slot: int | None = None  # that count's slot in the LoginGuard
     rest: int = 0  # the REST marker for the next STOR/APPE/RETR
     passive: Passive | None = None
-    settled: Callable[["asyncio.Task[Any]"], None] | None = None  # the session's end-of-task callback (_session)
 
     def take_passive(self) -> Passive | None:
         passive, self.passive = self.passive, None
@@ -458,8 +457,8 @@ class FtpServer(aioftp.Server):
 
     async def _session(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, host: str, port: int,
                        session: Session) -> None:
-        """The command loop, shaped like aioftp's: each command runs as a task beside the command reader, transfers
-        as workers, and replies leave in order. One reading task for the session and a done callback per command
+        """The command loop, shaped like aioftp's: each command (a transfer too) runs as a task beside the command
+        reader, and replies leave in order. One reading task for the session and a done callback per command
         (aioftp's loop made a reading task and an asyncio.wait over every running task for each command)."""
         # aioftp's handlers (and AUTH TLS) use this stream; commands are read straight from `reader`
         stream = ThrottleStreamIO(reader, writer, throttles={
@@ -489,7 +488,6 @@ class FtpServer(aioftp.Server):
             elif task.result() is False:
                 _settle(ended)
 
-        session.settled = settled
         connection = aioftp.Connection(
             client_host=host, client_port=port, server_host=writer.get_extra_info("sockname")[0],
             server_port=self.server_port, command_connection=stream, socket_timeout=self.socket_timeout,
@@ -523,7 +521,7 @@ class FtpServer(aioftp.Server):
         except asyncio.CancelledError:
             # The agent stops after its drain: an idle session hears why (421, as RFC 959 allows at any
             # command) instead of a bare close, which a PACS would take for a failed transfer.
-            if not commands:
+            if not commands - connection.extra_workers:  # idle but for transfers
                 with contextlib.suppress(Exception):
                     writer.write(b"421 service restarting; try again later\r\n")
                     await asyncio.wait_for(writer.drain(), 1)
@@ -706,55 +704,49 @@ class FtpServer(aioftp.Server):
             connection.response("425", "no free passive port; try again")
         return session.passive
 
-    def _transfer(self, connection: aioftp.Connection, passive: Passive | None,
-                  opener: Callable[[], AsyncContextManager[T]], body: Callable[[T, DataConnection], Awaitable[str]]
-                  ) -> bool:
-        """Run a transfer beside the command loop (aioftp's model): wait for the data connection; enter
+    async def _transfer(self, connection: aioftp.Connection, passive: Passive | None,
+                        opener: Callable[[], AsyncContextManager[T]],
+                        body: Callable[[T, DataConnection], Awaitable[str]]) -> bool:
+        """A transfer, run by its command's task beside the command loop: wait for the data connection; enter
         `opener()` (the file or listing; its errors are answered without a 150); 150; the data connection's TLS
         handshake if PROT P; `body(opened, data)` → the 226 text. Nothing is opened before the data
         connection is there (a 425 leaves nothing behind), and the data connection is closed on every path.
-        ABOR (or the session's end) cancels it: 426, then 226."""
-
-        async def run() -> None:
-            data = None
+        ABOR (aioftp's: it cancels the connection's extra workers) or the session's end cancels it: 426, then 226."""
+        connection.extra_workers.add(asyncio.current_task())  # the session's end-of-task callback takes it out
+        data = None
+        try:
+            if passive is None:
+                raise Reply("425", "no data connection: send PASV or EPSV first")
             try:
-                if passive is None:
-                    raise Reply("425", "no data connection: send PASV or EPSV first")
+                data = await asyncio.shield(passive.connected)
+            except TimeoutError:
+                raise Reply("425", f"no data connection within {self.cfg.ftp.passive_timeout:g} s") from None
+            except OSError as e:
+                raise Reply("425", f"no data connection: {e}") from None
+            async with opener() as opened:
+                connection.response("150", "data connection open")
                 try:
-                    data = await asyncio.shield(passive.connected)
-                except TimeoutError:
-                    raise Reply("425", f"no data connection within {self.cfg.ftp.passive_timeout:g} s") from None
-                except OSError as e:
-                    raise Reply("425", f"no data connection: {e}") from None
-                async with opener() as opened:
-                    connection.response("150", "data connection open")
-                    try:
-                        await data.handshake()
-                    except (OSError, ssl.SSLError, TimeoutError) as e:
-                        raise Reply("425", f"TLS handshake on the data connection failed: {e}") from None
-                    done = await body(opened, data)
-                connection.response("226", done)
-            except Reply as e:
-                log.warning("ftp_error", user=connection.user.login, code=e.code, reason=e.text)
-                connection.response(e.code, e.text)
-            except GatewayError as e:
-                self._fail(connection, e)
-            except (OSError, TimeoutError, ssl.SSLError, asyncio.IncompleteReadError) as e:
-                log.warning("ftp_error", user=connection.user.login, code="426", reason=_abort_reason(e))
-                connection.response("426", "data connection failed; transfer aborted")
-            except asyncio.CancelledError:
-                connection.response("426", "transfer aborted")
-                connection.response("226", "abort successful")
-            finally:
-                if data is not None:
-                    data.close()
-                if passive is not None:
-                    passive.close()
-
-        worker = asyncio.create_task(run())
-        connection.extra_workers.add(worker)
-        if connection.session.settled is not None:
-            worker.add_done_callback(connection.session.settled)
+                    await data.handshake()
+                except (OSError, ssl.SSLError, TimeoutError) as e:
+                    raise Reply("425", f"TLS handshake on the data connection failed: {e}") from None
+                done = await body(opened, data)
+            connection.response("226", done)
+        except Reply as e:
+            log.warning("ftp_error", user=connection.user.login, code=e.code, reason=e.text)
+            connection.response(e.code, e.text)
+        except GatewayError as e:
+            self._fail(connection, e)
+        except (OSError, TimeoutError, ssl.SSLError, asyncio.IncompleteReadError) as e:
+            log.warning("ftp_error", user=connection.user.login, code="426", reason=_abort_reason(e))
+            connection.response("426", "data connection failed; transfer aborted")
+        except asyncio.CancelledError:
+            connection.response("426", "transfer aborted")
+            connection.response("226", "abort successful")
+        finally:
+            if data is not None:
+                data.close()
+            if passive is not None:
+                passive.close()
         return True
 
     @staticmethod
@@ -799,13 +791,13 @@ class FtpServer(aioftp.Server):
 
     @needs(LOGGED_IN)
     async def on_stor(self, connection: aioftp.Connection, rest: str) -> bool:
-        return self._store(connection, rest, append=False)
+        return await self._store(connection, rest, append=False)
 
     @needs(LOGGED_IN)
     async def on_appe(self, connection: aioftp.Connection, rest: str) -> bool:
-        return self._store(connection, rest, append=True)
+        return await self._store(connection, rest, append=True)
 
-    def _store(self, connection: aioftp.Connection, rest: str, append: bool) -> bool:
+    async def _store(self, connection: aioftp.Connection, rest: str, append: bool) -> bool:
         path = self._resolve(connection, rest)
         offset, passive = connection.session.take_rest(), connection.session.take_passive()
 
@@ -824,12 +816,17 @@ class FtpServer(aioftp.Server):
 
         async def receive(handle: WriteHandle, conn: DataConnection) -> str:
             stream = await self._stream(connection, conn)
+            task = asyncio.current_task()
             async for data in stream.iter_by_block(connection.block_size):
+                if task is not None and task.cancelling():
+                    # ABOR came as this block did: aioftp's read (asyncio.wait_for, Python 3.11) returned the
+                    # block and dropped the cancellation, and the upload would have gone on to be committed
+                    raise asyncio.CancelledError
                 await handle.write(data)
             await handle.commit()
             return "stored"
 
-        return self._transfer(connection, passive, upload, receive)
+        return await self._transfer(connection, passive, upload, receive)
 
     @needs(LOGGED_IN)
     async def on_retr(self, connection: aioftp.Connection, rest: str) -> bool:
@@ -850,7 +847,7 @@ class FtpServer(aioftp.Server):
             await send_file(conn, handle, offset)
             return "transfer complete"
 
-        return self._transfer(connection, passive, download, send)
+        return await self._transfer(connection, passive, download, send)
 
     @needs(LOGGED_IN)
     async def on_list(self, connection: aioftp.Connection, rest: str) -> bool:
@@ -879,7 +876,7 @@ class FtpServer(aioftp.Server):
                 await stream.write(data[start:start + BLOCK])
             return done
 
-        return self._transfer(connection, connection.session.take_passive(), lambda: contextlib.nullcontext(data),
+        return await self._transfer(connection, connection.session.take_passive(), lambda: contextlib.nullcontext(data),
                               send)
 
     # --- namespace commands: straight to the gateway, so every outcome has its precise reply and audit ---

@@ -129,9 +129,6 @@ class Cache:
     def remove(self, blob: str) -> None:
         self.blob_path(blob).unlink(missing_ok=True)
 
-    def exists(self, blob: str) -> bool:
-        return self.blob_path(blob).exists()
-
     def open_blob(self, blob: str) -> int:
         return os.open(self.blob_file(blob), os.O_RDONLY)
 

@@ -19,13 +19,12 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Protocol
 
 import structlog
 
 from agent.audit import AuditLog, Who, failure
 from agent.config import Config
-from agent.dicom.retention import RetentionGuard
 from agent.metrics import Metrics
 from agent.records import Entry
 from agent.store.access import AccessStats
@@ -347,18 +346,23 @@ class Refusals:
     write: str = ""  # set on the standby box of an HA pair (agent/ha.py): no changes
 
 
+class Retention(Protocol):
+    """What the gateway asks of the retention rules (agent.dicom.retention.RetentionGuard, handed in)."""
+
+    async def check_mutable(self, e: Entry, now: float) -> None: ...
+
+
 class Gateway:
     """on_stored(path, content file) runs after each commit (prior-study prefetch reads the new file's header)."""
 
     def __init__(self, cfg: Config, db: AsyncCatalog, cache: Cache, s3: S3Uplink, uploader: Uploader,
-                 metrics: Metrics, audit: AuditLog, *, worm: RetentionGuard, access: AccessStats, evictor: Evictor,
+                 metrics: Metrics, audit: AuditLog, *, worm: Retention, access: AccessStats, evictor: Evictor,
                  refusals: Refusals, on_stored: Callable[[str, Path], None] | None = None) -> None:
         self.cfg, self.db, self.cache, self.s3, self.uploader, self.metrics = cfg, db, cache, s3, uploader, metrics
         self.audit, self.line, self.worm = audit, uploader.line, worm  # worm: path and DICOM retention rules
         self.refusals, self.access, self.evictor, self.on_stored = refusals, access, evictor, on_stored
         self._fills: dict[str, _Fill] = {}
         self._listings: dict[str, asyncio.Future[None]] = {}
-        self._loops: list[asyncio.Task[None]] = []
         self._active_writes = 0
         self._writes_idle = asyncio.Event()
         self._writes_idle.set()
@@ -370,14 +374,8 @@ class Gateway:
             root = u.root.strip("/")
             self._fixed.update([root, *ancestors(root)])
 
-    async def start(self) -> None:
-        """The access-count flush; the eviction loop is the daemon's (agent/daemon.py), like its other policies."""
-        self._loops = [asyncio.create_task(self._flush_access_loop(), name="access-flush")]
-
     async def stop(self) -> None:
-        for t in self._loops:
-            t.cancel()
-        await asyncio.gather(*self._loops, return_exceptions=True)
+        """The access counts not flushed yet reach the catalog."""
         await self.access.flush(self.db, self.metrics)
 
     # --- permissions ----------------------------------------------------------------------------
@@ -865,7 +863,8 @@ class Gateway:
 
     # --- access statistics ---------------------------------------------------------------------
 
-    async def _flush_access_loop(self) -> None:
+    async def flush_access(self) -> None:
+        """The access-count flush, a background loop the daemon runs (agent/daemon.py) like its others."""
         while True:
             await asyncio.sleep(ACCESS_FLUSH_SECONDS)
             await self.access.flush(self.db, self.metrics)
