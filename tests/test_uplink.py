@@ -249,3 +249,53 @@ def test_a_cached_copy_that_does_not_match_its_checksum_is_not_uploaded(seaweed)
     with pytest.raises(ChecksumMismatch):
         asyncio.run(put())
     assert "Contents" not in seaweed.client().list_objects_v2(Bucket=BUCKET, Prefix="rotten/")
+
+
+def test_reads_and_writes_over_tls_trust_only_the_configured_ca(tmp_path):
+    """Over https:// (rclone's S3 with a private CA) the uplink's own requests verify the server against
+    uplink.ca_bundle: PUT, GET, ranged GET and HEAD work with it; without it the first request fails as
+    botocore's SSLError, as the aiobotocore client failed (the line reports it: a certificate problem)."""
+    from botocore.exceptions import SSLError
+    from test_transport_security import make_ca_and_cert
+
+    from agent.config import UplinkConfig
+    from agent.uplink.s3 import S3Uplink
+    from devstack import ObjectStore
+
+    ca, cert, key = make_ca_and_cert(tmp_path)
+    store = ObjectStore("rclone", tmp_path / "s3", tls=(cert, key, ca)).start()
+    body = os.urandom(300_000)
+
+    async def use(ca_bundle: str) -> dict[str, object]:
+        s3 = S3Uplink(UplinkConfig(endpoint_url=store.endpoint_url, bucket=BUCKET, access_key_id=store.access_key,
+                                   secret_access_key=store.secret_key, ca_bundle=ca_bundle))
+        await s3.start()
+
+        async def whole() -> bytes:
+            async with s3.get("tls/a.dcm") as (_size, _sha, chunks):
+                return b"".join([c async for c in chunks])
+
+        async def head() -> object:
+            got = await s3.head("tls/a.dcm")
+            return got and got["ContentLength"]
+
+        out: dict[str, object] = {}
+        try:
+            for op, call in (("put", lambda: s3.put_raw("tls/a.dcm", body)), ("get", whole), ("head", head),
+                             ("range", lambda: s3.get_range("tls/a.dcm", 1000, 50, None))):
+                try:
+                    out[op] = await call()
+                except Exception as e:
+                    out[op] = e
+        finally:
+            await s3.close()
+        return out
+
+    try:
+        store.create_bucket(BUCKET)
+        trusted = asyncio.run(use(str(ca)))
+        assert (trusted["get"], trusted["head"], trusted["range"]) == (body, len(body), body[1000:1050])
+        for op, refused in asyncio.run(use("")).items():  # each request checks the certificate, GETs too
+            assert isinstance(refused, SSLError) and "certificate" in str(refused).lower(), op
+    finally:
+        store.stop()
