@@ -299,3 +299,16 @@ def test_reads_and_writes_over_tls_trust_only_the_configured_ca(tmp_path):
             assert isinstance(refused, SSLError) and "certificate" in str(refused).lower(), op
     finally:
         store.stop()
+
+
+def test_timestamps_parse_as_botocore_parses_them():
+    """The uplink's timestamp parser (listings, HEADs) reads ISO 8601 and HTTP dates itself and leaves the rest to
+    botocore: the same instants, offsets kept, as botocore's dateutil path gives."""
+    from botocore.utils import parse_timestamp as botocore_parse
+
+    from agent.uplink.s3 import parse_timestamp
+
+    for value in ("Tue, 01 Dec 2026 19:00:00 GMT", "Tue, 01 Dec 2026 19:00:00 -0000", "Tue, 01 Dec 2026 19:00:00 +0200",
+                  "2026-12-01T19:00:00.123Z", "2026-12-01T19:00:00Z", "2026-12-01T21:00:00+02:00", "1700000000"):
+        ours, theirs = parse_timestamp(value), botocore_parse(value)
+        assert ours == theirs and ours.utcoffset() == theirs.utcoffset(), value

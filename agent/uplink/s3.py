@@ -25,6 +25,7 @@ import os
 import ssl
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
 from typing import Any, AsyncIterator, Awaitable, Callable, Iterator, Mapping
 
 import aiohttp
@@ -193,15 +194,17 @@ def _object_head(headers: Mapping[str, str]) -> dict[str, Any]:
 
 
 def parse_timestamp(value: str) -> datetime:
-    """S3's ISO 8601 times natively; anything else (HTTP dates, epoch seconds) as botocore does."""
-    try:
-        parsed = datetime.fromisoformat(value)
-    except (TypeError, ValueError):
-        parsed = None
-    if parsed is None or parsed.tzinfo is None:
-        fallback: datetime = botocore_parse_timestamp(value)
-        return fallback
-    return parsed
+    """S3's ISO 8601 times (listings) and HTTP dates (a HEAD's Last-Modified) natively; anything else (epoch
+    seconds) as botocore does, by dateutil (~0.4 ms a date)."""
+    for parse in (datetime.fromisoformat, parsedate_to_datetime):
+        try:
+            parsed = parse(value)
+        except (TypeError, ValueError):
+            continue
+        if parsed.tzinfo is not None:
+            return parsed
+    fallback: datetime = botocore_parse_timestamp(value)
+    return fallback
 
 
 def _epoch(mtime: Any) -> float:
