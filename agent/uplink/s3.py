@@ -192,7 +192,6 @@ def _object_head(headers: Mapping[str, str]) -> dict[str, Any]:
     return {"ContentLength": int(headers.get("Content-Length", 0)), "ETag": headers.get("ETag"), "Metadata": meta}
 
 
-
 def parse_timestamp(value: str) -> datetime:
     """S3's ISO 8601 times (listings) and HTTP dates (a HEAD's Last-Modified) natively; anything else (epoch
     seconds) as botocore does, by dateutil (~0.4 ms a date)."""
