@@ -168,3 +168,26 @@ async def test_a_rotation_by_another_thread_wakes_the_shipper_at_once(tmp_path):
     assert time.monotonic() - start < 2, "the shipper was not woken by a rotation on another thread"
     assert audit.rotated()
     audit.close()
+
+
+def test_a_record_the_disk_refuses_is_logged_not_raised(tmp_path, capsys):
+    """The record of an operation must not fail the operation: a write the disk refuses (/dev/full: ENOSPC,
+    a real device, not a mock) is reported in the operational log; the next record on a good disk is written
+    whole, one JSON line each."""
+    from pathlib import Path
+
+    from agent.audit import AuditLog, Who
+
+    who = Who("pacs", "ftp", "127.0.0.1")
+    full = AuditLog(Path("/dev/full"), max_bytes=0, keep=1)
+    full.record(who, "retrieve", "CT/a.dcm", nbytes=10)  # no exception
+    full.close()
+    said = capsys.readouterr()
+    assert "audit_write_failed" in said.out + said.err
+    good = AuditLog(tmp_path / "audit.jsonl", max_bytes=0, keep=1)
+    for i in range(3):
+        good.record(who, "retrieve", f"CT/{i}.dcm", nbytes=i, cached=True)
+    good.close()
+    records = [json.loads(line) for line in (tmp_path / "audit.jsonl").read_text().splitlines()]
+    assert [(r["path"], r["bytes"], r["cached"], r["user"]) for r in records] == [
+        (f"CT/{i}.dcm", i, True, "pacs") for i in range(3)]

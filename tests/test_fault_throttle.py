@@ -18,10 +18,10 @@ from faultkit import Ingest
 from harness import s3_objects
 
 
-def circuit_breaker(store, writes: int) -> str:
+def circuit_breaker(store, writes: int, action: str = "Write") -> str:
     master = store._ports[0]  # the `weed mini` master this ObjectStore started
     p = subprocess.run([_bin("weed"), "shell", f"-master=127.0.0.1:{master}"], capture_output=True, text=True,
-                       input=f"s3.circuitBreaker -global -type Count -actions Write -values {writes} -apply\n",
+                       input=f"s3.circuitBreaker -global -type Count -actions {action} -values {writes} -apply\n",
                        timeout=60, check=True)
     return p.stdout
 
@@ -56,3 +56,50 @@ def test_slow_down_is_retried_not_an_outage(agent_factory, private_seaweed):
     missing = sorted(set(ingest.acked) - set(objects))
     assert missing == [], f"{len(missing)} acknowledged files not in S3, e.g. {missing[:3]}"
     assert [p for p, sha in ingest.acked.items() if objects[p]["sha256"] != sha] == []
+
+
+@pytest.mark.slow
+def test_slow_down_on_reads_is_retried_not_an_outage(agent_factory, private_seaweed):
+    """The same fault on GETs (s3.circuitBreaker on Read): cold reads by 8 concurrent FTP readers get 503s
+    from the GETs the uplink signs and sends itself; each is throttling, retried with backoff, and every reader
+    gets the file's bytes."""
+    import ftplib
+    import io
+    import os
+    from concurrent.futures import ThreadPoolExecutor
+
+    from harness import BUCKET, PASSWORD
+
+    store, prefix = private_seaweed, f"throttle-read{os.getpid()}/"
+    files = {f"CT/{i:02d}.dcm": os.urandom(1024 * 1024) for i in range(24)}
+    client = store.client()
+    for path, data in files.items():
+        client.put_object(Bucket=BUCKET, Key=prefix + path, Body=data)
+    a = agent_factory(store, prefix=prefix, **{"uplink.max_concurrency": 8}).start()
+    f = ftplib.FTP(timeout=60)
+    f.connect("127.0.0.1", a.ftp_port)
+    f.login("pacs", PASSWORD)
+    assert sorted("CT/" + n for n in f.nlst("CT")) == sorted(files)  # listed (and sized by HEADs) before the fault
+    f.quit()
+    assert '"Read:Count":  "1"' in circuit_breaker(store, 1, "Read")
+
+    def read(paths: list[str]) -> dict[str, bytes]:
+        f = ftplib.FTP(timeout=120)
+        f.connect("127.0.0.1", a.ftp_port)
+        f.login("pacs", PASSWORD)
+        got = {}
+        for path in paths:
+            out = io.BytesIO()
+            f.retrbinary(f"RETR {path}", out.write)
+            got[path] = out.getvalue()
+        f.quit()
+        return got
+
+    names = sorted(files)
+    with ThreadPoolExecutor(8) as ex:
+        got = {k: v for part in ex.map(read, [names[k::8] for k in range(8)]) for k, v in part.items()}
+    assert got == files
+    throttled = a.events("uplink_throttled")
+    assert throttled, "no GET was throttled: the fault did not happen"
+    assert {e["error"] for e in throttled} == {"ErrTooManyRequest"}
+    assert not a.events("uplink_unreachable") and a.health()["uplink"]["reachable"]

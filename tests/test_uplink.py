@@ -136,29 +136,101 @@ def test_single_put_sends_the_object_botocore_sends(seaweed, locked_bucket):
     assert result.etag == client.head_object(Bucket=locked_bucket, Key=ours)["ETag"]
 
 
-def test_single_put_to_a_dead_endpoint_is_unreachable_not_a_bad_request():
-    """A PUT to an endpoint nobody listens on raises botocore's EndpointConnectionError, as the client did:
-    the line is called down (is_unreachable), the row stays queued."""
+@pytest.mark.parametrize("op", ["put", "get", "get_range", "head"])
+def test_a_dead_endpoint_is_unreachable_not_a_bad_request(op):
+    """A request to an endpoint nobody listens on raises botocore's EndpointConnectionError, as the client did:
+    the line is called down (is_unreachable), the row stays queued, the reader is told 'unavailable'."""
     from botocore.exceptions import EndpointConnectionError
 
     from agent.config import UplinkConfig
     from agent.uplink.s3 import S3Uplink, is_unreachable
     from devstack import free_port
 
-    async def put() -> BaseException:
+    async def call() -> BaseException:
         s3 = S3Uplink(UplinkConfig(endpoint_url=f"http://127.0.0.1:{free_port()}", bucket="nobody-home",
                                    access_key_id="k", secret_access_key="s", connect_timeout=2.0))
         await s3.start()
         try:
-            await s3.put_raw("audit/x", b"record")
+            if op == "put":
+                await s3.put_raw("audit/x", b"record")
+            elif op == "get":
+                async with s3.get("CT/x.dcm"):
+                    pass
+            elif op == "get_range":
+                await s3.get_range("CT/x.dcm", 10, 10, None)
+            else:
+                await s3.head("CT/x.dcm")
         except Exception as e:
             return e
         finally:
             await s3.close()
-        raise AssertionError("a PUT to a closed port succeeded")
+        raise AssertionError(f"a {op} to a closed port succeeded")
 
-    exc = asyncio.run(put())
+    exc = asyncio.run(call())
     assert isinstance(exc, EndpointConnectionError) and is_unreachable(exc)
+
+
+def test_get_head_and_ranged_get_read_what_botocore_reads(seaweed, locked_bucket):
+    """S3Uplink's GETs and HEADs (signed requests of its own, not the aiobotocore client's) answer what boto3
+    answers for the same object: its bytes, whole and at an offset, ETag, user metadata, size and Object Lock
+    fields; a ranged GET of another version (If-Match) is refused as a failed precondition, a missing object
+    raises boto3's NoSuchKey (HEAD: None); a zstd object arrives decoded and cannot be read at an offset."""
+    from botocore.exceptions import ClientError
+
+    from agent.uplink import encoding
+    from agent.uplink.s3 import NotRangeable, error_code, precondition_failed
+
+    body = os.urandom(700_000)  # several GET_CHUNK blocks, the last one short
+    until = datetime.datetime.now(datetime.UTC).replace(microsecond=0) + datetime.timedelta(days=1)
+    client = seaweed.client()
+    key, packed_key = "getpath/a b+é%/x~y.dcm", "getpath/packed.dcm"
+    client.put_object(Bucket=locked_bucket, Key=key, Body=body, ChecksumAlgorithm="SHA256",
+                      Metadata={"sha256": sha256(body), "dicom-modality": "CT"}, ObjectLockMode="GOVERNANCE",
+                      ObjectLockRetainUntilDate=until, ObjectLockLegalHoldStatus="ON")
+    client.put_object(Bucket=locked_bucket, Key=packed_key, Body=encoding.compress(body),
+                      Metadata={"sha256": sha256(body), **encoding.metadata(len(body))})
+    reference = client.head_object(Bucket=locked_bucket, Key=key)
+    try:
+        client.get_object(Bucket=locked_bucket, Key="getpath/none.dcm")
+    except ClientError as e:
+        missing_reference = e
+
+    async def read() -> dict[str, Any]:
+        out: dict[str, Any] = {"etags": []}
+        async with _uplink_and_file(seaweed, locked_bucket, b"") as (s3, _fd):
+            for path, name in ((key, "plain"), (packed_key, "packed")):
+                async with s3.get(path, lambda etag, rangeable: out["etags"].append((etag, rangeable))) as (
+                        size, sha, chunks):
+                    out[name] = (size, sha, b"".join([c async for c in chunks]))
+            out["head"] = await s3.head(key)
+            out["no head"] = await s3.head("getpath/none.dcm")
+            out["range"] = await s3.get_range(key, 300_001, 10_000, reference["ETag"])
+            out["tail"] = await s3.get_range(key, len(body) - 100, 10_000, None)
+            for name, call in (("other version", s3.get_range(key, 0, 10, '"0123456789abcdef"')),
+                               ("missing", s3.get_range("getpath/none.dcm", 0, 10, None)),
+                               ("packed range", s3.get_range(packed_key, 0, 10, None))):
+                try:
+                    await call
+                except Exception as e:
+                    out[name] = e
+        return out
+
+    got = asyncio.run(read())
+    assert got["plain"] == (len(body), sha256(body), body)
+    assert got["packed"] == (len(body), sha256(body), body)  # decoded; its logical size, not the stored one
+    assert got["etags"][0] == (reference["ETag"], True) and got["etags"][1][1] is False
+    head = got["head"]
+    for field in ("ContentLength", "ETag", "Metadata", "LastModified", "ObjectLockMode", "ObjectLockRetainUntilDate",
+                  "ObjectLockLegalHoldStatus", "VersionId"):
+        assert head.get(field) == reference.get(field), field
+    assert head["ObjectLockRetainUntilDate"] == until and head["Metadata"]["dicom-modality"] == "CT"
+    assert got["no head"] is None
+    assert got["range"] == body[300_001:310_001] and got["tail"] == body[-100:]
+    assert precondition_failed(got["other version"])
+    missing = got["missing"]  # each client generates its own classes: the same name, code and base
+    assert type(missing).__name__ == type(missing_reference).__name__ == error_code(missing) == "NoSuchKey"
+    assert isinstance(missing, ClientError)
+    assert isinstance(got["packed range"], NotRangeable)
 
 
 def test_a_cached_copy_that_does_not_match_its_checksum_is_not_uploaded(seaweed):
@@ -177,3 +249,66 @@ def test_a_cached_copy_that_does_not_match_its_checksum_is_not_uploaded(seaweed)
     with pytest.raises(ChecksumMismatch):
         asyncio.run(put())
     assert "Contents" not in seaweed.client().list_objects_v2(Bucket=BUCKET, Prefix="rotten/")
+
+
+def test_reads_and_writes_over_tls_trust_only_the_configured_ca(tmp_path):
+    """Over https:// (rclone's S3 with a private CA) the uplink's own requests verify the server against
+    uplink.ca_bundle: PUT, GET, ranged GET and HEAD work with it; without it the first request fails as
+    botocore's SSLError, as the aiobotocore client failed (the line reports it: a certificate problem)."""
+    from botocore.exceptions import SSLError
+    from test_transport_security import make_ca_and_cert
+
+    from agent.config import UplinkConfig
+    from agent.uplink.s3 import S3Uplink
+    from devstack import ObjectStore
+
+    ca, cert, key = make_ca_and_cert(tmp_path)
+    store = ObjectStore("rclone", tmp_path / "s3", tls=(cert, key, ca)).start()
+    body = os.urandom(300_000)
+
+    async def use(ca_bundle: str) -> dict[str, object]:
+        s3 = S3Uplink(UplinkConfig(endpoint_url=store.endpoint_url, bucket=BUCKET, access_key_id=store.access_key,
+                                   secret_access_key=store.secret_key, ca_bundle=ca_bundle))
+        await s3.start()
+
+        async def whole() -> bytes:
+            async with s3.get("tls/a.dcm") as (_size, _sha, chunks):
+                return b"".join([c async for c in chunks])
+
+        async def head() -> object:
+            got = await s3.head("tls/a.dcm")
+            return got and got["ContentLength"]
+
+        out: dict[str, object] = {}
+        try:
+            for op, call in (("put", lambda: s3.put_raw("tls/a.dcm", body)), ("get", whole), ("head", head),
+                             ("range", lambda: s3.get_range("tls/a.dcm", 1000, 50, None))):
+                try:
+                    out[op] = await call()
+                except Exception as e:
+                    out[op] = e
+        finally:
+            await s3.close()
+        return out
+
+    try:
+        store.create_bucket(BUCKET)
+        trusted = asyncio.run(use(str(ca)))
+        assert (trusted["get"], trusted["head"], trusted["range"]) == (body, len(body), body[1000:1050])
+        for op, refused in asyncio.run(use("")).items():  # each request checks the certificate, GETs too
+            assert isinstance(refused, SSLError) and "certificate" in str(refused).lower(), op
+    finally:
+        store.stop()
+
+
+def test_timestamps_parse_as_botocore_parses_them():
+    """The uplink's timestamp parser (listings, HEADs) reads ISO 8601 and HTTP dates itself and leaves the rest to
+    botocore: the same instants, offsets kept, as botocore's dateutil path gives."""
+    from botocore.utils import parse_timestamp as botocore_parse
+
+    from agent.uplink.s3 import parse_timestamp
+
+    for value in ("Tue, 01 Dec 2026 19:00:00 GMT", "Tue, 01 Dec 2026 19:00:00 -0000", "Tue, 01 Dec 2026 19:00:00 +0200",
+                  "2026-12-01T19:00:00.123Z", "2026-12-01T19:00:00Z", "2026-12-01T21:00:00+02:00", "1700000000"):
+        ours, theirs = parse_timestamp(value), botocore_parse(value)
+        assert ours == theirs and ours.utcoffset() == theirs.utcoffset(), value
