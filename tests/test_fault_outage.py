@@ -66,3 +66,47 @@ def test_object_store_outage_during_ingest(agent_factory, private_seaweed):
     assert bad == [], f"wrong content in S3: {bad[:3]}"
     assert set(objects) == set(ingest.acked)
     assert {state for _, state, *_ in catalog_rows(a)} == {"clean"}
+
+
+def test_a_file_in_a_directory_never_listed_is_unavailable_not_missing_while_the_store_is_down(
+        agent_factory, private_seaweed):
+    """A file written to the bucket by another box, in a directory this agent has not listed yet: with object
+    storage down the agent cannot know whether it is there, so a read is refused as unavailable (FTP 451, an SFTP
+    failure, not "no such file", which a PACS would take as final); a name missing from a directory already
+    listed is still 550; and the same read succeeds once the store is back."""
+    import asyncio
+    import ftplib
+    import io
+
+    import asyncssh
+
+    from faultkit import sftp_session
+    from harness import BUCKET, PASSWORD
+
+    store = private_seaweed
+    a = agent_factory(store).start()
+    store.client().put_object(Bucket=BUCKET, Key=a.prefix + "MR/prior.dcm", Body=b"p" * 4096)
+    f = ftplib.FTP(timeout=60)
+    f.connect("127.0.0.1", a.ftp_port)
+    f.login("pacs", PASSWORD)
+    f.storbinary("STOR CT/new.dcm", io.BytesIO(b"n" * 100))  # CT is listed (it was looked up to write)
+    f.nlst("CT")
+    store.stop()
+    with pytest.raises(ftplib.error_temp, match="^451"):
+        f.retrbinary("RETR MR/prior.dcm", io.BytesIO().write)
+    with pytest.raises(ftplib.error_perm, match="^550"):
+        f.retrbinary("RETR CT/absent.dcm", io.BytesIO().write)
+
+    async def sftp_read() -> None:
+        async with sftp_session(a) as s:
+            with pytest.raises(asyncssh.SFTPError) as refused:
+                await s.open("MR/prior.dcm", "rb")
+            assert refused.value.code == asyncssh.FX_FAILURE
+
+    asyncio.run(sftp_read())
+    store.start()
+    wait_for(lambda: a.health()["uplink"]["reachable"], 60, what="uplink to be reachable again")
+    out = io.BytesIO()
+    f.retrbinary("RETR MR/prior.dcm", out.write)
+    assert out.getvalue() == b"p" * 4096
+    f.quit()

@@ -505,6 +505,15 @@ class Gateway:
         log.info("remote_listed", path=path, files=len(listing.objects), dirs=len(listing.dirs),
                  seconds=round(time.monotonic() - t0, 4))
 
+    async def _listing_incomplete(self, path: str) -> bool:
+        """Whether the innermost directory known above `path` was never listed from object storage (the line was
+        down, or the listing failed or was throttled): a name missing there is unknown, not absent. A PACS told
+        "no such file" (FTP 550) would not ask again; told "unavailable" (451) it retries."""
+        chain = ancestors(path)
+        known = await self.db.get_many(chain)
+        d = next((known[a] for a in reversed(chain) if a in known), None)
+        return d is not None and d.is_dir and not d.listed
+
     async def _remote_dir_live(self, path: str) -> bool:
         """Whether the remote directory `path` holds an object that is not a pending delete here."""
         if not await self.db.tombstones_under(path):
@@ -723,7 +732,13 @@ class Gateway:
         return handle
 
     async def _open_read(self, path: str, protocol: str) -> ReadHandle:
-        e = await self.stat(path)
+        try:
+            e = await self.stat(path)
+        except NotFound:
+            if await self._listing_incomplete(path):
+                raise Unavailable(path, "object storage cannot list its directory now; the file may be there") \
+                    from None
+            raise
         if e.is_dir:
             raise IsADirectory(path)
         if e.blob is not None:
