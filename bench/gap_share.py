@@ -19,7 +19,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from agent.policy import eviction, learned, priors  # noqa: E402
+from agent.policy import learned, priors  # noqa: E402
 from agent.sim.replay import ReplayConfig, Replayer  # noqa: E402
 from agent.sim.trace import load_arrays  # noqa: E402
 
@@ -39,19 +39,7 @@ def main() -> int:
     ap.add_argument("--admit", choices=("on", "off"), default=None,
                     help="learned.ADMIT_PRIORS: admit a prefetched prior only above the eviction boundary")
     ap.add_argument("--min-heat", type=float, default=None, help="priors.MIN_HEAT: the open-rate floor of a prior")
-    ap.add_argument("--joint", choices=("on", "off"), default=None,
-                    help="learned.JOINT: the factors as one logistic model (on) or a naive-Bayes product (off)")
-    ap.add_argument("--shrink", default=None,
-                    help="learned.SHRINK: factor=pseudo-counts at the overall rate, e.g. freq=10 ('' for none)")
-    ap.add_argument("--tail-penalty", type=float, default=None,
-                    help="eviction.TAIL_PENALTY_DAYS: study LRU's demotion of a consumed old study read on a miss")
     args = ap.parse_args()
-    if args.tail_penalty is not None:
-        eviction.TAIL_PENALTY_DAYS = args.tail_penalty
-    if args.shrink is not None:
-        learned.SHRINK = {k: float(v) for k, v in (kv.split("=") for kv in args.shrink.split(",") if kv)}
-    if args.joint is not None:
-        learned.JOINT = args.joint == "on"
     if args.min_heat is not None:
         priors.MIN_HEAT = args.min_heat
     if args.admit is not None:
@@ -82,9 +70,7 @@ def main() -> int:
     print(f"sum of the object and byte gap shares: {total:.0%}, of the lower of the two: {worst:.0%} "
           f"({args.scheme}, factors "
           f"{','.join(learned.DEFAULT_FACTORS)}, byte weight {learned.BYTE_WEIGHT:g}, "
-          f"{'logistic' if learned.JOINT else 'naive-Bayes'} factors, "
-          f"prior admission {'on' if learned.ADMIT_PRIORS else 'off'}, shrink {learned.SHRINK}, "
-          f"tail penalty {eviction.TAIL_PENALTY_DAYS:g} d)")
+          f"prior admission {'on' if learned.ADMIT_PRIORS else 'off'})")
     return 0
 
 

@@ -77,28 +77,6 @@ def test_study_policy_evicts_whole_studies_and_demotes_consumed_priors() -> None
     assert StudyLRU().select_victims(t, 20, now).tolist() == [4, 5]
 
 
-def test_study_lru_tail_penalty_for_an_old_study_read_on_a_miss() -> None:
-    """Three studies: a new one and an old one prefetched as a prior, both opened two days ago, and an old one
-    read from the archive on a miss a day ago (the long tail). The tail study goes first, though opened a day
-    later than the others (demoted by a tail penalty of 3 days); the prior (demoted by a day) before the new one.
-    With the default tail penalty (the prior's day) the tail study is ranked a day back like the prior: it goes
-    after it, having been opened later."""
-    now = 100 * DAY
-    for tail_days, order in ((3.0, [3, 2, 1]), (None, [2, 3, 1])):
-        pol = StudyLRU(tail_penalty_s=None if tail_days is None else tail_days * DAY)
-        _three_studies(pol, now)
-        assert list(pol.victims(30, now + 120)) == order
-
-
-def _three_studies(pol: StudyLRU, now: float) -> None:
-    pol.on_insert(1, 10, now - 2 * DAY, now - 2 * DAY, study=1)                 # new, written
-    pol.on_insert(2, 10, now - 2 * DAY, now - 400 * DAY, study=2, prefetch=True)   # a prior, fetched
-    for key in (1, 2):
-        pol.on_access(key, now - 2 * DAY + 60)
-    pol.on_insert(3, 10, now - DAY, now - 400 * DAY, study=3)                   # archive read on a miss
-    pol.on_access(3, now - DAY + 60)
-
-
 @settings(max_examples=40, deadline=None)
 @given(st.lists(st.tuples(st.integers(0, 30), st.integers(0, 6)), min_size=1, max_size=200), st.integers(1, 400))
 def test_online_index_matches_batch_decision(accesses: list[tuple[int, int]], need: int) -> None:

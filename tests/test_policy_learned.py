@@ -119,30 +119,6 @@ def test_gap_factor_learns_that_studies_back_after_a_week_come_back_again() -> N
     assert gap[gap_bucket(7 * DAY)] > 1.0 > gap[0]
 
 
-def test_frequency_factor_learns_a_popular_set_beyond_the_class_table() -> None:
-    """A teaching file: half the studies are opened day after day (20 sessions), the rest on three days and
-    never again. The class table stops at 3+ sessions, so both halves share a class there; the frequency
-    factor (sessions 4-7, 8-15, 16+) learns from the hits and evictions that the popular ones come back."""
-    from agent.policy.learned import _Study, freq_bucket
-    p = HitDensity(factors=("freq",), refit_events=50, warm_events=0)
-    t = 0.0
-    for study in range(100):
-        t += 60.0
-        p.on_insert(study, 1, t, t, study)
-    for day in range(1, 21):
-        for study in range(100):
-            if study % 2 == 0 or day <= 3:
-                p.on_access(study, day * DAY + study)
-    list(p.victims(100, 30 * DAY))
-    p.refit()
-    freq = p.factor[0]
-    assert [freq_bucket(n) for n in (0, 3, 4, 7, 8, 15, 16, 99)] == [0, 0, 1, 1, 2, 2, 3, 3]
-    assert freq[freq_bucket(10)] > 1.0 > freq[0]
-    p.density[:] = 1.0
-    popular, once = _Study({}, 1, t, 0, sessions=12, study=0), _Study({}, 1, t, 0, sessions=3, study=1)
-    assert p._worth(popular, t) > p._worth(once, t)
-
-
 def test_study_features_reach_the_policy_as_factors() -> None:
     """Priors of a patient with a newer study come back (a board shows them beside the new one), the rest
     not: told through the stack's `describe` (what the prefetcher learns from the catalog's study index
@@ -246,35 +222,3 @@ def test_a_prior_is_admitted_only_above_the_eviction_boundary() -> None:
     assert isinstance(shadow, HitDensity)
     shadow.fitted, shadow.boundary = True, 1e9
     assert not a.admit(0, 0.5, 1, 100, 0.0)
-
-
-def test_the_joint_model_does_not_count_one_signal_twice() -> None:
-    """Two features that say the same thing (every prior of a patient with a newer study is a PET, every other
-    study a CT; the priors come back once, the rest never): of the hits and evictions a third are hits, half of
-    a prior's, so a prior is worth P(hit | prior) / P(hit) = 1.5 times a class's density. The logistic model,
-    fitted online on those events, learns about that; the naive-Bayes product multiplies two factors of ~1.5
-    and counts the one signal twice (~2.25)."""
-    from agent.policy.learned import _Study
-    from agent.policy.stack import PolicyStack, StackSpec
-    worth = {}
-    for joint in (False, True):
-        stack = PolicyStack(StackSpec("lru"))
-        p = HitDensity(factors=("newer", "modality"), attrs=stack.attrs_of, refit_events=50, warm_events=0,
-                       joint=joint)
-        t = 0.0
-        for round_ in range(60):
-            base = round_ * 40
-            for study in range(base, base + 40):
-                t += 60.0
-                stack.describe(study, "PT" if study % 2 == 0 else "CT", None, newer=study % 2 == 0)
-                p.on_insert(study, 1, t, t, study)
-            for study in range(base, base + 40, 2):
-                p.on_access(study, t + DAY + study)
-            t += 2 * DAY + 40
-            list(p.victims(40, t))
-        p.refit()
-        p.density[:] = 1.0
-        worth[joint] = p._worth(_Study({}, 1, t, 0, study=0), t), p._worth(_Study({}, 1, t, 0, study=1), t)
-    assert worth[False][0] > 2.0                    # the product: the signal counted twice
-    assert 1.2 < worth[True][0] < 1.8               # the joint model: about 1.5
-    assert worth[True][1] < 0.1                     # and the others, never back, are worth little

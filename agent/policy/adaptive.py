@@ -119,7 +119,6 @@ class Adaptive:
         assert isinstance(model, HitDensity)
         learned = self.learned
         learned.density, learned.factor, learned.fitted = model.density, model.factor, model.fitted
-        learned.w, learned.p_back = model.w, model.p_back
         chosen, other = (self.learned, self.lru) if self.use_learned else (self.lru, self.learned)
         for key in list(chosen.victims(bytes_to_free, now)):
             other.on_remove(key)

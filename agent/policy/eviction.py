@@ -38,11 +38,6 @@ from typing import Any, Iterator, Protocol
 import numpy as np
 
 DAY = 86_400.0
-# StudyLRU: how much earlier than its last use a consumed old study read on a miss (the long tail, an archive
-# read) is ranked; a consumed prefetched prior keeps `old_penalty_s`. 3 days won on the tuning families and
-# lost held out (docs/replay.md, round 6), so it stays at the prior's day: the same order as one queue.
-# bench/gap_share.py --tail-penalty overrides
-TAIL_PENALTY_DAYS = 1.0
 
 
 @dataclass
@@ -239,28 +234,19 @@ class StudyLRU:
     days (clinicians, follow-ups, tumour boards). A prefetched old study is not demoted until read, so
     a prefetch is not undone before the read it was made for.
 
-    An old study that entered by a read miss (the long tail: teaching, research, a late comparison) may be
-    demoted by another amount, `tail_penalty_s` (TAIL_PENALTY_DAYS, by default the same day): a prior the
-    planner fetched may be shown again beside its new study, a tail read rarely is (round 6 in docs/replay.md).
-
-    Priority (lower goes first) = last use of the study − (the penalty if old and consumed).
-    Online: three OrderedDicts (recent-or-unconsumed, consumed prefetched, consumed read on a miss), each in
-    last-use order; the victim is the head with the lowest priority. Batch (the cold fallback; the
-    FileTable does not say which files were prefetched): `old_penalty_s` for every consumed old study.
+    Priority (lower goes first) = last use of the study − (old_penalty_s if old and consumed).
+    Online: two OrderedDicts (recent-or-unconsumed, consumed-old), each in last-use order; the victim
+    is the head with the lower priority. Batch: the same priority over the FileTable.
     """
 
     name = "study"
     online = True
 
-    def __init__(self, recent_days: float = 30.0, old_penalty_s: float = DAY,
-                 tail_penalty_s: float | None = None) -> None:
+    def __init__(self, recent_days: float = 30.0, old_penalty_s: float = DAY) -> None:
         self.recent = recent_days * DAY
         self.penalty = old_penalty_s
-        self.tail_penalty = TAIL_PENALTY_DAYS * DAY if tail_penalty_s is None else tail_penalty_s
         self._young: OrderedDict[int, dict[int, int]] = OrderedDict()
-        self._old: OrderedDict[int, dict[int, int]] = OrderedDict()       # consumed prefetched priors
-        self._tail: OrderedDict[int, dict[int, int]] = OrderedDict()      # consumed old studies read on a miss
-        self._fetched: set[int] = set()     # studies that entered the cache by a prefetch
+        self._old: OrderedDict[int, dict[int, int]] = OrderedDict()
         self._last: dict[int, float] = {}
         self._created: dict[int, float] = {}
         self._study_of: dict[int, int] = {}
@@ -289,10 +275,8 @@ class StudyLRU:
                   prefetch: bool = False) -> None:
         if study not in self._last:
             self._created[study] = created
-            if prefetch:
-                self._fetched.add(study)
         self._study_of[key] = study
-        queue = self._queue(study)
+        queue = self._old if study in self._old else self._young
         files = queue.get(study)
         if files is None:
             files = queue[study] = {}
@@ -303,16 +287,12 @@ class StudyLRU:
             self._last.setdefault(study, now)
             queue.move_to_end(study)
 
-    def _queue(self, study: int) -> OrderedDict[int, dict[int, int]]:
-        return self._old if study in self._old else self._tail if study in self._tail else self._young
-
     def _touch(self, study: int, now: float) -> None:
         self._last[study] = now
-        queue = self._queue(study)
-        if queue is not self._young:
-            queue.move_to_end(study)
-        elif self._created.get(study, now) < now - self.recent:      # consumed old study: demoted
-            (self._old if study in self._fetched else self._tail)[study] = self._young.pop(study)
+        if study in self._old:
+            self._old.move_to_end(study)
+        elif self._created.get(study, now) < now - self.recent:
+            self._old[study] = self._young.pop(study)      # consumed old study: demoted
         else:
             self._young.move_to_end(study)
 
@@ -325,28 +305,29 @@ class StudyLRU:
         study = self._study_of.pop(key, None)
         if study is None:
             return
-        queue = self._queue(study)
+        queue = self._old if study in self._old else self._young
         files = queue.get(study)
         if files is not None:
             files.pop(key, None)
             if not files:
                 del queue[study]
-                self._forget(study)
-
-    def _forget(self, study: int) -> None:
-        self._last.pop(study, None)
-        self._created.pop(study, None)
-        self._fetched.discard(study)
+                self._last.pop(study, None)
+                self._created.pop(study, None)
 
     def victims(self, bytes_to_free: int, now: float) -> Iterator[int]:
         freed = 0
-        while freed < bytes_to_free and (self._young or self._old or self._tail):
-            # the head of each queue at its priority (last use, less its penalty); the lowest goes
-            heads = [(self._last[next(iter(q))] - pen, i) for i, (q, pen) in
-                     enumerate(((self._old, self.penalty), (self._tail, self.tail_penalty), (self._young, 0.0))) if q]
-            queue = (self._old, self._tail, self._young)[min(heads)[1]]
+        while freed < bytes_to_free and (self._young or self._old):
+            if not self._old:
+                queue = self._young
+            elif not self._young:
+                queue = self._old
+            else:
+                y = self._last[next(iter(self._young))]
+                o = self._last[next(iter(self._old))] - self.penalty
+                queue = self._old if o <= y else self._young
             study, files = queue.popitem(last=False)
-            self._forget(study)
+            self._last.pop(study, None)
+            self._created.pop(study, None)
             for key, size in files.items():
                 self._study_of.pop(key, None)
                 freed += size

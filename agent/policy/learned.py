@@ -25,9 +25,7 @@ d, < 10 d, longer): a case that came back after a week (a board, a follow-up cli
 read once, whichever its class. *Size*: the study's bytes (< 10 MB, < 100 MB, < 1 GB, more): where big
 studies come back (PET-CT at a board), they are kept for it. *Newer*: the study's patient has a newer
 study (a prior, which a board may show again beside the new one). *Modality* and *department* are offered
-too but off by default (they lost on the tuning families), and so is *freq*, the sessions so far beyond the
-class table's 3+ (4-7, 8-15, 16+: a popular subset read again and again; a tie with the default stack on the
-tuning families, a loss on the held-out ones). The study features come from `attrs` (the
+too but off by default (they lost on the tuning families). The study features come from `attrs` (the
 runner's `describe`: the catalog's study index live, the trace in the simulator). A weekly schedule needs no code: a
 study class read again ~7 days later has hits piling up in the 4–8-day bucket, so its density stays high
 through the week while one that is never read again decays. The histograms are refitted every
@@ -71,20 +69,12 @@ N_SIZE = 4                      # study bytes: < 10 MB, < 100 MB, < 1 GB, more
 _SIZE_EDGES = (1e7, 1e8, 1e9)
 N_CODE = 16                     # modality / department codes, folded into this many buckets (0: unknown)
 
-# the factors a rank multiplies (naive Bayes over the class density), in `_buckets` order: gap and size, the
-# `attrs` (modality and department of the study, whether its patient has a newer study: a prior), and freq
-# (sessions so far beyond the class table's 3+: a popular subset, a teaching file)
-FACTORS = ("gap", "size", "modality", "dept", "newer", "freq")
-N_FREQ = 4                      # sessions so far beyond the class's 3+: < 4, 4-7, 8-15, 16+
-FACTOR_BUCKETS = {"gap": N_GAP, "size": N_SIZE, "modality": N_CODE, "dept": N_CODE, "newer": 2, "freq": N_FREQ}
+# the factors a rank multiplies (naive Bayes over the class density), in `_buckets` order: gap and size, and the
+# `attrs` (modality and department of the study, whether its patient has a newer study: a prior)
+FACTORS = ("gap", "size", "modality", "dept", "newer")
+FACTOR_BUCKETS = {"gap": N_GAP, "size": N_SIZE, "modality": N_CODE, "dept": N_CODE, "newer": 2}
 # chosen on the tuning families (docs/replay.md, "Study features"); bench/gap_share.py --factors overrides
 DEFAULT_FACTORS: tuple[str, ...] = ("gap", "size", "newer")
-
-# factors whose buckets are smoothed with this many pseudo-counts at the overall rate instead of Laplace's
-# (b + 1) / (n + 2), which makes a thin bucket worth 0.5 / P(back) (several times the others): studies read in
-# 4+ sessions are < 1 % of the reads on the tuning families. 30 chosen there (docs/replay.md, round 6);
-# bench/gap_share.py --shrink overrides
-SHRINK: dict[str, float] = {"freq": 30.0}
 
 # the rank's weight of a study's bytes against its files (see `_rank`); chosen on the tuning families
 # (docs/replay.md, "Bytes"); bench/gap_share.py --byte-weight overrides
@@ -95,21 +85,11 @@ BYTE_WEIGHT = 10.0
 ADMIT_PRIORS = True
 BOUNDARY_RATE = 0.01            # the eviction boundary: an average over the last ~100 victims' ranks
 
-# the factors as one logistic model of "comes back" over the same buckets (fitted online by SGD on the hits and
-# evictions) instead of their naive-Bayes product (docs/replay.md, round 5); bench/gap_share.py --joint overrides
-JOINT = False
-JOINT_RATE = 0.02               # SGD step: a few hundred events move a weight
-
 Attrs = Callable[[Any], tuple[int, int, int]]     # study → (modality code, department code, newer 0/1)
 
 
 def size_bucket(size: int) -> int:
     return sum(size >= e for e in _SIZE_EDGES)
-
-
-def freq_bucket(sessions: int) -> int:
-    """0: fewer than 4 sessions (the class tells those apart), then one bucket per doubling up to 16+."""
-    return 0 if sessions < 4 else min(N_FREQ - 1, sessions.bit_length() - 2)
 
 
 def _fold(code: int) -> int:
@@ -151,7 +131,7 @@ class HitDensity:
     def __init__(self, sample: int = 64, byte_weight: float | None = None, session_s: float = 600.0,
                  refit_events: int = 100, decay: float = 0.95, warm_events: int = 200, seed: int = 0,
                  max_ghosts: int = 200_000, learn: bool = True, factors: tuple[str, ...] | None = None,
-                 attrs: Attrs | None = None, joint: bool | None = None) -> None:
+                 attrs: Attrs | None = None) -> None:
         self.sample, self.session_s = sample, session_s
         self.byte_weight = BYTE_WEIGHT if byte_weight is None else byte_weight
         self.learn = learn          # False: rank with a density set from outside (adaptive's shadow model)
@@ -167,16 +147,9 @@ class HitDensity:
             raise ValueError(f"unknown factors {sorted(unknown)}; known: {FACTORS}")
         self._fi = [FACTORS.index(f) for f in self.factors]
         self.attrs = attrs          # the study's features the catalog knows (None: all unknown)
-        self._shrink = [SHRINK.get(f, 0.0) for f in self.factors]
         self.back = [np.zeros(FACTOR_BUCKETS[f]) for f in self.factors]
         self.seen = [np.zeros(FACTOR_BUCKETS[f]) for f in self.factors]
         self.factor = [np.ones(FACTOR_BUCKETS[f]) for f in self.factors]
-        self.joint = JOINT if joint is None else joint
-        self._off = [0]
-        for f in self.factors:
-            self._off.append(self._off[-1] + FACTOR_BUCKETS[f])
-        self.w = [0.0] * (self._off[-1] + 1)       # one weight per bucket, then the bias
-        self.p_back = 0.5                          # running share of events that are hits
         self.events = 0
         self.fitted = False
         self._studies: dict[int, _Study] = {}
@@ -201,7 +174,7 @@ class HitDensity:
     def _buckets(self, s: _Study) -> tuple[int, ...]:
         """The study's bucket of each factor in use."""
         a = self.attrs(s.study) if self.attrs is not None else (0, 0, 0)
-        every = (s.gap, size_bucket(s.size), _fold(a[0]), _fold(a[1]), a[2], freq_bucket(s.sessions))
+        every = (s.gap, size_bucket(s.size), _fold(a[0]), _fold(a[1]), a[2])
         return tuple(every[i] for i in self._fi)
 
     def _count(self, table: np.ndarray, s: _Study, now: float, buckets: tuple[int, ...] | None = None) -> None:
@@ -210,28 +183,13 @@ class HitDensity:
         r, e = self._cls(s)
         table[r, e, age_bucket(now - s.last)] += 1
         hit = table is self.hits
-        bs = buckets or self._buckets(s)
-        for seen, back, b in zip(self.seen, self.back, bs, strict=True):
+        for seen, back, b in zip(self.seen, self.back, buckets or self._buckets(s), strict=True):
             seen[b] += 1
             if hit:
                 back[b] += 1
-        if self.joint:
-            self._sgd(bs, float(hit))
         self.events += 1
         if self.events % self.refit_events == 0:
             self.refit()
-
-    def _p(self, bs: tuple[int, ...]) -> float:
-        """The joint model's P(back) for these buckets (`_off` ends with the bias's offset: zip stops before it)."""
-        z = self.w[-1] + sum(self.w[o + b] for o, b in zip(self._off, bs, strict=False))
-        return 1.0 / (1.0 + math.exp(-max(-30.0, min(30.0, z))))
-
-    def _sgd(self, bs: tuple[int, ...], y: float) -> None:
-        g = JOINT_RATE * (y - self._p(bs))
-        for o, b in zip(self._off, bs, strict=False):
-            self.w[o + b] += g
-        self.w[-1] += g
-        self.p_back += 0.005 * (y - self.p_back)
 
     def refit(self) -> None:
         """density(c, a) from the histograms, then decay them (recent traffic weighs more)."""
@@ -254,8 +212,7 @@ class HitDensity:
         self.density = np.where(thin, pooled[:, None, :], d)
         if self.factors:
             overall = (self.back[0].sum() + 1) / (self.seen[0].sum() + 2)
-            self.factor = [(b + k * overall) / (n + k) / overall if k else (b + 1) / (n + 2) / overall
-                           for b, n, k in zip(self.back, self.seen, self._shrink, strict=True)]
+            self.factor = [(b + 1) / (n + 2) / overall for b, n in zip(self.back, self.seen, strict=True)]
         for t in (*self.back, *self.seen, self.hits, self.evictions):
             t *= self.decay
         self.fitted = self.events >= self.warm_events
@@ -354,8 +311,6 @@ class HitDensity:
         """The study's hit density × its factors (before its bytes)."""
         r, e = self._cls(s)
         rank = float(self.density[r, e, age_bucket(now - s.last)])
-        if self.joint:
-            return rank * self._p(self._buckets(s)) / max(self.p_back, 1e-3)
         for f, b in zip(self.factor, self._buckets(s), strict=True):
             rank *= float(f[b])
         return rank
