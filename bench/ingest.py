@@ -274,9 +274,9 @@ def protocol_rows(protocol: str, args: argparse.Namespace, work: Path, store: Ob
         rows.append({"target": label, "protocol": protocol, "rounds": len(each),
                      **{c: ratio(first[c], last[c]) for c in ("MB_per_s", "ack_p50_ms", "ack_p99_ms",
                                                                     "all_in_s3_s", "cpu_ms_per_file")},
-                     "files_per_s": statistics.median(each)})
+                     "files_per_s": round(statistics.median(each), 2)})
         if args.rounds > 1:
-            print(f"{protocol} {label} files/s per round: {each}; median {statistics.median(each)}; agent CPU ms per "
+            print(f"{protocol} {label} files/s per round: {each}; median {rows[-1]['files_per_s']}; agent CPU ms per "
                   f"file, median of the rounds: {first['target']} {first['cpu_ms_per_file']}, "
                   f"{last['target']} {last['cpu_ms_per_file']}", flush=True)
     return rows
@@ -291,7 +291,7 @@ def summary(rows: list[dict]) -> dict:
     return out | {"target": rows[0]["target"], "protocol": rows[0]["protocol"], "rounds": len(rows),
                   "files": sum(r["files"] for r in rows), "errors": sum(r["errors"] for r in rows),
                   "bad_checksums": sum(r.get("bad_checksums", 0) for r in rows),
-                  "load": f"{min(r['load'] for r in rows)}-{max(r['load'] for r in rows)}"}
+                  "load": f"{min((r['load'] for r in rows), key=float)}-{max((r['load'] for r in rows), key=float)}"}
 
 
 def smb_rows(args: argparse.Namespace) -> tuple[list[dict], dict]:
