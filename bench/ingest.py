@@ -23,7 +23,7 @@ first, then R short alternating rounds of files/R each (the order swapped every 
 and drift hit both alike. Printed then: each round's rows, and per target the median files/s and agent CPU
 per file over the rounds, and the median of the rounds' ratios (first target ÷ second). The issue-17 figure:
     .venv/bin/python bench/ingest.py --dicom --protocols ftp,sftp --targets pacsgw,pacsgw-nometa \
-        --files 2000 --rounds 10 --warmup 100
+        --files 2000 --rounds 20 --warmup 50
 Everything it starts is stopped and its directory removed at the end, also on Ctrl-C.
 """
 
