@@ -18,6 +18,12 @@ agents) and smbd over a plain directory on the same disk, which gives the FUSE o
 With --dicom every file is a real DICOM CT slice (bench/dicomgen.py: 512x512, 16-bit, noise; --size is then the
 slice's size) and target `pacsgw-nometa` is our agent with [dicom] metadata = false: `--dicom --targets
 pacsgw,pacsgw-nometa` gives the cost of the header parse, metadata and tags as the ratio of the two.
+--rounds R interleaves the targets: every target's server runs throughout, each gets --warmup untimed files
+first, then R short alternating rounds of files/R each (the order swapped every round), so machine noise
+and drift hit both alike. Printed then: each round's rows, and per target the median files/s and agent CPU
+per file over the rounds, and the median of the rounds' ratios (first target ÷ second). The issue-17 figure:
+    .venv/bin/python bench/ingest.py --dicom --protocols ftp,sftp --targets pacsgw,pacsgw-nometa \
+        --files 2000 --rounds 20 --warmup 50
 Everything it starts is stopped and its directory removed at the end, also on Ctrl-C.
 """
 
@@ -30,6 +36,7 @@ import hashlib
 import json
 import os
 import shutil
+import statistics
 import sys
 import tempfile
 import threading
@@ -96,7 +103,7 @@ def key_of(i: int) -> str:
 
 
 def directories(n: int) -> list[str]:
-    """Every directory the N files need, parents first."""
+    """Every directory files 0..N-1 need, parents first."""
     dirs: set[str] = set()
     for i in range(0, n, 20):
         parts = key_of(i).split("/")[:-1]
@@ -159,31 +166,132 @@ async def sftp_clients(port: int, shards: list[list[int]], run: Run, blocks: lis
     await asyncio.gather(*(one(s) for s in shards))
 
 
-def ingest(run: Run, port: int, files: int, clients: int, blocks: list[bytes]) -> None:
-    """Create the tree (untimed), then store the N files with C clients; fills run's timings."""
-    dirs = directories(files)
-    shards = [list(range(c, files, clients)) for c in range(clients)]
+def mkdirs(protocol: str, port: int, files: int) -> None:
+    """Create the tree files 0..N-1 need (untimed: rclone does not create parents on upload)."""
+    if protocol == "ftp":
+        ftp_mkdirs(port, directories(files))
+    else:
+        asyncio.run(sftp_mkdirs(port, directories(files)))
+
+
+def ingest(run: Run, port: int, files: range, clients: int, blocks: list[bytes]) -> None:
+    """Store these files (numbers) with C clients; fills run's timings."""
+    shards = [list(files[c::clients]) for c in range(clients)]
+    run.load, run.started = load(), time.perf_counter()
     if run.protocol == "ftp":
-        ftp_mkdirs(port, dirs)
         threads = [threading.Thread(target=ftp_client, args=(port, s, run, blocks)) for s in shards]
-        run.load, run.started = load(), time.perf_counter()
         for t in threads:
             t.start()
         for t in threads:
             t.join()
     else:
-        asyncio.run(sftp_mkdirs(port, dirs))
-        run.load, run.started = load(), time.perf_counter()
         asyncio.run(sftp_clients(port, shards, run, blocks))
     run.finished = time.perf_counter()
 
 
-def verify(store: ObjectStore, prefix: str, run: Run, files: int, blocks: list[bytes]) -> int:
+def verify(store: ObjectStore, prefix: str, protocol: str, files: int, size: int, blocks: list[bytes]) -> int:
     client, bad = store.client(), 0
     for i in range(files):
         body = client.get_object(Bucket=BUCKET, Key=prefix + key_of(i))["Body"].read()
-        bad += hashlib.sha256(body).digest() != hashlib.sha256(content(run.protocol, i, run.size, blocks)).digest()
+        bad += hashlib.sha256(body).digest() != hashlib.sha256(content(protocol, i, size, blocks)).digest()
     return bad
+
+
+def start_target(target: str, protocol: str, args: argparse.Namespace, work: Path, store: ObjectStore,
+                 concurrency: int, keyfile: Path | None) -> tuple[object, int]:
+    """Our agent (pacsgw, or pacsgw-nometa: [dicom] metadata off) or rclone over BUCKET/<target>-<protocol>/
+    → the server and its port for this protocol."""
+    prefix = f"{target}-{protocol}/"
+    if not target.startswith("pacsgw"):
+        peer = start_rclone(protocol, work / prefix, store, prefix, cache_mode="writes", transfers=concurrency)
+        return peer, peer.port
+    dicom = ({"dicom.metadata": target != "pacsgw-nometa", "dicom.pseudonym_key_file": str(keyfile)}
+             if keyfile else {})
+    server = start_agent(work / prefix, store, prefix, concurrency=concurrency, write_mode=args.write_mode,
+                         **dicom, **{"server.workers": args.workers})
+    pin_agent(server, args.workers, cpus(args.agent_cpus))
+    return server, server.ftp_port if protocol == "ftp" else server.sftp_port
+
+
+def measure(server, port: int, store: ObjectStore, run: Run, files: range, blocks: list[bytes], clients: int,
+            before: int) -> dict:
+    """Store these files into one target (which holds `before` files) and wait until they are in S3 → its
+    row (with the agent's CPU)."""
+    prefix = f"{run.target}-{run.protocol}/"
+    cpu0 = tree_cpu_seconds(server.proc.pid)
+    ingest(run, port, files, clients, blocks)
+    run.in_s3 = wait_keys(store, prefix, before + len(files))
+    cpu = tree_cpu_seconds(server.proc.pid) - cpu0
+    # CPUs busy: the agent's CPU seconds per second until the last file was in S3 (below the CPUs it may use,
+    # the clients, SeaweedFS or the rest of the machine set the pace)
+    return run.report() | {"cpu_ms_per_file": round(cpu * 1000 / len(files), 2),
+                           "cpus_busy": round(cpu / (max(run.finished, run.in_s3) - run.started), 2)}
+
+
+def protocol_rows(protocol: str, args: argparse.Namespace, work: Path, store: ObjectStore, servers: list,
+                  blocks: list[bytes], concurrency: int, keyfile: Path | None) -> list[dict]:
+    """Every target's server up, each given --warmup untimed files, then --rounds alternating rounds of
+    files/rounds each (the first target first in even rounds). → the rows to tabulate: with one round each
+    target's row, else per target the medians over the rounds; then first ÷ second target (the median of the
+    rounds' ratios)."""
+    targets = args.targets.split(",")
+    per = args.files // args.rounds
+    timed = per * args.rounds
+    up = {}
+    for target in targets:
+        server, port = start_target(target, protocol, args, work, store, concurrency, keyfile)
+        servers.append(server)
+        up[target] = server, port
+        mkdirs(protocol, port, timed + args.warmup)
+        if args.warmup:  # numbered after the timed files: the tree exists, the servers and S3 have started
+            measure(server, port, store, Run(target, protocol, args.size), range(timed, timed + args.warmup),
+                    blocks, args.clients, 0)
+    rounds: dict[str, list[dict]] = {t: [] for t in targets}
+    for r in range(args.rounds):
+        for target in targets if r % 2 == 0 else targets[::-1]:
+            server, port = up[target]
+            run = Run(target, protocol, args.size)
+            row = measure(server, port, store, run, range(r * per, (r + 1) * per), blocks, args.clients,
+                          args.warmup + r * per)
+            if args.rounds > 1:
+                row["round"] = r
+            print(json.dumps(row), flush=True)
+            for e in run.errors[:5]:
+                print("  error:", e, flush=True)
+            rounds[target].append(row)
+    for target in targets:
+        server, _ = up[target]
+        if args.verify:
+            rounds[target][-1]["bad_checksums"] = verify(store, f"{target}-{protocol}/", protocol, timed, args.size,
+                                                         blocks)
+        server.stop()
+    rows = [summary(rounds[t]) for t in targets]
+    if len(targets) > 1:
+        a, b = rounds[targets[0]], rounds[targets[-1]]
+        label = "ours/rclone" if targets[-1] == "rclone" else f"{targets[0]}/{targets[-1]}"
+        each = [ratio(x["files_per_s"], y["files_per_s"]) for x, y in zip(a, b, strict=True)]
+        first, last = rows[0], rows[-1]
+        rows.append({"target": label, "protocol": protocol, "rounds": len(each),
+                     **{c: ratio(first[c], last[c]) for c in ("MB_per_s", "ack_p50_ms", "ack_p99_ms",
+                                                                    "all_in_s3_s", "cpu_ms_per_file")},
+                     "files_per_s": round(statistics.median(each), 2)})
+        if args.rounds > 1:
+            print(f"{protocol} {label} files/s per round: {each}; median {rows[-1]['files_per_s']}; agent CPU ms per "
+                  f"file, median of the rounds: {first['target']} {first['cpu_ms_per_file']}, "
+                  f"{last['target']} {last['cpu_ms_per_file']}", flush=True)
+    return rows
+
+
+def summary(rows: list[dict]) -> dict:
+    """One target's row over its rounds: files and errors summed, every other figure the median."""
+    if len(rows) == 1:
+        return rows[0]
+    out = {k: round(statistics.median(r[k] for r in rows), 2) for k, v in rows[0].items()
+           if isinstance(v, (int, float)) and k != "round"}
+    return out | {"target": rows[0]["target"], "protocol": rows[0]["protocol"], "rounds": len(rows),
+                  "files": sum(r["files"] for r in rows), "errors": sum(r["errors"] for r in rows),
+                  "bad_checksums": sum(r.get("bad_checksums", 0) for r in rows),
+                  "load": f"{min((r['load'] for r in rows), key=float)}-{max((r['load'] for r in rows), key=float)}"}
 
 
 def smb_rows(args: argparse.Namespace) -> tuple[list[dict], dict]:
@@ -218,7 +326,11 @@ def main() -> int:
     ap.add_argument("--keep", action="store_true", help="keep the temporary directory (logs)")
     ap.add_argument("--workers", type=int, default=1, help="our agent's [server] workers (default 1)")
     ap.add_argument("--agent-cpus", default="", help="pin our agent (and its workers) to these CPUs, e.g. 0,1")
+    ap.add_argument("--rounds", type=int, default=1, help="alternating rounds of files/rounds per target (default 1)")
+    ap.add_argument("--warmup", type=int, default=0, help="untimed files per target before the rounds (default 0)")
     args = ap.parse_args()
+    if not 1 <= args.rounds <= args.files:
+        ap.error("--rounds must be 1..--files")
 
     work = Path(tempfile.mkdtemp(prefix="pacsgw-bench-"))
     store = ObjectStore("seaweedfs", work / "s3")
@@ -227,11 +339,11 @@ def main() -> int:
         from dicomgen import series
         blocks = series(np.random.default_rng(17), 16)
         args.size = len(blocks[0])
-        keyfile = work / "pseudonym.key"
+        keyfile: Path | None = work / "pseudonym.key"
         keyfile.write_text(os.urandom(32).hex())
         keyfile.chmod(0o600)
     else:
-        blocks = pool(args.size)
+        blocks, keyfile = pool(args.size), None
     servers: list = []
     try:
         store.start()
@@ -244,50 +356,16 @@ def main() -> int:
         runs: list[dict] = []
         protocols = args.protocols.split(",")
         for protocol in [p for p in protocols if p != "smb"]:
-            for target in args.targets.split(","):
-                prefix = f"{target}-{protocol}/"
-                if target.startswith("pacsgw"):
-                    dicom = ({"dicom.metadata": target != "pacsgw-nometa", "dicom.pseudonym_key_file": str(keyfile)}
-                             if args.dicom else {})
-                    server = start_agent(work / prefix, store, prefix, concurrency=concurrency,
-                                         write_mode=args.write_mode, **dicom, **{"server.workers": args.workers})
-                    pin_agent(server, args.workers, cpus(args.agent_cpus))
-                    port = server.ftp_port if protocol == "ftp" else server.sftp_port
-                else:
-                    server = start_rclone(protocol, work / prefix, store, prefix, cache_mode="writes",
-                                          transfers=concurrency)
-                    port = server.port
-                servers.append(server)
-                run = Run(target, protocol, args.size)
-                cpu0 = tree_cpu_seconds(server.proc.pid)
-                ingest(run, port, args.files, args.clients, blocks)
-                run.in_s3 = wait_keys(store, prefix, args.files)
-                cpu = tree_cpu_seconds(server.proc.pid) - cpu0
-                # CPUs busy: the agent's CPU seconds per second until the last file was in S3 (below the CPUs
-                # it may use, the clients, SeaweedFS or the rest of the machine set the pace)
-                r = run.report() | {"cpu_ms_per_file": round(cpu * 1000 / args.files, 2),
-                                    "cpus_busy": round(cpu / (max(run.finished, run.in_s3) - run.started), 2)}
-                if args.verify:
-                    r["bad_checksums"] = verify(store, prefix, run, args.files, blocks)
-                server.stop()
-                runs.append(r)
-                print(json.dumps(r), flush=True)
-                for e in run.errors[:5]:
-                    print("  error:", e, flush=True)
-            ours, theirs = runs[-len(args.targets.split(",")):][0], runs[-1]
-            if ours is not theirs:
-                label = "ours/rclone" if theirs["target"] == "rclone" else f"{ours['target']}/{theirs['target']}"
-                runs.append({"target": label, "protocol": protocol,
-                             **{c: ratio(ours[c], theirs[c]) for c in ("files_per_s", "MB_per_s", "ack_p50_ms",
-                                                                       "ack_p99_ms", "all_in_s3_s")}})
+            runs += protocol_rows(protocol, args, work, store, servers, blocks, concurrency, keyfile)
         overhead = None
         if "smb" in protocols:
             smb, overhead = smb_rows(args)
             for r in smb:
                 print(json.dumps(r), flush=True)
             runs += smb
-        cols = ["target", "protocol", "files", "errors", "seconds", "files_per_s", "MB_per_s", "ack_p50_ms",
-                "ack_p99_ms", "all_in_s3_s", "cpu_ms_per_file", "cpus_busy", "load"]
+        cols = ["target", "protocol", *(["rounds"] if args.rounds > 1 else []), "files", "errors", "seconds",
+                "files_per_s", "MB_per_s", "ack_p50_ms", "ack_p99_ms", "all_in_s3_s", "cpu_ms_per_file", "cpus_busy",
+                "load"]
         cols += ["bad_checksums"] if args.verify else []
         print()
         print(table(runs, cols))

@@ -288,3 +288,43 @@ def test_parse_never_raises_on_pydicom_test_files_cut_anywhere():
         for n in (HEADER_MAX, 40_000, 5000, 1000, 300):
             h = parse(data[:n], whole=len(data) <= n)
             assert isinstance(h, Header), p.name
+
+
+def test_the_plain_scan_reads_what_pydicom_reads():
+    """The header scan that spares pydicom on the usual file (agent.dicom.header._scan) gives pydicom's Header
+    exactly, or leaves the file to pydicom: every file pydicom ships (charset files too), cut at many places,
+    and patient IDs that need pydicom's character-set decoding or whose padding it strips."""
+    import random
+    from pathlib import Path
+
+    import pydicom
+    from pydicom.uid import ImplicitVRLittleEndian
+
+    from agent.dicom.header import _parse_pydicom, _scan
+
+    def implicit(patient: str) -> bytes:
+        ds = pydicom.dcmread(io.BytesIO(dicom()))
+        ds.PatientID = patient
+        ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
+        out = io.BytesIO()
+        ds.save_as(out, enforce_file_format=True)
+        return out.getvalue()
+
+    files = [p.read_bytes() for p in sorted((Path(pydicom.__file__).parent / "data").rglob("*")) if p.is_file()]
+    crafted = [dicom(), dicom(patient="ID \0 \0"), dicom(patient=" PAD "), implicit("IMPL-1"),
+               implicit("Ünïcode"), implicit("A\\B")]
+    scanned = 0
+    for data in files + crafted:
+        if data[128:132] != b"DICM":
+            continue
+        rng = random.Random(len(data))
+        for n in {len(data), 16 * 1024, 300, 1000, 4000, *(rng.randrange(132, len(data) + 1) for _ in range(8))}:
+            head, bound = data[:n], "" if n >= len(data) else f" (only the first {n} bytes read)"
+            fast = _scan(head, bound)
+            if fast is not None:
+                scanned += 1
+                assert fast == _parse_pydicom(head, bound), n
+    assert scanned > 300  # most files take the scan (a scan that always gave up would pass the loop above)
+    assert all(_scan(d, "") is not None for d in crafted[:4])  # the bench's files, padding, Implicit VR
+    assert [_scan(d, "") for d in crafted[4:]] == [None, None]  # non-ASCII, multi-valued: pydicom decides
+    assert parse(crafted[1], whole=True).patient == "ID" and parse(crafted[4], whole=True).patient == "Ünïcode"
