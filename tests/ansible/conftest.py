@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
-from fleetlib import build_appliance, build_base_release, log
+from fleetlib import SUMMARY, build_appliance, build_base_release, log
 
 
 @pytest.fixture(scope="session")
@@ -35,3 +35,10 @@ def appliance(tmp_path_factory, request) -> Path:
     # tree, under 1 GB, goes with pytest's own cleanup of old runs: deleting it here costs a minute).
     for name in ("pacsgw.raw", "pacsgw.qcow2"):
         (out / name).unlink(missing_ok=True)
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    if SUMMARY:
+        terminalreporter.write_sep("-", "fleet and image tests")
+        for line in SUMMARY:
+            terminalreporter.write_line(line)

@@ -27,8 +27,16 @@ ANSIBLE_DIR = REPO / "ansible"
 VENV_BIN = Path(sys.executable).parent
 
 
-def log(msg: str) -> None:
-    print(f"[fleet {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+def log(msg: str, *, summary: bool = False) -> None:
+    """To stderr (shown for a failing test); `summary`: also in the run's terminal summary (conftest.py), where a
+    CI log of a passing run shows it."""
+    line = f"[fleet {time.strftime('%H:%M:%S')}] {msg}"
+    print(line, file=sys.stderr, flush=True)
+    if summary:
+        SUMMARY.append(line)
+
+
+SUMMARY: list[str] = []
 
 
 def _text(out: str | bytes | None) -> str:

@@ -15,11 +15,11 @@ network namespace of its own with its own sshd and agent (systemd-nspawn on the 
 - a release that fails its health check on the second box: that box is rolled back, the first keeps the
   new release, the third is untouched, and the play fails saying so;
 - a release whose agent cannot reach S3 is rolled back on the canary, the others are untouched;
-- an unreachable box is listed in the summary and left; the others are updated;
 - an S3 key rotation rolled out as a configuration-only update while a PACS writes: nothing acknowledged lost;
-- a box whose upload queue does not drain is skipped, by update.yml and by the reboot window after security
-  updates (a drained box stops its agent, then reboots), and reflash.yml refuses it; push-model.yml with and
-  without models_file;
+- in one rollout, an unreachable box is listed in the summary and left, and the rollout goes on past it; a box
+  whose upload queue does not drain is skipped (as it is by the reboot window after security updates, where a
+  drained box stops its agent, then reboots), and reflash.yml refuses it; push-model.yml with and without
+  models_file;
 - reflash.yml drains one box, stops its agent and marks it ready for re-flashing.
 
 The tests share one fleet (module fixture) and run in this order; each one brings the fleet to the state
@@ -59,9 +59,8 @@ pytestmark = pytest.mark.timeout(2400)
 
 NEW = "99.0.1"       # a healthy new release (test-only version number)
 BROKEN = "99.0.2"    # a release that cannot start on hospital B's configuration
-NEXT = "99.0.3"      # another healthy release (unreachable box, key rotation)
 NO_S3 = "99.0.4"     # a release whose agent cannot reach its object store, with a newer catalog schema
-LAST = "99.0.5"      # another healthy release, for the drain test
+LAST = "99.0.5"      # another healthy release (update --check, the unreachable and undrained boxes)
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +69,7 @@ def fleet(base_release, tmp_path_factory, request):
     releases = work / "releases"
     releases.mkdir()
     shutil.copy(base_release, releases / base_release.name)
-    variants = {NEW: {}, BROKEN: {"patch": break_for_hospital_b}, NEXT: {},
+    variants = {NEW: {}, BROKEN: {"patch": break_for_hospital_b},
                 NO_S3: {"patch_files": UNREACHABLE_S3_PATCH | NEWER_SCHEMA_PATCH}, LAST: {}}
     # The release builds (each a pip wheel in a build environment of its own, mostly waiting) run side by side
     # and while the appliance is built, if this module is the first to want it.
@@ -378,12 +377,12 @@ def _all_on(fleet, release: str) -> None:
 def test_update_check_mode_changes_nothing(provisioned):
     fleet = provisioned
     _all_on(fleet, NEW)
-    p = fleet.playbook("update.yml", "--check", "-e", f"gateway_version={NEXT}")
+    p = fleet.playbook("update.yml", "--check", "-e", f"gateway_version={LAST}")
     _assert_ok(p)
     assert "did not drain" not in p.stdout, p.stdout[-5000:]
-    assert f"would be updated {NEW} -> {NEXT} (check mode; drained)" in p.stdout, p.stdout[-5000:]
+    assert f"would be updated {NEW} -> {LAST} (check mode; drained)" in p.stdout, p.stdout[-5000:]
     for h in fleet.hosts:
-        assert fleet.current_release(h) == NEW and NEXT not in fleet.releases(h)
+        assert fleet.current_release(h) == NEW and LAST not in fleet.releases(h)
 
 
 def test_failed_install_restores_this_updates_config(provisioned):
@@ -448,27 +447,6 @@ def test_release_that_cannot_reach_s3_is_rolled_back_on_the_canary(provisioned):
     assert fleet.current_release(gw1) == before[gw1.name] and health["version"] == before[gw1.name], health
     for h in (gw2, gw3):
         assert fleet.current_release(h) == before[h.name] and NO_S3 not in fleet.releases(h)
-
-
-def test_unreachable_box_is_listed_and_the_others_updated(provisioned):
-    fleet = provisioned
-    gw1, gw2, gw3 = fleet.hosts
-    before = {h.name: fleet.current_release(h) for h in fleet.hosts}
-    link = f"v{fleet.tag}3"     # gw3's cable, on the controller's bridge
-    run(fleet.nsexec("ip", "link", "set", link, "down"))
-    try:
-        p = fleet.playbook("update.yml", "-e", f"gateway_version={NEXT}", timeout=600)
-    finally:
-        run(fleet.nsexec("ip", "link", "set", link, "up"))
-    out = p.stdout + p.stderr
-    summary = out.split("Rollout summary")[-1]
-    assert f"{gw3.name}: UNREACHABLE" in summary and "left for the next run" in summary, out[-6000:]
-    for h in (gw1, gw2):
-        assert f"{h.name}: updated {before[h.name]} -> {NEXT}" in summary, summary
-        assert fleet.current_release(h) == NEXT and fleet.healthz(h)["version"] == NEXT
-    fleet.wait_ssh(gw3)
-    assert fleet.current_release(gw3) == before[gw3.name] and NEXT not in fleet.releases(gw3)
-    assert fleet.healthz(gw3)["version"] == before[gw3.name]
 
 
 # A PACS storing files over FTP, one connection per file as PACS systems do, retrying a connection the box
@@ -559,14 +537,16 @@ def test_key_rotation_rolls_out_with_no_pacs_visible_error(provisioned, tmp_path
         assert stored.is_file() and stored.stat().st_size == size, (addr, name)
 
 
-def test_box_that_does_not_drain_is_skipped(provisioned):
-    """A box whose upload queue does not empty (its object store is unreachable and it holds a file that
-    is not in S3 yet) is skipped after the drain timeout; the rollout goes on to the other boxes. The
-    reboot window after security updates likewise leaves that box and reboots a drained one, and reflash.yml
-    refuses to mark it ready for re-flashing."""
+def test_unreachable_box_is_listed_and_a_box_that_does_not_drain_is_skipped(provisioned):
+    """One rollout with two boxes it cannot update: gw2 does not answer (its link is down): it is listed in the
+    summary and left, and the rollout goes on past it. gw3's upload queue does not empty (its object store is
+    unreachable and it holds a file that is not in S3 yet): it is skipped after the drain timeout. The canary
+    is updated. The reboot window after security updates likewise leaves gw3 and reboots a drained box, and
+    reflash.yml refuses to mark gw3 ready for re-flashing."""
     fleet = provisioned
     gw1, gw2, gw3 = fleet.hosts
-    running = fleet.current_release(gw3)
+    before = {h.name: fleet.current_release(h) for h in fleet.hosts}
+    running = before[gw3.name]
     host_vars = fleet.workdir / "inventory" / "host_vars"
     host_vars.mkdir(exist_ok=True)
     (host_vars / f"{gw3.name}.yml").write_text(json.dumps({
@@ -580,11 +560,22 @@ def test_box_that_does_not_drain_is_skipped(provisioned):
         "f.storbinary('STOR drain-test.dcm', io.BytesIO(b'DICM' * 1024)); f.quit()" % gw3.addr)
     run(fleet.nsexec(sys.executable, "-c", script), timeout=120)
     assert fleet.healthz(gw3)["queue_depth"] >= 1
-    p = fleet.playbook("update.yml", "-e", f"gateway_version={LAST}", "-e", "pacsgw_drain_timeout=6")
-    _assert_ok(p)
-    assert f"{gw3.name}: SKIPPED: upload queue did not drain within 6 s" in p.stdout, p.stdout[-5000:]
+    link = f"v{fleet.tag}2"     # gw2's cable, on the controller's bridge
+    run(fleet.nsexec("ip", "link", "set", link, "down"))
+    try:
+        p = fleet.playbook("update.yml", "-e", f"gateway_version={LAST}", "-e", "pacsgw_drain_timeout=6",
+                           timeout=600)
+    finally:
+        run(fleet.nsexec("ip", "link", "set", link, "up"))
+    _assert_ok(p)               # neither the unreachable box nor the skipped one fails the rollout
+    summary = p.stdout.split("Rollout summary")[-1]
+    assert f"{gw2.name}: UNREACHABLE" in summary and "left for the next run" in summary, p.stdout[-6000:]
+    assert f"{gw3.name}: SKIPPED: upload queue did not drain within 6 s" in summary, summary
+    assert f"{gw1.name}: updated {before[gw1.name]} -> {LAST}" in summary, summary
     assert fleet.current_release(gw1) == LAST and fleet.healthz(gw1)["version"] == LAST
-    assert fleet.current_release(gw2) == LAST and fleet.healthz(gw2)["version"] == LAST
+    fleet.wait_ssh(gw2)
+    assert fleet.current_release(gw2) == before[gw2.name] and LAST not in fleet.releases(gw2)
+    assert fleet.healthz(gw2)["version"] == before[gw2.name]
     assert fleet.current_release(gw3) == running and LAST not in fleet.releases(gw3)
     assert fleet.healthz(gw3)["queue_depth"] >= 1      # nothing lost, still waiting for its S3
 

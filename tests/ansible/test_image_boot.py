@@ -136,7 +136,7 @@ password = "{PACS_PASSWORD}"
             try:
                 self.healthz()
                 took = time.monotonic() - t0
-                log(f"image boot {self.boots} → /healthz answered after {took:.0f} s (TCG)")
+                log(f"image boot {self.boots} → /healthz answered after {took:.0f} s (TCG)", summary=True)
                 return took
             except urllib.error.HTTPError as e:
                 last = f"HTTP {e.code}: {e.read()[:300]!r}"
@@ -334,7 +334,7 @@ def test_newer_kernel_package_reaches_the_esp_and_boots(box, newer_kernel):
     t0 = time.monotonic()
     p = box.ssh(f"sudo DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends /tmp/{deb.name} "
                 "2>&1; echo; sudo ls /boot/efi/loader/entries; sudo cat /boot/efi/loader/loader.conf", timeout=3000)
-    log(f"kernel {new} installed under TCG in {time.monotonic() - t0:.0f} s")
+    log(f"kernel {new} installed under TCG in {time.monotonic() - t0:.0f} s", summary=True)
     assert "pacsgw-esp-update: ESP /boot/efi boots kernel " + new in p.stdout, p.stdout[-4000:]
     assert f"pacsgw-{new}.conf" in p.stdout and f"pacsgw-{old}.conf" in p.stdout, p.stdout[-2000:]
     assert f"default pacsgw-{new}.conf" in p.stdout, p.stdout[-2000:]
