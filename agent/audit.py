@@ -63,7 +63,8 @@ class AuditLog:
         if nbytes is not None:
             entry["bytes"] = nbytes
         entry.update(detail)
-        self._write((json.dumps(entry, ensure_ascii=False) + "\n").encode())
+        # a name that was not UTF-8 (surrogate escapes) is written as JSON escapes, not lost
+        self._write((json.dumps(entry, ensure_ascii=False) + "\n").encode("utf-8", "backslashreplace"))
 
     def _open(self) -> None:
         self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o640)

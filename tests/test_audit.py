@@ -191,3 +191,15 @@ def test_a_record_the_disk_refuses_is_logged_not_raised(tmp_path, capsys):
     records = [json.loads(line) for line in (tmp_path / "audit.jsonl").read_text().splitlines()]
     assert [(r["path"], r["bytes"], r["cached"], r["user"]) for r in records] == [
         (f"CT/{i}.dcm", i, True, "pacs") for i in range(3)]
+
+
+def test_a_name_that_is_not_utf8_is_recorded_with_json_escapes(tmp_path):
+    """FTP hands names that are not UTF-8 on as surrogate escapes; their refusal is audited, not lost (the record
+    raised UnicodeEncodeError into the refusal: FTP answered 451 instead of 553)."""
+    from agent.audit import AuditLog, Who
+    log = AuditLog(tmp_path / "audit.log", 1 << 20, 2, True)
+    name = b"\xc0\xaf..\xc0\xafMR".decode("utf-8", "surrogateescape")
+    log.record(Who("ct", "ftp", "127.0.0.1:1"), "refused", name, "error: BadPath")
+    log.close()
+    (line,) = (tmp_path / "audit.log").read_text().splitlines()
+    assert json.loads(line)["path"] == name
