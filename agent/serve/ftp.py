@@ -64,6 +64,7 @@ log = structlog.get_logger("pacsgw.ftp")
 
 BLOCK = 256 * 1024
 SEND_CHUNK = 4 * BLOCK  # a file leaves by sendfile(2) in chunks this large, each within the socket timeout
+RECV_BUFFER = 4 * BLOCK  # an upload in clear is read from its socket into a reused buffer this large
 SOCKET_TIMEOUT = 120
 REPLY_BUFFER = 64 * 1024  # replies a client left unread before its next command is read
 TLS_HANDSHAKE_TIMEOUT = 30
@@ -249,18 +250,42 @@ class DataConnection:
             try:
                 return os.sendfile(self.sock.fileno(), fd, offset, count)
             except BlockingIOError:
-                await self._writable()
+                await self._ready(writing=True)
 
-    async def _writable(self) -> None:
-        """Wait until the socket takes more bytes, up to SOCKET_TIMEOUT (a reader that stopped reading)."""
+    async def receive(self, buf: bytearray) -> AsyncIterator[memoryview]:
+        """An upload's bytes as they come, until the client closes the connection. In clear read straight from
+        the socket into buf, so each block is valid only until the next is asked for (aioftp's throttled
+        stream cost a transport, a protocol and a wait_for task per block); over TLS from the stream."""
+        if self._streams is not None:
+            reader, _ = await self._streams
+            while True:
+                async with asyncio.timeout(SOCKET_TIMEOUT):
+                    data = await reader.read(len(buf))
+                if not data:
+                    return
+                yield memoryview(data)
+        view = memoryview(buf)
+        while True:
+            try:
+                n = self.sock.recv_into(view)
+            except BlockingIOError:
+                await self._ready(writing=False)
+                continue
+            if not n:
+                return
+            yield view[:n]
+
+    async def _ready(self, writing: bool) -> None:
+        """Wait until the socket takes more bytes (or has some to read), up to SOCKET_TIMEOUT (a peer that
+        stopped reading or sending)."""
         loop, fileno = asyncio.get_running_loop(), self.sock.fileno()
         ready: asyncio.Future[None] = loop.create_future()
-        loop.add_writer(fileno, _settle, ready)
+        (loop.add_writer if writing else loop.add_reader)(fileno, _settle, ready)
         try:
             async with asyncio.timeout(SOCKET_TIMEOUT):
                 await ready
         finally:
-            loop.remove_writer(fileno)
+            (loop.remove_writer if writing else loop.remove_reader)(fileno)
 
     def close(self) -> None:
         """Close the connection (bytes already handed to the kernel still reach the client)."""
@@ -422,6 +447,7 @@ class FtpServer(aioftp.Server):
         self.roots = {u.name: u.root for u in cfg.users}
         self.tls = tls_context(cfg.ftp.tls_cert, cfg.ftp.tls_key) if cfg.ftp.tls_cert else None
         self.sessions: set[asyncio.Task[Any]] = set()
+        self._buffers: list[bytearray] = []  # receive buffers of finished uploads, for the next ones
         own: dict[str, Handler] = {
             "auth": self.on_auth, "pbsz": self.on_pbsz, "prot": self.on_prot, "user": self.on_user,
             "pass": self.on_pass, "pasv": self.on_pasv, "epsv": self.on_epsv, "stor": self.on_stor,
@@ -815,14 +841,17 @@ class FtpServer(aioftp.Server):
                 raise
 
         async def receive(handle: WriteHandle, conn: DataConnection) -> str:
-            stream = await self._stream(connection, conn)
             task = asyncio.current_task()
-            async for data in stream.iter_by_block(connection.block_size):
-                if task is not None and task.cancelling():
-                    # ABOR came as this block did: aioftp's read (asyncio.wait_for, Python 3.11) returned the
-                    # block and dropped the cancellation, and the upload would have gone on to be committed
-                    raise asyncio.CancelledError
-                await handle.write(data)
+            buf = self._buffers.pop() if self._buffers else bytearray(RECV_BUFFER)
+            try:
+                async for data in conn.receive(buf):
+                    await handle.write(data)
+            finally:
+                self._buffers.append(buf)
+            if task is not None and task.cancelling():
+                # ABOR came with the last bytes: the reads never waited, so no await raised the cancellation,
+                # and the upload would have gone on to be committed
+                raise asyncio.CancelledError
             await handle.commit()
             return "stored"
 
