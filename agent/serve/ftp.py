@@ -308,7 +308,7 @@ class Passive:
     def __init__(self, peer: str, tls: ssl.SSLContext | None, timeout: float,
                  on_refused: Callable[[str, str], None]) -> None:
         self.loop = asyncio.get_running_loop()
-        self.peer, self.tls, self.on_refused = unmapped(peer), tls, on_refused
+        self.peer, self.tls, self.on_refused = peer, tls, on_refused  # the session's address, unmapped already
         self.sock: socket.socket | None = None
         self.port = 0
         self.taken = False  # a transfer command owns it (and closes the data connection)
@@ -350,7 +350,7 @@ class Passive:
                 self._stop_listening()
                 return
             host, port = address[:2]
-            if self.connected.done() or unmapped(host) != self.peer:
+            if self.connected.done() or (host != self.peer and unmapped(host) != self.peer):
                 self.on_refused(f"{host}:{port}", "the data connection was already made" if self.connected.done()
                                 else "its address is not the control connection's")
                 conn.close()

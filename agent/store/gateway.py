@@ -198,11 +198,11 @@ class WriteHandle:
 
     async def _make_durable(self) -> asyncio.Task[bool] | None:
         """fsync + rename into the cache + catalog commit (+ start of a write-through upload)."""
-        hashed = self._hash is not None
+        fast = self._fast.hexdigest() if self._hash is not None else None  # else the commit hashes the copy
         body = b"".join(self._body) if self._body is not None else None
         try:
             sha = self._hash.hexdigest() if self._hash is not None else await asyncio.to_thread(sha256_fd, self.fd)
-            await asyncio.to_thread(self.gw.cache.commit, self.blob, self.fd, self._fast.hexdigest() if hashed else None)
+            await asyncio.to_thread(self.gw.cache.commit, self.blob, self.fd, fast)
         except BaseException:
             self._close_fd()
             self.gw.cache.discard_staging(self.blob)
