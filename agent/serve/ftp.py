@@ -406,6 +406,7 @@ class Session:
     user_slot: int | None = None  # that count's slot in the LoginGuard
     rest: int = 0  # the REST marker for the next STOR/APPE/RETR
     passive: Passive | None = None
+    resolved: tuple[tuple[str | None, str, str], str] = ((None, "", ""), "")  # the last argument FtpServer._resolve did
 
     def take_passive(self) -> Passive | None:
         passive, self.passive = self.passive, None
@@ -785,7 +786,12 @@ class FtpServer(aioftp.Server):
     # --- paths and errors ------------------------------------------------------------------------
 
     def _resolve(self, connection: aioftp.Connection, rest: str) -> str:
-        return resolve(self.roots.get(connection.user.login, "/"), str(connection.current_directory), rest)
+        """The namespace path a command's argument names (remembered: _guarded checks it, then the handler uses it)."""
+        session: Session = connection.session
+        key = (connection.user.login, str(connection.current_directory), rest)
+        if session.resolved[0] != key:
+            session.resolved = key, resolve(self.roots.get(key[0], "/"), key[1], rest)
+        return session.resolved[1]
 
     def _guarded(self, handler: Handler) -> Handler:
         """Refuse bad paths before aioftp sees them; map gateway errors raised inside a command."""
