@@ -10,6 +10,7 @@ import os
 import random
 import socket
 import ssl
+import threading
 import time
 
 import psutil
@@ -239,6 +240,35 @@ def test_a_transfer_without_data_connection_leaves_nothing_behind(agent_factory)
     agent.stop()
     assert agent.events("stopped")[0]["drained"] is True
     assert list(staging.iterdir()) == []
+
+
+def test_abor_of_a_listing_is_answered(agent_factory):
+    """ABOR while a listing is being written: 426 then 226 (or 226 twice when the listing was done first).
+    aioftp's write (asyncio.wait_for, Python 3.11) returned with the cancellation dropped, and the listing ended
+    with its own 226 only: the ABOR was never answered and the client hung (5 of 10 tries, 10 of 20)."""
+    agent = agent_factory().start()
+    f = ftp(agent)
+    n = 2000  # 560 KB of LIST lines: several writes, each one the ABOR can come during
+    f.sock.sendall("".join(f"MKD {i:04d}{'x' * 230}\r\n" for i in range(n)).encode())
+    assert all(f.getmultiline().startswith("257") for _ in range(n))
+    f.sock.settimeout(10)
+    for _ in range(10):
+        data = f.transfercmd("LIST")
+
+        def abort_at_the_first_bytes(data: socket.socket) -> None:
+            data.recv(65536)
+            f.sock.sendall(b"ABOR\r\n")
+            with contextlib.suppress(OSError):
+                while data.recv(65536):
+                    pass
+
+        reader = threading.Thread(target=abort_at_the_first_bytes, args=(data,))
+        reader.start()
+        replies = [f.getmultiline()[:3], f.getmultiline()[:3]]  # TimeoutError: one reply never came
+        reader.join()
+        data.close()
+        assert replies in (["426", "226"], ["226", "226"])
+    assert f.sendcmd("NOOP").startswith("200")
 
 
 def test_session_caps_per_address_and_per_user(agent_factory):

@@ -401,6 +401,15 @@ class Reply(Exception):
         self.code, self.text = code, text
 
 
+def _aborted() -> None:
+    """Raise CancelledError if ABOR (or the session's end) cancelled this transfer while aioftp's stream I/O was
+    finishing: its asyncio.wait_for (Python 3.11) then returns the block read or written and drops the
+    cancellation, so the transfer would go on as if nothing had come."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
+
+
 def _abort_reason(e: BaseException) -> str:
     if isinstance(e, GatewayError):
         return e.reason
@@ -816,12 +825,8 @@ class FtpServer(aioftp.Server):
 
         async def receive(handle: WriteHandle, conn: DataConnection) -> str:
             stream = await self._stream(connection, conn)
-            task = asyncio.current_task()
             async for data in stream.iter_by_block(connection.block_size):
-                if task is not None and task.cancelling():
-                    # ABOR came as this block did: aioftp's read (asyncio.wait_for, Python 3.11) returned the
-                    # block and dropped the cancellation, and the upload would have gone on to be committed
-                    raise asyncio.CancelledError
+                _aborted()  # or the upload would go on to be committed
                 await handle.write(data)
             await handle.commit()
             return "stored"
@@ -874,6 +879,7 @@ class FtpServer(aioftp.Server):
             stream = await self._stream(connection, conn)
             for start in range(0, len(data), BLOCK):
                 await stream.write(data[start:start + BLOCK])
+                _aborted()  # or an ABORted listing would end with 226
             return done
 
         return await self._transfer(connection, connection.session.take_passive(), lambda: contextlib.nullcontext(data),
