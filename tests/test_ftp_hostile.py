@@ -26,7 +26,8 @@ from harness import BUCKET, PASSWORD, s3_objects, sha256
 
 def test_rest_before_pasv_resumes_and_rest_past_end_is_refused(agent_factory):
     """REST 600, PASV, STOR resumes at byte 600 (it used to replace the file with the tail); REST beyond the
-    end is refused with 554 for STOR and RETR and the file is left as it was."""
+    end is refused with 554 for STOR and RETR and the file is left as it was; a marker that is no byte offset
+    gets 501 (a superscript digit or 5 000 digits raised inside int(): 451 internal error, a logged traceback)."""
     agent = agent_factory().start()
     f = ftp(agent)
     original = os.urandom(1000)
@@ -50,8 +51,9 @@ def test_rest_before_pasv_resumes_and_rest_past_end_is_refused(agent_factory):
         with pytest.raises(ftplib.error_perm, match="554"):
             f.transfercmd(cmd)
     assert get(f, "r.dcm") == resumed  # the refused resumes changed nothing, and the marker was consumed
-    with pytest.raises(ftplib.error_perm, match="501"):
-        f.sendcmd("REST -5")
+    for marker in ("-5", "\u00b2", "9" * 5000):  # a digit int() does not take, more digits than it takes: not 451
+        with pytest.raises(ftplib.error_perm, match="501"):
+            f.sendcmd(f"REST {marker}")
     f.quit()
     agent.wait_drained()
     assert s3_objects(agent.store, agent.prefix)["r.dcm"]["sha256"] == sha256(resumed)

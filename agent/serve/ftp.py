@@ -962,8 +962,8 @@ class FtpServer(aioftp.Server):
         """REST n: the next STOR/RETR starts at byte n. The marker is kept until a transfer command takes it,
         whatever comes in between (PASV, EPSV, TYPE): aioftp's was cleared by any other command, so REST, PASV,
         STOR replaced the file with its tail."""
-        if not rest.isdigit():
-            connection.response("501", f"REST needs a byte offset, not {rest!r}")
+        if not (rest.isascii() and rest.isdigit() and len(rest) <= 19):  # int() refused '²' and 5 000 digits: 451
+            connection.response("501", f"REST needs a byte offset, not {rest[:40]!r}")
             return True
         connection.session.rest = int(rest)
         connection.response("350", f"restarting at {int(rest)}; send STOR or RETR")
