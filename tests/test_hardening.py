@@ -5,9 +5,11 @@ per-user permissions, password guessing, the admin path and start-up failures.""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ftplib
 import io
 import json
+import select
 import socket
 import subprocess
 import sys
@@ -17,8 +19,11 @@ import urllib.request
 from pathlib import Path
 
 import asyncssh
+import psutil
 import pytest
 
+from agent.serve.http import IDLE_SECONDS
+from devstack import free_port
 from harness import BUCKET, PASSWORD, s3_objects, sha256
 
 
@@ -460,6 +465,35 @@ def test_admin_requests_need_the_token_and_json(agent_factory):
     done = subprocess.run([sys.executable, "-m", "agent.cli", "evict", "--config", str(agent.config_path),
                            "--dry-run", "--json"], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
+
+
+def test_http_connections_without_a_whole_request_are_closed(agent_factory):
+    """Slowloris on the status and the metrics listeners: a connection that sends nothing, or trickles header
+    lines without ever ending them, is closed after http.IDLE_SECONDS (aiohttp's default kept it an hour) and
+    leaves no descriptor behind; a real request on the listener is still served meanwhile."""
+    scrape = free_port()
+    agent = agent_factory(**{"http.metrics_listen": f"127.0.0.1:{scrape}"}).start()
+    fds = psutil.Process(agent.proc.pid).num_fds()
+    slow = [socket.create_connection(("127.0.0.1", port), timeout=30)
+            for port in (agent.http_port, scrape) for _ in range(10)]
+    trickling = slow[::2]
+    for s in trickling:
+        s.sendall(b"GET /metrics HTTP/1.1\r\nHost: box\r\n")
+    with urllib.request.urlopen(f"http://127.0.0.1:{scrape}/metrics", timeout=30) as r:
+        assert r.status == 200
+    deadline = time.monotonic() + IDLE_SECONDS + 10
+    while slow:
+        assert time.monotonic() < deadline, f"{len(slow)} slow connections still open"
+        for s in set(trickling) & set(slow):
+            with contextlib.suppress(OSError):
+                s.sendall(b"X-Slow: 1\r\n")  # a header line a second
+        readable, _, _ = select.select(slow, [], [], 1)
+        for s in readable:
+            with contextlib.suppress(OSError):
+                assert s.recv(4096) == b""  # closed, with no answer
+            s.close()
+            slow.remove(s)
+    wait_for(lambda: psutil.Process(agent.proc.pid).num_fds() <= fds, 10)
 
 
 # --- 12: configuration and start-up -----------------------------------------------------------------
