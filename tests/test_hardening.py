@@ -21,6 +21,8 @@ from pathlib import Path
 import asyncssh
 import psutil
 import pytest
+from asyncssh.constants import MSG_IGNORE
+from asyncssh.packet import String
 
 from agent.serve.http import IDLE_SECONDS
 from devstack import free_port
@@ -365,7 +367,8 @@ async def test_login_guard_does_not_stall_on_a_locked_file(tmp_path):
 def test_sftp_session_caps_per_address_and_per_user(agent_factory):
     """SSH connections count against [sftp] max_sessions_per_address, logins against max_sessions_per_user; one
     more is disconnected (TOO_MANY_CONNECTIONS; over the address cap at its login request) and its slot is free
-    again once a client leaves. FTP sessions from the same address count apart."""
+    again once a client leaves. FTP sessions from the same address count apart. Every refused client reads the
+    reason, also one whose requests cross the DISCONNECT (the server closed at once: they met a reset)."""
     agent = agent_factory(**{"sftp.max_sessions_per_address": 3, "sftp.max_sessions_per_user": 2},
                           users=[{"name": "pacs", "password": PASSWORD, "root": "/"},
                                  {"name": "viewer", "password": PASSWORD, "root": "/"}]).start()
@@ -392,14 +395,26 @@ def test_sftp_session_caps_per_address_and_per_user(agent_factory):
                 await sftp.listdir("/")
                 return ""
         except asyncssh.ChannelOpenError:  # the server disconnected right after the login
-            await conn.wait_closed()
-            if isinstance(client.ended, (BrokenPipeError, ConnectionResetError)):
-                # our channel request crossed the server's DISCONNECT: TCP reset the connection before its
-                # reason was read (until() asks again)
-                return f"closed before the reason arrived: {client.ended!r}"
-            assert isinstance(client.ended, asyncssh.DisconnectError), client.ended
-            assert client.ended.code == asyncssh.DISC_TOO_MANY_CONNECTIONS
-            return client.ended.reason
+            return await reason(conn, client)
+
+    async def reason(conn: asyncssh.SSHClientConnection, client: Client) -> str:
+        await conn.wait_closed()
+        assert isinstance(client.ended, asyncssh.DisconnectError), client.ended
+        assert client.ended.code == asyncssh.DISC_TOO_MANY_CONNECTIONS
+        return client.ended.reason
+
+    async def crossing() -> tuple[bool, str]:
+        """A login over the user cap whose client writes on after the DISCONNECT came, before reading it →
+        (whether it could: the DISCONNECT may be read with the login's answer, the reason)."""
+        conn, client = await connect()
+        sock = conn.get_extra_info("socket")
+        if sock is not None:
+            select.select([sock], [], [], 30)  # the DISCONNECT is here (this loop is blocked: it stays unread)
+            time.sleep(0.2)  # the server is done with its side
+            conn.send_packet(MSG_IGNORE, String(b""))  # a closed socket answered this with a reset
+            time.sleep(0.2)
+            conn.send_packet(MSG_IGNORE, String(b""))  # and this write then failed: EPIPE, the reason never read
+        return sock is not None, await reason(conn, client)
 
     async def until(user: str, outcome: str) -> None:
         deadline = time.monotonic() + 30
@@ -415,6 +430,9 @@ def test_sftp_session_caps_per_address_and_per_user(agent_factory):
         v.close()
         await v.wait_closed()
         await until("pacs", "too many sessions for this user")  # the address has a slot again, pacs has none
+        crossed = [await crossing() for _ in range(5)]
+        assert any(wrote for wrote, _ in crossed)
+        assert all(why.startswith("too many sessions for this user (limit 2)") for _, why in crossed)
         assert await session("viewer", "127.0.0.2") == ""  # the address cap is per address
         a.close()
         await a.wait_closed()
@@ -423,6 +441,8 @@ def test_sftp_session_caps_per_address_and_per_user(agent_factory):
         await b.wait_closed()
 
     asyncio.run(run())
+    wait_for(lambda: not [c for c in psutil.Process(agent.proc.pid).net_connections("tcp")  # none lingers on
+                          if c.laddr.port == agent.sftp_port and c.status != psutil.CONN_LISTEN], 10)
     refusals = [e for e in agent.events("session_refused") if e.get("protocol") == "sftp"]
     assert {r["reason"].split(" (")[0] for r in refusals} >= {"too many sessions from 127.0.0.1",
                                                                "too many sessions for user pacs"}

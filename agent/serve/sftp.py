@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
 import weakref
 from pathlib import Path
 from typing import Any, AsyncIterator, Awaitable, NoReturn, TypeVar
@@ -41,6 +42,41 @@ def _attrs(e: Entry) -> asyncssh.SFTPAttrs:
 def _peer(conn: asyncssh.SSHServerConnection | asyncssh.SSHServerChannel[bytes] | None) -> str:
     peer = conn.get_extra_info("peername") if conn is not None else None
     return f"{unmapped(peer[0])}:{peer[1]}" if peer else ""
+
+
+LINGER_S = 2.0  # the longest a refused connection's socket is read after its DISCONNECT
+
+
+def _linger(sock: socket.socket) -> None:
+    """Shut the write side (the DISCONNECT already sent, then FIN) and read and drop what the client still sends,
+    until its EOF or for LINGER_S, then close. asyncssh's disconnect aborts its socket at once: a request of the
+    client that crossed the DISCONNECT then met a closed socket, the kernel answered it with a reset, and a client
+    writing again saw a broken pipe instead of the reason."""
+    loop, fd = asyncio.get_running_loop(), sock.fileno()
+
+    def close() -> None:
+        loop.remove_reader(fd)
+        timer.cancel()
+        sock.close()
+
+    def drain() -> None:
+        try:
+            if sock.recv(65536):
+                return
+        except BlockingIOError:
+            return
+        except OSError:
+            pass
+        close()
+
+    try:
+        sock.setblocking(False)
+        sock.shutdown(socket.SHUT_WR)
+    except OSError:  # the client is gone already
+        sock.close()
+        return
+    loop.add_reader(fd, drain)
+    timer = loop.call_later(LINGER_S, close)
 
 
 def ensure_host_key(path: str) -> asyncssh.SSHKey:
@@ -121,8 +157,15 @@ class _Auth(asyncssh.SSHServer):
 
     def _disconnect(self) -> None:
         if self.refused and self.conn is not None:
+            raw = self.conn.get_extra_info("socket")  # asyncssh closes its own: a duplicate lingers (_linger)
+            try:
+                held = socket.socket(fileno=os.dup(raw.fileno())) if raw is not None else None
+            except OSError:  # out of descriptors: the disconnect goes all the same, without the lingering
+                held = None
             self.conn.disconnect(asyncssh.DISC_TOO_MANY_CONNECTIONS, self.refused)
             self.refused = ""
+            if held is not None:
+                _linger(held)
 
     def _who(self, username: str) -> Who:
         return Who(username, "sftp", _peer(self.conn))
