@@ -9,6 +9,7 @@ import contextlib
 import ftplib
 import io
 import json
+import os
 import select
 import socket
 import subprocess
@@ -25,6 +26,7 @@ from asyncssh.constants import MSG_IGNORE
 from asyncssh.packet import String
 
 from agent.serve.http import IDLE_SECONDS
+from agent.serve.sftp import MAX_OPEN_FILES, MAX_READ
 from devstack import free_port
 from harness import BUCKET, PASSWORD, s3_objects, sha256
 
@@ -101,6 +103,72 @@ def test_sftp_ftruncate_and_setstat_size(agent_factory):
     sftp_session(agent, body)
     agent.wait_drained()
     assert s3_objects(agent.store, agent.prefix)["t.dcm"]["sha256"] == sha256(b"NE")
+
+
+def test_sftp_handles_reads_and_unread_replies_are_bounded(agent_factory):
+    """One SFTP session may hold sftp.MAX_OPEN_FILES handles (each was a descriptor of the agent, without end);
+    a READ of 4 GiB gets the announced maximum (it got the whole file in one reply); a client that sends READs
+    but opens no window for the replies no longer makes the agent queue them all in memory (64 MiB here)."""
+    agent = agent_factory().start()
+    proc = psutil.Process(agent.proc.pid)
+    data = os.urandom(MAX_READ + (1 << 20))
+
+    class Raw(asyncssh.SSHClientSession[bytes]):
+        """An SFTP channel spoken by hand: replies are collected while it reads, left unread once paused."""
+        received = b""
+
+        def data_received(self, data: bytes, datatype: asyncssh.DataType) -> None:
+            self.received += data
+
+        async def replies(self, n: int) -> list[bytes]:
+            """The first n replies (each without its length), once they are all here."""
+            while True:
+                out, buf = [], self.received
+                while len(buf) >= 4 and len(buf) >= 4 + (size := int.from_bytes(buf[:4], "big")):
+                    out.append(buf[4:4 + size])
+                    buf = buf[4 + size:]
+                if len(out) >= n:
+                    return out
+                await asyncio.sleep(0.05)
+
+    def request(kind: int, request_id: int, *fields: bytes) -> bytes:
+        body = bytes([kind]) + request_id.to_bytes(4, "big") + b"".join(fields)
+        return len(body).to_bytes(4, "big") + body
+
+    def read(request_id: int, handle: bytes, length: int) -> bytes:
+        return request(5, request_id, handle, bytes(8), length.to_bytes(4, "big"))  # READ at offset 0
+
+    async def run() -> None:
+        async with asyncssh.connect("127.0.0.1", agent.sftp_port, username="pacs", password=PASSWORD,
+                                    known_hosts=None) as conn:
+            async with conn.start_sftp_client() as sftp:
+                async with sftp.open("big.dcm", "wb") as f:
+                    await f.write(data)
+                files = [await sftp.open("big.dcm", "rb") for _ in range(MAX_OPEN_FILES)]
+                with pytest.raises(asyncssh.SFTPFailure, match="too many open files"):
+                    await sftp.open("big.dcm", "rb")
+                await files.pop().close()
+                files.append(await sftp.open("big.dcm", "rb"))
+                for f in files:
+                    await f.close()
+            chan, raw = await conn.create_session(Raw, subsystem="sftp", encoding=None)
+            chan.write(b"\0\0\0\5\1\0\0\0\3")  # INIT, version 3
+            chan.write(request(3, 1, String("big.dcm"), (1).to_bytes(4, "big"), bytes(4)))  # OPEN for reading
+            handle = (await raw.replies(2))[1][5:]  # HANDLE: type, id, the handle as an SSH string
+            chan.write(read(2, handle, 0xFFFFFFFF))
+            reply = (await raw.replies(3))[2]
+            assert reply[0] == 103 and int.from_bytes(reply[5:9], "big") == MAX_READ  # DATA
+            chan.pause_reading()
+            rss = proc.memory_info().rss
+            for i in range(64):
+                chan.write(read(10 + i, handle, 1 << 20))
+            await asyncio.sleep(3)
+            assert proc.memory_info().rss - rss < 24 << 20
+            async with conn.start_sftp_client() as sftp:  # that session is stalled, not the agent
+                assert await sftp.listdir(".") == ["big.dcm"]
+            chan.close()
+
+    asyncio.run(run())
 
 
 # --- 6: deleted files come back ---------------------------------------------------------------------
