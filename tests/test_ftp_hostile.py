@@ -273,6 +273,19 @@ def test_abor_of_a_listing_is_answered(agent_factory):
     assert f.sendcmd("NOOP").startswith("200")
 
 
+def test_a_command_line_without_end_is_answered_then_closed(agent_factory):
+    """A command line longer than the reader's limit (64 KiB) with no line end ends the session with 500 and a
+    logged reason (it was closed without a word)."""
+    agent = agent_factory().start()
+    s = socket.create_connection(("127.0.0.1", agent.ftp_port), timeout=30)
+    assert s.recv(1024).startswith(b"220")
+    with contextlib.suppress(OSError):  # the agent may close before it has read all of it
+        s.sendall(b"USER " + b"a" * 100_000)
+    assert s.recv(1024).startswith(b"500 command line too long")
+    s.close()
+    assert agent.events("ftp_session_closed")[0]["reason"] == "command line too long"
+
+
 def test_session_caps_per_address_and_per_user(agent_factory):
     agent = agent_factory(**{"ftp.max_sessions_per_address": 3, "ftp.max_sessions_per_user": 2},
                           users=[{"name": "pacs", "password": PASSWORD, "root": "/"},

@@ -553,8 +553,13 @@ class FtpServer(aioftp.Server):
         if writer.transport.get_write_buffer_size() > REPLY_BUFFER:
             # a client that sends commands but reads no replies: read its next command once they have left
             await asyncio.wait_for(writer.drain(), self.socket_timeout)
-        async with asyncio.timeout(self.idle_timeout):
-            line = await reader.readline()
+        try:
+            async with asyncio.timeout(self.idle_timeout):
+                line = await reader.readline()
+        except ValueError:  # no line end within the reader's limit: the session ends, the client hears why
+            log.warning("ftp_session_closed", peer=writer.get_extra_info("peername"), reason="command line too long")
+            writer.write(b"500 command line too long; closing the connection\r\n")
+            raise
         if not line:
             raise ConnectionResetError("client closed the control connection")
         cmd, _, rest = line.decode("utf-8", errors="surrogateescape").rstrip("\r\n").partition(" ")
