@@ -401,6 +401,15 @@ class Reply(Exception):
         self.code, self.text = code, text
 
 
+def _aborted() -> None:
+    """Raise CancelledError if ABOR (or the session's end) cancelled this transfer while aioftp's stream I/O was
+    finishing: its asyncio.wait_for (Python 3.11) then returns the block read or written and drops the
+    cancellation, so the transfer would go on as if nothing had come."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
+
+
 def _abort_reason(e: BaseException) -> str:
     if isinstance(e, GatewayError):
         return e.reason
@@ -544,8 +553,13 @@ class FtpServer(aioftp.Server):
         if writer.transport.get_write_buffer_size() > REPLY_BUFFER:
             # a client that sends commands but reads no replies: read its next command once they have left
             await asyncio.wait_for(writer.drain(), self.socket_timeout)
-        async with asyncio.timeout(self.idle_timeout):
-            line = await reader.readline()
+        try:
+            async with asyncio.timeout(self.idle_timeout):
+                line = await reader.readline()
+        except ValueError:  # no line end within the reader's limit: the session ends, the client hears why
+            log.warning("ftp_session_closed", peer=writer.get_extra_info("peername"), reason="command line too long")
+            writer.write(b"500 command line too long; closing the connection\r\n")
+            raise
         if not line:
             raise ConnectionResetError("client closed the control connection")
         cmd, _, rest = line.decode("utf-8", errors="surrogateescape").rstrip("\r\n").partition(" ")
@@ -816,12 +830,8 @@ class FtpServer(aioftp.Server):
 
         async def receive(handle: WriteHandle, conn: DataConnection) -> str:
             stream = await self._stream(connection, conn)
-            task = asyncio.current_task()
             async for data in stream.iter_by_block(connection.block_size):
-                if task is not None and task.cancelling():
-                    # ABOR came as this block did: aioftp's read (asyncio.wait_for, Python 3.11) returned the
-                    # block and dropped the cancellation, and the upload would have gone on to be committed
-                    raise asyncio.CancelledError
+                _aborted()  # or the upload would go on to be committed
                 await handle.write(data)
             await handle.commit()
             return "stored"
@@ -874,6 +884,7 @@ class FtpServer(aioftp.Server):
             stream = await self._stream(connection, conn)
             for start in range(0, len(data), BLOCK):
                 await stream.write(data[start:start + BLOCK])
+                _aborted()  # or an ABORted listing would end with 226
             return done
 
         return await self._transfer(connection, connection.session.take_passive(), lambda: contextlib.nullcontext(data),
@@ -956,8 +967,8 @@ class FtpServer(aioftp.Server):
         """REST n: the next STOR/RETR starts at byte n. The marker is kept until a transfer command takes it,
         whatever comes in between (PASV, EPSV, TYPE): aioftp's was cleared by any other command, so REST, PASV,
         STOR replaced the file with its tail."""
-        if not rest.isdigit():
-            connection.response("501", f"REST needs a byte offset, not {rest!r}")
+        if not (rest.isascii() and rest.isdigit() and len(rest) <= 19):  # int() refused '²' and 5 000 digits: 451
+            connection.response("501", f"REST needs a byte offset, not {rest[:40]!r}")
             return True
         connection.session.rest = int(rest)
         connection.response("350", f"restarting at {int(rest)}; send STOR or RETR")
