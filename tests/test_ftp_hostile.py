@@ -10,6 +10,7 @@ import os
 import random
 import socket
 import ssl
+import threading
 import time
 
 import psutil
@@ -25,7 +26,8 @@ from harness import BUCKET, PASSWORD, s3_objects, sha256
 
 def test_rest_before_pasv_resumes_and_rest_past_end_is_refused(agent_factory):
     """REST 600, PASV, STOR resumes at byte 600 (it used to replace the file with the tail); REST beyond the
-    end is refused with 554 for STOR and RETR and the file is left as it was."""
+    end is refused with 554 for STOR and RETR and the file is left as it was; a marker that is no byte offset
+    gets 501 (a superscript digit or 5 000 digits raised inside int(): 451 internal error, a logged traceback)."""
     agent = agent_factory().start()
     f = ftp(agent)
     original = os.urandom(1000)
@@ -49,8 +51,9 @@ def test_rest_before_pasv_resumes_and_rest_past_end_is_refused(agent_factory):
         with pytest.raises(ftplib.error_perm, match="554"):
             f.transfercmd(cmd)
     assert get(f, "r.dcm") == resumed  # the refused resumes changed nothing, and the marker was consumed
-    with pytest.raises(ftplib.error_perm, match="501"):
-        f.sendcmd("REST -5")
+    for marker in ("-5", "\u00b2", "9" * 5000):  # a digit int() does not take, more digits than it takes: not 451
+        with pytest.raises(ftplib.error_perm, match="501"):
+            f.sendcmd(f"REST {marker}")
     f.quit()
     agent.wait_drained()
     assert s3_objects(agent.store, agent.prefix)["r.dcm"]["sha256"] == sha256(resumed)
@@ -239,6 +242,48 @@ def test_a_transfer_without_data_connection_leaves_nothing_behind(agent_factory)
     agent.stop()
     assert agent.events("stopped")[0]["drained"] is True
     assert list(staging.iterdir()) == []
+
+
+def test_abor_of_a_listing_is_answered(agent_factory):
+    """ABOR while a listing is being written: 426 then 226 (or 226 twice when the listing was done first).
+    aioftp's write (asyncio.wait_for, Python 3.11) returned with the cancellation dropped, and the listing ended
+    with its own 226 only: the ABOR was never answered and the client hung (5 of 10 tries, 10 of 20)."""
+    agent = agent_factory().start()
+    f = ftp(agent)
+    n = 2000  # 560 KB of LIST lines: several writes, each one the ABOR can come during
+    f.sock.sendall("".join(f"MKD {i:04d}{'x' * 230}\r\n" for i in range(n)).encode())
+    assert all(f.getmultiline().startswith("257") for _ in range(n))
+    f.sock.settimeout(10)
+    for _ in range(10):
+        data = f.transfercmd("LIST")
+
+        def abort_at_the_first_bytes(data: socket.socket) -> None:
+            data.recv(65536)
+            f.sock.sendall(b"ABOR\r\n")
+            with contextlib.suppress(OSError):
+                while data.recv(65536):
+                    pass
+
+        reader = threading.Thread(target=abort_at_the_first_bytes, args=(data,))
+        reader.start()
+        replies = [f.getmultiline()[:3], f.getmultiline()[:3]]  # TimeoutError: one reply never came
+        reader.join()
+        data.close()
+        assert replies in (["426", "226"], ["226", "226"])
+    assert f.sendcmd("NOOP").startswith("200")
+
+
+def test_a_command_line_without_end_is_answered_then_closed(agent_factory):
+    """A command line longer than the reader's limit (64 KiB) with no line end ends the session with 500 and a
+    logged reason (it was closed without a word)."""
+    agent = agent_factory().start()
+    s = socket.create_connection(("127.0.0.1", agent.ftp_port), timeout=30)
+    assert s.recv(1024).startswith(b"220")
+    with contextlib.suppress(OSError):  # the agent may close before it has read all of it
+        s.sendall(b"USER " + b"a" * 100_000)
+    assert s.recv(1024).startswith(b"500 command line too long")
+    s.close()
+    assert agent.events("ftp_session_closed")[0]["reason"] == "command line too long"
 
 
 def test_session_caps_per_address_and_per_user(agent_factory):

@@ -5,9 +5,12 @@ per-user permissions, password guessing, the admin path and start-up failures.""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ftplib
 import io
 import json
+import os
+import select
 import socket
 import subprocess
 import sys
@@ -17,8 +20,14 @@ import urllib.request
 from pathlib import Path
 
 import asyncssh
+import psutil
 import pytest
+from asyncssh.constants import MSG_IGNORE
+from asyncssh.packet import String
 
+from agent.serve.http import IDLE_SECONDS
+from agent.serve.sftp import MAX_OPEN_FILES, MAX_READ
+from devstack import free_port
 from harness import BUCKET, PASSWORD, s3_objects, sha256
 
 
@@ -94,6 +103,72 @@ def test_sftp_ftruncate_and_setstat_size(agent_factory):
     sftp_session(agent, body)
     agent.wait_drained()
     assert s3_objects(agent.store, agent.prefix)["t.dcm"]["sha256"] == sha256(b"NE")
+
+
+def test_sftp_handles_reads_and_unread_replies_are_bounded(agent_factory):
+    """One SFTP session may hold sftp.MAX_OPEN_FILES handles (each was a descriptor of the agent, without end);
+    a READ of 4 GiB gets the announced maximum (it got the whole file in one reply); a client that sends READs
+    but opens no window for the replies no longer makes the agent queue them all in memory (64 MiB here)."""
+    agent = agent_factory().start()
+    proc = psutil.Process(agent.proc.pid)
+    data = os.urandom(MAX_READ + (1 << 20))
+
+    class Raw(asyncssh.SSHClientSession[bytes]):
+        """An SFTP channel spoken by hand: replies are collected while it reads, left unread once paused."""
+        received = b""
+
+        def data_received(self, data: bytes, datatype: asyncssh.DataType) -> None:
+            self.received += data
+
+        async def replies(self, n: int) -> list[bytes]:
+            """The first n replies (each without its length), once they are all here."""
+            while True:
+                out, buf = [], self.received
+                while len(buf) >= 4 and len(buf) >= 4 + (size := int.from_bytes(buf[:4], "big")):
+                    out.append(buf[4:4 + size])
+                    buf = buf[4 + size:]
+                if len(out) >= n:
+                    return out
+                await asyncio.sleep(0.05)
+
+    def request(kind: int, request_id: int, *fields: bytes) -> bytes:
+        body = bytes([kind]) + request_id.to_bytes(4, "big") + b"".join(fields)
+        return len(body).to_bytes(4, "big") + body
+
+    def read(request_id: int, handle: bytes, length: int) -> bytes:
+        return request(5, request_id, handle, bytes(8), length.to_bytes(4, "big"))  # READ at offset 0
+
+    async def run() -> None:
+        async with asyncssh.connect("127.0.0.1", agent.sftp_port, username="pacs", password=PASSWORD,
+                                    known_hosts=None) as conn:
+            async with conn.start_sftp_client() as sftp:
+                async with sftp.open("big.dcm", "wb") as f:
+                    await f.write(data)
+                files = [await sftp.open("big.dcm", "rb") for _ in range(MAX_OPEN_FILES)]
+                with pytest.raises(asyncssh.SFTPFailure, match="too many open files"):
+                    await sftp.open("big.dcm", "rb")
+                await files.pop().close()
+                files.append(await sftp.open("big.dcm", "rb"))
+                for f in files:
+                    await f.close()
+            chan, raw = await conn.create_session(Raw, subsystem="sftp", encoding=None)
+            chan.write(b"\0\0\0\5\1\0\0\0\3")  # INIT, version 3
+            chan.write(request(3, 1, String("big.dcm"), (1).to_bytes(4, "big"), bytes(4)))  # OPEN for reading
+            handle = (await raw.replies(2))[1][5:]  # HANDLE: type, id, the handle as an SSH string
+            chan.write(read(2, handle, 0xFFFFFFFF))
+            reply = (await raw.replies(3))[2]
+            assert reply[0] == 103 and int.from_bytes(reply[5:9], "big") == MAX_READ  # DATA
+            chan.pause_reading()
+            rss = proc.memory_info().rss
+            for i in range(64):
+                chan.write(read(10 + i, handle, 1 << 20))
+            await asyncio.sleep(3)
+            assert proc.memory_info().rss - rss < 24 << 20
+            async with conn.start_sftp_client() as sftp:  # that session is stalled, not the agent
+                assert await sftp.listdir(".") == ["big.dcm"]
+            chan.close()
+
+    asyncio.run(run())
 
 
 # --- 6: deleted files come back ---------------------------------------------------------------------
@@ -360,7 +435,8 @@ async def test_login_guard_does_not_stall_on_a_locked_file(tmp_path):
 def test_sftp_session_caps_per_address_and_per_user(agent_factory):
     """SSH connections count against [sftp] max_sessions_per_address, logins against max_sessions_per_user; one
     more is disconnected (TOO_MANY_CONNECTIONS; over the address cap at its login request) and its slot is free
-    again once a client leaves. FTP sessions from the same address count apart."""
+    again once a client leaves. FTP sessions from the same address count apart. Every refused client reads the
+    reason, also one whose requests cross the DISCONNECT (the server closed at once: they met a reset)."""
     agent = agent_factory(**{"sftp.max_sessions_per_address": 3, "sftp.max_sessions_per_user": 2},
                           users=[{"name": "pacs", "password": PASSWORD, "root": "/"},
                                  {"name": "viewer", "password": PASSWORD, "root": "/"}]).start()
@@ -387,14 +463,26 @@ def test_sftp_session_caps_per_address_and_per_user(agent_factory):
                 await sftp.listdir("/")
                 return ""
         except asyncssh.ChannelOpenError:  # the server disconnected right after the login
-            await conn.wait_closed()
-            if isinstance(client.ended, (BrokenPipeError, ConnectionResetError)):
-                # our channel request crossed the server's DISCONNECT: TCP reset the connection before its
-                # reason was read (until() asks again)
-                return f"closed before the reason arrived: {client.ended!r}"
-            assert isinstance(client.ended, asyncssh.DisconnectError), client.ended
-            assert client.ended.code == asyncssh.DISC_TOO_MANY_CONNECTIONS
-            return client.ended.reason
+            return await reason(conn, client)
+
+    async def reason(conn: asyncssh.SSHClientConnection, client: Client) -> str:
+        await conn.wait_closed()
+        assert isinstance(client.ended, asyncssh.DisconnectError), client.ended
+        assert client.ended.code == asyncssh.DISC_TOO_MANY_CONNECTIONS
+        return client.ended.reason
+
+    async def crossing() -> tuple[bool, str]:
+        """A login over the user cap whose client writes on after the DISCONNECT came, before reading it →
+        (whether it could: the DISCONNECT may be read with the login's answer, the reason)."""
+        conn, client = await connect()
+        sock = conn.get_extra_info("socket")
+        if sock is not None:
+            select.select([sock], [], [], 30)  # the DISCONNECT is here (this loop is blocked: it stays unread)
+            time.sleep(0.2)  # the server is done with its side
+            conn.send_packet(MSG_IGNORE, String(b""))  # a closed socket answered this with a reset
+            time.sleep(0.2)
+            conn.send_packet(MSG_IGNORE, String(b""))  # and this write then failed: EPIPE, the reason never read
+        return sock is not None, await reason(conn, client)
 
     async def until(user: str, outcome: str) -> None:
         deadline = time.monotonic() + 30
@@ -410,6 +498,9 @@ def test_sftp_session_caps_per_address_and_per_user(agent_factory):
         v.close()
         await v.wait_closed()
         await until("pacs", "too many sessions for this user")  # the address has a slot again, pacs has none
+        crossed = [await crossing() for _ in range(5)]
+        assert any(wrote for wrote, _ in crossed)
+        assert all(why.startswith("too many sessions for this user (limit 2)") for _, why in crossed)
         assert await session("viewer", "127.0.0.2") == ""  # the address cap is per address
         a.close()
         await a.wait_closed()
@@ -418,6 +509,8 @@ def test_sftp_session_caps_per_address_and_per_user(agent_factory):
         await b.wait_closed()
 
     asyncio.run(run())
+    wait_for(lambda: not [c for c in psutil.Process(agent.proc.pid).net_connections("tcp")  # none lingers on
+                          if c.laddr.port == agent.sftp_port and c.status != psutil.CONN_LISTEN], 10)
     refusals = [e for e in agent.events("session_refused") if e.get("protocol") == "sftp"]
     assert {r["reason"].split(" (")[0] for r in refusals} >= {"too many sessions from 127.0.0.1",
                                                                "too many sessions for user pacs"}
@@ -460,6 +553,35 @@ def test_admin_requests_need_the_token_and_json(agent_factory):
     done = subprocess.run([sys.executable, "-m", "agent.cli", "evict", "--config", str(agent.config_path),
                            "--dry-run", "--json"], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
+
+
+def test_http_connections_without_a_whole_request_are_closed(agent_factory):
+    """Slowloris on the status and the metrics listeners: a connection that sends nothing, or trickles header
+    lines without ever ending them, is closed after http.IDLE_SECONDS (aiohttp's default kept it an hour) and
+    leaves no descriptor behind; a real request on the listener is still served meanwhile."""
+    scrape = free_port()
+    agent = agent_factory(**{"http.metrics_listen": f"127.0.0.1:{scrape}"}).start()
+    fds = psutil.Process(agent.proc.pid).num_fds()
+    slow = [socket.create_connection(("127.0.0.1", port), timeout=30)
+            for port in (agent.http_port, scrape) for _ in range(10)]
+    trickling = slow[::2]
+    for s in trickling:
+        s.sendall(b"GET /metrics HTTP/1.1\r\nHost: box\r\n")
+    with urllib.request.urlopen(f"http://127.0.0.1:{scrape}/metrics", timeout=30) as r:
+        assert r.status == 200
+    deadline = time.monotonic() + IDLE_SECONDS + 10
+    while slow:
+        assert time.monotonic() < deadline, f"{len(slow)} slow connections still open"
+        for s in set(trickling) & set(slow):
+            with contextlib.suppress(OSError):
+                s.sendall(b"X-Slow: 1\r\n")  # a header line a second
+        readable, _, _ = select.select(slow, [], [], 1)
+        for s in readable:
+            with contextlib.suppress(OSError):
+                assert s.recv(4096) == b""  # closed, with no answer
+            s.close()
+            slow.remove(s)
+    wait_for(lambda: psutil.Process(agent.proc.pid).num_fds() <= fds, 10)
 
 
 # --- 12: configuration and start-up -----------------------------------------------------------------

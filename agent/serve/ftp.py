@@ -427,6 +427,15 @@ class Reply(Exception):
         self.code, self.text = code, text
 
 
+def _aborted() -> None:
+    """Raise CancelledError if ABOR (or the session's end) cancelled this transfer while its I/O was finishing:
+    aioftp's asyncio.wait_for (Python 3.11) returns the block read or written and drops the cancellation, an
+    upload's last reads never wait; the transfer would go on as if nothing had come."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
+
+
 def _abort_reason(e: BaseException) -> str:
     if isinstance(e, GatewayError):
         return e.reason
@@ -571,8 +580,13 @@ class FtpServer(aioftp.Server):
         if writer.transport.get_write_buffer_size() > REPLY_BUFFER:
             # a client that sends commands but reads no replies: read its next command once they have left
             await asyncio.wait_for(writer.drain(), self.socket_timeout)
-        async with asyncio.timeout(self.idle_timeout):
-            line = await reader.readline()
+        try:
+            async with asyncio.timeout(self.idle_timeout):
+                line = await reader.readline()
+        except ValueError:  # no line end within the reader's limit: the session ends, the client hears why
+            log.warning("ftp_session_closed", peer=writer.get_extra_info("peername"), reason="command line too long")
+            writer.write(b"500 command line too long; closing the connection\r\n")
+            raise
         if not line:
             raise ConnectionResetError("client closed the control connection")
         cmd, _, rest = line.decode("utf-8", errors="surrogateescape").rstrip("\r\n").partition(" ")
@@ -847,17 +861,13 @@ class FtpServer(aioftp.Server):
                 raise
 
         async def receive(handle: WriteHandle, conn: DataConnection) -> str:
-            task = asyncio.current_task()
             buf = self._buffers.pop() if self._buffers else bytearray(RECV_BUFFER)
             try:
                 async for data in conn.receive(buf):
                     await handle.write(data)
             finally:
                 self._buffers.append(buf)
-            if task is not None and task.cancelling():
-                # ABOR came with the last bytes: the reads never waited, so no await raised the cancellation,
-                # and the upload would have gone on to be committed
-                raise asyncio.CancelledError
+            _aborted()  # ABOR with the last bytes: no read waited, so no await raised it, and it would be committed
             await handle.commit()
             return "stored"
 
@@ -909,6 +919,7 @@ class FtpServer(aioftp.Server):
             stream = await self._stream(connection, conn)
             for start in range(0, len(data), BLOCK):
                 await stream.write(data[start:start + BLOCK])
+                _aborted()  # or an ABORted listing would end with 226
             return done
 
         return await self._transfer(connection, connection.session.take_passive(), lambda: contextlib.nullcontext(data),
@@ -991,8 +1002,8 @@ class FtpServer(aioftp.Server):
         """REST n: the next STOR/RETR starts at byte n. The marker is kept until a transfer command takes it,
         whatever comes in between (PASV, EPSV, TYPE): aioftp's was cleared by any other command, so REST, PASV,
         STOR replaced the file with its tail."""
-        if not rest.isdigit():
-            connection.response("501", f"REST needs a byte offset, not {rest!r}")
+        if not (rest.isascii() and rest.isdigit() and len(rest) <= 19):  # int() refused '²' and 5 000 digits: 451
+            connection.response("501", f"REST needs a byte offset, not {rest[:40]!r}")
             return True
         connection.session.rest = int(rest)
         connection.response("350", f"restarting at {int(rest)}; send STOR or RETR")

@@ -26,6 +26,10 @@ from agent.serve.contract import tls_context
 log = structlog.get_logger("pacsgw.http")
 
 STALE_QUEUE_SECONDS = 900  # dirty data older than this makes the box 'degraded' even with a live uplink
+# How long a connection may wait for its next (or first) request, however slowly its headers trickle in.
+# aiohttp's own default is an hour: a client sending a header line now and then held a connection that long,
+# and so as many connections as it opened. Scrapers and the status page make a new request within seconds.
+IDLE_SECONDS = 5.0
 
 
 def model_info(path: str) -> dict[str, Any] | None:
@@ -123,7 +127,7 @@ class HttpServer:
         self._scrape: ScrapeListener | None = None
 
     async def start(self) -> None:
-        self._runner = web.AppRunner(self.app, access_log=None)
+        self._runner = web.AppRunner(self.app, access_log=None, keepalive_timeout=IDLE_SECONDS)
         await self._runner.setup()
         await web.TCPSite(self._runner, self.host, self.port).start()
 
@@ -188,7 +192,7 @@ class ScrapeListener:
         self._verifying = asyncio.Lock()  # one scrypt at a time: guessing costs the box one core at most
         app = web.Application()
         app.add_routes([web.get("/metrics", self.metrics)])
-        self._runner = web.AppRunner(app, access_log=None)
+        self._runner = web.AppRunner(app, access_log=None, keepalive_timeout=IDLE_SECONDS)
 
     async def start(self) -> None:
         assert self.cfg.metrics_listen is not None

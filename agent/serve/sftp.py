@@ -9,7 +9,9 @@ then the channel is closing, and the partial file is discarded instead of commit
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
+import socket
 import weakref
 from pathlib import Path
 from typing import Any, AsyncIterator, Awaitable, NoReturn, TypeVar
@@ -31,6 +33,9 @@ log = structlog.get_logger("pacsgw.sftp")
 
 T = TypeVar("T")
 
+MAX_OPEN_FILES = 64  # per SFTP session: each holds a descriptor, and a staging file when writing
+MAX_READ = asyncssh.sftp.MAX_SFTP_READ_LEN  # what asyncssh announces (limits@openssh.com); a longer READ gets less
+
 
 def _attrs(e: Entry) -> asyncssh.SFTPAttrs:
     return asyncssh.SFTPAttrs(type=asyncssh.FILEXFER_TYPE_DIRECTORY if e.is_dir else asyncssh.FILEXFER_TYPE_REGULAR,
@@ -41,6 +46,41 @@ def _attrs(e: Entry) -> asyncssh.SFTPAttrs:
 def _peer(conn: asyncssh.SSHServerConnection | asyncssh.SSHServerChannel[bytes] | None) -> str:
     peer = conn.get_extra_info("peername") if conn is not None else None
     return f"{unmapped(peer[0])}:{peer[1]}" if peer else ""
+
+
+LINGER_S = 2.0  # the longest a refused connection's socket is read after its DISCONNECT
+
+
+def _linger(sock: socket.socket) -> None:
+    """Shut the write side (the DISCONNECT already sent, then FIN) and read and drop what the client still sends,
+    until its EOF or for LINGER_S, then close. asyncssh's disconnect aborts its socket at once: a request of the
+    client that crossed the DISCONNECT then met a closed socket, the kernel answered it with a reset, and a client
+    writing again saw a broken pipe instead of the reason."""
+    loop, fd = asyncio.get_running_loop(), sock.fileno()
+
+    def close() -> None:
+        loop.remove_reader(fd)
+        timer.cancel()
+        sock.close()
+
+    def drain() -> None:
+        try:
+            if sock.recv(65536):
+                return
+        except BlockingIOError:
+            return
+        except OSError:
+            pass
+        close()
+
+    try:
+        sock.setblocking(False)
+        sock.shutdown(socket.SHUT_WR)
+    except OSError:  # the client is gone already
+        sock.close()
+        return
+    loop.add_reader(fd, drain)
+    timer = loop.call_later(LINGER_S, close)
 
 
 def ensure_host_key(path: str) -> asyncssh.SSHKey:
@@ -59,7 +99,7 @@ class _Session(SSHServerStreamSession[bytes]):
     """asyncssh's own SFTP-only session (what `listen(sftp_factory=...)` builds), counted on its connection."""
 
     def __init__(self, owner: _Auth, sftp_factory: type[GatewaySFTP]) -> None:
-        super().__init__(None, sftp_factory, asyncssh.sftp.MIN_SFTP_VERSION)
+        super().__init__(None, functools.partial(sftp_factory, session=self), asyncssh.sftp.MIN_SFTP_VERSION)
         self.owner = owner
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -121,8 +161,15 @@ class _Auth(asyncssh.SSHServer):
 
     def _disconnect(self) -> None:
         if self.refused and self.conn is not None:
+            raw = self.conn.get_extra_info("socket")  # asyncssh closes its own: a duplicate lingers (_linger)
+            try:
+                held = socket.socket(fileno=os.dup(raw.fileno())) if raw is not None else None
+            except OSError:  # out of descriptors: the disconnect goes all the same, without the lingering
+                held = None
             self.conn.disconnect(asyncssh.DISC_TOO_MANY_CONNECTIONS, self.refused)
             self.refused = ""
+            if held is not None:
+                _linger(held)
 
     def _who(self, username: str) -> Who:
         return Who(username, "sftp", _peer(self.conn))
@@ -203,12 +250,14 @@ class GatewaySFTP(asyncssh.SFTPServer):
     gateway: Gateway  # set by the factory
     roots: dict[str, str]
 
-    def __init__(self, chan: asyncssh.SSHServerChannel[bytes]) -> None:
+    def __init__(self, chan: asyncssh.SSHServerChannel[bytes], session: _Session) -> None:
         super().__init__(chan)
+        self.session = session
         self.user = chan.get_extra_info("username")
         self.root = self.roots[self.user]
         self.who = Who(self.user, "sftp", _peer(chan))
         self.appending: set[WriteHandle] = set()  # opened with FXF_APPEND
+        self.open_files = 0  # handles against MAX_OPEN_FILES
 
     def _ns(self, path: bytes) -> str:
         try:
@@ -287,17 +336,26 @@ class GatewaySFTP(asyncssh.SFTPServer):
 
     async def open(self, path: bytes, pflags: int, attrs: asyncssh.SFTPAttrs) -> ReadHandle | WriteHandle:
         ns = self._ns(path)
+        if self.open_files >= MAX_OPEN_FILES:  # one client would otherwise take every descriptor of the agent
+            log.warning("sftp_refused", user=self.user, path=ns, reason=f"too many open files ({MAX_OPEN_FILES})")
+            self.gateway.count_error("sftp", "TooManyOpenFiles")
+            raise asyncssh.SFTPFailure(f"too many open files in this session (limit {MAX_OPEN_FILES})")
         if not pflags & (asyncssh.FXF_WRITE | asyncssh.FXF_APPEND):
-            return await self._call(self.gateway.open_read(ns, "sftp", self.who))
-        writer = await self._call(self.gateway.open_for_write(
-            ns, "sftp", self.who, keep=0 if pflags & asyncssh.FXF_TRUNC else None,
-            create=bool(pflags & asyncssh.FXF_CREAT), exclusive=bool(pflags & asyncssh.FXF_EXCL)))
-        if pflags & asyncssh.FXF_APPEND:
-            self.appending.add(writer)
-        return writer
+            handle: ReadHandle | WriteHandle = await self._call(self.gateway.open_read(ns, "sftp", self.who))
+        else:
+            handle = await self._call(self.gateway.open_for_write(
+                ns, "sftp", self.who, keep=0 if pflags & asyncssh.FXF_TRUNC else None,
+                create=bool(pflags & asyncssh.FXF_CREAT), exclusive=bool(pflags & asyncssh.FXF_EXCL)))
+            if pflags & asyncssh.FXF_APPEND:
+                self.appending.add(handle)
+        self.open_files += 1
+        return handle
 
     async def read(self, file_obj: object, offset: int, size: int) -> bytes:
-        return await self._call(_reader(file_obj).read(offset, size))
+        # asyncssh queues every reply on the channel: the data of a client that opens no window (reads no
+        # replies) piled up in the agent without end. Its next READ waits until the replies before have left.
+        await self.session.drain(None)
+        return await self._call(_reader(file_obj).read(offset, min(size, MAX_READ)))
 
     async def write(self, file_obj: object, offset: int, data: bytes) -> int:
         writer = _writer(file_obj)
@@ -306,6 +364,7 @@ class GatewaySFTP(asyncssh.SFTPServer):
         return len(data)
 
     async def close(self, file_obj: object) -> None:
+        self.open_files -= 1
         if isinstance(file_obj, ReadHandle):
             await file_obj.close()
             return
