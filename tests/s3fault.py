@@ -29,6 +29,8 @@ class FaultProxy:
         self.fail_puts = 0  # answer the next N PUT requests with 500
         self.fail_all = False  # answer every request with 500 (a server that keeps failing)
         self.injected: list[str] = []
+        self.hold_puts = threading.Event()  # set: PUTs wait (forwarded once it is cleared) …
+        self.puts_held = 0  # … and this many are waiting
         self._loop = asyncio.new_event_loop()
         self._ready = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -73,6 +75,11 @@ class FaultProxy:
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         body = await request.read()
+        if request.method == "PUT" and self.hold_puts.is_set():
+            self.puts_held += 1
+            while self.hold_puts.is_set():
+                await asyncio.sleep(0.05)
+            self.puts_held -= 1
         if self._inject(request):
             self.injected.append(f"{request.method} {request.path_qs}")
             return web.Response(status=500, body=ERROR_BODY, content_type="application/xml")

@@ -312,3 +312,32 @@ def test_timestamps_parse_as_botocore_parses_them():
                   "2026-12-01T19:00:00.123Z", "2026-12-01T19:00:00Z", "2026-12-01T21:00:00+02:00", "1700000000"):
         ours, theirs = parse_timestamp(value), botocore_parse(value)
         assert ours == theirs and ours.utcoffset() == theirs.utcoffset(), value
+
+
+@pytest.mark.parametrize("env", [
+    {},
+    {"HTTP_PROXY": "http://proxy.example:3128"},
+    {"HTTP_PROXY": "http://us%40er:p%3Ass@proxy.example:3128", "HTTPS_PROXY": "http://other.example:8080"},
+    {"http_proxy": "http://proxy.example:3128", "no_proxy": "s3.example,.internal"},
+    {"HTTP_PROXY": "http://proxy.example:3128", "NO_PROXY": "*"},
+])
+def test_the_proxy_is_the_one_aiohttp_would_take_from_the_environment(monkeypatch, tmp_path, env):
+    """env_proxy reads HTTP(S)_PROXY and NO_PROXY through urllib's documented lookups; aiohttp's own helper
+    (get_env_proxy_for_url, not a documented API) gives the same answer, without a .netrc."""
+    from aiohttp.helpers import get_env_proxy_for_url
+    from yarl import URL
+
+    from agent.uplink.s3 import env_proxy
+
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "http_proxy", "https_proxy", "no_proxy", "ALL_PROXY",
+                 "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "none"))
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    for endpoint in ("http://s3.example:8333", "https://s3.example", "http://b.internal:9000"):
+        try:
+            expected = get_env_proxy_for_url(URL(endpoint))
+        except LookupError:
+            expected = (None, None)
+        assert env_proxy(endpoint) == expected

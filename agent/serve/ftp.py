@@ -64,6 +64,7 @@ log = structlog.get_logger("pacsgw.ftp")
 
 BLOCK = 256 * 1024
 SEND_CHUNK = 4 * BLOCK  # a file leaves by sendfile(2) in chunks this large, each within the socket timeout
+RECV_BUFFER = 4 * BLOCK  # an upload in clear is read from its socket into a reused buffer this large
 SOCKET_TIMEOUT = 120
 REPLY_BUFFER = 64 * 1024  # replies a client left unread before its next command is read
 TLS_HANDSHAKE_TIMEOUT = 30
@@ -249,18 +250,42 @@ class DataConnection:
             try:
                 return os.sendfile(self.sock.fileno(), fd, offset, count)
             except BlockingIOError:
-                await self._writable()
+                await self._ready(writing=True)
 
-    async def _writable(self) -> None:
-        """Wait until the socket takes more bytes, up to SOCKET_TIMEOUT (a reader that stopped reading)."""
+    async def receive(self, buf: bytearray) -> AsyncIterator[memoryview]:
+        """An upload's bytes as they come, until the client closes the connection. In clear read straight from
+        the socket into buf, so each block is valid only until the next is asked for (aioftp's throttled
+        stream cost a transport, a protocol and a wait_for task per block); over TLS from the stream."""
+        if self._streams is not None:
+            reader, _ = await self._streams
+            while True:
+                async with asyncio.timeout(SOCKET_TIMEOUT):
+                    data = await reader.read(len(buf))
+                if not data:
+                    return
+                yield memoryview(data)
+        view = memoryview(buf)
+        while True:
+            try:
+                n = self.sock.recv_into(view)
+            except BlockingIOError:
+                await self._ready(writing=False)
+                continue
+            if not n:
+                return
+            yield view[:n]
+
+    async def _ready(self, writing: bool) -> None:
+        """Wait until the socket takes more bytes (or has some to read), up to SOCKET_TIMEOUT (a peer that
+        stopped reading or sending)."""
         loop, fileno = asyncio.get_running_loop(), self.sock.fileno()
         ready: asyncio.Future[None] = loop.create_future()
-        loop.add_writer(fileno, _settle, ready)
+        (loop.add_writer if writing else loop.add_reader)(fileno, _settle, ready)
         try:
             async with asyncio.timeout(SOCKET_TIMEOUT):
                 await ready
         finally:
-            loop.remove_writer(fileno)
+            (loop.remove_writer if writing else loop.remove_reader)(fileno)
 
     def close(self) -> None:
         """Close the connection (bytes already handed to the kernel still reach the client)."""
@@ -283,7 +308,7 @@ class Passive:
     def __init__(self, peer: str, tls: ssl.SSLContext | None, timeout: float,
                  on_refused: Callable[[str, str], None]) -> None:
         self.loop = asyncio.get_running_loop()
-        self.peer, self.tls, self.on_refused = unmapped(peer), tls, on_refused
+        self.peer, self.tls, self.on_refused = peer, tls, on_refused  # the session's address, unmapped already
         self.sock: socket.socket | None = None
         self.port = 0
         self.taken = False  # a transfer command owns it (and closes the data connection)
@@ -325,7 +350,7 @@ class Passive:
                 self._stop_listening()
                 return
             host, port = address[:2]
-            if self.connected.done() or unmapped(host) != self.peer:
+            if self.connected.done() or (host != self.peer and unmapped(host) != self.peer):
                 self.on_refused(f"{host}:{port}", "the data connection was already made" if self.connected.done()
                                 else "its address is not the control connection's")
                 conn.close()
@@ -381,6 +406,7 @@ class Session:
     user_slot: int | None = None  # that count's slot in the LoginGuard
     rest: int = 0  # the REST marker for the next STOR/APPE/RETR
     passive: Passive | None = None
+    resolved: tuple[tuple[str | None, str, str], str] = ((None, "", ""), "")  # the last argument FtpServer._resolve did
 
     def take_passive(self) -> Passive | None:
         passive, self.passive = self.passive, None
@@ -402,9 +428,9 @@ class Reply(Exception):
 
 
 def _aborted() -> None:
-    """Raise CancelledError if ABOR (or the session's end) cancelled this transfer while aioftp's stream I/O was
-    finishing: its asyncio.wait_for (Python 3.11) then returns the block read or written and drops the
-    cancellation, so the transfer would go on as if nothing had come."""
+    """Raise CancelledError if ABOR (or the session's end) cancelled this transfer while its I/O was finishing:
+    aioftp's asyncio.wait_for (Python 3.11) returns the block read or written and drops the cancellation, an
+    upload's last reads never wait; the transfer would go on as if nothing had come."""
     task = asyncio.current_task()
     if task is not None and task.cancelling():
         raise asyncio.CancelledError
@@ -431,6 +457,7 @@ class FtpServer(aioftp.Server):
         self.roots = {u.name: u.root for u in cfg.users}
         self.tls = tls_context(cfg.ftp.tls_cert, cfg.ftp.tls_key) if cfg.ftp.tls_cert else None
         self.sessions: set[asyncio.Task[Any]] = set()
+        self._buffers: list[bytearray] = []  # receive buffers of finished uploads, for the next ones
         own: dict[str, Handler] = {
             "auth": self.on_auth, "pbsz": self.on_pbsz, "prot": self.on_prot, "user": self.on_user,
             "pass": self.on_pass, "pasv": self.on_pasv, "epsv": self.on_epsv, "stor": self.on_stor,
@@ -773,7 +800,12 @@ class FtpServer(aioftp.Server):
     # --- paths and errors ------------------------------------------------------------------------
 
     def _resolve(self, connection: aioftp.Connection, rest: str) -> str:
-        return resolve(self.roots.get(connection.user.login, "/"), str(connection.current_directory), rest)
+        """The namespace path a command's argument names (remembered: _guarded checks it, then the handler uses it)."""
+        session: Session = connection.session
+        key = (connection.user.login, str(connection.current_directory), rest)
+        if session.resolved[0] != key:
+            session.resolved = key, resolve(self.roots.get(key[0], "/"), key[1], rest)
+        return session.resolved[1]
 
     def _guarded(self, handler: Handler) -> Handler:
         """Refuse bad paths before aioftp sees them; map gateway errors raised inside a command."""
@@ -829,10 +861,13 @@ class FtpServer(aioftp.Server):
                 raise
 
         async def receive(handle: WriteHandle, conn: DataConnection) -> str:
-            stream = await self._stream(connection, conn)
-            async for data in stream.iter_by_block(connection.block_size):
-                _aborted()  # or the upload would go on to be committed
-                await handle.write(data)
+            buf = self._buffers.pop() if self._buffers else bytearray(RECV_BUFFER)
+            try:
+                async for data in conn.receive(buf):
+                    await handle.write(data)
+            finally:
+                self._buffers.append(buf)
+            _aborted()  # ABOR with the last bytes: no read waited, so no await raised it, and it would be committed
             await handle.commit()
             return "stored"
 

@@ -13,6 +13,7 @@ verified. Opening checks the stamp against fstat (cheap); the reader checks the 
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import os
@@ -72,7 +73,7 @@ class Cache:
         self.root = root
         self.staging = root / "staging"
         self.data = root / "data"
-        self._data_dir = str(self.data)
+        self._data_dir, self._staging_dir = str(self.data), str(self.staging)
         self.data.mkdir(parents=True, exist_ok=True)
         if clear_staging:
             # At agent start, anything left in staging is a write that was never acknowledged: discard it.
@@ -86,8 +87,8 @@ class Cache:
     def new_blob() -> str:
         return secrets.token_hex(16)
 
-    def staging_path(self, blob: str) -> Path:
-        return self.staging / blob
+    def staging_path(self, blob: str) -> str:
+        return f"{self._staging_dir}/{blob}"
 
     def blob_file(self, blob: str) -> str:
         """Where a blob lives: data/<first two characters>/<blob>. A string: a cached read opens it, and two
@@ -115,16 +116,19 @@ class Cache:
             _stamp(fd, digest or fast_digest_fd(fd))
             if durable:
                 os.fsync(fd)
-            target = self.blob_path(blob)
-            target.parent.mkdir(exist_ok=True)
+            target = self.blob_file(blob)
+            parent = os.path.dirname(target)
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(parent)
             os.rename(self.staging_path(blob), target)
             if durable:
-                _fsync_dir(target.parent)
+                _fsync_dir(parent)
         except OSError as e:
             raise _translate(e, blob) from e
 
     def discard_staging(self, blob: str) -> None:
-        self.staging_path(blob).unlink(missing_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.staging_path(blob))
 
     def remove(self, blob: str) -> None:
         self.blob_path(blob).unlink(missing_ok=True)
@@ -280,7 +284,7 @@ def _read_stamp(fd: int) -> Stamp | None:
         return None
 
 
-def _fsync_dir(path: Path) -> None:
+def _fsync_dir(path: str) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)

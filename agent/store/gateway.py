@@ -58,10 +58,15 @@ VERIFY_AHEAD = 1024 * 1024
 RANGE_GAP = 2 * 1024 * 1024  # a cold reader this far ahead of the fetch's stream gets a ranged GET
 RANGE_FIRST = 1024 * 1024  # the first ranged GET of a fetch; each next one doubles, up to RANGE_MAX
 RANGE_MAX = 8 * 1024 * 1024
+# Bytes of files being written kept in memory for their write-through PUTs, all writes together (see WriteHandle)
+BODY_BUDGET = 64 * 1024 * 1024
 
 
 class WriteHandle:
-    """One file being written. Sequential writes are hashed on the fly; others are hashed at commit."""
+    """One file being written. Sequential writes are hashed on the fly (SHA-256 for S3, the cache stamp's fast
+    digest); others are hashed at commit. A sequential write-through file small enough for a single-request PUT
+    also keeps its bytes, within the gateway's BODY_BUDGET: its upload sends them as they were hashed here,
+    instead of reading the cached copy back and hashing it again (~0.5 ms of CPU per 512 KiB)."""
 
     def __init__(self, gw: "Gateway", path: str, blob: str, fd: int, protocol: str, who: Who | None,
                  protected: int = 0) -> None:
@@ -71,10 +76,13 @@ class WriteHandle:
         # to, never changed or cut (that would destroy stored content as surely as a delete).
         self.protected = protected
         self._hash: hashlib._Hash | None = hashlib.sha256()
+        self._fast = fast_hash()  # the same bytes: the copy's stamp (agent.store.cache)
+        self._body: list[bytes] | None = [] if gw.cfg.uplink.write_mode == "through" else None
+        self._held = 0  # bytes of _body taken from the gateway's budget
         self._done = False
         self._failed: BaseException | None = None
 
-    async def write(self, data: bytes, offset: int | None = None) -> None:
+    async def write(self, data: bytes | memoryview, offset: int | None = None) -> None:
         try:
             await self._write(data, offset)
         except BaseException as e:
@@ -83,14 +91,21 @@ class WriteHandle:
             self._failed = e
             raise
 
-    async def _write(self, data: bytes, offset: int | None) -> None:
+    async def _write(self, data: bytes | memoryview, offset: int | None) -> None:
         pos = self.size if offset is None else offset
         if pos < self.protected:
             raise PermissionDenied(self.path, "changing stored bytes needs the 'delete' permission")
         if pos != self.size:
-            self._hash = None  # out-of-order write: hash the whole file at commit
+            self._unhashed()  # out-of-order write: hash the whole file at commit
         elif self._hash is not None:
             self._hash.update(data)
+            self._fast.update(data)
+            if self._body is not None:
+                if self.gw.hold(len(data), self.size + len(data)):
+                    self._body.append(bytes(data))  # data may be the front end's reused buffer
+                    self._held += len(data)
+                else:
+                    self._drop_body()
         # Content must leave cache.min_free_bytes free: the catalog lives on the same disk, and a
         # catalog that cannot commit cannot mark files clean, so nothing could ever be evicted again.
         # A write past the end (SFTP and SMB clients send writes out of order) leaves a hole that is
@@ -138,8 +153,16 @@ class WriteHandle:
         if length > self.size and not await self.gw.ensure_space(length - self.size):
             raise NoSpace(self.path, "cache disk full and nothing evictable")  # the zeros are real bytes in S3
         await asyncio.to_thread(os.ftruncate, self.fd, length)
-        self._hash = None  # hash the whole file at commit
+        self._unhashed()  # hash the whole file at commit
         self.size = length
+
+    def _unhashed(self) -> None:
+        self._hash = None
+        self._drop_body()
+
+    def _drop_body(self) -> None:
+        self.gw.release(self._held)
+        self._body, self._held = None, 0
 
     async def commit(self) -> None:
         """Make the file durable (and, in write-through, confirmed in S3). Only then may the client be told.
@@ -166,6 +189,7 @@ class WriteHandle:
                 upload = await asyncio.shield(durable)
                 await self.gw.write_through(self.path, upload)
         finally:
+            self._drop_body()  # an upload still running after through_timeout keeps its bytes, uncounted
             if durable.done():
                 self.gw.write_finished()
             else:  # cancelled while the durable part still runs: the write ends when it does
@@ -174,16 +198,18 @@ class WriteHandle:
 
     async def _make_durable(self) -> asyncio.Task[bool] | None:
         """fsync + rename into the cache + catalog commit (+ start of a write-through upload)."""
+        fast = self._fast.hexdigest() if self._hash is not None else None  # else the commit hashes the copy
+        body = b"".join(self._body) if self._body is not None else None
         try:
             sha = self._hash.hexdigest() if self._hash is not None else await asyncio.to_thread(sha256_fd, self.fd)
-            await asyncio.to_thread(self.gw.cache.commit, self.blob, self.fd)
+            await asyncio.to_thread(self.gw.cache.commit, self.blob, self.fd, fast)
         except BaseException:
             self._close_fd()
             self.gw.cache.discard_staging(self.blob)
             raise
         self._close_fd()
         try:
-            return await self.gw.commit_file(self.path, self.blob, self.size, sha)
+            return await self.gw.commit_file(self.path, self.blob, self.size, sha, body)
         except BaseException:
             self.gw.cache.remove(self.blob)
             raise
@@ -194,6 +220,7 @@ class WriteHandle:
             return
         self._done = True
         self.gw.write_finished()
+        self._drop_body()
         self._close_fd()
         self.gw.cache.discard_staging(self.blob)
         log.warning("upload_aborted", path=self.path, protocol=self.protocol, bytes=self.size, reason=reason)
@@ -364,6 +391,7 @@ class Gateway:
         self._fills: dict[str, _Fill] = {}
         self._listings: dict[str, asyncio.Future[None]] = {}
         self._active_writes = 0
+        self._body_room = BODY_BUDGET
         self._writes_idle = asyncio.Event()
         self._writes_idle.set()
         self._rights = {u.name: frozenset(u.permissions) for u in cfg.users}
@@ -666,6 +694,16 @@ class Gateway:
     def active_writes(self) -> int:
         return self._active_writes
 
+    def hold(self, nbytes: int, size: int) -> bool:
+        """Whether a write-through file may keep nbytes more of its bytes in memory (it has size bytes then)."""
+        if nbytes > self._body_room or not self.s3.single_request(size):
+            return False
+        self._body_room -= nbytes
+        return True
+
+    def release(self, nbytes: int) -> None:
+        self._body_room += nbytes
+
     def write_finished(self) -> None:
         self._active_writes -= 1
         if not self._active_writes:
@@ -679,8 +717,10 @@ class Gateway:
         except asyncio.TimeoutError:
             return False
 
-    async def commit_file(self, path: str, blob: str, size: int, sha: str) -> asyncio.Task[bool] | None:
-        """Commit the catalog row; in write-through, start its upload. → that upload task, if any.
+    async def commit_file(self, path: str, blob: str, size: int, sha: str, body: bytes | None = None
+                          ) -> asyncio.Task[bool] | None:
+        """Commit the catalog row; in write-through, start its upload (of body, the file's bytes hashed to sha,
+        when the writer kept them). → that upload task, if any.
 
         The upload starts here, in the same uncancellable step as the commit that claimed the row: a row
         claimed ('uploading') without an upload running would wait for the next restart.
@@ -707,7 +747,7 @@ class Gateway:
             entry = Entry(path=path, is_dir=False, size=size, mtime=mtime, sha256=sha, state="uploading", blob=blob,
                           gen=gen, etag=None, version_id=None, copy_from=None, listed=False, dirty_since=mtime,
                           attempts=0, last_error=None, last_access=None, access_count=0)
-        return self.uploader.start_transfer(entry)
+        return self.uploader.start_transfer(entry, body)
 
     async def write_through(self, path: str, upload: asyncio.Task[bool] | None) -> None:
         """Wait (up to through_timeout) for S3 to confirm a write-through upload; it goes on regardless."""

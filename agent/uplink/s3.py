@@ -23,6 +23,7 @@ import contextlib
 import hashlib
 import os
 import ssl
+import urllib.request
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
@@ -31,7 +32,6 @@ from typing import Any, AsyncIterator, Awaitable, Callable, Iterator, Mapping
 import aiohttp
 from aiobotocore.config import AioConfig
 from aiobotocore.session import get_session
-from aiohttp.helpers import get_env_proxy_for_url
 from botocore.auth import EMPTY_SHA256_HASH, S3SigV4Auth
 from botocore.awsrequest import AWSRequest
 from botocore.credentials import Credentials
@@ -231,6 +231,27 @@ def _retain_until(until: datetime) -> str:
     return (until if until.tzinfo else until.replace(tzinfo=UTC)).astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+def env_proxy(endpoint: str) -> tuple[URL | None, aiohttp.BasicAuth | None]:
+    """The proxy for endpoint from HTTP(S)_PROXY unless NO_PROXY exempts it, as botocore reads them (urllib's
+    getproxies and proxy_bypass), with the user and password it names as Basic auth."""
+    url = URL(endpoint)
+    proxy = urllib.request.getproxies().get(url.scheme)
+    if not proxy or (url.host is not None and urllib.request.proxy_bypass(url.host)):
+        return None, None
+    found = URL(proxy)
+    return found.with_user(None), aiohttp.BasicAuth(found.user, found.password or "") if found.user else None
+
+
+# PutObject's arguments (Lock.s3_args, the HA conditions) → the header botocore's serializer writes for each
+_HEADERS: dict[str, tuple[str, Callable[[Any], str]]] = {
+    "ObjectLockMode": ("x-amz-object-lock-mode", str),
+    "ObjectLockRetainUntilDate": ("x-amz-object-lock-retain-until-date", _retain_until),
+    "ObjectLockLegalHoldStatus": ("x-amz-object-lock-legal-hold", str),
+    "IfMatch": ("If-Match", str),
+    "IfNoneMatch": ("If-None-Match", str),
+}
+
+
 def put_headers(metadata: Mapping[str, str], lock: Lock | None, tagging: str | None,
                 condition: Mapping[str, str]) -> dict[str, str]:
     """The headers of a PutObject with these arguments, as botocore's serializer writes them (the values are
@@ -238,17 +259,12 @@ def put_headers(metadata: Mapping[str, str], lock: Lock | None, tagging: str | N
     headers = {"x-amz-meta-" + k: v for k, v in metadata.items()}
     if tagging:
         headers["x-amz-tagging"] = tagging
-    if lock:
-        headers["x-amz-object-lock-mode"] = lock.mode
-        headers["x-amz-object-lock-retain-until-date"] = _retain_until(lock.until)
-        if lock.legal_hold:
-            headers["x-amz-object-lock-legal-hold"] = "ON"
-    for arg, value in condition.items():
-        headers[_CONDITIONS[arg]] = value
+    for arg, value in {**(lock.s3_args() if lock else {}), **condition}.items():
+        name, encode = _HEADERS[arg]
+        headers[name] = encode(value)
     return headers
 
 
-_CONDITIONS = {"IfMatch": "If-Match", "IfNoneMatch": "If-None-Match"}
 _NO_AUTO_HEADERS = ("Content-Type",)  # botocore sends none (the server's default); aiohttp would add its own
 
 
@@ -294,10 +310,9 @@ class S3Uplink:
             connector=aiohttp.TCPConnector(limit=config.max_pool_connections, keepalive_timeout=12, ssl=tls),
             timeout=aiohttp.ClientTimeout(sock_connect=self.cfg.connect_timeout, sock_read=self.cfg.read_timeout),
             auto_decompress=False))
-        # HTTP(S)_PROXY / NO_PROXY from the environment, as botocore, looked up once: aiohttp's trust_env does it
-        # (and a .netrc lookup botocore does not do) in two thread hops per request
-        with contextlib.suppress(LookupError):
-            self._proxy = get_env_proxy_for_url(URL(self.cfg.endpoint_url))
+        # The proxy (env_proxy) looked up once: aiohttp's trust_env does it (and a .netrc lookup botocore does not
+        # do) in two thread hops per request
+        self._proxy = env_proxy(self.cfg.endpoint_url)
         self._signer = _KnownPayload(Credentials(self.cfg.access_key_id, self.cfg.secret_access_key), "s3",
                                      self.cfg.region)
         model = self._client.meta.service_model

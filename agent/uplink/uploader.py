@@ -120,13 +120,14 @@ class Uploader:
     def key_lock(self, key: str) -> asyncio.Lock:
         return self._key_locks.setdefault(key, asyncio.Lock())
 
-    async def transfer(self, e: Entry) -> bool:
-        """Upload (or server-side copy) one claimed row; → True when it is clean in S3."""
+    async def transfer(self, e: Entry, body: bytes | None = None) -> bool:
+        """Upload (or server-side copy) one claimed row; → True when it is clean in S3. body: the file's bytes,
+        hashed to e.sha256 by the writer (a write-through file that kept them), sent instead of the cached copy's."""
         async with self.line.slots, self.key_lock(e.path):
             t0 = time.monotonic()
             try:
                 result = await self.line.patiently(
-                    lambda: self._copy_or_upload(e) if e.copy_from else self._upload(e), e.path)
+                    lambda: self._copy_or_upload(e) if e.copy_from else self._upload(e, body), e.path)
             except asyncio.CancelledError:
                 await asyncio.shield(self.db.mark_failed(e.path, e.gen, "cancelled", time.time()))
                 raise
@@ -163,13 +164,13 @@ class Uploader:
             return None
         return {"IfMatch": e.etag} if e.etag else {"IfNoneMatch": "*"}
 
-    async def _upload(self, e: Entry) -> PutResult:
+    async def _upload(self, e: Entry, body: bytes | None = None) -> PutResult:
         if e.blob is None:
             raise FileNotFoundError(f"{e.path}: no cached content to upload")
         if e.sha256 is None:
             raise ValueError(f"{e.path}: no checksum recorded for its cached content")
         sha, condition = e.sha256, self._condition(e)
-        fd, meta, body = await asyncio.to_thread(self._stage, e.path, e.blob, e.size, sha)
+        fd, meta, body = await asyncio.to_thread(self._stage, e.path, e.blob, e.size, sha, body)
         try:
             try:
                 header = meta.header if meta else None
@@ -189,13 +190,17 @@ class Uploader:
         row = index_row(e.path, e.size, meta.metadata) if meta else None
         return dataclasses.replace(result, index_row=row or ())
 
-    def _stage(self, path: str, blob: str, size: int, sha256: str) -> tuple[int, ObjectMeta | None, bytes | None]:
-        """Open the cached copy, read its header (describe) and, for a single-request PUT, its bytes checked
-        against the catalog's SHA-256: blocking, all in one thread hop (each hop costs the loop a wake-up)."""
+    def _stage(self, path: str, blob: str, size: int, sha256: str, body: bytes | None
+               ) -> tuple[int, ObjectMeta | None, bytes | None]:
+        """Open the cached copy, read its header (describe) and, for a single-request PUT without the writer's
+        body, its bytes checked against the catalog's SHA-256: blocking, all in one thread hop (each hop costs
+        the loop a wake-up)."""
         fd = self.blobs.open_blob(blob)
         try:
             meta = self.describe(path, fd, size) if self.describe else None
-            return fd, meta, read_verified(path, fd, size, sha256) if self.s3.single_request(size) else None
+            if body is None and self.s3.single_request(size):
+                body = read_verified(path, fd, size, sha256)
+            return fd, meta, body
         except BaseException:
             os.close(fd)
             raise
@@ -272,9 +277,9 @@ class Uploader:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), delay)
 
-    def start_transfer(self, e: Entry) -> asyncio.Task[bool]:
+    def start_transfer(self, e: Entry, body: bytes | None = None) -> asyncio.Task[bool]:
         """Run `transfer` for a claimed row as a task the drain on stop waits for."""
-        task = asyncio.create_task(self.transfer(e))
+        task = asyncio.create_task(self.transfer(e, body))
         self._tasks.add(task)
         task.add_done_callback(self._done)
         return task
