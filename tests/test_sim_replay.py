@@ -47,7 +47,7 @@ def test_belady_bounds_every_online_policy(params: tuple) -> None:
     belady = ref["Belady"].reads - ref["Belady"].hits
     for name in (a for a in ALGORITHMS if not a.startswith("Belady")):
         assert belady <= ref[name].reads - ref[name].hits, name
-    for scheme in ("A", "B", "study", "kmeans", "learned"):
+    for scheme in ("A", "B", "study", "kmeans", "learned", "adaptive"):
         assert belady <= demand_misses(ta, scheme, cap), scheme
 
 

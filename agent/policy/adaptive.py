@@ -8,6 +8,9 @@ evicts with the expert whose shadow scored more (ARC/CACHEUS-style expert choice
 than by regret). The learned expert ranks the real cache with its shadow's model, which learns from an
 undisturbed run of its own policy (its evictions and its ghosts), not from the other expert's choices.
 
+In the real cache both experts leave alone the new studies that the fresh segment holds until their first read
+(agent/policy/fresh.py: its horizon learnt from this box's write → first-read delays).
+
 The capacity of the shadows is learnt from the eviction calls (the cache's size when it has to shed
 bytes). Memory: four study indexes instead of one (~100 B per cached file and study each). Policies decide,
 never do I/O: the caller offers only clean files, so a file not yet in S3 is never a victim.
@@ -20,6 +23,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from agent.policy.eviction import FileTable, StudyLRU
+from agent.policy.fresh import FreshSegment
 from agent.policy.learned import Attrs, HitDensity
 
 
@@ -33,7 +37,7 @@ class _Shadow:
         self.score = 0.0
 
     def request(self, key: Any, size: int, now: float, created: float, study: Any, prefetch: bool,
-                capacity: int) -> None:
+                capacity: int, written: bool = False) -> None:
         if key in self.size:
             if not prefetch:
                 self.score += 1
@@ -41,7 +45,7 @@ class _Shadow:
             return
         self.size[key] = size
         self.used += size
-        self.policy.on_insert(key, size, now, created, study, prefetch)
+        self.policy.on_insert(key, size, now, created, study, prefetch, written)
         if capacity and self.used > capacity:
             for v in self.policy.victims(self.used - capacity, now):
                 self.used -= self.size.pop(v, 0)
@@ -56,7 +60,10 @@ class Adaptive:
         # the real cache's learned index ranks with the shadow's model and learns nothing itself: a model
         # fitted on the mixed evictions of the real cache would drift from its shadow's (and cost a refit
         # every 100 events)
-        self.lru, self.learned = StudyLRU(), HitDensity(learn=False, attrs=attrs)
+        # new studies are kept until their first read while the box's traffic says so (agent/policy/fresh.py)
+        self.fresh = FreshSegment()
+        self.lru = StudyLRU(held=self.fresh.holds)
+        self.learned = HitDensity(learn=False, attrs=attrs, held=self.fresh.holds)
         self.shadows = (_Shadow(StudyLRU()), _Shadow(HitDensity(attrs=attrs)))
         self._meta: dict[Any, tuple[int, float, Any]] = {}    # key → (size, created, study) of cached files
         self.used = 0
@@ -64,10 +71,10 @@ class Adaptive:
         self.requests = 0
         self.use_learned = True
 
-    def _request(self, key: Any, now: float, prefetch: bool) -> None:
+    def _request(self, key: Any, now: float, prefetch: bool, written: bool = False) -> None:
         size, created, study = self._meta[key]
         for s in self.shadows:
-            s.request(key, size, now, created, study, prefetch, self.capacity)
+            s.request(key, size, now, created, study, prefetch, self.capacity, written)
         self.requests += 1
         if self.requests % self.window == 0:
             lru, learned = (s.score for s in self.shadows)
@@ -76,16 +83,22 @@ class Adaptive:
                 s.score *= self.decay
 
     def on_insert(self, key: Any, size: int, now: float, created: float, study: Any,
-                  prefetch: bool = False) -> None:
+                  prefetch: bool = False, written: bool = False) -> None:
         self._meta[key] = (size, created, study)
         self.used += size
-        self.lru.on_insert(key, size, now, created, study, prefetch)
-        self.learned.on_insert(key, size, now, created, study, prefetch)
-        self._request(key, now, prefetch)
+        if written:
+            self.fresh.written(study, size, now)
+        elif not prefetch:
+            self.fresh.read(study, now)
+        self.lru.on_insert(key, size, now, created, study, prefetch, written)
+        self.learned.on_insert(key, size, now, created, study, prefetch, written)
+        self._request(key, now, prefetch, written)
 
     def on_access(self, key: Any, now: float) -> None:
-        if key not in self._meta:
+        meta = self._meta.get(key)
+        if meta is None:
             return
+        self.fresh.read(meta[2], now)
         self.lru.on_access(key, now)
         self.learned.on_access(key, now)
         self._request(key, now, False)
@@ -96,6 +109,7 @@ class Adaptive:
         meta = self._meta.pop(key, None)
         if meta is not None:
             self.used -= meta[0]
+            self.fresh.removed(meta[2], meta[0])
 
     def link(self, prior: Any, new: Any, heat: float) -> None:
         """A prefetched prior's new study (HitDensity.link), for the real cache's learned index and its shadow."""
@@ -120,11 +134,15 @@ class Adaptive:
         learned = self.learned
         learned.density, learned.factor, learned.fitted = model.density, model.factor, model.fitted
         chosen, other = (self.learned, self.lru) if self.use_learned else (self.lru, self.learned)
+        self.fresh.capacity = self.capacity
+        for study in self.fresh.release(now):
+            self.lru.unheld(study)
         for key in list(chosen.victims(bytes_to_free, now)):
             other.on_remove(key)
             meta = self._meta.pop(key, None)
             if meta is not None:
                 self.used -= meta[0]
+                self.fresh.removed(meta[2], meta[0])
             yield key
 
     def status(self) -> dict[str, object]:
@@ -134,7 +152,8 @@ class Adaptive:
             mode = "cold start: study LRU"
         else:
             mode = "expert: learned hit density" if self.use_learned else "expert: study LRU (recency wins now)"
-        return {"policy": self.name, "mode": mode, "events": model.events, "files": len(self._meta)}
+        return {"policy": self.name, "mode": mode, "events": model.events, "files": len(self._meta),
+                **self.fresh.status()}
 
     # batch (no online index fed): whole studies in LRU order, the cold-start rule
     def select_victims(self, table: FileTable, bytes_to_free: int, now: float) -> np.ndarray:

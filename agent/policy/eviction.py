@@ -33,7 +33,7 @@ from __future__ import annotations
 import heapq
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any, Iterator, Protocol
+from typing import Any, Callable, Iterator, Protocol
 
 import numpy as np
 
@@ -86,7 +86,7 @@ class LRU:
         return take_until(np.argsort(table.last_access, kind="stable"), table.size, bytes_to_free)
 
     def on_insert(self, key: int, size: int, now: float, created: float, study: int,
-                  prefetch: bool = False) -> None:
+                  prefetch: bool = False, written: bool = False) -> None:
         self._order[key] = size
         self._order.move_to_end(key)
 
@@ -123,7 +123,7 @@ class Age(LRU):
         return take_until(np.concatenate([old_idx, young]), table.size, bytes_to_free)
 
     def on_insert(self, key: int, size: int, now: float, created: float, study: int,
-                  prefetch: bool = False) -> None:
+                  prefetch: bool = False, written: bool = False) -> None:
         super().on_insert(key, size, now, created, study)
         heapq.heappush(self._by_created, (created, key))
 
@@ -235,16 +235,20 @@ class StudyLRU:
     a prefetch is not undone before the read it was made for.
 
     Priority (lower goes first) = last use of the study − (old_penalty_s if old and consumed).
-    Online: two OrderedDicts (recent-or-unconsumed, consumed-old), each in last-use order; the victim
-    is the head with the lower priority. Batch: the same priority over the FileTable.
+    Online: OrderedDicts (recent-or-unconsumed, consumed-old, and with a `held` rule written-unread), each in
+    last-use order; the victim is the head with the lowest priority, a written study not before its first read
+    while `held` says so (agent/policy/fresh.py). Batch: the same priority over the FileTable.
     """
 
     name = "study"
     online = True
 
-    def __init__(self, recent_days: float = 30.0, old_penalty_s: float = DAY) -> None:
+    def __init__(self, recent_days: float = 30.0, old_penalty_s: float = DAY,
+                 held: Callable[[Any], bool] | None = None) -> None:
         self.recent = recent_days * DAY
         self.penalty = old_penalty_s
+        self.held = held            # a written, unread study kept from eviction (agent/policy/fresh.py)
+        self._fresh: OrderedDict[int, dict[int, int]] = OrderedDict()     # written, not read yet, in write order
         self._young: OrderedDict[int, dict[int, int]] = OrderedDict()
         self._old: OrderedDict[int, dict[int, int]] = OrderedDict()
         self._last: dict[int, float] = {}
@@ -271,24 +275,34 @@ class StudyLRU:
             chosen = order[:chosen.size + n_more]
         return chosen
 
+    def _queue(self, study: int) -> OrderedDict[int, dict[int, int]]:
+        return self._fresh if study in self._fresh else self._old if study in self._old else self._young
+
     def on_insert(self, key: int, size: int, now: float, created: float, study: int,
-                  prefetch: bool = False) -> None:
+                  prefetch: bool = False, written: bool = False) -> None:
         if study not in self._last:
             self._created[study] = created
         self._study_of[key] = study
-        queue = self._old if study in self._old else self._young
+        # without a segment to hold them (`held`), written studies queue with the others, as they always did
+        fresh = written and self.held is not None and study not in self._young and study not in self._old
+        queue = self._fresh if fresh else self._queue(study)
         files = queue.get(study)
         if files is None:
             files = queue[study] = {}
         files[key] = size
         if not prefetch:
-            self._touch(study, now)
+            self._touch(study, now, read=not written)
         else:
             self._last.setdefault(study, now)
             queue.move_to_end(study)
 
-    def _touch(self, study: int, now: float) -> None:
+    def _touch(self, study: int, now: float, read: bool = True) -> None:
         self._last[study] = now
+        if study in self._fresh:
+            if not read:
+                self._fresh.move_to_end(study)
+                return
+            self._young[study] = self._fresh.pop(study)      # its first read: an ordinary study from now on
         if study in self._old:
             self._old.move_to_end(study)
         elif self._created.get(study, now) < now - self.recent:
@@ -301,11 +315,21 @@ class StudyLRU:
         if study is not None:
             self._touch(study, now)
 
+    def unheld(self, study: int) -> None:
+        """A written, unread study is no longer held: it queues with the others by its write time (at the head
+        when that is older than the head's last use, else at the tail: releases are the segment's ends)."""
+        files = self._fresh.pop(study, None)
+        if files is None:
+            return
+        self._young[study] = files
+        if self._last[study] <= self._last[next(iter(self._young))]:
+            self._young.move_to_end(study, last=False)
+
     def on_remove(self, key: int) -> None:
         study = self._study_of.pop(key, None)
         if study is None:
             return
-        queue = self._old if study in self._old else self._young
+        queue = self._queue(study)
         files = queue.get(study)
         if files is not None:
             files.pop(key, None)
@@ -314,17 +338,23 @@ class StudyLRU:
                 self._last.pop(study, None)
                 self._created.pop(study, None)
 
+    def _next(self) -> OrderedDict[int, dict[int, int]] | None:
+        """The queue whose head goes next: the lowest priority among the heads (a written, unread study by its
+        write time unless `held`); a held study only when nothing else is left."""
+        heads = []
+        if self._old:       # first: on a tie the consumed old study goes
+            heads.append((self._last[next(iter(self._old))] - self.penalty, self._old))
+        if self._young:
+            heads.append((self._last[next(iter(self._young))], self._young))
+        if self._fresh:
+            first = next(iter(self._fresh))
+            if not heads or self.held is None or not self.held(first):
+                heads.append((self._last[first], self._fresh))
+        return min(heads, key=lambda h: h[0])[1] if heads else None
+
     def victims(self, bytes_to_free: int, now: float) -> Iterator[int]:
         freed = 0
-        while freed < bytes_to_free and (self._young or self._old):
-            if not self._old:
-                queue = self._young
-            elif not self._young:
-                queue = self._old
-            else:
-                y = self._last[next(iter(self._young))]
-                o = self._last[next(iter(self._old))] - self.penalty
-                queue = self._old if o <= y else self._young
+        while freed < bytes_to_free and (queue := self._next()) is not None:
             study, files = queue.popitem(last=False)
             self._last.pop(study, None)
             self._created.pop(study, None)

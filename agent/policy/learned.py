@@ -131,8 +131,9 @@ class HitDensity:
     def __init__(self, sample: int = 64, byte_weight: float | None = None, session_s: float = 600.0,
                  refit_events: int = 100, decay: float = 0.95, warm_events: int = 200, seed: int = 0,
                  max_ghosts: int = 200_000, learn: bool = True, factors: tuple[str, ...] | None = None,
-                 attrs: Attrs | None = None) -> None:
+                 attrs: Attrs | None = None, held: Callable[[Any], bool] | None = None) -> None:
         self.sample, self.session_s = sample, session_s
+        self.held = held            # a written, unread study kept from eviction (agent/policy/fresh.py)
         self.byte_weight = BYTE_WEIGHT if byte_weight is None else byte_weight
         self.learn = learn          # False: rank with a density set from outside (adaptive's shadow model)
         self.refit_events, self.decay, self.warm_events = refit_events, decay, warm_events
@@ -223,7 +224,7 @@ class HitDensity:
 
     # -- the online index
     def on_insert(self, key: int, size: int, now: float, created: float, study: int,
-                  prefetch: bool = False) -> None:
+                  prefetch: bool = False, written: bool = False) -> None:
         s = self._studies.get(study)
         if s is None:
             age = now - created
@@ -328,10 +329,13 @@ class HitDensity:
         return rank * (mean * len(s.files) / max(s.size, 1) + self.byte_weight)
 
     def _victim(self, now: float) -> int:
+        held = self.held
         if not self.fitted:
-            return next(iter(self._lru))
+            return next((st for st in self._lru if held is None or not held(st)), next(iter(self._lru)))
         k = min(self.sample, len(self._ids))
         cand = self._rng.sample(self._ids, k) if k < len(self._ids) else list(self._ids)
+        if held is not None:
+            cand = [st for st in cand if not held(st)] or cand
         # ties (an unseen class: density 0) go to the least recently used
         ranks = {st: self._rank(self._studies[st], now) for st in cand}
         victim = min(cand, key=lambda st: (ranks[st], self._studies[st].last))

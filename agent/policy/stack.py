@@ -5,7 +5,7 @@ the same way, so the stack the simulator scores is the stack the box runs.
 The runner (`PolicyStack`) decides and never does I/O. Its callers feed it what happened and act on what
 it answers:
 
-* cache events: `inserted` (a file landed: written, read on a miss, or prefetched), `accessed` (a read
+* cache events: `inserted` (a file landed: `written`, read on a miss, or `prefetch`ed), `accessed` (a read
   hit), `removed` (dropped for any other reason); online policies keep their index from these;
 * `victims(bytes_to_free, now, table)`: keys to evict, in order. An online policy answers from its
   index; a batch policy (kmeans) from the `FileTable` that `table()` builds on demand. Callers offer
@@ -62,7 +62,7 @@ class OnlineIndex(Protocol):
     """What an online eviction policy keeps up to date (keys: the simulator's ints, the agent's paths)."""
 
     def on_insert(self, key: Any, size: int, now: float, created: float, study: Any,
-                  prefetch: bool = False) -> None: ...
+                  prefetch: bool = False, written: bool = False) -> None: ...
 
     def on_access(self, key: Any, now: float) -> None: ...
 
@@ -120,9 +120,9 @@ class PolicyStack:
 
     # -- cache events
     def inserted(self, key: Hashable, size: int, now: float, created: float, study: Hashable,
-                 prefetch: bool = False) -> None:
+                 prefetch: bool = False, written: bool = False) -> None:
         if (index := self.index) is not None:
-            index.on_insert(key, size, now, created, study, prefetch)
+            index.on_insert(key, size, now, created, study, prefetch, written)
 
     def accessed(self, key: Hashable, now: float) -> None:
         if (index := self.index) is not None:
@@ -174,8 +174,8 @@ class PolicyStack:
         for t, kind, r in events:
             if kind == 1:
                 index.on_access(r.key, t)
-            else:
-                index.on_insert(r.key, r.size, t, r.created, r.study, kind == 2)
+            else:       # a used new row nobody has read yet was written here
+                index.on_insert(r.key, r.size, t, r.created, r.study, kind == 2, kind == 0 and r.access_count == 0)
         self._last_sync = now
         return len(events) + len(gone)
 

@@ -229,11 +229,12 @@ class Replayer:
             self.count = np.zeros(n_obj + n_st, dtype=np.int64)
 
     # -- cache state
-    def _insert(self, o: int, t: float, prefetch: bool = False) -> None:
+    def _insert(self, o: int, t: float, prefetch: bool = False, written: bool = False) -> None:
         self.in_cache[o] = 1
         self.used += int(self.size[o])
         if self.stack.online:
-            self.stack.inserted(o, int(self.size[o]), t, float(self.created[o]), int(self.study[o]), prefetch)
+            self.stack.inserted(o, int(self.size[o]), t, float(self.created[o]), int(self.study[o]), prefetch,
+                                written)
         else:
             self.last[o] = t
             self.count[o] = 0 if prefetch else 1
@@ -383,7 +384,7 @@ class Replayer:
                     if priors:
                         self._plan_priors(s, t)
                 if not in_cache[o]:
-                    self._insert(o, t)
+                    self._insert(o, t, written=True)
             elif in_cache[o]:
                 r = ready.get(o)
                 if prefetched[o]:
