@@ -164,6 +164,10 @@ class WriteHandle:
         self.gw.release(self._held)
         self._body, self._held = None, 0
 
+    def _ended(self) -> None:
+        self._drop_body()  # (nothing left if its upload took the bytes)
+        self.gw.write_finished()
+
     async def commit(self) -> None:
         """Make the file durable (and, in write-through, confirmed in S3). Only then may the client be told.
 
@@ -189,11 +193,10 @@ class WriteHandle:
                 upload = await asyncio.shield(durable)
                 await self.gw.write_through(self.path, upload)
         finally:
-            self._drop_body()  # an upload still running after through_timeout keeps its bytes, uncounted
             if durable.done():
-                self.gw.write_finished()
+                self._ended()
             else:  # cancelled while the durable part still runs: the write ends when it does
-                durable.add_done_callback(lambda _: self.gw.write_finished())
+                durable.add_done_callback(lambda _: self._ended())
         self.gw.metrics.ack_seconds.labels(self.protocol).observe(time.monotonic() - t0)
 
     async def _make_durable(self) -> asyncio.Task[bool] | None:
@@ -209,10 +212,16 @@ class WriteHandle:
             raise
         self._close_fd()
         try:
-            return await self.gw.commit_file(self.path, self.blob, self.size, sha, body)
+            upload = await self.gw.commit_file(self.path, self.blob, self.size, sha, body)
         except BaseException:
             self.gw.cache.remove(self.blob)
             raise
+        if upload is not None and body is not None:
+            # The bytes live as long as their upload (which may wait for a slot long after through_timeout):
+            # they stay counted in the gateway's BODY_BUDGET until it ends, so a slow line cannot pile them up.
+            held, self._body, self._held = self._held, None, 0
+            upload.add_done_callback(lambda _: self.gw.release(held))
+        return upload
 
     async def abort(self, reason: str) -> None:
         """The client went away or failed: nothing becomes visible under the final name."""
