@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import shutil
 import signal
 import socket
@@ -42,16 +43,34 @@ def _bin(name: str) -> str:
 _handed_out: set[int] = set()
 
 
+def _port_range() -> range:
+    """Ports the kernel never gives a connection as its source port (below ip_local_port_range): a port probed
+    free there stays free until the server binds it (an outgoing connection of another process took an agent's
+    HTTP port once, under two pytest-xdist workers). Split between the workers, so they never pick the same."""
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    worker = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or 0)
+    span = (low - 10000) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    return range(10000 + worker * span, 10000 + (worker + 1) * span)
+
+
 def free_port() -> int:
-    """A free loopback port, never one handed out before in this process: once the probe socket is closed the
-    kernel may give the same port to the next probe, and an agent's HTTP and SFTP listeners got one port."""
+    """A free loopback port, never one handed out before in this process (the same port probed twice gave an
+    agent's HTTP and SFTP listeners one port)."""
+    ports = _port_range()
     while True:
+        port = random.choice(ports)
+        if port in _handed_out:
+            continue
         with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        if port not in _handed_out:
-            _handed_out.add(port)
-            return port
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:  # in use
+                continue
+        _handed_out.add(port)
+        return port
 
 
 def _wait_port(port: int, proc: subprocess.Popen, timeout: float, host: str = "127.0.0.1") -> None:

@@ -193,16 +193,30 @@ def _ensure_account(name: str, *, group: str | None = None) -> tuple[int, int]:
     try:
         pw = pwd.getpwnam(name)
     except KeyError:
-        cmd = ["useradd", "--system", "--no-create-home", "--home-dir", "/nonexistent", "--shell", "/usr/sbin/nologin"]
-        cmd += ["--gid", group] if group else ["--user-group"]
-        subprocess.run([*cmd, name], check=True, capture_output=True)
-        log.info("unix_account_created", account=name)
+        _useradd(name, group)
     else:
         if group is not None and grp.getgrgid(pw.pw_gid).gr_name != group:
             subprocess.run(["usermod", "--gid", group, name], check=True, capture_output=True)
             log.info("unix_account_group_set", account=name, group=group)
     pw = pwd.getpwnam(name)
     return pw.pw_uid, pw.pw_gid
+
+
+def _useradd(name: str, group: str | None) -> None:
+    """Create the account. Another agent starting on the box at the same moment may hold /etc/passwd's lock
+    (useradd exits 10) or create the same account first (exit 9): look again, then try again, a few times."""
+    cmd = ["useradd", "--system", "--no-create-home", "--home-dir", "/nonexistent", "--shell", "/usr/sbin/nologin"]
+    cmd += ["--gid", group] if group else ["--user-group"]
+    for _ in range(10):
+        done = subprocess.run([*cmd, name], capture_output=True)
+        if done.returncode == 0:
+            log.info("unix_account_created", account=name)
+            return
+        with contextlib.suppress(KeyError):
+            pwd.getpwnam(name)
+            return
+        time.sleep(0.2)
+    done.check_returncode()
 
 
 def _read_from(path: Path, offset: int) -> bytes:
