@@ -15,6 +15,34 @@ from harness import BUCKET, PASSWORD
 
 LOCKED_BUCKET = "pacs-worm"  # created with S3 Object Lock (and so versioning), for the WORM tests
 
+# Session fixtures that build the appliance (tests/ansible/conftest.py): minutes each, and pytest-xdist builds a
+# session fixture once per worker that asks for it.
+APPLIANCE_FIXTURES = {"appliance", "base_release"}
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the groups into the test ids
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Groups for `make test`'s workers (--dist loadgroup): every test of the appliance in one group, so it is built
+    once and its fleet and VM tests run in their order on one worker; every other module's tests together, so a
+    module fixture is made once and a module's tests run in order, as they do serially."""
+    for item in items:
+        appliance = APPLIANCE_FIXTURES.intersection(getattr(item, "fixturenames", ()))
+        item.add_marker(pytest.mark.xdist_group("appliance" if appliance else item.nodeid.split("::", 1)[0]))
+
+
+_SUMMARY: list[str] = []   # what tests asked to show in the terminal summary, from every worker
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    _SUMMARY.extend(value for name, value in report.user_properties if name == "summary")
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    if _SUMMARY:
+        terminalreporter.write_sep("-", "fleet and image tests")
+        for line in _SUMMARY:
+            terminalreporter.write_line(line)
+
 
 def _session_store(kind: str, tmp_path_factory):  # a generator fixture body
     store = ObjectStore(kind, tmp_path_factory.mktemp(kind)).start()
