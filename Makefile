@@ -53,8 +53,9 @@ run: $(VENV)/.run
 
 # Everything CI runs. Needs root: installs the Debian packages it needs (.ci/apt-needs test) first.
 # Two pytest-xdist workers: the tests that build and boot the appliance run in order on one (tests/conftest.py
-# groups them: session fixtures are built once per worker), the rest beside them. Serially: make test PYTEST_WORKERS=
-PYTEST_WORKERS ?= -n 2 --dist loadgroup
+# schedules them as one unit: session fixtures are built once per worker), the rest beside them, a module at a time.
+# Serially: make test PYTEST_WORKERS=
+PYTEST_WORKERS ?= -n 2
 test:
 	@.ci/apt-needs test
 	@$(MAKE) --no-print-directory $(VENV)/.installed $(VENV)/.smb
