@@ -52,10 +52,14 @@ run: $(VENV)/.run
 	  $(BIN)/pacsgw run --config $(RUNDIR)/agent.toml
 
 # Everything CI runs. Needs root: installs the Debian packages it needs (.ci/apt-needs test) first.
+# Two pytest-xdist workers: the tests that build and boot the appliance run in order on one (tests/conftest.py
+# schedules them as one unit: session fixtures are built once per worker), the rest beside them, a module at a time.
+# Serially: make test PYTEST_WORKERS=
+PYTEST_WORKERS ?= -n 2
 test:
 	@.ci/apt-needs test
 	@$(MAKE) --no-print-directory $(VENV)/.installed $(VENV)/.smb
-	$(BIN)/python -m pytest -q -p no:cacheprovider --durations=25
+	$(BIN)/python -m pytest -q -p no:cacheprovider --durations=25 $(PYTEST_WORKERS)
 
 # The appliance disk image (issue 6): build/image/pacsgw.raw and pacsgw.qcow2. Needs root.
 image: venv

@@ -10,9 +10,12 @@ py="${PYTHON:-python3}"
 version="$("$py" -c 'import sys,tomllib; print(tomllib.load(open(sys.argv[1],"rb"))["project"]["version"])' "$src/pyproject.toml")"
 tmp="$(mktemp -d)"
 trap 'rm -rf "$tmp"' EXIT
-# Build from a copy so a dirty build/ or .venv in the source tree never ends up in the wheel.
+# Build from a copy so a dirty build/ or .venv in the source tree never ends up in the wheel. Caches are left out
+# too: other test processes write them while this copies (tar fails on a file that changes as it reads it).
 mkdir -p "$tmp/src" "$tmp/wheels"
-(cd "$src" && tar --exclude=./.venv --exclude=./build --exclude=./.git --exclude='*.egg-info' -cf - .) | tar -C "$tmp/src" -xf -
+(cd "$src" && tar --exclude=./.venv --exclude=./build --exclude=./.git --exclude='*.egg-info' --exclude=__pycache__ \
+  --exclude=./.hypothesis --exclude=./.pytest_cache --exclude=./.ruff_cache -cf - .) \
+  | tar -C "$tmp/src" -xf -
 # With the smb extra (pyfuse3: built here against apt libfuse3-dev, pkg-config, gcc): one release serves
 # boxes with and without SMB.
 "$py" -m pip wheel --quiet --disable-pip-version-check --wheel-dir "$tmp/wheels" "$tmp/src[smb]"

@@ -15,6 +15,54 @@ from harness import BUCKET, PASSWORD
 
 LOCKED_BUCKET = "pacs-worm"  # created with S3 Object Lock (and so versioning), for the WORM tests
 
+# The modules whose tests use the appliance (tests/ansible/conftest.py's session fixtures: minutes to build). Under
+# `make test`'s pytest-xdist workers they are one unit of work, run in their order on one worker: a session fixture
+# is built once per worker that asks for it. Every other module is a unit of its own (module fixtures made once,
+# its tests in order, as serially).
+APPLIANCE_MODULES = frozenset(f"tests/ansible/{name}.py" for name in (
+    "test_ansible_fleet", "test_ansible_site", "test_first_start", "test_image_boot"))
+APPLIANCE_FIXTURES = {"appliance", "base_release"}
+
+
+def _module(nodeid: str) -> str:
+    return nodeid.split("::", 1)[0]
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """A new module of appliance tests must join APPLIANCE_MODULES (or xdist would build the appliance twice)."""
+    for item in items:
+        uses = APPLIANCE_FIXTURES.intersection(getattr(item, "fixturenames", ()))
+        if uses and _module(item.nodeid) not in APPLIANCE_MODULES:
+            raise pytest.UsageError(f"{item.nodeid} uses the appliance: add its module to APPLIANCE_MODULES")
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """pytest-xdist's scheduling by module, with the appliance's modules as one unit. (Not its xdist_group marks:
+    with pytest 9.2 pytest-xdist 3.8 cannot add the group to the test ids, and every test was a unit of its own.)"""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ByModule(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            module = _module(nodeid)
+            return "appliance" if module in APPLIANCE_MODULES else module
+
+    return ByModule(config, log)
+
+
+_SUMMARY: list[str] = []   # what tests asked to show in the terminal summary, from every worker
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    _SUMMARY.extend(value for name, value in report.user_properties if name == "summary")
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    if _SUMMARY:
+        terminalreporter.write_sep("-", "fleet and image tests")
+        for line in _SUMMARY:
+            terminalreporter.write_line(line)
+
 
 def _session_store(kind: str, tmp_path_factory):  # a generator fixture body
     store = ObjectStore(kind, tmp_path_factory.mktemp(kind)).start()

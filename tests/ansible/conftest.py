@@ -37,8 +37,11 @@ def appliance(tmp_path_factory, request) -> Path:
         (out / name).unlink(missing_ok=True)
 
 
-def pytest_terminal_summary(terminalreporter) -> None:
-    if SUMMARY:
-        terminalreporter.write_sep("-", "fleet and image tests")
-        for line in SUMMARY:
-            terminalreporter.write_line(line)
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    """The summary lines logged since the last report ride on this one to the terminal summary (tests/conftest.py),
+    which under pytest-xdist is printed by another process than the one that ran the test."""
+    report = yield
+    report.user_properties.extend(("summary", line) for line in SUMMARY)
+    SUMMARY.clear()
+    return report

@@ -97,7 +97,8 @@ def build_variant_release(base: Path, out: Path, version: str, patch=None, patch
     if work.exists():
         shutil.rmtree(work)
     shutil.copytree(REPO, work, ignore=shutil.ignore_patterns(".venv", "build", ".git", "*.egg-info",
-                                                               "__pycache__", ".pytest_cache", "tests"))
+                                                               "__pycache__", ".pytest_cache", ".hypothesis",
+                                                               ".ruff_cache", "tests"))
     pyproject = work / "pyproject.toml"
     text = pyproject.read_text()
     pyproject.write_text(re.sub(r'(?m)^version\s*=\s*"[^"]*"', f'version = "{version}"', text, count=1))

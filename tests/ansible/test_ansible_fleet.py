@@ -315,7 +315,8 @@ def test_reboot_after_adoption_keeps_the_fleets_config(provisioned):
 def test_usb_seed_after_adoption_is_ignored_unless_signed(provisioned, tmp_path):
     """Whoever plugs in a stick labelled PACSGW-SEED and power-cycles an adopted box gets nothing: its SSH
     key and agent.toml (uploads to another bucket) are ignored, and the journal says so. A seed signed with
-    the fleet's key (its public half is in /etc/pacsgw/seed-signers) is applied."""
+    the fleet's key (its public half is in /etc/pacsgw/seed-signers) is applied, except an agent.toml in it that
+    fails the agent's configuration check: the installed one stays and the journal names the bad key."""
     fleet = provisioned
     gw = fleet.hosts[1]
     before = _conf(fleet, gw)
@@ -337,10 +338,14 @@ def test_usb_seed_after_adoption_is_ignored_unless_signed(provisioned, tmp_path)
     signed = tmp_path / "signed"
     signed.mkdir()
     (signed / "hostname").write_text(f"{gw.name}-resigned\n")
+    (signed / "agent.toml").write_text(before.replace('bucket = "pacs-hospital-b"', 'bucket = "Pacs_Hospital_B"'))
     run(["bash", str(REPO / "image" / "mkseed.sh"), "--sign", str(fleet.seed_signer), "--dir", str(signed)])
     fleet.reboot(gw, usb=signed)
     journal = _firstboot_log(fleet, gw)
     assert "applying the seed on /boot/pacsgw-seed (signed by a fleet key)" in journal, journal
+    assert "configuration error" in journal and "uplink.bucket" in journal, journal
+    assert "ERROR: /boot/pacsgw-seed/agent.toml failed pacsgw check-config; keeping the installed configuration" \
+        in journal, journal
     assert fleet.ssh(gw, "cat /etc/hostname").stdout.strip() == f"{gw.name}-resigned"
     assert fleet.ssh(gw, f"getent hosts {gw.name}-resigned; getent hosts {gw.name} || echo gone").stdout.split() \
         == ["127.0.1.1", f"{gw.name}-resigned", "gone"]
