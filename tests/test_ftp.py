@@ -6,6 +6,7 @@ import asyncio
 import ftplib
 import io
 import os
+import threading
 
 import aioftp
 import pytest
@@ -110,3 +111,36 @@ def test_retr_to_a_slow_reader_and_replies_left_unread(agent_factory):
     f.close()
     lines = replies.decode().splitlines()
     assert lines[:-1] == ["200 ok"] * 20_000 and lines[-1].startswith("221"), lines[-3:]
+
+
+class _Endless(io.RawIOBase):
+    """`total` bytes of one repeated block, read as fast as the client can send them (no payload in memory)."""
+
+    def __init__(self, total: int, block: int = 1024 * 1024) -> None:
+        self.left, self.block = total, os.urandom(block)
+        self.started = threading.Event()
+
+    def read(self, n: int = -1) -> bytes:
+        self.started.set()
+        chunk = self.block[:min(self.left, len(self.block), n if n > 0 else len(self.block))]
+        self.left -= len(chunk)
+        return chunk
+
+
+def test_a_fast_upload_leaves_the_loop_to_the_other_sessions(agent_factory):
+    """A client that sends faster than the box stores keeps its data socket readable all the time: the upload
+    must still give up the event loop between blocks, or every other session waits until that file ends (the
+    receive loop reading the socket directly never awaited). Another session's NOOPs are answered meanwhile."""
+    agent = agent_factory().start()
+    other = ftp(agent)
+    source = _Endless(256 * 1024 * 1024)
+    upload = threading.Thread(target=lambda: ftp(agent).storbinary("STOR big.bin", source, blocksize=1024 * 1024))
+    upload.start()
+    assert source.started.wait(60)
+    answered = 0
+    while source.left:  # the client is still sending
+        other.voidcmd("NOOP")
+        answered += source.left > 0
+    upload.join(300)
+    assert answered >= 3, f"only {answered} NOOPs answered while 256 MiB were being sent"
+    other.quit()

@@ -144,6 +144,7 @@ async def send_file(data: "DataConnection", handle: ReadHandle, offset: int) -> 
                 if not n:
                     raise Corrupt(handle.entry.path, f"content ends at {pos} of {handle.size} bytes")
                 pos += n
+                await asyncio.sleep(0)  # a reader as fast as sendfile never blocks it: let other sessions run
             if pos >= handle.size:
                 break
     finally:
@@ -274,6 +275,9 @@ class DataConnection:
             if not n:
                 return
             yield view[:n]
+            # A client sending faster than the box stores keeps the socket readable: without a turn of the
+            # loop here one upload would hold it (every other session waiting) until its file ends.
+            await asyncio.sleep(0)
 
     async def _ready(self, writing: bool) -> None:
         """Wait until the socket takes more bytes (or has some to read), up to SOCKET_TIMEOUT (a peer that
