@@ -71,7 +71,7 @@ TLS_HANDSHAKE_TIMEOUT = 30
 
 PATH_COMMANDS = ("cwd", "dele", "list", "nlst", "mkd", "mlsd", "mlst", "rmd", "rnfr", "rnto", "stor", "appe", "retr",
                  "size", "mdtm")
-AIOFTP_COMMANDS = ("abor", "cdup", "cwd", "mlst", "quit", "syst", "type")  # aioftp's own handlers serve these
+AIOFTP_COMMANDS = ("cdup", "cwd", "mlst", "quit", "syst", "type")  # aioftp's own handlers serve these
 
 # What a command needs done before it (aioftp's ConnectionConditions fields): the future's name, what is missing.
 USER_SENT = ("user", "no user (use USER firstly)")
@@ -468,7 +468,8 @@ class FtpServer(aioftp.Server):
             "appe": self.on_appe, "retr": self.on_retr, "list": self.on_list, "mlsd": self.on_mlsd,
             "nlst": self.on_nlst, "dele": self.on_dele, "mkd": self.on_mkd, "pwd": self.on_pwd, "rmd": self.on_rmd,
             "rnfr": self.on_rnfr, "rnto": self.on_rnto, "size": self.on_size, "mdtm": self.on_mdtm,
-            "feat": self.on_feat, "opts": self.on_opts, "noop": self.on_noop, "rest": self.on_rest}
+            "feat": self.on_feat, "opts": self.on_opts, "noop": self.on_noop, "rest": self.on_rest,
+            "abor": self.on_abor}
         handlers: dict[str, Handler] = {name: self.commands_mapping[name] for name in AIOFTP_COMMANDS} | own
         self.handlers = {name: self._guarded(h) if name in PATH_COMMANDS else h for name, h in handlers.items()}
 
@@ -1011,6 +1012,18 @@ class FtpServer(aioftp.Server):
             return True
         connection.session.rest = int(rest)
         connection.response("350", f"restarting at {int(rest)}; send STOR or RETR")
+        return True
+
+    @needs(LOGGED_IN)
+    async def on_abor(self, connection: aioftp.Connection, rest: str) -> bool:
+        """Cancel the running transfer: it answers 426 then 226. A transfer that has just ended (its 226 sent, its
+        task not yet taken out of the running set) cannot answer: aioftp's ABOR then said nothing and the client
+        waited for a reply that never came."""
+        running = [task for task in connection.extra_workers if not task.done()]
+        for task in running:
+            task.cancel()
+        if not running:
+            connection.response("226", "nothing to abort")
         return True
 
     async def on_noop(self, connection: aioftp.Connection, rest: str) -> bool:
