@@ -25,6 +25,7 @@ import argparse
 import heapq
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -38,9 +39,10 @@ from agent.sim.workload import DAY  # noqa: E402
 H = 3600.0
 
 
-def hits_of(ta, scheme: str, capacity: int) -> np.ndarray:
+def hits_of(ta, scheme: str, capacity: int, **config: Any) -> np.ndarray:
+    """Each request's hit (True) or miss under `scheme` (config: more ReplayConfig fields)."""
     out: dict[str, np.ndarray] = {}
-    r = Replayer(ta, scheme, ReplayConfig(capacity=capacity))
+    r = Replayer(ta, scheme, ReplayConfig(capacity=capacity, **config))
     orig = r._result
 
     def keep(hit: np.ndarray):

@@ -34,3 +34,29 @@ def write_first(obj: np.ndarray, write_share: float, rng: np.random.Generator) -
     w = np.zeros(obj.size, dtype=bool)
     w[first[rng.random(first.size) < write_share]] = True
     return w
+
+
+class StudyTrace:
+    """A trace built study by study: each event reads or writes every file of a study, a second apart."""
+
+    def __init__(self, files: int) -> None:
+        self.files, self.studies = files, 0
+        self.t: list[float] = []
+        self.obj: list[int] = []
+        self.w: list[bool] = []
+        self.kind: list[str] = []
+
+    def add(self, ts: float, study: int, write: bool, kind: str) -> None:
+        for f in range(self.files):
+            self.t.append(ts + f)
+            self.obj.append(study * self.files + f)
+            self.w.append(write)
+            self.kind.append(kind)
+
+    def arrays(self, days: int) -> tuple[TraceArrays, np.ndarray]:
+        """→ the trace in time order (files of 1 000 bytes), and each request's kind."""
+        order = np.argsort(np.array(self.t), kind="stable")
+        n = self.studies * self.files
+        ta = arrays(np.array(self.obj)[order], np.array(self.w)[order], t=np.array(self.t, dtype=float)[order],
+                    size=np.full(n, 1000), obj_study=np.arange(n) // self.files, days=days)
+        return ta, np.array(self.kind)[order]

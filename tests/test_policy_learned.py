@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import numpy as np
-
 from agent.policy.learned import HitDensity, age_bucket
 from agent.sim.replay import ReplayConfig, Replayer
 from agent.sim.workload import DAY
-from tests.sim_helpers import arrays
+from tests.sim_helpers import StudyTrace
 
 FILES = 3
 
@@ -16,34 +14,20 @@ def weekly_board_trace(days: int = 42, one_shots: int = 6):
     """Every day one board case (written, read twice that morning, shown at the board 7 days later)
     and `one_shots` studies read once. A cache of ~2 days of writes (a week of board cases and a day's
     studies fit): LRU has dropped a case by its board; nothing in the policy knows about boards or weeks."""
-    t, obj, w, kind = [], [], [], []
-    n_study = 0
-
-    def add(ts: float, s: int, write: bool, k: str) -> None:
-        for f in range(FILES):
-            t.append(ts + f)
-            obj.append(s * FILES + f)
-            w.append(write)
-            kind.append(k)
-
+    tr = StudyTrace(FILES)
     for day in range(days):
-        board = n_study
-        add(day * DAY + 8 * 3600, board, True, "write")
-        add(day * DAY + 9 * 3600, board, False, "read")
-        add(day * DAY + 11 * 3600, board, False, "read")
+        board = tr.studies
+        tr.add(day * DAY + 8 * 3600, board, True, "write")
+        tr.add(day * DAY + 9 * 3600, board, False, "read")
+        tr.add(day * DAY + 11 * 3600, board, False, "read")
         if day + 7 < days:
-            add((day + 7) * DAY + 14 * 3600, board, False, "board")
+            tr.add((day + 7) * DAY + 14 * 3600, board, False, "board")
         for k in range(one_shots):
             s = board + 1 + k
-            add(day * DAY + 8 * 3600 + 60 * (k + 1), s, True, "write")
-            add(day * DAY + 10 * 3600 + 60 * k, s, False, "read")
-        n_study += 1 + one_shots
-    order = np.argsort(np.array(t), kind="stable")
-    obj_a = np.array(obj)[order]
-    ta = arrays(obj_a, np.array(w)[order], t=np.array(t, dtype=float)[order],
-                size=np.full(n_study * FILES, 1000), obj_study=np.arange(n_study * FILES) // FILES,
-                days=days)
-    return ta, np.array(kind)[order]
+            tr.add(day * DAY + 8 * 3600 + 60 * (k + 1), s, True, "write")
+            tr.add(day * DAY + 10 * 3600 + 60 * k, s, False, "read")
+        tr.studies += 1 + one_shots
+    return tr.arrays(days=days)
 
 
 def test_weekly_board_learned_where_lru_misses_it() -> None:
