@@ -44,16 +44,20 @@ _handed_out: set[int] = set()
 
 
 def _port_range() -> range:
-    """Ports the kernel never gives a connection as its source port (below ip_local_port_range): a port probed
+    """Ports the kernel never gives a connection as its source port (outside ip_local_port_range): a port probed
     free there stays free until the server binds it (an outgoing connection of another process took an agent's
-    HTTP port once, under two pytest-xdist workers). Split between the workers, so they never pick the same."""
+    HTTP port once, under two pytest-xdist workers). Split between the workers, so they never pick the same.
+    A machine whose ephemeral range leaves too few such ports gets all of 10000-65535 (and that race back)."""
     try:
-        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
-    except (OSError, ValueError, IndexError):
-        low = 32768
+        low, high = (int(n) for n in Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[:2])
+    except (OSError, ValueError):
+        low, high = 32768, 60999
+    start, end = max((10000, low), (high + 1, 65536), key=lambda r: r[1] - r[0])
+    if end - start < 2000:
+        start, end = 10000, 65536
     worker = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or 0)
-    span = (low - 10000) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
-    return range(10000 + worker * span, 10000 + (worker + 1) * span)
+    span = (end - start) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    return range(start + worker * span, start + (worker + 1) * span)
 
 
 def free_port() -> int:
