@@ -322,6 +322,13 @@ class S3Uplink:
     async def close(self) -> None:
         await self._stack.aclose()
 
+    async def __aenter__(self) -> S3Uplink:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
     def key(self, path: str) -> str:
         return self.cfg.prefix + path
 
