@@ -74,13 +74,11 @@ def cmd_index_rebuild(args: argparse.Namespace) -> int:
     out = dataclasses.asdict(report) | {"seconds": round(report.seconds, 2),
                                          "objects_per_s": round(report.per_second, 1),
                                          "seconds_per_million": round(per_million, 1)}
-    if args.json:
-        print(json.dumps(out, indent=2))
-    else:
-        print(f"{report.objects} objects read ({report.from_snapshot} from the index snapshot, {report.from_deltas} "
-              f"from {report.deltas} index deltas, the rest HEADed), "
-              f"{report.indexed} DICOM objects indexed, {report.failed} failed, "
-              f"{report.seconds:.1f} s ({report.per_second:.0f} objects/s: {per_million / 60:.1f} min per million)")
+    print(json.dumps(out, indent=2) if args.json else
+          f"{report.objects} objects read ({report.from_snapshot} from the index snapshot, {report.from_deltas} "
+          f"from {report.deltas} index deltas, the rest HEADed), {report.indexed} DICOM objects indexed, "
+          f"{report.failed} failed, {report.seconds:.1f} s ({report.per_second:.0f} objects/s: "
+          f"{per_million / 60:.1f} min per million)")
     for key in report.deltas_skipped:
         print(f"pacsgw: index delta {key} is damaged: skipped, its objects were HEADed", file=sys.stderr)
     return 1 if report.failed else 0
@@ -102,11 +100,8 @@ def cmd_index_snapshot(args: argparse.Namespace) -> int:
         return 2
     out = {"snapshot": manifest["snapshot"], "rows": manifest["rows"], "segments": len(manifest["segments"]),
            "seconds": round(time.monotonic() - t0, 2)}
-    if args.json:
-        print(json.dumps(out, indent=2))
-    else:
-        print(f"index snapshot {out['snapshot']}: {out['rows']} objects in {out['segments']} segments, "
-              f"{out['seconds']} s")
+    print(json.dumps(out, indent=2) if args.json else
+          f"index snapshot {out['snapshot']}: {out['rows']} objects in {out['segments']} segments, {out['seconds']} s")
     return 0
 
 
