@@ -89,6 +89,14 @@ def _str_list(ok: Callable[[str], object]) -> Callable[[Any], tuple[str, ...]]:
     return _valid(lambda v: isinstance(v, list) and all(isinstance(s, str) and ok(s) for s in v), tuple)
 
 
+def _of(kind: type) -> Callable[[Any], Any]:
+    return _valid(lambda v: isinstance(v, kind))
+
+
+def _int_between(lo: int, hi: int) -> Callable[[Any], int]:
+    return _valid(lambda v: type(v) is int and lo <= v <= hi)  # a bool is no int here
+
+
 def _float_between(lo: float, hi: float) -> Callable[[Any], float]:
     return _valid(lambda v: type(v) in (int, float) and lo <= v <= hi, float)
 
@@ -97,7 +105,7 @@ def _choice(*options: str) -> Callable[[Any], str]:
     return _valid(lambda v: v in options)
 
 
-_str, _bool = _valid(lambda v: isinstance(v, str)), _valid(lambda v: isinstance(v, bool))
+_str, _bool = _of(str), _of(bool)
 _strings = _str_list(lambda v: True)
 _nonempty = _valid(lambda v: isinstance(v, str) and v.strip())
 
@@ -182,8 +190,7 @@ def _flag(default: bool, note: str = "") -> Any:
 
 
 def _int(lo: int, hi: int, default: Any = dataclasses.MISSING, note: str = "", unit: str = "an integer") -> Any:
-    in_range = _valid(lambda v: type(v) is int and lo <= v <= hi)  # a bool is no int here
-    return _f(in_range, f"{unit} {lo}..{hi}{note}", default)
+    return _f(_int_between(lo, hi), f"{unit} {lo}..{hi}{note}", default)
 
 
 def _seconds(lo: float, hi: float, default: float, note: str = "") -> Any:
