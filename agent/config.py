@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import datetime
 import ipaddress
 import os
 import re
@@ -63,61 +64,50 @@ def parse_rate(value: Any) -> int:
 
 
 # --- field helpers -------------------------------------------------------------------------
+# A parser takes the TOML value and returns the setting, or raises ValueError (TypeError, OverflowError):
+# _build turns that into a ConfigError naming the key and what the field's metadata says is allowed.
 
 
 def _f(parse: Callable[[Any], Any], allowed: str, default: Any = dataclasses.MISSING, **kw: Any) -> Any:
-    if default is dataclasses.MISSING and "default_factory" not in kw:
-        return field(metadata={"parse": parse, "allowed": allowed}, **kw)
     return field(default=default, metadata={"parse": parse, "allowed": allowed}, **kw)
 
 
-def _of(kind: type) -> Callable[[Any], Any]:
+def _valid(ok: Callable[[Any], object], then: Callable[[Any], Any] = lambda v: v) -> Callable[[Any], Any]:
+    """The parser of values that pass ok: then(value), else ValueError."""
     def parse(value: Any) -> Any:
-        if not isinstance(value, kind):
+        if not ok(value):
             raise ValueError
-        return value
+        return then(value)
     return parse
 
 
 def _matching(pattern: str) -> Callable[[Any], str]:
-    def parse(value: Any) -> str:
-        if not isinstance(value, str) or not re.fullmatch(pattern, value):
-            raise ValueError
-        return value
-    return parse
+    return _valid(lambda v: isinstance(v, str) and re.fullmatch(pattern, v))
 
 
 def _str_list(ok: Callable[[str], object]) -> Callable[[Any], tuple[str, ...]]:
-    def parse(value: Any) -> tuple[str, ...]:
-        if not isinstance(value, list) or not all(isinstance(v, str) and ok(v) for v in value):
-            raise ValueError
-        return tuple(value)
-    return parse
+    return _valid(lambda v: isinstance(v, list) and all(isinstance(s, str) and ok(s) for s in v), tuple)
 
 
-_str, _bool, _strings = _of(str), _of(bool), _str_list(lambda v: True)
-
-
-def _nonempty(value: Any) -> str:
-    if not isinstance(value, str) or not value.strip():
-        raise ValueError
-    return value
+def _of(kind: type) -> Callable[[Any], Any]:
+    return _valid(lambda v: isinstance(v, kind))
 
 
 def _int_between(lo: int, hi: int) -> Callable[[Any], int]:
-    def parse(value: Any) -> int:
-        if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
-            raise ValueError
-        return value
-    return parse
+    return _valid(lambda v: type(v) is int and lo <= v <= hi)  # a bool is no int here
 
 
 def _float_between(lo: float, hi: float) -> Callable[[Any], float]:
-    def parse(value: Any) -> float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not lo <= value <= hi:
-            raise ValueError
-        return float(value)
-    return parse
+    return _valid(lambda v: type(v) in (int, float) and lo <= v <= hi, float)
+
+
+def _choice(*options: str) -> Callable[[Any], str]:
+    return _valid(lambda v: v in options)
+
+
+_str, _bool = _of(str), _of(bool)
+_strings = _str_list(lambda v: True)
+_nonempty = _valid(lambda v: isinstance(v, str) and v.strip())
 
 
 def _ratio(value: Any) -> float:
@@ -125,14 +115,6 @@ def _ratio(value: Any) -> float:
     if isinstance(value, str) and value.strip().endswith("%"):
         value = float(value.strip()[:-1]) / 100
     return _float_between(0.0, 1.0)(value)
-
-
-def _choice(*options: str) -> Callable[[Any], str]:
-    def parse(value: Any) -> str:
-        if value not in options:
-            raise ValueError
-        return value
-    return parse
 
 
 def _listen(value: Any) -> tuple[str, int]:
@@ -161,20 +143,11 @@ def _port_range(value: Any) -> tuple[int, int]:
     return lo, hi
 
 
-def _url(value: Any) -> str:
-    if not isinstance(value, str) or not re.fullmatch(r"https?://[^\s/]+(/.*)?", value):
-        raise ValueError
-    return value.rstrip("/")
-
-
+_url = _valid(lambda v: isinstance(v, str) and re.fullmatch(r"https?://[^\s/]+(/.*)?", v), lambda v: v.rstrip("/"))
 _bucket = _matching(r"[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]")
-
-
-def _prefix(value: Any) -> str:
-    """'' or 'site-a/' — normalised to end in exactly one '/' when not empty."""
-    if not isinstance(value, str) or value.startswith("/") or "//" in value or "\\" in value:
-        raise ValueError
-    return value.strip("/") + "/" if value.strip("/") else ""
+# '' or 'site-a/': normalised to end in exactly one '/' when not empty
+_prefix = _valid(lambda v: isinstance(v, str) and not v.startswith("/") and "//" not in v and "\\" not in v,
+                 lambda v: v.strip("/") + "/" if v.strip("/") else "")
 
 
 def _ns_root(value: Any) -> str:
@@ -192,13 +165,8 @@ def _path_list_or_str(value: Any) -> tuple[str, ...]:
 
 
 _name = _matching(r"[A-Za-z0-9_][A-Za-z0-9_.\-]{0,31}")
-
-
-def _share(value: Any) -> str:
-    if not isinstance(value, str) or not re.fullmatch(r"[A-Za-z0-9_.\-$]{1,64}", value) \
-            or value.lower() in ("global", "homes", "printers", "ipc$"):
-        raise ValueError
-    return value
+_share = _valid(lambda v: isinstance(v, str) and re.fullmatch(r"[A-Za-z0-9_.\-$]{1,64}", v)
+                and v.lower() not in ("global", "homes", "printers", "ipc$"))
 
 
 def _hosts_allow(value: Any) -> tuple[str, ...]:
@@ -207,18 +175,8 @@ def _hosts_allow(value: Any) -> tuple[str, ...]:
 
 
 RIGHTS = ("read", "write", "delete", "rename")
-
-
-def _rights(value: Any) -> tuple[str, ...]:
-    if not isinstance(value, list) or not all(v in RIGHTS for v in value):
-        raise ValueError
-    return tuple(dict.fromkeys(value))
-
-
-def _unix_name(value: Any) -> str:
-    if not isinstance(value, str) or not re.fullmatch(r"[a-z_][a-z0-9_-]{0,31}", value) or value == "root":
-        raise ValueError
-    return value
+_rights = _valid(lambda v: isinstance(v, list) and all(r in RIGHTS for r in v), lambda v: tuple(dict.fromkeys(v)))
+_unix_name = _valid(lambda v: isinstance(v, str) and re.fullmatch(r"[a-z_][a-z0-9_-]{0,31}", v) and v != "root")
 
 
 SIZE = "a size: bytes as an integer or a string such as '800GB', '512KiB' (SI and IEC units)"
@@ -226,21 +184,39 @@ RATE = "a rate in bytes per second such as '10MB' or in bits such as '80Mbps'; 0
 LISTEN = "'HOST:PORT' with an IP address (or localhost) and a port 1-65535, e.g. '127.0.0.1:2121'"
 
 
+# The usual kinds of field, each with its own words for what is allowed (note: more words after them).
+def _flag(default: bool, note: str = "") -> Any:
+    return _f(_bool, "true or false" + note, default)
+
+
+def _int(lo: int, hi: int, default: Any = dataclasses.MISSING, note: str = "", unit: str = "an integer") -> Any:
+    return _f(_int_between(lo, hi), f"{unit} {lo}..{hi}{note}", default)
+
+
+def _seconds(lo: float, hi: float, default: float, note: str = "") -> Any:
+    return _f(_float_between(lo, hi), f"seconds {lo}..{hi}{note}", default)
+
+
+def _size(default: str | int, note: str = "") -> Any:
+    return _f(parse_size, SIZE + note, parse_size(default))
+
+
+def _one_of(*options: str, default: str) -> Any:
+    return _f(_choice(*options), ", ".join(map(repr, options[:-1])) + f" or {options[-1]!r}", default)
+
+
 @dataclass(frozen=True)
 class CacheConfig:
     dir: Path = _f(lambda v: Path(_nonempty(v)), "a directory path on the cache SSD")
-    max_bytes: int = _f(parse_size, SIZE, default=parse_size("800GB"))
+    max_bytes: int = _size("800GB")
     high_watermark: float = _f(_ratio, "a fraction 0..1 or a percentage such as '75%'", default=0.75)
     low_watermark: float = _f(_ratio, "a fraction 0..1 below high_watermark", default=0.60)
-    min_free_bytes: int = _f(parse_size, SIZE, default=parse_size("1GB"))
-    eviction: str = _f(_choice("lru", "age", "kmeans", "study", "learned", "adaptive"),
-                       "'lru', 'age', 'kmeans', 'study', 'learned' or 'adaptive'", default="adaptive")
-    evict_interval_seconds: float = _f(_float_between(0.1, 3600), "seconds 0.1..3600", default=10.0)
-    kmeans_refit_seconds: float = _f(_float_between(0, 7 * 86400), "seconds 0..604800 (0: re-fit on every pass)",
-                                     default=3600.0)
+    min_free_bytes: int = _size("1GB")
+    eviction: str = _one_of("lru", "age", "kmeans", "study", "learned", "adaptive", default="adaptive")
+    evict_interval_seconds: float = _seconds(0.1, 3600, 10.0)
+    kmeans_refit_seconds: float = _seconds(0, 7 * 86400, 3600.0, " (0: re-fit on every pass)")
     age_max_days: float = _f(_float_between(1, 36600), "days 1..36600", default=90.0)
-    eviction_candidates: int = _f(_int_between(1000, 10_000_000), "an integer 1000..10000000",
-                                  default=200_000)
+    eviction_candidates: int = _int(1000, 10_000_000, 200_000)
 
 
 @dataclass(frozen=True)
@@ -252,63 +228,59 @@ class UplinkConfig:
     access_key_id: str = _f(_str, "a string", default="")
     secret_access_key: str = _f(_str, "a string", default="")
     credentials_file: str = _f(_str, "a path to a TOML file with access_key_id and secret_access_key", default="")
-    write_mode: str = _f(_choice("through", "back"), "'through' or 'back'", default="through")
-    max_concurrency: int = _f(_int_between(1, 256), "an integer 1..256", default=8)
-    multipart_threshold: int = _f(parse_size, SIZE + " of at least 5MiB", default=parse_size("64MiB"))
-    multipart_chunk: int = _f(parse_size, SIZE + " of at least 5MiB", default=parse_size("16MiB"))
+    write_mode: str = _one_of("through", "back", default="through")
+    max_concurrency: int = _int(1, 256, 8)
+    multipart_threshold: int = _size("64MiB", " of at least 5MiB")
+    multipart_chunk: int = _size("16MiB", " of at least 5MiB")
     bwlimit: int = _f(parse_rate, RATE, default=0)
-    through_timeout: float = _f(_float_between(1, 3600), "seconds 1..3600", default=60.0)
-    connect_timeout: float = _f(_float_between(0.5, 300), "seconds 0.5..300", default=5.0)
-    read_timeout: float = _f(_float_between(1, 3600), "seconds 1..3600", default=60.0)
-    ca_bundle: str = _f(_str, "a path to a PEM file of CA certificates trusted for the endpoint, or ''",
-                        default="")
+    through_timeout: float = _seconds(1, 3600, 60.0)
+    connect_timeout: float = _seconds(0.5, 300, 5.0)
+    read_timeout: float = _seconds(1, 3600, 60.0)
+    ca_bundle: str = _f(_str, "a path to a PEM file of CA certificates trusted for the endpoint, or ''", default="")
     # zstd for uncompressed DICOM on the line (agent/uplink/encoding.py); reads decode by the object's metadata
-    compress: str = _f(_choice("off", "zstd"), "'off' or 'zstd'", default="off")
+    compress: str = _one_of("off", "zstd", default="off")
 
 
 @dataclass(frozen=True)
 class FtpConfig:
-    enabled: bool = _f(_bool, "true or false", default=True)
+    enabled: bool = _flag(True)
     listen: tuple[str, int] = _f(_listen, LISTEN, default=("127.0.0.1", 2121))
     passive_ports: tuple[int, int] = _f(_port_range, "'LOW-HIGH' with 1024 <= LOW <= HIGH <= 65535",
                                         default=(30000, 30100))
     masquerade_address: str = _f(_str, "the IP address to announce in PASV replies, or ''", default="")
     tls_cert: str = _f(_str, "a PEM certificate (chain) file for FTPS (AUTH TLS), or ''", default="")
     tls_key: str = _f(_str, "the PEM private key file of tls_cert", default="")
-    require_tls: bool = _f(_bool, "true or false (true: refuse plain-text logins and data)", default=False)
+    require_tls: bool = _flag(False, " (true: refuse plain-text logins and data)")
     # --- session limits and passive mode (issue 19: passive-port theft and pool exhaustion) ---
-    max_sessions_per_user: int = _f(_int_between(1, 10000), "an integer 1..10000", default=32)
-    max_sessions_per_address: int = _f(_int_between(1, 10000), "an integer 1..10000", default=64)
-    passive_timeout: float = _f(_float_between(1, 600), "seconds 1..600 (how long a PASV/EPSV port waits for "
-                                "its data connection)", default=30.0)
+    max_sessions_per_user: int = _int(1, 10000, 32)
+    max_sessions_per_address: int = _int(1, 10000, 64)
+    passive_timeout: float = _seconds(1, 600, 30.0, " (how long a PASV/EPSV port waits for its data connection)")
 
 
 @dataclass(frozen=True)
 class SftpConfig:
-    enabled: bool = _f(_bool, "true or false", default=True)
+    enabled: bool = _flag(True)
     listen: tuple[str, int] = _f(_listen, LISTEN, default=("127.0.0.1", 2222))
     host_key: str = _f(_str, "a path; the key is generated there on first start if missing", default="")
-    password_auth: bool = _f(_bool, "true or false (false: public keys only)", default=True)
+    password_auth: bool = _flag(True, " (false: public keys only)")
     # the same caps as [ftp]'s, counted apart from FTP's (issue 19: connection floods)
-    max_sessions_per_user: int = _f(_int_between(1, 10000), "an integer 1..10000", default=32)
-    max_sessions_per_address: int = _f(_int_between(1, 10000), "an integer 1..10000", default=64)
+    max_sessions_per_user: int = _int(1, 10000, 32)
+    max_sessions_per_address: int = _int(1, 10000, 64)
     # channels one SSH connection may hold open (OpenSSH's MaxSessions is 10): each holds buffers and a task
-    max_channels_per_connection: int = _f(_int_between(1, 1000), "an integer 1..1000", default=10)
+    max_channels_per_connection: int = _int(1, 1000, 10)
 
 
 @dataclass(frozen=True)
 class SmbConfig:
-    enabled: bool = _f(_bool, "true or false", default=False)
+    enabled: bool = _flag(False)
     listen: tuple[str, int] = _f(_listen, LISTEN, default=("127.0.0.1", 4450))
     share: str = _f(_share, "a share name: 1-64 characters of A-Z a-z 0-9 _ . - $", default="pacs")
-    encryption: str = _f(_choice("required", "desired", "off"), "'required', 'desired' or 'off'",
-                         default="required")
-    manage: bool = _f(_bool, "true (the agent runs and supervises smbd) or false (systemd runs smbd)",
-                      default=True)
+    encryption: str = _one_of("required", "desired", "off", default="required")
+    manage: bool = _f(_bool, "true (the agent runs and supervises smbd) or false (systemd runs smbd)", default=True)
     mountpoint: str = _f(_nonempty, "a directory path for the FUSE mount Samba shares", default="")
     state_dir: str = _f(_nonempty, "a directory path for smb.conf and Samba's private state", default="")
     unix_user: str = _f(_unix_name, "a Unix account name (a-z 0-9 _ -, at most 32)", default="pacsgw")
-    case_sensitive: bool = _f(_bool, "true or false", default=True)
+    case_sensitive: bool = _flag(True)
     smbd: str = _f(_nonempty, "the path of the smbd binary", default="/usr/sbin/smbd")
     hosts_allow: tuple[str, ...] = _f(_hosts_allow, "a list of client networks or addresses such as "
                                       "['10.10.20.0/24', '192.0.2.7'] ([]: every client)", default=())
@@ -329,17 +301,12 @@ def parse_hash(encoded: str) -> tuple[int, int, int, bytes, bytes]:
     return n, r, p, salt, digest
 
 
-def _optional_hash(value: Any) -> str:
-    if not isinstance(value, str):
-        raise ValueError
-    if value:
-        parse_hash(value)
-    return value
+_optional_hash = _valid(lambda v: isinstance(v, str) and (v == "" or parse_hash(v)))  # ValueError on a bad hash
 
 
 @dataclass(frozen=True)
 class HttpConfig:
-    enabled: bool = _f(_bool, "true or false", default=True)
+    enabled: bool = _flag(True)
     listen: tuple[str, int] = _f(_listen, LISTEN, default=("127.0.0.1", 8080))
     # A second listener serving /metrics only, for the central Prometheus on a monitoring subnet.
     metrics_listen: tuple[str, int] | None = _f(lambda v: None if v == "" else _listen(v), f"'' (off) or {LISTEN}",
@@ -352,39 +319,32 @@ class HttpConfig:
 
 @dataclass(frozen=True)
 class LogConfig:
-    level: str = _f(_choice("debug", "info", "warning", "error"), "debug, info, warning or error",
-                    default="info")
-    format: str = _f(_choice("json", "console"), "'json' or 'console'", default="json")
+    level: str = _f(_choice("debug", "info", "warning", "error"), "debug, info, warning or error", default="info")
+    format: str = _one_of("json", "console", default="json")
 
 
 _suffixes = _str_list(lambda v: v.startswith(".") and "/" not in v)
-_days = _int_between(0, 100 * 366)
 _modalities = _str_list(lambda v: re.fullmatch(r"[A-Z0-9_]{1,16}", v))
 _uids = _str_list(lambda v: len(v) <= 64 and re.fullmatch(r"[0-9]+(\.[0-9]+)*", v))
-
-
-def _da(value: Any) -> str:
-    """'2019-01-31' → DICOM DA '20190131'; '' stays ''."""
-    if not isinstance(value, str) or (value and not re.fullmatch(r"\d{4}-\d{2}-\d{2}", value)):
-        raise ValueError
-    import datetime
-    return datetime.date.fromisoformat(value).strftime("%Y%m%d") if value else ""
+# '2019-01-31' → DICOM DA '20190131'; '' stays ''
+_da = _valid(lambda v: isinstance(v, str) and (v == "" or re.fullmatch(r"\d{4}-\d{2}-\d{2}", v)),
+             lambda v: datetime.date.fromisoformat(v).strftime("%Y%m%d") if v else "")
 
 
 @dataclass(frozen=True, kw_only=True)
 class RetentionRule:
     prefix: str = _f(_prefix, "a namespace path prefix such as 'inpatient/' (no leading '/'); '' for every path "
                      "(DICOM rules only)", default="")
-    retention_days: int = _f(_days, "days 0..36600 (0: not retained)")
-    legal_hold: bool = _f(_bool, "true or false", default=False)
+    retention_days: int = _int(0, 100 * 366, note=" (0: not retained)", unit="days")
+    legal_hold: bool = _flag(False)
     # DICOM selectors (agent/dicom/retention.py): a rule with any of them only ever lengthens what the path rules give
     modality: tuple[str, ...] = _f(_modalities, "a list of DICOM modalities such as ['MG']", default=())
     sop_class: tuple[str, ...] = _f(_uids, "a list of SOP Class UIDs such as ['1.2.840.10008.5.1.4.1.1.1.2']",
                                     default=())
     study_from: str = _f(_da, "a study date 'YYYY-MM-DD' (inclusive) or ''", default="")
     study_to: str = _f(_da, "a study date 'YYYY-MM-DD' (inclusive) or ''", default="")
-    until_age: int = _f(_int_between(0, 150), "years 0..150: retained until the patient is this old, when the "
-                        "header has a birth date (0: no age term)", default=0)
+    until_age: int = _int(0, 150, 0, ": retained until the patient is this old, when the header has a birth date "
+                          "(0: no age term)", unit="years")
 
     @property
     def selects_dicom(self) -> bool:
@@ -393,10 +353,10 @@ class RetentionRule:
 
 @dataclass(frozen=True)
 class ComplianceConfig:
-    worm: bool = _f(_bool, "true or false", default=False)
-    mode: str = _f(_choice("COMPLIANCE", "GOVERNANCE"), "'COMPLIANCE' or 'GOVERNANCE'", default="COMPLIANCE")
-    retention_days: int = _f(_days, "days 0..36600", default=15 * 365 + 4)
-    legal_hold: bool = _f(_bool, "true or false", default=False)
+    worm: bool = _flag(False)
+    mode: str = _one_of("COMPLIANCE", "GOVERNANCE", default="COMPLIANCE")
+    retention_days: int = _int(0, 100 * 366, 15 * 365 + 4, unit="days")
+    legal_hold: bool = _flag(False)
     temp_suffixes: tuple[str, ...] = _f(_suffixes, "a list of suffixes such as ['.part', '.filepart', '.tmp']",
                                         default=(".part", ".filepart", ".tmp"))
     rules: tuple[RetentionRule, ...] = _f(lambda v: v, "[[compliance.rules]] tables", default=())
@@ -407,28 +367,26 @@ DAILY_SNAPSHOT = 86400.0  # [dicom] snapshot_interval when the file leaves it ou
 
 @dataclass(frozen=True)
 class DicomConfig:
-    metadata: bool = _f(_bool, "true or false (true: each DICOM object carries its header as S3 metadata and tags)",
-                        default=True)
+    metadata: bool = _flag(True, " (true: each DICOM object carries its header as S3 metadata and tags)")
     pseudonym_key_file: str = _f(_str, "a path to a file (mode 0600) holding this hospital's secret pseudonym key "
                                  "(at least 32 characters), or '' (no patient pseudonym is stored)", default="")
     pseudonym_key: bytes = field(default=b"", repr=False)  # read from pseudonym_key_file by load()
     # The loaded default is daily where the index has a place beside the namespace (a non-empty uplink.prefix),
     # else 0: see load(). A replaced box rebuilds from snapshot + deltas, not one HEAD per object.
-    snapshot_interval: float = _f(_float_between(0, 30 * 86400), "seconds 0..2592000 between study-index "
-                                  "snapshots the agent writes (0: never; e.g. 86400 for daily)", default=0.0)
-    delta_interval: float = _f(_float_between(0, 86400), "seconds 0..86400 between the study-index deltas the "
-                               "agent writes while it writes snapshots (0: none)", default=60.0)
+    snapshot_interval: float = _seconds(0, 30 * 86400, 0.0, " between study-index snapshots the agent writes "
+                                        "(0: never; e.g. 86400 for daily)")
+    delta_interval: float = _seconds(0, 86400, 60.0, " between the study-index deltas the agent writes while it "
+                                     "writes snapshots (0: none)")
 
 
 @dataclass(frozen=True)
 class AuditConfig:
-    enabled: bool = _f(_bool, "true or false", default=True)
+    enabled: bool = _flag(True)
     path: str = _f(_str, "a path for the audit log file (default <cache.dir>/audit/audit.jsonl)", default="")
-    max_bytes: int = _f(parse_size, SIZE, default=parse_size("100MB"))
-    keep: int = _f(_int_between(1, 100000), "an integer 1..100000", default=50)
-    ship: bool = _f(_bool, "true or false", default=False)
-    ship_prefix: str = _f(_prefix, "a key prefix outside uplink.prefix, e.g. 'pacsgw-audit/hospital-a/'",
-                          default="")
+    max_bytes: int = _size("100MB")
+    keep: int = _int(1, 100000, 50)
+    ship: bool = _flag(False)
+    ship_prefix: str = _f(_prefix, "a key prefix outside uplink.prefix, e.g. 'pacsgw-audit/hospital-a/'", default="")
 
 
 def _clock(text: str) -> int:
@@ -451,45 +409,40 @@ def _window(value: Any) -> tuple[int, int]:
 
 @dataclass(frozen=True)
 class PrefetchConfig:
-    dir_depth: int = _f(_int_between(1, 8), "an integer 1..8: how many path levels make a directory "
-                        "whose daily reads are counted (2 for MODALITY/DAY)", default=2)
-    enabled: bool = _f(_bool, "true or false", default=False)   # the LSTM planner: off, it lost its ablation
+    dir_depth: int = _int(1, 8, 2, ": how many path levels make a directory whose daily reads are counted "
+                          "(2 for MODALITY/DAY)")
+    enabled: bool = _flag(False)   # the LSTM planner: off, it lost its ablation
     window: tuple[int, int] = _f(_window, "'HH:MM-HH:MM' (or HH:MM:SS) in local time, e.g. '05:00-07:30'",
                                  default=(5 * 3600, 7 * 3600 + 1800))
-    max_bytes: int = _f(parse_size, SIZE, default=parse_size("20GB"))
-    top_dirs: int = _f(_int_between(1, 10000), "an integer 1..10000", default=20)
-    check_seconds: float = _f(_float_between(0.1, 3600), "seconds 0.1..3600", default=60.0)
-    cold_start_days: int = _f(_int_between(1, 365), "days 1..365", default=7)
-    priors: bool = _f(_bool, "true or false", default=True)
-    study_depth: int = _f(_int_between(1, 16), "an integer 1..16: path levels of a study directory "
-                          "(3 for MODALITY/DAY/STUDY)", default=3)
-    priors_k: int = _f(_int_between(1, 20), "an integer 1..20", default=3)
+    max_bytes: int = _size("20GB")
+    top_dirs: int = _int(1, 10000, 20)
+    check_seconds: float = _seconds(0.1, 3600, 60.0)
+    cold_start_days: int = _int(1, 365, 7, unit="days")
+    priors: bool = _flag(True)
+    study_depth: int = _int(1, 16, 3, ": path levels of a study directory (3 for MODALITY/DAY/STUDY)")
+    priors_k: int = _int(1, 20, 3)
     # One new study's priors may fill this share of cache.max_bytes: the share `pacsgw simulate` uses for the
     # default stack (chosen on the tuning families, docs/replay.md round 4), so live and simulated agree.
-    priors_space: float = _f(_ratio, "a fraction 0..1 or a percentage such as '30%' of cache.max_bytes",
-                             default=0.3)
-    priors_max_bytes: int = _f(parse_size, SIZE + ": a ceiling on priors_space in bytes (0: none)", default=0)
-    priors_window_seconds: float = _f(_float_between(1, 86400), "seconds 1..86400", default=3600.0)
+    priors_space: float = _f(_ratio, "a fraction 0..1 or a percentage such as '30%' of cache.max_bytes", default=0.3)
+    priors_max_bytes: int = _size(0, ": a ceiling on priors_space in bytes (0: none)")
+    priors_window_seconds: float = _seconds(1, 86400, 3600.0)
 
 
 @dataclass(frozen=True)
 class PressureConfig:
-    memory_high: int = _f(parse_size, SIZE + ": system memory available below this is high pressure",
-                          default=parse_size("8GiB"))
-    memory_critical: int = _f(parse_size, SIZE + ": available below this is critical", default=parse_size("2GiB"))
-    rss_high: int = _f(parse_size, SIZE + ": the agent's own memory above this is high pressure (0: no limit)",
-                       default=parse_size("16GiB"))
-    rss_critical: int = _f(parse_size, SIZE + " (0: no limit)", default=parse_size("32GiB"))
+    memory_high: int = _size("8GiB", ": system memory available below this is high pressure")
+    memory_critical: int = _size("2GiB", ": available below this is critical")
+    rss_high: int = _size("16GiB", ": the agent's own memory above this is high pressure (0: no limit)")
+    rss_critical: int = _size("32GiB", " (0: no limit)")
     disk_critical: float = _f(_ratio, "a fraction 0..1 of cache.max_bytes above high_watermark", default=0.95)
-    interval_seconds: float = _f(_float_between(0.5, 300), "seconds 0.5..300", default=5.0)
+    interval_seconds: float = _seconds(0.5, 300, 5.0)
 
 
 @dataclass(frozen=True)
 class ScrubConfig:
-    enabled: bool = _f(_bool, "true or false", default=True)
+    enabled: bool = _flag(True)
     rate: int = _f(parse_rate, RATE.replace("0 means unlimited", "at least 1MB"), default=parse_size("20MB"))
-    pause_seconds: float = _f(_float_between(1, 30 * 86400), "seconds between passes, 1..2592000",
-                              default=3600.0)
+    pause_seconds: float = _seconds(1, 30 * 86400, 3600.0, " between passes")
 
 
 @dataclass(frozen=True)
@@ -504,10 +457,8 @@ class UserConfig:
     password: str = _f(_str, "a string (prefer password_hash)", default="")
     password_hash: str = _f(_optional_hash, "a hash made by 'pacsgw hash-password'", default="")
     authorized_keys: tuple[str, ...] = _f(_path_list_or_str,
-                                          "a path, or a list of paths, of OpenSSH authorized_keys files",
-                                          default=())
-    root: str = _f(_ns_root, "an absolute path inside the gateway namespace such as '/' or '/CT'",
-                   default="/")
+                                          "a path, or a list of paths, of OpenSSH authorized_keys files", default=())
+    root: str = _f(_ns_root, "an absolute path inside the gateway namespace such as '/' or '/CT'", default="/")
     permissions: tuple[str, ...] = _f(_rights, "a list of 'read', 'write', 'delete', 'rename' "
                                       "(a PACS account: ['read', 'write', 'rename'])", default=RIGHTS)
 
@@ -517,11 +468,11 @@ class LoginConfig:
     """Password guessing: each failure delays the next answer to that address and that user (doubling up to
     max_delay_seconds); max_failures within window_seconds bans the address (or locks the user) for ban_seconds."""
 
-    delay_seconds: float = _f(_float_between(0, 60), "seconds 0..60", default=1.0)
-    max_delay_seconds: float = _f(_float_between(0, 600), "seconds 0..600, at least delay_seconds", default=16.0)
-    max_failures: int = _f(_int_between(1, 10000), "an integer 1..10000", default=10)
-    window_seconds: float = _f(_float_between(1, 86400), "seconds 1..86400", default=600.0)
-    ban_seconds: float = _f(_float_between(1, 7 * 86400), "seconds 1..604800", default=900.0)
+    delay_seconds: float = _seconds(0, 60, 1.0)
+    max_delay_seconds: float = _seconds(0, 600, 16.0, ", at least delay_seconds")
+    max_failures: int = _int(1, 10000, 10)
+    window_seconds: float = _seconds(1, 86400, 600.0)
+    ban_seconds: float = _seconds(1, 7 * 86400, 900.0)
 
 
 @dataclass(frozen=True)
@@ -529,33 +480,26 @@ class ServerConfig:
     """How many processes serve FTP and SFTP (docs/workers.md): 1 is one process; N > 1 is the owner and N-1
     workers behind SO_REUSEPORT; 0 is one per CPU this process may run on (its affinity, e.g. taskset)."""
 
-    workers: int = _f(_int_between(0, 256), "an integer 0..256 (1: one process, 0: one per CPU)", default=1)
+    workers: int = _int(0, 256, 1, " (1: one process, 0: one per CPU)")
 
     def serving_processes(self) -> int:
         return self.workers or len(os.sched_getaffinity(0))
 
 
-def _peer_url(value: Any) -> str:
-    """'' or the peer box's status address such as 'http://10.0.0.12:8080'."""
-    if not isinstance(value, str):
-        raise ValueError
-    if value and not re.fullmatch(r"https?://[A-Za-z0-9.\-:\[\]]+(:\d+)?", value):
-        raise ValueError
-    return value
+# '' or the peer box's status address such as 'http://10.0.0.12:8080'
+_peer_url = _matching(r"|https?://[A-Za-z0-9.\-:\[\]]+(:\d+)?")
 
 
 @dataclass(frozen=True)
 class HaConfig:
     """An active/standby pair behind a keepalived address (agent/ha.py)."""
 
-    enabled: bool = _f(_bool, "true or false", default=False)
+    enabled: bool = _flag(False)
     peer: str = _f(_peer_url, "'' or the peer box's status URL such as 'http://10.0.0.12:8080'", default="")
     role_file: str = _f(_nonempty, "the path keepalived's notify hook writes the role to",
                         default="/run/pacsgw-ha/role")
-    follow_seconds: float = _f(_float_between(1, 86400), "seconds between standby catalog syncs, 1..86400",
-                               default=30.0)
-    prefetch_bytes: int = _f(parse_size, SIZE + "; 0 turns the standby's prefetch of the active box's hot set off",
-                             default=parse_size("10GB"))
+    follow_seconds: float = _seconds(1, 86400, 30.0, " between standby catalog syncs")
+    prefetch_bytes: int = _size("10GB", "; 0 turns the standby's prefetch of the active box's hot set off")
 
 
 @dataclass(frozen=True)
@@ -830,6 +774,20 @@ def _abs(file: Path, path: str) -> str:
     return path if os.path.isabs(path) else str((file.parent / path).resolve())
 
 
+# The path settings: relative to the config file's directory; where each one left unset goes under cache.dir
+# (None: it stays '').
+_PATHS = {("sftp", "host_key"): "ssh_host_ed25519_key", ("smb", "mountpoint"): "fs", ("smb", "state_dir"): "smb",
+          ("audit", "path"): "audit/audit.jsonl", ("ftp", "tls_cert"): None, ("ftp", "tls_key"): None,
+          ("uplink", "ca_bundle"): None, ("ha", "role_file"): None}
+
+
+def _tables(file: Path, key: str, raw: Any, cls: type) -> tuple[Any, ...]:
+    """An array of tables such as [[users]]."""
+    if not isinstance(raw, list):
+        raise ConfigError(file, key, raw, f"an array of tables: [[{key}]]")
+    return tuple(_build(cls, r, file, f"{key}[{i}]") for i, r in enumerate(raw))
+
+
 def load(path: str | Path) -> Config:
     """Read and validate a config file; raise ConfigError naming the file and key on any problem."""
     file = Path(path)
@@ -841,53 +799,33 @@ def load(path: str | Path) -> Config:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(file, "(syntax)", str(e), "valid TOML") from None
-    allowed = sorted([*_SECTIONS, "users"])
     for key, value in data.items():
         if key not in _SECTIONS and key != "users":
-            raise ConfigError(file, key, value, f"unknown section; allowed: {', '.join(allowed)}")
+            raise ConfigError(file, key, value, f"unknown section; allowed: {', '.join(sorted([*_SECTIONS, 'users']))}")
     for required in ("cache", "uplink"):
         if required not in data:
             raise ConfigError(file, required, None, f"required section [{required}]")
     compliance = data.get("compliance", {})
     rules_raw = compliance.pop("rules", []) if isinstance(compliance, dict) else []
-    if not isinstance(rules_raw, list):
-        raise ConfigError(file, "compliance.rules", rules_raw, "an array of tables: [[compliance.rules]]")
     sections = {name: _build(cls, data.get(name, {}), file, name) for name, cls in _SECTIONS.items()}
-    sections["compliance"] = dataclasses.replace(sections["compliance"], rules=tuple(
-        _build(RetentionRule, r, file, f"compliance.rules[{i}]") for i, r in enumerate(rules_raw)))
-    for i, (rule, raw) in enumerate(zip(sections["compliance"].rules, rules_raw, strict=True)):
+    rules = _tables(file, "compliance.rules", rules_raw, RetentionRule)
+    sections["compliance"] = dataclasses.replace(sections["compliance"], rules=rules)
+    for i, (rule, raw) in enumerate(zip(rules, rules_raw, strict=True)):
         if not rule.selects_dicom and "prefix" not in raw:
             raise ConfigError(file, f"compliance.rules[{i}].prefix", None,
                               "required in a rule that selects by no DICOM attribute (a path rule)")
-    users_raw = data.get("users", [])
-    if not isinstance(users_raw, list):
-        raise ConfigError(file, "users", users_raw, "an array of tables: [[users]]")
-    users = tuple(_build(UserConfig, u, file, f"users[{i}]") for i, u in enumerate(users_raw))
-    cache = sections["cache"]
-    if not cache.dir.is_absolute():
-        cache = dataclasses.replace(cache, dir=(file.parent / cache.dir).resolve())
-        sections["cache"] = cache
-    sftp = sections["sftp"]
-    sections["sftp"] = dataclasses.replace(sftp, host_key=_abs(file, sftp.host_key
-                                                               or str(cache.dir / "ssh_host_ed25519_key")))
-    smb = sections["smb"]
-    sections["smb"] = dataclasses.replace(
-        smb, mountpoint=_abs(file, smb.mountpoint) if smb.mountpoint else str(cache.dir / "fs"),
-        state_dir=_abs(file, smb.state_dir) if smb.state_dir else str(cache.dir / "smb"))
-    ftp = sections["ftp"]
-    sections["ftp"] = dataclasses.replace(ftp, **{k: str((file.parent / getattr(ftp, k)).resolve())
-                                                  for k in ("tls_cert", "tls_key") if getattr(ftp, k)})
-    audit = sections["audit"]
-    sections["audit"] = dataclasses.replace(
-        audit, path=_abs(file, audit.path or str(cache.dir / "audit" / "audit.jsonl")),
-        ship_prefix=audit.ship_prefix or "pacsgw-audit/" + sections["uplink"].prefix)
-    if "snapshot_interval" not in (data.get("dicom") or {}) and sections["uplink"].prefix:
+    cache_dir = Path(_abs(file, str(sections["cache"].dir)))
+    sections["cache"] = dataclasses.replace(sections["cache"], dir=cache_dir)
+    for (name, key), under in _PATHS.items():
+        if (value := getattr(sections[name], key)) or under:
+            sections[name] = dataclasses.replace(sections[name], **{
+                key: _abs(file, value) if value else str(cache_dir / under)})
+    audit, prefix = sections["audit"], sections["uplink"].prefix
+    sections["audit"] = dataclasses.replace(audit, ship_prefix=audit.ship_prefix or "pacsgw-audit/" + prefix)
+    if "snapshot_interval" not in (data.get("dicom") or {}) and prefix:
         sections["dicom"] = dataclasses.replace(sections["dicom"], snapshot_interval=DAILY_SNAPSHOT)
-    if (uplink := sections["uplink"]).ca_bundle:
-        sections["uplink"] = dataclasses.replace(uplink, ca_bundle=_abs(file, uplink.ca_bundle))
-    sections["ha"] = dataclasses.replace(sections["ha"], role_file=_abs(file, sections["ha"].role_file))
     users = tuple(dataclasses.replace(u, authorized_keys=tuple(_abs(file, k) for k in u.authorized_keys))
-                  for u in users)
+                  for u in _tables(file, "users", data.get("users", []), UserConfig))
     cfg = Config(path=file, users=users, **sections)
     _check_cross(cfg)
     if cfg.uplink.secret_access_key or any(u.password for u in cfg.users):

@@ -70,20 +70,18 @@ class Fsck:
     async def run(self) -> FsckReport:
         self.db = AsyncCatalog(await asyncio.to_thread(Catalog, self.cfg.catalog_path))
         self.cache = Cache(self.cfg.cache.dir, clear_staging=False)
-        self.s3 = S3Uplink(self.cfg.uplink)
-        await self.s3.start()
         try:
-            totals = await self.db.totals()
-            with tqdm(total=totals.files, unit="file", disable=not self.progress, desc="fsck") as bar:
-                last = ""
-                while page := await self.db.files_after(last, PAGE):
-                    for e in page:
-                        await self._check(e)
-                        bar.update(1)
-                    last = page[-1].path
-            await self._orphans()
+            async with S3Uplink(self.cfg.uplink) as self.s3:
+                totals = await self.db.totals()
+                with tqdm(total=totals.files, unit="file", disable=not self.progress, desc="fsck") as bar:
+                    last = ""
+                    while page := await self.db.files_after(last, PAGE):
+                        for e in page:
+                            await self._check(e)
+                            bar.update(1)
+                        last = page[-1].path
+                await self._orphans()
         finally:
-            await self.s3.close()
             await asyncio.to_thread(self.db.shutdown)
         return self.report
 

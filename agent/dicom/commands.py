@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import dataclasses
 import datetime as dt
 import json
@@ -45,10 +46,8 @@ def cmd_find(args: argparse.Namespace) -> int:
                   file=sys.stderr)
             return 2
         patient = pseudonym(cfg.dicom.pseudonym_key, args.patient)
-    try:
+    with contextlib.closing(catalog):
         rows = catalog.find_dicom(args.study, patient, args.modality, args.date_from, args.date_to)
-    finally:
-        catalog.close()
     items = [{"path": p, "bytes": size, "study": study, "series": series, "modality": modality,
               "study_date": date, "where": "cached" if cached else "s3"}
              for p, size, study, series, modality, date, cached in rows]
@@ -68,22 +67,18 @@ def cmd_find(args: argparse.Namespace) -> int:
 def cmd_index_rebuild(args: argparse.Namespace) -> int:
     from agent.dicom.reindex import rebuild
     cfg, catalog = _open(args.config)
-    try:
+    with contextlib.closing(catalog):
         report = asyncio.run(rebuild(cfg, catalog, args.concurrency, progress=not args.json,
                                      use_snapshot=not args.no_snapshot))
-    finally:
-        catalog.close()
     per_million = 1e6 / report.per_second if report.per_second else 0.0
     out = dataclasses.asdict(report) | {"seconds": round(report.seconds, 2),
                                          "objects_per_s": round(report.per_second, 1),
                                          "seconds_per_million": round(per_million, 1)}
-    if args.json:
-        print(json.dumps(out, indent=2))
-    else:
-        print(f"{report.objects} objects read ({report.from_snapshot} from the index snapshot, {report.from_deltas} "
-              f"from {report.deltas} index deltas, the rest HEADed), "
-              f"{report.indexed} DICOM objects indexed, {report.failed} failed, "
-              f"{report.seconds:.1f} s ({report.per_second:.0f} objects/s: {per_million / 60:.1f} min per million)")
+    print(json.dumps(out, indent=2) if args.json else
+          f"{report.objects} objects read ({report.from_snapshot} from the index snapshot, {report.from_deltas} "
+          f"from {report.deltas} index deltas, the rest HEADed), {report.indexed} DICOM objects indexed, "
+          f"{report.failed} failed, {report.seconds:.1f} s ({report.per_second:.0f} objects/s: "
+          f"{per_million / 60:.1f} min per million)")
     for key in report.deltas_skipped:
         print(f"pacsgw: index delta {key} is damaged: skipped, its objects were HEADed", file=sys.stderr)
     return 1 if report.failed else 0
@@ -105,11 +100,8 @@ def cmd_index_snapshot(args: argparse.Namespace) -> int:
         return 2
     out = {"snapshot": manifest["snapshot"], "rows": manifest["rows"], "segments": len(manifest["segments"]),
            "seconds": round(time.monotonic() - t0, 2)}
-    if args.json:
-        print(json.dumps(out, indent=2))
-    else:
-        print(f"index snapshot {out['snapshot']}: {out['rows']} objects in {out['segments']} segments, "
-              f"{out['seconds']} s")
+    print(json.dumps(out, indent=2) if args.json else
+          f"index snapshot {out['snapshot']}: {out['rows']} objects in {out['segments']} segments, {out['seconds']} s")
     return 0
 
 
@@ -131,12 +123,10 @@ def cmd_retention_apply(args: argparse.Namespace) -> int:
         return 2
     failed = list(p.failed)
     if not args.dry_run and p.changes:
-        audit = AuditLog(Path(cfg.audit.path), cfg.audit.max_bytes, cfg.audit.keep, cfg.audit.enabled)
         who = Who(os.environ.get("SUDO_USER") or getpass.getuser(), "cli")
-        try:
+        with contextlib.closing(AuditLog(Path(cfg.audit.path), cfg.audit.max_bytes, cfg.audit.keep,
+                                         cfg.audit.enabled)) as audit:
             failed += asyncio.run(apply(cfg, p.changes, audit, who))
-        finally:
-            audit.close()
     out = {"dry_run": args.dry_run, "objects": p.objects, "changes": len(p.changes), "failed": failed,
            "items": [c.as_dict() for c in p.changes]}
     if args.json:

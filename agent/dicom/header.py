@@ -160,11 +160,7 @@ def _scan(head: bytes, bound: str) -> Header | None:
     v = {k: _text(raw[tag].decode("latin-1")) if tag in raw else None for k, tag in _TAGS.items()}
     if patient is not None:  # as pydicom's text conversion leaves it (it strips trailing NULs and spaces)
         v["PatientID"] = _text(patient.decode("ascii").rstrip("\0 "))
-    complete = None not in (v["StudyInstanceUID"], v["SeriesInstanceUID"], v["SOPInstanceUID"])
-    return Header(dicom=True, problem="" if complete else f"header incomplete{bound}", transfer_syntax=ts,
-                  sop_class=v["SOPClassUID"], sop_uid=v["SOPInstanceUID"], study_uid=v["StudyInstanceUID"],
-                  series_uid=v["SeriesInstanceUID"], study_date=v["StudyDate"], modality=v["Modality"],
-                  patient=v["PatientID"], birth_date=v["PatientBirthDate"])
+    return _header(v, ts, bound)
 
 
 def parse(head: bytes, whole: bool) -> Header:
@@ -189,15 +185,17 @@ def _parse_pydicom(head: bytes, bound: str) -> Header:
     except Exception as e:  # pydicom raises many kinds (OSError at a cut sequence, zlib.error in a deflated
         # body, InvalidDicomError, ValueError...): whatever a header holds, the file is stored, never refused
         return Header(dicom=True, problem=f"unreadable header{bound}: {type(e).__name__}: {str(e)[:120]}")
-    problem = ""
-    if cut is not None:
-        problem = f"header truncated in element {cut:08X}{bound}"
-    elif None in (values["StudyInstanceUID"], values["SeriesInstanceUID"], values["SOPInstanceUID"]):
+    return _header(values, ts, bound, f"header truncated in element {cut:08X}{bound}" if cut is not None else "")
+
+
+def _header(v: dict[str, str | None], ts: str | None, bound: str, problem: str = "") -> Header:
+    """The Header of the values read (by _TAGS name), whichever parser read them: incomplete without its UIDs."""
+    if not problem and None in (v["StudyInstanceUID"], v["SeriesInstanceUID"], v["SOPInstanceUID"]):
         problem = f"header incomplete{bound}"
-    return Header(dicom=True, problem=problem, transfer_syntax=ts, sop_class=values["SOPClassUID"],
-                  sop_uid=values["SOPInstanceUID"], study_uid=values["StudyInstanceUID"],
-                  series_uid=values["SeriesInstanceUID"], study_date=values["StudyDate"],
-                  modality=values["Modality"], patient=values["PatientID"], birth_date=values["PatientBirthDate"])
+    return Header(dicom=True, problem=problem, transfer_syntax=ts, sop_class=v["SOPClassUID"],
+                  sop_uid=v["SOPInstanceUID"], study_uid=v["StudyInstanceUID"], series_uid=v["SeriesInstanceUID"],
+                  study_date=v["StudyDate"], modality=v["Modality"], patient=v["PatientID"],
+                  birth_date=v["PatientBirthDate"])
 
 
 def read_fd(fd: int, size: int) -> Header:

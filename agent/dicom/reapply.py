@@ -89,13 +89,10 @@ class NoObjectLock(RuntimeError):
 async def plan(cfg: Config, concurrency: int = 32) -> Plan:
     """What today's rules would extend on the objects in the bucket (read only)."""
     rules = DicomRetention(cfg.compliance)
-    s3, lister = S3Uplink(cfg.uplink), S3Uplink(cfg.uplink)
-    await s3.start()
-    await lister.start()
     out = Plan()
     queue: asyncio.Queue[tuple[str, int, float] | None] = asyncio.Queue(maxsize=concurrency * 4)
 
-    async def worker() -> None:
+    async def worker(s3: S3Uplink) -> None:
         while (item := await queue.get()) is not None:
             path, size, mtime = item
             out.objects += 1
@@ -114,29 +111,24 @@ async def plan(cfg: Config, concurrency: int = 32) -> Plan:
             except Exception as e:  # reported and counted; the command can be run again
                 out.failed.append(f"{path}: {error_code(e)}: {str(e)[:200]}")
 
-    try:
+    async with S3Uplink(cfg.uplink) as s3, S3Uplink(cfg.uplink) as lister:
         if not await s3.object_lock_enabled():
             raise NoObjectLock(f"bucket {cfg.uplink.bucket!r} has no Object Lock: its objects cannot be retained")
-        workers = [asyncio.create_task(worker()) for _ in range(concurrency)]
+        workers = [asyncio.create_task(worker(s3)) for _ in range(concurrency)]
         async for page in lister.walk(logical=False):  # sizes unused: every object is HEADed
             for path, size, mtime, _etag in page:
                 await queue.put((path, size, mtime))
         for _ in workers:
             await queue.put(None)
         await asyncio.gather(*workers)
-    finally:
-        await s3.close()
-        await lister.close()
     out.changes.sort(key=lambda c: c.path)
     return out
 
 
 async def apply(cfg: Config, changes: list[Change], audit: AuditLog, who: Who) -> list[str]:
     """Extend retention and set legal holds as planned; → 'path: error' of the changes S3 refused."""
-    s3 = S3Uplink(cfg.uplink)
-    await s3.start()
     failed = []
-    try:
+    async with S3Uplink(cfg.uplink) as s3:
         for c in changes:
             version = {"VersionId": c.version_id} if c.version_id else {}
             detail = {"until_before": c.until_before.isoformat() if c.until_before else None,
@@ -155,6 +147,4 @@ async def apply(cfg: Config, changes: list[Change], audit: AuditLog, who: Who) -
             except Exception as e:  # S3 refused (e.g. a mode it will not change): reported, the rest goes on
                 audit.record(who, "retention-extend", c.path, failure(e), **detail)
                 failed.append(f"{c.path}: {error_code(e)}: {str(e)[:200]}")
-    finally:
-        await s3.close()
     return failed

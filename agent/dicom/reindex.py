@@ -14,7 +14,7 @@ import asyncio
 import dataclasses
 import time
 from dataclasses import dataclass
-from typing import Any, AsyncGenerator, Literal
+from typing import Any, Literal
 
 from tqdm import tqdm
 
@@ -47,10 +47,6 @@ class RebuildReport:
 
 async def rebuild(cfg: Config, catalog: Catalog, concurrency: int = 64, progress: bool = True,
                   use_snapshot: bool = True) -> RebuildReport:
-    s3 = S3Uplink(dataclasses.replace(cfg.uplink, max_concurrency=concurrency))  # a pool with room for every HEAD
-    lister = S3Uplink(cfg.uplink)  # its own pool: the listing never queues behind HEADs for a connection
-    await s3.start()
-    await lister.start()
     report, rows = RebuildReport(), []
     queue: asyncio.Queue[tuple[str, int] | None] = asyncio.Queue(maxsize=concurrency * 4)
     bar = tqdm(unit="obj", desc="index rebuild", disable=not progress)
@@ -74,33 +70,34 @@ async def rebuild(cfg: Config, catalog: Catalog, concurrency: int = 64, progress
             bar.update()
 
     use_snapshot = use_snapshot and bool(cfg.uplink.prefix)
-    cursor = snapshot.Cursor(snapshot.read(cfg, lister) if use_snapshot else _none())
-    try:
-        delta = await deltas.read(cfg, lister) if use_snapshot else deltas.Deltas()
-        report.deltas, report.deltas_skipped = delta.objects, delta.skipped
-        catalog.clear_dicom_index()
-        workers = [asyncio.create_task(worker()) for _ in range(concurrency)]
-        async for page in lister.walk(logical=False):  # the logical size of a compressed object: its HEAD
-            for path, size, _mtime, etag in page:
-                if (row := await cursor.match(path, size, etag)) is not None:
-                    report.from_snapshot += 1
-                elif (row := delta.match(path, etag)) is not None:
-                    report.from_deltas += 1
-                else:
-                    await queue.put((path, size))
-                    continue
-                add(row)
-                report.objects += 1
-                bar.update()
-        for _ in workers:
-            await queue.put(None)
-        await asyncio.gather(*workers)
-        catalog.index_dicom(rows)
-    finally:
-        bar.close()
-        await cursor.aclose()
-        await s3.close()
-        await lister.close()
+    # HEADs on a pool with room for every one; the listing on its own (it never queues behind HEADs for a connection)
+    async with S3Uplink(dataclasses.replace(cfg.uplink, max_concurrency=concurrency)) as s3, \
+            S3Uplink(cfg.uplink) as lister:
+        cursor = snapshot.Cursor(snapshot.read(cfg, lister) if use_snapshot else None)
+        try:
+            delta = await deltas.read(cfg, lister) if use_snapshot else deltas.Deltas()
+            report.deltas, report.deltas_skipped = delta.objects, delta.skipped
+            catalog.clear_dicom_index()
+            workers = [asyncio.create_task(worker()) for _ in range(concurrency)]
+            async for page in lister.walk(logical=False):  # the logical size of a compressed object: its HEAD
+                for path, size, _mtime, etag in page:
+                    if (row := await cursor.match(path, size, etag)) is not None:
+                        report.from_snapshot += 1
+                    elif (row := delta.match(path, etag)) is not None:
+                        report.from_deltas += 1
+                    else:
+                        await queue.put((path, size))
+                        continue
+                    add(row)
+                    report.objects += 1
+                    bar.update()
+            for _ in workers:
+                await queue.put(None)
+            await asyncio.gather(*workers)
+            catalog.index_dicom(rows)
+        finally:
+            bar.close()
+            await cursor.aclose()
     report.seconds = time.monotonic() - t0
     report.indexed = catalog.dicom_index_size()
     return report
@@ -125,8 +122,3 @@ async def _head(s3: S3Uplink, path: str) -> dict[str, Any] | None | Literal[Fals
             if attempt + 1 < ATTEMPTS:
                 await asyncio.sleep(0.5 * 2 ** attempt)
     return False
-
-
-async def _none() -> AsyncGenerator[snapshot.Row, None]:
-    return
-    yield

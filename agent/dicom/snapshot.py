@@ -115,40 +115,38 @@ def catalog_rows(catalog_path: Path) -> Iterator[Row]:
 async def write(cfg: Config, rows: Iterable[Row]) -> dict[str, Any]:
     """Write a snapshot of rows (sorted by path) and make it the current one; → its manifest."""
     prefix = index_prefix(cfg)
-    s3 = S3Uplink(cfg.uplink)
     # the rows come from SQLite: read on one thread of their own (a connection stays on its thread), so a
     # snapshot the agent writes never blocks its event loop
     reader, loop = ThreadPoolExecutor(1, thread_name_prefix="snapshot"), asyncio.get_running_loop()
-    await s3.start()
     try:
-        files = BucketFiles(s3)
-        old = await _manifest(files, prefix)
-        # the deltas written so far hold rows the catalog held before this read of it: the snapshot has them
-        folded = await files.keys(delta_prefix(cfg))
-        stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-        snap = f"{stamp}-{os.urandom(4).hex()}"
-        segments, total = [], 0
-        it = iter(rows)
-        chunks = iter(lambda: list(itertools.islice(it, SEGMENT_ROWS)), [])
-        while (chunk := await loop.run_in_executor(reader, next, chunks, None)) is not None:
-            key = f"{prefix}{snap}/{len(segments):05d}.json.gz"
-            await s3.put_raw(key, await asyncio.to_thread(encode_rows, chunk))
-            segments.append(key)
-            total += len(chunk)
-        manifest = {"snapshot": snap, "rows": total, "segments": segments}
-        await s3.put_raw(prefix + "manifest.json", json.dumps(manifest).encode())
-        for key in (old or {}).get("segments", []):
-            if key.startswith(prefix) and key not in segments:  # only ever our own keys
+        async with S3Uplink(cfg.uplink) as s3:
+            files = BucketFiles(s3)
+            old = await _manifest(files, prefix)
+            # the deltas written so far hold rows the catalog held before this read of it: the snapshot has them
+            folded = await files.keys(delta_prefix(cfg))
+            stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+            snap = f"{stamp}-{os.urandom(4).hex()}"
+            segments, total = [], 0
+            it = iter(rows)
+            chunks = iter(lambda: list(itertools.islice(it, SEGMENT_ROWS)), [])
+            while (chunk := await loop.run_in_executor(reader, next, chunks, None)) is not None:
+                key = f"{prefix}{snap}/{len(segments):05d}.json.gz"
+                await s3.put_raw(key, await asyncio.to_thread(encode_rows, chunk))
+                segments.append(key)
+                total += len(chunk)
+            manifest = {"snapshot": snap, "rows": total, "segments": segments}
+            await s3.put_raw(prefix + "manifest.json", json.dumps(manifest).encode())
+            for key in (old or {}).get("segments", []):
+                if key.startswith(prefix) and key not in segments:  # only ever our own keys
+                    await files.delete(key)
+            for key in folded:
                 await files.delete(key)
-        for key in folded:
-            await files.delete(key)
-        manifest["deltas_folded"] = len(folded)
-        return manifest
+            manifest["deltas_folded"] = len(folded)
+            return manifest
     finally:
         if (close := getattr(rows, "close", None)) is not None:
             await loop.run_in_executor(reader, close)  # on the thread that opened the rows' connection
         reader.shutdown(wait=False)
-        await s3.close()
 
 
 async def _manifest(files: BucketFiles, prefix: str) -> dict[str, Any] | None:
@@ -200,10 +198,11 @@ async def read(cfg: Config, s3: S3Uplink) -> AsyncGenerator[Row, None]:
 
 
 class Cursor:
-    """Walks the snapshot rows alongside the bucket listing (both in key order): a merge join."""
+    """Walks the snapshot rows alongside the bucket listing (both in key order): a merge join. rows None: no
+    snapshot is read (the cursor matches nothing)."""
 
-    def __init__(self, rows: AsyncGenerator[Row, None]) -> None:
-        self.rows, self.cur, self.started = rows, None, False
+    def __init__(self, rows: AsyncGenerator[Row, None] | None) -> None:
+        self.rows, self.cur, self.started = rows, None, rows is None
 
     async def match(self, path: str, size: int, etag: str | None) -> Row | None:
         """The index row (path, size, study, …) of this listed object if the snapshot holds it unchanged."""
@@ -220,4 +219,5 @@ class Cursor:
 
     async def aclose(self) -> None:
         """Stop reading segments (the listing ended first): before the client they are read with closes."""
-        await self.rows.aclose()
+        if self.rows is not None:
+            await self.rows.aclose()

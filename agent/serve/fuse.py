@@ -94,6 +94,11 @@ class _Open:
     unlinked: bool = False
     failed: bool = False  # a write failed (e.g. disk full): the file is discarded, its close reports an error
 
+    async def close_reader(self) -> None:
+        if self.reader is not None:
+            await self.reader.close()
+            self.reader = None
+
 
 class GatewayFS(pyfuse3.Operations):
     """pyfuse3 operations over the gateway. All handlers run as tasks on the agent's loop."""
@@ -423,8 +428,7 @@ class GatewayFS(pyfuse3.Operations):
         if src is not None and src.writer is not None and src.writer.open:
             return await src.writer.read_back(off, size)
         if op.reader is None or op.reader.entry.path != op.path:
-            if op.reader is not None:
-                await op.reader.close()
+            await op.close_reader()
             op.reader = await self._call(self.gw.open_read(op.path, PROTOCOL, op.who))
         if off >= op.reader.size:
             return b""
@@ -466,9 +470,7 @@ class GatewayFS(pyfuse3.Operations):
         finally:
             op.committed = True
             self._stop_showing(op)
-        if op.reader is not None:
-            await op.reader.close()
-            op.reader = None
+        await op.close_reader()
 
     async def fsync(self, fh: int, datasync: bool) -> None:
         """Durability comes with close (flush); an fsync in the middle of a file changes nothing."""
@@ -480,8 +482,7 @@ class GatewayFS(pyfuse3.Operations):
         if op.writer is not None and not op.committed:
             await op.writer.abort("released without a flush")
         self._stop_showing(op)
-        if op.reader is not None:
-            await op.reader.close()
+        await op.close_reader()
         self._drop_unused(op.inode)
 
     async def abort_all(self, reason: str) -> None:
@@ -489,9 +490,7 @@ class GatewayFS(pyfuse3.Operations):
             if op.writer is not None and not op.committed:
                 await op.writer.abort(reason)
                 op.committed = True
-            if op.reader is not None:
-                await op.reader.close()
-                op.reader = None
+            await op.close_reader()
 
 
 # --- mounting ------------------------------------------------------------------------------------

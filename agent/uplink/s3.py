@@ -322,6 +322,13 @@ class S3Uplink:
     async def close(self) -> None:
         await self._stack.aclose()
 
+    async def __aenter__(self) -> S3Uplink:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
     def key(self, path: str) -> str:
         return self.cfg.prefix + path
 
@@ -507,18 +514,19 @@ class S3Uplink:
             if on_etag is not None:
                 on_etag(head["ETag"], not encoded)
 
-            async def chunks() -> AsyncIterator[bytes]:
-                decoder = Decoder() if encoded else None
-                while data := await _read_block(resp, GET_CHUNK):
-                    await self.down_bucket.acquire(len(data))
-                    if decoder is None:
-                        yield data
-                    elif out := await asyncio.to_thread(decoder.feed, data):
+            async def decoded(decoder: Decoder) -> AsyncIterator[bytes]:
+                async for data in self._blocks(resp):
+                    if out := await asyncio.to_thread(decoder.feed, data):
                         yield out
-                if decoder is not None:
-                    decoder.finish()
+                decoder.finish()
 
-            yield size, meta_sha(head["Metadata"]), chunks()
+            yield size, meta_sha(head["Metadata"]), decoded(Decoder()) if encoded else self._blocks(resp)
+
+    async def _blocks(self, resp: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
+        """The answer's body in GET_CHUNK blocks, at the line's download rate."""
+        while data := await _read_block(resp, GET_CHUNK):
+            await self.down_bucket.acquire(len(data))
+            yield data
 
     async def decoded_sha256(self, path: str) -> tuple[int, str]:
         """(size, SHA-256) of the file a (compressed) object holds, streamed and decoded: `pacsgw fsck
@@ -537,11 +545,7 @@ class S3Uplink:
         async with self._request("GET", self.key(path), "GetObject", ask, stream=True) as resp:
             if encoding_of(_object_head(resp.headers)["Metadata"]) is not None:
                 raise NotRangeable(f"{path}: compressed object, read whole")
-            parts = []
-            while data := await _read_block(resp, GET_CHUNK):
-                await self.down_bucket.acquire(len(data))
-                parts.append(data)
-        return b"".join(parts)
+            return b"".join([data async for data in self._blocks(resp)])
 
     async def head(self, path: str) -> dict[str, Any] | None:
         """The object's HeadObject answer as the client parses it (metadata, size, ETag, version, Object Lock

@@ -3,12 +3,12 @@ ancestors a new path needs, the totals, small facts kept across restarts (agent_
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from agent.records import Entry
 from agent.store.catalog.schema import SCHEMA, SCHEMA_VERSION, check_schema_version
@@ -82,8 +82,35 @@ class CatalogBase:
     def close(self) -> None:
         self.db.close()
 
-    def _tx(self, durable: bool = True) -> _Tx:
-        return _Tx(self, durable)
+    @contextlib.contextmanager
+    def _tx(self, durable: bool = True) -> Iterator[None]:
+        """BEGIN IMMEDIATE … COMMIT, or ROLLBACK on any exception.
+
+        A durable transaction (synchronous=FULL) is fsynced before it returns: every change a client is told
+        about. Bookkeeping that can be redone after a power cut (upload results, access counts, claims) commits
+        with synchronous=NORMAL — safe against a crash of the process, and fsynced by the next durable commit.
+        A member of a group commit is a SAVEPOINT of the group's transaction, which is durable.
+        """
+        grouped = self._grouped
+        if not grouped and self._synchronous_full != durable:
+            self.db.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
+            self._synchronous_full = durable
+        self.db.execute("SAVEPOINT member" if grouped else "BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            self.db.execute("ROLLBACK TO member" if grouped else "ROLLBACK")
+            if grouped:
+                self.db.execute("RELEASE member")
+            raise
+        try:
+            self.db.execute("RELEASE member" if grouped else "COMMIT")
+        except sqlite3.Error:
+            # E.g. SQLITE_FULL: the transaction may still be open; leave it rolled back, or every
+            # later BEGIN fails ("cannot start a transaction within a transaction").
+            if self.db.in_transaction and not grouped:
+                self.db.execute("ROLLBACK")
+            raise
 
     def _write(self, sql: str, args: Sequence[object] = (), *, durable: bool) -> int:
         """One statement in a transaction of its own. → the number of rows it changed."""
@@ -151,43 +178,3 @@ class CatalogBase:
 
     def shrink_memory(self) -> None:
         self.db.execute("PRAGMA shrink_memory")
-
-
-class _Tx:
-    """BEGIN IMMEDIATE … COMMIT, or ROLLBACK on any exception.
-
-    A durable transaction (synchronous=FULL) is fsynced before it returns: every change a client is told
-    about. Bookkeeping that can be redone after a power cut (upload results, access counts, claims) commits
-    with synchronous=NORMAL — safe against a crash of the process, and fsynced by the next durable commit.
-    """
-
-    def __init__(self, catalog: CatalogBase, durable: bool) -> None:
-        self.db, self.catalog, self.durable = catalog.db, catalog, durable
-
-    def __enter__(self) -> None:
-        if self.catalog._grouped:  # a member of a group commit: the group's transaction is durable
-            self.db.execute("SAVEPOINT member")
-            return
-        if self.catalog._synchronous_full != self.durable:
-            self.db.execute(f"PRAGMA synchronous={'FULL' if self.durable else 'NORMAL'}")
-            self.catalog._synchronous_full = self.durable
-        self.db.execute("BEGIN IMMEDIATE")
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        if self.catalog._grouped:
-            if exc_type:
-                self.db.execute("ROLLBACK TO member")
-            self.db.execute("RELEASE member")
-            return
-        if exc_type:
-            self.db.execute("ROLLBACK")
-            return
-        try:
-            self.db.execute("COMMIT")
-        except sqlite3.Error:
-            # E.g. SQLITE_FULL: the transaction may still be open; leave it rolled back, or every
-            # later BEGIN fails ("cannot start a transaction within a transaction").
-            if self.db.in_transaction:
-                self.db.execute("ROLLBACK")
-            raise
