@@ -778,7 +778,8 @@ def _abs(file: Path, path: str) -> str:
 # (None: it stays '').
 _PATHS = {("sftp", "host_key"): "ssh_host_ed25519_key", ("smb", "mountpoint"): "fs", ("smb", "state_dir"): "smb",
           ("audit", "path"): "audit/audit.jsonl", ("ftp", "tls_cert"): None, ("ftp", "tls_key"): None,
-          ("uplink", "ca_bundle"): None, ("ha", "role_file"): None}
+          ("uplink", "ca_bundle"): None, ("ha", "role_file"): None, ("http", "metrics_tls_cert"): None,
+          ("http", "metrics_tls_key"): None}
 
 
 def _tables(file: Path, key: str, raw: Any, cls: type) -> tuple[Any, ...]:

@@ -70,6 +70,17 @@ def test_metrics_over_tls_need_basic_auth(agent_factory, tmp_path):
     assert PASSWORD not in agent.log_path.read_text()
 
 
+def test_relative_metrics_tls_paths_are_the_config_files_neighbours(tmp_path, seaweed):
+    """Like every path setting: relative to the config file's directory, not to where the agent was started."""
+    (tmp_path / "cfg").mkdir()
+    cert, key, _ = _make_tls(tmp_path / "cfg")
+    proc = AgentProc(tmp_path / "cfg", seaweed, "cfg/", users=[{"name": "pacs", "password": "pacs-password-1"}],
+                     overrides={"http.metrics_listen": f"127.0.0.1:{free_port()}",
+                                "http.metrics_tls_cert": cert.name, "http.metrics_tls_key": key.name})
+    cfg = load(proc.config_path)
+    assert (cfg.http.metrics_tls_cert, cfg.http.metrics_tls_key) == (str(cert.resolve()), str(key.resolve()))
+
+
 def _config_error(tmp_path: Path, seaweed, **overrides) -> ConfigError:
     proc = AgentProc(tmp_path / "cfg", seaweed, "cfg/", overrides=overrides,
                      users=[{"name": "pacs", "password": "pacs-password-1"}])
