@@ -281,6 +281,8 @@ class FtpConfig:
     max_sessions_per_address: int = _f(_int_between(1, 10000), "an integer 1..10000", default=64)
     passive_timeout: float = _f(_float_between(1, 600), "seconds 1..600 (how long a PASV/EPSV port waits for "
                                 "its data connection)", default=30.0)
+    login_timeout: float = _f(_float_between(1, 600), "seconds 1..600 (how long a connection may take to log in)",
+                              default=30.0)
 
 
 @dataclass(frozen=True)
