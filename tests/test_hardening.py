@@ -516,6 +516,37 @@ def test_sftp_session_caps_per_address_and_per_user(agent_factory):
                                                                "too many sessions for user pacs"}
 
 
+def test_a_wrong_login_costs_the_same_whatever_the_name(agent_factory):
+    """User enumeration by timing: scrypt ran only for a name with a password_hash, so a wrong password for an
+    unknown name or a plain-password user was answered ~50 ms sooner. Every check now runs scrypt once: the
+    agent's CPU time per wrong login is about the same for the three, over FTP and SFTP."""
+    from agent.auth import hash_password
+    agent = agent_factory(users=[{"name": "pacs", "password": PASSWORD, "root": "/"},
+                                 {"name": "keeper", "password_hash": hash_password("a-long-secret"), "root": "/"}],
+                          **{"login.delay_seconds": 0, "login.max_failures": 1000}).start()
+    agent_proc = psutil.Process(agent.proc.pid)
+
+    async def sftp_logins(name: str) -> None:
+        for _ in range(4):
+            with pytest.raises(asyncssh.PermissionDenied):
+                await asyncssh.connect("127.0.0.1", agent.sftp_port, username=name, password="wrong-guess",
+                                       known_hosts=None)
+
+    def cpu_of_wrong_logins(name: str) -> float:
+        before = sum(agent_proc.cpu_times()[:2])
+        f = ftplib.FTP(timeout=30)
+        f.connect("127.0.0.1", agent.ftp_port)
+        for _ in range(6):
+            with pytest.raises(ftplib.error_perm, match="530"):
+                f.login(name, "wrong-guess")
+        f.close()
+        asyncio.run(sftp_logins(name))
+        return sum(agent_proc.cpu_times()[:2]) - before
+
+    hashed, unknown, plain = (cpu_of_wrong_logins(name) for name in ("keeper", "nobody-here", "pacs"))
+    assert unknown > 0.5 * hashed and plain > 0.5 * hashed, (hashed, unknown, plain)
+
+
 # --- 14: the admin path -----------------------------------------------------------------------------
 
 

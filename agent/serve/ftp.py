@@ -51,7 +51,7 @@ import structlog
 from aioftp.common import END_OF_LINE, ThrottleStreamIO
 
 from agent.audit import Who
-from agent.auth import LoginGuard, verify_password
+from agent.auth import LoginGuard, Passwords
 from agent.config import Config, UserConfig
 from agent.records import Entry
 from agent.serve import contract
@@ -180,7 +180,7 @@ class _Users(aioftp.AbstractUserManager):
 
     def __init__(self, users: tuple[UserConfig, ...]) -> None:
         super().__init__()
-        self.by_name = {u.name: u for u in users}
+        self.passwords = Passwords(users)
         self.ftp_users = {u.name: aioftp.User(u.name, "-", base_path=Path(u.root), home_path="/",
                                               permissions=[aioftp.Permission("/", readable=True, writable=True)])
                           for u in users}
@@ -190,10 +190,9 @@ class _Users(aioftp.AbstractUserManager):
         return aioftp.AbstractUserManager.GetUserResponse.PASSWORD_REQUIRED, user, "password required"
 
     async def authenticate(self, user: aioftp.User, password: str) -> bool:
-        cfg = self.by_name.get(user.login or "")
         # bytes that were not UTF-8 arrive as surrogate escapes (FtpServer._read_command): never a password
-        return cfg is not None and not any("\ud800" <= c <= "\udfff" for c in password) and await asyncio.to_thread(
-            verify_password, password, plain=cfg.password, encoded=cfg.password_hash)
+        return not any("\ud800" <= c <= "\udfff" for c in password) and await asyncio.to_thread(
+            self.passwords.check, user.login or "", password)
 
     async def notify_logout(self, user: aioftp.User) -> None:
         return None

@@ -21,8 +21,8 @@ import structlog
 from asyncssh.stream import SSHServerStreamSession
 
 from agent.audit import Who
-from agent.auth import LoginGuard, unmapped, verify_password
-from agent.config import Config, SftpConfig, UserConfig
+from agent.auth import LoginGuard, Passwords, unmapped
+from agent.config import Config, SftpConfig
 from agent.records import Entry
 from agent.serve.contract import answer, login, refuse_session, report, st_mode
 from agent.store.errors import GatewayError
@@ -114,9 +114,10 @@ class _Auth(asyncssh.SSHServer):
 
     REFUSE_S = 2.0  # the longest a connection over the address cap stays before its disconnect
 
-    def __init__(self, users: dict[str, UserConfig], cfg: SftpConfig, gateway: Gateway, guard: LoginGuard,
+    def __init__(self, passwords: Passwords, cfg: SftpConfig, gateway: Gateway, guard: LoginGuard,
                  sftp_factory: type[GatewaySFTP]) -> None:
-        self.users, self.cfg, self.gateway, self.guard, self.sftp_factory = users, cfg, gateway, guard, sftp_factory
+        self.passwords, self.cfg, self.gateway, self.guard = passwords, cfg, gateway, guard
+        self.sftp_factory = sftp_factory
         self.conn: asyncssh.SSHServerConnection | None = None
         self.address = ""
         self.username = "-"
@@ -212,7 +213,7 @@ class _Auth(asyncssh.SSHServer):
             self._disconnect()
             return True
         refused = await self.guard.refusal(username, self.address, "sftp")
-        user = self.users.get(username)
+        user = self.passwords.users.get(username)
         if user and user.authorized_keys and self.conn is not None and not refused:
             self.conn.set_authorized_keys(asyncssh.read_authorized_keys(list(user.authorized_keys)))
         return True
@@ -226,9 +227,7 @@ class _Auth(asyncssh.SSHServer):
     async def validate_password(self, username: str, password: str) -> bool:
         if await self.guard.refusal(username, self.address, "sftp"):  # also a ban this connection's failures made
             return False
-        user = self.users.get(username)
-        ok = user is not None and bool(user.password or user.password_hash) and await asyncio.to_thread(
-            verify_password, password, plain=user.password, encoded=user.password_hash)
+        ok = await asyncio.to_thread(self.passwords.check, username, password)
         await login(self.gateway, self.guard, "sftp", self._who(username), self.address, ok, method="password")
         self.by_password = ok
         return ok
@@ -411,7 +410,7 @@ class GatewaySFTP(asyncssh.SFTPServer):
 class SftpService:
     def __init__(self, cfg: Config, gateway: Gateway, logins: LoginGuard) -> None:
         self.cfg, self.gateway, self.logins = cfg, gateway, logins
-        self.users = {u.name: u for u in cfg.users}
+        self.passwords = Passwords(cfg.users)
         self._acceptor: asyncssh.SSHAcceptor | None = None
         self._conns: weakref.WeakSet[asyncssh.SSHServerConnection] = weakref.WeakSet()
 
@@ -422,7 +421,7 @@ class SftpService:
         host, port = self.cfg.sftp.listen
         self._acceptor = await asyncssh.listen(
             host, port, server_host_keys=[key], allow_scp=False,
-            server_factory=lambda: _Auth(self.users, self.cfg.sftp, self.gateway, self.logins, factory),
+            server_factory=lambda: _Auth(self.passwords, self.cfg.sftp, self.gateway, self.logins, factory),
             agent_forwarding=False, x11_forwarding=False,
             allow_pty=False, login_timeout=60, keepalive_interval=30,
             acceptor=self._conns.add, reuse_port=reuse_port)
