@@ -19,8 +19,8 @@ Password guessing ([login]): Samba checks SMB passwords itself. Its account poli
 max_failures; and its JSON authentication audit (one file of its own) is followed by the agent, which feeds
 every SMB login into the same LoginGuard as FTP and SFTP (logged, audited, counted in /metrics). An address
 the guard bans is denied in smb.conf (`hosts deny`, or `EXCEPT` in `hosts allow`) and smbd reloads it, so
-a banned address gets no SMB connection at all until the ban ends. Samba has no way to delay its answer to
-one failed login: SMB gets the ban, not the growing delay FTP and SFTP give.
+a banned address gets no SMB connection at all until the ban ends, and loses those it has. Samba has no way
+to delay its answer to one failed login: SMB gets the ban, not the growing delay FTP and SFTP give.
 """
 
 from __future__ import annotations
@@ -378,9 +378,12 @@ class SmbService:
                             await self._login(*event)
             except FileNotFoundError:
                 pass
-            except Exception as e:  # a bad line or a failed reload must not end the watch
+            except Exception as e:  # a bad line must not end the watch
                 log.error("smb_login_watch_failed", error=f"{type(e).__name__}: {e}")
-            await self._enforce_bans()
+            try:
+                await self._enforce_bans()
+            except Exception as e:  # nor a failed reload (it ended the bans for good)
+                log.error("smb_login_watch_failed", error=f"{type(e).__name__}: {e}")
             await asyncio.sleep(AUTH_POLL_SECONDS)
 
     async def _login(self, user: str, address: str, ok: bool) -> None:
@@ -396,6 +399,10 @@ class SmbService:
             return
         (self.state / BANS_CONF).write_text(render_bans(self.cfg, banned))
         await asyncio.to_thread(self._reload_smbd)
+        # A denial keeps out new connections only: one already open could go on guessing (a SESSION_SETUP
+        # after another), so a newly banned address loses its connections too.
+        for address in sorted(set(banned) - set(self._bans)):
+            await asyncio.to_thread(self._smbcontrol, "kill-client-ip", address)
         log.warning("smb_hosts_denied", addresses=banned, lifted=sorted(set(self._bans) - set(banned)))
         self._bans = banned
 
@@ -405,10 +412,13 @@ class SmbService:
             if self.proc.poll() is None:
                 os.kill(self.proc.pid, signal.SIGHUP)
             return
-        r = subprocess.run(["smbcontrol", "-s", str(self.conf_path), "smbd", "reload-config"],
+        self._smbcontrol("reload-config")
+
+    def _smbcontrol(self, *message: str) -> None:
+        r = subprocess.run(["smbcontrol", "-s", str(self.conf_path), "smbd", *message],
                            capture_output=True, text=True, timeout=30)
         if r.returncode != 0:
-            log.error("smbd_reload_failed", error=(r.stderr or r.stdout).strip()[:300])
+            log.error("smbcontrol_failed", message=message[0], error=(r.stderr or r.stdout).strip()[:300])
 
     def _start_smbd(self) -> subprocess.Popen[bytes]:
         s = self.cfg.smb

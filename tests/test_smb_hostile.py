@@ -1,0 +1,40 @@
+"""SMB against hostile clients and local accounts: real smbd over the agent's FUSE view, smbprotocol as the
+attacker. Each test reproduces one attack that worked and checks it no longer does."""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+import pytest
+from smbprotocol.connection import Connection
+from smbprotocol.exceptions import SMBException
+from smbprotocol.session import Session
+
+from harness import PASSWORD
+
+ERRORS = (OSError, SMBException)
+
+
+def wait_for(predicate, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.1)
+
+
+def test_a_banned_address_loses_the_smb_connections_it_has_open(smb_agent):
+    """The ban denies the address in smb.conf, which keeps out new connections only: a guesser that kept its
+    connection open went on guessing after the ban, one SESSION_SETUP after another (and in the end logged in).
+    The agent now has smbd drop the banned address's connections."""
+    agent = smb_agent(**{"login.max_failures": 3, "login.ban_seconds": 60}).start(timeout=180)
+    port = int(agent.overrides["smb.listen"].rsplit(":", 1)[1])
+    conn = Connection(uuid.uuid4(), "127.0.0.1", port, require_signing=True)
+    conn.connect(timeout=15)
+    for _ in range(3):  # a name that does not exist: Samba's own per-user lockout plays no part
+        with pytest.raises(ERRORS):
+            Session(conn, "intruder", "guess").connect()
+    wait_for(lambda: agent.events("smb_hosts_denied"), 20)
+    wait_for(lambda: not conn.transport.connected, 10)
+    with pytest.raises(ERRORS):
+        Session(conn, "pacs", PASSWORD).connect()
