@@ -3,13 +3,16 @@ attacker. Each test reproduces one attack that worked and checks it no longer do
 
 from __future__ import annotations
 
+import subprocess
 import time
 import uuid
+from pathlib import Path
 
 import pytest
 from smbprotocol.connection import Connection
 from smbprotocol.exceptions import SMBException
 from smbprotocol.session import Session
+from smbutil import Smb
 
 from harness import PASSWORD
 
@@ -38,3 +41,19 @@ def test_a_banned_address_loses_the_smb_connections_it_has_open(smb_agent):
     wait_for(lambda: not conn.transport.connected, 10)
     with pytest.raises(ERRORS):
         Session(conn, "pacs", PASSWORD).connect()
+
+
+def test_other_local_accounts_cannot_use_the_fuse_mount(smb_agent):
+    """smbd reaches the namespace through the agent's FUSE mount (allow_other). Its files were 0664 and nothing
+    checked the caller: any local account of the box (nobody) read every stored file there and wrote new ones,
+    outside [[users]] permissions and roots. The mount now keeps out whoever is not in the service group."""
+    agent = smb_agent().start(timeout=180)
+    smb = Smb(agent)
+    smb.write("secret.dcm", b"patient data")
+    mount = Path(agent.overrides["smb.mountpoint"])
+    for command in (["cat", str(mount / "secret.dcm")], ["ls", str(mount)], ["touch", str(mount / "planted.dcm")],
+                    ["rm", str(mount / "secret.dcm")]):
+        done = subprocess.run(command, user="nobody", capture_output=True, text=True, timeout=30)
+        assert done.returncode != 0 and "Permission denied" in done.stderr, (command, done)
+    assert smb.listdir("") == ["secret.dcm"] and smb.read("secret.dcm") == b"patient data"
+    smb.close()
