@@ -314,6 +314,7 @@ class SmbConfig:
     smbd: str = _f(_nonempty, "the path of the smbd binary", default="/usr/sbin/smbd")
     hosts_allow: tuple[str, ...] = _f(_hosts_allow, "a list of client networks or addresses such as "
                                       "['10.10.20.0/24', '192.0.2.7'] ([]: every client)", default=())
+    max_sessions_per_address: int = _f(_int_between(1, 10000), "an integer 1..10000", default=64)
 
 
 def parse_hash(encoded: str) -> tuple[int, int, int, bytes, bytes]:

@@ -57,3 +57,24 @@ def test_other_local_accounts_cannot_use_the_fuse_mount(smb_agent):
         assert done.returncode != 0 and "Permission denied" in done.stderr, (command, done)
     assert smb.listdir("") == ["secret.dcm"] and smb.read("secret.dcm") == b"patient data"
     smb.close()
+
+
+def test_smb_connections_from_one_address_are_capped(smb_agent):
+    """Samba has no per-client cap, and each connection is an smbd process of its own: one address opened them
+    without end (FTP and SFTP refuse one over max_sessions_per_address). While an address holds
+    [smb] max_sessions_per_address connections it is now denied in smb.conf, until one of them ends."""
+    agent = smb_agent(**{"smb.max_sessions_per_address": 3}).start(timeout=180)
+    port = int(agent.overrides["smb.listen"].rsplit(":", 1)[1])
+    held = []
+    for _ in range(3):  # negotiated, never logged in
+        held.append(Connection(uuid.uuid4(), "127.0.0.1", port, require_signing=True))
+        held[-1].connect(timeout=15)
+    wait_for(lambda: agent.events("session_refused"), 10)
+    with pytest.raises(ERRORS):
+        Smb(agent).listdir("")
+    held.pop().disconnect()
+    wait_for(lambda: len(agent.events("smb_hosts_denied")) >= 2, 10)  # below the cap: allowed again
+    assert Smb(agent).listdir("") == []
+    assert agent.events("session_refused")[0]["reason"] == "too many connections from 127.0.0.1 (limit 3)"
+    for conn in held:
+        conn.disconnect()

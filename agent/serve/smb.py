@@ -20,7 +20,9 @@ max_failures; and its JSON authentication audit (one file of its own) is followe
 every SMB login into the same LoginGuard as FTP and SFTP (logged, audited, counted in /metrics). An address
 the guard bans is denied in smb.conf (`hosts deny`, or `EXCEPT` in `hosts allow`) and smbd reloads it, so
 a banned address gets no SMB connection at all until the ban ends, and loses those it has. Samba has no way
-to delay its answer to one failed login: SMB gets the ban, not the growing delay FTP and SFTP give.
+to delay its answer to one failed login: SMB gets the ban, not the growing delay FTP and SFTP give. Nor has it
+a per-client cap: an address holding [smb] max_sessions_per_address connections is denied the same way while
+it holds them.
 """
 
 from __future__ import annotations
@@ -36,8 +38,10 @@ import os
 import pwd
 import re
 import signal
+import socket
 import subprocess
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +50,7 @@ import structlog
 from agent.audit import Who
 from agent.auth import LoginGuard, unmapped
 from agent.config import Config, UserConfig
-from agent.serve.contract import login
+from agent.serve.contract import login, refuse_session
 from agent.serve.fuse import FuseMount
 from agent.store.errors import AlreadyExists
 from agent.store.gateway import Gateway
@@ -168,6 +172,27 @@ def render_bans(cfg: Config, banned: list[str]) -> str:
     return f"hosts deny = {' '.join(banned)}\n"
 
 
+def _proc_address(text: str) -> str:
+    """An address as /proc/net/tcp{,6} writes it (hex, 32-bit words in host order) → its usual text."""
+    raw = bytes.fromhex(text)
+    words = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))  # little-endian hosts (x86, arm64)
+    return unmapped(socket.inet_ntop(socket.AF_INET if len(raw) == 4 else socket.AF_INET6, words))
+
+
+def connections_by_address(port: int) -> Counter[str]:
+    """Established TCP connections to `port` per client address: smbd serves each in a process of its own and
+    has no per-client cap, and the agent is not on their path; the kernel's tables list them."""
+    counts: Counter[str] = Counter()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError), open(table) as f:
+            next(f)
+            for line in f:
+                local, remote, state = line.split()[1:4]
+                if state == "01" and int(local.rpartition(":")[2], 16) == port:
+                    counts[_proc_address(remote.rpartition(":")[0])] += 1
+    return counts
+
+
 def auth_event(line: str) -> tuple[str, str, bool] | None:
     """One line of Samba's JSON authentication audit → (user, client address, succeeded), None for others.
 
@@ -248,7 +273,8 @@ class SmbService:
         self._auth_watch: asyncio.Task[None] | None = None
         self._stopping = False
         self.restarts = 0
-        self._bans: list[str] = []
+        self._bans: list[str] = []  # denied in bans.conf now: banned by the guard…
+        self._full: list[str] = []  # …or holding max_sessions_per_address connections
 
     # --- start / stop ----------------------------------------------------------------------------
 
@@ -394,17 +420,24 @@ class SmbService:
             self.gateway.audit_event(who, "login")
 
     async def _enforce_bans(self) -> None:
+        """Deny the addresses the guard bans, and those holding max_sessions_per_address connections now."""
         banned = await self.logins.banned("address")
-        if banned == self._bans:
+        cap = self.cfg.smb.max_sessions_per_address
+        counts = await asyncio.to_thread(connections_by_address, self.cfg.smb.listen[1])
+        full = sorted(address for address, n in counts.items() if n >= cap)
+        if (banned, full) == (self._bans, self._full):
             return
-        (self.state / BANS_CONF).write_text(render_bans(self.cfg, banned))
+        (self.state / BANS_CONF).write_text(render_bans(self.cfg, sorted({*banned, *full})))
         await asyncio.to_thread(self._reload_smbd)
         # A denial keeps out new connections only: one already open could go on guessing (a SESSION_SETUP
         # after another), so a newly banned address loses its connections too.
         for address in sorted(set(banned) - set(self._bans)):
             await asyncio.to_thread(self._smbcontrol, "kill-client-ip", address)
-        log.warning("smb_hosts_denied", addresses=banned, lifted=sorted(set(self._bans) - set(banned)))
-        self._bans = banned
+        for address in sorted(set(full) - set(self._full)):
+            refuse_session(self.gateway, "smb", Who("-", "smb", address),
+                           f"too many connections from {address} (limit {cap})")
+        log.warning("smb_hosts_denied", banned=banned, full=full)
+        self._bans, self._full = banned, full
 
     def _reload_smbd(self) -> None:
         """smbd rereads smb.conf (and so bans.conf): new connections from a banned address are refused."""
