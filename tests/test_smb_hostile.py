@@ -78,3 +78,15 @@ def test_smb_connections_from_one_address_are_capped(smb_agent):
     assert agent.events("session_refused")[0]["reason"] == "too many connections from 127.0.0.1 (limit 3)"
     for conn in held:
         conn.disconnect()
+
+
+def test_the_share_root_is_the_logged_in_accounts(smb_agent):
+    """Samba matches user names without case, and the share's path named the root link by the name the client
+    typed (%U): of the users 'pacs' (root /CT) and 'PACS' (root /), PACS logging in with its own password got
+    the root of pacs. The path now names the Unix account that logged in (%u)."""
+    agent = smb_agent(users=[{"name": "pacs", "password": PASSWORD, "root": "/CT"},
+                             {"name": "PACS", "password": PASSWORD + "-upper", "root": "/"}]).start(timeout=180)
+    upper = Smb(agent, user="PACS", password=PASSWORD + "-upper")
+    upper.write("top.dcm", b"top")
+    assert upper.listdir("") == ["CT", "top.dcm"]
+    upper.close()

@@ -11,7 +11,9 @@ not valid Unix names) whose primary group is the `[smb] unix_user` service accou
 each session's file access as that user's account, so the FUSE layer knows the SMB user of every request
 from its uid (audit records name them); the mount shows everything owned by the service account and its
 group, group-writable. A user's `root` is the share's path for that user:
-`path = <state_dir>/roots/%U`, a symlink to `<mountpoint>/<root>`; Samba keeps every request below it.
+`path = <state_dir>/roots/%u`, a symlink (named by the user's Unix account, the one that logged in: not by
+the name the client typed, %U, which Samba matches without case) to `<mountpoint>/<root>`; Samba keeps every
+request below it.
 Samba checks NTLM against the NT hash of the password, so only users with a plain `password` can use
 SMB; users with only `password_hash` or `authorized_keys` are left out, with a warning in the log.
 
@@ -144,7 +146,7 @@ def render_conf(cfg: Config) -> str:
         "strict sync = no",
         "",
         f"[{s.share}]",
-        f"path = {state}/roots/%U",
+        f"path = {state}/roots/%u",
         "comment = pacsgw PACS archive",
         "browseable = yes",
         "read only = no",
@@ -321,17 +323,17 @@ class SmbService:
     async def _ensure_roots(self) -> None:
         mp = Path(self.cfg.smb.mountpoint)
         roots = self.state / "roots"
-        wanted = {u.name: u.root for u in smb_users(self.cfg)}
+        wanted = {unix_account(u.name): u.root for u in smb_users(self.cfg)}
         for link in roots.iterdir():
             if link.name not in wanted:
                 link.unlink()
-        for name, root in wanted.items():
+        for account, root in wanted.items():
             ns = root.strip("/")
             if ns:
                 with contextlib.suppress(AlreadyExists):
                     await self.gateway.mkdir(ns)
             target = mp / ns if ns else mp
-            link = roots / name
+            link = roots / account
             if link.is_symlink() and os.readlink(link) == str(target):
                 continue
             link.unlink(missing_ok=True)
