@@ -14,12 +14,12 @@ import sqlite3
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Callable, Concatenate, Coroutine, Iterator, ParamSpec, TypeVar
+from typing import Any, Callable, Concatenate, Coroutine, Iterable, Iterator, ParamSpec, TypeVar
 
 import structlog
 
 from agent.audit import AuditLog, Who
-from agent.config import LoginConfig, parse_hash
+from agent.config import LoginConfig, UserConfig, parse_hash
 from agent.metrics import Metrics
 
 log = structlog.get_logger("pacsgw.auth")
@@ -48,6 +48,24 @@ def verify_password(password: str, *, plain: str = "", encoded: str = "") -> boo
     if plain:
         return hmac.compare_digest(password.encode(), plain.encode())
     return False
+
+
+class Passwords:
+    """The password check of [[users]] at one cost whatever the name: a name without a password_hash (unknown, a
+    plain password, keys only) pays one scrypt run against a configured hash too, so how soon a wrong login is
+    answered does not tell which names exist. (No hash configured: no check runs scrypt.)"""
+
+    def __init__(self, users: Iterable[UserConfig]) -> None:
+        self.users = {u.name: u for u in users}
+        self.decoy = next((u.password_hash for u in self.users.values() if u.password_hash), "")
+
+    def check(self, name: str, password: str) -> bool:
+        user = self.users.get(name)
+        if user is not None and user.password_hash:
+            return verify_password(password, encoded=user.password_hash)
+        if self.decoy:
+            verify_password(password, encoded=self.decoy)  # the time a hash takes; its answer means nothing here
+        return user is not None and verify_password(password, plain=user.password)
 
 
 def unmapped(address: str) -> str:

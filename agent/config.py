@@ -255,6 +255,7 @@ class FtpConfig:
     max_sessions_per_user: int = _int(1, 10000, 32)
     max_sessions_per_address: int = _int(1, 10000, 64)
     passive_timeout: float = _seconds(1, 600, 30.0, " (how long a PASV/EPSV port waits for its data connection)")
+    login_timeout: float = _seconds(1, 600, 30.0, " (how long a connection may take to log in)")
 
 
 @dataclass(frozen=True)
@@ -284,6 +285,7 @@ class SmbConfig:
     smbd: str = _f(_nonempty, "the path of the smbd binary", default="/usr/sbin/smbd")
     hosts_allow: tuple[str, ...] = _f(_hosts_allow, "a list of client networks or addresses such as "
                                       "['10.10.20.0/24', '192.0.2.7'] ([]: every client)", default=())
+    max_sessions_per_address: int = _int(1, 10000, 64)
 
 
 def parse_hash(encoded: str) -> tuple[int, int, int, bytes, bytes]:

@@ -286,6 +286,56 @@ def test_a_command_line_without_end_is_answered_then_closed(agent_factory):
     assert agent.events("ftp_session_closed")[0]["reason"] == "command line too long"
 
 
+def line(s: socket.socket) -> bytes:
+    """One reply line, read a byte at a time: nothing after it (a TLS handshake) is taken off the socket."""
+    got = b""
+    while not got.endswith(b"\r\n"):
+        got += s.recv(1) or b"\r\n"
+    return got
+
+
+def test_a_connection_that_never_logs_in_goes_after_login_timeout(agent_factory):
+    """A connection that has not logged in within ftp.login_timeout gets 421 and is closed, whatever it sends
+    meanwhile, and its slot of the address cap is free again (it held it for the 600 s idle timeout); a
+    logged-in session stays."""
+    agent = agent_factory(**{"ftp.login_timeout": 2, "ftp.max_sessions_per_address": 2}).start()
+    f = ftp(agent)
+    s = socket.create_connection(("127.0.0.1", agent.ftp_port), timeout=30)
+    assert line(s).startswith(b"220")
+    for command, reply in ((b"USER pacs", b"331"), (b"NOOP", b"200")):  # busy, but no login
+        s.sendall(command + b"\r\n")
+        assert line(s).startswith(reply)
+        time.sleep(0.5)
+    assert recv_all(s).startswith(b"421 no login in time")
+    wait_for(lambda: ftp(agent).quit())  # the address has its slot back (cap 2: f and this one)
+    assert f.sendcmd("NOOP").startswith("200")  # logged in longer than login_timeout, and still served
+    f.quit()
+    assert agent.events("ftp_session_closed")[0]["reason"] == "no login within login_timeout"
+
+
+def test_commands_pipelined_behind_auth_tls_are_dropped(agent_factory, tmp_path):
+    """STARTTLS command injection (CVE-2011-0411): commands sent in clear in the same packet as AUTH TLS ran,
+    before the handshake or after it as if they had come protected. They are dropped: the session is not
+    logged in after the handshake, and logs in over TLS as usual."""
+    ca, cert, key = make_ca_and_cert(tmp_path)
+    agent = agent_factory(**{"ftp.tls_cert": str(cert), "ftp.tls_key": str(key)}).start()
+    s = socket.create_connection(("127.0.0.1", agent.ftp_port), timeout=30)
+    assert line(s).startswith(b"220")
+    s.sendall(f"AUTH TLS\r\nUSER pacs\r\nPASS {PASSWORD}\r\nMKD injected\r\n".encode())
+    assert line(s).startswith(b"234")
+    tls = ssl.create_default_context(cafile=str(ca)).wrap_socket(s, server_hostname="127.0.0.1")
+    tls.sendall(b"PWD\r\n")
+    assert line(tls).startswith(b"503 bad sequence of commands (not logged in)")
+    for command, reply in ((b"USER pacs", b"331"), (f"PASS {PASSWORD}".encode(), b"230")):
+        tls.sendall(command + b"\r\n")
+        assert line(tls).startswith(reply)
+    tls.close()
+    assert [e["bytes"] for e in agent.events("ftp_pipelined_before_tls_dropped")] == [len(PASSWORD) + 32]
+    f = ftp(agent)
+    assert f.nlst() == []  # the injected MKD never ran
+    f.quit()
+
+
 def test_session_caps_per_address_and_per_user(agent_factory):
     agent = agent_factory(**{"ftp.max_sessions_per_address": 3, "ftp.max_sessions_per_user": 2},
                           users=[{"name": "pacs", "password": PASSWORD, "root": "/"},

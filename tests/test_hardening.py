@@ -516,6 +516,65 @@ def test_sftp_session_caps_per_address_and_per_user(agent_factory):
                                                                "too many sessions for user pacs"}
 
 
+def test_sftp_connections_over_the_address_cap_are_held_within_a_bound(agent_factory):
+    """A connection over the address cap is kept up to REFUSE_S (then LINGER_S) for its client to read why. An
+    address opening connections over the cap as fast as it could piled them up, each a descriptor of the agent,
+    until it had none left: at most HOLD_MAX are kept, the others are cut at once."""
+    from agent.serve.sftp import _Auth
+    agent = agent_factory(**{"sftp.max_sessions_per_address": 1}).start()
+    first = socket.create_connection(("127.0.0.1", agent.sftp_port), timeout=30)
+    assert first.recv(256).startswith(b"SSH-2.0-")  # connected and counted: every other connection is refused
+    agent_proc = psutil.Process(agent.proc.pid)
+
+    def held() -> int:
+        return len([c for c in agent_proc.net_connections("tcp")
+                    if c.laddr.port == agent.sftp_port and c.status != psutil.CONN_LISTEN])
+
+    flood = [socket.create_connection(("127.0.0.1", agent.sftp_port), timeout=30) for _ in range(3 * _Auth.HOLD_MAX)]
+    for s in flood:  # accepted: the server's version line came (or, cut already, the connection's end)
+        with contextlib.suppress(OSError):
+            s.recv(8)
+    cut_by = time.monotonic() + _Auth.REFUSE_S * 0.75  # before the first held one's disconnect is due
+    while (now := held()) > _Auth.HOLD_MAX + 1:
+        assert time.monotonic() < cut_by, f"{now} connections held"
+        time.sleep(0.05)
+    for s in [first, *flood]:
+        s.close()
+    wait_for(lambda: held() == 0, 10)  # the held ones went too, and their places are free again
+    sftp_session(agent, lambda sftp: sftp.listdir("."))  # served again (it raises if refused)
+
+
+def test_a_wrong_login_costs_the_same_whatever_the_name(agent_factory):
+    """User enumeration by timing: scrypt ran only for a name with a password_hash, so a wrong password for an
+    unknown name or a plain-password user was answered ~50 ms sooner. Every check now runs scrypt once: the
+    agent's CPU time per wrong login is about the same for the three, over FTP and SFTP."""
+    from agent.auth import hash_password
+    agent = agent_factory(users=[{"name": "pacs", "password": PASSWORD, "root": "/"},
+                                 {"name": "keeper", "password_hash": hash_password("a-long-secret"), "root": "/"}],
+                          **{"login.delay_seconds": 0, "login.max_failures": 1000}).start()
+    agent_proc = psutil.Process(agent.proc.pid)
+
+    async def sftp_logins(name: str) -> None:
+        for _ in range(4):
+            with pytest.raises(asyncssh.PermissionDenied):
+                await asyncssh.connect("127.0.0.1", agent.sftp_port, username=name, password="wrong-guess",
+                                       known_hosts=None)
+
+    def cpu_of_wrong_logins(name: str) -> float:
+        before = sum(agent_proc.cpu_times()[:2])
+        f = ftplib.FTP(timeout=30)
+        f.connect("127.0.0.1", agent.ftp_port)
+        for _ in range(6):
+            with pytest.raises(ftplib.error_perm, match="530"):
+                f.login(name, "wrong-guess")
+        f.close()
+        asyncio.run(sftp_logins(name))
+        return sum(agent_proc.cpu_times()[:2]) - before
+
+    hashed, unknown, plain = (cpu_of_wrong_logins(name) for name in ("keeper", "nobody-here", "pacs"))
+    assert unknown > 0.5 * hashed and plain > 0.5 * hashed, (hashed, unknown, plain)
+
+
 # --- 14: the admin path -----------------------------------------------------------------------------
 
 

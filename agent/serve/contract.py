@@ -1,8 +1,10 @@
 """What every front end (FTP, SFTP, SMB over FUSE) does the same way; the protocol modules only translate.
 
-* Modes: one file shows one mode whatever protocol lists it. 0664 / 0775 (group-writable) because SMB needs
+* Modes: one file shows one mode whatever protocol lists it. 0660 / 0770 (group-writable) because SMB needs
   it: smbd checks the mode bits itself, as the session user's Unix account, which is not the mount's owner but
-  is in its group (agent.serve.smb). The object store keeps no modes; FTP and SFTP only display them.
+  is in its group (agent.serve.smb). Nothing for others: the kernel checks the bits on the FUSE mount
+  (default_permissions), so no other local account of the box reads or changes the archive through it.
+  The object store keeps no modes; FTP and SFTP only display them.
 * Errors: one table (`ANSWERS`) says what each gateway error is in every protocol (FTP: 450/451/452 are
   transient, "try again", 55x permanent; SMB: an errno Samba turns into an NT status). `report` counts a
   gateway error in pacsgw_errors_total{protocol,kind} and logs it as `<protocol>_error`; a request the front
@@ -47,8 +49,8 @@ from agent.store.gateway import Gateway
 
 log = structlog.get_logger("pacsgw.serve")
 
-FILE_MODE = stat.S_IFREG | 0o664
-DIR_MODE = stat.S_IFDIR | 0o775
+FILE_MODE = stat.S_IFREG | 0o660
+DIR_MODE = stat.S_IFDIR | 0o770
 
 
 def tls_context(cert: str, key: str) -> ssl.SSLContext:

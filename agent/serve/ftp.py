@@ -51,7 +51,7 @@ import structlog
 from aioftp.common import END_OF_LINE, ThrottleStreamIO
 
 from agent.audit import Who
-from agent.auth import LoginGuard, verify_password
+from agent.auth import LoginGuard, Passwords
 from agent.config import Config, UserConfig
 from agent.records import Entry
 from agent.serve import contract
@@ -180,7 +180,7 @@ class _Users(aioftp.AbstractUserManager):
 
     def __init__(self, users: tuple[UserConfig, ...]) -> None:
         super().__init__()
-        self.by_name = {u.name: u for u in users}
+        self.passwords = Passwords(users)
         self.ftp_users = {u.name: aioftp.User(u.name, "-", base_path=Path(u.root), home_path="/",
                                               permissions=[aioftp.Permission("/", readable=True, writable=True)])
                           for u in users}
@@ -190,10 +190,9 @@ class _Users(aioftp.AbstractUserManager):
         return aioftp.AbstractUserManager.GetUserResponse.PASSWORD_REQUIRED, user, "password required"
 
     async def authenticate(self, user: aioftp.User, password: str) -> bool:
-        cfg = self.by_name.get(user.login or "")
         # bytes that were not UTF-8 arrive as surrogate escapes (FtpServer._read_command): never a password
-        return cfg is not None and not any("\ud800" <= c <= "\udfff" for c in password) and await asyncio.to_thread(
-            verify_password, password, plain=cfg.password, encoded=cfg.password_hash)
+        return not any("\ud800" <= c <= "\udfff" for c in password) and await asyncio.to_thread(
+            self.passwords.check, user.login or "", password)
 
     async def notify_logout(self, user: aioftp.User) -> None:
         return None
@@ -538,6 +537,16 @@ class FtpServer(aioftp.Server):
         connection.path_io = self.path_io_factory(timeout=self.path_timeout, connection=connection)
         respond("220", self.welcome_message)
 
+        def login_expired() -> None:
+            """Not logged in after ftp.login_timeout: the session goes (it held a slot of the address cap for the
+            whole idle timeout)."""
+            if not connection.future.logged.done():
+                log.warning("ftp_session_closed", peer=host, reason="no login within login_timeout")
+                respond("421", "no login in time; closing the connection")
+                _settle(ended)
+
+        login_timer = asyncio.get_running_loop().call_later(self.cfg.ftp.login_timeout, login_expired)
+
         async def read_commands() -> None:
             while True:
                 cmd, rest = await self._read_command(reader, writer)  # a closed or idle connection raises
@@ -548,6 +557,8 @@ class FtpServer(aioftp.Server):
                 task = asyncio.ensure_future(handler(connection, rest))
                 commands.add(task)
                 task.add_done_callback(settled)
+                if cmd == "auth":  # nothing sent behind AUTH is read before TLS is up (on_auth drops it)
+                    await asyncio.wait([task])
 
         read = asyncio.create_task(read_commands())
         read.add_done_callback(lambda _: _settle(ended))
@@ -568,6 +579,7 @@ class FtpServer(aioftp.Server):
                     await asyncio.wait_for(writer.drain(), 1)
             raise
         finally:
+            login_timer.cancel()
             tasks: set[asyncio.Task[Any]] = {read, *commands, *connection.extra_workers}
             for task in tasks:
                 task.cancel()
@@ -626,6 +638,12 @@ class FtpServer(aioftp.Server):
             # Stop reading first: the client's TLS hello must reach the TLS layer, not the command parser.
             stream = connection.command_connection
             stream.writer.transport.pause_reading()
+            # What the client sent in clear behind AUTH came in with it: drop it, or it would run after the
+            # handshake as if it were protected (RFC 4217 section 11; STARTTLS injection, CVE-2011-0411).
+            pipelined: bytearray = stream.reader._buffer  # asyncio has no public way to drop what it holds
+            if pipelined:
+                log.warning("ftp_pipelined_before_tls_dropped", peer=connection.client_host, bytes=len(pipelined))
+                pipelined.clear()
             await self.write_response(stream, "234", "AUTH TLS successful")
             await stream.start_tls(self.tls, server_hostname=None)
             connection.session.tls = True

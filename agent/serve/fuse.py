@@ -273,10 +273,6 @@ class GatewayFS(pyfuse3.Operations):
         # modes, owners and times: the object store keeps its own; accept and ignore
         return await self._attrs_of(path)
 
-    async def access(self, inode: int, mode: int, ctx: pyfuse3.RequestContext) -> bool:
-        self._path(inode)
-        return True
-
     async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
         disk = self.gw.disk_usage()
         s = pyfuse3.StatvfsData()
@@ -533,7 +529,7 @@ class FuseMount:
         pyfuse3_asyncio.enable()
         unmount_stale(self.mountpoint)
         self.mountpoint.mkdir(parents=True, exist_ok=True)
-        options = {"fsname=pacsgw", "subtype=pacsgw", "allow_other", "noatime"}
+        options = {"fsname=pacsgw", "subtype=pacsgw", "allow_other", "default_permissions", "noatime"}
         pyfuse3.init(self.fs, str(self.mountpoint), options)
         self._task = asyncio.create_task(pyfuse3.main(min_tasks=4, max_tasks=64), name="fuse")
         log.info("fuse_mounted", mountpoint=str(self.mountpoint))

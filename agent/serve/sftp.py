@@ -14,15 +14,15 @@ import os
 import socket
 import weakref
 from pathlib import Path
-from typing import Any, AsyncIterator, Awaitable, NoReturn, TypeVar
+from typing import Any, AsyncIterator, Awaitable, Callable, NoReturn, TypeVar
 
 import asyncssh
 import structlog
 from asyncssh.stream import SSHServerStreamSession
 
 from agent.audit import Who
-from agent.auth import LoginGuard, unmapped, verify_password
-from agent.config import Config, SftpConfig, UserConfig
+from agent.auth import LoginGuard, Passwords, unmapped
+from agent.config import Config, SftpConfig
 from agent.records import Entry
 from agent.serve.contract import answer, login, refuse_session, report, st_mode
 from agent.store.errors import GatewayError
@@ -51,7 +51,7 @@ def _peer(conn: asyncssh.SSHServerConnection | asyncssh.SSHServerChannel[bytes] 
 LINGER_S = 2.0  # the longest a refused connection's socket is read after its DISCONNECT
 
 
-def _linger(sock: socket.socket) -> None:
+def _linger(sock: socket.socket, closed: Callable[[], None]) -> None:
     """Shut the write side (the DISCONNECT already sent, then FIN) and read and drop what the client still sends,
     until its EOF or for LINGER_S, then close. asyncssh's disconnect aborts its socket at once: a request of the
     client that crossed the DISCONNECT then met a closed socket, the kernel answered it with a reset, and a client
@@ -62,6 +62,7 @@ def _linger(sock: socket.socket) -> None:
         loop.remove_reader(fd)
         timer.cancel()
         sock.close()
+        closed()
 
     def drain() -> None:
         try:
@@ -78,6 +79,7 @@ def _linger(sock: socket.socket) -> None:
         sock.shutdown(socket.SHUT_WR)
     except OSError:  # the client is gone already
         sock.close()
+        closed()
         return
     loop.add_reader(fd, drain)
     timer = loop.call_later(LINGER_S, close)
@@ -113,10 +115,13 @@ class _Auth(asyncssh.SSHServer):
     channels against max_channels_per_connection."""
 
     REFUSE_S = 2.0  # the longest a connection over the address cap stays before its disconnect
+    HOLD_MAX = 32  # refused connections a process keeps at once (waiting for REFUSE_S, lingering after)
+    holding = 0  # how many it keeps now
 
-    def __init__(self, users: dict[str, UserConfig], cfg: SftpConfig, gateway: Gateway, guard: LoginGuard,
+    def __init__(self, passwords: Passwords, cfg: SftpConfig, gateway: Gateway, guard: LoginGuard,
                  sftp_factory: type[GatewaySFTP]) -> None:
-        self.users, self.cfg, self.gateway, self.guard, self.sftp_factory = users, cfg, gateway, guard, sftp_factory
+        self.passwords, self.cfg, self.gateway, self.guard = passwords, cfg, gateway, guard
+        self.sftp_factory = sftp_factory
         self.conn: asyncssh.SSHServerConnection | None = None
         self.address = ""
         self.username = "-"
@@ -125,6 +130,7 @@ class _Auth(asyncssh.SSHServer):
         self.channels = 0
         self.by_password = False  # the login was a password's (the guard has recorded it already)
         self.refused = ""  # the disconnect reason of a connection over a session cap, until it is sent
+        self.held = False  # this refused connection counts in `holding`
 
     def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
         self.conn, self.address = conn, unmapped(conn.get_extra_info("peername")[0])
@@ -151,7 +157,7 @@ class _Auth(asyncssh.SSHServer):
             return True
         refuse_session(self.gateway, "sftp", self._who(self.username), f"too many sessions {whose} (limit {cap})")
         self.refused = f"too many sessions {yours} (limit {cap}); try again later"
-        if self.username == "-":
+        if self.username == "-" and self._hold():
             # The guard answers during the key exchange: a disconnect now (asyncssh aborts the socket) would
             # reach a client that is still writing as a bare reset. It goes with the login request, or soon.
             asyncio.get_running_loop().call_later(self.REFUSE_S, self._disconnect)
@@ -159,17 +165,33 @@ class _Auth(asyncssh.SSHServer):
             self._disconnect()
         return False
 
+    def _hold(self) -> bool:
+        """Whether this refused connection may be kept a while (for its client to read why): each holds a
+        descriptor, and a client opening connections over the cap as fast as it can piled them up (4 s' worth)
+        until the agent ran out of descriptors. Beyond HOLD_MAX it is cut at once."""
+        if not self.held and _Auth.holding < self.HOLD_MAX:
+            _Auth.holding += 1
+            self.held = True
+        return self.held
+
+    def _unhold(self) -> None:
+        if self.held:
+            _Auth.holding -= 1
+            self.held = False
+
     def _disconnect(self) -> None:
         if self.refused and self.conn is not None:
             raw = self.conn.get_extra_info("socket")  # asyncssh closes its own: a duplicate lingers (_linger)
             try:
-                held = socket.socket(fileno=os.dup(raw.fileno())) if raw is not None else None
+                held = socket.socket(fileno=os.dup(raw.fileno())) if raw is not None and self._hold() else None
             except OSError:  # out of descriptors: the disconnect goes all the same, without the lingering
                 held = None
             self.conn.disconnect(asyncssh.DISC_TOO_MANY_CONNECTIONS, self.refused)
             self.refused = ""
             if held is not None:
-                _linger(held)
+                _linger(held, self._unhold)
+            else:
+                self._unhold()
 
     def _who(self, username: str) -> Who:
         return Who(username, "sftp", _peer(self.conn))
@@ -212,7 +234,7 @@ class _Auth(asyncssh.SSHServer):
             self._disconnect()
             return True
         refused = await self.guard.refusal(username, self.address, "sftp")
-        user = self.users.get(username)
+        user = self.passwords.users.get(username)
         if user and user.authorized_keys and self.conn is not None and not refused:
             self.conn.set_authorized_keys(asyncssh.read_authorized_keys(list(user.authorized_keys)))
         return True
@@ -226,9 +248,7 @@ class _Auth(asyncssh.SSHServer):
     async def validate_password(self, username: str, password: str) -> bool:
         if await self.guard.refusal(username, self.address, "sftp"):  # also a ban this connection's failures made
             return False
-        user = self.users.get(username)
-        ok = user is not None and bool(user.password or user.password_hash) and await asyncio.to_thread(
-            verify_password, password, plain=user.password, encoded=user.password_hash)
+        ok = await asyncio.to_thread(self.passwords.check, username, password)
         await login(self.gateway, self.guard, "sftp", self._who(username), self.address, ok, method="password")
         self.by_password = ok
         return ok
@@ -411,7 +431,7 @@ class GatewaySFTP(asyncssh.SFTPServer):
 class SftpService:
     def __init__(self, cfg: Config, gateway: Gateway, logins: LoginGuard) -> None:
         self.cfg, self.gateway, self.logins = cfg, gateway, logins
-        self.users = {u.name: u for u in cfg.users}
+        self.passwords = Passwords(cfg.users)
         self._acceptor: asyncssh.SSHAcceptor | None = None
         self._conns: weakref.WeakSet[asyncssh.SSHServerConnection] = weakref.WeakSet()
 
@@ -422,7 +442,7 @@ class SftpService:
         host, port = self.cfg.sftp.listen
         self._acceptor = await asyncssh.listen(
             host, port, server_host_keys=[key], allow_scp=False,
-            server_factory=lambda: _Auth(self.users, self.cfg.sftp, self.gateway, self.logins, factory),
+            server_factory=lambda: _Auth(self.passwords, self.cfg.sftp, self.gateway, self.logins, factory),
             agent_forwarding=False, x11_forwarding=False,
             allow_pty=False, login_timeout=60, keepalive_interval=30,
             acceptor=self._conns.add, reuse_port=reuse_port)

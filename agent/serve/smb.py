@@ -11,7 +11,9 @@ not valid Unix names) whose primary group is the `[smb] unix_user` service accou
 each session's file access as that user's account, so the FUSE layer knows the SMB user of every request
 from its uid (audit records name them); the mount shows everything owned by the service account and its
 group, group-writable. A user's `root` is the share's path for that user:
-`path = <state_dir>/roots/%U`, a symlink to `<mountpoint>/<root>`; Samba keeps every request below it.
+`path = <state_dir>/roots/%u`, a symlink (named by the user's Unix account, the one that logged in: not by
+the name the client typed, %U, which Samba matches without case) to `<mountpoint>/<root>`; Samba keeps every
+request below it.
 Samba checks NTLM against the NT hash of the password, so only users with a plain `password` can use
 SMB; users with only `password_hash` or `authorized_keys` are left out, with a warning in the log.
 
@@ -19,8 +21,10 @@ Password guessing ([login]): Samba checks SMB passwords itself. Its account poli
 max_failures; and its JSON authentication audit (one file of its own) is followed by the agent, which feeds
 every SMB login into the same LoginGuard as FTP and SFTP (logged, audited, counted in /metrics). An address
 the guard bans is denied in smb.conf (`hosts deny`, or `EXCEPT` in `hosts allow`) and smbd reloads it, so
-a banned address gets no SMB connection at all until the ban ends. Samba has no way to delay its answer to
-one failed login: SMB gets the ban, not the growing delay FTP and SFTP give.
+a banned address gets no SMB connection at all until the ban ends, and loses those it has. Samba has no way
+to delay its answer to one failed login: SMB gets the ban, not the growing delay FTP and SFTP give. Nor has it
+a per-client cap: an address holding [smb] max_sessions_per_address connections is denied the same way while
+it holds them.
 """
 
 from __future__ import annotations
@@ -36,8 +40,10 @@ import os
 import pwd
 import re
 import signal
+import socket
 import subprocess
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +52,7 @@ import structlog
 from agent.audit import Who
 from agent.auth import LoginGuard, unmapped
 from agent.config import Config, UserConfig
-from agent.serve.contract import login
+from agent.serve.contract import login, refuse_session
 from agent.serve.fuse import FuseMount
 from agent.store.errors import AlreadyExists
 from agent.store.gateway import Gateway
@@ -140,13 +146,13 @@ def render_conf(cfg: Config) -> str:
         "strict sync = no",
         "",
         f"[{s.share}]",
-        f"path = {state}/roots/%U",
+        f"path = {state}/roots/%u",
         "comment = pacsgw PACS archive",
         "browseable = yes",
         "read only = no",
         f"valid users = {' '.join(n for u in smb_users(cfg) for n in (u.name, unix_account(u.name))) or 'nobody'}",
-        "create mask = 0664",
-        "directory mask = 0775",
+        "create mask = 0660",
+        "directory mask = 0770",
         "wide links = no",
         "follow symlinks = no",
         "hide dot files = no",
@@ -166,6 +172,27 @@ def render_bans(cfg: Config, banned: list[str]) -> str:
     if cfg.smb.hosts_allow:
         return f"hosts allow = {' '.join(cfg.smb.hosts_allow)} EXCEPT {' '.join(banned)}\n"
     return f"hosts deny = {' '.join(banned)}\n"
+
+
+def _proc_address(text: str) -> str:
+    """An address as /proc/net/tcp{,6} writes it (hex, 32-bit words in host order) → its usual text."""
+    raw = bytes.fromhex(text)
+    words = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))  # little-endian hosts (x86, arm64)
+    return unmapped(socket.inet_ntop(socket.AF_INET if len(raw) == 4 else socket.AF_INET6, words))
+
+
+def connections_by_address(port: int) -> Counter[str]:
+    """Established TCP connections to `port` per client address: smbd serves each in a process of its own and
+    has no per-client cap, and the agent is not on their path; the kernel's tables list them."""
+    counts: Counter[str] = Counter()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError), open(table) as f:
+            next(f)
+            for line in f:
+                local, remote, state = line.split()[1:4]
+                if state == "01" and int(local.rpartition(":")[2], 16) == port:
+                    counts[_proc_address(remote.rpartition(":")[0])] += 1
+    return counts
 
 
 def auth_event(line: str) -> tuple[str, str, bool] | None:
@@ -248,7 +275,8 @@ class SmbService:
         self._auth_watch: asyncio.Task[None] | None = None
         self._stopping = False
         self.restarts = 0
-        self._bans: list[str] = []
+        self._bans: list[str] = []  # denied in bans.conf now: banned by the guard…
+        self._full: list[str] = []  # …or holding max_sessions_per_address connections
 
     # --- start / stop ----------------------------------------------------------------------------
 
@@ -295,17 +323,17 @@ class SmbService:
     async def _ensure_roots(self) -> None:
         mp = Path(self.cfg.smb.mountpoint)
         roots = self.state / "roots"
-        wanted = {u.name: u.root for u in smb_users(self.cfg)}
+        wanted = {unix_account(u.name): u.root for u in smb_users(self.cfg)}
         for link in roots.iterdir():
             if link.name not in wanted:
                 link.unlink()
-        for name, root in wanted.items():
+        for account, root in wanted.items():
             ns = root.strip("/")
             if ns:
                 with contextlib.suppress(AlreadyExists):
                     await self.gateway.mkdir(ns)
             target = mp / ns if ns else mp
-            link = roots / name
+            link = roots / account
             if link.is_symlink() and os.readlink(link) == str(target):
                 continue
             link.unlink(missing_ok=True)
@@ -378,9 +406,12 @@ class SmbService:
                             await self._login(*event)
             except FileNotFoundError:
                 pass
-            except Exception as e:  # a bad line or a failed reload must not end the watch
+            except Exception as e:  # a bad line must not end the watch
                 log.error("smb_login_watch_failed", error=f"{type(e).__name__}: {e}")
-            await self._enforce_bans()
+            try:
+                await self._enforce_bans()
+            except Exception as e:  # nor a failed reload (it ended the bans for good)
+                log.error("smb_login_watch_failed", error=f"{type(e).__name__}: {e}")
             await asyncio.sleep(AUTH_POLL_SECONDS)
 
     async def _login(self, user: str, address: str, ok: bool) -> None:
@@ -391,13 +422,24 @@ class SmbService:
             self.gateway.audit_event(who, "login")
 
     async def _enforce_bans(self) -> None:
+        """Deny the addresses the guard bans, and those holding max_sessions_per_address connections now."""
         banned = await self.logins.banned("address")
-        if banned == self._bans:
+        cap = self.cfg.smb.max_sessions_per_address
+        counts = await asyncio.to_thread(connections_by_address, self.cfg.smb.listen[1])
+        full = sorted(address for address, n in counts.items() if n >= cap)
+        if (banned, full) == (self._bans, self._full):
             return
-        (self.state / BANS_CONF).write_text(render_bans(self.cfg, banned))
+        (self.state / BANS_CONF).write_text(render_bans(self.cfg, sorted({*banned, *full})))
         await asyncio.to_thread(self._reload_smbd)
-        log.warning("smb_hosts_denied", addresses=banned, lifted=sorted(set(self._bans) - set(banned)))
-        self._bans = banned
+        # A denial keeps out new connections only: one already open could go on guessing (a SESSION_SETUP
+        # after another), so a newly banned address loses its connections too.
+        for address in sorted(set(banned) - set(self._bans)):
+            await asyncio.to_thread(self._smbcontrol, "kill-client-ip", address)
+        for address in sorted(set(full) - set(self._full)):
+            refuse_session(self.gateway, "smb", Who("-", "smb", address),
+                           f"too many connections from {address} (limit {cap})")
+        log.warning("smb_hosts_denied", banned=banned, full=full)
+        self._bans, self._full = banned, full
 
     def _reload_smbd(self) -> None:
         """smbd rereads smb.conf (and so bans.conf): new connections from a banned address are refused."""
@@ -405,10 +447,13 @@ class SmbService:
             if self.proc.poll() is None:
                 os.kill(self.proc.pid, signal.SIGHUP)
             return
-        r = subprocess.run(["smbcontrol", "-s", str(self.conf_path), "smbd", "reload-config"],
+        self._smbcontrol("reload-config")
+
+    def _smbcontrol(self, *message: str) -> None:
+        r = subprocess.run(["smbcontrol", "-s", str(self.conf_path), "smbd", *message],
                            capture_output=True, text=True, timeout=30)
         if r.returncode != 0:
-            log.error("smbd_reload_failed", error=(r.stderr or r.stdout).strip()[:300])
+            log.error("smbcontrol_failed", message=message[0], error=(r.stderr or r.stdout).strip()[:300])
 
     def _start_smbd(self) -> subprocess.Popen[bytes]:
         s = self.cfg.smb

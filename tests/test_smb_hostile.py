@@ -1,0 +1,92 @@
+"""SMB against hostile clients and local accounts: real smbd over the agent's FUSE view, smbprotocol as the
+attacker. Each test reproduces one attack that worked and checks it no longer does."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+from smbprotocol.connection import Connection
+from smbprotocol.exceptions import SMBException
+from smbprotocol.session import Session
+from smbutil import Smb
+
+from harness import PASSWORD
+
+ERRORS = (OSError, SMBException)
+
+
+def wait_for(predicate, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.1)
+
+
+def test_a_banned_address_loses_the_smb_connections_it_has_open(smb_agent):
+    """The ban denies the address in smb.conf, which keeps out new connections only: a guesser that kept its
+    connection open went on guessing after the ban, one SESSION_SETUP after another (and in the end logged in).
+    The agent now has smbd drop the banned address's connections."""
+    agent = smb_agent(**{"login.max_failures": 3, "login.ban_seconds": 60}).start(timeout=180)
+    port = int(agent.overrides["smb.listen"].rsplit(":", 1)[1])
+    conn = Connection(uuid.uuid4(), "127.0.0.1", port, require_signing=True)
+    conn.connect(timeout=15)
+    for _ in range(3):  # a name that does not exist: Samba's own per-user lockout plays no part
+        with pytest.raises(ERRORS):
+            Session(conn, "intruder", "guess").connect()
+    wait_for(lambda: agent.events("smb_hosts_denied"), 20)
+    wait_for(lambda: not conn.transport.connected, 10)
+    with pytest.raises(ERRORS):
+        Session(conn, "pacs", PASSWORD).connect()
+
+
+def test_other_local_accounts_cannot_use_the_fuse_mount(smb_agent):
+    """smbd reaches the namespace through the agent's FUSE mount (allow_other). Its files were 0664 and nothing
+    checked the caller: any local account of the box (nobody) read every stored file there and wrote new ones,
+    outside [[users]] permissions and roots. The mount now keeps out whoever is not in the service group."""
+    agent = smb_agent().start(timeout=180)
+    smb = Smb(agent)
+    smb.write("secret.dcm", b"patient data")
+    mount = Path(agent.overrides["smb.mountpoint"])
+    for command in (["cat", str(mount / "secret.dcm")], ["ls", str(mount)], ["touch", str(mount / "planted.dcm")],
+                    ["rm", str(mount / "secret.dcm")]):
+        done = subprocess.run(command, user="nobody", capture_output=True, text=True, timeout=30)
+        assert done.returncode != 0 and "Permission denied" in done.stderr, (command, done)
+    assert smb.listdir("") == ["secret.dcm"] and smb.read("secret.dcm") == b"patient data"
+    smb.close()
+
+
+def test_smb_connections_from_one_address_are_capped(smb_agent):
+    """Samba has no per-client cap, and each connection is an smbd process of its own: one address opened them
+    without end (FTP and SFTP refuse one over max_sessions_per_address). While an address holds
+    [smb] max_sessions_per_address connections it is now denied in smb.conf, until one of them ends."""
+    agent = smb_agent(**{"smb.max_sessions_per_address": 3}).start(timeout=180)
+    port = int(agent.overrides["smb.listen"].rsplit(":", 1)[1])
+    held = []
+    for _ in range(3):  # negotiated, never logged in
+        held.append(Connection(uuid.uuid4(), "127.0.0.1", port, require_signing=True))
+        held[-1].connect(timeout=15)
+    wait_for(lambda: agent.events("session_refused"), 10)
+    with pytest.raises(ERRORS):
+        Smb(agent).listdir("")
+    held.pop().disconnect()
+    wait_for(lambda: len(agent.events("smb_hosts_denied")) >= 2, 10)  # below the cap: allowed again
+    assert Smb(agent).listdir("") == []
+    assert agent.events("session_refused")[0]["reason"] == "too many connections from 127.0.0.1 (limit 3)"
+    for conn in held:
+        conn.disconnect()
+
+
+def test_the_share_root_is_the_logged_in_accounts(smb_agent):
+    """Samba matches user names without case, and the share's path named the root link by the name the client
+    typed (%U): of the users 'pacs' (root /CT) and 'PACS' (root /), PACS logging in with its own password got
+    the root of pacs. The path now names the Unix account that logged in (%u)."""
+    agent = smb_agent(users=[{"name": "pacs", "password": PASSWORD, "root": "/CT"},
+                             {"name": "PACS", "password": PASSWORD + "-upper", "root": "/"}]).start(timeout=180)
+    upper = Smb(agent, user="PACS", password=PASSWORD + "-upper")
+    upper.write("top.dcm", b"top")
+    assert upper.listdir("") == ["CT", "top.dcm"]
+    upper.close()
