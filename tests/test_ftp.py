@@ -144,3 +144,29 @@ def test_a_fast_upload_leaves_the_loop_to_the_other_sessions(agent_factory):
     upload.join(300)
     assert answered >= 3, f"only {answered} NOOPs answered while 256 MiB were being sent"
     other.quit()
+
+
+def test_the_idle_timer_ends_a_silent_reader_only():
+    """The session's idle timeout is one timer (agent.serve.ftp.Idle), not a timeout per command line: a reader
+    touched every 0.1 s outlives a 0.3 s idle timeout; left waiting, it is cancelled once 0.3 s have passed
+    since its last touch (expired, so the session ends as idle, not as shut down)."""
+    from agent.serve.ftp import Idle
+
+    async def reader() -> tuple[float, float]:
+        idle = Idle(0.3)
+        loop = asyncio.get_running_loop()
+        for _ in range(8):  # 0.8 s of lines coming
+            await asyncio.sleep(0.1)
+            idle.touch()
+        last = loop.time()
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            assert idle.expired
+            return last, loop.time()
+        finally:
+            idle.cancel()
+        raise AssertionError("an idle reader was never ended")
+
+    last, ended = asyncio.run(reader())
+    assert 0.3 <= ended - last < 5

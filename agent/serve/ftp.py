@@ -66,6 +66,7 @@ BLOCK = 256 * 1024
 SEND_CHUNK = 4 * BLOCK  # a file leaves by sendfile(2) in chunks this large, each within the socket timeout
 RECV_BUFFER = 4 * BLOCK  # an upload in clear is read from its socket into a reused buffer this large
 SOCKET_TIMEOUT = 120
+IDLE_TIMEOUT = 600  # a session whose client sent no command for this long ends
 REPLY_BUFFER = 64 * 1024  # replies a client left unread before its next command is read
 TLS_HANDSHAKE_TIMEOUT = 30
 
@@ -79,6 +80,10 @@ LOGGED_IN = ("logged", "not logged in")
 RENAME_FROM = ("rename_from", "no filename (use RNFR firstly)")
 
 Handler = Callable[[aioftp.Connection, str], Awaitable[bool]]
+# A command that never waits (PASV, EPSV: a listener per transfer). The command loop runs it in place when no
+# other command of the session is still running, instead of as a task of its own: a task, its first step in
+# the next turn of the loop and its done callback were a fixed cost of every transfer.
+Immediate = Callable[[aioftp.Connection, str], None]
 Command = Callable[["FtpServer", aioftp.Connection, str], Awaitable[bool]]
 T = TypeVar("T")
 
@@ -110,16 +115,22 @@ def _ns(path: PurePath) -> str:
     return str(path).lstrip("/")
 
 
+def _refused(connection: aioftp.Connection, fields: Iterable[tuple[str, str]]) -> bool:
+    """503 for a command that needs USER, a login or RNFR first and came without it → whether it was refused
+    (aioftp's ConnectionConditions, typed)."""
+    for name, missing in fields:
+        if not connection[name].done():
+            connection.response("503", f"bad sequence of commands ({missing})")
+            return True
+    return False
+
+
 def needs(*fields: tuple[str, str]) -> Callable[[Command], Command]:
-    """A command that needs USER, a login or RNFR first gets 503 without it (aioftp's ConnectionConditions, typed)."""
+    """A command that needs USER, a login or RNFR first gets 503 without it."""
     def decorate(command: Command) -> Command:
         @functools.wraps(command)
         async def run(self: FtpServer, connection: aioftp.Connection, rest: str) -> bool:
-            for name, missing in fields:
-                if not connection[name].done():
-                    connection.response("503", f"bad sequence of commands ({missing})")
-                    return True
-            return await command(self, connection, rest)
+            return True if _refused(connection, fields) else await command(self, connection, rest)
         return run
     return decorate
 
@@ -144,7 +155,8 @@ async def send_file(data: "DataConnection", handle: ReadHandle, offset: int) -> 
                 if not n:
                     raise Corrupt(handle.entry.path, f"content ends at {pos} of {handle.size} bytes")
                 pos += n
-                await asyncio.sleep(0)  # a reader as fast as sendfile never blocks it: let other sessions run
+                if pos < handle.size:  # a reader as fast as sendfile never blocks it: let other sessions run
+                    await asyncio.sleep(0)
             if pos >= handle.size:
                 break
     finally:
@@ -397,11 +409,39 @@ def _random_ports(ports: range) -> Iterator[int]:
     yield from _RNG.sample(ports, len(ports))
 
 
+class Idle:
+    """A session's idle timeout: its command reader waited this long for a line → the reader is cancelled
+    (`expired`). One timer per session, which when it fires early waits on to the current deadline:
+    asyncio.timeout around every readline set and cancelled a timer per command (~5 % of a cached read's
+    Python time). The reader touches it when a wait for a line begins and when the line came."""
+
+    def __init__(self, seconds: float) -> None:
+        self.loop, self.seconds, self.task = asyncio.get_running_loop(), seconds, asyncio.current_task()
+        self.since = self.loop.time()
+        self.expired = False
+        self._timer = self.loop.call_later(seconds, self._check)
+
+    def touch(self) -> None:
+        self.since = self.loop.time()
+
+    def _check(self) -> None:
+        left = self.since + self.seconds - self.loop.time()
+        if left > 0:
+            self._timer = self.loop.call_later(left, self._check)
+        elif self.task is not None:
+            self.expired = True
+            self.task.cancel()
+
+    def cancel(self) -> None:
+        self._timer.cancel()
+
+
 @dataclass
 class Session:
     """What this module keeps per FTP session (aioftp's Connection holds the rest)."""
 
     address: str  # the control connection's peer address: data connections must come from it
+    server: str  # the control connection's own address, unmapped (PASV announces it, EPSV names its family)
     tls: bool = False  # AUTH TLS done on the control connection
     prot_private: bool = False  # PROT P: data connections are TLS too
     epsv_all: bool = False  # EPSV ALL: no other data connection set-up command is accepted (RFC 2428)
@@ -452,7 +492,7 @@ def _abort_reason(e: BaseException) -> str:
 class FtpServer(aioftp.Server):
     def __init__(self, cfg: Config, gateway: Gateway, logins: LoginGuard) -> None:
         factory = type("BoundPathIO", (GatewayPathIO,), {"gateway": gateway})
-        super().__init__(_Users(cfg.users), path_io_factory=factory, block_size=BLOCK, idle_timeout=600,
+        super().__init__(_Users(cfg.users), path_io_factory=factory, block_size=BLOCK, idle_timeout=IDLE_TIMEOUT,
                          socket_timeout=SOCKET_TIMEOUT, welcome_message="pacsgw FTP ready")
         self.cfg, self.gateway, self.logins = cfg, gateway, logins
         lo, hi = cfg.ftp.passive_ports
@@ -463,12 +503,15 @@ class FtpServer(aioftp.Server):
         self._buffers: list[bytearray] = []  # receive buffers of finished uploads, for the next ones
         own: dict[str, Handler] = {
             "auth": self.on_auth, "pbsz": self.on_pbsz, "prot": self.on_prot, "user": self.on_user,
-            "pass": self.on_pass, "pasv": self.on_pasv, "epsv": self.on_epsv, "stor": self.on_stor,
+            "pass": self.on_pass, "stor": self.on_stor,
             "appe": self.on_appe, "retr": self.on_retr, "list": self.on_list, "mlsd": self.on_mlsd,
             "nlst": self.on_nlst, "dele": self.on_dele, "mkd": self.on_mkd, "pwd": self.on_pwd, "rmd": self.on_rmd,
             "rnfr": self.on_rnfr, "rnto": self.on_rnto, "size": self.on_size, "mdtm": self.on_mdtm,
             "feat": self.on_feat, "opts": self.on_opts, "noop": self.on_noop, "rest": self.on_rest,
             "abor": self.on_abor}
+        self.immediate: dict[str, Immediate] = {"pasv": self.on_pasv, "epsv": self.on_epsv}
+        # behind a running command they wait their turn as tasks, so replies keep the commands' order
+        own |= {name: _in_turn(command) for name, command in self.immediate.items()}
         handlers: dict[str, Handler] = {name: self.commands_mapping[name] for name in AIOFTP_COMMANDS} | own
         self.handlers = {name: self._guarded(h) if name in PATH_COMMANDS else h for name, h in handlers.items()}
 
@@ -490,7 +533,8 @@ class FtpServer(aioftp.Server):
         assert task is not None  # asyncio.start_server runs each connection as a task
         self.sessions.add(task)
         try:
-            await self._session(reader, writer, host, port, Session(host))
+            await self._session(reader, writer, host, port,
+                                Session(host, unmapped(writer.get_extra_info("sockname")[0])))
         finally:
             self.sessions.discard(task)
             self.logins.release_session(slot)
@@ -513,6 +557,11 @@ class FtpServer(aioftp.Server):
             text = [printable(lines)] if isinstance(lines, str) else [printable(line) for line in lines]
             writer.write(_reply(code, text, as_list, self.encoding))
 
+        def failed(exc: BaseException) -> None:
+            log.error("ftp_command_failed", user=session.user, error=f"{type(exc).__name__}: {exc}"[:300],
+                      exc_info=exc)
+            respond("451", "internal error; the server log has the details")
+
         def settled(task: asyncio.Task[Any]) -> None:
             """A command or transfer ended: a failure is logged and answered 451; False (QUIT, or a refusal that
             ends the session) ends the session."""
@@ -522,9 +571,7 @@ class FtpServer(aioftp.Server):
                 return
             exc = task.exception()
             if exc is not None:
-                log.error("ftp_command_failed", user=session.user, error=f"{type(exc).__name__}: {exc}"[:300],
-                          exc_info=exc)
-                respond("451", "internal error; the server log has the details")
+                failed(exc)
             elif task.result() is False:
                 _settle(ended)
 
@@ -548,17 +595,32 @@ class FtpServer(aioftp.Server):
         login_timer = asyncio.get_running_loop().call_later(self.cfg.ftp.login_timeout, login_expired)
 
         async def read_commands() -> None:
-            while True:
-                cmd, rest = await self._read_command(reader, writer)  # a closed or idle connection raises
-                handler = self.handlers.get(cmd)
-                if handler is None:
-                    respond("502", f"{cmd[:16].upper()} not implemented")
-                    continue
-                task = asyncio.ensure_future(handler(connection, rest))
-                commands.add(task)
-                task.add_done_callback(settled)
-                if cmd == "auth":  # nothing sent behind AUTH is read before TLS is up (on_auth drops it)
-                    await asyncio.wait([task])
+            idle = Idle(IDLE_TIMEOUT)
+            try:
+                while True:
+                    cmd, rest = await self._read_command(reader, writer, idle)  # a closed connection raises
+                    now = self.immediate.get(cmd)
+                    if now is not None and not commands:  # nothing sent before it is still to answer
+                        try:
+                            now(connection, rest)
+                        except Exception as exc:
+                            failed(exc)
+                        continue
+                    handler = self.handlers.get(cmd)
+                    if handler is None:
+                        respond("502", f"{cmd[:16].upper()} not implemented")
+                        continue
+                    task = asyncio.ensure_future(handler(connection, rest))
+                    commands.add(task)
+                    task.add_done_callback(settled)
+                    if cmd == "auth":  # nothing sent behind AUTH is read before TLS is up (on_auth drops it)
+                        await asyncio.wait([task])
+            except asyncio.CancelledError:
+                if idle.expired:
+                    raise TimeoutError("no command within the idle timeout") from None
+                raise
+            finally:
+                idle.cancel()
 
         read = asyncio.create_task(read_commands())
         read.add_done_callback(lambda _: _settle(ended))
@@ -590,7 +652,8 @@ class FtpServer(aioftp.Server):
             await asyncio.wait(tasks, timeout=10)  # workers abort their uploads and close their files
             self._count_out(session)
 
-    async def _read_command(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> tuple[str, str]:
+    async def _read_command(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, idle: Idle
+                            ) -> tuple[str, str]:
         """→ (command, argument). Only the line end is cut from a path argument: a trailing space is part of
         the name (refused for a new file, never silently dropped). Bytes that are not UTF-8 are kept as
         surrogates, so the path checks answer 553 instead of the session dying."""
@@ -598,8 +661,9 @@ class FtpServer(aioftp.Server):
             # a client that sends commands but reads no replies: read its next command once they have left
             await asyncio.wait_for(writer.drain(), self.socket_timeout)
         try:
-            async with asyncio.timeout(self.idle_timeout):
-                line = await reader.readline()
+            idle.touch()
+            line = await reader.readline()
+            idle.touch()
         except ValueError:  # no line end within the reader's limit: the session ends, the client hears why
             log.warning("ftp_session_closed", peer=writer.get_extra_info("peername"), reason="command line too long")
             writer.write(b"500 command line too long; closing the connection\r\n")
@@ -706,42 +770,44 @@ class FtpServer(aioftp.Server):
 
     # --- passive data connections ---------------------------------------------------------------
 
-    @needs(LOGGED_IN)
-    async def on_pasv(self, connection: aioftp.Connection, rest: str) -> bool:
+    # PASV and EPSV never wait: the command loop runs them in place (see Immediate)
+
+    def on_pasv(self, connection: aioftp.Connection, rest: str) -> None:
+        if _refused(connection, (LOGGED_IN,)):
+            return
         if connection.session.epsv_all:
             connection.response("503", "EPSV ALL was sent: use EPSV")
-            return True
-        host = self.cfg.ftp.masquerade_address or unmapped(connection.server_host)
+            return
+        host = self.cfg.ftp.masquerade_address or connection.session.server
         if ":" in host:
             connection.response("425", "PASV cannot announce an IPv6 address; use EPSV")
-            return True
-        passive = await self._listen(connection)
+            return
+        passive = self._listen(connection)
         if passive is not None:
             numbers = [*host.split("."), str(passive.port >> 8), str(passive.port & 0xFF)]
             connection.response("227", f"Entering Passive Mode ({','.join(numbers)})")
-        return True
 
-    @needs(LOGGED_IN)
-    async def on_epsv(self, connection: aioftp.Connection, rest: str) -> bool:
+    def on_epsv(self, connection: aioftp.Connection, rest: str) -> None:
         """EPSV, EPSV ALL and EPSV <net-prt> (RFC 2428: 1 is IPv4, 2 is IPv6)."""
+        if _refused(connection, (LOGGED_IN,)):
+            return
         arg = rest.upper()
         if arg == "ALL":
             connection.session.epsv_all = True
             connection.response("200", "EPSV ALL ok: only EPSV from now on")
-            return True
-        family = "2" if ":" in unmapped(connection.server_host) else "1"
+            return
+        family = "2" if ":" in connection.session.server else "1"
         if arg and not arg.isdigit():
             connection.response("501", f"EPSV takes ALL or a network protocol number, not {rest!r}")
-            return True
+            return
         if arg and arg != family:
             connection.response("522", f"Network protocol not supported, use ({family})")
-            return True
-        passive = await self._listen(connection)
+            return
+        passive = self._listen(connection)
         if passive is not None:
             connection.response("229", f"Entering Extended Passive Mode (|||{passive.port}|)")
-        return True
 
-    async def _listen(self, connection: aioftp.Connection) -> Passive | None:
+    def _listen(self, connection: aioftp.Connection) -> Passive | None:
         """A fresh passive listener for the next transfer (an unused earlier one is closed) → None after
         replying why not."""
         session: Session = connection.session
@@ -870,19 +936,6 @@ class FtpServer(aioftp.Server):
         path = self._resolve(connection, rest)
         offset, passive = connection.session.take_rest(), connection.session.take_passive()
 
-        @contextlib.asynccontextmanager
-        async def upload() -> AsyncIterator[WriteHandle]:
-            """The file being written: discarded unless committed."""
-            if append:
-                handle = await self.gateway.open_for_write(path, "ftp", who(connection))
-            else:
-                handle = await self.gateway.open_write(path, "ftp", offset=offset, who=who(connection))
-            try:
-                yield handle
-            except BaseException as e:
-                await handle.abort(_abort_reason(e))
-                raise
-
         async def receive(handle: WriteHandle, conn: DataConnection) -> str:
             buf = self._buffers.pop() if self._buffers else bytearray(RECV_BUFFER)
             try:
@@ -894,28 +947,46 @@ class FtpServer(aioftp.Server):
             await handle.commit()
             return "stored"
 
-        return await self._transfer(connection, passive, upload, receive)
+        return await self._transfer(connection, passive, lambda: self._upload(connection, path, offset, append),
+                                    receive)
+
+    # The files a transfer opens, as methods: an asynccontextmanager made inside the command cost a
+    # functools.wraps per transfer (~2 % of a cached read).
+
+    @contextlib.asynccontextmanager
+    async def _upload(self, connection: aioftp.Connection, path: str, offset: int, append: bool
+                      ) -> AsyncIterator[WriteHandle]:
+        """The file being written: discarded unless committed."""
+        if append:
+            handle = await self.gateway.open_for_write(path, "ftp", who(connection))
+        else:
+            handle = await self.gateway.open_write(path, "ftp", offset=offset, who=who(connection))
+        try:
+            yield handle
+        except BaseException as e:
+            await handle.abort(_abort_reason(e))
+            raise
+
+    @contextlib.asynccontextmanager
+    async def _download(self, connection: aioftp.Connection, path: str, offset: int) -> AsyncIterator[ReadHandle]:
+        handle = await self.gateway.open_read(path, "ftp", who(connection))
+        try:
+            if offset > handle.size:
+                raise Reply("554", f"REST {offset} is beyond the end of the file ({handle.size} bytes)")
+            yield handle
+        finally:
+            await handle.close()
 
     @needs(LOGGED_IN)
     async def on_retr(self, connection: aioftp.Connection, rest: str) -> bool:
         path = self._resolve(connection, rest)
         offset, passive = connection.session.take_rest(), connection.session.take_passive()
 
-        @contextlib.asynccontextmanager
-        async def download() -> AsyncIterator[ReadHandle]:
-            handle = await self.gateway.open_read(path, "ftp", who(connection))
-            try:
-                if offset > handle.size:
-                    raise Reply("554", f"REST {offset} is beyond the end of the file ({handle.size} bytes)")
-                yield handle
-            finally:
-                await handle.close()
-
         async def send(handle: ReadHandle, conn: DataConnection) -> str:
             await send_file(conn, handle, offset)
             return "transfer complete"
 
-        return await self._transfer(connection, passive, download, send)
+        return await self._transfer(connection, passive, lambda: self._download(connection, path, offset), send)
 
     @needs(LOGGED_IN)
     async def on_list(self, connection: aioftp.Connection, rest: str) -> bool:
@@ -1052,6 +1123,14 @@ class FtpServer(aioftp.Server):
         """MLST (aioftp's handler)."""
         e = await connection.path_io.entry(path)
         return f"Type=unknown; {path.name}" if e is None else _mlsx(e, path.name)
+
+
+def _in_turn(command: Immediate) -> Handler:
+    """An Immediate command as a task's coroutine, for when it must wait for the commands sent before it."""
+    async def run(connection: aioftp.Connection, rest: str) -> bool:
+        command(connection, rest)
+        return True
+    return run
 
 
 def _reply(code: str, lines: list[str], as_list: bool, encoding: str) -> bytes:
