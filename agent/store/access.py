@@ -23,6 +23,7 @@ class AccessStats:
         self.dir_depth = dir_depth
         self._files: dict[str, tuple[float, int]] = {}
         self._heat: dict[tuple[str, str], list[int]] = {}
+        self._day = (-1, "")  # the last note's whole second and its local day
 
     def heat_dir(self, path: str) -> str:
         return heat_dir(path.rpartition("/")[0], self.dir_depth)
@@ -31,8 +32,11 @@ class AccessStats:
         now = time.time()
         _, count = self._files.get(path, (0.0, 0))
         self._files[path] = (now, count + 1)
-        counts = self._heat.setdefault((self.heat_dir(path), time.strftime("%Y-%m-%d", time.localtime(now))),
-                                       [0, 0, 0])
+        second, day = self._day
+        if int(now) != second:  # the local day's text, made once a second (strftime per read was ~1 % of one)
+            day = time.strftime("%Y-%m-%d", time.localtime(now))
+            self._day = (int(now), day)
+        counts = self._heat.setdefault((self.heat_dir(path), day), [0, 0, 0])
         counts[0] += 1
         counts[1] += 0 if hit else 1
         counts[2] += size
