@@ -80,9 +80,8 @@ LOGGED_IN = ("logged", "not logged in")
 RENAME_FROM = ("rename_from", "no filename (use RNFR firstly)")
 
 Handler = Callable[[aioftp.Connection, str], Awaitable[bool]]
-# A command that never waits (PASV, EPSV: a listener per transfer). The command loop runs it in place when no
-# other command of the session is still running, instead of as a task of its own: a task, its first step in
-# the next turn of the loop and its done callback were a fixed cost of every transfer.
+# A command that never waits (PASV, EPSV), run in place by the command loop when no other command is running:
+# a task, its first step and its done callback per transfer were a fixed cost.
 Immediate = Callable[[aioftp.Connection, str], None]
 Command = Callable[["FtpServer", aioftp.Connection, str], Awaitable[bool]]
 T = TypeVar("T")
@@ -116,8 +115,7 @@ def _ns(path: PurePath) -> str:
 
 
 def _refused(connection: aioftp.Connection, fields: Iterable[tuple[str, str]]) -> bool:
-    """503 for a command that needs USER, a login or RNFR first and came without it → whether it was refused
-    (aioftp's ConnectionConditions, typed)."""
+    """503 for a command sent before the USER, login or RNFR it needs → whether it was refused."""
     for name, missing in fields:
         if not connection[name].done():
             connection.response("503", f"bad sequence of commands ({missing})")
@@ -410,10 +408,8 @@ def _random_ports(ports: range) -> Iterator[int]:
 
 
 class Idle:
-    """A session's idle timeout: its command reader waited this long for a line → the reader is cancelled
-    (`expired`). One timer per session, which when it fires early waits on to the current deadline:
-    asyncio.timeout around every readline set and cancelled a timer per command (~5 % of a cached read's
-    Python time). The reader touches it when a wait for a line begins and when the line came."""
+    """A session's idle timeout, touched as each wait for a command line begins and ends: one timer that re-arms
+    when it fires early (asyncio.timeout per readline cost ~5 % of a cached read's Python time)."""
 
     def __init__(self, seconds: float) -> None:
         self.loop, self.seconds, self.task = asyncio.get_running_loop(), seconds, asyncio.current_task()
@@ -770,8 +766,6 @@ class FtpServer(aioftp.Server):
 
     # --- passive data connections ---------------------------------------------------------------
 
-    # PASV and EPSV never wait: the command loop runs them in place (see Immediate)
-
     def on_pasv(self, connection: aioftp.Connection, rest: str) -> None:
         if _refused(connection, (LOGGED_IN,)):
             return
@@ -950,8 +944,7 @@ class FtpServer(aioftp.Server):
         return await self._transfer(connection, passive, lambda: self._upload(connection, path, offset, append),
                                     receive)
 
-    # The files a transfer opens, as methods: an asynccontextmanager made inside the command cost a
-    # functools.wraps per transfer (~2 % of a cached read).
+    # methods: an asynccontextmanager made inside the command cost a functools.wraps per transfer
 
     @contextlib.asynccontextmanager
     async def _upload(self, connection: aioftp.Connection, path: str, offset: int, append: bool
