@@ -118,7 +118,7 @@ SFTP_OPS = ["open-write", "open-read", "stat", "lstat", "remove", "mkdir", "rmdi
 
 
 @pytest.mark.slow
-async def test_hostile_paths_stay_inside_the_root(agent_factory, seaweed, tmp_path):
+async def test_hostile_paths_stay_inside_the_root(agent_factory, seaweed, tmp_path, request):
     a = agent_factory(users=[{"name": "ct", "password": PASSWORD, "root": "/CT"},
                              {"name": "pacs", "password": PASSWORD, "root": "/"}]).start()
     # Sentinels outside the user's root: the neighbour's study, files around the cache dir, bucket keys
@@ -131,6 +131,8 @@ async def test_hostile_paths_stay_inside_the_root(agent_factory, seaweed, tmp_pa
     sibling = a.prefix.rstrip("/") + "-sibling/MR/secret.dcm"
     for key in ("MR/secret.dcm", "etc/passwd", sibling):
         client.put_object(Bucket=BUCKET, Key=key, Body=SECRET)
+        # the bucket is the session's: a later module's whole-bucket check (test_conformance) must not find them
+        request.addfinalizer(lambda key=key: client.delete_object(Bucket=BUCKET, Key=key))
     keys_before = bucket_keys(seaweed)
     cache_dir = a.workdir / "cache"
     fs_before = tree_snapshot(tmp_path, exclude=cache_dir)
