@@ -256,6 +256,8 @@ class FtpConfig:
     max_sessions_per_address: int = _int(1, 10000, 64)
     passive_timeout: float = _seconds(1, 600, 30.0, " (how long a PASV/EPSV port waits for its data connection)")
     login_timeout: float = _seconds(1, 600, 30.0, " (how long a connection may take to log in)")
+    idle_timeout: float = _seconds(1, 86400, 600.0, " (a session that sends no command this long ends; not while "
+                                   "a transfer runs)")
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@ import ftplib
 import io
 import os
 import threading
+import time
 
 import aioftp
 import pytest
@@ -85,8 +86,6 @@ def test_retr_to_a_slow_reader_and_replies_left_unread(agent_factory):
     buffer fills, the sender waits for room) still gets every byte, from a REST offset too. A client that
     pipelines commands without reading their replies gets every reply, in order (the session stops reading
     commands while 64 KiB of replies are unread, instead of queueing them without bound)."""
-    import time
-
     agent = agent_factory().start()
     data = os.urandom(12 * 2**20)  # well over a loopback socket's buffer
     f = ftp(agent)
@@ -170,3 +169,45 @@ def test_the_idle_timer_ends_a_silent_reader_only():
 
     last, ended = asyncio.run(reader())
     assert 0.3 <= ended - last < 5
+
+
+def test_a_transfer_longer_than_the_idle_timeout_completes(agent_factory):
+    """A client that sends no command while its download runs longer than ftp.idle_timeout (a large study over
+    a slow line) gets the whole file and its 226: the session ended mid-transfer (the timer counted only
+    command lines). A session silent with nothing running still ends."""
+    agent = agent_factory(**{"ftp.idle_timeout": 1}).start()
+    body = os.urandom(8 * 2**20)
+    f = ftp(agent)
+    f.storbinary("STOR slow.bin", io.BytesIO(body))
+    f.voidcmd("TYPE I")
+    got = bytearray()
+    with f.transfercmd("RETR slow.bin") as data:
+        while chunk := data.recv(256 * 1024):
+            got += chunk
+            time.sleep(0.1)   # 32 chunks: ~3 s, three idle timeouts
+    assert f.voidresp().startswith("226") and got == body
+    time.sleep(2.5)
+    with pytest.raises((EOFError, ConnectionError, ftplib.Error)):
+        f.sendcmd("NOOP")
+
+
+def test_the_idle_timer_spares_a_session_whose_transfer_runs():
+    """No command line for longer than the idle timeout while a transfer runs (a large study on a slow line) is not
+    idle: the session ended mid-transfer. Once the transfer is over, the timeout counts again."""
+    from agent.serve.ftp import Idle
+
+    async def reader() -> tuple[float, float]:
+        loop = asyncio.get_running_loop()
+        transfer_ends = loop.time() + 1.0
+        idle = Idle(0.3, busy=lambda: loop.time() < transfer_ends)
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            assert idle.expired
+            return transfer_ends, loop.time()
+        finally:
+            idle.cancel()
+        raise AssertionError("an idle reader was never ended")
+
+    transfer_ends, ended = asyncio.run(reader())
+    assert transfer_ends <= ended < transfer_ends + 5

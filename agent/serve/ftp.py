@@ -66,7 +66,6 @@ BLOCK = 256 * 1024
 SEND_CHUNK = 4 * BLOCK  # a file leaves by sendfile(2) in chunks this large, each within the socket timeout
 RECV_BUFFER = 4 * BLOCK  # an upload in clear is read from its socket into a reused buffer this large
 SOCKET_TIMEOUT = 120
-IDLE_TIMEOUT = 600  # a session whose client sent no command for this long ends
 REPLY_BUFFER = 64 * 1024  # replies a client left unread before its next command is read
 TLS_HANDSHAKE_TIMEOUT = 30
 
@@ -409,11 +408,13 @@ def _random_ports(ports: range) -> Iterator[int]:
 
 class Idle:
     """A session's idle timeout, touched as each wait for a command line begins and ends: one timer that re-arms
-    when it fires early (asyncio.timeout per readline cost ~5 % of a cached read's Python time)."""
+    when it fires early (asyncio.timeout per readline cost ~5 % of a cached read's Python time). A session is not
+    idle while `busy()` (a transfer runs: its data socket has a timeout of its own), as vsftpd's idle timeout."""
 
-    def __init__(self, seconds: float) -> None:
+    def __init__(self, seconds: float, busy: Callable[[], bool] = lambda: False) -> None:
         self.loop, self.seconds, self.task = asyncio.get_running_loop(), seconds, asyncio.current_task()
         self.since = self.loop.time()
+        self.busy = busy
         self.expired = False
         self._timer = self.loop.call_later(seconds, self._check)
 
@@ -422,6 +423,8 @@ class Idle:
 
     def _check(self) -> None:
         left = self.since + self.seconds - self.loop.time()
+        if left <= 0 and self.busy():
+            self.since, left = self.loop.time(), self.seconds
         if left > 0:
             self._timer = self.loop.call_later(left, self._check)
         elif self.task is not None:
@@ -488,8 +491,9 @@ def _abort_reason(e: BaseException) -> str:
 class FtpServer(aioftp.Server):
     def __init__(self, cfg: Config, gateway: Gateway, logins: LoginGuard) -> None:
         factory = type("BoundPathIO", (GatewayPathIO,), {"gateway": gateway})
-        super().__init__(_Users(cfg.users), path_io_factory=factory, block_size=BLOCK, idle_timeout=IDLE_TIMEOUT,
-                         socket_timeout=SOCKET_TIMEOUT, welcome_message="pacsgw FTP ready")
+        super().__init__(_Users(cfg.users), path_io_factory=factory, block_size=BLOCK,
+                         idle_timeout=cfg.ftp.idle_timeout, socket_timeout=SOCKET_TIMEOUT,
+                         welcome_message="pacsgw FTP ready")
         self.cfg, self.gateway, self.logins = cfg, gateway, logins
         lo, hi = cfg.ftp.passive_ports
         self.passive_ports = range(lo, hi + 1)
@@ -591,7 +595,7 @@ class FtpServer(aioftp.Server):
         login_timer = asyncio.get_running_loop().call_later(self.cfg.ftp.login_timeout, login_expired)
 
         async def read_commands() -> None:
-            idle = Idle(IDLE_TIMEOUT)
+            idle = Idle(self.cfg.ftp.idle_timeout, busy=lambda: bool(commands))
             try:
                 while True:
                     cmd, rest = await self._read_command(reader, writer, idle)  # a closed connection raises
