@@ -254,14 +254,14 @@ def test_appliance_conf_listens_everywhere_for_the_allowed_networks(agent_factor
     assert "hosts allow = 10.10.20.0/24 192.0.2.7/32 fd00::/8" in lines
     parsed = {}
     for name in ("bind interfaces only", "smb ports", "hosts allow", "hosts deny", "server min protocol",
-                 "server smb encrypt", "private dir"):
+                 "server smb encrypt", "private dir", "deadtime"):
         p = subprocess.run(["testparm", "-s", "--suppress-prompt", f"--parameter-name={name}", str(conf)],
                            capture_output=True, text=True, check=True)
         parsed[name] = p.stdout.strip()
     assert parsed == {"bind interfaces only": "No", "smb ports": "445",
                       "hosts allow": "10.10.20.0/24 192.0.2.7/32 fd00::/8", "hosts deny": "ALL",
                       "server min protocol": "SMB3_00", "server smb encrypt": "required",
-                      "private dir": f"{state}/private"}
+                      "private dir": f"{state}/private", "deadtime": "10"}
 
 
 @pytest.mark.slow

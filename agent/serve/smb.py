@@ -117,6 +117,9 @@ def render_conf(cfg: Config) -> str:
         "server signing = mandatory",
         f"server smb encrypt = {s.encryption}",  # the config allows Samba's own words only
         "map to guest = never",
+        # an idle connection with no file open is closed after 10 minutes (Samba's default keeps it a week, and
+        # each connection is an smbd process); a client reconnects on its own when it has work
+        "deadtime = 10",
         "restrict anonymous = 2",
         "load printers = no",
         "printing = bsd",
