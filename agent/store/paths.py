@@ -21,6 +21,11 @@ WINDOWS_RESERVED = frozenset({"CON", "PRN", "AUX", "NUL", *(f"COM{i}" for i in r
                               *(f"LPT{i}" for i in range(1, 10))})
 
 
+# Unicode's explicit direction controls (embeddings, overrides, isolates, marks): a name holding one displays as
+# another name in a listing or an Explorer window.
+BIDI_CONTROLS = frozenset("\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+
+
 def name_problem(name: str) -> str | None:
     """Why `name` cannot be shown to or used by a client (None if it can): a control character (CR, LF, ESC, C1…)
     would forge a reply or listing line. Names from the object store (written by other S3 clients) can hold them."""
@@ -34,6 +39,8 @@ def name_problem(name: str) -> str | None:
 def creatable_problem(name: str) -> str | None:
     """Why a new file or directory may not be called `name` though such a name may be looked up (None if it
     may): Windows clients (SMB) cannot open names ending in a dot or a space, nor its reserved device names."""
+    if any(c in BIDI_CONTROLS for c in name):  # "x\u202egpj.dcm" lists as "xmcd.jpg" (Trojan Source)
+        return f"{name!a}: text-direction controls are not allowed in names (a name would display as another)"
     if name.endswith((".", " ")):
         return f"'{name}': a name ending in a dot or a space cannot be used by Windows clients"
     if name.split(".")[0].rstrip(" ").upper() in WINDOWS_RESERVED:
