@@ -90,3 +90,40 @@ def test_the_share_root_is_the_logged_in_accounts(smb_agent):
     upper.write("top.dcm", b"top")
     assert upper.listdir("") == ["CT", "top.dcm"]
     upper.close()
+
+
+def test_a_cut_connection_leaves_no_half_written_file(smb_agent):
+    """A client whose connection is cut mid-upload (a crash, a pulled cable) never sent CLOSE; smbd closes what it
+    left open and that close committed the bytes so far as a complete file (1 MiB of an unfinished upload stored
+    and uploaded). A close from an smbd whose client is gone now discards the upload; a file the client closes
+    is stored as before."""
+    from smbprotocol.open import (
+        CreateDisposition,
+        CreateOptions,
+        FilePipePrinterAccessMask,
+        ImpersonationLevel,
+        Open,
+        ShareAccess,
+    )
+    from smbprotocol.tree import TreeConnect
+    agent = smb_agent().start(timeout=180)
+    smb = Smb(agent)
+    port = int(agent.overrides["smb.listen"].rsplit(":", 1)[1])
+    conn = Connection(uuid.uuid4(), "127.0.0.1", port, require_signing=True)
+    conn.connect(timeout=15)
+    session = Session(conn, "pacs", PASSWORD)
+    session.connect()
+    tree = TreeConnect(session, smb.root)
+    tree.connect()
+    f = Open(tree, "cut.dcm")
+    f.create(ImpersonationLevel.Impersonation, FilePipePrinterAccessMask.GENERIC_WRITE, 0x80,
+             ShareAccess.FILE_SHARE_READ, CreateDisposition.FILE_OVERWRITE_IF, CreateOptions.FILE_NON_DIRECTORY_FILE)
+    f.write(b"x" * 2**20, 0)
+    conn.transport.close()  # no CLOSE, no LOGOFF: the connection is gone
+    wait_for(lambda: agent.events("upload_aborted"), 20)
+    assert "the client's connection ended" in agent.events("upload_aborted")[0]["reason"]
+    smb.write("whole.dcm", b"closed by its client")
+    assert smb.listdir("") == ["whole.dcm"]
+    agent.wait_drained(30)
+    assert agent.events("stored")[-1]["path"] == "whole.dcm" and len(agent.events("stored")) == 1
+    smb.close()

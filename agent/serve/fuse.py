@@ -72,6 +72,14 @@ class SmbPeers:
         except psutil.Error:
             return ""
 
+    def connected(self, pid: int) -> bool:
+        """Whether smbd process pid still has its client: one whose connection was cut closes what was left open."""
+        try:
+            return any(c.status == psutil.CONN_ESTABLISHED and c.laddr.port == self.port
+                       for c in psutil.Process(pid).net_connections("tcp"))
+        except psutil.Error:
+            return False
+
 
 @dataclass
 class _Inode:
@@ -87,6 +95,7 @@ class _Open:
     path: str
     writable: bool
     who: Who  # the SMB user who opened it: reads and writes (no request context of their own) act for them
+    pid: int  # the smbd process that opened it (one per client connection)
     truncate: bool = False
     reader: ReadHandle | None = None
     writer: WriteHandle | None = None
@@ -395,7 +404,7 @@ class GatewayFS(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EROFS)
         if path in self._writing and flags & os.O_EXCL:  # a file being written, not yet committed, holds the name
             raise pyfuse3.FUSEError(errno.EEXIST)
-        op = _Open(0, path, writable=True, who=self._who(ctx))
+        op = _Open(0, path, writable=True, who=self._who(ctx), pid=ctx.pid)
         op.writer = await self._call(self.gw.open_for_write(path, PROTOCOL, op.who, keep=0,
                                                             exclusive=bool(flags & os.O_EXCL)))
         self._writing[path] = op
@@ -413,7 +422,7 @@ class GatewayFS(pyfuse3.Operations):
                 raise pyfuse3.FUSEError(errno.EISDIR)
         if writable and (self.closing or self.draining):
             raise pyfuse3.FUSEError(errno.EROFS)
-        op = _Open(inode, path, writable=writable, who=self._who(ctx), truncate=bool(flags & os.O_TRUNC))
+        op = _Open(inode, path, writable=writable, who=self._who(ctx), pid=ctx.pid, truncate=bool(flags & os.O_TRUNC))
         if op.truncate and writable:
             await self._ensure_writer(op)
         return pyfuse3.FileInfo(fh=self._new_fh(op), keep_cache=False)
@@ -456,9 +465,12 @@ class GatewayFS(pyfuse3.Operations):
         if op.unlinked:
             await op.writer.abort("unlinked before close")
             return
-        if self.closing:
-            # smbd is being stopped and closes what its clients left open: not a completed upload
-            await op.writer.abort("smbd stopped before the client closed the file")
+        # smbd being stopped, or a client's connection cut (a crash, a pulled cable, a ban): smbd closes what was
+        # left open, an upload cut short at an arbitrary byte, never to be taken for a complete file
+        cut = "smbd stopped" if self.closing else "" if not op.who.peer or self.peers.connected(op.pid) else \
+            "the client's connection ended"
+        if cut:
+            await op.writer.abort(f"{cut} before the client closed the file")
             self._writing.pop(op.path, None)
             raise pyfuse3.FUSEError(errno.EIO)
         try:
