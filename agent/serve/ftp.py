@@ -73,6 +73,8 @@ TLS_HANDSHAKE_TIMEOUT = 30
 PATH_COMMANDS = ("cwd", "dele", "list", "nlst", "mkd", "mlsd", "mlst", "rmd", "rnfr", "rnto", "stor", "appe", "retr",
                  "size", "mdtm")
 AIOFTP_COMMANDS = ("cdup", "cwd", "mlst", "quit", "syst", "type")  # aioftp's own handlers serve these
+OWN_COMMANDS = ("auth", "pbsz", "prot", "user", "pass", "stor", "appe", "retr", "list", "mlsd", "nlst", "dele", "mkd",
+                "pwd", "rmd", "rnfr", "rnto", "size", "mdtm", "feat", "opts", "noop", "rest", "abor")  # on_<name> below
 
 # What a command needs done before it (aioftp's ConnectionConditions fields): the future's name, what is missing.
 USER_SENT = ("user", "no user (use USER firstly)")
@@ -497,14 +499,7 @@ class FtpServer(aioftp.Server):
         self.tls = tls_context(cfg.ftp.tls_cert, cfg.ftp.tls_key) if cfg.ftp.tls_cert else None
         self.sessions: set[asyncio.Task[Any]] = set()
         self._buffers: list[bytearray] = []  # receive buffers of finished uploads, for the next ones
-        own: dict[str, Handler] = {
-            "auth": self.on_auth, "pbsz": self.on_pbsz, "prot": self.on_prot, "user": self.on_user,
-            "pass": self.on_pass, "stor": self.on_stor,
-            "appe": self.on_appe, "retr": self.on_retr, "list": self.on_list, "mlsd": self.on_mlsd,
-            "nlst": self.on_nlst, "dele": self.on_dele, "mkd": self.on_mkd, "pwd": self.on_pwd, "rmd": self.on_rmd,
-            "rnfr": self.on_rnfr, "rnto": self.on_rnto, "size": self.on_size, "mdtm": self.on_mdtm,
-            "feat": self.on_feat, "opts": self.on_opts, "noop": self.on_noop, "rest": self.on_rest,
-            "abor": self.on_abor}
+        own: dict[str, Handler] = {name: getattr(self, f"on_{name}") for name in OWN_COMMANDS}
         self.immediate: dict[str, Immediate] = {"pasv": self.on_pasv, "epsv": self.on_epsv}
         # behind a running command they wait their turn as tasks, so replies keep the commands' order
         own |= {name: _in_turn(command) for name, command in self.immediate.items()}
