@@ -44,10 +44,6 @@ class StackSpec:
     planners: tuple[str, ...] = ()      # of: lstm (day-directories, early morning), priors (on a new study)
 
     @property
-    def prefetch(self) -> str | None:
-        return "+".join(self.planners) or None
-
-    @property
     def label(self) -> str:
         return "+".join((self.eviction, *self.planners))
 
