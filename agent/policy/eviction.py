@@ -279,10 +279,7 @@ class StudyLRU:
         # without a segment to hold them (`held`), written studies queue with the others, as they always did
         fresh = written and self.held is not None and study not in self._young and study not in self._old
         queue = self._fresh if fresh else self._queue(study)
-        files = queue.get(study)
-        if files is None:
-            files = queue[study] = {}
-        files[key] = size
+        queue.setdefault(study, {})[key] = size
         if not prefetch:
             self._touch(study, now, read=not written)
         else:
