@@ -125,6 +125,12 @@ def _refused(connection: aioftp.Connection, fields: Iterable[tuple[str, str]]) -
     return False
 
 
+def replied(connection: aioftp.Connection, code: str, lines: str | list[str], as_list: bool = False) -> bool:
+    """Send a command's reply → True, what a command handler returns when the session goes on."""
+    connection.response(code, lines, as_list)
+    return True
+
+
 def needs(*fields: tuple[str, str]) -> Callable[[Command], Command]:
     """A command that needs USER, a login or RNFR first gets 503 without it."""
     def decorate(command: Command) -> Command:
@@ -705,8 +711,7 @@ class FtpServer(aioftp.Server):
         return True
 
     async def on_pbsz(self, connection: aioftp.Connection, rest: str) -> bool:
-        connection.response("200", "PBSZ=0")
-        return True
+        return replied(connection, "200", "PBSZ=0")
 
     async def on_prot(self, connection: aioftp.Connection, rest: str) -> bool:
         level, session = rest.upper(), connection.session
@@ -727,25 +732,21 @@ class FtpServer(aioftp.Server):
             log.warning("login_refused", protocol="ftp", user=rest, reason="plain-text login while TLS is required")
             self.gateway.audit_event(Who(rest, "ftp", f"{connection.client_host}:{connection.client_port}"),
                                      "login", "", "refused: TLS required")
-            connection.response("530", "TLS required: use AUTH TLS before USER")
-            return True
+            return replied(connection, "530", "TLS required: use AUTH TLS before USER")
         self._count_out(connection.session)  # USER again: the earlier login ends
         return await self.user(connection, rest)
 
     @needs(USER_SENT)
     async def on_pass(self, connection: aioftp.Connection, rest: str) -> bool:
         if connection.future.logged.done():
-            connection.response("503", "already logged in")
-            return True
+            return replied(connection, "503", "already logged in")
         login, guard, address = connection.user.login, self.logins, connection.client_host
         if refusal := await guard.refusal(login, address, "ftp"):  # LoginGuard (agent.auth): backoff and bans
-            connection.response("530", refusal)
-            return True
+            return replied(connection, "530", refusal)
         ok = await self.user_manager.authenticate(connection.user, rest)
         await contract.login(self.gateway, guard, "ftp", who(connection), address, ok)
         if not ok:
-            connection.response("530", "wrong user or password")
-            return True
+            return replied(connection, "530", "wrong user or password")
         name, cap = connection.user.login, self.cfg.ftp.max_sessions_per_user
         slot = await guard.take_session("user", name, cap)
         if slot is None:
@@ -756,8 +757,7 @@ class FtpServer(aioftp.Server):
         connection.session.user, connection.session.user_slot = name, slot
         connection.logged = True
         self.gateway.audit_event(who(connection), "login")
-        connection.response("230", "logged in")
-        return True
+        return replied(connection, "230", "logged in")
 
     # --- passive data connections ---------------------------------------------------------------
 
@@ -908,8 +908,7 @@ class FtpServer(aioftp.Server):
     def _fail(self, connection: aioftp.Connection, e: GatewayError, refused_here: bool = False) -> bool:
         code, info = answer(e).ftp, e.reason
         report(self.gateway, "ftp", who(connection), e, refused_here=refused_here, code=code)
-        connection.response(code, info)
-        return True
+        return replied(connection, code, info)
 
     # --- transfers ---------------------------------------------------------------------------------
 
@@ -1012,34 +1011,29 @@ class FtpServer(aioftp.Server):
     @needs(LOGGED_IN)
     async def on_dele(self, connection: aioftp.Connection, rest: str) -> bool:
         await self.gateway.delete(self._resolve(connection, rest), who(connection))
-        connection.response("250", "deleted")
-        return True
+        return replied(connection, "250", "deleted")
 
     @needs(LOGGED_IN)
     async def on_mkd(self, connection: aioftp.Connection, rest: str) -> bool:
         path = self._resolve(connection, rest)
         await self.gateway.mkdir(path, who(connection))
-        connection.response("257", f"{quoted(str(self.get_paths(connection, rest)[1]))} created")
-        return True
+        return replied(connection, "257", f"{quoted(str(self.get_paths(connection, rest)[1]))} created")
 
     @needs(LOGGED_IN)
     async def on_pwd(self, connection: aioftp.Connection, rest: str) -> bool:
-        connection.response("257", f"{quoted(str(connection.current_directory))} is the current directory")
-        return True
+        return replied(connection, "257", f"{quoted(str(connection.current_directory))} is the current directory")
 
     @needs(LOGGED_IN)
     async def on_rmd(self, connection: aioftp.Connection, rest: str) -> bool:
         await self.gateway.rmdir(self._resolve(connection, rest), who(connection))
-        connection.response("250", "removed")
-        return True
+        return replied(connection, "250", "removed")
 
     @needs(LOGGED_IN)
     async def on_rnfr(self, connection: aioftp.Connection, rest: str) -> bool:
         path = self._resolve(connection, rest)
         await self.gateway.stat(path)
         connection.rename_from = path
-        connection.response("350", "ready for RNTO")
-        return True
+        return replied(connection, "350", "ready for RNTO")
 
     @needs(LOGGED_IN, RENAME_FROM)
     async def on_rnto(self, connection: aioftp.Connection, rest: str) -> bool:
@@ -1048,8 +1042,7 @@ class FtpServer(aioftp.Server):
         del connection.rename_from
         target = self._resolve(connection, rest)
         await self.gateway.rename(source, target, who(connection))
-        connection.response("250", "renamed")
-        return True
+        return replied(connection, "250", "renamed")
 
     # --- commands aioftp lacks ---------------------------------------------------------------------
 
@@ -1058,20 +1051,17 @@ class FtpServer(aioftp.Server):
         e = await self.gateway.stat(self._resolve(connection, rest))
         if e.is_dir:
             raise IsADirectory(e.path)
-        connection.response("213", str(e.size))
-        return True
+        return replied(connection, "213", str(e.size))
 
     @needs(LOGGED_IN)
     async def on_mdtm(self, connection: aioftp.Connection, rest: str) -> bool:
         e = await self.gateway.stat(self._resolve(connection, rest))
-        connection.response("213", _mdtm(e.mtime))
-        return True
+        return replied(connection, "213", _mdtm(e.mtime))
 
     async def on_feat(self, connection: aioftp.Connection, rest: str) -> bool:
         tls = [" AUTH TLS", " PBSZ", " PROT"] if self.tls else []
-        connection.response("211", ["Features:", *tls, " SIZE", " MDTM", " REST STREAM",
-                                    " MLST type*;size*;modify*;", " EPSV", " PASV", " UTF8", "End"], True)
-        return True
+        return replied(connection, "211", ["Features:", *tls, " SIZE", " MDTM", " REST STREAM",
+                                           " MLST type*;size*;modify*;", " EPSV", " PASV", " UTF8", "End"], True)
 
     async def on_opts(self, connection: aioftp.Connection, rest: str) -> bool:
         if rest.upper() == "UTF8 ON":
@@ -1085,11 +1075,9 @@ class FtpServer(aioftp.Server):
         whatever comes in between (PASV, EPSV, TYPE): aioftp's was cleared by any other command, so REST, PASV,
         STOR replaced the file with its tail."""
         if not (rest.isascii() and rest.isdigit() and len(rest) <= 19):  # int() refused '²' and 5 000 digits: 451
-            connection.response("501", f"REST needs a byte offset, not {rest[:40]!r}")
-            return True
+            return replied(connection, "501", f"REST needs a byte offset, not {rest[:40]!r}")
         connection.session.rest = int(rest)
-        connection.response("350", f"restarting at {int(rest)}; send STOR or RETR")
-        return True
+        return replied(connection, "350", f"restarting at {int(rest)}; send STOR or RETR")
 
     @needs(LOGGED_IN)
     async def on_abor(self, connection: aioftp.Connection, rest: str) -> bool:
@@ -1104,8 +1092,7 @@ class FtpServer(aioftp.Server):
         return True
 
     async def on_noop(self, connection: aioftp.Connection, rest: str) -> bool:
-        connection.response("200", "ok")
-        return True
+        return replied(connection, "200", "ok")
 
     async def build_mlsx_string(self, connection: aioftp.Connection, path: PurePath) -> str:
         """MLST (aioftp's handler)."""
