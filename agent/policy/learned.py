@@ -111,7 +111,7 @@ _LOW = np.array([0.0] + [60.0 * 2 ** (b - 1) for b in range(1, N_AGE)])         
 _MID = np.array([30.0] + [60.0 * 1.5 * 2 ** (b - 1) for b in range(1, N_AGE)])   # bucket midpoints, s
 
 
-def _density(hits: np.ndarray, total: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def hit_density(hits: np.ndarray, total: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Hits per second of remaining life at each age bucket a and above (suffix sums over the last axis), and
     the events (hits + evictions) behind each."""
     h_tail, n_tail, t_tail = (np.cumsum(x[..., ::-1], axis=-1)[..., ::-1] for x in (hits, total, total * _MID))
@@ -204,9 +204,9 @@ class HitDensity:
     def refit(self) -> None:
         """density(c, a) from the histograms, then decay them (recent traffic weighs more)."""
         total = self.hits + self.evictions
-        d, n_tail = _density(self.hits, total)
+        d, n_tail = hit_density(self.hits, total)
         # a class seen too little borrows from the pooled table of its session count
-        pooled, _ = _density(self.hits.sum(axis=1), total.sum(axis=1))
+        pooled, _ = hit_density(self.hits.sum(axis=1), total.sum(axis=1))
         self.density = np.where(n_tail < 20, pooled[:, None, :], d)
         if self.factors:
             overall = (self.back[0].sum() + 1) / (self.seen[0].sum() + 2)
