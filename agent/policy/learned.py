@@ -111,6 +111,15 @@ _LOW = np.array([0.0] + [60.0 * 2 ** (b - 1) for b in range(1, N_AGE)])         
 _MID = np.array([30.0] + [60.0 * 1.5 * 2 ** (b - 1) for b in range(1, N_AGE)])   # bucket midpoints, s
 
 
+def hit_density(hits: np.ndarray, total: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Hits per second of remaining life at each age bucket a and above (suffix sums over the last axis), and
+    the events (hits + evictions) behind each."""
+    h_tail, n_tail, t_tail = (np.cumsum(x[..., ::-1], axis=-1)[..., ::-1] for x in (hits, total, total * _MID))
+    life = t_tail - n_tail * _LOW          # Σ (x − a)(H + E), x at its bucket's midpoint, a at its start
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(life > 0, h_tail / np.maximum(life, 1e-9), 0.0), n_tail
+
+
 @dataclass
 class _Study:
     files: dict[int, int]
@@ -195,22 +204,10 @@ class HitDensity:
     def refit(self) -> None:
         """density(c, a) from the histograms, then decay them (recent traffic weighs more)."""
         total = self.hits + self.evictions
-        # suffix sums over ages ≥ a
-        h_tail = np.cumsum(self.hits[..., ::-1], axis=-1)[..., ::-1]
-        n_tail = np.cumsum(total[..., ::-1], axis=-1)[..., ::-1]
-        t_tail = np.cumsum((total * _MID)[..., ::-1], axis=-1)[..., ::-1]
-        life = t_tail - n_tail * _LOW          # Σ (x − a)(H + E), x at its bucket's midpoint, a at its start
-        with np.errstate(divide="ignore", invalid="ignore"):
-            d = np.where(life > 0, h_tail / np.maximum(life, 1e-9), 0.0)
+        d, n_tail = hit_density(self.hits, total)
         # a class seen too little borrows from the pooled table of its session count
-        pooled_h = np.cumsum(self.hits.sum(axis=1)[..., ::-1], axis=-1)[..., ::-1]
-        pooled_t = np.cumsum((total.sum(axis=1) * _MID)[..., ::-1], axis=-1)[..., ::-1]
-        pooled_n = np.cumsum(total.sum(axis=1)[..., ::-1], axis=-1)[..., ::-1]
-        with np.errstate(divide="ignore", invalid="ignore"):
-            pooled = np.where(pooled_t - pooled_n * _LOW > 0,
-                              pooled_h / np.maximum(pooled_t - pooled_n * _LOW, 1e-9), 0.0)
-        thin = n_tail < 20
-        self.density = np.where(thin, pooled[:, None, :], d)
+        pooled, _ = hit_density(self.hits.sum(axis=1), total.sum(axis=1))
+        self.density = np.where(n_tail < 20, pooled[:, None, :], d)
         if self.factors:
             overall = (self.back[0].sum() + 1) / (self.seen[0].sum() + 2)
             self.factor = [(b + 1) / (n + 2) / overall for b, n in zip(self.back, self.seen, strict=True)]

@@ -53,12 +53,3 @@ def plan(candidates: Sequence[Candidate], budget: Budget, min_heat: float = 0.0)
             total += c.size
     return chosen
 
-
-def schedule(chosen: Sequence[Candidate], start: float, bandwidth_bps: float) -> list[float]:
-    """Completion time of each planned item when fetched in order at the allowed rate."""
-    t = start
-    done = []
-    for c in chosen:
-        t += c.size / bandwidth_bps
-        done.append(t)
-    return done

@@ -44,10 +44,6 @@ class StackSpec:
     planners: tuple[str, ...] = ()      # of: lstm (day-directories, early morning), priors (on a new study)
 
     @property
-    def prefetch(self) -> str | None:
-        return "+".join(self.planners) or None
-
-    @property
     def label(self) -> str:
         return "+".join((self.eviction, *self.planners))
 
@@ -183,10 +179,7 @@ class PolicyStack:
     def _code(self, kind: int, name: str | None) -> int:
         if not name:
             return 0
-        code = self._codes.get((kind, name))
-        if code is None:
-            code = self._codes[(kind, name)] = len(self._codes) + 1
-        return code
+        return self._codes.setdefault((kind, name), len(self._codes) + 1)
 
     def describe(self, study: Hashable, modality: str | None, dept: str | None, newer: bool) -> None:
         """What is known of a study: its modality, its department (or calling user), whether its patient has

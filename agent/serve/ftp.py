@@ -72,6 +72,8 @@ TLS_HANDSHAKE_TIMEOUT = 30
 PATH_COMMANDS = ("cwd", "dele", "list", "nlst", "mkd", "mlsd", "mlst", "rmd", "rnfr", "rnto", "stor", "appe", "retr",
                  "size", "mdtm")
 AIOFTP_COMMANDS = ("cdup", "cwd", "mlst", "quit", "syst", "type")  # aioftp's own handlers serve these
+OWN_COMMANDS = ("auth", "pbsz", "prot", "user", "pass", "stor", "appe", "retr", "list", "mlsd", "nlst", "dele", "mkd",
+                "pwd", "rmd", "rnfr", "rnto", "size", "mdtm", "feat", "opts", "noop", "rest", "abor")  # on_<name> below
 
 # What a command needs done before it (aioftp's ConnectionConditions fields): the future's name, what is missing.
 USER_SENT = ("user", "no user (use USER firstly)")
@@ -120,6 +122,12 @@ def _refused(connection: aioftp.Connection, fields: Iterable[tuple[str, str]]) -
             connection.response("503", f"bad sequence of commands ({missing})")
             return True
     return False
+
+
+def replied(connection: aioftp.Connection, code: str, lines: str | list[str], as_list: bool = False) -> bool:
+    """Send a command's reply → True, what a command handler returns when the session goes on."""
+    connection.response(code, lines, as_list)
+    return True
 
 
 def needs(*fields: tuple[str, str]) -> Callable[[Command], Command]:
@@ -501,14 +509,7 @@ class FtpServer(aioftp.Server):
         self.tls = tls_context(cfg.ftp.tls_cert, cfg.ftp.tls_key) if cfg.ftp.tls_cert else None
         self.sessions: set[asyncio.Task[Any]] = set()
         self._buffers: list[bytearray] = []  # receive buffers of finished uploads, for the next ones
-        own: dict[str, Handler] = {
-            "auth": self.on_auth, "pbsz": self.on_pbsz, "prot": self.on_prot, "user": self.on_user,
-            "pass": self.on_pass, "stor": self.on_stor,
-            "appe": self.on_appe, "retr": self.on_retr, "list": self.on_list, "mlsd": self.on_mlsd,
-            "nlst": self.on_nlst, "dele": self.on_dele, "mkd": self.on_mkd, "pwd": self.on_pwd, "rmd": self.on_rmd,
-            "rnfr": self.on_rnfr, "rnto": self.on_rnto, "size": self.on_size, "mdtm": self.on_mdtm,
-            "feat": self.on_feat, "opts": self.on_opts, "noop": self.on_noop, "rest": self.on_rest,
-            "abor": self.on_abor}
+        own: dict[str, Handler] = {name: getattr(self, f"on_{name}") for name in OWN_COMMANDS}
         self.immediate: dict[str, Immediate] = {"pasv": self.on_pasv, "epsv": self.on_epsv}
         # behind a running command they wait their turn as tasks, so replies keep the commands' order
         own |= {name: _in_turn(command) for name, command in self.immediate.items()}
@@ -714,8 +715,7 @@ class FtpServer(aioftp.Server):
         return True
 
     async def on_pbsz(self, connection: aioftp.Connection, rest: str) -> bool:
-        connection.response("200", "PBSZ=0")
-        return True
+        return replied(connection, "200", "PBSZ=0")
 
     async def on_prot(self, connection: aioftp.Connection, rest: str) -> bool:
         level, session = rest.upper(), connection.session
@@ -736,25 +736,21 @@ class FtpServer(aioftp.Server):
             log.warning("login_refused", protocol="ftp", user=rest, reason="plain-text login while TLS is required")
             self.gateway.audit_event(Who(rest, "ftp", f"{connection.client_host}:{connection.client_port}"),
                                      "login", "", "refused: TLS required")
-            connection.response("530", "TLS required: use AUTH TLS before USER")
-            return True
+            return replied(connection, "530", "TLS required: use AUTH TLS before USER")
         self._count_out(connection.session)  # USER again: the earlier login ends
         return await self.user(connection, rest)
 
     @needs(USER_SENT)
     async def on_pass(self, connection: aioftp.Connection, rest: str) -> bool:
         if connection.future.logged.done():
-            connection.response("503", "already logged in")
-            return True
+            return replied(connection, "503", "already logged in")
         login, guard, address = connection.user.login, self.logins, connection.client_host
         if refusal := await guard.refusal(login, address, "ftp"):  # LoginGuard (agent.auth): backoff and bans
-            connection.response("530", refusal)
-            return True
+            return replied(connection, "530", refusal)
         ok = await self.user_manager.authenticate(connection.user, rest)
         await contract.login(self.gateway, guard, "ftp", who(connection), address, ok)
         if not ok:
-            connection.response("530", "wrong user or password")
-            return True
+            return replied(connection, "530", "wrong user or password")
         name, cap = connection.user.login, self.cfg.ftp.max_sessions_per_user
         slot = await guard.take_session("user", name, cap)
         if slot is None:
@@ -765,8 +761,7 @@ class FtpServer(aioftp.Server):
         connection.session.user, connection.session.user_slot = name, slot
         connection.logged = True
         self.gateway.audit_event(who(connection), "login")
-        connection.response("230", "logged in")
-        return True
+        return replied(connection, "230", "logged in")
 
     # --- passive data connections ---------------------------------------------------------------
 
@@ -917,8 +912,7 @@ class FtpServer(aioftp.Server):
     def _fail(self, connection: aioftp.Connection, e: GatewayError, refused_here: bool = False) -> bool:
         code, info = answer(e).ftp, e.reason
         report(self.gateway, "ftp", who(connection), e, refused_here=refused_here, code=code)
-        connection.response(code, info)
-        return True
+        return replied(connection, code, info)
 
     # --- transfers ---------------------------------------------------------------------------------
 
@@ -1021,34 +1015,29 @@ class FtpServer(aioftp.Server):
     @needs(LOGGED_IN)
     async def on_dele(self, connection: aioftp.Connection, rest: str) -> bool:
         await self.gateway.delete(self._resolve(connection, rest), who(connection))
-        connection.response("250", "deleted")
-        return True
+        return replied(connection, "250", "deleted")
 
     @needs(LOGGED_IN)
     async def on_mkd(self, connection: aioftp.Connection, rest: str) -> bool:
         path = self._resolve(connection, rest)
         await self.gateway.mkdir(path, who(connection))
-        connection.response("257", f"{quoted(str(self.get_paths(connection, rest)[1]))} created")
-        return True
+        return replied(connection, "257", f"{quoted(str(self.get_paths(connection, rest)[1]))} created")
 
     @needs(LOGGED_IN)
     async def on_pwd(self, connection: aioftp.Connection, rest: str) -> bool:
-        connection.response("257", f"{quoted(str(connection.current_directory))} is the current directory")
-        return True
+        return replied(connection, "257", f"{quoted(str(connection.current_directory))} is the current directory")
 
     @needs(LOGGED_IN)
     async def on_rmd(self, connection: aioftp.Connection, rest: str) -> bool:
         await self.gateway.rmdir(self._resolve(connection, rest), who(connection))
-        connection.response("250", "removed")
-        return True
+        return replied(connection, "250", "removed")
 
     @needs(LOGGED_IN)
     async def on_rnfr(self, connection: aioftp.Connection, rest: str) -> bool:
         path = self._resolve(connection, rest)
         await self.gateway.stat(path)
         connection.rename_from = path
-        connection.response("350", "ready for RNTO")
-        return True
+        return replied(connection, "350", "ready for RNTO")
 
     @needs(LOGGED_IN, RENAME_FROM)
     async def on_rnto(self, connection: aioftp.Connection, rest: str) -> bool:
@@ -1057,8 +1046,7 @@ class FtpServer(aioftp.Server):
         del connection.rename_from
         target = self._resolve(connection, rest)
         await self.gateway.rename(source, target, who(connection))
-        connection.response("250", "renamed")
-        return True
+        return replied(connection, "250", "renamed")
 
     # --- commands aioftp lacks ---------------------------------------------------------------------
 
@@ -1067,20 +1055,17 @@ class FtpServer(aioftp.Server):
         e = await self.gateway.stat(self._resolve(connection, rest))
         if e.is_dir:
             raise IsADirectory(e.path)
-        connection.response("213", str(e.size))
-        return True
+        return replied(connection, "213", str(e.size))
 
     @needs(LOGGED_IN)
     async def on_mdtm(self, connection: aioftp.Connection, rest: str) -> bool:
         e = await self.gateway.stat(self._resolve(connection, rest))
-        connection.response("213", _mdtm(e.mtime))
-        return True
+        return replied(connection, "213", _mdtm(e.mtime))
 
     async def on_feat(self, connection: aioftp.Connection, rest: str) -> bool:
         tls = [" AUTH TLS", " PBSZ", " PROT"] if self.tls else []
-        connection.response("211", ["Features:", *tls, " SIZE", " MDTM", " REST STREAM",
-                                    " MLST type*;size*;modify*;", " EPSV", " PASV", " UTF8", "End"], True)
-        return True
+        return replied(connection, "211", ["Features:", *tls, " SIZE", " MDTM", " REST STREAM",
+                                           " MLST type*;size*;modify*;", " EPSV", " PASV", " UTF8", "End"], True)
 
     async def on_opts(self, connection: aioftp.Connection, rest: str) -> bool:
         if rest.upper() == "UTF8 ON":
@@ -1094,11 +1079,9 @@ class FtpServer(aioftp.Server):
         whatever comes in between (PASV, EPSV, TYPE): aioftp's was cleared by any other command, so REST, PASV,
         STOR replaced the file with its tail."""
         if not (rest.isascii() and rest.isdigit() and len(rest) <= 19):  # int() refused '²' and 5 000 digits: 451
-            connection.response("501", f"REST needs a byte offset, not {rest[:40]!r}")
-            return True
+            return replied(connection, "501", f"REST needs a byte offset, not {rest[:40]!r}")
         connection.session.rest = int(rest)
-        connection.response("350", f"restarting at {int(rest)}; send STOR or RETR")
-        return True
+        return replied(connection, "350", f"restarting at {int(rest)}; send STOR or RETR")
 
     @needs(LOGGED_IN)
     async def on_abor(self, connection: aioftp.Connection, rest: str) -> bool:
@@ -1113,8 +1096,7 @@ class FtpServer(aioftp.Server):
         return True
 
     async def on_noop(self, connection: aioftp.Connection, rest: str) -> bool:
-        connection.response("200", "ok")
-        return True
+        return replied(connection, "200", "ok")
 
     async def build_mlsx_string(self, connection: aioftp.Connection, path: PurePath) -> str:
         """MLST (aioftp's handler)."""

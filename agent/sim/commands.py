@@ -77,16 +77,12 @@ def cmd_gen_trace(ns: argparse.Namespace) -> int:
 
     overrides: dict = {}
     for item in ns.set:
-        key, _, value = item.partition("=")
-        overrides[key] = json.loads(value)
-    for key in ("seed", "days", "start", "layout"):
+        key, _, text = item.partition("=")
+        value = json.loads(text)
+        overrides[key] = tuple(value) if isinstance(value, list) else value  # JSON has no tuples
+    for key in ("seed", "days", "start", "layout", "monthly_tb"):
         if getattr(ns, key) is not None:
             overrides[key] = getattr(ns, key)
-    if ns.monthly_tb is not None:
-        overrides["monthly_tb"] = ns.monthly_tb
-    for key, value in list(overrides.items()):
-        if isinstance(value, list):   # JSON has no tuples
-            overrides[key] = tuple(value)
     try:
         params = preset(ns.preset, **overrides)
     except (TypeError, ValueError) as e:

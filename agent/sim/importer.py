@@ -33,12 +33,11 @@ import posixpath
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Iterator
+from typing import IO, Callable, Iterator
 
 from agent.sim.trace import COLUMNS, MAGIC, _open
 from agent.sim.workload import DAY
 
-FORMATS = ("csv", "audit", "xferlog")
 CSV_REQUIRED = ("ts", "op", "path", "size")
 CSV_OPTIONAL = {"patient": "patient", "study": "study", "modality": "modality", "dept": "department",
                 "department": "department"}
@@ -266,6 +265,10 @@ def parse_xferlog(f: IO[str]) -> Iterator[Row | Bad | str]:
         yield Row(t, direction == "i", path, size, line, department=_label("user", user))
 
 
+PARSERS: dict[str, Callable[[IO[str]], Iterator[Row | Bad | str]]] = {
+    "csv": parse_csv, "audit": parse_audit, "xferlog": parse_xferlog}
+
+
 def sniff(first_line: str) -> str:
     s = first_line.lstrip()
     if s.startswith("{"):
@@ -319,8 +322,8 @@ def load(src: str | Path, fmt: str = "auto", start: str | None = None,
     if not first:
         raise TraceImportError(f"{src}: empty file")
     fmt = sniff(first) if fmt == "auto" else fmt
-    if fmt not in FORMATS:
-        raise TraceImportError(f"unknown format {fmt!r}; known: {', '.join(FORMATS)}")
+    if fmt not in PARSERS:
+        raise TraceImportError(f"unknown format {fmt!r}; known: {', '.join(PARSERS)}")
     summary = Summary(source=str(src), format=fmt)
     rows: list[Row] = []
     try:
@@ -328,13 +331,7 @@ def load(src: str | Path, fmt: str = "auto", start: str | None = None,
     except ValueError:
         raise TraceImportError(f"--start {start!r} is not a date (YYYY-MM-DD)") from None
     with _open(src, "r") as f:
-        if fmt == "csv":
-            items = parse_csv(f)
-        elif fmt == "audit":
-            items = parse_audit(f)
-        else:
-            items = parse_xferlog(f)
-        for item in items:
+        for item in PARSERS[fmt](f):
             if isinstance(item, Row):
                 rows.append(item)
             elif isinstance(item, Bad):

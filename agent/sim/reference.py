@@ -88,16 +88,13 @@ def _make(name: str, cap_kib: int, hashpower: int = 24):
 
 def run_reference(ta: TraceArrays, capacity: int, warmup_days: float = 3.0,
                   algorithms: tuple[str, ...] = ALGORITHMS) -> list[ReferenceResult]:
-    return run_arrays(ta.obj, ta.size, ta.t, ta.is_write, capacity, warmup_days * DAY, algorithms,
-                      check=lambda: check_replayable(ta))
+    check_replayable(ta)
+    return run_arrays(ta.obj, ta.size, ta.t, ta.is_write, capacity, warmup_days * DAY, algorithms)
 
 
 def run_arrays(obj: np.ndarray, size: np.ndarray, t: np.ndarray, is_write: np.ndarray, capacity: int,
-               warmup_s: float = 0.0, algorithms: tuple[str, ...] = ALGORITHMS,
-               check=None) -> list[ReferenceResult]:
+               warmup_s: float = 0.0, algorithms: tuple[str, ...] = ALGORITHMS) -> list[ReferenceResult]:
     import libcachesim as lcs
-    if check is not None:
-        check()
     kib = np.maximum(1, -(-size // 1024)).astype(np.int64)
     warm = int(np.searchsorted(t, warmup_s, side="left"))
     post = slice(warm, None)

@@ -258,18 +258,24 @@ def parse_trace(path: str | Path, progress: bool = False) -> TraceArrays:
     st_bytes: list[int] = []
     bar = _bar(progress, meta.get("requests"), "parse trace")
     k = 0
+
+    def new_study(study: str, patient: str, modality: str, dep: str, day: int, nbytes: int) -> int:
+        st_pat.append(patients.setdefault(patient, len(patients)))
+        st_mod.append(mods.setdefault(modality, len(mods)))
+        st_dep.append(deps.setdefault(dep, len(deps)))
+        st_day.append(day)
+        st_bytes.append(nbytes)
+        sid = studies[study] = len(studies)
+        return sid
+
     with _open(path, "r") as f:
         f.readline()
         f.readline()
         for line in f:
             t, op, p, size, patient, study, modality, dep = line.rstrip("\n").split("\t")
             if op == "S":
-                sid = studies[study] = len(studies)
-                st_pat.append(patients.setdefault(patient, len(patients)))
-                st_mod.append(mods.setdefault(modality, len(mods)))
-                st_dep.append(deps.setdefault(dep, len(deps)))
-                st_day.append((dt.date.fromisoformat(p.split("/")[date_index]) - start).days)
-                st_bytes.append(int(size))
+                new_study(study, patient, modality, dep,
+                          (dt.date.fromisoformat(p.split("/")[date_index]) - start).days, int(size))
                 continue
             oid = objs.get(p)
             isize = int(size)
@@ -277,26 +283,15 @@ def parse_trace(path: str | Path, progress: bool = False) -> TraceArrays:
                 oid = objs[p] = len(objs)
                 sid = studies.get(study)
                 if sid is None:
-                    sid = studies[study] = len(studies)
-                    st_pat.append(patients.setdefault(patient, len(patients)))
-                    st_mod.append(mods.setdefault(modality, len(mods)))
-                    st_dep.append(deps.setdefault(dep, len(deps)))
                     if dated:
-                        date_part = p.split("/")[date_index]
-                        st_day.append((dt.date.fromisoformat(date_part) - start).days)
+                        day = (dt.date.fromisoformat(p.split("/")[date_index]) - start).days
                     else:
-                        st_day.append(int(float(t) // DAY) if op == "W" else -1)
-                    st_bytes.append(-1)   # a study acquired during the trace: summed below
+                        day = int(float(t) // DAY) if op == "W" else -1
+                    # -1 bytes: a study acquired during the trace, summed below
+                    sid = new_study(study, patient, modality, dep, day, -1)
                 elif not dated and op == "W" and st_day[sid] < 0:
                     st_day[sid] = int(float(t) // DAY)
-                if dated:
-                    dname = p.split("/", dir_depth)
-                    dname = "/".join(dname[:dir_depth])
-                    did = dirs.get(dname)
-                    if did is None:
-                        did = dirs[dname] = len(dirs)
-                else:
-                    did = -1
+                did = dirs.setdefault("/".join(p.split("/", dir_depth)[:dir_depth]), len(dirs)) if dated else -1
                 obj_study.append(sid)
                 obj_dir.append(did)
                 obj_size.append(isize)
