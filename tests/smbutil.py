@@ -11,6 +11,14 @@ from pathlib import Path
 
 import smbclient
 from smbprotocol.connection import Connection
+from smbprotocol.open import (
+    CreateDisposition,
+    CreateOptions,
+    FilePipePrinterAccessMask,
+    ImpersonationLevel,
+    Open,
+    ShareAccess,
+)
 
 from harness import PASSWORD
 
@@ -113,17 +121,17 @@ def cleanup_smb(agent) -> None:
         time.sleep(0.1)
 
 
+def create_for_write(tree, name: str):
+    """CREATE `name` for writing (overwrite if it exists) in a connected smbprotocol tree → the open file."""
+    f = Open(tree, name)
+    f.create(ImpersonationLevel.Impersonation, FilePipePrinterAccessMask.GENERIC_WRITE, 0x80,
+             ShareAccess.FILE_SHARE_READ, CreateDisposition.FILE_OVERWRITE_IF, CreateOptions.FILE_NON_DIRECTORY_FILE)
+    return f
+
+
 def raw_request(smb: "Smb", name: str, data: bytes | None = None) -> bytes:
     """Write `data` to `name` (CREATE, WRITE, CLOSE), or read it when data is None, with the name exactly as given:
     smbclient would resolve '..' client-side, and the server is the one that must refuse it."""
-    from smbprotocol.open import (
-        CreateDisposition,
-        CreateOptions,
-        FilePipePrinterAccessMask,
-        ImpersonationLevel,
-        Open,
-        ShareAccess,
-    )
     from smbprotocol.tree import TreeConnect
     kw = smb.kw
     session = smbclient.register_session("127.0.0.1", username=kw["username"], password=kw["password"],
@@ -137,9 +145,7 @@ def raw_request(smb: "Smb", name: str, data: bytes | None = None) -> bytes:
                      ShareAccess.FILE_SHARE_READ, CreateDisposition.FILE_OPEN, CreateOptions.FILE_NON_DIRECTORY_FILE)
             got = f.read(0, f.end_of_file) if f.end_of_file else b""
         else:
-            f.create(ImpersonationLevel.Impersonation, FilePipePrinterAccessMask.GENERIC_WRITE, 0x80,
-                     ShareAccess.FILE_SHARE_READ, CreateDisposition.FILE_OVERWRITE_IF,
-                     CreateOptions.FILE_NON_DIRECTORY_FILE)
+            f = create_for_write(tree, name)
             f.write(data, 0)
             got = b""
         f.close()

@@ -12,7 +12,7 @@ import pytest
 from smbprotocol.connection import Connection
 from smbprotocol.exceptions import SMBException
 from smbprotocol.session import Session
-from smbutil import Smb
+from smbutil import Smb, create_for_write
 
 from harness import PASSWORD
 
@@ -97,14 +97,6 @@ def test_a_cut_connection_leaves_no_half_written_file(smb_agent):
     left open and that close committed the bytes so far as a complete file (1 MiB of an unfinished upload stored
     and uploaded). A close from an smbd whose client is gone now discards the upload; a file the client closes
     is stored as before."""
-    from smbprotocol.open import (
-        CreateDisposition,
-        CreateOptions,
-        FilePipePrinterAccessMask,
-        ImpersonationLevel,
-        Open,
-        ShareAccess,
-    )
     from smbprotocol.tree import TreeConnect
     agent = smb_agent().start(timeout=180)
     smb = Smb(agent)
@@ -115,10 +107,7 @@ def test_a_cut_connection_leaves_no_half_written_file(smb_agent):
     session.connect()
     tree = TreeConnect(session, smb.root)
     tree.connect()
-    f = Open(tree, "cut.dcm")
-    f.create(ImpersonationLevel.Impersonation, FilePipePrinterAccessMask.GENERIC_WRITE, 0x80,
-             ShareAccess.FILE_SHARE_READ, CreateDisposition.FILE_OVERWRITE_IF, CreateOptions.FILE_NON_DIRECTORY_FILE)
-    f.write(b"x" * 2**20, 0)
+    create_for_write(tree, "cut.dcm").write(b"x" * 2**20, 0)
     conn.transport.close()  # no CLOSE, no LOGOFF: the connection is gone
     wait_for(lambda: agent.events("upload_aborted"), 20)
     assert "the client's connection ended" in agent.events("upload_aborted")[0]["reason"]
