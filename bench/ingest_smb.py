@@ -75,10 +75,10 @@ class _PlainSamba:
         data.mkdir()
         os.chown(data, uid, gid)
         os.chmod(data, 0o775)  # like the agent's mount: writable by the group every SMB user's account has
-        (state / "roots" / USER).symlink_to(data)
+        account = unix_account(USER)
+        (state / "roots" / account).symlink_to(data)  # the share's path names the Unix account (%u)
         self.conf = state / "smb.conf"
         self.conf.write_text(render_conf(cfg))
-        account = unix_account(USER)
         import grp
         _ensure_account(account, group=grp.getgrgid(gid).gr_name)
         (state / "usermap").write_text(f"{account} = {USER}\n")

@@ -171,7 +171,7 @@ def test_smb_box_agent_config(smb_box):
     p = _in(smb_box, "testparm", "-s", "--suppress-prompt", "/tmp/agent-smb.conf")
     assert "Loaded services file OK." in p.stderr, p.stderr
     parsed = p.stdout
-    for line in ("[pacs]", "\tpath = /var/lib/pacsgw/samba/roots/%U", "\thosts allow = 172.20.5.0/24 127.0.0.1/32",
+    for line in ("[pacs]", "\tpath = /var/lib/pacsgw/samba/roots/%u", "\thosts allow = 172.20.5.0/24 127.0.0.1/32",
                  "\thosts deny = ALL", "\tserver min protocol = SMB3_00", "\tserver signing = required",
                  "\tserver smb encrypt = required", "\tsmb ports = 445"):
         assert line in parsed.splitlines(), (line, parsed)
