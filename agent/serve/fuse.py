@@ -455,6 +455,16 @@ class GatewayFS(pyfuse3.Operations):
             raise
         return len(buf)
 
+    def _cut_short(self, op: _Open) -> str:
+        """Why op's close is not its client's (smbd stopped, or the client's connection cut: a crash, a pulled
+        cable), '' if it is: smbd closes what was left open, an upload cut short at an arbitrary byte, never to be
+        taken for a complete file."""
+        if self.closing:
+            return "smbd stopped"
+        if op.who.peer and not self.peers.connected(op.pid):
+            return "the client's connection ended"
+        return ""
+
     async def flush(self, fh: int) -> None:
         """close(2): commit what this handle wrote. smbd's CLOSE reply waits for this."""
         op = self._files.get(fh)
@@ -465,11 +475,7 @@ class GatewayFS(pyfuse3.Operations):
         if op.unlinked:
             await op.writer.abort("unlinked before close")
             return
-        # smbd being stopped, or a client's connection cut (a crash, a pulled cable, a ban): smbd closes what was
-        # left open, an upload cut short at an arbitrary byte, never to be taken for a complete file
-        cut = "smbd stopped" if self.closing else "" if not op.who.peer or self.peers.connected(op.pid) else \
-            "the client's connection ended"
-        if cut:
+        if cut := self._cut_short(op):
             await op.writer.abort(f"{cut} before the client closed the file")
             self._writing.pop(op.path, None)
             raise pyfuse3.FUSEError(errno.EIO)
