@@ -16,10 +16,11 @@ AGENT = Path(__file__).resolve().parents[1] / "agent"
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     # agent.audit imports nothing of the agent: the login guard (agent.auth) records bans through it.
     ("base", ("agent", "agent.records", "agent.config", "agent.auth", "agent.audit", "agent.metrics", "agent.logs",
-              "agent.dicom", "agent.dicom.header", "agent.dicom.objectmeta", "agent.hahook")),
+              "agent.hahook")),
     ("policy", ("agent.policy",)),
     ("uplink", ("agent.uplink",)),
-    ("store", ("agent.store", "agent.dicom.retention")),
+    # agent.dicom reads headers and decides retention above the uplink: the uplink gets what it needs handed in.
+    ("store", ("agent.store", "agent.dicom")),
     ("services", ("agent.serve", "agent.sim", "agent.prefetcher", "agent.monitor", "agent.fsck",
                   "agent.selfcheck", "agent.dicom.reindex", "agent.dicom.reapply", "agent.dicom.snapshot",
                   "agent.dicom.schedule", "agent.dicom.deltas", "agent.ha")),
