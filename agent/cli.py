@@ -12,7 +12,7 @@ import urllib.parse
 import urllib.request
 
 from agent import __version__
-from agent.config import DEFAULT_CONFIG, ConfigError, load_or_exit
+from agent.config import DEFAULT_CONFIG, ConfigError, complain, load_or_exit
 from agent.dicom import commands as dicom_commands
 from agent.selfcheck import local_host
 from agent.serve.http import ADMIN_TOKEN_FILE
@@ -27,14 +27,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     try:
         asyncio.run(daemon.run_until_signal(daemon.Agent(cfg)))
     except CatalogSchemaError as e:
-        print(f"pacsgw: {e}", file=sys.stderr)
-        return 3
+        return complain(str(e), 3)
     except ConfigError as e:  # a setting the host cannot honour (port taken, cache.dir unusable)
-        print(f"pacsgw: cannot start: {e}", file=sys.stderr)
-        return 2
+        return complain(f"cannot start: {e}", 2)
     except OSError as e:
-        print(f"pacsgw: cannot start: {e}", file=sys.stderr)
-        return 1
+        return complain(f"cannot start: {e}", 1)
     return 0
 
 
@@ -104,8 +101,7 @@ def cmd_evict(args: argparse.Namespace) -> int:
     if args.dry_run:
         return _evict_dry_run(url, args)
     if not args.paths:
-        print("pacsgw: evict needs PATH... (or --dry-run)", file=sys.stderr)
-        return 2
+        return complain("evict needs PATH... (or --dry-run)", 2)
     worst = 0
     with _bar(len(args.paths), "evict") as bar:
         for path in args.paths:
@@ -121,8 +117,7 @@ def _evict_dry_run(url: str, args: argparse.Namespace) -> int:
     query = "?" + urllib.parse.urlencode({"bytes": args.bytes}) if args.bytes else ""
     status, plan = _admin(url + query, _admin_token(args))
     if status != 200:
-        print(f"pacsgw: {plan.get('error')}", file=sys.stderr)
-        return 2
+        return complain(str(plan.get("error")), 2)
     if args.json:
         print(json.dumps(plan, indent=2))
         return 0
@@ -148,14 +143,12 @@ def cmd_prefetch(args: argparse.Namespace) -> int:
     if args.dry_run:
         status, plan = _admin(url, token)
         if status != 200:
-            print(f"pacsgw: {plan.get('error')}", file=sys.stderr)
-            return 2
+            return complain(str(plan.get("error")), 2)
         print(json.dumps(plan, indent=2) if args.json else _plan_text(plan))
         return 0
     status, started = _admin(url, token, {}, "POST")
     if status != 202:
-        print(f"pacsgw: {started.get('error')}", file=sys.stderr)
-        return 1
+        return complain(str(started.get("error")), 1)
     return _follow_prefetch(url, token)
 
 
@@ -217,8 +210,7 @@ def cmd_hash_password(args: argparse.Namespace) -> int:
     from agent.auth import hash_password
     password = sys.stdin.readline().rstrip("\n") if args.stdin else getpass.getpass("password: ")
     if not password:
-        print("pacsgw: empty password", file=sys.stderr)
-        return 2
+        return complain("empty password", 2)
     print(hash_password(password))
     return 0
 

@@ -813,5 +813,10 @@ def load_or_exit(path: str) -> Config:
     try:
         return load(path)
     except ConfigError as e:
-        print(f"pacsgw: configuration error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
+        raise SystemExit(complain(f"configuration error: {e}", 2)) from None
+
+
+def complain(why: str, code: int) -> int:
+    """A command's problem on stderr (stdout is its answer) → the exit code it ends with."""
+    print(f"pacsgw: {why}", file=sys.stderr)
+    return code
