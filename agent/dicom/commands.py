@@ -122,15 +122,15 @@ def cmd_retention_apply(args: argparse.Namespace) -> int:
                                          cfg.audit.enabled)) as audit:
             failed += asyncio.run(apply(cfg, p.changes, audit, who))
     out = {"dry_run": args.dry_run, "objects": p.objects, "changes": len(p.changes), "failed": failed,
-           "items": [c.as_dict() for c in p.changes]}
+           "items": [dataclasses.asdict(c) for c in p.changes]}
     if args.json:
-        print(json.dumps(out, indent=2))
+        print(json.dumps(out, indent=2, default=dt.datetime.isoformat))
     else:
         verb = "would extend" if args.dry_run else "extended"
         for c in p.changes:
             before = f"{c.until_before:%Y-%m-%d}" if c.until_before else "none"
             after = f"{c.until:%Y-%m-%d}" if c.until else before
-            hold = " + legal hold" if c.hold else ""
+            hold = " + legal hold" if c.legal_hold else ""
             print(f"{verb}: {c.path}: {before} -> {after}{hold} ({c.reason})")
         for f in failed:
             print(f"failed: {f}", file=sys.stderr)
