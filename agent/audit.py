@@ -161,12 +161,9 @@ class AuditShipper:
             marker.touch()
             shipped += 1
             log.info("audit_shipped", file=f.name, key=self.prefix + f.name)
-        self._trim()
-        return shipped
-
-    def _trim(self) -> None:
-        files = self.audit.rotated()
+        files = self.audit.rotated()  # locally, the newest `keep` of them, and those not yet shipped
         for f in files[: max(0, len(files) - self.audit.keep)]:
-            if f.with_name(f.name + ".shipped").exists():
+            if (marker := f.with_name(f.name + ".shipped")).exists():
                 f.unlink()
-                f.with_name(f.name + ".shipped").unlink()
+                marker.unlink()
+        return shipped

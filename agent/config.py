@@ -160,10 +160,6 @@ def _ns_root(value: Any) -> str:
     return "/" + "/".join(parts)
 
 
-def _path_list_or_str(value: Any) -> tuple[str, ...]:
-    return (value,) if isinstance(value, str) else _strings(value)
-
-
 _name = _matching(r"[A-Za-z0-9_][A-Za-z0-9_.\-]{0,31}")
 _share = _valid(lambda v: isinstance(v, str) and re.fullmatch(r"[A-Za-z0-9_.\-$]{1,64}", v)
                 and v.lower() not in ("global", "homes", "printers", "ipc$"))
@@ -460,7 +456,7 @@ class UserConfig:
     name: str = _f(_name, "1-32 characters of A-Z a-z 0-9 _ . - (not starting with . or -)")
     password: str = _f(_str, "a string (prefer password_hash)", default="")
     password_hash: str = _f(_optional_hash, "a hash made by 'pacsgw hash-password'", default="")
-    authorized_keys: tuple[str, ...] = _f(_path_list_or_str,
+    authorized_keys: tuple[str, ...] = _f(lambda v: (v,) if isinstance(v, str) else _strings(v),
                                           "a path, or a list of paths, of OpenSSH authorized_keys files", default=())
     root: str = _f(_ns_root, "an absolute path inside the gateway namespace such as '/' or '/CT'", default="/")
     permissions: tuple[str, ...] = _f(_rights, "a list of 'read', 'write', 'delete', 'rename' "
