@@ -89,10 +89,6 @@ def _str_list(ok: Callable[[str], object]) -> Callable[[Any], tuple[str, ...]]:
     return _valid(lambda v: isinstance(v, list) and all(isinstance(s, str) and ok(s) for s in v), tuple)
 
 
-def _of(kind: type) -> Callable[[Any], Any]:
-    return _valid(lambda v: isinstance(v, kind))
-
-
 def _int_between(lo: int, hi: int) -> Callable[[Any], int]:
     return _valid(lambda v: type(v) is int and lo <= v <= hi)  # a bool is no int here
 
@@ -105,7 +101,7 @@ def _choice(*options: str) -> Callable[[Any], str]:
     return _valid(lambda v: v in options)
 
 
-_str, _bool = _of(str), _of(bool)
+_str, _bool = _valid(lambda v: isinstance(v, str)), _valid(lambda v: isinstance(v, bool))
 _strings = _str_list(lambda v: True)
 _nonempty = _valid(lambda v: isinstance(v, str) and v.strip())
 
