@@ -676,9 +676,8 @@ def _check_ports(cfg: Config) -> None:
     if cfg.ftp.enabled:
         low, high = cfg.ftp.passive_ports
         for other, (_, port) in seen:
-            if low <= port <= high:
-                raise ConfigError(file, "ftp.passive_ports", f"{low}-{high}",
-                                  f"a range that does not include {other}'s port {port}")
+            _need(not low <= port <= high, file, "ftp.passive_ports", f"{low}-{high}",
+                  f"a range that does not include {other}'s port {port}")
 
 
 def _check_cache_dir(cfg: Config) -> None:
