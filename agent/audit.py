@@ -97,8 +97,16 @@ class AuditLog:
     def _roll(self) -> None:
         """Rename the full file to a unique, sortable name (shipped as it is) and start a new one; if the rename
         fails, the lines go on to the full file."""
-        self._rotate(str(self.path), str(self.path.with_name(
-            f"{self.path.stem}-{time.strftime('%Y%m%dT%H%M%S')}-{time.time_ns() % 10**9:09d}{self.path.suffix}")))
+        os.rename(self.path, self.path.with_name(
+            f"{self.path.stem}-{time.strftime('%Y%m%dT%H%M%S')}-{time.time_ns() % 10**9:09d}{self.path.suffix}"))
+        # Wake the shipper now. _write runs on the recording thread: the event loop's, or the login guard's
+        # (agent.auth), whose records must reach the loop's Event through the loop.
+        try:
+            asyncio.get_running_loop()
+            self.rotated_event.set()
+        except RuntimeError:
+            if self.loop is not None:
+                self.loop.call_soon_threadsafe(self.rotated_event.set)
         full = self._fd
         self._open()
         os.close(full)
@@ -114,17 +122,6 @@ class AuditLog:
             raise
         if record_ok:
             self.record(who, op, path, **detail)
-
-    def _rotate(self, source: str, dest: str) -> None:
-        os.rename(source, dest)
-        # Wake the shipper now. _write runs on the recording thread: the event loop's, or the login guard's
-        # (agent.auth), whose records must reach the loop's Event through the loop.
-        try:
-            asyncio.get_running_loop()
-            self.rotated_event.set()
-        except RuntimeError:
-            if self.loop is not None:
-                self.loop.call_soon_threadsafe(self.rotated_event.set)
 
     def rotated(self) -> list[Path]:
         return sorted(self.path.parent.glob(f"{self.path.stem}-*{self.path.suffix}"))
@@ -164,12 +161,9 @@ class AuditShipper:
             marker.touch()
             shipped += 1
             log.info("audit_shipped", file=f.name, key=self.prefix + f.name)
-        self._trim()
-        return shipped
-
-    def _trim(self) -> None:
-        files = self.audit.rotated()
+        files = self.audit.rotated()  # locally, the newest `keep` of them, and those not yet shipped
         for f in files[: max(0, len(files) - self.audit.keep)]:
-            if f.with_name(f.name + ".shipped").exists():
+            if (marker := f.with_name(f.name + ".shipped")).exists():
                 f.unlink()
-                f.with_name(f.name + ".shipped").unlink()
+                marker.unlink()
+        return shipped

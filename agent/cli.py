@@ -10,9 +10,10 @@ import sys
 import urllib.error
 import urllib.parse
 import urllib.request
+from typing import Callable
 
 from agent import __version__
-from agent.config import DEFAULT_CONFIG, ConfigError, load_or_exit
+from agent.config import DEFAULT_CONFIG, ConfigError, complain, load_or_exit
 from agent.dicom import commands as dicom_commands
 from agent.selfcheck import local_host
 from agent.serve.http import ADMIN_TOKEN_FILE
@@ -27,14 +28,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     try:
         asyncio.run(daemon.run_until_signal(daemon.Agent(cfg)))
     except CatalogSchemaError as e:
-        print(f"pacsgw: {e}", file=sys.stderr)
-        return 3
+        return complain(str(e), 3)
     except ConfigError as e:  # a setting the host cannot honour (port taken, cache.dir unusable)
-        print(f"pacsgw: cannot start: {e}", file=sys.stderr)
-        return 2
+        return complain(f"cannot start: {e}", 2)
     except OSError as e:
-        print(f"pacsgw: cannot start: {e}", file=sys.stderr)
-        return 1
+        return complain(f"cannot start: {e}", 1)
     return 0
 
 
@@ -102,10 +100,10 @@ def cmd_evict(args: argparse.Namespace) -> int:
     what its eviction policy would drop."""
     url, token = _agent_url(args) + "/admin/evict", _admin_token(args)
     if args.dry_run:
-        return _evict_dry_run(url, args)
+        query = "?" + urllib.parse.urlencode({"bytes": args.bytes}) if args.bytes else ""
+        return _dry_run(url + query, token, args.json, _evict_text)
     if not args.paths:
-        print("pacsgw: evict needs PATH... (or --dry-run)", file=sys.stderr)
-        return 2
+        return complain("evict needs PATH... (or --dry-run)", 2)
     worst = 0
     with _bar(len(args.paths), "evict") as bar:
         for path in args.paths:
@@ -117,45 +115,38 @@ def cmd_evict(args: argparse.Namespace) -> int:
     return worst
 
 
-def _evict_dry_run(url: str, args: argparse.Namespace) -> int:
-    query = "?" + urllib.parse.urlencode({"bytes": args.bytes}) if args.bytes else ""
-    status, plan = _admin(url + query, _admin_token(args))
+def _dry_run(url: str, token: str, as_json: bool, text: Callable[[dict], str]) -> int:
+    """A --dry-run: the agent's plan, as JSON or as text."""
+    status, plan = _admin(url, token)
     if status != 200:
-        print(f"pacsgw: {plan.get('error')}", file=sys.stderr)
-        return 2
-    if args.json:
-        print(json.dumps(plan, indent=2))
-        return 0
-    victims = plan["victims"]
-    print(f"policy {plan['policy']}" + (f" (k = {plan['k']})" if plan.get("k") else "")
-          + f": {len(victims)} files, {sum(v['size'] for v in victims)} bytes would go "
-          f"to free {plan['bytes_to_free']} of {plan['cached_bytes']} cached bytes")
-    by_cluster: dict = {}
+        return complain(str(plan.get("error")), 2)
+    print(json.dumps(plan, indent=2) if as_json else text(plan))
+    return 0
+
+
+def _evict_text(plan: dict) -> str:
+    victims, by_cluster = plan["victims"], {}
+    lines = [f"policy {plan['policy']}" + (f" (k = {plan['k']})" if plan.get("k") else "")
+             + f": {len(victims)} files, {sum(v['size'] for v in victims)} bytes would go "
+             f"to free {plan['bytes_to_free']} of {plan['cached_bytes']} cached bytes"]
     for v in victims:
         by_cluster.setdefault(v["cluster"], []).append(v)
     for cluster, files in by_cluster.items():
         label = "no clusters" if cluster is None else f"cluster {cluster}" + (" (coldest)" if cluster == 0 else "")
-        print(f"{label}: {len(files)} files, {sum(v['size'] for v in files)} bytes")
-        for v in files:
-            print(f"  {v['path']}  {v['size']} B  read {v['access_count']}x"
-                  + (f"  score {v['score']}" if v["score"] is not None else ""))
-    return 0
+        lines.append(f"{label}: {len(files)} files, {sum(v['size'] for v in files)} bytes")
+        lines += [f"  {v['path']}  {v['size']} B  read {v['access_count']}x"
+                  + (f"  score {v['score']}" if v["score"] is not None else "") for v in files]
+    return "\n".join(lines)
 
 
 def cmd_prefetch(args: argparse.Namespace) -> int:
     """Show what the agent's prefetch would fetch (--dry-run), or start a run and follow it."""
     url, token = _agent_url(args) + "/admin/prefetch", _admin_token(args)
     if args.dry_run:
-        status, plan = _admin(url, token)
-        if status != 200:
-            print(f"pacsgw: {plan.get('error')}", file=sys.stderr)
-            return 2
-        print(json.dumps(plan, indent=2) if args.json else _plan_text(plan))
-        return 0
+        return _dry_run(url, token, args.json, _plan_text)
     status, started = _admin(url, token, {}, "POST")
     if status != 202:
-        print(f"pacsgw: {started.get('error')}", file=sys.stderr)
-        return 1
+        return complain(str(started.get("error")), 1)
     return _follow_prefetch(url, token)
 
 
@@ -217,8 +208,7 @@ def cmd_hash_password(args: argparse.Namespace) -> int:
     from agent.auth import hash_password
     password = sys.stdin.readline().rstrip("\n") if args.stdin else getpass.getpass("password: ")
     if not password:
-        print("pacsgw: empty password", file=sys.stderr)
-        return 2
+        return complain("empty password", 2)
     print(hash_password(password))
     return 0
 

@@ -89,10 +89,6 @@ def _str_list(ok: Callable[[str], object]) -> Callable[[Any], tuple[str, ...]]:
     return _valid(lambda v: isinstance(v, list) and all(isinstance(s, str) and ok(s) for s in v), tuple)
 
 
-def _of(kind: type) -> Callable[[Any], Any]:
-    return _valid(lambda v: isinstance(v, kind))
-
-
 def _int_between(lo: int, hi: int) -> Callable[[Any], int]:
     return _valid(lambda v: type(v) is int and lo <= v <= hi)  # a bool is no int here
 
@@ -105,7 +101,7 @@ def _choice(*options: str) -> Callable[[Any], str]:
     return _valid(lambda v: v in options)
 
 
-_str, _bool = _of(str), _of(bool)
+_str, _bool = _valid(lambda v: isinstance(v, str)), _valid(lambda v: isinstance(v, bool))
 _strings = _str_list(lambda v: True)
 _nonempty = _valid(lambda v: isinstance(v, str) and v.strip())
 
@@ -158,10 +154,6 @@ def _ns_root(value: Any) -> str:
     if any(p in (".", "..") for p in parts):
         raise ValueError
     return "/" + "/".join(parts)
-
-
-def _path_list_or_str(value: Any) -> tuple[str, ...]:
-    return (value,) if isinstance(value, str) else _strings(value)
 
 
 _name = _matching(r"[A-Za-z0-9_][A-Za-z0-9_.\-]{0,31}")
@@ -460,7 +452,7 @@ class UserConfig:
     name: str = _f(_name, "1-32 characters of A-Z a-z 0-9 _ . - (not starting with . or -)")
     password: str = _f(_str, "a string (prefer password_hash)", default="")
     password_hash: str = _f(_optional_hash, "a hash made by 'pacsgw hash-password'", default="")
-    authorized_keys: tuple[str, ...] = _f(_path_list_or_str,
+    authorized_keys: tuple[str, ...] = _f(lambda v: (v,) if isinstance(v, str) else _strings(v),
                                           "a path, or a list of paths, of OpenSSH authorized_keys files", default=())
     root: str = _f(_ns_root, "an absolute path inside the gateway namespace such as '/' or '/CT'", default="/")
     permissions: tuple[str, ...] = _f(_rights, "a list of 'read', 'write', 'delete', 'rename' "
@@ -538,18 +530,16 @@ _SECTIONS: dict[str, type] = {n: t for n, t in typing.get_type_hints(Config).ite
 
 
 def _build(cls: type, table: Any, file: Path, where: str) -> Any:
-    if not isinstance(table, dict):
-        raise ConfigError(file, where, table, "a table")
+    _need(isinstance(table, dict), file, where, table, "a table")
     fields = {f.name: f for f in dataclasses.fields(cls) if "parse" in f.metadata}  # not derived ones
     for key, value in table.items():
-        if key not in fields:
-            raise ConfigError(file, f"{where}.{key}", value,
-                              f"unknown key; allowed keys in [{where}] are: {', '.join(sorted(fields))}")
+        _need(key in fields, file, f"{where}.{key}", value,
+              f"unknown key; allowed keys in [{where}] are: {', '.join(sorted(fields))}")
     kwargs = {}
     for name, f in fields.items():
         if name not in table:
-            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-                raise ConfigError(file, f"{where}.{name}", None, f"required; {f.metadata['allowed']}")
+            _need(f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING, file,
+                  f"{where}.{name}", None, f"required; {f.metadata['allowed']}")
             continue
         try:
             kwargs[name] = f.metadata["parse"](table[name])
@@ -559,86 +549,73 @@ def _build(cls: type, table: Any, file: Path, where: str) -> Any:
     return cls(**kwargs)
 
 
+def _need(ok: object, file: Path, key: str, value: Any, allowed: str) -> None:
+    """A rule across fields (or against the host): a ConfigError naming key unless ok."""
+    if not ok:
+        raise ConfigError(file, key, value, allowed)
+
+
 def _check_cross(cfg: Config) -> None:
-    file = cfg.path
-    if cfg.cache.low_watermark >= cfg.cache.high_watermark:
-        raise ConfigError(file, "cache.low_watermark", cfg.cache.low_watermark,
-                          f"must be below cache.high_watermark ({cfg.cache.high_watermark})")
-    up = cfg.uplink
-    if up.multipart_chunk < 5 * 1024**2:
-        raise ConfigError(file, "uplink.multipart_chunk", up.multipart_chunk, "at least 5MiB (S3's minimum part)")
-    if up.multipart_threshold < up.multipart_chunk:
-        raise ConfigError(file, "uplink.multipart_threshold", up.multipart_threshold,
-                          "at least uplink.multipart_chunk")
-    if up.credentials_file and (up.access_key_id or up.secret_access_key):
-        raise ConfigError(file, "uplink.credentials_file", up.credentials_file,
-                          "either credentials_file or access_key_id/secret_access_key, not both")
-    if not up.credentials_file and not (up.access_key_id and up.secret_access_key):
-        raise ConfigError(file, "uplink.access_key_id", up.access_key_id,
-                          "access_key_id and secret_access_key are both required (or credentials_file)")
-    if up.ca_bundle and not Path(up.ca_bundle).is_file():
-        raise ConfigError(file, "uplink.ca_bundle", up.ca_bundle, "an existing PEM file")
-    if cfg.dicom.snapshot_interval and not up.prefix:
-        raise ConfigError(file, "dicom.snapshot_interval", cfg.dicom.snapshot_interval,
-                          "0 while uplink.prefix is empty (snapshots are kept beside the namespace prefix)")
+    file, up, pr = cfg.path, cfg.uplink, cfg.pressure
+    _need(cfg.cache.low_watermark < cfg.cache.high_watermark, file, "cache.low_watermark", cfg.cache.low_watermark,
+          f"must be below cache.high_watermark ({cfg.cache.high_watermark})")
+    _need(up.multipart_chunk >= 5 * 1024**2, file, "uplink.multipart_chunk", up.multipart_chunk,
+          "at least 5MiB (S3's minimum part)")
+    _need(up.multipart_threshold >= up.multipart_chunk, file, "uplink.multipart_threshold", up.multipart_threshold,
+          "at least uplink.multipart_chunk")
+    _need(not (up.credentials_file and (up.access_key_id or up.secret_access_key)), file, "uplink.credentials_file",
+          up.credentials_file, "either credentials_file or access_key_id/secret_access_key, not both")
+    _need(up.credentials_file or (up.access_key_id and up.secret_access_key), file, "uplink.access_key_id",
+          up.access_key_id, "access_key_id and secret_access_key are both required (or credentials_file)")
+    _need(not up.ca_bundle or Path(up.ca_bundle).is_file(), file, "uplink.ca_bundle", up.ca_bundle,
+          "an existing PEM file")
+    _need(not cfg.dicom.snapshot_interval or up.prefix, file, "dicom.snapshot_interval", cfg.dicom.snapshot_interval,
+          "0 while uplink.prefix is empty (snapshots are kept beside the namespace prefix)")
     ftp = cfg.ftp
     _check_pem_pair(file, "ftp", ftp.tls_cert, ftp.tls_key, "tls_")
-    if ftp.require_tls and not ftp.tls_cert:
-        raise ConfigError(file, "ftp.require_tls", True, "tls_cert and tls_key to be set")
+    _need(not ftp.require_tls or ftp.tls_cert, file, "ftp.require_tls", True, "tls_cert and tls_key to be set")
     _check_metrics_listener(cfg)
-    if not cfg.sftp.password_auth and cfg.sftp.enabled and not any(u.authorized_keys for u in cfg.users):
-        raise ConfigError(file, "sftp.password_auth", False, "true, or authorized_keys for at least one user")
-    if cfg.audit.ship and cfg.audit.ship_prefix.startswith(up.prefix):
-        raise ConfigError(file, "audit.ship_prefix", cfg.audit.ship_prefix,
-                          f"a prefix outside the PACS namespace (uplink.prefix {up.prefix!r}); "
-                          "with an empty uplink.prefix the whole bucket is the namespace")
-    pr = cfg.pressure
-    if pr.memory_critical > pr.memory_high:
-        raise ConfigError(file, "pressure.memory_critical", pr.memory_critical, "at most pressure.memory_high")
-    if pr.rss_high and pr.rss_critical and pr.rss_critical < pr.rss_high:
-        raise ConfigError(file, "pressure.rss_critical", pr.rss_critical, "at least pressure.rss_high")
-    if pr.disk_critical <= cfg.cache.high_watermark:
-        raise ConfigError(file, "pressure.disk_critical", pr.disk_critical,
-                          f"above cache.high_watermark ({cfg.cache.high_watermark})")
-    if cfg.prefetch.study_depth <= cfg.prefetch.dir_depth and cfg.prefetch.priors:
-        raise ConfigError(file, "prefetch.study_depth", cfg.prefetch.study_depth,
-                          f"deeper than prefetch.dir_depth ({cfg.prefetch.dir_depth}): a study lies inside a "
-                          "day-directory")
-    if cfg.scrub.rate < 10**6:
-        raise ConfigError(file, "scrub.rate", cfg.scrub.rate, "at least 1MB per second")
-    if not cfg.users:
-        raise ConfigError(file, "users", [], "at least one [[users]] entry")
+    _need(cfg.sftp.password_auth or not cfg.sftp.enabled or any(u.authorized_keys for u in cfg.users), file,
+          "sftp.password_auth", False, "true, or authorized_keys for at least one user")
+    _need(not (cfg.audit.ship and cfg.audit.ship_prefix.startswith(up.prefix)), file, "audit.ship_prefix",
+          cfg.audit.ship_prefix, f"a prefix outside the PACS namespace (uplink.prefix {up.prefix!r}); "
+          "with an empty uplink.prefix the whole bucket is the namespace")
+    _need(pr.memory_critical <= pr.memory_high, file, "pressure.memory_critical", pr.memory_critical,
+          "at most pressure.memory_high")
+    _need(not (pr.rss_high and pr.rss_critical and pr.rss_critical < pr.rss_high), file, "pressure.rss_critical",
+          pr.rss_critical, "at least pressure.rss_high")
+    _need(pr.disk_critical > cfg.cache.high_watermark, file, "pressure.disk_critical", pr.disk_critical,
+          f"above cache.high_watermark ({cfg.cache.high_watermark})")
+    _need(cfg.prefetch.study_depth > cfg.prefetch.dir_depth or not cfg.prefetch.priors, file, "prefetch.study_depth",
+          cfg.prefetch.study_depth, f"deeper than prefetch.dir_depth ({cfg.prefetch.dir_depth}): a study lies inside "
+          "a day-directory")
+    _need(cfg.scrub.rate >= 10**6, file, "scrub.rate", cfg.scrub.rate, "at least 1MB per second")
+    _need(cfg.users, file, "users", [], "at least one [[users]] entry")
     seen: set[str] = set()
     for i, u in enumerate(cfg.users):
-        if u.name in seen:
-            raise ConfigError(file, f"users[{i}].name", u.name, "unique user names")
+        _need(u.name not in seen, file, f"users[{i}].name", u.name, "unique user names")
         seen.add(u.name)
-        if u.password and u.password_hash:
-            raise ConfigError(file, f"users[{i}].password", "***", "either password or password_hash, not both")
-        if not (u.password or u.password_hash or u.authorized_keys):
-            raise ConfigError(file, f"users[{i}]", u.name,
-                              "a password, a password_hash or authorized_keys")
+        _need(not (u.password and u.password_hash), file, f"users[{i}].password", "***",
+              "either password or password_hash, not both")
+        _need(u.password or u.password_hash or u.authorized_keys, file, f"users[{i}]", u.name,
+              "a password, a password_hash or authorized_keys")
         for keyfile in u.authorized_keys:
-            if not Path(keyfile).is_file():
-                raise ConfigError(file, f"users[{i}].authorized_keys", keyfile, "an existing readable file")
-        if u.password and len(u.password) < MIN_PASSWORD:
-            raise ConfigError(file, f"users[{i}].password", "***", f"at least {MIN_PASSWORD} characters")
-    if cfg.server.workers != 1 and cfg.ha.enabled:
-        raise ConfigError(file, "server.workers", cfg.server.workers,
-                          "1 when [ha] is enabled (only the owner process follows the standby role)")
-    if cfg.login.max_delay_seconds < cfg.login.delay_seconds:
-        raise ConfigError(file, "login.max_delay_seconds", cfg.login.max_delay_seconds,
-                          f"at least login.delay_seconds ({cfg.login.delay_seconds})")
+            _need(Path(keyfile).is_file(), file, f"users[{i}].authorized_keys", keyfile, "an existing readable file")
+        _need(not u.password or len(u.password) >= MIN_PASSWORD, file, f"users[{i}].password", "***",
+              f"at least {MIN_PASSWORD} characters")
+    _need(cfg.server.workers == 1 or not cfg.ha.enabled, file, "server.workers", cfg.server.workers,
+          "1 when [ha] is enabled (only the owner process follows the standby role)")
+    _need(cfg.login.max_delay_seconds >= cfg.login.delay_seconds, file, "login.max_delay_seconds",
+          cfg.login.max_delay_seconds, f"at least login.delay_seconds ({cfg.login.delay_seconds})")
     _check_ports(cfg)
     _check_cache_dir(cfg)
     if cfg.smb.enabled:
-        if not any(u.password for u in cfg.users):
-            raise ConfigError(file, "smb.enabled", True,
-                              "at least one [[users]] entry with a plain password: Samba authenticates with "
-                              "the password's NT hash, which a password_hash cannot give")
+        _need(any(u.password for u in cfg.users), file, "smb.enabled", True,
+              "at least one [[users]] entry with a plain password: Samba authenticates with the password's NT hash, "
+              "which a password_hash cannot give")
         mp = Path(cfg.smb.mountpoint)
-        if mp == cfg.cache.dir or cfg.cache.dir.is_relative_to(mp):
-            raise ConfigError(file, "smb.mountpoint", str(mp), "a directory that does not contain cache.dir")
+        _need(mp != cfg.cache.dir and not cfg.cache.dir.is_relative_to(mp), file, "smb.mountpoint", str(mp),
+              "a directory that does not contain cache.dir")
 
 
 MIN_PASSWORD = 8
@@ -656,12 +633,10 @@ def _check_metrics_listener(cfg: Config) -> None:
     file, h = cfg.path, cfg.http
     if h.metrics_listen is None:
         for key in ("metrics_tls_cert", "metrics_tls_key", "metrics_user", "metrics_password_hash"):
-            if getattr(h, key):
-                raise ConfigError(file, f"http.{key}", getattr(h, key) if "hash" not in key else "***",
-                                  "set together with http.metrics_listen")
+            _need(not getattr(h, key), file, f"http.{key}", getattr(h, key) if "hash" not in key else "***",
+                  "set together with http.metrics_listen")
         return
-    if not h.enabled:
-        raise ConfigError(file, "http.metrics_listen", _fmt_listen(h.metrics_listen), "http.enabled = true")
+    _need(h.enabled, file, "http.metrics_listen", _fmt_listen(h.metrics_listen), "http.enabled = true")
     _check_pem_pair(file, "http", h.metrics_tls_cert, h.metrics_tls_key, "metrics_tls_")
     if h.metrics_tls_cert:
         try:
@@ -670,19 +645,17 @@ def _check_metrics_listener(cfg: Config) -> None:
             raise ConfigError(file, "http.metrics_tls_cert", h.metrics_tls_cert,
                               f"a readable PEM certificate chain whose key is http.metrics_tls_key "
                               f"({h.metrics_tls_key}): {e}") from None
-    if bool(h.metrics_user) != bool(h.metrics_password_hash):
-        raise ConfigError(file, "http.metrics_password_hash" if h.metrics_user else "http.metrics_user", "",
-                          "metrics_user and metrics_password_hash go together")
+    _need(bool(h.metrics_user) == bool(h.metrics_password_hash), file,
+          "http.metrics_password_hash" if h.metrics_user else "http.metrics_user", "",
+          "metrics_user and metrics_password_hash go together")
 
 
 def _check_pem_pair(file: Path, section: str, cert: str, key: str, prefix: str) -> None:
     """<prefix>cert and <prefix>key: both set or neither, and both existing files."""
-    if bool(cert) != bool(key):
-        raise ConfigError(file, f"{section}.{prefix}{'key' if cert else 'cert'}", "",
-                          f"{prefix}cert and {prefix}key go together")
+    _need(bool(cert) == bool(key), file, f"{section}.{prefix}{'key' if cert else 'cert'}", "",
+          f"{prefix}cert and {prefix}key go together")
     for name, value in (("cert", cert), ("key", key)):
-        if value and not Path(value).is_file():
-            raise ConfigError(file, f"{section}.{prefix}{name}", value, "an existing PEM file")
+        _need(not value or Path(value).is_file(), file, f"{section}.{prefix}{name}", value, "an existing PEM file")
 
 
 def _fmt_listen(listen: tuple[str, int]) -> str:
@@ -698,41 +671,34 @@ def _check_ports(cfg: Config) -> None:
         listeners.append(("http.metrics_listen", cfg.http.metrics_listen))
     for key, listen in listeners:
         for other, addr in seen:
-            if _clash(listen, addr):
-                raise ConfigError(file, key, _fmt_listen(listen), f"an address not already used by {other}")
+            _need(not _clash(listen, addr), file, key, _fmt_listen(listen), f"an address not already used by {other}")
         seen.append((key, listen))
     if cfg.ftp.enabled:
         low, high = cfg.ftp.passive_ports
         for other, (_, port) in seen:
-            if low <= port <= high:
-                raise ConfigError(file, "ftp.passive_ports", f"{low}-{high}",
-                                  f"a range that does not include {other}'s port {port}")
+            _need(not low <= port <= high, file, "ftp.passive_ports", f"{low}-{high}",
+                  f"a range that does not include {other}'s port {port}")
 
 
 def _check_cache_dir(cfg: Config) -> None:
     """cache.dir must be (or become) a directory on a file system with room beyond min_free_bytes."""
     file, c = cfg.path, cfg.cache
-    if c.max_bytes < MIN_CACHE_BYTES:
-        raise ConfigError(file, "cache.max_bytes", c.max_bytes, f"{SIZE}, at least 64KiB")
+    _need(c.max_bytes >= MIN_CACHE_BYTES, file, "cache.max_bytes", c.max_bytes, f"{SIZE}, at least 64KiB")
     probe = c.dir
     while not probe.exists():
         probe = probe.parent
-    if not probe.is_dir():
-        raise ConfigError(file, "cache.dir", str(c.dir),
-                          f"a directory path on the cache SSD ({probe} is not a directory)")
+    _need(probe.is_dir(), file, "cache.dir", str(c.dir), f"a directory path on the cache SSD ({probe} is not a "
+          "directory)")
     st = os.statvfs(probe)
     total = st.f_blocks * st.f_frsize
-    if c.min_free_bytes >= total:
-        raise ConfigError(file, "cache.min_free_bytes", c.min_free_bytes,
-                          f"{SIZE}, below the size of the cache file system ({total} bytes at {probe})")
+    _need(c.min_free_bytes < total, file, "cache.min_free_bytes", c.min_free_bytes,
+          f"{SIZE}, below the size of the cache file system ({total} bytes at {probe})")
 
 
 def _check_private(file: Path) -> None:
     """A file holding secrets must not be readable by group or others (mode 0600 or 0400)."""
     mode = file.stat().st_mode & 0o777
-    if mode & 0o077:
-        raise ConfigError(file, "(file mode)", oct(mode),
-                          f"0600: this file holds secrets; run: chmod 600 {file}")
+    _need(not mode & 0o077, file, "(file mode)", oct(mode), f"0600: this file holds secrets; run: chmod 600 {file}")
 
 
 def _credentials(cfg: Config) -> Config:
@@ -749,11 +715,10 @@ def _credentials(cfg: Config) -> Config:
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(cred_path, "(syntax)", str(e), "valid TOML") from None
     for key in ("access_key_id", "secret_access_key"):
-        if not isinstance(data.get(key), str) or not data[key]:
-            raise ConfigError(cred_path, key, "***" if key in data else None, "a non-empty string")
-    extra = set(data) - {"access_key_id", "secret_access_key"}
-    if extra:
-        raise ConfigError(cred_path, sorted(extra)[0], "…", "only access_key_id and secret_access_key")
+        _need(isinstance(data.get(key), str) and data[key], cred_path, key, "***" if key in data else None,
+              "a non-empty string")
+    extra = sorted(set(data) - {"access_key_id", "secret_access_key"})
+    _need(not extra, cred_path, extra[0] if extra else "", "…", "only access_key_id and secret_access_key")
     up = dataclasses.replace(up, access_key_id=data["access_key_id"], secret_access_key=data["secret_access_key"])
     return dataclasses.replace(cfg, uplink=up)
 
@@ -769,8 +734,7 @@ def _pseudonym_key(cfg: Config) -> Config:
         _check_private(path)
     except OSError as e:
         raise ConfigError(cfg.path, "dicom.pseudonym_key_file", name, f"a readable file ({e.strerror})") from None
-    if len(key) < 32:
-        raise ConfigError(path, "(key)", "***", "at least 32 characters of secret (e.g. openssl rand -hex 32)")
+    _need(len(key) >= 32, path, "(key)", "***", "at least 32 characters of secret (e.g. openssl rand -hex 32)")
     return dataclasses.replace(cfg, dicom=dataclasses.replace(cfg.dicom, pseudonym_key=key))
 
 
@@ -788,8 +752,7 @@ _PATHS = {("sftp", "host_key"): "ssh_host_ed25519_key", ("smb", "mountpoint"): "
 
 def _tables(file: Path, key: str, raw: Any, cls: type) -> tuple[Any, ...]:
     """An array of tables such as [[users]]."""
-    if not isinstance(raw, list):
-        raise ConfigError(file, key, raw, f"an array of tables: [[{key}]]")
+    _need(isinstance(raw, list), file, key, raw, f"an array of tables: [[{key}]]")
     return tuple(_build(cls, r, file, f"{key}[{i}]") for i, r in enumerate(raw))
 
 
@@ -805,20 +768,18 @@ def load(path: str | Path) -> Config:
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(file, "(syntax)", str(e), "valid TOML") from None
     for key, value in data.items():
-        if key not in _SECTIONS and key != "users":
-            raise ConfigError(file, key, value, f"unknown section; allowed: {', '.join(sorted([*_SECTIONS, 'users']))}")
+        _need(key in _SECTIONS or key == "users", file, key, value,
+              f"unknown section; allowed: {', '.join(sorted([*_SECTIONS, 'users']))}")
     for required in ("cache", "uplink"):
-        if required not in data:
-            raise ConfigError(file, required, None, f"required section [{required}]")
+        _need(required in data, file, required, None, f"required section [{required}]")
     compliance = data.get("compliance", {})
     rules_raw = compliance.pop("rules", []) if isinstance(compliance, dict) else []
     sections = {name: _build(cls, data.get(name, {}), file, name) for name, cls in _SECTIONS.items()}
     rules = _tables(file, "compliance.rules", rules_raw, RetentionRule)
     sections["compliance"] = dataclasses.replace(sections["compliance"], rules=rules)
     for i, (rule, raw) in enumerate(zip(rules, rules_raw, strict=True)):
-        if not rule.selects_dicom and "prefix" not in raw:
-            raise ConfigError(file, f"compliance.rules[{i}].prefix", None,
-                              "required in a rule that selects by no DICOM attribute (a path rule)")
+        _need(rule.selects_dicom or "prefix" in raw, file, f"compliance.rules[{i}].prefix", None,
+              "required in a rule that selects by no DICOM attribute (a path rule)")
     cache_dir = Path(_abs(file, str(sections["cache"].dir)))
     sections["cache"] = dataclasses.replace(sections["cache"], dir=cache_dir)
     for (name, key), under in _PATHS.items():
@@ -843,5 +804,10 @@ def load_or_exit(path: str) -> Config:
     try:
         return load(path)
     except ConfigError as e:
-        print(f"pacsgw: configuration error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
+        raise SystemExit(complain(f"configuration error: {e}", 2)) from None
+
+
+def complain(why: str, code: int) -> int:
+    """A command's problem on stderr (stdout is its answer) → the exit code it ends with."""
+    print(f"pacsgw: {why}", file=sys.stderr)
+    return code

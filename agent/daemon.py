@@ -316,9 +316,7 @@ class Agent:
             state = f"paused: pressure {level}"
         else:
             state = "running" if self.prefetcher.status.running else "idle"
-        start, end = p.window
-        return {"state": state, "window": f"{start // 3600:02d}:{start % 3600 // 60:02d}-"
-                                          f"{end // 3600:02d}:{end % 3600 // 60:02d}",
+        return {"state": state, "window": "-".join(f"{t // 3600:02d}:{t % 3600 // 60:02d}" for t in p.window),
                 "priors": p.priors, "last_run": self.prefetcher.status.as_json(),
                 "model": str(self.prefetcher.predictor.path) if self.prefetcher.predictor else None,
                 "model_state": self.prefetcher.model_state}
@@ -365,12 +363,9 @@ class Agent:
         try:
             path = resolve("/", "/", client_path)
             evicted = await self.gateway.evict(path)
-        except (BadPath, PermissionDenied) as e:
-            return 400, {"path": client_path, "error": e.reason}
-        except NotFound as e:
-            return 404, {"path": client_path, "error": e.reason}
         except GatewayError as e:
-            return 409, {"path": client_path, "error": e.reason}
+            status = 400 if isinstance(e, (BadPath, PermissionDenied)) else 404 if isinstance(e, NotFound) else 409
+            return status, {"path": client_path, "error": e.reason}
         if not evicted:
             return 409, {"path": path, "evicted": False,
                          "error": "not cached, or not yet in object storage (only clean files can be evicted)"}

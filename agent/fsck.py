@@ -87,9 +87,7 @@ class Fsck:
 
     async def _check(self, e: Entry) -> None:
         self.report.files += 1
-        good_copy = False
-        if e.blob is not None:
-            good_copy = await self._verify_cached(e)
+        good_copy = e.blob is not None and await self._verify_cached(e)
         if self.remote and e.state == "clean":
             await self._verify_remote(e, good_copy)
 

@@ -14,6 +14,8 @@ an object it did not know, so two boxes never leave one key with the older conte
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import functools
 import json
 import time
 from dataclasses import dataclass, field
@@ -96,7 +98,6 @@ class HaState:
     since: float = field(default_factory=time.time)
     last_takeover: float | None = None
     takeovers: int = 0
-    followed_at: float | None = None
     followed: dict[str, Any] = field(default_factory=dict)
     peer: dict[str, Any] = field(default_factory=dict)
 
@@ -111,13 +112,14 @@ class HaMonitor:
         self._follow_lock = asyncio.Lock()
         self._tasks: list[asyncio.Task] = []
         r = metrics.registry
-        self.m_active = Gauge("pacsgw_ha_active", "1 when this box is the active box of its HA pair", registry=r)
-        self.m_peer_up = Gauge("pacsgw_ha_peer_up", "1 when the HA peer's /healthz answered", registry=r)
+        gauge = functools.partial(Gauge, registry=r)
+        self.m_active = gauge("pacsgw_ha_active", "1 when this box is the active box of its HA pair")
+        self.m_peer_up = gauge("pacsgw_ha_peer_up", "1 when the HA peer's /healthz answered")
         self.m_takeovers = Counter("pacsgw_ha_takeovers", "Times this box became the active box", registry=r)
-        self.m_last_takeover = Gauge("pacsgw_ha_last_takeover_timestamp_seconds",
-                                     "When this box last became the active box (0: never)", registry=r)
-        self.m_followed = Gauge("pacsgw_ha_followed_timestamp_seconds",
-                                "When the standby last followed the bucket into its catalog", registry=r)
+        self.m_last_takeover = gauge("pacsgw_ha_last_takeover_timestamp_seconds",
+                                     "When this box last became the active box (0: never)")
+        self.m_followed = gauge("pacsgw_ha_followed_timestamp_seconds",
+                                "When the standby last followed the bucket into its catalog")
 
     async def start(self) -> None:
         self.refusals.write = STANDBY_REFUSAL
@@ -166,10 +168,7 @@ class HaMonitor:
     def health(self, queue_files: int, draining: bool) -> dict[str, Any]:
         """/healthz's `ha`: the role, and whether this box may hold the address (agent/hahook.py)."""
         reason = ineligible(self.state.role, queue_files, draining)
-        s = self.state
-        return {"role": s.role, "keepalived": s.keepalived, "since": s.since, "eligible": not reason,
-                "reason": reason, "last_takeover": s.last_takeover, "takeovers": s.takeovers,
-                "followed": s.followed, "peer": s.peer}
+        return dataclasses.asdict(self.state) | {"eligible": not reason, "reason": reason}
 
     # --- following the bucket (standby) ---------------------------------------------------------
 
@@ -235,11 +234,10 @@ class HaMonitor:
                 added, changed, objects = added + a, changed + c, objects + len(page)
                 for blob in stale:
                     self.cache.remove(blob)
-            gone = await self.db.follow_end()
-            self.state.followed_at = time.time()
-            self.state.followed = {"at": self.state.followed_at, "objects": objects, "added": added,
-                                   "changed": changed, "gone": gone, "seconds": round(time.monotonic() - t0, 3)}
-            self.m_followed.set(self.state.followed_at)
+            gone, now = await self.db.follow_end(), time.time()
+            self.state.followed = {"at": now, "objects": objects, "added": added, "changed": changed, "gone": gone,
+                                   "seconds": round(time.monotonic() - t0, 3)}
+            self.m_followed.set(now)
             if added or changed or gone:
                 log.info("ha_followed", **self.state.followed)
             return self.state.followed

@@ -1,10 +1,14 @@
 """Value types shared by the store and the uplink: neither layer owns them, so neither imports the other
-to use them (the uplink imports nothing from agent.store)."""
+to use them (the uplink imports nothing from agent.store, nor from agent.dicom, which reads the headers and
+decides retention above it)."""
 
 from __future__ import annotations
 
 import datetime
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from urllib.parse import urlencode
+
+DICOM_PREFIX = "dicom-"  # the user-metadata keys of a DICOM object (agent.dicom.objectmeta)
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,3 +65,46 @@ class Lock:
         if self.legal_hold:
             args["ObjectLockLegalHoldStatus"] = "ON"
         return args
+
+
+@dataclass(frozen=True)
+class Header:
+    """What the gateway uses of a DICOM header (agent.dicom.header reads it); `dicom` False for anything else.
+    Values are stripped text."""
+
+    dicom: bool = False
+    problem: str = ""               # why the header could not be (fully) read; '' when it could
+    transfer_syntax: str | None = None
+    sop_class: str | None = None
+    sop_uid: str | None = None
+    study_uid: str | None = None
+    series_uid: str | None = None
+    study_date: str | None = None   # DA: YYYYMMDD
+    modality: str | None = None
+    patient: str | None = None      # PatientID, in clear: never leaves the box (see agent.dicom.objectmeta)
+    birth_date: str | None = None   # DA, for age-based retention; never leaves the box either
+
+
+@dataclass(frozen=True)
+class ObjectMeta:
+    """What an object carries in S3 beside its bytes (agent.dicom.objectmeta builds it from the header)."""
+
+    metadata: dict[str, str]   # S3 user metadata, without the 'x-amz-meta-' prefix
+    tags: dict[str, str]       # S3 object tags
+    # the parsed header, for the retention decision on the box (it holds the patient in clear: never printed)
+    header: Header | None = field(default=None, repr=False, compare=False)
+
+    def tagging(self) -> str:
+        """The x-amz-tagging header value (URL query encoded)."""
+        return urlencode(self.tags)
+
+
+def index_row(path: str, size: int, metadata: dict[str, str]) -> tuple[object, ...] | None:
+    """The study-index row (catalog dicom_objects) of an object with this user metadata; None if not DICOM.
+    The same for a fresh upload and for a rebuild from the bucket (keys compared in lower case). size: the
+    file's (of a compressed object, its `pacsgw-size`, not the stored size)."""
+    m = {k.lower(): v for k, v in metadata.items()}
+    if DICOM_PREFIX + "study" not in m:
+        return None
+    return (path, size, *(m.get(DICOM_PREFIX + k) for k in ("study", "series", "sop", "modality", "study-date",
+                                                            "patient")))

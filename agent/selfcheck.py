@@ -33,11 +33,6 @@ def _same(back: bytes, data: bytes) -> None:
         raise RuntimeError(f"read back {len(back)} bytes that differ from the {len(data)} written")
 
 
-def _canary_name(cfg: Config, proto: str) -> str:
-    suffix = (cfg.compliance.temp_suffixes or (".tmp",))[0]
-    return f".pacsgw-selfcheck-{proto}-{int(time.time())}-{os.urandom(4).hex()}{suffix}"
-
-
 def check_ftp(cfg: Config, user: UserConfig, name: str, data: bytes) -> None:
     host, port = cfg.ftp.listen
     f = ftplib.FTP(timeout=TIMEOUT)
@@ -103,6 +98,7 @@ def run_selfcheck(cfg: Config) -> dict[str, Any]:
     """→ {'ok': bool, 'time': epoch, 'results': {proto: {'ok', 'seconds', 'error'?}}}"""
     user = next((u for u in cfg.users if u.password), None)
     results: dict[str, dict[str, Any]] = {}
+    suffix = (cfg.compliance.temp_suffixes or (".tmp",))[0]  # the canary's name: a temporary upload's
     for proto, check in CHECKS.items():
         if not getattr(cfg, proto).enabled:
             continue
@@ -116,7 +112,7 @@ def run_selfcheck(cfg: Config) -> dict[str, Any]:
         t0 = time.monotonic()
         data = os.urandom(64 * 1024) + f"pacsgw selfcheck {proto} {time.time()}".encode()
         try:
-            check(cfg, user, _canary_name(cfg, proto), data)
+            check(cfg, user, f".pacsgw-selfcheck-{proto}-{int(time.time())}-{os.urandom(4).hex()}{suffix}", data)
             results[proto] = {"ok": True, "seconds": round(time.monotonic() - t0, 3)}
         except Exception as e:  # every failure is a result to report
             results[proto] = {"ok": False, "seconds": round(time.monotonic() - t0, 3),

@@ -11,7 +11,7 @@ import json
 import sqlite3
 import sys
 
-from agent.config import DEFAULT_CONFIG, load_or_exit
+from agent.config import DEFAULT_CONFIG, complain, load_or_exit
 from agent.dicom.objectmeta import pseudonym
 
 
@@ -42,9 +42,7 @@ def cmd_find(args: argparse.Namespace) -> int:
     patient = None
     if args.patient is not None:
         if not cfg.dicom.pseudonym_key:
-            print("pacsgw: --patient needs [dicom] pseudonym_key_file (objects carry only the keyed pseudonym)",
-                  file=sys.stderr)
-            return 2
+            return complain("--patient needs [dicom] pseudonym_key_file (objects carry only the keyed pseudonym)", 2)
         patient = pseudonym(cfg.dicom.pseudonym_key, args.patient)
     with contextlib.closing(catalog):
         rows = catalog.find_dicom(args.study, patient, args.modality, args.date_from, args.date_to)
@@ -93,11 +91,9 @@ def cmd_index_snapshot(args: argparse.Namespace) -> int:
     try:
         manifest = asyncio.run(snapshot.write(cfg, snapshot.catalog_rows(cfg.catalog_path)))
     except snapshot.NoPlace as e:
-        print(f"pacsgw: {e}", file=sys.stderr)
-        return 2
+        return complain(str(e), 2)
     except sqlite3.Error as e:
-        print(f"pacsgw: {cfg.catalog_path}: cannot read the catalog: {e}", file=sys.stderr)
-        return 2
+        return complain(f"{cfg.catalog_path}: cannot read the catalog: {e}", 2)
     out = {"snapshot": manifest["snapshot"], "rows": manifest["rows"], "segments": len(manifest["segments"]),
            "seconds": round(time.monotonic() - t0, 2)}
     print(json.dumps(out, indent=2) if args.json else
@@ -114,13 +110,11 @@ def cmd_retention_apply(args: argparse.Namespace) -> int:
     from agent.dicom.reapply import NoObjectLock, apply, plan
     cfg = _config(args.config)
     if not cfg.compliance.worm:
-        print(f"pacsgw: {cfg.path}: [compliance] worm = false: there is no retention to apply", file=sys.stderr)
-        return 2
+        return complain(f"{cfg.path}: [compliance] worm = false: there is no retention to apply", 2)
     try:
         p = asyncio.run(plan(cfg, args.concurrency))
     except NoObjectLock as e:
-        print(f"pacsgw: {e}", file=sys.stderr)
-        return 2
+        return complain(str(e), 2)
     failed = list(p.failed)
     if not args.dry_run and p.changes:
         who = Who(os.environ.get("SUDO_USER") or getpass.getuser(), "cli")
@@ -128,15 +122,15 @@ def cmd_retention_apply(args: argparse.Namespace) -> int:
                                          cfg.audit.enabled)) as audit:
             failed += asyncio.run(apply(cfg, p.changes, audit, who))
     out = {"dry_run": args.dry_run, "objects": p.objects, "changes": len(p.changes), "failed": failed,
-           "items": [c.as_dict() for c in p.changes]}
+           "items": [dataclasses.asdict(c) for c in p.changes]}
     if args.json:
-        print(json.dumps(out, indent=2))
+        print(json.dumps(out, indent=2, default=dt.datetime.isoformat))
     else:
         verb = "would extend" if args.dry_run else "extended"
         for c in p.changes:
             before = f"{c.until_before:%Y-%m-%d}" if c.until_before else "none"
             after = f"{c.until:%Y-%m-%d}" if c.until else before
-            hold = " + legal hold" if c.hold else ""
+            hold = " + legal hold" if c.legal_hold else ""
             print(f"{verb}: {c.path}: {before} -> {after}{hold} ({c.reason})")
         for f in failed:
             print(f"failed: {f}", file=sys.stderr)

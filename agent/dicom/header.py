@@ -20,8 +20,9 @@ import io
 import os
 import struct
 import warnings
-from dataclasses import dataclass
 from typing import Any
+
+from agent.records import Header
 
 HEADER_MAX = 256 * 1024        # real headers are a few KiB; private tags can make them tens of KiB
 FIRST_READ = 16 * 1024         # read first: enough for a usual header; HEADER_MAX only when it is not
@@ -42,23 +43,6 @@ _LAST = max(_TAGS.values())
 def _past_last(tag: int, vr: object, length: int) -> bool:
     """pydicom's stop_when: nothing after the last tag used is read (nor checked for truncation)."""
     return tag > _LAST
-
-
-@dataclass(frozen=True)
-class Header:
-    """What the gateway uses of a DICOM header; `dicom` False for anything else. Values are stripped text."""
-
-    dicom: bool = False
-    problem: str = ""               # why the header could not be (fully) read; '' when it could
-    transfer_syntax: str | None = None
-    sop_class: str | None = None
-    sop_uid: str | None = None
-    study_uid: str | None = None
-    series_uid: str | None = None
-    study_date: str | None = None   # DA: YYYYMMDD
-    modality: str | None = None
-    patient: str | None = None      # PatientID, in clear: never leaves the box (see agent.dicom.objectmeta)
-    birth_date: str | None = None   # DA, for age-based retention; never leaves the box either
 
 
 def _text(value: object) -> str | None:

@@ -12,36 +12,24 @@ from __future__ import annotations
 import hashlib
 import hmac
 import re
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from typing import Callable
-from urllib.parse import urlencode
 
 import structlog
 
 from agent.config import DicomConfig
-from agent.dicom.header import Header, read_fd
+from agent.dicom.header import read_fd
+from agent.records import DICOM_PREFIX as PREFIX
+from agent.records import Header, ObjectMeta
 
 log = structlog.get_logger("pacsgw.dicom")
 
-PREFIX = "dicom-"
 META_LIMIT = 2048            # S3: user metadata keys + values, in bytes
 DICOM_SUFFIXES = (".dcm", ".dicom")  # names that promise DICOM: a missing preamble there is worth a warning
 
 _UID = re.compile(r"[0-9]+(\.[0-9]+)*")            # UI: digits and dots, at most 64
 _DA = re.compile(r"[0-9]{8}")                      # DA: YYYYMMDD
 _CS = re.compile(r"[A-Z0-9_ ]{1,16}")              # CS: upper case, digits, space, underscore
-
-
-@dataclass(frozen=True)
-class ObjectMeta:
-    metadata: dict[str, str]   # S3 user metadata, without the 'x-amz-meta-' prefix
-    tags: dict[str, str]       # S3 object tags
-    # the parsed header, for the retention decision on the box (it holds the patient in clear: never printed)
-    header: Header | None = field(default=None, repr=False, compare=False)
-
-    def tagging(self) -> str:
-        """The x-amz-tagging header value (URL query encoded)."""
-        return urlencode(self.tags)
 
 
 def pseudonym(key: bytes, patient: str) -> str:
@@ -97,14 +85,3 @@ class Describer:
         if not self.cfg.metadata:
             return ObjectMeta({}, {}, h)
         return replace(object_meta(h, self.cfg.pseudonym_key or None, self.retention(path, h)), header=h)
-
-
-def index_row(path: str, size: int, metadata: dict[str, str]) -> tuple | None:
-    """The study-index row (catalog dicom_objects) of an object with this user metadata; None if not DICOM.
-    The same for a fresh upload and for a rebuild from the bucket (keys compared in lower case). size: the
-    file's (of a compressed object, its `pacsgw-size`, not the stored size)."""
-    m = {k.lower(): v for k, v in metadata.items()}
-    if PREFIX + "study" not in m:
-        return None
-    return (path, size, *(m.get(PREFIX + k) for k in ("study", "series", "sop", "modality", "study-date",
-                                                       "patient")))

@@ -35,14 +35,8 @@ class Change:
     mode: str                              # kept when the object already has one (COMPLIANCE cannot change)
     until_before: datetime.datetime | None
     until: datetime.datetime | None        # None: the date stays
-    hold: bool                             # switch legal hold on
+    legal_hold: bool                       # switch legal hold on
     reason: str
-
-    def as_dict(self) -> dict[str, Any]:
-        return {"path": self.path, "version_id": self.version_id, "mode": self.mode,
-                "until_before": self.until_before.isoformat() if self.until_before else None,
-                "until": self.until.isoformat() if self.until else None, "legal_hold": self.hold,
-                "reason": self.reason}
 
 
 @dataclass
@@ -139,7 +133,7 @@ async def apply(cfg: Config, changes: list[Change], audit: AuditLog, who: Who) -
                         Bucket=cfg.uplink.bucket, Key=s3.key(c.path), ChecksumAlgorithm="SHA256",
                         Retention={"Mode": c.mode, "RetainUntilDate": c.until}, **version)
                     audit.record(who, "retention-extend", c.path, until=c.until.isoformat(), mode=c.mode, **detail)
-                if c.hold:
+                if c.legal_hold:
                     await s3._client.put_object_legal_hold(
                         Bucket=cfg.uplink.bucket, Key=s3.key(c.path), ChecksumAlgorithm="SHA256",
                         LegalHold={"Status": "ON"}, **version)

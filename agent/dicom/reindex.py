@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from agent.config import Config
 from agent.dicom import deltas, snapshot
-from agent.dicom.objectmeta import index_row
+from agent.records import index_row
 from agent.store.catalog import Catalog
 from agent.uplink.encoding import Undecodable, logical_size
 from agent.uplink.s3 import S3Uplink

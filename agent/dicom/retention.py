@@ -20,9 +20,9 @@ from typing import Any, Mapping
 import structlog
 
 from agent.config import ComplianceConfig, RetentionRule
-from agent.dicom.header import Header, read_fd
-from agent.dicom.objectmeta import PREFIX
-from agent.records import Entry, Lock
+from agent.dicom.header import read_fd
+from agent.records import DICOM_PREFIX as PREFIX
+from agent.records import Entry, Header, Lock
 from agent.store.cache import Cache
 from agent.store.errors import Unavailable
 from agent.store.worm import DAY, WormPolicy, refuse_if_retained

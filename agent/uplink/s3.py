@@ -52,8 +52,7 @@ from botocore.utils import percent_encode
 from yarl import URL
 
 from agent.config import UplinkConfig
-from agent.dicom.objectmeta import ObjectMeta
-from agent.records import Lock, RemoteObject
+from agent.records import Lock, ObjectMeta, RemoteObject
 from agent.uplink import encoding
 from agent.uplink.encoding import Decoder, encoding_of, logical_size
 from agent.uplink.ratelimit import Bandwidth

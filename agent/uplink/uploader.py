@@ -24,10 +24,8 @@ from typing import Awaitable, Callable, Protocol
 
 import structlog
 
-from agent.dicom.header import Header
-from agent.dicom.objectmeta import ObjectMeta, index_row
 from agent.metrics import Metrics
-from agent.records import Entry, Lock
+from agent.records import Entry, Header, Lock, ObjectMeta, index_row
 from agent.uplink.encoding import logical_size, worth_compressing
 from agent.uplink.line import Line, backoff
 from agent.uplink.s3 import (

@@ -40,11 +40,15 @@ class Catalog(Namespace, RemoteSync, Uploads, Heat, Studies):
     """The catalog file at a path (created on first use), every concern's methods on one connection."""
 
 
-def _no_space(e: sqlite3.OperationalError) -> BaseException:
-    if e.sqlite_errorcode == sqlite3.SQLITE_FULL:
-        # The catalog shares the cache disk: a full disk is the front ends' NoSpace too.
-        return NoSpace("catalog", "cache disk full (catalog cannot grow)")
-    return e
+async def _answer(done: asyncio.Future[R]) -> R:
+    """What the catalog thread set on done. The catalog shares the cache disk: its full disk is the front ends'
+    NoSpace too."""
+    try:
+        return await done
+    except sqlite3.OperationalError as e:
+        if e.sqlite_errorcode == sqlite3.SQLITE_FULL:
+            raise NoSpace("catalog", "cache disk full (catalog cannot grow)") from e
+        raise
 
 
 def _offload(method: Callable[Concatenate[Catalog, P], R]) -> Callable[Concatenate[AsyncCatalog, P],
@@ -55,10 +59,7 @@ def _offload(method: Callable[Concatenate[Catalog, P], R]) -> Callable[Concatena
         loop = asyncio.get_running_loop()
         done: asyncio.Future[R] = loop.create_future()
         self._calls.put((functools.partial(method, self.catalog, *args, **kwargs), done, loop))
-        try:
-            return await done
-        except sqlite3.OperationalError as e:
-            raise _no_space(e) from e
+        return await _answer(done)
     return call
 
 
@@ -75,10 +76,7 @@ def _grouped(method: Callable[Concatenate[Catalog, P], R]) -> Callable[Concatena
             first = len(self._group) == 1
         if first:  # else a group is already waiting for the thread: this call joins it
             self._calls.put((functools.partial(self._run_group, loop), None, loop))
-        try:
-            return await done
-        except sqlite3.OperationalError as e:
-            raise _no_space(e) from e
+        return await _answer(done)
     return call
 
 

@@ -132,12 +132,6 @@ class CatalogBase:
         """Upsert study-index rows inside the caller's transaction (Studies.index_dicom, Uploads.mark_clean)."""
         self.db.executemany("INSERT OR REPLACE INTO dicom_objects VALUES (?, ?, ?, ?, ?, ?, ?, ?)", rows)
 
-    def _index_unshipped(self, path: str, etag: str) -> None:
-        """The index row of path, if it has one, describes the object under etag: for the next index delta
-        (inside the caller's transaction)."""
-        self.db.execute("INSERT OR REPLACE INTO dicom_unshipped (path, etag) SELECT path, ? FROM dicom_objects "
-                        "WHERE path = ?", (etag, path))
-
     def _exists(self, sql: str, args: Sequence[object]) -> bool:
         return self.db.execute(sql, args).fetchone() is not None
 

@@ -42,8 +42,9 @@ class Uploads(CatalogBase):
                 self._index_rows([index_row])
             elif index_row is not None:
                 self.db.execute("DELETE FROM dicom_objects WHERE path = ?", (path,))
-            if self.ship_index and etag:
-                self._index_unshipped(path, etag)
+            if self.ship_index and etag:  # path's index row, if it has one, describes the object under etag: next delta
+                self.db.execute("INSERT OR REPLACE INTO dicom_unshipped (path, etag) SELECT path, ? FROM dicom_objects "
+                                "WHERE path = ?", (etag, path))
             return self.db.execute(
                 "UPDATE entries SET state = 'clean', etag = ?, version_id = ?, copy_from = NULL, dirty_since = NULL, "
                 "attempts = 0, next_attempt = 0, last_error = NULL, sha256 = ? WHERE path = ? AND gen = ?",
