@@ -9,6 +9,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+import smbclient
 from smbprotocol.connection import Connection
 from smbprotocol.exceptions import SMBException
 from smbprotocol.session import Session
@@ -116,3 +117,27 @@ def test_a_cut_connection_leaves_no_half_written_file(smb_agent):
     agent.wait_drained(30)
     assert agent.events("stored")[-1]["path"] == "whole.dcm" and len(agent.events("stored")) == 1
     smb.close()
+
+
+def test_a_file_being_written_is_read_only_with_the_read_right(smb_agent):
+    """Over SMB a file still being written is read from its writer's staging file. That path skipped the `read`
+    permission: a write-only account read another user's upload in progress (and its own), which FTP and SFTP
+    refuse it. Now it is refused the same way."""
+    agent = smb_agent(users=[{"name": "pacs", "password": PASSWORD, "root": "/"},
+                             {"name": "drop", "password": PASSWORD, "root": "/", "permissions": ["write"]}]
+                      ).start(timeout=180)
+    pacs, drop = Smb(agent), Smb(agent, user="drop")
+    pacs.makedirs("CT")
+    with smbclient.open_file(pacs.p("CT/x.dcm"), mode="wb", share_access="rw", **pacs.kw) as f:
+        f.write(b"patient data, not yet stored")
+        f.flush()
+        with smbclient.open_file(pacs.p("CT/x.dcm"), mode="rb", share_access="rw", **pacs.kw) as g:
+            assert g.read() == b"patient data, not yet stored"  # the writer's own account reads it back
+        with smbclient.open_file(drop.p("CT/x.dcm"), mode="rb", share_access="rw", **drop.kw) as g:
+            with pytest.raises(ERRORS):
+                g.read()
+    with pytest.raises(ERRORS):  # stored: open_read refuses it, as before
+        drop.read("CT/x.dcm")
+    assert pacs.read("CT/x.dcm") == b"patient data, not yet stored"
+    pacs.close()
+    drop.close()

@@ -32,7 +32,7 @@ import structlog
 
 from agent.audit import Who
 from agent.serve.contract import answer, report, st_mode
-from agent.store.errors import BadPath, GatewayError, NotFound
+from agent.store.errors import BadPath, GatewayError, NotFound, PermissionDenied
 from agent.store.gateway import Gateway, ReadHandle, WriteHandle
 from agent.store.paths import MAX_PATH_BYTES, check_name, name_of, parent_of
 
@@ -431,6 +431,10 @@ class GatewayFS(pyfuse3.Operations):
         op = self._files[fh]
         src = op if op.writer is not None else self._writing.get(op.path)
         if src is not None and src.writer is not None and src.writer.open:
+            if not self.gw.allowed(op.who, "read"):  # as open_read would refuse: the staging file is no way round
+                e = PermissionDenied(op.path, f"user {op.who.user} lacks the 'read' permission")
+                report(self.gw, PROTOCOL, op.who, e, refused_here=True)
+                raise pyfuse3.FUSEError(errno_for(e))
             return await src.writer.read_back(off, size)
         if op.reader is None or op.reader.entry.path != op.path:
             await op.close_reader()
