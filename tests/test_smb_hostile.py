@@ -12,9 +12,21 @@ import pytest
 import smbclient
 from smbprotocol.connection import Connection
 from smbprotocol.exceptions import SMBException
+from smbprotocol.file_info import FileInformationClass
+from smbprotocol.open import (
+    CreateDisposition,
+    CreateOptions,
+    FileAttributes,
+    FilePipePrinterAccessMask,
+    ImpersonationLevel,
+    Open,
+    ShareAccess,
+)
 from smbprotocol.session import Session
+from smbprotocol.tree import TreeConnect
 from smbutil import Smb, create_for_write
 
+from agent.serve.fuse import MAX_OPEN_DIRS
 from harness import PASSWORD
 
 ERRORS = (OSError, SMBException)
@@ -141,3 +153,35 @@ def test_a_file_being_written_is_read_only_with_the_read_right(smb_agent):
     assert pacs.read("CT/x.dcm") == b"patient data, not yet stored"
     pacs.close()
     drop.close()
+
+
+def test_directory_handles_per_user_are_capped(smb_agent):
+    """Each SMB directory handle smbd opens on the mount holds its directory's whole listing in the agent until it
+    is closed, and smbd allows thousands per connection (300 handles of a 3 000-file directory held 265 MB): one
+    user may hold fuse.MAX_OPEN_DIRS; one more is refused (too many open files) until one is closed."""
+    agent = smb_agent().start(timeout=180)
+    smb = Smb(agent)
+    smb.makedirs("CT")
+    smb.write("CT/a.dcm", b"x")
+    session = smbclient.register_session("127.0.0.1", username="pacs", password=PASSWORD, port=smb.port,
+                                         connection_cache=smb.kw["connection_cache"])
+    tree = TreeConnect(session, smb.root)
+    tree.connect()
+
+    def listed() -> Open:
+        d = Open(tree, "CT")
+        d.create(ImpersonationLevel.Impersonation, FilePipePrinterAccessMask.GENERIC_READ,
+                 FileAttributes.FILE_ATTRIBUTE_DIRECTORY, ShareAccess.FILE_SHARE_READ | ShareAccess.FILE_SHARE_WRITE,
+                 CreateDisposition.FILE_OPEN, CreateOptions.FILE_DIRECTORY_FILE)
+        d.query_directory("*", FileInformationClass.FILE_NAMES_INFORMATION)  # smbd opens it on the mount
+        return d
+
+    held = [listed() for _ in range(MAX_OPEN_DIRS)]
+    with pytest.raises(SMBException):
+        listed()
+    held.pop().close()
+    held.append(listed())
+    for d in held:
+        d.close()
+    assert smb.listdir("CT") == ["a.dcm"]
+    smb.close()
