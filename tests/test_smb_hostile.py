@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import smbclient
 from smbprotocol.connection import Connection
-from smbprotocol.exceptions import SMBException
+from smbprotocol.exceptions import SMBException, SMBResponseException
 from smbprotocol.file_info import FileInformationClass
 from smbprotocol.open import (
     CreateDisposition,
@@ -177,8 +177,9 @@ def test_directory_handles_per_user_are_capped(smb_agent):
         return d
 
     held = [listed() for _ in range(MAX_OPEN_DIRS)]
-    with pytest.raises(SMBException):
+    with pytest.raises(SMBResponseException) as refused:
         listed()
+    assert refused.value.status == 0xC000011F, hex(refused.value.status)  # STATUS_TOO_MANY_OPENED_FILES
     held.pop().close()
     held.append(listed())
     for d in held:
