@@ -41,8 +41,8 @@ log = structlog.get_logger("pacsgw.fuse")
 T = TypeVar("T")
 
 PROTOCOL = "smb"
-# Directories one SMB user may hold open, over all its connections: each holds its whole listing until smbd
-# closes it (300 handles of a 3 000-file directory held 265 MB; smbd allows thousands per connection)
+# Directories one SMB user may hold open, over all its connections (smbd's own, as root, are not counted): each
+# holds its whole listing until smbd closes it (300 of a 3 000-file directory held 265 MB; smbd allows thousands)
 MAX_OPEN_DIRS = 64
 
 
@@ -352,7 +352,7 @@ class GatewayFS(pyfuse3.Operations):
 
     async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
         path = self._path(inode)
-        if sum(uid == ctx.uid for uid, _ in self._dirs.values()) >= MAX_OPEN_DIRS:
+        if ctx.uid in self.users and sum(uid == ctx.uid for uid, _ in self._dirs.values()) >= MAX_OPEN_DIRS:
             log.warning("smb_refused", user=self._who(ctx).user, path=path, reason=f"too many open directories "
                         f"({MAX_OPEN_DIRS})")
             self.gw.count_error(PROTOCOL, "TooManyOpenFiles")
