@@ -186,3 +186,30 @@ def test_directory_handles_per_user_are_capped(smb_agent):
         d.close()
     assert smb.listdir("CT") == ["a.dcm"]
     smb.close()
+
+
+def test_a_file_being_written_is_deleted_or_renamed_only_with_the_right(smb_agent):
+    """A file still being written (not yet in the catalog) was unlinked or renamed by the FUSE layer alone. A
+    read-only account's delete (Samba unlinks at the last close, before the file's own close) made the PACS's
+    upload vanish while the PACS's CLOSE answered success; its rename moved the upload to a name of its choosing.
+    Another user now needs `delete` / `rename`, as for stored files: the upload is stored, and the PACS's CLOSE
+    reports the refused delete."""
+    agent = smb_agent(users=[{"name": "pacs", "password": PASSWORD, "root": "/"},
+                             {"name": "viewer", "password": PASSWORD, "root": "/", "permissions": ["read"]}]
+                      ).start(timeout=180)
+    pacs, viewer = Smb(agent), Smb(agent, user="viewer")
+    pacs.makedirs("CT")
+    with pytest.raises(ERRORS, match="ACCESS_DENIED"):
+        with smbclient.open_file(pacs.p("CT/x.dcm"), mode="wb", share_access="rwd", **pacs.kw) as f:
+            f.write(b"the PACS's image")
+            f.flush()
+            viewer.remove("CT/x.dcm")  # only marked delete-on-close here
+    with smbclient.open_file(pacs.p("CT/y.dcm"), mode="wb", share_access="rwd", **pacs.kw) as f:
+        f.write(b"another image")
+        f.flush()
+        with pytest.raises(ERRORS):
+            viewer.rename("CT/y.dcm", "CT/elsewhere.dcm")
+    assert pacs.listdir("CT") == ["x.dcm", "y.dcm"] and pacs.read("CT/x.dcm") == b"the PACS's image"
+    assert [e["path"] for e in agent.events("stored")] == ["CT/x.dcm", "CT/y.dcm"]
+    pacs.close()
+    viewer.close()

@@ -168,6 +168,14 @@ class GatewayFS(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno_for(e)) from None
         return path
 
+    def _require(self, who: Who, right: str, path: str, writer: _Open | None = None) -> None:
+        """Refuse what the gateway would, for a file still being written (the gateway does not know it yet), unless
+        it is `writer`'s own."""
+        if not self.gw.allowed(who, right) and (writer is None or writer.who.user != who.user):
+            e = PermissionDenied(path, f"user {who.user} lacks the '{right}' permission")
+            report(self.gw, PROTOCOL, who, e, refused_here=True)
+            raise pyfuse3.FUSEError(errno_for(e))
+
     def _who(self, ctx: pyfuse3.RequestContext) -> Who:
         """The SMB user behind a request: smbd does each session's file access as that user's Unix account."""
         return Who(user=self.users.get(ctx.uid, f"(uid {ctx.uid})"), protocol=PROTOCOL, peer=self.peers.of(ctx.pid))
@@ -311,8 +319,10 @@ class GatewayFS(pyfuse3.Operations):
 
     async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         path = self._child(parent_inode, name, ctx)
-        op = self._writing.pop(path, None)
+        op = self._writing.get(path)
         if op is not None:  # being written and not (or not again) committed: nothing will be
+            self._require(self._who(ctx), "delete", path, op)
+            del self._writing[path]
             op.unlinked = True
             if op.writer is not None and not op.committed:
                 await op.writer.abort("unlinked while open")
@@ -340,10 +350,12 @@ class GatewayFS(pyfuse3.Operations):
         elif op is None:
             raise pyfuse3.FUSEError(errno.ENOENT)
         else:  # only the open, not yet committed file: it will be committed under the new name
+            self._require(self._who(ctx), "rename", src, op)
             if not replace and await self.gw.find(dst) is not None:
                 raise pyfuse3.FUSEError(errno.EEXIST)
             old = self._writing.get(dst)
             if old is not None and old is not op:
+                self._require(self._who(ctx), "delete", dst, old)
                 old.unlinked = True
                 self._writing.pop(dst)
         self._moved(src, dst)
@@ -440,10 +452,7 @@ class GatewayFS(pyfuse3.Operations):
         op = self._files[fh]
         src = op if op.writer is not None else self._writing.get(op.path)
         if src is not None and src.writer is not None and src.writer.open:
-            if not self.gw.allowed(op.who, "read"):  # as open_read would refuse: the staging file is no way round
-                e = PermissionDenied(op.path, f"user {op.who.user} lacks the 'read' permission")
-                report(self.gw, PROTOCOL, op.who, e, refused_here=True)
-                raise pyfuse3.FUSEError(errno_for(e))
+            self._require(op.who, "read", op.path)
             return await src.writer.read_back(off, size)
         if op.reader is None or op.reader.entry.path != op.path:
             await op.close_reader()
