@@ -43,9 +43,9 @@ USERS = [{"name": "pacs", "password": PASSWORD, "root": "/"},
          {"name": "us", "password": PASSWORD, "root": "/US"}]  # test_roots_cannot_be_removed_or_renamed
 ONLY_IN_S3 = {"s3only/foreign.dcm": os.urandom(123_457), "s3only/deep/nested.dcm": os.urandom(5_000)}
 # Names no client may create: control characters, over 255 bytes, Windows device names, a trailing dot or space,
-# a text-direction override (it would list as "report-mcd.exe").
+# a text-direction override (it would list as "report-mcd.exe"), a character Windows names cannot hold.
 BAD_NAMES = ["bad\x01name.dcm", "n" * 300 + ".dcm", "CON", "aux", "con.txt", "LPT1.dcm", "x.", "x ",
-             "report-\u202eexe.dcm"]
+             "report-\u202eexe.dcm", "a:b.dcm", "q?.dcm", "s*.dcm", 'd"q.dcm', "l<t.dcm", "g>t.dcm", "p|p.dcm"]
 
 
 def evict(agent: AgentProc, path: str) -> dict:

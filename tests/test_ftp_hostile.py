@@ -406,8 +406,10 @@ def test_epsv_all_and_epsv_with_a_protocol_keep_the_session(agent_factory):
 
 def test_quotes_trailing_spaces_and_windows_names(agent_factory):
     agent = agent_factory().start()
+    agent.store.client().put_object(Bucket=BUCKET, Key=agent.prefix + 'a"b/x.dcm', Body=b"x")  # another S3 client's
     f = ftp(agent)
-    assert f.sendcmd('MKD a"b') == '257 "/a""b" created'  # RFC 959: a quote inside the name is doubled
+    with pytest.raises(ftplib.error_perm, match="553"):
+        f.mkd('c"d')  # Windows (SMB) clients could not use it
     f.cwd('a"b')
     assert f.sendcmd("PWD").startswith('257 "/a""b"') and f.pwd() == '/a"b'
     f.cwd("/")
@@ -424,7 +426,7 @@ def test_quotes_trailing_spaces_and_windows_names(agent_factory):
     assert sorted(f.nlst()) == ['a"b', "ok.dcm"]
     f.quit()
     agent.wait_drained()
-    assert set(s3_objects(agent.store, agent.prefix)) == {"ok.dcm"}
+    assert set(s3_objects(agent.store, agent.prefix)) == {"ok.dcm", 'a"b/x.dcm'}
 
 
 @pytest.mark.parametrize("section,key,value", [

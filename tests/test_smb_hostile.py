@@ -9,11 +9,24 @@ import uuid
 from pathlib import Path
 
 import pytest
+import smbclient
 from smbprotocol.connection import Connection
-from smbprotocol.exceptions import SMBException
+from smbprotocol.exceptions import SMBException, SMBResponseException
+from smbprotocol.file_info import FileInformationClass
+from smbprotocol.open import (
+    CreateDisposition,
+    CreateOptions,
+    FileAttributes,
+    FilePipePrinterAccessMask,
+    ImpersonationLevel,
+    Open,
+    ShareAccess,
+)
 from smbprotocol.session import Session
+from smbprotocol.tree import TreeConnect
 from smbutil import Smb, create_for_write
 
+from agent.serve.fuse import MAX_OPEN_DIRS
 from harness import PASSWORD
 
 ERRORS = (OSError, SMBException)
@@ -116,3 +129,87 @@ def test_a_cut_connection_leaves_no_half_written_file(smb_agent):
     agent.wait_drained(30)
     assert agent.events("stored")[-1]["path"] == "whole.dcm" and len(agent.events("stored")) == 1
     smb.close()
+
+
+def test_a_file_being_written_is_read_only_with_the_read_right(smb_agent):
+    """Over SMB a file still being written is read from its writer's staging file. That path skipped the `read`
+    permission: a write-only account read another user's upload in progress (and its own), which FTP and SFTP
+    refuse it. Now it is refused the same way."""
+    agent = smb_agent(users=[{"name": "pacs", "password": PASSWORD, "root": "/"},
+                             {"name": "drop", "password": PASSWORD, "root": "/", "permissions": ["write"]}]
+                      ).start(timeout=180)
+    pacs, drop = Smb(agent), Smb(agent, user="drop")
+    pacs.makedirs("CT")
+    with smbclient.open_file(pacs.p("CT/x.dcm"), mode="wb", share_access="rw", **pacs.kw) as f:
+        f.write(b"patient data, not yet stored")
+        f.flush()
+        with smbclient.open_file(pacs.p("CT/x.dcm"), mode="rb", share_access="rw", **pacs.kw) as g:
+            assert g.read() == b"patient data, not yet stored"  # the writer's own account reads it back
+        with smbclient.open_file(drop.p("CT/x.dcm"), mode="rb", share_access="rw", **drop.kw) as g:
+            with pytest.raises(ERRORS):
+                g.read()
+    with pytest.raises(ERRORS):  # stored: open_read refuses it, as before
+        drop.read("CT/x.dcm")
+    assert pacs.read("CT/x.dcm") == b"patient data, not yet stored"
+    pacs.close()
+    drop.close()
+
+
+def test_directory_handles_per_user_are_capped(smb_agent):
+    """Each SMB directory handle smbd opens on the mount holds its directory's whole listing in the agent until it
+    is closed, and smbd allows thousands per connection (300 handles of a 3 000-file directory held 265 MB): one
+    user may hold fuse.MAX_OPEN_DIRS; one more is refused (too many open files) until one is closed."""
+    agent = smb_agent().start(timeout=180)
+    smb = Smb(agent)
+    smb.makedirs("CT")
+    smb.write("CT/a.dcm", b"x")
+    session = smbclient.register_session("127.0.0.1", username="pacs", password=PASSWORD, port=smb.port,
+                                         connection_cache=smb.kw["connection_cache"])
+    tree = TreeConnect(session, smb.root)
+    tree.connect()
+
+    def listed() -> Open:
+        d = Open(tree, "CT")
+        d.create(ImpersonationLevel.Impersonation, FilePipePrinterAccessMask.GENERIC_READ,
+                 FileAttributes.FILE_ATTRIBUTE_DIRECTORY, ShareAccess.FILE_SHARE_READ | ShareAccess.FILE_SHARE_WRITE,
+                 CreateDisposition.FILE_OPEN, CreateOptions.FILE_DIRECTORY_FILE)
+        d.query_directory("*", FileInformationClass.FILE_NAMES_INFORMATION)  # smbd opens it on the mount
+        return d
+
+    held = [listed() for _ in range(MAX_OPEN_DIRS)]
+    with pytest.raises(SMBResponseException) as refused:
+        listed()
+    assert refused.value.status == 0xC000011F, hex(refused.value.status)  # STATUS_TOO_MANY_OPENED_FILES
+    held.pop().close()
+    held.append(listed())
+    for d in held:
+        d.close()
+    assert smb.listdir("CT") == ["a.dcm"]
+    smb.close()
+
+
+def test_a_file_being_written_is_deleted_or_renamed_only_with_the_right(smb_agent):
+    """A file still being written (not yet in the catalog) was unlinked or renamed by the FUSE layer alone. A
+    read-only account's delete (Samba unlinks at the last close, before the file's own close) made the PACS's
+    upload vanish while the PACS's CLOSE answered success; its rename moved the upload to a name of its choosing.
+    Another user now needs `delete` / `rename`, as for stored files: the upload is stored, and the PACS's CLOSE
+    reports the refused delete."""
+    agent = smb_agent(users=[{"name": "pacs", "password": PASSWORD, "root": "/"},
+                             {"name": "viewer", "password": PASSWORD, "root": "/", "permissions": ["read"]}]
+                      ).start(timeout=180)
+    pacs, viewer = Smb(agent), Smb(agent, user="viewer")
+    pacs.makedirs("CT")
+    with pytest.raises(ERRORS, match="ACCESS_DENIED"):
+        with smbclient.open_file(pacs.p("CT/x.dcm"), mode="wb", share_access="rwd", **pacs.kw) as f:
+            f.write(b"the PACS's image")
+            f.flush()
+            viewer.remove("CT/x.dcm")  # only marked delete-on-close here
+    with smbclient.open_file(pacs.p("CT/y.dcm"), mode="wb", share_access="rwd", **pacs.kw) as f:
+        f.write(b"another image")
+        f.flush()
+        with pytest.raises(ERRORS):
+            viewer.rename("CT/y.dcm", "CT/elsewhere.dcm")
+    assert pacs.listdir("CT") == ["x.dcm", "y.dcm"] and pacs.read("CT/x.dcm") == b"the PACS's image"
+    assert [e["path"] for e in agent.events("stored")] == ["CT/x.dcm", "CT/y.dcm"]
+    pacs.close()
+    viewer.close()

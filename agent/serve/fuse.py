@@ -32,7 +32,7 @@ import structlog
 
 from agent.audit import Who
 from agent.serve.contract import answer, report, st_mode
-from agent.store.errors import BadPath, GatewayError, NotFound
+from agent.store.errors import BadPath, GatewayError, NotFound, PermissionDenied
 from agent.store.gateway import Gateway, ReadHandle, WriteHandle
 from agent.store.paths import MAX_PATH_BYTES, check_name, name_of, parent_of
 
@@ -41,6 +41,9 @@ log = structlog.get_logger("pacsgw.fuse")
 T = TypeVar("T")
 
 PROTOCOL = "smb"
+# Directories one SMB user may hold open, over all its connections (smbd's own, as root, are not counted): each
+# holds its whole listing until smbd closes it (300 of a 3 000-file directory held 265 MB; smbd allows thousands)
+MAX_OPEN_DIRS = 64
 
 
 def errno_for(e: GatewayError) -> int:
@@ -124,7 +127,8 @@ class GatewayFS(pyfuse3.Operations):
         self._by_path: dict[str, int] = {"": pyfuse3.ROOT_INODE}
         self._inode_numbers = itertools.count(pyfuse3.ROOT_INODE + 1)
         self._files: dict[int, _Open] = {}
-        self._dirs: dict[int, list[tuple[bytes, str, bool, int, float]]] = {}  # name, path, dir, size, mtime
+        # fh → the uid that opened it, the listing (name, path, dir, size, mtime)
+        self._dirs: dict[int, tuple[int, list[tuple[bytes, str, bool, int, float]]]] = {}
         self._fh_numbers = itertools.count(1)
         self._writing: dict[str, _Open] = {}  # path → the open file whose uncommitted content it shows
         self.closing = False  # set before smbd is stopped: its closes of open files are not completions
@@ -163,6 +167,14 @@ class GatewayFS(pyfuse3.Operations):
             report(self.gw, PROTOCOL, self._who(ctx) if ctx is not None else None, e, refused_here=True)
             raise pyfuse3.FUSEError(errno_for(e)) from None
         return path
+
+    def _require(self, who: Who, right: str, path: str, writer: _Open | None = None) -> None:
+        """Refuse what the gateway would, for a file still being written (the gateway does not know it yet), unless
+        it is `writer`'s own."""
+        if not self.gw.allowed(who, right) and (writer is None or writer.who.user != who.user):
+            e = PermissionDenied(path, f"user {who.user} lacks the '{right}' permission")
+            report(self.gw, PROTOCOL, who, e, refused_here=True)
+            raise pyfuse3.FUSEError(errno_for(e))
 
     def _who(self, ctx: pyfuse3.RequestContext) -> Who:
         """The SMB user behind a request: smbd does each session's file access as that user's Unix account."""
@@ -307,8 +319,10 @@ class GatewayFS(pyfuse3.Operations):
 
     async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         path = self._child(parent_inode, name, ctx)
-        op = self._writing.pop(path, None)
+        op = self._writing.get(path)
         if op is not None:  # being written and not (or not again) committed: nothing will be
+            self._require(self._who(ctx), "delete", path, op)
+            del self._writing[path]
             op.unlinked = True
             if op.writer is not None and not op.committed:
                 await op.writer.abort("unlinked while open")
@@ -336,10 +350,12 @@ class GatewayFS(pyfuse3.Operations):
         elif op is None:
             raise pyfuse3.FUSEError(errno.ENOENT)
         else:  # only the open, not yet committed file: it will be committed under the new name
+            self._require(self._who(ctx), "rename", src, op)
             if not replace and await self.gw.find(dst) is not None:
                 raise pyfuse3.FUSEError(errno.EEXIST)
             old = self._writing.get(dst)
             if old is not None and old is not op:
+                self._require(self._who(ctx), "delete", dst, old)
                 old.unlinked = True
                 self._writing.pop(dst)
         self._moved(src, dst)
@@ -348,6 +364,11 @@ class GatewayFS(pyfuse3.Operations):
 
     async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
         path = self._path(inode)
+        if ctx.uid in self.users and sum(uid == ctx.uid for uid, _ in self._dirs.values()) >= MAX_OPEN_DIRS:
+            log.warning("smb_refused", user=self._who(ctx).user, path=path, reason=f"too many open directories "
+                        f"({MAX_OPEN_DIRS})")
+            self.gw.count_error(PROTOCOL, "TooManyOpenFiles")
+            raise pyfuse3.FUSEError(errno.EMFILE)
         entries = await self._call(self.gw.listdir(path, self._who(ctx)))
         d = [(e.name.encode(), e.path, e.is_dir, e.size, e.mtime) for e in entries]
         known = {e.name for e in entries}
@@ -355,11 +376,11 @@ class GatewayFS(pyfuse3.Operations):
             if parent_of(wpath) == path and name_of(wpath) not in known and op.writer is not None:
                 d.append((name_of(wpath).encode(), wpath, False, op.writer.size, time.time()))
         fh = next(self._fh_numbers)
-        self._dirs[fh] = d
+        self._dirs[fh] = (ctx.uid, d)
         return fh
 
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
-        d = self._dirs[fh]
+        d = self._dirs[fh][1]
         for i in range(start_id, len(d)):
             name, path, is_dir, size, mtime = d[i]
             ino = self._inode_for(path)
@@ -431,6 +452,7 @@ class GatewayFS(pyfuse3.Operations):
         op = self._files[fh]
         src = op if op.writer is not None else self._writing.get(op.path)
         if src is not None and src.writer is not None and src.writer.open:
+            self._require(op.who, "read", op.path)
             return await src.writer.read_back(off, size)
         if op.reader is None or op.reader.entry.path != op.path:
             await op.close_reader()

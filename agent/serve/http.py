@@ -193,14 +193,21 @@ class ScrapeListener:
         app = web.Application()
         app.add_routes([web.get("/metrics", self.metrics)])
         self._runner = web.AppRunner(app, access_log=None, keepalive_timeout=IDLE_SECONDS)
+        self._server: asyncio.Server | None = None
 
     async def start(self) -> None:
         assert self.cfg.metrics_listen is not None
         await self._runner.setup()
+        assert self._runner.server is not None
         tls = tls_context(self.cfg.metrics_tls_cert, self.cfg.metrics_tls_key) if self.cfg.metrics_tls_cert else None
-        await web.TCPSite(self._runner, *self.cfg.metrics_listen, ssl_context=tls).start()
+        # Not aiohttp's TCPSite: it leaves the TLS handshake asyncio's 60 s, and a connection that never sent its
+        # ClientHello was kept that long (IDLE_SECONDS starts only once the handshake is done)
+        self._server = await asyncio.get_running_loop().create_server(
+            self._runner.server, *self.cfg.metrics_listen, ssl=tls, ssl_handshake_timeout=IDLE_SECONDS if tls else None)
 
     async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
         await self._runner.cleanup()
 
     async def metrics(self, request: web.Request) -> web.Response:

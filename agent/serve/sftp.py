@@ -33,7 +33,9 @@ log = structlog.get_logger("pacsgw.sftp")
 
 T = TypeVar("T")
 
-MAX_OPEN_FILES = 64  # per SFTP session: each holds a descriptor, and a staging file when writing
+# Handles per SFTP session, files and directories together: a file holds a descriptor (and a staging file when
+# writing), a directory being read its whole listing (1.4 MB for 3 000 names: 400 unclosed ones held 565 MB)
+MAX_OPEN_FILES = 64
 MAX_READ = asyncssh.sftp.MAX_SFTP_READ_LEN  # what asyncssh announces (limits@openssh.com); a longer READ gets less
 
 
@@ -277,7 +279,9 @@ class GatewaySFTP(asyncssh.SFTPServer):
         self.root = self.roots[self.user]
         self.who = Who(self.user, "sftp", _peer(chan))
         self.appending: set[WriteHandle] = set()  # opened with FXF_APPEND
-        self.open_files = 0  # handles against MAX_OPEN_FILES
+        self.open_files = 0  # file handles; with the directory handles, against MAX_OPEN_FILES
+        # asyncssh drops a directory handle at CLOSE without telling the server: each is counted while it lives
+        self.listings: weakref.WeakSet[AsyncIterator[asyncssh.SFTPName]] = weakref.WeakSet()
 
     def _ns(self, path: bytes) -> str:
         try:
@@ -331,7 +335,13 @@ class GatewaySFTP(asyncssh.SFTPServer):
         if attrs.size is not None:
             await self._call(_writer(file_obj).truncate(attrs.size))
 
-    async def scandir(self, path: bytes) -> AsyncIterator[asyncssh.SFTPName]:
+    def scandir(self, path: bytes) -> AsyncIterator[asyncssh.SFTPName]:
+        self._take_handle(path)
+        listing = self._listing(path)
+        self.listings.add(listing)
+        return listing
+
+    async def _listing(self, path: bytes) -> AsyncIterator[asyncssh.SFTPName]:
         entries = await self._call(self.gateway.listdir(self._ns(path), self.who))
         for e in entries:
             yield asyncssh.SFTPName(e.name.encode(), attrs=_attrs(e))
@@ -356,10 +366,7 @@ class GatewaySFTP(asyncssh.SFTPServer):
 
     async def open(self, path: bytes, pflags: int, attrs: asyncssh.SFTPAttrs) -> ReadHandle | WriteHandle:
         ns = self._ns(path)
-        if self.open_files >= MAX_OPEN_FILES:  # one client would otherwise take every descriptor of the agent
-            log.warning("sftp_refused", user=self.user, path=ns, reason=f"too many open files ({MAX_OPEN_FILES})")
-            self.gateway.count_error("sftp", "TooManyOpenFiles")
-            raise asyncssh.SFTPFailure(f"too many open files in this session (limit {MAX_OPEN_FILES})")
+        self._take_handle(path)
         if not pflags & (asyncssh.FXF_WRITE | asyncssh.FXF_APPEND):
             handle: ReadHandle | WriteHandle = await self._call(self.gateway.open_read(ns, "sftp", self.who))
         else:
@@ -370,6 +377,15 @@ class GatewaySFTP(asyncssh.SFTPServer):
                 self.appending.add(handle)
         self.open_files += 1
         return handle
+
+    def _take_handle(self, path: bytes) -> None:
+        """Refuse a handle beyond MAX_OPEN_FILES: one client would otherwise take every descriptor of the agent,
+        or its memory."""
+        if self.open_files + len(self.listings) >= MAX_OPEN_FILES:
+            log.warning("sftp_refused", user=self.user, path=path.decode(errors="replace"),
+                        reason=f"too many open files ({MAX_OPEN_FILES})")
+            self.gateway.count_error("sftp", "TooManyOpenFiles")
+            raise asyncssh.SFTPFailure(f"too many open files in this session (limit {MAX_OPEN_FILES})")
 
     async def read(self, file_obj: object, offset: int, size: int) -> bytes:
         # asyncssh queues every reply on the channel: the data of a client that opens no window (reads no

@@ -75,6 +75,7 @@ class WriteHandle:
         # Bytes of the stored file a user without the `delete` right resumed from: they may be appended
         # to, never changed or cut (that would destroy stored content as surely as a delete).
         self.protected = protected
+        self.base: int | None = None  # the gen the commit must still find (Catalog.commit_write); None: any
         self._hash: hashlib._Hash | None = hashlib.sha256()
         self._fast = fast_hash()  # the same bytes: the copy's stamp (agent.store.cache)
         self._body: list[bytes] | None = [] if gw.cfg.uplink.write_mode == "through" else None
@@ -212,7 +213,7 @@ class WriteHandle:
             raise
         self._close_fd()
         try:
-            upload = await self.gw.commit_file(self.path, self.blob, self.size, sha, body)
+            upload = await self.gw.commit_file(self.path, self.blob, self.size, sha, body, self.base)
         except BaseException:
             self.gw.cache.remove(self.blob)
             raise
@@ -670,8 +671,11 @@ class Gateway:
             except BaseException as e:
                 await handle.abort(f"resume failed: {type(e).__name__}")
                 raise
-        if not self.allowed(who, "delete"):
+        may_replace = self.allowed(who, "delete")
+        if not may_replace:
             handle.protected = handle.size
+        if not may_replace or self.cfg.compliance.worm:  # what another session stores meanwhile was not checked
+            handle.base = existing.gen if existing is not None else -1
         return handle
 
     async def open_for_write(self, path: str, protocol: str, who: Who | None, *, keep: int | None = None,
@@ -726,8 +730,8 @@ class Gateway:
         except asyncio.TimeoutError:
             return False
 
-    async def commit_file(self, path: str, blob: str, size: int, sha: str, body: bytes | None = None
-                          ) -> asyncio.Task[bool] | None:
+    async def commit_file(self, path: str, blob: str, size: int, sha: str, body: bytes | None = None,
+                          base: int | None = None) -> asyncio.Task[bool] | None:
         """Commit the catalog row; in write-through, start its upload (of body, the file's bytes hashed to sha,
         when the writer kept them). → that upload task, if any.
 
@@ -736,7 +740,7 @@ class Gateway:
         """
         claim = self.cfg.uplink.write_mode == "through" and self.line.reachable
         mtime = time.time()
-        gen, replaced = await self.db.commit_write(path, blob, size, sha, mtime, claim=claim)
+        gen, replaced = await self.db.commit_write(path, blob, size, sha, mtime, claim=claim, base=base)
         if replaced:
             self.cache.remove(replaced)
         log.info("stored", path=path, bytes=size, sha256=sha, write_through=claim)

@@ -25,6 +25,10 @@ WINDOWS_RESERVED = frozenset({"CON", "PRN", "AUX", "NUL", *(f"COM{i}" for i in r
 # another name in a listing or an Explorer window.
 BIDI_CONTROLS = frozenset("\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
 
+# Characters no Windows name may hold (backslash and controls are refused for every lookup already): Samba lists a
+# file named with one under a mangled 8.3 name that it can then neither open nor delete.
+WINDOWS_INVALID = frozenset('<>:"|?*')
+
 
 def name_problem(name: str) -> str | None:
     """Why `name` cannot be shown to or used by a client (None if it can): a control character (CR, LF, ESC, C1…)
@@ -41,6 +45,8 @@ def creatable_problem(name: str) -> str | None:
     may): Windows clients (SMB) cannot open names ending in a dot or a space, nor its reserved device names."""
     if any(c in BIDI_CONTROLS for c in name):  # "x\u202egpj.dcm" lists as "xmcd.jpg" (Trojan Source)
         return f"{name!a}: text-direction controls are not allowed in names (a name would display as another)"
+    if not WINDOWS_INVALID.isdisjoint(name):
+        return f"'{name}': the characters < > : \" | ? * cannot be used by Windows clients"
     if name.endswith((".", " ")):
         return f"'{name}': a name ending in a dot or a space cannot be used by Windows clients"
     if name.split(".")[0].rstrip(" ").upper() in WINDOWS_RESERVED:

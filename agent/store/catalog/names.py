@@ -10,7 +10,7 @@ from typing import Iterator
 
 from agent.records import Entry
 from agent.store.catalog.base import COLUMNS, CatalogBase
-from agent.store.errors import AlreadyExists, IsADirectory, NotADirectory, NotEmpty, NotFound
+from agent.store.errors import AlreadyExists, IsADirectory, NotADirectory, NotEmpty, NotFound, PermissionDenied
 from agent.store.paths import name_of, parent_of
 
 
@@ -62,13 +62,17 @@ class Namespace(CatalogBase):
             self.db.execute("DELETE FROM entries WHERE path = ?", (path,))
 
     def commit_write(self, path: str, blob: str, size: int, sha256: str, mtime: float, *,
-                     claim: bool) -> tuple[int, str | None]:
-        """Record new content for path (state dirty, or uploading when claim). → (gen, replaced blob)."""
+                     claim: bool, base: int | None = None) -> tuple[int, str | None]:
+        """Record new content for path (state dirty, or uploading when claim). → (gen, replaced blob).
+        `base`: the gen of the version the writer started from (-1: none); a version stored since is then not
+        replaced (PermissionDenied): the writer's right to replace was judged on the one it saw."""
         now = time.time()
         with self._tx():
             old = self.get(path)
             if old is not None and old.is_dir:
                 raise IsADirectory(path)
+            if base is not None and (old.gen if old is not None else -1) != base:
+                raise PermissionDenied(path, "stored by another session while this one was written: not replaced")
             self._ensure_dirs(path, now)
             state, gen = ("uploading" if claim else "dirty"), self._next_gen()
             if old is None:
