@@ -10,7 +10,7 @@ import pytest
 
 from agent.records import RemoteObject
 from agent.store.catalog import AsyncCatalog, Catalog
-from agent.store.errors import AlreadyExists, IsADirectory, NoSpace, NotADirectory, NotEmpty, NotFound
+from agent.store.errors import AlreadyExists, IsADirectory, NoSpace, NotADirectory, NotEmpty, NotFound, PermissionDenied
 
 
 @pytest.fixture
@@ -114,6 +114,17 @@ def test_rename_over_existing_and_directories(cat):
     cat.mkdir("g")
     with pytest.raises(AlreadyExists):
         cat.rename("f", "g")
+
+
+def test_rename_does_not_replace_a_target_stored_since_the_check(cat):
+    """The gateway judged a renamer's right to replace on the target it saw (`base`: its gen, -1 for none); a
+    version another session stored in between is not replaced (a user without `delete`, or WORM)."""
+    write(cat, "a")
+    stored = write(cat, "b")  # committed after the renamer saw no "b"
+    with pytest.raises(PermissionDenied):
+        cat.rename("a", "b", base=-1)
+    assert cat.get("b").gen == stored and cat.get("a") is not None
+    assert cat.rename("a", "b", base=stored) and cat.get("a") is None
 
 
 def test_write_again_cancels_tombstone(cat):

@@ -611,7 +611,10 @@ class Gateway:
                     raise AlreadyExists(dst, "the target exists and this rename does not replace")
                 self._require(who, "delete", dst)  # the file replaced is lost
                 await self.worm.check_mutable(replaced_entry, time.time())
-            replaced = await self.db.rename(src, dst)
+            # What another session stores at dst meanwhile was not checked (as WriteHandle.base)
+            guarded = not self.allowed(who, "delete") or self.cfg.compliance.worm
+            base = (replaced_entry.gen if replaced_entry is not None else -1) if guarded else None
+            replaced = await self.db.rename(src, dst, base)
         for blob in replaced:
             self.cache.remove(blob)
         self.uploader.wake()

@@ -88,8 +88,9 @@ class Namespace(CatalogBase):
             self.db.execute("DELETE FROM tombstones WHERE key = ?", (path,))
         return gen, (old.blob if old else None)
 
-    def rename(self, src: str, dst: str) -> list[str]:
-        """Move a file or a whole directory; → blobs of files the move replaced (to delete).
+    def rename(self, src: str, dst: str, base: int | None = None) -> list[str]:
+        """Move a file or a whole directory; → blobs of files the move replaced (to delete). `base`: the gen
+        of the target the caller's right to replace was judged on (-1: none), as in `commit_write`.
 
         Each moved file becomes dirty again: its object must appear under the new key, by a server-side
         copy from the old key when the old object is complete, else by a fresh upload. The old keys
@@ -106,6 +107,8 @@ class Namespace(CatalogBase):
             if e.is_dir and (dst + "/").startswith(src + "/"):
                 raise NotADirectory(dst, "cannot move a directory into itself")
             target = self.get(dst)
+            if base is not None and (target.gen if target is not None else -1) != base:
+                raise PermissionDenied(dst, "stored by another session while this one renamed: not replaced")
             if target is not None:
                 if target.is_dir or e.is_dir:
                     raise AlreadyExists(dst)
