@@ -60,53 +60,77 @@ SESSION_S = 600.0       # reads of one study closer than this are one session (l
 # a study acquired longer ago and read on a miss is on probation; one acquired within the day is a new study (live,
 # a written file read before the evictor's pass looks read on a miss); tuning families: 0, ½, 1 d tie, 2–30 d lose
 OLD_S = DAY
+MAX_BACK = 0.5          # probation while fewer of the studies through the door come back for a second session
+WARM = 50               # studies through the door before it decides
+HALF_LIFE = 2_000       # studies through the door after which its counts' weight halves
 
 
 class _Doorkeeper:
     """TinyLFU's doorkeeper at study granularity: a study read on a miss (acquired over `OLD_S` ago, not
-    prefetched) that this box has not had on probation before is on *probation*: its files go first, even while it
-    is read (a one-off read does not come back to a file it has read: the archive tail, a prior opened once beside
+    prefetched) that this box has not seen through the door before is on *probation*: its files go first, even while
+    it is read (a one-off read does not come back to a file it has read: the archive tail, a prior opened once beside
     its new study, a follow-up of a study the cache let go). Its second session (a read after the first session
     ended) finds it known and it is cached like any study, so a case opened again and again is kept from then on.
-    Memory: one key per study put on probation (bounded by `max_known`) and the files of those on probation."""
 
-    def __init__(self, max_known: int = 200_000) -> None:
-        self.probation: OrderedDict[Any, tuple[float, dict[Any, int]]] = OrderedDict()  # study → (last read, files)
-        self.known: OrderedDict[Any, None] = OrderedDict()
-        self.max_known = max_known
+    Whether probation pays is the box's own: it is on while fewer than `MAX_BACK` of the studies through the door
+    came back for a second session (counts halved every `HALF_LIFE` studies); before `WARM` studies, on (cold start,
+    `/status` says so: the tuning families lost up to 19 points with a cold start off, their early evictions decide
+    which kinds of prior the planner goes on fetching). Memory: one key and float per study through the door (bounded by `max_seen`) and the files of
+    those on probation."""
+
+    def __init__(self, max_seen: int = 200_000) -> None:
+        self.probation: OrderedDict[Any, dict[Any, int]] = OrderedDict()   # study → its cached files
+        # through the door → the last read of its first session; None: it came back
+        self.seen: OrderedDict[Any, float | None] = OrderedDict()
+        self.max_seen = max_seen
+        self.sent = self.back = 0.0
+
+    @property
+    def on(self) -> bool:
+        return self.sent < WARM or self.back < MAX_BACK * self.sent
 
     def inserted(self, key: Any, size: int, now: float, study: Any, tail: bool) -> None:
-        entry = self.probation.get(study)
-        if entry is None:
-            if not tail or study in self.known:
-                return
-            entry = self.probation[study] = (now, {})
-            self.known[study] = None
-            if len(self.known) > self.max_known:
-                self.known.popitem(last=False)
-        self.read(study, now)
-        entry[1][key] = size
+        if study in self.seen:
+            self.read(study, now)
+        elif tail:
+            self.seen[study] = now
+            if len(self.seen) > self.max_seen:
+                self.seen.popitem(last=False)
+            self.sent += 1
+            if self.sent >= HALF_LIFE:
+                self.sent, self.back = self.sent / 2, self.back / 2
+            if self.on:
+                self.probation[study] = {}
+        files = self.probation.get(study)
+        if files is not None:
+            files[key] = size
 
     def read(self, study: Any, now: float) -> None:
-        entry = self.probation.get(study)
-        if entry is not None:
-            if now - entry[0] > SESSION_S:      # a second session: an ordinary study from now on
-                del self.probation[study]
-            else:
-                self.probation[study] = (now, entry[1])
+        last = self.seen.get(study)
+        if last is None:
+            return
+        if now - last > SESSION_S:      # a second session: an ordinary study from now on
+            self.seen[study] = None
+            self.back += 1
+            self.probation.pop(study, None)
+        else:
+            self.seen[study] = now
 
-    def victims(self, now: float) -> Iterator[tuple[Any, Any]]:
-        """(study, key) of every cached file on probation; a study whose session is over leaves probation."""
-        for study, (last, files) in list(self.probation.items()):
-            for key in list(files):
-                yield study, key
-            if now - last > SESSION_S:
+    def victims(self, now: float) -> Iterator[Any]:
+        """Every cached file on probation; a study whose session is over leaves probation."""
+        for study, files in list(self.probation.items()):
+            yield from list(files)
+            if now - (self.seen.get(study) or 0.0) > SESSION_S:
                 del self.probation[study]
 
     def removed(self, study: Any, key: Any) -> None:
-        entry = self.probation.get(study)
-        if entry is not None:
-            entry[1].pop(key, None)
+        files = self.probation.get(study)
+        if files is not None:
+            files.pop(key, None)
+
+    def status(self) -> dict[str, object]:
+        mode = "cold start: on" if self.sent < WARM else "on" if self.on else "off (studies come back)"
+        return {"doorkeeper": mode, "doorkeeper_back": round(self.back / max(self.sent, 1.0), 3)}
 
 
 class Adaptive:
@@ -198,7 +222,7 @@ class Adaptive:
         for study in self.fresh.release(now):
             self.lru.unheld(study)
         freed = 0
-        for _, key in self.door.victims(now) if self.door is not None else ():
+        for key in self.door.victims(now) if self.door is not None else ():
             if freed >= bytes_to_free:
                 break
             freed += self._meta[key][0]
@@ -220,8 +244,7 @@ class Adaptive:
         else:
             mode = "expert: learned hit density" if self.use_learned else "expert: study LRU (recency wins now)"
         return {"policy": self.name, "mode": mode, "events": self.model.events, "files": len(self._meta),
-                "probation_studies": len(self.door.probation) if self.door is not None else None,
-                **self.fresh.status()}
+                **(self.door.status() if self.door is not None else {}), **self.fresh.status()}
 
     # batch (no online index fed): whole studies in LRU order, the cold-start rule
     def select_victims(self, table: FileTable, bytes_to_free: int, now: float) -> np.ndarray:
