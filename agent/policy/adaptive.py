@@ -74,9 +74,9 @@ class _Doorkeeper:
 
     Whether probation pays is the box's own: it is on while fewer than `MAX_BACK` of the studies through the door
     came back for a second session (counts halved every `HALF_LIFE` studies); before `WARM` studies, on (cold start,
-    `/status` says so: the tuning families lost up to 19 points with a cold start off, their early evictions decide
-    which kinds of prior the planner goes on fetching). Memory: one key and float per study through the door (bounded by `max_seen`) and the files of
-    those on probation."""
+    `/status` says so; a cold start off lost up to 19 points on the tuning families: the first evictions decide which
+    kinds of prior the planner goes on fetching). Memory: one key and float per study through the door (bounded by
+    `max_seen`) and the file keys of those on probation."""
 
     def __init__(self, max_seen: int = 200_000) -> None:
         self.probation: OrderedDict[Any, dict[Any, int]] = OrderedDict()   # study → its cached files
