@@ -19,7 +19,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from agent.policy import learned, priors  # noqa: E402
+from agent.policy import adaptive, learned, priors  # noqa: E402
 from agent.sim.replay import ReplayConfig, Replayer  # noqa: E402
 from agent.sim.trace import load_arrays  # noqa: E402
 
@@ -39,7 +39,11 @@ def main() -> int:
     ap.add_argument("--admit", choices=("on", "off"), default=None,
                     help="learned.ADMIT_PRIORS: admit a prefetched prior only above the eviction boundary")
     ap.add_argument("--min-heat", type=float, default=None, help="priors.MIN_HEAT: the open-rate floor of a prior")
+    ap.add_argument("--doorkeeper", choices=("on", "off"), default=None,
+                    help="adaptive.DOORKEEPER: old one-off reads on probation (evicted first) until a second session")
     args = ap.parse_args()
+    if args.doorkeeper is not None:
+        adaptive.DOORKEEPER = args.doorkeeper == "on"
     if args.min_heat is not None:
         priors.MIN_HEAT = args.min_heat
     if args.admit is not None:
@@ -70,7 +74,8 @@ def main() -> int:
     print(f"sum of the object and byte gap shares: {total:.0%}, of the lower of the two: {worst:.0%} "
           f"({args.scheme}, factors "
           f"{','.join(learned.DEFAULT_FACTORS)}, byte weight {learned.BYTE_WEIGHT:g}, "
-          f"prior admission {'on' if learned.ADMIT_PRIORS else 'off'})")
+          f"prior admission {'on' if learned.ADMIT_PRIORS else 'off'}, "
+          f"doorkeeper {'on' if adaptive.DOORKEEPER else 'off'})")
     return 0
 
 

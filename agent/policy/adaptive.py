@@ -9,7 +9,8 @@ than by regret). The learned expert ranks the real cache with its shadow's model
 undisturbed run of its own policy (its evictions and its ghosts), not from the other expert's choices.
 
 In the real cache both experts leave alone the new studies that the fresh segment holds until their first read
-(agent/policy/fresh.py: its horizon learnt from this box's write → first-read delays).
+(agent/policy/fresh.py: its horizon learnt from this box's write → first-read delays), and before either expert
+is asked, the files of studies on probation go (`_Doorkeeper`: a study read on a miss, until its second session).
 
 The capacity of the shadows is learnt from the eviction calls (the cache's size when it has to shed
 bytes). Memory: four study indexes instead of one (~100 B per cached file and study each). Policies decide,
@@ -18,11 +19,12 @@ never do I/O: the caller offers only clean files, so a file not yet in S3 is nev
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from typing import Any, Iterator
 
 import numpy as np
 
-from agent.policy.eviction import FileTable, StudyLRU
+from agent.policy.eviction import DAY, FileTable, StudyLRU
 from agent.policy.fresh import FreshSegment
 from agent.policy.learned import Attrs, HitDensity
 
@@ -51,6 +53,86 @@ class _Shadow:
                 self.used -= self.size.pop(v, 0)
 
 
+# the doorkeeper (`_Doorkeeper`): chosen on the tuning families (docs/replay.md, round 10); bench/gap_share.py
+# --doorkeeper overrides
+DOORKEEPER = True
+SESSION_S = 600.0       # reads of one study closer than this are one session (learned.HitDensity.session_s)
+# a study acquired longer ago and read on a miss is on probation; one acquired within the day is a new study (live,
+# a written file read before the evictor's pass looks read on a miss); tuning families: 0, ½, 1 d tie, 2–30 d lose
+OLD_S = DAY
+MAX_BACK = 0.5          # probation while fewer of the studies through the door come back for a second session
+WARM = 50               # studies through the door before it decides
+HALF_LIFE = 2_000       # studies through the door after which its counts' weight halves
+
+
+class _Doorkeeper:
+    """TinyLFU's doorkeeper at study granularity: a study read on a miss (acquired over `OLD_S` ago, not
+    prefetched) that this box has not seen through the door before is on *probation*: its files go first, even while
+    it is read (a one-off read does not come back to a file it has read: the archive tail, a prior opened once beside
+    its new study, a follow-up of a study the cache let go). Its second session (a read after the first session
+    ended) finds it known and it is cached like any study, so a case opened again and again is kept from then on.
+
+    Whether probation pays is the box's own: it is on while fewer than `MAX_BACK` of the studies through the door
+    came back for a second session (counts halved every `HALF_LIFE` studies); before `WARM` studies, on (cold start,
+    `/status` says so; a cold start off lost up to 19 points on the tuning families: the first evictions decide which
+    kinds of prior the planner goes on fetching). Memory: one key and float per study through the door (bounded by
+    `max_seen`) and the file keys of those on probation."""
+
+    def __init__(self, max_seen: int = 200_000) -> None:
+        self.probation: OrderedDict[Any, dict[Any, int]] = OrderedDict()   # study → its cached files
+        # through the door → the last read of its first session; None: it came back
+        self.seen: OrderedDict[Any, float | None] = OrderedDict()
+        self.max_seen = max_seen
+        self.sent = self.back = 0.0
+
+    @property
+    def on(self) -> bool:
+        return self.sent < WARM or self.back < MAX_BACK * self.sent
+
+    def inserted(self, key: Any, size: int, now: float, study: Any, tail: bool) -> None:
+        if study in self.seen:
+            self.read(study, now)
+        elif tail:
+            self.seen[study] = now
+            if len(self.seen) > self.max_seen:
+                self.seen.popitem(last=False)
+            self.sent += 1
+            if self.sent >= HALF_LIFE:
+                self.sent, self.back = self.sent / 2, self.back / 2
+            if self.on:
+                self.probation[study] = {}
+        files = self.probation.get(study)
+        if files is not None:
+            files[key] = size
+
+    def read(self, study: Any, now: float) -> None:
+        last = self.seen.get(study)
+        if last is None:
+            return
+        if now - last > SESSION_S:      # a second session: an ordinary study from now on
+            self.seen[study] = None
+            self.back += 1
+            self.probation.pop(study, None)
+        else:
+            self.seen[study] = now
+
+    def victims(self, now: float) -> Iterator[Any]:
+        """Every cached file on probation; a study whose session is over leaves probation."""
+        for study, files in list(self.probation.items()):
+            yield from list(files)
+            if now - (self.seen.get(study) or 0.0) > SESSION_S:
+                del self.probation[study]
+
+    def removed(self, study: Any, key: Any) -> None:
+        files = self.probation.get(study)
+        if files is not None:
+            files.pop(key, None)
+
+    def status(self) -> dict[str, object]:
+        mode = "cold start: on" if self.sent < WARM else "on" if self.on else "off (studies come back)"
+        return {"doorkeeper": mode, "doorkeeper_back": round(self.back / max(self.sent, 1.0), 3)}
+
+
 class Adaptive:
     name = "adaptive"
     online = True
@@ -71,6 +153,7 @@ class Adaptive:
         self.capacity = 0
         self.requests = 0
         self.use_learned = True
+        self.door = _Doorkeeper() if DOORKEEPER else None
 
     def _request(self, key: Any, now: float, prefetch: bool, written: bool = False) -> None:
         size, created, study = self._meta[key]
@@ -91,6 +174,8 @@ class Adaptive:
             self.fresh.written(study, size, now)
         elif not prefetch:
             self.fresh.read(study, now)
+        if self.door is not None:
+            self.door.inserted(key, size, now, study, not (prefetch or written) and created < now - OLD_S)
         self.lru.on_insert(key, size, now, created, study, prefetch, written)
         self.learned.on_insert(key, size, now, created, study, prefetch, written)
         self._request(key, now, prefetch, written)
@@ -100,6 +185,8 @@ class Adaptive:
         if meta is None:
             return
         self.fresh.read(meta[2], now)
+        if self.door is not None:
+            self.door.read(meta[2], now)
         self.lru.on_access(key, now)
         self.learned.on_access(key, now)
         self._request(key, now, False)
@@ -111,6 +198,8 @@ class Adaptive:
         if meta is not None:
             self.used -= meta[0]
             self.fresh.removed(meta[2], meta[0])
+            if self.door is not None:
+                self.door.removed(meta[2], key)
 
     def link(self, prior: Any, new: Any, heat: float) -> None:
         """A prefetched prior's new study (HitDensity.link), for the real cache's learned index and its shadow."""
@@ -132,12 +221,21 @@ class Adaptive:
         self.fresh.capacity = self.capacity
         for study in self.fresh.release(now):
             self.lru.unheld(study)
-        for key in list(chosen.victims(bytes_to_free, now)):
+        freed = 0
+        for key in self.door.victims(now) if self.door is not None else ():
+            if freed >= bytes_to_free:
+                break
+            freed += self._meta[key][0]
+            self.on_remove(key)
+            yield key
+        for key in list(chosen.victims(bytes_to_free - freed, now)) if freed < bytes_to_free else ():
             other.on_remove(key)
             meta = self._meta.pop(key, None)
             if meta is not None:
                 self.used -= meta[0]
                 self.fresh.removed(meta[2], meta[0])
+                if self.door is not None:
+                    self.door.removed(meta[2], key)
             yield key
 
     def status(self) -> dict[str, object]:
@@ -146,7 +244,7 @@ class Adaptive:
         else:
             mode = "expert: learned hit density" if self.use_learned else "expert: study LRU (recency wins now)"
         return {"policy": self.name, "mode": mode, "events": self.model.events, "files": len(self._meta),
-                **self.fresh.status()}
+                **(self.door.status() if self.door is not None else {}), **self.fresh.status()}
 
     # batch (no online index fed): whole studies in LRU order, the cold-start rule
     def select_victims(self, table: FileTable, bytes_to_free: int, now: float) -> np.ndarray:

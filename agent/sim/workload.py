@@ -168,11 +168,22 @@ def teaching() -> WorkloadParams:
                      "ONC": Department(0.05, 6.0, tumour_board=True)})
 
 
+def research() -> WorkloadParams:
+    """A tuning family with a fat one-off tail (issue 13, round 10): an imaging research centre, MR/CT heavy,
+    where export and AI pipelines read random old studies once each (no popular cases, no boards), beside
+    outpatient and inpatient reads within hours."""
+    return WorkloadParams(
+        preset="research", monthly_tb=1.0,
+        modality_mix={"MR": 0.35, "CT": 0.25, "US": 0.15, "CR": 0.15, "DX": 0.10},
+        departments={"OP": Department(0.60, 4.0), "IP": Department(0.30, 2.0), "ED": Department(0.10, 0.5)},
+        returning_share=0.4, followup_rate=1.0, longtail_share=0.3, weekend_factor=0.2)
+
+
 PRESETS = {"general": WorkloadParams, "oncology": oncology, "outpatient": outpatient, "cancer": cancer,
-           "teaching": teaching}
+           "teaching": teaching, "research": research}
 # Which families policies may be tuned on, and which are only reported (held out). A `-new` variant of
 # any preset (`--set archive=false`) is a box without a pre-existing archive: no priors, no old tail.
-TUNING = ("general", "oncology", "outpatient")
+TUNING = ("general", "oncology", "outpatient", "research")
 HELD_OUT = ("cancer", "teaching")
 
 

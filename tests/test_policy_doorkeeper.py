@@ -1,0 +1,49 @@
+"""The doorkeeper: a study read on a miss goes first until its second session, so one-off reads (the archive tail,
+a prior opened once, a follow-up of an evicted study) do not flush the cache; on only where such studies do not
+come back (agent/policy/adaptive.py `_Doorkeeper`)."""
+
+from __future__ import annotations
+
+from agent.policy.adaptive import WARM, Adaptive
+from agent.sim.workload import DAY
+
+T = 10 * DAY
+
+
+def through_the_door(p: Adaptive, n: int, back: bool, t0: float) -> float:
+    """n old studies read on a miss (and again an hour later if `back`), evicted between; → the time after."""
+    for i in range(n):
+        t = t0 + i * 7200
+        p.on_insert(("x", t), 1, t, 0.0, ("x", t))
+        if back:
+            p.on_insert(("x", t), 1, t + 3600, 0.0, ("x", t))
+        p.on_remove(("x", t))
+    return t0 + n * 7200
+
+
+def test_a_one_off_read_goes_first_and_its_second_session_is_cached_as_usual() -> None:
+    p = Adaptive()
+    assert p.status()["doorkeeper"] == "cold start: on"
+    t = through_the_door(p, WARM, False, T)
+    assert p.status()["doorkeeper"] == "on"
+    p.on_insert("n1", 100, t, t, "new", written=True)
+    p.on_insert("o1", 100, t + 60, 0.0, "old")           # an old study read on a miss: on probation
+    p.on_insert("o2", 100, t + 61, 0.0, "old")
+    p.on_access("n1", t + 120)                           # the new study is read after it
+    # the old study's files go first though read more recently, one at a time while it is read
+    assert list(p.victims(100, t + 130)) == ["o1"]
+    assert list(p.victims(100, t + 131)) == ["o2"]
+    p.on_insert("o1", 100, t + DAY, 0.0, "old")          # its second session: known, cached like any study
+    # a study acquired within the day and read on a miss (live: written, and read before the evictor's pass)
+    p.on_insert("f1", 100, t + DAY, t + DAY - 3600, "fresh")
+    assert not p.door.probation and list(p.victims(100, t + DAY + 1)) == ["n1"]    # study LRU (cold start)
+    assert set(p.victims(200, t + DAY + 2)) == {"o1", "f1"}
+
+
+def test_the_doorkeeper_stays_off_where_studies_read_on_a_miss_come_back() -> None:
+    p = Adaptive()
+    t = through_the_door(p, 2 * WARM, True, T)
+    assert p.status()["doorkeeper"] == "off (studies come back)"
+    p.on_insert("n1", 100, t, t, "new", written=True)
+    p.on_insert("o1", 100, t + 60, 0.0, "old")
+    assert not p.door.probation and list(p.victims(100, t + 130)) == ["n1"]
