@@ -19,8 +19,8 @@ import sqlite3
 import threading
 from typing import Any, Callable, Concatenate, Coroutine, ParamSpec, TypeVar
 
-from agent.records import RemoteObject
-from agent.store.catalog.base import Totals
+from agent.records import Entry, RemoteObject
+from agent.store.catalog.base import Totals, row_of
 from agent.store.catalog.heat import Heat
 from agent.store.catalog.names import Namespace
 from agent.store.catalog.remote import RemoteSync
@@ -103,6 +103,14 @@ class AsyncCatalog:
         self._thread.start()
         self._group: list[tuple[Callable[[], Any], asyncio.Future[Any]]] = []
         self._group_lock = threading.Lock()
+        # `get` (every open and stat: a cached read's first step) reads on the caller's thread through a read-only
+        # connection of its own: a WAL reader sees every committed row and never waits for the writer. The hop to
+        # the catalog thread and back (two wake-ups, the self-pipe, a turn of the loop) was the largest wait
+        # before a cached read's first byte (issue 14).
+        self._reader = sqlite3.connect(catalog.db.execute("PRAGMA database_list").fetchone()[2],
+                                       isolation_level=None, check_same_thread=False)
+        self._reader.execute("PRAGMA query_only=ON")
+        self._reader.execute("PRAGMA busy_timeout=1000")  # a WAL reader waits only while a crashed WAL is recovered
 
     def _serve(self) -> None:
         """The catalog thread: each call in turn, its result (or exception) handed to its caller's loop."""
@@ -130,9 +138,12 @@ class AsyncCatalog:
     def shutdown(self) -> None:
         self._calls.put(None)
         self._thread.join()
+        self._reader.close()
         self.catalog.close()
 
-    get = _offload(Catalog.get)
+    async def get(self, path: str) -> Entry | None:
+        return row_of(self._reader, path)
+
     get_many = _offload(Catalog.get_many)
     totals = _offload(Catalog.totals)
     get_state = _offload(Catalog.get_state)

@@ -33,6 +33,12 @@ def entry(row: Sequence[Any]) -> Entry:
                  row[10], bool(row[11]), row[12], row[13], row[14], row[15], row[16])
 
 
+def row_of(db: sqlite3.Connection, path: str) -> Entry | None:
+    """The row of a path on a connection: the catalog's own, or a reader's (AsyncCatalog.get)."""
+    row = db.execute(f"SELECT {COLUMNS} FROM entries WHERE path = ?", (path,)).fetchone()
+    return entry(row) if row else None
+
+
 class CatalogBase:
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -156,8 +162,7 @@ class CatalogBase:
                 raise NotADirectory(anc)
 
     def get(self, path: str) -> Entry | None:
-        row = self.db.execute(f"SELECT {COLUMNS} FROM entries WHERE path = ?", (path,)).fetchone()
-        return entry(row) if row else None
+        return row_of(self.db, path)
 
     def get_many(self, paths: list[str]) -> dict[str, Entry]:
         """The rows of these paths (a path's ancestors and itself: one catalog call, one snapshot)."""
