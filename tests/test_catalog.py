@@ -300,9 +300,9 @@ async def test_a_full_catalog_is_no_space_through_the_async_catalog(tmp_path):
 
 
 async def test_a_read_waits_for_no_write_and_sees_only_committed_rows(tmp_path):
-    """get (every open and stat: a cached read's first step) reads through a connection of its own, not on the
-    catalog thread: it answers while that thread is inside a transaction (in the agent, a group commit's fsync),
-    with the row as last committed; the change shows once committed."""
+    """get and get_many (every open and stat: a cached read's first step) read through a connection of their own,
+    not on the catalog thread: they answer while that thread is inside a transaction (in the agent, a group
+    commit's fsync), with the rows as last committed; the change shows once committed."""
     inside, release = threading.Event(), threading.Event()
 
     class Held(Catalog):
@@ -322,6 +322,8 @@ async def test_a_read_waits_for_no_write_and_sees_only_committed_rows(tmp_path):
         assert await asyncio.to_thread(inside.wait, 10)
         row = await asyncio.wait_for(db.get("CT/a.dcm"), 2)
         assert (row.gen, row.size) == (gen, 10)
+        rows = await asyncio.wait_for(db.get_many(["CT", "CT/a.dcm", "CT/b.dcm"]), 2)
+        assert rows["CT"].is_dir and rows["CT/a.dcm"].size == 10 and "CT/b.dcm" not in rows
         release.set()
         await held
         assert (await db.get("CT/a.dcm")).size == 99
