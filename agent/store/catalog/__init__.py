@@ -143,6 +143,7 @@ class AsyncCatalog:
         self.catalog.close()
 
     async def get(self, path: str) -> Entry | None:
+        await asyncio.sleep(0)  # a turn of the loop first, as the hop gave: sessions ready meanwhile go before it
         return row_of(self._reader, path)
 
     async def get_many(self, paths: list[str]) -> dict[str, Entry]:
