@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -305,4 +307,37 @@ async def test_a_full_catalog_is_no_space_through_the_async_catalog(tmp_path):
         assert (await db.get("CT/a.dcm")).gen == gen
         assert await db.claim("CT/a.dcm", gen) is True  # a write that needs no new page still commits
     finally:
+        db.shutdown()
+
+
+async def test_a_read_waits_for_no_write_and_sees_only_committed_rows(tmp_path):
+    """get and get_many (every open and stat: a cached read's first step) read through a connection of their own,
+    not on the catalog thread: they answer while that thread is inside a transaction (in the agent, a group
+    commit's fsync), with the rows as last committed; the change shows once committed."""
+    inside, release = threading.Event(), threading.Event()
+
+    class Held(Catalog):
+        def group(self, calls: list) -> list:  # a group commit that holds its transaction open a while
+            with self._tx(durable=True):
+                self.db.execute("UPDATE entries SET size = 99 WHERE path = 'CT/a.dcm'")
+                inside.set()
+                release.wait(10)
+            return super().group(calls)
+
+    db = AsyncCatalog(Catalog(tmp_path / "catalog.sqlite"))
+    gen, _ = await db.commit_write("CT/a.dcm", "blob-a", 10, "ab" * 32, time.time(), claim=False)
+    db.shutdown()
+    db = AsyncCatalog(Held(tmp_path / "catalog.sqlite"))
+    try:
+        held = asyncio.ensure_future(db.commit_write("CT/b.dcm", "blob-b", 10, "ab" * 32, time.time(), claim=False))
+        assert await asyncio.to_thread(inside.wait, 10)
+        row = await asyncio.wait_for(db.get("CT/a.dcm"), 2)
+        assert (row.gen, row.size) == (gen, 10)
+        rows = await asyncio.wait_for(db.get_many(["CT", "CT/a.dcm", "CT/b.dcm"]), 2)
+        assert rows["CT"].is_dir and rows["CT/a.dcm"].size == 10 and "CT/b.dcm" not in rows
+        release.set()
+        await held
+        assert (await db.get("CT/a.dcm")).size == 99
+    finally:
+        release.set()
         db.shutdown()

@@ -31,9 +31,9 @@ def test_a_wrong_call_through_the_async_catalog_is_a_type_error(tmp_path):
     the uplink's UploadQueue protocol asks for."""
     probe = tmp_path / "probe.py"
     probe.write_text("from agent.store.catalog import AsyncCatalog\nfrom agent.uplink.uploader import UploadQueue\n\n\n"
-                     "async def f(db: AsyncCatalog) -> str:\n    return await db.get(1)\n\n\n"
+                     "async def f(db: AsyncCatalog) -> str:\n    return await db.get_state(1)\n\n\n"
                      "def g(db: AsyncCatalog) -> UploadQueue:\n    return db\n")
     out = _mypy("--strict", str(probe)).stdout
     assert "Found 2 errors" in out, out  # and none in g: AsyncCatalog is the uploader's UploadQueue
     assert 'Argument 1 has incompatible type "int"; expected "str"' in out, out
-    assert 'Incompatible return value type (got "Entry | None", expected "str")' in out, out
+    assert 'Incompatible return value type (got "str | None", expected "str")' in out, out

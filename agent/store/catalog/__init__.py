@@ -6,7 +6,8 @@ by triggers in a one-row table, and the upload queue is the set of rows whose st
 One Catalog, one connection, its methods in one part per concern: names.py (the namespace the front ends
 change), remote.py (what the bucket says), uploads.py (the upload queue and tombstones), heat.py (the cached
 copies and their reads), studies.py (studies, prior fetches, the DICOM index); schema.py has every table.
-Catalog is synchronous and not thread-safe: AsyncCatalog runs every call on one dedicated thread.
+Catalog is synchronous and not thread-safe: AsyncCatalog runs every call on one dedicated thread, but `get`
+and `get_many`, which read through a read-only connection of its own.
 """
 
 from __future__ import annotations
@@ -19,8 +20,8 @@ import sqlite3
 import threading
 from typing import Any, Callable, Concatenate, Coroutine, ParamSpec, TypeVar
 
-from agent.records import RemoteObject
-from agent.store.catalog.base import Totals
+from agent.records import Entry, RemoteObject
+from agent.store.catalog.base import Totals, row_of, rows_of
 from agent.store.catalog.heat import Heat
 from agent.store.catalog.names import Namespace
 from agent.store.catalog.remote import RemoteSync
@@ -53,7 +54,7 @@ async def _answer(done: asyncio.Future[R]) -> R:
 
 def _offload(method: Callable[Concatenate[Catalog, P], R]) -> Callable[Concatenate[AsyncCatalog, P],
                                                                       Coroutine[Any, Any, R]]:
-    """`await db.get(path)` runs `Catalog.get(path)` on the catalog's thread, typed as Catalog.get is. A call
+    """`await db.totals()` runs `Catalog.totals()` on the catalog's thread, typed as it is. A call
     queued runs even if its caller is cancelled meanwhile (as one already running always did)."""
     async def call(self: AsyncCatalog, /, *args: P.args, **kwargs: P.kwargs) -> R:
         loop = asyncio.get_running_loop()
@@ -101,6 +102,14 @@ class AsyncCatalog:
         self._thread.start()
         self._group: list[tuple[Callable[[], Any], asyncio.Future[Any]]] = []
         self._group_lock = threading.Lock()
+        # `get` and `get_many` (every open and stat: a cached read's first step, a new file's directory walk) read on
+        # the caller's thread through a read-only connection of its own: a WAL reader sees every committed row and
+        # never waits for the writer. The hop to the catalog thread and back (two wake-ups, the self-pipe, a turn
+        # of the loop) was the largest wait before a cached read's first byte (issue 14).
+        self._reader = sqlite3.connect(catalog.db.execute("PRAGMA database_list").fetchone()[2],
+                                       isolation_level=None, check_same_thread=False)
+        self._reader.execute("PRAGMA query_only=ON")
+        self._reader.execute("PRAGMA busy_timeout=1000")  # a WAL reader waits only while a crashed WAL is recovered
 
     def _serve(self) -> None:
         """The catalog thread: each call in turn, its result (or exception) handed to its caller's loop."""
@@ -128,10 +137,16 @@ class AsyncCatalog:
     def shutdown(self) -> None:
         self._calls.put(None)
         self._thread.join()
+        self._reader.close()
         self.catalog.close()
 
-    get = _offload(Catalog.get)
-    get_many = _offload(Catalog.get_many)
+    async def get(self, path: str) -> Entry | None:
+        await asyncio.sleep(0)  # a turn of the loop first, as the hop gave: sessions ready meanwhile go before it
+        return row_of(self._reader, path)
+
+    async def get_many(self, paths: list[str]) -> dict[str, Entry]:
+        return rows_of(self._reader, paths)
+
     totals = _offload(Catalog.totals)
     get_state = _offload(Catalog.get_state)
     set_state = _offload(Catalog.set_state)

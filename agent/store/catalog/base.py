@@ -33,6 +33,19 @@ def entry(row: Sequence[Any]) -> Entry:
                  row[10], bool(row[11]), row[12], row[13], row[14], row[15], row[16])
 
 
+def row_of(db: sqlite3.Connection, path: str) -> Entry | None:
+    """The row of a path on a connection: the catalog's own, or a reader's (AsyncCatalog.get)."""
+    row = db.execute(f"SELECT {COLUMNS} FROM entries WHERE path = ?", (path,)).fetchone()
+    return entry(row) if row else None
+
+
+def rows_of(db: sqlite3.Connection, paths: list[str]) -> dict[str, Entry]:
+    """The rows of these paths (a path's ancestors and itself: one statement, one snapshot) on a connection."""
+    marks = ", ".join("?" * len(paths))
+    return {e.path: e for e in map(entry, db.execute(f"SELECT {COLUMNS} FROM entries WHERE path IN ({marks})",
+                                                         paths).fetchall())}
+
+
 class CatalogBase:
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -150,14 +163,10 @@ class CatalogBase:
                 raise NotADirectory(anc)
 
     def get(self, path: str) -> Entry | None:
-        row = self.db.execute(f"SELECT {COLUMNS} FROM entries WHERE path = ?", (path,)).fetchone()
-        return entry(row) if row else None
+        return row_of(self.db, path)
 
     def get_many(self, paths: list[str]) -> dict[str, Entry]:
-        """The rows of these paths (a path's ancestors and itself: one catalog call, one snapshot)."""
-        marks = ", ".join("?" * len(paths))
-        rows = self.db.execute(f"SELECT {COLUMNS} FROM entries WHERE path IN ({marks})", paths).fetchall()
-        return {e.path: e for e in map(entry, rows)}
+        return rows_of(self.db, paths)
 
     def totals(self) -> Totals:
         return Totals(*self.db.execute(
