@@ -157,7 +157,7 @@ class Adaptive:
         self.requests = 0
         self.use_learned = True
         self.door = _Doorkeeper() if DOORKEEPER else None
-        self.linked: OrderedDict[Any, Any] = OrderedDict()   # prior → the new study it was fetched for (the newest 10,000)
+        self.linked: OrderedDict[Any, Any] = OrderedDict()   # prior → the new study it was fetched for (newest 10k)
 
     def _request(self, key: Any, now: float, prefetch: bool, written: bool = False) -> None:
         size, created, study = self._meta[key]
