@@ -41,7 +41,11 @@ def main() -> int:
     ap.add_argument("--min-heat", type=float, default=None, help="priors.MIN_HEAT: the open-rate floor of a prior")
     ap.add_argument("--doorkeeper", choices=("on", "off"), default=None,
                     help="adaptive.DOORKEEPER: old one-off reads on probation (evicted first) until a second session")
+    ap.add_argument("--hold-priors", choices=("on", "off"), default=None,
+                    help="adaptive.HOLD_PRIORS: a prefetched prior held like a written study until its first read")
     args = ap.parse_args()
+    if args.hold_priors is not None:
+        adaptive.HOLD_PRIORS = args.hold_priors == "on"
     if args.doorkeeper is not None:
         adaptive.DOORKEEPER = args.doorkeeper == "on"
     if args.min_heat is not None:
@@ -75,7 +79,8 @@ def main() -> int:
           f"({args.scheme}, factors "
           f"{','.join(learned.DEFAULT_FACTORS)}, byte weight {learned.BYTE_WEIGHT:g}, "
           f"prior admission {'on' if learned.ADMIT_PRIORS else 'off'}, "
-          f"doorkeeper {'on' if adaptive.DOORKEEPER else 'off'})")
+          f"doorkeeper {'on' if adaptive.DOORKEEPER else 'off'}, "
+          f"priors held {'on' if adaptive.HOLD_PRIORS else 'off'})")
     return 0
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from agent.policy.adaptive import Adaptive
 from agent.policy.fresh import FreshSegment
 from agent.sim.workload import DAY
 from bench.miss_analysis import hits_of
@@ -62,3 +63,19 @@ def test_horizon_is_learnt_and_cold_start_holds_nothing() -> None:
     seg.read("c", H)                                  # read: an ordinary study
     seg.removed("d", 10)                              # dropped
     assert not seg.holds("c") and not seg.holds("d") and seg.total == 50
+
+
+def test_a_prefetched_prior_is_held_beside_its_new_study_until_its_first_read() -> None:
+    p = Adaptive()
+    for s in range(60):                              # the horizon learnt: first reads 3 hours after the write
+        p.on_insert(("w", s), 1, s * 60.0, s * 60.0, ("w", s), written=True)
+        p.on_access(("w", s), s * 60.0 + 3 * H)
+        p.on_remove(("w", s))
+    t = 4 * H
+    p.link("prior", "new", 0.5)                      # the planner fetches a prior for a new study
+    p.on_insert("p1", 100, t, 0.0, "prior", prefetch=True)
+    p.on_insert("n1", 100, t, t, "new", written=True)
+    p.on_insert("r1", 400, t + 60, t - H, "recent")  # read since: without the hold the prior goes first
+    assert list(p.victims(100, t + 120)) == ["r1"]
+    p.on_access("p1", t + 200)                       # opened: an ordinary study, the unread new one stays held
+    assert list(p.victims(100, t + 300)) == ["p1"]

@@ -63,6 +63,9 @@ OLD_S = DAY
 MAX_BACK = 0.5          # probation while fewer of the studies through the door come back for a second session
 WARM = 50               # studies through the door before it decides
 HALF_LIFE = 2_000       # studies through the door after which its counts' weight halves
+# a prior prefetched for a new study is held like a written study until its first read (docs/replay.md, round 11);
+# bench/gap_share.py --hold-priors overrides
+HOLD_PRIORS = True
 
 
 class _Doorkeeper:
@@ -154,6 +157,7 @@ class Adaptive:
         self.requests = 0
         self.use_learned = True
         self.door = _Doorkeeper() if DOORKEEPER else None
+        self.linked: OrderedDict[Any, Any] = OrderedDict()   # prior → the new study it was fetched for (newest 10k)
 
     def _request(self, key: Any, now: float, prefetch: bool, written: bool = False) -> None:
         size, created, study = self._meta[key]
@@ -170,6 +174,8 @@ class Adaptive:
                   prefetch: bool = False, written: bool = False) -> None:
         self._meta[key] = (size, created, study)
         self.used += size
+        # a linked prior waits for the radiologist's session as its new study does: the fresh segment holds both
+        written = written or (prefetch and study in self.linked)
         if written:
             self.fresh.written(study, size, now)
         elif not prefetch:
@@ -205,6 +211,10 @@ class Adaptive:
         """A prefetched prior's new study (HitDensity.link), for the real cache's learned index and its shadow."""
         self.learned.link(prior, new, heat)
         self.model.link(prior, new, heat)
+        if HOLD_PRIORS:
+            self.linked[prior] = new
+            if len(self.linked) > 10_000:     # priors whose fetch never landed
+                self.linked.popitem(last=False)
 
     def admit(self, new: Any, heat: float, files: int, size: int, now: float) -> bool:
         """A prior fits in free space, or is worth more than what the learned shadow evicts lately
