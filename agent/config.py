@@ -209,6 +209,9 @@ class CacheConfig:
     kmeans_refit_seconds: float = _seconds(0, 7 * 86400, 3600.0, " (0: re-fit on every pass)")
     age_max_days: float = _f(_float_between(1, 36600), "days 1..36600", default=90.0)
     eviction_candidates: int = _int(1000, 10_000_000, 200_000)
+    # What one user's files being written (not yet closed) may hold, of min(max_bytes, disk - min_free_bytes)
+    max_unfinished_per_user: float = _f(_ratio, "a fraction 0..1 or a percentage such as '25%' of the cache",
+                                        default=0.25)
 
 
 @dataclass(frozen=True)

@@ -71,6 +71,7 @@ def test_live_default_stack_matches_the_simulator(agent_factory, seaweed, tmp_pa
     # simulator's evict-on-overflow), and no prior planner (see the module docstring)
     a = agent_factory(prefix="replay/", **{
         "cache.max_bytes": capacity // SCALE, "cache.high_watermark": 0.99, "cache.low_watermark": 0.97,
+        "cache.max_unfinished_per_user": 1.0,  # a cache of a few files: one file may be a quarter of it
         "cache.evict_interval_seconds": 0.1, "pressure.disk_critical": 1.0,
         "prefetch.priors": False, "scrub.enabled": False})
     # Files the trace reads before (or without) writing them are the archive: already in the bucket.

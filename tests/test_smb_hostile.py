@@ -39,6 +39,18 @@ def wait_for(predicate, timeout: float) -> None:
         time.sleep(0.1)
 
 
+def logged_in_tree(agent, smb: Smb) -> tuple[Connection, TreeConnect]:
+    """A raw smbprotocol connection of `pacs` to its share: the test decides how it ends."""
+    port = int(agent.overrides["smb.listen"].rsplit(":", 1)[1])
+    conn = Connection(uuid.uuid4(), "127.0.0.1", port, require_signing=True)
+    conn.connect(timeout=15)
+    session = Session(conn, "pacs", PASSWORD)
+    session.connect()
+    tree = TreeConnect(session, smb.root)
+    tree.connect()
+    return conn, tree
+
+
 def test_a_banned_address_loses_the_smb_connections_it_has_open(smb_agent):
     """The ban denies the address in smb.conf, which keeps out new connections only: a guesser that kept its
     connection open went on guessing after the ban, one SESSION_SETUP after another (and in the end logged in).
@@ -110,16 +122,9 @@ def test_a_cut_connection_leaves_no_half_written_file(smb_agent):
     left open and that close committed the bytes so far as a complete file (1 MiB of an unfinished upload stored
     and uploaded). A close from an smbd whose client is gone now discards the upload; a file the client closes
     is stored as before."""
-    from smbprotocol.tree import TreeConnect
     agent = smb_agent().start(timeout=180)
     smb = Smb(agent)
-    port = int(agent.overrides["smb.listen"].rsplit(":", 1)[1])
-    conn = Connection(uuid.uuid4(), "127.0.0.1", port, require_signing=True)
-    conn.connect(timeout=15)
-    session = Session(conn, "pacs", PASSWORD)
-    session.connect()
-    tree = TreeConnect(session, smb.root)
-    tree.connect()
+    conn, tree = logged_in_tree(agent, smb)
     create_for_write(tree, "cut.dcm").write(b"x" * 2**20, 0)
     conn.transport.close()  # no CLOSE, no LOGOFF: the connection is gone
     wait_for(lambda: agent.events("upload_aborted"), 20)
@@ -213,3 +218,24 @@ def test_a_file_being_written_is_deleted_or_renamed_only_with_the_right(smb_agen
     assert [e["path"] for e in agent.events("stored")] == ["CT/x.dcm", "CT/y.dcm"]
     pacs.close()
     viewer.close()
+
+
+def test_unfinished_uploads_per_user_are_bounded_and_given_back_when_cut(smb_agent):
+    """Files one account writes and never closes hold the cache disk (staging) until they end: one account could
+    take the whole disk from every other. Past a quarter of the cache (cache.max_bytes 16 MB: 4 MB) its writes
+    are refused with STATUS_DISK_FULL; when its connection is cut, its unfinished files stop counting."""
+    agent = smb_agent(**{"cache.max_bytes": "16MB"}).start(timeout=180)
+    smb = Smb(agent)
+    conn, tree = logged_in_tree(agent, smb)
+    held = create_for_write(tree, "held.dcm")
+    for i in range(3):
+        held.write(b"x" * 2**20, i * 2**20)
+    more = create_for_write(tree, "more.dcm")
+    with pytest.raises(SMBResponseException, match="STATUS_DISK_FULL"):
+        more.write(b"y" * 2**20, 0)
+    assert agent.events("unfinished_limit")[0]["user"] == "pacs"
+    conn.transport.close()  # no CLOSE: the connection is gone
+    wait_for(lambda: len(agent.events("upload_aborted")) == 2, 20)
+    smb.write("after.dcm", b"z" * 3 * 2**20)
+    assert smb.read("after.dcm") == b"z" * 3 * 2**20
+    smb.close()

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import functools
 import hashlib
 import os
 import time
@@ -76,6 +77,8 @@ class WriteHandle:
         # to, never changed or cut (that would destroy stored content as surely as a delete).
         self.protected = protected
         self.base: int | None = None  # the gen the commit must still find (Catalog.commit_write); None: any
+        self.user = who.user if who is not None else ""
+        self.counted = 0  # bytes counted against the user's unfinished uploads (Gateway.count_unfinished)
         self._hash: hashlib._Hash | None = hashlib.sha256()
         self._fast = fast_hash()  # the same bytes: the copy's stamp (agent.store.cache)
         self._body: list[bytes] | None = [] if gw.cfg.uplink.write_mode == "through" else None
@@ -96,6 +99,7 @@ class WriteHandle:
         pos = self.size if offset is None else offset
         if pos < self.protected:
             raise PermissionDenied(self.path, "changing stored bytes needs the 'delete' permission")
+        self.gw.count_unfinished(self, pos + len(data))
         if pos != self.size:
             self._unhashed()  # out-of-order write: hash the whole file at commit
         elif self._hash is not None:
@@ -151,6 +155,7 @@ class WriteHandle:
             return
         if length < self.protected:
             raise PermissionDenied(self.path, "cutting a stored file needs the 'delete' permission")
+        self.gw.count_unfinished(self, length)
         if length > self.size and not await self.gw.ensure_space(length - self.size):
             raise NoSpace(self.path, "cache disk full and nothing evictable")  # the zeros are real bytes in S3
         await asyncio.to_thread(os.ftruncate, self.fd, length)
@@ -167,7 +172,7 @@ class WriteHandle:
 
     def _ended(self) -> None:
         self._drop_body()  # (nothing left if its upload took the bytes)
-        self.gw.write_finished()
+        self.gw.write_finished(self)
 
     async def commit(self) -> None:
         """Make the file durable (and, in write-through, confirmed in S3). Only then may the client be told.
@@ -229,7 +234,7 @@ class WriteHandle:
         if self._done:
             return
         self._done = True
-        self.gw.write_finished()
+        self.gw.write_finished(self)
         self._drop_body()
         self._close_fd()
         self.gw.cache.discard_staging(self.blob)
@@ -401,6 +406,7 @@ class Gateway:
         self._fills: dict[str, _Fill] = {}
         self._listings: dict[str, asyncio.Future[None]] = {}
         self._active_writes = 0
+        self._unfinished: dict[str, int] = {}  # user → the `counted` bytes of its files being written
         self._body_room = BODY_BUDGET
         self._writes_idle = asyncio.Event()
         self._writes_idle.set()
@@ -720,7 +726,31 @@ class Gateway:
     def release(self, nbytes: int) -> None:
         self._body_room += nbytes
 
-    def write_finished(self) -> None:
+    def count_unfinished(self, handle: WriteHandle, end: int) -> None:
+        """A file being written reaches `end` bytes: refused (NoSpace) when its user's unfinished uploads would
+        then hold more than their share of the cache. One account writing files it never closed held the disk:
+        clean files were evicted for its staging bytes, then every other user's store failed "disk full"."""
+        if end <= handle.counted:
+            return
+        held, limit = self._unfinished.get(handle.user, 0) + end - handle.counted, self.unfinished_limit
+        if held > limit:
+            log.warning("unfinished_limit", user=handle.user, path=handle.path, bytes=held, limit=limit)
+            raise NoSpace(handle.path, f"this user's unfinished uploads would hold {held} bytes, over its "
+                                       f"{limit} (cache.max_unfinished_per_user)")
+        self._unfinished[handle.user], handle.counted = held, end
+
+    @functools.cached_property
+    def unfinished_limit(self) -> int:
+        """One user's share of the cache for files being written, in this process: every serving process
+        counts its own writes, so each gets its part of the share."""
+        c = self.cfg.cache
+        room = min(c.max_bytes, self.cache.disk_usage().total - c.min_free_bytes)
+        return int(c.max_unfinished_per_user * room) // self.cfg.server.serving_processes()
+
+    def write_finished(self, handle: WriteHandle) -> None:
+        left = self._unfinished.pop(handle.user, 0) - handle.counted
+        if left:
+            self._unfinished[handle.user] = left
         self._active_writes -= 1
         if not self._active_writes:
             self._writes_idle.set()
