@@ -430,6 +430,13 @@ class Gateway:
         rights = self._rights.get(who.user) if who is not None else None
         return rights is None or right in rights
 
+    def _base(self, who: Who | None, seen: Entry | None) -> int | None:
+        """The gen a replacing commit or rename must still find at its target (-1: none), for a user without
+        `delete` or under WORM: what another session stores there meanwhile was not checked. None: any."""
+        if self.allowed(who, "delete") and not self.cfg.compliance.worm:
+            return None
+        return seen.gen if seen is not None else -1
+
     def _require(self, who: Who | None, right: str, path: str) -> None:
         if who is not None and not self.allowed(who, right):
             raise PermissionDenied(path, f"user {who.user} lacks the '{right}' permission")
@@ -617,10 +624,7 @@ class Gateway:
                     raise AlreadyExists(dst, "the target exists and this rename does not replace")
                 self._require(who, "delete", dst)  # the file replaced is lost
                 await self.worm.check_mutable(replaced_entry, time.time())
-            # What another session stores at dst meanwhile was not checked (as WriteHandle.base)
-            guarded = not self.allowed(who, "delete") or self.cfg.compliance.worm
-            base = (replaced_entry.gen if replaced_entry is not None else -1) if guarded else None
-            replaced = await self.db.rename(src, dst, base)
+            replaced = await self.db.rename(src, dst, self._base(who, replaced_entry))
         for blob in replaced:
             self.cache.remove(blob)
         self.uploader.wake()
@@ -680,11 +684,9 @@ class Gateway:
             except BaseException as e:
                 await handle.abort(f"resume failed: {type(e).__name__}")
                 raise
-        may_replace = self.allowed(who, "delete")
-        if not may_replace:
+        if not self.allowed(who, "delete"):
             handle.protected = handle.size
-        if not may_replace or self.cfg.compliance.worm:  # what another session stores meanwhile was not checked
-            handle.base = existing.gen if existing is not None else -1
+        handle.base = self._base(who, existing)
         return handle
 
     async def open_for_write(self, path: str, protocol: str, who: Who | None, *, keep: int | None = None,
