@@ -13,7 +13,7 @@ import time
 import pytest
 
 from faultkit import Ingest, catalog_rows, wait_for
-from harness import s3_objects
+from harness import s3_objects, sha256
 
 OUTAGE_SECONDS = 30
 
@@ -110,3 +110,35 @@ def test_a_file_in_a_directory_never_listed_is_unavailable_not_missing_while_the
     f.retrbinary("RETR MR/prior.dcm", out.write)
     assert out.getvalue() == b"p" * 4096
     f.quit()
+
+
+def test_a_directory_renamed_away_and_back_while_the_store_is_down_is_stored_once(agent_factory, private_seaweed):
+    """CI's protocol model found it: a clean file's directory renamed A → C → A before the copy to C ran leaves
+    a row whose copy source is its own key. S3 refuses a copy onto itself (InvalidRequest), so the row was
+    retried for ever and the queue never drained. The object never left its key: the row is clean again with no
+    copy, and C holds nothing."""
+    import ftplib
+    import io
+
+    from harness import PASSWORD
+
+    store = private_seaweed
+    a = agent_factory(store).start()
+    f = ftplib.FTP(timeout=60)
+    f.connect("127.0.0.1", a.ftp_port)
+    f.login("pacs", PASSWORD)
+    f.storbinary("STOR CT/x.dcm", io.BytesIO(b"x" * 100))
+    a.wait_drained(60)
+    store.stop()
+    f.storbinary("STOR CT/y.dcm", io.BytesIO(b"y" * 100))  # its write-through PUT finds the line down
+    wait_for(lambda: not a.health()["uplink"]["reachable"], 60, what="the line to be down")
+    f.rename("CT", "MR")
+    f.rename("MR", "CT")
+    f.quit()
+    store.start()
+    h = a.wait_drained(60)
+    assert h["queue_depth"] == 0 and h["pending_deletes"] == 0
+    objects = s3_objects(store, a.prefix)
+    assert {k: v["sha256"] for k, v in objects.items()} == {"CT/x.dcm": sha256(b"x" * 100),
+                                                            "CT/y.dcm": sha256(b"y" * 100)}
+    assert not [e for e in a.events("upload_failed") if "InvalidRequest" in e.get("error", "")]

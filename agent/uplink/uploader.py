@@ -244,8 +244,14 @@ class Uploader:
         """A rename: server-side copy from the old key (conditional like a PUT in an HA pair)."""
         src = e.copy_from
         assert src is not None
-        if await self.s3.head(src) is None:
-            # The source went away (deleted behind our back): upload from the cache if we still can.
+        head = await self.s3.head(src)
+        if src == e.path and head is not None and meta_sha(head.get("Metadata")) == e.sha256:
+            # Renamed away and back before the copy ran: the object never left its key (its tombstone waited
+            # for the copy) and S3 refuses a copy onto itself. Nothing to send.
+            return PutResult(head.get("ETag"), head.get("VersionId"))
+        if head is None or src == e.path:
+            # The source went away (deleted behind our back), or its key holds other content: upload from the
+            # cache if we still can.
             await self.db.drop_copy_source(e.path, e.gen)
             return await self._upload(e)
         condition = self._condition(e)
