@@ -47,6 +47,7 @@ CONFLICTS = ".pacsgw-conflicts"  # where an HA box keeps content it must not wri
 class UploadQueue(Protocol):
     """The durable queue (agent.store.catalog through AsyncCatalog): rows to upload, keys to delete."""
 
+    async def get(self, path: str) -> Entry | None: ...
     async def reset_uploading(self) -> int: ...
     async def due_uploads(self, now: float, limit: int) -> list[Entry]: ...
     async def next_due(self) -> float | None: ...
@@ -122,6 +123,12 @@ class Uploader:
         """Upload (or server-side copy) one claimed row; → True when it is clean in S3. body: the file's bytes,
         hashed to e.sha256 by the writer (a write-through file that kept them), sent instead of the cached copy's."""
         async with self.line.slots, self.key_lock(e.path):
+            now = await self.db.get(e.path)
+            if now is None or now.gen != e.gen:
+                # Deleted, renamed away or written again while this waited for its slot: the key's tombstone may
+                # already be done, and an upload now would leave an object nobody deletes.
+                log.info("upload_skipped", path=e.path, reason="superseded before its slot")
+                return False
             t0 = time.monotonic()
             try:
                 result = await self.line.patiently(
