@@ -234,7 +234,7 @@ class Agent:
         log.info("draining", active_writes=self.gateway.active_writes)
         workers = asyncio.create_task(self.workers.stop(drain_seconds + 10)) if self.workers else None
         if self.ftp:
-            self.ftp.server.close()
+            self.ftp.stop_accepting()
         if self.sftp:
             self.sftp.stop_accepting()
         if self.smb:

@@ -58,6 +58,30 @@ def test_status_cli_without_agent(tmp_path):
     assert out.returncode == 3 and "cannot reach the agent" in out.stderr
 
 
+def test_a_session_told_a_passive_port_before_sigterm_hears_421_not_a_refused_connection(agent_factory):
+    """The fleet's key rotation saw it: a PACS that got its PASV answer just before the agent stopped found the
+    data port closed (ConnectionRefusedError: to a PACS, a failed transfer). Its data connection is taken and its
+    STOR answered 421, the drain's word for "try again later"; nothing is stored."""
+    import socket
+
+    agent = agent_factory().start()
+    f = ftplib.FTP(timeout=30)
+    f.connect("127.0.0.1", agent.ftp_port)
+    f.login("pacs", PASSWORD)
+    f.voidcmd("TYPE I")
+    host, port = ftplib.parse227(f.sendcmd("PASV"))
+    agent.proc.send_signal(15)
+    time.sleep(0.5)  # no transfer to wait for: the agent is closing its sessions now
+    with socket.create_connection((host, port), timeout=10) as data:
+        f.putcmd("STOR late.dcm")
+        with pytest.raises(ftplib.error_temp, match="^421"):
+            f.getresp()
+        data.close()
+    f.close()
+    assert agent.proc.wait(60) == 0
+    assert "late.dcm" not in s3_objects(agent.store, agent.prefix)
+
+
 def test_write_back_mode_acks_first_then_drains(agent_factory):
     agent = agent_factory(**{"uplink.write_mode": "back"}).start()
     f = ftplib.FTP(timeout=30)

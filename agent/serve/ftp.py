@@ -68,6 +68,7 @@ RECV_BUFFER = 4 * BLOCK  # an upload in clear is read from its socket into a reu
 SOCKET_TIMEOUT = 120
 REPLY_BUFFER = 64 * 1024  # replies a client left unread before its next command is read
 TLS_HANDSHAKE_TIMEOUT = 30
+PASSIVE_GRACE = 3.0  # on stop: how long a session told a passive port may take to send its transfer command
 
 PATH_COMMANDS = ("cwd", "dele", "list", "nlst", "mkd", "mlsd", "mlst", "rmd", "rnfr", "rnto", "stor", "appe", "retr",
                  "size", "mdtm")
@@ -507,7 +508,8 @@ class FtpServer(aioftp.Server):
         self.passive_ports = range(lo, hi + 1)
         self.roots = {u.name: u.root for u in cfg.users}
         self.tls = tls_context(cfg.ftp.tls_cert, cfg.ftp.tls_key) if cfg.ftp.tls_cert else None
-        self.sessions: set[asyncio.Task[Any]] = set()
+        self.sessions: dict[asyncio.Task[Any], Session] = {}
+        self.draining = False  # the agent stops: no new session, and each session's next command hears 421
         self._buffers: list[bytearray] = []  # receive buffers of finished uploads, for the next ones
         own: dict[str, Handler] = {name: getattr(self, f"on_{name}") for name in OWN_COMMANDS}
         self.immediate: dict[str, Immediate] = {"pasv": self.on_pasv, "epsv": self.on_epsv}
@@ -532,12 +534,11 @@ class FtpServer(aioftp.Server):
             return
         task = asyncio.current_task()
         assert task is not None  # asyncio.start_server runs each connection as a task
-        self.sessions.add(task)
+        session = self.sessions[task] = Session(host, unmapped(writer.get_extra_info("sockname")[0]))
         try:
-            await self._session(reader, writer, host, port,
-                                Session(host, unmapped(writer.get_extra_info("sockname")[0])))
+            await self._session(reader, writer, host, port, session)
         finally:
-            self.sessions.discard(task)
+            del self.sessions[task]
             self.logins.release_session(slot)
 
     async def _session(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, host: str, port: int,
@@ -602,6 +603,9 @@ class FtpServer(aioftp.Server):
             try:
                 while True:
                     cmd, rest = await self._read_command(reader, writer, idle)  # a closed connection raises
+                    if self.draining and not commands:  # RFC 959 allows 421 as the answer to any command
+                        respond("421", "service restarting; try again later")
+                        return
                     now = self.immediate.get(cmd)
                     if now is not None and not commands:  # nothing sent before it is still to answer
                         try:
@@ -631,8 +635,8 @@ class FtpServer(aioftp.Server):
             await ended
             if read.done():
                 read.result()  # the client went away (raises), or a fault of ours
-            else:  # QUIT, or a refusal that ends the session: the last reply leaves first
-                await asyncio.wait_for(writer.drain(), self.socket_timeout)
+            # QUIT, a refusal that ends the session or the drain's 421: the last reply leaves first
+            await asyncio.wait_for(writer.drain(), self.socket_timeout)
         except (ConnectionError, asyncio.IncompleteReadError, TimeoutError, ssl.SSLError, ValueError):
             pass  # the client went away, stayed idle too long, or sent an over-long line
         except asyncio.CancelledError:
@@ -683,9 +687,19 @@ class FtpServer(aioftp.Server):
             self.logins.release_session(session.user_slot)
         session.user, session.user_slot = None, None
 
-    async def close(self) -> None:
-        """Close the sessions left after the drain (their transfers have finished by now), within a bound."""
+    def stop_accepting(self) -> None:
+        self.draining = True
         self.server.close()
+
+    async def close(self) -> None:
+        """Close the sessions left after the drain (their transfers have finished by now), within a bound. A
+        session whose client was just told a passive port waits PASSIVE_GRACE for its transfer command (answered
+        421 over a connection still open): closed at once, the client's data connection was refused, an error
+        a PACS cannot tell from a failed transfer (seen in the fleet's key rotation)."""
+        self.stop_accepting()
+        told = [task for task, session in self.sessions.items() if session.passive is not None]
+        if told:
+            await asyncio.wait(told, timeout=PASSIVE_GRACE)
         tasks = list(self.sessions)
         for t in tasks:
             t.cancel()
