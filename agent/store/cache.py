@@ -83,10 +83,6 @@ class Cache:
         # 512 KiB buffer per read cost ~30 µs of page faults
         self._nowait_buf = bytearray(CHUNK)
 
-    @staticmethod
-    def new_blob() -> str:
-        return secrets.token_hex(16)
-
     def staging_path(self, blob: str) -> str:
         return f"{self._staging_dir}/{blob}"
 
@@ -98,10 +94,11 @@ class Cache:
     def blob_path(self, blob: str) -> Path:
         return Path(self.blob_file(blob))
 
-    def create_staging(self, blob: str) -> int:
-        """Open a new staging file for writing; → fd. Raises NoSpace when the disk is full."""
+    def new_staging(self) -> tuple[str, int]:
+        """A new blob and its staging file, open for writing; → (blob, fd). Raises NoSpace when the disk is full."""
+        blob = secrets.token_hex(16)
         try:
-            return os.open(self.staging_path(blob), os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+            return blob, os.open(self.staging_path(blob), os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         except OSError as e:
             raise _translate(e, blob) from e
 
