@@ -34,7 +34,3 @@ class Bandwidth:
 
     up: TokenBucket
     down: TokenBucket
-
-    @classmethod
-    def limited_to(cls, rate: int) -> Bandwidth:
-        return cls(TokenBucket(rate), TokenBucket(rate))
