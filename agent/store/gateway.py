@@ -234,8 +234,7 @@ class WriteHandle:
         if self._done:
             return
         self._done = True
-        self.gw.write_finished(self)
-        self._drop_body()
+        self._ended()
         self._close_fd()
         self.gw.cache.discard_staging(self.blob)
         log.warning("upload_aborted", path=self.path, protocol=self.protocol, bytes=self.size, reason=reason)
