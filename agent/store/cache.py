@@ -194,11 +194,8 @@ class Cache:
         free = st.f_bavail * st.f_frsize
         return DiskUsage(total=total, used=total - st.f_bfree * st.f_frsize, free=free)
 
-    def iter_blobs(self) -> Iterator[str]:  # blob names on disk
-        for sub in self.data.iterdir():
-            if sub.is_dir():
-                for f in sub.iterdir():
-                    yield f.name
+    def iter_blobs(self) -> Iterator[str]:  # blob names on disk: data/<first two characters>/<blob>
+        return (f.name for f in self.data.glob("*/*"))
 
 
 def sha256_fd(fd: int, also: "xxhash.xxh3_128 | None" = None) -> str:
