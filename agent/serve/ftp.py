@@ -1018,8 +1018,7 @@ class FtpServer(aioftp.Server):
 
     @needs(LOGGED_IN)
     async def on_mkd(self, connection: aioftp.Connection, rest: str) -> bool:
-        path = self._resolve(connection, rest)
-        await self.gateway.mkdir(path, who(connection))
+        await self.gateway.mkdir(self._resolve(connection, rest), who(connection))
         return replied(connection, "257", f"{quoted(str(self.get_paths(connection, rest)[1]))} created")
 
     @needs(LOGGED_IN)

@@ -191,8 +191,7 @@ class Cache:
     def disk_usage(self) -> DiskUsage:
         st = os.statvfs(self.root)
         total = st.f_blocks * st.f_frsize
-        free = st.f_bavail * st.f_frsize
-        return DiskUsage(total=total, used=total - st.f_bfree * st.f_frsize, free=free)
+        return DiskUsage(total=total, used=total - st.f_bfree * st.f_frsize, free=st.f_bavail * st.f_frsize)
 
     def iter_blobs(self) -> Iterator[str]:  # blob names on disk: data/<first two characters>/<blob>
         return (f.name for f in self.data.glob("*/*"))
