@@ -215,8 +215,7 @@ def cmd_hash_password(args: argparse.Namespace) -> int:
 
 def cmd_selfcheck(args: argparse.Namespace) -> int:
     from agent.selfcheck import run_selfcheck
-    cfg = load_or_exit(args.config)
-    report = run_selfcheck(cfg)
+    report = run_selfcheck(load_or_exit(args.config))
     if args.json:
         print(json.dumps(report, indent=2))
     else:

@@ -110,8 +110,7 @@ class Fsck:
         return False
 
     async def _refetch(self, e: Entry) -> None:
-        blob = self.cache.new_blob()
-        fd = self.cache.create_staging(blob)
+        blob, fd = self.cache.new_staging()
         try:
             sha = await download(self.s3, self.cache, e, blob, fd)
         except Exception as exc:  # reported; the next read fetches it again anyway

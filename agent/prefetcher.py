@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -55,12 +55,8 @@ class Plan:
     def as_json(self) -> dict:
         return {"budget_bytes": self.budget_bytes, "window_end": self.window_end,
                 "planned_bytes": sum(d.bytes for d in self.chosen),
-                "chosen": [_dir_json(d) for d in self.chosen], "skipped": [_dir_json(d) for d in self.skipped],
-                "ranked": [{"dir": r.dir, "heat": r.heat, "why": r.why} for r in self.ranked]}
-
-
-def _dir_json(d: PlannedDir) -> dict:
-    return {"dir": d.dir, "heat": d.heat, "why": d.why, "files": d.files, "bytes": d.bytes}
+                "chosen": [asdict(d) for d in self.chosen], "skipped": [asdict(d) for d in self.skipped],
+                "ranked": [asdict(r) for r in self.ranked]}
 
 
 @dataclass

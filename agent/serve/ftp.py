@@ -710,24 +710,23 @@ class FtpServer(aioftp.Server):
 
     async def on_auth(self, connection: aioftp.Connection, rest: str) -> bool:
         if rest.upper() not in ("TLS", "TLS-C", "SSL"):
-            connection.response("504", f"AUTH {rest} not supported; use AUTH TLS")
-        elif self.tls is None:
-            connection.response("502", "TLS is not configured on this server")
-        elif connection.session.tls:
-            connection.response("503", "TLS already active")
-        else:
-            # Stop reading first: the client's TLS hello must reach the TLS layer, not the command parser.
-            stream = connection.command_connection
-            stream.writer.transport.pause_reading()
-            # What the client sent in clear behind AUTH came in with it: drop it, or it would run after the
-            # handshake as if it were protected (RFC 4217 section 11; STARTTLS injection, CVE-2011-0411).
-            pipelined: bytearray = stream.reader._buffer  # asyncio has no public way to drop what it holds
-            if pipelined:
-                log.warning("ftp_pipelined_before_tls_dropped", peer=connection.client_host, bytes=len(pipelined))
-                pipelined.clear()
-            await self.write_response(stream, "234", "AUTH TLS successful")
-            await stream.start_tls(self.tls, server_hostname=None)
-            connection.session.tls = True
+            return replied(connection, "504", f"AUTH {rest} not supported; use AUTH TLS")
+        if self.tls is None:
+            return replied(connection, "502", "TLS is not configured on this server")
+        if connection.session.tls:
+            return replied(connection, "503", "TLS already active")
+        # Stop reading first: the client's TLS hello must reach the TLS layer, not the command parser.
+        stream = connection.command_connection
+        stream.writer.transport.pause_reading()
+        # What the client sent in clear behind AUTH came in with it: drop it, or it would run after the
+        # handshake as if it were protected (RFC 4217 section 11; STARTTLS injection, CVE-2011-0411).
+        pipelined: bytearray = stream.reader._buffer  # asyncio has no public way to drop what it holds
+        if pipelined:
+            log.warning("ftp_pipelined_before_tls_dropped", peer=connection.client_host, bytes=len(pipelined))
+            pipelined.clear()
+        await self.write_response(stream, "234", "AUTH TLS successful")
+        await stream.start_tls(self.tls, server_hostname=None)
+        connection.session.tls = True
         return True
 
     async def on_pbsz(self, connection: aioftp.Connection, rest: str) -> bool:
@@ -737,15 +736,13 @@ class FtpServer(aioftp.Server):
         level, session = rest.upper(), connection.session
         if level == "P" and session.tls:
             session.prot_private = True
-            connection.response("200", "data connections will be protected")
-        elif level == "C" and not self.cfg.ftp.require_tls:
+            return replied(connection, "200", "data connections will be protected")
+        if level == "C" and not self.cfg.ftp.require_tls:
             session.prot_private = False
-            connection.response("200", "data connections in clear")
-        else:
-            connection.response("536" if level in ("C", "P") else "504",
-                                "PROT P after AUTH TLS is required" if self.cfg.ftp.require_tls or level == "P"
-                                else f"PROT {rest} not supported")
-        return True
+            return replied(connection, "200", "data connections in clear")
+        return replied(connection, "536" if level in ("C", "P") else "504",
+                       "PROT P after AUTH TLS is required" if self.cfg.ftp.require_tls or level == "P"
+                       else f"PROT {rest} not supported")
 
     async def on_user(self, connection: aioftp.Connection, rest: str) -> bool:
         if self.cfg.ftp.require_tls and not connection.session.tls:
@@ -1035,8 +1032,7 @@ class FtpServer(aioftp.Server):
 
     @needs(LOGGED_IN)
     async def on_mkd(self, connection: aioftp.Connection, rest: str) -> bool:
-        path = self._resolve(connection, rest)
-        await self.gateway.mkdir(path, who(connection))
+        await self.gateway.mkdir(self._resolve(connection, rest), who(connection))
         return replied(connection, "257", f"{quoted(str(self.get_paths(connection, rest)[1]))} created")
 
     @needs(LOGGED_IN)
@@ -1085,10 +1081,8 @@ class FtpServer(aioftp.Server):
 
     async def on_opts(self, connection: aioftp.Connection, rest: str) -> bool:
         if rest.upper() == "UTF8 ON":
-            connection.response("200", "UTF8 is always on")
-        else:
-            connection.response("501", f"option {rest!r} not supported")
-        return True
+            return replied(connection, "200", "UTF8 is always on")
+        return replied(connection, "501", f"option {rest!r} not supported")
 
     async def on_rest(self, connection: aioftp.Connection, rest: str) -> bool:
         """REST n: the next STOR/RETR starts at byte n. The marker is kept until a transfer command takes it,

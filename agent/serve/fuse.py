@@ -250,8 +250,7 @@ class GatewayFS(pyfuse3.Operations):
         a.st_size = size
         a.st_blksize = 128 * 1024
         a.st_blocks = (size + 511) // 512
-        ns = int(mtime * 1e9)
-        a.st_atime_ns = a.st_mtime_ns = a.st_ctime_ns = ns
+        a.st_atime_ns = a.st_mtime_ns = a.st_ctime_ns = int(mtime * 1e9)
         return a
 
     async def _attrs_of(self, path: str) -> pyfuse3.EntryAttributes:

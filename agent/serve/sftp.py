@@ -32,6 +32,7 @@ from agent.store.paths import resolve
 log = structlog.get_logger("pacsgw.sftp")
 
 T = TypeVar("T")
+H = TypeVar("H", ReadHandle, WriteHandle)
 
 # Handles per SFTP session, files and directories together: a file holds a descriptor (and a staging file when
 # writing), a directory being read its whole listing (1.4 MB for 3 000 names: 400 unclosed ones held 565 MB)
@@ -256,15 +257,10 @@ class _Auth(asyncssh.SSHServer):
         return ok
 
 
-def _reader(file_obj: object) -> ReadHandle:
-    if not isinstance(file_obj, ReadHandle):
-        raise asyncssh.SFTPPermissionDenied("file not opened for reading")
-    return file_obj
-
-
-def _writer(file_obj: object) -> WriteHandle:
-    if not isinstance(file_obj, WriteHandle):
-        raise asyncssh.SFTPPermissionDenied("file not opened for writing")
+def _opened(file_obj: object, kind: type[H], purpose: str) -> H:
+    """The handle a request names, if it was opened for `purpose` (reading or writing)."""
+    if not isinstance(file_obj, kind):
+        raise asyncssh.SFTPPermissionDenied(f"file not opened for {purpose}")
     return file_obj
 
 
@@ -318,7 +314,7 @@ class GatewaySFTP(asyncssh.SFTPServer):
         if isinstance(file_obj, WriteHandle):
             return asyncssh.SFTPAttrs(type=asyncssh.FILEXFER_TYPE_REGULAR, size=file_obj.size,
                                       permissions=st_mode(False))
-        return _attrs(_reader(file_obj).entry)
+        return _attrs(_opened(file_obj, ReadHandle, "reading").entry)
 
     async def setstat(self, path: bytes, attrs: asyncssh.SFTPAttrs) -> None:
         """A size truncates (or extends with zeros) the stored file: a new version is committed. Times and
@@ -333,7 +329,7 @@ class GatewaySFTP(asyncssh.SFTPServer):
     async def fsetstat(self, file_obj: object, attrs: asyncssh.SFTPAttrs) -> None:
         """ftruncate: a size cuts (or extends) the file being written; otherwise see setstat."""
         if attrs.size is not None:
-            await self._call(_writer(file_obj).truncate(attrs.size))
+            await self._call(_opened(file_obj, WriteHandle, "writing").truncate(attrs.size))
 
     def scandir(self, path: bytes) -> AsyncIterator[asyncssh.SFTPName]:
         self._take_handle(path)
@@ -391,10 +387,10 @@ class GatewaySFTP(asyncssh.SFTPServer):
         # asyncssh queues every reply on the channel: the data of a client that opens no window (reads no
         # replies) piled up in the agent without end. Its next READ waits until the replies before have left.
         await self.session.drain(None)
-        return await self._call(_reader(file_obj).read(offset, min(size, MAX_READ)))
+        return await self._call(_opened(file_obj, ReadHandle, "reading").read(offset, min(size, MAX_READ)))
 
     async def write(self, file_obj: object, offset: int, data: bytes) -> int:
-        writer = _writer(file_obj)
+        writer = _opened(file_obj, WriteHandle, "writing")
         # FXF_APPEND: every write goes to the end, whatever offset the client sends (clients send 0)
         await self._call(writer.write(data, None if writer in self.appending else offset))
         return len(data)
@@ -404,7 +400,7 @@ class GatewaySFTP(asyncssh.SFTPServer):
         if isinstance(file_obj, ReadHandle):
             await file_obj.close()
             return
-        writer = _writer(file_obj)
+        writer = _opened(file_obj, WriteHandle, "writing")
         self.appending.discard(writer)
         if self._client_left():
             # The client went away, or ended the SFTP session, before closing: not a completed upload.

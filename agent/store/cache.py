@@ -83,10 +83,6 @@ class Cache:
         # 512 KiB buffer per read cost ~30 µs of page faults
         self._nowait_buf = bytearray(CHUNK)
 
-    @staticmethod
-    def new_blob() -> str:
-        return secrets.token_hex(16)
-
     def staging_path(self, blob: str) -> str:
         return f"{self._staging_dir}/{blob}"
 
@@ -98,10 +94,11 @@ class Cache:
     def blob_path(self, blob: str) -> Path:
         return Path(self.blob_file(blob))
 
-    def create_staging(self, blob: str) -> int:
-        """Open a new staging file for writing; → fd. Raises NoSpace when the disk is full."""
+    def new_staging(self) -> tuple[str, int]:
+        """A new blob and its staging file, open for writing; → (blob, fd). Raises NoSpace when the disk is full."""
+        blob = secrets.token_hex(16)
         try:
-            return os.open(self.staging_path(blob), os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+            return blob, os.open(self.staging_path(blob), os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         except OSError as e:
             raise _translate(e, blob) from e
 
@@ -194,14 +191,10 @@ class Cache:
     def disk_usage(self) -> DiskUsage:
         st = os.statvfs(self.root)
         total = st.f_blocks * st.f_frsize
-        free = st.f_bavail * st.f_frsize
-        return DiskUsage(total=total, used=total - st.f_bfree * st.f_frsize, free=free)
+        return DiskUsage(total=total, used=total - st.f_bfree * st.f_frsize, free=st.f_bavail * st.f_frsize)
 
-    def iter_blobs(self) -> Iterator[str]:  # blob names on disk
-        for sub in self.data.iterdir():
-            if sub.is_dir():
-                for f in sub.iterdir():
-                    yield f.name
+    def iter_blobs(self) -> Iterator[str]:  # blob names on disk: data/<first two characters>/<blob>
+        return (f.name for f in self.data.glob("*/*"))
 
 
 def sha256_fd(fd: int, also: "xxhash.xxh3_128 | None" = None) -> str:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import hashlib
 import os
 from typing import Any, Awaitable, Callable
@@ -59,5 +58,5 @@ async def download(s3: S3Uplink, cache: Cache, e: Entry, blob: str, fd: int,
                               f"expected {e.size} bytes sha256 {expected}")
     if on_verified is not None:
         await on_verified()
-    await asyncio.to_thread(functools.partial(cache.commit, blob, fd, fast.hexdigest(), durable=False))
+    await asyncio.to_thread(cache.commit, blob, fd, fast.hexdigest(), durable=False)
     return h.hexdigest()

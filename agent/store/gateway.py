@@ -234,8 +234,7 @@ class WriteHandle:
         if self._done:
             return
         self._done = True
-        self.gw.write_finished(self)
-        self._drop_body()
+        self._ended()
         self._close_fd()
         self.gw.cache.discard_staging(self.blob)
         log.warning("upload_aborted", path=self.path, protocol=self.protocol, bytes=self.size, reason=reason)
@@ -658,8 +657,7 @@ class Gateway:
                 await self.worm.check_mutable(existing, time.time())
                 if offset < existing.size and not self.allowed(who, "delete"):
                     raise PermissionDenied(path, "replacing a stored file needs the 'delete' permission")
-            blob = self.cache.new_blob()
-            fd = self.cache.create_staging(blob)
+            blob, fd = self.cache.new_staging()
         handle = WriteHandle(self, path, blob, fd, protocol, who)
         self._active_writes += 1
         self._writes_idle.clear()
@@ -886,8 +884,7 @@ class Gateway:
         if self.refusals.fetch:
             log.warning("fetch_refused", path=e.path, reason=self.refusals.fetch)
             raise Unavailable(e.path, f"not in the cache; fetching refused: {self.refusals.fetch}")
-        blob = self.cache.new_blob()
-        fill = _Fill(e, blob, self.cache.create_staging(blob))
+        fill = _Fill(e, *self.cache.new_staging())
         self._fills[e.path] = fill
         asyncio.create_task(self._fetch(fill))
         return fill

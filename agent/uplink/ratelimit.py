@@ -15,13 +15,9 @@ class TokenBucket:
         self._stamp = time.monotonic()
         self._lock = asyncio.Lock()
 
-    @property
-    def unlimited(self) -> bool:
-        return self.rate <= 0
-
     async def acquire(self, n: int) -> None:
         """Wait until n bytes may be sent. Requests larger than the burst go into debt (average kept)."""
-        if self.unlimited or n <= 0:
+        if self.rate <= 0 or n <= 0:  # a rate of 0: unlimited
             return
         async with self._lock:  # FIFO: one waiter at a time keeps large transfers from starving
             now = time.monotonic()
@@ -38,7 +34,3 @@ class Bandwidth:
 
     up: TokenBucket
     down: TokenBucket
-
-    @classmethod
-    def limited_to(cls, rate: int) -> Bandwidth:
-        return cls(TokenBucket(rate), TokenBucket(rate))

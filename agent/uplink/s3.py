@@ -55,7 +55,7 @@ from agent.config import UplinkConfig
 from agent.records import Lock, ObjectMeta, RemoteObject
 from agent.uplink import encoding
 from agent.uplink.encoding import Decoder, encoding_of, logical_size
-from agent.uplink.ratelimit import Bandwidth
+from agent.uplink.ratelimit import Bandwidth, TokenBucket
 
 META_SHA = "sha256"
 GET_CHUNK = 256 * 1024  # a download lands (written, hashed, readers woken) in blocks this large
@@ -278,7 +278,8 @@ _NO_AUTO_HEADERS = ("Content-Type",)  # botocore sends none (the server's defaul
 class S3Uplink:
     def __init__(self, cfg: UplinkConfig, bandwidth: Bandwidth | None = None) -> None:
         self.cfg = cfg
-        self.bandwidth = bandwidth or Bandwidth.limited_to(cfg.bwlimit)  # the line's (agent.uplink.line)
+        # the line's (agent.uplink.line): bwlimit each way
+        self.bandwidth = bandwidth or Bandwidth(TokenBucket(cfg.bwlimit), TokenBucket(cfg.bwlimit))
         self.up_bucket, self.down_bucket = self.bandwidth.up, self.bandwidth.down
         self._stack = contextlib.AsyncExitStack()
         self._client: Any = None  # aiobotocore's S3 client: generated at run time, untyped
