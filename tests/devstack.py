@@ -66,15 +66,18 @@ def free_port() -> int:
     ports = _port_range()
     while True:
         port = random.choice(ports)
-        if port in _handed_out:
-            continue
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:  # in use
-                continue
-        _handed_out.add(port)
-        return port
+        if port not in _handed_out and _bindable(port):
+            _handed_out.add(port)
+            return port
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:  # in use
+            return False
+    return True
 
 
 def _wait_port(port: int, proc: subprocess.Popen, timeout: float, host: str = "127.0.0.1") -> None:
@@ -123,8 +126,7 @@ class ObjectStore:
 
     def _seaweed_cmd(self) -> list[str]:
         if not self._ports:
-            # master, volume, filer; gRPC ports are these + 10000, so keep them low enough.
-            self._ports = [self._low_free_port() for _ in range(3)]
+            self._ports = [self._grpc_paired_port() for _ in range(3)]  # master, volume, filer
         master, volume, filer = self._ports
         cfg = self.data_dir / "s3cfg.json"
         cfg.write_text(json.dumps({"identities": [{
@@ -152,17 +154,23 @@ class ObjectStore:
         ]
 
     @staticmethod
-    def _low_free_port() -> int:
+    def _grpc_paired_port() -> int:
+        """A free port p for weed, whose gRPC port p + 10000 is free and handed out with it: weed refuses to
+        start when one of its ports is another's gRPC port, and another process must not take it meanwhile (so
+        p + 10000 is in this worker's own range, when the range is wide enough for that)."""
+        ports = _port_range()
         while True:
             port = free_port()
-            if port < 55000:
+            grpc = port + 10000
+            if (grpc in ports or len(ports) <= 10000 and grpc < 65536) and grpc not in _handed_out and _bindable(grpc):
+                _handed_out.add(grpc)
                 return port
 
     def start(self, timeout: float = 60.0) -> "ObjectStore":
         self.data_dir.mkdir(parents=True, exist_ok=True)
         (self.data_dir / "data").mkdir(exist_ok=True)
         if not self.s3_port:
-            self.s3_port = self._low_free_port()
+            self.s3_port = self._grpc_paired_port()
         cmd = self._seaweed_cmd() if self.kind == "seaweedfs" else self._rclone_cmd()
         log = open(self.log_path or self.data_dir / f"{self.kind}.log", "ab")
         self._proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
