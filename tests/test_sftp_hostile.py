@@ -39,3 +39,21 @@ def test_directory_handles_count_against_the_open_file_cap(agent_factory):
             assert await sftp.listdir("CT") == ["a.dcm"]
 
     asyncio.run(run())
+
+
+def test_reads_at_absurd_offsets_are_end_of_file(agent_factory):
+    """SFTP offsets are 64-bit: a READ at 2^63 or beyond (past any file) raised OverflowError inside pread, and the
+    client got FX_FAILURE 'Uncaught exception: Python int too large…' instead of EOF."""
+    agent = agent_factory().start()
+
+    async def run() -> None:
+        async with asyncssh.connect("127.0.0.1", agent.sftp_port, username="pacs", password=PASSWORD,
+                                    known_hosts=None) as conn, conn.start_sftp_client() as sftp:
+            async with sftp.open("CT/a.dcm", "wb") as f:
+                await f.write(b"hello")
+            async with sftp.open("CT/a.dcm", "rb") as f:
+                for offset in (5, 1 << 62, (1 << 63) - 1, 1 << 63, (1 << 64) - 1):
+                    assert await f.read(10, offset) == b"", offset  # asyncssh's client: b'' is FX_EOF
+                assert await f.read(10, 0) == b"hello"
+
+    asyncio.run(run())
