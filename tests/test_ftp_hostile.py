@@ -234,7 +234,8 @@ def test_a_transfer_without_data_connection_leaves_nothing_behind(agent_factory)
     assert list(staging.iterdir()) == [] and held() == [] and "e.dcm" not in f.nlst()
     f.sendcmd("PASV")
     f.putcmd("STOR c.dcm")
-    assert f.sendcmd("QUIT").startswith("221")
+    f.putcmd("QUIT")  # the transfer ends first (RFC 959): its 425 after ftp.passive_timeout, then 221
+    assert f.getmultiline().startswith("425") and f.getmultiline().startswith("221")
     g = ftp(agent)
     g.sendcmd("PASV")
     g.putcmd("STOR d.dcm")  # still waiting for its data connection when the agent is stopped
@@ -456,3 +457,25 @@ def test_creatable_and_listable_names():
     for name in ("a\rb", "a\nb", "\x1b[2J", "a\x7fb", "a\x85b"):
         assert name_problem(name), repr(name)
     assert name_problem("études ünd 医学.dcm") is None
+
+
+def test_quit_behind_a_transfer_lets_it_finish(agent_factory):
+    """RFC 959: QUIT while a transfer is in progress keeps the connection open for the transfer's reply, then
+    closes it. A QUIT pipelined behind STOR ran at once: 221, the session ended and the upload being sent was
+    discarded (never a 226, the client's file lost). Now the STOR ends first (226, stored), then 221."""
+    agent = agent_factory().start()
+    f = ftp(agent)
+    f.sock.settimeout(30)
+    for i in range(3):
+        g = ftp(agent) if i else f
+        host, port = ftplib.parse227(g.sendcmd("PASV"))
+        g.sock.sendall(f"STOR q{i}.dcm\r\nQUIT\r\n".encode())  # a client that pipelines its last commands
+        data = socket.create_connection((host, port), timeout=30)
+        assert g.getresp().startswith("150")
+        data.sendall(b"q" * 300_000)
+        data.close()
+        assert [g.getresp()[:3], g.getresp()[:3]] == ["226", "221"]
+        assert g.sock.recv(10) == b""  # and then the connection closes
+    h = ftp(agent)
+    assert sorted(h.nlst()) == ["q0.dcm", "q1.dcm", "q2.dcm"]
+    assert get(h, "q2.dcm") == b"q" * 300_000

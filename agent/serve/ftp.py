@@ -613,6 +613,8 @@ class FtpServer(aioftp.Server):
                         except Exception as exc:
                             failed(exc)
                         continue
+                    if cmd == "quit" and commands:  # RFC 959: a transfer in progress ends (its reply first)
+                        await asyncio.wait(commands)
                     handler = self.handlers.get(cmd)
                     if handler is None:
                         respond("502", f"{cmd[:16].upper()} not implemented")
