@@ -479,3 +479,19 @@ def test_quit_behind_a_transfer_lets_it_finish(agent_factory):
     h = ftp(agent)
     assert sorted(h.nlst()) == ["q0.dcm", "q1.dcm", "q2.dcm"]
     assert get(h, "q2.dcm") == b"q" * 300_000
+
+
+def test_pipelined_logins_take_one_user_slot(agent_factory):
+    """PASS commands pipelined in one session ran side by side: each passed the 'already logged in' check while the
+    first was still checking its password, each took a slot of ftp.max_sessions_per_user and only the last was
+    kept. The others were never given back: two such sessions locked the user out until the agent restarted."""
+    agent = agent_factory(**{"ftp.max_sessions_per_user": 2}).start()
+    for _ in range(2):
+        s = socket.create_connection(("127.0.0.1", agent.ftp_port), timeout=30)
+        s.sendall(b"USER pacs\r\n" + f"PASS {PASSWORD}\r\n".encode() * 3 + b"QUIT\r\n")
+        got = b""
+        while chunk := s.recv(4096):
+            got += chunk
+        s.close()
+        assert got.count(b"230 ") == 1 and got.count(b"503 already logged in") == 2 and b"221 " in got, got
+    wait_for(lambda: [ftp(agent), ftp(agent)])  # both slots free again

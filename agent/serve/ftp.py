@@ -622,7 +622,9 @@ class FtpServer(aioftp.Server):
                     task = asyncio.ensure_future(handler(connection, rest))
                     commands.add(task)
                     task.add_done_callback(settled)
-                    if cmd == "auth":  # nothing sent behind AUTH is read before TLS is up (on_auth drops it)
+                    # nothing sent behind AUTH is read before TLS is up (on_auth drops it); PASS commands side by
+                    # side each took a user slot (all but one leaked: a user locked out until a restart)
+                    if cmd in ("auth", "pass"):
                         await asyncio.wait([task])
             except asyncio.CancelledError:
                 if idle.expired:
