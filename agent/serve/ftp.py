@@ -513,8 +513,6 @@ class FtpServer(aioftp.Server):
         self._buffers: list[bytearray] = []  # receive buffers of finished uploads, for the next ones
         own: dict[str, Handler] = {name: getattr(self, f"on_{name}") for name in OWN_COMMANDS}
         self.immediate: dict[str, Immediate] = {"pasv": self.on_pasv, "epsv": self.on_epsv}
-        # behind a running command they wait their turn as tasks, so replies keep the commands' order
-        own |= {name: _in_turn(command) for name, command in self.immediate.items()}
         handlers: dict[str, Handler] = {name: self.commands_mapping[name] for name in AIOFTP_COMMANDS} | own
         self.handlers = {name: self._guarded(h) if name in PATH_COMMANDS else h for name, h in handlers.items()}
 
@@ -603,18 +601,18 @@ class FtpServer(aioftp.Server):
             try:
                 while True:
                     cmd, rest = await self._read_command(reader, writer, idle)  # a closed connection raises
+                    if cmd != "abor" and commands:  # one at a time, in order (RFC 959): ABOR alone runs beside
+                        await asyncio.wait(commands)  # a transfer; QUIT waits for its reply (the upload is kept)
                     if self.draining and not commands:  # RFC 959 allows 421 as the answer to any command
                         respond("421", "service restarting; try again later")
                         return
                     now = self.immediate.get(cmd)
-                    if now is not None and not commands:  # nothing sent before it is still to answer
+                    if now is not None:
                         try:
                             now(connection, rest)
                         except Exception as exc:
                             failed(exc)
                         continue
-                    if cmd == "quit" and commands:  # RFC 959: a transfer in progress ends (its reply first)
-                        await asyncio.wait(commands)
                     handler = self.handlers.get(cmd)
                     if handler is None:
                         respond("502", f"{cmd[:16].upper()} not implemented")
@@ -622,9 +620,7 @@ class FtpServer(aioftp.Server):
                     task = asyncio.ensure_future(handler(connection, rest))
                     commands.add(task)
                     task.add_done_callback(settled)
-                    # nothing sent behind AUTH is read before TLS is up (on_auth drops it); PASS commands side by
-                    # side each took a user slot (all but one leaked: a user locked out until a restart)
-                    if cmd in ("auth", "pass"):
+                    if cmd == "auth":  # nothing sent behind AUTH is read before TLS is up (on_auth drops it)
                         await asyncio.wait([task])
             except asyncio.CancelledError:
                 if idle.expired:
@@ -1116,14 +1112,6 @@ class FtpServer(aioftp.Server):
         """MLST (aioftp's handler)."""
         e = await connection.path_io.entry(path)
         return f"Type=unknown; {path.name}" if e is None else _mlsx(e, path.name)
-
-
-def _in_turn(command: Immediate) -> Handler:
-    """An Immediate command as a task's coroutine, for when it must wait for the commands sent before it."""
-    async def run(connection: aioftp.Connection, rest: str) -> bool:
-        command(connection, rest)
-        return True
-    return run
 
 
 def _reply(code: str, lines: list[str], as_list: bool, encoding: str) -> bytes:
