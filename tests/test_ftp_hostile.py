@@ -10,6 +10,7 @@ import os
 import random
 import socket
 import ssl
+import struct
 import threading
 import time
 
@@ -518,3 +519,24 @@ def test_pipelined_commands_run_one_at_a_time_in_order(agent_factory):
     assert [line[:3] for line in got.decode().splitlines()] == [
         "220", "331", "230", "257", "200", "350", "250", "350", "250", "213", "250", "257", "250", "257", "221"], got
     assert sorted(f.nlst()) == ["b.dcm", "d1"] and get(f, "b.dcm") == b"a.dcm"
+
+
+def test_connections_reset_during_login_give_their_user_slot_back(agent_factory):
+    """A connection reset while its PASS was taking a slot of ftp.max_sessions_per_user: the session's end cancelled
+    the PASS, the slot was taken all the same on the guard's thread, and nobody gave it back. A client whose logins
+    get cut (a reconnect storm, a hostile client with the password) locked the user out until the agent restarted."""
+    agent = agent_factory(**{"ftp.max_sessions_per_user": 2}).start()
+    started = time.monotonic()
+    ftp(agent).quit()
+    login = time.monotonic() - started
+    rng = random.Random(7)
+    for _ in range(200):
+        s = socket.create_connection(("127.0.0.1", agent.ftp_port), timeout=30)
+        s.recv(100)
+        s.sendall(f"USER pacs\r\nPASS {PASSWORD}\r\n".encode())
+        time.sleep(rng.uniform(0, login * 1.2))  # the reset lands somewhere in the login
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        s.close()
+    sessions = wait_for(lambda: [ftp(agent), ftp(agent)])  # both slots free again
+    for f in sessions:
+        f.quit()

@@ -765,7 +765,12 @@ class FtpServer(aioftp.Server):
         if not ok:
             return replied(connection, "530", "wrong user or password")
         name, cap = connection.user.login, self.cfg.ftp.max_sessions_per_user
-        slot = await guard.take_session("user", name, cap)
+        take = asyncio.ensure_future(guard.take_session("user", name, cap))
+        try:
+            slot = await asyncio.shield(take)
+        except asyncio.CancelledError:  # the session ended meanwhile: the slot (taken on the guard's thread) goes back
+            take.add_done_callback(lambda _: take.exception() or guard.release_session(take.result() or 0))
+            raise
         if slot is None:
             contract.refuse_session(self.gateway, "ftp", who(connection),
                                     f"too many sessions for user {name} (limit {cap})")
