@@ -10,6 +10,7 @@ import os
 import random
 import socket
 import ssl
+import struct
 import threading
 import time
 
@@ -234,11 +235,12 @@ def test_a_transfer_without_data_connection_leaves_nothing_behind(agent_factory)
     assert list(staging.iterdir()) == [] and held() == [] and "e.dcm" not in f.nlst()
     f.sendcmd("PASV")
     f.putcmd("STOR c.dcm")
-    assert f.sendcmd("QUIT").startswith("221")
+    f.putcmd("QUIT")  # the transfer ends first (RFC 959): its 425 after ftp.passive_timeout, then 221
+    assert f.getmultiline().startswith("425") and f.getmultiline().startswith("221")
     g = ftp(agent)
     g.sendcmd("PASV")
     g.putcmd("STOR d.dcm")  # still waiting for its data connection when the agent is stopped
-    assert g.sendcmd("NOOP").startswith("200")
+    time.sleep(0.5)  # read by then (a NOOP would now wait for the STOR's reply: commands run one at a time)
     agent.stop()
     assert agent.events("stopped")[0]["drained"] is True
     assert list(staging.iterdir()) == []
@@ -456,3 +458,85 @@ def test_creatable_and_listable_names():
     for name in ("a\rb", "a\nb", "\x1b[2J", "a\x7fb", "a\x85b"):
         assert name_problem(name), repr(name)
     assert name_problem("études ünd 医学.dcm") is None
+
+
+def test_quit_behind_a_transfer_lets_it_finish(agent_factory):
+    """RFC 959: QUIT while a transfer is in progress keeps the connection open for the transfer's reply, then
+    closes it. A QUIT pipelined behind STOR ran at once: 221, the session ended and the upload being sent was
+    discarded (never a 226, the client's file lost). Now the STOR ends first (226, stored), then 221."""
+    agent = agent_factory().start()
+    f = ftp(agent)
+    f.sock.settimeout(30)
+    for i in range(3):
+        g = ftp(agent) if i else f
+        host, port = ftplib.parse227(g.sendcmd("PASV"))
+        g.sock.sendall(f"STOR q{i}.dcm\r\nQUIT\r\n".encode())  # a client that pipelines its last commands
+        data = socket.create_connection((host, port), timeout=30)
+        assert g.getresp().startswith("150")
+        data.sendall(b"q" * 300_000)
+        data.close()
+        assert [g.getresp()[:3], g.getresp()[:3]] == ["226", "221"]
+        assert g.sock.recv(10) == b""  # and then the connection closes
+    h = ftp(agent)
+    assert sorted(h.nlst()) == ["q0.dcm", "q1.dcm", "q2.dcm"]
+    assert get(h, "q2.dcm") == b"q" * 300_000
+
+
+def test_pipelined_logins_take_one_user_slot(agent_factory):
+    """PASS commands pipelined in one session ran side by side: each passed the 'already logged in' check while the
+    first was still checking its password, each took a slot of ftp.max_sessions_per_user and only the last was
+    kept. The others were never given back: two such sessions locked the user out until the agent restarted."""
+    agent = agent_factory(**{"ftp.max_sessions_per_user": 2}).start()
+    for _ in range(2):
+        s = socket.create_connection(("127.0.0.1", agent.ftp_port), timeout=30)
+        s.sendall(b"USER pacs\r\n" + f"PASS {PASSWORD}\r\n".encode() * 3 + b"QUIT\r\n")
+        got = b""
+        while chunk := s.recv(4096):
+            got += chunk
+        s.close()
+        assert got.count(b"230 ") == 1 and got.count(b"503 already logged in") == 2 and b"221 " in got, got
+    wait_for(lambda: [ftp(agent), ftp(agent)])  # both slots free again
+
+
+def test_pipelined_commands_run_one_at_a_time_in_order(agent_factory):
+    """Commands sent without waiting for replies ran side by side: RNTO ran before its RNFR had set the name (503),
+    RMD before the MKD it follows (550), DELE before the rename, and the replies came out of order (NOOP's 200 before
+    MKD's 257), so a client pairing replies with its commands took one result for another. A pipelined RNFR a,
+    RNTO b, RNFR c, RNTO d could rename c to b. Each command now ends before the next is read; ABOR still runs
+    beside a transfer."""
+    agent = agent_factory().start()
+    f = ftp(agent)
+    for name in ("a.dcm", "c.dcm"):
+        f.storbinary(f"STOR {name}", io.BytesIO(name.encode()))
+    s = socket.create_connection(("127.0.0.1", agent.ftp_port), timeout=30)
+    cmds = ["USER pacs", f"PASS {PASSWORD}", "MKD d1", "NOOP", "RNFR a.dcm", "RNTO b.dcm", "RNFR c.dcm", "RNTO d.dcm",
+            "SIZE b.dcm", "DELE d.dcm", "MKD d2", "RMD d2", "PWD", "QUIT"]
+    s.sendall("".join(f"{c}\r\n" for c in cmds).encode())
+    got = b""
+    while chunk := s.recv(4096):
+        got += chunk
+    s.close()
+    assert [line[:3] for line in got.decode().splitlines()] == [
+        "220", "331", "230", "257", "200", "350", "250", "350", "250", "213", "250", "257", "250", "257", "221"], got
+    assert sorted(f.nlst()) == ["b.dcm", "d1"] and get(f, "b.dcm") == b"a.dcm"
+
+
+def test_connections_reset_during_login_give_their_user_slot_back(agent_factory):
+    """A connection reset while its PASS was taking a slot of ftp.max_sessions_per_user: the session's end cancelled
+    the PASS, the slot was taken all the same on the guard's thread, and nobody gave it back. A client whose logins
+    get cut (a reconnect storm, a hostile client with the password) locked the user out until the agent restarted."""
+    agent = agent_factory(**{"ftp.max_sessions_per_user": 2}).start()
+    started = time.monotonic()
+    ftp(agent).quit()
+    login = time.monotonic() - started
+    rng = random.Random(7)
+    for _ in range(200):
+        s = socket.create_connection(("127.0.0.1", agent.ftp_port), timeout=30)
+        s.recv(100)
+        s.sendall(f"USER pacs\r\nPASS {PASSWORD}\r\n".encode())
+        time.sleep(rng.uniform(0, login * 1.2))  # the reset lands somewhere in the login
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        s.close()
+    sessions = wait_for(lambda: [ftp(agent), ftp(agent)])  # both slots free again
+    for f in sessions:
+        f.quit()

@@ -8,7 +8,7 @@ import asyncssh
 import pytest
 
 from agent.serve.sftp import MAX_OPEN_FILES
-from harness import PASSWORD
+from harness import PASSWORD, s3_objects
 
 
 def test_directory_handles_count_against_the_open_file_cap(agent_factory):
@@ -39,3 +39,52 @@ def test_directory_handles_count_against_the_open_file_cap(agent_factory):
             assert await sftp.listdir("CT") == ["a.dcm"]
 
     asyncio.run(run())
+
+
+def test_reads_at_absurd_offsets_are_end_of_file(agent_factory):
+    """SFTP offsets are 64-bit: a READ at 2^63 or beyond (past any file) raised OverflowError inside pread, and the
+    client got FX_FAILURE 'Uncaught exception: Python int too large…' instead of EOF."""
+    agent = agent_factory().start()
+
+    async def run() -> None:
+        async with asyncssh.connect("127.0.0.1", agent.sftp_port, username="pacs", password=PASSWORD,
+                                    known_hosts=None) as conn, conn.start_sftp_client() as sftp:
+            async with sftp.open("CT/a.dcm", "wb") as f:
+                await f.write(b"hello")
+            async with sftp.open("CT/a.dcm", "rb") as f:
+                for offset in (5, 1 << 62, (1 << 63) - 1, 1 << 63, (1 << 64) - 1):
+                    assert await f.read(10, offset) == b"", offset  # asyncssh's client: b'' is FX_EOF
+                assert await f.read(10, 0) == b"hello"
+
+    asyncio.run(run())
+
+
+def test_a_close_sent_before_the_clients_eof_stores_the_file(agent_factory):
+    """A client that pipelines OPEN, WRITE, CLOSE and then ends its side of the channel (EOF, as `sftp.exit()` does)
+    got OK for its CLOSE while the agent discarded the file: its EOF had arrived by the time the CLOSE was served,
+    and the CLOSE was taken for asyncssh closing the handles of an ended session. 4 of 5 acknowledged uploads lost.
+    Now only the handles asyncssh closes after the client's last request are discarded."""
+    agent = agent_factory().start()
+
+    async def run() -> list[str]:
+        async with asyncssh.connect("127.0.0.1", agent.sftp_port, username="pacs", password=PASSWORD,
+                                    known_hosts=None) as conn:
+            stored = []
+            for i in range(5):
+                raw = (await conn.start_sftp_client())._handler
+                flags = asyncssh.FXF_WRITE | asyncssh.FXF_CREAT | asyncssh.FXF_TRUNC
+                h = await raw.open(f"f{i}.dcm".encode(), flags, asyncssh.SFTPAttrs())
+                write = asyncio.ensure_future(raw.write(h, 0, b"x" * 200_000))
+                close = asyncio.ensure_future(raw.close(h))
+                await asyncio.sleep(0)  # both requests sent, then the EOF right behind them
+                raw._writer.write_eof()
+                await write
+                await close  # OK: an acknowledged upload
+                stored.append(f"f{i}.dcm")
+            async with conn.start_sftp_client() as sftp:
+                assert sorted(await sftp.listdir(".")) == stored
+            return stored
+
+    stored = asyncio.run(run())
+    agent.wait_drained()
+    assert sorted(s3_objects(agent.store, agent.prefix)) == stored

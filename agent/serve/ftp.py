@@ -513,8 +513,6 @@ class FtpServer(aioftp.Server):
         self._buffers: list[bytearray] = []  # receive buffers of finished uploads, for the next ones
         own: dict[str, Handler] = {name: getattr(self, f"on_{name}") for name in OWN_COMMANDS}
         self.immediate: dict[str, Immediate] = {"pasv": self.on_pasv, "epsv": self.on_epsv}
-        # behind a running command they wait their turn as tasks, so replies keep the commands' order
-        own |= {name: _in_turn(command) for name, command in self.immediate.items()}
         handlers: dict[str, Handler] = {name: self.commands_mapping[name] for name in AIOFTP_COMMANDS} | own
         self.handlers = {name: self._guarded(h) if name in PATH_COMMANDS else h for name, h in handlers.items()}
 
@@ -603,11 +601,13 @@ class FtpServer(aioftp.Server):
             try:
                 while True:
                     cmd, rest = await self._read_command(reader, writer, idle)  # a closed connection raises
+                    if cmd != "abor" and commands:  # one at a time, in order (RFC 959): ABOR alone runs beside
+                        await asyncio.wait(commands)  # a transfer; QUIT waits for its reply (the upload is kept)
                     if self.draining and not commands:  # RFC 959 allows 421 as the answer to any command
                         respond("421", "service restarting; try again later")
                         return
                     now = self.immediate.get(cmd)
-                    if now is not None and not commands:  # nothing sent before it is still to answer
+                    if now is not None:
                         try:
                             now(connection, rest)
                         except Exception as exc:
@@ -765,7 +765,12 @@ class FtpServer(aioftp.Server):
         if not ok:
             return replied(connection, "530", "wrong user or password")
         name, cap = connection.user.login, self.cfg.ftp.max_sessions_per_user
-        slot = await guard.take_session("user", name, cap)
+        take = asyncio.ensure_future(guard.take_session("user", name, cap))
+        try:
+            slot = await asyncio.shield(take)
+        except asyncio.CancelledError:  # the session ended meanwhile: the slot (taken on the guard's thread) goes back
+            take.add_done_callback(lambda _: take.exception() or guard.release_session(take.result() or 0))
+            raise
         if slot is None:
             contract.refuse_session(self.gateway, "ftp", who(connection),
                                     f"too many sessions for user {name} (limit {cap})")
@@ -1112,14 +1117,6 @@ class FtpServer(aioftp.Server):
         """MLST (aioftp's handler)."""
         e = await connection.path_io.entry(path)
         return f"Type=unknown; {path.name}" if e is None else _mlsx(e, path.name)
-
-
-def _in_turn(command: Immediate) -> Handler:
-    """An Immediate command as a task's coroutine, for when it must wait for the commands sent before it."""
-    async def run(connection: aioftp.Connection, rest: str) -> bool:
-        command(connection, rest)
-        return True
-    return run
 
 
 def _reply(code: str, lines: list[str], as_list: bool, encoding: str) -> bytes:

@@ -106,6 +106,14 @@ class _Session(SSHServerStreamSession[bytes]):
     def __init__(self, owner: _Auth, sftp_factory: type[GatewaySFTP]) -> None:
         super().__init__(None, functools.partial(sftp_factory, session=self), asyncssh.sftp.MIN_SFTP_VERSION)
         self.owner = owner
+        self.ended = False  # the SFTP loop read the client's EOF: no request of the client comes any more
+
+    async def read(self, datatype: asyncssh.DataType, n: int, exact: bool) -> bytes:
+        try:
+            return await super().read(datatype, n, exact)
+        except asyncio.IncompleteReadError:
+            self.ended = True
+            raise
 
     def connection_lost(self, exc: Exception | None) -> None:
         super().connection_lost(exc)
@@ -412,10 +420,10 @@ class GatewaySFTP(asyncssh.SFTPServer):
         """Whether this close comes from asyncssh ending the session, not from the client's CLOSE.
 
         asyncssh closes every handle still open when the session ends, through the same close() as a CLOSE
-        request; the channel tells them apart: the client's EOF (it left the SFTP subsystem) or our side
-        closing (it vanished). asyncssh has no public accessor for the receive state, hence the attribute.
+        request: after its loop read the client's EOF (it left the SFTP subsystem), or with the channel closing
+        (it vanished). The channel's EOF alone said nothing: a CLOSE sent just before it was served after it.
         """
-        return self.channel.is_closing() or getattr(self.channel, "_recv_state", "open") != "open"
+        return self.channel.is_closing() or self.session.ended
 
     async def fsync(self, file_obj: object) -> None:
         """fsync@openssh.com: flush what was written so far to the staging file (the commit does the rest)."""

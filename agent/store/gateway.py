@@ -311,6 +311,8 @@ class ReadHandle:
         return self.size if self._digest is None else self._checked
 
     async def read(self, offset: int, length: int) -> bytes:
+        if offset >= self.size:  # EOF, also at an SFTP offset of 2^63 or more (pread raised OverflowError)
+            return b""
         end = min(offset + length, self.size)
         if self.fill is not None:
             await self._landed(self.fill, offset, end)
