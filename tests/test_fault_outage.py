@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from faultkit import Ingest, catalog_rows, wait_for
+from faultkit import Ingest, catalog_rows, ftp_login, ftp_put, wait_for
 from harness import s3_objects, sha256
 
 OUTAGE_SECONDS = 30
@@ -117,20 +117,13 @@ def test_a_directory_renamed_away_and_back_while_the_store_is_down_is_stored_onc
     a row whose copy source is its own key. S3 refuses a copy onto itself (InvalidRequest), so the row was
     retried for ever and the queue never drained. The object never left its key: the row is clean again with no
     copy, and C holds nothing."""
-    import ftplib
-    import io
-
-    from harness import PASSWORD
-
     store = private_seaweed
     a = agent_factory(store).start()
-    f = ftplib.FTP(timeout=60)
-    f.connect("127.0.0.1", a.ftp_port)
-    f.login("pacs", PASSWORD)
-    f.storbinary("STOR CT/x.dcm", io.BytesIO(b"x" * 100))
+    f = ftp_login(a)
+    ftp_put(f, "CT/x.dcm", b"x" * 100)
     a.wait_drained(60)
     store.stop()
-    f.storbinary("STOR CT/y.dcm", io.BytesIO(b"y" * 100))  # its write-through PUT finds the line down
+    ftp_put(f, "CT/y.dcm", b"y" * 100)  # its write-through PUT finds the line down
     wait_for(lambda: not a.health()["uplink"]["reachable"], 60, what="the line to be down")
     f.rename("CT", "MR")
     f.rename("MR", "CT")

@@ -64,10 +64,10 @@ def test_a_session_told_a_passive_port_before_sigterm_hears_421_not_a_refused_co
     STOR answered 421, the drain's word for "try again later"; nothing is stored."""
     import socket
 
+    from faultkit import ftp_login
+
     agent = agent_factory().start()
-    f = ftplib.FTP(timeout=30)
-    f.connect("127.0.0.1", agent.ftp_port)
-    f.login("pacs", PASSWORD)
+    f = ftp_login(agent, timeout=30)
     f.voidcmd("TYPE I")
     host, port = ftplib.parse227(f.sendcmd("PASV"))
     agent.proc.send_signal(15)

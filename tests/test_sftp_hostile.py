@@ -8,6 +8,7 @@ import asyncssh
 import pytest
 
 from agent.serve.sftp import MAX_OPEN_FILES
+from faultkit import sftp_put, sftp_session
 from harness import PASSWORD, s3_objects
 
 
@@ -47,10 +48,8 @@ def test_reads_at_absurd_offsets_are_end_of_file(agent_factory):
     agent = agent_factory().start()
 
     async def run() -> None:
-        async with asyncssh.connect("127.0.0.1", agent.sftp_port, username="pacs", password=PASSWORD,
-                                    known_hosts=None) as conn, conn.start_sftp_client() as sftp:
-            async with sftp.open("CT/a.dcm", "wb") as f:
-                await f.write(b"hello")
+        async with sftp_session(agent) as sftp:
+            await sftp_put(sftp, "CT/a.dcm", b"hello")
             async with sftp.open("CT/a.dcm", "rb") as f:
                 for offset in (5, 1 << 62, (1 << 63) - 1, 1 << 63, (1 << 64) - 1):
                     assert await f.read(10, offset) == b"", offset  # asyncssh's client: b'' is FX_EOF

@@ -3,12 +3,11 @@ SeaweedFS): the delete's tombstone may be carried out before the slot frees, so 
 
 from __future__ import annotations
 
-import ftplib
-import io
 import os
 import time
 
-from harness import PASSWORD, s3_objects
+from faultkit import ftp_login, ftp_put
+from harness import s3_objects
 
 
 def test_a_file_renamed_while_its_upload_waits_for_a_slot_leaves_no_object_under_the_old_name(agent_factory):
@@ -19,11 +18,9 @@ def test_a_file_renamed_while_its_upload_waits_for_a_slot_leaves_no_object_under
     passing name)."""
     agent = agent_factory(**{"uplink.write_mode": "back", "uplink.max_concurrency": 1,
                              "uplink.bwlimit": "2MB"}).start()
-    f = ftplib.FTP(timeout=30)
-    f.connect("127.0.0.1", agent.ftp_port)
-    f.login("pacs", PASSWORD)
-    f.storbinary("STOR big.bin", io.BytesIO(os.urandom(6 * 1024 * 1024)))
-    f.storbinary("STOR small.dcm", io.BytesIO(b"small"))
+    f = ftp_login(agent, timeout=30)
+    ftp_put(f, "big.bin", os.urandom(6 * 1024 * 1024))
+    ftp_put(f, "small.dcm", b"small")
     time.sleep(0.5)  # the dispatcher claims small.dcm (its upload then waits for big.bin's slot)
     f.rename("small.dcm", "moved.dcm")
     f.quit()
