@@ -27,6 +27,7 @@ class FaultProxy:
         self.upstream = upstream.rstrip("/")
         self.port = free_port()
         self.fail_puts = 0  # answer the next N PUT requests with 500
+        self.fail_gets = 0  # answer the next N object GETs (not listings: path-style /bucket/key) with 500
         self.fail_all = False  # answer every request with 500 (a server that keeps failing)
         self.injected: list[str] = []
         self.hold_puts = threading.Event()  # set: PUTs wait (forwarded once it is cleared) …
@@ -70,6 +71,9 @@ class FaultProxy:
             return True
         if request.method == "PUT" and self.fail_puts > 0:
             self.fail_puts -= 1
+            return True
+        if request.method == "GET" and "/" in request.path.strip("/") and self.fail_gets > 0:
+            self.fail_gets -= 1
             return True
         return False
 

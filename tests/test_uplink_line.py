@@ -81,3 +81,36 @@ def test_one_5xx_is_retried_and_sustained_failure_is_an_outage(agent_factory, se
     a.wait_drained(60)
     assert s3_objects(seaweed, a.prefix)["CT/d/later.dcm"]["sha256"] == sha256(later)
     ftp.quit()
+
+
+def test_a_cold_read_waits_out_a_few_5xx_and_hears_451_when_they_go_on(agent_factory, seaweed, proxy):
+    """A GET answered 500 InternalError (a SeaweedFS whose volumes are not back yet a moment after a restart
+    does this; the proxy injects it here on demand) is retried a few times within the read: the viewer gets its
+    file. A server that keeps failing GETs ends the read with FTP 451 (try later), not a hang or a 550."""
+    import ftplib
+    import io
+
+    from harness import BUCKET
+
+    a = agent_factory(**{"uplink.endpoint_url": proxy.endpoint_url}).start()
+    data = {name: payload(name, 300_000) for name in ("CT/first.dcm", "CT/second.dcm")}
+    for path, body in data.items():
+        seaweed.client().put_object(Bucket=BUCKET, Key=a.prefix + path, Body=body)
+    ftp = ftp_login(a)
+    assert sorted(ftp.nlst("CT")) == ["first.dcm", "second.dcm"]  # listed before the fault
+
+    proxy.fail_gets = 2
+    out = io.BytesIO()
+    assert ftp.retrbinary("RETR CT/first.dcm", out.write).startswith("226")
+    assert out.getvalue() == data["CT/first.dcm"]
+    assert [r.split("?")[0] for r in proxy.injected] == [f"GET /{BUCKET}/{a.prefix}CT/first.dcm"] * 2
+    assert len(a.events("uplink_server_error")) == 2
+
+    proxy.fail_gets = 1000
+    with pytest.raises(ftplib.error_temp, match="^451"):
+        ftp.retrbinary("RETR CT/second.dcm", io.BytesIO().write)
+    proxy.fail_gets = 0
+    out = io.BytesIO()
+    assert ftp.retrbinary("RETR CT/second.dcm", out.write).startswith("226")
+    assert out.getvalue() == data["CT/second.dcm"]
+    ftp.quit()

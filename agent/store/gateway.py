@@ -46,6 +46,7 @@ from agent.store.errors import (
 from agent.store.evictor import Evictor
 from agent.store.fetch import download
 from agent.store.paths import ancestors, check_creatable, name_problem, parent_of
+from agent.uplink.line import SERVER_ERROR_RETRIES
 from agent.uplink.s3 import S3Uplink, error_code
 from agent.uplink.uploader import Uploader
 
@@ -911,7 +912,7 @@ class Gateway:
             async with self.line.slots:  # fetches share the line's concurrency with uploads
                 sha = await self.line.patiently(
                     lambda: download(self.s3, self.cache, e, fill.blob, fill.fd, landed, verified, started,
-                                     fill.lock), e.path)
+                                     fill.lock), e.path, server_errors=SERVER_ERROR_RETRIES)
             if not await self.db.set_cached(e.path, e.gen, fill.blob, sha):
                 self.cache.remove(fill.blob)  # the file changed meanwhile; this copy is stale
             self.metrics.fetched_bytes.inc(fill.written)

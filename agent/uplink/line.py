@@ -5,7 +5,7 @@ called down only on sustained failure: FAILURES_TO_DOWN requests in a row failin
 or the probes that one such failure starts) with no answer between. One S3 5xx or one dropped connection is
 retried, not an outage: a down line degrades the box to write-back, and an HA box gives up its address for it.
 A probe marks the line up again. A server that only asks us to slow down (503 SlowDown, 429) is up:
-`patiently` retries those calls with backoff.
+`patiently` retries those calls with backoff (and, for a caller that asks, a few other 5xx answers).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import structlog
 
 from agent.metrics import Metrics
 from agent.uplink.ratelimit import Bandwidth
-from agent.uplink.s3 import error_code, is_throttled, is_unreachable
+from agent.uplink.s3 import error_code, is_server_error, is_throttled, is_unreachable
 
 log = structlog.get_logger("pacsgw.uplink")
 
@@ -29,6 +29,7 @@ FAILURES_TO_DOWN = 3  # unreachable failures in a row (transfers and confirming 
 CONFIRM_INTERVAL = 0.5  # after a failure, probe this often until the line answers or is called down
 CHECK_TIMEOUT = 3.0  # a pooled connection into a dead line waits the whole read timeout: a probe answers sooner
 THROTTLE_RETRIES = 6  # about 0.2 + 0.4 + ... + 6.4 s (jittered) before the queue's own backoff takes over
+SERVER_ERROR_RETRIES = 5  # a reader's GET answered 500/502/503/504: about 0.25 + 0.5 + 1 + 2 + 2 s, then "unavailable"
 T = TypeVar("T")
 
 
@@ -175,16 +176,21 @@ class Line:
                 continue
             self.answered()
 
-    async def patiently(self, call: Callable[[], Awaitable[T]], what: str) -> T:
-        """call(), again after a jittered backoff while the server answers 'slow down'; other errors pass."""
-        attempt = 0
+    async def patiently(self, call: Callable[[], Awaitable[T]], what: str, server_errors: int = 0) -> T:
+        """call(), again after a jittered backoff while the server answers 'slow down'; up to server_errors
+        times also after another 5xx it answered (a reader waits that out; the upload queue does not ask: it
+        has its own retries, and those failures count towards calling the line down); other errors pass."""
+        throttled = failed = 0
         while True:
             try:
                 return await call()
             except Exception as exc:
-                if not is_throttled(exc) or attempt == THROTTLE_RETRIES:
+                if is_throttled(exc) and throttled < THROTTLE_RETRIES:
+                    delay, throttled = backoff(throttled, base=0.2, cap=10.0), throttled + 1
+                    log.info("uplink_throttled", path=what, error=error_code(exc), retry_in=round(delay, 2))
+                elif is_server_error(exc) and failed < server_errors:
+                    delay, failed = backoff(failed, base=0.25, cap=2.0), failed + 1
+                    log.info("uplink_server_error", path=what, error=error_code(exc), retry_in=round(delay, 2))
+                else:
                     raise
-                delay = backoff(attempt, base=0.2, cap=10.0)
-                log.info("uplink_throttled", path=what, error=error_code(exc), retry_in=round(delay, 2))
                 await asyncio.sleep(delay)
-                attempt += 1

@@ -106,6 +106,14 @@ def is_throttled(exc: BaseException) -> bool:
     return status == 429 or exc.response.get("Error", {}).get("Code") in THROTTLE_CODES
 
 
+def is_server_error(exc: BaseException) -> bool:
+    """True when the server answered with a 5xx other than 'slow down' (500 InternalError, 502, 503, 504): it
+    is there but failed this request, as a SeaweedFS does for a few seconds after a restart."""
+    if not isinstance(exc, ClientError) or is_throttled(exc):
+        return False
+    return int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)) >= 500
+
+
 def is_unreachable(exc: BaseException) -> bool:
     """True when the failure says 'the line or the server is down' rather than 'the request was bad'."""
     if is_throttled(exc):
