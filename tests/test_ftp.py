@@ -41,6 +41,16 @@ def test_size_mdtm_mlsd_list_and_rest_retr(agent_factory):
     lines: list[str] = []
     f.retrlines("LIST CT/2026-11-23", lines.append)
     assert len(lines) == 1 and lines[0].split()[4] == "2007" and lines[0].endswith(" 2.dcm"), lines
+    # ls options, as many clients send them (`ls -l` in Windows ftp.exe, scripts' `LIST -la`): ignored, as vsftpd
+    # and proftpd do; the path after them is listed.
+    with_options: list[str] = []
+    f.retrlines("LIST -la CT/2026-11-23", with_options.append)
+    assert with_options == lines
+    f.cwd("CT/2026-11-23")
+    assert f.nlst("-a") == ["2.dcm"]
+    f.retrlines("LIST -al", with_options.append)
+    assert with_options == lines * 2
+    f.cwd("/")
     assert get(f, "CT/2026-11-23/2.dcm", rest=7) == data[7:]  # REST + RETR: a download resumed
     f.quit()
 

@@ -1000,7 +1000,7 @@ class FtpServer(aioftp.Server):
     @needs(LOGGED_IN)
     async def on_list(self, connection: aioftp.Connection, rest: str) -> bool:
         """aioftp's LIST line format."""
-        return await self._listing(connection, rest, "list transfer done", lambda e: " ".join((
+        return await self._listing(connection, _ls_path(rest), "list transfer done", lambda e: " ".join((
             stat.filemode(st_mode(e.is_dir)), "1", "none", "none", str(e.size), self.build_list_mtime(e.mtime),
             e.name)))
 
@@ -1010,7 +1010,7 @@ class FtpServer(aioftp.Server):
 
     @needs(LOGGED_IN)
     async def on_nlst(self, connection: aioftp.Connection, rest: str) -> bool:
-        return await self._listing(connection, rest, "name list done", lambda e: e.name)
+        return await self._listing(connection, _ls_path(rest), "name list done", lambda e: e.name)
 
     async def _listing(self, connection: aioftp.Connection, rest: str, done: str, line: Callable[[Entry], str]) -> bool:
         """One line per entry of a directory over the data connection, in BLOCK-sized writes (aioftp wrote and
@@ -1129,6 +1129,12 @@ def _reply(code: str, lines: list[str], as_list: bool, encoding: str) -> bytes:
         *body, tail = lines
         text = [*(f"{code}-{line}" for line in body), f"{code} {tail}"]
     return "".join(line + END_OF_LINE for line in text).encode(encoding)
+
+
+def _ls_path(rest: str) -> str:
+    """The path of `LIST -la [path]` / `NLST -a`: clients send ls options (Windows ftp.exe's `ls -l`, scripts);
+    vsftpd and proftpd ignore them, and so do we (MLSD takes none: RFC 3659)."""
+    return rest.partition(" ")[2].strip() if rest.startswith("-") else rest
 
 
 def _mlsx(e: Entry, name: str) -> str:
