@@ -540,3 +540,32 @@ def test_connections_reset_during_login_give_their_user_slot_back(agent_factory)
     sessions = wait_for(lambda: [ftp(agent), ftp(agent)])  # both slots free again
     for f in sessions:
         f.quit()
+
+
+def test_ftps_upload_cut_without_close_notify_is_not_stored(agent_factory, tmp_path):
+    """An FTPS upload's end is the client's TLS close_notify (RFC 4217 section 9, as vsftpd's strict_ssl_read_eof):
+    a data connection whose TCP stream ends without one was cut (an attacker's forged FIN truncates the file, a
+    client died mid-send) and is answered 426, nothing stored. It used to be taken for the file's end: 226 and
+    the first part of the file stored as the whole."""
+    ca, cert, key = make_ca_and_cert(tmp_path)
+    agent = agent_factory(**{"ftp.tls_cert": str(cert), "ftp.tls_key": str(key)}).start()
+    f = ftplib.FTP_TLS(context=ssl.create_default_context(cafile=str(ca)), timeout=30)
+    f.connect("127.0.0.1", agent.ftp_port)
+    f.login("pacs", PASSWORD)
+    f.prot_p()
+    whole = os.urandom(300_000)
+    f.voidcmd("TYPE I")
+    conn = f.transfercmd("STOR cut.dcm")  # TLS on the data connection (PROT P)
+    conn.sendall(whole[:100_000])
+    conn.shutdown(socket.SHUT_RDWR)  # ssl.SSLSocket: TCP FIN, no close_notify (unwrap() would send it)
+    conn.close()
+    with pytest.raises(ftplib.error_temp, match="426"):
+        f.voidresp()
+    assert "cut.dcm" not in f.nlst()
+    assert agent.events("upload_aborted") and any("close_notify" in e.get("reason", "")
+                                                  for e in agent.events("ftp_error"))
+    assert f.storbinary("STOR whole.dcm", io.BytesIO(whole)).startswith("226")  # ftplib ends with unwrap()
+    f.quit()
+    agent.wait_drained()
+    objects = s3_objects(agent.store, agent.prefix)
+    assert "cut.dcm" not in objects and objects["whole.dcm"]["sha256"] == sha256(whole)
