@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 
 import asyncssh
 import pytest
@@ -87,3 +88,34 @@ def test_a_close_sent_before_the_clients_eof_stores_the_file(agent_factory):
     stored = asyncio.run(run())
     agent.wait_drained()
     assert sorted(s3_objects(agent.store, agent.prefix)) == stored
+
+
+def test_sparse_ranges_and_copy_data_requests_are_served(agent_factory, tmp_path):
+    """asyncssh's server announces ranges@asyncssh.com and copy-data, and asyncssh's own client asks for ranges in
+    every get(): the server answered it with 'Uncaught exception: ... no attribute seek' (SSH_FX_FAILURE), so an
+    asyncssh client could download nothing. A stored file has no holes: its one range is all of it. A malformed
+    extended request gets SSH_FX_BAD_MESSAGE, a ranges request on a closed handle an invalid-handle failure."""
+    agent = agent_factory().start()
+    body = os.urandom(300_000)
+
+    async def run() -> None:
+        async with sftp_session(agent) as sftp:
+            await sftp.mkdir("CT")
+            await sftp_put(sftp, "CT/a.dcm", body)
+            await sftp.get("CT/a.dcm", str(tmp_path / "a.dcm"))  # sparse=True: ranges@asyncssh.com
+            assert (tmp_path / "a.dcm").read_bytes() == body
+            async with sftp.open("CT/a.dcm", "rb") as f:
+                assert [r async for r in f.request_ranges(0, 10**9)] == [(0, len(body))]
+                assert [r async for r in f.request_ranges(len(body), 10)] == []  # past the end: EOF
+                handle = f.handle
+            with pytest.raises(asyncssh.SFTPFailure, match="[Ii]nvalid file handle"):
+                await sftp._handler.request_ranges(handle, 0, 10)
+            with pytest.raises(asyncssh.SFTPBadMessage):
+                await sftp._handler._make_request(b"ranges@asyncssh.com", b"\x00\x00")
+            await sftp.copy("CT/a.dcm", "CT/b.dcm", remote_only=True)  # copy-data, served by the server
+            async with sftp.open("CT/b.dcm", "rb") as f:
+                assert await f.read() == body
+
+    asyncio.run(run())
+    agent.wait_drained()
+    assert s3_objects(agent.store, agent.prefix)["CT/b.dcm"]["size"] == len(body)

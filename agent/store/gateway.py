@@ -246,6 +246,20 @@ class WriteHandle:
             os.close(self.fd)
             self.fd = -1
 
+    def seek(self, offset: int, whence: int) -> int:
+        return no_holes(self.size, offset, whence)
+
+
+def no_holes(size: int, offset: int, whence: int) -> int:
+    """lseek(2)'s SEEK_DATA and SEEK_HOLE on a handle: asyncssh's SFTP server answers ranges@asyncssh.com (the
+    data ranges its own client asks for in every get()) by seeking the handle so. A file as clients see it has no
+    holes: its one data range is all of it."""
+    if whence not in (os.SEEK_DATA, os.SEEK_HOLE):
+        raise OSError(errno.EINVAL, "only SEEK_DATA and SEEK_HOLE are served")
+    if offset >= size:
+        raise OSError(errno.ENXIO, "no data at or past the end of the file")
+    return offset if whence == os.SEEK_DATA else size
+
 
 @dataclass
 class _Fill:
@@ -322,6 +336,9 @@ class ReadHandle:
         data = await asyncio.to_thread(os.pread, self.fd, length, offset)
         self.sent(len(data))
         return data
+
+    def seek(self, offset: int, whence: int) -> int:
+        return no_holes(self.size, offset, whence)
 
     def sent(self, nbytes: int) -> None:
         """Bytes a front end sent straight from `fd` (FTP's sendfile), counted like those of `read`."""
