@@ -48,7 +48,7 @@ from agent.store.fetch import download
 from agent.store.paths import ancestors, check_creatable, name_problem, parent_of
 from agent.uplink.line import SERVER_ERROR_RETRIES
 from agent.uplink.s3 import S3Uplink, error_code
-from agent.uplink.uploader import Uploader
+from agent.uplink.uploader import CONFLICTS, HA_DIR, Uploader
 
 log = structlog.get_logger("pacsgw.gateway")
 
@@ -62,6 +62,7 @@ RANGE_FIRST = 1024 * 1024  # the first ranged GET of a fetch; each next one doub
 RANGE_MAX = 8 * 1024 * 1024
 # Bytes of files being written kept in memory for their write-through PUTs, all writes together (see WriteHandle)
 BODY_BUDGET = 64 * 1024 * 1024
+AGENT_DIRS = (CONFLICTS, HA_DIR)  # directories at the namespace's root only the agent writes (Gateway._not_the_agents)
 
 
 class WriteHandle:
@@ -482,10 +483,20 @@ class Gateway:
     # --- namespace ------------------------------------------------------------------------------
 
     def _may_change(self, who: Who | None, right: str, path: str) -> None:
-        """A change to the namespace: refused on an HA standby, and to a user without `right`."""
+        """A change to the namespace: refused on an HA standby, to a user without `right`, and in the agent's own
+        directories."""
         if self.refusals.write:
             raise Unavailable(path, self.refusals.write)
         self._require(who, right, path)
+        self._not_the_agents(who, path)
+
+    @staticmethod
+    def _not_the_agents(who: Who | None, path: str) -> None:
+        """Clients read the agent's own directories at the namespace's root (HA conflict copies: the only copy of
+        content a box acknowledged; the pair's objects) but never change them: a renamed or deleted conflict copy
+        is lost content, a stored one passes for a conflict, a stored hot set steers the standby's prefetch."""
+        if who is not None and path.split("/", 1)[0] in AGENT_DIRS:
+            raise PermissionDenied(path, f"{path.split('/', 1)[0]} is written by the agent only")
 
     async def stat(self, path: str) -> Entry:
         e = await self.db.get(path)
@@ -629,6 +640,7 @@ class Gateway:
         `replace` (SFTPv3 rename, renameat2's RENAME_NOREPLACE) an existing target is AlreadyExists."""
         async with self.audit.op(who, "rename", src, to=dst):
             self._may_change(who, "rename", src)
+            self._not_the_agents(who, dst)
             self._movable(src)
             self._movable(dst)
             check_creatable(dst, dst)
