@@ -29,7 +29,7 @@ from agent.config import Config
 from agent.metrics import Metrics
 from agent.records import Entry
 from agent.store.access import AccessStats
-from agent.store.cache import WOULD_BLOCK, Cache, DiskUsage, fast_hash, hash_range, sha256_fd
+from agent.store.cache import WOULD_BLOCK, Cache, DiskUsage, Opened, fast_hash, hash_range, sha256_fd
 from agent.store.catalog import AsyncCatalog
 from agent.store.errors import (
     AlreadyExists,
@@ -249,6 +249,23 @@ class WriteHandle:
 
     def seek(self, offset: int, whence: int) -> int:
         return no_holes(self.size, offset, whence)
+
+
+async def _closed_if_cancelled(opening: asyncio.Future[tuple[Opened | None, str | None]]
+                               ) -> tuple[Opened | None, str | None]:
+    """Wait for a cached copy being opened in a thread. If the reader is cancelled meanwhile (an FTP client's ABOR
+    or disconnect, an SFTP session's end) the thread opens the file all the same: what it opened is closed when it
+    ends, or each such cut leaked a descriptor until the agent had none left."""
+    try:
+        return await asyncio.shield(opening)
+    except asyncio.CancelledError:
+        opening.add_done_callback(_close_opened)
+        raise
+
+
+def _close_opened(opening: asyncio.Future[tuple[Opened | None, str | None]]) -> None:
+    if not opening.cancelled() and opening.exception() is None and (opened := opening.result()[0]) is not None:
+        os.close(opened.fd)
 
 
 def no_holes(size: int, offset: int, whence: int) -> int:
@@ -864,8 +881,8 @@ class Gateway:
             # each hop waits for a CPU); else, or for a full SHA-256 check, in a thread.
             opened, problem = self.cache.open_checked(e.blob, e.size, e.sha256, VERIFY_AHEAD, nowait=True)
             if problem == WOULD_BLOCK:
-                opened, problem = await asyncio.to_thread(self.cache.open_checked, e.blob, e.size, e.sha256,
-                                                          VERIFY_AHEAD)
+                opened, problem = await _closed_if_cancelled(asyncio.ensure_future(asyncio.to_thread(
+                    self.cache.open_checked, e.blob, e.size, e.sha256, VERIFY_AHEAD)))
             if opened is not None:
                 self.metrics.hits.inc()
                 self.access.note(path, e.size, hit=True)
