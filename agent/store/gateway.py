@@ -34,6 +34,7 @@ from agent.store.catalog import AsyncCatalog
 from agent.store.errors import (
     AlreadyExists,
     BadOffset,
+    BadPath,
     Corrupt,
     GatewayError,
     IsADirectory,
@@ -45,7 +46,7 @@ from agent.store.errors import (
 )
 from agent.store.evictor import Evictor
 from agent.store.fetch import download
-from agent.store.paths import ancestors, check_creatable, name_problem, parent_of
+from agent.store.paths import S3_KEY_BYTES, ancestors, check_creatable, name_problem, parent_of
 from agent.uplink.line import SERVER_ERROR_RETRIES
 from agent.uplink.s3 import S3Uplink, error_code
 from agent.uplink.uploader import CONFLICTS, HA_DIR, Uploader
@@ -506,6 +507,16 @@ class Gateway:
             raise Unavailable(path, self.refusals.write)
         self._require(who, right, path)
         self._not_the_agents(who, path)
+        self._fits(path)
+
+    def _fits(self, path: str) -> None:
+        """A name whose object key (the uplink prefix, then the path) would pass S3's limit is refused before
+        anything is stored: it was acknowledged, then every upload failed (KeyTooLongError) and the copy stayed
+        on the SSD for good, never evictable. The client hears 'path longer than …' as for any over-long path."""
+        limit = S3_KEY_BYTES - len(self.cfg.uplink.prefix.encode())
+        if len(path.encode("utf-8", "surrogatepass")) > limit:
+            raise BadPath(path, f"path longer than {limit} bytes (with the uplink prefix, an object key holds at "
+                                f"most {S3_KEY_BYTES})")
 
     @staticmethod
     def _not_the_agents(who: Who | None, path: str) -> None:
@@ -658,6 +669,7 @@ class Gateway:
         async with self.audit.op(who, "rename", src, to=dst):
             self._may_change(who, "rename", src)
             self._not_the_agents(who, dst)
+            self._fits(dst)
             self._movable(src)
             self._movable(dst)
             check_creatable(dst, dst)
