@@ -132,7 +132,7 @@ def test_a_client_that_reads_no_replies_cannot_pile_them_up(agent_factory):
     agent = agent_factory().start()
     agent_proc = psutil.Process(agent.proc.pid)
     path = "/".join(["d" * 199] * 5)[:990].encode()
-    request = struct.pack(">IBI", 1 + 4 + 4 + len(path), 16, 0)[:-4] + struct.pack(">II", 7, len(path)) + path
+    request = struct.pack(">IBII", 1 + 4 + 4 + len(path), 16, 7, len(path)) + path  # SSH_FXP_REALPATH, id 7
     batch = request * 1000  # ~1 MB of REALPATH requests
 
     async def run() -> int:
