@@ -34,7 +34,7 @@ from agent.store.cache import Cache
 from agent.store.catalog import AsyncCatalog
 from agent.store.gateway import Gateway, Refusals
 from agent.uplink.s3 import S3Uplink, error_code
-from agent.uplink.uploader import Uploader
+from agent.uplink.uploader import HA_DIR, Uploader
 
 log = structlog.get_logger("pacsgw.ha")
 
@@ -42,7 +42,6 @@ ROLE_POLL = 0.2  # seconds: part of the fail-over time
 PEER_POLL = 2.0
 PEER_MAX_BYTES = 64 * 1024  # a /healthz answer is about 2 KiB
 LINE_POLL = 2.0
-HA_DIR = ".pacsgw-ha"  # the pair's own objects, in the namespace's prefix, never followed as files
 HOT_PATH = f"{HA_DIR}/hot.json"  # the active box's hot set, published every follow_seconds
 HOT_FILES = 2000
 HOT_MAX_BYTES = 4 * 1024 * 1024

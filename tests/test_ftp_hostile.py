@@ -22,6 +22,7 @@ from test_transport_security import make_ca_and_cert
 
 from agent.config import ConfigError, load
 from agent.store.paths import creatable_problem, name_problem
+from faultkit import catalog_rows, reset_close
 from harness import BUCKET, PASSWORD, s3_objects, sha256
 
 
@@ -540,3 +541,91 @@ def test_connections_reset_during_login_give_their_user_slot_back(agent_factory)
     sessions = wait_for(lambda: [ftp(agent), ftp(agent)])  # both slots free again
     for f in sessions:
         f.quit()
+
+
+def test_retr_cut_while_the_file_is_opened_leaks_no_descriptor(agent_factory):
+    """A RETR whose session ends while the gateway opens the file in a thread (a copy not in the page cache, or
+    one that needs its full SHA-256 check): the session's end cancelled the wait, the thread opened the file all
+    the same and nobody closed it. Each such cut leaked a descriptor until the agent ran out of them."""
+    agent = agent_factory().start()
+    f = ftp(agent)
+    f.storbinary("STOR big.dcm", io.BytesIO(os.urandom(32 * 1024 * 1024)))
+    f.quit()
+    (blob,), = catalog_rows(agent, "SELECT blob FROM entries WHERE path = 'big.dcm'")
+    copy = agent.workdir / "cache" / "data" / blob[:2] / blob
+    proc = psutil.Process(agent.proc.pid)
+
+    def unchecked() -> None:
+        """The copy's stamp no longer matches (a new mtime) and it is out of the page cache: opening it takes a
+        full SHA-256 pass from the disk, in a thread."""
+        st = os.stat(copy)
+        os.utime(copy, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))
+        fd = os.open(copy, os.O_RDONLY)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        os.close(fd)
+
+    def retr_cut(delay: float) -> None:
+        s = socket.create_connection(("127.0.0.1", agent.ftp_port), timeout=30)
+        reader = s.makefile("rb")
+        reader.readline()
+        s.sendall(f"USER pacs\r\nPASS {PASSWORD}\r\nTYPE I\r\nEPSV\r\n".encode())
+        while not (reply := reader.readline()).startswith(b"229"):
+            assert reply[:1] in (b"2", b"3"), reply
+        data = socket.create_connection(("127.0.0.1", int(reply.split(b"|")[3])), timeout=30)
+        s.sendall(b"RETR big.dcm\r\n")
+        time.sleep(delay)  # the session ends while the file is being opened and checked
+        reset_close(s)
+        data.close()
+
+    def open_on_the_copy() -> int:
+        """Descriptors of the agent on the cached copy once the cut sessions have ended and their threads too."""
+        wait_for(lambda: [c for c in proc.net_connections("tcp") if c.laddr.port == agent.ftp_port
+                          and c.status == psutil.CONN_ESTABLISHED] == [] or int(""))
+        time.sleep(1)
+        return sum(1 for link in os.listdir(f"/proc/{proc.pid}/fd")
+                   if os.path.realpath(f"/proc/{proc.pid}/fd/{link}") == str(copy.resolve()))
+
+    def timed_get() -> float:
+        f, started = ftp(agent), time.monotonic()
+        assert len(get(f, "big.dcm")) == 32 * 1024 * 1024
+        f.quit()
+        return time.monotonic() - started
+
+    unchecked()
+    opening = timed_get()  # about how long an unchecked open takes
+    rng = random.Random(4)
+    for _ in range(30):
+        unchecked()
+        retr_cut(rng.uniform(0.005, max(opening, 0.05)))
+    assert open_on_the_copy() == 0
+    unchecked()
+    timed_get()
+
+
+def test_ftps_upload_cut_without_close_notify_is_not_stored(agent_factory, tmp_path):
+    """An FTPS upload's end is the client's TLS close_notify (RFC 4217 section 9, as vsftpd's strict_ssl_read_eof):
+    a data connection whose TCP stream ends without one was cut (an attacker's forged FIN truncates the file, a
+    client died mid-send) and is answered 426, nothing stored. It used to be taken for the file's end: 226 and
+    the first part of the file stored as the whole."""
+    ca, cert, key = make_ca_and_cert(tmp_path)
+    agent = agent_factory(**{"ftp.tls_cert": str(cert), "ftp.tls_key": str(key)}).start()
+    f = ftplib.FTP_TLS(context=ssl.create_default_context(cafile=str(ca)), timeout=30)
+    f.connect("127.0.0.1", agent.ftp_port)
+    f.login("pacs", PASSWORD)
+    f.prot_p()
+    whole = os.urandom(300_000)
+    f.voidcmd("TYPE I")
+    conn = f.transfercmd("STOR cut.dcm")  # TLS on the data connection (PROT P)
+    conn.sendall(whole[:100_000])
+    conn.shutdown(socket.SHUT_RDWR)  # ssl.SSLSocket: TCP FIN, no close_notify (unwrap() would send it)
+    conn.close()
+    with pytest.raises(ftplib.error_temp, match="426"):
+        f.voidresp()
+    assert "cut.dcm" not in f.nlst()
+    assert agent.events("upload_aborted") and any("close_notify" in e.get("reason", "")
+                                                  for e in agent.events("ftp_error"))
+    assert f.storbinary("STOR whole.dcm", io.BytesIO(whole)).startswith("226")  # ftplib ends with unwrap()
+    f.quit()
+    agent.wait_drained()
+    objects = s3_objects(agent.store, agent.prefix)
+    assert "cut.dcm" not in objects and objects["whole.dcm"]["sha256"] == sha256(whole)

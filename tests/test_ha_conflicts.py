@@ -8,15 +8,20 @@ namespaces: this file may run beside tests/test_ha.py.
 
 from __future__ import annotations
 
+import asyncio
+import ftplib
 import hashlib
 
+import asyncssh
 import numpy as np
 import pytest
 from pydicom.uid import generate_uid
+from smbprotocol.exceptions import SMBException
+from smbutil import Smb
 
 from agent.hahook import notify
 from bench.dicomgen import ct_slice
-from faultkit import catalog_rows, ftp_get, ftp_login, ftp_put, payload
+from faultkit import catalog_rows, ftp_get, ftp_login, ftp_put, payload, sftp_put, sftp_session
 from harness import BUCKET, s3_objects, sha256
 
 
@@ -102,3 +107,61 @@ def test_refused_put_indexes_the_object_s3_holds(active, seaweed):
     assert objects[conflict_key("CT/1.dcm", refused)]["sha256"] == sha256(refused)
     assert catalog_rows(a, index, ("CT/1.dcm",)) == [(studies["peer"],)]
     ftp.quit()
+
+
+def test_clients_read_conflict_copies_but_never_change_them(smb_agent, seaweed):
+    """`.pacsgw-conflicts/` holds the only copy of content a box of the pair acknowledged and then lost to the
+    other box's newer object, `.pacsgw-ha/` the pair's own objects (the hot set the standby prefetches): clients
+    (the admin) may list and read them, but no FTP, SFTP or SMB client writes, deletes or renames anything in
+    them, moves a file into them or makes their names. They could: a PACS account could rename a conflict copy
+    away, store files that look like conflict copies, or feed the standby a hot set of its own."""
+    a = smb_agent().start()
+    refused, newer, hot = payload("refused", 5_000), payload("newer", 5_000), b'{"files": []}'
+    copy = conflict_key("CT/1.dcm", refused)
+    name = copy.rsplit("/", 1)[1]
+    peer_put(seaweed, a, "CT/1.dcm", newer)  # the other box won CT/1.dcm and kept this copy aside
+    peer_put(seaweed, a, copy, refused)
+    peer_put(seaweed, a, ".pacsgw-ha/hot.json", hot)
+
+    ftp = ftp_login(a)
+    assert {".pacsgw-conflicts", ".pacsgw-ha"} <= set(ftp.nlst()) and ftp.nlst(".pacsgw-conflicts/CT") == [name]
+    assert ftp_get(ftp, copy) == refused and ftp_get(ftp, ".pacsgw-ha/hot.json") == hot  # readable
+    for cmd in (f"DELE {copy}", "DELE .pacsgw-ha/hot.json", "RMD .pacsgw-conflicts/CT", "MKD .pacsgw-conflicts/new",
+                "MKD .pacsgw-conflicts/CT/x"):
+        with pytest.raises(ftplib.error_perm, match="550"):
+            ftp.sendcmd(cmd)
+    for src, dst in ((copy, "CT/stolen.dcm"), ("CT/1.dcm", copy), ("CT/1.dcm", ".pacsgw-ha/hot.json"),
+                     (".pacsgw-conflicts", "old-conflicts")):
+        with pytest.raises(ftplib.error_perm, match="550"):
+            ftp.rename(src, dst)
+    for path in (".pacsgw-conflicts/CT/fake.dcm", copy, ".pacsgw-ha/hot.json"):
+        with pytest.raises(ftplib.error_perm, match="550"):
+            ftp_put(ftp, path, b"fake")
+
+    async def over_sftp() -> None:
+        async with sftp_session(a) as sftp:
+            async with sftp.open(copy, "rb") as f:
+                assert await f.read() == refused
+            for change in (sftp.remove(copy), sftp.rename(copy, "CT/stolen.dcm"), sftp.truncate(copy, 0),
+                           sftp.mkdir(".pacsgw-conflicts/new"), sftp.posix_rename("CT/1.dcm", copy),
+                           sftp_put(sftp, ".pacsgw-conflicts/CT/fake.dcm", b"fake")):
+                with pytest.raises(asyncssh.SFTPPermissionDenied):
+                    await change
+
+    asyncio.run(over_sftp())
+    smb = Smb(a)
+    assert smb.read(copy) == refused
+    for change in (lambda: smb.remove(copy), lambda: smb.rename(copy, "CT/stolen.dcm"),
+                   lambda: smb.write(".pacsgw-conflicts/CT/fake.dcm", b"fake"),
+                   lambda: smb.makedirs(".pacsgw-conflicts/n")):
+        with pytest.raises((OSError, SMBException)):
+            change()
+    smb.close()
+
+    assert ftp_get(ftp, copy) == refused and ftp.nlst(".pacsgw-conflicts/CT") == [name]
+    ftp.quit()
+    a.wait_drained()
+    objects = s3_objects(seaweed, a.prefix)
+    assert objects[copy]["sha256"] == sha256(refused) and objects[".pacsgw-ha/hot.json"]["sha256"] == sha256(hot)
+    assert sorted(k for k in objects if k.startswith(".pacsgw-")) == [copy, ".pacsgw-ha/hot.json"]
+    assert "CT/stolen.dcm" not in objects and objects["CT/1.dcm"]["sha256"] == sha256(newer)

@@ -825,3 +825,38 @@ def test_samba_auth_audit_lines_and_ban_rendering():
     assert "hosts" not in render_bans(cfg, [])
     cfg.smb.hosts_allow = ["10.1.0.0/16"]  # Samba lets an allowed host in whatever hosts deny says
     assert render_bans(cfg, ["10.1.2.3", "10.1.2.4"]) == "hosts allow = 10.1.0.0/16 EXCEPT 10.1.2.3 10.1.2.4\n"
+
+
+def test_a_path_whose_object_key_would_be_too_long_is_refused(agent_factory):
+    """Paths were checked against 1000 bytes, room for an uplink.prefix of 24 bytes in S3's 1024-byte keys, but
+    the prefix may be longer ('hospital-saint-elisabeth-north/', 31): a client's 1000-byte path was stored and
+    acknowledged (226), then every upload failed (KeyTooLongError) for good, the file kept on the SSD, never
+    evictable, /status still ok. Now a name whose key would not fit is refused before anything is stored (FTP
+    553), over every protocol; one that fits is stored and uploaded."""
+    prefix = "hospital-saint-elisabeth-north/"
+    agent = agent_factory(**{"uplink.prefix": prefix}).start()
+    f = ftp(agent)
+    top = "/".join(["d" * 199] * 4)
+    for depth in range(1, 5):
+        f.mkd("/".join(["d" * 199] * depth))
+    fits = f"{top}/{'f' * (1024 - len(prefix) - len(top) - 1)}"
+    too_long = fits + "x"
+    with pytest.raises(ftplib.error_perm, match="553.*longer than"):
+        put(f, too_long, b"never stored")
+    with pytest.raises(ftplib.error_perm, match="553.*longer than"):
+        f.mkd(too_long)
+    assert put(f, fits, b"stored").startswith("226")
+    with pytest.raises(ftplib.error_perm, match="553.*longer than"):
+        f.rename(fits, too_long)
+
+    async def over_sftp(sftp: asyncssh.SFTPClient) -> None:
+        with pytest.raises(asyncssh.SFTPError, match="path longer than"):  # SFTPv3: a failure, with the reason
+            async with sftp.open(too_long, "wb") as w:
+                await w.write(b"never stored")
+
+    sftp_session(agent, over_sftp)
+    f.quit()
+    agent.wait_drained()
+    assert agent.health()["queue_depth"] == 0 and not agent.events("upload_failed")
+    objects = s3_objects(agent.store, prefix)
+    assert set(objects) == {fits}

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import struct
+import time
 
 import asyncssh
+import psutil
 import pytest
 
 from agent.serve.sftp import MAX_OPEN_FILES
@@ -87,3 +91,68 @@ def test_a_close_sent_before_the_clients_eof_stores_the_file(agent_factory):
     stored = asyncio.run(run())
     agent.wait_drained()
     assert sorted(s3_objects(agent.store, agent.prefix)) == stored
+
+
+def test_sparse_ranges_and_copy_data_requests_are_served(agent_factory, tmp_path):
+    """asyncssh's server announces ranges@asyncssh.com and copy-data, and asyncssh's own client asks for ranges in
+    every get(): the server answered it with 'Uncaught exception: ... no attribute seek' (SSH_FX_FAILURE), so an
+    asyncssh client could download nothing. A stored file has no holes: its one range is all of it. A malformed
+    extended request gets SSH_FX_BAD_MESSAGE, a ranges request on a closed handle an invalid-handle failure."""
+    agent = agent_factory().start()
+    body = os.urandom(300_000)
+
+    async def run() -> None:
+        async with sftp_session(agent) as sftp:
+            await sftp.mkdir("CT")
+            await sftp_put(sftp, "CT/a.dcm", body)
+            await sftp.get("CT/a.dcm", str(tmp_path / "a.dcm"))  # sparse=True: ranges@asyncssh.com
+            assert (tmp_path / "a.dcm").read_bytes() == body
+            async with sftp.open("CT/a.dcm", "rb") as f:
+                assert [r async for r in f.request_ranges(0, 10**9)] == [(0, len(body))]
+                assert [r async for r in f.request_ranges(len(body), 10)] == []  # past the end: EOF
+                handle = f.handle
+            with pytest.raises(asyncssh.SFTPFailure, match="[Ii]nvalid file handle"):
+                await sftp._handler.request_ranges(handle, 0, 10)
+            with pytest.raises(asyncssh.SFTPBadMessage):
+                await sftp._handler._make_request(b"ranges@asyncssh.com", b"\x00\x00")
+            await sftp.copy("CT/a.dcm", "CT/b.dcm", remote_only=True)  # copy-data, served by the server
+            async with sftp.open("CT/b.dcm", "rb") as f:
+                assert await f.read() == body
+
+    asyncio.run(run())
+    agent.wait_drained()
+    assert s3_objects(agent.store, agent.prefix)["CT/b.dcm"]["size"] == len(body)
+
+
+def test_a_client_that_reads_no_replies_cannot_pile_them_up(agent_factory):
+    """Only READ waited for the replies before it to leave: any other request (here REALPATH of a long path, a
+    2 KB answer to a 1 KB request, served without a catalog call) from a client that opens no window for the
+    replies was answered into the channel's buffer without end, 2 bytes of the agent's memory for every byte
+    sent. Now no request is read while earlier replies are still unread: the client's own sends stall."""
+    agent = agent_factory().start()
+    agent_proc = psutil.Process(agent.proc.pid)
+    path = "/".join(["d" * 199] * 5)[:990].encode()
+    request = struct.pack(">IBII", 1 + 4 + 4 + len(path), 16, 7, len(path)) + path  # SSH_FXP_REALPATH, id 7
+    batch = request * 1000  # ~1 MB of REALPATH requests
+
+    async def run() -> int:
+        async with asyncssh.connect("127.0.0.1", agent.sftp_port, username="pacs", password=PASSWORD,
+                                    known_hosts=None) as conn:
+            chan, _ = await conn.create_session(asyncssh.SSHClientSession, subsystem="sftp", encoding=None)
+            chan.pause_reading()  # the client reads no reply: the agent's window for them closes
+            chan.write(struct.pack(">IBI", 5, 1, 3))  # SSH_FXP_INIT, version 3
+            before = agent_proc.memory_info().rss
+            for _ in range(64):
+                chan.write(batch)
+                deadline = time.monotonic() + 3
+                while chan.get_write_buffer_size() > 4 * len(batch) and time.monotonic() < deadline:
+                    await asyncio.sleep(0.05)
+                if chan.get_write_buffer_size() > 4 * len(batch):
+                    break  # the agent reads no more of them
+            await asyncio.sleep(1)
+            grown = agent_proc.memory_info().rss - before
+            chan.abort()
+            return grown
+
+    grown = asyncio.run(run())
+    assert grown < 40 * 1024 * 1024, f"the agent grew by {grown // 2**20} MiB"

@@ -232,6 +232,21 @@ async def _streams(sock: socket.socket, tls: ssl.SSLContext | None
     return reader, asyncio.StreamWriter(transport, protocol, reader, loop)
 
 
+def _close_notified(writer: asyncio.StreamWriter) -> bool:
+    """Whether the client ended the TLS stream with close_notify, after the reader saw its end. The end of an
+    upload over TLS is that alert (RFC 4217 section 9): asyncio's TLS transport reports a bare TCP FIN as the
+    same EOF, so a FIN forged into the connection (a truncation attack) or a client dying mid-send would store
+    the first part of a file as the whole. The TLS object tells them apart: after close_notify it reads as closed
+    (b'' or SSLZeroReturnError); a cut stream still wants bytes (SSLWantReadError)."""
+    tls = writer.get_extra_info("ssl_object")
+    try:
+        return tls is not None and tls.read(1) == b""
+    except ssl.SSLZeroReturnError:
+        return True
+    except ssl.SSLError:
+        return False
+
+
 class DataConnection:
     """An accepted data connection. A RETR in clear sends from its bare socket with sendfile(2): no transport and
     no stream objects, whose set-up and tear-down (four epoll changes, a protocol, two tasks) were a fixed cost of
@@ -275,11 +290,13 @@ class DataConnection:
         the socket into buf, so each block is valid only until the next is asked for (aioftp's throttled
         stream cost a transport, a protocol and a wait_for task per block); over TLS from the stream."""
         if self._streams is not None:
-            reader, _ = await self._streams
+            reader, writer = await self._streams
             while True:
                 async with asyncio.timeout(SOCKET_TIMEOUT):
                     data = await reader.read(len(buf))
                 if not data:
+                    if not _close_notified(writer):
+                        raise ssl.SSLEOFError("the TLS data connection ended without close_notify: the upload was cut")
                     return
                 yield memoryview(data)
         view = memoryview(buf)

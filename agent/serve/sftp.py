@@ -109,6 +109,10 @@ class _Session(SSHServerStreamSession[bytes]):
         self.ended = False  # the SFTP loop read the client's EOF: no request of the client comes any more
 
     async def read(self, datatype: asyncssh.DataType, n: int, exact: bool) -> bytes:
+        # asyncssh queues every reply on the channel: a client that opens no window for them (reads no replies)
+        # had each next request answered into that queue without end. The next request is read once the
+        # replies before it have left; the client's window for requests then closes too.
+        await self.drain(None)
         try:
             return await super().read(datatype, n, exact)
         except asyncio.IncompleteReadError:
@@ -392,9 +396,6 @@ class GatewaySFTP(asyncssh.SFTPServer):
             raise asyncssh.SFTPFailure(f"too many open files in this session (limit {MAX_OPEN_FILES})")
 
     async def read(self, file_obj: object, offset: int, size: int) -> bytes:
-        # asyncssh queues every reply on the channel: the data of a client that opens no window (reads no
-        # replies) piled up in the agent without end. Its next READ waits until the replies before have left.
-        await self.session.drain(None)
         return await self._call(_opened(file_obj, ReadHandle, "reading").read(offset, min(size, MAX_READ)))
 
     async def write(self, file_obj: object, offset: int, data: bytes) -> int:

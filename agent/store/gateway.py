@@ -29,11 +29,12 @@ from agent.config import Config
 from agent.metrics import Metrics
 from agent.records import Entry
 from agent.store.access import AccessStats
-from agent.store.cache import WOULD_BLOCK, Cache, DiskUsage, fast_hash, hash_range, sha256_fd
+from agent.store.cache import WOULD_BLOCK, Cache, DiskUsage, Opened, fast_hash, hash_range, sha256_fd
 from agent.store.catalog import AsyncCatalog
 from agent.store.errors import (
     AlreadyExists,
     BadOffset,
+    BadPath,
     Corrupt,
     GatewayError,
     IsADirectory,
@@ -45,10 +46,10 @@ from agent.store.errors import (
 )
 from agent.store.evictor import Evictor
 from agent.store.fetch import download
-from agent.store.paths import ancestors, check_creatable, name_problem, parent_of
+from agent.store.paths import S3_KEY_BYTES, ancestors, check_creatable, name_problem, parent_of
 from agent.uplink.line import SERVER_ERROR_RETRIES
 from agent.uplink.s3 import S3Uplink, error_code
-from agent.uplink.uploader import Uploader
+from agent.uplink.uploader import CONFLICTS, HA_DIR, Uploader
 
 log = structlog.get_logger("pacsgw.gateway")
 
@@ -62,6 +63,7 @@ RANGE_FIRST = 1024 * 1024  # the first ranged GET of a fetch; each next one doub
 RANGE_MAX = 8 * 1024 * 1024
 # Bytes of files being written kept in memory for their write-through PUTs, all writes together (see WriteHandle)
 BODY_BUDGET = 64 * 1024 * 1024
+AGENT_DIRS = (CONFLICTS, HA_DIR)  # directories at the namespace's root only the agent writes (Gateway._not_the_agents)
 
 
 class WriteHandle:
@@ -246,6 +248,37 @@ class WriteHandle:
             os.close(self.fd)
             self.fd = -1
 
+    def seek(self, offset: int, whence: int) -> int:
+        return no_holes(self.size, offset, whence)
+
+
+async def _closed_if_cancelled(opening: asyncio.Future[tuple[Opened | None, str | None]]
+                               ) -> tuple[Opened | None, str | None]:
+    """Wait for a cached copy being opened in a thread. If the reader is cancelled meanwhile (an FTP client's ABOR
+    or disconnect, an SFTP session's end) the thread opens the file all the same: what it opened is closed when it
+    ends, or each such cut leaked a descriptor until the agent had none left."""
+    try:
+        return await asyncio.shield(opening)
+    except asyncio.CancelledError:
+        opening.add_done_callback(_close_opened)
+        raise
+
+
+def _close_opened(opening: asyncio.Future[tuple[Opened | None, str | None]]) -> None:
+    if not opening.cancelled() and opening.exception() is None and (opened := opening.result()[0]) is not None:
+        os.close(opened.fd)
+
+
+def no_holes(size: int, offset: int, whence: int) -> int:
+    """lseek(2)'s SEEK_DATA and SEEK_HOLE on a handle: asyncssh's SFTP server answers ranges@asyncssh.com (the
+    data ranges its own client asks for in every get()) by seeking the handle so. A file as clients see it has no
+    holes: its one data range is all of it."""
+    if whence not in (os.SEEK_DATA, os.SEEK_HOLE):
+        raise OSError(errno.EINVAL, "only SEEK_DATA and SEEK_HOLE are served")
+    if offset >= size:
+        raise OSError(errno.ENXIO, "no data at or past the end of the file")
+    return offset if whence == os.SEEK_DATA else size
+
 
 @dataclass
 class _Fill:
@@ -322,6 +355,9 @@ class ReadHandle:
         data = await asyncio.to_thread(os.pread, self.fd, length, offset)
         self.sent(len(data))
         return data
+
+    def seek(self, offset: int, whence: int) -> int:
+        return no_holes(self.size, offset, whence)
 
     def sent(self, nbytes: int) -> None:
         """Bytes a front end sent straight from `fd` (FTP's sendfile), counted like those of `read`."""
@@ -465,10 +501,30 @@ class Gateway:
     # --- namespace ------------------------------------------------------------------------------
 
     def _may_change(self, who: Who | None, right: str, path: str) -> None:
-        """A change to the namespace: refused on an HA standby, and to a user without `right`."""
+        """A change to the namespace: refused on an HA standby, to a user without `right`, and in the agent's own
+        directories."""
         if self.refusals.write:
             raise Unavailable(path, self.refusals.write)
         self._require(who, right, path)
+        self._not_the_agents(who, path)
+        self._fits(path)
+
+    def _fits(self, path: str) -> None:
+        """A name whose object key (the uplink prefix, then the path) would pass S3's limit is refused before
+        anything is stored: it was acknowledged, then every upload failed (KeyTooLongError) and the copy stayed
+        on the SSD for good, never evictable. The client hears 'path longer than …' as for any over-long path."""
+        limit = S3_KEY_BYTES - len(self.cfg.uplink.prefix.encode())
+        if len(path.encode("utf-8", "surrogatepass")) > limit:
+            raise BadPath(path, f"path longer than {limit} bytes (with the uplink prefix, an object key holds at "
+                                f"most {S3_KEY_BYTES})")
+
+    @staticmethod
+    def _not_the_agents(who: Who | None, path: str) -> None:
+        """Clients read the agent's own directories at the namespace's root (HA conflict copies: the only copy of
+        content a box acknowledged; the pair's objects) but never change them: a renamed or deleted conflict copy
+        is lost content, a stored one passes for a conflict, a stored hot set steers the standby's prefetch."""
+        if who is not None and path.split("/", 1)[0] in AGENT_DIRS:
+            raise PermissionDenied(path, f"{path.split('/', 1)[0]} is written by the agent only")
 
     async def stat(self, path: str) -> Entry:
         e = await self.db.get(path)
@@ -612,6 +668,8 @@ class Gateway:
         `replace` (SFTPv3 rename, renameat2's RENAME_NOREPLACE) an existing target is AlreadyExists."""
         async with self.audit.op(who, "rename", src, to=dst):
             self._may_change(who, "rename", src)
+            self._not_the_agents(who, dst)
+            self._fits(dst)
             self._movable(src)
             self._movable(dst)
             check_creatable(dst, dst)
@@ -835,8 +893,8 @@ class Gateway:
             # each hop waits for a CPU); else, or for a full SHA-256 check, in a thread.
             opened, problem = self.cache.open_checked(e.blob, e.size, e.sha256, VERIFY_AHEAD, nowait=True)
             if problem == WOULD_BLOCK:
-                opened, problem = await asyncio.to_thread(self.cache.open_checked, e.blob, e.size, e.sha256,
-                                                          VERIFY_AHEAD)
+                opened, problem = await _closed_if_cancelled(asyncio.ensure_future(asyncio.to_thread(
+                    self.cache.open_checked, e.blob, e.size, e.sha256, VERIFY_AHEAD)))
             if opened is not None:
                 self.metrics.hits.inc()
                 self.access.note(path, e.size, hit=True)

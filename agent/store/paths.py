@@ -13,7 +13,8 @@ import unicodedata
 from agent.store.errors import BadPath, PermissionDenied
 
 MAX_NAME_BYTES = 255
-MAX_PATH_BYTES = 1000  # leaves room for the uplink prefix inside S3's 1024-byte key limit
+MAX_PATH_BYTES = 1000  # room for an uplink prefix of 24 bytes; a longer one lowers the limit (Gateway._fits)
+S3_KEY_BYTES = 1024  # the longest object key S3 takes, uplink prefix included
 
 
 # Device names Windows reserves, with or without an extension ("CON", "aux.txt"): an SMB client cannot use them.

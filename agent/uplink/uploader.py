@@ -42,6 +42,7 @@ log = structlog.get_logger("pacsgw.uplink")
 
 IDLE_POLL = 5.0
 CONFLICTS = ".pacsgw-conflicts"  # where an HA box keeps content it must not write over the other box's
+HA_DIR = ".pacsgw-ha"  # the HA pair's own objects (agent.ha), in the namespace's prefix, never followed as files
 
 
 class UploadQueue(Protocol):
