@@ -246,6 +246,8 @@ class FtpConfig:
     tls_cert: str = _f(_str, "a PEM certificate (chain) file for FTPS (AUTH TLS), or ''", default="")
     tls_key: str = _f(_str, "the PEM private key file of tls_cert", default="")
     require_tls: bool = _flag(False, " (true: refuse plain-text logins and data)")
+    tls_close_notify: bool = _flag(True, " (false: an upload over TLS may end without the client's close_notify, "
+                                   "for FTPS clients that never send it)")
     # --- session limits and passive mode (issue 19: passive-port theft and pool exhaustion) ---
     max_sessions_per_user: int = _int(1, 10000, 32)
     max_sessions_per_address: int = _int(1, 10000, 64)

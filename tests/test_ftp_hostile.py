@@ -629,3 +629,25 @@ def test_ftps_upload_cut_without_close_notify_is_not_stored(agent_factory, tmp_p
     agent.wait_drained()
     objects = s3_objects(agent.store, agent.prefix)
     assert "cut.dcm" not in objects and objects["whole.dcm"]["sha256"] == sha256(whole)
+
+
+def test_ftps_uploads_without_close_notify_are_taken_when_the_admin_allows_it(agent_factory, tmp_path):
+    """Some FTPS clients never send close_notify (vsftpd leaves strict_ssl_read_eof off for them):
+    `ftp.tls_close_notify = false` takes the end of their TCP stream for the end of the file, as before."""
+    ca, cert, key = make_ca_and_cert(tmp_path)
+    agent = agent_factory(**{"ftp.tls_cert": str(cert), "ftp.tls_key": str(key),
+                             "ftp.tls_close_notify": False}).start()
+    f = ftplib.FTP_TLS(context=ssl.create_default_context(cafile=str(ca)), timeout=30)
+    f.connect("127.0.0.1", agent.ftp_port)
+    f.login("pacs", PASSWORD)
+    f.prot_p()
+    data = os.urandom(100_000)
+    f.voidcmd("TYPE I")
+    conn = f.transfercmd("STOR bare-fin.dcm")
+    conn.sendall(data)
+    conn.shutdown(socket.SHUT_RDWR)  # TCP FIN, no close_notify
+    conn.close()
+    assert f.voidresp().startswith("226")
+    f.quit()
+    agent.wait_drained()
+    assert s3_objects(agent.store, agent.prefix)["bare-fin.dcm"]["sha256"] == sha256(data)

@@ -285,17 +285,18 @@ class DataConnection:
             except BlockingIOError:
                 await self._ready(writing=True)
 
-    async def receive(self, buf: bytearray) -> AsyncIterator[memoryview]:
+    async def receive(self, buf: bytearray, close_notify: bool = True) -> AsyncIterator[memoryview]:
         """An upload's bytes as they come, until the client closes the connection. In clear read straight from
         the socket into buf, so each block is valid only until the next is asked for (aioftp's throttled
-        stream cost a transport, a protocol and a wait_for task per block); over TLS from the stream."""
+        stream cost a transport, a protocol and a wait_for task per block); over TLS from the stream, whose end
+        must be the client's close_notify unless close_notify is False (ftp.tls_close_notify)."""
         if self._streams is not None:
             reader, writer = await self._streams
             while True:
                 async with asyncio.timeout(SOCKET_TIMEOUT):
                     data = await reader.read(len(buf))
                 if not data:
-                    if not _close_notified(writer):
+                    if close_notify and not _close_notified(writer):
                         raise ssl.SSLEOFError("the TLS data connection ended without close_notify: the upload was cut")
                     return
                 yield memoryview(data)
@@ -966,7 +967,7 @@ class FtpServer(aioftp.Server):
         async def receive(handle: WriteHandle, conn: DataConnection) -> str:
             buf = self._buffers.pop() if self._buffers else bytearray(RECV_BUFFER)
             try:
-                async for data in conn.receive(buf):
+                async for data in conn.receive(buf, self.cfg.ftp.tls_close_notify):
                     await handle.write(data)
             finally:
                 self._buffers.append(buf)
