@@ -319,7 +319,7 @@ class S3Uplink:
             verify=self.cfg.ca_bundle or None, config=config))
         # Single-request PUTs (every file below multipart_threshold, audit logs), GETs and HEADs skip the
         # client's per-request machinery (_request): botocore's signer, its parser and exception classes, aiohttp
-        # as aiobotocore uses it (the same pool size and timeouts, 100-continue), a session of its own.
+        # as aiobotocore uses it (the same pool size and timeouts), a session of its own.
         tls: ssl.SSLContext | bool = ssl.create_default_context(cafile=self.cfg.ca_bundle or None) if (
             self.cfg.endpoint_url.startswith("https:")) else True
         self._http = await self._stack.enter_async_context(aiohttp.ClientSession(
@@ -429,7 +429,10 @@ class S3Uplink:
         self._signer.add_auth(request)
         assert self._http is not None
         with _sending(url, request):
-            resp = await self._http.request(method, URL(url, encoded=True), data=body, expect100=body is not None,
+            # No "Expect: 100-continue": its wait for the store's interim answer before the body was a round trip
+            # (and a wake-up of the store's process) inside every write-through ack, to save sending a body below
+            # multipart_threshold in the rare case the store refuses it.
+            resp = await self._http.request(method, URL(url, encoded=True), data=body,
                                             headers={**request.headers, "Accept-Encoding": "identity"},
                                             skip_auto_headers=_NO_AUTO_HEADERS, proxy=self._proxy[0],
                                             proxy_auth=self._proxy[1])
