@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import resource
 import signal
 import sqlite3
 import time
@@ -52,6 +53,22 @@ log = structlog.get_logger("pacsgw.daemon")
 DRAIN_SECONDS = 60.0
 
 
+def take_every_descriptor() -> None:
+    """Raise the soft limit of open descriptors to the hard one. A systemd unit without LimitNOFILE starts the agent
+    with 1024 (the appliance's unit sets 1048576): one SFTP account holding 64 handles on each of 16 channels, or one
+    SMB user holding its open files, then took every descriptor, and every store (and accept) of every client failed.
+    The per-user caps are sized for the hard limit. Worker processes inherit it."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = hard if hard != resource.RLIM_INFINITY else 1 << 20
+    if soft == resource.RLIM_INFINITY or soft >= want:
+        return
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+        log.info("nofile_raised", was=soft, now=want)
+    except (ValueError, OSError) as e:
+        log.warning("nofile_not_raised", soft=soft, hard=hard, error=str(e))
+
+
 @contextlib.contextmanager
 def _setting(cfg: Config, key: str, value: Any, allowed: str) -> Any:
     """A start-up step that fails on the host (port taken, directory unusable) names its config key."""
@@ -81,6 +98,7 @@ class Agent:
 
     async def start(self) -> None:
         cfg = self.cfg
+        take_every_descriptor()
         with _setting(cfg, "cache.dir", str(cfg.cache.dir), "a writable directory on the cache SSD"):
             cfg.cache.dir.mkdir(parents=True, exist_ok=True)
             self.db = AsyncCatalog(await asyncio.to_thread(Catalog, cfg.catalog_path))

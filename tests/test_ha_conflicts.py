@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import ftplib
 import hashlib
+import time
 
 import asyncssh
 import numpy as np
@@ -21,6 +22,7 @@ from smbutil import Smb
 
 from agent.hahook import notify
 from bench.dicomgen import ct_slice
+from devstack import free_port
 from faultkit import catalog_rows, ftp_get, ftp_login, ftp_put, payload, sftp_put, sftp_session
 from harness import BUCKET, s3_objects, sha256
 
@@ -165,3 +167,67 @@ def test_clients_read_conflict_copies_but_never_change_them(smb_agent, seaweed):
     assert objects[copy]["sha256"] == sha256(refused) and objects[".pacsgw-ha/hot.json"]["sha256"] == sha256(hot)
     assert sorted(k for k in objects if k.startswith(".pacsgw-")) == [copy, ".pacsgw-ha/hot.json"]
     assert "CT/stolen.dcm" not in objects and objects["CT/1.dcm"]["sha256"] == sha256(newer)
+
+
+def long_dirs(ftp: ftplib.FTP, total: int) -> str:
+    """Make directories of 199-byte names, together `total` bytes long (with their slashes); → their path."""
+    parts = ["d" * 199] * (total // 200)
+    for depth in range(1, len(parts) + 1):
+        ftp.mkd("/".join(parts[:depth]))
+    return "/".join(parts)
+
+
+def test_every_new_name_leaves_room_for_its_conflict_copy(active, seaweed):
+    """A conflict copy's key is 35 bytes longer than its file's path (`.pacsgw-conflicts/<path>.<16 hex>`), but new
+    names were checked against the whole key: a path within 35 bytes of the limit was acknowledged, the other box's
+    object refused its PUT, its conflict copy then failed (KeyTooLongError) on every retry, and the box kept a queue
+    for good (never eligible for the address again). With [ha] on, new names now leave that room (FTP 553)."""
+    a = active
+    ftp = ftp_login(a)
+    top = long_dirs(ftp, 800)
+    limit = 1024 - len(a.prefix.encode()) - 35
+    fits = f"{top}/{'f' * (limit - len(top) - 1)}"
+    too_long = fits + "x"
+    body, peer_body = payload("ours", 5_000), payload("peer", 5_000)
+    peer_put(seaweed, a, too_long, peer_body)
+    with pytest.raises(ftplib.error_perm, match="553.*longer than"):
+        ftp_put(ftp, too_long, body)
+    peer_put(seaweed, a, fits, peer_body)  # the other box stored it first: this box's PUT is refused
+    assert ftp_put(ftp, fits, body).startswith("226")
+    ftp.quit()
+    assert a.wait_events("ha_conflict")
+    a.wait_drained(timeout=20)
+    objects = s3_objects(seaweed, a.prefix)
+    assert objects[fits]["sha256"] == sha256(peer_body)
+    assert objects[conflict_key(fits, body)]["sha256"] == sha256(body)
+    assert not a.events("upload_failed") and a.health()["ha"]["eligible"]
+
+
+def test_a_long_path_queued_before_ha_still_gets_its_conflict_copy(agent_factory, seaweed, tmp_path):
+    """A file stored before [ha] was enabled may take the whole key (1024 bytes with the prefix); if it is still
+    queued when the box joins a pair and the other box wrote its key, its conflict copy cannot be kept under its
+    path: it is kept under the path's SHA-256 instead (the ha_conflict event names both), never failed for good."""
+    # a prefix long enough that the key (1024 bytes), not the namespace's 1000-byte paths, is the limit
+    a = agent_factory(prefix=f"hospital-saint-elisabeth-{time.time_ns()}/",
+                      **{"uplink.endpoint_url": f"http://127.0.0.1:{free_port()}"}).start()  # the line is down
+    ftp = ftp_login(a)
+    top = long_dirs(ftp, 800)
+    path = f"{top}/{'f' * (1024 - len(a.prefix.encode()) - len(top) - 1)}"
+    body, peer_body = payload("queued", 5_000), payload("peer", 5_000)
+    assert ftp_put(ftp, path, body).startswith("226")  # acknowledged in write-back: queued on the SSD
+    ftp.quit()
+    a.stop()
+    peer_put(seaweed, a, path, peer_body)
+    role = tmp_path / "ha-role"
+    assert notify(str(role), "BACKUP") == 0  # a returning box: standby, uploading its queue
+    del a.overrides["uplink.endpoint_url"]
+    a.overrides.update({"ha.enabled": True, "ha.role_file": str(role)})
+    a.write_config()
+    a.start()
+    a.wait_drained(timeout=30)
+    (event,) = a.wait_events("ha_conflict")
+    side = f".pacsgw-conflicts/{hashlib.sha256(path.encode()).hexdigest()}.{sha256(body)[:16]}"
+    assert event["path"] == path and event["kept_as"] == side
+    objects = s3_objects(seaweed, a.prefix)
+    assert objects[path]["sha256"] == sha256(peer_body) and objects[side]["sha256"] == sha256(body)
+    assert a.health()["ha"]["eligible"]

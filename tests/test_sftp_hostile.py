@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import resource
 import struct
 import time
 
@@ -11,7 +12,7 @@ import asyncssh
 import psutil
 import pytest
 
-from agent.serve.sftp import MAX_OPEN_FILES
+from agent.serve.sftp import MAX_OPEN_DIRS, MAX_OPEN_FILES
 from faultkit import sftp_put, sftp_session
 from harness import PASSWORD, s3_objects
 
@@ -42,6 +43,66 @@ def test_directory_handles_count_against_the_open_file_cap(agent_factory):
             for f in files:
                 await f.close()
             assert await sftp.listdir("CT") == ["a.dcm"]
+
+    asyncio.run(run())
+
+
+def test_directory_handles_per_user_are_capped_over_all_sessions(agent_factory):
+    """Directory handles were capped per SFTP session only (MAX_OPEN_FILES): one account could hold 64 listings per
+    channel, 10 channels per connection and 32 connections (20 480 listings, 1.4 MB each for a 3 000-file
+    directory). Now one user holds at most MAX_OPEN_DIRS over all its sessions; one more is refused until one is
+    closed."""
+    agent = agent_factory().start()
+
+    async def run() -> None:
+        async with asyncssh.connect("127.0.0.1", agent.sftp_port, username="pacs", password=PASSWORD,
+                                    known_hosts=None) as conn:
+            sessions = [await conn.start_sftp_client() for _ in range(2)]
+            await sftp_put(sessions[0], "CT/a.dcm", b"x")
+            first, second = (s._handler for s in sessions)  # asyncssh's client keeps no directory handle open
+            held = [(h, await h.opendir(b"CT")) for h in (first, second) for _ in range(MAX_OPEN_DIRS // 2)]
+            for h, d in held:
+                await h.readdir(d)  # the listing is in the agent now
+            async with asyncssh.connect("127.0.0.1", agent.sftp_port, username="pacs", password=PASSWORD,
+                                        known_hosts=None) as other, other.start_sftp_client() as third:
+                with pytest.raises(asyncssh.SFTPFailure, match="too many open directories"):
+                    await third._handler.opendir(b"CT")
+                await second.close(held.pop()[1])
+                assert [n.filename for n in (await third._handler.readdir(await third._handler.opendir(b"CT")))[0]
+                        ] == [b"a.dcm"]
+            for s in sessions:
+                s.exit()
+
+    asyncio.run(run())
+
+
+def test_the_agent_takes_every_descriptor_the_host_allows(agent_factory):
+    """A systemd unit without LimitNOFILE starts the agent with a soft limit of 1 024 descriptors (the hard one is far
+    higher): one SFTP account holding its 64 handles on 17 channels took them all (1 088), and every client's next store
+    failed. The agent now raises its soft limit to the hard one at start."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard < 4096:
+        pytest.skip(f"the hard limit of descriptors here is {hard}")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (1024, hard))  # what the agent inherits, as from systemd
+    try:
+        agent = agent_factory().start()
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert psutil.Process(agent.proc.pid).rlimit(psutil.RLIMIT_NOFILE) == (hard, hard)
+
+    async def run() -> None:
+        async with asyncssh.connect("127.0.0.1", agent.sftp_port, username="pacs", password=PASSWORD,
+                                    known_hosts=None) as one, asyncssh.connect(
+                "127.0.0.1", agent.sftp_port, username="pacs", password=PASSWORD, known_hosts=None) as two:
+            sessions = [await conn.start_sftp_client() for conn in (one, two) for _ in range(9)]
+            spare = sessions.pop()
+            await sftp_put(spare, "a.dcm", b"x")
+            held = [await s.open("a.dcm", "rb") for s in sessions for _ in range(MAX_OPEN_FILES)]  # 1 088
+            for f in held:
+                assert await f.read(1) == b"x"
+            await sftp_put(spare, "b.dcm", b"still stored")  # needs descriptors of its own
+            for f in held:
+                await f.close()
 
     asyncio.run(run())
 

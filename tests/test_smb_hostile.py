@@ -26,7 +26,7 @@ from smbprotocol.session import Session
 from smbprotocol.tree import TreeConnect
 from smbutil import Smb, create_for_write
 
-from agent.serve.fuse import MAX_OPEN_DIRS
+from agent.serve.fuse import MAX_OPEN_DIRS, MAX_OPEN_FILES
 from harness import PASSWORD
 
 ERRORS = (OSError, SMBException)
@@ -190,6 +190,44 @@ def test_directory_handles_per_user_are_capped(smb_agent):
     for d in held:
         d.close()
     assert smb.listdir("CT") == ["a.dcm"]
+    smb.close()
+
+
+def test_open_files_per_user_are_capped(smb_agent):
+    """Only directory handles were capped: one SMB client could open files without closing them, thousands per
+    connection (smbd allows ~16 000) and 64 connections per address, each open file read once holding a descriptor
+    of the agent's, until the agent ran out of descriptors and every protocol's stores failed. One user may now hold
+    fuse.MAX_OPEN_FILES; one more is refused (STATUS_TOO_MANY_OPENED_FILES) until one is closed."""
+    import psutil
+
+    agent = smb_agent().start(timeout=180)
+    smb = Smb(agent)
+    smb.write("a.dcm", b"xy")
+    session = smbclient.register_session("127.0.0.1", username="pacs", password=PASSWORD, port=smb.port,
+                                         connection_cache=smb.kw["connection_cache"])
+    tree = TreeConnect(session, smb.root)
+    tree.connect()
+    fds = psutil.Process(agent.proc.pid).num_fds()
+
+    def opened() -> Open:
+        f = Open(tree, "a.dcm")
+        f.create(ImpersonationLevel.Impersonation, FilePipePrinterAccessMask.GENERIC_READ,
+                 FileAttributes.FILE_ATTRIBUTE_NORMAL, ShareAccess.FILE_SHARE_READ | ShareAccess.FILE_SHARE_WRITE,
+                 CreateDisposition.FILE_OPEN, CreateOptions.FILE_NON_DIRECTORY_FILE)
+        assert f.read(0, 1) == b"x"  # the agent opens the cached copy
+        return f
+
+    held = [opened() for _ in range(MAX_OPEN_FILES)]
+    with pytest.raises(SMBResponseException) as refused:
+        opened()
+    assert refused.value.status == 0xC000011F, hex(refused.value.status)  # STATUS_TOO_MANY_OPENED_FILES
+    assert psutil.Process(agent.proc.pid).num_fds() <= fds + MAX_OPEN_FILES + 16
+    held.pop().close()
+    held.append(opened())
+    for f in held:
+        f.close()
+    wait_for(lambda: psutil.Process(agent.proc.pid).num_fds() <= fds + 16, 10)  # every descriptor given back
+    assert smb.read("a.dcm") == b"xy"
     smb.close()
 
 

@@ -17,6 +17,7 @@ Gateway errors become errno values; Samba turns them into NT status codes.
 from __future__ import annotations
 
 import asyncio
+import collections
 import errno
 import itertools
 import os
@@ -44,6 +45,11 @@ PROTOCOL = "smb"
 # Directories one SMB user may hold open, over all its connections (smbd's own, as root, are not counted): each
 # holds its whole listing until smbd closes it (300 of a 3 000-file directory held 265 MB; smbd allows thousands)
 MAX_OPEN_DIRS = 64
+# Files one SMB user may hold open at once, over all its connections: each open holds an entry here and, once read
+# or written, a descriptor of the agent's (a cached copy, a staging file); smbd allows ~16 000 per connection, and
+# 64 connections per address, so one client opening files without closing them ran the agent out of descriptors
+# (every protocol's uploads then failed). Far above what a PACS's parallel associations keep open.
+MAX_OPEN_FILES = 1024
 
 
 def errno_for(e: GatewayError) -> int:
@@ -105,6 +111,7 @@ class _Open:
     committed: bool = False  # the current writer's content was committed by a flush
     unlinked: bool = False
     failed: bool = False  # a write failed (e.g. disk full): the file is discarded, its close reports an error
+    uid: int = -1  # the Unix account that opened it (MAX_OPEN_FILES counts per account)
 
     async def close_reader(self) -> None:
         if self.reader is not None:
@@ -127,6 +134,7 @@ class GatewayFS(pyfuse3.Operations):
         self._by_path: dict[str, int] = {"": pyfuse3.ROOT_INODE}
         self._inode_numbers = itertools.count(pyfuse3.ROOT_INODE + 1)
         self._files: dict[int, _Open] = {}
+        self._files_of: collections.Counter[int] = collections.Counter()  # uid → its open files (MAX_OPEN_FILES)
         # fh → the uid that opened it, the listing (name, path, dir, size, mtime)
         self._dirs: dict[int, tuple[int, list[tuple[bytes, str, bool, int, float]]]] = {}
         self._fh_numbers = itertools.count(1)
@@ -395,9 +403,19 @@ class GatewayFS(pyfuse3.Operations):
 
     # --- files -----------------------------------------------------------------------------------
 
-    def _new_fh(self, op: _Open) -> int:
+    def _admit_file(self, ctx: pyfuse3.RequestContext, path: str) -> None:
+        """Refuse an SMB user's open beyond MAX_OPEN_FILES (EMFILE: smbd answers STATUS_TOO_MANY_OPENED_FILES)."""
+        if ctx.uid in self.users and self._files_of[ctx.uid] >= MAX_OPEN_FILES:
+            log.warning("smb_refused", user=self._who(ctx).user, path=path,
+                        reason=f"too many open files ({MAX_OPEN_FILES})")
+            self.gw.count_error(PROTOCOL, "TooManyOpenFiles")
+            raise pyfuse3.FUSEError(errno.EMFILE)
+
+    def _new_fh(self, op: _Open, uid: int) -> int:
         fh = next(self._fh_numbers)
         self._files[fh] = op
+        op.uid = uid
+        self._files_of[uid] += 1
         return fh
 
     async def _ensure_writer(self, op: _Open, keep: int | None = None) -> WriteHandle:
@@ -424,17 +442,19 @@ class GatewayFS(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EROFS)
         if path in self._writing and flags & os.O_EXCL:  # a file being written, not yet committed, holds the name
             raise pyfuse3.FUSEError(errno.EEXIST)
+        self._admit_file(ctx, path)
         op = _Open(0, path, writable=True, who=self._who(ctx), pid=ctx.pid)
         op.writer = await self._call(self.gw.open_for_write(path, PROTOCOL, op.who, keep=0,
                                                             exclusive=bool(flags & os.O_EXCL)))
         self._writing[path] = op
         op.inode = self._inode_for(path)
-        fh = self._new_fh(op)
+        fh = self._new_fh(op, ctx.uid)
         attrs = self._counted(self._attrs(op.inode, is_dir=False, size=0, mtime=time.time()))
         return pyfuse3.FileInfo(fh=fh, keep_cache=False), attrs
 
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
         path = self._path(inode)
+        self._admit_file(ctx, path)
         writable = bool(flags & (os.O_WRONLY | os.O_RDWR))
         if path not in self._writing:
             e = await self._call(self.gw.stat(path))
@@ -445,7 +465,7 @@ class GatewayFS(pyfuse3.Operations):
         op = _Open(inode, path, writable=writable, who=self._who(ctx), pid=ctx.pid, truncate=bool(flags & os.O_TRUNC))
         if op.truncate and writable:
             await self._ensure_writer(op)
-        return pyfuse3.FileInfo(fh=self._new_fh(op), keep_cache=False)
+        return pyfuse3.FileInfo(fh=self._new_fh(op, ctx.uid), keep_cache=False)
 
     async def read(self, fh: int, off: int, size: int) -> bytes:
         op = self._files[fh]
@@ -514,6 +534,9 @@ class GatewayFS(pyfuse3.Operations):
         op = self._files.pop(fh, None)
         if op is None:
             return
+        self._files_of[op.uid] -= 1
+        if not self._files_of[op.uid]:
+            del self._files_of[op.uid]
         if op.writer is not None and not op.committed:
             await op.writer.abort("released without a flush")
         self._stop_showing(op)

@@ -37,6 +37,11 @@ H = TypeVar("H", ReadHandle, WriteHandle)
 # Handles per SFTP session, files and directories together: a file holds a descriptor (and a staging file when
 # writing), a directory being read its whole listing (1.4 MB for 3 000 names: 400 unclosed ones held 565 MB)
 MAX_OPEN_FILES = 64
+# Directory handles one user may hold over all its SFTP sessions of this process (as SMB's fuse.MAX_OPEN_DIRS):
+# MAX_OPEN_FILES alone let one account hold 64 per channel, 10 channels per connection, 32 connections (20 480
+# listings, 28 GB for a 3 000-file directory)
+MAX_OPEN_DIRS = 64
+_listings_of: dict[str, weakref.WeakSet[AsyncIterator[asyncssh.SFTPName]]] = {}  # user → its open listings
 MAX_READ = asyncssh.sftp.MAX_SFTP_READ_LEN  # what asyncssh announces (limits@openssh.com); a longer READ gets less
 
 
@@ -345,8 +350,15 @@ class GatewaySFTP(asyncssh.SFTPServer):
 
     def scandir(self, path: bytes) -> AsyncIterator[asyncssh.SFTPName]:
         self._take_handle(path)
+        users = _listings_of.setdefault(self.user, weakref.WeakSet())
+        if len(users) >= MAX_OPEN_DIRS:
+            log.warning("sftp_refused", user=self.user, path=path.decode(errors="replace"),
+                        reason=f"too many open directories for this user ({MAX_OPEN_DIRS})")
+            self.gateway.count_error("sftp", "TooManyOpenFiles")
+            raise asyncssh.SFTPFailure(f"too many open directories for this user (limit {MAX_OPEN_DIRS})")
         listing = self._listing(path)
         self.listings.add(listing)
+        users.add(listing)
         return listing
 
     async def _listing(self, path: bytes) -> AsyncIterator[asyncssh.SFTPName]:

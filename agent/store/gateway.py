@@ -49,7 +49,7 @@ from agent.store.fetch import download
 from agent.store.paths import S3_KEY_BYTES, ancestors, check_creatable, name_problem, parent_of
 from agent.uplink.line import SERVER_ERROR_RETRIES
 from agent.uplink.s3 import S3Uplink, error_code
-from agent.uplink.uploader import CONFLICTS, HA_DIR, Uploader
+from agent.uplink.uploader import CONFLICT_EXTRA, CONFLICTS, HA_DIR, Uploader
 
 log = structlog.get_logger("pacsgw.gateway")
 
@@ -536,11 +536,14 @@ class Gateway:
     def _fits(self, path: str) -> None:
         """A name whose object key (the uplink prefix, then the path) would pass S3's limit is refused before
         anything is stored: it was acknowledged, then every upload failed (KeyTooLongError) and the copy stayed
-        on the SSD for good, never evictable. The client hears 'path longer than …' as for any over-long path."""
-        limit = S3_KEY_BYTES - len(self.cfg.uplink.prefix.encode())
+        on the SSD for good, never evictable. The client hears 'path longer than …' as for any over-long path.
+        In an HA pair the key of the file's conflict copy (`.pacsgw-conflicts/<path>.<hash>`) must fit too: a
+        longer one failed every retry and the box kept a queue, never eligible for the address again."""
+        limit = S3_KEY_BYTES - len(self.cfg.uplink.prefix.encode()) - (CONFLICT_EXTRA if self.cfg.ha.enabled else 0)
         if len(path.encode("utf-8", "surrogatepass")) > limit:
             raise BadPath(path, f"path longer than {limit} bytes (with the uplink prefix, an object key holds at "
-                                f"most {S3_KEY_BYTES})")
+                                f"most {S3_KEY_BYTES}" + (f", {CONFLICT_EXTRA} of them kept for an HA conflict "
+                                                          "copy's name)" if self.cfg.ha.enabled else ")"))
 
     @staticmethod
     def _not_the_agents(who: Who | None, path: str) -> None:

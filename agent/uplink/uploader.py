@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import dataclasses
 import functools
+import hashlib
 import os
 import time
 import weakref
@@ -43,6 +44,21 @@ log = structlog.get_logger("pacsgw.uplink")
 IDLE_POLL = 5.0
 CONFLICTS = ".pacsgw-conflicts"  # where an HA box keeps content it must not write over the other box's
 HA_DIR = ".pacsgw-ha"  # the HA pair's own objects (agent.ha), in the namespace's prefix, never followed as files
+KEY_BYTES = 1024  # S3's longest object key, prefix included (agent.store.paths.S3_KEY_BYTES: uplink imports no store)
+NAME_BYTES = 255  # the longest name a client can look up (agent.store.paths.MAX_NAME_BYTES)
+CONFLICT_EXTRA = len(CONFLICTS) + 2 + 16  # what conflict_key adds to a path: the folder, '/', '.', the hash prefix
+
+
+def conflict_key(path: str, sha256: str | None, prefix: str) -> str:
+    """Where an HA box keeps its copy of `path` that the other box's object refused: the path itself under
+    CONFLICTS, so an administrator finds it by name. A path too long for that (stored before [ha] was enabled,
+    when new names could take the whole key: Gateway._fits keeps CONFLICT_EXTRA free with [ha] on) is kept under
+    its SHA-256 instead, so that the copy can always be stored (the `ha_conflict` event names both)."""
+    side = f"{CONFLICTS}/{path}.{(sha256 or '')[:16]}"
+    if len((prefix + side).encode("utf-8", "surrogatepass")) <= KEY_BYTES and len(
+            side.rpartition("/")[2].encode("utf-8", "surrogatepass")) <= NAME_BYTES:
+        return side
+    return f"{CONFLICTS}/{hashlib.sha256(path.encode('utf-8', 'surrogatepass')).hexdigest()}.{(sha256 or '')[:16]}"
 
 
 class UploadQueue(Protocol):
@@ -224,7 +240,7 @@ class Uploader:
             return PutResult(head.get("ETag"), head.get("VersionId"))  # our own write, whose answer was lost
         # The other box stored this path after this box last saw it (its content is the newer one: this box's
         # queue predates its failure). Keep this copy beside the namespace and take the other box's object.
-        side = f"{CONFLICTS}/{e.path}.{(e.sha256 or '')[:16]}"
+        side = conflict_key(e.path, e.sha256, self.s3.cfg.prefix)
         result = await keep_aside(side)
         blob = await self.db.adopt_remote(e.path, e.gen, size, head.get("ETag") if head else None)
         if blob:
