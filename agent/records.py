@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 from urllib.parse import urlencode
 
 DICOM_PREFIX = "dicom-"  # the user-metadata keys of a DICOM object (agent.dicom.objectmeta)
+S3_KEY_BYTES = 1024  # the longest object key S3 takes, uplink prefix included
+MAX_NAME_BYTES = 255  # the longest name (one path segment) a client can make or look up
 
 
 @dataclass(frozen=True, slots=True)

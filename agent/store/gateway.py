@@ -27,7 +27,7 @@ import structlog
 from agent.audit import AuditLog, Who, failure
 from agent.config import Config
 from agent.metrics import Metrics
-from agent.records import Entry
+from agent.records import S3_KEY_BYTES, Entry
 from agent.store.access import AccessStats
 from agent.store.cache import WOULD_BLOCK, Cache, DiskUsage, Opened, fast_hash, hash_range, sha256_fd
 from agent.store.catalog import AsyncCatalog
@@ -46,7 +46,7 @@ from agent.store.errors import (
 )
 from agent.store.evictor import Evictor
 from agent.store.fetch import download
-from agent.store.paths import S3_KEY_BYTES, ancestors, check_creatable, name_problem, parent_of
+from agent.store.paths import ancestors, check_creatable, name_problem, parent_of
 from agent.uplink.line import SERVER_ERROR_RETRIES
 from agent.uplink.s3 import S3Uplink, error_code
 from agent.uplink.uploader import CONFLICT_EXTRA, CONFLICTS, HA_DIR, Uploader

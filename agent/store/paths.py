@@ -10,11 +10,10 @@ from __future__ import annotations
 import posixpath
 import unicodedata
 
+from agent.records import MAX_NAME_BYTES
 from agent.store.errors import BadPath, PermissionDenied
 
-MAX_NAME_BYTES = 255
 MAX_PATH_BYTES = 1000  # room for an uplink prefix of 24 bytes; a longer one lowers the limit (Gateway._fits)
-S3_KEY_BYTES = 1024  # the longest object key S3 takes, uplink prefix included
 
 
 # Device names Windows reserves, with or without an extension ("CON", "aux.txt"): an SMB client cannot use them.

@@ -26,7 +26,7 @@ from typing import Awaitable, Callable, Protocol
 import structlog
 
 from agent.metrics import Metrics
-from agent.records import Entry, Header, Lock, ObjectMeta, index_row
+from agent.records import MAX_NAME_BYTES, S3_KEY_BYTES, Entry, Header, Lock, ObjectMeta, index_row
 from agent.uplink.encoding import logical_size, worth_compressing
 from agent.uplink.line import Line, backoff
 from agent.uplink.s3 import (
@@ -44,8 +44,6 @@ log = structlog.get_logger("pacsgw.uplink")
 IDLE_POLL = 5.0
 CONFLICTS = ".pacsgw-conflicts"  # where an HA box keeps content it must not write over the other box's
 HA_DIR = ".pacsgw-ha"  # the HA pair's own objects (agent.ha), in the namespace's prefix, never followed as files
-KEY_BYTES = 1024  # S3's longest object key, prefix included (agent.store.paths.S3_KEY_BYTES: uplink imports no store)
-NAME_BYTES = 255  # the longest name a client can look up (agent.store.paths.MAX_NAME_BYTES)
 CONFLICT_EXTRA = len(CONFLICTS) + 2 + 16  # what conflict_key adds to a path: the folder, '/', '.', the hash prefix
 
 
@@ -55,8 +53,8 @@ def conflict_key(path: str, sha256: str | None, prefix: str) -> str:
     when new names could take the whole key: Gateway._fits keeps CONFLICT_EXTRA free with [ha] on) is kept under
     its SHA-256 instead, so that the copy can always be stored (the `ha_conflict` event names both)."""
     side = f"{CONFLICTS}/{path}.{(sha256 or '')[:16]}"
-    if len((prefix + side).encode("utf-8", "surrogatepass")) <= KEY_BYTES and len(
-            side.rpartition("/")[2].encode("utf-8", "surrogatepass")) <= NAME_BYTES:
+    if len((prefix + side).encode("utf-8", "surrogatepass")) <= S3_KEY_BYTES and len(
+            side.rpartition("/")[2].encode("utf-8", "surrogatepass")) <= MAX_NAME_BYTES:
         return side
     return f"{CONFLICTS}/{hashlib.sha256(path.encode('utf-8', 'surrogatepass')).hexdigest()}.{(sha256 or '')[:16]}"
 
