@@ -258,3 +258,26 @@ def test_a_box_with_compress_off_reads_what_was_compressed(agent_factory):
     assert fsck(other, "--remote")[0] == 0
     other.start()
     read_back(other, "MR/sftp.dcm", "CT/notes.txt", files)
+
+
+def test_objects_whose_encoding_metadata_lies_leave_their_directory_listed(agent_factory, seaweed):
+    """Another S3 client's objects with an unknown pacsgw-encoding, a zstd flag without pacsgw-size, or a size
+    beyond what a file can have: each is left out of the listing (named in remote_object_skipped), its
+    siblings are listed and read. Before, one of them failed the whole directory's listing (Undecodable, or
+    SQLite's OverflowError): every file in it was 'unavailable' to every client."""
+    a = agent_factory().start()
+    s3, good = seaweed.client(), b"good file " * 100
+    s3.put_object(Bucket=BUCKET, Key=a.prefix + "X/good.dcm", Body=good)
+    for name, meta in {"gzip": {"pacsgw-encoding": "gzip"}, "nosize": {"pacsgw-encoding": "zstd"},
+                       "huge": {"pacsgw-encoding": "zstd", "pacsgw-size": "9" * 30}}.items():
+        s3.put_object(Bucket=BUCKET, Key=f"{a.prefix}X/{name}.dcm", Body=compress(good), Metadata=meta)
+    f = ftp_login(a)
+    assert {name: int(facts["size"]) for name, facts in f.mlsd("X")} == {"good.dcm": len(good)}
+    got = io.BytesIO()
+    f.retrbinary("RETR X/good.dcm", got.write)
+    assert got.getvalue() == good
+    with pytest.raises(ftplib.error_perm, match="^550"):
+        f.retrbinary("RETR X/gzip.dcm", io.BytesIO().write)
+    f.quit()
+    assert sorted(e["path"] for e in a.wait_events("remote_object_skipped", 3)) == [
+        "X/gzip.dcm", "X/huge.dcm", "X/nosize.dcm"]

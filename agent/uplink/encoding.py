@@ -17,6 +17,7 @@ import zstandard
 ENCODING = "pacsgw-encoding"
 SIZE = "pacsgw-size"
 ZSTD = "zstd"
+MAX_SIZE = 1 << 50  # 1 PiB: far above any file a PACS stores, far below SQLite's 2**63
 LEVEL = 3  # bench/dicom_compress.py: level 3 is within a few % of 9's ratio at several times the speed
 
 # Implicit VR LE, Explicit VR LE, Explicit VR BE (retired, still written by old modalities)
@@ -50,7 +51,9 @@ def logical_size(head: Mapping[str, Any]) -> int:
     if encoding_of(head.get("Metadata")) is None:
         return stored
     value = _lower(head.get("Metadata")).get(SIZE, "")
-    if not value.isdigit():
+    # ASCII digits only ('²' is a digit to str.isdigit, not to int), and a size a file can have: the catalog
+    # (SQLite) holds sizes below 2**63
+    if not (value.isascii() and value.isdigit()) or int(value) > MAX_SIZE:
         raise Undecodable(f"compressed object without a valid {SIZE} ({value[:40]!r})")
     return int(value)
 
