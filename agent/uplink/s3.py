@@ -539,11 +539,13 @@ class S3Uplink:
 
             async def decoded(decoder: Decoder) -> AsyncIterator[bytes]:
                 async for data in self._blocks(resp):
-                    if out := await asyncio.to_thread(decoder.feed, data):
-                        yield out
+                    decoder.push(data)
+                    while (out := await asyncio.to_thread(decoder.pull)) is not None:
+                        if out:
+                            yield out
                 decoder.finish()
 
-            yield size, meta_sha(head["Metadata"]), decoded(Decoder()) if encoded else self._blocks(resp)
+            yield size, meta_sha(head["Metadata"]), decoded(Decoder(size)) if encoded else self._blocks(resp)
 
     async def _blocks(self, resp: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
         """The answer's body in GET_CHUNK blocks, at the line's download rate."""
