@@ -263,3 +263,23 @@ def test_an_index_object_that_inflates_without_bound_is_damaged_not_read():
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
     assert peak < snapshot.ROWS_MAX_BYTES + (64 << 20)
+
+
+def test_a_rebuild_indexes_only_what_an_upload_would_write(agent_factory, seaweed):
+    """Another S3 client's object metadata and keys went into the study index as they were, and `pacsgw find`
+    printed them to the admin's terminal: an escape sequence in dicom-modality or in a key (which the listings
+    hide from clients) could retitle, clear or rewrite that terminal. Now a rebuilt row keeps only values an
+    upload writes (UIDs, CS, DA, a hex pseudonym), and a key no client could name is not indexed."""
+    a = agent_factory()
+    s3, study = seaweed.client(), "1.2.826.0.1.3680043.8.498.77"
+    meta = {"dicom-study": study, "dicom-series": study + ".1", "dicom-sop": study + ".2", "dicom-modality": "CT"}
+    s3.put_object(Bucket=BUCKET, Key=a.prefix + "CT/good.dcm", Body=b"g" * 100, Metadata=meta)
+    s3.put_object(Bucket=BUCKET, Key=a.prefix + "CT/bad.dcm", Body=b"b" * 100,
+                  Metadata={**meta, "dicom-modality": "CT;[2J", "dicom-study-date": "x" * 1000})
+    s3.put_object(Bucket=BUCKET, Key=a.prefix + "CT/\x1b[2Jname.dcm", Body=b"n" * 100, Metadata=meta)
+    assert pacsgw(a, "index-rebuild")["objects"] == 3
+    out = subprocess.run([sys.executable, "-m", "agent.cli", "find", "--study", study, "--config", str(a.config_path)],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "\x1b" not in out.stdout and "\x07" not in out.stdout
+    assert [line.split()[-1] for line in out.stdout.splitlines()[:-1]] == ["CT/bad.dcm", "CT/good.dcm"]

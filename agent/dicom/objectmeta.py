@@ -52,6 +52,21 @@ def checked(h: Header) -> Header:
                    patient=_valid(h.patient, _LO), birth_date=_valid(h.birth_date, _DA))
 
 
+_PSEUDONYM = re.compile(r"[0-9a-f]{32}")
+
+
+def checked_row(row: tuple[object, ...]) -> tuple[object, ...] | None:
+    """A study-index row (path, size, study, series, sop, modality, study date, patient) read back from the bucket,
+    with only the values object_meta writes (anyone may write an object's metadata, or an index object); None
+    without a valid study UID (not DICOM as far as the index goes)."""
+    path, size, study, series, sop, modality, date, patient = row
+    text = [v if isinstance(v, str) else None for v in (study, series, sop, modality, date, patient)]
+    if _valid(text[0], _UID) is None:
+        return None
+    return (path, size, text[0], _valid(text[1], _UID), _valid(text[2], _UID), _valid(text[3], _CS),
+            _valid(text[4], _DA), _valid(text[5], _PSEUDONYM))
+
+
 def object_meta(h: Header, key: bytes | None, retention: str) -> ObjectMeta:
     """The metadata and tags of a DICOM object (header h); nothing for a file that is not DICOM."""
     if not h.dicom:
