@@ -20,6 +20,7 @@ import structlog
 
 from agent.config import Config
 from agent.dicom import header as dicom_header
+from agent.dicom.objectmeta import checked
 from agent.policy.dirheat import History, RankedDir, history, rank_by_model, rank_cold_start, window_bounds
 from agent.policy.features import WINDOW
 from agent.policy.prefetch import Budget, Candidate, plan
@@ -281,6 +282,7 @@ class PriorFetcher:
                 return
             # bounded read, pixel data not read; all None for a file that is not DICOM; OSError if it vanished
             h = await asyncio.to_thread(dicom_header.read_path, blob_path)
+            h = checked(h)  # only values their VR allows: the table and the planner keep them for good
             if not await self.db.record_study(d, h.patient, h.study_uid, h.study_date, h.modality):
                 return
             log.info("study_recorded", dir=d, first=path, dicom=h.patient is not None, modality=h.modality)

@@ -258,3 +258,51 @@ def test_a_box_with_compress_off_reads_what_was_compressed(agent_factory):
     assert fsck(other, "--remote")[0] == 0
     other.start()
     read_back(other, "MR/sftp.dcm", "CT/notes.txt", files)
+
+
+def test_objects_whose_encoding_metadata_lies_leave_their_directory_listed(agent_factory, seaweed):
+    """Another S3 client's objects with an unknown pacsgw-encoding, a zstd flag without pacsgw-size, or a size
+    beyond what a file can have: each is left out of the listing (named in remote_object_skipped), its
+    siblings are listed and read. Before, one of them failed the whole directory's listing (Undecodable, or
+    SQLite's OverflowError): every file in it was 'unavailable' to every client."""
+    a = agent_factory().start()
+    s3, good = seaweed.client(), b"good file " * 100
+    s3.put_object(Bucket=BUCKET, Key=a.prefix + "X/good.dcm", Body=good)
+    for name, meta in {"gzip": {"pacsgw-encoding": "gzip"}, "nosize": {"pacsgw-encoding": "zstd"},
+                       "huge": {"pacsgw-encoding": "zstd", "pacsgw-size": "9" * 30}}.items():
+        s3.put_object(Bucket=BUCKET, Key=f"{a.prefix}X/{name}.dcm", Body=compress(good), Metadata=meta)
+    f = ftp_login(a)
+    assert {name: int(facts["size"]) for name, facts in f.mlsd("X")} == {"good.dcm": len(good)}
+    got = io.BytesIO()
+    f.retrbinary("RETR X/good.dcm", got.write)
+    assert got.getvalue() == good
+    with pytest.raises(ftplib.error_perm, match="^550"):
+        f.retrbinary("RETR X/gzip.dcm", io.BytesIO().write)
+    f.quit()
+    assert sorted(e["path"] for e in a.wait_events("remote_object_skipped", 3)) == [
+        "X/gzip.dcm", "X/huge.dcm", "X/nosize.dcm"]
+
+
+def _peak_rss(pid: int) -> int:
+    """The process's peak resident memory in bytes (VmHWM)."""
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+
+
+def test_a_zstd_bomb_from_another_client_is_refused_within_bounded_memory(agent_factory, seaweed):
+    """An object flagged zstd whose 16 KB frame decodes to 512 MB (pacsgw-size says 1 000 bytes): the read fails
+    (451, fetch_failed Corrupt) as soon as the decoded bytes pass the promised size, with the agent's memory and
+    cache disk untouched. Before, each 256 KiB block of an object was decoded whole in one call: the agent held
+    the 512 MB (a 256 KiB frame gives 8 GB) and wrote it to the cache before the size check failed."""
+    a = agent_factory().start()
+    packer, zeros = zstandard.ZstdCompressor(level=19).compressobj(), bytes(1 << 20)
+    bomb = b"".join(packer.compress(zeros) for _ in range(512)) + packer.flush()
+    assert len(bomb) < 32 * 1024
+    seaweed.client().put_object(Bucket=BUCKET, Key=a.prefix + "B/bomb.dcm", Body=bomb,
+                                Metadata={"pacsgw-encoding": "zstd", "pacsgw-size": "1000"})
+    f = ftp_login(a)
+    before = _peak_rss(a.proc.pid)
+    with pytest.raises(ftplib.error_temp, match="^451.*decodes to more than the 1000 bytes"):
+        f.retrbinary("RETR B/bomb.dcm", io.BytesIO().write)
+    f.quit()
+    assert _peak_rss(a.proc.pid) - before < 100 << 20

@@ -5,18 +5,23 @@ SeaweedFS, real FTP."""
 
 from __future__ import annotations
 
+import asyncio
 import ftplib
 import gzip
 import io
 import subprocess
 import sys
 import time
+import tracemalloc
+import zlib
 
 import numpy as np
+import pytest
 from pydicom.uid import generate_uid
 from test_config import GOOD, write
 from test_dicom import KEY, pacsgw
 
+from agent.dicom import snapshot
 from agent.dicom.objectmeta import pseudonym
 from bench.dicomgen import ct_slice
 from harness import BUCKET, PASSWORD
@@ -241,3 +246,40 @@ def test_index_rows_wait_in_the_catalog_until_a_delta_holds_them(tmp_path):
     assert cat.mark_clean("c.dcm", gen, '"c1"', None, "ab" * 32)
     assert [(r[0], r[2]) for r in cat.unshipped_index_rows(10)] == [("a.dcm", '"a2"'), ("c.dcm", '"c1"')]
     cat.close()
+
+
+def test_an_index_object_that_inflates_without_bound_is_damaged_not_read():
+    """Any S3 client may write under pacsgw-index/: a 1 MB gzip 'delta' inflating to 1 GB was inflated whole by a
+    rebuild (times READ_AHEAD deltas at once). Now it is damaged as soon as it passes ROWS_MAX_BYTES (the rebuild
+    skips it and HEADs its objects), with memory to match; real rows still decode."""
+    rows = [("CT/a.dcm", 10, "etag", "1.2", "1.3", "1.4", "CT", "20250101", None)]
+    assert asyncio.run(snapshot.decode_rows(snapshot.encode_rows(rows))) == [list(r) for r in rows]
+    packer = zlib.compressobj(9, zlib.DEFLATED, 16 + zlib.MAX_WBITS)
+    bomb = b"".join(packer.compress(b"[" * (1 << 20)) for _ in range(1024)) + packer.flush()
+    assert len(bomb) < 2 << 20
+    tracemalloc.start()
+    with pytest.raises(ValueError, match="decodes to more than"):
+        asyncio.run(snapshot.decode_rows(bomb))
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < snapshot.ROWS_MAX_BYTES + (64 << 20)
+
+
+def test_a_rebuild_indexes_only_what_an_upload_would_write(agent_factory, seaweed):
+    """Another S3 client's object metadata and keys went into the study index as they were, and `pacsgw find`
+    printed them to the admin's terminal: an escape sequence in dicom-modality or in a key (which the listings
+    hide from clients) could retitle, clear or rewrite that terminal. Now a rebuilt row keeps only values an
+    upload writes (UIDs, CS, DA, a hex pseudonym), and a key no client could name is not indexed."""
+    a = agent_factory()
+    s3, study = seaweed.client(), "1.2.826.0.1.3680043.8.498.77"
+    meta = {"dicom-study": study, "dicom-series": study + ".1", "dicom-sop": study + ".2", "dicom-modality": "CT"}
+    s3.put_object(Bucket=BUCKET, Key=a.prefix + "CT/good.dcm", Body=b"g" * 100, Metadata=meta)
+    s3.put_object(Bucket=BUCKET, Key=a.prefix + "CT/bad.dcm", Body=b"b" * 100,
+                  Metadata={**meta, "dicom-modality": "CT;[2J", "dicom-study-date": "x" * 1000})
+    s3.put_object(Bucket=BUCKET, Key=a.prefix + "CT/\x1b[2Jname.dcm", Body=b"n" * 100, Metadata=meta)
+    assert pacsgw(a, "index-rebuild")["objects"] == 3
+    out = subprocess.run([sys.executable, "-m", "agent.cli", "find", "--study", study, "--config", str(a.config_path)],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "\x1b" not in out.stdout and "\x07" not in out.stdout
+    assert [line.split()[-1] for line in out.stdout.splitlines()[:-1]] == ["CT/bad.dcm", "CT/good.dcm"]

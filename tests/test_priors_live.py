@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
 
@@ -125,3 +126,25 @@ def test_priors_off_reads_no_headers(agent_factory):
     ftp.quit()
     a.wait_drained()
     assert catalog_rows(a, "SELECT * FROM studies") == [] and not a.events("study_recorded")
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # pydicom warns of the values it is made to write
+def test_a_hostile_header_leaves_bounded_study_rows_and_logs(agent_factory):
+    """A header's values reach the study table, the log and the planner's modality codes (held for the process's
+    life, one per distinct modality): only values their VR allows may, as for the S3 metadata. Before, a 60 000-
+    character Modality or PatientID went there whole, once per new study directory."""
+    a = agent_factory(**{"prefetch.enabled": False, "prefetch.priors": True, "prefetch.study_depth": 3}).start()
+    ftp = ftp_login(a)
+    huge = "CT\n" + "A" * 60_000
+    body = dicom("P" * 60_000, uid(), "2025011\x07", huge, 1)
+    assert ftp_put(ftp, "CT/2025-01-10/hostile/0.dcm", body).startswith("226")
+    store_study(ftp, "CT/2025-01-11", "P9", "20250111", "CT", files=1)
+    ftp.quit()
+    a.wait_drained()
+    assert ftp_get(ftp_login(a), "CT/2025-01-10/hostile/0.dcm") == body  # stored as given
+    rows = dict((d.split("/")[2], r) for d, *r in catalog_rows(
+        a, "SELECT dir, patient, study_date, modality FROM studies"))
+    assert rows["hostile"] == [None, None, None] and rows[next(k for k in rows if k != "hostile")] == [
+        "P9", "20250111", "CT"]
+    recorded = a.wait_events("study_recorded", 2)
+    assert max(len(str(ev)) for ev in recorded) < 1000

@@ -30,6 +30,7 @@ DICOM_SUFFIXES = (".dcm", ".dicom")  # names that promise DICOM: a missing pream
 _UID = re.compile(r"[0-9]+(\.[0-9]+)*")            # UI: digits and dots, at most 64
 _DA = re.compile(r"[0-9]{8}")                      # DA: YYYYMMDD
 _CS = re.compile(r"[A-Z0-9_ ]{1,16}")              # CS: upper case, digits, space, underscore
+_LO = re.compile(r"[^\x00-\x1f\x7f\\]{1,64}")          # LO: no control characters nor backslash, at most 64
 
 
 def pseudonym(key: bytes, patient: str) -> str:
@@ -39,6 +40,31 @@ def pseudonym(key: bytes, patient: str) -> str:
 
 def _valid(value: str | None, pattern: re.Pattern[str], max_len: int = 64) -> str | None:
     return value if value is not None and len(value) <= max_len and pattern.fullmatch(value) else None
+
+
+def checked(h: Header) -> Header:
+    """h with every value its VR does not allow left out (None), as object_meta leaves them out: for what keeps
+    header values beside the bucket (the prior-study table, the planner, the log), which a 60 000-character
+    Modality or PatientID would otherwise fill, once per new study."""
+    return replace(h, sop_class=_valid(h.sop_class, _UID), sop_uid=_valid(h.sop_uid, _UID),
+                   study_uid=_valid(h.study_uid, _UID), series_uid=_valid(h.series_uid, _UID),
+                   study_date=_valid(h.study_date, _DA), modality=_valid(h.modality, _CS),
+                   patient=_valid(h.patient, _LO), birth_date=_valid(h.birth_date, _DA))
+
+
+_PSEUDONYM = re.compile(r"[0-9a-f]{32}")
+
+
+def checked_row(row: tuple[object, ...]) -> tuple[object, ...] | None:
+    """A study-index row (path, size, study, series, sop, modality, study date, patient) read back from the bucket,
+    with only the values object_meta writes (anyone may write an object's metadata, or an index object); None
+    without a valid study UID (not DICOM as far as the index goes)."""
+    path, size, study, series, sop, modality, date, patient = row
+    text = [v if isinstance(v, str) else None for v in (study, series, sop, modality, date, patient)]
+    if _valid(text[0], _UID) is None:
+        return None
+    return (path, size, text[0], _valid(text[1], _UID), _valid(text[2], _UID), _valid(text[3], _CS),
+            _valid(text[4], _DA), _valid(text[5], _PSEUDONYM))
 
 
 def object_meta(h: Header, key: bytes | None, retention: str) -> ObjectMeta:

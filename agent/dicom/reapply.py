@@ -21,7 +21,7 @@ from agent.audit import AuditLog, Who, failure
 from agent.config import Config
 from agent.dicom.header import HEADER_MAX, parse
 from agent.dicom.retention import DicomRetention, header_from_meta
-from agent.uplink.encoding import Decoder, encoding_of
+from agent.uplink.encoding import decode_head, encoding_of
 from agent.uplink.s3 import S3Uplink, error_code
 
 SLACK = datetime.timedelta(days=1)  # the upload time (LastModified) trails the PACS's write: not worth a request
@@ -56,7 +56,7 @@ async def _birth_date(s3: S3Uplink, path: str, version: str | None, size: int, e
         async with resp["Body"] as body:
             head = await body.read()
         if encoded:
-            head = Decoder().feed(head)
+            head = decode_head(head, HEADER_MAX)  # what parse reads at most, however far the frame goes
         h = parse(head, whole=n == size and not encoded)
         if not h.problem or n == size or n == HEADER_MAX:
             return h.birth_date

@@ -20,8 +20,10 @@ from tqdm import tqdm
 
 from agent.config import Config
 from agent.dicom import deltas, snapshot
+from agent.dicom.objectmeta import checked_row
 from agent.records import index_row
 from agent.store.catalog import Catalog
+from agent.store.paths import name_problem
 from agent.uplink.encoding import Undecodable, logical_size
 from agent.uplink.s3 import S3Uplink
 
@@ -53,7 +55,12 @@ async def rebuild(cfg: Config, catalog: Catalog, concurrency: int = 64, progress
     t0 = time.monotonic()
 
     def add(row: tuple[Any, ...]) -> None:
-        rows.append(row)
+        # what an upload would index: a key no client could name (control characters: `pacsgw find` prints
+        # paths to a terminal) or values object_meta would not write are another writer's, not indexed
+        checked = None if any(name_problem(part) for part in row[0].split("/")) else checked_row(row)
+        if checked is None:
+            return
+        rows.append(checked)
         if len(rows) >= BATCH:
             catalog.index_dicom(rows[:])
             rows.clear()

@@ -19,6 +19,7 @@ import itertools
 import json
 import os
 import sqlite3
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, AsyncGenerator, Iterable, Iterator
@@ -33,6 +34,9 @@ log = structlog.get_logger("pacsgw.dicom")
 
 SEGMENT_ROWS = 50_000   # ~2 MB gzip'd: a handful of GETs per million objects
 ROOT = "pacsgw-index/"
+GET_MAX = 64 << 20          # an index object read whole: a segment is ~2 MB gzip'd
+ROWS_MAX_BYTES = 256 << 20  # its JSON: 50 000 rows of ~400 bytes are 20 MB; 5 KiB a row at most
+_PIECE = 16 << 20
 
 Row = tuple[Any, ...]   # (path, size, etag, study, series, sop, modality, study_date, patient)
 
@@ -62,9 +66,28 @@ def encode_rows(rows: list[Row]) -> bytes:
     return gzip.compress(json.dumps(rows).encode(), 6)
 
 
+def _gunzip(data: bytes) -> bytes:
+    """The JSON of a segment or delta, at most ROWS_MAX_BYTES: gzip inflates up to 1 000-fold, and any S3 client
+    may write under pacsgw-index/ (1 MB there would have taken a rebuild 1 GB of memory, per object read)."""
+    d = zlib.decompressobj(16 + zlib.MAX_WBITS)  # gzip framing, one member as encode_rows writes
+    parts: list[bytes] = []
+    size, rest = 0, data
+    while True:  # a piece at a time: a bomb is refused holding ROWS_MAX_BYTES, not twice that
+        piece = d.decompress(rest, _PIECE)
+        rest, size = d.unconsumed_tail, size + len(piece)
+        parts.append(piece)
+        if size > ROWS_MAX_BYTES:
+            raise ValueError(f"decodes to more than {ROWS_MAX_BYTES} bytes")
+        if d.eof or (not rest and len(piece) < _PIECE):
+            break
+    if not d.eof or d.unused_data:
+        raise ValueError("not one whole gzip member")
+    return b"".join(parts)
+
+
 async def decode_rows(data: bytes | None) -> list[Any]:
     """A segment's or a delta's rows; ValueError (or a gzip/JSON error) when it is damaged."""
-    rows = json.loads(await asyncio.to_thread(gzip.decompress, data or b""))
+    rows = json.loads(await asyncio.to_thread(_gunzip, data or b""))
     if not isinstance(rows, list) or not all(valid_row(r) for r in rows):
         raise ValueError("not a list of index rows")
     return rows
@@ -84,6 +107,8 @@ class BucketFiles:
                 return None
             raise
         async with resp["Body"] as body:
+            if resp["ContentLength"] > GET_MAX:  # not one of ours (segments are ~2 MB): not read into memory
+                raise ValueError(f"{key}: {resp['ContentLength']} bytes, more than an index object holds")
             data: bytes = await body.read()
         return data
 

@@ -161,7 +161,7 @@ class HttpServer:
         if not _is_loopback(request.remote):
             return web.json_response({"error": "admin requests are accepted from loopback only"}, status=403)
         sent = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
-        if not self._admin_token or not hmac.compare_digest(sent.encode(), self._admin_token.encode()):
+        if not self._admin_token or not hmac.compare_digest(_raw(sent), self._admin_token.encode()):
             log.warning("admin_refused", path=request.path, method=request.method, reason="no or wrong token")
             return web.json_response({"error": "admin requests need 'Authorization: Bearer <token>' with the "
                                       f"token in <cache.dir>/{ADMIN_TOKEN_FILE} (pacsgw evict/prefetch "
@@ -218,11 +218,11 @@ class ScrapeListener:
         return await self._metrics(request)
 
     async def _authorized(self, header: str) -> bool:
-        if self._checked and hmac.compare_digest(header.encode(), self._checked.encode()):
+        if self._checked and hmac.compare_digest(_raw(header), _raw(self._checked)):
             return True
         scheme, _, encoded = header.partition(" ")
         try:
-            user, sep, password = base64.b64decode(encoded.strip(), validate=True).decode().partition(":")
+            user, sep, password = base64.b64decode(_raw(encoded.strip()), validate=True).decode().partition(":")
         except (binascii.Error, UnicodeDecodeError):
             return False
         if scheme.lower() != "basic" or not sep:
@@ -233,6 +233,12 @@ class ScrapeListener:
             return False
         self._checked = header
         return True
+
+
+def _raw(header: str) -> bytes:
+    """A header value's bytes as sent: aiohttp keeps bytes that are not UTF-8 as surrogates, which str.encode()
+    refuses (an Authorization header of bytes ff fe was an HTTP 500 and a traceback, not a refusal)."""
+    return header.encode("utf-8", "surrogateescape")
 
 
 def _is_loopback(remote: str | None) -> bool:

@@ -17,6 +17,7 @@ import zstandard
 ENCODING = "pacsgw-encoding"
 SIZE = "pacsgw-size"
 ZSTD = "zstd"
+MAX_SIZE = 1 << 50  # 1 PiB: far above any file a PACS stores, far below SQLite's 2**63
 LEVEL = 3  # bench/dicom_compress.py: level 3 is within a few % of 9's ratio at several times the speed
 
 # Implicit VR LE, Explicit VR LE, Explicit VR BE (retired, still written by old modalities)
@@ -50,7 +51,9 @@ def logical_size(head: Mapping[str, Any]) -> int:
     if encoding_of(head.get("Metadata")) is None:
         return stored
     value = _lower(head.get("Metadata")).get(SIZE, "")
-    if not value.isdigit():
+    # ASCII digits only ('²' is a digit to str.isdigit, not to int), and a size a file can have: the catalog
+    # (SQLite) holds sizes below 2**63
+    if not (value.isascii() and value.isdigit()) or int(value) > MAX_SIZE:
         raise Undecodable(f"compressed object without a valid {SIZE} ({value[:40]!r})")
     return int(value)
 
@@ -69,16 +72,39 @@ def compress(body: bytes) -> bytes:
     return bytes(zstandard.ZstdCompressor(level=LEVEL, write_checksum=True).compress(body))
 
 
-class Decoder:
-    """Decodes one zstd frame chunk by chunk (blocking calls: run them off the event loop)."""
+# A zstd frame can decode to 32 768 times its size (1 GB from 32 KB): what is decoded at a time is bounded, not what
+# the next block of the object would give. SLICE bytes of frame give at most 32 MiB (256 RLE blocks of 128 KiB).
+SLICE = 1024
+PIECE = 4 << 20           # decoded bytes handed on at a time (about: one SLICE more at most)
+MAX_WINDOW = 1 << 23      # our frames (level 3) use 2 MiB at most; a frame may not make the decoder hold more
 
-    def __init__(self) -> None:
-        self._obj = zstandard.ZstdDecompressor().decompressobj()
+
+class Decoder:
+    """Decodes one zstd frame chunk by chunk (blocking calls: run them off the event loop). push() a chunk, then
+    pull() its decoded bytes a PIECE at a time; limit: the size the object's metadata promises, more is
+    Undecodable (a frame built to fill memory or the cache disk is refused as soon as it overflows)."""
+
+    def __init__(self, limit: int | None = None) -> None:
+        self._obj = zstandard.ZstdDecompressor(max_window_size=MAX_WINDOW).decompressobj()
+        self._limit, self._decoded, self._pending = limit, 0, memoryview(b"")
 
     def _ended(self) -> bool:
         return bool(self._obj.eof)
 
-    def feed(self, data: bytes) -> bytes:
+    def push(self, data: bytes) -> None:
+        self._pending = memoryview(bytes(self._pending) + data) if self._pending else memoryview(data)
+
+    def pull(self) -> bytes | None:
+        """The next decoded bytes of what was pushed (about PIECE at most); None once it is all decoded."""
+        if not self._pending:
+            return None
+        out = bytearray()
+        while self._pending and len(out) < PIECE:
+            piece, self._pending = self._pending[:SLICE], self._pending[SLICE:]
+            out += self._decode(piece)
+        return bytes(out)
+
+    def _decode(self, data: memoryview) -> bytes:
         if self._ended():
             raise Undecodable("bytes after the end of the zstd frame")
         try:
@@ -87,8 +113,26 @@ class Decoder:
             raise Undecodable(f"zstd: {e}") from e
         if self._ended() and self._obj.unused_data:
             raise Undecodable("bytes after the end of the zstd frame")
+        self._decoded += len(out)
+        if self._limit is not None and self._decoded > self._limit:
+            raise Undecodable(f"decodes to more than the {self._limit} bytes its metadata says")
         return bytes(out)
+
+    def feed(self, data: bytes) -> bytes:
+        """push(data) and every byte it decodes to (at most limit bytes in all, if one was given)."""
+        self.push(data)
+        return b"".join(iter(self.pull, None))
 
     def finish(self) -> None:
         if not self._ended():
             raise Undecodable("the zstd frame ends early (truncated object)")
+
+
+def decode_head(data: bytes, n: int) -> bytes:
+    """The first n decoded bytes (fewer if it ends) of the start of a zstd frame: a file's header from a ranged read
+    of its compressed object; decoding stops there, whatever the frame would go on to give."""
+    d, out = Decoder(), bytearray()
+    d.push(data)
+    while len(out) < n and (piece := d.pull()) is not None:
+        out += piece
+    return bytes(out[:n])

@@ -30,6 +30,7 @@ from email.utils import parsedate_to_datetime
 from typing import Any, AsyncIterator, Awaitable, Callable, Iterator, Mapping
 
 import aiohttp
+import structlog
 from aiobotocore.config import AioConfig
 from aiobotocore.session import get_session
 from botocore.auth import EMPTY_SHA256_HASH, S3SigV4Auth
@@ -54,8 +55,10 @@ from yarl import URL
 from agent.config import UplinkConfig
 from agent.records import Lock, ObjectMeta, RemoteObject
 from agent.uplink import encoding
-from agent.uplink.encoding import Decoder, encoding_of, logical_size
+from agent.uplink.encoding import Decoder, Undecodable, encoding_of, logical_size
 from agent.uplink.ratelimit import Bandwidth, TokenBucket
+
+log = structlog.get_logger("pacsgw.uplink")
 
 META_SHA = "sha256"
 GET_CHUNK = 256 * 1024  # a download lands (written, hashed, readers woken) in blocks this large
@@ -536,11 +539,13 @@ class S3Uplink:
 
             async def decoded(decoder: Decoder) -> AsyncIterator[bytes]:
                 async for data in self._blocks(resp):
-                    if out := await asyncio.to_thread(decoder.feed, data):
-                        yield out
+                    decoder.push(data)
+                    while (out := await asyncio.to_thread(decoder.pull)) is not None:
+                        if out:
+                            yield out
                 decoder.finish()
 
-            yield size, meta_sha(head["Metadata"]), decoded(Decoder()) if encoded else self._blocks(resp)
+            yield size, meta_sha(head["Metadata"]), decoded(Decoder(size)) if encoded else self._blocks(resp)
 
     async def _blocks(self, resp: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
         """The answer's body in GET_CHUNK blocks, at the line's download rate."""
@@ -629,7 +634,14 @@ class S3Uplink:
         async def size_of(path: str) -> int | None:
             async with gate:
                 head = await self.head(path)
-            return None if head is None else logical_size(head)
+            if head is None:
+                return None
+            try:
+                return logical_size(head)
+            except Undecodable as e:  # another client's object whose metadata lies: it cannot be read as a
+                # file (a read would fail its checks); left out, so its siblings stay listed
+                log.warning("remote_object_skipped", path=path, reason=str(e)[:200])
+                return None
 
         unknown = [r[0] for r in rows if r[0] not in known]
         sizes = await asyncio.gather(*map(size_of, unknown))
