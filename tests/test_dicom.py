@@ -375,3 +375,28 @@ def test_the_plain_scan_reads_what_pydicom_reads():
     assert all(_scan(d, "") is not None for d in crafted[:4])  # the bench's files, padding, Implicit VR
     assert [_scan(d, "") for d in crafted[4:]] == [None, None]  # non-ASCII, multi-valued: pydicom decides
     assert parse(crafted[1], whole=True).patient == "ID" and parse(crafted[4], whole=True).patient == "Ünïcode"
+
+
+def test_a_deflated_header_is_inflated_within_the_bound(tmp_path):
+    """pydicom inflates a deflated data set (1.2.840.10008.1.2.1.99) whole, without bound, and walks it outside any
+    read bound: a 230 KiB file of deflated empty sequence items inflated to 150 MB and cost a minute of CPU. Now
+    at most HEADER_MAX bytes are inflated and read under the same bound; a real deflated file reads as before."""
+    import zlib
+
+    from pydicom.data import get_testdata_file
+
+    real = open(get_testdata_file("image_dfl.dcm"), "rb").read()
+    h = parse(real, whole=True)
+    assert not h.problem and h.modality == "OT" and h.transfer_syntax == "1.2.840.10008.1.2.1.99" and h.series_uid
+    meta_end = 144 + struct.unpack_from("<I", real, 140)[0]
+    packer = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    body = packer.compress(struct.pack("<HH2s2xI", 0x0008, 0x1140, b"SQ", 0xFFFFFFFF))
+    for _ in range(150):
+        body += packer.compress(EMPTY_ITEM * 128 * 1024)  # 1 MiB
+    bomb = real[:meta_end] + body + packer.flush()
+    assert len(bomb) < HEADER_MAX  # read whole: a complete deflate stream
+    (tmp_path / "bomb.dcm").write_bytes(bomb)
+    read_path(tmp_path / "bomb.dcm")
+    t0 = time.process_time()
+    h = read_path(tmp_path / "bomb.dcm")
+    assert time.process_time() - t0 < 0.050 and h.dicom and h.problem and h.study_uid is None

@@ -16,15 +16,19 @@ a file that ends inside the header, an odd VR or character set): the scan gives 
 pydicom's work is bounded too (PYDICOM_READS): it walks every sequence of undefined length before 0020,000E
 item by item, whatever stop_when and specific_tags say, and 256 KiB of empty items cost it 0.4 s of CPU per
 file, holding the GIL. A header needing more reads than the bound is "too complex": not indexed, stored as
-given.
+given. pydicom inflates a deflated data set whole, with no bound, and reads the result from its own buffer (a
+200 KiB file inflates to 200 MB of sequence items): such a body is inflated here, to at most HEADER_MAX bytes,
+and handed to pydicom as Explicit VR Little Endian under the same read bound.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import os
 import struct
 import warnings
+import zlib
 from typing import Any
 
 from agent.records import Header
@@ -174,11 +178,37 @@ def _scan(head: bytes, bound: str) -> Header | None:
     return _header(v, ts, bound)
 
 
+_DEFLATED_TS = b"\x02\x00\x10\x00UI\x16\x00" + _NOT_EXPLICIT_LE[0].encode()  # (0002,0010) as written
+
+
+def _inflated(head: bytes) -> bytes | None:
+    """A deflated file's first bytes with its data set inflated (at most HEADER_MAX bytes of it) and its file meta
+    saying Explicit VR Little Endian (same length: the UID NUL-padded), for pydicom to read under the read bound.
+    None: not deflated; b"": deflated, but damaged or its transfer syntax not written the usual way (pydicom
+    would inflate it whole: not read)."""
+    meta = _elements(head, PREAMBLE + 4, True, True)
+    if meta is None or _NOT_EXPLICIT_LE[0].encode() not in head[:meta[1]]:
+        return None
+    at = head.find(_DEFLATED_TS, 0, meta[1])
+    try:
+        body = zlib.decompressobj(-zlib.MAX_WBITS).decompress(head[meta[1]:], HEADER_MAX)
+    except zlib.error:
+        return b""
+    if at < 0:
+        return b""
+    ts = at + len(_DEFLATED_TS) - len(_NOT_EXPLICIT_LE[0])
+    return head[:ts] + b"1.2.840.10008.1.2.1".ljust(len(_NOT_EXPLICIT_LE[0]), b"\0") + head[ts + 22:meta[1]] + body
+
+
 def parse(head: bytes, whole: bool) -> Header:
     """Parse a file's first bytes (`whole`: they are the entire file). Never raises."""
     if len(head) < PREAMBLE + 4 or head[PREAMBLE:PREAMBLE + 4] != MAGIC:
         return Header(problem="no DICM preamble")
     bound = "" if whole else f" (only the first {len(head)} bytes read)"
+    if _NOT_EXPLICIT_LE[0].encode() in head[:FIRST_READ] and (inflated := _inflated(head)) is not None:
+        if not inflated:
+            return Header(dicom=True, problem=f"unreadable header{bound}: deflated data set not read")
+        return dataclasses.replace(_parse_pydicom(inflated, bound), transfer_syntax=_NOT_EXPLICIT_LE[0])
     return _scan(head, bound) or _parse_pydicom(head, bound)
 
 
