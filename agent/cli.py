@@ -13,7 +13,7 @@ import urllib.request
 from typing import Callable
 
 from agent import __version__
-from agent.config import DEFAULT_CONFIG, ConfigError, complain, load_or_exit
+from agent.config import DEFAULT_CONFIG, ConfigError, complain, load_or_exit, shown
 from agent.dicom import commands as dicom_commands
 from agent.selfcheck import local_host
 from agent.serve.http import ADMIN_TOKEN_FILE
@@ -195,8 +195,8 @@ def cmd_fsck(args: argparse.Namespace) -> int:
                              ("LOST (no good copy anywhere)", report.lost)):
             if items:
                 print(f"{label}: {len(items)}")
-                for path in items[:20]:
-                    print(f"  {path}")
+                for path in items[:20]:  # catalog paths: keys another S3 client wrote, merged from listings
+                    print(f"  {shown(path)}")
         if report.orphans:
             print(f"orphan cache files: {report.orphans}" + (" (removed)" if args.repair else ""))
         if not args.repair and report.exit_code == 1:

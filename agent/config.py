@@ -812,6 +812,15 @@ def load_or_exit(path: str) -> Config:
         raise SystemExit(complain(f"configuration error: {e}", 2)) from None
 
 
+def shown(text: str) -> str:
+    """Text for an admin's terminal: control characters (and bytes that were not UTF-8) escaped as Python
+    would (\\x1b, \\n, \\udcff). Bucket keys another S3 client wrote reach the commands' output, and an escape
+    sequence in one could clear or rewrite the terminal."""
+    if text.isprintable():  # nearly every line: no per-character pass
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+
+
 def complain(why: str, code: int) -> int:
     """A command's problem on stderr (stdout is its answer) → the exit code it ends with."""
     print(f"pacsgw: {why}", file=sys.stderr)

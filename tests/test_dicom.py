@@ -44,6 +44,18 @@ def huge_header(claimed: int = 1 << 30, actual: int = 3 << 20) -> bytes:
     return good[:meta_end] + struct.pack("<HH2sHI", 0x0008, 0x0001, b"OB", 0, claimed) + b"\0" * actual
 
 
+def with_sequence(items: bytes, count: int) -> bytes:
+    """A real file with an undefined-length Referenced Image Sequence (0008,1140) of `count` items right after
+    its file meta, before every element the gateway reads."""
+    good = dicom()
+    meta_end = 144 + struct.unpack_from("<I", good, 140)[0]
+    seq = struct.pack("<HH2s2xI", 0x0008, 0x1140, b"SQ", 0xFFFFFFFF) + items * count
+    return good[:meta_end] + seq + struct.pack("<HHI", 0xFFFE, 0xE0DD, 0) + good[meta_end:]
+
+
+EMPTY_ITEM = struct.pack("<HHI", 0xFFFE, 0xE000, 0)
+
+
 # --- the parser and the metadata, without servers -----------------------------------------------------
 
 
@@ -71,6 +83,41 @@ def test_a_1gb_header_costs_one_bounded_read(tmp_path):
     h = read_path(path)
     assert time.monotonic() - t0 < 5
     assert h.dicom and h.problem and f"first {HEADER_MAX} bytes" in h.problem
+
+
+def test_a_hostile_header_of_empty_or_nested_sequence_items_costs_milliseconds(tmp_path):
+    """pydicom walks every undefined-length sequence before 0020,000E item by item (stop_when and specific_tags
+    do not spare it): 256 KiB of empty items cost 0.4 s of CPU per stored file, GIL held, ~10 files/s filled a
+    2-core box. Now pydicom gets a bounded number of reads: such a header is 'too complex', not indexed, and the
+    file is stored as given (the caller only logs the problem); real headers with a sequence still parse."""
+    def nested(depth: int) -> bytes:  # sequences within items within sequences, under Python's recursion limit
+        good = dicom()
+        meta_end = 144 + struct.unpack_from("<I", good, 140)[0]
+        down = struct.pack("<HH2s2xI", 0x0008, 0x1140, b"SQ", 0xFFFFFFFF) + struct.pack("<HHI", 0xFFFE, 0xE000,
+                                                                                         0xFFFFFFFF)
+        up = struct.pack("<HHI", 0xFFFE, 0xE00D, 0) + struct.pack("<HHI", 0xFFFE, 0xE0DD, 0)
+        return good[:meta_end] + down * depth + up * depth + good[meta_end:]
+
+    hostile = {"empty-items.dcm": with_sequence(EMPTY_ITEM, (HEADER_MAX - 1000) // 8),
+               "nested-items.dcm": nested(150)}
+    for name, data in hostile.items():
+        (tmp_path / name).write_bytes(data)
+        read_path(tmp_path / name)  # imports and caches warm
+        cpu = []
+        for _ in range(3):
+            t0 = time.process_time()
+            h = read_path(tmp_path / name)
+            cpu.append(time.process_time() - t0)
+        assert min(cpu) < 0.020, (name, cpu)  # was 0.4 s for the empty items
+        assert h.dicom and h.problem.startswith("header too complex") and h.study_uid is None, name
+
+    uid = generate_uid().encode()
+    uid += b"\0" * (len(uid) % 2)
+    ref = struct.pack("<HH2sH", 0x0008, 0x1155, b"UI", len(uid)) + uid
+    real = with_sequence(struct.pack("<HHI", 0xFFFE, 0xE000, 0xFFFFFFFF) + ref + struct.pack("<HHI", 0xFFFE, 0xE00D, 0),
+                         60)
+    h, plain = parse(real, whole=True), parse(dicom(), whole=True)
+    assert not h.problem and h.modality == plain.modality == "CT" and h.study_uid and h.patient == PATIENT
 
 
 def test_metadata_is_bounded_and_never_carries_the_patient():
@@ -328,3 +375,28 @@ def test_the_plain_scan_reads_what_pydicom_reads():
     assert all(_scan(d, "") is not None for d in crafted[:4])  # the bench's files, padding, Implicit VR
     assert [_scan(d, "") for d in crafted[4:]] == [None, None]  # non-ASCII, multi-valued: pydicom decides
     assert parse(crafted[1], whole=True).patient == "ID" and parse(crafted[4], whole=True).patient == "Ünïcode"
+
+
+def test_a_deflated_header_is_inflated_within_the_bound(tmp_path):
+    """pydicom inflates a deflated data set (1.2.840.10008.1.2.1.99) whole, without bound, and walks it outside any
+    read bound: a 230 KiB file of deflated empty sequence items inflated to 150 MB and cost a minute of CPU. Now
+    at most HEADER_MAX bytes are inflated and read under the same bound; a real deflated file reads as before."""
+    import zlib
+
+    from pydicom.data import get_testdata_file
+
+    real = open(get_testdata_file("image_dfl.dcm"), "rb").read()
+    h = parse(real, whole=True)
+    assert not h.problem and h.modality == "OT" and h.transfer_syntax == "1.2.840.10008.1.2.1.99" and h.series_uid
+    meta_end = 144 + struct.unpack_from("<I", real, 140)[0]
+    packer = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    body = packer.compress(struct.pack("<HH2s2xI", 0x0008, 0x1140, b"SQ", 0xFFFFFFFF))
+    for _ in range(150):
+        body += packer.compress(EMPTY_ITEM * 128 * 1024)  # 1 MiB
+    bomb = real[:meta_end] + body + packer.flush()
+    assert len(bomb) < HEADER_MAX  # read whole: a complete deflate stream
+    (tmp_path / "bomb.dcm").write_bytes(bomb)
+    read_path(tmp_path / "bomb.dcm")
+    t0 = time.process_time()
+    h = read_path(tmp_path / "bomb.dcm")
+    assert time.process_time() - t0 < 0.050 and h.dicom and h.problem and h.study_uid is None

@@ -281,3 +281,20 @@ def test_without_the_line_a_file_not_cached_is_not_released(agent_factory, priva
         f.delete("cold.dcm")
     f.quit()
     assert agent.events("retention_unchecked")
+
+
+def test_retention_apply_prints_bucket_keys_escaped(agent_factory, seaweed, locked_bucket):
+    """retention apply reads every key in the bucket, including those another S3 client wrote (the FTP/SFTP/SMB
+    listings hide names with control characters, the bucket does not), and printed them as they were: a key
+    holding an escape sequence reached the admin's terminal and could clear or rewrite it. Now printed with
+    control characters escaped (\\x1b); --json was already escaped by JSON."""
+    agent = agent_factory(**{"uplink.bucket": locked_bucket, "compliance.worm": True,
+                             "compliance.retention_days": 1}).start()
+    evil = "evil\x1b[2J\x1b]0;owned\x07/1.dcm"
+    seaweed.client().put_object(Bucket=locked_bucket, Key=agent.prefix + evil, Body=b"written elsewhere")
+    for dry in (["--dry-run"], []):
+        r = subprocess.run([sys.executable, "-m", "agent.cli", "retention", "apply", *dry, "--config",
+                            str(agent.config_path)], capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr
+        assert "\x1b" not in r.stdout + r.stderr and "\x07" not in r.stdout + r.stderr
+        assert "evil\\x1b[2J\\x1b]0;owned\\x07/1.dcm: none -> " in r.stdout, r.stdout

@@ -287,3 +287,24 @@ def _state(agent, path: str) -> str | None:
     finally:
         db.close()
     return row[0] if row else None
+
+
+def test_fsck_prints_catalog_paths_escaped(agent_factory):
+    """The catalog holds the keys another S3 client wrote (merged from listings), and fsck printed the paths it
+    found damaged as they were: a key holding an escape sequence reached the admin's terminal and could clear
+    or rewrite it. Now printed with control characters escaped (\\x1b); --json was already escaped by JSON."""
+    import subprocess
+    import sys
+    agent = agent_factory().start()
+    evil = "evil\x1b[2J\x1b]0;owned\x07.dcm"
+    client = agent.store.client()
+    client.put_object(Bucket=BUCKET, Key=agent.prefix + evil, Body=b"written elsewhere")
+    f = ftp(agent)
+    f.nlst()  # the listing merges the bucket's keys into the catalog
+    f.quit()
+    client.delete_object(Bucket=BUCKET, Key=agent.prefix + evil)  # then gone, behind the agent's back
+    r = subprocess.run([sys.executable, "-m", "agent.cli", "fsck", "--remote", "--config", str(agent.config_path)],
+                       capture_output=True, text=True, timeout=120)
+    assert "evil" in r.stdout, r.stdout + r.stderr
+    assert "\x1b" not in r.stdout + r.stderr and "\x07" not in r.stdout + r.stderr
+    assert "  evil\\x1b[2J\\x1b]0;owned\\x07.dcm\n" in r.stdout, r.stdout

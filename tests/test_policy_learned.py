@@ -127,6 +127,24 @@ def test_study_features_reach_the_policy_as_factors() -> None:
     assert stack.attrs_of(1) == (1, 2, 1)
 
 
+def test_modality_codes_are_bounded_whatever_the_headers_say() -> None:
+    """The stack kept a code per distinct Modality value for the process's life, and a header's Modality is any
+    valid 16-character code string: one hostile client writing studies with 200 000 made-up modalities grew it by
+    200 000 entries. Now MAX_CODES modalities (and departments) have codes of their own and the rest share one."""
+    from agent.policy.stack import PolicyStack, StackSpec
+    stack = PolicyStack(StackSpec("learned", ("priors",)))
+    stack.describe("ct", "CT", "radiology", newer=False)
+    for i in range(200_000):
+        stack.describe(i, f"X{i:015d}", f"dept{i}", newer=False)
+    limit = getattr(PolicyStack, "MAX_CODES", 256)
+    assert len(stack._codes) <= 2 * (limit + 1)  # was 400 002
+    ct, radiology, _ = stack.attrs_of("ct")
+    stack.describe("ct2", "CT", "radiology", newer=True)
+    assert stack.attrs_of("ct2") == (ct, radiology, 1)              # a known name keeps its code
+    assert len({stack.attrs_of(i)[0] for i in range(200_000)}) == limit  # 255 own, 1 shared
+    assert stack.attrs_of(199_999)[:2] == stack.attrs_of(100_000)[:2] != stack.attrs_of(0)[:2]
+
+
 def test_the_simulator_describes_each_new_study_and_marks_the_patients_earlier_ones() -> None:
     """The replay tells the stack what the agent's prefetcher tells it from the catalog: a new study's
     modality and department, and that the patient's earlier studies (an archive prior included) now have a

@@ -11,7 +11,7 @@ import json
 import sqlite3
 import sys
 
-from agent.config import DEFAULT_CONFIG, complain, load_or_exit
+from agent.config import DEFAULT_CONFIG, complain, load_or_exit, shown
 from agent.dicom.objectmeta import pseudonym
 
 
@@ -56,7 +56,8 @@ def cmd_find(args: argparse.Namespace) -> int:
         print(json.dumps({**summary, "items": items}, indent=2))
     else:
         for i in items:
-            print(f"{i['where']:<6} {i['bytes']:>12} {i['modality'] or '-':<6} {i['study_date'] or '-':<8} {i['path']}")
+            print(f"{i['where']:<6} {i['bytes']:>12} {i['modality'] or '-':<6} {i['study_date'] or '-':<8} "
+                  f"{shown(i['path'])}")
         print(f"{summary['objects']} objects, {summary['bytes']} bytes; {summary['cached']} cached "
               f"({summary['cached_bytes']} bytes), {summary['s3_only']} in S3 only")
     return 0
@@ -78,7 +79,7 @@ def cmd_index_rebuild(args: argparse.Namespace) -> int:
           f"{report.failed} failed, {report.seconds:.1f} s ({report.per_second:.0f} objects/s: "
           f"{per_million / 60:.1f} min per million)")
     for key in report.deltas_skipped:
-        print(f"pacsgw: index delta {key} is damaged: skipped, its objects were HEADed", file=sys.stderr)
+        print(shown(f"pacsgw: index delta {key} is damaged: skipped, its objects were HEADed"), file=sys.stderr)
     return 1 if report.failed else 0
 
 
@@ -131,9 +132,9 @@ def cmd_retention_apply(args: argparse.Namespace) -> int:
             before = f"{c.until_before:%Y-%m-%d}" if c.until_before else "none"
             after = f"{c.until:%Y-%m-%d}" if c.until else before
             hold = " + legal hold" if c.legal_hold else ""
-            print(f"{verb}: {c.path}: {before} -> {after}{hold} ({c.reason})")
+            print(shown(f"{verb}: {c.path}: {before} -> {after}{hold} ({c.reason})"))
         for f in failed:
-            print(f"failed: {f}", file=sys.stderr)
+            print(shown(f"failed: {f}"), file=sys.stderr)
         print(f"{p.objects} objects read, {len(p.changes)} {verb}, {len(failed)} failed")
     return 1 if failed else 0
 

@@ -12,14 +12,23 @@ Two parsers give the same `Header`: a plain scan of the elements (`_scan`), for 
 defined lengths, complete up to the first element after 0020,000E), at a tenth of pydicom's cost per stored
 file; and pydicom, for everything else (Big Endian, deflated, sequences of undefined length, a cut value,
 a file that ends inside the header, an odd VR or character set): the scan gives up rather than guess.
+
+pydicom's work is bounded too (PYDICOM_READS): it walks every sequence of undefined length before 0020,000E
+item by item, whatever stop_when and specific_tags say, and 256 KiB of empty items cost it 0.4 s of CPU per
+file, holding the GIL. A header needing more reads than the bound is "too complex": not indexed, stored as
+given. pydicom inflates a deflated data set whole, with no bound, and reads the result from its own buffer (a
+200 KiB file inflates to 200 MB of sequence items): such a body is inflated here, to at most HEADER_MAX bytes,
+and handed to pydicom as Explicit VR Little Endian under the same read bound.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import os
 import struct
 import warnings
+import zlib
 from typing import Any
 
 from agent.records import Header
@@ -28,6 +37,10 @@ HEADER_MAX = 256 * 1024        # real headers are a few KiB; private tags can ma
 FIRST_READ = 16 * 1024         # read first: enough for a usual header; HEADER_MAX only when it is not
 PREAMBLE = 128                 # then b"DICM"
 MAGIC = b"DICM"
+# pydicom makes 1-3 reads per element or sequence item, and builds a Dataset (20 µs) per item: the largest header
+# before 0020,000E among pydicom's sample files takes 292 reads; 1 000 cost a hostile header 5-7 ms of CPU
+PYDICOM_READS = 1000
+TOO_COMPLEX = "header too complex"
 
 # The tags used: (group, element).
 _TAGS = {
@@ -43,6 +56,24 @@ _LAST = max(_TAGS.values())
 def _past_last(tag: int, vr: object, length: int) -> bool:
     """pydicom's stop_when: nothing after the last tag used is read (nor checked for truncation)."""
     return tag > _LAST
+
+
+class _TooComplex(Exception):
+    """Raised into pydicom by _Budgeted: not an EOFError, which pydicom would take for a short file."""
+
+
+class _Budgeted(io.BytesIO):
+    """The header's bytes, refusing pydicom more than `reads` reads: bounds its CPU whatever the header holds."""
+
+    def __init__(self, data: bytes, reads: int) -> None:
+        super().__init__(data)
+        self.left = reads
+
+    def read(self, size: int | None = -1, /) -> bytes:
+        self.left -= 1
+        if self.left < 0:
+            raise _TooComplex
+        return super().read(size)
 
 
 def _text(value: object) -> str | None:
@@ -147,11 +178,37 @@ def _scan(head: bytes, bound: str) -> Header | None:
     return _header(v, ts, bound)
 
 
+_DEFLATED_TS = b"\x02\x00\x10\x00UI\x16\x00" + _NOT_EXPLICIT_LE[0].encode()  # (0002,0010) as written
+
+
+def _inflated(head: bytes) -> bytes | None:
+    """A deflated file's first bytes with its data set inflated (at most HEADER_MAX bytes of it) and its file meta
+    saying Explicit VR Little Endian (same length: the UID NUL-padded), for pydicom to read under the read bound.
+    None: not deflated; b"": deflated, but damaged or its transfer syntax not written the usual way (pydicom
+    would inflate it whole: not read)."""
+    meta = _elements(head, PREAMBLE + 4, True, True)
+    if meta is None or _NOT_EXPLICIT_LE[0].encode() not in head[:meta[1]]:
+        return None
+    at = head.find(_DEFLATED_TS, 0, meta[1])
+    try:
+        body = zlib.decompressobj(-zlib.MAX_WBITS).decompress(head[meta[1]:], HEADER_MAX)
+    except zlib.error:
+        return b""
+    if at < 0:
+        return b""
+    ts = at + len(_DEFLATED_TS) - len(_NOT_EXPLICIT_LE[0])
+    return head[:ts] + b"1.2.840.10008.1.2.1".ljust(len(_NOT_EXPLICIT_LE[0]), b"\0") + head[ts + 22:meta[1]] + body
+
+
 def parse(head: bytes, whole: bool) -> Header:
     """Parse a file's first bytes (`whole`: they are the entire file). Never raises."""
     if len(head) < PREAMBLE + 4 or head[PREAMBLE:PREAMBLE + 4] != MAGIC:
         return Header(problem="no DICM preamble")
     bound = "" if whole else f" (only the first {len(head)} bytes read)"
+    if _NOT_EXPLICIT_LE[0].encode() in head[:FIRST_READ] and (inflated := _inflated(head)) is not None:
+        if not inflated:
+            return Header(dicom=True, problem=f"unreadable header{bound}: deflated data set not read")
+        return dataclasses.replace(_parse_pydicom(inflated, bound), transfer_syntax=_NOT_EXPLICIT_LE[0])
     return _scan(head, bound) or _parse_pydicom(head, bound)
 
 
@@ -162,10 +219,12 @@ def _parse_pydicom(head: bytes, bound: str) -> Header:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # pydicom warns on odd-but-readable values; we report what matters
-            ds = read_partial(io.BytesIO(head), stop_when=_past_last)
+            ds = read_partial(_Budgeted(head, PYDICOM_READS), stop_when=_past_last)
             cut = _cut_element(ds)
             values = {k: _value(ds, tag) if tag in ds and tag != cut else None for k, tag in _TAGS.items()}
             ts = _text(getattr(ds.file_meta, "TransferSyntaxUID", None))
+    except _TooComplex:  # more bytes would not make it simpler: read_fd does not read further
+        return Header(dicom=True, problem=f"{TOO_COMPLEX} (over {PYDICOM_READS} reads before 0020,000E)")
     except Exception as e:  # pydicom raises many kinds (OSError at a cut sequence, zlib.error in a deflated
         # body, InvalidDicomError, ValueError...): whatever a header holds, the file is stored, never refused
         return Header(dicom=True, problem=f"unreadable header{bound}: {type(e).__name__}: {str(e)[:120]}")
@@ -186,7 +245,8 @@ def read_fd(fd: int, size: int) -> Header:
     """The header of the file behind fd (pread: the caller's offset is untouched). Blocking."""
     n = min(size, FIRST_READ)
     h = parse(os.pread(fd, n, 0), whole=n == size)
-    if h.dicom and h.problem and n < min(size, HEADER_MAX):  # the header goes on past the first read
+    # the header goes on past the first read (a header too complex in 16 KiB is no simpler in 256 KiB)
+    if h.dicom and h.problem and not h.problem.startswith(TOO_COMPLEX) and n < min(size, HEADER_MAX):
         n = min(size, HEADER_MAX)
         h = parse(os.pread(fd, n, 0), whole=n == size)
     return h

@@ -94,12 +94,17 @@ class PolicyStack:
     SLACK = 600.0
 
     MAX_DESCRIBED = 1_000_000           # studies whose features are kept (~100 B each), oldest forgotten
+    # Distinct modalities (or departments) given a code of their own; later ones share one 'other' code. A header's
+    # Modality is any valid 16-character code string: one code per value, kept for the process's life, grew
+    # without bound. The learned policy folds codes into 16 buckets anyway (agent/policy/learned.py N_CODE).
+    MAX_CODES = 256
 
     def __init__(self, spec: StackSpec, *, priors_k: int = 3, kmeans: KMeansConfig | None = None,
                  max_age_days: float = 90.0) -> None:
         self.spec = spec
         self._attrs: dict[Hashable, tuple[int, int, int]] = {}
         self._codes: dict[tuple[int, str], int] = {}        # (kind, name) → code, 1.. in order of first sight
+        self._named = [0, 0]                                 # names with their own code, per kind
         self.policy = make(spec.eviction, kmeans=kmeans, max_age_days=max_age_days, attrs=self.attrs_of)
         self.priors = PriorPrefetcher(k=priors_k) if "priors" in spec.planners else None
         self._seen: dict[Hashable, tuple[float, int]] = {}   # sync: key → (last access, reads) last pass
@@ -179,7 +184,13 @@ class PolicyStack:
     def _code(self, kind: int, name: str | None) -> int:
         if not name:
             return 0
-        return self._codes.setdefault((kind, name), len(self._codes) + 1)
+        key = (kind, name)
+        if key not in self._codes:
+            if self._named[kind] >= self.MAX_CODES:
+                key = (kind, "\0other")  # no modality or department is named so (CS values are checked)
+            else:
+                self._named[kind] += 1
+        return self._codes.setdefault(key, len(self._codes) + 1)
 
     def describe(self, study: Hashable, modality: str | None, dept: str | None, newer: bool) -> None:
         """What is known of a study: its modality, its department (or calling user), whether its patient has

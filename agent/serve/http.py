@@ -9,6 +9,7 @@ import hmac
 import html
 import ipaddress
 import json
+import logging
 import os
 import secrets
 import time
@@ -18,6 +19,7 @@ from typing import Any, Awaitable, Callable
 import psutil
 import structlog
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from agent.auth import verify_password
 from agent.config import HttpConfig
@@ -30,6 +32,41 @@ STALE_QUEUE_SECONDS = 900  # dirty data older than this makes the box 'degraded'
 # aiohttp's own default is an hour: a client sending a header line now and then held a connection that long,
 # and so as many connections as it opened. Scrapers and the status page make a new request within seconds.
 IDLE_SECONDS = 5.0
+
+
+BAD_REQUEST_EVERY = 60.0  # seconds: at most one http_bad_request event per this, counting the others
+
+
+class _BadRequests(logging.Filter):
+    """aiohttp logs every request its parser refuses (request line or header too long, too many headers, a bad
+    method) as 'Error handling request' with a plain-text traceback of some 10 lines, while the client just gets
+    its 400: anyone who can reach a listener could fill the journal. Those records become one bounded
+    http_bad_request event per BAD_REQUEST_EVERY, counting the ones not logged; other errors (a handler's bug)
+    keep their traceback."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._last = -BAD_REQUEST_EVERY
+        self._suppressed = 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if not isinstance(exc, HttpProcessingError):
+            return True
+        now = time.monotonic()
+        if now - self._last < BAD_REQUEST_EVERY:
+            self._suppressed += 1
+            return False
+        peer = record.args[0] if isinstance(record.args, tuple) and record.args else None
+        log.warning("http_bad_request", peer=str(peer)[:64], status=exc.code, error=type(exc).__name__,
+                    detail=repr(exc.message[:120]), suppressed=self._suppressed,
+                    suppressed_seconds=BAD_REQUEST_EVERY)
+        self._last, self._suppressed = now, 0
+        return False
+
+
+_bad_requests = _BadRequests()
+logging.getLogger("aiohttp.server").addFilter(_bad_requests)  # the logger of every aiohttp listener here
 
 
 def model_info(path: str) -> dict[str, Any] | None:
