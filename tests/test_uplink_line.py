@@ -114,3 +114,22 @@ def test_a_cold_read_waits_out_a_few_5xx_and_hears_451_when_they_go_on(agent_fac
     assert ftp.retrbinary("RETR CT/second.dcm", out.write).startswith("226")
     assert out.getvalue() == data["CT/second.dcm"]
     ftp.quit()
+
+
+def test_a_new_file_under_a_renamed_files_old_name_before_its_copy_ran(agent_factory, seaweed, proxy):
+    """A clean file renamed A → C is copied server-side from A's key; a new file stored under A before that
+    copy ran overwrote A's key, so the copy gave other content: C was retried for ever (ChecksumMismatch: seen in
+    the FTP protocol model). The proxy fails the first copy (a fault a healthy SeaweedFS cannot produce on
+    demand) so the new A lands first; C must then come from the cache, A keep its new content."""
+    a = agent_factory(**{"uplink.endpoint_url": proxy.endpoint_url}).start()
+    ftp = ftp_login(a)
+    old, new = payload("old", 20_000), payload("new", 30_000)
+    assert ftp_put(ftp, "CT/a.dcm", old).startswith("226")
+    proxy.fail_copies = 1
+    ftp.rename("CT/a.dcm", "CT/c.dcm")
+    assert ftp_put(ftp, "CT/a.dcm", new).startswith("226")
+    ftp.quit()
+    a.wait_drained(60)
+    objects = s3_objects(seaweed, a.prefix)
+    assert objects["CT/c.dcm"]["sha256"] == sha256(old) and objects["CT/a.dcm"]["sha256"] == sha256(new)
+    assert any(r.startswith("PUT ") for r in proxy.injected), "the copy was never tried: the fault did not happen"

@@ -271,9 +271,10 @@ class Uploader:
             # Renamed away and back before the copy ran: the object never left its key (its tombstone waited
             # for the copy) and S3 refuses a copy onto itself. Nothing to send.
             return PutResult(head.get("ETag"), head.get("VersionId"))
-        if head is None or src == e.path:
-            # The source went away (deleted behind our back), or its key holds other content: upload from the
-            # cache if we still can.
+        if head is None or src == e.path or (e.blob is not None and meta_sha(head.get("Metadata")) != e.sha256):
+            # The source went away (deleted behind our back), or its key holds other content (renamed away and
+            # back, or a new file stored under the old name before this copy ran): upload from the cache if we
+            # still can.
             await self.db.drop_copy_source(e.path, e.gen)
             return await self._upload(e)
         condition = self._condition(e)
