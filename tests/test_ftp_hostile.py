@@ -602,23 +602,30 @@ def test_retr_cut_while_the_file_is_opened_leaks_no_descriptor(agent_factory):
     timed_get()
 
 
+def _ftps_store_ending_in_a_bare_fin(agent_factory, tmp_path, name: str, data: bytes, **settings):
+    """An FTPS agent (PROT P), and a STOR of data whose TLS data connection ends in a TCP FIN without
+    close_notify (ssl.SSLSocket.shutdown; unwrap() would send it) → (the agent, the session awaiting the reply)."""
+    ca, cert, key = make_ca_and_cert(tmp_path)
+    agent = agent_factory(**{"ftp.tls_cert": str(cert), "ftp.tls_key": str(key), **settings}).start()
+    f = ftplib.FTP_TLS(context=ssl.create_default_context(cafile=str(ca)), timeout=30)
+    f.connect("127.0.0.1", agent.ftp_port)
+    f.login("pacs", PASSWORD)
+    f.prot_p()
+    f.voidcmd("TYPE I")
+    conn = f.transfercmd(f"STOR {name}")
+    conn.sendall(data)
+    conn.shutdown(socket.SHUT_RDWR)
+    conn.close()
+    return agent, f
+
+
 def test_ftps_upload_cut_without_close_notify_is_not_stored(agent_factory, tmp_path):
     """An FTPS upload's end is the client's TLS close_notify (RFC 4217 section 9, as vsftpd's strict_ssl_read_eof):
     a data connection whose TCP stream ends without one was cut (an attacker's forged FIN truncates the file, a
     client died mid-send) and is answered 426, nothing stored. It used to be taken for the file's end: 226 and
     the first part of the file stored as the whole."""
-    ca, cert, key = make_ca_and_cert(tmp_path)
-    agent = agent_factory(**{"ftp.tls_cert": str(cert), "ftp.tls_key": str(key)}).start()
-    f = ftplib.FTP_TLS(context=ssl.create_default_context(cafile=str(ca)), timeout=30)
-    f.connect("127.0.0.1", agent.ftp_port)
-    f.login("pacs", PASSWORD)
-    f.prot_p()
     whole = os.urandom(300_000)
-    f.voidcmd("TYPE I")
-    conn = f.transfercmd("STOR cut.dcm")  # TLS on the data connection (PROT P)
-    conn.sendall(whole[:100_000])
-    conn.shutdown(socket.SHUT_RDWR)  # ssl.SSLSocket: TCP FIN, no close_notify (unwrap() would send it)
-    conn.close()
+    agent, f = _ftps_store_ending_in_a_bare_fin(agent_factory, tmp_path, "cut.dcm", whole[:100_000])
     with pytest.raises(ftplib.error_temp, match="426"):
         f.voidresp()
     assert "cut.dcm" not in f.nlst()
@@ -634,19 +641,9 @@ def test_ftps_upload_cut_without_close_notify_is_not_stored(agent_factory, tmp_p
 def test_ftps_uploads_without_close_notify_are_taken_when_the_admin_allows_it(agent_factory, tmp_path):
     """Some FTPS clients never send close_notify (vsftpd leaves strict_ssl_read_eof off for them):
     `ftp.tls_close_notify = false` takes the end of their TCP stream for the end of the file, as before."""
-    ca, cert, key = make_ca_and_cert(tmp_path)
-    agent = agent_factory(**{"ftp.tls_cert": str(cert), "ftp.tls_key": str(key),
-                             "ftp.tls_close_notify": False}).start()
-    f = ftplib.FTP_TLS(context=ssl.create_default_context(cafile=str(ca)), timeout=30)
-    f.connect("127.0.0.1", agent.ftp_port)
-    f.login("pacs", PASSWORD)
-    f.prot_p()
     data = os.urandom(100_000)
-    f.voidcmd("TYPE I")
-    conn = f.transfercmd("STOR bare-fin.dcm")
-    conn.sendall(data)
-    conn.shutdown(socket.SHUT_RDWR)  # TCP FIN, no close_notify
-    conn.close()
+    agent, f = _ftps_store_ending_in_a_bare_fin(agent_factory, tmp_path, "bare-fin.dcm", data,
+                                                **{"ftp.tls_close_notify": False})
     assert f.voidresp().startswith("226")
     f.quit()
     agent.wait_drained()
