@@ -20,7 +20,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import Callable, Protocol, TypeVar
 
 import structlog
 
@@ -52,6 +52,7 @@ from agent.uplink.s3 import S3Uplink, error_code
 from agent.uplink.uploader import CONFLICT_EXTRA, CONFLICTS, HA_DIR, Uploader
 
 log = structlog.get_logger("pacsgw.gateway")
+T = TypeVar("T")
 
 ACCESS_FLUSH_SECONDS = 5.0
 STEP = 256 * 1024  # a reader streaming a fetch moves on once this much more has landed (or the end)
@@ -276,21 +277,26 @@ class WriteHandle:
         return no_holes(self.size, offset, whence)
 
 
-async def _closed_if_cancelled(opening: asyncio.Future[tuple[Opened | None, str | None]]
-                               ) -> tuple[Opened | None, str | None]:
-    """Wait for a cached copy being opened in a thread. If the reader is cancelled meanwhile (an FTP client's ABOR
-    or disconnect, an SFTP session's end) the thread opens the file all the same: what it opened is closed when it
-    ends, or each such cut leaked a descriptor until the agent had none left."""
+async def _in_thread(work: Callable[[], T], undo: Callable[[T], None]) -> T:
+    """work() in a thread. If the caller is cancelled meanwhile (an FTP client's ABOR or disconnect, an SFTP
+    session's end) the thread runs to its end all the same: undo(what it returned) then, or each such cut leaked
+    what it made (a descriptor of a cached copy, a staging file)."""
+    running = asyncio.ensure_future(asyncio.to_thread(work))
     try:
-        return await asyncio.shield(opening)
+        return await asyncio.shield(running)
     except asyncio.CancelledError:
-        opening.add_done_callback(_close_opened)
+        running.add_done_callback(functools.partial(_undone, undo))
         raise
 
 
-def _close_opened(opening: asyncio.Future[tuple[Opened | None, str | None]]) -> None:
-    if not opening.cancelled() and opening.exception() is None and (opened := opening.result()[0]) is not None:
-        os.close(opened.fd)
+def _undone(undo: Callable[[T], None], done: asyncio.Future[T]) -> None:
+    if not done.cancelled() and done.exception() is None:
+        undo(done.result())
+
+
+def _close_opened(result: tuple[Opened | None, str | None]) -> None:
+    if result[0] is not None:
+        os.close(result[0].fd)
 
 
 def no_holes(size: int, offset: int, whence: int) -> int:
@@ -780,18 +786,12 @@ class Gateway:
         wait for the disk with every session stopped; on this VM's ext4 each one scanned recently deleted inodes
         for ~0.5 ms on the loop (issue 14: ~15 % of an FTP upload's CPU, all on the loop). One made for a caller
         cancelled meanwhile is discarded."""
-        made = asyncio.ensure_future(asyncio.to_thread(self.cache.new_staging))
-        try:
-            return await asyncio.shield(made)
-        except asyncio.CancelledError:
-            made.add_done_callback(self._discard_made)
-            raise
+        return await _in_thread(self.cache.new_staging, self._discard_made)
 
-    def _discard_made(self, made: asyncio.Future[tuple[str, int]]) -> None:
-        if not made.cancelled() and made.exception() is None:
-            blob, fd = made.result()
-            os.close(fd)
-            self.cache.discard_staging(blob)
+    def _discard_made(self, made: tuple[str, int]) -> None:
+        blob, fd = made
+        os.close(fd)
+        self.cache.discard_staging(blob)
 
     async def open_for_write(self, path: str, protocol: str, who: Who | None, *, keep: int | None = None,
                              create: bool = True, exclusive: bool = False) -> WriteHandle:
@@ -938,8 +938,8 @@ class Gateway:
             # each hop waits for a CPU); else, or for a full SHA-256 check, in a thread.
             opened, problem = self.cache.open_checked(e.blob, e.size, e.sha256, VERIFY_AHEAD, nowait=True)
             if problem == WOULD_BLOCK:
-                opened, problem = await _closed_if_cancelled(asyncio.ensure_future(asyncio.to_thread(
-                    self.cache.open_checked, e.blob, e.size, e.sha256, VERIFY_AHEAD)))
+                opened, problem = await _in_thread(
+                    functools.partial(self.cache.open_checked, e.blob, e.size, e.sha256, VERIFY_AHEAD), _close_opened)
             if opened is not None:
                 self.metrics.hits.inc()
                 self.access.note(path, e.size, hit=True)
