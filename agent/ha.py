@@ -34,7 +34,7 @@ from agent.store.cache import Cache
 from agent.store.catalog import AsyncCatalog
 from agent.store.gateway import Gateway, Refusals
 from agent.uplink.s3 import S3Uplink, error_code
-from agent.uplink.uploader import HA_DIR, Uploader
+from agent.uplink.uploader import HA_DIR, PARKED, Uploader
 
 log = structlog.get_logger("pacsgw.ha")
 
@@ -228,7 +228,7 @@ class HaMonitor:
             t0, added, changed, objects = time.monotonic(), 0, 0, 0
             await self.db.follow_begin()
             async for page in self.s3.walk():
-                page = [o for o in page if not o[0].startswith(HA_DIR + "/")]
+                page = [o for o in page if not o[0].startswith((HA_DIR + "/", PARKED + "/"))]
                 a, c, stale = await self.db.follow_batch(page)
                 added, changed, objects = added + a, changed + c, objects + len(page)
                 for blob in stale:

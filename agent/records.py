@@ -43,6 +43,11 @@ class Entry:
     def cached(self) -> bool:
         return self.blob is not None
 
+    @property
+    def object_key(self) -> str:
+        """Where the file's bytes are in S3 now: a renamed file's old key until its copy has run."""
+        return self.copy_from or self.path
+
 
 @dataclass(frozen=True, slots=True)
 class RemoteObject:

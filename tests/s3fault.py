@@ -29,6 +29,7 @@ class FaultProxy:
         self.fail_puts = 0  # answer the next N PUT requests with 500
         self.fail_gets = 0  # answer the next N object GETs (not listings: path-style /bucket/key) with 500
         self.fail_copies = 0  # answer the next N server-side copies (PUTs with x-amz-copy-source) with 500
+        self.fail_copies_into = ""  # set: answer every server-side copy into a key ending so with 500
         self.fail_all = False  # answer every request with 500 (a server that keeps failing)
         self.injected: list[str] = []
         self.hold_puts = threading.Event()  # set: PUTs wait (forwarded once it is cleared) …
@@ -70,9 +71,12 @@ class FaultProxy:
     def _inject(self, request: web.Request) -> bool:
         if self.fail_all:
             return True
-        if request.method == "PUT" and "x-amz-copy-source" in request.headers and self.fail_copies > 0:
-            self.fail_copies -= 1
-            return True
+        if request.method == "PUT" and "x-amz-copy-source" in request.headers:
+            if self.fail_copies_into and request.path.endswith(self.fail_copies_into):
+                return True
+            if self.fail_copies > 0:
+                self.fail_copies -= 1
+                return True
         if request.method == "PUT" and self.fail_puts > 0:
             self.fail_puts -= 1
             return True

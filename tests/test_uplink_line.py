@@ -13,8 +13,9 @@ import time
 
 import pytest
 from s3fault import FaultProxy
+from test_fault_coldread import evict_cli
 
-from faultkit import ftp_login, ftp_put, payload, wait_for
+from faultkit import ftp_get, ftp_login, ftp_put, payload, wait_for
 from harness import s3_objects, sha256
 
 
@@ -133,3 +134,82 @@ def test_a_new_file_under_a_renamed_files_old_name_before_its_copy_ran(agent_fac
     objects = s3_objects(seaweed, a.prefix)
     assert objects["CT/c.dcm"]["sha256"] == sha256(old) and objects["CT/a.dcm"]["sha256"] == sha256(new)
     assert any(r.startswith("PUT ") for r in proxy.injected), "the copy was never tried: the fault did not happen"
+
+
+def test_an_evicted_files_rename_keeps_its_content_when_a_new_file_takes_the_old_name(agent_factory, seaweed, proxy):
+    """As above, but A is not in the cache (evicted), so C can only come from A's object: the new A must not
+    overwrite that object before C's copy has read it (A's old content is parked under .pacsgw-parked and C is
+    copied from there). Until its copy runs, a renamed file reads from its old key (B → D, read at once: it was
+    answered 451 NoSuchKey). The proxy fails C's copies until the new A is in S3 (a fault SeaweedFS cannot
+    produce on demand)."""
+    a = agent_factory(**{"uplink.endpoint_url": proxy.endpoint_url}).start()
+    ftp = ftp_login(a)
+    old, new, other = payload("old", 20_000), payload("new", 30_000), payload("other", 25_000)
+    assert ftp_put(ftp, "CT/a.dcm", old).startswith("226") and ftp_put(ftp, "CT/b.dcm", other).startswith("226")
+    a.wait_drained(60)
+    done = evict_cli(a, "CT/a.dcm", "CT/b.dcm")
+    assert done.returncode == 0 and done.stdout.count("evicted") == 2, done.stdout + done.stderr
+    proxy.fail_copies_into = "CT/c.dcm"  # C's copy fails until the new A is in S3
+    ftp.rename("CT/a.dcm", "CT/c.dcm")
+    assert ftp_put(ftp, "CT/a.dcm", new).startswith("226")
+    wait_for(lambda: s3_objects(seaweed, a.prefix).get("CT/a.dcm", {}).get("sha256") == sha256(new), 30,
+             what="the new A in S3 while C's copy still waits")
+    proxy.fail_copies_into = ""
+    ftp.rename("CT/b.dcm", "CT/d.dcm")
+    assert ftp_get(ftp, "CT/d.dcm") == other
+    ftp.quit()
+    a.wait_drained(60)
+    objects = s3_objects(seaweed, a.prefix)
+    assert objects["CT/c.dcm"]["sha256"] == sha256(old) and objects["CT/a.dcm"]["sha256"] == sha256(new)
+    assert objects["CT/d.dcm"]["sha256"] == sha256(other) and "CT/b.dcm" not in objects
+    assert any("c.dcm" in r for r in proxy.injected), "C's copy was never tried before the new A"
+    wait_for(lambda: not [k for k in s3_objects(seaweed, a.prefix) if k.startswith(".pacsgw-parked/")], 30,
+             what="the parked copy deleted once C's copy read it")
+
+
+def test_two_evicted_files_swapped_by_renames_keep_their_contents(agent_factory, seaweed, proxy):
+    """a ↔ c swapped through t while their copies fail (neither cached): a's copy reads c's key and c's reads a's,
+    so each write must park the other's source first, and the two copies must not wait for each other's lock.
+    The proxy fails every copy into a .dcm key (not the parked copies) until both renames are queued."""
+    a = agent_factory(**{"uplink.endpoint_url": proxy.endpoint_url}).start()
+    ftp = ftp_login(a)
+    x, y = payload("x", 21_000), payload("y", 22_000)
+    assert ftp_put(ftp, "CT/a.dcm", x).startswith("226") and ftp_put(ftp, "CT/c.dcm", y).startswith("226")
+    a.wait_drained(60)
+    done = evict_cli(a, "CT/a.dcm", "CT/c.dcm")
+    assert done.returncode == 0 and done.stdout.count("evicted") == 2, done.stdout + done.stderr
+    proxy.fail_copies_into = ".dcm"
+    for src, dst in (("a", "t"), ("c", "a"), ("t", "c")):
+        ftp.rename(f"CT/{src}.dcm", f"CT/{dst}.dcm")
+    assert ftp_get(ftp, "CT/a.dcm") == y and ftp_get(ftp, "CT/c.dcm") == x  # from the old keys, or parked
+    wait_for(lambda: len(proxy.injected) >= 2, 30, what="both copies tried and failed")
+    proxy.fail_copies_into = ""
+    a.wait_drained(60)
+    objects = s3_objects(seaweed, a.prefix)
+    assert objects["CT/a.dcm"]["sha256"] == sha256(y) and objects["CT/c.dcm"]["sha256"] == sha256(x)
+    assert "CT/t.dcm" not in objects
+    assert ftp_get(ftp, "CT/a.dcm") == y and ftp_get(ftp, "CT/c.dcm") == x
+    ftp.quit()
+
+
+def test_an_evicted_file_renamed_again_while_its_copy_runs_keeps_its_content(agent_factory, seaweed, proxy):
+    """a → t while t's copy from a's key is on the wire (the proxy holds it), then t → c: c must still be copied
+    from a's key. It was to be uploaded from a cache that does not hold it (`no cached content to upload`, retried
+    for ever: the file existed nowhere but in a's key, which the tombstone loop then deleted)."""
+    a = agent_factory(**{"uplink.endpoint_url": proxy.endpoint_url}).start()
+    ftp = ftp_login(a)
+    x = payload("x", 23_000)
+    assert ftp_put(ftp, "CT/a.dcm", x).startswith("226")
+    a.wait_drained(60)
+    done = evict_cli(a, "CT/a.dcm")
+    assert done.returncode == 0 and "evicted" in done.stdout, done.stdout + done.stderr
+    proxy.hold_puts.set()
+    ftp.rename("CT/a.dcm", "CT/t.dcm")
+    wait_for(lambda: proxy.puts_held == 1, 30, what="t's copy on the wire")
+    ftp.rename("CT/t.dcm", "CT/c.dcm")
+    proxy.hold_puts.clear()
+    a.wait_drained(60)
+    objects = s3_objects(seaweed, a.prefix)
+    assert objects["CT/c.dcm"]["sha256"] == sha256(x) and not {"CT/a.dcm", "CT/t.dcm"} & set(objects)
+    assert ftp_get(ftp, "CT/c.dcm") == x
+    ftp.quit()

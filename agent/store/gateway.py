@@ -49,7 +49,7 @@ from agent.store.fetch import download
 from agent.store.paths import ancestors, check_creatable, name_problem, parent_of
 from agent.uplink.line import SERVER_ERROR_RETRIES
 from agent.uplink.s3 import S3Uplink, error_code
-from agent.uplink.uploader import CONFLICT_EXTRA, CONFLICTS, HA_DIR, Uploader
+from agent.uplink.uploader import CONFLICT_EXTRA, CONFLICTS, HA_DIR, PARKED, Uploader
 
 log = structlog.get_logger("pacsgw.gateway")
 T = TypeVar("T")
@@ -64,7 +64,8 @@ RANGE_FIRST = 1024 * 1024  # the first ranged GET of a fetch; each next one doub
 RANGE_MAX = 8 * 1024 * 1024
 # Bytes of files being written kept in memory for their write-through PUTs, all writes together (see WriteHandle)
 BODY_BUDGET = 64 * 1024 * 1024
-AGENT_DIRS = (CONFLICTS, HA_DIR)  # directories at the namespace's root only the agent writes (Gateway._not_the_agents)
+# directories at the namespace's root only the agent writes (Gateway._not_the_agents)
+AGENT_DIRS = (CONFLICTS, HA_DIR, PARKED)
 
 
 class WriteHandle:
@@ -1048,7 +1049,7 @@ class Gateway:
         e, t0 = fill.entry, time.monotonic()
         length = min(fill.window, e.size - start)
         try:
-            data = await self.s3.get_range(e.path, start, length, fill.etag)
+            data = await self.s3.get_range(e.object_key, start, length, fill.etag)
             if len(data) != length:
                 raise Corrupt(e.path, f"ranged GET gave {len(data)} of {length} bytes")
             async with fill.lock:  # only beyond the stream: its bytes are the ones verified and kept

@@ -7,6 +7,9 @@ is picked up by the dispatcher. Deleted and renamed-away keys are removed by the
 A per-key lock keeps a delete and a put of the same key from overlapping. Transfers take a slot on the
 line (agent.uplink.line) and tell it whether the server answered.
 
+Lock order: a rename's copy holds its own key's lock and its source's, taken in sorted order (two renames
+copying from each other's keys cannot deadlock); a parked key's lock (PARKED) is always taken last.
+
 The uploader sees the catalog, the cache and the WORM policy only through the small interfaces below:
 the uplink imports nothing from agent.store.
 """
@@ -44,6 +47,7 @@ log = structlog.get_logger("pacsgw.uplink")
 IDLE_POLL = 5.0
 CONFLICTS = ".pacsgw-conflicts"  # where an HA box keeps content it must not write over the other box's
 HA_DIR = ".pacsgw-ha"  # the HA pair's own objects (agent.ha), in the namespace's prefix, never followed as files
+PARKED = ".pacsgw-parked"  # an object a waiting rename's copy needs, kept aside while a new file takes its key
 CONFLICT_EXTRA = len(CONFLICTS) + 2 + 16  # what conflict_key adds to a path: the folder, '/', '.', the hash prefix
 
 
@@ -71,6 +75,8 @@ class UploadQueue(Protocol):
                          sha256: str | None, index_row: tuple[object, ...] | None = None) -> bool: ...
     async def mark_failed(self, path: str, gen: int, error: str, retry_at: float) -> None: ...
     async def drop_copy_source(self, path: str, gen: int) -> None: ...
+    async def park_copies(self, key: str, parked: str) -> int: ...
+    async def copies_read(self, key: str) -> bool: ...
     async def due_tombstones(self, now: float, limit: int) -> list[str]: ...
     async def tombstone_pending(self, key: str) -> bool: ...
     async def tombstone_failed(self, key: str, retry_at: float) -> None: ...
@@ -137,45 +143,76 @@ class Uploader:
     async def transfer(self, e: Entry, body: bytes | None = None) -> bool:
         """Upload (or server-side copy) one claimed row; → True when it is clean in S3. body: the file's bytes,
         hashed to e.sha256 by the writer (a write-through file that kept them), sent instead of the cached copy's."""
-        async with self.line.slots, self.key_lock(e.path):
-            now = await self.db.get(e.path)
-            if now is None or now.gen != e.gen:
-                # Deleted, renamed away or written again while this waited for its slot: the key's tombstone may
-                # already be done, and an upload now would leave an object nobody deletes.
-                log.info("upload_skipped", path=e.path, reason="superseded before its slot")
-                return False
-            t0 = time.monotonic()
-            try:
-                result = await self.line.patiently(
-                    lambda: self._copy_or_upload(e) if e.copy_from else self._upload(e, body), e.path)
-            except asyncio.CancelledError:
-                await asyncio.shield(self.db.mark_failed(e.path, e.gen, "cancelled", time.time()))
-                raise
-            except Exception as exc:  # every failure is retried from the durable queue
-                retry_at = time.time() + backoff(e.attempts)
-                await self.db.mark_failed(e.path, e.gen, f"{error_code(exc)}: {exc}", retry_at)
-                self.metrics.uploads.labels("error").inc()
-                if is_unreachable(exc):
-                    self.line.failed(exc)
-                else:
-                    log.error("upload_failed", path=e.path, error=error_code(exc), detail=str(exc)[:300],
-                              attempts=e.attempts + 1, retry_in=round(retry_at - time.time(), 1))
-                return False
-            try:
-                clean = await self.db.mark_clean(e.path, e.gen, result.etag, result.version_id, e.sha256,
-                                                 result.index_row)
-            except Exception as exc:  # e.g. the catalog's disk is full: retry the row later
-                log.error("catalog_update_failed", path=e.path, error=error_code(exc), detail=str(exc)[:300])
-                with contextlib.suppress(Exception):
-                    await self.db.mark_failed(e.path, e.gen, f"catalog: {exc}", time.time() + backoff(e.attempts))
-                return False
-            elapsed = time.monotonic() - t0
-            self.metrics.uploads.labels("ok").inc()
-            self.metrics.upload_seconds.observe(elapsed)
-            self.line.answered()
-            log.info("uploaded", path=e.path, bytes=e.size, seconds=round(elapsed, 4),
-                     parts=result.parts, copy=bool(e.copy_from), superseded=not clean)
-            return clean
+        async with self.line.slots:
+            while True:
+                async with contextlib.AsyncExitStack() as locks:
+                    for key in sorted({e.path, e.copy_from or e.path}):
+                        await locks.enter_async_context(self.key_lock(key))
+                    now = await self.db.get(e.path)
+                    if now is not None and now.gen == e.gen and now.copy_from != e.copy_from:
+                        e = dataclasses.replace(e, copy_from=now.copy_from)  # its source was parked meanwhile
+                        continue
+                    return await self._transfer(e, now, body)
+
+    async def _transfer(self, e: Entry, now: Entry | None, body: bytes | None) -> bool:
+        """transfer, under the locks of e's key and its copy source; now: e's row as the catalog has it."""
+        if now is None or now.gen != e.gen:
+            # Deleted, renamed away or written again while this waited for its slot: the key's tombstone may
+            # already be done, and an upload now would leave an object nobody deletes.
+            log.info("upload_skipped", path=e.path, reason="superseded before its slot")
+            return False
+        t0 = time.monotonic()
+        try:
+            result = await self.line.patiently(lambda: self._send(e, body), e.path)
+        except asyncio.CancelledError:
+            await asyncio.shield(self.db.mark_failed(e.path, e.gen, "cancelled", time.time()))
+            raise
+        except Exception as exc:  # every failure is retried from the durable queue
+            retry_at = time.time() + backoff(e.attempts)
+            await self.db.mark_failed(e.path, e.gen, f"{error_code(exc)}: {exc}", retry_at)
+            self.metrics.uploads.labels("error").inc()
+            if is_unreachable(exc):
+                self.line.failed(exc)
+            else:
+                log.error("upload_failed", path=e.path, error=error_code(exc), detail=str(exc)[:300],
+                          attempts=e.attempts + 1, retry_in=round(retry_at - time.time(), 1))
+            return False
+        try:
+            clean = await self.db.mark_clean(e.path, e.gen, result.etag, result.version_id, e.sha256,
+                                             result.index_row)
+        except Exception as exc:  # e.g. the catalog's disk is full: retry the row later
+            log.error("catalog_update_failed", path=e.path, error=error_code(exc), detail=str(exc)[:300])
+            with contextlib.suppress(Exception):
+                await self.db.mark_failed(e.path, e.gen, f"catalog: {exc}", time.time() + backoff(e.attempts))
+            return False
+        elapsed = time.monotonic() - t0
+        self.metrics.uploads.labels("ok").inc()
+        self.metrics.upload_seconds.observe(elapsed)
+        self.line.answered()
+        log.info("uploaded", path=e.path, bytes=e.size, seconds=round(elapsed, 4),
+                 parts=result.parts, copy=bool(e.copy_from), superseded=not clean)
+        return clean
+
+    async def _send(self, e: Entry, body: bytes | None) -> PutResult:
+        await self._park(e.path)
+        return await (self._copy_or_upload(e) if e.copy_from else self._upload(e, body))
+
+    async def _park(self, key: str) -> None:
+        """key is about to be written while renames still wait to be copied from its object (a file renamed
+        away, then a new file stored under its old name, before the copy ran): copy that object aside first
+        and point them there, or their content would exist nowhere once key is overwritten."""
+        if not await self.db.copies_read(key):
+            return
+        head = await self.s3.head(key)
+        if head is None:
+            return  # gone already: their copies fall back to the cache, or report the loss
+        version = f"{key}\0{head.get('ETag')}".encode("utf-8", "surrogatepass")
+        parked = f"{PARKED}/{hashlib.sha256(version).hexdigest()}"  # one per object version of key
+        async with self.key_lock(parked):  # the tombstone loop must not delete it between the copy and the repoint
+            await self.s3.copy(key, parked, meta_sha(head.get("Metadata")))
+            moved = await self.db.park_copies(key, parked)
+        log.warning("rename_source_parked", path=key, parked=parked, renames=moved,
+                    reason="a new file takes the name before the renamed file's copy ran")
 
     def _condition(self, e: Entry) -> dict[str, str] | None:
         """In an HA pair: the object this box last knew under e.path (its etag), or none at all. S3 refuses the

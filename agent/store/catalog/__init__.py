@@ -147,6 +147,12 @@ class AsyncCatalog:
     async def get_many(self, paths: list[str]) -> dict[str, Entry]:
         return rows_of(self._reader, paths)
 
+    async def copies_read(self, key: str) -> bool:
+        """A rename still waits to be copied from key (another path's copy_from is key): one indexed lookup,
+        asked before every upload, so on the reader connection, not a hop to the catalog thread."""
+        return self._reader.execute("SELECT 1 FROM entries WHERE copy_from = ? AND path != ? LIMIT 1",
+                                    (key, key)).fetchone() is not None
+
     totals = _offload(Catalog.totals)
     get_state = _offload(Catalog.get_state)
     set_state = _offload(Catalog.set_state)
@@ -180,6 +186,7 @@ class AsyncCatalog:
     mark_failed = _offload(Catalog.mark_failed)
     requeue = _offload(Catalog.requeue)
     drop_copy_source = _offload(Catalog.drop_copy_source)
+    park_copies = _offload(Catalog.park_copies)
     reset_uploading = _offload(Catalog.reset_uploading)
     due_tombstones = _offload(Catalog.due_tombstones)
     tombstone_count = _offload(Catalog.tombstone_count)

@@ -17,6 +17,9 @@ from agent.store.paths import ancestors, name_of, parent_of
 
 COLUMNS = ("path, is_dir, size, mtime, sha256, state, blob, gen, etag, version_id, copy_from, listed, "
            "dirty_since, attempts, last_error, last_access, access_count")
+# A server-side copy carries its source's study-index row: (dst, src). Used by a rename's copy and by a parked one.
+COPY_INDEX_ROW = ("INSERT OR REPLACE INTO dicom_objects SELECT ?, size, study_uid, series_uid, sop_uid, modality, "
+                  "study_date, patient FROM dicom_objects WHERE path = ?")
 
 
 @dataclass(frozen=True, slots=True)

@@ -132,8 +132,9 @@ class Namespace(CatalogBase):
                             (new_path, parent_of(new_path), name_of(new_path), e.mtime, int(e.listed)))
             return
         # A complete object exists under the old key only when the row was clean (or already a pending
-        # copy whose source is still protected): copy from there; otherwise upload from the cache.
-        copy_from = e.path if e.state == "clean" else (e.copy_from if e.state == "dirty" else None)
+        # copy, waiting or running, whose source is still protected): copy from there; otherwise upload from
+        # the cache (an upload of new content is in flight or waits: the content is in the cache).
+        copy_from = e.path if e.state == "clean" else e.copy_from
         self.db.execute(
             "INSERT INTO entries (path, parent, name, is_dir, size, mtime, sha256, state, blob, gen, copy_from, "
             "etag, dirty_since, last_access, access_count) VALUES (?, ?, ?, 0, ?, ?, ?, 'dirty', ?, ?, ?, ?, ?, ?, ?)",

@@ -7,7 +7,7 @@ from __future__ import annotations
 import time
 from typing import Sequence
 
-from agent.store.catalog.base import CatalogBase
+from agent.store.catalog.base import COPY_INDEX_ROW, CatalogBase
 
 # (path, size, study_uid, series_uid, modality, study_date, cached)
 Found = tuple[str, int, str | None, str | None, str | None, str | None, int]
@@ -62,8 +62,7 @@ class Studies(CatalogBase):
     def copy_dicom_row(self, src: str, dst: str) -> None:
         """A server-side copy (rename) of an indexed object: index the copy too (the source leaves with its
         tombstone)."""
-        self._write("INSERT OR REPLACE INTO dicom_objects SELECT ?, size, study_uid, series_uid, sop_uid, modality, "
-                    "study_date, patient FROM dicom_objects WHERE path = ?", (dst, src), durable=False)
+        self._write(COPY_INDEX_ROW, (dst, src), durable=False)
 
     def unshipped_index_rows(self, limit: int) -> list[tuple[object, ...]]:
         """Up to limit study-index rows for the next index delta, as snapshot rows (path, size, etag, study, …):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 
 from agent.records import Entry
-from agent.store.catalog.base import COLUMNS, CatalogBase
+from agent.store.catalog.base import COLUMNS, COPY_INDEX_ROW, CatalogBase
 
 
 class Uploads(CatalogBase):
@@ -92,7 +92,19 @@ class Uploads(CatalogBase):
                     durable=False)
 
     def tombstone_pending(self, key: str) -> bool:
-        return self._exists("SELECT 1 FROM tombstones WHERE key = ?", (key,))
+        """key is still to be deleted, and no pending copy reads from it (checked again under the key's lock)."""
+        return self._exists("SELECT 1 FROM tombstones WHERE key = ? AND NOT EXISTS "
+                            "(SELECT 1 FROM entries WHERE copy_from = ?)", (key, key))
+
+    def park_copies(self, key: str, parked: str) -> int:
+        """key's object was copied aside to `parked` before key is written again: the renames still waiting to
+        be copied from key copy from there instead (with its study-index row), and `parked` is a tombstone,
+        deleted once they have. → the rows pointed there."""
+        with self._tx(durable=True):
+            self.db.execute("INSERT OR IGNORE INTO tombstones (key, queued) VALUES (?, ?)", (parked, time.time()))
+            self.db.execute(COPY_INDEX_ROW, (parked, key))
+            return int(self.db.execute("UPDATE entries SET copy_from = ? WHERE copy_from = ? AND path != ?",
+                                       (parked, key, key)).rowcount)
 
     def tombstones_under(self, path: str) -> bool:
         return self._exists("SELECT 1 FROM tombstones WHERE key > ? AND key < ? LIMIT 1",
