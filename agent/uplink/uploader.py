@@ -146,7 +146,7 @@ class Uploader:
         async with self.line.slots:
             while True:
                 async with contextlib.AsyncExitStack() as locks:
-                    for key in sorted({e.path, e.copy_from or e.path}):
+                    for key in sorted({e.path, e.copy_from or e.path}, key=lambda k: (k.startswith(PARKED + "/"), k)):
                         await locks.enter_async_context(self.key_lock(key))
                     now = await self.db.get(e.path)
                     if now is not None and now.gen == e.gen and now.copy_from != e.copy_from:
