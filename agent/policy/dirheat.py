@@ -82,8 +82,7 @@ def rank_by_model(h: History, predictor: Predictor, version: str) -> list[Ranked
     dir_day = np.array([(a - h.first).days if a else int(f) for a, f in zip(acq, first_read, strict=True)])
     modalities = sorted({d.split("/")[0] for d in h.dirs})
     dir_mod = np.array([modalities.index(d.split("/")[0]) for d in h.dirs])
-    x = window_features(h.counts, WINDOW, dir_day, dir_mod, len(modalities), h.first.weekday(),
-                        np.maximum(h.files, 1))
+    x = window_features(h.counts, WINDOW, dir_day, dir_mod, len(modalities), h.first.weekday(), np.maximum(h.files, 1))
     heat = predictor.predict(x, np.maximum(h.files, 1))
     reads = h.counts.sum(axis=1)
     ranked = [RankedDir(d, round(float(p), 3), f"model {version}: {int(r)} reads in the last {WINDOW} days")

@@ -233,8 +233,7 @@ class Replayer:
         self.in_cache[o] = 1
         self.used += int(self.size[o])
         if self.stack.online:
-            self.stack.inserted(o, int(self.size[o]), t, float(self.created[o]), int(self.study[o]), prefetch,
-                                written)
+            self.stack.inserted(o, int(self.size[o]), t, float(self.created[o]), int(self.study[o]), prefetch, written)
         else:
             self.last[o] = t
             self.count[o] = 0 if prefetch else 1
@@ -303,8 +302,7 @@ class Replayer:
         if not objs_of:
             return
         backlog = max(0.0, self.queue_free - t)
-        budget = Budget(int(cfg.priors_space * cfg.capacity), cfg.prefetch_bps,
-                        max(0.0, cfg.priors_window_s - backlog))
+        budget = Budget(int(cfg.priors_space * cfg.capacity), cfg.prefetch_bps, max(0.0, cfg.priors_window_s - backlog))
         for x, cell, _, heat in self.stack.prior_plan(s, ranked, budget, t):
             self.pf_cell[x] = cell
             self.stack.prior_fetched(x, s, heat)

@@ -44,8 +44,7 @@ def gaps(results: list[SchemeResult], refs: list) -> dict[str, tuple[float | Non
                        share(r.byte_hit_ratio, lru.byte_hit_ratio, best_byte)) for r in results}
 
 
-_UNITS = {"B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9, "TB": 1e12, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30,
-          "TiB": 2**40}
+_UNITS = {"B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9, "TB": 1e12, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30, "TiB": 2**40}
 
 
 def unit_of(text: str) -> str | None:
@@ -78,8 +77,7 @@ def memory_line(scheme: str, ta: TraceArrays, catalog: CatalogMemory | None) -> 
             f"({catalog.bytes_per_row:,.0f} B/file measured)")
 
 
-def table(ta: TraceArrays, results: list[SchemeResult], refs: list,
-          catalog: CatalogMemory | None) -> str:
+def table(ta: TraceArrays, results: list[SchemeResult], refs: list, catalog: CatalogMemory | None) -> str:
     head = ("| scheme | object hit ratio | byte hit ratio | LRU→Belady gap closed (object / byte) "
             "| mean / p95 latency (idle line) | mean / p95 latency (queued) | egress peak (1 min) "
             "| prefetch spent (used) | replay CPU per hour of traffic | catalog memory |\n"

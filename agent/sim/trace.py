@@ -48,8 +48,7 @@ def write_trace(g: Generator, path: str | Path, progress: bool = False) -> dict:
     meta = {"start": g.p.start, "preset": g.p.preset, "seed": g.p.seed, "days": g.p.days,
             "monthly_tb": g.p.monthly_tb, "layout": g.p.layout, "archive_bytes": archive_bytes,
             "archive_files": archive_files, "params": _jsonable(dataclasses.asdict(g.p))}
-    n = 0
-    nbytes = 0
+    n = nbytes = 0
     bar = _bar(progress, g.p.days, "gen-trace (days)")
     with _open(path, "w") as f:
         f.write(MAGIC + json.dumps(meta, sort_keys=True) + "\n")
@@ -72,17 +71,14 @@ def write_trace(g: Generator, path: str | Path, progress: bool = False) -> dict:
                     entry = names[ss] = _study_names(g, ss)
                 size = entry[0][ii]
                 nbytes += size
-                lines.append(f"{tt:.3f}\t{'W' if ww else 'R'}\t{entry[2][ii]}\t{size}\t{entry[1]}")
-            f.write("\n".join(lines))
-            if lines:
-                f.write("\n")
+                lines.append(f"{tt:.3f}\t{'W' if ww else 'R'}\t{entry[2][ii]}\t{size}\t{entry[1]}\n")
+            f.write("".join(lines))
             n += len(lines)
             if len(names) > 50_000:   # bound memory: the names of a day's studies are enough
                 names.clear()
             bar.update(1)
     bar.close()
-    meta["requests"] = n
-    meta["request_bytes"] = nbytes
+    meta.update(requests=n, request_bytes=nbytes)
     return meta
 
 

@@ -241,8 +241,7 @@ class Request:
 def draw_instances(rng: np.random.Generator, s: ModalityShape) -> tuple[np.ndarray, np.ndarray]:
     """One study's instance sizes (int64 bytes, series-ordered) and series start offsets."""
     n_series = int(rng.integers(s.series[0], s.series[1] + 1))
-    images = np.maximum(1, np.round(rng.lognormal(np.log(s.images_median), s.images_sigma,
-                                                  n_series))).astype(np.int64)
+    images = np.maximum(1, np.round(rng.lognormal(np.log(s.images_median), s.images_sigma, n_series))).astype(np.int64)
     median = s.image_mb * MB * float(rng.lognormal(0.0, 0.1))
     sizes = np.maximum(1024, rng.lognormal(np.log(median), s.size_sigma, int(images.sum())))
     return sizes.astype(np.int64), np.concatenate(([0], np.cumsum(images)))
@@ -576,8 +575,3 @@ def archive_listing(params: WorkloadParams, n_files: int) -> Iterator[tuple[str,
                         yield f"{prefix}{k + 1:05d}.dcm", size, mtime
                 study += 1
 
-
-__all__ = ["ModalityShape", "Department", "WorkloadParams", "SHAPES", "PRESETS", "TUNING", "HELD_OUT", "preset",
-           "oncology", "outpatient", "cancer", "teaching",
-           "Generator", "Study", "Event", "Request", "generate", "archive_totals", "archive_listing",
-           "draw_instances", "expected_files_per_study"]
