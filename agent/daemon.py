@@ -363,8 +363,7 @@ class Agent:
             return 400, {"error": f"bytes={query['bytes']!r} is not a size such as '10MB'"}
         victims = await self.evictor.plan(want, explain=True)
         return 200, {"policy": self.cfg.cache.eviction, "bytes_to_free": want, "cached_bytes": totals.cached_bytes,
-                     "k": self.evictor.last_k,
-                     "victims": [dataclasses.asdict(v) for v in victims]}
+                     "k": self.evictor.last_k, "victims": [dataclasses.asdict(v) for v in victims]}
 
     async def admin_evict(self, query: dict[str, str], body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
         """Drop one file's cached copy (it must be clean: safe in S3); → (HTTP status, JSON result)."""

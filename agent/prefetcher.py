@@ -314,8 +314,7 @@ class PriorFetcher:
                                                          p.priors_window_seconds), time.time())
         deadline = time.time() + p.priors_window_seconds
         log.info("prior_prefetch", study=d, patient_studies=len(studies), newer=len(older),
-                 priors=[c[0] for c in chosen],
-                 heat=[round(c[3], 3) for c in chosen], bytes=sum(c[2] for c in chosen),
+                 priors=[c[0] for c in chosen], heat=[round(c[3], 3) for c in chosen], bytes=sum(c[2] for c in chosen),
                  rank_heat=self.stack.prior_heat())
         for key, cell, _, heat in chosen:
             self.stack.prior_fetched(key, d, heat)     # kept beside its new study until the report

@@ -241,9 +241,8 @@ class Replayer:
     def _table(self) -> tuple[eviction.FileTable, np.ndarray]:
         cached = np.flatnonzero(self.cached_view)
         return eviction.FileTable(
-            key=cached, size=self.size[cached], last_access=self.last[cached],
-            access_count=self.count[cached], created=self.created[cached],
-            directory=self.directory[cached], study=self.study[cached]), cached
+            key=cached, size=self.size[cached], last_access=self.last[cached], access_count=self.count[cached],
+            created=self.created[cached], directory=self.directory[cached], study=self.study[cached]), cached
 
     def _evict(self, t: float) -> None:
         cap = self.cfg.capacity
