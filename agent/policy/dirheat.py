@@ -12,6 +12,7 @@ the recent days × modality mix of the site, as far as the box has seen it.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import re
 from dataclasses import dataclass
@@ -50,12 +51,9 @@ class History:
 def acquisition_day(directory: str) -> dt.date | None:
     """The day a directory holds, from a path part such as 2026-11-23 or 20261123; None if none."""
     for part in reversed(directory.split("/")):
-        m = _DAY_RE.match(part)
-        if m:
-            try:
+        if m := _DAY_RE.match(part):
+            with contextlib.suppress(ValueError):  # no such day: the next part may name one
                 return dt.date(int(m.group(1)), int(m.group(2)), int(m.group(3)))
-            except ValueError:
-                continue
     return None
 
 

@@ -375,8 +375,7 @@ def write(rows: list[Row], summary: Summary, dst: str | Path) -> dict:
             "archive_bytes": sum(written.values()), "archive_files": len(written),
             "requests": len(rows), "request_bytes": sum(r.size for r in rows), "import": summary.as_dict()}
     with _open(dst, "w") as f:
-        f.write(MAGIC + json.dumps(meta, sort_keys=True) + "\n")
-        f.write("\t".join(COLUMNS) + "\n")
+        f.write(MAGIC + json.dumps(meta, sort_keys=True) + "\n" + "\t".join(COLUMNS) + "\n")
         for r in rows:
             f.write(f"{r.t:.3f}\t{'W' if r.write else 'R'}\t{r.path}\t{r.size}\t{r.patient}\t{r.study}"
                     f"\t{r.modality}\t{r.department}\n")

@@ -51,8 +51,7 @@ def write_trace(g: Generator, path: str | Path, progress: bool = False) -> dict:
     n = nbytes = 0
     bar = _bar(progress, g.p.days, "gen-trace (days)")
     with _open(path, "w") as f:
-        f.write(MAGIC + json.dumps(meta, sort_keys=True) + "\n")
-        f.write("\t".join(COLUMNS) + "\n")
+        f.write(MAGIC + json.dumps(meta, sort_keys=True) + "\n" + "\t".join(COLUMNS) + "\n")
         names: dict[int, tuple[list[int], str, list[str]]] = {}
         # The catalog's view of the archive at the start: one `S` line per pre-existing study of every
         # patient the trace touches (its directory and total bytes). A policy may use these (as the
