@@ -55,9 +55,8 @@ class Plan:
 
     def as_json(self) -> dict:
         return {"budget_bytes": self.budget_bytes, "window_end": self.window_end,
-                "planned_bytes": sum(d.bytes for d in self.chosen),
-                "chosen": [asdict(d) for d in self.chosen], "skipped": [asdict(d) for d in self.skipped],
-                "ranked": [asdict(r) for r in self.ranked]}
+                "planned_bytes": sum(d.bytes for d in self.chosen), "chosen": [asdict(d) for d in self.chosen],
+                "skipped": [asdict(d) for d in self.skipped], "ranked": [asdict(r) for r in self.ranked]}
 
 
 @dataclass

@@ -309,10 +309,9 @@ def parse_trace(path: str | Path, progress: bool = False) -> TraceArrays:
         for o, sid in enumerate(obj_study):
             date = (start + dt.timedelta(days=st_day[sid])).isoformat()
             obj_dir_a[o] = dirs.setdefault(f"{mod_names[st_mod[sid]]}/{date}", len(dirs))
-    return TraceArrays(study_bytes=study_bytes,
-        meta=meta, t=np.array(t_l, dtype=np.float64), is_write=np.array(w_l, dtype=bool),
-        obj=np.array(o_l, dtype=np.int32), size=np.array(s_l, dtype=np.int64), obj_study=obj_study_a,
-        obj_dir=obj_dir_a, obj_size=obj_size_a, study_patient=np.array(st_pat, dtype=np.int32),
+    return TraceArrays(study_bytes=study_bytes, meta=meta, t=np.array(t_l, dtype=np.float64),
+        is_write=np.array(w_l, dtype=bool), obj=np.array(o_l, dtype=np.int32), size=np.array(s_l, dtype=np.int64),
+        obj_study=obj_study_a, obj_dir=obj_dir_a, obj_size=obj_size_a, study_patient=np.array(st_pat, dtype=np.int32),
         study_modality=np.array(st_mod, dtype=np.int16), study_department=np.array(st_dep, dtype=np.int16),
         study_day=np.array(st_day, dtype=np.int32), dir_names=list(dirs), modality_names=list(mods),
         department_names=list(deps))

@@ -489,9 +489,8 @@ class Generator:
     def path(self, st: Study, instance: int) -> str:
         series = int(np.searchsorted(st.series_starts, instance, side="right")) - 1
         return self.p.layout.format(
-            modality=st.modality, date=(self.start + dt.timedelta(days=st.day)).isoformat(),
-            study=f"ST{st.idx:08d}", series=f"SE{series + 1:03d}",
-            instance=f"{instance - st.series_starts[series] + 1:05d}")
+            modality=st.modality, date=(self.start + dt.timedelta(days=st.day)).isoformat(), study=f"ST{st.idx:08d}",
+            series=f"SE{series + 1:03d}", instance=f"{instance - st.series_starts[series] + 1:05d}")
 
     def iter_chunks(self) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
         """Per-day chunks of (t, is_write, study, instance), sorted by time, for the whole horizon."""
