@@ -47,7 +47,7 @@ def write_trace(g: Generator, path: str | Path, progress: bool = False) -> dict:
     archive_bytes, archive_files = archive_totals(g)
     meta = {"start": g.p.start, "preset": g.p.preset, "seed": g.p.seed, "days": g.p.days,
             "monthly_tb": g.p.monthly_tb, "layout": g.p.layout, "archive_bytes": archive_bytes,
-            "archive_files": archive_files, "params": _jsonable(dataclasses.asdict(g.p))}
+            "archive_files": archive_files, "params": dataclasses.asdict(g.p)}
     n = nbytes = 0
     bar = _bar(progress, g.p.days, "gen-trace (days)")
     with _open(path, "w") as f:
@@ -102,14 +102,6 @@ def _study_dir(g: Generator, st) -> str:
     depth = _layout_index(g.p.layout, "study") + 1
     date = (g.start + dt.timedelta(days=st.day)).isoformat()
     return "/".join(parts[:depth]).format(modality=st.modality, date=date, study=f"ST{st.idx:08d}")
-
-
-def _jsonable(obj: object) -> object:
-    if isinstance(obj, dict):
-        return {k: _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    return obj
 
 
 def _bar(enabled: bool, total: int | None, desc: str):  # tqdm or a no-op
