@@ -243,8 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     command("run", cmd_run, "run the agent in the foreground (SIGTERM drains and stops)")
     command("check-config", cmd_check_config, "validate a configuration file")
-    command("status", cmd_status, "print the running agent's health (exit 0 ok, 1 degraded, 2 failing)",
-            url, as_json)
+    command("status", cmd_status, "print the running agent's health (exit 0 ok, 1 degraded, 2 failing)", url, as_json)
     p = command("fsck", cmd_fsck, "verify cached files (and with --remote, objects in S3); --repair fixes "
                 "(exit 0 clean, 1 problems found, 2 data lost)", as_json)
     p.add_argument("--remote", action="store_true", help="also check every clean file's object in S3")

@@ -42,15 +42,9 @@ _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
 
 def parse_size(value: Any) -> int:
     """'800GB' → 800e9 bytes (SI), '512KiB' → 524288; a bare integer is bytes."""
-    if isinstance(value, bool):
-        raise ValueError
-    if isinstance(value, int):
-        if value < 0:
-            raise ValueError
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
         return value
-    if not isinstance(value, str):
-        raise ValueError
-    m = _SIZE_RE.match(value)
+    m = _SIZE_RE.match(value) if isinstance(value, str) else None
     if not m or m.group(2).lower() not in _SIZE_UNITS:
         raise ValueError
     return int(float(m.group(1)) * _SIZE_UNITS[m.group(2).lower()])
@@ -115,9 +109,7 @@ def _ratio(value: Any) -> float:
 
 def _listen(value: Any) -> tuple[str, int]:
     """'127.0.0.1:2121', '[::1]:2121' or '0.0.0.0:21'."""
-    if not isinstance(value, str):
-        raise ValueError
-    m = re.fullmatch(r"\[([0-9a-fA-F:.]+)\]:(\d+)|([^:\[\]]+):(\d+)", value.strip())
+    m = re.fullmatch(r"\[([0-9a-fA-F:.]+)\]:(\d+)|([^:\[\]]+):(\d+)", value.strip()) if isinstance(value, str) else None
     if not m:
         raise ValueError
     host, port = (m.group(1), m.group(2)) if m.group(1) else (m.group(3), m.group(4))

@@ -251,19 +251,15 @@ class Agent:
         t0 = time.monotonic()
         log.info("draining", active_writes=self.gateway.active_writes)
         workers = asyncio.create_task(self.workers.stop(drain_seconds + 10)) if self.workers else None
-        if self.ftp:
-            self.ftp.stop_accepting()
-        if self.sftp:
-            self.sftp.stop_accepting()
-        if self.smb:
-            self.smb.stop_accepting()
+        for server in (self.ftp, self.sftp, self.smb):
+            if server:
+                server.stop_accepting()
         drained = await self.gateway.wait_writes_idle(drain_seconds)
         if self.smb:
             drained = await self.smb.wait_files_closed(max(0.0, drain_seconds - (time.monotonic() - t0))) and drained
-        if self.ftp:
-            await self.ftp.close()
-        if self.sftp:
-            await self.sftp.close()
+        for listener in (self.ftp, self.sftp):
+            if listener:
+                await listener.close()
         if self.smb:
             await self.smb.stop()
         for task in self._loops:
@@ -283,8 +279,7 @@ class Agent:
             self.logins.close()
         totals = await self.db.totals()
         await asyncio.to_thread(self.db.shutdown)
-        log.info("stopped", drained=drained, queued_files=totals.queue_files,
-                 seconds=round(time.monotonic() - t0, 2))
+        log.info("stopped", drained=drained, queued_files=totals.queue_files, seconds=round(time.monotonic() - t0, 2))
 
     async def health(self) -> dict[str, Any]:
         totals = await self.db.totals()
@@ -368,8 +363,7 @@ class Agent:
             return 400, {"error": f"bytes={query['bytes']!r} is not a size such as '10MB'"}
         victims = await self.evictor.plan(want, explain=True)
         return 200, {"policy": self.cfg.cache.eviction, "bytes_to_free": want, "cached_bytes": totals.cached_bytes,
-                     "k": self.evictor.last_k,
-                     "victims": [dataclasses.asdict(v) for v in victims]}
+                     "k": self.evictor.last_k, "victims": [dataclasses.asdict(v) for v in victims]}
 
     async def admin_evict(self, query: dict[str, str], body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
         """Drop one file's cached copy (it must be clean: safe in S3); → (HTTP status, JSON result)."""

@@ -34,8 +34,7 @@ class PressureMonitor:
         disk = self.cache.disk_usage()
         budget = min(self.cfg.cache.max_bytes, disk.total)
         used = max(totals.cached_bytes, disk.used if self.cfg.cache.max_bytes >= disk.total else 0)
-        return Readings(disk_used=used / budget if budget else 1.0,
-                        mem_available=psutil.virtual_memory().available,
+        return Readings(disk_used=used / budget if budget else 1.0, mem_available=psutil.virtual_memory().available,
                         rss=self._process.memory_info().rss)
 
     async def run(self) -> None:

@@ -55,9 +55,8 @@ class Plan:
 
     def as_json(self) -> dict:
         return {"budget_bytes": self.budget_bytes, "window_end": self.window_end,
-                "planned_bytes": sum(d.bytes for d in self.chosen),
-                "chosen": [asdict(d) for d in self.chosen], "skipped": [asdict(d) for d in self.skipped],
-                "ranked": [asdict(r) for r in self.ranked]}
+                "planned_bytes": sum(d.bytes for d in self.chosen), "chosen": [asdict(d) for d in self.chosen],
+                "skipped": [asdict(d) for d in self.skipped], "ranked": [asdict(r) for r in self.ranked]}
 
 
 @dataclass
@@ -314,8 +313,7 @@ class PriorFetcher:
                                                          p.priors_window_seconds), time.time())
         deadline = time.time() + p.priors_window_seconds
         log.info("prior_prefetch", study=d, patient_studies=len(studies), newer=len(older),
-                 priors=[c[0] for c in chosen],
-                 heat=[round(c[3], 3) for c in chosen], bytes=sum(c[2] for c in chosen),
+                 priors=[c[0] for c in chosen], heat=[round(c[3], 3) for c in chosen], bytes=sum(c[2] for c in chosen),
                  rank_heat=self.stack.prior_heat())
         for key, cell, _, heat in chosen:
             self.stack.prior_fetched(key, d, heat)     # kept beside its new study until the report

@@ -54,9 +54,8 @@ def check_ftp(cfg: Config, user: UserConfig, name: str, data: bytes) -> None:
 def check_sftp(cfg: Config, user: UserConfig, name: str, data: bytes) -> None:
     import asyncssh
     host, port = cfg.sftp.listen
-    key = asyncssh.read_private_key(cfg.sftp.host_key)
-    known = asyncssh.import_known_hosts(f"[{local_host(host)}]:{port} {key.export_public_key().decode().strip()}\n"
-                                        f"{local_host(host)} {key.export_public_key().decode().strip()}\n")
+    key = asyncssh.read_private_key(cfg.sftp.host_key).export_public_key().decode().strip()
+    known = asyncssh.import_known_hosts(f"[{local_host(host)}]:{port} {key}\n{local_host(host)} {key}\n")
 
     async def run() -> None:
         async with asyncssh.connect(local_host(host), port, username=user.name, password=user.password,

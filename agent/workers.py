@@ -128,8 +128,7 @@ class Supervisor:
                 resumed: int | str = await self.recover()
             except Exception as e:  # the catalog failed (disk full): the next owner start resets the rows
                 resumed = f"failed: {e}"
-            log.error("worker_died", worker=index, pid=pid, returncode=code, uploads_resumed=resumed,
-                      restart_in=delay)
+            log.error("worker_died", worker=index, pid=pid, returncode=code, uploads_resumed=resumed, restart_in=delay)
             self.restarts += 1
             await asyncio.sleep(delay)
 

@@ -50,7 +50,7 @@ class RebuildReport:
 async def rebuild(cfg: Config, catalog: Catalog, concurrency: int = 64, progress: bool = True,
                   use_snapshot: bool = True) -> RebuildReport:
     report, rows = RebuildReport(), []
-    queue: asyncio.Queue[tuple[str, int] | None] = asyncio.Queue(maxsize=concurrency * 4)
+    queue: asyncio.Queue[str | None] = asyncio.Queue(maxsize=concurrency * 4)
     bar = tqdm(unit="obj", desc="index rebuild", disable=not progress)
     t0 = time.monotonic()
 
@@ -66,8 +66,7 @@ async def rebuild(cfg: Config, catalog: Catalog, concurrency: int = 64, progress
             rows.clear()
 
     async def worker() -> None:
-        while (item := await queue.get()) is not None:
-            path, _ = item  # the listed size: a compressed object's is not the file's
+        while (path := await queue.get()) is not None:
             head = await _head(s3, path)
             if head is False:  # counted and reported; a rebuild can be run again
                 report.failed += 1
@@ -87,13 +86,13 @@ async def rebuild(cfg: Config, catalog: Catalog, concurrency: int = 64, progress
             catalog.clear_dicom_index()
             workers = [asyncio.create_task(worker()) for _ in range(concurrency)]
             async for page in lister.walk(logical=False):  # the logical size of a compressed object: its HEAD
-                for path, size, _mtime, etag in page:
-                    if (row := await cursor.match(path, size, etag)) is not None:
+                for path, _size, _mtime, etag in page:
+                    if (row := await cursor.match(path, etag)) is not None:
                         report.from_snapshot += 1
                     elif (row := delta.match(path, etag)) is not None:
                         report.from_deltas += 1
                     else:
-                        await queue.put((path, size))
+                        await queue.put(path)
                         continue
                     add(row)
                     report.objects += 1

@@ -229,7 +229,7 @@ class Cursor:
     def __init__(self, rows: AsyncGenerator[Row, None] | None) -> None:
         self.rows, self.cur, self.started = rows, None, rows is None
 
-    async def match(self, path: str, size: int, etag: str | None) -> Row | None:
+    async def match(self, path: str, etag: str | None) -> Row | None:
         """The index row (path, size, study, …) of this listed object if the snapshot holds it unchanged."""
         if not self.started:
             self.cur, self.started = await anext(self.rows, None), True

@@ -200,6 +200,10 @@ class Adaptive:
     def on_remove(self, key: Any) -> None:
         self.lru.on_remove(key)
         self.learned.on_remove(key)
+        self._forget(key)
+
+    def _forget(self, key: Any) -> None:
+        """A file leaves the real cache: its bytes, the fresh segment's count and probation forget it."""
         meta = self._meta.pop(key, None)
         if meta is not None:
             self.used -= meta[0]
@@ -240,12 +244,7 @@ class Adaptive:
             yield key
         for key in list(chosen.victims(bytes_to_free - freed, now)) if freed < bytes_to_free else ():
             other.on_remove(key)
-            meta = self._meta.pop(key, None)
-            if meta is not None:
-                self.used -= meta[0]
-                self.fresh.removed(meta[2], meta[0])
-                if self.door is not None:
-                    self.door.removed(meta[2], key)
+            self._forget(key)
             yield key
 
     def status(self) -> dict[str, object]:

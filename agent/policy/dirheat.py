@@ -12,6 +12,7 @@ the recent days × modality mix of the site, as far as the box has seen it.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import re
 from dataclasses import dataclass
@@ -50,12 +51,9 @@ class History:
 def acquisition_day(directory: str) -> dt.date | None:
     """The day a directory holds, from a path part such as 2026-11-23 or 20261123; None if none."""
     for part in reversed(directory.split("/")):
-        m = _DAY_RE.match(part)
-        if m:
-            try:
+        if m := _DAY_RE.match(part):
+            with contextlib.suppress(ValueError):  # no such day: the next part may name one
                 return dt.date(int(m.group(1)), int(m.group(2)), int(m.group(3)))
-            except ValueError:
-                continue
     return None
 
 
@@ -82,8 +80,7 @@ def rank_by_model(h: History, predictor: Predictor, version: str) -> list[Ranked
     dir_day = np.array([(a - h.first).days if a else int(f) for a, f in zip(acq, first_read, strict=True)])
     modalities = sorted({d.split("/")[0] for d in h.dirs})
     dir_mod = np.array([modalities.index(d.split("/")[0]) for d in h.dirs])
-    x = window_features(h.counts, WINDOW, dir_day, dir_mod, len(modalities), h.first.weekday(),
-                        np.maximum(h.files, 1))
+    x = window_features(h.counts, WINDOW, dir_day, dir_mod, len(modalities), h.first.weekday(), np.maximum(h.files, 1))
     heat = predictor.predict(x, np.maximum(h.files, 1))
     reads = h.counts.sum(axis=1)
     ranked = [RankedDir(d, round(float(p), 3), f"model {version}: {int(r)} reads in the last {WINDOW} days")

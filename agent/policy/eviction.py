@@ -203,8 +203,7 @@ class KMeansEviction:
         score = _heat(x)
         if len(table) <= self.cfg.k_max * 4 or np.ptp(x, axis=0).max() == 0:
             return None, score
-        stale = self.fitted_at is None or now - self.fitted_at >= self.cfg.refit_seconds
-        if stale:
+        if self.fitted_at is None or now - self.fitted_at >= self.cfg.refit_seconds:
             self._fit(x, now)
         assert self._cluster_rank is not None  # set by every fit
         return self._cluster_rank[self._model.predict(x)], score

@@ -358,8 +358,7 @@ class HitDensity:
             s = self._studies[study]
             self._count(self.evictions, s, now)
             self._drop(study)
-            self._ghosts[study] = (s.sessions, s.entry, s.last, age_bucket(now - s.last), s.gap,
-                                  self._buckets(s))
+            self._ghosts[study] = (s.sessions, s.entry, s.last, age_bucket(now - s.last), s.gap, self._buckets(s))
             if len(self._ghosts) > self.max_ghosts:
                 self._ghosts.popitem(last=False)
             for key, size in s.files.items():

@@ -49,9 +49,7 @@ class StackSpec:
 
 
 def spec_of(eviction_name: str, planners: Iterable[str]) -> StackSpec:
-    known = ("lstm", "priors")
-    chosen = tuple(p for p in known if p in set(planners))
-    return StackSpec(eviction_name, chosen)
+    return StackSpec(eviction_name, tuple(p for p in ("lstm", "priors") if p in set(planners)))
 
 
 class OnlineIndex(Protocol):

@@ -357,22 +357,17 @@ def load(src: str | Path, fmt: str = "auto", start: str | None = None,
         r.patient = r.patient or r.study
         r.modality = r.modality or NO_MODALITY
         r.department = r.department or NO_DEPARTMENT
-    rows = repair(rows, summary)
-    return rows, summary
+    return repair(rows, summary), summary
 
 
 def write(rows: list[Row], summary: Summary, dst: str | Path) -> dict:
     """The trace file (agent.sim.trace format, no `S` catalog lines: the archive before it is unknown)."""
     written: dict[str, int] = {}
-    studies: set[str] = set()
     for r in rows:
         written.setdefault(r.path, r.size)
-        studies.add(r.study)
-        if r.write:
-            summary.writes += 1
-        else:
-            summary.reads += 1
-    summary.objects, summary.studies = len(written), len(studies)
+    summary.writes = sum(r.write for r in rows)
+    summary.reads = len(rows) - summary.writes
+    summary.objects, summary.studies = len(written), len({r.study for r in rows})
     summary.days = int(rows[-1].t // DAY) + 1
     write_bytes = sum(r.size for r in rows if r.write)
     meta = {"start": summary.start, "preset": "import", "seed": None, "days": summary.days,
@@ -380,8 +375,7 @@ def write(rows: list[Row], summary: Summary, dst: str | Path) -> dict:
             "archive_bytes": sum(written.values()), "archive_files": len(written),
             "requests": len(rows), "request_bytes": sum(r.size for r in rows), "import": summary.as_dict()}
     with _open(dst, "w") as f:
-        f.write(MAGIC + json.dumps(meta, sort_keys=True) + "\n")
-        f.write("\t".join(COLUMNS) + "\n")
+        f.write(MAGIC + json.dumps(meta, sort_keys=True) + "\n" + "\t".join(COLUMNS) + "\n")
         for r in rows:
             f.write(f"{r.t:.3f}\t{'W' if r.write else 'R'}\t{r.path}\t{r.size}\t{r.patient}\t{r.study}"
                     f"\t{r.modality}\t{r.department}\n")

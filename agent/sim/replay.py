@@ -168,15 +168,6 @@ def egress_minutes(horizon_s: float, *ends: np.ndarray) -> int:
     return int(last // 60) + 1
 
 
-class _Index:
-    """CSR lists: objects per study, objects per directory, studies per patient."""
-
-    def __init__(self, ta: TraceArrays) -> None:
-        self.study_objs = _csr(ta.obj_study, len(ta.study_bytes))
-        self.dir_objs = _csr(ta.obj_dir, len(ta.dir_names))
-        self.patient_studies = _csr(ta.study_patient, int(ta.study_patient.max()) + 1 if ta.study_patient.size else 0)
-
-
 def _csr(keys: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
     order = np.argsort(keys, kind="stable")
     starts = np.concatenate(([0], np.cumsum(np.bincount(keys, minlength=n))))
@@ -197,7 +188,10 @@ class Replayer:
         # the agent's own runner: the same eviction policy and planners as agent/store/evictor.py and
         # agent/prefetcher.py build from the config
         self.stack = PolicyStack(spec_of(ev_name, (self.prefetch or "").split("+")), priors_k=cfg.priors_k)
-        self.idx = _Index(ta)
+        # CSR lists: objects per study, objects per directory, studies per patient
+        self.study_objs = _csr(ta.obj_study, len(ta.study_bytes))
+        self.dir_objs = _csr(ta.obj_dir, len(ta.dir_names))
+        self.patient_studies = _csr(ta.study_patient, int(ta.study_patient.max()) + 1 if ta.study_patient.size else 0)
         n_obj, n_st = ta.n_objects, len(ta.study_bytes)
         known = np.bincount(ta.obj_study, weights=ta.obj_size, minlength=n_st).astype(np.int64)
         # one "phantom" object per study holds the bytes of its files that never appear in the trace
@@ -233,8 +227,7 @@ class Replayer:
         self.in_cache[o] = 1
         self.used += int(self.size[o])
         if self.stack.online:
-            self.stack.inserted(o, int(self.size[o]), t, float(self.created[o]), int(self.study[o]), prefetch,
-                                written)
+            self.stack.inserted(o, int(self.size[o]), t, float(self.created[o]), int(self.study[o]), prefetch, written)
         else:
             self.last[o] = t
             self.count[o] = 0 if prefetch else 1
@@ -242,9 +235,8 @@ class Replayer:
     def _table(self) -> tuple[eviction.FileTable, np.ndarray]:
         cached = np.flatnonzero(self.cached_view)
         return eviction.FileTable(
-            key=cached, size=self.size[cached], last_access=self.last[cached],
-            access_count=self.count[cached], created=self.created[cached],
-            directory=self.directory[cached], study=self.study[cached]), cached
+            key=cached, size=self.size[cached], last_access=self.last[cached], access_count=self.count[cached],
+            created=self.created[cached], directory=self.directory[cached], study=self.study[cached]), cached
 
     def _evict(self, t: float) -> None:
         cap = self.cfg.capacity
@@ -274,7 +266,7 @@ class Replayer:
         """A new study is written: tell the stack its features, and that the patient's earlier studies now
         have a newer one (what the agent's prefetcher tells it from the catalog's study index)."""
         ta = self.ta
-        earlier = [x for x in _members(self.idx.patient_studies, int(ta.study_patient[s])).tolist()
+        earlier = [x for x in _members(self.patient_studies, int(ta.study_patient[s])).tolist()
                    if ta.study_day[x] < ta.study_day[s] and self.known[x]]
         for x in [s, *earlier]:
             dept = ta.department_names[ta.study_department[x]] if ta.department_names else None
@@ -283,7 +275,7 @@ class Replayer:
     # -- ours: prior studies of the patient when a new study arrives
     def _plan_priors(self, s: int, t: float) -> None:
         ta, cfg = self.ta, self.cfg
-        studies = _members(self.idx.patient_studies, int(ta.study_patient[s]))
+        studies = _members(self.patient_studies, int(ta.study_patient[s]))
         studies = studies[self.known[studies]]
         if studies.size <= 1:
             return
@@ -294,7 +286,7 @@ class Replayer:
             x = prior.key
             if x in self.pf_cell:
                 continue
-            objs = [int(o) for o in _members(self.idx.study_objs, x) if not self.in_cache[o]]
+            objs = [int(o) for o in _members(self.study_objs, x) if not self.in_cache[o]]
             ph = self.n_obj + x
             if not self.in_cache[ph] and self.size[ph] > 0:
                 objs.append(ph)
@@ -303,8 +295,7 @@ class Replayer:
         if not objs_of:
             return
         backlog = max(0.0, self.queue_free - t)
-        budget = Budget(int(cfg.priors_space * cfg.capacity), cfg.prefetch_bps,
-                        max(0.0, cfg.priors_window_s - backlog))
+        budget = Budget(int(cfg.priors_space * cfg.capacity), cfg.prefetch_bps, max(0.0, cfg.priors_window_s - backlog))
         for x, cell, _, heat in self.stack.prior_plan(s, ranked, budget, t):
             self.pf_cell[x] = cell
             self.stack.prior_fetched(x, s, heat)
@@ -331,7 +322,7 @@ class Replayer:
         heat = self.predictor.predict(x, files)
         cands = []
         for d, h in zip(dirs.tolist(), heat.tolist(), strict=True):
-            objs = _members(self.idx.dir_objs, d)
+            objs = _members(self.dir_objs, d)
             objs = objs[self.cached_view[objs] == 0]
             objs = objs[self.created[objs] < t]   # only files that already exist
             if objs.size:

@@ -44,8 +44,7 @@ def gaps(results: list[SchemeResult], refs: list) -> dict[str, tuple[float | Non
                        share(r.byte_hit_ratio, lru.byte_hit_ratio, best_byte)) for r in results}
 
 
-_UNITS = {"B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9, "TB": 1e12, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30,
-          "TiB": 2**40}
+_UNITS = {"B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9, "TB": 1e12, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30, "TiB": 2**40}
 
 
 def unit_of(text: str) -> str | None:
@@ -78,8 +77,7 @@ def memory_line(scheme: str, ta: TraceArrays, catalog: CatalogMemory | None) -> 
             f"({catalog.bytes_per_row:,.0f} B/file measured)")
 
 
-def table(ta: TraceArrays, results: list[SchemeResult], refs: list,
-          catalog: CatalogMemory | None) -> str:
+def table(ta: TraceArrays, results: list[SchemeResult], refs: list, catalog: CatalogMemory | None) -> str:
     head = ("| scheme | object hit ratio | byte hit ratio | LRU→Belady gap closed (object / byte) "
             "| mean / p95 latency (idle line) | mean / p95 latency (queued) | egress peak (1 min) "
             "| prefetch spent (used) | replay CPU per hour of traffic | catalog memory |\n"
@@ -117,8 +115,7 @@ def describe(ta: TraceArrays, cfg: ReplayConfig) -> str:
             f"{m.get('monthly_tb')} TB/month; {ta.n:,} requests ({int(reads.sum()):,} reads, "
             f"{fmt_bytes(ta.size[reads].sum())} read; {fmt_bytes(ta.size[ta.is_write].sum())} written). "
             f"Cache {fmt_bytes(cfg.capacity, cfg.capacity_unit)}; first {cfg.warmup_days:g} days are warm-up "
-            f"(not counted); "
-            f"only reads are counted. Latency model: hit = {cfg.latency.ssd_s * 1000:g} ms + size / "
+            f"(not counted); only reads are counted. Latency model: hit = {cfg.latency.ssd_s * 1000:g} ms + size / "
             f"{cfg.latency.ssd_bps / 1e6:g} MB/s; miss = {cfg.latency.rtt_s * 1000:g} ms + size / "
             f"{cfg.latency.line_bps / 1e6:g} MB/s, on an idle line and queued (one FIFO line for all demand "
             f"misses). Egress = demand misses (as the line delivers them) + prefetch, per minute. "
@@ -197,10 +194,8 @@ def write_report(ta: TraceArrays, cfg: ReplayConfig, results: list[SchemeResult]
     data = {"meta": {k: v for k, v in ta.meta.items() if k != "params"}, "capacity": cfg.capacity,
             "capacity_text": fmt_bytes(cfg.capacity, cfg.capacity_unit),
             "schemes": [{"scheme": r.scheme, "default": r.scheme == DEFAULT_SCHEME,
-                         "stack": dict(zip(("eviction", "prefetch"), SCHEMES.get(r.scheme, (None, None)),
-                                           strict=True)),
-                         "gap_closed": dict(zip(("object", "byte"), closed.get(r.scheme, (None, None)),
-                                                strict=True)),
+                         "stack": dict(zip(("eviction", "prefetch"), SCHEMES.get(r.scheme, (None, None)), strict=True)),
+                         "gap_closed": dict(zip(("object", "byte"), closed.get(r.scheme, (None, None)), strict=True)),
                          "cpu_s": r.cpu_s, "hit_ratio": r.hit_ratio, "byte_hit_ratio": r.byte_hit_ratio,
                          "mean_latency_s": r.mean_latency_s, "p95_latency_s": r.p95_latency_s,
                          "mean_queued_latency_s": r.mean_queued_latency_s,

@@ -47,13 +47,11 @@ def write_trace(g: Generator, path: str | Path, progress: bool = False) -> dict:
     archive_bytes, archive_files = archive_totals(g)
     meta = {"start": g.p.start, "preset": g.p.preset, "seed": g.p.seed, "days": g.p.days,
             "monthly_tb": g.p.monthly_tb, "layout": g.p.layout, "archive_bytes": archive_bytes,
-            "archive_files": archive_files, "params": _jsonable(dataclasses.asdict(g.p))}
-    n = 0
-    nbytes = 0
+            "archive_files": archive_files, "params": dataclasses.asdict(g.p)}
+    n = nbytes = 0
     bar = _bar(progress, g.p.days, "gen-trace (days)")
     with _open(path, "w") as f:
-        f.write(MAGIC + json.dumps(meta, sort_keys=True) + "\n")
-        f.write("\t".join(COLUMNS) + "\n")
+        f.write(MAGIC + json.dumps(meta, sort_keys=True) + "\n" + "\t".join(COLUMNS) + "\n")
         names: dict[int, tuple[list[int], str, list[str]]] = {}
         # The catalog's view of the archive at the start: one `S` line per pre-existing study of every
         # patient the trace touches (its directory and total bytes). A policy may use these (as the
@@ -72,17 +70,14 @@ def write_trace(g: Generator, path: str | Path, progress: bool = False) -> dict:
                     entry = names[ss] = _study_names(g, ss)
                 size = entry[0][ii]
                 nbytes += size
-                lines.append(f"{tt:.3f}\t{'W' if ww else 'R'}\t{entry[2][ii]}\t{size}\t{entry[1]}")
-            f.write("\n".join(lines))
-            if lines:
-                f.write("\n")
+                lines.append(f"{tt:.3f}\t{'W' if ww else 'R'}\t{entry[2][ii]}\t{size}\t{entry[1]}\n")
+            f.write("".join(lines))
             n += len(lines)
             if len(names) > 50_000:   # bound memory: the names of a day's studies are enough
                 names.clear()
             bar.update(1)
     bar.close()
-    meta["requests"] = n
-    meta["request_bytes"] = nbytes
+    meta.update(requests=n, request_bytes=nbytes)
     return meta
 
 
@@ -107,14 +102,6 @@ def _study_dir(g: Generator, st) -> str:
     depth = _layout_index(g.p.layout, "study") + 1
     date = (g.start + dt.timedelta(days=st.day)).isoformat()
     return "/".join(parts[:depth]).format(modality=st.modality, date=date, study=f"ST{st.idx:08d}")
-
-
-def _jsonable(obj: object) -> object:
-    if isinstance(obj, dict):
-        return {k: _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    return obj
 
 
 def _bar(enabled: bool, total: int | None, desc: str):  # tqdm or a no-op
@@ -314,14 +301,12 @@ def parse_trace(path: str | Path, progress: bool = False) -> TraceArrays:
         for o, sid in enumerate(obj_study):
             date = (start + dt.timedelta(days=st_day[sid])).isoformat()
             obj_dir_a[o] = dirs.setdefault(f"{mod_names[st_mod[sid]]}/{date}", len(dirs))
-    return TraceArrays(study_bytes=study_bytes,
-        meta=meta, t=np.array(t_l, dtype=np.float64), is_write=np.array(w_l, dtype=bool),
-        obj=np.array(o_l, dtype=np.int32), size=np.array(s_l, dtype=np.int64),
-        obj_study=obj_study_a, obj_dir=obj_dir_a,
-        obj_size=obj_size_a, study_patient=np.array(st_pat, dtype=np.int32),
+    return TraceArrays(study_bytes=study_bytes, meta=meta, t=np.array(t_l, dtype=np.float64),
+        is_write=np.array(w_l, dtype=bool), obj=np.array(o_l, dtype=np.int32), size=np.array(s_l, dtype=np.int64),
+        obj_study=obj_study_a, obj_dir=obj_dir_a, obj_size=obj_size_a, study_patient=np.array(st_pat, dtype=np.int32),
         study_modality=np.array(st_mod, dtype=np.int16), study_department=np.array(st_dep, dtype=np.int16),
-        study_day=np.array(st_day, dtype=np.int32), dir_names=list(dirs),
-        modality_names=list(mods), department_names=list(deps))
+        study_day=np.array(st_day, dtype=np.int32), dir_names=list(dirs), modality_names=list(mods),
+        department_names=list(deps))
 
 
 _ARRAYS = ("t", "is_write", "obj", "size", "obj_study", "obj_dir", "obj_size", "study_patient",

@@ -241,8 +241,7 @@ class Request:
 def draw_instances(rng: np.random.Generator, s: ModalityShape) -> tuple[np.ndarray, np.ndarray]:
     """One study's instance sizes (int64 bytes, series-ordered) and series start offsets."""
     n_series = int(rng.integers(s.series[0], s.series[1] + 1))
-    images = np.maximum(1, np.round(rng.lognormal(np.log(s.images_median), s.images_sigma,
-                                                  n_series))).astype(np.int64)
+    images = np.maximum(1, np.round(rng.lognormal(np.log(s.images_median), s.images_sigma, n_series))).astype(np.int64)
     median = s.image_mb * MB * float(rng.lognormal(0.0, 0.1))
     sizes = np.maximum(1024, rng.lognormal(np.log(median), s.size_sigma, int(images.sum())))
     return sizes.astype(np.int64), np.concatenate(([0], np.cumsum(images)))
@@ -490,9 +489,8 @@ class Generator:
     def path(self, st: Study, instance: int) -> str:
         series = int(np.searchsorted(st.series_starts, instance, side="right")) - 1
         return self.p.layout.format(
-            modality=st.modality, date=(self.start + dt.timedelta(days=st.day)).isoformat(),
-            study=f"ST{st.idx:08d}", series=f"SE{series + 1:03d}",
-            instance=f"{instance - st.series_starts[series] + 1:05d}")
+            modality=st.modality, date=(self.start + dt.timedelta(days=st.day)).isoformat(), study=f"ST{st.idx:08d}",
+            series=f"SE{series + 1:03d}", instance=f"{instance - st.series_starts[series] + 1:05d}")
 
     def iter_chunks(self) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
         """Per-day chunks of (t, is_write, study, instance), sorted by time, for the whole horizon."""
@@ -576,8 +574,3 @@ def archive_listing(params: WorkloadParams, n_files: int) -> Iterator[tuple[str,
                         yield f"{prefix}{k + 1:05d}.dcm", size, mtime
                 study += 1
 
-
-__all__ = ["ModalityShape", "Department", "WorkloadParams", "SHAPES", "PRESETS", "TUNING", "HELD_OUT", "preset",
-           "oncology", "outpatient", "cancer", "teaching",
-           "Generator", "Study", "Event", "Request", "generate", "archive_totals", "archive_listing",
-           "draw_instances", "expected_files_per_study"]
