@@ -5,8 +5,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import sys
+from typing import Any
 
 import structlog
+
+from agent.config import shown
 
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
 
@@ -20,6 +23,19 @@ class _DropClientHangups(logging.Filter):
         return not isinstance(exc, (ConnectionResetError, BrokenPipeError, asyncio.CancelledError))
 
 
+def _escape_values(_logger: Any, _name: str, event: dict[str, Any]) -> dict[str, Any]:
+    """The console renderer prints strings raw (JSON escapes them): escape what a client may have sent (a
+    traceback keeps its lines)."""
+    return {k: shown(v) if isinstance(v, str) and k != "exception" else v for k, v in event.items()}
+
+
+class _EscapingFormatter(logging.Formatter):
+    """Libraries' messages (which may quote a client's bytes) on one line, escaped; a traceback stays as it is."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        return shown(super().formatMessage(record))
+
+
 def configure(level: str = "info", fmt: str = "json") -> None:
     renderer = structlog.processors.JSONRenderer() if fmt == "json" else structlog.dev.ConsoleRenderer(colors=False)
     structlog.configure(
@@ -27,7 +43,8 @@ def configure(level: str = "info", fmt: str = "json") -> None:
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
-            structlog.processors.dict_tracebacks if fmt == "json" else structlog.processors.format_exc_info,
+            *([structlog.processors.dict_tracebacks] if fmt == "json"
+              else [structlog.processors.format_exc_info, _escape_values]),
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level]),
@@ -35,7 +52,8 @@ def configure(level: str = "info", fmt: str = "json") -> None:
         cache_logger_on_first_use=True,
     )
     # Libraries (asyncssh, aioftp, botocore) log through stdlib logging: keep their noise at warning.
-    logging.basicConfig(stream=sys.stderr, level=max(_LEVELS[level], logging.WARNING),
-                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_EscapingFormatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+    logging.basicConfig(level=max(_LEVELS[level], logging.WARNING), handlers=[handler])
     for name in ("asyncio", "aioftp.server"):
         logging.getLogger(name).addFilter(_DropClientHangups())

@@ -860,3 +860,31 @@ def test_a_path_whose_object_key_would_be_too_long_is_refused(agent_factory):
     assert agent.health()["queue_depth"] == 0 and not agent.events("upload_failed")
     objects = s3_objects(agent.store, prefix)
     assert set(objects) == {fits}
+
+
+def test_console_logs_escape_what_a_client_sends(agent_factory):
+    """The console log format (a terminal, `make run`) printed string values raw: a login name holding terminal
+    escapes (retitle the window, clear the line) or text-direction controls reached the admin's terminal as
+    sent. Now every control or bidi character a value holds is written escaped (\\x1b, \\u202e)."""
+    agent = agent_factory(**{"log.format": "console", "login.delay_seconds": 0}).start()
+    f = ftplib.FTP(timeout=30)
+    f.connect("127.0.0.1", agent.ftp_port)
+    with pytest.raises(ftplib.error_perm, match="530"):
+        f.login("\x1b]0;owned\x07\x1b[2Kroot\u202etxt.exe", "wrong-guess")
+    f.close()
+    wait_for(lambda: "owned" in agent.log_path.read_text(), 10)
+    text = agent.log_path.read_text()
+    assert "\x1b" not in text and "\x07" not in text and "\u202e" not in text, text[-2000:]
+    assert "\\x1b]0;owned\\x07\\x1b[2Kroot\\u202etxt.exe" in text
+
+
+def test_library_log_lines_are_one_escaped_line():
+    """Libraries (asyncssh, aioftp, botocore) log through stdlib logging in plain text, also beside JSON logs: a
+    client's bytes in such a message (a newline, an escape) could forge a log line or reach a terminal raw."""
+    code = ("import logging; from agent import logs; logs.configure('info', 'json'); "
+            "logging.getLogger('asyncssh').warning('peer said %s', 'x\\n{\"event\": \"forged\"}\\x1b[2J')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    lines = out.stderr.splitlines()
+    assert len(lines) == 1 and "\x1b" not in out.stderr, out.stderr
+    assert lines[0].endswith('peer said x\\n{"event": "forged"}\\x1b[2J'), lines
