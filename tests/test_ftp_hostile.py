@@ -436,7 +436,8 @@ def test_quotes_trailing_spaces_and_windows_names(agent_factory):
     ("ftp", "max_sessions_per_user", "0"), ("ftp", "max_sessions_per_address", "-1"),
     ("ftp", "max_sessions_per_address", '"many"'), ("ftp", "passive_timeout", "0"),
     ("sftp", "max_sessions_per_user", "0"), ("sftp", "max_sessions_per_address", "10001"),
-    ("sftp", "max_sessions_per_address", '"many"')])
+    ("sftp", "max_sessions_per_address", '"many"'), ("ftp", "max_unauthenticated", "0"),
+    ("sftp", "max_unauthenticated", "100001")])
 def test_session_limit_keys_are_checked(tmp_path, section, key, value):
     path = tmp_path / "agent.toml"
     path.write_text(GOOD.replace("[[users]]", f"[{section}]\n{key} = {value}\n[[users]]", 1))
@@ -448,6 +449,7 @@ def test_session_limit_keys_are_checked(tmp_path, section, key, value):
     cfg = load(path)  # the documented defaults, the same for FTP and SFTP
     assert (cfg.ftp.max_sessions_per_user, cfg.ftp.max_sessions_per_address, cfg.ftp.passive_timeout) == (32, 64, 30)
     assert (cfg.sftp.max_sessions_per_user, cfg.sftp.max_sessions_per_address) == (32, 64)
+    assert cfg.ftp.max_unauthenticated == cfg.sftp.max_unauthenticated == 256
 
 
 def test_creatable_and_listable_names():

@@ -25,6 +25,7 @@ from agent.auth import LoginGuard, Passwords, unmapped
 from agent.config import Config, SftpConfig
 from agent.records import Entry
 from agent.serve.contract import answer, login, refuse_session, report, st_mode
+from agent.serve.startups import Startup, Startups
 from agent.store.errors import GatewayError
 from agent.store.gateway import Gateway, ReadHandle, WriteHandle
 from agent.store.paths import resolve
@@ -139,8 +140,10 @@ class _Auth(asyncssh.SSHServer):
     holding = 0  # how many it keeps now
 
     def __init__(self, passwords: Passwords, cfg: SftpConfig, gateway: Gateway, guard: LoginGuard,
-                 sftp_factory: type[GatewaySFTP]) -> None:
+                 sftp_factory: type[GatewaySFTP], startups: Startups) -> None:
         self.passwords, self.cfg, self.gateway, self.guard = passwords, cfg, gateway, guard
+        self.startups = startups
+        self.startup: Startup | None = None  # its slot of sftp.max_unauthenticated, until the login
         self.sftp_factory = sftp_factory
         self.conn: asyncssh.SSHServerConnection | None = None
         self.address = ""
@@ -154,12 +157,22 @@ class _Auth(asyncssh.SSHServer):
 
     def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
         self.conn, self.address = conn, unmapped(conn.get_extra_info("peername")[0])
+        self.startup = self.startups.admit(_peer(conn))
+        self.startup.task.add_done_callback(self._admitted)
         # counted at once: a connection over the cap is disconnected at its login request, before any password
         cap = self.cfg.max_sessions_per_address
         self.admitted.append(asyncio.ensure_future(self._take_slot("sftp address", self.address, cap,
                                                                    f"from {self.address}", "from your address")))
 
+    def _admitted(self, task: asyncio.Task[int | None]) -> None:
+        """Over sftp.max_unauthenticated: closed at once, as OpenSSH's MaxStartups does (no reason is sent: that
+        would hold the connection longer, for a flood)."""
+        if not task.cancelled() and task.exception() is None and task.result() is None and self.conn is not None:
+            self.conn.abort()
+
     def connection_lost(self, exc: Exception | None) -> None:
+        if self.startup is not None:
+            self.startup.end()
         for task in self.admitted:
             task.add_done_callback(lambda _: self._release())  # a slot taken after the client left goes too
         self._release()
@@ -217,6 +230,8 @@ class _Auth(asyncssh.SSHServer):
         return Who(username, "sftp", _peer(self.conn))
 
     def auth_completed(self) -> None:
+        if self.startup is not None:
+            self.startup.end()
         self.admitted.append(asyncio.ensure_future(self._login()))
 
     async def _login(self) -> bool:
@@ -250,6 +265,8 @@ class _Auth(asyncssh.SSHServer):
         """Every method is checked against the guard's bans here: a banned address or user gets no login by
         public key either (their keys are not even offered to asyncssh)."""
         self.username = username
+        if self.startup is not None and not await self.startup.admitted():  # closed already (_admitted)
+            return True
         if not await self.admitted[0]:  # over the address cap
             self._disconnect()
             return True
@@ -473,9 +490,10 @@ class SftpService:
         factory = type("BoundSFTP", (GatewaySFTP,), {"gateway": self.gateway,
                                                       "roots": {u.name: u.root for u in self.cfg.users}})
         host, port = self.cfg.sftp.listen
+        startups = Startups("sftp", self.cfg.sftp.max_unauthenticated, self.logins, self.gateway)
         self._acceptor = await asyncssh.listen(
             host, port, server_host_keys=[key], allow_scp=False,
-            server_factory=lambda: _Auth(self.passwords, self.cfg.sftp, self.gateway, self.logins, factory),
+            server_factory=lambda: _Auth(self.passwords, self.cfg.sftp, self.gateway, self.logins, factory, startups),
             agent_forwarding=False, x11_forwarding=False,
             allow_pty=False, login_timeout=60, keepalive_interval=30,
             acceptor=self._conns.add, reuse_port=reuse_port)

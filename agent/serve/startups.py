@@ -1,0 +1,77 @@
+"""The box-wide cap on connections that have not logged in yet: [ftp] and [sftp] max_unauthenticated (OpenSSH's
+MaxStartups). max_sessions_per_address bounds one address only: a client with many (127.0.0.0/8 on the box, an
+IPv6 /64) opened 64 connections from each and held them without a password until login_timeout, each a
+descriptor, a task and buffers, and the PACS's own connections then found none left.
+
+Each connection takes a LoginGuard slot (scope '<protocol> unauthenticated': counted over every serving process
+of the box, apart per protocol) when it is accepted, and gives it back once it logs in or ends. One over the cap
+is refused (FTP: 421, SSH: closed), counted in pacsgw_errors_total{kind="UnauthenticatedLimit"}, and logged and
+audited once per EVERY_S with the number refused since the last event: a flood cannot fill the journal.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import structlog
+
+from agent.audit import Who
+from agent.auth import LoginGuard
+from agent.store.gateway import Gateway
+
+log = structlog.get_logger("pacsgw.serve")
+
+
+class Startups:
+    EVERY_S = 60.0  # at most one session_refused event (and audit record) per this, counting the others
+
+    def __init__(self, protocol: str, cap: int, guard: LoginGuard, gateway: Gateway) -> None:
+        self.protocol, self.cap, self.guard, self.gateway = protocol, cap, guard, gateway
+        self._last = -self.EVERY_S
+        self._refused = 0  # refusals since the last event
+
+    def admit(self, peer: str) -> Startup:
+        """Start taking a slot for a connection from peer ('address:port') at once."""
+        return Startup(asyncio.ensure_future(self._take(peer)), self.guard)
+
+    async def _take(self, peer: str) -> int | None:
+        slot = await self.guard.take_session(f"{self.protocol} unauthenticated", "*", self.cap)
+        if slot is None:
+            self._refuse(peer)
+        return slot
+
+    def _refuse(self, peer: str) -> None:
+        self.gateway.count_error(self.protocol, "UnauthenticatedLimit")
+        self._refused += 1
+        now = time.monotonic()
+        if now - self._last < self.EVERY_S:
+            return
+        reason = f"too many connections not logged in (limit {self.cap})"
+        log.warning("session_refused", protocol=self.protocol, peer=peer, reason=reason, refused=self._refused,
+                    refused_seconds=self.EVERY_S)
+        self.gateway.audit_event(Who("-", self.protocol, peer), "login", "",
+                                 f"refused: {reason}; {self._refused} refused in the last {self.EVERY_S:g} s")
+        self._last, self._refused = now, 0
+
+
+class Startup:
+    """One connection's slot, from its accept until it logs in or ends."""
+
+    def __init__(self, task: asyncio.Task[int | None], guard: LoginGuard) -> None:
+        self.task, self.guard = task, guard
+        self._ended = False
+
+    async def admitted(self) -> bool:
+        """Whether the connection got its slot (False: refused; the caller turns it away)."""
+        return await asyncio.shield(self.task) is not None  # a cancelled caller leaves the slot to end()
+
+    def end(self) -> None:
+        """Logged in, or gone: the slot goes back (once taken, if the guard is still at it). Idempotent."""
+        if not self._ended:
+            self._ended = True
+            self.task.add_done_callback(self._release)
+
+    def _release(self, task: asyncio.Task[int | None]) -> None:
+        if not task.cancelled() and task.exception() is None and task.result():
+            self.guard.release_session(task.result() or 0)
