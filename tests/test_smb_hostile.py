@@ -277,3 +277,27 @@ def test_unfinished_uploads_per_user_are_bounded_and_given_back_when_cut(smb_age
     smb.write("after.dcm", b"z" * 3 * 2**20)
     assert smb.read("after.dcm") == b"z" * 3 * 2**20
     smb.close()
+
+
+def test_a_rename_over_a_file_another_client_is_writing_is_refused(smb_agent):
+    """One client writes dst (a stored file it replaces, or a new one); another renames a stored file over dst
+    (replace_if_exists). Samba refuses that itself (ACCESS_DENIED, as Windows does) only when both opens are
+    in one smbd: from a second client (another smbd) the rename answered success, then the writer's close
+    stored its file over the renamed one, whose content was gone under both names. Now refused for both."""
+    agent = smb_agent().start(timeout=180)
+    writer, renamer = Smb(agent), Smb(agent)  # two clients: two smbd processes
+    for dst in ("stored.dcm", "new.dcm"):
+        writer.write("report.dcm", b"the stored report")
+        if dst == "stored.dcm":
+            writer.write(dst, b"the old image")
+        with smbclient.open_file(writer.p(dst), mode="wb", share_access="r", **writer.kw) as f:
+            f.write(b"the image being written")
+            f.flush()
+            with pytest.raises(ERRORS, match="ACCESS_DENIED"):
+                renamer.replace("report.dcm", dst)
+        assert writer.read(dst) == b"the image being written"
+        assert writer.read("report.dcm") == b"the stored report"
+    renamer.replace("report.dcm", "new.dcm")  # closed: replaced as before
+    assert writer.read("new.dcm") == b"the stored report" and "report.dcm" not in writer.listdir()
+    writer.close()
+    renamer.close()
