@@ -288,6 +288,8 @@ class SmbConfig:
     hosts_allow: tuple[str, ...] = _f(_hosts_allow, "a list of client networks or addresses such as "
                                       "['10.10.20.0/24', '192.0.2.7'] ([]: every client)", default=())
     max_sessions_per_address: int = _int(1, 10000, 64)
+    # SMB connections (each an smbd process) from every address together, logged in or not (max smbd processes)
+    max_connections: int = _int(1, 100000, 512)
 
 
 def parse_hash(encoded: str) -> tuple[int, int, int, bytes, bytes]:
