@@ -3,11 +3,13 @@ attacker. Each test reproduces one attack that worked and checks it no longer do
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import time
 import uuid
 from pathlib import Path
 
+import psutil
 import pytest
 import smbclient
 from smbprotocol.connection import Connection
@@ -301,3 +303,36 @@ def test_a_rename_over_a_file_another_client_is_writing_is_refused(smb_agent):
     assert writer.read("new.dcm") == b"the stored report" and "report.dcm" not in writer.listdir()
     writer.close()
     renamer.close()
+
+
+def test_smb_connections_from_many_addresses_are_capped_box_wide(smb_agent):
+    """Connections that never log in, from many addresses (each under max_sessions_per_address): smbd forked a
+    process for each (300 held 300 processes, for the 10-minute deadtime) without end. [smb] max_connections
+    now bounds them all together: one more is closed at once; once some end, clients get in again."""
+    cap = 6
+    agent = smb_agent(**{"smb.max_connections": cap}).start(timeout=180)
+    port = int(agent.overrides["smb.listen"].rsplit(":", 1)[1])
+    held = [socket.create_connection(("127.0.0.1", port), timeout=15, source_address=(f"127.0.5.{i + 1}", 0))
+            for i in range(cap + 4)]
+
+    def served() -> bool:
+        """Whether smbd answers a NEGOTIATE on a new connection (closed unanswered when refused)."""
+        conn = Connection(uuid.uuid4(), "127.0.0.1", port, require_signing=True)
+        try:
+            conn.connect(timeout=5)
+        except ERRORS:
+            return False
+        conn.disconnect()
+        return True
+
+    wait_for(lambda: not served(), 20)
+    smbds = [p for p in psutil.process_iter(["name", "cmdline"]) if p.info["name"] == "smbd"
+             and any(agent.overrides["smb.state_dir"] in c for c in p.info["cmdline"] or [])]
+    assert len(smbds) <= cap + 4  # the parent and its helpers (notifyd, cleanupd) beside the capped children
+    for s in held:
+        s.close()
+    wait_for(served, 20)
+    smb = Smb(agent)
+    smb.write("after.dcm", b"in again")
+    assert smb.read("after.dcm") == b"in again"
+    smb.close()
