@@ -31,11 +31,12 @@ def _connect_ftp(port: int, source: str) -> ftplib.FTP:
     return f
 
 
-def _errors(agent, protocol: str) -> float:
+def metric(agent, protocol: str, kind: str = "UnauthenticatedLimit") -> float:
+    """pacsgw_errors_total{protocol, kind} of a running agent."""
     with urllib.request.urlopen(f"http://127.0.0.1:{agent.http_port}/metrics", timeout=10) as r:
         for line in r.read().decode().splitlines():
             if line.startswith("pacsgw_errors_total{") and f'protocol="{protocol}"' in line \
-                    and 'kind="UnauthenticatedLimit"' in line:
+                    and f'kind="{kind}"' in line:
                 return float(line.rsplit(" ", 1)[1])
     return 0.0
 
@@ -52,7 +53,7 @@ def test_ftp_connections_not_logged_in_are_capped_box_wide(agent_factory):
                 raise AssertionError("a connection over the cap was served")
         except ftplib.error_temp as e:
             assert str(e).startswith("421") and "not logged in" in str(e)
-    assert _errors(agent, "ftp") == 3
+    assert metric(agent, "ftp") == 3
     refused = agent.wait_events("session_refused")
     assert len(refused) == 1 and "not logged in" in refused[0]["reason"]  # once per interval, not per connection
 
@@ -74,7 +75,7 @@ def test_ftp_connections_not_logged_in_are_capped_box_wide(agent_factory):
     wait_for(lambda: _connect_ftp(agent.ftp_port, "127.0.3.1")).quit()
     for s in held + logged_in:
         s.close()
-    assert _errors(agent, "ftp") >= 3
+    assert metric(agent, "ftp") >= 3
     assert len(agent.events("session_refused")) == 1
 
 
@@ -111,7 +112,7 @@ def test_ssh_connections_not_logged_in_are_capped_box_wide(agent_factory):
         else:
             raise AssertionError("connections over sftp.max_unauthenticated were served")
         assert await login("127.0.1.2") is None
-        assert _errors(agent, "sftp") >= 2
+        assert metric(agent, "sftp") >= 2
         assert sum("not logged in" in e["reason"] for e in agent.events("session_refused")) == 1
 
         holds.pop().close()  # one slot free: logged-in connections then never count

@@ -6,30 +6,22 @@ descriptor, a task and buffers, and the PACS's own connections then found none l
 Each connection takes a LoginGuard slot (scope '<protocol> unauthenticated': counted over every serving process
 of the box, apart per protocol) when it is accepted, and gives it back once it logs in or ends. One over the cap
 is refused (FTP: 421, SSH: closed), counted in pacsgw_errors_total{kind="UnauthenticatedLimit"}, and logged and
-audited once per EVERY_S with the number refused since the last event: a flood cannot fill the journal.
+audited as every session cap's refusals are (agent.serve.contract.refuse_session: once a minute per reason).
 """
 
 from __future__ import annotations
 
 import asyncio
-import time
-
-import structlog
 
 from agent.audit import Who
 from agent.auth import LoginGuard
+from agent.serve.contract import refuse_session
 from agent.store.gateway import Gateway
-
-log = structlog.get_logger("pacsgw.serve")
 
 
 class Startups:
-    EVERY_S = 60.0  # at most one session_refused event (and audit record) per this, counting the others
-
     def __init__(self, protocol: str, cap: int, guard: LoginGuard, gateway: Gateway) -> None:
         self.protocol, self.cap, self.guard, self.gateway = protocol, cap, guard, gateway
-        self._last = -self.EVERY_S
-        self._refused = 0  # refusals since the last event
 
     def admit(self, peer: str) -> Startup:
         """Start taking a slot for a connection from peer ('address:port') at once."""
@@ -42,17 +34,8 @@ class Startups:
         return slot
 
     def _refuse(self, peer: str) -> None:
-        self.gateway.count_error(self.protocol, "UnauthenticatedLimit")
-        self._refused += 1
-        now = time.monotonic()
-        if now - self._last < self.EVERY_S:
-            return
-        reason = f"too many connections not logged in (limit {self.cap})"
-        log.warning("session_refused", protocol=self.protocol, peer=peer, reason=reason, refused=self._refused,
-                    refused_seconds=self.EVERY_S)
-        self.gateway.audit_event(Who("-", self.protocol, peer), "login", "",
-                                 f"refused: {reason}; {self._refused} refused in the last {self.EVERY_S:g} s")
-        self._last, self._refused = now, 0
+        refuse_session(self.gateway, self.protocol, Who("-", self.protocol, peer),
+                       f"too many connections not logged in (limit {self.cap})", kind="UnauthenticatedLimit")
 
 
 class Startup:
