@@ -112,7 +112,8 @@ class _Session(SSHServerStreamSession[bytes]):
     def __init__(self, owner: _Auth, sftp_factory: type[GatewaySFTP]) -> None:
         super().__init__(None, functools.partial(sftp_factory, session=self), asyncssh.sftp.MIN_SFTP_VERSION)
         self.owner = owner
-        self.ended = False  # the SFTP loop read the client's EOF: no request of the client comes any more
+        self.ended = False  # the SFTP loop read the client's EOF, or a request it cannot frame: no request comes
+        self._length_next = True  # asyncssh reads each packet as its 4-byte length, then that many bytes
 
     async def read(self, datatype: asyncssh.DataType, n: int, exact: bool) -> bytes:
         # asyncssh queues every reply on the channel: a client that opens no window for them (reads no replies)
@@ -120,10 +121,22 @@ class _Session(SSHServerStreamSession[bytes]):
         # replies before it have left; the client's window for requests then closes too.
         await self.drain(None)
         try:
-            return await super().read(datatype, n, exact)
+            data = await super().read(datatype, n, exact)
         except asyncio.IncompleteReadError:
             self.ended = True
             raise
+        self._frame(data)
+        return data
+
+    def _frame(self, data: bytes) -> None:
+        """A packet asyncssh cannot frame (longer than it takes, or too short for a type and an id) ends the SFTP
+        session, and asyncssh then closes the open files through GatewaySFTP.close as if the client had sent
+        CLOSE: a half-written upload was committed over the stored file. Such a session has ended here."""
+        if self._length_next:
+            self.ended |= int.from_bytes(data, "big") > asyncssh.sftp.MAX_SFTP_PACKET_LEN
+        else:
+            self.ended |= len(data) < 5
+        self._length_next = not self._length_next
 
     def connection_lost(self, exc: Exception | None) -> None:
         super().connection_lost(exc)
