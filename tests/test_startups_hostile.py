@@ -11,6 +11,7 @@ import socket
 import urllib.request
 
 import asyncssh
+import pytest
 from test_ftp_hostile import wait_for
 
 from harness import PASSWORD
@@ -29,6 +30,35 @@ def _connect_ftp(port: int, source: str) -> ftplib.FTP:
     f = ftplib.FTP(timeout=30, source_address=(source, 0))
     f.connect("127.0.0.1", port)
     return f
+
+
+def _held_ssh(port: int, source: str) -> socket.socket:
+    """An SSH connection that sent its version and stays in the key exchange, never logging in."""
+    s = socket.create_connection(("127.0.0.1", port), timeout=30, source_address=(source, 0))
+    s.sendall(b"SSH-2.0-flood\r\n")
+    assert s.recv(256).startswith(b"SSH-2.0-")
+    return s
+
+
+async def _login_ssh(port: int, source: str) -> asyncssh.SSHClientConnection | None:
+    """A logged-in connection, or None when the server closed it before the login."""
+    try:
+        return await asyncio.wait_for(asyncssh.connect("127.0.0.1", port, username="pacs", password=PASSWORD,
+                                                       known_hosts=None, local_addr=(source, 0)), 30)
+    except (asyncssh.Error, OSError):
+        return None
+
+
+async def _until_refused(port: int, source: str) -> None:
+    """The held connections' slots are taken on the guard's thread, a moment after the accept: a probe from
+    source is refused soon."""
+    for _ in range(100):
+        conn = await _login_ssh(port, source)
+        if conn is None:
+            return
+        conn.close()
+        await asyncio.sleep(0.1)
+    raise AssertionError("connections over sftp.max_unauthenticated were served")
 
 
 def metric(agent, protocol: str, kind: str = "UnauthenticatedLimit") -> float:
@@ -85,32 +115,14 @@ def test_ssh_connections_not_logged_in_are_capped_box_wide(agent_factory):
     agent = agent_factory(**{"sftp.max_unauthenticated": CAP}).start()
 
     async def held(source: str) -> socket.socket:
-        """An SSH connection that sent its version and stays in the key exchange, never logging in."""
-        s = socket.create_connection(("127.0.0.1", agent.sftp_port), timeout=30, source_address=(source, 0))
-        s.sendall(b"SSH-2.0-flood\r\n")
-        assert s.recv(256).startswith(b"SSH-2.0-")
-        return s
+        return _held_ssh(agent.sftp_port, source)
 
     async def login(source: str) -> asyncssh.SSHClientConnection | None:
-        """A logged-in connection, or None when the server closed it before the login."""
-        try:
-            return await asyncio.wait_for(asyncssh.connect(
-                "127.0.0.1", agent.sftp_port, username="pacs", password=PASSWORD, known_hosts=None,
-                local_addr=(source, 0)), 30)
-        except (asyncssh.Error, OSError):
-            return None
+        return await _login_ssh(agent.sftp_port, source)
 
     async def run() -> None:
         holds = [await held(f"127.0.0.{2 + i}") for i in range(CAP)]
-        # their slots are taken on the guard's thread, a moment after the accept: a probe is refused soon
-        for _ in range(100):
-            conn = await login("127.0.1.1")
-            if conn is None:
-                break
-            conn.close()
-            await asyncio.sleep(0.1)
-        else:
-            raise AssertionError("connections over sftp.max_unauthenticated were served")
+        await _until_refused(agent.sftp_port, "127.0.1.1")
         assert await login("127.0.1.2") is None
         assert metric(agent, "sftp") >= 2
         assert sum("not logged in" in e["reason"] for e in agent.events("session_refused")) == 1
@@ -135,3 +147,32 @@ def test_ssh_connections_not_logged_in_are_capped_box_wide(agent_factory):
     asyncio.run(asyncio.wait_for(run(), 120))
     with contextlib.suppress(Exception):
         agent.stop()
+
+
+def test_an_address_that_logged_in_before_is_let_in_over_the_cap(agent_factory):
+    """A full max_unauthenticated keeps every new connection out, the PACS's too: CAP connections held from a
+    few addresses locked the PACS out of new sessions for as long as they were renewed. An address some user
+    has logged in from before (since boot, over any protocol) is let in even then."""
+    agent = agent_factory(**{"ftp.max_unauthenticated": CAP, "sftp.max_unauthenticated": CAP}).start()
+    pacs = "127.0.9.1"
+    _connect_ftp(agent.ftp_port, pacs).login("pacs", PASSWORD)  # once, over FTP; left open: it logged in
+    held = [_held_ftp(agent.ftp_port, f"127.0.0.{2 + i}") for i in range(CAP)]
+    with pytest.raises(ftplib.error_temp, match="421"):
+        _connect_ftp(agent.ftp_port, "127.0.1.1")
+    f = _connect_ftp(agent.ftp_port, pacs)
+    f.login("pacs", PASSWORD)
+    f.quit()
+
+    async def run() -> None:
+        holds = [_held_ssh(agent.sftp_port, f"127.0.0.{2 + i}") for i in range(CAP)]
+        await _until_refused(agent.sftp_port, "127.0.1.1")
+        conn = await _login_ssh(agent.sftp_port, pacs)
+        assert conn is not None
+        async with conn, conn.start_sftp_client() as sftp:
+            await sftp.listdir("/")
+        for s in holds:
+            s.close()
+
+    asyncio.run(asyncio.wait_for(run(), 120))
+    for s in held:
+        s.close()

@@ -551,7 +551,7 @@ class FtpServer(aioftp.Server):
             writer.write(f"421 too many sessions from your address (limit {cap}); try again later\r\n".encode())
             writer.close()
             return
-        startup = self.startups.admit(f"{host}:{port}")  # until it logs in (agent.serve.startups)
+        startup = self.startups.admit(host, f"{host}:{port}")  # until it logs in (agent.serve.startups)
         try:
             if not await startup.admitted():
                 writer.write(b"421 too many connections not logged in; try again later\r\n")

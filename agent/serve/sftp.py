@@ -170,7 +170,7 @@ class _Auth(asyncssh.SSHServer):
 
     def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
         self.conn, self.address = conn, unmapped(conn.get_extra_info("peername")[0])
-        self.startup = self.startups.admit(_peer(conn))
+        self.startup = self.startups.admit(self.address, _peer(conn))
         self.startup.task.add_done_callback(self._admitted)
         # counted at once: a connection over the cap is disconnected at its login request, before any password
         cap = self.cfg.max_sessions_per_address

@@ -7,6 +7,9 @@ Each connection takes a LoginGuard slot (scope '<protocol> unauthenticated': cou
 of the box, apart per protocol) when it is accepted, and gives it back once it logs in or ends. One over the cap
 is refused (FTP: 421, SSH: closed), counted in pacsgw_errors_total{kind="UnauthenticatedLimit"}, and logged and
 audited as every session cap's refusals are (agent.serve.contract.refuse_session: once a minute per reason).
+A full cap is a lever against the PACS too (256 connections held from a few addresses kept every new one out),
+so an address some user has logged in from before (LoginGuard's trusted addresses, since boot) is let in
+uncounted even then: only max_sessions_per_address bounds it.
 """
 
 from __future__ import annotations
@@ -23,19 +26,18 @@ class Startups:
     def __init__(self, protocol: str, cap: int, guard: LoginGuard, gateway: Gateway) -> None:
         self.protocol, self.cap, self.guard, self.gateway = protocol, cap, guard, gateway
 
-    def admit(self, peer: str) -> Startup:
-        """Start taking a slot for a connection from peer ('address:port') at once."""
-        return Startup(asyncio.ensure_future(self._take(peer)), self.guard)
+    def admit(self, address: str, peer: str) -> Startup:
+        """Start taking a slot for a connection from address (peer: 'address:port') at once."""
+        return Startup(asyncio.ensure_future(self._take(address, peer)), self.guard)
 
-    async def _take(self, peer: str) -> int | None:
+    async def _take(self, address: str, peer: str) -> int | None:
         slot = await self.guard.take_session(f"{self.protocol} unauthenticated", "*", self.cap)
+        if slot is None and await self.guard.known(address):
+            return 0  # let in uncounted: see the module's doc
         if slot is None:
-            self._refuse(peer)
+            refuse_session(self.gateway, self.protocol, Who("-", self.protocol, peer),
+                           f"too many connections not logged in (limit {self.cap})", kind="UnauthenticatedLimit")
         return slot
-
-    def _refuse(self, peer: str) -> None:
-        refuse_session(self.gateway, self.protocol, Who("-", self.protocol, peer),
-                       f"too many connections not logged in (limit {self.cap})", kind="UnauthenticatedLimit")
 
 
 class Startup:
