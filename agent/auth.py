@@ -217,6 +217,14 @@ class LoginGuard:
                             "WHERE user = ? ORDER BY at DESC LIMIT ?)", (user, user, self.TRUSTED_PER_USER))
 
     @_on_thread
+    def known(self, address: str) -> bool:
+        """Whether some user logged in from address before (since boot; at most TRUSTED_PER_USER per user)."""
+        with self._unless_unrecordable("known address"):
+            return self.db.execute("SELECT 1 FROM trusted WHERE address = ? LIMIT 1",
+                                   (unmapped(address),)).fetchone() is not None
+        return False
+
+    @_on_thread
     def failed(self, user: str, address: str, protocol: str, now: float | None = None) -> float:
         """Record a failed login → the seconds to wait before answering it."""
         now, address = time.monotonic() if now is None else now, unmapped(address)

@@ -243,6 +243,8 @@ class FtpConfig:
     # --- session limits and passive mode (issue 19: passive-port theft and pool exhaustion) ---
     max_sessions_per_user: int = _int(1, 10000, 32)
     max_sessions_per_address: int = _int(1, 10000, 64)
+    # control connections not logged in yet, from every address together (OpenSSH's MaxStartups)
+    max_unauthenticated: int = _int(1, 100000, 256)
     passive_timeout: float = _seconds(1, 600, 30.0, " (how long a PASV/EPSV port waits for its data connection)")
     login_timeout: float = _seconds(1, 600, 30.0, " (how long a connection may take to log in)")
     idle_timeout: float = _seconds(1, 86400, 600.0, " (a session that sends no command this long ends; not while "
@@ -258,6 +260,7 @@ class SftpConfig:
     # the same caps as [ftp]'s, counted apart from FTP's (issue 19: connection floods)
     max_sessions_per_user: int = _int(1, 10000, 32)
     max_sessions_per_address: int = _int(1, 10000, 64)
+    max_unauthenticated: int = _int(1, 100000, 256)
     # channels one SSH connection may hold open (OpenSSH's MaxSessions is 10): each holds buffers and a task
     max_channels_per_connection: int = _int(1, 1000, 10)
 
@@ -277,6 +280,8 @@ class SmbConfig:
     hosts_allow: tuple[str, ...] = _f(_hosts_allow, "a list of client networks or addresses such as "
                                       "['10.10.20.0/24', '192.0.2.7'] ([]: every client)", default=())
     max_sessions_per_address: int = _int(1, 10000, 64)
+    # SMB connections (each an smbd process) from every address together, logged in or not (max smbd processes)
+    max_connections: int = _int(1, 100000, 512)
 
 
 def parse_hash(encoded: str) -> tuple[int, int, int, bytes, bytes]:

@@ -366,6 +366,24 @@ def test_session_caps_per_address_and_per_user(agent_factory):
     assert len(agent.events("session_refused")) >= 2
 
 
+def test_connections_over_a_cap_are_counted_each_but_logged_and_audited_once(agent_factory):
+    """A client opening connections over its address cap as fast as it can: each got its 421 and was counted,
+    and each also wrote a session_refused event and an audit record, filling the journal and rotating the audit
+    trail (the client's own earlier records too) away. Now one event and one record per reason a minute."""
+    from test_audit import audit_records
+    from test_startups_hostile import metric
+    agent = agent_factory(**{"ftp.max_sessions_per_address": 2}).start()
+    held = [ftp(agent), ftp(agent)]
+    for _ in range(40):
+        with pytest.raises(ftplib.error_temp, match="421 too many sessions from your address"):
+            ftplib.FTP(timeout=30).connect("127.0.0.1", agent.ftp_port)
+    assert metric(agent, "ftp", "SessionLimit") == 40
+    assert len(agent.events("session_refused")) == 1
+    assert len([r for r in audit_records(agent) if "too many sessions" in r["result"]]) == 1
+    for f in held:
+        f.quit()
+
+
 # --- names: S3 keys with control characters (item 10), RFC 2428 / 959 details and Windows names (item 13) ------
 
 def test_s3_keys_with_control_characters_never_forge_listing_lines(agent_factory):
@@ -436,7 +454,8 @@ def test_quotes_trailing_spaces_and_windows_names(agent_factory):
     ("ftp", "max_sessions_per_user", "0"), ("ftp", "max_sessions_per_address", "-1"),
     ("ftp", "max_sessions_per_address", '"many"'), ("ftp", "passive_timeout", "0"),
     ("sftp", "max_sessions_per_user", "0"), ("sftp", "max_sessions_per_address", "10001"),
-    ("sftp", "max_sessions_per_address", '"many"')])
+    ("sftp", "max_sessions_per_address", '"many"'), ("ftp", "max_unauthenticated", "0"),
+    ("sftp", "max_unauthenticated", "100001")])
 def test_session_limit_keys_are_checked(tmp_path, section, key, value):
     path = tmp_path / "agent.toml"
     path.write_text(GOOD.replace("[[users]]", f"[{section}]\n{key} = {value}\n[[users]]", 1))
@@ -448,6 +467,7 @@ def test_session_limit_keys_are_checked(tmp_path, section, key, value):
     cfg = load(path)  # the documented defaults, the same for FTP and SFTP
     assert (cfg.ftp.max_sessions_per_user, cfg.ftp.max_sessions_per_address, cfg.ftp.passive_timeout) == (32, 64, 30)
     assert (cfg.sftp.max_sessions_per_user, cfg.sftp.max_sessions_per_address) == (32, 64)
+    assert cfg.ftp.max_unauthenticated == cfg.sftp.max_unauthenticated == 256
 
 
 def test_creatable_and_listable_names():

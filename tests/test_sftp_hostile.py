@@ -14,7 +14,7 @@ import pytest
 
 from agent.serve.sftp import MAX_OPEN_DIRS, MAX_OPEN_FILES
 from faultkit import sftp_put, sftp_session
-from harness import PASSWORD, s3_objects
+from harness import PASSWORD, s3_objects, sha256
 
 
 def test_directory_handles_count_against_the_open_file_cap(agent_factory):
@@ -217,3 +217,34 @@ def test_a_client_that_reads_no_replies_cannot_pile_them_up(agent_factory):
 
     grown = asyncio.run(run())
     assert grown < 40 * 1024 * 1024, f"the agent grew by {grown // 2**20} MiB"
+
+
+@pytest.mark.parametrize("junk", [b"\x00\x00\x00\x01\x05", b"\xff\xff\xff\xff"], ids=["too-short", "too-long"])
+def test_a_packet_that_cannot_be_framed_mid_upload_stores_nothing(agent_factory, junk):
+    """A client replacing a stored file writes part of it, then sends a packet asyncssh cannot frame (shorter
+    than a type and an id, or longer than it takes). asyncssh ends the SFTP session and closes the open files
+    through the server's close, as if the client had sent CLOSE: the first 1 000 bytes were committed over the
+    stored 100 000, which no client had closed. Now the upload is discarded and the stored file stays."""
+    agent = agent_factory().start()
+    stored = os.urandom(100_000)
+
+    async def run() -> None:
+        async with asyncssh.connect("127.0.0.1", agent.sftp_port, username="pacs", password=PASSWORD,
+                                    known_hosts=None) as conn:
+            async with conn.start_sftp_client() as sftp, sftp.open("x.dcm", "wb") as f:
+                await f.write(stored)
+            sftp = await conn.start_sftp_client()
+            f = await sftp.open("x.dcm", "wb")
+            await f.write(b"P" * 1000, 0)
+            sftp._handler._writer.write(junk)  # raw bytes on the SFTP channel: asyncssh's client sends no such
+            for _ in range(200):
+                if agent.events("upload_aborted") or len(agent.events("stored")) > 1:
+                    break
+                await asyncio.sleep(0.05)
+            conn.abort()
+
+    asyncio.run(asyncio.wait_for(run(), 60))
+    assert [e["reason"] for e in agent.events("upload_aborted")] == ["session ended before close"]
+    assert [e["path"] for e in agent.events("stored")] == ["x.dcm"]  # the first upload only
+    agent.wait_drained()
+    assert s3_objects(agent.store, agent.prefix)["x.dcm"]["sha256"] == sha256(stored)

@@ -3,11 +3,13 @@ attacker. Each test reproduces one attack that worked and checks it no longer do
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import time
 import uuid
 from pathlib import Path
 
+import psutil
 import pytest
 import smbclient
 from smbprotocol.connection import Connection
@@ -276,4 +278,61 @@ def test_unfinished_uploads_per_user_are_bounded_and_given_back_when_cut(smb_age
     wait_for(lambda: len(agent.events("upload_aborted")) == 2, 20)
     smb.write("after.dcm", b"z" * 3 * 2**20)
     assert smb.read("after.dcm") == b"z" * 3 * 2**20
+    smb.close()
+
+
+def test_a_rename_over_a_file_another_client_is_writing_is_refused(smb_agent):
+    """One client writes dst (a stored file it replaces, or a new one); another renames a stored file over dst
+    (replace_if_exists). Samba refuses that itself (ACCESS_DENIED, as Windows does) only when both opens are
+    in one smbd: from a second client (another smbd) the rename answered success, then the writer's close
+    stored its file over the renamed one, whose content was gone under both names. Now refused for both."""
+    agent = smb_agent().start(timeout=180)
+    writer, renamer = Smb(agent), Smb(agent)  # two clients: two smbd processes
+    for dst in ("stored.dcm", "new.dcm"):
+        writer.write("report.dcm", b"the stored report")
+        if dst == "stored.dcm":
+            writer.write(dst, b"the old image")
+        with smbclient.open_file(writer.p(dst), mode="wb", share_access="r", **writer.kw) as f:
+            f.write(b"the image being written")
+            f.flush()
+            with pytest.raises(ERRORS, match="ACCESS_DENIED"):
+                renamer.replace("report.dcm", dst)
+        assert writer.read(dst) == b"the image being written"
+        assert writer.read("report.dcm") == b"the stored report"
+    renamer.replace("report.dcm", "new.dcm")  # closed: replaced as before
+    assert writer.read("new.dcm") == b"the stored report" and "report.dcm" not in writer.listdir()
+    writer.close()
+    renamer.close()
+
+
+def test_smb_connections_from_many_addresses_are_capped_box_wide(smb_agent):
+    """Connections that never log in, from many addresses (each under max_sessions_per_address): smbd forked a
+    process for each (300 held 300 processes, for the 10-minute deadtime) without end. [smb] max_connections
+    now bounds them all together: one more is closed at once; once some end, clients get in again."""
+    cap = 6
+    agent = smb_agent(**{"smb.max_connections": cap}).start(timeout=180)
+    port = int(agent.overrides["smb.listen"].rsplit(":", 1)[1])
+    held = [socket.create_connection(("127.0.0.1", port), timeout=15, source_address=(f"127.0.5.{i + 1}", 0))
+            for i in range(cap + 4)]
+
+    def served() -> bool:
+        """Whether smbd answers a NEGOTIATE on a new connection (closed unanswered when refused)."""
+        conn = Connection(uuid.uuid4(), "127.0.0.1", port, require_signing=True)
+        try:
+            conn.connect(timeout=5)
+        except ERRORS:
+            return False
+        conn.disconnect()
+        return True
+
+    wait_for(lambda: not served(), 20)
+    smbds = [p for p in psutil.process_iter(["name", "cmdline"]) if p.info["name"] == "smbd"
+             and any(agent.overrides["smb.state_dir"] in c for c in p.info["cmdline"] or [])]
+    assert len(smbds) <= cap + 4  # the parent and its helpers (notifyd, cleanupd) beside the capped children
+    for s in held:
+        s.close()
+    wait_for(served, 20)
+    smb = Smb(agent)
+    smb.write("after.dcm", b"in again")
+    assert smb.read("after.dcm") == b"in again"
     smb.close()

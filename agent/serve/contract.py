@@ -22,6 +22,7 @@ import asyncio
 import errno
 import ssl
 import stat
+import time
 from dataclasses import dataclass
 from typing import Callable
 
@@ -116,8 +117,28 @@ async def login(gw: Gateway, guard: LoginGuard, protocol: str, who: Who, address
         await asyncio.sleep(wait)
 
 
-def refuse_session(gw: Gateway, protocol: str, who: Who, reason: str) -> None:
-    """A connection or login turned away at a session cap ([ftp]/[sftp] max_sessions_per_*)."""
-    log.warning("session_refused", protocol=protocol, user=who.user, peer=who.peer, reason=reason)
-    gw.audit_event(who, "login", "", f"refused: {reason}")
-    gw.count_error(protocol, "SessionLimit")
+REFUSALS_EVERY = 60.0  # seconds: at most one session_refused event (and audit record) per protocol and reason
+_REASONS_KEPT = 4096  # reasons remembered at once (one per address or user over its cap)
+_refusals: dict[tuple[str, str], tuple[float, int]] = {}  # (protocol, reason) → (last event, refused since)
+
+
+def refuse_session(gw: Gateway, protocol: str, who: Who, reason: str, kind: str = "SessionLimit") -> None:
+    """A connection or login turned away at a session cap ([ftp]/[sftp] max_sessions_per_*, max_unauthenticated).
+    Each is counted in pacsgw_errors_total{kind}; the first of each protocol and reason per REFUSALS_EVERY is
+    logged and audited, with how many were refused since the one before: a client opening connections over a
+    cap as fast as it could wrote an event and an audit record each, filling the journal and rotating the
+    audit trail (its own earlier records too) away."""
+    gw.count_error(protocol, kind)
+    now, key = time.monotonic(), (protocol, reason)
+    last, since = _refusals.get(key, (-REFUSALS_EVERY, 0))
+    if now - last < REFUSALS_EVERY:
+        _refusals[key] = (last, since + 1)
+        return
+    if len(_refusals) >= _REASONS_KEPT:  # forget the quiet ones (or all, when every one is busy)
+        for k in [k for k, (at, _) in _refusals.items() if now - at >= REFUSALS_EVERY] or list(_refusals):
+            del _refusals[k]
+    _refusals[key] = (now, 0)
+    log.warning("session_refused", protocol=protocol, user=who.user, peer=who.peer, reason=reason,
+                refused_since=since)
+    more = f" ({since} more since the last record)" if since else ""
+    gw.audit_event(who, "login", "", f"refused: {reason}{more}")

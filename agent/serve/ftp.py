@@ -56,6 +56,7 @@ from agent.config import Config, UserConfig
 from agent.records import Entry
 from agent.serve import contract
 from agent.serve.contract import answer, report, st_mode, tls_context, unmapped
+from agent.serve.startups import Startup, Startups
 from agent.store.errors import Corrupt, GatewayError, IsADirectory
 from agent.store.gateway import Gateway, ReadHandle, WriteHandle
 from agent.store.paths import resolve
@@ -468,6 +469,7 @@ class Session:
 
     address: str  # the control connection's peer address: data connections must come from it
     server: str  # the control connection's own address, unmapped (PASV announces it, EPSV names its family)
+    startup: Startup  # its slot of ftp.max_unauthenticated, given back at the login
     tls: bool = False  # AUTH TLS done on the control connection
     prot_private: bool = False  # PROT P: data connections are TLS too
     epsv_all: bool = False  # EPSV ALL: no other data connection set-up command is accepted (RFC 2428)
@@ -526,6 +528,7 @@ class FtpServer(aioftp.Server):
         self.passive_ports = range(lo, hi + 1)
         self.roots = {u.name: u.root for u in cfg.users}
         self.tls = tls_context(cfg.ftp.tls_cert, cfg.ftp.tls_key) if cfg.ftp.tls_cert else None
+        self.startups = Startups("ftp", cfg.ftp.max_unauthenticated, logins, gateway)
         self.sessions: dict[asyncio.Task[Any], Session] = {}
         self.draining = False  # the agent stops: no new session, and each session's next command hears 421
         self._buffers: list[bytearray] = []  # receive buffers of finished uploads, for the next ones
@@ -548,13 +551,21 @@ class FtpServer(aioftp.Server):
             writer.write(f"421 too many sessions from your address (limit {cap}); try again later\r\n".encode())
             writer.close()
             return
-        task = asyncio.current_task()
-        assert task is not None  # asyncio.start_server runs each connection as a task
-        session = self.sessions[task] = Session(host, unmapped(writer.get_extra_info("sockname")[0]))
+        startup = self.startups.admit(host, f"{host}:{port}")  # until it logs in (agent.serve.startups)
         try:
-            await self._session(reader, writer, host, port, session)
+            if not await startup.admitted():
+                writer.write(b"421 too many connections not logged in; try again later\r\n")
+                writer.close()
+                return
+            task = asyncio.current_task()
+            assert task is not None  # asyncio.start_server runs each connection as a task
+            session = self.sessions[task] = Session(host, unmapped(writer.get_extra_info("sockname")[0]), startup)
+            try:
+                await self._session(reader, writer, host, port, session)
+            finally:
+                del self.sessions[task]
         finally:
-            del self.sessions[task]
+            startup.end()
             self.logins.release_session(slot)
 
     async def _session(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, host: str, port: int,
@@ -795,6 +806,7 @@ class FtpServer(aioftp.Server):
             connection.response("421", f"too many sessions for this user (limit {cap}); try again later")
             return False
         connection.session.user, connection.session.user_slot = name, slot
+        connection.session.startup.end()
         connection.logged = True
         self.gateway.audit_event(who(connection), "login")
         return replied(connection, "230", "logged in")

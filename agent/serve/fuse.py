@@ -351,6 +351,13 @@ class GatewayFS(pyfuse3.Operations):
         replace = not flags & pyfuse3.RENAME_NOREPLACE
         if not replace and dst in self._writing:  # a file being written, not yet committed, holds the name
             raise pyfuse3.FUSEError(errno.EEXIST)
+        held = self._writing.get(dst)
+        if held is not None and held.writer is not None and not held.committed:
+            # Open for writing: a rename may not replace it (Windows, MS-FSA 2.1.5.14.11). Samba refuses it
+            # itself only when both opens are in one smbd (one client connection): from another client the
+            # rename went through, then the writer's close stored its file over the one renamed there, which
+            # was gone under both names while both clients had heard success.
+            raise pyfuse3.FUSEError(errno.EACCES)
         op = self._writing.get(src)
         if await self.gw.find(src) is not None:
             await self._call(self.gw.rename(src, dst, self._who(ctx), replace=replace))

@@ -25,6 +25,7 @@ from agent.auth import LoginGuard, Passwords, unmapped
 from agent.config import Config, SftpConfig
 from agent.records import Entry
 from agent.serve.contract import answer, login, refuse_session, report, st_mode
+from agent.serve.startups import Startup, Startups
 from agent.store.errors import GatewayError
 from agent.store.gateway import Gateway, ReadHandle, WriteHandle
 from agent.store.paths import resolve
@@ -111,7 +112,8 @@ class _Session(SSHServerStreamSession[bytes]):
     def __init__(self, owner: _Auth, sftp_factory: type[GatewaySFTP]) -> None:
         super().__init__(None, functools.partial(sftp_factory, session=self), asyncssh.sftp.MIN_SFTP_VERSION)
         self.owner = owner
-        self.ended = False  # the SFTP loop read the client's EOF: no request of the client comes any more
+        self.ended = False  # the SFTP loop read the client's EOF, or a request it cannot frame: no request comes
+        self._length_next = True  # asyncssh reads each packet as its 4-byte length, then that many bytes
 
     async def read(self, datatype: asyncssh.DataType, n: int, exact: bool) -> bytes:
         # asyncssh queues every reply on the channel: a client that opens no window for them (reads no replies)
@@ -119,10 +121,22 @@ class _Session(SSHServerStreamSession[bytes]):
         # replies before it have left; the client's window for requests then closes too.
         await self.drain(None)
         try:
-            return await super().read(datatype, n, exact)
+            data = await super().read(datatype, n, exact)
         except asyncio.IncompleteReadError:
             self.ended = True
             raise
+        self._frame(data)
+        return data
+
+    def _frame(self, data: bytes) -> None:
+        """A packet asyncssh cannot frame (longer than it takes, or too short for a type and an id) ends the SFTP
+        session, and asyncssh then closes the open files through GatewaySFTP.close as if the client had sent
+        CLOSE: a half-written upload was committed over the stored file. Such a session has ended here."""
+        if self._length_next:
+            self.ended |= int.from_bytes(data, "big") > asyncssh.sftp.MAX_SFTP_PACKET_LEN
+        else:
+            self.ended |= len(data) < 5
+        self._length_next = not self._length_next
 
     def connection_lost(self, exc: Exception | None) -> None:
         super().connection_lost(exc)
@@ -139,8 +153,10 @@ class _Auth(asyncssh.SSHServer):
     holding = 0  # how many it keeps now
 
     def __init__(self, passwords: Passwords, cfg: SftpConfig, gateway: Gateway, guard: LoginGuard,
-                 sftp_factory: type[GatewaySFTP]) -> None:
+                 sftp_factory: type[GatewaySFTP], startups: Startups) -> None:
         self.passwords, self.cfg, self.gateway, self.guard = passwords, cfg, gateway, guard
+        self.startups = startups
+        self.startup: Startup | None = None  # its slot of sftp.max_unauthenticated, until the login
         self.sftp_factory = sftp_factory
         self.conn: asyncssh.SSHServerConnection | None = None
         self.address = ""
@@ -154,12 +170,22 @@ class _Auth(asyncssh.SSHServer):
 
     def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
         self.conn, self.address = conn, unmapped(conn.get_extra_info("peername")[0])
+        self.startup = self.startups.admit(self.address, _peer(conn))
+        self.startup.task.add_done_callback(self._admitted)
         # counted at once: a connection over the cap is disconnected at its login request, before any password
         cap = self.cfg.max_sessions_per_address
         self.admitted.append(asyncio.ensure_future(self._take_slot("sftp address", self.address, cap,
                                                                    f"from {self.address}", "from your address")))
 
+    def _admitted(self, task: asyncio.Task[int | None]) -> None:
+        """Over sftp.max_unauthenticated: closed at once, as OpenSSH's MaxStartups does (no reason is sent: that
+        would hold the connection longer, for a flood)."""
+        if not task.cancelled() and task.exception() is None and task.result() is None and self.conn is not None:
+            self.conn.abort()
+
     def connection_lost(self, exc: Exception | None) -> None:
+        if self.startup is not None:
+            self.startup.end()
         for task in self.admitted:
             task.add_done_callback(lambda _: self._release())  # a slot taken after the client left goes too
         self._release()
@@ -217,6 +243,8 @@ class _Auth(asyncssh.SSHServer):
         return Who(username, "sftp", _peer(self.conn))
 
     def auth_completed(self) -> None:
+        if self.startup is not None:
+            self.startup.end()
         self.admitted.append(asyncio.ensure_future(self._login()))
 
     async def _login(self) -> bool:
@@ -250,6 +278,8 @@ class _Auth(asyncssh.SSHServer):
         """Every method is checked against the guard's bans here: a banned address or user gets no login by
         public key either (their keys are not even offered to asyncssh)."""
         self.username = username
+        if self.startup is not None and not await self.startup.admitted():  # closed already (_admitted)
+            return True
         if not await self.admitted[0]:  # over the address cap
             self._disconnect()
             return True
@@ -473,9 +503,10 @@ class SftpService:
         factory = type("BoundSFTP", (GatewaySFTP,), {"gateway": self.gateway,
                                                       "roots": {u.name: u.root for u in self.cfg.users}})
         host, port = self.cfg.sftp.listen
+        startups = Startups("sftp", self.cfg.sftp.max_unauthenticated, self.logins, self.gateway)
         self._acceptor = await asyncssh.listen(
             host, port, server_host_keys=[key], allow_scp=False,
-            server_factory=lambda: _Auth(self.passwords, self.cfg.sftp, self.gateway, self.logins, factory),
+            server_factory=lambda: _Auth(self.passwords, self.cfg.sftp, self.gateway, self.logins, factory, startups),
             agent_forwarding=False, x11_forwarding=False,
             allow_pty=False, login_timeout=60, keepalive_interval=30,
             acceptor=self._conns.add, reuse_port=reuse_port)

@@ -120,6 +120,10 @@ def render_conf(cfg: Config) -> str:
         # an idle connection with no file open is closed after 10 minutes (Samba's default keeps it a week, and
         # each connection is an smbd process); a client reconnects on its own when it has work
         "deadtime = 10",
+        # every connection, logged in or not, is a process: a flood from many addresses (each under
+        # max_sessions_per_address) forked one each without end, each held until the deadtime; one over this is
+        # closed at its accept
+        f"max smbd processes = {s.max_connections}",
         "restrict anonymous = 2",
         "load printers = no",
         "printing = bsd",
