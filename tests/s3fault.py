@@ -34,6 +34,8 @@ class FaultProxy:
         self.injected: list[str] = []
         self.hold_puts = threading.Event()  # set: PUTs wait (forwarded once it is cleared) …
         self.puts_held = 0  # … and this many are waiting
+        self.hold_replies_to = ""  # set: a request whose path contains it is forwarded, its answer held until cleared
+        self.replies_held = 0  # … and this many answers are waiting
         self._loop = asyncio.new_event_loop()
         self._ready = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -100,6 +102,11 @@ class FaultProxy:
                                          data=body, allow_redirects=False, skip_auto_headers=("Content-Type",)
                                          ) as r:
             data = await r.read()
+            if self.hold_replies_to and self.hold_replies_to in request.path:  # done upstream, unanswered here
+                self.replies_held += 1
+                while self.hold_replies_to and self.hold_replies_to in request.path:
+                    await asyncio.sleep(0.05)
+                self.replies_held -= 1
             drop = HOP | {"content-encoding"} if request.method != "HEAD" else HOP - {"content-length"}
             out = {k: v for k, v in r.headers.items() if k.lower() not in drop}
             return web.Response(status=r.status, body=data or None, headers=out)

@@ -213,3 +213,40 @@ def test_an_evicted_file_renamed_again_while_its_copy_runs_keeps_its_content(age
     assert objects["CT/c.dcm"]["sha256"] == sha256(x) and not {"CT/a.dcm", "CT/t.dcm"} & set(objects)
     assert ftp_get(ftp, "CT/c.dcm") == x
     ftp.quit()
+
+
+def test_a_park_cut_short_by_kill_9_leaves_no_copy_behind(agent_factory, seaweed, proxy):
+    """A renamed evicted file's old object is parked (copied under .pacsgw-parked) before a new file takes its
+    name; kill -9 after that copy was made but before the catalog recorded it left the parked copy in the bucket
+    for ever (a deleted patient's images kept, hidden from every client) once the rename's copy ran from the old
+    key first after the restart. The proxy holds the parked copy's answer (the copy is made, the agent does not
+    hear it) and then fails the next park, so that the rename's copy runs first: faults SeaweedFS cannot produce
+    on demand."""
+    import signal
+
+    a = agent_factory(**{"uplink.endpoint_url": proxy.endpoint_url, "uplink.through_timeout": 1}).start()
+    ftp = ftp_login(a)
+    old, new = payload("old", 20_000), payload("new", 30_000)
+    assert ftp_put(ftp, "CT/a.dcm", old).startswith("226")
+    a.wait_drained(60)
+    done = evict_cli(a, "CT/a.dcm")
+    assert done.returncode == 0 and "evicted" in done.stdout, done.stdout + done.stderr
+    proxy.fail_copies_into = "CT/c.dcm"  # c's copy waits: the new a's upload must park a's old object
+    ftp.rename("CT/a.dcm", "CT/c.dcm")
+    proxy.hold_replies_to = "/.pacsgw-parked/"
+    assert ftp_put(ftp, "CT/a.dcm", new).startswith("226")  # acknowledged once through_timeout passed
+    wait_for(lambda: proxy.replies_held == 1, 30, what="the parked copy made, its answer held")
+    a.stop(signal.SIGKILL)
+    parked = [k for k in s3_objects(seaweed, a.prefix) if k.startswith(".pacsgw-parked/")]
+    assert len(parked) == 1, parked
+    proxy.hold_replies_to = ""
+    proxy.fail_copies_into = parked[0]  # after the restart the new a cannot park: c's copy runs first
+    a.start()
+    wait_for(lambda: s3_objects(seaweed, a.prefix).get("CT/c.dcm", {}).get("sha256") == sha256(old), 60,
+             what="c copied from a's old object")
+    proxy.fail_copies_into = ""
+    a.wait_drained(60)
+    objects = s3_objects(seaweed, a.prefix)
+    assert objects["CT/c.dcm"]["sha256"] == sha256(old) and objects["CT/a.dcm"]["sha256"] == sha256(new)
+    assert not [k for k in objects if k.startswith(".pacsgw-parked/")], "the parked copy was left behind"
+    assert ftp_login(a).retrbinary("RETR CT/a.dcm", lambda _: None).startswith("226")
