@@ -250,3 +250,41 @@ def test_a_park_cut_short_by_kill_9_leaves_no_copy_behind(agent_factory, seaweed
     assert objects["CT/c.dcm"]["sha256"] == sha256(old) and objects["CT/a.dcm"]["sha256"] == sha256(new)
     assert not [k for k in objects if k.startswith(".pacsgw-parked/")], "the parked copy was left behind"
     assert ftp_login(a).retrbinary("RETR CT/a.dcm", lambda _: None).startswith("226")
+
+
+def test_a_read_of_a_renamed_file_whose_copy_runs_meanwhile_follows_the_object(agent_factory, seaweed, proxy):
+    """A renamed, uncached file reads from its old key until its copy ran; when the copy runs (and the old key is
+    deleted) while the read waits (for a slot on a busy line, or here retrying GETs answered 500 by the proxy, a
+    fault SeaweedFS cannot produce on demand), the read answered 451 NoSuchKey (seen in tests/test_fault_model.py).
+    It must find the object under its new key."""
+    a = agent_factory(**{"uplink.endpoint_url": proxy.endpoint_url}).start()
+    ftp = ftp_login(a)
+    x = payload("x", 24_000)
+    assert ftp_put(ftp, "CT/a.dcm", x).startswith("226")
+    a.wait_drained(60)
+    done = evict_cli(a, "CT/a.dcm")
+    assert done.returncode == 0 and "evicted" in done.stdout, done.stdout + done.stderr
+    proxy.hold_puts.set()
+    ftp.rename("CT/a.dcm", "CT/c.dcm")
+    wait_for(lambda: proxy.puts_held == 1, 30, what="c's copy on the wire")
+    proxy.fail_gets = 4  # the read retries for about 4 s (agent.uplink.line.SERVER_ERROR_RETRIES)
+    got: list[bytes | Exception] = []
+    reader = threading.Thread(target=lambda: got.append(_get_or_error(a, "CT/c.dcm")))
+    reader.start()
+    wait_for(lambda: proxy.fail_gets < 4, 30, what="the read's first GET")
+    proxy.hold_puts.clear()
+    wait_for(lambda: "CT/a.dcm" not in s3_objects(seaweed, a.prefix), 30, what="a's key deleted after c's copy")
+    reader.join(60)
+    assert got == [x], got
+    ftp.quit()
+
+
+def _get_or_error(agent, path: str) -> bytes | Exception:
+    import ftplib
+    ftp = ftp_login(agent)
+    try:
+        return ftp_get(ftp, path)
+    except ftplib.Error as e:
+        return e
+    finally:
+        ftp.close()
