@@ -950,7 +950,9 @@ class Gateway:
         self.metrics.misses.inc()
         self.access.note(path, e.size, hit=False)
         fill = self._fills.get(path)
-        if fill is None or fill.done or fill.fd < 0:
+        # a fetch of an earlier version of the file (stored again and evicted while it ran) is not joined: its bytes
+        # are the old ones
+        if fill is None or fill.done or fill.fd < 0 or fill.entry.gen != e.gen:
             fill = self._start_fill(e)
         return ReadHandle(self, e, os.dup(fill.fd), fill, protocol)
 
@@ -975,7 +977,7 @@ class Gateway:
         if e.blob is not None:
             return False
         fill = self._fills.get(e.path)
-        if fill is None or fill.done:
+        if fill is None or fill.done or fill.entry.gen != e.gen:  # not a fetch of an earlier version
             fill = self._start_fill(e)
         async with fill.cond:
             await fill.cond.wait_for(lambda: fill.done)
