@@ -330,3 +330,29 @@ def _evict(agent, path: str) -> bool:
                                  headers={"Content-Type": "application/json", "Authorization": f"Bearer {token}"})
     with urllib.request.urlopen(req, timeout=60) as r:
         return bool(json.load(r).get("evicted"))
+
+
+def test_a_foreign_object_renamed_away_and_back_before_its_copy_ran_stays_put(agent_factory, seaweed, proxy):
+    """An object another client stored (no sha256 metadata), read once (the catalog learns its SHA-256) and evicted,
+    renamed away and back before the rename's copy ran (the proxy fails copies into the new name: a fault SeaweedFS
+    cannot produce on demand): its key already holds it, but the missing metadata was taken for other content and
+    it was to be uploaded from a cache that does not hold it ('no cached content', retried for ever: the queue never
+    drained). It must be left where it is, and stay readable."""
+    from harness import BUCKET
+    a = agent_factory(**{"uplink.endpoint_url": proxy.endpoint_url}).start()
+    data = payload("foreign", 30_000)
+    seaweed.client().put_object(Bucket=BUCKET, Key=a.prefix + "CT/f.dcm", Body=data)
+    ftp = ftp_login(a)
+    assert ftp_get(ftp, "CT/f.dcm") == data
+    a.wait_drained(60)
+    assert _evict(a, "CT/f.dcm")
+    proxy.fail_copies_into = "CT/g.dcm"
+    ftp.rename("CT/f.dcm", "CT/g.dcm")
+    wait_for(lambda: proxy.injected, 30, what="g's copy tried")
+    ftp.rename("CT/g.dcm", "CT/f.dcm")
+    proxy.fail_copies_into = ""
+    a.wait_drained(60)
+    objects = s3_objects(seaweed, a.prefix)
+    assert objects["CT/f.dcm"]["sha256"] == sha256(data) and "CT/g.dcm" not in objects
+    assert ftp_get(ftp, "CT/f.dcm") == data
+    ftp.quit()

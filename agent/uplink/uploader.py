@@ -308,7 +308,10 @@ class Uploader:
         src = e.copy_from
         assert src is not None
         head = await self.s3.head(src)
-        if src == e.path and head is not None and meta_sha(head.get("Metadata")) == e.sha256:
+        sha = meta_sha(head.get("Metadata")) if head is not None else None
+        # An object another client stored has no sha256 metadata: its size is what can be compared (that it was
+        # taken for other content left the file to be uploaded from a cache that may not hold it, for ever).
+        if src == e.path and head is not None and (sha == e.sha256 or (sha is None and logical_size(head) == e.size)):
             # Renamed away and back before the copy ran: the object never left its key (its tombstone waited
             # for the copy) and S3 refuses a copy onto itself. Nothing to send.
             return PutResult(head.get("ETag"), head.get("VersionId"))
