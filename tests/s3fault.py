@@ -34,6 +34,9 @@ class FaultProxy:
         self.injected: list[str] = []
         self.hold_puts = threading.Event()  # set: PUTs wait (forwarded once it is cleared) …
         self.puts_held = 0  # … and this many are waiting
+        self.hold_replies_to = ""  # set: a request whose path contains it is forwarded, its answer held until cleared
+        self.hold_replies_method = ""  # set: only requests of this method (GET, PUT, …) have their answers held
+        self.replies_held = 0  # … and this many answers are waiting
         self._loop = asyncio.new_event_loop()
         self._ready = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -85,6 +88,10 @@ class FaultProxy:
             return True
         return False
 
+    def _hold_reply(self, request: web.Request) -> bool:
+        return bool(self.hold_replies_to) and self.hold_replies_to in request.path and (
+            not self.hold_replies_method or request.method == self.hold_replies_method)
+
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         body = await request.read()
         if request.method == "PUT" and self.hold_puts.is_set():
@@ -100,6 +107,11 @@ class FaultProxy:
                                          data=body, allow_redirects=False, skip_auto_headers=("Content-Type",)
                                          ) as r:
             data = await r.read()
+            if self._hold_reply(request):  # done upstream, unanswered here
+                self.replies_held += 1
+                while self._hold_reply(request):
+                    await asyncio.sleep(0.05)
+                self.replies_held -= 1
             drop = HOP | {"content-encoding"} if request.method != "HEAD" else HOP - {"content-length"}
             out = {k: v for k, v in r.headers.items() if k.lower() not in drop}
             return web.Response(status=r.status, body=data or None, headers=out)

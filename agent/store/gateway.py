@@ -950,7 +950,9 @@ class Gateway:
         self.metrics.misses.inc()
         self.access.note(path, e.size, hit=False)
         fill = self._fills.get(path)
-        if fill is None or fill.done or fill.fd < 0:
+        # a fetch of an earlier version of the file (stored again and evicted while it ran) is not joined: its bytes
+        # are the old ones
+        if fill is None or fill.done or fill.fd < 0 or fill.entry.gen != e.gen:
             fill = self._start_fill(e)
         return ReadHandle(self, e, os.dup(fill.fd), fill, protocol)
 
@@ -975,7 +977,7 @@ class Gateway:
         if e.blob is not None:
             return False
         fill = self._fills.get(e.path)
-        if fill is None or fill.done:
+        if fill is None or fill.done or fill.entry.gen != e.gen:  # not a fetch of an earlier version
             fill = self._start_fill(e)
         async with fill.cond:
             await fill.cond.wait_for(lambda: fill.done)
@@ -1012,11 +1014,21 @@ class Gateway:
         def started(etag: str | None, rangeable: bool) -> None:  # a compressed object is read whole
             fill.etag, fill.started, fill.no_ranges = etag, True, not rangeable
 
+        async def attempt() -> str:
+            while True:
+                try:
+                    return await download(self.s3, self.cache, fill.entry, fill.blob, fill.fd, landed, verified,
+                                          started, fill.lock)
+                except Exception as exc:
+                    # A renamed file is read from its old key until its copy ran; the copy may have run, and the old
+                    # key gone, while this fetch waited (for a slot, or retrying): read where the object is now.
+                    if fill.started or error_code(exc) != "NoSuchKey" or (now := await self._moved(fill.entry)) is None:
+                        raise
+                    fill.entry = now
+
         try:
             async with self.line.slots:  # fetches share the line's concurrency with uploads
-                sha = await self.line.patiently(
-                    lambda: download(self.s3, self.cache, e, fill.blob, fill.fd, landed, verified, started,
-                                     fill.lock), e.path, server_errors=SERVER_ERROR_RETRIES)
+                sha = await self.line.patiently(attempt, e.path, server_errors=SERVER_ERROR_RETRIES)
             if not await self.db.set_cached(e.path, e.gen, fill.blob, sha):
                 self.cache.remove(fill.blob)  # the file changed meanwhile; this copy is stale
             self.metrics.fetched_bytes.inc(fill.written)
@@ -1036,6 +1048,11 @@ class Gateway:
                 fill.cond.notify_all()
             if self._fills.get(e.path) is fill:
                 del self._fills[e.path]
+
+    async def _moved(self, e: Entry) -> Entry | None:
+        """e's row, if the same version of the file is now to be read from another object key (its copy ran)."""
+        now = await self.db.get(e.path)
+        return now if now is not None and now.gen == e.gen and now.object_key != e.object_key else None
 
     def read_ahead(self, fill: _Fill, pos: int) -> None:
         """Start a ranged GET from pos when a reader there is far ahead of the fetch's stream (and none

@@ -75,6 +75,7 @@ class UploadQueue(Protocol):
                          sha256: str | None, index_row: tuple[object, ...] | None = None) -> bool: ...
     async def mark_failed(self, path: str, gen: int, error: str, retry_at: float) -> None: ...
     async def drop_copy_source(self, path: str, gen: int) -> None: ...
+    async def queue_tombstone(self, key: str) -> None: ...
     async def park_copies(self, key: str, parked: str) -> int: ...
     async def copies_read(self, key: str) -> bool: ...
     async def due_tombstones(self, now: float, limit: int) -> list[str]: ...
@@ -209,6 +210,9 @@ class Uploader:
         version = f"{key}\0{head.get('ETag')}".encode("utf-8", "surrogatepass")
         parked = f"{PARKED}/{hashlib.sha256(version).hexdigest()}"  # one per object version of key
         async with self.key_lock(parked):  # the tombstone loop must not delete it between the copy and the repoint
+            # Its deletion is queued before it exists: a kill -9 between the copy and park_copies left it in the
+            # bucket for ever when the renames then copied from key itself (nothing parks again).
+            await self.db.queue_tombstone(parked)
             await self.s3.copy(key, parked, meta_sha(head.get("Metadata")))
             moved = await self.db.park_copies(key, parked)
         log.warning("rename_source_parked", path=key, parked=parked, renames=moved,
@@ -304,7 +308,10 @@ class Uploader:
         src = e.copy_from
         assert src is not None
         head = await self.s3.head(src)
-        if src == e.path and head is not None and meta_sha(head.get("Metadata")) == e.sha256:
+        sha = meta_sha(head.get("Metadata")) if head is not None else None
+        # An object another client stored has no sha256 metadata: its size is what can be compared (that it was
+        # taken for other content left the file to be uploaded from a cache that may not hold it, for ever).
+        if src == e.path and head is not None and (sha == e.sha256 or (sha is None and logical_size(head) == e.size)):
             # Renamed away and back before the copy ran: the object never left its key (its tombstone waited
             # for the copy) and S3 refuses a copy onto itself. Nothing to send.
             return PutResult(head.get("ETag"), head.get("VersionId"))

@@ -186,6 +186,7 @@ class AsyncCatalog:
     mark_failed = _offload(Catalog.mark_failed)
     requeue = _offload(Catalog.requeue)
     drop_copy_source = _offload(Catalog.drop_copy_source)
+    queue_tombstone = _offload(Catalog.queue_tombstone)
     park_copies = _offload(Catalog.park_copies)
     reset_uploading = _offload(Catalog.reset_uploading)
     due_tombstones = _offload(Catalog.due_tombstones)

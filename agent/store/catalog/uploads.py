@@ -96,6 +96,11 @@ class Uploads(CatalogBase):
         return self._exists("SELECT 1 FROM tombstones WHERE key = ? AND NOT EXISTS "
                             "(SELECT 1 FROM entries WHERE copy_from = ?)", (key, key))
 
+    def queue_tombstone(self, key: str) -> None:
+        """key is about to be written by the agent for itself (a parked copy): recorded first, so that an object
+        left by a crash before anything pointed there is deleted, not kept for ever."""
+        self._write("INSERT OR IGNORE INTO tombstones (key, queued) VALUES (?, ?)", (key, time.time()), durable=True)
+
     def park_copies(self, key: str, parked: str) -> int:
         """key's object was copied aside to `parked` before key is written again: the renames still waiting to
         be copied from key copy from there instead (with its study-index row), and `parked` is a tombstone,

@@ -1,0 +1,368 @@
+"""Model-based test of the cache and the write-through queue under S3 faults (a sibling of test_protocol_model).
+
+The protocol model never evicts a file and never holds or fails a transfer, so a rename's server-side copy always
+ran at once from a cached file: the losses fixed in 54722aa (a renamed evicted file's old name taken by a new file
+before its copy ran; a renamed evicted file read before its copy ran; a file renamed again while its copy was on the
+wire) were out of its reach. This one adds, over FTP against a live agent: evicting files from the cache (the
+admin path `pacsgw evict` uses), S3 faults injected by tests/s3fault.py (the only injection: PUTs and copies held
+on the wire for a few steps then released; the next N copies, PUTs or GETs answered 500; the whole store
+answering 500 for a few steps, an outage), reads right after renames, and kill -9 of the agent.
+
+Invariants: a read answers the model's bytes; it may fail (451) only while a fault is active (or the line it called
+down is not up again yet); every acknowledged change survives a kill; after the faults end and the queue drains,
+the bucket holds exactly the model's files (no parked copy left behind).
+
+Bounded: PACSGW_FAULT_MODEL_STEPS steps (default DEFAULT_STEPS, about a minute on a 2-core box) in examples of
+STEPS_PER_EXAMPLE; PACSGW_FAULT_MODEL_KILLS kills; the kill points from PACSGW_MODEL_SEED (printed).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import random
+import signal
+import time
+import urllib.request
+from dataclasses import dataclass, field
+
+import pytest
+from clients import ClientError, FtpClient
+from hypothesis import HealthCheck, Phase, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+from s3fault import FaultProxy
+
+from faultkit import wait_for
+from harness import s3_objects, sha256
+
+DEFAULT_STEPS = 500
+STEPS = int(os.environ.get("PACSGW_FAULT_MODEL_STEPS", str(DEFAULT_STEPS)))
+KILLS = int(os.environ.get("PACSGW_FAULT_MODEL_KILLS", "1"))
+STEPS_PER_EXAMPLE = 40
+DIRS = ["A", "B"]
+FILES = ["a", "b", "c"]
+_examples = itertools.count()
+
+
+@pytest.fixture
+def proxy(seaweed):
+    p = FaultProxy(seaweed.endpoint_url).start()
+    yield p
+    p.stop()
+
+
+class Model:
+    def __init__(self) -> None:
+        self.dirs: set[str] = set()
+        self.files: dict[str, bytes] = {}
+
+    def children(self, d: str) -> list[str]:
+        pre = d + "/" if d else ""
+        return sorted({p[len(pre):] for p in [*self.dirs, *self.files]
+                       if p.startswith(pre) and "/" not in p[len(pre):]})
+
+
+def file_paths() -> st.SearchStrategy[str]:
+    return st.sampled_from(FILES + [f"{d}/{f}" for d in DIRS for f in FILES])
+
+
+payloads = st.binary(min_size=0, max_size=2000) | st.sampled_from([b"", b"x", b"0123456789"])
+
+
+@dataclass
+class Run:
+    agent: object
+    proxy: FaultProxy
+    seed: int
+    steps: int = 0
+    kills: list[int] = field(default_factory=list)
+    killed: int = 0
+    models: dict[str, Model] = field(default_factory=dict)
+    release_at: int = 0  # the step at which a held line or an outage ends (0: none)
+    faults: int = 0
+    journal: list[str] = field(default_factory=list)  # the steps so far (shrinking cannot replay a live agent)
+
+    def note(self, step: str) -> None:
+        self.journal.append(f"{self.steps}: {step}")
+
+    def trace(self, base: str) -> str:
+        """The last steps, and the agent's events about this example's files, for a failure's message."""
+        events = [line for line in self.agent.log_path.read_text().splitlines() if f'"{base}/' in line][-40:]
+        return "\n".join(["steps:", *self.journal[-40:], "agent events:", *events])
+
+    def __post_init__(self) -> None:
+        rng = random.Random(self.seed)
+        self.kills = sorted(rng.sample(range(STEPS_PER_EXAMPLE // 2, max(STEPS, STEPS_PER_EXAMPLE)), KILLS))
+
+    @property
+    def faulty(self) -> bool:
+        p = self.proxy
+        return bool(p.fail_all or p.hold_puts.is_set() or p.fail_gets or p.fail_puts or p.fail_copies)
+
+    def release(self) -> None:
+        """End every fault; wait until the line is up again (reads of evicted files need it)."""
+        p = self.proxy
+        p.fail_all, p.fail_puts, p.fail_gets, p.fail_copies = False, 0, 0, 0
+        p.hold_puts.clear()
+        self.release_at = 0
+        self.note("faults released")
+        wait_for(lambda: self.agent.health()["uplink"]["reachable"], 60, what="line up after the faults")
+
+    def check_bucket(self) -> None:
+        self.release()
+        self.agent.wait_drained(180)
+        remote = s3_objects(self.agent.store, self.agent.prefix)
+        expected = {f"{base}/{f}": data for base, m in self.models.items() for f, data in m.files.items()}
+        assert {k: v["size"] for k, v in remote.items()} == {k: len(v) for k, v in expected.items()}
+        assert {k: v["sha256"] for k, v in remote.items()} == {k: sha256(v) for k, v in expected.items()}
+
+    def evict(self, path: str) -> bool:
+        """What `pacsgw evict PATH` does (tests/test_fault_coldread.py::evict_cli), without a process start."""
+        token = (self.agent.workdir / "cache" / "admin.token").read_text().strip()
+        req = urllib.request.Request(f"http://127.0.0.1:{self.agent.http_port}/admin/evict",
+                                     data=json.dumps({"path": path}).encode(), method="POST",
+                                     headers={"Content-Type": "application/json", "Authorization": f"Bearer {token}"})
+        try:
+            with urllib.request.urlopen(req, timeout=60) as r:
+                return bool(json.load(r).get("evicted"))
+        except urllib.error.HTTPError:
+            return False
+
+
+def machine_for(run: Run):
+    class FaultModel(RuleBasedStateMachine):
+        def __init__(self) -> None:
+            super().__init__()
+            self.base = f"f{next(_examples)}"
+            self.model = run.models[self.base] = Model()
+            self.client = FtpClient(run.agent)
+            self.client.mkdir(self.base)
+            self.touched: set[str] = set()
+
+        def p(self, rel: str) -> str:
+            return f"{self.base}/{rel}"
+
+        def touch(self, *paths: str) -> None:
+            for p in paths:
+                parent = p.rpartition("/")[0]
+                self.touched.update([parent] if parent in self.model.dirs else [parent, ""])
+
+        def expect(self, ok: bool, call, *args) -> bool:
+            try:
+                call(*args)
+            except ClientError as e:
+                assert not ok, f"{call.__name__}{args} refused but the model allows it: {e}"
+                return False
+            assert ok, f"{call.__name__}{args} succeeded but the model refuses it"
+            return True
+
+        def check_read(self, f: str) -> None:
+            try:
+                got = self.client.get(self.p(f))
+            except ClientError as e:
+                # a line called down by the last fault's failures is up again at its next probe (agent.uplink.line)
+                down = "unreachable" in str(e) and str(e).startswith("451")
+                assert run.faulty or down, f"read of {f} failed with no fault active: {e}\n{run.trace(self.base)}"
+                return
+            assert got == self.model.files[f], f"content of {f}\n{run.trace(self.base)}"
+
+        @precondition(lambda self: not self.model.dirs.issuperset(DIRS))
+        @rule(data=st.data())
+        def mkdir(self, data: st.DataObject) -> None:
+            d = data.draw(st.sampled_from(sorted(set(DIRS) - self.model.dirs)))
+            run.note(f"mkdir {self.p(d)}")
+            self.touched.add("")
+            self.client.mkdir(self.p(d))
+            self.model.dirs.add(d)
+
+        @rule(f=file_paths(), data=payloads)
+        def store(self, f: str, data: bytes) -> None:
+            run.note(f"store {self.p(f)} ({len(data)} bytes {sha256(data)[:8]})")
+            self.touch(f)
+            self.client.put(self.p(f), data)
+            self.model.dirs.update([f.rpartition("/")[0]] if "/" in f else [])
+            self.model.files[f] = data
+
+        @rule(f=file_paths(), data=payloads)
+        def append(self, f: str, data: bytes) -> None:
+            """APPE: the stored bytes first (fetched from S3 when the file is not cached, maybe from a renamed file's
+            old key or a parked copy), then these."""
+            run.note(f"append {self.p(f)} ({len(data)} bytes)")
+            self.touch(f)
+            try:
+                self.client.append(self.p(f), data)
+            except ClientError as e:  # the stored bytes could not be fetched: nothing changed
+                down = "unreachable" in str(e) and str(e).startswith("451")
+                assert run.faulty or down, f"append to {f} failed with no fault active: {e}\n{run.trace(self.base)}"
+                return
+            self.model.dirs.update([f.rpartition("/")[0]] if "/" in f else [])
+            self.model.files[f] = self.model.files.get(f, b"") + data
+
+        @precondition(lambda self: self.model.files)
+        @rule(data=st.data(), dst=file_paths(), evict_first=st.booleans(), then_read=st.booleans())
+        def rename_file(self, data: st.DataObject, dst: str, evict_first: bool, then_read: bool) -> None:
+            m = self.model
+            src = data.draw(st.sampled_from(sorted(m.files)))
+            run.note(f"rename {self.p(src)} {self.p(dst)} evict_first={evict_first} then_read={then_read}")
+            if evict_first:
+                run.evict(self.p(src))
+            self.touch(src, dst)
+            self.client.rename(self.p(src), self.p(dst))
+            m.files[dst] = m.files.pop(src)
+            m.dirs.update([dst.rpartition("/")[0]] if "/" in dst else [])
+            if then_read:
+                self.check_read(dst)
+
+        @precondition(lambda self: self.model.files)
+        @rule(data=st.data(), dst=file_paths(), new=payloads, fail_copy=st.booleans())
+        def rename_and_reuse(self, data: st.DataObject, dst: str, new: bytes, fail_copy: bool) -> None:
+            """An evicted file renamed, and a new file stored under its old name before (fail_copy: the copy's
+            first try fails) or after the rename's server-side copy ran."""
+            m = self.model
+            src = data.draw(st.sampled_from(sorted(m.files)))
+            run.note(f"rename and reuse {self.p(src)} {self.p(dst)} fail_copy={fail_copy} new={sha256(new)[:8]}")
+            run.evict(self.p(src))
+            self.touch(src, dst)
+            if fail_copy:
+                run.proxy.fail_copies += 1
+            self.client.rename(self.p(src), self.p(dst))
+            m.files[dst] = m.files.pop(src)
+            m.dirs.update([dst.rpartition("/")[0]] if "/" in dst else [])
+            self.client.put(self.p(src), new)
+            m.files[src] = new
+
+        @precondition(lambda self: self.model.dirs)
+        @rule(data=st.data(), evict_first=st.booleans(), then_read=st.booleans())
+        def rename_dir(self, data: st.DataObject, evict_first: bool, then_read: bool) -> None:
+            m = self.model
+            src = data.draw(st.sampled_from(sorted(m.dirs)))
+            dst = data.draw(st.sampled_from(sorted({*DIRS, "C"} - m.dirs)))
+            run.note(f"rename dir {self.p(src)} {self.p(dst)} evict_first={evict_first} then_read={then_read}")
+            if evict_first:
+                for f in [f for f in m.files if f.startswith(src + "/")]:
+                    run.evict(self.p(f))
+            self.touched.update([src, dst, ""])
+            self.client.rename(self.p(src), self.p(dst))
+            m.dirs.discard(src)
+            m.dirs.add(dst)
+            for f in [f for f in m.files if f.startswith(src + "/")]:
+                m.files[dst + f[len(src):]] = m.files.pop(f)
+            if then_read:
+                for f in [f for f in m.files if f.startswith(dst + "/")]:
+                    self.check_read(f)
+            if dst == "C":  # keep the universe small: back under a name the rules use
+                self.client.rename(self.p("C"), self.p(src))
+                m.dirs.discard("C")
+                m.dirs.add(src)
+                for f in [f for f in m.files if f.startswith("C/")]:
+                    m.files[src + f[1:]] = m.files.pop(f)
+
+        @precondition(lambda self: self.model.files)
+        @rule(data=st.data())
+        def delete(self, data: st.DataObject) -> None:
+            f = data.draw(st.sampled_from(sorted(self.model.files)))
+            run.note(f"delete {self.p(f)}")
+            self.touch(f)
+            self.client.delete(self.p(f))
+            del self.model.files[f]
+
+        @precondition(lambda self: self.model.files)
+        @rule(data=st.data())
+        def read(self, data: st.DataObject) -> None:
+            f = data.draw(st.sampled_from(sorted(self.model.files)))
+            run.note(f"read {self.p(f)}")
+            self.check_read(f)
+
+        @precondition(lambda self: self.model.files)
+        @rule(data=st.data())
+        def evict(self, data: st.DataObject) -> None:
+            """Drop cached copies (of clean files only: the agent refuses the others)."""
+            files = sorted(self.model.files)
+            for f in data.draw(st.lists(st.sampled_from(files), min_size=1, max_size=len(files), unique=True)):
+                run.note(f"evict {self.p(f)}: {run.evict(self.p(f))}")
+
+        @rule(kind=st.sampled_from(["fail_copies", "fail_puts", "fail_gets"]), n=st.integers(1, 4))
+        def fail_next(self, kind: str, n: int) -> None:
+            if run.proxy.fail_copies or run.proxy.fail_puts or run.proxy.fail_gets:
+                return  # one at a time (not a precondition: the proxy's state is not the example's)
+            run.note(f"{kind} {n}")
+            setattr(run.proxy, kind, getattr(run.proxy, kind) + n)
+            run.faults += 1
+
+        @rule(kind=st.sampled_from(["hold", "outage"]), steps=st.integers(1, 6))
+        def line_fault(self, kind: str, steps: int) -> None:
+            """PUTs and copies held on the wire, or every request failing, for a few steps."""
+            if run.release_at:
+                return
+            run.note(f"{kind} for {steps} steps")
+            if kind == "hold":
+                run.proxy.hold_puts.set()
+            else:
+                run.proxy.fail_all = True
+            run.release_at = run.steps + steps
+            run.faults += 1
+
+        def kill(self) -> None:
+            run.note("kill -9")
+            run.agent.stop(signal.SIGKILL)
+            run.agent.start(timeout=180)
+            run.killed += 1
+            try:
+                self.client.close()
+            except Exception:  # the session died with the agent
+                pass
+            self.client = FtpClient(run.agent)
+            self.touched.update([*self.model.dirs, ""])
+            run.check_bucket()
+
+        @invariant()
+        def after_step(self) -> None:
+            run.steps += 1
+            if run.release_at and run.steps >= run.release_at:
+                run.release()
+            if run.kills and run.steps >= run.kills[0]:
+                run.kills.pop(0)
+                self.kill()
+            m = self.model
+            for d in sorted(self.touched & {"", *m.dirs}):
+                assert self.client.list(self.p(d) if d else self.base) == m.children(d), f"listing of {d!r}"
+            self.touched.clear()
+
+        def teardown(self) -> None:
+            run.release()
+            self.client.close()
+
+    return FaultModel
+
+
+def test_fault_model(agent_factory, proxy):
+    """Everything the agent sends to S3 goes through the fault proxy (tests/s3fault.py), which injects the faults."""
+    from hypothesis.stateful import run_state_machine_as_test
+    seed = int(os.environ.get("PACSGW_MODEL_SEED") or random.randrange(1 << 32))
+    print(f"PACSGW_MODEL_SEED={seed}")
+    a = agent_factory(**{"uplink.endpoint_url": proxy.endpoint_url, "uplink.through_timeout": 1}).start(timeout=180)
+    run = Run(a, proxy, seed)
+    machine = machine_for(run)
+    t0 = time.monotonic()
+    while run.steps < STEPS:
+        examples = max(1, (STEPS - run.steps) // STEPS_PER_EXAMPLE)
+        run_state_machine_as_test(machine, settings=settings(
+            max_examples=examples, stateful_step_count=STEPS_PER_EXAMPLE, deadline=None, database=None,
+            derandomize=False, print_blob=True, suppress_health_check=list(HealthCheck),
+            phases=[Phase.explicit, Phase.generate]))  # no shrinking: the agent's state is not replayed
+    run.check_bucket()
+    print(f"{run.steps} steps, {run.faults} faults, {run.killed} kills, {len(run.models)} examples, "
+          f"{time.monotonic() - t0:.0f} s")
+    counts: dict[str, int] = {}
+    for line in a.log_path.read_text().splitlines():
+        try:
+            j = json.loads(line)
+        except ValueError:
+            continue
+        ev = j.get("event", "")
+        ev += f" {j.get('code')} {str(j.get('reason'))[:40]}" if ev == "ftp_error" else ""
+        counts[ev] = counts.get(ev, 0) + 1
+    print(sorted(counts.items()))
+    assert run.killed == KILLS and not run.kills
