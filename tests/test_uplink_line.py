@@ -19,6 +19,15 @@ from faultkit import ftp_get, ftp_login, ftp_put, payload, wait_for
 from harness import s3_objects, sha256
 
 
+def store_evicted(a, ftp, files: dict[str, bytes]) -> None:
+    """Store the files over FTP, wait until they are in S3, and drop their cached copies (`pacsgw evict`)."""
+    for path, data in files.items():
+        assert ftp_put(ftp, path, data).startswith("226")
+    a.wait_drained(60)
+    done = evict_cli(a, *files)
+    assert done.returncode == 0 and done.stdout.count("evicted") == len(files), done.stdout + done.stderr
+
+
 @pytest.fixture
 def proxy(seaweed):
     p = FaultProxy(seaweed.endpoint_url).start()
@@ -145,10 +154,7 @@ def test_an_evicted_files_rename_keeps_its_content_when_a_new_file_takes_the_old
     a = agent_factory(**{"uplink.endpoint_url": proxy.endpoint_url}).start()
     ftp = ftp_login(a)
     old, new, other = payload("old", 20_000), payload("new", 30_000), payload("other", 25_000)
-    assert ftp_put(ftp, "CT/a.dcm", old).startswith("226") and ftp_put(ftp, "CT/b.dcm", other).startswith("226")
-    a.wait_drained(60)
-    done = evict_cli(a, "CT/a.dcm", "CT/b.dcm")
-    assert done.returncode == 0 and done.stdout.count("evicted") == 2, done.stdout + done.stderr
+    store_evicted(a, ftp, {"CT/a.dcm": old, "CT/b.dcm": other})
     proxy.fail_copies_into = "CT/c.dcm"  # C's copy fails until the new A is in S3
     ftp.rename("CT/a.dcm", "CT/c.dcm")
     assert ftp_put(ftp, "CT/a.dcm", new).startswith("226")
@@ -174,10 +180,7 @@ def test_two_evicted_files_swapped_by_renames_keep_their_contents(agent_factory,
     a = agent_factory(**{"uplink.endpoint_url": proxy.endpoint_url}).start()
     ftp = ftp_login(a)
     x, y = payload("x", 21_000), payload("y", 22_000)
-    assert ftp_put(ftp, "CT/a.dcm", x).startswith("226") and ftp_put(ftp, "CT/c.dcm", y).startswith("226")
-    a.wait_drained(60)
-    done = evict_cli(a, "CT/a.dcm", "CT/c.dcm")
-    assert done.returncode == 0 and done.stdout.count("evicted") == 2, done.stdout + done.stderr
+    store_evicted(a, ftp, {"CT/a.dcm": x, "CT/c.dcm": y})
     proxy.fail_copies_into = ".dcm"
     for src, dst in (("a", "t"), ("c", "a"), ("t", "c")):
         ftp.rename(f"CT/{src}.dcm", f"CT/{dst}.dcm")
@@ -199,10 +202,7 @@ def test_an_evicted_file_renamed_again_while_its_copy_runs_keeps_its_content(age
     a = agent_factory(**{"uplink.endpoint_url": proxy.endpoint_url}).start()
     ftp = ftp_login(a)
     x = payload("x", 23_000)
-    assert ftp_put(ftp, "CT/a.dcm", x).startswith("226")
-    a.wait_drained(60)
-    done = evict_cli(a, "CT/a.dcm")
-    assert done.returncode == 0 and "evicted" in done.stdout, done.stdout + done.stderr
+    store_evicted(a, ftp, {"CT/a.dcm": x})
     proxy.hold_puts.set()
     ftp.rename("CT/a.dcm", "CT/t.dcm")
     wait_for(lambda: proxy.puts_held == 1, 30, what="t's copy on the wire")
@@ -227,10 +227,7 @@ def test_a_park_cut_short_by_kill_9_leaves_no_copy_behind(agent_factory, seaweed
     a = agent_factory(**{"uplink.endpoint_url": proxy.endpoint_url, "uplink.through_timeout": 1}).start()
     ftp = ftp_login(a)
     old, new = payload("old", 20_000), payload("new", 30_000)
-    assert ftp_put(ftp, "CT/a.dcm", old).startswith("226")
-    a.wait_drained(60)
-    done = evict_cli(a, "CT/a.dcm")
-    assert done.returncode == 0 and "evicted" in done.stdout, done.stdout + done.stderr
+    store_evicted(a, ftp, {"CT/a.dcm": old})
     proxy.fail_copies_into = "CT/c.dcm"  # c's copy waits: the new a's upload must park a's old object
     ftp.rename("CT/a.dcm", "CT/c.dcm")
     proxy.hold_replies_to = "/.pacsgw-parked/"
@@ -260,10 +257,7 @@ def test_a_read_of_a_renamed_file_whose_copy_runs_meanwhile_follows_the_object(a
     a = agent_factory(**{"uplink.endpoint_url": proxy.endpoint_url}).start()
     ftp = ftp_login(a)
     x = payload("x", 24_000)
-    assert ftp_put(ftp, "CT/a.dcm", x).startswith("226")
-    a.wait_drained(60)
-    done = evict_cli(a, "CT/a.dcm")
-    assert done.returncode == 0 and "evicted" in done.stdout, done.stdout + done.stderr
+    store_evicted(a, ftp, {"CT/a.dcm": x})
     proxy.hold_puts.set()
     ftp.rename("CT/a.dcm", "CT/c.dcm")
     wait_for(lambda: proxy.puts_held == 1, 30, what="c's copy on the wire")
