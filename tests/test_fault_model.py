@@ -12,6 +12,12 @@ Invariants: a read answers the model's bytes; it may fail (451) only while a fau
 down is not up again yet); every acknowledged change survives a kill; after the faults end and the queue drains,
 the bucket holds exactly the model's files (no parked copy left behind).
 
+Not modelled (a known gap, stated in the README): a request the agent gave up on (its read timeout passed, or the
+agent was killed) that the store carries out later. A held PUT or copy released after that lands after the
+agent moved on, and when its file was renamed or deleted meanwhile the object stays under a name the namespace no
+longer has (an orphan object, nothing lost). Holds therefore end before the agent's read timeout (set far above
+a hold's few steps here) and before a kill.
+
 Bounded: PACSGW_FAULT_MODEL_STEPS steps (default DEFAULT_STEPS, about a minute on a 2-core box) in examples of
 STEPS_PER_EXAMPLE; PACSGW_FAULT_MODEL_KILLS kills; the kill points from PACSGW_MODEL_SEED (printed).
 """
@@ -305,6 +311,8 @@ def machine_for(run: Run):
             run.faults += 1
 
         def kill(self) -> None:
+            if run.proxy.hold_puts.is_set():
+                run.release()  # a held request landing after the kill is not modelled (see the module's doc)
             run.note("kill -9")
             run.agent.stop(signal.SIGKILL)
             run.agent.start(timeout=180)
@@ -342,7 +350,8 @@ def test_fault_model(agent_factory, proxy):
     from hypothesis.stateful import run_state_machine_as_test
     seed = int(os.environ.get("PACSGW_MODEL_SEED") or random.randrange(1 << 32))
     print(f"PACSGW_MODEL_SEED={seed}")
-    a = agent_factory(**{"uplink.endpoint_url": proxy.endpoint_url, "uplink.through_timeout": 1}).start(timeout=180)
+    a = agent_factory(**{"uplink.endpoint_url": proxy.endpoint_url, "uplink.through_timeout": 1,
+                                    "uplink.read_timeout": 300}).start(timeout=180)  # outlasts every hold
     run = Run(a, proxy, seed)
     machine = machine_for(run)
     t0 = time.monotonic()
