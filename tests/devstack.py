@@ -248,10 +248,6 @@ class AgentProc:
 
     def __post_init__(self) -> None:
         self.ftp_port, self.sftp_port, self.http_port = free_port(), free_port(), free_port()
-        base = 20000 + (os.getpid() * 7 + self.ftp_port) % 20000
-        while any(base <= p <= base + 63 for p in (self.ftp_port, self.sftp_port, self.http_port)):
-            base += 64  # the agent refuses a passive range that holds one of its own listeners
-        self.passive = (base, base + 63)
         self.config_path = self.workdir / "agent.toml"
         self.write_config()
 
@@ -263,7 +259,7 @@ class AgentProc:
                        "access_key_id": self.store.access_key, "secret_access_key": self.store.secret_key,
                        "write_mode": "through", "max_concurrency": 8, "connect_timeout": 1.0,
                        "read_timeout": 10.0, "through_timeout": 20.0},
-            "ftp": {"listen": f"127.0.0.1:{self.ftp_port}", "passive_ports": f"{self.passive[0]}-{self.passive[1]}"},
+            "ftp": {"listen": f"127.0.0.1:{self.ftp_port}"},
             "sftp": {"listen": f"127.0.0.1:{self.sftp_port}", "host_key": str(self.workdir / "host_key")},
             "http": {"listen": f"127.0.0.1:{self.http_port}"},
             "log": {"level": "info", "format": "json"},
@@ -273,6 +269,7 @@ class AgentProc:
         for key, value in self.overrides.items():
             section, _, name = key.partition(".")
             sections.setdefault(section, {})[name] = value
+        sections["ftp"].setdefault("passive_ports", self._passive_range(sections))
         lines = []
         for name, table in sections.items():
             lines.append(f"[{name}]")
@@ -282,6 +279,16 @@ class AgentProc:
             lines += [f"{k} = {toml_value(v)}" for k, v in user.items()]
         self.config_path.write_text("\n".join(lines) + "\n")
         self.config_path.chmod(0o600)  # it holds secrets: the agent refuses anything more open
+
+    def _passive_range(self, sections: dict) -> str:
+        """64 ports clear of every listener this config names: the agent refuses a passive range holding one of
+        its own (an SMB port an override added fell in it once and failed a CI run)."""
+        listeners = {int(str(v).rpartition(":")[2]) for table in sections.values() if isinstance(table, dict)
+                     for k, v in table.items() if k.endswith("listen") and str(v).rpartition(":")[2].isdigit()}
+        base = 20000 + (os.getpid() * 7 + self.ftp_port) % 20000
+        while any(base <= p <= base + 63 for p in listeners):
+            base += 64
+        return f"{base}-{base + 63}"
 
     @property
     def log_path(self) -> Path:
