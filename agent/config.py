@@ -83,16 +83,8 @@ def _str_list(ok: Callable[[str], object]) -> Callable[[Any], tuple[str, ...]]:
     return _valid(lambda v: isinstance(v, list) and all(isinstance(s, str) and ok(s) for s in v), tuple)
 
 
-def _int_between(lo: int, hi: int) -> Callable[[Any], int]:
-    return _valid(lambda v: type(v) is int and lo <= v <= hi)  # a bool is no int here
-
-
 def _float_between(lo: float, hi: float) -> Callable[[Any], float]:
     return _valid(lambda v: type(v) in (int, float) and lo <= v <= hi, float)
-
-
-def _choice(*options: str) -> Callable[[Any], str]:
-    return _valid(lambda v: v in options)
 
 
 _str, _bool = _valid(lambda v: isinstance(v, str)), _valid(lambda v: isinstance(v, bool))
@@ -174,7 +166,7 @@ def _flag(default: bool, note: str = "") -> Any:
 
 
 def _int(lo: int, hi: int, default: Any = dataclasses.MISSING, note: str = "", unit: str = "an integer") -> Any:
-    return _f(_int_between(lo, hi), f"{unit} {lo}..{hi}{note}", default)
+    return _f(_valid(lambda v: type(v) is int and lo <= v <= hi), f"{unit} {lo}..{hi}{note}", default)  # no bool
 
 
 def _seconds(lo: float, hi: float, default: float, note: str = "") -> Any:
@@ -186,7 +178,7 @@ def _size(default: str | int, note: str = "") -> Any:
 
 
 def _one_of(*options: str, default: str) -> Any:
-    return _f(_choice(*options), ", ".join(map(repr, options[:-1])) + f" or {options[-1]!r}", default)
+    return _f(_valid(lambda v: v in options), ", ".join(map(repr, options[:-1])) + f" or {options[-1]!r}", default)
 
 
 @dataclass(frozen=True)
@@ -317,7 +309,8 @@ class HttpConfig:
 
 @dataclass(frozen=True)
 class LogConfig:
-    level: str = _f(_choice("debug", "info", "warning", "error"), "debug, info, warning or error", default="info")
+    level: str = _f(_valid(lambda v: v in ("debug", "info", "warning", "error")), "debug, info, warning or error",
+                    default="info")
     format: str = _one_of("json", "console", default="json")
 
 
@@ -730,7 +723,7 @@ def _pseudonym_key(cfg: Config) -> Config:
     name = cfg.dicom.pseudonym_key_file
     if not name:
         return cfg
-    path = Path(name) if os.path.isabs(name) else cfg.path.parent / name
+    path = cfg.path.parent / name  # an absolute name stays as it is
     try:
         key = path.read_bytes().strip()
         _check_private(path)
@@ -762,11 +755,9 @@ def load(path: str | Path) -> Config:
     """Read and validate a config file; raise ConfigError naming the file and key on any problem."""
     file = Path(path)
     try:
-        text = file.read_text()
+        data = tomllib.loads(file.read_text())
     except OSError as e:
         raise ConfigError(file, "(file)", str(file), f"a readable TOML file ({e.strerror})") from None
-    try:
-        data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(file, "(syntax)", str(e), "valid TOML") from None
     for key, value in data.items():
