@@ -23,8 +23,7 @@ from agent.sim import commands as sim_commands
 def cmd_run(args: argparse.Namespace) -> int:
     from agent import daemon, logs
     from agent.store.catalog import CatalogSchemaError
-    cfg = load_or_exit(args.config)
-    logs.configure(cfg.log.level, cfg.log.format)
+    cfg = logs.load_config(args.config)
     try:
         asyncio.run(daemon.run_until_signal(daemon.Agent(cfg)))
     except CatalogSchemaError as e:
@@ -179,8 +178,7 @@ def cmd_fsck(args: argparse.Namespace) -> int:
 
     from agent import logs
     from agent.fsck import Fsck
-    cfg = load_or_exit(args.config)
-    logs.configure(cfg.log.level, "console" if sys.stderr.isatty() else cfg.log.format)
+    cfg = logs.load_config(args.config, console_on_tty=True)
     report = asyncio.run(Fsck(cfg, remote=args.remote, repair=args.repair, progress=not args.json).run())
     if args.json:
         print(json.dumps(dataclasses.asdict(report) | {"exit_code": report.exit_code}, indent=2))

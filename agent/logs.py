@@ -9,7 +9,7 @@ from typing import Any
 
 import structlog
 
-from agent.config import shown
+from agent.config import Config, load_or_exit, shown
 
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
 
@@ -57,3 +57,11 @@ def configure(level: str = "info", fmt: str = "json") -> None:
     logging.basicConfig(level=max(_LEVELS[level], logging.WARNING), handlers=[handler])
     for name in ("asyncio", "aioftp.server"):
         logging.getLogger(name).addFilter(_DropClientHangups())
+
+
+def load_config(path: str, console_on_tty: bool = False) -> Config:
+    """A command's config (a bad one exits 2 naming the key), logging set up by it; console_on_tty: a command
+    whose answer is stdout logs to stderr as readable text on a terminal."""
+    cfg = load_or_exit(path)
+    configure(cfg.log.level, "console" if console_on_tty and sys.stderr.isatty() else cfg.log.format)
+    return cfg

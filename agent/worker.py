@@ -56,14 +56,12 @@ class Worker(Agent):
 
 def main(argv: list[str] | None = None) -> int:
     from agent import logs
-    from agent.config import load_or_exit
     p = argparse.ArgumentParser(prog="python -m agent.worker", description="one serving worker (started by "
                                 "the agent when [server] workers > 1; not meant to be run by hand)")
     p.add_argument("--config", required=True)
     p.add_argument("--index", type=int, required=True)
     args = p.parse_args(argv)
-    cfg = load_or_exit(args.config)
-    logs.configure(cfg.log.level, cfg.log.format)
+    cfg = logs.load_config(args.config)
     structlog.contextvars.bind_contextvars(worker=args.index)
     asyncio.run(run_until_signal(Worker(cfg, args.index)))
     return 0

@@ -11,8 +11,9 @@ import json
 import sqlite3
 import sys
 
-from agent.config import DEFAULT_CONFIG, complain, load_or_exit, shown
+from agent.config import DEFAULT_CONFIG, complain, shown
 from agent.dicom.objectmeta import pseudonym
+from agent.logs import load_config
 
 
 def _day(text: str) -> str:
@@ -23,17 +24,9 @@ def _day(text: str) -> str:
         raise argparse.ArgumentTypeError(f"{text!r} is not a date YYYY-MM-DD") from None
 
 
-def _config(path: str):  # Config
-    """The config (exit 2 naming the key when it is bad); log events go to stderr, stdout is the answer."""
-    from agent import logs
-    cfg = load_or_exit(path)
-    logs.configure(cfg.log.level, "console" if sys.stderr.isatty() else cfg.log.format)
-    return cfg
-
-
 def _open(config: str):  # (Config, Catalog)
     from agent.store.catalog import Catalog
-    cfg = _config(config)
+    cfg = load_config(config, console_on_tty=True)
     return cfg, Catalog(cfg.catalog_path)
 
 
@@ -87,7 +80,7 @@ def cmd_index_snapshot(args: argparse.Namespace) -> int:
     import time
 
     from agent.dicom import snapshot
-    cfg = _config(args.config)
+    cfg = load_config(args.config, console_on_tty=True)
     t0 = time.monotonic()
     try:
         manifest = asyncio.run(snapshot.write(cfg, snapshot.catalog_rows(cfg.catalog_path)))
@@ -109,7 +102,7 @@ def cmd_retention_apply(args: argparse.Namespace) -> int:
 
     from agent.audit import AuditLog, Who
     from agent.dicom.reapply import NoObjectLock, apply, plan
-    cfg = _config(args.config)
+    cfg = load_config(args.config, console_on_tty=True)
     if not cfg.compliance.worm:
         return complain(f"{cfg.path}: [compliance] worm = false: there is no retention to apply", 2)
     try:
