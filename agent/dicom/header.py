@@ -42,14 +42,11 @@ MAGIC = b"DICM"
 PYDICOM_READS = 1000
 TOO_COMPLEX = "header too complex"
 
-# The tags used: (group, element).
-_TAGS = {
-    "SOPClassUID": 0x00080016, "SOPInstanceUID": 0x00080018, "StudyDate": 0x00080020, "Modality": 0x00080060,
-    "PatientID": 0x00100020, "PatientBirthDate": 0x00100030, "StudyInstanceUID": 0x0020000D,
-    "SeriesInstanceUID": 0x0020000E,
-}
-
-_PATIENT_ID = _TAGS["PatientID"]
+# The tags used (group, element), by the Header field each fills: SOPClassUID, SOPInstanceUID, StudyDate, Modality,
+# PatientID, PatientBirthDate, StudyInstanceUID, SeriesInstanceUID.
+_TAGS = {"sop_class": 0x00080016, "sop_uid": 0x00080018, "study_date": 0x00080020, "modality": 0x00080060,
+         "patient": 0x00100020, "birth_date": 0x00100030, "study_uid": 0x0020000D, "series_uid": 0x0020000E}
+_PATIENT_ID = _TAGS["patient"]
 _LAST = max(_TAGS.values())
 
 
@@ -174,7 +171,7 @@ def _scan(head: bytes, bound: str) -> Header | None:
         return None
     v = {k: _text(raw[tag].decode("latin-1")) if tag in raw else None for k, tag in _TAGS.items()}
     if patient is not None:  # as pydicom's text conversion leaves it (it strips trailing NULs and spaces)
-        v["PatientID"] = _text(patient.decode("ascii").rstrip("\0 "))
+        v["patient"] = _text(patient.decode("ascii").rstrip("\0 "))
     return _header(v, ts, bound)
 
 
@@ -233,12 +230,9 @@ def _parse_pydicom(head: bytes, bound: str) -> Header:
 
 def _header(v: dict[str, str | None], ts: str | None, bound: str, problem: str = "") -> Header:
     """The Header of the values read (by _TAGS name), whichever parser read them: incomplete without its UIDs."""
-    if not problem and None in (v["StudyInstanceUID"], v["SeriesInstanceUID"], v["SOPInstanceUID"]):
+    if not problem and None in (v["study_uid"], v["series_uid"], v["sop_uid"]):
         problem = f"header incomplete{bound}"
-    return Header(dicom=True, problem=problem, transfer_syntax=ts, sop_class=v["SOPClassUID"],
-                  sop_uid=v["SOPInstanceUID"], study_uid=v["StudyInstanceUID"], series_uid=v["SeriesInstanceUID"],
-                  study_date=v["StudyDate"], modality=v["Modality"], patient=v["PatientID"],
-                  birth_date=v["PatientBirthDate"])
+    return Header(dicom=True, problem=problem, transfer_syntax=ts, **v)
 
 
 def read_fd(fd: int, size: int) -> Header:
