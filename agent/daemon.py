@@ -17,7 +17,7 @@ import structlog
 from agent import __version__
 from agent.audit import AuditLog, AuditShipper
 from agent.auth import GUARD_FILE, LoginGuard
-from agent.config import Config, ConfigError
+from agent.config import Config, ConfigError, parse_size
 from agent.dicom.deltas import DeltaShipper
 from agent.dicom.objectmeta import Describer
 from agent.dicom.retention import DicomRetention, RetentionGuard
@@ -26,6 +26,7 @@ from agent.metrics import Metrics
 from agent.monitor import PressureMonitor
 from agent.policy.pressure import Level
 from agent.prefetcher import DirPrefetcher, Fetcher, PriorFetcher, stack_for
+from agent.selfcheck import last_result
 from agent.serve.ftp import FtpServer
 from agent.serve.http import (
     ADMIN_TOKEN_FILE,
@@ -91,6 +92,7 @@ class Agent:
         self.ftp: FtpServer | None = None
         self.sftp: SftpService | None = None
         self.smb = None  # agent.serve.smb.SmbService when [smb] is enabled (imports pyfuse3)
+        self.ha = None  # agent.ha.HaMonitor when [ha] is enabled
         self.http: HttpServer | None = None
         self.workers: Supervisor | None = None  # [server] workers > 1
         self.logins: LoginGuard | None = None
@@ -120,7 +122,6 @@ class Agent:
         # prior prefetch hears of every store; self.priors is built below, before any front end serves
         await self._start_gateway((lambda path, content: self.priors.on_stored(path, content))
                                   if cfg.prefetch.priors else None)
-        self.ha = None
         if cfg.ha.enabled:
             from agent.ha import HaMonitor
             self.ha = HaMonitor(cfg, self.gateway, self.db, self.refusals, self.uploader, self.s3, self.cache,
@@ -308,6 +309,7 @@ class Agent:
             "eviction": {"policy": self.cfg.cache.eviction, "k": self.evictor.last_k, **self.evictor.status()},
             "scrub": {"passes": self.scrubber.passes, "last_pass_end": self.scrubber.last_pass_end},
             "clock": clock_sync(),
+            "selfcheck": last_result(self.cfg),
         }
         if self.smb is not None:
             h["smb"] = self.smb.health()
@@ -315,8 +317,6 @@ class Agent:
             h["ha"] = self.ha.health(totals.queue_files, self.draining)
         if self.workers is not None:
             h["workers"] = self.workers.status()
-        from agent.selfcheck import last_result
-        h["selfcheck"] = last_result(self.cfg)
         h["status"], h["reasons"] = judge(h, self.cfg.cache.min_free_bytes)
         return h
 
@@ -355,7 +355,6 @@ class Agent:
 
     async def admin_evict_plan(self, query: dict[str, str], body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
         """`pacsgw evict --dry-run`: what the policy would evict now (to the low watermark, or `bytes`)."""
-        from agent.config import parse_size
         totals = await self.db.totals()
         try:
             want = parse_size(query["bytes"]) if "bytes" in query else self.evictor.excess(totals.cached_bytes)

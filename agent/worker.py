@@ -28,7 +28,6 @@ class Worker(Agent):
     def __init__(self, cfg: Config, index: int) -> None:
         super().__init__(cfg)
         self.index = index
-        self.ha = None
 
     async def start(self) -> None:
         cfg = self.cfg
