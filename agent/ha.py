@@ -29,6 +29,7 @@ from prometheus_client import Counter, Gauge
 
 from agent.audit import AuditLog, Who
 from agent.config import Config
+from agent.hahook import STATES
 from agent.metrics import Metrics
 from agent.store.cache import Cache
 from agent.store.catalog import AsyncCatalog
@@ -57,10 +58,9 @@ def read_role_file(path: Path, boot_time: float) -> str:
         data = json.loads(path.read_text())
     except (OSError, ValueError):
         return "UNKNOWN"
-    if st.st_mtime < boot_time or not isinstance(data, dict):
+    if st.st_mtime < boot_time or not isinstance(data, dict) or data.get("state") not in STATES:
         return "UNKNOWN"
-    state = data.get("state")
-    return state if state in ("MASTER", "BACKUP", "FAULT", "STOP") else "UNKNOWN"
+    return str(data["state"])
 
 
 def peer_view(body: bytes) -> dict[str, Any]:
