@@ -1,12 +1,7 @@
-"""Serving workers: several processes serve FTP and SFTP on the same ports over one catalog (docs/workers.md).
-
-With `[server] workers = N` (N > 1) the agent's own process, the owner, serves as always and also starts
-N-1 workers (`python -m agent.worker`). Every serving process listens with SO_REUSEPORT, so the kernel spreads
-new connections over them, and commits to the one SQLite catalog (WAL; every write is BEGIN IMMEDIATE, so the
-catalog-wide generation stays unique). A worker uploads what it receives in write-through before it acks,
-exactly as the owner does; everything else on the upload queue, eviction, scrub, prefetch, HA, SMB and
-HTTP stay with the owner. The owner restarts a worker that dies, after putting the rows it had claimed
-back on the queue. A new owner retires the workers a dead owner left behind (they drain, then exit).
+"""Serving workers: with `[server] workers = N` (N > 1) the owner (the agent's own process) also runs N-1 worker
+processes (`python -m agent.worker`) serving FTP and SFTP on the same ports (SO_REUSEPORT) over the one catalog.
+The owner restarts a worker that dies, after putting the rows it had claimed back on the queue; a new owner
+retires the workers a dead owner left behind (they drain, then exit). Who owns what, and why: docs/workers.md.
 """
 
 from __future__ import annotations

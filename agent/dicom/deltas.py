@@ -1,18 +1,10 @@
-"""Study-index deltas in the bucket: the index stays rebuildable fast between snapshots.
+"""Study-index deltas in the bucket: the index stays rebuildable fast between snapshots (agent.dicom.snapshot).
 
-A snapshot (agent.dicom.snapshot) is written once per `[dicom] snapshot_interval`; every object stored since
-would cost `index-rebuild` one HEAD. So the agent also ships the rows it indexes as it goes: each upload's
-mark_clean queues its row in the catalog (dicom_unshipped, same transaction), and every `[dicom]
-delta_interval` seconds the queued rows (at most DELTA_ROWS per object) are written as one small append-only
-gzip'd JSON object under pacsgw-index/<prefix>deltas/, rows in the snapshot's form (with the object's ETag),
-then marked shipped. The next snapshot folds them in: it deletes the deltas that existed before it read the
-catalog. A rebuild reads the snapshot and every delta; an object listed under the ETag a row names takes the
-row, every other one is HEADed.
-
-Crash safety: a delta written but not marked shipped is written again (the same rows: harmless); a delta lost
-or damaged only means HEADs (it is reported and skipped); a row never names an object other than the one
-listed (the ETag must match). The rows hold what the object metadata already holds: the patient only as the
-keyed pseudonym.
+Each upload's mark_clean queues its index row in the catalog (dicom_unshipped, same transaction); every
+`[dicom] delta_interval` the queued rows are written as one small gzip'd JSON object under
+pacsgw-index/<prefix>deltas/ (with each object's ETag), then marked shipped; the next snapshot folds them in. A
+rebuild takes a delta's row only for an object listed under the ETag the row names, so a delta written twice, lost
+or damaged costs HEADs, never a wrong row (docs/dicom.md, "The study index in the bucket").
 """
 
 from __future__ import annotations

@@ -1,13 +1,10 @@
 """Study-index snapshots in the bucket: a rebuild reads a few objects instead of HEADing every one.
 
-`pacsgw index-snapshot` (run on the box, e.g. nightly) writes the study index as gzip'd JSON segments of
-SEGMENT_ROWS rows, sorted by path, every row with its object's ETag, under pacsgw-index/<uplink.prefix>, then a
-manifest naming them, and only then removes the previous snapshot's segments: a reader always finds one whole
-snapshot. `pacsgw index-rebuild` merges the bucket listing (in key order) with the segments (in the same order):
-an object whose path and ETag match a row takes that row (with the row's size: a compressed object's listed
-size is not the file's); every other object (new since the snapshot,
-overwritten, never covered) is HEADed as before. A stale, missing or damaged snapshot costs time, never a
-wrong row. The rows hold what the object metadata already holds (the patient only as the keyed pseudonym).
+The index is written as gzip'd JSON segments (sorted by path, each row with its object's ETag) under
+pacsgw-index/<uplink.prefix>, then a manifest naming them, and only then are the previous segments removed: a
+reader always finds one whole snapshot. A stale, missing or damaged snapshot costs HEADs, never a wrong row
+(docs/dicom.md, "The study index in the bucket"). The rows (and the deltas') hold what the object metadata
+already holds: the patient only as the keyed pseudonym.
 """
 
 from __future__ import annotations
