@@ -124,19 +124,17 @@ async def apply(cfg: Config, changes: list[Change], audit: AuditLog, who: Who) -
     failed = []
     async with S3Uplink(cfg.uplink) as s3:
         for c in changes:
-            version = {"VersionId": c.version_id} if c.version_id else {}
+            target = {"Bucket": cfg.uplink.bucket, "Key": s3.key(c.path), "ChecksumAlgorithm": "SHA256",
+                      **({"VersionId": c.version_id} if c.version_id else {})}
             detail = {"until_before": c.until_before.isoformat() if c.until_before else None,
                       "reason": c.reason, "version_id": c.version_id}
             try:
                 if c.until is not None:
-                    await s3._client.put_object_retention(
-                        Bucket=cfg.uplink.bucket, Key=s3.key(c.path), ChecksumAlgorithm="SHA256",
-                        Retention={"Mode": c.mode, "RetainUntilDate": c.until}, **version)
+                    await s3._client.put_object_retention(Retention={"Mode": c.mode, "RetainUntilDate": c.until},
+                                                          **target)
                     audit.record(who, "retention-extend", c.path, until=c.until.isoformat(), mode=c.mode, **detail)
                 if c.legal_hold:
-                    await s3._client.put_object_legal_hold(
-                        Bucket=cfg.uplink.bucket, Key=s3.key(c.path), ChecksumAlgorithm="SHA256",
-                        LegalHold={"Status": "ON"}, **version)
+                    await s3._client.put_object_legal_hold(LegalHold={"Status": "ON"}, **target)
                     audit.record(who, "legal-hold", c.path, status="ON", **detail)
             except Exception as e:  # S3 refused (e.g. a mode it will not change): reported, the rest goes on
                 audit.record(who, "retention-extend", c.path, failure(e), **detail)
