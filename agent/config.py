@@ -11,6 +11,7 @@ import base64
 import dataclasses
 import datetime
 import ipaddress
+import itertools
 import os
 import re
 import sys
@@ -659,18 +660,16 @@ def _fmt_listen(listen: tuple[str, int]) -> str:
 
 def _check_ports(cfg: Config) -> None:
     """Two services on one port (or the FTP passive range over a listener) fail only at start-up."""
-    file, seen = cfg.path, []
+    file = cfg.path
     listeners = [(f"{name}.listen", getattr(cfg, name).listen) for name in ("ftp", "sftp", "http", "smb")
                  if getattr(cfg, name).enabled]
     if cfg.http.enabled and cfg.http.metrics_listen:
         listeners.append(("http.metrics_listen", cfg.http.metrics_listen))
-    for key, listen in listeners:
-        for other, addr in seen:
-            _need(not _clash(listen, addr), file, key, _fmt_listen(listen), f"an address not already used by {other}")
-        seen.append((key, listen))
+    for (other, addr), (key, listen) in itertools.combinations(listeners, 2):
+        _need(not _clash(listen, addr), file, key, _fmt_listen(listen), f"an address not already used by {other}")
     if cfg.ftp.enabled:
         low, high = cfg.ftp.passive_ports
-        for other, (_, port) in seen:
+        for other, (_, port) in listeners:
             _need(not low <= port <= high, file, "ftp.passive_ports", f"{low}-{high}",
                   f"a range that does not include {other}'s port {port}")
 
