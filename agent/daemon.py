@@ -21,7 +21,7 @@ from agent.config import Config, ConfigError, parse_size
 from agent.dicom.deltas import DeltaShipper
 from agent.dicom.objectmeta import Describer
 from agent.dicom.retention import DicomRetention, RetentionGuard
-from agent.dicom.schedule import SnapshotSchedule
+from agent.dicom.snapshot import SnapshotSchedule
 from agent.metrics import Metrics
 from agent.monitor import PressureMonitor
 from agent.policy.pressure import Level

@@ -23,7 +23,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("store", ("agent.store", "agent.dicom")),
     ("services", ("agent.serve", "agent.sim", "agent.prefetcher", "agent.monitor", "agent.fsck",
                   "agent.selfcheck", "agent.dicom.reindex", "agent.dicom.reapply", "agent.dicom.snapshot",
-                  "agent.dicom.schedule", "agent.dicom.deltas", "agent.ha")),
+                  "agent.dicom.deltas", "agent.ha")),
     ("wiring", ("agent.daemon", "agent.cli", "agent.dicom.commands", "agent.workers", "agent.worker")),
 ]
 # Front ends see the facade and its vocabulary (errors, path rules), not the catalog, cache or uplink.
