@@ -53,10 +53,13 @@ async def rebuild(cfg: Config, catalog: Catalog, concurrency: int = 64, progress
     bar = tqdm(unit="obj", desc="index rebuild", disable=not progress)
     t0 = time.monotonic()
 
-    def add(row: tuple[Any, ...]) -> None:
+    def add(row: tuple[Any, ...] | None) -> None:
+        """One object read, and its index row (None: nothing to index)."""
+        report.objects += 1
+        bar.update()
         # what an upload would index: a key no client could name (control characters: `pacsgw find` prints
         # paths to a terminal) or values object_meta would not write are another writer's, not indexed
-        checked = None if any(name_problem(part) for part in row[0].split("/")) else checked_row(row)
+        checked = None if row is None or any(name_problem(p) for p in row[0].split("/")) else checked_row(row)
         if checked is None:
             return
         rows.append(checked)
@@ -69,10 +72,7 @@ async def rebuild(cfg: Config, catalog: Catalog, concurrency: int = 64, progress
             head = await _head(s3, path)
             if head is False:  # counted and reported; a rebuild can be run again
                 report.failed += 1
-            if isinstance(head, dict) and (row := _row(path, head)):
-                add(row)
-            report.objects += 1
-            bar.update()
+            add(_row(path, head) if isinstance(head, dict) else None)
 
     use_snapshot = use_snapshot and bool(cfg.uplink.prefix)
     # HEADs on a pool with room for every one; the listing on its own (it never queues behind HEADs for a connection)
@@ -94,8 +94,6 @@ async def rebuild(cfg: Config, catalog: Catalog, concurrency: int = 64, progress
                         await queue.put(path)
                         continue
                     add(row)
-                    report.objects += 1
-                    bar.update()
             for _ in workers:
                 await queue.put(None)
             await asyncio.gather(*workers)
