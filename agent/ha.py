@@ -1,14 +1,10 @@
 """Two boxes, one address: this box's role in an active/standby pair behind a keepalived (VRRP) address.
 
 keepalived decides who holds the floating address; agent/hahook.py is its health check (this agent's /healthz)
-and its notify hook, which writes keepalived's state to a role file that this module polls:
-- standby: refuses writes (the PACS stores to the floating address, i.e. to the active box), follows the bucket
-  into its catalog every `follow_seconds` so that a take-over serves every object at once, and uploads its own
-  queue (a box that returns after a failure); /healthz says it may not hold the address until that queue is empty.
-- active: takes writes. On a take-over every directory is listed again on its next use (files the old active
-  stored after the standby's last follow).
-Every PUT of a pair is conditional (If-Match / If-None-Match, agent/uplink/uploader.py): a box never writes over
-an object it did not know, so two boxes never leave one key with the older content.
+and its notify hook, which writes keepalived's state to the role file this module polls. A standby refuses
+writes, follows the bucket into its catalog (a take-over serves every object at once) and uploads its own queue
+before it may hold the address. Every PUT of a pair is conditional (agent/uplink/uploader.py), so two boxes never
+leave one key with the older content (docs/ha.md).
 """
 
 from __future__ import annotations
@@ -159,6 +155,7 @@ class HaMonitor:
             self.state.last_takeover = now
             self.m_takeovers.inc()
             self.m_last_takeover.set(now)
+            # files the old active box stored after the last follow: every directory is listed again on its next use
             self._tasks.append(asyncio.create_task(self.db.unlist_all(), name="ha-unlist"))
         log.warning("ha_takeover" if role == "active" else "ha_standby", role=role, previous=previous,
                     keepalived=keepalived_state)

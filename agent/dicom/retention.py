@@ -148,14 +148,10 @@ class DicomRetention:
 
 class RetentionGuard:
     """The gateway's refusal of a delete, rename or overwrite of a retained file: by the path rules (no I/O),
-    then, when rules select by DICOM attributes, by the terms the file's header gives it.
-
-    A cached file's header is read from the cache (at most HEADER_MAX bytes): the terms its upload locks, or
-    locked, it with. A file not cached here (evicted, or known from a listing) is asked with one HEAD: the
-    Object Lock its object carries (also one `retention apply` extended) and the terms today's rules give its
-    metadata, whichever keeps it longer. Without the line such a change is refused as Unavailable: a retained
-    file is never released on a guess.
-    """
+    then, when rules select by DICOM attributes, by the terms its cached header gives it (those its upload locks
+    it with) or, not cached here, by one HEAD: its object's Object Lock and its metadata under today's rules,
+    whichever keeps it longer. Without the line such a change is refused as Unavailable: a retained file is never
+    released on a guess (docs/dicom.md, "Retention by DICOM rule at the front ends")."""
 
     def __init__(self, retention: DicomRetention, cache: Cache, s3: S3Uplink) -> None:
         self.retention, self.cache, self.s3 = retention, cache, s3
