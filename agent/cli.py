@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import getpass
 import json
 import sys
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -159,7 +161,6 @@ def _plan_text(plan: dict) -> str:
 
 
 def _follow_prefetch(url: str, token: str) -> int:
-    import time
     with _bar(0, "prefetch", "B") as bar:
         while True:
             run = _admin(url + "?status=1", token)[1]["status"]
@@ -174,8 +175,6 @@ def _follow_prefetch(url: str, token: str) -> int:
 
 
 def cmd_fsck(args: argparse.Namespace) -> int:
-    import dataclasses
-
     from agent import logs
     from agent.fsck import Fsck
     cfg = logs.load_config(args.config, console_on_tty=True)

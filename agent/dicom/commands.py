@@ -7,9 +7,13 @@ import asyncio
 import contextlib
 import dataclasses
 import datetime as dt
+import getpass
 import json
+import os
 import sqlite3
 import sys
+import time
+from pathlib import Path
 
 from agent.config import DEFAULT_CONFIG, complain, shown
 from agent.dicom.objectmeta import pseudonym
@@ -77,8 +81,6 @@ def cmd_index_rebuild(args: argparse.Namespace) -> int:
 
 
 def cmd_index_snapshot(args: argparse.Namespace) -> int:
-    import time
-
     from agent.dicom import snapshot
     cfg = load_config(args.config, console_on_tty=True)
     t0 = time.monotonic()
@@ -96,10 +98,6 @@ def cmd_index_snapshot(args: argparse.Namespace) -> int:
 
 
 def cmd_retention_apply(args: argparse.Namespace) -> int:
-    import getpass
-    import os
-    from pathlib import Path
-
     from agent.audit import AuditLog, Who
     from agent.dicom.reapply import NoObjectLock, apply, plan
     cfg = load_config(args.config, console_on_tty=True)
