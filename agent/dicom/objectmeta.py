@@ -38,8 +38,8 @@ def pseudonym(key: bytes, patient: str) -> str:
     return hmac.new(key, patient.encode("utf-8", "surrogateescape"), hashlib.sha256).hexdigest()[:32]
 
 
-def _valid(value: str | None, pattern: re.Pattern[str], max_len: int = 64) -> str | None:
-    return value if value is not None and len(value) <= max_len and pattern.fullmatch(value) else None
+def _valid(value: object, pattern: re.Pattern[str], max_len: int = 64) -> str | None:
+    return value if isinstance(value, str) and len(value) <= max_len and pattern.fullmatch(value) else None
 
 
 def checked(h: Header) -> Header:
@@ -53,18 +53,16 @@ def checked(h: Header) -> Header:
 
 
 _PSEUDONYM = re.compile(r"[0-9a-f]{32}")
+_ROW_VRS = (_UID, _UID, _UID, _CS, _DA, _PSEUDONYM)  # study, series, sop, modality, study date, patient
 
 
 def checked_row(row: tuple[object, ...]) -> tuple[object, ...] | None:
     """A study-index row (path, size, study, series, sop, modality, study date, patient) read back from the bucket,
     with only the values object_meta writes (anyone may write an object's metadata, or an index object); None
     without a valid study UID (not DICOM as far as the index goes)."""
-    path, size, study, series, sop, modality, date, patient = row
-    text = [v if isinstance(v, str) else None for v in (study, series, sop, modality, date, patient)]
-    if _valid(text[0], _UID) is None:
-        return None
-    return (path, size, text[0], _valid(text[1], _UID), _valid(text[2], _UID), _valid(text[3], _CS),
-            _valid(text[4], _DA), _valid(text[5], _PSEUDONYM))
+    path, size, *values = row
+    study, *rest = (_valid(v, vr) for v, vr in zip(values, _ROW_VRS, strict=True))
+    return None if study is None else (path, size, study, *rest)
 
 
 def object_meta(h: Header, key: bytes | None, retention: str) -> ObjectMeta:
