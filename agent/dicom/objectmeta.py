@@ -31,6 +31,8 @@ _UID = re.compile(r"[0-9]+(\.[0-9]+)*")            # UI: digits and dots, at mos
 _DA = re.compile(r"[0-9]{8}")                      # DA: YYYYMMDD
 _CS = re.compile(r"[A-Z0-9_ ]{1,16}")              # CS: upper case, digits, space, underscore
 _LO = re.compile(r"[^\x00-\x1f\x7f\\]{1,64}")          # LO: no control characters nor backslash, at most 64
+_HEADER_VRS = {"sop_class": _UID, "sop_uid": _UID, "study_uid": _UID, "series_uid": _UID, "study_date": _DA,
+               "modality": _CS, "patient": _LO, "birth_date": _DA}
 
 
 def pseudonym(key: bytes, patient: str) -> str:
@@ -46,10 +48,7 @@ def checked(h: Header) -> Header:
     """h with every value its VR does not allow left out (None), as object_meta leaves them out: for what keeps
     header values beside the bucket (the prior-study table, the planner, the log), which a 60 000-character
     Modality or PatientID would otherwise fill, once per new study."""
-    return replace(h, sop_class=_valid(h.sop_class, _UID), sop_uid=_valid(h.sop_uid, _UID),
-                   study_uid=_valid(h.study_uid, _UID), series_uid=_valid(h.series_uid, _UID),
-                   study_date=_valid(h.study_date, _DA), modality=_valid(h.modality, _CS),
-                   patient=_valid(h.patient, _LO), birth_date=_valid(h.birth_date, _DA))
+    return replace(h, **{name: _valid(getattr(h, name), vr) for name, vr in _HEADER_VRS.items()})
 
 
 _PSEUDONYM = re.compile(r"[0-9a-f]{32}")
