@@ -68,12 +68,10 @@ def object_meta(h: Header, key: bytes | None, retention: str) -> ObjectMeta:
     """The metadata and tags of a DICOM object (header h); nothing for a file that is not DICOM."""
     if not h.dicom:
         return ObjectMeta({}, {})
-    fields = {
-        "study": _valid(h.study_uid, _UID), "series": _valid(h.series_uid, _UID), "sop": _valid(h.sop_uid, _UID),
-        "sop-class": _valid(h.sop_class, _UID), "modality": _valid(h.modality, _CS),
-        "study-date": _valid(h.study_date, _DA), "ts": _valid(h.transfer_syntax, _UID),
-        "patient": pseudonym(key, h.patient) if key and h.patient else None,
-    }
+    c = checked(h)
+    fields = {"study": c.study_uid, "series": c.series_uid, "sop": c.sop_uid, "sop-class": c.sop_class,
+              "modality": c.modality, "study-date": c.study_date, "ts": _valid(h.transfer_syntax, _UID),
+              "patient": pseudonym(key, h.patient) if key and h.patient else None}
     # at most 9 values of at most 64 characters: far below META_LIMIT, whatever the header says
     metadata = {PREFIX + k: v for k, v in fields.items() if v is not None}
     if h.problem:
