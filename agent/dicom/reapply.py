@@ -1,12 +1,7 @@
-"""`pacsgw retention apply`: bring the Object Lock of objects already in the bucket up to today's rules.
-
-A rule change applies by itself to new objects (the uploader asks agent.dicom.retention). For old ones this
-walks the bucket, HEADs every object (its DICOM metadata and its current lock), asks the same decision, and
-only ever extends: a later retain-until, a legal hold switched on. Nothing is shortened, released or deleted,
-and only objects that are in the bucket are looked at (a file not yet uploaded gets the new terms on upload).
-Age rules need the patient's birth date, which never goes to the bucket: it is read from the object's first
-bytes (a ranged GET of at most HEADER_MAX), only when such a rule exists. Every change is written to the
-audit log (op 'retention-extend' / 'legal-hold') with the old and new terms and the rule that asked for it.
+"""`pacsgw retention apply`: bring the Object Lock of objects already in the bucket up to today's rules (a rule
+change applies by itself only to new uploads). It HEADs every object, puts it to the uploader's decision
+(agent.dicom.retention) and only ever extends: a later retain-until, a legal hold switched on; nothing is
+shortened, released or deleted, and every change is audited with the rule that asked for it (README, "Operating").
 """
 
 from __future__ import annotations
