@@ -11,6 +11,9 @@ undisturbed run of its own policy (its evictions and its ghosts), not from the o
 In the real cache both experts leave alone the new studies that the fresh segment holds until their first read
 (agent/policy/fresh.py: its horizon learnt from this box's write → first-read delays), and before either expert
 is asked, the files of studies on probation go (`_Doorkeeper`: a study read on a miss, until its second session).
+The last victim study of a pass gives up only the files the pass needs, its last ones first (`TRIM`,
+agent/policy/eviction.py `trim`): Belady keeps the first files of the study read farthest off, and a whole 1 GB
+study dropped to free a few MB leaves a small cache part empty until the next writes.
 
 The capacity of the shadows is learnt from the eviction calls (the cache's size when it has to shed
 bytes). Memory: four study indexes instead of one (~100 B per cached file and study each). Policies decide,
@@ -66,6 +69,9 @@ HALF_LIFE = 2_000       # studies through the door after which its counts' weigh
 # a prior prefetched for a new study is held like a written study until its first read (docs/replay.md, round 11);
 # bench/gap_share.py --hold-priors overrides
 HOLD_PRIORS = True
+# the last victim study of a pass gives up only the files the pass needs, its last ones first, not the whole study
+# (eviction.trim; docs/replay.md, round 12); bench/gap_share.py --trim overrides
+TRIM = True
 
 
 class _Doorkeeper:
@@ -149,6 +155,9 @@ class Adaptive:
         self.fresh = FreshSegment()
         self.lru = StudyLRU(held=self.fresh.holds)
         self.learned = HitDensity(learn=False, attrs=attrs, held=self.fresh.holds)
+        # the real cache trims its last victim (Belady keeps a study's first files); the shadows judge the experts'
+        # rankings, whole studies as measured
+        self.lru.trim = self.learned.trim = TRIM
         self.model = HitDensity(attrs=attrs)  # the learned shadow's: it ranks and admits for the real cache
         self.shadows = (_Shadow(StudyLRU()), _Shadow(self.model))
         self._meta: dict[Any, tuple[int, float, Any]] = {}    # key → (size, created, study) of cached files
