@@ -60,8 +60,10 @@ def test_each_expert_trims_a_big_study_from_its_end(expert) -> None:
     p.on_insert("small", 1, 1.0, 0.0, "small")
     assert list(p.victims(3, 2.0)) == [("big", 9), ("big", 8), ("big", 7)]     # the files read last
     assert list(p.victims(1, 2.0)) == [("big", 6)]                             # still the victim, still trimmed
+    p.on_access(("big", 0), 700.0)                                              # read: no longer the victim
+    assert list(p.victims(1, 800.0)) == ["small"]
     p.trim = False
-    assert list(p.victims(1, 3.0)) == [("big", i) for i in range(6)]           # whole: the rest of it
+    assert list(p.victims(1, 900.0)) == [("big", i) for i in range(6)]         # whole: the rest of it
 
 
 def no_table() -> tuple:
