@@ -54,7 +54,7 @@ def test_a_big_study_keeps_the_files_read_soonest_where_whole_study_eviction_dro
 @pytest.mark.parametrize("expert", [StudyLRU, HitDensity])
 def test_each_expert_trims_a_big_study_from_its_end(expert) -> None:
     p = expert()
-    p.trim = True
+    p.cut = 0
     for i in range(10):
         p.on_insert(("big", i), 1, 0.0, 0.0, "big")
     p.on_insert("small", 1, 1.0, 0.0, "small")
@@ -62,7 +62,7 @@ def test_each_expert_trims_a_big_study_from_its_end(expert) -> None:
     assert list(p.victims(1, 2.0)) == [("big", 6)]                             # still the victim, still trimmed
     p.on_access(("big", 0), 700.0)                                              # read: no longer the victim
     assert list(p.victims(1, 800.0)) == ["small"]
-    p.trim = False
+    p.cut = None
     assert list(p.victims(1, 900.0)) == [("big", i) for i in range(6)]         # whole: the rest of it
 
 
@@ -72,31 +72,34 @@ def no_table() -> tuple:
 
 @settings(max_examples=60, deadline=None)
 @given(st.lists(st.tuples(st.integers(0, 5), st.integers(1, 4_000), st.booleans()), min_size=1, max_size=80),
-       st.lists(st.integers(1, 20_000), min_size=1, max_size=10), st.booleans())
+       st.lists(st.integers(1, 20_000), min_size=1, max_size=10), st.booleans(), st.sampled_from([0.0, 0.02, 0.5]))
 def test_trimmed_passes_free_just_enough_and_only_clean_cached_files(
-        files: list[tuple[int, int, bool]], needs: list[int], trim: bool) -> None:
+        files: list[tuple[int, int, bool]], needs: list[int], trim: bool, min_cut: float) -> None:
     """The live way in (`sync` of the catalog's clean rows): a file not yet in S3 (`dirty`) is never offered, so
     never a victim; a pass frees what it asks for (or everything), and one that trims stops at the first file that
-    makes it enough."""
-    old = adaptive.TRIM
-    adaptive.TRIM = trim
+    makes it enough (what the pass asks for, or the least a cut frees: `MIN_CUT` of the cache)."""
+    old = adaptive.TRIM, adaptive.MIN_CUT
+    adaptive.TRIM, adaptive.MIN_CUT = trim, min_cut
     try:
         stack = PolicyStack(StackSpec("adaptive"))
         rows = {f"s{s}/{i}": CatalogRow(f"s{s}/{i}", size, 100.0 + i, 0, 0.0, f"s{s}")
                 for i, (s, size, dirty) in enumerate(files) if not dirty}
         dirty = {f"s{s}/{i}" for i, (s, _, d) in enumerate(files) if d}
         stack.sync(rows.values(), 200.0)
+        capacity = 0
         for k, need in enumerate(needs):
             now = 300.0 + k
+            capacity = max(capacity, sum(r.size for r in rows.values()) - need)     # as the policy learns it
             out = list(stack.victims(need, now, no_table))
             assert len(set(out)) == len(out) and set(out) <= set(rows) and not set(out) & dirty
             freed = sum(rows[key].size for key in out)
             assert freed >= need or not set(rows) - set(out)
             last = out[-1] if out else None
             if last is not None and any(r.study == rows[last].study for key, r in rows.items() if key not in out):
-                assert freed - rows[last].size < need          # a study left part cached: not a file too many
+                # a study left part cached: not a file more than the pass or the cut needed
+                assert freed - rows[last].size < max(need, int(min_cut * capacity))
             for key in out:
                 del rows[key]
             stack.sync(rows.values(), now)
     finally:
-        adaptive.TRIM = old
+        adaptive.TRIM, adaptive.MIN_CUT = old

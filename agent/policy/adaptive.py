@@ -72,6 +72,10 @@ HOLD_PRIORS = True
 # the last victim study of a pass gives up only the files the pass needs, its last ones first, not the whole study
 # (eviction.trim; docs/replay.md, round 12); bench/gap_share.py --trim overrides
 TRIM = True
+# a cut frees at least this share of the cache: without it the simulator's passes (just enough for each insert) cut
+# a file or two per insert once the cache is full, each after a new sample of the learned expert (3x the replay's
+# CPU at 1 TB); the live agent's passes free more anyway (its watermarks)
+MIN_CUT = 0.02
 
 
 class _Doorkeeper:
@@ -155,9 +159,6 @@ class Adaptive:
         self.fresh = FreshSegment()
         self.lru = StudyLRU(held=self.fresh.holds)
         self.learned = HitDensity(learn=False, attrs=attrs, held=self.fresh.holds)
-        # the real cache trims its last victim (Belady keeps a study's first files); the shadows judge the experts'
-        # rankings, whole studies as measured
-        self.lru.trim = self.learned.trim = TRIM
         self.model = HitDensity(attrs=attrs)  # the learned shadow's: it ranks and admits for the real cache
         self.shadows = (_Shadow(StudyLRU()), _Shadow(self.model))
         self._meta: dict[Any, tuple[int, float, Any]] = {}    # key → (size, created, study) of cached files
@@ -242,6 +243,9 @@ class Adaptive:
         learned.density, learned.factor, learned.fitted = model.density, model.factor, model.fitted
         chosen, other = (self.learned, self.lru) if self.use_learned else (self.lru, self.learned)
         self.fresh.capacity = self.capacity
+        # the real cache cuts its last victim short (Belady keeps a study's first files); the shadows judge the
+        # experts' rankings with whole studies, as measured
+        self.lru.cut = self.learned.cut = int(MIN_CUT * self.capacity) if TRIM else None
         for study in self.fresh.release(now):
             self.lru.unheld(study)
         freed = 0

@@ -256,7 +256,8 @@ class StudyLRU:
         self.recent = recent_days * DAY
         self.penalty = old_penalty_s
         self.held = held            # a written, unread study kept from eviction (agent/policy/fresh.py)
-        self.trim = False           # the last victim of a pass gives up only the files needed (`trim`)
+        # the last victim of a pass gives up only the files needed, at least this many bytes (`trim`); None: whole
+        self.cut: int | None = None
         self._bytes: dict[int, int] = {}                # study → its cached bytes
         self._fresh: OrderedDict[int, dict[int, int]] = OrderedDict()     # written, not read yet, in write order
         self._young: OrderedDict[int, dict[int, int]] = OrderedDict()
@@ -365,8 +366,8 @@ class StudyLRU:
         freed = 0
         while freed < bytes_to_free and (queue := self._next()) is not None:
             study, files = next(iter(queue.items()))
-            if self.trim and bytes_to_free - freed < self._bytes[study]:
-                for key, size in trim(files, bytes_to_free - freed, self._study_of):
+            if self.cut is not None and max(bytes_to_free - freed, self.cut) < self._bytes[study]:
+                for key, size in trim(files, max(bytes_to_free - freed, self.cut), self._study_of):
                     self._bytes[study] -= size
                     yield key
                 return

@@ -143,7 +143,8 @@ class HitDensity:
                  attrs: Attrs | None = None, held: Callable[[Any], bool] | None = None) -> None:
         self.sample, self.session_s = sample, session_s
         self.held = held            # a written, unread study kept from eviction (agent/policy/fresh.py)
-        self.trim = False           # the last victim of a pass gives up only the files needed (eviction.trim)
+        self.cut: int | None = None  # the last victim of a pass gives up only the files needed, at least this many
+        # bytes (eviction.trim); None: whole studies
         self.byte_weight = BYTE_WEIGHT if byte_weight is None else byte_weight
         self.learn = learn          # False: rank with a density set from outside (adaptive's shadow model)
         self.refit_events, self.decay, self.warm_events = refit_events, decay, warm_events
@@ -357,8 +358,8 @@ class HitDensity:
         while freed < bytes_to_free and self._ids:
             study = self._victim(now)
             s = self._studies[study]
-            if self.trim and bytes_to_free - freed < s.size:
-                for key, size in trim(s.files, bytes_to_free - freed, self._study_of):
+            if self.cut is not None and max(bytes_to_free - freed, self.cut) < s.size:
+                for key, size in trim(s.files, max(bytes_to_free - freed, self.cut), self._study_of):
                     s.size -= size
                     yield key
                 return
