@@ -43,7 +43,15 @@ def main() -> int:
                     help="adaptive.DOORKEEPER: old one-off reads on probation (evicted first) until a second session")
     ap.add_argument("--hold-priors", choices=("on", "off"), default=None,
                     help="adaptive.HOLD_PRIORS: a prefetched prior held like a written study until its first read")
+    ap.add_argument("--trim", choices=("on", "off"), default=None,
+                    help="adaptive.TRIM: the last victim study of a pass gives up only the files needed")
+    ap.add_argument("--min-cut", type=float, default=None,
+                    help="adaptive.MIN_CUT: the least share of the cache a cut frees")
     args = ap.parse_args()
+    if args.min_cut is not None:
+        adaptive.MIN_CUT = args.min_cut
+    if args.trim is not None:
+        adaptive.TRIM = args.trim == "on"
     if args.hold_priors is not None:
         adaptive.HOLD_PRIORS = args.hold_priors == "on"
     if args.doorkeeper is not None:
@@ -80,7 +88,8 @@ def main() -> int:
           f"{','.join(learned.DEFAULT_FACTORS)}, byte weight {learned.BYTE_WEIGHT:g}, "
           f"prior admission {'on' if learned.ADMIT_PRIORS else 'off'}, "
           f"doorkeeper {'on' if adaptive.DOORKEEPER else 'off'}, "
-          f"priors held {'on' if adaptive.HOLD_PRIORS else 'off'})")
+          f"priors held {'on' if adaptive.HOLD_PRIORS else 'off'}, trim {'on' if adaptive.TRIM else 'off'}, "
+          f"min cut {adaptive.MIN_CUT:g})")
     return 0
 
 

@@ -11,6 +11,9 @@ undisturbed run of its own policy (its evictions and its ghosts), not from the o
 In the real cache both experts leave alone the new studies that the fresh segment holds until their first read
 (agent/policy/fresh.py: its horizon learnt from this box's write → first-read delays), and before either expert
 is asked, the files of studies on probation go (`_Doorkeeper`: a study read on a miss, until its second session).
+The last victim study of a pass gives up only the files the pass needs, its last ones first (`TRIM`,
+agent/policy/eviction.py `trim`): Belady keeps the first files of the study read farthest off, and a whole 1 GB
+study dropped to free a few MB leaves a small cache part empty until the next writes.
 
 The capacity of the shadows is learnt from the eviction calls (the cache's size when it has to shed
 bytes). Memory: four study indexes instead of one (~100 B per cached file and study each). Policies decide,
@@ -66,6 +69,13 @@ HALF_LIFE = 2_000       # studies through the door after which its counts' weigh
 # a prior prefetched for a new study is held like a written study until its first read (docs/replay.md, round 11);
 # bench/gap_share.py --hold-priors overrides
 HOLD_PRIORS = True
+# the last victim study of a pass gives up only the files the pass needs, its last ones first, not the whole study
+# (eviction.trim; docs/replay.md, round 12); bench/gap_share.py --trim overrides
+TRIM = True
+# a cut frees at least this share of the cache: without it the simulator's passes (just enough for each insert) cut
+# a file or two per insert once the cache is full, each after a new sample of the learned expert (3x the replay's
+# CPU at 1 TB); the live agent's passes free more anyway (its watermarks)
+MIN_CUT = 0.02
 
 
 class _Doorkeeper:
@@ -233,6 +243,9 @@ class Adaptive:
         learned.density, learned.factor, learned.fitted = model.density, model.factor, model.fitted
         chosen, other = (self.learned, self.lru) if self.use_learned else (self.lru, self.learned)
         self.fresh.capacity = self.capacity
+        # the real cache cuts its last victim short (Belady keeps a study's first files); the shadows judge the
+        # experts' rankings with whole studies, as measured
+        self.lru.cut = self.learned.cut = int(MIN_CUT * self.capacity) if TRIM else None
         for study in self.fresh.release(now):
             self.lru.unheld(study)
         freed = 0

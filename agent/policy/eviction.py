@@ -25,7 +25,8 @@ Policies:
            demoted once they have been read; prefetched files count as used at prefetch time.
   `learned` whole studies by hit density learned online from the traffic (agent/policy/learned.py).
   `adaptive` whole studies by study LRU or the learned hit density, whichever serves the traffic better now
-           (shadow caches; agent/policy/adaptive.py).
+           (shadow caches; agent/policy/adaptive.py); the last victim of a pass gives up only its last files
+           the pass needs (`trim`).
 """
 
 from __future__ import annotations
@@ -64,6 +65,21 @@ def take_until(order: np.ndarray, size: np.ndarray, bytes_to_free: int) -> np.nd
     csum = np.cumsum(size[order])
     cut = int(np.searchsorted(csum, bytes_to_free, side="left")) + 1
     return order[:cut]
+
+
+def trim(files: dict[Any, int], need: int, study_of: dict[Any, Any]) -> list[tuple[Any, int]]:
+    """The files of a victim study to give up to free `need` bytes (less than the study holds), instead of the whole
+    study, taken from its end: a viewer reads a study in series order, so the files read soonest are its first
+    ones, those Belady keeps of the study read farthest off. Drops them from `files` (in insertion order: the
+    written or fetched order) and `study_of`. → (key, size) in eviction order."""
+    out: list[tuple[Any, int]] = []
+    freed = 0
+    while freed < need and files:
+        key, size = files.popitem()
+        study_of.pop(key, None)
+        out.append((key, size))
+        freed += size
+    return out
 
 
 class LRU:
@@ -240,6 +256,9 @@ class StudyLRU:
         self.recent = recent_days * DAY
         self.penalty = old_penalty_s
         self.held = held            # a written, unread study kept from eviction (agent/policy/fresh.py)
+        # the last victim of a pass gives up only the files needed, at least this many bytes (`trim`); None: whole
+        self.cut: int | None = None
+        self._bytes: dict[int, int] = {}                # study → its cached bytes
         self._fresh: OrderedDict[int, dict[int, int]] = OrderedDict()     # written, not read yet, in write order
         self._young: OrderedDict[int, dict[int, int]] = OrderedDict()
         self._old: OrderedDict[int, dict[int, int]] = OrderedDict()
@@ -275,6 +294,7 @@ class StudyLRU:
         if study not in self._last:
             self._created[study] = created
         self._study_of[key] = study
+        self._bytes[study] = self._bytes.get(study, 0) + size
         # without a segment to hold them (`held`), written studies queue with the others, as they always did
         fresh = written and self.held is not None and study not in self._young and study not in self._old
         queue = self._fresh if fresh else self._queue(study)
@@ -321,11 +341,12 @@ class StudyLRU:
         queue = self._queue(study)
         files = queue.get(study)
         if files is not None:
-            files.pop(key, None)
+            self._bytes[study] -= files.pop(key, 0)
             if not files:
                 del queue[study]
                 self._last.pop(study, None)
                 self._created.pop(study, None)
+                self._bytes.pop(study, None)
 
     def _next(self) -> OrderedDict[int, dict[int, int]] | None:
         """The queue whose head goes next: the lowest priority among the heads (a written, unread study by its
@@ -344,9 +365,16 @@ class StudyLRU:
     def victims(self, bytes_to_free: int, now: float) -> Iterator[int]:
         freed = 0
         while freed < bytes_to_free and (queue := self._next()) is not None:
-            study, files = queue.popitem(last=False)
+            study, files = next(iter(queue.items()))
+            if self.cut is not None and max(bytes_to_free - freed, self.cut) < self._bytes[study]:
+                for key, size in trim(files, max(bytes_to_free - freed, self.cut), self._study_of):
+                    self._bytes[study] -= size
+                    yield key
+                return
+            queue.popitem(last=False)
             self._last.pop(study, None)
             self._created.pop(study, None)
+            self._bytes.pop(study, None)
             for key, size in files.items():
                 self._study_of.pop(key, None)
                 freed += size

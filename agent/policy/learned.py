@@ -55,7 +55,7 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from agent.policy.eviction import DAY, FileTable, StudyLRU
+from agent.policy.eviction import DAY, FileTable, StudyLRU, trim
 
 N_AGE = 20                      # log2 buckets of minutes: 1 min .. 2^19 min (~1 year)
 N_READS = 4
@@ -143,6 +143,8 @@ class HitDensity:
                  attrs: Attrs | None = None, held: Callable[[Any], bool] | None = None) -> None:
         self.sample, self.session_s = sample, session_s
         self.held = held            # a written, unread study kept from eviction (agent/policy/fresh.py)
+        self.cut: int | None = None  # the last victim of a pass gives up only the files needed, at least this many
+        # bytes (eviction.trim); None: whole studies
         self.byte_weight = BYTE_WEIGHT if byte_weight is None else byte_weight
         self.learn = learn          # False: rank with a density set from outside (adaptive's shadow model)
         self.refit_events, self.decay, self.warm_events = refit_events, decay, warm_events
@@ -356,6 +358,11 @@ class HitDensity:
         while freed < bytes_to_free and self._ids:
             study = self._victim(now)
             s = self._studies[study]
+            if self.cut is not None and max(bytes_to_free - freed, self.cut) < s.size:
+                for key, size in trim(s.files, max(bytes_to_free - freed, self.cut), self._study_of):
+                    s.size -= size
+                    yield key
+                return
             self._count(self.evictions, s, now)
             self._drop(study)
             self._ghosts[study] = (s.sessions, s.entry, s.last, age_bucket(now - s.last), s.gap, self._buckets(s))

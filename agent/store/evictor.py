@@ -7,7 +7,8 @@ such as `learned` keeps its index and its model from these events), asks it whic
 their cached copies. Only `clean` files (confirmed in S3) are ever offered to the policy, and
 `Catalog.uncache` re-checks the state in the same transaction, so a file that became dirty meanwhile is
 skipped (durability contract, rule 2). A pass never frees more than it was asked to, plus the rest of
-the last study it started (whole studies go, a radiologist waits for all of one).
+the last study it started (whole studies go, a radiologist waits for all of one; the default `adaptive` cuts
+that last study short instead, its last files first: agent/policy/eviction.py `trim`).
 """
 
 from __future__ import annotations
