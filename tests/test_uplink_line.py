@@ -8,6 +8,7 @@ to produce on demand, so this fault (and only it) is injected by the proxy.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 
@@ -349,4 +350,40 @@ def test_a_foreign_object_renamed_away_and_back_before_its_copy_ran_stays_put(ag
     objects = s3_objects(seaweed, a.prefix)
     assert objects["CT/f.dcm"]["sha256"] == sha256(data) and "CT/g.dcm" not in objects
     assert ftp_get(ftp, "CT/f.dcm") == data
+    ftp.quit()
+
+
+def test_writes_the_store_carries_out_after_the_agent_gave_up_leave_no_orphan(agent_factory, seaweed, proxy):
+    """A PUT or server-side copy held by the store past uplink.read_timeout (the proxy holds every PUT: a slow
+    store, which SeaweedFS cannot be made on demand) is given up on and retried; when its file is deleted, renamed
+    away or stored again meanwhile, the key's tombstone (or the newer upload) runs first and the held request lands
+    after it. That left an orphan object (old content under a name the namespace no longer has) or old content
+    over the newer file. The bucket must end as the catalog says."""
+    a = agent_factory(**{"uplink.endpoint_url": proxy.endpoint_url, "uplink.through_timeout": 1,
+                         "uplink.read_timeout": 2}).start()
+    ftp = ftp_login(a)
+    x, y, z, old, new = (payload(s, 20_000 + i) for i, s in enumerate(("x", "y", "z", "old", "new")))
+    assert ftp_put(ftp, "CT/e.dcm", z).startswith("226")
+    a.wait_drained(60)
+    proxy.hold_puts.set()
+    for path, data in (("CT/a.dcm", x), ("CT/b.dcm", y), ("CT/d.dcm", old)):
+        assert ftp_put(ftp, path, data).startswith("226")  # acknowledged after through_timeout: write-back
+    ftp.rename("CT/e.dcm", "CT/f.dcm")  # a server-side copy from e's key, held too
+    wait_for(lambda: proxy.puts_held >= 4 and len(a.events("uplink_failure")) + len(a.events("upload_failed")) >= 1,
+             30, what="the held writes given up on")
+    ftp.delete("CT/a.dcm")  # deleted, renamed away, stored again, deleted after its copy: each key's
+    ftp.rename("CT/b.dcm", "CT/c.dcm")  # tombstone (or newer write) may run before the held request lands
+    assert ftp_put(ftp, "CT/d.dcm", new).startswith("226")
+    ftp.delete("CT/f.dcm")
+    wait_for(lambda: {e.get("path") for e in a.events("deleted")} >= {"CT/a.dcm", "CT/b.dcm", "CT/f.dcm"}, 60,
+             what="the tombstones run while the writes are held")
+    proxy.hold_puts.clear()
+    wait_for(lambda: proxy.puts_held == 0, 30, what="every held write forwarded")
+    a.wait_drained(60)
+    expected = {"CT/c.dcm": sha256(y), "CT/d.dcm": sha256(new)}
+    bucket = lambda: {k: v["sha256"] for k, v in s3_objects(seaweed, a.prefix).items()}  # noqa: E731
+    with contextlib.suppress(TimeoutError):  # the late writes are found by the agent's re-checks
+        wait_for(lambda: bucket() == expected, 60, what="the bucket as the catalog says, no orphan")
+    assert bucket() == expected
+    assert ftp_get(ftp, "CT/c.dcm") == y and ftp_get(ftp, "CT/d.dcm") == new
     ftp.quit()

@@ -3,7 +3,8 @@
 The queue is the catalog itself, so it survives kill -9 and power loss: on start every 'uploading' row
 goes back to 'dirty'. Write-through closes call `transfer` directly (the row was claimed in the same
 transaction that committed it); everything else — write-back, retries, renames, rows left by a crash —
-is picked up by the dispatcher. Deleted and renamed-away keys are removed by the tombstone loop.
+is picked up by the dispatcher. Deleted and renamed-away keys are removed by the tombstone loop, which also
+checks again, for DOUBT_SECONDS, each key a write went to whose outcome the agent did not hear (see _recheck).
 A per-key lock keeps a delete and a put of the same key from overlapping. Transfers take a slot on the
 line (agent.uplink.line) and tell it whether the server answered.
 
@@ -49,6 +50,9 @@ CONFLICTS = ".pacsgw-conflicts"  # where an HA box keeps content it must not wri
 HA_DIR = ".pacsgw-ha"  # the HA pair's own objects (agent.ha), in the namespace's prefix, never followed as files
 PARKED = ".pacsgw-parked"  # an object a waiting rename's copy needs, kept aside while a new file takes its key
 CONFLICT_EXTRA = len(CONFLICTS) + 2 + 16  # what conflict_key adds to a path: the folder, '/', '.', the hash prefix
+# How long after the agent gave up on a write (no answer within read_timeout, or killed) the store may still carry it
+# out: the key is checked that long. A store that holds a request longer can still leave an old object behind.
+DOUBT_SECONDS = 3600.0
 
 
 def conflict_key(path: str, sha256: str | None, prefix: str) -> str:
@@ -73,7 +77,8 @@ class UploadQueue(Protocol):
     async def claim(self, path: str, gen: int) -> bool: ...
     async def mark_clean(self, path: str, gen: int, etag: str | None, version_id: str | None,
                          sha256: str | None, index_row: tuple[object, ...] | None = None) -> bool: ...
-    async def mark_failed(self, path: str, gen: int, error: str, retry_at: float) -> None: ...
+    async def mark_failed(self, path: str, gen: int, error: str, retry_at: float, unsure: bool = False) -> None: ...
+    async def requeue(self, path: str, gen: int) -> bool: ...
     async def drop_copy_source(self, path: str, gen: int) -> None: ...
     async def queue_tombstone(self, key: str) -> None: ...
     async def park_copies(self, key: str, parked: str) -> int: ...
@@ -82,6 +87,8 @@ class UploadQueue(Protocol):
     async def tombstone_pending(self, key: str) -> bool: ...
     async def tombstone_failed(self, key: str, retry_at: float) -> None: ...
     async def tombstone_done(self, key: str) -> None: ...
+    async def due_doubts(self, now: float, limit: int) -> list[tuple[str, int]]: ...
+    async def recheck(self, key: str, next_check: float, forget_before: float) -> Entry | None: ...
     async def adopt_remote(self, path: str, gen: int, size: int | None, etag: str | None) -> str | None: ...
     async def index_dicom(self, rows: list[tuple[object, ...]]) -> None: ...
     async def copy_dicom_row(self, src: str, dst: str) -> None: ...
@@ -166,11 +173,12 @@ class Uploader:
         try:
             result = await self.line.patiently(lambda: self._send(e, body), e.path)
         except asyncio.CancelledError:
-            await asyncio.shield(self.db.mark_failed(e.path, e.gen, "cancelled", time.time()))
+            await asyncio.shield(self.db.mark_failed(e.path, e.gen, "cancelled", time.time(), unsure=True))
             raise
         except Exception as exc:  # every failure is retried from the durable queue
             retry_at = time.time() + backoff(e.attempts)
-            await self.db.mark_failed(e.path, e.gen, f"{error_code(exc)}: {exc}", retry_at)
+            # No answer (or a 5xx, which S3 allows after a write it did): the request may still be carried out.
+            await self.db.mark_failed(e.path, e.gen, f"{error_code(exc)}: {exc}", retry_at, is_unreachable(exc))
             self.metrics.uploads.labels("error").inc()
             if is_unreachable(exc):
                 self.line.failed(exc)
@@ -385,5 +393,28 @@ class Uploader:
                         continue
                     await self.db.tombstone_done(key)
                     log.info("deleted", path=key)
+            await self._recheck()
             if not keys:
                 await asyncio.sleep(1.0)
+
+    async def _recheck(self) -> None:
+        """Keys the store may still write to (a request the agent gave up on): such a late write lands after the
+        key's tombstone ran (an orphan object) or over a newer file (its old content). Checked again and again,
+        less often each time (up to read_timeout apart): a key no file has gets a tombstone again, a clean file
+        whose object holds other content is uploaded again. Never a file's key deleted: see Uploads.recheck."""
+        now = time.time()
+        for key, checks in await self.db.due_doubts(now, 100):
+            async with self.key_lock(key):
+                e = await self.db.recheck(key, now + backoff(checks, cap=self.s3.cfg.read_timeout), now - DOUBT_SECONDS)
+                if e is None or e.is_dir or e.state != "clean":
+                    continue  # a file still to be uploaded writes its key again after any late write seen so far
+                try:
+                    found = meta_sha((await self.s3.head(key) or {}).get("Metadata"))
+                except Exception as exc:  # checked again next time
+                    log.warning("recheck_failed", path=key, error=error_code(exc))
+                    continue
+                if found != e.sha256:
+                    requeued = await self.db.requeue(e.path, e.gen)
+                    log.error("late_write_found", path=key, found=found, requeued=requeued,
+                              reason="a write the agent gave up on landed over a newer file")
+                    self.wake()

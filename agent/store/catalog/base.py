@@ -148,6 +148,11 @@ class CatalogBase:
         """Upsert study-index rows inside the caller's transaction (Studies.index_dicom, Uploads.mark_clean)."""
         self.db.executemany("INSERT OR REPLACE INTO dicom_objects VALUES (?, ?, ?, ?, ?, ?, ?, ?)", rows)
 
+    def _doubt(self, key: str) -> None:
+        """A write to key may still land, its outcome unknown (inside the caller's transaction): Uploads.recheck."""
+        now = time.time()
+        self.db.execute("INSERT OR REPLACE INTO doubts (key, since, next_check) VALUES (?, ?, ?)", (key, now, now))
+
     def _exists(self, sql: str, args: Sequence[object]) -> bool:
         return self.db.execute(sql, args).fetchone() is not None
 
