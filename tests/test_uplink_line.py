@@ -387,3 +387,26 @@ def test_writes_the_store_carries_out_after_the_agent_gave_up_leave_no_orphan(ag
     assert bucket() == expected
     assert ftp_get(ftp, "CT/c.dcm") == y and ftp_get(ftp, "CT/d.dcm") == new
     ftp.quit()
+
+
+def test_a_delete_the_store_carries_out_after_a_new_file_took_the_key_loses_nothing(agent_factory, seaweed, proxy):
+    """A deleted file's DELETE held by the store past uplink.read_timeout (the proxy holds it: a slow store) is
+    given up on; a new file stored under the name is uploaded, and then the held DELETE lands: the new file's
+    object was gone while the catalog had it clean (and, once evicted, nowhere). It must be uploaded again."""
+    a = agent_factory(**{"uplink.endpoint_url": proxy.endpoint_url, "uplink.read_timeout": 2}).start()
+    ftp = ftp_login(a)
+    old, new = payload("old", 20_000), payload("new", 21_000)
+    assert ftp_put(ftp, "CT/a.dcm", old).startswith("226")
+    proxy.hold_deletes.set()
+    ftp.delete("CT/a.dcm")
+    wait_for(lambda: proxy.deletes_held >= 1 and a.events("uplink_failure"), 30, what="the DELETE given up on")
+    assert ftp_put(ftp, "CT/a.dcm", new).startswith("226")
+    a.wait_drained(60)
+    proxy.hold_deletes.clear()
+    wait_for(lambda: proxy.deletes_held == 0, 30, what="the held DELETEs forwarded")
+    with contextlib.suppress(TimeoutError):  # the late DELETE is found by the agent's re-checks
+        wait_for(lambda: s3_objects(seaweed, a.prefix).get("CT/a.dcm", {}).get("sha256") == sha256(new), 30,
+                 what="the new file in S3 again")
+    assert {k: v["sha256"] for k, v in s3_objects(seaweed, a.prefix).items()} == {"CT/a.dcm": sha256(new)}
+    assert a.events("late_write_found")
+    ftp.quit()

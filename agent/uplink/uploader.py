@@ -85,7 +85,7 @@ class UploadQueue(Protocol):
     async def copies_read(self, key: str) -> bool: ...
     async def due_tombstones(self, now: float, limit: int) -> list[str]: ...
     async def tombstone_pending(self, key: str) -> bool: ...
-    async def tombstone_failed(self, key: str, retry_at: float) -> None: ...
+    async def tombstone_failed(self, key: str, retry_at: float, unsure: bool = False) -> None: ...
     async def tombstone_done(self, key: str) -> None: ...
     async def due_doubts(self, now: float, limit: int) -> list[tuple[str, int]]: ...
     async def recheck(self, key: str, next_check: float, forget_before: float) -> Entry | None: ...
@@ -385,7 +385,8 @@ class Uploader:
                     try:
                         await self.line.patiently(functools.partial(self.s3.delete, key), key)
                     except Exception as exc:  # retried from the durable tombstone table
-                        await self.db.tombstone_failed(key, time.time() + backoff(1))
+                        # No answer: the DELETE may still land, after a new file took the key (see _recheck).
+                        await self.db.tombstone_failed(key, time.time() + backoff(1), is_unreachable(exc))
                         if is_unreachable(exc):
                             self.line.failed(exc)
                             break
@@ -399,9 +400,10 @@ class Uploader:
 
     async def _recheck(self) -> None:
         """Keys the store may still write to (a request the agent gave up on): such a late write lands after the
-        key's tombstone ran (an orphan object) or over a newer file (its old content). Checked again and again,
-        less often each time (up to read_timeout apart): a key no file has gets a tombstone again, a clean file
-        whose object holds other content is uploaded again. Never a file's key deleted: see Uploads.recheck."""
+        key's tombstone ran (an orphan object) or over a newer file (its old content), a late DELETE after a newer
+        file's upload. Checked again and again, less often each time (up to read_timeout apart): a key no file has
+        gets a tombstone again, a clean file whose object is missing or holds other content is uploaded again.
+        Never a file's key deleted: see Uploads.recheck."""
         now = time.time()
         for key, checks in await self.db.due_doubts(now, 100):
             async with self.key_lock(key):
@@ -416,5 +418,5 @@ class Uploader:
                 if found != e.sha256:
                     requeued = await self.db.requeue(e.path, e.gen)
                     log.error("late_write_found", path=key, found=found, requeued=requeued,
-                              reason="a write the agent gave up on landed over a newer file")
+                              reason="a write or delete the agent gave up on landed after a newer file")
                     self.wake()

@@ -3,9 +3,9 @@
 File states: dirty (content on the SSD only) → uploading (claimed by an upload) → clean (confirmed in S3).
 `gen` increases on every content or name change, so an upload that finishes after the file changed cannot
 mark the new content clean. A tombstone is deleted from S3 only once no pending copy still reads its key.
-A doubt is a key a write went to with no outcome heard (its request timed out, or the agent was killed while it
-was on the wire): the store may carry it out later, after the key's tombstone ran or a newer file was stored, so
-the key is checked again for a while (Uploader._recheck).
+A doubt is a key a write (or a DELETE) went to with no outcome heard (its request timed out, or the agent was
+killed while it was on the wire): the store may carry it out later, after the key's tombstone ran or a newer file
+was stored, so the key is checked again for a while (Uploader._recheck).
 """
 
 from __future__ import annotations
@@ -97,9 +97,13 @@ class Uploads(CatalogBase):
             self.db.execute("DELETE FROM dicom_objects WHERE path = ?", (key,))  # the object is gone
             self.db.execute("DELETE FROM dicom_unshipped WHERE path = ?", (key,))
 
-    def tombstone_failed(self, key: str, retry_at: float) -> None:
-        self._write("UPDATE tombstones SET attempts = attempts + 1, next_attempt = ? WHERE key = ?", (retry_at, key),
-                    durable=False)
+    def tombstone_failed(self, key: str, retry_at: float, unsure: bool = False) -> None:
+        """The DELETE failed; unsure: with no answer, so it may still land, after a new file took the key (a doubt)."""
+        with self._tx(durable=False):
+            self.db.execute("UPDATE tombstones SET attempts = attempts + 1, next_attempt = ? WHERE key = ?",
+                            (retry_at, key))
+            if unsure:
+                self._doubt(key)
 
     def tombstone_pending(self, key: str) -> bool:
         """key is still to be deleted, and no pending copy reads from it (checked again under the key's lock)."""
