@@ -410,3 +410,32 @@ def test_a_delete_the_store_carries_out_after_a_new_file_took_the_key_loses_noth
     assert {k: v["sha256"] for k, v in s3_objects(seaweed, a.prefix).items()} == {"CT/a.dcm": sha256(new)}
     assert a.events("late_write_found")
     ftp.quit()
+
+
+def test_a_read_from_an_old_key_a_new_file_took_meanwhile_reads_the_parked_object(agent_factory, seaweed, proxy):
+    """A renamed evicted file (x → c, its copy failing: c reads from x's key) is read; its GET reaches the store
+    (the proxy holds it: a slow store) only after a new file was stored under x (x's old object parked first).
+    The GET got the new file's bytes, failed its checksum after streaming them, and the client saw an error
+    after a partial transfer. It must read the parked object."""
+    a = agent_factory(**{"uplink.endpoint_url": proxy.endpoint_url, "uplink.through_timeout": 1}).start()
+    ftp = ftp_login(a)
+    old, new = payload("old", 300_000), payload("new", 310_000)
+    store_evicted(a, ftp, {"CT/x.dcm": old})
+    proxy.fail_copies_into = "CT/c.dcm"  # c's copy waits: c reads from x's key
+    ftp.rename("CT/x.dcm", "CT/c.dcm")
+    proxy.hold_gets.set()
+    got: list[bytes | Exception] = []
+    reader = threading.Thread(target=lambda: got.append(_get_or_error(a, "CT/c.dcm")))
+    reader.start()
+    wait_for(lambda: proxy.gets_held == 1, 30, what="c's GET from x's key on the wire")
+    assert ftp_put(ftp, "CT/x.dcm", new).startswith("226")
+    wait_for(lambda: s3_objects(seaweed, a.prefix).get("CT/x.dcm", {}).get("sha256") == sha256(new), 30,
+             what="the new x in S3, x's old object parked")
+    proxy.hold_gets.clear()
+    reader.join(60)
+    assert [g if isinstance(g, Exception) else sha256(g) for g in got] == [sha256(old)]
+    proxy.fail_copies_into = ""
+    a.wait_drained(60)
+    assert {k: v["sha256"] for k, v in s3_objects(seaweed, a.prefix).items() if not k.startswith(".pacsgw")} == {
+        "CT/c.dcm": sha256(old), "CT/x.dcm": sha256(new)}
+    ftp.quit()
