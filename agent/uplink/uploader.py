@@ -25,7 +25,7 @@ import hashlib
 import os
 import time
 import weakref
-from typing import Awaitable, Callable, Protocol
+from typing import Any, Awaitable, Callable, Protocol
 
 import structlog
 
@@ -88,7 +88,7 @@ class UploadQueue(Protocol):
     async def tombstone_failed(self, key: str, retry_at: float, unsure: bool = False) -> None: ...
     async def tombstone_done(self, key: str) -> None: ...
     async def due_doubts(self, now: float, limit: int) -> list[tuple[str, int]]: ...
-    async def recheck(self, key: str, next_check: float, forget_before: float) -> Entry | None: ...
+    async def recheck(self, key: str, found: bool, next_check: float, forget_before: float) -> Entry | None: ...
     async def adopt_remote(self, path: str, gen: int, size: int | None, etag: str | None) -> str | None: ...
     async def index_dicom(self, rows: list[tuple[object, ...]]) -> None: ...
     async def copy_dicom_row(self, src: str, dst: str) -> None: ...
@@ -402,20 +402,21 @@ class Uploader:
         """Keys the store may still write to (a request the agent gave up on): such a late write lands after the
         key's tombstone ran (an orphan object) or over a newer file (its old content), a late DELETE after a newer
         file's upload. Checked again and again, less often each time (up to read_timeout apart): a key no file has
-        gets a tombstone again, a clean file whose object is missing or holds other content is uploaded again.
-        Never a file's key deleted: see Uploads.recheck."""
+        holding an object gets a tombstone again, a clean file whose object is missing or holds other content is
+        uploaded again. Never a file's key deleted: see Uploads.recheck."""
         now = time.time()
         for key, checks in await self.db.due_doubts(now, 100):
             async with self.key_lock(key):
-                e = await self.db.recheck(key, now + backoff(checks, cap=self.s3.cfg.read_timeout), now - DOUBT_SECONDS)
-                if e is None or e.is_dir or e.state != "clean":
-                    continue  # a file still to be uploaded writes its key again after any late write seen so far
                 try:
-                    found = meta_sha((await self.s3.head(key) or {}).get("Metadata"))
+                    head: dict[str, Any] | None | Exception = await self.s3.head(key)
                 except Exception as exc:  # checked again next time
                     log.warning("recheck_failed", path=key, error=error_code(exc))
-                    continue
-                if found != e.sha256:
+                    head = exc
+                later = now + backoff(checks, cap=self.s3.cfg.read_timeout)
+                e = await self.db.recheck(key, isinstance(head, dict), later, now - DOUBT_SECONDS)
+                if isinstance(head, Exception) or e is None or e.is_dir or e.state != "clean":
+                    continue  # a file still to be uploaded writes its key again after any late write seen so far
+                if (found := meta_sha((head or {}).get("Metadata"))) != e.sha256:
                     requeued = await self.db.requeue(e.path, e.gen)
                     log.error("late_write_found", path=key, found=found, requeued=requeued,
                               reason="a write or delete the agent gave up on landed after a newer file")
