@@ -74,10 +74,12 @@ class Uploads(CatalogBase):
         self._write("UPDATE entries SET copy_from = NULL WHERE path = ? AND gen = ?", (path, gen), durable=False)
 
     def reset_uploading(self) -> int:
-        """After a crash or restart, unfinished uploads start again; each may have been on the wire (a doubt)."""
+        """After a crash or restart, unfinished uploads start again. Each of them, and each DELETE sent for a
+        tombstone still pending, may have been on the wire: a doubt."""
         with self._tx():
-            for (path,) in self.db.execute("SELECT path FROM entries WHERE state = 'uploading'").fetchall():
-                self._doubt(path)
+            for (key,) in self.db.execute("SELECT path FROM entries WHERE state = 'uploading' UNION "
+                                          "SELECT key FROM tombstones WHERE attempts > 0").fetchall():
+                self._doubt(key)
             return int(self.db.execute("UPDATE entries SET state = 'dirty', next_attempt = 0 "
                                        "WHERE state = 'uploading'").rowcount)
 
@@ -97,11 +99,14 @@ class Uploads(CatalogBase):
             self.db.execute("DELETE FROM dicom_objects WHERE path = ?", (key,))  # the object is gone
             self.db.execute("DELETE FROM dicom_unshipped WHERE path = ?", (key,))
 
+    def tombstone_sending(self, key: str) -> None:
+        """key's DELETE is about to be sent: counted first, so that after a kill -9 it is known it may have been."""
+        self._write("UPDATE tombstones SET attempts = attempts + 1 WHERE key = ?", (key,), durable=False)
+
     def tombstone_failed(self, key: str, retry_at: float, unsure: bool = False) -> None:
         """The DELETE failed; unsure: with no answer, so it may still land, after a new file took the key (a doubt)."""
         with self._tx(durable=False):
-            self.db.execute("UPDATE tombstones SET attempts = attempts + 1, next_attempt = ? WHERE key = ?",
-                            (retry_at, key))
+            self.db.execute("UPDATE tombstones SET next_attempt = ? WHERE key = ?", (retry_at, key))
             if unsure:
                 self._doubt(key)
 
