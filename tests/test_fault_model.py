@@ -5,9 +5,9 @@ ran at once from a cached file: the losses fixed in 54722aa (a renamed evicted f
 before its copy ran; a renamed evicted file read before its copy ran; a file renamed again while its copy was on the
 wire) were out of its reach. This one adds, over FTP against a live agent: evicting files from the cache (the
 admin path `pacsgw evict` uses), S3 faults injected by tests/s3fault.py (the only injection: PUTs and copies held
-on the wire for a few steps, or past the agent's read timeout, then released; the next N copies, PUTs or GETs
-answered 500; the whole store answering 500 for a few steps, an outage), reads right after renames, and kill -9 of
-the agent, with the held requests still on the wire.
+on the wire for a few steps, or, with DELETEs, past the agent's read timeout, then released; the next N copies,
+PUTs or GETs answered 500; the whole store answering 500 for a few steps, an outage), reads right after renames,
+and kill -9 of the agent, with the held requests still on the wire.
 
 Invariants: a read answers the model's bytes; it may fail (451) only while a fault is active (or the line it called
 down is not up again yet); every acknowledged change survives a kill; after the faults end and the queue drains,
@@ -107,16 +107,18 @@ class Run:
     @property
     def faulty(self) -> bool:
         p = self.proxy
-        return bool(p.fail_all or p.hold_puts.is_set() or p.fail_gets or p.fail_puts or p.fail_copies)
+        return bool(p.fail_all or p.hold_puts.is_set() or p.hold_deletes.is_set() or p.fail_gets or p.fail_puts
+                    or p.fail_copies)
 
     def release(self) -> None:
         """End every fault; wait until the line is up again (reads of evicted files need it)."""
         p = self.proxy
         p.fail_all, p.fail_puts, p.fail_gets, p.fail_copies = False, 0, 0, 0
         p.hold_puts.clear()
+        p.hold_deletes.clear()
         self.release_at, self.release_after = 0, 0.0
         self.note("faults released")
-        wait_for(lambda: p.puts_held == 0, 60, what="the held requests forwarded")
+        wait_for(lambda: p.puts_held == p.deletes_held == 0, 60, what="the held requests forwarded")
         wait_for(lambda: self.agent.health()["uplink"]["reachable"], 60, what="line up after the faults")
 
     def check_bucket(self) -> None:
@@ -311,14 +313,16 @@ def machine_for(run: Run):
 
         @rule(kind=st.sampled_from(["hold", "long hold", "outage"]), steps=st.integers(1, 6))
         def line_fault(self, kind: str, steps: int) -> None:
-            """PUTs and copies held on the wire (a long hold: past the agent's read timeout too), or every request
-            failing, for a few steps."""
+            """PUTs and copies held on the wire (a long hold: DELETEs too, past the agent's read timeout), or every
+            request failing, for a few steps."""
             if run.release_at:
                 return
             run.note(f"{kind} for {steps} steps")
             if kind != "outage":
                 run.proxy.hold_puts.set()
-                run.release_after = time.monotonic() + (READ_TIMEOUT + 1 if kind == "long hold" else 0)
+                if kind == "long hold":
+                    run.proxy.hold_deletes.set()
+                    run.release_after = time.monotonic() + READ_TIMEOUT + 1
             else:
                 run.proxy.fail_all = True
             run.release_at = run.steps + steps
