@@ -416,6 +416,9 @@ class Uploader:
                     head = exc
                 later = now + backoff(checks, cap=self.s3.cfg.read_timeout)
                 e = await self.db.recheck(key, isinstance(head, dict), later, now - DOUBT_SECONDS)
+                if isinstance(head, Exception) and is_unreachable(head):
+                    self.line.failed(head)
+                    break  # the others wait for the line, not a timeout each
                 if isinstance(head, Exception) or e is None or e.is_dir or e.state != "clean":
                     continue  # a file still to be uploaded writes its key again after any late write seen so far
                 if (found := meta_sha((head or {}).get("Metadata"))) != e.sha256:
