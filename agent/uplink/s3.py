@@ -130,6 +130,14 @@ def is_unreachable(exc: BaseException) -> bool:
     return isinstance(exc, BotoCoreError) and "connect" in str(exc).lower()
 
 
+def outcome_unknown(exc: BaseException) -> bool:
+    """A request that failed so may still be carried out by the server: no answer (a timeout, a connection lost
+    on the wire) or a 5xx (S3 allows one after a write it did); not a connection that was never made."""
+    cause = getattr(exc, "kwargs", {}).get("error")  # what a botocore connection error wraps
+    return is_unreachable(exc) and not any(isinstance(e, (ConnectTimeoutError, aiohttp.ClientConnectorError))
+                                           for e in (exc, cause))
+
+
 def error_code(exc: BaseException) -> str:
     if isinstance(exc, ClientError):
         return str(exc.response.get("Error", {}).get("Code", "ClientError"))

@@ -39,6 +39,7 @@ from agent.uplink.s3 import (
     error_code,
     is_unreachable,
     meta_sha,
+    outcome_unknown,
     precondition_failed,
     read_verified,
 )
@@ -178,8 +179,7 @@ class Uploader:
             raise
         except Exception as exc:  # every failure is retried from the durable queue
             retry_at = time.time() + backoff(e.attempts)
-            # No answer (or a 5xx, which S3 allows after a write it did): the request may still be carried out.
-            await self.db.mark_failed(e.path, e.gen, f"{error_code(exc)}: {exc}", retry_at, is_unreachable(exc))
+            await self.db.mark_failed(e.path, e.gen, f"{error_code(exc)}: {exc}", retry_at, outcome_unknown(exc))
             self.metrics.uploads.labels("error").inc()
             if is_unreachable(exc):
                 self.line.failed(exc)
@@ -387,8 +387,8 @@ class Uploader:
                     try:
                         await self.line.patiently(functools.partial(self.s3.delete, key), key)
                     except Exception as exc:  # retried from the durable tombstone table
-                        # No answer: the DELETE may still land, after a new file took the key (see _recheck).
-                        await self.db.tombstone_failed(key, time.time() + backoff(1), is_unreachable(exc))
+                        # The DELETE may still land, after a new file took the key (see _recheck).
+                        await self.db.tombstone_failed(key, time.time() + backoff(1), outcome_unknown(exc))
                         if is_unreachable(exc):
                             self.line.failed(exc)
                             break
