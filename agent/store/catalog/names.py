@@ -150,7 +150,7 @@ class Namespace(CatalogBase):
         """e's row is gone or holds newer content: an upload of it on the wire now may land after the key's
         tombstone or the newer upload, even after a kill -9 (when nothing else remembers it was sent)."""
         if e.state == "uploading":
-            self._doubt(e.path)
+            self._doubt(e.path, e.sha256)
 
     def delete(self, path: str) -> str | None:
         """Remove a file; its object becomes a tombstone. → the blob to delete, if cached."""

@@ -82,7 +82,8 @@ CREATE TABLE IF NOT EXISTS doubts (
     key        TEXT PRIMARY KEY,
     since      REAL NOT NULL,
     next_check REAL NOT NULL,
-    checks     INTEGER NOT NULL DEFAULT 0
+    checks     INTEGER NOT NULL DEFAULT 0,
+    sha256     TEXT  -- the content the write in doubt carries; NULL: a DELETE, a parked copy, or writes of several
 ) WITHOUT ROWID;
 
 -- Reads per directory (the first [prefetch] dir_depth levels, e.g. CT/2026-11-23) per local day: the history

@@ -60,7 +60,8 @@ class Uploads(CatalogBase):
                             "last_error = ? WHERE path = ? AND gen = ? AND state = 'uploading'",
                             (retry_at, error[:500], path, gen))
             if unsure:
-                self._doubt(path)
+                row = self.db.execute("SELECT sha256 FROM entries WHERE path = ? AND gen = ?", (path, gen)).fetchone()
+                self._doubt(path, row[0] if row else None)
 
     def requeue(self, path: str, gen: int) -> bool:
         """The object is missing or wrong in S3 but the cache holds verified content: upload it again."""
@@ -77,9 +78,9 @@ class Uploads(CatalogBase):
         """After a crash or restart, unfinished uploads start again. Each of them, and each DELETE sent for a
         tombstone still pending, may have been on the wire: a doubt."""
         with self._tx():
-            for (key,) in self.db.execute("SELECT path FROM entries WHERE state = 'uploading' UNION "
-                                          "SELECT key FROM tombstones WHERE attempts > 0").fetchall():
-                self._doubt(key)
+            for key, sha in self.db.execute("SELECT path, sha256 FROM entries WHERE state = 'uploading' UNION ALL "
+                                            "SELECT key, NULL FROM tombstones WHERE attempts > 0").fetchall():
+                self._doubt(key, sha)
             return int(self.db.execute("UPDATE entries SET state = 'dirty', next_attempt = 0 "
                                        "WHERE state = 'uploading'").rowcount)
 
