@@ -34,6 +34,10 @@ class FaultProxy:
         self.injected: list[str] = []
         self.hold_puts = threading.Event()  # set: PUTs wait (forwarded once it is cleared) …
         self.puts_held = 0  # … and this many are waiting
+        self.hold_deletes = threading.Event()  # set: DELETEs wait (forwarded once it is cleared) …
+        self.deletes_held = 0  # … and this many are waiting
+        self.hold_gets = threading.Event()  # set: GETs (listings too) wait (forwarded once it is cleared) …
+        self.gets_held = 0  # … and this many are waiting
         self.hold_replies_to = ""  # set: a request whose path contains it is forwarded, its answer held until cleared
         self.hold_replies_method = ""  # set: only requests of this method (GET, PUT, …) have their answers held
         self.replies_held = 0  # … and this many answers are waiting
@@ -94,11 +98,13 @@ class FaultProxy:
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         body = await request.read()
-        if request.method == "PUT" and self.hold_puts.is_set():
-            self.puts_held += 1
-            while self.hold_puts.is_set():
+        hold, count = {"PUT": (self.hold_puts, "puts_held"), "DELETE": (self.hold_deletes, "deletes_held"),
+                       "GET": (self.hold_gets, "gets_held")}.get(request.method, (None, ""))
+        if hold is not None and hold.is_set():
+            setattr(self, count, getattr(self, count) + 1)
+            while hold.is_set():
                 await asyncio.sleep(0.05)
-            self.puts_held -= 1
+            setattr(self, count, getattr(self, count) - 1)
         if self._inject(request):
             self.injected.append(f"{request.method} {request.path_qs}")
             return web.Response(status=500, body=ERROR_BODY, content_type="application/xml")

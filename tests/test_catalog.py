@@ -164,6 +164,46 @@ def test_merge_listing_keeps_local_state(cat):
     assert cat.get("CT/2025").is_dir and cat.get("CT").listed
 
 
+def test_a_write_with_no_outcome_heard_is_a_doubt_until_checked_long_enough(cat):
+    """A file deleted while its upload is on the wire: the store may still carry that PUT out after the tombstone
+    ran. Its key is a doubt (durable), which a listing does not adopt as a file, and each check queues the key's
+    tombstone again while no file has it, never once a file is stored there; a clean file's cached copy stays
+    while its key is in doubt (it uploads the file again over a late write)."""
+    write(cat, "CT/a.dcm", claim=True)
+    cat.delete("CT/a.dcm")
+    cat.tombstone_done("CT/a.dcm")
+    now = time.time()
+    assert [k for k, _ in cat.due_doubts(now + 1, 10)] == ["CT/a.dcm"]
+    cat.merge_listing("CT", [RemoteObject("a.dcm", 10, now, "late")], [])
+    assert cat.get("CT/a.dcm") is None, "the late object was taken for a file"
+    assert cat.recheck("CT/a.dcm", False, now + 2, now - 3600) is None and cat.due_tombstones(now + 1, 10) == []
+    assert cat.recheck("CT/a.dcm", True, now + 5, now - 3600) is None  # the late object found: deleted again
+    assert cat.due_tombstones(now + 1, 10) == ["CT/a.dcm"]
+    assert cat.due_doubts(now + 1, 10) == [] and cat.due_doubts(now + 6, 10) == [("CT/a.dcm", 2)]
+    gen, _ = cat.commit_write("CT/a.dcm", "blob-new", 10, "cd" * 32, now, claim=True)
+    cat.mark_clean("CT/a.dcm", gen, "e", None, "cd" * 32)
+    assert cat.recheck("CT/a.dcm", True, now + 10, now - 3600).gen == gen and cat.due_tombstones(now + 1, 10) == []
+    assert cat.uncache("CT/a.dcm", gen) is None, "evicted while a late write of other content may still land over it"
+    cat.recheck("CT/a.dcm", True, now + 20, now + 1)  # its write is older than the horizon: forgotten
+    assert cat.due_doubts(now + 100, 10) == [] and cat.uncache("CT/a.dcm", gen) == "blob-new"
+
+
+def test_a_doubt_of_the_files_own_content_does_not_keep_its_cached_copy(cat):
+    """A retried upload of the same content landing late is harmless: the copy may go (a slow store makes many
+    such doubts, and an hour of copies that cannot be evicted could fill the disk). Writes in doubt of two contents
+    are one doubt of unknown content."""
+    gen = write(cat, "CT/a.dcm", claim=True)
+    cat.mark_failed("CT/a.dcm", gen, "ReadTimeoutError", 0.0, unsure=True)
+    cat.claim("CT/a.dcm", gen)
+    cat.mark_clean("CT/a.dcm", gen, "e", None, "ab" * 32)
+    assert cat.uncache("CT/a.dcm", gen) is not None
+    gen, _ = cat.commit_write("CT/a.dcm", "blob-2", 10, "cd" * 32, time.time(), claim=True)
+    cat.mark_failed("CT/a.dcm", gen, "ReadTimeoutError", 0.0, unsure=True)
+    cat.claim("CT/a.dcm", gen)
+    cat.mark_clean("CT/a.dcm", gen, "e2", None, "cd" * 32)
+    assert cat.uncache("CT/a.dcm", gen) is None, "the first write, of other content, may still land"
+
+
 def test_totals_match_a_full_count(cat):
     for i in range(50):
         gen = write(cat, f"d{i % 5}/f{i}", size=i)

@@ -5,18 +5,17 @@ ran at once from a cached file: the losses fixed in 54722aa (a renamed evicted f
 before its copy ran; a renamed evicted file read before its copy ran; a file renamed again while its copy was on the
 wire) were out of its reach. This one adds, over FTP against a live agent: evicting files from the cache (the
 admin path `pacsgw evict` uses), S3 faults injected by tests/s3fault.py (the only injection: PUTs and copies held
-on the wire for a few steps then released; the next N copies, PUTs or GETs answered 500; the whole store
-answering 500 for a few steps, an outage), reads right after renames, and kill -9 of the agent.
+on the wire for a few steps, or, with DELETEs, past the agent's read timeout, then released; the next N copies,
+PUTs or GETs answered 500; the whole store answering 500 for a few steps, an outage), reads right after renames,
+and kill -9 of the agent, with the held requests still on the wire.
 
 Invariants: a read answers the model's bytes; it may fail (451) only while a fault is active (or the line it called
 down is not up again yet); every acknowledged change survives a kill; after the faults end and the queue drains,
 the bucket holds exactly the model's files (no parked copy left behind).
 
-Not modelled (a known gap, stated in the README): a request the agent gave up on (its read timeout passed, or the
-agent was killed) that the store carries out later. A held PUT or copy released after that lands after the
-agent moved on, and when its file was renamed or deleted meanwhile the object stays under a name the namespace no
-longer has (an orphan object, nothing lost). Holds therefore end before the agent's read timeout (set far above
-a hold's few steps here) and before a kill.
+A held PUT or copy the agent gave up on (its read timeout passed, or the agent was killed) lands when the hold
+ends, maybe after its file was deleted, renamed or stored again: the agent's re-checks of such keys (agent/uplink/
+uploader.py, Uploader._recheck) must leave the bucket as the model says all the same.
 
 Bounded: PACSGW_FAULT_MODEL_STEPS steps (default DEFAULT_STEPS, about a minute on a 2-core box) in examples of
 STEPS_PER_EXAMPLE; PACSGW_FAULT_MODEL_KILLS kills; the kill points from PACSGW_MODEL_SEED (printed).
@@ -24,6 +23,7 @@ STEPS_PER_EXAMPLE; PACSGW_FAULT_MODEL_KILLS kills; the kill points from PACSGW_M
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import os
@@ -47,6 +47,7 @@ DEFAULT_STEPS = 500
 STEPS = int(os.environ.get("PACSGW_FAULT_MODEL_STEPS", str(DEFAULT_STEPS)))
 KILLS = int(os.environ.get("PACSGW_FAULT_MODEL_KILLS", "1"))
 STEPS_PER_EXAMPLE = 40
+READ_TIMEOUT = 3  # [uplink] read_timeout: a long hold outlasts it
 DIRS = ["A", "B"]
 FILES = ["a", "b", "c"]
 _examples = itertools.count()
@@ -87,6 +88,7 @@ class Run:
     killed: int = 0
     models: dict[str, Model] = field(default_factory=dict)
     release_at: int = 0  # the step at which a held line or an outage ends (0: none)
+    release_after: float = 0.0  # … and the time (monotonic) before which it does not: a long hold
     faults: int = 0
     journal: list[str] = field(default_factory=list)  # the steps so far (shrinking cannot replay a live agent)
 
@@ -105,24 +107,36 @@ class Run:
     @property
     def faulty(self) -> bool:
         p = self.proxy
-        return bool(p.fail_all or p.hold_puts.is_set() or p.fail_gets or p.fail_puts or p.fail_copies)
+        return bool(p.fail_all or p.hold_puts.is_set() or p.hold_deletes.is_set() or p.fail_gets or p.fail_puts
+                    or p.fail_copies)
 
     def release(self) -> None:
         """End every fault; wait until the line is up again (reads of evicted files need it)."""
         p = self.proxy
         p.fail_all, p.fail_puts, p.fail_gets, p.fail_copies = False, 0, 0, 0
         p.hold_puts.clear()
-        self.release_at = 0
+        p.hold_deletes.clear()
+        self.release_at, self.release_after = 0, 0.0
         self.note("faults released")
+        wait_for(lambda: p.puts_held == p.deletes_held == 0, 60, what="the held requests forwarded")
         wait_for(lambda: self.agent.health()["uplink"]["reachable"], 60, what="line up after the faults")
 
     def check_bucket(self) -> None:
+        """Once the queue drained (again: a held write landing over a newer file has that uploaded again), and the
+        agent re-checked the keys of the writes it gave up on, the bucket holds the model's files."""
         self.release()
-        self.agent.wait_drained(180)
-        remote = s3_objects(self.agent.store, self.agent.prefix)
         expected = {f"{base}/{f}": data for base, m in self.models.items() for f, data in m.files.items()}
-        assert {k: v["size"] for k, v in remote.items()} == {k: len(v) for k, v in expected.items()}
-        assert {k: v["sha256"] for k, v in remote.items()} == {k: sha256(v) for k, v in expected.items()}
+        want = {k: (len(v), sha256(v)) for k, v in expected.items()}
+
+        def bucket() -> dict[str, tuple[int, str]]:
+            self.agent.wait_drained(180)
+            return {k: (v["size"], v["sha256"]) for k, v in s3_objects(self.agent.store, self.agent.prefix).items()}
+
+        with contextlib.suppress(TimeoutError):
+            wait_for(lambda: bucket() == want, 30, interval=1.0, what="the bucket as the model says")
+        remote = bucket()
+        assert {k: v[0] for k, v in remote.items()} == {k: v[0] for k, v in want.items()}
+        assert {k: v[1] for k, v in remote.items()} == {k: v[1] for k, v in want.items()}
 
     def evict(self, path: str) -> bool:
         """What `pacsgw evict PATH` does (tests/test_fault_coldread.py::evict_cli), without a process start."""
@@ -297,23 +311,25 @@ def machine_for(run: Run):
             setattr(run.proxy, kind, getattr(run.proxy, kind) + n)
             run.faults += 1
 
-        @rule(kind=st.sampled_from(["hold", "outage"]), steps=st.integers(1, 6))
+        @rule(kind=st.sampled_from(["hold", "long hold", "outage"]), steps=st.integers(1, 6))
         def line_fault(self, kind: str, steps: int) -> None:
-            """PUTs and copies held on the wire, or every request failing, for a few steps."""
+            """PUTs and copies held on the wire (a long hold: DELETEs too, past the agent's read timeout), or every
+            request failing, for a few steps."""
             if run.release_at:
                 return
             run.note(f"{kind} for {steps} steps")
-            if kind == "hold":
+            if kind != "outage":
                 run.proxy.hold_puts.set()
+                if kind == "long hold":
+                    run.proxy.hold_deletes.set()
+                    run.release_after = time.monotonic() + READ_TIMEOUT + 1
             else:
                 run.proxy.fail_all = True
             run.release_at = run.steps + steps
             run.faults += 1
 
         def kill(self) -> None:
-            if run.proxy.hold_puts.is_set():
-                run.release()  # a held request landing after the kill is not modelled (see the module's doc)
-            run.note("kill -9")
+            run.note("kill -9")  # held requests stay on the wire: they land after the restart (check_bucket)
             run.agent.stop(signal.SIGKILL)
             run.agent.start(timeout=180)
             run.killed += 1
@@ -328,7 +344,7 @@ def machine_for(run: Run):
         @invariant()
         def after_step(self) -> None:
             run.steps += 1
-            if run.release_at and run.steps >= run.release_at:
+            if run.release_at and run.steps >= run.release_at and time.monotonic() >= run.release_after:
                 run.release()
             if run.kills and run.steps >= run.kills[0]:
                 run.kills.pop(0)
@@ -351,7 +367,7 @@ def test_fault_model(agent_factory, proxy):
     seed = int(os.environ.get("PACSGW_MODEL_SEED") or random.randrange(1 << 32))
     print(f"PACSGW_MODEL_SEED={seed}")
     a = agent_factory(**{"uplink.endpoint_url": proxy.endpoint_url, "uplink.through_timeout": 1,
-                                    "uplink.read_timeout": 300}).start(timeout=180)  # outlasts every hold
+                                    "uplink.read_timeout": READ_TIMEOUT}).start(timeout=180)
     run = Run(a, proxy, seed)
     machine = machine_for(run)
     t0 = time.monotonic()

@@ -8,6 +8,7 @@ to produce on demand, so this fault (and only it) is injected by the proxy.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 
@@ -349,4 +350,121 @@ def test_a_foreign_object_renamed_away_and_back_before_its_copy_ran_stays_put(ag
     objects = s3_objects(seaweed, a.prefix)
     assert objects["CT/f.dcm"]["sha256"] == sha256(data) and "CT/g.dcm" not in objects
     assert ftp_get(ftp, "CT/f.dcm") == data
+    ftp.quit()
+
+
+def test_writes_the_store_carries_out_after_the_agent_gave_up_leave_no_orphan(agent_factory, seaweed, proxy):
+    """A PUT or server-side copy held by the store past uplink.read_timeout (the proxy holds every PUT: a slow
+    store, which SeaweedFS cannot be made on demand) is given up on and retried; when its file is deleted, renamed
+    away or stored again meanwhile, the key's tombstone (or the newer upload) runs first and the held request lands
+    after it. That left an orphan object (old content under a name the namespace no longer has) or old content
+    over the newer file. The bucket must end as the catalog says."""
+    a = agent_factory(**{"uplink.endpoint_url": proxy.endpoint_url, "uplink.through_timeout": 1,
+                         "uplink.read_timeout": 2}).start()
+    ftp = ftp_login(a)
+    x, y, z, old, new = (payload(s, 20_000 + i) for i, s in enumerate(("x", "y", "z", "old", "new")))
+    assert ftp_put(ftp, "CT/e.dcm", z).startswith("226")
+    a.wait_drained(60)
+    proxy.hold_puts.set()
+    for path, data in (("CT/a.dcm", x), ("CT/b.dcm", y), ("CT/d.dcm", old)):
+        assert ftp_put(ftp, path, data).startswith("226")  # acknowledged after through_timeout: write-back
+    ftp.rename("CT/e.dcm", "CT/f.dcm")  # a server-side copy from e's key, held too
+    wait_for(lambda: proxy.puts_held >= 4 and len(a.events("uplink_failure")) + len(a.events("upload_failed")) >= 1,
+             30, what="the held writes given up on")
+    ftp.delete("CT/a.dcm")  # deleted, renamed away, stored again, deleted after its copy: each key's
+    ftp.rename("CT/b.dcm", "CT/c.dcm")  # tombstone (or newer write) may run before the held request lands
+    assert ftp_put(ftp, "CT/d.dcm", new).startswith("226")
+    ftp.delete("CT/f.dcm")
+    wait_for(lambda: {e.get("path") for e in a.events("deleted")} >= {"CT/a.dcm", "CT/b.dcm", "CT/f.dcm"}, 60,
+             what="the tombstones run while the writes are held")
+    proxy.hold_puts.clear()
+    wait_for(lambda: proxy.puts_held == 0, 30, what="every held write forwarded")
+    a.wait_drained(60)
+    expected = {"CT/c.dcm": sha256(y), "CT/d.dcm": sha256(new)}
+    bucket = lambda: {k: v["sha256"] for k, v in s3_objects(seaweed, a.prefix).items()}  # noqa: E731
+    with contextlib.suppress(TimeoutError):  # the late writes are found by the agent's re-checks
+        wait_for(lambda: bucket() == expected, 60, what="the bucket as the catalog says, no orphan")
+    assert bucket() == expected
+    assert ftp_get(ftp, "CT/c.dcm") == y and ftp_get(ftp, "CT/d.dcm") == new
+    ftp.quit()
+
+
+def test_a_delete_the_store_carries_out_after_a_new_file_took_the_key_loses_nothing(agent_factory, seaweed, proxy):
+    """A deleted file's DELETE held by the store past uplink.read_timeout (the proxy holds it: a slow store) is
+    given up on; a new file stored under the name is uploaded, and then the held DELETE lands: the new file's
+    object was gone while the catalog had it clean (and, once evicted, nowhere). It must be uploaded again."""
+    a = agent_factory(**{"uplink.endpoint_url": proxy.endpoint_url, "uplink.read_timeout": 2}).start()
+    ftp = ftp_login(a)
+    old, new = payload("old", 20_000), payload("new", 21_000)
+    assert ftp_put(ftp, "CT/a.dcm", old).startswith("226")
+    proxy.hold_deletes.set()
+    ftp.delete("CT/a.dcm")
+    wait_for(lambda: proxy.deletes_held >= 1 and a.events("uplink_failure"), 30, what="the DELETE given up on")
+    assert ftp_put(ftp, "CT/a.dcm", new).startswith("226")
+    a.wait_drained(60)
+    proxy.hold_deletes.clear()
+    wait_for(lambda: proxy.deletes_held == 0, 30, what="the held DELETEs forwarded")
+    with contextlib.suppress(TimeoutError):  # the late DELETE is found by the agent's re-checks
+        wait_for(lambda: s3_objects(seaweed, a.prefix).get("CT/a.dcm", {}).get("sha256") == sha256(new), 30,
+                 what="the new file in S3 again")
+    assert {k: v["sha256"] for k, v in s3_objects(seaweed, a.prefix).items()} == {"CT/a.dcm": sha256(new)}
+    assert a.events("late_write_found")
+    ftp.quit()
+
+
+def test_a_read_from_an_old_key_a_new_file_took_meanwhile_reads_the_parked_object(agent_factory, seaweed, proxy):
+    """A renamed evicted file (x → c, its copy failing: c reads from x's key) is read; its GET reaches the store
+    (the proxy holds it: a slow store) only after a new file was stored under x (x's old object parked first).
+    The GET got the new file's bytes, failed its checksum after streaming them, and the client saw an error
+    after a partial transfer. It must read the parked object."""
+    a = agent_factory(**{"uplink.endpoint_url": proxy.endpoint_url, "uplink.through_timeout": 1}).start()
+    ftp = ftp_login(a)
+    old, new = payload("old", 300_000), payload("new", 310_000)
+    store_evicted(a, ftp, {"CT/x.dcm": old})
+    proxy.fail_copies_into = "CT/c.dcm"  # c's copy waits: c reads from x's key
+    ftp.rename("CT/x.dcm", "CT/c.dcm")
+    proxy.hold_gets.set()
+    got: list[bytes | Exception] = []
+    reader = threading.Thread(target=lambda: got.append(_get_or_error(a, "CT/c.dcm")))
+    reader.start()
+    wait_for(lambda: proxy.gets_held == 1, 30, what="c's GET from x's key on the wire")
+    assert ftp_put(ftp, "CT/x.dcm", new).startswith("226")
+    wait_for(lambda: s3_objects(seaweed, a.prefix).get("CT/x.dcm", {}).get("sha256") == sha256(new), 30,
+             what="the new x in S3, x's old object parked")
+    proxy.hold_gets.clear()
+    reader.join(60)
+    assert [g if isinstance(g, Exception) else sha256(g) for g in got] == [sha256(old)]
+    proxy.fail_copies_into = ""
+    a.wait_drained(60)
+    assert {k: v["sha256"] for k, v in s3_objects(seaweed, a.prefix).items() if not k.startswith(".pacsgw")} == {
+        "CT/c.dcm": sha256(old), "CT/x.dcm": sha256(new)}
+    ftp.quit()
+
+
+def test_a_delete_on_the_wire_at_kill_9_that_lands_after_a_new_file_took_the_key_loses_nothing(
+        agent_factory, seaweed, proxy):
+    """kill -9 while a deleted file's DELETE is on the wire (the proxy holds it: a slow store); after the restart the
+    tombstone is deleted again, a new file is stored under the name, and then the first DELETE lands: the new file's
+    object was gone while the catalog had it clean. It must be uploaded again."""
+    import signal
+    a = agent_factory(**{"uplink.endpoint_url": proxy.endpoint_url}).start()
+    ftp = ftp_login(a)
+    old, new = payload("old", 20_000), payload("new", 21_000)
+    assert ftp_put(ftp, "CT/a.dcm", old).startswith("226")
+    proxy.hold_deletes.set()
+    ftp.delete("CT/a.dcm")
+    wait_for(lambda: proxy.deletes_held == 1, 30, what="the DELETE on the wire")
+    held, proxy.hold_deletes = proxy.hold_deletes, threading.Event()  # that one stays held, later ones pass
+    a.stop(signal.SIGKILL)
+    a.start()
+    wait_for(lambda: a.events("deleted"), 30, what="the tombstone deleted again after the restart")
+    ftp = ftp_login(a)
+    assert ftp_put(ftp, "CT/a.dcm", new).startswith("226")
+    a.wait_drained(60)
+    held.clear()
+    wait_for(lambda: proxy.deletes_held == 0, 30, what="the first DELETE forwarded")
+    with contextlib.suppress(TimeoutError):  # the late DELETE is found by the agent's re-checks
+        wait_for(lambda: s3_objects(seaweed, a.prefix).get("CT/a.dcm", {}).get("sha256") == sha256(new), 30,
+                 what="the new file in S3 again")
+    assert {k: v["sha256"] for k, v in s3_objects(seaweed, a.prefix).items()} == {"CT/a.dcm": sha256(new)}
     ftp.quit()

@@ -43,7 +43,7 @@ async def download(s3: S3Uplink, cache: Cache, e: Entry, blob: str, fd: int,
     h, fast = hashlib.sha256(), fast_hash()
     written = 0
     try:
-        async with s3.get(e.object_key, on_start) as (_, meta_sha, chunks):
+        async with s3.get(e.object_key, on_start, e.sha256) as (_, meta_sha, chunks):
             async for data in chunks:
                 async with lock or contextlib.nullcontext():
                     await asyncio.to_thread(_land, fd, (h, fast), data, written)

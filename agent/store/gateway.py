@@ -1021,8 +1021,10 @@ class Gateway:
                                           started, fill.lock)
                 except Exception as exc:
                     # A renamed file is read from its old key until its copy ran; the copy may have run, and the old
-                    # key gone, while this fetch waited (for a slot, or retrying): read where the object is now.
-                    if fill.started or error_code(exc) != "NoSuchKey" or (now := await self._moved(fill.entry)) is None:
+                    # key gone, or a new file taken it (the object parked), while this fetch waited (for a slot, or
+                    # retrying): read where the object is now.
+                    if fill.started or error_code(exc) not in ("NoSuchKey", "ChecksumMismatch") or (
+                            now := await self._moved(fill.entry)) is None:
                         raise
                     fill.entry = now
 

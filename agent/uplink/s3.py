@@ -130,6 +130,14 @@ def is_unreachable(exc: BaseException) -> bool:
     return isinstance(exc, BotoCoreError) and "connect" in str(exc).lower()
 
 
+def outcome_unknown(exc: BaseException) -> bool:
+    """A request that failed so may still be carried out by the server: no answer (a timeout, a connection lost
+    on the wire) or a 5xx (S3 allows one after a write it did); not a connection that was never made."""
+    cause = getattr(exc, "kwargs", {}).get("error")  # what a botocore connection error wraps
+    return is_unreachable(exc) and not any(isinstance(e, (ConnectTimeoutError, aiohttp.ClientConnectorError))
+                                           for e in (exc, cause))
+
+
 def error_code(exc: BaseException) -> str:
     if isinstance(exc, ClientError):
         return str(exc.response.get("Error", {}).get("Code", "ClientError"))
@@ -525,13 +533,16 @@ class S3Uplink:
 
     @contextlib.asynccontextmanager
     async def get(self, path: str, on_etag: Callable[[str | None, bool], None] | None = None,
-                  ) -> AsyncIterator[tuple[int, str | None, AsyncIterator[bytes]]]:
+                  sha256: str | None = None) -> AsyncIterator[tuple[int, str | None, AsyncIterator[bytes]]]:
         """→ (the file's size, the object's sha256 metadata, an iterator of rate-limited chunks of the file:
         decoded when the object is compressed; Undecodable when it does not decode). on_etag(the object's
         ETag, whether it can be read at an offset) runs once it answered (ranged reads of the same version
-        use it)."""
+        use it). sha256: the content expected; an object whose metadata names other content (its key was
+        written again since the read was planned) raises ChecksumMismatch before any of it is read."""
         async with self._request("GET", self.key(path), "GetObject", {}, stream=True) as resp:
             head = _object_head(resp.headers)
+            if sha256 and meta_sha(head["Metadata"]) not in (None, sha256):
+                raise ChecksumMismatch(f"{path}: the object holds other content than sha256 {sha256}")
             encoded = encoding_of(head["Metadata"]) is not None
             size = logical_size(head)
             if on_etag is not None:

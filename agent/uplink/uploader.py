@@ -3,7 +3,8 @@
 The queue is the catalog itself, so it survives kill -9 and power loss: on start every 'uploading' row
 goes back to 'dirty'. Write-through closes call `transfer` directly (the row was claimed in the same
 transaction that committed it); everything else — write-back, retries, renames, rows left by a crash —
-is picked up by the dispatcher. Deleted and renamed-away keys are removed by the tombstone loop.
+is picked up by the dispatcher. Deleted and renamed-away keys are removed by the tombstone loop, which also
+checks again, for DOUBT_SECONDS, each key a write went to whose outcome the agent did not hear (see _recheck).
 A per-key lock keeps a delete and a put of the same key from overlapping. Transfers take a slot on the
 line (agent.uplink.line) and tell it whether the server answered.
 
@@ -24,7 +25,7 @@ import hashlib
 import os
 import time
 import weakref
-from typing import Awaitable, Callable, Protocol
+from typing import Any, Awaitable, Callable, Protocol
 
 import structlog
 
@@ -38,6 +39,7 @@ from agent.uplink.s3 import (
     error_code,
     is_unreachable,
     meta_sha,
+    outcome_unknown,
     precondition_failed,
     read_verified,
 )
@@ -49,6 +51,9 @@ CONFLICTS = ".pacsgw-conflicts"  # where an HA box keeps content it must not wri
 HA_DIR = ".pacsgw-ha"  # the HA pair's own objects (agent.ha), in the namespace's prefix, never followed as files
 PARKED = ".pacsgw-parked"  # an object a waiting rename's copy needs, kept aside while a new file takes its key
 CONFLICT_EXTRA = len(CONFLICTS) + 2 + 16  # what conflict_key adds to a path: the folder, '/', '.', the hash prefix
+# How long after the agent gave up on a write (no answer within read_timeout, or killed) the store may still carry it
+# out: the key is checked that long. A store that holds a request longer can still leave an old object behind.
+DOUBT_SECONDS = 3600.0
 
 
 def conflict_key(path: str, sha256: str | None, prefix: str) -> str:
@@ -73,15 +78,19 @@ class UploadQueue(Protocol):
     async def claim(self, path: str, gen: int) -> bool: ...
     async def mark_clean(self, path: str, gen: int, etag: str | None, version_id: str | None,
                          sha256: str | None, index_row: tuple[object, ...] | None = None) -> bool: ...
-    async def mark_failed(self, path: str, gen: int, error: str, retry_at: float) -> None: ...
+    async def mark_failed(self, path: str, gen: int, error: str, retry_at: float, unsure: bool = False) -> None: ...
+    async def requeue(self, path: str, gen: int) -> bool: ...
     async def drop_copy_source(self, path: str, gen: int) -> None: ...
     async def queue_tombstone(self, key: str) -> None: ...
     async def park_copies(self, key: str, parked: str) -> int: ...
     async def copies_read(self, key: str) -> bool: ...
     async def due_tombstones(self, now: float, limit: int) -> list[str]: ...
     async def tombstone_pending(self, key: str) -> bool: ...
-    async def tombstone_failed(self, key: str, retry_at: float) -> None: ...
+    async def tombstone_sending(self, key: str) -> None: ...
+    async def tombstone_failed(self, key: str, retry_at: float, unsure: bool = False) -> None: ...
     async def tombstone_done(self, key: str) -> None: ...
+    async def due_doubts(self, now: float, limit: int) -> list[tuple[str, int]]: ...
+    async def recheck(self, key: str, found: bool, next_check: float, forget_before: float) -> Entry | None: ...
     async def adopt_remote(self, path: str, gen: int, size: int | None, etag: str | None) -> str | None: ...
     async def index_dicom(self, rows: list[tuple[object, ...]]) -> None: ...
     async def copy_dicom_row(self, src: str, dst: str) -> None: ...
@@ -166,11 +175,11 @@ class Uploader:
         try:
             result = await self.line.patiently(lambda: self._send(e, body), e.path)
         except asyncio.CancelledError:
-            await asyncio.shield(self.db.mark_failed(e.path, e.gen, "cancelled", time.time()))
+            await asyncio.shield(self.db.mark_failed(e.path, e.gen, "cancelled", time.time(), unsure=True))
             raise
         except Exception as exc:  # every failure is retried from the durable queue
             retry_at = time.time() + backoff(e.attempts)
-            await self.db.mark_failed(e.path, e.gen, f"{error_code(exc)}: {exc}", retry_at)
+            await self.db.mark_failed(e.path, e.gen, f"{error_code(exc)}: {exc}", retry_at, outcome_unknown(exc))
             self.metrics.uploads.labels("error").inc()
             if is_unreachable(exc):
                 self.line.failed(exc)
@@ -374,10 +383,12 @@ class Uploader:
                 async with self.key_lock(key):
                     if not await self.db.tombstone_pending(key):
                         continue  # the key was written again meanwhile: nothing to delete
+                    await self.db.tombstone_sending(key)
                     try:
                         await self.line.patiently(functools.partial(self.s3.delete, key), key)
                     except Exception as exc:  # retried from the durable tombstone table
-                        await self.db.tombstone_failed(key, time.time() + backoff(1))
+                        # The DELETE may still land, after a new file took the key (see _recheck).
+                        await self.db.tombstone_failed(key, time.time() + backoff(1), outcome_unknown(exc))
                         if is_unreachable(exc):
                             self.line.failed(exc)
                             break
@@ -385,5 +396,33 @@ class Uploader:
                         continue
                     await self.db.tombstone_done(key)
                     log.info("deleted", path=key)
+            await self._recheck()
             if not keys:
                 await asyncio.sleep(1.0)
+
+    async def _recheck(self) -> None:
+        """Keys the store may still write to (a request the agent gave up on): such a late write lands after the
+        key's tombstone ran (an orphan object) or over a newer file (its old content), a late DELETE after a newer
+        file's upload. Checked again and again, less often each time (up to read_timeout apart): a key no file has
+        holding an object gets a tombstone again, a clean file whose object is missing or holds other content is
+        uploaded again. Never a file's key deleted: see Uploads.recheck."""
+        now = time.time()
+        for key, checks in await self.db.due_doubts(now, 100):
+            async with self.key_lock(key):
+                try:
+                    head: dict[str, Any] | None | Exception = await self.s3.head(key)
+                except Exception as exc:  # checked again next time
+                    log.warning("recheck_failed", path=key, error=error_code(exc))
+                    head = exc
+                later = now + backoff(checks, cap=self.s3.cfg.read_timeout)
+                e = await self.db.recheck(key, isinstance(head, dict), later, now - DOUBT_SECONDS)
+                if isinstance(head, Exception) and is_unreachable(head):
+                    self.line.failed(head)
+                    break  # the others wait for the line, not a timeout each
+                if isinstance(head, Exception) or e is None or e.is_dir or e.state != "clean":
+                    continue  # a file still to be uploaded writes its key again after any late write seen so far
+                if (found := meta_sha((head or {}).get("Metadata"))) != e.sha256:
+                    requeued = await self.db.requeue(e.path, e.gen)
+                    log.error("late_write_found", path=key, found=found, requeued=requeued,
+                              reason="a write or delete the agent gave up on landed after a newer file")
+                    self.wake()

@@ -193,8 +193,11 @@ class AsyncCatalog:
     tombstone_count = _offload(Catalog.tombstone_count)
     tombstone_done = _offload(Catalog.tombstone_done)
     tombstone_failed = _offload(Catalog.tombstone_failed)
+    tombstone_sending = _offload(Catalog.tombstone_sending)
     tombstone_pending = _offload(Catalog.tombstone_pending)
     tombstones_under = _offload(Catalog.tombstones_under)
+    due_doubts = _offload(Catalog.due_doubts)
+    recheck = _offload(Catalog.recheck)
     # cached copies and heat
     set_cached = _offload(Catalog.set_cached)
     uncache = _offload(Catalog.uncache)

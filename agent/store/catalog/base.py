@@ -148,6 +148,14 @@ class CatalogBase:
         """Upsert study-index rows inside the caller's transaction (Studies.index_dicom, Uploads.mark_clean)."""
         self.db.executemany("INSERT OR REPLACE INTO dicom_objects VALUES (?, ?, ?, ?, ?, ?, ?, ?)", rows)
 
+    def _doubt(self, key: str, sha256: str | None = None) -> None:
+        """A write to key (of content sha256; None: a DELETE or unknown) may still land, its outcome unknown (inside
+        the caller's transaction): Uploads.recheck."""
+        now = time.time()
+        self.db.execute("INSERT INTO doubts (key, since, next_check, sha256) VALUES (?, ?, ?, ?) ON CONFLICT(key) DO "
+                        "UPDATE SET since = excluded.since, next_check = excluded.next_check, checks = 0, sha256 = "
+                        "CASE WHEN doubts.sha256 IS excluded.sha256 THEN excluded.sha256 END", (key, now, now, sha256))
+
     def _exists(self, sql: str, args: Sequence[object]) -> bool:
         return self.db.execute(sql, args).fetchone() is not None
 

@@ -16,10 +16,13 @@ class Heat(CatalogBase):
                            "WHERE path = ? AND gen = ? AND blob IS NULL", (blob, sha256, path, gen), durable=False) == 1
 
     def uncache(self, path: str, gen: int) -> str | None:
-        """Drop the cached copy of a clean file (eviction). → its blob, or None if not evictable now."""
+        """Drop the cached copy of a clean file (eviction). → its blob, or None if not evictable now: also while a
+        write of other content (or a DELETE) to its key may still land (a doubt), when the cached copy is what
+        uploads it again."""
         with self._tx(durable=False):
-            row = self.db.execute("SELECT blob FROM entries WHERE path = ? AND gen = ? AND state = 'clean' "
-                                  "AND blob IS NOT NULL", (path, gen)).fetchone()
+            row = self.db.execute("SELECT blob FROM entries WHERE path = ? AND gen = ? AND state = 'clean' AND blob IS "
+                                  "NOT NULL AND NOT EXISTS (SELECT 1 FROM doubts WHERE doubts.key = entries.path AND "
+                                  "doubts.sha256 IS NOT entries.sha256)", (path, gen)).fetchone()
             if row is None:
                 return None
             self.db.execute("UPDATE entries SET blob = NULL WHERE path = ?", (path,))

@@ -85,6 +85,7 @@ class Namespace(CatalogBase):
                     "UPDATE entries SET size = ?, mtime = ?, sha256 = ?, state = ?, blob = ?, gen = ?, "
                     "copy_from = NULL, dirty_since = ?, attempts = 0, next_attempt = 0, last_error = NULL "
                     "WHERE path = ?", (size, mtime, sha256, state, blob, gen, now, path))
+                self._superseded(old)
             self.db.execute("DELETE FROM tombstones WHERE key = ?", (path,))
         return gen, (old.blob if old else None)
 
@@ -115,6 +116,7 @@ class Namespace(CatalogBase):
                 if target.blob:
                     replaced.append(target.blob)
                 self.db.execute("DELETE FROM entries WHERE path = ?", (dst,))
+                self._superseded(target)
             self._ensure_dirs(dst, now)
             # '0' sorts right after '/': the subtree of a directory
             subtree = self._entries(f"SELECT {COLUMNS} FROM entries WHERE path > ? AND path < ?",
@@ -127,6 +129,7 @@ class Namespace(CatalogBase):
 
     def _move_row(self, e: Entry, new_path: str, now: float, etag: str | None) -> None:
         self.db.execute("DELETE FROM entries WHERE path = ?", (e.path,))
+        self._superseded(e)
         if e.is_dir:
             self.db.execute("INSERT INTO entries (path, parent, name, is_dir, mtime, listed) VALUES (?, ?, ?, 1, ?, ?)",
                             (new_path, parent_of(new_path), name_of(new_path), e.mtime, int(e.listed)))
@@ -143,6 +146,12 @@ class Namespace(CatalogBase):
         self.db.execute("DELETE FROM tombstones WHERE key = ?", (new_path,))
         self.db.execute("INSERT OR IGNORE INTO tombstones (key, queued) VALUES (?, ?)", (e.path, now))
 
+    def _superseded(self, e: Entry) -> None:
+        """e's row is gone or holds newer content: an upload of it on the wire now may land after the key's
+        tombstone or the newer upload, even after a kill -9 (when nothing else remembers it was sent)."""
+        if e.state == "uploading":
+            self._doubt(e.path, e.sha256)
+
     def delete(self, path: str) -> str | None:
         """Remove a file; its object becomes a tombstone. → the blob to delete, if cached."""
         now = time.time()
@@ -153,6 +162,7 @@ class Namespace(CatalogBase):
             if e.is_dir:
                 raise IsADirectory(path)
             self.db.execute("DELETE FROM entries WHERE path = ?", (path,))
+            self._superseded(e)
             self.db.execute("DELETE FROM prefetched WHERE path = ?", (path,))
             self.db.execute("INSERT OR IGNORE INTO tombstones (key, queued) VALUES (?, ?)", (path, now))
         return e.blob

@@ -24,11 +24,13 @@ class RemoteSync(CatalogBase):
                 self.db.execute(
                     "INSERT OR IGNORE INTO entries (path, parent, name, is_dir, mtime) VALUES (?, ?, ?, 1, ?)",
                     (prefix + d, path, d, now))
-            for o in objects:  # an object whose key waits for deletion was deleted (or renamed) here
+            for o in objects:  # an object whose key waits for deletion was deleted (or renamed) here, and one
+                # under a key in doubt that no file has is a write the agent gave up on (Uploads.recheck deletes it)
                 self.db.execute(
                     "INSERT OR IGNORE INTO entries (path, parent, name, is_dir, size, mtime, state, etag, gen) "
-                    "SELECT ?, ?, ?, 0, ?, ?, 'clean', ?, 1 WHERE NOT EXISTS (SELECT 1 FROM tombstones WHERE key = ?)",
-                    (prefix + o.name, path, o.name, o.size, o.mtime, o.etag, prefix + o.name))
+                    "SELECT ?, ?, ?, 0, ?, ?, 'clean', ?, 1 WHERE NOT EXISTS (SELECT 1 FROM tombstones WHERE key = ?) "
+                    "AND NOT EXISTS (SELECT 1 FROM doubts WHERE key = ?)",
+                    (prefix + o.name, path, o.name, o.size, o.mtime, o.etag, prefix + o.name, prefix + o.name))
             self.db.execute("UPDATE entries SET listed = 1 WHERE path = ?", (path,))
 
     def known_sizes(self, objects: list[tuple[str, str | None]]) -> dict[str, int]:

@@ -1,7 +1,7 @@
 """The catalog's SQLite schema, and the guard on its version: every table, in one place.
 
 Which part of the catalog owns which table: entries (the namespace, names.py; its upload-queue columns,
-uploads.py; its cache and read columns, heat.py), tombstones (uploads.py), heat and prefetched (heat.py),
+uploads.py; its cache and read columns, heat.py), tombstones and doubts (uploads.py), heat and prefetched (heat.py),
 studies, prior_fetches, dicom_objects and dicom_unshipped (studies.py), agent_state and totals (base.py).
 """
 
@@ -74,6 +74,17 @@ CREATE TABLE IF NOT EXISTS tombstones (
     attempts     INTEGER NOT NULL DEFAULT 0,
     next_attempt REAL NOT NULL DEFAULT 0
 );
+
+-- Keys a write went to whose outcome is unknown (no answer in time, or the agent killed while it was on the wire):
+-- the store may still carry it out, after the key's tombstone or a newer write. Checked again (uploads.py) until
+-- long after the last such write.
+CREATE TABLE IF NOT EXISTS doubts (
+    key        TEXT PRIMARY KEY,
+    since      REAL NOT NULL,
+    next_check REAL NOT NULL,
+    checks     INTEGER NOT NULL DEFAULT 0,
+    sha256     TEXT  -- the content the write in doubt carries; NULL: a DELETE, a parked copy, or writes of several
+) WITHOUT ROWID;
 
 -- Reads per directory (the first [prefetch] dir_depth levels, e.g. CT/2026-11-23) per local day: the history
 -- the heat model learns from. Bounded by directories x days, not by files.

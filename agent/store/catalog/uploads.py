@@ -3,6 +3,9 @@
 File states: dirty (content on the SSD only) → uploading (claimed by an upload) → clean (confirmed in S3).
 `gen` increases on every content or name change, so an upload that finishes after the file changed cannot
 mark the new content clean. A tombstone is deleted from S3 only once no pending copy still reads its key.
+A doubt is a key a write (or a DELETE) went to with no outcome heard (its request timed out, or the agent was
+killed while it was on the wire): the store may carry it out later, after the key's tombstone ran or a newer file
+was stored, so the key is checked again for a while (Uploader._recheck).
 """
 
 from __future__ import annotations
@@ -50,10 +53,15 @@ class Uploads(CatalogBase):
                 "attempts = 0, next_attempt = 0, last_error = NULL, sha256 = ? WHERE path = ? AND gen = ?",
                 (etag, version_id, sha256, path, gen)).rowcount == 1
 
-    def mark_failed(self, path: str, gen: int, error: str, retry_at: float) -> None:
-        self._write("UPDATE entries SET state = 'dirty', attempts = attempts + 1, next_attempt = ?, last_error = ? "
-                    "WHERE path = ? AND gen = ? AND state = 'uploading'", (retry_at, error[:500], path, gen),
-                    durable=False)
+    def mark_failed(self, path: str, gen: int, error: str, retry_at: float, unsure: bool = False) -> None:
+        """The upload failed; unsure: with no answer, so it may still land (a doubt, even if the row is gone)."""
+        with self._tx(durable=False):
+            self.db.execute("UPDATE entries SET state = 'dirty', attempts = attempts + 1, next_attempt = ?, "
+                            "last_error = ? WHERE path = ? AND gen = ? AND state = 'uploading'",
+                            (retry_at, error[:500], path, gen))
+            if unsure:
+                row = self.db.execute("SELECT sha256 FROM entries WHERE path = ? AND gen = ?", (path, gen)).fetchone()
+                self._doubt(path, row[0] if row else None)
 
     def requeue(self, path: str, gen: int) -> bool:
         """The object is missing or wrong in S3 but the cache holds verified content: upload it again."""
@@ -67,9 +75,14 @@ class Uploads(CatalogBase):
         self._write("UPDATE entries SET copy_from = NULL WHERE path = ? AND gen = ?", (path, gen), durable=False)
 
     def reset_uploading(self) -> int:
-        """After a crash or restart, unfinished uploads start again."""
-        return self._write("UPDATE entries SET state = 'dirty', next_attempt = 0 WHERE state = 'uploading'",
-                           durable=True)
+        """After a crash or restart, unfinished uploads start again. Each of them, and each DELETE sent for a
+        tombstone still pending, may have been on the wire: a doubt."""
+        with self._tx():
+            for key, sha in self.db.execute("SELECT path, sha256 FROM entries WHERE state = 'uploading' UNION ALL "
+                                            "SELECT key, NULL FROM tombstones WHERE attempts > 0").fetchall():
+                self._doubt(key, sha)
+            return int(self.db.execute("UPDATE entries SET state = 'dirty', next_attempt = 0 "
+                                       "WHERE state = 'uploading'").rowcount)
 
     def due_tombstones(self, now: float, limit: int) -> list[str]:
         rows = self.db.execute(
@@ -87,9 +100,16 @@ class Uploads(CatalogBase):
             self.db.execute("DELETE FROM dicom_objects WHERE path = ?", (key,))  # the object is gone
             self.db.execute("DELETE FROM dicom_unshipped WHERE path = ?", (key,))
 
-    def tombstone_failed(self, key: str, retry_at: float) -> None:
-        self._write("UPDATE tombstones SET attempts = attempts + 1, next_attempt = ? WHERE key = ?", (retry_at, key),
-                    durable=False)
+    def tombstone_sending(self, key: str) -> None:
+        """key's DELETE is about to be sent: counted first, so that after a kill -9 it is known it may have been."""
+        self._write("UPDATE tombstones SET attempts = attempts + 1 WHERE key = ?", (key,), durable=False)
+
+    def tombstone_failed(self, key: str, retry_at: float, unsure: bool = False) -> None:
+        """The DELETE failed; unsure: with no answer, so it may still land, after a new file took the key (a doubt)."""
+        with self._tx(durable=False):
+            self.db.execute("UPDATE tombstones SET next_attempt = ? WHERE key = ?", (retry_at, key))
+            if unsure:
+                self._doubt(key)
 
     def tombstone_pending(self, key: str) -> bool:
         """key is still to be deleted, and no pending copy reads from it (checked again under the key's lock)."""
@@ -98,8 +118,30 @@ class Uploads(CatalogBase):
 
     def queue_tombstone(self, key: str) -> None:
         """key is about to be written by the agent for itself (a parked copy): recorded first, so that an object
-        left by a crash before anything pointed there is deleted, not kept for ever."""
-        self._write("INSERT OR IGNORE INTO tombstones (key, queued) VALUES (?, ?)", (key, time.time()), durable=True)
+        left by a crash before anything pointed there is deleted, not kept for ever; and a doubt, for a copy the
+        store carries out after that tombstone ran."""
+        with self._tx():
+            self.db.execute("INSERT OR IGNORE INTO tombstones (key, queued) VALUES (?, ?)", (key, time.time()))
+            self._doubt(key)
+
+    def due_doubts(self, now: float, limit: int) -> list[tuple[str, int]]:
+        """(key, checks so far) of the doubts due for a check."""
+        rows = self.db.execute("SELECT key, checks FROM doubts WHERE next_check <= ? ORDER BY next_check LIMIT ?",
+                               (now, limit)).fetchall()
+        return [(r[0], r[1]) for r in rows]
+
+    def recheck(self, key: str, found: bool, next_check: float, forget_before: float) -> Entry | None:
+        """A doubt's check (under the uploader's key lock), found: S3 holds an object under key. A key no file has
+        gets its tombstone again, in the same transaction as the look (a file stored under it meanwhile is never
+        deleted), so the late object is deleted. The next check is at next_check, or none for a doubt whose write
+        is older than forget_before. → the file under key, if any (its object may hold the late write's content)."""
+        with self._tx(durable=False):
+            if found:
+                self.db.execute("INSERT OR IGNORE INTO tombstones (key, queued) SELECT ?, ? WHERE NOT EXISTS "
+                                "(SELECT 1 FROM entries WHERE path = ? AND is_dir = 0)", (key, time.time(), key))
+            self.db.execute("DELETE FROM doubts WHERE key = ? AND since < ?", (key, forget_before))
+            self.db.execute("UPDATE doubts SET checks = checks + 1, next_check = ? WHERE key = ?", (next_check, key))
+            return self.get(key)
 
     def park_copies(self, key: str, parked: str) -> int:
         """key's object was copied aside to `parked` before key is written again: the renames still waiting to
