@@ -92,6 +92,18 @@ def answer(e: GatewayError) -> Answer:
     return ANSWERS.get(type(e), ANSWERS[Unavailable])
 
 
+async def slash_checked(gw: Gateway, client_path: str, path: str, *, creates_file: bool = False,
+                        moved_from: str | None = None) -> None:
+    """A path ending in '/' names a directory (POSIX): not a file there, and no file made by it (`creates_file`,
+    or a file `moved_from` renamed to it). The slash was dropped: `STOR new/` stored `new`, `SIZE f/` sized f."""
+    if not client_path.endswith(("/", "/.")) or not path:
+        return
+    e = await gw.find(path)
+    if e is not None and not e.is_dir or e is None and (
+            creates_file or moved_from is not None and not (await gw.stat(moved_from)).is_dir):
+        raise NotADirectory(path, "a path ending in '/' names a directory")
+
+
 def report(gw: Gateway, protocol: str, who: Who | None, e: GatewayError, *, refused_here: bool = False,
            **context: object) -> None:
     """A gateway error on its way back to a client (`context`: what the protocol answered, e.g. its code)."""
