@@ -5,15 +5,21 @@ and RNTO, read+write SFTP handles. Real clients (ftplib, asyncssh) against a rea
 from __future__ import annotations
 
 import asyncio
+import base64
 import ftplib
+import http.client
 import io
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import asyncssh
 import pytest
 from test_ftp import ftp, get
 from test_sftp import connect
 
-from harness import s3_objects, sha256
+from agent.auth import hash_password
+from devstack import free_port
+from harness import PASSWORD, s3_objects, sha256
 
 
 def test_a_rename_over_a_file_another_session_is_writing_is_refused(agent_factory):
@@ -124,3 +130,36 @@ def test_an_sftp_read_write_handle_reads_what_the_file_holds(agent_factory):
                 assert await f.read() == b"new"
 
     asyncio.run(session())
+
+
+def test_metrics_password_guessing_is_backed_off_and_banned(agent_factory):
+    """http.metrics_listen with basic auth: wrong passwords were answered after one scrypt each, in one queue,
+    with no backoff and no ban, so a guesser could try forever and held a right password up behind its guesses.
+    Now the LoginGuard of the other listeners applies: after login.max_failures the guessing address is refused
+    at once, without a password check (the right password too), while Prometheus's address still scrapes."""
+    port = free_port()
+    agent = agent_factory(**{"http.metrics_listen": f"127.0.0.1:{port}", "http.metrics_user": "prometheus",
+                             "http.metrics_password_hash": hash_password(PASSWORD), "login.max_failures": 3,
+                             "login.delay_seconds": 0.1, "login.max_delay_seconds": 0.2,
+                             "login.ban_seconds": 3600}).start()
+
+    def scrape(source: str, password: str, scheme: str = "Basic") -> tuple[int, float]:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60, source_address=(source, 0))
+        token = base64.b64encode(f"prometheus:{password}".encode()).decode()
+        t0 = time.monotonic()
+        try:
+            conn.request("GET", "/metrics", headers={"Authorization": f"{scheme} {token}"})
+            return conn.getresponse().status, time.monotonic() - t0
+        finally:
+            conn.close()
+
+    assert scrape("127.0.0.1", PASSWORD)[0] == 200  # Prometheus: its address is known from now on
+    for _ in range(3):
+        assert scrape("127.0.0.2", "guess")[0] == 401
+    assert scrape("127.0.0.2", PASSWORD)[0] == 401  # banned: not even the right password is checked
+    with ThreadPoolExecutor(30) as pool:  # 30 guesses at once were 30 scrypts in one queue (~0.2 s each)
+        guesses = list(pool.map(lambda _: scrape("127.0.0.2", "guess"), range(30)))
+    assert {status for status, _ in guesses} == {401} and max(t for _, t in guesses) < 2.0
+    status, took = scrape("127.0.0.1", PASSWORD, scheme="basic")  # not the header seen before: checked again
+    assert status == 200 and took < 2.0
+    assert [e["key"] for e in agent.events("login_ban") if e["scope"] == "address"] == ["127.0.0.2"]
