@@ -305,6 +305,26 @@ def test_a_rename_over_a_file_another_client_is_writing_is_refused(smb_agent):
     renamer.close()
 
 
+def test_a_rename_over_a_file_another_client_is_reading_is_refused(smb_agent):
+    """Windows refuses to replace a file another open holds without FILE_SHARE_DELETE; Samba refused it only when
+    both opens were in one smbd: from a second client the rename went through under the reader's feet. Now it is
+    ACCESS_DENIED while the other client has the file open; once closed, the rename replaces it."""
+    agent = smb_agent().start(timeout=180)
+    reader, renamer = Smb(agent), Smb(agent)  # two clients: two smbd processes
+    reader.write("image.dcm", b"the image being read")
+    reader.write("report.dcm", b"the stored report")
+    with smbclient.open_file(reader.p("image.dcm"), mode="rb", share_access="r", **reader.kw) as f:
+        assert f.read(4) == b"the "
+        with pytest.raises(ERRORS, match="ACCESS_DENIED"):
+            renamer.replace("report.dcm", "image.dcm")
+        assert f.read() == b"image being read"
+    assert reader.read("image.dcm") == b"the image being read"
+    renamer.replace("report.dcm", "image.dcm")  # closed: replaced as before
+    assert reader.read("image.dcm") == b"the stored report"
+    reader.close()
+    renamer.close()
+
+
 def test_smb_connections_from_many_addresses_are_capped_box_wide(smb_agent):
     """Connections that never log in, from many addresses (each under max_sessions_per_address): smbd forked a
     process for each (300 held 300 processes, for the 10-minute deadtime) without end. [smb] max_connections
