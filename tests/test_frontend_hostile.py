@@ -76,6 +76,9 @@ def test_a_path_ending_in_a_slash_names_a_directory(agent_factory):
     f.storbinary("STOR d/in.dcm", io.BytesIO(b"in"))
     assert f.nlst("d/") == ["in.dcm"]
     f.rename("d/", "e/")  # rename(2) takes a directory with a trailing slash
+    listed: list[str] = []
+    f.retrlines("LIST -la e/", listed.append)  # ls options before the path, as clients send them
+    assert [line.split()[-1] for line in listed] == ["in.dcm"]
     f.cwd("e/")
 
     async def sftp_session() -> None:
