@@ -9,7 +9,10 @@ import base64
 import ftplib
 import http.client
 import io
+import json
+import socket
 import time
+import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import asyncssh
@@ -166,3 +169,33 @@ def test_metrics_password_guessing_is_backed_off_and_banned(agent_factory):
     status, took = scrape("127.0.0.1", PASSWORD, scheme="basic")  # not the header seen before: checked again
     assert status == 200 and took < 2.0
     assert [e["key"] for e in agent.events("login_ban") if e["scope"] == "address"] == ["127.0.0.2"]
+
+
+def test_a_banned_client_repeating_logins_fills_neither_the_journal_nor_the_audit_trail(agent_factory):
+    """A banned address's login is refused without a password check, at once: each refusal was logged and audited,
+    so a client pipelining USER/PASS pairs over one FTP connection (or basic-auth requests over one HTTP
+    keep-alive) wrote thousands of events and audit records a second and rotated the audit trail away. Now one
+    per address (or user) and minute, with how many were refused since; the metric counts every one."""
+    agent = agent_factory(**{"login.max_failures": 2, "login.delay_seconds": 0.05, "login.max_delay_seconds": 0.1,
+                             "login.ban_seconds": 3600}).start()
+    for _ in range(2):
+        with pytest.raises(ftplib.error_perm, match="530"):
+            ftp(agent, password="wrong")
+    with socket.create_connection(("127.0.0.1", agent.ftp_port), timeout=60) as s:
+        s.sendall(b"USER pacs\r\nPASS wrong\r\n" * 300)
+        replies = b""
+        while replies.count(b"\r\n530 ") + replies.startswith(b"530 ") < 300:
+            data = s.recv(65536)
+            assert data, replies[-300:]
+            replies += data
+    refused = [r for r in _audit(agent) if r["result"].startswith("refused:")]
+    assert len(refused) == 1 and len(agent.events("login_refused")) == 1
+    with urllib.request.urlopen(f"http://127.0.0.1:{agent.http_port}/metrics", timeout=10) as r:
+        counted = [line for line in r.read().decode().splitlines()
+                   if line.startswith('pacsgw_login_refused_total{protocol="ftp",scope="address"}')]
+    assert counted and float(counted[0].split()[-1]) == 300
+
+
+def _audit(agent) -> list[dict]:
+    path = agent.workdir / "cache" / "audit" / "audit.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()]
