@@ -169,6 +169,14 @@ def test_metrics_password_guessing_is_backed_off_and_banned(agent_factory):
     status, took = scrape("127.0.0.1", PASSWORD, scheme="basic")  # not the header seen before: checked again
     assert status == 200 and took < 2.0
     assert [e["key"] for e in agent.events("login_ban") if e["scope"] == "address"] == ["127.0.0.2"]
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60, source_address=("127.0.0.3", 0))
+    for _ in range(300):  # no password at all, over one keep-alive: one event a minute, not one per request
+        conn.request("GET", "/metrics")
+        response = conn.getresponse()
+        assert response.status == 401
+        response.read()
+    conn.close()
+    assert len([e for e in agent.events("metrics_refused") if e["peer"] == "127.0.0.3"]) == 1
 
 
 def test_a_banned_client_repeating_logins_fills_neither_the_journal_nor_the_audit_trail(agent_factory):

@@ -21,7 +21,7 @@ import structlog
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
-from agent.auth import LoginGuard, unmapped, verify_password
+from agent.auth import REFUSALS_EVERY, Every, LoginGuard, unmapped, verify_password
 from agent.config import HttpConfig
 from agent.serve.contract import tls_context
 
@@ -228,6 +228,7 @@ class ScrapeListener:
                  guard: LoginGuard) -> None:
         assert cfg.metrics_listen is not None
         self.cfg, self._metrics, self.guard = cfg, metrics, guard
+        self._told = Every(REFUSALS_EVERY)  # metrics_refused events, per address: 401s come as fast as asked for
         self._checked = ""               # the last Authorization header that verified: skips scrypt per scrape
         self._verifying = asyncio.Lock()  # one scrypt at a time: guessing costs the box one core at most
         app = web.Application()
@@ -251,9 +252,10 @@ class ScrapeListener:
         await self._runner.cleanup()
 
     async def metrics(self, request: web.Request) -> web.Response:
-        if self.cfg.metrics_user and not await self._authorized(request.headers.get("Authorization", ""),
-                                                                unmapped(request.remote or "")):
-            log.warning("metrics_refused", peer=request.remote, reason="no or wrong basic auth")
+        address = unmapped(request.remote or "")
+        if self.cfg.metrics_user and not await self._authorized(request.headers.get("Authorization", ""), address):
+            if (since := self._told.due(address)) is not None:
+                log.warning("metrics_refused", peer=address, reason="no or wrong basic auth", refused_since=since)
             return web.Response(status=401, text="basic auth required\n",
                                 headers={"WWW-Authenticate": 'Basic realm="pacsgw metrics", charset="UTF-8"'})
         return await self._metrics(request)
