@@ -3,6 +3,7 @@ attacker. Each test reproduces one attack that worked and checks it no longer do
 
 from __future__ import annotations
 
+import ftplib
 import socket
 import subprocess
 import time
@@ -27,6 +28,7 @@ from smbprotocol.open import (
 from smbprotocol.session import Session
 from smbprotocol.tree import TreeConnect
 from smbutil import Smb, create_for_write
+from test_ftp import ftp
 
 from agent.serve.fuse import MAX_OPEN_DIRS, MAX_OPEN_FILES
 from harness import PASSWORD
@@ -297,6 +299,8 @@ def test_a_rename_over_a_file_another_client_is_writing_is_refused(smb_agent):
             f.flush()
             with pytest.raises(ERRORS, match="ACCESS_DENIED"):
                 renamer.replace("report.dcm", dst)
+            with pytest.raises(ftplib.error_perm, match="^550"):  # FTP (and SFTP) too: the gateway refuses it
+                ftp(agent).rename("report.dcm", dst)
         assert writer.read(dst) == b"the image being written"
         assert writer.read("report.dcm") == b"the stored report"
     renamer.replace("report.dcm", "new.dcm")  # closed: replaced as before
