@@ -207,3 +207,17 @@ def test_a_banned_client_repeating_logins_fills_neither_the_journal_nor_the_audi
 def _audit(agent) -> list[dict]:
     path = agent.workdir / "cache" / "audit" / "audit.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_path_commands_without_a_path_get_501(agent_factory):
+    """`RMD`, `DELE`, `RNFR`, `SIZE`… with no argument acted on the current directory: a bare `RMD` removed the
+    directory the session was in, `RNFR` + `RNTO x` renamed it. RFC 959 gives them a pathname: 501 now."""
+    agent = agent_factory().start()
+    f = ftp(agent)
+    f.mkd("d")
+    f.cwd("d")
+    for cmd in ("RMD", "DELE", "RNFR", "RNTO", "SIZE", "MDTM", "MKD", "RETR", "STOR", "APPE"):
+        with pytest.raises(ftplib.error_perm, match="^501"):
+            f.sendcmd(cmd)
+    f.cwd("/")
+    assert f.nlst() == ["d"]

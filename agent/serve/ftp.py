@@ -73,6 +73,7 @@ PASSIVE_GRACE = 3.0  # on stop: how long a session told a passive port may take 
 
 PATH_COMMANDS = ("cwd", "dele", "list", "nlst", "mkd", "mlsd", "mlst", "rmd", "rnfr", "rnto", "stor", "appe", "retr",
                  "size", "mdtm")
+NEEDS_PATH = ("dele", "mkd", "rmd", "rnfr", "rnto", "stor", "appe", "retr", "size", "mdtm")  # no default (RFC 959)
 AIOFTP_COMMANDS = ("cdup", "cwd", "mlst", "quit", "syst", "type")  # aioftp's own handlers serve these
 OWN_COMMANDS = ("auth", "pbsz", "prot", "user", "pass", "stor", "appe", "retr", "list", "mlsd", "nlst", "dele", "mkd",
                 "pwd", "rmd", "rnfr", "rnto", "size", "mdtm", "feat", "opts", "noop", "rest", "abor")  # on_<name> below
@@ -946,6 +947,8 @@ class FtpServer(aioftp.Server):
 
         @functools.wraps(handler)
         async def run(connection: aioftp.Connection, rest: str) -> bool:
+            if connection.future.logged.done() and not rest and name in NEEDS_PATH:  # not the current directory
+                return replied(connection, "501", f"{name.upper()} needs a pathname")
             if connection.future.logged.done() and rest:
                 moved = connection.rename_from if name == "rnto" and connection.future.rename_from.done() else None
                 try:
