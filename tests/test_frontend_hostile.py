@@ -134,8 +134,12 @@ def test_an_sftp_read_write_handle_reads_what_the_file_holds(agent_factory):
                     await f.read(1, 0)
             async with sftp.open("h.dcm", "rb") as f:
                 assert await f.read() == b"new"
+            async with sftp.open("h.dcm", "r+b") as f:  # read, nothing written: the stored file stays as it is
+                assert await f.read() == b"new"
 
     asyncio.run(session())
+    # each version stored was uploaded again (write-through waits for it): an r+ that only read re-stored the file
+    assert len([e for e in agent.events("stored") if e["path"] == "h.dcm"]) == 3
 
 
 def test_metrics_password_guessing_is_backed_off_and_banned(agent_factory):

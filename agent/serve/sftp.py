@@ -322,6 +322,7 @@ class GatewaySFTP(asyncssh.SFTPServer):
         self.root = self.roots[self.user]
         self.who = Who(self.user, "sftp", _peer(chan))
         self.flags: dict[WriteHandle, int] = {}  # the pflags a file open for writing was opened with
+        self.unchanged: set[WriteHandle] = set()  # opened on the stored file ("r+"), nothing written yet
         self.open_files = 0  # file handles; with the directory handles, against MAX_OPEN_FILES
         # asyncssh drops a directory handle at CLOSE without telling the server: each is counted while it lives
         self.listings: weakref.WeakSet[AsyncIterator[asyncssh.SFTPName]] = weakref.WeakSet()
@@ -389,7 +390,9 @@ class GatewaySFTP(asyncssh.SFTPServer):
     async def fsetstat(self, file_obj: object, attrs: asyncssh.SFTPAttrs) -> None:
         """ftruncate: a size cuts (or extends) the file being written; otherwise see setstat."""
         if attrs.size is not None:
-            await self._call(_opened(file_obj, WriteHandle, "writing").truncate(attrs.size))
+            writer = _opened(file_obj, WriteHandle, "writing")
+            self.unchanged.discard(writer)
+            await self._call(writer.truncate(attrs.size))
 
     def scandir(self, path: bytes) -> AsyncIterator[asyncssh.SFTPName]:
         self._take_handle(path)
@@ -443,6 +446,8 @@ class GatewaySFTP(asyncssh.SFTPServer):
                 ns, "sftp", self.who, keep=0 if pflags & asyncssh.FXF_TRUNC else None,
                 create=bool(pflags & asyncssh.FXF_CREAT), exclusive=bool(pflags & asyncssh.FXF_EXCL)))
             self.flags[handle] = pflags
+            if not pflags & (asyncssh.FXF_CREAT | asyncssh.FXF_TRUNC):
+                self.unchanged.add(handle)
         self.open_files += 1
         return handle
 
@@ -465,6 +470,7 @@ class GatewaySFTP(asyncssh.SFTPServer):
 
     async def write(self, file_obj: object, offset: int, data: bytes) -> int:
         writer = _opened(file_obj, WriteHandle, "writing")
+        self.unchanged.discard(writer)
         # FXF_APPEND: every write goes to the end, whatever offset the client sends (clients send 0)
         await self._call(writer.write(data, None if self.flags[writer] & asyncssh.FXF_APPEND else offset))
         return len(data)
@@ -479,6 +485,10 @@ class GatewaySFTP(asyncssh.SFTPServer):
         if self._client_left():
             # The client went away, or ended the SFTP session, before closing: not a completed upload.
             await writer.abort("session ended before close")
+            return
+        if writer in self.unchanged:  # storing the same bytes as a new version would upload them all again
+            self.unchanged.discard(writer)
+            await writer.abort("closed without a write: the stored file is kept as it was")
             return
         await self._call(writer.commit())
 
