@@ -14,7 +14,7 @@ import sqlite3
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Callable, Concatenate, Coroutine, Iterable, Iterator, ParamSpec, TypeVar
+from typing import Any, Callable, Concatenate, Coroutine, Hashable, Iterable, Iterator, ParamSpec, TypeVar
 
 import structlog
 
@@ -28,6 +28,7 @@ _N, _R, _P = 2**14, 8, 1
 T = TypeVar("T")
 P = ParamSpec("P")
 GUARD_FILE = "logins.sqlite"  # in the cache directory: LoginGuard's box-wide counts
+REFUSALS_EVERY = 60.0  # seconds: at most one event (and audit record) per refused address, user or session cap
 
 
 def hash_password(password: str) -> str:
@@ -81,6 +82,29 @@ def unmapped(address: str) -> str:
     return str(ip)
 
 
+class Every:
+    """At most one event per `seconds` for each key (a refused login's address, a session cap's reason): a client
+    repeating a refused request as fast as it can must fill neither the journal nor the audit trail (rotating its
+    own earlier records away). At most `kept` keys are remembered."""
+
+    def __init__(self, seconds: float, kept: int = 4096) -> None:
+        self.seconds, self.kept = seconds, kept
+        self._last: dict[Hashable, tuple[float, int]] = {}  # key → (its last event, held back since)
+
+    def due(self, key: Hashable) -> int | None:
+        """→ how many were held back since the key's last event, when one is due now; None when not."""
+        now = time.monotonic()
+        last, since = self._last.get(key, (-self.seconds, 0))
+        if now - last < self.seconds:
+            self._last[key] = (last, since + 1)
+            return None
+        if len(self._last) >= self.kept:  # forget the quiet ones (or all, when every one is busy)
+            for k in [k for k, (at, _) in self._last.items() if now - at >= self.seconds] or list(self._last):
+                del self._last[k]
+        self._last[key] = (now, 0)
+        return since
+
+
 def _on_thread(method: Callable[Concatenate[LoginGuard, P], T],
                ) -> Callable[Concatenate[LoginGuard, P], Coroutine[Any, Any, T]]:
     """The method runs on the guard's own thread, its callers await it: a wait for another process's lock
@@ -129,6 +153,7 @@ class LoginGuard:
         self._me = _process_identity(os.getpid())
         self._unreleased: list[int] = []  # slots whose release could not be recorded: retried with the next call
         self._gauged = float("-inf")
+        self._told = Every(REFUSALS_EVERY)  # refused logins logged and audited: (protocol, scope, key)
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="login-guard")  # one: calls run in order
         with self._tx():
             boot = self.db.execute("SELECT value FROM meta WHERE key = 'boot'").fetchone()
@@ -185,10 +210,13 @@ class LoginGuard:
                             "SELECT 1 FROM trusted WHERE user = ? AND address = ?", (user, address)).fetchone():
                         continue
                     self.metrics.login_refused.labels(protocol, scope).inc()
-                    log.warning("login_refused", protocol=protocol, user=user, peer=address,
-                                reason=f"{scope} banned")
-                    self.audit.record(Who(user, protocol, address), "login", "",
-                                      f"refused: {scope} temporarily banned")
+                    since = self._told.due((protocol, scope, key))
+                    if since is not None:
+                        log.warning("login_refused", protocol=protocol, user=user, peer=address,
+                                    reason=f"{scope} banned", refused_since=since)
+                        more = f" ({since} more since the last record)" if since else ""
+                        self.audit.record(Who(user, protocol, address), "login", "",
+                                          f"refused: {scope} temporarily banned{more}")
                     return f"too many failed logins: {scope} temporarily banned"
             return ""
         self.metrics.login_refused.labels(protocol, "unchecked").inc()

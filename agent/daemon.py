@@ -160,7 +160,7 @@ class Agent:
                 await self.http.start()
             if cfg.http.metrics_listen:
                 with _listening(cfg, "http.metrics_listen", cfg.http.metrics_listen):
-                    await self.http.start_scrape(cfg.http)
+                    await self.http.start_scrape(cfg.http, self._login_guard())
         if self.shares_ports:  # [server] workers > 1: the serving workers (agent.workers) beside this process
             self.workers = Supervisor(cfg, cfg.server.serving_processes(), self.recover_claims, self.s3)
             await self.workers.start()

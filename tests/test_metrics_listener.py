@@ -66,7 +66,7 @@ def test_metrics_over_tls_need_basic_auth(agent_factory, tmp_path):
     # TLS only: a plain-HTTP request to the port gets no metrics
     with pytest.raises((urllib.error.URLError, ConnectionError)):
         _get(f"http://127.0.0.1:{port}/metrics", None, ("prometheus", PASSWORD))
-    assert len(agent.wait_events("metrics_refused", 3)) >= 3
+    assert len(agent.wait_events("metrics_refused")) == 1  # one per address and minute
     assert PASSWORD not in agent.log_path.read_text()
 
 

@@ -3,6 +3,7 @@ attacker. Each test reproduces one attack that worked and checks it no longer do
 
 from __future__ import annotations
 
+import ftplib
 import socket
 import subprocess
 import time
@@ -27,6 +28,7 @@ from smbprotocol.open import (
 from smbprotocol.session import Session
 from smbprotocol.tree import TreeConnect
 from smbutil import Smb, create_for_write
+from test_ftp import ftp
 
 from agent.serve.fuse import MAX_OPEN_DIRS, MAX_OPEN_FILES
 from harness import PASSWORD
@@ -297,11 +299,33 @@ def test_a_rename_over_a_file_another_client_is_writing_is_refused(smb_agent):
             f.flush()
             with pytest.raises(ERRORS, match="ACCESS_DENIED"):
                 renamer.replace("report.dcm", dst)
+            with pytest.raises(ftplib.error_perm, match="^550"):  # FTP (and SFTP) too: the gateway refuses it
+                ftp(agent).rename("report.dcm", dst)
         assert writer.read(dst) == b"the image being written"
         assert writer.read("report.dcm") == b"the stored report"
     renamer.replace("report.dcm", "new.dcm")  # closed: replaced as before
     assert writer.read("new.dcm") == b"the stored report" and "report.dcm" not in writer.listdir()
     writer.close()
+    renamer.close()
+
+
+def test_a_rename_over_a_file_another_client_is_reading_is_refused(smb_agent):
+    """Windows refuses to replace a file another open holds without FILE_SHARE_DELETE; Samba refused it only when
+    both opens were in one smbd: from a second client the rename went through under the reader's feet. Now it is
+    ACCESS_DENIED while the other client has the file open; once closed, the rename replaces it."""
+    agent = smb_agent().start(timeout=180)
+    reader, renamer = Smb(agent), Smb(agent)  # two clients: two smbd processes
+    reader.write("image.dcm", b"the image being read")
+    reader.write("report.dcm", b"the stored report")
+    with smbclient.open_file(reader.p("image.dcm"), mode="rb", share_access="r", **reader.kw) as f:
+        assert f.read(4) == b"the "
+        with pytest.raises(ERRORS, match="ACCESS_DENIED"):
+            renamer.replace("report.dcm", "image.dcm")
+        assert f.read() == b"image being read"
+    assert reader.read("image.dcm") == b"the image being read"
+    renamer.replace("report.dcm", "image.dcm")  # closed: replaced as before
+    assert reader.read("image.dcm") == b"the stored report"
+    reader.close()
     renamer.close()
 
 

@@ -22,7 +22,6 @@ import asyncio
 import errno
 import ssl
 import stat
-import time
 from dataclasses import dataclass
 from typing import Callable
 
@@ -30,7 +29,7 @@ import asyncssh
 import structlog
 
 from agent.audit import Who, failure
-from agent.auth import LoginGuard
+from agent.auth import REFUSALS_EVERY, Every, LoginGuard
 from agent.auth import unmapped as unmapped  # FTP compares data-connection peers by it
 from agent.store.errors import (
     AlreadyExists,
@@ -92,6 +91,18 @@ def answer(e: GatewayError) -> Answer:
     return ANSWERS.get(type(e), ANSWERS[Unavailable])
 
 
+async def slash_checked(gw: Gateway, client_path: str, path: str, *, creates_file: bool = False,
+                        moved_from: str | None = None) -> None:
+    """A path ending in '/' names a directory (POSIX): not a file there, and no file made by it (`creates_file`,
+    or a file `moved_from` renamed to it). The slash was dropped: `STOR new/` stored `new`, `SIZE f/` sized f."""
+    if not client_path.endswith(("/", "/.")) or not path:
+        return
+    e = await gw.find(path)
+    if e is not None and not e.is_dir or e is None and (
+            creates_file or moved_from is not None and not (await gw.stat(moved_from)).is_dir):
+        raise NotADirectory(path, "a path ending in '/' names a directory")
+
+
 def report(gw: Gateway, protocol: str, who: Who | None, e: GatewayError, *, refused_here: bool = False,
            **context: object) -> None:
     """A gateway error on its way back to a client (`context`: what the protocol answered, e.g. its code)."""
@@ -117,9 +128,7 @@ async def login(gw: Gateway, guard: LoginGuard, protocol: str, who: Who, address
         await asyncio.sleep(wait)
 
 
-REFUSALS_EVERY = 60.0  # seconds: at most one session_refused event (and audit record) per protocol and reason
-_REASONS_KEPT = 4096  # reasons remembered at once (one per address or user over its cap)
-_refusals: dict[tuple[str, str], tuple[float, int]] = {}  # (protocol, reason) → (last event, refused since)
+_refusals = Every(REFUSALS_EVERY)  # session_refused events (and audit records): (protocol, reason)
 
 
 def refuse_session(gw: Gateway, protocol: str, who: Who, reason: str, kind: str = "SessionLimit") -> None:
@@ -129,15 +138,9 @@ def refuse_session(gw: Gateway, protocol: str, who: Who, reason: str, kind: str 
     cap as fast as it could wrote an event and an audit record each, filling the journal and rotating the
     audit trail (its own earlier records too) away."""
     gw.count_error(protocol, kind)
-    now, key = time.monotonic(), (protocol, reason)
-    last, since = _refusals.get(key, (-REFUSALS_EVERY, 0))
-    if now - last < REFUSALS_EVERY:
-        _refusals[key] = (last, since + 1)
+    since = _refusals.due((protocol, reason))
+    if since is None:
         return
-    if len(_refusals) >= _REASONS_KEPT:  # forget the quiet ones (or all, when every one is busy)
-        for k in [k for k, (at, _) in _refusals.items() if now - at >= REFUSALS_EVERY] or list(_refusals):
-            del _refusals[k]
-    _refusals[key] = (now, 0)
     log.warning("session_refused", protocol=protocol, user=who.user, peer=who.peer, reason=reason,
                 refused_since=since)
     more = f" ({since} more since the last record)" if since else ""

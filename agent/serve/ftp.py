@@ -73,6 +73,7 @@ PASSIVE_GRACE = 3.0  # on stop: how long a session told a passive port may take 
 
 PATH_COMMANDS = ("cwd", "dele", "list", "nlst", "mkd", "mlsd", "mlst", "rmd", "rnfr", "rnto", "stor", "appe", "retr",
                  "size", "mdtm")
+NEEDS_PATH = ("dele", "mkd", "rmd", "rnfr", "rnto", "stor", "appe", "retr", "size", "mdtm")  # no default (RFC 959)
 AIOFTP_COMMANDS = ("cdup", "cwd", "mlst", "quit", "syst", "type")  # aioftp's own handlers serve these
 OWN_COMMANDS = ("auth", "pbsz", "prot", "user", "pass", "stor", "appe", "retr", "list", "mlsd", "nlst", "dele", "mkd",
                 "pwd", "rmd", "rnfr", "rnto", "size", "mdtm", "feat", "opts", "noop", "rest", "abor")  # on_<name> below
@@ -535,7 +536,7 @@ class FtpServer(aioftp.Server):
         own: dict[str, Handler] = {name: getattr(self, f"on_{name}") for name in OWN_COMMANDS}
         self.immediate: dict[str, Immediate] = {"pasv": self.on_pasv, "epsv": self.on_epsv}
         handlers: dict[str, Handler] = {name: self.commands_mapping[name] for name in AIOFTP_COMMANDS} | own
-        self.handlers = {name: self._guarded(h) if name in PATH_COMMANDS else h for name, h in handlers.items()}
+        self.handlers = {name: self._guarded(h, name) if name in PATH_COMMANDS else h for name, h in handlers.items()}
 
     # --- sessions ----------------------------------------------------------------------------------
 
@@ -632,6 +633,8 @@ class FtpServer(aioftp.Server):
                     cmd, rest = await self._read_command(reader, writer, idle)  # a closed connection raises
                     if cmd != "abor" and commands:  # one at a time, in order (RFC 959): ABOR alone runs beside
                         await asyncio.wait(commands)  # a transfer; QUIT waits for its reply (the upload is kept)
+                    if cmd != "rnto":  # RFC 959: RNTO must follow RNFR at once; any other command forgets the RNFR
+                        del connection.rename_from
                     if self.draining and not commands:  # RFC 959 allows 421 as the answer to any command
                         respond("421", "service restarting; try again later")
                         return
@@ -937,13 +940,20 @@ class FtpServer(aioftp.Server):
             session.resolved = key, resolve(self.roots.get(key[0], "/"), key[1], rest)
         return session.resolved[1]
 
-    def _guarded(self, handler: Handler) -> Handler:
-        """Refuse bad paths before aioftp sees them; map gateway errors raised inside a command."""
+    def _guarded(self, handler: Handler, name: str) -> Handler:
+        """Refuse bad paths before aioftp sees them (and a path ending in '/' that names no directory: STOR, APPE and
+        a file's RNTO would make a file by it); map gateway errors raised inside a command."""
+        creates_file = name in ("stor", "appe")
+
         @functools.wraps(handler)
         async def run(connection: aioftp.Connection, rest: str) -> bool:
+            if connection.future.logged.done() and not rest and name in NEEDS_PATH:  # not the current directory
+                return replied(connection, "501", f"{name.upper()} needs a pathname")
             if connection.future.logged.done() and rest:
+                moved = connection.rename_from if name == "rnto" and connection.future.rename_from.done() else None
                 try:
-                    self._resolve(connection, rest)
+                    await contract.slash_checked(self.gateway, rest, self._resolve(connection, rest),
+                                                 creates_file=creates_file, moved_from=moved)
                 except GatewayError as e:
                     return self._fail(connection, e, refused_here=True)
             try:

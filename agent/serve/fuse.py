@@ -352,11 +352,13 @@ class GatewayFS(pyfuse3.Operations):
         if not replace and dst in self._writing:  # a file being written, not yet committed, holds the name
             raise pyfuse3.FUSEError(errno.EEXIST)
         held = self._writing.get(dst)
-        if held is not None and held.writer is not None and not held.committed:
-            # Open for writing: a rename may not replace it (Windows, MS-FSA 2.1.5.14.11). Samba refuses it
-            # itself only when both opens are in one smbd (one client connection): from another client the
-            # rename went through, then the writer's close stored its file over the one renamed there, which
-            # was gone under both names while both clients had heard success.
+        if held is not None and held.writer is not None and not held.committed or any(
+                f.path == dst and f.pid != ctx.pid for f in self._files.values()):
+            # Open for writing, or open in another smbd: a rename may not replace it (Windows, MS-FSA
+            # 2.1.5.14.11). Samba refuses it itself only when both opens are in one smbd (one client connection):
+            # from another client the rename went through, under a reader's feet, or then the writer's close
+            # stored its file over the one renamed there, which was gone under both names while both clients
+            # had heard success.
             raise pyfuse3.FUSEError(errno.EACCES)
         op = self._writing.get(src)
         if await self.gw.find(src) is not None:

@@ -21,7 +21,7 @@ import structlog
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
-from agent.auth import verify_password
+from agent.auth import REFUSALS_EVERY, Every, LoginGuard, unmapped, verify_password
 from agent.config import HttpConfig
 from agent.serve.contract import tls_context
 
@@ -168,9 +168,9 @@ class HttpServer:
         await self._runner.setup()
         await web.TCPSite(self._runner, self.host, self.port).start()
 
-    async def start_scrape(self, cfg: HttpConfig) -> None:
+    async def start_scrape(self, cfg: HttpConfig, guard: LoginGuard) -> None:
         """The /metrics-only listener of http.metrics_listen, for the central Prometheus."""
-        self._scrape = ScrapeListener(cfg, self.metrics)
+        self._scrape = ScrapeListener(cfg, self.metrics, guard)
         await self._scrape.start()
 
     async def close(self) -> None:
@@ -220,11 +220,15 @@ class HttpServer:
 class ScrapeListener:
     """/metrics and nothing else on http.metrics_listen, reachable from the monitoring subnet: over TLS when
     metrics_tls_cert is set, behind basic auth when metrics_user is. The status page, /healthz and admin
-    requests stay on http.listen."""
+    requests stay on http.listen. Wrong passwords meet the box's LoginGuard like every other listener's: each
+    delays its answer, more of them ban the address (and lock the user but from the addresses it scraped from):
+    guesses then get their 401 without a password check, so they no longer queue a right one behind them."""
 
-    def __init__(self, cfg: HttpConfig, metrics: Callable[[web.Request], Awaitable[web.Response]]) -> None:
+    def __init__(self, cfg: HttpConfig, metrics: Callable[[web.Request], Awaitable[web.Response]],
+                 guard: LoginGuard) -> None:
         assert cfg.metrics_listen is not None
-        self.cfg, self._metrics = cfg, metrics
+        self.cfg, self._metrics, self.guard = cfg, metrics, guard
+        self._told = Every(REFUSALS_EVERY)  # metrics_refused events, per address: 401s come as fast as asked for
         self._checked = ""               # the last Authorization header that verified: skips scrypt per scrape
         self._verifying = asyncio.Lock()  # one scrypt at a time: guessing costs the box one core at most
         app = web.Application()
@@ -248,15 +252,15 @@ class ScrapeListener:
         await self._runner.cleanup()
 
     async def metrics(self, request: web.Request) -> web.Response:
-        if self.cfg.metrics_user and not await self._authorized(request.headers.get("Authorization", "")):
-            log.warning("metrics_refused", peer=request.remote, reason="no or wrong basic auth")
+        address = unmapped(request.remote or "")
+        if self.cfg.metrics_user and not await self._authorized(request.headers.get("Authorization", ""), address):
+            if (since := self._told.due(address)) is not None:
+                log.warning("metrics_refused", peer=address, reason="no or wrong basic auth", refused_since=since)
             return web.Response(status=401, text="basic auth required\n",
                                 headers={"WWW-Authenticate": 'Basic realm="pacsgw metrics", charset="UTF-8"'})
         return await self._metrics(request)
 
-    async def _authorized(self, header: str) -> bool:
-        if self._checked and hmac.compare_digest(_raw(header), _raw(self._checked)):
-            return True
+    async def _authorized(self, header: str, address: str) -> bool:
         scheme, _, encoded = header.partition(" ")
         try:
             user, sep, password = base64.b64decode(_raw(encoded.strip()), validate=True).decode().partition(":")
@@ -264,10 +268,21 @@ class ScrapeListener:
             return False
         if scheme.lower() != "basic" or not sep:
             return False
+        # A banned address is refused unchecked, before the header that verified last is compared: that compare
+        # answered a banned guesser's guesses as well as a password check
+        if await self.guard.refusal(user, address, "metrics"):
+            return False
+        if self._checked and hmac.compare_digest(_raw(header), _raw(self._checked)):
+            return True
         async with self._verifying:
+            if await self.guard.refusal(user, address, "metrics"):  # banned while it queued here: no scrypt
+                return False
             ok = await asyncio.to_thread(verify_password, password, encoded=self.cfg.metrics_password_hash)
         if not (ok and hmac.compare_digest(user.encode(), self.cfg.metrics_user.encode())):
+            log.warning("login_failed", protocol="metrics", user=user, peer=address)
+            await asyncio.sleep(await self.guard.failed(user, address, "metrics"))
             return False
+        await self.guard.succeeded(user, address)
         self._checked = header
         return True
 

@@ -24,9 +24,9 @@ from agent.audit import Who
 from agent.auth import LoginGuard, Passwords, unmapped
 from agent.config import Config, SftpConfig
 from agent.records import Entry
-from agent.serve.contract import answer, login, refuse_session, report, st_mode
+from agent.serve.contract import answer, login, refuse_session, report, slash_checked, st_mode
 from agent.serve.startups import Startup, Startups
-from agent.store.errors import GatewayError
+from agent.store.errors import GatewayError, PermissionDenied
 from agent.store.gateway import Gateway, ReadHandle, WriteHandle
 from agent.store.paths import resolve
 
@@ -321,7 +321,8 @@ class GatewaySFTP(asyncssh.SFTPServer):
         self.user = chan.get_extra_info("username")
         self.root = self.roots[self.user]
         self.who = Who(self.user, "sftp", _peer(chan))
-        self.appending: set[WriteHandle] = set()  # opened with FXF_APPEND
+        self.flags: dict[WriteHandle, int] = {}  # the pflags a file open for writing was opened with
+        self.unchanged: set[WriteHandle] = set()  # opened on the stored file ("r+"), nothing written yet
         self.open_files = 0  # file handles; with the directory handles, against MAX_OPEN_FILES
         # asyncssh drops a directory handle at CLOSE without telling the server: each is counted while it lives
         self.listings: weakref.WeakSet[AsyncIterator[asyncssh.SFTPName]] = weakref.WeakSet()
@@ -334,8 +335,21 @@ class GatewaySFTP(asyncssh.SFTPServer):
         try:
             return resolve(self.root, "/", text)
         except GatewayError as e:
-            report(self.gateway, "sftp", self.who, e, refused_here=True)
-            raise answer(e).sftp(e.reason) from None
+            raise self._refused(e) from None
+
+    async def _path(self, path: bytes, *, creates_file: bool = False, moved_from: str | None = None) -> str:
+        """_ns, and a path ending in '/' names a directory (contract.slash_checked)."""
+        ns = self._ns(path)
+        try:
+            await slash_checked(self.gateway, path.decode(), ns, creates_file=creates_file, moved_from=moved_from)
+        except GatewayError as e:
+            raise self._refused(e) from None
+        return ns
+
+    def _refused(self, e: GatewayError) -> asyncssh.SFTPError:
+        """A request refused here, before the gateway saw it."""
+        report(self.gateway, "sftp", self.who, e, refused_here=True)
+        return answer(e).sftp(e.reason)
 
     async def _call(self, coro: Awaitable[T]) -> T:
         try:
@@ -353,7 +367,7 @@ class GatewaySFTP(asyncssh.SFTPServer):
         return ("/" + rel).encode()
 
     async def stat(self, path: bytes) -> asyncssh.SFTPAttrs:
-        return _attrs(await self._call(self.gateway.stat(self._ns(path))))
+        return _attrs(await self._call(self.gateway.stat(await self._path(path))))
 
     lstat = stat
 
@@ -367,7 +381,7 @@ class GatewaySFTP(asyncssh.SFTPServer):
         """A size truncates (or extends with zeros) the stored file: a new version is committed. Times and
         modes are accepted and ignored: the object store keeps its own (for a valid path inside the user's
         root: a path that escapes gets the usual error; some clients set them on a file still being written)."""
-        ns = self._ns(path)
+        ns = await self._path(path)
         if attrs.size is not None:
             await self._call(self.gateway.truncate(ns, attrs.size, "sftp", self.who))
 
@@ -376,7 +390,9 @@ class GatewaySFTP(asyncssh.SFTPServer):
     async def fsetstat(self, file_obj: object, attrs: asyncssh.SFTPAttrs) -> None:
         """ftruncate: a size cuts (or extends) the file being written; otherwise see setstat."""
         if attrs.size is not None:
-            await self._call(_opened(file_obj, WriteHandle, "writing").truncate(attrs.size))
+            writer = _opened(file_obj, WriteHandle, "writing")
+            self.unchanged.discard(writer)
+            await self._call(writer.truncate(attrs.size))
 
     def scandir(self, path: bytes) -> AsyncIterator[asyncssh.SFTPName]:
         self._take_handle(path)
@@ -392,7 +408,7 @@ class GatewaySFTP(asyncssh.SFTPServer):
         return listing
 
     async def _listing(self, path: bytes) -> AsyncIterator[asyncssh.SFTPName]:
-        entries = await self._call(self.gateway.listdir(self._ns(path), self.who))
+        entries = await self._call(self.gateway.listdir(await self._path(path), self.who))
         for e in entries:
             yield asyncssh.SFTPName(e.name.encode(), attrs=_attrs(e))
 
@@ -403,28 +419,35 @@ class GatewaySFTP(asyncssh.SFTPServer):
         await self._call(self.gateway.rmdir(self._ns(path), self.who))
 
     async def remove(self, path: bytes) -> None:
-        await self._call(self.gateway.delete(self._ns(path), self.who))
+        await self._call(self.gateway.delete(await self._path(path), self.who))
 
     async def rename(self, oldpath: bytes, newpath: bytes) -> None:
         """SFTPv3 rename refuses to replace an existing target; posix_rename replaces it."""
-        await self._call(self.gateway.rename(self._ns(oldpath), self._ns(newpath), self.who, replace=False))
+        await self._rename(oldpath, newpath, replace=False)
 
     async def posix_rename(self, oldpath: bytes, newpath: bytes) -> None:
-        await self._call(self.gateway.rename(self._ns(oldpath), self._ns(newpath), self.who))
+        await self._rename(oldpath, newpath)
+
+    async def _rename(self, oldpath: bytes, newpath: bytes, replace: bool = True) -> None:
+        src = await self._path(oldpath)
+        await self._call(self.gateway.rename(src, await self._path(newpath, moved_from=src), self.who,
+                                             replace=replace))
 
     # --- files -----------------------------------------------------------------------------------
 
     async def open(self, path: bytes, pflags: int, attrs: asyncssh.SFTPAttrs) -> ReadHandle | WriteHandle:
-        ns = self._ns(path)
+        writing = bool(pflags & (asyncssh.FXF_WRITE | asyncssh.FXF_APPEND))
+        ns = await self._path(path, creates_file=writing)
         self._take_handle(path)
-        if not pflags & (asyncssh.FXF_WRITE | asyncssh.FXF_APPEND):
+        if not writing:
             handle: ReadHandle | WriteHandle = await self._call(self.gateway.open_read(ns, "sftp", self.who))
         else:
             handle = await self._call(self.gateway.open_for_write(
                 ns, "sftp", self.who, keep=0 if pflags & asyncssh.FXF_TRUNC else None,
                 create=bool(pflags & asyncssh.FXF_CREAT), exclusive=bool(pflags & asyncssh.FXF_EXCL)))
-            if pflags & asyncssh.FXF_APPEND:
-                self.appending.add(handle)
+            self.flags[handle] = pflags
+            if not pflags & (asyncssh.FXF_CREAT | asyncssh.FXF_TRUNC):
+                self.unchanged.add(handle)
         self.open_files += 1
         return handle
 
@@ -438,12 +461,18 @@ class GatewaySFTP(asyncssh.SFTPServer):
             raise asyncssh.SFTPFailure(f"too many open files in this session (limit {MAX_OPEN_FILES})")
 
     async def read(self, file_obj: object, offset: int, size: int) -> bytes:
+        if isinstance(file_obj, WriteHandle) and self.flags[file_obj] & asyncssh.FXF_READ:
+            # "r+": what the file holds so far, the stored bytes it started with too (those need the 'read' right)
+            if not self.gateway.allowed(self.who, "read"):
+                raise self._refused(PermissionDenied(file_obj.path, f"user {self.user} lacks the 'read' permission"))
+            return await self._call(file_obj.read_back(offset, min(size, MAX_READ)))
         return await self._call(_opened(file_obj, ReadHandle, "reading").read(offset, min(size, MAX_READ)))
 
     async def write(self, file_obj: object, offset: int, data: bytes) -> int:
         writer = _opened(file_obj, WriteHandle, "writing")
+        self.unchanged.discard(writer)
         # FXF_APPEND: every write goes to the end, whatever offset the client sends (clients send 0)
-        await self._call(writer.write(data, None if writer in self.appending else offset))
+        await self._call(writer.write(data, None if self.flags[writer] & asyncssh.FXF_APPEND else offset))
         return len(data)
 
     async def close(self, file_obj: object) -> None:
@@ -452,10 +481,14 @@ class GatewaySFTP(asyncssh.SFTPServer):
             await file_obj.close()
             return
         writer = _opened(file_obj, WriteHandle, "writing")
-        self.appending.discard(writer)
+        self.flags.pop(writer)
         if self._client_left():
             # The client went away, or ended the SFTP session, before closing: not a completed upload.
             await writer.abort("session ended before close")
+            return
+        if writer in self.unchanged:  # storing the same bytes as a new version would upload them all again
+            self.unchanged.discard(writer)
+            await writer.abort("closed without a write: the stored file is kept as it was")
             return
         await self._call(writer.commit())
 

@@ -474,7 +474,7 @@ class Gateway:
         self.refusals, self.access, self.evictor, self.on_stored = refusals, access, evictor, on_stored
         self._fills: dict[str, _Fill] = {}
         self._listings: dict[str, asyncio.Future[None]] = {}
-        self._active_writes = 0
+        self._writes: set[WriteHandle] = set()  # open, neither committed nor aborted yet
         self._unfinished: dict[str, int] = {}  # user → the `counted` bytes of its files being written
         self._body_room = BODY_BUDGET
         self._writes_idle = asyncio.Event()
@@ -707,6 +707,8 @@ class Gateway:
             self._movable(src)
             self._movable(dst)
             check_creatable(dst, dst)
+            if any(w.path == dst for w in self._writes):  # its commit would replace what is renamed there
+                raise PermissionDenied(dst, "the target is being written by another upload; try again later")
             e = await self.stat(src)
             await self.worm.check_mutable(e, time.time())
             if e.is_dir:
@@ -754,7 +756,7 @@ class Gateway:
                     raise PermissionDenied(path, "replacing a stored file needs the 'delete' permission")
             blob, fd = await self._new_staging()
         handle = WriteHandle(self, path, blob, fd, protocol, who)
-        self._active_writes += 1
+        self._writes.add(handle)
         self._writes_idle.clear()
         if offset:
             if existing is None:
@@ -821,7 +823,7 @@ class Gateway:
 
     @property
     def active_writes(self) -> int:
-        return self._active_writes
+        return len(self._writes)
 
     def hold(self, nbytes: int, size: int) -> bool:
         """Whether a write-through file may keep nbytes more of its bytes in memory (it has size bytes then)."""
@@ -858,8 +860,8 @@ class Gateway:
         left = self._unfinished.pop(handle.user, 0) - handle.counted
         if left:
             self._unfinished[handle.user] = left
-        self._active_writes -= 1
-        if not self._active_writes:
+        self._writes.discard(handle)
+        if not self._writes:
             self._writes_idle.set()
 
     async def wait_writes_idle(self, timeout: float) -> bool:
