@@ -44,6 +44,7 @@ from agent.store.evictor import Evictor
 from agent.store.gateway import Gateway, Refusals
 from agent.store.scrub import Scrubber
 from agent.store.worm import WormPolicy
+from agent.supervise import CRASH_SHOWN_SECONDS, Loops
 from agent.uplink.line import Line
 from agent.uplink.s3 import S3Uplink
 from agent.uplink.uploader import Uploader
@@ -96,7 +97,7 @@ class Agent:
         self.http: HttpServer | None = None
         self.workers: Supervisor | None = None  # [server] workers > 1
         self.logins: LoginGuard | None = None
-        self._loops: list[asyncio.Task[Any]] = []  # background loops, cancelled by stop (a worker's: pressure only)
+        self.loops = Loops(self.metrics)  # background loops, restarted after a crash (a worker's: pressure only)
 
     async def start(self) -> None:
         cfg = self.cfg
@@ -118,7 +119,7 @@ class Agent:
         await self.line.start()
         self.audit = AuditLog(Path(cfg.audit.path), cfg.audit.max_bytes, cfg.audit.keep, cfg.audit.enabled)
         if cfg.audit.enabled and cfg.audit.ship:
-            self._loop(AuditShipper(self.audit, self.s3, cfg.audit.ship_prefix).run(), "audit-ship")
+            self._loop(AuditShipper(self.audit, self.s3, cfg.audit.ship_prefix).run, "audit-ship")
         # prior prefetch hears of every store; self.priors is built below, before any front end serves
         await self._start_gateway((lambda path, content: self.priors.on_stored(path, content))
                                   if cfg.prefetch.priors else None)
@@ -131,20 +132,20 @@ class Agent:
         def active() -> bool:
             return self.ha is None or self.ha.state.role == "active"
         if cfg.dicom.snapshot_interval:
-            self._loop(SnapshotSchedule(cfg, active).run(), "index-snapshot")
+            self._loop(SnapshotSchedule(cfg, active).run, "index-snapshot")
         if cfg.dicom.snapshot_interval and cfg.dicom.delta_interval:
-            self._loop(DeltaShipper(cfg, self.db, self.s3, active).run(), "index-deltas")
+            self._loop(DeltaShipper(cfg, self.db, self.s3, active).run, "index-deltas")
         fetcher = Fetcher(self.gateway, self.db, lambda: self.monitor.current.level)
         stack = stack_for(cfg)   # one policy stack: the evictor and the prior-study planner share it
         self.evictor.use(stack, cfg.prefetch.study_depth)
-        self._loop(self.evictor.run(), "evict")
+        self._loop(self.evictor.run, "evict")
         self.prefetcher = DirPrefetcher(cfg, self.db, self.gateway, fetcher)
         if cfg.prefetch.enabled:
-            self._loop(self.prefetcher.loop(), "prefetch")
+            self._loop(self.prefetcher.loop, "prefetch")
         self.priors = PriorFetcher(cfg, self.db, self.gateway, fetcher, stack)
         self.scrubber = Scrubber(self.db, self.cache, cfg.scrub.rate, cfg.scrub.pause_seconds)
         if cfg.scrub.enabled:
-            self._loop(self.scrubber.run(), "scrub")
+            self._loop(self.scrubber.run, "scrub")
         await self._serve_ftp_sftp()
         if cfg.smb.enabled:
             from agent.serve.smb import SmbService
@@ -196,13 +197,13 @@ class Agent:
                                worm=self.worm, access=access, evictor=self.evictor, refusals=self.refusals,
                                on_stored=on_stored)
         await self.evictor.prepare()  # before any front end serves; a full disk makes a worker evict too
-        self._loop(self.gateway.flush_access(), "access-flush")
+        self._loop(self.gateway.flush_access, "access-flush")
         self.monitor = PressureMonitor(cfg, self.db, self.cache, self.gateway, self.line, self.metrics, self.refusals)
         await self.monitor.sample()
-        self._loop(self.monitor.run(), "pressure")
+        self._loop(self.monitor.run, "pressure")
 
-    def _loop(self, coro: Coroutine[Any, Any, Any], name: str) -> None:
-        self._loops.append(asyncio.create_task(coro, name=name))
+    def _loop(self, loop: Callable[[], Coroutine[Any, Any, Any]], name: str) -> None:
+        self.loops.start(name, loop)
 
     def _login_guard(self) -> LoginGuard:
         """One count of failed logins and sessions for every front end of every serving process of the box."""
@@ -263,8 +264,7 @@ class Agent:
                 await listener.close()
         if self.smb:
             await self.smb.stop()
-        for task in self._loops:
-            task.cancel()
+        await self.loops.stop()
         if self.ha:
             await self.ha.stop()
         await self.uploader.stop(max(1.0, drain_seconds - (time.monotonic() - t0)))
@@ -317,7 +317,10 @@ class Agent:
             h["ha"] = self.ha.health(totals.queue_files, self.draining)
         if self.workers is not None:
             h["workers"] = self.workers.status()
+        h["loops"] = self.loops.status() | self.uploader.loops.status() | (self.ha.loops.status() if self.ha else {})
         h["status"], h["reasons"] = judge(h, self.cfg.cache.min_free_bytes)
+        h["reasons"] += [f"background loop {name} crashed {s['crashes']} times, last: {s['last_error']}"
+                         for name, s in h["loops"].items() if time.time() - s["last_crash"] < CRASH_SHOWN_SECONDS]
         return h
 
     def prefetch_health(self) -> dict[str, Any]:
@@ -349,7 +352,7 @@ class Agent:
         if self.monitor.current.level >= Level.HIGH:
             return 409, {"error": f"prefetch paused: pressure {self.monitor.current.level} "
                                   f"({'; '.join(self.monitor.current.reasons)})"}
-        self._loop(self.prefetcher.run(), "prefetch-now")
+        self._loop(self.prefetcher.run, "prefetch-now")
         await asyncio.sleep(0)  # let it take the lock and mark itself running before we answer
         return 202, {"started": True}
 

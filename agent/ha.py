@@ -30,6 +30,7 @@ from agent.metrics import Metrics
 from agent.store.cache import Cache
 from agent.store.catalog import AsyncCatalog
 from agent.store.gateway import Gateway, Refusals
+from agent.supervise import Loops
 from agent.uplink.s3 import S3Uplink, error_code
 from agent.uplink.uploader import HA_DIR, PARKED, Uploader
 
@@ -105,7 +106,7 @@ class HaMonitor:
         self.state = HaState()
         self._boot = psutil.boot_time()
         self._follow_lock = asyncio.Lock()
-        self._tasks: list[asyncio.Task] = []
+        self.loops = Loops(metrics)  # restarted after a crash: a dead watcher left the box in its role for ever
         r = metrics.registry
         gauge = functools.partial(Gauge, registry=r)
         self.m_active = gauge("pacsgw_ha_active", "1 when this box is the active box of its HA pair")
@@ -119,16 +120,14 @@ class HaMonitor:
     async def start(self) -> None:
         self.refusals.write = STANDBY_REFUSAL
         self._apply(read_role_file(Path(self.cfg.role_file), self._boot))
-        self._tasks = [asyncio.create_task(self._watch_role(), name="ha-role"),
-                       asyncio.create_task(self._follow_loop(), name="ha-follow"),
-                       asyncio.create_task(self._watch_line(), name="ha-line")]
+        for name, loop in (("ha-role", self._watch_role), ("ha-follow", self._follow_loop),
+                           ("ha-line", self._watch_line)):
+            self.loops.start(name, loop)
         if self.cfg.peer:
-            self._tasks.append(asyncio.create_task(self._watch_peer(), name="ha-peer"))
+            self.loops.start("ha-peer", self._watch_peer)
 
     async def stop(self) -> None:
-        for t in self._tasks:
-            t.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.loops.stop()
 
     # --- the role -------------------------------------------------------------------------------
 
@@ -156,7 +155,7 @@ class HaMonitor:
             self.m_takeovers.inc()
             self.m_last_takeover.set(now)
             # files the old active box stored after the last follow: every directory is listed again on its next use
-            self._tasks.append(asyncio.create_task(self.db.unlist_all(), name="ha-unlist"))
+            self.loops.start("ha-unlist", self.db.unlist_all)
         log.warning("ha_takeover" if role == "active" else "ha_standby", role=role, previous=previous,
                     keepalived=keepalived_state)
         self.audit.record(SYSTEM, "ha_role", "/", role=role, previous=previous, keepalived=keepalived_state)

@@ -25,6 +25,8 @@ class Metrics:
         self.ack_seconds = histogram("pacsgw_close_to_ack_seconds", "From client close to success reply", ["protocol"])
         self.fetch_seconds = histogram("pacsgw_fetch_seconds", "Time to fetch one object")
         self.errors = counter("pacsgw_errors", "Errors returned to clients", ["protocol", "kind"])
+        self.loop_crashes = counter("pacsgw_loop_crashes",
+                                    "Background loops ended by an unexpected exception (each started again)", ["loop"])
         self.evictions = counter("pacsgw_evictions", "Cached copies dropped")
         self.evicted_bytes = counter("pacsgw_evicted_bytes", "Bytes of cached copies dropped")
         self.prefetched_files = counter("pacsgw_prefetched_files", "Files fetched ahead of any read")

@@ -16,7 +16,7 @@ AGENT = Path(__file__).resolve().parents[1] / "agent"
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     # agent.audit imports nothing of the agent: the login guard (agent.auth) records bans through it.
     ("base", ("agent", "agent.records", "agent.config", "agent.auth", "agent.audit", "agent.metrics", "agent.logs",
-              "agent.hahook")),
+              "agent.hahook", "agent.supervise")),
     ("policy", ("agent.policy",)),
     ("uplink", ("agent.uplink",)),
     # agent.dicom reads headers and decides retention above the uplink: the uplink gets what it needs handed in.

@@ -16,7 +16,7 @@ import pytest
 from s3fault import FaultProxy
 from test_fault_coldread import evict_cli
 
-from faultkit import ftp_get, ftp_login, ftp_put, payload, wait_for
+from faultkit import ftp_get, ftp_login, ftp_put, metric, payload, wait_for
 from harness import s3_objects, sha256
 
 
@@ -467,4 +467,40 @@ def test_a_delete_on_the_wire_at_kill_9_that_lands_after_a_new_file_took_the_key
         wait_for(lambda: s3_objects(seaweed, a.prefix).get("CT/a.dcm", {}).get("sha256") == sha256(new), 30,
                  what="the new file in S3 again")
     assert {k: v["sha256"] for k, v in s3_objects(seaweed, a.prefix).items()} == {"CT/a.dcm": sha256(new)}
+    ftp.quit()
+
+
+def test_the_uploaders_loops_outlive_a_catalog_another_process_holds(agent_factory, seaweed, proxy):
+    """Another process (an administrator's sqlite3 shell, a long `pacsgw` command) holds the catalog's write lock
+    longer than its busy timeout (10 s) just as the line comes back: the dispatcher's claim and the tombstone loop's
+    write fail with 'database is locked'. Both loops died of it, silently (nothing logged until shutdown): the queued
+    file was never uploaded, the deleted file's object never deleted, while /healthz said ok. They must log the
+    crash, count it and start again. The line is made to fail by the proxy (fail_all) so that work waits for it."""
+    import sqlite3
+
+    a = agent_factory(**{"uplink.endpoint_url": proxy.endpoint_url, "uplink.write_mode": "back"}).start()
+    ftp = ftp_login(a)
+    old, new = payload("old", 20_000), payload("new", 21_000)
+    assert ftp_put(ftp, "CT/old.dcm", old).startswith("226")
+    a.wait_drained(60)
+    proxy.fail_all = True
+    ftp.delete("CT/old.dcm")
+    assert ftp_put(ftp, "CT/new.dcm", new).startswith("226")
+    wait_for(lambda: not a.health()["uplink"]["reachable"], 30, what="the line down, the work queued")
+    other = sqlite3.connect(a.workdir / "cache" / "catalog.sqlite", isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")  # the other process's write transaction
+    try:
+        proxy.fail_all = False
+        wait_for(lambda: {e.get("loop") for e in a.events("loop_crashed")} >= {"upload-dispatch", "tombstones"}, 60,
+                 what="both loops hit the locked catalog")
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+    crash = next(e for e in a.events("loop_crashed") if e.get("loop") == "tombstones")
+    assert crash["level"] == "error" and "database is locked" in crash["detail"], crash
+    a.wait_drained(60)
+    assert {k: v["sha256"] for k, v in s3_objects(seaweed, a.prefix).items()} == {"CT/new.dcm": sha256(new)}
+    loops = a.health()["loops"]
+    assert loops["tombstones"]["crashes"] >= 1 and "database is locked" in loops["tombstones"]["last_error"], loops
+    assert metric(a, "pacsgw_loop_crashes_total") >= 2
     ftp.quit()

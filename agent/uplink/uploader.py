@@ -31,6 +31,7 @@ import structlog
 
 from agent.metrics import Metrics
 from agent.records import MAX_NAME_BYTES, S3_KEY_BYTES, Entry, Header, Lock, ObjectMeta, index_row
+from agent.supervise import Loops
 from agent.uplink.encoding import logical_size, worth_compressing
 from agent.uplink.line import Line, backoff
 from agent.uplink.s3 import (
@@ -117,7 +118,7 @@ class Uploader:
         self._wake = asyncio.Event()
         self._key_locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
         self._tasks: set[asyncio.Task[bool]] = set()
-        self._loops: list[asyncio.Task[None]] = []
+        self.loops = Loops(metrics)  # the dispatcher and the tombstone loop, restarted if one crashes
         self._starved = False  # the dispatcher stopped for want of room: a finished transfer wakes it
         line.watch(self.wake)
         # In an HA pair (agent/ha.py) every PUT is conditional: never over an object this box did not know.
@@ -129,18 +130,17 @@ class Uploader:
         resumed = await self.db.reset_uploading()
         if resumed:
             log.info("uploads_resumed", files=resumed)
-        self._loops = [asyncio.create_task(self._dispatch(), name="upload-dispatch"),
-                       asyncio.create_task(self._tombstones(), name="tombstones")]
+        self.loops.start("upload-dispatch", self._dispatch)
+        self.loops.start("tombstones", self._tombstones)
 
     async def stop(self, timeout: float) -> None:
         """Let in-flight transfers finish (up to timeout); what remains stays queued in the catalog."""
-        for t in self._loops:
-            t.cancel()
+        await self.loops.stop()
         if self._tasks:
             await asyncio.wait(self._tasks, timeout=timeout)
         for task in self._tasks:
             task.cancel()
-        await asyncio.gather(*self._loops, *self._tasks, return_exceptions=True)
+        await asyncio.gather(*self._tasks, return_exceptions=True)
 
     def wake(self) -> None:
         self._wake.set()

@@ -1,0 +1,79 @@
+"""Background loops that outlive an unexpected exception.
+
+A loop (the upload dispatcher, the tombstone loop, the HA watchers, the daemon's housekeeping) that raised
+ended its task silently: nothing was logged until shutdown, and its work stopped for ever while /healthz said
+ok (seen with a catalog another process held locked past its busy timeout). Each loop now runs under a
+supervisor: an unexpected exception is logged (`loop_crashed`, with its traceback), counted
+(pacsgw_loop_crashes_total{loop}), shown on /healthz (`loops`), and the loop starts again after a backoff.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import asdict, dataclass
+from typing import Any, Awaitable, Callable
+
+import structlog
+
+from agent.metrics import Metrics
+
+log = structlog.get_logger("pacsgw.loops")
+
+RESTART_CAP = 60.0  # the longest wait before a loop that keeps crashing starts again
+STEADY_SECONDS = 300.0  # a loop that ran this long before crashing starts again at once (its backoff resets)
+CRASH_SHOWN_SECONDS = 3600.0  # /healthz names a loop's crash among its reasons this long
+
+
+@dataclass
+class LoopState:
+    crashes: int = 0
+    last_error: str = ""
+    last_crash: float = 0.0  # time.time() of the last crash
+    restarting: bool = False  # waiting out its backoff
+
+
+class Loops:
+    """The background loops of one part of the agent, each started again after an unexpected exception."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+        self.tasks: list[asyncio.Task[None]] = []
+        self.state: dict[str, LoopState] = {}
+
+    def start(self, name: str, loop: Callable[[], Awaitable[None]]) -> asyncio.Task[None]:
+        """Run loop() as a task named name; a loop that returns is done (e.g. a one-shot run), one that raises
+        is called again."""
+        task = asyncio.create_task(self._keep(name, loop), name=name)
+        self.tasks.append(task)
+        return task
+
+    async def _keep(self, name: str, loop: Callable[[], Awaitable[None]]) -> None:
+        state = self.state.setdefault(name, LoopState())
+        in_a_row = 0
+        while True:
+            started = time.monotonic()
+            try:
+                await loop()
+                return
+            except Exception as exc:  # anything but a cancel: the loop must go on, the crash must be seen
+                in_a_row = 0 if time.monotonic() - started > STEADY_SECONDS else in_a_row + 1
+                delay = min(RESTART_CAP, 2.0 ** (in_a_row - 1)) if in_a_row else 0.0  # 1, 2, 4 … s
+                state.crashes += 1
+                state.last_error, state.last_crash = f"{type(exc).__name__}: {exc}"[:300], time.time()
+                self.metrics.loop_crashes.labels(name).inc()
+                log.error("loop_crashed", loop=name, error=type(exc).__name__, detail=str(exc)[:300],
+                          crashes=state.crashes, restart_in=round(delay, 2), exc_info=exc)
+            state.restarting = True
+            await asyncio.sleep(delay)
+            state.restarting = False
+
+    async def stop(self) -> None:
+        for t in self.tasks:
+            t.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+        self.tasks.clear()
+
+    def status(self) -> dict[str, dict[str, Any]]:
+        """/healthz's `loops`: the loops that crashed at least once."""
+        return {name: asdict(s) for name, s in self.state.items() if s.crashes}
