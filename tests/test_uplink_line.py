@@ -504,3 +504,51 @@ def test_the_uploaders_loops_outlive_a_catalog_another_process_holds(agent_facto
     assert loops["tombstones"]["crashes"] >= 1 and "database is locked" in loops["tombstones"]["last_error"], loops
     assert metric(a, "pacsgw_loop_crashes_total") >= 2
     ftp.quit()
+
+
+def test_a_file_deleted_while_its_upload_was_about_to_read_it_is_skipped_not_failed(agent_factory, seaweed, proxy):
+    """A new file under an evicted, renamed file's old name first parks the old object (copies it aside); the
+    file deleted while that copy waited (the proxy holds its answer: a slow store, which SeaweedFS cannot be made on
+    demand) had its cached copy removed, so the upload's open failed: `upload_failed FileNotFoundError` at error
+    level, counted as a failed upload, for a file that is simply gone. It must be an info event saying so."""
+    a = agent_factory(**{"uplink.endpoint_url": proxy.endpoint_url, "uplink.through_timeout": 1}).start()
+    ftp = ftp_login(a)
+    old, new = payload("old", 20_000), payload("new", 21_000)
+    store_evicted(a, ftp, {"CT/a.dcm": old})
+    proxy.fail_copies_into = "CT/c.dcm"  # c's copy waits: the new a's upload must park a's old object
+    ftp.rename("CT/a.dcm", "CT/c.dcm")
+    wait_for(lambda: proxy.injected, 30, what="c's copy tried")
+    proxy.hold_replies_to = "/.pacsgw-parked/"
+    assert ftp_put(ftp, "CT/a.dcm", new).startswith("226")  # acknowledged once through_timeout passed
+    wait_for(lambda: proxy.replies_held == 1, 30, what="the park's copy of a on the wire")
+    proxy.fail_copies_into = ""  # c's copy waits for a's lock, which the park holds: no failure counted from here
+    failures = metric(a, 'pacsgw_uploads_total{result="error"}')  # c's failed copies
+    ftp.delete("CT/a.dcm")
+    proxy.hold_replies_to = ""
+    skipped = wait_for(lambda: a.events("upload_skipped_gone"), 30, what="the upload of the deleted file skipped")
+    assert skipped[0]["level"] == "info" and skipped[0]["path"] == "CT/a.dcm", skipped
+    a.wait_drained(60)
+    assert not a.events("upload_failed"), a.events("upload_failed")
+    assert metric(a, 'pacsgw_uploads_total{result="error"}') == failures, "counted as a failed upload"
+    assert {k: v["sha256"] for k, v in s3_objects(seaweed, a.prefix).items()} == {"CT/c.dcm": sha256(old)}
+    ftp.quit()
+
+
+def test_a_queued_files_cached_copy_gone_while_its_row_is_dirty_is_a_loud_failure(agent_factory, seaweed, proxy):
+    """The other side of the test above: a file still to be uploaded whose cached copy vanished (removed behind
+    the agent's back: the only copy of an acknowledged file) is lost data, not a race: it stays an error. The line
+    fails (the proxy answers 500) so that the file waits in the queue while its copy is removed."""
+    from faultkit import catalog_rows
+    a = agent_factory(**{"uplink.endpoint_url": proxy.endpoint_url, "uplink.write_mode": "back"}).start()
+    ftp = ftp_login(a)
+    proxy.fail_all = True
+    assert ftp_put(ftp, "CT/lost.dcm", payload("lost", 20_000)).startswith("226")
+    [(blob, state)] = catalog_rows(a, "SELECT blob, state FROM entries WHERE path = 'CT/lost.dcm'")
+    assert state in ("dirty", "uploading"), state
+    (a.workdir / "cache" / "data" / blob[:2] / blob).unlink()
+    proxy.fail_all = False
+    failed = wait_for(lambda: [e for e in a.events("upload_failed") if e.get("path") == "CT/lost.dcm"], 30,
+                      what="the upload of the vanished copy failed")
+    assert failed[0]["level"] == "error" and "FileNotFoundError" in failed[0]["error"], failed
+    assert not a.events("upload_skipped_gone")
+    ftp.quit()
