@@ -552,3 +552,38 @@ def test_a_queued_files_cached_copy_gone_while_its_row_is_dirty_is_a_loud_failur
     assert failed[0]["level"] == "error" and "FileNotFoundError" in failed[0]["error"], failed
     assert not a.events("upload_skipped_gone")
     ftp.quit()
+
+
+def test_a_renames_copy_never_takes_what_another_writer_put_under_its_source_after_its_head(
+        agent_factory, seaweed, proxy):
+    """An evicted file's rename is a HEAD of the old key, then a server-side copy. Another writer (the other box of an
+    HA pair, another S3 client, a write the store carries out late) that takes the old key between the two made the
+    copy take its content: under c (its object carrying sha256 metadata of other content) the copy's check failed
+    after the fact, leaving the wrong object under c, retried for ever; under d (a plain object without metadata) it
+    passed, and d was marked clean holding another file's bytes. The copy must be refused (CopySourceIfMatch: the
+    HEAD's ETag) and the new name never hold the other content. The proxy holds the copies while the other writer
+    (straight to SeaweedFS) writes: a slow store, which SeaweedFS cannot be made on demand."""
+    from harness import BUCKET
+    a = agent_factory(**{"uplink.endpoint_url": proxy.endpoint_url}).start()
+    ftp = ftp_login(a)
+    x, y = payload("x", 20_000), payload("y", 21_000)
+    other_x, other_y = payload("other-x", 22_000), payload("other-y", 23_000)
+    store_evicted(a, ftp, {"CT/a.dcm": x, "CT/b.dcm": y})
+    proxy.hold_puts.set()
+    ftp.rename("CT/a.dcm", "CT/c.dcm")
+    ftp.rename("CT/b.dcm", "CT/d.dcm")
+    wait_for(lambda: proxy.puts_held == 2, 30, what="both copies on the wire, after their HEADs")
+    other = seaweed.client()
+    other.put_object(Bucket=BUCKET, Key=a.prefix + "CT/a.dcm", Body=other_x, Metadata={"sha256": sha256(other_x)})
+    other.put_object(Bucket=BUCKET, Key=a.prefix + "CT/b.dcm", Body=other_y)
+    proxy.hold_puts.clear()
+    wait_for(lambda: {e.get("path") for e in a.events("upload_failed")} >= {"CT/c.dcm", "CT/d.dcm"}, 30,
+             what="both copies refused")
+    time.sleep(3.0)  # their retries (1-3 s later) must not copy the other content either
+    objects = s3_objects(seaweed, a.prefix)
+    assert {k: v["sha256"] for k, v in objects.items() if k in ("CT/c.dcm", "CT/d.dcm")} == {}, objects
+    assert objects["CT/a.dcm"]["sha256"] == sha256(other_x)  # the other writer's objects are left alone
+    assert objects["CT/b.dcm"]["size"] == len(other_y)
+    assert not [e for e in a.events("uploaded") if e.get("path") in ("CT/c.dcm", "CT/d.dcm")]
+    assert a.health()["queue_depth"] == 2  # the renamed files' content is nowhere now: they stay queued, loudly
+    ftp.quit()

@@ -499,14 +499,16 @@ class S3Uplink:
         return await self._put(key, body, sha, put_headers({META_SHA: sha}, None, None, {}))
 
     async def copy(self, src: str, dst: str, sha256: str | None, lock: Lock | None = None,
-                   condition: dict[str, str] | None = None) -> PutResult:
+                   condition: dict[str, str] | None = None, src_etag: str | None = None) -> PutResult:
         """Server-side copy (no traffic on the private line), verified by the copy's recorded hash. A condition
-        on the destination works as in put_file (S3 answers 412 if dst is not the object expected)."""
+        on the destination works as in put_file (S3 answers 412 if dst is not the object expected). src_etag: the
+        source object the caller looked at (its HEAD); S3 refuses the copy (412) if src holds another one by now,
+        where the check afterwards would have found the other content only once it was under dst."""
         lock_args = {**lock.s3_args(), "ChecksumAlgorithm": "SHA256"} if lock else {}
         resp = await self._client.copy_object(
             Bucket=self.cfg.bucket, Key=self.key(dst),
             CopySource={"Bucket": self.cfg.bucket, "Key": self.key(src)}, MetadataDirective="COPY", **lock_args,
-            **(condition or {}))
+            **(condition or {}), **({"CopySourceIfMatch": src_etag} if src_etag else {}))
         if lock:
             await self._apply_lock(dst, resp.get("VersionId"), lock)
         head = await self._client.head_object(Bucket=self.cfg.bucket, Key=self.key(dst))

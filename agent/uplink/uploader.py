@@ -35,6 +35,7 @@ from agent.supervise import Loops
 from agent.uplink.encoding import logical_size, worth_compressing
 from agent.uplink.line import Line, backoff
 from agent.uplink.s3 import (
+    ChecksumMismatch,
     PutResult,
     S3Uplink,
     error_code,
@@ -233,7 +234,7 @@ class Uploader:
             # Its deletion is queued before it exists: a kill -9 between the copy and park_copies left it in the
             # bucket for ever when the renames then copied from key itself (nothing parks again).
             await self.db.queue_tombstone(parked)
-            await self.s3.copy(key, parked, meta_sha(head.get("Metadata")))
+            await self.s3.copy(key, parked, meta_sha(head.get("Metadata")), src_etag=head.get("ETag"))
             moved = await self.db.park_copies(key, parked)
         log.warning("rename_source_parked", path=key, parked=parked, renames=moved,
                     reason="a new file takes the name before the renamed file's copy ran")
@@ -331,24 +332,36 @@ class Uploader:
         sha = meta_sha(head.get("Metadata")) if head is not None else None
         # An object another client stored has no sha256 metadata: its size is what can be compared (that it was
         # taken for other content left the file to be uploaded from a cache that may not hold it, for ever).
-        if src == e.path and head is not None and (sha == e.sha256 or (sha is None and logical_size(head) == e.size)):
+        same = head is not None and (sha == e.sha256 if sha else logical_size(head) == e.size)
+        if src == e.path and head is not None and same:
             # Renamed away and back before the copy ran: the object never left its key (its tombstone waited
             # for the copy) and S3 refuses a copy onto itself. Nothing to send.
             return PutResult(head.get("ETag"), head.get("VersionId"))
-        if head is None or src == e.path or (e.blob is not None and meta_sha(head.get("Metadata")) != e.sha256):
+        if head is None or src == e.path or (e.blob is not None and sha != e.sha256):
             # The source went away (deleted behind our back), or its key holds other content (renamed away and
             # back, or a new file stored under the old name before this copy ran): upload from the cache if we
             # still can.
             await self.db.drop_copy_source(e.path, e.gen)
             return await self._upload(e)
-        condition = self._condition(e)
+        if not same:
+            # Not cached, and another writer (the other box of an HA pair, another client, a write the store carried
+            # out late) replaced the only object that held this file: copying it would store that content under
+            # this name. Stays queued, failing loudly, until an administrator restores the object.
+            raise ChecksumMismatch(f"{src}: holds other content (sha256 {sha}, {logical_size(head)} bytes) than "
+                                   f"{e.path} renamed from it, which is not cached: nothing to copy it from")
+        condition, etag = self._condition(e), head.get("ETag")
         lock = self.locks.lock_for(e.path, e.mtime, await self._header(e))
         try:
-            result = await self.s3.copy(src, e.path, e.sha256, lock, condition)
+            result = await self.s3.copy(src, e.path, e.sha256, lock, condition, etag)
         except Exception as exc:
-            if condition is None or not precondition_failed(exc):
+            if not precondition_failed(exc):
                 raise
-            return await self._not_overwritten(e, lambda side: self.s3.copy(src, side, e.sha256))
+            if ((await self.s3.head(src)) or {}).get("ETag") != etag:  # CopySourceIfMatch refused it
+                raise ChecksumMismatch(f"{src}: another object took the key between its HEAD and "
+                                       f"{e.path}'s copy from it") from exc
+            if condition is None:
+                raise
+            return await self._not_overwritten(e, lambda side: self.s3.copy(src, side, e.sha256, src_etag=etag))
         await self.db.copy_dicom_row(src, e.path)  # the copy carries the source's metadata
         return result
 
