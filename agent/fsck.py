@@ -145,7 +145,7 @@ class Fsck:
             log.critical("fsck_lost", path=e.path, problem=f"object {problem} in S3 and not in the cache")
             return
         log.error("fsck_remote_bad", path=e.path, problem=problem, repair=self.repair)
-        if self.repair and await self.db.requeue(e.path, e.gen):
+        if self.repair and await self.db.requeue(e.path, e.gen, head.get("ETag") if head else None):
             self.report.requeued.append(e.path)
 
     async def _listed_size(self, e: Entry, size: int) -> None:

@@ -23,7 +23,7 @@ from smbutil import Smb
 from agent.hahook import notify
 from bench.dicomgen import ct_slice
 from devstack import free_port
-from faultkit import catalog_rows, ftp_get, ftp_login, ftp_put, payload, sftp_put, sftp_session
+from faultkit import catalog_rows, ftp_get, ftp_login, ftp_put, payload, sftp_put, sftp_session, wait_for
 from harness import BUCKET, s3_objects, sha256
 
 
@@ -231,3 +231,45 @@ def test_a_long_path_queued_before_ha_still_gets_its_conflict_copy(agent_factory
     objects = s3_objects(seaweed, a.prefix)
     assert objects[path]["sha256"] == sha256(peer_body) and objects[side]["sha256"] == sha256(body)
     assert a.health()["ha"]["eligible"]
+
+
+def test_a_file_requeued_after_its_own_late_delete_is_no_conflict(agent_factory, seaweed, tmp_path):
+    """A deleted file's DELETE held by the store past read_timeout (the proxy holds it: a slow store, which SeaweedFS
+    cannot be made on demand) is given up on and sent again; a new file is stored under the name, and then the first
+    DELETE lands. The doubt re-check finds the new file's object gone and uploads it again: its conditional PUT
+    (If-Match the ETag this box last stored) was refused, taken for the other box's write (`ha_conflict`), and the
+    file was dropped from the namespace (its copy kept aside under .pacsgw-conflicts) though nobody else wrote it."""
+    import threading
+
+    from s3fault import FaultProxy
+    proxy = FaultProxy(seaweed.endpoint_url).start()
+    try:
+        role = tmp_path / "ha-role"
+        assert notify(str(role), "MASTER") == 0
+        a = agent_factory(**{"ha.enabled": True, "ha.role_file": str(role), "uplink.endpoint_url": proxy.endpoint_url,
+                             "uplink.read_timeout": 2}).start()
+        ftp = ftp_login(a)
+        old, new = payload("old", 20_000), payload("new", 21_000)
+        assert ftp_put(ftp, "CT/a.dcm", old).startswith("226")
+        a.wait_drained()
+        proxy.hold_deletes.set()
+        ftp.delete("CT/a.dcm")
+        wait_for(lambda: proxy.deletes_held >= 1 and a.events("uplink_failure"), 30, what="the DELETE given up on")
+        held, proxy.hold_deletes = proxy.hold_deletes, threading.Event()  # those stay held, later ones pass
+        wait_for(lambda: "CT/a.dcm" not in s3_objects(seaweed, a.prefix), 30, what="the DELETE sent again, done")
+        a.wait_drained()
+        assert ftp_put(ftp, "CT/a.dcm", new).startswith("226")
+        a.wait_drained()
+        held.clear()
+        wait_for(lambda: proxy.deletes_held == 0, 30, what="the first DELETE landed")
+        wait_for(lambda: a.events("late_write_found"), 30, what="the re-check found the object gone")
+        wait_for(lambda: s3_objects(seaweed, a.prefix).get("CT/a.dcm", {}).get("sha256") == sha256(new), 30,
+                 what="the new file uploaded again")
+        a.wait_drained()
+        assert not a.events("ha_conflict"), a.events("ha_conflict")
+        assert {k: v["sha256"] for k, v in s3_objects(seaweed, a.prefix).items() if not k.startswith(".pacsgw-ha/")
+                } == {"CT/a.dcm": sha256(new)}
+        assert ftp_get(ftp, "CT/a.dcm") == new
+        ftp.quit()
+    finally:
+        proxy.stop()

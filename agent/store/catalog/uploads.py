@@ -63,12 +63,14 @@ class Uploads(CatalogBase):
                 row = self.db.execute("SELECT sha256 FROM entries WHERE path = ? AND gen = ?", (path, gen)).fetchone()
                 self._doubt(path, row[0] if row else None)
 
-    def requeue(self, path: str, gen: int) -> bool:
-        """The object is missing or wrong in S3 but the cache holds verified content: upload it again."""
+    def requeue(self, path: str, gen: int, etag: str | None) -> bool:
+        """The object is missing or wrong in S3 but the cache holds verified content: upload it again. etag: what
+        the key holds now, as the caller saw it (None: nothing), the object an HA box's conditional PUT may replace;
+        with the ETag of its own upload it took the missing or late object for the other box's (`ha_conflict`)."""
         return self._write(
-            "UPDATE entries SET state = 'dirty', copy_from = NULL, dirty_since = ?, attempts = 0, next_attempt = 0 "
-            "WHERE path = ? AND gen = ? AND state = 'clean' AND blob IS NOT NULL", (time.time(), path, gen),
-            durable=True) == 1
+            "UPDATE entries SET state = 'dirty', copy_from = NULL, etag = ?, dirty_since = ?, attempts = 0, "
+            "next_attempt = 0 WHERE path = ? AND gen = ? AND state = 'clean' AND blob IS NOT NULL",
+            (etag, time.time(), path, gen), durable=True) == 1
 
     def drop_copy_source(self, path: str, gen: int) -> None:
         """The copy source vanished: fall back to uploading from the cached blob."""
