@@ -587,3 +587,31 @@ def test_a_renames_copy_never_takes_what_another_writer_put_under_its_source_aft
     assert not [e for e in a.events("uploaded") if e.get("path") in ("CT/c.dcm", "CT/d.dcm")]
     assert a.health()["queue_depth"] == 2  # the renamed files' content is nowhere now: they stay queued, loudly
     ftp.quit()
+
+
+def test_a_delete_whose_first_attempt_lands_after_the_retry_succeeded_loses_nothing(agent_factory, seaweed, proxy):
+    """The S3 client retries a request once by itself: a DELETE whose first attempt the store held past read_timeout
+    (the proxy holds it: a slow store) was sent again, that attempt answered, and the tombstone counted as done; a new
+    file was stored under the name, then the first attempt landed. Its outcome had been unknown, but nothing recorded
+    a doubt: the new file's object was gone for good while the catalog had it clean. It must be found and uploaded
+    again."""
+    a = agent_factory(**{"uplink.endpoint_url": proxy.endpoint_url, "uplink.read_timeout": 2}).start()
+    ftp = ftp_login(a)
+    old, new = payload("old", 20_000), payload("new", 21_000)
+    assert ftp_put(ftp, "CT/a.dcm", old).startswith("226")
+    a.wait_drained(60)
+    proxy.hold_deletes.set()
+    ftp.delete("CT/a.dcm")
+    wait_for(lambda: proxy.deletes_held == 1, 30, what="the DELETE's first attempt on the wire")
+    held, proxy.hold_deletes = proxy.hold_deletes, threading.Event()  # that one stays held, the retry passes
+    wait_for(lambda: a.events("deleted"), 30, what="the DELETE's retry answered")
+    assert not a.events("uplink_failure")  # the agent itself never saw the first attempt fail
+    assert ftp_put(ftp, "CT/a.dcm", new).startswith("226")
+    a.wait_drained(60)
+    held.clear()
+    wait_for(lambda: proxy.deletes_held == 0, 30, what="the first attempt landed")
+    with contextlib.suppress(TimeoutError):  # the late DELETE is found by the agent's re-checks
+        wait_for(lambda: s3_objects(seaweed, a.prefix).get("CT/a.dcm", {}).get("sha256") == sha256(new), 30,
+                 what="the new file in S3 again")
+    assert {k: v["sha256"] for k, v in s3_objects(seaweed, a.prefix).items()} == {"CT/a.dcm": sha256(new)}
+    ftp.quit()

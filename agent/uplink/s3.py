@@ -528,8 +528,11 @@ class S3Uplink:
                                                      ChecksumAlgorithm="SHA256", LegalHold={"Status": "ON"},
                                                      **version)
 
-    async def delete(self, path: str) -> None:
-        await self._client.delete_object(Bucket=self.cfg.bucket, Key=self.key(path))
+    async def delete(self, path: str) -> bool:
+        """→ whether the client sent it more than once (it retries once by itself): an attempt that had no answer
+        may still land, after a new object took the key."""
+        resp = await self._client.delete_object(Bucket=self.cfg.bucket, Key=self.key(path))
+        return int(resp.get("ResponseMetadata", {}).get("RetryAttempts", 0)) > 0
 
     # --- reads ---------------------------------------------------------------------------------
 

@@ -90,7 +90,7 @@ class UploadQueue(Protocol):
     async def tombstone_pending(self, key: str) -> bool: ...
     async def tombstone_sending(self, key: str) -> None: ...
     async def tombstone_failed(self, key: str, retry_at: float, unsure: bool = False) -> None: ...
-    async def tombstone_done(self, key: str) -> None: ...
+    async def tombstone_done(self, key: str, unsure: bool = False) -> None: ...
     async def due_doubts(self, now: float, limit: int) -> list[tuple[str, int]]: ...
     async def recheck(self, key: str, found: bool, next_check: float, forget_before: float) -> Entry | None: ...
     async def adopt_remote(self, path: str, gen: int, size: int | None, etag: str | None) -> str | None: ...
@@ -409,7 +409,7 @@ class Uploader:
                         continue  # the key was written again meanwhile: nothing to delete
                     await self.db.tombstone_sending(key)
                     try:
-                        await self.line.patiently(functools.partial(self.s3.delete, key), key)
+                        retried = await self.line.patiently(functools.partial(self.s3.delete, key), key)
                     except Exception as exc:  # retried from the durable tombstone table
                         # The DELETE may still land, after a new file took the key (see _recheck).
                         await self.db.tombstone_failed(key, time.time() + backoff(1), outcome_unknown(exc))
@@ -418,8 +418,8 @@ class Uploader:
                             break
                         log.error("delete_failed", path=key, error=error_code(exc))
                         continue
-                    await self.db.tombstone_done(key)
-                    log.info("deleted", path=key)
+                    await self.db.tombstone_done(key, unsure=retried)  # an unanswered first attempt: see _recheck
+                    log.info("deleted", path=key, retried=retried)
             await self._recheck()
             if not keys:
                 await asyncio.sleep(1.0)

@@ -96,8 +96,11 @@ class Uploads(CatalogBase):
     def tombstone_count(self) -> int:
         return int(self.db.execute("SELECT COUNT(*) FROM tombstones").fetchone()[0])
 
-    def tombstone_done(self, key: str) -> None:
+    def tombstone_done(self, key: str, unsure: bool = False) -> None:
+        """key's object is deleted; unsure: an earlier attempt of its DELETE had no answer, may still land (a doubt)."""
         with self._tx(durable=False):
+            if unsure:
+                self._doubt(key)
             self.db.execute("DELETE FROM tombstones WHERE key = ?", (key,))
             self.db.execute("DELETE FROM dicom_objects WHERE path = ?", (key,))  # the object is gone
             self.db.execute("DELETE FROM dicom_unshipped WHERE path = ?", (key,))
