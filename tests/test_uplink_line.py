@@ -228,12 +228,7 @@ def test_a_park_cut_short_by_kill_9_leaves_no_copy_behind(agent_factory, seaweed
     a = agent_factory(**{"uplink.endpoint_url": proxy.endpoint_url, "uplink.through_timeout": 1}).start()
     ftp = ftp_login(a)
     old, new = payload("old", 20_000), payload("new", 30_000)
-    store_evicted(a, ftp, {"CT/a.dcm": old})
-    proxy.fail_copies_into = "CT/c.dcm"  # c's copy waits: the new a's upload must park a's old object
-    ftp.rename("CT/a.dcm", "CT/c.dcm")
-    proxy.hold_replies_to = "/.pacsgw-parked/"
-    assert ftp_put(ftp, "CT/a.dcm", new).startswith("226")  # acknowledged once through_timeout passed
-    wait_for(lambda: proxy.replies_held == 1, 30, what="the parked copy made, its answer held")
+    _hold_the_park(a, ftp, proxy, old, new)
     a.stop(signal.SIGKILL)
     parked = [k for k in s3_objects(seaweed, a.prefix) if k.startswith(".pacsgw-parked/")]
     assert len(parked) == 1, parked
@@ -248,6 +243,19 @@ def test_a_park_cut_short_by_kill_9_leaves_no_copy_behind(agent_factory, seaweed
     assert objects["CT/c.dcm"]["sha256"] == sha256(old) and objects["CT/a.dcm"]["sha256"] == sha256(new)
     assert not [k for k in objects if k.startswith(".pacsgw-parked/")], "the parked copy was left behind"
     assert ftp_login(a).retrbinary("RETR CT/a.dcm", lambda _: None).startswith("226")
+
+
+def _hold_the_park(a, ftp, proxy, old: bytes, new: bytes) -> None:
+    """CT/a.dcm (content old) stored, evicted and renamed to c, whose copy fails (the proxy fails copies into c);
+    a new a (content new) is stored, acknowledged after through_timeout: its upload first parks a's old object,
+    and the proxy holds that copy's answer (the copy is made, the agent does not hear it)."""
+    store_evicted(a, ftp, {"CT/a.dcm": old})
+    proxy.fail_copies_into = "CT/c.dcm"  # c's copy waits: the new a's upload must park a's old object
+    ftp.rename("CT/a.dcm", "CT/c.dcm")
+    wait_for(lambda: proxy.injected, 30, what="c's copy tried")
+    proxy.hold_replies_to = "/.pacsgw-parked/"
+    assert ftp_put(ftp, "CT/a.dcm", new).startswith("226")
+    wait_for(lambda: proxy.replies_held == 1, 30, what="the parked copy made, its answer held")
 
 
 def test_a_read_of_a_renamed_file_whose_copy_runs_meanwhile_follows_the_object(agent_factory, seaweed, proxy):
@@ -449,16 +457,29 @@ def test_a_delete_on_the_wire_at_kill_9_that_lands_after_a_new_file_took_the_key
     import signal
     a = agent_factory(**{"uplink.endpoint_url": proxy.endpoint_url}).start()
     ftp = ftp_login(a)
-    old, new = payload("old", 20_000), payload("new", 21_000)
-    assert ftp_put(ftp, "CT/a.dcm", old).startswith("226")
-    proxy.hold_deletes.set()
-    ftp.delete("CT/a.dcm")
-    wait_for(lambda: proxy.deletes_held == 1, 30, what="the DELETE on the wire")
-    held, proxy.hold_deletes = proxy.hold_deletes, threading.Event()  # that one stays held, later ones pass
+    assert ftp_put(ftp, "CT/a.dcm", payload("old", 20_000)).startswith("226")
+    held = _hold_first_delete(ftp, proxy, "CT/a.dcm")
     a.stop(signal.SIGKILL)
     a.start()
     wait_for(lambda: a.events("deleted"), 30, what="the tombstone deleted again after the restart")
     ftp = ftp_login(a)
+    _a_new_file_outlives_the_late_delete(a, ftp, seaweed, proxy, held)
+    ftp.quit()
+
+
+def _hold_first_delete(ftp, proxy, path: str) -> threading.Event:
+    """Delete path while the proxy holds its first DELETE (a slow store, which SeaweedFS cannot be made on demand);
+    → what holds it (clear it to let that DELETE land); later DELETEs pass."""
+    proxy.hold_deletes.set()
+    ftp.delete(path)
+    wait_for(lambda: proxy.deletes_held == 1, 30, what="the DELETE's first attempt on the wire")
+    held, proxy.hold_deletes = proxy.hold_deletes, threading.Event()
+    return held
+
+
+def _a_new_file_outlives_the_late_delete(a, ftp, seaweed, proxy, held: threading.Event) -> None:
+    """A new file stored under CT/a.dcm, then the held DELETE lands: the agent's re-checks must upload it again."""
+    new = payload("new", 21_000)
     assert ftp_put(ftp, "CT/a.dcm", new).startswith("226")
     a.wait_drained(60)
     held.clear()
@@ -467,7 +488,6 @@ def test_a_delete_on_the_wire_at_kill_9_that_lands_after_a_new_file_took_the_key
         wait_for(lambda: s3_objects(seaweed, a.prefix).get("CT/a.dcm", {}).get("sha256") == sha256(new), 30,
                  what="the new file in S3 again")
     assert {k: v["sha256"] for k, v in s3_objects(seaweed, a.prefix).items()} == {"CT/a.dcm": sha256(new)}
-    ftp.quit()
 
 
 def test_the_uploaders_loops_outlive_a_catalog_another_process_holds(agent_factory, seaweed, proxy):
@@ -514,13 +534,7 @@ def test_a_file_deleted_while_its_upload_was_about_to_read_it_is_skipped_not_fai
     a = agent_factory(**{"uplink.endpoint_url": proxy.endpoint_url, "uplink.through_timeout": 1}).start()
     ftp = ftp_login(a)
     old, new = payload("old", 20_000), payload("new", 21_000)
-    store_evicted(a, ftp, {"CT/a.dcm": old})
-    proxy.fail_copies_into = "CT/c.dcm"  # c's copy waits: the new a's upload must park a's old object
-    ftp.rename("CT/a.dcm", "CT/c.dcm")
-    wait_for(lambda: proxy.injected, 30, what="c's copy tried")
-    proxy.hold_replies_to = "/.pacsgw-parked/"
-    assert ftp_put(ftp, "CT/a.dcm", new).startswith("226")  # acknowledged once through_timeout passed
-    wait_for(lambda: proxy.replies_held == 1, 30, what="the park's copy of a on the wire")
+    _hold_the_park(a, ftp, proxy, old, new)
     proxy.fail_copies_into = ""  # c's copy waits for a's lock, which the park holds: no failure counted from here
     failures = metric(a, 'pacsgw_uploads_total{result="error"}')  # c's failed copies
     ftp.delete("CT/a.dcm")
@@ -597,21 +611,10 @@ def test_a_delete_whose_first_attempt_lands_after_the_retry_succeeded_loses_noth
     again."""
     a = agent_factory(**{"uplink.endpoint_url": proxy.endpoint_url, "uplink.read_timeout": 2}).start()
     ftp = ftp_login(a)
-    old, new = payload("old", 20_000), payload("new", 21_000)
-    assert ftp_put(ftp, "CT/a.dcm", old).startswith("226")
+    assert ftp_put(ftp, "CT/a.dcm", payload("old", 20_000)).startswith("226")
     a.wait_drained(60)
-    proxy.hold_deletes.set()
-    ftp.delete("CT/a.dcm")
-    wait_for(lambda: proxy.deletes_held == 1, 30, what="the DELETE's first attempt on the wire")
-    held, proxy.hold_deletes = proxy.hold_deletes, threading.Event()  # that one stays held, the retry passes
+    held = _hold_first_delete(ftp, proxy, "CT/a.dcm")
     wait_for(lambda: a.events("deleted"), 30, what="the DELETE's retry answered")
     assert not a.events("uplink_failure")  # the agent itself never saw the first attempt fail
-    assert ftp_put(ftp, "CT/a.dcm", new).startswith("226")
-    a.wait_drained(60)
-    held.clear()
-    wait_for(lambda: proxy.deletes_held == 0, 30, what="the first attempt landed")
-    with contextlib.suppress(TimeoutError):  # the late DELETE is found by the agent's re-checks
-        wait_for(lambda: s3_objects(seaweed, a.prefix).get("CT/a.dcm", {}).get("sha256") == sha256(new), 30,
-                 what="the new file in S3 again")
-    assert {k: v["sha256"] for k, v in s3_objects(seaweed, a.prefix).items()} == {"CT/a.dcm": sha256(new)}
+    _a_new_file_outlives_the_late_delete(a, ftp, seaweed, proxy, held)
     ftp.quit()
