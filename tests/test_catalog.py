@@ -204,6 +204,20 @@ def test_a_doubt_of_the_files_own_content_does_not_keep_its_cached_copy(cat):
     assert cat.uncache("CT/a.dcm", gen) is None, "the first write, of other content, may still land"
 
 
+def test_a_delete_sent_twice_is_a_doubt_and_a_requeue_names_what_the_key_holds(cat):
+    """A DELETE the S3 client had to send twice (tombstone_done unsure) may still land by its first attempt: a doubt.
+    A file requeued by a re-check carries the ETag the key held then (None: nothing), which an HA box's conditional
+    PUT may replace, not the ETag of its own upload (that was taken for the other box's write)."""
+    cat.tombstone_done("CT/gone.dcm", unsure=True)
+    assert [k for k, _ in cat.due_doubts(time.time() + 1, 10)] == ["CT/gone.dcm"]
+    gen = write(cat, "CT/a.dcm", claim=True)
+    cat.mark_clean("CT/a.dcm", gen, "mine", None, "ab" * 32)
+    assert cat.requeue("CT/a.dcm", gen, None)
+    e = cat.get("CT/a.dcm")
+    assert (e.state, e.etag) == ("dirty", None)
+    assert not cat.requeue("CT/a.dcm", gen, "late"), "only a clean row is requeued"
+
+
 def test_totals_match_a_full_count(cat):
     for i in range(50):
         gen = write(cat, f"d{i % 5}/f{i}", size=i)
