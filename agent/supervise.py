@@ -45,7 +45,7 @@ class Loops:
         """Run loop() as a task named name; a loop that returns is done (e.g. a one-shot run), one that raises
         is called again."""
         task = asyncio.create_task(self._keep(name, loop), name=name)
-        self.tasks.append(task)
+        self.tasks = [t for t in self.tasks if not t.done()] + [task]  # one-shot runs (a takeover's unlist) end
         return task
 
     async def _keep(self, name: str, loop: Callable[[], Awaitable[None]]) -> None:
