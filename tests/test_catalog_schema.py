@@ -60,3 +60,27 @@ def test_a_catalog_older_than_any_migration_is_refused(tmp_path, monkeypatch):
     with pytest.raises(CatalogSchemaError, match=rf"version {SCHEMA_VERSION} is older"):
         Catalog(path)
     assert _user_version(path) == SCHEMA_VERSION
+
+
+def test_a_catalog_whose_tombstones_have_no_etag_gets_the_column_and_keeps_its_rows(tmp_path):
+    """tombstones.etag (the object a deleted file left, which a file sent again under its name replaces) came after
+    version 1: a catalog without it gets it when opened; its tombstones stay, with no ETag known."""
+    path = tmp_path / "c.sqlite"
+    c = Catalog(path)
+    c.db.execute("DROP TABLE tombstones")
+    c.db.execute("CREATE TABLE tombstones (key TEXT PRIMARY KEY, queued REAL NOT NULL, attempts INTEGER NOT NULL "
+                 "DEFAULT 0, next_attempt REAL NOT NULL DEFAULT 0)")  # as version 1 had it
+    c.db.execute("INSERT INTO tombstones (key, queued) VALUES ('CT/old.dcm', 1.0)")
+    c.close()
+    c = Catalog(path)
+    try:
+        assert c.due_tombstones(time.time(), 10) == ["CT/old.dcm"]
+        gen, _ = c.commit_write("CT/old.dcm", "blob", 10, "ab" * 32, time.time(), claim=False)
+        assert c.get("CT/old.dcm").etag is None and c.due_tombstones(time.time(), 10) == []
+        c.claim("CT/old.dcm", gen)
+        c.mark_clean("CT/old.dcm", gen, "e1", None, "ab" * 32)
+        c.delete("CT/old.dcm")
+        c.commit_write("CT/old.dcm", "blob-2", 11, "cd" * 32, time.time(), claim=False)
+        assert c.get("CT/old.dcm").etag == "e1", "sent again before the DELETE ran: it replaces the object it left"
+    finally:
+        c.close()

@@ -273,3 +273,40 @@ def test_a_file_requeued_after_its_own_late_delete_is_no_conflict(agent_factory,
         ftp.quit()
     finally:
         proxy.stop()
+
+
+def test_a_file_deleted_and_sent_again_before_its_delete_ran_is_no_conflict(agent_factory, seaweed, tmp_path):
+    """A PACS deletes a file and sends it again at once, before the tombstone loop deleted its object (here it is busy
+    with another file's DELETE, which the proxy holds: a slow store, which SeaweedFS cannot be made on demand). The
+    new file's row knew no object under its name, so its PUT was conditional on none (If-None-Match); the key still
+    held this box's own old object: refused, taken for the other box's write (`ha_conflict`), and the namespace
+    served the deleted content while the new file went aside to .pacsgw-conflicts."""
+    from s3fault import FaultProxy
+    proxy = FaultProxy(seaweed.endpoint_url).start()
+    try:
+        role = tmp_path / "ha-role"
+        assert notify(str(role), "MASTER") == 0
+        a = agent_factory(**{"ha.enabled": True, "ha.role_file": str(role),
+                             "uplink.endpoint_url": proxy.endpoint_url}).start()
+        ftp = ftp_login(a)
+        old, new, moved = payload("old", 20_000), payload("new", 21_000), payload("moved", 22_000)
+        for path in ("CT/a.dcm", "CT/b.dcm", "CT/z.dcm"):
+            assert ftp_put(ftp, path, old).startswith("226")
+        assert ftp_put(ftp, "CT/m.dcm", moved).startswith("226")
+        a.wait_drained()
+        proxy.hold_deletes.set()
+        ftp.delete("CT/z.dcm")  # the tombstone loop waits for z's DELETE
+        wait_for(lambda: proxy.deletes_held == 1, 30, what="z's DELETE on the wire")
+        ftp.delete("CT/a.dcm")
+        assert ftp_put(ftp, "CT/a.dcm", new).startswith("226")  # sent again: a new PUT over the old object
+        ftp.delete("CT/b.dcm")
+        ftp.rename("CT/m.dcm", "CT/b.dcm")  # another file renamed onto the deleted name: a copy over the old object
+        proxy.hold_deletes.clear()
+        a.wait_drained()
+        assert not a.events("ha_conflict"), a.events("ha_conflict")
+        assert {k: v["sha256"] for k, v in s3_objects(seaweed, a.prefix).items() if not k.startswith(".pacsgw-ha/")
+                } == {"CT/a.dcm": sha256(new), "CT/b.dcm": sha256(moved)}
+        assert ftp_get(ftp, "CT/a.dcm") == new and ftp_get(ftp, "CT/b.dcm") == moved
+        ftp.quit()
+    finally:
+        proxy.stop()

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 from agent.records import Entry
-from agent.store.catalog.schema import SCHEMA, SCHEMA_VERSION, check_schema_version
+from agent.store.catalog.schema import SCHEMA, SCHEMA_VERSION, add_columns, check_schema_version
 from agent.store.errors import NotADirectory
 from agent.store.paths import ancestors, name_of, parent_of
 
@@ -61,6 +61,7 @@ class CatalogBase:
         self.db.execute("PRAGMA busy_timeout=10000")
         check_schema_version(self.db, path)
         self.db.executescript(SCHEMA)
+        add_columns(self.db)
         self.db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
         self.db.execute("INSERT OR IGNORE INTO entries (path, parent, name, is_dir, mtime) VALUES ('', '', '', 1, ?)",
                         (time.time(),))
@@ -147,6 +148,18 @@ class CatalogBase:
     def _index_rows(self, rows: Sequence[tuple[object, ...]]) -> None:
         """Upsert study-index rows inside the caller's transaction (Studies.index_dicom, Uploads.mark_clean)."""
         self.db.executemany("INSERT OR REPLACE INTO dicom_objects VALUES (?, ?, ?, ?, ?, ?, ?, ?)", rows)
+
+    def _bury(self, key: str, etag: str | None, now: float) -> None:
+        """key's object (etag: the one this box knew there) is to be deleted: a tombstone (inside the caller's
+        transaction)."""
+        self.db.execute("INSERT OR IGNORE INTO tombstones (key, queued, etag) VALUES (?, ?, ?)", (key, now, etag))
+
+    def _unbury(self, key: str) -> str | None:
+        """key is written again before its tombstone ran (inside the caller's transaction): the tombstone goes; →
+        the ETag of the object this box knew there, which the new file's upload replaces: an HA box's conditional PUT
+        or copy names it (with none named it took its own old object for the other box's write)."""
+        row = self.db.execute("DELETE FROM tombstones WHERE key = ? RETURNING etag", (key,)).fetchone()
+        return str(row[0]) if row and row[0] is not None else None
 
     def _doubt(self, key: str, sha256: str | None = None) -> None:
         """A write to key (of content sha256; None: a DELETE or unknown) may still land, its outcome unknown (inside

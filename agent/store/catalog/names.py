@@ -75,18 +75,18 @@ class Namespace(CatalogBase):
                 raise PermissionDenied(path, "stored by another session while this one was written: not replaced")
             self._ensure_dirs(path, now)
             state, gen = ("uploading" if claim else "dirty"), self._next_gen()
+            known = self._unbury(path)
             if old is None:
                 self.db.execute(
-                    "INSERT INTO entries (path, parent, name, is_dir, size, mtime, sha256, state, blob, gen, "
-                    "dirty_since, last_access, access_count) VALUES (?, ?, ?, 0, ?, ?, ?, ?, ?, ?, ?, ?, 0)",
-                    (path, parent_of(path), name_of(path), size, mtime, sha256, state, blob, gen, now, now))
+                    "INSERT INTO entries (path, parent, name, is_dir, size, mtime, sha256, state, blob, gen, etag, "
+                    "dirty_since, last_access, access_count) VALUES (?, ?, ?, 0, ?, ?, ?, ?, ?, ?, ?, ?, ?, 0)",
+                    (path, parent_of(path), name_of(path), size, mtime, sha256, state, blob, gen, known, now, now))
             else:
                 self.db.execute(
                     "UPDATE entries SET size = ?, mtime = ?, sha256 = ?, state = ?, blob = ?, gen = ?, "
                     "copy_from = NULL, dirty_since = ?, attempts = 0, next_attempt = 0, last_error = NULL "
                     "WHERE path = ?", (size, mtime, sha256, state, blob, gen, now, path))
                 self._superseded(old)
-            self.db.execute("DELETE FROM tombstones WHERE key = ?", (path,))
         return gen, (old.blob if old else None)
 
     def rename(self, src: str, dst: str, base: int | None = None) -> list[str]:
@@ -138,13 +138,13 @@ class Namespace(CatalogBase):
         # copy, waiting or running, whose source is still protected): copy from there; otherwise upload from
         # the cache (an upload of new content is in flight or waits: the content is in the cache).
         copy_from = e.path if e.state == "clean" else e.copy_from
+        known = self._unbury(new_path)  # the object of a file deleted there, if any
         self.db.execute(
             "INSERT INTO entries (path, parent, name, is_dir, size, mtime, sha256, state, blob, gen, copy_from, "
             "etag, dirty_since, last_access, access_count) VALUES (?, ?, ?, 0, ?, ?, ?, 'dirty', ?, ?, ?, ?, ?, ?, ?)",
             (new_path, parent_of(new_path), name_of(new_path), e.size, e.mtime, e.sha256, e.blob, self._next_gen(),
-             copy_from, etag, now, e.last_access, e.access_count))
-        self.db.execute("DELETE FROM tombstones WHERE key = ?", (new_path,))
-        self.db.execute("INSERT OR IGNORE INTO tombstones (key, queued) VALUES (?, ?)", (e.path, now))
+             copy_from, known if etag is None else etag, now, e.last_access, e.access_count))
+        self._bury(e.path, e.etag, now)
 
     def _superseded(self, e: Entry) -> None:
         """e's row is gone or holds newer content: an upload of it on the wire now may land after the key's
@@ -164,5 +164,5 @@ class Namespace(CatalogBase):
             self.db.execute("DELETE FROM entries WHERE path = ?", (path,))
             self._superseded(e)
             self.db.execute("DELETE FROM prefetched WHERE path = ?", (path,))
-            self.db.execute("INSERT OR IGNORE INTO tombstones (key, queued) VALUES (?, ?)", (path, now))
+            self._bury(path, e.etag, now)
         return e.blob

@@ -18,6 +18,17 @@ from pathlib import Path
 SCHEMA_VERSION = 1
 
 
+# Columns added after version 1, nullable, which older releases (naming their columns) neither read nor miss:
+# no version bump, added to an older catalog when it is opened (add_columns). (table, column, type)
+ADDED_COLUMNS = (("tombstones", "etag", "TEXT"),)
+
+
+def add_columns(db: sqlite3.Connection) -> None:
+    for table, column, kind in ADDED_COLUMNS:
+        if column not in {r[1] for r in db.execute(f"PRAGMA table_info({table})")}:
+            db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
+
+
 class CatalogSchemaError(RuntimeError):
     """The catalog's schema version is not one this release reads."""
 
@@ -72,7 +83,8 @@ CREATE TABLE IF NOT EXISTS tombstones (
     key          TEXT PRIMARY KEY,
     queued       REAL NOT NULL,
     attempts     INTEGER NOT NULL DEFAULT 0,
-    next_attempt REAL NOT NULL DEFAULT 0
+    next_attempt REAL NOT NULL DEFAULT 0,
+    etag         TEXT  -- the object this box knew under key (a deleted or renamed-away file's): ADDED_COLUMNS
 );
 
 -- Keys a write went to whose outcome is unknown (no answer in time, or the agent killed while it was on the wire):
