@@ -26,6 +26,7 @@ import pytest
 
 from agent.config import ConfigError, load
 from agent.store.catalog import Catalog
+from agent.store.writing import WriteMarks
 from faultkit import bucket_keys, ftp_get, ftp_login, ftp_put, payload, sftp_put, sftp_session, sha256, wait_for
 from harness import PASSWORD, s3_objects
 
@@ -323,6 +324,64 @@ def test_login_limits_hold_for_the_box(agent_factory):
     assert banned_by == pids, banned_by
     with pytest.raises(asyncssh.PermissionDenied):
         asyncio.run(sftp_login(a, PASSWORD))
+
+
+def ftp_on(agent, pid: int, pids: set[int]) -> ftplib.FTP:
+    """A logged-in FTP session that the kernel handed to process pid (sessions landing elsewhere are closed)."""
+    for _ in range(60):
+        ftp = ftp_login(agent)
+        if serving_pid(ftp.sock.getsockname()[1], pids) == pid:
+            return ftp
+        ftp.quit()
+    raise AssertionError(f"no FTP session landed on process {pid}")
+
+
+def test_a_rename_over_a_file_another_process_is_writing_is_refused(agent_factory):
+    """A rename over a file that an upload is still writing is refused (the upload's close would store over
+    what was renamed there: gone under both names). With workers = 2 the gateway knew only its own process's
+    uploads: a session on the other process renamed over the file (250). Refused now whichever process writes;
+    when the upload ends, or the process writing it is killed -9 in the middle, the name is free again."""
+    a = agent_factory(**{"server.workers": 2}).start()
+    worker = live_worker(a)
+    pids = {a.proc.pid, worker}
+    writing = {a.proc.pid: ftp_on(a, a.proc.pid, pids), worker: ftp_on(a, worker, pids)}
+    renaming = {a.proc.pid: ftp_on(a, a.proc.pid, pids), worker: ftp_on(a, worker, pids)}
+    ftp_put(renaming[a.proc.pid], "y.dcm", b"Y" * 100)
+    uploads = {}
+    for writer, renamer, name in ((a.proc.pid, worker, "z.dcm"), (worker, a.proc.pid, "x.dcm")):
+        writing[writer].voidcmd("TYPE I")
+        uploads[name] = writing[writer].transfercmd(f"STOR {name}")  # 150: the file is open at its gateway
+        uploads[name].sendall(b"W" * 1000)
+        renaming[renamer].sendcmd("RNFR y.dcm")
+        with pytest.raises(ftplib.error_perm, match="^550.*being written"):
+            renaming[renamer].sendcmd(f"RNTO {name}")
+    uploads["z.dcm"].close()  # the upload ends: its name is free again
+    assert writing[a.proc.pid].voidresp().startswith("226")
+    renaming[worker].rename("y.dcm", "z.dcm")
+    assert ftp_get(renaming[worker], "z.dcm") == b"Y" * 100
+    # x.dcm is still being written on the worker: kill -9 of the worker must not leave the name marked.
+    os.kill(worker, signal.SIGKILL)
+    a.wait_events("worker_died", 1, 30)
+    owner = renaming[a.proc.pid]
+    owner.rename("z.dcm", "x.dcm")
+    assert ftp_get(owner, "x.dcm") == b"Y" * 100
+    owner.quit()
+
+
+def test_write_marks_count_writers_and_follow_a_rename(tmp_path):
+    """Two WriteMarks on one file see each other as two processes do (OFD locks belong to the open, not the
+    process). A path stays marked until its last writer ends; a file renamed while written (SMB) frees its
+    old name and marks the new one."""
+    mine, other = WriteMarks(tmp_path / "writing.lock"), WriteMarks(tmp_path / "writing.lock")
+    mine.add("x")
+    mine.add("x")
+    assert mine.busy("x") and other.busy("x") and not other.busy("y")
+    mine.remove("x")
+    assert other.busy("x")
+    mine.move("x", "y")
+    assert not other.busy("x") and other.busy("y") and mine.busy("y")
+    mine.remove("y")
+    assert not other.busy("y") and not mine.busy("y")
 
 
 def audit_text(agent, pid: int) -> str:

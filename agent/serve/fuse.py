@@ -240,7 +240,7 @@ class GatewayFS(pyfuse3.Operations):
             new = dst + path[len(src):]
             op.path = new
             if op.writer is not None:
-                op.writer.path = new
+                op.writer.rename(new)
             self._writing[new] = op
         for op in self._files.values():
             if op.path == src or op.path.startswith(prefix):
