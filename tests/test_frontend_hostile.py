@@ -60,6 +60,35 @@ def test_a_rename_over_a_file_another_session_is_writing_is_refused(agent_factor
         "x.dcm": sha256(b"B" * 100), "z.dcm": sha256(b"Z" * 10)}
 
 
+def test_a_directory_renamed_over_a_file_being_written_is_refused(agent_factory):
+    """Session A uploads t/x.dcm into a directory t that does not exist yet (its commit makes it); session B
+    renames its directory s, holding its own x.dcm, to t. The rename was acknowledged, then A's close stored over
+    t/x.dcm: B's file was gone under both names. The rename is refused while anything below its target is
+    being written (FTP 550, SFTP a failure), as a file's rename over it is; after A's close it is refused as a
+    rename onto an existing directory, and to a free name it goes through."""
+    agent = agent_factory().start()
+    a, b = ftp(agent), ftp(agent)
+    b.mkd("s")
+    b.storbinary("STOR s/x.dcm", io.BytesIO(b"B" * 100))
+    a.voidcmd("TYPE I")
+    upload = a.transfercmd("STOR t/x.dcm")
+    upload.sendall(b"A" * 1000)
+    b.sendcmd("RNFR s")
+    with pytest.raises(ftplib.error_perm, match="^550.*being written"):
+        b.sendcmd("RNTO t")
+
+    async def sftp_renames() -> None:
+        async with connect(agent) as conn, conn.start_sftp_client() as sftp:
+            with pytest.raises(asyncssh.SFTPError, match="being written"):
+                await sftp.posix_rename("s", "t")
+
+    asyncio.run(sftp_renames())
+    upload.close()
+    assert a.voidresp().startswith("226")
+    b.rename("s", "u")
+    assert get(b, "t/x.dcm") == b"A" * 1000 and get(b, "u/x.dcm") == b"B" * 100
+
+
 def test_a_path_ending_in_a_slash_names_a_directory(agent_factory):
     """`STOR new/` stored `new`, `SIZE f/` and SFTP stat('f/') answered for the file f: a path ending in '/'
     names a directory (POSIX), so a file is not found by it and none is created by it; directories still work."""

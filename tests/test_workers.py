@@ -371,7 +371,7 @@ def test_a_rename_over_a_file_another_process_is_writing_is_refused(agent_factor
 def test_write_marks_count_writers_and_follow_a_rename(tmp_path):
     """Two WriteMarks on one file see each other as two processes do (OFD locks belong to the open, not the
     process). A path stays marked until its last writer ends; a file renamed while written (SMB) frees its
-    old name and marks the new one."""
+    old name and marks the new one; the directories above a path being written are busy too."""
     mine, other = WriteMarks(tmp_path / "writing.lock"), WriteMarks(tmp_path / "writing.lock")
     mine.add("x")
     mine.add("x")
@@ -382,6 +382,10 @@ def test_write_marks_count_writers_and_follow_a_rename(tmp_path):
     assert not other.busy("x") and other.busy("y") and mine.busy("y")
     mine.remove("y")
     assert not other.busy("y") and not mine.busy("y")
+    mine.add("a/b/x")  # a directory renamed to a or a/b would bring its own files below them
+    assert other.busy("a") and other.busy("a/b") and not other.busy("a/c") and not other.busy("b")
+    mine.remove("a/b/x")
+    assert not other.busy("a")
 
 
 def audit_text(agent, pid: int) -> str:
