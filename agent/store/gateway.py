@@ -714,7 +714,7 @@ class Gateway:
             self._movable(src)
             self._movable(dst)
             check_creatable(dst, dst)
-            if self.marks.busy(dst):  # its commit would replace what is renamed there
+            if self.being_written(dst):  # its commit would replace what is renamed there
                 raise PermissionDenied(dst, "the target is being written by another upload; try again later")
             e = await self.stat(src)
             await self.worm.check_mutable(e, time.time())
@@ -828,6 +828,10 @@ class Gateway:
             await handle.abort(f"truncate failed: {type(e).__name__}")
             raise
         await handle.commit()
+
+    def being_written(self, path: str) -> bool:
+        """Whether an upload of any serving process writes path, or a file below it, now."""
+        return self.marks.busy(path)
 
     @property
     def active_writes(self) -> int:
