@@ -367,7 +367,7 @@ class GatewayFS(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.ENOENT)
         else:  # only the open, not yet committed file: it will be committed under the new name
             self._require(self._who(ctx), "rename", src, op)
-            if self.gw.marks.busy(dst):  # an FTP or SFTP upload, here or in a worker, writes dst: as gw.rename
+            if self.gw.being_written(dst):  # an FTP or SFTP upload, here or in a worker, writes dst: as gw.rename
                 raise pyfuse3.FUSEError(errno.EACCES)
             if not replace and await self.gw.find(dst) is not None:
                 raise pyfuse3.FUSEError(errno.EEXIST)
