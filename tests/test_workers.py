@@ -23,6 +23,7 @@ from pathlib import Path
 import asyncssh
 import psutil
 import pytest
+from test_frontend_hostile import open_upload, rename_refused
 
 from agent.config import ConfigError, load
 from agent.store.catalog import Catalog
@@ -349,12 +350,8 @@ def test_a_rename_over_a_file_another_process_is_writing_is_refused(agent_factor
     ftp_put(renaming[a.proc.pid], "y.dcm", b"Y" * 100)
     uploads = {}
     for writer, renamer, name in ((a.proc.pid, worker, "z.dcm"), (worker, a.proc.pid, "x.dcm")):
-        writing[writer].voidcmd("TYPE I")
-        uploads[name] = writing[writer].transfercmd(f"STOR {name}")  # 150: the file is open at its gateway
-        uploads[name].sendall(b"W" * 1000)
-        renaming[renamer].sendcmd("RNFR y.dcm")
-        with pytest.raises(ftplib.error_perm, match="^550.*being written"):
-            renaming[renamer].sendcmd(f"RNTO {name}")
+        uploads[name] = open_upload(writing[writer], name)
+        rename_refused(renaming[renamer], "y.dcm", name)
     uploads["z.dcm"].close()  # the upload ends: its name is free again
     assert writing[a.proc.pid].voidresp().startswith("226")
     renaming[worker].rename("y.dcm", "z.dcm")
