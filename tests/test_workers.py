@@ -18,6 +18,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections import Counter
 from pathlib import Path
 
 import asyncssh
@@ -383,6 +384,41 @@ def test_write_marks_count_writers_and_follow_a_rename(tmp_path):
     assert other.busy("a") and other.busy("a/b") and not other.busy("a/c") and not other.busy("b")
     mine.remove("a/b/x")
     assert not other.busy("a")
+
+
+def test_guesses_sent_at_once_get_no_more_checks_than_max_failures(agent_factory):
+    """workers = 2: 30 wrong passwords sent at once over FTP (both processes) all passed the ban check before the
+    first failure was recorded: 11 were checked with max_failures 4. Now at most max_failures are checked, the
+    rest refused; and 30 good logins sent at once are all let in (they wait for the checks ahead of them)."""
+    failures = 4
+    a = agent_factory(**{"server.workers": 2, "login.delay_seconds": 0, "login.max_delay_seconds": 0,
+                         "login.max_failures": failures, "login.ban_seconds": 3600}).start()
+    live_worker(a)
+
+    def burst(password: str) -> Counter[str]:
+        sessions = [ftp_open(a)[0] for _ in range(30)]
+        for f in sessions:
+            f.sendcmd("USER pacs")
+        start, answers = threading.Barrier(len(sessions)), Counter[str]()
+
+        def send(f: ftplib.FTP) -> None:
+            start.wait()
+            try:
+                answers[f.sendcmd(f"PASS {password}")[:3]] += 1
+            except ftplib.error_perm as e:
+                answers[str(e)[4:30]] += 1
+            f.close()
+
+        threads = [threading.Thread(target=send, args=(f,)) for f in sessions]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        return answers
+
+    assert burst(PASSWORD) == {"230": 30}
+    answers = burst("wrong-guess")
+    assert answers["wrong user or password"] <= failures and sum(answers.values()) == 30, answers
 
 
 def audit_text(agent, pid: int) -> str:
