@@ -144,7 +144,7 @@ class LoginGuard:
     BUSY_MS = 200  # the longest a call waits for another process's transaction
     GAUGE_S = 1.0  # pacsgw_login_banned is counted again at most this often (bans of other processes show)
     ATTEMPT_WAIT = 10.0  # the longest a password check waits for the checks under way (LoginGuard.attempt)
-    ATTEMPT_POLL = 0.02
+    ATTEMPT_POLL = (0.01, 0.5)  # seconds between its tries: the first, the longest
 
     def __init__(self, cfg: LoginConfig, metrics: Metrics, audit: AuditLog, path: Path | None = None) -> None:
         self.cfg, self.metrics, self.audit = cfg, metrics, audit
@@ -237,13 +237,15 @@ class LoginGuard:
         way (on the whole box) leave room for it below max_failures. Checked and recorded apart, guesses sent at
         once were all checked before the first failure was recorded: 30 at once with max_failures 4 got 11
         checks. A burst of good logins waits for the checks ahead of it (milliseconds each); after
-        ATTEMPT_WAIT it is refused ("try again later"). The check's outcome is recorded inside."""
-        address = unmapped(address)
+        ATTEMPT_WAIT it is refused ("try again later"). The check's outcome is recorded inside; a failure's
+        backoff delay is waited after it (contract.login)."""
+        address, pause = unmapped(address), self.ATTEMPT_POLL[0]
         deadline = time.monotonic() + self.ATTEMPT_WAIT
         while (slots := await self._admitted(user, address)) is None:
             if time.monotonic() > deadline:
                 raise LoginBusy(f"too many logins at once from {address} or for {user}; try again later")
-            await asyncio.sleep(self.ATTEMPT_POLL)
+            await asyncio.sleep(pause)
+            pause = min(2 * pause, self.ATTEMPT_POLL[1])  # many waiting connections must not busy the guard
         try:
             yield
         finally:

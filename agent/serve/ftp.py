@@ -795,9 +795,10 @@ class FtpServer(aioftp.Server):
                 if refusal := await guard.refusal(login, address, "ftp"):
                     return replied(connection, "530", refusal)
                 ok = await self.user_manager.authenticate(connection.user, rest)
-                await contract.login(self.gateway, guard, "ftp", who(connection), address, ok)
+                wait = await contract.login(self.gateway, guard, "ftp", who(connection), address, ok)
         except LoginBusy as e:
             return replied(connection, "530", str(e))
+        await asyncio.sleep(wait)
         if not ok:
             return replied(connection, "530", "wrong user or password")
         name, cap = connection.user.login, self.cfg.ftp.max_sessions_per_user

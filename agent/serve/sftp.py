@@ -301,9 +301,11 @@ class _Auth(asyncssh.SSHServer):
                 if await self.guard.refusal(username, self.address, "sftp"):  # also a ban its failures made
                     return False
                 ok = await asyncio.to_thread(self.passwords.check, username, password)
-                await login(self.gateway, self.guard, "sftp", self._who(username), self.address, ok, method="password")
+                wait = await login(self.gateway, self.guard, "sftp", self._who(username), self.address, ok,
+                                   method="password")
         except LoginBusy:
             return False
+        await asyncio.sleep(wait)
         self.by_password = ok
         return ok
 
