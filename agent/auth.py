@@ -83,10 +83,6 @@ def unmapped(address: str) -> str:
     return str(ip)
 
 
-class LoginBusy(Exception):
-    """A password check that could not begin in time (LoginGuard.attempt): the client should try again later."""
-
-
 class Every:
     """At most one event per `seconds` for each key (a refused login's address, a session cap's reason): a client
     repeating a refused request as fast as it can must fill neither the journal nor the audit trail (rotating its
@@ -232,22 +228,27 @@ class LoginGuard:
         return "login check unavailable: try again later"
 
     @contextlib.asynccontextmanager
-    async def attempt(self, user: str, address: str) -> AsyncIterator[None]:
-        """One password check of user from address, begun once the failures of the window and the checks under
-        way (on the whole box) leave room for it below max_failures. Checked and recorded apart, guesses sent at
-        once were all checked before the first failure was recorded: 30 at once with max_failures 4 got 11
-        checks. A burst of good logins waits for the checks ahead of it (milliseconds each); after
-        ATTEMPT_WAIT it is refused ("try again later"). The check's outcome is recorded inside; a failure's
-        backoff delay is waited after it (contract.login)."""
+    async def attempt(self, user: str, address: str, protocol: str) -> AsyncIterator[str]:
+        """One password check of user from address → why the login is refused unchecked ('': check it, and
+        record its outcome inside; a failure's backoff delay is waited after, see contract.login). A banned
+        address or user is refused on reads alone. Otherwise the check begins once the window's failures and
+        the checks under way (on the whole box) leave room for it below max_failures: checked and recorded
+        apart, 30 wrong passwords sent at once with max_failures 4 were all checked. A burst of good logins
+        waits for the checks ahead of it (milliseconds each); after ATTEMPT_WAIT it is refused."""
+        if refusal := await self.refusal(user, address, protocol):
+            yield refusal
+            return
         address, pause = unmapped(address), self.ATTEMPT_POLL[0]
         deadline = time.monotonic() + self.ATTEMPT_WAIT
         while (slots := await self._admitted(user, address)) is None:
             if time.monotonic() > deadline:
-                raise LoginBusy(f"too many logins at once from {address} or for {user}; try again later")
+                log.warning("login_refused", protocol=protocol, user=user, peer=address, reason="too many at once")
+                yield "too many logins at once from your address or for this user; try again later"
+                return
             await asyncio.sleep(pause)
             pause = min(2 * pause, self.ATTEMPT_POLL[1])  # many waiting connections must not busy the guard
         try:
-            yield
+            yield await self.refusal(user, address, protocol)  # a ban the checks ahead of it made
         finally:
             for slot in slots:
                 self.release_session(slot)

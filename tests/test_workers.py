@@ -27,7 +27,7 @@ import pytest
 from test_frontend_hostile import open_upload, rename_refused
 
 from agent.audit import AuditLog
-from agent.auth import LoginBusy, LoginGuard, _process_identity
+from agent.auth import LoginGuard, _process_identity
 from agent.config import ConfigError, LoginConfig, load
 from agent.metrics import Metrics
 from agent.store.catalog import Catalog
@@ -426,27 +426,26 @@ def test_guesses_sent_at_once_get_no_more_checks_than_max_failures(agent_factory
 
 async def test_password_checks_under_way_count_across_guards(tmp_path, monkeypatch):
     """Two guards on one file (two processes): with max_failures - 1 failures recorded, a check under way in one
-    makes the other's wait (then LoginBusy); its end, or the death of the process holding it (kill -9: its
-    slot is freed as session slots are), lets the next one begin."""
+    makes the other's wait (then refused: try again later); its end, or the death of the process holding it
+    (kill -9: its slot is freed as session slots are), lets the next one begin."""
     monkeypatch.setattr(LoginGuard, "ATTEMPT_WAIT", 0.3)
     cfg, off = LoginConfig(max_failures=3, ban_seconds=60), AuditLog(None, 0, 1, False)
     a, b = (LoginGuard(cfg, Metrics(), off, tmp_path / "logins.sqlite") for _ in range(2))
     for _ in range(2):
         await a.failed("pacs", "10.9.0.1", "ftp")
-    async with a.attempt("pacs", "10.9.0.1"):
-        with pytest.raises(LoginBusy):
-            async with b.attempt("pacs", "10.9.0.1"):
-                pass
-    async with b.attempt("pacs", "10.9.0.1"):
-        pass
+    async with a.attempt("pacs", "10.9.0.1", "ftp") as refusal:
+        assert refusal == ""
+        async with b.attempt("pacs", "10.9.0.1", "sftp") as refusal:
+            assert "too many logins at once" in refusal
+    async with b.attempt("pacs", "10.9.0.1", "sftp") as refusal:
+        assert refusal == ""
     doomed = subprocess.Popen(["sleep", "60"])
     a._me = _process_identity(doomed.pid)  # a's next slot is that process's
-    held = a.attempt("pacs", "10.9.0.1")
-    await held.__aenter__()  # never left: the process dies holding it
+    assert await a.attempt("pacs", "10.9.0.1", "ftp").__aenter__() == ""  # never left: the process dies in it
     doomed.kill()
     doomed.wait()
-    async with b.attempt("pacs", "10.9.0.1"):
-        pass
+    async with b.attempt("pacs", "10.9.0.1", "sftp") as refusal:
+        assert refusal == ""
     a.close()
     b.close()
 

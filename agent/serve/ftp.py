@@ -51,7 +51,7 @@ import structlog
 from aioftp.common import END_OF_LINE, ThrottleStreamIO
 
 from agent.audit import Who
-from agent.auth import LoginBusy, LoginGuard, Passwords
+from agent.auth import LoginGuard, Passwords
 from agent.config import Config, UserConfig
 from agent.records import Entry
 from agent.serve import contract
@@ -790,14 +790,11 @@ class FtpServer(aioftp.Server):
         if connection.future.logged.done():
             return replied(connection, "503", "already logged in")
         login, guard, address = connection.user.login, self.logins, connection.client_host
-        try:
-            async with guard.attempt(login, address):  # LoginGuard (agent.auth): backoff and bans
-                if refusal := await guard.refusal(login, address, "ftp"):
-                    return replied(connection, "530", refusal)
-                ok = await self.user_manager.authenticate(connection.user, rest)
-                wait = await contract.login(self.gateway, guard, "ftp", who(connection), address, ok)
-        except LoginBusy as e:
-            return replied(connection, "530", str(e))
+        async with guard.attempt(login, address, "ftp") as refusal:  # LoginGuard (agent.auth): backoff and bans
+            if refusal:
+                return replied(connection, "530", refusal)
+            ok = await self.user_manager.authenticate(connection.user, rest)
+            wait = await contract.login(self.gateway, guard, "ftp", who(connection), address, ok)
         await asyncio.sleep(wait)
         if not ok:
             return replied(connection, "530", "wrong user or password")

@@ -21,7 +21,7 @@ import structlog
 from asyncssh.stream import SSHServerStreamSession
 
 from agent.audit import Who
-from agent.auth import LoginBusy, LoginGuard, Passwords, unmapped
+from agent.auth import LoginGuard, Passwords, unmapped
 from agent.config import Config, SftpConfig
 from agent.records import Entry
 from agent.serve.contract import answer, login, refuse_session, report, slash_checked, st_mode
@@ -296,15 +296,12 @@ class _Auth(asyncssh.SSHServer):
         return True
 
     async def validate_password(self, username: str, password: str) -> bool:
-        try:
-            async with self.guard.attempt(username, self.address):
-                if await self.guard.refusal(username, self.address, "sftp"):  # also a ban its failures made
-                    return False
-                ok = await asyncio.to_thread(self.passwords.check, username, password)
-                wait = await login(self.gateway, self.guard, "sftp", self._who(username), self.address, ok,
-                                   method="password")
-        except LoginBusy:
-            return False
+        async with self.guard.attempt(username, self.address, "sftp") as refusal:
+            if refusal:  # also a ban this connection's failures made
+                return False
+            ok = await asyncio.to_thread(self.passwords.check, username, password)
+            wait = await login(self.gateway, self.guard, "sftp", self._who(username), self.address, ok,
+                               method="password")
         await asyncio.sleep(wait)
         self.by_password = ok
         return ok
