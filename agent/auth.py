@@ -12,6 +12,7 @@ import ipaddress
 import os
 import sqlite3
 import time
+from collections.abc import AsyncIterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Concatenate, Coroutine, Hashable, Iterable, Iterator, ParamSpec, TypeVar
@@ -138,6 +139,8 @@ class LoginGuard:
     TRUSTED_PER_USER = 16
     BUSY_MS = 200  # the longest a call waits for another process's transaction
     GAUGE_S = 1.0  # pacsgw_login_banned is counted again at most this often (bans of other processes show)
+    ATTEMPT_WAIT = 10.0  # the longest a password check waits for the checks under way (LoginGuard.attempt)
+    ATTEMPT_POLL = (0.01, 0.5)  # seconds between its tries: the first, the longest
 
     def __init__(self, cfg: LoginConfig, metrics: Metrics, audit: AuditLog, path: Path | None = None) -> None:
         self.cfg, self.metrics, self.audit = cfg, metrics, audit
@@ -223,6 +226,62 @@ class LoginGuard:
         log.warning("login_refused", protocol=protocol, user=user, peer=address, reason="bans not readable")
         self.audit.record(Who(user, protocol, address), "login", "", "refused: bans could not be checked")
         return "login check unavailable: try again later"
+
+    @contextlib.asynccontextmanager
+    async def attempt(self, user: str, address: str, protocol: str) -> AsyncIterator[str]:
+        """One password check of user from address → why the login is refused unchecked ('': check it, and
+        record its outcome inside; a failure's backoff delay is waited after, see contract.login). A banned
+        address or user is refused on reads alone. Otherwise the check begins once the window's failures and
+        the checks under way (on the whole box) leave room for it below max_failures: checked and recorded
+        apart, 30 wrong passwords sent at once with max_failures 4 were all checked. A burst of good logins
+        waits for the checks ahead of it (milliseconds each); after ATTEMPT_WAIT it is refused."""
+        if refusal := await self.refusal(user, address, protocol):
+            yield refusal
+            return
+        address, pause = unmapped(address), self.ATTEMPT_POLL[0]
+        deadline = time.monotonic() + self.ATTEMPT_WAIT
+        while (slots := await self._admitted(user, address)) is None:
+            if time.monotonic() > deadline:
+                log.warning("login_refused", protocol=protocol, user=user, peer=address, reason="too many at once")
+                yield "too many logins at once from your address or for this user; try again later"
+                return
+            await asyncio.sleep(pause)
+            pause = min(2 * pause, self.ATTEMPT_POLL[1])  # many waiting connections must not busy the guard
+        try:
+            yield await self.refusal(user, address, protocol)  # a ban the checks ahead of it made
+        finally:
+            for slot in slots:
+                self.release_session(slot)
+
+    async def _admitted(self, user: str, address: str) -> list[int] | None:
+        take = asyncio.ensure_future(self._admit(user, address))
+        try:
+            return await asyncio.shield(take)
+        except asyncio.CancelledError:  # the client went away: slots taken on the guard's thread meanwhile go back
+            take.add_done_callback(lambda _: take.exception() or [self.release_session(s) for s in take.result() or []])
+            raise
+
+    @_on_thread
+    def _admit(self, user: str, address: str) -> list[int] | None:
+        """Slots (scopes 'attempt address' and 'attempt user', the latter not from a trusted address, whose
+        logins a user lock spares too) → their ids; None while max_failures would be reached; [] unrecordable."""
+        now = time.monotonic()
+        self._release_pending()
+        with self._unless_unrecordable("login attempt"), self._tx():
+            keys = [("address", address)]
+            if not self.db.execute("SELECT 1 FROM trusted WHERE user = ? AND address = ?", (user, address)).fetchone():
+                keys.append(("user", user))
+            for scope, key in keys:
+                (failures,) = self.db.execute("SELECT COUNT(*) FROM failures WHERE scope = ? AND key = ? AND at > ?",
+                                              (scope, key, now - self.cfg.window_seconds)).fetchone()
+                room = self.cfg.max_failures - failures
+                if self._sessions(f"attempt {scope}", key) >= room:
+                    self._free_dead(f"attempt {scope}", key)
+                    if self._sessions(f"attempt {scope}", key) >= room:
+                        return None
+            return [int(self.db.execute("INSERT INTO sessions (scope, key, pid, started) VALUES (?, ?, ?, ?)",
+                                        (f"attempt {scope}", key, *self._me)).lastrowid or 0) for scope, key in keys]
+        return []
 
     @_on_thread
     def banned(self, scope: str, now: float | None = None) -> list[str]:

@@ -25,6 +25,27 @@ from devstack import free_port
 from harness import PASSWORD, s3_objects, sha256
 
 
+def open_upload(session: ftplib.FTP, path: str) -> socket.socket:
+    """STOR path, its first 1000 bytes ('A') sent, left open (150: the file is open at the gateway)."""
+    session.voidcmd("TYPE I")
+    upload = session.transfercmd(f"STOR {path}")
+    upload.sendall(b"A" * 1000)
+    return upload
+
+
+def rename_refused(session: ftplib.FTP, src: str, dst: str) -> None:
+    """RNFR src, RNTO dst: 550, the target being written."""
+    session.sendcmd(f"RNFR {src}")
+    with pytest.raises(ftplib.error_perm, match="^550.*being written"):
+        session.sendcmd(f"RNTO {dst}")
+
+
+async def sftp_rename_refused(agent, src: str, dst: str) -> None:
+    async with connect(agent) as conn, conn.start_sftp_client() as sftp:
+        with pytest.raises(asyncssh.SFTPError, match="being written"):
+            await sftp.posix_rename(src, dst)
+
+
 def test_a_rename_over_a_file_another_session_is_writing_is_refused(agent_factory):
     """Session A uploads x; session B (with `delete`) renames y over x. It was acknowledged, then A's close
     stored over it: B's file was gone under both names. As SMB does (Windows: a file open for writing cannot be
@@ -33,23 +54,18 @@ def test_a_rename_over_a_file_another_session_is_writing_is_refused(agent_factor
     agent = agent_factory().start()
     a, b = ftp(agent), ftp(agent)
     b.storbinary("STOR y.dcm", io.BytesIO(b"B" * 100))
-    a.voidcmd("TYPE I")
-    upload = a.transfercmd("STOR x.dcm")  # 150: the file is open at the gateway
-    upload.sendall(b"A" * 1000)
-    b.sendcmd("RNFR y.dcm")
-    with pytest.raises(ftplib.error_perm, match="^550.*being written"):
-        b.sendcmd("RNTO x.dcm")
+    upload = open_upload(a, "x.dcm")
+    rename_refused(b, "y.dcm", "x.dcm")
 
-    async def sftp_renames() -> None:
-        async with connect(agent) as conn, conn.start_sftp_client() as sftp:
-            with pytest.raises(asyncssh.SFTPError, match="being written"):
-                await sftp.posix_rename("y.dcm", "x.dcm")
-            async with sftp.open("z.dcm", "wb") as f:  # SFTP writes, FTP renames
-                await f.write(b"Z" * 10)
-                with pytest.raises(ftplib.error_perm, match="^550.*being written"):
-                    b.rename("y.dcm", "z.dcm")
+    asyncio.run(sftp_rename_refused(agent, "y.dcm", "x.dcm"))
 
-    asyncio.run(sftp_renames())
+    async def sftp_writes() -> None:  # SFTP writes, FTP renames
+        async with connect(agent) as conn, conn.start_sftp_client() as sftp, sftp.open("z.dcm", "wb") as f:
+            await f.write(b"Z" * 10)
+            with pytest.raises(ftplib.error_perm, match="^550.*being written"):
+                b.rename("y.dcm", "z.dcm")
+
+    asyncio.run(sftp_writes())
     upload.close()
     assert a.voidresp().startswith("226")
     assert get(b, "x.dcm") == b"A" * 1000 and get(b, "y.dcm") == b"B" * 100 and get(b, "z.dcm") == b"Z" * 10
@@ -58,6 +74,25 @@ def test_a_rename_over_a_file_another_session_is_writing_is_refused(agent_factor
     agent.wait_drained()
     assert {p: r["sha256"] for p, r in s3_objects(agent.store, agent.prefix).items()} == {
         "x.dcm": sha256(b"B" * 100), "z.dcm": sha256(b"Z" * 10)}
+
+
+def test_a_directory_renamed_over_a_file_being_written_is_refused(agent_factory):
+    """Session A uploads t/x.dcm into a directory t that does not exist yet (its commit makes it); session B
+    renames its directory s, holding its own x.dcm, to t. The rename was acknowledged, then A's close stored over
+    t/x.dcm: B's file was gone under both names. The rename is refused while anything below its target is
+    being written (FTP 550, SFTP a failure), as a file's rename over it is; after A's close it is refused as a
+    rename onto an existing directory, and to a free name it goes through."""
+    agent = agent_factory().start()
+    a, b = ftp(agent), ftp(agent)
+    b.mkd("s")
+    b.storbinary("STOR s/x.dcm", io.BytesIO(b"B" * 100))
+    upload = open_upload(a, "t/x.dcm")
+    rename_refused(b, "s", "t")
+    asyncio.run(sftp_rename_refused(agent, "s", "t"))
+    upload.close()
+    assert a.voidresp().startswith("226")
+    b.rename("s", "u")
+    assert get(b, "t/x.dcm") == b"A" * 1000 and get(b, "u/x.dcm") == b"B" * 100
 
 
 def test_a_path_ending_in_a_slash_names_a_directory(agent_factory):

@@ -309,6 +309,27 @@ def test_a_rename_over_a_file_another_client_is_writing_is_refused(smb_agent):
     renamer.close()
 
 
+def test_a_new_file_renamed_over_one_an_ftp_upload_writes_is_refused(smb_agent):
+    """An SMB client renames a file it is still writing (new: not stored yet) to a name an FTP upload is writing.
+    That rename was the FUSE layer's alone (the file is only committed at its close, under the new name), so the
+    gateway's check for files being written never ran: 'success', then the two closes stored over each other
+    under one name. Now ACCESS_DENIED, as a rename of a stored file over it is; after the upload, it goes."""
+    agent = smb_agent().start(timeout=180)
+    smb, f = Smb(agent), ftp(agent)
+    f.voidcmd("TYPE I")
+    upload = f.transfercmd("STOR x.dcm")
+    upload.sendall(b"F" * 1000)
+    with smbclient.open_file(smb.p("a.tmp"), mode="wb", share_access="rwd", **smb.kw) as new:
+        new.write(b"the image being written over SMB")
+        with pytest.raises(ERRORS, match="ACCESS_DENIED"):
+            smb.replace("a.tmp", "x.dcm")
+        upload.close()
+        assert f.voidresp().startswith("226")
+        smb.replace("a.tmp", "b.dcm")
+    assert smb.read("x.dcm") == b"F" * 1000 and smb.read("b.dcm") == b"the image being written over SMB"
+    smb.close()
+
+
 def test_a_rename_over_a_file_another_client_is_reading_is_refused(smb_agent):
     """Windows refuses to replace a file another open holds without FILE_SHARE_DELETE; Samba refused it only when
     both opens were in one smbd: from a second client the rename went through under the reader's feet. Now it is

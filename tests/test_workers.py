@@ -18,14 +18,20 @@ import subprocess
 import sys
 import threading
 import time
+from collections import Counter
 from pathlib import Path
 
 import asyncssh
 import psutil
 import pytest
+from test_frontend_hostile import open_upload, rename_refused
 
-from agent.config import ConfigError, load
+from agent.audit import AuditLog
+from agent.auth import LoginGuard, _process_identity
+from agent.config import ConfigError, LoginConfig, load
+from agent.metrics import Metrics
 from agent.store.catalog import Catalog
+from agent.store.writing import WriteMarks
 from faultkit import bucket_keys, ftp_get, ftp_login, ftp_put, payload, sftp_put, sftp_session, sha256, wait_for
 from harness import PASSWORD, s3_objects
 
@@ -323,6 +329,125 @@ def test_login_limits_hold_for_the_box(agent_factory):
     assert banned_by == pids, banned_by
     with pytest.raises(asyncssh.PermissionDenied):
         asyncio.run(sftp_login(a, PASSWORD))
+
+
+def ftp_on(agent, pid: int, pids: set[int]) -> ftplib.FTP:
+    """A logged-in FTP session that the kernel handed to process pid (sessions landing elsewhere are closed)."""
+    for _ in range(60):
+        ftp = ftp_login(agent)
+        if serving_pid(ftp.sock.getsockname()[1], pids) == pid:
+            return ftp
+        ftp.quit()
+    raise AssertionError(f"no FTP session landed on process {pid}")
+
+
+def test_a_rename_over_a_file_another_process_is_writing_is_refused(agent_factory):
+    """A rename over a file that an upload is still writing is refused (the upload's close would store over
+    what was renamed there: gone under both names). With workers = 2 the gateway knew only its own process's
+    uploads: a session on the other process renamed over the file (250). Refused now whichever process writes;
+    when the upload ends, or the process writing it is killed -9 in the middle, the name is free again."""
+    a = agent_factory(**{"server.workers": 2}).start()
+    worker = live_worker(a)
+    pids = {a.proc.pid, worker}
+    writing = {a.proc.pid: ftp_on(a, a.proc.pid, pids), worker: ftp_on(a, worker, pids)}
+    renaming = {a.proc.pid: ftp_on(a, a.proc.pid, pids), worker: ftp_on(a, worker, pids)}
+    ftp_put(renaming[a.proc.pid], "y.dcm", b"Y" * 100)
+    uploads = {}
+    for writer, renamer, name in ((a.proc.pid, worker, "z.dcm"), (worker, a.proc.pid, "x.dcm")):
+        uploads[name] = open_upload(writing[writer], name)
+        rename_refused(renaming[renamer], "y.dcm", name)
+    uploads["z.dcm"].close()  # the upload ends: its name is free again
+    assert writing[a.proc.pid].voidresp().startswith("226")
+    renaming[worker].rename("y.dcm", "z.dcm")
+    assert ftp_get(renaming[worker], "z.dcm") == b"Y" * 100
+    # x.dcm is still being written on the worker: kill -9 of the worker must not leave the name marked.
+    os.kill(worker, signal.SIGKILL)
+    a.wait_events("worker_died", 1, 30)
+    owner = renaming[a.proc.pid]
+    owner.rename("z.dcm", "x.dcm")
+    assert ftp_get(owner, "x.dcm") == b"Y" * 100
+    owner.quit()
+
+
+def test_write_marks_count_writers_and_follow_a_rename(tmp_path):
+    """Two WriteMarks on one file see each other as two processes do (OFD locks belong to the open, not the
+    process). A path stays marked until its last writer ends; a file renamed while written (SMB) frees its
+    old name and marks the new one; the directories above a path being written are busy too."""
+    mine, other = WriteMarks(tmp_path / "writing.lock"), WriteMarks(tmp_path / "writing.lock")
+    mine.add("x")
+    mine.add("x")
+    assert mine.busy("x") and other.busy("x") and not other.busy("y")
+    mine.remove("x")
+    assert other.busy("x")
+    mine.move("x", "y")
+    assert not other.busy("x") and other.busy("y") and mine.busy("y")
+    mine.remove("y")
+    assert not other.busy("y") and not mine.busy("y")
+    mine.add("a/b/x")  # a directory renamed to a or a/b would bring its own files below them
+    assert other.busy("a") and other.busy("a/b") and not other.busy("a/c") and not other.busy("b")
+    mine.remove("a/b/x")
+    assert not other.busy("a")
+
+
+def test_guesses_sent_at_once_get_no_more_checks_than_max_failures(agent_factory):
+    """workers = 2: 30 wrong passwords sent at once over FTP (both processes) all passed the ban check before the
+    first failure was recorded: 11 were checked with max_failures 4. Now at most max_failures are checked, the
+    rest refused; and 30 good logins sent at once are all let in (they wait for the checks ahead of them)."""
+    failures = 4
+    a = agent_factory(**{"server.workers": 2, "login.delay_seconds": 0, "login.max_delay_seconds": 0,
+                         "login.max_failures": failures, "login.ban_seconds": 3600}).start()
+    live_worker(a)
+
+    def burst(password: str) -> Counter[str]:
+        sessions = [ftp_open(a)[0] for _ in range(30)]
+        for f in sessions:
+            f.sendcmd("USER pacs")
+        start, answers = threading.Barrier(len(sessions)), Counter[str]()
+
+        def send(f: ftplib.FTP) -> None:
+            start.wait()
+            try:
+                answers[f.sendcmd(f"PASS {password}")[:3]] += 1
+            except ftplib.error_perm as e:
+                answers[str(e)[4:30]] += 1
+            f.close()
+
+        threads = [threading.Thread(target=send, args=(f,)) for f in sessions]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        return answers
+
+    assert burst(PASSWORD) == {"230": 30}
+    answers = burst("wrong-guess")
+    assert answers["wrong user or password"] <= failures and sum(answers.values()) == 30, answers
+
+
+async def test_password_checks_under_way_count_across_guards(tmp_path, monkeypatch):
+    """Two guards on one file (two processes): with max_failures - 1 failures recorded, a check under way in one
+    makes the other's wait (then refused: try again later); its end, or the death of the process holding it
+    (kill -9: its slot is freed as session slots are), lets the next one begin."""
+    monkeypatch.setattr(LoginGuard, "ATTEMPT_WAIT", 0.3)
+    cfg, off = LoginConfig(max_failures=3, ban_seconds=60), AuditLog(None, 0, 1, False)
+    a, b = (LoginGuard(cfg, Metrics(), off, tmp_path / "logins.sqlite") for _ in range(2))
+    for _ in range(2):
+        await a.failed("pacs", "10.9.0.1", "ftp")
+    async with a.attempt("pacs", "10.9.0.1", "ftp") as refusal:
+        assert refusal == ""
+        async with b.attempt("pacs", "10.9.0.1", "sftp") as refusal:
+            assert "too many logins at once" in refusal
+    async with b.attempt("pacs", "10.9.0.1", "sftp") as refusal:
+        assert refusal == ""
+    doomed = subprocess.Popen(["sleep", "60"])
+    a._me = _process_identity(doomed.pid)  # a's next slot is that process's
+    assert await a.attempt("pacs", "10.9.0.1", "ftp").__aenter__() == ""  # never left: the process dies in it
+    doomed.kill()
+    doomed.wait()
+    async with b.attempt("pacs", "10.9.0.1", "sftp") as refusal:
+        assert refusal == ""
+    a.close()
+    b.close()
 
 
 def audit_text(agent, pid: int) -> str:

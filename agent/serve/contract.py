@@ -18,7 +18,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import errno
 import ssl
 import stat
@@ -113,19 +112,18 @@ def report(gw: Gateway, protocol: str, who: Who | None, e: GatewayError, *, refu
                 kind=type(e).__name__, **context)
 
 
-async def login(gw: Gateway, guard: LoginGuard, protocol: str, who: Who, address: str, ok: bool, *,
-                delay: bool = True, **context: object) -> None:
-    """A password check's outcome. A failure waits the guard's growing delay before the answer (that is the
-    backoff), unless `delay` is False (Samba has answered already)."""
+async def login(gw: Gateway, guard: LoginGuard, protocol: str, who: Who, address: str, ok: bool,
+                **context: object) -> float:
+    """A password check's outcome → the seconds its answer must wait: the guard's growing delay after a failure
+    (that is the backoff; the caller waits once its LoginGuard.attempt is over, so the checks of others need not
+    wait for it; Samba has answered already), 0 after a success."""
     if ok:
         log.info("login", protocol=protocol, user=who.user, peer=who.peer, **context)
         await guard.succeeded(who.user, address)
-        return
+        return 0.0
     log.warning("login_failed", protocol=protocol, user=who.user, peer=who.peer, **context)
     gw.audit_event(who, "login", "", "error: wrong user or password")
-    wait = await guard.failed(who.user, address, protocol)
-    if delay:
-        await asyncio.sleep(wait)
+    return await guard.failed(who.user, address, protocol)
 
 
 _refusals = Every(REFUSALS_EVERY)  # session_refused events (and audit records): (protocol, reason)

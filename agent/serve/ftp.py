@@ -790,10 +790,12 @@ class FtpServer(aioftp.Server):
         if connection.future.logged.done():
             return replied(connection, "503", "already logged in")
         login, guard, address = connection.user.login, self.logins, connection.client_host
-        if refusal := await guard.refusal(login, address, "ftp"):  # LoginGuard (agent.auth): backoff and bans
-            return replied(connection, "530", refusal)
-        ok = await self.user_manager.authenticate(connection.user, rest)
-        await contract.login(self.gateway, guard, "ftp", who(connection), address, ok)
+        async with guard.attempt(login, address, "ftp") as refusal:  # LoginGuard (agent.auth): backoff and bans
+            if refusal:
+                return replied(connection, "530", refusal)
+            ok = await self.user_manager.authenticate(connection.user, rest)
+            wait = await contract.login(self.gateway, guard, "ftp", who(connection), address, ok)
+        await asyncio.sleep(wait)
         if not ok:
             return replied(connection, "530", "wrong user or password")
         name, cap = connection.user.login, self.cfg.ftp.max_sessions_per_user

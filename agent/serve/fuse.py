@@ -240,7 +240,7 @@ class GatewayFS(pyfuse3.Operations):
             new = dst + path[len(src):]
             op.path = new
             if op.writer is not None:
-                op.writer.path = new
+                op.writer.rename(new)
             self._writing[new] = op
         for op in self._files.values():
             if op.path == src or op.path.startswith(prefix):
@@ -367,6 +367,8 @@ class GatewayFS(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.ENOENT)
         else:  # only the open, not yet committed file: it will be committed under the new name
             self._require(self._who(ctx), "rename", src, op)
+            if self.gw.being_written(dst):  # an FTP or SFTP upload, here or in a worker, writes dst: as gw.rename
+                raise pyfuse3.FUSEError(errno.EACCES)
             if not replace and await self.gw.find(dst) is not None:
                 raise pyfuse3.FUSEError(errno.EEXIST)
             old = self._writing.get(dst)

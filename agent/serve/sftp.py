@@ -296,10 +296,13 @@ class _Auth(asyncssh.SSHServer):
         return True
 
     async def validate_password(self, username: str, password: str) -> bool:
-        if await self.guard.refusal(username, self.address, "sftp"):  # also a ban this connection's failures made
-            return False
-        ok = await asyncio.to_thread(self.passwords.check, username, password)
-        await login(self.gateway, self.guard, "sftp", self._who(username), self.address, ok, method="password")
+        async with self.guard.attempt(username, self.address, "sftp") as refusal:
+            if refusal:  # also a ban this connection's failures made
+                return False
+            ok = await asyncio.to_thread(self.passwords.check, username, password)
+            wait = await login(self.gateway, self.guard, "sftp", self._who(username), self.address, ok,
+                               method="password")
+        await asyncio.sleep(wait)
         self.by_password = ok
         return ok
 

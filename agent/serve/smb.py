@@ -424,7 +424,7 @@ class SmbService:
     async def _login(self, user: str, address: str, ok: bool) -> None:
         who = Who(user, "smb", address)
         # no delay: Samba has already answered
-        await login(self.gateway, self.logins, "smb", who, address, ok, delay=False, method="password")
+        await login(self.gateway, self.logins, "smb", who, address, ok, method="password")
         if ok:
             self.gateway.audit_event(who, "login")
 

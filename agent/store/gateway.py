@@ -47,6 +47,7 @@ from agent.store.errors import (
 from agent.store.evictor import Evictor
 from agent.store.fetch import download
 from agent.store.paths import ancestors, check_creatable, name_problem, parent_of
+from agent.store.writing import WriteMarks
 from agent.uplink.line import SERVER_ERROR_RETRIES
 from agent.uplink.s3 import S3Uplink, error_code
 from agent.uplink.uploader import CONFLICT_EXTRA, CONFLICTS, HA_DIR, PARKED, Uploader
@@ -91,6 +92,11 @@ class WriteHandle:
         self._held = 0  # bytes of _body taken from the gateway's budget
         self._done = False
         self._failed: BaseException | None = None
+
+    def rename(self, path: str) -> None:
+        """The file being written was renamed (SMB): its commit stores it under path, which it marks instead."""
+        self.gw.marks.move(self.path, path)
+        self.path = path
 
     async def write(self, data: bytes | memoryview, offset: int | None = None) -> None:
         try:
@@ -475,6 +481,7 @@ class Gateway:
         self._fills: dict[str, _Fill] = {}
         self._listings: dict[str, asyncio.Future[None]] = {}
         self._writes: set[WriteHandle] = set()  # open, neither committed nor aborted yet
+        self.marks = WriteMarks(cache.root / "writing.lock")  # their paths, and other processes'
         self._unfinished: dict[str, int] = {}  # user → the `counted` bytes of its files being written
         self._body_room = BODY_BUDGET
         self._writes_idle = asyncio.Event()
@@ -707,7 +714,7 @@ class Gateway:
             self._movable(src)
             self._movable(dst)
             check_creatable(dst, dst)
-            if any(w.path == dst for w in self._writes):  # its commit would replace what is renamed there
+            if self.being_written(dst):  # its commit would replace what is renamed there
                 raise PermissionDenied(dst, "the target is being written by another upload; try again later")
             e = await self.stat(src)
             await self.worm.check_mutable(e, time.time())
@@ -757,6 +764,7 @@ class Gateway:
             blob, fd = await self._new_staging()
         handle = WriteHandle(self, path, blob, fd, protocol, who)
         self._writes.add(handle)
+        self.marks.add(path)
         self._writes_idle.clear()
         if offset:
             if existing is None:
@@ -821,6 +829,10 @@ class Gateway:
             raise
         await handle.commit()
 
+    def being_written(self, path: str) -> bool:
+        """Whether an upload of any serving process writes path, or a file below it, now."""
+        return self.marks.busy(path)
+
     @property
     def active_writes(self) -> int:
         return len(self._writes)
@@ -861,6 +873,7 @@ class Gateway:
         if left:
             self._unfinished[handle.user] = left
         self._writes.discard(handle)
+        self.marks.remove(handle.path)
         if not self._writes:
             self._writes_idle.set()
 

@@ -1,0 +1,76 @@
+"""Which paths an upload is writing, seen by every serving process ([server] workers > 1).
+
+A rename over a file that an upload is still writing is refused (the upload's commit would store over what was
+renamed there), and so is a directory's rename to a directory an upload writes a file in. A set in one process
+sees only its own sessions: with several processes a session on another one renamed over the file. Each process
+marks the paths it writes, and 'dir/' for the directories above them, with an open file description (OFD) lock
+on one byte of the shared file `cache/writing.lock`, the byte picked by a hash of the key: a read lock, which a
+rename tests for (F_OFD_GETLK) without taking anything. The kernel drops the locks of a process that dies
+(kill -9, OOM) with its file descriptions, so a mark never outlives its writer and the file never needs
+cleaning: it stays empty. A hash collision of two keys (2^-62) only refuses a rename wrongly, until the other
+upload ends.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import os
+import struct
+from collections import Counter
+from pathlib import Path
+
+from agent.store.paths import ancestors
+
+# struct flock on Linux (64-bit off_t): l_type, l_whence, l_start, l_len, l_pid, padded to 32 bytes. OFD locks
+# need l_pid 0.
+_FLOCK = struct.Struct("hhqqi4x")
+
+
+def _byte(path: str) -> int:
+    """The byte of the lock file that stands for path (63-bit off_t, so below 2^62)."""
+    return int.from_bytes(hashlib.blake2b(path.encode(), digest_size=8).digest(), "big") >> 2
+
+
+class WriteMarks:
+    """This process's paths being written, with the directories above them, and the other processes'. Counted:
+    two sessions may write one path, and many files one directory."""
+
+    def __init__(self, lock_file: Path) -> None:
+        # Open for the process's life. Not inherited (O_CLOEXEC, Python's default): a child holding the
+        # description would keep the marks alive after the agent died.
+        self._fd = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o600)
+        self._mine: Counter[str] = Counter()
+
+    def _lock(self, cmd: int, kind: int, key: str) -> int:
+        """One fcntl on key's byte → the lock type the kernel answers (F_GETLK: the conflicting one)."""
+        reply = fcntl.fcntl(self._fd, cmd, _FLOCK.pack(kind, os.SEEK_SET, _byte(key), 1, 0))
+        return int(_FLOCK.unpack(reply)[0])
+
+    @staticmethod
+    def _keys(path: str) -> list[str]:
+        """The file, and 'dir/' for each directory it is in: a directory renamed to one of those would bring
+        its own files where the upload's commit stores."""
+        return [path, *(d + "/" for d in ancestors(path) if d)]
+
+    def add(self, path: str) -> None:
+        for key in self._keys(path):
+            if not self._mine[key]:
+                self._lock(fcntl.F_OFD_SETLK, fcntl.F_RDLCK, key)  # read locks never conflict: never refused
+            self._mine[key] += 1
+
+    def remove(self, path: str) -> None:
+        for key in self._keys(path):
+            self._mine[key] -= 1
+            if not self._mine[key]:
+                del self._mine[key]
+                self._lock(fcntl.F_OFD_SETLK, fcntl.F_UNLCK, key)
+
+    def move(self, old: str, new: str) -> None:
+        self.add(new)
+        self.remove(old)
+
+    def busy(self, path: str) -> bool:
+        """Whether an upload of this process or of another one writes path, or a file below it, now."""
+        return any(key in self._mine or self._lock(fcntl.F_OFD_GETLK, fcntl.F_WRLCK, key) != fcntl.F_UNLCK
+                   for key in (path, path + "/"))
