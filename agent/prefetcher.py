@@ -287,12 +287,6 @@ class PriorFetcher:
             log.info("study_recorded", dir=d, first=path, dicom=h.patient is not None, modality=h.modality)
             self.stack.describe(d, h.modality, None, False)
             if h.patient is not None:
-                # a cache that turns over before this study is read would evict its priors unread: the plan waits
-                # (agent/policy/adaptive.py `prior_delay`; the simulator defers it the same way)
-                wait = self.stack.prior_delay(time.time())
-                if wait > 0:
-                    log.info("prior_prefetch_deferred", study=d, wait_s=round(wait))
-                    await asyncio.sleep(wait)
                 await self.fetch_priors(d, h)
         except Exception as e:  # prior prefetch is best effort; the store itself succeeded
             log.error("prior_prefetch_failed", dir=d, error=repr(e)[:300])

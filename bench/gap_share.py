@@ -47,12 +47,7 @@ def main() -> int:
                     help="adaptive.TRIM: the last victim study of a pass gives up only the files needed")
     ap.add_argument("--min-cut", type=float, default=None,
                     help="adaptive.MIN_CUT: the least share of the cache a cut frees")
-    ap.add_argument("--defer-quantile", default=None,
-                    help="adaptive.DEFER_QUANTILE: prior plans wait for this quantile of the first-read delays "
-                         "less the cache's turnover time ('off': never wait)")
     args = ap.parse_args()
-    if args.defer_quantile is not None:
-        adaptive.DEFER_QUANTILE = None if args.defer_quantile == "off" else float(args.defer_quantile)
     if args.min_cut is not None:
         adaptive.MIN_CUT = args.min_cut
     if args.trim is not None:
@@ -94,7 +89,7 @@ def main() -> int:
           f"prior admission {'on' if learned.ADMIT_PRIORS else 'off'}, "
           f"doorkeeper {'on' if adaptive.DOORKEEPER else 'off'}, "
           f"priors held {'on' if adaptive.HOLD_PRIORS else 'off'}, trim {'on' if adaptive.TRIM else 'off'}, "
-          f"min cut {adaptive.MIN_CUT:g}, defer quantile {adaptive.DEFER_QUANTILE})")
+          f"min cut {adaptive.MIN_CUT:g})")
     return 0
 
 

@@ -79,37 +79,3 @@ def test_a_prefetched_prior_is_held_beside_its_new_study_until_its_first_read() 
     assert list(p.victims(100, t + 120)) == ["r1"]
     p.on_access("p1", t + 200)                       # opened: an ordinary study, the unread new one stays held
     assert list(p.victims(100, t + 300)) == ["p1"]
-
-
-def overnight_box(capacity: int, days: int = 30) -> Adaptive:
-    """Six studies written each morning (8–13 h) and read an hour later, one each evening (20 h) read at 8 the next
-    morning; files of 1 000 bytes. A cache of `capacity` bytes, evicting as the agent's passes do."""
-    a = Adaptive()
-    events = []
-    for d in range(days):
-        for h in range(8, 14):
-            events += [(d * DAY + h * H, "w", (d, h)), (d * DAY + (h + 1) * H, "r", (d, h))]
-        events += [(d * DAY + 20 * H, "w", (d, 20)), ((d + 1) * DAY + 8 * H + 60, "r", (d, 20))]
-    keys: dict[tuple[int, int], int] = {}
-    for t, kind, study in sorted(events):
-        key = keys.setdefault(study, len(keys))
-        if kind == "r" and key in a._meta:
-            a.on_access(key, t)
-        else:
-            a.on_insert(key, 1000, t, t if kind == "w" else t - DAY, study, written=kind == "w")
-            if a.used > capacity:
-                list(a.victims(a.used - capacity, t))
-    return a
-
-
-def test_a_prior_plan_waits_for_the_morning_where_the_cache_turns_over_overnight() -> None:
-    """A prior fetched at an evening write is evicted unread by a cache that turns over in a few hours; the plan
-    waits until the cache can hold the prior to the next morning's first read. Learnt per hour of the write: a
-    morning study, read within the hour, is planned at once, and so is every plan on a cache that holds a day."""
-    small = overnight_box(2_000)                         # ~7 kB a day in: turns over in ~7 h
-    end = 30 * DAY
-    assert 0 < small.turnover() < 12 * H
-    wait = small.prior_delay(end + 20 * H)
-    assert 0 < wait < 12 * H and 20 * H + wait + small.turnover() >= 32 * H - 4 * H
-    assert small.prior_delay(end + 9 * H) == 0
-    assert overnight_box(50_000).prior_delay(end + 20 * H) == 0

@@ -22,7 +22,6 @@ never do I/O: the caller offers only clean files, so a file not yet in S3 is nev
 
 from __future__ import annotations
 
-import math
 from collections import OrderedDict
 from typing import Any, Iterator
 
@@ -77,11 +76,6 @@ TRIM = True
 # a file or two per insert once the cache is full, each after a new sample of the learned expert (3x the replay's
 # CPU at 1 TB); the live agent's passes free more anyway (its watermarks)
 MIN_CUT = 0.02
-# a prior plan waits until its new study's first read is near, when the cache turns over faster than the first
-# reads come (docs/replay.md, round 13): it is fetched at write + (this quantile of the learnt write → first-read
-# delays − the cache's turnover time); bench/gap_share.py --defer-quantile overrides, None: never wait
-DEFER_QUANTILE: float | None = 0.25
-INFLOW_TAU = 86_400.0   # the inflow rate behind the turnover time is a moving average over about a day
 
 
 class _Doorkeeper:
@@ -174,8 +168,6 @@ class Adaptive:
         self.use_learned = True
         self.door = _Doorkeeper() if DOORKEEPER else None
         self.linked: OrderedDict[Any, Any] = OrderedDict()   # prior → the new study it was fetched for (newest 10k)
-        self._inflow = 0.0      # bytes inserted, decayed with INFLOW_TAU (≈ the inflow rate × INFLOW_TAU)
-        self._inflow_at = 0.0
 
     def _request(self, key: Any, now: float, prefetch: bool, written: bool = False) -> None:
         size, created, study = self._meta[key]
@@ -192,19 +184,14 @@ class Adaptive:
                   prefetch: bool = False, written: bool = False) -> None:
         self._meta[key] = (size, created, study)
         self.used += size
-        if now > self._inflow_at:
-            self._inflow *= math.exp((self._inflow_at - now) / INFLOW_TAU)
-            self._inflow_at = now
-        self._inflow += size
         # a linked prior waits for the radiologist's session as its new study does: the fresh segment holds both
-        prior = prefetch and study in self.linked
-        if written or prior:
-            self.fresh.written(study, size, now, prior)
+        written = written or (prefetch and study in self.linked)
+        if written:
+            self.fresh.written(study, size, now)
         elif not prefetch:
             self.fresh.read(study, now)
         if self.door is not None:
             self.door.inserted(key, size, now, study, not (prefetch or written) and created < now - OLD_S)
-        written = written or prior
         self.lru.on_insert(key, size, now, created, study, prefetch, written)
         self.learned.on_insert(key, size, now, created, study, prefetch, written)
         self._request(key, now, prefetch, written)
@@ -249,20 +236,6 @@ class Adaptive:
         if not self.capacity or self.used + size <= self.capacity:
             return True
         return self.model.admit(new, heat, files, size, now)
-
-    def turnover(self) -> float:
-        """Seconds the cache takes to fill with new bytes at the recent inflow rate (writes, misses, prefetches):
-        about how long an unread file stays once the cache is full; inf before the first eviction."""
-        return self.capacity * INFLOW_TAU / self._inflow if self.capacity and self._inflow else math.inf
-
-    def prior_delay(self, now: float) -> float:
-        """Seconds a prior plan for a study written now should wait: a prior fetched at the write of a study read
-        the next day is evicted unread by a cache that turns over in hours (the tuning families at 3 %: half the
-        prefetched bytes, evicted a median 3 h after the fetch, their first read 17 h after it). Fetched at the
-        `DEFER_QUANTILE` of the learnt write → first-read delays less the turnover time, it lands when the cache can
-        still hold it until then. 0 while either is unknown (cold start) or the cache holds the wait."""
-        wait = self.fresh.delay_quantile(DEFER_QUANTILE, now) if DEFER_QUANTILE is not None else 0.0
-        return max(0.0, wait - self.turnover()) if wait else 0.0
 
     def victims(self, bytes_to_free: int, now: float) -> Iterator[Any]:
         self.capacity = max(self.capacity, self.used - bytes_to_free)

@@ -221,12 +221,6 @@ class PolicyStack:
         chosen.sort(key=lambda c: order[c.key][0])
         return [(c.key, order[c.key][1], c.size, c.heat) for c in chosen]
 
-    def prior_delay(self, now: float) -> float:
-        """Seconds to wait before planning the priors of a study written now (agent/policy/adaptive.py
-        `prior_delay`: a cache that turns over before the new study is read would evict them unread); 0: plan now."""
-        delay = getattr(self.policy, "prior_delay", None)
-        return 0.0 if delay is None else float(delay(now))
-
     def prior_fetched(self, prior: Hashable, new: Hashable, heat: float) -> None:
         """A planned prior is being fetched for a new study: tell the eviction policy (one that keeps the pair,
         agent/policy/learned.py `link`), before the prior's files land."""

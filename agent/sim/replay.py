@@ -29,7 +29,6 @@ over capacity and frees down to `low_watermark`, like the agent's pressure loop.
 from __future__ import annotations
 
 import dataclasses
-import heapq
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -349,7 +348,6 @@ class Replayer:
         lstm = "lstm" in planners
         priors = "priors" in planners
         next_plan = cfg.lstm_hour * 3600 if lstm else float("inf")
-        deferred: list[tuple[float, int]] = []      # (when, new study): prior plans waiting (stack.prior_delay)
         if lstm:
             reads = ~ta.is_write
             counts = daily_counts(ta.t[reads], ta.obj_dir[ta.obj[reads]], len(ta.dir_names), ta.n_days)
@@ -369,20 +367,13 @@ class Replayer:
                 day = int(next_plan // DAY)
                 self._plan_lstm(day, next_plan, counts, dir_day, dir_mod, start_weekday)
                 next_plan += DAY
-            while deferred and deferred[0][0] <= t:
-                due, s = heapq.heappop(deferred)
-                self._plan_priors(s, due)
             if W[i]:
                 s = study[o]
                 if not self.known[s]:
                     self.known[s] = True
                     self._describe(s)
                     if priors:
-                        wait = self.stack.prior_delay(t)
-                        if wait > 0:
-                            heapq.heappush(deferred, (t + wait, s))
-                        else:
-                            self._plan_priors(s, t)
+                        self._plan_priors(s, t)
                 if not in_cache[o]:
                     self._insert(o, t, written=True)
             elif in_cache[o]:
