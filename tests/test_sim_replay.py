@@ -165,3 +165,15 @@ def test_a_day_without_reads_has_no_hit_ratio() -> None:
     ta = arrays([0, 0, 1, 1], [True, False, True, False], t=[10.0, 20.0, DAY + 10, 2 * DAY + 10], days=3)
     res = Replayer(ta, "A", ReplayConfig(capacity=10**6, warmup_days=0)).run()
     assert res.daily_hit_ratio == [1.0, None, 1.0]
+
+
+def test_prefetch_fate_sorts_every_prefetched_byte(small_trace) -> None:
+    """bench/prefetch_waste.py (docs/replay.md, round 13) accounts for each prior fetch once: its kinds add up to the
+    replay's prefetched bytes."""
+    from bench.prefetch_waste import fate
+    written = int(small_trace.size[small_trace.is_write].sum())
+    f = fate(small_trace, "agent", written // 10)
+    assert f.fetches > 0 and sum(f.bytes.values()) == f.result.prefetch_bytes
+    assert f.bytes["read"] > 0 and set(f.bytes) <= {"read", "never read", "evicted, never read"} | {
+        k for k in f.bytes if k.startswith("evicted before its read (")}
+    assert "prefetched" in str(f)
