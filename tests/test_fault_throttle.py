@@ -15,7 +15,7 @@ import pytest
 
 from devstack import _bin
 from faultkit import Ingest
-from harness import s3_objects
+from harness import BUCKET, s3_objects
 
 
 def circuit_breaker(store, writes: int, action: str = "Write") -> str:
@@ -24,6 +24,29 @@ def circuit_breaker(store, writes: int, action: str = "Write") -> str:
                        input=f"s3.circuitBreaker -global -type Count -actions {action} -values {writes} -apply\n",
                        timeout=60, check=True)
     return p.stdout
+
+
+def wait_until_reads_are_throttled(client, key: str, timeout: float = 90) -> None:
+    """The breaker's setting reaches the S3 server through the filer a moment after `-apply` (seconds on a loaded
+    machine): until this test's own concurrent GETs of `key` meet a 503, reads the agent makes would not be
+    throttled and the test would prove nothing (its landing CI once read every file before the breaker held)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from botocore.exceptions import ClientError
+
+    def get(_: int) -> bool:
+        try:
+            r = client.get_object(Bucket=BUCKET, Key=key)
+            r["Body"].read()
+            return r["ResponseMetadata"].get("RetryAttempts", 0) > 0
+        except ClientError as e:
+            return e.response["ResponseMetadata"]["HTTPStatusCode"] == 503
+
+    deadline = time.monotonic() + timeout
+    with ThreadPoolExecutor(8) as ex:
+        while not any(ex.map(get, range(8))):
+            assert time.monotonic() < deadline, "the circuit breaker on reads never answered 503"
+            time.sleep(0.5)
 
 
 @pytest.mark.slow
@@ -68,7 +91,7 @@ def test_slow_down_on_reads_is_retried_not_an_outage(agent_factory, private_seaw
     import os
     from concurrent.futures import ThreadPoolExecutor
 
-    from harness import BUCKET, PASSWORD
+    from harness import PASSWORD
 
     store, prefix = private_seaweed, f"throttle-read{os.getpid()}/"
     files = {f"CT/{i:02d}.dcm": os.urandom(1024 * 1024) for i in range(24)}
@@ -82,6 +105,7 @@ def test_slow_down_on_reads_is_retried_not_an_outage(agent_factory, private_seaw
     assert sorted("CT/" + n for n in f.nlst("CT")) == sorted(files)  # listed (and sized by HEADs) before the fault
     f.quit()
     assert '"Read:Count":  "1"' in circuit_breaker(store, 1, "Read")
+    wait_until_reads_are_throttled(client, prefix + min(files))
 
     def read(paths: list[str]) -> dict[str, bytes]:
         f = ftplib.FTP(timeout=120)
