@@ -480,8 +480,8 @@ class Gateway:
         self.refusals, self.access, self.evictor, self.on_stored = refusals, access, evictor, on_stored
         self._fills: dict[str, _Fill] = {}
         self._listings: dict[str, asyncio.Future[None]] = {}
-        self._writes: set[WriteHandle] = set()  # open, neither committed nor aborted yet
-        self.marks = WriteMarks(cache.root / "writing.lock")  # their paths, and other processes'
+        self._active_writes = 0
+        self.marks = WriteMarks(cache.root / "writing.lock")  # the paths uploads write, in every serving process
         self._unfinished: dict[str, int] = {}  # user → the `counted` bytes of its files being written
         self._body_room = BODY_BUDGET
         self._writes_idle = asyncio.Event()
@@ -763,7 +763,7 @@ class Gateway:
                     raise PermissionDenied(path, "replacing a stored file needs the 'delete' permission")
             blob, fd = await self._new_staging()
         handle = WriteHandle(self, path, blob, fd, protocol, who)
-        self._writes.add(handle)
+        self._active_writes += 1
         self.marks.add(path)
         self._writes_idle.clear()
         if offset:
@@ -835,7 +835,7 @@ class Gateway:
 
     @property
     def active_writes(self) -> int:
-        return len(self._writes)
+        return self._active_writes
 
     def hold(self, nbytes: int, size: int) -> bool:
         """Whether a write-through file may keep nbytes more of its bytes in memory (it has size bytes then)."""
@@ -872,9 +872,9 @@ class Gateway:
         left = self._unfinished.pop(handle.user, 0) - handle.counted
         if left:
             self._unfinished[handle.user] = left
-        self._writes.discard(handle)
+        self._active_writes -= 1
         self.marks.remove(handle.path)
-        if not self._writes:
+        if not self._active_writes:
             self._writes_idle.set()
 
     async def wait_writes_idle(self, timeout: float) -> bool:

@@ -126,7 +126,7 @@ class Uploads(CatalogBase):
         left by a crash before anything pointed there is deleted, not kept for ever; and a doubt, for a copy the
         store carries out after that tombstone ran."""
         with self._tx():
-            self.db.execute("INSERT OR IGNORE INTO tombstones (key, queued) VALUES (?, ?)", (key, time.time()))
+            self._bury(key, None, time.time())
             self._doubt(key)
 
     def due_doubts(self, now: float, limit: int) -> list[tuple[str, int]]:
@@ -153,7 +153,7 @@ class Uploads(CatalogBase):
         be copied from key copy from there instead (with its study-index row), and `parked` is a tombstone,
         deleted once they have. → the rows pointed there."""
         with self._tx(durable=True):
-            self.db.execute("INSERT OR IGNORE INTO tombstones (key, queued) VALUES (?, ?)", (parked, time.time()))
+            self._bury(parked, None, time.time())
             self.db.execute(COPY_INDEX_ROW, (parked, key))
             return int(self.db.execute("UPDATE entries SET copy_from = ? WHERE copy_from = ? AND path != ?",
                                        (parked, key, key)).rowcount)
