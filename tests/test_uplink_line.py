@@ -557,11 +557,21 @@ def test_a_queued_files_cached_copy_gone_while_its_row_is_dirty_is_a_loud_failur
     ftp = ftp_login(a)
     proxy.fail_all = True
     assert ftp_put(ftp, "CT/lost.dcm", payload("lost", 20_000)).startswith("226")
-    [(blob, state)] = catalog_rows(a, "SELECT blob, state FROM entries WHERE path = 'CT/lost.dcm'")
-    assert state in ("dirty", "uploading"), state
+    def row() -> tuple[str, str, int]:
+        [(blob, state, attempts)] = catalog_rows(
+            a, "SELECT blob, state, attempts FROM entries WHERE path = 'CT/lost.dcm'")
+        return blob, state, attempts
+
+    # An attempt that opened the copy before it is removed would send it once the line answers (the S3 client's own
+    # retry of the open body): remove it between attempts, and let any attempt it races fail on the line first.
+    wait_for(lambda: row()[1] == "dirty" and row()[2] >= 1, 60, what="the first attempt failed on the line")
+    blob, _, _ = row()
     (a.workdir / "cache" / "data" / blob[:2] / blob).unlink()
+    _, state, attempts = row()
+    if state == "uploading":
+        wait_for(lambda: row()[2] > attempts, 60, what="the attempt in flight when the copy went failed")
     proxy.fail_all = False
-    failed = wait_for(lambda: [e for e in a.events("upload_failed") if e.get("path") == "CT/lost.dcm"], 30,
+    failed = wait_for(lambda: [e for e in a.events("upload_failed") if e.get("path") == "CT/lost.dcm"], 120,
                       what="the upload of the vanished copy failed")
     assert failed[0]["level"] == "error" and "FileNotFoundError" in failed[0]["error"], failed
     assert not a.events("upload_skipped_gone")
