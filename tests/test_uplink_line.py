@@ -628,3 +628,31 @@ def test_a_delete_whose_first_attempt_lands_after_the_retry_succeeded_loses_noth
     assert not a.events("uplink_failure")  # the agent itself never saw the first attempt fail
     _a_new_file_outlives_the_late_delete(a, ftp, seaweed, proxy, held)
     ftp.quit()
+
+
+def test_a_doubt_is_forgotten_only_after_a_look_that_answered(agent_factory, seaweed, proxy):
+    """A key in doubt is checked for an hour (DOUBT_SECONDS) after the write whose outcome was never heard; a check
+    whose HEAD did not answer is no look. A line down for longer forgot every such doubt unchecked, and a write that
+    landed late stayed an orphan object for good. Here the doubt is two hours old when the box starts with the line
+    failing (the catalog is written while the agent is stopped: an hour cannot pass in a test); the late object must
+    be deleted once the line answers."""
+    import sqlite3
+
+    from faultkit import catalog_rows
+    from harness import BUCKET
+    a = agent_factory(**{"uplink.endpoint_url": proxy.endpoint_url}).start()
+    a.stop()
+    seaweed.client().put_object(Bucket=BUCKET, Key=a.prefix + "CT/late.dcm", Body=b"a write that landed late")
+    db = sqlite3.connect(a.workdir / "cache" / "catalog.sqlite")
+    with db:
+        db.execute("INSERT INTO doubts (key, since, next_check) VALUES ('CT/late.dcm', ?, 0)", (time.time() - 7200,))
+    db.close()
+    proxy.fail_all = True
+    a.start()
+    wait_for(lambda: [e for e in a.events("recheck_failed") if e.get("path") == "CT/late.dcm"], 60,
+             what="the doubt checked while the line fails")
+    assert catalog_rows(a, "SELECT key FROM doubts") == [("CT/late.dcm",)]
+    proxy.fail_all = False
+    wait_for(lambda: "CT/late.dcm" not in s3_objects(seaweed, a.prefix), 120,
+             what="the late object deleted once the line answered")
+    wait_for(lambda: catalog_rows(a, "SELECT key FROM doubts") == [], 30, what="the doubt forgotten after its look")

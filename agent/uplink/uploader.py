@@ -439,7 +439,8 @@ class Uploader:
                     log.warning("recheck_failed", path=key, error=error_code(exc))
                     head = exc
                 later = now + backoff(checks, cap=self.s3.cfg.read_timeout)
-                e = await self.db.recheck(key, isinstance(head, dict), later, now - DOUBT_SECONDS)
+                forget_before = 0.0 if isinstance(head, Exception) else now - DOUBT_SECONDS  # only after a look
+                e = await self.db.recheck(key, isinstance(head, dict), later, forget_before)
                 if isinstance(head, Exception) and is_unreachable(head):
                     self.line.failed(head)
                     break  # the others wait for the line, not a timeout each
