@@ -319,8 +319,11 @@ class Agent:
             h["workers"] = self.workers.status()
         h["loops"] = self.loops.status() | self.uploader.loops.status() | (self.ha.loops.status() if self.ha else {})
         h["status"], h["reasons"] = judge(h, self.cfg.cache.min_free_bytes)
-        h["reasons"] += [f"background loop {name} crashed {s['crashes']} times, last: {s['last_error']}"
-                         for name, s in h["loops"].items() if time.time() - s["last_crash"] < CRASH_SHOWN_SECONDS]
+        crashed = [f"background loop {name} crashed {s['crashes']} times, last: {s['last_error']}"
+                   for name, s in h["loops"].items() if time.time() - s["last_crash"] < CRASH_SHOWN_SECONDS]
+        if crashed and h["status"] == "ok":  # a reason with status ok would go unseen by a monitor of status
+            h["status"] = "degraded"
+        h["reasons"] += crashed
         return h
 
     def prefetch_health(self) -> dict[str, Any]:

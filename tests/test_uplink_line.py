@@ -520,8 +520,10 @@ def test_the_uploaders_loops_outlive_a_catalog_another_process_holds(agent_facto
     assert crash["level"] == "error" and "database is locked" in crash["detail"], crash
     a.wait_drained(60)
     assert {k: v["sha256"] for k, v in s3_objects(seaweed, a.prefix).items()} == {"CT/new.dcm": sha256(new)}
-    loops = a.health()["loops"]
+    health = a.health()
+    loops = health["loops"]
     assert loops["tombstones"]["crashes"] >= 1 and "database is locked" in loops["tombstones"]["last_error"], loops
+    assert health["status"] == "degraded" and any("tombstones crashed" in r for r in health["reasons"]), health
     assert metric(a, "pacsgw_loop_crashes_total") >= 2
     ftp.quit()
 
@@ -653,6 +655,6 @@ def test_a_doubt_is_forgotten_only_after_a_look_that_answered(agent_factory, sea
              what="the doubt checked while the line fails")
     assert catalog_rows(a, "SELECT key FROM doubts") == [("CT/late.dcm",)]
     proxy.fail_all = False
-    wait_for(lambda: "CT/late.dcm" not in s3_objects(seaweed, a.prefix), 120,
-             what="the late object deleted once the line answered")
+    listed = lambda: seaweed.client().list_objects_v2(Bucket=BUCKET, Prefix=a.prefix).get("Contents", [])  # noqa: E731
+    wait_for(lambda: not listed(), 120, what="the late object deleted once the line answered")
     wait_for(lambda: catalog_rows(a, "SELECT key FROM doubts") == [], 30, what="the doubt forgotten after its look")
