@@ -24,7 +24,6 @@ STEPS_PER_EXAMPLE; PACSGW_FAULT_MODEL_KILLS kills; the kill points from PACSGW_M
 from __future__ import annotations
 
 import contextlib
-import itertools
 import json
 import os
 import random
@@ -35,9 +34,9 @@ from dataclasses import dataclass, field
 
 import pytest
 from clients import ClientError, FtpClient
-from hypothesis import HealthCheck, Phase, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+from hypothesis.stateful import invariant, precondition, rule
+from modelkit import DIRS, Model, Session, file_paths, payloads, run_examples
 from s3fault import FaultProxy
 
 from faultkit import wait_for
@@ -48,9 +47,7 @@ STEPS = int(os.environ.get("PACSGW_FAULT_MODEL_STEPS", str(DEFAULT_STEPS)))
 KILLS = int(os.environ.get("PACSGW_FAULT_MODEL_KILLS", "1"))
 STEPS_PER_EXAMPLE = 40
 READ_TIMEOUT = 3  # [uplink] read_timeout: a long hold outlasts it
-DIRS = ["A", "B"]
-FILES = ["a", "b", "c"]
-_examples = itertools.count()
+PAYLOADS = payloads(2000)
 
 
 @pytest.fixture
@@ -58,24 +55,6 @@ def proxy(seaweed):
     p = FaultProxy(seaweed.endpoint_url).start()
     yield p
     p.stop()
-
-
-class Model:
-    def __init__(self) -> None:
-        self.dirs: set[str] = set()
-        self.files: dict[str, bytes] = {}
-
-    def children(self, d: str) -> list[str]:
-        pre = d + "/" if d else ""
-        return sorted({p[len(pre):] for p in [*self.dirs, *self.files]
-                       if p.startswith(pre) and "/" not in p[len(pre):]})
-
-
-def file_paths() -> st.SearchStrategy[str]:
-    return st.sampled_from(FILES + [f"{d}/{f}" for d in DIRS for f in FILES])
-
-
-payloads = st.binary(min_size=0, max_size=2000) | st.sampled_from([b"", b"x", b"0123456789"])
 
 
 @dataclass
@@ -152,31 +131,9 @@ class Run:
 
 
 def machine_for(run: Run):
-    class FaultModel(RuleBasedStateMachine):
+    class FaultModel(Session):
         def __init__(self) -> None:
-            super().__init__()
-            self.base = f"f{next(_examples)}"
-            self.model = run.models[self.base] = Model()
-            self.client = FtpClient(run.agent)
-            self.client.mkdir(self.base)
-            self.touched: set[str] = set()
-
-        def p(self, rel: str) -> str:
-            return f"{self.base}/{rel}"
-
-        def touch(self, *paths: str) -> None:
-            for p in paths:
-                parent = p.rpartition("/")[0]
-                self.touched.update([parent] if parent in self.model.dirs else [parent, ""])
-
-        def expect(self, ok: bool, call, *args) -> bool:
-            try:
-                call(*args)
-            except ClientError as e:
-                assert not ok, f"{call.__name__}{args} refused but the model allows it: {e}"
-                return False
-            assert ok, f"{call.__name__}{args} succeeded but the model refuses it"
-            return True
+            super().__init__("f", run.models, FtpClient(run.agent))
 
         def check_read(self, f: str) -> None:
             try:
@@ -197,7 +154,7 @@ def machine_for(run: Run):
             self.client.mkdir(self.p(d))
             self.model.dirs.add(d)
 
-        @rule(f=file_paths(), data=payloads)
+        @rule(f=file_paths(), data=PAYLOADS)
         def store(self, f: str, data: bytes) -> None:
             run.note(f"store {self.p(f)} ({len(data)} bytes {sha256(data)[:8]})")
             self.touch(f)
@@ -205,7 +162,7 @@ def machine_for(run: Run):
             self.model.dirs.update([f.rpartition("/")[0]] if "/" in f else [])
             self.model.files[f] = data
 
-        @rule(f=file_paths(), data=payloads)
+        @rule(f=file_paths(), data=PAYLOADS)
         def append(self, f: str, data: bytes) -> None:
             """APPE: the stored bytes first (fetched from S3 when the file is not cached, maybe from a renamed file's
             old key or a parked copy), then these."""
@@ -236,7 +193,7 @@ def machine_for(run: Run):
                 self.check_read(dst)
 
         @precondition(lambda self: self.model.files)
-        @rule(data=st.data(), dst=file_paths(), new=payloads, fail_copy=st.booleans())
+        @rule(data=st.data(), dst=file_paths(), new=PAYLOADS, fail_copy=st.booleans())
         def rename_and_reuse(self, data: st.DataObject, dst: str, new: bytes, fail_copy: bool) -> None:
             """An evicted file renamed, and a new file stored under its old name before (fail_copy: the copy's
             first try fails) or after the rename's server-side copy ran."""
@@ -333,12 +290,7 @@ def machine_for(run: Run):
             run.agent.stop(signal.SIGKILL)
             run.agent.start(timeout=180)
             run.killed += 1
-            try:
-                self.client.close()
-            except Exception:  # the session died with the agent
-                pass
-            self.client = FtpClient(run.agent)
-            self.touched.update([*self.model.dirs, ""])
+            self.reconnect(FtpClient(run.agent))
             run.check_bucket()
 
         @invariant()
@@ -349,10 +301,7 @@ def machine_for(run: Run):
             if run.kills and run.steps >= run.kills[0]:
                 run.kills.pop(0)
                 self.kill()
-            m = self.model
-            for d in sorted(self.touched & {"", *m.dirs}):
-                assert self.client.list(self.p(d) if d else self.base) == m.children(d), f"listing of {d!r}"
-            self.touched.clear()
+            self.check_listings(self.touched)
 
         def teardown(self) -> None:
             run.release()
@@ -363,20 +312,13 @@ def machine_for(run: Run):
 
 def test_fault_model(agent_factory, proxy):
     """Everything the agent sends to S3 goes through the fault proxy (tests/s3fault.py), which injects the faults."""
-    from hypothesis.stateful import run_state_machine_as_test
     seed = int(os.environ.get("PACSGW_MODEL_SEED") or random.randrange(1 << 32))
     print(f"PACSGW_MODEL_SEED={seed}")
     a = agent_factory(**{"uplink.endpoint_url": proxy.endpoint_url, "uplink.through_timeout": 1,
                                     "uplink.read_timeout": READ_TIMEOUT}).start(timeout=180)
     run = Run(a, proxy, seed)
-    machine = machine_for(run)
     t0 = time.monotonic()
-    while run.steps < STEPS:
-        examples = max(1, (STEPS - run.steps) // STEPS_PER_EXAMPLE)
-        run_state_machine_as_test(machine, settings=settings(
-            max_examples=examples, stateful_step_count=STEPS_PER_EXAMPLE, deadline=None, database=None,
-            derandomize=False, print_blob=True, suppress_health_check=list(HealthCheck),
-            phases=[Phase.explicit, Phase.generate]))  # no shrinking: the agent's state is not replayed
+    run_examples(machine_for(run), lambda: run.steps, STEPS, STEPS_PER_EXAMPLE, shrink=False)
     run.check_bucket()
     print(f"{run.steps} steps, {run.faults} faults, {run.killed} kills, {len(run.models)} examples, "
           f"{time.monotonic() - t0:.0f} s")

@@ -14,16 +14,15 @@ it (shrinking against a live agent can take minutes).
 
 from __future__ import annotations
 
-import itertools
 import os
 import random
 import signal
 from dataclasses import dataclass, field
 
-from clients import ClientError, FtpClient, SftpClient, SmbClient
-from hypothesis import HealthCheck, settings
+from clients import FtpClient, SftpClient, SmbClient
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+from hypothesis.stateful import invariant, precondition, rule
+from modelkit import DIRS, FILES, Model, Session, file_paths, payloads, run_examples
 
 from harness import s3_objects, sha256
 
@@ -35,36 +34,7 @@ BUCKET_EVERY = 1000
 FULL_LIST_EVERY = 10
 CUT_PAYLOAD = 256 * 1024  # an upload cut by the kill: this much is sent, then the agent dies
 
-DIRS = ["A", "B"]
-FILES = ["a", "b", "c"]
-_examples = itertools.count()
-
-
-# --- the model ----------------------------------------------------------------------------------------
-
-
-class Model:
-    """Directories and files (path → bytes) below one example's base directory."""
-
-    def __init__(self) -> None:
-        self.dirs: set[str] = set()
-        self.files: dict[str, bytes] = {}
-
-    def children(self, d: str) -> list[str]:
-        pre = d + "/" if d else ""
-        names = {p[len(pre):] for p in [*self.dirs, *self.files] if p.startswith(pre) and "/" not in p[len(pre):]}
-        return sorted(names)
-
-    def parent_exists(self, p: str) -> bool:
-        parent = p.rpartition("/")[0]
-        return not parent or parent in self.dirs
-
-
-def file_paths() -> st.SearchStrategy[str]:
-    return st.sampled_from([f for f in FILES] + [f"{d}/{f}" for d in DIRS for f in FILES])
-
-
-payloads = st.binary(min_size=0, max_size=3000) | st.sampled_from([b"", b"x", b"0123456789"])
+PAYLOADS = payloads(3000)
 
 
 @dataclass
@@ -101,34 +71,11 @@ class Run:
 def machine_for(run: Run):
     protocol = run.protocol
 
-    class ProtocolModel(RuleBasedStateMachine):
+    class ProtocolModel(Session):
+        label = f"{protocol}: "
+
         def __init__(self) -> None:
-            super().__init__()
-            self.base = f"m{next(_examples)}"
-            self.model = run.models[self.base] = Model()
-            self.touched: set[str] = set()
-            self.client = run.client_factory(run.agent)
-            self.client.mkdir(self.base)
-
-        def p(self, rel: str) -> str:
-            return f"{self.base}/{rel}"
-
-        def touch(self, *paths: str) -> None:
-            """The directories whose listing the step can have changed ('' the base: also when it may create
-            a directory there)."""
-            for p in paths:
-                parent = p.rpartition("/")[0]
-                self.touched.update([parent] if parent in self.model.dirs else [parent, ""])
-
-        def expect(self, ok: bool, call, *args) -> bool:
-            """Run the operation; it must succeed exactly when the model says it may."""
-            try:
-                call(*args)
-            except ClientError as e:
-                assert not ok, f"{protocol}: {call.__name__}{args} refused but the model allows it: {e}"
-                return False
-            assert ok, f"{protocol}: {call.__name__}{args} succeeded but the model refuses it"
-            return True
+            super().__init__("m", run.models, run.client_factory(run.agent))
 
         @rule(d=st.sampled_from(DIRS))
         def mkdir(self, d: str) -> None:
@@ -141,14 +88,14 @@ def machine_for(run: Run):
             through the kernel's FUSE lookups, see a missing directory as missing."""
             return self.model.parent_exists(f) or protocol != "smb"
 
-        @rule(f=file_paths(), data=payloads)
+        @rule(f=file_paths(), data=PAYLOADS)
         def store(self, f: str, data: bytes) -> None:
             self.touch(f)
             if self.expect(self.may_create(f), self.client.put, self.p(f), data):
                 self.model.dirs.update([f.rpartition("/")[0]] if "/" in f else [])
                 self.model.files[f] = data
 
-        @rule(f=file_paths(), data=payloads)
+        @rule(f=file_paths(), data=PAYLOADS)
         def append(self, f: str, data: bytes) -> None:
             self.touch(f)
             if self.expect(self.may_create(f), self.client.append, self.p(f), data):
@@ -156,7 +103,7 @@ def machine_for(run: Run):
                 self.model.files[f] = self.model.files.get(f, b"") + data
 
         @precondition(lambda self: self.model.files)
-        @rule(data=st.data(), tail=payloads)
+        @rule(data=st.data(), tail=PAYLOADS)
         def resume(self, data: st.DataObject, tail: bytes) -> None:
             f = data.draw(st.sampled_from(sorted(self.model.files)))
             offset = data.draw(st.integers(0, len(self.model.files[f])))
@@ -222,12 +169,7 @@ def machine_for(run: Run):
             try:
                 run.restart()
             finally:
-                try:
-                    self.client.close()
-                except Exception:  # the server side of this session died with the agent
-                    pass
-            self.client = run.client_factory(run.agent)
-            self.touched.update([*self.model.dirs, ""])
+                self.reconnect(run.client_factory(run.agent))
             run.check_bucket()
             if cut in self.model.files:
                 assert self.client.get(self.p(cut)) == self.model.files[cut], f"{protocol}: {cut} after the cut upload"
@@ -240,11 +182,7 @@ def machine_for(run: Run):
                 self.kill()
             elif run.steps % BUCKET_EVERY == 0:
                 run.check_bucket()
-            m = self.model
-            full = run.steps % FULL_LIST_EVERY == 0
-            for d in sorted({"", *m.dirs} if full else self.touched & {"", *m.dirs}):
-                assert self.client.list(self.p(d) if d else self.base) == m.children(d), f"{protocol}: listing of {d!r}"
-            self.touched.clear()
+            self.check_listings({"", *self.model.dirs} if run.steps % FULL_LIST_EVERY == 0 else self.touched)
 
         def teardown(self) -> None:
             self.client.close()
@@ -254,16 +192,10 @@ def machine_for(run: Run):
 
 def run_machine(protocol: str, agent, client_factory) -> None:
     """STEPS steps (at least) of random examples; then every acknowledged change must be in the bucket."""
-    from hypothesis.stateful import run_state_machine_as_test
     seed = int(os.environ.get("PACSGW_MODEL_SEED") or random.randrange(1 << 32))
     print(f"{protocol}: PACSGW_MODEL_SEED={seed}")
     run = Run(protocol, agent, client_factory, seed)
-    machine = machine_for(run)
-    while run.steps < STEPS:
-        examples = max(1, (STEPS - run.steps) // STEPS_PER_EXAMPLE)
-        run_state_machine_as_test(machine, settings=settings(
-            max_examples=examples, stateful_step_count=STEPS_PER_EXAMPLE, deadline=None, database=None,
-            derandomize=False, print_blob=True, suppress_health_check=list(HealthCheck)))
+    run_examples(machine_for(run), lambda: run.steps, STEPS, STEPS_PER_EXAMPLE)
     run.check_bucket()
     print(f"{protocol}: {run.steps} steps, {run.killed} kills, {len(run.models)} examples")
     assert run.killed == KILLS and not run.kills, "every planned kill happened"
