@@ -176,15 +176,16 @@ def test_a_write_with_no_outcome_heard_is_a_doubt_until_checked_long_enough(cat)
     assert [k for k, _ in cat.due_doubts(now + 1, 10)] == ["CT/a.dcm"]
     cat.merge_listing("CT", [RemoteObject("a.dcm", 10, now, "late")], [])
     assert cat.get("CT/a.dcm") is None, "the late object was taken for a file"
-    assert cat.recheck("CT/a.dcm", False, now + 2, now - 3600) is None and cat.due_tombstones(now + 1, 10) == []
-    assert cat.recheck("CT/a.dcm", True, now + 5, now - 3600) is None  # the late object found: deleted again
+    assert cat.recheck("CT/a.dcm", None, now + 2, now - 3600) is None and cat.due_tombstones(now + 1, 10) == []
+    assert cat.recheck("CT/a.dcm", '"late"', now + 5, now - 3600) is None  # the late object found: deleted again
     assert cat.due_tombstones(now + 1, 10) == ["CT/a.dcm"]
     assert cat.due_doubts(now + 1, 10) == [] and cat.due_doubts(now + 6, 10) == [("CT/a.dcm", 2)]
     gen, _ = cat.commit_write("CT/a.dcm", "blob-new", 10, "cd" * 32, now, claim=True)
+    assert cat.get("CT/a.dcm").etag == '"late"', "an HA box's conditional PUT must name the late object it replaces"
     cat.mark_clean("CT/a.dcm", gen, "e", None, "cd" * 32)
-    assert cat.recheck("CT/a.dcm", True, now + 10, now - 3600).gen == gen and cat.due_tombstones(now + 1, 10) == []
+    assert cat.recheck("CT/a.dcm", '"e"', now + 10, now - 3600).gen == gen and cat.due_tombstones(now + 1, 10) == []
     assert cat.uncache("CT/a.dcm", gen) is None, "evicted while a late write of other content may still land over it"
-    cat.recheck("CT/a.dcm", True, now + 20, now + 1)  # its write is older than the horizon: forgotten
+    cat.recheck("CT/a.dcm", '"e"', now + 20, now + 1)  # its write is older than the horizon: forgotten
     assert cat.due_doubts(now + 100, 10) == [] and cat.uncache("CT/a.dcm", gen) == "blob-new"
 
 

@@ -135,15 +135,17 @@ class Uploads(CatalogBase):
                                (now, limit)).fetchall()
         return [(r[0], r[1]) for r in rows]
 
-    def recheck(self, key: str, found: bool, next_check: float, forget_before: float) -> Entry | None:
-        """A doubt's check (under the uploader's key lock), found: S3 holds an object under key. A key no file has
-        gets its tombstone again, in the same transaction as the look (a file stored under it meanwhile is never
-        deleted), so the late object is deleted. The next check is at next_check, or none for a doubt whose write
-        is older than forget_before. → the file under key, if any (its object may hold the late write's content)."""
+    def recheck(self, key: str, found: str | None, next_check: float, forget_before: float) -> Entry | None:
+        """A doubt's check (under the uploader's key lock), found: the ETag of the object S3 holds under key (None:
+        none). A key no file has gets its tombstone again, in the same transaction as the look (a file stored under
+        it meanwhile is never deleted), so the late object is deleted; a file stored there before that ran names
+        the late object in its (HA: conditional) upload. The next check is at next_check, or none for a doubt whose
+        write is older than forget_before. → the file under key, if any (its object may hold the late write's
+        content)."""
         with self._tx(durable=False):
-            if found:
-                self.db.execute("INSERT OR IGNORE INTO tombstones (key, queued) SELECT ?, ? WHERE NOT EXISTS "
-                                "(SELECT 1 FROM entries WHERE path = ? AND is_dir = 0)", (key, time.time(), key))
+            if found is not None:
+                self.db.execute("INSERT OR IGNORE INTO tombstones (key, queued, etag) SELECT ?, ?, ? WHERE NOT EXISTS "
+                                "(SELECT 1 FROM entries WHERE path = ? AND is_dir = 0)", (key, time.time(), found, key))
             self.db.execute("DELETE FROM doubts WHERE key = ? AND since < ?", (key, forget_before))
             self.db.execute("UPDATE doubts SET checks = checks + 1, next_check = ? WHERE key = ?", (next_check, key))
             return self.get(key)
