@@ -317,13 +317,13 @@ class Agent:
             h["ha"] = self.ha.health(totals.queue_files, self.draining)
         if self.workers is not None:
             h["workers"] = self.workers.status()
-        h["loops"] = self.loops.status() | self.uploader.loops.status() | (self.ha.loops.status() if self.ha else {})
+        loops = [self.loops, self.uploader.loops] + ([self.ha.loops] if self.ha else [])
+        h["loops"] = {name: s for part in loops for name, s in part.status().items()}
         h["status"], h["reasons"] = judge(h, self.cfg.cache.min_free_bytes)
-        crashed = [f"background loop {name} crashed {s['crashes']} times, last: {s['last_error']}"
-                   for name, s in h["loops"].items() if time.time() - s["last_crash"] < CRASH_SHOWN_SECONDS]
-        if crashed and h["status"] == "ok":  # a reason with status ok would go unseen by a monitor of status
-            h["status"] = "degraded"
-        h["reasons"] += crashed
+        h["reasons"] += [f"background loop {name} crashed {s['crashes']} times, last: {s['last_error']}"
+                         for name, s in h["loops"].items() if time.time() - s["last_crash"] < CRASH_SHOWN_SECONDS]
+        if h["status"] == "ok" and any(part.crash_looping() for part in loops):
+            h["status"] = "degraded"  # its work may not be getting done: a monitor of status must see it
         return h
 
     def prefetch_health(self) -> dict[str, Any]:

@@ -4,7 +4,8 @@ A loop (the upload dispatcher, the tombstone loop, the HA watchers, the daemon's
 ended its task silently: nothing was logged until shutdown, and its work stopped for ever while /healthz said
 ok (seen with a catalog another process held locked past its busy timeout). Each loop now runs under a
 supervisor: an unexpected exception is logged (`loop_crashed`, with its traceback), counted
-(pacsgw_loop_crashes_total{loop}), shown on /healthz (`loops`), and the loop starts again after a backoff.
+(pacsgw_loop_crashes_total{loop}), shown on /healthz (`loops`), and the loop starts again after a backoff. A loop
+that keeps crashing (again within STEADY_SECONDS of its restart) makes /healthz degraded until it runs that long.
 """
 
 from __future__ import annotations
@@ -31,6 +32,10 @@ class LoopState:
     last_error: str = ""
     last_crash: float = 0.0  # time.time() of the last crash
     restarting: bool = False  # waiting out its backoff
+    in_a_row: int = 0  # crashes each within STEADY_SECONDS of the restart before it
+
+    def crash_looping(self, now: float) -> bool:
+        return self.in_a_row >= 2 and now - self.last_crash < STEADY_SECONDS
 
 
 class Loops:
@@ -50,15 +55,14 @@ class Loops:
 
     async def _keep(self, name: str, loop: Callable[[], Awaitable[None]]) -> None:
         state = self.state.setdefault(name, LoopState())
-        in_a_row = 0
         while True:
             started = time.monotonic()
             try:
                 await loop()
                 return
             except Exception as exc:  # anything but a cancel: the loop must go on, the crash must be seen
-                in_a_row = 0 if time.monotonic() - started > STEADY_SECONDS else in_a_row + 1
-                delay = min(RESTART_CAP, 2.0 ** (in_a_row - 1)) if in_a_row else 0.0  # 1, 2, 4 … s
+                state.in_a_row = 1 if time.monotonic() - started > STEADY_SECONDS else state.in_a_row + 1
+                delay = min(RESTART_CAP, 2.0 ** (state.in_a_row - 2)) if state.in_a_row > 1 else 0.0  # 1, 2, 4 … s
                 state.crashes += 1
                 state.last_error, state.last_crash = f"{type(exc).__name__}: {exc}"[:300], time.time()
                 self.metrics.loop_crashes.labels(name).inc()
@@ -73,6 +77,10 @@ class Loops:
             t.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)
         self.tasks.clear()
+
+    def crash_looping(self) -> bool:
+        now = time.time()
+        return any(s.crash_looping(now) for s in self.state.values())
 
     def status(self) -> dict[str, dict[str, Any]]:
         """/healthz's `loops`: the loops that crashed at least once."""

@@ -495,7 +495,8 @@ def test_the_uploaders_loops_outlive_a_catalog_another_process_holds(agent_facto
     longer than its busy timeout (10 s) just as the line comes back: the dispatcher's claim and the tombstone loop's
     write fail with 'database is locked'. Both loops died of it, silently (nothing logged until shutdown): the queued
     file was never uploaded, the deleted file's object never deleted, while /healthz said ok. They must log the
-    crash, count it and start again. The line is made to fail by the proxy (fail_all) so that work waits for it."""
+    crash, count it and start again, and /healthz must say degraded while one keeps crashing. The line is made to
+    fail by the proxy (fail_all) so that work waits for it."""
     import sqlite3
 
     a = agent_factory(**{"uplink.endpoint_url": proxy.endpoint_url, "uplink.write_mode": "back"}).start()
@@ -513,17 +514,19 @@ def test_the_uploaders_loops_outlive_a_catalog_another_process_holds(agent_facto
         proxy.fail_all = False
         wait_for(lambda: {e.get("loop") for e in a.events("loop_crashed")} >= {"upload-dispatch", "tombstones"}, 60,
                  what="both loops hit the locked catalog")
+        wait_for(lambda: len([e for e in a.events("loop_crashed") if e.get("loop") == "tombstones"]) >= 2, 60,
+                 what="the tombstone loop crashed again after its restart")
     finally:
         other.execute("ROLLBACK")
         other.close()
+    health = a.health()  # /healthz itself waits while the catalog is held; then the crashes stay shown
+    assert health["status"] == "degraded" and any("tombstones crashed" in r for r in health["reasons"]), health
     crash = next(e for e in a.events("loop_crashed") if e.get("loop") == "tombstones")
     assert crash["level"] == "error" and "database is locked" in crash["detail"], crash
     a.wait_drained(60)
     assert {k: v["sha256"] for k, v in s3_objects(seaweed, a.prefix).items()} == {"CT/new.dcm": sha256(new)}
-    health = a.health()
-    loops = health["loops"]
-    assert loops["tombstones"]["crashes"] >= 1 and "database is locked" in loops["tombstones"]["last_error"], loops
-    assert health["status"] == "degraded" and any("tombstones crashed" in r for r in health["reasons"]), health
+    loops = a.health()["loops"]
+    assert loops["tombstones"]["crashes"] >= 2 and "database is locked" in loops["tombstones"]["last_error"], loops
     assert metric(a, "pacsgw_loop_crashes_total") >= 2
     ftp.quit()
 
