@@ -1,11 +1,9 @@
 """zstd on the line (`[uplink] compress = "zstd"`): which files are worth it, and the codec both ways.
 
-Only DICOM whose transfer syntax stores raw pixels is compressed: JPEG, JPEG 2000, RLE and deflated
-syntaxes are compressed already and non-DICOM files are unknown ground, so they go as they are. A
-compressed object says so in its user metadata (ENCODING, and SIZE: the logical size, which a listing
-cannot show); its `sha256` metadata stays the hash of the original bytes, checked after decoding, while
-S3 checks the compressed bytes it receives (x-amz-checksum-sha256). The zstd frame carries its own
-content checksum too, so a damaged object fails in the decoder, before the SHA-256.
+Only DICOM whose transfer syntax stores raw pixels is compressed (the others are compressed already; non-DICOM is
+unknown ground). A compressed object says so in its user metadata (ENCODING, and SIZE: the logical size a listing
+cannot show); its `sha256` stays the original's, checked after decoding, and the frame's own checksum fails a
+damaged object in the decoder first.
 """
 
 from __future__ import annotations
@@ -80,16 +78,12 @@ MAX_WINDOW = 1 << 23      # our frames (level 3) use 2 MiB at most; a frame may 
 
 
 class Decoder:
-    """Decodes one zstd frame chunk by chunk (blocking calls: run them off the event loop). push() a chunk, then
-    pull() its decoded bytes a PIECE at a time; limit: the size the object's metadata promises, more is
-    Undecodable (a frame built to fill memory or the cache disk is refused as soon as it overflows)."""
+    """Decodes one zstd frame chunk by chunk (blocking: off the loop): push() a chunk, pull() a PIECE at a time.
+    limit: the size the metadata promises; more is Undecodable (a frame built to fill memory or disk)."""
 
     def __init__(self, limit: int | None = None) -> None:
         self._obj = zstandard.ZstdDecompressor(max_window_size=MAX_WINDOW).decompressobj()
         self._limit, self._decoded, self._pending = limit, 0, memoryview(b"")
-
-    def _ended(self) -> bool:
-        return bool(self._obj.eof)
 
     def push(self, data: bytes) -> None:
         self._pending = memoryview(bytes(self._pending) + data) if self._pending else memoryview(data)
@@ -105,13 +99,13 @@ class Decoder:
         return bytes(out)
 
     def _decode(self, data: memoryview) -> bytes:
-        if self._ended():
+        if self._obj.eof:
             raise Undecodable("bytes after the end of the zstd frame")
         try:
             out = self._obj.decompress(data)
         except zstandard.ZstdError as e:
             raise Undecodable(f"zstd: {e}") from e
-        if self._ended() and self._obj.unused_data:
+        if self._obj.eof and self._obj.unused_data:
             raise Undecodable("bytes after the end of the zstd frame")
         self._decoded += len(out)
         if self._limit is not None and self._decoded > self._limit:
@@ -124,13 +118,12 @@ class Decoder:
         return b"".join(iter(self.pull, None))
 
     def finish(self) -> None:
-        if not self._ended():
+        if not self._obj.eof:
             raise Undecodable("the zstd frame ends early (truncated object)")
 
 
 def decode_head(data: bytes, n: int) -> bytes:
-    """The first n decoded bytes (fewer if it ends) of the start of a zstd frame: a file's header from a ranged read
-    of its compressed object; decoding stops there, whatever the frame would go on to give."""
+    """The first n decoded bytes of the start of a zstd frame (a header from a ranged read), decoding no further."""
     d, out = Decoder(), bytearray()
     d.push(data)
     while len(out) < n and (piece := d.pull()) is not None:
