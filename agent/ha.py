@@ -61,9 +61,8 @@ def read_role_file(path: Path, boot_time: float) -> str:
 
 
 def peer_view(body: bytes) -> dict[str, Any]:
-    """The peer's /healthz answer reduced to what is shown of it, each value one of a known few: the answer comes
-    over plain HTTP and its strings reach the status page, `pacsgw status` in a terminal and the log.
-    ValueError for an answer that is not a /healthz JSON object of at most PEER_MAX_BYTES."""
+    """The peer's /healthz answer (plain HTTP) reduced to a few known values before it reaches a page, a terminal or
+    the log; ValueError for anything but a /healthz JSON object of at most PEER_MAX_BYTES."""
     if len(body) > PEER_MAX_BYTES:
         raise ValueError(f"answer longer than {PEER_MAX_BYTES} bytes")
     h = json.loads(body)
@@ -77,8 +76,7 @@ def peer_view(body: bytes) -> dict[str, Any]:
 
 
 def ineligible(role: str, queue_files: int, draining: bool) -> str:
-    """Why this box may not hold the floating address now ('' if it may). A standby with files of its own not
-    yet in object storage (a box back from a failure) uploads them first: no box with a queue takes over."""
+    """Why this box may not hold the floating address now ('' if it may): no box with a queue takes over."""
     if draining:
         return "draining for shutdown"
     if role == "standby" and queue_files:
@@ -120,9 +118,9 @@ class HaMonitor:
     async def start(self) -> None:
         self.refusals.write = STANDBY_REFUSAL
         self._apply(read_role_file(Path(self.cfg.role_file), self._boot))
-        for name, loop in (("ha-role", self._watch_role), ("ha-follow", self._follow_loop),
-                           ("ha-line", self._watch_line)):
-            self.loops.start(name, loop)
+        self.loops.start("ha-role", self._watch_role)
+        self.loops.start("ha-follow", self._follow_loop)
+        self.loops.start("ha-line", self._watch_line)
         if self.cfg.peer:
             self.loops.start("ha-peer", self._watch_peer)
 
@@ -187,8 +185,7 @@ class HaMonitor:
         await self.s3.put_raw(self.s3.key(HOT_PATH), body)
 
     async def prefetch_hot(self) -> dict[str, int]:
-        """Bring the active box's hot set into this box's cache, hottest first, up to prefetch_bytes (files
-        already cached count too); downloads go through the line's bandwidth cap like any fetch."""
+        """Bring the active box's hot set into this box's cache, hottest first, up to prefetch_bytes (cached or not)."""
         if not self.cfg.prefetch_bytes:
             return {}
         head = await self.s3.head(HOT_PATH)
@@ -246,8 +243,7 @@ class HaMonitor:
     # --- the peer -------------------------------------------------------------------------------
 
     async def _watch_peer(self) -> None:
-        """The peer's view for /status, /healthz, the log and pacsgw_ha_peer_up: informational only (keepalived
-        moves the address; docs/ha.md, "The peer's status"), read over the status port, which is plain HTTP."""
+        """The peer's view for /status, /healthz, the log and pacsgw_ha_peer_up: informational only (docs/ha.md)."""
         url = self.cfg.peer.rstrip("/") + "/healthz"
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=PEER_POLL)) as session:
             while True:
