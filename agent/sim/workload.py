@@ -1,19 +1,11 @@
 """Synthetic PACS workload: a seeded, parameterised generator of per-file requests.
 
-The model is study-centred, because that is how a PACS works: a modality *writes* a study (all its
-instances, within minutes), a radiologist *reads* it within hours (together with the **prior studies
-of the same patient**), clinicians re-read parts of it over the following days, oncology cases are
-re-read at the weekly **tumour board**, and a thin **long tail** of random old studies is read for
-audits, research and transfers.  Every study-level event is expanded into one request per DICOM
-instance, so the trace is per file, like the gateway's own access log.
-
-Generation is two-pass and streaming:
-  1. draw every study-level event of the horizon (tens of thousands: small), sorted by time;
-  2. expand the events day by day into per-instance requests (numpy), sort, and write them out;
-     requests that spill past midnight are carried into the next day's chunk.
-Memory is bounded by one day of requests plus the per-study size tables, so 10 M requests fit.
-
-All defaults and their public sources are documented in docs/workload.md.
+Study-centred, as a PACS works: a modality writes a study, a radiologist reads it within hours with the patient's
+prior studies, clinicians re-read parts over the following days, tumour boards weekly, and a thin long tail of old
+studies is read. Every study-level event expands into one request per DICOM instance, like the gateway's access log.
+Two passes: draw every study-level event (small), then expand them day by day (numpy), carrying requests past
+midnight into the next day: memory is one day of requests, so 10 M requests fit. Defaults and sources:
+docs/workload.md.
 """
 
 from __future__ import annotations
@@ -169,9 +161,8 @@ def teaching() -> WorkloadParams:
 
 
 def research() -> WorkloadParams:
-    """A tuning family with a fat one-off tail (issue 13, round 10): an imaging research centre, MR/CT heavy,
-    where export and AI pipelines read random old studies once each (no popular cases, no boards), beside
-    outpatient and inpatient reads within hours."""
+    """A tuning family with a fat one-off tail (issue 13): a research centre whose export and AI pipelines read
+    random old studies once each, beside outpatient and inpatient reads within hours."""
     return WorkloadParams(
         preset="research", monthly_tb=1.0,
         modality_mix={"MR": 0.35, "CT": 0.25, "US": 0.15, "CR": 0.15, "DX": 0.10},
@@ -548,12 +539,8 @@ def expected_files_per_study(g: Generator) -> float:
 
 
 def archive_listing(params: WorkloadParams, n_files: int) -> Iterator[tuple[str, int, float]]:
-    """(path, size, mtime) of an archive of about n_files instances, in path order.
-
-    The archive is the days before `start` that hold n_files at (about) the preset's daily study rate; each
-    modality's studies are drawn day by day with the preset's shapes, so memory is one study at a time.
-    Paths follow the default layout (fixed-width names: path order is the order they are yielded in).
-    """
+    """(path, size, mtime) of an archive of about n_files instances in path order (the default layout's
+    fixed-width names): the days before `start` at the preset's daily study rate, one study in memory at a time."""
     g = Generator(params)
     per_study = expected_files_per_study(g)
     dates = [g.start - dt.timedelta(days=1)]
