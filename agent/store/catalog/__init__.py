@@ -66,9 +66,8 @@ def _offload(method: Callable[Concatenate[Catalog, P], R]) -> Callable[Concatena
 
 def _grouped(method: Callable[Concatenate[Catalog, P], R]) -> Callable[Concatenate[AsyncCatalog, P],
                                                                       Coroutine[Any, Any, R]]:
-    """Like _offload, for a durable write that may share its transaction and fsync with the same writes other
-    sessions make meanwhile (group commit, CatalogBase.group): the calls that arrive while the catalog thread
-    is busy run together in its next transaction. Each caller returns only after that COMMIT."""
+    """Like _offload, for a durable write that shares its transaction and fsync with those arriving while the
+    catalog thread is busy (CatalogBase.group); each caller returns only after that COMMIT."""
     async def call(self: AsyncCatalog, /, *args: P.args, **kwargs: P.kwargs) -> R:
         loop = asyncio.get_running_loop()
         done: asyncio.Future[R] = loop.create_future()
@@ -95,17 +94,14 @@ class AsyncCatalog:
 
     def __init__(self, catalog: Catalog) -> None:
         self.catalog = catalog
-        # The thread takes (call, the caller's future or None, its loop) from a plain queue: run_in_executor's two
-        # futures, their chained callbacks and the pool's bookkeeping were ~14 % of a cached read's Python time.
+        # A plain queue of (call, the caller's future or None, its loop): run_in_executor was ~14 % of a cached read
         self._calls: queue.SimpleQueue[_Call | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._serve, name="catalog", daemon=True)
         self._thread.start()
         self._group: list[tuple[Callable[[], Any], asyncio.Future[Any]]] = []
         self._group_lock = threading.Lock()
-        # `get` and `get_many` (every open and stat: a cached read's first step, a new file's directory walk) read on
-        # the caller's thread through a read-only connection of its own: a WAL reader sees every committed row and
-        # never waits for the writer. The hop to the catalog thread and back (two wake-ups, the self-pipe, a turn
-        # of the loop) was the largest wait before a cached read's first byte (issue 14).
+        # `get` and `get_many` read on the caller's thread through a read-only WAL connection, which never waits for
+        # the writer: the hop to the catalog thread was the largest wait before a cached read's first byte.
         self._reader = sqlite3.connect(catalog.db.execute("PRAGMA database_list").fetchone()[2],
                                        isolation_level=None, check_same_thread=False)
         self._reader.execute("PRAGMA query_only=ON")
@@ -148,8 +144,7 @@ class AsyncCatalog:
         return rows_of(self._reader, paths)
 
     async def copies_read(self, key: str) -> bool:
-        """A rename still waits to be copied from key (another path's copy_from is key): one indexed lookup,
-        asked before every upload, so on the reader connection, not a hop to the catalog thread."""
+        """A rename still waits to be copied from key: asked before every upload, so on the reader connection."""
         return self._reader.execute("SELECT 1 FROM entries WHERE copy_from = ? AND path != ? LIMIT 1",
                                     (key, key)).fetchone() is not None
 

@@ -16,9 +16,8 @@ class Heat(CatalogBase):
                            "WHERE path = ? AND gen = ? AND blob IS NULL", (blob, sha256, path, gen), durable=False) == 1
 
     def uncache(self, path: str, gen: int) -> str | None:
-        """Drop the cached copy of a clean file (eviction). → its blob, or None if not evictable now: also while a
-        write of other content (or a DELETE) to its key may still land (a doubt), when the cached copy is what
-        uploads it again."""
+        """Drop the cached copy of a clean file → its blob; None if not evictable now, also while a write of other
+        content to its key may still land (a doubt): the cached copy is what uploads it again."""
         with self._tx(durable=False):
             row = self.db.execute("SELECT blob FROM entries WHERE path = ? AND gen = ? AND state = 'clean' AND blob IS "
                                   "NOT NULL AND NOT EXISTS (SELECT 1 FROM doubts WHERE doubts.key = entries.path AND "
@@ -38,8 +37,7 @@ class Heat(CatalogBase):
         return self._exists("SELECT 1 FROM entries WHERE blob = ?", (blob,))
 
     def cached_after(self, last_blob: str, limit: int) -> list[Entry]:
-        """A page of cached files in blob order after `last_blob`: through the partial blob index, so a
-        page costs what the cache holds, not what the archive holds (in path order it scanned every file)."""
+        """A page of cached files in blob order after `last_blob` (the partial blob index: no scan of the archive)."""
         return self._entries(f"SELECT {COLUMNS} FROM entries WHERE blob > ? ORDER BY blob LIMIT ?", (last_blob, limit))
 
     def eviction_rows(self, limit: int) -> list[tuple[str, int, int, float, int, float]]:

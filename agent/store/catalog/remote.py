@@ -34,8 +34,7 @@ class RemoteSync(CatalogBase):
             self.db.execute("UPDATE entries SET listed = 1 WHERE path = ?", (path,))
 
     def known_sizes(self, objects: list[tuple[str, str | None]]) -> dict[str, int]:
-        """The catalog's sizes of listed (path, ETag) objects it knows: same ETag, so the logical size a
-        compressed object's listing cannot show (agent.uplink.s3.logical_sizes asks S3 for the rest)."""
+        """The catalog's sizes of listed (path, ETag) objects it knows by ETag: logical sizes a listing cannot show."""
         known = {}
         for path, etag in objects:
             row = self.db.execute("SELECT size, etag FROM entries WHERE path = ? AND is_dir = 0", (path,)).fetchone()
@@ -50,12 +49,8 @@ class RemoteSync(CatalogBase):
                            "AND blob IS NULL", (size, path, gen, listed), durable=False) == 1
 
     def import_inventory(self, files: Iterable[tuple[str, int, float]], batch: int = 200_000) -> int:
-        """Record objects already in S3 (an inventory of path, size, mtime) as clean, uncached files.
-
-        The inventory is taken as complete: the directories it implies are created as listed, so they are
-        never listed remotely. Existing rows are kept. Bulk speed needs path order; memory is one batch.
-        → the number of files added.
-        """
+        """Record an S3 inventory (path, size, mtime; complete, in path order) as clean, uncached files in listed
+        directories, keeping existing rows → the number of files added."""
         added, rows = 0, iter(files)
         while chunk := list(itertools.islice(rows, batch)):
             dirs = {d for p in {parent_of(f[0]) for f in chunk} for d in ancestors(p + "/x")[1:]}
@@ -87,9 +82,8 @@ class RemoteSync(CatalogBase):
         self.db.execute("DELETE FROM follow_seen")
 
     def follow_batch(self, objects: list[tuple[str, int, float, str | None]]) -> tuple[int, int, list[str]]:
-        """One page of a full listing of the bucket (path, size, mtime, etag): a new object becomes a clean,
-        uncached file; a clean file whose object changed (size or etag) takes the new object and drops its
-        cached copy. Dirty rows are this box's own queue and stay. → (added, changed, blobs to delete)."""
+        """One page of a full listing of the bucket: new objects become clean, uncached files, and clean files whose
+        object changed take it (dirty rows are this box's queue) → (added, changed, blobs to delete)."""
         now, added, changed, stale = time.time(), 0, 0, []
         with self._tx(durable=False):
             self.db.executemany("INSERT OR IGNORE INTO follow_seen VALUES (?)", ((o[0],) for o in objects))

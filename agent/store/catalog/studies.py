@@ -60,14 +60,12 @@ class Studies(CatalogBase):
             self._index_rows(rows)
 
     def copy_dicom_row(self, src: str, dst: str) -> None:
-        """A server-side copy (rename) of an indexed object: index the copy too (the source leaves with its
-        tombstone)."""
+        """A server-side copy (rename) of an indexed object: index the copy too."""
         self._write(COPY_INDEX_ROW, (dst, src), durable=False)
 
     def unshipped_index_rows(self, limit: int) -> list[tuple[object, ...]]:
-        """Up to limit study-index rows for the next index delta, as snapshot rows (path, size, etag, study, …):
-        rows whose object is confirmed in S3 under the ETag they were queued with. Queued rows whose object is
-        gone are dropped here; those whose file is being written again wait for its upload."""
+        """Up to limit snapshot rows for the next index delta, of objects confirmed under the queued ETag (rows of
+        gone objects dropped, of files written again kept for their upload)."""
         with self._tx(durable=False):
             # kept: rows of an indexed object that is confirmed under the queued ETag or still on its way
             self.db.execute(
