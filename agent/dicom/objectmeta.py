@@ -85,12 +85,9 @@ def object_meta(h: Header, key: bytes | None, retention: str) -> ObjectMeta:
 
 
 class Describer:
-    """For the uploader: read a cached file's header (bounded) and build its object's metadata and tags.
-
-    A file that is not DICOM, or whose header cannot be read, is uploaded as given with no DICOM metadata;
-    a damaged header of a DICOM-looking file is a warning in the log (the store is never refused). The header
-    is also read, for the retention decision only, when metadata is off but rules select by DICOM attributes.
-    """
+    """For the uploader: read a cached file's header (bounded) and build its object's metadata and tags; a file
+    whose header cannot be read goes as given (a warning, never a refusal). With metadata off the header is still
+    read when retention rules select by DICOM attributes."""
 
     def __init__(self, cfg: DicomConfig, retention: Callable[[str, Header | None], str],
                  needs_header: bool = False) -> None:

@@ -1,10 +1,8 @@
 """Rebuild the study index (catalog dicom_objects) from the bucket alone: a replaced box, its SSD lost.
 
-ListObjectsV2 does not return user metadata. An object the last index snapshot (agent.dicom.snapshot) or an
-index delta written since (agent.dicom.deltas) holds under the ETag listed takes its row from there; every other
-one (objects that are not DICOM among them: snapshot and deltas hold only what the box knows to be DICOM) costs
-one HEAD. HEADs run `concurrency` at a time over one connection pool (the listing has a client of its own), and
-rows reach the catalog in batches. Objects without DICOM metadata are counted, not indexed.
+Listings carry no user metadata: an object the last snapshot (agent.dicom.snapshot) or a later delta holds under
+the ETag listed takes its row from there, every other one costs a HEAD (`concurrency` at a time). Objects
+without DICOM metadata are counted, not indexed.
 """
 
 from __future__ import annotations

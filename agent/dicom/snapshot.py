@@ -1,10 +1,8 @@
 """Study-index snapshots in the bucket: a rebuild reads a few objects instead of HEADing every one.
 
-The index is written as gzip'd JSON segments (sorted by path, each row with its object's ETag) under
-pacsgw-index/<uplink.prefix>, then a manifest naming them, and only then are the previous segments removed: a
-reader always finds one whole snapshot. A stale, missing or damaged snapshot costs HEADs, never a wrong row
-(docs/dicom.md, "The study index in the bucket"). The rows (and the deltas') hold what the object metadata
-already holds: the patient only as the keyed pseudonym.
+gzip'd JSON segments (rows by path, with their ETags) under pacsgw-index/<uplink.prefix>, then a manifest, and
+only then are the previous segments removed: a reader always finds one whole snapshot, and a stale or damaged one
+costs HEADs, never a wrong row (docs/dicom.md). The patient is there only as the keyed pseudonym.
 """
 
 from __future__ import annotations
@@ -173,11 +171,9 @@ async def write(cfg: Config, rows: Iterable[Row]) -> dict[str, Any]:
 
 
 class SnapshotSchedule:
-    """The agent writes the snapshot itself every `[dicom] snapshot_interval` seconds, so a replacement box's
-    `index-rebuild` finds a recent one without anyone scheduling `pacsgw index-snapshot`. In an HA pair only the
-    active box writes it: the standby's catalog follows the bucket and has no index rows of its own, so its
-    snapshot would replace a full one with an empty one. A failed run is logged and tried again at the next
-    interval; the previous snapshot stays until a new one is complete."""
+    """The agent writes the snapshot every `[dicom] snapshot_interval`, so a replacement box finds a recent one. Only
+    an HA pair's active box: the standby has no index rows, and its snapshot would replace a full one with an empty
+    one. A failed run is logged and tried again at the next interval."""
 
     def __init__(self, cfg: Config, active: Callable[[], bool]) -> None:
         self.cfg, self.active = cfg, active  # active(): False while this box is an HA standby
