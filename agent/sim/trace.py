@@ -104,15 +104,9 @@ def _study_dir(g: Generator, st) -> str:
     return "/".join(parts[:depth]).format(modality=st.modality, date=date, study=f"ST{st.idx:08d}")
 
 
-def _bar(enabled: bool, total: int | None, desc: str):  # tqdm or a no-op
-    if enabled:
-        from tqdm import tqdm
-        return tqdm(total=total, desc=desc, unit_scale=True, mininterval=1.0)
-
-    class _Null:
-        def update(self, n: int = 1) -> None: ...
-        def close(self) -> None: ...
-    return _Null()
+def _bar(enabled: bool, total: int | None, desc: str):  # a tqdm bar, silent unless enabled
+    from tqdm import tqdm
+    return tqdm(total=total, desc=desc, unit_scale=True, mininterval=1.0, disable=not enabled)
 
 
 def read_header(path: str | Path) -> dict:
