@@ -491,8 +491,7 @@ class GatewayFS(pyfuse3.Operations):
         return len(buf)
 
     def _cut_short(self, op: _Open) -> str:
-        """Why op's close is not its client's ('' if it is): smbd stopped or the connection was cut, and smbd closes
-        what was left open, an upload cut short never to be taken for a complete file."""
+        """Why op's close is not its client's ('' if it is): smbd stopped, or the connection was cut short."""
         if self.closing:
             return "smbd stopped"
         if op.who.peer and not self.peers.connected(op.pid):

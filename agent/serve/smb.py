@@ -69,8 +69,7 @@ def smb_users(cfg: Config) -> list[UserConfig]:
 
 
 def _listen_lines(host: str) -> list[str]:
-    """A wildcard address listens on every interface (Samba's interface list cannot name 0.0.0.0 or ::);
-    any other address only on the interface that has it."""
+    """A wildcard address listens on every interface (Samba cannot name 0.0.0.0), any other on its own."""
     if host != "localhost" and ipaddress.ip_address(host).is_unspecified:
         return ["bind interfaces only = no"]
     return [f"interfaces = {host}", "bind interfaces only = yes"]
@@ -121,19 +120,10 @@ def render_conf(cfg: Config) -> str:
         "invalid users = root",
         # The namespace is shared with FTP/SFTP: no client-side caching that another protocol's
         # change could make stale, and no kernel-level locks or xattrs on the FUSE mount.
-        "oplocks = no",
-        "level2 oplocks = no",
-        "smb2 leases = no",
-        "kernel oplocks = no",
-        "kernel share modes = no",
-        "posix locking = no",
-        "ea support = no",
-        "store dos attributes = no",
-        "map archive = no",
-        "map hidden = no",
-        "map system = no",
-        "map readonly = no",
-        "nt acl support = no",
+        *(f"{option} = no" for option in (
+            "oplocks", "level2 oplocks", "smb2 leases", "kernel oplocks", "kernel share modes", "posix locking",
+            "ea support", "store dos attributes", "map archive", "map hidden", "map system", "map readonly",
+            "nt acl support")),
         "acl allow execute always = yes",  # an open for FILE_EXECUTE (clients probe rename targets so) is fine
         "stat cache = no",
         "use sendfile = no",
@@ -176,8 +166,7 @@ def _proc_address(text: str) -> str:
 
 
 def connections_by_address(port: int) -> Counter[str]:
-    """Established TCP connections to `port` per client address, from the kernel's tables (smbd has no per-client
-    cap and the agent is not on their path)."""
+    """Established TCP connections to `port` per client address (smbd has no per-client cap)."""
     counts: Counter[str] = Counter()
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         with contextlib.suppress(OSError), open(table) as f:
@@ -190,8 +179,7 @@ def connections_by_address(port: int) -> Counter[str]:
 
 
 def auth_event(line: str) -> tuple[str, str, bool] | None:
-    """One line of Samba's JSON authentication audit ({"Authentication": {...}}, remote address 'ipv4:10.1.2.3:51234')
-    → (user, client address, succeeded), None for other lines."""
+    """A line of Samba's JSON authentication audit → (user, client address, succeeded), None for others."""
     start = line.find("{")
     try:
         record = json.loads(line[start:]) if start >= 0 else {}
@@ -222,8 +210,7 @@ def _ensure_account(name: str, *, group: str | None = None) -> tuple[int, int]:
 
 
 def _useradd(name: str, group: str | None) -> None:
-    """Create the account, trying again a few times: another agent starting at the same moment may hold
-    /etc/passwd's lock or create the same account first."""
+    """Create the account, trying again: another agent starting now may hold /etc/passwd's lock or make it."""
     cmd = ["useradd", "--system", "--no-create-home", "--home-dir", "/nonexistent", "--shell", "/usr/sbin/nologin"]
     cmd += ["--gid", group] if group else ["--user-group"]
     for _ in range(10):
@@ -363,8 +350,7 @@ class SmbService:
         return by_uid
 
     def _lockout_policy(self) -> None:
-        """[login] for SMB: Samba checks SMB passwords itself, so its own account policy locks a user after
-        max_failures wrong passwords (within window_seconds) for ban_seconds (Samba counts in minutes)."""
+        """[login] for SMB: Samba's own account policy locks a user (it checks SMB passwords itself)."""
         lg = self.cfg.login
         policies = {"bad lockout attempt": lg.max_failures, "reset count minutes": math.ceil(lg.window_seconds / 60),
                     "lockout duration": math.ceil(lg.ban_seconds / 60)}
@@ -534,8 +520,7 @@ class SmbService:
             return None
 
     async def wait_files_closed(self, timeout: float) -> bool:
-        """Drain: wait until smbd has closed every file, so a close it is still answering gets its reply before
-        smbd is stopped; → False on timeout."""
+        """Drain: wait until smbd has closed every file (its replies sent before it stops); → False on timeout."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if not await asyncio.to_thread(self._open_files):

@@ -232,8 +232,7 @@ class WriteHandle:
         return upload
 
     def _seal(self, body: bytes | None) -> str:
-        """The file's digests, then Cache.commit (stamp, fsync, rename) → its SHA-256. Blocking: the commit's one
-        thread hop, where hashing the kept body (~0.9 ms per 512 KiB) holds no session's loop."""
+        """Digests, then Cache.commit → SHA-256. Blocking: its one thread hop, where hashing holds no loop."""
         if self._hash is None:
             fast = fast_hash()
             sha = sha256_fd(self.fd, fast)
@@ -267,8 +266,7 @@ class WriteHandle:
 
 
 async def _in_thread(work: Callable[[], T], undo: Callable[[T], None]) -> T:
-    """work() in a thread; if the caller is cancelled meanwhile (ABOR, a disconnect) the thread runs on, and
-    undo(what it returned) then, or each such cut leaked what it made (a descriptor, a staging file)."""
+    """work() in a thread that runs on if the caller is cancelled, then undo(its result): a cut leaked it."""
     running = asyncio.ensure_future(asyncio.to_thread(work))
     try:
         return await asyncio.shield(running)
@@ -288,8 +286,7 @@ def _close_opened(result: tuple[Opened | None, str | None]) -> None:
 
 
 def no_holes(size: int, offset: int, whence: int) -> int:
-    """lseek(2)'s SEEK_DATA and SEEK_HOLE (asyncssh answers ranges@asyncssh.com so): a file as clients see it has
-    no holes."""
+    """lseek(2)'s SEEK_DATA and SEEK_HOLE (asyncssh answers ranges@asyncssh.com so): a file has no holes."""
     if whence not in (os.SEEK_DATA, os.SEEK_HOLE):
         raise OSError(errno.EINVAL, "only SEEK_DATA and SEEK_HOLE are served")
     if offset >= size:
@@ -332,8 +329,7 @@ class _Fill:
 
 
 class ReadHandle:
-    """A file open for reading: a cached copy (checked against its stamp's digest while it is sent,
-    VERIFY_AHEAD bytes ahead of the sender) or a fetch from S3 in progress."""
+    """A file open for reading: a cached copy, checked VERIFY_AHEAD ahead of the sender, or a fetch."""
 
     def __init__(self, gw: "Gateway", entry: Entry, fd: int, fill: _Fill | None, protocol: str,
                  digest: str | None = None) -> None:
@@ -349,8 +345,7 @@ class ReadHandle:
         return self.entry.size
 
     async def ready(self, pos: int) -> int:
-        """Wait until bytes from pos may be served → how far (> pos before EOF): checked VERIFY_AHEAD ahead, or
-        another STEP landed; the end of a file only once all of it matched its digest."""
+        """Wait until bytes from pos may be served → how far; a file's end only once all of it was verified."""
         if self.fill is not None:
             return await self._landed(self.fill, pos, min(pos + STEP, self.size))
         await self._check(min(pos + VERIFY_AHEAD, self.size))
@@ -376,8 +371,7 @@ class ReadHandle:
         self.gw.metrics.bytes_out.labels(self.protocol).inc(nbytes)
 
     async def _check(self, end: int) -> None:
-        """Hash the copy up to `end` (a VERIFY_AHEAD step at a time), at its end compare with the stamp: a mismatch
-        fails this read and every later one, and drops the copy."""
+        """Hash the copy up to `end`, at its end check the stamp: a mismatch fails every read, drops the copy."""
         if self._broken is not None:
             raise self._broken
         if self._digest is None or (self._checked >= end and end < self.size):
@@ -451,7 +445,7 @@ class Gateway:
         self.refusals, self.access, self.evictor, self.on_stored = refusals, access, evictor, on_stored
         self._fills: dict[str, _Fill] = {}
         self._listings: dict[str, asyncio.Future[None]] = {}
-        self._active_writes = 0
+        self.active_writes = 0  # files being written now
         self.marks = WriteMarks(cache.root / "writing.lock")  # the paths uploads write, in every serving process
         self._unfinished: dict[str, int] = {}  # user → the `counted` bytes of its files being written
         self._body_room = BODY_BUDGET
@@ -515,8 +509,7 @@ class Gateway:
         self._fits(path)
 
     def _fits(self, path: str) -> None:
-        """A path whose object key (or, in an HA pair, its conflict copy's) would pass S3's limit is refused before
-        anything is stored: acknowledged, it failed every upload and stayed on the SSD for good."""
+        """A path whose object key would pass S3's limit is refused up front: acknowledged, it stayed on the SSD."""
         limit = S3_KEY_BYTES - len(self.cfg.uplink.prefix.encode()) - (CONFLICT_EXTRA if self.cfg.ha.enabled else 0)
         if len(path.encode("utf-8", "surrogatepass")) > limit:
             raise BadPath(path, f"path longer than {limit} bytes (with the uplink prefix, an object key holds at "
@@ -553,8 +546,7 @@ class Gateway:
 
     @staticmethod
     def _visible(entries: list[Entry], directory: str) -> list[Entry]:
-        """The entries a client may be shown: a name with a control character (another S3 client's key) would forge
-        a listing line or drive a terminal, and no client could name it; it is logged for the admin instead."""
+        """The entries a client may be shown: a name with a control character would forge a listing line."""
         shown = []
         for e in entries:
             problem = name_problem(e.name)
@@ -611,8 +603,7 @@ class Gateway:
                  seconds=round(time.monotonic() - t0, 4))
 
     async def _listing_incomplete(self, path: str) -> bool:
-        """Whether the innermost directory known above `path` was never listed: a name missing there is unknown,
-        and a PACS told "unavailable" (451) retries where "no such file" (550) would not."""
+        """Whether the directory above `path` was never listed: a missing name is unknown (451, not 550)."""
         chain = ancestors(path)
         known = await self.db.get_many(chain)
         d = next((known[a] for a in reversed(chain) if a in known), None)
@@ -659,8 +650,7 @@ class Gateway:
         log.info("delete", path=path)
 
     async def rename(self, src: str, dst: str, who: Who | None = None, *, replace: bool = True) -> None:
-        """Like rename(2), an existing target is replaced (PACS clients re-send x.part → x); without `replace`
-        (SFTPv3, RENAME_NOREPLACE) it is AlreadyExists."""
+        """Like rename(2), replacing an existing target (x.part → x); without `replace` it is AlreadyExists."""
         async with self.audit.op(who, "rename", src, to=dst):
             self._may_change(who, "rename", src)
             self._not_the_agents(who, dst)
@@ -698,8 +688,7 @@ class Gateway:
 
     async def open_write(self, path: str, protocol: str, *, offset: int = 0,
                          who: Who | None = None) -> WriteHandle:
-        """Start writing path; offset > 0 resumes (REST/append) keeping the first bytes; one past the end is
-        BadOffset (a hole no client sent)."""
+        """Start writing path; offset > 0 resumes (REST/append); one past the end is BadOffset (a hole)."""
         async with self.audit.op(who, "store", path, record_ok=False):
             self._may_change(who, "write", path)
             if not path:
@@ -717,7 +706,7 @@ class Gateway:
                     raise PermissionDenied(path, "replacing a stored file needs the 'delete' permission")
             blob, fd = await self._new_staging()
         handle = WriteHandle(self, path, blob, fd, protocol, who)
-        self._active_writes += 1
+        self.active_writes += 1
         self.marks.add(path)
         self._writes_idle.clear()
         if offset:
@@ -747,8 +736,7 @@ class Gateway:
         return handle
 
     async def _new_staging(self) -> tuple[str, int]:
-        """A new staging file, made in a thread: allocating an inode may wait for the disk (issue 14: ~15 % of an
-        FTP upload's CPU, on the loop). One made for a caller cancelled meanwhile is discarded."""
+        """A new staging file, made in a thread: an inode may wait for the disk (issue 14); undone if cancelled."""
         return await _in_thread(self.cache.new_staging, self._discard_made)
 
     def _discard_made(self, made: tuple[str, int]) -> None:
@@ -758,8 +746,7 @@ class Gateway:
 
     async def open_for_write(self, path: str, protocol: str, who: Who | None, *, keep: int | None = None,
                              create: bool = True, exclusive: bool = False) -> WriteHandle:
-        """open(2) for writing (SFTP, SMB): a writer starting with the stored file's first `keep` bytes (None: all);
-        `exclusive` is O_EXCL, `create` O_CREAT."""
+        """open(2) for writing (SFTP, SMB), keeping the stored file's first `keep` bytes (None: all)."""
         async with self.audit.op(who, "store", path, record_ok=False):
             e = await self.find(path)
             if e is not None and exclusive:
@@ -783,10 +770,6 @@ class Gateway:
         """Whether an upload of any serving process writes path, or a file below it, now."""
         return self.marks.busy(path)
 
-    @property
-    def active_writes(self) -> int:
-        return self._active_writes
-
     def hold(self, nbytes: int, size: int) -> bool:
         """Whether a write-through file may keep nbytes more of its bytes in memory (it has size bytes then)."""
         if nbytes > self._body_room or not self.s3.single_request(size):
@@ -798,8 +781,7 @@ class Gateway:
         self._body_room += nbytes
 
     def count_unfinished(self, handle: WriteHandle, end: int) -> None:
-        """A file being written reaches `end` bytes: NoSpace when its user's unfinished uploads would pass their
-        share of the cache (one account never closing its files filled the disk for everyone)."""
+        """A write reaches `end`: NoSpace past its user's share for unfinished uploads (one filled the disk)."""
         if end <= handle.counted:
             return
         held, limit = self._unfinished.get(handle.user, 0) + end - handle.counted, self.unfinished_limit
@@ -820,9 +802,9 @@ class Gateway:
         left = self._unfinished.pop(handle.user, 0) - handle.counted
         if left:
             self._unfinished[handle.user] = left
-        self._active_writes -= 1
+        self.active_writes -= 1
         self.marks.remove(handle.path)
-        if not self._active_writes:
+        if not self.active_writes:
             self._writes_idle.set()
 
     async def wait_writes_idle(self, timeout: float) -> bool:

@@ -35,8 +35,7 @@ def _lower(metadata: Mapping[str, str] | None) -> dict[str, str]:
 
 
 def encoding_of(metadata: Mapping[str, str] | None) -> str | None:
-    """The object's encoding from its user metadata (None: stored as given). Unknown encodings are refused:
-    serving their bytes as the file would be serving garbage."""
+    """The object's encoding from its metadata (None: as given); an unknown one is Undecodable, not garbage."""
     enc = _lower(metadata).get(ENCODING)
     if enc not in (None, ZSTD):
         raise Undecodable(f"unknown {ENCODING} {enc!r}")

@@ -105,8 +105,7 @@ def is_throttled(exc: BaseException) -> bool:
 
 
 def is_server_error(exc: BaseException) -> bool:
-    """True when the server answered with a 5xx other than 'slow down' (500 InternalError, 502, 503, 504): it
-    is there but failed this request, as a SeaweedFS does for a few seconds after a restart."""
+    """A 5xx other than 'slow down': the server is there but failed this request (SeaweedFS after a restart)."""
     if not isinstance(exc, ClientError) or is_throttled(exc):
         return False
     return _status(exc) >= 500
@@ -150,8 +149,7 @@ def meta_sha(metadata: dict[str, str] | None) -> str | None:
 
 
 def read_verified(path: str, fd: int, size: int, sha256: str) -> bytes:
-    """The size bytes behind fd, checked against sha256 (ChecksumMismatch if they differ): what a single-request
-    PUT sends. Blocking (read and hash off the loop)."""
+    """The size bytes behind fd, checked against sha256: what a single-request PUT sends. Blocking."""
     body = os.pread(fd, size, 0)
     if len(body) != size or hashlib.sha256(body).hexdigest() != sha256:
         raise ChecksumMismatch(f"{path}: cached content does not match its catalog checksum")
@@ -160,8 +158,7 @@ def read_verified(path: str, fd: int, size: int, sha256: str) -> bytes:
 
 @contextlib.contextmanager
 def _sending(url: str, request: AWSRequest) -> Iterator[None]:
-    """aiohttp's failures while sending a request or reading its answer's head, as the botocore exceptions
-    aiobotocore raises for them (is_unreachable and the line know those)."""
+    """aiohttp's failures as the botocore exceptions aiobotocore raises (is_unreachable knows those)."""
     try:
         yield
     except aiohttp.ClientSSLError as e:  # a certificate problem is a configuration error, not an outage
@@ -178,8 +175,7 @@ def _sending(url: str, request: AWSRequest) -> Iterator[None]:
 
 
 async def _read_block(resp: aiohttp.ClientResponse, size: int) -> bytes:
-    """Up to size bytes of a response body, fewer only at its end; a failure mid-body raises what aiobotocore's
-    streaming body raises."""
+    """Up to size bytes of a body (fewer only at its end), failing as aiobotocore's streaming body does."""
     parts, got = [], 0
     try:
         while got < size and (data := await resp.content.read(size - got)):
@@ -224,8 +220,7 @@ def b64(digest_hex: str) -> str:
 
 
 class _KnownPayload(S3SigV4Auth):  # type: ignore[misc]  # botocore ships no types
-    """botocore's S3 SigV4 signer, told the payload's SHA-256 (request.context) instead of hashing the body
-    again: the uplink hashed it already (read_verified), so the payload is signed over https:// too, at no cost."""
+    """botocore's SigV4 signer, told the payload's SHA-256 (request.context) instead of hashing the body again."""
 
     def payload(self, request: AWSRequest) -> str:
         known: str = request.context.get("payload_sha256", EMPTY_SHA256_HASH)  # a GET, a HEAD: no body
@@ -265,8 +260,7 @@ _HEADERS: dict[str, tuple[str, Callable[[Any], str]]] = {
 
 def put_headers(metadata: Mapping[str, str], lock: Lock | None, tagging: str | None,
                 condition: Mapping[str, str]) -> dict[str, str]:
-    """The headers of a PutObject with these arguments, as botocore's serializer writes them (values are ASCII
-    by construction: agent.dicom.objectmeta checks them)."""
+    """A PutObject's headers as botocore writes them (ASCII values: agent.dicom.objectmeta checks them)."""
     headers = {"x-amz-meta-" + k: v for k, v in metadata.items()}
     if tagging:
         headers["x-amz-tagging"] = tagging
@@ -495,8 +489,7 @@ class S3Uplink:
                                                      **version)
 
     async def delete(self, path: str) -> bool:
-        """→ whether the client sent it more than once (it retries once by itself): an attempt that had no answer
-        may still land, after a new object took the key."""
+        """→ whether the client sent it twice (it retries): an unanswered attempt may land after a new object."""
         resp = await self._client.delete_object(Bucket=self.cfg.bucket, Key=self.key(path))
         return int(resp.get("ResponseMetadata", {}).get("RetryAttempts", 0)) > 0
 
@@ -543,8 +536,7 @@ class S3Uplink:
         return n, h.hexdigest()
 
     async def get_range(self, path: str, start: int, length: int, etag: str | None) -> bytes:
-        """length bytes from start (fewer at the end) of the version with this ETag only: a cold read at an
-        offset need not wait for the whole object to stream in."""
+        """length bytes from start of the version with this ETag: a cold read at an offset need not wait."""
         ask = {"Range": f"bytes={start}-{start + length - 1}", **({"If-Match": etag} if etag else {})}
         async with self._request("GET", self.key(path), "GetObject", ask, stream=True) as resp:
             if encoding_of(_object_head(resp.headers)["Metadata"]) is not None:
@@ -565,8 +557,7 @@ class S3Uplink:
         return head
 
     async def walk(self, logical: bool = True) -> AsyncIterator[list[Row]]:
-        """Every object of the namespace, a listing page at a time, keys that are no valid path left out.
-        logical=False: the stored sizes as listed (a caller that HEADs every object anyway)."""
+        """Every object of the namespace, a page at a time, invalid paths left out; logical=False: sizes as listed."""
         prefix = self.cfg.prefix
         paginator = self._client.get_paginator("list_objects_v2")
         async for page in paginator.paginate(Bucket=self.cfg.bucket, Prefix=prefix):
@@ -625,8 +616,7 @@ class S3Uplink:
 
 
 async def _parts(fd: int, size: int, chunk: int, whole: Any, compress: bool) -> AsyncIterator[tuple[int, bytes]]:
-    """(part number, body) of a multipart upload of fd, hashed into `whole` as read; compressed: `chunk` bytes
-    of compressed output a part."""
+    """(part number, body) of a multipart upload of fd, hashed into `whole`; compressed: `chunk` bytes of output."""
     packer = encoding.compressor(size) if compress else None
     pending, number = b"", 1
     for offset in range(0, size, chunk):
