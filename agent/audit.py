@@ -95,8 +95,7 @@ class AuditLog:
                 log.error("audit_write_failed", path=str(self.path), error=str(e)[:200])
 
     def _roll(self) -> None:
-        """Rename the full file to a unique, sortable name (shipped as it is) and start a new one; if the rename
-        fails, the lines go on to the full file."""
+        """Rename the full file to a unique, sortable name (shipped as it is) and start a new one."""
         os.rename(self.path, self.path.with_name(
             f"{self.path.stem}-{time.strftime('%Y%m%dT%H%M%S')}-{time.time_ns() % 10**9:09d}{self.path.suffix}"))
         # Wake the shipper now. _write runs on the recording thread: the event loop's, or the login guard's

@@ -82,8 +82,7 @@ def unmapped(address: str) -> str:
 
 
 class Every:
-    """At most one event per `seconds` for each key (of at most `kept`): a client repeating a refused request as fast
-    as it can must fill neither the journal nor the audit trail."""
+    """At most one event per `seconds` for each key: a client repeating a refused request fills no journal."""
 
     def __init__(self, seconds: float, kept: int = 4096) -> None:
         self.seconds, self.kept = seconds, kept
@@ -244,8 +243,7 @@ class LoginGuard:
 
     @_on_thread
     def _admit(self, user: str, address: str) -> list[int] | None:
-        """Slots 'attempt address' and (not from a trusted address) 'attempt user' → their ids; None while
-        max_failures would be reached; [] unrecordable."""
+        """Slots 'attempt address' and (untrusted) 'attempt user' → ids; None at max_failures; [] unrecordable."""
         now = time.monotonic()
         self._release_pending()
         with self._unless_unrecordable("login attempt"), self._tx():

@@ -465,8 +465,7 @@ class LoginConfig:
 
 @dataclass(frozen=True)
 class ServerConfig:
-    """How many processes serve FTP and SFTP (docs/workers.md): N > 1 is the owner and N-1 workers behind
-    SO_REUSEPORT; 0 is one per CPU this process may run on (its affinity)."""
+    """Processes serving FTP and SFTP (docs/workers.md): N > 1 is the owner and N-1 workers; 0: one per CPU."""
 
     workers: int = _int(0, 256, 1, " (1: one process, 0: one per CPU)")
 

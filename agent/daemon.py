@@ -183,8 +183,7 @@ class Agent:
                                            bool(retention.rules) or cfg.uplink.compress != "off"))
 
     async def _start_gateway(self, on_stored: Callable[[str, Path], None] | None = None) -> None:
-        """The gateway and the parts it is handed, which the agent keeps (after _build_uplink); then the pressure
-        monitor, in every serving process: disk and memory are the box's."""
+        """The gateway and the parts the agent keeps (after _build_uplink); the pressure monitor, in every process."""
         cfg = self.cfg
         self.refusals = Refusals()
         access = AccessStats(cfg.prefetch.dir_depth)
@@ -330,8 +329,7 @@ class Agent:
                 "model_state": self.prefetcher.model_state}
 
     async def admin_prefetch_plan(self, query: dict[str, str], body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
-        """`pacsgw prefetch --dry-run`: what a run now would fetch and why, and the last run's progress (alone
-        with ?status=1)."""
+        """`pacsgw prefetch --dry-run`: what a run now would fetch and why, and the last run's progress."""
         if "status" in query:
             return 200, {"status": self.prefetcher.status.as_json()}
         plan = await self.prefetcher.plan(time.time())

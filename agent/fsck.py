@@ -142,8 +142,7 @@ class Fsck:
             self.report.requeued.append(e.path)
 
     async def _listed_size(self, e: Entry, size: int) -> None:
-        """The catalog holds a compressed object's stored size (its listing's), the object is sound: reads of it
-        fail until the row takes the file's size."""
+        """The catalog holds a sound compressed object's stored size: reads fail until the row takes the file's."""
         self.report.wrong_size.append(e.path)
         log.error("fsck_listed_size", path=e.path, recorded=e.size, size=size, repair=self.repair)
         if self.repair and await self.db.correct_size(e.path, e.gen, e.size, size):

@@ -78,8 +78,7 @@ class Deltas:
 
 
 async def read(cfg: Config, s3: S3Uplink) -> Deltas:
-    """Every delta in the bucket (READ_AHEAD at a time). A damaged one is logged and skipped: its objects are
-    HEADed like any object no delta covers."""
+    """Every delta in the bucket (READ_AHEAD at a time); a damaged one is skipped, its objects HEADed."""
     deltas, files, gate = Deltas(), BucketFiles(s3), asyncio.Semaphore(READ_AHEAD)
     try:  # in key order, i.e. oldest first (their names start with the time they were written)
         keys = await files.keys(delta_prefix(cfg))

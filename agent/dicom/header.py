@@ -135,8 +135,7 @@ def _elements(head: bytes, pos: int, explicit: bool, meta: bool) -> tuple[dict[i
 
 
 def _plain(raw: bytes) -> bool:
-    """Whether pydicom decodes these text bytes the same in every DICOM character set: ASCII, no escape
-    sequence (ISO 2022), no backslash (which would make the value multi-valued)."""
+    """Whether pydicom decodes these bytes the same in every character set: ASCII, no ISO 2022 escape, no '\\'."""
     return raw.isascii() and b"\\" not in raw and b"\x1b" not in raw
 
 

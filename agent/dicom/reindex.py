@@ -114,8 +114,7 @@ def _row(path: str, head: dict[str, Any]) -> tuple | None:
 
 
 async def _head(s3: S3Uplink, path: str) -> dict[str, Any] | None | Literal[False]:
-    """The object's HEAD (None: gone since the listing), tried ATTEMPTS times; False when every try failed
-    (a loaded server times out now and then)."""
+    """The object's HEAD (None: gone), tried ATTEMPTS times (a loaded server times out); False: every try failed."""
     for attempt in range(ATTEMPTS):
         try:
             return await s3.head(path)

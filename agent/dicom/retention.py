@@ -137,8 +137,7 @@ class DicomRetention:
         return self.decide(path, stored_at, header).lock
 
     def retention_class(self, path: str, header: Header | None = None) -> str:
-        """The retention tag of a file stored now. A temporary upload name gets its final name's tag: a rename
-        is a server-side copy, and the copy keeps the tags."""
+        """The retention tag of a file stored now; a temporary name gets its final name's (a copy keeps the tags)."""
         for suffix in self.cfg.temp_suffixes:
             path = path.removesuffix(suffix)
         return self.decide(path, time.time(), header).retention

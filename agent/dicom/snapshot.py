@@ -121,8 +121,7 @@ class BucketFiles:
 
 
 def catalog_rows(catalog_path: Path) -> Iterator[Row]:
-    """The box's study index with each object's ETag, by path: rows whose object is confirmed in S3 (clean).
-    Read-only, on a connection of its own (the agent may be running)."""
+    """The box's study index, by path, of objects confirmed in S3 with their ETags; read-only (the agent runs)."""
     db = sqlite3.connect(f"{catalog_path.resolve().as_uri()}?mode=ro", uri=True, timeout=30)
     try:
         yield from db.execute(
@@ -249,8 +248,7 @@ async def read(cfg: Config, s3: S3Uplink) -> AsyncGenerator[Row, None]:
 
 
 class Cursor:
-    """Walks the snapshot rows alongside the bucket listing (both in key order): a merge join. rows None: no
-    snapshot is read (the cursor matches nothing)."""
+    """A merge join of the snapshot's rows and the bucket listing, both in key order; rows None: matches nothing."""
 
     def __init__(self, rows: AsyncGenerator[Row, None] | None) -> None:
         self.rows, self.cur, self.started = rows, None, rows is None

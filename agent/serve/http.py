@@ -135,8 +135,7 @@ def issue_admin_token(path: Path) -> str:
 
 
 class HttpServer:
-    """`admin` maps (method, path) such as ("POST", "/admin/evict") to handlers, served to loopback
-    requests that carry `admin_token` only (no token: no admin requests at all)."""
+    """`admin` maps (method, path) to handlers, served to loopback requests carrying `admin_token` only."""
 
     def __init__(self, host: str, port: int, health: Callable[[], Awaitable[dict[str, Any]]],
                  metrics: Callable[[], Awaitable[bytes]],

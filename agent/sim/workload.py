@@ -126,8 +126,7 @@ def oncology() -> WorkloadParams:
 
 
 def outpatient() -> WorkloadParams:
-    """An outpatient imaging centre: few priors, short reports, many clinic follow-ups days to weeks
-    later (the same study re-opened at the referrer's clinic), patients who come back within weeks."""
+    """An outpatient imaging centre: few priors, many clinic follow-ups days to weeks later, quick returns."""
     return WorkloadParams(
         preset="outpatient", monthly_tb=0.6,
         modality_mix={"MR": 0.30, "US": 0.25, "CR": 0.15, "DX": 0.10, "CT": 0.12, "MG": 0.08},
@@ -138,8 +137,7 @@ def outpatient() -> WorkloadParams:
 
 
 def cancer() -> WorkloadParams:
-    """A cancer centre organised around weekly boards: PET-CT pairs, cases that return to the board
-    for weeks, whole studies shown (not a few series), frequent restaging studies."""
+    """A cancer centre around weekly boards: PET-CT pairs, cases back for weeks, whole studies shown."""
     return WorkloadParams(
         preset="cancer", monthly_tb=1.2,
         modality_mix={"CT": 0.35, "PT": 0.25, "MR": 0.20, "NM": 0.08, "CR": 0.07, "MG": 0.05},
@@ -151,8 +149,7 @@ def cancer() -> WorkloadParams:
 
 
 def teaching() -> WorkloadParams:
-    """A teaching hospital: the general mix plus a fat long tail — residents and conferences open old
-    cases, a few hundred teaching cases again and again, research exports sweep random old studies."""
+    """A teaching hospital: the general mix plus a fat long tail of old and teaching cases read again and again."""
     return WorkloadParams(
         preset="teaching", monthly_tb=1.5, returning_share=0.5, priors_read=(1, 2), followup_rate=0.8,
         longtail_share=0.35, teaching_cases=400, teaching_share=0.6,
@@ -161,8 +158,7 @@ def teaching() -> WorkloadParams:
 
 
 def research() -> WorkloadParams:
-    """A tuning family with a fat one-off tail (issue 13): a research centre whose export and AI pipelines read
-    random old studies once each, beside outpatient and inpatient reads within hours."""
+    """A tuning family with a fat one-off tail (issue 13): a research centre reading old studies once each."""
     return WorkloadParams(
         preset="research", monthly_tb=1.0,
         modality_mix={"MR": 0.35, "CT": 0.25, "US": 0.15, "CR": 0.15, "DX": 0.10},

@@ -39,8 +39,7 @@ def name_problem(name: str) -> str | None:
 
 
 def creatable_problem(name: str) -> str | None:
-    """Why a new file or directory may not be called `name` though it may be looked up (None if it may): Windows
-    (SMB) clients could not use it."""
+    """Why a new name could not be used by Windows (SMB) clients, though it may be looked up; None: it could."""
     if any(c in BIDI_CONTROLS for c in name):  # "x\u202egpj.dcm" lists as "xmcd.jpg" (Trojan Source)
         return f"{name!a}: text-direction controls are not allowed in names (a name would display as another)"
     if not WINDOWS_INVALID.isdisjoint(name):

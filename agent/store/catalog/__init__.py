@@ -42,8 +42,7 @@ class Catalog(Namespace, RemoteSync, Uploads, Heat, Studies):
 
 
 async def _answer(done: asyncio.Future[R]) -> R:
-    """What the catalog thread set on done. The catalog shares the cache disk: its full disk is the front ends'
-    NoSpace too."""
+    """What the catalog thread set on done; its full disk (the cache's) is the front ends' NoSpace too."""
     try:
         return await done
     except sqlite3.OperationalError as e:
@@ -54,8 +53,7 @@ async def _answer(done: asyncio.Future[R]) -> R:
 
 def _offload(method: Callable[Concatenate[Catalog, P], R]) -> Callable[Concatenate[AsyncCatalog, P],
                                                                       Coroutine[Any, Any, R]]:
-    """`await db.totals()` runs `Catalog.totals()` on the catalog's thread, typed as it is. A call
-    queued runs even if its caller is cancelled meanwhile (as one already running always did)."""
+    """`await db.totals()` runs `Catalog.totals()` on the catalog's thread, typed; it runs even if cancelled."""
     async def call(self: AsyncCatalog, /, *args: P.args, **kwargs: P.kwargs) -> R:
         loop = asyncio.get_running_loop()
         done: asyncio.Future[R] = loop.create_future()
@@ -89,8 +87,7 @@ def _settle(done: asyncio.Future[Any], result: Any) -> None:
 
 
 class AsyncCatalog:
-    """Runs Catalog calls on one dedicated thread, so SQLite's fsyncs never block the event loop: every method
-    the agent awaits (the commands that open a Catalog of their own, and tests, call it directly)."""
+    """Runs Catalog calls on one dedicated thread, so SQLite's fsyncs never block the event loop."""
 
     def __init__(self, catalog: Catalog) -> None:
         self.catalog = catalog

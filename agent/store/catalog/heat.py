@@ -41,8 +41,7 @@ class Heat(CatalogBase):
         return self._entries(f"SELECT {COLUMNS} FROM entries WHERE blob > ? ORDER BY blob LIMIT ?", (last_blob, limit))
 
     def eviction_rows(self, limit: int) -> list[tuple[str, int, int, float, int, float]]:
-        """(path, gen, size, last access, access count, mtime) of the `limit` least recently read clean cached
-        files: the eviction policy's input. Dirty and uploading files are never in it."""
+        """(path, gen, size, last access, count, mtime) of the `limit` least recently read clean cached files."""
         return self.db.execute(
             "SELECT path, gen, size, COALESCE(last_access, mtime), access_count, mtime FROM entries "
             "WHERE state = 'clean' AND blob IS NOT NULL ORDER BY last_access LIMIT ?", (limit,)).fetchall()
@@ -62,8 +61,7 @@ class Heat(CatalogBase):
 
     def record_access(self, hits: Iterable[tuple[str, float, int]],
                       heat: Iterable[tuple[str, str, int, int, int]] = ()) -> tuple[int, int]:
-        """Batched access statistics: per file (path, last access time, count) and per directory and day
-        (dir, day, reads, misses, bytes). → (files, bytes) of prefetched files read for the first time."""
+        """Batched reads per file (path, time, count) and per dir and day → (files, bytes) of prefetches first read."""
         hits = list(hits)
         with self._tx(durable=False):
             self.db.executemany("UPDATE entries SET last_access = MAX(COALESCE(last_access, 0), ?), "

@@ -67,8 +67,7 @@ class RemoteSync(CatalogBase):
         return added
 
     def unlist_all(self) -> None:
-        """Every directory is listed again on its next use (a take-over: the old active may have written
-        since the standby's last sync)."""
+        """Every directory is listed again on its next use (a take-over: the old active may have written since)."""
         self._write("UPDATE entries SET listed = 0 WHERE is_dir = 1", durable=False)
 
     def hot_paths(self, limit: int) -> list[str]:
