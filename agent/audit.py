@@ -45,9 +45,7 @@ class AuditLog:
         self.rotated_event = asyncio.Event()
         self.loop: asyncio.AbstractEventLoop | None = None  # the shipper's, which waits on rotated_event
         self.max_bytes, self._fd, self._size = max_bytes, -1, 0
-        # One line is one write(2) to an O_APPEND file, made on the recording thread (the event loop's, or the
-        # login guard's): a stdlib RotatingFileHandler formatted each record twice and looked the file up per
-        # line, ~75 µs of every transfer.
+        # One write(2) a line to an O_APPEND file, on the recording thread (a RotatingFileHandler: ~75 µs a transfer)
         self._lock = threading.Lock()
         self._second = (-1, "")  # the last record's whole second and its text: strftime once a second
         if not enabled:
@@ -98,8 +96,7 @@ class AuditLog:
         """Rename the full file to a unique, sortable name (shipped as it is) and start a new one."""
         os.rename(self.path, self.path.with_name(
             f"{self.path.stem}-{time.strftime('%Y%m%dT%H%M%S')}-{time.time_ns() % 10**9:09d}{self.path.suffix}"))
-        # Wake the shipper now. _write runs on the recording thread: the event loop's, or the login guard's
-        # (agent.auth), whose records must reach the loop's Event through the loop.
+        # Wake the shipper now: a record on the login guard's thread reaches the loop's Event through the loop
         try:
             asyncio.get_running_loop()
             self.rotated_event.set()

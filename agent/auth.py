@@ -133,8 +133,7 @@ class LoginGuard:
     def __init__(self, cfg: LoginConfig, metrics: Metrics, audit: AuditLog, path: Path | None = None) -> None:
         self.cfg, self.metrics, self.audit = cfg, metrics, audit
         self.db = sqlite3.connect(str(path) if path else ":memory:", isolation_level=None, check_same_thread=False)
-        # A lock held longer than BUSY_MS means a stuck process (_unless_unrecordable). NORMAL: a power cut may
-        # forget the last failures, never corrupt.
+        # Held past BUSY_MS: a stuck process (_unless_unrecordable). NORMAL: a power cut forgets, never corrupts
         self.db.execute(f"PRAGMA busy_timeout={self.BUSY_MS}")
         if path:
             self.db.execute("PRAGMA journal_mode=WAL")

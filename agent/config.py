@@ -58,8 +58,7 @@ def parse_rate(value: Any) -> int:
     return parse_size(value)
 
 
-# --- field helpers: a parser takes the TOML value → the setting, or raises ValueError (TypeError, OverflowError),
-# which _build turns into a ConfigError naming the key and what the field's metadata says is allowed
+# --- field helpers: a parser → the setting, or ValueError (TypeError, OverflowError) that _build reports
 
 
 def _f(parse: Callable[[Any], Any], allowed: str, default: Any = dataclasses.MISSING, **kw: Any) -> Any:
@@ -732,8 +731,7 @@ def _abs(file: Path, path: str) -> str:
     return path if os.path.isabs(path) else str((file.parent / path).resolve())
 
 
-# The path settings: relative to the config file's directory; where each one left unset goes under cache.dir
-# (None: it stays '').
+# Path settings, relative to the config file's directory: where one left unset goes under cache.dir (None: '')
 _PATHS = {("sftp", "host_key"): "ssh_host_ed25519_key", ("smb", "mountpoint"): "fs", ("smb", "state_dir"): "smb",
           ("audit", "path"): "audit/audit.jsonl", ("ftp", "tls_cert"): None, ("ftp", "tls_key"): None,
           ("uplink", "ca_bundle"): None, ("ha", "role_file"): None, ("http", "metrics_tls_cert"): None,

@@ -110,8 +110,7 @@ class Agent:
         await self.s3.start()
         if cfg.compliance.worm:
             await self._check_object_lock()
-        # In an HA pair every PUT is conditional from the first one: a returning box uploads its queue at
-        # start, before the HA monitor runs, and must not write over what the peer stored meanwhile.
+        # In an HA pair every PUT is conditional, also the queue a returning box uploads before its monitor runs
         self.uploader.conditional = cfg.ha.enabled
         await self.uploader.start()
         await self.line.start()

@@ -107,8 +107,7 @@ def render_conf(cfg: Config) -> str:
         "map to guest = never",
         # an idle connection (an smbd process) is closed after 10 minutes, not a week; clients reconnect
         "deadtime = 10",
-        # every connection is a process: a flood from many addresses (each under max_sessions_per_address) forked
-        # without end; one over this is closed at its accept
+        # a connection is a process: a flood from many addresses forked without end; one over this is closed
         f"max smbd processes = {s.max_connections}",
         "restrict anonymous = 2",
         "load printers = no",
@@ -118,8 +117,7 @@ def render_conf(cfg: Config) -> str:
         "unix password sync = no",
         "obey pam restrictions = no",
         "invalid users = root",
-        # The namespace is shared with FTP/SFTP: no client-side caching that another protocol's
-        # change could make stale, and no kernel-level locks or xattrs on the FUSE mount.
+        # Shared with FTP/SFTP: no client caching another protocol's change makes stale, no kernel locks or xattrs
         *(f"{option} = no" for option in (
             "oplocks", "level2 oplocks", "smb2 leases", "kernel oplocks", "kernel share modes", "posix locking",
             "ea support", "store dos attributes", "map archive", "map hidden", "map system", "map readonly",

@@ -473,12 +473,6 @@ class Generator:
         spacing = SHAPES[st.modality].write_spacing_s if ev.op == "W" else self.p.read_spacing_s
         return ev.t + np.arange(idx.size) * spacing, idx
 
-    def path(self, st: Study, instance: int) -> str:
-        series = int(np.searchsorted(st.series_starts, instance, side="right")) - 1
-        return self.p.layout.format(
-            modality=st.modality, date=(self.start + dt.timedelta(days=st.day)).isoformat(), study=f"ST{st.idx:08d}",
-            series=f"SE{series + 1:03d}", instance=f"{instance - st.series_starts[series] + 1:05d}")
-
     def iter_chunks(self) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
         """Per-day chunks of (t, is_write, study, instance), sorted by time, for the whole horizon."""
         carry: list[tuple[np.ndarray, ...]] = []
@@ -501,14 +495,6 @@ class Generator:
             yield t[:cut], w[:cut], s[:cut], i[:cut]
             carry = [(t[cut:], w[cut:], s[cut:], i[cut:])] if cut < t.size else []
         # requests that run past the horizon are dropped: the trace ends at days * DAY
-
-    def requests(self) -> Iterator[Request]:
-        """Every request as a record (slow: for tests and small traces; write_trace is the fast path)."""
-        for t, w, s, i in self.iter_chunks():
-            for tt, ww, ss, ii in zip(t.tolist(), w.tolist(), s.tolist(), i.tolist(), strict=True):
-                st = self.studies[ss]
-                yield Request(round(tt, 3), "W" if ww else "R", self.path(st, ii), int(st.sizes[ii]),
-                              f"P{st.patient:07d}", f"ST{st.idx:08d}", st.modality, st.department)
 
 
 def generate(params: WorkloadParams) -> Generator:

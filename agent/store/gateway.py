@@ -54,8 +54,7 @@ T = TypeVar("T")
 
 ACCESS_FLUSH_SECONDS = 5.0
 STEP = 256 * 1024  # a reader streaming a fetch moves on once this much more has landed (or the end)
-# A cached copy is checked this far ahead of the sender; copies this small are checked whole before their
-# first byte (xxh3: ~50 µs per MiB), so a bad one is fetched again without failing the read.
+# A copy is checked this far ahead of the sender, a smaller one whole first: a bad one is fetched again, no read fails
 VERIFY_AHEAD = 1024 * 1024
 RANGE_GAP = 2 * 1024 * 1024  # a cold reader this far ahead of the fetch's stream gets a ranged GET
 RANGE_FIRST = 1024 * 1024  # the first ranged GET of a fetch; each next one doubles, up to RANGE_MAX

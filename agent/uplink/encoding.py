@@ -48,8 +48,7 @@ def logical_size(head: Mapping[str, Any]) -> int:
     if encoding_of(head.get("Metadata")) is None:
         return stored
     value = _lower(head.get("Metadata")).get(SIZE, "")
-    # ASCII digits only ('²' is a digit to str.isdigit, not to int), and a size a file can have: the catalog
-    # (SQLite) holds sizes below 2**63
+    # ASCII digits only ('²' is a digit to str.isdigit, not to int), a size SQLite can hold
     if not (value.isascii() and value.isdigit()) or int(value) > MAX_SIZE:
         raise Undecodable(f"compressed object without a valid {SIZE} ({value[:40]!r})")
     return int(value)

@@ -84,8 +84,7 @@ class RemoteListing:
     dirs: list[str]
 
 
-# The codes S3 servers answer "slow down" with (AWS: 503 SlowDown; SeaweedFS's circuit breaker: 503
-# ErrTooManyRequest / ErrRequestBytesExceed; botocore's list of throttling codes for the rest).
+# "Slow down" codes: AWS's SlowDown, SeaweedFS's circuit breaker's, and botocore's list of throttling codes
 THROTTLE_CODES = frozenset({
     "SlowDown", "ErrTooManyRequest", "ErrRequestBytesExceed", "Throttling", "ThrottlingException",
     "ThrottledException", "RequestThrottledException", "TooManyRequestsException", "RequestThrottled",
@@ -286,8 +285,7 @@ class S3Uplink:
         self._signer: Any = None
         self._models: dict[str, Any] = {}
         self._parser: Any = None
-        # Listings carry logical sizes: the daemon points known_sizes at the catalog (without it every listed
-        # object is asked for its size with a HEAD).
+        # Logical sizes for listings: the daemon points this at the catalog (else a HEAD per listed object)
         self.known_sizes: KnownSizes | None = None
 
     async def start(self) -> None:
@@ -307,8 +305,7 @@ class S3Uplink:
             "s3", endpoint_url=self.cfg.endpoint_url, region_name=self.cfg.region,
             aws_access_key_id=self.cfg.access_key_id, aws_secret_access_key=self.cfg.secret_access_key,
             verify=self.cfg.ca_bundle or None, config=config))
-        # Single-request PUTs, GETs and HEADs skip the client's per-request machinery (_request): aiohttp as
-        # aiobotocore uses it (the same pool size and timeouts), a session of its own.
+        # Single-request PUTs, GETs and HEADs (_request): aiohttp as aiobotocore uses it, a session of its own
         tls: ssl.SSLContext | bool = ssl.create_default_context(cafile=self.cfg.ca_bundle or None) if (
             self.cfg.endpoint_url.startswith("https:")) else True
         self._http = await self._stack.enter_async_context(aiohttp.ClientSession(
