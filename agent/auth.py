@@ -115,12 +115,10 @@ def _on_thread(method: Callable[Concatenate[LoginGuard, P], T],
 class LoginGuard:
     """Backoff, temporary bans and session caps against password guessing, shared by every front end of the box.
 
-    A failed login's answer waits delay_seconds, doubled for each earlier failure of the address or user within
-    window_seconds; max_failures ban the address, or lock the user (not from an address it logged in from
-    before: a guesser cannot lock the PACS out), for ban_seconds. The counts live in a SQLite file every serving
-    process opens (docs/workers.md), each change one BEGIN IMMEDIATE transaction, so N processes do not give a
-    guesser N times the allowance. A slot names its process: a dead one's are freed when a cap is reached. Times
-    are CLOCK_MONOTONIC (a new boot starts empty); storage is bounded (MAX_TRACKED, TRUSTED_PER_USER).
+    A failed login's answer waits delay_seconds, doubled for each earlier failure within window_seconds;
+    max_failures ban the address, or lock the user (not from an address it logged in from: a guesser cannot lock
+    the PACS out). The counts are box-wide, in a SQLite file every serving process opens (BEGIN IMMEDIATE each);
+    a dead process's slots are freed at a cap. CLOCK_MONOTONIC times (a new boot starts empty), bounded storage.
     """
 
     MAX_TRACKED = 100_000

@@ -1,8 +1,7 @@
 """The gateway namespace as a FUSE filesystem (pyfuse3 on the agent's asyncio loop), shared by Samba.
 
 Every operation goes through the gateway facade, so SMB has FTP's and SFTP's durability contract:
-  * `flush`, sent synchronously from close(2), commits a written file before smbd answers the SMB CLOSE;
-    `release` only cleans up, and a writer that never reached a flush is discarded;
+  * `flush` (synchronous in close(2)) commits before smbd answers CLOSE; a writer that never reached one is dropped;
   * a write after a flush starts a new version keeping the committed bytes; a flush of an unchanged file is a no-op;
   * nothing is cached by the kernel (timeouts 0, page cache dropped on open): other protocols' changes show at once;
   * the inode table holds only what the kernel knows (lookup counts, `forget`): RAM does not grow with the archive.

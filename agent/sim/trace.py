@@ -6,12 +6,9 @@ Format (tab-separated, UTF-8)::
     t	op	path	size	patient	study	modality	department
     29412.350	W	CT/2026-01-05/ST00000012/SE001/00001.dcm	524288	P0001234	ST00000012	CT	ED
 
-`t` is seconds since local midnight of `start` (ms resolution), `op` is R or W, `size` is bytes.
-The first line carries the generator parameters and the archive totals as JSON, so a trace is
-self-describing and the replay can model rclone's memory for the same archive.
-
-`load_arrays` turns a trace into compact numpy columns (ints instead of strings) for the replay and
-caches them next to the trace (`<trace>.npz`), so repeated `pacsgw simulate` runs skip parsing.
+`t`: seconds since local midnight of `start` (ms), `op`: R or W, `size`: bytes. The first line's JSON (generator
+parameters, archive totals) makes a trace self-describing. `load_arrays` turns it into integer numpy columns for
+the replay, cached beside it (`<trace>.npz`) so repeated `pacsgw simulate` runs skip parsing.
 """
 
 from __future__ import annotations

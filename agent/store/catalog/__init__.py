@@ -1,13 +1,9 @@
 """The namespace and every file's state, in SQLite (WAL) on the SSD: the only metadata store.
 
-RAM does not grow with the number of files: lookups and listings go through indexes, totals are kept
-by triggers in a one-row table, and the upload queue is the set of rows whose state is not 'clean'.
-
-One Catalog, one connection, its methods in one part per concern: names.py (the namespace the front ends
-change), remote.py (what the bucket says), uploads.py (the upload queue and tombstones), heat.py (the cached
-copies and their reads), studies.py (studies, prior fetches, the DICOM index); schema.py has every table.
-Catalog is synchronous and not thread-safe: AsyncCatalog runs every call on one dedicated thread, but `get`
-and `get_many`, which read through a read-only connection of its own.
+RAM does not grow with the number of files: indexes, totals kept by triggers, the queue is the rows not 'clean'.
+One Catalog, one connection, a part per concern: names.py (the namespace), remote.py (what the bucket says),
+uploads.py (the upload queue, tombstones), heat.py (cached copies, reads), studies.py (studies, prior fetches, the
+DICOM index); schema.py has every table. AsyncCatalog runs every call on one thread but `get` and `get_many`.
 """
 
 from __future__ import annotations
