@@ -83,6 +83,9 @@ class Decoder:
         self._obj = zstandard.ZstdDecompressor(max_window_size=MAX_WINDOW).decompressobj()
         self._limit, self._decoded, self._pending = limit, 0, memoryview(b"")
 
+    def _ended(self) -> bool:  # a call: mypy would keep `eof` narrowed to False across decompress()
+        return bool(self._obj.eof)
+
     def push(self, data: bytes) -> None:
         self._pending = memoryview(bytes(self._pending) + data) if self._pending else memoryview(data)
 
@@ -97,13 +100,13 @@ class Decoder:
         return bytes(out)
 
     def _decode(self, data: memoryview) -> bytes:
-        if self._obj.eof:
+        if self._ended():
             raise Undecodable("bytes after the end of the zstd frame")
         try:
             out = self._obj.decompress(data)
         except zstandard.ZstdError as e:
             raise Undecodable(f"zstd: {e}") from e
-        if self._obj.eof and self._obj.unused_data:
+        if self._ended() and self._obj.unused_data:
             raise Undecodable("bytes after the end of the zstd frame")
         self._decoded += len(out)
         if self._limit is not None and self._decoded > self._limit:
@@ -116,7 +119,7 @@ class Decoder:
         return b"".join(iter(self.pull, None))
 
     def finish(self) -> None:
-        if not self._obj.eof:
+        if not self._ended():
             raise Undecodable("the zstd frame ends early (truncated object)")
 
 
