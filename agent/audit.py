@@ -1,8 +1,7 @@
 """The audit trail: who did what to which file, from where, over which protocol, with what result.
 
-Separate from the operational log: one JSON object per line in its own append-only file, rotated by
-size to time-stamped files, and optionally shipped to the bucket under a prefix outside the PACS namespace.
-Passwords and keys are never part of a record.
+Apart from the operational log: JSON lines in an append-only file, rotated by size to time-stamped files,
+optionally shipped to the bucket outside the PACS namespace. Passwords and keys are never part of a record.
 """
 
 from __future__ import annotations
@@ -76,8 +75,7 @@ class AuditLog:
         self._size = os.fstat(self._fd).st_size
 
     def _write(self, line: bytes) -> None:
-        """Append one line, rotating first when it would fill the file (a lone line longer than max_bytes is
-        written all the same). A failing disk loses the record, not the operation it records: it is logged."""
+        """Append one line, rotating first when it would fill the file; a failing disk loses the record (logged)."""
         with self._lock:
             try:
                 if self._fd < 0:  # closed (a record at shutdown): reopened, as logging's FileHandler did

@@ -53,8 +53,7 @@ def verify_password(password: str, *, plain: str = "", encoded: str = "") -> boo
 
 
 class Passwords:
-    """The password check of [[users]] at one cost whatever the name (a name without a password_hash pays a scrypt
-    run too), so how soon a wrong login is answered does not tell which names exist."""
+    """The password check at one cost whatever the name, so answer times do not tell which names exist."""
 
     def __init__(self, users: Iterable[UserConfig]) -> None:
         self.users = {u.name: u for u in users}
@@ -209,9 +208,8 @@ class LoginGuard:
 
     @contextlib.asynccontextmanager
     async def attempt(self, user: str, address: str, protocol: str) -> AsyncIterator[str]:
-        """One password check → why the login is refused unchecked ('': check it and record the outcome inside).
-        It begins once the box's failures and checks under way leave room below max_failures (else 30 wrong
-        passwords sent at once with max_failures 4 were all checked); after ATTEMPT_WAIT it is refused."""
+        """One password check → why it is refused unchecked ('': check and record it inside), once the box's failures
+        and checks under way leave room below max_failures (30 sent at once were all checked); else refused."""
         if refusal := await self.refusal(user, address, protocol):
             yield refusal
             return
@@ -319,8 +317,7 @@ class LoginGuard:
 
     @_on_thread
     def take_session(self, scope: str, key: str, cap: int) -> int | None:
-        """A session slot for key if fewer than cap are held on the whole box → its id for release_session; None at
-        the cap; 0 when it cannot be recorded. A scope ending in 'address' keys by the unmapped address."""
+        """A box-wide session slot for key while fewer than cap → its id; None at the cap; 0 unrecordable."""
         key = unmapped(key) if scope.endswith("address") else key
         self._release_pending()
         with self._unless_unrecordable("session"), self._tx():

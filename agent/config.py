@@ -1,8 +1,7 @@
 """TOML configuration → frozen dataclasses.
 
-Every error names the file, the key, the bad value and what is allowed; unknown keys are errors.
-Each field's parser and its description of what is allowed live in the field metadata, so the
-schema, the validation and the messages cannot drift apart.
+Every error names the file, the key, the bad value and what is allowed; unknown keys are errors. Each field's
+parser and its words for what is allowed live in its metadata: schema, checks and messages cannot drift apart.
 """
 
 from __future__ import annotations
@@ -794,8 +793,7 @@ def load_or_exit(path: str) -> Config:
 
 
 def shown(text: str) -> str:
-    """Text for an admin's terminal, control characters escaped as Python would (\\x1b): bucket keys another S3
-    client wrote reach the commands' output, and an escape sequence could rewrite the terminal."""
+    """Text for an admin's terminal, control characters escaped: another S3 client's key could rewrite it."""
     if text.isprintable():  # nearly every line: no per-character pass
         return text
     return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)

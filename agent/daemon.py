@@ -56,8 +56,7 @@ DRAIN_SECONDS = 60.0
 
 
 def take_every_descriptor() -> None:
-    """Raise the soft limit of open descriptors to the hard one the per-user caps are sized for: under systemd's
-    default 1024 one SFTP or SMB user's open files took every descriptor, and every client's stores failed."""
+    """Raise the soft limit of open descriptors to the hard one the per-user caps are sized for (not 1024)."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     want = hard if hard != resource.RLIM_INFINITY else 1 << 20
     if soft == resource.RLIM_INFINITY or soft >= want:

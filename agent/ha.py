@@ -61,8 +61,7 @@ def read_role_file(path: Path, boot_time: float) -> str:
 
 
 def peer_view(body: bytes) -> dict[str, Any]:
-    """The peer's /healthz answer (plain HTTP) reduced to a few known values before it reaches a page, a terminal or
-    the log; ValueError for anything but a /healthz JSON object of at most PEER_MAX_BYTES."""
+    """The peer's /healthz answer (plain HTTP) cut to a few known values before a page, terminal or log."""
     if len(body) > PEER_MAX_BYTES:
         raise ValueError(f"answer longer than {PEER_MAX_BYTES} bytes")
     h = json.loads(body)

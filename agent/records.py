@@ -105,8 +105,7 @@ class ObjectMeta:
 
 
 def index_row(path: str, size: int, metadata: dict[str, str]) -> tuple[object, ...] | None:
-    """The study-index row (catalog dicom_objects) of an object with this user metadata (None: not DICOM), for an
-    upload and a rebuild from the bucket alike. size: the file's (a compressed object's `pacsgw-size`)."""
+    """The study-index row of an object with this user metadata (None: not DICOM); size: the file's."""
     m = {k.lower(): v for k, v in metadata.items()}
     if DICOM_PREFIX + "study" not in m:
         return None

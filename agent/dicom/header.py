@@ -69,8 +69,7 @@ def _text(value: object) -> str | None:
 
 
 def _cut_element(ds: Any) -> int | None:
-    """The tag of an element whose value ends early (pydicom keeps what it could read, silently), else None.
-    Only the last element read can be cut: the bytes ran out there (the elements are read in order)."""
+    """The tag of the last element read if its value ends early (pydicom keeps it silently), else None."""
     from pydicom.dataelem import RawDataElement
 
     if not ds:

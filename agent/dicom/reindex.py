@@ -105,8 +105,7 @@ async def rebuild(cfg: Config, catalog: Catalog, concurrency: int = 64, progress
 
 
 def _row(path: str, head: dict[str, Any]) -> tuple | None:
-    """The index row of a HEADed object, with the file's size (a compressed object's is in its metadata); a
-    compressed object without a valid size is left out, as its listing cannot say what it holds."""
+    """The index row of a HEADed object with the file's size; None for a compressed one without a valid size."""
     try:
         return index_row(path, logical_size(head), head.get("Metadata") or {})
     except Undecodable:

@@ -63,8 +63,7 @@ def encode_rows(rows: list[Row]) -> bytes:
 
 
 def _gunzip(data: bytes) -> bytes:
-    """The JSON of a segment or delta, at most ROWS_MAX_BYTES: gzip inflates up to 1 000-fold, and any S3 client
-    may write under pacsgw-index/ (1 MB there would have taken a rebuild 1 GB of memory, per object read)."""
+    """A segment's or delta's JSON, at most ROWS_MAX_BYTES: any S3 client may write a gzip bomb there."""
     d = zlib.decompressobj(16 + zlib.MAX_WBITS)  # gzip framing, one member as encode_rows writes
     parts: list[bytes] = []
     size, rest = 0, data
@@ -216,8 +215,7 @@ def valid_row(row: Any) -> bool:
 
 
 async def read(cfg: Config, s3: S3Uplink) -> AsyncGenerator[Row, None]:
-    """The current snapshot's rows in path order (the next segment is fetched while one is consumed). Nothing
-    when there is none; on a damaged one, what came before the damage (the rest is HEADed by the caller)."""
+    """The current snapshot's rows in path order, prefetching segments; on damage, the rows before it."""
     try:
         prefix = index_prefix(cfg)
         files = BucketFiles(s3)

@@ -75,8 +75,7 @@ TIME_ERROR = 5  # adjtimex(2): the kernel's clock is not synchronised
 
 
 def clock_sync() -> dict[str, Any]:
-    """Whether the system clock is synchronised (S3 signing fails with a skewed one): adjtimex(2) read-only, else
-    systemd-timesyncd's flag file; None when neither can be read (the sandbox may filter adjtimex)."""
+    """Whether the clock is synchronised (S3 signing fails when skewed): adjtimex(2), else timesyncd's flag."""
     import ctypes
     buf = ctypes.create_string_buffer(512)   # struct timex (208 bytes on x86-64); modes = 0: read only
     try:

@@ -147,8 +147,7 @@ def render_conf(cfg: Config) -> str:
 
 
 def render_bans(cfg: Config, banned: list[str]) -> str:
-    """bans.conf: deny the banned addresses. Samba lets a client on `hosts allow` in even when `hosts deny`
-    names it, so with an allow list the banned addresses are cut out of it (`EXCEPT`)."""
+    """bans.conf: deny the banned addresses (Samba lets `hosts allow` win over `hosts deny`: EXCEPT then)."""
     if not banned:
         return "# no address is banned now\n"
     if cfg.smb.hosts_allow:

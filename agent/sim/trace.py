@@ -185,8 +185,7 @@ class TraceArrays:
 
 
 def check_replayable(ta: TraceArrays) -> None:
-    """Raise ValueError unless requests are in time order and every write is its object's first request
-    (the replay and libCacheSim's read-miss arithmetic rely on both). `pacsgw import-trace` repairs both."""
+    """ValueError unless requests are in time order and every write comes first (`pacsgw import-trace` repairs)."""
     late = np.flatnonzero(np.diff(ta.t) < 0)
     if late.size:
         raise ValueError(f"request {int(late[0]) + 2:,} is earlier than the one before it "

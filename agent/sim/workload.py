@@ -521,8 +521,7 @@ def expected_files_per_study(g: Generator) -> float:
 
 
 def archive_listing(params: WorkloadParams, n_files: int) -> Iterator[tuple[str, int, float]]:
-    """(path, size, mtime) of an archive of about n_files instances in path order (the default layout's
-    fixed-width names): the days before `start` at the preset's daily study rate, one study in memory at a time."""
+    """(path, size, mtime) of an archive of about n_files before `start`, in path order, a study at a time."""
     g = Generator(params)
     per_study = expected_files_per_study(g)
     dates = [g.start - dt.timedelta(days=1)]

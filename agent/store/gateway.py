@@ -66,9 +66,8 @@ AGENT_DIRS = (CONFLICTS, HA_DIR, PARKED)
 
 
 class WriteHandle:
-    """One file being written, hashed (SHA-256 and the stamp's fast digest) as it comes, or at commit from the copy
-    when written out of order. A small write-through file keeps its bytes (within BODY_BUDGET) for its upload,
-    which then need not read the copy back and hash it again (~0.5 ms of CPU per 512 KiB)."""
+    """One file being written, hashed as it comes (or at commit when written out of order). A small write-through
+    file keeps its bytes (BODY_BUDGET) for its upload: no reading back and hashing again (~0.5 ms per 512 KiB)."""
 
     def __init__(self, gw: "Gateway", path: str, blob: str, fd: int, protocol: str, who: Who | None,
                  protected: int = 0) -> None:
@@ -183,10 +182,8 @@ class WriteHandle:
         self.gw.write_finished(self)
 
     async def commit(self) -> None:
-        """Make the file durable (and, in write-through, confirmed in S3). Only then may the client be told.
-        The durable part is a shielded task: a client gone meanwhile cancels the front end, not the threads of
-        the fsync and the catalog commit halfway (that orphaned or deleted committed copies); only the wait for
-        the write-through PUT is cancelled, the upload carries on."""
+        """Make the file durable (and, in write-through, confirmed in S3); only then may the client be told. Shielded:
+        a client gone meanwhile cancels only the wait for the PUT, never the fsync or the catalog commit."""
         if self._done:
             return
         if self._failed is not None:
@@ -295,9 +292,8 @@ def no_holes(size: int, offset: int, whence: int) -> int:
 
 @dataclass
 class _Fill:
-    """A fetch from S3 in progress; readers wait on `cond` for `written` to grow (and `verified`). A reader far
-    ahead of the verified stream gets its bytes sooner by ranged GETs of the same version, landed beyond the
-    stream's position under `lock`: the stream overwrites them, so the cached copy is always the stream's."""
+    """A fetch from S3 in progress; readers wait on `cond`. Ranged GETs for a reader far ahead land beyond the
+    stream under `lock`, and the verified stream overwrites them: the cached copy is always the stream's."""
 
     entry: Entry
     blob: str
@@ -393,9 +389,8 @@ class ReadHandle:
             raise self._broken
 
     async def _landed(self, fill: _Fill, pos: int, end: int) -> int:
-        """Wait until the fetch landed [pos, end) → how far from pos they may be served (≥ end), starting ranged
-        GETs for a reader ahead. The end of the file only once verified: no client ever receives a complete
-        file that failed its checksum."""
+        """Wait until the fetch landed [pos, end) → how far from pos they may be served (≥ end), starting ranged GETs
+        for a reader ahead; the end of the file only once verified, so no client gets a whole bad file."""
         async with fill.cond:
             while True:
                 if fill.error is not None:
@@ -557,8 +552,7 @@ class Gateway:
 
     async def _ensure_listed(self, path: str, *, missing_ok: bool = False, then: str | None = None) -> Entry | None:
         """Merge the remote listing of `path` and its ancestors into the catalog, once per directory → the row of
-        `then` (a name in `path`), all read in one catalog call unless a listing merged rows. missing_ok: a
-        missing directory ends the walk (a write will create it)."""
+        `then` (a name in `path`). missing_ok: a missing directory ends the walk (a write will create it)."""
         chain = ancestors(path + "/x") if path else [""]
         known = await self.db.get_many(chain if then is None else [*chain, then])
         merged = False
@@ -816,9 +810,8 @@ class Gateway:
 
     async def commit_file(self, path: str, blob: str, size: int, sha: str, body: bytes | None = None,
                           base: int | None = None) -> asyncio.Task[bool] | None:
-        """Commit the catalog row; in write-through, start its upload (of body when the writer kept the bytes) →
-        that task. It starts in the same uncancellable step as the claim: a claimed row without an upload would
-        wait for the next restart."""
+        """Commit the catalog row; in write-through, start its upload (of body, if kept) → that task, in the same
+        uncancellable step as the claim: a claimed row without an upload would wait for the next restart."""
         claim = self.cfg.uplink.write_mode == "through" and self.line.reachable
         mtime = time.time()
         gen, replaced = await self.db.commit_write(path, blob, size, sha, mtime, claim=claim, base=base)

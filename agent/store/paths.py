@@ -30,8 +30,7 @@ WINDOWS_INVALID = frozenset('<>:"|?*')
 
 
 def name_problem(name: str) -> str | None:
-    """Why `name` cannot be shown to or used by a client (None if it can): a control character (another S3
-    client's key can hold one) would forge a reply or listing line."""
+    """Why `name` cannot be shown to or used by a client (None: it can): a control character forges lines."""
     # isprintable() (one pass in C) spares nearly every name the per-character lookup (~3 % of a cached read)
     if not name.isprintable() and any(unicodedata.category(c) == "Cc" for c in name):
         return "control characters (NUL, newline, escape…) are not allowed in names"
@@ -52,8 +51,7 @@ def creatable_problem(name: str) -> str | None:
 
 
 def check_creatable(path: str, original: str) -> None:
-    """Refuse creating `path` (a namespace path; missing parents are created too) if any component is a name
-    Windows clients cannot use. For every front end: a file stored over FTP must be readable over SMB."""
+    """Refuse creating `path` (or its missing parents) where a name could not be used by Windows clients."""
     for part in path.split("/"):
         if part and (problem := creatable_problem(part)):
             raise BadPath(original, problem)
@@ -75,8 +73,7 @@ def check_name(name: str, original: str) -> None:
 
 
 def resolve(root: str, cwd: str, client_path: str) -> str:
-    """A client path (absolute, or relative to cwd; both client-side like root: '/CT') → the namespace path. A path
-    climbing above root is refused, never clamped: a traversal attempt gets an error the client can see."""
+    """A client path (absolute, or relative to cwd) → the namespace path; climbing above root is refused."""
     if "\0" in client_path:
         raise BadPath(client_path, "NUL is not allowed in paths")
     joined = client_path if client_path.startswith("/") else posixpath.join(cwd or "/", client_path)

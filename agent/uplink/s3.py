@@ -222,8 +222,7 @@ class _KnownPayload(S3SigV4Auth):  # type: ignore[misc]  # botocore ships no typ
     """botocore's SigV4 signer, told the payload's SHA-256 (request.context) instead of hashing the body again."""
 
     def payload(self, request: AWSRequest) -> str:
-        known: str = request.context.get("payload_sha256", EMPTY_SHA256_HASH)  # a GET, a HEAD: no body
-        return known
+        return str(request.context.get("payload_sha256", EMPTY_SHA256_HASH))  # a GET, a HEAD: no body
 
     def headers_to_sign(self, request: AWSRequest) -> Any:
         """botocore's, once per request: it asks twice, and each answer was a third of the signer's time."""
@@ -351,11 +350,10 @@ class S3Uplink:
     async def put_file(self, path: str, fd: int, size: int, sha256: str, lock: Lock | None = None,
                        meta: ObjectMeta | None = None, condition: dict[str, str] | None = None,
                        compress: bool = False, body: bytes | None = None) -> PutResult:
-        """Upload the content behind fd (pread: the caller's offset is untouched); body: its bytes, already
-        checked by read_verified, for a single_request file. compress: zstd on the way (a small file that does
-        not shrink goes as it is). lock and meta (the DICOM header as metadata and tags) go in the same request.
-        A condition ({"IfMatch": etag} or {"IfNoneMatch": "*"}) makes S3 refuse (412) an object other than the
-        one this box last knew: an HA pair never overwrites the other box's newer content."""
+        """Upload the content behind fd (pread); body: its bytes, checked by read_verified, for a single_request
+        file. compress: zstd on the way (kept only if it shrinks). lock and meta go in the same request. A
+        condition ({"IfMatch": etag} or {"IfNoneMatch": "*"}) makes S3 refuse (412) another object than this
+        box last knew: an HA pair never overwrites the other box's newer content."""
         metadata = {**(meta.metadata if meta else {}), META_SHA: sha256}
         tagging = meta.tagging() if meta and meta.tags else None
         condition = condition or {}
@@ -392,10 +390,9 @@ class S3Uplink:
     async def _request(self, method: str, key: str, operation: str, headers: Mapping[str, str],
                        body: bytes | None = None, payload_sha256: str = EMPTY_SHA256_HASH, stream: bool = False,
                        ) -> AsyncIterator[aiohttp.ClientResponse]:
-        """One request for key as aiobotocore sends it, without the client's per-request work (~2 ms of CPU per
-        512 KiB PUT, ~1.5 ms per GET). botocore's signer, error parser, exception classes and connection errors
-        stay, so is_throttled, precondition_failed and the line see the same failures. → the answer (status <
-        300), its body read unless stream (then read it with _read_block)."""
+        """One request for key as aiobotocore sends it, without the client's per-request work (~2 ms of CPU per PUT),
+        failing as it does (botocore's signer, error parser and exceptions) → the answer (status < 300), its
+        body read unless stream (then read it with _read_block)."""
         url = f"{self._base_url}/{percent_encode(key, safe='/~')}"
         request = AWSRequest(method, url, headers={"host": self._host, **headers})
         request.context["payload_sha256"] = payload_sha256
@@ -495,9 +492,8 @@ class S3Uplink:
     @contextlib.asynccontextmanager
     async def get(self, path: str, on_etag: Callable[[str | None, bool], None] | None = None,
                   sha256: str | None = None) -> AsyncIterator[tuple[int, str | None, AsyncIterator[bytes]]]:
-        """→ (the file's size, the object's sha256 metadata, rate-limited decoded chunks of the file). on_etag(ETag,
-        rangeable) runs once it answered, for ranged reads of the same version. sha256: the content expected;
-        an object naming other content (its key was written again) raises ChecksumMismatch before any read."""
+        """→ (the file's size, its sha256 metadata, rate-limited decoded chunks); on_etag(ETag, rangeable) once it
+        answered. sha256: the content expected; other content (the key written again) is ChecksumMismatch."""
         async with self._request("GET", self.key(path), "GetObject", {}, stream=True) as resp:
             head = _object_head(resp.headers)
             if sha256 and meta_sha(head["Metadata"]) not in (None, sha256):
@@ -587,8 +583,7 @@ class S3Uplink:
         return RemoteListing(objects, dirs)
 
     async def logical_sizes(self, rows: list[Row]) -> list[Row]:
-        """The rows with each object's logical size (not the compressed object's): from the catalog when it
-        knows the object (same ETag), else from a HEAD, whatever `compress` says here; objects gone are left out."""
+        """The rows with each object's logical size: from the catalog by ETag, else a HEAD; gone ones left out."""
         if not rows:
             return rows
         known = await self.known_sizes([(r[0], r[3]) for r in rows]) if self.known_sizes else {}

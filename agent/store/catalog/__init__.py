@@ -60,8 +60,7 @@ def _offload(method: Callable[Concatenate[Catalog, P], R]) -> Callable[Concatena
 
 def _grouped(method: Callable[Concatenate[Catalog, P], R]) -> Callable[Concatenate[AsyncCatalog, P],
                                                                       Coroutine[Any, Any, R]]:
-    """Like _offload, for a durable write that shares its transaction and fsync with those arriving while the
-    catalog thread is busy (CatalogBase.group); each caller returns only after that COMMIT."""
+    """Like _offload, for a durable write sharing the next group commit (CatalogBase.group) with others."""
     async def call(self: AsyncCatalog, /, *args: P.args, **kwargs: P.kwargs) -> R:
         loop = asyncio.get_running_loop()
         done: asyncio.Future[R] = loop.create_future()

@@ -99,9 +99,8 @@ class CatalogBase:
 
     @contextlib.contextmanager
     def _tx(self, durable: bool = True) -> Iterator[None]:
-        """BEGIN IMMEDIATE … COMMIT, or ROLLBACK on any exception; in a group commit, a SAVEPOINT of the group's.
-        durable (synchronous=FULL): every change a client is told about; bookkeeping that can be redone after a
-        power cut commits with NORMAL (safe against a crash, fsynced by the next durable commit)."""
+        """BEGIN IMMEDIATE … COMMIT, or ROLLBACK on any exception (in a group commit, a SAVEPOINT). durable (FULL):
+        what a client is told about; bookkeeping redone after a power cut commits with NORMAL (safe from crashes)."""
         grouped = self._grouped
         if not grouped and self._synchronous_full != durable:
             self.db.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
@@ -151,8 +150,7 @@ class CatalogBase:
         return str(row[0]) if row and row[0] is not None else None
 
     def _doubt(self, key: str, sha256: str | None = None) -> None:
-        """A write to key (of content sha256; None: a DELETE or unknown) may still land, its outcome unknown (inside
-        the caller's transaction): Uploads.recheck."""
+        """A write to key (of sha256; None: a DELETE) may still land: a doubt (Uploads.recheck), caller's tx."""
         now = time.time()
         self.db.execute("INSERT INTO doubts (key, since, next_check, sha256) VALUES (?, ?, ?, ?) ON CONFLICT(key) DO "
                         "UPDATE SET since = excluded.since, next_check = excluded.next_check, checks = 0, sha256 = "

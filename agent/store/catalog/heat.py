@@ -16,8 +16,7 @@ class Heat(CatalogBase):
                            "WHERE path = ? AND gen = ? AND blob IS NULL", (blob, sha256, path, gen), durable=False) == 1
 
     def uncache(self, path: str, gen: int) -> str | None:
-        """Drop the cached copy of a clean file → its blob; None if not evictable now, also while a write of other
-        content to its key may still land (a doubt): the cached copy is what uploads it again."""
+        """Drop a clean file's cached copy → its blob; None if not evictable (a doubt: the copy re-uploads it)."""
         with self._tx(durable=False):
             row = self.db.execute("SELECT blob FROM entries WHERE path = ? AND gen = ? AND state = 'clean' AND blob IS "
                                   "NOT NULL AND NOT EXISTS (SELECT 1 FROM doubts WHERE doubts.key = entries.path AND "

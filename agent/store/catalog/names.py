@@ -89,8 +89,7 @@ class Namespace(CatalogBase):
         return gen, (old.blob if old else None)
 
     def rename(self, src: str, dst: str, base: int | None = None) -> list[str]:
-        """Move a file or a whole directory → blobs of files it replaced. `base` as in `commit_write`. Each moved
-        file is dirty again, to be copied from its old key (a tombstone once no pending copy reads it) or uploaded."""
+        """Move a file or directory → blobs it replaced; `base` as in commit_write; each moved file is dirty again."""
         now = time.time()
         replaced: list[str] = []
         with self._tx():

@@ -43,14 +43,12 @@ class RemoteSync(CatalogBase):
         return known
 
     def correct_size(self, path: str, gen: int, listed: int, size: int) -> bool:
-        """An uncached clean row that holds a compressed object's listed size (merged before listings carried
-        logical sizes) takes the file's size. → False if the row changed meanwhile."""
+        """A clean uncached row holding a compressed object's listed size takes the file's; False: it changed."""
         return self._write("UPDATE entries SET size = ? WHERE path = ? AND gen = ? AND size = ? AND state = 'clean' "
                            "AND blob IS NULL", (size, path, gen, listed), durable=False) == 1
 
     def import_inventory(self, files: Iterable[tuple[str, int, float]], batch: int = 200_000) -> int:
-        """Record an S3 inventory (path, size, mtime; complete, in path order) as clean, uncached files in listed
-        directories, keeping existing rows → the number of files added."""
+        """Record a complete S3 inventory (path order) as clean, uncached files, keeping rows → files added."""
         added, rows = 0, iter(files)
         while chunk := list(itertools.islice(rows, batch)):
             dirs = {d for p in {parent_of(f[0]) for f in chunk} for d in ancestors(p + "/x")[1:]}
@@ -122,8 +120,7 @@ class RemoteSync(CatalogBase):
         return gone
 
     def adopt_remote(self, path: str, gen: int, size: int | None, etag: str | None) -> str | None:
-        """This box's queued content lost to the other HA box's newer object: the row takes that object
-        (uncached; or goes, when the object was deleted). → the blob to delete."""
+        """The other HA box's newer object won: the row takes it (uncached) or goes (deleted) → blob to delete."""
         with self._tx():
             e = self.get(path)
             if e is None or e.gen != gen:
