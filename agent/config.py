@@ -471,7 +471,6 @@ class ServerConfig:
         return self.workers or len(os.sched_getaffinity(0))
 
 
-# '' or the peer box's status address such as 'http://10.0.0.12:8080'
 _peer_url = _matching(r"|https?://[A-Za-z0-9.\-:\[\]]+(:\d+)?")
 
 

@@ -1,10 +1,9 @@
 """Two boxes, one address: this box's role in an active/standby pair behind a keepalived (VRRP) address.
 
-keepalived decides who holds the floating address; agent/hahook.py is its health check (this agent's /healthz)
-and its notify hook, which writes keepalived's state to the role file this module polls. A standby refuses
-writes, follows the bucket into its catalog (a take-over serves every object at once) and uploads its own queue
-before it may hold the address. Every PUT of a pair is conditional (agent/uplink/uploader.py), so two boxes never
-leave one key with the older content (docs/ha.md).
+keepalived decides who holds the address (agent/hahook.py: its health check on /healthz, and the notify hook
+writing the role file polled here). A standby refuses writes, follows the bucket into its catalog (a take-over
+serves every object at once) and uploads its queue before it may hold the address. Every PUT of a pair is
+conditional, so two boxes never leave a key with the older content (docs/ha.md).
 """
 
 from __future__ import annotations

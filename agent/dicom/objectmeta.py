@@ -1,10 +1,9 @@
 """What a DICOM file's object carries in S3: user metadata (UIDs, modality, date, transfer syntax, a keyed
 pseudonym of the patient) and tags for lifecycle rules (modality, study year, retention).
 
-The patient never reaches the bucket in clear: only HMAC-SHA256(per-hospital key, PatientID), so the
-archive team can find a patient's objects (they hold the key on the box) and nobody reading the bucket can
-reverse it. Every value is checked against what the DICOM VR allows before it becomes an HTTP header: a
-hostile header cannot inject characters or blow S3's 2 KB user-metadata limit.
+The patient never reaches the bucket in clear: only HMAC-SHA256(per-hospital key, PatientID), which the archive
+team (holding the key) can match and nobody reading the bucket can reverse. Every value is checked against its VR
+before it becomes an HTTP header: a hostile header cannot inject characters or blow S3's 2 KB metadata limit.
 """
 
 from __future__ import annotations

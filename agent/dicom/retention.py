@@ -1,9 +1,8 @@
 """Retention by DICOM rule: [[compliance.rules]] that select by modality, SOP class, study date or patient age.
 
-DicomRetention decides only; RetentionGuard reads what the decision needs (a cached header, an object's HEAD) for
-the gateway's refusals. A matching DICOM rule can only lengthen the path rules' terms (agent.store.worm), never
-shorten them; its period counts from when the file was stored, `until_age` from the header's birth date (read
-from the file: it never leaves the box).
+DicomRetention decides; RetentionGuard reads what the decision needs for the gateway's refusals. A matching
+DICOM rule only ever lengthens the path rules' terms (agent.store.worm); its period counts from when the file was
+stored, `until_age` from the header's birth date (read from the file: it never leaves the box).
 """
 
 from __future__ import annotations

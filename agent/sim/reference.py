@@ -99,9 +99,8 @@ def run_arrays(obj: np.ndarray, size: np.ndarray, t: np.ndarray, is_write: np.nd
     read_kib = int(kib[post].sum()) - wkib_post
     cap_kib = max(1, capacity // 1024)
     out = []
-    fd, path = tempfile.mkstemp(suffix=".oracleGeneral.bin")
-    os.close(fd)
-    try:
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "trace.oracleGeneral.bin")
         write_oracle(obj, size, t, path)
         # the hash table is 2^hashpower buckets: the default 2^24 costs ~100 MB per cache, sized here
         hashpower = int(np.clip(np.ceil(np.log2(max(int(obj.max()) + 1, 2))) + 1, 10, 26))
@@ -118,6 +117,4 @@ def run_arrays(obj: np.ndarray, size: np.ndarray, t: np.ndarray, is_write: np.nd
             misses = int(round(mr * n_post)) - writes_post
             miss_kib = int(round(bmr * int(kib[post].sum()))) - wkib_post
             out.append(ReferenceResult(name, reads, reads - misses, read_kib, read_kib - miss_kib))
-    finally:
-        os.unlink(path)
     return out

@@ -4,8 +4,7 @@ Study-centred, as a PACS works: a modality writes a study, a radiologist reads i
 prior studies, clinicians re-read parts over the following days, tumour boards weekly, and a thin long tail of old
 studies is read. Every study-level event expands into one request per DICOM instance, like the gateway's access log.
 Two passes: draw every study-level event (small), then expand them day by day (numpy), carrying requests past
-midnight into the next day: memory is one day of requests, so 10 M requests fit. Defaults and sources:
-docs/workload.md.
+midnight into the next day: memory is one day of requests. Defaults and sources: docs/workload.md.
 """
 
 from __future__ import annotations

@@ -1,10 +1,9 @@
 """The object store: put (single or multipart, SHA-256 verified), copy, get, list, delete. Single-request PUTs,
 GETs and HEADs are signed requests of our own over aiohttp (S3Uplink._request); the rest goes through aiobotocore.
 
-Every object carries its SHA-256 as the S3 checksum (verified by the server) and as user metadata `sha256` (the
-whole file's, also for multipart objects), so a replacement box can verify what it reads. Compressed objects
-(agent.uplink.encoding) are encoded on put and decoded on get by their own metadata, whatever this box's setting:
-everything above sees the file's own bytes and size (listings take it from the catalog or a HEAD).
+Every object carries its SHA-256 as the S3 checksum and as user metadata `sha256` (the whole file's, also when
+multipart), so a replacement box can verify what it reads. Compressed objects (agent.uplink.encoding) are decoded
+by their own metadata, whatever this box's setting: everything above sees the file's own bytes and size.
 """
 
 from __future__ import annotations
