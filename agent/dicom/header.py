@@ -81,9 +81,8 @@ def _cut_element(ds: Any) -> int | None:
 
 
 def _value(ds: Any, tag: int) -> str | None:
-    """An element's value as stripped text. UI, DA and CS values are ASCII by the standard: taken from the raw
-    bytes (pydicom's conversion of the 8 elements cost as much as reading the whole header). PatientID (LO)
-    is decoded in the file's character set by pydicom, as its pseudonym always was."""
+    """An element's value as stripped text: UI, DA and CS (ASCII) from the raw bytes (pydicom's conversion cost a
+    whole header's read); PatientID (LO) decoded by pydicom in the file's character set, as it always was."""
     from pydicom.dataelem import RawDataElement
 
     raw = ds.get_item(tag)

@@ -44,9 +44,8 @@ def _valid(value: object, pattern: re.Pattern[str], max_len: int = 64) -> str | 
 
 
 def checked(h: Header) -> Header:
-    """h with every value its VR does not allow left out (None), as object_meta leaves them out: for what keeps
-    header values beside the bucket (the prior-study table, the planner, the log), which a 60 000-character
-    Modality or PatientID would otherwise fill, once per new study."""
+    """h without the values its VRs do not allow, as object_meta leaves them out: for what keeps header values
+    beside the bucket (prior studies, the log), which a 60 000-character Modality would fill per new study."""
     return replace(h, **{name: _valid(getattr(h, name), vr) for name, vr in _HEADER_VRS.items()})
 
 
@@ -55,9 +54,8 @@ _ROW_VRS = (_UID, _UID, _UID, _CS, _DA, _PSEUDONYM)  # study, series, sop, modal
 
 
 def checked_row(row: tuple[object, ...]) -> tuple[object, ...] | None:
-    """A study-index row (path, size, study, series, sop, modality, study date, patient) read back from the bucket,
-    with only the values object_meta writes (anyone may write an object's metadata, or an index object); None
-    without a valid study UID (not DICOM as far as the index goes)."""
+    """A study-index row read back from the bucket, with only the values object_meta writes (anyone may write
+    metadata or an index object); None without a valid study UID."""
     path, size, *values = row
     study, *rest = (_valid(v, vr) for v, vr in zip(values, _ROW_VRS, strict=True))
     return None if study is None else (path, size, study, *rest)
@@ -84,9 +82,8 @@ def object_meta(h: Header, key: bytes | None, retention: str) -> ObjectMeta:
 
 
 class Describer:
-    """For the uploader: read a cached file's header (bounded) and build its object's metadata and tags; a file
-    whose header cannot be read goes as given (a warning, never a refusal). With metadata off the header is still
-    read when retention rules select by DICOM attributes."""
+    """For the uploader: a cached file's header (bounded) → its object's metadata and tags; an unreadable one goes
+    as given (a warning, never a refusal). With metadata off it is still read for DICOM retention rules."""
 
     def __init__(self, cfg: DicomConfig, retention: Callable[[str, Header | None], str],
                  needs_header: bool = False) -> None:

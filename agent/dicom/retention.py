@@ -143,9 +143,8 @@ class DicomRetention:
 
 
 class RetentionGuard:
-    """The gateway's refusal of a delete, rename or overwrite of a retained file: by the path rules, then by its
-    cached header's terms or, uncached, one HEAD (Object Lock and metadata, whichever keeps it longer). Without the
-    line it is Unavailable: a retained file is never released on a guess (docs/dicom.md)."""
+    """The gateway's refusal to change a retained file: by the path rules, then its cached header or one HEAD
+    (whichever keeps it longer); without the line it is Unavailable: never released on a guess (docs/dicom.md)."""
 
     def __init__(self, retention: DicomRetention, cache: Cache, s3: S3Uplink) -> None:
         self.retention, self.cache, self.s3 = retention, cache, s3

@@ -169,9 +169,8 @@ async def write(cfg: Config, rows: Iterable[Row]) -> dict[str, Any]:
 
 
 class SnapshotSchedule:
-    """The agent writes the snapshot every `[dicom] snapshot_interval`, so a replacement box finds a recent one. Only
-    an HA pair's active box: the standby has no index rows, and its snapshot would replace a full one with an empty
-    one. A failed run is logged and tried again at the next interval."""
+    """The agent writes a snapshot every `[dicom] snapshot_interval` (tried again at the next after a failure); only
+    an HA pair's active box: the standby's would replace a full snapshot with an empty one."""
 
     def __init__(self, cfg: Config, active: Callable[[], bool]) -> None:
         self.cfg, self.active = cfg, active  # active(): False while this box is an HA standby

@@ -136,9 +136,8 @@ def iter_requests(path: str | Path) -> Iterator[Request]:
 
 @dataclass
 class TraceArrays:
-    """A trace as integer columns. Per request: t, is_write, obj, size; per object: its study, its
-    directory (the day directory, e.g. CT/2026-01-05) and size; per study: patient, modality,
-    department and acquisition day (relative to the trace start, negative for priors)."""
+    """A trace as integer columns: per request t, is_write, obj, size; per object its study, day directory and
+    size; per study patient, modality, department and acquisition day (negative for priors)."""
 
     meta: dict
     t: np.ndarray            # float64 seconds

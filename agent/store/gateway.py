@@ -439,7 +439,7 @@ class Gateway:
         self.refusals, self.access, self.evictor, self.on_stored = refusals, access, evictor, on_stored
         self._fills: dict[str, _Fill] = {}
         self._listings: dict[str, asyncio.Future[None]] = {}
-        self.active_writes = 0  # files being written now
+        self._active_writes = 0
         self.marks = WriteMarks(cache.root / "writing.lock")  # the paths uploads write, in every serving process
         self._unfinished: dict[str, int] = {}  # user → the `counted` bytes of its files being written
         self._body_room = BODY_BUDGET
@@ -699,7 +699,7 @@ class Gateway:
                     raise PermissionDenied(path, "replacing a stored file needs the 'delete' permission")
             blob, fd = await self._new_staging()
         handle = WriteHandle(self, path, blob, fd, protocol, who)
-        self.active_writes += 1
+        self._active_writes += 1
         self.marks.add(path)
         self._writes_idle.clear()
         if offset:
@@ -763,6 +763,10 @@ class Gateway:
         """Whether an upload of any serving process writes path, or a file below it, now."""
         return self.marks.busy(path)
 
+    @property
+    def active_writes(self) -> int:
+        return self._active_writes
+
     def hold(self, nbytes: int, size: int) -> bool:
         """Whether a write-through file may keep nbytes more of its bytes in memory (it has size bytes then)."""
         if nbytes > self._body_room or not self.s3.single_request(size):
@@ -795,9 +799,9 @@ class Gateway:
         left = self._unfinished.pop(handle.user, 0) - handle.counted
         if left:
             self._unfinished[handle.user] = left
-        self.active_writes -= 1
+        self._active_writes -= 1
         self.marks.remove(handle.path)
-        if not self.active_writes:
+        if not self._active_writes:
             self._writes_idle.set()
 
     async def wait_writes_idle(self, timeout: float) -> bool:
