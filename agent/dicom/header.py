@@ -102,9 +102,8 @@ _SHORT, _LONG, _IMPLICIT = struct.Struct("<HH2sH"), struct.Struct("<HH2s2xI"), s
 
 
 def _elements(head: bytes, pos: int, explicit: bool, meta: bool) -> tuple[dict[int, bytes], int] | None:
-    """The raw values of the wanted tags among the elements from pos, up to the first one past the group (meta:
-    group 0002) or past 0020,000E, and where that one starts. None where pydicom must decide: an element cut
-    or of undefined length, an unknown VR, PatientID not LO, the bytes ending before that stop."""
+    """The raw values of the wanted tags from pos up to the first element past the group (meta: 0002) or 0020,000E,
+    and where it starts; None where pydicom must decide (cut, undefined length, odd VR, PatientID not LO)."""
     found: dict[int, bytes] = {}
     end = len(head)
     while pos + 8 <= end:

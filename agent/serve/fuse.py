@@ -38,8 +38,7 @@ T = TypeVar("T")
 PROTOCOL = "smb"
 # Directories one SMB user may hold open: each holds its listing (300 of a 3 000-file directory held 265 MB)
 MAX_OPEN_DIRS = 64
-# Files one SMB user may hold open: each may hold a descriptor of the agent's, and one client opening files without
-# closing them ran every protocol out of descriptors. Far above what a PACS's parallel associations keep open.
+# Files one SMB user may hold open, far above a PACS's need: each may hold a descriptor, and one client took them all
 MAX_OPEN_FILES = 1024
 
 

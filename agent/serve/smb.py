@@ -1,19 +1,18 @@
 """SMB service: Samba's smbd sharing the agent's FUSE view of the gateway namespace.
 
-The agent mounts the namespace with FUSE (agent.serve.fuse), renders smb.conf from the TOML, keeps Samba's user
-database in step with [[users]] and, with `[smb] manage = true`, runs and supervises smbd itself (else systemd runs
-it on the rendered smb.conf).
+The agent mounts the namespace with FUSE (agent.serve.fuse), renders smb.conf from the TOML, keeps Samba's users
+in step with [[users]] and, with `[smb] manage = true`, runs and supervises smbd itself (else systemd does).
 
 Each [[users]] name maps (`username map`) to a locked Unix account `pacsgw-<name>` in the `[smb] unix_user`
-service account's group: smbd works as that account, so the FUSE layer knows each request's SMB user from its uid.
-A user's `root` is the share's path for it: `<state_dir>/roots/%u`, a symlink (by the Unix account that logged in,
-not the name typed, %U, which Samba matches without case) to `<mountpoint>/<root>`. Samba checks NTLM against the
-password's NT hash, so only users with a plain `password` can use SMB (the others are logged and left out).
+account's group: smbd works as that account, so the FUSE layer knows each request's SMB user from its uid. A user's
+`root` is its share path `<state_dir>/roots/%u`, a symlink (by the account that logged in, not %U, the name typed,
+which Samba matches without case) to `<mountpoint>/<root>`. Samba checks NTLM against the password's NT hash: only
+users with a plain `password` can use SMB (the others are logged and left out).
 
 Password guessing ([login]): Samba's account policy locks a user after max_failures; the agent follows Samba's
-JSON authentication audit into the same LoginGuard as FTP and SFTP, and denies the addresses it bans in smb.conf
-(and cuts their connections). Samba cannot delay an answer, so SMB gets the ban, not the growing delay; nor has it
-a per-client cap, so an address holding max_sessions_per_address connections is denied the same way meanwhile.
+JSON authentication audit into the LoginGuard of FTP and SFTP and denies the addresses it bans in smb.conf (cutting
+their connections). Samba can neither delay an answer nor cap a client: SMB gets the ban, not the growing delay,
+and an address holding max_sessions_per_address connections is denied the same way meanwhile.
 """
 
 from __future__ import annotations

@@ -209,9 +209,8 @@ def parse_audit(f: IO[str]) -> Iterator[Row | Bad | str]:
 
 
 def parse_xferlog(f: IO[str]) -> Iterator[Row | Bad | str]:
-    """`Mon Nov 30 21:12:14 2026 <secs> <host> <bytes> <file…> <type> <action> <i|o|d> <mode> <user>
-    <service> <auth> <auth-user> <c|i>`: a file name may hold spaces, so it is what lies between the 8
-    leading and the 9 trailing fields. Times are the server's local time, taken as they are."""
+    """`Mon Nov 30 21:12:14 2026 <secs> <host> <bytes> <file…> <type> <action> <i|o|d> <mode> <user> <service> <auth>
+    <auth-user> <c|i>`: the file name (spaces and all) lies between 8 leading and 9 trailing fields; local times."""
     for line, text in enumerate(f, 1):
         tok = text.split()
         if not tok:

@@ -68,8 +68,7 @@ def compress(body: bytes) -> bytes:
     return bytes(zstandard.ZstdCompressor(level=LEVEL, write_checksum=True).compress(body))
 
 
-# A zstd frame can decode to 32 768 times its size (1 GB from 32 KB): what is decoded at a time is bounded, not what
-# the next block of the object would give. SLICE bytes of frame give at most 32 MiB (256 RLE blocks of 128 KiB).
+# A frame decodes to up to 32 768 times its size: SLICE bytes at a time give at most 32 MiB (256 RLE blocks of 128 KiB)
 SLICE = 1024
 PIECE = 4 << 20           # decoded bytes handed on at a time (about: one SLICE more at most)
 MAX_WINDOW = 1 << 23      # our frames (level 3) use 2 MiB at most; a frame may not make the decoder hold more

@@ -1,9 +1,8 @@
 """The namespace and every file's state, in SQLite (WAL) on the SSD: the only metadata store.
 
 RAM does not grow with the number of files: indexes, totals kept by triggers, the queue is the rows not 'clean'.
-One Catalog, one connection, a part per concern: names.py (the namespace), remote.py (what the bucket says),
-uploads.py (the upload queue, tombstones), heat.py (cached copies, reads), studies.py (studies, prior fetches, the
-DICOM index); schema.py has every table. AsyncCatalog runs every call on one thread but `get` and `get_many`.
+One Catalog, one connection, a part per concern: names.py, remote.py (what the bucket says), uploads.py (queue,
+tombstones), heat.py (cached copies, reads), studies.py (studies, the DICOM index); schema.py has every table.
 """
 
 from __future__ import annotations
