@@ -69,8 +69,7 @@ class Passwords:
 
 
 def unmapped(address: str) -> str:
-    """The one form of a peer address (::ffff:a.b.c.d as a.b.c.d; no address: as it is), by which LoginGuard keys
-    everything, so a ban made through one listener holds at another (FTP on 0.0.0.0, SFTP on ::)."""
+    """The one form of a peer address (::ffff:a.b.c.d as a.b.c.d): a ban holds on every listener."""
     try:
         ip = ipaddress.ip_address(address.split("%")[0])
     except ValueError:
@@ -168,8 +167,7 @@ class LoginGuard:
 
     @contextlib.contextmanager
     def _unless_unrecordable(self, what: str) -> Iterator[None]:
-        """A full disk or a stuck process must not keep the PACS from reading what is cached: what cannot be recorded
-        is let through uncounted (logged); a failed login gets the longest delay instead: the guesser never gains."""
+        """A full disk or stuck process must not lock the PACS out: unrecorded logins pass, failures wait longest."""
         try:
             yield
         except sqlite3.OperationalError as e:

@@ -47,8 +47,7 @@ SYSTEM = Who(user="keepalived", protocol="ha")
 
 
 def read_role_file(path: Path, boot_time: float) -> str:
-    """keepalived's last state for this box: MASTER, BACKUP, FAULT, STOP or UNKNOWN (no file, unreadable, or
-    written before this boot: the role file belongs in /run, but a stale MASTER must never make a box active)."""
+    """keepalived's last state for this box; UNKNOWN without a role file of this boot: a stale MASTER is none."""
     try:
         st = path.stat()
         data = json.loads(path.read_text())

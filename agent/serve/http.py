@@ -176,8 +176,7 @@ class HttpServer:
         return web.Response(text=render_status_html(await self._health()), content_type="text/html")
 
     async def admin(self, request: web.Request) -> web.Response:
-        """Admin requests (`pacsgw evict`, `pacsgw prefetch`): from loopback, with the admin token (GETs too: plans
-        list patient paths), POSTs as JSON, which a web page cannot send cross-origin unasked (CSRF)."""
+        """Admin requests: from loopback with the token (GETs list patient paths), POSTs as JSON (no CSRF)."""
         if not _is_loopback(request.remote):
             return web.json_response({"error": "admin requests are accepted from loopback only"}, status=403)
         sent = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()

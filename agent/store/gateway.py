@@ -512,8 +512,7 @@ class Gateway:
 
     @staticmethod
     def _not_the_agents(who: Who | None, path: str) -> None:
-        """Clients read the agent's own directories but never change them: a renamed or deleted conflict copy is
-        lost content, a stored one passes for a conflict, a stored hot set steers the standby's prefetch."""
+        """Clients never change the agent's own directories: its conflict copies and hot set would be lost or forged."""
         if who is not None and path.split("/", 1)[0] in AGENT_DIRS:
             raise PermissionDenied(path, f"{path.split('/', 1)[0]} is written by the agent only")
 

@@ -75,8 +75,7 @@ MAX_WINDOW = 1 << 23      # our frames (level 3) use 2 MiB at most; a frame may 
 
 
 class Decoder:
-    """Decodes one zstd frame chunk by chunk (blocking: off the loop): push() a chunk, pull() a PIECE at a time.
-    limit: the size the metadata promises; more is Undecodable (a frame built to fill memory or disk)."""
+    """One zstd frame decoded a chunk at a time (blocking); past `limit` (the metadata's size) Undecodable."""
 
     def __init__(self, limit: int | None = None) -> None:
         self._obj = zstandard.ZstdDecompressor(max_window_size=MAX_WINDOW).decompressobj()

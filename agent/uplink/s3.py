@@ -122,8 +122,7 @@ def is_unreachable(exc: BaseException) -> bool:
 
 
 def outcome_unknown(exc: BaseException) -> bool:
-    """A request that failed so may still be carried out by the server: no answer (a timeout, a connection lost
-    on the wire) or a 5xx (S3 allows one after a write it did); not a connection that was never made."""
+    """A failed request the server may still carry out: no answer, or a 5xx; not a connection never made."""
     cause = getattr(exc, "kwargs", {}).get("error")  # what a botocore connection error wraps
     return is_unreachable(exc) and not any(isinstance(e, (ConnectTimeoutError, aiohttp.ClientConnectorError))
                                            for e in (exc, cause))

@@ -127,8 +127,7 @@ class CatalogBase:
             return self.db.execute(sql, args).rowcount
 
     def _next_gen(self) -> int:
-        """A generation never handed out before, to any path (per-path counters came back, and a late mark_clean
-        matched a new row), above 1, the gen of rows that only mirror S3. Inside the caller's transaction."""
+        """A gen never handed out, to any path (per-path ones let a late mark_clean match a new row); above 1."""
         row = self.db.execute(
             "INSERT INTO agent_state (key, value) VALUES ('gen', (SELECT MAX(COALESCE(MAX(gen), 0), 1) + 1 "
             "FROM entries)) ON CONFLICT(key) DO UPDATE SET value = CAST(value AS INTEGER) + 1 RETURNING value"
@@ -144,8 +143,7 @@ class CatalogBase:
         self.db.execute("INSERT OR IGNORE INTO tombstones (key, queued, etag) VALUES (?, ?, ?)", (key, now, etag))
 
     def _unbury(self, key: str) -> str | None:
-        """key is written again before its tombstone ran (in the caller's transaction): the tombstone goes → the
-        ETag of the object this box knew there, which an HA box's conditional PUT or copy of the new file names."""
+        """key is written before its tombstone ran: it goes → the ETag known there, for HA's conditional write."""
         row = self.db.execute("DELETE FROM tombstones WHERE key = ? RETURNING etag", (key,)).fetchone()
         return str(row[0]) if row and row[0] is not None else None
 

@@ -139,8 +139,7 @@ class Namespace(CatalogBase):
         self._bury(e.path, e.etag, now)
 
     def _superseded(self, e: Entry) -> None:
-        """e's row is gone or holds newer content: an upload of it on the wire now may land after the key's
-        tombstone or the newer upload, even after a kill -9 (when nothing else remembers it was sent)."""
+        """e's row is gone or newer: an upload of it on the wire may still land, even after a kill -9: a doubt."""
         if e.state == "uploading":
             self._doubt(e.path, e.sha256)
 

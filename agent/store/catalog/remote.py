@@ -79,8 +79,7 @@ class RemoteSync(CatalogBase):
         self.db.execute("DELETE FROM follow_seen")
 
     def follow_batch(self, objects: list[tuple[str, int, float, str | None]]) -> tuple[int, int, list[str]]:
-        """One page of a full listing of the bucket: new objects become clean, uncached files, and clean files whose
-        object changed take it (dirty rows are this box's queue) → (added, changed, blobs to delete)."""
+        """A page of the bucket's listing: new objects, changed ones over clean rows → (added, changed, stale blobs)."""
         now, added, changed, stale = time.time(), 0, 0, []
         with self._tx(durable=False):
             self.db.executemany("INSERT OR IGNORE INTO follow_seen VALUES (?)", ((o[0],) for o in objects))
