@@ -1,8 +1,7 @@
 """The audit trail: who did what to which file, from where, over which protocol, with what result.
 
-Separate from the operational log: one JSON object per line in its own append-only file, rotated by
-size to time-stamped files, and optionally shipped to the bucket under a prefix outside the PACS namespace.
-Passwords and keys are never part of a record.
+Apart from the operational log: JSON lines in an append-only file, rotated by size to time-stamped files,
+optionally shipped to the bucket outside the PACS namespace. Passwords and keys are never part of a record.
 """
 
 from __future__ import annotations
@@ -45,9 +44,7 @@ class AuditLog:
         self.rotated_event = asyncio.Event()
         self.loop: asyncio.AbstractEventLoop | None = None  # the shipper's, which waits on rotated_event
         self.max_bytes, self._fd, self._size = max_bytes, -1, 0
-        # One line is one write(2) to an O_APPEND file, made on the recording thread (the event loop's, or the
-        # login guard's): a stdlib RotatingFileHandler formatted each record twice and looked the file up per
-        # line, ~75 µs of every transfer.
+        # One write(2) a line to an O_APPEND file, on the recording thread (a RotatingFileHandler: ~75 µs a transfer)
         self._lock = threading.Lock()
         self._second = (-1, "")  # the last record's whole second and its text: strftime once a second
         if not enabled:
@@ -78,8 +75,7 @@ class AuditLog:
         self._size = os.fstat(self._fd).st_size
 
     def _write(self, line: bytes) -> None:
-        """Append one line, rotating first when it would fill the file (a lone line longer than max_bytes is
-        written all the same). A failing disk loses the record, not the operation it records: it is logged."""
+        """Append one line, rotating first when it would fill the file; a failing disk loses the record (logged)."""
         with self._lock:
             try:
                 if self._fd < 0:  # closed (a record at shutdown): reopened, as logging's FileHandler did
@@ -95,12 +91,10 @@ class AuditLog:
                 log.error("audit_write_failed", path=str(self.path), error=str(e)[:200])
 
     def _roll(self) -> None:
-        """Rename the full file to a unique, sortable name (shipped as it is) and start a new one; if the rename
-        fails, the lines go on to the full file."""
+        """Rename the full file to a unique, sortable name (shipped as it is) and start a new one."""
         os.rename(self.path, self.path.with_name(
             f"{self.path.stem}-{time.strftime('%Y%m%dT%H%M%S')}-{time.time_ns() % 10**9:09d}{self.path.suffix}"))
-        # Wake the shipper now. _write runs on the recording thread: the event loop's, or the login guard's
-        # (agent.auth), whose records must reach the loop's Event through the loop.
+        # Wake the shipper now: a record on the login guard's thread reaches the loop's Event through the loop
         try:
             asyncio.get_running_loop()
             self.rotated_event.set()

@@ -53,9 +53,7 @@ def verify_password(password: str, *, plain: str = "", encoded: str = "") -> boo
 
 
 class Passwords:
-    """The password check of [[users]] at one cost whatever the name: a name without a password_hash (unknown, a
-    plain password, keys only) pays one scrypt run against a configured hash too, so how soon a wrong login is
-    answered does not tell which names exist. (No hash configured: no check runs scrypt.)"""
+    """The password check at one cost whatever the name, so answer times do not tell which names exist."""
 
     def __init__(self, users: Iterable[UserConfig]) -> None:
         self.users = {u.name: u for u in users}
@@ -71,9 +69,7 @@ class Passwords:
 
 
 def unmapped(address: str) -> str:
-    """The one form of a peer address: an IPv4 client seen through an IPv6 socket (::ffff:a.b.c.d) as a.b.c.d.
-    LoginGuard keys every ban, trust, slot and audit record by it, so a ban made through one listener holds at
-    another (FTP on 0.0.0.0, SFTP on ::). A text that is no address is kept as it is."""
+    """The one form of a peer address (::ffff:a.b.c.d as a.b.c.d): a ban holds on every listener."""
     try:
         ip = ipaddress.ip_address(address.split("%")[0])
     except ValueError:
@@ -84,9 +80,7 @@ def unmapped(address: str) -> str:
 
 
 class Every:
-    """At most one event per `seconds` for each key (a refused login's address, a session cap's reason): a client
-    repeating a refused request as fast as it can must fill neither the journal nor the audit trail (rotating its
-    own earlier records away). At most `kept` keys are remembered."""
+    """At most one event per `seconds` for each key: a client repeating a refused request fills no journal."""
 
     def __init__(self, seconds: float, kept: int = 4096) -> None:
         self.seconds, self.kept = seconds, kept
@@ -108,8 +102,7 @@ class Every:
 
 def _on_thread(method: Callable[Concatenate[LoginGuard, P], T],
                ) -> Callable[Concatenate[LoginGuard, P], Coroutine[Any, Any, T]]:
-    """The method runs on the guard's own thread, its callers await it: a wait for another process's lock
-    (up to BUSY_MS) never stalls the event loop and the sessions it serves."""
+    """The method runs on the guard's own thread: a wait for another process's lock never stalls the event loop."""
     @functools.wraps(method)
     async def call(self: LoginGuard, *args: P.args, **kwargs: P.kwargs) -> T:
         return await asyncio.get_running_loop().run_in_executor(
@@ -120,19 +113,9 @@ def _on_thread(method: Callable[Concatenate[LoginGuard, P], T],
 class LoginGuard:
     """Backoff, temporary bans and session caps against password guessing, shared by every front end of the box.
 
-    Each failed login delays its answer by delay_seconds, doubled for every earlier failure of the same
-    address or user within window_seconds (up to max_delay_seconds). max_failures within the window ban the
-    address, or lock the user, for ban_seconds: logins are then refused without checking the password.
-    A locked user can still log in from an address it logged in from successfully before the lock, so a
-    guesser elsewhere on the network cannot lock the PACS out.
-
-    The counts live in a small SQLite file (path; in memory without one) that every serving process of the box
-    opens ([server] workers, docs/workers.md): failures, bans and session slots are box-wide, so N processes
-    do not give a guesser N times the allowance. Every change is one BEGIN IMMEDIATE transaction, so two
-    processes never both take the last slot or both miss the ban. A session slot names its process (pid and
-    start time): the slots of a process that died (kill -9) are freed by the next process that finds the cap
-    reached. Times are CLOCK_MONOTONIC, the same in every process of one boot; a new boot starts empty.
-    Storage is bounded: failures older than the window go, at most MAX_TRACKED are kept, 16 addresses per user.
+    A failed login's answer waits delay_seconds, doubled per earlier failure within window_seconds; max_failures ban
+    the address, or lock the user (not from an address it logged in from: a guesser cannot lock the PACS out). The
+    counts are box-wide, in a SQLite file every serving process opens; a dead process's slots are freed at a cap.
     """
 
     MAX_TRACKED = 100_000
@@ -145,9 +128,7 @@ class LoginGuard:
     def __init__(self, cfg: LoginConfig, metrics: Metrics, audit: AuditLog, path: Path | None = None) -> None:
         self.cfg, self.metrics, self.audit = cfg, metrics, audit
         self.db = sqlite3.connect(str(path) if path else ":memory:", isolation_level=None, check_same_thread=False)
-        # Every transaction is a few rows (microseconds), so a lock held longer means a stuck process: a call
-        # waits for it at most BUSY_MS (see _unless_unrecordable), on the guard's own thread, so the event
-        # loop serves other sessions meanwhile. NORMAL: a power cut may forget the last failures, never corrupt.
+        # Held past BUSY_MS: a stuck process (_unless_unrecordable). NORMAL: a power cut forgets, never corrupts
         self.db.execute(f"PRAGMA busy_timeout={self.BUSY_MS}")
         if path:
             self.db.execute("PRAGMA journal_mode=WAL")
@@ -166,13 +147,11 @@ class LoginGuard:
                 self.db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('boot', ?)", (_BOOT_ID,))
 
     def close(self) -> None:
-        """After the releases still queued (the guard's thread runs its calls in order). A release that comes
-        later (a connection callback at shutdown) fails unseen: its slot goes with this process (_free_dead)."""
+        """After the releases still queued; a later one fails unseen, its slot going with this process (_free_dead)."""
         self._thread.submit(self.db.close).result()
 
     def release_session(self, slot: int) -> Future[None]:
-        """Queued on the guard's thread: connection callbacks and cleanups need not wait (the future is done
-        once the release is recorded, or kept for the next call)."""
+        """Queued on the guard's thread: connection callbacks and cleanups need not wait."""
         return self._thread.submit(self._release, slot)
 
     @contextlib.contextmanager
@@ -188,10 +167,7 @@ class LoginGuard:
 
     @contextlib.contextmanager
     def _unless_unrecordable(self, what: str) -> Iterator[None]:
-        """A full cache disk, or the file locked beyond BUSY_MS by a stuck process, must not keep the PACS
-        from logging in to read what is cached: a good login or a session that cannot be recorded is let
-        through uncounted (logged), never refused for that. (A failed login gets the longest delay instead,
-        and a ban that cannot be checked refuses: the guesser never gains.)"""
+        """A full disk or stuck process must not lock the PACS out: unrecorded logins pass, failures wait longest."""
         try:
             yield
         except sqlite3.OperationalError as e:
@@ -229,12 +205,8 @@ class LoginGuard:
 
     @contextlib.asynccontextmanager
     async def attempt(self, user: str, address: str, protocol: str) -> AsyncIterator[str]:
-        """One password check of user from address → why the login is refused unchecked ('': check it, and
-        record its outcome inside; a failure's backoff delay is waited after, see contract.login). A banned
-        address or user is refused on reads alone. Otherwise the check begins once the window's failures and
-        the checks under way (on the whole box) leave room for it below max_failures: checked and recorded
-        apart, 30 wrong passwords sent at once with max_failures 4 were all checked. A burst of good logins
-        waits for the checks ahead of it (milliseconds each); after ATTEMPT_WAIT it is refused."""
+        """One password check → why it is refused unchecked ('': check and record it inside), once the box's failures
+        and checks under way leave room below max_failures (30 sent at once were all checked); else refused."""
         if refusal := await self.refusal(user, address, protocol):
             yield refusal
             return
@@ -263,8 +235,7 @@ class LoginGuard:
 
     @_on_thread
     def _admit(self, user: str, address: str) -> list[int] | None:
-        """Slots (scopes 'attempt address' and 'attempt user', the latter not from a trusted address, whose
-        logins a user lock spares too) → their ids; None while max_failures would be reached; [] unrecordable."""
+        """Slots 'attempt address' and (untrusted) 'attempt user' → ids; None at max_failures; [] unrecordable."""
         now = time.monotonic()
         self._release_pending()
         with self._unless_unrecordable("login attempt"), self._tx():
@@ -285,8 +256,7 @@ class LoginGuard:
 
     @_on_thread
     def banned(self, scope: str, now: float | None = None) -> list[str]:
-        """The addresses (scope 'address') or users ('user') banned now, for a front end that enforces bans
-        elsewhere (Samba checks SMB passwords itself: its smb.conf denies banned addresses)."""
+        """The addresses or users banned now, for a front end that enforces bans elsewhere (Samba's smb.conf)."""
         now = time.monotonic() if now is None else now
         self._gauge(now)
         keys = [k for (k,) in self.db.execute("SELECT key FROM bans WHERE scope = ? AND until > ? ORDER BY key",
@@ -344,9 +314,7 @@ class LoginGuard:
 
     @_on_thread
     def take_session(self, scope: str, key: str, cap: int) -> int | None:
-        """A session slot for key (an address, a user) if fewer than cap are held on the whole box → its id
-        (give it back with release_session); None at the cap. 0 (no slot) when it cannot be recorded.
-        A scope ending in 'address' ('address', 'sftp address') keys by the unmapped address."""
+        """A box-wide session slot for key while fewer than cap → its id; None at the cap; 0 unrecordable."""
         key = unmapped(key) if scope.endswith("address") else key
         self._release_pending()
         with self._unless_unrecordable("session"), self._tx():
@@ -418,8 +386,7 @@ _BOOT_ID = _boot_id()
 
 
 def _process_identity(pid: int) -> tuple[int, int]:
-    """(pid, its start time in clock ticks since boot): a pid the kernel reused names another process.
-    (pid, -1) when no such process runs, or it is dead and not yet reaped (a zombie holds no sessions)."""
+    """(pid, its start time since boot): a reused pid names another process; (pid, -1) when none runs (or a zombie)."""
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()  # from field 3, the state
     except OSError:

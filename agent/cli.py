@@ -97,8 +97,7 @@ def _bar(total: int, desc: str, unit: str = "file"):  # a tqdm bar on stderr
 
 
 def cmd_evict(args: argparse.Namespace) -> int:
-    """Ask the running agent to drop cached copies (only of files already safe in S3), or with --dry-run
-    what its eviction policy would drop."""
+    """Ask the running agent to drop clean cached copies, or with --dry-run what its policy would drop."""
     url, token = _agent_url(args) + "/admin/evict", _admin_token(args)
     if args.dry_run:
         query = "?" + urllib.parse.urlencode({"bytes": args.bytes}) if args.bytes else ""

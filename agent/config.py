@@ -1,8 +1,7 @@
 """TOML configuration → frozen dataclasses.
 
-Every error names the file, the key, the bad value and what is allowed; unknown keys are errors.
-Each field's parser and its description of what is allowed live in the field metadata, so the
-schema, the validation and the messages cannot drift apart.
+Every error names the file, the key, the bad value and what is allowed; unknown keys are errors. Each field's
+parser and its words for what is allowed live in its metadata: schema, checks and messages cannot drift apart.
 """
 
 from __future__ import annotations
@@ -58,9 +57,7 @@ def parse_rate(value: Any) -> int:
     return parse_size(value)
 
 
-# --- field helpers -------------------------------------------------------------------------
-# A parser takes the TOML value and returns the setting, or raises ValueError (TypeError, OverflowError):
-# _build turns that into a ConfigError naming the key and what the field's metadata says is allowed.
+# --- field helpers: a parser → the setting, or ValueError (TypeError, OverflowError) that _build reports
 
 
 def _f(parse: Callable[[Any], Any], allowed: str, default: Any = dataclasses.MISSING, **kw: Any) -> Any:
@@ -363,8 +360,7 @@ class DicomConfig:
     pseudonym_key_file: str = _f(_str, "a path to a file (mode 0600) holding this hospital's secret pseudonym key "
                                  "(at least 32 characters), or '' (no patient pseudonym is stored)", default="")
     pseudonym_key: bytes = field(default=b"", repr=False)  # read from pseudonym_key_file by load()
-    # The loaded default is daily where the index has a place beside the namespace (a non-empty uplink.prefix),
-    # else 0: see load(). A replaced box rebuilds from snapshot + deltas, not one HEAD per object.
+    # Loaded as daily where the index has a place beside the namespace (a non-empty uplink.prefix): see load()
     snapshot_interval: float = _seconds(0, 30 * 86400, 0.0, " between study-index snapshots the agent writes "
                                         "(0: never; e.g. 86400 for daily)")
     delta_interval: float = _seconds(0, 86400, 60.0, " between the study-index deltas the agent writes while it "
@@ -413,8 +409,7 @@ class PrefetchConfig:
     priors: bool = _flag(True)
     study_depth: int = _int(1, 16, 3, ": path levels of a study directory (3 for MODALITY/DAY/STUDY)")
     priors_k: int = _int(1, 20, 3)
-    # One new study's priors may fill this share of cache.max_bytes: the share `pacsgw simulate` uses for the
-    # default stack (chosen on the tuning families, docs/replay.md round 4), so live and simulated agree.
+    # One new study's priors may fill this share of cache.max_bytes: `pacsgw simulate`'s (docs/replay.md round 4)
     priors_space: float = _f(_ratio, "a fraction 0..1 or a percentage such as '30%' of cache.max_bytes", default=0.3)
     priors_max_bytes: int = _size(0, ": a ceiling on priors_space in bytes (0: none)")
     priors_window_seconds: float = _seconds(1, 86400, 3600.0)
@@ -457,8 +452,7 @@ class UserConfig:
 
 @dataclass(frozen=True)
 class LoginConfig:
-    """Password guessing: each failure delays the next answer to that address and that user (doubling up to
-    max_delay_seconds); max_failures within window_seconds bans the address (or locks the user) for ban_seconds."""
+    """Password guessing (agent.auth.LoginGuard): backoff delays, then bans."""
 
     delay_seconds: float = _seconds(0, 60, 1.0)
     max_delay_seconds: float = _seconds(0, 600, 16.0, ", at least delay_seconds")
@@ -469,8 +463,7 @@ class LoginConfig:
 
 @dataclass(frozen=True)
 class ServerConfig:
-    """How many processes serve FTP and SFTP (docs/workers.md): 1 is one process; N > 1 is the owner and N-1
-    workers behind SO_REUSEPORT; 0 is one per CPU this process may run on (its affinity, e.g. taskset)."""
+    """Processes serving FTP and SFTP (docs/workers.md): N > 1 is the owner and N-1 workers; 0: one per CPU."""
 
     workers: int = _int(0, 256, 1, " (1: one process, 0: one per CPU)")
 
@@ -478,7 +471,6 @@ class ServerConfig:
         return self.workers or len(os.sched_getaffinity(0))
 
 
-# '' or the peer box's status address such as 'http://10.0.0.12:8080'
 _peer_url = _matching(r"|https?://[A-Za-z0-9.\-:\[\]]+(:\d+)?")
 
 
@@ -695,19 +687,25 @@ def _check_private(file: Path) -> None:
     _need(not mode & 0o077, file, "(file mode)", oct(mode), f"0600: this file holds secrets; run: chmod 600 {file}")
 
 
+def _secret_file(cfg: Config, key: str, name: str, read: Callable[[Path], Any]) -> tuple[Path, Any]:
+    """The private file of secrets setting `key` names (relative to the config's directory) → (path, read(path))."""
+    path = cfg.path.parent / name  # an absolute name stays as it is
+    try:
+        value = read(path)
+        _check_private(path)
+    except OSError as e:
+        raise ConfigError(cfg.path, key, name, f"a readable file ({e.strerror})") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(path, "(syntax)", str(e), "valid TOML") from None
+    return path, value
+
+
 def _credentials(cfg: Config) -> Config:
     up = cfg.uplink
     if not up.credentials_file:
         return cfg
-    cred_path = cfg.path.parent / up.credentials_file  # an absolute credentials_file stays as it is
-    try:
-        data = tomllib.loads(cred_path.read_text())
-        _check_private(cred_path)
-    except OSError as e:
-        raise ConfigError(cfg.path, "uplink.credentials_file", up.credentials_file,
-                          f"a readable file ({e.strerror})") from None
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(cred_path, "(syntax)", str(e), "valid TOML") from None
+    cred_path, data = _secret_file(cfg, "uplink.credentials_file", up.credentials_file,
+                                   lambda path: tomllib.loads(path.read_text()))
     for key in ("access_key_id", "secret_access_key"):
         _need(isinstance(data.get(key), str) and data[key], cred_path, key, "***" if key in data else None,
               "a non-empty string")
@@ -722,12 +720,7 @@ def _pseudonym_key(cfg: Config) -> Config:
     name = cfg.dicom.pseudonym_key_file
     if not name:
         return cfg
-    path = cfg.path.parent / name  # an absolute name stays as it is
-    try:
-        key = path.read_bytes().strip()
-        _check_private(path)
-    except OSError as e:
-        raise ConfigError(cfg.path, "dicom.pseudonym_key_file", name, f"a readable file ({e.strerror})") from None
+    path, key = _secret_file(cfg, "dicom.pseudonym_key_file", name, lambda path: path.read_bytes().strip())
     _need(len(key) >= 32, path, "(key)", "***", "at least 32 characters of secret (e.g. openssl rand -hex 32)")
     return dataclasses.replace(cfg, dicom=dataclasses.replace(cfg.dicom, pseudonym_key=key))
 
@@ -736,8 +729,7 @@ def _abs(file: Path, path: str) -> str:
     return path if os.path.isabs(path) else str((file.parent / path).resolve())
 
 
-# The path settings: relative to the config file's directory; where each one left unset goes under cache.dir
-# (None: it stays '').
+# Path settings, relative to the config file's directory: where one left unset goes under cache.dir (None: '')
 _PATHS = {("sftp", "host_key"): "ssh_host_ed25519_key", ("smb", "mountpoint"): "fs", ("smb", "state_dir"): "smb",
           ("audit", "path"): "audit/audit.jsonl", ("ftp", "tls_cert"): None, ("ftp", "tls_key"): None,
           ("uplink", "ca_bundle"): None, ("ha", "role_file"): None, ("http", "metrics_tls_cert"): None,
@@ -800,9 +792,7 @@ def load_or_exit(path: str) -> Config:
 
 
 def shown(text: str) -> str:
-    """Text for an admin's terminal: control characters (and bytes that were not UTF-8) escaped as Python
-    would (\\x1b, \\n, \\udcff). Bucket keys another S3 client wrote reach the commands' output, and an escape
-    sequence in one could clear or rewrite the terminal."""
+    """Text for an admin's terminal, control characters escaped: another S3 client's key could rewrite it."""
     if text.isprintable():  # nearly every line: no per-character pass
         return text
     return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)

@@ -10,7 +10,7 @@ import signal
 import sqlite3
 import time
 from pathlib import Path
-from typing import Any, Callable, Coroutine
+from typing import Any, Callable
 
 import structlog
 
@@ -56,10 +56,7 @@ DRAIN_SECONDS = 60.0
 
 
 def take_every_descriptor() -> None:
-    """Raise the soft limit of open descriptors to the hard one. A systemd unit without LimitNOFILE starts the agent
-    with 1024 (the appliance's unit sets 1048576): one SFTP account holding 64 handles on each of 16 channels, or one
-    SMB user holding its open files, then took every descriptor, and every store (and accept) of every client failed.
-    The per-user caps are sized for the hard limit. Worker processes inherit it."""
+    """Raise the soft limit of open descriptors to the hard one the per-user caps are sized for (not 1024)."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     want = hard if hard != resource.RLIM_INFINITY else 1 << 20
     if soft == resource.RLIM_INFINITY or soft >= want:
@@ -112,14 +109,13 @@ class Agent:
         await self.s3.start()
         if cfg.compliance.worm:
             await self._check_object_lock()
-        # In an HA pair every PUT is conditional from the first one: a returning box uploads its queue at
-        # start, before the HA monitor runs, and must not write over what the peer stored meanwhile.
+        # In an HA pair every PUT is conditional, also the queue a returning box uploads before its monitor runs
         self.uploader.conditional = cfg.ha.enabled
         await self.uploader.start()
         await self.line.start()
         self.audit = AuditLog(Path(cfg.audit.path), cfg.audit.max_bytes, cfg.audit.keep, cfg.audit.enabled)
         if cfg.audit.enabled and cfg.audit.ship:
-            self._loop(AuditShipper(self.audit, self.s3, cfg.audit.ship_prefix).run, "audit-ship")
+            self.loops.start("audit-ship", AuditShipper(self.audit, self.s3, cfg.audit.ship_prefix).run)
         # prior prefetch hears of every store; self.priors is built below, before any front end serves
         await self._start_gateway((lambda path, content: self.priors.on_stored(path, content))
                                   if cfg.prefetch.priors else None)
@@ -132,20 +128,20 @@ class Agent:
         def active() -> bool:
             return self.ha is None or self.ha.state.role == "active"
         if cfg.dicom.snapshot_interval:
-            self._loop(SnapshotSchedule(cfg, active).run, "index-snapshot")
+            self.loops.start("index-snapshot", SnapshotSchedule(cfg, active).run)
         if cfg.dicom.snapshot_interval and cfg.dicom.delta_interval:
-            self._loop(DeltaShipper(cfg, self.db, self.s3, active).run, "index-deltas")
+            self.loops.start("index-deltas", DeltaShipper(cfg, self.db, self.s3, active).run)
         fetcher = Fetcher(self.gateway, self.db, lambda: self.monitor.current.level)
         stack = stack_for(cfg)   # one policy stack: the evictor and the prior-study planner share it
         self.evictor.use(stack, cfg.prefetch.study_depth)
-        self._loop(self.evictor.run, "evict")
+        self.loops.start("evict", self.evictor.run)
         self.prefetcher = DirPrefetcher(cfg, self.db, self.gateway, fetcher)
         if cfg.prefetch.enabled:
-            self._loop(self.prefetcher.loop, "prefetch")
+            self.loops.start("prefetch", self.prefetcher.loop)
         self.priors = PriorFetcher(cfg, self.db, self.gateway, fetcher, stack)
         self.scrubber = Scrubber(self.db, self.cache, cfg.scrub.rate, cfg.scrub.pause_seconds)
         if cfg.scrub.enabled:
-            self._loop(self.scrubber.run, "scrub")
+            self.loops.start("scrub", self.scrubber.run)
         await self._serve_ftp_sftp()
         if cfg.smb.enabled:
             from agent.serve.smb import SmbService
@@ -185,10 +181,7 @@ class Agent:
                                            bool(retention.rules) or cfg.uplink.compress != "off"))
 
     async def _start_gateway(self, on_stored: Callable[[str, Path], None] | None = None) -> None:
-        """The gateway and the parts it is handed, which the agent keeps: the evictor (its admin calls and
-        /healthz), the refusals (set by the pressure and HA monitors). After _build_uplink. Then the pressure
-        monitor, in every serving process: disk and memory are the box's, so each refuses cold fetches under
-        critical pressure and narrows its transfer slots like the owner."""
+        """The gateway and the parts the agent keeps (after _build_uplink); the pressure monitor, in every process."""
         cfg = self.cfg
         self.refusals = Refusals()
         access = AccessStats(cfg.prefetch.dir_depth)
@@ -197,13 +190,10 @@ class Agent:
                                worm=self.worm, access=access, evictor=self.evictor, refusals=self.refusals,
                                on_stored=on_stored)
         await self.evictor.prepare()  # before any front end serves; a full disk makes a worker evict too
-        self._loop(self.gateway.flush_access, "access-flush")
+        self.loops.start("access-flush", self.gateway.flush_access)
         self.monitor = PressureMonitor(cfg, self.db, self.cache, self.gateway, self.line, self.metrics, self.refusals)
         await self.monitor.sample()
-        self._loop(self.monitor.run, "pressure")
-
-    def _loop(self, loop: Callable[[], Coroutine[Any, Any, Any]], name: str) -> None:
-        self.loops.start(name, loop)
+        self.loops.start("pressure", self.monitor.run)
 
     def _login_guard(self) -> LoginGuard:
         """One count of failed logins and sessions for every front end of every serving process of the box."""
@@ -229,8 +219,7 @@ class Agent:
         return self.cfg.server.serving_processes() > 1
 
     async def recover_claims(self) -> int:
-        """A worker died: the rows it had claimed for upload go back on the queue (so do the rows other
-        processes are uploading right now; uploading one of those twice is harmless: same bytes, same gen)."""
+        """A worker died: the rows it had claimed for upload go back on the queue (others' too: harmless twice)."""
         resumed = await self.db.reset_uploading()
         self.uploader.wake()
         return resumed
@@ -341,8 +330,7 @@ class Agent:
                 "model_state": self.prefetcher.model_state}
 
     async def admin_prefetch_plan(self, query: dict[str, str], body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
-        """`pacsgw prefetch --dry-run`: what a run now would fetch and why; and the last run's progress
-        (only that with ?status=1: a progress bar polls it)."""
+        """`pacsgw prefetch --dry-run`: what a run now would fetch and why, and the last run's progress."""
         if "status" in query:
             return 200, {"status": self.prefetcher.status.as_json()}
         plan = await self.prefetcher.plan(time.time())
@@ -355,7 +343,7 @@ class Agent:
         if self.monitor.current.level >= Level.HIGH:
             return 409, {"error": f"prefetch paused: pressure {self.monitor.current.level} "
                                   f"({'; '.join(self.monitor.current.reasons)})"}
-        self._loop(self.prefetcher.run, "prefetch-now")
+        self.loops.start("prefetch-now", self.prefetcher.run)
         await asyncio.sleep(0)  # let it take the lock and mark itself running before we answer
         return 202, {"started": True}
 

@@ -1,19 +1,12 @@
 """`pacsgw fsck`: verify the cache against the catalog (and, with --remote, S3 against the catalog); repair.
 
-Safe while the agent runs: it works through its own catalog connection with the same conditional
-updates the agent uses (a row that changed meanwhile is left alone), and it removes only orphan cache
-files older than an hour, so a file the agent is committing right now is never touched.
-
-Findings, and the repair --repair makes:
+Safe while the agent runs: its own catalog connection, the agent's conditional updates (a row changed meanwhile
+is left alone), and only orphan cache files older than an hour are removed. Findings, and what --repair does:
   corrupt / missing cached copy of a file in S3 → dropped and fetched again (verified)
-  corrupt / missing cached copy not yet in S3   → LOST: reported, cannot be repaired here
-  object missing / different in S3 (--remote)   → re-queued for upload from the verified cached copy
-    (a compressed object is read whole and decoded: its SHA-256 is the file's, S3 only checked the
-    compressed bytes on arrival)
-  … and not cached either                       → LOST: reported
-  compressed object recorded with its listed     → the file's size recorded, once its decoded bytes match
-    (compressed) size (a listing merged before      the object's sha256 (a catalog of a release whose listings
-    listings carried logical sizes)                 did not ask a box without `compress` for them)
+  corrupt / missing cached copy not yet in S3   → LOST: reported
+  object missing / different in S3 (--remote)   → re-queued from the verified cached copy (not cached: LOST);
+                                                  a compressed object is read whole and decoded
+  compressed object recorded with its stored size → the file's size recorded, once its decoded bytes match
   orphan cache file (no catalog row, > 1 h old) → removed
 """
 
@@ -149,8 +142,7 @@ class Fsck:
             self.report.requeued.append(e.path)
 
     async def _listed_size(self, e: Entry, size: int) -> None:
-        """The catalog holds a compressed object's stored size (its listing's), the object is sound: reads of it
-        fail until the row takes the file's size."""
+        """The catalog holds a sound compressed object's stored size: reads fail until the row takes the file's."""
         self.report.wrong_size.append(e.path)
         log.error("fsck_listed_size", path=e.path, recorded=e.size, size=size, repair=self.repair)
         if self.repair and await self.db.correct_size(e.path, e.gen, e.size, size):

@@ -1,10 +1,9 @@
 """Two boxes, one address: this box's role in an active/standby pair behind a keepalived (VRRP) address.
 
-keepalived decides who holds the floating address; agent/hahook.py is its health check (this agent's /healthz)
-and its notify hook, which writes keepalived's state to the role file this module polls. A standby refuses
-writes, follows the bucket into its catalog (a take-over serves every object at once) and uploads its own queue
-before it may hold the address. Every PUT of a pair is conditional (agent/uplink/uploader.py), so two boxes never
-leave one key with the older content (docs/ha.md).
+keepalived decides who holds the address (agent/hahook.py: its health check on /healthz, and the notify hook
+writing the role file polled here). A standby refuses writes, follows the bucket into its catalog (a take-over
+serves every object at once) and uploads its queue before it may hold the address. Every PUT of a pair is
+conditional, so two boxes never leave a key with the older content (docs/ha.md).
 """
 
 from __future__ import annotations
@@ -48,8 +47,7 @@ SYSTEM = Who(user="keepalived", protocol="ha")
 
 
 def read_role_file(path: Path, boot_time: float) -> str:
-    """keepalived's last state for this box: MASTER, BACKUP, FAULT, STOP or UNKNOWN (no file, unreadable, or
-    written before this boot: the role file belongs in /run, but a stale MASTER must never make a box active)."""
+    """keepalived's last state for this box; UNKNOWN without a role file of this boot: a stale MASTER is none."""
     try:
         st = path.stat()
         data = json.loads(path.read_text())
@@ -61,9 +59,7 @@ def read_role_file(path: Path, boot_time: float) -> str:
 
 
 def peer_view(body: bytes) -> dict[str, Any]:
-    """The peer's /healthz answer reduced to what is shown of it, each value one of a known few: the answer comes
-    over plain HTTP and its strings reach the status page, `pacsgw status` in a terminal and the log.
-    ValueError for an answer that is not a /healthz JSON object of at most PEER_MAX_BYTES."""
+    """The peer's /healthz answer (plain HTTP) cut to a few known values before a page, terminal or log."""
     if len(body) > PEER_MAX_BYTES:
         raise ValueError(f"answer longer than {PEER_MAX_BYTES} bytes")
     h = json.loads(body)
@@ -77,8 +73,7 @@ def peer_view(body: bytes) -> dict[str, Any]:
 
 
 def ineligible(role: str, queue_files: int, draining: bool) -> str:
-    """Why this box may not hold the floating address now ('' if it may). A standby with files of its own not
-    yet in object storage (a box back from a failure) uploads them first: no box with a queue takes over."""
+    """Why this box may not hold the floating address now ('' if it may): no box with a queue takes over."""
     if draining:
         return "draining for shutdown"
     if role == "standby" and queue_files:
@@ -120,9 +115,9 @@ class HaMonitor:
     async def start(self) -> None:
         self.refusals.write = STANDBY_REFUSAL
         self._apply(read_role_file(Path(self.cfg.role_file), self._boot))
-        for name, loop in (("ha-role", self._watch_role), ("ha-follow", self._follow_loop),
-                           ("ha-line", self._watch_line)):
-            self.loops.start(name, loop)
+        self.loops.start("ha-role", self._watch_role)
+        self.loops.start("ha-follow", self._follow_loop)
+        self.loops.start("ha-line", self._watch_line)
         if self.cfg.peer:
             self.loops.start("ha-peer", self._watch_peer)
 
@@ -187,8 +182,7 @@ class HaMonitor:
         await self.s3.put_raw(self.s3.key(HOT_PATH), body)
 
     async def prefetch_hot(self) -> dict[str, int]:
-        """Bring the active box's hot set into this box's cache, hottest first, up to prefetch_bytes (files
-        already cached count too); downloads go through the line's bandwidth cap like any fetch."""
+        """Bring the active box's hot set into this box's cache, hottest first, up to prefetch_bytes (cached or not)."""
         if not self.cfg.prefetch_bytes:
             return {}
         head = await self.s3.head(HOT_PATH)
@@ -246,8 +240,7 @@ class HaMonitor:
     # --- the peer -------------------------------------------------------------------------------
 
     async def _watch_peer(self) -> None:
-        """The peer's view for /status, /healthz, the log and pacsgw_ha_peer_up: informational only (keepalived
-        moves the address; docs/ha.md, "The peer's status"), read over the status port, which is plain HTTP."""
+        """The peer's view for /status, /healthz, the log and pacsgw_ha_peer_up: informational only (docs/ha.md)."""
         url = self.cfg.peer.rstrip("/") + "/healthz"
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=PEER_POLL)) as session:
             while True:

@@ -1,6 +1,5 @@
-"""Value types shared by the store and the uplink: neither layer owns them, so neither imports the other
-to use them (the uplink imports nothing from agent.store, nor from agent.dicom, which reads the headers and
-decides retention above it)."""
+"""Value types shared by the store and the uplink, so the uplink imports nothing from agent.store (nor from
+agent.dicom, which reads the headers and decides retention above it)."""
 
 from __future__ import annotations
 
@@ -76,8 +75,7 @@ class Lock:
 
 @dataclass(frozen=True)
 class Header:
-    """What the gateway uses of a DICOM header (agent.dicom.header reads it); `dicom` False for anything else.
-    Values are stripped text."""
+    """What the gateway uses of a DICOM header (agent.dicom.header reads it), as stripped text; `dicom` False else."""
 
     dicom: bool = False
     problem: str = ""               # why the header could not be (fully) read; '' when it could
@@ -107,9 +105,7 @@ class ObjectMeta:
 
 
 def index_row(path: str, size: int, metadata: dict[str, str]) -> tuple[object, ...] | None:
-    """The study-index row (catalog dicom_objects) of an object with this user metadata; None if not DICOM.
-    The same for a fresh upload and for a rebuild from the bucket (keys compared in lower case). size: the
-    file's (of a compressed object, its `pacsgw-size`, not the stored size)."""
+    """The study-index row of an object with this user metadata (None: not DICOM); size: the file's."""
     m = {k.lower(): v for k, v in metadata.items()}
     if DICOM_PREFIX + "study" not in m:
         return None

@@ -1,9 +1,8 @@
 """`pacsgw selfcheck`: write, read back and delete a canary file through every enabled front end.
 
-It logs in like a PACS would (the first [[users]] entry with a plain password), so it checks the whole way:
-protocol server, gateway, cache, catalog and — in write-through mode — the PUT to S3. The canary's name
-ends in a temporary suffix (WORM rules never lock it). The result is written to
-`<cache.dir>/selfcheck.json`, which the running agent reports on /healthz as `selfcheck`.
+It logs in like a PACS would (the first [[users]] entry with a plain password), so it checks the whole way, to
+the PUT to S3 in write-through. The canary's name ends in a temporary suffix (WORM never locks it). The result,
+`<cache.dir>/selfcheck.json`, is on the running agent's /healthz as `selfcheck`.
 """
 
 from __future__ import annotations

@@ -1,10 +1,8 @@
 """Study-index deltas in the bucket: the index stays rebuildable fast between snapshots (agent.dicom.snapshot).
 
-Each upload's mark_clean queues its index row in the catalog (dicom_unshipped, same transaction); every
-`[dicom] delta_interval` the queued rows are written as one small gzip'd JSON object under
-pacsgw-index/<prefix>deltas/ (with each object's ETag), then marked shipped; the next snapshot folds them in. A
-rebuild takes a delta's row only for an object listed under the ETag the row names, so a delta written twice, lost
-or damaged costs HEADs, never a wrong row (docs/dicom.md, "The study index in the bucket").
+mark_clean queues each upload's index row (dicom_unshipped); every `[dicom] delta_interval` the queued rows go as
+one gzip'd JSON object under pacsgw-index/<prefix>deltas/ and are marked shipped. A rebuild takes a row only for
+an object listed under its ETag: a delta written twice, lost or damaged costs HEADs, never a wrong row.
 """
 
 from __future__ import annotations
@@ -80,8 +78,7 @@ class Deltas:
 
 
 async def read(cfg: Config, s3: S3Uplink) -> Deltas:
-    """Every delta in the bucket (READ_AHEAD at a time). A damaged one is logged and skipped: its objects are
-    HEADed like any object no delta covers."""
+    """Every delta in the bucket (READ_AHEAD at a time); a damaged one is skipped, its objects HEADed."""
     deltas, files, gate = Deltas(), BucketFiles(s3), asyncio.Semaphore(READ_AHEAD)
     try:  # in key order, i.e. oldest first (their names start with the time they were written)
         keys = await files.keys(delta_prefix(cfg))

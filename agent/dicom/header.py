@@ -1,24 +1,14 @@
 """The DICOM header of a stored file: one bounded, header-only parse shared by everything that needs it
 (object metadata on upload, prior-study prefetch).
 
-At most HEADER_MAX bytes are read, whatever the file claims: a crafted 1 GB "header" costs one bounded
-read, not a gigabyte of memory. Parsing stops after the last element used (SeriesInstanceUID, 0020,000E: a
-dataset is in tag order), long before Pixel Data: a real CT header has hundreds of elements, most after it.
-Whatever is wrong with a file (not DICOM, no preamble, truncated, a header beyond the bound, garbage values)
-gives a `Header` with `problem` set; the file itself is always stored as given, the caller only logs the
-problem. A header cut after 0020,000E is no problem: what the gateway uses of it was read whole.
+At most HEADER_MAX bytes are read, whatever the file claims, and parsing stops after the last element used
+(SeriesInstanceUID, 0020,000E), long before Pixel Data. Whatever is wrong with a file gives a `Header` with
+`problem` set; the file itself is always stored as given.
 
-Two parsers give the same `Header`: a plain scan of the elements (`_scan`), for the usual file (Little Endian,
-defined lengths, complete up to the first element after 0020,000E), at a tenth of pydicom's cost per stored
-file; and pydicom, for everything else (Big Endian, deflated, sequences of undefined length, a cut value,
-a file that ends inside the header, an odd VR or character set): the scan gives up rather than guess.
-
-pydicom's work is bounded too (PYDICOM_READS): it walks every sequence of undefined length before 0020,000E
-item by item, whatever stop_when and specific_tags say, and 256 KiB of empty items cost it 0.4 s of CPU per
-file, holding the GIL. A header needing more reads than the bound is "too complex": not indexed, stored as
-given. pydicom inflates a deflated data set whole, with no bound, and reads the result from its own buffer (a
-200 KiB file inflates to 200 MB of sequence items): such a body is inflated here, to at most HEADER_MAX bytes,
-and handed to pydicom as Explicit VR Little Endian under the same read bound.
+Two parsers give the same `Header`: a plain scan (`_scan`) of the usual file (Little Endian, defined lengths) at a
+tenth of pydicom's cost, and pydicom for everything else: the scan gives up rather than guess. pydicom's work is
+bounded too: PYDICOM_READS (it walks every sequence of undefined length item by item, 0.4 s for 256 KiB of empty
+items), and a deflated body is inflated here to at most HEADER_MAX (pydicom inflates it whole, 200 KiB to 200 MB).
 """
 
 from __future__ import annotations
@@ -79,8 +69,7 @@ def _text(value: object) -> str | None:
 
 
 def _cut_element(ds: Any) -> int | None:
-    """The tag of an element whose value ends early (pydicom keeps what it could read, silently), else None.
-    Only the last element read can be cut: the bytes ran out there (the elements are read in order)."""
+    """The tag of the last element read if its value ends early (pydicom keeps it silently), else None."""
     from pydicom.dataelem import RawDataElement
 
     if not ds:
@@ -92,9 +81,8 @@ def _cut_element(ds: Any) -> int | None:
 
 
 def _value(ds: Any, tag: int) -> str | None:
-    """An element's value as stripped text. UI, DA and CS values are ASCII by the standard: taken from the raw
-    bytes (pydicom's conversion of the 8 elements cost as much as reading the whole header). PatientID (LO)
-    is decoded in the file's character set by pydicom, as its pseudonym always was."""
+    """An element's value as stripped text: UI, DA and CS (ASCII) from the raw bytes (pydicom's conversion cost a
+    whole header's read); PatientID (LO) decoded by pydicom in the file's character set, as it always was."""
     from pydicom.dataelem import RawDataElement
 
     raw = ds.get_item(tag)
@@ -114,9 +102,8 @@ _SHORT, _LONG, _IMPLICIT = struct.Struct("<HH2sH"), struct.Struct("<HH2s2xI"), s
 
 
 def _elements(head: bytes, pos: int, explicit: bool, meta: bool) -> tuple[dict[int, bytes], int] | None:
-    """The raw values of the wanted tags among the elements from pos, up to the first one past the group (meta:
-    group 0002) or past 0020,000E, and where that one starts. None where pydicom must decide: an element cut
-    or of undefined length, an unknown VR, PatientID not LO, the bytes ending before that stop."""
+    """The raw values of the wanted tags from pos up to the first element past the group (meta: 0002) or 0020,000E,
+    and where it starts; None where pydicom must decide (cut, undefined length, odd VR, PatientID not LO)."""
     found: dict[int, bytes] = {}
     end = len(head)
     while pos + 8 <= end:
@@ -145,8 +132,7 @@ def _elements(head: bytes, pos: int, explicit: bool, meta: bool) -> tuple[dict[i
 
 
 def _plain(raw: bytes) -> bool:
-    """Whether pydicom decodes these text bytes the same in every DICOM character set: ASCII, no escape
-    sequence (ISO 2022), no backslash (which would make the value multi-valued)."""
+    """Whether pydicom decodes these bytes the same in every character set: ASCII, no ISO 2022 escape, no '\\'."""
     return raw.isascii() and b"\\" not in raw and b"\x1b" not in raw
 
 
@@ -179,10 +165,8 @@ _DEFLATED_TS = b"\x02\x00\x10\x00UI\x16\x00" + _NOT_EXPLICIT_LE[0].encode()  # (
 
 
 def _inflated(head: bytes) -> bytes | None:
-    """A deflated file's first bytes with its data set inflated (at most HEADER_MAX bytes of it) and its file meta
-    saying Explicit VR Little Endian (same length: the UID NUL-padded), for pydicom to read under the read bound.
-    None: not deflated; b"": deflated, but damaged or its transfer syntax not written the usual way (pydicom
-    would inflate it whole: not read)."""
+    """A deflated file's first bytes with its data set inflated (at most HEADER_MAX) and its file meta saying
+    Explicit VR Little Endian, for pydicom to read under the read bound. None: not deflated; b"": not readable so."""
     meta = _elements(head, PREAMBLE + 4, True, True)
     if meta is None or _NOT_EXPLICIT_LE[0].encode() not in head[:meta[1]]:
         return None

@@ -1,10 +1,9 @@
 """What a DICOM file's object carries in S3: user metadata (UIDs, modality, date, transfer syntax, a keyed
 pseudonym of the patient) and tags for lifecycle rules (modality, study year, retention).
 
-The patient never reaches the bucket in clear: only HMAC-SHA256(per-hospital key, PatientID), so the
-archive team can find a patient's objects (they hold the key on the box) and nobody reading the bucket can
-reverse it. Every value is checked against what the DICOM VR allows before it becomes an HTTP header: a
-hostile header cannot inject characters or blow S3's 2 KB user-metadata limit.
+The patient never reaches the bucket in clear: only HMAC-SHA256(per-hospital key, PatientID), which the archive
+team (holding the key) can match and nobody reading the bucket can reverse. Every value is checked against its VR
+before it becomes an HTTP header: a hostile header cannot inject characters or blow S3's 2 KB metadata limit.
 """
 
 from __future__ import annotations
@@ -45,9 +44,8 @@ def _valid(value: object, pattern: re.Pattern[str], max_len: int = 64) -> str | 
 
 
 def checked(h: Header) -> Header:
-    """h with every value its VR does not allow left out (None), as object_meta leaves them out: for what keeps
-    header values beside the bucket (the prior-study table, the planner, the log), which a 60 000-character
-    Modality or PatientID would otherwise fill, once per new study."""
+    """h without the values its VRs do not allow, as object_meta leaves them out: for what keeps header values
+    beside the bucket (prior studies, the log), which a 60 000-character Modality would fill per new study."""
     return replace(h, **{name: _valid(getattr(h, name), vr) for name, vr in _HEADER_VRS.items()})
 
 
@@ -56,9 +54,8 @@ _ROW_VRS = (_UID, _UID, _UID, _CS, _DA, _PSEUDONYM)  # study, series, sop, modal
 
 
 def checked_row(row: tuple[object, ...]) -> tuple[object, ...] | None:
-    """A study-index row (path, size, study, series, sop, modality, study date, patient) read back from the bucket,
-    with only the values object_meta writes (anyone may write an object's metadata, or an index object); None
-    without a valid study UID (not DICOM as far as the index goes)."""
+    """A study-index row read back from the bucket, with only the values object_meta writes (anyone may write
+    metadata or an index object); None without a valid study UID."""
     path, size, *values = row
     study, *rest = (_valid(v, vr) for v, vr in zip(values, _ROW_VRS, strict=True))
     return None if study is None else (path, size, study, *rest)
@@ -85,12 +82,8 @@ def object_meta(h: Header, key: bytes | None, retention: str) -> ObjectMeta:
 
 
 class Describer:
-    """For the uploader: read a cached file's header (bounded) and build its object's metadata and tags.
-
-    A file that is not DICOM, or whose header cannot be read, is uploaded as given with no DICOM metadata;
-    a damaged header of a DICOM-looking file is a warning in the log (the store is never refused). The header
-    is also read, for the retention decision only, when metadata is off but rules select by DICOM attributes.
-    """
+    """For the uploader: a cached file's header (bounded) → its object's metadata and tags; an unreadable one goes
+    as given (a warning, never a refusal). With metadata off it is still read for DICOM retention rules."""
 
     def __init__(self, cfg: DicomConfig, retention: Callable[[str, Header | None], str],
                  needs_header: bool = False) -> None:

@@ -42,8 +42,7 @@ class Plan:
 
 
 async def _birth_date(s3: S3Uplink, path: str, version: str | None, size: int, encoded: bool) -> str | None:
-    """PatientBirthDate from the object's first bytes (never from metadata: it is not there). Of a compressed
-    object (size: its stored size) the first bytes are decoded: a zstd frame decodes from its start."""
+    """PatientBirthDate from the object's first bytes (decoded if compressed): metadata never holds it."""
     for n in (min(size, FIRST_READ), min(size, HEADER_MAX)):
         args = {"VersionId": version} if version else {}
         # a ranged read of a header, not the file: the uplink's GET path streams whole objects

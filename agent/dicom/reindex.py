@@ -1,10 +1,8 @@
 """Rebuild the study index (catalog dicom_objects) from the bucket alone: a replaced box, its SSD lost.
 
-ListObjectsV2 does not return user metadata. An object the last index snapshot (agent.dicom.snapshot) or an
-index delta written since (agent.dicom.deltas) holds under the ETag listed takes its row from there; every other
-one (objects that are not DICOM among them: snapshot and deltas hold only what the box knows to be DICOM) costs
-one HEAD. HEADs run `concurrency` at a time over one connection pool (the listing has a client of its own), and
-rows reach the catalog in batches. Objects without DICOM metadata are counted, not indexed.
+Listings carry no user metadata: an object the last snapshot (agent.dicom.snapshot) or a later delta holds under
+the ETag listed takes its row from there, every other one costs a HEAD (`concurrency` at a time). Objects
+without DICOM metadata are counted, not indexed.
 """
 
 from __future__ import annotations
@@ -107,8 +105,7 @@ async def rebuild(cfg: Config, catalog: Catalog, concurrency: int = 64, progress
 
 
 def _row(path: str, head: dict[str, Any]) -> tuple | None:
-    """The index row of a HEADed object, with the file's size (a compressed object's is in its metadata); a
-    compressed object without a valid size is left out, as its listing cannot say what it holds."""
+    """The index row of a HEADed object with the file's size; None for a compressed one without a valid size."""
     try:
         return index_row(path, logical_size(head), head.get("Metadata") or {})
     except Undecodable:
@@ -116,8 +113,7 @@ def _row(path: str, head: dict[str, Any]) -> tuple | None:
 
 
 async def _head(s3: S3Uplink, path: str) -> dict[str, Any] | None | Literal[False]:
-    """The object's HEAD (None: gone since the listing), tried ATTEMPTS times; False when every try failed
-    (a loaded server times out now and then)."""
+    """The object's HEAD (None: gone), tried ATTEMPTS times (a loaded server times out); False: every try failed."""
     for attempt in range(ATTEMPTS):
         try:
             return await s3.head(path)

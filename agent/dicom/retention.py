@@ -1,11 +1,8 @@
 """Retention by DICOM rule: [[compliance.rules]] that select by modality, SOP class, study date or patient age.
 
-DicomRetention decides only; RetentionGuard reads what the decision needs (a cached header, an object's
-HEAD) for the gateway's refusals. The path rules (agent.store.worm) give a file its base terms; every DICOM
-rule whose prefix and selectors match can only lengthen them (a later retain-until, a legal hold), never
-shorten them. So adding a rule for mammography can never release a file the path rules keep. A rule's period
-counts from when the file was stored, as the path rules do; `until_age` counts from the patient's birth
-date, when the header has one (it never leaves the box: it is read from the file, not from the bucket).
+DicomRetention decides; RetentionGuard reads what the decision needs for the gateway's refusals. A matching
+DICOM rule only ever lengthens the path rules' terms (agent.store.worm); its period counts from when the file was
+stored, `until_age` from the header's birth date (read from the file: it never leaves the box).
 """
 
 from __future__ import annotations
@@ -139,19 +136,15 @@ class DicomRetention:
         return self.decide(path, stored_at, header).lock
 
     def retention_class(self, path: str, header: Header | None = None) -> str:
-        """The retention tag of a file stored now. A temporary upload name gets its final name's tag: a rename
-        is a server-side copy, and the copy keeps the tags."""
+        """The retention tag of a file stored now; a temporary name gets its final name's (a copy keeps the tags)."""
         for suffix in self.cfg.temp_suffixes:
             path = path.removesuffix(suffix)
         return self.decide(path, time.time(), header).retention
 
 
 class RetentionGuard:
-    """The gateway's refusal of a delete, rename or overwrite of a retained file: by the path rules (no I/O),
-    then, when rules select by DICOM attributes, by the terms its cached header gives it (those its upload locks
-    it with) or, not cached here, by one HEAD: its object's Object Lock and its metadata under today's rules,
-    whichever keeps it longer. Without the line such a change is refused as Unavailable: a retained file is never
-    released on a guess (docs/dicom.md, "Retention by DICOM rule at the front ends")."""
+    """The gateway's refusal to change a retained file: by the path rules, then its cached header or one HEAD
+    (whichever keeps it longer); without the line it is Unavailable: never released on a guess (docs/dicom.md)."""
 
     def __init__(self, retention: DicomRetention, cache: Cache, s3: S3Uplink) -> None:
         self.retention, self.cache, self.s3 = retention, cache, s3

@@ -1,10 +1,8 @@
 """Study-index snapshots in the bucket: a rebuild reads a few objects instead of HEADing every one.
 
-The index is written as gzip'd JSON segments (sorted by path, each row with its object's ETag) under
-pacsgw-index/<uplink.prefix>, then a manifest naming them, and only then are the previous segments removed: a
-reader always finds one whole snapshot. A stale, missing or damaged snapshot costs HEADs, never a wrong row
-(docs/dicom.md, "The study index in the bucket"). The rows (and the deltas') hold what the object metadata
-already holds: the patient only as the keyed pseudonym.
+gzip'd JSON segments (rows by path, with their ETags) under pacsgw-index/<uplink.prefix>, then a manifest, and
+only then are the previous segments removed: a reader always finds one whole snapshot, and a stale or damaged one
+costs HEADs, never a wrong row (docs/dicom.md). The patient is there only as the keyed pseudonym.
 """
 
 from __future__ import annotations
@@ -65,8 +63,7 @@ def encode_rows(rows: list[Row]) -> bytes:
 
 
 def _gunzip(data: bytes) -> bytes:
-    """The JSON of a segment or delta, at most ROWS_MAX_BYTES: gzip inflates up to 1 000-fold, and any S3 client
-    may write under pacsgw-index/ (1 MB there would have taken a rebuild 1 GB of memory, per object read)."""
+    """A segment's or delta's JSON, at most ROWS_MAX_BYTES: any S3 client may write a gzip bomb there."""
     d = zlib.decompressobj(16 + zlib.MAX_WBITS)  # gzip framing, one member as encode_rows writes
     parts: list[bytes] = []
     size, rest = 0, data
@@ -123,8 +120,7 @@ class BucketFiles:
 
 
 def catalog_rows(catalog_path: Path) -> Iterator[Row]:
-    """The box's study index with each object's ETag, by path: rows whose object is confirmed in S3 (clean).
-    Read-only, on a connection of its own (the agent may be running)."""
+    """The box's study index, by path, of objects confirmed in S3 with their ETags; read-only (the agent runs)."""
     db = sqlite3.connect(f"{catalog_path.resolve().as_uri()}?mode=ro", uri=True, timeout=30)
     try:
         yield from db.execute(
@@ -173,11 +169,8 @@ async def write(cfg: Config, rows: Iterable[Row]) -> dict[str, Any]:
 
 
 class SnapshotSchedule:
-    """The agent writes the snapshot itself every `[dicom] snapshot_interval` seconds, so a replacement box's
-    `index-rebuild` finds a recent one without anyone scheduling `pacsgw index-snapshot`. In an HA pair only the
-    active box writes it: the standby's catalog follows the bucket and has no index rows of its own, so its
-    snapshot would replace a full one with an empty one. A failed run is logged and tried again at the next
-    interval; the previous snapshot stays until a new one is complete."""
+    """The agent writes a snapshot every `[dicom] snapshot_interval` (tried again at the next after a failure); only
+    an HA pair's active box: the standby's would replace a full snapshot with an empty one."""
 
     def __init__(self, cfg: Config, active: Callable[[], bool]) -> None:
         self.cfg, self.active = cfg, active  # active(): False while this box is an HA standby
@@ -221,8 +214,7 @@ def valid_row(row: Any) -> bool:
 
 
 async def read(cfg: Config, s3: S3Uplink) -> AsyncGenerator[Row, None]:
-    """The current snapshot's rows in path order (the next segment is fetched while one is consumed). Nothing
-    when there is none; on a damaged one, what came before the damage (the rest is HEADed by the caller)."""
+    """The current snapshot's rows in path order, prefetching segments; on damage, the rows before it."""
     try:
         prefix = index_prefix(cfg)
         files = BucketFiles(s3)
@@ -253,8 +245,7 @@ async def read(cfg: Config, s3: S3Uplink) -> AsyncGenerator[Row, None]:
 
 
 class Cursor:
-    """Walks the snapshot rows alongside the bucket listing (both in key order): a merge join. rows None: no
-    snapshot is read (the cursor matches nothing)."""
+    """A merge join of the snapshot's rows and the bucket listing, both in key order; rows None: matches nothing."""
 
     def __init__(self, rows: AsyncGenerator[Row, None] | None) -> None:
         self.rows, self.cur, self.started = rows, None, rows is None

@@ -1,16 +1,10 @@
 """The gateway namespace as a FUSE filesystem (pyfuse3 on the agent's asyncio loop), shared by Samba.
 
-Every operation goes through the gateway facade, so SMB has the same durability contract as FTP/SFTP:
-  * a file opened for writing streams into a gateway staging file; `flush` — which the kernel sends
-    synchronously from close(2) — commits it (fsync, catalog, write-through PUT) before close returns to
-    smbd, and smbd answers the SMB CLOSE only after that. `release` is asynchronous to close(2) and only
-    cleans up; a writer that never reached a flush (agent stopping, file unlinked while open) is discarded;
-  * repeated flushes of an unchanged file are no-ops; a write after a flush starts a new version that keeps
-    the committed bytes (the next flush commits it again);
-  * attributes and entries are never cached by the kernel (timeouts 0) and page-cache content is dropped on
-    every open, so a file changed over FTP/SFTP is seen at once, never stale;
-  * the inode table holds only what the kernel currently knows (lookup counts, `forget`): RAM does not
-    grow with the archive.
+Every operation goes through the gateway facade, so SMB has FTP's and SFTP's durability contract:
+  * `flush` (synchronous in close(2)) commits before smbd answers CLOSE; a writer that never reached one is dropped;
+  * a write after a flush starts a new version keeping the committed bytes; a flush of an unchanged file is a no-op;
+  * nothing is cached by the kernel (timeouts 0, page cache dropped on open): other protocols' changes show at once;
+  * the inode table holds only what the kernel knows (lookup counts, `forget`): RAM does not grow with the archive.
 Gateway errors become errno values; Samba turns them into NT status codes.
 """
 
@@ -42,13 +36,9 @@ log = structlog.get_logger("pacsgw.fuse")
 T = TypeVar("T")
 
 PROTOCOL = "smb"
-# Directories one SMB user may hold open, over all its connections (smbd's own, as root, are not counted): each
-# holds its whole listing until smbd closes it (300 of a 3 000-file directory held 265 MB; smbd allows thousands)
+# Directories one SMB user may hold open: each holds its listing (300 of a 3 000-file directory held 265 MB)
 MAX_OPEN_DIRS = 64
-# Files one SMB user may hold open at once, over all its connections: each open holds an entry here and, once read
-# or written, a descriptor of the agent's (a cached copy, a staging file); smbd allows ~16 000 per connection, and
-# 64 connections per address, so one client opening files without closing them ran the agent out of descriptors
-# (every protocol's uploads then failed). Far above what a PACS's parallel associations keep open.
+# Files one SMB user may hold open, far above a PACS's need: each may hold a descriptor, and one client took them all
 MAX_OPEN_FILES = 1024
 
 
@@ -59,8 +49,7 @@ def errno_for(e: GatewayError) -> int:
 
 
 class SmbPeers:
-    """The client address behind a request: smbd runs one process per client connection, and that
-    process's TCP connection to the SMB port names the client. Looked up once per process."""
+    """The client address behind a request: the TCP connection of the smbd process (one per client), once a process."""
 
     LIMIT = 4096
 
@@ -177,8 +166,7 @@ class GatewayFS(pyfuse3.Operations):
         return path
 
     def _require(self, who: Who, right: str, path: str, writer: _Open | None = None) -> None:
-        """Refuse what the gateway would, for a file still being written (the gateway does not know it yet), unless
-        it is `writer`'s own."""
+        """Refuse what the gateway would for a file still being written (it does not know it yet), unless `writer`'s."""
         if not self.gw.allowed(who, right) and (writer is None or writer.who.user != who.user):
             e = PermissionDenied(path, f"user {who.user} lacks the '{right}' permission")
             report(self.gw, PROTOCOL, who, e, refused_here=True)
@@ -354,11 +342,8 @@ class GatewayFS(pyfuse3.Operations):
         held = self._writing.get(dst)
         if held is not None and held.writer is not None and not held.committed or any(
                 f.path == dst and f.pid != ctx.pid for f in self._files.values()):
-            # Open for writing, or open in another smbd: a rename may not replace it (Windows, MS-FSA
-            # 2.1.5.14.11). Samba refuses it itself only when both opens are in one smbd (one client connection):
-            # from another client the rename went through, under a reader's feet, or then the writer's close
-            # stored its file over the one renamed there, which was gone under both names while both clients
-            # had heard success.
+            # Open for writing, or in another smbd: a rename may not replace it (MS-FSA 2.1.5.14.11). Samba checks
+            # only opens in one smbd: from another client the writer's close then stored over the renamed file.
             raise pyfuse3.FUSEError(errno.EACCES)
         op = self._writing.get(src)
         if await self.gw.find(src) is not None:
@@ -382,11 +367,7 @@ class GatewayFS(pyfuse3.Operations):
 
     async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
         path = self._path(inode)
-        if ctx.uid in self.users and sum(uid == ctx.uid for uid, _ in self._dirs.values()) >= MAX_OPEN_DIRS:
-            log.warning("smb_refused", user=self._who(ctx).user, path=path, reason=f"too many open directories "
-                        f"({MAX_OPEN_DIRS})")
-            self.gw.count_error(PROTOCOL, "TooManyOpenFiles")
-            raise pyfuse3.FUSEError(errno.EMFILE)
+        self._admit(ctx, path, "directories", sum(uid == ctx.uid for uid, _ in self._dirs.values()), MAX_OPEN_DIRS)
         entries = await self._call(self.gw.listdir(path, self._who(ctx)))
         d = [(e.name.encode(), e.path, e.is_dir, e.size, e.mtime) for e in entries]
         known = {e.name for e in entries}
@@ -414,11 +395,10 @@ class GatewayFS(pyfuse3.Operations):
 
     # --- files -----------------------------------------------------------------------------------
 
-    def _admit_file(self, ctx: pyfuse3.RequestContext, path: str) -> None:
-        """Refuse an SMB user's open beyond MAX_OPEN_FILES (EMFILE: smbd answers STATUS_TOO_MANY_OPENED_FILES)."""
-        if ctx.uid in self.users and self._files_of[ctx.uid] >= MAX_OPEN_FILES:
-            log.warning("smb_refused", user=self._who(ctx).user, path=path,
-                        reason=f"too many open files ({MAX_OPEN_FILES})")
+    def _admit(self, ctx: pyfuse3.RequestContext, path: str, what: str, held: int, limit: int) -> None:
+        """Refuse an SMB user's open beyond its limit (EMFILE: smbd answers STATUS_TOO_MANY_OPENED_FILES)."""
+        if ctx.uid in self.users and held >= limit:
+            log.warning("smb_refused", user=self._who(ctx).user, path=path, reason=f"too many open {what} ({limit})")
             self.gw.count_error(PROTOCOL, "TooManyOpenFiles")
             raise pyfuse3.FUSEError(errno.EMFILE)
 
@@ -453,7 +433,7 @@ class GatewayFS(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EROFS)
         if path in self._writing and flags & os.O_EXCL:  # a file being written, not yet committed, holds the name
             raise pyfuse3.FUSEError(errno.EEXIST)
-        self._admit_file(ctx, path)
+        self._admit(ctx, path, "files", self._files_of[ctx.uid], MAX_OPEN_FILES)
         op = _Open(0, path, writable=True, who=self._who(ctx), pid=ctx.pid)
         op.writer = await self._call(self.gw.open_for_write(path, PROTOCOL, op.who, keep=0,
                                                             exclusive=bool(flags & os.O_EXCL)))
@@ -465,7 +445,7 @@ class GatewayFS(pyfuse3.Operations):
 
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
         path = self._path(inode)
-        self._admit_file(ctx, path)
+        self._admit(ctx, path, "files", self._files_of[ctx.uid], MAX_OPEN_FILES)
         writable = bool(flags & (os.O_WRONLY | os.O_RDWR))
         if path not in self._writing:
             e = await self._call(self.gw.stat(path))
@@ -508,9 +488,7 @@ class GatewayFS(pyfuse3.Operations):
         return len(buf)
 
     def _cut_short(self, op: _Open) -> str:
-        """Why op's close is not its client's (smbd stopped, or the client's connection cut: a crash, a pulled
-        cable), '' if it is: smbd closes what was left open, an upload cut short at an arbitrary byte, never to be
-        taken for a complete file."""
+        """Why op's close is not its client's ('' if it is): smbd stopped, or the connection was cut short."""
         if self.closing:
             return "smbd stopped"
         if op.who.peer and not self.peers.connected(op.pid):

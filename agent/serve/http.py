@@ -28,40 +28,28 @@ from agent.serve.contract import tls_context
 log = structlog.get_logger("pacsgw.http")
 
 STALE_QUEUE_SECONDS = 900  # dirty data older than this makes the box 'degraded' even with a live uplink
-# How long a connection may wait for its next (or first) request, however slowly its headers trickle in.
-# aiohttp's own default is an hour: a client sending a header line now and then held a connection that long,
-# and so as many connections as it opened. Scrapers and the status page make a new request within seconds.
+# How long a connection may wait for its next request, however slowly its headers trickle in (aiohttp's default,
+# an hour, let a client trickling header lines hold as many connections as it opened)
 IDLE_SECONDS = 5.0
-
-
 BAD_REQUEST_EVERY = 60.0  # seconds: at most one http_bad_request event per this, counting the others
 
 
 class _BadRequests(logging.Filter):
-    """aiohttp logs every request its parser refuses (request line or header too long, too many headers, a bad
-    method) as 'Error handling request' with a plain-text traceback of some 10 lines, while the client just gets
-    its 400: anyone who can reach a listener could fill the journal. Those records become one bounded
-    http_bad_request event per BAD_REQUEST_EVERY, counting the ones not logged; other errors (a handler's bug)
-    keep their traceback."""
+    """aiohttp logs each request its parser refuses with a 10-line traceback, so anyone reaching a listener could fill
+    the journal: one http_bad_request event per BAD_REQUEST_EVERY instead; a handler's bug keeps its traceback."""
 
     def __init__(self) -> None:
         super().__init__()
-        self._last = -BAD_REQUEST_EVERY
-        self._suppressed = 0
+        self._every = Every(BAD_REQUEST_EVERY)
 
     def filter(self, record: logging.LogRecord) -> bool:
         exc = record.exc_info[1] if record.exc_info else None
         if not isinstance(exc, HttpProcessingError):
             return True
-        now = time.monotonic()
-        if now - self._last < BAD_REQUEST_EVERY:
-            self._suppressed += 1
-            return False
-        peer = record.args[0] if isinstance(record.args, tuple) and record.args else None
-        log.warning("http_bad_request", peer=str(peer)[:64], status=exc.code, error=type(exc).__name__,
-                    detail=repr(exc.message[:120]), suppressed=self._suppressed,
-                    suppressed_seconds=BAD_REQUEST_EVERY)
-        self._last, self._suppressed = now, 0
+        if (suppressed := self._every.due("bad request")) is not None:
+            peer = record.args[0] if isinstance(record.args, tuple) and record.args else None
+            log.warning("http_bad_request", peer=str(peer)[:64], status=exc.code, error=type(exc).__name__,
+                        detail=repr(exc.message[:120]), suppressed=suppressed, suppressed_seconds=BAD_REQUEST_EVERY)
         return False
 
 
@@ -87,9 +75,7 @@ TIME_ERROR = 5  # adjtimex(2): the kernel's clock is not synchronised
 
 
 def clock_sync() -> dict[str, Any]:
-    """Whether the system clock is synchronised (S3 request signing fails with a skewed clock): the
-    kernel's NTP state from adjtimex(2) read-only, else systemd-timesyncd's flag file; None when neither
-    can be read (the agent's sandbox may filter adjtimex)."""
+    """Whether the clock is synchronised (S3 signing fails when skewed): adjtimex(2), else timesyncd's flag."""
     import ctypes
     buf = ctypes.create_string_buffer(512)   # struct timex (208 bytes on x86-64); modes = 0: read only
     try:
@@ -148,8 +134,7 @@ def issue_admin_token(path: Path) -> str:
 
 
 class HttpServer:
-    """`admin` maps (method, path) such as ("POST", "/admin/evict") to handlers, served to loopback
-    requests that carry `admin_token` only (no token: no admin requests at all)."""
+    """`admin` maps (method, path) to handlers, served to loopback requests carrying `admin_token` only."""
 
     def __init__(self, host: str, port: int, health: Callable[[], Awaitable[dict[str, Any]]],
                  metrics: Callable[[], Awaitable[bytes]],
@@ -191,10 +176,7 @@ class HttpServer:
         return web.Response(text=render_status_html(await self._health()), content_type="text/html")
 
     async def admin(self, request: web.Request) -> web.Response:
-        """Admin requests (`pacsgw evict`, `pacsgw prefetch` on the box itself): from loopback only, with
-        the token of <cache.dir>/admin.token (GETs too: plans list patient paths), and a POST body declared
-        as JSON — a web page cannot send that header or that content type cross-origin without the
-        browser asking first, so a browser on the box cannot be made to trigger them (CSRF)."""
+        """Admin requests: from loopback with the token (GETs list patient paths), POSTs as JSON (no CSRF)."""
         if not _is_loopback(request.remote):
             return web.json_response({"error": "admin requests are accepted from loopback only"}, status=403)
         sent = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
@@ -218,11 +200,8 @@ class HttpServer:
 
 
 class ScrapeListener:
-    """/metrics and nothing else on http.metrics_listen, reachable from the monitoring subnet: over TLS when
-    metrics_tls_cert is set, behind basic auth when metrics_user is. The status page, /healthz and admin
-    requests stay on http.listen. Wrong passwords meet the box's LoginGuard like every other listener's: each
-    delays its answer, more of them ban the address (and lock the user but from the addresses it scraped from):
-    guesses then get their 401 without a password check, so they no longer queue a right one behind them."""
+    """/metrics alone on http.metrics_listen for the monitoring subnet, over TLS and behind basic auth when set.
+    Wrong passwords meet the box's LoginGuard: banned guesses get their 401 unchecked, not queued before a right one."""
 
     def __init__(self, cfg: HttpConfig, metrics: Callable[[web.Request], Awaitable[web.Response]],
                  guard: LoginGuard) -> None:
@@ -241,8 +220,7 @@ class ScrapeListener:
         await self._runner.setup()
         assert self._runner.server is not None
         tls = tls_context(self.cfg.metrics_tls_cert, self.cfg.metrics_tls_key) if self.cfg.metrics_tls_cert else None
-        # Not aiohttp's TCPSite: it leaves the TLS handshake asyncio's 60 s, and a connection that never sent its
-        # ClientHello was kept that long (IDLE_SECONDS starts only once the handshake is done)
+        # Not aiohttp's TCPSite: it leaves the TLS handshake asyncio's 60 s, a silent connection held that long
         self._server = await asyncio.get_running_loop().create_server(
             self._runner.server, *self.cfg.metrics_listen, ssl=tls, ssl_handshake_timeout=IDLE_SECONDS if tls else None)
 
@@ -268,8 +246,7 @@ class ScrapeListener:
             return False
         if scheme.lower() != "basic" or not sep:
             return False
-        # A banned address is refused unchecked, before the header that verified last is compared: that compare
-        # answered a banned guesser's guesses as well as a password check
+        # Refused unchecked before the last verified header is compared: that answered a banned guesser too
         if await self.guard.refusal(user, address, "metrics"):
             return False
         if self._checked and hmac.compare_digest(_raw(header), _raw(self._checked)):
@@ -288,8 +265,7 @@ class ScrapeListener:
 
 
 def _raw(header: str) -> bytes:
-    """A header value's bytes as sent: aiohttp keeps bytes that are not UTF-8 as surrogates, which str.encode()
-    refuses (an Authorization header of bytes ff fe was an HTTP 500 and a traceback, not a refusal)."""
+    """A header value's bytes as sent: aiohttp keeps non-UTF-8 bytes as surrogates, which str.encode() refuses."""
     return header.encode("utf-8", "surrogateescape")
 
 

@@ -1,30 +1,18 @@
 """SMB service: Samba's smbd sharing the agent's FUSE view of the gateway namespace.
 
-The agent mounts the namespace with FUSE (agent.serve.fuse), renders smb.conf from the TOML, keeps
-Samba's user database in step with [[users]] and — with `[smb] manage = true` — runs and supervises
-smbd itself (private state, lock, pid and cache directories under `[smb] state_dir`). With
-`manage = false` smbd is the appliance's systemd service reading the rendered smb.conf.
+The agent mounts the namespace with FUSE (agent.serve.fuse), renders smb.conf from the TOML, keeps Samba's users
+in step with [[users]] and, with `[smb] manage = true`, runs and supervises smbd itself (else systemd does).
 
-Samba needs a Unix account for every SMB user: each [[users]] name maps (Samba `username map`) to a
-locked system account `pacsgw-<name>` (no home, no shell; an 8-hex-digit hash replaces names that are
-not valid Unix names) whose primary group is the `[smb] unix_user` service account's group. smbd does
-each session's file access as that user's account, so the FUSE layer knows the SMB user of every request
-from its uid (audit records name them); the mount shows everything owned by the service account and its
-group, group-writable. A user's `root` is the share's path for that user:
-`path = <state_dir>/roots/%u`, a symlink (named by the user's Unix account, the one that logged in: not by
-the name the client typed, %U, which Samba matches without case) to `<mountpoint>/<root>`; Samba keeps every
-request below it.
-Samba checks NTLM against the NT hash of the password, so only users with a plain `password` can use
-SMB; users with only `password_hash` or `authorized_keys` are left out, with a warning in the log.
+Each [[users]] name maps (`username map`) to a locked Unix account `pacsgw-<name>` in the `[smb] unix_user`
+account's group: smbd works as that account, so the FUSE layer knows each request's SMB user from its uid. A user's
+`root` is its share path `<state_dir>/roots/%u`, a symlink (by the account that logged in, not %U, the name typed,
+which Samba matches without case) to `<mountpoint>/<root>`. Samba checks NTLM against the password's NT hash: only
+users with a plain `password` can use SMB (the others are logged and left out).
 
-Password guessing ([login]): Samba checks SMB passwords itself. Its account policy locks a user after
-max_failures; and its JSON authentication audit (one file of its own) is followed by the agent, which feeds
-every SMB login into the same LoginGuard as FTP and SFTP (logged, audited, counted in /metrics). An address
-the guard bans is denied in smb.conf (`hosts deny`, or `EXCEPT` in `hosts allow`) and smbd reloads it, so
-a banned address gets no SMB connection at all until the ban ends, and loses those it has. Samba has no way
-to delay its answer to one failed login: SMB gets the ban, not the growing delay FTP and SFTP give. Nor has it
-a per-client cap: an address holding [smb] max_sessions_per_address connections is denied the same way while
-it holds them.
+Password guessing ([login]): Samba's account policy locks a user after max_failures; the agent follows Samba's
+JSON authentication audit into the LoginGuard of FTP and SFTP and denies the addresses it bans in smb.conf (cutting
+their connections). Samba can neither delay an answer nor cap a client: SMB gets the ban, not the growing delay,
+and an address holding max_sessions_per_address connections is denied the same way meanwhile.
 """
 
 from __future__ import annotations
@@ -80,8 +68,7 @@ def smb_users(cfg: Config) -> list[UserConfig]:
 
 
 def _listen_lines(host: str) -> list[str]:
-    """A wildcard address listens on every interface (Samba's interface list cannot name 0.0.0.0 or ::);
-    any other address only on the interface that has it."""
+    """A wildcard address listens on every interface (Samba cannot name 0.0.0.0), any other on its own."""
     if host != "localhost" and ipaddress.ip_address(host).is_unspecified:
         return ["bind interfaces only = no"]
     return [f"interfaces = {host}", "bind interfaces only = yes"]
@@ -117,12 +104,9 @@ def render_conf(cfg: Config) -> str:
         "server signing = mandatory",
         f"server smb encrypt = {s.encryption}",  # the config allows Samba's own words only
         "map to guest = never",
-        # an idle connection with no file open is closed after 10 minutes (Samba's default keeps it a week, and
-        # each connection is an smbd process); a client reconnects on its own when it has work
+        # an idle connection (an smbd process) is closed after 10 minutes, not a week; clients reconnect
         "deadtime = 10",
-        # every connection, logged in or not, is a process: a flood from many addresses (each under
-        # max_sessions_per_address) forked one each without end, each held until the deadtime; one over this is
-        # closed at its accept
+        # a connection is a process: a flood from many addresses forked without end; one over this is closed
         f"max smbd processes = {s.max_connections}",
         "restrict anonymous = 2",
         "load printers = no",
@@ -132,21 +116,11 @@ def render_conf(cfg: Config) -> str:
         "unix password sync = no",
         "obey pam restrictions = no",
         "invalid users = root",
-        # The namespace is shared with FTP/SFTP: no client-side caching that another protocol's
-        # change could make stale, and no kernel-level locks or xattrs on the FUSE mount.
-        "oplocks = no",
-        "level2 oplocks = no",
-        "smb2 leases = no",
-        "kernel oplocks = no",
-        "kernel share modes = no",
-        "posix locking = no",
-        "ea support = no",
-        "store dos attributes = no",
-        "map archive = no",
-        "map hidden = no",
-        "map system = no",
-        "map readonly = no",
-        "nt acl support = no",
+        # Shared with FTP/SFTP: no client caching another protocol's change makes stale, no kernel locks or xattrs
+        *(f"{option} = no" for option in (
+            "oplocks", "level2 oplocks", "smb2 leases", "kernel oplocks", "kernel share modes", "posix locking",
+            "ea support", "store dos attributes", "map archive", "map hidden", "map system", "map readonly",
+            "nt acl support")),
         "acl allow execute always = yes",  # an open for FILE_EXECUTE (clients probe rename targets so) is fine
         "stat cache = no",
         "use sendfile = no",
@@ -172,8 +146,7 @@ def render_conf(cfg: Config) -> str:
 
 
 def render_bans(cfg: Config, banned: list[str]) -> str:
-    """bans.conf: deny the banned addresses. Samba lets a client on `hosts allow` in even when `hosts deny`
-    names it, so with an allow list the banned addresses are cut out of it (`EXCEPT`)."""
+    """bans.conf: deny the banned addresses (Samba lets `hosts allow` win over `hosts deny`: EXCEPT then)."""
     if not banned:
         return "# no address is banned now\n"
     if cfg.smb.hosts_allow:
@@ -189,8 +162,7 @@ def _proc_address(text: str) -> str:
 
 
 def connections_by_address(port: int) -> Counter[str]:
-    """Established TCP connections to `port` per client address: smbd serves each in a process of its own and
-    has no per-client cap, and the agent is not on their path; the kernel's tables list them."""
+    """Established TCP connections to `port` per client address (smbd has no per-client cap)."""
     counts: Counter[str] = Counter()
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         with contextlib.suppress(OSError), open(table) as f:
@@ -203,10 +175,7 @@ def connections_by_address(port: int) -> Counter[str]:
 
 
 def auth_event(line: str) -> tuple[str, str, bool] | None:
-    """One line of Samba's JSON authentication audit → (user, client address, succeeded), None for others.
-
-    Samba writes one JSON object a line ({"type": "Authentication", "Authentication": {...}}); the remote
-    address reads 'ipv4:10.1.2.3:51234' or 'ipv6:fe80::1:51234'."""
+    """A line of Samba's JSON authentication audit → (user, client address, succeeded), None for others."""
     start = line.find("{")
     try:
         record = json.loads(line[start:]) if start >= 0 else {}
@@ -237,8 +206,7 @@ def _ensure_account(name: str, *, group: str | None = None) -> tuple[int, int]:
 
 
 def _useradd(name: str, group: str | None) -> None:
-    """Create the account. Another agent starting on the box at the same moment may hold /etc/passwd's lock
-    (useradd exits 10) or create the same account first (exit 9): look again, then try again, a few times."""
+    """Create the account, trying again: another agent starting now may hold /etc/passwd's lock or make it."""
     cmd = ["useradd", "--system", "--no-create-home", "--home-dir", "/nonexistent", "--shell", "/usr/sbin/nologin"]
     cmd += ["--gid", group] if group else ["--user-group"]
     for _ in range(10):
@@ -305,8 +273,7 @@ class SmbService:
         if s.manage:
             await asyncio.to_thread(self._kill_stale_smbd)
         uid, gid = await asyncio.to_thread(_ensure_account, s.unix_user)
-        # the mount point itself is FuseMount's: a dead mount a killed agent left answers every stat with
-        # ENOTCONN until FuseMount has detached it
+        # not the mount point itself: a killed agent's dead mount answers ENOTCONN until FuseMount detaches it
         Path(s.mountpoint).parent.mkdir(parents=True, exist_ok=True)
         for path in (Path(s.mountpoint).parent, self.state / "roots"):
             _check_searchable(path, uid, gid, s.unix_user)
@@ -379,8 +346,7 @@ class SmbService:
         return by_uid
 
     def _lockout_policy(self) -> None:
-        """[login] for SMB: Samba checks SMB passwords itself, so its own account policy locks a user after
-        max_failures wrong passwords (within window_seconds) for ban_seconds (Samba counts in minutes)."""
+        """[login] for SMB: Samba's own account policy locks a user (it checks SMB passwords itself)."""
         lg = self.cfg.login
         policies = {"bad lockout attempt": lg.max_failures, "reset count minutes": math.ceil(lg.window_seconds / 60),
                     "lockout duration": math.ceil(lg.ban_seconds / 60)}
@@ -438,8 +404,7 @@ class SmbService:
             return
         (self.state / BANS_CONF).write_text(render_bans(self.cfg, sorted({*banned, *full})))
         await asyncio.to_thread(self._reload_smbd)
-        # A denial keeps out new connections only: one already open could go on guessing (a SESSION_SETUP
-        # after another), so a newly banned address loses its connections too.
+        # A denial keeps out new connections only: a newly banned address loses those it could go on guessing in
         for address in sorted(set(banned) - set(self._bans)):
             await asyncio.to_thread(self._smbcontrol, "kill-client-ip", address)
         for address in sorted(set(full) - set(self._full)):
@@ -551,8 +516,7 @@ class SmbService:
             return None
 
     async def wait_files_closed(self, timeout: float) -> bool:
-        """Drain: wait until smbd has closed every file, so that a close it is still answering (the file is
-        already committed and stored) gets its reply before smbd is stopped; → False on timeout."""
+        """Drain: wait until smbd has closed every file (its replies sent before it stops); → False on timeout."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if not await asyncio.to_thread(self._open_files):

@@ -1,16 +1,8 @@
-"""Measured catalog memory for the replay report: the agent's own SQLite catalog (`agent.store.catalog`)
-filled with a trace's files, the way the box fills it.
-
-Every file becomes a row the way the gateway records a file it has stored or listed: a listing adds the
-row (`merge_listing`, with an ETag), the confirmed upload marks it clean with its SHA-256 (`mark_clean`),
-and reads are recorded in batches (`record_access`). The measurement runs in a child process
-(`python -m agent.sim.catalog_memory TRACE --rows N`), so the replay's arrays do not blur it, and reports:
-
-  * bytes per row on the SSD (database + WAL after a checkpoint), which scales to the whole archive;
-  * the child's resident-memory growth over an empty catalog after half of the rows and after all of
-    them, each followed by a walk over every row and a sample of random lookups by path. The Catalog
-    caps SQLite's page cache (64 MiB), so once the database outgrows that cap RAM stays flat while the
-    rows keep doubling.
+"""Measured catalog memory for the replay report: the agent's own SQLite catalog filled with a trace's files the
+way the box fills it (`merge_listing`, `mark_clean`, batched `record_access`), in a child process
+(`python -m agent.sim.catalog_memory TRACE --rows N`) so the replay's arrays do not blur it. It reports bytes per
+row on the SSD (after a checkpoint) and the child's resident-memory growth after half and all of the rows, each
+followed by a walk and random lookups: with SQLite's page cache capped, RAM stays flat as the rows double.
 """
 
 from __future__ import annotations

@@ -1,26 +1,8 @@
 """`pacsgw import-trace`: real traffic (CSV, the agent's audit log, xferlog) → a pacsgw trace.
 
-A hospital replays its own month before it picks a policy. Three sources:
-
-* **csv**: a header naming the columns ``ts,op,path,size`` and optionally ``patient,study,modality,dept``
-  (``department`` is accepted too), in any order; ``ts`` is seconds from the start (``--start`` at
-  midnight), ``op`` is ``read`` or ``write``, ``size`` whole bytes; rows in any order.
-* **audit**: the agent's own audit log (one JSON object per line, agent/audit.py): ``store`` is a
-  write, ``retrieve`` a read; only records with ``result`` ``ok`` are transfers.
-* **xferlog**: the FTP transfer log of vsftpd and proftpd: direction ``i`` is a write, ``o`` a read;
-  the request time is the line's time minus the transfer time; incomplete transfers (``i``) are skipped.
-
-A row that cannot be parsed is *bad*: reported with its line number, never written. Rows are then sorted
-by time (a write before a read of the same second) and made replayable, with a summary:
-
-* a read before its object's first write: the object existed before the trace (it is read like a
-  prior); its later writes are rewrites, dropped;
-* a rewrite of an object already written is dropped (the replay keeps one version per path);
-* a read whose size differs from its object's is given the object's size (the first write's size, or
-  the first read's for an object written before the trace).
-
-Without ``study``/``patient`` columns a file's study is its directory ``--series-dirs`` levels above
-the file's own (1: ``…/study/series/file``), and every study is its own patient (no priors known).
+A hospital replays its own month before it picks a policy. The three formats (csv, audit, xferlog) and the repairs
+that make a trace replayable (a read before the first write, rewrites, sizes) are described in docs/replay.md ("Your
+own traffic"); a row that cannot be parsed is reported with its line number, never written.
 """
 
 from __future__ import annotations
@@ -227,9 +209,8 @@ def parse_audit(f: IO[str]) -> Iterator[Row | Bad | str]:
 
 
 def parse_xferlog(f: IO[str]) -> Iterator[Row | Bad | str]:
-    """`Mon Nov 30 21:12:14 2026 <secs> <host> <bytes> <file…> <type> <action> <i|o|d> <mode> <user>
-    <service> <auth> <auth-user> <c|i>`: a file name may hold spaces, so it is what lies between the 8
-    leading and the 9 trailing fields. Times are the server's local time, taken as they are."""
+    """`Mon Nov 30 21:12:14 2026 <secs> <host> <bytes> <file…> <type> <action> <i|o|d> <mode> <user> <service> <auth>
+    <auth-user> <c|i>`: the file name (spaces and all) lies between 8 leading and 9 trailing fields; local times."""
     for line, text in enumerate(f, 1):
         tok = text.split()
         if not tok:

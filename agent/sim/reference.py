@@ -1,16 +1,10 @@
 """The same trace through libCacheSim (LRU, ARC, S3-FIFO, SIEVE, LRB, GL-Cache, 3L-Cache, LeCaR, CACHEUS,
-GDSF, LHD, Belady, BeladySize).
+GDSF, LHD, Belady, BeladySize); libCacheSim is a dev/bench dependency, imported only here.
 
-libCacheSim is a dev/bench dependency (it pulls boto3 and pytest), imported only here.
-
-The trace is converted to libCacheSim's oracleGeneral binary format: 24-byte little-endian records
-(u32 time, u64 object id, u32 size, i64 index of the object's next request or -1). Belady needs that
-next-access field (on a CSV trace it silently degrades to LRU-like numbers). Sizes are in KiB (rounded
-up) so that caches over 2 GiB do not overflow 32-bit counters; the capacity is converted likewise.
-
-Only reads count (as in agent.sim.replay): every write in a pacsgw trace is the first request of its
-object (checked), so it is a compulsory miss in any libCacheSim policy; read misses = misses - writes.
-Warm-up requests are processed first and not counted (the cache object keeps its state).
+The trace goes to libCacheSim's oracleGeneral binary format (24-byte records with the index of the object's next
+request, which Belady needs), sizes in KiB so caches over 2 GiB do not overflow 32-bit counters. Only reads count
+(as in agent.sim.replay): every write is its object's first request, a compulsory miss, so read misses = misses -
+writes. Warm-up requests are processed first and not counted.
 """
 
 from __future__ import annotations
@@ -105,9 +99,8 @@ def run_arrays(obj: np.ndarray, size: np.ndarray, t: np.ndarray, is_write: np.nd
     read_kib = int(kib[post].sum()) - wkib_post
     cap_kib = max(1, capacity // 1024)
     out = []
-    fd, path = tempfile.mkstemp(suffix=".oracleGeneral.bin")
-    os.close(fd)
-    try:
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "trace.oracleGeneral.bin")
         write_oracle(obj, size, t, path)
         # the hash table is 2^hashpower buckets: the default 2^24 costs ~100 MB per cache, sized here
         hashpower = int(np.clip(np.ceil(np.log2(max(int(obj.max()) + 1, 2))) + 1, 10, 26))
@@ -124,6 +117,4 @@ def run_arrays(obj: np.ndarray, size: np.ndarray, t: np.ndarray, is_write: np.nd
             misses = int(round(mr * n_post)) - writes_post
             miss_kib = int(round(bmr * int(kib[post].sum()))) - wkib_post
             out.append(ReferenceResult(name, reads, reads - misses, read_kib, read_kib - miss_kib))
-    finally:
-        os.unlink(path)
     return out

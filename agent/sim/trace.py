@@ -6,12 +6,9 @@ Format (tab-separated, UTF-8)::
     t	op	path	size	patient	study	modality	department
     29412.350	W	CT/2026-01-05/ST00000012/SE001/00001.dcm	524288	P0001234	ST00000012	CT	ED
 
-`t` is seconds since local midnight of `start` (ms resolution), `op` is R or W, `size` is bytes.
-The first line carries the generator parameters and the archive totals as JSON, so a trace is
-self-describing and the replay can model rclone's memory for the same archive.
-
-`load_arrays` turns a trace into compact numpy columns (ints instead of strings) for the replay and
-caches them next to the trace (`<trace>.npz`), so repeated `pacsgw simulate` runs skip parsing.
+`t`: seconds since local midnight of `start` (ms), `op`: R or W, `size`: bytes. The first line's JSON (generator
+parameters, archive totals) makes a trace self-describing. `load_arrays` turns it into integer numpy columns for
+the replay, cached beside it (`<trace>.npz`) so repeated `pacsgw simulate` runs skip parsing.
 """
 
 from __future__ import annotations
@@ -104,15 +101,9 @@ def _study_dir(g: Generator, st) -> str:
     return "/".join(parts[:depth]).format(modality=st.modality, date=date, study=f"ST{st.idx:08d}")
 
 
-def _bar(enabled: bool, total: int | None, desc: str):  # tqdm or a no-op
-    if enabled:
-        from tqdm import tqdm
-        return tqdm(total=total, desc=desc, unit_scale=True, mininterval=1.0)
-
-    class _Null:
-        def update(self, n: int = 1) -> None: ...
-        def close(self) -> None: ...
-    return _Null()
+def _bar(enabled: bool, total: int | None, desc: str):  # a tqdm bar, silent unless enabled
+    from tqdm import tqdm
+    return tqdm(total=total, desc=desc, unit_scale=True, mininterval=1.0, disable=not enabled)
 
 
 def read_header(path: str | Path) -> dict:
@@ -145,9 +136,8 @@ def iter_requests(path: str | Path) -> Iterator[Request]:
 
 @dataclass
 class TraceArrays:
-    """A trace as integer columns. Per request: t, is_write, obj, size; per object: its study, its
-    directory (the day directory, e.g. CT/2026-01-05) and size; per study: patient, modality,
-    department and acquisition day (relative to the trace start, negative for priors)."""
+    """A trace as integer columns: per request t, is_write, obj, size; per object its study, day directory and
+    size; per study patient, modality, department and acquisition day (negative for priors)."""
 
     meta: dict
     t: np.ndarray            # float64 seconds
@@ -194,8 +184,7 @@ class TraceArrays:
 
 
 def check_replayable(ta: TraceArrays) -> None:
-    """Raise ValueError unless requests are in time order and every write is its object's first request
-    (the replay and libCacheSim's read-miss arithmetic rely on both). `pacsgw import-trace` repairs both."""
+    """ValueError unless requests are in time order and every write comes first (`pacsgw import-trace` repairs)."""
     late = np.flatnonzero(np.diff(ta.t) < 0)
     if late.size:
         raise ValueError(f"request {int(late[0]) + 2:,} is earlier than the one before it "

@@ -1,19 +1,10 @@
 """Synthetic PACS workload: a seeded, parameterised generator of per-file requests.
 
-The model is study-centred, because that is how a PACS works: a modality *writes* a study (all its
-instances, within minutes), a radiologist *reads* it within hours (together with the **prior studies
-of the same patient**), clinicians re-read parts of it over the following days, oncology cases are
-re-read at the weekly **tumour board**, and a thin **long tail** of random old studies is read for
-audits, research and transfers.  Every study-level event is expanded into one request per DICOM
-instance, so the trace is per file, like the gateway's own access log.
-
-Generation is two-pass and streaming:
-  1. draw every study-level event of the horizon (tens of thousands: small), sorted by time;
-  2. expand the events day by day into per-instance requests (numpy), sort, and write them out;
-     requests that spill past midnight are carried into the next day's chunk.
-Memory is bounded by one day of requests plus the per-study size tables, so 10 M requests fit.
-
-All defaults and their public sources are documented in docs/workload.md.
+Study-centred, as a PACS works: a modality writes a study, a radiologist reads it within hours with the patient's
+prior studies, clinicians re-read parts over the following days, tumour boards weekly, and a thin long tail of old
+studies is read. Every study-level event expands into one request per DICOM instance, like the gateway's access log.
+Two passes: draw every study-level event (small), then expand them day by day (numpy), carrying requests past
+midnight into the next day: memory is one day of requests. Defaults and sources: docs/workload.md.
 """
 
 from __future__ import annotations
@@ -134,8 +125,7 @@ def oncology() -> WorkloadParams:
 
 
 def outpatient() -> WorkloadParams:
-    """An outpatient imaging centre: few priors, short reports, many clinic follow-ups days to weeks
-    later (the same study re-opened at the referrer's clinic), patients who come back within weeks."""
+    """An outpatient imaging centre: few priors, many clinic follow-ups days to weeks later, quick returns."""
     return WorkloadParams(
         preset="outpatient", monthly_tb=0.6,
         modality_mix={"MR": 0.30, "US": 0.25, "CR": 0.15, "DX": 0.10, "CT": 0.12, "MG": 0.08},
@@ -146,8 +136,7 @@ def outpatient() -> WorkloadParams:
 
 
 def cancer() -> WorkloadParams:
-    """A cancer centre organised around weekly boards: PET-CT pairs, cases that return to the board
-    for weeks, whole studies shown (not a few series), frequent restaging studies."""
+    """A cancer centre around weekly boards: PET-CT pairs, cases back for weeks, whole studies shown."""
     return WorkloadParams(
         preset="cancer", monthly_tb=1.2,
         modality_mix={"CT": 0.35, "PT": 0.25, "MR": 0.20, "NM": 0.08, "CR": 0.07, "MG": 0.05},
@@ -159,8 +148,7 @@ def cancer() -> WorkloadParams:
 
 
 def teaching() -> WorkloadParams:
-    """A teaching hospital: the general mix plus a fat long tail — residents and conferences open old
-    cases, a few hundred teaching cases again and again, research exports sweep random old studies."""
+    """A teaching hospital: the general mix plus a fat long tail of old and teaching cases read again and again."""
     return WorkloadParams(
         preset="teaching", monthly_tb=1.5, returning_share=0.5, priors_read=(1, 2), followup_rate=0.8,
         longtail_share=0.35, teaching_cases=400, teaching_share=0.6,
@@ -169,9 +157,7 @@ def teaching() -> WorkloadParams:
 
 
 def research() -> WorkloadParams:
-    """A tuning family with a fat one-off tail (issue 13, round 10): an imaging research centre, MR/CT heavy,
-    where export and AI pipelines read random old studies once each (no popular cases, no boards), beside
-    outpatient and inpatient reads within hours."""
+    """A tuning family with a fat one-off tail (issue 13): a research centre reading old studies once each."""
     return WorkloadParams(
         preset="research", monthly_tb=1.0,
         modality_mix={"MR": 0.35, "CT": 0.25, "US": 0.15, "CR": 0.15, "DX": 0.10},
@@ -486,12 +472,6 @@ class Generator:
         spacing = SHAPES[st.modality].write_spacing_s if ev.op == "W" else self.p.read_spacing_s
         return ev.t + np.arange(idx.size) * spacing, idx
 
-    def path(self, st: Study, instance: int) -> str:
-        series = int(np.searchsorted(st.series_starts, instance, side="right")) - 1
-        return self.p.layout.format(
-            modality=st.modality, date=(self.start + dt.timedelta(days=st.day)).isoformat(), study=f"ST{st.idx:08d}",
-            series=f"SE{series + 1:03d}", instance=f"{instance - st.series_starts[series] + 1:05d}")
-
     def iter_chunks(self) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
         """Per-day chunks of (t, is_write, study, instance), sorted by time, for the whole horizon."""
         carry: list[tuple[np.ndarray, ...]] = []
@@ -514,14 +494,6 @@ class Generator:
             yield t[:cut], w[:cut], s[:cut], i[:cut]
             carry = [(t[cut:], w[cut:], s[cut:], i[cut:])] if cut < t.size else []
         # requests that run past the horizon are dropped: the trace ends at days * DAY
-
-    def requests(self) -> Iterator[Request]:
-        """Every request as a record (slow: for tests and small traces; write_trace is the fast path)."""
-        for t, w, s, i in self.iter_chunks():
-            for tt, ww, ss, ii in zip(t.tolist(), w.tolist(), s.tolist(), i.tolist(), strict=True):
-                st = self.studies[ss]
-                yield Request(round(tt, 3), "W" if ww else "R", self.path(st, ii), int(st.sizes[ii]),
-                              f"P{st.patient:07d}", f"ST{st.idx:08d}", st.modality, st.department)
 
 
 def generate(params: WorkloadParams) -> Generator:
@@ -548,12 +520,7 @@ def expected_files_per_study(g: Generator) -> float:
 
 
 def archive_listing(params: WorkloadParams, n_files: int) -> Iterator[tuple[str, int, float]]:
-    """(path, size, mtime) of an archive of about n_files instances, in path order.
-
-    The archive is the days before `start` that hold n_files at (about) the preset's daily study rate; each
-    modality's studies are drawn day by day with the preset's shapes, so memory is one study at a time.
-    Paths follow the default layout (fixed-width names: path order is the order they are yielded in).
-    """
+    """(path, size, mtime) of an archive of about n_files before `start`, in path order, a study at a time."""
     g = Generator(params)
     per_study = expected_files_per_study(g)
     dates = [g.start - dt.timedelta(days=1)]

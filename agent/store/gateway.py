@@ -1,13 +1,10 @@
 """The facade every front end uses: stat, list, open-read, open-write, commit, rename, delete.
 
-Write path: bytes stream into a staging file; `commit` fsyncs it, renames it into the cache, commits
-the catalog row, and in write-through mode waits for the verified PUT before returning — the front end
-sends its success reply only after `commit` returns. When object storage is unreachable the row stays
-queued (write-back) and `commit` still returns: the PACS is never refused because the cloud is down.
-
-Read path: a cached file is read from the SSD; a missing one is fetched once (concurrent readers share
-the fetch) and streamed to readers while it lands in the cache, then verified against its SHA-256.
-Namespace paths here are already resolved and confined (see agent.store.paths).
+Write: bytes stream into a staging file; `commit` makes it durable in cache and catalog and, in write-through,
+waits for the verified PUT; the front end replies only after it returns. With the line down the row stays queued
+and `commit` still returns: the PACS is never refused because the cloud is down.
+Read: from the SSD, or one shared fetch streamed to its readers as it lands, the end only once verified.
+Paths here are already resolved and confined (agent.store.paths).
 """
 
 from __future__ import annotations
@@ -57,8 +54,7 @@ T = TypeVar("T")
 
 ACCESS_FLUSH_SECONDS = 5.0
 STEP = 256 * 1024  # a reader streaming a fetch moves on once this much more has landed (or the end)
-# A cached copy is checked this far ahead of the sender; copies this small are checked whole before their
-# first byte (xxh3: ~50 µs per MiB), so a bad one is fetched again without failing the read.
+# A copy is checked this far ahead of the sender, a smaller one whole first: a bad one is fetched again, no read fails
 VERIFY_AHEAD = 1024 * 1024
 RANGE_GAP = 2 * 1024 * 1024  # a cold reader this far ahead of the fetch's stream gets a ranged GET
 RANGE_FIRST = 1024 * 1024  # the first ranged GET of a fetch; each next one doubles, up to RANGE_MAX
@@ -70,18 +66,14 @@ AGENT_DIRS = (CONFLICTS, HA_DIR, PARKED)
 
 
 class WriteHandle:
-    """One file being written. Sequential writes are hashed (SHA-256 for S3, the cache stamp's fast digest) as
-    they come; others are hashed at commit from the copy. A sequential write-through file small enough for a
-    single-request PUT keeps its bytes instead, within the gateway's BODY_BUDGET: they are hashed at commit in
-    its thread, and its upload sends them as they were hashed, instead of reading the cached copy back and
-    hashing it again (~0.5 ms of CPU per 512 KiB)."""
+    """One file being written, hashed as it comes (or at commit when written out of order). A small write-through
+    file keeps its bytes (BODY_BUDGET) for its upload: no reading back and hashing again (~0.5 ms per 512 KiB)."""
 
     def __init__(self, gw: "Gateway", path: str, blob: str, fd: int, protocol: str, who: Who | None,
                  protected: int = 0) -> None:
         self.gw, self.path, self.blob, self.fd, self.protocol, self.who = gw, path, blob, fd, protocol, who
         self.size = 0
-        # Bytes of the stored file a user without the `delete` right resumed from: they may be appended
-        # to, never changed or cut (that would destroy stored content as surely as a delete).
+        # Stored bytes a user without the `delete` right resumed from: appended to, never changed or cut
         self.protected = protected
         self.base: int | None = None  # the gen the commit must still find (Catalog.commit_write); None: any
         self.user = who.user if who is not None else ""
@@ -102,8 +94,7 @@ class WriteHandle:
         try:
             await self._write(data, offset)
         except BaseException as e:
-            # The file now has a hole or a missing tail: a later close must not commit it (an SFTP
-            # client closes its handle after a failed write, and would otherwise get OK for it).
+            # A hole or a missing tail: the close an SFTP client sends after a failed write must not commit it
             self._failed = e
             raise
 
@@ -122,14 +113,11 @@ class WriteHandle:
                 self._hash_body()
                 self._hash.update(data)
                 self._fast.update(data)
-        # Content must leave cache.min_free_bytes free: the catalog lives on the same disk, and a
-        # catalog that cannot commit cannot mark files clean, so nothing could ever be evicted again.
-        # A write past the end (SFTP and SMB clients send writes out of order) leaves a hole that is
-        # sparse here but real bytes in S3 and in every fetched copy: it must fit too.
+        # min_free_bytes stays free for the catalog (one that cannot commit can never evict again). A hole left
+        # by a write past the end is sparse here but real bytes in S3 and every fetched copy: it must fit too.
         if not await self.gw.ensure_space(max(len(data), pos + len(data) - self.size)):
             raise NoSpace(self.path, "cache disk full and nothing evictable")
-        # A nearly full disk gives short writes before ENOSPC: write the rest, making room while
-        # clean files can be evicted, and refuse only when nothing can be.
+        # A nearly full disk gives short writes before ENOSPC: make room while anything can be evicted
         view, done = memoryview(data), 0
         while done < len(data):
             try:
@@ -178,8 +166,7 @@ class WriteHandle:
         self._drop_body()
 
     def _hash_body(self) -> None:
-        """Feed the hashes the bytes kept so far and keep no more (the budget is spent): from here on each write
-        is hashed as it comes. Bytes in _body are never hashed yet; every byte before them is."""
+        """The budget is spent: hash the bytes kept so far (never hashed yet) and hash each write as it comes."""
         if self._body and self._hash is not None:
             for block in self._body:
                 self._hash.update(block)
@@ -195,14 +182,8 @@ class WriteHandle:
         self.gw.write_finished(self)
 
     async def commit(self) -> None:
-        """Make the file durable (and, in write-through, confirmed in S3). Only then may the client be told.
-
-        The durable part (fsync, rename, catalog commit) runs as its own shielded task: when the client
-        goes away meanwhile, the front end's task is cancelled, but the threads doing the fsync and the
-        catalog transaction cannot be stopped halfway. Abandoning them used to orphan the content file,
-        or delete the cached copy of a file the catalog had just committed (then nothing could upload it).
-        Only the wait for the write-through PUT may be cancelled: the upload itself carries on.
-        """
+        """Make the file durable (and, in write-through, confirmed in S3); only then may the client be told. Shielded:
+        a client gone meanwhile cancels only the wait for the PUT, never the fsync or the catalog commit."""
         if self._done:
             return
         if self._failed is not None:
@@ -241,17 +222,13 @@ class WriteHandle:
             self.gw.cache.remove(self.blob)
             raise
         if upload is not None and body is not None:
-            # The bytes live as long as their upload (which may wait for a slot long after through_timeout):
-            # they stay counted in the gateway's BODY_BUDGET until it ends, so a slow line cannot pile them up.
+            # The bytes stay counted in BODY_BUDGET as long as their upload lives: a slow line cannot pile them up
             held, self._body, self._held = self._held, None, 0
             upload.add_done_callback(lambda _: self.gw.release(held))
         return upload
 
     def _seal(self, body: bytes | None) -> str:
-        """The file's digests, then Cache.commit (stamp, fsync, rename) → its SHA-256. Blocking: the commit's one
-        thread hop. The bytes kept for the upload (body) are hashed here, beside the loop (hashlib and xxhash let
-        go of the GIL): SHA-256 of 512 KiB is ~0.9 ms of this VM's CPU that held the loop of every session when
-        it was hashed as it came. A file written out of order is hashed from its copy (both digests, one pass)."""
+        """Digests, then Cache.commit → SHA-256. Blocking: its one thread hop, where hashing holds no loop."""
         if self._hash is None:
             fast = fast_hash()
             sha = sha256_fd(self.fd, fast)
@@ -285,9 +262,7 @@ class WriteHandle:
 
 
 async def _in_thread(work: Callable[[], T], undo: Callable[[T], None]) -> T:
-    """work() in a thread. If the caller is cancelled meanwhile (an FTP client's ABOR or disconnect, an SFTP
-    session's end) the thread runs to its end all the same: undo(what it returned) then, or each such cut leaked
-    what it made (a descriptor of a cached copy, a staging file)."""
+    """work() in a thread that runs on if the caller is cancelled, then undo(its result): a cut leaked it."""
     running = asyncio.ensure_future(asyncio.to_thread(work))
     try:
         return await asyncio.shield(running)
@@ -307,9 +282,7 @@ def _close_opened(result: tuple[Opened | None, str | None]) -> None:
 
 
 def no_holes(size: int, offset: int, whence: int) -> int:
-    """lseek(2)'s SEEK_DATA and SEEK_HOLE on a handle: asyncssh's SFTP server answers ranges@asyncssh.com (the
-    data ranges its own client asks for in every get()) by seeking the handle so. A file as clients see it has no
-    holes: its one data range is all of it."""
+    """lseek(2)'s SEEK_DATA and SEEK_HOLE (asyncssh answers ranges@asyncssh.com so): a file has no holes."""
     if whence not in (os.SEEK_DATA, os.SEEK_HOLE):
         raise OSError(errno.EINVAL, "only SEEK_DATA and SEEK_HOLE are served")
     if offset >= size:
@@ -319,13 +292,8 @@ def no_holes(size: int, offset: int, whence: int) -> int:
 
 @dataclass
 class _Fill:
-    """A fetch from S3 in progress; readers wait on `cond` for `written` to grow (and `verified`).
-
-    The stream writes every byte in order and is the one that is verified. A reader far ahead of it (a
-    REST, a read at an offset) gets its bytes sooner by a ranged GET of the same object version, landed
-    in the same staging file only beyond the stream's position, under `lock`: the stream then overwrites
-    them with the bytes it verifies, so the cached copy is always the stream's.
-    """
+    """A fetch from S3 in progress; readers wait on `cond`. Ranged GETs for a reader far ahead land beyond the
+    stream under `lock`, and the verified stream overwrites them: the cached copy is always the stream's."""
 
     entry: Entry
     blob: str
@@ -356,8 +324,7 @@ class _Fill:
 
 
 class ReadHandle:
-    """A file open for reading: a cached copy (checked against its stamp's digest while it is sent,
-    VERIFY_AHEAD bytes ahead of the sender) or a fetch from S3 in progress."""
+    """A file open for reading: a cached copy, checked VERIFY_AHEAD ahead of the sender, or a fetch."""
 
     def __init__(self, gw: "Gateway", entry: Entry, fd: int, fill: _Fill | None, protocol: str,
                  digest: str | None = None) -> None:
@@ -373,9 +340,7 @@ class ReadHandle:
         return self.entry.size
 
     async def ready(self, pos: int) -> int:
-        """Wait until bytes from pos may be served → the offset they may be served up to (> pos before EOF):
-        a cached copy once checked that far ahead, a fetch once another STEP bytes (or the rest) have landed.
-        The end of a file only once all of it matched its digest."""
+        """Wait until bytes from pos may be served → how far; a file's end only once all of it was verified."""
         if self.fill is not None:
             return await self._landed(self.fill, pos, min(pos + STEP, self.size))
         await self._check(min(pos + VERIFY_AHEAD, self.size))
@@ -401,8 +366,7 @@ class ReadHandle:
         self.gw.metrics.bytes_out.labels(self.protocol).inc(nbytes)
 
     async def _check(self, end: int) -> None:
-        """Hash the cached copy up to at least `end` (a VERIFY_AHEAD step at a time); at its end compare
-        with the stamp. A mismatch fails this read and every later one, and drops the copy."""
+        """Hash the copy up to `end`, at its end check the stamp: a mismatch fails every read, drops the copy."""
         if self._broken is not None:
             raise self._broken
         if self._digest is None or (self._checked >= end and end < self.size):
@@ -425,13 +389,8 @@ class ReadHandle:
             raise self._broken
 
     async def _landed(self, fill: _Fill, pos: int, end: int) -> int:
-        """Wait until the fetch has landed the bytes [pos, end) → how far from pos they may be served now
-        (≥ end). Starts a ranged GET when pos is far ahead of the stream, and the next one ahead of a
-        sequential reader nearing the end of the last.
-
-        Bytes stream to the reader as they land, but the end of the file only after the whole object was
-        verified: no client ever receives a complete file that failed its checksum.
-        """
+        """Wait until the fetch landed [pos, end) → how far from pos they may be served (≥ end), starting ranged GETs
+        for a reader ahead; the end of the file only once verified, so no client gets a whole bad file."""
         async with fill.cond:
             while True:
                 if fill.error is not None:
@@ -487,8 +446,7 @@ class Gateway:
         self._writes_idle = asyncio.Event()
         self._writes_idle.set()
         self._rights = {u.name: frozenset(u.permissions) for u in cfg.users}
-        # The namespace root and every user's root (with the directories above it) hold the tree every
-        # session starts from: removing or renaming one would leave users without a working directory.
+        # Every user's root and those above it: removing or renaming one leaves sessions without a directory
         self._fixed = {""}
         for u in cfg.users:
             root = u.root.strip("/")
@@ -501,14 +459,13 @@ class Gateway:
     # --- permissions ----------------------------------------------------------------------------
 
     def allowed(self, who: Who | None, right: str) -> bool:
-        """Whether `who` holds `right` (read, write, delete, rename) under [[users]] permissions. Requests
-        of the agent itself (who is None) and of local processes that are no configured user pass."""
+        """Whether `who` holds `right` under [[users]] permissions; the agent (None) and local processes pass."""
         rights = self._rights.get(who.user) if who is not None else None
         return rights is None or right in rights
 
     def _base(self, who: Who | None, seen: Entry | None) -> int | None:
-        """The gen a replacing commit or rename must still find at its target (-1: none), for a user without
-        `delete` or under WORM: what another session stores there meanwhile was not checked. None: any."""
+        """The gen a replacing commit or rename must still find at its target (-1: none; None: any), for a user
+        without `delete` or under WORM: what another session stores there meanwhile was not checked."""
         if self.allowed(who, "delete") and not self.cfg.compliance.worm:
             return None
         return seen.gen if seen is not None else -1
@@ -524,8 +481,7 @@ class Gateway:
     # --- what front ends decide themselves ------------------------------------------------------
 
     def audit_event(self, who: Who | None, op: str, path: str = "", result: str = "ok") -> None:
-        """An audit record of a front end's own decision (a login, a refused session or data connection, a
-        path refused before any gateway call); whatever reaches the gateway is audited here already."""
+        """An audit record of a front end's own decision (a login, a refusal before any gateway call)."""
         self.audit.record(who, op, path, result)
 
     def count_error(self, protocol: str, kind: str) -> None:
@@ -539,8 +495,7 @@ class Gateway:
     # --- namespace ------------------------------------------------------------------------------
 
     def _may_change(self, who: Who | None, right: str, path: str) -> None:
-        """A change to the namespace: refused on an HA standby, to a user without `right`, and in the agent's own
-        directories."""
+        """A change to the namespace: refused on an HA standby, without `right`, in the agent's own directories."""
         if self.refusals.write:
             raise Unavailable(path, self.refusals.write)
         self._require(who, right, path)
@@ -548,11 +503,7 @@ class Gateway:
         self._fits(path)
 
     def _fits(self, path: str) -> None:
-        """A name whose object key (the uplink prefix, then the path) would pass S3's limit is refused before
-        anything is stored: it was acknowledged, then every upload failed (KeyTooLongError) and the copy stayed
-        on the SSD for good, never evictable. The client hears 'path longer than …' as for any over-long path.
-        In an HA pair the key of the file's conflict copy (`.pacsgw-conflicts/<path>.<hash>`) must fit too: a
-        longer one failed every retry and the box kept a queue, never eligible for the address again."""
+        """A path whose object key would pass S3's limit is refused up front: acknowledged, it stayed on the SSD."""
         limit = S3_KEY_BYTES - len(self.cfg.uplink.prefix.encode()) - (CONFLICT_EXTRA if self.cfg.ha.enabled else 0)
         if len(path.encode("utf-8", "surrogatepass")) > limit:
             raise BadPath(path, f"path longer than {limit} bytes (with the uplink prefix, an object key holds at "
@@ -561,9 +512,7 @@ class Gateway:
 
     @staticmethod
     def _not_the_agents(who: Who | None, path: str) -> None:
-        """Clients read the agent's own directories at the namespace's root (HA conflict copies: the only copy of
-        content a box acknowledged; the pair's objects) but never change them: a renamed or deleted conflict copy
-        is lost content, a stored one passes for a conflict, a stored hot set steers the standby's prefetch."""
+        """Clients never change the agent's own directories: its conflict copies and hot set would be lost or forged."""
         if who is not None and path.split("/", 1)[0] in AGENT_DIRS:
             raise PermissionDenied(path, f"{path.split('/', 1)[0]} is written by the agent only")
 
@@ -590,10 +539,7 @@ class Gateway:
 
     @staticmethod
     def _visible(entries: list[Entry], directory: str) -> list[Entry]:
-        """The entries a client may be shown. A name with a control character (an S3 key written by another
-        client can hold CR, LF or ESC) would forge a line of an FTP listing or reply, or drive the terminal of
-        whoever lists it over SFTP or SMB, and no client could name it anyway: it is left out, and logged so
-        the admin can rename the object."""
+        """The entries a client may be shown: a name with a control character would forge a listing line."""
         shown = []
         for e in entries:
             problem = name_problem(e.name)
@@ -604,14 +550,8 @@ class Gateway:
         return shown
 
     async def _ensure_listed(self, path: str, *, missing_ok: bool = False, then: str | None = None) -> Entry | None:
-        """Merge the remote listing of `path` and its ancestors into the catalog, once per directory. → the row
-        of `then` (a name in `path`) after the walk.
-
-        The directories and `then` are read in one catalog call (a stored file's walk was one round trip to the
-        catalog thread per directory); rows after a directory that had to be listed are read again, since the
-        listing may have merged them. With missing_ok, a missing directory ends the walk (a write will create
-        it) instead of failing.
-        """
+        """Merge the remote listing of `path` and its ancestors into the catalog, once per directory → the row of
+        `then` (a name in `path`). missing_ok: a missing directory ends the walk (a write will create it)."""
         chain = ancestors(path + "/x") if path else [""]
         known = await self.db.get_many(chain if then is None else [*chain, then])
         merged = False
@@ -646,8 +586,7 @@ class Gateway:
         except Exception as e:  # a failed listing must not fail the client's request
             log.warning("remote_list_failed", path=path, error=error_code(e))
             return
-        # Keys deleted or renamed away here whose object deletion is still queued are not files any more:
-        # drop them, and directories that hold nothing else (else a deleted file would come back).
+        # Directories holding only keys whose deletion is still queued are gone (else a deleted file comes back)
         dirs = listing.dirs
         if dirs and await (self.db.tombstones_under(path) if path else self.db.tombstone_count()):
             dirs = [d for d in dirs if await self._remote_dir_live(f"{path}/{d}" if path else d)]
@@ -656,9 +595,7 @@ class Gateway:
                  seconds=round(time.monotonic() - t0, 4))
 
     async def _listing_incomplete(self, path: str) -> bool:
-        """Whether the innermost directory known above `path` was never listed from object storage (the line was
-        down, or the listing failed or was throttled): a name missing there is unknown, not absent. A PACS told
-        "no such file" (FTP 550) would not ask again; told "unavailable" (451) it retries."""
+        """Whether the directory above `path` was never listed: a missing name is unknown (451, not 550)."""
         chain = ancestors(path)
         known = await self.db.get_many(chain)
         d = next((known[a] for a in reversed(chain) if a in known), None)
@@ -705,8 +642,7 @@ class Gateway:
         log.info("delete", path=path)
 
     async def rename(self, src: str, dst: str, who: Who | None = None, *, replace: bool = True) -> None:
-        """Like rename(2), an existing target file is replaced (PACS clients re-send x.part → x); without
-        `replace` (SFTPv3 rename, renameat2's RENAME_NOREPLACE) an existing target is AlreadyExists."""
+        """Like rename(2), replacing an existing target (x.part → x); without `replace` it is AlreadyExists."""
         async with self.audit.op(who, "rename", src, to=dst):
             self._may_change(who, "rename", src)
             self._not_the_agents(who, dst)
@@ -744,8 +680,7 @@ class Gateway:
 
     async def open_write(self, path: str, protocol: str, *, offset: int = 0,
                          who: Who | None = None) -> WriteHandle:
-        """Start writing path; offset > 0 resumes (REST/append): the existing first bytes are kept. An offset
-        past the end is refused (BadOffset): resuming there would leave a hole no client sent."""
+        """Start writing path; offset > 0 resumes (REST/append); one past the end is BadOffset (a hole)."""
         async with self.audit.op(who, "store", path, record_ok=False):
             self._may_change(who, "write", path)
             if not path:
@@ -793,10 +728,7 @@ class Gateway:
         return handle
 
     async def _new_staging(self) -> tuple[str, int]:
-        """A new staging file (Cache.new_staging), made in a thread: creating a file allocates an inode, which may
-        wait for the disk with every session stopped; on this VM's ext4 each one scanned recently deleted inodes
-        for ~0.5 ms on the loop (issue 14: ~15 % of an FTP upload's CPU, all on the loop). One made for a caller
-        cancelled meanwhile is discarded."""
+        """A new staging file, made in a thread: an inode may wait for the disk (issue 14); undone if cancelled."""
         return await _in_thread(self.cache.new_staging, self._discard_made)
 
     def _discard_made(self, made: tuple[str, int]) -> None:
@@ -806,9 +738,7 @@ class Gateway:
 
     async def open_for_write(self, path: str, protocol: str, who: Who | None, *, keep: int | None = None,
                              create: bool = True, exclusive: bool = False) -> WriteHandle:
-        """open(2) for writing, for SFTP and SMB (FUSE): a writer that starts with the stored file's first `keep`
-        bytes (all of them when None, none for O_TRUNC). `exclusive` (O_EXCL) refuses an existing name; without
-        `create` (O_CREAT) a missing file is NotFound."""
+        """open(2) for writing (SFTP, SMB), keeping the stored file's first `keep` bytes (None: all)."""
         async with self.audit.op(who, "store", path, record_ok=False):
             e = await self.find(path)
             if e is not None and exclusive:
@@ -819,8 +749,7 @@ class Gateway:
         return await self.open_write(path, protocol, offset=size if keep is None else min(keep, size), who=who)
 
     async def truncate(self, path: str, length: int, protocol: str, who: Who | None) -> None:
-        """truncate(2) by name (SFTP setstat, SMB set end-of-file): a new version of the stored file, cut to
-        `length` bytes or extended with zeros."""
+        """truncate(2) by name (SFTP setstat, SMB set end-of-file): a new version cut or extended with zeros."""
         handle = await self.open_for_write(path, protocol, who, keep=length, create=False)
         try:
             await handle.truncate(length)
@@ -848,9 +777,7 @@ class Gateway:
         self._body_room += nbytes
 
     def count_unfinished(self, handle: WriteHandle, end: int) -> None:
-        """A file being written reaches `end` bytes: refused (NoSpace) when its user's unfinished uploads would
-        then hold more than their share of the cache. One account writing files it never closed held the disk:
-        clean files were evicted for its staging bytes, then every other user's store failed "disk full"."""
+        """A write reaches `end`: NoSpace past its user's share for unfinished uploads (one filled the disk)."""
         if end <= handle.counted:
             return
         held, limit = self._unfinished.get(handle.user, 0) + end - handle.counted, self.unfinished_limit
@@ -862,8 +789,7 @@ class Gateway:
 
     @functools.cached_property
     def unfinished_limit(self) -> int:
-        """One user's share of the cache for files being written, in this process: every serving process
-        counts its own writes, so each gets its part of the share."""
+        """One user's share of the cache for files being written, this process's part of it."""
         c = self.cfg.cache
         room = min(c.max_bytes, self.cache.disk_usage().total - c.min_free_bytes)
         return int(c.max_unfinished_per_user * room) // self.cfg.server.serving_processes()
@@ -887,12 +813,8 @@ class Gateway:
 
     async def commit_file(self, path: str, blob: str, size: int, sha: str, body: bytes | None = None,
                           base: int | None = None) -> asyncio.Task[bool] | None:
-        """Commit the catalog row; in write-through, start its upload (of body, the file's bytes hashed to sha,
-        when the writer kept them). → that upload task, if any.
-
-        The upload starts here, in the same uncancellable step as the commit that claimed the row: a row
-        claimed ('uploading') without an upload running would wait for the next restart.
-        """
+        """Commit the catalog row; in write-through, start its upload (of body, if kept) → that task, in the same
+        uncancellable step as the claim: a claimed row without an upload would wait for the next restart."""
         claim = self.cfg.uplink.write_mode == "through" and self.line.reachable
         mtime = time.time()
         gen, replaced = await self.db.commit_write(path, blob, size, sha, mtime, claim=claim, base=base)
@@ -910,8 +832,7 @@ class Gateway:
             if entry is None or entry.gen != gen:
                 return None  # already superseded by a newer write
         else:
-            # The row as commit_write left it, without a second catalog round trip per stored file. Should a
-            # newer write supersede it meanwhile, mark_clean is gen-checked and that write uploads its own.
+            # The row as commit_write left it (no second round trip): mark_clean is gen-checked against a newer one
             entry = Entry(path=path, is_dir=False, size=size, mtime=mtime, sha256=sha, state="uploading", blob=blob,
                           gen=gen, etag=None, version_id=None, copy_from=None, listed=False, dirty_since=mtime,
                           attempts=0, last_error=None, last_access=None, access_count=0)
@@ -950,8 +871,7 @@ class Gateway:
         if e.is_dir:
             raise IsADirectory(path)
         if e.blob is not None:
-            # On the loop when the copy is in the page cache (no thread hop before the first byte: under load
-            # each hop waits for a CPU); else, or for a full SHA-256 check, in a thread.
+            # On the loop when the copy is in the page cache (under load each thread hop waits for a CPU)
             opened, problem = self.cache.open_checked(e.blob, e.size, e.sha256, VERIFY_AHEAD, nowait=True)
             if problem == WOULD_BLOCK:
                 opened, problem = await _in_thread(
@@ -964,16 +884,11 @@ class Gateway:
             e = await self.stat(path)  # the bad copy is gone: fetch the object again below
         self.metrics.misses.inc()
         self.access.note(path, e.size, hit=False)
-        fill = self._fills.get(path)
-        # a fetch of an earlier version of the file (stored again and evicted while it ran) is not joined: its bytes
-        # are the old ones
-        if fill is None or fill.done or fill.fd < 0 or fill.entry.gen != e.gen:
-            fill = self._start_fill(e)
+        fill = self._fill_for(e)
         return ReadHandle(self, e, os.dup(fill.fd), fill, protocol)
 
     async def bad_copy(self, e: Entry, problem: str, found_by: str = "open") -> None:
-        """A cached copy failed a check: a flipped bit on the SSD is never served. A clean file's copy is
-        dropped (the next read fetches it again); raises Corrupt when the copy is the only one."""
+        """A copy failed a check: a clean file's copy is dropped (fetched again); Corrupt if it is the only one."""
         cur = await self.db.get(e.path)
         if cur is not None and cur.blob == e.blob:
             e = cur  # it may have reached S3 since it was opened
@@ -987,13 +902,10 @@ class Gateway:
             self.cache.remove(e.blob)
 
     async def prefetch(self, e: Entry) -> bool:
-        """Bring one file into the cache ahead of any read; → whether it landed (a fetch already running
-        for a reader is joined, not repeated). Refused like any fetch under critical pressure."""
+        """Bring one file into the cache ahead of any read (joining a running fetch) → whether it landed."""
         if e.blob is not None:
             return False
-        fill = self._fills.get(e.path)
-        if fill is None or fill.done or fill.entry.gen != e.gen:  # not a fetch of an earlier version
-            fill = self._start_fill(e)
+        fill = self._fill_for(e)
         async with fill.cond:
             await fill.cond.wait_for(lambda: fill.done)
         if fill.error is not None:
@@ -1002,7 +914,11 @@ class Gateway:
         self.metrics.note_prefetched(e.size)
         return True
 
-    def _start_fill(self, e: Entry) -> _Fill:
+    def _fill_for(self, e: Entry) -> _Fill:
+        """The running fetch of e to join, else a new one: not one of an earlier version (its bytes are old)."""
+        fill = self._fills.get(e.path)
+        if fill is not None and not fill.done and fill.fd >= 0 and fill.entry.gen == e.gen:
+            return fill
         if not self.line.reachable:
             raise Unavailable(e.path, "not in the cache and object storage is unreachable")
         if self.refusals.fetch:
@@ -1035,9 +951,7 @@ class Gateway:
                     return await download(self.s3, self.cache, fill.entry, fill.blob, fill.fd, landed, verified,
                                           started, fill.lock)
                 except Exception as exc:
-                    # A renamed file is read from its old key until its copy ran; the copy may have run, and the old
-                    # key gone, or a new file taken it (the object parked), while this fetch waited (for a slot, or
-                    # retrying): read where the object is now.
+                    # A renamed file's copy may have run while this fetch waited: read where the object is now
                     if fill.started or error_code(exc) not in ("NoSuchKey", "ChecksumMismatch") or (
                             now := await self._moved(fill.entry)) is None:
                         raise
@@ -1072,8 +986,7 @@ class Gateway:
         return now if now is not None and now.gen == e.gen and now.object_key != e.object_key else None
 
     def read_ahead(self, fill: _Fill, pos: int) -> None:
-        """Start a ranged GET from pos when a reader there is far ahead of the fetch's stream (and none
-        runs for this fetch): a cold read at an offset, or the next window of a sequential reader."""
+        """Start a ranged GET from pos when a reader there is far ahead of the stream (one at a time a fetch)."""
         if (fill.ranging is not None or not fill.started or fill.no_ranges or fill.done
                 or pos >= fill.entry.size or pos < fill.written + RANGE_GAP):
             return

@@ -1,8 +1,7 @@
 """Client paths → namespace paths, with confinement to the user's root.
 
-A namespace path has no leading slash ('' is the root): 'CT/2026-11-23/1.2.3/4/5.dcm'. It is also the
-object key below the uplink prefix, so its limits are S3's (1024 bytes) and every component must be a
-name a Windows or Linux client can also represent.
+A namespace path has no leading slash ('' is the root): 'CT/2026-11-23/1.2.3/4/5.dcm'. It is also the object key
+below the uplink prefix: S3's limits apply, and every component must be a name Windows and Linux clients can use.
 """
 
 from __future__ import annotations
@@ -31,18 +30,15 @@ WINDOWS_INVALID = frozenset('<>:"|?*')
 
 
 def name_problem(name: str) -> str | None:
-    """Why `name` cannot be shown to or used by a client (None if it can): a control character (CR, LF, ESC, C1…)
-    would forge a reply or listing line. Names from the object store (written by other S3 clients) can hold them."""
-    # isprintable() (one pass in C) is False for every control character: nearly every name skips the
-    # per-character lookup, which cost ~3 % of a cached read (every component of every command's path)
+    """Why `name` cannot be shown to or used by a client (None: it can): a control character forges lines."""
+    # isprintable() (one pass in C) spares nearly every name the per-character lookup (~3 % of a cached read)
     if not name.isprintable() and any(unicodedata.category(c) == "Cc" for c in name):
         return "control characters (NUL, newline, escape…) are not allowed in names"
     return None
 
 
 def creatable_problem(name: str) -> str | None:
-    """Why a new file or directory may not be called `name` though such a name may be looked up (None if it
-    may): Windows clients (SMB) cannot open names ending in a dot or a space, nor its reserved device names."""
+    """Why a new name could not be used by Windows (SMB) clients, though it may be looked up; None: it could."""
     if any(c in BIDI_CONTROLS for c in name):  # "x\u202egpj.dcm" lists as "xmcd.jpg" (Trojan Source)
         return f"{name!a}: text-direction controls are not allowed in names (a name would display as another)"
     if not WINDOWS_INVALID.isdisjoint(name):
@@ -55,8 +51,7 @@ def creatable_problem(name: str) -> str | None:
 
 
 def check_creatable(path: str, original: str) -> None:
-    """Refuse creating `path` (a namespace path; missing parents are created too) if any component is a name
-    Windows clients cannot use. For every front end: a file stored over FTP must be readable over SMB."""
+    """Refuse creating `path` (or its missing parents) where a name could not be used by Windows clients."""
     for part in path.split("/"):
         if part and (problem := creatable_problem(part)):
             raise BadPath(original, problem)
@@ -78,11 +73,7 @@ def check_name(name: str, original: str) -> None:
 
 
 def resolve(root: str, cwd: str, client_path: str) -> str:
-    """Resolve a client path (absolute, or relative to cwd) inside root; return the namespace path.
-
-    `root` and `cwd` are absolute client-side paths ('/' or '/CT'); a path that climbs above the
-    user's root is refused, never clamped, so a traversal attempt gets an error the client can see.
-    """
+    """A client path (absolute, or relative to cwd) → the namespace path; climbing above root is refused."""
     if "\0" in client_path:
         raise BadPath(client_path, "NUL is not allowed in paths")
     joined = client_path if client_path.startswith("/") else posixpath.join(cwd or "/", client_path)

@@ -1,11 +1,9 @@
 """zstd on the line (`[uplink] compress = "zstd"`): which files are worth it, and the codec both ways.
 
-Only DICOM whose transfer syntax stores raw pixels is compressed: JPEG, JPEG 2000, RLE and deflated
-syntaxes are compressed already and non-DICOM files are unknown ground, so they go as they are. A
-compressed object says so in its user metadata (ENCODING, and SIZE: the logical size, which a listing
-cannot show); its `sha256` metadata stays the hash of the original bytes, checked after decoding, while
-S3 checks the compressed bytes it receives (x-amz-checksum-sha256). The zstd frame carries its own
-content checksum too, so a damaged object fails in the decoder, before the SHA-256.
+Only DICOM whose transfer syntax stores raw pixels is compressed (the others are compressed already; non-DICOM is
+unknown ground). A compressed object says so in its user metadata (ENCODING, and SIZE: the logical size a listing
+cannot show); its `sha256` stays the original's, checked after decoding, and the frame's own checksum fails a
+damaged object in the decoder first.
 """
 
 from __future__ import annotations
@@ -37,8 +35,7 @@ def _lower(metadata: Mapping[str, str] | None) -> dict[str, str]:
 
 
 def encoding_of(metadata: Mapping[str, str] | None) -> str | None:
-    """The object's encoding from its user metadata (None: stored as given). Unknown encodings are refused:
-    serving their bytes as the file would be serving garbage."""
+    """The object's encoding from its metadata (None: as given); an unknown one is Undecodable, not garbage."""
     enc = _lower(metadata).get(ENCODING)
     if enc not in (None, ZSTD):
         raise Undecodable(f"unknown {ENCODING} {enc!r}")
@@ -51,8 +48,7 @@ def logical_size(head: Mapping[str, Any]) -> int:
     if encoding_of(head.get("Metadata")) is None:
         return stored
     value = _lower(head.get("Metadata")).get(SIZE, "")
-    # ASCII digits only ('²' is a digit to str.isdigit, not to int), and a size a file can have: the catalog
-    # (SQLite) holds sizes below 2**63
+    # ASCII digits only ('²' is a digit to str.isdigit, not to int), a size SQLite can hold
     if not (value.isascii() and value.isdigit()) or int(value) > MAX_SIZE:
         raise Undecodable(f"compressed object without a valid {SIZE} ({value[:40]!r})")
     return int(value)
@@ -72,23 +68,20 @@ def compress(body: bytes) -> bytes:
     return bytes(zstandard.ZstdCompressor(level=LEVEL, write_checksum=True).compress(body))
 
 
-# A zstd frame can decode to 32 768 times its size (1 GB from 32 KB): what is decoded at a time is bounded, not what
-# the next block of the object would give. SLICE bytes of frame give at most 32 MiB (256 RLE blocks of 128 KiB).
+# A frame decodes to up to 32 768 times its size: SLICE bytes at a time give at most 32 MiB (256 RLE blocks of 128 KiB)
 SLICE = 1024
 PIECE = 4 << 20           # decoded bytes handed on at a time (about: one SLICE more at most)
 MAX_WINDOW = 1 << 23      # our frames (level 3) use 2 MiB at most; a frame may not make the decoder hold more
 
 
 class Decoder:
-    """Decodes one zstd frame chunk by chunk (blocking calls: run them off the event loop). push() a chunk, then
-    pull() its decoded bytes a PIECE at a time; limit: the size the object's metadata promises, more is
-    Undecodable (a frame built to fill memory or the cache disk is refused as soon as it overflows)."""
+    """One zstd frame decoded a chunk at a time (blocking); past `limit` (the metadata's size) Undecodable."""
 
     def __init__(self, limit: int | None = None) -> None:
         self._obj = zstandard.ZstdDecompressor(max_window_size=MAX_WINDOW).decompressobj()
         self._limit, self._decoded, self._pending = limit, 0, memoryview(b"")
 
-    def _ended(self) -> bool:
+    def _ended(self) -> bool:  # a call: mypy would keep `eof` narrowed to False across decompress()
         return bool(self._obj.eof)
 
     def push(self, data: bytes) -> None:
@@ -129,8 +122,7 @@ class Decoder:
 
 
 def decode_head(data: bytes, n: int) -> bytes:
-    """The first n decoded bytes (fewer if it ends) of the start of a zstd frame: a file's header from a ranged read
-    of its compressed object; decoding stops there, whatever the frame would go on to give."""
+    """The first n decoded bytes of the start of a zstd frame (a header from a ranged read), decoding no further."""
     d, out = Decoder(), bytearray()
     d.push(data)
     while len(out) < n and (piece := d.pull()) is not None:

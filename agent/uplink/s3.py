@@ -1,18 +1,9 @@
 """The object store: put (single or multipart, SHA-256 verified), copy, get, list, delete. Single-request PUTs,
 GETs and HEADs are signed requests of our own over aiohttp (S3Uplink._request); the rest goes through aiobotocore.
 
-Every object carries its SHA-256 twice: as the S3 checksum (`x-amz-checksum-sha256`, verified by the
-server on arrival) and as user metadata `sha256` (the full-object hash, also for multipart objects
-whose S3 checksum is a composite), so a replacement box can verify what it reads.
-
-With `[uplink] compress = "zstd"` the uploader asks for uncompressed DICOM to go zstd-compressed
-(agent.uplink.encoding): this module encodes on put and decodes on get, so everything above it sees the
-file's own bytes and size. The S3 checksum is then the compressed bytes' (the server checks what it
-received); `sha256` stays the original's, checked after decoding. Decoding follows the object's own
-metadata, whatever this box's setting: any box may meet objects another box (or this one, configured
-otherwise before) compressed. A compressed object cannot be read at an offset (get_range refuses it), and
-a listing shows its compressed size: every listing takes the logical size from the catalog (`known_sizes`,
-objects it knows by ETag) or else from a HEAD.
+Every object carries its SHA-256 as the S3 checksum and as user metadata `sha256` (the whole file's, also when
+multipart), so a replacement box can verify what it reads. Compressed objects (agent.uplink.encoding) are decoded
+by their own metadata, whatever this box's setting: everything above sees the file's own bytes and size.
 """
 
 from __future__ import annotations
@@ -92,8 +83,7 @@ class RemoteListing:
     dirs: list[str]
 
 
-# The codes S3 servers answer "slow down" with (AWS: 503 SlowDown; SeaweedFS's circuit breaker: 503
-# ErrTooManyRequest / ErrRequestBytesExceed; botocore's list of throttling codes for the rest).
+# "Slow down" codes: AWS's SlowDown, SeaweedFS's circuit breaker's, and botocore's list of throttling codes
 THROTTLE_CODES = frozenset({
     "SlowDown", "ErrTooManyRequest", "ErrRequestBytesExceed", "Throttling", "ThrottlingException",
     "ThrottledException", "RequestThrottledException", "TooManyRequestsException", "RequestThrottled",
@@ -101,20 +91,22 @@ THROTTLE_CODES = frozenset({
 })
 
 
+def _status(exc: ClientError) -> int:
+    return int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0))
+
+
 def is_throttled(exc: BaseException) -> bool:
     """True when the server is up but asks us to slow down: retry later, do not call the line down."""
     if not isinstance(exc, ClientError):
         return False
-    status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
-    return status == 429 or exc.response.get("Error", {}).get("Code") in THROTTLE_CODES
+    return _status(exc) == 429 or exc.response.get("Error", {}).get("Code") in THROTTLE_CODES
 
 
 def is_server_error(exc: BaseException) -> bool:
-    """True when the server answered with a 5xx other than 'slow down' (500 InternalError, 502, 503, 504): it
-    is there but failed this request, as a SeaweedFS does for a few seconds after a restart."""
+    """A 5xx other than 'slow down': the server is there but failed this request (SeaweedFS after a restart)."""
     if not isinstance(exc, ClientError) or is_throttled(exc):
         return False
-    return int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)) >= 500
+    return _status(exc) >= 500
 
 
 def is_unreachable(exc: BaseException) -> bool:
@@ -125,14 +117,12 @@ def is_unreachable(exc: BaseException) -> bool:
                         aiohttp.ClientError, asyncio.TimeoutError, ConnectionError)):
         return True
     if isinstance(exc, ClientError):
-        status: int = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
-        return status >= 500 or status == 0
+        return not 0 < _status(exc) < 500
     return isinstance(exc, BotoCoreError) and "connect" in str(exc).lower()
 
 
 def outcome_unknown(exc: BaseException) -> bool:
-    """A request that failed so may still be carried out by the server: no answer (a timeout, a connection lost
-    on the wire) or a 5xx (S3 allows one after a write it did); not a connection that was never made."""
+    """A failed request the server may still carry out: no answer, or a 5xx; not a connection never made."""
     cause = getattr(exc, "kwargs", {}).get("error")  # what a botocore connection error wraps
     return is_unreachable(exc) and not any(isinstance(e, (ConnectTimeoutError, aiohttp.ClientConnectorError))
                                            for e in (exc, cause))
@@ -147,8 +137,7 @@ def error_code(exc: BaseException) -> str:
 def precondition_failed(exc: BaseException) -> bool:
     """S3 refused a conditional write (If-Match / If-None-Match): the object is not the one expected."""
     return isinstance(exc, ClientError) and (
-        error_code(exc) in ("PreconditionFailed", "ConditionalRequestConflict")
-        or exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 412)
+        error_code(exc) in ("PreconditionFailed", "ConditionalRequestConflict") or _status(exc) == 412)
 
 
 def meta_sha(metadata: dict[str, str] | None) -> str | None:
@@ -157,8 +146,7 @@ def meta_sha(metadata: dict[str, str] | None) -> str | None:
 
 
 def read_verified(path: str, fd: int, size: int, sha256: str) -> bytes:
-    """The size bytes behind fd, checked against sha256 (ChecksumMismatch if they differ): what a single-request
-    PUT sends. Blocking (read and hash off the loop)."""
+    """The size bytes behind fd, checked against sha256: what a single-request PUT sends. Blocking."""
     body = os.pread(fd, size, 0)
     if len(body) != size or hashlib.sha256(body).hexdigest() != sha256:
         raise ChecksumMismatch(f"{path}: cached content does not match its catalog checksum")
@@ -167,8 +155,7 @@ def read_verified(path: str, fd: int, size: int, sha256: str) -> bytes:
 
 @contextlib.contextmanager
 def _sending(url: str, request: AWSRequest) -> Iterator[None]:
-    """aiohttp's failures while sending a request or reading its answer's head, as the botocore exceptions
-    aiobotocore raises for them (is_unreachable and the line know those)."""
+    """aiohttp's failures as the botocore exceptions aiobotocore raises (is_unreachable knows those)."""
     try:
         yield
     except aiohttp.ClientSSLError as e:  # a certificate problem is a configuration error, not an outage
@@ -185,9 +172,7 @@ def _sending(url: str, request: AWSRequest) -> Iterator[None]:
 
 
 async def _read_block(resp: aiohttp.ClientResponse, size: int) -> bytes:
-    """Up to size bytes of a response body, fewer only at its end (a read returns what has arrived). A failure
-    mid-body raises what aiobotocore's streaming body raises (a ReadTimeoutError, a ResponseStreamingError; a
-    body cut short, aiohttp's ClientPayloadError)."""
+    """Up to size bytes of a body (fewer only at its end), failing as aiobotocore's streaming body does."""
     parts, got = [], 0
     try:
         while got < size and (data := await resp.content.read(size - got)):
@@ -204,15 +189,13 @@ _META = "x-amz-meta-"
 
 
 def _object_head(headers: Mapping[str, str]) -> dict[str, Any]:
-    """What a GET's answer says of the object, keyed as botocore's parser keys it: the few fields get and
-    get_range read (the parser's every-field pass, dates included, costs ~0.3 ms)."""
+    """The few fields get and get_range read, keyed as botocore's parser keys them (its full pass costs ~0.3 ms)."""
     meta = {k[len(_META):]: v for k, v in headers.items() if k.lower().startswith(_META)}
     return {"ContentLength": int(headers.get("Content-Length", 0)), "ETag": headers.get("ETag"), "Metadata": meta}
 
 
 def parse_timestamp(value: str) -> datetime:
-    """S3's ISO 8601 times (listings) and HTTP dates (a HEAD's Last-Modified) natively; anything else (epoch
-    seconds) as botocore does, by dateutil (~0.4 ms a date)."""
+    """ISO 8601 and HTTP dates natively; anything else as botocore does, by dateutil (~0.4 ms a date)."""
     for parse in (datetime.fromisoformat, parsedate_to_datetime):
         try:
             parsed = parse(value)
@@ -234,19 +217,13 @@ def b64(digest_hex: str) -> str:
 
 
 class _KnownPayload(S3SigV4Auth):  # type: ignore[misc]  # botocore ships no types
-    """botocore's S3 SigV4 signer, told the payload's SHA-256 (request.context) instead of hashing the body
-    again: the uplink hashed it already (read_verified). Over http:// botocore signs the payload hash (a second
-    SHA-256 of every body); over https:// it would send UNSIGNED-PAYLOAD, here the payload is signed there too,
-    at no cost."""
+    """botocore's SigV4 signer, told the payload's SHA-256 (request.context) instead of hashing the body again."""
 
     def payload(self, request: AWSRequest) -> str:
-        known: str = request.context.get("payload_sha256", EMPTY_SHA256_HASH)  # a GET, a HEAD: no body
-        return known
+        return str(request.context.get("payload_sha256", EMPTY_SHA256_HASH))  # a GET, a HEAD: no body
 
     def headers_to_sign(self, request: AWSRequest) -> Any:
-        """botocore's, once per request: it asks twice (canonical request, Authorization header), building an
-        email.message header map and, without a Host header (_request sends one), parsing the URL each time:
-        a third of the signer's time (65 → 42 µs per request)."""
+        """botocore's, once per request: it asks twice, and each answer was a third of the signer's time."""
         if "headers_to_sign" not in request.context:  # the headers change only before the first call
             request.context["headers_to_sign"] = super().headers_to_sign(request)
         return request.context["headers_to_sign"]
@@ -258,8 +235,7 @@ def _retain_until(until: datetime) -> str:
 
 
 def env_proxy(endpoint: str) -> tuple[URL | None, aiohttp.BasicAuth | None]:
-    """The proxy for endpoint from HTTP(S)_PROXY unless NO_PROXY exempts it, as botocore reads them (urllib's
-    getproxies and proxy_bypass), with the user and password it names as Basic auth."""
+    """The proxy for endpoint from HTTP(S)_PROXY and NO_PROXY as botocore reads them, its user as Basic auth."""
     url = URL(endpoint)
     proxy = urllib.request.getproxies().get(url.scheme)
     if not proxy or (url.host is not None and urllib.request.proxy_bypass(url.host)):
@@ -280,8 +256,7 @@ _HEADERS: dict[str, tuple[str, Callable[[Any], str]]] = {
 
 def put_headers(metadata: Mapping[str, str], lock: Lock | None, tagging: str | None,
                 condition: Mapping[str, str]) -> dict[str, str]:
-    """The headers of a PutObject with these arguments, as botocore's serializer writes them (the values are
-    ASCII by construction: UIDs, dates and codes checked in agent.dicom.objectmeta, hex digests, numbers)."""
+    """A PutObject's headers as botocore writes them (ASCII values: agent.dicom.objectmeta checks them)."""
     headers = {"x-amz-meta-" + k: v for k, v in metadata.items()}
     if tagging:
         headers["x-amz-tagging"] = tagging
@@ -307,8 +282,7 @@ class S3Uplink:
         self._signer: Any = None
         self._models: dict[str, Any] = {}
         self._parser: Any = None
-        # Listings carry logical sizes: the daemon points known_sizes at the catalog (without it every listed
-        # object is asked for its size with a HEAD).
+        # Logical sizes for listings: the daemon points this at the catalog (else a HEAD per listed object)
         self.known_sizes: KnownSizes | None = None
 
     async def start(self) -> None:
@@ -328,17 +302,14 @@ class S3Uplink:
             "s3", endpoint_url=self.cfg.endpoint_url, region_name=self.cfg.region,
             aws_access_key_id=self.cfg.access_key_id, aws_secret_access_key=self.cfg.secret_access_key,
             verify=self.cfg.ca_bundle or None, config=config))
-        # Single-request PUTs (every file below multipart_threshold, audit logs), GETs and HEADs skip the
-        # client's per-request machinery (_request): botocore's signer, its parser and exception classes, aiohttp
-        # as aiobotocore uses it (the same pool size and timeouts), a session of its own.
+        # Single-request PUTs, GETs and HEADs (_request): aiohttp as aiobotocore uses it, a session of its own
         tls: ssl.SSLContext | bool = ssl.create_default_context(cafile=self.cfg.ca_bundle or None) if (
             self.cfg.endpoint_url.startswith("https:")) else True
         self._http = await self._stack.enter_async_context(aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=config.max_pool_connections, keepalive_timeout=12, ssl=tls),
             timeout=aiohttp.ClientTimeout(sock_connect=self.cfg.connect_timeout, sock_read=self.cfg.read_timeout),
             auto_decompress=False))
-        # The proxy (env_proxy) looked up once: aiohttp's trust_env does it (and a .netrc lookup botocore does not
-        # do) in two thread hops per request
+        # The proxy looked up once: aiohttp's trust_env does it in two thread hops per request
         self._proxy = env_proxy(self.cfg.endpoint_url)
         self._signer = _KnownPayload(Credentials(self.cfg.access_key_id, self.cfg.secret_access_key), "s3",
                                      self.cfg.region)
@@ -367,7 +338,7 @@ class S3Uplink:
         try:
             resp = await self._client.get_object_lock_configuration(Bucket=self.cfg.bucket)
         except ClientError as e:
-            if e.response.get("ResponseMetadata", {}).get("HTTPStatusCode") in (400, 404, 501):
+            if _status(e) in (400, 404, 501):
                 return False
             raise
         return bool(resp.get("ObjectLockConfiguration", {}).get("ObjectLockEnabled") == "Enabled")
@@ -377,19 +348,10 @@ class S3Uplink:
     async def put_file(self, path: str, fd: int, size: int, sha256: str, lock: Lock | None = None,
                        meta: ObjectMeta | None = None, condition: dict[str, str] | None = None,
                        compress: bool = False, body: bytes | None = None) -> PutResult:
-        """Upload the content behind fd (read with pread, so the caller's offset is untouched).
-
-        body: its bytes, already read and checked by read_verified (a caller that went to a thread anyway),
-        for a file below multipart_threshold (single_request).
-
-        compress: zstd-encode it on the way (the caller decided the file is worth it); a small file that does
-        not shrink is sent as it is.
-
-        With a lock, the object is written with S3 Object Lock retention (and legal hold) in one request;
-        meta adds user metadata and tags (the DICOM header) to the same request. A condition
-        ({"IfMatch": etag} or {"IfNoneMatch": "*"}) makes S3 refuse the write (412) when the object is not the
-        one this box last knew: an HA pair never overwrites the other box's newer content.
-        """
+        """Upload the content behind fd (pread); body: its bytes, checked by read_verified, for a single_request
+        file. compress: zstd on the way (kept only if it shrinks). lock and meta go in the same request. A
+        condition ({"IfMatch": etag} or {"IfNoneMatch": "*"}) makes S3 refuse (412) another object than this
+        box last knew: an HA pair never overwrites the other box's newer content."""
         metadata = {**(meta.metadata if meta else {}), META_SHA: sha256}
         tagging = meta.tagging() if meta and meta.tags else None
         condition = condition or {}
@@ -406,7 +368,6 @@ class S3Uplink:
         if compress and len(packed := await asyncio.to_thread(encoding.compress, body)) < size:
             body, metadata = packed, metadata | encoding.metadata(size)
             sent_sha = hashlib.sha256(body).hexdigest()
-        await self.up_bucket.acquire(len(body))
         return await self._put(self.key(path), body, sent_sha, put_headers(metadata, lock, tagging, condition))
 
     def single_request(self, size: int) -> bool:
@@ -414,7 +375,8 @@ class S3Uplink:
         return size < self.cfg.multipart_threshold
 
     async def _put(self, key: str, body: bytes, sha256: str, headers: dict[str, str]) -> PutResult:
-        """One PutObject of body (whose SHA-256 is sha256) with these headers (_request)."""
+        """One PutObject of body (whose SHA-256 is sha256) with these headers, at the line's upload rate."""
+        await self.up_bucket.acquire(len(body))
         async with self._request("PUT", key, "PutObject", {"x-amz-checksum-sha256": b64(sha256), **headers},
                                  body, sha256) as resp:
             returned = resp.headers.get("x-amz-checksum-sha256")
@@ -426,23 +388,16 @@ class S3Uplink:
     async def _request(self, method: str, key: str, operation: str, headers: Mapping[str, str],
                        body: bytes | None = None, payload_sha256: str = EMPTY_SHA256_HASH, stream: bool = False,
                        ) -> AsyncIterator[aiohttp.ClientResponse]:
-        """One request for key, sent the way aiobotocore sends it, without the client's per-request work
-        (parameter validation, serialization, a dozen event hooks, endpoint rules, a second SHA-256 of a PUT's
-        body for the signature, its response parsing and streaming body): that was ~2 ms of CPU per 512 KiB PUT
-        and ~1.5 ms per GET. What stays botocore's: the SigV4 signer, the error parser and exception classes
-        (a 503 SlowDown is a ClientError that is_throttled recognises, a 412 one that precondition_failed does,
-        a 404 a NoSuchKey), and the connection errors aiobotocore raises (_sending, _read_block).
-        → the answer (status < 300), its body read unless stream (then read it with _read_block; leaving
-        drops the connection unless it was read to its end)."""
+        """One request for key as aiobotocore sends it, without the client's per-request work (~2 ms of CPU per PUT),
+        failing as it does (botocore's signer, error parser and exceptions) → the answer (status < 300), its
+        body read unless stream (then read it with _read_block)."""
         url = f"{self._base_url}/{percent_encode(key, safe='/~')}"
         request = AWSRequest(method, url, headers={"host": self._host, **headers})
         request.context["payload_sha256"] = payload_sha256
         self._signer.add_auth(request)
         assert self._http is not None
         with _sending(url, request):
-            # No "Expect: 100-continue": its wait for the store's interim answer before the body was a round trip
-            # (and a wake-up of the store's process) inside every write-through ack, to save sending a body below
-            # multipart_threshold in the rare case the store refuses it.
+            # No "Expect: 100-continue": its wait for the store's interim answer was a round trip inside every ack
             resp = await self._http.request(method, URL(url, encoded=True), data=body,
                                             headers={**request.headers, "Accept-Encoding": "identity"},
                                             skip_auto_headers=_NO_AUTO_HEADERS, proxy=self._proxy[0],
@@ -495,15 +450,12 @@ class S3Uplink:
     async def put_raw(self, key: str, body: bytes) -> PutResult:
         """Put bytes under an absolute key (outside the namespace prefix: audit logs), checksummed."""
         sha = hashlib.sha256(body).hexdigest()
-        await self.up_bucket.acquire(len(body))
         return await self._put(key, body, sha, put_headers({META_SHA: sha}, None, None, {}))
 
     async def copy(self, src: str, dst: str, sha256: str | None, lock: Lock | None = None,
                    condition: dict[str, str] | None = None, src_etag: str | None = None) -> PutResult:
-        """Server-side copy (no traffic on the private line), verified by the copy's recorded hash. A condition
-        on the destination works as in put_file (S3 answers 412 if dst is not the object expected). src_etag: the
-        source object the caller looked at (its HEAD); S3 refuses the copy (412) if src holds another one by now,
-        where the check afterwards would have found the other content only once it was under dst."""
+        """Server-side copy (no traffic on the line), verified by the copy's recorded hash; condition as in
+        put_file. src_etag: the source the caller's HEAD saw; S3 refuses (412) if src holds another one by now."""
         lock_args = {**lock.s3_args(), "ChecksumAlgorithm": "SHA256"} if lock else {}
         resp = await self._client.copy_object(
             Bucket=self.cfg.bucket, Key=self.key(dst),
@@ -529,8 +481,7 @@ class S3Uplink:
                                                      **version)
 
     async def delete(self, path: str) -> bool:
-        """→ whether the client sent it more than once (it retries once by itself): an attempt that had no answer
-        may still land, after a new object took the key."""
+        """→ whether the client sent it twice (it retries): an unanswered attempt may land after a new object."""
         resp = await self._client.delete_object(Bucket=self.cfg.bucket, Key=self.key(path))
         return int(resp.get("ResponseMetadata", {}).get("RetryAttempts", 0)) > 0
 
@@ -539,11 +490,8 @@ class S3Uplink:
     @contextlib.asynccontextmanager
     async def get(self, path: str, on_etag: Callable[[str | None, bool], None] | None = None,
                   sha256: str | None = None) -> AsyncIterator[tuple[int, str | None, AsyncIterator[bytes]]]:
-        """→ (the file's size, the object's sha256 metadata, an iterator of rate-limited chunks of the file:
-        decoded when the object is compressed; Undecodable when it does not decode). on_etag(the object's
-        ETag, whether it can be read at an offset) runs once it answered (ranged reads of the same version
-        use it). sha256: the content expected; an object whose metadata names other content (its key was
-        written again since the read was planned) raises ChecksumMismatch before any of it is read."""
+        """→ (the file's size, its sha256 metadata, rate-limited decoded chunks); on_etag(ETag, rangeable) once it
+        answered. sha256: the content expected; other content (the key written again) is ChecksumMismatch."""
         async with self._request("GET", self.key(path), "GetObject", {}, stream=True) as resp:
             head = _object_head(resp.headers)
             if sha256 and meta_sha(head["Metadata"]) not in (None, sha256):
@@ -570,8 +518,7 @@ class S3Uplink:
             yield data
 
     async def decoded_sha256(self, path: str) -> tuple[int, str]:
-        """(size, SHA-256) of the file a (compressed) object holds, streamed and decoded: `pacsgw fsck
-        --remote` on objects whose stored bytes S3 checked but whose decoding nobody did yet."""
+        """(size, SHA-256) of the file a (compressed) object holds, decoded: `pacsgw fsck --remote`."""
         h, n = hashlib.sha256(), 0
         async with self.get(path) as (_size, _sha, chunks):
             async for data in chunks:
@@ -580,8 +527,7 @@ class S3Uplink:
         return n, h.hexdigest()
 
     async def get_range(self, path: str, start: int, length: int, etag: str | None) -> bytes:
-        """length bytes of the object from start (fewer at its end), of the version with this ETag only:
-        a cold read at an offset gets its bytes without waiting for the whole object to stream in."""
+        """length bytes from start of the version with this ETag: a cold read at an offset need not wait."""
         ask = {"Range": f"bytes={start}-{start + length - 1}", **({"If-Match": etag} if etag else {})}
         async with self._request("GET", self.key(path), "GetObject", ask, stream=True) as resp:
             if encoding_of(_object_head(resp.headers)["Metadata"]) is not None:
@@ -589,23 +535,20 @@ class S3Uplink:
             return b"".join([data async for data in self._blocks(resp)])
 
     async def head(self, path: str) -> dict[str, Any] | None:
-        """The object's HeadObject answer as the client parses it (metadata, size, ETag, version, Object Lock
-        fields); None when there is none."""
+        """The object's HeadObject answer as the client parses it; None when there is none."""
         try:
             async with self._request("HEAD", self.key(path), "HeadObject", {}) as resp:
                 head: dict[str, Any] = self._parser.parse(
                     {"status_code": resp.status, "headers": resp.headers, "body": b""},
                     self._models["HeadObject"].output_shape)
         except ClientError as e:
-            if e.response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 404:
+            if _status(e) == 404:
                 return None
             raise
         return head
 
     async def walk(self, logical: bool = True) -> AsyncIterator[list[Row]]:
-        """Every object of the namespace, a listing page at a time: (path, size, mtime, etag). Keys that are
-        no valid namespace path (empty, '.' or '..' segments, directory markers) are left out. logical=False:
-        the stored sizes as listed (a caller that HEADs every object anyway)."""
+        """Every object of the namespace, a page at a time, invalid paths left out; logical=False: sizes as listed."""
         prefix = self.cfg.prefix
         paginator = self._client.get_paginator("list_objects_v2")
         async for page in paginator.paginate(Bucket=self.cfg.bucket, Prefix=prefix):
@@ -638,10 +581,7 @@ class S3Uplink:
         return RemoteListing(objects, dirs)
 
     async def logical_sizes(self, rows: list[Row]) -> list[Row]:
-        """The rows with each object's logical size (the file's, not the compressed object's): from the
-        catalog when it knows the object (same ETag), else from the object's HEAD (one request per unknown
-        object, max_concurrency at a time). Objects gone since the listing are left out. Asked whatever
-        `compress` says here: another box, or this one before its setting changed, may have compressed it."""
+        """The rows with each object's logical size: from the catalog by ETag, else a HEAD; gone ones left out."""
         if not rows:
             return rows
         known = await self.known_sizes([(r[0], r[3]) for r in rows]) if self.known_sizes else {}
@@ -666,8 +606,7 @@ class S3Uplink:
 
 
 async def _parts(fd: int, size: int, chunk: int, whole: Any, compress: bool) -> AsyncIterator[tuple[int, bytes]]:
-    """(part number, body) of a multipart upload of the size bytes behind fd, adding them to the hash
-    `whole` as read; compressed: parts of `chunk` compressed bytes (the last one shorter)."""
+    """(part number, body) of a multipart upload of fd, hashed into `whole`; compressed: `chunk` bytes of output."""
     packer = encoding.compressor(size) if compress else None
     pending, number = b"", 1
     for offset in range(0, size, chunk):

@@ -1,13 +1,8 @@
 """The namespace and every file's state, in SQLite (WAL) on the SSD: the only metadata store.
 
-RAM does not grow with the number of files: lookups and listings go through indexes, totals are kept
-by triggers in a one-row table, and the upload queue is the set of rows whose state is not 'clean'.
-
-One Catalog, one connection, its methods in one part per concern: names.py (the namespace the front ends
-change), remote.py (what the bucket says), uploads.py (the upload queue and tombstones), heat.py (the cached
-copies and their reads), studies.py (studies, prior fetches, the DICOM index); schema.py has every table.
-Catalog is synchronous and not thread-safe: AsyncCatalog runs every call on one dedicated thread, but `get`
-and `get_many`, which read through a read-only connection of its own.
+RAM does not grow with the number of files: indexes, totals kept by triggers, the queue is the rows not 'clean'.
+One Catalog, one connection, a part per concern: names.py, remote.py (what the bucket says), uploads.py (queue,
+tombstones), heat.py (cached copies, reads), studies.py (studies, the DICOM index); schema.py has every table.
 """
 
 from __future__ import annotations
@@ -42,8 +37,7 @@ class Catalog(Namespace, RemoteSync, Uploads, Heat, Studies):
 
 
 async def _answer(done: asyncio.Future[R]) -> R:
-    """What the catalog thread set on done. The catalog shares the cache disk: its full disk is the front ends'
-    NoSpace too."""
+    """What the catalog thread set on done; its full disk (the cache's) is the front ends' NoSpace too."""
     try:
         return await done
     except sqlite3.OperationalError as e:
@@ -54,8 +48,7 @@ async def _answer(done: asyncio.Future[R]) -> R:
 
 def _offload(method: Callable[Concatenate[Catalog, P], R]) -> Callable[Concatenate[AsyncCatalog, P],
                                                                       Coroutine[Any, Any, R]]:
-    """`await db.totals()` runs `Catalog.totals()` on the catalog's thread, typed as it is. A call
-    queued runs even if its caller is cancelled meanwhile (as one already running always did)."""
+    """`await db.totals()` runs `Catalog.totals()` on the catalog's thread, typed; it runs even if cancelled."""
     async def call(self: AsyncCatalog, /, *args: P.args, **kwargs: P.kwargs) -> R:
         loop = asyncio.get_running_loop()
         done: asyncio.Future[R] = loop.create_future()
@@ -66,9 +59,7 @@ def _offload(method: Callable[Concatenate[Catalog, P], R]) -> Callable[Concatena
 
 def _grouped(method: Callable[Concatenate[Catalog, P], R]) -> Callable[Concatenate[AsyncCatalog, P],
                                                                       Coroutine[Any, Any, R]]:
-    """Like _offload, for a durable write that may share its transaction and fsync with the same writes other
-    sessions make meanwhile (group commit, CatalogBase.group): the calls that arrive while the catalog thread
-    is busy run together in its next transaction. Each caller returns only after that COMMIT."""
+    """Like _offload, for a durable write sharing the next group commit (CatalogBase.group) with others."""
     async def call(self: AsyncCatalog, /, *args: P.args, **kwargs: P.kwargs) -> R:
         loop = asyncio.get_running_loop()
         done: asyncio.Future[R] = loop.create_future()
@@ -90,22 +81,18 @@ def _settle(done: asyncio.Future[Any], result: Any) -> None:
 
 
 class AsyncCatalog:
-    """Runs Catalog calls on one dedicated thread, so SQLite's fsyncs never block the event loop: every method
-    the agent awaits (the commands that open a Catalog of their own, and tests, call it directly)."""
+    """Runs Catalog calls on one dedicated thread, so SQLite's fsyncs never block the event loop."""
 
     def __init__(self, catalog: Catalog) -> None:
         self.catalog = catalog
-        # The thread takes (call, the caller's future or None, its loop) from a plain queue: run_in_executor's two
-        # futures, their chained callbacks and the pool's bookkeeping were ~14 % of a cached read's Python time.
+        # A plain queue of (call, the caller's future or None, its loop): run_in_executor was ~14 % of a cached read
         self._calls: queue.SimpleQueue[_Call | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._serve, name="catalog", daemon=True)
         self._thread.start()
         self._group: list[tuple[Callable[[], Any], asyncio.Future[Any]]] = []
         self._group_lock = threading.Lock()
-        # `get` and `get_many` (every open and stat: a cached read's first step, a new file's directory walk) read on
-        # the caller's thread through a read-only connection of its own: a WAL reader sees every committed row and
-        # never waits for the writer. The hop to the catalog thread and back (two wake-ups, the self-pipe, a turn
-        # of the loop) was the largest wait before a cached read's first byte (issue 14).
+        # `get` and `get_many` read on the caller's thread through a read-only WAL connection, which never waits for
+        # the writer: the hop to the catalog thread was the largest wait before a cached read's first byte.
         self._reader = sqlite3.connect(catalog.db.execute("PRAGMA database_list").fetchone()[2],
                                        isolation_level=None, check_same_thread=False)
         self._reader.execute("PRAGMA query_only=ON")
@@ -148,8 +135,7 @@ class AsyncCatalog:
         return rows_of(self._reader, paths)
 
     async def copies_read(self, key: str) -> bool:
-        """A rename still waits to be copied from key (another path's copy_from is key): one indexed lookup,
-        asked before every upload, so on the reader connection, not a hop to the catalog thread."""
+        """A rename still waits to be copied from key: asked before every upload, so on the reader connection."""
         return self._reader.execute("SELECT 1 FROM entries WHERE copy_from = ? AND path != ? LIMIT 1",
                                     (key, key)).fetchone() is not None
 

@@ -69,10 +69,8 @@ class CatalogBase:
         self.ship_index = False  # the agent ships study-index deltas: mark_clean queues each row (dicom_unshipped)
 
     def group(self, calls: Sequence[Callable[[], Any]]) -> list[Any]:
-        """Group commit: run calls (each opens its own transaction) in ONE durable transaction, one fsync for
-        all → each call's result, or the exception it raised. A call that raises is rolled back to its
-        SAVEPOINT alone; the others commit. Nothing is returned before the COMMIT: a caller told "done" has
-        its row on disk exactly as with a commit of its own. If the COMMIT fails, every call gets that error."""
+        """Group commit: calls (each opening its own transaction) in ONE durable transaction → each call's result or
+        exception (a raising call is rolled back to its SAVEPOINT alone). Nothing returns before the COMMIT."""
         if len(calls) == 1:
             try:
                 return [calls[0]()]
@@ -101,13 +99,8 @@ class CatalogBase:
 
     @contextlib.contextmanager
     def _tx(self, durable: bool = True) -> Iterator[None]:
-        """BEGIN IMMEDIATE … COMMIT, or ROLLBACK on any exception.
-
-        A durable transaction (synchronous=FULL) is fsynced before it returns: every change a client is told
-        about. Bookkeeping that can be redone after a power cut (upload results, access counts, claims) commits
-        with synchronous=NORMAL — safe against a crash of the process, and fsynced by the next durable commit.
-        A member of a group commit is a SAVEPOINT of the group's transaction, which is durable.
-        """
+        """BEGIN IMMEDIATE … COMMIT, or ROLLBACK on any exception (in a group commit, a SAVEPOINT). durable (FULL):
+        what a client is told about; bookkeeping redone after a power cut commits with NORMAL (safe from crashes)."""
         grouped = self._grouped
         if not grouped and self._synchronous_full != durable:
             self.db.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
@@ -123,8 +116,7 @@ class CatalogBase:
         try:
             self.db.execute("RELEASE member" if grouped else "COMMIT")
         except sqlite3.Error:
-            # E.g. SQLITE_FULL: the transaction may still be open; leave it rolled back, or every
-            # later BEGIN fails ("cannot start a transaction within a transaction").
+            # E.g. SQLITE_FULL: a transaction left open fails every later BEGIN
             if self.db.in_transaction and not grouped:
                 self.db.execute("ROLLBACK")
             raise
@@ -135,10 +127,7 @@ class CatalogBase:
             return self.db.execute(sql, args).rowcount
 
     def _next_gen(self) -> int:
-        """A generation never handed out before, to any path (inside the caller's transaction). Per-path
-        counters came back: a file deleted and written again, or another file renamed over it, got the gen an
-        earlier transfer still in flight held, and that transfer's late mark_clean then matched the new row.
-        Starts above 1, the gen of rows that only mirror S3 (listings, inventories)."""
+        """A gen never handed out, to any path (per-path ones let a late mark_clean match a new row); above 1."""
         row = self.db.execute(
             "INSERT INTO agent_state (key, value) VALUES ('gen', (SELECT MAX(COALESCE(MAX(gen), 0), 1) + 1 "
             "FROM entries)) ON CONFLICT(key) DO UPDATE SET value = CAST(value AS INTEGER) + 1 RETURNING value"
@@ -150,20 +139,16 @@ class CatalogBase:
         self.db.executemany("INSERT OR REPLACE INTO dicom_objects VALUES (?, ?, ?, ?, ?, ?, ?, ?)", rows)
 
     def _bury(self, key: str, etag: str | None, now: float) -> None:
-        """key's object (etag: the one this box knew there) is to be deleted: a tombstone (inside the caller's
-        transaction)."""
+        """key's object (etag: the one this box knew) is to be deleted: a tombstone, in the caller's transaction."""
         self.db.execute("INSERT OR IGNORE INTO tombstones (key, queued, etag) VALUES (?, ?, ?)", (key, now, etag))
 
     def _unbury(self, key: str) -> str | None:
-        """key is written again before its tombstone ran (inside the caller's transaction): the tombstone goes; →
-        the ETag of the object this box knew there, which the new file's upload replaces: an HA box's conditional PUT
-        or copy names it (with none named it took its own old object for the other box's write)."""
+        """key is written before its tombstone ran: it goes → the ETag known there, for HA's conditional write."""
         row = self.db.execute("DELETE FROM tombstones WHERE key = ? RETURNING etag", (key,)).fetchone()
         return str(row[0]) if row and row[0] is not None else None
 
     def _doubt(self, key: str, sha256: str | None = None) -> None:
-        """A write to key (of content sha256; None: a DELETE or unknown) may still land, its outcome unknown (inside
-        the caller's transaction): Uploads.recheck."""
+        """A write to key (of sha256; None: a DELETE) may still land: a doubt (Uploads.recheck), caller's tx."""
         now = time.time()
         self.db.execute("INSERT INTO doubts (key, since, next_check, sha256) VALUES (?, ?, ?, ?) ON CONFLICT(key) DO "
                         "UPDATE SET since = excluded.since, next_check = excluded.next_check, checks = 0, sha256 = "

@@ -16,9 +16,7 @@ class Heat(CatalogBase):
                            "WHERE path = ? AND gen = ? AND blob IS NULL", (blob, sha256, path, gen), durable=False) == 1
 
     def uncache(self, path: str, gen: int) -> str | None:
-        """Drop the cached copy of a clean file (eviction). → its blob, or None if not evictable now: also while a
-        write of other content (or a DELETE) to its key may still land (a doubt), when the cached copy is what
-        uploads it again."""
+        """Drop a clean file's cached copy → its blob; None if not evictable (a doubt: the copy re-uploads it)."""
         with self._tx(durable=False):
             row = self.db.execute("SELECT blob FROM entries WHERE path = ? AND gen = ? AND state = 'clean' AND blob IS "
                                   "NOT NULL AND NOT EXISTS (SELECT 1 FROM doubts WHERE doubts.key = entries.path AND "
@@ -38,13 +36,11 @@ class Heat(CatalogBase):
         return self._exists("SELECT 1 FROM entries WHERE blob = ?", (blob,))
 
     def cached_after(self, last_blob: str, limit: int) -> list[Entry]:
-        """A page of cached files in blob order after `last_blob`: through the partial blob index, so a
-        page costs what the cache holds, not what the archive holds (in path order it scanned every file)."""
+        """A page of cached files in blob order after `last_blob` (the partial blob index: no scan of the archive)."""
         return self._entries(f"SELECT {COLUMNS} FROM entries WHERE blob > ? ORDER BY blob LIMIT ?", (last_blob, limit))
 
     def eviction_rows(self, limit: int) -> list[tuple[str, int, int, float, int, float]]:
-        """(path, gen, size, last access, access count, mtime) of the `limit` least recently read clean cached
-        files: the eviction policy's input. Dirty and uploading files are never in it."""
+        """(path, gen, size, last access, count, mtime) of the `limit` least recently read clean cached files."""
         return self.db.execute(
             "SELECT path, gen, size, COALESCE(last_access, mtime), access_count, mtime FROM entries "
             "WHERE state = 'clean' AND blob IS NOT NULL ORDER BY last_access LIMIT ?", (limit,)).fetchall()
@@ -64,8 +60,7 @@ class Heat(CatalogBase):
 
     def record_access(self, hits: Iterable[tuple[str, float, int]],
                       heat: Iterable[tuple[str, str, int, int, int]] = ()) -> tuple[int, int]:
-        """Batched access statistics: per file (path, last access time, count) and per directory and day
-        (dir, day, reads, misses, bytes). → (files, bytes) of prefetched files read for the first time."""
+        """Batched reads per file (path, time, count) and per dir and day → (files, bytes) of prefetches first read."""
         hits = list(hits)
         with self._tx(durable=False):
             self.db.executemany("UPDATE entries SET last_access = MAX(COALESCE(last_access, 0), ?), "

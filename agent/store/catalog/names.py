@@ -63,9 +63,8 @@ class Namespace(CatalogBase):
 
     def commit_write(self, path: str, blob: str, size: int, sha256: str, mtime: float, *,
                      claim: bool, base: int | None = None) -> tuple[int, str | None]:
-        """Record new content for path (state dirty, or uploading when claim). → (gen, replaced blob).
-        `base`: the gen of the version the writer started from (-1: none); a version stored since is then not
-        replaced (PermissionDenied): the writer's right to replace was judged on the one it saw."""
+        """Record new content for path (dirty, or uploading when claim) → (gen, replaced blob). `base`: the gen the
+        writer's right to replace was judged on (-1: none); a version stored since is not replaced."""
         now = time.time()
         with self._tx():
             old = self.get(path)
@@ -90,13 +89,7 @@ class Namespace(CatalogBase):
         return gen, (old.blob if old else None)
 
     def rename(self, src: str, dst: str, base: int | None = None) -> list[str]:
-        """Move a file or a whole directory; → blobs of files the move replaced (to delete). `base`: the gen
-        of the target the caller's right to replace was judged on (-1: none), as in `commit_write`.
-
-        Each moved file becomes dirty again: its object must appear under the new key, by a server-side
-        copy from the old key when the old object is complete, else by a fresh upload. The old keys
-        become tombstones, deleted once no pending copy reads from them.
-        """
+        """Move a file or directory → blobs it replaced; `base` as in commit_write; each moved file is dirty again."""
         now = time.time()
         replaced: list[str] = []
         with self._tx():
@@ -134,9 +127,8 @@ class Namespace(CatalogBase):
             self.db.execute("INSERT INTO entries (path, parent, name, is_dir, mtime, listed) VALUES (?, ?, ?, 1, ?, ?)",
                             (new_path, parent_of(new_path), name_of(new_path), e.mtime, int(e.listed)))
             return
-        # A complete object exists under the old key only when the row was clean (or already a pending
-        # copy, waiting or running, whose source is still protected): copy from there; otherwise upload from
-        # the cache (an upload of new content is in flight or waits: the content is in the cache).
+        # Copy from the old key only when a complete object is there (the row was clean, or a pending copy whose
+        # source is protected); otherwise the content is in the cache, to upload.
         copy_from = e.path if e.state == "clean" else e.copy_from
         known = self._unbury(new_path)  # the object of a file deleted there, if any
         self.db.execute(
@@ -147,8 +139,7 @@ class Namespace(CatalogBase):
         self._bury(e.path, e.etag, now)
 
     def _superseded(self, e: Entry) -> None:
-        """e's row is gone or holds newer content: an upload of it on the wire now may land after the key's
-        tombstone or the newer upload, even after a kill -9 (when nothing else remembers it was sent)."""
+        """e's row is gone or newer: an upload of it on the wire may still land, even after a kill -9: a doubt."""
         if e.state == "uploading":
             self._doubt(e.path, e.sha256)
 

@@ -34,8 +34,7 @@ class RemoteSync(CatalogBase):
             self.db.execute("UPDATE entries SET listed = 1 WHERE path = ?", (path,))
 
     def known_sizes(self, objects: list[tuple[str, str | None]]) -> dict[str, int]:
-        """The catalog's sizes of listed (path, ETag) objects it knows: same ETag, so the logical size a
-        compressed object's listing cannot show (agent.uplink.s3.logical_sizes asks S3 for the rest)."""
+        """The catalog's sizes of listed (path, ETag) objects it knows by ETag: logical sizes a listing cannot show."""
         known = {}
         for path, etag in objects:
             row = self.db.execute("SELECT size, etag FROM entries WHERE path = ? AND is_dir = 0", (path,)).fetchone()
@@ -44,18 +43,12 @@ class RemoteSync(CatalogBase):
         return known
 
     def correct_size(self, path: str, gen: int, listed: int, size: int) -> bool:
-        """An uncached clean row that holds a compressed object's listed size (merged before listings carried
-        logical sizes) takes the file's size. → False if the row changed meanwhile."""
+        """A clean uncached row holding a compressed object's listed size takes the file's; False: it changed."""
         return self._write("UPDATE entries SET size = ? WHERE path = ? AND gen = ? AND size = ? AND state = 'clean' "
                            "AND blob IS NULL", (size, path, gen, listed), durable=False) == 1
 
     def import_inventory(self, files: Iterable[tuple[str, int, float]], batch: int = 200_000) -> int:
-        """Record objects already in S3 (an inventory of path, size, mtime) as clean, uncached files.
-
-        The inventory is taken as complete: the directories it implies are created as listed, so they are
-        never listed remotely. Existing rows are kept. Bulk speed needs path order; memory is one batch.
-        → the number of files added.
-        """
+        """Record a complete S3 inventory (path order) as clean, uncached files, keeping rows → files added."""
         added, rows = 0, iter(files)
         while chunk := list(itertools.islice(rows, batch)):
             dirs = {d for p in {parent_of(f[0]) for f in chunk} for d in ancestors(p + "/x")[1:]}
@@ -72,8 +65,7 @@ class RemoteSync(CatalogBase):
         return added
 
     def unlist_all(self) -> None:
-        """Every directory is listed again on its next use (a take-over: the old active may have written
-        since the standby's last sync)."""
+        """Every directory is listed again on its next use (a take-over: the old active may have written since)."""
         self._write("UPDATE entries SET listed = 0 WHERE is_dir = 1", durable=False)
 
     def hot_paths(self, limit: int) -> list[str]:
@@ -87,9 +79,7 @@ class RemoteSync(CatalogBase):
         self.db.execute("DELETE FROM follow_seen")
 
     def follow_batch(self, objects: list[tuple[str, int, float, str | None]]) -> tuple[int, int, list[str]]:
-        """One page of a full listing of the bucket (path, size, mtime, etag): a new object becomes a clean,
-        uncached file; a clean file whose object changed (size or etag) takes the new object and drops its
-        cached copy. Dirty rows are this box's own queue and stay. → (added, changed, blobs to delete)."""
+        """A page of the bucket's listing: new objects, changed ones over clean rows → (added, changed, stale blobs)."""
         now, added, changed, stale = time.time(), 0, 0, []
         with self._tx(durable=False):
             self.db.executemany("INSERT OR IGNORE INTO follow_seen VALUES (?)", ((o[0],) for o in objects))
@@ -129,8 +119,7 @@ class RemoteSync(CatalogBase):
         return gone
 
     def adopt_remote(self, path: str, gen: int, size: int | None, etag: str | None) -> str | None:
-        """This box's queued content lost to the other HA box's newer object: the row takes that object
-        (uncached; or goes, when the object was deleted). → the blob to delete."""
+        """The other HA box's newer object won: the row takes it (uncached) or goes (deleted) → blob to delete."""
         with self._tx():
             e = self.get(path)
             if e is None or e.gen != gen:

@@ -10,16 +10,12 @@ from __future__ import annotations
 import sqlite3
 from pathlib import Path
 
-# PRAGMA user_version of a catalog this release writes. Bump it (and add the migration) only for a change an
-# older release cannot read correctly; a new table that older releases simply ignore needs no bump. The
-# guard in both directions: a release refuses a catalog written by a newer schema (a rollback across a
-# schema change must restore the catalog the old release wrote), and a catalog older than this release
-# knows how to upgrade. 0 is a catalog from before versioning (its tables are version 1's) or a new file.
+# PRAGMA user_version this release writes: bump it (with a migration) only for a change an older release cannot
+# read; the guard refuses newer catalogs and older ones without a migration. 0: before versioning, or a new file.
 SCHEMA_VERSION = 1
 
 
-# Columns added after version 1, nullable, which older releases (naming their columns) neither read nor miss:
-# no version bump, added to an older catalog when it is opened (add_columns). (table, column, type)
+# (table, column, type) added after version 1, nullable, unseen by older releases: added on open, no bump
 ADDED_COLUMNS = (("tombstones", "etag", "TEXT"),)
 
 

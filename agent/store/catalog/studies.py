@@ -34,8 +34,7 @@ class Studies(CatalogBase):
                     (dir, rank, time.time()), durable=False)
 
     def settle_prior_fetches(self) -> list[tuple[int, bool]]:
-        """Decide the outcome of prior fetches still open: used when one of the study's files was read since,
-        unused when none of them is cached any more. → (rank, used) of those decided now."""
+        """Settle open prior fetches: used once a file was read, unused once none is cached → (rank, used)."""
         settled = []
         with self._tx(durable=False):
             for d, rank, fetched in self.db.execute(
@@ -60,14 +59,11 @@ class Studies(CatalogBase):
             self._index_rows(rows)
 
     def copy_dicom_row(self, src: str, dst: str) -> None:
-        """A server-side copy (rename) of an indexed object: index the copy too (the source leaves with its
-        tombstone)."""
+        """A server-side copy (rename) of an indexed object: index the copy too."""
         self._write(COPY_INDEX_ROW, (dst, src), durable=False)
 
     def unshipped_index_rows(self, limit: int) -> list[tuple[object, ...]]:
-        """Up to limit study-index rows for the next index delta, as snapshot rows (path, size, etag, study, …):
-        rows whose object is confirmed in S3 under the ETag they were queued with. Queued rows whose object is
-        gone are dropped here; those whose file is being written again wait for its upload."""
+        """Up to limit snapshot rows for the next index delta: objects confirmed under their queued ETag."""
         with self._tx(durable=False):
             # kept: rows of an indexed object that is confirmed under the queued ETag or still on its way
             self.db.execute(
