@@ -100,6 +100,56 @@ def test_an_upload_costs_few_ssh_packets(agent_factory, monkeypatch):
     assert s3_objects(agent.store, agent.prefix)["big.dcm"]["sha256"] == sha256(data)
 
 
+def test_replies_to_pipelined_writes_share_a_packet(agent_factory, monkeypatch):
+    """The replies the SFTP loop writes in one turn of the event loop leave in one SSH packet: 16 WRITEs that arrive
+    together (OpenSSH's sftp pipelines its 32 KiB writes so) are answered in one CHANNEL_DATA packet, not 16."""
+    agent = agent_factory().start()
+    received: list[int] = []  # CHANNEL_DATA packets this client received
+    handlers = asyncssh.channel.SSHChannel._packet_handlers
+    data_handler = handlers[MSG_CHANNEL_DATA]
+
+    def counted(self, *args):
+        received.append(1)
+        return data_handler(self, *args)
+
+    monkeypatch.setitem(handlers, MSG_CHANNEL_DATA, counted)
+
+    def u32(n: int) -> bytes:
+        return n.to_bytes(4, "big")
+
+    def string(b: bytes) -> bytes:
+        return u32(len(b)) + b
+
+    def packet(kind: int, *fields: bytes) -> bytes:
+        return string(bytes([kind]) + b"".join(fields))
+
+    async def reply(reader) -> bytes:
+        return await reader.readexactly(int.from_bytes(await reader.readexactly(4), "big"))
+
+    block = os.urandom(1024)
+
+    async def session() -> None:
+        async with connect(agent) as conn:
+            writer, reader, _ = await conn.open_session(subsystem="sftp", encoding=None)
+            writer.write(packet(1, u32(3)))  # INIT → VERSION
+            await reply(reader)
+            pflags = asyncssh.FXF_WRITE | asyncssh.FXF_CREAT | asyncssh.FXF_TRUNC
+            writer.write(packet(3, u32(1), string(b"/piped.dcm"), u32(pflags), u32(0)))  # OPEN → HANDLE
+            opened = await reply(reader)
+            handle = opened[9:9 + int.from_bytes(opened[5:9], "big")]
+            received.clear()
+            writer.write(b"".join(packet(6, u32(10 + i), string(handle), (i * len(block)).to_bytes(8, "big"),
+                                         string(block)) for i in range(16)))
+            statuses = [await reply(reader) for _ in range(16)]
+            assert [(s[0], s[1:5], s[5:9]) for s in statuses] == [(101, u32(10 + i), u32(0)) for i in range(16)]
+            assert len(received) == 1
+            writer.write(packet(4, u32(99), string(handle)))  # CLOSE → STATUS OK
+            assert (await reply(reader))[5:9] == u32(0)
+
+    run(session())
+    assert s3_objects(agent.store, agent.prefix)["piped.dcm"]["sha256"] == sha256(block * 16)
+
+
 def test_public_key_auth_and_wrong_password(agent_factory, tmp_path):
     key = asyncssh.generate_private_key("ssh-ed25519")
     (tmp_path / "authorized_keys").write_bytes(key.export_public_key())
