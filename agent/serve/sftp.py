@@ -141,6 +141,10 @@ def _coalesced(chan: asyncssh.SSHServerChannel[bytes]) -> None:
             write(data)
 
     def hold(data: bytes, datatype: asyncssh.DataType = None) -> None:
+        if len(data) >= REPLIES_HELD:  # a READ's data leaves at once, after what is held, and is not copied
+            flush()
+            write(data)
+            return
         if not held:
             loop.call_soon(flush)
         held.extend(data)
