@@ -150,12 +150,13 @@ async def sftp_mkdirs(port: int, dirs: list[str]) -> None:
             await sftp.makedirs("/" + d, exist_ok=True)
 
 
-async def sftp_clients(port: int, shards: list[list[int]], run: Run, blocks: list[bytes]) -> None:
+async def sftp_clients(port: int, shards: list[list[int]], run: Run, blocks: list[bytes], block: int = -1) -> None:
+    """block: bytes per WRITE request (-1: the most the server takes; OpenSSH's sftp and most clients send 32 KiB)"""
     async def one(idx: list[int]) -> None:
         async with _ssh(port) as conn, conn.start_sftp_client() as sftp:
             for i in idx:
                 try:
-                    f = await sftp.open("/" + key_of(i), "wb")
+                    f = await sftp.open("/" + key_of(i), "wb", block_size=block)
                     await f.write(content(run.protocol, i, run.size, blocks))
                     t0 = time.perf_counter()
                     await f.close()
@@ -174,7 +175,7 @@ def mkdirs(protocol: str, port: int, files: int) -> None:
         asyncio.run(sftp_mkdirs(port, directories(files)))
 
 
-def ingest(run: Run, port: int, files: range, clients: int, blocks: list[bytes]) -> None:
+def ingest(run: Run, port: int, files: range, clients: int, blocks: list[bytes], sftp_block: int = -1) -> None:
     """Store these files (numbers) with C clients; fills run's timings."""
     shards = [list(files[c::clients]) for c in range(clients)]
     run.load, run.started = load(), time.perf_counter()
@@ -185,7 +186,7 @@ def ingest(run: Run, port: int, files: range, clients: int, blocks: list[bytes])
         for t in threads:
             t.join()
     else:
-        asyncio.run(sftp_clients(port, shards, run, blocks))
+        asyncio.run(sftp_clients(port, shards, run, blocks, sftp_block))
     run.finished = time.perf_counter()
 
 
@@ -214,12 +215,12 @@ def start_target(target: str, protocol: str, args: argparse.Namespace, work: Pat
 
 
 def measure(server, port: int, store: ObjectStore, run: Run, files: range, blocks: list[bytes], clients: int,
-            before: int) -> dict:
+            before: int, sftp_block: int = -1) -> dict:
     """Store these files into one target (which holds `before` files) and wait until they are in S3 → its
     row (with the agent's CPU)."""
     prefix = f"{run.target}-{run.protocol}/"
     cpu0 = tree_cpu_seconds(server.proc.pid)
-    ingest(run, port, files, clients, blocks)
+    ingest(run, port, files, clients, blocks, sftp_block)
     run.in_s3 = wait_keys(store, prefix, before + len(files))
     cpu = tree_cpu_seconds(server.proc.pid) - cpu0
     # CPUs busy: the agent's CPU seconds per second until the last file was in S3 (below the CPUs it may use,
@@ -245,14 +246,14 @@ def protocol_rows(protocol: str, args: argparse.Namespace, work: Path, store: Ob
         mkdirs(protocol, port, timed + args.warmup)
         if args.warmup:  # numbered after the timed files: the tree exists, the servers and S3 have started
             measure(server, port, store, Run(target, protocol, args.size), range(timed, timed + args.warmup),
-                    blocks, args.clients, 0)
+                    blocks, args.clients, 0, args.sftp_block)
     rounds: dict[str, list[dict]] = {t: [] for t in targets}
     for r in range(args.rounds):
         for target in targets if r % 2 == 0 else targets[::-1]:
             server, port = up[target]
             run = Run(target, protocol, args.size)
             row = measure(server, port, store, run, range(r * per, (r + 1) * per), blocks, args.clients,
-                          args.warmup + r * per)
+                          args.warmup + r * per, args.sftp_block)
             if args.rounds > 1:
                 row["round"] = r
             print(json.dumps(row), flush=True)
@@ -327,6 +328,8 @@ def main() -> int:
     ap.add_argument("--workers", type=int, default=1, help="our agent's [server] workers (default 1)")
     ap.add_argument("--agent-cpus", default="", help="pin our agent (and its workers) to these CPUs, e.g. 0,1")
     ap.add_argument("--rounds", type=int, default=1, help="alternating rounds of files/rounds per target (default 1)")
+    ap.add_argument("--sftp-block", type=int, default=-1,
+                    help="bytes per SFTP WRITE (default: the most the server takes; OpenSSH's sftp sends 32768)")
     ap.add_argument("--warmup", type=int, default=0, help="untimed files per target before the rounds (default 0)")
     args = ap.parse_args()
     if not 1 <= args.rounds <= args.files:

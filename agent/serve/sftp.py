@@ -18,6 +18,7 @@ from typing import Any, AsyncIterator, Awaitable, Callable, NoReturn, TypeVar
 
 import asyncssh
 import structlog
+from asyncssh.constants import MSG_IGNORE
 from asyncssh.stream import SSHServerStreamSession
 
 from agent.audit import Who
@@ -43,6 +44,9 @@ MAX_OPEN_FILES = 64
 # listings, 28 GB for a 3 000-file directory)
 MAX_OPEN_DIRS = 64
 _listings_of: dict[str, weakref.WeakSet[AsyncIterator[asyncssh.SFTPName]]] = {}  # user → its open listings
+# The largest SSH packet a client may send on a session: each costs the agent its own decrypt, parse and dispatch in
+# Python, and asyncssh's default of 32 KiB cut a 512 KiB WRITE into 16 (and asyncssh clients send an IGNORE before each)
+MAX_PKTSIZE = 256 * 1024
 MAX_READ = asyncssh.sftp.MAX_SFTP_READ_LEN  # what asyncssh announces (limits@openssh.com); a longer READ gets less
 
 
@@ -106,6 +110,54 @@ def ensure_host_key(path: str) -> asyncssh.SSHKey:
     return asyncssh.read_private_key(str(p))
 
 
+def _no_ignores(conn: asyncssh.SSHServerConnection) -> None:
+    """asyncssh sends an empty IGNORE packet before every packet once encrypted, whatever the cipher: a CBC mode's
+    countermeasure (its next IV is then unknown to an attacker), and a second encryption, send(2) and wake-up of the
+    client for every SFTP reply. The server offers asyncssh's default ciphers, AEAD and CTR (no CBC): there they
+    protect nothing, and they are left out."""
+    send = conn.send_packet
+
+    def send_packet(pkttype: int, *args: bytes, handler: Any = None) -> None:
+        if pkttype != MSG_IGNORE or "cbc" in conn.get_extra_info("send_cipher", "cbc"):
+            send(pkttype, *args, handler=handler)
+
+    conn.send_packet = send_packet  # type: ignore[method-assign]
+
+
+REPLIES_HELD = 32 * 1024  # the most replies wait for the end of the loop's turn: the smallest packet all clients take
+
+
+def _coalesced(chan: asyncssh.SSHServerChannel[bytes]) -> None:
+    """The replies the SFTP loop writes in one turn of the event loop leave in one SSH packet, at the turn's end:
+    a client's pipelined WRITEs (OpenSSH's sftp sends 32 KiB each, 16 per 512 KiB file) were answered in a packet
+    each, every one encrypted, sent and waking the client on its own."""
+    write, close, loop = chan.write, chan.close, asyncio.get_running_loop()
+    held = bytearray()
+
+    def flush() -> None:
+        data = bytes(held)
+        held.clear()
+        if data and not chan.is_closing():
+            write(data)
+
+    def hold(data: bytes, datatype: asyncssh.DataType = None) -> None:
+        if len(data) >= REPLIES_HELD:  # a READ's data leaves at once, after what is held, and is not copied
+            flush()
+            write(data)
+            return
+        if not held:
+            loop.call_soon(flush)
+        held.extend(data)
+        if len(held) >= REPLIES_HELD:
+            flush()
+
+    def closing() -> None:
+        flush()
+        close()
+
+    chan.write, chan.close = hold, closing  # type: ignore[method-assign]
+
+
 class _Session(SSHServerStreamSession[bytes]):
     """asyncssh's own SFTP-only session (what `listen(sftp_factory=...)` builds), counted on its connection."""
 
@@ -137,6 +189,10 @@ class _Session(SSHServerStreamSession[bytes]):
         else:
             self.ended |= len(data) < 5
         self._length_next = not self._length_next
+
+    def connection_made(self, chan: asyncssh.SSHServerChannel[bytes]) -> None:  # type: ignore[override]
+        super().connection_made(chan)
+        _coalesced(chan)
 
     def connection_lost(self, exc: Exception | None) -> None:
         super().connection_lost(exc)
@@ -170,6 +226,7 @@ class _Auth(asyncssh.SSHServer):
 
     def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
         self.conn, self.address = conn, unmapped(conn.get_extra_info("peername")[0])
+        _no_ignores(conn)
         self.startup = self.startups.admit(self.address, _peer(conn))
         self.startup.task.add_done_callback(self._admitted)
         # counted at once: a connection over the cap is disconnected at its login request, before any password
@@ -545,7 +602,7 @@ class SftpService:
             server_factory=lambda: _Auth(self.passwords, self.cfg.sftp, self.gateway, self.logins, factory, startups),
             agent_forwarding=False, x11_forwarding=False,
             allow_pty=False, login_timeout=60, keepalive_interval=30,
-            acceptor=self._conns.add, reuse_port=reuse_port)
+            acceptor=self._conns.add, reuse_port=reuse_port, max_pktsize=MAX_PKTSIZE)
 
     def stop_accepting(self) -> None:
         if self._acceptor:
