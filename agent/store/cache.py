@@ -74,6 +74,7 @@ class Cache:
         self.staging = root / "staging"
         self.data = root / "data"
         self._data_dir, self._staging_dir = str(self.data), str(self.staging)
+        self._durable_dirs: set[str] = set()  # data/<xx> whose own entry in data/ this process fsynced
         self.data.mkdir(parents=True, exist_ok=True)
         if clear_staging:
             # At agent start, anything left in staging is a write that was never acknowledged: discard it.
@@ -120,6 +121,9 @@ class Cache:
             os.rename(self.staging_path(blob), target)
             if durable:
                 _fsync_dir(parent)
+                if parent not in self._durable_dirs:  # a new data/<xx> (or one from before): a power cut lost it
+                    _fsync_dir(self._data_dir)  # and the acknowledged file in it
+                    self._durable_dirs.add(parent)
         except OSError as e:
             raise _translate(e, blob) from e
 
