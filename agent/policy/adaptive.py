@@ -22,7 +22,6 @@ never do I/O: the caller offers only clean files, so a file not yet in S3 is nev
 
 from __future__ import annotations
 
-import heapq
 from collections import OrderedDict
 from typing import Any, Iterator
 
@@ -77,10 +76,6 @@ TRIM = True
 # a file or two per insert once the cache is full, each after a new sample of the learned expert (3x the replay's
 # CPU at 1 TB); the live agent's passes free more anyway (its watermarks)
 MIN_CUT = 0.02
-# a linked prior evicted before its new study's first read is fetched again when that read is near: at this quantile
-# of the learnt write → first-read delays of studies written at that time of day (docs/replay.md, round 14); None:
-# no second chance; bench/gap_share.py --second-chance overrides
-SECOND_CHANCE: float | None = 0.25
 
 
 class _Doorkeeper:
@@ -173,8 +168,6 @@ class Adaptive:
         self.use_learned = True
         self.door = _Doorkeeper() if DOORKEEPER else None
         self.linked: OrderedDict[Any, Any] = OrderedDict()   # prior → the new study it was fetched for (newest 10k)
-        self.second: list[tuple[float, Any]] = []     # (when, prior): evicted before its new study's read, fetch again
-        self._seconded: OrderedDict[Any, None] = OrderedDict()     # priors given their second chance (newest 10k)
 
     def _request(self, key: Any, now: float, prefetch: bool, written: bool = False) -> None:
         size, created, study = self._meta[key]
@@ -192,10 +185,9 @@ class Adaptive:
         self._meta[key] = (size, created, study)
         self.used += size
         # a linked prior waits for the radiologist's session as its new study does: the fresh segment holds both
-        prior = prefetch and study in self.linked
-        written = written or prior
+        written = written or (prefetch and study in self.linked)
         if written:
-            self.fresh.written(study, size, now, prior)
+            self.fresh.written(study, size, now)
         elif not prefetch:
             self.fresh.read(study, now)
         if self.door is not None:
@@ -228,31 +220,6 @@ class Adaptive:
             self.fresh.removed(meta[2], meta[0])
             if self.door is not None:
                 self.door.removed(meta[2], key)
-            self._second_chance(meta[2])
-
-    def _second_chance(self, prior: Any) -> None:
-        """A file of a linked prior left while its new study is unread: in a cache that turns over in hours a prior
-        fetched at the write is evicted before the next morning's session (round 13: 22–54 % of the prefetched bytes
-        at 3 %); it is fetched again when that session is near, once."""
-        new = self.linked.get(prior)
-        written = self.fresh.unread.get(new) if new is not None else None
-        if SECOND_CHANCE is None or written is None or prior in self._seconded:
-            return
-        self._seconded[prior] = None
-        if len(self._seconded) > 10_000:
-            self._seconded.popitem(last=False)
-        heapq.heappush(self.second, (written + self.fresh.delay_quantile(SECOND_CHANCE, written), prior))
-
-    def second_chances(self, now: float) -> list[Any]:
-        """The priors whose second fetch is due now (their new study still unread), in due order."""
-        out = []
-        while self.second and self.second[0][0] <= now:
-            prior = heapq.heappop(self.second)[1]
-            if self.linked.get(prior) in self.fresh.unread:
-                self.fresh.unread.pop(prior, None)      # lands as a new fetch: held from now until its read
-                self.fresh.priors.discard(prior)
-                out.append(prior)
-        return out
 
     def link(self, prior: Any, new: Any, heat: float) -> None:
         """A prefetched prior's new study (HitDensity.link), for the real cache's learned index and its shadow."""
