@@ -96,3 +96,18 @@ def test_a_cell_below_the_floor_is_explored_and_re_learns() -> None:
         if offered[-1]:
             pf.feedback(cell, used=True)                        # now it is opened
     assert all(offered[-50:])                                   # open again: offered at every chance
+
+
+def test_a_planner_whose_fetches_are_never_read_switches_itself_off() -> None:
+    """A small cache evicts every prefetched prior before its read (the held-out families at 3 %): the planner learns
+    to stop (a shut cell is fetched once in 16 chances, to notice when that changes), so prefetch costs the cache
+    little more than demand-only caching."""
+    pf = PriorPrefetcher(k=3, min_heat=0.2)
+    fetched = 0
+    for day in range(1000):
+        new = StudyInfo(10_000 + day, "CT", 1000.0 + day, 0)
+        priors = [StudyInfo(3 * day + i, ("CT", "MR")[i % 2], 900.0 + day - 100 * i, 10) for i in range(3)]
+        for cell, _, _ in pf.candidates(new, priors):
+            fetched += 1
+            pf.feedback(cell, used=False)                       # evicted unread
+    assert fetched < 3 * 1000 // 10                             # against 3 per new study while it fetched blindly
