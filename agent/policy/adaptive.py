@@ -22,7 +22,6 @@ never do I/O: the caller offers only clean files, so a file not yet in S3 is nev
 
 from __future__ import annotations
 
-import heapq
 from collections import OrderedDict
 from typing import Any, Iterator
 
@@ -77,11 +76,6 @@ TRIM = True
 # a file or two per insert once the cache is full, each after a new sample of the learned expert (3x the replay's
 # CPU at 1 TB); the live agent's passes free more anyway (its watermarks)
 MIN_CUT = 0.02
-# a linked prior evicted before its new study's first read is fetched again when that read is near: at this quantile
-# of the learnt write → first-read delays of studies written at that time of day (docs/replay.md, round 14); None:
-# no second chance; bench/gap_share.py --second-chance overrides
-SECOND_CHANCE: float | None = 0.25
-ONLY_AHEAD = True
 
 
 class _Doorkeeper:
@@ -174,9 +168,6 @@ class Adaptive:
         self.use_learned = True
         self.door = _Doorkeeper() if DOORKEEPER else None
         self.linked: OrderedDict[Any, Any] = OrderedDict()   # prior → the new study it was fetched for (newest 10k)
-        self.second: list[tuple[float, Any]] = []     # (when, prior): evicted before its new study's read, fetch again
-        self._seconded: OrderedDict[Any, None] = OrderedDict()     # studies given their second chance (newest 10k)
-        self.back: OrderedDict[Any, None] = OrderedDict()          # new studies fetched again (held as written)
 
     def _request(self, key: Any, now: float, prefetch: bool, written: bool = False) -> None:
         size, created, study = self._meta[key]
@@ -194,10 +185,9 @@ class Adaptive:
         self._meta[key] = (size, created, study)
         self.used += size
         # a linked prior waits for the radiologist's session as its new study does: the fresh segment holds both
-        prior = prefetch and (study in self.linked or study in self.back)
-        written = written or prior
+        written = written or (prefetch and study in self.linked)
         if written:
-            self.fresh.written(study, size, now, prior)
+            self.fresh.written(study, size, now)
         elif not prefetch:
             self.fresh.read(study, now)
         if self.door is not None:
@@ -230,39 +220,6 @@ class Adaptive:
             self.fresh.removed(meta[2], meta[0])
             if self.door is not None:
                 self.door.removed(meta[2], key)
-
-    def _second_chance(self, study: Any, now: float) -> None:
-        """A file of a study that waits for its first read left: a new study, or a linked prior while its new study
-        is unread. In a cache that turns over in hours one written in the afternoon (and its priors, fetched at the
-        write) is evicted before the next morning's session (round 13: 22–54 % of the prefetched bytes at 3 %); it is
-        fetched again when that session is near, once, if that is still to come."""
-        new = self.linked.get(study, study)
-        written = self.fresh.unread.get(new)
-        if SECOND_CHANCE is None or written is None or study in self._seconded:
-            return
-        self._seconded[study] = None
-        if len(self._seconded) > 10_000:
-            self._seconded.popitem(last=False)
-        due = written + self.fresh.delay_quantile(SECOND_CHANCE, written)
-        if due > now or (not ONLY_AHEAD and now - written <= self.fresh.horizon):
-            heapq.heappush(self.second, (due, study))
-
-    def second_chances(self, now: float) -> list[Any]:
-        """The studies whose second fetch is due now (they, or the new study they were fetched for, still unread), in
-        due order; they land held as new fetches."""
-        out = []
-        while self.second and self.second[0][0] <= now:
-            study = heapq.heappop(self.second)[1]
-            if self.linked.get(study, study) in self.fresh.unread:
-                if study in self.linked:
-                    self.fresh.unread.pop(study, None)      # a prior lands as a new fetch: held from now until read
-                    self.fresh.priors.discard(study)
-                else:
-                    self.back[study] = None
-                    if len(self.back) > 10_000:
-                        self.back.popitem(last=False)
-                out.append(study)
-        return out
 
     def link(self, prior: Any, new: Any, heat: float) -> None:
         """A prefetched prior's new study (HitDensity.link), for the real cache's learned index and its shadow."""
@@ -300,9 +257,7 @@ class Adaptive:
             yield key
         for key in list(chosen.victims(bytes_to_free - freed, now)) if freed < bytes_to_free else ():
             other.on_remove(key)
-            study = self._meta[key][2]
             self._forget(key)
-            self._second_chance(study, now)
             yield key
 
     def status(self) -> dict[str, object]:

@@ -31,9 +31,6 @@ WARM = 50               # first reads seen before the segment protects anything
 HALF_LIFE = 2_000       # first reads after which the delay histogram's weight halves (follow the box's traffic)
 MAX_SHARE = 0.7         # the segment's ceiling, a share of the cache (chosen on the tuning families: 0.5 / 0.7 / 0.9)
 MAX_STUDIES = 200_000
-BLOCK_S = 7_200.0       # the time-of-day blocks of the write → first-read delays (when a second-chance fetch is due)
-WARM_BLOCK = 10         # first reads of studies written in a block before its own delays are used
-DAY = 86_400.0
 
 
 class FreshSegment:
@@ -46,22 +43,15 @@ class FreshSegment:
         self.unread: OrderedDict[Any, float] = OrderedDict()    # written, not read yet (cached or not) → write time
         self.members: OrderedDict[Any, int] = OrderedDict()     # protected now, in write order → bytes
         self.total = 0
-        # write → first-read delays by the time of day of the write (`BLOCK_S` blocks): a study written in the
-        # afternoon is read the next morning, one written at 9 within hours
-        self.by_hour = np.zeros((int(DAY // BLOCK_S), N_AGE))
-        self.priors: set[Any] = set()       # unread prefetched priors: their fetch time is not a write's
 
     def holds(self, study: Any) -> bool:
         return study in self.members
 
-    def written(self, study: Any, size: int, now: float, prior: bool = False) -> None:
-        """A file of an unread `study` landed: written, or (`prior`) prefetched for a new study."""
+    def written(self, study: Any, size: int, now: float) -> None:
         if study not in self.unread:
             self.unread[study] = now
-            if prior:
-                self.priors.add(study)
             if len(self.unread) > MAX_STUDIES:
-                self.priors.discard(self.unread.popitem(last=False)[0])
+                self.unread.popitem(last=False)
         if self.horizon > 0:
             self.members[study] = self.members.get(study, 0) + size
             self.total += size
@@ -71,10 +61,6 @@ class FreshSegment:
         t0 = self.unread.pop(study, None)
         if t0 is not None:
             self._learn(now - t0)
-            if study in self.priors:
-                self.priors.discard(study)
-            else:
-                self.by_hour[int(t0 % DAY // BLOCK_S), age_bucket(now - t0)] += 1
             self.total -= self.members.pop(study, 0)
 
     def _learn(self, delay: float) -> None:
@@ -82,28 +68,12 @@ class FreshSegment:
         self.first_reads += 1
         if self.first_reads % HALF_LIFE == 0:
             self.delays *= 0.5
-            self.by_hour *= 0.5
         if self.first_reads >= WARM:
             cum = np.cumsum(self.delays)
             b = int(np.searchsorted(cum, QUANTILE * cum[-1]))
             self.horizon = float(_LOW[b + 1]) if b + 1 < N_AGE else float("inf")
             # per age bucket a: Σ_{x≥a} H(x) / Σ_{x≥a} (x − a) H(x), as the learned policy's density
             self.density = hit_density(self.delays, self.delays)[0]
-
-    def delay_quantile(self, q: float, written: float) -> float:
-        """The `q` quantile of the write → first-read delays (s) of studies written at the time of day of `written`
-        (of all studies while its block has seen fewer than `WARM_BLOCK`), log-interpolated within its bucket; 0 before
-        `WARM`."""
-        if self.first_reads < WARM:
-            return 0.0
-        block = self.by_hour[int(written % DAY // BLOCK_S)]
-        hist = block if block.sum() >= WARM_BLOCK else self.delays
-        cum = np.cumsum(hist)
-        b = min(int(np.searchsorted(cum, q * cum[-1])), N_AGE - 1)
-        if b == 0 or b + 1 >= N_AGE:
-            return float(_LOW[b])
-        frac = (q * cum[-1] - (cum[b] - hist[b])) / hist[b]
-        return float(_LOW[b] * 2.0 ** frac)             # a bucket spans a doubling
 
     def removed(self, study: Any, size: int) -> None:
         """A file of `study` left the cache."""

@@ -228,12 +228,6 @@ class PolicyStack:
         if link is not None:
             link(prior, new, heat)
 
-    def prior_second_chances(self, now: float) -> list[Hashable]:
-        """Studies evicted before their first read (new ones, and priors fetched for them) whose second fetch is due now
-        (agent/policy/adaptive.py `second_chances`); the caller fetches again what of them left, as a prefetch."""
-        due = getattr(self.policy, "second_chances", None)
-        return [] if due is None or self.priors is None else due(now)
-
     def prior_outcome(self, cell: int, used: bool) -> None:
         """A prefetched prior of this cell was opened (used) or evicted unopened."""
         if self.priors is not None:

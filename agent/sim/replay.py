@@ -205,7 +205,6 @@ class Replayer:
         self.in_cache = bytearray(n_obj + n_st)
         self.cached_view = np.frombuffer(self.in_cache, dtype=np.uint8)
         self.prefetched = bytearray(n_obj + n_st)
-        self.landed = bytearray(n_obj + n_st)     # was in the cache once (what a second chance may fetch again)
         self.ready: dict[int, float] = {}
         self.used = 0
         self.queue_free = 0.0
@@ -214,7 +213,6 @@ class Replayer:
         self.pf_used = 0
         self.predictor = predictor
         self.pf_cell: dict[int, int] = {}    # prefetched study → its planner cell, until opened or evicted
-        self.planned: dict[int, int] = {}    # every study the prior planner fetched → its cell
         # the studies the catalog knows at the current request: the archive's (never written during the
         # trace) from the start, the others from their first write; a study acquired later the same day
         # is not a prior yet (the agent's study index learns it from its first file's header)
@@ -227,7 +225,6 @@ class Replayer:
     # -- cache state
     def _insert(self, o: int, t: float, prefetch: bool = False, written: bool = False) -> None:
         self.in_cache[o] = 1
-        self.landed[o] = 1
         self.used += int(self.size[o])
         if self.stack.online:
             self.stack.inserted(o, int(self.size[o]), t, float(self.created[o]), int(self.study[o]), prefetch, written)
@@ -289,33 +286,20 @@ class Replayer:
             x = prior.key
             if x in self.pf_cell:
                 continue
-            objs_of[x] = objs = self._missing(x)
+            objs = [int(o) for o in _members(self.study_objs, x) if not self.in_cache[o]]
+            ph = self.n_obj + x
+            if not self.in_cache[ph] and self.size[ph] > 0:
+                objs.append(ph)
+            objs_of[x] = objs
             ranked.append((cell, x, heat, int(self.size[objs].sum()) if objs else 0, len(objs)))
         if not objs_of:
             return
         backlog = max(0.0, self.queue_free - t)
         budget = Budget(int(cfg.priors_space * cfg.capacity), cfg.prefetch_bps, max(0.0, cfg.priors_window_s - backlog))
         for x, cell, _, heat in self.stack.prior_plan(s, ranked, budget, t):
-            self.pf_cell[x] = self.planned[x] = cell
+            self.pf_cell[x] = cell
             self.stack.prior_fetched(x, s, heat)
             self._fetch_plan(objs_of[x], t)
-
-    def _missing(self, x: int) -> list[int]:
-        """The objects of study x not in the cache (its phantom object included)."""
-        objs = [int(o) for o in _members(self.study_objs, x) if not self.in_cache[o]]
-        ph = self.n_obj + x
-        if not self.in_cache[ph] and self.size[ph] > 0:
-            objs.append(ph)
-        return objs
-
-    def _second_chances(self, t: float) -> None:
-        """Fetch again the files that left of the studies whose second chance is due (adaptive.second_chances)."""
-        for x in self.stack.prior_second_chances(t):
-            objs = [o for o in self._missing(x) if self.landed[o]]
-            if objs and x not in self.pf_cell:
-                if x in self.planned:
-                    self.pf_cell[x] = self.planned[x]
-                self._fetch_plan(objs, t)
 
     def _prefetch_feedback(self, o: int, used: bool) -> None:
         st = int(self.study[o])
@@ -364,7 +348,6 @@ class Replayer:
         lstm = "lstm" in planners
         priors = "priors" in planners
         next_plan = cfg.lstm_hour * 3600 if lstm else float("inf")
-        next_second = 0.0 if priors else float("inf")
         if lstm:
             reads = ~ta.is_write
             counts = daily_counts(ta.t[reads], ta.obj_dir[ta.obj[reads]], len(ta.dir_names), ta.n_days)
@@ -384,9 +367,6 @@ class Replayer:
                 day = int(next_plan // DAY)
                 self._plan_lstm(day, next_plan, counts, dir_day, dir_mod, start_weekday)
                 next_plan += DAY
-            if t >= next_second:
-                self._second_chances(t)
-                next_second = t + 60.0
             if W[i]:
                 s = study[o]
                 if not self.known[s]:
