@@ -86,7 +86,7 @@ def test_a_cell_below_the_floor_is_explored_and_re_learns() -> None:
     pf = PriorPrefetcher(k=1, min_heat=0.3)
     new, prior = StudyInfo(9, "CT", 1000.0, 0), StudyInfo(1, "CT", 950.0, 10)
     cell = pf.cell(0, new, prior)
-    for _ in range(200):                                        # a long history of unopened fetches
+    for _ in range(30):                                         # a history of unopened fetches
         pf.feedback(cell, used=False)
     offered = [bool(pf.candidates(new, [prior])) for _ in range(64)]
     assert 0 < sum(offered) < 8                                 # shut, but explored now and then

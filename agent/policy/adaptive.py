@@ -124,6 +124,8 @@ class _Doorkeeper:
                 self.sent, self.back = self.sent / 2, self.back / 2
             if self.on:
                 self.probation[study] = {}
+                if len(self.probation) > self.max_seen:    # studies whose files all left while the door was shut
+                    self.probation.popitem(last=False)
         files = self.probation.get(study)
         if files is not None:
             files[key] = size
@@ -148,11 +150,17 @@ class _Doorkeeper:
         return self._back_time
 
     def victims(self, now: float) -> Iterator[Any]:
-        """Every cached file on probation; a study whose session is over leaves probation."""
-        for study, files in list(self.probation.items()):
-            yield from list(files)
-            if now - (self.seen.get(study) or 0.0) > SESSION_S:
-                del self.probation[study]
+        """Every cached file on probation; a study whose session is over leaves probation (when the pass ends: a pass
+        takes what it needs from the head, and a copy of a long probation list per pass made the replay quadratic)."""
+        done = []
+        try:
+            for study, files in self.probation.items():
+                yield from list(files)
+                if now - (self.seen.get(study) or 0.0) > SESSION_S:
+                    done.append(study)
+        finally:
+            for study in done:
+                self.probation.pop(study, None)
 
     def removed(self, study: Any, key: Any) -> None:
         files = self.probation.get(study)

@@ -10,8 +10,7 @@ were opened, shrunk towards its rank's share (`shrink` pseudo-counts) so a thin 
 rank (`feedback(cell, used)`); the prefetcher adapts to which priors a site's radiologists open instead
 of assuming it. Candidates below `min_heat` are not fetched, except once in `EXPLORE` chances of their cell (the
 floor re-learns: a shut cell that is never fetched gets no outcomes, and its heat would stay below the floor for
-good), and a cell's counts halve at `HALF_LIFE` outcomes, so what a site did last month weighs more than what it
-did a year ago. A cell is an int (rank + k × kind), which the
+good). A cell is an int (rank + k × kind), which the
 live agent keeps as the fetch's rank in the catalog, so what was learnt survives restarts. The planner
 (`agent.policy.prefetch.plan`) then applies the space and bandwidth budgets.
 
@@ -34,7 +33,6 @@ class StudyInfo:
 
 MIN_HEAT = 0.2  # chosen on the tuning families (docs/replay.md); bench/gap_share.py --min-heat overrides
 EXPLORE = 16    # a cell below the floor is fetched once in this many chances (docs/replay.md, round 14)
-HALF_LIFE = 64  # a cell's outcomes after which its counts halve
 KINDS = 4       # (same modality, recent), (other, recent), (same, old), (other, old)
 
 
@@ -44,8 +42,8 @@ class PriorPrefetcher:
         self.k = k
         self.min_heat = MIN_HEAT if min_heat is None else min_heat
         self.recent_days, self.shrink = recent_days, shrink
-        self.fetched = [0.0] * (k * KINDS)
-        self.used = [0.0] * (k * KINDS)
+        self.fetched = [0] * (k * KINDS)
+        self.used = [0] * (k * KINDS)
         self.shut = [0] * (k * KINDS)       # chances a cell below the floor was passed over since its last fetch
 
     def heat(self, rank: int) -> float:
@@ -85,6 +83,3 @@ class PriorPrefetcher:
         if 0 <= cell < len(self.fetched):
             self.fetched[cell] += 1
             self.used[cell] += int(used)
-            if self.fetched[cell] >= HALF_LIFE:
-                self.fetched[cell] /= 2
-                self.used[cell] /= 2
