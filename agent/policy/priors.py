@@ -8,7 +8,9 @@ than `recent_days` (a prior of another modality, or years old, is opened less of
 docs/replay.md, "Which priors are opened"). A cell's heat is the share of its prefetched studies that
 were opened, shrunk towards its rank's share (`shrink` pseudo-counts) so a thin cell borrows from its
 rank (`feedback(cell, used)`); the prefetcher adapts to which priors a site's radiologists open instead
-of assuming it. Candidates below `min_heat` are not fetched. A cell is an int (rank + k × kind), which the
+of assuming it. Candidates below `min_heat` are not fetched, except once in `EXPLORE` chances of their cell (the
+floor re-learns: a shut cell that is never fetched gets no outcomes, and its heat would stay below the floor for
+good). A cell is an int (rank + k × kind), which the
 live agent keeps as the fetch's rank in the catalog, so what was learnt survives restarts. The planner
 (`agent.policy.prefetch.plan`) then applies the space and bandwidth budgets.
 
@@ -30,6 +32,7 @@ class StudyInfo:
 
 
 MIN_HEAT = 0.2  # chosen on the tuning families (docs/replay.md); bench/gap_share.py --min-heat overrides
+EXPLORE = 16    # a cell below the floor is fetched once in this many chances (docs/replay.md, round 14)
 KINDS = 4       # (same modality, recent), (other, recent), (same, old), (other, old)
 
 
@@ -41,6 +44,7 @@ class PriorPrefetcher:
         self.recent_days, self.shrink = recent_days, shrink
         self.fetched = [0] * (k * KINDS)
         self.used = [0] * (k * KINDS)
+        self.shut = [0] * (k * KINDS)       # chances a cell below the floor was passed over since its last fetch
 
     def heat(self, rank: int) -> float:
         """The share of prefetched priors of this rank (any cell) that were opened, Laplace-smoothed."""
@@ -60,13 +64,18 @@ class PriorPrefetcher:
         return older[: self.k]
 
     def candidates(self, new: StudyInfo, priors: list[StudyInfo]) -> list[tuple[int, StudyInfo, float]]:
-        """(cell, study, heat) for the ranked priors worth fetching (heat >= min_heat), in rank order."""
+        """(cell, study, heat) for the ranked priors worth fetching (heat >= min_heat, or a shut cell's exploratory
+        chance), in rank order."""
         out = []
         for r, p in enumerate(self.rank(new, priors)):
             c = self.cell(r, new, p)
             h = self.cell_heat(c)
-            if h >= self.min_heat:
-                out.append((c, p, h))
+            if h < self.min_heat:
+                self.shut[c] += 1
+                if self.shut[c] < EXPLORE:
+                    continue
+                self.shut[c] = 0
+            out.append((c, p, h))
         return out
 
     def feedback(self, cell: int, used: bool) -> None:
