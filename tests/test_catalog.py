@@ -173,13 +173,13 @@ def test_a_write_with_no_outcome_heard_is_a_doubt_until_checked_long_enough(cat)
     cat.delete("CT/a.dcm")
     cat.tombstone_done("CT/a.dcm")
     now = time.time()
-    assert [k for k, _ in cat.due_doubts(now + 1, 10)] == ["CT/a.dcm"]
+    assert [k for k, _, _ in cat.due_doubts(now + 1, 10)] == ["CT/a.dcm"]
     cat.merge_listing("CT", [RemoteObject("a.dcm", 10, now, "late")], [])
     assert cat.get("CT/a.dcm") is None, "the late object was taken for a file"
     assert cat.recheck("CT/a.dcm", None, now + 2, now - 3600) is None and cat.due_tombstones(now + 1, 10) == []
     assert cat.recheck("CT/a.dcm", '"late"', now + 5, now - 3600) is None  # the late object found: deleted again
     assert cat.due_tombstones(now + 1, 10) == ["CT/a.dcm"]
-    assert cat.due_doubts(now + 1, 10) == [] and cat.due_doubts(now + 6, 10) == [("CT/a.dcm", 2)]
+    assert cat.due_doubts(now + 1, 10) == [] and cat.due_doubts(now + 6, 10) == [("CT/a.dcm", 2, "ab" * 32)]
     gen, _ = cat.commit_write("CT/a.dcm", "blob-new", 10, "cd" * 32, now, claim=True)
     assert cat.get("CT/a.dcm").etag == '"late"', "an HA box's conditional PUT must name the late object it replaces"
     cat.mark_clean("CT/a.dcm", gen, "e", None, "cd" * 32)
@@ -210,7 +210,7 @@ def test_a_delete_sent_twice_is_a_doubt_and_a_requeue_names_what_the_key_holds(c
     A file requeued by a re-check carries the ETag the key held then (None: nothing), which an HA box's conditional
     PUT may replace, not the ETag of its own upload (that was taken for the other box's write)."""
     cat.tombstone_done("CT/gone.dcm", unsure=True)
-    assert [k for k, _ in cat.due_doubts(time.time() + 1, 10)] == ["CT/gone.dcm"]
+    assert [k for k, _, _ in cat.due_doubts(time.time() + 1, 10)] == ["CT/gone.dcm"]
     gen = write(cat, "CT/a.dcm", claim=True)
     cat.mark_clean("CT/a.dcm", gen, "mine", None, "ab" * 32)
     assert cat.requeue("CT/a.dcm", gen, None)

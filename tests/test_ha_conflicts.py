@@ -310,3 +310,31 @@ def test_a_file_deleted_and_sent_again_before_its_delete_ran_is_no_conflict(agen
         ftp.quit()
     finally:
         proxy.stop()
+
+
+def test_a_doubts_recheck_deletes_only_the_content_this_box_wrote(agent_factory, seaweed, tmp_path):
+    """A box's writes whose outcome it never heard are doubts it re-checks for an hour: a key no file has that holds
+    an object got a tombstone. After a fail-over the other box may have stored a file under such a key, which this
+    box's catalog does not know yet (its next follow pass, or a listing, imports it): the re-check deleted the other
+    box's acknowledged file. In a pair only an object of the content this box's write carried is deleted. The doubts
+    are written into the catalog while the agent is stopped (its restart after the fail-over); the other box is an
+    S3 client writing to the same prefix."""
+    import sqlite3
+
+    role = tmp_path / "ha-role"
+    assert notify(str(role), "MASTER") == 0
+    a = agent_factory(**{"ha.enabled": True, "ha.role_file": str(role)}).start()
+    a.stop()
+    theirs, mine, my_other = payload("theirs", 20_000), payload("mine", 21_000), payload("my-other", 22_000)
+    peer_put(seaweed, a, "CT/theirs.dcm", theirs)  # the other box's file, stored after the fail-over
+    peer_put(seaweed, a, "CT/mine.dcm", mine)  # this box's own write, landed late
+    db = sqlite3.connect(a.workdir / "cache" / "catalog.sqlite")
+    with db:
+        db.executemany("INSERT INTO doubts (key, since, next_check, sha256) VALUES (?, ?, 0, ?)",
+                       [("CT/theirs.dcm", time.time(), sha256(my_other)), ("CT/mine.dcm", time.time(), sha256(mine))])
+    db.close()
+    a.start()
+    wait_for(lambda: a.prefix + "CT/mine.dcm" not in bucket_keys(seaweed), 60, what="this box's late object deleted")
+    time.sleep(2.0)  # the tombstone loop runs every second: a wrongly queued tombstone would have run by now
+    assert s3_objects(seaweed, a.prefix).get("CT/theirs.dcm", {}).get("sha256") == sha256(theirs), "deleted"
+    assert [e for e in a.events("late_object_kept") if e.get("path") == "CT/theirs.dcm"], a.events("late_object_kept")

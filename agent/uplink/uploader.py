@@ -91,7 +91,7 @@ class UploadQueue(Protocol):
     async def tombstone_sending(self, key: str) -> None: ...
     async def tombstone_failed(self, key: str, retry_at: float, unsure: bool = False) -> None: ...
     async def tombstone_done(self, key: str, unsure: bool = False) -> None: ...
-    async def due_doubts(self, now: float, limit: int) -> list[tuple[str, int]]: ...
+    async def due_doubts(self, now: float, limit: int) -> list[tuple[str, int, str | None]]: ...
     async def recheck(self, key: str, found: str | None, next_check: float, forget_before: float) -> Entry | None: ...
     async def adopt_remote(self, path: str, gen: int, size: int | None, etag: str | None) -> str | None: ...
     async def index_dicom(self, rows: list[tuple[object, ...]]) -> None: ...
@@ -429,9 +429,11 @@ class Uploader:
         key's tombstone ran (an orphan object) or over a newer file (its old content), a late DELETE after a newer
         file's upload. Checked again and again, less often each time (up to read_timeout apart): a key no file has
         holding an object gets a tombstone again, a clean file whose object is missing or holds other content is
-        uploaded again. Never a file's key deleted: see Uploads.recheck."""
+        uploaded again. Never a file's key deleted: see Uploads.recheck. In an HA pair only an object of the content
+        this box's write carried is deleted: another may be the other box's, stored since a fail-over and not yet
+        in this box's catalog (a follow pass would have imported it)."""
         now = time.time()
-        for key, checks in await self.db.due_doubts(now, 100):
+        for key, checks, sha in await self.db.due_doubts(now, 100):
             async with self.key_lock(key):
                 try:
                     head: dict[str, Any] | None | Exception = await self.s3.head(key)
@@ -440,8 +442,13 @@ class Uploader:
                     head = exc
                 later = now + backoff(checks, cap=self.s3.cfg.read_timeout)
                 forget_before = 0.0 if isinstance(head, Exception) else now - DOUBT_SECONDS  # only after a look
-                found: str | None = head.get("ETag", "") if isinstance(head, dict) else None
-                e = await self.db.recheck(key, found, later, forget_before)
+                seen: str | None = head.get("ETag", "") if isinstance(head, dict) else None
+                theirs = meta_sha(head.get("Metadata")) if isinstance(head, dict) else None
+                if seen is not None and self.conditional and (sha is None or theirs != sha):
+                    log.warning("late_object_kept", path=key, found=theirs, doubt=sha,
+                                reason="HA pair: not the content this box wrote there, maybe the other box's file")
+                    seen = None
+                e = await self.db.recheck(key, seen, later, forget_before)
                 if isinstance(head, Exception) and is_unreachable(head):
                     self.line.failed(head)
                     break  # the others wait for the line, not a timeout each

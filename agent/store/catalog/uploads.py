@@ -129,11 +129,11 @@ class Uploads(CatalogBase):
             self._bury(key, None, time.time())
             self._doubt(key)
 
-    def due_doubts(self, now: float, limit: int) -> list[tuple[str, int]]:
-        """(key, checks so far) of the doubts due for a check."""
-        rows = self.db.execute("SELECT key, checks FROM doubts WHERE next_check <= ? ORDER BY next_check LIMIT ?",
-                               (now, limit)).fetchall()
-        return [(r[0], r[1]) for r in rows]
+    def due_doubts(self, now: float, limit: int) -> list[tuple[str, int, str | None]]:
+        """(key, checks so far, the content the write in doubt carries or None) of the doubts due for a check."""
+        rows = self.db.execute("SELECT key, checks, sha256 FROM doubts WHERE next_check <= ? ORDER BY next_check "
+                               "LIMIT ?", (now, limit)).fetchall()
+        return [(r[0], r[1], r[2]) for r in rows]
 
     def recheck(self, key: str, found: str | None, next_check: float, forget_before: float) -> Entry | None:
         """A doubt's check (under the uploader's key lock), found: the ETag of the object S3 holds under key (None:
