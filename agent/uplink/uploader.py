@@ -444,18 +444,18 @@ class Uploader:
                 forget_before = 0.0 if isinstance(head, Exception) else now - DOUBT_SECONDS  # only after a look
                 seen: str | None = head.get("ETag", "") if isinstance(head, dict) else None
                 theirs = meta_sha(head.get("Metadata")) if isinstance(head, dict) else None
-                if seen is not None and self.conditional and (sha is None or theirs != sha):
+                keep = seen is not None and self.conditional and (sha is None or theirs != sha)
+                e = await self.db.recheck(key, None if keep else seen, later, forget_before)
+                if keep and (e is None or e.is_dir):  # with a file there, nothing was to be deleted anyway
                     log.warning("late_object_kept", path=key, found=theirs, doubt=sha,
                                 reason="HA pair: not the content this box wrote there, maybe the other box's file")
-                    seen = None
-                e = await self.db.recheck(key, seen, later, forget_before)
                 if isinstance(head, Exception) and is_unreachable(head):
                     self.line.failed(head)
                     break  # the others wait for the line, not a timeout each
                 if isinstance(head, Exception) or e is None or e.is_dir or e.state != "clean":
                     continue  # a file still to be uploaded writes its key again after any late write seen so far
-                if (found := meta_sha((head or {}).get("Metadata"))) != e.sha256:
+                if theirs != e.sha256:
                     requeued = await self.db.requeue(e.path, e.gen, (head or {}).get("ETag"))
-                    log.error("late_write_found", path=key, found=found, requeued=requeued,
+                    log.error("late_write_found", path=key, found=theirs, requeued=requeued,
                               reason="a write or delete the agent gave up on landed after a newer file")
                     self.wake()

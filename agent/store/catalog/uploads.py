@@ -143,9 +143,8 @@ class Uploads(CatalogBase):
         write is older than forget_before. → the file under key, if any (its object may hold the late write's
         content)."""
         with self._tx(durable=False):
-            if found is not None:
-                self.db.execute("INSERT OR IGNORE INTO tombstones (key, queued, etag) SELECT ?, ?, ? WHERE NOT EXISTS "
-                                "(SELECT 1 FROM entries WHERE path = ? AND is_dir = 0)", (key, time.time(), found, key))
+            if found is not None and not self._exists("SELECT 1 FROM entries WHERE path = ? AND is_dir = 0", (key,)):
+                self._bury(key, found, time.time())
             self.db.execute("DELETE FROM doubts WHERE key = ? AND since < ?", (key, forget_before))
             self.db.execute("UPDATE doubts SET checks = checks + 1, next_check = ? WHERE key = ?", (next_check, key))
             return self.get(key)
