@@ -13,7 +13,9 @@ import ftplib
 import json
 import multiprocessing
 import os
+import select
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -24,6 +26,8 @@ from pathlib import Path
 import asyncssh
 import psutil
 import pytest
+import yaml
+from halib import in_netns, run
 from test_frontend_hostile import open_upload, rename_refused
 
 from agent.audit import AuditLog
@@ -519,3 +523,60 @@ def test_generation_unique_across_processes(tmp_path):
     assert int(catalog.get_state("gen") or 0) == max(gens)
     assert catalog.totals().files == 450
     catalog.close()
+
+
+def _queued_connections_after_one_listener_closes(port: int) -> tuple[int, int]:
+    """Two SO_REUSEPORT listeners on one port (as the owner and a worker), 32 connections made (the kernel
+    completes each handshake into one of the two accept queues), then the first listener closes without
+    accepting: → (connections the second listener accepted, connections reset)."""
+    def listener() -> socket.socket:
+        s = socket.socket()
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        s.bind(("127.0.0.1", port))
+        s.listen(64)
+        return s
+    closing, staying = listener(), listener()
+    clients = [socket.create_connection(("127.0.0.1", port), timeout=2) for _ in range(32)]
+    closing.close()
+    staying.settimeout(0.5)
+    accepted = []
+    with contextlib.suppress(TimeoutError):
+        while True:
+            accepted.append(staying.accept()[0])
+    reset = 0
+    for c in select.select(clients, [], [], 0.2)[0]:     # a reset connection reads as an error at once
+        try:
+            c.recv(1)
+        except ConnectionResetError:
+            reset += 1
+    for c in clients:
+        c.close()
+    for s in accepted:
+        s.close()
+    staying.close()
+    return len(accepted), reset
+
+
+@pytest.mark.parametrize("migrate", [True, False])
+def test_a_stopping_listeners_queued_connections_go_to_the_others_with_the_boxs_sysctl(migrate):
+    """A worker that drains (or an agent that restarts) closes its listening socket; connections the kernel had
+    already queued on it were reset (a PACS sees a refused store) unless net.ipv4.tcp_migrate_req hands them to
+    the port's other listeners. The base role sets it: in a network namespace this test creates, with the role's
+    net.* sysctls applied, every connection reaches the listener that stays; without the migrate setting (the
+    kernel's default) some are reset, which shows the setting is what keeps them."""
+    sysctls = yaml.safe_load(Path("ansible/roles/base/defaults/main.yml").read_text())["base_sysctl"]
+    assert sysctls["net.ipv4.tcp_migrate_req"] == 1
+    ns = f"pgwmig{os.getpid()}"
+    run("ip", "netns", "add", ns)
+    try:
+        run("ip", "-n", ns, "link", "set", "lo", "up")
+        for key, value in sysctls.items():
+            if key.startswith("net.") and (migrate or key != "net.ipv4.tcp_migrate_req"):
+                run("ip", "netns", "exec", ns, "sysctl", "-qw", f"{key}={value}")
+        accepted, reset = in_netns(ns, _queued_connections_after_one_listener_closes, 2121)
+    finally:
+        run("ip", "netns", "del", ns)
+    if migrate:
+        assert (accepted, reset) == (32, 0)
+    else:
+        assert reset > 0 and accepted + reset == 32

@@ -87,7 +87,7 @@ def test_firewall(root, rootfs):
 
 def test_tuning_and_logging(root):
     sysctl = root.file("/etc/sysctl.d/60-pacsgw.conf").content_string
-    assert "fs.inotify.max_user_watches = 1048576" in sysctl
+    assert "fs.inotify.max_user_watches = 1048576" in sysctl and "net.ipv4.tcp_migrate_req = 1" in sysctl
     assert "nofile 1048576" in root.file("/etc/security/limits.d/60-pacsgw.conf").content_string
     assert "Storage=persistent" in root.file("/etc/systemd/journald.conf.d/pacsgw.conf").content_string
     sshd = root.file("/etc/ssh/sshd_config.d/pacsgw.conf").content_string
