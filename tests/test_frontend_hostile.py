@@ -95,6 +95,26 @@ def test_a_directory_renamed_over_a_file_being_written_is_refused(agent_factory)
     assert get(b, "t/x.dcm") == b"A" * 1000 and get(b, "u/x.dcm") == b"B" * 100
 
 
+def test_a_directory_with_a_file_being_written_below_it_is_not_renamed(agent_factory):
+    """Session A uploads s/sub/x.dcm; session B renames s to u. The rename was acknowledged, then A's commit
+    stored s/sub/x.dcm: s came back with the new file in it while B's listing had moved everything to u. As on
+    Windows (a folder with a file open in it cannot be renamed) and in Samba, the rename is refused while
+    anything below its source is being written (FTP 550, SFTP a failure); after A's close it goes through and
+    the file moves with its directory."""
+    agent = agent_factory().start()
+    a, b = ftp(agent), ftp(agent)
+    b.mkd("s")
+    b.storbinary("STOR s/old.dcm", io.BytesIO(b"B" * 100))
+    upload = open_upload(a, "s/sub/x.dcm")
+    rename_refused(b, "s", "u")
+    asyncio.run(sftp_rename_refused(agent, "s", "u"))
+    upload.close()
+    assert a.voidresp().startswith("226")
+    b.rename("s", "u")
+    assert sorted(b.nlst("/")) == ["u"]
+    assert get(b, "u/sub/x.dcm") == b"A" * 1000 and get(b, "u/old.dcm") == b"B" * 100
+
+
 def test_a_path_ending_in_a_slash_names_a_directory(agent_factory):
     """`STOR new/` stored `new`, `SIZE f/` and SFTP stat('f/') answered for the file f: a path ending in '/'
     names a directory (POSIX), so a file is not found by it and none is created by it; directories still work."""

@@ -655,6 +655,8 @@ class Gateway:
             e = await self.stat(src)
             await self.worm.check_mutable(e, time.time())
             if e.is_dir:
+                if self.being_written(src):  # an upload's commit would bring the directory back (Windows refuses too)
+                    raise PermissionDenied(src, "a file in this directory is being written; try again later")
                 await self.list_tree(src)
             await self._ensure_listed(parent_of(dst), missing_ok=True)
             replaced_entry = await self.db.get(dst)
