@@ -1,11 +1,6 @@
-"""The upload queue: rows whose state is not 'clean', and the tombstones (object deletions that wait).
-
-File states: dirty (content on the SSD only) → uploading (claimed by an upload) → clean (confirmed in S3).
-`gen` increases on every content or name change, so an upload that finishes after the file changed cannot
-mark the new content clean. A tombstone is deleted from S3 only once no pending copy still reads its key.
-A doubt is a key a write (or a DELETE) went to with no outcome heard (its request timed out, or the agent was
-killed while it was on the wire): the store may carry it out later, after the key's tombstone ran or a newer file
-was stored, so the key is checked again for a while (Uploader._recheck).
+"""The upload queue: rows whose state is not 'clean' (dirty: on the SSD only → uploading → clean: in S3), the
+tombstones (object deletions that wait) and the doubts (keys a request went to with no outcome heard). Their
+rules are docs/architecture.md's "Generations", "One key at a time" and "Late requests are re-checked".
 """
 
 from __future__ import annotations
