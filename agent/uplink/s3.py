@@ -18,7 +18,7 @@ import urllib.request
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
-from typing import Any, AsyncIterator, Awaitable, Callable, Iterator, Mapping
+from typing import Any, AsyncIterator, Awaitable, Callable, Iterator, Mapping, cast
 
 import aiohttp
 import structlog
@@ -97,16 +97,13 @@ def _status(exc: ClientError) -> int:
 
 def is_throttled(exc: BaseException) -> bool:
     """True when the server is up but asks us to slow down: retry later, do not call the line down."""
-    if not isinstance(exc, ClientError):
-        return False
-    return _status(exc) == 429 or exc.response.get("Error", {}).get("Code") in THROTTLE_CODES
+    return isinstance(exc, ClientError) and (
+        _status(exc) == 429 or exc.response.get("Error", {}).get("Code") in THROTTLE_CODES)
 
 
 def is_server_error(exc: BaseException) -> bool:
     """A 5xx other than 'slow down': the server is there but failed this request (SeaweedFS after a restart)."""
-    if not isinstance(exc, ClientError) or is_throttled(exc):
-        return False
-    return _status(exc) >= 500
+    return isinstance(exc, ClientError) and not is_throttled(exc) and _status(exc) >= 500
 
 
 def is_unreachable(exc: BaseException) -> bool:
@@ -203,8 +200,7 @@ def parse_timestamp(value: str) -> datetime:
             continue
         if parsed.tzinfo is not None:
             return parsed
-    fallback: datetime = botocore_parse_timestamp(value)
-    return fallback
+    return cast(datetime, botocore_parse_timestamp(value))
 
 
 def _epoch(mtime: Any) -> float:

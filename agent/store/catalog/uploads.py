@@ -6,6 +6,7 @@ rules are docs/architecture.md's "Generations", "One key at a time" and "Late re
 from __future__ import annotations
 
 import time
+from typing import cast
 
 from agent.records import Entry
 from agent.store.catalog.base import COLUMNS, COPY_INDEX_ROW, CatalogBase
@@ -13,18 +14,16 @@ from agent.store.catalog.base import COLUMNS, COPY_INDEX_ROW, CatalogBase
 
 class Uploads(CatalogBase):
     def oldest_dirty(self) -> float | None:
-        row = self.db.execute(
-            "SELECT MIN(dirty_since) FROM entries WHERE state IN ('dirty', 'uploading')").fetchone()
-        oldest: float | None = row[0]
-        return oldest
+        return cast("float | None", self.db.execute(
+            "SELECT MIN(dirty_since) FROM entries WHERE state IN ('dirty', 'uploading')").fetchone()[0])
 
     def due_uploads(self, now: float, limit: int) -> list[Entry]:
         return self._entries(f"SELECT {COLUMNS} FROM entries WHERE state = 'dirty' AND next_attempt <= ? "
                              "ORDER BY next_attempt, dirty_since LIMIT ?", (now, limit))
 
     def next_due(self) -> float | None:
-        due: float | None = self.db.execute("SELECT MIN(next_attempt) FROM entries WHERE state = 'dirty'").fetchone()[0]
-        return due
+        return cast("float | None", self.db.execute(
+            "SELECT MIN(next_attempt) FROM entries WHERE state = 'dirty'").fetchone()[0])
 
     def claim(self, path: str, gen: int) -> bool:
         return self._write("UPDATE entries SET state = 'uploading' WHERE path = ? AND gen = ? AND state = 'dirty'",
