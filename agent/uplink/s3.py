@@ -2,8 +2,7 @@
 GETs and HEADs are signed requests of our own over aiohttp (S3Uplink._request); the rest goes through aiobotocore.
 
 Every object carries its SHA-256 as the S3 checksum and as user metadata `sha256` (the whole file's, also when
-multipart), so a replacement box can verify what it reads. Compressed objects (agent.uplink.encoding) are decoded
-by their own metadata, whatever this box's setting: everything above sees the file's own bytes and size.
+multipart), so a replacement box can verify what it reads. Compressed objects are decoded here (docs/dicom.md).
 """
 
 from __future__ import annotations

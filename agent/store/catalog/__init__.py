@@ -1,8 +1,6 @@
-"""The namespace and every file's state, in SQLite (WAL) on the SSD: the only metadata store.
-
-RAM does not grow with the number of files: indexes, totals kept by triggers, the queue is the rows not 'clean'.
-One Catalog, one connection, a part per concern: names.py, remote.py (what the bucket says), uploads.py (queue,
-tombstones), heat.py (cached copies, reads), studies.py (studies, the DICOM index); schema.py has every table.
+"""The namespace and every file's state, in SQLite (WAL) on the SSD: the only metadata store, one part per concern
+(docs/architecture.md, "Who owns which table"). RAM does not grow with the number of files: indexes, totals kept
+by triggers, the queue is the rows not 'clean'.
 """
 
 from __future__ import annotations
