@@ -111,12 +111,8 @@ def _on_thread(method: Callable[Concatenate[LoginGuard, P], T],
 
 
 class LoginGuard:
-    """Backoff, temporary bans and session caps against password guessing, shared by every front end of the box.
-
-    A failed login's answer waits delay_seconds, doubled per earlier failure within window_seconds; max_failures ban
-    the address, or lock the user (not from an address it logged in from: a guesser cannot lock the PACS out). The
-    counts are box-wide, in a SQLite file every serving process opens; a dead process's slots are freed at a cap.
-    """
+    """Backoff, temporary bans and session caps against password guessing (README, `[login]`), for every front end
+    of every serving process of the box (docs/workers.md); a dead process's slots are freed at a cap."""
 
     MAX_TRACKED = 100_000
     TRUSTED_PER_USER = 16

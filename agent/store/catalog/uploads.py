@@ -130,12 +130,9 @@ class Uploads(CatalogBase):
         return [(r[0], r[1], r[2]) for r in rows]
 
     def recheck(self, key: str, found: str | None, next_check: float, forget_before: float) -> Entry | None:
-        """A doubt's check (under the uploader's key lock), found: the ETag of the object S3 holds under key (None:
-        none). A key no file has gets its tombstone again, in the same transaction as the look (a file stored under
-        it meanwhile is never deleted), so the late object is deleted; a file stored there before that ran names
-        the late object in its (HA: conditional) upload. The next check is at next_check, or none for a doubt whose
-        write is older than forget_before. → the file under key, if any (its object may hold the late write's
-        content)."""
+        """A doubt's check under the uploader's key lock (docs/architecture.md, "Late requests are re-checked");
+        found: the ETag S3 holds under key (None: none). A key no file has gets its tombstone again in the
+        transaction that sees no row; a doubt whose write is older than forget_before goes. → the file under key."""
         with self._tx(durable=False):
             if found is not None and not self._exists("SELECT 1 FROM entries WHERE path = ? AND is_dir = 0", (key,)):
                 self._bury(key, found, time.time())
