@@ -1,7 +1,5 @@
-"""The audit trail: who did what to which file, from where, over which protocol, with what result.
-
-Apart from the operational log: JSON lines in an append-only file, rotated by size to time-stamped files,
-optionally shipped to the bucket outside the PACS namespace. Passwords and keys are never part of a record.
+"""The audit trail, apart from the operational log: who did what to which file, from where, over which protocol,
+with what result. Passwords and keys are never part of a record.
 """
 
 from __future__ import annotations

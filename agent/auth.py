@@ -111,12 +111,8 @@ def _on_thread(method: Callable[Concatenate[LoginGuard, P], T],
 
 
 class LoginGuard:
-    """Backoff, temporary bans and session caps against password guessing, shared by every front end of the box.
-
-    A failed login's answer waits delay_seconds, doubled per earlier failure within window_seconds; max_failures ban
-    the address, or lock the user (not from an address it logged in from: a guesser cannot lock the PACS out). The
-    counts are box-wide, in a SQLite file every serving process opens; a dead process's slots are freed at a cap.
-    """
+    """Backoff, temporary bans and session caps against password guessing (README, `[login]`), for every front end
+    of every serving process of the box (docs/workers.md); a dead process's slots are freed at a cap."""
 
     MAX_TRACKED = 100_000
     TRUSTED_PER_USER = 16
@@ -147,7 +143,7 @@ class LoginGuard:
                 self.db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('boot', ?)", (_BOOT_ID,))
 
     def close(self) -> None:
-        """After the releases still queued; a later one fails unseen, its slot going with this process (_free_dead)."""
+        """After the releases still queued; a later one fails unseen, its slot going with this process (_full)."""
         self._thread.submit(self.db.close).result()
 
     def release_session(self, slot: int) -> Future[None]:
@@ -245,13 +241,9 @@ class LoginGuard:
             for scope, key in keys:
                 (failures,) = self.db.execute("SELECT COUNT(*) FROM failures WHERE scope = ? AND key = ? AND at > ?",
                                               (scope, key, now - self.cfg.window_seconds)).fetchone()
-                room = self.cfg.max_failures - failures
-                if self._sessions(f"attempt {scope}", key) >= room:
-                    self._free_dead(f"attempt {scope}", key)
-                    if self._sessions(f"attempt {scope}", key) >= room:
-                        return None
-            return [int(self.db.execute("INSERT INTO sessions (scope, key, pid, started) VALUES (?, ?, ?, ?)",
-                                        (f"attempt {scope}", key, *self._me)).lastrowid or 0) for scope, key in keys]
+                if self._full(f"attempt {scope}", key, self.cfg.max_failures - failures):
+                    return None
+            return [self._slot(f"attempt {scope}", key) for scope, key in keys]
         return []
 
     @_on_thread
@@ -318,12 +310,7 @@ class LoginGuard:
         key = unmapped(key) if scope.endswith("address") else key
         self._release_pending()
         with self._unless_unrecordable("session"), self._tx():
-            if self._sessions(scope, key) >= cap:
-                self._free_dead(scope, key)
-                if self._sessions(scope, key) >= cap:
-                    return None
-            return self.db.execute("INSERT INTO sessions (scope, key, pid, started) VALUES (?, ?, ?, ?)",
-                                   (scope, key, *self._me)).lastrowid
+            return None if self._full(scope, key, cap) else self._slot(scope, key)
         return 0
 
     def _release(self, slot: int) -> None:
@@ -338,17 +325,21 @@ class LoginGuard:
                     self.db.executemany("DELETE FROM sessions WHERE id = ?", [(s,) for s in self._unreleased])
                 self._unreleased = []  # committed
 
-    def _sessions(self, scope: str, key: str) -> int:
-        return int(self.db.execute("SELECT COUNT(*) FROM sessions WHERE scope = ? AND key = ?",
-                                   (scope, key)).fetchone()[0])
-
-    def _free_dead(self, scope: str, key: str) -> None:
-        """Drop the slots of key whose process is gone (killed without releasing them)."""
+    def _full(self, scope: str, key: str, cap: int) -> bool:
+        """key holds cap slots of scope, counted again after freeing those of processes gone (killed unreleased)."""
+        count = "SELECT COUNT(*) FROM sessions WHERE scope = ? AND key = ?"
+        if self.db.execute(count, (scope, key)).fetchone()[0] < cap:
+            return False
         for pid, started in self.db.execute("SELECT DISTINCT pid, started FROM sessions WHERE scope = ? AND key = ?",
                                             (scope, key)).fetchall():
             if _process_identity(pid) != (pid, started):
                 self.db.execute("DELETE FROM sessions WHERE pid = ? AND started = ?", (pid, started))
                 log.warning("session_slots_freed", scope=scope, key=key, pid=pid, reason="process gone")
+        return bool(self.db.execute(count, (scope, key)).fetchone()[0] >= cap)
+
+    def _slot(self, scope: str, key: str) -> int:
+        return int(self.db.execute("INSERT INTO sessions (scope, key, pid, started) VALUES (?, ?, ?, ?)",
+                                   (scope, key, *self._me)).lastrowid or 0)
 
     def _gauge(self, now: float, fresh: bool = False) -> None:
         """pacsgw_login_banned: two counts, at most every GAUGE_S (each login asks), and after a new ban."""

@@ -1,13 +1,8 @@
-"""`pacsgw fsck`: verify the cache against the catalog (and, with --remote, S3 against the catalog); repair.
+"""`pacsgw fsck` (README, "Checking everything"): the cache, and with --remote S3, against the catalog; --repair.
 
 Safe while the agent runs: its own catalog connection, the agent's conditional updates (a row changed meanwhile
-is left alone), and only orphan cache files older than an hour are removed. Findings, and what --repair does:
-  corrupt / missing cached copy of a file in S3 → dropped and fetched again (verified)
-  corrupt / missing cached copy not yet in S3   → LOST: reported
-  object missing / different in S3 (--remote)   → re-queued from the verified cached copy (not cached: LOST);
-                                                  a compressed object is read whole and decoded
-  compressed object recorded with its stored size → the file's size recorded, once its decoded bytes match
-  orphan cache file (no catalog row, > 1 h old) → removed
+is left alone), and only orphan cache files older than an hour are removed. A damaged copy of a file not yet in
+S3 is LOST; a compressed object is read whole and decoded, and one recorded with its stored size gets the file's.
 """
 
 from __future__ import annotations

@@ -1,9 +1,6 @@
-"""Two boxes, one address: this box's role in an active/standby pair behind a keepalived (VRRP) address.
-
-keepalived decides who holds the address (agent/hahook.py: its health check on /healthz, and the notify hook
-writing the role file polled here). A standby refuses writes, follows the bucket into its catalog (a take-over
-serves every object at once) and uploads its queue before it may hold the address. Every PUT of a pair is
-conditional, so two boxes never leave a key with the older content (docs/ha.md).
+"""Two boxes, one address: this box's role in an active/standby pair behind a keepalived (VRRP) address
+(docs/ha.md). keepalived decides who holds it (agent/hahook.py); a standby refuses writes, follows the bucket into
+its catalog (a take-over serves every object at once) and uploads its queue before it may hold the address.
 """
 
 from __future__ import annotations

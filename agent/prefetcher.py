@@ -1,10 +1,6 @@
-"""Prefetch into the cache: tomorrow's hot day-directories in the early-morning window, and a patient's
-prior studies when a new study is written. The policies decide (agent/policy: dirheat, and the policy
-stack's prior planner, agent/policy/stack.py, which the simulator drives the same way); this module
-gathers their input from the catalog and does the fetching.
-
-Every fetch goes through the gateway (shared with readers, verified, under the uplink's bandwidth limit
-and concurrency), and a run stops before its next file as soon as its time is up or pressure is high.
+"""Prefetch into the cache (README, "Daily prefetch", "Prior studies"): the policies decide (agent/policy: dirheat
+and the policy stack's prior planner, which the simulator drives the same way); this module gathers their input
+from the catalog and fetches through the gateway (shared with readers, verified, within the line's limits).
 """
 
 from __future__ import annotations

@@ -1,9 +1,5 @@
-"""`pacsgw selfcheck`: write, read back and delete a canary file through every enabled front end.
-
-It logs in like a PACS would (the first [[users]] entry with a plain password), so it checks the whole way, to
-the PUT to S3 in write-through. The canary's name ends in a temporary suffix (WORM never locks it). The result,
-`<cache.dir>/selfcheck.json`, is on the running agent's /healthz as `selfcheck`.
-"""
+"""`pacsgw selfcheck` (README, "Operating"): a canary file written, read back and deleted through every enabled
+front end, logged in like a PACS would, so it checks the whole way, to the PUT to S3 in write-through."""
 
 from __future__ import annotations
 

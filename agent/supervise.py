@@ -1,11 +1,7 @@
-"""Background loops that outlive an unexpected exception.
+"""Background loops that outlive an unexpected exception (docs/architecture.md, "Loops outlive exceptions").
 
-A loop (the upload dispatcher, the tombstone loop, the HA watchers, the daemon's housekeeping) that raised
-ended its task silently: nothing was logged until shutdown, and its work stopped for ever while /healthz said
-ok (seen with a catalog another process held locked past its busy timeout). Each loop now runs under a
-supervisor: an unexpected exception is logged (`loop_crashed`, with its traceback), counted
-(pacsgw_loop_crashes_total{loop}), shown on /healthz (`loops`), and the loop starts again after a backoff. A loop
-that keeps crashing (again within STEADY_SECONDS of its restart) makes /healthz degraded until it runs that long.
+A loop that raised used to end silently, its work stopped for ever while /healthz said ok (a catalog another
+process held locked past its busy timeout). One that keeps crashing makes /healthz degraded (STEADY_SECONDS).
 """
 
 from __future__ import annotations

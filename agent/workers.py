@@ -1,7 +1,6 @@
 """Serving workers: with `[server] workers = N` (N > 1) the owner (the agent's own process) also runs N-1 worker
 processes (`python -m agent.worker`) serving FTP and SFTP on the same ports (SO_REUSEPORT) over the one catalog.
-The owner restarts a worker that dies, after putting the rows it had claimed back on the queue; a new owner
-retires the workers a dead owner left behind (they drain, then exit). Who owns what, and why: docs/workers.md.
+Who owns what, and why: docs/workers.md.
 """
 
 from __future__ import annotations

@@ -1,8 +1,5 @@
-"""Study-index deltas in the bucket: the index stays rebuildable fast between snapshots (agent.dicom.snapshot).
-
-mark_clean queues each upload's index row (dicom_unshipped); every `[dicom] delta_interval` the queued rows go as
-one gzip'd JSON object under pacsgw-index/<prefix>deltas/ and are marked shipped. A rebuild takes a row only for
-an object listed under its ETag: a delta written twice, lost or damaged costs HEADs, never a wrong row.
+"""Study-index deltas in the bucket: the index stays rebuildable fast between snapshots (docs/dicom.md, "The study
+index in the bucket"). A row counts only for an object listed under its ETag: a bad delta costs HEADs, not a wrong row.
 """
 
 from __future__ import annotations

@@ -1,9 +1,6 @@
-"""The DICOM header of a stored file: one bounded, header-only parse shared by everything that needs it
-(object metadata on upload, prior-study prefetch).
-
-At most HEADER_MAX bytes are read, whatever the file claims, and parsing stops after the last element used
-(SeriesInstanceUID, 0020,000E), long before Pixel Data. Whatever is wrong with a file gives a `Header` with
-`problem` set; the file itself is always stored as given.
+"""The DICOM header of a stored file: one bounded, header-only parse (at most HEADER_MAX bytes, up to 0020,000E)
+shared by everything that needs it. Whatever is wrong with a file gives a `Header` with `problem` set; the file
+itself is always stored as given.
 
 Two parsers give the same `Header`: a plain scan (`_scan`) of the usual file (Little Endian, defined lengths) at a
 tenth of pydicom's cost, and pydicom for everything else: the scan gives up rather than guess. pydicom's work is

@@ -1,9 +1,6 @@
-"""What a DICOM file's object carries in S3: user metadata (UIDs, modality, date, transfer syntax, a keyed
-pseudonym of the patient) and tags for lifecycle rules (modality, study year, retention).
-
-The patient never reaches the bucket in clear: only HMAC-SHA256(per-hospital key, PatientID), which the archive
-team (holding the key) can match and nobody reading the bucket can reverse. Every value is checked against its VR
-before it becomes an HTTP header: a hostile header cannot inject characters or blow S3's 2 KB metadata limit.
+"""What a DICOM file's object carries in S3: user metadata and tags for lifecycle rules. The patient never reaches
+the bucket in clear, only a keyed pseudonym the archive team (holding the key) can match; every value is checked
+against its VR first: a hostile header cannot inject characters or blow S3's 2 KB metadata limit.
 """
 
 from __future__ import annotations

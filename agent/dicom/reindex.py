@@ -1,8 +1,5 @@
-"""Rebuild the study index (catalog dicom_objects) from the bucket alone: a replaced box, its SSD lost.
-
-Listings carry no user metadata: an object the last snapshot (agent.dicom.snapshot) or a later delta holds under
-the ETag listed takes its row from there, every other one costs a HEAD (`concurrency` at a time). Objects
-without DICOM metadata are counted, not indexed.
+"""Rebuild the study index (catalog dicom_objects) from the bucket alone: a replaced box, its SSD lost. Listings
+carry no user metadata: a row comes from the snapshot or a delta under the ETag listed, else from a HEAD.
 """
 
 from __future__ import annotations

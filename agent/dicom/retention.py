@@ -1,8 +1,6 @@
-"""Retention by DICOM rule: [[compliance.rules]] that select by modality, SOP class, study date or patient age.
-
-DicomRetention decides; RetentionGuard reads what the decision needs for the gateway's refusals. A matching
-DICOM rule only ever lengthens the path rules' terms (agent.store.worm); its period counts from when the file was
-stored, `until_age` from the header's birth date (read from the file: it never leaves the box).
+"""Retention by DICOM rule ([[compliance.rules]] by modality, SOP class, study date or patient age): a matching rule
+only ever lengthens the path rules' terms (agent.store.worm); `until_age` counts from the header's birth date, read
+from the file (it never leaves the box).
 """
 
 from __future__ import annotations

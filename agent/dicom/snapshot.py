@@ -1,8 +1,5 @@
-"""Study-index snapshots in the bucket: a rebuild reads a few objects instead of HEADing every one.
-
-gzip'd JSON segments (rows by path, with their ETags) under pacsgw-index/<uplink.prefix>, then a manifest, and
-only then are the previous segments removed: a reader always finds one whole snapshot, and a stale or damaged one
-costs HEADs, never a wrong row (docs/dicom.md). The patient is there only as the keyed pseudonym.
+"""Study-index snapshots in the bucket, so a rebuild reads a few objects instead of HEADing every one
+(docs/dicom.md). The manifest is written before the previous segments go: a reader always finds one whole snapshot.
 """
 
 from __future__ import annotations

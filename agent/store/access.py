@@ -1,8 +1,6 @@
-"""Read statistics, buffered in memory for a few seconds and then written to the catalog in one go.
-
-Per file: last access and count (what eviction ranks by). Per directory and local day: reads, misses,
-bytes (what the heat model learns tomorrow's directories from). The directory is the path's first
-`dir_depth` levels — MODALITY/DAY in the usual PACS layout.
+"""Read statistics, buffered in memory for a few seconds and then written to the catalog in one go: per file (what
+eviction ranks by), and per directory (its first `dir_depth` levels, MODALITY/DAY) and local day (what the heat
+model learns tomorrow's directories from).
 """
 
 from __future__ import annotations

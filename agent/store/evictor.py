@@ -1,14 +1,8 @@
-"""Runs the policy stack's eviction (agent/policy/stack.py, the runner the simulator drives too) against
-the live cache.
-
-The policy decides from the catalog's rows (recency, frequency, size, age, study); this module does the
-I/O: each pass it reads the rows, feeds the runner what changed since the last pass (an online policy
-such as `learned` keeps its index and its model from these events), asks it which files go, and drops
-their cached copies. Only `clean` files (confirmed in S3) are ever offered to the policy, and
-`Catalog.uncache` re-checks the state in the same transaction, so a file that became dirty meanwhile is
-skipped (durability contract, rule 2). A pass never frees more than it was asked to, plus the rest of
-the last study it started (whole studies go, a radiologist waits for all of one; the default `adaptive` cuts
-that last study short instead, its last files first: agent/policy/eviction.py `trim`).
+"""Runs the policy stack's eviction (agent/policy/stack.py, the runner the simulator drives too) against the live
+cache: the policy decides from the catalog's rows; this module feeds it what changed since the last pass and drops
+the copies it picks. Only `clean` files are offered, and `Catalog.uncache` re-checks in its transaction
+(docs/architecture.md, "Evict only clean"). A pass frees what it was asked to plus the rest of the last study it
+started (a radiologist waits for all of one; `adaptive` cuts it short instead: agent/policy/eviction.py `trim`).
 """
 
 from __future__ import annotations

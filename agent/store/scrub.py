@@ -1,9 +1,5 @@
-"""Background scrub: re-verify every cached copy, slowly, forever.
-
-Reads check a copy's fast digest while sending it (and abort on a mismatch); the scrub checks every copy
-against its SHA-256, re-stamps copies whose stamp is missing or stale, finds damage on files nobody reads
-(so a bad copy of a file not yet in S3 is reported while the SSD can still be replaced) and frees the
-space of bad clean copies. It reads at most `rate` bytes per second so it never competes with the PACS.
+"""Background scrub (README, `[scrub]`): every cached copy against its SHA-256, slowly, forever, at most `rate`
+bytes a second: damage on files nobody reads is found while the SSD can still be replaced.
 """
 
 from __future__ import annotations

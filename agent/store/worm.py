@@ -1,8 +1,6 @@
-"""WORM policy: which files are retained, until when, and which changes are therefore refused.
-
-Decides only; the uplink applies the S3 Object Lock it returns, and the gateway refuses changes it forbids.
-A file is retained by the longest matching [[compliance.rules]] prefix, else by the default period;
-temporary upload names (x.dcm.part) are never retained, so the usual upload-then-rename still works.
+"""WORM policy by path: which files are retained, until when, and so which changes are refused (the uplink applies
+the Object Lock, the gateway the refusals). Temporary upload names (x.dcm.part) are never retained, so the usual
+upload-then-rename still works.
 """
 
 from __future__ import annotations

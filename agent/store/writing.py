@@ -1,14 +1,8 @@
-"""Which paths an upload is writing, seen by every serving process ([server] workers > 1).
+"""Which paths an upload is writing, seen by every serving process (docs/workers.md, "Files being written").
 
-A rename over a file that an upload is still writing is refused (the upload's commit would store over what was
-renamed there), and so is a directory's rename to a directory an upload writes a file in. A set in one process
-sees only its own sessions: with several processes a session on another one renamed over the file. Each process
-marks the paths it writes, and 'dir/' for the directories above them, with an open file description (OFD) lock
-on one byte of the shared file `cache/writing.lock`, the byte picked by a hash of the key: a read lock, which a
-rename tests for (F_OFD_GETLK) without taking anything. The kernel drops the locks of a process that dies
-(kill -9, OOM) with its file descriptions, so a mark never outlives its writer and the file never needs
-cleaning: it stays empty. A hash collision of two keys (2^-62) only refuses a rename wrongly, until the other
-upload ends.
+A set in one process saw only its own sessions. A mark is a read lock (OFD) on the byte of `cache/writing.lock` a
+hash of the key picks, which a rename tests for (F_OFD_GETLK) without taking anything; the kernel drops a dead
+process's locks. A hash collision of two keys (2^-62) only refuses a rename wrongly, until the other upload ends.
 """
 
 from __future__ import annotations

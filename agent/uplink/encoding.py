@@ -1,9 +1,6 @@
-"""zstd on the line (`[uplink] compress = "zstd"`): which files are worth it, and the codec both ways.
-
-Only DICOM whose transfer syntax stores raw pixels is compressed (the others are compressed already; non-DICOM is
-unknown ground). A compressed object says so in its user metadata (ENCODING, and SIZE: the logical size a listing
-cannot show); its `sha256` stays the original's, checked after decoding, and the frame's own checksum fails a
-damaged object in the decoder first.
+"""zstd on the line (`[uplink] compress = "zstd"`): which files are worth it, and the codec both ways; what is
+compressed and how an object says so: docs/dicom.md. The frame's own checksum fails a damaged object in the
+decoder first, before the original's `sha256` is checked.
 """
 
 from __future__ import annotations

@@ -1,11 +1,7 @@
-"""The line to object storage as one part: is it up, how many transfers may use it at once, how fast.
-
-Uploads and cold-read fetches share its slots (memory pressure resizes them) and its bandwidth. The line is
-called down only on sustained failure: FAILURES_TO_DOWN requests in a row failing as 'unreachable' (a transfer,
-or the probes that one such failure starts) with no answer between. One S3 5xx or one dropped connection is
-retried, not an outage: a down line degrades the box to write-back, and an HA box gives up its address for it.
-A probe marks the line up again. A server that only asks us to slow down (503 SlowDown, 429) is up:
-`patiently` retries those calls with backoff (and, for a caller that asks, a few other 5xx answers).
+"""The line to object storage as one part: is it up, how many transfers may use it at once (uploads and cold-read
+fetches share its slots and bandwidth), how fast. It is called down only on sustained failure (FAILURES_TO_DOWN):
+a down line degrades the box to write-back and moves an HA pair's address, so one S3 5xx or one dropped connection
+is retried, not an outage; a server that only asks us to slow down (503 SlowDown, 429) is up (`patiently`).
 """
 
 from __future__ import annotations

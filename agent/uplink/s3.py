@@ -2,8 +2,7 @@
 GETs and HEADs are signed requests of our own over aiohttp (S3Uplink._request); the rest goes through aiobotocore.
 
 Every object carries its SHA-256 as the S3 checksum and as user metadata `sha256` (the whole file's, also when
-multipart), so a replacement box can verify what it reads. Compressed objects (agent.uplink.encoding) are decoded
-by their own metadata, whatever this box's setting: everything above sees the file's own bytes and size.
+multipart), so a replacement box can verify what it reads. Compressed objects are decoded here (docs/dicom.md).
 """
 
 from __future__ import annotations
@@ -18,7 +17,7 @@ import urllib.request
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
-from typing import Any, AsyncIterator, Awaitable, Callable, Iterator, Mapping
+from typing import Any, AsyncIterator, Awaitable, Callable, Iterator, Mapping, cast
 
 import aiohttp
 import structlog
@@ -97,16 +96,13 @@ def _status(exc: ClientError) -> int:
 
 def is_throttled(exc: BaseException) -> bool:
     """True when the server is up but asks us to slow down: retry later, do not call the line down."""
-    if not isinstance(exc, ClientError):
-        return False
-    return _status(exc) == 429 or exc.response.get("Error", {}).get("Code") in THROTTLE_CODES
+    return isinstance(exc, ClientError) and (
+        _status(exc) == 429 or exc.response.get("Error", {}).get("Code") in THROTTLE_CODES)
 
 
 def is_server_error(exc: BaseException) -> bool:
     """A 5xx other than 'slow down': the server is there but failed this request (SeaweedFS after a restart)."""
-    if not isinstance(exc, ClientError) or is_throttled(exc):
-        return False
-    return _status(exc) >= 500
+    return isinstance(exc, ClientError) and not is_throttled(exc) and _status(exc) >= 500
 
 
 def is_unreachable(exc: BaseException) -> bool:
@@ -203,8 +199,7 @@ def parse_timestamp(value: str) -> datetime:
             continue
         if parsed.tzinfo is not None:
             return parsed
-    fallback: datetime = botocore_parse_timestamp(value)
-    return fallback
+    return cast(datetime, botocore_parse_timestamp(value))
 
 
 def _epoch(mtime: Any) -> float:

@@ -1,8 +1,6 @@
-"""The namespace and every file's state, in SQLite (WAL) on the SSD: the only metadata store.
-
-RAM does not grow with the number of files: indexes, totals kept by triggers, the queue is the rows not 'clean'.
-One Catalog, one connection, a part per concern: names.py, remote.py (what the bucket says), uploads.py (queue,
-tombstones), heat.py (cached copies, reads), studies.py (studies, the DICOM index); schema.py has every table.
+"""The namespace and every file's state, in SQLite (WAL) on the SSD: the only metadata store, one part per concern
+(docs/architecture.md, "Who owns which table"). RAM does not grow with the number of files: indexes, totals kept
+by triggers, the queue is the rows not 'clean'.
 """
 
 from __future__ import annotations
@@ -36,44 +34,33 @@ class Catalog(Namespace, RemoteSync, Uploads, Heat, Studies):
     """The catalog file at a path (created on first use), every concern's methods on one connection."""
 
 
-async def _answer(done: asyncio.Future[R]) -> R:
-    """What the catalog thread set on done; its full disk (the cache's) is the front ends' NoSpace too."""
-    try:
-        return await done
-    except sqlite3.OperationalError as e:
-        if e.sqlite_errorcode == sqlite3.SQLITE_FULL:
-            raise NoSpace("catalog", "cache disk full (catalog cannot grow)") from e
-        raise
-
-
-def _offload(method: Callable[Concatenate[Catalog, P], R]) -> Callable[Concatenate[AsyncCatalog, P],
-                                                                      Coroutine[Any, Any, R]]:
-    """`await db.totals()` runs `Catalog.totals()` on the catalog's thread, typed; it runs even if cancelled."""
+def _offload(method: Callable[Concatenate[Catalog, P], R], grouped: bool = False
+             ) -> Callable[Concatenate[AsyncCatalog, P], Coroutine[Any, Any, R]]:
+    """`await db.totals()` runs `Catalog.totals()` on the catalog's thread, typed; it runs even if cancelled.
+    grouped: a durable write sharing the next group commit (CatalogBase.group) with others."""
     async def call(self: AsyncCatalog, /, *args: P.args, **kwargs: P.kwargs) -> R:
         loop = asyncio.get_running_loop()
         done: asyncio.Future[R] = loop.create_future()
-        self._calls.put((functools.partial(method, self.catalog, *args, **kwargs), done, loop))
-        return await _answer(done)
-    return call
-
-
-def _grouped(method: Callable[Concatenate[Catalog, P], R]) -> Callable[Concatenate[AsyncCatalog, P],
-                                                                      Coroutine[Any, Any, R]]:
-    """Like _offload, for a durable write sharing the next group commit (CatalogBase.group) with others."""
-    async def call(self: AsyncCatalog, /, *args: P.args, **kwargs: P.kwargs) -> R:
-        loop = asyncio.get_running_loop()
-        done: asyncio.Future[R] = loop.create_future()
-        with self._group_lock:
-            self._group.append((functools.partial(method, self.catalog, *args, **kwargs), done))
-            first = len(self._group) == 1
-        if first:  # else a group is already waiting for the thread: this call joins it
-            self._calls.put((functools.partial(self._run_group, loop), None, loop))
-        return await _answer(done)
+        run = functools.partial(method, self.catalog, *args, **kwargs)
+        if not grouped:
+            self._calls.put((run, done, loop))
+        else:
+            with self._group_lock:
+                self._group.append((run, done))
+                first = len(self._group) == 1
+            if first:  # else a group is already waiting for the thread: this call joins it
+                self._calls.put((functools.partial(self._run_group, loop), None, loop))
+        try:
+            return await done
+        except sqlite3.OperationalError as e:  # the catalog's full disk (the cache's) is the front ends' NoSpace too
+            if e.sqlite_errorcode == sqlite3.SQLITE_FULL:
+                raise NoSpace("catalog", "cache disk full (catalog cannot grow)") from e
+            raise
     return call
 
 
 def _settle(done: asyncio.Future[Any], result: Any) -> None:
-    if not done.cancelled():  # a cancelled caller's write is committed all the same, as with _offload
+    if not done.cancelled():  # a cancelled caller's write is committed all the same, as an ungrouped one
         if isinstance(result, BaseException):
             done.set_exception(result)
         else:
@@ -150,7 +137,7 @@ class AsyncCatalog:
     files_after = _offload(Catalog.files_after)
     mkdir = _offload(Catalog.mkdir)
     rmdir = _offload(Catalog.rmdir)
-    commit_write = _grouped(Catalog.commit_write)  # one per stored file: the ack waits for it
+    commit_write = _offload(Catalog.commit_write, grouped=True)  # one per stored file: the ack waits for it
     rename = _offload(Catalog.rename)
     delete = _offload(Catalog.delete)
     # the bucket's view

@@ -1,9 +1,5 @@
-"""The catalog's SQLite schema, and the guard on its version: every table, in one place.
-
-Which part of the catalog owns which table: entries (the namespace, names.py; its upload-queue columns,
-uploads.py; its cache and read columns, heat.py), tombstones and doubts (uploads.py), heat and prefetched (heat.py),
-studies, prior_fetches, dicom_objects and dicom_unshipped (studies.py), agent_state and totals (base.py).
-"""
+"""The catalog's SQLite schema, and the guard on its version: every table, in one place (which part of the
+catalog owns which: docs/architecture.md, "Who owns which table")."""
 
 from __future__ import annotations
 

@@ -1,16 +1,12 @@
-"""The upload queue: rows whose state is not 'clean', and the tombstones (object deletions that wait).
-
-File states: dirty (content on the SSD only) → uploading (claimed by an upload) → clean (confirmed in S3).
-`gen` increases on every content or name change, so an upload that finishes after the file changed cannot
-mark the new content clean. A tombstone is deleted from S3 only once no pending copy still reads its key.
-A doubt is a key a write (or a DELETE) went to with no outcome heard (its request timed out, or the agent was
-killed while it was on the wire): the store may carry it out later, after the key's tombstone ran or a newer file
-was stored, so the key is checked again for a while (Uploader._recheck).
+"""The upload queue: rows whose state is not 'clean' (dirty: on the SSD only → uploading → clean: in S3), the
+tombstones (object deletions that wait) and the doubts (keys a request went to with no outcome heard). Their
+rules are docs/architecture.md's "Generations", "One key at a time" and "Late requests are re-checked".
 """
 
 from __future__ import annotations
 
 import time
+from typing import cast
 
 from agent.records import Entry
 from agent.store.catalog.base import COLUMNS, COPY_INDEX_ROW, CatalogBase
@@ -18,18 +14,16 @@ from agent.store.catalog.base import COLUMNS, COPY_INDEX_ROW, CatalogBase
 
 class Uploads(CatalogBase):
     def oldest_dirty(self) -> float | None:
-        row = self.db.execute(
-            "SELECT MIN(dirty_since) FROM entries WHERE state IN ('dirty', 'uploading')").fetchone()
-        oldest: float | None = row[0]
-        return oldest
+        return cast("float | None", self.db.execute(
+            "SELECT MIN(dirty_since) FROM entries WHERE state IN ('dirty', 'uploading')").fetchone()[0])
 
     def due_uploads(self, now: float, limit: int) -> list[Entry]:
         return self._entries(f"SELECT {COLUMNS} FROM entries WHERE state = 'dirty' AND next_attempt <= ? "
                              "ORDER BY next_attempt, dirty_since LIMIT ?", (now, limit))
 
     def next_due(self) -> float | None:
-        due: float | None = self.db.execute("SELECT MIN(next_attempt) FROM entries WHERE state = 'dirty'").fetchone()[0]
-        return due
+        return cast("float | None", self.db.execute(
+            "SELECT MIN(next_attempt) FROM entries WHERE state = 'dirty'").fetchone()[0])
 
     def claim(self, path: str, gen: int) -> bool:
         return self._write("UPDATE entries SET state = 'uploading' WHERE path = ? AND gen = ? AND state = 'dirty'",
@@ -136,12 +130,9 @@ class Uploads(CatalogBase):
         return [(r[0], r[1], r[2]) for r in rows]
 
     def recheck(self, key: str, found: str | None, next_check: float, forget_before: float) -> Entry | None:
-        """A doubt's check (under the uploader's key lock), found: the ETag of the object S3 holds under key (None:
-        none). A key no file has gets its tombstone again, in the same transaction as the look (a file stored under
-        it meanwhile is never deleted), so the late object is deleted; a file stored there before that ran names
-        the late object in its (HA: conditional) upload. The next check is at next_check, or none for a doubt whose
-        write is older than forget_before. → the file under key, if any (its object may hold the late write's
-        content)."""
+        """A doubt's check under the uploader's key lock (docs/architecture.md, "Late requests are re-checked");
+        found: the ETag S3 holds under key (None: none). A key no file has gets its tombstone again in the
+        transaction that sees no row; a doubt whose write is older than forget_before goes. → the file under key."""
         with self._tx(durable=False):
             if found is not None and not self._exists("SELECT 1 FROM entries WHERE path = ? AND is_dir = 0", (key,)):
                 self._bury(key, found, time.time())
