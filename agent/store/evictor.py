@@ -148,8 +148,8 @@ class Evictor:
                        None if score is None else round(float(score[i]), 4)) for i in order.tolist()]
 
     def _sync(self, stack: PolicyStack, rows: list[Row], now: float) -> None:
-        stack.sync((CatalogRow(p, size, last, count, mtime, study_of(p, self.study_depth))
-                    for p, _, size, last, count, mtime, _, _ in rows), now)
+        stack.sync((CatalogRow(p, size, last, count, mtime, study_of(p, self.study_depth), at, by)
+                    for p, _, size, last, count, mtime, at, by in rows), now)
 
     def _choose(self, stack: PolicyStack, rows: list[Row], cand: Candidates,
                 bytes_to_free: int, now: float) -> np.ndarray:
