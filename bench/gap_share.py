@@ -47,7 +47,12 @@ def main() -> int:
                     help="adaptive.TRIM: the last victim study of a pass gives up only the files needed")
     ap.add_argument("--min-cut", type=float, default=None,
                     help="adaptive.MIN_CUT: the least share of the cache a cut frees")
+    ap.add_argument("--second-door", choices=("on", "off"), default=None,
+                    help="adaptive.SECOND_DOOR: a written study after its first session on probation while the cache "
+                         "turns over sooner than studies come back")
     args = ap.parse_args()
+    if args.second_door is not None:
+        adaptive.SECOND_DOOR = args.second_door == "on"
     if args.min_cut is not None:
         adaptive.MIN_CUT = args.min_cut
     if args.trim is not None:
@@ -89,7 +94,7 @@ def main() -> int:
           f"prior admission {'on' if learned.ADMIT_PRIORS else 'off'}, "
           f"doorkeeper {'on' if adaptive.DOORKEEPER else 'off'}, "
           f"priors held {'on' if adaptive.HOLD_PRIORS else 'off'}, trim {'on' if adaptive.TRIM else 'off'}, "
-          f"min cut {adaptive.MIN_CUT:g})")
+          f"min cut {adaptive.MIN_CUT:g}, second door {'on' if adaptive.SECOND_DOOR else 'off'})")
     return 0
 
 

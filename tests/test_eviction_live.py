@@ -157,12 +157,16 @@ def test_default_policy_evicts_whole_studies_never_dirty(agent_factory):
     # Object storage unreachable: new stores stay dirty and push the cache (2.4 MB clean) past 3.2 MB.
     new = [f"CT/2026-11-29/new/1/{i}.dcm" for i in range(12)]
     real_endpoint, evicted = store_with_line_down(a, data, new, 60)
-    # 3.6 MB → 2.0 MB asks for 1.6 MB: two whole studies (1.2 MB), the least recently used, then the last files of
-    # the third (the last victim of a pass gives up only what the pass needs, adaptive.TRIM); not the fourth
-    n = len(evicted) // STUDY_FILES
+    # 3.6 MB → 2.0 MB asks for 1.6 MB. This cache turned over in seconds (2.4 MB came in, it keeps 2.0 MB), sooner
+    # than studies come back (a day, cold start), so the second door is open: the file of study 0 read once goes
+    # first (adaptive.SECOND_DOOR); then two whole studies (1.2 MB), the least recently used, then the last files of
+    # the next (the last victim of a pass gives up only what the pass needs, adaptive.TRIM); not the fourth
+    once = {studies[0][0]}
+    n = len(evicted - once) // STUDY_FILES
     whole = {p for st in studies[1:1 + n] for p in st}
-    rest = sorted(evicted - whole)
-    assert n in (2, 3) and whole <= evicted and (not rest or rest == studies[1 + n][STUDY_FILES - len(rest):])
+    rest = sorted(evicted - whole - once)
+    assert once <= evicted and n in (2, 3) and whole <= evicted
+    assert not rest or rest == studies[1 + n][STUDY_FILES - len(rest):]
     for p in a.events("eviction_pass"):
         assert p["policy"] == "adaptive" and p["wanted"] <= p["bytes"] < p["wanted"] + STUDY_FILES * FILE
     a.stop()

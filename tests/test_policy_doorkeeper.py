@@ -47,3 +47,22 @@ def test_the_doorkeeper_stays_off_where_studies_read_on_a_miss_come_back() -> No
     p.on_insert("n1", 100, t, t, "new", written=True)
     p.on_insert("o1", 100, t + 60, 0.0, "old")
     assert not p.door.probation and list(p.victims(100, t + 130)) == ["n1"]
+
+
+def test_a_once_read_new_study_makes_room_first_where_the_cache_turns_over_sooner_than_studies_come_back() -> None:
+    """The second door (round 14): a cache that turns over in hours cannot keep a study read once until it comes back
+    days later; its space goes first, before a study read in two sessions that study LRU would take (read longer
+    ago). Where the cache holds the returns, it stays shut and study LRU decides."""
+    for capacity, victim in ((300, "b1"), (10**9, "a1")):
+        p = Adaptive()
+        p.on_insert("a1", 100, T, T, "A", written=True)
+        p.on_insert("b1", 100, T, T, "B", written=True)
+        p.on_access("a1", T + 600)                      # A: read, and read again in a second session
+        p.on_access("a1", T + 3600)
+        p.on_access("b1", T + 7200)                     # B: read once, last
+        p.on_insert("c1", 100, T + 8000, T + 8000, "C", written=True)
+        list(p.victims(0, T + 8001))                    # the capacity is learnt from the passes
+        p.capacity = capacity
+        p.on_insert("d1", 100, T + 9000, T + 9000, "D", written=True)
+        assert next(iter(p.victims(100, T + 9001))) == victim
+        assert p.status()["second_door"] is (victim == "b1")

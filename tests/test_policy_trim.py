@@ -41,6 +41,7 @@ def big_study_trace():
 @pytest.mark.parametrize("trim", [True, False])
 def test_a_big_study_keeps_the_files_read_soonest_where_whole_study_eviction_drops_it(monkeypatch, trim) -> None:
     monkeypatch.setattr(adaptive, "TRIM", trim)
+    monkeypatch.setattr(adaptive, "SECOND_DOOR", False)     # the cut alone (the second door frees read studies first)
     ta, big = big_study_trace()
     hit = hits_of(ta, "adaptive", 100 * 1000, warmup_days=0)
     read = hit[big & ~ta.is_write]

@@ -22,7 +22,8 @@ never do I/O: the caller offers only clean files, so a file not yet in S3 is nev
 
 from __future__ import annotations
 
-from collections import OrderedDict
+import math
+from collections import OrderedDict, deque
 from typing import Any, Iterator
 
 import numpy as np
@@ -69,6 +70,13 @@ HALF_LIFE = 2_000       # studies through the door after which its counts' weigh
 # a prior prefetched for a new study is held like a written study until its first read (docs/replay.md, round 11);
 # bench/gap_share.py --hold-priors overrides
 HOLD_PRIORS = True
+# the second door: a written study after its first session is on probation (as a study read on a miss is) while the
+# cache turns over sooner than the `BACK_Q` quantile of the studies' return times (`COLD_BACK` before `WARM` returns);
+# docs/replay.md, round 14; bench/gap_share.py --second-door overrides
+SECOND_DOOR = True
+BACK_Q = 0.25
+COLD_BACK = DAY
+INFLOW_TAU = DAY        # the inflow rate behind the turnover time is a moving average over about a day
 # the last victim study of a pass gives up only the files the pass needs, its last ones first, not the whole study
 # (eviction.trim; docs/replay.md, round 12); bench/gap_share.py --trim overrides
 TRIM = True
@@ -97,6 +105,8 @@ class _Doorkeeper:
         self.seen: OrderedDict[Any, float | None] = OrderedDict()
         self.max_seen = max_seen
         self.sent = self.back = 0.0
+        self.gaps: deque[float] = deque(maxlen=256)     # the last returns: first session → second
+        self._back_time = COLD_BACK
 
     @property
     def on(self) -> bool:
@@ -127,9 +137,17 @@ class _Doorkeeper:
         if now - last > SESSION_S:      # a second session: an ordinary study from now on
             self.seen[study] = None
             self.back += 1
+            self.gaps.append(now - last)
+            if len(self.gaps) >= WARM:
+                self._back_time = sorted(self.gaps)[int(BACK_Q * len(self.gaps))]
             self.probation.pop(study, None)
         else:
             self.seen[study] = now
+
+    def back_time(self) -> float:
+        """The `BACK_Q` quantile of the times from a first session to the second of the last studies that came back
+        (`COLD_BACK` before `WARM` of them)."""
+        return self._back_time
 
     def victims(self, now: float) -> Iterator[Any]:
         """Every cached file on probation; a study whose session is over leaves probation (when the pass ends: a pass
@@ -175,6 +193,12 @@ class Adaptive:
         self.requests = 0
         self.use_learned = True
         self.door = _Doorkeeper() if DOORKEEPER else None
+        # the second door: written studies after their first session (`SECOND_DOOR`)
+        self.door2 = _Doorkeeper() if SECOND_DOOR else None
+        self.door2_open = False
+        self.written: OrderedDict[Any, None] = OrderedDict()    # studies written here (newest 200k)
+        self._inflow = 0.0      # bytes inserted, decayed with INFLOW_TAU (≈ the inflow rate × INFLOW_TAU)
+        self._inflow_at = 0.0
         self.linked: OrderedDict[Any, Any] = OrderedDict()   # prior → the new study it was fetched for (newest 10k)
 
     def _request(self, key: Any, now: float, prefetch: bool, written: bool = False) -> None:
@@ -192,6 +216,10 @@ class Adaptive:
                   prefetch: bool = False, written: bool = False) -> None:
         self._meta[key] = (size, created, study)
         self.used += size
+        if now > self._inflow_at:
+            self._inflow *= math.exp((self._inflow_at - now) / INFLOW_TAU)
+            self._inflow_at = now
+        self._inflow += size
         # a linked prior waits for the radiologist's session as its new study does: the fresh segment holds both
         written = written or (prefetch and study in self.linked)
         if written:
@@ -200,6 +228,13 @@ class Adaptive:
             self.fresh.read(study, now)
         if self.door is not None:
             self.door.inserted(key, size, now, study, not (prefetch or written) and created < now - OLD_S)
+        if self.door2 is not None:
+            if written and study not in self.linked:
+                self.written[study] = None
+                if len(self.written) > 200_000:
+                    self.written.popitem(last=False)
+            elif not prefetch and study in self.written:
+                self.door2.inserted(key, size, now, study, True)
         self.lru.on_insert(key, size, now, created, study, prefetch, written)
         self.learned.on_insert(key, size, now, created, study, prefetch, written)
         self._request(key, now, prefetch, written)
@@ -211,6 +246,8 @@ class Adaptive:
         self.fresh.read(meta[2], now)
         if self.door is not None:
             self.door.read(meta[2], now)
+        if self.door2 is not None and meta[2] in self.written:
+            self.door2.inserted(key, meta[0], now, meta[2], True)
         self.lru.on_access(key, now)
         self.learned.on_access(key, now)
         self._request(key, now, False)
@@ -228,6 +265,8 @@ class Adaptive:
             self.fresh.removed(meta[2], meta[0])
             if self.door is not None:
                 self.door.removed(meta[2], key)
+            if self.door2 is not None:
+                self.door2.removed(meta[2], key)
 
     def link(self, prior: Any, new: Any, heat: float) -> None:
         """A prefetched prior's new study (HitDensity.link), for the real cache's learned index and its shadow."""
@@ -245,19 +284,28 @@ class Adaptive:
             return True
         return self.model.admit(new, heat, files, size, now)
 
+    def turnover(self) -> float:
+        """Seconds the cache takes to fill with new bytes at the recent inflow rate: about how long a file no one
+        reads stays; inf before the first eviction."""
+        return self.capacity * INFLOW_TAU / self._inflow if self.capacity and self._inflow else math.inf
+
     def victims(self, bytes_to_free: int, now: float) -> Iterator[Any]:
         self.capacity = max(self.capacity, self.used - bytes_to_free)
         learned, model = self.learned, self.model
         learned.density, learned.factor, learned.fitted = model.density, model.factor, model.fitted
         chosen, other = (self.learned, self.lru) if self.use_learned else (self.lru, self.learned)
         self.fresh.capacity = self.capacity
+        # the second door: once-read written studies make room first while the cache turns over sooner than they come
+        # back (it could not keep them until then anyway, and the space holds new studies until their first read)
+        self.door2_open = self.door2 is not None and self.turnover() < self.door2.back_time()
         # the real cache cuts its last victim short (Belady keeps a study's first files); the shadows judge the
         # experts' rankings with whole studies, as measured
         self.lru.cut = self.learned.cut = int(MIN_CUT * self.capacity) if TRIM else None
         for study in self.fresh.release(now):
             self.lru.unheld(study)
         freed = 0
-        for key in self.door.victims(now) if self.door is not None else ():
+        doors = [d.victims(now) for d in (self.door, self.door2 if self.door2_open else None) if d is not None]
+        for key in (k for v in doors for k in v):
             if freed >= bytes_to_free:
                 break
             freed += self._meta[key][0]
@@ -274,7 +322,8 @@ class Adaptive:
         else:
             mode = "expert: learned hit density" if self.use_learned else "expert: study LRU (recency wins now)"
         return {"policy": self.name, "mode": mode, "events": self.model.events, "files": len(self._meta),
-                **(self.door.status() if self.door is not None else {}), **self.fresh.status()}
+                **(self.door.status() if self.door is not None else {}), "second_door": self.door2_open,
+                **self.fresh.status()}
 
     # batch (no online index fed): whole studies in LRU order, the cold-start rule
     def select_victims(self, table: FileTable, bytes_to_free: int, now: float) -> np.ndarray:

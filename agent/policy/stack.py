@@ -11,8 +11,8 @@ it answers:
   index; a batch policy (kmeans) from the `FileTable` that `table()` builds on demand. Callers offer
   only clean files (already in S3), so a file not yet uploaded can never be a victim;
 * `sync(rows, now)`: the live agent's way in. It sees the cache through the catalog (each pass: the clean
-  cached files with size, last access and read count), not event by event; `sync` turns the difference
-  from the previous pass into the same `inserted`/`accessed`/`removed` events, in time order;
+  cached files with size, last access, read count and how and when the copy came), not event by event; `sync`
+  turns the difference from the previous pass into the same `inserted`/`accessed`/`removed` events, in time order;
 * `prior_ranked` → `prior_plan` / `prior_outcome`: the prior-study planner (rank the patient's earlier studies,
   fit them into the budget, learn per rank from what was read);
 * `describe(study, modality, dept, newer)`: what the catalog knows of a study (its DICOM modality, the
@@ -75,6 +75,10 @@ class CatalogRow:
     access_count: int
     created: float
     study: Hashable                     # a study id (the simulator) or a study directory (the agent)
+    # how the cached copy came (write | read: on a miss | prefetch) and when it began: the write, the fetch's start;
+    # None where the catalog does not know (a copy from before it recorded them, a renamed file)
+    cached_at: float | None = None
+    cached_by: str | None = None
 
 
 def make(name: str, *, kmeans: KMeansConfig | None = None, max_age_days: float = 90.0,
@@ -89,8 +93,6 @@ def make(name: str, *, kmeans: KMeansConfig | None = None, max_age_days: float =
 
 
 class PolicyStack:
-    SLACK = 600.0
-
     MAX_DESCRIBED = 1_000_000           # studies whose features are kept (~100 B each), oldest forgotten
     # Distinct modalities (or departments) given a code of their own; later ones share one 'other' code. A header's
     # Modality is any valid 16-character code string: one code per value, kept for the process's life, grew
@@ -106,7 +108,6 @@ class PolicyStack:
         self.policy = make(spec.eviction, kmeans=kmeans, max_age_days=max_age_days, attrs=self.attrs_of)
         self.priors = PriorPrefetcher(k=priors_k) if "priors" in spec.planners else None
         self._seen: dict[Hashable, tuple[float, int]] = {}   # sync: key → (last access, reads) last pass
-        self._last_sync = float("-inf")
 
     @property
     def index(self) -> OnlineIndex | None:
@@ -150,19 +151,24 @@ class PolicyStack:
         """Feed an online policy the difference between this view of the cache and the last one: new rows
         are inserted, rows read since are accessed, rows gone are removed. → events applied.
 
-        A new row whose last use is older than the previous pass (less `SLACK`: an upload takes a while
-        before a written file is clean) landed without being used: a prefetch, inserted as of now."""
+        A new row is inserted as what its copy is (`cached_by`) as of when it began (`cached_at`), then accessed if
+        read since, as the simulator has it (reads between two passes are one, at the last). Inferred from the last
+        access and read count instead, a written file read before the pass looked read on a miss, and a prefetch of
+        a file read minutes before looked written or read on a miss, at that old read. A row the catalog knows no
+        origin of is a copy read on a miss at its last access."""
         index = self.index
         if index is None:
             return 0
         events: list[tuple[float, int, CatalogRow]] = []
         now_keys: set[Hashable] = set()
-        since = self._last_sync - self.SLACK
         for r in rows:
             now_keys.add(r.key)
             before = self._seen.get(r.key)
             if before is None:
-                events.append((r.last_access, 0, r) if r.last_access >= since else (now, 2, r))
+                at = r.last_access if r.cached_at is None else r.cached_at
+                events.append((at, 0, r))
+                if r.last_access > at:
+                    events.append((r.last_access, 1, r))
             elif r.last_access > before[0] or r.access_count > before[1]:
                 events.append((r.last_access, 1, r))
             self._seen[r.key] = (r.last_access, r.access_count)
@@ -173,9 +179,8 @@ class PolicyStack:
         for t, kind, r in events:
             if kind == 1:
                 index.on_access(r.key, t)
-            else:       # a used new row nobody has read yet was written here
-                index.on_insert(r.key, r.size, t, r.created, r.study, kind == 2, kind == 0 and r.access_count == 0)
-        self._last_sync = now
+            else:
+                index.on_insert(r.key, r.size, t, r.created, r.study, r.cached_by == "prefetch", r.cached_by == "write")
         return len(events) + len(gone)
 
     # -- study features

@@ -58,8 +58,12 @@ def study_of(path: str, depth: int) -> str:
     return "/".join(parts[:depth]) if len(parts) > depth else path.rpartition("/")[0]
 
 
-def candidates(rows: list[tuple[str, int, int, float, int, float]]) -> Candidates:
-    """Catalog rows (path, gen, size, last access, access count, mtime) → the policy's FileTable."""
+# a catalog eviction row: path, gen, size, last access, access count, mtime, cached at, cached by
+Row = tuple[str, int, int, float, int, float, float | None, str | None]
+
+
+def candidates(rows: list[Row]) -> Candidates:
+    """Catalog rows (`Row`) → the policy's FileTable."""
     cols = list(zip(*rows, strict=True)) if rows else [(), (), (), (), (), ()]
     paths = list(cols[0])
     parents = np.array([p.rpartition("/")[0] for p in paths], dtype=object)
@@ -137,11 +141,11 @@ class Evictor:
                        int(t.access_count[i]), None if cluster is None else int(cluster[i]),
                        None if score is None else round(float(score[i]), 4)) for i in order.tolist()]
 
-    def _sync(self, stack: PolicyStack, rows: list[tuple[str, int, int, float, int, float]], now: float) -> None:
-        stack.sync((CatalogRow(p, size, last, count, mtime, study_of(p, self.study_depth))
-                    for p, _, size, last, count, mtime in rows), now)
+    def _sync(self, stack: PolicyStack, rows: list[Row], now: float) -> None:
+        stack.sync((CatalogRow(p, size, last, count, mtime, study_of(p, self.study_depth), at, by)
+                    for p, _, size, last, count, mtime, at, by in rows), now)
 
-    def _choose(self, stack: PolicyStack, rows: list[tuple[str, int, int, float, int, float]], cand: Candidates,
+    def _choose(self, stack: PolicyStack, rows: list[Row], cand: Candidates,
                 bytes_to_free: int, now: float) -> np.ndarray:
         """Row indices to evict, in order: the runner is fed this pass's view, then asked."""
         self._sync(stack, rows, now)

@@ -310,6 +310,8 @@ class _Fill:
     ranging: asyncio.Task[None] | None = None  # one ranged GET at a time per fetch
     window: int = RANGE_FIRST  # the next ranged GET's size: doubles for a sequential reader
     no_ranges: bool = False  # a ranged GET failed: the stream brings the rest
+    by: str = "read"  # who began the fetch: a read's miss or a prefetch (the eviction policy is told, heat.py)
+    at: float = field(default_factory=time.time)
 
     def landed_from(self, pos: int) -> int:
         """How far the bytes from pos have landed, by the stream or ranged GETs (pos: not yet)."""
@@ -907,7 +909,7 @@ class Gateway:
         """Bring one file into the cache ahead of any read (joining a running fetch) → whether it landed."""
         if e.blob is not None:
             return False
-        fill = self._fill_for(e)
+        fill = self._fill_for(e, "prefetch")
         async with fill.cond:
             await fill.cond.wait_for(lambda: fill.done)
         if fill.error is not None:
@@ -916,7 +918,7 @@ class Gateway:
         self.metrics.note_prefetched(e.size)
         return True
 
-    def _fill_for(self, e: Entry) -> _Fill:
+    def _fill_for(self, e: Entry, by: str = "read") -> _Fill:
         """The running fetch of e to join, else a new one: not one of an earlier version (its bytes are old)."""
         fill = self._fills.get(e.path)
         if fill is not None and not fill.done and fill.fd >= 0 and fill.entry.gen == e.gen:
@@ -926,7 +928,7 @@ class Gateway:
         if self.refusals.fetch:
             log.warning("fetch_refused", path=e.path, reason=self.refusals.fetch)
             raise Unavailable(e.path, f"not in the cache; fetching refused: {self.refusals.fetch}")
-        fill = _Fill(e, *self.cache.new_staging())
+        fill = _Fill(e, *self.cache.new_staging(), by=by)
         self._fills[e.path] = fill
         asyncio.create_task(self._fetch(fill))
         return fill
@@ -962,7 +964,7 @@ class Gateway:
         try:
             async with self.line.slots:  # fetches share the line's concurrency with uploads
                 sha = await self.line.patiently(attempt, e.path, server_errors=SERVER_ERROR_RETRIES)
-            if not await self.db.set_cached(e.path, e.gen, fill.blob, sha):
+            if not await self.db.set_cached(e.path, e.gen, fill.blob, sha, fill.by, fill.at):
                 self.cache.remove(fill.blob)  # the file changed meanwhile; this copy is stale
             self.metrics.fetched_bytes.inc(fill.written)
             self.metrics.fetch_seconds.observe(time.monotonic() - t0)

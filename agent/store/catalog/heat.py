@@ -11,9 +11,12 @@ from agent.store.catalog.base import COLUMNS, CatalogBase
 
 
 class Heat(CatalogBase):
-    def set_cached(self, path: str, gen: int, blob: str, sha256: str) -> bool:
-        return self._write("UPDATE entries SET blob = ?, sha256 = COALESCE(sha256, ?) "
-                           "WHERE path = ? AND gen = ? AND blob IS NULL", (blob, sha256, path, gen), durable=False) == 1
+    def set_cached(self, path: str, gen: int, blob: str, sha256: str, by: str = "read",
+                   at: float | None = None) -> bool:
+        """A fetched copy landed: `by` a read's miss or a prefetch, whose fetch began `at` (now if None)."""
+        return self._write("UPDATE entries SET blob = ?, sha256 = COALESCE(sha256, ?), cached_at = ?, cached_by = ? "
+                           "WHERE path = ? AND gen = ? AND blob IS NULL",
+                           (blob, sha256, time.time() if at is None else at, by, path, gen), durable=False) == 1
 
     def uncache(self, path: str, gen: int) -> str | None:
         """Drop a clean file's cached copy → its blob; None if not evictable (a doubt: the copy re-uploads it)."""
@@ -39,11 +42,12 @@ class Heat(CatalogBase):
         """A page of cached files in blob order after `last_blob` (the partial blob index: no scan of the archive)."""
         return self._entries(f"SELECT {COLUMNS} FROM entries WHERE blob > ? ORDER BY blob LIMIT ?", (last_blob, limit))
 
-    def eviction_rows(self, limit: int) -> list[tuple[str, int, int, float, int, float]]:
-        """(path, gen, size, last access, count, mtime) of the `limit` least recently read clean cached files."""
+    def eviction_rows(self, limit: int) -> list[tuple[str, int, int, float, int, float, float | None, str | None]]:
+        """(path, gen, size, last access, count, mtime, cached at, cached by) of the `limit` least recently read clean
+        cached files (cached at / by: None for a copy from before those columns, or moved here by a rename)."""
         return self.db.execute(
-            "SELECT path, gen, size, COALESCE(last_access, mtime), access_count, mtime FROM entries "
-            "WHERE state = 'clean' AND blob IS NOT NULL ORDER BY last_access LIMIT ?", (limit,)).fetchall()
+            "SELECT path, gen, size, COALESCE(last_access, mtime), access_count, mtime, cached_at, cached_by "
+            "FROM entries WHERE state = 'clean' AND blob IS NOT NULL ORDER BY last_access LIMIT ?", (limit,)).fetchall()
 
     def missing_under(self, path: str) -> tuple[int, int]:
         """(files, bytes) below directory path that are in S3 but not cached: what a prefetch would fetch."""

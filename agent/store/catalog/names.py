@@ -78,13 +78,15 @@ class Namespace(CatalogBase):
             if old is None:
                 self.db.execute(
                     "INSERT INTO entries (path, parent, name, is_dir, size, mtime, sha256, state, blob, gen, etag, "
-                    "dirty_since, last_access, access_count) VALUES (?, ?, ?, 0, ?, ?, ?, ?, ?, ?, ?, ?, ?, 0)",
-                    (path, parent_of(path), name_of(path), size, mtime, sha256, state, blob, gen, known, now, now))
+                    "dirty_since, last_access, access_count, cached_at, cached_by) "
+                    "VALUES (?, ?, ?, 0, ?, ?, ?, ?, ?, ?, ?, ?, ?, 0, ?, 'write')",
+                    (path, parent_of(path), name_of(path), size, mtime, sha256, state, blob, gen, known, now, now, now))
             else:
                 self.db.execute(
                     "UPDATE entries SET size = ?, mtime = ?, sha256 = ?, state = ?, blob = ?, gen = ?, "
-                    "copy_from = NULL, dirty_since = ?, attempts = 0, next_attempt = 0, last_error = NULL "
-                    "WHERE path = ?", (size, mtime, sha256, state, blob, gen, now, path))
+                    "copy_from = NULL, dirty_since = ?, attempts = 0, next_attempt = 0, last_error = NULL, "
+                    "cached_at = ?, cached_by = 'write' WHERE path = ?",
+                    (size, mtime, sha256, state, blob, gen, now, now, path))
                 self._superseded(old)
         return gen, (old.blob if old else None)
 

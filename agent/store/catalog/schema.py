@@ -12,7 +12,7 @@ SCHEMA_VERSION = 1
 
 
 # (table, column, type) added after version 1, nullable, unseen by older releases: added on open, no bump
-ADDED_COLUMNS = (("tombstones", "etag", "TEXT"),)
+ADDED_COLUMNS = (("tombstones", "etag", "TEXT"), ("entries", "cached_at", "REAL"), ("entries", "cached_by", "TEXT"))
 
 
 def add_columns(db: sqlite3.Connection) -> None:
@@ -59,7 +59,11 @@ CREATE TABLE IF NOT EXISTS entries (
     next_attempt REAL NOT NULL DEFAULT 0,
     last_error   TEXT,
     last_access  REAL,
-    access_count INTEGER NOT NULL DEFAULT 0
+    access_count INTEGER NOT NULL DEFAULT 0,
+    -- the cached copy's origin and when it began (the write, or the start of its fetch): what the eviction policy
+    -- is told happened ('write' | 'read' on a miss | 'prefetch'; heat.py); ADDED_COLUMNS
+    cached_at    REAL,
+    cached_by    TEXT
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS entries_parent ON entries(parent, name);
 -- Partial indexes are used only when the query repeats their WHERE term verbatim: keep them in step.
