@@ -695,11 +695,29 @@ class Gateway:
     async def open_write(self, path: str, protocol: str, *, offset: int = 0,
                          who: Who | None = None) -> WriteHandle:
         """Start writing path; offset > 0 resumes (REST/append); one past the end is BadOffset (a hole)."""
+        return await self._open_write(path, protocol, who, lambda _: offset)
+
+    async def open_for_write(self, path: str, protocol: str, who: Who | None, *, keep: int | None = None,
+                             create: bool = True, exclusive: bool = False) -> WriteHandle:
+        """open(2) for writing (SFTP, SMB), keeping the stored file's first `keep` bytes (None: all)."""
+        def offset(e: Entry | None) -> int:
+            if e is not None and exclusive:
+                raise AlreadyExists(path)
+            if e is None and not create:
+                raise NotFound(path)
+            size = e.size if e is not None and not e.is_dir else 0  # a directory: _open_write refuses it
+            return size if keep is None else min(keep, size)
+        return await self._open_write(path, protocol, who, offset)
+
+    async def _open_write(self, path: str, protocol: str, who: Who | None,
+                          offset_for: Callable[[Entry | None], int]) -> WriteHandle:
+        """open_write at the offset offset_for(the stored row) gives: the row is looked up once (issue 14)."""
         async with self.audit.op(who, "store", path, record_ok=False):
             self._may_change(who, "write", path)
             if not path:
                 raise IsADirectory(path)
             existing = await self._ensure_listed(parent_of(path), missing_ok=True, then=path)
+            offset = offset_for(existing)
             if existing is not None and existing.is_dir:
                 raise IsADirectory(path)
             if existing is None:
@@ -749,18 +767,6 @@ class Gateway:
         blob, fd = made
         os.close(fd)
         self.cache.discard_staging(blob)
-
-    async def open_for_write(self, path: str, protocol: str, who: Who | None, *, keep: int | None = None,
-                             create: bool = True, exclusive: bool = False) -> WriteHandle:
-        """open(2) for writing (SFTP, SMB), keeping the stored file's first `keep` bytes (None: all)."""
-        async with self.audit.op(who, "store", path, record_ok=False):
-            e = await self.find(path)
-            if e is not None and exclusive:
-                raise AlreadyExists(path)
-            if e is None and not create:
-                raise NotFound(path)
-        size = e.size if e is not None and not e.is_dir else 0  # a directory: open_write refuses it
-        return await self.open_write(path, protocol, offset=size if keep is None else min(keep, size), who=who)
 
     async def truncate(self, path: str, length: int, protocol: str, who: Who | None) -> None:
         """truncate(2) by name (SFTP setstat, SMB set end-of-file): a new version cut or extended with zeros."""
