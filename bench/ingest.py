@@ -8,10 +8,10 @@ Starts a loopback SeaweedFS (`weed mini`), our agent (`pacsgw run`) and, per pro
 The directory tree is created first (untimed: rclone does not create parents on upload); then each
 target gets the same N files from C clients (each client its own FTP session / SSH connection).
 Printed per protocol and target: files/s, MB/s, close-to-ack latency p50/p99 (FTP: data connection
-closed → 226; SFTP: CLOSE sent → status OK), the time until the last object is listed in S3, the load
-average, and the ratio ours/rclone. Our agent acknowledges after S3 confirmed the object (write-through,
-the default); rclone acknowledges once the file is in its local cache and uploads after --vfs-write-back
-(5 s by default), which is what "all in S3" shows.
+closed → 226; SFTP: CLOSE sent → status OK), the time until the last object is listed in S3, the CPU per file
+of the server and of SeaweedFS (which shares the cores), the load average, and the ratio ours/rclone. Our agent
+acknowledges after S3 confirmed the object (write-through, the default); rclone acknowledges once the file is in
+its local cache and uploads after --vfs-write-back (5 s by default), which is what "all in S3" shows.
 SMB (as root, with samba and fuse3; in --protocols by default then) runs bench/ingest_smb.py's run_smb_bench
 with the same files, size and clients: smbd over the agent's FUSE view (write-through and write-back, its own
 agents) and smbd over a plain directory on the same disk, which gives the FUSE overhead as a ratio (plain ÷ agent).
@@ -214,18 +214,26 @@ def start_target(target: str, protocol: str, args: argparse.Namespace, work: Pat
     return server, server.ftp_port if protocol == "ftp" else server.sftp_port
 
 
+def store_cpu_seconds(store: ObjectStore) -> float:
+    """CPU time of the object store (SeaweedFS shares this machine's cores with the agent and the clients: what a PUT
+    costs it is part of the ingest rate here, not on a box whose S3 is remote). It includes wait_keys's listings."""
+    assert store._proc is not None
+    return tree_cpu_seconds(store._proc.pid)
+
+
 def measure(server, port: int, store: ObjectStore, run: Run, files: range, blocks: list[bytes], clients: int,
             before: int, sftp_block: int = -1) -> dict:
     """Store these files into one target (which holds `before` files) and wait until they are in S3 → its
     row (with the agent's CPU)."""
     prefix = f"{run.target}-{run.protocol}/"
-    cpu0 = tree_cpu_seconds(server.proc.pid)
+    cpu0, store0 = tree_cpu_seconds(server.proc.pid), store_cpu_seconds(store)
     ingest(run, port, files, clients, blocks, sftp_block)
     run.in_s3 = wait_keys(store, prefix, before + len(files))
-    cpu = tree_cpu_seconds(server.proc.pid) - cpu0
+    cpu, store_cpu = tree_cpu_seconds(server.proc.pid) - cpu0, store_cpu_seconds(store) - store0
     # CPUs busy: the agent's CPU seconds per second until the last file was in S3 (below the CPUs it may use,
     # the clients, SeaweedFS or the rest of the machine set the pace)
     return run.report() | {"cpu_ms_per_file": round(cpu * 1000 / len(files), 2),
+                           "s3_cpu_ms_per_file": round(store_cpu * 1000 / len(files), 2),
                            "cpus_busy": round(cpu / (max(run.finished, run.in_s3) - run.started), 2)}
 
 
@@ -367,8 +375,8 @@ def main() -> int:
                 print(json.dumps(r), flush=True)
             runs += smb
         cols = ["target", "protocol", *(["rounds"] if args.rounds > 1 else []), "files", "errors", "seconds",
-                "files_per_s", "MB_per_s", "ack_p50_ms", "ack_p99_ms", "all_in_s3_s", "cpu_ms_per_file", "cpus_busy",
-                "load"]
+                "files_per_s", "MB_per_s", "ack_p50_ms", "ack_p99_ms", "all_in_s3_s", "cpu_ms_per_file",
+                "s3_cpu_ms_per_file", "cpus_busy", "load"]
         cols += ["bad_checksums"] if args.verify else []
         print()
         print(table(runs, cols))

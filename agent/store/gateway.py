@@ -65,6 +65,20 @@ BODY_BUDGET = 64 * 1024 * 1024
 AGENT_DIRS = (CONFLICTS, HA_DIR, PARKED)
 
 
+@dataclass(frozen=True, slots=True)
+class Through:
+    """A write-through upload started by a commit. The ack waits for `confirmed`: S3 confirmed the object, or the
+    attempt ended without (failed: the row is queued again). `task` goes on to record the row clean."""
+
+    task: asyncio.Task[bool]
+    confirmed: asyncio.Future[None]
+
+
+def _end_wait(confirmed: asyncio.Future[None], _: asyncio.Task[bool]) -> None:
+    if not confirmed.done():
+        confirmed.set_result(None)
+
+
 class WriteHandle:
     """One file being written, hashed as it comes (or at commit when written out of order). A small write-through
     file keeps its bytes (BODY_BUDGET) for its upload: no reading back and hashing again (~0.5 ms per 512 KiB)."""
@@ -206,7 +220,7 @@ class WriteHandle:
                 durable.add_done_callback(lambda _: self._ended())
         self.gw.metrics.ack_seconds.labels(self.protocol).observe(time.monotonic() - t0)
 
-    async def _make_durable(self) -> asyncio.Task[bool] | None:
+    async def _make_durable(self) -> Through | None:
         """fsync + rename into the cache + catalog commit (+ start of a write-through upload)."""
         body = b"".join(self._body) if self._body is not None else None
         try:
@@ -224,7 +238,7 @@ class WriteHandle:
         if upload is not None and body is not None:
             # The bytes stay counted in BODY_BUDGET as long as their upload lives: a slow line cannot pile them up
             held, self._body, self._held = self._held, None, 0
-            upload.add_done_callback(lambda _: self.gw.release(held))
+            upload.task.add_done_callback(lambda _: self.gw.release(held))
         return upload
 
     def _seal(self, body: bytes | None) -> str:
@@ -685,11 +699,29 @@ class Gateway:
     async def open_write(self, path: str, protocol: str, *, offset: int = 0,
                          who: Who | None = None) -> WriteHandle:
         """Start writing path; offset > 0 resumes (REST/append); one past the end is BadOffset (a hole)."""
+        return await self._open_write(path, protocol, who, lambda _: offset)
+
+    async def open_for_write(self, path: str, protocol: str, who: Who | None, *, keep: int | None = None,
+                             create: bool = True, exclusive: bool = False) -> WriteHandle:
+        """open(2) for writing (SFTP, SMB), keeping the stored file's first `keep` bytes (None: all)."""
+        def offset(e: Entry | None) -> int:
+            if e is not None and exclusive:
+                raise AlreadyExists(path)
+            if e is None and not create:
+                raise NotFound(path)
+            size = e.size if e is not None and not e.is_dir else 0  # a directory: _open_write refuses it
+            return size if keep is None else min(keep, size)
+        return await self._open_write(path, protocol, who, offset)
+
+    async def _open_write(self, path: str, protocol: str, who: Who | None,
+                          offset_for: Callable[[Entry | None], int]) -> WriteHandle:
+        """open_write at the offset offset_for(the stored row) gives: the row is looked up once (issue 14)."""
         async with self.audit.op(who, "store", path, record_ok=False):
             self._may_change(who, "write", path)
             if not path:
                 raise IsADirectory(path)
             existing = await self._ensure_listed(parent_of(path), missing_ok=True, then=path)
+            offset = offset_for(existing)
             if existing is not None and existing.is_dir:
                 raise IsADirectory(path)
             if existing is None:
@@ -739,18 +771,6 @@ class Gateway:
         blob, fd = made
         os.close(fd)
         self.cache.discard_staging(blob)
-
-    async def open_for_write(self, path: str, protocol: str, who: Who | None, *, keep: int | None = None,
-                             create: bool = True, exclusive: bool = False) -> WriteHandle:
-        """open(2) for writing (SFTP, SMB), keeping the stored file's first `keep` bytes (None: all)."""
-        async with self.audit.op(who, "store", path, record_ok=False):
-            e = await self.find(path)
-            if e is not None and exclusive:
-                raise AlreadyExists(path)
-            if e is None and not create:
-                raise NotFound(path)
-        size = e.size if e is not None and not e.is_dir else 0  # a directory: open_write refuses it
-        return await self.open_write(path, protocol, offset=size if keep is None else min(keep, size), who=who)
 
     async def truncate(self, path: str, length: int, protocol: str, who: Who | None) -> None:
         """truncate(2) by name (SFTP setstat, SMB set end-of-file): a new version cut or extended with zeros."""
@@ -816,8 +836,8 @@ class Gateway:
             return False
 
     async def commit_file(self, path: str, blob: str, size: int, sha: str, body: bytes | None = None,
-                          base: int | None = None) -> asyncio.Task[bool] | None:
-        """Commit the catalog row; in write-through, start its upload (of body, if kept) → that task, in the same
+                          base: int | None = None) -> Through | None:
+        """Commit the catalog row; in write-through, start its upload (of body, if kept) → that upload, in the same
         uncancellable step as the claim: a claimed row without an upload would wait for the next restart."""
         claim = self.cfg.uplink.write_mode == "through" and self.line.reachable
         mtime = time.time()
@@ -840,14 +860,22 @@ class Gateway:
             entry = Entry(path=path, is_dir=False, size=size, mtime=mtime, sha256=sha, state="uploading", blob=blob,
                           gen=gen, etag=None, version_id=None, copy_from=None, listed=False, dirty_since=mtime,
                           attempts=0, last_error=None, last_access=None, access_count=0)
-        return self.uploader.start_transfer(entry, body)
+        confirmed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        task = self.uploader.start_transfer(entry, body, confirmed)
+        task.add_done_callback(functools.partial(_end_wait, confirmed))
+        return Through(task, confirmed)
 
-    async def write_through(self, path: str, upload: asyncio.Task[bool] | None) -> None:
-        """Wait (up to through_timeout) for S3 to confirm a write-through upload; it goes on regardless."""
+    async def write_through(self, path: str, upload: Through | None) -> None:
+        """Wait (up to through_timeout) for S3 to confirm a write-through upload; it goes on regardless. The wait
+        ends at S3's answer, not at the row's clean mark, a commit behind others' fsyncs on the catalog's thread:
+        a crash before that mark only uploads the file again (Uploader._transfer). The mark is queued on that thread
+        before `confirmed` wakes this, so every catalog change this process makes after the ack (a rename, a delete,
+        the next version) finds the row clean; in another serving process such a change can still find it
+        'uploading', and costs a doubt and a whole upload instead of a copy, nothing else."""
         if upload is None:
             return
         try:
-            await asyncio.wait_for(asyncio.shield(upload), self.cfg.uplink.through_timeout)
+            await asyncio.wait_for(asyncio.shield(upload.confirmed), self.cfg.uplink.through_timeout)
         except asyncio.TimeoutError:
             log.warning("write_through_timeout", path=path, seconds=self.cfg.uplink.through_timeout,
                         mode="write-back")

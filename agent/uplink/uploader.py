@@ -151,9 +151,11 @@ class Uploader:
     def key_lock(self, key: str) -> asyncio.Lock:
         return self._key_locks.setdefault(key, asyncio.Lock())
 
-    async def transfer(self, e: Entry, body: bytes | None = None) -> bool:
+    async def transfer(self, e: Entry, body: bytes | None = None, confirmed: asyncio.Future[None] | None = None
+                       ) -> bool:
         """Upload (or server-side copy) one claimed row; → True when it is clean in S3. body: the file's bytes,
-        hashed to e.sha256 by the writer (a write-through file that kept them), sent instead of the cached copy's."""
+        hashed to e.sha256 by the writer (a write-through file that kept them), sent instead of the cached copy's.
+        confirmed: resolved as soon as S3 confirmed the object, before the catalog records it clean."""
         async with self.line.slots:
             while True:
                 async with contextlib.AsyncExitStack() as locks:
@@ -163,9 +165,10 @@ class Uploader:
                     if now is not None and now.gen == e.gen and now.copy_from != e.copy_from:
                         e = dataclasses.replace(e, copy_from=now.copy_from)  # its source was parked meanwhile
                         continue
-                    return await self._transfer(e, now, body)
+                    return await self._transfer(e, now, body, confirmed)
 
-    async def _transfer(self, e: Entry, now: Entry | None, body: bytes | None) -> bool:
+    async def _transfer(self, e: Entry, now: Entry | None, body: bytes | None,
+                        confirmed: asyncio.Future[None] | None) -> bool:
         """transfer, under the locks of e's key and its copy source; now: e's row as the catalog has it."""
         if now is None or now.gen != e.gen:
             # Deleted, renamed away or written again while this waited for its slot: the key's tombstone may
@@ -193,6 +196,10 @@ class Uploader:
                 log.error("upload_failed", path=e.path, error=error_code(exc), detail=str(exc)[:300],
                           attempts=e.attempts + 1, retry_in=round(retry_at - time.time(), 1))
             return False
+        if confirmed is not None and not confirmed.done():
+            # A write-through ack needs S3's answer only: a kill -9 before the clean mark leaves the row 'uploading',
+            # which a restart uploads again (a doubt, reset_uploading), the same bytes under the same key.
+            confirmed.set_result(None)
         try:
             clean = await self.db.mark_clean(e.path, e.gen, result.etag, result.version_id, e.sha256,
                                              result.index_row)
@@ -384,9 +391,10 @@ class Uploader:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), delay)
 
-    def start_transfer(self, e: Entry, body: bytes | None = None) -> asyncio.Task[bool]:
+    def start_transfer(self, e: Entry, body: bytes | None = None, confirmed: asyncio.Future[None] | None = None
+                       ) -> asyncio.Task[bool]:
         """Run `transfer` for a claimed row as a task the drain on stop waits for."""
-        task = asyncio.create_task(self.transfer(e, body))
+        task = asyncio.create_task(self.transfer(e, body, confirmed))
         self._tasks.add(task)
         task.add_done_callback(self._done)
         return task
