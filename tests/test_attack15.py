@@ -1,0 +1,40 @@
+"""Attacks on a running agent (round 15): each test is one hostile client against a real agent, with real client
+libraries or raw sockets, and checks the attack is refused or leaves nothing behind."""
+
+from __future__ import annotations
+
+import socket
+import time
+
+from test_ftp import ftp
+
+
+def test_user_commands_with_new_names_do_not_grow_the_agent(agent_factory):
+    """USER with a name nobody has, again and again on a connection that never logs in, kept a throttle per name
+    for the process's life (aioftp's throttle_per_user, keyed by a User object made afresh for each unknown name):
+    ~100 000 lines grew the agent by tens of MB, and nothing bounds how often a client sends them."""
+    agent = agent_factory(**{"ftp.login_timeout": 600}).start()
+    s = socket.create_connection(("127.0.0.1", agent.ftp_port), timeout=30)
+    s.settimeout(30)
+    assert s.recv(1024).startswith(b"220")
+
+    def send_users(count: int, start: int) -> None:
+        batch = 2000
+        for base in range(start, start + count, batch):
+            s.sendall(b"".join(f"USER n{i:07d}\r\n".encode() for i in range(base, base + batch)))
+            got = b""
+            while got.count(b"\r\n") < batch:
+                chunk = s.recv(1 << 16)
+                assert chunk, "the agent closed the connection"
+                got += chunk
+            assert got.count(b"331 ") == batch
+
+    deadline = time.monotonic() + 120
+    send_users(20_000, 0)  # the process's allocator reaches its steady state
+    before = agent.rss()
+    send_users(100_000, 20_000)
+    grown = agent.rss() - before
+    assert time.monotonic() < deadline
+    assert grown < 8 * 2**20, f"the agent grew by {grown / 2**20:.1f} MB for 100 000 USER commands"
+    s.close()
+    ftp(agent).quit()  # and it still serves
