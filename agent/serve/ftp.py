@@ -783,7 +783,10 @@ class FtpServer(aioftp.Server):
                                      "login", "", "refused: TLS required")
             return replied(connection, "530", "TLS required: use AUTH TLS before USER")
         self._count_out(connection.session)  # USER again: the earlier login ends
-        return await self.user(connection, rest)
+        done = await self.user(connection, rest)
+        if rest not in self.roots:  # aioftp keeps a throttle per User for good; an unknown name's is new each time
+            self.throttle_per_user.pop(connection.user, None)  # (_Users.get_user): 100 000 USER lines held 134 MB
+        return done
 
     @needs(USER_SENT)
     async def on_pass(self, connection: aioftp.Connection, rest: str) -> bool:
