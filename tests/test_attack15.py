@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import socket
 import time
+import urllib.request
 
+from test_frontend_hostile import _audit
 from test_ftp import ftp
+from test_ftp_hostile import dropped, recv_all, stranger
 
 
 def test_user_commands_with_new_names_do_not_grow_the_agent(agent_factory):
@@ -38,3 +41,27 @@ def test_user_commands_with_new_names_do_not_grow_the_agent(agent_factory):
     assert grown < 8 * 2**20, f"the agent grew by {grown / 2**20:.1f} MB for 100 000 USER commands"
     s.close()
     ftp(agent).quit()  # and it still serves
+
+
+
+def test_a_stranger_knocking_on_a_passive_port_again_and_again_fills_neither_journal_nor_audit(agent_factory):
+    """Each connection to a passive port from another address than the session's was logged and audited: a
+    stranger connecting in a loop while the port waited for its transfer (ftp.passive_timeout, 30 s) wrote an
+    event and an audit record each, thousands a second, and rotated the audit trail away. One per stranger and
+    port now, with the metric counting every one."""
+    agent = agent_factory().start()
+    f = ftp(agent)
+    port = f.makepasv()[1]
+    for _ in range(200):
+        assert dropped(stranger(port))
+    victim = socket.create_connection(("127.0.0.1", port), timeout=30)
+    assert f.sendcmd("NLST").startswith("150")
+    assert recv_all(victim) == b""
+    assert f.voidresp().startswith("226")
+    f.quit()
+    assert len(agent.events("data_connection_refused")) == 1
+    assert len([r for r in _audit(agent) if r["op"] == "data-connection"]) == 1
+    with urllib.request.urlopen(f"http://127.0.0.1:{agent.http_port}/metrics", timeout=10) as r:
+        counted = [line for line in r.read().decode().splitlines()
+                   if line.startswith('pacsgw_errors_total{') and 'kind="DataConnectionRefused"' in line]
+    assert counted and float(counted[0].split()[-1]) == 200
