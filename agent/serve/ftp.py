@@ -51,7 +51,7 @@ import structlog
 from aioftp.common import END_OF_LINE, ThrottleStreamIO
 
 from agent.audit import Who
-from agent.auth import LoginGuard, Passwords
+from agent.auth import REFUSALS_EVERY, Every, LoginGuard, Passwords
 from agent.config import Config, UserConfig
 from agent.records import Entry
 from agent.serve import contract
@@ -533,6 +533,7 @@ class FtpServer(aioftp.Server):
         self.sessions: dict[asyncio.Task[Any], Session] = {}
         self.draining = False  # the agent stops: no new session, and each session's next command hears 421
         self._buffers: list[bytearray] = []  # receive buffers of finished uploads, for the next ones
+        self._strangers = Every(REFUSALS_EVERY)  # data_connection_refused events and audit records, per stranger address
         own: dict[str, Handler] = {name: getattr(self, f"on_{name}") for name in OWN_COMMANDS}
         self.immediate: dict[str, Immediate] = {"pasv": self.on_pasv, "epsv": self.on_epsv}
         handlers: dict[str, Handler] = {name: self.commands_mapping[name] for name in AIOFTP_COMMANDS} | own
@@ -869,10 +870,16 @@ class FtpServer(aioftp.Server):
         user = connection.user.login
 
         def refused(peer: str, reason: str) -> None:
-            log.warning("data_connection_refused", user=user, peer=peer, control_peer=connection.client_host,
-                        reason=reason)
+            # Counted each, told once a minute per address: a stranger knocking on a passive port in a loop wrote an
+            # event and an audit record per connection, thousands a second, and rotated the audit trail away.
             self.gateway.count_error("ftp", "DataConnectionRefused")
-            self.gateway.audit_event(Who(user, "ftp", peer), "data-connection", "", f"refused: {reason}")
+            since = self._strangers.due(peer.rpartition(":")[0])
+            if since is None:
+                return
+            log.warning("data_connection_refused", user=user, peer=peer, control_peer=connection.client_host,
+                        reason=reason, refused_since=since)
+            more = f" ({since} more since the last record)" if since else ""
+            self.gateway.audit_event(Who(user, "ftp", peer), "data-connection", "", f"refused: {reason}{more}")
 
         session.passive = Passive.open(
             connection.server_host, self.passive_ports, session.address,
