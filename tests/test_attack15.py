@@ -10,6 +10,7 @@ import urllib.request
 from test_frontend_hostile import _audit
 from test_ftp import ftp
 from test_ftp_hostile import dropped, recv_all, stranger
+from test_transport_security import make_ca_and_cert
 
 
 def test_user_commands_with_new_names_do_not_grow_the_agent(agent_factory):
@@ -65,3 +66,21 @@ def test_a_stranger_knocking_on_a_passive_port_again_and_again_fills_neither_jou
         counted = [line for line in r.read().decode().splitlines()
                    if line.startswith('pacsgw_errors_total{') and 'kind="DataConnectionRefused"' in line]
     assert counted and float(counted[0].split()[-1]) == 200
+
+
+def test_plain_text_logins_refused_for_tls_fill_neither_journal_nor_audit(agent_factory, tmp_path):
+    """With ftp.require_tls, each USER sent in clear was logged (login_refused) and audited: a client that never
+    logs in pipelined USER lines over one connection and wrote an event and an audit record per line. Once a
+    minute per address now, with how many since; every one is still answered 530."""
+    ca, cert, key = make_ca_and_cert(tmp_path)
+    agent = agent_factory(**{"ftp.tls_cert": str(cert), "ftp.tls_key": str(key), "ftp.require_tls": True}).start()
+    with socket.create_connection(("127.0.0.1", agent.ftp_port), timeout=60) as s:
+        assert s.recv(1024).startswith(b"220")
+        s.sendall(b"USER pacs\r\n" * 300)
+        replies = b""
+        while replies.count(b"530 TLS required") < 300:
+            data = s.recv(65536)
+            assert data, replies[-300:]
+            replies += data
+    assert len(agent.events("login_refused")) == 1
+    assert len([r for r in _audit(agent) if r["result"] == "refused: TLS required"]) == 1
