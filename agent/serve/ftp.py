@@ -533,7 +533,9 @@ class FtpServer(aioftp.Server):
         self.sessions: dict[asyncio.Task[Any], Session] = {}
         self.draining = False  # the agent stops: no new session, and each session's next command hears 421
         self._buffers: list[bytearray] = []  # receive buffers of finished uploads, for the next ones
-        self._strangers = Every(REFUSALS_EVERY)  # data_connection_refused events and audit records, per stranger address
+        # events and audit records a client can repeat at will, once a minute per (kind, address): data connections
+        # from strangers, plain-text logins while TLS is required
+        self._told = Every(REFUSALS_EVERY)
         own: dict[str, Handler] = {name: getattr(self, f"on_{name}") for name in OWN_COMMANDS}
         self.immediate: dict[str, Immediate] = {"pasv": self.on_pasv, "epsv": self.on_epsv}
         handlers: dict[str, Handler] = {name: self.commands_mapping[name] for name in AIOFTP_COMMANDS} | own
@@ -779,9 +781,13 @@ class FtpServer(aioftp.Server):
 
     async def on_user(self, connection: aioftp.Connection, rest: str) -> bool:
         if self.cfg.ftp.require_tls and not connection.session.tls:
-            log.warning("login_refused", protocol="ftp", user=rest, reason="plain-text login while TLS is required")
-            self.gateway.audit_event(Who(rest, "ftp", f"{connection.client_host}:{connection.client_port}"),
-                                     "login", "", "refused: TLS required")
+            # told once a minute per address: a client pipelining USER lines wrote an event and a record per line
+            if (since := self._told.due(("plain", connection.client_host))) is not None:
+                log.warning("login_refused", protocol="ftp", user=rest, reason="plain-text login while TLS is required",
+                            refused_since=since)
+                more = f" ({since} more since the last record)" if since else ""
+                self.gateway.audit_event(Who(rest, "ftp", f"{connection.client_host}:{connection.client_port}"),
+                                         "login", "", f"refused: TLS required{more}")
             return replied(connection, "530", "TLS required: use AUTH TLS before USER")
         self._count_out(connection.session)  # USER again: the earlier login ends
         done = await self.user(connection, rest)
@@ -873,7 +879,7 @@ class FtpServer(aioftp.Server):
             # Counted each, told once a minute per address: a stranger knocking on a passive port in a loop wrote an
             # event and an audit record per connection, thousands a second, and rotated the audit trail away.
             self.gateway.count_error("ftp", "DataConnectionRefused")
-            since = self._strangers.due(peer.rpartition(":")[0])
+            since = self._told.due(("stranger", peer.rpartition(":")[0]))
             if since is None:
                 return
             log.warning("data_connection_refused", user=user, peer=peer, control_peer=connection.client_host,
