@@ -3,14 +3,18 @@ libraries or raw sockets, and checks the attack is refused or leaves nothing beh
 
 from __future__ import annotations
 
+import ftplib
 import socket
+import ssl
 import time
 import urllib.request
 
 from test_frontend_hostile import _audit
 from test_ftp import ftp
-from test_ftp_hostile import dropped, recv_all, stranger
+from test_ftp_hostile import dropped, line, recv_all, stranger
 from test_transport_security import make_ca_and_cert
+
+from harness import PASSWORD
 
 
 def test_user_commands_with_new_names_do_not_grow_the_agent(agent_factory):
@@ -63,8 +67,8 @@ def test_a_stranger_knocking_on_a_passive_port_again_and_again_fills_neither_jou
     assert len(agent.events("data_connection_refused")) == 1
     assert len([r for r in _audit(agent) if r["op"] == "data-connection"]) == 1
     with urllib.request.urlopen(f"http://127.0.0.1:{agent.http_port}/metrics", timeout=10) as r:
-        counted = [line for line in r.read().decode().splitlines()
-                   if line.startswith('pacsgw_errors_total{') and 'kind="DataConnectionRefused"' in line]
+        counted = [row for row in r.read().decode().splitlines()
+                   if row.startswith('pacsgw_errors_total{') and 'kind="DataConnectionRefused"' in row]
     assert counted and float(counted[0].split()[-1]) == 200
 
 
@@ -84,3 +88,30 @@ def test_plain_text_logins_refused_for_tls_fill_neither_journal_nor_audit(agent_
             replies += data
     assert len(agent.events("login_refused")) == 1
     assert len([r for r in _audit(agent) if r["result"] == "refused: TLS required"]) == 1
+
+
+def test_a_failed_tls_handshake_on_the_control_connection_is_no_internal_error(agent_factory, tmp_path):
+    """AUTH TLS, then no TLS (a port scanner's probe, a client that rejects the certificate or shares no
+    protocol version) was logged as ftp_command_failed at error level with a 3 KB traceback, as a bug of the
+    agent: anyone reaching the port wrote one per connection. It is the client's failure: counted each
+    (pacsgw_errors_total{kind="TLSHandshakeFailed"}), logged once a minute per address without a traceback,
+    and the connection is closed; a real client still logs in over TLS."""
+    ca, cert, key = make_ca_and_cert(tmp_path)
+    agent = agent_factory(**{"ftp.tls_cert": str(cert), "ftp.tls_key": str(key)}).start()
+    for junk in [b"GET / HTTP/1.0\r\n\r\n", b"\x16\x03\x01\x00\x05hello", b"\x15\x03\x03\x00\x02\x02\x28"] * 10:
+        with socket.create_connection(("127.0.0.1", agent.ftp_port), timeout=30) as s:
+            assert line(s).startswith(b"220")
+            s.sendall(b"AUTH TLS\r\n")
+            assert line(s).startswith(b"234")
+            s.sendall(junk)
+            assert recv_all(s) == b""  # closed, not answered in clear
+    tls = ftplib.FTP_TLS(context=ssl.create_default_context(cafile=str(ca)), timeout=30)
+    tls.connect("127.0.0.1", agent.ftp_port)
+    tls.login("pacs", PASSWORD)
+    tls.quit()
+    assert agent.events("ftp_command_failed") == []
+    assert len(agent.events("ftp_tls_failed")) == 1
+    with urllib.request.urlopen(f"http://127.0.0.1:{agent.http_port}/metrics", timeout=10) as r:
+        counted = [row for row in r.read().decode().splitlines()
+                   if row.startswith('pacsgw_errors_total{') and 'kind="TLSHandshakeFailed"' in row]
+    assert counted and float(counted[0].split()[-1]) == 30
