@@ -534,7 +534,7 @@ class FtpServer(aioftp.Server):
         self.draining = False  # the agent stops: no new session, and each session's next command hears 421
         self._buffers: list[bytearray] = []  # receive buffers of finished uploads, for the next ones
         # events and audit records a client can repeat at will, once a minute per (kind, address): data connections
-        # from strangers, plain-text logins while TLS is required
+        # from strangers, plain-text logins while TLS is required, failed TLS handshakes
         self._told = Every(REFUSALS_EVERY)
         own: dict[str, Handler] = {name: getattr(self, f"on_{name}") for name in OWN_COMMANDS}
         self.immediate: dict[str, Immediate] = {"pasv": self.on_pasv, "epsv": self.on_epsv}
@@ -760,7 +760,16 @@ class FtpServer(aioftp.Server):
             log.warning("ftp_pipelined_before_tls_dropped", peer=connection.client_host, bytes=len(pipelined))
             pipelined.clear()
         await self.write_response(stream, "234", "AUTH TLS successful")
-        await stream.start_tls(self.tls, server_hostname=None)
+        try:
+            await stream.start_tls(self.tls, server_hostname=None)
+        except (OSError, ssl.SSLError, TimeoutError) as e:
+            # The client's failure (a scanner's probe, a rejected certificate, no common version), not the agent's:
+            # as an internal error each was a 3 KB traceback at error level, one per connection anyone opened.
+            self.gateway.count_error("ftp", "TLSHandshakeFailed")
+            if (since := self._told.due(("tls", connection.client_host))) is not None:
+                log.warning("ftp_tls_failed", peer=connection.client_host, error=f"{type(e).__name__}: {e}"[:200],
+                            failed_since=since)
+            return False  # the connection is neither clear nor TLS now: it ends
         connection.session.tls = True
         return True
 
