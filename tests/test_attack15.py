@@ -115,3 +115,25 @@ def test_a_failed_tls_handshake_on_the_control_connection_is_no_internal_error(a
         counted = [row for row in r.read().decode().splitlines()
                    if row.startswith('pacsgw_errors_total{') and 'kind="TLSHandshakeFailed"' in row]
     assert counted and float(counted[0].split()[-1]) == 30
+
+
+def test_a_logged_in_session_cannot_log_out_into_an_unlimited_one(agent_factory):
+    """USER after a login ended the login and left a session that was not logged in, that ftp.login_timeout no
+    longer ended (its clock had run) and ftp.max_unauthenticated no longer counted (its slot was given back at
+    the login): any account's holder could keep as many such connections as the address cap allowed, guessing
+    other accounts' passwords from each, for ever. USER after a login is refused (530, as vsftpd does); a new
+    connection logs in as another user."""
+    agent = agent_factory(**{"ftp.login_timeout": 1}).start()
+    s = socket.create_connection(("127.0.0.1", agent.ftp_port), timeout=30)
+    assert line(s).startswith(b"220")
+    s.sendall(f"USER pacs\r\nPASS {PASSWORD}\r\n".encode())
+    assert line(s).startswith(b"331") and line(s).startswith(b"230")
+    time.sleep(1.5)  # past login_timeout
+    s.sendall(b"USER nobody\r\n")
+    assert line(s).startswith(b"530")
+    s.sendall(b"PWD\r\n")
+    assert line(s).startswith(b"257")  # still logged in as pacs
+    s.sendall(b"QUIT\r\n")
+    assert line(s).startswith(b"221")
+    s.close()
+    ftp(agent).quit()
