@@ -798,7 +798,10 @@ class FtpServer(aioftp.Server):
                 self.gateway.audit_event(Who(rest, "ftp", f"{connection.client_host}:{connection.client_port}"),
                                          "login", "", f"refused: TLS required{more}")
             return replied(connection, "530", "TLS required: use AUTH TLS before USER")
-        self._count_out(connection.session)  # USER again: the earlier login ends
+        if connection.future.logged.done():
+            # Logged out by USER, a session was one no login_timeout ended (its clock had run) and max_unauthenticated
+            # did not count (its slot went back at the login): refused, as vsftpd does
+            return replied(connection, "530", "already logged in: open a new connection to log in as another user")
         done = await self.user(connection, rest)
         if rest not in self.roots:  # aioftp keeps a throttle per User for good; an unknown name's is new each time
             self.throttle_per_user.pop(connection.user, None)  # (_Users.get_user): 100 000 USER lines held 134 MB
