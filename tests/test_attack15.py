@@ -4,6 +4,7 @@ libraries or raw sockets, and checks the attack is refused or leaves nothing beh
 from __future__ import annotations
 
 import ftplib
+import io
 import socket
 import ssl
 import time
@@ -137,3 +138,20 @@ def test_a_logged_in_session_cannot_log_out_into_an_unlimited_one(agent_factory)
     assert line(s).startswith(b"221")
     s.close()
     ftp(agent).quit()
+
+
+def test_abor_pipelined_behind_a_command_that_is_no_transfer_is_answered_after_it(agent_factory):
+    """ABOR runs beside a transfer (to abort it), but it ran beside any command: pipelined behind PASS or DELE its
+    reply came first, and a client took `503 not logged in` for the answer to its PASS, `226` for its DELE's.
+    Behind a command that is no transfer, ABOR now waits its turn (RFC 959: replies in the order of the commands)."""
+    agent = agent_factory().start()
+    f = ftp(agent)
+    for i in range(3):
+        f.storbinary(f"STOR x{i}.dcm", io.BytesIO(b"x"))
+    f.quit()
+    with socket.create_connection(("127.0.0.1", agent.ftp_port), timeout=30) as s:
+        assert line(s).startswith(b"220")
+        s.sendall(f"USER pacs\r\nPASS {PASSWORD}\r\nABOR\r\n".encode()
+                  + b"".join(f"DELE x{i}.dcm\r\nABOR\r\n".encode() for i in range(3)))
+        replies = [line(s)[:3] for _ in range(9)]
+    assert replies == [b"331", b"230", b"226"] + [b"250", b"226"] * 3
