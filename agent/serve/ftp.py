@@ -73,6 +73,7 @@ PASSIVE_GRACE = 3.0  # on stop: how long a session told a passive port may take 
 
 PATH_COMMANDS = ("cwd", "dele", "list", "nlst", "mkd", "mlsd", "mlst", "rmd", "rnfr", "rnto", "stor", "appe", "retr",
                  "size", "mdtm")
+TRANSFERS = ("stor", "appe", "retr", "list", "nlst", "mlsd")  # what ABOR aborts: it runs beside these alone
 NEEDS_PATH = ("dele", "mkd", "rmd", "rnfr", "rnto", "stor", "appe", "retr", "size", "mdtm")  # no default (RFC 959)
 AIOFTP_COMMANDS = ("cdup", "cwd", "mlst", "quit", "syst", "type")  # aioftp's own handlers serve these
 OWN_COMMANDS = ("auth", "pbsz", "prot", "user", "pass", "stor", "appe", "retr", "list", "mlsd", "nlst", "dele", "mkd",
@@ -583,6 +584,7 @@ class FtpServer(aioftp.Server):
             read_timeout=self.idle_timeout, write_timeout=self.socket_timeout)
         ended: asyncio.Future[None] = asyncio.get_running_loop().create_future()  # set when the session is over
         commands: set[asyncio.Task[bool]] = set()
+        transfers: set[asyncio.Task[bool]] = set()  # the running commands that are TRANSFERS
 
         def respond(code: str, lines: str | Iterable[str] = "", as_list: bool = False) -> None:
             """A reply, written at once (replies leave in the order they are made; aioftp queued each line for a
@@ -601,6 +603,7 @@ class FtpServer(aioftp.Server):
             """A command or transfer ended: a failure is logged and answered 451; False (QUIT, or a refusal that
             ends the session) ends the session."""
             commands.discard(task)
+            transfers.discard(task)
             connection.extra_workers.discard(task)
             if task.cancelled():
                 return
@@ -634,8 +637,8 @@ class FtpServer(aioftp.Server):
             try:
                 while True:
                     cmd, rest = await self._read_command(reader, writer, idle)  # a closed connection raises
-                    if cmd != "abor" and commands:  # one at a time, in order (RFC 959): ABOR alone runs beside
-                        await asyncio.wait(commands)  # a transfer; QUIT waits for its reply (the upload is kept)
+                    if commands and (cmd != "abor" or not transfers):  # one at a time, in order (RFC 959): ABOR
+                        await asyncio.wait(commands)  # alone runs beside a transfer; QUIT waits (the upload is kept)
                     if cmd != "rnto":  # RFC 959: RNTO must follow RNFR at once; any other command forgets the RNFR
                         del connection.rename_from
                     if self.draining and not commands:  # RFC 959 allows 421 as the answer to any command
@@ -654,6 +657,8 @@ class FtpServer(aioftp.Server):
                         continue
                     task = asyncio.ensure_future(handler(connection, rest))
                     commands.add(task)
+                    if cmd in TRANSFERS:
+                        transfers.add(task)
                     task.add_done_callback(settled)
                     if cmd == "auth":  # nothing sent behind AUTH is read before TLS is up (on_auth drops it)
                         await asyncio.wait([task])
