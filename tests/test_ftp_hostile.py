@@ -153,8 +153,8 @@ def test_stranger_on_the_passive_port_never_gets_or_gives_data(agent_factory):
     # ports are drawn at random from the range (they were handed out lowest first, and kept)
     assert len({f.makepasv()[1] for _ in range(8)}) > 1
     f.quit()
-    refused = agent.events("data_connection_refused")
-    assert len(refused) == 2 and all(e["peer"].startswith("127.0.0.2:") for e in refused)
+    refused = agent.events("data_connection_refused")  # once a minute per address (tests/test_attack15.py)
+    assert len(refused) == 1 and refused[0]["peer"].startswith("127.0.0.2:")
     assert s3_objects(agent.store, agent.prefix)["upload.dcm"]["sha256"] == sha256(genuine)
 
 

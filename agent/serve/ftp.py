@@ -51,7 +51,7 @@ import structlog
 from aioftp.common import END_OF_LINE, ThrottleStreamIO
 
 from agent.audit import Who
-from agent.auth import LoginGuard, Passwords
+from agent.auth import REFUSALS_EVERY, Every, LoginGuard, Passwords
 from agent.config import Config, UserConfig
 from agent.records import Entry
 from agent.serve import contract
@@ -73,6 +73,7 @@ PASSIVE_GRACE = 3.0  # on stop: how long a session told a passive port may take 
 
 PATH_COMMANDS = ("cwd", "dele", "list", "nlst", "mkd", "mlsd", "mlst", "rmd", "rnfr", "rnto", "stor", "appe", "retr",
                  "size", "mdtm")
+TRANSFERS = ("stor", "appe", "retr", "list", "nlst", "mlsd")  # what ABOR aborts: it runs beside these alone
 NEEDS_PATH = ("dele", "mkd", "rmd", "rnfr", "rnto", "stor", "appe", "retr", "size", "mdtm")  # no default (RFC 959)
 AIOFTP_COMMANDS = ("cdup", "cwd", "mlst", "quit", "syst", "type")  # aioftp's own handlers serve these
 OWN_COMMANDS = ("auth", "pbsz", "prot", "user", "pass", "stor", "appe", "retr", "list", "mlsd", "nlst", "dele", "mkd",
@@ -533,6 +534,9 @@ class FtpServer(aioftp.Server):
         self.sessions: dict[asyncio.Task[Any], Session] = {}
         self.draining = False  # the agent stops: no new session, and each session's next command hears 421
         self._buffers: list[bytearray] = []  # receive buffers of finished uploads, for the next ones
+        # events and audit records a client can repeat at will, once a minute per (kind, address): data connections
+        # from strangers, plain-text logins while TLS is required, failed TLS handshakes
+        self._told = Every(REFUSALS_EVERY)
         own: dict[str, Handler] = {name: getattr(self, f"on_{name}") for name in OWN_COMMANDS}
         self.immediate: dict[str, Immediate] = {"pasv": self.on_pasv, "epsv": self.on_epsv}
         handlers: dict[str, Handler] = {name: self.commands_mapping[name] for name in AIOFTP_COMMANDS} | own
@@ -580,6 +584,7 @@ class FtpServer(aioftp.Server):
             read_timeout=self.idle_timeout, write_timeout=self.socket_timeout)
         ended: asyncio.Future[None] = asyncio.get_running_loop().create_future()  # set when the session is over
         commands: set[asyncio.Task[bool]] = set()
+        transfers: set[asyncio.Task[bool]] = set()  # the running commands that are TRANSFERS
 
         def respond(code: str, lines: str | Iterable[str] = "", as_list: bool = False) -> None:
             """A reply, written at once (replies leave in the order they are made; aioftp queued each line for a
@@ -598,6 +603,7 @@ class FtpServer(aioftp.Server):
             """A command or transfer ended: a failure is logged and answered 451; False (QUIT, or a refusal that
             ends the session) ends the session."""
             commands.discard(task)
+            transfers.discard(task)
             connection.extra_workers.discard(task)
             if task.cancelled():
                 return
@@ -631,8 +637,8 @@ class FtpServer(aioftp.Server):
             try:
                 while True:
                     cmd, rest = await self._read_command(reader, writer, idle)  # a closed connection raises
-                    if cmd != "abor" and commands:  # one at a time, in order (RFC 959): ABOR alone runs beside
-                        await asyncio.wait(commands)  # a transfer; QUIT waits for its reply (the upload is kept)
+                    if commands and (cmd != "abor" or not transfers):  # one at a time, in order (RFC 959): ABOR
+                        await asyncio.wait(commands)  # alone runs beside a transfer; QUIT waits (the upload is kept)
                     if cmd != "rnto":  # RFC 959: RNTO must follow RNFR at once; any other command forgets the RNFR
                         del connection.rename_from
                     if self.draining and not commands:  # RFC 959 allows 421 as the answer to any command
@@ -651,6 +657,8 @@ class FtpServer(aioftp.Server):
                         continue
                     task = asyncio.ensure_future(handler(connection, rest))
                     commands.add(task)
+                    if cmd in TRANSFERS:
+                        transfers.add(task)
                     task.add_done_callback(settled)
                     if cmd == "auth":  # nothing sent behind AUTH is read before TLS is up (on_auth drops it)
                         await asyncio.wait([task])
@@ -757,7 +765,16 @@ class FtpServer(aioftp.Server):
             log.warning("ftp_pipelined_before_tls_dropped", peer=connection.client_host, bytes=len(pipelined))
             pipelined.clear()
         await self.write_response(stream, "234", "AUTH TLS successful")
-        await stream.start_tls(self.tls, server_hostname=None)
+        try:
+            await stream.start_tls(self.tls, server_hostname=None)
+        except (OSError, ssl.SSLError, TimeoutError) as e:
+            # The client's failure (a scanner's probe, a rejected certificate, no common version), not the agent's:
+            # as an internal error each was a 3 KB traceback at error level, one per connection anyone opened.
+            self.gateway.count_error("ftp", "TLSHandshakeFailed")
+            if (since := self._told.due(("tls", connection.client_host))) is not None:
+                log.warning("ftp_tls_failed", peer=connection.client_host, error=f"{type(e).__name__}: {e}"[:200],
+                            failed_since=since)
+            return False  # the connection is neither clear nor TLS now: it ends
         connection.session.tls = True
         return True
 
@@ -778,12 +795,22 @@ class FtpServer(aioftp.Server):
 
     async def on_user(self, connection: aioftp.Connection, rest: str) -> bool:
         if self.cfg.ftp.require_tls and not connection.session.tls:
-            log.warning("login_refused", protocol="ftp", user=rest, reason="plain-text login while TLS is required")
-            self.gateway.audit_event(Who(rest, "ftp", f"{connection.client_host}:{connection.client_port}"),
-                                     "login", "", "refused: TLS required")
+            # told once a minute per address: a client pipelining USER lines wrote an event and a record per line
+            if (since := self._told.due(("plain", connection.client_host))) is not None:
+                log.warning("login_refused", protocol="ftp", user=rest, reason="plain-text login while TLS is required",
+                            refused_since=since)
+                more = f" ({since} more since the last record)" if since else ""
+                self.gateway.audit_event(Who(rest, "ftp", f"{connection.client_host}:{connection.client_port}"),
+                                         "login", "", f"refused: TLS required{more}")
             return replied(connection, "530", "TLS required: use AUTH TLS before USER")
-        self._count_out(connection.session)  # USER again: the earlier login ends
-        return await self.user(connection, rest)
+        if connection.future.logged.done():
+            # Logged out by USER, a session was one no login_timeout ended (its clock had run) and max_unauthenticated
+            # did not count (its slot went back at the login): refused, as vsftpd does
+            return replied(connection, "530", "already logged in: open a new connection to log in as another user")
+        done = await self.user(connection, rest)
+        if rest not in self.roots:  # aioftp keeps a throttle per User for good; an unknown name's is new each time
+            self.throttle_per_user.pop(connection.user, None)  # (_Users.get_user): 100 000 USER lines held 134 MB
+        return done
 
     @needs(USER_SENT)
     async def on_pass(self, connection: aioftp.Connection, rest: str) -> bool:
@@ -866,10 +893,16 @@ class FtpServer(aioftp.Server):
         user = connection.user.login
 
         def refused(peer: str, reason: str) -> None:
-            log.warning("data_connection_refused", user=user, peer=peer, control_peer=connection.client_host,
-                        reason=reason)
+            # Counted each, told once a minute per address: a stranger knocking on a passive port in a loop wrote an
+            # event and an audit record per connection, thousands a second, and rotated the audit trail away.
             self.gateway.count_error("ftp", "DataConnectionRefused")
-            self.gateway.audit_event(Who(user, "ftp", peer), "data-connection", "", f"refused: {reason}")
+            since = self._told.due(("stranger", peer.rpartition(":")[0]))
+            if since is None:
+                return
+            log.warning("data_connection_refused", user=user, peer=peer, control_peer=connection.client_host,
+                        reason=reason, refused_since=since)
+            more = f" ({since} more since the last record)" if since else ""
+            self.gateway.audit_event(Who(user, "ftp", peer), "data-connection", "", f"refused: {reason}{more}")
 
         session.passive = Passive.open(
             connection.server_host, self.passive_ports, session.address,
