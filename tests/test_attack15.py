@@ -38,12 +38,10 @@ def test_user_commands_with_new_names_do_not_grow_the_agent(agent_factory):
                 got += chunk
             assert got.count(b"331 ") == batch
 
-    deadline = time.monotonic() + 120
     send_users(20_000, 0)  # the process's allocator reaches its steady state
     before = agent.rss()
     send_users(100_000, 20_000)
     grown = agent.rss() - before
-    assert time.monotonic() < deadline
     assert grown < 8 * 2**20, f"the agent grew by {grown / 2**20:.1f} MB for 100 000 USER commands"
     s.close()
     ftp(agent).quit()  # and it still serves
