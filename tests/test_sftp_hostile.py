@@ -13,7 +13,7 @@ import psutil
 import pytest
 
 from agent.serve.sftp import MAX_OPEN_DIRS, MAX_OPEN_FILES
-from faultkit import sftp_put, sftp_session
+from faultkit import sftp_put, sftp_session, staging_files, wait_for
 from harness import PASSWORD, s3_objects, sha256
 
 
@@ -248,3 +248,32 @@ def test_a_packet_that_cannot_be_framed_mid_upload_stores_nothing(agent_factory,
     assert [e["path"] for e in agent.events("stored")] == ["x.dcm"]  # the first upload only
     agent.wait_drained()
     assert s3_objects(agent.store, agent.prefix)["x.dcm"]["sha256"] == sha256(stored)
+
+
+def test_an_idle_connection_is_closed_and_its_unfinished_upload_dropped(agent_factory):
+    """A logged-in SFTP connection that sent nothing stayed for as long as the client kept TCP up (SSH keepalives
+    only prove the peer alive): its slots of max_sessions_per_user / _per_address and its unfinished upload's
+    staging bytes were held without end, where FTP has idle_timeout and SMB deadtime. Now sftp.idle_timeout
+    closes it (`sftp_idle_closed`); the half-written file is not stored and its staging file goes; a connection
+    that keeps sending requests, slower than the timeout in all but each gap, stays."""
+    agent = agent_factory(**{"sftp.idle_timeout": 2}).start()
+
+    async def run() -> None:
+        async with asyncssh.connect("127.0.0.1", agent.sftp_port, username="pacs", password=PASSWORD,
+                                    known_hosts=None) as busy, busy.start_sftp_client() as steady:
+            async with asyncssh.connect("127.0.0.1", agent.sftp_port, username="pacs", password=PASSWORD,
+                                        known_hosts=None) as idle:
+                sftp = await idle.start_sftp_client()
+                f = await sftp.open("half.dcm", "wb")
+                await f.write(b"x" * 1000)
+                for _ in range(5):  # 5 s: the idle one is closed meanwhile, the one sending every second is not
+                    await steady.stat("/")
+                    await asyncio.sleep(1)
+                await asyncio.wait_for(idle.wait_closed(), 5)
+            await steady.stat("/")
+
+    asyncio.run(asyncio.wait_for(run(), 60))
+    [closed] = agent.events("sftp_idle_closed")
+    assert closed["user"] == "pacs" and closed["seconds"] == 2
+    wait_for(lambda: staging_files(agent) == [], 10, what="the unfinished upload's staging file to go")
+    assert agent.events("stored") == [] and "half.dcm" not in s3_objects(agent.store, agent.prefix)

@@ -127,10 +127,10 @@ def _no_ignores(conn: asyncssh.SSHServerConnection) -> None:
 REPLIES_HELD = 32 * 1024  # the most replies wait for the end of the loop's turn: the smallest packet all clients take
 
 
-def _coalesced(chan: asyncssh.SSHServerChannel[bytes]) -> None:
+def _coalesced(chan: asyncssh.SSHServerChannel[bytes], sent: Callable[[], None]) -> None:
     """The replies the SFTP loop writes in one turn of the event loop leave in one SSH packet, at the turn's end:
     a client's pipelined WRITEs (OpenSSH's sftp sends 32 KiB each, 16 per 512 KiB file) were answered in a packet
-    each, every one encrypted, sent and waking the client on its own."""
+    each, every one encrypted, sent and waking the client on its own. sent() after each write."""
     write, close, loop = chan.write, chan.close, asyncio.get_running_loop()
     held = bytearray()
 
@@ -139,11 +139,13 @@ def _coalesced(chan: asyncssh.SSHServerChannel[bytes]) -> None:
         held.clear()
         if data and not chan.is_closing():
             write(data)
+            sent()
 
     def hold(data: bytes, datatype: asyncssh.DataType = None) -> None:
         if len(data) >= REPLIES_HELD:  # a READ's data leaves at once, after what is held, and is not copied
             flush()
             write(data)
+            sent()
             return
         if not held:
             loop.call_soon(flush)
@@ -178,6 +180,7 @@ class _Session(SSHServerStreamSession[bytes]):
             self.ended = True
             raise
         self._frame(data)
+        self.owner.active()
         return data
 
     def _frame(self, data: bytes) -> None:
@@ -192,7 +195,7 @@ class _Session(SSHServerStreamSession[bytes]):
 
     def connection_made(self, chan: asyncssh.SSHServerChannel[bytes]) -> None:  # type: ignore[override]
         super().connection_made(chan)
-        _coalesced(chan)
+        _coalesced(chan, self.owner.active)
 
     def connection_lost(self, exc: Exception | None) -> None:
         super().connection_lost(exc)
@@ -223,6 +226,8 @@ class _Auth(asyncssh.SSHServer):
         self.by_password = False  # the login was a password's (the guard has recorded it already)
         self.refused = ""  # the disconnect reason of a connection over a session cap, until it is sent
         self.held = False  # this refused connection counts in `holding`
+        self.last_active = 0.0  # loop time of the last SFTP request read or reply sent
+        self.idle: asyncio.TimerHandle | None = None  # sftp.idle_timeout's check, from the login on
 
     def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
         self.conn, self.address = conn, unmapped(conn.get_extra_info("peername")[0])
@@ -241,6 +246,8 @@ class _Auth(asyncssh.SSHServer):
             self.conn.abort()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self.idle is not None:
+            self.idle.cancel()
         if self.startup is not None:
             self.startup.end()
         for task in self.admitted:
@@ -303,6 +310,23 @@ class _Auth(asyncssh.SSHServer):
         if self.startup is not None:
             self.startup.end()
         self.admitted.append(asyncio.ensure_future(self._login()))
+        self.active()
+        self.idle = asyncio.get_running_loop().call_later(self.cfg.idle_timeout, self._check_idle)
+
+    def active(self) -> None:
+        self.last_active = asyncio.get_running_loop().time()
+
+    def _check_idle(self) -> None:
+        """A logged-in connection idle for sftp.idle_timeout is closed, as FTP's idle_timeout and SMB's deadtime do:
+        it held its session slots (per user, per address) and its unfinished uploads' disk for as long as the
+        client kept the TCP connection, which SSH keepalives only prove alive. Its open uploads end uncommitted."""
+        loop = asyncio.get_running_loop()
+        left = self.last_active + self.cfg.idle_timeout - loop.time()
+        if left > 0:
+            self.idle = loop.call_later(left, self._check_idle)
+        elif self.conn is not None:
+            log.info("sftp_idle_closed", user=self.username, peer=_peer(self.conn), seconds=self.cfg.idle_timeout)
+            self.conn.disconnect(asyncssh.DISC_BY_APPLICATION, f"idle for {self.cfg.idle_timeout:g} seconds")
 
     async def _login(self) -> bool:
         name, cap = self.username, self.cfg.max_sessions_per_user
