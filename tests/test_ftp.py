@@ -73,6 +73,30 @@ def test_errors_only_ftp_has(agent_factory):
     assert s3_objects(agent.store, agent.prefix) == {}
 
 
+def test_rfc_959_minimum_commands_in_every_spelling(agent_factory):
+    """RFC 959 5.1's minimum implementation: TYPE A N, MODE S, STRU F (what a client may send before any transfer)
+    got 502 'not implemented', and ALLO too: a client that checks the reply stopped there. They answer 200 (ALLO
+    202, nothing to set aside) and the upload and download after them are byte for byte; forms the server does
+    not have get 504 (RFC 959: not implemented for that parameter); before a login each is 503, as others."""
+    agent = agent_factory().start()
+    s = ftplib.FTP(timeout=30)
+    s.connect("127.0.0.1", agent.ftp_port)
+    with pytest.raises(ftplib.error_perm, match="^503.*not logged in"):
+        s.sendcmd("MODE S")
+    s.login("pacs", PASSWORD)
+    for cmd in ("TYPE A N", "type a", "TYPE L 8", "MODE S", "STRU F", "TYPE I"):
+        assert s.sendcmd(cmd).startswith("200"), cmd
+    assert s.sendcmd("ALLO 2007").startswith("202")
+    for cmd in ("TYPE E", "TYPE L 7", "MODE B", "MODE C", "STRU R", "STRU P"):
+        with pytest.raises(ftplib.error_perm, match="^504"):
+            s.sendcmd(cmd)
+    data = os.urandom(2007) + b"\r\n\n\r"
+    s.sendcmd("MODE S")
+    s.storbinary("STOR m.dcm", io.BytesIO(data))
+    assert get(s, "m.dcm") == data
+    s.quit()
+
+
 def test_aioftp_client_round_trip(agent_factory):
     agent = agent_factory().start()
     data = os.urandom(200_000)

@@ -11,7 +11,7 @@ and these pieces of its own:
   * the STOR/APPE/RETR/LIST/NLST/MLSD workers: nothing is opened before the data connection is there (a
     425 leaves nothing behind), 150 comes once it is, 226 only after the gateway committed the file, an
     upload whose data connection fails is discarded, every gateway error has its own reply code;
-plus SIZE, MDTM, FEAT, OPTS, NOOP, REST, EPSV (RFC 2428) and AUTH/PBSZ/PROT (RFC 4217).
+plus TYPE, MODE, STRU, ALLO (RFC 959 5.1), SIZE, MDTM, FEAT, OPTS, NOOP, REST, EPSV (RFC 2428) and AUTH/PBSZ/PROT (RFC 4217).
 
 Why not aioftp's own session loop and passive mode: its dispatcher strips trailing spaces, dies on
 non-UTF-8 input and clears the REST marker on every other command; its passive listener accepts anyone,
@@ -75,9 +75,13 @@ PATH_COMMANDS = ("cwd", "dele", "list", "nlst", "mkd", "mlsd", "mlst", "rmd", "r
                  "size", "mdtm")
 TRANSFERS = ("stor", "appe", "retr", "list", "nlst", "mlsd")  # what ABOR aborts: it runs beside these alone
 NEEDS_PATH = ("dele", "mkd", "rmd", "rnfr", "rnto", "stor", "appe", "retr", "size", "mdtm")  # no default (RFC 959)
-AIOFTP_COMMANDS = ("cdup", "cwd", "mlst", "quit", "syst", "type")  # aioftp's own handlers serve these
+AIOFTP_COMMANDS = ("cdup", "cwd", "mlst", "quit", "syst")  # aioftp's own handlers serve these
 OWN_COMMANDS = ("auth", "pbsz", "prot", "user", "pass", "stor", "appe", "retr", "list", "mlsd", "nlst", "dele", "mkd",
-                "pwd", "rmd", "rnfr", "rnto", "size", "mdtm", "feat", "opts", "noop", "rest", "abor")  # on_<name> below
+                "pwd", "rmd", "rnfr", "rnto", "size", "mdtm", "feat", "opts", "noop", "rest", "abor", "type", "mode",
+                "stru", "allo")  # on_<name> below
+# RFC 959 5.1's minimum implementation, in the forms a client may spell it: each is how bytes already travel
+# (image or ASCII sent as is, byte size 8, a stream of a file); any other form gets 504
+TRANSFER_FORMS = {"type": ("I", "A", "A N", "L 8"), "mode": ("S",), "stru": ("F",)}
 
 # What a command needs done before it (aioftp's ConnectionConditions fields): the future's name, what is missing.
 USER_SENT = ("user", "no user (use USER firstly)")
@@ -1187,6 +1191,32 @@ class FtpServer(aioftp.Server):
 
     async def on_noop(self, connection: aioftp.Connection, rest: str) -> bool:
         return replied(connection, "200", "ok")
+
+    async def _form(self, connection: aioftp.Connection, rest: str, command: str) -> bool:
+        """TYPE, MODE, STRU (RFC 959 5.1): the forms the server has answer 200, others 504 (they were 502, and MODE S,
+        STRU F and TYPE A N, which a client may send first, were refused). ASCII is sent unconverted, as aioftp did."""
+        form = " ".join(rest.upper().split())
+        if form not in TRANSFER_FORMS[command]:
+            return replied(connection, "504", f"{command.upper()} {rest[:40]!r} not implemented; use "
+                                              f"{' or '.join(TRANSFER_FORMS[command])}")
+        return replied(connection, "200", f"{command.upper()} set to {form}")
+
+    @needs(LOGGED_IN)
+    async def on_type(self, connection: aioftp.Connection, rest: str) -> bool:
+        return await self._form(connection, rest, "type")
+
+    @needs(LOGGED_IN)
+    async def on_mode(self, connection: aioftp.Connection, rest: str) -> bool:
+        return await self._form(connection, rest, "mode")
+
+    @needs(LOGGED_IN)
+    async def on_stru(self, connection: aioftp.Connection, rest: str) -> bool:
+        return await self._form(connection, rest, "stru")
+
+    @needs(LOGGED_IN)
+    async def on_allo(self, connection: aioftp.Connection, rest: str) -> bool:
+        """ALLO (RFC 959): no space is set aside ahead; the disk is checked as the bytes come."""
+        return replied(connection, "202", "ALLO not needed")
 
     async def build_mlsx_string(self, connection: aioftp.Connection, path: PurePath) -> str:
         """MLST (aioftp's handler)."""
