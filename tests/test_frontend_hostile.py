@@ -76,43 +76,29 @@ def test_a_rename_over_a_file_another_session_is_writing_is_refused(agent_factor
         "x.dcm": sha256(b"B" * 100), "z.dcm": sha256(b"Z" * 10)}
 
 
-def test_a_directory_renamed_over_a_file_being_written_is_refused(agent_factory):
-    """Session A uploads t/x.dcm into a directory t that does not exist yet (its commit makes it); session B
-    renames its directory s, holding its own x.dcm, to t. The rename was acknowledged, then A's close stored over
-    t/x.dcm: B's file was gone under both names. The rename is refused while anything below its target is
-    being written (FTP 550, SFTP a failure), as a file's rename over it is; after A's close it is refused as a
-    rename onto an existing directory, and to a free name it goes through."""
+@pytest.mark.parametrize("upload_to, rename_to, after", [
+    ("t/x.dcm", "t", {"t/x.dcm": b"A" * 1000, "u/x.dcm": b"B" * 100}),
+    ("s/sub/x.dcm", "u", {"u/sub/x.dcm": b"A" * 1000, "u/x.dcm": b"B" * 100})], ids=["into-target", "below-source"])
+def test_a_directory_rename_with_an_upload_at_either_end_is_refused(agent_factory, upload_to, rename_to, after):
+    """Session B renames its directory s (holding x.dcm) while session A uploads. Into-target: A writes t/x.dcm into
+    a directory t that does not exist yet and B renames s to t; the rename was acknowledged, then A's close stored
+    over t/x.dcm: B's file was gone under both names. Below-source: A writes s/sub/x.dcm and B renames s to u; A's
+    commit then brought s back with the new file in it. The rename is refused while anything below its target or
+    its source is being written (FTP 550, SFTP a failure; Windows and Samba refuse to rename a folder with a file
+    open in it too); after A's close, s moves to a free name u and A's file is where it belongs."""
     agent = agent_factory().start()
     a, b = ftp(agent), ftp(agent)
     b.mkd("s")
     b.storbinary("STOR s/x.dcm", io.BytesIO(b"B" * 100))
-    upload = open_upload(a, "t/x.dcm")
-    rename_refused(b, "s", "t")
-    asyncio.run(sftp_rename_refused(agent, "s", "t"))
+    upload = open_upload(a, upload_to)
+    rename_refused(b, "s", rename_to)
+    asyncio.run(sftp_rename_refused(agent, "s", rename_to))
     upload.close()
     assert a.voidresp().startswith("226")
     b.rename("s", "u")
-    assert get(b, "t/x.dcm") == b"A" * 1000 and get(b, "u/x.dcm") == b"B" * 100
-
-
-def test_a_directory_with_a_file_being_written_below_it_is_not_renamed(agent_factory):
-    """Session A uploads s/sub/x.dcm; session B renames s to u. The rename was acknowledged, then A's commit
-    stored s/sub/x.dcm: s came back with the new file in it while B's listing had moved everything to u. As on
-    Windows (a folder with a file open in it cannot be renamed) and in Samba, the rename is refused while
-    anything below its source is being written (FTP 550, SFTP a failure); after A's close it goes through and
-    the file moves with its directory."""
-    agent = agent_factory().start()
-    a, b = ftp(agent), ftp(agent)
-    b.mkd("s")
-    b.storbinary("STOR s/old.dcm", io.BytesIO(b"B" * 100))
-    upload = open_upload(a, "s/sub/x.dcm")
-    rename_refused(b, "s", "u")
-    asyncio.run(sftp_rename_refused(agent, "s", "u"))
-    upload.close()
-    assert a.voidresp().startswith("226")
-    b.rename("s", "u")
-    assert sorted(b.nlst("/")) == ["u"]
-    assert get(b, "u/sub/x.dcm") == b"A" * 1000 and get(b, "u/old.dcm") == b"B" * 100
+    assert "s" not in b.nlst("/")
+    for path, data in after.items():
+        assert get(b, path) == data
 
 
 def test_a_path_ending_in_a_slash_names_a_directory(agent_factory):
