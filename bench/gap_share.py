@@ -53,20 +53,11 @@ def main() -> int:
     ap.add_argument("--explore", type=int, default=None,
                     help="priors.EXPLORE: a prior cell below the floor is fetched once in this many chances")
     ap.add_argument("--old-s", type=float, default=None, help="adaptive.OLD_S in hours")
-    ap.add_argument("--prior-gate", type=float, default=None,
-                    help="adaptive.PRIOR_GATE_Q: fetch a prior into a full cache only while its turnover exceeds this "
-                         "quantile of the write → first-read delays")
-    ap.add_argument("--door-margin", type=float, default=None,
-                    help="adaptive.DOOR2_MARGIN: the second door opens while this many turnovers < the returns' time")
     args = ap.parse_args()
-    if args.door_margin is not None:
-        adaptive.DOOR2_MARGIN = args.door_margin
     if args.explore is not None:
         priors.EXPLORE = args.explore
     if args.old_s is not None:
         adaptive.OLD_S = args.old_s * 3600
-    if args.prior_gate is not None:
-        adaptive.PRIOR_GATE_Q = args.prior_gate
     if args.second_door is not None:
         adaptive.SECOND_DOOR = args.second_door == "on"
     if args.min_cut is not None:
@@ -111,8 +102,7 @@ def main() -> int:
           f"doorkeeper {'on' if adaptive.DOORKEEPER else 'off'}, "
           f"priors held {'on' if adaptive.HOLD_PRIORS else 'off'}, trim {'on' if adaptive.TRIM else 'off'}, "
           f"min cut {adaptive.MIN_CUT:g}, second door {'on' if adaptive.SECOND_DOOR else 'off'}, "
-          f"explore {priors.EXPLORE}, old {adaptive.OLD_S / 3600:g} h, prior gate {adaptive.PRIOR_GATE_Q}, "
-          f"door margin {adaptive.DOOR2_MARGIN:g})")
+          f"explore {priors.EXPLORE}, old {adaptive.OLD_S / 3600:g} h)")
     return 0
 
 

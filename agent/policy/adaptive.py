@@ -79,9 +79,6 @@ SECOND_DOOR = True
 BACK_Q = 0.25
 COLD_BACK = DAY
 INFLOW_TAU = DAY        # the inflow rate behind the turnover time is a moving average over about a day
-# the second door opens while this many turnovers are shorter than the returns' quantile (a once-read study outlives
-# one turnover where the experts keep it for its reads)
-DOOR2_MARGIN = 1.0
 # the last victim study of a pass gives up only the files the pass needs, its last ones first, not the whole study
 # (eviction.trim; docs/replay.md, round 12); bench/gap_share.py --trim overrides
 TRIM = True
@@ -89,9 +86,6 @@ TRIM = True
 # a file or two per insert once the cache is full, each after a new sample of the learned expert (3x the replay's
 # CPU at 1 TB); the live agent's passes free more anyway (its watermarks)
 MIN_CUT = 0.02
-# a prior is fetched into a full cache only while the cache turns over slower than this quantile of the learnt
-# write → first-read delays (a prior is read beside its new study's first session); None: always
-PRIOR_GATE_Q: float | None = None
 
 
 class _Doorkeeper:
@@ -290,9 +284,6 @@ class Adaptive:
         (HitDensity.admit: the shadow sees the same traffic and capacity, whichever expert evicts)."""
         if not self.capacity or self.used + size <= self.capacity:
             return True
-        if (PRIOR_GATE_Q is not None and self.fresh.horizon > 0
-                and self.turnover() < self.fresh.delay_quantile(PRIOR_GATE_Q)):
-            return False
         return self.model.admit(new, heat, files, size, now)
 
     def turnover(self) -> float:
@@ -308,7 +299,7 @@ class Adaptive:
         self.fresh.capacity = self.capacity
         # the second door: once-read written studies make room first while the cache turns over sooner than they come
         # back (it could not keep them until then anyway, and the space holds new studies until their first read)
-        self.door2_open = self.door2 is not None and DOOR2_MARGIN * self.turnover() < self.door2.back_time()
+        self.door2_open = self.door2 is not None and self.turnover() < self.door2.back_time()
         # the real cache cuts its last victim short (Belady keeps a study's first files); the shadows judge the
         # experts' rankings with whole studies, as measured
         self.lru.cut = self.learned.cut = int(MIN_CUT * self.capacity) if TRIM else None

@@ -69,18 +69,11 @@ class FreshSegment:
         if self.first_reads % HALF_LIFE == 0:
             self.delays *= 0.5
         if self.first_reads >= WARM:
-            self.horizon = self.delay_quantile(QUANTILE)
+            cum = np.cumsum(self.delays)
+            b = int(np.searchsorted(cum, QUANTILE * cum[-1]))
+            self.horizon = float(_LOW[b + 1]) if b + 1 < N_AGE else float("inf")
             # per age bucket a: Σ_{x≥a} H(x) / Σ_{x≥a} (x − a) H(x), as the learned policy's density
             self.density = hit_density(self.delays, self.delays)[0]
-
-    def delay_quantile(self, q: float) -> float:
-        """The upper edge of the bucket holding the `q` quantile of the write → first-read delays seen (0 before
-        any)."""
-        if not self.first_reads:
-            return 0.0
-        cum = np.cumsum(self.delays)
-        b = int(np.searchsorted(cum, q * cum[-1]))
-        return float(_LOW[b + 1]) if b + 1 < N_AGE else float("inf")
 
     def removed(self, study: Any, size: int) -> None:
         """A file of `study` left the cache."""
