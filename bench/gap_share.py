@@ -50,7 +50,14 @@ def main() -> int:
     ap.add_argument("--second-door", choices=("on", "off"), default=None,
                     help="adaptive.SECOND_DOOR: a written study after its first session on probation while the cache "
                          "turns over sooner than studies come back")
+    ap.add_argument("--explore", type=int, default=None,
+                    help="priors.EXPLORE: a prior cell below the floor is fetched once in this many chances")
+    ap.add_argument("--old-s", type=float, default=None, help="adaptive.OLD_S in hours")
     args = ap.parse_args()
+    if args.explore is not None:
+        priors.EXPLORE = args.explore
+    if args.old_s is not None:
+        adaptive.OLD_S = args.old_s * 3600
     if args.second_door is not None:
         adaptive.SECOND_DOOR = args.second_door == "on"
     if args.min_cut is not None:
@@ -94,7 +101,8 @@ def main() -> int:
           f"prior admission {'on' if learned.ADMIT_PRIORS else 'off'}, "
           f"doorkeeper {'on' if adaptive.DOORKEEPER else 'off'}, "
           f"priors held {'on' if adaptive.HOLD_PRIORS else 'off'}, trim {'on' if adaptive.TRIM else 'off'}, "
-          f"min cut {adaptive.MIN_CUT:g}, second door {'on' if adaptive.SECOND_DOOR else 'off'})")
+          f"min cut {adaptive.MIN_CUT:g}, second door {'on' if adaptive.SECOND_DOOR else 'off'}, "
+          f"explore {priors.EXPLORE}, old {adaptive.OLD_S / 3600:g} h)")
     return 0
 
 

@@ -111,3 +111,20 @@ def test_a_prior_prefetched_minutes_after_it_was_read_is_told_prefetched_when_fe
         b.prefetch(f"P{i}", T + 181)
     sim, live = b.evict(100, T + 240)
     assert "P0" not in sim and live == sim
+
+
+def test_several_reads_between_two_passes_are_as_many_requests_as_in_the_simulator() -> None:
+    """A file read three times between two looks at the catalog was one request to the live policy and three to the
+    simulator's: the experts' shadow scores (which choose the expert that evicts) and the window they decay in count
+    requests, so the live agent's choice drifted from the simulated one."""
+    b = Both()
+    for i in range(3):
+        b.write(f"X{i}", "X", T)
+    b.learn(T + 1)
+    for t in (T + 10, T + 20, T + 30):
+        b.read("X0", "X", t)
+    b.read("X1", "X", T + 40)
+    b.learn(T + 60)
+    scores = [[s.score for s in stack.policy.shadows] for stack in (b.sim, b.live)]
+    assert scores[0] == [4.0, 4.0] and scores[1] == scores[0]
+    assert b.live.policy.requests == b.sim.policy.requests

@@ -61,8 +61,10 @@ class _Shadow:
 # --doorkeeper overrides
 DOORKEEPER = True
 SESSION_S = 600.0       # reads of one study closer than this are one session (learned.HitDensity.session_s)
-# a study acquired longer ago and read on a miss is on probation; one acquired within the day is a new study (live,
-# a written file read before the evictor's pass looks read on a miss); tuning families: 0, ½, 1 d tie, 2–30 d lose
+# a study acquired longer ago and read on a miss is on probation; one acquired within the day is a new study read on
+# a miss (written and evicted before its first read, or written through another box). Not a guard for the live feed
+# any more (it tells a written file read before a pass as written since round 15): re-checked in round 16 with the
+# second door, tuning families demand-only 0 / 12 h / 1 d tie (1014 %), 2 d 1005 % (docs/replay.md, round 16)
 OLD_S = DAY
 MAX_BACK = 0.5          # probation while fewer of the studies through the door come back for a second session
 WARM = 50               # studies through the door before it decides

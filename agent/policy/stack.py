@@ -152,14 +152,15 @@ class PolicyStack:
         are inserted, rows read since are accessed, rows gone are removed. → events applied.
 
         A new row is inserted as what its copy is (`cached_by`) as of when it began (`cached_at`), then accessed if
-        read since, as the simulator has it (reads between two passes are one, at the last). Inferred from the last
-        access and read count instead, a written file read before the pass looked read on a miss, and a prefetch of
-        a file read minutes before looked written or read on a miss, at that old read. A row the catalog knows no
+        read since, as the simulator has it (reads between two passes come at the last one's time, as many as the
+        catalog counted; a new row's are one: its count holds its reads before an eviction too). Inferred from the
+        last access and read count instead, a written file read before the pass looked read on a miss, and a prefetch
+        of a file read minutes before looked written or read on a miss, at that old read. A row the catalog knows no
         origin of is a copy read on a miss at its last access."""
         index = self.index
         if index is None:
             return 0
-        events: list[tuple[float, int, CatalogRow]] = []
+        events: list[tuple[float, int, CatalogRow]] = []   # (time, reads (0: the insert), row)
         now_keys: set[Hashable] = set()
         for r in rows:
             now_keys.add(r.key)
@@ -170,17 +171,19 @@ class PolicyStack:
                 if r.last_access > at:
                     events.append((r.last_access, 1, r))
             elif r.last_access > before[0] or r.access_count > before[1]:
-                events.append((r.last_access, 1, r))
+                # each read is a request to the policy, as in the simulator (the experts' scores and window count
+                # requests); the catalog keeps their number, not their times
+                events.append((r.last_access, max(1, r.access_count - before[1]), r))
             self._seen[r.key] = (r.last_access, r.access_count)
         gone = [k for k in self._seen if k not in now_keys]
         for k in gone:
             self.removed(k)
-        events.sort(key=lambda e: (e[0], e[1]))
-        for t, kind, r in events:
-            if kind == 1:
-                index.on_access(r.key, t)
-            else:
+        events.sort(key=lambda e: (e[0], min(e[1], 1)))
+        for t, reads, r in events:
+            if not reads:
                 index.on_insert(r.key, r.size, t, r.created, r.study, r.cached_by == "prefetch", r.cached_by == "write")
+            for _ in range(reads):
+                index.on_access(r.key, t)
         return len(events) + len(gone)
 
     # -- study features
