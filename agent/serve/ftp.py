@@ -11,7 +11,8 @@ and these pieces of its own:
   * the STOR/APPE/RETR/LIST/NLST/MLSD workers: nothing is opened before the data connection is there (a
     425 leaves nothing behind), 150 comes once it is, 226 only after the gateway committed the file, an
     upload whose data connection fails is discarded, every gateway error has its own reply code;
-plus TYPE, MODE, STRU, ALLO (RFC 959 5.1), SIZE, MDTM, FEAT, OPTS, NOOP, REST, EPSV (RFC 2428) and AUTH/PBSZ/PROT (RFC 4217).
+plus TYPE, MODE, STRU, ALLO (RFC 959 5.1), SIZE, MDTM, FEAT, OPTS, NOOP, REST, EPSV (RFC 2428) and
+AUTH/PBSZ/PROT (RFC 4217).
 
 Why not aioftp's own session loop and passive mode: its dispatcher strips trailing spaces, dies on
 non-UTF-8 input and clears the REST marker on every other command; its passive listener accepts anyone,
