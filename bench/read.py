@@ -8,7 +8,9 @@ so every cold pass is really cold). Per reader count and target (our agent; `rcl
 --vfs-cache-mode full`, both over the same objects), it lists the directory first (untimed: both then
 know the files), reads every file once (cold: fetched from S3) and once more (cached: from the local
 SSD cache), the files split over the readers, each reader its own FTP session. Printed: MB/s and files/s
-over the pass, first-byte latency p50/p99 (RETR sent → first data byte), the server's CPU time per file
+over the pass, first-byte latency p50/p99 (PASV sent → first data byte, as ftplib's transfercmd; `phases_ms`
+splits its p50 and the rest of a transfer: PASV → 227, connect, RETR → 150, 150 → first byte, first → last
+byte, last byte → 226, each a median over the pass), the server's CPU time per file
 (user + system: on a shared, loaded machine the steadier figure) and per MB, its CPUs busy (CPU seconds per
 second of the pass: below the CPUs it may use, something else set the pace), the load average, and the ratios
 ours/rclone.
@@ -17,8 +19,11 @@ ours/rclone.
 from __future__ import annotations
 
 import argparse
+import ftplib
 import json
 import shutil
+import socket
+import statistics
 import sys
 import tempfile
 import threading
@@ -39,7 +44,6 @@ from bench.common import (
     pin_agent,
     pool,
     ratio,
-    retr,
     start_agent,
     start_rclone,
     table,
@@ -62,19 +66,48 @@ def put_all(store: ObjectStore, keys: list[str], size: int, blocks: list[bytes])
         list(ex.map(put, range(len(keys))))
 
 
+PHASES = ("PASV→227", "connect", "RETR→150", "150→first", "first→last", "last→226")
+
+
+def timed_retr(ftp: ftplib.FTP, path: str) -> tuple[float, int, list[float]]:
+    """RETR /path as ftplib's transfercmd does it (PASV, connect, RETR, 150), reading and dropping the bytes
+    → (seconds from the PASV to the first data byte, bytes read, seconds of each of PHASES)."""
+    t0 = time.perf_counter()
+    host, port = ftplib.parse227(ftp.sendcmd("PASV"))
+    t1 = time.perf_counter()
+    conn = socket.create_connection((host, port), 300)
+    t2 = time.perf_counter()
+    ftp.putcmd(f"RETR /{path}")
+    if not (reply := ftp.getresp()).startswith("1"):
+        raise ftplib.error_reply(reply)
+    t3 = first = time.perf_counter()
+    total = 0
+    while data := conn.recv(1 << 16):
+        if not total:
+            first = time.perf_counter()
+        total += len(data)
+    t4 = time.perf_counter()
+    conn.close()
+    ftp.voidresp()
+    t5 = time.perf_counter()
+    return first - t0, total, [t1 - t0, t2 - t1, t3 - t2, first - t3, t4 - first, t5 - t4]
+
+
 def read_pass(port: int, pid: int, paths: list[str], readers: int, size: int) -> dict:
     """Every path read once, split over `readers` FTP sessions → MB/s, files/s, first-byte p50/p99 and the
     server's CPU time per file (its own work, less sensitive than wall time to a loaded machine)."""
     firsts: list[float] = []
+    phases: list[list[float]] = []
     errors: list[str] = []
     lock = threading.Lock()
     sessions = [ftp_login(port) for _ in range(readers)]
 
     def reader(k: int) -> None:
         for path in paths[k::readers]:
-            first, got = retr(sessions[k], path)
+            first, got, split = timed_retr(sessions[k], path)
             with lock:
                 firsts.append(first)
+                phases.append(split)
                 if got != size:
                     errors.append(f"{path}: {got} bytes")
 
@@ -92,7 +125,8 @@ def read_pass(port: int, pid: int, paths: list[str], readers: int, size: int) ->
             "cpu_ms_per_file": round(cpu * 1000 / max(1, len(firsts)), 2),
             "cpu_ms_per_MB": round(cpu * 1000 / max(1e-9, len(firsts) * size / 1e6), 2),
             "cpus_busy": round(cpu / wall, 2),  # the server's CPU seconds per second: below its CPUs = not CPU-bound
-            "errors": len(errors) + len(paths) - len(firsts), "load": at}
+            "errors": len(errors) + len(paths) - len(firsts), "load": at,
+            "phases_ms": " / ".join(f"{statistics.median(p) * 1000:.3f}" for p in zip(*phases, strict=True))}
 
 
 def measure(port: int, pid: int, keys: list[str], readers: int, size: int) -> list[dict]:
@@ -155,6 +189,8 @@ def main() -> int:
         print()
         print(table(rows, ["target", "readers", "pass", "MB_per_s", "files_per_s", "first_byte_p50_ms",
                            "first_byte_p99_ms", "cpu_ms_per_file", "cpu_ms_per_MB", "cpus_busy", "errors", "load"]))
+        print(f"\nphases_ms, medians: {' / '.join(PHASES)}")
+        print(table([x for x in rows if "phases_ms" in x], ["target", "readers", "pass", "phases_ms"]))
         return 1 if any(x.get("errors") for x in rows) else 0
     finally:
         for server in servers:
