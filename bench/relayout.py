@@ -19,12 +19,17 @@ from __future__ import annotations
 
 import argparse
 import csv
+import sys
 from collections.abc import Callable
+from contextlib import ExitStack
 from pathlib import Path
 
-from agent.sim.trace import MAGIC
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from agent.sim.trace import MAGIC  # noqa: E402
 
 Fields = tuple[str, str, str, str]   # original path, patient, study, modality
+LABELS = ["patient", "study", "modality", "dept"]
 
 
 def _sop(path: str) -> str:
@@ -49,11 +54,10 @@ LAYOUTS: dict[str, Callable[[Fields], str]] = {
 
 def relayout(src: Path, out: str, layouts: list[str]) -> list[Path]:
     files = {name: Path(f"{out}-{name}.csv") for name in layouts}
-    handles = {name: p.open("w", newline="") for name, p in files.items()}
-    writers = {name: csv.writer(h) for name, h in handles.items()}
-    for name, w in writers.items():
-        w.writerow(["ts", "op", "path", "size"] + (["patient", "study", "modality", "dept"] if name == "baseline" else []))
-    with src.open() as f:
+    with ExitStack() as stack, src.open() as f:
+        writers = {name: csv.writer(stack.enter_context(p.open("w", newline=""))) for name, p in files.items()}
+        for name, w in writers.items():
+            w.writerow(["ts", "op", "path", "size"] + (LABELS if name == "baseline" else []))
         for line in f:
             if line.startswith(MAGIC) or line.startswith("t\t"):
                 continue
@@ -65,8 +69,6 @@ def relayout(src: Path, out: str, layouts: list[str]) -> list[Path]:
             for name, w in writers.items():
                 row = [t, verb, LAYOUTS[name](fields), size]
                 w.writerow(row + [patient, study, modality, dept] if name == "baseline" else row)
-    for h in handles.values():
-        h.close()
     return list(files.values())
 
 
