@@ -26,7 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from agent.sim.trace import MAGIC  # noqa: E402
+from agent.sim.trace import MAGIC
 
 Fields = tuple[str, str, str, str]   # original path, patient, study, modality
 LABELS = ["patient", "study", "modality", "dept"]
