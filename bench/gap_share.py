@@ -19,7 +19,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from agent.policy import adaptive, learned, priors  # noqa: E402
+from agent.policy import adaptive, groups, learned, priors  # noqa: E402
 from agent.sim.replay import ReplayConfig, Replayer  # noqa: E402
 from agent.sim.trace import load_arrays  # noqa: E402
 
@@ -53,7 +53,13 @@ def main() -> int:
     ap.add_argument("--explore", type=int, default=None,
                     help="priors.EXPLORE: a prior cell below the floor is fetched once in this many chances")
     ap.add_argument("--old-s", type=float, default=None, help="adaptive.OLD_S in hours")
+    ap.add_argument("--group", default=None, metavar="MIXED_H,GAP_MIN,SPAN_MIN",
+                    help="agent.policy.groups: a directory written over MIXED_H hours is split into insert bursts "
+                         "GAP_MIN minutes apart, each at most SPAN_MIN long")
     args = ap.parse_args()
+    if args.group is not None:
+        mixed_h, gap_min, span_min = (float(x) for x in args.group.split(","))
+        groups.MIXED_S, groups.GAP_S, groups.SPAN_S = mixed_h * 3600, gap_min * 60, span_min * 60
     if args.explore is not None:
         priors.EXPLORE = args.explore
     if args.old_s is not None:
@@ -102,7 +108,8 @@ def main() -> int:
           f"doorkeeper {'on' if adaptive.DOORKEEPER else 'off'}, "
           f"priors held {'on' if adaptive.HOLD_PRIORS else 'off'}, trim {'on' if adaptive.TRIM else 'off'}, "
           f"min cut {adaptive.MIN_CUT:g}, second door {'on' if adaptive.SECOND_DOOR else 'off'}, "
-          f"explore {priors.EXPLORE}, old {adaptive.OLD_S / 3600:g} h)")
+          f"explore {priors.EXPLORE}, old {adaptive.OLD_S / 3600:g} h, groups {groups.MIXED_S / 3600:g} h / "
+          f"{groups.GAP_S / 60:g} / {groups.SPAN_S / 60:g} min)")
     return 0
 
 

@@ -33,6 +33,7 @@ from typing import Any, Callable, Hashable, Iterable, Iterator, Protocol, Sequen
 from agent.policy import eviction
 from agent.policy.adaptive import Adaptive
 from agent.policy.eviction import LRU, Age, KMeansConfig, KMeansEviction, StudyLRU
+from agent.policy.groups import Groups
 from agent.policy.learned import HitDensity
 from agent.policy.prefetch import Budget, Candidate, plan
 from agent.policy.priors import PriorPrefetcher, StudyInfo
@@ -108,6 +109,7 @@ class PolicyStack:
         self.policy = make(spec.eviction, kmeans=kmeans, max_age_days=max_age_days, attrs=self.attrs_of)
         self.priors = PriorPrefetcher(k=priors_k) if "priors" in spec.planners else None
         self._seen: dict[Hashable, tuple[float, int]] = {}   # sync: key → (last access, reads) last pass
+        self.groups = Groups()      # the eviction unit where a directory is not a study (agent/policy/groups.py)
 
     @property
     def index(self) -> OnlineIndex | None:
@@ -122,7 +124,7 @@ class PolicyStack:
     def inserted(self, key: Hashable, size: int, now: float, created: float, study: Hashable,
                  prefetch: bool = False, written: bool = False) -> None:
         if (index := self.index) is not None:
-            index.on_insert(key, size, now, created, study, prefetch, written)
+            index.on_insert(key, size, now, created, self.groups.of(study, now, written), prefetch, written)
 
     def accessed(self, key: Hashable, now: float) -> None:
         if (index := self.index) is not None:
@@ -181,7 +183,7 @@ class PolicyStack:
         events.sort(key=lambda e: (e[0], min(e[1], 1)))
         for t, reads, r in events:
             if not reads:
-                index.on_insert(r.key, r.size, t, r.created, r.study, r.cached_by == "prefetch", r.cached_by == "write")
+                self.inserted(r.key, r.size, t, r.created, r.study, r.cached_by == "prefetch", r.cached_by == "write")
             for _ in range(reads):
                 index.on_access(r.key, t)
         return len(events) + len(gone)
@@ -208,7 +210,7 @@ class PolicyStack:
 
     def attrs_of(self, study: Hashable) -> tuple[int, int, int]:
         """(modality code, department code, newer 0/1) of a study; 0 where unknown."""
-        return self._attrs.get(study, (0, 0, 0))
+        return self._attrs.get(Groups.directory(study), (0, 0, 0))
 
     # -- the prior-study planner
     def prior_ranked(self, new: StudyInfo, studies: Sequence[StudyInfo]) -> list[tuple[int, StudyInfo, float]]:

@@ -1,0 +1,69 @@
+"""The eviction unit where a directory is not a study (issue 13, docs/replay.md "Other path layouts").
+
+Whole-study eviction takes a study to be a directory (`[prefetch] study_depth` levels live, `import-trace
+--series-dirs` in the simulator). In layouts where it is not (`YYYY/MM/DD/<sop>.dcm` day directories, one flat
+directory, `<patient>/<sop>.dcm`) one "study" holds days to years of files, and dropping it whole empties the
+cache: the default closed -65 % of the LRU→Belady gap on `general` in day directories. A study is written in
+one burst (the tuning families' longest: 11 min); a directory that goes on receiving writes for hours is not one.
+Such a *mixed* directory is split into groups by insert bursts instead: the files that land in it within
+`GAP_S` of one another (and within `SPAN_S` of the burst's first), written or read on a miss alike, since the
+reads of one case's files also come together. A directory written in one burst keeps its own name as the
+group, so a layout with study directories evicts exactly as before.
+
+`PolicyStack` maps every insert through one `Groups`, for the live agent and the simulator alike.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Hashable
+
+MIXED_S = 2 * 3600.0    # writes into one directory spread over more than this: not one study
+GAP_S = 300.0           # inserts closer than this are one burst (one study written, one case read)
+SPAN_S = 3600.0         # a burst is cut after this long (a busy flat directory never pauses)
+MAX_DIRS = 1_000_000    # directories remembered (~150 B each), least recently inserted into forgotten
+
+
+@dataclass
+class _Dir:
+    first_write: float | None = None
+    last_write: float | None = None
+    mixed: bool = False
+    burst: int = 0                  # group number of the current burst (mixed only)
+    burst_start: float = 0.0
+    last_insert: float = float("-inf")
+
+
+class Groups:
+    """Directory (study key) + insert time → eviction group: the directory itself, or (directory, burst)."""
+
+    def __init__(self, max_dirs: int = MAX_DIRS) -> None:
+        self.max_dirs = max_dirs
+        self._dirs: OrderedDict[Hashable, _Dir] = OrderedDict()
+
+    def of(self, study: Hashable, now: float, written: bool) -> Hashable:
+        d = self._dirs.get(study)
+        if d is None:
+            d = self._dirs[study] = _Dir()
+            if len(self._dirs) > self.max_dirs:
+                self._dirs.popitem(last=False)
+        else:
+            self._dirs.move_to_end(study)
+        if written:
+            d.first_write = now if d.first_write is None else d.first_write
+            d.last_write = now
+            if not d.mixed and now - d.first_write > MIXED_S:
+                d.mixed, d.burst_start = True, float("-inf")     # the next line opens burst 1
+        if not d.mixed:
+            d.last_insert = now
+            return study
+        if now - d.last_insert > GAP_S or now - d.burst_start > SPAN_S:
+            d.burst, d.burst_start = d.burst + 1, now
+        d.last_insert = now
+        return (study, d.burst)
+
+    @staticmethod
+    def directory(group: Hashable) -> Hashable:
+        """The study key a group came from (what `describe` was told)."""
+        return group[0] if isinstance(group, tuple) else group

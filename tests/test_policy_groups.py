@@ -1,0 +1,59 @@
+"""A directory that is not a study (day directories, one flat directory, a patient's directory) is evicted in
+insert bursts, not whole (agent/policy/groups.py; issue 13, docs/replay.md "Other path layouts")."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from agent.policy.groups import GAP_S, MIXED_S, Groups
+from agent.policy.stack import CatalogRow, PolicyStack, StackSpec
+from bench.miss_analysis import hits_of
+from tests.sim_helpers import arrays
+
+CASES, FILES, EVERY_S, READ_AFTER_S = 24, 5, 1800.0, 300.0
+
+
+def day_directory_trace():
+    """One day directory (one 'study' to the importer) receives a 5-file case every 30 minutes for 12 hours;
+    each case is read 5 minutes after it was written. The cache holds 6 cases."""
+    obj, t, w = [], [], []
+    for c in range(CASES):
+        files = list(range(c * FILES, (c + 1) * FILES))
+        obj += files + files
+        t += [c * EVERY_S + i for i in range(FILES)] + [c * EVERY_S + READ_AFTER_S + i for i in range(FILES)]
+        w += [True] * FILES + [False] * FILES
+    order = np.argsort(np.array(t), kind="stable")
+    return arrays(np.array(obj)[order], np.array(w)[order], t=np.array(t)[order],
+                  obj_study=np.zeros(CASES * FILES, dtype=np.int32))
+
+
+@pytest.mark.parametrize("scheme", ["agent", "adaptive", "learned", "study"])
+def test_a_day_directory_is_not_evicted_whole(scheme) -> None:
+    ta = day_directory_trace()
+    hit = hits_of(ta, scheme, 6 * FILES * 1000, warmup_days=0)
+    assert hit[~ta.is_write].all()      # LRU's result: each case is read while it is among the 6 newest
+
+
+def test_a_study_written_in_one_burst_keeps_its_name() -> None:
+    g = Groups()
+    assert [g.of("CT/2026-01-05/ST1", t, True) for t in (0.0, 1.0, 600.0)] == ["CT/2026-01-05/ST1"] * 3
+    assert g.of("CT/2026-01-05/ST1", 30 * 86400.0, False) == "CT/2026-01-05/ST1"   # read on a miss a month later
+
+
+def test_a_directory_written_for_hours_splits_by_burst() -> None:
+    g = Groups()
+    assert g.of("2026/01/05", 0.0, True) == "2026/01/05"
+    late = MIXED_S + 1
+    first = g.of("2026/01/05", late, True)
+    assert g.of("2026/01/05", late + 1, True) == first                  # the same burst
+    second = g.of("2026/01/05", late + GAP_S + 10, False)                # a read on a miss after a pause
+    assert second != first and Groups.directory(second) == Groups.directory(first) == "2026/01/05"
+
+
+def test_sync_groups_as_the_simulator_does() -> None:
+    """The live agent's way in (`sync`) maps inserts through the same groups."""
+    stack = PolicyStack(StackSpec("study"))
+    rows = [CatalogRow(f"d/{i}.dcm", 1, i * 3600.0, 0, i * 3600.0, "d", i * 3600.0, "write") for i in range(4)]
+    stack.sync(rows, 4 * 3600.0)
+    assert list(stack.victims(1, 4 * 3600.0, lambda: (None, []))) == ["d/0.dcm", "d/1.dcm", "d/2.dcm"]
