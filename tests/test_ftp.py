@@ -180,10 +180,10 @@ def test_a_fast_upload_leaves_the_loop_to_the_other_sessions(agent_factory):
 
 
 def test_the_idle_timer_ends_a_silent_reader_only():
-    """The session's idle timeout is one timer (agent.serve.ftp.Idle), not a timeout per command line: a reader
+    """The session's idle timeout is one timer (agent.serve.contract.Idle), not a timeout per command line: a reader
     touched every 0.1 s outlives a 0.3 s idle timeout; left waiting, it is cancelled once 0.3 s have passed
     since its last touch (expired, so the session ends as idle, not as shut down)."""
-    from agent.serve.ftp import Idle
+    from agent.serve.contract import Idle
 
     async def reader() -> tuple[float, float]:
         idle = Idle(0.3)

@@ -441,35 +441,6 @@ def _random_ports(ports: range) -> Iterator[int]:
     yield from _RNG.sample(ports, len(ports))
 
 
-class Idle:
-    """A session's idle timeout, touched as each wait for a command line begins and ends: one timer that re-arms
-    when it fires early (asyncio.timeout per readline cost ~5 % of a cached read's Python time). A session is not
-    idle while `busy()` (a transfer runs: its data socket has a timeout of its own), as vsftpd's idle timeout."""
-
-    def __init__(self, seconds: float, busy: Callable[[], bool] = lambda: False) -> None:
-        self.loop, self.seconds, self.task = asyncio.get_running_loop(), seconds, asyncio.current_task()
-        self.since = self.loop.time()
-        self.busy = busy
-        self.expired = False
-        self._timer = self.loop.call_later(seconds, self._check)
-
-    def touch(self) -> None:
-        self.since = self.loop.time()
-
-    def _check(self) -> None:
-        left = self.since + self.seconds - self.loop.time()
-        if left <= 0 and self.busy():
-            self.since, left = self.loop.time(), self.seconds
-        if left > 0:
-            self._timer = self.loop.call_later(left, self._check)
-        elif self.task is not None:
-            self.expired = True
-            self.task.cancel()
-
-    def cancel(self) -> None:
-        self._timer.cancel()
-
-
 @dataclass
 class Session:
     """What this module keeps per FTP session (aioftp's Connection holds the rest)."""
@@ -638,7 +609,7 @@ class FtpServer(aioftp.Server):
         login_timer = asyncio.get_running_loop().call_later(self.cfg.ftp.login_timeout, login_expired)
 
         async def read_commands() -> None:
-            idle = Idle(self.cfg.ftp.idle_timeout, busy=lambda: bool(commands))
+            idle = contract.Idle(self.cfg.ftp.idle_timeout, busy=lambda: bool(commands))
             try:
                 while True:
                     cmd, rest = await self._read_command(reader, writer, idle)  # a closed connection raises
@@ -704,7 +675,7 @@ class FtpServer(aioftp.Server):
             await asyncio.wait(tasks, timeout=10)  # workers abort their uploads and close their files
             self._count_out(session)
 
-    async def _read_command(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, idle: Idle
+    async def _read_command(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, idle: contract.Idle
                             ) -> tuple[str, str]:
         """→ (command, argument). Only the line end is cut from a path argument: a trailing space is part of
         the name (refused for a new file, never silently dropped). Bytes that are not UTF-8 are kept as

@@ -25,7 +25,7 @@ from agent.audit import Who
 from agent.auth import LoginGuard, Passwords, unmapped
 from agent.config import Config, SftpConfig
 from agent.records import Entry
-from agent.serve.contract import answer, login, refuse_session, report, slash_checked, st_mode
+from agent.serve.contract import Idle, answer, login, refuse_session, report, slash_checked, st_mode
 from agent.serve.startups import Startup, Startups
 from agent.store.errors import GatewayError, PermissionDenied
 from agent.store.gateway import Gateway, ReadHandle, WriteHandle
@@ -226,8 +226,7 @@ class _Auth(asyncssh.SSHServer):
         self.by_password = False  # the login was a password's (the guard has recorded it already)
         self.refused = ""  # the disconnect reason of a connection over a session cap, until it is sent
         self.held = False  # this refused connection counts in `holding`
-        self.last_active = 0.0  # loop time of the last SFTP request read or reply sent
-        self.idle: asyncio.TimerHandle | None = None  # sftp.idle_timeout's check, from the login on
+        self.idle: Idle | None = None  # sftp.idle_timeout, from the login on: touched by each request and reply
 
     def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
         self.conn, self.address = conn, unmapped(conn.get_extra_info("peername")[0])
@@ -310,21 +309,17 @@ class _Auth(asyncssh.SSHServer):
         if self.startup is not None:
             self.startup.end()
         self.admitted.append(asyncio.ensure_future(self._login()))
-        self.active()
-        self.idle = asyncio.get_running_loop().call_later(self.cfg.idle_timeout, self._check_idle)
+        self.idle = Idle(self.cfg.idle_timeout, expire=self._idle)
 
     def active(self) -> None:
-        self.last_active = asyncio.get_running_loop().time()
+        if self.idle is not None:
+            self.idle.touch()
 
-    def _check_idle(self) -> None:
+    def _idle(self) -> None:
         """A logged-in connection idle for sftp.idle_timeout is closed, as FTP's idle_timeout and SMB's deadtime do:
         it held its session slots (per user, per address) and its unfinished uploads' disk for as long as the
         client kept the TCP connection, which SSH keepalives only prove alive. Its open uploads end uncommitted."""
-        loop = asyncio.get_running_loop()
-        left = self.last_active + self.cfg.idle_timeout - loop.time()
-        if left > 0:
-            self.idle = loop.call_later(left, self._check_idle)
-        elif self.conn is not None:
+        if self.conn is not None:
             log.info("sftp_idle_closed", user=self.username, peer=_peer(self.conn), seconds=self.cfg.idle_timeout)
             self.conn.disconnect(asyncssh.DISC_BY_APPLICATION, f"idle for {self.cfg.idle_timeout:g} seconds")
 
