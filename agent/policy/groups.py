@@ -28,7 +28,6 @@ MAX_DIRS = 1_000_000    # directories remembered (~150 B each), least recently i
 @dataclass
 class _Dir:
     first_write: float | None = None
-    last_write: float | None = None
     mixed: bool = False
     burst: int = 0                  # group number of the current burst (mixed only)
     burst_start: float = 0.0
@@ -52,7 +51,6 @@ class Groups:
             self._dirs.move_to_end(study)
         if written:
             d.first_write = now if d.first_write is None else d.first_write
-            d.last_write = now
             if not d.mixed and now - d.first_write > MIXED_S:
                 d.mixed, d.burst_start = True, float("-inf")     # the next line opens burst 1
         if not d.mixed:
