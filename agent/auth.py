@@ -100,6 +100,11 @@ class Every:
         return since
 
 
+def refusal(reason: str, since: int) -> str:
+    """The audit detail of a refusal told once per key (`Every`): with how many were held back since the last one."""
+    return f"refused: {reason}" + (f" ({since} more since the last record)" if since else "")
+
+
 def _on_thread(method: Callable[Concatenate[LoginGuard, P], T],
                ) -> Callable[Concatenate[LoginGuard, P], Coroutine[Any, Any, T]]:
     """The method runs on the guard's own thread: a wait for another process's lock never stalls the event loop."""
@@ -189,9 +194,8 @@ class LoginGuard:
                     if since is not None:
                         log.warning("login_refused", protocol=protocol, user=user, peer=address,
                                     reason=f"{scope} banned", refused_since=since)
-                        more = f" ({since} more since the last record)" if since else ""
                         self.audit.record(Who(user, protocol, address), "login", "",
-                                          f"refused: {scope} temporarily banned{more}")
+                                          refusal(f"{scope} temporarily banned", since))
                     return f"too many failed logins: {scope} temporarily banned"
             return ""
         self.metrics.login_refused.labels(protocol, "unchecked").inc()

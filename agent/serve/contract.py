@@ -30,7 +30,7 @@ import asyncssh
 import structlog
 
 from agent.audit import Who, failure
-from agent.auth import REFUSALS_EVERY, Every, LoginGuard
+from agent.auth import REFUSALS_EVERY, Every, LoginGuard, refusal
 from agent.auth import unmapped as unmapped  # FTP compares data-connection peers by it
 from agent.store.errors import (
     AlreadyExists,
@@ -143,8 +143,7 @@ def refuse_session(gw: Gateway, protocol: str, who: Who, reason: str, kind: str 
         return
     log.warning("session_refused", protocol=protocol, user=who.user, peer=who.peer, reason=reason,
                 refused_since=since)
-    more = f" ({since} more since the last record)" if since else ""
-    gw.audit_event(who, "login", "", f"refused: {reason}{more}")
+    gw.audit_event(who, "login", "", refusal(reason, since))
 
 
 class Idle:

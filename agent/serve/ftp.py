@@ -52,7 +52,7 @@ import structlog
 from aioftp.common import END_OF_LINE, ThrottleStreamIO
 
 from agent.audit import Who
-from agent.auth import REFUSALS_EVERY, Every, LoginGuard, Passwords
+from agent.auth import REFUSALS_EVERY, Every, LoginGuard, Passwords, refusal
 from agent.config import Config, UserConfig
 from agent.records import Entry
 from agent.serve import contract
@@ -775,9 +775,8 @@ class FtpServer(aioftp.Server):
             if (since := self._told.due(("plain", connection.client_host))) is not None:
                 log.warning("login_refused", protocol="ftp", user=rest, reason="plain-text login while TLS is required",
                             refused_since=since)
-                more = f" ({since} more since the last record)" if since else ""
                 self.gateway.audit_event(Who(rest, "ftp", f"{connection.client_host}:{connection.client_port}"),
-                                         "login", "", f"refused: TLS required{more}")
+                                         "login", "", refusal("TLS required", since))
             return replied(connection, "530", "TLS required: use AUTH TLS before USER")
         if connection.future.logged.done():
             # Logged out by USER, a session was one no login_timeout ended (its clock had run) and max_unauthenticated
@@ -877,8 +876,7 @@ class FtpServer(aioftp.Server):
                 return
             log.warning("data_connection_refused", user=user, peer=peer, control_peer=connection.client_host,
                         reason=reason, refused_since=since)
-            more = f" ({since} more since the last record)" if since else ""
-            self.gateway.audit_event(Who(user, "ftp", peer), "data-connection", "", f"refused: {reason}{more}")
+            self.gateway.audit_event(Who(user, "ftp", peer), "data-connection", "", refusal(reason, since))
 
         session.passive = Passive.open(
             connection.server_host, self.passive_ports, session.address,
