@@ -22,12 +22,18 @@ def sha256(data: bytes) -> str:
 
 
 def s3_objects(store: ObjectStore, prefix: str) -> dict[str, dict]:
-    """Every object under prefix → {'size', 'sha256' (from the bytes themselves), 'meta'}."""
+    """Every object under prefix → {'size', 'sha256' (from the bytes themselves), 'meta'}.
+
+    An object listed and then deleted before its GET (a running agent's tombstone or orphan clean-up) is left out:
+    it is not in the bucket when read, and a caller polling for a state must not fail on the race."""
     client = store.client()
     out = {}
     for page in client.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=prefix):
         for obj in page.get("Contents", []):
-            got = client.get_object(Bucket=BUCKET, Key=obj["Key"])
+            try:
+                got = client.get_object(Bucket=BUCKET, Key=obj["Key"])
+            except client.exceptions.NoSuchKey:
+                continue
             body = got["Body"].read()
             out[obj["Key"][len(prefix):]] = {"size": len(body), "sha256": sha256(body),
                                              "meta": {k.lower(): v for k, v in got.get("Metadata", {}).items()}}
