@@ -21,22 +21,25 @@ def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def s3_objects(store: ObjectStore, prefix: str) -> dict[str, dict]:
-    """Every object under prefix → {'size', 'sha256' (from the bytes themselves), 'meta'}.
-
-    An object listed and then deleted before its GET (a running agent's tombstone or orphan clean-up) is left out:
-    it is not in the bucket when read, and a caller polling for a state must not fail on the race."""
-    client = store.client()
-    out = {}
+def listed_objects(client, prefix: str = ""):
+    """(key, GetObject response) of every object under prefix. An object listed and then deleted before its GET (a
+    running agent's tombstone or clean-up) is left out: it is not in the bucket when read, and a caller polling for
+    a state must not fail on that race."""
     for page in client.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=prefix):
         for obj in page.get("Contents", []):
             try:
-                got = client.get_object(Bucket=BUCKET, Key=obj["Key"])
+                yield obj["Key"], client.get_object(Bucket=BUCKET, Key=obj["Key"])
             except client.exceptions.NoSuchKey:
                 continue
-            body = got["Body"].read()
-            out[obj["Key"][len(prefix):]] = {"size": len(body), "sha256": sha256(body),
-                                             "meta": {k.lower(): v for k, v in got.get("Metadata", {}).items()}}
+
+
+def s3_objects(store: ObjectStore, prefix: str) -> dict[str, dict]:
+    """Every object under prefix → {'size', 'sha256' (from the bytes themselves), 'meta'}."""
+    out = {}
+    for key, got in listed_objects(store.client(), prefix):
+        body = got["Body"].read()
+        out[key[len(prefix):]] = {"size": len(body), "sha256": sha256(body),
+                                  "meta": {k.lower(): v for k, v in got.get("Metadata", {}).items()}}
     return out
 
 

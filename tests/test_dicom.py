@@ -21,7 +21,7 @@ from agent.dicom.header import HEADER_MAX, Header, parse, read_path
 from agent.dicom.objectmeta import META_LIMIT, object_meta, pseudonym
 from agent.uplink import encoding
 from bench.dicomgen import ct_slice
-from harness import BUCKET, PASSWORD
+from harness import BUCKET, PASSWORD, listed_objects
 
 KEY = b"k" * 16 + os.urandom(24).hex().encode()   # this test's per-hospital pseudonym key
 PATIENT, NAME = "PAT-4711-SECRET", b"Test^PAT-4711-SECRET"
@@ -167,12 +167,10 @@ def sftp_write(agent, path: str, data: bytes) -> None:
 def scan(client, prefix: str) -> dict[str, tuple[dict, dict, bytes]]:
     """Every object under prefix → (user metadata, tags, body)."""
     out = {}
-    for page in client.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=prefix):
-        for obj in page.get("Contents", []):
-            got = client.get_object(Bucket=BUCKET, Key=obj["Key"])
-            tags = client.get_object_tagging(Bucket=BUCKET, Key=obj["Key"])["TagSet"]
-            out[obj["Key"][len(prefix):]] = ({k.lower(): v for k, v in got["Metadata"].items()},
-                                            {t["Key"]: t["Value"] for t in tags}, got["Body"].read())
+    for key, got in listed_objects(client, prefix):
+        tags = client.get_object_tagging(Bucket=BUCKET, Key=key)["TagSet"]
+        out[key[len(prefix):]] = ({k.lower(): v for k, v in got["Metadata"].items()},
+                                  {t["Key"]: t["Value"] for t in tags}, got["Body"].read())
     return out
 
 

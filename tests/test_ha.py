@@ -23,7 +23,7 @@ from halib import FTP_PORT, SFTP_PORT, SMB_PORT, VIP, Pair, enter_netns, in_netn
 
 from agent.ha import ineligible
 from agent.hahook import eligible
-from harness import BUCKET, PASSWORD
+from harness import PASSWORD, listed_objects
 
 needs_netns = pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("keepalived") or not shutil.which("ip"),
                                 reason="needs root, iproute2 and keepalived (apt install keepalived)")
@@ -172,11 +172,7 @@ def ftp_store(ns: str, name: str, data: bytes) -> None:
 def s3_objects(pair: Pair) -> dict[str, bytes]:
     """Every object of the pair's namespace (and the conflicts kept beside it) as SeaweedFS holds it."""
     def get() -> dict[str, bytes]:
-        client, out = pair.store.client(), {}
-        for page in client.get_paginator("list_objects_v2").paginate(Bucket=BUCKET):
-            for obj in page.get("Contents", []):
-                out[obj["Key"]] = client.get_object(Bucket=BUCKET, Key=obj["Key"])["Body"].read()
-        return out
+        return {key: got["Body"].read() for key, got in listed_objects(pair.store.client())}
     return in_netns(pair.lan, get)
 
 
