@@ -306,7 +306,7 @@ class Agent:
             h["ha"] = self.ha.health(totals.queue_files, self.draining)
         if self.workers is not None:
             h["workers"] = self.workers.status()
-        loops = [self.loops, self.uploader.loops] + ([self.ha.loops] if self.ha else [])
+        loops = [self.loops, self.line.loops, self.uploader.loops] + ([self.ha.loops] if self.ha else [])
         h["loops"] = {name: s for part in loops for name, s in part.status().items()}
         h["status"], h["reasons"] = judge(h, self.cfg.cache.min_free_bytes)
         h["reasons"] += [f"background loop {name} crashed {s['crashes']} times, last: {s['last_error']}"

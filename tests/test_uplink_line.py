@@ -661,3 +661,48 @@ def test_a_doubt_is_forgotten_only_after_a_look_that_answered(agent_factory, sea
     listed = lambda: seaweed.client().list_objects_v2(Bucket=BUCKET, Prefix=a.prefix).get("Contents", [])  # noqa: E731
     wait_for(lambda: not listed(), 120, what="the late object deleted once the line answered")
     wait_for(lambda: catalog_rows(a, "SELECT key FROM doubts") == [], 30, what="the doubt forgotten after its look")
+
+
+class _Unprintable(ConnectionError):
+    """A failure whose message cannot be formatted: recording it as the line's last error raises."""
+
+    def __str__(self) -> str:
+        raise UnicodeDecodeError("utf-8", b"\xff", 0, 1, "a reason in no encoding")
+
+
+def test_the_probe_loop_outlives_an_exception_and_the_crash_is_shown(monkeypatch):
+    """The probe runs under the shared Loops supervisor (agent/supervise.py): an exception that escaped it used to
+    end the probing while the line was down, leaving the box in write-back for good, told nowhere."""
+    import asyncio
+
+    from structlog.testing import capture_logs
+
+    from agent.metrics import Metrics
+    from agent.uplink import line as line_module
+    from agent.uplink.ratelimit import Bandwidth, TokenBucket
+
+    monkeypatch.setattr(line_module, "PROBE_INTERVAL", 0.05)
+    answers: list[BaseException | None] = [ConnectionError("refused"), _Unprintable(), None]
+
+    async def probe() -> None:
+        answer = answers.pop(0) if answers else None
+        if answer is not None:
+            raise answer
+
+    async def main() -> tuple[bool, dict]:
+        line = line_module.Line(probe, Metrics(), 2, Bandwidth(TokenBucket(0), TokenBucket(0)))
+        await line.start()  # refused: down, probing
+        assert not line.reachable
+        for _ in range(200):
+            if line.reachable:
+                break
+            await asyncio.sleep(0.05)
+        reachable, status = line.reachable, line.loops.status()
+        await line.stop()
+        return reachable, status
+
+    with capture_logs() as logs:
+        reachable, status = asyncio.run(main())
+    assert reachable, "the probe started again after the crash and found the line back"
+    assert status["uplink-probe"]["crashes"] == 1, status
+    assert [e["loop"] for e in logs if e["event"] == "loop_crashed"] == ["uplink-probe"]
