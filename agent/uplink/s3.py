@@ -14,7 +14,7 @@ import hashlib
 import os
 import ssl
 import urllib.request
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from typing import Any, AsyncIterator, Awaitable, Callable, Iterator, Mapping, cast
@@ -229,14 +229,28 @@ def _retain_until(until: datetime) -> str:
     return (until if until.tzinfo else until.replace(tzinfo=UTC)).astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def env_proxy(endpoint: str) -> tuple[URL | None, aiohttp.BasicAuth | None]:
-    """The proxy for endpoint from HTTP(S)_PROXY and NO_PROXY as botocore reads them, its user as Basic auth."""
+@dataclass(frozen=True)
+class Proxy:
+    """The proxy from the environment. Its user is a Proxy-Authorization header (aiohttp deprecates BasicAuth and
+    proxy_auth), put where aiohttp's proxy_auth put it: on the CONNECT of an https endpoint (proxy_headers), on
+    each request of a plain-http one (aiohttp sends proxy_headers only with a CONNECT)."""
+
+    url: URL | None = None
+    connect_headers: Mapping[str, str] | None = None
+    request_headers: Mapping[str, str] = field(default_factory=dict)
+
+
+def env_proxy(endpoint: str) -> Proxy:
+    """The proxy for endpoint from HTTP(S)_PROXY and NO_PROXY as botocore reads them."""
     url = URL(endpoint)
     proxy = urllib.request.getproxies().get(url.scheme)
     if not proxy or (url.host is not None and urllib.request.proxy_bypass(url.host)):
-        return None, None
+        return Proxy()
     found = URL(proxy)
-    return found.with_user(None), aiohttp.BasicAuth(found.user, found.password or "") if found.user else None
+    if not found.user:
+        return Proxy(found)
+    auth = {"Proxy-Authorization": aiohttp.encode_basic_auth(found.user, found.password or "")}
+    return Proxy(found.with_user(None), auth) if url.scheme == "https" else Proxy(found.with_user(None), None, auth)
 
 
 # PutObject's arguments (Lock.s3_args, the HA conditions) → the header botocore's serializer writes for each
@@ -273,7 +287,7 @@ class S3Uplink:
         self._stack = contextlib.AsyncExitStack()
         self._client: Any = None  # aiobotocore's S3 client: generated at run time, untyped
         self._http: aiohttp.ClientSession | None = None  # our own requests (see _request)
-        self._proxy: tuple[URL | None, aiohttp.BasicAuth | None] = (None, None)
+        self._proxy = Proxy()
         self._signer: Any = None
         self._models: dict[str, Any] = {}
         self._parser: Any = None
@@ -394,9 +408,10 @@ class S3Uplink:
         with _sending(url, request):
             # No "Expect: 100-continue": its wait for the store's interim answer was a round trip inside every ack
             resp = await self._http.request(method, URL(url, encoded=True), data=body,
-                                            headers={**request.headers, "Accept-Encoding": "identity"},
-                                            skip_auto_headers=_NO_AUTO_HEADERS, proxy=self._proxy[0],
-                                            proxy_auth=self._proxy[1])
+                                            headers={**request.headers, **self._proxy.request_headers,
+                                                     "Accept-Encoding": "identity"},
+                                            skip_auto_headers=_NO_AUTO_HEADERS, proxy=self._proxy.url,
+                                            proxy_headers=self._proxy.connect_headers)
         try:
             with _sending(url, request):
                 answer = await resp.read() if resp.status >= 300 or not stream else b""
