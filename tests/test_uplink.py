@@ -348,7 +348,7 @@ def test_the_proxy_is_the_one_aiohttp_would_take_from_the_environment(monkeypatc
             url, auth = None, None
         header = {"Proxy-Authorization": auth.encode()} if auth else {}
         https = endpoint.startswith("https:")
-        expected = Proxy(url, header if https and header else None, {} if https else header)
+        expected = Proxy(url, header, {}) if https else Proxy(url, {}, header)
         with warnings.catch_warnings():
             warnings.simplefilter("error", DeprecationWarning)
             assert env_proxy(endpoint) == expected

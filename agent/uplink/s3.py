@@ -14,10 +14,10 @@ import hashlib
 import os
 import ssl
 import urllib.request
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
-from typing import Any, AsyncIterator, Awaitable, Callable, Iterator, Mapping, cast
+from typing import Any, AsyncIterator, Awaitable, Callable, Iterator, Mapping, NamedTuple, cast
 
 import aiohttp
 import structlog
@@ -229,15 +229,13 @@ def _retain_until(until: datetime) -> str:
     return (until if until.tzinfo else until.replace(tzinfo=UTC)).astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-@dataclass(frozen=True)
-class Proxy:
-    """The proxy from the environment. Its user is a Proxy-Authorization header (aiohttp deprecates BasicAuth and
-    proxy_auth), put where aiohttp's proxy_auth put it: on the CONNECT of an https endpoint (proxy_headers), on
-    each request of a plain-http one (aiohttp sends proxy_headers only with a CONNECT)."""
+class Proxy(NamedTuple):
+    """The proxy from the environment, its user as Proxy-Authorization (aiohttp deprecates BasicAuth and proxy_auth)
+    where proxy_auth put it: an https endpoint's CONNECT; each request of an http one (no CONNECT: no proxy_headers)."""
 
-    url: URL | None = None
-    connect_headers: Mapping[str, str] | None = None
-    request_headers: Mapping[str, str] = field(default_factory=dict)
+    url: URL | None
+    connect_headers: dict[str, str]
+    request_headers: dict[str, str]
 
 
 def env_proxy(endpoint: str) -> Proxy:
@@ -245,12 +243,10 @@ def env_proxy(endpoint: str) -> Proxy:
     url = URL(endpoint)
     proxy = urllib.request.getproxies().get(url.scheme)
     if not proxy or (url.host is not None and urllib.request.proxy_bypass(url.host)):
-        return Proxy()
+        return Proxy(None, {}, {})
     found = URL(proxy)
-    if not found.user:
-        return Proxy(found)
-    auth = {"Proxy-Authorization": aiohttp.encode_basic_auth(found.user, found.password or "")}
-    return Proxy(found.with_user(None), auth) if url.scheme == "https" else Proxy(found.with_user(None), None, auth)
+    auth = {"Proxy-Authorization": aiohttp.encode_basic_auth(found.user, found.password or "")} if found.user else {}
+    return Proxy(found.with_user(None), auth, {}) if url.scheme == "https" else Proxy(found.with_user(None), {}, auth)
 
 
 # PutObject's arguments (Lock.s3_args, the HA conditions) → the header botocore's serializer writes for each
@@ -287,7 +283,7 @@ class S3Uplink:
         self._stack = contextlib.AsyncExitStack()
         self._client: Any = None  # aiobotocore's S3 client: generated at run time, untyped
         self._http: aiohttp.ClientSession | None = None  # our own requests (see _request)
-        self._proxy = Proxy()
+        self._proxy = Proxy(None, {}, {})
         self._signer: Any = None
         self._models: dict[str, Any] = {}
         self._parser: Any = None
@@ -411,7 +407,7 @@ class S3Uplink:
                                             headers={**request.headers, **self._proxy.request_headers,
                                                      "Accept-Encoding": "identity"},
                                             skip_auto_headers=_NO_AUTO_HEADERS, proxy=self._proxy.url,
-                                            proxy_headers=self._proxy.connect_headers)
+                                            proxy_headers=self._proxy.connect_headers or None)
         try:
             with _sending(url, request):
                 answer = await resp.read() if resp.status >= 300 or not stream else b""
