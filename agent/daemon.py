@@ -48,7 +48,7 @@ from agent.supervise import CRASH_SHOWN_SECONDS, Loops
 from agent.uplink.line import Line
 from agent.uplink.s3 import S3Uplink
 from agent.uplink.uploader import Uploader
-from agent.workers import Supervisor, open_cache
+from agent.workers import Supervisor, open_cache, worker_audits
 
 log = structlog.get_logger("pacsgw.daemon")
 
@@ -114,8 +114,10 @@ class Agent:
         await self.uploader.start()
         await self.line.start()
         self.audit = AuditLog(Path(cfg.audit.path), cfg.audit.max_bytes, cfg.audit.keep, cfg.audit.enabled)
-        if cfg.audit.enabled and cfg.audit.ship:
-            self.loops.start("audit-ship", AuditShipper(self.audit, self.s3, cfg.audit.ship_prefix).run)
+        if cfg.audit.enabled and cfg.audit.ship:  # the rotated audit files of the owner, then of each serving worker
+            for i, audit in enumerate([self.audit, *worker_audits(cfg)]):
+                self.loops.start(f"audit-ship-{i}" if i else "audit-ship",
+                                 AuditShipper(audit, self.s3, cfg.audit.ship_prefix).run)
         # prior prefetch hears of every store; self.priors is built below, before any front end serves
         await self._start_gateway((lambda path, content: self.priors.on_stored(path, content))
                                   if cfg.prefetch.priors else None)
@@ -159,7 +161,7 @@ class Agent:
                 with _listening(cfg, "http.metrics_listen", cfg.http.metrics_listen):
                     await self.http.start_scrape(cfg.http, self._login_guard())
         if self.shares_ports:  # [server] workers > 1: the serving workers (agent.workers) beside this process
-            self.workers = Supervisor(cfg, cfg.server.serving_processes(), self.recover_claims, self.s3)
+            self.workers = Supervisor(cfg, cfg.server.serving_processes(), self.recover_claims)
             await self.workers.start()
         log.info("started", version=__version__, config=str(cfg.path),
                  **{name: section.listen if section.enabled else None
@@ -306,7 +308,7 @@ class Agent:
             h["ha"] = self.ha.health(totals.queue_files, self.draining)
         if self.workers is not None:
             h["workers"] = self.workers.status()
-        loops = [self.loops, self.uploader.loops] + ([self.ha.loops] if self.ha else [])
+        loops = [self.loops, self.line.loops, self.uploader.loops] + ([self.ha.loops] if self.ha else [])
         h["loops"] = {name: s for part in loops for name, s in part.status().items()}
         h["status"], h["reasons"] = judge(h, self.cfg.cache.min_free_bytes)
         h["reasons"] += [f"background loop {name} crashed {s['crashes']} times, last: {s['last_error']}"

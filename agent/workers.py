@@ -15,10 +15,9 @@ from typing import Awaitable, Callable
 
 import structlog
 
-from agent.audit import AuditLog, AuditShipper
+from agent.audit import AuditLog
 from agent.config import Config
 from agent.store.cache import Cache
-from agent.uplink.s3 import S3Uplink
 
 log = structlog.get_logger("pacsgw.workers")
 
@@ -33,6 +32,13 @@ def pid_dir(cfg: Config) -> Path:
 def worker_audit_path(path: Path, index: int) -> Path:
     """A worker's own audit file beside the owner's (one writer per file: rotation is not multi-process)."""
     return path.with_name(f"{path.stem}.worker{index}{path.suffix}")
+
+
+def worker_audits(cfg: Config) -> list[AuditLog]:
+    """The serving workers' audit files, which the owner ships (enabled=False: it only reads and trims them)."""
+    a = cfg.audit
+    return [AuditLog(worker_audit_path(Path(a.path), i), a.max_bytes, a.keep, False)
+            for i in range(1, cfg.server.serving_processes())]
 
 
 def _is_worker_of(pid: int, cfg: Config) -> bool:
@@ -86,8 +92,8 @@ class Supervisor:
     """In the owner: starts workers 1..count-1 and restarts one that dies. Before a restart the rows the dead
     worker had claimed for upload go back on the queue (`recover`)."""
 
-    def __init__(self, cfg: Config, count: int, recover: Callable[[], Awaitable[int]], s3: S3Uplink) -> None:
-        self.cfg, self.count, self.recover, self.s3 = cfg, count, recover, s3
+    def __init__(self, cfg: Config, count: int, recover: Callable[[], Awaitable[int]]) -> None:
+        self.cfg, self.count, self.recover = cfg, count, recover
         self.procs: dict[int, asyncio.subprocess.Process] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = False
@@ -95,13 +101,6 @@ class Supervisor:
 
     async def start(self) -> None:
         self._tasks = [asyncio.create_task(self._keep(i), name=f"worker-{i}") for i in range(1, self.count)]
-        audit = self.cfg.audit
-        if audit.enabled and audit.ship:  # the workers' rotated audit files go to the bucket like the owner's
-            for i in range(1, self.count):
-                # enabled=False: the owner only reads (and trims) these files, the worker writes them
-                log_i = AuditLog(worker_audit_path(Path(audit.path), i), audit.max_bytes, audit.keep, False)
-                self._tasks.append(asyncio.create_task(AuditShipper(log_i, self.s3, audit.ship_prefix).run(),
-                                                       name=f"audit-ship-{i}"))
 
     async def _keep(self, index: int) -> None:
         failures = 0

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+from s3fault import FaultProxy
 
 from devstack import AgentProc, ObjectStore
 from harness import BUCKET, PASSWORD
@@ -123,6 +124,23 @@ def private_seaweed(tmp_path_factory) -> ObjectStore:
     store.create_bucket(BUCKET)
     yield store
     store.stop()
+
+
+@pytest.fixture
+def proxy(seaweed) -> FaultProxy:
+    """tests/s3fault.py's proxy in front of the shared SeaweedFS: it fails or holds the requests a test chooses
+    (faults a healthy SeaweedFS cannot be made to produce on demand)."""
+    p = FaultProxy(seaweed.endpoint_url).start()
+    yield p
+    p.stop()
+
+
+@pytest.fixture
+def proxied_agent(agent_factory, proxy):
+    """Start an agent (agent_factory's overrides) whose uplink goes through `proxy`."""
+    def start(start_timeout: float = 30.0, **overrides) -> AgentProc:
+        return agent_factory(**{"uplink.endpoint_url": proxy.endpoint_url, **overrides}).start(start_timeout)
+    return start
 
 
 @pytest.fixture(scope="session")

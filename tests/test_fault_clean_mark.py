@@ -25,16 +25,6 @@ ACK_SECONDS = 5.0  # the catalog lock is held far longer than this; SQLite's bus
 
 
 @contextmanager
-def agent_behind_proxy(seaweed, agent_factory) -> Iterator[tuple[object, FaultProxy]]:
-    proxy = FaultProxy(seaweed.endpoint_url).start()
-    try:
-        agent = agent_factory(**{"uplink.endpoint_url": proxy.endpoint_url, "uplink.write_mode": "through"}).start()
-        yield agent, proxy
-    finally:
-        proxy.stop()
-
-
-@contextmanager
 def catalog_locked(agent) -> Iterator[sqlite3.Connection]:
     """The catalog's write lock, taken from another connection: no commit of the agent lands until it is let go."""
     db = sqlite3.connect(str(agent.workdir / "cache" / "catalog.sqlite"), isolation_level=None)
@@ -63,51 +53,51 @@ def store_with_clean_mark_held(agent, proxy: FaultProxy, path: str, data: bytes,
     return (replies[0] if replies else ""), time.monotonic() - t0
 
 
-def test_kill9_after_a_write_through_ack_before_the_clean_mark_loses_nothing(seaweed, agent_factory):
+def test_kill9_after_a_write_through_ack_before_the_clean_mark_loses_nothing(seaweed, proxied_agent, proxy):
     """Before: the ack waited for the clean mark (here: the agent's 10 s busy timeout, then the row queued again).
     Now it comes at S3's answer; a kill -9 right after it leaves the row 'uploading', the object is in S3, and the
     restart uploads the same bytes again and marks the row clean."""
-    with agent_behind_proxy(seaweed, agent_factory) as (agent, proxy):
-        data = payload("acked", 300_000)
-        with ExitStack() as locks:
-            reply, seconds = store_with_clean_mark_held(agent, proxy, "CT/acked.dcm", data, locks)
-            assert reply.startswith("226"), f"no ack within {ACK_SECONDS} s of the PUT's answer: {reply!r}"
-            assert seconds < ACK_SECONDS
-            key = agent.prefix + "CT/acked.dcm"
-            assert seaweed.client().get_object(Bucket=BUCKET, Key=key)["Body"].read() == data
-            agent.kill9()  # acknowledged, in S3, and the catalog never heard it was clean
-        assert catalog_rows(agent, "SELECT state FROM entries WHERE path = 'CT/acked.dcm'") == [("uploading",)]
+    agent = proxied_agent(**{"uplink.write_mode": "through"})
+    data = payload("acked", 300_000)
+    with ExitStack() as locks:
+        reply, seconds = store_with_clean_mark_held(agent, proxy, "CT/acked.dcm", data, locks)
+        assert reply.startswith("226"), f"no ack within {ACK_SECONDS} s of the PUT's answer: {reply!r}"
+        assert seconds < ACK_SECONDS
+        key = agent.prefix + "CT/acked.dcm"
+        assert seaweed.client().get_object(Bucket=BUCKET, Key=key)["Body"].read() == data
+        agent.kill9()  # acknowledged, in S3, and the catalog never heard it was clean
+    assert catalog_rows(agent, "SELECT state FROM entries WHERE path = 'CT/acked.dcm'") == [("uploading",)]
 
-        agent.start()
-        agent.wait_drained()
-        assert catalog_rows(agent, "SELECT state, sha256 FROM entries WHERE path = 'CT/acked.dcm'") == [
-            ("clean", sha256(data))]
-        assert [e["files"] for e in agent.events("uploads_resumed")] == [1]
-        got = seaweed.client().get_object(Bucket=BUCKET, Key=key)
-        assert got["Body"].read() == data and got["Metadata"]["sha256"] == sha256(data)
-        f = ftp_login(agent)
-        assert ftp_get(f, "CT/acked.dcm") == data
-        f.quit()
+    agent.start()
+    agent.wait_drained()
+    assert catalog_rows(agent, "SELECT state, sha256 FROM entries WHERE path = 'CT/acked.dcm'") == [
+        ("clean", sha256(data))]
+    assert [e["files"] for e in agent.events("uploads_resumed")] == [1]
+    got = seaweed.client().get_object(Bucket=BUCKET, Key=key)
+    assert got["Body"].read() == data and got["Metadata"]["sha256"] == sha256(data)
+    f = ftp_login(agent)
+    assert ftp_get(f, "CT/acked.dcm") == data
+    f.quit()
 
 
-def test_a_rename_right_after_the_ack_finds_the_row_clean(seaweed, agent_factory):
+def test_a_rename_right_after_the_ack_finds_the_row_clean(seaweed, proxied_agent, proxy):
     """The clean mark is queued on the catalog's thread before the ack is sent, so the client's next change (here
     the usual STOR x.part, RNFR/RNTO x) runs after it: the rename is a server-side copy of the object, not a second
     upload of the whole file, and leaves no doubt about the old key."""
-    with agent_behind_proxy(seaweed, agent_factory) as (agent, proxy):
-        data = payload("part", 200_000)
-        with ExitStack() as locks:
-            reply, _ = store_with_clean_mark_held(agent, proxy, "CT/x.dcm.part", data, locks)
-            assert reply.startswith("226")
-            f = ftp_login(agent)
-            renamed = threading.Thread(target=lambda: f.rename("CT/x.dcm.part", "CT/x.dcm"))
-            renamed.start()
-            time.sleep(0.3)  # the rename reaches the catalog's thread while the clean mark still waits there
-        renamed.join(30)
-        assert not renamed.is_alive()
-        agent.wait_drained()
-        uploads = {e["path"]: e for e in agent.events("uploaded")}
-        assert uploads["CT/x.dcm"]["copy"] is True
-        assert catalog_rows(agent, "SELECT key FROM doubts") == []
-        assert seaweed.client().get_object(Bucket=BUCKET, Key=agent.prefix + "CT/x.dcm")["Body"].read() == data
-        f.quit()
+    agent = proxied_agent(**{"uplink.write_mode": "through"})
+    data = payload("part", 200_000)
+    with ExitStack() as locks:
+        reply, _ = store_with_clean_mark_held(agent, proxy, "CT/x.dcm.part", data, locks)
+        assert reply.startswith("226")
+        f = ftp_login(agent)
+        renamed = threading.Thread(target=lambda: f.rename("CT/x.dcm.part", "CT/x.dcm"))
+        renamed.start()
+        time.sleep(0.3)  # the rename reaches the catalog's thread while the clean mark still waits there
+    renamed.join(30)
+    assert not renamed.is_alive()
+    agent.wait_drained()
+    uploads = {e["path"]: e for e in agent.events("uploaded")}
+    assert uploads["CT/x.dcm"]["copy"] is True
+    assert catalog_rows(agent, "SELECT key FROM doubts") == []
+    assert seaweed.client().get_object(Bucket=BUCKET, Key=agent.prefix + "CT/x.dcm")["Body"].read() == data
+    f.quit()

@@ -32,7 +32,6 @@ import time
 import urllib.request
 from dataclasses import dataclass, field
 
-import pytest
 from clients import ClientError, FtpClient
 from hypothesis import strategies as st
 from hypothesis.stateful import invariant, precondition, rule
@@ -48,13 +47,6 @@ KILLS = int(os.environ.get("PACSGW_FAULT_MODEL_KILLS", "1"))
 STEPS_PER_EXAMPLE = 40
 READ_TIMEOUT = 3  # [uplink] read_timeout: a long hold outlasts it
 PAYLOADS = payloads(2000)
-
-
-@pytest.fixture
-def proxy(seaweed):
-    p = FaultProxy(seaweed.endpoint_url).start()
-    yield p
-    p.stop()
 
 
 @dataclass
@@ -310,12 +302,11 @@ def machine_for(run: Run):
     return FaultModel
 
 
-def test_fault_model(agent_factory, proxy):
+def test_fault_model(proxied_agent, proxy):
     """Everything the agent sends to S3 goes through the fault proxy (tests/s3fault.py), which injects the faults."""
     seed = int(os.environ.get("PACSGW_MODEL_SEED") or random.randrange(1 << 32))
     print(f"PACSGW_MODEL_SEED={seed}")
-    a = agent_factory(**{"uplink.endpoint_url": proxy.endpoint_url, "uplink.through_timeout": 1,
-                                    "uplink.read_timeout": READ_TIMEOUT}).start(timeout=180)
+    a = proxied_agent(start_timeout=180, **{"uplink.through_timeout": 1, "uplink.read_timeout": READ_TIMEOUT})
     run = Run(a, proxy, seed)
     t0 = time.monotonic()
     run_examples(machine_for(run), lambda: run.steps, STEPS, STEPS_PER_EXAMPLE, shrink=False)

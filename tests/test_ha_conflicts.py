@@ -233,7 +233,7 @@ def test_a_long_path_queued_before_ha_still_gets_its_conflict_copy(agent_factory
     assert a.health()["ha"]["eligible"]
 
 
-def test_a_file_requeued_after_its_own_late_delete_is_no_conflict(agent_factory, seaweed, tmp_path):
+def test_a_file_requeued_after_its_own_late_delete_is_no_conflict(proxied_agent, proxy, seaweed, tmp_path):
     """A deleted file's DELETE held by the store past read_timeout (the proxy holds it: a slow store, which SeaweedFS
     cannot be made on demand) is given up on and sent again; a new file is stored under the name, and then the first
     DELETE lands. The doubt re-check finds the new file's object gone and uploads it again: its conditional PUT
@@ -241,75 +241,64 @@ def test_a_file_requeued_after_its_own_late_delete_is_no_conflict(agent_factory,
     file was dropped from the namespace (its copy kept aside under .pacsgw-conflicts) though nobody else wrote it."""
     import threading
 
-    from s3fault import FaultProxy
-    proxy = FaultProxy(seaweed.endpoint_url).start()
-    try:
-        role = tmp_path / "ha-role"
-        assert notify(str(role), "MASTER") == 0
-        a = agent_factory(**{"ha.enabled": True, "ha.role_file": str(role), "uplink.endpoint_url": proxy.endpoint_url,
-                             "uplink.read_timeout": 2}).start()
-        ftp = ftp_login(a)
-        old, new = payload("old", 20_000), payload("new", 21_000)
-        assert ftp_put(ftp, "CT/a.dcm", old).startswith("226")
-        a.wait_drained()
-        proxy.hold_deletes.set()
-        ftp.delete("CT/a.dcm")
-        wait_for(lambda: proxy.deletes_held >= 1 and a.events("uplink_failure"), 30, what="the DELETE given up on")
-        held, proxy.hold_deletes = proxy.hold_deletes, threading.Event()  # those stay held, later ones pass
-        wait_for(lambda: a.prefix + "CT/a.dcm" not in bucket_keys(seaweed), 30, what="the DELETE sent again, done")
-        a.wait_drained()
-        assert ftp_put(ftp, "CT/a.dcm", new).startswith("226")
-        a.wait_drained()
-        held.clear()
-        wait_for(lambda: proxy.deletes_held == 0, 30, what="the first DELETE landed")
-        wait_for(lambda: a.events("late_write_found"), 30, what="the re-check found the object gone")
-        wait_for(lambda: s3_objects(seaweed, a.prefix).get("CT/a.dcm", {}).get("sha256") == sha256(new), 30,
-                 what="the new file uploaded again")
-        a.wait_drained()
-        assert not a.events("ha_conflict"), a.events("ha_conflict")
-        assert {k: v["sha256"] for k, v in s3_objects(seaweed, a.prefix).items() if not k.startswith(".pacsgw-ha/")
-                } == {"CT/a.dcm": sha256(new)}
-        assert ftp_get(ftp, "CT/a.dcm") == new
-        ftp.quit()
-    finally:
-        proxy.stop()
+    role = tmp_path / "ha-role"
+    assert notify(str(role), "MASTER") == 0
+    a = proxied_agent(**{"ha.enabled": True, "ha.role_file": str(role), "uplink.read_timeout": 2})
+    ftp = ftp_login(a)
+    old, new = payload("old", 20_000), payload("new", 21_000)
+    assert ftp_put(ftp, "CT/a.dcm", old).startswith("226")
+    a.wait_drained()
+    proxy.hold_deletes.set()
+    ftp.delete("CT/a.dcm")
+    wait_for(lambda: proxy.deletes_held >= 1 and a.events("uplink_failure"), 30, what="the DELETE given up on")
+    held, proxy.hold_deletes = proxy.hold_deletes, threading.Event()  # those stay held, later ones pass
+    wait_for(lambda: a.prefix + "CT/a.dcm" not in bucket_keys(seaweed), 30, what="the DELETE sent again, done")
+    a.wait_drained()
+    assert ftp_put(ftp, "CT/a.dcm", new).startswith("226")
+    a.wait_drained()
+    held.clear()
+    wait_for(lambda: proxy.deletes_held == 0, 30, what="the first DELETE landed")
+    wait_for(lambda: a.events("late_write_found"), 30, what="the re-check found the object gone")
+    wait_for(lambda: s3_objects(seaweed, a.prefix).get("CT/a.dcm", {}).get("sha256") == sha256(new), 30,
+             what="the new file uploaded again")
+    a.wait_drained()
+    assert not a.events("ha_conflict"), a.events("ha_conflict")
+    assert {k: v["sha256"] for k, v in s3_objects(seaweed, a.prefix).items() if not k.startswith(".pacsgw-ha/")
+            } == {"CT/a.dcm": sha256(new)}
+    assert ftp_get(ftp, "CT/a.dcm") == new
+    ftp.quit()
 
 
-def test_a_file_deleted_and_sent_again_before_its_delete_ran_is_no_conflict(agent_factory, seaweed, tmp_path):
+def test_a_file_deleted_and_sent_again_before_its_delete_ran_is_no_conflict(proxied_agent, proxy, seaweed,
+                                                                             tmp_path):
     """A PACS deletes a file and sends it again at once, before the tombstone loop deleted its object (here it is busy
     with another file's DELETE, which the proxy holds: a slow store, which SeaweedFS cannot be made on demand). The
     new file's row knew no object under its name, so its PUT was conditional on none (If-None-Match); the key still
     held this box's own old object: refused, taken for the other box's write (`ha_conflict`), and the namespace
     served the deleted content while the new file went aside to .pacsgw-conflicts."""
-    from s3fault import FaultProxy
-    proxy = FaultProxy(seaweed.endpoint_url).start()
-    try:
-        role = tmp_path / "ha-role"
-        assert notify(str(role), "MASTER") == 0
-        a = agent_factory(**{"ha.enabled": True, "ha.role_file": str(role),
-                             "uplink.endpoint_url": proxy.endpoint_url}).start()
-        ftp = ftp_login(a)
-        old, new, moved = payload("old", 20_000), payload("new", 21_000), payload("moved", 22_000)
-        for path in ("CT/a.dcm", "CT/b.dcm", "CT/z.dcm"):
-            assert ftp_put(ftp, path, old).startswith("226")
-        assert ftp_put(ftp, "CT/m.dcm", moved).startswith("226")
-        a.wait_drained()
-        proxy.hold_deletes.set()
-        ftp.delete("CT/z.dcm")  # the tombstone loop waits for z's DELETE
-        wait_for(lambda: proxy.deletes_held == 1, 30, what="z's DELETE on the wire")
-        ftp.delete("CT/a.dcm")
-        assert ftp_put(ftp, "CT/a.dcm", new).startswith("226")  # sent again: a new PUT over the old object
-        ftp.delete("CT/b.dcm")
-        ftp.rename("CT/m.dcm", "CT/b.dcm")  # another file renamed onto the deleted name: a copy over the old object
-        proxy.hold_deletes.clear()
-        a.wait_drained()
-        assert not a.events("ha_conflict"), a.events("ha_conflict")
-        assert {k: v["sha256"] for k, v in s3_objects(seaweed, a.prefix).items() if not k.startswith(".pacsgw-ha/")
-                } == {"CT/a.dcm": sha256(new), "CT/b.dcm": sha256(moved)}
-        assert ftp_get(ftp, "CT/a.dcm") == new and ftp_get(ftp, "CT/b.dcm") == moved
-        ftp.quit()
-    finally:
-        proxy.stop()
+    role = tmp_path / "ha-role"
+    assert notify(str(role), "MASTER") == 0
+    a = proxied_agent(**{"ha.enabled": True, "ha.role_file": str(role)})
+    ftp = ftp_login(a)
+    old, new, moved = payload("old", 20_000), payload("new", 21_000), payload("moved", 22_000)
+    for path in ("CT/a.dcm", "CT/b.dcm", "CT/z.dcm"):
+        assert ftp_put(ftp, path, old).startswith("226")
+    assert ftp_put(ftp, "CT/m.dcm", moved).startswith("226")
+    a.wait_drained()
+    proxy.hold_deletes.set()
+    ftp.delete("CT/z.dcm")  # the tombstone loop waits for z's DELETE
+    wait_for(lambda: proxy.deletes_held == 1, 30, what="z's DELETE on the wire")
+    ftp.delete("CT/a.dcm")
+    assert ftp_put(ftp, "CT/a.dcm", new).startswith("226")  # sent again: a new PUT over the old object
+    ftp.delete("CT/b.dcm")
+    ftp.rename("CT/m.dcm", "CT/b.dcm")  # another file renamed onto the deleted name: a copy over the old object
+    proxy.hold_deletes.clear()
+    a.wait_drained()
+    assert not a.events("ha_conflict"), a.events("ha_conflict")
+    assert {k: v["sha256"] for k, v in s3_objects(seaweed, a.prefix).items() if not k.startswith(".pacsgw-ha/")
+            } == {"CT/a.dcm": sha256(new), "CT/b.dcm": sha256(moved)}
+    assert ftp_get(ftp, "CT/a.dcm") == new and ftp_get(ftp, "CT/b.dcm") == moved
+    ftp.quit()
 
 
 def test_a_doubts_recheck_deletes_only_the_content_this_box_wrote(agent_factory, seaweed, tmp_path):

@@ -246,38 +246,32 @@ def test_rotten_copy_never_completes_a_transfer_and_is_fetched_again(smb_agent):
     assert {e["path"] for e in agent.wait_events("fetched", 4)} == set(files)
 
 
-def test_write_through_sends_the_bytes_it_received_whatever_the_copy_became(seaweed, agent_factory):
+def test_write_through_sends_the_bytes_it_received_whatever_the_copy_became(seaweed, proxied_agent, proxy):
     """A write-through file small enough for one PUT is uploaded from the bytes hashed as they came, not read
     back from the cached copy (issue 14): its copy rotting on the SSD before the upload starts changes nothing
     in S3, and the rot is still found by the copy's own check when it is read."""
-    from s3fault import FaultProxy
-
     from faultkit import ftp_get, ftp_login, ftp_put, payload, wait_for
 
-    proxy = FaultProxy(seaweed.endpoint_url).start()
-    try:
-        agent = agent_factory(**{"uplink.endpoint_url": proxy.endpoint_url, "uplink.max_concurrency": 1}).start()
-        first, data = payload("first", 200_000), payload("second", 300_000)
-        proxy.hold_puts.set()  # the first upload holds the only transfer slot until cleared
-        stored = threading.Thread(target=lambda: ftp_put(ftp_login(agent), "CT/first.dcm", first))
-        stored.start()
-        wait_for(lambda: proxy.puts_held == 1, 30, what="the first PUT")
-        second = threading.Thread(target=lambda: ftp_put(ftp_login(agent), "CT/second.dcm", data))
-        second.start()
-        wait_for(lambda: _state(agent, "CT/second.dcm") == "uploading", 30, what="the second file committed")
-        rot_a_byte(agent, "CT/second.dcm", 1000)  # durable, acknowledged soon, its upload not yet started
-        proxy.hold_puts.clear()
-        stored.join(60)
-        second.join(60)
-        agent.wait_drained()
-        got = seaweed.client().get_object(Bucket=BUCKET, Key=agent.prefix + "CT/second.dcm")["Body"].read()
-        assert got == data
-        f = ftp_login(agent)
-        assert ftp_get(f, "CT/second.dcm") == data  # the rotten copy fails its check: fetched from S3 again
-        f.quit()
-        assert [e["path"] for e in agent.events("cache_copy_corrupt")] == ["CT/second.dcm"]
-    finally:
-        proxy.stop()
+    agent = proxied_agent(**{"uplink.max_concurrency": 1})
+    first, data = payload("first", 200_000), payload("second", 300_000)
+    proxy.hold_puts.set()  # the first upload holds the only transfer slot until cleared
+    stored = threading.Thread(target=lambda: ftp_put(ftp_login(agent), "CT/first.dcm", first))
+    stored.start()
+    wait_for(lambda: proxy.puts_held == 1, 30, what="the first PUT")
+    second = threading.Thread(target=lambda: ftp_put(ftp_login(agent), "CT/second.dcm", data))
+    second.start()
+    wait_for(lambda: _state(agent, "CT/second.dcm") == "uploading", 30, what="the second file committed")
+    rot_a_byte(agent, "CT/second.dcm", 1000)  # durable, acknowledged soon, its upload not yet started
+    proxy.hold_puts.clear()
+    stored.join(60)
+    second.join(60)
+    agent.wait_drained()
+    got = seaweed.client().get_object(Bucket=BUCKET, Key=agent.prefix + "CT/second.dcm")["Body"].read()
+    assert got == data
+    f = ftp_login(agent)
+    assert ftp_get(f, "CT/second.dcm") == data  # the rotten copy fails its check: fetched from S3 again
+    f.quit()
+    assert [e["path"] for e in agent.events("cache_copy_corrupt")] == ["CT/second.dcm"]
 
 
 def _state(agent, path: str) -> str | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import datetime
 import ftplib
@@ -320,14 +321,19 @@ def test_timestamps_parse_as_botocore_parses_them():
     {"HTTP_PROXY": "http://us%40er:p%3Ass@proxy.example:3128", "HTTPS_PROXY": "http://other.example:8080"},
     {"http_proxy": "http://proxy.example:3128", "no_proxy": "s3.example,.internal"},
     {"HTTP_PROXY": "http://proxy.example:3128", "NO_PROXY": "*"},
+    {"HTTPS_PROXY": "http://u:p@proxy.example:3128"},
 ])
 def test_the_proxy_is_the_one_aiohttp_would_take_from_the_environment(monkeypatch, tmp_path, env):
     """env_proxy reads HTTP(S)_PROXY and NO_PROXY through urllib's documented lookups; aiohttp's own helper
-    (get_env_proxy_for_url, not a documented API) gives the same answer, without a .netrc."""
+    (get_env_proxy_for_url, not a documented API) gives the same answer, without a .netrc. The user goes to the
+    proxy as the Proxy-Authorization header aiohttp's deprecated proxy_auth made, where it put it (the CONNECT of
+    an https endpoint, each request of an http one), and without aiohttp's DeprecationWarning."""
+    import warnings
+
     from aiohttp.helpers import get_env_proxy_for_url
     from yarl import URL
 
-    from agent.uplink.s3 import env_proxy
+    from agent.uplink.s3 import Proxy, env_proxy
 
     for name in ("HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "http_proxy", "https_proxy", "no_proxy", "ALL_PROXY",
                  "all_proxy"):
@@ -337,7 +343,56 @@ def test_the_proxy_is_the_one_aiohttp_would_take_from_the_environment(monkeypatc
         monkeypatch.setenv(name, value)
     for endpoint in ("http://s3.example:8333", "https://s3.example", "http://b.internal:9000"):
         try:
-            expected = get_env_proxy_for_url(URL(endpoint))
+            url, auth = get_env_proxy_for_url(URL(endpoint))
         except LookupError:
-            expected = (None, None)
-        assert env_proxy(endpoint) == expected
+            url, auth = None, None
+        header = {"Proxy-Authorization": auth.encode()} if auth else {}
+        https = endpoint.startswith("https:")
+        expected = Proxy(url, header, {}) if https else Proxy(url, {}, header)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", DeprecationWarning)
+            assert env_proxy(endpoint) == expected
+
+
+def test_the_proxy_hears_its_user_and_aiohttp_warns_of_nothing(monkeypatch):
+    """A request through a proxy named with a user (HTTP_PROXY=http://user:password@host) carries it to the
+    proxy as Proxy-Authorization, through aiohttp's non-deprecated API (no BasicAuth, no proxy_auth)."""
+    import warnings
+
+    from botocore.exceptions import ClientError
+
+    from agent.config import UplinkConfig
+    from agent.uplink.s3 import S3Uplink
+
+    async def call() -> list[bytes]:
+        heard: list[bytes] = []
+
+        async def refuse(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            heard.append(await reader.readuntil(b"\r\n\r\n"))
+            writer.write(b"HTTP/1.1 407 Proxy Authentication Required\r\n"
+                         b"Content-Length: 0\r\nConnection: close\r\n\r\n")
+            await writer.drain()
+            writer.close()
+
+        proxy = await asyncio.start_server(refuse, "127.0.0.1", 0)
+        for name in ("HTTP_PROXY", "http_proxy", "NO_PROXY", "no_proxy"):
+            monkeypatch.delenv(name, raising=False)
+        monkeypatch.setenv("HTTP_PROXY", f"http://us%40er:p%3Ass@127.0.0.1:{proxy.sockets[0].getsockname()[1]}")
+        s3 = S3Uplink(UplinkConfig(endpoint_url="http://s3.example:8333", bucket="b", access_key_id="k",
+                                   secret_access_key="s"))
+        await s3.start()
+        try:
+            with pytest.raises(ClientError):  # the 407: this proxy lets nothing through
+                await s3.head("CT/x.dcm")
+        finally:
+            await s3.close()
+            proxy.close()
+        return heard
+
+    with warnings.catch_warnings(record=True) as warned:
+        warnings.simplefilter("always")
+        heard = asyncio.run(call())
+    request = heard[0].decode().split("\r\n")
+    assert request[0] == "HEAD http://s3.example:8333/b/CT/x.dcm HTTP/1.1"
+    assert "Proxy-Authorization: Basic " + base64.b64encode(b"us@er:p:ss").decode() in request
+    assert not [w for w in warned if "proxy_auth" in str(w.message) or "BasicAuth" in str(w.message)]

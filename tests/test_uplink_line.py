@@ -13,7 +13,6 @@ import threading
 import time
 
 import pytest
-from s3fault import FaultProxy
 from test_fault_coldread import evict_cli
 
 from faultkit import ftp_get, ftp_login, ftp_put, metric, payload, wait_for
@@ -27,13 +26,6 @@ def store_evicted(a, ftp, files: dict[str, bytes]) -> None:
     a.wait_drained(60)
     done = evict_cli(a, *files)
     assert done.returncode == 0 and done.stdout.count("evicted") == len(files), done.stdout + done.stderr
-
-
-@pytest.fixture
-def proxy(seaweed):
-    p = FaultProxy(seaweed.endpoint_url).start()
-    yield p
-    p.stop()
 
 
 class Sampler(threading.Thread):
@@ -55,8 +47,8 @@ class Sampler(threading.Thread):
         return self.samples
 
 
-def test_one_5xx_is_retried_and_sustained_failure_is_an_outage(agent_factory, seaweed, proxy):
-    a = agent_factory(**{"uplink.endpoint_url": proxy.endpoint_url}).start()
+def test_one_5xx_is_retried_and_sustained_failure_is_an_outage(proxied_agent, seaweed, proxy):
+    a = proxied_agent()
     wait_for(lambda: a.health()["status"] == "ok", 30, what="agent ok")
     ftp = ftp_login(a)
     ftp_put(ftp, "CT/warm.dcm", b"warm-up")  # the connection pool is open: the fault hits a live line
@@ -94,7 +86,7 @@ def test_one_5xx_is_retried_and_sustained_failure_is_an_outage(agent_factory, se
     ftp.quit()
 
 
-def test_a_cold_read_waits_out_a_few_5xx_and_hears_451_when_they_go_on(agent_factory, seaweed, proxy):
+def test_a_cold_read_waits_out_a_few_5xx_and_hears_451_when_they_go_on(proxied_agent, seaweed, proxy):
     """A GET answered 500 InternalError (a SeaweedFS whose volumes are not back yet a moment after a restart
     does this; the proxy injects it here on demand) is retried a few times within the read: the viewer gets its
     file. A server that keeps failing GETs ends the read with FTP 451 (try later), not a hang or a 550."""
@@ -103,7 +95,7 @@ def test_a_cold_read_waits_out_a_few_5xx_and_hears_451_when_they_go_on(agent_fac
 
     from harness import BUCKET
 
-    a = agent_factory(**{"uplink.endpoint_url": proxy.endpoint_url}).start()
+    a = proxied_agent()
     data = {name: payload(name, 300_000) for name in ("CT/first.dcm", "CT/second.dcm")}
     for path, body in data.items():
         seaweed.client().put_object(Bucket=BUCKET, Key=a.prefix + path, Body=body)
@@ -127,12 +119,12 @@ def test_a_cold_read_waits_out_a_few_5xx_and_hears_451_when_they_go_on(agent_fac
     ftp.quit()
 
 
-def test_a_new_file_under_a_renamed_files_old_name_before_its_copy_ran(agent_factory, seaweed, proxy):
+def test_a_new_file_under_a_renamed_files_old_name_before_its_copy_ran(proxied_agent, seaweed, proxy):
     """A clean file renamed A → C is copied server-side from A's key; a new file stored under A before that
     copy ran overwrote A's key, so the copy gave other content: C was retried for ever (ChecksumMismatch: seen in
     the FTP protocol model). The proxy fails the first copy (a fault a healthy SeaweedFS cannot produce on
     demand) so the new A lands first; C must then come from the cache, A keep its new content."""
-    a = agent_factory(**{"uplink.endpoint_url": proxy.endpoint_url}).start()
+    a = proxied_agent()
     ftp = ftp_login(a)
     old, new = payload("old", 20_000), payload("new", 30_000)
     assert ftp_put(ftp, "CT/a.dcm", old).startswith("226")
@@ -146,13 +138,13 @@ def test_a_new_file_under_a_renamed_files_old_name_before_its_copy_ran(agent_fac
     assert any(r.startswith("PUT ") for r in proxy.injected), "the copy was never tried: the fault did not happen"
 
 
-def test_an_evicted_files_rename_keeps_its_content_when_a_new_file_takes_the_old_name(agent_factory, seaweed, proxy):
+def test_an_evicted_files_rename_keeps_its_content_when_a_new_file_takes_the_old_name(proxied_agent, seaweed, proxy):
     """As above, but A is not in the cache (evicted), so C can only come from A's object: the new A must not
     overwrite that object before C's copy has read it (A's old content is parked under .pacsgw-parked and C is
     copied from there). Until its copy runs, a renamed file reads from its old key (B → D, read at once: it was
     answered 451 NoSuchKey). The proxy fails C's copies until the new A is in S3 (a fault SeaweedFS cannot
     produce on demand)."""
-    a = agent_factory(**{"uplink.endpoint_url": proxy.endpoint_url}).start()
+    a = proxied_agent()
     ftp = ftp_login(a)
     old, new, other = payload("old", 20_000), payload("new", 30_000), payload("other", 25_000)
     store_evicted(a, ftp, {"CT/a.dcm": old, "CT/b.dcm": other})
@@ -174,11 +166,11 @@ def test_an_evicted_files_rename_keeps_its_content_when_a_new_file_takes_the_old
              what="the parked copy deleted once C's copy read it")
 
 
-def test_two_evicted_files_swapped_by_renames_keep_their_contents(agent_factory, seaweed, proxy):
+def test_two_evicted_files_swapped_by_renames_keep_their_contents(proxied_agent, seaweed, proxy):
     """a ↔ c swapped through t while their copies fail (neither cached): a's copy reads c's key and c's reads a's,
     so each write must park the other's source first, and the two copies must not wait for each other's lock.
     The proxy fails every copy into a .dcm key (not the parked copies) until both renames are queued."""
-    a = agent_factory(**{"uplink.endpoint_url": proxy.endpoint_url}).start()
+    a = proxied_agent()
     ftp = ftp_login(a)
     x, y = payload("x", 21_000), payload("y", 22_000)
     store_evicted(a, ftp, {"CT/a.dcm": x, "CT/c.dcm": y})
@@ -196,11 +188,11 @@ def test_two_evicted_files_swapped_by_renames_keep_their_contents(agent_factory,
     ftp.quit()
 
 
-def test_an_evicted_file_renamed_again_while_its_copy_runs_keeps_its_content(agent_factory, seaweed, proxy):
+def test_an_evicted_file_renamed_again_while_its_copy_runs_keeps_its_content(proxied_agent, seaweed, proxy):
     """a → t while t's copy from a's key is on the wire (the proxy holds it), then t → c: c must still be copied
     from a's key. It was to be uploaded from a cache that does not hold it (`no cached content to upload`, retried
     for ever: the file existed nowhere but in a's key, which the tombstone loop then deleted)."""
-    a = agent_factory(**{"uplink.endpoint_url": proxy.endpoint_url}).start()
+    a = proxied_agent()
     ftp = ftp_login(a)
     x = payload("x", 23_000)
     store_evicted(a, ftp, {"CT/a.dcm": x})
@@ -216,7 +208,7 @@ def test_an_evicted_file_renamed_again_while_its_copy_runs_keeps_its_content(age
     ftp.quit()
 
 
-def test_a_park_cut_short_by_kill_9_leaves_no_copy_behind(agent_factory, seaweed, proxy):
+def test_a_park_cut_short_by_kill_9_leaves_no_copy_behind(proxied_agent, seaweed, proxy):
     """A renamed evicted file's old object is parked (copied under .pacsgw-parked) before a new file takes its
     name; kill -9 after that copy was made but before the catalog recorded it left the parked copy in the bucket
     for ever (a deleted patient's images kept, hidden from every client) once the rename's copy ran from the old
@@ -225,7 +217,7 @@ def test_a_park_cut_short_by_kill_9_leaves_no_copy_behind(agent_factory, seaweed
     on demand."""
     import signal
 
-    a = agent_factory(**{"uplink.endpoint_url": proxy.endpoint_url, "uplink.through_timeout": 1}).start()
+    a = proxied_agent(**{"uplink.through_timeout": 1})
     ftp = ftp_login(a)
     old, new = payload("old", 20_000), payload("new", 30_000)
     _hold_the_park(a, ftp, proxy, old, new)
@@ -258,12 +250,12 @@ def _hold_the_park(a, ftp, proxy, old: bytes, new: bytes) -> None:
     wait_for(lambda: proxy.replies_held == 1, 30, what="the parked copy made, its answer held")
 
 
-def test_a_read_of_a_renamed_file_whose_copy_runs_meanwhile_follows_the_object(agent_factory, seaweed, proxy):
+def test_a_read_of_a_renamed_file_whose_copy_runs_meanwhile_follows_the_object(proxied_agent, seaweed, proxy):
     """A renamed, uncached file reads from its old key until its copy ran; when the copy runs (and the old key is
     deleted) while the read waits (for a slot on a busy line, or here retrying GETs answered 500 by the proxy, a
     fault SeaweedFS cannot produce on demand), the read answered 451 NoSuchKey (seen in tests/test_fault_model.py).
     It must find the object under its new key."""
-    a = agent_factory(**{"uplink.endpoint_url": proxy.endpoint_url}).start()
+    a = proxied_agent()
     ftp = ftp_login(a)
     x = payload("x", 24_000)
     store_evicted(a, ftp, {"CT/a.dcm": x})
@@ -293,11 +285,11 @@ def _get_or_error(agent, path: str) -> bytes | Exception:
         ftp.close()
 
 
-def test_a_read_never_joins_the_fetch_of_an_earlier_version(agent_factory, seaweed, proxy):
+def test_a_read_never_joins_the_fetch_of_an_earlier_version(proxied_agent, seaweed, proxy):
     """A reader of an uncached file joins the fetch already running for that name. A fetch of the file's previous
     version still on the wire (the proxy holds its answer: a slow store, which SeaweedFS cannot be made on demand)
     when the file was stored again and evicted was joined too: the reader of the new version got the old bytes."""
-    a = agent_factory(**{"uplink.endpoint_url": proxy.endpoint_url}).start()
+    a = proxied_agent()
     ftp = ftp_login(a)
     old, new = payload("old", 24_000), payload("new", 24_000)
     assert ftp_put(ftp, "CT/a.dcm", old).startswith("226")
@@ -335,14 +327,14 @@ def _evict(agent, path: str) -> bool:
         return bool(json.load(r).get("evicted"))
 
 
-def test_a_foreign_object_renamed_away_and_back_before_its_copy_ran_stays_put(agent_factory, seaweed, proxy):
+def test_a_foreign_object_renamed_away_and_back_before_its_copy_ran_stays_put(proxied_agent, seaweed, proxy):
     """An object another client stored (no sha256 metadata), read once (the catalog learns its SHA-256) and evicted,
     renamed away and back before the rename's copy ran (the proxy fails copies into the new name: a fault SeaweedFS
     cannot produce on demand): its key already holds it, but the missing metadata was taken for other content and
     it was to be uploaded from a cache that does not hold it ('no cached content', retried for ever: the queue never
     drained). It must be left where it is, and stay readable."""
     from harness import BUCKET
-    a = agent_factory(**{"uplink.endpoint_url": proxy.endpoint_url}).start()
+    a = proxied_agent()
     data = payload("foreign", 30_000)
     seaweed.client().put_object(Bucket=BUCKET, Key=a.prefix + "CT/f.dcm", Body=data)
     ftp = ftp_login(a)
@@ -361,14 +353,13 @@ def test_a_foreign_object_renamed_away_and_back_before_its_copy_ran_stays_put(ag
     ftp.quit()
 
 
-def test_writes_the_store_carries_out_after_the_agent_gave_up_leave_no_orphan(agent_factory, seaweed, proxy):
+def test_writes_the_store_carries_out_after_the_agent_gave_up_leave_no_orphan(proxied_agent, seaweed, proxy):
     """A PUT or server-side copy held by the store past uplink.read_timeout (the proxy holds every PUT: a slow
     store, which SeaweedFS cannot be made on demand) is given up on and retried; when its file is deleted, renamed
     away or stored again meanwhile, the key's tombstone (or the newer upload) runs first and the held request lands
     after it. That left an orphan object (old content under a name the namespace no longer has) or old content
     over the newer file. The bucket must end as the catalog says."""
-    a = agent_factory(**{"uplink.endpoint_url": proxy.endpoint_url, "uplink.through_timeout": 1,
-                         "uplink.read_timeout": 2}).start()
+    a = proxied_agent(**{"uplink.through_timeout": 1, "uplink.read_timeout": 2})
     ftp = ftp_login(a)
     x, y, z, old, new = (payload(s, 20_000 + i) for i, s in enumerate(("x", "y", "z", "old", "new")))
     assert ftp_put(ftp, "CT/e.dcm", z).startswith("226")
@@ -397,11 +388,11 @@ def test_writes_the_store_carries_out_after_the_agent_gave_up_leave_no_orphan(ag
     ftp.quit()
 
 
-def test_a_delete_the_store_carries_out_after_a_new_file_took_the_key_loses_nothing(agent_factory, seaweed, proxy):
+def test_a_delete_the_store_carries_out_after_a_new_file_took_the_key_loses_nothing(proxied_agent, seaweed, proxy):
     """A deleted file's DELETE held by the store past uplink.read_timeout (the proxy holds it: a slow store) is
     given up on; a new file stored under the name is uploaded, and then the held DELETE lands: the new file's
     object was gone while the catalog had it clean (and, once evicted, nowhere). It must be uploaded again."""
-    a = agent_factory(**{"uplink.endpoint_url": proxy.endpoint_url, "uplink.read_timeout": 2}).start()
+    a = proxied_agent(**{"uplink.read_timeout": 2})
     ftp = ftp_login(a)
     old, new = payload("old", 20_000), payload("new", 21_000)
     assert ftp_put(ftp, "CT/a.dcm", old).startswith("226")
@@ -420,12 +411,12 @@ def test_a_delete_the_store_carries_out_after_a_new_file_took_the_key_loses_noth
     ftp.quit()
 
 
-def test_a_read_from_an_old_key_a_new_file_took_meanwhile_reads_the_parked_object(agent_factory, seaweed, proxy):
+def test_a_read_from_an_old_key_a_new_file_took_meanwhile_reads_the_parked_object(proxied_agent, seaweed, proxy):
     """A renamed evicted file (x → c, its copy failing: c reads from x's key) is read; its GET reaches the store
     (the proxy holds it: a slow store) only after a new file was stored under x (x's old object parked first).
     The GET got the new file's bytes, failed its checksum after streaming them, and the client saw an error
     after a partial transfer. It must read the parked object."""
-    a = agent_factory(**{"uplink.endpoint_url": proxy.endpoint_url, "uplink.through_timeout": 1}).start()
+    a = proxied_agent(**{"uplink.through_timeout": 1})
     ftp = ftp_login(a)
     old, new = payload("old", 300_000), payload("new", 310_000)
     store_evicted(a, ftp, {"CT/x.dcm": old})
@@ -450,12 +441,12 @@ def test_a_read_from_an_old_key_a_new_file_took_meanwhile_reads_the_parked_objec
 
 
 def test_a_delete_on_the_wire_at_kill_9_that_lands_after_a_new_file_took_the_key_loses_nothing(
-        agent_factory, seaweed, proxy):
+        proxied_agent, seaweed, proxy):
     """kill -9 while a deleted file's DELETE is on the wire (the proxy holds it: a slow store); after the restart the
     tombstone is deleted again, a new file is stored under the name, and then the first DELETE lands: the new file's
     object was gone while the catalog had it clean. It must be uploaded again."""
     import signal
-    a = agent_factory(**{"uplink.endpoint_url": proxy.endpoint_url}).start()
+    a = proxied_agent()
     ftp = ftp_login(a)
     assert ftp_put(ftp, "CT/a.dcm", payload("old", 20_000)).startswith("226")
     held = _hold_first_delete(ftp, proxy, "CT/a.dcm")
@@ -490,7 +481,7 @@ def _a_new_file_outlives_the_late_delete(a, ftp, seaweed, proxy, held: threading
     assert {k: v["sha256"] for k, v in s3_objects(seaweed, a.prefix).items()} == {"CT/a.dcm": sha256(new)}
 
 
-def test_the_uploaders_loops_outlive_a_catalog_another_process_holds(agent_factory, seaweed, proxy):
+def test_the_uploaders_loops_outlive_a_catalog_another_process_holds(proxied_agent, seaweed, proxy):
     """Another process (an administrator's sqlite3 shell, a long `pacsgw` command) holds the catalog's write lock
     longer than its busy timeout (10 s) just as the line comes back: the dispatcher's claim and the tombstone loop's
     write fail with 'database is locked'. Both loops died of it, silently (nothing logged until shutdown): the queued
@@ -499,7 +490,7 @@ def test_the_uploaders_loops_outlive_a_catalog_another_process_holds(agent_facto
     fail by the proxy (fail_all) so that work waits for it."""
     import sqlite3
 
-    a = agent_factory(**{"uplink.endpoint_url": proxy.endpoint_url, "uplink.write_mode": "back"}).start()
+    a = proxied_agent(**{"uplink.write_mode": "back"})
     ftp = ftp_login(a)
     old, new = payload("old", 20_000), payload("new", 21_000)
     assert ftp_put(ftp, "CT/old.dcm", old).startswith("226")
@@ -531,12 +522,12 @@ def test_the_uploaders_loops_outlive_a_catalog_another_process_holds(agent_facto
     ftp.quit()
 
 
-def test_a_file_deleted_while_its_upload_was_about_to_read_it_is_skipped_not_failed(agent_factory, seaweed, proxy):
+def test_a_file_deleted_while_its_upload_was_about_to_read_it_is_skipped_not_failed(proxied_agent, seaweed, proxy):
     """A new file under an evicted, renamed file's old name first parks the old object (copies it aside); the
     file deleted while that copy waited (the proxy holds its answer: a slow store, which SeaweedFS cannot be made on
     demand) had its cached copy removed, so the upload's open failed: `upload_failed FileNotFoundError` at error
     level, counted as a failed upload, for a file that is simply gone. It must be an info event saying so."""
-    a = agent_factory(**{"uplink.endpoint_url": proxy.endpoint_url, "uplink.through_timeout": 1}).start()
+    a = proxied_agent(**{"uplink.through_timeout": 1})
     ftp = ftp_login(a)
     old, new = payload("old", 20_000), payload("new", 21_000)
     _hold_the_park(a, ftp, proxy, old, new)
@@ -553,12 +544,12 @@ def test_a_file_deleted_while_its_upload_was_about_to_read_it_is_skipped_not_fai
     ftp.quit()
 
 
-def test_a_queued_files_cached_copy_gone_while_its_row_is_dirty_is_a_loud_failure(agent_factory, seaweed, proxy):
+def test_a_queued_files_cached_copy_gone_while_its_row_is_dirty_is_a_loud_failure(proxied_agent, seaweed, proxy):
     """The other side of the test above: a file still to be uploaded whose cached copy vanished (removed behind
     the agent's back: the only copy of an acknowledged file) is lost data, not a race: it stays an error. The line
     fails (the proxy answers 500) so that the file waits in the queue while its copy is removed."""
     from faultkit import catalog_rows
-    a = agent_factory(**{"uplink.endpoint_url": proxy.endpoint_url, "uplink.write_mode": "back"}).start()
+    a = proxied_agent(**{"uplink.write_mode": "back"})
     ftp = ftp_login(a)
     proxy.fail_all = True
     assert ftp_put(ftp, "CT/lost.dcm", payload("lost", 20_000)).startswith("226")
@@ -584,7 +575,7 @@ def test_a_queued_files_cached_copy_gone_while_its_row_is_dirty_is_a_loud_failur
 
 
 def test_a_renames_copy_never_takes_what_another_writer_put_under_its_source_after_its_head(
-        agent_factory, seaweed, proxy):
+        proxied_agent, seaweed, proxy):
     """An evicted file's rename is a HEAD of the old key, then a server-side copy. Another writer (the other box of an
     HA pair, another S3 client, a write the store carries out late) that takes the old key between the two made the
     copy take its content: under c (its object carrying sha256 metadata of other content) the copy's check failed
@@ -593,7 +584,7 @@ def test_a_renames_copy_never_takes_what_another_writer_put_under_its_source_aft
     HEAD's ETag) and the new name never hold the other content. The proxy holds the copies while the other writer
     (straight to SeaweedFS) writes: a slow store, which SeaweedFS cannot be made on demand."""
     from harness import BUCKET
-    a = agent_factory(**{"uplink.endpoint_url": proxy.endpoint_url}).start()
+    a = proxied_agent()
     ftp = ftp_login(a)
     x, y = payload("x", 20_000), payload("y", 21_000)
     other_x, other_y = payload("other-x", 22_000), payload("other-y", 23_000)
@@ -618,13 +609,13 @@ def test_a_renames_copy_never_takes_what_another_writer_put_under_its_source_aft
     ftp.quit()
 
 
-def test_a_delete_whose_first_attempt_lands_after_the_retry_succeeded_loses_nothing(agent_factory, seaweed, proxy):
+def test_a_delete_whose_first_attempt_lands_after_the_retry_succeeded_loses_nothing(proxied_agent, seaweed, proxy):
     """The S3 client retries a request once by itself: a DELETE whose first attempt the store held past read_timeout
     (the proxy holds it: a slow store) was sent again, that attempt answered, and the tombstone counted as done; a new
     file was stored under the name, then the first attempt landed. Its outcome had been unknown, but nothing recorded
     a doubt: the new file's object was gone for good while the catalog had it clean. It must be found and uploaded
     again."""
-    a = agent_factory(**{"uplink.endpoint_url": proxy.endpoint_url, "uplink.read_timeout": 2}).start()
+    a = proxied_agent(**{"uplink.read_timeout": 2})
     ftp = ftp_login(a)
     assert ftp_put(ftp, "CT/a.dcm", payload("old", 20_000)).startswith("226")
     a.wait_drained(60)
@@ -635,7 +626,7 @@ def test_a_delete_whose_first_attempt_lands_after_the_retry_succeeded_loses_noth
     ftp.quit()
 
 
-def test_a_doubt_is_forgotten_only_after_a_look_that_answered(agent_factory, seaweed, proxy):
+def test_a_doubt_is_forgotten_only_after_a_look_that_answered(proxied_agent, seaweed, proxy):
     """A key in doubt is checked for an hour (DOUBT_SECONDS) after the write whose outcome was never heard; a check
     whose HEAD did not answer is no look. A line down for longer forgot every such doubt unchecked, and a write that
     landed late stayed an orphan object for good. Here the doubt is two hours old when the box starts with the line
@@ -645,7 +636,7 @@ def test_a_doubt_is_forgotten_only_after_a_look_that_answered(agent_factory, sea
 
     from faultkit import catalog_rows
     from harness import BUCKET
-    a = agent_factory(**{"uplink.endpoint_url": proxy.endpoint_url}).start()
+    a = proxied_agent()
     a.stop()
     seaweed.client().put_object(Bucket=BUCKET, Key=a.prefix + "CT/late.dcm", Body=b"a write that landed late")
     db = sqlite3.connect(a.workdir / "cache" / "catalog.sqlite")
@@ -661,3 +652,48 @@ def test_a_doubt_is_forgotten_only_after_a_look_that_answered(agent_factory, sea
     listed = lambda: seaweed.client().list_objects_v2(Bucket=BUCKET, Prefix=a.prefix).get("Contents", [])  # noqa: E731
     wait_for(lambda: not listed(), 120, what="the late object deleted once the line answered")
     wait_for(lambda: catalog_rows(a, "SELECT key FROM doubts") == [], 30, what="the doubt forgotten after its look")
+
+
+class _Unprintable(ConnectionError):
+    """A failure whose message cannot be formatted: recording it as the line's last error raises."""
+
+    def __str__(self) -> str:
+        raise UnicodeDecodeError("utf-8", b"\xff", 0, 1, "a reason in no encoding")
+
+
+def test_the_probe_loop_outlives_an_exception_and_the_crash_is_shown(monkeypatch):
+    """The probe runs under the shared Loops supervisor (agent/supervise.py): an exception that escaped it used to
+    end the probing while the line was down, leaving the box in write-back for good, told nowhere."""
+    import asyncio
+
+    from structlog.testing import capture_logs
+
+    from agent.metrics import Metrics
+    from agent.uplink import line as line_module
+    from agent.uplink.ratelimit import Bandwidth, TokenBucket
+
+    monkeypatch.setattr(line_module, "PROBE_INTERVAL", 0.05)
+    answers: list[BaseException | None] = [ConnectionError("refused"), _Unprintable(), None]
+
+    async def probe() -> None:
+        answer = answers.pop(0) if answers else None
+        if answer is not None:
+            raise answer
+
+    async def main() -> tuple[bool, dict]:
+        line = line_module.Line(probe, Metrics(), 2, Bandwidth(TokenBucket(0), TokenBucket(0)))
+        await line.start()  # refused: down, probing
+        assert not line.reachable
+        for _ in range(200):
+            if line.reachable:
+                break
+            await asyncio.sleep(0.05)
+        reachable, status = line.reachable, line.loops.status()
+        await line.stop()
+        return reachable, status
+
+    with capture_logs() as logs:
+        reachable, status = asyncio.run(main())
+    assert reachable, "the probe started again after the crash and found the line back"
+    assert status["uplink-probe"]["crashes"] == 1, status
+    assert [e["loop"] for e in logs if e["event"] == "loop_crashed"] == ["uplink-probe"]

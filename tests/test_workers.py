@@ -580,3 +580,19 @@ def test_a_stopping_listeners_queued_connections_go_to_the_others_with_the_boxs_
         assert (accepted, reset) == (32, 0)
     else:
         assert reset > 0 and accepted + reset == 32
+
+
+def test_a_workers_audit_shipper_that_crashes_starts_again_and_is_shown(agent_factory):
+    """The owner ships each serving worker's rotated audit files under the Loops supervisor that runs its own
+    shipper: a crash (here a rotated file whose `.shipped` marker name is too long for the file system) is logged,
+    shown on /healthz and the shipper started again. It used to end that worker's shipping for good, told nowhere."""
+    a = agent_factory(**{"server.workers": 2, "audit.ship": True})
+    audit_dir = a.workdir / "cache" / "audit"
+    audit_dir.mkdir(parents=True)
+    filler = "9" * (250 - len("audit.worker1-.jsonl"))  # a 250-byte name: 258 with '.shipped', over NAME_MAX
+    (audit_dir / f"audit.worker1-{filler}.jsonl").write_text('{"op": "a rotated record"}\n')
+    a.start()
+    loops = wait_for(lambda: a.health()["loops"].get("audit-ship-1", {}).get("crashes", 0) >= 2 and
+                     a.health()["loops"], 60, what="the worker's audit shipper crashing and started again")
+    assert "audit-ship" not in loops, "the owner's own shipper has nothing of worker 1's to ship"
+    assert {e["loop"] for e in a.events("loop_crashed")} == {"audit-ship-1"}

@@ -15,6 +15,7 @@ from typing import Awaitable, Callable, TypeVar
 import structlog
 
 from agent.metrics import Metrics
+from agent.supervise import Loops
 from agent.uplink.ratelimit import Bandwidth
 from agent.uplink.s3 import error_code, is_server_error, is_throttled, is_unreachable
 
@@ -73,7 +74,7 @@ class Line:
         self._up = asyncio.Event()
         self._up.set()
         self._watchers: list[Callable[[], None]] = []
-        self._probing: asyncio.Task[None] | None = None
+        self.loops = Loops(metrics)  # the probe and the confirm loop: a crash is logged, shown, and restarted
         self._confirming: asyncio.Task[None] | None = None
         self.failures = 0  # unreachable failures since the last answer
 
@@ -95,10 +96,7 @@ class Line:
             self.went_down(e)
 
     async def stop(self) -> None:
-        tasks = [t for t in (self._probing, self._confirming) if t is not None]
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await self.loops.stop()
 
     def failed(self, exc: BaseException) -> None:
         """A request failed as 'unreachable' (is_unreachable). One failure is not an outage: count it, and probe
@@ -113,7 +111,7 @@ class Line:
         log.info("uplink_failure", error=f"{error_code(exc)}: {exc}"[:300], in_a_row=self.failures,
                  down_at=FAILURES_TO_DOWN)
         if self._confirming is None or self._confirming.done():
-            self._confirming = asyncio.create_task(self._confirm(), name="uplink-confirm")
+            self._confirming = self.loops.start("uplink-confirm", self._confirm)
 
     async def _confirm(self) -> None:
         while self.health.reachable and self.failures:
@@ -142,7 +140,7 @@ class Line:
             self._up.clear()
             self.metrics.uplink_up.set(0)
             log.warning("uplink_unreachable", error=self.health.last_error, mode="write-back")
-            self._probing = asyncio.create_task(self._probe(), name="uplink-probe")
+            self.loops.start("uplink-probe", self._probe)
 
     def answered(self) -> None:
         """A request went through: the line is up."""

@@ -17,7 +17,7 @@ import urllib.request
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
-from typing import Any, AsyncIterator, Awaitable, Callable, Iterator, Mapping, cast
+from typing import Any, AsyncIterator, Awaitable, Callable, Iterator, Mapping, NamedTuple, cast
 
 import aiohttp
 import structlog
@@ -229,14 +229,24 @@ def _retain_until(until: datetime) -> str:
     return (until if until.tzinfo else until.replace(tzinfo=UTC)).astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def env_proxy(endpoint: str) -> tuple[URL | None, aiohttp.BasicAuth | None]:
-    """The proxy for endpoint from HTTP(S)_PROXY and NO_PROXY as botocore reads them, its user as Basic auth."""
+class Proxy(NamedTuple):
+    """The proxy from the environment, its user as Proxy-Authorization (aiohttp deprecates BasicAuth and proxy_auth)
+    where proxy_auth put it: an https endpoint's CONNECT; each request of an http one (no CONNECT: no proxy_headers)."""
+
+    url: URL | None
+    connect_headers: dict[str, str]
+    request_headers: dict[str, str]
+
+
+def env_proxy(endpoint: str) -> Proxy:
+    """The proxy for endpoint from HTTP(S)_PROXY and NO_PROXY as botocore reads them."""
     url = URL(endpoint)
     proxy = urllib.request.getproxies().get(url.scheme)
     if not proxy or (url.host is not None and urllib.request.proxy_bypass(url.host)):
-        return None, None
+        return Proxy(None, {}, {})
     found = URL(proxy)
-    return found.with_user(None), aiohttp.BasicAuth(found.user, found.password or "") if found.user else None
+    auth = {"Proxy-Authorization": aiohttp.encode_basic_auth(found.user, found.password or "")} if found.user else {}
+    return Proxy(found.with_user(None), auth, {}) if url.scheme == "https" else Proxy(found.with_user(None), {}, auth)
 
 
 # PutObject's arguments (Lock.s3_args, the HA conditions) → the header botocore's serializer writes for each
@@ -273,7 +283,7 @@ class S3Uplink:
         self._stack = contextlib.AsyncExitStack()
         self._client: Any = None  # aiobotocore's S3 client: generated at run time, untyped
         self._http: aiohttp.ClientSession | None = None  # our own requests (see _request)
-        self._proxy: tuple[URL | None, aiohttp.BasicAuth | None] = (None, None)
+        self._proxy = Proxy(None, {}, {})
         self._signer: Any = None
         self._models: dict[str, Any] = {}
         self._parser: Any = None
@@ -394,9 +404,10 @@ class S3Uplink:
         with _sending(url, request):
             # No "Expect: 100-continue": its wait for the store's interim answer was a round trip inside every ack
             resp = await self._http.request(method, URL(url, encoded=True), data=body,
-                                            headers={**request.headers, "Accept-Encoding": "identity"},
-                                            skip_auto_headers=_NO_AUTO_HEADERS, proxy=self._proxy[0],
-                                            proxy_auth=self._proxy[1])
+                                            headers={**request.headers, **self._proxy.request_headers,
+                                                     "Accept-Encoding": "identity"},
+                                            skip_auto_headers=_NO_AUTO_HEADERS, proxy=self._proxy.url,
+                                            proxy_headers=self._proxy.connect_headers or None)
         try:
             with _sending(url, request):
                 answer = await resp.read() if resp.status >= 300 or not stream else b""
