@@ -115,7 +115,8 @@ def main() -> int:
           f"doorkeeper {'on' if adaptive.DOORKEEPER else 'off'}, "
           f"priors held {'on' if adaptive.HOLD_PRIORS else 'off'}, trim {'on' if adaptive.TRIM else 'off'}, "
           f"min cut {adaptive.MIN_CUT:g}, second door {'on' if adaptive.SECOND_DOOR else 'off'}, "
-          f"explore {priors.EXPLORE}, old {adaptive.OLD_S / 3600:g} h, groups {groups.MIXED_S / 3600:g} h / "
+          f"explore {priors.EXPLORE}, open target {priors.OPEN_TARGET:g}, "
+          f"old {adaptive.OLD_S / 3600:g} h, groups {groups.MIXED_S / 3600:g} h / "
           f"{groups.GAP_S / 60:g} / {groups.SPAN_S / 60:g} min)")
     return 0
 
