@@ -52,6 +52,9 @@ def main() -> int:
                          "turns over sooner than studies come back")
     ap.add_argument("--explore", type=int, default=None,
                     help="priors.EXPLORE: a prior cell below the floor is fetched once in this many chances")
+    ap.add_argument("--open-target", type=float, default=None,
+                    help="priors.OPEN_TARGET: a plan's space budget scales with the open rate of past prefetches")
+    ap.add_argument("--open-floor", type=float, default=None, help="priors.OPEN_FLOOR")
     ap.add_argument("--old-s", type=float, default=None, help="adaptive.OLD_S in hours")
     ap.add_argument("--group", default=None, metavar="MIXED_H,GAP_MIN,SPAN_MIN",
                     help="agent.policy.groups: a directory written over MIXED_H hours is split into insert bursts "
@@ -60,6 +63,10 @@ def main() -> int:
     if args.group is not None:
         mixed_h, gap_min, span_min = (float(x) for x in args.group.split(","))
         groups.MIXED_S, groups.GAP_S, groups.SPAN_S = mixed_h * 3600, gap_min * 60, span_min * 60
+    if args.open_target is not None:
+        priors.OPEN_TARGET = args.open_target
+    if args.open_floor is not None:
+        priors.OPEN_FLOOR = args.open_floor
     if args.explore is not None:
         priors.EXPLORE = args.explore
     if args.old_s is not None:
@@ -108,7 +115,8 @@ def main() -> int:
           f"doorkeeper {'on' if adaptive.DOORKEEPER else 'off'}, "
           f"priors held {'on' if adaptive.HOLD_PRIORS else 'off'}, trim {'on' if adaptive.TRIM else 'off'}, "
           f"min cut {adaptive.MIN_CUT:g}, second door {'on' if adaptive.SECOND_DOOR else 'off'}, "
-          f"explore {priors.EXPLORE}, old {adaptive.OLD_S / 3600:g} h, groups {groups.MIXED_S / 3600:g} h / "
+          f"explore {priors.EXPLORE}, open target {priors.OPEN_TARGET:g}, "
+          f"old {adaptive.OLD_S / 3600:g} h, groups {groups.MIXED_S / 3600:g} h / "
           f"{groups.GAP_S / 60:g} / {groups.SPAN_S / 60:g} min)")
     return 0
 

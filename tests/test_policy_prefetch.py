@@ -7,6 +7,7 @@ from hypothesis import strategies as st
 
 from agent.policy.prefetch import Budget, Candidate, plan
 from agent.policy.priors import PriorPrefetcher, StudyInfo
+from agent.policy.stack import PolicyStack, StackSpec
 
 cands = st.lists(st.builds(Candidate, key=st.integers(), heat=st.floats(0, 100, allow_nan=False),
                            size=st.integers(0, 10**10)), max_size=60)
@@ -111,3 +112,19 @@ def test_a_planner_whose_fetches_are_never_read_switches_itself_off() -> None:
             fetched += 1
             pf.feedback(cell, used=False)                       # evicted unread
     assert fetched < 3 * 1000 // 10                             # against 3 per new study while it fetched blindly
+
+
+def test_a_plan_spends_the_space_budget_in_step_with_how_much_of_what_was_fetched_was_opened() -> None:
+    """At a small cache most prefetched priors are evicted before their session (docs/replay.md, round 13): the
+    planner that sees a third of its fetches opened spends about half of a plan's space (a third over the 60 %
+    target), and the whole of it again once its fetches are opened."""
+    stack = PolicyStack(StackSpec("study", ("priors",)))
+    ranked = [(0, f"prior{i}", 0.5, 100, 1) for i in range(4)]
+    budget = Budget(space_bytes=400, bandwidth_bps=1e9, window_s=3600)
+    assert len(stack.prior_plan("new", ranked, budget, 0.0)) == 4     # cold: the whole budget
+    for i in range(30):
+        stack.prior_outcome(0, used=i % 3 == 0)
+    assert sum(size for _, _, size, _ in stack.prior_plan("new", ranked, budget, 0.0)) == 200
+    for _ in range(60):
+        stack.prior_outcome(0, used=True)
+    assert len(stack.prior_plan("new", ranked, budget, 0.0)) == 4

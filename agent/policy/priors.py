@@ -10,7 +10,9 @@ were opened, shrunk towards its rank's share (`shrink` pseudo-counts) so a thin 
 rank (`feedback(cell, used)`); the prefetcher adapts to which priors a site's radiologists open instead
 of assuming it. Candidates below `min_heat` are not fetched, except once in `EXPLORE` chances of their cell (the
 floor re-learns: a shut cell that is never fetched gets no outcomes, and its heat would stay below the floor for
-good). A cell is an int (rank + k × kind), which the
+good). A plan's space budget shrinks with the share of the planner's fetches that were opened (`space_share`: a
+small cache evicts priors before their session, and fewer bytes per plan are more often still there then;
+docs/replay.md, round 18). A cell is an int (rank + k × kind), which the
 live agent keeps as the fetch's rank in the catalog, so what was learnt survives restarts. The planner
 (`agent.policy.prefetch.plan`) then applies the space and bandwidth budgets.
 
@@ -34,6 +36,11 @@ class StudyInfo:
 MIN_HEAT = 0.2  # chosen on the tuning families (docs/replay.md); bench/gap_share.py --min-heat overrides
 EXPLORE = 16    # a cell below the floor is fetched once in this many chances (docs/replay.md, round 14)
 KINDS = 4       # (same modality, recent), (other, recent), (same, old), (other, old)
+# a plan's space budget scales with the share of past prefetches opened: min(1, opened / OPEN_TARGET) of it, after
+# `OPEN_WARM` outcomes (0: off); bench/gap_share.py --open-target overrides
+OPEN_TARGET = 0.6
+OPEN_WARM = 20
+OPEN_FLOOR = 0.1    # the least share of the budget a plan keeps
 
 
 class PriorPrefetcher:
@@ -77,6 +84,13 @@ class PriorPrefetcher:
                 self.shut[c] = 0
             out.append((c, p, h))
         return out
+
+    def space_share(self) -> float:
+        """The share of a plan's space budget to use: the planner spends where what it fetched was opened."""
+        fetched = sum(self.fetched)
+        if not OPEN_TARGET or fetched < OPEN_WARM:
+            return 1.0
+        return max(OPEN_FLOOR, min(1.0, sum(self.used) / fetched / OPEN_TARGET))
 
     def feedback(self, cell: int, used: bool) -> None:
         """A prefetched study of this cell was opened (used) or evicted/expired unopened."""

@@ -220,10 +220,13 @@ class PolicyStack:
 
     def prior_plan(self, new: Hashable, ranked: Sequence[tuple[int, Hashable, float, int, int]], budget: Budget,
                    now: float) -> list[tuple[Hashable, int, int, float]]:
-        """(key, cell, bytes, heat) to fetch for the new study, in clinical order (`ranked`'s), within the budget, each
+        """(key, cell, bytes, heat) to fetch for the new study, in clinical order (`ranked`'s), within the budget (its
+        space scaled by the planner's `space_share`: what past fetches say the cache keeps until read), each
         admitted by the eviction policy (one that weighs a prior against what it would push out,
         agent/policy/learned.py `admit`). ranked: (cell, key, heat, bytes and files not cached) of
         `prior_ranked`'s studies."""
+        if self.priors is not None:
+            budget = Budget(int(budget.space_bytes * self.priors.space_share()), budget.bandwidth_bps, budget.window_s)
         admit = getattr(self.policy, "admit", None)
         wanted = [r for r in ranked if r[3] > 0 and (admit is None or admit(new, r[2], r[4], r[3], now))]
         order = {key: (i, cell) for i, (cell, key, _, _, _) in enumerate(wanted)}
@@ -249,4 +252,5 @@ class PolicyStack:
 
     def status(self) -> dict[str, object]:
         st = self.policy.status() if hasattr(self.policy, "status") else {"policy": self.policy.name, "mode": "rule"}
-        return {"stack": self.spec.label, **st, "last_k": getattr(self.policy, "last_k", None)}
+        space = {} if self.priors is None else {"prior_space_share": round(self.priors.space_share(), 3)}
+        return {"stack": self.spec.label, **st, "last_k": getattr(self.policy, "last_k", None), **space}
