@@ -3,11 +3,16 @@ libraries or raw sockets. Each test reproduces one attack that worked and checks
 
 from __future__ import annotations
 
+import asyncio
+import urllib.request
+
+import asyncssh
 import pytest
 import smbclient
 from smbprotocol.exceptions import SMBException
 from smbutil import Smb
 
+from agent.serve.sftp import MAX_AUTH_TRIES
 from harness import PASSWORD, s3_objects
 
 SMB_ERRORS = (OSError, SMBException)
@@ -42,3 +47,61 @@ def test_an_smb_file_renamed_before_its_close_gets_no_name_a_client_could_not_cr
     assert sorted(s3_objects(agent.store, agent.prefix)) == sorted([*names, "stored.dcm"])
     smb.close()
     modality.close()
+
+
+def _errors_counted(agent, kind: str) -> float:
+    with urllib.request.urlopen(f"http://127.0.0.1:{agent.http_port}/metrics", timeout=10) as r:
+        rows = [row for row in r.read().decode().splitlines()
+                if row.startswith("pacsgw_errors_total{") and f'kind="{kind}"' in row]
+    return sum(float(row.split()[-1]) for row in rows)
+
+
+def test_one_ssh_connection_cannot_try_logins_without_end(agent_factory, tmp_path):
+    """asyncssh takes any number of authentication requests on one connection, and a public key it does not know
+    cost the client one request: one connection offered 3 000 keys in 7 s, each for a new user name, taking 3 s of
+    the agent's CPU, with nothing logged, slowed or banned (only password guesses meet the LoginGuard). As with
+    OpenSSH, a connection now ends at its MAX_AUTH_TRIES-th failed login (keys and passwords together), and names
+    one user: another name on it ends it too. A client whose right key comes after a few wrong ones logs in."""
+    good = asyncssh.generate_private_key("ssh-ed25519")
+    (tmp_path / "modality.keys").write_bytes(good.export_public_key())
+    agent = agent_factory(users=[{"name": "modality", "authorized_keys": str(tmp_path / "modality.keys")},
+                                 {"name": "pacs", "password": PASSWORD}]).start()
+    wrong = [asyncssh.generate_private_key("ssh-ed25519") for _ in range(MAX_AUTH_TRIES)]
+
+    class Offers(asyncssh.SSHClient):
+        """Offers keys without end; `switch`: each for another user name."""
+
+        offered = 0
+        switch = False
+
+        def connection_made(self, conn: asyncssh.SSHClientConnection) -> None:
+            self.conn = conn
+
+        def public_key_auth_requested(self) -> asyncssh.SSHKey | None:
+            Offers.offered += 1
+            if self.switch:
+                self.conn._username = f"guess{Offers.offered}"  # asyncssh's client has no call for it
+            return wrong[Offers.offered % len(wrong)] if Offers.offered < 3000 else None
+
+    async def offer(switch: bool) -> str:
+        Offers.offered, Offers.switch = 0, switch
+        with pytest.raises((asyncssh.PermissionDenied, asyncssh.DisconnectError)) as ended:
+            await asyncssh.create_connection(Offers, "127.0.0.1", agent.sftp_port, username="pacs", known_hosts=None,
+                                             client_keys=None, password=None, preferred_auth="publickey")
+        return ended.value.reason
+
+    async def run() -> None:
+        assert await offer(switch=False) == "too many authentication failures"
+        assert Offers.offered == MAX_AUTH_TRIES
+        assert await offer(switch=True) == "change of username not allowed"
+        assert Offers.offered == 1  # its first request ("none", to learn the methods) named pacs
+        async with asyncssh.connect("127.0.0.1", agent.sftp_port, username="modality", known_hosts=None,
+                                    client_keys=[*wrong[:MAX_AUTH_TRIES - 1], good], password=None) as conn:
+            async with conn.start_sftp_client() as sftp:
+                assert await sftp.listdir("/") == []
+
+    asyncio.run(run())
+    assert {e["reason"] for e in agent.events("session_refused")} == {
+        f"too many authentication failures on one connection (limit {MAX_AUTH_TRIES})",
+        "change of username on one connection"}
+    assert _errors_counted(agent, "AuthTries") == 2

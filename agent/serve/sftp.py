@@ -48,6 +48,10 @@ _listings_of: dict[str, weakref.WeakSet[AsyncIterator[asyncssh.SFTPName]]] = {} 
 # Python, and asyncssh's default of 32 KiB cut a 512 KiB WRITE into 16 (and asyncssh clients send an IGNORE before each)
 MAX_PKTSIZE = 256 * 1024
 MAX_READ = asyncssh.sftp.MAX_SFTP_READ_LEN  # what asyncssh announces (limits@openssh.com); a longer READ gets less
+# Failed logins one SSH connection may make, passwords and public keys together (OpenSSH's MaxAuthTries): asyncssh
+# allows any number, and a key it does not know costs a client one request, so one connection offered keys (each a
+# new user, too) thousands a second, none logged, slowed or banned, keeping half a core of the agent's loop busy
+MAX_AUTH_TRIES = 6
 
 
 def _attrs(e: Entry) -> asyncssh.SFTPAttrs:
@@ -225,6 +229,8 @@ class _Auth(asyncssh.SSHServer):
         self.channels = 0
         self.by_password = False  # the login was a password's (the guard has recorded it already)
         self.refused = ""  # the disconnect reason of a connection over a session cap, until it is sent
+        self.began = ""  # the user this connection's authentication is for (the first it named)
+        self.failures = 0  # its failed logins, against MAX_AUTH_TRIES
         self.held = False  # this refused connection counts in `holding`
         self.idle: Idle | None = None  # sftp.idle_timeout, from the login on: touched by each request and reply
 
@@ -288,14 +294,14 @@ class _Auth(asyncssh.SSHServer):
             _Auth.holding -= 1
             self.held = False
 
-    def _disconnect(self) -> None:
+    def _disconnect(self, code: int = asyncssh.DISC_TOO_MANY_CONNECTIONS) -> None:
         if self.refused and self.conn is not None:
             raw = self.conn.get_extra_info("socket")  # asyncssh closes its own: a duplicate lingers (_linger)
             try:
                 held = socket.socket(fileno=os.dup(raw.fileno())) if raw is not None and self._hold() else None
             except OSError:  # out of descriptors: the disconnect goes all the same, without the lingering
                 held = None
-            self.conn.disconnect(asyncssh.DISC_TOO_MANY_CONNECTIONS, self.refused)
+            self.conn.disconnect(code, self.refused)
             self.refused = ""
             if held is not None:
                 _linger(held, self._unhold)
@@ -352,8 +358,13 @@ class _Auth(asyncssh.SSHServer):
 
     async def begin_auth(self, username: str) -> bool:
         """Every method is checked against the guard's bans here: a banned address or user gets no login by
-        public key either (their keys are not even offered to asyncssh)."""
-        self.username = username
+        public key either (their keys are not even offered to asyncssh). One connection authenticates one user, as
+        with OpenSSH: a client naming another user on the same connection is disconnected."""
+        if self.began and username != self.began:
+            self._cut(asyncssh.DISC_PROTOCOL_ERROR, "change of username not allowed",
+                      "change of username on one connection")
+            return True
+        self.began = self.username = username
         if self.startup is not None and not await self.startup.admitted():  # closed already (_admitted)
             return True
         if not await self.admitted[0]:  # over the address cap
@@ -365,6 +376,25 @@ class _Auth(asyncssh.SSHServer):
             self.conn.set_authorized_keys(asyncssh.read_authorized_keys(list(user.authorized_keys)))
         return True
 
+    def _cut(self, code: int, reason: str, logged: str) -> None:
+        """Disconnect this connection before its login, telling the client why (counted in
+        pacsgw_errors_total{kind="AuthTries"}, logged and audited as a session refused)."""
+        refuse_session(self.gateway, "sftp", self._who(self.username), logged, "AuthTries")
+        self.refused = reason
+        self._disconnect(code)
+
+    def _failed(self) -> None:
+        """One more failed login on this connection: it ends at MAX_AUTH_TRIES."""
+        self.failures += 1
+        if self.failures >= MAX_AUTH_TRIES:
+            self._cut(asyncssh.DISC_NO_MORE_AUTH_METHODS_AVAILABLE, "too many authentication failures",
+                      f"too many authentication failures on one connection (limit {MAX_AUTH_TRIES})")
+
+    def validate_public_key(self, username: str, key: asyncssh.SSHKey) -> bool:
+        """A key none of the user's authorized_keys holds (asyncssh asks only then): a failed login."""
+        self._failed()
+        return False
+
     def password_auth_supported(self) -> bool:
         return self.cfg.password_auth
 
@@ -374,12 +404,15 @@ class _Auth(asyncssh.SSHServer):
     async def validate_password(self, username: str, password: str) -> bool:
         async with self.guard.attempt(username, self.address, "sftp") as refusal:
             if refusal:  # also a ban this connection's failures made
+                self._failed()
                 return False
             ok = await asyncio.to_thread(self.passwords.check, username, password)
             wait = await login(self.gateway, self.guard, "sftp", self._who(username), self.address, ok,
                                method="password")
         await asyncio.sleep(wait)
         self.by_password = ok
+        if not ok:
+            self._failed()
         return ok
 
 
