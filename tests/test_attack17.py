@@ -13,6 +13,7 @@ from smbprotocol.exceptions import SMBException
 from smbutil import Smb
 
 from agent.serve.sftp import MAX_AUTH_TRIES
+from faultkit import sftp_put
 from harness import PASSWORD, s3_objects
 
 SMB_ERRORS = (OSError, SMBException)
@@ -105,3 +106,33 @@ def test_one_ssh_connection_cannot_try_logins_without_end(agent_factory, tmp_pat
         f"too many authentication failures on one connection (limit {MAX_AUTH_TRIES})",
         "change of username on one connection"}
     assert _errors_counted(agent, "AuthTries") == 2
+
+
+@pytest.mark.parametrize("request_sent", ["signal", "break", "window-change"])
+def test_a_signal_on_an_sftp_channel_leaves_its_session_and_uploads_whole(agent_factory, request_sent):
+    """A "signal", "break" or "window-change" request on an SFTP channel (SSH lets a client send them on any
+    session) was queued by asyncssh for the SFTP loop to raise: the loop ended, and the upload the client had open
+    was never closed nor aborted. Its path stayed 'being written' (a rename over it refused) until the agent
+    stopped, and its descriptor, staging file and share of the user's unfinished uploads stayed held. The request
+    is ignored now: the session goes on and its upload is stored when the client closes it."""
+    agent = agent_factory().start()
+
+    async def run() -> None:
+        async with asyncssh.connect("127.0.0.1", agent.sftp_port, username="pacs", password=PASSWORD,
+                                    known_hosts=None) as conn, conn.start_sftp_client() as sftp:
+            f = await sftp.open("a.dcm", "wb")
+            await f.write(b"half of an image, ")
+            channel = sftp._handler._writer.channel  # asyncssh's SFTP client keeps its channel to itself
+            {"signal": lambda: channel.send_signal("TERM"), "break": lambda: channel.send_break(100),
+             "window-change": lambda: channel.change_terminal_size(80, 24)}[request_sent]()
+            assert await sftp.listdir("/") == []  # the session answers (a file being written is not listed)
+            await f.write(b"then the rest")
+            await f.close()
+            await sftp_put(sftp, "b.dcm", b"another image")
+            await sftp.posix_rename("b.dcm", "a.dcm")  # a.dcm is no longer being written
+            async with sftp.open("a.dcm", "rb") as f:
+                assert await f.read() == b"another image"
+
+    asyncio.run(run())
+    assert agent.events("upload_aborted") == []
+

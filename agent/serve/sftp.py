@@ -201,6 +201,16 @@ class _Session(SSHServerStreamSession[bytes]):
         super().connection_made(chan)
         _coalesced(chan, self.owner.active)
 
+    def exception_received(self, exc: Exception) -> None:
+        """A signal, break or terminal size the client sent: ignored (there is no terminal, no command). asyncssh queued
+        it for the SFTP loop's next read to raise, which ended the loop without closing the session's files: an upload
+        open then was never aborted, its path stayed 'being written' (renames over it refused), its bytes counted
+        against its user's unfinished share and its descriptor and staging file were held, until the agent stopped
+        (and its drain waited for it)."""
+
+    def break_received(self, msec: int) -> bool:
+        return False  # not performed
+
     def connection_lost(self, exc: Exception | None) -> None:
         super().connection_lost(exc)
         self.owner.channels -= 1
