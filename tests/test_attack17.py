@@ -136,3 +136,28 @@ def test_a_signal_on_an_sftp_channel_leaves_its_session_and_uploads_whole(agent_
     asyncio.run(run())
     assert agent.events("upload_aborted") == []
 
+
+def test_ssh_environment_variables_are_refused_not_kept(agent_factory):
+    """asyncssh kept every "env" request of a channel for the channel's life, without a limit: one logged-in
+    client sent 1 000 variables of 30 KB on each of its 10 channels and the agent grew by 287 MB, and a channel
+    took more without end (here 5 channels of 30 MB each grew it by about 150 MB). They are refused now, as
+    OpenSSH refuses those outside its AcceptEnv (the agent runs no command); the channels' SFTP sessions work."""
+    agent = agent_factory().start()
+
+    async def run() -> None:
+        async with asyncssh.connect("127.0.0.1", agent.sftp_port, username="pacs", password=PASSWORD,
+                                    known_hosts=None) as conn:
+            async with conn.start_sftp_client() as sftp:
+                await sftp_put(sftp, "a.dcm", b"an image")
+            value = "x" * 30_000
+            held = [await conn.start_sftp_client(env={f"V0_{i}": value for i in range(1000)})]  # the heap's size
+            before = agent.rss()
+            for batch in range(1, 6):  # 150 MB more, for channels that stay open
+                held.append(await conn.start_sftp_client(env={f"V{batch}_{i}": value for i in range(1000)}))
+            grown = agent.rss() - before
+            assert grown < 32 * 2**20, f"the agent grew by {grown / 2**20:.0f} MB for 150 MB of environment"
+            assert [await sftp.listdir("/") for sftp in held] == [["a.dcm"]] * 6
+            for sftp in held:
+                sftp.exit()
+
+    asyncio.run(run())
