@@ -9,9 +9,11 @@ import urllib.request
 import asyncssh
 import pytest
 import smbclient
+from asyncssh.packet import Boolean, String
 from smbprotocol.exceptions import SMBException
 from smbutil import Smb
 
+from agent.auth import hash_password
 from agent.serve.sftp import MAX_AUTH_TRIES
 from faultkit import sftp_put
 from harness import PASSWORD, s3_objects
@@ -161,3 +163,33 @@ def test_ssh_environment_variables_are_refused_not_kept(agent_factory):
                 sftp.exit()
 
     asyncio.run(run())
+
+
+def test_password_requests_sent_back_to_back_are_each_checked_and_counted(agent_factory):
+    """asyncssh cancels a password check still under way when the client sends its next request: the check's
+    scrypt (a password_hash user, or the decoy every other name costs) ran on in the agent's threads, but its
+    failure was never recorded nor slowed and its LoginGuard slots were freed at once. A client sending password
+    requests 10 ms apart had 50 of them taken, none recorded, no delay, no ban, no end, while each it timed right
+    cost the agent 0.1 s of a thread. Checks now run one at a time per connection, each to its end, and count:
+    the connection ends at its MAX_AUTH_TRIES-th failure, every one of them logged."""
+    agent = agent_factory(users=[{"name": "pacs", "password": PASSWORD},
+                                 {"name": "hashed", "password_hash": hash_password("the right one")}],
+                          **{"login.delay_seconds": 0.05, "login.max_delay_seconds": 0.1}).start()
+
+    class BackToBack(asyncssh.SSHClient):
+        def connection_made(self, conn: asyncssh.SSHClientConnection) -> None:
+            self.conn = conn
+
+        async def password_auth_requested(self) -> None:
+            for i in range(300):  # asyncssh's client waits for each answer: these are sent without
+                await self.conn.send_userauth_request(b"password", Boolean(False), String(f"guess{i}"))
+                await asyncio.sleep(0.01)
+
+    async def run() -> None:
+        with pytest.raises(asyncssh.DisconnectError) as ended:
+            await asyncssh.create_connection(BackToBack, "127.0.0.1", agent.sftp_port, username="hashed",
+                                             known_hosts=None, client_keys=None, preferred_auth="password")
+        assert ended.value.reason == "too many authentication failures"
+
+    asyncio.run(run())
+    assert len(agent.events("login_failed")) == MAX_AUTH_TRIES

@@ -250,6 +250,7 @@ class _Auth(asyncssh.SSHServer):
         self.refused = ""  # the disconnect reason of a connection over a session cap, until it is sent
         self.began = ""  # the user this connection's authentication is for (the first it named)
         self.failures = 0  # its failed logins, against MAX_AUTH_TRIES
+        self.checking: asyncio.Future[bool] | None = None  # its password check under way, or the last one
         self.held = False  # this refused connection counts in `holding`
         self.idle: Idle | None = None  # sftp.idle_timeout, from the login on: touched by each request and reply
 
@@ -421,6 +422,16 @@ class _Auth(asyncssh.SSHServer):
         return True
 
     async def validate_password(self, username: str, password: str) -> bool:
+        """One password check at a time per connection, each carried to its end. asyncssh cancels the check under
+        way when the client sends its next request: the hash ran on in its thread (0.1 s of CPU for a password_hash
+        and its decoy) with its failure never recorded nor slowed, its guard slots freed at once, so a client
+        sending password requests back to back kept the agent's threads hashing (50 sent: none recorded)."""
+        if self.checking is not None:  # asyncssh cancels the request waiting here too, if another one comes
+            await asyncio.wait([self.checking])
+        self.checking = asyncio.ensure_future(self._check_password(username, password))
+        return await asyncio.shield(self.checking)
+
+    async def _check_password(self, username: str, password: str) -> bool:
         async with self.guard.attempt(username, self.address, "sftp") as refusal:
             if refusal:  # also a ban this connection's failures made
                 self._failed()
