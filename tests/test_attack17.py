@@ -4,6 +4,9 @@ libraries or raw sockets. Each test reproduces one attack that worked and checks
 from __future__ import annotations
 
 import asyncio
+import json
+import subprocess
+import sys
 import urllib.request
 
 import asyncssh
@@ -193,3 +196,16 @@ def test_password_requests_sent_back_to_back_are_each_checked_and_counted(agent_
 
     asyncio.run(run())
     assert len(agent.events("login_failed")) == MAX_AUTH_TRIES
+
+
+def test_healthz_names_no_login(agent_factory):
+    """/healthz has no authentication and showed the last `pacsgw selfcheck`, with the user it logged in as: a valid
+    login name for anyone reaching the port, which the password checks take care never to tell (a wrong name costs
+    the same as a wrong password). The result is shown without it."""
+    agent = agent_factory(users=[{"name": "radiology-pacs", "password": PASSWORD}]).start()
+    done = subprocess.run([sys.executable, "-m", "agent.cli", "selfcheck", "--config", str(agent.config_path)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    shown = agent.health()["selfcheck"]
+    assert shown["ok"] is True and set(shown["results"]) == {"ftp", "sftp"}
+    assert "radiology-pacs" not in json.dumps(shown)
