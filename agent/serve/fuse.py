@@ -352,10 +352,8 @@ class GatewayFS(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.ENOENT)
         else:  # only the open, not yet committed file: it will be committed under the new name
             self._require(self._who(ctx), "rename", src, op)
-            if self.gw.being_written(dst):  # an FTP or SFTP upload, here or in a worker, writes dst: as gw.rename
-                raise pyfuse3.FUSEError(errno.EACCES)
-            if not replace and await self.gw.find(dst) is not None:
-                raise pyfuse3.FUSEError(errno.EEXIST)
+            assert op.writer is not None  # a file shown as being written has its writer
+            await self._call(self.gw.rename_unstored(op.writer, dst, self._who(ctx), replace=replace))
             old = self._writing.get(dst)
             if old is not None and old is not op:
                 self._require(self._who(ctx), "delete", dst, old)

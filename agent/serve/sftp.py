@@ -48,6 +48,10 @@ _listings_of: dict[str, weakref.WeakSet[AsyncIterator[asyncssh.SFTPName]]] = {} 
 # Python, and asyncssh's default of 32 KiB cut a 512 KiB WRITE into 16 (and asyncssh clients send an IGNORE before each)
 MAX_PKTSIZE = 256 * 1024
 MAX_READ = asyncssh.sftp.MAX_SFTP_READ_LEN  # what asyncssh announces (limits@openssh.com); a longer READ gets less
+# Failed logins one SSH connection may make, passwords and public keys together (OpenSSH's MaxAuthTries): asyncssh
+# allows any number, and a key it does not know costs a client one request, so one connection offered keys (each a
+# new user, too) thousands a second, none logged, slowed or banned, keeping half a core of the agent's loop busy
+MAX_AUTH_TRIES = 6
 
 
 def _attrs(e: Entry) -> asyncssh.SFTPAttrs:
@@ -160,6 +164,14 @@ def _coalesced(chan: asyncssh.SSHServerChannel[bytes], sent: Callable[[], None])
     chan.write, chan.close = hold, closing  # type: ignore[method-assign]
 
 
+def _no_env(chan: asyncssh.SSHServerChannel[bytes]) -> None:
+    """A client's environment variables ("env" requests, RFC 4254 6.4) are refused, as OpenSSH refuses those outside
+    its AcceptEnv: the agent runs no command, and asyncssh kept every one for the channel's life without a limit (a
+    logged-in client sent 1 000 of 30 KB per channel: 287 MB in the agent over one connection's 10 channels). `chan`
+    is asyncssh's own channel: the server has no line editor, whose wrapper would take the refusal instead."""
+    chan._process_env_request = lambda packet: False  # type: ignore[method-assign]
+
+
 class _Session(SSHServerStreamSession[bytes]):
     """asyncssh's own SFTP-only session (what `listen(sftp_factory=...)` builds), counted on its connection."""
 
@@ -196,6 +208,17 @@ class _Session(SSHServerStreamSession[bytes]):
     def connection_made(self, chan: asyncssh.SSHServerChannel[bytes]) -> None:  # type: ignore[override]
         super().connection_made(chan)
         _coalesced(chan, self.owner.active)
+        _no_env(chan)
+
+    def exception_received(self, exc: Exception) -> None:
+        """A signal, break or terminal size the client sent: ignored (there is no terminal, no command). asyncssh queued
+        it for the SFTP loop's next read to raise, which ended the loop without closing the session's files: an upload
+        open then was never aborted, its path stayed 'being written' (renames over it refused), its bytes counted
+        against its user's unfinished share and its descriptor and staging file were held, until the agent stopped
+        (and its drain waited for it)."""
+
+    def break_received(self, msec: int) -> bool:
+        return False  # not performed
 
     def connection_lost(self, exc: Exception | None) -> None:
         super().connection_lost(exc)
@@ -225,6 +248,9 @@ class _Auth(asyncssh.SSHServer):
         self.channels = 0
         self.by_password = False  # the login was a password's (the guard has recorded it already)
         self.refused = ""  # the disconnect reason of a connection over a session cap, until it is sent
+        self.began = ""  # the user this connection's authentication is for (the first it named)
+        self.failures = 0  # its failed logins, against MAX_AUTH_TRIES
+        self.checking: asyncio.Future[bool] | None = None  # its password check under way, or the last one
         self.held = False  # this refused connection counts in `holding`
         self.idle: Idle | None = None  # sftp.idle_timeout, from the login on: touched by each request and reply
 
@@ -288,14 +314,14 @@ class _Auth(asyncssh.SSHServer):
             _Auth.holding -= 1
             self.held = False
 
-    def _disconnect(self) -> None:
+    def _disconnect(self, code: int = asyncssh.DISC_TOO_MANY_CONNECTIONS) -> None:
         if self.refused and self.conn is not None:
             raw = self.conn.get_extra_info("socket")  # asyncssh closes its own: a duplicate lingers (_linger)
             try:
                 held = socket.socket(fileno=os.dup(raw.fileno())) if raw is not None and self._hold() else None
             except OSError:  # out of descriptors: the disconnect goes all the same, without the lingering
                 held = None
-            self.conn.disconnect(asyncssh.DISC_TOO_MANY_CONNECTIONS, self.refused)
+            self.conn.disconnect(code, self.refused)
             self.refused = ""
             if held is not None:
                 _linger(held, self._unhold)
@@ -352,8 +378,13 @@ class _Auth(asyncssh.SSHServer):
 
     async def begin_auth(self, username: str) -> bool:
         """Every method is checked against the guard's bans here: a banned address or user gets no login by
-        public key either (their keys are not even offered to asyncssh)."""
-        self.username = username
+        public key either (their keys are not even offered to asyncssh). One connection authenticates one user, as
+        with OpenSSH: a client naming another user on the same connection is disconnected."""
+        if self.began and username != self.began:
+            self._cut(asyncssh.DISC_PROTOCOL_ERROR, "change of username not allowed",
+                      "change of username on one connection")
+            return True
+        self.began = self.username = username
         if self.startup is not None and not await self.startup.admitted():  # closed already (_admitted)
             return True
         if not await self.admitted[0]:  # over the address cap
@@ -365,6 +396,25 @@ class _Auth(asyncssh.SSHServer):
             self.conn.set_authorized_keys(asyncssh.read_authorized_keys(list(user.authorized_keys)))
         return True
 
+    def _cut(self, code: int, reason: str, logged: str) -> None:
+        """Disconnect this connection before its login, telling the client why (counted in
+        pacsgw_errors_total{kind="AuthTries"}, logged and audited as a session refused)."""
+        refuse_session(self.gateway, "sftp", self._who(self.username), logged, "AuthTries")
+        self.refused = reason
+        self._disconnect(code)
+
+    def _failed(self) -> None:
+        """One more failed login on this connection: it ends at MAX_AUTH_TRIES."""
+        self.failures += 1
+        if self.failures >= MAX_AUTH_TRIES:
+            self._cut(asyncssh.DISC_NO_MORE_AUTH_METHODS_AVAILABLE, "too many authentication failures",
+                      f"too many authentication failures on one connection (limit {MAX_AUTH_TRIES})")
+
+    def validate_public_key(self, username: str, key: asyncssh.SSHKey) -> bool:
+        """A key none of the user's authorized_keys holds (asyncssh asks only then): a failed login."""
+        self._failed()
+        return False
+
     def password_auth_supported(self) -> bool:
         return self.cfg.password_auth
 
@@ -372,14 +422,27 @@ class _Auth(asyncssh.SSHServer):
         return True
 
     async def validate_password(self, username: str, password: str) -> bool:
+        """One password check at a time per connection, each carried to its end. asyncssh cancels the check under
+        way when the client sends its next request: the hash ran on in its thread (0.1 s of CPU for a password_hash
+        and its decoy) with its failure never recorded nor slowed, its guard slots freed at once, so a client
+        sending password requests back to back kept the agent's threads hashing (50 sent: none recorded)."""
+        if self.checking is not None:  # asyncssh cancels the request waiting here too, if another one comes
+            await asyncio.wait([self.checking])
+        self.checking = asyncio.ensure_future(self._check_password(username, password))
+        return await asyncio.shield(self.checking)
+
+    async def _check_password(self, username: str, password: str) -> bool:
         async with self.guard.attempt(username, self.address, "sftp") as refusal:
             if refusal:  # also a ban this connection's failures made
+                self._failed()
                 return False
             ok = await asyncio.to_thread(self.passwords.check, username, password)
             wait = await login(self.gateway, self.guard, "sftp", self._who(username), self.address, ok,
                                method="password")
         await asyncio.sleep(wait)
         self.by_password = ok
+        if not ok:
+            self._failed()
         return ok
 
 
@@ -620,7 +683,7 @@ class SftpService:
             host, port, server_host_keys=[key], allow_scp=False,
             server_factory=lambda: _Auth(self.passwords, self.cfg.sftp, self.gateway, self.logins, factory, startups),
             agent_forwarding=False, x11_forwarding=False,
-            allow_pty=False, login_timeout=60, keepalive_interval=30,
+            allow_pty=False, line_editor=False, login_timeout=60, keepalive_interval=30,
             acceptor=self._conns.add, reuse_port=reuse_port, max_pktsize=MAX_PKTSIZE)
 
     def stop_accepting(self) -> None:

@@ -661,31 +661,49 @@ class Gateway:
         """Like rename(2), replacing an existing target (x.part → x); without `replace` it is AlreadyExists."""
         async with self.audit.op(who, "rename", src, to=dst):
             self._may_change(who, "rename", src)
-            self._not_the_agents(who, dst)
-            self._fits(dst)
             self._movable(src)
-            self._movable(dst)
-            check_creatable(dst, dst)
-            if self.being_written(dst):  # its commit would replace what is renamed there
-                raise PermissionDenied(dst, "the target is being written by another upload; try again later")
+            self._may_take(who, dst)
             e = await self.stat(src)
             await self.worm.check_mutable(e, time.time())
             if e.is_dir:
                 if self.being_written(src):  # an upload's commit would bring the directory back (Windows refuses too)
                     raise PermissionDenied(src, "a file in this directory is being written; try again later")
                 await self.list_tree(src)
-            await self._ensure_listed(parent_of(dst), missing_ok=True)
-            replaced_entry = await self.db.get(dst)
-            if replaced_entry is not None:
-                if not replace:
-                    raise AlreadyExists(dst, "the target exists and this rename does not replace")
-                self._require(who, "delete", dst)  # the file replaced is lost
-                await self.worm.check_mutable(replaced_entry, time.time())
+            replaced_entry = await self._replaced_by_rename(who, dst, replace)
             replaced = await self.db.rename(src, dst, self._base(who, replaced_entry))
         for blob in replaced:
             self.cache.remove(blob)
         self.uploader.wake()
         log.info("rename", src=src, dst=dst, directory=e.is_dir)
+
+    async def rename_unstored(self, handle: WriteHandle, dst: str, who: Who | None, *, replace: bool = True) -> None:
+        """A file being written and never stored yet is to be committed under dst instead (an SMB client renames the
+        new file it still has open): dst is judged as rename judges a target, or its name, its directory or the file
+        it replaces went unchecked (Windows device names, text-direction controls and a WORM file stored there).
+        Whether who may move the file is the front end's to say; the caller then moves `handle` (WriteHandle.rename)."""
+        async with self.audit.op(who, "rename", handle.path, to=dst):
+            self._may_take(who, dst)
+            handle.base = self._base(who, await self._replaced_by_rename(who, dst, replace))
+
+    def _may_take(self, who: Who | None, dst: str) -> None:
+        """A rename's target name: one clients may create, outside the agent's directories, written by no upload."""
+        self._not_the_agents(who, dst)
+        self._fits(dst)
+        self._movable(dst)
+        check_creatable(dst, dst)
+        if self.being_written(dst):  # its commit would replace what is renamed there
+            raise PermissionDenied(dst, "the target is being written by another upload; try again later")
+
+    async def _replaced_by_rename(self, who: Who | None, dst: str, replace: bool) -> Entry | None:
+        """The file a rename to dst would replace (None: none), if it may."""
+        await self._ensure_listed(parent_of(dst), missing_ok=True)
+        replaced = await self.db.get(dst)
+        if replaced is not None:
+            if not replace:
+                raise AlreadyExists(dst, "the target exists and this rename does not replace")
+            self._require(who, "delete", dst)  # the file replaced is lost
+            await self.worm.check_mutable(replaced, time.time())
+        return replaced
 
     async def list_tree(self, path: str) -> None:
         """A directory is about to move: every remote object under it must be known first."""
