@@ -50,3 +50,16 @@ def test_spares_are_cleared_with_staging_at_start_and_made_only_by_its_owner(tmp
     assert len(os.listdir(cache.spare)) == SPARES and blob in os.listdir(cache.staging)
     Cache(tmp_path)  # the owner starts again: unacknowledged writes and spares go
     assert os.listdir(tmp_path / "staging") == [] and os.listdir(tmp_path / "spare") == []
+
+
+def test_a_spare_removed_by_hand_costs_nothing_but_the_spare(tmp_path):
+    cache = Cache(tmp_path)
+    os.close(cache.new_staging()[1])
+    for name in spares(cache, SPARES).values():
+        os.unlink(cache.spare / name)
+    blob, fd = cache.new_staging()  # made in place instead
+    os.write(fd, b"still written")
+    cache.commit(blob, fd, durable=False)
+    os.close(fd)
+    with open(cache.blob_file(blob), "rb") as f:
+        assert f.read() == b"still written"

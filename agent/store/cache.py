@@ -123,9 +123,9 @@ class Cache:
             return _new_file(self._staging_dir)
         try:
             os.rename(f"{self._spare_dir}/{blob}", self.staging_path(blob))
-        except OSError as e:
+        except OSError:  # the spare was removed by hand, or staging/ cannot take a name: as without spares
             os.close(fd)
-            raise _translate(e, blob) from e
+            return _new_file(self._staging_dir)
         return blob, fd
 
     def _make_spares(self) -> None:
