@@ -38,8 +38,9 @@ CHUNK = 1024 * 1024
 STAMP = "user.pacsgw.verified"  # xattr: "<xxh3-128 hex> <size> <mtime_ns> <inode>"
 WOULD_BLOCK = "would block"  # open_checked(nowait=True): the check needs the disk, run it in a thread
 # Empty staging files kept ready: a cold read's fetch makes its staging file on the event loop, and a create
-# allocates an inode (ext4 scans past recently freed ones: 10-100 µs on this VM's disk under other processes'
-# churn, the loop's time); a rename of a spare into staging/ costs ~8 µs. Made by one thread for all caches.
+# allocates an inode (ext4 scans past recently freed ones: 13 µs quiet, 132-444 µs p50 on this VM's disk under
+# other processes' churn, the loop's time); renaming a spare into staging/ cost 23-28 µs there (docs/benchmarks.md
+# §27). Made by one thread for all caches.
 SPARES = 16
 _SPARE_MAKER = ThreadPoolExecutor(1, thread_name_prefix="staging-spares")
 
