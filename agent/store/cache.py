@@ -2,7 +2,8 @@
 
 Content is stored by blob name (a random id), not by path: a rename is a catalog change only, and an
 upload reading the old content of a file being overwritten keeps reading consistent bytes.
-Layout: DIR/staging/<id> while being written, DIR/data/<id[:2]>/<id> once committed.
+Layout: DIR/staging/<id> while being written, DIR/data/<id[:2]>/<id> once committed, DIR/spare/<id> empty
+files made ahead (by the process that owns staging) and renamed into staging/ when a write or a fetch begins.
 
 Integrity: the catalog's SHA-256 is what S3 checks; hashing a whole copy with it before every read would
 put ~2 ms per MiB before the first byte. So a committed copy carries a stamp in an extended attribute:
@@ -20,6 +21,8 @@ import os
 import secrets
 import shutil
 import sys
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -34,6 +37,12 @@ log = structlog.get_logger("pacsgw.cache")
 CHUNK = 1024 * 1024
 STAMP = "user.pacsgw.verified"  # xattr: "<xxh3-128 hex> <size> <mtime_ns> <inode>"
 WOULD_BLOCK = "would block"  # open_checked(nowait=True): the check needs the disk, run it in a thread
+# Empty staging files kept ready: a cold read's fetch makes its staging file on the event loop, and a create
+# allocates an inode (ext4 scans past recently freed ones: 13 µs quiet, 132-444 µs p50 on this VM's disk under
+# other processes' churn, the loop's time); renaming a spare into staging/ cost 23-28 µs there (docs/benchmarks.md
+# §27). Made by one thread for all caches.
+SPARES = 16
+_SPARE_MAKER = ThreadPoolExecutor(1, thread_name_prefix="staging-spares")
 
 
 def fast_hash() -> "xxhash.xxh3_128":
@@ -73,12 +82,20 @@ class Cache:
         self.root = root
         self.staging = root / "staging"
         self.data = root / "data"
-        self._data_dir, self._staging_dir = str(self.data), str(self.staging)
+        self.spare = root / "spare"
+        self._data_dir, self._staging_dir, self._spare_dir = str(self.data), str(self.staging), str(self.spare)
         self._durable_dirs: set[str] = set()  # data/<xx> whose own entry in data/ this process fsynced
         self.data.mkdir(parents=True, exist_ok=True)
+        # Spares only in the process that owns staging (it clears it): fsck and serving workers make their own
+        # staging files, and leave no spares behind when they exit.
+        self._spares: deque[tuple[str, int]] = deque()  # (blob, fd) in spare/: popped on the loop, added by the maker
+        self._spares_wanted = SPARES if clear_staging else 0
+        self._making = False
         if clear_staging:
             # At agent start, anything left in staging is a write that was never acknowledged: discard it.
             shutil.rmtree(self.staging, ignore_errors=True)
+            shutil.rmtree(self.spare, ignore_errors=True)
+            self.spare.mkdir(parents=True, exist_ok=True)
         self.staging.mkdir(parents=True, exist_ok=True)
         # open_checked(nowait=True) reads into this one buffer: it runs on the event loop only, and a fresh
         # 512 KiB buffer per read cost ~30 µs of page faults
@@ -96,12 +113,31 @@ class Cache:
         return Path(self.blob_file(blob))
 
     def new_staging(self) -> tuple[str, int]:
-        """A new blob and its staging file, open for writing; → (blob, fd). Raises NoSpace when the disk is full."""
-        blob = secrets.token_hex(16)
+        """A new blob and its staging file, open for writing (a spare renamed into staging/ when one is ready);
+        → (blob, fd). Raises NoSpace when the disk is full."""
+        if self._spares_wanted and len(self._spares) <= self._spares_wanted // 2 and not self._making:
+            self._making = True
+            _SPARE_MAKER.submit(self._make_spares)
         try:
-            return blob, os.open(self.staging_path(blob), os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
-        except OSError as e:
-            raise _translate(e, blob) from e
+            blob, fd = self._spares.popleft()
+        except IndexError:
+            return _new_file(self._staging_dir)
+        try:
+            os.rename(f"{self._spare_dir}/{blob}", self.staging_path(blob))
+        except OSError:  # the spare was removed by hand, or staging/ cannot take a name: as without spares
+            os.close(fd)
+            return _new_file(self._staging_dir)
+        return blob, fd
+
+    def _make_spares(self) -> None:
+        """Top the spares up (the maker thread). A full disk stops it quietly: new_staging then makes its own file
+        and raises NoSpace to its caller, who reports it."""
+        try:
+            with contextlib.suppress(NoSpace, OSError):
+                while len(self._spares) < self._spares_wanted:
+                    self._spares.append(_new_file(self._spare_dir))
+        finally:
+            self._making = False
 
     def commit(self, blob: str, fd: int, digest: str | None = None, *, durable: bool = True) -> None:
         """Stamp the staging file (digest: its fast digest if the caller hashed it on the way in), fsync it,
@@ -199,6 +235,15 @@ class Cache:
 
     def iter_blobs(self) -> Iterator[str]:  # blob names on disk: data/<first two characters>/<blob>
         return (f.name for f in self.data.glob("*/*"))
+
+
+def _new_file(directory: str) -> tuple[str, int]:
+    """A new blob's empty file in directory, open for writing → (blob, fd). Raises NoSpace when the disk is full."""
+    blob = secrets.token_hex(16)
+    try:
+        return blob, os.open(f"{directory}/{blob}", os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    except OSError as e:
+        raise _translate(e, blob) from e
 
 
 def sha256_fd(fd: int, also: "xxhash.xxh3_128 | None" = None) -> str:
