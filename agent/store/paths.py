@@ -95,6 +95,17 @@ def resolve(root: str, cwd: str, client_path: str) -> str:
     return ns
 
 
+def study_of(path: str, depth: int) -> str:
+    """The study directory of a file when no DICOM header or trace column names its study: the first `depth`
+    levels of its path (`[prefetch] study_depth`), or its own directory when the path is shorter.
+
+    The one rule for the live agent (eviction groups, the prior-study planner) and `pacsgw import-trace`, so a
+    hospital replaying its own month groups files as the box then will (docs/replay.md "round 18 — layouts").
+    """
+    parts = path.split("/")
+    return "/".join(parts[:depth]) if len(parts) > depth else path.rpartition("/")[0]
+
+
 def parent_of(path: str) -> str:
     return path.rpartition("/")[0]
 
