@@ -15,7 +15,7 @@ PATHS = [
     "CT/2026-01-05/ST1/SE1/00001.dcm",      # the generator's MODALITY/DAY/STUDY/SERIES: the study
     "2026/01/05/1.2.826.0.1.7.1.1.dcm",     # day directories: the day, not the month
     "P123/1.2.826.0.1.8.1.1.dcm",           # a patient's directory: the patient
-    "1.2.826.0.1.9.1.1.dcm",                # one flat directory: the root, as live
+    "1.2.826.0.1.9.1.1.dcm",                # one flat directory: the file
 ]
 
 
@@ -29,7 +29,7 @@ def _import(tmp_path: Path, *options: str) -> dict[str, str]:
 def test_the_imported_study_is_the_live_agents(tmp_path: Path) -> None:
     depth = PrefetchConfig().study_depth
     assert _import(tmp_path) == {p: live_study_of(p, depth) for p in PATHS} == {
-        PATHS[0]: "CT/2026-01-05/ST1", PATHS[1]: "2026/01/05", PATHS[2]: "P123", PATHS[3]: ""}
+        PATHS[0]: "CT/2026-01-05/ST1", PATHS[1]: "2026/01/05", PATHS[2]: "P123", PATHS[3]: PATHS[3]}
 
 
 def test_study_depth_as_the_box_is_configured(tmp_path: Path) -> None:
