@@ -8,11 +8,11 @@ writes `<out>-<layout>.csv` per layout. The same requests (time, op, size) in th
 path changes, and only `baseline` keeps the patient/study/modality/dept columns (the original layout
 as the generator names it, the yardstick). Catalog (`S`) lines are dropped: a CSV has none.
 
-Layouts (what `import-trace`'s default `--series-dirs 1` then takes to be a study):
-- `day`:    YYYY/MM/DD/<sop uid>.dcm         (day directories of many studies; study = a month)
+Layouts (what `import-trace`'s default `--study-depth 3`, the agent's, then takes to be a study):
+- `day`:    YYYY/MM/DD/<sop uid>.dcm         (day directories of many studies; study = the day)
 - `flat`:   <sop uid>.dcm                    (one directory; study = the file)
 - `patient`: <patient>/<sop uid>.dcm         (all of a patient's studies; study = the patient)
-- `nosedir`: <patient>/<study>/<sop uid>.dcm (no series level, series_dirs wrong; study = the patient)
+- `nosedir`: <patient>/<study>/<sop uid>.dcm (no series level; study = the study)
 """
 
 from __future__ import annotations

@@ -14,31 +14,43 @@ from tests.sim_helpers import arrays
 CASES, FILES, EVERY_S, READ_AFTER_S = 24, 5, 1800.0, 300.0
 
 
-def day_directory_trace():
+def day_directory_trace(written: bool = True):
     """One day directory (one 'study' to the importer) receives a 5-file case every 30 minutes for 12 hours;
-    each case is read 5 minutes after it was written. The cache holds 6 cases."""
-    obj, t, w = [], [], []
+    each case is read 5 minutes later. `written`: a day of the trace, each case written first; else a day of the
+    archive (a month old), each case read on a miss first. The cache holds 6 cases. → the trace, the later reads."""
+    obj, t, w, later = [], [], [], []
     for c in range(CASES):
         files = list(range(c * FILES, (c + 1) * FILES))
         obj += files + files
         t += [c * EVERY_S + i for i in range(FILES)] + [c * EVERY_S + READ_AFTER_S + i for i in range(FILES)]
-        w += [True] * FILES + [False] * FILES
+        w += [written] * FILES + [False] * FILES
+        later += [False] * FILES + [True] * FILES
     order = np.argsort(np.array(t), kind="stable")
-    return arrays(np.array(obj)[order], np.array(w)[order], t=np.array(t)[order],
-                  obj_study=np.zeros(CASES * FILES, dtype=np.int32))
+    return (arrays(np.array(obj)[order], np.array(w)[order], t=np.array(t)[order],
+                   obj_study=np.zeros(CASES * FILES, dtype=np.int32), study_day=[0 if written else -30]),
+            np.array(later)[order])
 
 
+@pytest.mark.parametrize("written", [True, False], ids=["written", "only-read"])
 @pytest.mark.parametrize("scheme", ["agent", "adaptive", "learned", "study"])
-def test_a_day_directory_is_not_evicted_whole(scheme) -> None:
-    ta = day_directory_trace()
+def test_a_day_directory_is_not_evicted_whole(scheme, written) -> None:
+    """A directory only ever read is split by read bursts too, once read into on misses for hours: kept whole, a
+    busy old day was one group that every case read from it kept young until it went at once."""
+    ta, later = day_directory_trace(written)
     hit = hits_of(ta, scheme, 6 * FILES * 1000, warmup_days=0)
-    assert hit[~ta.is_write].all()      # LRU's result: each case is read while it is among the 6 newest
+    assert hit[later].all()      # LRU's result: each case is read again while it is among the 6 newest
 
 
 def test_a_study_written_in_one_burst_keeps_its_name() -> None:
     g = Groups()
     assert [g.of("CT/2026-01-05/ST1", t, True) for t in (0.0, 1.0, 600.0)] == ["CT/2026-01-05/ST1"] * 3
     assert g.of("CT/2026-01-05/ST1", 30 * 86400.0, False) == "CT/2026-01-05/ST1"   # read on a miss a month later
+
+
+def test_a_prior_read_in_one_session_or_prefetched_keeps_its_name() -> None:
+    g = Groups()
+    assert [g.of("CT/2025-12-01/ST1", t, False) for t in (0.0, 60.0, MIXED_S)] == ["CT/2025-12-01/ST1"] * 3
+    assert g.of("CT/2025-12-01/ST1", 30 * 86400.0, False, prefetch=True) == "CT/2025-12-01/ST1"
 
 
 def test_a_directory_written_for_hours_splits_by_burst() -> None:
@@ -49,6 +61,14 @@ def test_a_directory_written_for_hours_splits_by_burst() -> None:
     assert g.of("2026/01/05", late + 1, True) == first                  # the same burst
     second = g.of("2026/01/05", late + GAP_S + 10, False)                # a read on a miss after a pause
     assert second != first and Groups.directory(second) == Groups.directory(first) == "2026/01/05"
+
+
+def test_a_directory_read_into_for_hours_splits_by_burst() -> None:
+    g = Groups()
+    assert g.of("2025/12/01", 0.0, False) == "2025/12/01"
+    first = g.of("2025/12/01", MIXED_S + 1, False)
+    second = g.of("2025/12/01", MIXED_S + GAP_S + 10, False)
+    assert first != second and Groups.directory(second) == "2025/12/01"
 
 
 def test_sync_groups_as_the_simulator_does() -> None:

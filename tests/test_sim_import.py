@@ -61,7 +61,7 @@ def test_csv_without_optional_columns_derives_the_study(tmp_path: Path) -> None:
     src = tmp_path / "plain.csv"
     src.write_text("path,size,op,ts\n/a/ST9/SE1/1.dcm,10,write,5\n/a/ST9/SE2/1.dcm,10,write,6\n"
                    "/a/ST9/SE1/1.dcm,10,read,7\n")
-    import_trace(src, tmp_path / "t.tsv")
+    import_trace(src, tmp_path / "t.tsv", study_depth=2)     # the agent's [prefetch] study_depth for a/STUDY/...
     reqs = list(iter_requests(tmp_path / "t.tsv"))
     assert {r.study for r in reqs} == {"a/ST9"} and {r.patient for r in reqs} == {"a/ST9"}
     assert {r.modality for r in reqs} == {"OT"}

@@ -1,14 +1,18 @@
 """The eviction unit where a directory is not a study (issue 13, docs/replay.md "Other path layouts").
 
-Whole-study eviction takes a study to be a directory (`[prefetch] study_depth` levels live, `import-trace
---series-dirs` in the simulator). In layouts where it is not (`YYYY/MM/DD/<sop>.dcm` day directories, one flat
-directory, `<patient>/<sop>.dcm`) one "study" holds days to years of files, and dropping it whole empties the
-cache: the default closed -65 % of the LRU→Belady gap on `general` in day directories. A study is written in
-one burst (the tuning families' longest: 11 min); a directory that goes on receiving writes for hours is not one.
+Whole-study eviction takes a study to be a directory (`agent.store.paths.study_of`: the first `[prefetch]
+study_depth` levels, live and in `import-trace`). In layouts where it is not (`YYYY/MM/DD/<sop>.dcm` day
+directories, one flat directory, `<patient>/<sop>.dcm`) one "study" holds days to years of files, and dropping it
+whole empties the cache: the default closed -65 % of the LRU→Belady gap on `general` in day directories. A
+study is written in one burst (the tuning families' longest: 11 min); a directory that goes on receiving writes
+for hours is not one.
 Such a *mixed* directory is split into groups by insert bursts instead: the files that land in it within
 `GAP_S` of one another (and within `SPAN_S` of the burst's first), written or read on a miss alike, since the
 reads of one case's files also come together. A directory written in one burst keeps its own name as the
-group, so a layout with study directories evicts exactly as before.
+group, so a layout with study directories evicts exactly as before. A directory never seen written (an old day
+directory whose studies come back as priors) is split the same way once it has been read into on misses for more
+than `MIXED_S`: whole, every case read from a busy old day kept the day young, then it went at once. The planner's
+prefetches do not start that clock (a prior study is fetched again for each new study of its patient).
 
 `PolicyStack` maps every insert through one `Groups`, for the live agent and the simulator alike.
 """
@@ -28,6 +32,7 @@ MAX_DIRS = 1_000_000    # directories remembered (~150 B each), least recently i
 @dataclass
 class _Dir:
     first_write: float | None = None
+    first_read: float | None = None     # first insert on a read, while the directory was never seen written
     mixed: bool = False
     burst: int = 0                  # group number of the current burst (mixed only)
     burst_start: float = 0.0
@@ -41,7 +46,7 @@ class Groups:
         self.max_dirs = max_dirs
         self._dirs: OrderedDict[Hashable, _Dir] = OrderedDict()
 
-    def of(self, study: Hashable, now: float, written: bool) -> Hashable:
+    def of(self, study: Hashable, now: float, written: bool, prefetch: bool = False) -> Hashable:
         d = self._dirs.get(study)
         if d is None:
             d = self._dirs[study] = _Dir()
@@ -51,8 +56,14 @@ class Groups:
             self._dirs.move_to_end(study)
         if written:
             d.first_write = now if d.first_write is None else d.first_write
-            if not d.mixed and now - d.first_write > MIXED_S:
-                d.mixed, d.burst_start = True, float("-inf")     # the next line opens burst 1
+            first = d.first_write
+        elif d.first_write is None and not prefetch:     # only ever read on misses so far
+            d.first_read = now if d.first_read is None else d.first_read
+            first = d.first_read
+        else:                   # a read of a written directory, a prefetch: neither makes a directory mixed
+            first = now
+        if not d.mixed and now - first > MIXED_S:
+            d.mixed, d.burst_start = True, float("-inf")     # the next line opens burst 1
         if not d.mixed:
             d.last_insert = now
             return study

@@ -62,8 +62,9 @@ def register(subparsers) -> None:  # argparse's private _SubParsersAction
     m.add_argument("--start", default=None,
                    help="YYYY-MM-DD: the day CSV times count from (default 2026-01-05); for logs, "
                         "the day the trace starts (default: the first request's)")
-    m.add_argument("--series-dirs", type=int, default=1,
-                   help="without a study column: directory levels between a file and its study (default 1)")
+    m.add_argument("--study-depth", type=int, default=None,
+                   help="without a study column: path levels of a study directory, as the agent's [prefetch] "
+                        "study_depth (default: its default, 3, for MODALITY/DAY/STUDY)")
     m.set_defaults(func=cmd_import_trace)
 
     t = subparsers.add_parser("train", help="train the hotness LSTM (needs the `train` extra)")
@@ -96,12 +97,13 @@ def cmd_gen_trace(ns: argparse.Namespace) -> int:
 
 
 def cmd_import_trace(ns: argparse.Namespace) -> int:
-    from agent.sim.importer import TraceImportError, import_trace
-    if ns.series_dirs < 0:
-        print("import-trace: --series-dirs must be 0 or more", file=sys.stderr)
+    from agent.sim.importer import STUDY_DEPTH, TraceImportError, import_trace
+    depth = STUDY_DEPTH if ns.study_depth is None else ns.study_depth
+    if depth < 1:
+        print("import-trace: --study-depth must be 1 or more", file=sys.stderr)
         return 2
     try:
-        summary = import_trace(ns.src, ns.dst, ns.format, ns.start, ns.series_dirs)
+        summary = import_trace(ns.src, ns.dst, ns.format, ns.start, depth)
     except (OSError, TraceImportError) as e:
         print(f"import-trace: {e}", file=sys.stderr)
         return 2

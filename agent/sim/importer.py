@@ -11,14 +11,15 @@ import csv
 import datetime as dt
 import json
 import math
-import posixpath
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Callable, Iterator
 
+from agent.config import PrefetchConfig
 from agent.sim.trace import COLUMNS, MAGIC, _open
 from agent.sim.workload import DAY
+from agent.store.paths import study_of
 
 CSV_REQUIRED = ("ts", "op", "path", "size")
 CSV_OPTIONAL = {"patient": "patient", "study": "study", "modality": "modality", "dept": "department",
@@ -26,6 +27,7 @@ CSV_OPTIONAL = {"patient": "patient", "study": "study", "modality": "modality", 
 DEFAULT_START = dt.datetime(2026, 1, 5)   # a Monday: CSV times are relative
 NO_MODALITY = "OT"          # DICOM's "other"
 NO_DEPARTMENT = "-"
+STUDY_DEPTH = PrefetchConfig().study_depth  # without a study column a file's study is what the live agent takes
 _CONTROL = {chr(c) for c in range(32)} | {"\x7f"}
 
 
@@ -261,15 +263,6 @@ def sniff(first_line: str) -> str:
 
 # -- from rows to a replayable trace ---------------------------------------------------------------
 
-def _study_of(path: str, series_dirs: int) -> str:
-    d = posixpath.dirname(path)
-    for _ in range(series_dirs):
-        if "/" not in d:
-            break
-        d = posixpath.dirname(d)
-    return d or path
-
-
 def repair(rows: list[Row], summary: Summary) -> list[Row]:
     """Sort (a write before a read of the same second) and keep one write per object, first."""
     rows.sort(key=lambda r: (r.t, not r.write, r.line))
@@ -296,7 +289,7 @@ def repair(rows: list[Row], summary: Summary) -> list[Row]:
 
 
 def load(src: str | Path, fmt: str = "auto", start: str | None = None,
-         series_dirs: int = 1) -> tuple[list[Row], Summary]:
+         study_depth: int = STUDY_DEPTH) -> tuple[list[Row], Summary]:
     """Parse `src` and make it replayable; → rows with t relative to midnight of the start day."""
     with _open(src, "r") as f:
         first = f.readline()
@@ -334,7 +327,7 @@ def load(src: str | Path, fmt: str = "auto", start: str | None = None,
             raise TraceImportError(f"{src}: --start {start} is after the first request")
     summary.start = day0.isoformat()
     for r in rows:
-        r.study = r.study or _study_of(r.path, series_dirs)
+        r.study = r.study or study_of(r.path, study_depth)
         r.patient = r.patient or r.study
         r.modality = r.modality or NO_MODALITY
         r.department = r.department or NO_DEPARTMENT
@@ -364,7 +357,7 @@ def write(rows: list[Row], summary: Summary, dst: str | Path) -> dict:
 
 
 def import_trace(src: str | Path, dst: str | Path, fmt: str = "auto", start: str | None = None,
-                 series_dirs: int = 1) -> Summary:
-    rows, summary = load(src, fmt, start, series_dirs)
+                 study_depth: int = STUDY_DEPTH) -> Summary:
+    rows, summary = load(src, fmt, start, study_depth)
     write(rows, summary, dst)
     return summary

@@ -23,6 +23,7 @@ from agent.policy.stack import CatalogRow, PolicyStack, StackSpec
 from agent.store.access import AccessStats
 from agent.store.cache import Cache
 from agent.store.catalog import AsyncCatalog
+from agent.store.paths import study_of
 
 log = structlog.get_logger("pacsgw.evict")
 
@@ -50,12 +51,6 @@ class Candidates:
 def stack_for(c: CacheConfig, planners: tuple[str, ...] = (), priors_k: int = 3) -> PolicyStack:
     return PolicyStack(StackSpec(c.eviction, planners), priors_k=priors_k,
                        kmeans=eviction.KMeansConfig(refit_seconds=c.kmeans_refit_seconds), max_age_days=c.age_max_days)
-
-
-def study_of(path: str, depth: int) -> str:
-    """The study directory of a file (its first `depth` levels), or its parent when the path is shorter."""
-    parts = path.split("/")
-    return "/".join(parts[:depth]) if len(parts) > depth else path.rpartition("/")[0]
 
 
 # a catalog eviction row: path, gen, size, last access, access count, mtime, cached at, cached by

@@ -95,6 +95,19 @@ def resolve(root: str, cwd: str, client_path: str) -> str:
     return ns
 
 
+def study_of(path: str, depth: int) -> str:
+    """The study of a file when no trace column names it: the first `depth` levels of its path (`[prefetch]
+    study_depth`), its own directory when the path is shorter (`<patient>/<study>/<sop>.dcm`), and the file itself
+    in the root (a flat store: as one directory split into write bursts it closed less of the LRU→Belady gap than
+    file by file on every tuning family, docs/replay.md "round 18 — layouts").
+
+    The one rule for the live agent's eviction groups and `pacsgw import-trace`, so a hospital replaying its own
+    month groups files as the box then will.
+    """
+    parts = path.split("/")
+    return "/".join(parts[:depth]) if len(parts) > depth else path.rpartition("/")[0] or path
+
+
 def parent_of(path: str) -> str:
     return path.rpartition("/")[0]
 
