@@ -17,6 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
     ("read.py", ["--files", "2", "--readers", "1", "--size", "4096"], "ours/rclone"),
     ("read.py", ["--files", "2", "--readers", "2", "--size", "4096", "--targets", "pacsgw", "--workers", "2",
                  "--agent-cpus", "0"], "workers 2, CPUs 0"),
+    ("staging.py", ["--calls", "60", "--every-ms", "0"], "new_staging on the caller"),
     ("catalog_commits.py", ["--processes", "1,2", "--commits", "20"], "'gens_unique': True"),
     ("ingest_smb.py", ["--files", "4", "--clients", "2", "--size", "4096", "--big-mb", "4"], "FUSE overhead"),
 ])
