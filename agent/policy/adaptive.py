@@ -140,20 +140,21 @@ class _Doorkeeper:
             if self.sent >= HALF_LIFE:
                 self.sent, self.back = self.sent / 2, self.back / 2
             if self.on:
-                self._join(study, now)
+                self._join(study)
+            if study in self._pos:      # (on probation still when `seen` had forgotten it, even with the door shut)
+                heapq.heappush(self._by_read, (now, self._pos[study], study))
         files = self.probation.get(study)
         if files is not None:
             files[key] = size
             self._filled.add(study)
 
-    def _join(self, study: Any, now: float) -> None:
+    def _join(self, study: Any) -> None:
         """Put a study on probation with no files (one forgotten by `seen` while on it keeps its place)."""
         self.probation[study] = {}
         self._filled.discard(study)
         if study not in self._pos:
             self._pos[study] = self._joined
             self._joined += 1
-        heapq.heappush(self._by_read, (now, self._pos[study], study))
         if len(self.probation) > self.max_seen:    # studies whose files all left while the door was shut
             self._leave(next(iter(self.probation)))
 
