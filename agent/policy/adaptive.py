@@ -109,13 +109,13 @@ class _Doorkeeper:
         # A pass takes files from the few studies on probation that hold some, and drops the studies it went past
         # whose session is over. In a flat store (a study per file) thousands of emptied studies wait out their
         # session at the head, and walking them on every pass (one per insert) was 40 % of the replay. So a pass
-        # walks the filled studies only, in probation order (`_pos`: a study's place), and finds the ones to drop
-        # through two heaps: (last read, place, study) of studies on probation, by time, and (place, study) of
-        # those whose session is over, by place. Entries outlive changes; each is checked against the study's
-        # state when it comes out.
+        # walks the filled studies only, in probation order (`_pos`: a study's place; `_filled`: a heap of (place,
+        # study) of those that got files), and finds the ones to drop through two more heaps: (last read, place,
+        # study) of studies on probation, by time, and (place, study) of those whose session is over, by place.
+        # Entries outlive changes; each is checked against the study's state when it comes out.
         self._pos: dict[Any, int] = {}
         self._joined = 0
-        self._filled: set[Any] = set()
+        self._filled: list[tuple[int, Any]] = []
         self._by_read: list[tuple[float, int, Any]] = []
         self._over: list[tuple[int, Any]] = []
         self.max_seen = max_seen
@@ -145,13 +145,13 @@ class _Doorkeeper:
                 heapq.heappush(self._by_read, (now, self._pos[study], study))
         files = self.probation.get(study)
         if files is not None:
+            if not files:
+                heapq.heappush(self._filled, (self._pos[study], study))
             files[key] = size
-            self._filled.add(study)
 
     def _join(self, study: Any) -> None:
         """Put a study on probation with no files (one forgotten by `seen` while on it keeps its place)."""
         self.probation[study] = {}
-        self._filled.discard(study)
         if study not in self._pos:
             self._pos[study] = self._joined
             self._joined += 1
@@ -161,7 +161,6 @@ class _Doorkeeper:
     def _leave(self, study: Any) -> None:
         del self.probation[study]
         del self._pos[study]
-        self._filled.discard(study)
 
     def read(self, study: Any, now: float) -> None:
         last = self.seen.get(study)
@@ -189,12 +188,21 @@ class _Doorkeeper:
         """Every cached file on probation; a study whose session is over leaves probation (when the pass ends: a pass
         takes what it needs from the head, and a copy of a long probation list per pass made the replay quadratic)."""
         reached = math.inf      # the place of the study the pass stopped in (it and those after it stay)
+        walked: list[tuple[int, Any]] = []
         try:
-            for study in sorted(self._filled, key=self._pos.__getitem__):
-                reached = self._pos[study]
+            while self._filled:
+                pos, study = heapq.heappop(self._filled)
+                # gone from probation, emptied, or a second entry of the study just walked
+                if self._pos.get(study) != pos or not self.probation[study] or walked and walked[-1][0] == pos:
+                    continue
+                walked.append((pos, study))
+                reached = pos
                 yield from list(self.probation[study])
             reached = math.inf
         finally:
+            for pos, study in walked:
+                if self.probation.get(study):       # files left (the study the pass stopped in)
+                    heapq.heappush(self._filled, (pos, study))
             self._drop_over(reached, now)
 
     def _drop_over(self, reached: float, now: float) -> None:
@@ -214,8 +222,6 @@ class _Doorkeeper:
         files = self.probation.get(study)
         if files is not None:
             files.pop(key, None)
-            if not files:
-                self._filled.discard(study)
 
     def status(self) -> dict[str, object]:
         mode = "cold start: on" if self.sent < WARM else "on" if self.on else "off (studies come back)"
