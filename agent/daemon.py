@@ -141,6 +141,7 @@ class Agent:
         if cfg.prefetch.enabled:
             self.loops.start("prefetch", self.prefetcher.loop)
         self.priors = PriorFetcher(cfg, self.db, self.gateway, fetcher, stack)
+        self.evictor.plans_pending = lambda: self.priors.planning > 0
         self.scrubber = Scrubber(self.db, self.cache, cfg.scrub.rate, cfg.scrub.pause_seconds)
         if cfg.scrub.enabled:
             self.loops.start("scrub", self.scrubber.run)

@@ -10,7 +10,7 @@ import datetime as dt
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Hashable
 
 import structlog
 
@@ -242,6 +242,8 @@ class PriorFetcher:
     _tasks: set[asyncio.Task] = field(default_factory=set)
     status: RunStatus = field(default_factory=RunStatus)
     _learned: bool = False  # the catalog's decided outcomes were fed to the stack once
+    # new studies stored whose priors are not planned yet: the evictor's pass waits for them (Evictor.plans_pending)
+    planning: int = 0
 
     SEEN_MAX = 4096
 
@@ -267,27 +269,34 @@ class PriorFetcher:
         self._seen[d] = None
         if len(self._seen) > self.SEEN_MAX:
             del self._seen[next(iter(self._seen))]
+        self.planning += 1  # counted at the commit, before an eviction pass can run
         task = asyncio.create_task(self.new_study(d, path, content))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
     async def new_study(self, d: str, path: str, blob_path: Path) -> None:
+        chosen: list[tuple[Hashable, int, int, float]] = []
         try:
-            if await self.db.study_known(d):
-                return
-            # bounded read, pixel data not read; all None for a file that is not DICOM; OSError if it vanished
-            h = await asyncio.to_thread(dicom_header.read_path, blob_path)
-            h = checked(h)  # only values their VR allows: the table and the planner keep them for good
-            if not await self.db.record_study(d, h.patient, h.study_uid, h.study_date, h.modality):
-                return
-            log.info("study_recorded", dir=d, first=path, dicom=h.patient is not None, modality=h.modality)
-            self.stack.describe(d, h.modality, None, False)
-            if h.patient is not None:
-                await self.fetch_priors(d, h)
+            try:
+                if await self.db.study_known(d):
+                    return
+                # bounded read, pixel data not read; all None for a file that is not DICOM; OSError if it vanished
+                h = await asyncio.to_thread(dicom_header.read_path, blob_path)
+                h = checked(h)  # only values their VR allows: the table and the planner keep them for good
+                if not await self.db.record_study(d, h.patient, h.study_uid, h.study_date, h.modality):
+                    return
+                log.info("study_recorded", dir=d, first=path, dicom=h.patient is not None, modality=h.modality)
+                self.stack.describe(d, h.modality, None, False)
+                if h.patient is not None:
+                    chosen = await self.plan_priors(d, h)
+            finally:
+                self.planning -= 1
+            await self.fetch_chosen(d, chosen)
         except Exception as e:  # prior prefetch is best effort; the store itself succeeded
             log.error("prior_prefetch_failed", dir=d, error=repr(e)[:300])
 
-    async def fetch_priors(self, d: str, h: dicom_header.Header) -> None:
+    async def plan_priors(self, d: str, h: dicom_header.Header) -> list[tuple[Hashable, int, int, float]]:
+        """The priors to fetch for new study d, planned against the cache as the study's first write left it."""
         await self.learn()
         studies = await self.db.patient_studies(h.patient)
         new_day = _ordinal(h.study_date)
@@ -307,10 +316,13 @@ class PriorFetcher:
         p = self.cfg.prefetch
         chosen = self.stack.prior_plan(d, ranked, Budget(priors_budget(self.cfg), line_rate(self.cfg),
                                                          p.priors_window_seconds), time.time())
-        deadline = time.time() + p.priors_window_seconds
         log.info("prior_prefetch", study=d, patient_studies=len(studies), newer=len(older),
                  priors=[c[0] for c in chosen], heat=[round(c[3], 3) for c in chosen], bytes=sum(c[2] for c in chosen),
                  rank_heat=self.stack.prior_heat())
+        return chosen
+
+    async def fetch_chosen(self, d: str, chosen: list[tuple[Hashable, int, int, float]]) -> None:
+        deadline = time.time() + self.cfg.prefetch.priors_window_seconds
         for key, cell, _, heat in chosen:
             self.stack.prior_fetched(key, d, heat)     # kept beside its new study until the report
             await self.db.record_prior_fetch(str(key), cell)

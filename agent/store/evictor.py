@@ -12,6 +12,7 @@ import copy
 import importlib
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import structlog
@@ -72,6 +73,10 @@ def candidates(rows: list[Row]) -> Candidates:
 
 class Evictor:
     SYNC_S = 60.0
+    # A pass waits this long at most for new studies whose priors are being planned (plans_pending): a plan counts
+    # what is cached as its study's first write left it, as the simulator plans before the write's eviction; a pass
+    # in between evicted a prior the plan then fetched again, or settled it as unread first (its cell's heat fell)
+    PLAN_WAIT_S = 5.0
 
     def __init__(self, cfg: CacheConfig, db: AsyncCatalog, cache: Cache, metrics: Metrics, reads: AccessStats) -> None:
         self.cfg, self.db, self.cache, self.metrics = cfg, db, cache, metrics
@@ -80,6 +85,7 @@ class Evictor:
         self._lock = asyncio.Lock()
         self._synced = 0.0
         self._hits: list[tuple[float, float, float]] = []   # (time, hits, misses) samples: recent hit ratio
+        self.plans_pending: Callable[[], bool] = lambda: False  # the daemon's prior planner says
 
     def use(self, stack: PolicyStack, study_depth: int) -> None:
         """Run this stack (the daemon hands over the one its prior-study planner shares)."""
@@ -206,6 +212,10 @@ class Evictor:
     async def run(self) -> None:
         while True:
             await asyncio.sleep(self.cfg.evict_interval_seconds)
+            waited = 0.0
+            while self.plans_pending() and waited < self.PLAN_WAIT_S:
+                await asyncio.sleep(0.02)
+                waited += 0.02
             try:
                 async with self._lock:
                     await self.refit_if_due()
