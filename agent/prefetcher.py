@@ -28,6 +28,7 @@ from agent.store.catalog import AsyncCatalog
 from agent.store.errors import GatewayError
 from agent.store.evictor import stack_for as eviction_stack
 from agent.store.gateway import Gateway
+from agent.store.paths import study_of
 
 log = structlog.get_logger("pacsgw.prefetch")
 
@@ -258,9 +259,9 @@ class PriorFetcher:
             self.stack.prior_outcome(cell, used)
 
     def study_dir(self, path: str) -> str | None:
-        parts = path.split("/")
+        """The study a stored file starts (paths.study_of, the evictor's rule), if it lies deep enough to be in one."""
         depth = self.cfg.prefetch.study_depth
-        return "/".join(parts[:depth]) if len(parts) > depth else None
+        return study_of(path, depth) if path.count("/") >= depth else None
 
     def on_stored(self, path: str, content: Path) -> None:
         d = self.study_dir(path)
