@@ -39,6 +39,12 @@ def log(msg: str, *, summary: bool = False) -> None:
 SUMMARY: list[str] = []
 
 
+def said(p: subprocess.CompletedProcess[str]) -> str:
+    """A playbook's output with runs of white space as one space: Ansible's YAML output folds a long message over
+    lines at a width that depends on the message (an unreachable box's reason varies in length)."""
+    return " ".join(p.stdout.split())
+
+
 def _text(out: str | bytes | None) -> str:
     return out.decode(errors="replace") if isinstance(out, bytes) else out or ""
 

@@ -51,6 +51,7 @@ from fleetlib import (
     log,
     project_version,
     run,
+    said,
 )
 
 from agent.store.catalog import SCHEMA_VERSION
@@ -362,13 +363,13 @@ def test_rolling_update_all_healthy(provisioned):
         health = fleet.healthz(h)
         assert health["version"] == NEW and health["status"] == "ok", health
         assert fleet.releases(h) == sorted([base, NEW])   # the old release stays beside the new one
-    assert f"updated {base} -> {NEW}" in p.stdout
-    assert "catalog schema" not in p.stdout    # the same schema: no catalog backup, no agent stop for it
+    assert f"updated {base} -> {NEW}" in said(p)
+    assert "catalog schema" not in said(p)    # the same schema: no catalog backup, no agent stop for it
     # The inventory still names the base release: a plain site.yml must not switch the boxes back.
     gw1 = fleet.hosts[0]
     p = fleet.playbook("site.yml", "--limit", gw1.name)
     _assert_ok(p)
-    assert "site.yml keeps the running release" in p.stdout
+    assert "site.yml keeps the running release" in said(p)
     assert fleet.current_release(gw1) == NEW and fleet.healthz(gw1)["version"] == NEW
 
 
@@ -384,8 +385,8 @@ def test_update_check_mode_changes_nothing(provisioned):
     _all_on(fleet, NEW)
     p = fleet.playbook("update.yml", "--check", "-e", f"gateway_version={LAST}")
     _assert_ok(p)
-    assert "did not drain" not in p.stdout, p.stdout[-5000:]
-    assert f"would be updated {NEW} -> {LAST} (check mode; drained)" in p.stdout, p.stdout[-5000:]
+    assert "did not drain" not in said(p), p.stdout[-5000:]
+    assert f"would be updated {NEW} -> {LAST} (check mode; drained)" in said(p), p.stdout[-5000:]
     for h in fleet.hosts:
         assert fleet.current_release(h) == NEW and LAST not in fleet.releases(h)
 
@@ -400,7 +401,7 @@ def test_failed_install_restores_this_updates_config(provisioned):
     fleet.ssh(gw1, "sudo sh -c 'echo \"# an earlier update\" > /etc/pacsgw/agent.toml.rollback'")
     p = fleet.playbook("update.yml", "-e", "gateway_version=99.9.9")
     assert p.returncode != 0
-    assert "ROLLOUT STOPPED: release 99.9.9 failed its health check on gw1" in p.stdout, p.stdout[-5000:]
+    assert "ROLLOUT STOPPED: release 99.9.9 failed its health check on gw1" in said(p), p.stdout[-5000:]
     assert _conf(fleet, gw1) == before
     assert fleet.current_release(gw1) == NEW and fleet.healthz(gw1)["version"] == NEW
 
@@ -519,7 +520,7 @@ def test_key_rotation_rolls_out_with_no_pacs_visible_error(provisioned, tmp_path
         for h in fleet.hosts:
             (host_vars / f"{h.name}.yml").unlink()
     for h in fleet.hosts:
-        assert f"{h.name}: configuration updated on {running[h.name]}" in p.stdout, p.stdout[-5000:]
+        assert f"{h.name}: configuration updated on {running[h.name]}" in said(p), p.stdout[-5000:]
         assert fleet.current_release(h) == running[h.name]
         assert new[0] in _conf(fleet, h) and old[0] not in _conf(fleet, h)
     fleet.restart_s3(new)               # the old key is revoked
@@ -573,7 +574,7 @@ def test_unreachable_box_is_listed_and_a_box_that_does_not_drain_is_skipped(prov
     finally:
         run(fleet.nsexec("ip", "link", "set", link, "up"))
     _assert_ok(p)               # neither the unreachable box nor the skipped one fails the rollout
-    summary = p.stdout.split("Rollout summary")[-1]
+    summary = said(p).split("Rollout summary")[-1]
     assert f"{gw2.name}: UNREACHABLE" in summary and "left for the next run" in summary, p.stdout[-6000:]
     assert f"{gw3.name}: SKIPPED: upload queue did not drain within 6 s" in summary, summary
     assert f"{gw1.name}: updated {before[gw1.name]} -> {LAST}" in summary, summary
@@ -588,12 +589,12 @@ def test_unreachable_box_is_listed_and_a_box_that_does_not_drain_is_skipped(prov
     # holds a file not in S3, so it waits for the next window; gw1 has drained: agent stopped, then reboot.
     p = fleet.ssh(gw3, "sudo touch /run/reboot-required && sudo systemctl start pacsgw-drain-reboot.service && "
                        "sudo journalctl -u pacsgw-drain-reboot --no-pager -o cat", timeout=120)
-    assert "reboot postponed to the next window: the upload queue did not drain within 6 s" in p.stdout, p.stdout
+    assert "reboot postponed to the next window: the upload queue did not drain within 6 s" in said(p), p.stdout
     assert fleet.healthz(gw3)["queue_depth"] >= 1
 
     # Nor may that box be re-flashed: reflash.yml refuses it, its agent keeps running and nothing marks it ready.
     p = fleet.playbook("reflash.yml", "-l", gw3.name, "-e", "pacsgw_drain_timeout=6")
-    assert p.returncode != 0 and "NOT READY: the upload queue did not drain within 6 s" in p.stdout, p.stdout[-3000:]
+    assert p.returncode != 0 and "NOT READY: the upload queue did not drain within 6 s" in said(p), p.stdout[-3000:]
     state = fleet.ssh(gw3, "systemctl is-active pacsgw; sudo test -e /etc/pacsgw/reflash-ready && echo marked",
                       check=False).stdout.split()
     assert state == ["active"], state
@@ -649,12 +650,12 @@ def test_reflash_drains_first_and_stops_the_agent(provisioned):
     fleet = provisioned
     gw, others = fleet.hosts[0], fleet.hosts[1:]
     p = fleet.playbook("reflash.yml")
-    assert p.returncode != 0 and "re-flash one box at a time" in p.stdout, p.stdout[-3000:]
+    assert p.returncode != 0 and "re-flash one box at a time" in said(p), p.stdout[-3000:]
     assert fleet.ssh(gw, "systemctl is-active pacsgw", check=False).stdout.strip() == "active"
     try:
         p = fleet.playbook("reflash.yml", "-l", gw.name)
         _assert_ok(p)
-        assert f"READY: {gw.name} is drained" in p.stdout, p.stdout[-3000:]
+        assert f"READY: {gw.name} is drained" in said(p), p.stdout[-3000:]
         state = fleet.ssh(gw, "systemctl is-active pacsgw; sudo test -e /etc/pacsgw/reflash-ready && echo marked",
                           check=False).stdout.split()
         assert state == ["inactive", "marked"], state
