@@ -140,8 +140,8 @@ class Agent:
         self.prefetcher = DirPrefetcher(cfg, self.db, self.gateway, fetcher)
         if cfg.prefetch.enabled:
             self.loops.start("prefetch", self.prefetcher.loop)
-        self.priors = PriorFetcher(cfg, self.db, self.gateway, fetcher, stack)
-        self.evictor.plans_pending = lambda: self.priors.planning > 0
+        self.priors = PriorFetcher(cfg, self.db, self.gateway, fetcher, stack, self.evictor)
+        self.evictor.plans_pending = self.priors.planning
         self.scrubber = Scrubber(self.db, self.cache, cfg.scrub.rate, cfg.scrub.pause_seconds)
         if cfg.scrub.enabled:
             self.loops.start("scrub", self.scrubber.run)

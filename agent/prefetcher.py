@@ -8,9 +8,10 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import time
+from contextlib import AbstractAsyncContextManager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Hashable
+from typing import Callable, Hashable, Protocol
 
 import structlog
 
@@ -229,6 +230,16 @@ class DirPrefetcher:
             await asyncio.sleep(self.cfg.prefetch.check_seconds)
 
 
+class CacheView(Protocol):
+    """What the prior planner needs of the evictor (agent/store/evictor.py), which feeds the shared stack."""
+
+    async def flush_reads(self) -> None:
+        """Reads buffered since the last flush reach the catalog (a prior read just now counts as opened)."""
+
+    def synced(self) -> AbstractAsyncContextManager[PolicyStack]:
+        """The stack fed the catalog's view of the cache now, and no pass until the plan is made."""
+
+
 @dataclass
 class PriorFetcher:
     """When the first file of a new study directory is stored: read its DICOM header, remember the study
@@ -239,18 +250,20 @@ class PriorFetcher:
     gateway: Gateway
     fetcher: Fetcher
     stack: PolicyStack
+    view: CacheView
     _seen: dict[str, None] = field(default_factory=dict)   # recent study dirs: no catalog query per file
     _tasks: set[asyncio.Task] = field(default_factory=set)
     status: RunStatus = field(default_factory=RunStatus)
     _learned: bool = False  # the catalog's decided outcomes were fed to the stack once
-    # new studies stored whose priors are not planned yet: the evictor's pass waits for them (Evictor.plans_pending)
-    planning: int = 0
+    # new study → when its first file was stored, until its priors are planned and fetched (Evictor.plans_pending)
+    _pending: dict[str, float] = field(default_factory=dict)
 
     SEEN_MAX = 4096
 
     async def learn(self) -> None:
         """Feed the policy what became of earlier prior fetches (opened or evicted unread), as the simulator
         does; the outcomes live in the catalog, so what was learnt survives restarts."""
+        await self.view.flush_reads()
         outcomes = await self.db.settle_prior_fetches()
         if not self._learned:
             outcomes = await self.db.prior_outcomes()  # every decided outcome, those just settled included
@@ -270,31 +283,33 @@ class PriorFetcher:
         self._seen[d] = None
         if len(self._seen) > self.SEEN_MAX:
             del self._seen[next(iter(self._seen))]
-        self.planning += 1  # counted at the commit, before an eviction pass can run
+        self._pending[d] = time.monotonic()  # at the commit, before an eviction pass can run
         task = asyncio.create_task(self.new_study(d, path, content))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
     async def new_study(self, d: str, path: str, blob_path: Path) -> None:
-        chosen: list[tuple[Hashable, int, int, float]] = []
         try:
-            try:
-                if await self.db.study_known(d):
-                    return
-                # bounded read, pixel data not read; all None for a file that is not DICOM; OSError if it vanished
-                h = await asyncio.to_thread(dicom_header.read_path, blob_path)
-                h = checked(h)  # only values their VR allows: the table and the planner keep them for good
-                if not await self.db.record_study(d, h.patient, h.study_uid, h.study_date, h.modality):
-                    return
-                log.info("study_recorded", dir=d, first=path, dicom=h.patient is not None, modality=h.modality)
-                self.stack.describe(d, h.modality, None, False)
-                if h.patient is not None:
-                    chosen = await self.plan_priors(d, h)
-            finally:
-                self.planning -= 1
-            await self.fetch_chosen(d, chosen)
+            if await self.db.study_known(d):
+                return
+            # bounded read, pixel data not read; all None for a file that is not DICOM; OSError if it vanished
+            h = await asyncio.to_thread(dicom_header.read_path, blob_path)
+            h = checked(h)  # only values their VR allows: the table and the planner keep them for good
+            if not await self.db.record_study(d, h.patient, h.study_uid, h.study_date, h.modality):
+                return
+            log.info("study_recorded", dir=d, first=path, dicom=h.patient is not None, modality=h.modality)
+            self.stack.describe(d, h.modality, None, False)
+            if h.patient is not None:
+                await self.fetch_chosen(d, await self.plan_priors(d, h))
         except Exception as e:  # prior prefetch is best effort; the store itself succeeded
             log.error("prior_prefetch_failed", dir=d, error=repr(e)[:300])
+        finally:
+            self._pending.pop(d, None)
+
+    def planning(self, within: float) -> bool:
+        """Whether a new study stored less than `within` seconds ago still has its priors to plan or fetch."""
+        oldest = time.monotonic() - within
+        return any(t > oldest for t in self._pending.values())
 
     async def plan_priors(self, d: str, h: dicom_header.Header) -> list[tuple[Hashable, int, int, float]]:
         """The priors to fetch for new study d, planned against the cache as the study's first write left it."""
@@ -314,9 +329,9 @@ class PriorFetcher:
             await self.gateway.list_tree(prior_dir)
             missing_files, missing_bytes = await self.db.missing_under(prior_dir)
             ranked.append((cell, prior_dir, heat, missing_bytes, missing_files))
-        p = self.cfg.prefetch
-        chosen = self.stack.prior_plan(d, ranked, Budget(priors_budget(self.cfg), line_rate(self.cfg),
-                                                         p.priors_window_seconds), time.time())
+        budget = Budget(priors_budget(self.cfg), line_rate(self.cfg), self.cfg.prefetch.priors_window_seconds)
+        async with self.view.synced() as stack:
+            chosen = stack.prior_plan(d, ranked, budget, time.time())
         log.info("prior_prefetch", study=d, patient_studies=len(studies), newer=len(older),
                  priors=[c[0] for c in chosen], heat=[round(c[3], 3) for c in chosen], bytes=sum(c[2] for c in chosen),
                  rank_heat=self.stack.prior_heat())

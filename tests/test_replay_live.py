@@ -37,16 +37,17 @@ SCALE = 1000          # live bytes = trace bytes / SCALE: the same cache decisio
 SHARES = (0.1, 0.15, 0.2, 0.25, 0.3, 0.4)    # cache sizes considered, as shares of the bytes the trace touches
 STEP = 0.02
 TOLERANCE = 0.01      # the issue's bar: within 1 point
-HIGH = 0.99           # the live cache evicts (to 0.97) from this share of its capacity
+HIGH, LOW = 0.99, 0.97   # the live cache's pass frees down to LOW from HIGH of its capacity; the simulator's too
 PRIOR_SPACE = 0.1     # one prior plan may take this share of the cache (live: prefetch.priors_space)
 
 
-def away_from_a_cliff(ta, touched: int, scheme: str = "adaptive", **cfg: float) -> float:
+def away_from_a_cliff(ta, touched: int, scheme: str = "adaptive", **cfg: object) -> float:
     """The share where the simulated hit ratio changes least with ±STEP of capacity (a small trace has steep
     cliffs where one big study fits or not; parity there would hang on a few bytes of accounting), among
     those where neither everything nor nothing fits."""
     def ratio(share: float) -> float:
-        return replay(ta, scheme, ReplayConfig(capacity=int(share * touched), warmup_days=0, **cfg)).hit_ratio
+        return replay(ta, scheme, ReplayConfig(capacity=int(share * touched), warmup_days=0,
+                                               watermarks=(HIGH, LOW), **cfg)).hit_ratio
     slopes = {}
     for s in SHARES:
         r = ratio(s)
@@ -67,10 +68,10 @@ def test_live_default_stack_matches_the_simulator(agent_factory, seaweed, tmp_pa
     share = away_from_a_cliff(ta, sum(touched.values()))
     capacity = int(share * sum(touched.values()))
 
-    # the agent's defaults, but for the cache's size, tight watermarks and a fast pass (like the
-    # simulator's evict-on-overflow), and no prior planner (see the module docstring)
+    # the agent's defaults, but for the cache's size, tight watermarks (the simulator's too) and a fast pass,
+    # and no prior planner (see the module docstring)
     a = agent_factory(prefix="replay/", **{
-        "cache.max_bytes": capacity // SCALE, "cache.high_watermark": 0.99, "cache.low_watermark": 0.97,
+        "cache.max_bytes": capacity // SCALE, "cache.high_watermark": HIGH, "cache.low_watermark": LOW,
         "cache.max_unfinished_per_user": 1.0,  # a cache of a few files: one file may be a quarter of it
         "cache.evict_interval_seconds": 0.1, "pressure.disk_critical": 1.0,
         "prefetch.priors": False, "scrub.enabled": False})
@@ -101,8 +102,9 @@ def test_live_default_stack_matches_the_simulator(agent_factory, seaweed, tmp_pa
     # where the archive was put just before and the rest is written during the replay)
     t = np.array(seen) - seen[0]
     same = dataclasses.replace(ta, t=t, study_day=np.zeros_like(ta.study_day))
-    simulated = replay(same, "adaptive", ReplayConfig(capacity=capacity, warmup_days=0))
-    on_trace_time = replay(ta, "adaptive", ReplayConfig(capacity=capacity, warmup_days=0))
+    cfg = ReplayConfig(capacity=capacity, warmup_days=0, watermarks=(HIGH, LOW))
+    simulated = replay(same, "adaptive", cfg)
+    on_trace_time = replay(ta, "adaptive", cfg)
     print(f"\nreads {simulated.reads}, cache {share:.0%} of the bytes touched: hit ratio simulated "
           f"{simulated.hit_ratio:.3f} (on the trace's own times {on_trace_time.hit_ratio:.3f}), live {live:.3f}")
     assert hits + misses == simulated.reads == sum(r.op == "R" for r in requests)
@@ -201,7 +203,7 @@ def test_live_default_stack_with_priors_matches_the_simulator(agent_factory, sea
     capacity = int(share * touched)
 
     a = agent_factory(prefix="replay/", **{
-        "cache.max_bytes": capacity, "cache.high_watermark": HIGH, "cache.low_watermark": 0.97,
+        "cache.max_bytes": capacity, "cache.high_watermark": HIGH, "cache.low_watermark": LOW,
         "cache.evict_interval_seconds": 0.1, "pressure.disk_critical": 1.0,
         # the disk reading is taken once at start (empty cache): a full tight cache must not read as high
         # pressure, which stops a prior fetch (the simulator has no such throttle)
@@ -225,7 +227,7 @@ def test_live_default_stack_with_priors_matches_the_simulator(agent_factory, sea
                          lambda want=planned: (want, a.events("prefetched")[-3:]))
         else:
             ftp.retrbinary(f"RETR {p}", io.BytesIO().write)
-        # the simulator evicts as soon as the cache overflows, before the next request: wait for the
+        # the simulator evicts as soon as the cache passes HIGH, before the next request: wait for the
         # evictor's pass (its victims depend on which reads it has seen, so the order has to be the same)
         wait_for(lambda: a.health()["cache"]["bytes"] < HIGH * capacity, lambda: a.health()["cache"])
     ftp.quit()
@@ -235,7 +237,7 @@ def test_live_default_stack_with_priors_matches_the_simulator(agent_factory, sea
     rows = catalog_rows(a, "SELECT COUNT(DISTINCT patient) FROM studies")
 
     same = dataclasses.replace(ta, t=np.array(seen) - seen[0])
-    cfg = ReplayConfig(capacity=capacity, warmup_days=0, **sim_cfg)
+    cfg = ReplayConfig(capacity=capacity, warmup_days=0, watermarks=(HIGH, LOW), **sim_cfg)
     simulated = replay(same, "agent", cfg)
     without = replay(same, "adaptive", cfg)
     print(f"\nreads {simulated.reads}, cache {share:.0%} of the bytes touched: hit ratio simulated "

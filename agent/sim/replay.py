@@ -75,6 +75,9 @@ class ReplayConfig:
     capacity: int
     warmup_days: float = 3.0
     low_watermark: float = 0.95        # batch policies free down to this share of the capacity
+    # the agent's pass for every policy, (high, low): over high × capacity free down to low × capacity. None: online
+    # policies free just the overflow, batch ones down to low_watermark (the live-vs-simulated parity test sets them)
+    watermarks: tuple[float, float] | None = None
     latency: LatencyModel = field(default_factory=LatencyModel)
     prefetch_bps: float = 5e6          # prefetch may use half of the 10 MB/s line
     prefetch_space: float = 0.05       # scheme C: one LSTM plan may fill at most this share of the capacity
@@ -238,10 +241,18 @@ class Replayer:
             key=cached, size=self.size[cached], last_access=self.last[cached], access_count=self.count[cached],
             created=self.created[cached], directory=self.directory[cached], study=self.study[cached]), cached
 
+    def _limit(self) -> float:
+        """Cached bytes over which a pass runs."""
+        cfg = self.cfg
+        return cfg.capacity if cfg.watermarks is None else cfg.watermarks[0] * cfg.capacity
+
     def _evict(self, t: float) -> None:
-        cap = self.cfg.capacity
+        cfg = self.cfg
         # online policies free just enough; batch ones down to the low watermark, like the agent's pass
-        want = self.used - cap if self.stack.online else int(self.used - self.cfg.low_watermark * cap)
+        if cfg.watermarks is not None:
+            want = int(self.used - cfg.watermarks[1] * cfg.capacity)
+        else:
+            want = self.used - cfg.capacity if self.stack.online else int(self.used - cfg.low_watermark * cfg.capacity)
         for v in self.stack.victims(want, t, self._table):
             self.in_cache[v] = 0
             self.used -= int(self.size[v])
@@ -330,7 +341,7 @@ class Replayer:
         budget = Budget(int(cfg.prefetch_space * cfg.capacity), cfg.prefetch_bps, cfg.lstm_window_h * 3600)
         for c in plan(cands, budget):
             self._fetch_plan(c.key[1].tolist(), t)
-            if self.used > cfg.capacity:
+            if self.used > self._limit():
                 self._evict(t)
 
     def run(self, progress: bool = False) -> SchemeResult:
@@ -340,7 +351,7 @@ class Replayer:
         objs = ta.obj.tolist()
         W = ta.is_write.tolist()
         hit = bytearray(n)
-        cap = cfg.capacity
+        limit = self._limit()
         online = self.stack.online
         in_cache, ready, prefetched = self.in_cache, self.ready, self.prefetched
         study = self.study.tolist()
@@ -369,13 +380,14 @@ class Replayer:
                 next_plan += DAY
             if W[i]:
                 s = study[o]
-                if not self.known[s]:
+                new = not self.known[s]
+                if new:
                     self.known[s] = True
                     self._describe(s)
-                    if priors:
-                        self._plan_priors(s, t)
                 if not in_cache[o]:
                     self._insert(o, t, written=True)
+                if new and priors:  # against the cache as the study's first write left it, as the agent plans
+                    self._plan_priors(s, t)
             elif in_cache[o]:
                 r = ready.get(o)
                 if prefetched[o]:
@@ -393,7 +405,7 @@ class Replayer:
                     count[o] += 1
             else:
                 self._insert(o, t)
-            if self.used > cap:
+            if self.used > limit:
                 self._evict(t)
             if i % step == 0:
                 bar.update(step if i else 0)

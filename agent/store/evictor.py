@@ -8,11 +8,12 @@ started (a radiologist waits for all of one; `adaptive` cuts it short instead: a
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 import importlib
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import AsyncIterator, Callable
 
 import numpy as np
 import structlog
@@ -73,9 +74,11 @@ def candidates(rows: list[Row]) -> Candidates:
 
 class Evictor:
     SYNC_S = 60.0
-    # A pass waits this long at most for new studies whose priors are being planned (plans_pending): a plan counts
-    # what is cached as its study's first write left it, as the simulator plans before the write's eviction; a pass
-    # in between evicted a prior the plan then fetched again, or settled it as unread first (its cell's heat fell)
+    # Passes wait for a new study's priors to be planned and fetched (plans_pending), up to this long after its first
+    # file was stored. A plan counts what is cached as the study's first write left it, and its files land before a
+    # pass weighs them, as the simulator plans before the write's eviction and inserts a plan at once: a pass in
+    # between evicted a prior the plan then fetched again, settled it as unread first (its cell's heat fell), or freed
+    # the room for a plan's last files from its first ones
     PLAN_WAIT_S = 5.0
 
     def __init__(self, cfg: CacheConfig, db: AsyncCatalog, cache: Cache, metrics: Metrics, reads: AccessStats) -> None:
@@ -85,7 +88,8 @@ class Evictor:
         self._lock = asyncio.Lock()
         self._synced = 0.0
         self._hits: list[tuple[float, float, float]] = []   # (time, hits, misses) samples: recent hit ratio
-        self.plans_pending: Callable[[], bool] = lambda: False  # the daemon's prior planner says
+        # (seconds) → whether a study stored that recently has priors to plan or fetch: the daemon's planner says
+        self.plans_pending: Callable[[float], bool] = lambda within: False
 
     def use(self, stack: PolicyStack, study_depth: int) -> None:
         """Run this stack (the daemon hands over the one its prior-study planner shares)."""
@@ -125,7 +129,7 @@ class Evictor:
     async def plan(self, bytes_to_free: int, *, explain: bool = False) -> list[Victim]:
         """What the policy would evict to free bytes_to_free, in eviction order (no file is touched);
         explain: with each file's k-means cluster and score (for `pacsgw evict --dry-run`)."""
-        await self.reads.flush(self.db, self.metrics)
+        await self.flush_reads()
         rows = await self.db.eviction_rows(self.cfg.eviction_candidates)
         cand = candidates(rows)
         now = time.time()
@@ -157,13 +161,29 @@ class Evictor:
                if k in row_of]      # after the sync every key the policy holds is one of this pass's rows
         return np.array(out, dtype=np.int64)
 
+    async def flush_reads(self) -> None:
+        await self.reads.flush(self.db, self.metrics)
+
+    @contextlib.asynccontextmanager
+    async def synced(self) -> AsyncIterator[PolicyStack]:
+        """The stack fed the catalog's view of the cache now, and no pass until the caller is done: a prior plan
+        weighs its priors against what is cached as its study's first write left it (the simulator's state then),
+        not as the last pass saw it."""
+        async with self._lock:
+            await self.flush_reads()
+            rows = await self.db.eviction_rows(self.cfg.eviction_candidates)
+            now = time.time()
+            await asyncio.to_thread(self._sync, self.stack, rows, now)
+            self._synced = now
+            yield self.stack
+
     async def learn(self) -> None:
         """An online policy learns from the traffic whether or not anything has to go: feed it the
         catalog's view at most every SYNC_S (sessions are minutes apart; the query reads many rows)."""
         now = time.time()
         if not self.stack.online or now - self._synced < self.SYNC_S:
             return
-        await self.reads.flush(self.db, self.metrics)
+        await self.flush_reads()
         rows = await self.db.eviction_rows(self.cfg.eviction_candidates)
         await asyncio.to_thread(self._sync, self.stack, rows, now)
         self._synced = now
@@ -212,10 +232,8 @@ class Evictor:
     async def run(self) -> None:
         while True:
             await asyncio.sleep(self.cfg.evict_interval_seconds)
-            waited = 0.0
-            while self.plans_pending() and waited < self.PLAN_WAIT_S:
+            while self.plans_pending(self.PLAN_WAIT_S):   # each new study holds passes PLAN_WAIT_S at most
                 await asyncio.sleep(0.02)
-                waited += 0.02
             try:
                 async with self._lock:
                     await self.refit_if_due()
