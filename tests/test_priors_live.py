@@ -65,7 +65,10 @@ def test_new_study_brings_the_patients_priors_into_the_cache(agent_factory):
     other = store_study(ftp, "CT/2025-03-01", "P2", "20250301", "CT")
     assert ftp_put(ftp, "OT/2025-01-01/scan/x.bin", b"not dicom" * 100).startswith("226")
     a.wait_drained()
-    studies = catalog_rows(a, "SELECT dir, patient, study_date, modality FROM studies ORDER BY dir")
+    deadline = time.monotonic() + 30
+    while len(studies := catalog_rows(a, "SELECT dir, patient, study_date, modality FROM studies ORDER BY dir")) < 4:
+        assert time.monotonic() < deadline, studies     # each recorded by its own task, after the store's reply
+        time.sleep(0.1)
     assert [(d.split("/")[0], p, day, m) for d, p, day, m in studies] == [
         ("CT", "P1", "20250110", "CT"), ("CT", "P2", "20250301", "CT"), ("MR", "P1", "20250601", "MR"),
         ("OT", None, None, None)]
@@ -96,16 +99,10 @@ def test_new_study_brings_the_patients_priors_into_the_cache(agent_factory):
     for path, data in ct_prior.items():
         assert ftp_get(ftp, path) == data
     assert metric(a, "pacsgw_cache_hits_total") == hits + 4 and metric(a, "pacsgw_cache_misses_total") == misses
-    ftp.quit()
-    deadline = time.monotonic() + 20
-    while metric(a, "pacsgw_prefetch_used_files_total") < 4:
-        assert time.monotonic() < deadline
-        time.sleep(0.5)
-    assert metric(a, "pacsgw_prefetch_hit_ratio") == 1.0
 
-    # The next new study of P1: the policy has learnt that the rank-0 prior it fetched was opened.
+    # The next new study of P1, stored right after those reads (still in the agent's access buffer): the policy
+    # has learnt that the rank-0 prior it fetched was opened.
     assert a.events("prior_prefetch")[-1]["rank_heat"] == [0.5, 0.5, 0.5]
-    ftp = ftp_login(a)
     store_study(ftp, "CT/2026-11-24", "P1", "20261124", "CT", files=1)
     ftp.quit()
     deadline = time.monotonic() + 30
@@ -113,6 +110,12 @@ def test_new_study_brings_the_patients_priors_into_the_cache(agent_factory):
         assert time.monotonic() < deadline, a.events("prior_prefetch")
         time.sleep(0.2)
     assert a.events("prior_prefetch")[-1]["rank_heat"][0] == 0.667
+    deadline = time.monotonic() + 30
+    while metric(a, "pacsgw_prefetched_files_total") < 8:   # the MR prior's four files
+        assert time.monotonic() < deadline, a.events("prefetched")
+        time.sleep(0.2)
+    # the CT prior's four files opened, the MR prior's four not yet
+    assert metric(a, "pacsgw_prefetch_used_files_total") == 4 and metric(a, "pacsgw_prefetch_hit_ratio") == 0.5
     # the CT prior was opened; the MR prior (rank 2 now, the budget holds it) is fetched, its outcome open. The
     # catalog keeps each fetch's planner cell (rank + 3 × kind, agent/policy/priors.py): the CT prior was rank 0
     # of the same modality and > 180 days old (kind 2: cell 6), the MR prior rank 2, another modality, old (11)
