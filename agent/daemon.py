@@ -43,7 +43,6 @@ from agent.store.catalog import AsyncCatalog, Catalog
 from agent.store.evictor import Evictor
 from agent.store.gateway import Gateway, Refusals
 from agent.store.scrub import Scrubber
-from agent.store.worm import WormPolicy
 from agent.supervise import CRASH_SHOWN_SECONDS, Loops
 from agent.uplink.line import Line
 from agent.uplink.s3 import S3Uplink
@@ -176,7 +175,7 @@ class Agent:
         self.s3 = S3Uplink(cfg.uplink)
         self.s3.known_sizes = self.db.known_sizes  # listings of compressed objects: logical sizes
         self.line = Line(self.s3.probe, self.metrics, cfg.uplink.max_concurrency, self.s3.bandwidth)
-        retention = DicomRetention(cfg.compliance, WormPolicy(cfg.compliance))
+        retention = DicomRetention(cfg.compliance)
         # one set of rules: the uploader locks objects by them, the gateway refuses changes by them
         self.worm = RetentionGuard(retention, self.cache, self.s3)
         self.uploader = Uploader(self.db, self.cache, self.s3, self.line, self.metrics, retention,

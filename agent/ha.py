@@ -101,13 +101,16 @@ class HaMonitor:
         self.loops = Loops(metrics)  # restarted after a crash: a dead watcher left the box in its role for ever
         r = metrics.registry
         gauge = functools.partial(Gauge, registry=r)
-        self.m_active = gauge("pacsgw_ha_active", "1 when this box is the active box of its HA pair")
-        self.m_peer_up = gauge("pacsgw_ha_peer_up", "1 when the HA peer's /healthz answered")
+        # the gauges read the state at each scrape: they and /healthz cannot disagree
+        gauge("pacsgw_ha_active", "1 when this box is the active box of its HA pair").set_function(
+            lambda: self.state.role == "active")
+        gauge("pacsgw_ha_peer_up", "1 when the HA peer's /healthz answered").set_function(
+            lambda: bool(self.state.peer.get("reachable")))
         self.m_takeovers = Counter("pacsgw_ha_takeovers", "Times this box became the active box", registry=r)
-        self.m_last_takeover = gauge("pacsgw_ha_last_takeover_timestamp_seconds",
-                                     "When this box last became the active box (0: never)")
-        self.m_followed = gauge("pacsgw_ha_followed_timestamp_seconds",
-                                "When the standby last followed the bucket into its catalog")
+        gauge("pacsgw_ha_last_takeover_timestamp_seconds", "When this box last became the active box (0: never)"
+              ).set_function(lambda: self.state.last_takeover or 0)
+        gauge("pacsgw_ha_followed_timestamp_seconds", "When the standby last followed the bucket into its catalog"
+              ).set_function(lambda: self.state.followed.get("at", 0))
 
     async def start(self) -> None:
         self.refusals.write = STANDBY_REFUSAL
@@ -139,13 +142,11 @@ class HaMonitor:
             return
         previous, now = self.state.role, time.time()
         self.state.role, self.state.since = role, now
-        self.m_active.set(1 if role == "active" else 0)
         self.refusals.write = "" if role == "active" else STANDBY_REFUSAL
         if role == "active":
             self.state.takeovers += 1
             self.state.last_takeover = now
             self.m_takeovers.inc()
-            self.m_last_takeover.set(now)
             # files the old active box stored after the last follow: every directory is listed again on its next use
             self.loops.start("ha-unlist", self.db.unlist_all)
         log.warning("ha_takeover" if role == "active" else "ha_standby", role=role, previous=previous,
@@ -223,7 +224,6 @@ class HaMonitor:
             gone, now = await self.db.follow_end(), time.time()
             self.state.followed = {"at": now, "objects": objects, "added": added, "changed": changed, "gone": gone,
                                    "seconds": round(time.monotonic() - t0, 3)}
-            self.m_followed.set(now)
             if added or changed or gone:
                 log.info("ha_followed", **self.state.followed)
             return self.state.followed
@@ -252,5 +252,4 @@ class HaMonitor:
                         peer.get("role") != self.state.peer.get("role"):
                     log.warning("ha_peer", **{k: v for k, v in peer.items() if k != "checked"})
                 self.state.peer = peer
-                self.m_peer_up.set(1 if peer["reachable"] else 0)
                 await asyncio.sleep(PEER_POLL)

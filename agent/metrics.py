@@ -37,6 +37,7 @@ class Metrics:
         self._prefetched = self._prefetch_used = 0
         self.prefetch_hit_ratio = gauge("pacsgw_prefetch_hit_ratio",
                                         "Share of the files prefetched since start that were later read")
+        self.prefetch_hit_ratio.set_function(lambda: self._prefetch_used / self._prefetched if self._prefetched else 0)
         self.queue_depth = gauge("pacsgw_upload_queue_files", "Files waiting for object storage")
         self.queue_bytes = gauge("pacsgw_upload_queue_bytes", "Bytes waiting for object storage")
         self.queue_oldest = gauge("pacsgw_upload_queue_oldest_seconds",
@@ -54,15 +55,12 @@ class Metrics:
         self.prefetched_files.inc()
         self.prefetched_bytes.inc(size)
         self._prefetched += 1
-        self.prefetch_hit_ratio.set(self._prefetch_used / self._prefetched)
 
     def note_prefetch_used(self, files: int, size: int) -> None:
         """Prefetched files read for the first time (counted when read statistics are flushed)."""
         self.prefetch_used_files.inc(files)
         self.prefetch_used_bytes.inc(size)
         self._prefetch_used += files
-        if self._prefetched:
-            self.prefetch_hit_ratio.set(self._prefetch_used / self._prefetched)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -229,8 +229,5 @@ def read_fd(fd: int, size: int) -> Header:
 
 def read_path(path: str | os.PathLike) -> Header:
     """The header of the file at path. Blocking; OSError (the file vanished) is raised, not 'not DICOM'."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        return read_fd(fd, os.fstat(fd).st_size)
-    finally:
-        os.close(fd)
+    with open(path, "rb", buffering=0) as f:
+        return read_fd(f.fileno(), os.fstat(f.fileno()).st_size)

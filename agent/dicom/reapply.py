@@ -59,11 +59,10 @@ async def _birth_date(s3: S3Uplink, path: str, version: str | None, size: int, e
 
 def _change(path: str, head: dict[str, Any], decision_lock: Any, reason: str) -> Change | None:
     current = head.get("ObjectLockRetainUntilDate")
-    held = head.get("ObjectLockLegalHoldStatus") == "ON"
     if decision_lock is None:
         return None
     longer = decision_lock.until if current is None or decision_lock.until > current + SLACK else None
-    hold = decision_lock.legal_hold and not held
+    hold = decision_lock.legal_hold and head.get("ObjectLockLegalHoldStatus") != "ON"
     if longer is None and not hold:
         return None
     return Change(path, head.get("VersionId"), head.get("ObjectLockMode") or decision_lock.mode, current, longer,

@@ -87,8 +87,8 @@ def matches(rule: RetentionRule, path: str, h: Header) -> bool:
 class DicomRetention:
     """The Object Lock of a file from its path and its DICOM header (the uploader's LockPolicy)."""
 
-    def __init__(self, cfg: ComplianceConfig, worm: WormPolicy | None = None) -> None:
-        self.cfg, self.worm = cfg, worm or WormPolicy(cfg)
+    def __init__(self, cfg: ComplianceConfig) -> None:
+        self.cfg, self.worm = cfg, WormPolicy(cfg)
         self.rules = [(i, r) for i, r in enumerate(cfg.rules) if r.selects_dicom]
 
     @property

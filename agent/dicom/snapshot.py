@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime
 import gzip
 import itertools
@@ -118,14 +119,11 @@ class BucketFiles:
 
 def catalog_rows(catalog_path: Path) -> Iterator[Row]:
     """The box's study index, by path, of objects confirmed in S3 with their ETags; read-only (the agent runs)."""
-    db = sqlite3.connect(f"{catalog_path.resolve().as_uri()}?mode=ro", uri=True, timeout=30)
-    try:
+    with contextlib.closing(sqlite3.connect(f"{catalog_path.resolve().as_uri()}?mode=ro", uri=True, timeout=30)) as db:
         yield from db.execute(
             "SELECT d.path, d.size, e.etag, d.study_uid, d.series_uid, d.sop_uid, d.modality, d.study_date, d.patient "
             "FROM dicom_objects d JOIN entries e ON e.path = d.path "
             "WHERE e.state = 'clean' AND e.etag IS NOT NULL AND e.size = d.size ORDER BY d.path")
-    finally:
-        db.close()
 
 
 async def write(cfg: Config, rows: Iterable[Row]) -> dict[str, Any]:

@@ -14,7 +14,7 @@ import threading
 from typing import Any, Callable, Concatenate, Coroutine, ParamSpec, TypeVar
 
 from agent.records import Entry, RemoteObject
-from agent.store.catalog.base import Totals, row_of, rows_of
+from agent.store.catalog.base import COLUMNS, Totals, entry, row_of
 from agent.store.catalog.heat import Heat
 from agent.store.catalog.names import Namespace
 from agent.store.catalog.remote import RemoteSync
@@ -119,7 +119,10 @@ class AsyncCatalog:
         return row_of(self._reader, path)
 
     async def get_many(self, paths: list[str]) -> dict[str, Entry]:
-        return rows_of(self._reader, paths)
+        """The rows of these paths (a path's ancestors and itself: one statement, one snapshot)."""
+        marks = ", ".join("?" * len(paths))
+        return {e.path: e for e in map(entry, self._reader.execute(
+            f"SELECT {COLUMNS} FROM entries WHERE path IN ({marks})", paths).fetchall())}
 
     async def copies_read(self, key: str) -> bool:
         """A rename still waits to be copied from key: asked before every upload, so on the reader connection."""

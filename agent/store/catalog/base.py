@@ -42,13 +42,6 @@ def row_of(db: sqlite3.Connection, path: str) -> Entry | None:
     return entry(row) if row else None
 
 
-def rows_of(db: sqlite3.Connection, paths: list[str]) -> dict[str, Entry]:
-    """The rows of these paths (a path's ancestors and itself: one statement, one snapshot) on a connection."""
-    marks = ", ".join("?" * len(paths))
-    return {e.path: e for e in map(entry, db.execute(f"SELECT {COLUMNS} FROM entries WHERE path IN ({marks})",
-                                                         paths).fetchall())}
-
-
 class CatalogBase:
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -173,9 +166,6 @@ class CatalogBase:
 
     def get(self, path: str) -> Entry | None:
         return row_of(self.db, path)
-
-    def get_many(self, paths: list[str]) -> dict[str, Entry]:
-        return rows_of(self.db, paths)
 
     def totals(self) -> Totals:
         return Totals(*self.db.execute(

@@ -81,11 +81,9 @@ class Uploads(CatalogBase):
                                        "WHERE state = 'uploading'").rowcount)
 
     def due_tombstones(self, now: float, limit: int) -> list[str]:
-        rows = self.db.execute(
+        return [r[0] for r in self.db.execute(
             "SELECT key FROM tombstones WHERE next_attempt <= ? AND key NOT IN "
-            "(SELECT copy_from FROM entries WHERE copy_from IS NOT NULL) ORDER BY queued LIMIT ?",
-            (now, limit)).fetchall()
-        return [r[0] for r in rows]
+            "(SELECT copy_from FROM entries WHERE copy_from IS NOT NULL) ORDER BY queued LIMIT ?", (now, limit))]
 
     def tombstone_count(self) -> int:
         return int(self.db.execute("SELECT COUNT(*) FROM tombstones").fetchone()[0])
@@ -125,9 +123,8 @@ class Uploads(CatalogBase):
 
     def due_doubts(self, now: float, limit: int) -> list[tuple[str, int, str | None]]:
         """(key, checks so far, the content the write in doubt carries or None) of the doubts due for a check."""
-        rows = self.db.execute("SELECT key, checks, sha256 FROM doubts WHERE next_check <= ? ORDER BY next_check "
+        return self.db.execute("SELECT key, checks, sha256 FROM doubts WHERE next_check <= ? ORDER BY next_check "
                                "LIMIT ?", (now, limit)).fetchall()
-        return [(r[0], r[1], r[2]) for r in rows]
 
     def recheck(self, key: str, found: str | None, next_check: float, forget_before: float) -> Entry | None:
         """A doubt's check under the uploader's key lock (docs/architecture.md, "Late requests are re-checked");
