@@ -232,7 +232,9 @@ class Evictor:
     async def run(self) -> None:
         while True:
             await asyncio.sleep(self.cfg.evict_interval_seconds)
-            while self.plans_pending(self.PLAN_WAIT_S):   # each new study holds passes PLAN_WAIT_S at most
+            # each new study holds passes PLAN_WAIT_S at most, and so does a stream of them each pass
+            deadline = time.monotonic() + self.PLAN_WAIT_S
+            while self.plans_pending(self.PLAN_WAIT_S) and time.monotonic() < deadline:
                 await asyncio.sleep(0.02)
             try:
                 async with self._lock:
