@@ -166,15 +166,17 @@ class Evictor:
 
     @contextlib.asynccontextmanager
     async def synced(self) -> AsyncIterator[PolicyStack]:
-        """The stack fed the catalog's view of the cache now, and no pass until the caller is done: a prior plan
-        weighs its priors against what is cached as its study's first write left it (the simulator's state then),
-        not as the last pass saw it."""
+        """The stack fed the catalog's view of the cache at most a pass interval ago, and no pass until the caller is
+        done: a prior plan weighs its priors against what is cached as its study's first write left it (the
+        simulator's state then), not as the last pass saw it (a full cache under its high watermark has no pass).
+        At most one view per interval: reading and feeding 200 000 rows takes seconds of CPU."""
         async with self._lock:
-            await self.flush_reads()
-            rows = await self.db.eviction_rows(self.cfg.eviction_candidates)
             now = time.time()
-            await asyncio.to_thread(self._sync, self.stack, rows, now)
-            self._synced = now
+            if now - self._synced >= self.cfg.evict_interval_seconds:
+                await self.flush_reads()
+                rows = await self.db.eviction_rows(self.cfg.eviction_candidates)
+                await asyncio.to_thread(self._sync, self.stack, rows, now)
+                self._synced = now
             yield self.stack
 
     async def learn(self) -> None:
