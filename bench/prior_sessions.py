@@ -13,6 +13,7 @@ eviction's expert and hold.
 from __future__ import annotations
 
 import argparse
+import itertools
 import sys
 from collections import defaultdict
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ sys.path.insert(0, str(ROOT))
 
 from agent.sim.replay import ReplayConfig, Replayer  # noqa: E402
 from agent.sim.trace import load_arrays  # noqa: E402
+from agent.sim.workload import TUNING  # noqa: E402
 from bench.prefetch_waste import H, next_read, next_reads  # noqa: E402
 
 SESSION_S = 600.0
@@ -135,15 +137,13 @@ def report(fam: str, cap: str, traces: Path, scheme: str) -> str:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--traces", default="/tmp/p12/traces")
-    ap.add_argument("--families", default="general,oncology,outpatient,research")
-    ap.add_argument("--caps", default="1.5GB,5GB")
-    ap.add_argument("--scheme", default="agent")
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for flag, default in (("--traces", "/tmp/p12/traces"), ("--families", ",".join(TUNING)), ("--caps", "1.5GB,5GB"),
+                          ("--scheme", "agent")):
+        ap.add_argument(flag, default=default)
     args = ap.parse_args()
-    for fam in args.families.split(","):
-        for cap in args.caps.split(","):
-            print(report(fam, cap, Path(args.traces), args.scheme), flush=True)
+    for fam, cap in itertools.product(args.families.split(","), args.caps.split(",")):
+        print(report(fam, cap, Path(args.traces), args.scheme), flush=True)
     return 0
 
 

@@ -65,12 +65,18 @@ def test_horizon_is_learnt_and_cold_start_holds_nothing() -> None:
     assert not seg.holds("c") and not seg.holds("d") and seg.total == 50
 
 
-def test_a_prefetched_prior_is_held_beside_its_new_study_until_its_first_read() -> None:
+def horizon_learnt() -> Adaptive:
+    """An adaptive policy whose fresh segment has learnt its horizon: first reads 3 hours after the write."""
     p = Adaptive()
-    for s in range(60):                              # the horizon learnt: first reads 3 hours after the write
+    for s in range(60):
         p.on_insert(("w", s), 1, s * 60.0, s * 60.0, ("w", s), written=True)
         p.on_access(("w", s), s * 60.0 + 3 * H)
         p.on_remove(("w", s))
+    return p
+
+
+def test_a_prefetched_prior_is_held_beside_its_new_study_until_its_first_read() -> None:
+    p = horizon_learnt()
     t = 4 * H
     p.link("prior", "new", 0.5)                      # the planner fetches a prior for a new study
     p.on_insert("p1", 100, t, 0.0, "prior", prefetch=True)
@@ -82,11 +88,7 @@ def test_a_prefetched_prior_is_held_beside_its_new_study_until_its_first_read() 
 
 
 def test_a_prior_its_new_studys_session_did_not_open_goes_first_once_the_session_is_over() -> None:
-    p = Adaptive()
-    for s in range(60):                              # the horizon learnt: first reads 3 hours after the write
-        p.on_insert(("w", s), 1, s * 60.0, s * 60.0, ("w", s), written=True)
-        p.on_access(("w", s), s * 60.0 + 3 * H)
-        p.on_remove(("w", s))
+    p = horizon_learnt()
     t = 4 * H
     for prior in ("opened", "passed"):               # the planner fetches two priors for a new study
         p.link(prior, "new", 0.5)
