@@ -104,3 +104,19 @@ def test_a_prior_its_new_studys_session_did_not_open_goes_first_once_the_session
     # the session is over and did not open it: it is not waiting for anything (without the release it stays held
     # until the horizon, and a study read minutes ago goes in its place)
     assert list(p.victims(100, session + 700)) == ["passed1"]
+
+
+def test_a_prior_opened_in_its_session_is_a_one_off_read_on_probation_once_the_session_is_over() -> None:
+    p = horizon_learnt()
+    t = 4 * H
+    p.link("prior", "new", 0.5)
+    p.on_insert("p1", 100, t, t - 2 * DAY, "prior", prefetch=True)
+    p.on_insert("n1", 100, t, t, "new", written=True)
+    p.on_insert("w1", 100, t + 60, t, "written", written=True)
+    p.on_access("w1", t + 120)                       # another new study, read before the session
+    session = t + 3 * H
+    p.on_access("p1", session)                       # the viewer hangs the prior, then the new study
+    p.on_access("n1", session + 10)
+    # the session is over: the prior was opened beside its new study, as a study read on a miss is opened once; it
+    # goes first until a second session (without probation the study read longest ago, w1, goes)
+    assert list(p.victims(100, session + 700)) == ["p1"]

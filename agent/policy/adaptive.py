@@ -11,8 +11,8 @@ undisturbed run of its own policy (its evictions and its ghosts), not from the o
 In the real cache both experts leave alone the new studies that the fresh segment holds until their first read
 (agent/policy/fresh.py: its horizon learnt from this box's write → first-read delays), and the priors prefetched
 for them until their session (`HOLD_PRIORS`). Before either expert is asked, the files of priors that session passed
-by unopened go (`DROP_UNOPENED`), then those of studies on probation (`_Doorkeeper`: a study read on a miss, until
-its second session).
+by unopened go (`DROP_UNOPENED`), then those of studies on probation (`_Doorkeeper`: a study read on a miss, or a
+prior opened in its session, `PROBATION_OPENED`, until its second session).
 The last victim study of a pass gives up only the files the pass needs, its last ones first (`TRIM`,
 agent/policy/eviction.py `trim`): Belady keeps the first files of the study read farthest off, and a whole 1 GB
 study dropped to free a few MB leaves a small cache part empty until the next writes.
@@ -80,6 +80,10 @@ HOLD_PRIORS = True
 # go first (docs/replay.md, round 19); bench/gap_share.py --unopened overrides
 RELEASE_UNOPENED = True
 DROP_UNOPENED = True
+# a linked prior opened in that session is a one-off read like an old study read on a miss (the doorkeeper's example):
+# when the session is over it is on the doorkeeper's probation until a second session (docs/replay.md, round 19);
+# bench/gap_share.py --probation-opened overrides
+PROBATION_OPENED = True
 # the second door: a written study after its first session is on probation (as a study read on a miss is) while the
 # cache turns over sooner than the `BACK_Q` quantile of the studies' return times (`COLD_BACK` before `WARM` returns);
 # docs/replay.md, round 14; bench/gap_share.py --second-door overrides
@@ -358,14 +362,18 @@ class Adaptive:
         self._session_over(now)     # here too, so a cache that never fills keeps no backlog of sessions
 
     def _session_over(self, now: float) -> None:
-        """The linked priors of new studies whose first session is over that were not opened in it leave the fresh
-        segment (and queue to go first): the session they were fetched for has passed them by."""
+        """The linked priors of new studies whose first session is over: those not opened in it leave the fresh
+        segment (and queue to go first), the session they were fetched for has passed them by; those opened in it go
+        through the doorkeeper as a study read once (probation until a second session, while the door is on)."""
         while self.sessions and now - self.sessions[0][0] > SESSION_S:
             for prior in self.sessions.popleft()[1]:
                 if self.fresh.forget(prior):
                     self.lru.unheld(prior)
                     if DROP_UNOPENED:
                         self.unopened[prior] = None
+                elif PROBATION_OPENED and self.door is not None:
+                    for key in self.lru.files_of(prior):
+                        self.door.inserted(key, self._meta[key][0], now, prior, True)
 
     def admit(self, new: Any, heat: float, files: int, size: int, now: float) -> bool:
         """A prior fits in free space, or is worth more than what the learned shadow evicts lately
