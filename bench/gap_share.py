@@ -50,6 +50,12 @@ def main() -> int:
     ap.add_argument("--second-door", choices=("on", "off"), default=None,
                     help="adaptive.SECOND_DOOR: a written study after its first session on probation while the cache "
                          "turns over sooner than studies come back")
+    ap.add_argument("--unopened", choices=("off", "release", "drop"), default=None,
+                    help="adaptive.RELEASE_UNOPENED / DROP_UNOPENED: a linked prior its new study's first session did "
+                         "not open leaves the fresh segment (release), and its files go first (drop)")
+    ap.add_argument("--probation-opened", choices=("on", "off"), default=None,
+                    help="adaptive.PROBATION_OPENED: a linked prior opened in its new study's session is on the "
+                         "doorkeeper's probation once the session is over")
     ap.add_argument("--explore", type=int, default=None,
                     help="priors.EXPLORE: a prior cell below the floor is fetched once in this many chances")
     ap.add_argument("--open-target", type=float, default=None,
@@ -67,6 +73,10 @@ def main() -> int:
         priors.OPEN_TARGET = args.open_target
     if args.open_floor is not None:
         priors.OPEN_FLOOR = args.open_floor
+    if args.probation_opened is not None:
+        adaptive.PROBATION_OPENED = args.probation_opened == "on"
+    if args.unopened is not None:
+        adaptive.RELEASE_UNOPENED, adaptive.DROP_UNOPENED = args.unopened != "off", args.unopened == "drop"
     if args.explore is not None:
         priors.EXPLORE = args.explore
     if args.old_s is not None:
@@ -113,7 +123,10 @@ def main() -> int:
           f"{','.join(learned.DEFAULT_FACTORS)}, byte weight {learned.BYTE_WEIGHT:g}, "
           f"prior admission {'on' if learned.ADMIT_PRIORS else 'off'}, "
           f"doorkeeper {'on' if adaptive.DOORKEEPER else 'off'}, "
-          f"priors held {'on' if adaptive.HOLD_PRIORS else 'off'}, trim {'on' if adaptive.TRIM else 'off'}, "
+          f"priors held {'on' if adaptive.HOLD_PRIORS else 'off'}, "
+          f"unopened {('drop' if adaptive.DROP_UNOPENED else 'release') if adaptive.RELEASE_UNOPENED else 'off'}, "
+          f"opened on probation {'on' if adaptive.PROBATION_OPENED and adaptive.RELEASE_UNOPENED else 'off'}, "
+          f"trim {'on' if adaptive.TRIM else 'off'}, "
           f"min cut {adaptive.MIN_CUT:g}, second door {'on' if adaptive.SECOND_DOOR else 'off'}, "
           f"explore {priors.EXPLORE}, open target {priors.OPEN_TARGET:g}, "
           f"old {adaptive.OLD_S / 3600:g} h, groups {groups.MIXED_S / 3600:g} h / "

@@ -65,12 +65,18 @@ def test_horizon_is_learnt_and_cold_start_holds_nothing() -> None:
     assert not seg.holds("c") and not seg.holds("d") and seg.total == 50
 
 
-def test_a_prefetched_prior_is_held_beside_its_new_study_until_its_first_read() -> None:
+def horizon_learnt() -> Adaptive:
+    """An adaptive policy whose fresh segment has learnt its horizon: first reads 3 hours after the write."""
     p = Adaptive()
-    for s in range(60):                              # the horizon learnt: first reads 3 hours after the write
+    for s in range(60):
         p.on_insert(("w", s), 1, s * 60.0, s * 60.0, ("w", s), written=True)
         p.on_access(("w", s), s * 60.0 + 3 * H)
         p.on_remove(("w", s))
+    return p
+
+
+def test_a_prefetched_prior_is_held_beside_its_new_study_until_its_first_read() -> None:
+    p = horizon_learnt()
     t = 4 * H
     p.link("prior", "new", 0.5)                      # the planner fetches a prior for a new study
     p.on_insert("p1", 100, t, 0.0, "prior", prefetch=True)
@@ -79,3 +85,38 @@ def test_a_prefetched_prior_is_held_beside_its_new_study_until_its_first_read() 
     assert list(p.victims(100, t + 120)) == ["r1"]
     p.on_access("p1", t + 200)                       # opened: an ordinary study, the unread new one stays held
     assert list(p.victims(100, t + 300)) == ["p1"]
+
+
+def test_a_prior_its_new_studys_session_did_not_open_goes_first_once_the_session_is_over() -> None:
+    p = horizon_learnt()
+    t = 4 * H
+    for prior in ("opened", "passed"):               # the planner fetches two priors for a new study
+        p.link(prior, "new", 0.5)
+        p.on_insert(prior + "1", 100, t, 0.0, prior, prefetch=True)
+    p.on_insert("n1", 100, t, t, "new", written=True)
+    p.on_insert("r1", 100, t + 60, t - H, "recent")  # read on a miss since
+    session = t + 3 * H                               # the viewer hangs one prior, then the new study
+    p.on_access("opened1", session)
+    p.on_access("n1", session + 10)
+    first = list(p.victims(100, session + 60))
+    assert first and "passed1" not in first          # in the session: the unopened prior is still held
+    p.on_insert("r2", 100, session + 120, t - H, "recent")
+    # the session is over and did not open it: it is not waiting for anything (without the release it stays held
+    # until the horizon, and a study read minutes ago goes in its place)
+    assert list(p.victims(100, session + 700)) == ["passed1"]
+
+
+def test_a_prior_opened_in_its_session_is_a_one_off_read_on_probation_once_the_session_is_over() -> None:
+    p = horizon_learnt()
+    t = 4 * H
+    p.link("prior", "new", 0.5)
+    p.on_insert("p1", 100, t, t - 2 * DAY, "prior", prefetch=True)
+    p.on_insert("n1", 100, t, t, "new", written=True)
+    p.on_insert("w1", 100, t + 60, t, "written", written=True)
+    p.on_access("w1", t + 120)                       # another new study, read before the session
+    session = t + 3 * H
+    p.on_access("p1", session)                       # the viewer hangs the prior, then the new study
+    p.on_access("n1", session + 10)
+    # the session is over: the prior was opened beside its new study, as a study read on a miss is opened once; it
+    # goes first until a second session (without probation the study read longest ago, w1, goes)
+    assert list(p.victims(100, session + 700)) == ["p1"]

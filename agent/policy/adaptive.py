@@ -9,8 +9,10 @@ than by regret). The learned expert ranks the real cache with its shadow's model
 undisturbed run of its own policy (its evictions and its ghosts), not from the other expert's choices.
 
 In the real cache both experts leave alone the new studies that the fresh segment holds until their first read
-(agent/policy/fresh.py: its horizon learnt from this box's write → first-read delays), and before either expert
-is asked, the files of studies on probation go (`_Doorkeeper`: a study read on a miss, until its second session).
+(agent/policy/fresh.py: its horizon learnt from this box's write → first-read delays), and the priors prefetched
+for them until their session (`HOLD_PRIORS`). Before either expert is asked, the files of priors that session passed
+by unopened go (`DROP_UNOPENED`), then those of studies on probation (`_Doorkeeper`: a study read on a miss, or a
+prior opened in its session, `PROBATION_OPENED`, until its second session).
 The last victim study of a pass gives up only the files the pass needs, its last ones first (`TRIM`,
 agent/policy/eviction.py `trim`): Belady keeps the first files of the study read farthest off, and a whole 1 GB
 study dropped to free a few MB leaves a small cache part empty until the next writes.
@@ -73,6 +75,15 @@ HALF_LIFE = 2_000       # studies through the door after which its counts' weigh
 # a prior prefetched for a new study is held like a written study until its first read (docs/replay.md, round 11);
 # bench/gap_share.py --hold-priors overrides
 HOLD_PRIORS = True
+# ... and no longer: a linked prior not opened in its new study's first session (the viewer hangs the priors first) is
+# not waiting for anything; it leaves the fresh segment when that session is over, and with `DROP_UNOPENED` its files
+# go first (docs/replay.md, round 19); bench/gap_share.py --unopened overrides
+RELEASE_UNOPENED = True
+DROP_UNOPENED = True
+# a linked prior opened in that session is a one-off read like an old study read on a miss (the doorkeeper's example):
+# when the session is over it is on the doorkeeper's probation until a second session (docs/replay.md, round 19);
+# bench/gap_share.py --probation-opened overrides
+PROBATION_OPENED = True
 # the second door: a written study after its first session is on probation (as a study read on a miss is) while the
 # cache turns over sooner than the `BACK_Q` quantile of the studies' return times (`COLD_BACK` before `WARM` returns);
 # docs/replay.md, round 14; bench/gap_share.py --second-door overrides
@@ -256,6 +267,9 @@ class Adaptive:
         self._inflow = 0.0      # bytes inserted, decayed with INFLOW_TAU (≈ the inflow rate × INFLOW_TAU)
         self._inflow_at = 0.0
         self.linked: OrderedDict[Any, Any] = OrderedDict()   # prior → the new study it was fetched for (newest 10k)
+        self.waiting: OrderedDict[Any, list[Any]] = OrderedDict()    # new study → its linked priors, until its read
+        self.sessions: deque[tuple[float, list[Any]]] = deque()     # (a new study's first read, its linked priors)
+        self.unopened: OrderedDict[Any, None] = OrderedDict()       # priors its session passed by, still cached
 
     def _request(self, key: Any, now: float, prefetch: bool, written: bool = False) -> None:
         size, created, study = self._meta[key]
@@ -282,6 +296,7 @@ class Adaptive:
             self.fresh.written(study, size, now)
         elif not prefetch:
             self.fresh.read(study, now)
+            self._opened(study, now)
         if self.door is not None:
             self.door.inserted(key, size, now, study, not (prefetch or written) and created < now - OLD_S)
         if self.door2 is not None:
@@ -300,6 +315,7 @@ class Adaptive:
         if meta is None:
             return
         self.fresh.read(meta[2], now)
+        self._opened(meta[2], now)
         if self.door is not None:
             self.door.read(meta[2], now)
         if self.door2 is not None and meta[2] in self.written:
@@ -332,6 +348,32 @@ class Adaptive:
             self.linked[prior] = new
             if len(self.linked) > 10_000:     # priors whose fetch never landed
                 self.linked.popitem(last=False)
+            if RELEASE_UNOPENED:
+                self.waiting.setdefault(new, []).append(prior)
+                if len(self.waiting) > 10_000:    # new studies never read
+                    self.waiting.popitem(last=False)
+
+    def _opened(self, study: Any, now: float) -> None:
+        """A file of `study` was read: if it is a new study with linked priors, its session begins now."""
+        self.unopened.pop(study, None)      # a prior opened after all (a board, a follow-up) is cached as read
+        priors = self.waiting.pop(study, None)
+        if priors is not None:
+            self.sessions.append((now, priors))
+        self._session_over(now)     # here too, so a cache that never fills keeps no backlog of sessions
+
+    def _session_over(self, now: float) -> None:
+        """The linked priors of new studies whose first session is over: those not opened in it leave the fresh
+        segment (and queue to go first), the session they were fetched for has passed them by; those opened in it go
+        through the doorkeeper as a study read once (probation until a second session, while the door is on)."""
+        while self.sessions and now - self.sessions[0][0] > SESSION_S:
+            for prior in self.sessions.popleft()[1]:
+                if self.fresh.forget(prior):
+                    self.lru.unheld(prior)
+                    if DROP_UNOPENED:
+                        self.unopened[prior] = None
+                elif PROBATION_OPENED and self.door is not None:
+                    for key in self.lru.files_of(prior):
+                        self.door.inserted(key, self._meta[key][0], now, prior, True)
 
     def admit(self, new: Any, heat: float, files: int, size: int, now: float) -> bool:
         """A prior fits in free space, or is worth more than what the learned shadow evicts lately
@@ -357,10 +399,12 @@ class Adaptive:
         # the real cache cuts its last victim short (Belady keeps a study's first files); the shadows judge the
         # experts' rankings with whole studies, as measured
         self.lru.cut = self.learned.cut = int(MIN_CUT * self.capacity) if TRIM else None
+        self._session_over(now)
         for study in self.fresh.release(now):
             self.lru.unheld(study)
         freed = 0
         doors = [d.victims(now) for d in (self.door, self.door2 if self.door2_open else None) if d is not None]
+        doors.insert(0, self._unopened_files())
         for key in (k for v in doors for k in v):
             if freed >= bytes_to_free:
                 break
@@ -371,6 +415,13 @@ class Adaptive:
             other.on_remove(key)
             self._forget(key)
             yield key
+
+    def _unopened_files(self) -> Iterator[Any]:
+        """The cached files of priors their session passed by, the earliest passed first."""
+        while self.unopened:
+            prior = next(iter(self.unopened))
+            yield from self.lru.files_of(prior)
+            self.unopened.pop(prior, None)
 
     def status(self) -> dict[str, object]:
         if not self.model.fitted:

@@ -324,6 +324,10 @@ class StudyLRU:
         if study is not None:
             self._touch(study, now)
 
+    def files_of(self, study: int) -> list[int]:
+        """The cached files of a study (a copy: the caller may remove them)."""
+        return list(self._queue(study).get(study, ()))
+
     def unheld(self, study: int) -> None:
         """A written, unread study is no longer held: it queues with the others by its write time (at the head
         when that is older than the head's last use, else at the tail: releases are the segment's ends)."""

@@ -63,6 +63,13 @@ class FreshSegment:
             self._learn(now - t0)
             self.total -= self.members.pop(study, 0)
 
+    def forget(self, study: Any) -> bool:
+        """Stop waiting for a study's first read (not a read: nothing is learnt). → whether it was still unread."""
+        if self.unread.pop(study, None) is None:
+            return False
+        self.total -= self.members.pop(study, 0)
+        return True
+
     def _learn(self, delay: float) -> None:
         self.delays[age_bucket(delay)] += 1
         self.first_reads += 1
