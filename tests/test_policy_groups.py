@@ -77,3 +77,35 @@ def test_sync_groups_as_the_simulator_does() -> None:
     rows = [CatalogRow(f"d/{i}.dcm", 1, i * 3600.0, 0, i * 3600.0, "d", i * 3600.0, "write") for i in range(4)]
     stack.sync(rows, 4 * 3600.0)
     assert list(stack.victims(1, 4 * 3600.0, lambda: (None, []))) == ["d/0.dcm", "d/1.dcm", "d/2.dcm"]
+
+
+PATIENTS, EVERY_S, AGAIN_S = 24, 7200.0, 12 * 3600.0
+
+
+def patient_directory_trace():
+    """A patient directory (one 'study' to the importer) per patient, one every 2 hours: a new study written, read
+    10 minutes later beside a prior of the same directory that the trace never writes (read once, on a miss), and
+    the new study read again 12 hours later. → the trace, the second reads of the new studies."""
+    obj, t, w, again = [], [], [], []
+    for p in range(PATIENTS):
+        new, prior = range(2 * p * FILES, (2 * p + 1) * FILES), range((2 * p + 1) * FILES, (2 * p + 2) * FILES)
+        t0 = p * EVERY_S
+        obj += [*new, *new, *prior, *new]
+        t += [t0 + at + i for at in (0.0, 600.0, 700.0, AGAIN_S) for i in range(FILES)]
+        w += [True] * FILES + [False] * 3 * FILES
+        again += [False] * 3 * FILES + [True] * FILES
+    order = np.argsort(np.array(t), kind="stable")
+    return (arrays(np.array(obj)[order], np.array(w)[order], t=np.array(t)[order], days=3,
+                   obj_study=np.arange(2 * PATIENTS * FILES) // (2 * FILES), study_day=[0] * PATIENTS),
+            np.array(again)[order])
+
+
+def test_a_prior_in_a_new_studys_directory_is_old() -> None:
+    """A file the trace never writes existed before it (the live catalog's mtime): read on a miss in the directory a
+    new study was just written into, it is an old one-off read that the doorkeeper puts on probation, and the new
+    studies are kept for their second read. Dated by its directory's new study, it looked new: the default kept
+    the patients whole and hit 9 of the 120 second reads, LRU 26."""
+    ta, again = patient_directory_trace()
+    capacity = 13 * FILES * 1000
+    kept, lru = (hits_of(ta, scheme, capacity, warmup_days=0)[again].sum() for scheme in ("agent", "A"))
+    assert kept > lru

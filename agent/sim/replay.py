@@ -202,6 +202,12 @@ class Replayer:
         self.size = np.concatenate([ta.obj_size, phantom])
         self.study = np.concatenate([ta.obj_study, np.arange(n_st, dtype=np.int32)])
         self.created = np.concatenate([ta.study_day[ta.obj_study], ta.study_day]).astype(np.float64) * DAY
+        # a file the trace never writes was made before it began, as the live catalog's mtime says; its study's day
+        # (the day a new study was written into the directory, where a directory holds a patient's studies) made a
+        # prior read on a miss look new, and the doorkeeper let it in as an ordinary study
+        never = np.ones(n_obj, dtype=bool)
+        never[ta.obj[ta.is_write]] = False
+        self.created[:n_obj][never] = np.minimum(self.created[:n_obj][never], -DAY)
         self.directory = np.concatenate([ta.obj_dir, np.full(n_st, -1, dtype=np.int32)])
         self.n_obj = n_obj
         self.dir_files = np.bincount(ta.obj_dir, minlength=len(ta.dir_names))
