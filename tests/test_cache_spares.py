@@ -59,3 +59,22 @@ def test_a_spare_removed_by_hand_costs_nothing_but_the_spare(tmp_path):
     os.close(fd)
     with open(cache.blob_file(blob), "rb") as f:
         assert f.read() == b"still written"
+
+
+def test_spare_staging_hands_out_a_spare_or_nothing_and_never_makes_a_file(tmp_path):
+    """What a write's open takes on the event loop (Gateway._new_staging): a spare, else None (a thread makes one)."""
+    worker = Cache(tmp_path, clear_staging=False)  # makes no spares: always None, nothing created
+    assert worker.spare_staging() is None and os.listdir(worker.staging) == []
+    cache = Cache(tmp_path)
+    taken = cache.spare_staging()  # starts the maker (maybe nothing ready yet)
+    if taken is not None:
+        os.close(taken[1])
+    ready = settled(cache)
+    blob, fd = cache.spare_staging() or (None, -1)
+    assert blob is not None and ready[os.fstat(fd).st_ino] == blob
+    os.close(fd)
+    for name in settled(cache).values():
+        os.unlink(cache.spare / name)
+    before = sorted(os.listdir(cache.staging))
+    assert cache.spare_staging() is None  # the spare is gone: no file made in its place
+    assert sorted(os.listdir(cache.staging)) == before

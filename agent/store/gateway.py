@@ -782,8 +782,10 @@ class Gateway:
         return handle
 
     async def _new_staging(self) -> tuple[str, int]:
-        """A new staging file, made in a thread: an inode may wait for the disk (issue 14); undone if cancelled."""
-        return await _in_thread(self.cache.new_staging, self._discard_made)
+        """A new staging file: a spare made ahead, renamed here (a thread hop and two wake-ups fewer per stored file);
+        else made in a thread, as an inode may wait for the disk (issue 14), undone if cancelled."""
+        spare = self.cache.spare_staging()
+        return spare if spare is not None else await _in_thread(self.cache.new_staging, self._discard_made)
 
     def _discard_made(self, made: tuple[str, int]) -> None:
         blob, fd = made
