@@ -186,13 +186,13 @@ class _Handler(SFTPServerHandler):
     _extensions = [(name, data) for name, data in SFTPServerHandler._extensions
                    if name not in (b"hardlink@openssh.com", b"statvfs@openssh.com", b"fstatvfs@openssh.com")]
 
-    async def _process_limits(self, packet: SSHPacket) -> SFTPLimits:
+    async def _process_limits(self: SFTPServerHandler, packet: SSHPacket) -> SFTPLimits:
         """limits@openssh.com: asyncssh told its process's descriptor limit (about 20 000 handles) while a session
         opens MAX_OPEN_FILES, and a client sizing its parallel transfers by it met 'too many open files'."""
         packet.check_end()
         return SFTPLimits(asyncssh.sftp.MAX_SFTP_PACKET_LEN, MAX_READ, asyncssh.sftp.MAX_SFTP_WRITE_LEN, MAX_OPEN_FILES)
 
-    async def _process_copy_data(self, packet: SSHPacket) -> None:
+    async def _process_copy_data(self: SFTPServerHandler, packet: SSHPacket) -> None:
         """copy-data between two handles of one path is refused, as OpenSSH's sftp-server does: asyncssh's loop read
         back from a file open "r+" the blocks it had just copied into it, to the end (offset 0, length 0) without
         end, until the user's share for unfinished uploads (a quarter of the cache) was full."""
