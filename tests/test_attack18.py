@@ -16,9 +16,9 @@ import pytest
 from agent.serve import http
 from agent.serve.http import MAX_CONNECTIONS, MAX_CONNECTIONS_PER_ADDRESS
 from agent.serve.sftp import MAX_OPEN_FILES
-from devstack import free_port
+from devstack import ObjectStore, free_port
 from faultkit import sftp_put
-from harness import PASSWORD, s3_objects
+from harness import BUCKET, PASSWORD, s3_objects
 
 IMAGE = bytes(range(256)) * 1024  # 256 KiB: one block of asyncssh's copy-data
 
@@ -191,7 +191,8 @@ def test_healthz_for_a_client_off_the_box_is_computed_once_per_fresh_seconds(mon
                 asked = [asyncio.ensure_future(ask(address)) for _ in range(MAX_CONNECTIONS_PER_ADDRESS)]
                 await asyncio.sleep(0.2)  # most of them wait for the first one's answer; the others get it kept
                 release.set()
-                assert [json.loads(a)["computed"] for a in await asyncio.gather(*asked)] == [1] * MAX_CONNECTIONS_PER_ADDRESS
+                answers = [json.loads(a)["computed"] for a in await asyncio.gather(*asked)]
+                assert answers == [1] * MAX_CONNECTIONS_PER_ADDRESS
                 assert json.loads(await ask("127.0.0.1"))["computed"] == 2
                 assert json.loads(await ask(address))["computed"] == 2
                 assert computed == 2
@@ -199,3 +200,43 @@ def test_healthz_for_a_client_off_the_box_is_computed_once_per_fresh_seconds(mon
             await server.close()
 
     asyncio.run(run())
+
+
+class _MemoryStore(ObjectStore):
+    """`rclone serve s3` over its memory backend: keys with name segments over 255 bytes, as AWS S3 and Ceph take
+    them (SeaweedFS and a local disk refuse them)."""
+
+    def _rclone_cmd(self) -> list[str]:
+        cmd = super()._rclone_cmd()
+        cmd[cmd.index(str(self.data_dir / "data"))] = ":memory:"
+        return cmd
+
+
+def test_names_too_long_to_look_up_are_not_listed(agent_factory, tmp_path):
+    """Another S3 writer stored files whose names are longer than the 255 bytes a client may look up: SFTP and FTP
+    listed them, and refused every use of them (open, stat, delete, rename: "name longer than 255 bytes"), while
+    SMB clients never saw them. They are left out of listings now, as names with control characters are
+    (listing_name_hidden), and the other files of their directory are served."""
+    store = _MemoryStore("rclone", tmp_path / "memory").start()
+    try:
+        store.create_bucket(BUCKET)
+        agent = agent_factory(store)
+        client = store.client()
+        long_names = ["b" * 300 + ".dcm", "\u00e9" * 150 + ".dcm", "\u8a9e" * 100 + ".dcm", "c" * 900]
+        for name in [*long_names, "ok.dcm"]:
+            client.put_object(Bucket=BUCKET, Key=f"{agent.prefix}dir/{name}", Body=b"an image")
+        client.put_object(Bucket=BUCKET, Key=f"{agent.prefix}{'d' * 300}/x.dcm", Body=b"an image")
+        agent.start()
+
+        async def run() -> None:
+            async with _connect(agent) as conn, conn.start_sftp_client() as sftp:
+                assert await sftp.listdir("/") == ["dir"]
+                assert await sftp.listdir("dir") == ["ok.dcm"]
+                async with sftp.open("dir/ok.dcm", "rb") as f:
+                    assert await f.read() == b"an image"
+
+        asyncio.run(run())
+        assert {e["name"] for e in agent.events("listing_name_hidden")} == {repr(n) for n in [*long_names, "d" * 300]}
+        agent.stop()
+    finally:
+        store.stop()

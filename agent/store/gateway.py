@@ -24,7 +24,7 @@ import structlog
 from agent.audit import AuditLog, Who, failure
 from agent.config import Config
 from agent.metrics import Metrics
-from agent.records import S3_KEY_BYTES, Entry
+from agent.records import MAX_NAME_BYTES, S3_KEY_BYTES, Entry
 from agent.store.access import AccessStats
 from agent.store.cache import WOULD_BLOCK, Cache, DiskUsage, Opened, fast_hash, hash_range, sha256_fd
 from agent.store.catalog import AsyncCatalog
@@ -555,10 +555,14 @@ class Gateway:
 
     @staticmethod
     def _visible(entries: list[Entry], directory: str) -> list[Entry]:
-        """The entries a client may be shown: a name with a control character would forge a listing line."""
+        """The entries a client may be shown: a name with a control character would forge a listing line, and one
+        longer than MAX_NAME_BYTES (another S3 writer's: AWS and Ceph take 1 024-byte keys) no client may look up:
+        SFTP and FTP listed it, then refused its every use, and SMB never showed it."""
         shown = []
         for e in entries:
-            problem = name_problem(e.name)
+            problem = name_problem(e.name) or (f"longer than {MAX_NAME_BYTES} bytes"
+                                               if len(e.name.encode("utf-8", "surrogatepass")) > MAX_NAME_BYTES
+                                               else None)
             if problem is None:
                 shown.append(e)
             else:
