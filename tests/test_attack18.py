@@ -12,6 +12,9 @@ import time
 import aiohttp
 import asyncssh
 import pytest
+import smbclient
+from smbprotocol.exceptions import SMBException
+from smbutil import Smb
 
 from agent.serve import http
 from agent.serve.http import MAX_CONNECTIONS, MAX_CONNECTIONS_PER_ADDRESS
@@ -20,6 +23,7 @@ from devstack import ObjectStore, free_port
 from faultkit import sftp_put
 from harness import BUCKET, PASSWORD, s3_objects
 
+SMB_ERRORS = (OSError, SMBException)
 IMAGE = bytes(range(256)) * 1024  # 256 KiB: one block of asyncssh's copy-data
 
 
@@ -240,3 +244,22 @@ def test_names_too_long_to_look_up_are_not_listed(agent_factory, tmp_path):
         agent.stop()
     finally:
         store.stop()
+
+
+def test_an_smb_exclusive_create_of_a_name_an_sftp_client_writes_is_refused(smb_agent):
+    """The SMB side of the exclusive create: FILE_CREATE of a name that an SFTP client was writing succeeded (the
+    SMB layer knew only its own uploads), and whichever client closed last replaced the other's file."""
+    agent = smb_agent().start(timeout=180)
+    smb = Smb(agent)
+
+    async def run() -> None:
+        async with _connect(agent) as conn, conn.start_sftp_client() as sftp:
+            async with sftp.open("new.dcm", "wb") as f:
+                await f.write(b"the SFTP client's image")
+                with pytest.raises(SMB_ERRORS, match="0xc0000035"):
+                    with smbclient.open_file(smb.p("new.dcm"), mode="xb", **smb.kw) as g:
+                        g.write(b"the SMB client's image")
+
+    asyncio.run(run())
+    assert smb.read("new.dcm") == b"the SFTP client's image"
+    smb.close()
