@@ -12,14 +12,17 @@ import json
 import logging
 import os
 import secrets
+import ssl
 import time
+from collections import Counter
 from pathlib import Path
-from typing import Any, Awaitable, Callable
+from typing import Any, Awaitable, Callable, Generic, TypeVar
 
 import psutil
 import structlog
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.web_protocol import RequestHandler
 
 from agent.auth import REFUSALS_EVERY, Every, LoginGuard, unmapped, verify_password
 from agent.config import HttpConfig
@@ -32,6 +35,17 @@ STALE_QUEUE_SECONDS = 900  # dirty data older than this makes the box 'degraded'
 # an hour, let a client trickling header lines hold as many connections as it opened)
 IDLE_SECONDS = 5.0
 BAD_REQUEST_EVERY = 60.0  # seconds: at most one http_bad_request event per this, counting the others
+# Connections a listener keeps open from one address, and from all together: each is a descriptor of the agent's,
+# as are the files its uploads and reads open. There was no cap: a client connecting in a loop held as many as it
+# made in IDLE_SECONDS (600 at once here, the process's descriptor limit the only end).
+MAX_CONNECTIONS_PER_ADDRESS = 32
+MAX_CONNECTIONS = 256
+# How old an answer of /healthz, /status or /metrics a client off the box may get: each took 0.8-1 ms of the agent's
+# CPU (catalog queries, process and disk figures), 4-5 times a request it refuses, for anyone reaching the port.
+# The box's own tools (loopback: pacsgw status, keepalived's check) get a fresh one.
+FRESH_SECONDS = 1.0
+
+T = TypeVar("T")
 
 
 class _BadRequests(logging.Filter):
@@ -55,6 +69,77 @@ class _BadRequests(logging.Filter):
 
 _bad_requests = _BadRequests()
 logging.getLogger("aiohttp.server").addFilter(_bad_requests)  # the logger of every aiohttp listener here
+
+
+class _Connections:
+    """A listener's open connections by address: one over MAX_CONNECTIONS_PER_ADDRESS or MAX_CONNECTIONS is closed
+    as it comes, before anything of it is read (one http_refused event per address per REFUSALS_EVERY)."""
+
+    def __init__(self, listener: str) -> None:
+        self.listener = listener
+        self.open: Counter[str] = Counter()
+        self.address_of: dict[RequestHandler, str] = {}
+        self._told = Every(REFUSALS_EVERY)
+
+    def watch(self, server: web.Server) -> None:
+        """Count server's connections: aiohttp tells its web.Server of each one made and lost."""
+        made, lost = server.connection_made, server.connection_lost
+
+        def connection_made(handler: RequestHandler, transport: asyncio.Transport) -> None:
+            made(handler, transport)
+            peer = transport.get_extra_info("peername")
+            address = unmapped(peer[0]) if peer else ""
+            if self.open[address] >= MAX_CONNECTIONS_PER_ADDRESS or len(self.address_of) >= MAX_CONNECTIONS:
+                self._refuse(address)
+                # Closed once aiohttp's handler has started (its start task asserts it has its server), unread
+                transport.pause_reading()
+                asyncio.get_running_loop().call_soon(transport.abort)
+                return
+            self.open[address] += 1
+            self.address_of[handler] = address
+
+        def connection_lost(handler: RequestHandler, exc: BaseException | None = None) -> None:
+            address = self.address_of.pop(handler, None)
+            if address is not None:
+                self.open[address] -= 1
+                if not self.open[address]:
+                    del self.open[address]
+            lost(handler, exc)
+
+        server.connection_made, server.connection_lost = connection_made, connection_lost  # type: ignore[method-assign]
+
+    def _refuse(self, address: str) -> None:
+        if (since := self._told.due(address)) is not None:
+            log.warning("http_refused", listener=self.listener, peer=address, refused_since=since,
+                        reason=f"too many connections (limit {MAX_CONNECTIONS_PER_ADDRESS} per address, "
+                               f"{MAX_CONNECTIONS} in all)")
+
+
+async def _listen(runner: web.AppRunner, host: str, port: int, tls: ssl.SSLContext | None = None) -> asyncio.Server:
+    """Serve runner's application on host:port, its connections capped (_Connections). Not aiohttp's TCPSite: it
+    leaves a TLS handshake asyncio's 60 s, a silent connection held that long."""
+    await runner.setup()
+    assert runner.server is not None
+    _Connections(f"{host}:{port}").watch(runner.server)
+    return await asyncio.get_running_loop().create_server(runner.server, host, port, ssl=tls,
+                                                          ssl_handshake_timeout=IDLE_SECONDS if tls else None)
+
+
+class _Fresh(Generic[T]):
+    """An expensive answer, computed once for all who ask while it is computed, and kept FRESH_SECONDS for those
+    who may have one that old."""
+
+    def __init__(self, make: Callable[[], Awaitable[T]]) -> None:
+        self._make = make
+        self._answer: asyncio.Future[T] | None = None
+        self._at = 0.0
+
+    async def get(self, old_ok: bool) -> T:
+        kept = self._answer
+        if kept is None or kept.done() and not (old_ok and time.monotonic() - self._at < FRESH_SECONDS):
+            kept = self._answer = asyncio.ensure_future(self._make())
+            self._at = time.monotonic()
+        return await asyncio.shield(kept)
 
 
 def model_info(path: str) -> dict[str, Any] | None:
@@ -139,19 +224,20 @@ class HttpServer:
     def __init__(self, host: str, port: int, health: Callable[[], Awaitable[dict[str, Any]]],
                  metrics: Callable[[], Awaitable[bytes]],
                  admin: dict[tuple[str, str], AdminHandler] | None = None, admin_token: str = "") -> None:
-        self.host, self.port, self._health, self._metrics = host, port, health, metrics
+        self.host, self.port = host, port
+        self._health, self._metrics = _Fresh(health), _Fresh(metrics)
         self._admin, self._admin_token = admin or {}, admin_token
         self.app = web.Application()
         self.app.add_routes([web.get("/healthz", self.healthz), web.get("/metrics", self.metrics),
                              web.get("/status", self.status), web.get("/", self.status)]
                             + [web.route(method, path, self.admin) for method, path in self._admin])
         self._runner: web.AppRunner | None = None
+        self._server: asyncio.Server | None = None
         self._scrape: ScrapeListener | None = None
 
     async def start(self) -> None:
         self._runner = web.AppRunner(self.app, access_log=None, keepalive_timeout=IDLE_SECONDS)
-        await self._runner.setup()
-        await web.TCPSite(self._runner, self.host, self.port).start()
+        self._server = await _listen(self._runner, self.host, self.port)
 
     async def start_scrape(self, cfg: HttpConfig, guard: LoginGuard) -> None:
         """The /metrics-only listener of http.metrics_listen, for the central Prometheus."""
@@ -161,19 +247,22 @@ class HttpServer:
     async def close(self) -> None:
         if self._scrape:
             await self._scrape.close()
+        if self._server is not None:
+            self._server.close()
         if self._runner:
             await self._runner.cleanup()
 
     async def healthz(self, request: web.Request) -> web.Response:
-        h = await self._health()
+        h = await self._health.get(old_ok=not _is_loopback(request.remote))
         return web.json_response(h, status=503 if h["status"] == "failing" else 200)
 
     async def metrics(self, request: web.Request) -> web.Response:
-        return web.Response(body=await self._metrics(), content_type="text/plain", charset="utf-8",
-                            headers={"X-Content-Type-Options": "nosniff"})
+        return web.Response(body=await self._metrics.get(old_ok=not _is_loopback(request.remote)),
+                            content_type="text/plain", charset="utf-8", headers={"X-Content-Type-Options": "nosniff"})
 
     async def status(self, request: web.Request) -> web.Response:
-        return web.Response(text=render_status_html(await self._health()), content_type="text/html")
+        h = await self._health.get(old_ok=not _is_loopback(request.remote))
+        return web.Response(text=render_status_html(h), content_type="text/html")
 
     async def admin(self, request: web.Request) -> web.Response:
         """Admin requests: from loopback with the token (GETs list patient paths), POSTs as JSON (no CSRF)."""
@@ -217,12 +306,8 @@ class ScrapeListener:
 
     async def start(self) -> None:
         assert self.cfg.metrics_listen is not None
-        await self._runner.setup()
-        assert self._runner.server is not None
         tls = tls_context(self.cfg.metrics_tls_cert, self.cfg.metrics_tls_key) if self.cfg.metrics_tls_cert else None
-        # Not aiohttp's TCPSite: it leaves the TLS handshake asyncio's 60 s, a silent connection held that long
-        self._server = await asyncio.get_running_loop().create_server(
-            self._runner.server, *self.cfg.metrics_listen, ssl=tls, ssl_handshake_timeout=IDLE_SECONDS if tls else None)
+        self._server = await _listen(self._runner, *self.cfg.metrics_listen, tls=tls)
 
     async def close(self) -> None:
         if self._server is not None:

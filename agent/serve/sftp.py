@@ -19,7 +19,9 @@ from typing import Any, AsyncIterator, Awaitable, Callable, NoReturn, TypeVar
 import asyncssh
 import structlog
 from asyncssh.constants import MSG_IGNORE
-from asyncssh.stream import SSHServerStreamSession
+from asyncssh.packet import SSHPacket
+from asyncssh.sftp import SFTPLimits, SFTPServerHandler
+from asyncssh.stream import SSHReader, SSHServerStreamSession, SSHWriter
 
 from agent.audit import Who
 from agent.auth import LoginGuard, Passwords, unmapped
@@ -172,6 +174,39 @@ def _no_env(chan: asyncssh.SSHServerChannel[bytes]) -> None:
     chan._process_env_request = lambda packet: False  # type: ignore[method-assign]
 
 
+def _path_of(handle: object) -> str | None:
+    return handle.path if isinstance(handle, WriteHandle) else handle.entry.path if isinstance(handle, ReadHandle) \
+        else None
+
+
+class _Handler(SFTPServerHandler):
+    """asyncssh's SFTP server loop, with the answers it gives for a local file system set right for the gateway."""
+
+    # Not advertised: the extensions GatewaySFTP refuses (links and file-system queries) a client would trust
+    _extensions = [(name, data) for name, data in SFTPServerHandler._extensions
+                   if name not in (b"hardlink@openssh.com", b"statvfs@openssh.com", b"fstatvfs@openssh.com")]
+
+    async def _process_limits(self: SFTPServerHandler, packet: SSHPacket) -> SFTPLimits:
+        """limits@openssh.com: asyncssh told its process's descriptor limit (about 20 000 handles) while a session
+        opens MAX_OPEN_FILES, and a client sizing its parallel transfers by it met 'too many open files'."""
+        packet.check_end()
+        return SFTPLimits(asyncssh.sftp.MAX_SFTP_PACKET_LEN, MAX_READ, asyncssh.sftp.MAX_SFTP_WRITE_LEN, MAX_OPEN_FILES)
+
+    async def _process_copy_data(self: SFTPServerHandler, packet: SSHPacket) -> None:
+        """copy-data between two handles of one path is refused, as OpenSSH's sftp-server does: asyncssh's loop read
+        back from a file open "r+" the blocks it had just copied into it, to the end (offset 0, length 0) without
+        end, until the user's share for unfinished uploads (a quarter of the cache) was full."""
+        fields = SSHPacket(packet.get_remaining_payload())
+        src = _path_of(self._file_handles.get(fields.get_string()))
+        fields.get_uint64(), fields.get_uint64()  # the source's offset and length
+        if src is not None and src == _path_of(self._file_handles.get(fields.get_string())):
+            raise asyncssh.SFTPFailure("copy-data from a file to itself is refused")
+        await SFTPServerHandler._process_copy_data(self, packet)
+
+    _packet_handlers = {**SFTPServerHandler._packet_handlers, b"limits@openssh.com": _process_limits,
+                        b"copy-data": _process_copy_data}
+
+
 class _Session(SSHServerStreamSession[bytes]):
     """asyncssh's own SFTP-only session (what `listen(sftp_factory=...)` builds), counted on its connection."""
 
@@ -209,6 +244,15 @@ class _Session(SSHServerStreamSession[bytes]):
         super().connection_made(chan)
         _coalesced(chan, self.owner.active)
         _no_env(chan)
+
+    def session_started(self) -> None:
+        """asyncssh's, with _Handler's loop (asyncssh's own has no hook for it). The session grants the sftp
+        subsystem alone: no shell, command or scp reaches here."""
+        assert self._chan is not None and self._conn is not None
+        reader, writer = SSHReader[bytes](self, self._chan), SSHWriter[bytes](self, self._chan)
+        server = self._init_sftp_server()
+        assert isinstance(server, GatewaySFTP)
+        self._conn.create_task(_Handler(server, reader, writer, self._sftp_version).run(), reader.logger)
 
     def exception_received(self, exc: Exception) -> None:
         """A signal, break or terminal size the client sent: ignored (there is no terminal, no command). asyncssh queued

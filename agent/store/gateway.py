@@ -24,7 +24,7 @@ import structlog
 from agent.audit import AuditLog, Who, failure
 from agent.config import Config
 from agent.metrics import Metrics
-from agent.records import S3_KEY_BYTES, Entry
+from agent.records import MAX_NAME_BYTES, S3_KEY_BYTES, Entry
 from agent.store.access import AccessStats
 from agent.store.cache import WOULD_BLOCK, Cache, DiskUsage, Opened, fast_hash, hash_range, sha256_fd
 from agent.store.catalog import AsyncCatalog
@@ -555,10 +555,14 @@ class Gateway:
 
     @staticmethod
     def _visible(entries: list[Entry], directory: str) -> list[Entry]:
-        """The entries a client may be shown: a name with a control character would forge a listing line."""
+        """The entries a client may be shown: a name with a control character would forge a listing line, and one
+        longer than MAX_NAME_BYTES (another S3 writer's: AWS and Ceph take 1 024-byte keys) no client may look up:
+        SFTP and FTP listed it, then refused its every use, and SMB never showed it."""
         shown = []
         for e in entries:
-            problem = name_problem(e.name)
+            problem = name_problem(e.name) or (f"longer than {MAX_NAME_BYTES} bytes"
+                                               if len(e.name.encode("utf-8", "surrogatepass")) > MAX_NAME_BYTES
+                                               else None)
             if problem is None:
                 shown.append(e)
             else:
@@ -729,11 +733,13 @@ class Gateway:
                 raise NotFound(path)
             size = e.size if e is not None and not e.is_dir else 0  # a directory: _open_write refuses it
             return size if keep is None else min(keep, size)
-        return await self._open_write(path, protocol, who, offset)
+        return await self._open_write(path, protocol, who, offset, exclusive=exclusive)
 
     async def _open_write(self, path: str, protocol: str, who: Who | None,
-                          offset_for: Callable[[Entry | None], int]) -> WriteHandle:
-        """open_write at the offset offset_for(the stored row) gives: the row is looked up once (issue 14)."""
+                          offset_for: Callable[[Entry | None], int], *, exclusive: bool = False) -> WriteHandle:
+        """open_write at the offset offset_for(the stored row) gives: the row is looked up once (issue 14).
+        exclusive: the name is also refused while another upload writes it, and if it was stored meanwhile (a new
+        file is in the catalog from its commit on: two exclusive creates of one name both had it)."""
         async with self.audit.op(who, "store", path, record_ok=False):
             self._may_change(who, "write", path)
             if not path:
@@ -751,10 +757,16 @@ class Gateway:
                 if offset < existing.size and not self.allowed(who, "delete"):
                     raise PermissionDenied(path, "replacing a stored file needs the 'delete' permission")
             blob, fd = await self._new_staging()
-        handle = WriteHandle(self, path, blob, fd, protocol, who)
-        self._active_writes += 1
-        self.marks.add(path)
-        self._writes_idle.clear()
+            if exclusive and self.being_written(path):  # checked and marked in one step of the loop
+                self._discard_made((blob, fd))
+                raise AlreadyExists(path)
+            handle = WriteHandle(self, path, blob, fd, protocol, who)
+            self._active_writes += 1
+            self.marks.add(path)
+            self._writes_idle.clear()
+            if exclusive and await self.db.get(path) is not None:
+                await handle.abort("exclusive create: the name was stored meanwhile")
+                raise AlreadyExists(path)
         if offset:
             if existing is None:
                 await handle.abort("resume of a missing file")
