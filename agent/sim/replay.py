@@ -78,6 +78,9 @@ class ReplayConfig:
     # the agent's pass for every policy, (high, low): over high × capacity free down to low × capacity. None: online
     # policies free just the overflow, batch ones down to low_watermark (the live-vs-simulated parity test sets them)
     watermarks: tuple[float, float] | None = None
+    # when the files the trace reads but never writes were made, in seconds from its start (at the latest): the
+    # archive's are older; the live parity test puts its archive into the bucket just before the agent starts (0)
+    archive_created: float = -DAY
     latency: LatencyModel = field(default_factory=LatencyModel)
     prefetch_bps: float = 5e6          # prefetch may use half of the 10 MB/s line
     prefetch_space: float = 0.05       # scheme C: one LSTM plan may fill at most this share of the capacity
@@ -202,12 +205,12 @@ class Replayer:
         self.size = np.concatenate([ta.obj_size, phantom])
         self.study = np.concatenate([ta.obj_study, np.arange(n_st, dtype=np.int32)])
         self.created = np.concatenate([ta.study_day[ta.obj_study], ta.study_day]).astype(np.float64) * DAY
-        # a file the trace never writes was made before it began, as the live catalog's mtime says; its study's day
-        # (the day a new study was written into the directory, where a directory holds a patient's studies) made a
-        # prior read on a miss look new, and the doorkeeper let it in as an ordinary study
+        # a file the trace never writes was made before it began (cfg.archive_created), as the live catalog's mtime
+        # says; its study's day (the day a new study was written into the directory, where a directory holds a
+        # patient's studies) made a prior read on a miss look new, and the doorkeeper let it in as an ordinary study
         never = np.ones(n_obj, dtype=bool)
         never[ta.obj[ta.is_write]] = False
-        self.created[:n_obj][never] = np.minimum(self.created[:n_obj][never], -DAY)
+        self.created[:n_obj][never] = np.minimum(self.created[:n_obj][never], cfg.archive_created)
         self.directory = np.concatenate([ta.obj_dir, np.full(n_st, -1, dtype=np.int32)])
         self.n_obj = n_obj
         self.dir_files = np.bincount(ta.obj_dir, minlength=len(ta.dir_names))
