@@ -888,3 +888,19 @@ def test_library_log_lines_are_one_escaped_line():
     lines = out.stderr.splitlines()
     assert len(lines) == 1 and "\x1b" not in out.stderr, out.stderr
     assert lines[0].endswith('peer said x\\n{"event": "forged"}\\x1b[2J'), lines
+
+
+def test_log_lines_of_processes_sharing_a_log_stay_whole(tmp_path):
+    """With [server] workers > 1 the owner and its workers write to one log (their inherited stderr: the journal, or
+    a file). A line went out as two writes (the event, then its newline), so another process's line could land
+    between them: a worker's `draining` and the new owner's `worker_retired` were one unreadable line in a CI run
+    of tests/test_workers.py::test_kill9_owner_during_ingest."""
+    code = ("from agent import logs; import structlog; logs.configure('info', 'json'); log = structlog.get_logger(); "
+            "[log.info('tick', n=n, pad='x' * 200) for n in range(3000)]")
+    path = tmp_path / "shared.log"
+    with open(path, "ab") as f:
+        procs = [subprocess.Popen([sys.executable, "-c", code], stderr=f) for _ in range(4)]
+        assert [p.wait(timeout=120) for p in procs] == [0, 0, 0, 0]
+    lines = path.read_text().splitlines()
+    assert len(lines) == 4 * 3000
+    assert all(json.loads(line)["event"] == "tick" for line in lines)
