@@ -173,22 +173,22 @@ class Evictor:
         async with self._lock:
             now = time.time()
             if now - self._synced >= self.cfg.evict_interval_seconds:
-                await self.flush_reads()
-                rows = await self.db.eviction_rows(self.cfg.eviction_candidates)
-                await asyncio.to_thread(self._sync, self.stack, rows, now)
-                self._synced = now
+                await self._feed(now)
             yield self.stack
+
+    async def _feed(self, now: float) -> None:
+        """Feed the stack the catalog's view of the cache (the buffered reads first)."""
+        await self.flush_reads()
+        rows = await self.db.eviction_rows(self.cfg.eviction_candidates)
+        await asyncio.to_thread(self._sync, self.stack, rows, now)
+        self._synced = now
 
     async def learn(self) -> None:
         """An online policy learns from the traffic whether or not anything has to go: feed it the
         catalog's view at most every SYNC_S (sessions are minutes apart; the query reads many rows)."""
         now = time.time()
-        if not self.stack.online or now - self._synced < self.SYNC_S:
-            return
-        await self.flush_reads()
-        rows = await self.db.eviction_rows(self.cfg.eviction_candidates)
-        await asyncio.to_thread(self._sync, self.stack, rows, now)
-        self._synced = now
+        if self.stack.online and now - self._synced >= self.SYNC_S:
+            await self._feed(now)
 
     async def free(self, bytes_to_free: int, reason: str) -> int:
         if bytes_to_free <= 0:
