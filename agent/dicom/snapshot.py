@@ -107,11 +107,7 @@ class BucketFiles:
 
     async def keys(self, prefix: str) -> list[str]:
         """Every key under prefix, in key order."""
-        keys: list[str] = []
-        async for page in self.s3._client.get_paginator("list_objects_v2").paginate(Bucket=self.s3.cfg.bucket,
-                                                                                     Prefix=prefix):
-            keys += [o["Key"] for o in page.get("Contents", [])]
-        return keys
+        return [o["Key"] async for page in self.s3.pages(prefix) for o in page.get("Contents", [])]
 
     async def delete(self, key: str) -> None:
         await self.s3._client.delete_object(Bucket=self.s3.cfg.bucket, Key=key)

@@ -553,38 +553,32 @@ class S3Uplink:
             raise
         return head
 
+    def pages(self, prefix: str, **args: str) -> AsyncIterator[dict[str, Any]]:
+        """ListObjectsV2's pages of the keys under prefix (an absolute key prefix)."""
+        return cast(AsyncIterator[dict[str, Any]], self._client.get_paginator("list_objects_v2").paginate(
+            Bucket=self.cfg.bucket, Prefix=prefix, **args))
+
+    def _row(self, obj: Mapping[str, Any]) -> Row:
+        """A listed object → (its path in the namespace, its listed size, mtime, ETag)."""
+        return obj["Key"][len(self.cfg.prefix):], obj["Size"], _epoch(obj["LastModified"]), obj.get("ETag")
+
     async def walk(self, logical: bool = True) -> AsyncIterator[list[Row]]:
         """Every object of the namespace, a page at a time, invalid paths left out; logical=False: sizes as listed."""
-        prefix = self.cfg.prefix
-        paginator = self._client.get_paginator("list_objects_v2")
-        async for page in paginator.paginate(Bucket=self.cfg.bucket, Prefix=prefix):
-            rows = []
-            for obj in page.get("Contents", []):
-                path = obj["Key"][len(prefix):]
-                if any(part in ("", ".", "..") for part in path.split("/")):
-                    continue
-                rows.append((path, obj["Size"], _epoch(obj["LastModified"]), obj.get("ETag")))
+        async for page in self.pages(self.cfg.prefix):
+            rows = [self._row(obj) for obj in page.get("Contents", [])]
+            rows = [r for r in rows if not any(part in ("", ".", "..") for part in r[0].split("/"))]
             yield await self.logical_sizes(rows) if logical else rows
 
     async def list_dir(self, path: str) -> RemoteListing:
         prefix = self.key(path + "/" if path else "")
-        objects: list[RemoteObject] = []
+        rows: list[Row] = []
         dirs: list[str] = []
-        paginator = self._client.get_paginator("list_objects_v2")
-        async for page in paginator.paginate(Bucket=self.cfg.bucket, Prefix=prefix, Delimiter="/"):
-            for cp in page.get("CommonPrefixes", []):
-                name = cp["Prefix"][len(prefix):].rstrip("/")
-                if name:
-                    dirs.append(name)
-            for obj in page.get("Contents", []):
-                name = obj["Key"][len(prefix):]
-                if name and "/" not in name:
-                    objects.append(RemoteObject(name, obj["Size"], _epoch(obj["LastModified"]), obj.get("ETag")))
-        if objects:
-            rows = await self.logical_sizes([(prefix[len(self.cfg.prefix):] + o.name, o.size, o.mtime, o.etag)
-                                             for o in objects])
-            objects = [RemoteObject(p.rsplit("/", 1)[-1], size, mtime, etag) for p, size, mtime, etag in rows]
-        return RemoteListing(objects, dirs)
+        async for page in self.pages(prefix, Delimiter="/"):
+            dirs += [name for cp in page.get("CommonPrefixes", []) if (name := cp["Prefix"][len(prefix):].rstrip("/"))]
+            rows += [self._row(obj) for obj in page.get("Contents", [])
+                     if (name := obj["Key"][len(prefix):]) and "/" not in name]
+        return RemoteListing([RemoteObject(p.rsplit("/", 1)[-1], size, mtime, etag)
+                              for p, size, mtime, etag in await self.logical_sizes(rows)], dirs)
 
     async def logical_sizes(self, rows: list[Row]) -> list[Row]:
         """The rows with each object's logical size: from the catalog by ETag, else a HEAD; gone ones left out."""
