@@ -92,13 +92,9 @@ class AuditLog:
         """Rename the full file to a unique, sortable name (shipped as it is) and start a new one."""
         os.rename(self.path, self.path.with_name(
             f"{self.path.stem}-{time.strftime('%Y%m%dT%H%M%S')}-{time.time_ns() % 10**9:09d}{self.path.suffix}"))
-        # Wake the shipper now: a record on the login guard's thread reaches the loop's Event through the loop
-        try:
-            asyncio.get_running_loop()
-            self.rotated_event.set()
-        except RuntimeError:
-            if self.loop is not None:
-                self.loop.call_soon_threadsafe(self.rotated_event.set)
+        # Wake the shipper now, through its loop: a record on the login guard's thread may not touch the Event
+        if self.loop is not None:
+            self.loop.call_soon_threadsafe(self.rotated_event.set)
         full = self._fd
         self._open()
         os.close(full)
