@@ -169,16 +169,14 @@ def _sending(url: str, request: AWSRequest) -> Iterator[None]:
 
 async def _read_block(resp: aiohttp.ClientResponse, size: int) -> bytes:
     """Up to size bytes of a body (fewer only at its end), failing as aiobotocore's streaming body does."""
-    parts, got = [], 0
     try:
-        while got < size and (data := await resp.content.read(size - got)):
-            parts.append(data)
-            got += len(data)
+        return await resp.content.readexactly(size)
+    except asyncio.IncompleteReadError as e:  # the end of the body
+        return e.partial
     except asyncio.TimeoutError as e:
         raise ReadTimeoutError(endpoint_url=str(resp.url), error=e) from e
     except aiohttp.ClientConnectionError as e:
         raise ResponseStreamingError(error=e) from e
-    return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
 _META = "x-amz-meta-"
