@@ -581,10 +581,8 @@ def _check_cross(cfg: Config) -> None:
           "a day-directory")
     _need(cfg.scrub.rate >= 10**6, file, "scrub.rate", cfg.scrub.rate, "at least 1MB per second")
     _need(cfg.users, file, "users", [], "at least one [[users]] entry")
-    seen: set[str] = set()
     for i, u in enumerate(cfg.users):
-        _need(u.name not in seen, file, f"users[{i}].name", u.name, "unique user names")
-        seen.add(u.name)
+        _need(u.name not in {v.name for v in cfg.users[:i]}, file, f"users[{i}].name", u.name, "unique user names")
         _need(not (u.password and u.password_hash), file, f"users[{i}].password", "***",
               "either password or password_hash, not both")
         _need(u.password or u.password_hash or u.authorized_keys, file, f"users[{i}]", u.name,
