@@ -1,0 +1,136 @@
+"""Attacks on a running agent (round 19): hostile clients against real listeners, with real client libraries or raw
+sockets. Each test reproduces one attack that worked and checks it no longer does."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import ssl
+import urllib.error
+import urllib.request
+
+import pytest
+from halib import in_netns, run
+from test_metrics_listener import _make_tls
+
+from agent.audit import AuditLog
+from agent.auth import LoginGuard
+from agent.config import LoginConfig
+from agent.metrics import Metrics
+from agent.serve import http
+from agent.serve.http import MAX_CONNECTIONS_PER_ADDRESS
+from devstack import free_port
+from faultkit import wait_for
+
+
+def test_a_tls_listener_counts_connections_that_never_handshake(agent_factory, tmp_path):
+    """The TLS /metrics listener (http.metrics_listen) counted a connection once its TLS handshake was done:
+    connections that never began one were not counted, so one address held as many as it opened, IDLE_SECONDS each
+    (asyncio's handshake timeout), and the per-address and total caps held nothing back. They count from the accept
+    now: with MAX_CONNECTIONS_PER_ADDRESS silent ones open, the next one from that address is closed unanswered."""
+    cert, key, ca = _make_tls(tmp_path)
+    port = free_port()
+    agent = agent_factory(**{"http.metrics_listen": f"127.0.0.1:{port}", "http.metrics_tls_cert": str(cert),
+                             "http.metrics_tls_key": str(key)}).start()
+    context = ssl.create_default_context(cafile=str(ca))
+
+    def scrape() -> int:
+        with urllib.request.urlopen(f"https://127.0.0.1:{port}/metrics", timeout=15, context=context) as r:
+            return int(r.status)
+
+    assert scrape() == 200
+    silent = [socket.create_connection(("127.0.0.1", port), timeout=15) for _ in range(MAX_CONNECTIONS_PER_ADDRESS)]
+    try:
+        with pytest.raises((urllib.error.URLError, ConnectionError, ssl.SSLError)):
+            scrape()
+    finally:
+        for s in silent:
+            s.close()
+    assert agent.wait_events("http_refused")
+    assert wait_for(lambda: _answers(scrape), 30, what="a scrape once the silent connections are gone")
+
+
+def _answers(scrape) -> bool:
+    try:
+        return bool(scrape() == 200)
+    except (urllib.error.URLError, ConnectionError, ssl.SSLError):
+        return False
+
+
+SLASH64 = "fd00:19:0:1"  # one client's /64
+
+
+@pytest.fixture
+def ipv6_lan():
+    """A network namespace whose loopback holds addresses of two /64s (one client's, and another's)."""
+    ns = f"pgw19v6{os.getpid()}"
+    run("ip", "netns", "add", ns)
+    try:
+        run("ip", "-n", ns, "link", "set", "lo", "up")
+        for address in (f"{SLASH64}::1", f"{SLASH64}::2", f"{SLASH64}::3", "fd00:19:0:2::1"):
+            run("ip", "-n", ns, "addr", "add", f"{address}/128", "dev", "lo", "nodad")
+        yield ns
+    finally:
+        run("ip", "netns", "del", ns)
+
+
+async def _status_from(source: str, port: int) -> bytes:
+    """The status line the listener on [SLASH64::1]:port answers a GET /healthz from source with (b'': none)."""
+    reader, writer = await asyncio.open_connection(f"{SLASH64}::1", port, local_addr=(source, 0))
+    try:
+        writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        await writer.drain()
+        return (await reader.readline()).strip()
+    except ConnectionError:
+        return b""
+    finally:
+        writer.close()
+
+
+def test_an_ipv6_client_is_capped_per_64_not_per_address(ipv6_lan):
+    """Per-address connection caps keyed each IPv6 address apart, and a client is given a /64: moving to its next
+    address after MAX_CONNECTIONS_PER_ADDRESS, one client held as many HTTP connections as it liked (and FTP and
+    SFTP sessions: ftp/sftp.max_sessions_per_address). They count a /64 as one address now; another /64 is let in."""
+
+    async def health() -> dict:
+        return {"status": "ok"}
+
+    async def metrics() -> bytes:
+        return b""
+
+    async def attack() -> list[bytes]:
+        server = http.HttpServer("::", free_port(), health, metrics)
+        await server.start()
+        try:
+            held = [asyncio.open_connection(f"{SLASH64}::1", server.port, local_addr=(f"{SLASH64}::2", 0))
+                    for _ in range(MAX_CONNECTIONS_PER_ADDRESS)]
+            conns = await asyncio.gather(*held)
+            try:
+                return [await _status_from(f"{SLASH64}::3", server.port),
+                        await _status_from("fd00:19:0:2::1", server.port)]
+            finally:
+                for _, writer in conns:
+                    writer.close()
+        finally:
+            await server.close()
+
+    same_64, other_64 = in_netns(ipv6_lan, asyncio.run, attack())
+    assert same_64 == b""
+    assert other_64 == b"HTTP/1.1 200 OK"
+
+
+def test_ftp_and_sftp_session_caps_count_an_ipv6_64_as_one_address(tmp_path):
+    """The FTP and SFTP per-address session caps (LoginGuard.take_session, box-wide) keyed each IPv6 address apart."""
+    guard = LoginGuard(LoginConfig(), Metrics(), AuditLog(None, 0, 1, False), tmp_path / "logins.sqlite")
+
+    async def run_caps() -> None:
+        for scope in ("address", "sftp address"):
+            assert await guard.take_session(scope, f"{SLASH64}::2", 2) is not None
+            assert await guard.take_session(scope, "::ffff:10.0.0.1", 2) is not None
+            assert await guard.take_session(scope, f"{SLASH64}:1234:5678:9abc:def0", 2) is not None
+            assert await guard.take_session(scope, f"{SLASH64}::3", 2) is None
+            assert await guard.take_session(scope, "fd00:19:0:2::1", 2) is not None
+            assert await guard.take_session(scope, "10.0.0.2", 2) is not None  # IPv4: each address apart
+
+    asyncio.run(run_caps())
