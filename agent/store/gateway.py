@@ -757,12 +757,13 @@ class Gateway:
                 if offset < existing.size and not self.allowed(who, "delete"):
                     raise PermissionDenied(path, "replacing a stored file needs the 'delete' permission")
             blob, fd = await self._new_staging()
-            if exclusive and self.being_written(path):  # checked and marked in one step of the loop
+            if exclusive and not self.marks.claim(path):  # one of two processes claiming it at once (WriteMarks)
                 self._discard_made((blob, fd))
                 raise AlreadyExists(path)
+            if not exclusive:
+                self.marks.add(path)
             handle = WriteHandle(self, path, blob, fd, protocol, who)
             self._active_writes += 1
-            self.marks.add(path)
             self._writes_idle.clear()
             if exclusive and await self.db.get(path) is not None:
                 await handle.abort("exclusive create: the name was stored meanwhile")
