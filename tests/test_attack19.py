@@ -8,12 +8,15 @@ import multiprocessing
 import os
 import socket
 import ssl
+import threading
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 
 import pytest
 from halib import in_netns, run
+from test_ftp import ftp
 from test_metrics_listener import _make_tls
 
 from agent.audit import AuditLog
@@ -25,6 +28,7 @@ from agent.serve.http import MAX_CONNECTIONS_PER_ADDRESS
 from agent.store.writing import WriteMarks
 from devstack import free_port
 from faultkit import wait_for
+from harness import BUCKET
 
 
 def test_a_tls_listener_counts_connections_that_never_handshake(agent_factory, tmp_path):
@@ -178,3 +182,37 @@ def test_two_processes_claiming_one_new_name_at_once_get_it_once(tmp_path):
     for p in procs:
         p.join()
     assert [x + y for x, y in zip(first, second, strict=True)] == [1] * ROUNDS
+
+
+def test_listings_of_many_directories_at_once_share_one_bound_on_their_heads(agent_factory, seaweed, proxy):
+    """The first listing of a directory asks each object the catalog does not know by ETag (another writer's) with
+    a HEAD for its logical size, uplink.max_concurrency at a time: at a time per listing. A client listing many
+    such directories at once (FTP sessions, each a LIST) sent that many times max_concurrency HEADs together, beside
+    the line's uploads. The listings of a process share one bound now: max_concurrency HEADs in all."""
+    concurrency, directories = 2, 4
+    agent = agent_factory(**{"uplink.endpoint_url": proxy.endpoint_url, "uplink.max_concurrency": concurrency})
+    client = seaweed.client()
+    for d in range(directories):
+        for i in range(6):
+            client.put_object(Bucket=BUCKET, Key=f"{agent.prefix}d{d}/x{i}.dcm", Body=b"another writer's image")
+    agent.start()
+    proxy.hold_replies_to, proxy.hold_replies_method = agent.prefix, "HEAD"
+    listed: dict[int, list[str]] = {}
+
+    def list_dir(d: int) -> None:
+        f = ftp(agent)
+        listed[d] = sorted(f.nlst(f"d{d}"))
+        f.quit()
+
+    threads = [threading.Thread(target=list_dir, args=(d,)) for d in range(directories)]
+    try:
+        for t in threads:
+            t.start()
+        wait_for(lambda: proxy.replies_held >= concurrency, 60, what="the listings' HEADs")
+        time.sleep(1)  # the listings are all under way: HEADs over the bound would be here by now
+        assert proxy.replies_held == concurrency
+    finally:
+        proxy.hold_replies_to = ""
+        for t in threads:
+            t.join(60)
+    assert listed == {d: [f"x{i}.dcm" for i in range(6)] for d in range(directories)}

@@ -289,6 +289,9 @@ class S3Uplink:
         self._parser: Any = None
         # Logical sizes for listings: the daemon points this at the catalog (else a HEAD per listed object)
         self.known_sizes: KnownSizes | None = None
+        # Their HEADs, max_concurrency at a time for all listings together: a client listing many directories at
+        # once sent max_concurrency per listing
+        self._heads = asyncio.Semaphore(cfg.max_concurrency)
 
     async def start(self) -> None:
         config = AioConfig(
@@ -591,10 +594,9 @@ class S3Uplink:
         if not rows:
             return rows
         known = await self.known_sizes([(r[0], r[3]) for r in rows]) if self.known_sizes else {}
-        gate = asyncio.Semaphore(self.cfg.max_concurrency)
 
         async def size_of(path: str) -> int | None:
-            async with gate:
+            async with self._heads:
                 head = await self.head(path)
             if head is None:
                 return None
