@@ -15,7 +15,9 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from aiohttp import web
 from halib import in_netns, run
+from s3fault import FaultProxy
 from test_ftp import ftp
 from test_metrics_listener import _make_tls
 
@@ -216,3 +218,39 @@ def test_listings_of_many_directories_at_once_share_one_bound_on_their_heads(age
         for t in threads:
             t.join(60)
     assert listed == {d: [f"x{i}.dcm" for i in range(6)] for d in range(directories)}
+
+
+class _RefusingHeads(FaultProxy):
+    """The fault proxy, answering a HEAD of a key ending in /refused.dcm with 403 (an object this box may not read:
+    a bucket policy on the key, another writer's SSE-C key), counting the HEADs of objects in directories d/."""
+
+    heads = 0
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        if request.method == "HEAD" and "/d/" in request.path:
+            self.heads += 1
+            if request.path.endswith("/refused.dcm"):
+                return web.Response(status=403)
+        return await super()._handle(request)
+
+
+def test_an_object_refused_to_the_box_neither_empties_its_directory_nor_is_asked_at_each_list(agent_factory, seaweed):
+    """One object of a directory whose HEAD the store refused (403) failed the directory's whole listing: clients
+    were shown it empty, and each LIST asked every object of it again (here 5 LISTs sent about 220 HEADs for 51
+    objects, without end as the client listed on). The refused object is left out now (remote_object_skipped), the
+    others are listed, and each object is asked once."""
+    proxy = _RefusingHeads(seaweed.endpoint_url).start()
+    try:
+        agent = agent_factory(**{"uplink.endpoint_url": proxy.endpoint_url})
+        client = seaweed.client()
+        for name in [*(f"x{i}.dcm" for i in range(50)), "refused.dcm"]:
+            client.put_object(Bucket=BUCKET, Key=f"{agent.prefix}d/{name}", Body=b"another writer's image")
+        agent.start()
+        f = ftp(agent)
+        listings = [sorted(f.nlst("d")) for _ in range(5)]
+        f.quit()
+        assert listings == [sorted(f"x{i}.dcm" for i in range(50))] * 5
+        assert proxy.heads == 51
+        assert [e["path"] for e in agent.events("remote_object_skipped")] == ["d/refused.dcm"]
+    finally:
+        proxy.stop()

@@ -597,7 +597,15 @@ class S3Uplink:
 
         async def size_of(path: str) -> int | None:
             async with self._heads:
-                head = await self.head(path)
+                try:
+                    head = await self.head(path)
+                except ClientError as e:
+                    if _status(e) not in (400, 403) or is_throttled(e):
+                        raise
+                    # Refused to this box (a key's policy, another writer's SSE-C key): a read would be too. Left
+                    # out: the listing failed whole, its directory looked empty, and each LIST asked every object again
+                    log.warning("remote_object_skipped", path=path, reason=f"HEAD refused ({_status(e)})")
+                    return None
             if head is None:
                 return None
             try:
