@@ -4,6 +4,8 @@ sockets. Each test reproduces one attack that worked and checks it no longer doe
 from __future__ import annotations
 
 import asyncio
+import ftplib
+import io
 import multiprocessing
 import os
 import socket
@@ -254,3 +256,29 @@ def test_an_object_refused_to_the_box_neither_empties_its_directory_nor_is_asked
         assert [e["path"] for e in agent.events("remote_object_skipped")] == ["d/refused.dcm"]
     finally:
         proxy.stop()
+
+
+def test_a_directory_is_not_renamed_to_where_a_file_below_it_would_get_a_path_too_long(agent_factory):
+    """A directory's new name was checked, the paths of the files it took along were not: renamed to a 200-byte
+    name, a file 960 bytes deep got a 1 159-byte path. FTP answered 250; the file was then refused to every client
+    ('path longer than 1000 bytes': not read, deleted nor renamed back), and its copy to the new object key failed
+    at each attempt (upload_failed: a key past S3's 1 024 bytes never will). The rename is refused now (553), and
+    the file stays where it was."""
+    agent = agent_factory().start()
+    f = ftp(agent)
+    path = "a"
+    f.mkd(path)
+    for _ in range(4):
+        path += "/" + "d" * 200
+        f.mkd(path)
+    name = f"{path}/{'f' * 150}.dcm"
+    f.storbinary(f"STOR {name}", io.BytesIO(b"an image"))
+    f.sendcmd("RNFR a")
+    with pytest.raises(ftplib.error_perm, match="^553"):
+        f.sendcmd("RNTO " + "b" * 200)
+    f.sendcmd("RNFR a")
+    f.sendcmd("RNTO " + "b" * 30)  # a name leaving room is taken
+    assert f.size("b" * 30 + name[1:]) == len(b"an image")
+    f.quit()
+    agent.wait_drained(60)
+    assert agent.events("upload_failed") == []
