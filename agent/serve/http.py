@@ -122,7 +122,7 @@ class _Listening(socket.socket):
         super().__init__(family, socket.SOCK_STREAM)
         self.connections = connections
 
-    def accept(self) -> tuple[socket.socket, Any]:  # type: ignore[override]
+    def accept(self) -> tuple[socket.socket, Any]:
         while True:  # until one is admitted, or none waits (BlockingIOError: asyncio tries again when one comes)
             fd, peer = self._accept()  # type: ignore[attr-defined]
             address = address_group(peer[0])
