@@ -79,6 +79,18 @@ def unmapped(address: str) -> str:
     return str(ip)
 
 
+def address_group(address: str) -> str:
+    """The key of the per-address caps: the address (unmapped), and an IPv6 one's /64. A client is given a /64 at
+    least (SLAAC, a home or office prefix) and may use any of its 2^64 addresses: capped per address, one client
+    held as many connections as it cared to take addresses."""
+    address = unmapped(address)
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return address
+    return str(ipaddress.ip_network(f"{ip}/64", strict=False)) if ip.version == 6 else address
+
+
 class Every:
     """At most one event per `seconds` for each key: a client repeating a refused request fills no journal."""
 
@@ -311,7 +323,7 @@ class LoginGuard:
     @_on_thread
     def take_session(self, scope: str, key: str, cap: int) -> int | None:
         """A box-wide session slot for key while fewer than cap → its id; None at the cap; 0 unrecordable."""
-        key = unmapped(key) if scope.endswith("address") else key
+        key = address_group(key) if scope.endswith("address") else key
         self._release_pending()
         with self._unless_unrecordable("session"), self._tx():
             return None if self._full(scope, key, cap) else self._slot(scope, key)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import functools
 import hmac
 import html
 import ipaddress
@@ -12,6 +13,7 @@ import json
 import logging
 import os
 import secrets
+import socket
 import ssl
 import time
 from collections import Counter
@@ -22,9 +24,8 @@ import psutil
 import structlog
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
-from aiohttp.web_protocol import RequestHandler
 
-from agent.auth import REFUSALS_EVERY, Every, LoginGuard, unmapped, verify_password
+from agent.auth import REFUSALS_EVERY, Every, LoginGuard, address_group, unmapped, verify_password
 from agent.config import HttpConfig
 from agent.serve.contract import tls_context
 
@@ -72,57 +73,82 @@ logging.getLogger("aiohttp.server").addFilter(_bad_requests)  # the logger of ev
 
 
 class _Connections:
-    """A listener's open connections by address: one over MAX_CONNECTIONS_PER_ADDRESS or MAX_CONNECTIONS is closed
-    as it comes, before anything of it is read (one http_refused event per address per REFUSALS_EVERY)."""
+    """A listener's open connections by address (an IPv6 one's /64: agent.auth.address_group), counted from their
+    accept to their close: one over MAX_CONNECTIONS_PER_ADDRESS or MAX_CONNECTIONS is closed as it comes, before
+    anything of it is read and before a TLS handshake (one http_refused event per address per REFUSALS_EVERY).
+    Counted once aiohttp had them, a TLS listener's connections counted only after their handshake: a client that
+    never started one held as many as it opened, IDLE_SECONDS each."""
 
     def __init__(self, listener: str) -> None:
         self.listener = listener
         self.open: Counter[str] = Counter()
-        self.address_of: dict[RequestHandler, str] = {}
         self._told = Every(REFUSALS_EVERY)
 
-    def watch(self, server: web.Server) -> None:
-        """Count server's connections: aiohttp tells its web.Server of each one made and lost."""
-        made, lost = server.connection_made, server.connection_lost
+    def admit(self, address: str) -> bool:
+        if self.open[address] >= MAX_CONNECTIONS_PER_ADDRESS or self.open.total() >= MAX_CONNECTIONS:
+            if (since := self._told.due(address)) is not None:
+                log.warning("http_refused", listener=self.listener, peer=address, refused_since=since,
+                            reason=f"too many connections (limit {MAX_CONNECTIONS_PER_ADDRESS} per address, "
+                                   f"{MAX_CONNECTIONS} in all)")
+            return False
+        self.open[address] += 1
+        return True
 
-        def connection_made(handler: RequestHandler, transport: asyncio.Transport) -> None:
-            made(handler, transport)
-            peer = transport.get_extra_info("peername")
-            address = unmapped(peer[0]) if peer else ""
-            if self.open[address] >= MAX_CONNECTIONS_PER_ADDRESS or len(self.address_of) >= MAX_CONNECTIONS:
-                self._refuse(address)
-                # Closed once aiohttp's handler has started (its start task asserts it has its server), unread
-                transport.pause_reading()
-                asyncio.get_running_loop().call_soon(transport.abort)
-                return
-            self.open[address] += 1
-            self.address_of[handler] = address
-
-        def connection_lost(handler: RequestHandler, exc: BaseException | None = None) -> None:
-            address = self.address_of.pop(handler, None)
-            if address is not None:
-                self.open[address] -= 1
-                if not self.open[address]:
-                    del self.open[address]
-            lost(handler, exc)
-
-        server.connection_made, server.connection_lost = connection_made, connection_lost  # type: ignore[method-assign]
-
-    def _refuse(self, address: str) -> None:
-        if (since := self._told.due(address)) is not None:
-            log.warning("http_refused", listener=self.listener, peer=address, refused_since=since,
-                        reason=f"too many connections (limit {MAX_CONNECTIONS_PER_ADDRESS} per address, "
-                               f"{MAX_CONNECTIONS} in all)")
+    def release(self, address: str) -> None:
+        self.open[address] -= 1
+        if not self.open[address]:
+            del self.open[address]
 
 
-async def _listen(runner: web.AppRunner, host: str, port: int, tls: ssl.SSLContext | None = None) -> asyncio.Server:
-    """Serve runner's application on host:port, its connections capped (_Connections). Not aiohttp's TCPSite: it
-    leaves a TLS handshake asyncio's 60 s, a silent connection held that long."""
+class _Counted(socket.socket):
+    """An accepted connection that gives its place back when asyncio's transport closes it."""
+
+    def __init__(self, listening: socket.socket, fd: int, release: Callable[[], None]) -> None:
+        super().__init__(listening.family, listening.type, listening.proto, fileno=fd)
+        self._release: Callable[[], None] | None = release
+
+    def close(self) -> None:
+        release, self._release = self._release, None
+        super().close()
+        if release is not None:
+            release()
+
+
+class _Listening(socket.socket):
+    """A listening socket whose accept (asyncio's, for every connection) admits by _Connections: the count starts
+    at the accept, before aiohttp or asyncio's TLS layer hear of the connection."""
+
+    def __init__(self, family: int, connections: _Connections) -> None:
+        super().__init__(family, socket.SOCK_STREAM)
+        self.connections = connections
+
+    def accept(self) -> tuple[socket.socket, Any]:
+        while True:  # until one is admitted, or none waits (BlockingIOError: asyncio tries again when one comes)
+            fd, peer = self._accept()  # type: ignore[attr-defined]
+            address = address_group(peer[0])
+            if self.connections.admit(address):
+                return _Counted(self, fd, functools.partial(self.connections.release, address)), peer
+            os.close(fd)
+
+
+async def _listen(runner: web.AppRunner, host: str, port: int,
+                  tls: ssl.SSLContext | None = None) -> list[asyncio.Server]:
+    """Serve runner's application on host:port (each address 'localhost' names), its connections capped
+    (_Connections). Not aiohttp's TCPSite: it leaves a TLS handshake asyncio's 60 s, a silent connection held
+    that long."""
     await runner.setup()
     assert runner.server is not None
-    _Connections(f"{host}:{port}").watch(runner.server)
-    return await asyncio.get_running_loop().create_server(runner.server, host, port, ssl=tls,
-                                                          ssl_handshake_timeout=IDLE_SECONDS if tls else None)
+    connections = _Connections(f"{host}:{port}")
+    servers = []
+    for family, *_, address in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE):
+        sock = _Listening(family, connections)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)  # as asyncio's own listeners
+        sock.bind(address)
+        servers.append(await asyncio.get_running_loop().create_server(
+            runner.server, sock=sock, ssl=tls, ssl_handshake_timeout=IDLE_SECONDS if tls else None))
+    return servers
 
 
 class _Fresh(Generic[T]):
@@ -232,12 +258,12 @@ class HttpServer:
                              web.get("/status", self.status), web.get("/", self.status)]
                             + [web.route(method, path, self.admin) for method, path in self._admin])
         self._runner: web.AppRunner | None = None
-        self._server: asyncio.Server | None = None
+        self._servers: list[asyncio.Server] = []
         self._scrape: ScrapeListener | None = None
 
     async def start(self) -> None:
         self._runner = web.AppRunner(self.app, access_log=None, keepalive_timeout=IDLE_SECONDS)
-        self._server = await _listen(self._runner, self.host, self.port)
+        self._servers = await _listen(self._runner, self.host, self.port)
 
     async def start_scrape(self, cfg: HttpConfig, guard: LoginGuard) -> None:
         """The /metrics-only listener of http.metrics_listen, for the central Prometheus."""
@@ -247,8 +273,8 @@ class HttpServer:
     async def close(self) -> None:
         if self._scrape:
             await self._scrape.close()
-        if self._server is not None:
-            self._server.close()
+        for server in self._servers:
+            server.close()
         if self._runner:
             await self._runner.cleanup()
 
@@ -302,16 +328,16 @@ class ScrapeListener:
         app = web.Application()
         app.add_routes([web.get("/metrics", self.metrics)])
         self._runner = web.AppRunner(app, access_log=None, keepalive_timeout=IDLE_SECONDS)
-        self._server: asyncio.Server | None = None
+        self._servers: list[asyncio.Server] = []
 
     async def start(self) -> None:
         assert self.cfg.metrics_listen is not None
         tls = tls_context(self.cfg.metrics_tls_cert, self.cfg.metrics_tls_key) if self.cfg.metrics_tls_cert else None
-        self._server = await _listen(self._runner, *self.cfg.metrics_listen, tls=tls)
+        self._servers = await _listen(self._runner, *self.cfg.metrics_listen, tls=tls)
 
     async def close(self) -> None:
-        if self._server is not None:
-            self._server.close()
+        for server in self._servers:
+            server.close()
         await self._runner.cleanup()
 
     async def metrics(self, request: web.Request) -> web.Response:

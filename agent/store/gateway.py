@@ -43,7 +43,7 @@ from agent.store.errors import (
 )
 from agent.store.evictor import Evictor
 from agent.store.fetch import download
-from agent.store.paths import ancestors, check_creatable, name_problem, parent_of
+from agent.store.paths import MAX_PATH_BYTES, ancestors, check_creatable, name_problem, parent_of
 from agent.store.writing import WriteMarks
 from agent.uplink.line import SERVER_ERROR_RETRIES
 from agent.uplink.s3 import S3Uplink, error_code
@@ -673,6 +673,10 @@ class Gateway:
                 if self.being_written(src):  # an upload's commit would bring the directory back (Windows refuses too)
                     raise PermissionDenied(src, "a file in this directory is being written; try again later")
                 await self.list_tree(src)
+                if longest := await self.db.longest_below(src):  # moved, it must keep a path clients and S3 take
+                    self._fits(moved := dst + longest[len(src):])
+                    if len(moved.encode("utf-8", "surrogatepass")) > MAX_PATH_BYTES:
+                        raise BadPath(dst, f"a file below would have a path longer than {MAX_PATH_BYTES} bytes")
             replaced_entry = await self._replaced_by_rename(who, dst, replace)
             replaced = await self.db.rename(src, dst, self._base(who, replaced_entry))
         for blob in replaced:
@@ -757,12 +761,13 @@ class Gateway:
                 if offset < existing.size and not self.allowed(who, "delete"):
                     raise PermissionDenied(path, "replacing a stored file needs the 'delete' permission")
             blob, fd = await self._new_staging()
-            if exclusive and self.being_written(path):  # checked and marked in one step of the loop
+            if exclusive and not self.marks.claim(path):  # one of two processes claiming it at once (WriteMarks)
                 self._discard_made((blob, fd))
                 raise AlreadyExists(path)
+            if not exclusive:
+                self.marks.add(path)
             handle = WriteHandle(self, path, blob, fd, protocol, who)
             self._active_writes += 1
-            self.marks.add(path)
             self._writes_idle.clear()
             if exclusive and await self.db.get(path) is not None:
                 await handle.abort("exclusive create: the name was stored meanwhile")

@@ -7,6 +7,7 @@ process's locks. A hash collision of two keys (2^-62) only refuses a rename wron
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import os
@@ -53,6 +54,23 @@ class WriteMarks:
                 self._lock(fcntl.F_OFD_SETLK, fcntl.F_RDLCK, key)  # read locks never conflict: never refused
             self._mine[key] += 1
 
+    def claim(self, path: str) -> bool:
+        """add(path) for an exclusive create, unless an upload of any process writes path or a file below it →
+        whether marked. Tested then marked, two processes could both find the path free and both create it: the
+        kernel gives the byte's write lock to one of them, which turns it into its mark (one fcntl, never unlocked
+        between); the other is refused."""
+        if path in self._mine or self._held(path + "/"):
+            return False
+        try:
+            self._lock(fcntl.F_OFD_SETLK, fcntl.F_WRLCK, path)
+        except OSError as e:
+            if e.errno not in (errno.EAGAIN, errno.EACCES):
+                raise
+            return False  # another process marks it
+        self._lock(fcntl.F_OFD_SETLK, fcntl.F_RDLCK, path)  # the write lock becomes the read lock of a mark
+        self.add(path)
+        return True
+
     def remove(self, path: str) -> None:
         for key in self._keys(path):
             self._mine[key] -= 1
@@ -66,5 +84,7 @@ class WriteMarks:
 
     def busy(self, path: str) -> bool:
         """Whether an upload of this process or of another one writes path, or a file below it, now."""
-        return any(key in self._mine or self._lock(fcntl.F_OFD_GETLK, fcntl.F_WRLCK, key) != fcntl.F_UNLCK
-                   for key in (path, path + "/"))
+        return self._held(path) or self._held(path + "/")
+
+    def _held(self, key: str) -> bool:
+        return key in self._mine or self._lock(fcntl.F_OFD_GETLK, fcntl.F_WRLCK, key) != fcntl.F_UNLCK

@@ -287,6 +287,9 @@ class S3Uplink:
         self._parser: Any = None
         # Logical sizes for listings: the daemon points this at the catalog (else a HEAD per listed object)
         self.known_sizes: KnownSizes | None = None
+        # Their HEADs, max_concurrency at a time for all listings together: a client listing many directories at
+        # once sent max_concurrency per listing
+        self._heads = asyncio.Semaphore(cfg.max_concurrency)
 
     async def start(self) -> None:
         config = AioConfig(
@@ -583,11 +586,18 @@ class S3Uplink:
         if not rows:
             return rows
         known = await self.known_sizes([(r[0], r[3]) for r in rows]) if self.known_sizes else {}
-        gate = asyncio.Semaphore(self.cfg.max_concurrency)
 
         async def size_of(path: str) -> int | None:
-            async with gate:
-                head = await self.head(path)
+            async with self._heads:
+                try:
+                    head = await self.head(path)
+                except ClientError as e:
+                    if _status(e) not in (400, 403) or is_throttled(e):
+                        raise
+                    # Refused to this box (a key's policy, another writer's SSE-C key): a read would be too. Left
+                    # out: the listing failed whole, its directory looked empty, and each LIST asked every object again
+                    log.warning("remote_object_skipped", path=path, reason=f"HEAD refused ({_status(e)})")
+                    return None
             if head is None:
                 return None
             try:

@@ -135,6 +135,7 @@ class AsyncCatalog:
     shrink_memory = _offload(Catalog.shrink_memory)
     # the namespace
     children = _offload(Catalog.children)
+    longest_below = _offload(Catalog.longest_below)
     count_files_under = _offload(Catalog.count_files_under)
     writes_since = _offload(Catalog.writes_since)
     files_after = _offload(Catalog.files_after)

@@ -25,6 +25,12 @@ class Namespace(CatalogBase):
         return int(self.db.execute("SELECT COUNT(*) FROM entries WHERE path > ? AND path < ? AND is_dir = 0",
                                    (path + "/", path + "0")).fetchone()[0])
 
+    def longest_below(self, path: str) -> str:
+        """The longest path (in bytes) below directory `path`, '' when none: a rename of it must leave room for it."""
+        row = self.db.execute("SELECT path FROM entries WHERE path > ? AND path < ? "
+                              "ORDER BY LENGTH(CAST(path AS BLOB)) DESC LIMIT 1", (path + "/", path + "0")).fetchone()
+        return str(row[0]) if row else ""
+
     def writes_since(self, since: float) -> list[tuple[str, int]]:
         """(parent directory, files) of files stored since `since`: the prefetch cold-start rule's input."""
         return self.db.execute("SELECT parent, COUNT(*) FROM entries WHERE is_dir = 0 AND mtime >= ? "
