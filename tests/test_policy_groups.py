@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from agent.policy import groups
 from agent.policy.groups import GAP_S, MIXED_S, Groups
 from agent.policy.stack import CatalogRow, PolicyStack, StackSpec
 from bench.miss_analysis import hits_of
@@ -119,6 +120,15 @@ def test_a_file_read_again_rejoins_the_group_it_was_first_read_into() -> None:
     assert g.of("2025/12/01", MIXED_S + 1, False, key="b") != first               # another case, hours later
     assert g.of("2025/12/01", MIXED_S + GAP_S + 10, False, key="a") == first      # the first case again
     assert g.of("2026/01/05", 0.0, True, key="c") == g.of("2026/01/05", 1.0, False, key="c")   # written: as before
+
+
+def test_past_its_bound_the_least_recently_read_file_is_forgotten(monkeypatch) -> None:
+    """Files are remembered up to `MAX_FILES`; a forgotten one read again starts a burst as before the rule."""
+    monkeypatch.setattr(groups, "MAX_FILES", 1)
+    g = Groups()
+    first = g.of("2025/12/01", 0.0, False, key="a")
+    g.of("2025/12/01", MIXED_S + 1, False, key="b")                           # "a" forgotten
+    assert g.of("2025/12/01", MIXED_S + GAP_S + 10, False, key="a") != first
 
 
 RETURNING, ONE_OFFS, SESSION_S, TAIL_S = 3, 150, 3 * 3600.0, 900.0
