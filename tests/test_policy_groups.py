@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from agent.policy import groups
 from agent.policy.groups import GAP_S, MIXED_S, Groups
 from agent.policy.stack import CatalogRow, PolicyStack, StackSpec
 from bench.miss_analysis import hits_of
@@ -109,3 +110,57 @@ def test_a_prior_in_a_new_studys_directory_is_old() -> None:
     capacity = 13 * FILES * 1000
     kept, lru = (hits_of(ta, scheme, capacity, warmup_days=0)[again].sum() for scheme in ("agent", "A"))
     assert kept > lru
+
+
+def test_a_file_read_again_rejoins_the_group_it_was_first_read_into() -> None:
+    """In a directory only read, the split tells read bursts apart, and a file read again on a miss goes back to the
+    burst it was first read into: one case read in two sessions is one group, two cases are two."""
+    g = Groups()
+    first = g.of("2025/12/01", 0.0, False, key="a")
+    assert g.of("2025/12/01", MIXED_S + 1, False, key="b") != first               # another case, hours later
+    assert g.of("2025/12/01", MIXED_S + GAP_S + 10, False, key="a") == first      # the first case again
+    assert g.of("2026/01/05", 0.0, True, key="c") == g.of("2026/01/05", 1.0, False, key="c")   # written: as before
+
+
+def test_past_its_bound_the_least_recently_read_file_is_forgotten(monkeypatch) -> None:
+    """Files are remembered up to `MAX_FILES`; a forgotten one read again starts a burst as before the rule."""
+    monkeypatch.setattr(groups, "MAX_FILES", 1)
+    g = Groups()
+    first = g.of("2025/12/01", 0.0, False, key="a")
+    g.of("2025/12/01", MIXED_S + 1, False, key="b")                           # "a" forgotten
+    assert g.of("2025/12/01", MIXED_S + GAP_S + 10, False, key="a") != first
+
+
+RETURNING, ONE_OFFS, SESSION_S, TAIL_S = 3, 150, 3 * 3600.0, 900.0
+
+
+def returning_case_trace():
+    """An oncology centre's archive (nothing here written by the trace): every 15 minutes a one-off prior is read
+    (a study the trace never writes, read once on a miss), and 3 cases are read in full every 3 hours, each
+    session longer after the first than the read-only split's 2 h (a prior of several new studies, a board's
+    case). → the trace, the reads of the cases after their second session."""
+    obj, t, again = [], [], []
+    for s in range(ONE_OFFS):
+        obj += [RETURNING * FILES + s * FILES + i for i in range(FILES)]
+        t += [s * TAIL_S + i for i in range(FILES)]
+        again += [False] * FILES
+    for session in range(int(ONE_OFFS * TAIL_S // SESSION_S)):
+        for c in range(RETURNING):
+            obj += [c * FILES + i for i in range(FILES)]
+            t += [session * SESSION_S + 60.0 * (c + 1) + i for i in range(FILES)]
+            again += [session >= 2] * FILES
+    order = np.argsort(np.array(t), kind="stable")
+    n = (RETURNING + ONE_OFFS) * FILES
+    return (arrays(np.array(obj)[order], np.zeros(len(obj), dtype=bool), t=np.array(t)[order], days=2,
+                   obj_study=np.arange(n) // FILES, study_day=[-30] * (RETURNING + ONE_OFFS)),
+            np.array(again)[order])
+
+
+@pytest.mark.parametrize("scheme", ["agent", "adaptive"])
+def test_a_case_read_session_after_session_is_kept_as_one_group(scheme) -> None:
+    """A case read every 3 hours came back as a new read burst each session, which the doorkeeper put on probation
+    as a new one-off read, and it went before the one-offs read since. One group again, its second session takes it
+    off probation: with room for the 3 cases and 3 one-offs the cases are hit from their third session on."""
+    ta, again = returning_case_trace()
+    hit = hits_of(ta, scheme, 6 * FILES * 1000, warmup_days=0)
+    assert hit[again].all()

@@ -12,7 +12,10 @@ reads of one case's files also come together. A directory written in one burst k
 group, so a layout with study directories evicts exactly as before. A directory never seen written (an old day
 directory whose studies come back as priors) is split the same way once it has been read into on misses for more
 than `MIXED_S`: whole, every case read from a busy old day kept the day young, then it went at once. The planner's
-prefetches do not start that clock (a prior study is fetched again for each new study of its patient).
+prefetches do not start that clock (a prior study is fetched again for each new study of its patient). A file read
+again on a miss from such a directory rejoins the group it was first read into: the split tells the cases of an old
+day apart, and a case read in session after session (a prior of several new studies, a board's or a teaching case)
+stays one group, which the doorkeeper then sees come back (docs/replay.md, round 20).
 
 `PolicyStack` maps every insert through one `Groups`, for the live agent and the simulator alike.
 """
@@ -27,6 +30,7 @@ MIXED_S = 2 * 3600.0    # writes into one directory spread over more than this: 
 GAP_S = 300.0           # inserts closer than this are one burst (one study written, one case read)
 SPAN_S = 3600.0         # a burst is cut after this long (a busy flat directory never pauses)
 MAX_DIRS = 1_000_000    # directories remembered (~150 B each), least recently inserted into forgotten
+MAX_FILES = 500_000     # files read from directories never written whose group is remembered (~100 B each)
 
 
 @dataclass
@@ -45,8 +49,23 @@ class Groups:
     def __init__(self, max_dirs: int = MAX_DIRS) -> None:
         self.max_dirs = max_dirs
         self._dirs: OrderedDict[Hashable, _Dir] = OrderedDict()
+        # file → the group it was first read into on a miss, for directories never seen written; least recently
+        # read forgotten (a dict keeps insertion order: a re-read moves a file to the end)
+        self._read_into: dict[Hashable, Hashable] = {}
 
-    def of(self, study: Hashable, now: float, written: bool, prefetch: bool = False) -> Hashable:
+    def of(self, study: Hashable, now: float, written: bool, prefetch: bool = False,
+           key: Hashable | None = None) -> Hashable:
+        """The group of file `key` inserted into directory `study` at `now`: written, read on a miss or prefetched."""
+        group = self._group(study, now, written, prefetch)
+        if key is None or written or prefetch or self._dirs[study].first_write is not None:
+            return group
+        group = self._read_into.pop(key, group)
+        self._read_into[key] = group
+        if len(self._read_into) > MAX_FILES:
+            del self._read_into[next(iter(self._read_into))]
+        return group
+
+    def _group(self, study: Hashable, now: float, written: bool, prefetch: bool) -> Hashable:
         d = self._dirs.get(study)
         if d is None:
             d = self._dirs[study] = _Dir()

@@ -124,7 +124,8 @@ class PolicyStack:
     def inserted(self, key: Hashable, size: int, now: float, created: float, study: Hashable,
                  prefetch: bool = False, written: bool = False) -> None:
         if (index := self.index) is not None:
-            index.on_insert(key, size, now, created, self.groups.of(study, now, written, prefetch), prefetch, written)
+            index.on_insert(key, size, now, created, self.groups.of(study, now, written, prefetch, key), prefetch,
+                            written)
 
     def accessed(self, key: Hashable, now: float) -> None:
         if (index := self.index) is not None:
