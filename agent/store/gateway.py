@@ -79,6 +79,17 @@ def _end_wait(confirmed: asyncio.Future[None], _: asyncio.Task[bool]) -> None:
         confirmed.set_result(None)
 
 
+@dataclass(frozen=True, slots=True)
+class _Sealing:
+    """A commit under way: its seal (→ SHA-256) in a thread, then its row (→ gen, replaced blob) in a group commit."""
+
+    sha: asyncio.Future[str]
+    row: asyncio.Future[tuple[int, str | None]]
+    body: bytes | None
+    claim: bool
+    mtime: float
+
+
 class WriteHandle:
     """One file being written, hashed as it comes (or at commit when written out of order). A small write-through
     file keeps its bytes (BODY_BUDGET) for its upload: no reading back and hashing again (~0.5 ms per 512 KiB)."""
@@ -206,9 +217,14 @@ class WriteHandle:
             if isinstance(self._failed, GatewayError):
                 raise type(self._failed)(self.path, f"{reason}; file discarded")
             raise Unavailable(self.path, f"a write failed earlier ({reason}); file discarded")
-        self._done = True
         t0 = time.monotonic()
-        durable = asyncio.ensure_future(self._make_durable())
+        try:
+            sealing = self._start_seal()
+        except BaseException as e:
+            await self.abort(f"its commit could not start: {type(e).__name__}")
+            raise
+        self._done = True
+        durable = asyncio.ensure_future(self._make_durable(sealing))
         try:
             async with self.gw.audit.op(self.who, "store", self.path, bytes=self.size):
                 upload = await asyncio.shield(durable)
@@ -220,29 +236,35 @@ class WriteHandle:
                 durable.add_done_callback(lambda _: self._ended())
         self.gw.metrics.ack_seconds.labels(self.protocol).observe(time.monotonic() - t0)
 
-    async def _make_durable(self) -> Through | None:
-        """fsync + rename into the cache + catalog commit (+ start of a write-through upload). The seal's thread queues
-        the row's commit itself once the file is durable: no turn of the loop between the two hops (on a loaded loop
-        the seal's wake-up waited behind every session's work before the commit could even be queued)."""
+    def _start_seal(self) -> _Sealing:
+        """Start the seal in a thread now, not at the commit task's first turn of the loop (~0.7 ms p50 with 8 clients
+        storing, docs/benchmarks.md §29). The seal's thread queues the row's commit itself once the file is durable:
+        no turn of the loop between the two hops either (on a loaded loop, the seal's wake-up waited behind every
+        session's work before the commit could even be queued)."""
         body = b"".join(self._body) if self._body is not None else None
         loop = asyncio.get_running_loop()
         claim, mtime = self.gw.claims_upload(), time.time()
         row: asyncio.Future[tuple[int, str | None]] = loop.create_future()
         queue_row = functools.partial(self.gw.db.queue_commit_write, row, loop, self.path, self.blob, mtime=mtime,
                                       claim=claim, base=self.base)
+        return _Sealing(loop.run_in_executor(None, self._seal, body, queue_row), row, body, claim, mtime)
+
+    async def _make_durable(self, s: _Sealing) -> Through | None:
+        """fsync + rename into the cache + catalog commit (+ start of a write-through upload)."""
         try:
-            sha = await loop.run_in_executor(None, self._seal, body, queue_row)
+            sha = await s.sha
         except BaseException:
             self._close_fd()
             self.gw.cache.discard_staging(self.blob)
             raise
         self._close_fd()
         try:
-            upload = await self.gw.stored(self.path, self.blob, self.size, sha, body, claim, mtime, await outcome(row))
+            upload = await self.gw.stored(self.path, self.blob, self.size, sha, s.body, s.claim, s.mtime,
+                                          await outcome(s.row))
         except BaseException:
             self.gw.cache.remove(self.blob)
             raise
-        if upload is not None and body is not None:
+        if upload is not None and s.body is not None:
             # The bytes stay counted in BODY_BUDGET as long as their upload lives: a slow line cannot pile them up
             held, self._body, self._held = self._held, None, 0
             upload.task.add_done_callback(lambda _: self.gw.release(held))
