@@ -9,7 +9,7 @@ import sqlite3
 import time
 from pathlib import Path
 
-from agent.store.catalog import AsyncCatalog, Catalog
+from agent.store.catalog import AsyncCatalog, Catalog, outcome
 from agent.store.errors import IsADirectory
 
 
@@ -43,5 +43,35 @@ async def test_concurrent_commits_share_a_transaction_and_return_only_once_commi
     assert sum(groups) == 60 and max(groups) > 1, groups  # several writes shared a commit
     assert (await db.totals()).files == 59
     assert (await db.get("MR/dir.dcm")).is_dir
+    reader.close()
+    db.shutdown()
+
+
+async def test_rows_queued_by_other_threads_join_the_group_and_each_caller_gets_its_own_result(tmp_path):
+    """A seal's thread queues its file's row itself (no turn of the event loop between the seal and the commit):
+    such rows share a group commit with the loop's own, and each future gets its row's result once committed."""
+    path = tmp_path / "catalog.sqlite"
+    db = AsyncCatalog(Recording(path))
+    await db.mkdir("CT/dir.dcm")
+    loop = asyncio.get_running_loop()
+    reader = sqlite3.connect(str(path))
+    rows: list[asyncio.Future[tuple[int, str | None]]] = [loop.create_future() for _ in range(40)]
+
+    def seal(i: int) -> None:  # as WriteHandle._seal does once the file is durable
+        name = "CT/dir.dcm" if i == 3 else f"CT/{i}.dcm"
+        db.queue_commit_write(rows[i], loop, name, f"blob{i}", size=10, sha256="0" * 64, mtime=time.time(),
+                              claim=False)
+
+    sealed = [loop.run_in_executor(None, seal, i) for i in range(40)]
+    own = [db.commit_write(f"MR/{i}.dcm", f"own{i}", 10, "0" * 64, time.time(), claim=False) for i in range(20)]
+    await asyncio.gather(*sealed)
+    results = await asyncio.gather(*(outcome(r) for r in rows), *own, return_exceptions=True)
+    assert isinstance(results[3], IsADirectory)
+    done = [r for i, r in enumerate(results) if i != 3]
+    assert all(isinstance(r, tuple) for r in done) and len({gen for gen, _ in done}) == 59, done
+    stored = dict(reader.execute("SELECT path, blob FROM entries WHERE path LIKE 'CT/%' AND NOT is_dir").fetchall())
+    assert stored == {f"CT/{i}.dcm": f"blob{i}" for i in range(40) if i != 3}
+    groups = db.catalog.groups
+    assert sum(groups) == 60 and max(groups) > 1, groups
     reader.close()
     db.shutdown()

@@ -23,7 +23,7 @@ from agent.store.catalog.studies import Studies
 from agent.store.catalog.uploads import Uploads
 from agent.store.errors import NoSpace
 
-__all__ = ["SCHEMA_VERSION", "AsyncCatalog", "Catalog", "CatalogSchemaError", "RemoteObject", "Totals"]
+__all__ = ["SCHEMA_VERSION", "AsyncCatalog", "Catalog", "CatalogSchemaError", "RemoteObject", "Totals", "outcome"]
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -42,21 +42,32 @@ def _offload(method: Callable[Concatenate[Catalog, P], R], grouped: bool = False
         loop = asyncio.get_running_loop()
         done: asyncio.Future[R] = loop.create_future()
         run = functools.partial(method, self.catalog, *args, **kwargs)
-        if not grouped:
-            self._calls.put((run, done, loop))
+        if grouped:
+            self.join_group(run, done, loop)
         else:
-            with self._group_lock:
-                self._group.append((run, done))
-                first = len(self._group) == 1
-            if first:  # else a group is already waiting for the thread: this call joins it
-                self._calls.put((functools.partial(self._run_group, loop), None, loop))
-        try:
-            return await done
-        except sqlite3.OperationalError as e:  # the catalog's full disk (the cache's) is the front ends' NoSpace too
-            if e.sqlite_errorcode == sqlite3.SQLITE_FULL:
-                raise NoSpace("catalog", "cache disk full (catalog cannot grow)") from e
-            raise
+            self._calls.put((run, done, loop))
+        return await outcome(done)
     return call
+
+
+def _queued(method: Callable[Concatenate[Catalog, P], R]
+            ) -> Callable[Concatenate[AsyncCatalog, "asyncio.Future[R]", asyncio.AbstractEventLoop, P], None]:
+    """`db.queue_x(done, loop, ...)` puts `Catalog.x(...)` into the next group commit from ANY thread (a seal's, so
+    that no wake-up of the loop sits between it and the row's commit); `await outcome(done)` on loop: its result."""
+    def queue(self: AsyncCatalog, done: asyncio.Future[R], loop: asyncio.AbstractEventLoop, /,
+              *args: P.args, **kwargs: P.kwargs) -> None:
+        self.join_group(functools.partial(method, self.catalog, *args, **kwargs), done, loop)
+    return queue
+
+
+async def outcome(done: asyncio.Future[R]) -> R:
+    """A catalog call's result; the catalog's full disk (the cache's) is the front ends' NoSpace too."""
+    try:
+        return await done
+    except sqlite3.OperationalError as e:
+        if e.sqlite_errorcode == sqlite3.SQLITE_FULL:
+            raise NoSpace("catalog", "cache disk full (catalog cannot grow)") from e
+        raise
 
 
 def _settle(done: asyncio.Future[Any], result: Any) -> None:
@@ -96,6 +107,14 @@ class AsyncCatalog:
             if done is not None:
                 with contextlib.suppress(RuntimeError):  # that loop is closed: nobody waits any more
                     loop.call_soon_threadsafe(_settle, done, result)
+
+    def join_group(self, run: Callable[[], Any], done: asyncio.Future[Any], loop: asyncio.AbstractEventLoop) -> None:
+        """run() joins the next group commit; its result goes to done, a future of loop. Any thread may call this."""
+        with self._group_lock:
+            self._group.append((run, done))
+            first = len(self._group) == 1
+        if first:  # else a group is already waiting for the thread: this call joins it
+            self._calls.put((functools.partial(self._run_group, loop), None, loop))
 
     def _run_group(self, loop: asyncio.AbstractEventLoop) -> None:
         """On the catalog thread: every grouped call waiting now, in one transaction; then wake each caller."""
@@ -142,6 +161,7 @@ class AsyncCatalog:
     mkdir = _offload(Catalog.mkdir)
     rmdir = _offload(Catalog.rmdir)
     commit_write = _offload(Catalog.commit_write, grouped=True)  # one per stored file: the ack waits for it
+    queue_commit_write = _queued(Catalog.commit_write)  # the same, queued by the thread that sealed the file
     rename = _offload(Catalog.rename)
     delete = _offload(Catalog.delete)
     # the bucket's view
