@@ -285,8 +285,6 @@ def test_a_directory_is_not_renamed_to_where_a_file_below_it_would_get_a_path_to
     assert agent.events("upload_failed") == []
 
 
-@pytest.mark.xfail(strict=True, reason="open: the space of a file evicted while a reader holds it open is held until "
-                                       "the reader closes it, unbounded per user (see the docstring)")
 def test_a_reader_holding_files_open_does_not_make_the_cache_refuse_writes(agent_factory):
     """A file evicted while a client has it open keeps its disk space until that client closes it: the evictor
     counts the space freed, the disk does not. A read-only session holding 16 files of 1 MiB open (one byte read of

@@ -26,6 +26,7 @@ from agent.store.access import AccessStats
 from agent.store.cache import Cache
 from agent.store.catalog import AsyncCatalog
 from agent.store.paths import study_of
+from agent.store.writing import ReadPins
 
 log = structlog.get_logger("pacsgw.evict")
 
@@ -84,6 +85,7 @@ class Evictor:
     def __init__(self, cfg: CacheConfig, db: AsyncCatalog, cache: Cache, metrics: Metrics, reads: AccessStats) -> None:
         self.cfg, self.db, self.cache, self.metrics = cfg, db, cache, metrics
         self.reads = reads  # buffered for seconds: flushed first, the policy must see the latest
+        self.pins = ReadPins(cache.root / "reading.lock")  # the copies readers of every serving process hold open
         self.use(stack_for(cfg), 3)
         self._lock = asyncio.Lock()
         self._synced = 0.0
@@ -193,21 +195,31 @@ class Evictor:
     async def free(self, bytes_to_free: int, reason: str) -> int:
         if bytes_to_free <= 0:
             return 0
+        freed = files = 0
+        # Victims a reader holds open (ReadPins) are left: dropped, their space would stay taken until the close.
+        # The policy is asked again for what they would have freed, plus them (it offers them again, or others: at
+        # worst a pass frees the pinned bytes too many, bounded by cache.max_open_for_reading)
+        pinned: dict[str, int] = {}
         async with self._lock:
-            victims = await self.plan(bytes_to_free)
-            freed = files = 0
-            for v in victims:
-                blob = await self.db.uncache(v.path, v.gen)
-                if blob is None:
-                    continue  # written, read into a new copy or deleted meanwhile: no longer this row
-                self.cache.remove(blob)
-                freed += v.size
-                files += 1
-                self.metrics.evictions.inc()
-                self.metrics.evicted_bytes.inc(v.size)
-        if files:
+            while freed < bytes_to_free:
+                known = len(pinned)
+                for v in await self.plan(bytes_to_free - freed + sum(pinned.values())):
+                    with self.pins.evicting(v.path) as unpinned:
+                        blob = await self.db.uncache(v.path, v.gen) if unpinned else None
+                    if not unpinned:
+                        pinned[v.path] = v.size
+                    if blob is None:
+                        continue  # pinned; or written, read into a new copy or deleted meanwhile: no longer this row
+                    self.cache.remove(blob)
+                    freed += v.size
+                    files += 1
+                    self.metrics.evictions.inc()
+                    self.metrics.evicted_bytes.inc(v.size)
+                if len(pinned) == known:
+                    break  # no new pinned victim: another round would offer what this one did
+        if files or pinned:
             log.info("eviction_pass", policy=self.policy.name, reason=reason, files=files, bytes=freed,
-                     wanted=bytes_to_free, k=self.last_k)
+                     wanted=bytes_to_free, k=self.last_k, pinned=len(pinned))
         return freed
 
     async def prepare(self) -> None:

@@ -59,6 +59,7 @@ VERIFY_AHEAD = 1024 * 1024
 RANGE_GAP = 2 * 1024 * 1024  # a cold reader this far ahead of the fetch's stream gets a ranged GET
 RANGE_FIRST = 1024 * 1024  # the first ranged GET of a fetch; each next one doubles, up to RANGE_MAX
 RANGE_MAX = 8 * 1024 * 1024
+PIN_RETRY_S = 0.005  # a read waits this long, again, while its copy's eviction (one catalog transaction) ends
 # Bytes of files being written kept in memory for their write-through PUTs, all writes together (see WriteHandle)
 BODY_BUDGET = 64 * 1024 * 1024
 # directories at the namespace's root only the agent writes (Gateway._not_the_agents)
@@ -381,6 +382,7 @@ class ReadHandle:
         self._checked = 0  # bytes of the cached copy fed to _hash so far
         self._checking = asyncio.Lock()
         self._broken: Corrupt | None = None
+        self.held = 0  # bytes counted against the files open for reading (Gateway.hold_open)
 
     @property
     def size(self) -> int:
@@ -459,6 +461,7 @@ class ReadHandle:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+            self.gw.read_closed(self.entry.path, self.held)
 
 
 @dataclass
@@ -489,6 +492,7 @@ class Gateway:
         self._active_writes = 0
         self.marks = WriteMarks(cache.root / "writing.lock")  # the paths uploads write, in every serving process
         self._unfinished: dict[str, int] = {}  # user → the `counted` bytes of its files being written
+        self._reading = 0  # bytes of the files this process's readers hold open (Gateway.hold_open)
         self._body_room = BODY_BUDGET
         self._writes_idle = asyncio.Event()
         self._writes_idle.set()
@@ -882,9 +886,13 @@ class Gateway:
     @functools.cached_property
     def unfinished_limit(self) -> int:
         """One user's share of the cache for files being written, this process's part of it."""
+        return self._share(self.cfg.cache.max_unfinished_per_user)
+
+    def _share(self, ratio: float) -> int:
+        """`ratio` of the cache (max_bytes, or the disk less min_free_bytes when smaller), this process's part."""
         c = self.cfg.cache
         room = min(c.max_bytes, self.cache.disk_usage().total - c.min_free_bytes)
-        return int(c.max_unfinished_per_user * room) // self.cfg.server.serving_processes()
+        return int(ratio * room) // self.cfg.server.serving_processes()
 
     def write_finished(self, handle: WriteHandle) -> None:
         left = self._unfinished.pop(handle.user, 0) - handle.counted
@@ -964,6 +972,22 @@ class Gateway:
         return handle
 
     async def _open_read(self, path: str, protocol: str) -> ReadHandle:
+        """Pinned first (the evictor leaves the copy while it is open), then counted (hold_open); both undone at
+        the handle's close."""
+        while not self.evictor.pins.pin(path):
+            await asyncio.sleep(PIN_RETRY_S)  # it is being evicted: looked up after, it is not cached (fetched)
+        held = 0
+        try:
+            e = await self._file(path)
+            held = self.hold_open(e)
+            handle = await self._open_entry(e, protocol)
+        except BaseException:
+            self.read_closed(path, held)
+            raise
+        handle.held = held
+        return handle
+
+    async def _file(self, path: str) -> Entry:
         try:
             e = await self.stat(path)
         except NotFound:
@@ -973,6 +997,30 @@ class Gateway:
             raise
         if e.is_dir:
             raise IsADirectory(path)
+        return e
+
+    def hold_open(self, e: Entry) -> int:
+        """A file opened for reading keeps its disk space until closed, even once evicted, deleted or replaced:
+        the files this process's readers hold are limited to cache.max_open_for_reading of the cache (one file at
+        least), or the PACS's stores would be refused for want of room. → the bytes counted."""
+        limit = self.reading_limit
+        if self._reading and self._reading + e.size > limit:
+            log.warning("open_for_reading_limit", path=e.path, bytes=self._reading + e.size, limit=limit)
+            raise Unavailable(e.path, f"files open for reading would hold {self._reading + e.size} bytes of the "
+                                      f"cache, over its {limit} (cache.max_open_for_reading): try again later")
+        self._reading += e.size
+        return e.size
+
+    @functools.cached_property
+    def reading_limit(self) -> int:
+        return self._share(self.cfg.cache.max_open_for_reading)
+
+    def read_closed(self, path: str, held: int) -> None:
+        self._reading -= held
+        self.evictor.pins.unpin(path)
+
+    async def _open_entry(self, e: Entry, protocol: str) -> ReadHandle:
+        path = e.path
         if e.blob is not None:
             # On the loop when the copy is in the page cache (under load each thread hop waits for a CPU)
             opened, problem = self.cache.open_checked(e.blob, e.size, e.sha256, VERIFY_AHEAD, nowait=True)

@@ -1,12 +1,15 @@
-"""Which paths an upload is writing, seen by every serving process (docs/workers.md, "Files being written").
+"""Which paths an upload is writing, and which files a reader holds open, seen by every serving process
+(docs/workers.md, "Files being written").
 
-A set in one process saw only its own sessions. A mark is a read lock (OFD) on the byte of `cache/writing.lock` a
-hash of the key picks, which a rename tests for (F_OFD_GETLK) without taking anything; the kernel drops a dead
-process's locks. A hash collision of two keys (2^-62) only refuses a rename wrongly, until the other upload ends.
+A set in one process saw only its own sessions. A mark is a read lock (OFD) on the byte of a lock file in the cache
+(`writing.lock`, `reading.lock`) a hash of the key picks, which another process tests for (F_OFD_GETLK) or takes the
+write lock of; the kernel drops a dead process's locks. A hash collision of two keys (2^-62) only refuses a rename
+or keeps a copy wrongly, until the other upload or read ends.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import hashlib
@@ -14,6 +17,7 @@ import os
 import struct
 from collections import Counter
 from pathlib import Path
+from typing import Iterator
 
 from agent.store.paths import ancestors
 
@@ -27,20 +31,45 @@ def _byte(path: str) -> int:
     return int.from_bytes(hashlib.blake2b(path.encode(), digest_size=8).digest(), "big") >> 2
 
 
-class WriteMarks:
-    """This process's paths being written, with the directories above them, and the other processes'. Counted:
-    two sessions may write one path, and many files one directory."""
+def _open(lock_file: Path) -> int:
+    # Open for the process's life. Not inherited (O_CLOEXEC, Python's default): a child holding the
+    # description would keep the marks alive after the agent died.
+    return os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o600)
+
+
+def _refused(e: OSError) -> bool:
+    """A lock another open file description holds (F_OFD_SETLK's answer), not a failure."""
+    return e.errno in (errno.EAGAIN, errno.EACCES)
+
+
+class _Marks:
+    """This process's marks, counted (two sessions may mark one key), over one open file description."""
 
     def __init__(self, lock_file: Path) -> None:
-        # Open for the process's life. Not inherited (O_CLOEXEC, Python's default): a child holding the
-        # description would keep the marks alive after the agent died.
-        self._fd = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o600)
+        self._fd = _open(lock_file)
         self._mine: Counter[str] = Counter()
 
-    def _lock(self, cmd: int, kind: int, key: str) -> int:
+    def _lock(self, cmd: int, kind: int, key: str, fd: int | None = None) -> int:
         """One fcntl on key's byte → the lock type the kernel answers (F_GETLK: the conflicting one)."""
-        reply = fcntl.fcntl(self._fd, cmd, _FLOCK.pack(kind, os.SEEK_SET, _byte(key), 1, 0))
+        reply = fcntl.fcntl(self._fd if fd is None else fd, cmd, _FLOCK.pack(kind, os.SEEK_SET, _byte(key), 1, 0))
         return int(_FLOCK.unpack(reply)[0])
+
+    def _take(self, key: str) -> None:
+        """Mark key: a read lock on its byte, the first time (OSError when another description holds the write lock)."""
+        if not self._mine[key]:
+            self._lock(fcntl.F_OFD_SETLK, fcntl.F_RDLCK, key)
+        self._mine[key] += 1
+
+    def _drop(self, key: str) -> None:
+        self._mine[key] -= 1
+        if not self._mine[key]:
+            del self._mine[key]
+            self._lock(fcntl.F_OFD_SETLK, fcntl.F_UNLCK, key)
+
+
+class WriteMarks(_Marks):
+    """This process's paths being written, with the directories above them, and the other processes'. Counted:
+    two sessions may write one path, and many files one directory."""
 
     @staticmethod
     def _keys(path: str) -> list[str]:
@@ -50,9 +79,7 @@ class WriteMarks:
 
     def add(self, path: str) -> None:
         for key in self._keys(path):
-            if not self._mine[key]:
-                self._lock(fcntl.F_OFD_SETLK, fcntl.F_RDLCK, key)  # read locks never conflict: never refused
-            self._mine[key] += 1
+            self._take(key)  # read locks never conflict: never refused
 
     def claim(self, path: str) -> bool:
         """add(path) for an exclusive create, unless an upload of any process writes path or a file below it →
@@ -64,7 +91,7 @@ class WriteMarks:
         try:
             self._lock(fcntl.F_OFD_SETLK, fcntl.F_WRLCK, path)
         except OSError as e:
-            if e.errno not in (errno.EAGAIN, errno.EACCES):
+            if not _refused(e):
                 raise
             return False  # another process marks it
         self._lock(fcntl.F_OFD_SETLK, fcntl.F_RDLCK, path)  # the write lock becomes the read lock of a mark
@@ -73,10 +100,7 @@ class WriteMarks:
 
     def remove(self, path: str) -> None:
         for key in self._keys(path):
-            self._mine[key] -= 1
-            if not self._mine[key]:
-                del self._mine[key]
-                self._lock(fcntl.F_OFD_SETLK, fcntl.F_UNLCK, key)
+            self._drop(key)
 
     def move(self, old: str, new: str) -> None:
         self.add(new)
@@ -88,3 +112,43 @@ class WriteMarks:
 
     def _held(self, key: str) -> bool:
         return key in self._mine or self._lock(fcntl.F_OFD_GETLK, fcntl.F_WRLCK, key) != fcntl.F_UNLCK
+
+
+class ReadPins(_Marks):
+    """The files readers of every serving process hold open: the evictor leaves their copies, whose space would
+    only come back at the reader's close (the disk keeps an unlinked file's blocks while it is open). A pin is a
+    read lock on the path's byte of `reading.lock`; an eviction takes the byte's write lock, on a description of its
+    own so that this process's pins refuse it too, for the time it drops the copy: either the reader's pin comes
+    first and the copy stays, or the eviction does and the reader finds it gone (and fetches it)."""
+
+    def __init__(self, lock_file: Path) -> None:
+        super().__init__(lock_file)
+        self._evicting_fd = _open(lock_file)
+
+    def pin(self, path: str) -> bool:
+        """Pin path's copy → False while an eviction of it is under way (it is about to be gone)."""
+        try:
+            self._take(path)
+        except OSError as e:
+            if not _refused(e):
+                raise
+            return False
+        return True
+
+    def unpin(self, path: str) -> None:
+        self._drop(path)
+
+    @contextlib.contextmanager
+    def evicting(self, path: str) -> Iterator[bool]:
+        """→ whether path's copy may be dropped: no reader of any process holds it; no new pin until the end."""
+        try:
+            self._lock(fcntl.F_OFD_SETLK, fcntl.F_WRLCK, path, self._evicting_fd)
+        except OSError as e:
+            if not _refused(e):
+                raise
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            self._lock(fcntl.F_OFD_SETLK, fcntl.F_UNLCK, path, self._evicting_fd)
