@@ -27,6 +27,7 @@ from __future__ import annotations
 import heapq
 import math
 from collections import OrderedDict, deque
+from itertools import chain
 from typing import Any, Iterator
 
 import numpy as np
@@ -197,23 +198,26 @@ class _Doorkeeper:
 
     def victims(self, now: float) -> Iterator[Any]:
         """Every cached file on probation; a study whose session is over leaves probation (when the pass ends: a pass
-        takes what it needs from the head, and a copy of a long probation list per pass made the replay quadratic)."""
+        takes what it needs from the head, and a copy of a long probation list per pass made the replay quadratic).
+        The caller takes (`removed`) each file before it asks for the next."""
         reached = math.inf      # the place of the study the pass stopped in (it and those after it stay)
-        walked: list[tuple[int, Any]] = []
         try:
             while self._filled:
-                pos, study = heapq.heappop(self._filled)
-                # gone from probation, emptied, or a second entry of the study just walked
-                if self._pos.get(study) != pos or not self.probation[study] or walked and walked[-1][0] == pos:
-                    continue
-                walked.append((pos, study))
-                reached = pos
-                yield from list(self.probation[study])
+                # the head study stays in the heap until emptied: a pass (one per insert once the cache is full)
+                # mostly stops inside it, and a pop and push per pass was a tenth of the replay
+                pos, study = self._filled[0]
+                files = self.probation[study] if self._pos.get(study) == pos else None
+                if files:
+                    reached = pos
+                    # the first file left is the next one (no copy of a large study's list per pass)
+                    while files:
+                        key = next(iter(files))
+                        yield key
+                        if key in files:        # not taken: the caller broke the contract; end the walk
+                            return
+                heapq.heappop(self._filled)     # gone from probation, emptied, or a second entry of one emptied
             reached = math.inf
         finally:
-            for pos, study in walked:
-                if self.probation.get(study):       # files left (the study the pass stopped in)
-                    heapq.heappush(self._filled, (pos, study))
             self._drop_over(reached, now)
 
     def _drop_over(self, reached: float, now: float) -> None:
@@ -404,8 +408,9 @@ class Adaptive:
             self.lru.unheld(study)
         freed = 0
         doors = [d.victims(now) for d in (self.door, self.door2 if self.door2_open else None) if d is not None]
-        doors.insert(0, self._unopened_files())
-        for key in (k for v in doors for k in v):
+        if self.unopened:
+            doors.insert(0, self._unopened_files())
+        for key in chain.from_iterable(doors):
             if freed >= bytes_to_free:
                 break
             freed += self._meta[key][0]

@@ -140,15 +140,21 @@ class PolicyStack:
                 table: Callable[[], tuple[eviction.FileTable, Sequence[Hashable]]]) -> Iterator[Hashable]:
         """Keys to evict, in order, until bytes_to_free are freed. `table` → (the clean cached files as a
         FileTable, the key of each row); only built for a batch policy."""
-        if (index := self.index) is not None:
-            for key in index.victims(bytes_to_free, now):
-                self._seen.pop(key, None)
-                yield key
-            return
+        if (index := self.index) is None:
+            return self._batch_victims(bytes_to_free, now, table)
+        if not self._seen:      # no synced view to keep (the simulator): the index's own, one generator less per key
+            return index.victims(bytes_to_free, now)
+        return self._unseen(index.victims(bytes_to_free, now))
+
+    def _unseen(self, keys: Iterator[Hashable]) -> Iterator[Hashable]:
+        for key in keys:
+            self._seen.pop(key, None)
+            yield key
+
+    def _batch_victims(self, bytes_to_free: int, now: float,
+                       table: Callable[[], tuple[eviction.FileTable, Sequence[Hashable]]]) -> Iterator[Hashable]:
         t, keys = table()
-        for i in self.policy.select_victims(t, bytes_to_free, now).tolist():
-            self._seen.pop(keys[i], None)
-            yield keys[i]
+        return self._unseen(keys[i] for i in self.policy.select_victims(t, bytes_to_free, now).tolist())
 
     def sync(self, rows: Iterable[CatalogRow], now: float) -> int:
         """Feed an online policy the difference between this view of the cache and the last one: new rows

@@ -237,9 +237,10 @@ class Replayer:
     # -- cache state
     def _insert(self, o: int, t: float, prefetch: bool = False, written: bool = False) -> None:
         self.in_cache[o] = 1
-        self.used += int(self.size[o])
+        size = self.size.item(o)    # .item: a Python number without a numpy scalar on the way (once per insert)
+        self.used += size
         if self.stack.online:
-            self.stack.inserted(o, int(self.size[o]), t, float(self.created[o]), int(self.study[o]), prefetch, written)
+            self.stack.inserted(o, size, t, self.created.item(o), self.study.item(o), prefetch, written)
         else:
             self.last[o] = t
             self.count[o] = 0 if prefetch else 1
@@ -264,7 +265,7 @@ class Replayer:
             want = self.used - cfg.capacity if self.stack.online else int(self.used - cfg.low_watermark * cfg.capacity)
         for v in self.stack.victims(want, t, self._table):
             self.in_cache[v] = 0
-            self.used -= int(self.size[v])
+            self.used -= self.size.item(v)
             self.ready.pop(v, None)
             if self.prefetched[v]:
                 self.prefetched[v] = 0
@@ -362,6 +363,7 @@ class Replayer:
         hit = bytearray(n)
         limit = self._limit()
         online = self.stack.online
+        accessed = self.stack.accessed
         in_cache, ready, prefetched = self.in_cache, self.ready, self.prefetched
         study = self.study.tolist()
         planners = (self.prefetch or "").split("+")
@@ -408,7 +410,7 @@ class Replayer:
                 if r is not None:
                     del ready[o]
                 if online:
-                    self.stack.accessed(o, t)
+                    accessed(o, t)
                 else:
                     last[o] = t
                     count[o] += 1
