@@ -1183,9 +1183,14 @@ class Gateway:
     # --- eviction (the policy runs in agent.store.evictor) ---------------------------------------
 
     async def evict(self, path: str) -> bool:
-        """Drop the cached copy of one clean file; → False if it is dirty or not cached."""
+        """Drop the cached copy of one clean file; → False if it is dirty or not cached. Unavailable while a reader
+        of any serving process holds it open: its disk space would come back only at the close, and an admin
+        freeing room would be told it had (the evictor leaves such copies too)."""
         e = await self.stat(path)
-        blob = await self.db.uncache(path, e.gen)
+        with self.evictor.pins.evicting(path) as unpinned:
+            if not unpinned:
+                raise Unavailable(path, "open for reading now: its copy is kept until the reader closes it")
+            blob = await self.db.uncache(path, e.gen)
         if blob is None:
             return False
         self.cache.remove(blob)
