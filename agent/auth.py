@@ -252,8 +252,12 @@ class LoginGuard:
         now = time.monotonic()
         self._release_pending()
         with self._unless_unrecordable("login attempt"), self._tx():
-            keys = [("address", address_group(address))]
-            if not self.db.execute("SELECT 1 FROM trusted WHERE user = ? AND address = ?", (user, address)).fetchone():
+            trusted = self.db.execute("SELECT 1 FROM trusted WHERE user = ? AND address = ?",
+                                      (user, address)).fetchone()
+            # Where the user logged in from is held to its own checks, not its /64's: a host of its LAN guessing
+            # would hold them all, and the PACS wait for its turn
+            keys = [("address", address if trusted else address_group(address))]
+            if not trusted:
                 keys.append(("user", user))
             for scope, key in keys:
                 (failures,) = self.db.execute("SELECT COUNT(*) FROM failures WHERE scope = ? AND key = ? AND at > ?",

@@ -4,6 +4,7 @@ listeners and real client libraries. Each test reproduces one attack that worked
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import json
 import multiprocessing
@@ -20,9 +21,10 @@ from types import SimpleNamespace
 import asyncssh
 import pytest
 from aiohttp import web
-from halib import enter_netns, in_netns, run
+from halib import enter_netns, in_netns
 from s3fault import ERROR_BODY, FaultProxy
 from smbprotocol.connection import Connection
+from test_attack19 import SLASH64, ipv6_lan  # noqa: F401  (a fixture)
 from test_ftp import ftp
 
 from agent.audit import AuditLog
@@ -34,22 +36,7 @@ from devstack import free_port
 from faultkit import wait_for
 from harness import BUCKET, PASSWORD
 
-SLASH64 = "fd00:21:0:1"  # one client's /64
-OTHER64 = "fd00:21:0:2"
-
-
-@pytest.fixture
-def ipv6_lan():
-    """A network namespace whose loopback holds addresses of two /64s (one client's, and another's)."""
-    ns = f"pgw21v6{os.getpid()}"
-    run("ip", "netns", "add", ns)
-    try:
-        run("ip", "-n", ns, "link", "set", "lo", "up")
-        for address in (f"{SLASH64}::1", f"{SLASH64}::2", f"{SLASH64}::3", f"{OTHER64}::1"):
-            run("ip", "-n", ns, "addr", "add", f"{address}/128", "dev", "lo", "nodad")
-        yield ns
-    finally:
-        run("ip", "netns", "del", ns)
+OTHER64 = "fd00:19:0:2"  # another client's /64, on the loopback of ipv6_lan too
 
 
 def test_failed_logins_from_one_ipv6_64_are_counted_and_banned_together(tmp_path):
@@ -76,6 +63,30 @@ def test_failed_logins_from_one_ipv6_64_are_counted_and_banned_together(tmp_path
     assert fresh_address == "too many failed logins: address temporarily banned"
     assert (ipv4, other_64, pacs) == ("", "", "")
     assert pacs_host_other_user == fresh_address  # trusted for its user only
+    guard.close()
+
+
+def test_a_host_guessing_from_the_pacs_64_does_not_hold_the_pacs_logins_back(tmp_path):
+    """Password checks under way are bounded per address (LoginGuard.attempt: no more at once than the failures
+    left before a ban). Per /64, a host of the PACS's LAN holding that many checks (slow wrong passwords, each
+    answered after its growing delay) made the PACS's own logins wait their turn, then refused ('too many logins at
+    once'). An address the user logged in from before is held to its own checks now, as it is spared the /64's ban."""
+    guard = LoginGuard(LoginConfig(max_failures=3), Metrics(), AuditLog(None, 0, 1, False), tmp_path / "logins.sqlite")
+    guard.ATTEMPT_WAIT = 1.0  # refused after this long (10 s) when no slot comes free
+
+    async def attack() -> tuple[str, str]:
+        await guard.succeeded("pacs", f"{SLASH64}::1")
+        async with contextlib.AsyncExitStack() as held:
+            for i in range(3):
+                assert await held.enter_async_context(guard.attempt(f"guess{i}", f"{SLASH64}::9", "ftp")) == ""
+            async with guard.attempt("pacs", f"{SLASH64}::1", "ftp") as pacs:
+                pass
+            async with guard.attempt("guess3", f"{SLASH64}::8", "ftp") as neighbour:
+                return pacs, neighbour
+
+    pacs, neighbour = asyncio.run(attack())
+    assert pacs == ""
+    assert neighbour.startswith("too many logins at once")
     guard.close()
 
 
@@ -111,7 +122,7 @@ def _negotiates(host: str, port: int) -> bool:
 
 
 @pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("smbd"), reason="needs root and smbd")
-def test_smb_caps_and_bans_count_an_ipv6_64_as_one_address(ipv6_lan, tmp_path):
+def test_smb_caps_and_bans_count_an_ipv6_64_as_one_address(ipv6_lan, tmp_path):  # noqa: F811
     """smb.max_sessions_per_address counted each IPv6 address apart (connections_by_address): a client of one /64
     held as many SMB connections (each an smbd process) as it took addresses. They are counted per /64 now, and the
     /64 is denied as such in bans.conf: Samba reads a network and its prefix length there (checked here on a real
