@@ -281,3 +281,26 @@ def test_an_admin_evict_leaves_a_copy_a_reader_holds_open_and_says_why(agent_fac
     assert status == 409 and "open for reading" in answer["error"]
     assert read == body
     assert _evict(agent, "held.dcm") == (200, {"path": "held.dcm", "evicted": True})
+
+
+def test_an_object_whose_head_gets_no_answer_is_not_waited_for_at_each_list(agent_factory, seaweed, failing_heads):
+    """An object whose HEAD the store never answers: its directory's listing waited uplink.read_timeout for it, and
+    as the directory stays unlisted while an object is unsized, so did every LIST of it (and every store into it).
+    It is left out without a HEAD for a while now (UNANSWERED_RETRY_S): one HEAD for 3 LISTs, the rest listed."""
+    proxy = failing_heads
+    proxy.failing = False
+    agent = agent_factory(**{"uplink.endpoint_url": proxy.endpoint_url, "uplink.read_timeout": 2})
+    client = seaweed.client()
+    names = [f"x{i}.dcm" for i in range(5)]
+    for name in [*names, "slow.dcm"]:
+        client.put_object(Bucket=BUCKET, Key=f"{agent.prefix}d/{name}", Body=b"another writer's image")
+    agent.start()
+    proxy.hold_replies_to, proxy.hold_replies_method = "/d/slow.dcm", "HEAD"
+    try:
+        f = ftp(agent)
+        listings = [sorted(n.rsplit("/", 1)[-1] for n in f.nlst("d")) for _ in range(3)]
+        f.quit()
+    finally:
+        proxy.hold_replies_to = ""
+    assert listings == [names] * 3
+    assert proxy.heads["slow.dcm"] == 1

@@ -13,6 +13,7 @@ import contextlib
 import hashlib
 import os
 import ssl
+import time
 import urllib.request
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -51,6 +52,9 @@ from agent.uplink.ratelimit import Bandwidth, TokenBucket
 log = structlog.get_logger("pacsgw.uplink")
 
 META_SHA = "sha256"
+# An object whose HEAD got no answer is not asked again for this long: every listing of its directory (each use, it
+# stays unlisted) waited read_timeout for it
+UNANSWERED_RETRY_S = 300.0
 GET_CHUNK = 256 * 1024  # a download lands (written, hashed, readers woken) in blocks this large
 
 
@@ -291,6 +295,7 @@ class S3Uplink:
         # Their HEADs, max_concurrency at a time for all listings together: a client listing many directories at
         # once sent max_concurrency per listing
         self._heads = asyncio.Semaphore(cfg.max_concurrency)
+        self._unanswered: dict[tuple[str, str | None], float] = {}  # (path, ETag) → when its HEAD may be sent again
 
     async def start(self) -> None:
         config = AioConfig(
@@ -605,7 +610,11 @@ class S3Uplink:
             return rows
         known = await self.known_sizes([(r[0], r[3]) for r in rows]) if self.known_sizes else {}
 
-        async def size_of(path: str) -> int | None:
+        async def size_of(path: str, etag: str | None) -> int | None:
+            if unsized is not None and time.monotonic() < self._unanswered.get((path, etag), 0.0):
+                unsized.append(path)
+                failures.append("unanswered before")
+                return None
             async with self._heads:
                 try:
                     head = await self.head(path)
@@ -613,6 +622,8 @@ class S3Uplink:
                     if unsized is not None and (is_unreachable(e) or is_throttled(e)):
                         unsized.append(path)
                         failures.append(error_code(e))
+                        if isinstance(e, ReadTimeoutError):
+                            self._unanswered_until(path, etag)
                         return None
                     if not isinstance(e, ClientError) or _status(e) not in (400, 403) or is_throttled(e):
                         raise
@@ -631,11 +642,17 @@ class S3Uplink:
 
         failures: list[str] = []
         unknown = [r[0] for r in rows if r[0] not in known]
-        sizes = await asyncio.gather(*map(size_of, unknown))
+        sizes = await asyncio.gather(*(size_of(r[0], r[3]) for r in rows if r[0] not in known))
         if unsized:  # one event for them all: with the line gone, each HEAD of a large directory fails
             log.warning("remote_objects_unsized", count=len(unsized), first=unsized[0], error=failures[0])
         known |= {p: s for p, s in zip(unknown, sizes, strict=True) if s is not None}
         return [(p, known[p], mtime, etag) for p, _, mtime, etag in rows if p in known]
+
+    def _unanswered_until(self, path: str, etag: str | None) -> None:
+        now = time.monotonic()
+        if len(self._unanswered) >= 1024:  # the ones due again go: at most max_concurrency a read_timeout come in
+            self._unanswered = {k: t for k, t in self._unanswered.items() if t > now}
+        self._unanswered[(path, etag)] = now + UNANSWERED_RETRY_S
 
 
 async def _parts(fd: int, size: int, chunk: int, whole: Any, compress: bool) -> AsyncIterator[tuple[int, bytes]]:
