@@ -80,9 +80,9 @@ def unmapped(address: str) -> str:
 
 
 def address_group(address: str) -> str:
-    """The key of the per-address caps: the address (unmapped), and an IPv6 one's /64. A client is given a /64 at
-    least (SLAAC, a home or office prefix) and may use any of its 2^64 addresses: capped per address, one client
-    held as many connections as it cared to take addresses."""
+    """The key of the per-address caps, failed-login counts and bans: the address (unmapped), and an IPv6 one's /64.
+    A client is given a /64 at least (SLAAC, a home or office prefix) and may use any of its 2^64 addresses: capped
+    or banned per address, one client held as many connections, and tried as many passwords, as it took addresses."""
     address = unmapped(address)
     try:
         ip = ipaddress.ip_address(address)
@@ -195,10 +195,11 @@ class LoginGuard:
         # reads only: in WAL mode another process's write lock never blocks them, and a full disk neither
         with self._unless_unrecordable("ban check"):
             self._gauge(now)  # bans other processes imposed show here too
-            for scope, key in (("address", address), ("user", user)):
+            for scope, key in (("address", address_group(address)), ("user", user)):
                 if self.db.execute("SELECT 1 FROM bans WHERE scope = ? AND key = ? AND until > ?",
                                    (scope, key, now)).fetchone():
-                    if scope == "user" and self.db.execute(
+                    # A user's ban, or a /64's another of its hosts earned, spares where the user logged in from
+                    if (scope == "user" or key != address) and self.db.execute(
                             "SELECT 1 FROM trusted WHERE user = ? AND address = ?", (user, address)).fetchone():
                         continue
                     self.metrics.login_refused.labels(protocol, scope).inc()
@@ -251,8 +252,12 @@ class LoginGuard:
         now = time.monotonic()
         self._release_pending()
         with self._unless_unrecordable("login attempt"), self._tx():
-            keys = [("address", address)]
-            if not self.db.execute("SELECT 1 FROM trusted WHERE user = ? AND address = ?", (user, address)).fetchone():
+            trusted = self.db.execute("SELECT 1 FROM trusted WHERE user = ? AND address = ?",
+                                      (user, address)).fetchone()
+            # Where the user logged in from is held to its own checks, not its /64's: a host of its LAN guessing
+            # would hold them all, and the PACS wait for its turn
+            keys = [("address", address if trusted else address_group(address))]
+            if not trusted:
                 keys.append(("user", user))
             for scope, key in keys:
                 (failures,) = self.db.execute("SELECT COUNT(*) FROM failures WHERE scope = ? AND key = ? AND at > ?",
@@ -276,6 +281,7 @@ class LoginGuard:
     def succeeded(self, user: str, address: str, now: float | None = None) -> None:
         now, address = time.monotonic() if now is None else now, unmapped(address)
         with self._unless_unrecordable("login"), self._tx():
+            # Not a /64's: another of its hosts may be the one guessing, and would start again at each success
             self.db.execute("DELETE FROM failures WHERE scope = 'address' AND key = ?", (address,))
             self.db.execute("INSERT OR REPLACE INTO trusted (user, address, at) VALUES (?, ?, ?)", (user, address, now))
             self.db.execute("DELETE FROM trusted WHERE user = ? AND address NOT IN (SELECT address FROM trusted "
@@ -298,7 +304,7 @@ class LoginGuard:
         with self._unless_unrecordable("failed login"), self._tx():
             self.db.execute("DELETE FROM failures WHERE at <= ?", (now - self.cfg.window_seconds,))
             self.db.execute("DELETE FROM bans WHERE until <= ?", (now,))
-            for scope, key in (("address", address), ("user", user)):
+            for scope, key in (("address", address_group(address)), ("user", user)):
                 self.db.execute("INSERT INTO failures (scope, key, at) VALUES (?, ?, ?)", (scope, key, now))
                 (count,) = self.db.execute("SELECT COUNT(*) FROM failures WHERE scope = ? AND key = ?",
                                            (scope, key)).fetchone()

@@ -12,7 +12,8 @@ users with a plain `password` can use SMB (the others are logged and left out).
 Password guessing ([login]): Samba's account policy locks a user after max_failures; the agent follows Samba's
 JSON authentication audit into the LoginGuard of FTP and SFTP and denies the addresses it bans in smb.conf (cutting
 their connections). Samba can neither delay an answer nor cap a client: SMB gets the ban, not the growing delay,
-and an address holding max_sessions_per_address connections is denied the same way meanwhile.
+and an address holding max_sessions_per_address connections is denied the same way meanwhile (an IPv6 client's
+/64 counted and denied as one address, as the other front ends count it).
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from typing import Any
 import structlog
 
 from agent.audit import Who
-from agent.auth import LoginGuard, unmapped
+from agent.auth import LoginGuard, address_group, unmapped
 from agent.config import Config, UserConfig
 from agent.serve.contract import login, refuse_session
 from agent.serve.fuse import FuseMount
@@ -172,6 +173,15 @@ def connections_by_address(port: int) -> Counter[str]:
                 if state == "01" and int(local.rpartition(":")[2], 16) == port:
                     counts[_proc_address(remote.rpartition(":")[0])] += 1
     return counts
+
+
+def per_group(counts: Counter[str]) -> Counter[str]:
+    """Counts per address → per address_group (an IPv6 client's /64 as one), which smb.conf denies as such:
+    Samba reads "fd00:1:2:3::/64" in hosts deny as a network and its prefix length (lib/util/access.c)."""
+    grouped: Counter[str] = Counter()
+    for address, n in counts.items():
+        grouped[address_group(address)] += n
+    return grouped
 
 
 def auth_event(line: str) -> tuple[str, str, bool] | None:
@@ -396,17 +406,20 @@ class SmbService:
 
     async def _enforce_bans(self) -> None:
         """Deny the addresses the guard bans, and those holding max_sessions_per_address connections now."""
-        banned = await self.logins.banned("address")
+        banned = await self.logins.banned("address")  # addresses and IPv6 /64s (agent.auth.address_group)
         cap = self.cfg.smb.max_sessions_per_address
-        counts = await asyncio.to_thread(connections_by_address, self.cfg.smb.listen[1])
-        full = sorted(address for address, n in counts.items() if n >= cap)
+        connected = await asyncio.to_thread(connections_by_address, self.cfg.smb.listen[1])
+        full = sorted(group for group, n in per_group(connected).items() if n >= cap)
         if (banned, full) == (self._bans, self._full):
             return
         (self.state / BANS_CONF).write_text(render_bans(self.cfg, sorted({*banned, *full})))
         await asyncio.to_thread(self._reload_smbd)
         # A denial keeps out new connections only: a newly banned address loses those it could go on guessing in
-        for address in sorted(set(banned) - set(self._bans)):
-            await asyncio.to_thread(self._smbcontrol, "kill-client-ip", address)
+        # (looked up after the reload: one made meanwhile is among them)
+        if newly := set(banned) - set(self._bans):
+            connected = await asyncio.to_thread(connections_by_address, self.cfg.smb.listen[1])
+            for address in sorted(a for a in connected if address_group(a) in newly):
+                await asyncio.to_thread(self._smbcontrol, "kill-client-ip", address)
         for address in sorted(set(full) - set(self._full)):
             refuse_session(self.gateway, "smb", Who("-", "smb", address),
                            f"too many connections from {address} (limit {cap})")

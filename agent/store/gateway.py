@@ -645,9 +645,10 @@ class Gateway:
         dirs = listing.dirs
         if dirs and await (self.db.tombstones_under(path) if path else self.db.tombstone_count()):
             dirs = [d for d in dirs if await self._remote_dir_live(f"{path}/{d}" if path else d)]
-        await self.db.merge_listing(path, listing.objects, dirs)
+        # Files the store did not size now: listed again at the next use, HEADing only them (the rest known by ETag)
+        await self.db.merge_listing(path, listing.objects, dirs, complete=not listing.unsized)
         log.info("remote_listed", path=path, files=len(listing.objects), dirs=len(listing.dirs),
-                 seconds=round(time.monotonic() - t0, 4))
+                 unsized=len(listing.unsized), seconds=round(time.monotonic() - t0, 4))
 
     async def _listing_incomplete(self, path: str) -> bool:
         """Whether the directory above `path` was never listed: a missing name is unknown (451, not 550)."""
@@ -660,11 +661,11 @@ class Gateway:
         """Whether the remote directory `path` holds an object that is not a pending delete here."""
         if not await self.db.tombstones_under(path):
             return True
-        listing = await self.s3.list_dir(path)
-        for o in listing.objects:
-            if not await self.db.tombstone_pending(f"{path}/{o.name}"):
+        files, dirs = await self.s3.names(path)
+        for name in files:
+            if not await self.db.tombstone_pending(f"{path}/{name}"):
                 return True
-        for d in listing.dirs:
+        for d in dirs:
             if await self._remote_dir_live(f"{path}/{d}"):
                 return True
         return False
@@ -1182,9 +1183,14 @@ class Gateway:
     # --- eviction (the policy runs in agent.store.evictor) ---------------------------------------
 
     async def evict(self, path: str) -> bool:
-        """Drop the cached copy of one clean file; → False if it is dirty or not cached."""
+        """Drop the cached copy of one clean file; → False if it is dirty or not cached. Unavailable while a reader
+        of any serving process holds it open: its disk space would come back only at the close, and an admin
+        freeing room would be told it had (the evictor leaves such copies too)."""
         e = await self.stat(path)
-        blob = await self.db.uncache(path, e.gen)
+        with self.evictor.pins.evicting(path) as unpinned:
+            if not unpinned:
+                raise Unavailable(path, "open for reading now: its copy is kept until the reader closes it")
+            blob = await self.db.uncache(path, e.gen)
         if blob is None:
             return False
         self.cache.remove(blob)

@@ -13,6 +13,7 @@ import contextlib
 import hashlib
 import os
 import ssl
+import time
 import urllib.request
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -51,6 +52,9 @@ from agent.uplink.ratelimit import Bandwidth, TokenBucket
 log = structlog.get_logger("pacsgw.uplink")
 
 META_SHA = "sha256"
+# An object whose HEAD got no answer is not asked again for this long: every listing of its directory (each use, it
+# stays unlisted) waited read_timeout for it
+UNANSWERED_RETRY_S = 300.0
 GET_CHUNK = 256 * 1024  # a download lands (written, hashed, readers woken) in blocks this large
 
 
@@ -80,6 +84,7 @@ class PutResult:
 class RemoteListing:
     objects: list[RemoteObject]
     dirs: list[str]
+    unsized: list[str]  # names whose logical size the store did not tell now (a HEAD's 5xx, timeout): left out
 
 
 # "Slow down" codes: AWS's SlowDown, SeaweedFS's circuit breaker's, and botocore's list of throttling codes
@@ -290,6 +295,7 @@ class S3Uplink:
         # Their HEADs, max_concurrency at a time for all listings together: a client listing many directories at
         # once sent max_concurrency per listing
         self._heads = asyncio.Semaphore(cfg.max_concurrency)
+        self._unanswered: dict[tuple[str, str | None], float] = {}  # (path, ETag) → when its HEAD may be sent again
 
     async def start(self) -> None:
         config = AioConfig(
@@ -570,7 +576,23 @@ class S3Uplink:
             rows = [r for r in rows if not any(part in ("", ".", "..") for part in r[0].split("/"))]
             yield await self.logical_sizes(rows) if logical else rows
 
+    async def names(self, path: str) -> tuple[list[str], list[str]]:
+        """(file names, directory names) in directory path: no HEAD, where only names matter."""
+        rows, dirs = await self._list_rows(path)
+        return [p.rsplit("/", 1)[-1] for p, *_ in rows], dirs
+
     async def list_dir(self, path: str) -> RemoteListing:
+        """The directory's files with their logical sizes, and its directories; a file whose size the store did not
+        tell now is left out and named in `unsized` (the rest listed: one failing HEAD failed the whole listing,
+        and each LIST sent every HEAD again)."""
+        rows, dirs = await self._list_rows(path)
+        unsized: list[str] = []
+        return RemoteListing([RemoteObject(p.rsplit("/", 1)[-1], size, mtime, etag)
+                              for p, size, mtime, etag in await self.logical_sizes(rows, unsized)], dirs,
+                             [p.rsplit("/", 1)[-1] for p in unsized])
+
+    async def _list_rows(self, path: str) -> tuple[list[Row], list[str]]:
+        """The rows of the files directly in path (sizes as listed), and the names of its directories."""
         prefix = self.key(path + "/" if path else "")
         rows: list[Row] = []
         dirs: list[str] = []
@@ -578,21 +600,32 @@ class S3Uplink:
             dirs += [name for cp in page.get("CommonPrefixes", []) if (name := cp["Prefix"][len(prefix):].rstrip("/"))]
             rows += [self._row(obj) for obj in page.get("Contents", [])
                      if (name := obj["Key"][len(prefix):]) and "/" not in name]
-        return RemoteListing([RemoteObject(p.rsplit("/", 1)[-1], size, mtime, etag)
-                              for p, size, mtime, etag in await self.logical_sizes(rows)], dirs)
+        return rows, dirs
 
-    async def logical_sizes(self, rows: list[Row]) -> list[Row]:
-        """The rows with each object's logical size: from the catalog by ETag, else a HEAD; gone ones left out."""
+    async def logical_sizes(self, rows: list[Row], unsized: list[str] | None = None) -> list[Row]:
+        """The rows with each object's logical size: from the catalog by ETag, else a HEAD; gone ones left out.
+        unsized: where the paths go whose HEAD failed for now (a 5xx, no answer, slow down), left out too; without
+        it such a failure fails the whole call (a walk must see every object: ha.py forgets the ones it does not)."""
         if not rows:
             return rows
         known = await self.known_sizes([(r[0], r[3]) for r in rows]) if self.known_sizes else {}
 
-        async def size_of(path: str) -> int | None:
+        async def size_of(path: str, etag: str | None) -> int | None:
+            if unsized is not None and time.monotonic() < self._unanswered.get((path, etag), 0.0):
+                unsized.append(path)
+                failures.append("unanswered before")
+                return None
             async with self._heads:
                 try:
                     head = await self.head(path)
-                except ClientError as e:
-                    if _status(e) not in (400, 403) or is_throttled(e):
+                except Exception as e:
+                    if unsized is not None and (is_unreachable(e) or is_throttled(e)):
+                        unsized.append(path)
+                        failures.append(error_code(e))
+                        if isinstance(e, ReadTimeoutError):
+                            self._unanswered_until(path, etag)
+                        return None
+                    if not isinstance(e, ClientError) or _status(e) not in (400, 403) or is_throttled(e):
                         raise
                     # Refused to this box (a key's policy, another writer's SSE-C key): a read would be too. Left
                     # out: the listing failed whole, its directory looked empty, and each LIST asked every object again
@@ -607,10 +640,19 @@ class S3Uplink:
                 log.warning("remote_object_skipped", path=path, reason=str(e)[:200])
                 return None
 
+        failures: list[str] = []
         unknown = [r[0] for r in rows if r[0] not in known]
-        sizes = await asyncio.gather(*map(size_of, unknown))
+        sizes = await asyncio.gather(*(size_of(r[0], r[3]) for r in rows if r[0] not in known))
+        if unsized:  # one event for them all: with the line gone, each HEAD of a large directory fails
+            log.warning("remote_objects_unsized", count=len(unsized), first=unsized[0], error=failures[0])
         known |= {p: s for p, s in zip(unknown, sizes, strict=True) if s is not None}
         return [(p, known[p], mtime, etag) for p, _, mtime, etag in rows if p in known]
+
+    def _unanswered_until(self, path: str, etag: str | None) -> None:
+        now = time.monotonic()
+        if len(self._unanswered) >= 1024:  # the ones due again go: at most max_concurrency a read_timeout come in
+            self._unanswered = {k: t for k, t in self._unanswered.items() if t > now}
+        self._unanswered[(path, etag)] = now + UNANSWERED_RETRY_S
 
 
 async def _parts(fd: int, size: int, chunk: int, whole: Any, compress: bool) -> AsyncIterator[tuple[int, bytes]]:

@@ -14,8 +14,9 @@ from agent.store.paths import ancestors, name_of, parent_of
 
 
 class RemoteSync(CatalogBase):
-    def merge_listing(self, path: str, objects: Iterable[RemoteObject], dirs: Iterable[str]) -> None:
-        """Add what a remote listing of directory `path` found and the catalog lacks; mark it listed."""
+    def merge_listing(self, path: str, objects: Iterable[RemoteObject], dirs: Iterable[str],
+                      complete: bool = True) -> None:
+        """Add what a remote listing of directory `path` found and the catalog lacks; mark it listed if complete."""
         now = time.time()
         prefix = path + "/" if path else ""
         with self._tx(durable=False):
@@ -31,7 +32,8 @@ class RemoteSync(CatalogBase):
                     "SELECT ?, ?, ?, 0, ?, ?, 'clean', ?, 1 WHERE NOT EXISTS (SELECT 1 FROM tombstones WHERE key = ?) "
                     "AND NOT EXISTS (SELECT 1 FROM doubts WHERE key = ?)",
                     (prefix + o.name, path, o.name, o.size, o.mtime, o.etag, prefix + o.name, prefix + o.name))
-            self.db.execute("UPDATE entries SET listed = 1 WHERE path = ?", (path,))
+            if complete:
+                self.db.execute("UPDATE entries SET listed = 1 WHERE path = ?", (path,))
 
     def known_sizes(self, objects: list[tuple[str, str | None]]) -> dict[str, int]:
         """The catalog's sizes of listed (path, ETag) objects it knows by ETag: logical sizes a listing cannot show."""
