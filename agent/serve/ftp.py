@@ -120,10 +120,6 @@ def quoted(path: str) -> str:
     return '"' + path.replace('"', '""') + '"'
 
 
-def _ns(path: PurePath) -> str:
-    return str(path).lstrip("/")
-
-
 def _refused(connection: aioftp.Connection, fields: Iterable[tuple[str, str]]) -> bool:
     """503 for a command sent before the USER, login or RNFR it needs → whether it was refused."""
     for name, missing in fields:
@@ -184,7 +180,7 @@ class GatewayPathIO(aioftp.AbstractPathIO[PurePosixPath]):
     gateway: Gateway  # set by the factory
 
     async def entry(self, path: PurePath) -> Entry | None:
-        return await self.gateway.find(_ns(path))
+        return await self.gateway.find(str(path).lstrip("/"))
 
     async def exists(self, path: PurePosixPath) -> bool:
         return await self.entry(path) is not None
