@@ -21,7 +21,7 @@ from typing import Callable, Protocol, TypeVar
 
 import structlog
 
-from agent.audit import AuditLog, Who, failure
+from agent.audit import AuditLog, Who
 from agent.config import Config
 from agent.metrics import Metrics
 from agent.records import MAX_NAME_BYTES, S3_KEY_BYTES, Entry
@@ -962,12 +962,9 @@ class Gateway:
     # --- reads -----------------------------------------------------------------------------------
 
     async def open_read(self, path: str, protocol: str, who: Who | None = None) -> ReadHandle:
-        try:
+        async with self.audit.op(who, "retrieve", path, record_ok=False):  # recorded below with its size when it opens
             self._require(who, "read", path)
             handle = await self._open_read(path, protocol)
-        except Exception as e:
-            self.audit.record(who, "retrieve", path, failure(e))
-            raise
         self.audit.record(who, "retrieve", path, "ok", handle.size, cached=handle.fill is None)
         return handle
 
