@@ -97,16 +97,6 @@ Command = Callable[["FtpServer", aioftp.Connection, str], Awaitable[bool]]
 T = TypeVar("T")
 
 
-def _gateway_error(exc: BaseException) -> GatewayError | None:
-    """aioftp wraps PathIO exceptions in PathIOError; find ours inside."""
-    seen: BaseException | None = exc
-    while seen is not None:
-        if isinstance(seen, GatewayError):
-            return seen
-        seen = seen.__cause__
-    return None
-
-
 def printable(text: str) -> str:
     """A reply line as sent: control characters (and bytes that were not UTF-8) escaped, so nothing a client
     or an S3 key put into a reply can end it early or start a forged one."""
@@ -190,7 +180,8 @@ class GatewayPathIO(aioftp.AbstractPathIO[PurePosixPath]):
         return e is not None and e.is_dir
 
     # Only aioftp's CWD, CDUP and MLST use this PathIO (exists, is_dir, entry); namespace commands, listings
-    # and file I/O are this module's own handlers, straight to the gateway.
+    # and file I/O are this module's own handlers, straight to the gateway. Overridden, these methods lose aioftp's
+    # universal_exception: a GatewayError reaches FtpServer._guarded as raised, never wrapped in a PathIOError.
     def _unused(self, *args: Any, **kwargs: Any) -> NoReturn:
         raise NotImplementedError("the FTP front end calls the gateway for this")
 
@@ -963,11 +954,6 @@ class FtpServer(aioftp.Server):
                     return self._fail(connection, e, refused_here=True)
             try:
                 return await handler(connection, rest)
-            except aioftp.errors.PathIOError as exc:
-                err = _gateway_error(exc)
-                if err is None:
-                    raise
-                return self._fail(connection, err)
             except GatewayError as e:
                 return self._fail(connection, e)
         return run
