@@ -462,8 +462,6 @@ class GatewayFS(pyfuse3.Operations):
         if op.reader is None or op.reader.entry.path != op.path:
             await op.close_reader()
             op.reader = await self._call(self.gw.open_read(op.path, PROTOCOL, op.who))
-        if off >= op.reader.size:
-            return b""
         return await self._call(op.reader.read(off, min(size, op.reader.size - off)))
 
     async def write(self, fh: int, off: int, buf: bytes) -> int:
