@@ -919,13 +919,6 @@ class FtpServer(aioftp.Server):
                 passive.close()
         return True
 
-    @staticmethod
-    async def _stream(connection: aioftp.Connection, data: DataConnection) -> ThrottleStreamIO:
-        """aioftp's stream over the data connection (uploads and listings; the data connection closes it)."""
-        reader, writer = await data.streams()
-        return ThrottleStreamIO(reader, writer, throttles=connection.command_connection.throttles,
-                                timeout=connection.socket_timeout)
-
     # --- paths and errors ------------------------------------------------------------------------
 
     def _resolve(self, connection: aioftp.Connection, rest: str) -> str:
@@ -1050,7 +1043,9 @@ class FtpServer(aioftp.Server):
         data = "".join(line(e) + END_OF_LINE for e in entries).encode(self.encoding)
 
         async def send(data: bytes, conn: DataConnection) -> str:
-            stream = await self._stream(connection, conn)
+            reader, writer = await conn.streams()  # in aioftp's stream (throttles, timeout); conn closes it
+            stream = ThrottleStreamIO(reader, writer, throttles=connection.command_connection.throttles,
+                                      timeout=connection.socket_timeout)
             for start in range(0, len(data), BLOCK):
                 await stream.write(data[start:start + BLOCK])
                 _aborted()  # or an ABORted listing would end with 226
