@@ -660,7 +660,8 @@ class FtpServer(aioftp.Server):
                 passive.close()
             stream.writer.transport.abort()
             await asyncio.wait(tasks, timeout=10)  # workers abort their uploads and close their files
-            self._count_out(session)
+            if session.user_slot is not None:  # its login no longer counts against ftp.max_sessions_per_user
+                self.logins.release_session(session.user_slot)
 
     async def _read_command(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, idle: contract.Idle
                             ) -> tuple[str, str]:
@@ -683,12 +684,6 @@ class FtpServer(aioftp.Server):
         cmd, _, rest = line.decode("utf-8", errors="surrogateescape").rstrip("\r\n").partition(" ")
         cmd = cmd.strip().lower()
         return cmd, rest if cmd in PATH_COMMANDS else rest.strip()
-
-    def _count_out(self, session: Session) -> None:
-        """The session's login (if any) ends: it no longer counts against ftp.max_sessions_per_user."""
-        if session.user_slot is not None:
-            self.logins.release_session(session.user_slot)
-        session.user, session.user_slot = None, None
 
     def stop_accepting(self) -> None:
         self.draining = True
