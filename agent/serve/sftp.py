@@ -547,10 +547,8 @@ class GatewaySFTP(asyncssh.SFTPServer):
     # --- paths -----------------------------------------------------------------------------------
 
     def realpath(self, path: bytes) -> bytes:
-        ns = self._ns(path)
-        root = self.root.strip("/")
-        rel = ns[len(root):].lstrip("/") if root else ns
-        return ("/" + rel).encode()
+        rel = self._ns(path)[len(self.root.strip("/")):]  # below the user's root ('' for root '/')
+        return ("/" + rel.lstrip("/")).encode()
 
     async def stat(self, path: bytes) -> asyncssh.SFTPAttrs:
         return _attrs(await self._call(self.gateway.stat(await self._path(path))))
