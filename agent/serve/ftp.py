@@ -97,16 +97,6 @@ Command = Callable[["FtpServer", aioftp.Connection, str], Awaitable[bool]]
 T = TypeVar("T")
 
 
-def _gateway_error(exc: BaseException) -> GatewayError | None:
-    """aioftp wraps PathIO exceptions in PathIOError; find ours inside."""
-    seen: BaseException | None = exc
-    while seen is not None:
-        if isinstance(seen, GatewayError):
-            return seen
-        seen = seen.__cause__
-    return None
-
-
 def printable(text: str) -> str:
     """A reply line as sent: control characters (and bytes that were not UTF-8) escaped, so nothing a client
     or an S3 key put into a reply can end it early or start a forged one."""
@@ -118,10 +108,6 @@ def printable(text: str) -> str:
 def quoted(path: str) -> str:
     """A pathname as a 257 reply quotes it (RFC 959): inside double quotes, each quote doubled."""
     return '"' + path.replace('"', '""') + '"'
-
-
-def _ns(path: PurePath) -> str:
-    return str(path).lstrip("/")
 
 
 def _refused(connection: aioftp.Connection, fields: Iterable[tuple[str, str]]) -> bool:
@@ -184,7 +170,7 @@ class GatewayPathIO(aioftp.AbstractPathIO[PurePosixPath]):
     gateway: Gateway  # set by the factory
 
     async def entry(self, path: PurePath) -> Entry | None:
-        return await self.gateway.find(_ns(path))
+        return await self.gateway.find(str(path).lstrip("/"))
 
     async def exists(self, path: PurePosixPath) -> bool:
         return await self.entry(path) is not None
@@ -194,7 +180,8 @@ class GatewayPathIO(aioftp.AbstractPathIO[PurePosixPath]):
         return e is not None and e.is_dir
 
     # Only aioftp's CWD, CDUP and MLST use this PathIO (exists, is_dir, entry); namespace commands, listings
-    # and file I/O are this module's own handlers, straight to the gateway.
+    # and file I/O are this module's own handlers, straight to the gateway. Overridden, these methods lose aioftp's
+    # universal_exception: a GatewayError reaches FtpServer._guarded as raised, never wrapped in a PathIOError.
     def _unused(self, *args: Any, **kwargs: Any) -> NoReturn:
         raise NotImplementedError("the FTP front end calls the gateway for this")
 
@@ -673,7 +660,8 @@ class FtpServer(aioftp.Server):
                 passive.close()
             stream.writer.transport.abort()
             await asyncio.wait(tasks, timeout=10)  # workers abort their uploads and close their files
-            self._count_out(session)
+            if session.user_slot is not None:  # its login no longer counts against ftp.max_sessions_per_user
+                self.logins.release_session(session.user_slot)
 
     async def _read_command(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, idle: contract.Idle
                             ) -> tuple[str, str]:
@@ -696,12 +684,6 @@ class FtpServer(aioftp.Server):
         cmd, _, rest = line.decode("utf-8", errors="surrogateescape").rstrip("\r\n").partition(" ")
         cmd = cmd.strip().lower()
         return cmd, rest if cmd in PATH_COMMANDS else rest.strip()
-
-    def _count_out(self, session: Session) -> None:
-        """The session's login (if any) ends: it no longer counts against ftp.max_sessions_per_user."""
-        if session.user_slot is not None:
-            self.logins.release_session(session.user_slot)
-        session.user, session.user_slot = None, None
 
     def stop_accepting(self) -> None:
         self.draining = True
@@ -932,13 +914,6 @@ class FtpServer(aioftp.Server):
                 passive.close()
         return True
 
-    @staticmethod
-    async def _stream(connection: aioftp.Connection, data: DataConnection) -> ThrottleStreamIO:
-        """aioftp's stream over the data connection (uploads and listings; the data connection closes it)."""
-        reader, writer = await data.streams()
-        return ThrottleStreamIO(reader, writer, throttles=connection.command_connection.throttles,
-                                timeout=connection.socket_timeout)
-
     # --- paths and errors ------------------------------------------------------------------------
 
     def _resolve(self, connection: aioftp.Connection, rest: str) -> str:
@@ -967,11 +942,6 @@ class FtpServer(aioftp.Server):
                     return self._fail(connection, e, refused_here=True)
             try:
                 return await handler(connection, rest)
-            except aioftp.errors.PathIOError as exc:
-                err = _gateway_error(exc)
-                if err is None:
-                    raise
-                return self._fail(connection, err)
             except GatewayError as e:
                 return self._fail(connection, e)
         return run
@@ -1068,7 +1038,9 @@ class FtpServer(aioftp.Server):
         data = "".join(line(e) + END_OF_LINE for e in entries).encode(self.encoding)
 
         async def send(data: bytes, conn: DataConnection) -> str:
-            stream = await self._stream(connection, conn)
+            reader, writer = await conn.streams()  # in aioftp's stream (throttles, timeout); conn closes it
+            stream = ThrottleStreamIO(reader, writer, throttles=connection.command_connection.throttles,
+                                      timeout=connection.socket_timeout)
             for start in range(0, len(data), BLOCK):
                 await stream.write(data[start:start + BLOCK])
                 _aborted()  # or an ABORted listing would end with 226

@@ -183,10 +183,9 @@ class GatewayFS(pyfuse3.Operations):
     async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
         for inode, n in inode_list:
             node = self._inodes.get(inode)
-            if node is None or inode == pyfuse3.ROOT_INODE:
-                continue
-            node.lookups -= n
-            self._drop_unused(inode)
+            if node is not None and inode != pyfuse3.ROOT_INODE:
+                node.lookups -= n
+                self._drop_unused(inode)
 
     def _drop_unused(self, inode: int) -> None:
         """Forget an inode the kernel no longer looks up and no open file uses (never the root)."""
@@ -266,11 +265,9 @@ class GatewayFS(pyfuse3.Operations):
 
     async def lookup(self, parent_inode: int, name: bytes,
                      ctx: pyfuse3.RequestContext | None = None) -> pyfuse3.EntryAttributes:
-        if name == b".":
-            return self._counted(await self._attrs_of(self._path(parent_inode)))
-        if name == b"..":
-            return self._counted(await self._attrs_of(parent_of(self._path(parent_inode))))
-        return self._counted(await self._attrs_of(self._child(parent_inode, name, ctx)))
+        parent = self._path(parent_inode)
+        path = parent if name == b"." else parent_of(parent) if name == b".." else self._child(parent_inode, name, ctx)
+        return self._counted(await self._attrs_of(path))
 
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext | None = None) -> pyfuse3.EntryAttributes:
         return await self._attrs_of(self._path(inode))
@@ -465,8 +462,6 @@ class GatewayFS(pyfuse3.Operations):
         if op.reader is None or op.reader.entry.path != op.path:
             await op.close_reader()
             op.reader = await self._call(self.gw.open_read(op.path, PROTOCOL, op.who))
-        if off >= op.reader.size:
-            return b""
         return await self._call(op.reader.read(off, min(size, op.reader.size - off)))
 
     async def write(self, fh: int, off: int, buf: bytes) -> int:
@@ -521,9 +516,7 @@ class GatewayFS(pyfuse3.Operations):
         op = self._files.pop(fh, None)
         if op is None:
             return
-        self._files_of[op.uid] -= 1
-        if not self._files_of[op.uid]:
-            del self._files_of[op.uid]
+        self._files_of[op.uid] -= 1  # a 0 stays: one entry per Unix account that ever opened a file
         if op.writer is not None and not op.committed:
             await op.writer.abort("released without a flush")
         self._stop_showing(op)

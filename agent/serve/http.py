@@ -49,27 +49,23 @@ FRESH_SECONDS = 1.0
 T = TypeVar("T")
 
 
-class _BadRequests(logging.Filter):
+_bad_requests = Every(BAD_REQUEST_EVERY)
+
+
+def _quiet_bad_requests(record: logging.LogRecord) -> bool:
     """aiohttp logs each request its parser refuses with a 10-line traceback, so anyone reaching a listener could fill
     the journal: one http_bad_request event per BAD_REQUEST_EVERY instead; a handler's bug keeps its traceback."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self._every = Every(BAD_REQUEST_EVERY)
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        exc = record.exc_info[1] if record.exc_info else None
-        if not isinstance(exc, HttpProcessingError):
-            return True
-        if (suppressed := self._every.due("bad request")) is not None:
-            peer = record.args[0] if isinstance(record.args, tuple) and record.args else None
-            log.warning("http_bad_request", peer=str(peer)[:64], status=exc.code, error=type(exc).__name__,
-                        detail=repr(exc.message[:120]), suppressed=suppressed, suppressed_seconds=BAD_REQUEST_EVERY)
-        return False
+    exc = record.exc_info[1] if record.exc_info else None
+    if not isinstance(exc, HttpProcessingError):
+        return True
+    if (suppressed := _bad_requests.due("bad request")) is not None:
+        peer = record.args[0] if isinstance(record.args, tuple) and record.args else None
+        log.warning("http_bad_request", peer=str(peer)[:64], status=exc.code, error=type(exc).__name__,
+                    detail=repr(exc.message[:120]), suppressed=suppressed, suppressed_seconds=BAD_REQUEST_EVERY)
+    return False
 
 
-_bad_requests = _BadRequests()
-logging.getLogger("aiohttp.server").addFilter(_bad_requests)  # the logger of every aiohttp listener here
+logging.getLogger("aiohttp.server").addFilter(_quiet_bad_requests)  # the logger of every aiohttp listener here
 
 
 class _Connections:

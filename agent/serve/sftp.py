@@ -547,10 +547,8 @@ class GatewaySFTP(asyncssh.SFTPServer):
     # --- paths -----------------------------------------------------------------------------------
 
     def realpath(self, path: bytes) -> bytes:
-        ns = self._ns(path)
-        root = self.root.strip("/")
-        rel = ns[len(root):].lstrip("/") if root else ns
-        return ("/" + rel).encode()
+        rel = self._ns(path)[len(self.root.strip("/")):]  # below the user's root ('' for root '/')
+        return ("/" + rel.lstrip("/")).encode()
 
     async def stat(self, path: bytes) -> asyncssh.SFTPAttrs:
         return _attrs(await self._call(self.gateway.stat(await self._path(path))))
@@ -607,17 +605,14 @@ class GatewaySFTP(asyncssh.SFTPServer):
     async def remove(self, path: bytes) -> None:
         await self._call(self.gateway.delete(await self._path(path), self.who))
 
-    async def rename(self, oldpath: bytes, newpath: bytes) -> None:
+    async def rename(self, oldpath: bytes, newpath: bytes, replace: bool = False) -> None:
         """SFTPv3 rename refuses to replace an existing target; posix_rename replaces it."""
-        await self._rename(oldpath, newpath, replace=False)
-
-    async def posix_rename(self, oldpath: bytes, newpath: bytes) -> None:
-        await self._rename(oldpath, newpath)
-
-    async def _rename(self, oldpath: bytes, newpath: bytes, replace: bool = True) -> None:
         src = await self._path(oldpath)
         await self._call(self.gateway.rename(src, await self._path(newpath, moved_from=src), self.who,
                                              replace=replace))
+
+    async def posix_rename(self, oldpath: bytes, newpath: bytes) -> None:
+        await self.rename(oldpath, newpath, replace=True)
 
     # --- files -----------------------------------------------------------------------------------
 

@@ -21,7 +21,7 @@ from typing import Callable, Protocol, TypeVar
 
 import structlog
 
-from agent.audit import AuditLog, Who, failure
+from agent.audit import AuditLog, Who
 from agent.config import Config
 from agent.metrics import Metrics
 from agent.records import MAX_NAME_BYTES, S3_KEY_BYTES, Entry
@@ -963,29 +963,22 @@ class Gateway:
     # --- reads -----------------------------------------------------------------------------------
 
     async def open_read(self, path: str, protocol: str, who: Who | None = None) -> ReadHandle:
-        try:
-            self._require(who, "read", path)
-            handle = await self._open_read(path, protocol)
-        except Exception as e:
-            self.audit.record(who, "retrieve", path, failure(e))
-            raise
-        self.audit.record(who, "retrieve", path, "ok", handle.size, cached=handle.fill is None)
-        return handle
-
-    async def _open_read(self, path: str, protocol: str) -> ReadHandle:
         """Pinned first (the evictor leaves the copy while it is open), then counted (hold_open); both undone at
         the handle's close."""
-        while not self.evictor.pins.pin(path):
-            await asyncio.sleep(PIN_RETRY_S)  # it is being evicted: looked up after, it is not cached (fetched)
-        held = 0
-        try:
-            e = await self._file(path)
-            held = self.hold_open(e)
-            handle = await self._open_entry(e, protocol)
-        except BaseException:
-            self.read_closed(path, held)
-            raise
+        async with self.audit.op(who, "retrieve", path, record_ok=False):  # recorded below with its size when it opens
+            self._require(who, "read", path)
+            while not self.evictor.pins.pin(path):
+                await asyncio.sleep(PIN_RETRY_S)  # it is being evicted: looked up after, it is not cached (fetched)
+            held = 0
+            try:
+                e = await self._file(path)
+                held = self.hold_open(e)
+                handle = await self._open_entry(e, protocol)
+            except BaseException:
+                self.read_closed(path, held)
+                raise
         handle.held = held
+        self.audit.record(who, "retrieve", path, "ok", handle.size, cached=handle.fill is None)
         return handle
 
     async def _file(self, path: str) -> Entry:
