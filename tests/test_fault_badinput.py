@@ -236,8 +236,8 @@ async def test_hostile_paths_stay_inside_the_root(agent_factory, seaweed, tmp_pa
     # Inside the cache dir only the gateway's own layout exists (no file named after a client path).
     assert {p.name for p in cache_dir.iterdir()} <= {"catalog.sqlite", "catalog.sqlite-wal", "catalog.sqlite-shm",
                                                        "data", "staging", "spare", "audit", "ssh_host_ed25519_key",
-                                                       "admin.token", "writing.lock", GUARD_FILE, GUARD_FILE + "-wal",
-                                                       GUARD_FILE + "-shm"}
+                                                       "admin.token", "writing.lock", "reading.lock", GUARD_FILE,
+                                                       GUARD_FILE + "-wal", GUARD_FILE + "-shm"}
     assert all(len(p.name) == 2 for p in (cache_dir / "data").iterdir())
     assert all(len(p.name) == 32 and int(p.name, 16) >= 0 for p in (cache_dir / "spare").iterdir())  # blob names
     ct.quit()
