@@ -177,3 +177,28 @@ def test_prefetch_fate_sorts_every_prefetched_byte(small_trace) -> None:
     assert f.bytes["read"] > 0 and set(f.bytes) <= {"read", "never read", "evicted, never read"} | {
         k for k in f.bytes if k.startswith("evicted before its read (")}
     assert "prefetched" in str(f)
+
+
+def test_a_prior_cut_before_its_session_is_settled_as_the_live_catalog_settles_it(small_trace) -> None:
+    """A prefetched prior is unused once none of its files is cached and opened once one is read, as the live agent's
+    catalog settles it (`settle_prior_fetches`): a prior whose last files a pass cut before its session, and whose
+    first file its session then read, was opened. The replay settled it unused at its first evicted file, so the
+    simulated planner learnt less of such priors than the live one (docs/replay.md, round 21)."""
+    r = Replayer(small_trace, "agent", ReplayConfig(capacity=10**12))
+    outcomes: list[tuple[int, bool]] = []
+    r.stack.prior_outcome = lambda cell, used: outcomes.append((cell, used))     # type: ignore[method-assign]
+    big = (s for s in range(len(small_trace.study_bytes)) if (small_trace.obj_study == s).sum() >= 3)
+    opened, dropped = next(big), next(big)
+    files = {s: np.flatnonzero(small_trace.obj_study == s).tolist() for s in (opened, dropped)}
+    for cell, s in enumerate((opened, dropped)):
+        r.pf_cell[s] = cell
+        r._fetch_plan(files[s], 0.0)
+    victims: list[int] = []
+    r.stack.victims = lambda want, now, table: iter(victims)                     # type: ignore[method-assign]
+    victims[:] = files[opened][1:] + files[dropped][:-1]        # a pass cuts both priors' last files
+    r._evict(60.0)
+    assert outcomes == []
+    r._prefetch_feedback(files[opened][0], True)                # the session reads the first file left
+    victims[:] = files[dropped][-1:]                            # the other prior's last file goes unread
+    r._evict(120.0)
+    assert outcomes == [(0, True), (1, False)]

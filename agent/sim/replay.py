@@ -269,7 +269,7 @@ class Replayer:
             self.ready.pop(v, None)
             if self.prefetched[v]:
                 self.prefetched[v] = 0
-                self._prefetch_feedback(v, False)
+                self._evicted_unread(v)
 
     def _fetch_plan(self, objs: list[int], t: float) -> None:
         """Fetch objects in order at the prefetch rate behind whatever is queued."""
@@ -321,6 +321,15 @@ class Replayer:
             self.pf_cell[x] = cell
             self.stack.prior_fetched(x, s, heat)
             self._fetch_plan(objs_of[x], t)
+
+    def _evicted_unread(self, o: int) -> None:
+        """A prefetched file left the cache unread: its prior is unused once none of its files is cached, as the live
+        catalog settles it (agent/store/catalog/studies.py `settle_prior_fetches`); a prior whose last files were cut
+        before its session and whose first ones were then read was opened."""
+        st = self.study.item(o)
+        if st in self.pf_cell and not (self.in_cache[self.n_obj + st] or self.cached_view[
+                _members(self.study_objs, st)].any()):
+            self._prefetch_feedback(o, False)
 
     def _prefetch_feedback(self, o: int, used: bool) -> None:
         st = int(self.study[o])
