@@ -4,6 +4,7 @@ one attack that worked and checks it no longer does."""
 from __future__ import annotations
 
 import ftplib
+import http.client
 import os
 import socket
 import ssl
@@ -45,4 +46,24 @@ def test_data_connections_of_replaced_passive_listeners_are_closed_at_once(agent
     wait_for(lambda: _fds(agent.proc.pid) < before or int(""))  # the control connection and the last data one
     for s in held:
         s.close()
+
+
+def test_wrong_admin_tokens_are_logged_once_a_minute_not_each(agent_factory):
+    """Every request with a wrong admin token wrote an admin_refused event: any process of the box could write
+    thousands a second into the journal. Now one a minute per address, counting the others (refused_since); the
+    right token is still served at once (the token is 256 random bits: not slowed like a password, see
+    HttpServer.admin)."""
+    agent = agent_factory().start()
+    conn = http.client.HTTPConnection("127.0.0.1", agent.http_port, timeout=30)
+    for i in range(300):
+        conn.request("GET", "/admin/evict", headers={"Authorization": f"Bearer guess{i}"})
+        response = conn.getresponse()
+        response.read()
+        assert response.status == 401
+    token = (agent.workdir / "cache" / "admin.token").read_text().strip()
+    conn.request("GET", "/admin/evict", headers={"Authorization": f"Bearer {token}"})
+    assert conn.getresponse().status == 200
+    conn.close()
+    refused = agent.events("admin_refused")
+    assert len(refused) == 1 and refused[0]["refused_since"] == 0, refused
 
