@@ -69,6 +69,10 @@ SEND_CHUNK = 4 * BLOCK  # a file leaves by sendfile(2) in chunks this large, eac
 RECV_BUFFER = 4 * BLOCK  # an upload in clear is read from its socket into a reused buffer this large
 SOCKET_TIMEOUT = 120
 REPLY_BUFFER = 64 * 1024  # replies a client left unread before its next command is read
+# A control connection's longest command line, its line end included (vsftpd's VSFTP_MAX_COMMAND_LINE): a path is at
+# most MAX_PATH_BYTES (1000), a user name 32. It was asyncio's 64 KiB: each refused path was logged and audited
+# whole, JSON-escaped, so a logged-in client wrote up to 180 KB of journal per command it sent (tests/test_attack22.py).
+MAX_COMMAND_LINE = 4096
 TLS_HANDSHAKE_TIMEOUT = 30
 PASSIVE_GRACE = 3.0  # on stop: how long a session told a passive port may take to send its transfer command
 
@@ -681,13 +685,18 @@ class FtpServer(aioftp.Server):
             idle.touch()
         except ValueError:  # no line end within the reader's limit: the session ends, the client hears why
             log.warning("ftp_session_closed", peer=writer.get_extra_info("peername"), reason="command line too long")
-            writer.write(b"500 command line too long; closing the connection\r\n")
+            writer.write(f"500 command line too long (over {MAX_COMMAND_LINE} bytes); closing the connection\r\n"
+                         .encode())
             raise
         if not line:
             raise ConnectionResetError("client closed the control connection")
         cmd, _, rest = line.decode("utf-8", errors="surrogateescape").rstrip("\r\n").partition(" ")
         cmd = cmd.strip().lower()
         return cmd, rest if cmd in PATH_COMMANDS else rest.strip()
+
+    async def start(self, host: str | None = None, port: int = 0, **kwargs: Any) -> None:
+        """aioftp's start, with MAX_COMMAND_LINE as the control connections' line limit."""
+        await super().start(host, port, limit=MAX_COMMAND_LINE, **kwargs)
 
     def stop_accepting(self) -> None:
         self.draining = True
