@@ -125,15 +125,15 @@ def test_one_keep_alive_connection_is_answered_a_bounded_number_of_requests(agen
 def test_a_long_command_line_ends_the_session_before_it_is_logged(agent_factory):
     """A control connection's line could be 64 KiB (asyncio's limit): a path argument the checks refused was logged
     and audited whole, JSON-escaped (a 60 KB name of 'é' was a 180 KB journal line), for every command a logged-in
-    client sent. Lines are held to MAX_COMMAND_LINE bytes now (vsftpd's 4096): a longer one gets 500 and the session
-    ends, once, with a short event; paths up to their own limit (MAX_PATH_BYTES) still fit and get their 553."""
+    client sent. Lines are held to MAX_COMMAND_LINE bytes now (8192): a longer one gets 500 and the session ends, once,
+    with a short event; paths up to their own limit (MAX_PATH_BYTES) still fit and get their 553."""
     agent = agent_factory().start()
     f = ftp(agent)
     with pytest.raises(ftplib.error_perm, match="553"):  # a whole path over MAX_PATH_BYTES, in one line
         f.sendcmd("SIZE " + "/".join(["é" * 100] * 6))
     before = len(agent.log_path.read_text())
     with pytest.raises(ftplib.error_perm, match=f"500 command line too long \\(over {MAX_COMMAND_LINE} bytes\\)"):
-        f.sendcmd("SIZE " + "é" * 30_000)
+        f.sendcmd("SIZE " + "é" * MAX_COMMAND_LINE)
     with pytest.raises((EOFError, OSError)):  # the session is over
         f.sendcmd("NOOP")
     assert ftp(agent).sendcmd("NOOP").startswith("200")  # others are served

@@ -69,10 +69,10 @@ SEND_CHUNK = 4 * BLOCK  # a file leaves by sendfile(2) in chunks this large, eac
 RECV_BUFFER = 4 * BLOCK  # an upload in clear is read from its socket into a reused buffer this large
 SOCKET_TIMEOUT = 120
 REPLY_BUFFER = 64 * 1024  # replies a client left unread before its next command is read
-# A control connection's longest command line, its line end included (vsftpd's VSFTP_MAX_COMMAND_LINE): a path is at
-# most MAX_PATH_BYTES (1000), a user name 32. It was asyncio's 64 KiB: each refused path was logged and audited
+# A control connection's longest command line, its line end included (twice vsftpd's VSFTP_MAX_COMMAND_LINE): a path
+# is at most MAX_PATH_BYTES (1000), a user name 32. It was asyncio's 64 KiB: each refused path was logged and audited
 # whole, JSON-escaped, so a logged-in client wrote up to 180 KB of journal per command it sent (tests/test_attack22.py).
-MAX_COMMAND_LINE = 4096
+MAX_COMMAND_LINE = 8192
 TLS_HANDSHAKE_TIMEOUT = 30
 PASSIVE_GRACE = 3.0  # on stop: how long a session told a passive port may take to send its transfer command
 
