@@ -276,7 +276,7 @@ class HttpServer:
         self.host, self.port = host, port
         self._health, self._metrics = _Fresh(health), _Fresh(metrics)
         self._admin, self._admin_token = admin or {}, admin_token
-        self._told = Every(REFUSALS_EVERY)  # admin_refused events, per address: 401s come as fast as asked for
+        self._told = Every(REFUSALS_EVERY)  # admin_refused events: 401s come as fast as asked for
         self.app = web.Application()
         self.app.add_routes([web.get("/healthz", self.healthz), web.get("/metrics", self.metrics),
                              web.get("/status", self.status), web.get("/", self.status)]
@@ -320,12 +320,13 @@ class HttpServer:
             return web.json_response({"error": "admin requests are accepted from loopback only"}, status=403)
         sent = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
         if not self._admin_token or not hmac.compare_digest(_raw(sent), self._admin_token.encode()):
-            # Once a minute per address: any process of the box sending wrong tokens in a loop wrote an event each
-            # (thousands a second). Not slowed as wrong passwords are: the token is 256 random bits, unguessable at
-            # any rate, and a delay would only hold the connection (a slot of the listener's caps) longer.
-            if (since := self._told.due(request.remote)) is not None:
-                log.warning("admin_refused", path=request.path, method=request.method, reason="no or wrong token",
-                            refused_since=since)
+            # Once a minute: any process of the box sending wrong tokens in a loop wrote an event each (thousands a
+            # second), and all of them come from loopback, whose 2^24 IPv4 addresses would each have had their own.
+            # Not slowed as wrong passwords are: the token is 256 random bits, unguessable at any rate, and a delay
+            # would only hold the connection (a slot of the listener's caps) longer.
+            if (since := self._told.due("admin")) is not None:
+                log.warning("admin_refused", path=request.path, method=request.method, peer=request.remote,
+                            reason="no or wrong token", refused_since=since)
             return web.json_response({"error": "admin requests need 'Authorization: Bearer <token>' with the "
                                       f"token in <cache.dir>/{ADMIN_TOKEN_FILE} (pacsgw evict/prefetch "
                                       "send it)"}, status=401)
