@@ -69,6 +69,10 @@ SEND_CHUNK = 4 * BLOCK  # a file leaves by sendfile(2) in chunks this large, eac
 RECV_BUFFER = 4 * BLOCK  # an upload in clear is read from its socket into a reused buffer this large
 SOCKET_TIMEOUT = 120
 REPLY_BUFFER = 64 * 1024  # replies a client left unread before its next command is read
+# A control connection's longest command line, its line end included (twice vsftpd's VSFTP_MAX_COMMAND_LINE): a path
+# is at most MAX_PATH_BYTES (1000), a user name 32. It was asyncio's 64 KiB: each refused path was logged and audited
+# whole, JSON-escaped, so a logged-in client wrote up to 180 KB of journal per command it sent (tests/test_attack22.py).
+MAX_COMMAND_LINE = 8192
 TLS_HANDSHAKE_TIMEOUT = 30
 PASSIVE_GRACE = 3.0  # on stop: how long a session told a passive port may take to send its transfer command
 
@@ -321,11 +325,17 @@ class DataConnection:
         finally:
             (loop.remove_writer if writing else loop.remove_reader)(fileno)
 
-    def close(self) -> None:
-        """Close the connection (bytes already handed to the kernel still reach the client)."""
+    def close(self, at_once: bool = False) -> None:
+        """Close the connection: bytes already handed to the kernel still reach the client, and over TLS a close_notify
+        goes out and waits for the client's (asyncio's TLS shutdown, up to 30 s). at_once (a connection no transfer
+        used: nothing to deliver) drops it now: a client that never answers the close_notify held it those 30 s."""
         streams = self._streams
         if streams is not None and streams.done() and not streams.cancelled() and streams.exception() is None:
-            streams.result()[1].close()
+            transport = streams.result()[1].transport
+            if at_once:
+                transport.abort()
+            else:
+                transport.close()
             return
         if streams is not None:
             streams.cancel()
@@ -336,8 +346,9 @@ class Passive:
     """One passive data connection (PASV/EPSV): a listening socket on a random free port of the configured range.
     It hands over the first connection that comes from the control connection's address, drops and reports any
     other, and stops listening after that one or after `timeout` seconds, whichever comes first. The transfer
-    command takes it; whatever was not taken by then is closed too, so an idle session holds no port. The socket
-    is a bare one watched with add_reader (an asyncio.Server per transfer cost its own set-up and tear-down)."""
+    command takes it (and closes the data connection); one no transfer took is closed, with the data connection it
+    accepted, by the next PASV/EPSV or the session's end, so an idle session holds no port and no connection. The
+    socket is a bare one watched with add_reader (an asyncio.Server per transfer cost its own set-up and tear-down)."""
 
     def __init__(self, peer: str, tls: ssl.SSLContext | None, timeout: float,
                  on_refused: Callable[[str, str], None]) -> None:
@@ -345,7 +356,6 @@ class Passive:
         self.peer, self.tls, self.on_refused = peer, tls, on_refused  # the session's address, unmapped already
         self.sock: socket.socket | None = None
         self.port = 0
-        self.taken = False  # a transfer command owns it (and closes the data connection)
         self.connected: asyncio.Future[DataConnection] = self.loop.create_future()
         self._timer = self.loop.call_later(timeout, self._expire)
 
@@ -398,8 +408,6 @@ class Passive:
         if not self.connected.done():
             self.connected.set_exception(TimeoutError("no data connection came"))
         self._stop_listening()
-        if not self.taken:
-            self.close()
 
     def _stop_listening(self) -> None:
         self._timer.cancel()
@@ -409,12 +417,14 @@ class Passive:
             self.sock = None
 
     def close(self) -> None:
-        """Stop listening; close the data connection unless a transfer owns it (the transfer closes it)."""
+        """Stop listening; close the data connection it accepted. Deterministically: one left to the garbage collector
+        stayed open as long as its TLS transport was registered with the loop, and a client looping PASV, connect and
+        handshake held a descriptor per loop (tests/test_attack22.py)."""
         self._stop_listening()
         if not self.connected.done():
             self.connected.cancel()
-        elif not self.taken and not self.connected.cancelled() and self.connected.exception() is None:
-            self.connected.result().close()
+        elif not self.connected.cancelled() and self.connected.exception() is None:
+            self.connected.result().close(at_once=True)
 
 
 _RNG = random.SystemRandom()
@@ -445,9 +455,8 @@ class Session:
     resolved: tuple[tuple[str | None, str, str], str] = ((None, "", ""), "")  # the last argument FtpServer._resolve did
 
     def take_passive(self) -> Passive | None:
+        """The passive listener, for the transfer command that uses it (and closes it)."""
         passive, self.passive = self.passive, None
-        if passive is not None:
-            passive.taken = True
         return passive
 
     def take_rest(self) -> int:
@@ -655,9 +664,8 @@ class FtpServer(aioftp.Server):
             tasks: set[asyncio.Task[Any]] = {read, *commands, *connection.extra_workers}
             for task in tasks:
                 task.cancel()
-            passive = session.take_passive()
-            if passive is not None:
-                passive.close()
+            if session.passive is not None:  # told and never used
+                session.passive.close()
             stream.writer.transport.abort()
             await asyncio.wait(tasks, timeout=10)  # workers abort their uploads and close their files
             if session.user_slot is not None:  # its login no longer counts against ftp.max_sessions_per_user
@@ -677,13 +685,18 @@ class FtpServer(aioftp.Server):
             idle.touch()
         except ValueError:  # no line end within the reader's limit: the session ends, the client hears why
             log.warning("ftp_session_closed", peer=writer.get_extra_info("peername"), reason="command line too long")
-            writer.write(b"500 command line too long; closing the connection\r\n")
+            writer.write(f"500 command line too long (over {MAX_COMMAND_LINE} bytes); closing the connection\r\n"
+                         .encode())
             raise
         if not line:
             raise ConnectionResetError("client closed the control connection")
         cmd, _, rest = line.decode("utf-8", errors="surrogateescape").rstrip("\r\n").partition(" ")
         cmd = cmd.strip().lower()
         return cmd, rest if cmd in PATH_COMMANDS else rest.strip()
+
+    async def start(self, host: str | None = None, port: int = 0, **kwargs: Any) -> None:
+        """aioftp's start, with MAX_COMMAND_LINE as the control connections' line limit."""
+        await super().start(host, port, limit=MAX_COMMAND_LINE, **kwargs)
 
     def stop_accepting(self) -> None:
         self.draining = True
@@ -844,9 +857,8 @@ class FtpServer(aioftp.Server):
         if self.cfg.ftp.require_tls and not session.prot_private:
             connection.response("521", "data connections must be protected: PROT P")
             return None
-        old = session.take_passive()
-        if old is not None:
-            old.close()
+        if session.passive is not None:  # an unused one, and the data connection it may have accepted
+            session.passive.close()
         user = connection.user.login
 
         def refused(peer: str, reason: str) -> None:
@@ -908,9 +920,9 @@ class FtpServer(aioftp.Server):
             connection.response("426", "transfer aborted")
             connection.response("226", "abort successful")
         finally:
-            if data is not None:
+            if data is not None:  # the listener stopped when it came
                 data.close()
-            if passive is not None:
+            elif passive is not None:  # and what it accepted as the transfer ended unanswered goes too
                 passive.close()
         return True
 

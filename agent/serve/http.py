@@ -22,7 +22,7 @@ from typing import Any, Awaitable, Callable, Generic, TypeVar
 
 import psutil
 import structlog
-from aiohttp import web
+from aiohttp import hdrs, web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from agent.auth import REFUSALS_EVERY, Every, LoginGuard, address_group, unmapped, verify_password
@@ -41,6 +41,9 @@ BAD_REQUEST_EVERY = 60.0  # seconds: at most one http_bad_request event per this
 # made in IDLE_SECONDS (600 at once here, the process's descriptor limit the only end).
 MAX_CONNECTIONS_PER_ADDRESS = 32
 MAX_CONNECTIONS = 256
+# Requests one keep-alive connection is answered, the last with Connection: close (nginx's keepalive_requests): a
+# client asking within every IDLE_SECONDS held its connection, a slot of the caps above, for as long as it liked.
+MAX_REQUESTS_PER_CONNECTION = 1000
 # How old an answer of /healthz, /status or /metrics a client off the box may get: each took 0.8-1 ms of the agent's
 # CPU (catalog queries, process and disk figures), 4-5 times a request it refuses, for anyone reaching the port.
 # The box's own tools (loopback: pacsgw status, keepalived's check) get a fresh one.
@@ -73,14 +76,20 @@ class _Connections:
     accept to their close: one over MAX_CONNECTIONS_PER_ADDRESS or MAX_CONNECTIONS is closed as it comes, before
     anything of it is read and before a TLS handshake (one http_refused event per address per REFUSALS_EVERY).
     Counted once aiohttp had them, a TLS listener's connections counted only after their handshake: a client that
-    never started one held as many as it opened, IDLE_SECONDS each."""
+    never started one held as many as it opened, IDLE_SECONDS each.
+    The requests answered on each connection are counted too (`answering`, by its descriptor): the last of
+    MAX_REQUESTS_PER_CONNECTION closes it, and one closed after IDLE_SECONDS without any answered (a silent or
+    slowloris client, headers trickled a byte a second) is told once a minute per address (http_idle_closed:
+    aiohttp closed those without a word)."""
 
     def __init__(self, listener: str) -> None:
         self.listener = listener
         self.open: Counter[str] = Counter()
+        self.answered: dict[int, int] = {}  # an open connection's descriptor → requests answered on it
         self._told = Every(REFUSALS_EVERY)
+        self._idle_told = Every(REFUSALS_EVERY)
 
-    def admit(self, address: str) -> bool:
+    def admit(self, address: str, fd: int) -> bool:
         if self.open[address] >= MAX_CONNECTIONS_PER_ADDRESS or self.open.total() >= MAX_CONNECTIONS:
             if (since := self._told.due(address)) is not None:
                 log.warning("http_refused", listener=self.listener, peer=address, refused_since=since,
@@ -88,12 +97,28 @@ class _Connections:
                                    f"{MAX_CONNECTIONS} in all)")
             return False
         self.open[address] += 1
+        self.answered[fd] = 0
         return True
 
-    def release(self, address: str) -> None:
+    def release(self, address: str, fd: int, opened: float) -> None:
+        """The connection on fd (before its close: the number is not yet anyone else's) is closed."""
         self.open[address] -= 1
         if not self.open[address]:
             del self.open[address]
+        if not self.answered.pop(fd, 0) and time.monotonic() - opened >= IDLE_SECONDS:
+            if (since := self._idle_told.due(address)) is not None:
+                log.warning("http_idle_closed", listener=self.listener, peer=address, closed_since=since,
+                            reason=f"no whole request within {IDLE_SECONDS:g} s")
+
+    async def answering(self, request: web.BaseRequest, response: web.StreamResponse) -> None:
+        """on_response_prepare: one more request answered on its connection; the last one allowed says close."""
+        sock = request.transport.get_extra_info("socket") if request.transport is not None else None
+        fd = sock.fileno() if sock is not None else -1
+        if fd in self.answered:
+            self.answered[fd] += 1
+            if self.answered[fd] >= MAX_REQUESTS_PER_CONNECTION:
+                response.force_close()  # the connection ends after this answer,
+                response.headers[hdrs.CONNECTION] = "close"  # which says so (its headers are made by now)
 
 
 class _Counted(socket.socket):
@@ -105,9 +130,9 @@ class _Counted(socket.socket):
 
     def close(self) -> None:
         release, self._release = self._release, None
-        super().close()
         if release is not None:
             release()
+        super().close()
 
 
 class _Listening(socket.socket):
@@ -122,8 +147,9 @@ class _Listening(socket.socket):
         while True:  # until one is admitted, or none waits (BlockingIOError: asyncio tries again when one comes)
             fd, peer = self._accept()  # type: ignore[attr-defined]
             address = address_group(peer[0])
-            if self.connections.admit(address):
-                return _Counted(self, fd, functools.partial(self.connections.release, address)), peer
+            if self.connections.admit(address, fd):
+                release = functools.partial(self.connections.release, address, fd, time.monotonic())
+                return _Counted(self, fd, release), peer
             os.close(fd)
 
 
@@ -132,9 +158,10 @@ async def _listen(runner: web.AppRunner, host: str, port: int,
     """Serve runner's application on host:port (each address 'localhost' names), its connections capped
     (_Connections). Not aiohttp's TCPSite: it leaves a TLS handshake asyncio's 60 s, a silent connection held
     that long."""
+    connections = _Connections(f"{host}:{port}")
+    runner.app.on_response_prepare.append(connections.answering)
     await runner.setup()
     assert runner.server is not None
-    connections = _Connections(f"{host}:{port}")
     servers = []
     for family, *_, address in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE):
         sock = _Listening(family, connections)
@@ -249,6 +276,7 @@ class HttpServer:
         self.host, self.port = host, port
         self._health, self._metrics = _Fresh(health), _Fresh(metrics)
         self._admin, self._admin_token = admin or {}, admin_token
+        self._told = Every(REFUSALS_EVERY)  # admin_refused events: 401s come as fast as asked for
         self.app = web.Application()
         self.app.add_routes([web.get("/healthz", self.healthz), web.get("/metrics", self.metrics),
                              web.get("/status", self.status), web.get("/", self.status)]
@@ -292,7 +320,13 @@ class HttpServer:
             return web.json_response({"error": "admin requests are accepted from loopback only"}, status=403)
         sent = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
         if not self._admin_token or not hmac.compare_digest(_raw(sent), self._admin_token.encode()):
-            log.warning("admin_refused", path=request.path, method=request.method, reason="no or wrong token")
+            # Once a minute: any process of the box sending wrong tokens in a loop wrote an event each (thousands a
+            # second), and all of them come from loopback, whose 2^24 IPv4 addresses would each have had their own.
+            # Not slowed as wrong passwords are: the token is 256 random bits, unguessable at any rate, and a delay
+            # would only hold the connection (a slot of the listener's caps) longer.
+            if (since := self._told.due("admin")) is not None:
+                log.warning("admin_refused", path=request.path, method=request.method, peer=request.remote,
+                            reason="no or wrong token", refused_since=since)
             return web.json_response({"error": "admin requests need 'Authorization: Bearer <token>' with the "
                                       f"token in <cache.dir>/{ADMIN_TOKEN_FILE} (pacsgw evict/prefetch "
                                       "send it)"}, status=401)
