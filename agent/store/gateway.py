@@ -95,12 +95,11 @@ class WriteHandle:
     """One file being written, hashed as it comes (or at commit when written out of order). A small write-through
     file keeps its bytes (BODY_BUDGET) for its upload: no reading back and hashing again (~0.5 ms per 512 KiB)."""
 
-    def __init__(self, gw: "Gateway", path: str, blob: str, fd: int, protocol: str, who: Who | None,
-                 protected: int = 0) -> None:
+    def __init__(self, gw: "Gateway", path: str, blob: str, fd: int, protocol: str, who: Who | None) -> None:
         self.gw, self.path, self.blob, self.fd, self.protocol, self.who = gw, path, blob, fd, protocol, who
         self.size = 0
         # Stored bytes a user without the `delete` right resumed from: appended to, never changed or cut
-        self.protected = protected
+        self.protected = 0
         self.base: int | None = None  # the gen the commit must still find (Catalog.commit_write); None: any
         self.user = who.user if who is not None else ""
         self.counted = 0  # bytes counted against the user's unfinished uploads (Gateway.count_unfinished)
@@ -244,7 +243,9 @@ class WriteHandle:
         session's work before the commit could even be queued)."""
         body = b"".join(self._body) if self._body is not None else None
         loop = asyncio.get_running_loop()
-        claim, mtime = self.gw.claims_upload(), time.time()
+        # Write-through while the line is up: the row is claimed for its upload in the same commit
+        claim = self.gw.cfg.uplink.write_mode == "through" and self.gw.line.reachable
+        mtime = time.time()
         row: asyncio.Future[tuple[int, str | None]] = loop.create_future()
         queue_row = functools.partial(self.gw.db.queue_commit_write, row, loop, self.path, self.blob, mtime=mtime,
                                       claim=claim, base=self.base)
@@ -706,7 +707,7 @@ class Gateway:
             e = await self.stat(src)
             await self.worm.check_mutable(e, time.time())
             if e.is_dir:
-                if self.being_written(src):  # an upload's commit would bring the directory back (Windows refuses too)
+                if self.marks.busy(src):  # an upload's commit would bring the directory back (Windows refuses too)
                     raise PermissionDenied(src, "a file in this directory is being written; try again later")
                 await self.list_tree(src)
                 if longest := await self.db.longest_below(src):  # moved, it must keep a path clients and S3 take
@@ -735,7 +736,7 @@ class Gateway:
         self._fits(dst)
         self._movable(dst)
         check_creatable(dst, dst)
-        if self.being_written(dst):  # its commit would replace what is renamed there
+        if self.marks.busy(dst):  # its commit would replace what is renamed there
             raise PermissionDenied(dst, "the target is being written by another upload; try again later")
 
     async def _replaced_by_rename(self, who: Who | None, dst: str, replace: bool) -> Entry | None:
@@ -855,10 +856,6 @@ class Gateway:
             raise
         await handle.commit()
 
-    def being_written(self, path: str) -> bool:
-        """Whether an upload of any serving process writes path, or a file below it, now."""
-        return self.marks.busy(path)
-
     @property
     def active_writes(self) -> int:
         return self._active_writes
@@ -911,10 +908,6 @@ class Gateway:
             return True
         except asyncio.TimeoutError:
             return False
-
-    def claims_upload(self) -> bool:
-        """Whether a file committed now is uploaded write-through: its row is claimed in the same commit."""
-        return self.cfg.uplink.write_mode == "through" and self.line.reachable
 
     async def stored(self, path: str, blob: str, size: int, sha: str, body: bytes | None, claim: bool, mtime: float,
                      committed: tuple[int, str | None]) -> Through | None:
