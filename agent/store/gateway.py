@@ -134,10 +134,11 @@ class WriteHandle:
             if self._body is not None and self.gw.hold(len(data), self.size + len(data)):
                 self._body.append(bytes(data))  # data may be the front end's reused buffer; hashed at commit
                 self._held += len(data)
-            else:
-                self._hash_body()
-                self._hash.update(data)
-                self._fast.update(data)
+            else:  # the budget is spent: hash the bytes kept so far (never hashed yet), then each write as it comes
+                for block in [*(self._body or ()), data]:
+                    self._hash.update(block)
+                    self._fast.update(block)
+                self._drop_body()
         # min_free_bytes stays free for the catalog (one that cannot commit can never evict again). A hole left
         # by a write past the end is sparse here but real bytes in S3 and every fetched copy: it must fit too.
         if not await self.gw.ensure_space(max(len(data), pos + len(data) - self.size)):
@@ -188,14 +189,6 @@ class WriteHandle:
 
     def _unhashed(self) -> None:
         self._hash = None
-        self._drop_body()
-
-    def _hash_body(self) -> None:
-        """The budget is spent: hash the bytes kept so far (never hashed yet) and hash each write as it comes."""
-        if self._body and self._hash is not None:
-            for block in self._body:
-                self._hash.update(block)
-                self._fast.update(block)
         self._drop_body()
 
     def _drop_body(self) -> None:
@@ -797,7 +790,10 @@ class Gateway:
                 await self.worm.check_mutable(existing, time.time())
                 if offset < existing.size and not self.allowed(who, "delete"):
                     raise PermissionDenied(path, "replacing a stored file needs the 'delete' permission")
-            blob, fd = await self._new_staging()
+            # A spare made ahead, renamed here (a thread hop and two wake-ups fewer per stored file); else made in a
+            # thread, as an inode may wait for the disk (issue 14), undone if cancelled
+            spare = self.cache.spare_staging()
+            blob, fd = spare if spare is not None else await _in_thread(self.cache.new_staging, self._discard_made)
             if exclusive and not self.marks.claim(path):  # one of two processes claiming it at once (WriteMarks)
                 self._discard_made((blob, fd))
                 raise AlreadyExists(path)
@@ -834,12 +830,6 @@ class Gateway:
             handle.protected = handle.size
         handle.base = self._base(who, existing)
         return handle
-
-    async def _new_staging(self) -> tuple[str, int]:
-        """A new staging file: a spare made ahead, renamed here (a thread hop and two wake-ups fewer per stored file);
-        else made in a thread, as an inode may wait for the disk (issue 14), undone if cancelled."""
-        spare = self.cache.spare_staging()
-        return spare if spare is not None else await _in_thread(self.cache.new_staging, self._discard_made)
 
     def _discard_made(self, made: tuple[str, int]) -> None:
         blob, fd = made
