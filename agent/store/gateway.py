@@ -371,16 +371,13 @@ class ReadHandle:
     def __init__(self, gw: "Gateway", entry: Entry, fd: int, fill: _Fill | None, protocol: str,
                  digest: str | None = None) -> None:
         self.gw, self.entry, self.fd, self.fill, self.protocol = gw, entry, fd, fill, protocol
+        self.size = entry.size
         self._digest = digest  # still to be checked; None once it was (or for a fetch: the fetch checks)
         self._hash = fast_hash()
         self._checked = 0  # bytes of the cached copy fed to _hash so far
         self._checking = asyncio.Lock()
         self._broken: Corrupt | None = None
         self.held = 0  # bytes counted against the files open for reading (Gateway.hold_open)
-
-    @property
-    def size(self) -> int:
-        return self.entry.size
 
     async def ready(self, pos: int) -> int:
         """Wait until bytes from pos may be served → how far; a file's end only once all of it was verified."""
