@@ -809,13 +809,11 @@ class Gateway:
             try:
                 source = await self.open_read(path, protocol)
                 try:
-                    pos = 0
-                    while pos < min(offset, source.size):
-                        data = await source.read(pos, min(1024 * 1024, offset - pos))
+                    while handle.size < min(offset, source.size):  # each write appends: size is where the next reads
+                        data = await source.read(handle.size, min(1024 * 1024, offset - handle.size))
                         if not data:
                             break
                         await handle.write(data)
-                        pos += len(data)
                 finally:
                     await source.close()
                 if handle.size < offset:  # the file was replaced by a shorter one meanwhile
