@@ -524,7 +524,6 @@ class GatewaySFTP(asyncssh.SFTPServer):
             raise self._refused(e) from None
 
     async def _path(self, path: bytes, *, creates_file: bool = False, moved_from: str | None = None) -> str:
-        """_ns, and a path ending in '/' names a directory (contract.slash_checked)."""
         ns = self._ns(path)
         try:
             await slash_checked(self.gateway, path.decode(), ns, creates_file=creates_file, moved_from=moved_from)
@@ -676,7 +675,6 @@ class GatewaySFTP(asyncssh.SFTPServer):
         await self._call(writer.commit())
 
     async def fsync(self, file_obj: object) -> None:
-        """fsync@openssh.com: flush what was written so far to the staging file (the commit does the rest)."""
         if isinstance(file_obj, WriteHandle):
             await file_obj.fsync()
 

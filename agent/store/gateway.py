@@ -495,7 +495,6 @@ class Gateway:
             self._fixed.update([root, *ancestors(root)])
 
     async def stop(self) -> None:
-        """The access counts not flushed yet reach the catalog."""
         await self.access.flush(self.db, self.metrics)
 
     # --- permissions ----------------------------------------------------------------------------
@@ -567,7 +566,6 @@ class Gateway:
         return e
 
     async def find(self, path: str) -> Entry | None:
-        """stat, with None for a missing name."""
         try:
             return await self.stat(path)
         except NotFound:
