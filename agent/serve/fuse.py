@@ -182,8 +182,7 @@ class GatewayFS(pyfuse3.Operations):
 
     async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
         for inode, n in inode_list:
-            node = self._inodes.get(inode)
-            if node is not None and inode != pyfuse3.ROOT_INODE:
+            if (node := self._inodes.get(inode)) is not None:  # the root's count is never read: it is never dropped
                 node.lookups -= n
                 self._drop_unused(inode)
 
