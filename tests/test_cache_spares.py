@@ -62,7 +62,7 @@ def test_a_spare_removed_by_hand_costs_nothing_but_the_spare(tmp_path):
 
 
 def test_spare_staging_hands_out_a_spare_or_nothing_and_never_makes_a_file(tmp_path):
-    """What a write's open takes on the event loop (Gateway._new_staging): a spare, else None (a thread makes one)."""
+    """What a write's open takes on the event loop (Gateway._open_write): a spare, else None (a thread makes one)."""
     worker = Cache(tmp_path, clear_staging=False)  # makes no spares: always None, nothing created
     assert worker.spare_staging() is None and os.listdir(worker.staging) == []
     cache = Cache(tmp_path)

@@ -50,9 +50,6 @@ from agent.store.gateway import Gateway
 
 log = structlog.get_logger("pacsgw.serve")
 
-FILE_MODE = stat.S_IFREG | 0o660
-DIR_MODE = stat.S_IFDIR | 0o770
-
 
 def tls_context(cert: str, key: str) -> ssl.SSLContext:
     """A server's TLS (FTPS, the metrics listener): TLS 1.2 at least."""
@@ -63,7 +60,7 @@ def tls_context(cert: str, key: str) -> ssl.SSLContext:
 
 
 def st_mode(is_dir: bool) -> int:
-    return DIR_MODE if is_dir else FILE_MODE
+    return stat.S_IFDIR | 0o770 if is_dir else stat.S_IFREG | 0o660
 
 
 @dataclass(frozen=True)

@@ -112,7 +112,7 @@ class GatewayFS(pyfuse3.Operations):
     """pyfuse3 operations over the gateway. All handlers run as tasks on the agent's loop."""
 
     enable_writeback_cache = False
-    supports_dot_lookup = False
+    supports_dot_lookup = False  # no NFS export: the kernel then looks up no '.' or '..' (fs/fuse/inode.c)
 
     def __init__(self, gateway: Gateway, uid: int, gid: int, users: dict[int, str], peers: SmbPeers) -> None:
         super().__init__()
@@ -182,8 +182,7 @@ class GatewayFS(pyfuse3.Operations):
 
     async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
         for inode, n in inode_list:
-            node = self._inodes.get(inode)
-            if node is not None and inode != pyfuse3.ROOT_INODE:
+            if (node := self._inodes.get(inode)) is not None:  # the root's count is never read: it is never dropped
                 node.lookups -= n
                 self._drop_unused(inode)
 
@@ -265,9 +264,7 @@ class GatewayFS(pyfuse3.Operations):
 
     async def lookup(self, parent_inode: int, name: bytes,
                      ctx: pyfuse3.RequestContext | None = None) -> pyfuse3.EntryAttributes:
-        parent = self._path(parent_inode)
-        path = parent if name == b"." else parent_of(parent) if name == b".." else self._child(parent_inode, name, ctx)
-        return self._counted(await self._attrs_of(path))
+        return self._counted(await self._attrs_of(self._child(parent_inode, name, ctx)))
 
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext | None = None) -> pyfuse3.EntryAttributes:
         return await self._attrs_of(self._path(inode))
@@ -513,9 +510,7 @@ class GatewayFS(pyfuse3.Operations):
         """Durability comes with close (flush); an fsync in the middle of a file changes nothing."""
 
     async def release(self, fh: int) -> None:
-        op = self._files.pop(fh, None)
-        if op is None:
-            return
+        op = self._files.pop(fh)  # each fh of _new_fh, released once (none if its open's reply failed)
         self._files_of[op.uid] -= 1  # a 0 stays: one entry per Unix account that ever opened a file
         if op.writer is not None and not op.committed:
             await op.writer.abort("released without a flush")

@@ -524,7 +524,6 @@ class GatewaySFTP(asyncssh.SFTPServer):
             raise self._refused(e) from None
 
     async def _path(self, path: bytes, *, creates_file: bool = False, moved_from: str | None = None) -> str:
-        """_ns, and a path ending in '/' names a directory (contract.slash_checked)."""
         ns = self._ns(path)
         try:
             await slash_checked(self.gateway, path.decode(), ns, creates_file=creates_file, moved_from=moved_from)
@@ -663,8 +662,10 @@ class GatewaySFTP(asyncssh.SFTPServer):
             return
         writer = _opened(file_obj, WriteHandle, "writing")
         self.flags.pop(writer)
-        if self._client_left():
-            # The client went away, or ended the SFTP session, before closing: not a completed upload.
+        # The client vanished (its channel is closing) or ended the SFTP session (_Session.ended) before closing:
+        # not a completed upload. asyncssh closes the handles still open then through this same close(); the
+        # channel's EOF alone said nothing (a CLOSE sent just before it was served after it).
+        if self.channel.is_closing() or self.session.ended:
             await writer.abort("session ended before close")
             return
         if writer in self.unchanged:  # storing the same bytes as a new version would upload them all again
@@ -673,17 +674,7 @@ class GatewaySFTP(asyncssh.SFTPServer):
             return
         await self._call(writer.commit())
 
-    def _client_left(self) -> bool:
-        """Whether this close comes from asyncssh ending the session, not from the client's CLOSE.
-
-        asyncssh closes every handle still open when the session ends, through the same close() as a CLOSE
-        request: after its loop read the client's EOF (it left the SFTP subsystem), or with the channel closing
-        (it vanished). The channel's EOF alone said nothing: a CLOSE sent just before it was served after it.
-        """
-        return self.channel.is_closing() or self.session.ended
-
     async def fsync(self, file_obj: object) -> None:
-        """fsync@openssh.com: flush what was written so far to the staging file (the commit does the rest)."""
         if isinstance(file_obj, WriteHandle):
             await file_obj.fsync()
 

@@ -476,23 +476,17 @@ class SmbService:
             proc = self._start_smbd()
             delay = min(delay * 2, 30.0)
 
-    def _smbd_pids(self) -> list[int]:
-        pids = []
+    def _kill_stale_smbd(self) -> None:
+        """An smbd left running by a killed agent still serves the dead mount: stop it (by its pid)."""
         for pidfile in (self.state / "run").glob("smbd*.pid"):
             try:
                 pid = int(pidfile.read_text().split()[0])
                 cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
             except (OSError, ValueError, IndexError):
                 continue
-            if any(b"smbd" in c for c in cmdline[:1]) and str(self.conf_path).encode() in cmdline:
-                pids.append(pid)
-        return pids
-
-    def _kill_stale_smbd(self) -> None:
-        """An smbd left running by a killed agent still serves the dead mount: stop it (by its pid)."""
-        for pid in self._smbd_pids():
-            log.warning("stale_smbd_stopped", pid=pid)
-            self._terminate(pid)
+            if b"smbd" in cmdline[0] and str(self.conf_path).encode() in cmdline:
+                log.warning("stale_smbd_stopped", pid=pid)
+                self._terminate(pid)
 
     @staticmethod
     def _terminate(pid: int) -> None:

@@ -95,12 +95,11 @@ class WriteHandle:
     """One file being written, hashed as it comes (or at commit when written out of order). A small write-through
     file keeps its bytes (BODY_BUDGET) for its upload: no reading back and hashing again (~0.5 ms per 512 KiB)."""
 
-    def __init__(self, gw: "Gateway", path: str, blob: str, fd: int, protocol: str, who: Who | None,
-                 protected: int = 0) -> None:
+    def __init__(self, gw: "Gateway", path: str, blob: str, fd: int, protocol: str, who: Who | None) -> None:
         self.gw, self.path, self.blob, self.fd, self.protocol, self.who = gw, path, blob, fd, protocol, who
         self.size = 0
         # Stored bytes a user without the `delete` right resumed from: appended to, never changed or cut
-        self.protected = protected
+        self.protected = 0
         self.base: int | None = None  # the gen the commit must still find (Catalog.commit_write); None: any
         self.user = who.user if who is not None else ""
         self.counted = 0  # bytes counted against the user's unfinished uploads (Gateway.count_unfinished)
@@ -135,10 +134,11 @@ class WriteHandle:
             if self._body is not None and self.gw.hold(len(data), self.size + len(data)):
                 self._body.append(bytes(data))  # data may be the front end's reused buffer; hashed at commit
                 self._held += len(data)
-            else:
-                self._hash_body()
-                self._hash.update(data)
-                self._fast.update(data)
+            else:  # the budget is spent: hash the bytes kept so far (never hashed yet), then each write as it comes
+                for block in [*(self._body or ()), data]:
+                    self._hash.update(block)
+                    self._fast.update(block)
+                self._drop_body()
         # min_free_bytes stays free for the catalog (one that cannot commit can never evict again). A hole left
         # by a write past the end is sparse here but real bytes in S3 and every fetched copy: it must fit too.
         if not await self.gw.ensure_space(max(len(data), pos + len(data) - self.size)):
@@ -191,14 +191,6 @@ class WriteHandle:
         self._hash = None
         self._drop_body()
 
-    def _hash_body(self) -> None:
-        """The budget is spent: hash the bytes kept so far (never hashed yet) and hash each write as it comes."""
-        if self._body and self._hash is not None:
-            for block in self._body:
-                self._hash.update(block)
-                self._fast.update(block)
-        self._drop_body()
-
     def _drop_body(self) -> None:
         self.gw.release(self._held)
         self._body, self._held = None, 0
@@ -244,7 +236,9 @@ class WriteHandle:
         session's work before the commit could even be queued)."""
         body = b"".join(self._body) if self._body is not None else None
         loop = asyncio.get_running_loop()
-        claim, mtime = self.gw.claims_upload(), time.time()
+        # Write-through while the line is up: the row is claimed for its upload in the same commit
+        claim = self.gw.cfg.uplink.write_mode == "through" and self.gw.line.reachable
+        mtime = time.time()
         row: asyncio.Future[tuple[int, str | None]] = loop.create_future()
         queue_row = functools.partial(self.gw.db.queue_commit_write, row, loop, self.path, self.blob, mtime=mtime,
                                       claim=claim, base=self.base)
@@ -377,16 +371,13 @@ class ReadHandle:
     def __init__(self, gw: "Gateway", entry: Entry, fd: int, fill: _Fill | None, protocol: str,
                  digest: str | None = None) -> None:
         self.gw, self.entry, self.fd, self.fill, self.protocol = gw, entry, fd, fill, protocol
+        self.size = entry.size
         self._digest = digest  # still to be checked; None once it was (or for a fetch: the fetch checks)
         self._hash = fast_hash()
         self._checked = 0  # bytes of the cached copy fed to _hash so far
         self._checking = asyncio.Lock()
         self._broken: Corrupt | None = None
         self.held = 0  # bytes counted against the files open for reading (Gateway.hold_open)
-
-    @property
-    def size(self) -> int:
-        return self.entry.size
 
     async def ready(self, pos: int) -> int:
         """Wait until bytes from pos may be served → how far; a file's end only once all of it was verified."""
@@ -504,7 +495,6 @@ class Gateway:
             self._fixed.update([root, *ancestors(root)])
 
     async def stop(self) -> None:
-        """The access counts not flushed yet reach the catalog."""
         await self.access.flush(self.db, self.metrics)
 
     # --- permissions ----------------------------------------------------------------------------
@@ -576,7 +566,6 @@ class Gateway:
         return e
 
     async def find(self, path: str) -> Entry | None:
-        """stat, with None for a missing name."""
         try:
             return await self.stat(path)
         except NotFound:
@@ -706,7 +695,7 @@ class Gateway:
             e = await self.stat(src)
             await self.worm.check_mutable(e, time.time())
             if e.is_dir:
-                if self.being_written(src):  # an upload's commit would bring the directory back (Windows refuses too)
+                if self.marks.busy(src):  # an upload's commit would bring the directory back (Windows refuses too)
                     raise PermissionDenied(src, "a file in this directory is being written; try again later")
                 await self.list_tree(src)
                 if longest := await self.db.longest_below(src):  # moved, it must keep a path clients and S3 take
@@ -735,7 +724,7 @@ class Gateway:
         self._fits(dst)
         self._movable(dst)
         check_creatable(dst, dst)
-        if self.being_written(dst):  # its commit would replace what is renamed there
+        if self.marks.busy(dst):  # its commit would replace what is renamed there
             raise PermissionDenied(dst, "the target is being written by another upload; try again later")
 
     async def _replaced_by_rename(self, who: Who | None, dst: str, replace: bool) -> Entry | None:
@@ -796,7 +785,10 @@ class Gateway:
                 await self.worm.check_mutable(existing, time.time())
                 if offset < existing.size and not self.allowed(who, "delete"):
                     raise PermissionDenied(path, "replacing a stored file needs the 'delete' permission")
-            blob, fd = await self._new_staging()
+            # A spare made ahead, renamed here (a thread hop and two wake-ups fewer per stored file); else made in a
+            # thread, as an inode may wait for the disk (issue 14), undone if cancelled
+            spare = self.cache.spare_staging()
+            blob, fd = spare if spare is not None else await _in_thread(self.cache.new_staging, self._discard_made)
             if exclusive and not self.marks.claim(path):  # one of two processes claiming it at once (WriteMarks)
                 self._discard_made((blob, fd))
                 raise AlreadyExists(path)
@@ -815,13 +807,11 @@ class Gateway:
             try:
                 source = await self.open_read(path, protocol)
                 try:
-                    pos = 0
-                    while pos < min(offset, source.size):
-                        data = await source.read(pos, min(1024 * 1024, offset - pos))
+                    while handle.size < min(offset, source.size):  # each write appends: size is where the next reads
+                        data = await source.read(handle.size, min(1024 * 1024, offset - handle.size))
                         if not data:
                             break
                         await handle.write(data)
-                        pos += len(data)
                 finally:
                     await source.close()
                 if handle.size < offset:  # the file was replaced by a shorter one meanwhile
@@ -833,12 +823,6 @@ class Gateway:
             handle.protected = handle.size
         handle.base = self._base(who, existing)
         return handle
-
-    async def _new_staging(self) -> tuple[str, int]:
-        """A new staging file: a spare made ahead, renamed here (a thread hop and two wake-ups fewer per stored file);
-        else made in a thread, as an inode may wait for the disk (issue 14), undone if cancelled."""
-        spare = self.cache.spare_staging()
-        return spare if spare is not None else await _in_thread(self.cache.new_staging, self._discard_made)
 
     def _discard_made(self, made: tuple[str, int]) -> None:
         blob, fd = made
@@ -854,10 +838,6 @@ class Gateway:
             await handle.abort(f"truncate failed: {type(e).__name__}")
             raise
         await handle.commit()
-
-    def being_written(self, path: str) -> bool:
-        """Whether an upload of any serving process writes path, or a file below it, now."""
-        return self.marks.busy(path)
 
     @property
     def active_writes(self) -> int:
@@ -911,10 +891,6 @@ class Gateway:
             return True
         except asyncio.TimeoutError:
             return False
-
-    def claims_upload(self) -> bool:
-        """Whether a file committed now is uploaded write-through: its row is claimed in the same commit."""
-        return self.cfg.uplink.write_mode == "through" and self.line.reachable
 
     async def stored(self, path: str, blob: str, size: int, sha: str, body: bytes | None, claim: bool, mtime: float,
                      committed: tuple[int, str | None]) -> Through | None:
