@@ -129,9 +129,9 @@ class Agent:
         def active() -> bool:
             return self.ha is None or self.ha.state.role == "active"
         if cfg.dicom.snapshot_interval:
-            self.loops.start("index-snapshot", SnapshotSchedule(cfg, active).run)
+            self.loops.every("index-snapshot", cfg.dicom.snapshot_interval, SnapshotSchedule(cfg, active).once)
         if cfg.dicom.snapshot_interval and cfg.dicom.delta_interval:
-            self.loops.start("index-deltas", DeltaShipper(cfg, self.db, self.s3, active).run)
+            self.loops.every("index-deltas", cfg.dicom.delta_interval, DeltaShipper(cfg, self.db, self.s3, active).once)
         fetcher = Fetcher(self.gateway, self.db, lambda: self.monitor.current.level)
         stack = stack_for(cfg)   # one policy stack: the evictor and the prior-study planner share it
         self.evictor.use(stack, cfg.prefetch.study_depth)

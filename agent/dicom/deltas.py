@@ -36,15 +36,11 @@ class DeltaShipper:
     def __init__(self, cfg: Config, db: IndexQueue, s3: S3Uplink, active: Callable[[], bool]) -> None:
         self.cfg, self.db, self.s3, self.active = cfg, db, s3, active
 
-    async def run(self) -> None:
-        while True:
-            await asyncio.sleep(self.cfg.dicom.delta_interval)
-            if self.active():
-                await self.once()
-
     async def once(self) -> int:
-        """Ship every queued row now; → how many. A failure is logged and the rows stay queued."""
+        """Ship every queued row now (the active box only); → how many. A failure is logged and the rows stay queued."""
         shipped = 0
+        if not self.active():
+            return shipped
         while rows := await self.db.unshipped_index_rows(DELTA_ROWS):
             stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
             key = f"{delta_prefix(self.cfg)}{stamp}-{os.urandom(4).hex()}.json.gz"
