@@ -25,7 +25,7 @@ from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator, TypeVar
 
 import structlog
 import xxhash
@@ -33,6 +33,7 @@ import xxhash
 from agent.store.errors import NoSpace
 
 log = structlog.get_logger("pacsgw.cache")
+T = TypeVar("T")
 
 CHUNK = 1024 * 1024
 STAMP = "user.pacsgw.verified"  # xattr: "<xxh3-128 hex> <size> <mtime_ns> <inode>"
@@ -180,6 +181,17 @@ class Cache:
 
     def open_blob(self, blob: str) -> int:
         return os.open(self.blob_file(blob), os.O_RDONLY)
+
+    def read_blob(self, blob: str, read: Callable[[int], T]) -> T | None:
+        """read(fd) of blob's cached copy; None when there is none (evicted meanwhile). Blocking."""
+        try:
+            fd = self.open_blob(blob)
+        except OSError:
+            return None
+        try:
+            return read(fd)
+        finally:
+            os.close(fd)
 
     def open_verified(self, blob: str, sha256: str | None) -> tuple[int | None, str | None]:
         """Open a cached copy only if its bytes hash to sha256 (and stamp it). Blocking: run in a thread.
