@@ -81,9 +81,7 @@ class DiskUsage:
 class Cache:
     def __init__(self, root: Path, *, clear_staging: bool = True) -> None:
         self.root = root
-        self.staging = root / "staging"
-        self.data = root / "data"
-        self.spare = root / "spare"
+        self.staging, self.data, self.spare = root / "staging", root / "data", root / "spare"
         self._data_dir, self._staging_dir, self._spare_dir = str(self.data), str(self.staging), str(self.spare)
         self._durable_dirs: set[str] = set()  # data/<xx> whose own entry in data/ this process fsynced
         self.data.mkdir(parents=True, exist_ok=True)
@@ -241,10 +239,8 @@ class Cache:
                 return Opened(fd, None), None
             problem = "checksum mismatch"
         os.close(fd)
-        if nowait and problem is None:
-            return None, WOULD_BLOCK  # no valid stamp: the full SHA-256 check belongs in a thread
-        if problem is not None:
-            return None, problem
+        if problem is not None or nowait:  # nowait without a valid stamp: the full SHA-256 check belongs in a thread
+            return None, problem or WOULD_BLOCK
         fd2, problem = self.open_verified(blob, sha256)  # no stamp, or a stale one: the full check
         return (Opened(fd2, None) if fd2 is not None else None), problem
 
@@ -266,15 +262,14 @@ def _new_file(directory: str) -> tuple[str, int]:
         raise _translate(e, blob) from e
 
 
-def sha256_fd(fd: int, also: "xxhash.xxh3_128 | None" = None) -> str:
+def sha256_fd(fd: int, also: "xxhash.xxh3_128") -> str:
     """SHA-256 of a whole file by pread (the fd's offset is untouched), feeding `also` the same bytes.
     Blocking: run in a thread."""
     h = hashlib.sha256()
     offset = 0
     while chunk := os.pread(fd, CHUNK, offset):
         h.update(chunk)
-        if also is not None:
-            also.update(chunk)
+        also.update(chunk)
         offset += len(chunk)
     return h.hexdigest()
 

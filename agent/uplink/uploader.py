@@ -203,8 +203,7 @@ class Uploader:
             # which a restart uploads again (a doubt, reset_uploading), the same bytes under the same key.
             confirmed.set_result(None)
         try:
-            clean = await self.db.mark_clean(e.path, e.gen, result.etag, result.version_id, e.sha256,
-                                             result.index_row)
+            clean = await self.db.mark_clean(e.path, e.gen, result.etag, result.version_id, e.sha256, result.index_row)
         except Exception as exc:  # e.g. the catalog's disk is full: retry the row later
             log.error("catalog_update_failed", path=e.path, error=error_code(exc), detail=str(exc)[:300])
             with contextlib.suppress(Exception):
