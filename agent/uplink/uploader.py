@@ -130,8 +130,7 @@ class Uploader:
     # --- lifecycle ----------------------------------------------------------------------------
 
     async def start(self) -> None:
-        resumed = await self.db.reset_uploading()
-        if resumed:
+        if resumed := await self.db.reset_uploading():
             log.info("uploads_resumed", files=resumed)
         self.loops.start("upload-dispatch", self._dispatch)
         self.loops.start("tombstones", self._tombstones)
@@ -310,8 +309,7 @@ class Uploader:
         # queue predates its failure). Keep this copy beside the namespace and take the other box's object.
         side = conflict_key(e.path, e.sha256, self.s3.cfg.prefix)
         result = await keep_aside(side)
-        blob = await self.db.adopt_remote(e.path, e.gen, size, head.get("ETag") if head else None)
-        if blob:
+        if blob := await self.db.adopt_remote(e.path, e.gen, size, head.get("ETag") if head else None):
             self.blobs.remove(blob)
         log.error("ha_conflict", path=e.path, kept_as=side, remote_etag=head.get("ETag") if head else None,
                   rename_from=e.copy_from,
