@@ -195,7 +195,7 @@ class Agent:
         self.loops.start("access-flush", self.gateway.flush_access)
         self.monitor = PressureMonitor(cfg, self.db, self.cache, self.gateway, self.line, self.metrics, self.refusals)
         await self.monitor.sample()
-        self.loops.start("pressure", self.monitor.run)
+        self.loops.every("pressure", cfg.pressure.interval_seconds, self.monitor.sample)
 
     def _login_guard(self) -> LoginGuard:
         """One count of failed logins and sessions for every front end of every serving process of the box."""
