@@ -47,9 +47,7 @@ def verify_password(password: str, *, plain: str = "", encoded: str = "") -> boo
         candidate = hashlib.scrypt(password.encode(), salt=salt, n=n, r=r, p=p, dklen=len(digest),
                                    maxmem=256 * 1024 * 1024)
         return hmac.compare_digest(candidate, digest)
-    if plain:
-        return hmac.compare_digest(password.encode(), plain.encode())
-    return False
+    return bool(plain) and hmac.compare_digest(password.encode(), plain.encode())
 
 
 class Passwords:
@@ -388,14 +386,10 @@ CREATE INDEX IF NOT EXISTS sessions_by_key ON sessions (scope, key);
 """
 
 
-def _boot_id() -> str:
-    try:
-        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
-    except OSError:
-        return ""
-
-
-_BOOT_ID = _boot_id()
+try:
+    _BOOT_ID = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+except OSError:
+    _BOOT_ID = ""
 
 
 def _process_identity(pid: int) -> tuple[int, int]:

@@ -88,7 +88,7 @@ def _admin(url: str, token: str, body: dict | None = None, method: str = "GET", 
     except urllib.error.HTTPError as e:
         return e.code, json.load(e)
     except OSError as e:
-        raise Unreachable(f"pacsgw: cannot reach the agent at {url}: {e}") from e
+        raise Unreachable(f"cannot reach the agent at {url}: {e}") from e
 
 
 def _bar(total: int, desc: str, unit: str = "file"):  # a tqdm bar on stderr
@@ -269,8 +269,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except Unreachable as e:
-        print(e, file=sys.stderr)
-        return 3
+        return complain(str(e), 3)
 
 
 if __name__ == "__main__":

@@ -195,8 +195,7 @@ class CacheConfig:
     max_unfinished_per_user: float = _f(_ratio, "a fraction 0..1 or a percentage such as '25%' of the cache",
                                         default=0.25)
     # What the files open for reading (all users) may hold, of the same: each keeps its space until closed
-    max_open_for_reading: float = _f(_ratio, "a fraction 0..1 or a percentage such as '75%' of the cache",
-                                     default=0.75)
+    max_open_for_reading: float = _f(_ratio, "a fraction 0..1 or a percentage such as '75%' of the cache", default=0.75)
 
 
 @dataclass(frozen=True)
@@ -564,9 +563,8 @@ def _check_cross(cfg: Config) -> None:
           "an existing PEM file")
     _need(not cfg.dicom.snapshot_interval or up.prefix, file, "dicom.snapshot_interval", cfg.dicom.snapshot_interval,
           "0 while uplink.prefix is empty (snapshots are kept beside the namespace prefix)")
-    ftp = cfg.ftp
-    _check_pem_pair(file, "ftp", ftp.tls_cert, ftp.tls_key, "tls_")
-    _need(not ftp.require_tls or ftp.tls_cert, file, "ftp.require_tls", True, "tls_cert and tls_key to be set")
+    _check_pem_pair(file, "ftp", cfg.ftp.tls_cert, cfg.ftp.tls_key, "tls_")
+    _need(not cfg.ftp.require_tls or cfg.ftp.tls_cert, file, "ftp.require_tls", True, "tls_cert and tls_key to be set")
     _check_metrics_listener(cfg)
     _need(cfg.sftp.password_auth or not cfg.sftp.enabled or any(u.authorized_keys for u in cfg.users), file,
           "sftp.password_auth", False, "true, or authorized_keys for at least one user")

@@ -129,9 +129,9 @@ class Agent:
         def active() -> bool:
             return self.ha is None or self.ha.state.role == "active"
         if cfg.dicom.snapshot_interval:
-            self.loops.start("index-snapshot", SnapshotSchedule(cfg, active).run)
+            self.loops.every("index-snapshot", cfg.dicom.snapshot_interval, SnapshotSchedule(cfg, active).once)
         if cfg.dicom.snapshot_interval and cfg.dicom.delta_interval:
-            self.loops.start("index-deltas", DeltaShipper(cfg, self.db, self.s3, active).run)
+            self.loops.every("index-deltas", cfg.dicom.delta_interval, DeltaShipper(cfg, self.db, self.s3, active).once)
         fetcher = Fetcher(self.gateway, self.db, lambda: self.monitor.current.level)
         stack = stack_for(cfg)   # one policy stack: the evictor and the prior-study planner share it
         self.evictor.use(stack, cfg.prefetch.study_depth)
@@ -195,7 +195,7 @@ class Agent:
         self.loops.start("access-flush", self.gateway.flush_access)
         self.monitor = PressureMonitor(cfg, self.db, self.cache, self.gateway, self.line, self.metrics, self.refusals)
         await self.monitor.sample()
-        self.loops.start("pressure", self.monitor.run)
+        self.loops.every("pressure", cfg.pressure.interval_seconds, self.monitor.sample)
 
     def _login_guard(self) -> LoginGuard:
         """One count of failed logins and sessions for every front end of every serving process of the box."""

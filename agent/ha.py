@@ -114,10 +114,11 @@ class HaMonitor:
 
     async def start(self) -> None:
         self.refusals.write = STANDBY_REFUSAL
-        self._apply(read_role_file(Path(self.cfg.role_file), self._boot))
-        self.loops.start("ha-role", self._watch_role)
+        await self._read_role()
+        self.loops.every("ha-role", ROLE_POLL, self._read_role)
         self.loops.start("ha-follow", self._follow_loop)
-        self.loops.start("ha-line", self._watch_line)
+        # a dead line must show on /healthz (and so move the address) even when nothing is uploading
+        self.loops.every("ha-line", LINE_POLL, self.uploader.line.check)
         if self.cfg.peer:
             self.loops.start("ha-peer", self._watch_peer)
 
@@ -126,11 +127,8 @@ class HaMonitor:
 
     # --- the role -------------------------------------------------------------------------------
 
-    async def _watch_role(self) -> None:
-        path = Path(self.cfg.role_file)
-        while True:
-            await asyncio.sleep(ROLE_POLL)
-            self._apply(await asyncio.to_thread(read_role_file, path, self._boot))
+    async def _read_role(self) -> None:
+        self._apply(await asyncio.to_thread(read_role_file, Path(self.cfg.role_file), self._boot))
 
     def _apply(self, keepalived_state: str) -> None:
         role = "active" if keepalived_state == "MASTER" else "standby"
@@ -227,12 +225,6 @@ class HaMonitor:
             if added or changed or gone:
                 log.info("ha_followed", **self.state.followed)
             return self.state.followed
-
-    async def _watch_line(self) -> None:
-        """A dead line must show on /healthz (and so move the address) even when nothing is uploading."""
-        while True:
-            await asyncio.sleep(LINE_POLL)
-            await self.uploader.line.check()
 
     # --- the peer -------------------------------------------------------------------------------
 

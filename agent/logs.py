@@ -14,13 +14,11 @@ from agent.config import Config, load_or_exit, shown
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
 
 
-class _DropClientHangups(logging.Filter):
+def _not_a_client_hangup(record: logging.LogRecord) -> bool:
     """aioftp reports a client's hang-up (reset, cancelled dispatcher) as an exception; that is a normal
     end of session, not an error worth an admin's attention."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        exc = record.exc_info[1] if record.exc_info else None
-        return not isinstance(exc, (ConnectionResetError, BrokenPipeError, asyncio.CancelledError))
+    exc = record.exc_info[1] if record.exc_info else None
+    return not isinstance(exc, (ConnectionResetError, BrokenPipeError, asyncio.CancelledError))
 
 
 def _escape_values(_logger: Any, _name: str, event: dict[str, Any]) -> dict[str, Any]:
@@ -57,7 +55,7 @@ def configure(level: str = "info", fmt: str = "json") -> None:
     handler.setFormatter(_EscapingFormatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
     logging.basicConfig(level=max(_LEVELS[level], logging.WARNING), handlers=[handler])
     for name in ("asyncio", "aioftp.server"):
-        logging.getLogger(name).addFilter(_DropClientHangups())
+        logging.getLogger(name).addFilter(_not_a_client_hangup)
 
 
 def load_config(path: str, console_on_tty: bool = False) -> Config:

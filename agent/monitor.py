@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-
 import psutil
 import structlog
 
@@ -36,11 +34,6 @@ class PressureMonitor:
         used = max(totals.cached_bytes, disk.used if self.cfg.cache.max_bytes >= disk.total else 0)
         return Readings(disk_used=used / budget if budget else 1.0, mem_available=psutil.virtual_memory().available,
                         rss=self._process.memory_info().rss)
-
-    async def run(self) -> None:
-        while True:
-            await self.sample()
-            await asyncio.sleep(self.cfg.pressure.interval_seconds)
 
     async def sample(self) -> Pressure:
         new = assess(await self.readings(), self.watermarks)

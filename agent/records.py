@@ -39,10 +39,6 @@ class Entry:
         return self.path.rpartition("/")[2]
 
     @property
-    def cached(self) -> bool:
-        return self.blob is not None
-
-    @property
     def object_key(self) -> str:
         """Where the file's bytes are in S3 now: a renamed file's old key until its copy has run."""
         return self.copy_from or self.path

@@ -49,6 +49,14 @@ class Loops:
         self.tasks = [t for t in self.tasks if not t.done()] + [task]  # one-shot runs (a takeover's unlist) end
         return task
 
+    def every(self, name: str, seconds: float, call: Callable[[], Awaitable[object]]) -> asyncio.Task[None]:
+        """start() a loop named name that awaits call() every `seconds`, the first time after one wait."""
+        async def loop() -> None:
+            while True:
+                await asyncio.sleep(seconds)
+                await call()
+        return self.start(name, loop)
+
     async def _keep(self, name: str, loop: Callable[[], Awaitable[None]]) -> None:
         state = self.state.setdefault(name, LoopState())
         while True:

@@ -31,7 +31,7 @@ def test_write_creates_parents_and_queues(cat):
     write(cat, "CT/2026-11-23/s/1.dcm", 100)
     assert cat.get("CT").is_dir and cat.get("CT/2026-11-23/s").is_dir
     e = cat.get("CT/2026-11-23/s/1.dcm")
-    assert (e.state, e.size, e.cached) == ("dirty", 100, True)
+    assert (e.state, e.size, e.blob is not None) == ("dirty", 100, True)
     t = cat.totals()
     assert (t.files, t.queue_files, t.queue_bytes, t.cached_bytes) == (1, 1, 100, 100)
     assert [r.path for r in cat.due_uploads(time.time(), 10)] == ["CT/2026-11-23/s/1.dcm"]
@@ -160,7 +160,7 @@ def test_merge_listing_keeps_local_state(cat):
                       ["2025"])
     assert cat.get("CT/local.dcm").state == "dirty" and cat.get("CT/local.dcm").size == 10
     r = cat.get("CT/remote.dcm")
-    assert (r.state, r.cached, r.size) == ("clean", False, 5)
+    assert (r.state, r.blob is not None, r.size) == ("clean", False, 5)
     assert cat.get("CT/2025").is_dir and cat.get("CT").listed
 
 
@@ -233,7 +233,7 @@ def test_totals_match_a_full_count(cat):
     assert t.files == len(files)
     assert t.queue_files == sum(f.state != "clean" for f in files)
     assert t.queue_bytes == sum(f.size for f in files if f.state != "clean")
-    assert t.cached_bytes == sum(f.size for f in files if f.cached)
+    assert t.cached_bytes == sum(f.size for f in files if f.blob is not None)
 
 
 def test_hot_queries_never_scan_the_whole_catalog(cat):

@@ -9,12 +9,13 @@ import datetime
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import structlog
 
 from agent.config import Config
 from agent.dicom.snapshot import BucketFiles, Row, bare_etag, decode_rows, delta_prefix, encode_rows
+from agent.store.catalog import AsyncCatalog
 from agent.uplink.s3 import S3Uplink, error_code
 
 log = structlog.get_logger("pacsgw.dicom")
@@ -23,28 +24,17 @@ DELTA_ROWS = 5000     # rows per delta object (~200 KB gzip'd)
 READ_AHEAD = 32       # delta objects fetched at once by a rebuild
 
 
-class IndexQueue(Protocol):
-    """The catalog's queue of study-index rows not yet shipped (agent.store.catalog through AsyncCatalog)."""
-
-    async def unshipped_index_rows(self, limit: int) -> list[tuple[object, ...]]: ...
-    async def index_rows_shipped(self, shipped: list[tuple[str, str]]) -> None: ...
-
-
 class DeltaShipper:
     """Ships queued study-index rows to the bucket (only on the active box of an HA pair: the standby has none)."""
 
-    def __init__(self, cfg: Config, db: IndexQueue, s3: S3Uplink, active: Callable[[], bool]) -> None:
+    def __init__(self, cfg: Config, db: AsyncCatalog, s3: S3Uplink, active: Callable[[], bool]) -> None:
         self.cfg, self.db, self.s3, self.active = cfg, db, s3, active
 
-    async def run(self) -> None:
-        while True:
-            await asyncio.sleep(self.cfg.dicom.delta_interval)
-            if self.active():
-                await self.once()
-
     async def once(self) -> int:
-        """Ship every queued row now; → how many. A failure is logged and the rows stay queued."""
+        """Ship every queued row now (the active box only); → how many. A failure is logged and the rows stay queued."""
         shipped = 0
+        if not self.active():
+            return shipped
         while rows := await self.db.unshipped_index_rows(DELTA_ROWS):
             stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
             key = f"{delta_prefix(self.cfg)}{stamp}-{os.urandom(4).hex()}.json.gz"

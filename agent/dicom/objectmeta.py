@@ -36,8 +36,8 @@ def pseudonym(key: bytes, patient: str) -> str:
     return hmac.new(key, patient.encode("utf-8", "surrogateescape"), hashlib.sha256).hexdigest()[:32]
 
 
-def _valid(value: object, pattern: re.Pattern[str], max_len: int = 64) -> str | None:
-    return value if isinstance(value, str) and len(value) <= max_len and pattern.fullmatch(value) else None
+def _valid(value: object, pattern: re.Pattern[str]) -> str | None:
+    return value if isinstance(value, str) and len(value) <= 64 and pattern.fullmatch(value) else None
 
 
 def checked(h: Header) -> Header:

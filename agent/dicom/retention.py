@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import datetime
-import os
 import time
 from dataclasses import dataclass
 from typing import Any, Mapping
@@ -151,7 +150,8 @@ class RetentionGuard:
         self.retention.worm.check_mutable(e, now)
         if e.is_dir or not self.retention.rules or not self.retention.cfg.worm:
             return
-        header = await asyncio.to_thread(self._cached_header, e) if e.blob is not None else None
+        header = None if e.blob is None else await asyncio.to_thread(  # the cached copy's (None: evicted meanwhile)
+            self.cache.read_blob, e.blob, lambda fd: read_fd(fd, e.size))
         if header is not None or e.state != "clean":  # not in S3 yet: its header decides its upload's lock
             refuse_if_retained(e.path, self.retention.lock_for(e.path, e.mtime, header), now)
             return
@@ -164,17 +164,6 @@ class RetentionGuard:
             refuse_if_retained(e.path, self.retention.lock_for(
                 e.path, e.mtime, header_from_meta(head.get("Metadata") or {})), now)
             refuse_if_retained(e.path, _object_lock(self.retention.cfg.mode, head), now)
-
-    def _cached_header(self, e: Entry) -> Header | None:
-        """The header of e's cached copy; None when it went meanwhile (evicted). Blocking."""
-        try:
-            fd = self.cache.open_blob(e.blob or "")
-        except OSError:
-            return None
-        try:
-            return read_fd(fd, e.size)
-        finally:
-            os.close(fd)
 
 
 def _object_lock(mode: str, head: dict[str, Any]) -> Lock | None:

@@ -166,11 +166,6 @@ class SnapshotSchedule:
     def __init__(self, cfg: Config, active: Callable[[], bool]) -> None:
         self.cfg, self.active = cfg, active  # active(): False while this box is an HA standby
 
-    async def run(self) -> None:
-        while True:
-            await asyncio.sleep(self.cfg.dicom.snapshot_interval)
-            await self.once()
-
     async def once(self) -> dict[str, Any] | None:
         """Write one snapshot now (unless this box is a standby); → its manifest, None when none was written."""
         if not self.active():

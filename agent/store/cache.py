@@ -25,7 +25,7 @@ from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator, TypeVar
 
 import structlog
 import xxhash
@@ -33,6 +33,7 @@ import xxhash
 from agent.store.errors import NoSpace
 
 log = structlog.get_logger("pacsgw.cache")
+T = TypeVar("T")
 
 CHUNK = 1024 * 1024
 STAMP = "user.pacsgw.verified"  # xattr: "<xxh3-128 hex> <size> <mtime_ns> <inode>"
@@ -80,9 +81,7 @@ class DiskUsage:
 class Cache:
     def __init__(self, root: Path, *, clear_staging: bool = True) -> None:
         self.root = root
-        self.staging = root / "staging"
-        self.data = root / "data"
-        self.spare = root / "spare"
+        self.staging, self.data, self.spare = root / "staging", root / "data", root / "spare"
         self._data_dir, self._staging_dir, self._spare_dir = str(self.data), str(self.staging), str(self.spare)
         self._durable_dirs: set[str] = set()  # data/<xx> whose own entry in data/ this process fsynced
         self.data.mkdir(parents=True, exist_ok=True)
@@ -181,6 +180,17 @@ class Cache:
     def open_blob(self, blob: str) -> int:
         return os.open(self.blob_file(blob), os.O_RDONLY)
 
+    def read_blob(self, blob: str, read: Callable[[int], T]) -> T | None:
+        """read(fd) of blob's cached copy; None when there is none (evicted meanwhile). Blocking."""
+        try:
+            fd = self.open_blob(blob)
+        except OSError:
+            return None
+        try:
+            return read(fd)
+        finally:
+            os.close(fd)
+
     def open_verified(self, blob: str, sha256: str | None) -> tuple[int | None, str | None]:
         """Open a cached copy only if its bytes hash to sha256 (and stamp it). Blocking: run in a thread.
 
@@ -229,10 +239,8 @@ class Cache:
                 return Opened(fd, None), None
             problem = "checksum mismatch"
         os.close(fd)
-        if nowait and problem is None:
-            return None, WOULD_BLOCK  # no valid stamp: the full SHA-256 check belongs in a thread
-        if problem is not None:
-            return None, problem
+        if problem is not None or nowait:  # nowait without a valid stamp: the full SHA-256 check belongs in a thread
+            return None, problem or WOULD_BLOCK
         fd2, problem = self.open_verified(blob, sha256)  # no stamp, or a stale one: the full check
         return (Opened(fd2, None) if fd2 is not None else None), problem
 
@@ -254,15 +262,14 @@ def _new_file(directory: str) -> tuple[str, int]:
         raise _translate(e, blob) from e
 
 
-def sha256_fd(fd: int, also: "xxhash.xxh3_128 | None" = None) -> str:
+def sha256_fd(fd: int, also: "xxhash.xxh3_128") -> str:
     """SHA-256 of a whole file by pread (the fd's offset is untouched), feeding `also` the same bytes.
     Blocking: run in a thread."""
     h = hashlib.sha256()
     offset = 0
     while chunk := os.pread(fd, CHUNK, offset):
         h.update(chunk)
-        if also is not None:
-            also.update(chunk)
+        also.update(chunk)
         offset += len(chunk)
     return h.hexdigest()
 

@@ -37,9 +37,6 @@ def _open(lock_file: Path) -> int:
     return os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o600)
 
 
-def _refused(e: OSError) -> bool:
-    """A lock another open file description holds (F_OFD_SETLK's answer), not a failure."""
-    return e.errno in (errno.EAGAIN, errno.EACCES)
 
 
 class _Marks:
@@ -53,6 +50,17 @@ class _Marks:
         """One fcntl on key's byte → the lock type the kernel answers (F_GETLK: the conflicting one)."""
         reply = fcntl.fcntl(self._fd if fd is None else fd, cmd, _FLOCK.pack(kind, os.SEEK_SET, _byte(key), 1, 0))
         return int(_FLOCK.unpack(reply)[0])
+
+    def _try(self, kind: int, key: str, fd: int | None = None) -> bool:
+        """Set a lock on key's byte → False when another open file description holds one in the way (F_OFD_SETLK's
+        refusal, not a failure)."""
+        try:
+            self._lock(fcntl.F_OFD_SETLK, kind, key, fd)
+        except OSError as e:
+            if e.errno not in (errno.EAGAIN, errno.EACCES):
+                raise
+            return False
+        return True
 
     def _take(self, key: str) -> None:
         """Mark key: a read lock on its byte, the first time (OSError when another description holds the write lock)."""
@@ -86,14 +94,8 @@ class WriteMarks(_Marks):
         whether marked. Tested then marked, two processes could both find the path free and both create it: the
         kernel gives the byte's write lock to one of them, which turns it into its mark (one fcntl, never unlocked
         between); the other is refused."""
-        if path in self._mine or self._held(path + "/"):
-            return False
-        try:
-            self._lock(fcntl.F_OFD_SETLK, fcntl.F_WRLCK, path)
-        except OSError as e:
-            if not _refused(e):
-                raise
-            return False  # another process marks it
+        if path in self._mine or self._held(path + "/") or not self._try(fcntl.F_WRLCK, path):
+            return False  # marked here, below, or by another process
         self._lock(fcntl.F_OFD_SETLK, fcntl.F_RDLCK, path)  # the write lock becomes the read lock of a mark
         self.add(path)
         return True
@@ -127,12 +129,9 @@ class ReadPins(_Marks):
 
     def pin(self, path: str) -> bool:
         """Pin path's copy → False while an eviction of it is under way (it is about to be gone)."""
-        try:
-            self._take(path)
-        except OSError as e:
-            if not _refused(e):
-                raise
+        if not self._mine[path] and not self._try(fcntl.F_RDLCK, path):
             return False
+        self._mine[path] += 1
         return True
 
     def unpin(self, path: str) -> None:
@@ -141,11 +140,7 @@ class ReadPins(_Marks):
     @contextlib.contextmanager
     def evicting(self, path: str) -> Iterator[bool]:
         """→ whether path's copy may be dropped: no reader of any process holds it; no new pin until the end."""
-        try:
-            self._lock(fcntl.F_OFD_SETLK, fcntl.F_WRLCK, path, self._evicting_fd)
-        except OSError as e:
-            if not _refused(e):
-                raise
+        if not self._try(fcntl.F_WRLCK, path, self._evicting_fd):
             yield False
             return
         try:

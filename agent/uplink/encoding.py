@@ -108,11 +108,6 @@ class Decoder:
             raise Undecodable(f"decodes to more than the {self._limit} bytes its metadata says")
         return bytes(out)
 
-    def feed(self, data: bytes) -> bytes:
-        """push(data) and every byte it decodes to (at most limit bytes in all, if one was given)."""
-        self.push(data)
-        return b"".join(iter(self.pull, None))
-
     def finish(self) -> None:
         if not self._ended():
             raise Undecodable("the zstd frame ends early (truncated object)")

@@ -8,9 +8,9 @@ from dataclasses import dataclass
 
 
 class TokenBucket:
-    def __init__(self, rate: int, burst: int | None = None) -> None:
+    def __init__(self, rate: int) -> None:
         self.rate = rate
-        self.capacity = burst or max(rate, 1)  # one second's worth by default
+        self.capacity = max(rate, 1)  # one second's worth
         self._tokens = float(self.capacity)
         self._stamp = time.monotonic()
         self._lock = asyncio.Lock()

@@ -282,7 +282,6 @@ class S3Uplink:
         self.cfg = cfg
         # the line's (agent.uplink.line): bwlimit each way
         self.bandwidth = bandwidth or Bandwidth(TokenBucket(cfg.bwlimit), TokenBucket(cfg.bwlimit))
-        self.up_bucket, self.down_bucket = self.bandwidth.up, self.bandwidth.down
         self._stack = contextlib.AsyncExitStack()
         self._client: Any = None  # aiobotocore's S3 client: generated at run time, untyped
         self._http: aiohttp.ClientSession | None = None  # our own requests (see _request)
@@ -388,7 +387,7 @@ class S3Uplink:
 
     async def _put(self, key: str, body: bytes, sha256: str, headers: dict[str, str]) -> PutResult:
         """One PutObject of body (whose SHA-256 is sha256) with these headers, at the line's upload rate."""
-        await self.up_bucket.acquire(len(body))
+        await self.bandwidth.up.acquire(len(body))
         async with self._request("PUT", key, "PutObject", {"x-amz-checksum-sha256": b64(sha256), **headers},
                                  body, sha256) as resp:
             returned = resp.headers.get("x-amz-checksum-sha256")
@@ -442,7 +441,7 @@ class S3Uplink:
             parts = []
             async for number, body in _parts(fd, size, chunk, whole, compress):
                 part_sha = base64.b64encode(hashlib.sha256(body).digest()).decode()
-                await self.up_bucket.acquire(len(body))
+                await self.bandwidth.up.acquire(len(body))
                 resp = await self._client.upload_part(
                     Bucket=self.cfg.bucket, Key=key, UploadId=upload_id, PartNumber=number, Body=body,
                     ChecksumSHA256=part_sha)
@@ -527,7 +526,7 @@ class S3Uplink:
     async def _blocks(self, resp: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
         """The answer's body in GET_CHUNK blocks, at the line's download rate."""
         while data := await _read_block(resp, GET_CHUNK):
-            await self.down_bucket.acquire(len(data))
+            await self.bandwidth.down.acquire(len(data))
             yield data
 
     async def decoded_sha256(self, path: str) -> tuple[int, str]:

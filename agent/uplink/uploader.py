@@ -25,7 +25,7 @@ import hashlib
 import os
 import time
 import weakref
-from typing import Any, Awaitable, Callable, Protocol
+from typing import Any, Awaitable, Callable, Protocol, TypeVar
 
 import structlog
 
@@ -56,6 +56,7 @@ CONFLICT_EXTRA = len(CONFLICTS) + 2 + 16  # what conflict_key adds to a path: th
 # How long after the agent gave up on a write (no answer within read_timeout, or killed) the store may still carry it
 # out: the key is checked that long. A store that holds a request longer can still leave an old object behind.
 DOUBT_SECONDS = 3600.0
+T = TypeVar("T")
 
 
 def conflict_key(path: str, sha256: str | None, prefix: str) -> str:
@@ -102,6 +103,7 @@ class Blobs(Protocol):
     """The cached content files (agent.store.cache.Cache)."""
 
     def open_blob(self, blob: str) -> int: ...
+    def read_blob(self, blob: str, read: Callable[[int], T]) -> T | None: ...
     def remove(self, blob: str) -> None: ...
 
 
@@ -128,8 +130,7 @@ class Uploader:
     # --- lifecycle ----------------------------------------------------------------------------
 
     async def start(self) -> None:
-        resumed = await self.db.reset_uploading()
-        if resumed:
+        if resumed := await self.db.reset_uploading():
             log.info("uploads_resumed", files=resumed)
         self.loops.start("upload-dispatch", self._dispatch)
         self.loops.start("tombstones", self._tombstones)
@@ -201,8 +202,7 @@ class Uploader:
             # which a restart uploads again (a doubt, reset_uploading), the same bytes under the same key.
             confirmed.set_result(None)
         try:
-            clean = await self.db.mark_clean(e.path, e.gen, result.etag, result.version_id, e.sha256,
-                                             result.index_row)
+            clean = await self.db.mark_clean(e.path, e.gen, result.etag, result.version_id, e.sha256, result.index_row)
         except Exception as exc:  # e.g. the catalog's disk is full: retry the row later
             log.error("catalog_update_failed", path=e.path, error=error_code(exc), detail=str(exc)[:300])
             with contextlib.suppress(Exception):
@@ -309,8 +309,7 @@ class Uploader:
         # queue predates its failure). Keep this copy beside the namespace and take the other box's object.
         side = conflict_key(e.path, e.sha256, self.s3.cfg.prefix)
         result = await keep_aside(side)
-        blob = await self.db.adopt_remote(e.path, e.gen, size, head.get("ETag") if head else None)
-        if blob:
+        if blob := await self.db.adopt_remote(e.path, e.gen, size, head.get("ETag") if head else None):
             self.blobs.remove(blob)
         log.error("ha_conflict", path=e.path, kept_as=side, remote_etag=head.get("ETag") if head else None,
                   rename_from=e.copy_from,
@@ -322,14 +321,9 @@ class Uploader:
         retention rules need the header); None when it is not cached."""
         if self.describe is None or e.blob is None:
             return None
-        try:
-            fd = await asyncio.to_thread(self.blobs.open_blob, e.blob)
-        except OSError:
-            return None
-        try:
-            return (await asyncio.to_thread(self.describe, e.path, fd, e.size)).header
-        finally:
-            os.close(fd)
+        describe = self.describe
+        meta = await asyncio.to_thread(self.blobs.read_blob, e.blob, lambda fd: describe(e.path, fd, e.size))
+        return meta.header if meta else None
 
     async def _copy_or_upload(self, e: Entry) -> PutResult:
         """A rename: server-side copy from the old key (conditional like a PUT in an HA pair)."""
