@@ -37,8 +37,6 @@ def _open(lock_file: Path) -> int:
     return os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o600)
 
 
-
-
 class _Marks:
     """This process's marks, counted (two sessions may mark one key), over one open file description."""
 
@@ -62,11 +60,13 @@ class _Marks:
             return False
         return True
 
-    def _take(self, key: str) -> None:
-        """Mark key: a read lock on its byte, the first time (OSError when another description holds the write lock)."""
-        if not self._mine[key]:
-            self._lock(fcntl.F_OFD_SETLK, fcntl.F_RDLCK, key)
+    def _take(self, key: str) -> bool:
+        """Mark key: a read lock on its byte, the first time → False (not marked) while another description holds
+        the byte's write lock."""
+        if not self._mine[key] and not self._try(fcntl.F_RDLCK, key):
+            return False
         self._mine[key] += 1
+        return True
 
     def _drop(self, key: str) -> None:
         self._mine[key] -= 1
@@ -87,7 +87,8 @@ class WriteMarks(_Marks):
 
     def add(self, path: str) -> None:
         for key in self._keys(path):
-            self._take(key)  # read locks never conflict: never refused
+            if not self._take(key):  # a read lock is refused only for the instant of another process's claim()
+                raise BlockingIOError(errno.EAGAIN, "another serving process is claiming this name", key)
 
     def claim(self, path: str) -> bool:
         """add(path) for an exclusive create, unless an upload of any process writes path or a file below it →
@@ -129,10 +130,7 @@ class ReadPins(_Marks):
 
     def pin(self, path: str) -> bool:
         """Pin path's copy → False while an eviction of it is under way (it is about to be gone)."""
-        if not self._mine[path] and not self._try(fcntl.F_RDLCK, path):
-            return False
-        self._mine[path] += 1
-        return True
+        return self._take(path)
 
     def unpin(self, path: str) -> None:
         self._drop(path)
