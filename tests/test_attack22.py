@@ -14,11 +14,11 @@ import time
 
 import pytest
 from test_ftp import ftp
-from test_ftp_hostile import wait_for
 from test_transport_security import make_ca_and_cert
 
 from agent.serve.ftp import MAX_COMMAND_LINE
 from agent.serve.http import IDLE_SECONDS, MAX_REQUESTS_PER_CONNECTION
+from faultkit import wait_for
 from harness import PASSWORD
 
 
@@ -50,7 +50,7 @@ def test_data_connections_of_replaced_passive_listeners_are_closed_at_once(agent
     assert f.sendcmd("NOOP").startswith("200")
     assert _fds(agent.proc.pid) <= before + 2  # the last PASV's data connection (and a spare)
     f.quit()
-    wait_for(lambda: _fds(agent.proc.pid) <= before or int(""))  # the last data connection went with the session
+    wait_for(lambda: _fds(agent.proc.pid) <= before, 30, what="the last data connection to go with the session")
     for s in held:
         s.close()
 

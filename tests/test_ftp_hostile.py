@@ -23,6 +23,7 @@ from test_transport_security import make_ca_and_cert
 from agent.config import ConfigError, load
 from agent.store.paths import creatable_problem, name_problem
 from faultkit import catalog_rows, reset_close
+from faultkit import wait_for as poll
 from harness import BUCKET, PASSWORD, s3_objects, sha256
 
 
@@ -599,8 +600,8 @@ def test_retr_cut_while_the_file_is_opened_leaks_no_descriptor(agent_factory):
 
     def open_on_the_copy() -> int:
         """Descriptors of the agent on the cached copy once the cut sessions have ended and their threads too."""
-        wait_for(lambda: [c for c in proc.net_connections("tcp") if c.laddr.port == agent.ftp_port
-                          and c.status == psutil.CONN_ESTABLISHED] == [] or int(""))
+        poll(lambda: not [c for c in proc.net_connections("tcp") if c.laddr.port == agent.ftp_port
+                          and c.status == psutil.CONN_ESTABLISHED], 60, what="the cut sessions to end")
         time.sleep(1)
         return sum(1 for link in os.listdir(f"/proc/{proc.pid}/fd")
                    if os.path.realpath(f"/proc/{proc.pid}/fd/{link}") == str(copy.resolve()))
