@@ -1,0 +1,105 @@
+"""Attacks on a running agent (round 23): SFTP, SMB over the FUSE view, and what every front end logs of a refused
+request. Real clients (asyncssh, ftplib, smbprotocol against the real Samba). Each test reproduces one attack that
+worked and checks it no longer does."""
+
+from __future__ import annotations
+
+import asyncio
+import ftplib
+import json
+
+import asyncssh
+import pytest
+from smbprotocol.open import (
+    CreateDisposition,
+    CreateOptions,
+    FileAttributes,
+    FilePipePrinterAccessMask,
+    ImpersonationLevel,
+    Open,
+    ShareAccess,
+)
+from smbutil import Smb
+from test_frontend_hostile import _audit
+from test_ftp import ftp
+from test_smb_hostile import logged_in_tree, wait_for
+
+from agent.serve.contract import SHOWN_PATH_BYTES
+from harness import PASSWORD
+
+
+def _shared_write(tree, name: str) -> Open:
+    """Open `name` to write, creating it, sharing it with other writers (two PACS threads on one name)."""
+    f = Open(tree, name)
+    f.create(ImpersonationLevel.Impersonation, FilePipePrinterAccessMask.GENERIC_READ
+             | FilePipePrinterAccessMask.GENERIC_WRITE, FileAttributes.FILE_ATTRIBUTE_NORMAL,
+             ShareAccess.FILE_SHARE_READ | ShareAccess.FILE_SHARE_WRITE, CreateDisposition.FILE_OPEN_IF,
+             CreateOptions.FILE_NON_DIRECTORY_FILE)
+    return f
+
+
+def test_a_writer_cut_short_does_not_hide_another_clients_upload_of_the_name(smb_agent):
+    """Two clients write one new name; the first one's connection is cut. Its close (smbd's, for a client gone)
+    discarded its upload and dropped the name's 'being written' entry whoever held it: the second client's
+    upload, still open, vanished from every listing and stat until its close. Only the cut writer's own entry
+    goes now, as on every other way a writer ends."""
+    agent = smb_agent().start(timeout=180)
+    smb = Smb(agent)
+    cut_conn, cut_tree = logged_in_tree(agent, smb)
+    first = _shared_write(cut_tree, "two.dcm")
+    first.write(b"a" * 4096, 0)
+    conn, tree = logged_in_tree(agent, smb)  # another client: another smbd process
+    second = _shared_write(tree, "two.dcm")
+    second.write(b"b" * 10, 0)  # the newest writer: what the name shows
+    cut_conn.transport.close()  # no CLOSE: smbd closes `first` for its client, which is gone
+    wait_for(lambda: agent.events("upload_aborted"), 20)
+    assert smb.listdir("") == ["two.dcm"] and smb.stat("two.dcm").st_size == 10
+    second.close()
+    assert smb.read("two.dcm") == b"b" * 10
+    conn.disconnect()
+    smb.close()
+
+
+def _grown(agent, act) -> tuple[int, int]:
+    """The journal and audit-trail bytes `act()` adds."""
+    audit = agent.workdir / "cache" / "audit" / "audit.jsonl"
+    log, trail = agent.log_path.stat().st_size, audit.stat().st_size
+    act()
+    return agent.log_path.stat().st_size - log, audit.stat().st_size - trail
+
+
+def test_a_refused_path_is_logged_and_audited_cut_short_by_every_front_end(agent_factory):
+    """A refused request's path was logged and audited whole, JSON-escaped: a control character is 6 bytes there
+    (\\u0001), so a logged-in client wrote up to 6x each request's bytes twice, into the journal and the audit trail
+    (SFTP: a 250 KB path wrote 1.5 MB of each per request). The path is now cut to SHOWN_PATH_BYTES escaped, and
+    the event and the record say it was cut and how long it was."""
+    agent = agent_factory().start()
+    hostile = "\x01" * 7000
+
+    def sftp_stat(path: str) -> None:
+        async def run() -> None:
+            async with asyncssh.connect("127.0.0.1", agent.sftp_port, username="pacs", password=PASSWORD,
+                                        known_hosts=None) as conn, conn.start_sftp_client() as s:
+                with pytest.raises(asyncssh.SFTPFailure, match="control characters"):
+                    await s.stat(path)
+        asyncio.run(run())
+
+    f = ftp(agent)
+
+    def ftp_size(path: str) -> None:
+        with pytest.raises(ftplib.error_perm, match="553"):
+            f.sendcmd("SIZE " + path)
+
+    sftp_stat("\x01")  # asyncssh warmed up: only the request below is counted
+    for protocol, refuse, path in (("sftp", sftp_stat, hostile * 30), ("ftp", ftp_size, hostile)):
+        log, trail = _grown(agent, lambda: refuse(path))
+        assert log < SHOWN_PATH_BYTES + 3000 and trail < SHOWN_PATH_BYTES + 500, (protocol, log, trail)
+        record = _audit(agent)[-1]
+        assert record["op"] == "refused" and record["path"] == "\x01" * (SHOWN_PATH_BYTES // 6)
+        assert record["result"].endswith(f"(path cut from {len(path)} characters)")
+        event = agent.events(f"{protocol}_error")[-1]
+        assert event["path"] == record["path"] and event["path_chars"] == len(path)
+    with pytest.raises(ftplib.error_perm, match="553"):  # a short path is logged whole, as before
+        f.sendcmd("SIZE a\x01b")
+    assert _audit(agent)[-1]["path"] == "a\x01b" and "cut" not in _audit(agent)[-1]["result"]
+    assert "path_chars" not in agent.events("ftp_error")[-1]
