@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import asyncio
 import ftplib
-import json
+import uuid
 
 import asyncssh
 import pytest
+from smbprotocol.connection import Connection
 from smbprotocol.open import (
     CreateDisposition,
     CreateOptions,
@@ -19,7 +20,9 @@ from smbprotocol.open import (
     Open,
     ShareAccess,
 )
-from smbutil import Smb
+from smbprotocol.session import Session
+from smbprotocol.tree import TreeConnect
+from smbutil import Smb, create_for_write
 from test_frontend_hostile import _audit
 from test_ftp import ftp
 from test_smb_hostile import logged_in_tree, wait_for
@@ -57,6 +60,33 @@ def test_a_writer_cut_short_does_not_hide_another_clients_upload_of_the_name(smb
     second.close()
     assert smb.read("two.dcm") == b"b" * 10
     conn.disconnect()
+    smb.close()
+
+
+def test_a_connection_naming_a_clients_guid_does_not_make_its_cut_upload_complete(smb_agent):
+    """A close from an smbd whose client is gone discards the upload (tests/test_smb_hostile.py), judged by whether
+    that smbd process still has a connection. Samba handed a new connection naming a ClientGUID already connected
+    (multi-channel) to that client's process, before any login: anyone who read a PACS's GUID off the wire kept
+    its process 'connected' with one NEGOTIATE, and the PACS's upload cut short was stored as a whole file (1 MiB
+    of an unfinished upload, stored and uploaded). Multi-channel is off now: each connection is a process of its
+    own, and the cut upload is discarded."""
+    agent = smb_agent().start(timeout=180)
+    smb = Smb(agent)
+    guid = uuid.uuid4()
+    pacs = Connection(guid, "127.0.0.1", smb.port, require_signing=True)
+    pacs.connect(timeout=15)
+    session = Session(pacs, "pacs", PASSWORD)
+    session.connect()
+    tree = TreeConnect(session, smb.root)
+    tree.connect()
+    create_for_write(tree, "half.dcm").write(b"x" * 2**20, 0)
+    stranger = Connection(guid, "127.0.0.1", smb.port, require_signing=True)  # the PACS's GUID, no login
+    stranger.connect(timeout=15)
+    pacs.transport.close()  # no CLOSE: the PACS's connection is gone mid-upload
+    wait_for(lambda: agent.events("upload_aborted") or agent.events("stored"), 20)
+    assert agent.events("stored") == [] and smb.listdir("") == []
+    assert "the client's connection ended" in agent.events("upload_aborted")[0]["reason"]
+    stranger.disconnect()
     smb.close()
 
 
