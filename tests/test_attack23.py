@@ -90,11 +90,11 @@ def test_a_connection_naming_a_clients_guid_does_not_make_its_cut_upload_complet
     smb.close()
 
 
-def _grown(agent, act) -> tuple[int, int]:
-    """The journal and audit-trail bytes `act()` adds."""
+def _grown(agent, act, *args) -> tuple[int, int]:
+    """The journal and audit-trail bytes `act(*args)` adds."""
     audit = agent.workdir / "cache" / "audit" / "audit.jsonl"
     log, trail = agent.log_path.stat().st_size, audit.stat().st_size
-    act()
+    act(*args)
     return agent.log_path.stat().st_size - log, audit.stat().st_size - trail
 
 
@@ -122,7 +122,7 @@ def test_a_refused_path_is_logged_and_audited_cut_short_by_every_front_end(agent
 
     sftp_stat("\x01")  # asyncssh warmed up: only the request below is counted
     for protocol, refuse, path in (("sftp", sftp_stat, hostile * 30), ("ftp", ftp_size, hostile)):
-        log, trail = _grown(agent, lambda: refuse(path))
+        log, trail = _grown(agent, refuse, path)
         assert log < SHOWN_PATH_BYTES + 3000 and trail < SHOWN_PATH_BYTES + 500, (protocol, log, trail)
         record = _audit(agent)[-1]
         assert record["op"] == "refused" and record["path"] == "\x01" * (SHOWN_PATH_BYTES // 6)
