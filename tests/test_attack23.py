@@ -28,6 +28,7 @@ from test_ftp import ftp
 from test_smb_hostile import logged_in_tree, wait_for
 
 from agent.serve.contract import SHOWN_PATH_BYTES
+from agent.serve.sftp import MAX_OPEN_FILES
 from harness import PASSWORD
 
 
@@ -133,3 +134,24 @@ def test_a_refused_path_is_logged_and_audited_cut_short_by_every_front_end(agent
         f.sendcmd("SIZE a\x01b")
     assert _audit(agent)[-1]["path"] == "a\x01b" and "cut" not in _audit(agent)[-1]["result"]
     assert "path_chars" not in agent.events("ftp_error")[-1]
+
+
+def test_a_handle_refused_at_a_cap_logs_its_path_cut_short(agent_factory):
+    """OPENDIR is refused at the session's handle cap before its path is read, and the refusal logged the path as the
+    client sent it: a client holding its 64 handles made each further OPENDIR of 210 000 control characters a
+    1.26 MB journal line. The path is cut as every other refused path is."""
+    agent = agent_factory().start()
+
+    async def run() -> None:
+        async with asyncssh.connect("127.0.0.1", agent.sftp_port, username="pacs", password=PASSWORD,
+                                    known_hosts=None) as conn, conn.start_sftp_client() as s:
+            for _ in range(MAX_OPEN_FILES):
+                await s._handler.opendir(b"/")
+            before = agent.log_path.stat().st_size
+            with pytest.raises(asyncssh.SFTPFailure, match="too many open files in this session"):
+                await s._handler.opendir(b"\x01" * 210_000)
+            assert agent.log_path.stat().st_size - before < SHOWN_PATH_BYTES + 1000
+
+    asyncio.run(run())
+    event = agent.events("sftp_refused")[-1]
+    assert event["path"] == "\x01" * (SHOWN_PATH_BYTES // 6) and event["path_bytes"] == 210_000
