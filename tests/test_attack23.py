@@ -155,3 +155,27 @@ def test_a_handle_refused_at_a_cap_logs_its_path_cut_short(agent_factory):
     asyncio.run(run())
     event = agent.events("sftp_refused")[-1]
     assert event["path"] == "\x01" * (SHOWN_PATH_BYTES // 6) and event["path_bytes"] == 210_000
+
+
+
+def test_a_refused_size_stores_no_copy_of_the_file(agent_factory):
+    """An SFTP client opens a stored file "r+" (a writer on a copy of it) and sets a size past its user's share for
+    unfinished uploads: refused, but the handle counted as changed from then on, and its CLOSE committed the copy, a
+    new version with the same bytes, uploaded again whole, for three requests and with the write right alone. A
+    refused size changes nothing now: the close stores nothing, as for a handle never written."""
+    agent = agent_factory().start()
+
+    async def run() -> None:
+        async with asyncssh.connect("127.0.0.1", agent.sftp_port, username="pacs", password=PASSWORD,
+                                    known_hosts=None) as conn, conn.start_sftp_client() as s:
+            async with s.open("big.dcm", "wb") as f:
+                await f.write(b"d" * 2**20)
+            async with s.open("big.dcm", "r+b") as f:
+                with pytest.raises(asyncssh.SFTPFailure, match="unfinished uploads"):
+                    await f.truncate(2**50)
+            async with s.open("after.dcm", "wb") as f:
+                await f.write(b"later")
+
+    asyncio.run(run())
+    agent.wait_drained(30)
+    assert [e["path"] for e in agent.events("stored")] == ["big.dcm", "after.dcm"]

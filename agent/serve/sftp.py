@@ -574,8 +574,8 @@ class GatewaySFTP(asyncssh.SFTPServer):
         """ftruncate: a size cuts (or extends) the file being written; otherwise see setstat."""
         if attrs.size is not None:
             writer = _opened(file_obj, WriteHandle, "writing")
-            self.unchanged.discard(writer)
             await self._call(writer.truncate(attrs.size))
+            self.unchanged.discard(writer)  # once done: a refused size changes nothing, the close stores no copy
 
     def scandir(self, path: bytes) -> AsyncIterator[asyncssh.SFTPName]:
         self._take_handle(path)
