@@ -10,16 +10,8 @@ import uuid
 
 import asyncssh
 import pytest
+from smbprotocol import open as smb_open
 from smbprotocol.connection import Connection
-from smbprotocol.open import (
-    CreateDisposition,
-    CreateOptions,
-    FileAttributes,
-    FilePipePrinterAccessMask,
-    ImpersonationLevel,
-    Open,
-    ShareAccess,
-)
 from smbprotocol.session import Session
 from smbprotocol.tree import TreeConnect
 from smbutil import Smb, create_for_write
@@ -32,13 +24,14 @@ from agent.serve.sftp import MAX_OPEN_FILES
 from harness import PASSWORD
 
 
-def _shared_write(tree, name: str) -> Open:
+def _shared_write(tree, name: str) -> smb_open.Open:
     """Open `name` to write, creating it, sharing it with other writers (two PACS threads on one name)."""
-    f = Open(tree, name)
-    f.create(ImpersonationLevel.Impersonation, FilePipePrinterAccessMask.GENERIC_READ
-             | FilePipePrinterAccessMask.GENERIC_WRITE, FileAttributes.FILE_ATTRIBUTE_NORMAL,
-             ShareAccess.FILE_SHARE_READ | ShareAccess.FILE_SHARE_WRITE, CreateDisposition.FILE_OPEN_IF,
-             CreateOptions.FILE_NON_DIRECTORY_FILE)
+    f = smb_open.Open(tree, name)
+    access = smb_open.FilePipePrinterAccessMask
+    f.create(smb_open.ImpersonationLevel.Impersonation, access.GENERIC_READ | access.GENERIC_WRITE,
+             smb_open.FileAttributes.FILE_ATTRIBUTE_NORMAL,
+             smb_open.ShareAccess.FILE_SHARE_READ | smb_open.ShareAccess.FILE_SHARE_WRITE,
+             smb_open.CreateDisposition.FILE_OPEN_IF, smb_open.CreateOptions.FILE_NON_DIRECTORY_FILE)
     return f
 
 
