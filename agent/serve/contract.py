@@ -9,7 +9,8 @@
   transient, "try again", 55x permanent; SMB: an errno Samba turns into an NT status). `report` counts a
   gateway error in pacsgw_errors_total{protocol,kind} and logs it as `<protocol>_error`; a request the front
   end refused itself, before the gateway saw it (a path outside the user's root, a name no client may use),
-  is audited here as 'refused'. Whatever reached the gateway was audited there, once.
+  is audited here as 'refused'. Whatever reached the gateway was audited there, once. The path a client sent
+  is logged and audited cut to SHOWN_PATH_BYTES (JSON-escaped), so one refused request writes a bounded record.
 * Logins: `login` logs a password check (`login` / `login_failed`), tells the LoginGuard and audits a failure;
   a success is audited by the front end once the session is really open (FTP may still refuse it).
 * Opening for write (create, exclusive, truncate, resume) is decided by the facade:
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import json
 import ssl
 import stat
 from dataclasses import dataclass
@@ -47,6 +49,7 @@ from agent.store.errors import (
     Unavailable,
 )
 from agent.store.gateway import Gateway
+from agent.store.paths import MAX_PATH_BYTES
 
 log = structlog.get_logger("pacsgw.serve")
 
@@ -101,14 +104,30 @@ async def slash_checked(gw: Gateway, client_path: str, path: str, *, creates_fil
         raise NotADirectory(path, "a path ending in '/' names a directory")
 
 
+# The most of a client's path a log event or an audit record keeps, JSON-escaped with ASCII escapes (the journal's,
+# the longest): every path the gateway accepts fits whole (a character is at most 3x its UTF-8 bytes there, and
+# controls, 6x, are refused in names). A refused path was kept whole: 6x what the client sent, twice, per request.
+SHOWN_PATH_BYTES = 3 * MAX_PATH_BYTES
+
+
+def shown(path: str) -> str:
+    """The start of path that, JSON-escaped, fits in SHOWN_PATH_BYTES (path itself when it all does)."""
+    cut = path[:SHOWN_PATH_BYTES]
+    while (escaped := len(json.dumps(cut)) - 2) > SHOWN_PATH_BYTES:  # each pass keeps a share that fits, or less
+        cut = cut[:len(cut) * SHOWN_PATH_BYTES // escaped]
+    return cut
+
+
 def report(gw: Gateway, protocol: str, who: Who | None, e: GatewayError, *, refused_here: bool = False,
            **context: object) -> None:
     """A gateway error on its way back to a client (`context`: what the protocol answered, e.g. its code)."""
     gw.count_error(protocol, type(e).__name__)
+    path = shown(e.path)
+    cut = {"path_chars": len(e.path)} if path != e.path else {}
     if refused_here:
-        gw.audit_event(who, "refused", e.path, failure(e))
-    log.warning(f"{protocol}_error", user=who.user if who is not None else None, path=e.path, reason=e.reason,
-                kind=type(e).__name__, **context)
+        gw.audit_event(who, "refused", path, failure(e) + (f" (path cut from {len(e.path)} characters)" if cut else ""))
+    log.warning(f"{protocol}_error", user=who.user if who is not None else None, path=path, reason=e.reason,
+                kind=type(e).__name__, **cut, **context)
 
 
 async def login(gw: Gateway, guard: LoginGuard, protocol: str, who: Who, address: str, ok: bool,

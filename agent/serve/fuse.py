@@ -377,6 +377,8 @@ class GatewayFS(pyfuse3.Operations):
             ino = self._inode_for(path)
             attrs = self._attrs(ino, is_dir=is_dir, size=size, mtime=mtime)
             if not pyfuse3.readdir_reply(token, name, attrs, i + 1):
+                # Not sent: an inode the kernel does not hold backs no open file (an open needs a lookup, and the
+                # kernel holds the inode until the last RELEASE is answered; release drops the fh first)
                 if self._inodes[ino].lookups <= 0:
                     self._drop(ino)
                 return
@@ -497,7 +499,7 @@ class GatewayFS(pyfuse3.Operations):
             return
         if cut := self._cut_short(op):
             await op.writer.abort(f"{cut} before the client closed the file")
-            self._writing.pop(op.path, None)
+            self._stop_showing(op)  # another client's upload of the name may be what it shows
             raise pyfuse3.FUSEError(errno.EIO)
         try:
             await self._call(op.writer.commit())

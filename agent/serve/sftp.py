@@ -27,7 +27,7 @@ from agent.audit import Who
 from agent.auth import LoginGuard, Passwords, unmapped
 from agent.config import Config, SftpConfig
 from agent.records import Entry
-from agent.serve.contract import Idle, answer, login, refuse_session, report, slash_checked, st_mode
+from agent.serve.contract import Idle, answer, login, refuse_session, report, shown, slash_checked, st_mode
 from agent.serve.startups import Startup, Startups
 from agent.store.errors import GatewayError, PermissionDenied
 from agent.store.gateway import Gateway, ReadHandle, WriteHandle
@@ -574,17 +574,14 @@ class GatewaySFTP(asyncssh.SFTPServer):
         """ftruncate: a size cuts (or extends) the file being written; otherwise see setstat."""
         if attrs.size is not None:
             writer = _opened(file_obj, WriteHandle, "writing")
-            self.unchanged.discard(writer)
             await self._call(writer.truncate(attrs.size))
+            self.unchanged.discard(writer)  # once done: a refused size changes nothing, the close stores no copy
 
     def scandir(self, path: bytes) -> AsyncIterator[asyncssh.SFTPName]:
         self._take_handle(path)
         users = _listings_of.setdefault(self.user, weakref.WeakSet())
         if len(users) >= MAX_OPEN_DIRS:
-            log.warning("sftp_refused", user=self.user, path=path.decode(errors="replace"),
-                        reason=f"too many open directories for this user ({MAX_OPEN_DIRS})")
-            self.gateway.count_error("sftp", "TooManyOpenFiles")
-            raise asyncssh.SFTPFailure(f"too many open directories for this user (limit {MAX_OPEN_DIRS})")
+            raise self._over_cap(path, f"too many open directories for this user (limit {MAX_OPEN_DIRS})")
         listing = self._listing(path)
         self.listings.add(listing)
         users.add(listing)
@@ -635,10 +632,15 @@ class GatewaySFTP(asyncssh.SFTPServer):
         """Refuse a handle beyond MAX_OPEN_FILES: one client would otherwise take every descriptor of the agent,
         or its memory."""
         if self.open_files + len(self.listings) >= MAX_OPEN_FILES:
-            log.warning("sftp_refused", user=self.user, path=path.decode(errors="replace"),
-                        reason=f"too many open files ({MAX_OPEN_FILES})")
-            self.gateway.count_error("sftp", "TooManyOpenFiles")
-            raise asyncssh.SFTPFailure(f"too many open files in this session (limit {MAX_OPEN_FILES})")
+            raise self._over_cap(path, f"too many open files in this session (limit {MAX_OPEN_FILES})")
+
+    def _over_cap(self, path: bytes, reason: str) -> asyncssh.SFTPError:
+        """A handle refused at a cap, counted and logged. The path is the client's, not yet checked (OPENDIR is
+        refused before it is read): logged whole, 250 KB of control characters were a 1.5 MB journal line."""
+        log.warning("sftp_refused", user=self.user, path=shown(path.decode(errors="replace")), path_bytes=len(path),
+                    reason=reason)
+        self.gateway.count_error("sftp", "TooManyOpenFiles")
+        return asyncssh.SFTPFailure(reason)
 
     async def read(self, file_obj: object, offset: int, size: int) -> bytes:
         if isinstance(file_obj, WriteHandle) and self.flags[file_obj] & asyncssh.FXF_READ:

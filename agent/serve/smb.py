@@ -109,6 +109,10 @@ def render_conf(cfg: Config) -> str:
         "deadtime = 10",
         # a connection is a process: a flood from many addresses forked without end; one over this is closed
         f"max smbd processes = {s.max_connections}",
+        # One process per connection (SmbPeers): with multi-channel, Samba handed a new connection naming a connected
+        # ClientGUID to that client's process before any login, and a stranger's NEGOTIATE kept a PACS's process
+        # 'connected' after its connection was cut: its unfinished upload was then stored whole (fuse._cut_short)
+        "server multi channel support = no",
         "restrict anonymous = 2",
         "load printers = no",
         "printing = bsd",
