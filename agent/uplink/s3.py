@@ -473,24 +473,20 @@ class S3Uplink:
             Bucket=self.cfg.bucket, Key=self.key(dst),
             CopySource={"Bucket": self.cfg.bucket, "Key": self.key(src)}, MetadataDirective="COPY", **lock_args,
             **(condition or {}), **({"CopySourceIfMatch": src_etag} if src_etag else {}))
-        if lock:
-            await self._apply_lock(dst, resp.get("VersionId"), lock)
+        if lock:  # set explicitly too: not every S3 server honours lock headers on CopyObject
+            version = {"VersionId": resp["VersionId"]} if resp.get("VersionId") else {}
+            await self._client.put_object_retention(
+                Bucket=self.cfg.bucket, Key=self.key(dst), ChecksumAlgorithm="SHA256",
+                Retention={"Mode": lock.mode, "RetainUntilDate": lock.until}, **version)
+            if lock.legal_hold:
+                await self._client.put_object_legal_hold(Bucket=self.cfg.bucket, Key=self.key(dst),
+                                                         ChecksumAlgorithm="SHA256", LegalHold={"Status": "ON"},
+                                                         **version)
         head = await self._client.head_object(Bucket=self.cfg.bucket, Key=self.key(dst))
         remote_sha = meta_sha(head.get("Metadata"))
         if sha256 and remote_sha and remote_sha != sha256:
             raise ChecksumMismatch(f"{dst}: copied object's sha256 {remote_sha} != {sha256}")
         return PutResult(resp.get("CopyObjectResult", {}).get("ETag"), resp.get("VersionId"))
-
-    async def _apply_lock(self, path: str, version_id: str | None, lock: Lock) -> None:
-        """Set retention (and legal hold) explicitly: not every S3 server honours lock headers on CopyObject."""
-        version = {"VersionId": version_id} if version_id else {}
-        await self._client.put_object_retention(
-            Bucket=self.cfg.bucket, Key=self.key(path), ChecksumAlgorithm="SHA256",
-            Retention={"Mode": lock.mode, "RetainUntilDate": lock.until}, **version)
-        if lock.legal_hold:
-            await self._client.put_object_legal_hold(Bucket=self.cfg.bucket, Key=self.key(path),
-                                                     ChecksumAlgorithm="SHA256", LegalHold={"Status": "ON"},
-                                                     **version)
 
     async def delete(self, path: str) -> bool:
         """→ whether the client sent it twice (it retries): an unanswered attempt may land after a new object."""
