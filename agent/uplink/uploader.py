@@ -368,12 +368,12 @@ class Uploader:
             await self.line.wait_up()
             self._wake.clear()
             room = self.line.slots.limit * 2 - len(self._tasks)
-            rows = await self.db.due_uploads(time.time(), max(room, 0)) if room > 0 else []
+            rows = await self.db.due_uploads(time.time(), room) if room > 0 else []
             self._starved = room <= 0 or len(rows) >= room
             for row in rows:
                 if await self.db.claim(row.path, row.gen):
                     self.start_transfer(row)
-            if rows and room > 0:
+            if rows:
                 continue
             next_due = await self.db.next_due()
             delay = IDLE_POLL if next_due is None else min(IDLE_POLL, max(0.05, next_due - time.time()))
