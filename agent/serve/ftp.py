@@ -349,21 +349,21 @@ class Passive:
     accepted, by the next PASV/EPSV or the session's end, so an idle session holds no port and no connection. The
     socket is a bare one watched with add_reader (an asyncio.Server per transfer cost its own set-up and tear-down)."""
 
-    def __init__(self, peer: str, tls: ssl.SSLContext | None, timeout: float,
+    def __init__(self, sock: socket.socket, port: int, peer: str, tls: ssl.SSLContext | None, timeout: float,
                  on_refused: Callable[[str, str], None]) -> None:
         self.loop = asyncio.get_running_loop()
         self.peer, self.tls, self.on_refused = peer, tls, on_refused  # the session's address, unmapped already
-        self.sock: socket.socket | None = None
-        self.port = 0
+        self.sock: socket.socket | None = sock  # listening until None
+        self.port = port
         self.connected: asyncio.Future[DataConnection] = self.loop.create_future()
         self._timer = self.loop.call_later(timeout, self._expire)
+        self.loop.add_reader(sock.fileno(), self._accept)
 
     @classmethod
     def open(cls, host: str, ports: range, peer: str, tls: ssl.SSLContext | None, timeout: float,
              on_refused: Callable[[str, str], None]) -> "Passive | None":
         """Listen on a free port of `ports` picked at random (a port cannot be guessed from the last one)
         → None if every port is taken."""
-        passive = cls(peer, tls, timeout, on_refused)
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         for port in _random_ports(ports):
             sock = socket.socket(family, socket.SOCK_STREAM)
@@ -375,10 +375,7 @@ class Passive:
             except OSError:
                 sock.close()
                 continue
-            passive.sock, passive.port = sock, port
-            passive.loop.add_reader(sock.fileno(), passive._accept)
-            return passive
-        passive.close()
+            return cls(sock, port, peer, tls, timeout, on_refused)
         return None
 
     def _accept(self) -> None:
