@@ -60,8 +60,8 @@ def parse_rate(value: Any) -> int:
 # --- field helpers: a parser → the setting, or ValueError (TypeError, OverflowError) that _build reports
 
 
-def _f(parse: Callable[[Any], Any], allowed: str, default: Any = dataclasses.MISSING, **kw: Any) -> Any:
-    return field(default=default, metadata={"parse": parse, "allowed": allowed}, **kw)
+def _f(parse: Callable[[Any], Any], allowed: str, default: Any = dataclasses.MISSING) -> Any:
+    return field(default=default, metadata={"parse": parse, "allowed": allowed})
 
 
 def _valid(ok: Callable[[Any], object], then: Callable[[Any], Any] = lambda v: v) -> Callable[[Any], Any]:
@@ -530,8 +530,8 @@ def _build(cls: type, table: Any, file: Path, where: str) -> Any:
     kwargs = {}
     for name, f in fields.items():
         if name not in table:
-            _need(f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING, file,
-                  f"{where}.{name}", None, f"required; {f.metadata['allowed']}")
+            _need(f.default is not dataclasses.MISSING, file, f"{where}.{name}", None,
+                  f"required; {f.metadata['allowed']}")
             continue
         try:
             kwargs[name] = f.metadata["parse"](table[name])

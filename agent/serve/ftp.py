@@ -82,8 +82,7 @@ TRANSFERS = ("stor", "appe", "retr", "list", "nlst", "mlsd")  # what ABOR aborts
 NEEDS_PATH = ("dele", "mkd", "rmd", "rnfr", "rnto", "stor", "appe", "retr", "size", "mdtm")  # no default (RFC 959)
 AIOFTP_COMMANDS = ("cdup", "cwd", "mlst", "quit", "syst")  # aioftp's own handlers serve these
 OWN_COMMANDS = ("auth", "pbsz", "prot", "user", "pass", "stor", "appe", "retr", "list", "mlsd", "nlst", "dele", "mkd",
-                "pwd", "rmd", "rnfr", "rnto", "size", "mdtm", "feat", "opts", "noop", "rest", "abor", "type", "mode",
-                "stru", "allo")  # on_<name> below
+                "pwd", "rmd", "rnfr", "rnto", "size", "mdtm", "feat", "opts", "noop", "rest", "abor", "allo")  # on_*
 # RFC 959 5.1's minimum implementation, in the forms a client may spell it: each is how bytes already travel
 # (image or ASCII sent as is, byte size 8, a stream of a file); any other form gets 504
 TRANSFER_FORMS = {"type": ("I", "A", "A N", "L 8"), "mode": ("S",), "stru": ("F",)}
@@ -94,8 +93,8 @@ LOGGED_IN = ("logged", "not logged in")
 RENAME_FROM = ("rename_from", "no filename (use RNFR firstly)")
 
 Handler = Callable[[aioftp.Connection, str], Awaitable[bool]]
-# A command that never waits (PASV, EPSV), run in place by the command loop when no other command is running:
-# a task, its first step and its done callback per transfer were a fixed cost.
+# A command that never waits (PASV, EPSV), run in place by the command loop after the login when no other command is
+# running: a task, its first step and its done callback per transfer were a fixed cost.
 Immediate = Callable[[aioftp.Connection, str], None]
 Command = Callable[["FtpServer", aioftp.Connection, str], Awaitable[bool]]
 T = TypeVar("T")
@@ -350,21 +349,21 @@ class Passive:
     accepted, by the next PASV/EPSV or the session's end, so an idle session holds no port and no connection. The
     socket is a bare one watched with add_reader (an asyncio.Server per transfer cost its own set-up and tear-down)."""
 
-    def __init__(self, peer: str, tls: ssl.SSLContext | None, timeout: float,
+    def __init__(self, sock: socket.socket, port: int, peer: str, tls: ssl.SSLContext | None, timeout: float,
                  on_refused: Callable[[str, str], None]) -> None:
         self.loop = asyncio.get_running_loop()
         self.peer, self.tls, self.on_refused = peer, tls, on_refused  # the session's address, unmapped already
-        self.sock: socket.socket | None = None
-        self.port = 0
+        self.sock: socket.socket | None = sock  # listening until None
+        self.port = port
         self.connected: asyncio.Future[DataConnection] = self.loop.create_future()
         self._timer = self.loop.call_later(timeout, self._expire)
+        self.loop.add_reader(sock.fileno(), self._accept)
 
     @classmethod
     def open(cls, host: str, ports: range, peer: str, tls: ssl.SSLContext | None, timeout: float,
              on_refused: Callable[[str, str], None]) -> "Passive | None":
         """Listen on a free port of `ports` picked at random (a port cannot be guessed from the last one)
         → None if every port is taken."""
-        passive = cls(peer, tls, timeout, on_refused)
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         for port in _random_ports(ports):
             sock = socket.socket(family, socket.SOCK_STREAM)
@@ -376,10 +375,7 @@ class Passive:
             except OSError:
                 sock.close()
                 continue
-            passive.sock, passive.port = sock, port
-            passive.loop.add_reader(sock.fileno(), passive._accept)
-            return passive
-        passive.close()
+            return cls(sock, port, peer, tls, timeout, on_refused)
         return None
 
     def _accept(self) -> None:
@@ -510,6 +506,7 @@ class FtpServer(aioftp.Server):
         # from strangers, plain-text logins while TLS is required, failed TLS handshakes
         self._told = Every(REFUSALS_EVERY)
         own: dict[str, Handler] = {name: getattr(self, f"on_{name}") for name in OWN_COMMANDS}
+        own |= {name: self._form(name) for name in TRANSFER_FORMS}
         self.immediate: dict[str, Immediate] = {"pasv": self.on_pasv, "epsv": self.on_epsv}
         handlers: dict[str, Handler] = {name: self.commands_mapping[name] for name in AIOFTP_COMMANDS} | own
         self.handlers = {name: self._guarded(h, name) if name in PATH_COMMANDS else h for name, h in handlers.items()}
@@ -619,7 +616,8 @@ class FtpServer(aioftp.Server):
                     now = self.immediate.get(cmd)
                     if now is not None:
                         try:
-                            now(connection, rest)
+                            if not _refused(connection, (LOGGED_IN,)):  # both need a login
+                                now(connection, rest)
                         except Exception as exc:
                             failed(exc)
                         continue
@@ -816,8 +814,6 @@ class FtpServer(aioftp.Server):
     # --- passive data connections ---------------------------------------------------------------
 
     def on_pasv(self, connection: aioftp.Connection, rest: str) -> None:
-        if _refused(connection, (LOGGED_IN,)):
-            return
         if connection.session.epsv_all:
             connection.response("503", "EPSV ALL was sent: use EPSV")
             return
@@ -832,8 +828,6 @@ class FtpServer(aioftp.Server):
 
     def on_epsv(self, connection: aioftp.Connection, rest: str) -> None:
         """EPSV, EPSV ALL and EPSV <net-prt> (RFC 2428: 1 is IPv4, 2 is IPv6)."""
-        if _refused(connection, (LOGGED_IN,)):
-            return
         arg = rest.upper()
         if arg == "ALL":
             connection.session.epsv_all = True
@@ -1146,26 +1140,18 @@ class FtpServer(aioftp.Server):
     async def on_noop(self, connection: aioftp.Connection, rest: str) -> bool:
         return replied(connection, "200", "ok")
 
-    async def _form(self, connection: aioftp.Connection, rest: str, command: str) -> bool:
+    def _form(self, command: str) -> Handler:
         """TYPE, MODE, STRU (RFC 959 5.1): the forms the server has answer 200, others 504 (they were 502, and MODE S,
         STRU F and TYPE A N, which a client may send first, were refused). ASCII is sent unconverted, as aioftp did."""
-        form = " ".join(rest.upper().split())
-        if form not in TRANSFER_FORMS[command]:
-            return replied(connection, "504", f"{command.upper()} {rest[:40]!r} not implemented; use "
-                                              f"{' or '.join(TRANSFER_FORMS[command])}")
-        return replied(connection, "200", f"{command.upper()} set to {form}")
-
-    @needs(LOGGED_IN)
-    async def on_type(self, connection: aioftp.Connection, rest: str) -> bool:
-        return await self._form(connection, rest, "type")
-
-    @needs(LOGGED_IN)
-    async def on_mode(self, connection: aioftp.Connection, rest: str) -> bool:
-        return await self._form(connection, rest, "mode")
-
-    @needs(LOGGED_IN)
-    async def on_stru(self, connection: aioftp.Connection, rest: str) -> bool:
-        return await self._form(connection, rest, "stru")
+        async def run(connection: aioftp.Connection, rest: str) -> bool:
+            if _refused(connection, (LOGGED_IN,)):
+                return True
+            form = " ".join(rest.upper().split())
+            if form not in TRANSFER_FORMS[command]:
+                return replied(connection, "504", f"{command.upper()} {rest[:40]!r} not implemented; use "
+                                                  f"{' or '.join(TRANSFER_FORMS[command])}")
+            return replied(connection, "200", f"{command.upper()} set to {form}")
+        return run
 
     @needs(LOGGED_IN)
     async def on_allo(self, connection: aioftp.Connection, rest: str) -> bool:

@@ -224,20 +224,17 @@ def clock_sync() -> dict[str, Any]:
 
 
 def judge(health: dict[str, Any], min_free: int) -> tuple[str, list[str]]:
-    reasons: list[str] = []
-    status = "ok"
+    reasons: list[str] = []  # these first: each makes the box degraded
     if not health["uplink"]["reachable"]:
-        status = "degraded"
         reasons.append(f"object storage unreachable ({health['uplink']['last_error']}); writing back locally")
     if health["oldest_dirty_seconds"] > STALE_QUEUE_SECONDS:
-        status = "degraded"
         reasons.append(f"oldest file not yet in object storage waits {health['oldest_dirty_seconds']:.0f}s")
     pressure = health.get("pressure", {})
     if pressure.get("level", "normal") != "normal":
-        status = "degraded"
         reasons.append(f"{pressure['level']} pressure: {'; '.join(pressure['reasons'])}"
                        + ("; fetches from object storage refused" if pressure["level"] == "critical" else
                           "; reduced concurrency"))
+    status = "degraded" if reasons else "ok"
     if health["cache"]["disk_free"] < min_free:
         status = "failing"
         reasons.append("cache disk nearly full: new writes may be refused")
@@ -418,8 +415,8 @@ def _is_loopback(remote: str | None) -> bool:
 
 
 def human_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(n) < 1000:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1000
     return f"{n:.1f} TB"

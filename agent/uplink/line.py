@@ -156,9 +156,8 @@ class Line:
     async def check(self) -> None:
         """Probe the line now, not only when a transfer fails: an HA box must give up the address on a dead
         line even when no upload is in flight (a failed check counts like a failed transfer)."""
-        if not self.health.reachable:
-            return  # the probe loop runs until the line is back
-        await self._probe_once()
+        if self.health.reachable:  # else the probe loop runs until the line is back
+            await self._probe_once()
 
     async def _probe(self) -> None:
         while not self.health.reachable:

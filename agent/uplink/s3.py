@@ -432,30 +432,26 @@ class S3Uplink:
     async def _put_multipart(self, path: str, fd: int, size: int, sha256: str,
                              lock_args: dict[str, object], metadata: dict[str, str],
                              condition: dict[str, str], compress: bool = False) -> PutResult:
-        key, chunk = self.key(path), self.cfg.multipart_chunk
+        at = {"Bucket": self.cfg.bucket, "Key": self.key(path)}
         mpu = await self._client.create_multipart_upload(
-            Bucket=self.cfg.bucket, Key=key, ChecksumAlgorithm="SHA256", Metadata=metadata, **lock_args)
-        upload_id = mpu["UploadId"]
+            **at, ChecksumAlgorithm="SHA256", Metadata=metadata, **lock_args)
+        upload = {**at, "UploadId": mpu["UploadId"]}
         whole = hashlib.sha256()
         try:
             parts = []
-            async for number, body in _parts(fd, size, chunk, whole, compress):
+            async for number, body in _parts(fd, size, self.cfg.multipart_chunk, whole, compress):
                 part_sha = base64.b64encode(hashlib.sha256(body).digest()).decode()
                 await self.bandwidth.up.acquire(len(body))
-                resp = await self._client.upload_part(
-                    Bucket=self.cfg.bucket, Key=key, UploadId=upload_id, PartNumber=number, Body=body,
-                    ChecksumSHA256=part_sha)
+                resp = await self._client.upload_part(**upload, PartNumber=number, Body=body, ChecksumSHA256=part_sha)
                 if resp.get("ChecksumSHA256", part_sha) != part_sha:
                     raise ChecksumMismatch(f"{path}: part {number} checksum differs")
                 parts.append({"PartNumber": number, "ETag": resp["ETag"], "ChecksumSHA256": part_sha})
             if whole.hexdigest() != sha256:
                 raise ChecksumMismatch(f"{path}: cached content does not match its catalog checksum")
-            done = await self._client.complete_multipart_upload(
-                Bucket=self.cfg.bucket, Key=key, UploadId=upload_id, MultipartUpload={"Parts": parts}, **condition)
+            done = await self._client.complete_multipart_upload(**upload, MultipartUpload={"Parts": parts}, **condition)
         except BaseException:
             with contextlib.suppress(Exception):
-                await asyncio.shield(self._client.abort_multipart_upload(
-                    Bucket=self.cfg.bucket, Key=key, UploadId=upload_id))
+                await asyncio.shield(self._client.abort_multipart_upload(**upload))
             raise
         return PutResult(done.get("ETag"), done.get("VersionId"), len(parts))
 
@@ -469,28 +465,21 @@ class S3Uplink:
         """Server-side copy (no traffic on the line), verified by the copy's recorded hash; condition as in
         put_file. src_etag: the source the caller's HEAD saw; S3 refuses (412) if src holds another one by now."""
         lock_args = {**lock.s3_args(), "ChecksumAlgorithm": "SHA256"} if lock else {}
+        target = {"Bucket": self.cfg.bucket, "Key": self.key(dst)}
         resp = await self._client.copy_object(
-            Bucket=self.cfg.bucket, Key=self.key(dst),
-            CopySource={"Bucket": self.cfg.bucket, "Key": self.key(src)}, MetadataDirective="COPY", **lock_args,
-            **(condition or {}), **({"CopySourceIfMatch": src_etag} if src_etag else {}))
-        if lock:
-            await self._apply_lock(dst, resp.get("VersionId"), lock)
-        head = await self._client.head_object(Bucket=self.cfg.bucket, Key=self.key(dst))
+            **target, CopySource={"Bucket": self.cfg.bucket, "Key": self.key(src)}, MetadataDirective="COPY",
+            **lock_args, **(condition or {}), **({"CopySourceIfMatch": src_etag} if src_etag else {}))
+        if lock:  # set explicitly too: not every S3 server honours lock headers on CopyObject
+            version = {"VersionId": resp["VersionId"]} if resp.get("VersionId") else {}
+            at = {**target, "ChecksumAlgorithm": "SHA256", **version}
+            await self._client.put_object_retention(Retention={"Mode": lock.mode, "RetainUntilDate": lock.until}, **at)
+            if lock.legal_hold:
+                await self._client.put_object_legal_hold(LegalHold={"Status": "ON"}, **at)
+        head = await self._client.head_object(**target)
         remote_sha = meta_sha(head.get("Metadata"))
         if sha256 and remote_sha and remote_sha != sha256:
             raise ChecksumMismatch(f"{dst}: copied object's sha256 {remote_sha} != {sha256}")
         return PutResult(resp.get("CopyObjectResult", {}).get("ETag"), resp.get("VersionId"))
-
-    async def _apply_lock(self, path: str, version_id: str | None, lock: Lock) -> None:
-        """Set retention (and legal hold) explicitly: not every S3 server honours lock headers on CopyObject."""
-        version = {"VersionId": version_id} if version_id else {}
-        await self._client.put_object_retention(
-            Bucket=self.cfg.bucket, Key=self.key(path), ChecksumAlgorithm="SHA256",
-            Retention={"Mode": lock.mode, "RetainUntilDate": lock.until}, **version)
-        if lock.legal_hold:
-            await self._client.put_object_legal_hold(Bucket=self.cfg.bucket, Key=self.key(path),
-                                                     ChecksumAlgorithm="SHA256", LegalHold={"Status": "ON"},
-                                                     **version)
 
     async def delete(self, path: str) -> bool:
         """→ whether the client sent it twice (it retries): an unanswered attempt may land after a new object."""

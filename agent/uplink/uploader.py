@@ -183,8 +183,9 @@ class Uploader:
             await asyncio.shield(self.db.mark_failed(e.path, e.gen, "cancelled", time.time(), unsure=True))
             raise
         except Exception as exc:  # every failure is retried from the durable queue
-            if isinstance(exc, FileNotFoundError) and await self._superseded(e):
-                # Its cached copy went with it: a race, nothing lost (the catalog has no such version any more).
+            if isinstance(exc, FileNotFoundError) and ((row := await self.db.get(e.path)) is None or row.gen != e.gen):
+                # Its cached copy went with it: a race, nothing lost (the catalog has no such version any more). A
+                # cached copy missing while its row is still this version is lost data, not a race: a failure.
                 log.info("upload_skipped_gone", path=e.path, gen=e.gen,
                          reason="deleted, renamed or written again while its upload was about to read it")
                 return False
@@ -215,12 +216,6 @@ class Uploader:
         log.info("uploaded", path=e.path, bytes=e.size, seconds=round(elapsed, 4),
                  parts=result.parts, copy=bool(e.copy_from), superseded=not clean)
         return clean
-
-    async def _superseded(self, e: Entry) -> bool:
-        """The catalog no longer has e's version of its file (deleted, renamed away or written again). A cached copy
-        missing while its row is still this version is lost data, not a race: that stays a failure."""
-        now = await self.db.get(e.path)
-        return now is None or now.gen != e.gen
 
     async def _send(self, e: Entry, body: bytes | None) -> PutResult:
         await self._park(e.path)
@@ -373,12 +368,12 @@ class Uploader:
             await self.line.wait_up()
             self._wake.clear()
             room = self.line.slots.limit * 2 - len(self._tasks)
-            rows = await self.db.due_uploads(time.time(), max(room, 0)) if room > 0 else []
+            rows = await self.db.due_uploads(time.time(), room) if room > 0 else []
             self._starved = room <= 0 or len(rows) >= room
             for row in rows:
                 if await self.db.claim(row.path, row.gen):
                     self.start_transfer(row)
-            if rows and room > 0:
+            if rows:
                 continue
             next_due = await self.db.next_due()
             delay = IDLE_POLL if next_due is None else min(IDLE_POLL, max(0.05, next_due - time.time()))
