@@ -38,6 +38,8 @@ def main() -> int:
     ap.add_argument("--byte-weight", type=float, default=None, help="learned.BYTE_WEIGHT")
     ap.add_argument("--admit", choices=("on", "off"), default=None,
                     help="learned.ADMIT_PRIORS: admit a prefetched prior only above the eviction boundary")
+    ap.add_argument("--admit-margin", type=float, default=None,
+                    help="learned.ADMIT_MARGIN: a prior is admitted at this multiple of the eviction boundary")
     ap.add_argument("--min-heat", type=float, default=None, help="priors.MIN_HEAT: the open-rate floor of a prior")
     ap.add_argument("--doorkeeper", choices=("on", "off"), default=None,
                     help="adaptive.DOORKEEPER: old one-off reads on probation (evicted first) until a second session")
@@ -95,6 +97,8 @@ def main() -> int:
         priors.MIN_HEAT = args.min_heat
     if args.admit is not None:
         learned.ADMIT_PRIORS = args.admit == "on"
+    if args.admit_margin is not None:
+        learned.ADMIT_MARGIN = args.admit_margin
     if args.byte_weight is not None:
         learned.BYTE_WEIGHT = args.byte_weight
     if args.factors is not None:
@@ -121,7 +125,7 @@ def main() -> int:
     print(f"sum of the object and byte gap shares: {total:.0%}, of the lower of the two: {worst:.0%} "
           f"({args.scheme}, factors "
           f"{','.join(learned.DEFAULT_FACTORS)}, byte weight {learned.BYTE_WEIGHT:g}, "
-          f"prior admission {'on' if learned.ADMIT_PRIORS else 'off'}, "
+          f"prior admission {f'at {learned.ADMIT_MARGIN:g}x' if learned.ADMIT_PRIORS else 'off'}, "
           f"doorkeeper {'on' if adaptive.DOORKEEPER else 'off'}, "
           f"priors held {'on' if adaptive.HOLD_PRIORS else 'off'}, "
           f"unopened {('drop' if adaptive.DROP_UNOPENED else 'release') if adaptive.RELEASE_UNOPENED else 'off'}, "

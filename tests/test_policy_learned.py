@@ -224,3 +224,19 @@ def test_a_prior_is_admitted_only_above_the_eviction_boundary() -> None:
     assert isinstance(shadow, HitDensity)
     shadow.fitted, shadow.boundary = True, 1e9
     assert not a.admit(0, 0.5, 1, 100, 0.0)
+
+
+def test_a_prior_is_admitted_only_well_above_the_eviction_boundary() -> None:
+    """A prior's rank is taken beside a new study just written and has to last until its session: one that ranks
+    just above the boundary (between it and `ADMIT_MARGIN` times it) is not fetched into a full cache; one above the
+    margin is."""
+    from agent.policy import learned
+    p = HitDensity()
+    p.fitted = True
+    p.density[:] = 1.0
+    rank = 0.5 * 1.0 * p.byte_weight    # heat × the new study's worth × the bytes term (nothing cached: the weight)
+    p.boundary = rank / (1 + learned.ADMIT_MARGIN) * 2      # the rank is between 1x and the margin above it
+    assert rank > p.boundary
+    assert not p.admit(0, 0.5, 1, 100, 0.0)
+    p.boundary = rank / learned.ADMIT_MARGIN
+    assert p.admit(0, 0.5, 1, 100, 0.0)

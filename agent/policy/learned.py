@@ -37,9 +37,9 @@ events have been seen the policy is *cold* and evicts studies in LRU order (the 
 A prior prefetched for a new study (`link`, told by the prior planner through the runner) is worth at least
 its chance of being opened × the new study's density until it is opened or the new study is read: the
 report opens both, hours after the fetch, and an unread old study alone would be the first victim. Such a
-prior is fetched into a full cache only if that worth is above the rank the cache has been evicting at
-lately (`admit`, `boundary`: a moving average of the victims' ranks): below it, it would push out a study
-worth more and be the next victim itself.
+prior is fetched into a full cache only if that worth is `ADMIT_MARGIN` times the rank the cache has been
+evicting at lately (`admit`, `boundary`: a moving average of the victims' ranks): below it, it would push out a
+study worth more and be among the next victims itself, before its session.
 
 Policies decide, never do I/O: the caller offers only clean files (already in S3), so a file not yet in
 S3 is never evicted (durability contract, rule 2).
@@ -85,6 +85,12 @@ BYTE_WEIGHT = 10.0
 # more than the rank the cache evicts at lately; bench/gap_share.py --admit overrides
 ADMIT_PRIORS = True
 BOUNDARY_RATE = 0.01            # the eviction boundary: an average over the last ~100 victims' ranks
+# ... and only at this multiple of it: the prior's rank is taken beside a new study just written (its new study's
+# highest worth) and has to last the hours to the session; at 1x, a prior fetched into a small cache was often among
+# the next victims (oncology at 3 % of a month's writes: a fifth of the prefetched bytes evicted unread within the
+# hour of their fetch). Chosen on the tuning families, 1 / 2 / 3 / 4 (docs/replay.md, round 22); bench/gap_share.py
+# --admit-margin overrides
+ADMIT_MARGIN = 2.0
 
 Attrs = Callable[[Any], tuple[int, int, int]]     # study → (modality code, department code, newer 0/1)
 
@@ -346,13 +352,13 @@ class HitDensity:
         """Is a prior worth fetching for the new study `new` into a full cache? Kept beside its new study
         (`link`) it ranks heat × the new study's worth (then its own bytes term); fetched below the rank the
         cache evicts at lately (`boundary`), it would push out a study worth more and be the next victim
-        itself, long before the report. Cold (no boundary yet): yes."""
+        itself, long before the report; it must clear it by `ADMIT_MARGIN`. Cold (no boundary yet): yes."""
         if not (ADMIT_PRIORS and self.fitted and self.boundary > 0):
             return True
         s = self._studies.get(new) or _Study({}, 0, now, 0, study=new)     # not indexed yet: new, unread
         mean = self._bytes / max(self._files, 1)
         rank = heat * self._worth(s, now) * (mean * files / max(size, 1) + self.byte_weight)
-        return rank >= self.boundary
+        return rank >= ADMIT_MARGIN * self.boundary
 
     def victims(self, bytes_to_free: int, now: float) -> Iterator[int]:
         freed = 0
