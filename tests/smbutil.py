@@ -46,8 +46,8 @@ class Smb:
     @property
     def kw(self) -> dict:
         """smbclient keyword arguments, on this client's own connection. Each client gets its own ClientGUID
-        (smbclient's default is one per process): separate PACS machines have separate GUIDs, and Samba
-        hands connections that share a GUID over to one smbd process."""
+        (smbclient's default is one per process): separate PACS machines have separate GUIDs (with multi-channel,
+        now off in smb.conf, Samba handed connections that share a GUID over to one smbd process)."""
         cache = self._kw["connection_cache"]
         key = f"127.0.0.1:{self.port}"
         if key not in cache or not cache[key].transport.connected:
