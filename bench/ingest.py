@@ -139,9 +139,13 @@ def ftp_client(port: int, idx: list[int], run: Run, blocks: list[bytes]) -> None
     ftp.quit()
 
 
+# The SFTP clients' cipher preference (--sftp-ciphers); empty: asyncssh's, chacha20-poly1305 first as OpenSSH's
+CLIENT_CIPHERS: list[str] = []
+
+
 def _ssh(port: int):  # asyncssh's connection context manager
     return asyncssh.connect("127.0.0.1", port, username=USER, password=PASSWORD, known_hosts=None,
-                            client_keys=None, agent_path=None)
+                            client_keys=None, agent_path=None, encryption_algs=CLIENT_CIPHERS or ())
 
 
 async def sftp_mkdirs(port: int, dirs: list[str]) -> None:
@@ -339,7 +343,10 @@ def main() -> int:
     ap.add_argument("--sftp-block", type=int, default=-1,
                     help="bytes per SFTP WRITE (default: the most the server takes; OpenSSH's sftp sends 32768)")
     ap.add_argument("--warmup", type=int, default=0, help="untimed files per target before the rounds (default 0)")
+    ap.add_argument("--sftp-ciphers", default="",
+                    help="the SFTP clients' ciphers, preferred first: aes128-gcm@openssh.com,... (default asyncssh's)")
     args = ap.parse_args()
+    CLIENT_CIPHERS[:] = [c for c in args.sftp_ciphers.split(",") if c]
     if not 1 <= args.rounds <= args.files:
         ap.error("--rounds must be 1..--files")
 
