@@ -166,14 +166,6 @@ def _coalesced(chan: asyncssh.SSHServerChannel[bytes], sent: Callable[[], None])
     chan.write, chan.close = hold, closing  # type: ignore[method-assign]
 
 
-def _no_env(chan: asyncssh.SSHServerChannel[bytes]) -> None:
-    """A client's environment variables ("env" requests, RFC 4254 6.4) are refused, as OpenSSH refuses those outside
-    its AcceptEnv: the agent runs no command, and asyncssh kept every one for the channel's life without a limit (a
-    logged-in client sent 1 000 of 30 KB per channel: 287 MB in the agent over one connection's 10 channels). `chan`
-    is asyncssh's own channel: the server has no line editor, whose wrapper would take the refusal instead."""
-    chan._process_env_request = lambda packet: False  # type: ignore[method-assign]
-
-
 def _path_of(handle: object) -> str | None:
     return handle.path if isinstance(handle, WriteHandle) else handle.entry.path if isinstance(handle, ReadHandle) \
         else None
@@ -243,7 +235,11 @@ class _Session(SSHServerStreamSession[bytes]):
     def connection_made(self, chan: asyncssh.SSHServerChannel[bytes]) -> None:  # type: ignore[override]
         super().connection_made(chan)
         _coalesced(chan, self.owner.active)
-        _no_env(chan)
+        # A client's environment variables ("env" requests, RFC 4254 6.4) are refused, as OpenSSH refuses those outside
+        # its AcceptEnv: the agent runs no command, and asyncssh kept every one for the channel's life without a limit
+        # (a logged-in client sent 1 000 of 30 KB per channel: 287 MB in the agent over one connection's 10 channels).
+        # `chan` is asyncssh's own channel: the server has no line editor, whose wrapper would take the refusal instead.
+        chan._process_env_request = lambda packet: False  # type: ignore[method-assign]
 
     def session_started(self) -> None:
         """asyncssh's, with _Handler's loop (asyncssh's own has no hook for it). The session grants the sftp
