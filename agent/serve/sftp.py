@@ -93,15 +93,14 @@ def _linger(sock: socket.socket, closed: Callable[[], None]) -> None:
             pass
         close()
 
+    timer = loop.call_later(LINGER_S, close)
     try:
         sock.setblocking(False)
         sock.shutdown(socket.SHUT_WR)
     except OSError:  # the client is gone already
-        sock.close()
-        closed()
+        close()
         return
     loop.add_reader(fd, drain)
-    timer = loop.call_later(LINGER_S, close)
 
 
 def ensure_host_key(path: str) -> asyncssh.SSHKey:
@@ -226,10 +225,8 @@ class _Session(SSHServerStreamSession[bytes]):
         """A packet asyncssh cannot frame (longer than it takes, or too short for a type and an id) ends the SFTP
         session, and asyncssh then closes the open files through GatewaySFTP.close as if the client had sent
         CLOSE: a half-written upload was committed over the stored file. Such a session has ended here."""
-        if self._length_next:
-            self.ended |= int.from_bytes(data, "big") > asyncssh.sftp.MAX_SFTP_PACKET_LEN
-        else:
-            self.ended |= len(data) < 5
+        self.ended |= (int.from_bytes(data, "big") > asyncssh.sftp.MAX_SFTP_PACKET_LEN if self._length_next
+                       else len(data) < 5)
         self._length_next = not self._length_next
 
     def connection_made(self, chan: asyncssh.SSHServerChannel[bytes]) -> None:  # type: ignore[override]
@@ -276,10 +273,9 @@ class _Auth(asyncssh.SSHServer):
 
     def __init__(self, passwords: Passwords, cfg: SftpConfig, gateway: Gateway, guard: LoginGuard,
                  sftp_factory: type[GatewaySFTP], startups: Startups) -> None:
-        self.passwords, self.cfg, self.gateway, self.guard = passwords, cfg, gateway, guard
-        self.startups = startups
+        self.passwords, self.cfg, self.gateway, self.guard, self.startups, self.sftp_factory = (
+            passwords, cfg, gateway, guard, startups, sftp_factory)
         self.startup: Startup | None = None  # its slot of sftp.max_unauthenticated, until the login
-        self.sftp_factory = sftp_factory
         self.conn: asyncssh.SSHServerConnection | None = None
         self.address = ""
         self.username = "-"
