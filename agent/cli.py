@@ -116,7 +116,6 @@ def cmd_evict(args: argparse.Namespace) -> int:
 
 
 def _dry_run(url: str, token: str, as_json: bool, text: Callable[[dict], str]) -> int:
-    """A --dry-run: the agent's plan, as JSON or as text."""
     status, plan = _admin(url, token)
     if status != 200:
         return complain(str(plan.get("error")), 2)

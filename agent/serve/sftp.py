@@ -440,7 +440,6 @@ class _Auth(asyncssh.SSHServer):
         self._disconnect(code)
 
     def _failed(self) -> None:
-        """One more failed login on this connection: it ends at MAX_AUTH_TRIES."""
         self.failures += 1
         if self.failures >= MAX_AUTH_TRIES:
             self._cut(asyncssh.DISC_NO_MORE_AUTH_METHODS_AVAILABLE, "too many authentication failures",
@@ -483,7 +482,6 @@ class _Auth(asyncssh.SSHServer):
 
 
 def _opened(file_obj: object, kind: type[H], purpose: str) -> H:
-    """The handle a request names, if it was opened for `purpose` (reading or writing)."""
     if not isinstance(file_obj, kind):
         raise asyncssh.SFTPPermissionDenied(f"file not opened for {purpose}")
     return file_obj
