@@ -254,9 +254,7 @@ class LoginGuard:
                                       (user, address)).fetchone()
             # Where the user logged in from is held to its own checks, not its /64's: a host of its LAN guessing
             # would hold them all, and the PACS wait for its turn
-            keys = [("address", address if trusted else address_group(address))]
-            if not trusted:
-                keys.append(("user", user))
+            keys = [("address", address)] if trusted else [("address", address_group(address)), ("user", user)]
             for scope, key in keys:
                 (failures,) = self.db.execute("SELECT COUNT(*) FROM failures WHERE scope = ? AND key = ? AND at > ?",
                                               (scope, key, now - self.cfg.window_seconds)).fetchone()

@@ -116,7 +116,6 @@ def cmd_evict(args: argparse.Namespace) -> int:
 
 
 def _dry_run(url: str, token: str, as_json: bool, text: Callable[[dict], str]) -> int:
-    """A --dry-run: the agent's plan, as JSON or as text."""
     status, plan = _admin(url, token)
     if status != 200:
         return complain(str(plan.get("error")), 2)
@@ -147,19 +146,6 @@ def cmd_prefetch(args: argparse.Namespace) -> int:
     status, started = _admin(url, token, {}, "POST")
     if status != 202:
         return complain(str(started.get("error")), 1)
-    return _follow_prefetch(url, token)
-
-
-def _plan_text(plan: dict) -> str:
-    lines = ["predicted heat (expected reads in the next 24 h):"]
-    lines += [f"  {r['heat']:>10.2f}  {r['dir']}  ({r['why']})" for r in plan["ranked"]]
-    lines.append(f"would fetch {plan['planned_bytes']} bytes (budget {plan['budget_bytes']}):")
-    lines += [f"  {d['dir']}: {d['files']} files, {d['bytes']} bytes, heat {d['heat']}" for d in plan["chosen"]]
-    lines += [f"  not fitting the budget: {d['dir']} ({d['bytes']} bytes)" for d in plan["skipped"]]
-    return "\n".join(lines)
-
-
-def _follow_prefetch(url: str, token: str) -> int:
     with _bar(0, "prefetch", "B") as bar:
         while True:
             run = _admin(url + "?status=1", token)[1]["status"]
@@ -171,6 +157,15 @@ def _follow_prefetch(url: str, token: str) -> int:
     print(f"prefetched {run['fetched_files']} files, {run['fetched_bytes']} bytes"
           + (f"; stopped: {run['stopped']}" if run["stopped"] else ""))
     return 0
+
+
+def _plan_text(plan: dict) -> str:
+    lines = ["predicted heat (expected reads in the next 24 h):"]
+    lines += [f"  {r['heat']:>10.2f}  {r['dir']}  ({r['why']})" for r in plan["ranked"]]
+    lines.append(f"would fetch {plan['planned_bytes']} bytes (budget {plan['budget_bytes']}):")
+    lines += [f"  {d['dir']}: {d['files']} files, {d['bytes']} bytes, heat {d['heat']}" for d in plan["chosen"]]
+    lines += [f"  not fitting the budget: {d['dir']} ({d['bytes']} bytes)" for d in plan["skipped"]]
+    return "\n".join(lines)
 
 
 def cmd_fsck(args: argparse.Namespace) -> int:

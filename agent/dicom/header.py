@@ -37,11 +37,6 @@ _PATIENT_ID = _TAGS["patient"]
 _LAST = max(_TAGS.values())
 
 
-def _past_last(tag: int, vr: object, length: int) -> bool:
-    """pydicom's stop_when: nothing after the last tag used is read (nor checked for truncation)."""
-    return tag > _LAST
-
-
 class _TooComplex(Exception):
     """Raised into pydicom by _Budgeted: not an EOFError, which pydicom would take for a short file."""
 
@@ -69,9 +64,7 @@ def _cut_element(ds: Any) -> int | None:
     """The tag of the last element read if its value ends early (pydicom keeps it silently), else None."""
     from pydicom.dataelem import RawDataElement
 
-    if not ds:
-        return None
-    e = ds.get_item(max(ds.keys()))  # raw: not converted, cheap
+    e = ds.get_item(max(ds.keys())) if ds else None  # raw: not converted, cheap
     if isinstance(e, RawDataElement) and e.length != 0xFFFFFFFF and len(e.value or b"") < e.length:
         return int(e.tag)
     return None
@@ -128,11 +121,6 @@ def _elements(head: bytes, pos: int, explicit: bool, meta: bool) -> tuple[dict[i
     return None
 
 
-def _plain(raw: bytes) -> bool:
-    """Whether pydicom decodes these bytes the same in every character set: ASCII, no ISO 2022 escape, no '\\'."""
-    return raw.isascii() and b"\\" not in raw and b"\x1b" not in raw
-
-
 def _scan(head: bytes, bound: str) -> Header | None:
     """The header of the usual file without pydicom; None when pydicom must read it (see the module doc)."""
     meta = _elements(head, PREAMBLE + 4, True, True)
@@ -150,7 +138,8 @@ def _scan(head: bytes, bound: str) -> Header | None:
         return None
     raw = data[0]
     patient = raw.get(_PATIENT_ID)
-    if patient is not None and not _plain(patient):
+    # pydicom decodes a PatientID the same in every character set only when ASCII, with no ISO 2022 escape, no '\'
+    if patient is not None and not (patient.isascii() and b"\\" not in patient and b"\x1b" not in patient):
         return None
     v = {k: _text(raw[tag].decode("latin-1")) if tag in raw else None for k, tag in _TAGS.items()}
     if patient is not None:  # as pydicom's text conversion leaves it (it strips trailing NULs and spaces)
@@ -197,7 +186,8 @@ def _parse_pydicom(head: bytes, bound: str) -> Header:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # pydicom warns on odd-but-readable values; we report what matters
-            ds = read_partial(_Budgeted(head, PYDICOM_READS), stop_when=_past_last)
+            # stop_when: nothing after the last tag used is read (nor checked for truncation)
+            ds = read_partial(_Budgeted(head, PYDICOM_READS), stop_when=lambda tag, vr, length: tag > _LAST)
             cut = _cut_element(ds)
             values = {k: _value(ds, tag) if tag in ds and tag != cut else None for k, tag in _TAGS.items()}
             ts = _text(getattr(ds.file_meta, "TransferSyntaxUID", None))

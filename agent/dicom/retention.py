@@ -60,8 +60,7 @@ def header_from_meta(metadata: Mapping[str, str]) -> Header | None:
 def describe(rule: RetentionRule, index: int) -> str:
     what = [f"modality {'/'.join(rule.modality)}"] if rule.modality else []
     what += [f"SOP class {'/'.join(rule.sop_class)}"] if rule.sop_class else []
-    if rule.study_from or rule.study_to:
-        what.append(f"study {rule.study_from or '…'}-{rule.study_to or '…'}")
+    what += [f"study {rule.study_from or '…'}-{rule.study_to or '…'}"] if rule.study_from or rule.study_to else []
     what += [f"under {rule.prefix}"] if rule.prefix else []
     return f"compliance.rules[{index}] ({', '.join(what) or 'every file'})"
 

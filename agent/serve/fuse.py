@@ -441,10 +441,8 @@ class GatewayFS(pyfuse3.Operations):
         path = self._path(inode)
         self._admit(ctx, path, "files", self._files_of[ctx.uid], MAX_OPEN_FILES)
         writable = bool(flags & (os.O_WRONLY | os.O_RDWR))
-        if path not in self._writing:
-            e = await self._call(self.gw.stat(path))
-            if e.is_dir:
-                raise pyfuse3.FUSEError(errno.EISDIR)
+        if path not in self._writing and (await self._call(self.gw.stat(path))).is_dir:
+            raise pyfuse3.FUSEError(errno.EISDIR)
         if writable and (self.closing or self.draining):
             raise pyfuse3.FUSEError(errno.EROFS)
         op = _Open(inode, path, writable=writable, who=self._who(ctx), pid=ctx.pid, truncate=bool(flags & os.O_TRUNC))

@@ -93,15 +93,14 @@ def _linger(sock: socket.socket, closed: Callable[[], None]) -> None:
             pass
         close()
 
+    timer = loop.call_later(LINGER_S, close)
     try:
         sock.setblocking(False)
         sock.shutdown(socket.SHUT_WR)
     except OSError:  # the client is gone already
-        sock.close()
-        closed()
+        close()
         return
     loop.add_reader(fd, drain)
-    timer = loop.call_later(LINGER_S, close)
 
 
 def ensure_host_key(path: str) -> asyncssh.SSHKey:
@@ -166,14 +165,6 @@ def _coalesced(chan: asyncssh.SSHServerChannel[bytes], sent: Callable[[], None])
     chan.write, chan.close = hold, closing  # type: ignore[method-assign]
 
 
-def _no_env(chan: asyncssh.SSHServerChannel[bytes]) -> None:
-    """A client's environment variables ("env" requests, RFC 4254 6.4) are refused, as OpenSSH refuses those outside
-    its AcceptEnv: the agent runs no command, and asyncssh kept every one for the channel's life without a limit (a
-    logged-in client sent 1 000 of 30 KB per channel: 287 MB in the agent over one connection's 10 channels). `chan`
-    is asyncssh's own channel: the server has no line editor, whose wrapper would take the refusal instead."""
-    chan._process_env_request = lambda packet: False  # type: ignore[method-assign]
-
-
 def _path_of(handle: object) -> str | None:
     return handle.path if isinstance(handle, WriteHandle) else handle.entry.path if isinstance(handle, ReadHandle) \
         else None
@@ -234,16 +225,18 @@ class _Session(SSHServerStreamSession[bytes]):
         """A packet asyncssh cannot frame (longer than it takes, or too short for a type and an id) ends the SFTP
         session, and asyncssh then closes the open files through GatewaySFTP.close as if the client had sent
         CLOSE: a half-written upload was committed over the stored file. Such a session has ended here."""
-        if self._length_next:
-            self.ended |= int.from_bytes(data, "big") > asyncssh.sftp.MAX_SFTP_PACKET_LEN
-        else:
-            self.ended |= len(data) < 5
+        self.ended |= (int.from_bytes(data, "big") > asyncssh.sftp.MAX_SFTP_PACKET_LEN if self._length_next
+                       else len(data) < 5)
         self._length_next = not self._length_next
 
     def connection_made(self, chan: asyncssh.SSHServerChannel[bytes]) -> None:  # type: ignore[override]
         super().connection_made(chan)
         _coalesced(chan, self.owner.active)
-        _no_env(chan)
+        # A client's environment variables ("env" requests, RFC 4254 6.4) are refused, as OpenSSH refuses those outside
+        # its AcceptEnv: the agent runs no command, and asyncssh kept every one for the channel's life without a limit
+        # (a logged-in client sent 1 000 of 30 KB per channel: 287 MB in the agent over one connection's 10 channels).
+        # `chan` is asyncssh's own channel: the server has no line editor, whose wrapper would take the refusal instead.
+        chan._process_env_request = lambda packet: False  # type: ignore[method-assign]
 
     def session_started(self) -> None:
         """asyncssh's, with _Handler's loop (asyncssh's own has no hook for it). The session grants the sftp
@@ -280,10 +273,9 @@ class _Auth(asyncssh.SSHServer):
 
     def __init__(self, passwords: Passwords, cfg: SftpConfig, gateway: Gateway, guard: LoginGuard,
                  sftp_factory: type[GatewaySFTP], startups: Startups) -> None:
-        self.passwords, self.cfg, self.gateway, self.guard = passwords, cfg, gateway, guard
-        self.startups = startups
+        self.passwords, self.cfg, self.gateway, self.guard, self.startups, self.sftp_factory = (
+            passwords, cfg, gateway, guard, startups, sftp_factory)
         self.startup: Startup | None = None  # its slot of sftp.max_unauthenticated, until the login
-        self.sftp_factory = sftp_factory
         self.conn: asyncssh.SSHServerConnection | None = None
         self.address = ""
         self.username = "-"
@@ -448,7 +440,6 @@ class _Auth(asyncssh.SSHServer):
         self._disconnect(code)
 
     def _failed(self) -> None:
-        """One more failed login on this connection: it ends at MAX_AUTH_TRIES."""
         self.failures += 1
         if self.failures >= MAX_AUTH_TRIES:
             self._cut(asyncssh.DISC_NO_MORE_AUTH_METHODS_AVAILABLE, "too many authentication failures",
@@ -491,7 +482,6 @@ class _Auth(asyncssh.SSHServer):
 
 
 def _opened(file_obj: object, kind: type[H], purpose: str) -> H:
-    """The handle a request names, if it was opened for `purpose` (reading or writing)."""
     if not isinstance(file_obj, kind):
         raise asyncssh.SFTPPermissionDenied(f"file not opened for {purpose}")
     return file_obj

@@ -68,13 +68,6 @@ def smb_users(cfg: Config) -> list[UserConfig]:
     return [u for u in cfg.users if u.password]
 
 
-def _listen_lines(host: str) -> list[str]:
-    """A wildcard address listens on every interface (Samba cannot name 0.0.0.0), any other on its own."""
-    if host != "localhost" and ipaddress.ip_address(host).is_unspecified:
-        return ["bind interfaces only = no"]
-    return [f"interfaces = {host}", "bind interfaces only = yes"]
-
-
 def render_conf(cfg: Config) -> str:
     s = cfg.smb
     host, port = s.listen
@@ -97,7 +90,9 @@ def render_conf(cfg: Config) -> str:
         f"log level = 1 auth_json_audit:3@{state}/{AUTH_LOG}",
         f"username map = {state}/usermap",
         f"smb ports = {port}",
-        *_listen_lines(host),
+        # a wildcard address listens on every interface (Samba cannot name 0.0.0.0), any other on its own
+        *(["bind interfaces only = no"] if host != "localhost" and ipaddress.ip_address(host).is_unspecified
+          else [f"interfaces = {host}", "bind interfaces only = yes"]),
         *([f"hosts allow = {' '.join(s.hosts_allow)}", "hosts deny = ALL"] if s.hosts_allow else []),
         f"include = {state}/{BANS_CONF}",  # after the hosts lines: it overrides them while a ban lasts
         "disable netbios = yes",
