@@ -425,9 +425,7 @@ class Generator:
                 if done.size:
                     self._event(t, "R", int(rng.choice(done)), kind="longtail")
                 continue
-            patient = int(rng.integers(0, p.patient_pool))
-            self._materialise_history(patient, self._draw_modality(), 0)
-            old = [i for i in self.history[patient] if self.studies[i].day < 0]
+            old = self._archive_studies_of_a_patient()
             if not old:
                 continue
             t = self._next_working(day * DAY + rng.uniform(0, DAY))
@@ -440,12 +438,15 @@ class Generator:
             return np.zeros(0, dtype=np.int64)
         cases: list[int] = []
         for _ in range(p.teaching_cases):
-            patient = int(rng.integers(0, p.patient_pool))
-            self._materialise_history(patient, self._draw_modality(), 0)
-            old = [i for i in self.history[patient] if self.studies[i].day < 0]
-            if old:
+            if old := self._archive_studies_of_a_patient():
                 cases.append(int(rng.choice(old)))
         return np.array(cases, dtype=np.int64)
+
+    def _archive_studies_of_a_patient(self) -> list[int]:
+        """The studies in the archive before the trace of a random patient (their history drawn if not yet)."""
+        patient = int(self.rng.integers(0, self.p.patient_pool))
+        self._materialise_history(patient, self._draw_modality(), 0)
+        return [i for i in self.history[patient] if self.studies[i].day < 0]
 
     # -- expansion
     def _expand(self, ev: Event) -> tuple[np.ndarray, np.ndarray]:
