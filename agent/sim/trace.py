@@ -175,11 +175,8 @@ class TraceArrays:
     def dir_day(self) -> np.ndarray:
         """Acquisition day of every directory (relative to the trace start)."""
         start = dt.date.fromisoformat(self.meta["start"])
-        out = []
-        for d in self.dir_names:
-            day = next(p for p in d.split("/") if len(p) == 10 and p[4] == "-" and p[7] == "-")
-            out.append((dt.date.fromisoformat(day) - start).days)
-        return np.array(out, dtype=np.int32)
+        dates = (next(p for p in d.split("/") if len(p) == 10 and p[4] == "-" and p[7] == "-") for d in self.dir_names)
+        return np.array([(dt.date.fromisoformat(day) - start).days for day in dates], dtype=np.int32)
 
     def dir_modality(self) -> np.ndarray:
         codes = {m: i for i, m in enumerate(self.modality_names)}
