@@ -81,14 +81,11 @@ def write_trace(g: Generator, path: str | Path, progress: bool = False) -> dict:
 def _study_names(g: Generator, idx: int) -> tuple[list[int], str, list[str]]:
     """(sizes, the study's trailing columns, every instance path): computed once per study."""
     st = g.studies[idx]
-    layout = g.p.layout
     date = (g.start + dt.timedelta(days=st.day)).isoformat()
-    paths: list[str] = []
     starts = st.series_starts.tolist()
-    for se in range(len(starts) - 1):
-        for k in range(starts[se + 1] - starts[se]):
-            paths.append(layout.format(modality=st.modality, date=date, study=f"ST{st.idx:08d}",
-                                       series=f"SE{se + 1:03d}", instance=f"{k + 1:05d}"))
+    paths = [g.p.layout.format(modality=st.modality, date=date, study=f"ST{st.idx:08d}", series=f"SE{se + 1:03d}",
+                               instance=f"{k + 1:05d}")
+             for se in range(len(starts) - 1) for k in range(starts[se + 1] - starts[se])]
     tail = f"P{st.patient:07d}\tST{st.idx:08d}\t{st.modality}\t{st.department}"
     return st.sizes.tolist(), tail, paths
 
