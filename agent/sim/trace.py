@@ -17,7 +17,6 @@ import dataclasses
 import datetime as dt
 import gzip
 import io
-import itertools
 import json
 import os
 from dataclasses import dataclass
@@ -123,11 +122,6 @@ def _fields(path: str | Path) -> Iterator[list[str]]:
 def _records(path: str | Path) -> Iterator[Request]:
     for t, op, p, size, patient, study, modality, dep in _fields(path):
         yield Request(float(t), op, p, int(size), patient, study, modality, dep)
-
-
-def iter_catalog(path: str | Path) -> Iterator[Request]:
-    """The `S` lines: pre-existing studies (path = study directory, size = total bytes)."""
-    return itertools.takewhile(lambda r: r.op == "S", _records(path))
 
 
 def iter_requests(path: str | Path) -> Iterator[Request]:
