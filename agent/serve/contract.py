@@ -33,7 +33,6 @@ import structlog
 
 from agent.audit import Who, failure
 from agent.auth import REFUSALS_EVERY, Every, LoginGuard, refusal
-from agent.auth import unmapped as unmapped  # FTP compares data-connection peers by it
 from agent.store.errors import (
     AlreadyExists,
     BadOffset,

@@ -52,11 +52,11 @@ import structlog
 from aioftp.common import END_OF_LINE, ThrottleStreamIO
 
 from agent.audit import Who
-from agent.auth import REFUSALS_EVERY, Every, LoginGuard, Passwords, refusal
+from agent.auth import REFUSALS_EVERY, Every, LoginGuard, Passwords, refusal, unmapped
 from agent.config import Config, UserConfig
 from agent.records import Entry
 from agent.serve import contract
-from agent.serve.contract import answer, report, st_mode, tls_context, unmapped
+from agent.serve.contract import answer, report, st_mode, tls_context
 from agent.serve.startups import Startup, Startups
 from agent.store.errors import Corrupt, GatewayError, IsADirectory
 from agent.store.gateway import Gateway, ReadHandle, WriteHandle

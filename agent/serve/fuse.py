@@ -221,13 +221,10 @@ class GatewayFS(pyfuse3.Operations):
             self._detach(new)
             self._inodes[ino].path = new
             self._by_path[new] = ino
-        for path in [p for p in self._writing if p == src or p.startswith(prefix)]:
-            op = self._writing.pop(path)
-            new = dst + path[len(src):]
-            op.path = new
-            if op.writer is not None:
-                op.writer.rename(new)
-            self._writing[new] = op
+        if (shown := self._writing.pop(src, None)) is not None:  # not below src: the gateway refused that (WriteMarks)
+            self._writing[dst] = shown
+            if shown.writer is not None:
+                shown.writer.rename(dst)  # its commit stores it under dst
         for op in self._files.values():
             if op.path == src or op.path.startswith(prefix):
                 op.path = dst + op.path[len(src):]

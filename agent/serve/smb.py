@@ -78,12 +78,9 @@ def render_conf(cfg: Config) -> str:
         "server role = standalone server",
         "security = user",
         "passdb backend = tdbsam",
-        f"private dir = {state}/private",
-        f"lock directory = {state}/lock",
-        f"state directory = {state}/state",
-        f"cache directory = {state}/cache",
-        f"pid directory = {state}/run",
-        f"ncalrpc dir = {state}/run/ncalrpc",
+        *(f"{option} = {state}/{below}" for option, below in (
+            ("private dir", "private"), ("lock directory", "lock"), ("state directory", "state"),
+            ("cache directory", "cache"), ("pid directory", "run"), ("ncalrpc dir", "run/ncalrpc"))),
         f"log file = {state}/log/smbd.log",
         "max log size = 10000",
         # failed (level 2) and successful (level 3) logins as JSON, in a file of their own the agent follows

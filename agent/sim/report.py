@@ -175,6 +175,11 @@ def _save(fig, ax, path: Path) -> str:  # matplotlib Figure/Axes, imported lazil
     return path.name
 
 
+# What results.json keeps of each SchemeResult, beside its scheme, stack and share of the gap closed
+RESULT_FIELDS = ("cpu_s", "hit_ratio", "byte_hit_ratio", "mean_latency_s", "p95_latency_s", "mean_queued_latency_s",
+                 "p95_queued_latency_s", "egress_peak_mbps", "prefetch_bytes", "prefetch_used_bytes", "daily_hit_ratio")
+
+
 def write_report(ta: TraceArrays, cfg: ReplayConfig, results: list[SchemeResult], refs: list,
                  out: str | Path | None, title: str | None = None, catalog: CatalogMemory | None = None,
                  timings: dict[str, float] | None = None) -> str:
@@ -196,13 +201,7 @@ def write_report(ta: TraceArrays, cfg: ReplayConfig, results: list[SchemeResult]
             "schemes": [{"scheme": r.scheme, "default": r.scheme == DEFAULT_SCHEME,
                          "stack": dict(zip(("eviction", "prefetch"), SCHEMES.get(r.scheme, (None, None)), strict=True)),
                          "gap_closed": dict(zip(("object", "byte"), closed.get(r.scheme, (None, None)), strict=True)),
-                         "cpu_s": r.cpu_s, "hit_ratio": r.hit_ratio, "byte_hit_ratio": r.byte_hit_ratio,
-                         "mean_latency_s": r.mean_latency_s, "p95_latency_s": r.p95_latency_s,
-                         "mean_queued_latency_s": r.mean_queued_latency_s,
-                         "p95_queued_latency_s": r.p95_queued_latency_s,
-                         "egress_peak_mbps": r.egress_peak_mbps, "prefetch_bytes": r.prefetch_bytes,
-                         "prefetch_used_bytes": r.prefetch_used_bytes, "daily_hit_ratio": r.daily_hit_ratio}
-                        for r in results],
+                         **{name: getattr(r, name) for name in RESULT_FIELDS}} for r in results],
             "catalog": asdict(catalog) if catalog else None, "timings_s": timings or {},
             "reference": [{"algorithm": f.algorithm, "hit_ratio": f.hit_ratio, "byte_hit_ratio": f.byte_hit_ratio}
                           for f in refs]}

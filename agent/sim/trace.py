@@ -17,7 +17,6 @@ import dataclasses
 import datetime as dt
 import gzip
 import io
-import itertools
 import json
 import os
 from dataclasses import dataclass
@@ -81,14 +80,11 @@ def write_trace(g: Generator, path: str | Path, progress: bool = False) -> dict:
 def _study_names(g: Generator, idx: int) -> tuple[list[int], str, list[str]]:
     """(sizes, the study's trailing columns, every instance path): computed once per study."""
     st = g.studies[idx]
-    layout = g.p.layout
     date = (g.start + dt.timedelta(days=st.day)).isoformat()
-    paths: list[str] = []
     starts = st.series_starts.tolist()
-    for se in range(len(starts) - 1):
-        for k in range(starts[se + 1] - starts[se]):
-            paths.append(layout.format(modality=st.modality, date=date, study=f"ST{st.idx:08d}",
-                                       series=f"SE{se + 1:03d}", instance=f"{k + 1:05d}"))
+    paths = [g.p.layout.format(modality=st.modality, date=date, study=f"ST{st.idx:08d}", series=f"SE{se + 1:03d}",
+                               instance=f"{k + 1:05d}")
+             for se in range(len(starts) - 1) for k in range(starts[se + 1] - starts[se])]
     tail = f"P{st.patient:07d}\tST{st.idx:08d}\t{st.modality}\t{st.department}"
     return st.sizes.tolist(), tail, paths
 
@@ -114,19 +110,18 @@ def read_header(path: str | Path) -> dict:
     return json.loads(first[len(MAGIC):])
 
 
-def _records(path: str | Path) -> Iterator[Request]:
-    """Every record after the two header lines, `S` (catalog) lines first."""
+def _fields(path: str | Path) -> Iterator[list[str]]:
+    """The COLUMNS of every record after the two header lines, as text, `S` (catalog) lines first."""
     with _open(path, "r") as f:
         f.readline()
         f.readline()
         for line in f:
-            t, op, p, size, patient, study, modality, dep = line.rstrip("\n").split("\t")
-            yield Request(float(t), op, p, int(size), patient, study, modality, dep)
+            yield line.rstrip("\n").split("\t")
 
 
-def iter_catalog(path: str | Path) -> Iterator[Request]:
-    """The `S` lines: pre-existing studies (path = study directory, size = total bytes)."""
-    return itertools.takewhile(lambda r: r.op == "S", _records(path))
+def _records(path: str | Path) -> Iterator[Request]:
+    for t, op, p, size, patient, study, modality, dep in _fields(path):
+        yield Request(float(t), op, p, int(size), patient, study, modality, dep)
 
 
 def iter_requests(path: str | Path) -> Iterator[Request]:
@@ -171,11 +166,8 @@ class TraceArrays:
     def dir_day(self) -> np.ndarray:
         """Acquisition day of every directory (relative to the trace start)."""
         start = dt.date.fromisoformat(self.meta["start"])
-        out = []
-        for d in self.dir_names:
-            day = next(p for p in d.split("/") if len(p) == 10 and p[4] == "-" and p[7] == "-")
-            out.append((dt.date.fromisoformat(day) - start).days)
-        return np.array(out, dtype=np.int32)
+        dates = (next(p for p in d.split("/") if len(p) == 10 and p[4] == "-" and p[7] == "-") for d in self.dir_names)
+        return np.array([(dt.date.fromisoformat(day) - start).days for day in dates], dtype=np.int32)
 
     def dir_modality(self) -> np.ndarray:
         codes = {m: i for i, m in enumerate(self.modality_names)}
@@ -198,6 +190,12 @@ def check_replayable(ta: TraceArrays) -> None:
                          f"({bad.size:,} such); convert the source with `pacsgw import-trace`")
 
 
+# TraceArrays' columns and their types, in this order: parse_trace fills them, load_arrays caches them
+_ARRAYS = {"t": np.float64, "is_write": bool, "obj": np.int32, "size": np.int64, "obj_study": np.int32,
+           "obj_dir": np.int32, "obj_size": np.int64, "study_patient": np.int32, "study_modality": np.int16,
+           "study_department": np.int16, "study_day": np.int32, "study_bytes": np.int64}
+
+
 def _layout_index(layout: str, key: str) -> int:
     return [i for i, part in enumerate(layout.split("/")) if "{" + key + "}" in part][0]
 
@@ -214,24 +212,10 @@ def parse_trace(path: str | Path, progress: bool = False) -> TraceArrays:
         dir_depth = max(_layout_index(layout, "date"), _layout_index(layout, "modality")) + 1
         date_index = _layout_index(layout, "date")
     start = dt.date.fromisoformat(meta["start"])
-    objs: dict[str, int] = {}
-    studies: dict[str, int] = {}
-    dirs: dict[str, int] = {}
-    patients: dict[str, int] = {}
-    mods: dict[str, int] = {}
-    deps: dict[str, int] = {}
-    t_l: list[float] = []
-    w_l: list[bool] = []
-    o_l: list[int] = []
-    s_l: list[int] = []
-    obj_study: list[int] = []
-    obj_dir: list[int] = []
-    obj_size: list[int] = []
-    st_pat: list[int] = []
-    st_mod: list[int] = []
-    st_dep: list[int] = []
-    st_day: list[int] = []
-    st_bytes: list[int] = []
+    # interned names → their number: objects (paths), studies, day directories, patients, modalities, departments
+    objs, studies, dirs, patients, mods, deps = {}, {}, {}, {}, {}, {}
+    columns: dict[str, list] = {name: [] for name in _ARRAYS}
+    t_l, w_l, o_l, s_l, obj_study, obj_dir, obj_size, st_pat, st_mod, st_dep, st_day, st_bytes = columns.values()
     bar = _bar(progress, meta.get("requests"), "parse trace")
     k = 0
 
@@ -244,62 +228,46 @@ def parse_trace(path: str | Path, progress: bool = False) -> TraceArrays:
         sid = studies[study] = len(studies)
         return sid
 
-    with _open(path, "r") as f:
-        f.readline()
-        f.readline()
-        for line in f:
-            t, op, p, size, patient, study, modality, dep = line.rstrip("\n").split("\t")
-            if op == "S":
-                new_study(study, patient, modality, dep,
-                          (dt.date.fromisoformat(p.split("/")[date_index]) - start).days, int(size))
-                continue
-            oid = objs.get(p)
-            isize = int(size)
-            if oid is None:
-                oid = objs[p] = len(objs)
-                sid = studies.get(study)
-                if sid is None:
-                    if dated:
-                        day = (dt.date.fromisoformat(p.split("/")[date_index]) - start).days
-                    else:
-                        day = int(float(t) // DAY) if op == "W" else -1
-                    # -1 bytes: a study acquired during the trace, summed below
-                    sid = new_study(study, patient, modality, dep, day, -1)
-                elif not dated and op == "W" and st_day[sid] < 0:
-                    st_day[sid] = int(float(t) // DAY)
-                did = dirs.setdefault("/".join(p.split("/", dir_depth)[:dir_depth]), len(dirs)) if dated else -1
-                obj_study.append(sid)
-                obj_dir.append(did)
-                obj_size.append(isize)
-            t_l.append(float(t))
-            w_l.append(op == "W")
-            o_l.append(oid)
-            s_l.append(isize)
-            k += 1
-            if k % 1_000_000 == 0:
-                bar.update(1_000_000)
+    for t, op, p, size, patient, study, modality, dep in _fields(path):
+        if op == "S":
+            new_study(study, patient, modality, dep,
+                      (dt.date.fromisoformat(p.split("/")[date_index]) - start).days, int(size))
+            continue
+        oid = objs.get(p)
+        isize = int(size)
+        if oid is None:
+            oid = objs[p] = len(objs)
+            sid = studies.get(study)
+            if sid is None:
+                if dated:
+                    day = (dt.date.fromisoformat(p.split("/")[date_index]) - start).days
+                else:
+                    day = int(float(t) // DAY) if op == "W" else -1
+                # -1 bytes: a study acquired during the trace, summed below
+                sid = new_study(study, patient, modality, dep, day, -1)
+            elif not dated and op == "W" and st_day[sid] < 0:
+                st_day[sid] = int(float(t) // DAY)
+            did = dirs.setdefault("/".join(p.split("/", dir_depth)[:dir_depth]), len(dirs)) if dated else -1
+            obj_study.append(sid)
+            obj_dir.append(did)
+            obj_size.append(isize)
+        t_l.append(float(t))
+        w_l.append(op == "W")
+        o_l.append(oid)
+        s_l.append(isize)
+        k += 1
+        if k % 1_000_000 == 0:
+            bar.update(1_000_000)
     bar.close()
-    obj_study_a = np.array(obj_study, dtype=np.int32)
-    obj_size_a = np.array(obj_size, dtype=np.int64)
-    study_bytes = np.array(st_bytes, dtype=np.int64)
-    summed = np.bincount(obj_study_a, weights=obj_size_a, minlength=len(st_bytes)).astype(np.int64)
-    study_bytes = np.where(study_bytes < 0, summed, study_bytes)
-    obj_dir_a = np.array(obj_dir, dtype=np.int32)
+    a = {name: np.array(values, dtype=_ARRAYS[name]) for name, values in columns.items()}
+    summed = np.bincount(a["obj_study"], weights=a["obj_size"], minlength=len(st_bytes)).astype(np.int64)
+    a["study_bytes"] = np.where(a["study_bytes"] < 0, summed, a["study_bytes"])
     if not dated:
         mod_names = list(mods)
         for o, sid in enumerate(obj_study):
             date = (start + dt.timedelta(days=st_day[sid])).isoformat()
-            obj_dir_a[o] = dirs.setdefault(f"{mod_names[st_mod[sid]]}/{date}", len(dirs))
-    return TraceArrays(study_bytes=study_bytes, meta=meta, t=np.array(t_l, dtype=np.float64),
-        is_write=np.array(w_l, dtype=bool), obj=np.array(o_l, dtype=np.int32), size=np.array(s_l, dtype=np.int64),
-        obj_study=obj_study_a, obj_dir=obj_dir_a, obj_size=obj_size_a, study_patient=np.array(st_pat, dtype=np.int32),
-        study_modality=np.array(st_mod, dtype=np.int16), study_department=np.array(st_dep, dtype=np.int16),
-        study_day=np.array(st_day, dtype=np.int32), dir_names=list(dirs), modality_names=list(mods),
-        department_names=list(deps))
-
-
-_ARRAYS = ("t", "is_write", "obj", "size", "obj_study", "obj_dir", "obj_size", "study_patient",
-           "study_modality", "study_department", "study_day", "study_bytes")
+            a["obj_dir"][o] = dirs.setdefault(f"{mod_names[st_mod[sid]]}/{date}", len(dirs))
+    return TraceArrays(meta=meta, dir_names=list(dirs), modality_names=list(mods), department_names=list(deps), **a)
 
 
 def load_arrays(path: str | Path, progress: bool = False, cache: bool = True) -> TraceArrays:

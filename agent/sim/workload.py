@@ -9,10 +9,9 @@ midnight into the next day: memory is one day of requests. Defaults and sources:
 
 from __future__ import annotations
 
-import dataclasses
 import datetime as dt
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -111,62 +110,49 @@ class WorkloadParams:
                 raise ValueError(f"layout {self.layout!r} lacks {key}")
 
 
-def oncology() -> WorkloadParams:
-    """A cancer centre: CT/PET/MR heavy, nearly every patient returns, weekly tumour boards."""
-    return WorkloadParams(
-        preset="oncology", monthly_tb=2.5,
+# The presets: what each family sets apart from WorkloadParams' defaults (which are `general`'s).
+PRESETS: dict[str, dict[str, Any]] = {
+    "general": {},
+    # A cancer centre: CT/PET/MR heavy, nearly every patient returns, weekly tumour boards.
+    "oncology": dict(
+        monthly_tb=2.5,
         modality_mix={"CT": 0.40, "PT": 0.15, "MR": 0.18, "CR": 0.10, "DX": 0.02, "US": 0.07,
                       "MG": 0.05, "NM": 0.03},
         departments={"ONC": Department(0.70, 4.0, tumour_board=True), "IP": Department(0.15, 2.0),
                      "OP": Department(0.15, 8.0)},
         patient_pool=30_000, returning_share=0.85, priors_mean=5.0, prior_gap_days=90.0,
         priors_read=(1, 3), followup_rate=1.0, tumour_board_share=0.7, longtail_share=0.01,
-        weekend_factor=0.2, working_hours_share=0.85)
-
-
-def outpatient() -> WorkloadParams:
-    """An outpatient imaging centre: few priors, many clinic follow-ups days to weeks later, quick returns."""
-    return WorkloadParams(
-        preset="outpatient", monthly_tb=0.6,
+        weekend_factor=0.2, working_hours_share=0.85),
+    # An outpatient imaging centre: few priors, many clinic follow-ups days to weeks later, quick returns.
+    "outpatient": dict(
+        monthly_tb=0.6,
         modality_mix={"MR": 0.30, "US": 0.25, "CR": 0.15, "DX": 0.10, "CT": 0.12, "MG": 0.08},
         departments={"OP": Department(0.85, 3.0), "ED": Department(0.15, 1.0)},
         patient_pool=20_000, returning_share=0.35, priors_mean=1.0, prior_gap_days=40.0,
         priors_read=(0, 1), followup_rate=2.5, followup_median_days=9.0, followup_series_share=0.8,
-        longtail_share=0.005, weekend_factor=0.1, working_hours_share=0.95)
-
-
-def cancer() -> WorkloadParams:
-    """A cancer centre around weekly boards: PET-CT pairs, cases back for weeks, whole studies shown."""
-    return WorkloadParams(
-        preset="cancer", monthly_tb=1.2,
+        longtail_share=0.005, weekend_factor=0.1, working_hours_share=0.95),
+    # A cancer centre around weekly boards: PET-CT pairs, cases back for weeks, whole studies shown.
+    "cancer": dict(
+        monthly_tb=1.2,
         modality_mix={"CT": 0.35, "PT": 0.25, "MR": 0.20, "NM": 0.08, "CR": 0.07, "MG": 0.05},
         departments={"ONC": Department(0.75, 6.0, tumour_board=True), "RT": Department(0.15, 12.0),
                      "IP": Department(0.10, 2.0)},
         patient_pool=8_000, returning_share=0.9, priors_mean=4.0, prior_gap_days=60.0, priors_read=(1, 2),
         followup_rate=0.4, followup_series_share=1.0, tumour_board_share=0.85, tumour_board_weekday=3,
-        tumour_board_hour=8.0, board_weeks=3.0, petct_share=0.9, longtail_share=0.01, weekend_factor=0.05)
-
-
-def teaching() -> WorkloadParams:
-    """A teaching hospital: the general mix plus a fat long tail of old and teaching cases read again and again."""
-    return WorkloadParams(
-        preset="teaching", monthly_tb=1.5, returning_share=0.5, priors_read=(1, 2), followup_rate=0.8,
+        tumour_board_hour=8.0, board_weeks=3.0, petct_share=0.9, longtail_share=0.01, weekend_factor=0.05),
+    # A teaching hospital: the general mix plus a fat long tail of old and teaching cases read again and again.
+    "teaching": dict(
+        monthly_tb=1.5, returning_share=0.5, priors_read=(1, 2), followup_rate=0.8,
         longtail_share=0.35, teaching_cases=400, teaching_share=0.6,
         departments={"ED": Department(0.25, 0.5), "IP": Department(0.35, 3.0), "OP": Department(0.35, 12.0),
-                     "ONC": Department(0.05, 6.0, tumour_board=True)})
-
-
-def research() -> WorkloadParams:
-    """A tuning family with a fat one-off tail (issue 13): a research centre reading old studies once each."""
-    return WorkloadParams(
-        preset="research", monthly_tb=1.0,
+                     "ONC": Department(0.05, 6.0, tumour_board=True)}),
+    # A tuning family with a fat one-off tail (issue 13): a research centre reading old studies once each.
+    "research": dict(
+        monthly_tb=1.0,
         modality_mix={"MR": 0.35, "CT": 0.25, "US": 0.15, "CR": 0.15, "DX": 0.10},
         departments={"OP": Department(0.60, 4.0), "IP": Department(0.30, 2.0), "ED": Department(0.10, 0.5)},
-        returning_share=0.4, followup_rate=1.0, longtail_share=0.3, weekend_factor=0.2)
-
-
-PRESETS = {"general": WorkloadParams, "oncology": oncology, "outpatient": outpatient, "cancer": cancer,
-           "teaching": teaching, "research": research}
+        returning_share=0.4, followup_rate=1.0, longtail_share=0.3, weekend_factor=0.2),
+}
 # Which families policies may be tuned on, and which are only reported (held out). A `-new` variant of
 # any preset (`--set archive=false`) is a box without a pre-existing archive: no priors, no old tail.
 TUNING = ("general", "oncology", "outpatient", "research")
@@ -176,7 +162,7 @@ HELD_OUT = ("cancer", "teaching")
 def preset(name: str, **overrides: object) -> WorkloadParams:
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; known: {sorted(PRESETS)}")
-    return dataclasses.replace(PRESETS[name](), **overrides)
+    return WorkloadParams(**{"preset": name, **PRESETS[name], **overrides})
 
 
 # --- studies -----------------------------------------------------------------------------------
@@ -439,9 +425,7 @@ class Generator:
                 if done.size:
                     self._event(t, "R", int(rng.choice(done)), kind="longtail")
                 continue
-            patient = int(rng.integers(0, p.patient_pool))
-            self._materialise_history(patient, self._draw_modality(), 0)
-            old = [i for i in self.history[patient] if self.studies[i].day < 0]
+            old = self._archive_studies_of_a_patient()
             if not old:
                 continue
             t = self._next_working(day * DAY + rng.uniform(0, DAY))
@@ -454,12 +438,15 @@ class Generator:
             return np.zeros(0, dtype=np.int64)
         cases: list[int] = []
         for _ in range(p.teaching_cases):
-            patient = int(rng.integers(0, p.patient_pool))
-            self._materialise_history(patient, self._draw_modality(), 0)
-            old = [i for i in self.history[patient] if self.studies[i].day < 0]
-            if old:
+            if old := self._archive_studies_of_a_patient():
                 cases.append(int(rng.choice(old)))
         return np.array(cases, dtype=np.int64)
+
+    def _archive_studies_of_a_patient(self) -> list[int]:
+        """The studies in the archive before the trace of a random patient (their history drawn if not yet)."""
+        patient = int(self.rng.integers(0, self.p.patient_pool))
+        self._materialise_history(patient, self._draw_modality(), 0)
+        return [i for i in self.history[patient] if self.studies[i].day < 0]
 
     # -- expansion
     def _expand(self, ev: Event) -> tuple[np.ndarray, np.ndarray]:
