@@ -223,6 +223,7 @@ class GatewayFS(pyfuse3.Operations):
             self._by_path[new] = ino
         if (shown := self._writing.pop(src, None)) is not None:  # not below src: the gateway refused that (WriteMarks)
             self._writing[dst] = shown
+            shown.path = dst  # also when its fh is already released (an abort or commit still running)
             if shown.writer is not None:
                 shown.writer.rename(dst)  # its commit stores it under dst
         for op in self._files.values():
