@@ -27,7 +27,6 @@ class LoopState:
     crashes: int = 0
     last_error: str = ""
     last_crash: float = 0.0  # time.time() of the last crash
-    restarting: bool = False  # waiting out its backoff
     in_a_row: int = 0  # crashes each within STEADY_SECONDS of the restart before it
 
     def crash_looping(self, now: float) -> bool:
@@ -72,9 +71,7 @@ class Loops:
                 self.metrics.loop_crashes.labels(name).inc()
                 log.error("loop_crashed", loop=name, error=type(exc).__name__, detail=str(exc)[:300],
                           crashes=state.crashes, restart_in=round(delay, 2), exc_info=exc)
-            state.restarting = True
             await asyncio.sleep(delay)
-            state.restarting = False
 
     async def stop(self) -> None:
         for t in self.tasks:
