@@ -155,9 +155,8 @@ def main() -> int:
             s3 = S3Uplink(cfg.uplink)
             await s3.start()
             try:
-                files = snapshot.BucketFiles(s3)
-                for key in await files.keys(snapshot.index_prefix(cfg)):
-                    await files.delete(key)
+                for key in await s3.keys(snapshot.index_prefix(cfg)):
+                    await s3.delete_raw(key)
             finally:
                 await s3.close()
 

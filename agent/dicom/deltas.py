@@ -14,7 +14,7 @@ from typing import Any
 import structlog
 
 from agent.config import Config
-from agent.dicom.snapshot import BucketFiles, Row, bare_etag, decode_rows, delta_prefix, encode_rows
+from agent.dicom.snapshot import GET_MAX, Row, bare_etag, decode_rows, delta_prefix, encode_rows
 from agent.store.catalog import AsyncCatalog
 from agent.uplink.s3 import S3Uplink, error_code
 
@@ -66,9 +66,9 @@ class Deltas:
 
 async def read(cfg: Config, s3: S3Uplink) -> Deltas:
     """Every delta in the bucket (READ_AHEAD at a time); a damaged one is skipped, its objects HEADed."""
-    deltas, files, gate = Deltas(), BucketFiles(s3), asyncio.Semaphore(READ_AHEAD)
+    deltas, gate = Deltas(), asyncio.Semaphore(READ_AHEAD)
     try:  # in key order, i.e. oldest first (their names start with the time they were written)
-        keys = await files.keys(delta_prefix(cfg))
+        keys = await s3.keys(delta_prefix(cfg))
     except Exception as e:
         log.warning("index_deltas_unusable", error=f"{type(e).__name__}: {str(e)[:300]}")
         return deltas
@@ -76,7 +76,7 @@ async def read(cfg: Config, s3: S3Uplink) -> Deltas:
     async def one(key: str) -> list[Any] | None:
         async with gate:
             try:
-                return await decode_rows(await files.get(key))
+                return await decode_rows(await s3.get_raw(key, GET_MAX))
             except Exception as e:
                 log.warning("index_delta_skipped", key=key, error=f"{type(e).__name__}: {str(e)[:200]}",
                             fallback="its objects are HEADed")
