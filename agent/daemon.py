@@ -18,10 +18,9 @@ from agent import __version__
 from agent.audit import AuditLog, AuditShipper
 from agent.auth import GUARD_FILE, LoginGuard
 from agent.config import Config, ConfigError, parse_size
-from agent.dicom.deltas import DeltaShipper
+from agent.dicom import deltas, snapshot
 from agent.dicom.objectmeta import Describer
 from agent.dicom.retention import DicomRetention, RetentionGuard
-from agent.dicom.snapshot import SnapshotSchedule
 from agent.metrics import Metrics
 from agent.monitor import PressureMonitor
 from agent.policy.pressure import Level
@@ -129,9 +128,10 @@ class Agent:
         def active() -> bool:
             return self.ha is None or self.ha.state.role == "active"
         if cfg.dicom.snapshot_interval:
-            self.loops.every("index-snapshot", cfg.dicom.snapshot_interval, SnapshotSchedule(cfg, active).once)
+            self.loops.every("index-snapshot", cfg.dicom.snapshot_interval, lambda: snapshot.scheduled(cfg, active))
         if cfg.dicom.snapshot_interval and cfg.dicom.delta_interval:
-            self.loops.every("index-deltas", cfg.dicom.delta_interval, DeltaShipper(cfg, self.db, self.s3, active).once)
+            self.loops.every("index-deltas", cfg.dicom.delta_interval,
+                             lambda: deltas.ship(cfg, self.db, self.s3, active))
         fetcher = Fetcher(self.gateway, self.db, lambda: self.monitor.current.level)
         stack = stack_for(cfg)   # one policy stack: the evictor and the prior-study planner share it
         self.evictor.use(stack, cfg.prefetch.study_depth)

@@ -131,28 +131,23 @@ async def write(cfg: Config, rows: Iterable[Row]) -> dict[str, Any]:
         reader.shutdown(wait=False)
 
 
-class SnapshotSchedule:
-    """The agent writes a snapshot every `[dicom] snapshot_interval` (tried again at the next after a failure); only
-    an HA pair's active box: the standby's would replace a full snapshot with an empty one."""
-
-    def __init__(self, cfg: Config, active: Callable[[], bool]) -> None:
-        self.cfg, self.active = cfg, active  # active(): False while this box is an HA standby
-
-    async def once(self) -> dict[str, Any] | None:
-        """Write one snapshot now (unless this box is a standby); → its manifest, None when none was written."""
-        if not self.active():
-            log.info("index_snapshot_skipped", reason="HA standby: the active box writes the snapshot")
-            return None
-        t0 = time.monotonic()
-        try:
-            manifest = await write(self.cfg, catalog_rows(self.cfg.catalog_path))
-        except Exception as e:  # the line may be down: the next interval tries again
-            log.error("index_snapshot_failed", error=error_code(e), detail=str(e)[:300],
-                      retry_in=self.cfg.dicom.snapshot_interval)
-            return None
-        log.info("index_snapshot_written", snapshot=manifest["snapshot"], rows=manifest["rows"],
-                 segments=len(manifest["segments"]), seconds=round(time.monotonic() - t0, 2))
-        return manifest
+async def scheduled(cfg: Config, active: Callable[[], bool]) -> dict[str, Any] | None:
+    """The agent's snapshot every `[dicom] snapshot_interval` (tried again at the next after a failure): written now
+    unless active() is False (an HA standby's would replace a full snapshot with an empty one); → its manifest, None
+    when none was written."""
+    if not active():
+        log.info("index_snapshot_skipped", reason="HA standby: the active box writes the snapshot")
+        return None
+    t0 = time.monotonic()
+    try:
+        manifest = await write(cfg, catalog_rows(cfg.catalog_path))
+    except Exception as e:  # the line may be down: the next interval tries again
+        log.error("index_snapshot_failed", error=error_code(e), detail=str(e)[:300],
+                  retry_in=cfg.dicom.snapshot_interval)
+        return None
+    log.info("index_snapshot_written", snapshot=manifest["snapshot"], rows=manifest["rows"],
+             segments=len(manifest["segments"]), seconds=round(time.monotonic() - t0, 2))
+    return manifest
 
 
 async def _manifest(s3: S3Uplink, prefix: str) -> dict[str, Any] | None:
