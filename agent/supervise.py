@@ -29,9 +29,6 @@ class LoopState:
     last_crash: float = 0.0  # time.time() of the last crash
     in_a_row: int = 0  # crashes each within STEADY_SECONDS of the restart before it
 
-    def crash_looping(self, now: float) -> bool:
-        return self.in_a_row >= 2 and now - self.last_crash < STEADY_SECONDS
-
 
 class Loops:
     """The background loops of one part of the agent, each started again after an unexpected exception."""
@@ -80,8 +77,9 @@ class Loops:
         self.tasks.clear()
 
     def crash_looping(self) -> bool:
+        """Some loop crashed again within STEADY_SECONDS of its restart, less than STEADY_SECONDS ago."""
         now = time.time()
-        return any(s.crash_looping(now) for s in self.state.values())
+        return any(s.in_a_row >= 2 and now - s.last_crash < STEADY_SECONDS for s in self.state.values())
 
     def status(self) -> dict[str, dict[str, Any]]:
         """/healthz's `loops`: the loops that crashed at least once."""
