@@ -227,8 +227,8 @@ def build_parser() -> argparse.ArgumentParser:
     url.add_argument("--url", help="the agent's HTTP address, instead of reading [http] listen from the config")
     as_json.add_argument("--json", action="store_true")
 
-    def command(name: str, func, help: str, *parents: argparse.ArgumentParser) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help, parents=[config, *parents])
+    def command(name: str, func, help: str, *parents: argparse.ArgumentParser, under=sub) -> argparse.ArgumentParser:
+        p = under.add_parser(name, help=help, parents=[config, *parents])
         p.set_defaults(func=func)
         return p
 
@@ -255,7 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_hash_password)
 
     sim_commands.register(sub)  # gen-trace, import-trace, simulate, train
-    dicom_commands.register(sub)  # find, index-rebuild
+    dicom_commands.register(sub, command, as_json)  # find, index-rebuild, index-snapshot, retention apply
     return ap
 
 

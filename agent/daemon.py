@@ -18,10 +18,9 @@ from agent import __version__
 from agent.audit import AuditLog, AuditShipper
 from agent.auth import GUARD_FILE, LoginGuard
 from agent.config import Config, ConfigError, parse_size
-from agent.dicom.deltas import DeltaShipper
+from agent.dicom import deltas, snapshot
 from agent.dicom.objectmeta import Describer
 from agent.dicom.retention import DicomRetention, RetentionGuard
-from agent.dicom.snapshot import SnapshotSchedule
 from agent.metrics import Metrics
 from agent.monitor import PressureMonitor
 from agent.policy.pressure import Level
@@ -92,7 +91,6 @@ class Agent:
         self.ha = None  # agent.ha.HaMonitor when [ha] is enabled
         self.http: HttpServer | None = None
         self.workers: Supervisor | None = None  # [server] workers > 1
-        self.logins: LoginGuard | None = None
         self.loops = Loops(self.metrics)  # background loops, restarted after a crash (a worker's: pressure only)
 
     async def start(self) -> None:
@@ -129,9 +127,10 @@ class Agent:
         def active() -> bool:
             return self.ha is None or self.ha.state.role == "active"
         if cfg.dicom.snapshot_interval:
-            self.loops.every("index-snapshot", cfg.dicom.snapshot_interval, SnapshotSchedule(cfg, active).once)
+            self.loops.every("index-snapshot", cfg.dicom.snapshot_interval, lambda: snapshot.scheduled(cfg, active))
         if cfg.dicom.snapshot_interval and cfg.dicom.delta_interval:
-            self.loops.every("index-deltas", cfg.dicom.delta_interval, DeltaShipper(cfg, self.db, self.s3, active).once)
+            self.loops.every("index-deltas", cfg.dicom.delta_interval,
+                             lambda: deltas.ship(cfg, self.db, self.s3, active))
         fetcher = Fetcher(self.gateway, self.db, lambda: self.monitor.current.level)
         stack = stack_for(cfg)   # one policy stack: the evictor and the prior-study planner share it
         self.evictor.use(stack, cfg.prefetch.study_depth)
@@ -147,7 +146,7 @@ class Agent:
         await self._serve_ftp_sftp()
         if cfg.smb.enabled:
             from agent.serve.smb import SmbService
-            self.smb = SmbService(cfg, self.gateway, self._login_guard())
+            self.smb = SmbService(cfg, self.gateway, self.logins)
             await self.smb.start()
         if cfg.http.enabled:
             self.http = HttpServer(*cfg.http.listen, health=self.health, metrics=self.render_metrics, admin={
@@ -159,7 +158,7 @@ class Agent:
                 await self.http.start()
             if cfg.http.metrics_listen:
                 with _listening(cfg, "http.metrics_listen", cfg.http.metrics_listen):
-                    await self.http.start_scrape(cfg.http, self._login_guard())
+                    await self.http.start_scrape(cfg.http, self.logins)
         if self.shares_ports:  # [server] workers > 1: the serving workers (agent.workers) beside this process
             self.workers = Supervisor(cfg, cfg.server.serving_processes(), self.recover_claims)
             await self.workers.start()
@@ -196,16 +195,12 @@ class Agent:
         self.monitor = PressureMonitor(cfg, self.db, self.cache, self.gateway, self.line, self.metrics, self.refusals)
         await self.monitor.sample()
         self.loops.every("pressure", cfg.pressure.interval_seconds, self.monitor.sample)
-
-    def _login_guard(self) -> LoginGuard:
-        """One count of failed logins and sessions for every front end of every serving process of the box."""
-        if self.logins is None:
-            self.logins = LoginGuard(self.cfg.login, self.metrics, self.audit, self.cfg.cache.dir / GUARD_FILE)
-        return self.logins
+        # one count of failed logins and sessions for every front end of every serving process of the box
+        self.logins = LoginGuard(cfg.login, self.metrics, self.audit, cfg.cache.dir / GUARD_FILE)
 
     async def _serve_ftp_sftp(self) -> None:
         """FTP and SFTP listeners: the owner's and every worker's (SO_REUSEPORT when several processes serve)."""
-        cfg, logins = self.cfg, self._login_guard()
+        cfg, logins = self.cfg, self.logins
         if cfg.ftp.enabled:
             self.ftp = FtpServer(cfg, self.gateway, logins)
             with _listening(cfg, "ftp.listen", cfg.ftp.listen):
@@ -267,8 +262,7 @@ class Agent:
             await workers
         await self.s3.close()
         self.audit.close()
-        if self.logins:
-            self.logins.close()
+        self.logins.close()
         totals = await self.db.totals()
         await asyncio.to_thread(self.db.shutdown)
         log.info("stopped", drained=drained, queued_files=totals.queue_files, seconds=round(time.monotonic() - t0, 2))

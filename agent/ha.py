@@ -181,11 +181,9 @@ class HaMonitor:
         """Bring the active box's hot set into this box's cache, hottest first, up to prefetch_bytes (cached or not)."""
         if not self.cfg.prefetch_bytes:
             return {}
-        head = await self.s3.head(HOT_PATH)
-        if head is None or head["ContentLength"] > HOT_MAX_BYTES:
+        body = await self.s3.get_raw(self.s3.key(HOT_PATH), HOT_MAX_BYTES)  # larger: not the active box's (ValueError)
+        if body is None:
             return {}
-        async with self.s3.get(HOT_PATH) as (_size, _sha, chunks):
-            body = b"".join([c async for c in chunks])
         try:
             paths = json.loads(body)["paths"]
         except (ValueError, KeyError, TypeError):

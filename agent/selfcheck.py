@@ -30,20 +30,14 @@ def _same(back: bytes, data: bytes) -> None:
 
 def check_ftp(cfg: Config, user: UserConfig, name: str, data: bytes) -> None:
     host, port = cfg.ftp.listen
-    f = ftplib.FTP(timeout=TIMEOUT)
-    f.connect(local_host(host), port)
-    try:
+    with ftplib.FTP(timeout=TIMEOUT) as f:  # QUIT on the way out (a connection already gone: closed)
+        f.connect(local_host(host), port)
         f.login(user.name, user.password)
         f.storbinary(f"STOR {name}", io.BytesIO(data))
         buf = io.BytesIO()
         f.retrbinary(f"RETR {name}", buf.write)
         _same(buf.getvalue(), data)
         f.delete(name)
-    finally:
-        try:
-            f.quit()
-        except (OSError, EOFError, ftplib.Error):
-            f.close()
 
 
 def check_sftp(cfg: Config, user: UserConfig, name: str, data: bytes) -> None:

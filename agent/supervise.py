@@ -27,11 +27,7 @@ class LoopState:
     crashes: int = 0
     last_error: str = ""
     last_crash: float = 0.0  # time.time() of the last crash
-    restarting: bool = False  # waiting out its backoff
     in_a_row: int = 0  # crashes each within STEADY_SECONDS of the restart before it
-
-    def crash_looping(self, now: float) -> bool:
-        return self.in_a_row >= 2 and now - self.last_crash < STEADY_SECONDS
 
 
 class Loops:
@@ -72,9 +68,7 @@ class Loops:
                 self.metrics.loop_crashes.labels(name).inc()
                 log.error("loop_crashed", loop=name, error=type(exc).__name__, detail=str(exc)[:300],
                           crashes=state.crashes, restart_in=round(delay, 2), exc_info=exc)
-            state.restarting = True
             await asyncio.sleep(delay)
-            state.restarting = False
 
     async def stop(self) -> None:
         for t in self.tasks:
@@ -83,8 +77,9 @@ class Loops:
         self.tasks.clear()
 
     def crash_looping(self) -> bool:
+        """Some loop crashed again within STEADY_SECONDS of its restart, less than STEADY_SECONDS ago."""
         now = time.time()
-        return any(s.crash_looping(now) for s in self.state.values())
+        return any(s.in_a_row >= 2 and now - s.last_crash < STEADY_SECONDS for s in self.state.values())
 
     def status(self) -> dict[str, dict[str, Any]]:
         """/healthz's `loops`: the loops that crashed at least once."""

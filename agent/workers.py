@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 from typing import Awaitable, Callable
 
+import psutil
 import structlog
 
 from agent.audit import AuditLog
@@ -68,10 +69,8 @@ def retire_orphans(cfg: Config) -> list[int]:
 def _open_files(pids: list[int]) -> set[str]:
     held = set()
     for pid in pids:
-        with contextlib.suppress(OSError):
-            for fd in os.scandir(f"/proc/{pid}/fd"):
-                with contextlib.suppress(OSError):
-                    held.add(os.readlink(fd.path))
+        with contextlib.suppress(psutil.Error):
+            held.update(f.path for f in psutil.Process(pid).open_files())
     return held
 
 

@@ -10,7 +10,7 @@ The objects are put directly (untimed, 16 threads), each with the user metadata 
 `agent.dicom.reindex.rebuild` runs against them at each concurrency (HEADs only); then, for each coverage
 fraction c, a snapshot of c of them is written (timed) and the rebuild runs with it (the rest HEADed: a
 snapshot with no deltas since, e.g. a lost or a damaged delta), and again with the rest in index deltas
-(written by agent.dicom.deltas.DeltaShipper, timed); with c = 0 there is no snapshot, deltas only. Each
+(written by agent.dicom.deltas.ship, timed); with c = 0 there is no snapshot, deltas only. Each
 rebuild prints objects/s, the time per million objects, and the rebuild's own CPU seconds per 1000 objects
 (the client's share of the cost). Last, the S3 client's CPU per PUT with and without the DICOM metadata and
 tags. Everything it starts is stopped and its directory removed at the end.
@@ -124,14 +124,13 @@ def main() -> int:
         agent = AgentProc(work / "cfg", store, "idx/", {}, [{"name": USER, "password": PASSWORD, "root": "/"}],
                           bucket=BUCKET)  # only its config file: the rebuild needs [uplink]
         cfg = load_config(agent.config_path)
-        from agent.dicom import snapshot
-        from agent.dicom.deltas import DeltaShipper
+        from agent.dicom import deltas, snapshot
         from agent.dicom.reindex import rebuild
         from agent.uplink.s3 import S3Uplink
         rows = []
 
         class Queue:
-            """The rows an agent's catalog would have queued for its deltas (the shipper's IndexQueue)."""
+            """The rows an agent's catalog would have queued for its deltas (deltas.ship reads them from it)."""
 
             def __init__(self, queued: list[tuple]) -> None:
                 self.queued = queued
@@ -146,7 +145,7 @@ def main() -> int:
             s3 = S3Uplink(cfg.uplink)
             await s3.start()
             try:
-                return await DeltaShipper(cfg, Queue(queued), s3, lambda: True).once()
+                return await deltas.ship(cfg, Queue(queued), s3, lambda: True)
             finally:
                 await s3.close()
 
@@ -155,9 +154,8 @@ def main() -> int:
             s3 = S3Uplink(cfg.uplink)
             await s3.start()
             try:
-                files = snapshot.BucketFiles(s3)
-                for key in await files.keys(snapshot.index_prefix(cfg)):
-                    await files.delete(key)
+                for key in await s3.keys(snapshot.index_prefix(cfg)):
+                    await s3.delete_raw(key)
             finally:
                 await s3.close()
 

@@ -14,8 +14,9 @@ import sqlite3
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
-from agent.config import DEFAULT_CONFIG, complain, shown
+from agent.config import complain, shown
 from agent.dicom.objectmeta import pseudonym
 from agent.logs import load_config
 
@@ -130,33 +131,27 @@ def cmd_retention_apply(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
-def _command(sub: argparse._SubParsersAction, name: str, func, help: str) -> argparse.ArgumentParser:
-    """A subcommand with the --config and --json every one of these takes."""
-    p = sub.add_parser(name, help=help)
-    p.add_argument("--config", default=DEFAULT_CONFIG)
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=func)
-    return p
-
-
-def register(sub: argparse._SubParsersAction) -> None:
-    p = _command(sub, "find", cmd_find, "DICOM objects by study, patient, modality and study date, and where they are")
+def register(sub: argparse._SubParsersAction, command: Callable[..., argparse.ArgumentParser],
+             as_json: argparse.ArgumentParser) -> None:
+    """These commands under sub, each made by the CLI's command() (--config) with its --json parser."""
+    p = command("find", cmd_find, "DICOM objects by study, patient, modality and study date, and where they are",
+                as_json)
     p.add_argument("--study", help="StudyInstanceUID")
     p.add_argument("--patient", help="PatientID (matched through the keyed pseudonym; never stored in clear)")
     p.add_argument("--modality", help="e.g. CT, MR, MG")
     p.add_argument("--from", dest="date_from", type=_day, help="study date from (YYYY-MM-DD, inclusive)")
     p.add_argument("--to", dest="date_to", type=_day, help="study date to (YYYY-MM-DD, inclusive)")
 
-    p = _command(sub, "index-rebuild", cmd_index_rebuild, "rebuild the study index from the bucket alone")
+    p = command("index-rebuild", cmd_index_rebuild, "rebuild the study index from the bucket alone", as_json)
     p.add_argument("--concurrency", type=int, default=64, help="HEAD requests in flight (default 64)")
     p.add_argument("--no-snapshot", action="store_true", help="HEAD every object; ignore the index snapshot")
 
-    _command(sub, "index-snapshot", cmd_index_snapshot, "write the study index to the bucket (beside the namespace) "
-             "so that index-rebuild reads a few objects instead of HEADing every one; run it e.g. nightly")
+    command("index-snapshot", cmd_index_snapshot, "write the study index to the bucket (beside the namespace) so that "
+            "index-rebuild reads a few objects instead of HEADing every one; run it e.g. nightly", as_json)
 
     p = sub.add_parser("retention", help="Object Lock retention of the objects already in the bucket")
-    p = _command(p.add_subparsers(dest="retention_command", required=True), "apply", cmd_retention_apply,
-                 "extend (never shorten) the retention and legal hold of old objects to what today's "
-                 "[compliance] rules give them; every change is audited")
+    p = command("apply", cmd_retention_apply, "extend (never shorten) the retention and legal hold of old objects to "
+                "what today's [compliance] rules give them; every change is audited", as_json,
+                under=p.add_subparsers(dest="retention_command", required=True))
     p.add_argument("--dry-run", action="store_true", help="list what would be extended, and why; change nothing")
     p.add_argument("--concurrency", type=int, default=32, help="HEAD requests in flight (default 32)")

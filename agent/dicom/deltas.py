@@ -14,7 +14,7 @@ from typing import Any
 import structlog
 
 from agent.config import Config
-from agent.dicom.snapshot import BucketFiles, Row, bare_etag, decode_rows, delta_prefix, encode_rows
+from agent.dicom.snapshot import GET_MAX, Row, bare_etag, decode_rows, delta_prefix, encode_rows
 from agent.store.catalog import AsyncCatalog
 from agent.uplink.s3 import S3Uplink, error_code
 
@@ -24,30 +24,25 @@ DELTA_ROWS = 5000     # rows per delta object (~200 KB gzip'd)
 READ_AHEAD = 32       # delta objects fetched at once by a rebuild
 
 
-class DeltaShipper:
-    """Ships queued study-index rows to the bucket (only on the active box of an HA pair: the standby has none)."""
-
-    def __init__(self, cfg: Config, db: AsyncCatalog, s3: S3Uplink, active: Callable[[], bool]) -> None:
-        self.cfg, self.db, self.s3, self.active = cfg, db, s3, active
-
-    async def once(self) -> int:
-        """Ship every queued row now (the active box only); → how many. A failure is logged and the rows stay queued."""
-        shipped = 0
-        if not self.active():
-            return shipped
-        while rows := await self.db.unshipped_index_rows(DELTA_ROWS):
-            stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
-            key = f"{delta_prefix(self.cfg)}{stamp}-{os.urandom(4).hex()}.json.gz"
-            body = await asyncio.to_thread(encode_rows, rows)
-            try:
-                await self.s3.put_raw(key, body)
-            except Exception as e:  # the line may be down: the next interval tries again
-                log.warning("index_delta_failed", error=error_code(e), detail=str(e)[:300], rows=len(rows))
-                break
-            await self.db.index_rows_shipped([(str(r[0]), str(r[2])) for r in rows])
-            shipped += len(rows)
-            log.info("index_delta_written", key=key, rows=len(rows), bytes=len(body))
+async def ship(cfg: Config, db: AsyncCatalog, s3: S3Uplink, active: Callable[[], bool]) -> int:
+    """Ship every queued study-index row to the bucket now, unless active() is False (an HA standby has none);
+    → how many. A failure is logged and the rows stay queued."""
+    shipped = 0
+    if not active():
         return shipped
+    while rows := await db.unshipped_index_rows(DELTA_ROWS):
+        stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
+        key = f"{delta_prefix(cfg)}{stamp}-{os.urandom(4).hex()}.json.gz"
+        body = await asyncio.to_thread(encode_rows, rows)
+        try:
+            await s3.put_raw(key, body)
+        except Exception as e:  # the line may be down: the next interval tries again
+            log.warning("index_delta_failed", error=error_code(e), detail=str(e)[:300], rows=len(rows))
+            break
+        await db.index_rows_shipped([(str(r[0]), str(r[2])) for r in rows])
+        shipped += len(rows)
+        log.info("index_delta_written", key=key, rows=len(rows), bytes=len(body))
+    return shipped
 
 
 @dataclass
@@ -66,9 +61,9 @@ class Deltas:
 
 async def read(cfg: Config, s3: S3Uplink) -> Deltas:
     """Every delta in the bucket (READ_AHEAD at a time); a damaged one is skipped, its objects HEADed."""
-    deltas, files, gate = Deltas(), BucketFiles(s3), asyncio.Semaphore(READ_AHEAD)
+    deltas, gate = Deltas(), asyncio.Semaphore(READ_AHEAD)
     try:  # in key order, i.e. oldest first (their names start with the time they were written)
-        keys = await files.keys(delta_prefix(cfg))
+        keys = await s3.keys(delta_prefix(cfg))
     except Exception as e:
         log.warning("index_deltas_unusable", error=f"{type(e).__name__}: {str(e)[:300]}")
         return deltas
@@ -76,7 +71,7 @@ async def read(cfg: Config, s3: S3Uplink) -> Deltas:
     async def one(key: str) -> list[Any] | None:
         async with gate:
             try:
-                return await decode_rows(await files.get(key))
+                return await decode_rows(await s3.get_raw(key, GET_MAX))
             except Exception as e:
                 log.warning("index_delta_skipped", key=key, error=f"{type(e).__name__}: {str(e)[:200]}",
                             fallback="its objects are HEADed")

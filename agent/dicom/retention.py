@@ -102,7 +102,7 @@ class DicomRetention:
         hold, hold_reason = (True, "path rules") if base and base.legal_hold else (False, "")
         stored = datetime.datetime.fromtimestamp(stored_at, tz=UTC)
         for i, rule in self.rules if h is not None else ():
-            if h is None or not matches(rule, path, h):
+            if not matches(rule, path, h):
                 continue
             name = describe(rule, i)
             terms = []

@@ -28,7 +28,7 @@ log = structlog.get_logger("pacsgw.dicom")
 
 SEGMENT_ROWS = 50_000   # ~2 MB gzip'd: a handful of GETs per million objects
 ROOT = "pacsgw-index/"
-GET_MAX = 64 << 20          # an index object read whole: a segment is ~2 MB gzip'd
+GET_MAX = 64 << 20          # an index object read whole: a segment is ~2 MB gzip'd (a larger one is not ours)
 ROWS_MAX_BYTES = 256 << 20  # its JSON: 50 000 rows of ~400 bytes are 20 MB; 5 KiB a row at most
 _PIECE = 16 << 20
 
@@ -86,33 +86,6 @@ async def decode_rows(data: bytes | None) -> list[Any]:
     return rows
 
 
-class BucketFiles:
-    """Whole small objects under absolute keys (outside the namespace prefix the uplink adds)."""
-
-    def __init__(self, s3: S3Uplink) -> None:
-        self.s3 = s3
-
-    async def get(self, key: str) -> bytes | None:
-        try:
-            resp = await self.s3._client.get_object(Bucket=self.s3.cfg.bucket, Key=key)
-        except ClientError as e:
-            if e.response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 404:
-                return None
-            raise
-        async with resp["Body"] as body:
-            if resp["ContentLength"] > GET_MAX:  # not one of ours (segments are ~2 MB): not read into memory
-                raise ValueError(f"{key}: {resp['ContentLength']} bytes, more than an index object holds")
-            data: bytes = await body.read()
-        return data
-
-    async def keys(self, prefix: str) -> list[str]:
-        """Every key under prefix, in key order."""
-        return [o["Key"] async for page in self.s3.pages(prefix) for o in page.get("Contents", [])]
-
-    async def delete(self, key: str) -> None:
-        await self.s3._client.delete_object(Bucket=self.s3.cfg.bucket, Key=key)
-
-
 def catalog_rows(catalog_path: Path) -> Iterator[Row]:
     """The box's study index, by path, of objects confirmed in S3 with their ETags; read-only (the agent runs)."""
     with contextlib.closing(sqlite3.connect(f"{catalog_path.resolve().as_uri()}?mode=ro", uri=True, timeout=30)) as db:
@@ -130,10 +103,9 @@ async def write(cfg: Config, rows: Iterable[Row]) -> dict[str, Any]:
     reader, loop = ThreadPoolExecutor(1, thread_name_prefix="snapshot"), asyncio.get_running_loop()
     try:
         async with S3Uplink(cfg.uplink) as s3:
-            files = BucketFiles(s3)
-            old = await _manifest(files, prefix)
+            old = await _manifest(s3, prefix)
             # the deltas written so far hold rows the catalog held before this read of it: the snapshot has them
-            folded = await files.keys(delta_prefix(cfg))
+            folded = await s3.keys(delta_prefix(cfg))
             stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
             snap = f"{stamp}-{os.urandom(4).hex()}"
             segments, total = [], 0
@@ -148,9 +120,9 @@ async def write(cfg: Config, rows: Iterable[Row]) -> dict[str, Any]:
             await s3.put_raw(prefix + "manifest.json", json.dumps(manifest).encode())
             for key in (old or {}).get("segments", []):
                 if key.startswith(prefix) and key not in segments:  # only ever our own keys
-                    await files.delete(key)
+                    await s3.delete_raw(key)
             for key in folded:
-                await files.delete(key)
+                await s3.delete_raw(key)
             manifest["deltas_folded"] = len(folded)
             return manifest
     finally:
@@ -159,32 +131,27 @@ async def write(cfg: Config, rows: Iterable[Row]) -> dict[str, Any]:
         reader.shutdown(wait=False)
 
 
-class SnapshotSchedule:
-    """The agent writes a snapshot every `[dicom] snapshot_interval` (tried again at the next after a failure); only
-    an HA pair's active box: the standby's would replace a full snapshot with an empty one."""
-
-    def __init__(self, cfg: Config, active: Callable[[], bool]) -> None:
-        self.cfg, self.active = cfg, active  # active(): False while this box is an HA standby
-
-    async def once(self) -> dict[str, Any] | None:
-        """Write one snapshot now (unless this box is a standby); → its manifest, None when none was written."""
-        if not self.active():
-            log.info("index_snapshot_skipped", reason="HA standby: the active box writes the snapshot")
-            return None
-        t0 = time.monotonic()
-        try:
-            manifest = await write(self.cfg, catalog_rows(self.cfg.catalog_path))
-        except Exception as e:  # the line may be down: the next interval tries again
-            log.error("index_snapshot_failed", error=error_code(e), detail=str(e)[:300],
-                      retry_in=self.cfg.dicom.snapshot_interval)
-            return None
-        log.info("index_snapshot_written", snapshot=manifest["snapshot"], rows=manifest["rows"],
-                 segments=len(manifest["segments"]), seconds=round(time.monotonic() - t0, 2))
-        return manifest
+async def scheduled(cfg: Config, active: Callable[[], bool]) -> dict[str, Any] | None:
+    """The agent's snapshot every `[dicom] snapshot_interval` (tried again at the next after a failure): written now
+    unless active() is False (an HA standby's would replace a full snapshot with an empty one); → its manifest, None
+    when none was written."""
+    if not active():
+        log.info("index_snapshot_skipped", reason="HA standby: the active box writes the snapshot")
+        return None
+    t0 = time.monotonic()
+    try:
+        manifest = await write(cfg, catalog_rows(cfg.catalog_path))
+    except Exception as e:  # the line may be down: the next interval tries again
+        log.error("index_snapshot_failed", error=error_code(e), detail=str(e)[:300],
+                  retry_in=cfg.dicom.snapshot_interval)
+        return None
+    log.info("index_snapshot_written", snapshot=manifest["snapshot"], rows=manifest["rows"],
+             segments=len(manifest["segments"]), seconds=round(time.monotonic() - t0, 2))
+    return manifest
 
 
-async def _manifest(files: BucketFiles, prefix: str) -> dict[str, Any] | None:
-    data = await files.get(prefix + "manifest.json")
+async def _manifest(s3: S3Uplink, prefix: str) -> dict[str, Any] | None:
+    data = await s3.get_raw(prefix + "manifest.json", GET_MAX)
     if data is None:
         return None
     manifest = json.loads(data)
@@ -203,20 +170,19 @@ async def read(cfg: Config, s3: S3Uplink) -> AsyncGenerator[Row, None]:
     """The current snapshot's rows in path order, prefetching segments; on damage, the rows before it."""
     try:
         prefix = index_prefix(cfg)
-        files = BucketFiles(s3)
-        manifest = await _manifest(files, prefix)
+        manifest = await _manifest(s3, prefix)
     except (NoPlace, ValueError, ClientError) as e:
         log.warning("index_snapshot_unusable", error=str(e)[:300])
         return
     if manifest is None:
         return
     keys = list(manifest.get("segments", []))
-    nxt = asyncio.create_task(files.get(keys[0])) if keys else None
+    nxt = asyncio.create_task(s3.get_raw(keys[0], GET_MAX)) if keys else None
     try:
         for i, key in enumerate(keys):
             assert nxt is not None
             data = await nxt
-            nxt = asyncio.create_task(files.get(keys[i + 1])) if i + 1 < len(keys) else None
+            nxt = asyncio.create_task(s3.get_raw(keys[i + 1], GET_MAX)) if i + 1 < len(keys) else None
             try:
                 rows = await decode_rows(data)
             except ValueError as e:

@@ -245,9 +245,7 @@ class Cache:
         return (Opened(fd2, None) if fd2 is not None else None), problem
 
     def disk_usage(self) -> DiskUsage:
-        st = os.statvfs(self.root)
-        total = st.f_blocks * st.f_frsize
-        return DiskUsage(total=total, used=total - st.f_bfree * st.f_frsize, free=st.f_bavail * st.f_frsize)
+        return DiskUsage(*shutil.disk_usage(self.root))  # free: what an unprivileged process may still use
 
     def iter_blobs(self) -> Iterator[str]:  # blob names on disk: data/<first two characters>/<blob>
         return (f.name for f in self.data.glob("*/*"))

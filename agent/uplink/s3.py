@@ -460,6 +460,27 @@ class S3Uplink:
         sha = hashlib.sha256(body).hexdigest()
         return await self._put(key, body, sha, put_headers({META_SHA: sha}, None, None, {}))
 
+    async def get_raw(self, key: str, max_bytes: int) -> bytes | None:
+        """A small object under an absolute key, whole (None: there is none); ValueError, unread, when it holds more
+        than max_bytes (any S3 client may write there)."""
+        try:
+            resp = await self._client.get_object(Bucket=self.cfg.bucket, Key=key)
+        except ClientError as e:
+            if _status(e) == 404:
+                return None
+            raise
+        async with resp["Body"] as body:
+            if resp["ContentLength"] > max_bytes:
+                raise ValueError(f"{key}: {resp['ContentLength']} bytes, more than the {max_bytes} expected")
+            return cast(bytes, await body.read())
+
+    async def keys(self, prefix: str) -> list[str]:
+        """Every key under an absolute prefix, in key order."""
+        return [o["Key"] async for page in self.pages(prefix) for o in page.get("Contents", [])]
+
+    async def delete_raw(self, key: str) -> None:
+        await self._client.delete_object(Bucket=self.cfg.bucket, Key=key)
+
     async def copy(self, src: str, dst: str, sha256: str | None, lock: Lock | None = None,
                    condition: dict[str, str] | None = None, src_etag: str | None = None) -> PutResult:
         """Server-side copy (no traffic on the line), verified by the copy's recorded hash; condition as in
