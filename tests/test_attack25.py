@@ -1,5 +1,5 @@
 """Attacks on a running agent (round 25): hostile SMB and FTP clients against real listeners (the real Samba over the
-FUSE view, smbprotocol, raw FTP sockets). Each test reproduces one attack that worked and checks it no longer does."""
+FUSE view, smbprotocol, ftplib). Each test reproduces one attack that worked and checks it no longer does."""
 
 from __future__ import annotations
 
@@ -12,7 +12,6 @@ from smbprotocol.exceptions import SMBException
 from smbprotocol.session import Session
 from test_ftp import ftp
 from test_hardening import metric, wait_for
-
 
 
 def test_a_failed_smb_login_from_a_workstation_named_with_a_line_separator_is_counted(smb_agent, monkeypatch):
