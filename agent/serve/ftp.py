@@ -448,6 +448,7 @@ class Session:
     user_slot: int | None = None  # that count's slot in the LoginGuard
     rest: int = 0  # the REST marker for the next STOR/APPE/RETR
     passive: Passive | None = None
+    committing: asyncio.Task[Any] | None = None  # the upload whose bytes are all in: ABOR no longer stops it
     resolved: tuple[tuple[str | None, str, str], str] = ((None, "", ""), "")  # the last argument FtpServer._resolve did
 
     def take_passive(self) -> Passive | None:
@@ -979,6 +980,7 @@ class FtpServer(aioftp.Server):
             finally:
                 self._buffers.append(buf)
             _aborted()  # ABOR with the last bytes: no read waited, so no await raised it, and it would be committed
+            connection.session.committing = asyncio.current_task()
             await handle.commit()
             return "stored"
 
@@ -1131,6 +1133,9 @@ class FtpServer(aioftp.Server):
         task not yet taken out of the running set) cannot answer: aioftp's ABOR then said nothing and the client
         waited for a reply that never came."""
         running = [task for task in connection.extra_workers if not task.done()]
+        if connection.session.committing in running:  # stored once its commit ends (the durable part is shielded):
+            await asyncio.wait(running)  # its own reply says so first, then this 226 (RFC 959: ABOR after completion)
+            running = []
         for task in running:
             task.cancel()
         if not running:

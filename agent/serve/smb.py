@@ -379,7 +379,8 @@ class SmbService:
                     chunk = await asyncio.to_thread(_read_from, path, offset)
                     complete = chunk.rpartition(b"\n")[0]
                     offset += len(complete) + 1 if complete else 0
-                    for line in complete.decode("utf-8", "replace").splitlines():
+                    # \n only: splitlines() also cut at U+2028, raw in a client's NTLM workstation (a hidden failure)
+                    for line in complete.decode("utf-8", "replace").split("\n"):
                         event = auth_event(line)
                         if event is not None:
                             await self._login(*event)
