@@ -46,7 +46,7 @@ async def test_a_rows_callable_runs_on_the_loop_once_committed_and_its_waiter_wa
     acks = {name: asyncio.ensure_future(ack(name)) for name in made}
     loop.call_soon(tick)
     await asyncio.gather(*(loop.run_in_executor(None, seal, name) for name in made))
-    woke = {name: await task for name, task in acks.items()}
+    woke = {name: await asyncio.wait_for(task, 30) for name, task in acks.items()}  # a lost result: fail, not hang
     for name, (ran, result, on_loop, committed) in seen.items():
         assert on_loop and woke[name] == ran + 1, (woke, seen)
         if name == "CT/a.dcm":
