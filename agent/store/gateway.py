@@ -27,7 +27,7 @@ from agent.metrics import Metrics
 from agent.records import MAX_NAME_BYTES, S3_KEY_BYTES, Entry
 from agent.store.access import AccessStats
 from agent.store.cache import WOULD_BLOCK, Cache, DiskUsage, Opened, fast_hash, hash_range, sha256_fd
-from agent.store.catalog import AsyncCatalog, outcome
+from agent.store.catalog import AsyncCatalog, failure
 from agent.store.errors import (
     AlreadyExists,
     BadOffset,
@@ -82,10 +82,10 @@ def _end_wait(confirmed: asyncio.Future[None], _: asyncio.Task[bool]) -> None:
 
 @dataclass(frozen=True, slots=True)
 class _Sealing:
-    """A commit under way: its seal (→ SHA-256) in a thread, then its row (→ gen, replaced blob) in a group commit."""
+    """A commit under way: its seal in a thread, then its row in a group commit, whose result runs the rest of the
+    commit on the loop (WriteHandle._row_back) and settles `made`, which the client's ack waits for."""
 
-    sha: asyncio.Future[str]
-    row: asyncio.Future[tuple[int, str | None]]
+    made: asyncio.Future[Through | None]
     body: bytes | None
     claim: bool
     mtime: float
@@ -200,8 +200,8 @@ class WriteHandle:
         self.gw.write_finished(self)
 
     async def commit(self) -> None:
-        """Make the file durable (and, in write-through, confirmed in S3); only then may the client be told. Detached
-        (_detached): a client gone meanwhile cancels only the waits, never the fsync, the catalog commit or the PUT."""
+        """Make the file durable (and, in write-through, confirmed in S3); only then may the client be told. A client
+        gone meanwhile cancels only the waits, never the fsync, the catalog commit or the PUT (_row_back runs them)."""
         if self._done:
             return
         if self._failed is not None:
@@ -212,22 +212,18 @@ class WriteHandle:
             raise Unavailable(self.path, f"a write failed earlier ({reason}); file discarded")
         t0 = time.monotonic()
         try:
-            sealing = self._start_seal()
+            made = self._start_seal().made
         except BaseException as e:
             await self.abort(f"its commit could not start: {type(e).__name__}")
             raise
         self._done = True
-        made: asyncio.Future[Through | None] = asyncio.get_running_loop().create_future()
-        durable = _detached(self._make_durable(sealing), made)
         try:
             async with self.gw.audit.op(self.who, "store", self.path, bytes=self.size):
-                upload = await made
+                upload = await made  # a cancelled waiter cancels only made: the durable part runs on (_settled)
                 await self.gw.write_through(self.path, upload)
         finally:
-            if durable.done():
+            if not (made.cancelled() or made.cancel()):  # else the durable part, still running, ends the write
                 self._ended()
-            else:  # cancelled while the durable part still runs: the write ends when it does
-                durable.add_done_callback(lambda _: self._ended())
         self.gw.metrics.ack_seconds.labels(self.protocol).observe(time.monotonic() - t0)
 
     def _start_seal(self) -> _Sealing:
@@ -239,36 +235,52 @@ class WriteHandle:
         loop = asyncio.get_running_loop()
         # Write-through while the line is up: the row is claimed for its upload in the same commit
         claim = self.gw.cfg.uplink.write_mode == "through" and self.gw.line.reachable
-        mtime = time.time()
-        row: asyncio.Future[tuple[int, str | None]] = loop.create_future()
-        queue_row = functools.partial(self.gw.db.queue_commit_write, row, loop, self.path, self.blob, mtime=mtime,
-                                      claim=claim, base=self.base)
-        return _Sealing(loop.run_in_executor(None, self._seal, body, queue_row), row, body, claim, mtime)
+        s = _Sealing(loop.create_future(), body, claim, time.time())
+        path, blob, base = self.path, self.blob, self.base
 
-    async def _make_durable(self, s: _Sealing) -> Through | None:
-        """fsync + rename into the cache + catalog commit (+ start of a write-through upload)."""
-        try:
-            sha = await s.sha
-        except BaseException:
+        def queue_row(sha: str) -> None:  # on the seal's thread, once the file is durable
+            self.gw.db.queue_commit_write(functools.partial(self._row_back, s, sha), loop, path, blob, size=self.size,
+                                          sha256=sha, mtime=s.mtime, claim=claim, base=base)
+
+        loop.run_in_executor(None, self._seal, body, queue_row).add_done_callback(functools.partial(self._unsealed, s))
+        return s
+
+    def _unsealed(self, s: _Sealing, sealed: asyncio.Future[None]) -> None:
+        """The seal ended; if it failed, nothing is durable and no row was queued: the staging file goes."""
+        if (error := sealed.exception()) is not None:
             self._close_fd()
             self.gw.cache.discard_staging(self.blob)
-            raise
+            self._settled(s, error=error)
+
+    def _row_back(self, s: _Sealing, sha: str, row: tuple[int, str | None] | BaseException) -> None:
+        """The row's commit came back: the rest of the commit (+ start of a write-through upload) runs in this turn of
+        the loop, not in a task woken one turn later (~1.5 ms p50 with 8 clients storing, docs/benchmarks.md §31)."""
         self._close_fd()
         try:
-            upload = await self.gw.stored(self.path, self.blob, self.size, sha, s.body, s.claim, s.mtime,
-                                          await outcome(s.row))
-        except BaseException:
+            if isinstance(row, BaseException):
+                raise failure(row)
+            upload = self.gw.stored(self.path, self.blob, self.size, sha, s.body, s.claim, s.mtime, row)
+        except Exception as e:
             self.gw.cache.remove(self.blob)
-            raise
+            self._settled(s, error=e)
+            return
         if upload is not None and s.body is not None:
             # The bytes stay counted in BODY_BUDGET as long as their upload lives: a slow line cannot pile them up
             held, self._body, self._held = self._held, None, 0
             upload.task.add_done_callback(lambda _: self.gw.release(held))
-        return upload
+        self._settled(s, upload)
 
-    def _seal(self, body: bytes | None, queue_row: Callable[..., None]) -> str:
-        """Digests, then Cache.commit, then queue_row(size=, sha256=) → SHA-256. Blocking: its one thread hop, where
-        hashing holds no loop."""
+    def _settled(self, s: _Sealing, upload: Through | None = None, error: BaseException | None = None) -> None:
+        if s.made.cancelled():  # the client left mid-commit: the write ends here, a failure told to nobody
+            self._ended()
+        elif error is not None:
+            s.made.set_exception(error)
+        else:
+            s.made.set_result(upload)
+
+    def _seal(self, body: bytes | None, queue_row: Callable[[str], None]) -> None:
+        """Digests, then Cache.commit, then queue_row(SHA-256). Blocking: its one thread hop, where hashing holds no
+        loop."""
         if self._hash is None:
             fast = fast_hash()
             sha = sha256_fd(self.fd, fast)
@@ -279,8 +291,7 @@ class WriteHandle:
                 fast.update(body)
             sha = self._hash.hexdigest()
         self.gw.cache.commit(self.blob, self.fd, fast.hexdigest())
-        queue_row(size=self.size, sha256=sha)
-        return sha
+        queue_row(sha)
 
     async def abort(self, reason: str) -> None:
         """The client went away or failed: nothing becomes visible under the final name."""
@@ -917,8 +928,8 @@ class Gateway:
         except asyncio.TimeoutError:
             return False
 
-    async def stored(self, path: str, blob: str, size: int, sha: str, body: bytes | None, claim: bool, mtime: float,
-                     committed: tuple[int, str | None]) -> Through | None:
+    def stored(self, path: str, blob: str, size: int, sha: str, body: bytes | None, claim: bool, mtime: float,
+               committed: tuple[int, str | None]) -> Through | None:
         """The row of (path, blob) is committed → (gen, replaced blob); in write-through (claim), start its upload (of
         body, if kept) → that upload, in the same uncancellable step as the claim: a claimed row without an upload
         would wait for the next restart."""
@@ -933,7 +944,7 @@ class Gateway:
             return None
         if self.uploader.conditional:
             # An HA pair's PUT is conditional on the ETag the row holds now: read it back.
-            entry = await self.db.get(path)
+            entry = self.db.row(path)
             if entry is None or entry.gen != gen:
                 return None  # already superseded by a newer write
         else:

@@ -11,7 +11,7 @@ import functools
 import queue
 import sqlite3
 import threading
-from typing import Any, Callable, Concatenate, Coroutine, ParamSpec, TypeVar
+from typing import Any, Callable, Concatenate, Coroutine, ParamSpec, TypeAlias, TypeVar
 
 from agent.records import Entry, RemoteObject
 from agent.store.catalog.base import COLUMNS, Totals, entry, row_of
@@ -23,11 +23,15 @@ from agent.store.catalog.studies import Studies
 from agent.store.catalog.uploads import Uploads
 from agent.store.errors import NoSpace
 
-__all__ = ["SCHEMA_VERSION", "AsyncCatalog", "Catalog", "CatalogSchemaError", "RemoteObject", "Totals", "outcome"]
+__all__ = ["SCHEMA_VERSION", "AsyncCatalog", "Catalog", "CatalogSchemaError", "RemoteObject", "Totals", "failure",
+           "outcome"]
 
 P = ParamSpec("P")
 R = TypeVar("R")
 _Call = tuple[Callable[[], Any], "asyncio.Future[Any] | None", asyncio.AbstractEventLoop]
+# Where a grouped call's result goes: a future of the caller's loop, or a callable run on that loop with the result
+# (or its exception) in the turn it comes back: one turn before a task awaiting a future would wake
+Then: TypeAlias = "asyncio.Future[Any] | Callable[[Any], None]"
 
 
 class Catalog(Namespace, RemoteSync, Uploads, Heat, Studies):
@@ -51,10 +55,11 @@ def _offload(method: Callable[Concatenate[Catalog, P], R], grouped: bool = False
 
 
 def _queued(method: Callable[Concatenate[Catalog, P], R]
-            ) -> Callable[Concatenate[AsyncCatalog, "asyncio.Future[R]", asyncio.AbstractEventLoop, P], None]:
+            ) -> Callable[Concatenate[AsyncCatalog, Then, asyncio.AbstractEventLoop, P], None]:
     """`db.queue_x(done, loop, ...)` puts `Catalog.x(...)` into the next group commit from ANY thread (a seal's, so
-    that no wake-up of the loop sits between it and the row's commit); `await outcome(done)` on loop: its result."""
-    def queue(self: AsyncCatalog, done: asyncio.Future[R], loop: asyncio.AbstractEventLoop, /,
+    that no wake-up of the loop sits between it and the row's commit); `await outcome(done)` on loop: its result,
+    or done(result) runs on loop (failure(result): the exception a caller sees)."""
+    def queue(self: AsyncCatalog, done: Then, loop: asyncio.AbstractEventLoop, /,
               *args: P.args, **kwargs: P.kwargs) -> None:
         self.join_group(functools.partial(method, self.catalog, *args, **kwargs), done, loop)
     return queue
@@ -65,9 +70,16 @@ async def outcome(done: asyncio.Future[R]) -> R:
     try:
         return await done
     except sqlite3.OperationalError as e:
-        if e.sqlite_errorcode == sqlite3.SQLITE_FULL:
-            raise NoSpace("catalog", "cache disk full (catalog cannot grow)") from e
-        raise
+        raise failure(e)  # noqa: B904 (failure sets the cause)
+
+
+def failure(e: BaseException) -> BaseException:
+    """The exception a catalog call's caller sees: the catalog's full disk (the cache's) as NoSpace, else e."""
+    if isinstance(e, sqlite3.OperationalError) and e.sqlite_errorcode == sqlite3.SQLITE_FULL:
+        full = NoSpace("catalog", "cache disk full (catalog cannot grow)")
+        full.__cause__ = e
+        return full
+    return e
 
 
 def _settle(done: asyncio.Future[Any], result: Any) -> None:
@@ -87,7 +99,7 @@ class AsyncCatalog:
         self._calls: queue.SimpleQueue[_Call | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._serve, name="catalog", daemon=True)
         self._thread.start()
-        self._group: list[tuple[Callable[[], Any], asyncio.Future[Any]]] = []
+        self._group: list[tuple[Callable[[], Any], Callable[[Any], None]]] = []
         self._group_lock = threading.Lock()
         # `get` and `get_many` read on the caller's thread through a read-only WAL connection, which never waits for
         # the writer: the hop to the catalog thread was the largest wait before a cached read's first byte.
@@ -108,10 +120,11 @@ class AsyncCatalog:
                 with contextlib.suppress(RuntimeError):  # that loop is closed: nobody waits any more
                     loop.call_soon_threadsafe(_settle, done, result)
 
-    def join_group(self, run: Callable[[], Any], done: asyncio.Future[Any], loop: asyncio.AbstractEventLoop) -> None:
-        """run() joins the next group commit; its result goes to done, a future of loop. Any thread may call this."""
+    def join_group(self, run: Callable[[], Any], done: Then, loop: asyncio.AbstractEventLoop) -> None:
+        """run() joins the next group commit; its result goes to done (Then) on loop. Any thread may call this."""
+        then = functools.partial(_settle, done) if isinstance(done, asyncio.Future) else done
         with self._group_lock:
-            self._group.append((run, done))
+            self._group.append((run, then))
             first = len(self._group) == 1
         if first:  # else a group is already waiting for the thread: this call joins it
             self._calls.put((functools.partial(self._run_group, loop), None, loop))
@@ -124,8 +137,8 @@ class AsyncCatalog:
             results = self.catalog.group([call for call, _ in group])
         except BaseException as e:  # never leave a caller waiting
             results = [e] * len(group)
-        for (_, done), result in zip(group, results, strict=True):
-            loop.call_soon_threadsafe(_settle, done, result)
+        for (_, then), result in zip(group, results, strict=True):
+            loop.call_soon_threadsafe(then, result)
 
     def shutdown(self) -> None:
         self._calls.put(None)
@@ -135,6 +148,10 @@ class AsyncCatalog:
 
     async def get(self, path: str) -> Entry | None:
         await asyncio.sleep(0)  # a turn of the loop first, as the hop gave: sessions ready meanwhile go before it
+        return self.row(path)
+
+    def row(self, path: str) -> Entry | None:
+        """The row of a path now, on the caller's thread (the reader connection never waits for the writer)."""
         return row_of(self._reader, path)
 
     async def get_many(self, paths: list[str]) -> dict[str, Entry]:
