@@ -281,3 +281,30 @@ async def test_sftp_connection_lost_while_waiting_for_close_ok(agent_factory, se
     assert blob is not None and (a.workdir / "cache" / "data" / blob[:2] / blob).is_file()
     assert s3_objects(seaweed, a.prefix)[path]["sha256"] == sha256(data)
     assert a.events("cache_copy_missing") == [] and orphan_blobs(a) == set()
+
+
+def test_ftp_control_connection_lost_while_its_file_is_being_sealed(agent_factory, seaweed):
+    """The whole file sent, then the control connection closed at once, while the commit still hashes and fsyncs a
+    large file: the session's cut cancels the commit's waiter before the row exists. The commit runs to its end on its
+    own and the write ends — the file stored consistently, no staging file or blob left, its directory free to rename
+    (refused while the gateway still counts a write below it), a stop that finds nothing in flight."""
+    a = agent_factory().start()
+    path, data = "CT/sealing/big.dcm", payload("sealing", 48 * 1024 * 1024)
+    ftp = ftp_login(a)
+    ftp.mkd("CT")
+    ftp.mkd("CT/sealing")
+    sock = ftp_raw_stor(ftp, path)
+    sock.sendall(data)
+    sock.close()
+    ftp.sock.close()  # gone before the 226, before the seal could end
+    ftp.file.close()
+    wait_for(lambda: [e for e in a.events("stored") if e["path"] == path], 30, what="the commit nobody waits for")
+    a.wait_drained(60)
+    assert s3_objects(seaweed, a.prefix)[path]["sha256"] == sha256(data)
+    assert staging_files(a) == [] and orphan_blobs(a) == set()
+    ftp = ftp_login(a)
+    ftp.rename("CT/sealing", "CT/sealed")
+    assert ftp.size("CT/sealed/big.dcm") == len(data)
+    ftp.quit()
+    a.stop()
+    assert a.events("stopped")[-1]["drained"] is True

@@ -17,7 +17,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Coroutine, Protocol, TypeVar
+from typing import Callable, Protocol, TypeVar
 
 import structlog
 
@@ -311,30 +311,6 @@ class WriteHandle:
 
     def seek(self, offset: int, whence: int) -> int:
         return no_holes(self.size, offset, whence)
-
-
-def _detached(work: Coroutine[object, object, T], out: asyncio.Future[T]) -> asyncio.Task[None]:
-    """Run work as a task of its own that hands its outcome to out in its own last step. Awaiting out is what awaiting
-    asyncio.shield(task) gives — a cancelled waiter cancels only out, never the work — without the shield's extra
-    turn of the loop: its callback is scheduled when the task ends and only that one schedules the waiter's wake-up
-    (~0.5–1 ms per commit on a loop serving 8 sessions, docs/benchmarks.md §29)."""
-
-    async def run() -> None:
-        try:
-            result = await work
-        except asyncio.CancelledError:
-            out.cancel()
-            raise
-        except BaseException as e:  # a waiter gone already: as with the shield, nobody is told
-            if not out.done():
-                out.set_exception(e)
-            if not isinstance(e, Exception):
-                raise  # SystemExit, KeyboardInterrupt: not the work's own failure
-            return
-        if not out.done():
-            out.set_result(result)
-
-    return asyncio.ensure_future(run())
 
 
 async def _in_thread(work: Callable[[], T], undo: Callable[[T], None]) -> T:
