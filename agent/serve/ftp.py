@@ -1133,7 +1133,7 @@ class FtpServer(aioftp.Server):
         task not yet taken out of the running set) cannot answer: aioftp's ABOR then said nothing and the client
         waited for a reply that never came."""
         running = [task for task in connection.extra_workers if not task.done()]
-        if connection.session.committing in running:  # stored once its commit ends (the durable part is shielded):
+        if connection.session.committing in running:  # stored once its commit ends (its durable part runs on):
             await asyncio.wait(running)  # its own reply says so first, then this 226 (RFC 959: ABOR after completion)
             running = []
         for task in running:
