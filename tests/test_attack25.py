@@ -50,3 +50,18 @@ def test_abor_during_the_commit_of_a_whole_upload_says_it_was_stored(proxied_age
     assert f.getresp().startswith("226") and f.getresp().startswith("226")  # STOR's, then ABOR's
     assert f.size("whole.dcm") == 100_000 and agent.wait_events("uploaded")
     f.quit()
+
+
+def test_failed_smb_logins_under_another_case_of_a_name_count_for_that_user(smb_agent):
+    """Samba takes 'PACS' for the account 'pacs', but the guard counted the name as typed: failed SMB logins spread
+    over case variants never added up to the user's ban, which the user's FTP and SFTP logins share."""
+    agent = smb_agent(**{"login.max_failures": 3, "login.ban_seconds": 60}).start(timeout=180)
+    port = int(agent.overrides["smb.listen"].rsplit(":", 1)[1])
+    for name in ("PACS", "Pacs", "pAcs"):
+        conn = Connection(uuid.uuid4(), "127.0.0.1", port, require_signing=True)
+        conn.connect(timeout=15)
+        with pytest.raises(SMBException):
+            Session(conn, name, "guess").connect()
+        conn.disconnect()
+    wait_for(lambda: [e for e in agent.events("login_ban") if e.get("scope") == "user"], 20)
+    assert [e["key"] for e in agent.events("login_ban") if e.get("scope") == "user"] == ["pacs"]

@@ -395,6 +395,8 @@ class SmbService:
             await asyncio.sleep(AUTH_POLL_SECONDS)
 
     async def _login(self, user: str, address: str, ok: bool) -> None:
+        # Samba matches an account name without case: 'PACS' guesses 'pacs', and is counted (and banned) as it
+        user = next((u.name for u in smb_users(self.cfg) if u.name.casefold() == user.casefold()), user)
         who = Who(user, "smb", address)
         # no delay: Samba has already answered
         await login(self.gateway, self.logins, "smb", who, address, ok, method="password")
