@@ -77,7 +77,7 @@ def test_hot_paths_and_unlist_all(cat):
     cat.record_access([("CT/h/2.dcm", t + 1, 1), ("CT/h/0.dcm", t + 2, 1), ("CT/h/1.dcm", t + 3, 1)])
     assert cat.hot_paths(10) == ["CT/h/0.dcm", "CT/h/2.dcm"]  # cached clean files, most recently used first
     assert cat.hot_paths(1) == ["CT/h/0.dcm"]
-    cat.merge_listing("CT", [], ["h"])
+    cat.merge_listing("CT", [], ["h"], time.time())
     assert cat.get("CT").listed
     cat.unlist_all()
     assert not cat.get("CT").listed and not cat.get("").listed

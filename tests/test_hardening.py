@@ -182,7 +182,8 @@ def test_pending_deletes_are_not_listed_again(tmp_path):
     c.delete("D/a")
     c.rmdir("D")
     c.commit_write("D/b", "blob2", 1, "0" * 64, time.time(), claim=False)
-    c.merge_listing("D", [RemoteObject("a", 1, time.time(), None), RemoteObject("b", 1, time.time(), None)], [])
+    now = time.time()
+    c.merge_listing("D", [RemoteObject("a", 1, now, None), RemoteObject("b", 1, now, None)], [], now)
     assert [e.name for e in c.children("D")] == ["b"]
     assert c.tombstones_under("D") and not c.tombstones_under("E")
     c.close()

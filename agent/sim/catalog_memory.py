@@ -56,7 +56,7 @@ def fill(catalog: Catalog, files: list[tuple[str, int]]) -> None:
     files = sorted(files)
     for parent, group in groupby(files, key=lambda f: parent_of(f[0])):
         objs = [RemoteObject(name_of(p), size, 0.0, hashlib.md5(p.encode()).hexdigest()) for p, size in group]
-        catalog.merge_listing(parent, objs, [])
+        catalog.merge_listing(parent, objs, [], 0.0)
     for path, _ in files:
         catalog.mark_clean(path, 1, None, None, hashlib.sha256(path.encode()).hexdigest())
     for i in range(0, len(files), BATCH):

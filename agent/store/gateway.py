@@ -636,7 +636,7 @@ class Gateway:
     async def _do_list(self, path: str) -> None:
         if not self.line.reachable:
             return  # serve what the catalog knows; list again once the line is back
-        t0 = time.monotonic()
+        t0, begun = time.monotonic(), time.time()
         try:
             listing = await self.s3.list_dir(path)
         except Exception as e:  # a failed listing must not fail the client's request
@@ -647,7 +647,7 @@ class Gateway:
         if dirs and await (self.db.tombstones_under(path) if path else self.db.tombstone_count()):
             dirs = [d for d in dirs if await self._remote_dir_live(f"{path}/{d}" if path else d)]
         # Files the store did not size now: listed again at the next use, HEADing only them (the rest known by ETag)
-        await self.db.merge_listing(path, listing.objects, dirs, complete=not listing.unsized)
+        await self.db.merge_listing(path, listing.objects, dirs, begun, complete=not listing.unsized)
         log.info("remote_listed", path=path, files=len(listing.objects), dirs=len(listing.dirs),
                  unsized=len(listing.unsized), seconds=round(time.monotonic() - t0, 4))
 

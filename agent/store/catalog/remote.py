@@ -14,25 +14,30 @@ from agent.store.paths import ancestors, name_of, parent_of
 
 
 class RemoteSync(CatalogBase):
-    def merge_listing(self, path: str, objects: Iterable[RemoteObject], dirs: Iterable[str],
+    def merge_listing(self, path: str, objects: Iterable[RemoteObject], dirs: Iterable[str], begun: float,
                       complete: bool = True) -> None:
-        """Add what a remote listing of directory `path` found and the catalog lacks; mark it listed if complete."""
+        """Add what a remote listing of directory `path`, asked for at `begun`, found and the catalog lacks; mark it
+        listed if complete. A key whose DELETE landed since may still be listed: neither it nor a directory above it
+        is taken (a deleted file would come back), and the directory is listed again at its next use."""
         now = time.time()
         prefix = path + "/" if path else ""
         with self._tx(durable=False):
+            gone = {r[0][len(prefix):] for r in self.db.execute(
+                "SELECT key FROM deleted WHERE at >= ? AND substr(key, 1, ?) = ?", (begun, len(prefix), prefix))}
             self._ensure_dirs(prefix + "x", now)
-            for d in dirs:
+            for d in set(dirs) - {g.split("/", 1)[0] for g in gone}:
                 self.db.execute(
                     "INSERT OR IGNORE INTO entries (path, parent, name, is_dir, mtime) VALUES (?, ?, ?, 1, ?)",
                     (prefix + d, path, d, now))
-            for o in objects:  # an object whose key waits for deletion was deleted (or renamed) here, and one
-                # under a key in doubt that no file has is a write the agent gave up on (Uploads.recheck deletes it)
+            for o in (o for o in objects if o.name not in gone):  # an object whose key waits for deletion was
+                # deleted (or renamed) here, and one under a key in doubt that no file has is a write the agent gave
+                # up on (Uploads.recheck deletes it)
                 self.db.execute(
                     "INSERT OR IGNORE INTO entries (path, parent, name, is_dir, size, mtime, state, etag, gen) "
                     "SELECT ?, ?, ?, 0, ?, ?, 'clean', ?, 1 WHERE NOT EXISTS (SELECT 1 FROM tombstones WHERE key = ?) "
                     "AND NOT EXISTS (SELECT 1 FROM doubts WHERE key = ?)",
                     (prefix + o.name, path, o.name, o.size, o.mtime, o.etag, prefix + o.name, prefix + o.name))
-            if complete:
+            if complete and not gone:
                 self.db.execute("UPDATE entries SET listed = 1 WHERE path = ?", (path,))
 
     def known_sizes(self, objects: list[tuple[str, str | None]]) -> dict[str, int]:

@@ -75,6 +75,10 @@ CREATE INDEX IF NOT EXISTS entries_blob ON entries(blob) WHERE blob IS NOT NULL;
 CREATE INDEX IF NOT EXISTS entries_copy_from ON entries(copy_from) WHERE copy_from IS NOT NULL;
 CREATE INDEX IF NOT EXISTS entries_evictable ON entries(last_access) WHERE state = 'clean' AND blob IS NOT NULL;
 
+-- Keys whose DELETE landed in the last hour: a listing asked for before that may still name them (remote.py)
+CREATE TABLE IF NOT EXISTS deleted (key TEXT PRIMARY KEY, at REAL NOT NULL) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS deleted_at ON deleted(at);
+
 CREATE TABLE IF NOT EXISTS tombstones (
     key          TEXT PRIMARY KEY,
     queued       REAL NOT NULL,

@@ -94,6 +94,9 @@ class Uploads(CatalogBase):
             if unsure:
                 self._doubt(key)
             self.db.execute("DELETE FROM tombstones WHERE key = ?", (key,))
+            now = time.time()
+            self.db.execute("DELETE FROM deleted WHERE at < ?", (now - 3600,))
+            self.db.execute("INSERT OR REPLACE INTO deleted (key, at) VALUES (?, ?)", (key, now))
             self.db.execute("DELETE FROM dicom_objects WHERE path = ?", (key,))  # the object is gone
             self.db.execute("DELETE FROM dicom_unshipped WHERE path = ?", (key,))
 
