@@ -100,15 +100,20 @@ def test_a_hostile_header_of_empty_or_nested_sequence_items_costs_milliseconds(t
 
     hostile = {"empty-items.dcm": with_sequence(EMPTY_ITEM, (HEADER_MAX - 1000) // 8),
                "nested-items.dcm": nested(150)}
+    (tmp_path / "plain.dcm").write_bytes(dicom())
+
+    def cpu(name: str) -> float:
+        t0 = time.process_time()
+        read_path(tmp_path / name)
+        return time.process_time() - t0
+
     for name, data in hostile.items():
         (tmp_path / name).write_bytes(data)
         read_path(tmp_path / name)  # imports and caches warm
-        cpu = []
-        for _ in range(3):
-            t0 = time.process_time()
-            h = read_path(tmp_path / name)
-            cpu.append(time.process_time() - t0)
-        assert min(cpu) < 0.020, (name, cpu)  # was 0.4 s for the empty items
+        # against a plain header's parse in the same moments: a ratio holds on a loaded machine, a time does not
+        ratio = min(cpu(name) for _ in range(5)) / min(cpu("plain.dcm") for _ in range(5))
+        assert ratio < 1000, (name, ratio)  # 130-150 (5-15 ms); unbounded 16 000
+        h = read_path(tmp_path / name)
         assert h.dicom and h.problem.startswith("header too complex") and h.study_uid is None, name
 
     uid = generate_uid().encode()
