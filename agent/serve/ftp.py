@@ -1,7 +1,7 @@
 """FTP front end (aioftp) over the gateway facade.
 
-aioftp gives the command handlers for login, CWD/PWD, TYPE and MLST, and its Connection, StreamIO and
-condition decorators. This module supplies a PathIO onto the gateway, a user manager with hashed passwords,
+aioftp gives the command handlers for CWD, CDUP, MLST, QUIT and SYST, and its Connection, StreamIO and
+condition decorators. This module supplies a PathIO onto the gateway, USER and PASS against hashed passwords,
 and these pieces of its own:
   * the session loop (`FtpServer.dispatcher`): commands are read as sent (a trailing space stays part of a
     name; bytes that are not UTF-8 reach the path checks and get 553 instead of killing the session), the
@@ -53,7 +53,7 @@ from aioftp.common import END_OF_LINE, ThrottleStreamIO
 
 from agent.audit import Who
 from agent.auth import REFUSALS_EVERY, Every, LoginGuard, Passwords, refusal, unmapped
-from agent.config import Config, UserConfig
+from agent.config import Config
 from agent.records import Entry
 from agent.serve import contract
 from agent.serve.contract import answer, report, st_mode, tls_context
@@ -189,29 +189,6 @@ class GatewayPathIO(aioftp.AbstractPathIO[PurePosixPath]):
         raise NotImplementedError("the FTP front end calls the gateway for this")
 
     is_file = mkdir = rmdir = unlink = rename = list = stat = _open = seek = write = read = close = _unused
-
-
-class _Users(aioftp.AbstractUserManager):
-    """Unknown names get a 331 like known ones (no user enumeration) and fail at PASS, after a delay."""
-
-    def __init__(self, users: tuple[UserConfig, ...]) -> None:
-        super().__init__()
-        self.passwords = Passwords(users)
-        self.ftp_users = {u.name: aioftp.User(u.name, "-", base_path=Path(u.root), home_path="/",
-                                              permissions=[aioftp.Permission("/", readable=True, writable=True)])
-                          for u in users}
-
-    async def get_user(self, login: str) -> tuple[Any, aioftp.User | None, str]:
-        user = self.ftp_users.get(login) or aioftp.User(login or "-", None, base_path=Path("/nonexistent"))
-        return aioftp.AbstractUserManager.GetUserResponse.PASSWORD_REQUIRED, user, "password required"
-
-    async def authenticate(self, user: aioftp.User, password: str) -> bool:
-        # bytes that were not UTF-8 arrive as surrogate escapes (FtpServer._read_command): never a password
-        return not any("\ud800" <= c <= "\udfff" for c in password) and await asyncio.to_thread(
-            self.passwords.check, user.login or "", password)
-
-    async def notify_logout(self, user: aioftp.User) -> None:
-        return None
 
 
 def _settle(future: asyncio.Future[None]) -> None:
@@ -491,13 +468,18 @@ def _abort_reason(e: BaseException) -> str:
 class FtpServer(aioftp.Server):
     def __init__(self, cfg: Config, gateway: Gateway, logins: LoginGuard) -> None:
         factory = type("BoundPathIO", (GatewayPathIO,), {"gateway": gateway})
-        super().__init__(_Users(cfg.users), path_io_factory=factory, block_size=BLOCK,
+        # USER and PASS are this module's (on_user, on_pass): aioftp's user manager is never asked
+        super().__init__(path_io_factory=factory, block_size=BLOCK,
                          idle_timeout=cfg.ftp.idle_timeout, socket_timeout=SOCKET_TIMEOUT,
                          welcome_message="pacsgw FTP ready")
         self.cfg, self.gateway, self.logins = cfg, gateway, logins
         lo, hi = cfg.ftp.passive_ports
         self.passive_ports = range(lo, hi + 1)
         self.roots = {u.name: u.root for u in cfg.users}
+        self.passwords = Passwords(cfg.users)
+        self.users = {u.name: aioftp.User(u.name, "-", base_path=Path(u.root), home_path="/",
+                                          permissions=[aioftp.Permission("/", readable=True, writable=True)])
+                      for u in cfg.users}
         self.tls = tls_context(cfg.ftp.tls_cert, cfg.ftp.tls_key) if cfg.ftp.tls_cert else None
         self.startups = Startups("ftp", cfg.ftp.max_unauthenticated, logins, gateway)
         self.sessions: dict[asyncio.Task[Any], Session] = {}
@@ -776,10 +758,10 @@ class FtpServer(aioftp.Server):
             # Logged out by USER, a session was one no login_timeout ended (its clock had run) and max_unauthenticated
             # did not count (its slot went back at the login): refused, as vsftpd does
             return replied(connection, "530", "already logged in: open a new connection to log in as another user")
-        done = await self.user(connection, rest)
-        if rest not in self.roots:  # aioftp keeps a throttle per User for good; an unknown name's is new each time
-            self.throttle_per_user.pop(connection.user, None)  # (_Users.get_user): 100 000 USER lines held 134 MB
-        return done
+        # An unknown name gets a 331 like a known one (no user enumeration) and fails at PASS, after a delay
+        connection.user = self.users.get(rest) or aioftp.User(rest or "-", None, base_path=Path("/nonexistent"))
+        connection.current_directory = connection.user.home_path
+        return replied(connection, "331", "password required")
 
     @needs(USER_SENT)
     async def on_pass(self, connection: aioftp.Connection, rest: str) -> bool:
@@ -789,7 +771,9 @@ class FtpServer(aioftp.Server):
         async with guard.attempt(login, address, "ftp") as refusal:  # LoginGuard (agent.auth): backoff and bans
             if refusal:
                 return replied(connection, "530", refusal)
-            ok = await self.user_manager.authenticate(connection.user, rest)
+            # bytes that were not UTF-8 arrive as surrogate escapes (FtpServer._read_command): never a password
+            ok = not any("\ud800" <= c <= "\udfff" for c in rest) and await asyncio.to_thread(
+                self.passwords.check, login, rest)
             wait = await contract.login(self.gateway, guard, "ftp", who(connection), address, ok)
         await asyncio.sleep(wait)
         if not ok:
