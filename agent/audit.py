@@ -135,8 +135,7 @@ class AuditShipper:
             with contextlib.suppress(asyncio.TimeoutError):  # ship right after a rotation; retry every interval
                 await asyncio.wait_for(self.audit.rotated_event.wait(), SHIP_INTERVAL)
 
-    async def ship_once(self) -> int:
-        shipped = 0
+    async def ship_once(self) -> None:
         for f in self.audit.rotated():
             marker = f.with_name(f.name + ".shipped")
             if marker.exists():
@@ -145,13 +144,11 @@ class AuditShipper:
                 await self.s3.put_raw(self.prefix + f.name, await asyncio.to_thread(f.read_bytes))
             except Exception as e:  # retried at the next interval
                 log.warning("audit_ship_failed", file=f.name, error=str(e)[:200])
-                return shipped
+                return
             marker.touch()
-            shipped += 1
             log.info("audit_shipped", file=f.name, key=self.prefix + f.name)
         files = self.audit.rotated()  # locally, the newest `keep` of them, and those not yet shipped
         for f in files[: max(0, len(files) - self.audit.keep)]:
             if (marker := f.with_name(f.name + ".shipped")).exists():
                 f.unlink()
                 marker.unlink()
-        return shipped

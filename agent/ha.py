@@ -177,18 +177,18 @@ class HaMonitor:
         body = json.dumps({"time": time.time(), "paths": paths}).encode()
         await self.s3.put_raw(self.s3.key(HOT_PATH), body)
 
-    async def prefetch_hot(self) -> dict[str, int]:
+    async def prefetch_hot(self) -> None:
         """Bring the active box's hot set into this box's cache, hottest first, up to prefetch_bytes (cached or not)."""
         if not self.cfg.prefetch_bytes:
-            return {}
+            return
         body = await self.s3.get_raw(self.s3.key(HOT_PATH), HOT_MAX_BYTES)  # larger: not the active box's (ValueError)
         if body is None:
-            return {}
+            return
         try:
             paths = json.loads(body)["paths"]
         except (ValueError, KeyError, TypeError):
             log.warning("ha_hot_set_unreadable", key=HOT_PATH)
-            return {}
+            return
         held = fetched = files = 0
         deadline = time.monotonic() + self.cfg.follow_seconds  # the next follow must not wait for a long prefetch
         for path in paths[:HOT_FILES] if isinstance(paths, list) else []:
@@ -204,9 +204,8 @@ class HaMonitor:
             held += e.size
         if files:
             log.info("ha_prefetched", files=files, bytes=fetched, hot_set_bytes=held)
-        return {"files": files, "bytes": fetched}
 
-    async def follow(self) -> dict[str, Any]:
+    async def follow(self) -> None:
         """One pass over the whole namespace in the bucket into the catalog (new, changed and gone objects)."""
         async with self._follow_lock:
             t0, added, changed, objects = time.monotonic(), 0, 0, 0
@@ -222,7 +221,6 @@ class HaMonitor:
                                    "seconds": round(time.monotonic() - t0, 3)}
             if added or changed or gone:
                 log.info("ha_followed", **self.state.followed)
-            return self.state.followed
 
     # --- the peer -------------------------------------------------------------------------------
 
