@@ -145,9 +145,9 @@ def who(connection: aioftp.Connection) -> Who:
     return Who(user, protocol, f"{connection.client_host}:{connection.client_port}")
 
 
-async def send_file(data: "DataConnection", handle: ReadHandle, offset: int) -> int:
+async def send_file(data: "DataConnection", handle: ReadHandle, offset: int) -> None:
     """Send the file from offset to its end as the handle allows (a verified cached copy at once, a fetch as it
-    lands): by sendfile(2) from the page cache to the socket in clear, by reads and writes over TLS. → bytes sent."""
+    lands): by sendfile(2) from the page cache to the socket in clear, by reads and writes over TLS."""
     pos = offset
     try:
         while True:
@@ -164,7 +164,6 @@ async def send_file(data: "DataConnection", handle: ReadHandle, offset: int) -> 
                 break
     finally:
         handle.sent(pos - offset)
-    return pos - offset
 
 
 class GatewayPathIO(aioftp.AbstractPathIO[PurePosixPath]):

@@ -532,10 +532,10 @@ def _mount_entry(mountpoint: Path) -> str | None:
     return next((p.fstype for p in psutil.disk_partitions(all=True) if p.mountpoint == target), None)
 
 
-def unmount_stale(mountpoint: Path) -> bool:
-    """A mount left by a killed agent answers ENOTCONN: detach it (lazily). → whether one was removed."""
+def unmount_stale(mountpoint: Path) -> None:
+    """A mount left by a killed agent answers ENOTCONN: detach it (lazily)."""
     if _mount_entry(mountpoint) is None:
-        return False
+        return
     try:
         os.stat(mountpoint)
     except OSError as e:
@@ -547,7 +547,6 @@ def unmount_stale(mountpoint: Path) -> bool:
     if _mount_entry(mountpoint) is not None:
         subprocess.run(["umount", "-l", str(mountpoint)], check=False, capture_output=True)
     log.warning("stale_mount_removed", mountpoint=str(mountpoint))
-    return True
 
 
 class FuseMount:
