@@ -174,10 +174,7 @@ def connections_by_address(port: int) -> Counter[str]:
 def per_group(counts: Counter[str]) -> Counter[str]:
     """Counts per address → per address_group (an IPv6 client's /64 as one), which smb.conf denies as such:
     Samba reads "fd00:1:2:3::/64" in hosts deny as a network and its prefix length (lib/util/access.c)."""
-    grouped: Counter[str] = Counter()
-    for address, n in counts.items():
-        grouped[address_group(address)] += n
-    return grouped
+    return Counter(address_group(address) for address in counts.elements())
 
 
 def auth_event(line: str) -> tuple[str, str, bool] | None:
