@@ -57,7 +57,7 @@ from agent.config import Config
 from agent.records import Entry
 from agent.serve import contract
 from agent.serve.contract import answer, report, st_mode, tls_context
-from agent.serve.startups import Startup, Startups
+from agent.serve.startups import Startup
 from agent.store.errors import Corrupt, GatewayError, IsADirectory
 from agent.store.gateway import Gateway, ReadHandle, WriteHandle
 from agent.store.paths import resolve
@@ -480,7 +480,6 @@ class FtpServer(aioftp.Server):
                                           permissions=[aioftp.Permission("/", readable=True, writable=True)])
                       for u in cfg.users}
         self.tls = tls_context(cfg.ftp.tls_cert, cfg.ftp.tls_key) if cfg.ftp.tls_cert else None
-        self.startups = Startups("ftp", cfg.ftp.max_unauthenticated, logins, gateway)
         self.sessions: dict[asyncio.Task[Any], Session] = {}
         self.draining = False  # the agent stops: no new session, and each session's next command hears 421
         self._buffers: list[bytearray] = []  # receive buffers of finished uploads, for the next ones
@@ -507,7 +506,7 @@ class FtpServer(aioftp.Server):
             writer.write(f"421 too many sessions from your address (limit {cap}); try again later\r\n".encode())
             writer.close()
             return
-        startup = self.startups.admit(host, f"{host}:{port}")  # until it logs in (agent.serve.startups)
+        startup = Startup("ftp", self.cfg.ftp.max_unauthenticated, self.logins, self.gateway, host, f"{host}:{port}")
         try:
             if not await startup.admitted():
                 writer.write(b"421 too many connections not logged in; try again later\r\n")
