@@ -121,7 +121,7 @@ class Agent:
         if cfg.ha.enabled:
             from agent.ha import HaMonitor
             self.ha = HaMonitor(cfg, self.gateway, self.db, self.refusals, self.uploader, self.s3, self.cache,
-                                self.audit, self.metrics)
+                                self.audit, self.metrics, self.loops)
             await self.ha.start()
         # the study-index snapshot and the deltas between snapshots, by the active box only (agent/dicom)
         def active() -> bool:
@@ -250,9 +250,7 @@ class Agent:
                 await listener.close()
         if self.smb:
             await self.smb.stop()
-        await self.loops.stop()
-        if self.ha:
-            await self.ha.stop()
+        await self.loops.stop()  # the HA monitor's too
         await self.uploader.stop(max(1.0, drain_seconds - (time.monotonic() - t0)))
         await self.line.stop()
         await self.gateway.stop()
@@ -302,7 +300,7 @@ class Agent:
             h["ha"] = self.ha.health(totals.queue_files, self.draining)
         if self.workers is not None:
             h["workers"] = self.workers.status()
-        loops = [self.loops, self.line.loops, self.uploader.loops] + ([self.ha.loops] if self.ha else [])
+        loops = [self.loops, self.line.loops, self.uploader.loops]
         h["loops"] = {name: s for part in loops for name, s in part.status().items()}
         h["status"], h["reasons"] = judge(h, self.cfg.cache.min_free_bytes)
         h["reasons"] += [f"background loop {name} crashed {s['crashes']} times, last: {s['last_error']}"

@@ -92,13 +92,13 @@ class HaState:
 
 class HaMonitor:
     def __init__(self, cfg: Config, gateway: Gateway, db: AsyncCatalog, refusals: Refusals, uploader: Uploader,
-                 s3: S3Uplink, cache: Cache, audit: AuditLog, metrics: Metrics) -> None:
+                 s3: S3Uplink, cache: Cache, audit: AuditLog, metrics: Metrics, loops: Loops) -> None:
         self.cfg, self.gateway, self.db, self.refusals, self.uploader, self.s3, self.cache, self.audit = (
             cfg.ha, gateway, db, refusals, uploader, s3, cache, audit)  # refusals.write is set here
         self.state = HaState()
         self._boot = psutil.boot_time()
         self._follow_lock = asyncio.Lock()
-        self.loops = Loops(metrics)  # restarted after a crash: a dead watcher left the box in its role for ever
+        self.loops = loops  # the agent's, restarted after a crash: a dead watcher left the box in its role for ever
         r = metrics.registry
         gauge = functools.partial(Gauge, registry=r)
         # the gauges read the state at each scrape: they and /healthz cannot disagree
@@ -121,9 +121,6 @@ class HaMonitor:
         self.loops.every("ha-line", LINE_POLL, self.uploader.line.check)
         if self.cfg.peer:
             self.loops.start("ha-peer", self._watch_peer)
-
-    async def stop(self) -> None:
-        await self.loops.stop()
 
     # --- the role -------------------------------------------------------------------------------
 
