@@ -53,7 +53,7 @@ from aioftp.common import END_OF_LINE, ThrottleStreamIO
 
 from agent.audit import Who
 from agent.auth import REFUSALS_EVERY, Every, LoginGuard, Passwords, refusal, unmapped
-from agent.config import Config
+from agent.config import Config, shown
 from agent.records import Entry
 from agent.serve import contract
 from agent.serve.contract import answer, report, st_mode, tls_context
@@ -98,14 +98,6 @@ Handler = Callable[[aioftp.Connection, str], Awaitable[bool]]
 Immediate = Callable[[aioftp.Connection, str], None]
 Command = Callable[["FtpServer", aioftp.Connection, str], Awaitable[bool]]
 T = TypeVar("T")
-
-
-def printable(text: str) -> str:
-    """A reply line as sent: control characters (and bytes that were not UTF-8) escaped, so nothing a client
-    or an S3 key put into a reply can end it early or start a forged one."""
-    if text.isprintable():  # nearly every reply: no per-character pass
-        return text
-    return "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in text)
 
 
 def quoted(path: str) -> str:
@@ -538,11 +530,13 @@ class FtpServer(aioftp.Server):
 
         def respond(code: str, lines: str | Iterable[str] = "", as_list: bool = False) -> None:
             """A reply, written at once (replies leave in the order they are made; aioftp queued each line for a
-            writer task that wrote and drained it under a timeout task of its own)."""
+            writer task that wrote and drained it under a timeout task of its own). Control characters (and bytes
+            that were not UTF-8) are escaped: nothing a client or an S3 key put into a reply can end it early or
+            start a forged one."""
             if isinstance(lines, str):  # nearly every reply: one line, no list to build and join
-                writer.write(f"{code} {printable(lines)}{END_OF_LINE}".encode(self.encoding))
+                writer.write(f"{code} {shown(lines)}{END_OF_LINE}".encode(self.encoding))
             else:
-                writer.write(_reply(code, [printable(line) for line in lines], as_list, self.encoding))
+                writer.write(_reply(code, [shown(line) for line in lines], as_list, self.encoding))
 
         def failed(exc: BaseException) -> None:
             log.error("ftp_command_failed", user=session.user, error=f"{type(exc).__name__}: {exc}"[:300],
