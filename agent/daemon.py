@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import resource
 import signal
 import sqlite3
@@ -15,7 +16,7 @@ from typing import Any, Callable
 import structlog
 
 from agent import __version__
-from agent.audit import AuditLog, AuditShipper
+from agent.audit import AuditLog, ship
 from agent.auth import GUARD_FILE, LoginGuard
 from agent.config import Config, ConfigError, parse_size
 from agent.dicom import deltas, snapshot
@@ -114,7 +115,7 @@ class Agent:
         if cfg.audit.enabled and cfg.audit.ship:  # the rotated audit files of the owner, then of each serving worker
             for i, audit in enumerate([self.audit, *worker_audits(cfg)]):
                 self.loops.start(f"audit-ship-{i}" if i else "audit-ship",
-                                 AuditShipper(audit, self.s3, cfg.audit.ship_prefix).run)
+                                 functools.partial(ship, audit, self.s3, cfg.audit.ship_prefix))
         # prior prefetch hears of every store; self.priors is built below, before any front end serves
         await self._start_gateway((lambda path, content: self.priors.on_stored(path, content))
                                   if cfg.prefetch.priors else None)
