@@ -517,13 +517,6 @@ class GatewayFS(pyfuse3.Operations):
         await op.close_reader()
         self._drop_unused(op.inode)
 
-    async def abort_all(self, reason: str) -> None:
-        for op in list(self._files.values()):
-            if op.writer is not None and not op.committed:
-                await op.writer.abort(reason)
-                op.committed = True
-            await op.close_reader()
-
     # --- mounting --------------------------------------------------------------------------------
 
     async def mount(self, mountpoint: Path) -> None:
@@ -547,7 +540,11 @@ class GatewayFS(pyfuse3.Operations):
             await asyncio.wait_for(task, 10)
         except (asyncio.TimeoutError, Exception) as e:  # unmount regardless
             log.warning("fuse_loop_end", error=repr(e))
-        await self.abort_all("agent stopping")
+        for op in list(self._files.values()):  # what smbd left open
+            if op.writer is not None and not op.committed:
+                await op.writer.abort("agent stopping")
+                op.committed = True
+            await op.close_reader()
         pyfuse3.close(unmount=True)
         self._mounted = None
         log.info("fuse_unmounted", mountpoint=str(mountpoint))
