@@ -466,7 +466,6 @@ class FtpServer(aioftp.Server):
         self.cfg, self.gateway, self.logins = cfg, gateway, logins
         lo, hi = cfg.ftp.passive_ports
         self.passive_ports = range(lo, hi + 1)
-        self.roots = {u.name: u.root for u in cfg.users}
         self.passwords = Passwords(cfg.users)
         self.users = {u.name: aioftp.User(u.name, "-", base_path=Path(u.root), home_path="/",
                                           permissions=[aioftp.Permission("/", readable=True, writable=True)])
@@ -904,7 +903,7 @@ class FtpServer(aioftp.Server):
         session: Session = connection.session
         key = (connection.user.login, str(connection.current_directory), rest)
         if session.resolved[0] != key:
-            session.resolved = key, resolve(self.roots.get(key[0], "/"), key[1], rest)
+            session.resolved = key, resolve(str(connection.user.base_path), key[1], rest)  # the user's root
         return session.resolved[1]
 
     def _guarded(self, handler: Handler, name: str) -> Handler:
