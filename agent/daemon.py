@@ -246,11 +246,9 @@ class Agent:
         drained = await self.gateway.wait_writes_idle(drain_seconds)
         if self.smb:
             drained = await self.smb.wait_files_closed(max(0.0, drain_seconds - (time.monotonic() - t0))) and drained
-        for listener in (self.ftp, self.sftp):
+        for listener in (self.ftp, self.sftp, self.smb):
             if listener:
                 await listener.close()
-        if self.smb:
-            await self.smb.stop()
         await self.loops.stop()  # the HA monitor's too
         await self.uploader.stop(max(1.0, drain_seconds - (time.monotonic() - t0)))
         await self.line.stop()

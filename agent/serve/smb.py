@@ -262,7 +262,7 @@ class SmbService:
         try:
             await self._start()
         except BaseException:
-            await self.stop()
+            await self.close()
             raise
 
     async def _start(self) -> None:
@@ -527,7 +527,7 @@ class SmbService:
             await asyncio.sleep(0.1)
         return False
 
-    async def stop(self) -> None:
+    async def close(self) -> None:
         """Stop smbd (its closes of still-open files are aborts, not completions), then unmount."""
         self._stopping = True
         if self._auth_watch is not None:
