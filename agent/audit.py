@@ -121,37 +121,30 @@ class AuditLog:
                 self._fd = -1
 
 
-class AuditShipper:
-    """Uploads rotated audit files to the bucket, then keeps only the newest `keep` of them locally."""
+async def ship(audit: AuditLog, s3, prefix: str) -> None:  # s3: an S3Uplink
+    """Upload rotated audit files to the bucket, then keep only the newest `keep` of them locally."""
+    audit.loop = asyncio.get_running_loop()
+    while True:
+        audit.rotated_event.clear()
+        await _ship_rotated(audit, s3, prefix)
+        with contextlib.suppress(asyncio.TimeoutError):  # ship right after a rotation; retry every interval
+            await asyncio.wait_for(audit.rotated_event.wait(), SHIP_INTERVAL)
 
-    def __init__(self, audit: AuditLog, s3, prefix: str) -> None:  # S3Uplink
-        self.audit, self.s3, self.prefix = audit, s3, prefix
 
-    async def run(self) -> None:
-        self.audit.loop = asyncio.get_running_loop()
-        while True:
-            self.audit.rotated_event.clear()
-            await self.ship_once()
-            with contextlib.suppress(asyncio.TimeoutError):  # ship right after a rotation; retry every interval
-                await asyncio.wait_for(self.audit.rotated_event.wait(), SHIP_INTERVAL)
-
-    async def ship_once(self) -> int:
-        shipped = 0
-        for f in self.audit.rotated():
-            marker = f.with_name(f.name + ".shipped")
-            if marker.exists():
-                continue
-            try:
-                await self.s3.put_raw(self.prefix + f.name, await asyncio.to_thread(f.read_bytes))
-            except Exception as e:  # retried at the next interval
-                log.warning("audit_ship_failed", file=f.name, error=str(e)[:200])
-                return shipped
-            marker.touch()
-            shipped += 1
-            log.info("audit_shipped", file=f.name, key=self.prefix + f.name)
-        files = self.audit.rotated()  # locally, the newest `keep` of them, and those not yet shipped
-        for f in files[: max(0, len(files) - self.audit.keep)]:
-            if (marker := f.with_name(f.name + ".shipped")).exists():
-                f.unlink()
-                marker.unlink()
-        return shipped
+async def _ship_rotated(audit: AuditLog, s3, prefix: str) -> None:
+    for f in audit.rotated():
+        marker = f.with_name(f.name + ".shipped")
+        if marker.exists():
+            continue
+        try:
+            await s3.put_raw(prefix + f.name, await asyncio.to_thread(f.read_bytes))
+        except Exception as e:  # retried at the next interval
+            log.warning("audit_ship_failed", file=f.name, error=str(e)[:200])
+            return
+        marker.touch()
+        log.info("audit_shipped", file=f.name, key=prefix + f.name)
+    files = audit.rotated()  # locally, the newest `keep` of them, and those not yet shipped
+    for f in files[: max(0, len(files) - audit.keep)]:
+        if (marker := f.with_name(f.name + ".shipped")).exists():
+            f.unlink()
+            marker.unlink()

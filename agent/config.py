@@ -793,7 +793,8 @@ def load_or_exit(path: str) -> Config:
 
 
 def shown(text: str) -> str:
-    """Text for an admin's terminal, control characters escaped: another S3 client's key could rewrite it."""
+    """Text for an admin's terminal or an FTP reply, control characters escaped: another S3 client's key could
+    rewrite the one, end the other."""
     if text.isprintable():  # nearly every line: no per-character pass
         return text
     return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import resource
 import signal
 import sqlite3
@@ -15,7 +16,7 @@ from typing import Any, Callable
 import structlog
 
 from agent import __version__
-from agent.audit import AuditLog, AuditShipper
+from agent.audit import AuditLog, ship
 from agent.auth import GUARD_FILE, LoginGuard
 from agent.config import Config, ConfigError, parse_size
 from agent.dicom import deltas, snapshot
@@ -114,14 +115,14 @@ class Agent:
         if cfg.audit.enabled and cfg.audit.ship:  # the rotated audit files of the owner, then of each serving worker
             for i, audit in enumerate([self.audit, *worker_audits(cfg)]):
                 self.loops.start(f"audit-ship-{i}" if i else "audit-ship",
-                                 AuditShipper(audit, self.s3, cfg.audit.ship_prefix).run)
+                                 functools.partial(ship, audit, self.s3, cfg.audit.ship_prefix))
         # prior prefetch hears of every store; self.priors is built below, before any front end serves
         await self._start_gateway((lambda path, content: self.priors.on_stored(path, content))
                                   if cfg.prefetch.priors else None)
         if cfg.ha.enabled:
             from agent.ha import HaMonitor
             self.ha = HaMonitor(cfg, self.gateway, self.db, self.refusals, self.uploader, self.s3, self.cache,
-                                self.audit, self.metrics)
+                                self.audit, self.metrics, self.loops)
             await self.ha.start()
         # the study-index snapshot and the deltas between snapshots, by the active box only (agent/dicom)
         def active() -> bool:
@@ -245,14 +246,10 @@ class Agent:
         drained = await self.gateway.wait_writes_idle(drain_seconds)
         if self.smb:
             drained = await self.smb.wait_files_closed(max(0.0, drain_seconds - (time.monotonic() - t0))) and drained
-        for listener in (self.ftp, self.sftp):
+        for listener in (self.ftp, self.sftp, self.smb):
             if listener:
                 await listener.close()
-        if self.smb:
-            await self.smb.stop()
-        await self.loops.stop()
-        if self.ha:
-            await self.ha.stop()
+        await self.loops.stop()  # the HA monitor's too
         await self.uploader.stop(max(1.0, drain_seconds - (time.monotonic() - t0)))
         await self.line.stop()
         await self.gateway.stop()
@@ -302,7 +299,7 @@ class Agent:
             h["ha"] = self.ha.health(totals.queue_files, self.draining)
         if self.workers is not None:
             h["workers"] = self.workers.status()
-        loops = [self.loops, self.line.loops, self.uploader.loops] + ([self.ha.loops] if self.ha else [])
+        loops = [self.loops, self.line.loops, self.uploader.loops]
         h["loops"] = {name: s for part in loops for name, s in part.status().items()}
         h["status"], h["reasons"] = judge(h, self.cfg.cache.min_free_bytes)
         h["reasons"] += [f"background loop {name} crashed {s['crashes']} times, last: {s['last_error']}"

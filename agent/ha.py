@@ -92,13 +92,13 @@ class HaState:
 
 class HaMonitor:
     def __init__(self, cfg: Config, gateway: Gateway, db: AsyncCatalog, refusals: Refusals, uploader: Uploader,
-                 s3: S3Uplink, cache: Cache, audit: AuditLog, metrics: Metrics) -> None:
+                 s3: S3Uplink, cache: Cache, audit: AuditLog, metrics: Metrics, loops: Loops) -> None:
         self.cfg, self.gateway, self.db, self.refusals, self.uploader, self.s3, self.cache, self.audit = (
             cfg.ha, gateway, db, refusals, uploader, s3, cache, audit)  # refusals.write is set here
         self.state = HaState()
         self._boot = psutil.boot_time()
         self._follow_lock = asyncio.Lock()
-        self.loops = Loops(metrics)  # restarted after a crash: a dead watcher left the box in its role for ever
+        self.loops = loops  # the agent's, restarted after a crash: a dead watcher left the box in its role for ever
         r = metrics.registry
         gauge = functools.partial(Gauge, registry=r)
         # the gauges read the state at each scrape: they and /healthz cannot disagree
@@ -121,9 +121,6 @@ class HaMonitor:
         self.loops.every("ha-line", LINE_POLL, self.uploader.line.check)
         if self.cfg.peer:
             self.loops.start("ha-peer", self._watch_peer)
-
-    async def stop(self) -> None:
-        await self.loops.stop()
 
     # --- the role -------------------------------------------------------------------------------
 
@@ -177,18 +174,18 @@ class HaMonitor:
         body = json.dumps({"time": time.time(), "paths": paths}).encode()
         await self.s3.put_raw(self.s3.key(HOT_PATH), body)
 
-    async def prefetch_hot(self) -> dict[str, int]:
+    async def prefetch_hot(self) -> None:
         """Bring the active box's hot set into this box's cache, hottest first, up to prefetch_bytes (cached or not)."""
         if not self.cfg.prefetch_bytes:
-            return {}
+            return
         body = await self.s3.get_raw(self.s3.key(HOT_PATH), HOT_MAX_BYTES)  # larger: not the active box's (ValueError)
         if body is None:
-            return {}
+            return
         try:
             paths = json.loads(body)["paths"]
         except (ValueError, KeyError, TypeError):
             log.warning("ha_hot_set_unreadable", key=HOT_PATH)
-            return {}
+            return
         held = fetched = files = 0
         deadline = time.monotonic() + self.cfg.follow_seconds  # the next follow must not wait for a long prefetch
         for path in paths[:HOT_FILES] if isinstance(paths, list) else []:
@@ -204,9 +201,8 @@ class HaMonitor:
             held += e.size
         if files:
             log.info("ha_prefetched", files=files, bytes=fetched, hot_set_bytes=held)
-        return {"files": files, "bytes": fetched}
 
-    async def follow(self) -> dict[str, Any]:
+    async def follow(self) -> None:
         """One pass over the whole namespace in the bucket into the catalog (new, changed and gone objects)."""
         async with self._follow_lock:
             t0, added, changed, objects = time.monotonic(), 0, 0, 0
@@ -222,7 +218,6 @@ class HaMonitor:
                                    "seconds": round(time.monotonic() - t0, 3)}
             if added or changed or gone:
                 log.info("ha_followed", **self.state.followed)
-            return self.state.followed
 
     # --- the peer -------------------------------------------------------------------------------
 

@@ -66,21 +66,16 @@ def retire_orphans(cfg: Config) -> list[int]:
     return told
 
 
-def _open_files(pids: list[int]) -> set[str]:
-    held = set()
-    for pid in pids:
-        with contextlib.suppress(psutil.Error):
-            held.update(f.path for f in psutil.Process(pid).open_files())
-    return held
-
-
 def open_cache(cfg: Config) -> Cache:
     """The owner's cache at start. Staging holds only unacknowledged writes, discarded, except those that
     retired workers (still draining) hold open: their transfers may yet finish and be acknowledged."""
     draining = retire_orphans(cfg)
     cache = Cache(cfg.cache.dir, clear_staging=not draining)
     if draining:
-        held = _open_files(draining)
+        held: set[str] = set()  # the files those workers hold open
+        for pid in draining:
+            with contextlib.suppress(psutil.Error):
+                held.update(f.path for f in psutil.Process(pid).open_files())
         for f in os.scandir(cache.staging):
             if f.path not in held:
                 cache.discard_staging(f.name)

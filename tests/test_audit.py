@@ -159,7 +159,7 @@ async def test_a_rotation_by_another_thread_wakes_the_shipper_at_once(tmp_path):
 
     from agent.audit import AuditLog, Who
     audit = AuditLog(tmp_path / "audit.jsonl", max_bytes=300, keep=5)
-    audit.loop = asyncio.get_running_loop()   # as AuditShipper.run does
+    audit.loop = asyncio.get_running_loop()   # as audit.ship does
     audit.rotated_event.clear()
     who = Who("pacs", "sftp", "127.0.0.1")
     start = time.monotonic()

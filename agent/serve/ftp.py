@@ -1,7 +1,7 @@
 """FTP front end (aioftp) over the gateway facade.
 
-aioftp gives the command handlers for login, CWD/PWD, TYPE and MLST, and its Connection, StreamIO and
-condition decorators. This module supplies a PathIO onto the gateway, a user manager with hashed passwords,
+aioftp gives the command handlers for CWD, CDUP, MLST, QUIT and SYST, and its Connection, StreamIO and
+condition decorators. This module supplies a PathIO onto the gateway, USER and PASS against hashed passwords,
 and these pieces of its own:
   * the session loop (`FtpServer.dispatcher`): commands are read as sent (a trailing space stays part of a
     name; bytes that are not UTF-8 reach the path checks and get 553 instead of killing the session), the
@@ -53,11 +53,11 @@ from aioftp.common import END_OF_LINE, ThrottleStreamIO
 
 from agent.audit import Who
 from agent.auth import REFUSALS_EVERY, Every, LoginGuard, Passwords, refusal, unmapped
-from agent.config import Config, UserConfig
+from agent.config import Config, shown
 from agent.records import Entry
 from agent.serve import contract
 from agent.serve.contract import answer, report, st_mode, tls_context
-from agent.serve.startups import Startup, Startups
+from agent.serve.startups import Startup
 from agent.store.errors import Corrupt, GatewayError, IsADirectory
 from agent.store.gateway import Gateway, ReadHandle, WriteHandle
 from agent.store.paths import resolve
@@ -100,14 +100,6 @@ Command = Callable[["FtpServer", aioftp.Connection, str], Awaitable[bool]]
 T = TypeVar("T")
 
 
-def printable(text: str) -> str:
-    """A reply line as sent: control characters (and bytes that were not UTF-8) escaped, so nothing a client
-    or an S3 key put into a reply can end it early or start a forged one."""
-    if text.isprintable():  # nearly every reply: no per-character pass
-        return text
-    return "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in text)
-
-
 def quoted(path: str) -> str:
     """A pathname as a 257 reply quotes it (RFC 959): inside double quotes, each quote doubled."""
     return '"' + path.replace('"', '""') + '"'
@@ -145,9 +137,9 @@ def who(connection: aioftp.Connection) -> Who:
     return Who(user, protocol, f"{connection.client_host}:{connection.client_port}")
 
 
-async def send_file(data: "DataConnection", handle: ReadHandle, offset: int) -> int:
+async def send_file(data: "DataConnection", handle: ReadHandle, offset: int) -> None:
     """Send the file from offset to its end as the handle allows (a verified cached copy at once, a fetch as it
-    lands): by sendfile(2) from the page cache to the socket in clear, by reads and writes over TLS. → bytes sent."""
+    lands): by sendfile(2) from the page cache to the socket in clear, by reads and writes over TLS."""
     pos = offset
     try:
         while True:
@@ -164,7 +156,6 @@ async def send_file(data: "DataConnection", handle: ReadHandle, offset: int) -> 
                 break
     finally:
         handle.sent(pos - offset)
-    return pos - offset
 
 
 class GatewayPathIO(aioftp.AbstractPathIO[PurePosixPath]):
@@ -189,29 +180,6 @@ class GatewayPathIO(aioftp.AbstractPathIO[PurePosixPath]):
         raise NotImplementedError("the FTP front end calls the gateway for this")
 
     is_file = mkdir = rmdir = unlink = rename = list = stat = _open = seek = write = read = close = _unused
-
-
-class _Users(aioftp.AbstractUserManager):
-    """Unknown names get a 331 like known ones (no user enumeration) and fail at PASS, after a delay."""
-
-    def __init__(self, users: tuple[UserConfig, ...]) -> None:
-        super().__init__()
-        self.passwords = Passwords(users)
-        self.ftp_users = {u.name: aioftp.User(u.name, "-", base_path=Path(u.root), home_path="/",
-                                              permissions=[aioftp.Permission("/", readable=True, writable=True)])
-                          for u in users}
-
-    async def get_user(self, login: str) -> tuple[Any, aioftp.User | None, str]:
-        user = self.ftp_users.get(login) or aioftp.User(login or "-", None, base_path=Path("/nonexistent"))
-        return aioftp.AbstractUserManager.GetUserResponse.PASSWORD_REQUIRED, user, "password required"
-
-    async def authenticate(self, user: aioftp.User, password: str) -> bool:
-        # bytes that were not UTF-8 arrive as surrogate escapes (FtpServer._read_command): never a password
-        return not any("\ud800" <= c <= "\udfff" for c in password) and await asyncio.to_thread(
-            self.passwords.check, user.login or "", password)
-
-    async def notify_logout(self, user: aioftp.User) -> None:
-        return None
 
 
 def _settle(future: asyncio.Future[None]) -> None:
@@ -491,15 +459,18 @@ def _abort_reason(e: BaseException) -> str:
 class FtpServer(aioftp.Server):
     def __init__(self, cfg: Config, gateway: Gateway, logins: LoginGuard) -> None:
         factory = type("BoundPathIO", (GatewayPathIO,), {"gateway": gateway})
-        super().__init__(_Users(cfg.users), path_io_factory=factory, block_size=BLOCK,
+        # USER and PASS are this module's (on_user, on_pass): aioftp's user manager is never asked
+        super().__init__(path_io_factory=factory, block_size=BLOCK,
                          idle_timeout=cfg.ftp.idle_timeout, socket_timeout=SOCKET_TIMEOUT,
                          welcome_message="pacsgw FTP ready")
         self.cfg, self.gateway, self.logins = cfg, gateway, logins
         lo, hi = cfg.ftp.passive_ports
         self.passive_ports = range(lo, hi + 1)
-        self.roots = {u.name: u.root for u in cfg.users}
+        self.passwords = Passwords(cfg.users)
+        self.users = {u.name: aioftp.User(u.name, "-", base_path=Path(u.root), home_path="/",
+                                          permissions=[aioftp.Permission("/", readable=True, writable=True)])
+                      for u in cfg.users}
         self.tls = tls_context(cfg.ftp.tls_cert, cfg.ftp.tls_key) if cfg.ftp.tls_cert else None
-        self.startups = Startups("ftp", cfg.ftp.max_unauthenticated, logins, gateway)
         self.sessions: dict[asyncio.Task[Any], Session] = {}
         self.draining = False  # the agent stops: no new session, and each session's next command hears 421
         self._buffers: list[bytearray] = []  # receive buffers of finished uploads, for the next ones
@@ -526,7 +497,7 @@ class FtpServer(aioftp.Server):
             writer.write(f"421 too many sessions from your address (limit {cap}); try again later\r\n".encode())
             writer.close()
             return
-        startup = self.startups.admit(host, f"{host}:{port}")  # until it logs in (agent.serve.startups)
+        startup = Startup("ftp", self.cfg.ftp.max_unauthenticated, self.logins, self.gateway, host, f"{host}:{port}")
         try:
             if not await startup.admitted():
                 writer.write(b"421 too many connections not logged in; try again later\r\n")
@@ -558,11 +529,13 @@ class FtpServer(aioftp.Server):
 
         def respond(code: str, lines: str | Iterable[str] = "", as_list: bool = False) -> None:
             """A reply, written at once (replies leave in the order they are made; aioftp queued each line for a
-            writer task that wrote and drained it under a timeout task of its own)."""
+            writer task that wrote and drained it under a timeout task of its own). Control characters (and bytes
+            that were not UTF-8) are escaped: nothing a client or an S3 key put into a reply can end it early or
+            start a forged one."""
             if isinstance(lines, str):  # nearly every reply: one line, no list to build and join
-                writer.write(f"{code} {printable(lines)}{END_OF_LINE}".encode(self.encoding))
+                writer.write(f"{code} {shown(lines)}{END_OF_LINE}".encode(self.encoding))
             else:
-                writer.write(_reply(code, [printable(line) for line in lines], as_list, self.encoding))
+                writer.write(_reply(code, [shown(line) for line in lines], as_list, self.encoding))
 
         def failed(exc: BaseException) -> None:
             log.error("ftp_command_failed", user=session.user, error=f"{type(exc).__name__}: {exc}"[:300],
@@ -776,10 +749,10 @@ class FtpServer(aioftp.Server):
             # Logged out by USER, a session was one no login_timeout ended (its clock had run) and max_unauthenticated
             # did not count (its slot went back at the login): refused, as vsftpd does
             return replied(connection, "530", "already logged in: open a new connection to log in as another user")
-        done = await self.user(connection, rest)
-        if rest not in self.roots:  # aioftp keeps a throttle per User for good; an unknown name's is new each time
-            self.throttle_per_user.pop(connection.user, None)  # (_Users.get_user): 100 000 USER lines held 134 MB
-        return done
+        # An unknown name gets a 331 like a known one (no user enumeration) and fails at PASS, after a delay
+        connection.user = self.users.get(rest) or aioftp.User(rest or "-", None, base_path=Path("/nonexistent"))
+        connection.current_directory = connection.user.home_path
+        return replied(connection, "331", "password required")
 
     @needs(USER_SENT)
     async def on_pass(self, connection: aioftp.Connection, rest: str) -> bool:
@@ -789,7 +762,9 @@ class FtpServer(aioftp.Server):
         async with guard.attempt(login, address, "ftp") as refusal:  # LoginGuard (agent.auth): backoff and bans
             if refusal:
                 return replied(connection, "530", refusal)
-            ok = await self.user_manager.authenticate(connection.user, rest)
+            # bytes that were not UTF-8 arrive as surrogate escapes (FtpServer._read_command): never a password
+            ok = not any("\ud800" <= c <= "\udfff" for c in rest) and await asyncio.to_thread(
+                self.passwords.check, login, rest)
             wait = await contract.login(self.gateway, guard, "ftp", who(connection), address, ok)
         await asyncio.sleep(wait)
         if not ok:
@@ -928,7 +903,7 @@ class FtpServer(aioftp.Server):
         session: Session = connection.session
         key = (connection.user.login, str(connection.current_directory), rest)
         if session.resolved[0] != key:
-            session.resolved = key, resolve(self.roots.get(key[0], "/"), key[1], rest)
+            session.resolved = key, resolve(str(connection.user.base_path), key[1], rest)  # the user's root
         return session.resolved[1]
 
     def _guarded(self, handler: Handler, name: str) -> Handler:

@@ -130,6 +130,7 @@ class GatewayFS(pyfuse3.Operations):
         self._writing: dict[str, _Open] = {}  # path → the open file whose uncommitted content it shows
         self.closing = False  # set before smbd is stopped: its closes of open files are not completions
         self.draining = False  # agent stopping: files already open may finish, no new file is opened to write
+        self._mounted: tuple[Path, asyncio.Task[None]] | None = None  # where, and the request loop's task
 
     # --- inode table -----------------------------------------------------------------------------
 
@@ -516,15 +517,38 @@ class GatewayFS(pyfuse3.Operations):
         await op.close_reader()
         self._drop_unused(op.inode)
 
-    async def abort_all(self, reason: str) -> None:
-        for op in list(self._files.values()):
+    # --- mounting --------------------------------------------------------------------------------
+
+    async def mount(self, mountpoint: Path) -> None:
+        """Mount at mountpoint and run the request loop as a task of the agent's loop."""
+        import pyfuse3.asyncio as pyfuse3_asyncio
+        pyfuse3_asyncio.enable()
+        unmount_stale(mountpoint)
+        mountpoint.mkdir(parents=True, exist_ok=True)
+        options = {"fsname=pacsgw", "subtype=pacsgw", "allow_other", "default_permissions", "noatime"}
+        pyfuse3.init(self, str(mountpoint), options)
+        self._mounted = mountpoint, asyncio.create_task(pyfuse3.main(min_tasks=4, max_tasks=64), name="fuse")
+        log.info("fuse_mounted", mountpoint=str(mountpoint))
+
+    async def unmount(self) -> None:
+        if self._mounted is None:
+            return
+        mountpoint, task = self._mounted
+        self.closing = True
+        pyfuse3.terminate()
+        try:
+            await asyncio.wait_for(task, 10)
+        except (asyncio.TimeoutError, Exception) as e:  # unmount regardless
+            log.warning("fuse_loop_end", error=repr(e))
+        for op in list(self._files.values()):  # what smbd left open
             if op.writer is not None and not op.committed:
-                await op.writer.abort(reason)
+                await op.writer.abort("agent stopping")
                 op.committed = True
             await op.close_reader()
+        pyfuse3.close(unmount=True)
+        self._mounted = None
+        log.info("fuse_unmounted", mountpoint=str(mountpoint))
 
-
-# --- mounting ------------------------------------------------------------------------------------
 
 def _mount_entry(mountpoint: Path) -> str | None:
     """The filesystem type mounted exactly at mountpoint (all=True: no stat of a dead mount)."""
@@ -532,10 +556,10 @@ def _mount_entry(mountpoint: Path) -> str | None:
     return next((p.fstype for p in psutil.disk_partitions(all=True) if p.mountpoint == target), None)
 
 
-def unmount_stale(mountpoint: Path) -> bool:
-    """A mount left by a killed agent answers ENOTCONN: detach it (lazily). → whether one was removed."""
+def unmount_stale(mountpoint: Path) -> None:
+    """A mount left by a killed agent answers ENOTCONN: detach it (lazily)."""
     if _mount_entry(mountpoint) is None:
-        return False
+        return
     try:
         os.stat(mountpoint)
     except OSError as e:
@@ -547,38 +571,3 @@ def unmount_stale(mountpoint: Path) -> bool:
     if _mount_entry(mountpoint) is not None:
         subprocess.run(["umount", "-l", str(mountpoint)], check=False, capture_output=True)
     log.warning("stale_mount_removed", mountpoint=str(mountpoint))
-    return True
-
-
-class FuseMount:
-    """Mounts GatewayFS at mountpoint and runs its request loop as a task of the agent's loop."""
-
-    def __init__(self, gateway: Gateway, mountpoint: Path, uid: int, gid: int, users: dict[int, str],
-                 smb_port: int) -> None:
-        self.mountpoint = mountpoint
-        self.fs = GatewayFS(gateway, uid, gid, users, SmbPeers(smb_port))
-        self._task: asyncio.Task[None] | None = None
-
-    async def start(self) -> None:
-        import pyfuse3.asyncio as pyfuse3_asyncio
-        pyfuse3_asyncio.enable()
-        unmount_stale(self.mountpoint)
-        self.mountpoint.mkdir(parents=True, exist_ok=True)
-        options = {"fsname=pacsgw", "subtype=pacsgw", "allow_other", "default_permissions", "noatime"}
-        pyfuse3.init(self.fs, str(self.mountpoint), options)
-        self._task = asyncio.create_task(pyfuse3.main(min_tasks=4, max_tasks=64), name="fuse")
-        log.info("fuse_mounted", mountpoint=str(self.mountpoint))
-
-    async def stop(self) -> None:
-        if self._task is None:
-            return
-        self.fs.closing = True
-        pyfuse3.terminate()
-        try:
-            await asyncio.wait_for(self._task, 10)
-        except (asyncio.TimeoutError, Exception) as e:  # unmount regardless
-            log.warning("fuse_loop_end", error=repr(e))
-        await self.fs.abort_all("agent stopping")
-        pyfuse3.close(unmount=True)
-        self._task = None
-        log.info("fuse_unmounted", mountpoint=str(self.mountpoint))

@@ -153,13 +153,14 @@ class _Listening(socket.socket):
             os.close(fd)
 
 
-async def _listen(runner: web.AppRunner, host: str, port: int,
-                  tls: ssl.SSLContext | None = None) -> list[asyncio.Server]:
-    """Serve runner's application on host:port (each address 'localhost' names), its connections capped
-    (_Connections). Not aiohttp's TCPSite: it leaves a TLS handshake asyncio's 60 s, a silent connection held
+async def _serve(app: web.Application, host: str, port: int,
+                 tls: ssl.SSLContext | None = None) -> Callable[[], Awaitable[None]]:
+    """Serve app on host:port (each address 'localhost' names), its connections capped (_Connections) → the call
+    that closes it. Not aiohttp's TCPSite: it leaves a TLS handshake asyncio's 60 s, a silent connection held
     that long."""
     connections = _Connections(f"{host}:{port}")
-    runner.app.on_response_prepare.append(connections.answering)
+    app.on_response_prepare.append(connections.answering)
+    runner = web.AppRunner(app, access_log=None, keepalive_timeout=IDLE_SECONDS)
     await runner.setup()
     assert runner.server is not None
     servers = []
@@ -171,7 +172,12 @@ async def _listen(runner: web.AppRunner, host: str, port: int,
         sock.bind(address)
         servers.append(await asyncio.get_running_loop().create_server(
             runner.server, sock=sock, ssl=tls, ssl_handshake_timeout=IDLE_SECONDS if tls else None))
-    return servers
+
+    async def close() -> None:
+        for server in servers:
+            server.close()
+        await runner.cleanup()
+    return close
 
 
 class _Fresh(Generic[T]):
@@ -278,26 +284,21 @@ class HttpServer:
         self.app.add_routes([web.get("/healthz", self.healthz), web.get("/metrics", self.metrics),
                              web.get("/status", self.status), web.get("/", self.status)]
                             + [web.route(method, path, self.admin) for method, path in self._admin])
-        self._runner: web.AppRunner | None = None
-        self._servers: list[asyncio.Server] = []
-        self._scrape: ScrapeListener | None = None
+        self._closes: list[Callable[[], Awaitable[None]]] = []  # of its listeners, the last started first
 
     async def start(self) -> None:
-        self._runner = web.AppRunner(self.app, access_log=None, keepalive_timeout=IDLE_SECONDS)
-        self._servers = await _listen(self._runner, self.host, self.port)
+        self._closes.insert(0, await _serve(self.app, self.host, self.port))
 
     async def start_scrape(self, cfg: HttpConfig, guard: LoginGuard) -> None:
         """The /metrics-only listener of http.metrics_listen, for the central Prometheus."""
-        self._scrape = ScrapeListener(cfg, self.metrics, guard)
-        await self._scrape.start()
+        scrape = ScrapeListener(cfg, self.metrics, guard)
+        assert cfg.metrics_listen is not None
+        tls = tls_context(cfg.metrics_tls_cert, cfg.metrics_tls_key) if cfg.metrics_tls_cert else None
+        self._closes.insert(0, await _serve(scrape.app, *cfg.metrics_listen, tls=tls))
 
     async def close(self) -> None:
-        if self._scrape:
-            await self._scrape.close()
-        for server in self._servers:
-            server.close()
-        if self._runner:
-            await self._runner.cleanup()
+        for close in self._closes:
+            await close()
 
     async def healthz(self, request: web.Request) -> web.Response:
         h = await self._health.get(old_ok=not _is_loopback(request.remote))
@@ -342,30 +343,18 @@ class HttpServer:
 
 
 class ScrapeListener:
-    """/metrics alone on http.metrics_listen for the monitoring subnet, over TLS and behind basic auth when set.
+    """/metrics alone, the application HttpServer.start_scrape serves on http.metrics_listen for the monitoring
+    subnet, over TLS and behind basic auth when set.
     Wrong passwords meet the box's LoginGuard: banned guesses get their 401 unchecked, not queued before a right one."""
 
     def __init__(self, cfg: HttpConfig, metrics: Callable[[web.Request], Awaitable[web.Response]],
                  guard: LoginGuard) -> None:
-        assert cfg.metrics_listen is not None
         self.cfg, self._metrics, self.guard = cfg, metrics, guard
         self._told = Every(REFUSALS_EVERY)  # metrics_refused events, per address: 401s come as fast as asked for
         self._checked = ""               # the last Authorization header that verified: skips scrypt per scrape
         self._verifying = asyncio.Lock()  # one scrypt at a time: guessing costs the box one core at most
-        app = web.Application()
-        app.add_routes([web.get("/metrics", self.metrics)])
-        self._runner = web.AppRunner(app, access_log=None, keepalive_timeout=IDLE_SECONDS)
-        self._servers: list[asyncio.Server] = []
-
-    async def start(self) -> None:
-        assert self.cfg.metrics_listen is not None
-        tls = tls_context(self.cfg.metrics_tls_cert, self.cfg.metrics_tls_key) if self.cfg.metrics_tls_cert else None
-        self._servers = await _listen(self._runner, *self.cfg.metrics_listen, tls=tls)
-
-    async def close(self) -> None:
-        for server in self._servers:
-            server.close()
-        await self._runner.cleanup()
+        self.app = web.Application()
+        self.app.add_routes([web.get("/metrics", self.metrics)])
 
     async def metrics(self, request: web.Request) -> web.Response:
         address = unmapped(request.remote or "")

@@ -28,7 +28,7 @@ from agent.auth import LoginGuard, Passwords, unmapped
 from agent.config import Config, SftpConfig
 from agent.records import Entry
 from agent.serve.contract import Idle, answer, login, refuse_session, report, shown, slash_checked, st_mode
-from agent.serve.startups import Startup, Startups
+from agent.serve.startups import Startup
 from agent.store.errors import GatewayError, PermissionDenied
 from agent.store.gateway import Gateway, ReadHandle, WriteHandle
 from agent.store.paths import resolve
@@ -272,9 +272,9 @@ class _Auth(asyncssh.SSHServer):
     holding = 0  # how many it keeps now
 
     def __init__(self, passwords: Passwords, cfg: SftpConfig, gateway: Gateway, guard: LoginGuard,
-                 sftp_factory: type[GatewaySFTP], startups: Startups) -> None:
-        self.passwords, self.cfg, self.gateway, self.guard, self.startups, self.sftp_factory = (
-            passwords, cfg, gateway, guard, startups, sftp_factory)
+                 sftp_factory: type[GatewaySFTP]) -> None:
+        self.passwords, self.cfg, self.gateway, self.guard, self.sftp_factory = (
+            passwords, cfg, gateway, guard, sftp_factory)
         self.startup: Startup | None = None  # its slot of sftp.max_unauthenticated, until the login
         self.conn: asyncssh.SSHServerConnection | None = None
         self.address = ""
@@ -293,7 +293,8 @@ class _Auth(asyncssh.SSHServer):
     def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
         self.conn, self.address = conn, unmapped(conn.get_extra_info("peername")[0])
         _no_ignores(conn)
-        self.startup = self.startups.admit(self.address, _peer(conn))
+        self.startup = Startup("sftp", self.cfg.max_unauthenticated, self.guard, self.gateway, self.address,
+                               _peer(conn))
         self.startup.task.add_done_callback(self._admitted)
         # counted at once: a connection over the cap is disconnected at its login request, before any password
         cap = self.cfg.max_sessions_per_address
@@ -700,10 +701,9 @@ class SftpService:
         factory = type("BoundSFTP", (GatewaySFTP,), {"gateway": self.gateway,
                                                       "roots": {u.name: u.root for u in self.cfg.users}})
         host, port = self.cfg.sftp.listen
-        startups = Startups("sftp", self.cfg.sftp.max_unauthenticated, self.logins, self.gateway)
         self._acceptor = await asyncssh.listen(
             host, port, server_host_keys=[key], allow_scp=False,
-            server_factory=lambda: _Auth(self.passwords, self.cfg.sftp, self.gateway, self.logins, factory, startups),
+            server_factory=lambda: _Auth(self.passwords, self.cfg.sftp, self.gateway, self.logins, factory),
             agent_forwarding=False, x11_forwarding=False,
             allow_pty=False, line_editor=False, login_timeout=60, keepalive_interval=30,
             acceptor=self._conns.add, reuse_port=reuse_port, max_pktsize=MAX_PKTSIZE)

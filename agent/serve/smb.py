@@ -42,7 +42,7 @@ from agent.audit import Who
 from agent.auth import LoginGuard, address_group, unmapped
 from agent.config import Config, UserConfig
 from agent.serve.contract import login, refuse_session
-from agent.serve.fuse import FuseMount
+from agent.serve.fuse import GatewayFS, SmbPeers
 from agent.store.errors import AlreadyExists
 from agent.store.gateway import Gateway
 
@@ -174,10 +174,7 @@ def connections_by_address(port: int) -> Counter[str]:
 def per_group(counts: Counter[str]) -> Counter[str]:
     """Counts per address → per address_group (an IPv6 client's /64 as one), which smb.conf denies as such:
     Samba reads "fd00:1:2:3::/64" in hosts deny as a network and its prefix length (lib/util/access.c)."""
-    grouped: Counter[str] = Counter()
-    for address, n in counts.items():
-        grouped[address_group(address)] += n
-    return grouped
+    return Counter(address_group(address) for address in counts.elements())
 
 
 def auth_event(line: str) -> tuple[str, str, bool] | None:
@@ -250,7 +247,7 @@ class SmbService:
         self.cfg, self.gateway, self.logins = cfg, gateway, logins
         self.state = Path(cfg.smb.state_dir)
         self.conf_path = self.state / "smb.conf"
-        self.mount: FuseMount | None = None
+        self.fs: GatewayFS | None = None  # mounted at [smb] mountpoint
         self.proc: subprocess.Popen[bytes] | None = None
         self._supervisor: asyncio.Task[None] | None = None
         self._auth_watch: asyncio.Task[None] | None = None
@@ -265,7 +262,7 @@ class SmbService:
         try:
             await self._start()
         except BaseException:
-            await self.stop()
+            await self.close()
             raise
 
     async def _start(self) -> None:
@@ -279,7 +276,7 @@ class SmbService:
         if s.manage:
             await asyncio.to_thread(self._kill_stale_smbd)
         uid, gid = await asyncio.to_thread(_ensure_account, s.unix_user)
-        # not the mount point itself: a killed agent's dead mount answers ENOTCONN until FuseMount detaches it
+        # not the mount point itself: a killed agent's dead mount answers ENOTCONN until GatewayFS.mount detaches it
         Path(s.mountpoint).parent.mkdir(parents=True, exist_ok=True)
         for path in (Path(s.mountpoint).parent, self.state / "roots"):
             _check_searchable(path, uid, gid, s.unix_user)
@@ -289,8 +286,8 @@ class SmbService:
         auth_offset = auth_log.stat().st_size if auth_log.exists() else 0  # earlier runs' logins are history
         users = await asyncio.to_thread(self._sync_users, gid)
         await asyncio.to_thread(self._lockout_policy)
-        self.mount = FuseMount(self.gateway, Path(s.mountpoint), uid, gid, users, s.listen[1])
-        await self.mount.start()
+        self.fs = GatewayFS(self.gateway, uid, gid, users, SmbPeers(s.listen[1]))
+        await self.fs.mount(Path(s.mountpoint))
         await self._ensure_roots()
         if s.manage:
             proc = self._start_smbd()
@@ -507,8 +504,8 @@ class SmbService:
 
     def stop_accepting(self) -> None:
         """Drain: files already open may be finished and closed; no new file is opened for writing."""
-        if self.mount is not None:
-            self.mount.fs.draining = True
+        if self.fs is not None:
+            self.fs.draining = True
 
     def _open_files(self) -> int | None:
         """How many files smbd has open (its share-mode table, `smbstatus -L --json`); None if unknown."""
@@ -530,22 +527,22 @@ class SmbService:
             await asyncio.sleep(0.1)
         return False
 
-    async def stop(self) -> None:
+    async def close(self) -> None:
         """Stop smbd (its closes of still-open files are aborts, not completions), then unmount."""
         self._stopping = True
         if self._auth_watch is not None:
             self._auth_watch.cancel()
             await asyncio.gather(self._auth_watch, return_exceptions=True)
-        if self.mount is not None:
-            self.mount.fs.closing = True
+        if self.fs is not None:
+            self.fs.closing = True
         if self.proc is not None and self.proc.poll() is None:
             await asyncio.to_thread(self._terminate, self.proc.pid)
             await asyncio.to_thread(self.proc.wait)
             log.info("smbd_stopped", returncode=self.proc.returncode)
         if self._supervisor is not None:
             await asyncio.gather(self._supervisor, return_exceptions=True)
-        if self.mount is not None:
-            await self.mount.stop()
+        if self.fs is not None:
+            await self.fs.unmount()
 
     def health(self) -> dict[str, Any]:
         s = self.cfg.smb
@@ -553,4 +550,4 @@ class SmbService:
                 "manage": s.manage,
                 "smbd_running": (self.proc is not None and self.proc.poll() is None) if s.manage else None,
                 "smbd_restarts": self.restarts,
-                "inodes": self.mount.fs.inode_count() if self.mount else 0}
+                "inodes": self.fs.inode_count() if self.fs else 0}

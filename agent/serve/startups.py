@@ -22,30 +22,22 @@ from agent.serve.contract import refuse_session
 from agent.store.gateway import Gateway
 
 
-class Startups:
-    def __init__(self, protocol: str, cap: int, guard: LoginGuard, gateway: Gateway) -> None:
-        self.protocol, self.cap, self.guard, self.gateway = protocol, cap, guard, gateway
+class Startup:
+    """One connection's slot, from its accept until it logs in or ends: taking it starts at once."""
 
-    def admit(self, address: str, peer: str) -> Startup:
-        """Start taking a slot for a connection from address (peer: 'address:port') at once."""
-        return Startup(asyncio.ensure_future(self._take(address, peer)), self.guard)
+    def __init__(self, protocol: str, cap: int, guard: LoginGuard, gateway: Gateway, address: str, peer: str) -> None:
+        self.guard = guard
+        self.task = asyncio.ensure_future(self._take(protocol, cap, gateway, address, peer))  # peer: 'address:port'
+        self._ended = False
 
-    async def _take(self, address: str, peer: str) -> int | None:
-        slot = await self.guard.take_session(f"{self.protocol} unauthenticated", "*", self.cap)
+    async def _take(self, protocol: str, cap: int, gateway: Gateway, address: str, peer: str) -> int | None:
+        slot = await self.guard.take_session(f"{protocol} unauthenticated", "*", cap)
         if slot is None and await self.guard.known(address):
             return 0  # let in uncounted: see the module's doc
         if slot is None:
-            refuse_session(self.gateway, self.protocol, Who("-", self.protocol, peer),
-                           f"too many connections not logged in (limit {self.cap})", kind="UnauthenticatedLimit")
+            refuse_session(gateway, protocol, Who("-", protocol, peer),
+                           f"too many connections not logged in (limit {cap})", kind="UnauthenticatedLimit")
         return slot
-
-
-class Startup:
-    """One connection's slot, from its accept until it logs in or ends."""
-
-    def __init__(self, task: asyncio.Task[int | None], guard: LoginGuard) -> None:
-        self.task, self.guard = task, guard
-        self._ended = False
 
     async def admitted(self) -> bool:
         """Whether the connection got its slot (False: refused; the caller turns it away)."""
