@@ -3,11 +3,18 @@ reproduces one attack that worked and checks it no longer does."""
 
 from __future__ import annotations
 
+import asyncio
 import ftplib
 import io
+import unicodedata
 
+import asyncssh
 import pytest
 from test_ftp import ftp, get
+
+from harness import BUCKET, PASSWORD
+
+COMPOSED, DECOMPOSED = unicodedata.normalize("NFC", "Müller.dcm"), unicodedata.normalize("NFD", "Müller.dcm")
 
 
 def _attempt(f: ftplib.FTP, command: str) -> None:
@@ -32,4 +39,38 @@ def test_a_rest_marker_goes_with_the_transfer_command_after_it(agent_factory, co
     f.sendcmd("REST 100")
     _attempt(f, command)
     assert get(f, "v.dcm") == b"B" * 500  # before: 400 bytes
+    f.quit()
+
+
+def test_a_new_name_that_would_display_as_another_is_refused(agent_factory):
+    """One name shown, one file: a decomposed 'Mu\u0308ller.dcm' beside the composed 'M\xfcller.dcm', 'a\u200bb.dcm'
+    beside 'ab.dcm' (a zero-width space), or an Arabic letter mark (a text-direction control the list of them
+    lacked) were each stored as a file of its own, listed as the same name over every protocol. A name stored before
+    (or by another S3 client) stays readable, and can be renamed to its composed form."""
+    agent = agent_factory().start()
+    agent.store.client().put_object(Bucket=BUCKET, Key=f"{agent.prefix}old/{DECOMPOSED}", Body=b"old")
+    f = ftp(agent)
+    f.encoding = "utf-8"
+    f.storbinary(f"STOR new/{COMPOSED}", io.BytesIO(b"new"))
+    for name in (DECOMPOSED, "a\u200bb.dcm", "x\u061cy.dcm", "\ufeffz.dcm"):
+        with pytest.raises(ftplib.error_perm, match="^553"):
+            f.storbinary(f"STOR new/{name}", io.BytesIO(b"x"))
+        with pytest.raises(ftplib.error_perm, match="^553"):
+            f.mkd(f"new/{name}")
+
+    async def sftp() -> None:
+        async with asyncssh.connect("127.0.0.1", agent.sftp_port, username="pacs", password=PASSWORD,
+                                    known_hosts=None) as conn, conn.start_sftp_client() as s:
+            with pytest.raises(asyncssh.SFTPError):
+                async with s.open(f"new/{DECOMPOSED}", "wb") as fh:
+                    await fh.write(b"x")
+            with pytest.raises(asyncssh.SFTPError):
+                await s.posix_rename(f"new/{COMPOSED}", f"new/{DECOMPOSED}")
+            assert await s.listdir("new") == [COMPOSED]
+            async with s.open(f"old/{DECOMPOSED}", "rb") as fh:
+                assert await fh.read() == b"old"
+            await s.posix_rename(f"old/{DECOMPOSED}", f"old/{COMPOSED}")
+
+    asyncio.run(sftp())
+    assert f.nlst("old") == [COMPOSED] and get(f, f"old/{COMPOSED}") == b"old"
     f.quit()
