@@ -10,6 +10,9 @@ import unicodedata
 
 import asyncssh
 import pytest
+import smbclient
+from smbprotocol.exceptions import SMBException
+from smbutil import Smb
 from test_ftp import ftp, get
 
 from harness import BUCKET, PASSWORD
@@ -74,3 +77,60 @@ def test_a_new_name_that_would_display_as_another_is_refused(agent_factory):
     asyncio.run(sftp())
     assert f.nlst("old") == [COMPOSED] and get(f, f"old/{COMPOSED}") == b"old"
     f.quit()
+
+
+def _answer(f: ftplib.FTP) -> str:
+    try:
+        return f.voidresp()
+    except ftplib.error_perm as e:
+        return str(e)
+
+
+@pytest.mark.parametrize("meanwhile", ["STOR", "APPE", "DELE", "RNFR"])
+def test_an_append_does_not_undo_what_another_session_did_to_the_file_meanwhile(agent_factory, meanwhile):
+    """An APPE copies the stored file, then adds its bytes. Another session stored the file meanwhile, appended to it,
+    deleted it or renamed it away: the APPE's commit then put back the old bytes plus its own, each answered 226, so
+    that session's store or append was lost, or the deleted file came back. Now the APPE is refused (550)."""
+    agent = agent_factory().start()
+    a, b = ftp(agent), ftp(agent)
+    a.storbinary("STOR x.dcm", io.BytesIO(b"O" * 100))
+    data = a.transfercmd("APPE x.dcm")
+    data.sendall(b"A" * 10)
+    if meanwhile in ("STOR", "APPE"):
+        b.storbinary(f"{meanwhile} x.dcm", io.BytesIO(b"B" * 50))
+    else:
+        b.sendcmd("DELE x.dcm") if meanwhile == "DELE" else b.sendcmd("RNFR x.dcm") and b.sendcmd("RNTO y.dcm")
+    data.sendall(b"A" * 10)
+    data.close()
+    assert _answer(a).startswith("550 changed by another session")
+    if meanwhile in ("STOR", "APPE"):
+        assert get(a, "x.dcm") == (b"O" * 100 if meanwhile == "APPE" else b"") + b"B" * 50
+    else:
+        assert "x.dcm" not in a.nlst()
+    a.storbinary("APPE x.dcm", io.BytesIO(b"C"))  # an append that meets no other change is stored
+    a.quit()
+    b.quit()
+
+
+def test_an_smb_append_follows_its_file_renamed_but_not_over_another_store(smb_agent):
+    """The same rule over SMB: a file appended to while an FTP client stored it is refused at its CLOSE (access
+    denied) and the FTP store stays. A rename of the file being appended to (by its own client: Windows renames an
+    open file) moves the append with it, and its CLOSE stores it under the new name."""
+    agent = smb_agent().start(timeout=180)
+    smb, f = Smb(agent), ftp(agent)
+    smb.write("race.dcm", b"O" * 100)
+    with pytest.raises(SMBException, match="ACCESS_DENIED"):
+        with smbclient.open_file(smb.p("race.dcm"), mode="ab", **smb.kw) as fh:
+            fh.write(b"A" * 10)
+            fh.flush()
+            f.storbinary("STOR race.dcm", io.BytesIO(b"N" * 50))
+    assert smb.read("race.dcm") == b"N" * 50  # before: O * 100 + A * 10
+    with smbclient.open_file(smb.p("race.dcm"), mode="ab", share_access="rwd", **smb.kw) as fh:
+        fh.write(b"A" * 10)
+        fh.flush()
+        smbclient.replace(smb.p("race.dcm"), smb.p("moved.dcm"), **smb.kw)
+        fh.write(b"B" * 10)
+    assert smb.read("moved.dcm") == b"N" * 50 + b"A" * 10 + b"B" * 10
+    assert "race.dcm" not in smb.listdir()
+    f.quit()
+    smb.close()
