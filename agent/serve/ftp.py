@@ -428,6 +428,14 @@ class Session:
         rest, self.rest = self.rest, 0
         return rest
 
+    def forget_transfer(self) -> None:
+        """A transfer command refused before it ran (a path, a listing) uses the REST marker and passive port up as
+        one that ran: the next STOR or RETR of another file started at that marker (a file stored over the old
+        one's head, or sent short, each answered 226)."""
+        self.rest = 0
+        if (passive := self.take_passive()) is not None:
+            passive.close()
+
 
 class Reply(Exception):
     """End a transfer with this reply (425 no data connection, 554 REST beyond the end…)."""
@@ -913,19 +921,22 @@ class FtpServer(aioftp.Server):
 
         @functools.wraps(handler)
         async def run(connection: aioftp.Connection, rest: str) -> bool:
-            if connection.future.logged.done() and not rest and name in NEEDS_PATH:  # not the current directory
-                return replied(connection, "501", f"{name.upper()} needs a pathname")
-            if connection.future.logged.done() and rest:
-                moved = connection.rename_from if name == "rnto" and connection.future.rename_from.done() else None
-                try:
-                    await contract.slash_checked(self.gateway, rest, self._resolve(connection, rest),
-                                                 creates_file=creates_file, moved_from=moved)
-                except GatewayError as e:
-                    return self._fail(connection, e, refused_here=True)
             try:
+                if connection.future.logged.done() and not rest and name in NEEDS_PATH:  # not the current directory
+                    return replied(connection, "501", f"{name.upper()} needs a pathname")
+                if connection.future.logged.done() and rest:
+                    moved = connection.rename_from if name == "rnto" and connection.future.rename_from.done() else None
+                    try:
+                        await contract.slash_checked(self.gateway, rest, self._resolve(connection, rest),
+                                                     creates_file=creates_file, moved_from=moved)
+                    except GatewayError as e:
+                        return self._fail(connection, e, refused_here=True)
                 return await handler(connection, rest)
             except GatewayError as e:
                 return self._fail(connection, e)
+            finally:
+                if name in TRANSFERS:  # run or refused, it used the REST marker and the passive port up
+                    connection.session.forget_transfer()
         return run
 
     def _fail(self, connection: aioftp.Connection, e: GatewayError, refused_here: bool = False) -> bool:

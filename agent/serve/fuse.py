@@ -340,7 +340,8 @@ class GatewayFS(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EACCES)
         op = self._writing.get(src)
         if await self.gw.find(src) is not None:
-            await self._call(self.gw.rename(src, dst, self._who(ctx), replace=replace))
+            await self._call(self.gw.rename(src, dst, self._who(ctx), replace=replace,
+                                            moving=op.writer if op is not None else None))
         elif op is None:
             raise pyfuse3.FUSEError(errno.ENOENT)
         else:  # only the open, not yet committed file: it will be committed under the new name

@@ -698,8 +698,10 @@ class Gateway:
         self.uploader.wake()
         log.info("delete", path=path)
 
-    async def rename(self, src: str, dst: str, who: Who | None = None, *, replace: bool = True) -> None:
-        """Like rename(2), replacing an existing target (x.part → x); without `replace` it is AlreadyExists."""
+    async def rename(self, src: str, dst: str, who: Who | None = None, *, replace: bool = True,
+                     moving: "WriteHandle | None" = None) -> None:
+        """Like rename(2), replacing an existing target (x.part → x); without `replace` it is AlreadyExists. `moving`:
+        an upload of src that moves with it (SMB), whose commit then finds the file it keeps bytes of at dst."""
         async with self.audit.op(who, "rename", src, to=dst):
             self._may_change(who, "rename", src)
             self._movable(src)
@@ -716,6 +718,8 @@ class Gateway:
                         raise BadPath(dst, f"a file below would have a path longer than {MAX_PATH_BYTES} bytes")
             replaced_entry = await self._replaced_by_rename(who, dst, replace)
             replaced = await self.db.rename(src, dst, self._base(who, replaced_entry))
+            if moving is not None and moving.base is not None and (row := await self.db.get(dst)) is not None:
+                moving.base = row.gen
         for blob in replaced:
             self.cache.remove(blob)
         self.uploader.wake()
@@ -833,7 +837,9 @@ class Gateway:
                 raise
         if not self.allowed(who, "delete"):
             handle.protected = handle.size
-        handle.base = self._base(who, existing)
+        # Bytes kept from the stored version (append, resume, an open without truncate): committed over another one
+        # (stored, renamed away or deleted meanwhile), the file lost that store's bytes or came back as deleted
+        handle.base = existing.gen if offset and existing is not None else self._base(who, existing)
         return handle
 
     def _discard_made(self, made: tuple[str, int]) -> None:

@@ -20,10 +20,6 @@ WINDOWS_RESERVED = frozenset({"CON", "PRN", "AUX", "NUL", *(f"COM{i}" for i in r
                               *(f"LPT{i}" for i in range(1, 10))})
 
 
-# Unicode's explicit direction controls (embeddings, overrides, isolates, marks): a name holding one displays as
-# another name in a listing or an Explorer window.
-BIDI_CONTROLS = frozenset("\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
-
 # Characters no Windows name may hold (backslash and controls are refused for every lookup already): Samba lists a
 # file named with one under a mangled 8.3 name that it can then neither open nor delete.
 WINDOWS_INVALID = frozenset('<>:"|?*')
@@ -38,9 +34,15 @@ def name_problem(name: str) -> str | None:
 
 
 def creatable_problem(name: str) -> str | None:
-    """Why a new name could not be used by Windows (SMB) clients, though it may be looked up; None: it could."""
-    if any(c in BIDI_CONTROLS for c in name):  # "x\u202egpj.dcm" lists as "xmcd.jpg" (Trojan Source)
-        return f"{name!a}: text-direction controls are not allowed in names (a name would display as another)"
+    """Why a new name could not be used by Windows (SMB) clients or would display as another, though it may be looked
+    up; None: it could."""
+    # One name shown is one file: "x\u202egpj.dcm" lists as "xmcd.jpg" (Trojan Source), "a\u200bb" as "ab", and a
+    # decomposed "e\u0301" as "\xe9" (Windows and macOS send composed names). Names already stored stay usable.
+    if not name.isascii() and any(unicodedata.category(c) == "Cf" for c in name):
+        return (f"{name!a}: invisible format characters (text-direction controls, zero-width spaces and joiners, "
+                "soft hyphens) are not allowed in names (a name would display as another)")
+    if not unicodedata.is_normalized("NFC", name):
+        return f"{name!a}: a name must be in Unicode NFC (composed) form; this one would display as another name"
     if not WINDOWS_INVALID.isdisjoint(name):
         return f"'{name}': the characters < > : \" | ? * cannot be used by Windows clients"
     if name.endswith((".", " ")):

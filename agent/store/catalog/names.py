@@ -77,7 +77,8 @@ class Namespace(CatalogBase):
             if old is not None and old.is_dir:
                 raise IsADirectory(path)
             if base is not None and (old.gen if old is not None else -1) != base:
-                raise PermissionDenied(path, "stored by another session while this one was written: not replaced")
+                raise PermissionDenied(path, "changed by another session (stored, renamed or deleted) while this one "
+                                             "was written: not stored")
             self._ensure_dirs(path, now)
             state, gen = ("uploading" if claim else "dirty"), self._next_gen()
             known = self._unbury(path)
