@@ -5,7 +5,7 @@
         [--stats 1000 --lists 200 --reads 50] [--no-walk]
 
 For every size it builds (once; kept in --dir for later runs) a catalog shaped like a PACS archive
-(`agent.sim.workload.archive_listing`: MODALITY/YYYY-MM-DD/study/series/instance.dcm with the general
+(`archive_listing`: MODALITY/YYYY-MM-DD/study/series/instance.dcm with the general
 preset's modality mix and study shapes) through `Catalog.import_inventory`, starts the agent on it
 against a loopback `rclone serve s3` whose folder holds only a small sample of real objects, and over
 one FTP session measures: SIZE and MDTM of random files, LIST of random day and series directories,
@@ -21,6 +21,7 @@ RSS after the walk and GB of RSS per million files.
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import json
 import os
 import random
@@ -28,13 +29,14 @@ import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import numpy as np
 import psutil
 
-from agent.sim.workload import WorkloadParams, archive_listing
+from agent.sim.workload import SHAPES, Generator, WorkloadParams, draw_instances
 from agent.store.catalog import Catalog
 from bench.common import BUCKET, ftp_login, load, pct, ratio, retr, start_agent, start_rclone, table
 from tests.devstack import ObjectStore
@@ -44,6 +46,38 @@ MAX_READ_BYTES = 2 * 2**20  # sampled objects are at most this large (CR/DX/MG i
 
 
 # --- building ---------------------------------------------------------------------------------------------
+
+
+def expected_files_per_study(g: Generator) -> float:
+    """E[instances per study] under the modality mix."""
+    total = 0.0
+    for m, pm in zip(g.modalities, g.mod_p, strict=True):
+        s = SHAPES[m]
+        total += pm * (s.series[0] + s.series[1]) / 2 * max(1.0, s.images_median * np.exp(s.images_sigma**2 / 2))
+    return total
+
+
+def archive_listing(params: WorkloadParams, n_files: int) -> Iterator[tuple[str, int, float]]:
+    """(path, size, mtime) of an archive of about n_files before `start`, in path order, a study at a time."""
+    g = Generator(params)
+    per_study = expected_files_per_study(g)
+    dates = [g.start - dt.timedelta(days=1)]
+    while sum(g.studies_per_day(d.weekday()) for d in dates) * per_study < n_files:
+        dates.append(dates[-1] - dt.timedelta(days=1))
+    # the oldest day is partly filled: spread the remainder, so the count is about n_files
+    rate = n_files / (sum(g.studies_per_day(d.weekday()) for d in dates) * per_study)
+    rng, study = g.rng, 0
+    for m, pm in sorted(zip(g.modalities, g.mod_p, strict=True)):
+        shape = SHAPES[m]
+        for date in reversed(dates):
+            mtime = dt.datetime.combine(date, dt.time(12)).timestamp()
+            for _ in range(int(rng.poisson(g.studies_per_day(date.weekday()) * pm * rate))):
+                sizes, starts = draw_instances(rng, shape)
+                for se in range(len(starts) - 1):
+                    prefix = f"{m}/{date.isoformat()}/ST{study:08d}/SE{se + 1:03d}/"
+                    for k, size in enumerate(sizes[starts[se]:starts[se + 1]].tolist()):
+                        yield f"{prefix}{k + 1:05d}.dcm", size, mtime
+                study += 1
 
 
 def build(cache_dir: Path, n: int, seed: int) -> dict:
