@@ -6,7 +6,7 @@
 
 For every size it builds (once; kept in --dir for later runs) a catalog shaped like a PACS archive
 (`archive_listing`: MODALITY/YYYY-MM-DD/study/series/instance.dcm with the general
-preset's modality mix and study shapes) through `Catalog.import_inventory`, starts the agent on it
+preset's modality mix and study shapes) through `import_inventory`, starts the agent on it
 against a loopback `rclone serve s3` whose folder holds only a small sample of real objects, and over
 one FTP session measures: SIZE and MDTM of random files, LIST of random day and series directories,
 and RETR of sampled objects (first byte cold from S3, then again from the cache). It prints agent RSS
@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import itertools
 import json
 import os
 import random
@@ -29,7 +30,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterable, Iterator
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -38,6 +39,7 @@ import psutil
 
 from agent.sim.workload import SHAPES, Generator, WorkloadParams, draw_instances
 from agent.store.catalog import Catalog
+from agent.store.paths import ancestors, name_of, parent_of
 from bench.common import BUCKET, ftp_login, load, pct, ratio, retr, start_agent, start_rclone, table
 from tests.devstack import ObjectStore
 
@@ -80,6 +82,25 @@ def archive_listing(params: WorkloadParams, n_files: int) -> Iterator[tuple[str,
                 study += 1
 
 
+def import_inventory(cat: Catalog, files: Iterable[tuple[str, int, float]], batch: int = 200_000) -> int:
+    """Record a complete S3 inventory (path order) in the catalog as clean, uncached files, their directories as
+    listed, keeping rows that are there → files added (the catalog's own schema, indexes and triggers)."""
+    added, rows = 0, iter(files)
+    while chunk := list(itertools.islice(rows, batch)):
+        dirs = {d for p in {parent_of(f[0]) for f in chunk} for d in ancestors(p + "/x")[1:]}
+        with cat._tx(durable=False):
+            cat.db.executemany(
+                "INSERT OR IGNORE INTO entries (path, parent, name, is_dir, mtime, listed) "
+                "VALUES (?, ?, ?, 1, ?, 1)",
+                ((d, parent_of(d), name_of(d), chunk[0][2]) for d in sorted(dirs)))
+            cat.db.execute("UPDATE entries SET listed = 1 WHERE path = ''")
+            added += cat.db.executemany(
+                "INSERT OR IGNORE INTO entries (path, parent, name, is_dir, size, mtime, state, gen) "
+                "VALUES (?, ?, ?, 0, ?, ?, 'clean', 1)",
+                ((p, parent_of(p), name_of(p), size, mtime) for p, size, mtime in chunk)).rowcount
+    return added
+
+
 def build(cache_dir: Path, n: int, seed: int) -> dict:
     """The catalog of about n files in cache_dir/catalog.sqlite, built once. → {'files', 'seconds'}."""
     marker = cache_dir / "built.json"
@@ -88,7 +109,7 @@ def build(cache_dir: Path, n: int, seed: int) -> dict:
     shutil.rmtree(cache_dir, ignore_errors=True)
     t0 = time.perf_counter()
     cat = Catalog(cache_dir / "catalog.sqlite")
-    files = cat.import_inventory(archive_listing(WorkloadParams(seed=seed), n))
+    files = import_inventory(cat, archive_listing(WorkloadParams(seed=seed), n))
     cat.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     cat.close()
     info = {"files": files, "build_s": round(time.perf_counter() - t0, 1)}

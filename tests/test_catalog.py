@@ -13,6 +13,7 @@ import pytest
 from agent.records import RemoteObject
 from agent.store.catalog import AsyncCatalog, Catalog
 from agent.store.errors import AlreadyExists, IsADirectory, NoSpace, NotADirectory, NotEmpty, NotFound, PermissionDenied
+from bench.catalog_scale import import_inventory
 
 
 @pytest.fixture
@@ -268,7 +269,7 @@ def test_hot_queries_never_scan_the_whole_catalog(cat):
 
 def test_scrub_pages_cost_what_the_cache_holds(cat):
     """The scrub pages through cached files by the partial blob index, never through every file."""
-    cat.import_inventory((f"d/{i:05d}", 1, 0.0) for i in range(500))
+    import_inventory(cat, ((f"d/{i:05d}", 1, 0.0) for i in range(500)))
     for i in range(3):
         write(cat, f"c/{i}")
     statements: list[str] = []
@@ -320,8 +321,8 @@ def test_memory_does_not_grow_with_file_count(tmp_path):
 
 def test_import_inventory_adds_clean_files_and_listed_directories(cat):
     write(cat, "CT/d1/s/1.dcm", 5)  # a local file the inventory also names: kept as it is
-    added = cat.import_inventory([("CT/d1/s/1.dcm", 9, 1.0), ("CT/d1/s/2.dcm", 7, 2.0), ("MR/d2/x.dcm", 3, 3.0)],
-                                 batch=2)
+    added = import_inventory(cat, [("CT/d1/s/1.dcm", 9, 1.0), ("CT/d1/s/2.dcm", 7, 2.0), ("MR/d2/x.dcm", 3, 3.0)],
+                             batch=2)
     assert added == 2
     assert cat.get("CT/d1/s/1.dcm").size == 5 and cat.get("CT/d1/s/1.dcm").state == "dirty"
     e = cat.get("CT/d1/s/2.dcm")
