@@ -9,6 +9,7 @@ import threading
 import time
 
 import pytest
+from test_group_commit import commit_write
 
 from agent.records import RemoteObject
 from agent.store.catalog import AsyncCatalog, Catalog
@@ -366,14 +367,14 @@ async def test_a_full_catalog_is_no_space_through_the_async_catalog(tmp_path):
     transaction rolls back and the catalog goes on answering."""
     db = AsyncCatalog(Catalog(tmp_path / "catalog.sqlite"))
     try:
-        gen, replaced = await db.commit_write("CT/a.dcm", "blob-a", 10, "ab" * 32, time.time(), claim=False)
+        gen, replaced = await commit_write(db, "CT/a.dcm", "blob-a", 10, "ab" * 32, time.time(), claim=False)
         assert gen >= 1 and replaced is None
         db.catalog.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         pages = db.catalog.db.execute("PRAGMA page_count").fetchone()[0]
         db.catalog.db.execute(f"PRAGMA max_page_count = {pages}")
         with pytest.raises(NoSpace):
             for i in range(2000):
-                await db.commit_write(f"CT/{i:04}/" + "x" * 200 + ".dcm", f"blob-{i}", 10, "ab" * 32, time.time(),
+                await commit_write(db, f"CT/{i:04}/" + "x" * 200 + ".dcm", f"blob-{i}", 10, "ab" * 32, time.time(),
                                       claim=False)
         assert (await db.get("CT/a.dcm")).gen == gen
         assert await db.claim("CT/a.dcm", gen) is True  # a write that needs no new page still commits
@@ -396,11 +397,11 @@ async def test_a_read_waits_for_no_write_and_sees_only_committed_rows(tmp_path):
             return super().group(calls)
 
     db = AsyncCatalog(Catalog(tmp_path / "catalog.sqlite"))
-    gen, _ = await db.commit_write("CT/a.dcm", "blob-a", 10, "ab" * 32, time.time(), claim=False)
+    gen, _ = await commit_write(db, "CT/a.dcm", "blob-a", 10, "ab" * 32, time.time(), claim=False)
     db.shutdown()
     db = AsyncCatalog(Held(tmp_path / "catalog.sqlite"))
     try:
-        held = asyncio.ensure_future(db.commit_write("CT/b.dcm", "blob-b", 10, "ab" * 32, time.time(), claim=False))
+        held = asyncio.ensure_future(commit_write(db, "CT/b.dcm", "blob-b", 10, "ab" * 32, time.time(), claim=False))
         assert await asyncio.to_thread(inside.wait, 10)
         row = await asyncio.wait_for(db.get("CT/a.dcm"), 2)
         assert (row.gen, row.size) == (gen, 10)
