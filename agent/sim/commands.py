@@ -155,11 +155,8 @@ def cmd_simulate(ns: argparse.Namespace) -> int:
 
 def _reference_algorithms(text: str) -> tuple[str, ...]:
     from agent.sim.reference import ALGORITHMS, canonical
-    if text.strip().lower() == "none":
-        return ()
-    if text.strip().lower() == "all":
-        return ALGORITHMS
-    return tuple(canonical(a) for a in text.split(",") if a.strip())
+    named = {"none": (), "all": ALGORITHMS}.get(text.strip().lower())
+    return named if named is not None else tuple(canonical(a) for a in text.split(",") if a.strip())
 
 
 @contextlib.contextmanager
