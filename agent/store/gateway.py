@@ -651,13 +651,6 @@ class Gateway:
         log.info("remote_listed", path=path, files=len(listing.objects), dirs=len(listing.dirs),
                  unsized=len(listing.unsized), seconds=round(time.monotonic() - t0, 4))
 
-    async def _listing_incomplete(self, path: str) -> bool:
-        """Whether the directory above `path` was never listed: a missing name is unknown (451, not 550)."""
-        chain = ancestors(path)
-        known = await self.db.get_many(chain)
-        d = next((known[a] for a in reversed(chain) if a in known), None)
-        return d is not None and d.is_dir and not d.listed
-
     async def _remote_dir_live(self, path: str) -> bool:
         """Whether the remote directory `path` holds an object that is not a pending delete here."""
         if not await self.db.tombstones_under(path):
@@ -981,8 +974,11 @@ class Gateway:
     async def _file(self, path: str) -> Entry:
         try:
             e = await self.stat(path)
-        except NotFound:
-            if await self._listing_incomplete(path):
+        except NotFound:  # in a directory never listed (the line is down), a missing name is unknown: 451, not 550
+            chain = ancestors(path)
+            known = await self.db.get_many(chain)
+            above = next((known[a] for a in reversed(chain) if a in known), None)
+            if above is not None and above.is_dir and not above.listed:
                 raise Unavailable(path, "object storage cannot list its directory now; the file may be there") \
                     from None
             raise
