@@ -667,7 +667,7 @@ class Gateway:
     async def mkdir(self, path: str, who: Who | None = None) -> None:
         async with self.audit.op(who, "mkdir", path):
             self._may_change(who, "write", path)
-            check_creatable(path, path)
+            check_creatable(path)
             await self._ensure_listed(parent_of(path), missing_ok=True)
             await self.db.mkdir(path)
         log.info("mkdir", path=path)
@@ -728,7 +728,7 @@ class Gateway:
         self._not_the_agents(who, dst)
         self._fits(dst)
         self._movable(dst)
-        check_creatable(dst, dst)
+        check_creatable(dst)
         if self.marks.busy(dst):  # its commit would replace what is renamed there
             raise PermissionDenied(dst, "the target is being written by another upload; try again later")
 
@@ -783,7 +783,7 @@ class Gateway:
             if existing is not None and existing.is_dir:
                 raise IsADirectory(path)
             if existing is None:
-                check_creatable(path, path)  # a new name: Windows (SMB) clients must be able to use it
+                check_creatable(path)  # a new name: Windows (SMB) clients must be able to use it
             elif offset > existing.size:
                 raise BadOffset(path, f"offset {offset} is beyond the end of the file ({existing.size} bytes)")
             if existing is not None:
