@@ -56,7 +56,7 @@ class RemoteObject:
 
 @dataclass(frozen=True)
 class Lock:
-    """The S3 Object Lock an object is written with (decided by agent.store.worm, applied by the uplink)."""
+    """The S3 Object Lock an object is written with (decided by agent.dicom.retention, applied by the uplink)."""
 
     mode: str
     until: datetime.datetime

@@ -3,8 +3,8 @@
 
     .venv/bin/python bench/catalog_commits.py [--processes 1,2 --sessions 1,8 --commits 1000 --dir /var/cache/pacsgw]
 
-Each commit is what a stored file costs the catalog (`AsyncCatalog.commit_write`, awaited as the ack path
-awaits it: BEGIN IMMEDIATE, a new catalog-wide gen, COMMIT with synchronous=FULL, i.e. an fsync of the WAL).
+Each commit is what a stored file costs the catalog (`AsyncCatalog.queue_commit_write`, awaited as the ack
+path awaits it: BEGIN IMMEDIATE, a new catalog-wide gen, COMMIT with synchronous=FULL, i.e. an fsync of the WAL).
 SQLite has one writer at a time. With one session per process every file is a transaction and an fsync of
 its own; with several, the commits that arrive while one is being written share the next transaction (group
 commit), so the ceiling rises with the number of sessions. Run it on the cache SSD (--dir): the figure is the
@@ -26,14 +26,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from agent.store.catalog import AsyncCatalog, Catalog
+from agent.store.catalog import AsyncCatalog, Catalog, outcome
 
 
 def commit(path: str, who: int, n: int, sessions: int, cpu: "multiprocessing.queues.Queue[float]") -> None:
     async def session(db: AsyncCatalog, s: int) -> None:
         for i in range(s, n, sessions):
-            await db.commit_write(f"p{who}/d{i // 100}/f{i}.dcm", f"{who:02d}{i:030d}", 524288, "0" * 64,
-                                  time.time(), claim=True)
+            done: asyncio.Future[tuple[int, str | None]] = asyncio.get_running_loop().create_future()
+            db.queue_commit_write(done, asyncio.get_running_loop(), f"p{who}/d{i // 100}/f{i}.dcm",
+                                  f"{who:02d}{i:030d}", 524288, "0" * 64, time.time(), claim=True)
+            await outcome(done)
 
     async def main() -> None:
         db = AsyncCatalog(Catalog(Path(path)))

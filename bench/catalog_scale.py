@@ -5,8 +5,8 @@
         [--stats 1000 --lists 200 --reads 50] [--no-walk]
 
 For every size it builds (once; kept in --dir for later runs) a catalog shaped like a PACS archive
-(`agent.sim.workload.archive_listing`: MODALITY/YYYY-MM-DD/study/series/instance.dcm with the general
-preset's modality mix and study shapes) through `Catalog.import_inventory`, starts the agent on it
+(`archive_listing`: MODALITY/YYYY-MM-DD/study/series/instance.dcm with the general
+preset's modality mix and study shapes) through `import_inventory`, starts the agent on it
 against a loopback `rclone serve s3` whose folder holds only a small sample of real objects, and over
 one FTP session measures: SIZE and MDTM of random files, LIST of random day and series directories,
 and RETR of sampled objects (first byte cold from S3, then again from the cache). It prints agent RSS
@@ -21,6 +21,8 @@ RSS after the walk and GB of RSS per million files.
 from __future__ import annotations
 
 import argparse
+import datetime as dt
+import itertools
 import json
 import os
 import random
@@ -28,14 +30,16 @@ import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable, Iterator
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import numpy as np
 import psutil
 
-from agent.sim.workload import WorkloadParams, archive_listing
+from agent.sim.workload import SHAPES, Generator, WorkloadParams, draw_instances
 from agent.store.catalog import Catalog
+from agent.store.paths import ancestors, name_of, parent_of
 from bench.common import BUCKET, ftp_login, load, pct, ratio, retr, start_agent, start_rclone, table
 from tests.devstack import ObjectStore
 
@@ -46,6 +50,57 @@ MAX_READ_BYTES = 2 * 2**20  # sampled objects are at most this large (CR/DX/MG i
 # --- building ---------------------------------------------------------------------------------------------
 
 
+def expected_files_per_study(g: Generator) -> float:
+    """E[instances per study] under the modality mix."""
+    total = 0.0
+    for m, pm in zip(g.modalities, g.mod_p, strict=True):
+        s = SHAPES[m]
+        total += pm * (s.series[0] + s.series[1]) / 2 * max(1.0, s.images_median * np.exp(s.images_sigma**2 / 2))
+    return total
+
+
+def archive_listing(params: WorkloadParams, n_files: int) -> Iterator[tuple[str, int, float]]:
+    """(path, size, mtime) of an archive of about n_files before `start`, in path order, a study at a time."""
+    g = Generator(params)
+    per_study = expected_files_per_study(g)
+    dates = [g.start - dt.timedelta(days=1)]
+    while sum(g.studies_per_day(d.weekday()) for d in dates) * per_study < n_files:
+        dates.append(dates[-1] - dt.timedelta(days=1))
+    # the oldest day is partly filled: spread the remainder, so the count is about n_files
+    rate = n_files / (sum(g.studies_per_day(d.weekday()) for d in dates) * per_study)
+    rng, study = g.rng, 0
+    for m, pm in sorted(zip(g.modalities, g.mod_p, strict=True)):
+        shape = SHAPES[m]
+        for date in reversed(dates):
+            mtime = dt.datetime.combine(date, dt.time(12)).timestamp()
+            for _ in range(int(rng.poisson(g.studies_per_day(date.weekday()) * pm * rate))):
+                sizes, starts = draw_instances(rng, shape)
+                for se in range(len(starts) - 1):
+                    prefix = f"{m}/{date.isoformat()}/ST{study:08d}/SE{se + 1:03d}/"
+                    for k, size in enumerate(sizes[starts[se]:starts[se + 1]].tolist()):
+                        yield f"{prefix}{k + 1:05d}.dcm", size, mtime
+                study += 1
+
+
+def import_inventory(cat: Catalog, files: Iterable[tuple[str, int, float]], batch: int = 200_000) -> int:
+    """Record a complete S3 inventory (path order) in the catalog as clean, uncached files, their directories as
+    listed, keeping rows that are there → files added (the catalog's own schema, indexes and triggers)."""
+    added, rows = 0, iter(files)
+    while chunk := list(itertools.islice(rows, batch)):
+        dirs = {d for p in {parent_of(f[0]) for f in chunk} for d in ancestors(p + "/x")[1:]}
+        with cat._tx(durable=False):
+            cat.db.executemany(
+                "INSERT OR IGNORE INTO entries (path, parent, name, is_dir, mtime, listed) "
+                "VALUES (?, ?, ?, 1, ?, 1)",
+                ((d, parent_of(d), name_of(d), chunk[0][2]) for d in sorted(dirs)))
+            cat.db.execute("UPDATE entries SET listed = 1 WHERE path = ''")
+            added += cat.db.executemany(
+                "INSERT OR IGNORE INTO entries (path, parent, name, is_dir, size, mtime, state, gen) "
+                "VALUES (?, ?, ?, 0, ?, ?, 'clean', 1)",
+                ((p, parent_of(p), name_of(p), size, mtime) for p, size, mtime in chunk)).rowcount
+    return added
+
+
 def build(cache_dir: Path, n: int, seed: int) -> dict:
     """The catalog of about n files in cache_dir/catalog.sqlite, built once. → {'files', 'seconds'}."""
     marker = cache_dir / "built.json"
@@ -54,7 +109,7 @@ def build(cache_dir: Path, n: int, seed: int) -> dict:
     shutil.rmtree(cache_dir, ignore_errors=True)
     t0 = time.perf_counter()
     cat = Catalog(cache_dir / "catalog.sqlite")
-    files = cat.import_inventory(archive_listing(WorkloadParams(seed=seed), n))
+    files = import_inventory(cat, archive_listing(WorkloadParams(seed=seed), n))
     cat.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     cat.close()
     info = {"files": files, "build_s": round(time.perf_counter() - t0, 1)}

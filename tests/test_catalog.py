@@ -9,10 +9,12 @@ import threading
 import time
 
 import pytest
+from test_group_commit import commit_write
 
 from agent.records import RemoteObject
 from agent.store.catalog import AsyncCatalog, Catalog
 from agent.store.errors import AlreadyExists, IsADirectory, NoSpace, NotADirectory, NotEmpty, NotFound, PermissionDenied
+from bench.catalog_scale import import_inventory
 
 
 @pytest.fixture
@@ -265,7 +267,9 @@ def test_hot_queries_never_scan_the_whole_catalog(cat):
     statements: list[str] = []
     cat.db.set_trace_callback(statements.append)
     now = time.time()
-    cat.get("d1/f1"), cat.children("d1"), cat.has_children("d1"), cat.totals(), cat.oldest_dirty()
+    cat.get("d1/f1"), cat.children("d1"), cat.totals(), cat.oldest_dirty()
+    with pytest.raises(NotEmpty):
+        cat.rmdir("d1")
     cat.due_uploads(now, 16), cat.next_due(), cat.due_tombstones(now, 16), cat.tombstone_pending("x")
     cat.files_after("", 16), cat.cached_after("", 16)
     cat.missing_under("d1"), cat.missing_page("d1", "", 16), cat.count_files_under("d1"), cat.study_known("d1")
@@ -287,7 +291,7 @@ def test_hot_queries_never_scan_the_whole_catalog(cat):
 
 def test_scrub_pages_cost_what_the_cache_holds(cat):
     """The scrub pages through cached files by the partial blob index, never through every file."""
-    cat.import_inventory((f"d/{i:05d}", 1, 0.0) for i in range(500))
+    import_inventory(cat, ((f"d/{i:05d}", 1, 0.0) for i in range(500)))
     for i in range(3):
         write(cat, f"c/{i}")
     statements: list[str] = []
@@ -339,8 +343,8 @@ def test_memory_does_not_grow_with_file_count(tmp_path):
 
 def test_import_inventory_adds_clean_files_and_listed_directories(cat):
     write(cat, "CT/d1/s/1.dcm", 5)  # a local file the inventory also names: kept as it is
-    added = cat.import_inventory([("CT/d1/s/1.dcm", 9, 1.0), ("CT/d1/s/2.dcm", 7, 2.0), ("MR/d2/x.dcm", 3, 3.0)],
-                                 batch=2)
+    added = import_inventory(cat, [("CT/d1/s/1.dcm", 9, 1.0), ("CT/d1/s/2.dcm", 7, 2.0), ("MR/d2/x.dcm", 3, 3.0)],
+                             batch=2)
     assert added == 2
     assert cat.get("CT/d1/s/1.dcm").size == 5 and cat.get("CT/d1/s/1.dcm").state == "dirty"
     e = cat.get("CT/d1/s/2.dcm")
@@ -384,14 +388,14 @@ async def test_a_full_catalog_is_no_space_through_the_async_catalog(tmp_path):
     transaction rolls back and the catalog goes on answering."""
     db = AsyncCatalog(Catalog(tmp_path / "catalog.sqlite"))
     try:
-        gen, replaced = await db.commit_write("CT/a.dcm", "blob-a", 10, "ab" * 32, time.time(), claim=False)
+        gen, replaced = await commit_write(db, "CT/a.dcm", "blob-a", 10, "ab" * 32, time.time(), claim=False)
         assert gen >= 1 and replaced is None
         db.catalog.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         pages = db.catalog.db.execute("PRAGMA page_count").fetchone()[0]
         db.catalog.db.execute(f"PRAGMA max_page_count = {pages}")
         with pytest.raises(NoSpace):
             for i in range(2000):
-                await db.commit_write(f"CT/{i:04}/" + "x" * 200 + ".dcm", f"blob-{i}", 10, "ab" * 32, time.time(),
+                await commit_write(db, f"CT/{i:04}/" + "x" * 200 + ".dcm", f"blob-{i}", 10, "ab" * 32, time.time(),
                                       claim=False)
         assert (await db.get("CT/a.dcm")).gen == gen
         assert await db.claim("CT/a.dcm", gen) is True  # a write that needs no new page still commits
@@ -414,11 +418,11 @@ async def test_a_read_waits_for_no_write_and_sees_only_committed_rows(tmp_path):
             return super().group(calls)
 
     db = AsyncCatalog(Catalog(tmp_path / "catalog.sqlite"))
-    gen, _ = await db.commit_write("CT/a.dcm", "blob-a", 10, "ab" * 32, time.time(), claim=False)
+    gen, _ = await commit_write(db, "CT/a.dcm", "blob-a", 10, "ab" * 32, time.time(), claim=False)
     db.shutdown()
     db = AsyncCatalog(Held(tmp_path / "catalog.sqlite"))
     try:
-        held = asyncio.ensure_future(db.commit_write("CT/b.dcm", "blob-b", 10, "ab" * 32, time.time(), claim=False))
+        held = asyncio.ensure_future(commit_write(db, "CT/b.dcm", "blob-b", 10, "ab" * 32, time.time(), claim=False))
         assert await asyncio.to_thread(inside.wait, 10)
         row = await asyncio.wait_for(db.get("CT/a.dcm"), 2)
         assert (row.gen, row.size) == (gen, 10)

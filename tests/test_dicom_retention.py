@@ -26,7 +26,6 @@ from test_dicom import pacsgw
 from agent.config import ComplianceConfig, ConfigError, RetentionRule, load
 from agent.dicom.header import Header, parse
 from agent.dicom.retention import DicomRetention
-from agent.store.worm import WormPolicy
 from bench.dicomgen import CT_IMAGE, ct_slice
 from harness import PASSWORD, sftp_refuses_changes
 
@@ -55,7 +54,7 @@ def test_dicom_rules_only_lengthen_the_path_terms():
     ))
     r, now = DicomRetention(cfg), time.time()
     assert [i for i, _ in r.rules] == [1, 2, 3, 4, 5] and r.needs_birth_date
-    assert [x.prefix for x in WormPolicy(cfg).rules] == ["scratch/"]  # DICOM rules are no path rules
+    assert [x.prefix for x in r.path_rules] == ["scratch/"]  # DICOM rules are no path rules
 
     def until(path: str, h: Header | None) -> datetime.date | None:
         lock = r.lock_for(path, now, h)

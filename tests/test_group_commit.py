@@ -13,6 +13,14 @@ from agent.store.catalog import AsyncCatalog, Catalog, outcome
 from agent.store.errors import IsADirectory
 
 
+async def commit_write(db: AsyncCatalog, *args, **kwargs) -> tuple[int, str | None]:
+    """A stored file's row, queued into the next group commit as its seal queues it; its result once committed."""
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[tuple[int, str | None]] = loop.create_future()
+    db.queue_commit_write(done, loop, *args, **kwargs)
+    return await outcome(done)
+
+
 class Recording(Catalog):
     def __init__(self, path: Path) -> None:
         super().__init__(path)
@@ -31,7 +39,7 @@ async def test_concurrent_commits_share_a_transaction_and_return_only_once_commi
 
     async def store(i: int) -> int:
         name = "MR/dir.dcm" if i == 7 else f"MR/{i}.dcm"
-        gen, _ = await db.commit_write(name, f"blob{i}", 100 + i, "0" * 64, time.time(), claim=i % 2 == 0)
+        gen, _ = await commit_write(db, name, f"blob{i}", 100 + i, "0" * 64, time.time(), claim=i % 2 == 0)
         assert reader.execute("SELECT gen FROM entries WHERE path = ?", (name,)).fetchone() == (gen,)
         return gen
 
@@ -63,7 +71,7 @@ async def test_rows_queued_by_other_threads_join_the_group_and_each_caller_gets_
                               claim=False)
 
     sealed = [loop.run_in_executor(None, seal, i) for i in range(40)]
-    own = [db.commit_write(f"MR/{i}.dcm", f"own{i}", 10, "0" * 64, time.time(), claim=False) for i in range(20)]
+    own = [commit_write(db, f"MR/{i}.dcm", f"own{i}", 10, "0" * 64, time.time(), claim=False) for i in range(20)]
     await asyncio.gather(*sealed)
     results = await asyncio.gather(*(outcome(r) for r in rows), *own, return_exceptions=True)
     assert isinstance(results[3], IsADirectory)

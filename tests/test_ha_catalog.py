@@ -7,6 +7,7 @@ import time
 import pytest
 
 from agent.store.catalog import Catalog
+from bench.catalog_scale import import_inventory
 
 
 @pytest.fixture
@@ -36,7 +37,7 @@ def test_follow_adds_changes_and_forgets(cat):
     assert cat.get("CT/d/2.dcm") is None
     assert cat.totals().files == 1
     # A row without an ETag (from an S3 inventory) learns it: its next overwrite can be conditional.
-    cat.import_inventory([("CT/i/1.dcm", 4, t)])
+    import_inventory(cat, [("CT/i/1.dcm", 4, t)])
     follow(cat, [("CT/d/1.dcm", 11, t + 5, '"e3"'), ("CT/i/1.dcm", 4, t, '"e4"')])
     assert cat.get("CT/i/1.dcm").etag == '"e4"'
 

@@ -135,6 +135,16 @@ def test_xferlog_vsftpd(tmp_path: Path) -> None:
     assert read_header(tmp_path / "t.tsv")["start"] == "2026-01-05"
 
 
+def test_an_xferlog_user_with_a_control_character_is_a_bad_row(tmp_path: Path) -> None:
+    """Named and skipped, as in a CSV or an audit log; it stopped the whole import (ValueError out of import_trace)."""
+    src = tmp_path / "xferlog"
+    lines = XFERLOG.splitlines()
+    src.write_text(lines[0] + "\n" + lines[2].replace(" viewer ", " vie\x01wer ") + "\n")
+    s = import_trace(src, tmp_path / "t.tsv")
+    assert [(b.line, b.reason) for b in s.bad] == [(2, "user 'vie\\x01wer' has control characters")]
+    assert [r.op for r in iter_requests(tmp_path / "t.tsv")] == ["W"]
+
+
 def _trace_text(rows: list[str]) -> str:
     head = '# pacsgw-trace v1 {"start": "2026-01-05", "days": 1, "layout": null}\n'
     return head + "t\top\tpath\tsize\tpatient\tstudy\tmodality\tdepartment\n" + "".join(r + "\n" for r in rows)

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from agent.sim.trace import iter_requests, load_arrays, read_header, write_trace
-from agent.sim.workload import DAY, SHAPES, Generator, WorkloadParams, archive_listing, generate, preset
+from agent.sim.workload import DAY, SHAPES, Generator, WorkloadParams, generate, preset
+from bench.catalog_scale import archive_listing
 
 
 def small(name: str = "general", **kw) -> Generator:

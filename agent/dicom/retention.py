@@ -1,6 +1,8 @@
-"""Retention by DICOM rule ([[compliance.rules]] by modality, SOP class, study date or patient age): a matching rule
-only ever lengthens the path rules' terms (agent.store.worm); `until_age` counts from the header's birth date, read
-from the file (it never leaves the box).
+"""Retention: which files are retained, until when, and so which changes are refused (the uplink applies the Object
+Lock, the gateway the refusals). The path rules ([compliance] and the [[compliance.rules]] by prefix) give a file its
+terms; a DICOM rule (by modality, SOP class, study date or patient age) that matches only ever lengthens them;
+`until_age` counts from the header's birth date, read from the file (it never leaves the box). Temporary upload names
+(x.dcm.part) are never retained, so the usual upload-then-rename still works.
 """
 
 from __future__ import annotations
@@ -18,13 +20,13 @@ from agent.dicom.header import read_fd
 from agent.records import DICOM_PREFIX as PREFIX
 from agent.records import Entry, Header, Lock
 from agent.store.cache import Cache
-from agent.store.errors import Unavailable
-from agent.store.worm import DAY, WormPolicy, refuse_if_retained
+from agent.store.errors import PermissionDenied, Unavailable
 from agent.uplink.s3 import S3Uplink, error_code
 
 log = structlog.get_logger("pacsgw.worm")
 
 UTC = datetime.timezone.utc
+DAY = 86400
 
 
 @dataclass(frozen=True)
@@ -86,18 +88,37 @@ class DicomRetention:
     """The Object Lock of a file from its path and its DICOM header (the uploader's LockPolicy)."""
 
     def __init__(self, cfg: ComplianceConfig) -> None:
-        self.cfg, self.worm = cfg, WormPolicy(cfg)
+        self.cfg = cfg
+        # the path rules, the longest prefix first; the DICOM rules, with their index in [[compliance.rules]]
+        self.path_rules = sorted((r for r in cfg.rules if not r.selects_dicom), key=lambda r: len(r.prefix),
+                                 reverse=True)
         self.rules = [(i, r) for i, r in enumerate(cfg.rules) if r.selects_dicom]
 
     @property
     def needs_birth_date(self) -> bool:
         return any(r.until_age for _, r in self.rules)
 
+    def _path_terms(self, path: str) -> tuple[int, bool]:
+        """(retention days, legal hold) by the path rules."""
+        for rule in self.path_rules:
+            if path.startswith(rule.prefix):
+                return rule.retention_days, rule.legal_hold
+        return self.cfg.retention_days, self.cfg.legal_hold
+
+    def path_lock(self, path: str, stored_at: float) -> Lock | None:
+        """The Object Lock the path rules alone give a file stored at stored_at (None: not retained by them)."""
+        if not self.cfg.worm or path.endswith(self.cfg.temp_suffixes):
+            return None
+        days, hold = self._path_terms(path)
+        if days <= 0 and not hold:
+            return None
+        return Lock(self.cfg.mode, datetime.datetime.fromtimestamp(stored_at + days * DAY, tz=UTC), hold)
+
     def decide(self, path: str, stored_at: float, h: Header | None) -> Decision:
-        base = self.worm.lock_for(path, stored_at)
+        base = self.path_lock(path, stored_at)
         if not self.cfg.worm or path.endswith(self.cfg.temp_suffixes):
             return Decision(None, "not retained (WORM off, or a temporary upload name)", "none")
-        tag = self.worm.retention_class(path)
+        tag = f"{self._path_terms(path)[0]}d"
         until, reason = (base.until, f"path rules: {tag[:-1]} days") if base else (None, "")
         hold, hold_reason = (True, "path rules") if base and base.legal_hold else (False, "")
         stored = datetime.datetime.fromtimestamp(stored_at, tz=UTC)
@@ -146,8 +167,13 @@ class RetentionGuard:
         self.retention, self.cache, self.s3 = retention, cache, s3
 
     async def check_mutable(self, e: Entry, now: float) -> None:
-        self.retention.worm.check_mutable(e, now)
-        if e.is_dir or not self.retention.rules or not self.retention.cfg.worm:
+        """Refuse overwrite, rename and delete of a retained file (PermissionDenied names the date)."""
+        if e.is_dir:
+            if self.retention.cfg.worm:
+                raise PermissionDenied(e.path, "WORM: directories cannot be moved on a write-once archive")
+            return
+        refuse_if_retained(e.path, self.retention.path_lock(e.path, e.mtime), now)
+        if not self.retention.rules or not self.retention.cfg.worm:
             return
         header = None if e.blob is None else await asyncio.to_thread(  # the cached copy's (None: evicted meanwhile)
             self.cache.read_blob, e.blob, lambda fd: read_fd(fd, e.size))
@@ -163,6 +189,16 @@ class RetentionGuard:
             refuse_if_retained(e.path, self.retention.lock_for(
                 e.path, e.mtime, header_from_meta(head.get("Metadata") or {})), now)
             refuse_if_retained(e.path, _object_lock(self.retention.cfg.mode, head), now)
+
+
+def refuse_if_retained(path: str, lock: Lock | None, now: float) -> None:
+    """PermissionDenied (naming the date, or the hold) while `lock` keeps the file at path."""
+    if lock is None:
+        return
+    if lock.legal_hold:
+        raise PermissionDenied(path, "WORM: file is under legal hold")
+    if now < lock.until.timestamp():
+        raise PermissionDenied(path, f"WORM: file is retained until {lock.until:%Y-%m-%d}")
 
 
 def _object_lock(mode: str, head: dict[str, Any]) -> Lock | None:

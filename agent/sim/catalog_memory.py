@@ -1,20 +1,17 @@
 """Measured catalog memory for the replay report: the agent's own SQLite catalog filled with a trace's files the
-way the box fills it (`merge_listing`, `mark_clean`, batched `record_access`), in a child process
-(`python -m agent.sim.catalog_memory TRACE --rows N`) so the replay's arrays do not blur it. It reports bytes per
+way the box fills it (`merge_listing`, `mark_clean`, batched `record_access`), in a fresh interpreter (a spawned
+child process) so the replay's arrays do not blur it. It reports bytes per
 row on the SSD (after a checkpoint) and the child's resident-memory growth after half and all of the rows, each
 followed by a walk and random lookups: with SQLite's page cache capped, RAM stays flat as the rows double.
 """
 
 from __future__ import annotations
 
-import argparse
 import hashlib
-import json
+import multiprocessing
 import random
-import subprocess
-import sys
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from itertools import groupby
 from pathlib import Path
 
@@ -91,25 +88,14 @@ def measure(files: list[tuple[str, int]], workdir: Path) -> CatalogMemory:
     return CatalogMemory(len(files), disk, rss_half, rss_full)
 
 
-def measure_trace(trace: str | Path, max_rows: int) -> CatalogMemory:
-    """`measure` over a trace's files, in a child process (see the module docstring)."""
-    out = subprocess.run([sys.executable, "-m", "agent.sim.catalog_memory", str(trace), "--rows", str(max_rows)],
-                         capture_output=True, text=True, check=True)
-    return CatalogMemory(**json.loads(out.stdout.strip().splitlines()[-1]))
-
-
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description="measure the SQLite catalog's memory for a trace's files")
-    ap.add_argument("trace")
-    ap.add_argument("--rows", type=int, default=400_000)
-    ns = ap.parse_args(argv)
-    files = trace_files(ns.trace, ns.rows)
-    # on tmpfs: the same bytes and the same process RSS as on an SSD (SQLite reads with read(), not mmap),
-    # without the fsync waits of a disk shared with other jobs
+def _measure_trace(trace: str, max_rows: int) -> CatalogMemory:
+    """`measure` over the trace's first max_rows files, on tmpfs: the same bytes and the same process RSS as on an SSD
+    (SQLite reads with read(), not mmap), without the fsync waits of a disk shared with other jobs."""
     with tempfile.TemporaryDirectory(prefix="pacsgw-catalog-", dir="/dev/shm") as tmp:
-        print(json.dumps(asdict(measure(files, Path(tmp)))))
-    return 0
+        return measure(trace_files(trace, max_rows), Path(tmp))
 
 
-if __name__ == "__main__":
-    raise SystemExit(main())
+def measure_trace(trace: str | Path, max_rows: int) -> CatalogMemory:
+    """`measure` over a trace's files, in a fresh interpreter (see the module docstring)."""
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(_measure_trace, (str(trace), max_rows))

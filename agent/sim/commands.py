@@ -8,14 +8,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import sys
 import time
 from pathlib import Path
 from typing import Iterator
 
 import structlog
 
-from agent.config import parse_rate, parse_size
+from agent.config import complain, parse_rate, parse_size
 
 log = structlog.get_logger(__name__)
 ROOT = Path(__file__).resolve().parents[2]
@@ -87,8 +86,7 @@ def cmd_gen_trace(ns: argparse.Namespace) -> int:
     try:
         params = preset(ns.preset, **overrides)
     except (TypeError, ValueError) as e:
-        print(f"gen-trace: {e}", file=sys.stderr)
-        return 2
+        return complain(f"gen-trace: {e}", 2)
     t0 = time.monotonic()
     meta = write_trace(generate(params), ns.out, progress=not ns.no_progress)
     log.info("gen_trace.done", out=ns.out, requests=meta["requests"], bytes=meta["request_bytes"],
@@ -100,13 +98,11 @@ def cmd_import_trace(ns: argparse.Namespace) -> int:
     from agent.sim.importer import STUDY_DEPTH, TraceImportError, import_trace
     depth = STUDY_DEPTH if ns.study_depth is None else ns.study_depth
     if depth < 1:
-        print("import-trace: --study-depth must be 1 or more", file=sys.stderr)
-        return 2
+        return complain("import-trace: --study-depth must be 1 or more", 2)
     try:
         summary = import_trace(ns.src, ns.dst, ns.format, ns.start, depth)
     except (OSError, TraceImportError) as e:
-        print(f"import-trace: {e}", file=sys.stderr)
-        return 2
+        return complain(f"import-trace: {e}", 2)
     print(summary.text())
     print(f"  wrote {ns.dst}")
     return 0
@@ -121,9 +117,8 @@ def cmd_simulate(ns: argparse.Namespace) -> int:
         capacity = parse_size(ns.capacity)
         line_bps, prefetch_bps = parse_rate(ns.line_rate), parse_rate(ns.prefetch_rate)
     except ValueError:
-        print(f"simulate: --capacity {ns.capacity!r}, --line-rate {ns.line_rate!r} and --prefetch-rate "
-              f"{ns.prefetch_rate!r} must be sizes such as 3GB, 0.5TB, 10MB", file=sys.stderr)
-        return 2
+        return complain(f"simulate: --capacity {ns.capacity!r}, --line-rate {ns.line_rate!r} and --prefetch-rate "
+                        f"{ns.prefetch_rate!r} must be sizes such as 3GB, 0.5TB, 10MB", 2)
     cfg = ReplayConfig(capacity=capacity, warmup_days=ns.warmup_days, latency=LatencyModel(line_bps=line_bps),
                        prefetch_bps=prefetch_bps, model=ns.model, capacity_unit=unit_of(ns.capacity))
     progress = not ns.no_progress
@@ -133,13 +128,11 @@ def cmd_simulate(ns: argparse.Namespace) -> int:
             ta = load_arrays(ns.trace, progress=progress)
             check_replayable(ta)     # before any scheme runs, not after the first hour of them
         except (OSError, ValueError) as e:
-            print(f"simulate: {ns.trace}: {e}", file=sys.stderr)
-            return 2
+            return complain(f"simulate: {ns.trace}: {e}", 2)
     try:
         algorithms = _reference_algorithms(ns.reference)
     except ValueError as e:
-        print(f"simulate: --reference: {e}", file=sys.stderr)
-        return 2
+        return complain(f"simulate: --reference: {e}", 2)
     results = []
     schemes = [s for s in ns.schemes.split(",") if s]
     for scheme in schemes:
@@ -162,11 +155,8 @@ def cmd_simulate(ns: argparse.Namespace) -> int:
 
 def _reference_algorithms(text: str) -> tuple[str, ...]:
     from agent.sim.reference import ALGORITHMS, canonical
-    if text.strip().lower() == "none":
-        return ()
-    if text.strip().lower() == "all":
-        return ALGORITHMS
-    return tuple(canonical(a) for a in text.split(",") if a.strip())
+    named = {"none": (), "all": ALGORITHMS}.get(text.strip().lower())
+    return named if named is not None else tuple(canonical(a) for a in text.split(",") if a.strip())
 
 
 @contextlib.contextmanager
@@ -183,9 +173,7 @@ def cmd_train(ns: argparse.Namespace) -> int:
     try:
         import tensorflow  # noqa: F401
     except ImportError:
-        print("train: TensorFlow is not installed; use a separate venv with `pip install -e '.[train]'`",
-              file=sys.stderr)
-        return 2
+        return complain("train: TensorFlow is not installed; use a separate venv with `pip install -e '.[train]'`", 2)
     spec = importlib.util.spec_from_file_location("pacsgw_train", ROOT / "models" / "train.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)

@@ -14,7 +14,7 @@ import math
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Callable, Iterator
+from typing import IO, Any, Callable, Iterable, Iterator, TypeVar
 
 from agent.config import PrefetchConfig
 from agent.sim.trace import COLUMNS, MAGIC, _open
@@ -29,6 +29,7 @@ NO_MODALITY = "OT"          # DICOM's "other"
 NO_DEPARTMENT = "-"
 STUDY_DEPTH = PrefetchConfig().study_depth  # without a study column a file's study is what the live agent takes
 _CONTROL = {chr(c) for c in range(32)} | {"\x7f"}
+T = TypeVar("T")
 
 
 class TraceImportError(ValueError):
@@ -112,13 +113,19 @@ def _path(raw: str) -> str:
     return "/".join(parts)
 
 
-def _size(raw: object) -> int:
-    if isinstance(raw, bool) or not isinstance(raw, (int, str)):
-        raise ValueError(f"size {raw!r} is not a whole number of bytes")
+def _parsed(convert: Callable[[Any], T], raw: Any, why: str) -> T:
+    """convert(raw), failing with `why` (the row's reason) instead of convert's own message."""
     try:
-        n = int(raw)
+        return convert(raw)
     except ValueError:
-        raise ValueError(f"size {raw!r} is not a whole number of bytes") from None
+        raise ValueError(why) from None
+
+
+def _size(raw: object) -> int:
+    why = f"size {raw!r} is not a whole number of bytes"
+    if isinstance(raw, bool) or not isinstance(raw, (int, str)):
+        raise ValueError(why)
+    n = _parsed(int, raw, why)
     if n < 0:
         raise ValueError(f"size {raw!r} is negative")
     return n
@@ -130,7 +137,20 @@ def _label(name: str, raw: str) -> str:
     return raw.strip()
 
 
-# -- the three parsers: each yields Row, Bad, or (str) a non-transfer kind to count ----------------
+# -- the three parsers: each turns one record (numbered `line`) into a Row, (str) a non-transfer kind to count, or
+# None (a blank line); a ValueError is a bad row, its message the reason
+
+def _items(records: Iterable[tuple[int, T]], parse: Callable[[T, int], Row | str | None]
+           ) -> Iterator[Row | Bad | str]:
+    for line, record in records:
+        try:
+            item = parse(record, line)
+        except ValueError as e:
+            yield Bad(line, str(e))
+            continue
+        if item is not None:
+            yield item
+
 
 def parse_csv(f: IO[str]) -> Iterator[Row | Bad | str]:
     reader = csv.reader(f)
@@ -142,114 +162,85 @@ def parse_csv(f: IO[str]) -> Iterator[Row | Bad | str]:
     missing = [c for c in CSV_REQUIRED if c not in cols]
     if unknown or missing or len(set(cols)) != len(cols):
         raise TraceImportError(f"CSV header {header!r}: needs ts,op,path,size (optional patient,study,modality,dept); "
-                           f"missing {missing}, unknown {unknown}")
-    for row in reader:
-        line = reader.line_num
+                               f"missing {missing}, unknown {unknown}")
+
+    def row_of(row: list[str], line: int) -> Row | None:
         if not row or (len(row) == 1 and not row[0].strip()):
-            continue
+            return None
         if len(row) != len(cols):
-            yield Bad(line, f"{len(row)} fields, the header has {len(cols)}")
-            continue
+            raise ValueError(f"{len(row)} fields, the header has {len(cols)}")
         rec = dict(zip(cols, row, strict=True))
-        try:
-            ts = float(rec["ts"])
-            if not math.isfinite(ts) or ts < 0:
-                raise ValueError(f"ts {rec['ts']!r} is not a time in seconds from the start")
-            op = rec["op"].strip().lower()
-            if op not in ("read", "write"):
-                raise ValueError(f"op {rec['op']!r} is neither read nor write")
-            r = Row(ts, op == "write", _path(rec["path"]), _size(rec["size"].strip()), line)
-            for col, attr in CSV_OPTIONAL.items():
-                if col in rec:
-                    setattr(r, attr, _label(col, rec[col]))
-        except ValueError as e:
-            msg = str(e)
-            if msg.startswith("could not convert"):
-                msg = f"ts {rec['ts']!r} is not a number"
-            yield Bad(line, msg)
-            continue
-        yield r
+        ts = _parsed(float, rec["ts"], f"ts {rec['ts']!r} is not a number")
+        if not math.isfinite(ts) or ts < 0:
+            raise ValueError(f"ts {rec['ts']!r} is not a time in seconds from the start")
+        op = rec["op"].strip().lower()
+        if op not in ("read", "write"):
+            raise ValueError(f"op {rec['op']!r} is neither read nor write")
+        r = Row(ts, op == "write", _path(rec["path"]), _size(rec["size"].strip()), line)
+        for col, attr in CSV_OPTIONAL.items():
+            if col in rec:
+                setattr(r, attr, _label(col, rec[col]))
+        return r
+
+    return _items(((reader.line_num, row) for row in reader), row_of)
 
 
-def parse_audit(f: IO[str]) -> Iterator[Row | Bad | str]:
+def _audit_row(text: str, line: int) -> Row | str | None:
     """Absolute times (UTC); Row.t is seconds since the epoch here, rebased by `load`."""
-    for line, text in enumerate(f, 1):
-        if not text.strip():
-            continue
-        try:
-            rec = json.loads(text)
-            if not isinstance(rec, dict):
-                raise ValueError("not a JSON object")
-        except ValueError as e:
-            yield Bad(line, f"not an audit record: {e}")
-            continue
-        op = rec.get("op")
-        if op not in ("store", "retrieve"):
-            yield f"audit {op}"
-            continue
-        if rec.get("result") != "ok":
-            yield f"audit {op} not ok"
-            continue
-        try:
-            stamp = rec.get("time")
-            if not isinstance(stamp, str):
-                raise ValueError(f"time {stamp!r} is missing")
-            try:
-                when = dt.datetime.fromisoformat(stamp.replace("Z", "+00:00"))
-            except ValueError:
-                raise ValueError(f"time {stamp!r} is not an ISO time") from None
-            if when.tzinfo is None:
-                when = when.replace(tzinfo=dt.timezone.utc)
-            if "bytes" not in rec:
-                raise ValueError("no byte count")
-            r = Row(when.timestamp(), op == "store", _path(str(rec.get("path", ""))), _size(rec["bytes"]), line,
-                    department=_label("user", str(rec.get("user", ""))))
-        except ValueError as e:
-            yield Bad(line, str(e))
-            continue
-        yield r
+    if not text.strip():
+        return None
+    try:
+        rec = json.loads(text)
+    except ValueError as e:
+        raise ValueError(f"not an audit record: {e}") from None
+    if not isinstance(rec, dict):
+        raise ValueError("not an audit record: not a JSON object")
+    op = rec.get("op")
+    if op not in ("store", "retrieve"):
+        return f"audit {op}"
+    if rec.get("result") != "ok":
+        return f"audit {op} not ok"
+    stamp = rec.get("time")
+    if not isinstance(stamp, str):
+        raise ValueError(f"time {stamp!r} is missing")
+    when = _parsed(dt.datetime.fromisoformat, stamp.replace("Z", "+00:00"), f"time {stamp!r} is not an ISO time")
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=dt.timezone.utc)
+    if "bytes" not in rec:
+        raise ValueError("no byte count")
+    return Row(when.timestamp(), op == "store", _path(str(rec.get("path", ""))), _size(rec["bytes"]), line,
+               department=_label("user", str(rec.get("user", ""))))
 
 
-def parse_xferlog(f: IO[str]) -> Iterator[Row | Bad | str]:
+def _xferlog_row(text: str, line: int) -> Row | str | None:
     """`Mon Nov 30 21:12:14 2026 <secs> <host> <bytes> <file…> <type> <action> <i|o|d> <mode> <user> <service> <auth>
     <auth-user> <c|i>`: the file name (spaces and all) lies between 8 leading and 9 trailing fields; local times."""
-    for line, text in enumerate(f, 1):
-        tok = text.split()
-        if not tok:
-            continue
-        try:
-            if len(tok) < 18:
-                raise ValueError(f"{len(tok)} fields, an xferlog line has at least 18")
-            try:
-                when = dt.datetime.strptime(" ".join(tok[:5]), "%a %b %d %H:%M:%S %Y")
-            except ValueError:
-                raise ValueError(f"time {' '.join(tok[:5])!r} is not `Mon Nov 30 21:12:14 2026`") from None
-            try:
-                secs = int(tok[5])
-            except ValueError:
-                raise ValueError(f"transfer time {tok[5]!r} is not whole seconds") from None
-            direction, status, user = tok[-7], tok[-1], tok[-5]
-            if direction not in ("i", "o", "d"):
-                raise ValueError(f"direction {direction!r} is not i, o or d")
-            if status not in ("c", "i"):
-                raise ValueError(f"completion status {status!r} is not c or i")
-            size = _size(tok[7])
-            path = _path(" ".join(tok[8:-9]))
-        except ValueError as e:
-            yield Bad(line, str(e))
-            continue
-        if direction == "d":
-            yield "xferlog delete"
-            continue
-        if status == "i":
-            yield "xferlog incomplete transfer"
-            continue
-        t = when.replace(tzinfo=dt.timezone.utc).timestamp() - max(secs, 0)
-        yield Row(t, direction == "i", path, size, line, department=_label("user", user))
+    tok = text.split()
+    if not tok:
+        return None
+    if len(tok) < 18:
+        raise ValueError(f"{len(tok)} fields, an xferlog line has at least 18")
+    stamp = " ".join(tok[:5])
+    when = _parsed(lambda t: dt.datetime.strptime(t, "%a %b %d %H:%M:%S %Y"), stamp,
+                   f"time {stamp!r} is not `Mon Nov 30 21:12:14 2026`")
+    secs = _parsed(int, tok[5], f"transfer time {tok[5]!r} is not whole seconds")
+    direction, status, user = tok[-7], tok[-1], tok[-5]
+    if direction not in ("i", "o", "d"):
+        raise ValueError(f"direction {direction!r} is not i, o or d")
+    if status not in ("c", "i"):
+        raise ValueError(f"completion status {status!r} is not c or i")
+    size, path = _size(tok[7]), _path(" ".join(tok[8:-9]))
+    if direction == "d":
+        return "xferlog delete"
+    if status == "i":
+        return "xferlog incomplete transfer"
+    t = when.replace(tzinfo=dt.timezone.utc).timestamp() - max(secs, 0)
+    return Row(t, direction == "i", path, size, line, department=_label("user", user))
 
 
 PARSERS: dict[str, Callable[[IO[str]], Iterator[Row | Bad | str]]] = {
-    "csv": parse_csv, "audit": parse_audit, "xferlog": parse_xferlog}
+    "csv": parse_csv, "audit": lambda f: _items(enumerate(f, 1), _audit_row),
+    "xferlog": lambda f: _items(enumerate(f, 1), _xferlog_row)}
 
 
 def sniff(first_line: str) -> str:

@@ -119,14 +119,11 @@ def _fields(path: str | Path) -> Iterator[list[str]]:
             yield line.rstrip("\n").split("\t")
 
 
-def _records(path: str | Path) -> Iterator[Request]:
-    for t, op, p, size, patient, study, modality, dep in _fields(path):
-        yield Request(float(t), op, p, int(size), patient, study, modality, dep)
-
-
 def iter_requests(path: str | Path) -> Iterator[Request]:
     """Every request of a trace file as a record (for tests, small traces and conversions)."""
-    return (r for r in _records(path) if r.op != "S")
+    for t, op, p, size, patient, study, modality, dep in _fields(path):
+        if op != "S":
+            yield Request(float(t), op, p, int(size), patient, study, modality, dep)
 
 
 @dataclass

@@ -495,36 +495,3 @@ def archive_totals(g: Generator) -> tuple[int, int]:
     avg = sum(int(s.sizes.sum()) for s in g.studies) / max(1, sum(s.sizes.size for s in g.studies))
     total = daily * 365.25 * g.p.history_years
     return int(total), int(total / max(avg, 1))
-
-
-def expected_files_per_study(g: Generator) -> float:
-    """E[instances per study] under the modality mix."""
-    total = 0.0
-    for m, pm in zip(g.modalities, g.mod_p, strict=True):
-        s = SHAPES[m]
-        total += pm * (s.series[0] + s.series[1]) / 2 * max(1.0, s.images_median * np.exp(s.images_sigma**2 / 2))
-    return total
-
-
-def archive_listing(params: WorkloadParams, n_files: int) -> Iterator[tuple[str, int, float]]:
-    """(path, size, mtime) of an archive of about n_files before `start`, in path order, a study at a time."""
-    g = Generator(params)
-    per_study = expected_files_per_study(g)
-    dates = [g.start - dt.timedelta(days=1)]
-    while sum(g.studies_per_day(d.weekday()) for d in dates) * per_study < n_files:
-        dates.append(dates[-1] - dt.timedelta(days=1))
-    # the oldest day is partly filled: spread the remainder, so the count is about n_files
-    rate = n_files / (sum(g.studies_per_day(d.weekday()) for d in dates) * per_study)
-    rng, study = g.rng, 0
-    for m, pm in sorted(zip(g.modalities, g.mod_p, strict=True)):
-        shape = SHAPES[m]
-        for date in reversed(dates):
-            mtime = dt.datetime.combine(date, dt.time(12)).timestamp()
-            for _ in range(int(rng.poisson(g.studies_per_day(date.weekday()) * pm * rate))):
-                sizes, starts = draw_instances(rng, shape)
-                for se in range(len(starts) - 1):
-                    prefix = f"{m}/{date.isoformat()}/ST{study:08d}/SE{se + 1:03d}/"
-                    for k, size in enumerate(sizes[starts[se]:starts[se + 1]].tolist()):
-                        yield f"{prefix}{k + 1:05d}.dcm", size, mtime
-                study += 1
-

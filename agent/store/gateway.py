@@ -651,13 +651,6 @@ class Gateway:
         log.info("remote_listed", path=path, files=len(listing.objects), dirs=len(listing.dirs),
                  unsized=len(listing.unsized), seconds=round(time.monotonic() - t0, 4))
 
-    async def _listing_incomplete(self, path: str) -> bool:
-        """Whether the directory above `path` was never listed: a missing name is unknown (451, not 550)."""
-        chain = ancestors(path)
-        known = await self.db.get_many(chain)
-        d = next((known[a] for a in reversed(chain) if a in known), None)
-        return d is not None and d.is_dir and not d.listed
-
     async def _remote_dir_live(self, path: str) -> bool:
         """Whether the remote directory `path` holds an object that is not a pending delete here."""
         if not await self.db.tombstones_under(path):
@@ -674,7 +667,7 @@ class Gateway:
     async def mkdir(self, path: str, who: Who | None = None) -> None:
         async with self.audit.op(who, "mkdir", path):
             self._may_change(who, "write", path)
-            check_creatable(path, path)
+            check_creatable(path)
             await self._ensure_listed(parent_of(path), missing_ok=True)
             await self.db.mkdir(path)
         log.info("mkdir", path=path)
@@ -739,7 +732,7 @@ class Gateway:
         self._not_the_agents(who, dst)
         self._fits(dst)
         self._movable(dst)
-        check_creatable(dst, dst)
+        check_creatable(dst)
         if self.marks.busy(dst):  # its commit would replace what is renamed there
             raise PermissionDenied(dst, "the target is being written by another upload; try again later")
 
@@ -794,7 +787,7 @@ class Gateway:
             if existing is not None and existing.is_dir:
                 raise IsADirectory(path)
             if existing is None:
-                check_creatable(path, path)  # a new name: Windows (SMB) clients must be able to use it
+                check_creatable(path)  # a new name: Windows (SMB) clients must be able to use it
             elif offset > existing.size:
                 raise BadOffset(path, f"offset {offset} is beyond the end of the file ({existing.size} bytes)")
             if existing is not None:
@@ -987,8 +980,11 @@ class Gateway:
     async def _file(self, path: str) -> Entry:
         try:
             e = await self.stat(path)
-        except NotFound:
-            if await self._listing_incomplete(path):
+        except NotFound:  # in a directory never listed (the line is down), a missing name is unknown: 451, not 550
+            chain = ancestors(path)
+            known = await self.db.get_many(chain)
+            above = next((known[a] for a in reversed(chain) if a in known), None)
+            if above is not None and above.is_dir and not above.listed:
                 raise Unavailable(path, "object storage cannot list its directory now; the file may be there") \
                     from None
             raise

@@ -52,11 +52,11 @@ def creatable_problem(name: str) -> str | None:
     return None
 
 
-def check_creatable(path: str, original: str) -> None:
+def check_creatable(path: str) -> None:
     """Refuse creating `path` (or its missing parents) where a name could not be used by Windows clients."""
     for part in path.split("/"):
         if part and (problem := creatable_problem(part)):
-            raise BadPath(original, problem)
+            raise BadPath(path, problem)
 
 
 def check_name(name: str, original: str) -> None:

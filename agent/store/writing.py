@@ -128,12 +128,8 @@ class ReadPins(_Marks):
         super().__init__(lock_file)
         self._evicting_fd = _open(lock_file)
 
-    def pin(self, path: str) -> bool:
-        """Pin path's copy → False while an eviction of it is under way (it is about to be gone)."""
-        return self._take(path)
-
-    def unpin(self, path: str) -> None:
-        self._drop(path)
+    pin = _Marks._take  # pin path's copy → False while an eviction of it is under way (it is about to be gone)
+    unpin = _Marks._drop
 
     @contextlib.contextmanager
     def evicting(self, path: str) -> Iterator[bool]:

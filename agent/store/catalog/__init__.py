@@ -38,18 +38,13 @@ class Catalog(Namespace, RemoteSync, Uploads, Heat, Studies):
     """The catalog file at a path (created on first use), every concern's methods on one connection."""
 
 
-def _offload(method: Callable[Concatenate[Catalog, P], R], grouped: bool = False
+def _offload(method: Callable[Concatenate[Catalog, P], R]
              ) -> Callable[Concatenate[AsyncCatalog, P], Coroutine[Any, Any, R]]:
-    """`await db.totals()` runs `Catalog.totals()` on the catalog's thread, typed; it runs even if cancelled.
-    grouped: a durable write sharing the next group commit (CatalogBase.group) with others."""
+    """`await db.totals()` runs `Catalog.totals()` on the catalog's thread, typed; it runs even if cancelled."""
     async def call(self: AsyncCatalog, /, *args: P.args, **kwargs: P.kwargs) -> R:
         loop = asyncio.get_running_loop()
         done: asyncio.Future[R] = loop.create_future()
-        run = functools.partial(method, self.catalog, *args, **kwargs)
-        if grouped:
-            self.join_group(run, done, loop)
-        else:
-            self._calls.put((run, done, loop))
+        self._calls.put((functools.partial(method, self.catalog, *args, **kwargs), done, loop))
         return await outcome(done)
     return call
 
@@ -177,8 +172,7 @@ class AsyncCatalog:
     files_after = _offload(Catalog.files_after)
     mkdir = _offload(Catalog.mkdir)
     rmdir = _offload(Catalog.rmdir)
-    commit_write = _offload(Catalog.commit_write, grouped=True)  # one per stored file: the ack waits for it
-    queue_commit_write = _queued(Catalog.commit_write)  # the same, queued by the thread that sealed the file
+    queue_commit_write = _queued(Catalog.commit_write)  # one per stored file, queued by the thread that sealed it
     rename = _offload(Catalog.rename)
     delete = _offload(Catalog.delete)
     # the bucket's view

@@ -18,9 +18,6 @@ class Namespace(CatalogBase):
     def children(self, path: str) -> list[Entry]:
         return self._entries(f"SELECT {COLUMNS} FROM entries WHERE parent = ? AND path != '' ORDER BY name", (path,))
 
-    def has_children(self, path: str) -> bool:
-        return self._exists("SELECT 1 FROM entries WHERE parent = ? AND path != '' LIMIT 1", (path,))
-
     def count_files_under(self, path: str) -> int:
         return int(self.db.execute("SELECT COUNT(*) FROM entries WHERE path > ? AND path < ? AND is_dir = 0",
                                    (path + "/", path + "0")).fetchone()[0])
@@ -63,7 +60,7 @@ class Namespace(CatalogBase):
                 raise NotFound(path)
             if not e.is_dir:
                 raise NotADirectory(path)
-            if self.has_children(path):
+            if self._exists("SELECT 1 FROM entries WHERE parent = ? AND path != '' LIMIT 1", (path,)):
                 raise NotEmpty(path)
             self.db.execute("DELETE FROM entries WHERE path = ?", (path,))
 

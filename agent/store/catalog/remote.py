@@ -1,16 +1,15 @@
-"""The namespace as the bucket says it is: a remote listing merged in, an S3 inventory imported, and the HA
+"""The namespace as the bucket says it is: a remote listing merged in, and the HA
 standby following the active box's namespace (agent/ha.py)."""
 
 from __future__ import annotations
 
-import itertools
 import time
 from typing import Iterable
 
 from agent.records import RemoteObject
 from agent.store.catalog.base import CatalogBase
 from agent.store.errors import NotADirectory
-from agent.store.paths import ancestors, name_of, parent_of
+from agent.store.paths import name_of, parent_of
 
 
 class RemoteSync(CatalogBase):
@@ -54,23 +53,6 @@ class RemoteSync(CatalogBase):
         return self._write("UPDATE entries SET size = ? WHERE path = ? AND gen = ? AND size = ? AND state = 'clean' "
                            "AND blob IS NULL", (size, path, gen, listed), durable=False) == 1
 
-    def import_inventory(self, files: Iterable[tuple[str, int, float]], batch: int = 200_000) -> int:
-        """Record a complete S3 inventory (path order) as clean, uncached files, keeping rows → files added."""
-        added, rows = 0, iter(files)
-        while chunk := list(itertools.islice(rows, batch)):
-            dirs = {d for p in {parent_of(f[0]) for f in chunk} for d in ancestors(p + "/x")[1:]}
-            with self._tx(durable=False):
-                self.db.executemany(
-                    "INSERT OR IGNORE INTO entries (path, parent, name, is_dir, mtime, listed) "
-                    "VALUES (?, ?, ?, 1, ?, 1)",
-                    ((d, parent_of(d), name_of(d), chunk[0][2]) for d in sorted(dirs)))
-                self.db.execute("UPDATE entries SET listed = 1 WHERE path = ''")
-                added += self.db.executemany(
-                    "INSERT OR IGNORE INTO entries (path, parent, name, is_dir, size, mtime, state, gen) "
-                    "VALUES (?, ?, ?, 0, ?, ?, 'clean', 1)",
-                    ((p, parent_of(p), name_of(p), size, mtime) for p, size, mtime in chunk)).rowcount
-        return added
-
     def unlist_all(self) -> None:
         """Every directory is listed again on its next use (a take-over: the old active may have written since)."""
         self._write("UPDATE entries SET listed = 0 WHERE is_dir = 1", durable=False)
@@ -112,7 +94,7 @@ class RemoteSync(CatalogBase):
                     stale += [e.blob] if e.blob else []
                     changed += 1
                 elif not e.is_dir and e.state == "clean" and e.etag is None and etag and e.size == size:
-                    # e.g. a row from an S3 inventory: the ETag its next conditional overwrite needs
+                    # e.g. a row listed by a store that gave no ETag: the one its next conditional overwrite needs
                     self.db.execute("UPDATE entries SET etag = ? WHERE path = ?", (etag, path))
         return added, changed, stale
 
