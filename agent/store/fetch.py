@@ -9,20 +9,13 @@ import asyncio
 import contextlib
 import hashlib
 import os
-from typing import Any, Awaitable, Callable
+from typing import Awaitable, Callable
 
 from agent.records import Entry
 from agent.store.cache import Cache, fast_hash
 from agent.store.errors import Corrupt
 from agent.uplink.encoding import Undecodable
 from agent.uplink.s3 import S3Uplink
-
-
-def _land(fd: int, hashes: tuple[Any, ...], data: bytes, offset: int) -> None:
-    """Write one chunk at offset and add it to the running hashes. Blocking: one thread hop does all."""
-    os.pwrite(fd, data, offset)
-    for h in hashes:
-        h.update(data)
 
 
 async def download(s3: S3Uplink, cache: Cache, e: Entry, blob: str, fd: int,
@@ -46,7 +39,9 @@ async def download(s3: S3Uplink, cache: Cache, e: Entry, blob: str, fd: int,
         async with s3.get(e.object_key, on_start, e.sha256) as (_, meta_sha, chunks):
             async for data in chunks:
                 async with lock or contextlib.nullcontext():
-                    await asyncio.to_thread(_land, fd, (h, fast), data, written)
+                    os.pwrite(fd, data, written)
+                    h.update(data)
+                    fast.update(data)
                     written += len(data)
                     if on_data is not None:
                         await on_data(written)
@@ -58,5 +53,5 @@ async def download(s3: S3Uplink, cache: Cache, e: Entry, blob: str, fd: int,
                               f"expected {e.size} bytes sha256 {expected}")
     if on_verified is not None:
         await on_verified()
-    await asyncio.to_thread(cache.commit, blob, fd, fast.hexdigest(), durable=False)
+    cache.commit(blob, fd, fast.hexdigest(), durable=False)
     return h.hexdigest()
