@@ -16,12 +16,15 @@ from harness import BUCKET, PASSWORD
 
 LOCKED_BUCKET = "pacs-worm"  # created with S3 Object Lock (and so versioning), for the WORM tests
 
-# The modules whose tests use the appliance (tests/ansible/conftest.py's session fixtures: minutes to build). Under
-# `make test`'s pytest-xdist workers they are one unit of work, run in their order on one worker: a session fixture
-# is built once per worker that asks for it. Every other module is a unit of its own (module fixtures made once,
-# its tests in order, as serially).
-APPLIANCE_MODULES = frozenset(f"tests/ansible/{name}.py" for name in (
-    "test_ansible_fleet", "test_ansible_site", "test_first_start", "test_image_boot"))
+# The modules whose tests use the appliance (tests/ansible/conftest.py's `appliance`: minutes to build). It is built
+# once per run, by the first worker to want it, and shared through a file lock (a worker that wants it meanwhile
+# waits). Under `make test`'s pytest-xdist workers each module is a unit of work of its own (module fixtures made
+# once, its tests in order, as serially). APPLIANCE_FIRST is handed out first: its worker builds the appliance while
+# the other runs the rest of the suite. APPLIANCE_LATER are handed out, longest first, as soon as the build is there
+# (to whichever worker is free: the qemu boots overlap the fleet), and only when nothing else is left before that.
+APPLIANCE_FIRST = "tests/ansible/test_ansible_fleet.py"
+APPLIANCE_LATER = tuple(f"tests/ansible/{name}.py" for name in ("test_image_boot", "test_ansible_site",
+                                                                 "test_first_start"))
 APPLIANCE_FIXTURES = {"appliance", "base_release"}
 
 
@@ -30,23 +33,66 @@ def _module(nodeid: str) -> str:
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """A new module of appliance tests must join APPLIANCE_MODULES (or xdist would build the appliance twice)."""
+    """A new module of appliance tests must join APPLIANCE_LATER (or a worker could be handed it long before the
+    appliance is built, and wait for it instead of running other tests)."""
     for item in items:
         uses = APPLIANCE_FIXTURES.intersection(getattr(item, "fixturenames", ()))
-        if uses and _module(item.nodeid) not in APPLIANCE_MODULES:
-            raise pytest.UsageError(f"{item.nodeid} uses the appliance: add its module to APPLIANCE_MODULES")
+        if uses and _module(item.nodeid) not in (APPLIANCE_FIRST, *APPLIANCE_LATER):
+            raise pytest.UsageError(f"{item.nodeid} uses the appliance: add its module to APPLIANCE_LATER")
+
+
+def _run_tmp(config: pytest.Config) -> Path:
+    """A directory every process of this run sees: pytest's base temporary directory (under pytest-xdist the
+    controller's, whose popen-gwN sub-directories are the workers' own)."""
+    base = config._tmp_path_factory.getbasetemp()
+    return base.parent if hasattr(config, "workerinput") else base
+
+
+def _appliance_built(config: pytest.Config) -> Path:
+    """The marker of the run's appliance build; the build is in its directory."""
+    return _run_tmp(config) / "appliance" / "built"
+
+
+def _drop_appliance_disks(config: pytest.Config) -> None:
+    """The appliance's disk images: 2.5 GB, not for pytest's retained temporary directories (the tree, under 1 GB,
+    goes with pytest's own cleanup of old runs: deleting it here costs a minute)."""
+    for name in ("pacsgw.raw", "pacsgw.qcow2"):
+        (_appliance_built(config).parent / name).unlink(missing_ok=True)
+
+
+@pytest.fixture(scope="session")
+def appliance_built(request) -> Path:
+    yield _appliance_built(request.config)
+    if not hasattr(request.config, "workerinput"):   # a serial run: no other process uses the disks
+        _drop_appliance_disks(request.config)
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """Under pytest-xdist the controller, which ends after every worker, deletes the appliance's disks."""
+    if session.config.getoption("dist", "no") != "no" and not hasattr(session.config, "workerinput"):
+        _drop_appliance_disks(session.config)
 
 
 @pytest.hookimpl(optionalhook=True)
 def pytest_xdist_make_scheduler(config, log):
-    """pytest-xdist's scheduling by module, with the appliance's modules as one unit. (Not its xdist_group marks:
-    with pytest 9.2 pytest-xdist 3.8 cannot add the group to the test ids, and every test was a unit of its own.)"""
+    """pytest-xdist's scheduling by module, in the appliance modules' order (APPLIANCE_FIRST, APPLIANCE_LATER).
+    (Not its xdist_group marks: with pytest 9.2 pytest-xdist 3.8 cannot add the group to the test ids, and every
+    test was a unit of its own.)"""
     from xdist.scheduler import LoadScopeScheduling
 
     class ByModule(LoadScopeScheduling):
         def _split_scope(self, nodeid: str) -> str:
-            module = _module(nodeid)
-            return "appliance" if module in APPLIANCE_MODULES else module
+            return _module(nodeid)
+
+        def _assign_work_unit(self, node) -> None:
+            queue, built = self.workqueue, _appliance_built(self.config).exists()
+            for scope in reversed(APPLIANCE_LATER) if built else APPLIANCE_LATER:
+                if scope in queue:
+                    queue.move_to_end(scope, last=not built)
+            if APPLIANCE_FIRST in queue:
+                queue.move_to_end(APPLIANCE_FIRST, last=False)
+            super()._assign_work_unit(node)
 
     return ByModule(config, log)
 

@@ -1,7 +1,8 @@
-"""Fixtures for the Ansible / image / fleet tests: one appliance tree per test session, shared."""
+"""Fixtures for the Ansible / image / fleet tests: one appliance tree per test run, shared by its workers."""
 
 from __future__ import annotations
 
+import fcntl
 import os
 from pathlib import Path
 
@@ -19,22 +20,32 @@ def base_release(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def appliance(tmp_path_factory, request) -> Path:
-    """The appliance built by image/build.sh: mmdebstrap + site.yml over chroot + kernel + disk.
+def appliance(appliance_built: Path, request) -> Path:
+    """The appliance built by image/build.sh: mmdebstrap + site.yml over chroot + kernel + disk. Once per run: the
+    first worker to want it builds it, under a file lock that a worker wanting it meanwhile waits on
+    (tests/conftest.py schedules the appliance modules; the run's last process deletes the disks).
 
     PACSGW_TEST_IMAGE_DIR (development only, never set in CI) points at an existing build to reuse.
     """
     reuse = os.environ.get("PACSGW_TEST_IMAGE_DIR")
     if reuse:
-        yield Path(reuse)
-        return
-    out = tmp_path_factory.mktemp("image")
-    yield build_appliance(out, request.getfixturevalue("base_release"), kernel=True, rootfs_only=False,
-                          compress=False)
-    # The disk images are 2.5 GB: do not leave them in pytest's retained temporary directories (the
-    # tree, under 1 GB, goes with pytest's own cleanup of old runs: deleting it here costs a minute).
-    for name in ("pacsgw.raw", "pacsgw.qcow2"):
-        (out / name).unlink(missing_ok=True)
+        return Path(reuse)
+    out = appliance_built.parent
+    failed = out.parent / "appliance.failed"
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out.parent / "appliance.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if failed.exists():   # the same build again would fail the same way, only later
+            pytest.fail(f"the appliance build failed in another worker:\n{failed.read_text()}")
+        if not appliance_built.exists():
+            try:
+                build_appliance(out, request.getfixturevalue("base_release"), kernel=True, rootfs_only=False,
+                                compress=False)
+            except BaseException as e:
+                failed.write_text(str(e)[-8000:])
+                raise
+            appliance_built.touch()
+    return out
 
 
 @pytest.hookimpl(wrapper=True)
