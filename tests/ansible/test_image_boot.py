@@ -28,6 +28,7 @@ from functools import partial
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from types import SimpleNamespace
+from typing import NoReturn
 
 import pytest
 from clients import SftpClient
@@ -179,17 +180,23 @@ password = "{PACS_PASSWORD}"
         size = self.console.stat().st_size if self.console.exists() else 0
         if before is None or size != before[0]:
             return size, None        # the console moves: no SSH (it costs the booting guest CPU)
-        p = self.ssh("systemctl is-system-running; systemctl list-jobs --no-legend --no-pager | wc -l; "
-                     "systemctl show -p ActiveState -p SubState -p NRestarts -p CPUUsageNSec --value pacsgw",
-                     timeout=60, check=False)
-        return size, (p.stdout if p.returncode == 0 else None)
+        return size, self._ask("systemctl is-system-running; systemctl list-jobs --no-legend --no-pager | wc -l; "
+                               "systemctl show -p ActiveState -p SubState -p NRestarts -p CPUUsageNSec --value pacsgw")
 
-    def _fail_boot(self, why: str) -> None:
-        units = self.ssh("systemctl --failed --no-pager; systemctl status --no-pager pacsgw; sudo journalctl -b "
-                         "--no-pager -o short-monotonic -u pacsgw -u pacsgw-firstboot -u systemd-repart "
-                         "-u var-lib-pacsgw-cache.mount | tail -60", timeout=60, check=False)
-        pytest.fail(f"boot {self.boots}: {why}; the box's units:\n{units.stdout[-6000:]}\nconsole:\n"
+    def _fail_boot(self, why: str) -> NoReturn:
+        units = self._ask("systemctl --failed --no-pager; systemctl status --no-pager pacsgw; sudo journalctl -b "
+                          "--no-pager -o short-monotonic -u pacsgw -u pacsgw-firstboot -u systemd-repart "
+                          "-u var-lib-pacsgw-cache.mount | tail -60")
+        pytest.fail(f"boot {self.boots}: {why}; the box's units:\n{units}\nconsole:\n"
                     + self.console.read_text(errors="replace")[-4000:])
+
+    def _ask(self, command: str) -> str | None:
+        """`command`'s output over SSH, None while the box does not answer (a booting box may not, or slowly)."""
+        try:
+            p = self.ssh(command, timeout=90, check=False)
+        except subprocess.TimeoutExpired:
+            return None
+        return p.stdout if p.returncode == 0 else None
 
     def healthz(self) -> dict:
         try:
