@@ -52,9 +52,8 @@ run: $(VENV)/.run
 	  $(BIN)/pacsgw run --config $(RUNDIR)/agent.toml
 
 # Everything CI runs. Needs root: installs the Debian packages it needs (.ci/apt-needs test) first.
-# Two pytest-xdist workers, a module at a time. The appliance is built once, by the worker that starts the fleet tests,
-# and shared; the image boots under qemu and the other appliance modules go to whichever worker is free once it is
-# built, beside the fleet (tests/conftest.py schedules them).
+# Two pytest-xdist workers: the tests that build and boot the appliance run in order on one (tests/conftest.py
+# schedules them as one unit), the rest beside them, a module at a time.
 # Serially: make test PYTEST_WORKERS=
 PYTEST_WORKERS ?= -n 2
 test:

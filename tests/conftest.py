@@ -16,15 +16,13 @@ from harness import BUCKET, PASSWORD
 
 LOCKED_BUCKET = "pacs-worm"  # created with S3 Object Lock (and so versioning), for the WORM tests
 
-# The modules whose tests use the appliance (tests/ansible/conftest.py's `appliance`: minutes to build). It is built
-# once per run, by the first worker to want it, and shared through a file lock (a worker that wants it meanwhile
-# waits). Under `make test`'s pytest-xdist workers each module is a unit of work of its own (module fixtures made
-# once, its tests in order, as serially). APPLIANCE_FIRST is handed out first: its worker builds the appliance while
-# the other runs the rest of the suite. APPLIANCE_LATER are handed out, longest first, as soon as the build is there
-# (to whichever worker is free: the qemu boots overlap the fleet), and only when nothing else is left before that.
-APPLIANCE_FIRST = "tests/ansible/test_ansible_fleet.py"
-APPLIANCE_LATER = tuple(f"tests/ansible/{name}.py" for name in ("test_image_boot", "test_ansible_site",
-                                                                 "test_first_start"))
+# The modules whose tests use the appliance (tests/ansible/conftest.py's `appliance`: minutes to build). Under
+# `make test`'s pytest-xdist workers they are one unit of work, run in their order on one worker, while the other runs
+# the rest of the suite (every other module a unit of its own: module fixtures made once, its tests in order). The
+# build is shared through a file lock all the same. Not overlapped: with the qemu boots (TCG, two threads) beside the
+# fleet's containers on the other worker, a quiet run took ~55 minutes against 23-25 in series.
+APPLIANCE_MODULES = frozenset(f"tests/ansible/{name}.py" for name in (
+    "test_ansible_fleet", "test_ansible_site", "test_first_start", "test_image_boot"))
 APPLIANCE_FIXTURES = {"appliance", "base_release"}
 
 
@@ -33,12 +31,11 @@ def _module(nodeid: str) -> str:
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """A new module of appliance tests must join APPLIANCE_LATER (or a worker could be handed it long before the
-    appliance is built, and wait for it instead of running other tests)."""
+    """A new module of appliance tests must join APPLIANCE_MODULES (or a second worker would wait on the build)."""
     for item in items:
         uses = APPLIANCE_FIXTURES.intersection(getattr(item, "fixturenames", ()))
-        if uses and _module(item.nodeid) not in (APPLIANCE_FIRST, *APPLIANCE_LATER):
-            raise pytest.UsageError(f"{item.nodeid} uses the appliance: add its module to APPLIANCE_LATER")
+        if uses and _module(item.nodeid) not in APPLIANCE_MODULES:
+            raise pytest.UsageError(f"{item.nodeid} uses the appliance: add its module to APPLIANCE_MODULES")
 
 
 def _run_tmp(config: pytest.Config) -> Path:
@@ -76,23 +73,14 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
 
 @pytest.hookimpl(optionalhook=True)
 def pytest_xdist_make_scheduler(config, log):
-    """pytest-xdist's scheduling by module, in the appliance modules' order (APPLIANCE_FIRST, APPLIANCE_LATER).
-    (Not its xdist_group marks: with pytest 9.2 pytest-xdist 3.8 cannot add the group to the test ids, and every
-    test was a unit of its own.)"""
+    """pytest-xdist's scheduling by module, with the appliance's modules as one unit. (Not its xdist_group marks:
+    with pytest 9.2 pytest-xdist 3.8 cannot add the group to the test ids, and every test was a unit of its own.)"""
     from xdist.scheduler import LoadScopeScheduling
 
     class ByModule(LoadScopeScheduling):
         def _split_scope(self, nodeid: str) -> str:
-            return _module(nodeid)
-
-        def _assign_work_unit(self, node) -> None:
-            queue, built = self.workqueue, _appliance_built(self.config).exists()
-            for scope in reversed(APPLIANCE_LATER) if built else APPLIANCE_LATER:
-                if scope in queue:
-                    queue.move_to_end(scope, last=not built)
-            if APPLIANCE_FIRST in queue:
-                queue.move_to_end(APPLIANCE_FIRST, last=False)
-            super()._assign_work_unit(node)
+            module = _module(nodeid)
+            return "appliance" if module in APPLIANCE_MODULES else module
 
     return ByModule(config, log)
 
