@@ -44,11 +44,7 @@ class Plan:
 async def _birth_date(s3: S3Uplink, path: str, version: str | None, size: int, encoded: bool) -> str | None:
     """PatientBirthDate from the object's first bytes (decoded if compressed): metadata never holds it."""
     for n in (min(size, FIRST_READ), min(size, HEADER_MAX)):
-        args = {"VersionId": version} if version else {}
-        # a ranged read of a header, not the file: the uplink's GET path streams whole objects
-        resp = await s3._client.get_object(Bucket=s3.cfg.bucket, Key=s3.key(path), Range=f"bytes=0-{n - 1}", **args)
-        async with resp["Body"] as body:
-            head = await body.read()
+        head = await s3.first_bytes(path, n, version)
         if encoded:
             head = decode_head(head, HEADER_MAX)  # what parse reads at most, however far the frame goes
         h = parse(head, whole=n == size and not encoded)
@@ -117,17 +113,14 @@ async def apply(cfg: Config, changes: list[Change], audit: AuditLog, who: Who) -
     failed = []
     async with S3Uplink(cfg.uplink) as s3:
         for c in changes:
-            target = {"Bucket": cfg.uplink.bucket, "Key": s3.key(c.path), "ChecksumAlgorithm": "SHA256",
-                      **({"VersionId": c.version_id} if c.version_id else {})}
             detail = {"until_before": c.until_before.isoformat() if c.until_before else None,
                       "reason": c.reason, "version_id": c.version_id}
             try:
                 if c.until is not None:
-                    await s3._client.put_object_retention(Retention={"Mode": c.mode, "RetainUntilDate": c.until},
-                                                          **target)
+                    await s3.retain(c.path, c.mode, c.until, c.version_id)
                     audit.record(who, "retention-extend", c.path, until=c.until.isoformat(), mode=c.mode, **detail)
                 if c.legal_hold:
-                    await s3._client.put_object_legal_hold(LegalHold={"Status": "ON"}, **target)
+                    await s3.hold(c.path, c.version_id)
                     audit.record(who, "legal-hold", c.path, status="ON", **detail)
             except Exception as e:  # S3 refused (e.g. a mode it will not change): reported, the rest goes on
                 audit.record(who, "retention-extend", c.path, failure(e), **detail)

@@ -486,21 +486,32 @@ class S3Uplink:
         """Server-side copy (no traffic on the line), verified by the copy's recorded hash; condition as in
         put_file. src_etag: the source the caller's HEAD saw; S3 refuses (412) if src holds another one by now."""
         lock_args = {**lock.s3_args(), "ChecksumAlgorithm": "SHA256"} if lock else {}
-        target = {"Bucket": self.cfg.bucket, "Key": self.key(dst)}
+        target = self._version(dst, None)
         resp = await self._client.copy_object(
             **target, CopySource={"Bucket": self.cfg.bucket, "Key": self.key(src)}, MetadataDirective="COPY",
             **lock_args, **(condition or {}), **({"CopySourceIfMatch": src_etag} if src_etag else {}))
         if lock:  # set explicitly too: not every S3 server honours lock headers on CopyObject
-            version = {"VersionId": resp["VersionId"]} if resp.get("VersionId") else {}
-            at = {**target, "ChecksumAlgorithm": "SHA256", **version}
-            await self._client.put_object_retention(Retention={"Mode": lock.mode, "RetainUntilDate": lock.until}, **at)
+            await self.retain(dst, lock.mode, lock.until, resp.get("VersionId"))
             if lock.legal_hold:
-                await self._client.put_object_legal_hold(LegalHold={"Status": "ON"}, **at)
+                await self.hold(dst, resp.get("VersionId"))
         head = await self._client.head_object(**target)
         remote_sha = meta_sha(head.get("Metadata"))
         if sha256 and remote_sha and remote_sha != sha256:
             raise ChecksumMismatch(f"{dst}: copied object's sha256 {remote_sha} != {sha256}")
         return PutResult(resp.get("CopyObjectResult", {}).get("ETag"), resp.get("VersionId"))
+
+    def _version(self, path: str, version: str | None) -> dict[str, str]:
+        return {"Bucket": self.cfg.bucket, "Key": self.key(path), **({"VersionId": version} if version else {})}
+
+    async def retain(self, path: str, mode: str, until: datetime, version: str | None) -> None:
+        """Object Lock retention of this version of path until then."""
+        await self._client.put_object_retention(Retention={"Mode": mode, "RetainUntilDate": until},
+                                                ChecksumAlgorithm="SHA256", **self._version(path, version))
+
+    async def hold(self, path: str, version: str | None) -> None:
+        """A legal hold on this version of path."""
+        await self._client.put_object_legal_hold(LegalHold={"Status": "ON"}, ChecksumAlgorithm="SHA256",
+                                                 **self._version(path, version))
 
     async def delete(self, path: str) -> bool:
         """→ whether the client sent it twice (it retries): an unanswered attempt may land after a new object."""
@@ -555,6 +566,12 @@ class S3Uplink:
             if encoding_of(_object_head(resp.headers)["Metadata"]) is not None:
                 raise NotRangeable(f"{path}: compressed object, read whole")
             return b"".join([data async for data in self._blocks(resp)])
+
+    async def first_bytes(self, path: str, n: int, version: str | None) -> bytes:
+        """The first n bytes this version of path holds, as stored (not decoded): a header's read, not the file's."""
+        resp = await self._client.get_object(Range=f"bytes=0-{n - 1}", **self._version(path, version))
+        async with resp["Body"] as body:
+            return bytes(await body.read())
 
     async def head(self, path: str) -> dict[str, Any] | None:
         """The object's HeadObject answer as the client parses it; None when there is none."""
