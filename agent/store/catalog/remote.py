@@ -24,18 +24,17 @@ class RemoteSync(CatalogBase):
             gone = {r[0][len(prefix):] for r in self.db.execute(
                 "SELECT key FROM deleted WHERE at >= ? AND substr(key, 1, ?) = ?", (begun, len(prefix), prefix))}
             self._ensure_dirs(prefix + "x", now)
-            for d in set(dirs) - {g.split("/", 1)[0] for g in gone}:
-                self.db.execute(
-                    "INSERT OR IGNORE INTO entries (path, parent, name, is_dir, mtime) VALUES (?, ?, ?, 1, ?)",
-                    (prefix + d, path, d, now))
-            for o in (o for o in objects if o.name not in gone):  # an object whose key waits for deletion was
-                # deleted (or renamed) here, and one under a key in doubt that no file has is a write the agent gave
-                # up on (Uploads.recheck deletes it)
-                self.db.execute(
-                    "INSERT OR IGNORE INTO entries (path, parent, name, is_dir, size, mtime, state, etag, gen) "
-                    "SELECT ?, ?, ?, 0, ?, ?, 'clean', ?, 1 WHERE NOT EXISTS (SELECT 1 FROM tombstones WHERE key = ?) "
-                    "AND NOT EXISTS (SELECT 1 FROM doubts WHERE key = ?)",
-                    (prefix + o.name, path, o.name, o.size, o.mtime, o.etag, prefix + o.name, prefix + o.name))
+            self.db.executemany(
+                "INSERT OR IGNORE INTO entries (path, parent, name, is_dir, mtime) VALUES (?, ?, ?, 1, ?)",
+                ((prefix + d, path, d, now) for d in set(dirs) - {g.split("/", 1)[0] for g in gone}))
+            # an object whose key waits for deletion was deleted (or renamed) here, and one under a key in doubt
+            # that no file has is a write the agent gave up on (Uploads.recheck deletes it)
+            self.db.executemany(
+                "INSERT OR IGNORE INTO entries (path, parent, name, is_dir, size, mtime, state, etag, gen) "
+                "SELECT ?, ?, ?, 0, ?, ?, 'clean', ?, 1 WHERE NOT EXISTS (SELECT 1 FROM tombstones WHERE key = ?) "
+                "AND NOT EXISTS (SELECT 1 FROM doubts WHERE key = ?)",
+                ((prefix + o.name, path, o.name, o.size, o.mtime, o.etag, prefix + o.name, prefix + o.name)
+                 for o in objects if o.name not in gone))
             if complete and not gone:
                 self.db.execute("UPDATE entries SET listed = 1 WHERE path = ?", (path,))
 
