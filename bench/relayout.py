@@ -13,6 +13,8 @@ Layouts (what `import-trace`'s default `--study-depth 3`, the agent's, then take
 - `flat`:   <sop uid>.dcm                    (one directory; study = the file)
 - `patient`: <patient>/<sop uid>.dcm         (all of a patient's studies; study = the patient)
 - `nosedir`: <patient>/<study>/<sop uid>.dcm (no series level; study = the study)
+- `dayuid`: the `day` paths with a `study` column only (the StudyInstanceUID the agent parses from each file's
+  header, agent/dicom; no patient: no priors): what grouping by the DICOM study instead of the path would do
 """
 
 from __future__ import annotations
@@ -49,7 +51,9 @@ LAYOUTS: dict[str, Callable[[Fields], str]] = {
     "flat": lambda f: _sop(f[0]),
     "patient": lambda f: f"{f[1]}/{_sop(f[0])}",
     "nosedir": lambda f: f"{f[1]}/{f[2]}/{_sop(f[0])}",
+    "dayuid": _day,
 }
+EXTRA = {"baseline": LABELS, "dayuid": ["study"]}     # the label columns a layout keeps
 
 
 def relayout(src: Path, out: str, layouts: list[str]) -> list[Path]:
@@ -57,7 +61,7 @@ def relayout(src: Path, out: str, layouts: list[str]) -> list[Path]:
     with ExitStack() as stack, src.open() as f:
         writers = {name: csv.writer(stack.enter_context(p.open("w", newline=""))) for name, p in files.items()}
         for name, w in writers.items():
-            w.writerow(["ts", "op", "path", "size"] + (LABELS if name == "baseline" else []))
+            w.writerow(["ts", "op", "path", "size", *EXTRA.get(name, [])])
         for line in f:
             if line.startswith(MAGIC) or line.startswith("t\t"):
                 continue
@@ -66,9 +70,9 @@ def relayout(src: Path, out: str, layouts: list[str]) -> list[Path]:
                 continue
             fields = (path, patient, study, modality)
             verb = "write" if op == "W" else "read"
+            labels = dict(zip(LABELS, (patient, study, modality, dept), strict=True))
             for name, w in writers.items():
-                row = [t, verb, LAYOUTS[name](fields), size]
-                w.writerow(row + [patient, study, modality, dept] if name == "baseline" else row)
+                w.writerow([t, verb, LAYOUTS[name](fields), size, *(labels[c] for c in EXTRA.get(name, []))])
     return list(files.values())
 
 
