@@ -196,6 +196,9 @@ class CacheConfig:
                                         default=0.25)
     # What the files open for reading (all users) may hold, of the same: each keeps its space until closed
     max_open_for_reading: float = _f(_ratio, "a fraction 0..1 or a percentage such as '75%' of the cache", default=0.75)
+    # One user's part of it: one reader holding every file open would have the PACS's reads refused
+    max_open_for_reading_per_user: float = _f(_ratio, "a fraction 0..1 or a percentage such as '25%' of the cache",
+                                              default=0.25)
 
 
 @dataclass(frozen=True)

@@ -390,6 +390,7 @@ class ReadHandle:
         self._checking = asyncio.Lock()
         self._broken: Corrupt | None = None
         self.held = 0  # bytes counted against the files open for reading (Gateway.hold_open)
+        self.reader = ""  # the user they are counted for
 
     async def ready(self, pos: int) -> int:
         """Wait until bytes from pos may be served → how far; a file's end only once all of it was verified."""
@@ -464,7 +465,7 @@ class ReadHandle:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
-            self.gw.read_closed(self.entry.path, self.held)
+            self.gw.read_closed(self.entry.path, self.held, self.reader)
 
 
 @dataclass
@@ -496,6 +497,7 @@ class Gateway:
         self.marks = WriteMarks(cache.root / "writing.lock")  # the paths uploads write, in every serving process
         self._unfinished: dict[str, int] = {}  # user → the `counted` bytes of its files being written
         self._reading = 0  # bytes of the files this process's readers hold open (Gateway.hold_open)
+        self._reading_by: dict[str, int] = {}  # user → its part of _reading
         self._body_room = BODY_BUDGET
         self._writes_idle = asyncio.Event()
         self._writes_idle.set()
@@ -965,15 +967,15 @@ class Gateway:
             self._require(who, "read", path)
             while not self.evictor.pins.pin(path):
                 await asyncio.sleep(PIN_RETRY_S)  # it is being evicted: looked up after, it is not cached (fetched)
-            held = 0
+            held, user = 0, who.user if who is not None else ""
             try:
                 e = await self._file(path)
-                held = self.hold_open(e)
+                held = self.hold_open(e, user)
                 handle = await self._open_entry(e, protocol)
             except BaseException:
-                self.read_closed(path, held)
+                self.read_closed(path, held, user)
                 raise
-        handle.held = held
+        handle.held, handle.reader = held, user
         self.audit.record(who, "retrieve", path, "ok", handle.size, cached=handle.fill is None)
         return handle
 
@@ -992,24 +994,35 @@ class Gateway:
             raise IsADirectory(path)
         return e
 
-    def hold_open(self, e: Entry) -> int:
+    def hold_open(self, e: Entry, user: str) -> int:
         """A file opened for reading keeps its disk space until closed, even once evicted, deleted or replaced:
-        the files this process's readers hold are limited to cache.max_open_for_reading of the cache (one file at
-        least), or the PACS's stores would be refused for want of room. → the bytes counted."""
-        limit = self.reading_limit
-        if self._reading and self._reading + e.size > limit:
-            log.warning("open_for_reading_limit", path=e.path, bytes=self._reading + e.size, limit=limit)
-            raise Unavailable(e.path, f"files open for reading would hold {self._reading + e.size} bytes of the "
-                                      f"cache, over its {limit} (cache.max_open_for_reading): try again later")
+        the files this process's readers hold are limited to cache.max_open_for_reading of the cache, or the PACS's
+        stores would be refused for want of room; one user's to cache.max_open_for_reading_per_user of it, or one
+        reader would hold them all and the PACS's reads be refused (one file at least, each). → the bytes counted."""
+        mine = self._reading_by.get(user, 0)
+        for held, limit, whose, key in (
+                (mine, self.reading_user_limit, "this user's files", "max_open_for_reading_per_user"),
+                (self._reading, self.reading_limit, "files", "max_open_for_reading")):
+            if held and held + e.size > limit:
+                log.warning("open_for_reading_limit", user=user, path=e.path, bytes=held + e.size, limit=limit)
+                raise Unavailable(e.path, f"{whose} open for reading would hold {held + e.size} bytes of the "
+                                          f"cache, over its {limit} (cache.{key}): try again later")
         self._reading += e.size
+        self._reading_by[user] = mine + e.size
         return e.size
 
     @functools.cached_property
     def reading_limit(self) -> int:
         return self._share(self.cfg.cache.max_open_for_reading)
 
-    def read_closed(self, path: str, held: int) -> None:
+    @functools.cached_property
+    def reading_user_limit(self) -> int:
+        return self._share(self.cfg.cache.max_open_for_reading_per_user)
+
+    def read_closed(self, path: str, held: int, user: str) -> None:
         self._reading -= held
+        if left := self._reading_by.pop(user, 0) - held:
+            self._reading_by[user] = left
         self.evictor.pins.unpin(path)
 
     async def _open_entry(self, e: Entry, protocol: str) -> ReadHandle:

@@ -1,0 +1,43 @@
+"""Attacks on a running agent (round 27): hostile clients against real listeners (ftplib, asyncssh). Each test
+reproduces one attack that worked and checks it no longer does."""
+
+from __future__ import annotations
+
+import asyncio
+
+import asyncssh
+
+from faultkit import ftp_get, ftp_login, ftp_put, payload, sftp_session
+from harness import PASSWORD
+
+MiB = 1024 * 1024
+VIEWER = {"name": "viewer", "password": PASSWORD, "root": "/"}
+
+
+def test_one_reader_cannot_hold_every_file_open_for_reading(agent_factory):
+    """max_open_for_reading was one count for every user: a viewer's account opening files over SFTP and never
+    closing them held all of it (here 75 % of 10 MB), and every open of the PACS was refused (FTP 451) until the
+    viewer let go. One user now holds at most max_open_for_reading_per_user (25 %): the PACS still reads."""
+    agent = agent_factory(**{"cache.max_bytes": "10MB"},
+                          users=[{"name": "pacs", "password": PASSWORD, "root": "/"}, VIEWER]).start()
+    f = ftp_login(agent)
+    for i in range(8):
+        ftp_put(f, f"r/{i}.dcm", payload(i, MiB))
+
+    async def hoard() -> tuple[int, str]:
+        async with sftp_session(agent, user="viewer") as sftp:
+            held = []
+            try:
+                for i in range(7):
+                    held.append(await sftp.open(f"r/{i}.dcm", "rb"))
+            except asyncssh.SFTPFailure as e:
+                refused = str(e)
+            else:
+                refused = ""
+            data = await asyncio.to_thread(ftp_get, f, "r/7.dcm")  # before: 451 files open for reading …
+            assert data == payload(7, MiB)
+            return len(held), refused
+
+    held, refused = asyncio.run(hoard())
+    assert held == 2 and "this user's files open for reading" in refused
+    f.quit()
