@@ -23,6 +23,16 @@ SHIP_INTERVAL = 60.0
 _json = json.JSONEncoder(ensure_ascii=False).encode
 
 
+def _printable(line: str) -> str:
+    """A record's characters that are not printable (a client's C1 controls, line and paragraph separators, text
+    direction marks; JSON escapes only C0 controls) as JSON escapes, as the operational log writes them: a terminal
+    showed a failed login's user 'x' + U+202E reversed, and a line splitter cut the record at a U+2028 or U+0085 in
+    it. A name that was not UTF-8 (surrogate escapes) is so written as JSON escapes too, not lost."""
+    if line.isprintable():  # nearly every record: no per-character pass
+        return line
+    return "".join(c if c.isprintable() else json.dumps(c)[1:-1] for c in line)
+
+
 @dataclass(frozen=True)
 class Who:
     """The party behind a request: an authenticated user (or a login attempt) on one connection."""
@@ -65,8 +75,7 @@ class AuditLog:
         if nbytes is not None:
             entry["bytes"] = nbytes
         entry.update(detail)
-        # a name that was not UTF-8 (surrogate escapes) is written as JSON escapes, not lost
-        self._write((_json(entry) + "\n").encode("utf-8", "backslashreplace"))
+        self._write((_printable(_json(entry)) + "\n").encode("utf-8"))
 
     def _open(self) -> None:
         self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o640)

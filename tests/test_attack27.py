@@ -4,8 +4,11 @@ reproduces one attack that worked and checks it no longer does."""
 from __future__ import annotations
 
 import asyncio
+import ftplib
+import json
 
 import asyncssh
+import pytest
 
 from faultkit import ftp_get, ftp_login, ftp_put, payload, sftp_session
 from harness import PASSWORD
@@ -41,3 +44,22 @@ def test_one_reader_cannot_hold_every_file_open_for_reading(agent_factory):
     held, refused = asyncio.run(hoard())
     assert held == 2 and "this user's files open for reading" in refused
     f.quit()
+
+
+def test_a_login_name_cannot_split_or_reverse_an_audit_record(agent_factory):
+    """A failed FTP login's user name went into the audit trail as sent but for C0 controls: a line separator
+    (U+2028) or NEL (U+0085, a C1 control) cut the record in two for a reader splitting lines (Python's
+    splitlines, as these tests read the trail), and a U+202E showed the rest of the line reversed on a terminal.
+    They are written as JSON escapes now, as in the operational log; the record still says the name as sent."""
+    agent = agent_factory().start()
+    name = "x\u2028{}\x85y\u202e"
+    f = ftplib.FTP()
+    f.encoding = "utf-8"
+    f.connect("127.0.0.1", agent.ftp_port)
+    with pytest.raises(ftplib.error_perm, match="^530"):
+        f.login(name, "wrong")
+    f.close()
+    trail = (agent.workdir / "cache" / "audit" / "audit.jsonl").read_text()
+    records = [json.loads(line) for line in trail.splitlines()]  # before: JSONDecodeError at the cut
+    assert [r["user"] for r in records if r["op"] == "login"] == [name]
+    assert trail.isascii()
