@@ -233,6 +233,8 @@ class FtpConfig:
     tls_cert: str = _f(_str, "a PEM certificate (chain) file for FTPS (AUTH TLS), or ''", default="")
     tls_key: str = _f(_str, "the PEM private key file of tls_cert", default="")
     require_tls: bool = _flag(False, " (true: refuse plain-text logins and data)")
+    tls_session_reuse: bool = _flag(True, " (false: a PROT P data connection need not resume the control "
+                                          "connection's TLS session, for clients that cannot)")
     tls_close_notify: bool = _flag(True, " (false: an upload over TLS may end without the client's close_notify, "
                                    "for FTPS clients that never send it)")
     # --- session limits and passive mode (issue 19: passive-port theft and pool exhaustion) ---

@@ -14,7 +14,7 @@ import time
 
 import pytest
 from test_ftp import ftp
-from test_transport_security import make_ca_and_cert
+from test_transport_security import FtpsClient, make_ca_and_cert
 
 from agent.serve.ftp import MAX_COMMAND_LINE
 from agent.serve.http import IDLE_SECONDS, MAX_REQUESTS_PER_CONNECTION
@@ -35,7 +35,7 @@ def test_data_connections_of_replaced_passive_listeners_are_closed_at_once(agent
     session's end closes the last one."""
     ca, cert, key = make_ca_and_cert(tmp_path)
     agent = agent_factory(**{"ftp.tls_cert": str(cert), "ftp.tls_key": str(key)}).start()
-    f = ftplib.FTP_TLS(context=ssl.create_default_context(cafile=str(ca)), timeout=30)
+    f = FtpsClient(context=ssl.create_default_context(cafile=str(ca)), timeout=30)
     f.connect("127.0.0.1", agent.ftp_port)
     f.login("pacs", PASSWORD)
     f.prot_p()

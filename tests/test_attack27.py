@@ -5,10 +5,15 @@ from __future__ import annotations
 
 import asyncio
 import ftplib
+import io
 import json
+import socket
+import ssl
+import threading
 
 import asyncssh
 import pytest
+from test_transport_security import FtpsClient, make_ca_and_cert
 
 from faultkit import ftp_get, ftp_login, ftp_put, payload, sftp_session
 from harness import PASSWORD
@@ -63,3 +68,54 @@ def test_a_login_name_cannot_split_or_reverse_an_audit_record(agent_factory):
     records = [json.loads(line) for line in trail.splitlines()]  # before: JSONDecodeError at the cut
     assert [r["user"] for r in records if r["op"] == "login"] == [name]
     assert trail.isascii()
+
+
+def _take(port: int, client: ftplib.FTP_TLS, session: ssl.SSLSession | None, got: list[bytes]) -> None:
+    """Another client of the same address on a session's passive port first, with a TLS handshake of its own
+    (resuming `session`, one of its own), then reading what comes."""
+    data = b""
+    try:
+        with client.context.wrap_socket(socket.create_connection(("127.0.0.1", port), timeout=30),
+                                        server_hostname="127.0.0.1", session=session) as s:
+            while chunk := s.recv(65536):
+                data += chunk
+    except OSError:
+        pass
+    got.append(data)
+
+
+def test_another_client_of_the_address_cannot_take_a_protected_data_connection(agent_factory, tmp_path):
+    """PROT P data connections were checked only for their address: another client of it (a NAT's other modality,
+    another process of the PACS host) connecting to the session's passive port first, with a TLS handshake of its
+    own, was sent the RETR's file (a STOR would have stored its bytes under the session's user). A data connection
+    must now resume the control connection's TLS session, which only its client holds (vsftpd's
+    require_ssl_reuse): a fresh handshake, or one resuming a session of the thief's own control connection (AUTH
+    TLS needs no login), gets nothing and the transfer 425; the session's own client resumes and is served."""
+    ca, cert, key = make_ca_and_cert(tmp_path)
+    agent = agent_factory(**{"ftp.tls_cert": str(cert), "ftp.tls_key": str(key), "ftp.require_tls": True}).start()
+    f = FtpsClient(context=ssl.create_default_context(cafile=str(ca)), timeout=30)
+    f.connect("127.0.0.1", agent.ftp_port)
+    f.login("pacs", PASSWORD)
+    f.prot_p()
+    secret = b"patient" * 10_000
+    f.storbinary("STOR secret.dcm", io.BytesIO(secret))
+    thief = ftplib.FTP_TLS(context=ssl.create_default_context(cafile=str(ca)), timeout=30)
+    thief.connect("127.0.0.1", agent.ftp_port)
+    thief.auth()
+    thief.voidcmd("NOOP")  # its session's tickets are read
+    f.voidcmd("TYPE I")
+    for session in (None, thief.sock.session):
+        port = int(f.sendcmd("EPSV").split("|")[3])
+        got: list[bytes] = []
+        taking = threading.Thread(target=_take, args=(port, thief, session, got))
+        taking.start()
+        with pytest.raises(ftplib.error_temp, match="^425 .*resume"):
+            f.sendcmd("RETR secret.dcm")
+            f.voidresp()  # before: 226, the file sent to the thief
+        taking.join(30)
+        assert got == [b""]
+    buf = io.BytesIO()
+    f.retrbinary("RETR secret.dcm", buf.write)
+    assert buf.getvalue() == secret
+    f.quit()
+    thief.close()

@@ -18,7 +18,7 @@ import psutil
 import pytest
 from test_config import GOOD
 from test_ftp import ftp, get
-from test_transport_security import make_ca_and_cert
+from test_transport_security import FtpsClient, make_ca_and_cert
 
 from agent.config import ConfigError, load
 from agent.store.paths import creatable_problem, name_problem
@@ -162,7 +162,7 @@ def test_stranger_on_the_passive_port_never_gets_or_gives_data(agent_factory):
 def test_stranger_on_the_passive_port_with_tls_and_prot_p(agent_factory, tmp_path):
     ca, cert, key = make_ca_and_cert(tmp_path)
     agent = agent_factory(**{"ftp.tls_cert": str(cert), "ftp.tls_key": str(key), "ftp.require_tls": True}).start()
-    f = ftplib.FTP_TLS(context=ssl.create_default_context(cafile=str(ca)), timeout=30)
+    f = FtpsClient(context=ssl.create_default_context(cafile=str(ca)), timeout=30)
     f.connect("127.0.0.1", agent.ftp_port)
     f.login("pacs", PASSWORD)
     f.prot_p()
@@ -176,7 +176,7 @@ def test_stranger_on_the_passive_port_with_tls_and_prot_p(agent_factory, tmp_pat
         thief.wrap_socket(stranger(port)).recv(1)
     victim = socket.create_connection(("127.0.0.1", port), timeout=30)
     assert f.sendcmd("RETR secret.dcm").startswith("150")
-    assert recv_all(f.context.wrap_socket(victim, server_hostname="127.0.0.1")) == secret
+    assert recv_all(f.context.wrap_socket(victim, server_hostname="127.0.0.1", session=f.sock.session)) == secret
     assert f.voidresp().startswith("226")
     f.quit()
     assert agent.events("data_connection_refused")
@@ -628,7 +628,7 @@ def _ftps_store_ending_in_a_bare_fin(agent_factory, tmp_path, name: str, data: b
     close_notify (ssl.SSLSocket.shutdown; unwrap() would send it) → (the agent, the session awaiting the reply)."""
     ca, cert, key = make_ca_and_cert(tmp_path)
     agent = agent_factory(**{"ftp.tls_cert": str(cert), "ftp.tls_key": str(key), **settings}).start()
-    f = ftplib.FTP_TLS(context=ssl.create_default_context(cafile=str(ca)), timeout=30)
+    f = FtpsClient(context=ssl.create_default_context(cafile=str(ca)), timeout=30)
     f.connect("127.0.0.1", agent.ftp_port)
     f.login("pacs", PASSWORD)
     f.prot_p()

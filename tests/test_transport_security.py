@@ -30,6 +30,17 @@ from devstack import ObjectStore
 from harness import BUCKET, PASSWORD, s3_objects, sha256
 
 
+class FtpsClient(ftplib.FTP_TLS):
+    """ftplib's FTPS client resuming the control connection's TLS session on each PROT P data connection, as
+    FileZilla, WinSCP and curl do (the agent requires it: ftp.tls_session_reuse); ftplib's own shakes hands anew."""
+
+    def ntransfercmd(self, cmd, rest=None):
+        conn, size = ftplib.FTP.ntransfercmd(self, cmd, rest)
+        if self._prot_p:
+            conn = self.context.wrap_socket(conn, server_hostname=self.host, session=self.sock.session)
+        return conn, size
+
+
 def make_ca_and_cert(directory) -> tuple:
     """A test-only private CA and a server certificate for 127.0.0.1 signed by it."""
     now = datetime.datetime.now(datetime.timezone.utc)
@@ -104,7 +115,7 @@ def test_ftps_explicit_tls_and_plain_refused(agent_factory, tmp_path):
     ca, cert, key = make_ca_and_cert(tmp_path)
     agent = agent_factory(**{"ftp.tls_cert": str(cert), "ftp.tls_key": str(key), "ftp.require_tls": True}).start()
     ctx = ssl.create_default_context(cafile=str(ca))
-    f = ftplib.FTP_TLS(context=ctx, timeout=30)
+    f = FtpsClient(context=ctx, timeout=30)
     f.connect("127.0.0.1", agent.ftp_port)
     assert "AUTH TLS" in f.sendcmd("FEAT")
     f.login("pacs", PASSWORD)  # AUTH TLS first: the password never crosses in clear
@@ -137,7 +148,7 @@ def test_ftps_optional_tls_still_serves_plain(agent_factory, tmp_path):
     plain.login("pacs", PASSWORD)
     plain.storbinary("STOR clear.dcm", io.BytesIO(b"clear"))
     plain.quit()
-    f = ftplib.FTP_TLS(context=ssl.create_default_context(cafile=str(ca)), timeout=30)
+    f = FtpsClient(context=ssl.create_default_context(cafile=str(ca)), timeout=30)
     f.connect("127.0.0.1", agent.ftp_port)
     f.login("pacs", PASSWORD)
     f.prot_p()

@@ -226,10 +226,17 @@ class DataConnection:
             self._streams = asyncio.ensure_future(_streams(sock, tls))
             self._streams.add_done_callback(lambda f: f.cancelled() or f.exception())  # seen, if never awaited
 
-    async def handshake(self) -> None:
-        """PROT P: wait for the TLS handshake begun when the connection came (nothing to wait for in clear)."""
+    async def handshake(self, resumed: bool) -> None:
+        """PROT P: wait for the TLS handshake begun when the connection came (nothing to wait for in clear); if
+        `resumed`, it must have resumed the control connection's TLS session, which its client alone holds (a
+        context of the session's own): any other client of its address could take the port first and, with a
+        handshake of its own, be sent the file or store its bytes under the session's user (vsftpd's
+        require_ssl_reuse)."""
         if self._streams is not None:
-            await self._streams
+            _, writer = await self._streams
+            if resumed and not writer.get_extra_info("ssl_object").session_reused:
+                raise Reply("425", "the TLS data connection did not resume the control connection's TLS session "
+                                   "(ftp.tls_session_reuse): another client's, or a client that cannot resume")
 
     async def streams(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         if self._streams is None:
@@ -409,7 +416,7 @@ class Session:
     address: str  # the control connection's peer address: data connections must come from it
     server: str  # the control connection's own address, unmapped (PASV announces it, EPSV names its family)
     startup: Startup  # its slot of ftp.max_unauthenticated, given back at the login
-    tls: bool = False  # AUTH TLS done on the control connection
+    tls: ssl.SSLContext | None = None  # AUTH TLS done on the control connection, with this context
     prot_private: bool = False  # PROT P: data connections are TLS too
     epsv_all: bool = False  # EPSV ALL: no other data connection set-up command is accepted (RFC 2428)
     user: str | None = None  # logged in, and counted against ftp.max_sessions_per_user
@@ -706,6 +713,9 @@ class FtpServer(aioftp.Server):
             return replied(connection, "502", "TLS is not configured on this server")
         if connection.session.tls:
             return replied(connection, "503", "TLS already active")
+        # The session's own, so that its data connections' resumption proves them its client's (DataConnection)
+        context = tls_context(self.cfg.ftp.tls_cert, self.cfg.ftp.tls_key) if self.cfg.ftp.tls_session_reuse \
+            else self.tls
         # Stop reading first: the client's TLS hello must reach the TLS layer, not the command parser.
         stream = connection.command_connection
         stream.writer.transport.pause_reading()
@@ -717,7 +727,7 @@ class FtpServer(aioftp.Server):
             pipelined.clear()
         await self.write_response(stream, "234", "AUTH TLS successful")
         try:
-            await stream.start_tls(self.tls, server_hostname=None)
+            await stream.start_tls(context, server_hostname=None)
         except (OSError, ssl.SSLError, TimeoutError) as e:
             # The client's failure (a scanner's probe, a rejected certificate, no common version), not the agent's:
             # as an internal error each was a 3 KB traceback at error level, one per connection anyone opened.
@@ -726,7 +736,7 @@ class FtpServer(aioftp.Server):
                 log.warning("ftp_tls_failed", peer=connection.client_host, error=f"{type(e).__name__}: {e}"[:200],
                             failed_since=since)
             return False  # the connection is neither clear nor TLS now: it ends
-        connection.session.tls = True
+        connection.session.tls = context
         return True
 
     async def on_pbsz(self, connection: aioftp.Connection, rest: str) -> bool:
@@ -852,7 +862,7 @@ class FtpServer(aioftp.Server):
 
         session.passive = Passive.open(
             connection.server_host, self.passive_ports, session.address,
-            self.tls if session.prot_private else None, self.cfg.ftp.passive_timeout, refused)
+            session.tls if session.prot_private else None, self.cfg.ftp.passive_timeout, refused)
         if session.passive is None:
             log.warning("passive_ports_exhausted", user=user,
                         range=f"{self.passive_ports.start}-{self.passive_ports.stop - 1}")
@@ -881,7 +891,7 @@ class FtpServer(aioftp.Server):
             async with opener() as opened:
                 connection.response("150", "data connection open")
                 try:
-                    await data.handshake()
+                    await data.handshake(self.cfg.ftp.tls_session_reuse)
                 except (OSError, ssl.SSLError, TimeoutError) as e:
                     raise Reply("425", f"TLS handshake on the data connection failed: {e}") from None
                 done = await body(opened, data)
