@@ -13,7 +13,7 @@ import threading
 
 import asyncssh
 import pytest
-from test_transport_security import FtpsClient, make_ca_and_cert
+from test_transport_security import ftps_session
 
 from faultkit import ftp_get, ftp_login, ftp_put, payload, sftp_session
 from harness import PASSWORD
@@ -91,12 +91,7 @@ def test_another_client_of_the_address_cannot_take_a_protected_data_connection(a
     must now resume the control connection's TLS session, which only its client holds (vsftpd's
     require_ssl_reuse): a fresh handshake, or one resuming a session of the thief's own control connection (AUTH
     TLS needs no login), gets nothing and the transfer 425; the session's own client resumes and is served."""
-    ca, cert, key = make_ca_and_cert(tmp_path)
-    agent = agent_factory(**{"ftp.tls_cert": str(cert), "ftp.tls_key": str(key), "ftp.require_tls": True}).start()
-    f = FtpsClient(context=ssl.create_default_context(cafile=str(ca)), timeout=30)
-    f.connect("127.0.0.1", agent.ftp_port)
-    f.login("pacs", PASSWORD)
-    f.prot_p()
+    agent, f, ca = ftps_session(agent_factory, tmp_path, **{"ftp.require_tls": True})
     secret = b"patient" * 10_000
     f.storbinary("STOR secret.dcm", io.BytesIO(secret))
     thief = ftplib.FTP_TLS(context=ssl.create_default_context(cafile=str(ca)), timeout=30)

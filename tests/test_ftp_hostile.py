@@ -18,7 +18,7 @@ import psutil
 import pytest
 from test_config import GOOD
 from test_ftp import ftp, get
-from test_transport_security import FtpsClient, make_ca_and_cert
+from test_transport_security import ftps_session, make_ca_and_cert
 
 from agent.config import ConfigError, load
 from agent.store.paths import creatable_problem, name_problem
@@ -160,12 +160,7 @@ def test_stranger_on_the_passive_port_never_gets_or_gives_data(agent_factory):
 
 
 def test_stranger_on_the_passive_port_with_tls_and_prot_p(agent_factory, tmp_path):
-    ca, cert, key = make_ca_and_cert(tmp_path)
-    agent = agent_factory(**{"ftp.tls_cert": str(cert), "ftp.tls_key": str(key), "ftp.require_tls": True}).start()
-    f = FtpsClient(context=ssl.create_default_context(cafile=str(ca)), timeout=30)
-    f.connect("127.0.0.1", agent.ftp_port)
-    f.login("pacs", PASSWORD)
-    f.prot_p()
+    agent, f, _ = ftps_session(agent_factory, tmp_path, **{"ftp.require_tls": True})
     secret = os.urandom(100_000)
     f.storbinary("STOR secret.dcm", io.BytesIO(secret))
     f.voidcmd("TYPE I")
@@ -626,12 +621,7 @@ def test_retr_cut_while_the_file_is_opened_leaks_no_descriptor(agent_factory):
 def _ftps_store_ending_in_a_bare_fin(agent_factory, tmp_path, name: str, data: bytes, **settings):
     """An FTPS agent (PROT P), and a STOR of data whose TLS data connection ends in a TCP FIN without
     close_notify (ssl.SSLSocket.shutdown; unwrap() would send it) → (the agent, the session awaiting the reply)."""
-    ca, cert, key = make_ca_and_cert(tmp_path)
-    agent = agent_factory(**{"ftp.tls_cert": str(cert), "ftp.tls_key": str(key), **settings}).start()
-    f = FtpsClient(context=ssl.create_default_context(cafile=str(ca)), timeout=30)
-    f.connect("127.0.0.1", agent.ftp_port)
-    f.login("pacs", PASSWORD)
-    f.prot_p()
+    agent, f, _ = ftps_session(agent_factory, tmp_path, **settings)
     f.voidcmd("TYPE I")
     conn = f.transfercmd(f"STOR {name}")
     conn.sendall(data)

@@ -41,6 +41,18 @@ class FtpsClient(ftplib.FTP_TLS):
         return conn, size
 
 
+def ftps_session(agent_factory, tmp_path, **settings) -> tuple:
+    """An FTPS agent and a session logged in over TLS with PROT P → (the agent, the session, the CA's file)."""
+    import ssl
+    ca, cert, key = make_ca_and_cert(tmp_path)
+    agent = agent_factory(**{"ftp.tls_cert": str(cert), "ftp.tls_key": str(key), **settings}).start()
+    f = FtpsClient(context=ssl.create_default_context(cafile=str(ca)), timeout=30)
+    f.connect("127.0.0.1", agent.ftp_port)
+    f.login("pacs", PASSWORD)
+    f.prot_p()
+    return agent, f, ca
+
+
 def make_ca_and_cert(directory) -> tuple:
     """A test-only private CA and a server certificate for 127.0.0.1 signed by it."""
     now = datetime.datetime.now(datetime.timezone.utc)
