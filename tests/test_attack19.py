@@ -298,7 +298,8 @@ def test_a_reader_holding_files_open_does_not_make_the_cache_refuse_writes(agent
     each), while the PACS stores 40 more, made a 32 MB cache of clean files refuse 3 of them ('452 cache disk full
     and nothing evictable'); the disk had 4.1 MB free, and 20.1 MB once the reader closed its handles. Per user
     that is up to 64 handles a channel, 10 channels a connection, 32 connections (sftp limits), a file each."""
-    agent = agent_factory(**{"cache.min_free_bytes": "4MB"})
+    # one user's share raised to the whole one (test_attack27 checks that share): the total is what is tested here
+    agent = agent_factory(**{"cache.min_free_bytes": "4MB", "cache.max_open_for_reading_per_user": 0.75})
     with tmpfs(agent.workdir / "cache", "32m"):
         agent.start()
         try:
