@@ -575,7 +575,7 @@ class S3Uplink:
 
     async def head(self, path: str, full: bool = True) -> dict[str, Any] | None:
         """The object's HeadObject answer as the client parses it (full=False: only the fields get reads, enough
-        for a logical size: botocore's pass was a fifth of a first listing's CPU); None when there is none."""
+        for a logical size: botocore's pass cost ~90 µs of a HEAD's ~860); None when there is none."""
         try:
             async with self._request("HEAD", self.key(path), "HeadObject", {}) as resp:
                 head: dict[str, Any] = self._parser.parse(
