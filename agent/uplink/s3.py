@@ -573,13 +573,14 @@ class S3Uplink:
         async with resp["Body"] as body:
             return bytes(await body.read())
 
-    async def head(self, path: str) -> dict[str, Any] | None:
-        """The object's HeadObject answer as the client parses it; None when there is none."""
+    async def head(self, path: str, full: bool = True) -> dict[str, Any] | None:
+        """The object's HeadObject answer as the client parses it (full=False: only the fields get reads, enough
+        for a logical size: botocore's pass cost ~90 µs of a HEAD's ~860); None when there is none."""
         try:
             async with self._request("HEAD", self.key(path), "HeadObject", {}) as resp:
                 head: dict[str, Any] = self._parser.parse(
                     {"status_code": resp.status, "headers": resp.headers, "body": b""},
-                    self._models["HeadObject"].output_shape)
+                    self._models["HeadObject"].output_shape) if full else _object_head(resp.headers)
         except ClientError as e:
             if _status(e) == 404:
                 return None
@@ -643,7 +644,7 @@ class S3Uplink:
                 return None
             async with self._heads:
                 try:
-                    head = await self.head(path)
+                    head = await self.head(path, full=False)
                 except Exception as e:
                     if unsized is not None and (is_unreachable(e) or is_throttled(e)):
                         unsized.append(path)
