@@ -403,7 +403,8 @@ class _Auth(asyncssh.SSHServer):
 
     def session_requested(self) -> Awaitable[_Session]:
         """A channel for SFTP: refused (RESOURCE_SHORTAGE) beyond max_channels_per_connection, which one
-        authenticated client could otherwise open by the thousand; opened once the session caps admit it."""
+        authenticated client could otherwise open by the thousand, and beyond MAX_CHANNELS_PER_USER; opened once
+        the session caps admit it."""
         for held, cap, where in ((self.channels, self.cfg.max_channels_per_connection, "on one connection"),
                                  (_channels_of[self.username], MAX_CHANNELS_PER_USER, "for this user")):
             if held >= cap:
