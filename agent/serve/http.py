@@ -41,6 +41,10 @@ BAD_REQUEST_EVERY = 60.0  # seconds: at most one http_bad_request event per this
 # made in IDLE_SECONDS (600 at once here, the process's descriptor limit the only end).
 MAX_CONNECTIONS_PER_ADDRESS = 32
 MAX_CONNECTIONS = 256
+# The box's own tools (keepalived's check, agent.hahook; pacsgw status, evict) connect from these: counted against
+# MAX_CONNECTIONS, eight addresses of the admin network holding 32 idle connections each had the check refused and
+# the HA pair failed over. They keep their per-address cap, beside the total (an IPv6 address counts as its /64).
+OWN_ADDRESSES = ("127.0.0.1", address_group("::1"))
 # Requests one keep-alive connection is answered, the last with Connection: close (nginx's keepalive_requests): a
 # client asking within every IDLE_SECONDS held its connection, a slot of the caps above, for as long as it liked.
 MAX_REQUESTS_PER_CONNECTION = 1000
@@ -90,7 +94,9 @@ class _Connections:
         self._idle_told = Every(REFUSALS_EVERY)
 
     def admit(self, address: str, fd: int) -> bool:
-        if self.open[address] >= MAX_CONNECTIONS_PER_ADDRESS or self.open.total() >= MAX_CONNECTIONS:
+        others = self.open.total() - sum(self.open[own] for own in OWN_ADDRESSES)
+        if self.open[address] >= MAX_CONNECTIONS_PER_ADDRESS or (address not in OWN_ADDRESSES
+                                                                 and others >= MAX_CONNECTIONS):
             if (since := self._told.due(address)) is not None:
                 log.warning("http_refused", listener=self.listener, peer=address, refused_since=since,
                             reason=f"too many connections (limit {MAX_CONNECTIONS_PER_ADDRESS} per address, "

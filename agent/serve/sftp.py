@@ -13,6 +13,7 @@ import functools
 import os
 import socket
 import weakref
+from collections import Counter
 from pathlib import Path
 from typing import Any, AsyncIterator, Awaitable, Callable, NoReturn, TypeVar
 
@@ -46,6 +47,11 @@ MAX_OPEN_FILES = 64
 # listings, 28 GB for a 3 000-file directory)
 MAX_OPEN_DIRS = 64
 _listings_of: dict[str, weakref.WeakSet[AsyncIterator[asyncssh.SFTPName]]] = {}  # user → its open listings
+# SFTP channels one user may hold open over all its connections to this process: each may hold an unread READ reply
+# (MAX_READ) and its window of unread requests. max_channels_per_connection alone let one account hold 10 per
+# connection over 32 connections: 320 channels not reading their replies grew the agent by about 2 GB.
+MAX_CHANNELS_PER_USER = 64
+_channels_of: Counter[str] = Counter()  # user → its open SFTP channels
 # The largest SSH packet a client may send on a session: each costs the agent its own decrypt, parse and dispatch in
 # Python, and asyncssh's default of 32 KiB cut a 512 KiB WRITE into 16 (and asyncssh clients send an IGNORE before each)
 MAX_PKTSIZE = 256 * 1024
@@ -259,7 +265,7 @@ class _Session(SSHServerStreamSession[bytes]):
 
     def connection_lost(self, exc: Exception | None) -> None:
         super().connection_lost(exc)
-        self.owner.channels -= 1
+        self.owner.channel_closed()
 
 
 class _Auth(asyncssh.SSHServer):
@@ -397,19 +403,28 @@ class _Auth(asyncssh.SSHServer):
 
     def session_requested(self) -> Awaitable[_Session]:
         """A channel for SFTP: refused (RESOURCE_SHORTAGE) beyond max_channels_per_connection, which one
-        authenticated client could otherwise open by the thousand; opened once the session caps admit it."""
-        cap = self.cfg.max_channels_per_connection
-        if self.channels >= cap:
-            refuse_session(self.gateway, "sftp", self._who(self.username),
-                           f"too many channels on one connection (limit {cap})")
-            raise asyncssh.ChannelOpenError(asyncssh.OPEN_RESOURCE_SHORTAGE,
-                                            f"too many channels on this connection (limit {cap})")
+        authenticated client could otherwise open by the thousand, and beyond MAX_CHANNELS_PER_USER; opened once
+        the session caps admit it."""
+        for held, cap, where in ((self.channels, self.cfg.max_channels_per_connection, "on one connection"),
+                                 (_channels_of[self.username], MAX_CHANNELS_PER_USER, "for this user")):
+            if held >= cap:
+                refuse_session(self.gateway, "sftp", self._who(self.username),
+                               f"too many channels {where} (limit {cap})")
+                raise asyncssh.ChannelOpenError(asyncssh.OPEN_RESOURCE_SHORTAGE,
+                                                f"too many channels {where} (limit {cap})")
         self.channels += 1
+        _channels_of[self.username] += 1
         return self._session()
+
+    def channel_closed(self) -> None:
+        self.channels -= 1
+        _channels_of[self.username] -= 1
+        if not _channels_of[self.username]:
+            del _channels_of[self.username]
 
     async def _session(self) -> _Session:
         if not all(await asyncio.gather(*self.admitted)):
-            self.channels -= 1
+            self.channel_closed()
             raise asyncssh.ChannelOpenError(asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED, "too many sessions")
         return _Session(self, self.sftp_factory)
 
