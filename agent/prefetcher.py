@@ -276,6 +276,11 @@ class PriorFetcher:
         depth = self.cfg.prefetch.study_depth
         return study_of(path, depth) if path.count("/") >= depth else None
 
+    def key(self, d: str, study_uid: str | None) -> str:
+        """The stack's key of study directory d: the key the evictor groups its files by, their study UID where the
+        study index holds them (`[dicom] metadata`), else the directory."""
+        return study_uid or d if self.cfg.dicom.metadata else d
+
     def on_stored(self, path: str, content: Path) -> None:
         d = self.study_dir(path)
         if d is None or d in self._seen:
@@ -298,8 +303,7 @@ class PriorFetcher:
             if not await self.db.record_study(d, h.patient, h.study_uid, h.study_date, h.modality):
                 return
             log.info("study_recorded", dir=d, first=path, dicom=h.patient is not None, modality=h.modality)
-            # the stack knows a study by the key the evictor groups its files by: the study UID, else the directory
-            key = h.study_uid or d
+            key = self.key(d, h.study_uid)
             self.stack.describe(key, h.modality, None, False)
             if h.patient is not None:
                 await self.fetch_chosen(key, await self.plan_priors(d, key, h))
@@ -319,7 +323,7 @@ class PriorFetcher:
         await self.learn()
         studies = await self.db.patient_studies(h.patient)
         new_day = _ordinal(h.study_date)
-        older = [(uid or prior_dir, modality) for prior_dir, uid, day, modality in studies
+        older = [(self.key(prior_dir, uid), modality) for prior_dir, uid, day, modality in studies
                  if prior_dir != d and _ordinal(day) < new_day]
         for prior, modality in older:       # they have a newer study now (the simulator says the same)
             self.stack.describe(prior, modality, None, True)
@@ -330,7 +334,7 @@ class PriorFetcher:
             prior_dir, uid = studies[prior.key][:2]
             await self.gateway.list_tree(prior_dir)
             missing_files, missing_bytes = await self.db.missing_under(prior_dir)
-            ranked.append((cell, (prior_dir, uid or prior_dir), heat, missing_bytes, missing_files))
+            ranked.append((cell, (prior_dir, self.key(prior_dir, uid)), heat, missing_bytes, missing_files))
         budget = Budget(priors_budget(self.cfg), line_rate(self.cfg), self.cfg.prefetch.priors_window_seconds)
         async with self.view.synced() as stack:
             chosen = stack.prior_plan(key, ranked, budget, time.time())
