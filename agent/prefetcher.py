@@ -11,7 +11,7 @@ import time
 from contextlib import AbstractAsyncContextManager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Hashable, Protocol
+from typing import Callable, Hashable, Protocol, cast
 
 import structlog
 
@@ -276,6 +276,11 @@ class PriorFetcher:
         depth = self.cfg.prefetch.study_depth
         return study_of(path, depth) if path.count("/") >= depth else None
 
+    def key(self, d: str, study_uid: str | None) -> str:
+        """The stack's key of study directory d: the key the evictor groups its files by, their study UID where the
+        study index holds them (`[dicom] metadata`), else the directory."""
+        return study_uid or d if self.cfg.dicom.metadata else d
+
     def on_stored(self, path: str, content: Path) -> None:
         d = self.study_dir(path)
         if d is None or d in self._seen:
@@ -298,9 +303,10 @@ class PriorFetcher:
             if not await self.db.record_study(d, h.patient, h.study_uid, h.study_date, h.modality):
                 return
             log.info("study_recorded", dir=d, first=path, dicom=h.patient is not None, modality=h.modality)
-            self.stack.describe(d, h.modality, None, False)
+            key = self.key(d, h.study_uid)
+            self.stack.describe(key, h.modality, None, False)
             if h.patient is not None:
-                await self.fetch_chosen(d, await self.plan_priors(d, h))
+                await self.fetch_chosen(key, await self.plan_priors(d, key, h))
         except Exception as e:  # prior prefetch is best effort; the store itself succeeded
             log.error("prior_prefetch_failed", dir=d, error=repr(e)[:300])
         finally:
@@ -311,38 +317,39 @@ class PriorFetcher:
         oldest = time.monotonic() - within
         return any(t > oldest for t in self._pending.values())
 
-    async def plan_priors(self, d: str, h: dicom_header.Header) -> list[tuple[Hashable, int, int, float]]:
-        """The priors to fetch for new study d, planned against the cache as the study's first write left it."""
+    async def plan_priors(self, d: str, key: str, h: dicom_header.Header) -> list[tuple[Hashable, int, int, float]]:
+        """The priors to fetch for new study d (the stack's `key`), planned against the cache as the study's first
+        write left it. → ((directory, stack key), cell, bytes, heat) of each."""
         await self.learn()
         studies = await self.db.patient_studies(h.patient)
         new_day = _ordinal(h.study_date)
-        older = [(prior_dir, modality) for prior_dir, _, day, modality in studies
+        older = [(self.key(prior_dir, uid), modality) for prior_dir, uid, day, modality in studies
                  if prior_dir != d and _ordinal(day) < new_day]
-        for prior_dir, modality in older:       # they have a newer study now (the simulator says the same)
-            self.stack.describe(prior_dir, modality, None, True)
+        for prior, modality in older:       # they have a newer study now (the simulator says the same)
+            self.stack.describe(prior, modality, None, True)
         info = [StudyInfo(i, m or "", _ordinal(day), 0) for i, (_, _, day, m) in enumerate(studies)]
-        keys = [s[0] for s in studies]
-        new = StudyInfo(keys.index(d), h.modality or "", _ordinal(h.study_date), 0)
-        ranked: list[tuple[int, str, float, int, int]] = []
+        new = StudyInfo([s[0] for s in studies].index(d), h.modality or "", _ordinal(h.study_date), 0)
+        ranked: list[tuple[int, tuple[str, str], float, int, int]] = []
         for cell, prior, heat in self.stack.prior_ranked(new, info):
-            prior_dir = keys[prior.key]
+            prior_dir, uid = studies[prior.key][:2]
             await self.gateway.list_tree(prior_dir)
             missing_files, missing_bytes = await self.db.missing_under(prior_dir)
-            ranked.append((cell, prior_dir, heat, missing_bytes, missing_files))
+            ranked.append((cell, (prior_dir, self.key(prior_dir, uid)), heat, missing_bytes, missing_files))
         budget = Budget(priors_budget(self.cfg), line_rate(self.cfg), self.cfg.prefetch.priors_window_seconds)
         async with self.view.synced() as stack:
-            chosen = stack.prior_plan(d, ranked, budget, time.time())
+            chosen = stack.prior_plan(key, ranked, budget, time.time())
         log.info("prior_prefetch", study=d, patient_studies=len(studies), newer=len(older),
-                 priors=[c[0] for c in chosen], heat=[round(c[3], 3) for c in chosen], bytes=sum(c[2] for c in chosen),
-                 rank_heat=self.stack.prior_heat())
+                 priors=[c[0][0] for c in chosen], heat=[round(c[3], 3) for c in chosen],
+                 bytes=sum(c[2] for c in chosen), rank_heat=self.stack.prior_heat())
         return chosen
 
-    async def fetch_chosen(self, d: str, chosen: list[tuple[Hashable, int, int, float]]) -> None:
+    async def fetch_chosen(self, new: str, chosen: list[tuple[Hashable, int, int, float]]) -> None:
         deadline = time.time() + self.cfg.prefetch.priors_window_seconds
-        for key, cell, _, heat in chosen:
-            self.stack.prior_fetched(key, d, heat)     # kept beside its new study until the report
-            await self.db.record_prior_fetch(str(key), cell)
-            if await self.fetcher.fetch_dir(str(key), deadline, self.status, "prior"):
+        for ref, cell, _, heat in chosen:
+            prior_dir, prior = cast("tuple[str, str]", ref)     # plan_priors' (directory, stack key)
+            self.stack.prior_fetched(prior, new, heat)     # kept beside its new study until the report
+            await self.db.record_prior_fetch(prior_dir, cell)
+            if await self.fetcher.fetch_dir(prior_dir, deadline, self.status, "prior"):
                 break
 
 

@@ -371,16 +371,19 @@ def test_eviction_rows_are_clean_cached_files_least_recently_read_first(cat):
 def test_eviction_rows_say_how_and_when_each_copy_came(cat):
     """A cached copy's origin (written here, fetched for a read's miss, prefetched) and its start, so the eviction
     policy is told what happened instead of guessing it from reads (a written file read before the evictor's pass
-    looked fetched for the read; agent/policy/stack.py `sync`)."""
+    looked fetched for the read; agent/policy/stack.py `sync`); and its study UID where the study index has the file
+    (the eviction group, agent/store/evictor.py)."""
     for i in range(3):
         gen = write(cat, f"d/{i}")
         cat.claim(f"d/{i}", gen)
-        cat.mark_clean(f"d/{i}", gen, None, None, "00")
+        cat.mark_clean(f"d/{i}", gen, None, None, "00", (f"d/{i}", 1, "1.2.3", "1.2.3.4", "1.2.3.4.5", "CT",
+                                                          "20261122", None) if i == 1 else ())
     for i, by in ((1, "read"), (2, "prefetch")):
         e = cat.get(f"d/{i}")
         assert cat.uncache(e.path, e.gen) and cat.set_cached(e.path, e.gen, f"b{i}", "00", by, 1000.0 + i)
     assert {r[0]: r[6:] for r in cat.eviction_rows(10)} == {
-        "d/0": (pytest.approx(time.time(), abs=60), "write"), "d/1": (1001.0, "read"), "d/2": (1002.0, "prefetch")}
+        "d/0": (pytest.approx(time.time(), abs=60), "write", None), "d/1": (1001.0, "read", "1.2.3"),
+        "d/2": (1002.0, "prefetch", None)}
 
 
 async def test_a_full_catalog_is_no_space_through_the_async_catalog(tmp_path):

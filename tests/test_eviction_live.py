@@ -13,10 +13,12 @@ import time
 import urllib.request
 
 import numpy as np
+from pydicom.uid import generate_uid
 
 from agent.config import CacheConfig
 from agent.policy.eviction import FileTable, KMeansConfig, KMeansEviction
 from agent.store.evictor import candidates, stack_for
+from bench.dicomgen import ct_slice
 from devstack import free_port
 from faultkit import catalog_rows, ftp_get, ftp_login, ftp_put, metric, payload, sha256
 
@@ -232,3 +234,40 @@ def test_kmeans_is_refitted_on_schedule_in_the_agent(agent_factory):
     span = (dt.datetime.fromisoformat(fits[-1]["timestamp"]) - dt.datetime.fromisoformat(fits[0]["timestamp"]))
     assert len(fits) <= span.total_seconds() / 1.0 + 2
     assert not a.events("eviction_pass") and a.health()["eviction"]["k"] == a.events("kmeans_fitted")[-1]["k"]
+
+
+def test_eviction_groups_a_day_directory_by_the_dicom_study(agent_factory):
+    """Two studies written into one day directory are two eviction groups: the study index's StudyInstanceUID is the
+    group (as a trace's study column is the simulator's), not the directory. Study B, never read, goes whole under
+    pressure; study A, read again, stays whole (grouped by the path, the day went at once, A with it)."""
+    rng = np.random.default_rng(28)
+
+    def study(day: str, name: str, n: int) -> dict[str, bytes]:
+        uid, series = generate_uid(), generate_uid()
+        return {f"CT/{day}/{name}{i}.dcm": ct_slice(rng, patient=f"P{name}", study_uid=uid, series_uid=series,
+                                                    instance=i + 1, rows=224, cols=224) for i in range(n)}
+
+    a_files, b_files = study("2026-11-22", "a", 6), study("2026-11-22", "b", 6)
+    size = len(next(iter(a_files.values())))
+    high, low = 0.8, 0.7
+    later = int(high * MAX / size) + 1 - 12     # the files of a later day that take the cache past the high watermark
+    c_files = study("2026-11-23", "c", later)
+    assert (12 + later) * size - low * MAX < 6 * size      # a pass needs less than study B holds
+    a = agent_factory(**{"cache.max_bytes": MAX, "cache.high_watermark": high, "cache.low_watermark": low,
+                         "cache.eviction": "study", "cache.evict_interval_seconds": 0.3, "prefetch.priors": False})
+    a.start()
+    ftp = ftp_login(a)
+    for p, data in (a_files | b_files).items():
+        assert ftp_put(ftp, p, data).startswith("226")
+    a.wait_drained()            # clean: candidates, and in the study index
+    for p, data in a_files.items():
+        assert ftp_get(ftp, p) == data
+    for p, data in c_files.items():
+        assert ftp_put(ftp, p, data).startswith("226")
+    ftp.quit()
+    deadline = time.monotonic() + 60
+    while not a.events("eviction_pass") or a.health()["cache"]["bytes"] >= high * MAX:
+        assert time.monotonic() < deadline, a.health()["cache"]
+        time.sleep(0.2)
+    evicted = {p for p, (_, has) in cached(a).items() if not has}
+    assert evicted == set(b_files)

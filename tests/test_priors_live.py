@@ -151,3 +151,38 @@ def test_a_hostile_header_leaves_bounded_study_rows_and_logs(agent_factory):
         "P9", "20250111", "CT"]
     recorded = a.wait_events("study_recorded", 2)
     assert max(len(str(ev)) for ev in recorded) < 1000
+
+
+def test_a_fetched_prior_is_linked_to_its_study_by_the_eviction_groups_key(agent_factory):
+    """The planner tells the eviction policy which new study a prior was fetched for by the key the evictor groups
+    the prior's files by (the study UID, agent/store/evictor.py): the default policy then holds the prior beside its
+    unread new study (adaptive.HOLD_PRIORS: the fresh segment's bytes count it). Keyed otherwise (the directory), the
+    link matches no group and the prior is an ordinary prefetch, held by nothing."""
+    a = agent_factory(**{"prefetch.enabled": False, "prefetch.priors": True, "prefetch.study_depth": 3,
+                         "cache.evict_interval_seconds": 0.2}).start()
+    ftp = ftp_login(a)
+    # 50 studies read soon after their write: the fresh segment learns a horizon and holds what is written from then
+    warm = [f"OT/2026-11-20/w{i}/0.bin" for i in range(50)]
+    for p in warm:
+        assert ftp_put(ftp, p, b"x" * 100).startswith("226")
+    prior = store_study(ftp, "CT/2025-01-10", "P1", "20250110", "CT")
+    a.wait_drained()
+    for p in warm:
+        assert ftp_get(ftp, p) == b"x" * 100
+    out = subprocess.run([sys.executable, "-m", "agent.cli", "evict", "--config", str(a.config_path), *prior],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    store_study(ftp, "CT/2026-11-23", "P1", "20261123", "CT", files=1)     # the new study brings the prior back
+    deadline = time.monotonic() + 30
+    while not set(prior) <= cached_paths(a):
+        assert time.monotonic() < deadline, a.events("prior_prefetch")
+        time.sleep(0.2)
+    a.wait_drained()
+    store_study(ftp, "MR/2026-11-23", "P2", "20261123", "MR", files=1)     # its plan feeds the policy the cache now
+    ftp.quit()
+    deadline = time.monotonic() + 30
+    while len(a.events("prior_prefetch")) < 2:
+        assert time.monotonic() < deadline, a.events("prior_prefetch")
+        time.sleep(0.2)
+    h = a.health()["eviction"]
+    assert h["fresh_mode"] == "learned" and h["fresh_bytes"] >= sum(map(len, prior.values())), h

@@ -1,11 +1,11 @@
 """The eviction unit where a directory is not a study (issue 13, docs/replay.md "Other path layouts").
 
-Whole-study eviction takes a study to be a directory (`agent.store.paths.study_of`: the first `[prefetch]
-study_depth` levels, live and in `import-trace`). In layouts where it is not (`YYYY/MM/DD/<sop>.dcm` day
-directories, one flat directory, `<patient>/<sop>.dcm`) one "study" holds days to years of files, and dropping it
-whole empties the cache: the default closed -65 % of the LRU→Belady gap on `general` in day directories. A
-study is written in one burst (the tuning families' longest: 11 min); a directory that goes on receiving writes
-for hours is not one.
+Whole-study eviction takes a study to be its StudyInstanceUID where known (a trace's study column; live, the study
+index), else a directory (`agent.store.paths.study_of`: the first `[prefetch] study_depth` levels). In layouts where
+a directory is not one study (`YYYY/MM/DD/<sop>.dcm` day directories, one flat directory, `<patient>/<sop>.dcm`) and
+no UID names it, one "study" holds days to years of files, and dropping it whole empties the cache: the default
+closed -65 % of the LRU→Belady gap on `general` in day directories. A study is written in one burst (the tuning
+families' longest: 11 min); a directory that goes on receiving writes for hours is not one.
 Such a *mixed* directory is split into groups by insert bursts instead: the files that land in it within
 `GAP_S` of one another (and within `SPAN_S` of the burst's first), written or read on a miss alike, since the
 reads of one case's files also come together. A directory written in one burst keeps its own name as the

@@ -75,7 +75,7 @@ class CatalogRow:
     last_access: float
     access_count: int
     created: float
-    study: Hashable                     # a study id (the simulator) or a study directory (the agent)
+    study: Hashable                     # a study id (the simulator); the agent's: the study UID, else the directory
     # how the cached copy came (write | read: on a miss | prefetch) and when it began: the write, the fetch's start;
     # None where the catalog does not know (a copy from before it recorded them, a renamed file)
     cached_at: float | None = None

@@ -56,8 +56,8 @@ def stack_for(c: CacheConfig, planners: tuple[str, ...] = (), priors_k: int = 3)
                        kmeans=eviction.KMeansConfig(refit_seconds=c.kmeans_refit_seconds), max_age_days=c.age_max_days)
 
 
-# a catalog eviction row: path, gen, size, last access, access count, mtime, cached at, cached by
-Row = tuple[str, int, int, float, int, float, float | None, str | None]
+# a catalog eviction row: path, gen, size, last access, access count, mtime, cached at, cached by, study UID
+Row = tuple[str, int, int, float, int, float, float | None, str | None, str | None]
 
 
 def candidates(rows: list[Row]) -> Candidates:
@@ -149,8 +149,10 @@ class Evictor:
                        None if score is None else round(float(score[i]), 4)) for i in order.tolist()]
 
     def _sync(self, stack: PolicyStack, rows: list[Row], now: float) -> None:
-        stack.sync((CatalogRow(p, size, last, count, mtime, study_of(p, self.study_depth), at, by)
-                    for p, _, size, last, count, mtime, at, by in rows), now)
+        # a file's study is its header's StudyInstanceUID (the study index), as a trace's study column is the
+        # simulator's; a file not in the index (not DICOM, an archive file read on a miss) keeps its directory's
+        stack.sync((CatalogRow(p, size, last, count, mtime, uid or study_of(p, self.study_depth), at, by)
+                    for p, _, size, last, count, mtime, at, by, uid in rows), now)
 
     def _choose(self, stack: PolicyStack, rows: list[Row], cand: Candidates,
                 bytes_to_free: int, now: float) -> np.ndarray:

@@ -42,12 +42,15 @@ class Heat(CatalogBase):
         """A page of cached files in blob order after `last_blob` (the partial blob index: no scan of the archive)."""
         return self._entries(f"SELECT {COLUMNS} FROM entries WHERE blob > ? ORDER BY blob LIMIT ?", (last_blob, limit))
 
-    def eviction_rows(self, limit: int) -> list[tuple[str, int, int, float, int, float, float | None, str | None]]:
-        """(path, gen, size, last access, count, mtime, cached at, cached by) of the `limit` least recently read clean
-        cached files (cached at / by: None for a copy from before those columns, or moved here by a rename)."""
+    def eviction_rows(self, limit: int) -> list[tuple[str, int, int, float, int, float, float | None, str | None,
+                                                      str | None]]:
+        """(path, gen, size, last access, count, mtime, cached at, cached by, study UID) of the `limit` least recently
+        read clean cached files (cached at / by: None for a copy from before those columns, or moved here by a rename;
+        the study UID: None for a file not in the DICOM study index)."""
         return self.db.execute(
-            "SELECT path, gen, size, COALESCE(last_access, mtime), access_count, mtime, cached_at, cached_by "
-            "FROM entries WHERE state = 'clean' AND blob IS NOT NULL ORDER BY last_access LIMIT ?", (limit,)).fetchall()
+            "SELECT e.path, gen, e.size, COALESCE(last_access, mtime), access_count, mtime, cached_at, cached_by, "
+            "d.study_uid FROM entries e LEFT JOIN dicom_objects d ON d.path = e.path "
+            "WHERE state = 'clean' AND blob IS NOT NULL ORDER BY last_access LIMIT ?", (limit,)).fetchall()
 
     def missing_under(self, path: str) -> tuple[int, int]:
         """(files, bytes) below directory path that are in S3 but not cached: what a prefetch would fetch."""
