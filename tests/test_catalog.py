@@ -437,3 +437,30 @@ async def test_a_read_waits_for_no_write_and_sees_only_committed_rows(tmp_path):
     finally:
         release.set()
         db.shutdown()
+
+
+async def test_an_eviction_scan_holds_back_no_commit(tmp_path):
+    """eviction_rows (2-3 s for 200 000 rows at a million files, once an eviction pass and once a minute) reads
+    through a connection of its own in a thread: on the catalog thread every commit waited behind it. A write
+    commits while a scan is still reading."""
+    inside, release = threading.Event(), threading.Event()
+
+    class Slow(Catalog):
+        def eviction_rows(self, limit: int, db=None) -> list:  # a scan still reading
+            rows = super().eviction_rows(limit, db)
+            inside.set()
+            release.wait(10)
+            return rows
+
+    db = AsyncCatalog(Slow(tmp_path / "catalog.sqlite"))
+    try:
+        scan = asyncio.ensure_future(db.eviction_rows(10))
+        assert await asyncio.to_thread(inside.wait, 10)
+        gen, _ = await asyncio.wait_for(commit_write(db, "CT/a.dcm", "blob-a", 10, "ab" * 32, time.time(),
+                                                     claim=False), 5)
+        assert gen >= 1 and not scan.done()
+        release.set()
+        assert await scan == []
+    finally:
+        release.set()
+        db.shutdown()

@@ -25,6 +25,7 @@ from agent.policy.stack import CatalogRow, PolicyStack, StackSpec
 from agent.store.access import AccessStats
 from agent.store.cache import Cache
 from agent.store.catalog import AsyncCatalog
+from agent.store.catalog.heat import EvictionRow as Row
 from agent.store.paths import study_of
 from agent.store.writing import ReadPins
 
@@ -56,8 +57,6 @@ def stack_for(c: CacheConfig, planners: tuple[str, ...] = (), priors_k: int = 3)
                        kmeans=eviction.KMeansConfig(refit_seconds=c.kmeans_refit_seconds), max_age_days=c.age_max_days)
 
 
-# a catalog eviction row: path, gen, size, last access, access count, mtime, cached at, cached by, study UID
-Row = tuple[str, int, int, float, int, float, float | None, str | None, str | None]
 
 
 def candidates(rows: list[Row]) -> Candidates:

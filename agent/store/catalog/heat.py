@@ -3,11 +3,15 @@ file and per directory and day (the heat the prefetch model learns from), and fi
 
 from __future__ import annotations
 
+import sqlite3
 import time
-from typing import Iterable
+from typing import Iterable, TypeAlias
 
 from agent.records import Entry
 from agent.store.catalog.base import COLUMNS, CatalogBase
+
+# path, gen, size, last access, access count, mtime, cached at, cached by, study UID
+EvictionRow: TypeAlias = tuple[str, int, int, float, int, float, float | None, str | None, str | None]
 
 
 class Heat(CatalogBase):
@@ -42,12 +46,11 @@ class Heat(CatalogBase):
         """A page of cached files in blob order after `last_blob` (the partial blob index: no scan of the archive)."""
         return self._entries(f"SELECT {COLUMNS} FROM entries WHERE blob > ? ORDER BY blob LIMIT ?", (last_blob, limit))
 
-    def eviction_rows(self, limit: int) -> list[tuple[str, int, int, float, int, float, float | None, str | None,
-                                                      str | None]]:
+    def eviction_rows(self, limit: int, db: sqlite3.Connection | None = None) -> list[EvictionRow]:
         """(path, gen, size, last access, count, mtime, cached at, cached by, study UID) of the `limit` least recently
         read clean cached files (cached at / by: None for a copy from before those columns, or moved here by a rename;
-        the study UID: None for a file not in the DICOM study index)."""
-        return self.db.execute(
+        the study UID: None for a file not in the DICOM study index), read through db if given."""
+        return (db or self.db).execute(
             "SELECT e.path, gen, e.size, COALESCE(last_access, mtime), access_count, mtime, cached_at, cached_by, "
             "d.study_uid FROM entries e LEFT JOIN dicom_objects d ON d.path = e.path "
             "WHERE state = 'clean' AND blob IS NOT NULL ORDER BY last_access LIMIT ?", (limit,)).fetchall()
