@@ -36,9 +36,6 @@ log = structlog.get_logger("pacsgw.cache")
 T = TypeVar("T")
 
 CHUNK = 1024 * 1024
-# The loop's check reads a cached copy through a buffer this small, so copy and hash stay in the core's L2 (1 MiB on
-# the test box): a 1 MiB buffer swept it whole each read, and the loop's next steps ran with cold caches.
-NOWAIT_CHUNK = 128 * 1024
 STAMP = "user.pacsgw.verified"  # xattr: "<xxh3-128 hex> <size> <mtime_ns> <inode>"
 WOULD_BLOCK = "would block"  # open_checked(nowait=True): the check needs the disk, run it in a thread
 # Empty staging files kept ready: a cold read's fetch makes its staging file on the event loop, and a create
@@ -101,7 +98,7 @@ class Cache:
         self.staging.mkdir(parents=True, exist_ok=True)
         # open_checked(nowait=True) reads into this one buffer: it runs on the event loop only, and a fresh
         # 512 KiB buffer per read cost ~30 µs of page faults
-        self._nowait_buf = bytearray(NOWAIT_CHUNK)
+        self._nowait_buf = bytearray(CHUNK)
 
     def staging_path(self, blob: str) -> str:
         return f"{self._staging_dir}/{blob}"
@@ -281,7 +278,7 @@ def hash_range(fd: int, h: "xxhash.xxh3_128", start: int, end: int, *, nowait_bu
     disk wait), into that buffer: it also stops where the next byte is not cached."""
     pos = start
     while pos < end:
-        n = min(CHUNK if nowait_buf is None else len(nowait_buf), end - pos)
+        n = min(CHUNK, end - pos)
         chunk = memoryview(os.pread(fd, n, pos)) if nowait_buf is None else _pread_cached(fd, nowait_buf, n, pos)
         if not chunk:
             break
