@@ -15,6 +15,7 @@ import functools
 import hashlib
 import os
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Protocol, TypeVar
@@ -496,8 +497,7 @@ class Gateway:
         self._active_writes = 0
         self.marks = WriteMarks(cache.root / "writing.lock")  # the paths uploads write, in every serving process
         self._unfinished: dict[str, int] = {}  # user → the `counted` bytes of its files being written
-        self._reading = 0  # bytes of the files this process's readers hold open (Gateway.hold_open)
-        self._reading_by: dict[str, int] = {}  # user → its part of _reading
+        self._reading: Counter[str] = Counter()  # user → bytes of the files its readers here hold open (hold_open)
         self._body_room = BODY_BUDGET
         self._writes_idle = asyncio.Event()
         self._writes_idle.set()
@@ -999,16 +999,14 @@ class Gateway:
         the files this process's readers hold are limited to cache.max_open_for_reading of the cache, or the PACS's
         stores would be refused for want of room; one user's to cache.max_open_for_reading_per_user of it, or one
         reader would hold them all and the PACS's reads be refused (one file at least, each). → the bytes counted."""
-        mine = self._reading_by.get(user, 0)
         for held, limit, whose, key in (
-                (mine, self.reading_user_limit, "this user's files", "max_open_for_reading_per_user"),
-                (self._reading, self.reading_limit, "files", "max_open_for_reading")):
+                (self._reading[user], self.reading_user_limit, "this user's files", "max_open_for_reading_per_user"),
+                (self._reading.total(), self.reading_limit, "files", "max_open_for_reading")):
             if held and held + e.size > limit:
                 log.warning("open_for_reading_limit", user=user, path=e.path, bytes=held + e.size, limit=limit)
                 raise Unavailable(e.path, f"{whose} open for reading would hold {held + e.size} bytes of the "
                                           f"cache, over its {limit} (cache.{key}): try again later")
-        self._reading += e.size
-        self._reading_by[user] = mine + e.size
+        self._reading[user] += e.size
         return e.size
 
     @functools.cached_property
@@ -1020,9 +1018,9 @@ class Gateway:
         return self._share(self.cfg.cache.max_open_for_reading_per_user)
 
     def read_closed(self, path: str, held: int, user: str) -> None:
-        self._reading -= held
-        if left := self._reading_by.pop(user, 0) - held:
-            self._reading_by[user] = left
+        self._reading[user] -= held
+        if not self._reading[user]:
+            del self._reading[user]
         self.evictor.pins.unpin(path)
 
     async def _open_entry(self, e: Entry, protocol: str) -> ReadHandle:
