@@ -1,5 +1,6 @@
 """Attacks on a running agent (round 29): what a PACS client controls beyond names, the bytes of a DICOM file, against
-the real header parser and a real agent and SeaweedFS. Each test reproduces one attack that worked and checks it no longer does."""
+the real header parser, a real agent and SeaweedFS. Each test reproduces one attack that worked and checks it no
+longer does."""
 
 from __future__ import annotations
 

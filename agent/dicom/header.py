@@ -63,7 +63,8 @@ _PARSING = contextvars.ContextVar("pacsgw_header_parsing", default=False)  # _pa
 def _no_sequence(raw: Any, data: dict[str, Any], **kwargs: Any) -> None:
     """pydicom's raw_element_value hook. A value it converts for _parse_pydicom (the first file meta element,
     TransferSyntaxUID, PatientID) that says it is a sequence it parses from its bytes on a reader of its own, outside
-    the read bound (0.6 s of CPU for 256 KiB of empty items, on the event loop for a write-through upload): none is one."""
+    the read bound (0.6 s of CPU for 256 KiB of empty items, on the event loop for a write-through upload): none of
+    them is one."""
     from pydicom.hooks import raw_element_value
 
     if data["VR"] == "SQ" and _PARSING.get():
