@@ -36,11 +36,14 @@ class Decision:
     retention: str       # the object tag lifecycle rules select on: '<days>d', 'age<N>' or 'none'
 
 
-def _birth(h: Header) -> datetime.datetime | None:
+def _birth(h: Header, stored: datetime.datetime) -> datetime.datetime | None:
+    """The header's birth date; None without one, or after the file was stored (a day's slack: the modality's
+    local day): the client writes it, and 2999 locked the object for ever, 9999 was past datetime's last year."""
     try:
-        return datetime.datetime.strptime(h.birth_date or "", "%Y%m%d").replace(tzinfo=UTC)
+        born = datetime.datetime.strptime(h.birth_date or "", "%Y%m%d").replace(tzinfo=UTC)
     except ValueError:
         return None
+    return born if born <= stored + datetime.timedelta(days=1) else None
 
 
 def _plus_years(t: datetime.datetime, years: int) -> datetime.datetime:
@@ -130,7 +133,7 @@ class DicomRetention:
             if rule.retention_days:
                 terms.append((stored + datetime.timedelta(seconds=rule.retention_days * DAY),
                               f"{name}: {rule.retention_days} days", f"{rule.retention_days}d"))
-            born = _birth(h) if rule.until_age else None
+            born = _birth(h, stored) if rule.until_age else None
             if born is not None:
                 terms.append((_plus_years(born, rule.until_age), f"{name}: until age {rule.until_age}",
                               f"age{rule.until_age}"))
