@@ -336,14 +336,12 @@ class HttpServer:
                                       "send it)"}, status=401)
         if request.method == "POST" and request.content_type != "application/json":
             return web.json_response({"error": "admin POSTs take Content-Type: application/json"}, status=415)
-        body: dict[str, Any] = {}
-        if request.can_read_body:
-            try:
-                parsed = await request.json()
-            except ValueError:
-                parsed = None
-            # a body that is not a JSON object reaches the handler as {}: it names what it expected
-            body = parsed if isinstance(parsed, dict) else {}
+        try:
+            parsed = await request.json() if request.can_read_body else {}
+        except ValueError:
+            parsed = None
+        # a body that is not a JSON object reaches the handler as {}: it names what it expected
+        body: dict[str, Any] = parsed if isinstance(parsed, dict) else {}
         status, result = await self._admin[(request.method, request.path)](dict(request.query), body)
         return web.json_response(result, status=status)
 
@@ -452,8 +450,7 @@ def status_lines(h: dict[str, Any]) -> list[tuple[str, str]]:
         e = h["eviction"]
         ratio = e.get("recent_hit_ratio")
         rows.append(("cache policy", f"{e.get('stack', e['policy'])} ({e.get('mode', 'rule')}); reads from the cache "
-                                     + ("in the last hour: none yet" if ratio is None else
-                                        f"in the last hour: {ratio:.1%}")))
+                                     f"in the last hour: {'none yet' if ratio is None else f'{ratio:.1%}'}"))
     if h.get("model"):
         rows.append(("model", f"{h['model'].get('version', '?')} ({h['model']['path']})"))
     return rows
