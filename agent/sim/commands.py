@@ -1,7 +1,4 @@
-"""`pacsgw gen-trace`, `import-trace`, `simulate` and `train` (wired into agent/cli.py by `register`).
-
-Also runnable without the CLI: `python -m agent.sim.commands gen-trace ...`.
-"""
+"""`pacsgw gen-trace`, `import-trace`, `simulate` and `train` (wired into agent/cli.py by `register`)."""
 
 from __future__ import annotations
 
@@ -179,14 +176,3 @@ def cmd_train(ns: argparse.Namespace) -> int:
     spec.loader.exec_module(mod)
     args = ns.args[1:] if ns.args[:1] == ["--"] else ns.args
     return int(mod.main(args))
-
-
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m agent.sim.commands")
-    register(ap.add_subparsers(dest="command", required=True))
-    ns = ap.parse_args(argv)
-    return int(ns.func(ns))
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
