@@ -77,14 +77,11 @@ logging.getLogger("aiohttp.server").addFilter(_quiet_bad_requests)  # the logger
 
 class _Connections:
     """A listener's open connections by address (an IPv6 one's /64: agent.auth.address_group), counted from their
-    accept to their close: one over MAX_CONNECTIONS_PER_ADDRESS or MAX_CONNECTIONS is closed as it comes, before
-    anything of it is read and before a TLS handshake (one http_refused event per address per REFUSALS_EVERY).
-    Counted once aiohttp had them, a TLS listener's connections counted only after their handshake: a client that
-    never started one held as many as it opened, IDLE_SECONDS each.
-    The requests answered on each connection are counted too (`answering`, by its descriptor): the last of
-    MAX_REQUESTS_PER_CONNECTION closes it, and one closed after IDLE_SECONDS without any answered (a silent or
-    slowloris client, headers trickled a byte a second) is told once a minute per address (http_idle_closed:
-    aiohttp closed those without a word)."""
+    accept (_Listening) to their close: one over MAX_CONNECTIONS_PER_ADDRESS or MAX_CONNECTIONS is closed before
+    anything of it is read or a TLS handshake (counted once aiohttp had them, a client that never started its
+    handshake held as many as it opened). The requests answered on each are counted too (`answering`): the last of
+    MAX_REQUESTS_PER_CONNECTION closes it; one closed after IDLE_SECONDS without any (a silent or slowloris client,
+    headers trickled a byte a second) is logged (http_idle_closed: aiohttp closed those without a word)."""
 
     def __init__(self, listener: str) -> None:
         self.listener = listener
