@@ -144,11 +144,9 @@ _refusals = Every(REFUSALS_EVERY)  # session_refused events (and audit records):
 
 
 def refuse_session(gw: Gateway, protocol: str, who: Who, reason: str, kind: str = "SessionLimit") -> None:
-    """A connection or login turned away at a session cap ([ftp]/[sftp] max_sessions_per_*, max_unauthenticated).
-    Each is counted in pacsgw_errors_total{kind}; the first of each protocol and reason per REFUSALS_EVERY is
-    logged and audited, with how many were refused since the one before: a client opening connections over a
-    cap as fast as it could wrote an event and an audit record each, filling the journal and rotating the
-    audit trail (its own earlier records too) away."""
+    """A connection or login turned away at a session cap ([ftp]/[sftp] max_sessions_per_*, max_unauthenticated):
+    counted each time, logged and audited once per protocol and reason per REFUSALS_EVERY: a client opening
+    connections over a cap as fast as it could filled the journal and rotated the audit trail away."""
     gw.count_error(protocol, kind)
     since = _refusals.due((protocol, reason))
     if since is None:
