@@ -102,8 +102,7 @@ class WorkloadParams:
     def __post_init__(self) -> None:
         if self.days < 1:
             raise ValueError("days must be >= 1")
-        unknown = set(self.modality_mix) - set(SHAPES)
-        if unknown:
+        if unknown := set(self.modality_mix) - set(SHAPES):
             raise ValueError(f"unknown modalities {sorted(unknown)}; known: {sorted(SHAPES)}")
         for key in ("{modality}", "{date}", "{study}", "{series}", "{instance}"):
             if key not in self.layout:
