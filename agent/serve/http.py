@@ -26,7 +26,7 @@ from aiohttp import hdrs, web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from agent.auth import REFUSALS_EVERY, Every, LoginGuard, address_group, unmapped, verify_password
-from agent.config import HttpConfig
+from agent.config import HttpConfig, fmt_bytes
 from agent.serve.contract import tls_context
 
 log = structlog.get_logger("pacsgw.http")
@@ -404,14 +404,6 @@ def _is_loopback(remote: str | None) -> bool:
         return False
 
 
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if abs(n) < 1000:
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} TB"
-
-
 def status_lines(h: dict[str, Any]) -> list[tuple[str, str]]:
     """The status as (label, value) rows: shared by the HTML page and `pacsgw status`."""
     c, m, u = h["cache"], h["memory"], h["uplink"]
@@ -422,18 +414,18 @@ def status_lines(h: dict[str, Any]) -> list[tuple[str, str]]:
         ("object storage", f"{u['endpoint']} bucket {u['bucket']} prefix {u['prefix'] or '(none)'}: "
                            + ("reachable" if u["reachable"] else "UNREACHABLE")),
         ("write mode", h["write_mode"]),
-        ("not yet in object storage", f"{h['queue_depth']} files, {human_bytes(h['queue_bytes'])}, "
+        ("not yet in object storage", f"{h['queue_depth']} files, {fmt_bytes(h['queue_bytes'])}, "
                                       f"oldest {h['oldest_dirty_seconds']:.0f} s"),
         ("pending deletes", str(h["pending_deletes"])),
         ("files known", str(c["files"])),
-        ("cache", f"{c['cached_files']} files, {human_bytes(c['bytes'])} of {human_bytes(c['max_bytes'])}; "
-                  f"disk {human_bytes(c['disk_free'])} free of {human_bytes(c['disk_total'])}"),
-        ("memory", f"agent RSS {human_bytes(m['rss'])}, system available {human_bytes(m['available'])}"),
+        ("cache", f"{c['cached_files']} files, {fmt_bytes(c['bytes'])} of {fmt_bytes(c['max_bytes'])}; "
+                  f"disk {fmt_bytes(c['disk_free'])} free of {fmt_bytes(c['disk_total'])}"),
+        ("memory", f"agent RSS {fmt_bytes(m['rss'])}, system available {fmt_bytes(m['available'])}"),
     ]
     if h.get("prefetch"):
         p = h["prefetch"]
         rows.append(("prefetch", f"{p['state']}, window {p['window']}, last run "
-                                 f"{human_bytes(p['last_run']['fetched_bytes'])}"
+                                 f"{fmt_bytes(p['last_run']['fetched_bytes'])}"
                                  + (f" (stopped: {p['last_run']['stopped']})" if p["last_run"]["stopped"] else "")))
     if h.get("ha"):
         a, peer = h["ha"], h["ha"]["peer"]

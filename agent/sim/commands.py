@@ -11,7 +11,7 @@ from typing import Iterator
 
 import structlog
 
-from agent.config import complain, parse_rate, parse_size
+from agent.config import complain, parse_rate, parse_size, unit_of
 
 log = structlog.get_logger(__name__)
 ROOT = Path(__file__).resolve().parents[2]
@@ -107,7 +107,7 @@ def cmd_import_trace(ns: argparse.Namespace) -> int:
 
 def cmd_simulate(ns: argparse.Namespace) -> int:
     from agent.sim.replay import LatencyModel, ReplayConfig, replay
-    from agent.sim.report import unit_of, write_report
+    from agent.sim.report import write_report
     from agent.sim.trace import check_replayable, load_arrays
 
     try:
