@@ -139,8 +139,7 @@ class _Counted(socket.socket):
 
 
 class _Listening(socket.socket):
-    """A listening socket whose accept (asyncio's, for every connection) admits by _Connections: the count starts
-    at the accept, before aiohttp or asyncio's TLS layer hear of the connection."""
+    """A listening socket whose accept (asyncio's, for every connection) admits by _Connections."""
 
     def __init__(self, family: int, connections: _Connections) -> None:
         super().__init__(family, socket.SOCK_STREAM)
