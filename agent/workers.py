@@ -24,10 +24,7 @@ log = structlog.get_logger("pacsgw.workers")
 
 RESTART_DELAYS = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0)  # a worker that keeps dying is restarted ever more slowly
 STABLE_SECONDS = 60.0  # a worker that ran this long starts the delays over when it dies
-
-
-def pid_dir(cfg: Config) -> Path:
-    return cfg.cache.dir / "workers"
+PID_DIR = "workers"  # in the cache directory: <index>.pid of each serving worker
 
 
 def worker_audit_path(path: Path, index: int) -> Path:
@@ -55,7 +52,7 @@ def retire_orphans(cfg: Config) -> list[int]:
     """Workers a killed owner left serving: ask them to drain and exit (new sessions go to the new
     processes, which listen on the same ports). → their pids."""
     told = []
-    for path in sorted(pid_dir(cfg).glob("*.pid")):
+    for path in sorted((cfg.cache.dir / PID_DIR).glob("*.pid")):
         with contextlib.suppress(OSError, ValueError):
             pid = int(path.read_text().strip())
             if _is_worker_of(pid, cfg):
