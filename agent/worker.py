@@ -7,16 +7,14 @@ import asyncio
 import contextlib
 import os
 import sys
-from pathlib import Path
 
 import structlog
 
-from agent.audit import AuditLog
 from agent.config import Config
 from agent.daemon import DRAIN_SECONDS, Agent, run_until_signal
 from agent.store.cache import Cache
 from agent.store.catalog import AsyncCatalog, Catalog
-from agent.workers import PID_DIR, worker_audit_path
+from agent.workers import PID_DIR, worker_audit
 
 log = structlog.get_logger("pacsgw.workers")
 
@@ -36,8 +34,7 @@ class Worker(Agent):
         self._build_uplink()  # the dispatcher (and its reset of claimed rows at start) is the owner's alone
         await self.s3.start()
         await self.line.start()
-        self.audit = AuditLog(worker_audit_path(Path(cfg.audit.path), self.index), cfg.audit.max_bytes,
-                              cfg.audit.keep, cfg.audit.enabled)
+        self.audit = worker_audit(cfg, self.index, cfg.audit.enabled)
         await self._start_gateway()  # and its own pressure monitor; the eviction loop stays with the owner
         await self._serve_ftp_sftp()  # its LoginGuard opens the box's shared counts (agent.auth)
         self.pid_file.parent.mkdir(exist_ok=True)
