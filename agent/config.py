@@ -57,6 +57,21 @@ def parse_rate(value: Any) -> int:
     return parse_size(value)
 
 
+def unit_of(text: str) -> str | None:
+    """The unit a size was given in ('3GB' → 'GB', '0.5 tib' → 'TiB'); None for bare bytes."""
+    letters = "".join(c for c in text if c.isalpha()).lower()
+    letters = {"k": "kb", "m": "mb", "g": "gb", "t": "tb"}.get(letters, letters)
+    return next((u for u in ("KB", "MB", "GB", "TB", "KiB", "MiB", "GiB", "TiB") if u.lower() == letters), None)
+
+
+def fmt_bytes(n: float, unit: str | None = None) -> str:
+    """`n` bytes in `unit`, or in the largest SI unit of which it holds at least one."""
+    if unit is None:
+        unit = next((u for u in ("TB", "GB", "MB", "KB") if abs(n) >= _SIZE_UNITS[u.lower()]), "B")
+    v = n / _SIZE_UNITS[unit.lower()]
+    return f"{v:,.0f} {unit}" if v >= 100 or unit == "B" else f"{v:,.2f} {unit}"
+
+
 # --- field helpers: a parser → the setting, or ValueError (TypeError, OverflowError) that _build reports
 
 

@@ -11,8 +11,6 @@ import structlog
 
 from agent.config import Config, load_or_exit, shown
 
-_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
-
 
 def _not_a_client_hangup(record: logging.LogRecord) -> bool:
     """aioftp reports a client's hang-up (reset, cancelled dispatcher) as an exception; that is a normal
@@ -35,6 +33,7 @@ class _EscapingFormatter(logging.Formatter):
 
 
 def configure(level: str = "info", fmt: str = "json") -> None:
+    threshold = logging.getLevelNamesMapping()[level.upper()]
     renderer = structlog.processors.JSONRenderer() if fmt == "json" else structlog.dev.ConsoleRenderer(colors=False)
     structlog.configure(
         processors=[
@@ -45,7 +44,7 @@ def configure(level: str = "info", fmt: str = "json") -> None:
               else [structlog.processors.format_exc_info, _escape_values]),
             renderer,
         ],
-        wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level]),
+        wrapper_class=structlog.make_filtering_bound_logger(threshold),
         # one write per line (the event and its newline together): the owner and its workers share the log
         logger_factory=structlog.WriteLoggerFactory(file=sys.stderr),
         cache_logger_on_first_use=True,
@@ -53,7 +52,7 @@ def configure(level: str = "info", fmt: str = "json") -> None:
     # Libraries (asyncssh, aioftp, botocore) log through stdlib logging: keep their noise at warning.
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(_EscapingFormatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
-    logging.basicConfig(level=max(_LEVELS[level], logging.WARNING), handlers=[handler])
+    logging.basicConfig(level=max(threshold, logging.WARNING), handlers=[handler])
     for name in ("asyncio", "aioftp.server"):
         logging.getLogger(name).addFilter(_not_a_client_hangup)
 

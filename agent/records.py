@@ -63,10 +63,8 @@ class Lock:
     legal_hold: bool
 
     def s3_args(self) -> dict[str, object]:
-        args: dict[str, object] = {"ObjectLockMode": self.mode, "ObjectLockRetainUntilDate": self.until}
-        if self.legal_hold:
-            args["ObjectLockLegalHoldStatus"] = "ON"
-        return args
+        return {"ObjectLockMode": self.mode, "ObjectLockRetainUntilDate": self.until,
+                **({"ObjectLockLegalHoldStatus": "ON"} if self.legal_hold else {})}
 
 
 @dataclass(frozen=True)

@@ -10,12 +10,12 @@ import io
 import json
 import os
 import time
-from pathlib import Path
 from typing import Any, Callable
 
 from agent.config import Config, UserConfig
 
 TIMEOUT = 30.0
+RESULT_FILE = "selfcheck.json"  # in the cache directory: the last run's results, for /healthz
 
 
 def local_host(h: str) -> str:
@@ -108,16 +108,12 @@ def run_selfcheck(cfg: Config) -> dict[str, Any]:
     report = {"ok": all(r["ok"] is not False for r in results.values()) and bool(results),
               "time": time.time(), "user": user.name if user else None, "results": results}
     with contextlib.suppress(OSError):  # for /healthz, which anyone reaching the port reads: no login name
-        result_path(cfg).write_text(json.dumps({k: v for k, v in report.items() if k != "user"}))
+        (cfg.cache.dir / RESULT_FILE).write_text(json.dumps({k: v for k, v in report.items() if k != "user"}))
     return report
-
-
-def result_path(cfg: Config) -> Path:
-    return cfg.cache.dir / "selfcheck.json"
 
 
 def last_result(cfg: Config) -> dict[str, Any] | None:
     try:
-        return json.loads(result_path(cfg).read_text())
+        return json.loads((cfg.cache.dir / RESULT_FILE).read_text())
     except (OSError, ValueError):
         return None

@@ -7,16 +7,14 @@ import asyncio
 import contextlib
 import os
 import sys
-from pathlib import Path
 
 import structlog
 
-from agent.audit import AuditLog
 from agent.config import Config
 from agent.daemon import DRAIN_SECONDS, Agent, run_until_signal
 from agent.store.cache import Cache
 from agent.store.catalog import AsyncCatalog, Catalog
-from agent.workers import pid_dir, worker_audit_path
+from agent.workers import PID_DIR, worker_audit
 
 log = structlog.get_logger("pacsgw.workers")
 
@@ -27,7 +25,7 @@ class Worker(Agent):
 
     def __init__(self, cfg: Config, index: int) -> None:
         super().__init__(cfg)
-        self.index = index
+        self.index, self.pid_file = index, cfg.cache.dir / PID_DIR / f"{index}.pid"
 
     async def start(self) -> None:
         cfg = self.cfg
@@ -36,21 +34,18 @@ class Worker(Agent):
         self._build_uplink()  # the dispatcher (and its reset of claimed rows at start) is the owner's alone
         await self.s3.start()
         await self.line.start()
-        self.audit = AuditLog(worker_audit_path(Path(cfg.audit.path), self.index), cfg.audit.max_bytes,
-                              cfg.audit.keep, cfg.audit.enabled)
+        self.audit = worker_audit(cfg, self.index, cfg.audit.enabled)
         await self._start_gateway()  # and its own pressure monitor; the eviction loop stays with the owner
         await self._serve_ftp_sftp()  # its LoginGuard opens the box's shared counts (agent.auth)
-        path = pid_dir(cfg) / f"{self.index}.pid"
-        path.parent.mkdir(exist_ok=True)
-        path.write_text(f"{os.getpid()}\n")
+        self.pid_file.parent.mkdir(exist_ok=True)
+        self.pid_file.write_text(f"{os.getpid()}\n")
         log.info("worker_started", worker=self.index, pid=os.getpid())
 
     async def stop(self, drain_seconds: float = DRAIN_SECONDS) -> None:
         await super().stop(drain_seconds)
         with contextlib.suppress(OSError):
-            path = pid_dir(self.cfg) / f"{self.index}.pid"
-            if path.read_text().strip() == str(os.getpid()):
-                path.unlink()
+            if self.pid_file.read_text().strip() == str(os.getpid()):
+                self.pid_file.unlink()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -24,22 +24,18 @@ log = structlog.get_logger("pacsgw.workers")
 
 RESTART_DELAYS = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0)  # a worker that keeps dying is restarted ever more slowly
 STABLE_SECONDS = 60.0  # a worker that ran this long starts the delays over when it dies
+PID_DIR = "workers"  # in the cache directory: <index>.pid of each serving worker
 
 
-def pid_dir(cfg: Config) -> Path:
-    return cfg.cache.dir / "workers"
-
-
-def worker_audit_path(path: Path, index: int) -> Path:
-    """A worker's own audit file beside the owner's (one writer per file: rotation is not multi-process)."""
-    return path.with_name(f"{path.stem}.worker{index}{path.suffix}")
+def worker_audit(cfg: Config, index: int, enabled: bool) -> AuditLog:
+    """Worker index's own audit file beside the owner's (one writer per file: rotation is not multi-process)."""
+    a, path = cfg.audit, Path(cfg.audit.path)
+    return AuditLog(path.with_name(f"{path.stem}.worker{index}{path.suffix}"), a.max_bytes, a.keep, enabled)
 
 
 def worker_audits(cfg: Config) -> list[AuditLog]:
     """The serving workers' audit files, which the owner ships (enabled=False: it only reads and trims them)."""
-    a = cfg.audit
-    return [AuditLog(worker_audit_path(Path(a.path), i), a.max_bytes, a.keep, False)
-            for i in range(1, cfg.server.serving_processes())]
+    return [worker_audit(cfg, i, False) for i in range(1, cfg.server.serving_processes())]
 
 
 def _is_worker_of(pid: int, cfg: Config) -> bool:
@@ -55,7 +51,7 @@ def retire_orphans(cfg: Config) -> list[int]:
     """Workers a killed owner left serving: ask them to drain and exit (new sessions go to the new
     processes, which listen on the same ports). → their pids."""
     told = []
-    for path in sorted(pid_dir(cfg).glob("*.pid")):
+    for path in sorted((cfg.cache.dir / PID_DIR).glob("*.pid")):
         with contextlib.suppress(OSError, ValueError):
             pid = int(path.read_text().strip())
             if _is_worker_of(pid, cfg):

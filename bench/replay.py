@@ -24,7 +24,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from agent.sim.commands import main as pacsgw_sim  # noqa: E402
+from agent.cli import main as pacsgw_sim  # noqa: E402
 from agent.sim.workload import HELD_OUT, TUNING  # noqa: E402
 
 CAPACITY = {"general": "1TB", "oncology": "0.5TB"}

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from agent.cli import main
 from agent.config import PrefetchConfig
-from agent.sim.commands import main
 from agent.sim.trace import iter_requests
 from agent.store.evictor import study_of as live_study_of
 

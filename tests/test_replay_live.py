@@ -24,8 +24,8 @@ import numpy as np
 import pytest
 from pydicom.uid import generate_uid
 
+from agent.cli import main as sim
 from agent.config import CacheConfig
-from agent.sim.commands import main as sim
 from agent.sim.replay import SCHEMES, ReplayConfig, replay
 from agent.sim.trace import COLUMNS, MAGIC, iter_requests, load_arrays
 from agent.sim.workload import DAY

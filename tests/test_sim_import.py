@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from agent.audit import AuditLog, Who
-from agent.sim.commands import main
+from agent.cli import main
 from agent.sim.importer import TraceImportError, import_trace
 from agent.sim.trace import check_replayable, iter_requests, load_arrays, read_header
 from agent.sim.workload import DAY

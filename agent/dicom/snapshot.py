@@ -131,23 +131,21 @@ async def write(cfg: Config, rows: Iterable[Row]) -> dict[str, Any]:
         reader.shutdown(wait=False)
 
 
-async def scheduled(cfg: Config, active: Callable[[], bool]) -> dict[str, Any] | None:
+async def scheduled(cfg: Config, active: Callable[[], bool]) -> None:
     """The agent's snapshot every `[dicom] snapshot_interval` (tried again at the next after a failure): written now
-    unless active() is False (an HA standby's would replace a full snapshot with an empty one); → its manifest, None
-    when none was written."""
+    unless active() is False (an HA standby's would replace a full snapshot with an empty one)."""
     if not active():
         log.info("index_snapshot_skipped", reason="HA standby: the active box writes the snapshot")
-        return None
+        return
     t0 = time.monotonic()
     try:
         manifest = await write(cfg, catalog_rows(cfg.catalog_path))
     except Exception as e:  # the line may be down: the next interval tries again
         log.error("index_snapshot_failed", error=error_code(e), detail=str(e)[:300],
                   retry_in=cfg.dicom.snapshot_interval)
-        return None
+        return
     log.info("index_snapshot_written", snapshot=manifest["snapshot"], rows=manifest["rows"],
              segments=len(manifest["segments"]), seconds=round(time.monotonic() - t0, 2))
-    return manifest
 
 
 async def _manifest(s3: S3Uplink, prefix: str) -> dict[str, Any] | None:

@@ -6,16 +6,13 @@
   (default_permissions), so no other local account of the box reads or changes the archive through it.
   The object store keeps no modes; FTP and SFTP only display them.
 * Errors: one table (`ANSWERS`) says what each gateway error is in every protocol (FTP: 450/451/452 are
-  transient, "try again", 55x permanent; SMB: an errno Samba turns into an NT status). `report` counts a
-  gateway error in pacsgw_errors_total{protocol,kind} and logs it as `<protocol>_error`; a request the front
-  end refused itself, before the gateway saw it (a path outside the user's root, a name no client may use),
-  is audited here as 'refused'. Whatever reached the gateway was audited there, once. The path a client sent
-  is logged and audited cut to SHOWN_PATH_BYTES (JSON-escaped), so one refused request writes a bounded record.
-* Logins: `login` logs a password check (`login` / `login_failed`), tells the LoginGuard and audits a failure;
-  a success is audited by the front end once the session is really open (FTP may still refuse it).
+  transient, "try again", 55x permanent; SMB: an errno Samba turns into an NT status). A request the front end
+  refused itself, before the gateway saw it (a path outside the user's root, a name no client may use), is
+  audited by `report` as 'refused'; whatever reached the gateway was audited there, once.
+* Logins: a success is audited by the front end once the session is really open (FTP may still refuse it).
 * Opening for write (create, exclusive, truncate, resume) is decided by the facade:
   Gateway.open_for_write, Gateway.open_write (FTP's REST) and Gateway.truncate.
-* Idle sessions: `Idle`, one re-arming timer per session (FTP's idle_timeout, SFTP's; SMB has Samba's deadtime).
+* Idle sessions: `Idle` (FTP's idle_timeout, SFTP's; SMB has Samba's deadtime).
 """
 
 from __future__ import annotations
@@ -147,11 +144,9 @@ _refusals = Every(REFUSALS_EVERY)  # session_refused events (and audit records):
 
 
 def refuse_session(gw: Gateway, protocol: str, who: Who, reason: str, kind: str = "SessionLimit") -> None:
-    """A connection or login turned away at a session cap ([ftp]/[sftp] max_sessions_per_*, max_unauthenticated).
-    Each is counted in pacsgw_errors_total{kind}; the first of each protocol and reason per REFUSALS_EVERY is
-    logged and audited, with how many were refused since the one before: a client opening connections over a
-    cap as fast as it could wrote an event and an audit record each, filling the journal and rotating the
-    audit trail (its own earlier records too) away."""
+    """A connection or login turned away at a session cap ([ftp]/[sftp] max_sessions_per_*, max_unauthenticated):
+    counted each time, logged and audited once per protocol and reason per REFUSALS_EVERY: a client opening
+    connections over a cap as fast as it could filled the journal and rotated the audit trail away."""
     gw.count_error(protocol, kind)
     since = _refusals.due((protocol, reason))
     if since is None:

@@ -26,7 +26,7 @@ from aiohttp import hdrs, web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from agent.auth import REFUSALS_EVERY, Every, LoginGuard, address_group, unmapped, verify_password
-from agent.config import HttpConfig
+from agent.config import HttpConfig, fmt_bytes
 from agent.serve.contract import tls_context
 
 log = structlog.get_logger("pacsgw.http")
@@ -77,14 +77,11 @@ logging.getLogger("aiohttp.server").addFilter(_quiet_bad_requests)  # the logger
 
 class _Connections:
     """A listener's open connections by address (an IPv6 one's /64: agent.auth.address_group), counted from their
-    accept to their close: one over MAX_CONNECTIONS_PER_ADDRESS or MAX_CONNECTIONS is closed as it comes, before
-    anything of it is read and before a TLS handshake (one http_refused event per address per REFUSALS_EVERY).
-    Counted once aiohttp had them, a TLS listener's connections counted only after their handshake: a client that
-    never started one held as many as it opened, IDLE_SECONDS each.
-    The requests answered on each connection are counted too (`answering`, by its descriptor): the last of
-    MAX_REQUESTS_PER_CONNECTION closes it, and one closed after IDLE_SECONDS without any answered (a silent or
-    slowloris client, headers trickled a byte a second) is told once a minute per address (http_idle_closed:
-    aiohttp closed those without a word)."""
+    accept (_Listening) to their close: one over MAX_CONNECTIONS_PER_ADDRESS or MAX_CONNECTIONS is closed before
+    anything of it is read or a TLS handshake (counted once aiohttp had them, a client that never started its
+    handshake held as many as it opened). The requests answered on each are counted too (`answering`): the last of
+    MAX_REQUESTS_PER_CONNECTION closes it; one closed after IDLE_SECONDS without any (a silent or slowloris client,
+    headers trickled a byte a second) is logged (http_idle_closed: aiohttp closed those without a word)."""
 
     def __init__(self, listener: str) -> None:
         self.listener = listener
@@ -142,8 +139,7 @@ class _Counted(socket.socket):
 
 
 class _Listening(socket.socket):
-    """A listening socket whose accept (asyncio's, for every connection) admits by _Connections: the count starts
-    at the accept, before aiohttp or asyncio's TLS layer hear of the connection."""
+    """A listening socket whose accept (asyncio's, for every connection) admits by _Connections."""
 
     def __init__(self, family: int, connections: _Connections) -> None:
         super().__init__(family, socket.SOCK_STREAM)
@@ -336,14 +332,12 @@ class HttpServer:
                                       "send it)"}, status=401)
         if request.method == "POST" and request.content_type != "application/json":
             return web.json_response({"error": "admin POSTs take Content-Type: application/json"}, status=415)
-        body: dict[str, Any] = {}
-        if request.can_read_body:
-            try:
-                parsed = await request.json()
-            except ValueError:
-                parsed = None
-            # a body that is not a JSON object reaches the handler as {}: it names what it expected
-            body = parsed if isinstance(parsed, dict) else {}
+        try:
+            parsed = await request.json() if request.can_read_body else {}
+        except ValueError:
+            parsed = None
+        # a body that is not a JSON object reaches the handler as {}: it names what it expected
+        body: dict[str, Any] = parsed if isinstance(parsed, dict) else {}
         status, result = await self._admin[(request.method, request.path)](dict(request.query), body)
         return web.json_response(result, status=status)
 
@@ -409,14 +403,6 @@ def _is_loopback(remote: str | None) -> bool:
         return False
 
 
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if abs(n) < 1000:
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} TB"
-
-
 def status_lines(h: dict[str, Any]) -> list[tuple[str, str]]:
     """The status as (label, value) rows: shared by the HTML page and `pacsgw status`."""
     c, m, u = h["cache"], h["memory"], h["uplink"]
@@ -427,18 +413,18 @@ def status_lines(h: dict[str, Any]) -> list[tuple[str, str]]:
         ("object storage", f"{u['endpoint']} bucket {u['bucket']} prefix {u['prefix'] or '(none)'}: "
                            + ("reachable" if u["reachable"] else "UNREACHABLE")),
         ("write mode", h["write_mode"]),
-        ("not yet in object storage", f"{h['queue_depth']} files, {human_bytes(h['queue_bytes'])}, "
+        ("not yet in object storage", f"{h['queue_depth']} files, {fmt_bytes(h['queue_bytes'])}, "
                                       f"oldest {h['oldest_dirty_seconds']:.0f} s"),
         ("pending deletes", str(h["pending_deletes"])),
         ("files known", str(c["files"])),
-        ("cache", f"{c['cached_files']} files, {human_bytes(c['bytes'])} of {human_bytes(c['max_bytes'])}; "
-                  f"disk {human_bytes(c['disk_free'])} free of {human_bytes(c['disk_total'])}"),
-        ("memory", f"agent RSS {human_bytes(m['rss'])}, system available {human_bytes(m['available'])}"),
+        ("cache", f"{c['cached_files']} files, {fmt_bytes(c['bytes'])} of {fmt_bytes(c['max_bytes'])}; "
+                  f"disk {fmt_bytes(c['disk_free'])} free of {fmt_bytes(c['disk_total'])}"),
+        ("memory", f"agent RSS {fmt_bytes(m['rss'])}, system available {fmt_bytes(m['available'])}"),
     ]
     if h.get("prefetch"):
         p = h["prefetch"]
         rows.append(("prefetch", f"{p['state']}, window {p['window']}, last run "
-                                 f"{human_bytes(p['last_run']['fetched_bytes'])}"
+                                 f"{fmt_bytes(p['last_run']['fetched_bytes'])}"
                                  + (f" (stopped: {p['last_run']['stopped']})" if p["last_run"]["stopped"] else "")))
     if h.get("ha"):
         a, peer = h["ha"], h["ha"]["peer"]
@@ -452,8 +438,7 @@ def status_lines(h: dict[str, Any]) -> list[tuple[str, str]]:
         e = h["eviction"]
         ratio = e.get("recent_hit_ratio")
         rows.append(("cache policy", f"{e.get('stack', e['policy'])} ({e.get('mode', 'rule')}); reads from the cache "
-                                     + ("in the last hour: none yet" if ratio is None else
-                                        f"in the last hour: {ratio:.1%}")))
+                                     f"in the last hour: {'none yet' if ratio is None else f'{ratio:.1%}'}"))
     if h.get("model"):
         rows.append(("model", f"{h['model'].get('version', '?')} ({h['model']['path']})"))
     return rows

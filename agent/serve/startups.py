@@ -3,13 +3,11 @@ MaxStartups). max_sessions_per_address bounds one address only: a client with ma
 IPv6 /64) opened 64 connections from each and held them without a password until login_timeout, each a
 descriptor, a task and buffers, and the PACS's own connections then found none left.
 
-Each connection takes a LoginGuard slot (scope '<protocol> unauthenticated': counted over every serving process
-of the box, apart per protocol) when it is accepted, and gives it back once it logs in or ends. One over the cap
-is refused (FTP: 421, SSH: closed), counted in pacsgw_errors_total{kind="UnauthenticatedLimit"}, and logged and
-audited as every session cap's refusals are (agent.serve.contract.refuse_session: once a minute per reason).
-A full cap is a lever against the PACS too (256 connections held from a few addresses kept every new one out),
-so an address some user has logged in from before (LoginGuard's trusted addresses, since boot) is let in
-uncounted even then: only max_sessions_per_address bounds it.
+Each connection holds a LoginGuard slot (counted over every serving process of the box, apart per protocol) from
+its accept until it logs in or ends; one over the cap is refused (FTP: 421, SSH: closed) and reported as every
+session cap's refusals are (contract.refuse_session). A full cap is a lever against the PACS too (256 connections
+held from a few addresses kept every new one out), so an address some user has logged in from before (LoginGuard's
+trusted addresses, since boot) is let in uncounted even then: only max_sessions_per_address bounds it.
 """
 
 from __future__ import annotations

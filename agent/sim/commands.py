@@ -1,7 +1,4 @@
-"""`pacsgw gen-trace`, `import-trace`, `simulate` and `train` (wired into agent/cli.py by `register`).
-
-Also runnable without the CLI: `python -m agent.sim.commands gen-trace ...`.
-"""
+"""`pacsgw gen-trace`, `import-trace`, `simulate` and `train` (wired into agent/cli.py by `register`)."""
 
 from __future__ import annotations
 
@@ -14,7 +11,7 @@ from typing import Iterator
 
 import structlog
 
-from agent.config import complain, parse_rate, parse_size
+from agent.config import complain, parse_rate, parse_size, unit_of
 
 log = structlog.get_logger(__name__)
 ROOT = Path(__file__).resolve().parents[2]
@@ -110,7 +107,7 @@ def cmd_import_trace(ns: argparse.Namespace) -> int:
 
 def cmd_simulate(ns: argparse.Namespace) -> int:
     from agent.sim.replay import LatencyModel, ReplayConfig, replay
-    from agent.sim.report import unit_of, write_report
+    from agent.sim.report import write_report
     from agent.sim.trace import check_replayable, load_arrays
 
     try:
@@ -179,14 +176,3 @@ def cmd_train(ns: argparse.Namespace) -> int:
     spec.loader.exec_module(mod)
     args = ns.args[1:] if ns.args[:1] == ["--"] else ns.args
     return int(mod.main(args))
-
-
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m agent.sim.commands")
-    register(ap.add_subparsers(dest="command", required=True))
-    ns = ap.parse_args(argv)
-    return int(ns.func(ns))
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

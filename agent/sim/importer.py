@@ -327,9 +327,7 @@ def load(src: str | Path, fmt: str = "auto", start: str | None = None,
 
 def write(rows: list[Row], summary: Summary, dst: str | Path) -> dict:
     """The trace file (agent.sim.trace format, no `S` catalog lines: the archive before it is unknown)."""
-    written: dict[str, int] = {}
-    for r in rows:
-        written.setdefault(r.path, r.size)
+    written = {r.path: r.size for r in rows}  # one size a path: repair gave reads their object's
     summary.writes = sum(r.write for r in rows)
     summary.reads = len(rows) - summary.writes
     summary.objects, summary.studies = len(written), len({r.study for r in rows})

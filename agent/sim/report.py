@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import structlog
 
+from agent.config import fmt_bytes
 from agent.sim.catalog_memory import CatalogMemory
 from agent.sim.replay import DEFAULT_SCHEME, SCHEMES, ReplayConfig, SchemeResult
 from agent.sim.trace import TraceArrays
@@ -42,24 +43,6 @@ def gaps(results: list[SchemeResult], refs: list) -> dict[str, tuple[float | Non
         return (x - lo) / (hi - lo) if hi - lo > 1e-9 else None
     return {r.scheme: (share(r.hit_ratio, lru.hit_ratio, best_obj),
                        share(r.byte_hit_ratio, lru.byte_hit_ratio, best_byte)) for r in results}
-
-
-_UNITS = {"B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9, "TB": 1e12, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30, "TiB": 2**40}
-
-
-def unit_of(text: str) -> str | None:
-    """The unit a size was given in ('3GB' → 'GB', '0.5 tib' → 'TiB'); None for bare bytes."""
-    letters = "".join(c for c in text if c.isalpha()).lower()
-    letters = {"k": "kb", "m": "mb", "g": "gb", "t": "tb"}.get(letters, letters)
-    return next((u for u in _UNITS if u.lower() == letters and u != "B"), None)
-
-
-def fmt_bytes(n: float, unit: str | None = None) -> str:
-    """`n` bytes in `unit`, or in the largest SI unit of which it holds at least one."""
-    if unit is None:
-        unit = next((u for u in ("TB", "GB", "MB", "KB") if abs(n) >= _UNITS[u]), "B")
-    v = n / _UNITS[unit]
-    return f"{v:,.0f} {unit}" if v >= 100 or unit == "B" else f"{v:,.2f} {unit}"
 
 
 def memory_line(scheme: str, ta: TraceArrays, catalog: CatalogMemory | None) -> str:

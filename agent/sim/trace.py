@@ -45,8 +45,7 @@ def write_trace(g: Generator, path: str | Path, progress: bool = False) -> dict:
             "monthly_tb": g.p.monthly_tb, "layout": g.p.layout, "archive_bytes": archive_bytes,
             "archive_files": archive_files, "params": dataclasses.asdict(g.p)}
     n = nbytes = 0
-    bar = _bar(progress, g.p.days, "gen-trace (days)")
-    with _open(path, "w") as f:
+    with _open(path, "w") as f, _bar(progress, g.p.days, "gen-trace (days)") as bar:
         f.write(MAGIC + json.dumps(meta, sort_keys=True) + "\n" + "\t".join(COLUMNS) + "\n")
         names: dict[int, tuple[list[int], str, list[str]]] = {}
         # The catalog's view of the archive at the start: one `S` line per pre-existing study of every
@@ -72,7 +71,6 @@ def write_trace(g: Generator, path: str | Path, progress: bool = False) -> dict:
             if len(names) > 50_000:   # bound memory: the names of a day's studies are enough
                 names.clear()
             bar.update(1)
-    bar.close()
     meta.update(requests=n, request_bytes=nbytes)
     return meta
 

@@ -102,8 +102,7 @@ class WorkloadParams:
     def __post_init__(self) -> None:
         if self.days < 1:
             raise ValueError("days must be >= 1")
-        unknown = set(self.modality_mix) - set(SHAPES)
-        if unknown:
+        if unknown := set(self.modality_mix) - set(SHAPES):
             raise ValueError(f"unknown modalities {sorted(unknown)}; known: {sorted(SHAPES)}")
         for key in ("{modality}", "{date}", "{study}", "{series}", "{instance}"):
             if key not in self.layout:
@@ -231,12 +230,9 @@ class Generator:
         self.events: list[Event] = []
         self._seq = 0
         mix = {m: s for m, s in params.modality_mix.items() if s > 0}
-        total = sum(mix.values())
-        self.modalities = list(mix)
-        self.mod_p = np.array([mix[m] / total for m in self.modalities])
-        dep_total = sum(d.share for d in params.departments.values())
-        self.departments = list(params.departments)
-        self.dep_p = np.array([params.departments[d].share / dep_total for d in self.departments])
+        self.modalities, self.mod_p = list(mix), np.array(list(mix.values())) / sum(mix.values())
+        shares = [d.share for d in params.departments.values()]
+        self.departments, self.dep_p = list(params.departments), np.array(shares) / sum(shares)
 
     # -- sizes
     def expected_study_bytes(self) -> float:

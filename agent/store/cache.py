@@ -192,11 +192,8 @@ class Cache:
             os.close(fd)
 
     def open_verified(self, blob: str, sha256: str | None) -> tuple[int | None, str | None]:
-        """Open a cached copy only if its bytes hash to sha256 (and stamp it). Blocking: run in a thread.
-
-        The full check of a copy (scrub, fsck, a read of a copy without a valid stamp).
-        → (fd, None), or (None, 'missing' | 'checksum mismatch').
-        """
+        """Open a cached copy only if its bytes hash to sha256 (and stamp it): the full check of a copy (scrub, fsck,
+        a read of a copy without a valid stamp). Blocking. → (fd, None), or (None, 'missing' | 'checksum mismatch')."""
         try:
             fd = self.open_blob(blob)
         except FileNotFoundError:
@@ -218,9 +215,7 @@ class Cache:
         nowait: read only what the page cache holds (a copy just written or read: the common hit), so the
         caller may run this on its event loop; → (None, WOULD_BLOCK) when the check needs the disk or a full
         SHA-256 pass, to be run again without nowait in a thread.
-
-        → (Opened, None), or (None, 'missing' | 'size mismatch' | 'checksum mismatch').
-        """
+        → (Opened, None), or (None, 'missing' | 'size mismatch' | 'checksum mismatch')."""
         try:
             fd = self.open_blob(blob)
         except FileNotFoundError:

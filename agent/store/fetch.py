@@ -32,8 +32,7 @@ async def download(s3: S3Uplink, cache: Cache, e: Entry, blob: str, fd: int,
     on_verified() once the bytes matched, before the commit (readers may then have the end of the file).
     Chunks are written and hashed on the loop, the copy committed there: a thread hop cost more CPU than the work
     it carried (docs/benchmarks.md §32).
-    Raises Corrupt when the bytes are not the ones the catalog (or the object's metadata) recorded.
-    """
+    Raises Corrupt when the bytes are not the ones the catalog (or the object's metadata) recorded."""
     h, fast = hashlib.sha256(), fast_hash()
     written = 0
     try:

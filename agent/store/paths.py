@@ -104,8 +104,7 @@ def study_of(path: str, depth: int) -> str:
     file by file on every tuning family, docs/replay.md "round 18 — layouts").
 
     The one rule for the live agent's eviction groups and `pacsgw import-trace`, so a hospital replaying its own
-    month groups files as the box then will.
-    """
+    month groups files as the box then will."""
     parts = path.split("/")
     return "/".join(parts[:depth]) if len(parts) > depth else path.rpartition("/")[0] or path
 

@@ -205,11 +205,6 @@ def parse_timestamp(value: str) -> datetime:
     return cast(datetime, botocore_parse_timestamp(value))
 
 
-def _epoch(mtime: Any) -> float:
-    """A listed object's LastModified (a datetime; epoch seconds from some servers) → epoch seconds."""
-    return mtime.timestamp() if isinstance(mtime, datetime) else float(mtime)
-
-
 def b64(digest_hex: str) -> str:
     return base64.b64encode(bytes.fromhex(digest_hex)).decode()
 
@@ -594,7 +589,9 @@ class S3Uplink:
 
     def _row(self, obj: Mapping[str, Any]) -> Row:
         """A listed object → (its path in the namespace, its listed size, mtime, ETag)."""
-        return obj["Key"][len(self.cfg.prefix):], obj["Size"], _epoch(obj["LastModified"]), obj.get("ETag")
+        mtime = obj["LastModified"]  # a datetime; epoch seconds from some servers
+        mtime = mtime.timestamp() if isinstance(mtime, datetime) else float(mtime)
+        return obj["Key"][len(self.cfg.prefix):], obj["Size"], mtime, obj.get("ETag")
 
     async def walk(self, logical: bool = True) -> AsyncIterator[list[Row]]:
         """Every object of the namespace, a page at a time, invalid paths left out; logical=False: sizes as listed."""

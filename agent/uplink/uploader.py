@@ -334,9 +334,8 @@ class Uploader:
             # for the copy) and S3 refuses a copy onto itself. Nothing to send.
             return PutResult(head.get("ETag"), head.get("VersionId"))
         if head is None or src == e.path or (e.blob is not None and sha != e.sha256):
-            # The source went away (deleted behind our back), or its key holds other content (renamed away and
-            # back, or a new file stored under the old name before this copy ran): upload from the cache if we
-            # still can.
+            # The source went away (deleted behind our back), or its key holds other content (renamed away and back,
+            # or a new file stored under the old name before this copy ran): upload from the cache if we still can.
             await self.db.drop_copy_source(e.path, e.gen)
             return await self._upload(e)
         if not same:
