@@ -1,5 +1,6 @@
 """bench/relayout.py's `dayuid` layout (docs/replay.md, round 26): the day layout's paths, grouped by the study a file's
-DICOM header names (the trace's study) instead of by the day directory, and no patient (no priors)."""
+DICOM header names (the trace's study) instead of by the day directory, and no patient (no priors); `dayhdr` (round 27):
+the same with the header's patient and modality too (the prior planner's input)."""
 
 from __future__ import annotations
 
@@ -29,3 +30,14 @@ def test_dayuid_keeps_the_day_paths_and_groups_by_the_study(tmp_path: Path) -> N
     assert {r.study for r in day} == {"2026/01/05"}                 # the day directory is one "study"
     assert [r.study for r in uid] == ["ST00000001", "ST00000001", "ST00000002", "ST00000001"]
     assert all(r.patient == r.study for r in uid)                   # no patient column: no priors
+
+
+def test_dayhdr_adds_the_headers_patient_and_modality(tmp_path: Path) -> None:
+    src = tmp_path / "t.tsv"
+    src.write_text(MAGIC + "{}\n" + "\t".join(COLUMNS) + "\n" + "".join("\t".join(r) + "\n" for r in ROWS))
+    uid_csv, hdr_csv = relayout(src, str(tmp_path / "x"), ["dayuid", "dayhdr"])
+    uid, _ = load(uid_csv, start="2026-01-05")
+    hdr, _ = load(hdr_csv, start="2026-01-05")
+    assert [(r.t, r.path, r.study) for r in hdr] == [(r.t, r.path, r.study) for r in uid]
+    assert [(r.patient, r.modality, r.department) for r in hdr] == [("P1", "CT", "-"), ("P1", "CT", "-"),
+                                                                    ("P2", "MR", "-"), ("P1", "CT", "-")]
