@@ -306,7 +306,11 @@ class PriorFetcher:
         DICOM file ingested), and plan for each new study. The queue stays non-empty while its batch is read."""
         while self._stored:
             batch = self._stored[:]
-            heads = await asyncio.to_thread(_headers, [content for _, _, content in batch])
+            try:
+                heads = await asyncio.to_thread(_headers, [content for _, _, content in batch])
+            except Exception as e:  # the batch is lost, not the queue: a drain that died would leave it unread for good
+                log.error("prior_headers_failed", files=len(batch), error=repr(e)[:300])
+                heads = [None] * len(batch)
             del self._stored[:len(batch)]
             for (d, path, _), h in zip(batch, heads, strict=True):
                 if h is None or (key := self.key(d, h.study_uid)) in self._seen:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from agent.sim.importer import load
+from agent.sim.importer import Row, load
 from agent.sim.trace import COLUMNS, MAGIC
 from bench.relayout import relayout
 
@@ -19,12 +19,15 @@ ROWS = [  # two studies written on one day, the first read later; a catalog line
 ]
 
 
-def test_dayuid_keeps_the_day_paths_and_groups_by_the_study(tmp_path: Path) -> None:
+def relaid(tmp_path: Path, layouts: list[str]) -> list[list[Row]]:
+    """ROWS under each layout, as `pacsgw import-trace` reads the CSV."""
     src = tmp_path / "t.tsv"
     src.write_text(MAGIC + "{}\n" + "\t".join(COLUMNS) + "\n" + "".join("\t".join(r) + "\n" for r in ROWS))
-    day_csv, uid_csv = relayout(src, str(tmp_path / "x"), ["day", "dayuid"])
-    day, _ = load(day_csv, start="2026-01-05")
-    uid, _ = load(uid_csv, start="2026-01-05")
+    return [load(csv, start="2026-01-05")[0] for csv in relayout(src, str(tmp_path / "x"), layouts)]
+
+
+def test_dayuid_keeps_the_day_paths_and_groups_by_the_study(tmp_path: Path) -> None:
+    day, uid = relaid(tmp_path, ["day", "dayuid"])
     assert [(r.t, r.write, r.path, r.size) for r in uid] == [(r.t, r.write, r.path, r.size) for r in day]
     assert {r.path.rpartition("/")[0] for r in uid} == {"2026/01/05"}
     assert {r.study for r in day} == {"2026/01/05"}                 # the day directory is one "study"
@@ -33,11 +36,7 @@ def test_dayuid_keeps_the_day_paths_and_groups_by_the_study(tmp_path: Path) -> N
 
 
 def test_dayhdr_adds_the_headers_patient_and_modality(tmp_path: Path) -> None:
-    src = tmp_path / "t.tsv"
-    src.write_text(MAGIC + "{}\n" + "\t".join(COLUMNS) + "\n" + "".join("\t".join(r) + "\n" for r in ROWS))
-    uid_csv, hdr_csv = relayout(src, str(tmp_path / "x"), ["dayuid", "dayhdr"])
-    uid, _ = load(uid_csv, start="2026-01-05")
-    hdr, _ = load(hdr_csv, start="2026-01-05")
+    uid, hdr = relaid(tmp_path, ["dayuid", "dayhdr"])
     assert [(r.t, r.path, r.study) for r in hdr] == [(r.t, r.path, r.study) for r in uid]
     assert [(r.patient, r.modality, r.department) for r in hdr] == [("P1", "CT", "-"), ("P1", "CT", "-"),
                                                                     ("P2", "MR", "-"), ("P1", "CT", "-")]
