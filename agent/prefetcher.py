@@ -11,7 +11,7 @@ import time
 from contextlib import AbstractAsyncContextManager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Hashable, Protocol, cast
+from typing import Callable, Coroutine, Hashable, Protocol
 
 import structlog
 
@@ -121,7 +121,8 @@ class Fetcher:
         return ""
 
     async def fetch_dir(self, d: str, deadline: float, status: RunStatus, kind: str) -> str:
-        """→ '' when every missing file below d was fetched (or failed, logged), else why the run stopped."""
+        """→ '' when every missing file of directory or study d (catalog OF_STUDY) was fetched (or failed, logged),
+        else why the run stopped."""
         after = ""
         while page := await self.db.missing_page(d, after, self.PAGE):
             for e in page:
@@ -242,8 +243,8 @@ class CacheView(Protocol):
 
 @dataclass
 class PriorFetcher:
-    """When the first file of a new study directory is stored: read its DICOM header, remember the study
-    (catalog `studies` table), and fetch the patient's earlier studies within the budget."""
+    """When the first file of a new study is stored: read its DICOM header, remember the study (catalog `studies`
+    table), and fetch the patient's earlier studies within the budget."""
 
     cfg: Config
     db: AsyncCatalog
@@ -251,11 +252,13 @@ class PriorFetcher:
     fetcher: Fetcher
     stack: PolicyStack
     view: CacheView
-    _seen: dict[str, None] = field(default_factory=dict)   # recent study dirs: no catalog query per file
+    _seen: dict[str, None] = field(default_factory=dict)   # recent study keys: no catalog query per file
     _tasks: set[asyncio.Task] = field(default_factory=set)
+    _stored: list[tuple[str, str, Path]] = field(default_factory=list)  # (study dir, path, content): header unread
     status: RunStatus = field(default_factory=RunStatus)
     _learned: bool = False  # the catalog's decided outcomes were fed to the stack once
-    # new study → when its first file was stored, until its priors are planned and fetched (Evictor.plans_pending)
+    # stored file → when, until its header said it starts no new study, or its priors are planned and fetched
+    # (Evictor.plans_pending)
     _pending: dict[str, float] = field(default_factory=dict)
 
     SEEN_MAX = 4096
@@ -277,80 +280,115 @@ class PriorFetcher:
         return study_of(path, depth) if path.count("/") >= depth else None
 
     def key(self, d: str, study_uid: str | None) -> str:
-        """The stack's key of study directory d: the key the evictor groups its files by, their study UID where the
-        study index holds them (`[dicom] metadata`), else the directory."""
+        """The key of a study in directory d: the key the evictor groups its files by, their study UID where the
+        study index holds them (`[dicom] metadata`), else the directory. The catalog's study tables and the stack
+        know a study by it; its files are those below the directory or indexed under the UID (catalog OF_STUDY)."""
         return study_uid or d if self.cfg.dicom.metadata else d
 
     def on_stored(self, path: str, content: Path) -> None:
         d = self.study_dir(path)
-        if d is None or d in self._seen:
+        # keyed by the directory, a study's later files start nothing; keyed by the study UID, each file's header
+        # says which study it is of (a day directory holds many)
+        if d is None or (not self.cfg.dicom.metadata and d in self._seen):
             return
-        self._seen[d] = None
-        if len(self._seen) > self.SEEN_MAX:
-            del self._seen[next(iter(self._seen))]
-        self._pending[d] = time.monotonic()  # at the commit, before an eviction pass can run
-        task = asyncio.create_task(self.new_study(d, path, content))
+        self._pending[path] = time.monotonic()  # at the commit, before an eviction pass can run
+        self._stored.append((d, path, content))
+        if len(self._stored) == 1:      # else the drain running takes it
+            self._spawn(self.drain())
+
+    def _spawn(self, coro: Coroutine[None, None, None]) -> None:
+        task = asyncio.create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def new_study(self, d: str, path: str, blob_path: Path) -> None:
+    async def drain(self) -> None:
+        """Read the queued files' headers, a batch per thread hop (a hop per file cost ~8 % of the agent's CPU per
+        DICOM file ingested), and plan for each new study. The queue stays non-empty while its batch is read."""
+        while self._stored:
+            batch = self._stored[:]
+            try:
+                heads = await asyncio.to_thread(_headers, [content for _, _, content in batch])
+            except Exception as e:  # the batch is lost, not the queue: a drain that died would leave it unread for good
+                log.error("prior_headers_failed", files=len(batch), error=repr(e)[:300])
+                heads = [None] * len(batch)
+            del self._stored[:len(batch)]
+            for (d, path, _), h in zip(batch, heads, strict=True):
+                if h is None or (key := self.key(d, h.study_uid)) in self._seen:
+                    self._pending.pop(path, None)
+                    continue
+                self._seen[key] = None
+                if len(self._seen) > self.SEEN_MAX:
+                    del self._seen[next(iter(self._seen))]
+                self._spawn(self.new_study(key, path, h))
+
+    async def new_study(self, key: str, path: str, h: dicom_header.Header) -> None:
         try:
-            if await self.db.study_known(d):
+            if await self.db.study_known(key) or not await self.db.record_study(
+                    key, h.patient, h.study_uid, h.study_date, h.modality):
                 return
-            # bounded read, pixel data not read; all None for a file that is not DICOM; OSError if it vanished
-            h = await asyncio.to_thread(dicom_header.read_path, blob_path)
-            h = checked(h)  # only values their VR allows: the table and the planner keep them for good
-            if not await self.db.record_study(d, h.patient, h.study_uid, h.study_date, h.modality):
-                return
-            log.info("study_recorded", dir=d, first=path, dicom=h.patient is not None, modality=h.modality)
-            key = self.key(d, h.study_uid)
+            log.info("study_recorded", study=key, first=path, dicom=h.patient is not None, modality=h.modality)
             self.stack.describe(key, h.modality, None, False)
             if h.patient is not None:
-                await self.fetch_chosen(key, await self.plan_priors(d, key, h))
+                await self.fetch_chosen(key, await self.plan_priors(key, h))
         except Exception as e:  # prior prefetch is best effort; the store itself succeeded
-            log.error("prior_prefetch_failed", dir=d, error=repr(e)[:300])
+            log.error("prior_prefetch_failed", study=key, error=repr(e)[:300])
         finally:
-            self._pending.pop(d, None)
+            self._pending.pop(path, None)
 
     def planning(self, within: float) -> bool:
-        """Whether a new study stored less than `within` seconds ago still has its priors to plan or fetch."""
+        """Whether a file stored less than `within` seconds ago may still start a new study whose priors are to plan
+        or fetch."""
         oldest = time.monotonic() - within
         return any(t > oldest for t in self._pending.values())
 
-    async def plan_priors(self, d: str, key: str, h: dicom_header.Header) -> list[tuple[Hashable, int, int, float]]:
-        """The priors to fetch for new study d (the stack's `key`), planned against the cache as the study's first
-        write left it. → ((directory, stack key), cell, bytes, heat) of each."""
+    async def plan_priors(self, new: str, h: dicom_header.Header) -> list[tuple[Hashable, int, int, float]]:
+        """The priors to fetch for the new study (key `new`), planned against the cache as the study's first write
+        left it. → (key, cell, bytes, heat) of each."""
         await self.learn()
         studies = await self.db.patient_studies(h.patient)
+        keys = [self.key(k, uid) for k, uid, _, _ in studies]
         new_day = _ordinal(h.study_date)
-        older = [(self.key(prior_dir, uid), modality) for prior_dir, uid, day, modality in studies
-                 if prior_dir != d and _ordinal(day) < new_day]
+        older = [(k, m) for k, (_, _, day, m) in zip(keys, studies, strict=True)
+                 if k != new and _ordinal(day) < new_day]
         for prior, modality in older:       # they have a newer study now (the simulator says the same)
             self.stack.describe(prior, modality, None, True)
         info = [StudyInfo(i, m or "", _ordinal(day), 0) for i, (_, _, day, m) in enumerate(studies)]
-        new = StudyInfo([s[0] for s in studies].index(d), h.modality or "", _ordinal(h.study_date), 0)
-        ranked: list[tuple[int, tuple[str, str], float, int, int]] = []
-        for cell, prior, heat in self.stack.prior_ranked(new, info):
-            prior_dir, uid = studies[prior.key][:2]
-            await self.gateway.list_tree(prior_dir)
-            missing_files, missing_bytes = await self.db.missing_under(prior_dir)
-            ranked.append((cell, (prior_dir, self.key(prior_dir, uid)), heat, missing_bytes, missing_files))
+        ranked: list[tuple[int, str, float, int, int]] = []
+        for cell, prior, heat in self.stack.prior_ranked(StudyInfo(keys.index(new), h.modality or "", new_day, 0),
+                                                         info):
+            key = keys[prior.key]
+            if key != studies[prior.key][1]:    # a directory (by UID: the files the study index names are known)
+                await self.gateway.list_tree(key)
+            missing_files, missing_bytes = await self.db.missing_under(key)
+            ranked.append((cell, key, heat, missing_bytes, missing_files))
         budget = Budget(priors_budget(self.cfg), line_rate(self.cfg), self.cfg.prefetch.priors_window_seconds)
         async with self.view.synced() as stack:
-            chosen = stack.prior_plan(key, ranked, budget, time.time())
-        log.info("prior_prefetch", study=d, patient_studies=len(studies), newer=len(older),
-                 priors=[c[0][0] for c in chosen], heat=[round(c[3], 3) for c in chosen],
+            chosen = stack.prior_plan(new, ranked, budget, time.time())
+        log.info("prior_prefetch", study=new, patient_studies=len(studies), newer=len(older),
+                 priors=[c[0] for c in chosen], heat=[round(c[3], 3) for c in chosen],
                  bytes=sum(c[2] for c in chosen), rank_heat=self.stack.prior_heat())
         return chosen
 
     async def fetch_chosen(self, new: str, chosen: list[tuple[Hashable, int, int, float]]) -> None:
         deadline = time.time() + self.cfg.prefetch.priors_window_seconds
         for ref, cell, _, heat in chosen:
-            prior_dir, prior = cast("tuple[str, str]", ref)     # plan_priors' (directory, stack key)
+            prior = str(ref)     # plan_priors' study key
             self.stack.prior_fetched(prior, new, heat)     # kept beside its new study until the report
-            await self.db.record_prior_fetch(prior_dir, cell)
-            if await self.fetcher.fetch_dir(prior_dir, deadline, self.status, "prior"):
+            await self.db.record_prior_fetch(prior, cell)
+            if await self.fetcher.fetch_dir(prior, deadline, self.status, "prior"):
                 break
+
+
+def _headers(files: list[Path]) -> list[dicom_header.Header | None]:
+    """Stored files' headers, only values their VR allows (the study table and the planner keep them for good):
+    a bounded read, pixel data not read; all None for a file that is not DICOM; None if it vanished. Blocking."""
+    out: list[dicom_header.Header | None] = []
+    for f in files:
+        try:
+            out.append(checked(dicom_header.read_path(f)))
+        except OSError:     # rewritten or evicted since: its next version is read in turn
+            out.append(None)
+    return out
 
 
 def _ordinal(day: str | None) -> float:

@@ -15,6 +15,9 @@ Layouts (what `import-trace`'s default `--study-depth 3`, the agent's, then take
 - `nosedir`: <patient>/<study>/<sop uid>.dcm (no series level; study = the study)
 - `dayuid`: the `day` paths with a `study` column only (the StudyInstanceUID the agent parses from each file's
   header, agent/dicom; no patient: no priors): what grouping by the DICOM study instead of the path would do
+- `dayhdr`: the `day` paths with what the agent reads from each file's DICOM header: the study (StudyInstanceUID),
+  the patient (PatientID) and the modality; no department (the header has none): the live agent on a day layout,
+  which groups and plans priors by the header's study (docs/replay.md, round 27)
 """
 
 from __future__ import annotations
@@ -52,8 +55,9 @@ LAYOUTS: dict[str, Callable[[Fields], str]] = {
     "patient": lambda f: f"{f[1]}/{_sop(f[0])}",
     "nosedir": lambda f: f"{f[1]}/{f[2]}/{_sop(f[0])}",
     "dayuid": _day,
+    "dayhdr": _day,
 }
-EXTRA = {"baseline": LABELS, "dayuid": ["study"]}     # the label columns a layout keeps
+EXTRA = {"baseline": LABELS, "dayuid": ["study"], "dayhdr": ["patient", "study", "modality"]}  # the label columns kept
 
 
 def relayout(src: Path, out: str, layouts: list[str]) -> list[Path]:

@@ -257,6 +257,25 @@ def test_totals_match_a_full_count(cat):
     assert t.cached_bytes == sum(f.size for f in files if f.blob is not None)
 
 
+def test_a_study_key_is_its_directory_or_the_files_the_study_index_holds_under_it(cat):
+    """What prior prefetch fetches of a study (agent/prefetcher.py `PriorFetcher.key`): below its directory, or, keyed
+    by its StudyInstanceUID, the files the study index holds under it: two studies in one day directory are two."""
+    uids = {"2025/01/10/a1.dcm": "1.2.1", "2025/01/10/b1.dcm": "1.2.2", "2025/01/10/a2.dcm": "1.2.1"}
+    for path, uid in uids.items():
+        gen = write(cat, path)
+        cat.claim(path, gen)
+        cat.mark_clean(path, gen, None, None, "00", (path, 10, uid, "1.3", "1.4." + path[-6:-4], "CT", "2025", None))
+        assert cat.uncache(path, gen)
+    assert cat.missing_under("1.2.1") == (2, 20) and cat.missing_under("2025/01/10") == (3, 30)
+    assert [e.path for e in cat.missing_page("1.2.1", "", 1)] == ["2025/01/10/a1.dcm"]
+    assert [e.path for e in cat.missing_page("1.2.1", "2025/01/10/a1.dcm", 16)] == ["2025/01/10/a2.dcm"]
+    assert [e.path for e in cat.missing_page("2025/01/10", "", 16)] == sorted(uids)
+    cat.record_prior_fetch("1.2.1", 0)
+    cat.record_prior_fetch("1.2.2", 1)
+    cat.record_access([("2025/01/10/b1.dcm", time.time() + 1, 1)])     # read after its fetch: opened
+    assert sorted(cat.settle_prior_fetches()) == [(0, False), (1, True)]
+
+
 def test_hot_queries_never_scan_the_whole_catalog(cat):
     """Every query the agent runs per request or per loop uses an index: cost must not grow with the archive."""
     for i in range(200):
@@ -274,6 +293,7 @@ def test_hot_queries_never_scan_the_whole_catalog(cat):
     cat.files_after("", 16), cat.cached_after("", 16)
     cat.missing_under("d1"), cat.missing_page("d1", "", 16), cat.count_files_under("d1"), cat.study_known("d1")
     cat.patient_studies("P1"), cat.mark_prefetched("d1/f2", 1), cat.uncache("d1/f2", 1), cat.eviction_rows(16)
+    cat.missing_page("1.2.3", "", 16), cat.record_prior_fetch("1.2.3", 0), cat.settle_prior_fetches()
     cat.blob_referenced("nope"), cat.reset_uploading(), cat.rename("x.part", "x.dcm"), cat.delete("d1/f1")
     g = write(cat, "d2/new")
     cat.claim("d2/new", g), cat.mark_failed("d2/new", g, "e", now), cat.record_access([("d2/new", now, 1)])

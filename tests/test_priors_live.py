@@ -55,6 +55,11 @@ def store_study(ftp, directory: str, patient: str, date: str, modality: str, fil
     return out
 
 
+def study_uid(files: dict[str, bytes]) -> str:
+    """The StudyInstanceUID of store_study's files (the directory they are stored in)."""
+    return next(iter(files)).split("/")[2]
+
+
 def test_new_study_brings_the_patients_priors_into_the_cache(agent_factory):
     budget = 5 * (PIXELS + 2000)  # one prior study of four files fits, two do not
     a = agent_factory(**{"prefetch.enabled": False, "prefetch.priors": True, "prefetch.study_depth": 3,
@@ -66,12 +71,13 @@ def test_new_study_brings_the_patients_priors_into_the_cache(agent_factory):
     assert ftp_put(ftp, "OT/2025-01-01/scan/x.bin", b"not dicom" * 100).startswith("226")
     a.wait_drained()
     deadline = time.monotonic() + 30
-    while len(studies := catalog_rows(a, "SELECT dir, patient, study_date, modality FROM studies ORDER BY dir")) < 4:
+    query = "SELECT dir, patient, study_date, modality FROM studies ORDER BY study_date"
+    while len(studies := catalog_rows(a, query)) < 4:
         assert time.monotonic() < deadline, studies     # each recorded by its own task, after the store's reply
         time.sleep(0.1)
-    assert [(d.split("/")[0], p, day, m) for d, p, day, m in studies] == [
-        ("CT", "P1", "20250110", "CT"), ("CT", "P2", "20250301", "CT"), ("MR", "P1", "20250601", "MR"),
-        ("OT", None, None, None)]
+    # a DICOM study's key is its StudyInstanceUID (the study index's, the eviction groups'), another its directory
+    assert studies == [("OT/2025-01-01/scan", None, None, None), (study_uid(ct_prior), "P1", "20250110", "CT"),
+                       (study_uid(other), "P2", "20250301", "CT"), (study_uid(mr_prior), "P1", "20250601", "MR")]
 
     # The priors age out of the cache (evicted through the CLI, with its progress bar): they are in S3 only.
     olds = sorted([*ct_prior, *mr_prior, *other])
@@ -89,7 +95,7 @@ def test_new_study_brings_the_patients_priors_into_the_cache(agent_factory):
         assert time.monotonic() < deadline, a.events("prior_prefetch")
         time.sleep(0.2)
     event = a.events("prior_prefetch")[-1]
-    assert event["priors"] == [next(iter(ct_prior)).rsplit("/", 1)[0]] and event["study"] in next(iter(new))
+    assert event["priors"] == [study_uid(ct_prior)] and event["study"] == study_uid(new)
     assert event["newer"] == 2      # the eviction policy is told both earlier P1 studies now have a newer one
     assert not cached_paths(a) & (set(mr_prior) | set(other))
     assert metric(a, "pacsgw_prefetched_files_total") == 4
@@ -122,6 +128,41 @@ def test_new_study_brings_the_patients_priors_into_the_cache(agent_factory):
     assert sorted(catalog_rows(a, "SELECT rank, used FROM prior_fetches")) == [(6, 1), (11, None)]
 
 
+def test_a_day_directory_is_planned_study_by_study(agent_factory):
+    """A day layout (the files of many studies in one day directory, a study known only by its header's UID): each
+    DICOM study is recorded, ranked and fetched as its own files. Keyed by the directory, the day's first study stood
+    for all of them: a patient whose prior was not the first in its day had none, one whose was got the whole day."""
+    a = agent_factory(**{"prefetch.enabled": False, "prefetch.priors": True, "prefetch.study_depth": 3}).start()
+    ftp = ftp_login(a)
+
+    studies: list[str] = []
+
+    def day_study(day: str, patient: str, date: str) -> dict[str, bytes]:
+        studies.append(uid())
+        out = {f"{day}/{uid()}.dcm": dicom(patient, studies[-1], date, "CT", i) for i in range(4)}
+        for path, body in out.items():
+            assert ftp_put(ftp, path, body).startswith("226")
+        return out
+
+    p1_prior, p2_prior = day_study("2025/01/10", "P1", "20250110"), day_study("2025/01/10", "P2", "20250110")
+    a.wait_drained()    # clean, so in the study index, and evictable
+    olds = [*p1_prior, *p2_prior]
+    out = subprocess.run([sys.executable, "-m", "agent.cli", "evict", "--config", str(a.config_path), *olds],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert not cached_paths(a) & set(olds)
+    for new, prior, fetched in ((("P2", "20261123"), p2_prior, 4), (("P1", "20261124"), p1_prior, 8)):
+        day_study(f"{new[1][:4]}/{new[1][4:6]}/{new[1][6:]}", *new)
+        deadline = time.monotonic() + 30
+        while not set(prior) <= cached_paths(a):
+            assert time.monotonic() < deadline, a.events("prior_prefetch")
+            time.sleep(0.2)
+        assert metric(a, "pacsgw_prefetched_files_total") == fetched    # the prior's own files, not its day's
+    ftp.quit()
+    assert cached_paths(a) & set(olds) == set(olds)
+    assert sorted(catalog_rows(a, "SELECT dir FROM prior_fetches")) == sorted([(studies[0],), (studies[1],)])
+
+
 def test_priors_off_reads_no_headers(agent_factory):
     a = agent_factory(**{"prefetch.enabled": False, "prefetch.priors": False}).start()
     ftp = ftp_login(a)
@@ -138,17 +179,15 @@ def test_a_hostile_header_leaves_bounded_study_rows_and_logs(agent_factory):
     character Modality or PatientID went there whole, once per new study directory."""
     a = agent_factory(**{"prefetch.enabled": False, "prefetch.priors": True, "prefetch.study_depth": 3}).start()
     ftp = ftp_login(a)
-    huge = "CT\n" + "A" * 60_000
-    body = dicom("P" * 60_000, uid(), "2025011\x07", huge, 1)
+    huge, hostile = "CT\n" + "A" * 60_000, uid()
+    body = dicom("P" * 60_000, hostile, "2025011\x07", huge, 1)
     assert ftp_put(ftp, "CT/2025-01-10/hostile/0.dcm", body).startswith("226")
     store_study(ftp, "CT/2025-01-11", "P9", "20250111", "CT", files=1)
     ftp.quit()
     a.wait_drained()
     assert ftp_get(ftp_login(a), "CT/2025-01-10/hostile/0.dcm") == body  # stored as given
-    rows = dict((d.split("/")[2], r) for d, *r in catalog_rows(
-        a, "SELECT dir, patient, study_date, modality FROM studies"))
-    assert rows["hostile"] == [None, None, None] and rows[next(k for k in rows if k != "hostile")] == [
-        "P9", "20250111", "CT"]
+    rows = {key: r for key, *r in catalog_rows(a, "SELECT dir, patient, study_date, modality FROM studies")}
+    assert rows.pop(hostile) == [None, None, None] and list(rows.values()) == [["P9", "20250111", "CT"]]
     recorded = a.wait_events("study_recorded", 2)
     assert max(len(str(ev)) for ev in recorded) < 1000
 

@@ -119,12 +119,16 @@ def test_live_default_stack_matches_the_simulator(agent_factory, seaweed, tmp_pa
 DAY1 = dt.date(2026, 11, 22)
 
 
-def prior_workload(rng: np.random.Generator, patients: int = 24) -> tuple[list[tuple[str, str]], dict[str, bytes],
-                                                                          dict]:
+# where a study's files are stored: a directory per study, or a day directory of many (the study known by its header)
+LAYOUTS = {"study": "{modality}/{day:%Y-%m-%d}/{sid}/{i:03d}.dcm", "day": "{day:%Y/%m/%d}/{sid}.{i:03d}.dcm"}
+
+
+def prior_workload(rng: np.random.Generator, patients: int = 24, layout: str = LAYOUTS["study"]
+                   ) -> tuple[list[tuple[str, str]], dict[str, bytes], dict]:
     """Two days of real DICOM traffic: on day 1 each patient's earlier study (or two, CT and MR) is written
     and sometimes reported on; on day 2 most patients come back for a new study, which is read, and so is
     the most recent same-modality prior often, the other one sometimes (what a radiologist compares).
-    → (requests (op, path) in order, the files, path → (patient, study, modality) for the trace)."""
+    → (requests (op, path) in order, the files, path → (patient, study, modality, day) for the trace)."""
     ops: list[tuple[str, str]] = []
     files: dict[str, bytes] = {}
     attrs: dict[str, tuple[str, str, str]] = {}
@@ -136,10 +140,10 @@ def prior_workload(rng: np.random.Generator, patients: int = 24) -> tuple[list[t
         sid, uid, series = f"ST{n:04d}", generate_uid(), generate_uid()
         paths = []
         for i in range(int(rng.integers(3, 9))):
-            path = f"{modality}/{day.isoformat()}/{sid}/{i + 1:03d}.dcm"
+            path = layout.format(modality=modality, day=day, sid=sid, i=i + 1)
             files[path] = ct_slice(rng, patient=patient, study_uid=uid, series_uid=series, instance=i + 1,
                                    modality=modality, study_date=day.strftime("%Y%m%d"), rows=48, cols=48)
-            attrs[path] = (patient, sid, modality)
+            attrs[path] = (patient, sid, modality, (day - DAY1).days)
             ops.append(("W", path))
             paths.append(path)
         return paths
@@ -169,14 +173,15 @@ def prior_workload(rng: np.random.Generator, patients: int = 24) -> tuple[list[t
 
 
 def write_trace(path, ops: list[tuple[str, str]], files: dict[str, bytes], attrs: dict) -> None:
-    """The requests as a pacsgw trace (one a minute on its own clock: only the order matters here)."""
-    meta = {"start": DAY1.isoformat(), "layout": "{modality}/{date}/{study}/{instance}.dcm", "days": 2}
+    """The requests as a pacsgw trace (one a minute on its own clock: only the order matters here; a study's day is
+    that of its first write, as for an imported trace)."""
+    meta = {"start": DAY1.isoformat(), "layout": None, "days": 2}
     with open(path, "w") as f:
         f.write(MAGIC + json.dumps(meta) + "\n" + "\t".join(COLUMNS) + "\n")
         day = 0
         for i, (op, p) in enumerate(ops):
-            day = max(day, (dt.date.fromisoformat(p.split("/")[1]) - DAY1).days)    # day 2 from its first study
-            patient, sid, modality = attrs[p]
+            patient, sid, modality, acquired = attrs[p]
+            day = max(day, acquired)    # day 2 from its first study
             f.write(f"{day * DAY + 8 * 3600 + 60 * i:.3f}\t{op}\t{p}\t{len(files[p])}\t{patient}\t{sid}"
                     f"\t{modality}\tRAD\n")
 
@@ -189,9 +194,12 @@ def wait_for(cond, what, timeout: float = 30.0) -> None:
 
 
 @pytest.mark.slow
-def test_live_default_stack_with_priors_matches_the_simulator(agent_factory, seaweed, tmp_path):
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+def test_live_default_stack_with_priors_matches_the_simulator(agent_factory, seaweed, tmp_path, layout):
+    """On a day layout too (the files of a day's studies in one directory): the agent groups and plans by the study
+    each file's header names, as the simulator by the trace's study."""
     assert SCHEMES["agent"] == ("adaptive", "priors")      # the default stack: this test covers all of it
-    ops, files, attrs = prior_workload(np.random.default_rng(11))
+    ops, files, attrs = prior_workload(np.random.default_rng(11), layout=LAYOUTS[layout])
     trace = tmp_path / "priors.tsv"
     write_trace(trace, ops, files, attrs)
     ta = load_arrays(trace, cache=False)

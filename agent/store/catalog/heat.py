@@ -8,7 +8,7 @@ import time
 from typing import Iterable, TypeAlias
 
 from agent.records import Entry
-from agent.store.catalog.base import COLUMNS, CatalogBase
+from agent.store.catalog.base import COLUMNS, OF_STUDY, CatalogBase, of_study
 
 # path, gen, size, last access, access count, mtime, cached at, cached by, study UID
 EvictionRow: TypeAlias = tuple[str, int, int, float, int, float, float | None, str | None, str | None]
@@ -55,18 +55,20 @@ class Heat(CatalogBase):
             "d.study_uid FROM entries e LEFT JOIN dicom_objects d ON d.path = e.path "
             "WHERE state = 'clean' AND blob IS NOT NULL ORDER BY last_access LIMIT ?", (limit,)).fetchall()
 
-    def missing_under(self, path: str) -> tuple[int, int]:
-        """(files, bytes) below directory path that are in S3 but not cached: what a prefetch would fetch."""
-        files, size = self.db.execute("SELECT COUNT(*), COALESCE(SUM(size), 0) FROM entries WHERE path > ? AND "
-                                      "path < ? AND is_dir = 0 AND blob IS NULL AND state = 'clean'",
-                                      (path + "/", path + "0")).fetchone()  # '0' sorts right after '/'
+    def missing_under(self, key: str) -> tuple[int, int]:
+        """(files, bytes) of directory or study `key` (OF_STUDY) in S3 but not cached: what a prefetch would fetch."""
+        files, size = self.db.execute(f"SELECT COUNT(*), COALESCE(SUM(size), 0) FROM entries WHERE {OF_STUDY} AND "
+                                      "is_dir = 0 AND blob IS NULL AND state = 'clean'", of_study(key)).fetchone()
         return int(files), int(size)
 
-    def missing_page(self, path: str, after: str, limit: int) -> list[Entry]:
-        """The next page (path order, after `after`) of uncached clean files below directory path."""
-        return self._entries(f"SELECT {COLUMNS} FROM entries WHERE path > ? AND path < ? AND is_dir = 0 "
-                             "AND blob IS NULL AND state = 'clean' ORDER BY path LIMIT ?",
-                             (max(after, path + "/"), path + "0", limit))
+    def missing_page(self, key: str, after: str, limit: int) -> list[Entry]:
+        """The next page (path order, after `after`) of uncached clean files of directory or study `key` (OF_STUDY;
+        two ordered halves merged: the OR of one statement sorts a directory's whole subtree for every page)."""
+        lo, hi, uid = of_study(key)
+        missing = "AND path > ? AND is_dir = 0 AND blob IS NULL AND state = 'clean'"
+        return self._entries(f"SELECT {COLUMNS} FROM entries WHERE path < ? {missing} UNION ALL SELECT {COLUMNS} FROM "
+                             f"entries WHERE path IN (SELECT path FROM dicom_objects WHERE study_uid = ?) {missing} "
+                             "ORDER BY path LIMIT ?", (hi, max(after, lo), uid, after, limit))
 
     def record_access(self, hits: Iterable[tuple[str, float, int]],
                       heat: Iterable[tuple[str, str, int, int, int]] = ()) -> tuple[int, int]:

@@ -116,9 +116,10 @@ CREATE TABLE IF NOT EXISTS prefetched (
     at     REAL NOT NULL
 ) WITHOUT ROWID;
 
--- One row per study directory seen being written ([prefetch] study_depth levels), from the DICOM header of
--- its first file: what prior-study prefetch finds a patient's earlier studies by. patient is NULL for a
--- directory whose first file was not DICOM (it is not looked at again).
+-- One row per study seen being written, from the DICOM header of its first file: what prior-study prefetch finds a
+-- patient's earlier studies by. `dir` is the study's key (agent/prefetcher.py `PriorFetcher.key`): its
+-- StudyInstanceUID where the study index is kept ([dicom] metadata; a day directory holds many studies), else its
+-- directory ([prefetch] study_depth levels; patient NULL where its first file was not DICOM: not looked at again).
 CREATE TABLE IF NOT EXISTS studies (
     dir        TEXT PRIMARY KEY,
     patient    TEXT,
@@ -131,7 +132,8 @@ CREATE INDEX IF NOT EXISTS studies_patient ON studies(patient, study_date) WHERE
 
 -- Prior studies fetched by prior-study prefetch, with the planner's cell (`rank` holds rank + k x kind, kind =
 -- other modality / older than recent_days, agent/policy/priors.py), until it is known whether they were opened
--- (a file read after the fetch) or not (evicted unread): what PriorPrefetcher learns its heat per cell from.
+-- (a file read after the fetch) or not (evicted unread): what PriorPrefetcher learns its heat per cell from. `dir`:
+-- the study's key, as in `studies`.
 CREATE TABLE IF NOT EXISTS prior_fetches (
     dir     TEXT PRIMARY KEY,
     rank    INTEGER NOT NULL,

@@ -1,4 +1,4 @@
-"""Studies: the study directories seen being written (what prior-study prefetch finds a patient's earlier
+"""Studies: the studies seen being written, by their key (what prior-study prefetch finds a patient's earlier
 studies by), the prior studies it fetched and whether they were opened, and the study index of DICOM objects
 (`pacsgw find`; rebuildable from the bucket alone)."""
 
@@ -7,31 +7,31 @@ from __future__ import annotations
 import time
 from typing import Sequence
 
-from agent.store.catalog.base import COPY_INDEX_ROW, CatalogBase
+from agent.store.catalog.base import COPY_INDEX_ROW, OF_STUDY, CatalogBase, of_study
 
 # (path, size, study_uid, series_uid, modality, study_date, cached)
 Found = tuple[str, int, str | None, str | None, str | None, str | None, int]
 
 
 class Studies(CatalogBase):
-    def study_known(self, dir: str) -> bool:
-        return self._exists("SELECT 1 FROM studies WHERE dir = ?", (dir,))
+    def study_known(self, key: str) -> bool:
+        return self._exists("SELECT 1 FROM studies WHERE dir = ?", (key,))
 
-    def record_study(self, dir: str, patient: str | None, study_uid: str | None, study_date: str | None,
+    def record_study(self, key: str, patient: str | None, study_uid: str | None, study_date: str | None,
                      modality: str | None) -> bool:
-        """Remember a study directory (first writer wins). → False if it was already known."""
+        """Remember a study by its key (OF_STUDY; first writer wins). → False if it was already known."""
         return self._write("INSERT OR IGNORE INTO studies (dir, patient, study_uid, study_date, modality, recorded) "
-                           "VALUES (?, ?, ?, ?, ?, ?)", (dir, patient, study_uid, study_date, modality, time.time()),
+                           "VALUES (?, ?, ?, ?, ?, ?)", (key, patient, study_uid, study_date, modality, time.time()),
                            durable=False) == 1
 
     def patient_studies(self, patient: str) -> list[tuple[str, str | None, str | None, str | None]]:
-        """(dir, study_uid, study_date, modality) of every study of a patient, oldest first."""
+        """(key, study_uid, study_date, modality) of every study of a patient, oldest first."""
         return self.db.execute("SELECT dir, study_uid, study_date, modality FROM studies "
                                "WHERE patient = ? ORDER BY study_date, dir", (patient,)).fetchall()
 
-    def record_prior_fetch(self, dir: str, rank: int) -> None:
+    def record_prior_fetch(self, key: str, rank: int) -> None:
         self._write("INSERT OR REPLACE INTO prior_fetches (dir, rank, fetched, used) VALUES (?, ?, ?, NULL)",
-                    (dir, rank, time.time()), durable=False)
+                    (key, rank, time.time()), durable=False)
 
     def settle_prior_fetches(self) -> list[tuple[int, bool]]:
         """Settle open prior fetches: used once a file was read, unused once none is cached → (rank, used)."""
@@ -39,11 +39,10 @@ class Studies(CatalogBase):
         with self._tx(durable=False):
             for d, rank, fetched in self.db.execute(
                     "SELECT dir, rank, fetched FROM prior_fetches WHERE used IS NULL").fetchall():
-                lo, hi = d + "/", d + "0"  # '0' sorts right after '/': the directory's subtree
-                read = self._exists("SELECT 1 FROM entries WHERE path > ? AND path < ? AND last_access > ? LIMIT 1",
-                                    (lo, hi, fetched))
-                cached = self._exists("SELECT 1 FROM entries WHERE path > ? AND path < ? AND blob IS NOT NULL LIMIT 1",
-                                      (lo, hi))
+                read = self._exists(f"SELECT 1 FROM entries WHERE {OF_STUDY} AND last_access > ? LIMIT 1",
+                                    (*of_study(d), fetched))
+                cached = self._exists(f"SELECT 1 FROM entries WHERE {OF_STUDY} AND blob IS NOT NULL LIMIT 1",
+                                      of_study(d))
                 if read or not cached:
                     self.db.execute("UPDATE prior_fetches SET used = ? WHERE dir = ?", (int(read), d))
                     settled.append((int(rank), read))
