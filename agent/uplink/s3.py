@@ -408,8 +408,9 @@ class S3Uplink:
         self._signer.add_auth(request)
         assert self._http is not None
         with _sending(url, request):
-            # No "Expect: 100-continue": its wait for the store's interim answer was a round trip inside every ack
-            resp = await self._http.request(method, URL(url, encoded=True), data=body,
+            # No "Expect: 100-continue": its wait for the store's interim answer was a round trip inside every ack.
+            # No redirects (as aiobotocore): a PUT redirected to another host sent it the file, and its 200 was taken
+            resp = await self._http.request(method, URL(url, encoded=True), data=body, allow_redirects=False,
                                             headers={**request.headers, **self._proxy.request_headers,
                                                      "Accept-Encoding": "identity"},
                                             skip_auto_headers=_NO_AUTO_HEADERS, proxy=self._proxy.url,

@@ -1,0 +1,78 @@
+"""Attacks on a running agent (round 30): the object store as a trust boundary (a misbehaving endpoint, another
+writer of a shared bucket). Each test reproduces one attack that worked and checks it no longer does. The store is
+the real SeaweedFS; what SeaweedFS will not answer (a redirect, a key with a '..' component: it refuses to store
+one, AWS S3 and Ceph keep it) comes from the project's fault proxy (tests/s3fault.py), as each test says."""
+
+from __future__ import annotations
+
+import io
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+from aiohttp import web
+from s3fault import FaultProxy
+from test_ftp import ftp
+
+from faultkit import wait_for
+from harness import BUCKET
+
+
+class _Sink(BaseHTTPRequestHandler):
+    """Another host, that answers every PUT 200 as a store would: what a redirect sent the agent's uploads to."""
+
+    puts: list[tuple[str, int]] = []
+
+    def do_PUT(self) -> None:  # noqa: N802  (http.server's naming)
+        n = int(self.headers.get("Content-Length", 0))
+        self.puts.append((self.path, len(self.rfile.read(n))))
+        self.send_response(200)
+        self.send_header("ETag", '"0123456789abcdef0123456789abcdef"')
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+class _Redirecting(FaultProxy):
+    """The fault proxy, answering every PUT 307 Temporary Redirect to `to` (a misbehaving endpoint or a
+    compromised front of it: SeaweedFS never redirects)."""
+
+    to = ""
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        if request.method == "PUT" and self.to:
+            return web.Response(status=307, headers={"Location": self.to + request.path_qs})
+        return await super()._handle(request)
+
+
+@pytest.fixture
+def redirecting(seaweed):
+    sink = ThreadingHTTPServer(("127.0.0.1", 0), _Sink)
+    threading.Thread(target=sink.serve_forever, daemon=True).start()
+    proxy = _Redirecting(seaweed.endpoint_url).start()
+    proxy.to = f"http://127.0.0.1:{sink.server_port}"
+    yield proxy
+    proxy.stop()
+    sink.shutdown()
+    sink.server_close()
+
+
+def test_an_upload_the_store_redirects_elsewhere_is_not_taken_for_stored(agent_factory, seaweed, redirecting):
+    """The agent's own PUTs, GETs and HEADs (S3Uplink._request) followed redirects, which aiobotocore never does: a
+    PUT answered 307 to another host was sent there, the patient's bytes with it (aiohttp only drops the
+    Authorization header across origins), and that host's 200 taken for the upload: the file was marked clean, its
+    only copy evictable, and the bucket never held it. A redirect is an error now: the upload stays queued."""
+    agent = agent_factory(**{"uplink.endpoint_url": redirecting.endpoint_url}).start()
+    f = ftp(agent)
+    f.storbinary("STOR redirected.dcm", io.BytesIO(b"patient image " * 1000))  # stored here, the upload queued
+    time.sleep(2)
+    assert _Sink.puts == []
+    assert not [e for e in agent.events("uploaded") if e.get("path") == "redirected.dcm"]
+    assert agent.health()["queue_depth"] == 1
+    redirecting.to = ""  # the store behaves again: the queued upload lands in the bucket
+    wait_for(lambda: agent.health()["queue_depth"] == 0, 60, what="the queued upload")
+    assert seaweed.client().head_object(Bucket=BUCKET, Key=f"{agent.prefix}redirected.dcm")["ContentLength"] == 14000
+    f.quit()
