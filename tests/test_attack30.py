@@ -24,7 +24,7 @@ class _Sink(BaseHTTPRequestHandler):
 
     puts: list[tuple[str, int]] = []
 
-    def do_PUT(self) -> None:  # noqa: N802  (http.server's naming)
+    def do_PUT(self) -> None:  # http.server's naming
         n = int(self.headers.get("Content-Length", 0))
         self.puts.append((self.path, len(self.rfile.read(n))))
         self.send_response(200)
@@ -75,4 +75,44 @@ def test_an_upload_the_store_redirects_elsewhere_is_not_taken_for_stored(agent_f
     redirecting.to = ""  # the store behaves again: the queued upload lands in the bucket
     wait_for(lambda: agent.health()["queue_depth"] == 0, 60, what="the queued upload")
     assert seaweed.client().head_object(Bucket=BUCKET, Key=f"{agent.prefix}redirected.dcm")["ContentLength"] == 14000
+    f.quit()
+
+
+class _ForeignKeys(FaultProxy):
+    """The fault proxy, adding to the store's listing of d/ the directories another writer of a shared bucket made
+    with keys AWS S3 and Ceph store as given: 'd/../x', 'd/./y', 'd/a\\b/z' (SeaweedFS refuses the first two and
+    turns the backslash into a slash, so it cannot list them)."""
+
+    added = ("..", ".", "a\\b")
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        response = await super()._handle(request)
+        prefix = request.query.get("prefix", "")
+        if request.method == "GET" and "list-type" in request.query and prefix.endswith("/d/"):
+            extra = "".join(f"<CommonPrefixes><Prefix>{prefix}{d}/</Prefix></CommonPrefixes>" for d in self.added)
+            assert isinstance(response, web.Response) and response.body is not None
+            response.body = bytes(response.body).replace(b"</ListBucketResult>",
+                                                         extra.encode() + b"</ListBucketResult>")
+        return response
+
+
+@pytest.fixture
+def foreign_keys(seaweed):
+    proxy = _ForeignKeys(seaweed.endpoint_url).start()
+    yield proxy
+    proxy.stop()
+
+
+def test_listed_keys_no_client_could_use_are_not_shown(agent_factory, seaweed, foreign_keys):
+    """A directory of the bucket named '..', '.' or with a backslash (another writer's key 'd/../x') was listed to
+    the clients as it came: LIST showed d holding a '..' directory besides its parent's (a client walking the tree
+    went up into its parent from there), and names that every later command refused (resolve() reads '..' as the
+    parent; a backslash is no name). They are left out like the names with control characters, and said why."""
+    agent = agent_factory(**{"uplink.endpoint_url": foreign_keys.endpoint_url})
+    seaweed.client().put_object(Bucket=BUCKET, Key=f"{agent.prefix}d/x.dcm", Body=b"another writer's image")
+    agent.start()
+    f = ftp(agent)
+    assert [n.rsplit("/", 1)[-1] for n in f.nlst("d")] == ["x.dcm"]
+    assert sorted(name for name, _ in f.mlsd("d")) == ["x.dcm"]
+    assert {e["name"] for e in agent.events("listing_name_hidden")} == {repr(n) for n in _ForeignKeys.added}
     f.quit()
