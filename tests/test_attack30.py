@@ -5,6 +5,7 @@ one, AWS S3 and Ceph keep it) comes from the project's fault proxy (tests/s3faul
 
 from __future__ import annotations
 
+import ftplib
 import io
 import threading
 import time
@@ -116,3 +117,21 @@ def test_listed_keys_no_client_could_use_are_not_shown(agent_factory, seaweed, f
     assert sorted(name for name, _ in f.mlsd("d")) == ["x.dcm"]
     assert {e["name"] for e in agent.events("listing_name_hidden")} == {repr(n) for n in _ForeignKeys.added}
     f.quit()
+
+
+def test_a_cold_read_of_a_key_written_again_larger_stops_at_the_files_size(agent_factory, seaweed):
+    """Another writer of a shared bucket wrote a listed key again, larger (here 1 KB → 48 MiB). A cold read of the
+    file (the catalog's size: 1 KB) streamed the whole new object into the cache's staging before its size check
+    failed it: 48 MiB of download and disk for a 1 KB file, at each read again, and an object larger than the free
+    space filled the disk the PACS stores to. The fetch stops at the first byte past the file's size now."""
+    agent = agent_factory().start()
+    client, key = seaweed.client(), f"{agent.prefix}d/x.dcm"
+    client.put_object(Bucket=BUCKET, Key=key, Body=b"k" * 1000)
+    f = ftp(agent)
+    assert [n.rsplit("/", 1)[-1] for n in f.nlst("d")] == ["x.dcm"]  # listed: the catalog holds 1 000 bytes
+    client.put_object(Bucket=BUCKET, Key=key, Body=b"L" * (48 << 20))
+    with pytest.raises(ftplib.error_temp):
+        f.retrbinary("RETR d/x.dcm", lambda _: None)
+    failed = agent.wait_events("fetch_failed")[0]
+    assert failed["error"] == "Corrupt" and "past its size" in failed["detail"], failed
+    f.close()
