@@ -5,8 +5,10 @@ one, AWS S3 and Ceph keep it) comes from the project's fault proxy (tests/s3faul
 
 from __future__ import annotations
 
+import asyncio
 import ftplib
 import io
+import os
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -135,3 +137,41 @@ def test_a_cold_read_of_a_key_written_again_larger_stops_at_the_files_size(agent
     failed = agent.wait_events("fetch_failed")[0]
     assert failed["error"] == "Corrupt" and "past its size" in failed["detail"], failed
     f.close()
+
+
+class _IgnoringRanges(FaultProxy):
+    """The fault proxy as a store (or an HTTP proxy before it) that ignores Range, as HTTP allows: a ranged GET of
+    big.dcm is answered 200 with the whole object (fetched here by the store's own client: the request's signature
+    covers its Range header, so it cannot be forwarded without it)."""
+
+    client = None
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        if request.method == "GET" and "Range" in request.headers and request.path.endswith("/big.dcm"):
+            bucket, key = request.path.lstrip("/").split("/", 1)
+            whole = await asyncio.to_thread(lambda: self.client.get_object(Bucket=bucket, Key=key)["Body"].read())
+            return web.Response(status=200, body=whole, headers={"ETag": request.headers.get("If-Match", '"x"')})
+        return await super()._handle(request)
+
+
+def test_a_ranged_get_answered_with_the_whole_object_is_not_read(agent_factory, seaweed):
+    """A cold reader far ahead of a fetch gets a ranged GET (Gateway.read_ahead). A store that ignored the Range and
+    answered 200 with the whole object had it read into memory, all of it (b"".join: a 2 GB object, 2 GB of the
+    agent's RAM, the box's OOM killer), before its length was found wrong. Only a 206 is read now."""
+    proxy = _IgnoringRanges(seaweed.endpoint_url)
+    proxy.client = seaweed.client()
+    proxy.start()
+    try:
+        agent = agent_factory(**{"uplink.endpoint_url": proxy.endpoint_url, "uplink.bwlimit": "16MB"})
+        data = os.urandom(32 << 20)
+        proxy.client.put_object(Bucket=BUCKET, Key=f"{agent.prefix}big.dcm", Body=data)
+        agent.start()
+        f = ftp(agent)
+        parts: list[bytes] = []
+        f.retrbinary("RETR big.dcm", parts.append, rest=24 << 20)  # far ahead of the fetch's stream
+        assert b"".join(parts) == data[24 << 20:]  # the stream brought them
+        failed = agent.wait_events("ranged_get_failed")
+        assert [e["error"] for e in failed] == ["NotRangeable"], failed
+        f.quit()
+    finally:
+        proxy.stop()

@@ -564,6 +564,8 @@ class S3Uplink:
         """length bytes from start of the version with this ETag: a cold read at an offset need not wait."""
         ask = {"Range": f"bytes={start}-{start + length - 1}", **({"If-Match": etag} if etag else {})}
         async with self._request("GET", self.key(path), "GetObject", ask, stream=True) as resp:
+            if resp.status != 206:  # Range ignored (HTTP allows it): the whole object came, read into memory
+                raise NotRangeable(f"{path}: answered {resp.status}, not the range")
             if encoding_of(_object_head(resp.headers)["Metadata"]) is not None:
                 raise NotRangeable(f"{path}: compressed object, read whole")
             return b"".join([data async for data in self._blocks(resp)])
