@@ -18,6 +18,8 @@ from aiohttp import web
 from s3fault import FaultProxy
 from test_ftp import ftp
 
+from agent.config import UplinkConfig
+from agent.uplink.s3 import S3Uplink
 from faultkit import wait_for
 from harness import BUCKET
 
@@ -173,5 +175,27 @@ def test_a_ranged_get_answered_with_the_whole_object_is_not_read(agent_factory, 
         failed = agent.wait_events("ranged_get_failed")
         assert [e["error"] for e in failed] == ["NotRangeable"], failed
         f.quit()
+    finally:
+        proxy.stop()
+
+
+def test_a_header_read_answered_with_the_whole_object_reads_only_the_header(seaweed):
+    """`pacsgw retention reapply` reads each object's first bytes (S3Uplink.first_bytes, a ranged GET) for its
+    PatientBirthDate. From a store ignoring Range it read the whole object into memory (a multi-frame study: GBs);
+    it reads the bytes it asked for now."""
+    proxy = _IgnoringRanges(seaweed.endpoint_url)
+    proxy.client = seaweed.client()
+    proxy.start()
+
+    async def header() -> bytes:
+        async with S3Uplink(UplinkConfig(endpoint_url=proxy.endpoint_url, bucket=BUCKET, prefix="attack30/",
+                                         access_key_id=seaweed.access_key,
+                                         secret_access_key=seaweed.secret_key)) as s3:
+            return await s3.first_bytes("big.dcm", 4096, None)
+
+    try:
+        data = os.urandom(8 << 20)
+        proxy.client.put_object(Bucket=BUCKET, Key="attack30/big.dcm", Body=data)
+        assert asyncio.run(header()) == data[:4096]
     finally:
         proxy.stop()

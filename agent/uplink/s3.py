@@ -573,8 +573,11 @@ class S3Uplink:
     async def first_bytes(self, path: str, n: int, version: str | None) -> bytes:
         """The first n bytes this version of path holds, as stored (not decoded): a header's read, not the file's."""
         resp = await self._client.get_object(Range=f"bytes=0-{n - 1}", **self._version(path, version))
-        async with resp["Body"] as body:
-            return bytes(await body.read())
+        head = bytearray()
+        async with resp["Body"] as body:  # n at most: a store ignoring Range (HTTP allows it) sends the whole object
+            while len(head) < n and (data := await body.read(n - len(head))):
+                head += data
+        return bytes(head)
 
     async def head(self, path: str, full: bool = True) -> dict[str, Any] | None:
         """The object's HeadObject answer as the client parses it (full=False: only the fields get reads, enough
