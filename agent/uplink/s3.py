@@ -63,7 +63,7 @@ class ChecksumMismatch(Exception):
 
 
 class NotRangeable(Exception):
-    """A ranged GET hit a compressed object: its bytes at an offset are not the file's."""
+    """A ranged GET cannot give the file's bytes at an offset: a compressed object's, or a store ignoring Range."""
 
 
 # (path, ETag) of listed objects → the logical sizes of those the catalog knows (same ETag)
@@ -564,9 +564,10 @@ class S3Uplink:
         """length bytes from start of the version with this ETag: a cold read at an offset need not wait."""
         ask = {"Range": f"bytes={start}-{start + length - 1}", **({"If-Match": etag} if etag else {})}
         async with self._request("GET", self.key(path), "GetObject", ask, stream=True) as resp:
-            if resp.status != 206:  # Range ignored (HTTP allows it): the whole object came, read into memory
-                raise NotRangeable(f"{path}: answered {resp.status}, not the range")
-            if encoding_of(_object_head(resp.headers)["Metadata"]) is not None:
+            head = _object_head(resp.headers)
+            if head["ContentLength"] != length:  # Range ignored (HTTP allows it): not read into memory whole
+                raise NotRangeable(f"{path}: answered {head['ContentLength']} bytes for a range of {length}")
+            if encoding_of(head["Metadata"]) is not None:
                 raise NotRangeable(f"{path}: compressed object, read whole")
             return b"".join([data async for data in self._blocks(resp)])
 
