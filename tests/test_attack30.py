@@ -199,3 +199,35 @@ def test_a_header_read_answered_with_the_whole_object_reads_only_the_header(seaw
         assert asyncio.run(header()) == data[:4096]
     finally:
         proxy.stop()
+
+
+class _Portal(FaultProxy):
+    """The fault proxy as a web server or filtering HTTP proxy in the store's place (a wrong endpoint_url, a captive
+    portal): every PUT answered 200 with an HTML page, no ETag (SeaweedFS never answers so)."""
+
+    page = True
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        if request.method == "PUT" and self.page:
+            return web.Response(status=200, text="<html><body>Request blocked by policy</body></html>",
+                                content_type="text/html")
+        return await super()._handle(request)
+
+
+def test_an_upload_answered_by_a_web_page_is_not_taken_for_stored(agent_factory, seaweed):
+    """A PUT answered 200 with an HTML page and no ETag (every S3 store sends the object's ETag) was an upload: the
+    file marked clean, its only copy evictable, the bucket without it. Such an answer is an error: it stays queued."""
+    proxy = _Portal(seaweed.endpoint_url).start()
+    try:
+        agent = agent_factory(**{"uplink.endpoint_url": proxy.endpoint_url}).start()
+        f = ftp(agent)
+        f.storbinary("STOR portal.dcm", io.BytesIO(b"patient image " * 1000))  # stored here, the upload queued
+        time.sleep(2)
+        assert not [e for e in agent.events("uploaded") if e.get("path") == "portal.dcm"]
+        assert agent.health()["queue_depth"] == 1
+        proxy.page = False
+        wait_for(lambda: agent.health()["queue_depth"] == 0, 60, what="the queued upload")
+        assert seaweed.client().head_object(Bucket=BUCKET, Key=f"{agent.prefix}portal.dcm")["ContentLength"] == 14000
+        f.quit()
+    finally:
+        proxy.stop()
