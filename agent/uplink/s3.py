@@ -567,7 +567,7 @@ class S3Uplink:
         ask = {"Range": f"bytes={start}-{start + length - 1}", **({"If-Match": etag} if etag else {})}
         async with self._request("GET", self.key(path), "GetObject", ask, stream=True) as resp:
             head = _object_head(resp.headers)
-            if head["ContentLength"] != length:  # Range ignored (HTTP allows it): not read into memory whole
+            if head["ContentLength"] > length:  # Range ignored (HTTP allows it): not read into memory whole
                 raise NotRangeable(f"{path}: answered {head['ContentLength']} bytes for a range of {length}")
             if encoding_of(head["Metadata"]) is not None:
                 raise NotRangeable(f"{path}: compressed object, read whole")
