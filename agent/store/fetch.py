@@ -38,6 +38,8 @@ async def download(s3: S3Uplink, cache: Cache, e: Entry, blob: str, fd: int,
     try:
         async with s3.get(e.object_key, on_start, e.sha256) as (_, meta_sha, chunks):
             async for data in chunks:
+                if written + len(data) > e.size:  # a key written again larger: streamed whole, it filled the disk
+                    raise Corrupt(e.path, f"the object goes on past its size, {e.size} bytes")
                 async with lock or contextlib.nullcontext():
                     os.pwrite(fd, data, written)
                     h.update(data)

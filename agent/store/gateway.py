@@ -25,7 +25,7 @@ import structlog
 from agent.audit import AuditLog, Who
 from agent.config import Config
 from agent.metrics import Metrics
-from agent.records import MAX_NAME_BYTES, S3_KEY_BYTES, Entry
+from agent.records import S3_KEY_BYTES, Entry
 from agent.store.access import AccessStats
 from agent.store.cache import WOULD_BLOCK, Cache, DiskUsage, Opened, fast_hash, hash_range, sha256_fd
 from agent.store.catalog import AsyncCatalog, failure
@@ -44,7 +44,7 @@ from agent.store.errors import (
 )
 from agent.store.evictor import Evictor
 from agent.store.fetch import download
-from agent.store.paths import MAX_PATH_BYTES, ancestors, check_creatable, name_problem, parent_of
+from agent.store.paths import MAX_PATH_BYTES, ancestors, check_creatable, check_name, parent_of
 from agent.store.writing import WriteMarks
 from agent.uplink.line import SERVER_ERROR_RETRIES
 from agent.uplink.s3 import S3Uplink, error_code
@@ -593,18 +593,17 @@ class Gateway:
 
     @staticmethod
     def _visible(entries: list[Entry], directory: str) -> list[Entry]:
-        """The entries a client may be shown: a name with a control character would forge a listing line, and one
-        longer than MAX_NAME_BYTES (another S3 writer's: AWS and Ceph take 1 024-byte keys) no client may look up:
-        SFTP and FTP listed it, then refused its every use, and SMB never showed it."""
+        """The entries a client may be shown: the names a client may look up (check_name). A control character would
+        forge a listing line; a name longer than MAX_NAME_BYTES (another S3 writer's: AWS and Ceph take 1 024-byte
+        keys), '..', '.' or with a backslash (keys AWS and Ceph store as given) SFTP and FTP listed, then refused its
+        every use (a '..' shown in d was taken for a directory below d), and SMB never showed it."""
         shown = []
         for e in entries:
-            problem = name_problem(e.name) or (f"longer than {MAX_NAME_BYTES} bytes"
-                                               if len(e.name.encode("utf-8", "surrogatepass")) > MAX_NAME_BYTES
-                                               else None)
-            if problem is None:
+            try:
+                check_name(e.name, e.path)
                 shown.append(e)
-            else:
-                log.warning("listing_name_hidden", directory=directory, name=repr(e.name), reason=problem)
+            except BadPath as problem:
+                log.warning("listing_name_hidden", directory=directory, name=repr(e.name), reason=problem.reason)
         return shown
 
     async def _ensure_listed(self, path: str, *, missing_ok: bool = False, then: str | None = None) -> Entry | None:

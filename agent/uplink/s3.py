@@ -63,7 +63,7 @@ class ChecksumMismatch(Exception):
 
 
 class NotRangeable(Exception):
-    """A ranged GET hit a compressed object: its bytes at an offset are not the file's."""
+    """A ranged GET cannot give the file's bytes at an offset: a compressed object's, or a store ignoring Range."""
 
 
 # (path, ETag) of listed objects → the logical sizes of those the catalog knows (same ETag)
@@ -385,6 +385,8 @@ class S3Uplink:
         await self.bandwidth.up.acquire(len(body))
         async with self._request("PUT", key, "PutObject", {"x-amz-checksum-sha256": b64(sha256), **headers},
                                  body, sha256) as resp:
+            if "ETag" not in resp.headers:  # every S3 store names what it stored: a web page's 200 stored nothing
+                raise ChecksumMismatch(f"{key}: answered {resp.status} without an ETag ({resp.content_type})")
             returned = resp.headers.get("x-amz-checksum-sha256")
             if returned is not None and returned != b64(sha256):
                 raise ChecksumMismatch(f"{key}: object store answered checksum {returned}")
@@ -403,8 +405,9 @@ class S3Uplink:
         self._signer.add_auth(request)
         assert self._http is not None
         with _sending(url, request):
-            # No "Expect: 100-continue": its wait for the store's interim answer was a round trip inside every ack
-            resp = await self._http.request(method, URL(url, encoded=True), data=body,
+            # No "Expect: 100-continue": its wait for the store's interim answer was a round trip inside every ack.
+            # No redirects (as aiobotocore): a PUT redirected to another host sent it the file, and its 200 was taken
+            resp = await self._http.request(method, URL(url, encoded=True), data=body, allow_redirects=False,
                                             headers={**request.headers, **self._proxy.request_headers,
                                                      "Accept-Encoding": "identity"},
                                             skip_auto_headers=_NO_AUTO_HEADERS, proxy=self._proxy.url,
@@ -558,15 +561,21 @@ class S3Uplink:
         """length bytes from start of the version with this ETag: a cold read at an offset need not wait."""
         ask = {"Range": f"bytes={start}-{start + length - 1}", **({"If-Match": etag} if etag else {})}
         async with self._request("GET", self.key(path), "GetObject", ask, stream=True) as resp:
-            if encoding_of(_object_head(resp.headers)["Metadata"]) is not None:
+            head = _object_head(resp.headers)
+            if head["ContentLength"] > length:  # Range ignored (HTTP allows it): not read into memory whole
+                raise NotRangeable(f"{path}: answered {head['ContentLength']} bytes for a range of {length}")
+            if encoding_of(head["Metadata"]) is not None:
                 raise NotRangeable(f"{path}: compressed object, read whole")
             return b"".join([data async for data in self._blocks(resp)])
 
     async def first_bytes(self, path: str, n: int, version: str | None) -> bytes:
         """The first n bytes this version of path holds, as stored (not decoded): a header's read, not the file's."""
         resp = await self._client.get_object(Range=f"bytes=0-{n - 1}", **self._version(path, version))
-        async with resp["Body"] as body:
-            return bytes(await body.read())
+        head = bytearray()
+        async with resp["Body"] as body:  # n at most: a store ignoring Range (HTTP allows it) sends the whole object
+            while len(head) < n and (data := await body.read(n - len(head))):
+                head += data
+        return bytes(head)
 
     async def head(self, path: str, full: bool = True) -> dict[str, Any] | None:
         """The object's HeadObject answer as the client parses it (full=False: only the fields get reads, enough
