@@ -22,7 +22,7 @@ from agent.policy.dirheat import History, RankedDir, history, rank_by_model, ran
 from agent.policy.features import WINDOW
 from agent.policy.prefetch import Budget, Candidate, plan
 from agent.policy.pressure import Level
-from agent.policy.priors import StudyInfo
+from agent.policy.priors import PATIENT_STUDIES, StudyInfo
 from agent.policy.stack import PolicyStack
 from agent.store.access import heat_dir
 from agent.store.catalog import AsyncCatalog
@@ -345,8 +345,10 @@ class PriorFetcher:
         """The priors to fetch for the new study (key `new`), planned against the cache as the study's first write
         left it. → (key, cell, bytes, heat) of each."""
         await self.learn()
-        studies = await self.db.patient_studies(h.patient)
+        studies = await self.db.patient_studies(h.patient, PATIENT_STUDIES)
         keys = [self.key(k, uid) for k, uid, _, _ in studies]
+        if new not in keys:     # PATIENT_STUDIES newer ones came first: its priors are never ranked
+            return []
         new_day = _ordinal(h.study_date)
         older = [(k, m) for k, (_, _, day, m) in zip(keys, studies, strict=True)
                  if k != new and _ordinal(day) < new_day]

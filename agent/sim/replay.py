@@ -39,7 +39,7 @@ import structlog
 from agent.policy import eviction
 from agent.policy.features import WINDOW, daily_counts, window_features
 from agent.policy.prefetch import Budget, Candidate, plan
-from agent.policy.priors import StudyInfo
+from agent.policy.priors import PATIENT_STUDIES, StudyInfo
 from agent.policy.stack import PolicyStack, spec_of
 from agent.sim.trace import TraceArrays, _bar
 from agent.sim.workload import DAY
@@ -287,18 +287,22 @@ class Replayer:
         """A new study is written: tell the stack its features, and that the patient's earlier studies now
         have a newer one (what the agent's prefetcher tells it from the catalog's study index)."""
         ta = self.ta
-        earlier = [x for x in _members(self.patient_studies, int(ta.study_patient[s])).tolist()
-                   if ta.study_day[x] < ta.study_day[s] and self.known[x]]
+        earlier = [x for x in self._newest(s).tolist() if ta.study_day[x] < ta.study_day[s]]
         for x in [s, *earlier]:
             dept = ta.department_names[ta.study_department[x]] if ta.department_names else None
             self.stack.describe(x, ta.modality_names[ta.study_modality[x]], dept, x != s)
 
+    def _newest(self, s: int) -> np.ndarray:
+        """The known studies of s's patient a plan weighs: the newest PATIENT_STUDIES by day (the catalog's query)."""
+        studies = _members(self.patient_studies, int(self.ta.study_patient[s]))
+        studies = studies[self.known[studies]]
+        return studies[np.argsort(self.ta.study_day[studies], kind="stable")[-PATIENT_STUDIES:]]
+
     # -- ours: prior studies of the patient when a new study arrives
     def _plan_priors(self, s: int, t: float) -> None:
         ta, cfg = self.ta, self.cfg
-        studies = _members(self.patient_studies, int(ta.study_patient[s]))
-        studies = studies[self.known[studies]]
-        if studies.size <= 1:
+        studies = self._newest(s)
+        if studies.size <= 1 or s not in studies:
             return
         info = [StudyInfo(int(x), int(ta.study_modality[x]), float(ta.study_day[x]), 0) for x in studies]
         new = StudyInfo(s, int(ta.study_modality[s]), float(ta.study_day[s]), 0)

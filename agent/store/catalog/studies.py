@@ -24,10 +24,11 @@ class Studies(CatalogBase):
                            "VALUES (?, ?, ?, ?, ?, ?)", (key, patient, study_uid, study_date, modality, time.time()),
                            durable=False) == 1
 
-    def patient_studies(self, patient: str) -> list[tuple[str, str | None, str | None, str | None]]:
-        """(key, study_uid, study_date, modality) of every study of a patient, oldest first."""
-        return self.db.execute("SELECT dir, study_uid, study_date, modality FROM studies "
-                               "WHERE patient = ? ORDER BY study_date, dir", (patient,)).fetchall()
+    def patient_studies(self, patient: str, newest: int) -> list[tuple[str, str | None, str | None, str | None]]:
+        """(key, study_uid, study_date, modality) of a patient's `newest` studies (by date), oldest first."""
+        return self.db.execute("SELECT * FROM (SELECT dir, study_uid, study_date, modality FROM studies WHERE patient "
+                               "= ? ORDER BY study_date DESC, dir DESC LIMIT ?) ORDER BY study_date, dir",
+                               (patient, newest)).fetchall()
 
     def record_prior_fetch(self, key: str, rank: int) -> None:
         self._write("INSERT OR REPLACE INTO prior_fetches (dir, rank, fetched, used) VALUES (?, ?, ?, NULL)",
