@@ -23,7 +23,6 @@ MB = 1_000_000
 class ModalityShape:
     """How one modality's studies look on disk."""
 
-    share: float                 # share of studies (normalised over the preset's modalities)
     series: tuple[int, int]      # min, max series per study (uniform)
     images_median: float         # median instances per series (lognormal)
     images_sigma: float          # lognormal sigma of instances per series
@@ -34,14 +33,14 @@ class ModalityShape:
 
 # Study shapes, shared by the presets (see docs/workload.md for the sources).
 SHAPES: dict[str, ModalityShape] = {
-    "CT": ModalityShape(0.0, (2, 6), 220, 0.7, 0.52, 0.05, 0.1),
-    "MR": ModalityShape(0.0, (6, 14), 60, 0.6, 0.13, 0.2, 0.3),
-    "CR": ModalityShape(0.0, (1, 2), 1.5, 0.3, 12.0, 0.3, 5.0),
-    "DX": ModalityShape(0.0, (1, 3), 1.5, 0.3, 18.0, 0.3, 5.0),
-    "US": ModalityShape(0.0, (1, 2), 30, 0.6, 0.9, 0.4, 2.0),
-    "MG": ModalityShape(0.0, (1, 2), 4, 0.2, 40.0, 0.3, 10.0),
-    "PT": ModalityShape(0.0, (2, 4), 300, 0.4, 0.07, 0.1, 0.05),
-    "NM": ModalityShape(0.0, (1, 3), 20, 0.6, 0.3, 0.3, 1.0),
+    "CT": ModalityShape((2, 6), 220, 0.7, 0.52, 0.05, 0.1),
+    "MR": ModalityShape((6, 14), 60, 0.6, 0.13, 0.2, 0.3),
+    "CR": ModalityShape((1, 2), 1.5, 0.3, 12.0, 0.3, 5.0),
+    "DX": ModalityShape((1, 3), 1.5, 0.3, 18.0, 0.3, 5.0),
+    "US": ModalityShape((1, 2), 30, 0.6, 0.9, 0.4, 2.0),
+    "MG": ModalityShape((1, 2), 4, 0.2, 40.0, 0.3, 10.0),
+    "PT": ModalityShape((2, 4), 300, 0.4, 0.07, 0.1, 0.05),
+    "NM": ModalityShape((1, 3), 20, 0.6, 0.3, 0.3, 1.0),
 }
 
 
