@@ -240,15 +240,14 @@ class Agent:
         t0 = time.monotonic()
         log.info("draining", active_writes=self.gateway.active_writes)
         workers = asyncio.create_task(self.workers.stop(drain_seconds + 10)) if self.workers else None
-        for server in (self.ftp, self.sftp, self.smb):
-            if server:
-                server.stop_accepting()
+        listeners = [listener for listener in (self.ftp, self.sftp, self.smb) if listener]
+        for listener in listeners:
+            listener.stop_accepting()
         drained = await self.gateway.wait_writes_idle(drain_seconds)
         if self.smb:
             drained = await self.smb.wait_files_closed(max(0.0, drain_seconds - (time.monotonic() - t0))) and drained
-        for listener in (self.ftp, self.sftp, self.smb):
-            if listener:
-                await listener.close()
+        for listener in listeners:
+            await listener.close()
         await self.loops.stop()  # the HA monitor's too
         await self.uploader.stop(max(1.0, drain_seconds - (time.monotonic() - t0)))
         await self.line.stop()
