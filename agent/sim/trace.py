@@ -54,8 +54,7 @@ def write_trace(g: Generator, path: str | Path, progress: bool = False) -> dict:
         # could only see the files that are going to be read, which would be an oracle.
         for st in g.studies:
             if st.day < 0:
-                sdir = _study_dir(g, st)
-                f.write(f"0.000\tS\t{sdir}\t{int(st.sizes.sum())}\tP{st.patient:07d}\tST{st.idx:08d}"
+                f.write(f"0.000\tS\t{_study_dir(g, st)}\t{int(st.sizes.sum())}\tP{st.patient:07d}\tST{st.idx:08d}"
                         f"\t{st.modality}\t{st.department}\n")
         for t, w, s, i in g.iter_chunks():
             lines = []
