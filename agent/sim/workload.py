@@ -431,10 +431,7 @@ class Generator:
         p, rng = self.p, self.rng
         if not p.teaching_cases or not p.archive:
             return np.zeros(0, dtype=np.int64)
-        cases: list[int] = []
-        for _ in range(p.teaching_cases):
-            if old := self._archive_studies_of_a_patient():
-                cases.append(int(rng.choice(old)))
+        cases = [int(rng.choice(old)) for _ in range(p.teaching_cases) if (old := self._archive_studies_of_a_patient())]
         return np.array(cases, dtype=np.int64)
 
     def _archive_studies_of_a_patient(self) -> list[int]:
