@@ -331,9 +331,7 @@ class Generator:
     def _pick_priors(self, st: Study, n: int) -> list[int]:
         older = [i for i in self.history[st.patient] if i != st.idx and self.studies[i].acquired_at < st.acquired_at]
         older.sort(key=lambda i: self.studies[i].acquired_at, reverse=True)
-        same = [i for i in older if self.studies[i].modality == st.modality]
-        rest = [i for i in older if self.studies[i].modality != st.modality]
-        return (same + rest)[:n]
+        return sorted(older, key=lambda i: self.studies[i].modality != st.modality)[:n]  # stable: same modality first
 
     def draw_events(self) -> None:
         p, rng = self.p, self.rng
