@@ -270,8 +270,7 @@ class Generator:
         n = 1 + int(self.rng.poisson(max(p.priors_mean - 1, 0.0)))
         # the archive's history ends where the trace starts: studies acquired during the trace are
         # generated (and written) by the trace itself
-        before_day = min(before_day, 0)
-        day = before_day
+        day = before_day = min(before_day, 0)
         days: list[int] = []
         for _ in range(n):
             day -= max(1, int(self.rng.exponential(p.prior_gap_days)))
