@@ -88,10 +88,9 @@ def _study_names(g: Generator, idx: int) -> tuple[list[int], str, list[str]]:
 
 def _study_dir(g: Generator, st) -> str:
     """The study's directory: the layout up to and including {study}."""
-    parts = g.p.layout.split("/")
     depth = _layout_index(g.p.layout, "study") + 1
     date = (g.start + dt.timedelta(days=st.day)).isoformat()
-    return "/".join(parts[:depth]).format(modality=st.modality, date=date, study=f"ST{st.idx:08d}")
+    return "/".join(g.p.layout.split("/")[:depth]).format(modality=st.modality, date=date, study=f"ST{st.idx:08d}")
 
 
 def _bar(enabled: bool, total: int | None, desc: str):  # a tqdm bar, silent unless enabled
