@@ -304,8 +304,7 @@ class Generator:
             hour = self.rng.uniform(p.work_start_h, p.work_end_h)
         elif weekday < 5:
             # outside working hours: the rest of the day, uniformly
-            off = 24 - (p.work_end_h - p.work_start_h)
-            hour = (p.work_end_h + self.rng.uniform(0, off)) % 24
+            hour = (p.work_end_h + self.rng.uniform(0, 24 - (p.work_end_h - p.work_start_h))) % 24
         else:
             hour = self.rng.uniform(0, 24)
         return day * DAY + hour * 3600
@@ -361,8 +360,7 @@ class Generator:
                 if dep_name != "ED":
                     read_t = self._next_working(read_t)
                 # the viewer opens the priors first (hanging protocol), then the new study
-                n_priors = int(rng.integers(p.priors_read[0], p.priors_read[1] + 1))
-                chosen = self._pick_priors(st, n_priors)
+                chosen = self._pick_priors(st, int(rng.integers(p.priors_read[0], p.priors_read[1] + 1)))
                 for k, prior in enumerate(chosen):
                     self._event(read_t + k * 5.0, "R", prior, kind="prior")
                 self._event(read_t + len(chosen) * 5.0 + 5.0, "R", st.idx, kind="primary")
