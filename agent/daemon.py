@@ -383,8 +383,7 @@ async def run_until_signal(agent: Agent) -> None:
     """Start the owner or a serving worker (agent.worker), run until SIGTERM or SIGINT, then drain."""
     await agent.start()
     stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+        asyncio.get_running_loop().add_signal_handler(sig, stop.set)
     await stop.wait()
     await agent.stop()
