@@ -36,8 +36,7 @@ def hash_password(password: str) -> str:
     """'scrypt$N$r$p$salt$hash' with base64 fields; the format 'password_hash' expects."""
     salt = os.urandom(16)
     digest = hashlib.scrypt(password.encode(), salt=salt, n=_N, r=_R, p=_P, dklen=32)
-    b64 = lambda b: base64.b64encode(b).decode()  # noqa: E731
-    return f"scrypt${_N}${_R}${_P}${b64(salt)}${b64(digest)}"
+    return f"scrypt${_N}${_R}${_P}${base64.b64encode(salt).decode()}${base64.b64encode(digest).decode()}"
 
 
 def verify_password(password: str, *, plain: str = "", encoded: str = "") -> bool:

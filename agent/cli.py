@@ -39,8 +39,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_check_config(args: argparse.Namespace) -> int:
     cfg = load_or_exit(args.config)
-    print(f"{cfg.path}: ok ({len(cfg.users)} users, bucket {cfg.uplink.bucket!r}, "
-          f"write mode {cfg.uplink.write_mode})")
+    print(f"{cfg.path}: ok ({len(cfg.users)} users, bucket {cfg.uplink.bucket!r}, write mode {cfg.uplink.write_mode})")
     return 0
 
 

@@ -240,15 +240,14 @@ class Agent:
         t0 = time.monotonic()
         log.info("draining", active_writes=self.gateway.active_writes)
         workers = asyncio.create_task(self.workers.stop(drain_seconds + 10)) if self.workers else None
-        for server in (self.ftp, self.sftp, self.smb):
-            if server:
-                server.stop_accepting()
+        listeners = [listener for listener in (self.ftp, self.sftp, self.smb) if listener]
+        for listener in listeners:
+            listener.stop_accepting()
         drained = await self.gateway.wait_writes_idle(drain_seconds)
         if self.smb:
             drained = await self.smb.wait_files_closed(max(0.0, drain_seconds - (time.monotonic() - t0))) and drained
-        for listener in (self.ftp, self.sftp, self.smb):
-            if listener:
-                await listener.close()
+        for listener in listeners:
+            await listener.close()
         await self.loops.stop()  # the HA monitor's too
         await self.uploader.stop(max(1.0, drain_seconds - (time.monotonic() - t0)))
         await self.line.stop()
@@ -384,8 +383,7 @@ async def run_until_signal(agent: Agent) -> None:
     """Start the owner or a serving worker (agent.worker), run until SIGTERM or SIGINT, then drain."""
     await agent.start()
     stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+        asyncio.get_running_loop().add_signal_handler(sig, stop.set)
     await stop.wait()
     await agent.stop()

@@ -148,9 +148,8 @@ class Fsck:
         for blob in self.cache.iter_blobs():
             if await self.db.blob_referenced(blob):
                 continue
-            path = self.cache.blob_path(blob)
             try:
-                if path.stat().st_mtime > cutoff:
+                if self.cache.blob_path(blob).stat().st_mtime > cutoff:
                     continue  # perhaps being committed right now
             except FileNotFoundError:
                 continue

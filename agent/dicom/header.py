@@ -73,8 +73,7 @@ def _no_sequence(raw: Any, data: dict[str, Any], **kwargs: Any) -> None:
 
 
 def _text(value: object) -> str | None:
-    s = str(value if value is not None else "").strip().strip("\x00").strip()
-    return s or None
+    return str(value if value is not None else "").strip().strip("\x00").strip() or None
 
 
 def _cut_element(ds: Any) -> int | None:

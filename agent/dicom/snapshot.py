@@ -167,8 +167,7 @@ def valid_row(row: Any) -> bool:
 async def read(cfg: Config, s3: S3Uplink) -> AsyncGenerator[Row, None]:
     """The current snapshot's rows in path order, prefetching segments; on damage, the rows before it."""
     try:
-        prefix = index_prefix(cfg)
-        manifest = await _manifest(s3, prefix)
+        manifest = await _manifest(s3, index_prefix(cfg))
     except (NoPlace, ValueError, ClientError) as e:
         log.warning("index_snapshot_unusable", error=str(e)[:300])
         return

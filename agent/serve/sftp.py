@@ -275,7 +275,7 @@ class _Auth(asyncssh.SSHServer):
 
     REFUSE_S = 2.0  # the longest a connection over the address cap stays before its disconnect
     HOLD_MAX = 32  # refused connections a process keeps at once (waiting for REFUSE_S, lingering after)
-    holding = 0  # how many it keeps now
+    holding: set[_Auth] = set()  # those it keeps now
 
     def __init__(self, passwords: Passwords, cfg: SftpConfig, gateway: Gateway, guard: LoginGuard,
                  sftp_factory: type[GatewaySFTP]) -> None:
@@ -293,7 +293,6 @@ class _Auth(asyncssh.SSHServer):
         self.began = ""  # the user this connection's authentication is for (the first it named)
         self.failures = 0  # its failed logins, against MAX_AUTH_TRIES
         self.checking: asyncio.Future[bool] | None = None  # its password check under way, or the last one
-        self.held = False  # this refused connection counts in `holding`
         self.idle: Idle | None = None  # sftp.idle_timeout, from the login on: touched by each request and reply
 
     def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
@@ -347,15 +346,12 @@ class _Auth(asyncssh.SSHServer):
         """Whether this refused connection may be kept a while (for its client to read why): each holds a
         descriptor, and a client opening connections over the cap as fast as it can piled them up (4 s' worth)
         until the agent ran out of descriptors. Beyond HOLD_MAX it is cut at once."""
-        if not self.held and _Auth.holding < self.HOLD_MAX:
-            _Auth.holding += 1
-            self.held = True
-        return self.held
+        if len(_Auth.holding) < self.HOLD_MAX:
+            _Auth.holding.add(self)
+        return self in _Auth.holding
 
     def _unhold(self) -> None:
-        if self.held:
-            _Auth.holding -= 1
-            self.held = False
+        _Auth.holding.discard(self)
 
     def _disconnect(self, code: int = asyncssh.DISC_TOO_MANY_CONNECTIONS) -> None:
         if self.refused and self.conn is not None:

@@ -511,12 +511,10 @@ class SmbService:
         """How many files smbd has open (its share-mode table, `smbstatus -L --json`); None if unknown."""
         r = subprocess.run(["smbstatus", "-s", str(self.conf_path), "-L", "--json"],
                            capture_output=True, text=True, timeout=10)
-        if r.returncode != 0:
-            return None
-        try:
-            return len(json.loads(r.stdout).get("open_files", {}))
-        except ValueError:
-            return None
+        with contextlib.suppress(ValueError):
+            if r.returncode == 0:
+                return len(json.loads(r.stdout).get("open_files", {}))
+        return None
 
     async def wait_files_closed(self, timeout: float) -> bool:
         """Drain: wait until smbd has closed every file (its replies sent before it stops); → False on timeout."""

@@ -144,10 +144,9 @@ def _items(records: Iterable[tuple[int, T]], parse: Callable[[T, int], Row | str
            ) -> Iterator[Row | Bad | str]:
     for line, record in records:
         try:
-            item = parse(record, line)
+            item: Row | Bad | str | None = parse(record, line)
         except ValueError as e:
-            yield Bad(line, str(e))
-            continue
+            item = Bad(line, str(e))
         if item is not None:
             yield item
 

@@ -76,8 +76,7 @@ def _make(name: str, cap_kib: int, hashpower: int = 24):
     if name == "S3FIFO" and cap_kib < 10:
         # its small queue is 10 % of the cache: below 10 units libCacheSim aborts the process
         raise ValueError("libCacheSim S3FIFO needs a cache of at least 10 KiB")
-    cls = getattr(lcs, _CLASSES.get(name, name))
-    return cls(cache_size=int(cap_kib), hashpower=hashpower)
+    return getattr(lcs, _CLASSES.get(name, name))(cache_size=int(cap_kib), hashpower=hashpower)
 
 
 def run_reference(ta: TraceArrays, capacity: int, warmup_days: float = 3.0,

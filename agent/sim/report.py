@@ -79,9 +79,8 @@ def table(ta: TraceArrays, results: list[SchemeResult], refs: list, catalog: Cat
                     f"{_ms(r.mean_queued_latency_s)} / {_ms(r.p95_queued_latency_s)} | "
                     f"{r.egress_peak_mbps:,.0f} Mbps | {pf} | {r.cpu_s / hours * 1000:,.1f} ms | "
                     f"{memory_line(r.scheme, ta, catalog)} |")
-    for ref in refs:
-        rows.append(f"| libCacheSim {ref.algorithm} | {ref.hit_ratio:.1%} | {ref.byte_hit_ratio:.1%} "
-                    f"| – | – | – | – | 0 | – | – |")
+    rows += [f"| libCacheSim {ref.algorithm} | {ref.hit_ratio:.1%} | {ref.byte_hit_ratio:.1%} "
+             "| – | – | – | – | 0 | – | – |" for ref in refs]
     return head + "\n".join(rows) + "\n"
 
 

@@ -54,8 +54,7 @@ def write_trace(g: Generator, path: str | Path, progress: bool = False) -> dict:
         # could only see the files that are going to be read, which would be an oracle.
         for st in g.studies:
             if st.day < 0:
-                sdir = _study_dir(g, st)
-                f.write(f"0.000\tS\t{sdir}\t{int(st.sizes.sum())}\tP{st.patient:07d}\tST{st.idx:08d}"
+                f.write(f"0.000\tS\t{_study_dir(g, st)}\t{int(st.sizes.sum())}\tP{st.patient:07d}\tST{st.idx:08d}"
                         f"\t{st.modality}\t{st.department}\n")
         for t, w, s, i in g.iter_chunks():
             lines = []
@@ -89,10 +88,9 @@ def _study_names(g: Generator, idx: int) -> tuple[list[int], str, list[str]]:
 
 def _study_dir(g: Generator, st) -> str:
     """The study's directory: the layout up to and including {study}."""
-    parts = g.p.layout.split("/")
     depth = _layout_index(g.p.layout, "study") + 1
     date = (g.start + dt.timedelta(days=st.day)).isoformat()
-    return "/".join(parts[:depth]).format(modality=st.modality, date=date, study=f"ST{st.idx:08d}")
+    return "/".join(g.p.layout.split("/")[:depth]).format(modality=st.modality, date=date, study=f"ST{st.idx:08d}")
 
 
 def _bar(enabled: bool, total: int | None, desc: str):  # a tqdm bar, silent unless enabled

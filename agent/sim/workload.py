@@ -23,7 +23,6 @@ MB = 1_000_000
 class ModalityShape:
     """How one modality's studies look on disk."""
 
-    share: float                 # share of studies (normalised over the preset's modalities)
     series: tuple[int, int]      # min, max series per study (uniform)
     images_median: float         # median instances per series (lognormal)
     images_sigma: float          # lognormal sigma of instances per series
@@ -34,14 +33,14 @@ class ModalityShape:
 
 # Study shapes, shared by the presets (see docs/workload.md for the sources).
 SHAPES: dict[str, ModalityShape] = {
-    "CT": ModalityShape(0.0, (2, 6), 220, 0.7, 0.52, 0.05, 0.1),
-    "MR": ModalityShape(0.0, (6, 14), 60, 0.6, 0.13, 0.2, 0.3),
-    "CR": ModalityShape(0.0, (1, 2), 1.5, 0.3, 12.0, 0.3, 5.0),
-    "DX": ModalityShape(0.0, (1, 3), 1.5, 0.3, 18.0, 0.3, 5.0),
-    "US": ModalityShape(0.0, (1, 2), 30, 0.6, 0.9, 0.4, 2.0),
-    "MG": ModalityShape(0.0, (1, 2), 4, 0.2, 40.0, 0.3, 10.0),
-    "PT": ModalityShape(0.0, (2, 4), 300, 0.4, 0.07, 0.1, 0.05),
-    "NM": ModalityShape(0.0, (1, 3), 20, 0.6, 0.3, 0.3, 1.0),
+    "CT": ModalityShape((2, 6), 220, 0.7, 0.52, 0.05, 0.1),
+    "MR": ModalityShape((6, 14), 60, 0.6, 0.13, 0.2, 0.3),
+    "CR": ModalityShape((1, 2), 1.5, 0.3, 12.0, 0.3, 5.0),
+    "DX": ModalityShape((1, 3), 1.5, 0.3, 18.0, 0.3, 5.0),
+    "US": ModalityShape((1, 2), 30, 0.6, 0.9, 0.4, 2.0),
+    "MG": ModalityShape((1, 2), 4, 0.2, 40.0, 0.3, 10.0),
+    "PT": ModalityShape((2, 4), 300, 0.4, 0.07, 0.1, 0.05),
+    "NM": ModalityShape((1, 3), 20, 0.6, 0.3, 0.3, 1.0),
 }
 
 
@@ -271,8 +270,7 @@ class Generator:
         n = 1 + int(self.rng.poisson(max(p.priors_mean - 1, 0.0)))
         # the archive's history ends where the trace starts: studies acquired during the trace are
         # generated (and written) by the trace itself
-        before_day = min(before_day, 0)
-        day = before_day
+        day = before_day = min(before_day, 0)
         days: list[int] = []
         for _ in range(n):
             day -= max(1, int(self.rng.exponential(p.prior_gap_days)))
@@ -306,8 +304,7 @@ class Generator:
             hour = self.rng.uniform(p.work_start_h, p.work_end_h)
         elif weekday < 5:
             # outside working hours: the rest of the day, uniformly
-            off = 24 - (p.work_end_h - p.work_start_h)
-            hour = (p.work_end_h + self.rng.uniform(0, off)) % 24
+            hour = (p.work_end_h + self.rng.uniform(0, 24 - (p.work_end_h - p.work_start_h))) % 24
         else:
             hour = self.rng.uniform(0, 24)
         return day * DAY + hour * 3600
@@ -332,9 +329,7 @@ class Generator:
     def _pick_priors(self, st: Study, n: int) -> list[int]:
         older = [i for i in self.history[st.patient] if i != st.idx and self.studies[i].acquired_at < st.acquired_at]
         older.sort(key=lambda i: self.studies[i].acquired_at, reverse=True)
-        same = [i for i in older if self.studies[i].modality == st.modality]
-        rest = [i for i in older if self.studies[i].modality != st.modality]
-        return (same + rest)[:n]
+        return sorted(older, key=lambda i: self.studies[i].modality != st.modality)[:n]  # stable: same modality first
 
     def draw_events(self) -> None:
         p, rng = self.p, self.rng
@@ -365,8 +360,7 @@ class Generator:
                 if dep_name != "ED":
                     read_t = self._next_working(read_t)
                 # the viewer opens the priors first (hanging protocol), then the new study
-                n_priors = int(rng.integers(p.priors_read[0], p.priors_read[1] + 1))
-                chosen = self._pick_priors(st, n_priors)
+                chosen = self._pick_priors(st, int(rng.integers(p.priors_read[0], p.priors_read[1] + 1)))
                 for k, prior in enumerate(chosen):
                     self._event(read_t + k * 5.0, "R", prior, kind="prior")
                 self._event(read_t + len(chosen) * 5.0 + 5.0, "R", st.idx, kind="primary")
@@ -432,10 +426,7 @@ class Generator:
         p, rng = self.p, self.rng
         if not p.teaching_cases or not p.archive:
             return np.zeros(0, dtype=np.int64)
-        cases: list[int] = []
-        for _ in range(p.teaching_cases):
-            if old := self._archive_studies_of_a_patient():
-                cases.append(int(rng.choice(old)))
+        cases = [int(rng.choice(old)) for _ in range(p.teaching_cases) if (old := self._archive_studies_of_a_patient())]
         return np.array(cases, dtype=np.int64)
 
     def _archive_studies_of_a_patient(self) -> list[int]:

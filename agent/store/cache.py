@@ -287,12 +287,10 @@ def _pread_cached(fd: int, buf: bytearray, n: int, offset: int) -> memoryview:
     not, or at the end)."""
     try:
         got = os.preadv(fd, [memoryview(buf)[:n]], offset, os.RWF_NOWAIT)
-    except BlockingIOError:
+    except OSError as e:  # EAGAIN: not cached; EOPNOTSUPP, ENOTSUP, EINVAL: no RWF_NOWAIT here (ask the thread)
+        if e.errno not in (errno.EAGAIN, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EINVAL):
+            raise
         return memoryview(b"")
-    except OSError as e:
-        if e.errno in (errno.EOPNOTSUPP, errno.ENOTSUP, errno.EINVAL):  # no RWF_NOWAIT here: ask the thread
-            return memoryview(b"")
-        raise
     return memoryview(buf)[:got]
 
 
