@@ -9,6 +9,7 @@ import functools
 import resource
 import signal
 import sqlite3
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -379,8 +380,16 @@ class Agent:
         return self.metrics.render()
 
 
+def share_the_gil() -> None:
+    """A thread running Python (the evictor feeding its policy: seconds of CPU at 200 000 cached files, each minute)
+    kept the GIL up to CPython's 5 ms switch interval each time the event loop woke: a cached reader got 16–151 RETRs
+    a second meanwhile, 124–236 with 1 ms (docs/benchmarks.md §35)."""
+    sys.setswitchinterval(0.001)
+
+
 async def run_until_signal(agent: Agent) -> None:
     """Start the owner or a serving worker (agent.worker), run until SIGTERM or SIGINT, then drain."""
+    share_the_gil()
     await agent.start()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
