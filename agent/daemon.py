@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import dataclasses
 import functools
+import gc
 import resource
 import signal
 import sqlite3
@@ -383,8 +384,11 @@ class Agent:
 def share_the_gil() -> None:
     """A thread running Python (the evictor feeding its policy: seconds of CPU at 200 000 cached files, each minute)
     kept the GIL up to CPython's 5 ms switch interval each time the event loop woke: a cached reader got 16–151 RETRs
-    a second meanwhile, 124–236 with 1 ms (docs/benchmarks.md §35)."""
+    a second meanwhile, 124–236 with 1 ms (docs/benchmarks.md §35). The collector's full passes hold it with no
+    switch at all: at CPython's gen-0 threshold of 700 that sync started seven (51–164 ms, the loop stopped for each),
+    one at 10 000, for the same peak memory (§36)."""
     sys.setswitchinterval(0.001)
+    gc.set_threshold(10_000, 10, 10)
 
 
 async def run_until_signal(agent: Agent) -> None:

@@ -6,6 +6,7 @@ plus the rest of one study); evicted files read back from S3."""
 from __future__ import annotations
 
 import datetime as dt
+import gc
 import json
 import statistics
 import subprocess
@@ -289,6 +290,43 @@ def _loop_waits_beside_a_sync(rows: list[CatalogRow]) -> float:
         waits.append(time.perf_counter() - t0 - 0.0002)
     sync.join()
     return statistics.median(waits)
+
+
+def _full_collections_in_a_sync(rows: list[CatalogRow]) -> int:
+    """The collector's full (generation 2) passes while the default policy stack is fed these rows."""
+    full: list[int] = []
+
+    def count(phase: str, info: dict[str, int]) -> None:
+        if phase == "start" and info["generation"] == 2:
+            full.append(1)
+
+    gc.collect()
+    gc.callbacks.append(count)
+    try:
+        stack_for(CacheConfig(dir="/x")).sync(rows, time.time())
+    finally:
+        gc.callbacks.remove(count)
+    return len(full)
+
+
+def test_feeding_the_policy_starts_no_full_pass_of_the_collector():
+    """A full pass walks every object the process holds with the GIL, in the sync's thread: at 200 000 cached files
+    the sync started seven (51-164 ms, each longer than the last) and the event loop stopped for each: CPython's
+    default thresholds (700, 10, 10) allow one every 70 000 new objects. Every agent process runs share_the_gil
+    first (a gen-0 threshold of 10 000): one at 200 000 rows, none at 60 000 (docs/benchmarks.md §36)."""
+    now = time.time()
+    rows = [CatalogRow(f"CT/d/{i // 200}/{i:06d}.dcm", 1024, now - 3600 + i * 1e-3, 1, now - 7200, str(i // 200),
+                       now - 3600, "read") for i in range(60_000)]
+    before, interval = gc.get_threshold(), sys.getswitchinterval()
+    try:
+        gc.set_threshold(700, 10, 10)  # CPython's default
+        default = _full_collections_in_a_sync(rows)
+        share_the_gil()
+        shared = _full_collections_in_a_sync(rows)
+    finally:
+        gc.set_threshold(*before)
+        sys.setswitchinterval(interval)
+    assert default > 0 and shared == 0, (default, shared)
 
 
 def test_the_event_loop_waits_for_the_gil_far_less_than_5_ms_while_the_evictor_feeds_its_policy():
