@@ -133,7 +133,9 @@ class _Doorkeeper:
         self.max_seen = max_seen
         self.sent = self.back = 0.0
         self.gaps: deque[float] = deque(maxlen=256)     # the last returns: first session → second
-        self._back_time = COLD_BACK
+        # the `BACK_Q` quantile of the times from a first session to the second of the last studies that came back
+        # (`COLD_BACK` before `WARM` of them)
+        self.back_time = COLD_BACK
 
     @property
     def on(self) -> bool:
@@ -183,18 +185,13 @@ class _Doorkeeper:
             self.back += 1
             self.gaps.append(now - last)
             if len(self.gaps) >= WARM:
-                self._back_time = sorted(self.gaps)[int(BACK_Q * len(self.gaps))]
+                self.back_time = sorted(self.gaps)[int(BACK_Q * len(self.gaps))]
             if study in self._pos:
                 self._leave(study)
         else:
             self.seen[study] = now
             if study in self._pos:
                 heapq.heappush(self._by_read, (now, self._pos[study], study))
-
-    def back_time(self) -> float:
-        """The `BACK_Q` quantile of the times from a first session to the second of the last studies that came back
-        (`COLD_BACK` before `WARM` of them)."""
-        return self._back_time
 
     def victims(self, now: float) -> Iterator[Any]:
         """Every cached file on probation; a study whose session is over leaves probation (when the pass ends: a pass
@@ -399,7 +396,7 @@ class Adaptive:
         self.fresh.capacity = self.capacity
         # the second door: once-read written studies make room first while the cache turns over sooner than they come
         # back (it could not keep them until then anyway, and the space holds new studies until their first read)
-        self.door2_open = self.door2 is not None and self.turnover() < self.door2.back_time()
+        self.door2_open = self.door2 is not None and self.turnover() < self.door2.back_time
         # the real cache cuts its last victim short (Belady keeps a study's first files); the shadows judge the
         # experts' rankings with whole studies, as measured
         self.lru.cut = self.learned.cut = int(MIN_CUT * self.capacity) if TRIM else None
