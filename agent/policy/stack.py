@@ -141,7 +141,8 @@ class PolicyStack:
         """Keys to evict, in order, until bytes_to_free are freed. `table` → (the clean cached files as a
         FileTable, the key of each row); only built for a batch policy."""
         if (index := self.index) is None:
-            return self._batch_victims(bytes_to_free, now, table)
+            t, keys = table()
+            return self._unseen(keys[i] for i in self.policy.select_victims(t, bytes_to_free, now).tolist())
         if not self._seen:      # no synced view to keep (the simulator): the index's own, one generator less per key
             return index.victims(bytes_to_free, now)
         return self._unseen(index.victims(bytes_to_free, now))
@@ -150,11 +151,6 @@ class PolicyStack:
         for key in keys:
             self._seen.pop(key, None)
             yield key
-
-    def _batch_victims(self, bytes_to_free: int, now: float,
-                       table: Callable[[], tuple[eviction.FileTable, Sequence[Hashable]]]) -> Iterator[Hashable]:
-        t, keys = table()
-        return self._unseen(keys[i] for i in self.policy.select_victims(t, bytes_to_free, now).tolist())
 
     def sync(self, rows: Iterable[CatalogRow], now: float) -> int:
         """Feed an online policy the difference between this view of the cache and the last one: new rows
