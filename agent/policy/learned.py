@@ -64,8 +64,6 @@ N_ENTRY = 4
 _ENTRY_EDGES = (DAY, 7 * DAY, 35 * DAY)
 N_GAP = 5                       # the study's last gap between sessions: none yet, < 1 d, < 3 d, < 10 d, longer
 _GAP_EDGES = (DAY, 3 * DAY, 10 * DAY)
-
-
 N_SIZE = 4                      # study bytes: < 10 MB, < 100 MB, < 1 GB, more
 _SIZE_EDGES = (1e7, 1e8, 1e9)
 N_CODE = 16                     # modality / department codes, folded into this many buckets (0: unknown)
@@ -161,8 +159,7 @@ class HitDensity:
         # P(back) per gap bucket against P(back) overall: a factor on the class density (naive Bayes), so
         # a feature shares the class tables' counts instead of splitting them
         self.factors = DEFAULT_FACTORS if factors is None else factors
-        unknown = set(self.factors) - set(FACTORS)
-        if unknown:
+        if unknown := set(self.factors) - set(FACTORS):
             raise ValueError(f"unknown factors {sorted(unknown)}; known: {FACTORS}")
         self._fi = [FACTORS.index(f) for f in self.factors]
         self.attrs = attrs          # the study's features the catalog knows (None: all unknown)
