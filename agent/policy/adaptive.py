@@ -157,8 +157,7 @@ class _Doorkeeper:
                 self._join(study)
             if study in self._pos:      # (on probation still when `seen` had forgotten it, even with the door shut)
                 heapq.heappush(self._by_read, (now, self._pos[study], study))
-        files = self.probation.get(study)
-        if files is not None:
+        if (files := self.probation.get(study)) is not None:
             if not files:
                 heapq.heappush(self._filled, (self._pos[study], study))
             files[key] = size
@@ -231,8 +230,7 @@ class _Doorkeeper:
                 self._leave(study)
 
     def removed(self, study: Any, key: Any) -> None:
-        files = self.probation.get(study)
-        if files is not None:
+        if (files := self.probation.get(study)) is not None:
             files.pop(key, None)
 
     def status(self) -> dict[str, object]:
@@ -332,8 +330,7 @@ class Adaptive:
 
     def _forget(self, key: Any) -> None:
         """A file leaves the real cache: its bytes, the fresh segment's count and probation forget it."""
-        meta = self._meta.pop(key, None)
-        if meta is not None:
+        if (meta := self._meta.pop(key, None)) is not None:
             self.used -= meta[0]
             self.fresh.removed(meta[2], meta[0])
             if self.door is not None:
@@ -357,8 +354,7 @@ class Adaptive:
     def _opened(self, study: Any, now: float) -> None:
         """A file of `study` was read: if it is a new study with linked priors, its session begins now."""
         self.unopened.pop(study, None)      # a prior opened after all (a board, a follow-up) is cached as read
-        priors = self.waiting.pop(study, None)
-        if priors is not None:
+        if (priors := self.waiting.pop(study, None)) is not None:
             self.sessions.append((now, priors))
         self._session_over(now)     # here too, so a cache that never fills keeps no backlog of sessions
 

@@ -343,8 +343,7 @@ class StudyLRU:
         if study is None:
             return
         queue = self._queue(study)
-        files = queue.get(study)
-        if files is not None:
+        if (files := queue.get(study)) is not None:
             self._bytes[study] -= files.pop(key, 0)
             if not files:
                 del queue[study]

@@ -235,8 +235,7 @@ class HitDensity:
             s = self._studies[study] = _Study({}, 0, now, entry, study=study)
             self._pos[study] = len(self._ids)
             self._ids.append(study)
-            ghost = self._ghosts.pop(study, None)
-            if ghost is not None:
+            if (ghost := self._ghosts.pop(study, None)) is not None:
                 self._returned(s, ghost, now, prefetch)
         s.files[key] = size
         s.size += size
@@ -321,8 +320,7 @@ class HitDensity:
 
     def _rank(self, s: _Study, now: float) -> float:
         rank = self._worth(s, now)
-        link = self._links.get(s.study)
-        if link is not None:
+        if (link := self._links.get(s.study)) is not None:
             new = self._studies.get(link[0])
             if new is not None and new.sessions == 0:
                 rank = max(rank, link[1] * self._worth(new, now))

@@ -240,8 +240,7 @@ class PolicyStack:
     def prior_fetched(self, prior: Hashable, new: Hashable, heat: float) -> None:
         """A planned prior is being fetched for a new study: tell the eviction policy (one that keeps the pair,
         agent/policy/learned.py `link`), before the prior's files land."""
-        link = getattr(self.policy, "link", None)
-        if link is not None:
+        if (link := getattr(self.policy, "link", None)) is not None:
             link(prior, new, heat)
 
     def prior_outcome(self, cell: int, used: bool) -> None:

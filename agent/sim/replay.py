@@ -337,8 +337,7 @@ class Replayer:
 
     def _prefetch_feedback(self, o: int, used: bool) -> None:
         st = int(self.study[o])
-        cell = self.pf_cell.pop(st, None)
-        if cell is not None:
+        if (cell := self.pf_cell.pop(st, None)) is not None:
             self.stack.prior_outcome(cell, used)
 
     # -- scheme C: LSTM-predicted day-directories in the early-morning window
