@@ -176,8 +176,7 @@ class _Doorkeeper:
         del self._pos[study]
 
     def read(self, study: Any, now: float) -> None:
-        last = self.seen.get(study)
-        if last is None:
+        if (last := self.seen.get(study)) is None:
             return
         if now - last > SESSION_S:      # a second session: an ordinary study from now on
             self.seen[study] = None

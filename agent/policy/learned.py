@@ -289,8 +289,7 @@ class HitDensity:
             del self._links[next(iter(self._links))]
 
     def on_remove(self, key: int) -> None:
-        study = self._study_of.pop(key, None)
-        if study is None:
+        if (study := self._study_of.pop(key, None)) is None:
             return
         s = self._studies[study]
         s.size -= s.files.pop(key, 0)

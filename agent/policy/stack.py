@@ -162,8 +162,7 @@ class PolicyStack:
         last access and read count instead, a written file read before the pass looked read on a miss, and a prefetch
         of a file read minutes before looked written or read on a miss, at that old read. A row the catalog knows no
         origin of is a copy read on a miss at its last access."""
-        index = self.index
-        if index is None:
+        if (index := self.index) is None:
             return 0
         events: list[tuple[float, int, CatalogRow]] = []   # (time, reads (0: the insert), row)
         now_keys: set[Hashable] = set()
