@@ -126,8 +126,7 @@ class Fetcher:
         after = ""
         while page := await self.db.missing_page(d, after, self.PAGE):
             for e in page:
-                reason = self.stop_reason(deadline)
-                if reason:
+                if reason := self.stop_reason(deadline):
                     return reason
                 try:
                     landed = await self.gateway.prefetch(e)

@@ -80,8 +80,7 @@ async def plan(cfg: Config, concurrency: int = 32) -> Plan:
             path, size, mtime = item
             out.objects += 1
             try:
-                head = await s3.head(path)
-                if head is None:
+                if (head := await s3.head(path)) is None:
                     continue  # deleted since the listing
                 h = header_from_meta(head.get("Metadata") or {})
                 if h is not None and rules.needs_birth_date:

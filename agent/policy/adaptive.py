@@ -133,7 +133,9 @@ class _Doorkeeper:
         self.max_seen = max_seen
         self.sent = self.back = 0.0
         self.gaps: deque[float] = deque(maxlen=256)     # the last returns: first session → second
-        self._back_time = COLD_BACK
+        # the `BACK_Q` quantile of the times from a first session to the second of the last studies that came back
+        # (`COLD_BACK` before `WARM` of them)
+        self.back_time = COLD_BACK
 
     @property
     def on(self) -> bool:
@@ -155,8 +157,7 @@ class _Doorkeeper:
                 self._join(study)
             if study in self._pos:      # (on probation still when `seen` had forgotten it, even with the door shut)
                 heapq.heappush(self._by_read, (now, self._pos[study], study))
-        files = self.probation.get(study)
-        if files is not None:
+        if (files := self.probation.get(study)) is not None:
             if not files:
                 heapq.heappush(self._filled, (self._pos[study], study))
             files[key] = size
@@ -175,26 +176,20 @@ class _Doorkeeper:
         del self._pos[study]
 
     def read(self, study: Any, now: float) -> None:
-        last = self.seen.get(study)
-        if last is None:
+        if (last := self.seen.get(study)) is None:
             return
         if now - last > SESSION_S:      # a second session: an ordinary study from now on
             self.seen[study] = None
             self.back += 1
             self.gaps.append(now - last)
             if len(self.gaps) >= WARM:
-                self._back_time = sorted(self.gaps)[int(BACK_Q * len(self.gaps))]
+                self.back_time = sorted(self.gaps)[int(BACK_Q * len(self.gaps))]
             if study in self._pos:
                 self._leave(study)
         else:
             self.seen[study] = now
             if study in self._pos:
                 heapq.heappush(self._by_read, (now, self._pos[study], study))
-
-    def back_time(self) -> float:
-        """The `BACK_Q` quantile of the times from a first session to the second of the last studies that came back
-        (`COLD_BACK` before `WARM` of them)."""
-        return self._back_time
 
     def victims(self, now: float) -> Iterator[Any]:
         """Every cached file on probation; a study whose session is over leaves probation (when the pass ends: a pass
@@ -234,8 +229,7 @@ class _Doorkeeper:
                 self._leave(study)
 
     def removed(self, study: Any, key: Any) -> None:
-        files = self.probation.get(study)
-        if files is not None:
+        if (files := self.probation.get(study)) is not None:
             files.pop(key, None)
 
     def status(self) -> dict[str, object]:
@@ -335,8 +329,7 @@ class Adaptive:
 
     def _forget(self, key: Any) -> None:
         """A file leaves the real cache: its bytes, the fresh segment's count and probation forget it."""
-        meta = self._meta.pop(key, None)
-        if meta is not None:
+        if (meta := self._meta.pop(key, None)) is not None:
             self.used -= meta[0]
             self.fresh.removed(meta[2], meta[0])
             if self.door is not None:
@@ -360,8 +353,7 @@ class Adaptive:
     def _opened(self, study: Any, now: float) -> None:
         """A file of `study` was read: if it is a new study with linked priors, its session begins now."""
         self.unopened.pop(study, None)      # a prior opened after all (a board, a follow-up) is cached as read
-        priors = self.waiting.pop(study, None)
-        if priors is not None:
+        if (priors := self.waiting.pop(study, None)) is not None:
             self.sessions.append((now, priors))
         self._session_over(now)     # here too, so a cache that never fills keeps no backlog of sessions
 
@@ -399,7 +391,7 @@ class Adaptive:
         self.fresh.capacity = self.capacity
         # the second door: once-read written studies make room first while the cache turns over sooner than they come
         # back (it could not keep them until then anyway, and the space holds new studies until their first read)
-        self.door2_open = self.door2 is not None and self.turnover() < self.door2.back_time()
+        self.door2_open = self.door2 is not None and self.turnover() < self.door2.back_time
         # the real cache cuts its last victim short (Belady keeps a study's first files); the shadows judge the
         # experts' rankings with whole studies, as measured
         self.lru.cut = self.learned.cut = int(MIN_CUT * self.capacity) if TRIM else None

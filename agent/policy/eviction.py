@@ -331,20 +331,17 @@ class StudyLRU:
     def unheld(self, study: int) -> None:
         """A written, unread study is no longer held: it queues with the others by its write time (at the head
         when that is older than the head's last use, else at the tail: releases are the segment's ends)."""
-        files = self._fresh.pop(study, None)
-        if files is None:
+        if (files := self._fresh.pop(study, None)) is None:
             return
         self._young[study] = files
         if self._last[study] <= self._last[next(iter(self._young))]:
             self._young.move_to_end(study, last=False)
 
     def on_remove(self, key: int) -> None:
-        study = self._study_of.pop(key, None)
-        if study is None:
+        if (study := self._study_of.pop(key, None)) is None:
             return
         queue = self._queue(study)
-        files = queue.get(study)
-        if files is not None:
+        if (files := queue.get(study)) is not None:
             self._bytes[study] -= files.pop(key, 0)
             if not files:
                 del queue[study]

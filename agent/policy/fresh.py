@@ -58,8 +58,7 @@ class FreshSegment:
 
     def read(self, study: Any, now: float) -> None:
         """A file of `study` was read (a hit, or a miss that fetches it again)."""
-        t0 = self.unread.pop(study, None)
-        if t0 is not None:
+        if (t0 := self.unread.pop(study, None)) is not None:
             self._learn(now - t0)
             self.total -= self.members.pop(study, 0)
 
@@ -84,8 +83,7 @@ class FreshSegment:
 
     def removed(self, study: Any, size: int) -> None:
         """A file of `study` left the cache."""
-        held = self.members.get(study)
-        if held is not None:
+        if (held := self.members.get(study)) is not None:
             self.total -= min(size, held)
             if held > size:
                 self.members[study] = held - size

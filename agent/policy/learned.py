@@ -64,8 +64,6 @@ N_ENTRY = 4
 _ENTRY_EDGES = (DAY, 7 * DAY, 35 * DAY)
 N_GAP = 5                       # the study's last gap between sessions: none yet, < 1 d, < 3 d, < 10 d, longer
 _GAP_EDGES = (DAY, 3 * DAY, 10 * DAY)
-
-
 N_SIZE = 4                      # study bytes: < 10 MB, < 100 MB, < 1 GB, more
 _SIZE_EDGES = (1e7, 1e8, 1e9)
 N_CODE = 16                     # modality / department codes, folded into this many buckets (0: unknown)
@@ -161,8 +159,7 @@ class HitDensity:
         # P(back) per gap bucket against P(back) overall: a factor on the class density (naive Bayes), so
         # a feature shares the class tables' counts instead of splitting them
         self.factors = DEFAULT_FACTORS if factors is None else factors
-        unknown = set(self.factors) - set(FACTORS)
-        if unknown:
+        if unknown := set(self.factors) - set(FACTORS):
             raise ValueError(f"unknown factors {sorted(unknown)}; known: {FACTORS}")
         self._fi = [FACTORS.index(f) for f in self.factors]
         self.attrs = attrs          # the study's features the catalog knows (None: all unknown)
@@ -238,8 +235,7 @@ class HitDensity:
             s = self._studies[study] = _Study({}, 0, now, entry, study=study)
             self._pos[study] = len(self._ids)
             self._ids.append(study)
-            ghost = self._ghosts.pop(study, None)
-            if ghost is not None:
+            if (ghost := self._ghosts.pop(study, None)) is not None:
                 self._returned(s, ghost, now, prefetch)
         s.files[key] = size
         s.size += size
@@ -293,8 +289,7 @@ class HitDensity:
             del self._links[next(iter(self._links))]
 
     def on_remove(self, key: int) -> None:
-        study = self._study_of.pop(key, None)
-        if study is None:
+        if (study := self._study_of.pop(key, None)) is None:
             return
         s = self._studies[study]
         s.size -= s.files.pop(key, 0)
@@ -324,8 +319,7 @@ class HitDensity:
 
     def _rank(self, s: _Study, now: float) -> float:
         rank = self._worth(s, now)
-        link = self._links.get(s.study)
-        if link is not None:
+        if (link := self._links.get(s.study)) is not None:
             new = self._studies.get(link[0])
             if new is not None and new.sessions == 0:
                 rank = max(rank, link[1] * self._worth(new, now))

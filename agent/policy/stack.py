@@ -141,7 +141,8 @@ class PolicyStack:
         """Keys to evict, in order, until bytes_to_free are freed. `table` → (the clean cached files as a
         FileTable, the key of each row); only built for a batch policy."""
         if (index := self.index) is None:
-            return self._batch_victims(bytes_to_free, now, table)
+            t, keys = table()
+            return self._unseen(keys[i] for i in self.policy.select_victims(t, bytes_to_free, now).tolist())
         if not self._seen:      # no synced view to keep (the simulator): the index's own, one generator less per key
             return index.victims(bytes_to_free, now)
         return self._unseen(index.victims(bytes_to_free, now))
@@ -150,11 +151,6 @@ class PolicyStack:
         for key in keys:
             self._seen.pop(key, None)
             yield key
-
-    def _batch_victims(self, bytes_to_free: int, now: float,
-                       table: Callable[[], tuple[eviction.FileTable, Sequence[Hashable]]]) -> Iterator[Hashable]:
-        t, keys = table()
-        return self._unseen(keys[i] for i in self.policy.select_victims(t, bytes_to_free, now).tolist())
 
     def sync(self, rows: Iterable[CatalogRow], now: float) -> int:
         """Feed an online policy the difference between this view of the cache and the last one: new rows
@@ -166,8 +162,7 @@ class PolicyStack:
         last access and read count instead, a written file read before the pass looked read on a miss, and a prefetch
         of a file read minutes before looked written or read on a miss, at that old read. A row the catalog knows no
         origin of is a copy read on a miss at its last access."""
-        index = self.index
-        if index is None:
+        if (index := self.index) is None:
             return 0
         events: list[tuple[float, int, CatalogRow]] = []   # (time, reads (0: the insert), row)
         now_keys: set[Hashable] = set()
@@ -244,8 +239,7 @@ class PolicyStack:
     def prior_fetched(self, prior: Hashable, new: Hashable, heat: float) -> None:
         """A planned prior is being fetched for a new study: tell the eviction policy (one that keeps the pair,
         agent/policy/learned.py `link`), before the prior's files land."""
-        link = getattr(self.policy, "link", None)
-        if link is not None:
+        if (link := getattr(self.policy, "link", None)) is not None:
             link(prior, new, heat)
 
     def prior_outcome(self, cell: int, used: bool) -> None:

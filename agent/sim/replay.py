@@ -337,8 +337,7 @@ class Replayer:
 
     def _prefetch_feedback(self, o: int, used: bool) -> None:
         st = int(self.study[o])
-        cell = self.pf_cell.pop(st, None)
-        if cell is not None:
+        if (cell := self.pf_cell.pop(st, None)) is not None:
             self.stack.prior_outcome(cell, used)
 
     # -- scheme C: LSTM-predicted day-directories in the early-morning window
@@ -463,7 +462,6 @@ class Replayer:
         per_day_reads = np.bincount(day[all_reads], minlength=ta.n_days)
         per_day_hits = np.bincount(day[all_reads & hit], minlength=ta.n_days)
         daily = [h / n if n else None for h, n in zip(per_day_hits.tolist(), per_day_reads.tolist(), strict=True)]
-        pf_total = int(np.sum(self.pf_sizes)) if self.pf_sizes else 0
         return SchemeResult(
             scheme=self.scheme, reads=int(reads.sum()), hits=int((hit & reads).sum()),
             read_bytes=int(size[reads].sum()), hit_bytes=int(size[reads & hit].sum()),
@@ -471,7 +469,7 @@ class Replayer:
             p95_latency_s=float(np.percentile(lat, 95)) if lat.size else 0.0,
             mean_queued_latency_s=float(q_lat.mean()) if q_lat.size else 0.0,
             p95_queued_latency_s=float(np.percentile(q_lat, 95)) if q_lat.size else 0.0,
-            egress_peak_mbps=peak, prefetch_bytes=pf_total, prefetch_used_bytes=self.pf_used,
+            egress_peak_mbps=peak, prefetch_bytes=sum(self.pf_sizes), prefetch_used_bytes=self.pf_used,
             daily_hit_ratio=daily, egress_per_min=egress)
 
 

@@ -83,7 +83,6 @@ class Line:
         return self.health.reachable
 
     def watch(self, on_up: Callable[[], None]) -> None:
-        """Call on_up whenever the line comes back."""
         self._watchers.append(on_up)
 
     async def wait_up(self) -> None:

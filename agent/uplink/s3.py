@@ -280,6 +280,7 @@ class S3Uplink:
         self._stack = contextlib.AsyncExitStack()
         self._client: Any = None  # aiobotocore's S3 client: generated at run time, untyped
         self._http: aiohttp.ClientSession | None = None  # our own requests (see _request)
+        self._base_url = f"{cfg.endpoint_url.rstrip('/')}/{cfg.bucket}"
         self._proxy = Proxy(None, {}, {})
         self._signer: Any = None
         self._models: dict[str, Any] = {}
@@ -423,10 +424,6 @@ class S3Uplink:
         finally:
             resp.release()
 
-    @property
-    def _base_url(self) -> str:
-        return f"{self.cfg.endpoint_url.rstrip('/')}/{self.cfg.bucket}"
-
     async def _put_multipart(self, path: str, fd: int, size: int, sha256: str,
                              lock_args: dict[str, object], metadata: dict[str, str],
                              condition: dict[str, str], compress: bool = False) -> PutResult:
@@ -502,12 +499,10 @@ class S3Uplink:
         return {"Bucket": self.cfg.bucket, "Key": self.key(path), **({"VersionId": version} if version else {})}
 
     async def retain(self, path: str, mode: str, until: datetime, version: str | None) -> None:
-        """Object Lock retention of this version of path until then."""
         await self._client.put_object_retention(Retention={"Mode": mode, "RetainUntilDate": until},
                                                 ChecksumAlgorithm="SHA256", **self._version(path, version))
 
     async def hold(self, path: str, version: str | None) -> None:
-        """A legal hold on this version of path."""
         await self._client.put_object_legal_hold(LegalHold={"Status": "ON"}, ChecksumAlgorithm="SHA256",
                                                  **self._version(path, version))
 

@@ -55,8 +55,7 @@ class Namespace(CatalogBase):
 
     def rmdir(self, path: str) -> None:
         with self._tx():
-            e = self.get(path)
-            if e is None:
+            if (e := self.get(path)) is None:
                 raise NotFound(path)
             if not e.is_dir:
                 raise NotADirectory(path)
@@ -99,8 +98,7 @@ class Namespace(CatalogBase):
         now = time.time()
         replaced: list[str] = []
         with self._tx():
-            e = self.get(src)
-            if e is None:
+            if (e := self.get(src)) is None:
                 raise NotFound(src)
             if dst == src:
                 return replaced
@@ -153,8 +151,7 @@ class Namespace(CatalogBase):
         """Remove a file; its object becomes a tombstone. → the blob to delete, if cached."""
         now = time.time()
         with self._tx():
-            e = self.get(path)
-            if e is None:
+            if (e := self.get(path)) is None:
                 raise NotFound(path)
             if e.is_dir:
                 raise IsADirectory(path)
