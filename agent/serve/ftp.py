@@ -146,8 +146,7 @@ async def send_file(data: "DataConnection", handle: ReadHandle, offset: int) -> 
             # at least once: a fetch's end (even of an empty file) waits for its check
             end = await handle.ready(pos)
             while pos < end:
-                n = await data.sendfile(handle.fd, pos, min(SEND_CHUNK, end - pos))
-                if not n:
+                if not (n := await data.sendfile(handle.fd, pos, min(SEND_CHUNK, end - pos))):
                     raise Corrupt(handle.entry.path, f"content ends at {pos} of {handle.size} bytes")
                 pos += n
                 if pos < handle.size:  # a reader as fast as sendfile never blocks it: let other sessions run
@@ -170,8 +169,7 @@ class GatewayPathIO(aioftp.AbstractPathIO[PurePosixPath]):
         return await self.entry(path) is not None
 
     async def is_dir(self, path: PurePosixPath) -> bool:
-        e = await self.entry(path)
-        return e is not None and e.is_dir
+        return (e := await self.entry(path)) is not None and e.is_dir
 
     # Only aioftp's CWD, CDUP and MLST use this PathIO (exists, is_dir, entry); namespace commands, listings
     # and file I/O are this module's own handlers, straight to the gateway. Overridden, these methods lose aioftp's
@@ -456,8 +454,7 @@ def _aborted() -> None:
     """Raise CancelledError if ABOR (or the session's end) cancelled this transfer while its I/O was finishing:
     aioftp's asyncio.wait_for (Python 3.11) returns the block read or written and drops the cancellation, an
     upload's last reads never wait; the transfer would go on as if nothing had come."""
-    task = asyncio.current_task()
-    if task is not None and task.cancelling():
+    if (task := asyncio.current_task()) is not None and task.cancelling():
         raise asyncio.CancelledError
 
 
@@ -565,8 +562,7 @@ class FtpServer(aioftp.Server):
             connection.extra_workers.discard(task)
             if task.cancelled():
                 return
-            exc = task.exception()
-            if exc is not None:
+            if (exc := task.exception()) is not None:
                 failed(exc)
             elif task.result() is False:
                 _settle(ended)
@@ -602,16 +598,14 @@ class FtpServer(aioftp.Server):
                     if self.draining and not commands:  # RFC 959 allows 421 as the answer to any command
                         respond("421", "service restarting; try again later")
                         return
-                    now = self.immediate.get(cmd)
-                    if now is not None:
+                    if (now := self.immediate.get(cmd)) is not None:
                         try:
                             if not _refused(connection, (LOGGED_IN,)):  # both need a login
                                 now(connection, rest)
                         except Exception as exc:
                             failed(exc)
                         continue
-                    handler = self.handlers.get(cmd)
-                    if handler is None:
+                    if (handler := self.handlers.get(cmd)) is None:
                         respond("502", f"{cmd[:16].upper()} not implemented")
                         continue
                     task = asyncio.ensure_future(handler(connection, rest))
@@ -695,8 +689,7 @@ class FtpServer(aioftp.Server):
         421 over a connection still open): closed at once, the client's data connection was refused, an error
         a PACS cannot tell from a failed transfer (seen in the fleet's key rotation)."""
         self.stop_accepting()
-        told = [task for task, session in self.sessions.items() if session.passive is not None]
-        if told:
+        if told := [task for task, session in self.sessions.items() if session.passive is not None]:
             await asyncio.wait(told, timeout=PASSIVE_GRACE)
         tasks = list(self.sessions)
         for t in tasks:
@@ -815,8 +808,7 @@ class FtpServer(aioftp.Server):
         if ":" in host:
             connection.response("425", "PASV cannot announce an IPv6 address; use EPSV")
             return
-        passive = self._listen(connection)
-        if passive is not None:
+        if (passive := self._listen(connection)) is not None:
             numbers = [*host.split("."), str(passive.port >> 8), str(passive.port & 0xFF)]
             connection.response("227", f"Entering Passive Mode ({','.join(numbers)})")
 
@@ -834,8 +826,7 @@ class FtpServer(aioftp.Server):
         if arg and arg != family:
             connection.response("522", f"Network protocol not supported, use ({family})")
             return
-        passive = self._listen(connection)
-        if passive is not None:
+        if (passive := self._listen(connection)) is not None:
             connection.response("229", f"Entering Extended Passive Mode (|||{passive.port}|)")
 
     def _listen(self, connection: aioftp.Connection) -> Passive | None:
@@ -853,8 +844,7 @@ class FtpServer(aioftp.Server):
             # Counted each, told once a minute per address: a stranger knocking on a passive port in a loop wrote an
             # event and an audit record per connection, thousands a second, and rotated the audit trail away.
             self.gateway.count_error("ftp", "DataConnectionRefused")
-            since = self._told.due(("stranger", peer.rpartition(":")[0]))
-            if since is None:
+            if (since := self._told.due(("stranger", peer.rpartition(":")[0]))) is None:
                 return
             log.warning("data_connection_refused", user=user, peer=peer, control_peer=connection.client_host,
                         reason=reason, refused_since=since)
