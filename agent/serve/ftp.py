@@ -133,8 +133,7 @@ def needs(*fields: tuple[str, str]) -> Callable[[Command], Command]:
 def who(connection: aioftp.Connection) -> Who:
     """The audited party of an FTP session."""
     user = connection.user.login if connection.future.user.done() else "-"
-    protocol = "ftps" if connection.session.tls else "ftp"
-    return Who(user, protocol, f"{connection.client_host}:{connection.client_port}")
+    return Who(user, "ftps" if connection.session.tls else "ftp", f"{connection.client_host}:{connection.client_port}")
 
 
 async def send_file(data: "DataConnection", handle: ReadHandle, offset: int) -> None:
@@ -304,10 +303,7 @@ class DataConnection:
         streams = self._streams
         if streams is not None and streams.done() and not streams.cancelled() and streams.exception() is None:
             transport = streams.result()[1].transport
-            if at_once:
-                transport.abort()
-            else:
-                transport.close()
+            (transport.abort if at_once else transport.close)()
             return
         if streams is not None:
             streams.cancel()
@@ -676,7 +672,6 @@ class FtpServer(aioftp.Server):
         return cmd, rest if cmd in PATH_COMMANDS else rest.strip()
 
     async def start(self, host: str | None = None, port: int = 0, **kwargs: Any) -> None:
-        """aioftp's start, with MAX_COMMAND_LINE as the control connections' line limit."""
         await super().start(host, port, limit=MAX_COMMAND_LINE, **kwargs)
 
     def stop_accepting(self) -> None:
@@ -917,8 +912,6 @@ class FtpServer(aioftp.Server):
     def _guarded(self, handler: Handler, name: str) -> Handler:
         """Refuse bad paths before aioftp sees them (and a path ending in '/' that names no directory: STOR, APPE and
         a file's RNTO would make a file by it); map gateway errors raised inside a command."""
-        creates_file = name in ("stor", "appe")
-
         @functools.wraps(handler)
         async def run(connection: aioftp.Connection, rest: str) -> bool:
             try:
@@ -928,7 +921,7 @@ class FtpServer(aioftp.Server):
                     moved = connection.rename_from if name == "rnto" and connection.future.rename_from.done() else None
                     try:
                         await contract.slash_checked(self.gateway, rest, self._resolve(connection, rest),
-                                                     creates_file=creates_file, moved_from=moved)
+                                                     creates_file=name in ("stor", "appe"), moved_from=moved)
                     except GatewayError as e:
                         return self._fail(connection, e, refused_here=True)
                 return await handler(connection, rest)
@@ -1076,8 +1069,7 @@ class FtpServer(aioftp.Server):
         """Like rename(2), an existing target file is replaced (PACS clients re-send x.part → x)."""
         source = connection.rename_from
         del connection.rename_from
-        target = self._resolve(connection, rest)
-        await self.gateway.rename(source, target, who(connection))
+        await self.gateway.rename(source, self._resolve(connection, rest), who(connection))
         return replied(connection, "250", "renamed")
 
     # --- commands aioftp lacks ---------------------------------------------------------------------
