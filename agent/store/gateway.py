@@ -1011,9 +1011,7 @@ class Gateway:
         return self._share(self.cfg.cache.max_open_for_reading_per_user)
 
     def read_closed(self, path: str, held: int, user: str) -> None:
-        self._reading[user] -= held
-        if not self._reading[user]:
-            del self._reading[user]
+        self._reading -= Counter({user: held})  # the user goes at 0
         self.evictor.pins.unpin(path)
 
     async def _open_entry(self, e: Entry, protocol: str) -> ReadHandle:
