@@ -105,9 +105,7 @@ class _Connections:
 
     def release(self, address: str, fd: int, opened: float) -> None:
         """The connection on fd (before its close: the number is not yet anyone else's) is closed."""
-        self.open[address] -= 1
-        if not self.open[address]:
-            del self.open[address]
+        self.open -= Counter({address: 1})  # the address goes at 0
         if not self.answered.pop(fd, 0) and time.monotonic() - opened >= IDLE_SECONDS:
             if (since := self._idle_told.due(address)) is not None:
                 log.warning("http_idle_closed", listener=self.listener, peer=address, closed_since=since,
