@@ -69,9 +69,8 @@ class AuditLog:
         if int(now) != second:
             text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now))
             self._second = (int(now), text)
-        stamp = f"{text}.{int(now * 1000) % 1000:03d}Z"
-        entry = {"time": stamp, "user": who.user, "peer": who.peer, "protocol": who.protocol, "op": op, "path": path,
-                 "result": result}
+        entry = {"time": f"{text}.{int(now * 1000) % 1000:03d}Z", "user": who.user, "peer": who.peer,
+                 "protocol": who.protocol, "op": op, "path": path, "result": result}
         if nbytes is not None:
             entry["bytes"] = nbytes
         entry.update(detail)
@@ -142,8 +141,7 @@ async def ship(audit: AuditLog, s3, prefix: str) -> None:  # s3: an S3Uplink
 
 async def _ship_rotated(audit: AuditLog, s3, prefix: str) -> None:
     for f in audit.rotated():
-        marker = f.with_name(f.name + ".shipped")
-        if marker.exists():
+        if (marker := f.with_name(f.name + ".shipped")).exists():
             continue
         try:
             await s3.put_raw(prefix + f.name, await asyncio.to_thread(f.read_bytes))

@@ -133,8 +133,7 @@ def needs(*fields: tuple[str, str]) -> Callable[[Command], Command]:
 def who(connection: aioftp.Connection) -> Who:
     """The audited party of an FTP session."""
     user = connection.user.login if connection.future.user.done() else "-"
-    protocol = "ftps" if connection.session.tls else "ftp"
-    return Who(user, protocol, f"{connection.client_host}:{connection.client_port}")
+    return Who(user, "ftps" if connection.session.tls else "ftp", f"{connection.client_host}:{connection.client_port}")
 
 
 async def send_file(data: "DataConnection", handle: ReadHandle, offset: int) -> None:
@@ -146,8 +145,7 @@ async def send_file(data: "DataConnection", handle: ReadHandle, offset: int) -> 
             # at least once: a fetch's end (even of an empty file) waits for its check
             end = await handle.ready(pos)
             while pos < end:
-                n = await data.sendfile(handle.fd, pos, min(SEND_CHUNK, end - pos))
-                if not n:
+                if not (n := await data.sendfile(handle.fd, pos, min(SEND_CHUNK, end - pos))):
                     raise Corrupt(handle.entry.path, f"content ends at {pos} of {handle.size} bytes")
                 pos += n
                 if pos < handle.size:  # a reader as fast as sendfile never blocks it: let other sessions run
@@ -170,8 +168,7 @@ class GatewayPathIO(aioftp.AbstractPathIO[PurePosixPath]):
         return await self.entry(path) is not None
 
     async def is_dir(self, path: PurePosixPath) -> bool:
-        e = await self.entry(path)
-        return e is not None and e.is_dir
+        return (e := await self.entry(path)) is not None and e.is_dir
 
     # Only aioftp's CWD, CDUP and MLST use this PathIO (exists, is_dir, entry); namespace commands, listings
     # and file I/O are this module's own handlers, straight to the gateway. Overridden, these methods lose aioftp's
@@ -306,10 +303,7 @@ class DataConnection:
         streams = self._streams
         if streams is not None and streams.done() and not streams.cancelled() and streams.exception() is None:
             transport = streams.result()[1].transport
-            if at_once:
-                transport.abort()
-            else:
-                transport.close()
+            (transport.abort if at_once else transport.close)()
             return
         if streams is not None:
             streams.cancel()
@@ -456,8 +450,7 @@ def _aborted() -> None:
     """Raise CancelledError if ABOR (or the session's end) cancelled this transfer while its I/O was finishing:
     aioftp's asyncio.wait_for (Python 3.11) returns the block read or written and drops the cancellation, an
     upload's last reads never wait; the transfer would go on as if nothing had come."""
-    task = asyncio.current_task()
-    if task is not None and task.cancelling():
+    if (task := asyncio.current_task()) is not None and task.cancelling():
         raise asyncio.CancelledError
 
 
@@ -565,8 +558,7 @@ class FtpServer(aioftp.Server):
             connection.extra_workers.discard(task)
             if task.cancelled():
                 return
-            exc = task.exception()
-            if exc is not None:
+            if (exc := task.exception()) is not None:
                 failed(exc)
             elif task.result() is False:
                 _settle(ended)
@@ -602,16 +594,14 @@ class FtpServer(aioftp.Server):
                     if self.draining and not commands:  # RFC 959 allows 421 as the answer to any command
                         respond("421", "service restarting; try again later")
                         return
-                    now = self.immediate.get(cmd)
-                    if now is not None:
+                    if (now := self.immediate.get(cmd)) is not None:
                         try:
                             if not _refused(connection, (LOGGED_IN,)):  # both need a login
                                 now(connection, rest)
                         except Exception as exc:
                             failed(exc)
                         continue
-                    handler = self.handlers.get(cmd)
-                    if handler is None:
+                    if (handler := self.handlers.get(cmd)) is None:
                         respond("502", f"{cmd[:16].upper()} not implemented")
                         continue
                     task = asyncio.ensure_future(handler(connection, rest))
@@ -682,7 +672,6 @@ class FtpServer(aioftp.Server):
         return cmd, rest if cmd in PATH_COMMANDS else rest.strip()
 
     async def start(self, host: str | None = None, port: int = 0, **kwargs: Any) -> None:
-        """aioftp's start, with MAX_COMMAND_LINE as the control connections' line limit."""
         await super().start(host, port, limit=MAX_COMMAND_LINE, **kwargs)
 
     def stop_accepting(self) -> None:
@@ -695,8 +684,7 @@ class FtpServer(aioftp.Server):
         421 over a connection still open): closed at once, the client's data connection was refused, an error
         a PACS cannot tell from a failed transfer (seen in the fleet's key rotation)."""
         self.stop_accepting()
-        told = [task for task, session in self.sessions.items() if session.passive is not None]
-        if told:
+        if told := [task for task, session in self.sessions.items() if session.passive is not None]:
             await asyncio.wait(told, timeout=PASSIVE_GRACE)
         tasks = list(self.sessions)
         for t in tasks:
@@ -815,8 +803,7 @@ class FtpServer(aioftp.Server):
         if ":" in host:
             connection.response("425", "PASV cannot announce an IPv6 address; use EPSV")
             return
-        passive = self._listen(connection)
-        if passive is not None:
+        if (passive := self._listen(connection)) is not None:
             numbers = [*host.split("."), str(passive.port >> 8), str(passive.port & 0xFF)]
             connection.response("227", f"Entering Passive Mode ({','.join(numbers)})")
 
@@ -834,8 +821,7 @@ class FtpServer(aioftp.Server):
         if arg and arg != family:
             connection.response("522", f"Network protocol not supported, use ({family})")
             return
-        passive = self._listen(connection)
-        if passive is not None:
+        if (passive := self._listen(connection)) is not None:
             connection.response("229", f"Entering Extended Passive Mode (|||{passive.port}|)")
 
     def _listen(self, connection: aioftp.Connection) -> Passive | None:
@@ -853,8 +839,7 @@ class FtpServer(aioftp.Server):
             # Counted each, told once a minute per address: a stranger knocking on a passive port in a loop wrote an
             # event and an audit record per connection, thousands a second, and rotated the audit trail away.
             self.gateway.count_error("ftp", "DataConnectionRefused")
-            since = self._told.due(("stranger", peer.rpartition(":")[0]))
-            if since is None:
+            if (since := self._told.due(("stranger", peer.rpartition(":")[0]))) is None:
                 return
             log.warning("data_connection_refused", user=user, peer=peer, control_peer=connection.client_host,
                         reason=reason, refused_since=since)
@@ -927,8 +912,6 @@ class FtpServer(aioftp.Server):
     def _guarded(self, handler: Handler, name: str) -> Handler:
         """Refuse bad paths before aioftp sees them (and a path ending in '/' that names no directory: STOR, APPE and
         a file's RNTO would make a file by it); map gateway errors raised inside a command."""
-        creates_file = name in ("stor", "appe")
-
         @functools.wraps(handler)
         async def run(connection: aioftp.Connection, rest: str) -> bool:
             try:
@@ -938,7 +921,7 @@ class FtpServer(aioftp.Server):
                     moved = connection.rename_from if name == "rnto" and connection.future.rename_from.done() else None
                     try:
                         await contract.slash_checked(self.gateway, rest, self._resolve(connection, rest),
-                                                     creates_file=creates_file, moved_from=moved)
+                                                     creates_file=name in ("stor", "appe"), moved_from=moved)
                     except GatewayError as e:
                         return self._fail(connection, e, refused_here=True)
                 return await handler(connection, rest)
@@ -1086,8 +1069,7 @@ class FtpServer(aioftp.Server):
         """Like rename(2), an existing target file is replaced (PACS clients re-send x.part → x)."""
         source = connection.rename_from
         del connection.rename_from
-        target = self._resolve(connection, rest)
-        await self.gateway.rename(source, target, who(connection))
+        await self.gateway.rename(source, self._resolve(connection, rest), who(connection))
         return replied(connection, "250", "renamed")
 
     # --- commands aioftp lacks ---------------------------------------------------------------------

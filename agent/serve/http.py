@@ -105,9 +105,7 @@ class _Connections:
 
     def release(self, address: str, fd: int, opened: float) -> None:
         """The connection on fd (before its close: the number is not yet anyone else's) is closed."""
-        self.open[address] -= 1
-        if not self.open[address]:
-            del self.open[address]
+        self.open -= Counter({address: 1})  # the address goes at 0
         if not self.answered.pop(fd, 0) and time.monotonic() - opened >= IDLE_SECONDS:
             if (since := self._idle_told.due(address)) is not None:
                 log.warning("http_idle_closed", listener=self.listener, peer=address, closed_since=since,
@@ -421,8 +419,7 @@ def status_lines(h: dict[str, Any]) -> list[tuple[str, str]]:
                   f"disk {fmt_bytes(c['disk_free'])} free of {fmt_bytes(c['disk_total'])}"),
         ("memory", f"agent RSS {fmt_bytes(m['rss'])}, system available {fmt_bytes(m['available'])}"),
     ]
-    if h.get("prefetch"):
-        p = h["prefetch"]
+    if p := h.get("prefetch"):
         rows.append(("prefetch", f"{p['state']}, window {p['window']}, last run "
                                  f"{fmt_bytes(p['last_run']['fetched_bytes'])}"
                                  + (f" (stopped: {p['last_run']['stopped']})" if p["last_run"]["stopped"] else "")))
@@ -434,8 +431,7 @@ def status_lines(h: dict[str, Any]) -> list[tuple[str, str]]:
         rows.append(("HA peer", "not configured" if not peer else f"{peer['url']}: " + (
             f"{peer.get('role')} ({peer.get('status')})" if peer.get("reachable") else
             f"UNREACHABLE ({peer.get('error')})")))
-    if h.get("eviction"):
-        e = h["eviction"]
+    if e := h.get("eviction"):
         ratio = e.get("recent_hit_ratio")
         rows.append(("cache policy", f"{e.get('stack', e['policy'])} ({e.get('mode', 'rule')}); reads from the cache "
                                      f"in the last hour: {'none yet' if ratio is None else f'{ratio:.1%}'}"))

@@ -57,8 +57,6 @@ def stack_for(c: CacheConfig, planners: tuple[str, ...] = (), priors_k: int = 3)
                        kmeans=eviction.KMeansConfig(refit_seconds=c.kmeans_refit_seconds), max_age_days=c.age_max_days)
 
 
-
-
 def candidates(rows: list[Row]) -> Candidates:
     """Catalog rows (`Row`) → the policy's FileTable."""
     cols = list(zip(*rows, strict=True)) if rows else [(), (), (), (), (), ()]
@@ -232,8 +230,7 @@ class Evictor:
     async def refit_if_due(self) -> None:
         """K-means: fit again once the model is kmeans_refit_seconds old, whether or not anything has to go,
         so the clusters follow the cache and the next pass under pressure does not wait for a fit."""
-        p = self.policy
-        if not isinstance(p, eviction.KMeansEviction) or p.cfg.refit_seconds <= 0:
+        if not isinstance(p := self.policy, eviction.KMeansEviction) or p.cfg.refit_seconds <= 0:
             return
         now = time.time()
         if p.fitted_at is not None and now - p.fitted_at < p.cfg.refit_seconds:

@@ -572,8 +572,7 @@ class Gateway:
             raise PermissionDenied(path, f"{path.split('/', 1)[0]} is written by the agent only")
 
     async def stat(self, path: str) -> Entry:
-        e = await self.db.get(path)
-        if e is None and path:
+        if (e := await self.db.get(path)) is None and path:
             e = await self._ensure_listed(parent_of(path), then=path)
         if e is None:
             raise NotFound(path)
@@ -628,8 +627,7 @@ class Gateway:
         return await self.db.get(then) if merged else known.get(then)
 
     async def _list_remote(self, path: str) -> None:
-        pending = self._listings.get(path)
-        if pending is None:
+        if (pending := self._listings.get(path)) is None:
             pending = self._listings[path] = asyncio.ensure_future(self._do_list(path))
             pending.add_done_callback(lambda _: self._listings.pop(path, None))
         await asyncio.shield(pending)
@@ -740,8 +738,7 @@ class Gateway:
     async def _replaced_by_rename(self, who: Who | None, dst: str, replace: bool) -> Entry | None:
         """The file a rename to dst would replace (None: none), if it may."""
         await self._ensure_listed(parent_of(dst), missing_ok=True)
-        replaced = await self.db.get(dst)
-        if replaced is not None:
+        if (replaced := await self.db.get(dst)) is not None:
             if not replace:
                 raise AlreadyExists(dst, "the target exists and this rename does not replace")
             self._require(who, "delete", dst)  # the file replaced is lost
@@ -818,8 +815,7 @@ class Gateway:
                 source = await self.open_read(path, protocol)
                 try:
                     while handle.size < min(offset, source.size):  # each write appends: size is where the next reads
-                        data = await source.read(handle.size, min(1024 * 1024, offset - handle.size))
-                        if not data:
+                        if not (data := await source.read(handle.size, min(1024 * 1024, offset - handle.size))):
                             break
                         await handle.write(data)
                 finally:
@@ -888,8 +884,7 @@ class Gateway:
         return int(ratio * room) // self.cfg.server.serving_processes()
 
     def write_finished(self, handle: WriteHandle) -> None:
-        left = self._unfinished.pop(handle.user, 0) - handle.counted
-        if left:
+        if left := self._unfinished.pop(handle.user, 0) - handle.counted:
             self._unfinished[handle.user] = left
         self._active_writes -= 1
         self.marks.remove(handle.path)
@@ -920,8 +915,7 @@ class Gateway:
             return None
         if self.uploader.conditional:
             # An HA pair's PUT is conditional on the ETag the row holds now: read it back.
-            entry = self.db.row(path)
-            if entry is None or entry.gen != gen:
+            if (entry := self.db.row(path)) is None or entry.gen != gen:
                 return None  # already superseded by a newer write
         else:
             # The row as commit_write left it (no second round trip): mark_clean is gen-checked against a newer one
@@ -1017,9 +1011,7 @@ class Gateway:
         return self._share(self.cfg.cache.max_open_for_reading_per_user)
 
     def read_closed(self, path: str, held: int, user: str) -> None:
-        self._reading[user] -= held
-        if not self._reading[user]:
-            del self._reading[user]
+        self._reading -= Counter({user: held})  # the user goes at 0
         self.evictor.pins.unpin(path)
 
     async def _open_entry(self, e: Entry, protocol: str) -> ReadHandle:
@@ -1043,8 +1035,7 @@ class Gateway:
 
     async def bad_copy(self, e: Entry, problem: str, found_by: str = "open") -> None:
         """A copy failed a check: a clean file's copy is dropped (fetched again); Corrupt if it is the only one."""
-        cur = await self.db.get(e.path)
-        if cur is not None and cur.blob == e.blob:
+        if (cur := await self.db.get(e.path)) is not None and cur.blob == e.blob:
             e = cur  # it may have reached S3 since it was opened
         if e.state != "clean":
             log.critical("cache_copy_lost", path=e.path, blob=e.blob, problem=problem, state=e.state,

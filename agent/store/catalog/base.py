@@ -163,8 +163,7 @@ class CatalogBase:
     def _ensure_dirs(self, path: str, now: float) -> None:
         """Create the missing ancestors of path as directories; refuse if one of them is a file."""
         for anc in ancestors(path)[1:]:
-            row = self.db.execute("SELECT is_dir FROM entries WHERE path = ?", (anc,)).fetchone()
-            if row is None:
+            if (row := self.db.execute("SELECT is_dir FROM entries WHERE path = ?", (anc,)).fetchone()) is None:
                 self.db.execute(
                     "INSERT INTO entries (path, parent, name, is_dir, mtime) VALUES (?, ?, ?, 1, ?)",
                     (anc, parent_of(anc), name_of(anc), now))

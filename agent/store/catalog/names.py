@@ -69,8 +69,7 @@ class Namespace(CatalogBase):
         writer's right to replace was judged on (-1: none); a version stored since is not replaced."""
         now = time.time()
         with self._tx():
-            old = self.get(path)
-            if old is not None and old.is_dir:
+            if (old := self.get(path)) is not None and old.is_dir:
                 raise IsADirectory(path)
             if base is not None and (old.gen if old is not None else -1) != base:
                 raise PermissionDenied(path, "changed by another session (stored, renamed or deleted) while this one "

@@ -72,8 +72,7 @@ class RemoteSync(CatalogBase):
         with self._tx(durable=False):
             self.db.executemany("INSERT OR IGNORE INTO follow_seen VALUES (?)", ((o[0],) for o in objects))
             for path, size, mtime, etag in objects:
-                e = self.get(path)
-                if e is None:
+                if (e := self.get(path)) is None:
                     try:
                         self._ensure_dirs(path, now)
                     except NotADirectory:
@@ -109,8 +108,7 @@ class RemoteSync(CatalogBase):
     def adopt_remote(self, path: str, gen: int, size: int | None, etag: str | None) -> str | None:
         """The other HA box's newer object won: the row takes it (uncached) or goes (deleted) → blob to delete."""
         with self._tx():
-            e = self.get(path)
-            if e is None or e.gen != gen:
+            if (e := self.get(path)) is None or e.gen != gen:
                 return None
             if size is None:
                 self.db.execute("DELETE FROM entries WHERE path = ? AND gen = ?", (path, gen))

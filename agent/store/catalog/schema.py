@@ -26,8 +26,7 @@ class CatalogSchemaError(RuntimeError):
 
 
 def check_schema_version(db: sqlite3.Connection, path: Path) -> None:
-    found = db.execute("PRAGMA user_version").fetchone()[0]
-    if found > SCHEMA_VERSION:
+    if (found := db.execute("PRAGMA user_version").fetchone()[0]) > SCHEMA_VERSION:
         raise CatalogSchemaError(
             f"{path}: catalog schema version {found} was written by a newer release; this release "
             f"reads version {SCHEMA_VERSION}. Start the newer release again, or restore the catalog "
