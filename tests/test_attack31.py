@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 from test_catalog import cat, write  # noqa: F401  (cat: the fixture)
 
 from agent.store.catalog import Catalog
@@ -22,3 +24,21 @@ def test_a_study_in_a_directory_named_by_its_uid_is_paged_once(cat):  # noqa: F8
     assert cat.missing_under("1.2.3") == (3, 30)
     assert [e.path for e in cat.missing_page("1.2.3", "", 16)] == ["1.2.3/f0.dcm", "1.2.3/f1.dcm", "1.2.3/f2.dcm"]
     assert [e.path for e in cat.missing_page("1.2.3", "", 2)] == ["1.2.3/f0.dcm", "1.2.3/f1.dcm"]
+
+
+def test_a_study_uid_naming_a_directory_does_not_take_in_its_files(cat):  # noqa: F811
+    """A writer's header may give any StudyInstanceUID the VR allows: "2025" is one. Keyed by it, its study was also
+    every file below directory 2025/ (the year of a YYYY/MM/DD layout, or a patient's tree named by a numeric ID):
+    a prior plan counted them, fetched them into the cache, and a read of any of them settled the prior as opened."""
+    for day in ("01/10", "02/11"):
+        gen = write(cat, f"2025/{day}/x.dcm", size=1000)
+        cat.claim(f"2025/{day}/x.dcm", gen)
+        cat.mark_clean(f"2025/{day}/x.dcm", gen, None, None, "00")
+        assert cat.uncache(f"2025/{day}/x.dcm", gen)
+    _indexed(cat, "upload/evil.dcm", "2025")
+    assert cat.missing_under("2025") == (1, 10)
+    assert [e.path for e in cat.missing_page("2025", "", 16)] == ["upload/evil.dcm"]
+    cat.record_prior_fetch("2025", 0)
+    cat.record_access([("2025/01/10/x.dcm", time.time() + 1, 1)])
+    assert cat.settle_prior_fetches() == [(0, False)]     # nothing of it cached, none of it read
+    assert cat.missing_under("2025/01") == (1, 1000)      # a directory with no study of its name: its subtree
