@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import io
 import time
 
+from aiohttp import web
+from test_attack30 import _Portal
 from test_catalog import cat, write  # noqa: F401  (cat: the fixture)
+from test_ftp import ftp
+
+from faultkit import wait_for
 
 from agent.store.catalog import Catalog
 
@@ -42,3 +48,31 @@ def test_a_study_uid_naming_a_directory_does_not_take_in_its_files(cat):  # noqa
     cat.record_access([("2025/01/10/x.dcm", time.time() + 1, 1)])
     assert cat.settle_prior_fetches() == [(0, False)]     # nothing of it cached, none of it read
     assert cat.missing_under("2025/01") == (1, 1000)      # a directory with no study of its name: its subtree
+
+
+class _ExpressPortal(_Portal):
+    """A portal or web app in the store's place that tags every page with a weak ETag (Express's default)."""
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        if request.method == "PUT" and self.page:
+            return web.Response(status=200, text="<html><body>Request blocked by policy</body></html>",
+                                content_type="text/html", headers={"ETag": 'W/"33-Qm9ndXMgcGFnZQ"'})
+        return await super()._handle(request)
+
+
+def test_an_upload_answered_by_a_web_page_with_a_weak_etag_is_not_taken_for_stored(agent_factory, seaweed):
+    """attack30 refused a PUT's 200 without an ETag; a web page may carry one, weak (W/, a page's version: no S3 store
+    tags an object so). It was taken for stored: the file marked clean, its only copy evictable."""
+    proxy = _ExpressPortal(seaweed.endpoint_url).start()
+    try:
+        agent = agent_factory(**{"uplink.endpoint_url": proxy.endpoint_url}).start()
+        f = ftp(agent)
+        f.storbinary("STOR portal.dcm", io.BytesIO(b"patient image " * 1000))
+        time.sleep(2)
+        assert not [e for e in agent.events("uploaded") if e.get("path") == "portal.dcm"]
+        assert agent.health()["queue_depth"] == 1
+        proxy.page = False
+        wait_for(lambda: agent.health()["queue_depth"] == 0, 60, what="the queued upload")
+        f.quit()
+    finally:
+        proxy.stop()
