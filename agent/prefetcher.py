@@ -281,7 +281,7 @@ class PriorFetcher:
     def key(self, d: str, study_uid: str | None) -> str:
         """The key of a study in directory d: the key the evictor groups its files by, their study UID where the
         study index holds them (`[dicom] metadata`), else the directory. The catalog's study tables and the stack
-        know a study by it; its files are those below the directory or indexed under the UID (catalog OF_STUDY)."""
+        know a study by it; its files are those indexed under it, else those below the directory (catalog OF_STUDY)."""
         return study_uid or d if self.cfg.dicom.metadata else d
 
     def on_stored(self, path: str, content: Path) -> None:

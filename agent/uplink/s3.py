@@ -386,8 +386,9 @@ class S3Uplink:
         await self.bandwidth.up.acquire(len(body))
         async with self._request("PUT", key, "PutObject", {"x-amz-checksum-sha256": b64(sha256), **headers},
                                  body, sha256) as resp:
-            if "ETag" not in resp.headers:  # every S3 store names what it stored: a web page's 200 stored nothing
-                raise ChecksumMismatch(f"{key}: answered {resp.status} without an ETag ({resp.content_type})")
+            # every S3 store names what it stored by a strong ETag: a web page's 200 (weak one at most) stored nothing
+            if resp.headers.get("ETag", "W/").startswith("W/"):
+                raise ChecksumMismatch(f"{key}: answered {resp.status} without an object's ETag ({resp.content_type})")
             returned = resp.headers.get("x-amz-checksum-sha256")
             if returned is not None and returned != b64(sha256):
                 raise ChecksumMismatch(f"{key}: object store answered checksum {returned}")

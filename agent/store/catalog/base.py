@@ -20,13 +20,14 @@ COLUMNS = ("path, is_dir, size, mtime, sha256, state, blob, gen, etag, version_i
 # A server-side copy carries its source's study-index row: (dst, src). Used by a rename's copy and by a parked one.
 COPY_INDEX_ROW = ("INSERT OR REPLACE INTO dicom_objects SELECT ?, size, study_uid, series_uid, sop_uid, modality, "
                   "study_date, patient FROM dicom_objects WHERE path = ?")
-# The files of a study key (agent/prefetcher.py `PriorFetcher.key`, the evictor's group of a file): those below the
-# directory it names, and, a key that is a StudyInstanceUID, those the study index holds under it. Args: `of_study`
-OF_STUDY = "(path > ? AND path < ? OR path IN (SELECT path FROM dicom_objects WHERE study_uid = ?))"
+# The files of a study key (agent/prefetcher.py `PriorFetcher.key`, the evictor's group of a file): those the study
+# index holds under it, else those below the directory it names (not both: a header's UID "2025" took a year in)
+OF_STUDY = ("(path > ? AND path < ? AND NOT EXISTS (SELECT 1 FROM dicom_objects WHERE study_uid = ?) OR path IN "
+            "(SELECT path FROM dicom_objects WHERE study_uid = ?))")
 
 
-def of_study(key: str) -> tuple[str, str, str]:
-    return key + "/", key + "0", key    # '0' sorts right after '/': the directory's subtree
+def of_study(key: str) -> tuple[str, str, str, str]:
+    return key + "/", key + "0", key, key    # '0' sorts right after '/': the directory's subtree
 
 
 @dataclass(frozen=True, slots=True)

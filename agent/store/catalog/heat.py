@@ -63,12 +63,13 @@ class Heat(CatalogBase):
 
     def missing_page(self, key: str, after: str, limit: int) -> list[Entry]:
         """The next page (path order, after `after`) of uncached clean files of directory or study `key` (OF_STUDY;
-        two ordered halves merged: the OR of one statement sorts a directory's whole subtree for every page)."""
-        lo, hi, uid = of_study(key)
+        two disjoint ordered halves merged: the OR of one statement sorts a directory's whole subtree each page)."""
+        lo, hi, uid, _ = of_study(key)
         missing = "AND path > ? AND is_dir = 0 AND blob IS NULL AND state = 'clean'"
-        return self._entries(f"SELECT {COLUMNS} FROM entries WHERE path < ? {missing} UNION ALL SELECT {COLUMNS} FROM "
-                             f"entries WHERE path IN (SELECT path FROM dicom_objects WHERE study_uid = ?) {missing} "
-                             "ORDER BY path LIMIT ?", (hi, max(after, lo), uid, after, limit))
+        return self._entries(f"SELECT {COLUMNS} FROM entries WHERE path < ? AND NOT EXISTS (SELECT 1 FROM "
+                             f"dicom_objects WHERE study_uid = ?) {missing} UNION ALL SELECT {COLUMNS} FROM entries "
+                             f"WHERE path IN (SELECT path FROM dicom_objects WHERE study_uid = ?) {missing} ORDER BY "
+                             "path LIMIT ?", (hi, uid, max(after, lo), uid, after, limit))
 
     def record_access(self, hits: Iterable[tuple[str, float, int]],
                       heat: Iterable[tuple[str, str, int, int, int]] = ()) -> tuple[int, int]:
