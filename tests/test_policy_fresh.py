@@ -120,3 +120,19 @@ def test_a_prior_opened_in_its_session_is_a_one_off_read_on_probation_once_the_s
     # the session is over: the prior was opened beside its new study, as a study read on a miss is opened once; it
     # goes first until a second session (without probation the study read longest ago, w1, goes)
     assert list(p.victims(100, session + 700)) == ["p1"]
+
+
+def test_a_prior_fetched_back_waits_from_its_fetch_not_from_its_first_write() -> None:
+    """A prior written here once and never read, evicted, then fetched back for a new study past the horizon: it is
+    held from its fetch. (It kept its first write's time, was released at once, and the live test of the link failed
+    whenever the machine was slow enough to pass the 60 s horizon it learnt.)"""
+    p = horizon_learnt()
+    written = 4 * H
+    p.on_insert("p1", 100, written, written, "prior", written=True)
+    p.on_remove("p1")                                # evicted unread
+    t = written + 20 * H                             # well past the horizon
+    p.link("prior", "new", 0.5)
+    p.on_insert("p1", 100, t, written, "prior", prefetch=True)
+    p.on_insert("n1", 100, t, t, "new", written=True)
+    p.on_insert("r1", 400, t + 60, t - H, "recent")
+    assert list(p.victims(100, t + 120)) == ["r1"]

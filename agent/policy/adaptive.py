@@ -291,7 +291,7 @@ class Adaptive:
         # a linked prior waits for the radiologist's session as its new study does: the fresh segment holds both
         written = written or (prefetch and study in self.linked)
         if written:
-            self.fresh.written(study, size, now)
+            self.fresh.written(study, size, now, again=prefetch)
         elif not prefetch:
             self.fresh.read(study, now)
             self._opened(study, now)

@@ -47,9 +47,11 @@ class FreshSegment:
     def holds(self, study: Any) -> bool:
         return study in self.members
 
-    def written(self, study: Any, size: int, now: float) -> None:
-        if study not in self.unread:
+    def written(self, study: Any, size: int, now: float, again: bool = False) -> None:
+        """`again`: a prior fetched back for a new study waits anew (its first write's time released it at once)."""
+        if again or study not in self.unread:
             self.unread[study] = now
+            self.unread.move_to_end(study)
             if len(self.unread) > MAX_STUDIES:
                 self.unread.popitem(last=False)
         if self.horizon > 0:
