@@ -17,7 +17,7 @@ from test_dicom_retention import retention
 
 from agent.dicom.header import HEADER_MAX, TOO_COMPLEX, parse
 from bench.dicomgen import ct_slice
-from harness import PASSWORD
+from faultkit import ftp_login
 
 UTC = datetime.timezone.utc
 
@@ -38,9 +38,7 @@ def test_a_birth_date_in_the_future_neither_blocks_the_upload_nor_retains_the_fi
                         rows=16, cols=16)
 
     files = {"overflow.dcm": dcm("99991231"), "future.dcm": dcm("29990101"), "child.dcm": dcm("20150601")}
-    f = ftplib.FTP(timeout=60)
-    f.connect("127.0.0.1", agent.ftp_port)
-    f.login("pacs", PASSWORD)
+    f = ftp_login(agent)
     for path, data in files.items():
         assert f.storbinary(f"STOR {path}", io.BytesIO(data)).startswith("226"), path
     agent.wait_drained(timeout=20)

@@ -27,6 +27,7 @@ from agent.config import ComplianceConfig, ConfigError, RetentionRule, load
 from agent.dicom.header import Header, parse
 from agent.dicom.retention import DicomRetention
 from bench.dicomgen import CT_IMAGE, ct_slice
+from faultkit import ftp_login
 from harness import PASSWORD, sftp_refuses_changes
 
 UTC = datetime.timezone.utc
@@ -137,9 +138,7 @@ def test_rules_lock_on_upload_and_apply_extends_old_objects(agent_factory, seawe
              "CT/a/adult.dcm": dcm("CT", "19500101"), "MG/b/2.dcm": dcm("MG", "19800101"),
              "notes.txt": b"not dicom"}
     assert parse(files["CT/a/child.dcm"], whole=True).birth_date == "20150601"
-    f = ftplib.FTP(timeout=60)
-    f.connect("127.0.0.1", agent.ftp_port)
-    f.login("pacs", PASSWORD)
+    f = ftp_login(agent)
     for d in ("MG", "MG/a", "MG/b", "CT", "CT/a"):
         f.mkd(d)
     for path, data in files.items():
@@ -207,9 +206,7 @@ def test_a_file_a_dicom_rule_retains_cannot_be_changed(smb_agent, locked_bucket)
                         rows=32, cols=32)
 
     files = {"MG/a.dcm": dcm("MG"), "MG/cold.dcm": dcm("MG"), "CT/c.dcm": dcm("CT")}
-    f = ftplib.FTP(timeout=60)
-    f.connect("127.0.0.1", agent.ftp_port)
-    f.login("pacs", PASSWORD)
+    f = ftp_login(agent)
     f.mkd("MG")
     f.mkd("CT")
     for path, data in files.items():
@@ -265,9 +262,7 @@ def test_without_the_line_a_file_not_cached_is_not_released(agent_factory, priva
                                               "compliance.retention_days": 0,
                                               "compliance.rules": [{"modality": ["MG"], "retention_days": 3653}]})
     agent.start()
-    f = ftplib.FTP(timeout=60)
-    f.connect("127.0.0.1", agent.ftp_port)
-    f.login("pacs", PASSWORD)
+    f = ftp_login(agent)
     mammogram = ct_slice(np.random.default_rng(1), patient="P", modality="MG", rows=16, cols=16,
                          study_uid=generate_uid(), series_uid=generate_uid())
     f.storbinary("STOR cold.dcm", io.BytesIO(mammogram))
