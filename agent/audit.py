@@ -55,10 +55,9 @@ class AuditLog:
         # One write(2) a line to an O_APPEND file, on the recording thread (a RotatingFileHandler: ~75 µs a transfer)
         self._lock = threading.Lock()
         self._second = (-1, "")  # the last record's whole second and its text: strftime once a second
-        if not enabled:
-            return
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._open()
+        if enabled:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._open()
 
     def record(self, who: Who | None, op: str, path: str, result: str = "ok", nbytes: int | None = None,
                **detail: object) -> None:

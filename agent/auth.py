@@ -57,8 +57,7 @@ class Passwords:
         self.decoy = next((u.password_hash for u in self.users.values() if u.password_hash), "")
 
     def check(self, name: str, password: str) -> bool:
-        user = self.users.get(name)
-        if user is not None and user.password_hash:
+        if (user := self.users.get(name)) is not None and user.password_hash:
             return verify_password(password, encoded=user.password_hash)
         if self.decoy:
             verify_password(password, encoded=self.decoy)  # the time a hash takes; its answer means nothing here
@@ -141,8 +140,7 @@ class LoginGuard:
         # Held past BUSY_MS: a stuck process (_unless_unrecordable). NORMAL: a power cut forgets, never corrupts
         self.db.execute(f"PRAGMA busy_timeout={self.BUSY_MS}")
         if path:
-            self.db.execute("PRAGMA journal_mode=WAL")
-            self.db.execute("PRAGMA synchronous=NORMAL")
+            self.db.executescript("PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL")
         self.db.executescript(_GUARD_SCHEMA)
         self._me = _process_identity(os.getpid())
         self._unreleased: list[int] = []  # slots whose release could not be recorded: retried with the next call
@@ -200,8 +198,7 @@ class LoginGuard:
                             "SELECT 1 FROM trusted WHERE user = ? AND address = ?", (user, address)).fetchone():
                         continue
                     self.metrics.login_refused.labels(protocol, scope).inc()
-                    since = self._told.due((protocol, scope, key))
-                    if since is not None:
+                    if (since := self._told.due((protocol, scope, key))) is not None:
                         log.warning("login_refused", protocol=protocol, user=user, peer=address,
                                     reason=f"{scope} banned", refused_since=since)
                         self.audit.record(Who(user, protocol, address), "login", "",

@@ -80,7 +80,6 @@ def _f(parse: Callable[[Any], Any], allowed: str, default: Any = dataclasses.MIS
 
 
 def _valid(ok: Callable[[Any], object], then: Callable[[Any], Any] = lambda v: v) -> Callable[[Any], Any]:
-    """The parser of values that pass ok: then(value), else ValueError."""
     def parse(value: Any) -> Any:
         if not ok(value):
             raise ValueError
@@ -171,6 +170,7 @@ _unix_name = _valid(lambda v: isinstance(v, str) and re.fullmatch(r"[a-z_][a-z0-
 SIZE = "a size: bytes as an integer or a string such as '800GB', '512KiB' (SI and IEC units)"
 RATE = "a rate in bytes per second such as '10MB' or in bits such as '80Mbps'; 0 means unlimited"
 LISTEN = "'HOST:PORT' with an IP address (or localhost) and a port 1-65535, e.g. '127.0.0.1:2121'"
+MIN_CACHE_BYTES = 64 * 1024  # below one file of a study the box sits at critical pressure; tests use small caches
 
 
 # The usual kinds of field, each with its own words for what is allowed (note: more words after them).
@@ -186,8 +186,8 @@ def _seconds(lo: float, hi: float, default: float, note: str = "") -> Any:
     return _f(_float_between(lo, hi), f"seconds {lo}..{hi}{note}", default)
 
 
-def _size(default: str | int, note: str = "") -> Any:
-    return _f(parse_size, SIZE + note, parse_size(default))
+def _size(default: str | int, note: str = "", least: int = 0) -> Any:
+    return _f(_valid(lambda v: parse_size(v) >= least, parse_size), SIZE + note, parse_size(default))
 
 
 def _one_of(*options: str, default: str) -> Any:
@@ -197,7 +197,7 @@ def _one_of(*options: str, default: str) -> Any:
 @dataclass(frozen=True)
 class CacheConfig:
     dir: Path = _f(lambda v: Path(_nonempty(v)), "a directory path on the cache SSD")
-    max_bytes: int = _size("800GB")
+    max_bytes: int = _size("800GB", ", at least 64KiB", least=MIN_CACHE_BYTES)
     high_watermark: float = _f(_ratio, "a fraction 0..1 or a percentage such as '75%'", default=0.75)
     low_watermark: float = _f(_ratio, "a fraction 0..1 below high_watermark", default=0.60)
     min_free_bytes: int = _size("1GB")
@@ -228,7 +228,7 @@ class UplinkConfig:
     write_mode: str = _one_of("through", "back", default="through")
     max_concurrency: int = _int(1, 256, 8)
     multipart_threshold: int = _size("64MiB", " of at least 5MiB")
-    multipart_chunk: int = _size("16MiB", " of at least 5MiB")
+    multipart_chunk: int = _size("16MiB", " of at least 5MiB (S3's minimum part)", least=5 * 1024**2)
     bwlimit: int = _f(parse_rate, RATE, default=0)
     through_timeout: float = _seconds(1, 3600, 60.0)
     connect_timeout: float = _seconds(0.5, 300, 5.0)
@@ -437,6 +437,8 @@ class PrefetchConfig:
     priors_space: float = _f(_ratio, "a fraction 0..1 or a percentage such as '30%' of cache.max_bytes", default=0.3)
     priors_max_bytes: int = _size(0, ": a ceiling on priors_space in bytes (0: none)")
     priors_window_seconds: float = _seconds(1, 86400, 3600.0)
+    # new-study prior plans one writing user may start per hour: a modality writes a few studies an hour (README)
+    priors_per_user_hour: int = _int(1, 100_000, 120, unit="plans")
 
 
 @dataclass(frozen=True)
@@ -571,8 +573,6 @@ def _check_cross(cfg: Config) -> None:
     file, up, pr = cfg.path, cfg.uplink, cfg.pressure
     _need(cfg.cache.low_watermark < cfg.cache.high_watermark, file, "cache.low_watermark", cfg.cache.low_watermark,
           f"must be below cache.high_watermark ({cfg.cache.high_watermark})")
-    _need(up.multipart_chunk >= 5 * 1024**2, file, "uplink.multipart_chunk", up.multipart_chunk,
-          "at least 5MiB (S3's minimum part)")
     _need(up.multipart_threshold >= up.multipart_chunk, file, "uplink.multipart_threshold", up.multipart_threshold,
           "at least uplink.multipart_chunk")
     _need(not (up.credentials_file and (up.access_key_id or up.secret_access_key)), file, "uplink.credentials_file",
@@ -619,16 +619,14 @@ def _check_cross(cfg: Config) -> None:
     _check_ports(cfg)
     _check_cache_dir(cfg)
     if cfg.smb.enabled:
-        _need(any(u.password for u in cfg.users), file, "smb.enabled", True,
-              "at least one [[users]] entry with a plain password: Samba authenticates with the password's NT hash, "
-              "which a password_hash cannot give")
+        _need(any(u.password for u in cfg.users), file, "smb.enabled", True, "at least one [[users]] entry with a "
+              "plain password: Samba authenticates with the password's NT hash, which a password_hash cannot give")
         mp = Path(cfg.smb.mountpoint)
         _need(mp != cfg.cache.dir and not cfg.cache.dir.is_relative_to(mp), file, "smb.mountpoint", str(mp),
               "a directory that does not contain cache.dir")
 
 
 MIN_PASSWORD = 8
-MIN_CACHE_BYTES = 64 * 1024  # below one file of a study the box sits at critical pressure; tests use small caches
 
 
 def _clash(a: tuple[str, int], b: tuple[str, int]) -> bool:
@@ -690,7 +688,6 @@ def _check_ports(cfg: Config) -> None:
 def _check_cache_dir(cfg: Config) -> None:
     """cache.dir must be (or become) a directory on a file system with room beyond min_free_bytes."""
     file, c = cfg.path, cfg.cache
-    _need(c.max_bytes >= MIN_CACHE_BYTES, file, "cache.max_bytes", c.max_bytes, f"{SIZE}, at least 64KiB")
     probe = c.dir
     while not probe.exists():
         probe = probe.parent
@@ -738,8 +735,7 @@ def _credentials(cfg: Config) -> Config:
 
 def _pseudonym_key(cfg: Config) -> Config:
     """Read dicom.pseudonym_key_file (a secret: mode 0600, never logged)."""
-    name = cfg.dicom.pseudonym_key_file
-    if not name:
+    if not (name := cfg.dicom.pseudonym_key_file):
         return cfg
     path, key = _secret_file(cfg, "dicom.pseudonym_key_file", name, lambda path: path.read_bytes().strip())
     _need(len(key) >= 32, path, "(key)", "***", "at least 32 characters of secret (e.g. openssl rand -hex 32)")
@@ -805,7 +801,6 @@ def load(path: str | Path) -> Config:
 
 
 def load_or_exit(path: str) -> Config:
-    """load() for the command line: a bad config prints the error and exits 2."""
     try:
         return load(path)
     except ConfigError as e:

@@ -22,12 +22,14 @@ from agent.audit import AuditLog, ship
 from agent.auth import GUARD_FILE, LoginGuard
 from agent.config import Config, ConfigError, parse_size
 from agent.dicom import deltas, snapshot
+from agent.dicom.header import read_fd
 from agent.dicom.objectmeta import Describer
 from agent.dicom.retention import DicomRetention, RetentionGuard
 from agent.metrics import Metrics
 from agent.monitor import PressureMonitor
 from agent.policy.pressure import Level
 from agent.prefetcher import DirPrefetcher, Fetcher, PriorFetcher, stack_for
+from agent.records import Header
 from agent.selfcheck import last_result
 from agent.serve.ftp import FtpServer
 from agent.serve.http import (
@@ -119,7 +121,7 @@ class Agent:
                 self.loops.start(f"audit-ship-{i}" if i else "audit-ship",
                                  functools.partial(ship, audit, self.s3, cfg.audit.ship_prefix))
         # prior prefetch hears of every store; self.priors is built below, before any front end serves
-        await self._start_gateway((lambda path, content: self.priors.on_stored(path, content))
+        await self._start_gateway((lambda path, header, user: self.priors.on_stored(path, header, user))
                                   if cfg.prefetch.priors else None)
         if cfg.ha.enabled:
             from agent.ha import HaMonitor
@@ -180,19 +182,21 @@ class Agent:
         retention = DicomRetention(cfg.compliance)
         # one set of rules: the uploader locks objects by them, the gateway refuses changes by them
         self.worm = RetentionGuard(retention, self.cache, self.s3)
-        self.uploader = Uploader(self.db, self.cache, self.s3, self.line, self.metrics, retention,
-                                 Describer(cfg.dicom, retention.retention_class,
-                                           bool(retention.rules) or cfg.uplink.compress != "off"))
+        self.describer = Describer(cfg.dicom, retention.retention_class,
+                                   bool(retention.rules) or cfg.uplink.compress != "off")
+        self.uploader = Uploader(self.db, self.cache, self.s3, self.line, self.metrics, retention, self.describer)
 
-    async def _start_gateway(self, on_stored: Callable[[str, Path], None] | None = None) -> None:
-        """The gateway and the parts the agent keeps (after _build_uplink); the pressure monitor, in every process."""
+    async def _start_gateway(self, on_stored: Callable[[str, Header, str], None] | None = None) -> None:
+        """The gateway and the parts the agent keeps (after _build_uplink); the pressure monitor, in every process.
+        A stored file's header is read once, at its commit, if prior prefetch (on_stored) or the uploader reads it."""
         cfg = self.cfg
         self.refusals = Refusals()
         access = AccessStats(cfg.prefetch.dir_depth)
         self.evictor = Evictor(cfg.cache, self.db, self.cache, self.metrics, access)
         self.gateway = Gateway(cfg, self.db, self.cache, self.s3, self.uploader, self.metrics, self.audit,
                                worm=self.worm, access=access, evictor=self.evictor, refusals=self.refusals,
-                               on_stored=on_stored)
+                               on_stored=on_stored,
+                               read_header=read_fd if on_stored is not None or self.describer.reads else None)
         await self.evictor.prepare()  # before any front end serves; a full disk makes a worker evict too
         self.loops.start("access-flush", self.gateway.flush_access)
         self.monitor = PressureMonitor(cfg, self.db, self.cache, self.gateway, self.line, self.metrics, self.refusals)
@@ -319,7 +323,8 @@ class Agent:
         else:
             state = "running" if self.prefetcher.status.running else "idle"
         return {"state": state, "window": "-".join(f"{t // 3600:02d}:{t % 3600 // 60:02d}" for t in p.window),
-                "priors": p.priors, "last_run": self.prefetcher.status.as_json(),
+                "priors": p.priors, "priors_over_cap": self.priors.over_cap,
+                "last_run": self.prefetcher.status.as_json(),
                 "model": str(self.prefetcher.predictor.path) if self.prefetcher.predictor else None,
                 "model_state": self.prefetcher.model_state}
 

@@ -149,7 +149,7 @@ class Fsck:
             if await self.db.blob_referenced(blob):
                 continue
             try:
-                if self.cache.blob_path(blob).stat().st_mtime > cutoff:
+                if os.stat(self.cache.blob_file(blob)).st_mtime > cutoff:
                     continue  # perhaps being committed right now
             except FileNotFoundError:
                 continue

@@ -59,8 +59,7 @@ def peer_view(body: bytes) -> dict[str, Any]:
     """The peer's /healthz answer (plain HTTP) cut to a few known values before a page, terminal or log."""
     if len(body) > PEER_MAX_BYTES:
         raise ValueError(f"answer longer than {PEER_MAX_BYTES} bytes")
-    h = json.loads(body)
-    if not isinstance(h, dict):
+    if not isinstance(h := json.loads(body), dict):
         raise ValueError("answer is not a JSON object")
     ha = h.get("ha") if isinstance(h.get("ha"), dict) else {}
     status, role, eligible = h.get("status"), ha.get("role"), ha.get("eligible")
@@ -170,8 +169,7 @@ class HaMonitor:
             await asyncio.sleep(self.cfg.follow_seconds)
 
     async def publish_hot(self) -> None:
-        paths = await self.db.hot_paths(HOT_FILES)
-        body = json.dumps({"time": time.time(), "paths": paths}).encode()
+        body = json.dumps({"paths": await self.db.hot_paths(HOT_FILES), "time": time.time()}).encode()
         await self.s3.put_raw(self.s3.key(HOT_PATH), body)
 
     async def prefetch_hot(self) -> None:

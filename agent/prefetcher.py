@@ -8,13 +8,15 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import time
+from collections import deque
 from contextlib import AbstractAsyncContextManager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Coroutine, Hashable, Protocol
+from typing import Callable, Hashable, Protocol
 
 import structlog
 
+from agent.auth import REFUSALS_EVERY, Every
 from agent.config import Config
 from agent.dicom import header as dicom_header
 from agent.dicom.objectmeta import checked
@@ -242,8 +244,8 @@ class CacheView(Protocol):
 
 @dataclass
 class PriorFetcher:
-    """When the first file of a new study is stored: read its DICOM header, remember the study (catalog `studies`
-    table), and fetch the patient's earlier studies within the budget."""
+    """When the first file of a new study is stored (its DICOM header, read at the commit, says which study it is of):
+    remember the study (catalog `studies` table), and fetch the patient's earlier studies within the budget."""
 
     cfg: Config
     db: AsyncCatalog
@@ -253,12 +255,19 @@ class PriorFetcher:
     view: CacheView
     _seen: dict[str, None] = field(default_factory=dict)   # recent study keys: no catalog query per file
     _tasks: set[asyncio.Task] = field(default_factory=set)
-    _stored: list[tuple[str, str, Path]] = field(default_factory=list)  # (study dir, path, content): header unread
     status: RunStatus = field(default_factory=RunStatus)
     _learned: bool = False  # the catalog's decided outcomes were fed to the stack once
-    # stored file → when, until its header said it starts no new study, or its priors are planned and fetched
-    # (Evictor.plans_pending)
+    # stored file that starts a new study → when, until its priors are planned and fetched (Evictor.plans_pending)
     _pending: dict[str, float] = field(default_factory=dict)
+    # writing user → when their last plans started (at most priors_per_user_hour): any writer could make the box fetch
+    # and hold other patients' archive studies, a new study UID with a newer StudyDate at a time
+    _started: dict[str, deque[float]] = field(default_factory=dict)
+    _told: Every = field(default_factory=lambda: Every(REFUSALS_EVERY))
+    over_cap: int = 0     # new studies recorded but not planned (/healthz prefetch.priors_over_cap)
+    # One plan (and its fetch) at a time; the rest wait, not dropped: users × the hourly cap bound the queue, and a
+    # modality catching up after an outage still gets its priors. A plan's learn() settled another's prior as evicted
+    # unread while its files were still coming (none cached yet): a burst taught the planner to fetch no priors
+    _planning: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     SEEN_MAX = 4096
 
@@ -284,55 +293,45 @@ class PriorFetcher:
         know a study by it; its files are those indexed under it, else those below the directory (catalog OF_STUDY)."""
         return study_uid or d if self.cfg.dicom.metadata else d
 
-    def on_stored(self, path: str, content: Path) -> None:
-        d = self.study_dir(path)
-        # keyed by the directory, a study's later files start nothing; keyed by the study UID, each file's header
-        # says which study it is of (a day directory holds many)
-        if d is None or (not self.cfg.dicom.metadata and d in self._seen):
+    def on_stored(self, path: str, header: dicom_header.Header, user: str) -> None:
+        """At the commit, before an eviction pass can run. Keyed by the directory, a study's later files start nothing;
+        keyed by the study UID, each file's header says which study it is of (a day directory holds many). Only values
+        their VR allows are kept (the study table and the planner keep them for good)."""
+        if (d := self.study_dir(path)) is None or (key := self.key(d, (h := checked(header)).study_uid)) in self._seen:
             return
-        self._pending[path] = time.monotonic()  # at the commit, before an eviction pass can run
-        self._stored.append((d, path, content))
-        if len(self._stored) == 1:      # else the drain running takes it
-            self._spawn(self.drain())
-
-    def _spawn(self, coro: Coroutine[None, None, None]) -> None:
-        task = asyncio.create_task(coro)
+        self._seen[key] = None
+        if len(self._seen) > self.SEEN_MAX:
+            del self._seen[next(iter(self._seen))]
+        self._pending[path] = time.monotonic()
+        task = asyncio.create_task(self.new_study(key, path, h, user))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def drain(self) -> None:
-        """Read the queued files' headers, a batch per thread hop (a hop per file cost ~8 % of the agent's CPU per
-        DICOM file ingested), and plan for each new study. The queue stays non-empty while its batch is read."""
-        while self._stored:
-            batch = self._stored[:]
-            try:
-                heads = await asyncio.to_thread(_headers, [content for _, _, content in batch])
-            except Exception as e:  # the batch is lost, not the queue: a drain that died would leave it unread for good
-                log.error("prior_headers_failed", files=len(batch), error=repr(e)[:300])
-                heads = [None] * len(batch)
-            del self._stored[:len(batch)]
-            for (d, path, _), h in zip(batch, heads, strict=True):
-                if h is None or (key := self.key(d, h.study_uid)) in self._seen:
-                    self._pending.pop(path, None)
-                    continue
-                self._seen[key] = None
-                if len(self._seen) > self.SEEN_MAX:
-                    del self._seen[next(iter(self._seen))]
-                self._spawn(self.new_study(key, path, h))
-
-    async def new_study(self, key: str, path: str, h: dicom_header.Header) -> None:
+    async def new_study(self, key: str, path: str, h: dicom_header.Header, user: str) -> None:
         try:
             if await self.db.study_known(key) or not await self.db.record_study(
                     key, h.patient, h.study_uid, h.study_date, h.modality):
                 return
             log.info("study_recorded", study=key, first=path, dicom=h.patient is not None, modality=h.modality)
             self.stack.describe(key, h.modality, None, False)
-            if h.patient is not None:
-                await self.fetch_chosen(key, await self.plan_priors(key, h))
+            if h.patient is not None and self.may_plan(user, key):
+                async with self._planning:
+                    await self.fetch_chosen(key, await self.plan_priors(key, h))
         except Exception as e:  # prior prefetch is best effort; the store itself succeeded
             log.error("prior_prefetch_failed", study=key, error=repr(e)[:300])
         finally:
             self._pending.pop(path, None)
+
+    def may_plan(self, user: str, study: str) -> bool:
+        """Whether the user started fewer than priors_per_user_hour plans in the last hour (then this one counts)."""
+        started = self._started.setdefault(user, deque(maxlen=self.cfg.prefetch.priors_per_user_hour))
+        if len(started) == started.maxlen and time.monotonic() - started[0] < 3600:
+            self.over_cap += 1
+            if (since := self._told.due(user)) is not None:
+                log.warning("prior_plans_capped", user=user, study=study, per_hour=started.maxlen, suppressed=since)
+            return False
+        started.append(time.monotonic())
+        return True
 
     def planning(self, within: float) -> bool:
         """Whether a file stored less than `within` seconds ago may still start a new study whose priors are to plan
@@ -378,18 +377,6 @@ class PriorFetcher:
             await self.db.record_prior_fetch(prior, cell)
             if await self.fetcher.fetch_dir(prior, deadline, self.status, "prior"):
                 break
-
-
-def _headers(files: list[Path]) -> list[dicom_header.Header | None]:
-    """Stored files' headers, only values their VR allows (the study table and the planner keep them for good):
-    a bounded read, pixel data not read; all None for a file that is not DICOM; None if it vanished. Blocking."""
-    out: list[dicom_header.Header | None] = []
-    for f in files:
-        try:
-            out.append(checked(dicom_header.read_path(f)))
-        except OSError:     # rewritten or evicted since: its next version is read in turn
-            out.append(None)
-    return out
 
 
 def _ordinal(day: str | None) -> float:

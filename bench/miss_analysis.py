@@ -41,8 +41,12 @@ H = 3600.0
 
 def hits_of(ta, scheme: str, capacity: int, **config: Any) -> np.ndarray:
     """Each request's hit (True) or miss under `scheme` (config: more ReplayConfig fields)."""
+    return replay_hits(Replayer(ta, scheme, ReplayConfig(capacity=capacity, **config)))
+
+
+def replay_hits(r: Replayer) -> np.ndarray:
+    """Run a replayer; each request's hit (True) or miss."""
     out: dict[str, np.ndarray] = {}
-    r = Replayer(ta, scheme, ReplayConfig(capacity=capacity, **config))
     orig = r._result
 
     def keep(hit: np.ndarray):

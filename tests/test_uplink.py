@@ -201,7 +201,7 @@ def test_get_head_and_ranged_get_read_what_botocore_reads(seaweed, locked_bucket
         async with _uplink_and_file(seaweed, locked_bucket, b"") as (s3, _fd):
             for path, name in ((key, "plain"), (packed_key, "packed")):
                 async with s3.get(path, lambda etag, rangeable: out["etags"].append((etag, rangeable))) as (
-                        size, sha, chunks):
+                        size, sha, _md5, chunks):
                     out[name] = (size, sha, b"".join([c async for c in chunks]))
             out["head"] = await s3.head(key)
             out["no head"] = await s3.head("getpath/none.dcm")
@@ -273,7 +273,7 @@ def test_reads_and_writes_over_tls_trust_only_the_configured_ca(tmp_path):
         await s3.start()
 
         async def whole() -> bytes:
-            async with s3.get("tls/a.dcm") as (_size, _sha, chunks):
+            async with s3.get("tls/a.dcm") as (_size, _sha, _md5, chunks):
                 return b"".join([c async for c in chunks])
 
         async def head() -> object:

@@ -37,11 +37,9 @@ def _open(config: str):  # (Config, Catalog)
 
 def cmd_find(args: argparse.Namespace) -> int:
     cfg, catalog = _open(args.config)
-    patient = None
-    if args.patient is not None:
-        if not cfg.dicom.pseudonym_key:
-            return complain("--patient needs [dicom] pseudonym_key_file (objects carry only the keyed pseudonym)", 2)
-        patient = pseudonym(cfg.dicom.pseudonym_key, args.patient)
+    if args.patient is not None and not cfg.dicom.pseudonym_key:
+        return complain("--patient needs [dicom] pseudonym_key_file (objects carry only the keyed pseudonym)", 2)
+    patient = None if args.patient is None else pseudonym(cfg.dicom.pseudonym_key, args.patient)
     with contextlib.closing(catalog):
         rows = catalog.find_dicom(args.study, patient, args.modality, args.date_from, args.date_to)
     items = [{"path": p, "bytes": size, "study": study, "series": series, "modality": modality,
@@ -72,10 +70,9 @@ def cmd_index_rebuild(args: argparse.Namespace) -> int:
                                          "objects_per_s": round(report.per_second, 1),
                                          "seconds_per_million": round(per_million, 1)}
     print(json.dumps(out, indent=2) if args.json else
-          f"{report.objects} objects read ({report.from_snapshot} from the index snapshot, {report.from_deltas} "
-          f"from {report.deltas} index deltas, the rest HEADed), {report.indexed} DICOM objects indexed, "
-          f"{report.failed} failed, {report.seconds:.1f} s ({report.per_second:.0f} objects/s: "
-          f"{per_million / 60:.1f} min per million)")
+          f"{report.objects} objects read ({report.from_snapshot} from the index snapshot, {report.from_deltas} from "
+          f"{report.deltas} index deltas, the rest HEADed), {report.indexed} DICOM objects indexed, {report.failed} "
+          f"failed, {report.seconds:.1f} s ({report.per_second:.0f} objects/s: {per_million / 60:.1f} min per million)")
     for key in report.deltas_skipped:
         print(shown(f"pacsgw: index delta {key} is damaged: skipped, its objects were HEADed"), file=sys.stderr)
     return 1 if report.failed else 0

@@ -84,13 +84,15 @@ class Describer:
 
     def __init__(self, cfg: DicomConfig, retention: Callable[[str, Header | None], str],
                  needs_header: bool = False) -> None:
-        self.cfg, self.retention, self.needs_header = cfg, retention, needs_header
+        self.cfg, self.retention = cfg, retention
+        self.reads = cfg.metadata or needs_header  # whether it reads headers at all
 
-    def __call__(self, path: str, fd: int, size: int) -> ObjectMeta:
-        """Blocking (one pread of at most HEADER_MAX bytes and a parse): run it off the event loop."""
-        if not self.cfg.metadata and not self.needs_header:
+    def __call__(self, path: str, fd: int, size: int, h: Header | None = None) -> ObjectMeta:
+        """h: the header read at the file's commit, else read here. Blocking then (one pread of at most HEADER_MAX
+        bytes and a parse): run it off the event loop."""
+        if not self.reads:
             return ObjectMeta({}, {})
-        h = read_fd(fd, size)
+        h = h or read_fd(fd, size)
         if h.problem and (h.dicom or path.lower().endswith(DICOM_SUFFIXES)):
             log.warning("dicom_header_problem", path=path, problem=h.problem, stored="as given")
         if not self.cfg.metadata:

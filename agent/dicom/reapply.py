@@ -82,8 +82,7 @@ async def plan(cfg: Config, concurrency: int = 32) -> Plan:
             try:
                 if (head := await s3.head(path)) is None:
                     continue  # deleted since the listing
-                h = header_from_meta(head.get("Metadata") or {})
-                if h is not None and rules.needs_birth_date:
+                if (h := header_from_meta(head.get("Metadata") or {})) is not None and rules.needs_birth_date:
                     born = await _birth_date(s3, path, head.get("VersionId"), head["ContentLength"],
                                              encoding_of(head.get("Metadata")) is not None)
                     h = dataclasses.replace(h, birth_date=born)

@@ -79,8 +79,7 @@ def matches(rule: RetentionRule, path: str, h: Header) -> bool:
     if rule.sop_class and h.sop_class not in rule.sop_class:
         return False
     if rule.study_from or rule.study_to:
-        date = h.study_date or ""
-        if len(date) != 8 or not date.isdigit():
+        if len(date := h.study_date or "") != 8 or not date.isdigit():
             return False
         if (rule.study_from and date < rule.study_from) or (rule.study_to and date > rule.study_to):
             return False
@@ -133,8 +132,7 @@ class DicomRetention:
             if rule.retention_days:
                 terms.append((stored + datetime.timedelta(seconds=rule.retention_days * DAY),
                               f"{name}: {rule.retention_days} days", f"{rule.retention_days}d"))
-            born = _birth(h, stored) if rule.until_age else None
-            if born is not None:
+            if rule.until_age and (born := _birth(h, stored)) is not None:
                 terms.append((_plus_years(born, rule.until_age), f"{name}: until age {rule.until_age}",
                               f"age{rule.until_age}"))
             for t, why, cls in terms:

@@ -106,8 +106,7 @@ async def write(cfg: Config, rows: Iterable[Row]) -> dict[str, Any]:
             old = await _manifest(s3, prefix)
             # the deltas written so far hold rows the catalog held before this read of it: the snapshot has them
             folded = await s3.keys(delta_prefix(cfg))
-            stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-            snap = f"{stamp}-{os.urandom(4).hex()}"
+            snap = f"{datetime.datetime.now(datetime.timezone.utc):%Y%m%dT%H%M%SZ}-{os.urandom(4).hex()}"
             segments, total = [], 0
             it = iter(rows)
             chunks = iter(lambda: list(itertools.islice(it, SEGMENT_ROWS)), [])
@@ -149,12 +148,10 @@ async def scheduled(cfg: Config, active: Callable[[], bool]) -> None:
 
 
 async def _manifest(s3: S3Uplink, prefix: str) -> dict[str, Any] | None:
-    data = await s3.get_raw(prefix + "manifest.json", GET_MAX)
-    if data is None:
+    if (data := await s3.get_raw(prefix + "manifest.json", GET_MAX)) is None:
         return None
-    manifest = json.loads(data)
-    if not isinstance(manifest, dict) or not all(isinstance(k, str) and k.startswith(prefix)
-                                                 for k in manifest.get("segments", [])):
+    if not isinstance(manifest := json.loads(data), dict) or not all(isinstance(k, str) and k.startswith(prefix)
+                                                                     for k in manifest.get("segments", [])):
         raise ValueError("manifest.json is not a snapshot manifest")
     return manifest
 

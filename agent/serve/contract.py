@@ -148,11 +148,9 @@ def refuse_session(gw: Gateway, protocol: str, who: Who, reason: str, kind: str 
     counted each time, logged and audited once per protocol and reason per REFUSALS_EVERY: a client opening
     connections over a cap as fast as it could filled the journal and rotated the audit trail away."""
     gw.count_error(protocol, kind)
-    since = _refusals.due((protocol, reason))
-    if since is None:
+    if (since := _refusals.due((protocol, reason))) is None:
         return
-    log.warning("session_refused", protocol=protocol, user=who.user, peer=who.peer, reason=reason,
-                refused_since=since)
+    log.warning("session_refused", protocol=protocol, user=who.user, peer=who.peer, reason=reason, refused_since=since)
     gw.audit_event(who, "login", "", refusal(reason, since))
 
 

@@ -66,7 +66,7 @@ log = structlog.get_logger("pacsgw.ftp")
 
 BLOCK = 256 * 1024
 SEND_CHUNK = 4 * BLOCK  # a file leaves by sendfile(2) in chunks this large, each within the socket timeout
-RECV_BUFFER = 4 * BLOCK  # an upload in clear is read from its socket into a reused buffer this large
+RECV_BLOCK = 4 * BLOCK  # an upload is read from its socket in blocks of at most this much
 SOCKET_TIMEOUT = 120
 REPLY_BUFFER = 64 * 1024  # replies a client left unread before its next command is read
 # A control connection's longest command line, its line end included (twice vsftpd's VSFTP_MAX_COMMAND_LINE): a path
@@ -255,31 +255,31 @@ class DataConnection:
             except BlockingIOError:
                 await self._ready(writing=True)
 
-    async def receive(self, buf: bytearray, close_notify: bool = True) -> AsyncIterator[memoryview]:
+    async def receive(self, close_notify: bool = True) -> AsyncIterator[bytes]:
         """An upload's bytes as they come, until the client closes the connection. In clear read straight from
-        the socket into buf, so each block is valid only until the next is asked for (aioftp's throttled
-        stream cost a transport, a protocol and a wait_for task per block); over TLS from the stream, whose end
-        must be the client's close_notify unless close_notify is False (ftp.tls_close_notify)."""
+        the socket (aioftp's throttled stream cost a transport, a protocol and a wait_for task per block), each block
+        a bytes object of its own: a write-through file keeps it for its PUT as it is, where a block read into a
+        reused buffer was copied once more (docs/benchmarks.md §37); over TLS from the stream, whose end must be the
+        client's close_notify unless close_notify is False (ftp.tls_close_notify)."""
         if self._streams is not None:
             reader, writer = await self._streams
             while True:
                 async with asyncio.timeout(SOCKET_TIMEOUT):
-                    data = await reader.read(len(buf))
+                    data = await reader.read(RECV_BLOCK)
                 if not data:
                     if close_notify and not _close_notified(writer):
                         raise ssl.SSLEOFError("the TLS data connection ended without close_notify: the upload was cut")
                     return
-                yield memoryview(data)
-        view = memoryview(buf)
+                yield data
         while True:
             try:
-                n = self.sock.recv_into(view)
+                data = self.sock.recv(RECV_BLOCK)
             except BlockingIOError:
                 await self._ready(writing=False)
                 continue
-            if not n:
+            if not data:
                 return
-            yield view[:n]
+            yield data
             # A client sending faster than the box stores keeps the socket readable: without a turn of the
             # loop here one upload would hold it (every other session waiting) until its file ends.
             await asyncio.sleep(0)
@@ -296,18 +296,35 @@ class DataConnection:
         finally:
             (loop.remove_writer if writing else loop.remove_reader)(fileno)
 
-    def close(self, at_once: bool = False) -> None:
+    def close(self, at_once: bool = False) -> asyncio.StreamWriter | None:
         """Close the connection: bytes already handed to the kernel still reach the client, and over TLS a close_notify
-        goes out and waits for the client's (asyncio's TLS shutdown, up to 30 s). at_once (a connection no transfer
-        used: nothing to deliver) drops it now: a client that never answers the close_notify held it those 30 s."""
+        goes out and waits for the client's (asyncio's TLS shutdown, up to 30 s) → the stream whose close may still be
+        under way (`_closed` waits for it). at_once (no transfer used it, or its transfer failed: nothing to deliver)
+        drops it now: a client that never answers the close_notify held it those 30 s."""
         streams = self._streams
         if streams is not None and streams.done() and not streams.cancelled() and streams.exception() is None:
-            transport = streams.result()[1].transport
-            (transport.abort if at_once else transport.close)()
-            return
+            writer = streams.result()[1]
+            if at_once:
+                writer.transport.abort()
+                return None
+            writer.close()
+            return writer
         if streams is not None:
             streams.cancel()
         self.sock.close()
+        return None
+
+
+async def _closed(writer: asyncio.StreamWriter) -> None:
+    """Wait for a transfer's data connection to close (SOCKET_TIMEOUT at most), then cut it: over TLS a client that
+    never answered the close_notify held one descriptor per transfer for 30 s (609 NLSTs in 5 s held 609). The command
+    ends once it is closed, so the session's next one waits: one such close per session."""
+    try:
+        with contextlib.suppress(Exception):  # reset, or out of time: the transfer was answered already
+            async with asyncio.timeout(SOCKET_TIMEOUT):
+                await writer.wait_closed()
+    finally:
+        writer.transport.abort()  # nothing to do once closed
 
 
 class Passive:
@@ -325,7 +342,7 @@ class Passive:
         self.sock: socket.socket | None = sock  # listening until None
         self.port = port
         self.connected: asyncio.Future[DataConnection] = self.loop.create_future()
-        self._timer = self.loop.call_later(timeout, self._expire)
+        self._timer = self.loop.call_later(timeout, self._give_up, TimeoutError("no data connection came"))
         self.loop.add_reader(sock.fileno(), self._accept)
 
     @classmethod
@@ -354,9 +371,7 @@ class Passive:
             except (BlockingIOError, InterruptedError, ConnectionAbortedError):
                 return
             except OSError as e:  # out of descriptors or buffers: this transfer gets its 425 now
-                if not self.connected.done():
-                    self.connected.set_exception(e)
-                self._stop_listening()
+                self._give_up(e)
                 return
             host, port = address[:2]
             if self.connected.done() or (host != self.peer and unmapped(host) != self.peer):
@@ -369,9 +384,9 @@ class Passive:
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # as asyncio's transports
             self.connected.set_result(DataConnection(conn, self.tls))
 
-    def _expire(self) -> None:
+    def _give_up(self, e: Exception) -> None:
         if not self.connected.done():
-            self.connected.set_exception(TimeoutError("no data connection came"))
+            self.connected.set_exception(e)
         self._stop_listening()
 
     def _stop_listening(self) -> None:
@@ -481,7 +496,6 @@ class FtpServer(aioftp.Server):
         self.tls = tls_context(cfg.ftp.tls_cert, cfg.ftp.tls_key) if cfg.ftp.tls_cert else None
         self.sessions: dict[asyncio.Task[Any], Session] = {}
         self.draining = False  # the agent stops: no new session, and each session's next command hears 421
-        self._buffers: list[bytearray] = []  # receive buffers of finished uploads, for the next ones
         # events and audit records a client can repeat at will, once a minute per (kind, address): data connections
         # from strangers, plain-text logins while TLS is required, failed TLS handshakes
         self._told = Every(REFUSALS_EVERY)
@@ -546,8 +560,7 @@ class FtpServer(aioftp.Server):
                 writer.write(_reply(code, [shown(line) for line in lines], as_list, self.encoding))
 
         def failed(exc: BaseException) -> None:
-            log.error("ftp_command_failed", user=session.user, error=f"{type(exc).__name__}: {exc}"[:300],
-                      exc_info=exc)
+            log.error("ftp_command_failed", user=session.user, error=f"{type(exc).__name__}: {exc}"[:300], exc_info=exc)
             respond("451", "internal error; the server log has the details")
 
         def settled(task: asyncio.Task[Any]) -> None:
@@ -863,7 +876,7 @@ class FtpServer(aioftp.Server):
         connection is there (a 425 leaves nothing behind), and the data connection is closed on every path.
         ABOR (aioftp's: it cancels the connection's extra workers) or the session's end cancels it: 426, then 226."""
         connection.extra_workers.add(asyncio.current_task())  # the session's end-of-task callback takes it out
-        data = None
+        data = closing = done = None
         try:
             if passive is None:
                 raise Reply("425", "no data connection: send PASV or EPSV first")
@@ -893,10 +906,13 @@ class FtpServer(aioftp.Server):
             connection.response("426", "transfer aborted")
             connection.response("226", "abort successful")
         finally:
-            if data is not None:  # the listener stopped when it came
-                data.close()
+            if data is not None:  # the listener stopped when it came; a transfer not done has nothing to deliver
+                closing = data.close(at_once=done is None)
             elif passive is not None:  # and what it accepted as the transfer ended unanswered goes too
                 passive.close()
+        if closing is not None:  # answered: an ABOR meanwhile finds nothing to abort
+            connection.extra_workers.discard(asyncio.current_task())
+            await _closed(closing)
         return True
 
     # --- paths and errors ------------------------------------------------------------------------
@@ -952,12 +968,8 @@ class FtpServer(aioftp.Server):
         offset, passive = connection.session.take_rest(), connection.session.take_passive()
 
         async def receive(handle: WriteHandle, conn: DataConnection) -> str:
-            buf = self._buffers.pop() if self._buffers else bytearray(RECV_BUFFER)
-            try:
-                async for data in conn.receive(buf, self.cfg.ftp.tls_close_notify):
-                    await handle.write(data)
-            finally:
-                self._buffers.append(buf)
+            async for data in conn.receive(self.cfg.ftp.tls_close_notify):
+                await handle.write(data)
             _aborted()  # ABOR with the last bytes: no read waited, so no await raised it, and it would be committed
             connection.session.committing = asyncio.current_task()
             await handle.commit()
@@ -1022,19 +1034,28 @@ class FtpServer(aioftp.Server):
         """One line per entry of a directory over the data connection, in BLOCK-sized writes (aioftp wrote and
         drained each ~60-byte line on its own), then 226 done."""
         entries = await self.gateway.listdir(self._resolve(connection, rest or "."), who(connection))
-        data = "".join(line(e) + END_OF_LINE for e in entries).encode(self.encoding)
 
-        async def send(data: bytes, conn: DataConnection) -> str:
+        async def send(entries: AsyncIterator[Entry], conn: DataConnection) -> str:
             reader, writer = await conn.streams()  # in aioftp's stream (throttles, timeout); conn closes it
             stream = ThrottleStreamIO(reader, writer, throttles=connection.command_connection.throttles,
                                       timeout=connection.socket_timeout)
-            for start in range(0, len(data), BLOCK):
-                await stream.write(data[start:start + BLOCK])
-                _aborted()  # or an ABORted listing would end with 226
+            block = bytearray()  # lines are encoded as the rows come: the listing is never held whole
+
+            async def flush() -> None:
+                if block:
+                    await stream.write(bytes(block))
+                    block.clear()
+                    _aborted()  # or an ABORted listing would end with 226
+
+            async for e in entries:
+                block += (line(e) + END_OF_LINE).encode(self.encoding)
+                if len(block) >= BLOCK:
+                    await flush()
+            await flush()
             return done
 
-        return await self._transfer(connection, connection.session.take_passive(), lambda: contextlib.nullcontext(data),
-                              send)
+        return await self._transfer(connection, connection.session.take_passive(),
+                                    lambda: contextlib.nullcontext(entries), send)
 
     # --- namespace commands: straight to the gateway, so every outcome has its precise reply and audit ---
 
@@ -1129,8 +1150,7 @@ class FtpServer(aioftp.Server):
         async def run(connection: aioftp.Connection, rest: str) -> bool:
             if _refused(connection, (LOGGED_IN,)):
                 return True
-            form = " ".join(rest.upper().split())
-            if form not in TRANSFER_FORMS[command]:
+            if (form := " ".join(rest.upper().split())) not in TRANSFER_FORMS[command]:
                 return replied(connection, "504", f"{command.upper()} {rest[:40]!r} not implemented; use "
                                                   f"{' or '.join(TRANSFER_FORMS[command])}")
             return replied(connection, "200", f"{command.upper()} set to {form}")

@@ -17,15 +17,16 @@ import itertools
 import os
 import subprocess
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Awaitable, Sequence, TypeVar
+from typing import AsyncIterator, Awaitable, Sequence, TypeVar
 
 import psutil
 import pyfuse3
 import structlog
 
 from agent.audit import Who
+from agent.records import Entry
 from agent.serve.contract import answer, report, st_mode
 from agent.store.errors import BadPath, GatewayError, NotFound, PermissionDenied
 from agent.store.gateway import Gateway, ReadHandle, WriteHandle
@@ -108,6 +109,22 @@ class _Open:
             self.reader = None
 
 
+Row = tuple[bytes, str, bool, int, float]  # a directory entry as readdir sends it: name, path, dir, size, mtime
+KEEP_BEHIND = 1024  # rows an open directory keeps behind the last read: smbd seeks back to those its reply left out
+
+
+@dataclass
+class _Dir:
+    """An open directory, read from the catalog as the kernel asks for it (a whole listing of a million files held
+    every row): `read` rows read so far, the last of them (KEEP_BEHIND at most) held."""
+    uid: int
+    who: Who
+    path: str
+    rows: AsyncIterator[Row]
+    read: int = 0
+    held: collections.deque[Row] = field(default_factory=lambda: collections.deque(maxlen=KEEP_BEHIND))
+
+
 class GatewayFS(pyfuse3.Operations):
     """pyfuse3 operations over the gateway. All handlers run as tasks on the agent's loop."""
 
@@ -124,8 +141,7 @@ class GatewayFS(pyfuse3.Operations):
         self._inode_numbers = itertools.count(pyfuse3.ROOT_INODE + 1)
         self._files: dict[int, _Open] = {}
         self._files_of: collections.Counter[int] = collections.Counter()  # uid → its open files (MAX_OPEN_FILES)
-        # fh → the uid that opened it, the listing (name, path, dir, size, mtime)
-        self._dirs: dict[int, tuple[int, list[tuple[bytes, str, bool, int, float]]]] = {}
+        self._dirs: dict[int, _Dir] = {}
         self._fh_numbers = itertools.count(1)
         self._writing: dict[str, _Open] = {}  # path → the open file whose uncommitted content it shows
         self.closing = False  # set before smbd is stopped: its closes of open files are not completions
@@ -138,8 +154,7 @@ class GatewayFS(pyfuse3.Operations):
         return len(self._inodes)
 
     def _inode_for(self, path: str) -> int:
-        ino = self._by_path.get(path)
-        if ino is None:
+        if (ino := self._by_path.get(path)) is None:
             ino = next(self._inode_numbers)
             self._inodes[ino] = _Inode(path)
             self._by_path[path] = ino
@@ -206,8 +221,7 @@ class GatewayFS(pyfuse3.Operations):
 
     def _detach(self, path: str) -> None:
         """path no longer names the inode the kernel may still hold: later uses of that inode get ENOENT."""
-        ino = self._by_path.pop(path, None)
-        if ino is not None:
+        if (ino := self._by_path.pop(path, None)) is not None:
             self._inodes[ino].path = None
             if self._inodes[ino].lookups <= 0:
                 self._inodes.pop(ino)
@@ -359,21 +373,40 @@ class GatewayFS(pyfuse3.Operations):
 
     async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
         path = self._path(inode)
-        self._admit(ctx, path, "directories", sum(uid == ctx.uid for uid, _ in self._dirs.values()), MAX_OPEN_DIRS)
-        entries = await self._call(self.gw.listdir(path, self._who(ctx)))
-        d = [(e.name.encode(), e.path, e.is_dir, e.size, e.mtime) for e in entries]
-        known = {e.name for e in entries}
-        for wpath, op in self._writing.items():
-            if parent_of(wpath) == path and name_of(wpath) not in known and op.writer is not None:
-                d.append((name_of(wpath).encode(), wpath, False, op.writer.size, time.time()))
+        self._admit(ctx, path, "directories", sum(d.uid == ctx.uid for d in self._dirs.values()), MAX_OPEN_DIRS)
+        who = self._who(ctx)
         fh = next(self._fh_numbers)
-        self._dirs[fh] = (ctx.uid, d)
+        self._dirs[fh] = _Dir(ctx.uid, who, path, self._rows(path, await self._call(self.gw.listdir(path, who))))
         return fh
 
+    async def _rows(self, path: str, entries: AsyncIterator[Entry]) -> AsyncIterator[Row]:
+        """The directory's entries as the catalog gives them, a page at a time, then the files being written in it
+        that the catalog does not hold yet."""
+        async for e in entries:
+            yield e.name.encode(), e.path, e.is_dir, e.size, e.mtime
+        for wpath, op in list(self._writing.items()):
+            if parent_of(wpath) == path and op.writer is not None and await self.gw.find(wpath) is None:
+                yield name_of(wpath).encode(), wpath, False, op.writer.size, time.time()
+
+    async def _row_at(self, d: _Dir, offset: int) -> Row | None:
+        """The entry at offset (None past the end), read on as far as it: before the rows held (rewinddir, a seek
+        back further than KEEP_BEHIND) the directory is listed again from its top."""
+        if offset < d.read - len(d.held):
+            d.rows, d.read = self._rows(d.path, await self._call(self.gw.listdir(d.path, d.who))), 0
+            d.held.clear()
+        while d.read <= offset:
+            if (row := await anext(d.rows, None)) is None:
+                return None
+            d.held.append(row)
+            d.read += 1
+        return d.held[offset - d.read]
+
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
-        d = self._dirs[fh][1]
-        for i in range(start_id, len(d)):
-            name, path, is_dir, size, mtime = d[i]
+        d = self._dirs[fh]
+        for i in itertools.count(start_id):
+            if (row := await self._row_at(d, i)) is None:
+                return
+            name, path, is_dir, size, mtime = row
             ino = self._inode_for(path)
             attrs = self._attrs(ino, is_dir=is_dir, size=size, mtime=mtime)
             if not pyfuse3.readdir_reply(token, name, attrs, i + 1):
@@ -433,9 +466,8 @@ class GatewayFS(pyfuse3.Operations):
                                                             exclusive=bool(flags & os.O_EXCL)))
         self._writing[path] = op
         op.inode = self._inode_for(path)
-        fh = self._new_fh(op, ctx.uid)
         attrs = self._counted(self._attrs(op.inode, is_dir=False, size=0, mtime=time.time()))
-        return pyfuse3.FileInfo(fh=fh, keep_cache=False), attrs
+        return pyfuse3.FileInfo(fh=self._new_fh(op, ctx.uid), keep_cache=False), attrs
 
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
         path = self._path(inode)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import fcntl
 import functools
 import hmac
 import html
@@ -15,6 +16,8 @@ import os
 import secrets
 import socket
 import ssl
+import sys
+import termios
 import time
 from collections import Counter
 from pathlib import Path
@@ -52,6 +55,9 @@ MAX_REQUESTS_PER_CONNECTION = 1000
 # CPU (catalog queries, process and disk figures), 4-5 times a request it refuses, for anyone reaching the port.
 # The box's own tools (loopback: pacsgw status, keepalived's check) get a fresh one.
 FRESH_SECONDS = 1.0
+# How long a connection's answer may wait with not a byte of it taken by the client (its kernel send queue unchanged):
+# a client pipelining requests and reading none held its connection, a slot of the caps above, for ever.
+STALLED_SECONDS = 30.0
 
 T = TypeVar("T")
 
@@ -89,6 +95,7 @@ class _Connections:
         self.answered: dict[int, int] = {}  # an open connection's descriptor → requests answered on it
         self._told = Every(REFUSALS_EVERY)
         self._idle_told = Every(REFUSALS_EVERY)
+        self._stalled_told = Every(REFUSALS_EVERY)
 
     def admit(self, address: str, fd: int) -> bool:
         others = self.open.total() - sum(self.open[own] for own in OWN_ADDRESSES)
@@ -117,9 +124,25 @@ class _Connections:
         fd = sock.fileno() if sock is not None else -1
         if fd in self.answered:
             self.answered[fd] += 1
+            if self.answered[fd] == 1 and request.transport is not None:
+                self._watch(request.transport, fd, address_group(request.remote or ""), 0)
             if self.answered[fd] >= MAX_REQUESTS_PER_CONNECTION:
                 response.force_close()  # the connection ends after this answer,
                 response.headers[hdrs.CONNECTION] = "close"  # which says so (its headers are made by now)
+
+    def _watch(self, transport: asyncio.Transport, fd: int, address: str, unsent: int) -> None:
+        """Every STALLED_SECONDS from its first answer while the connection is open: cut it if its client took no byte
+        of what waits for it since the last look (bytes unsent or unacknowledged, the kernel's count)."""
+        if transport.is_closing():
+            return
+        now = int.from_bytes(fcntl.ioctl(fd, termios.TIOCOUTQ, bytes(4)), sys.byteorder)
+        if now and now == unsent:
+            if (since := self._stalled_told.due(address)) is not None:
+                log.warning("http_stalled_closed", listener=self.listener, peer=address, closed_since=since,
+                            reason=f"no byte of its answers read in {STALLED_SECONDS:g} s")
+            transport.abort()
+            return
+        asyncio.get_running_loop().call_later(STALLED_SECONDS, self._watch, transport, fd, address, now)
 
 
 class _Counted(socket.socket):
@@ -155,9 +178,8 @@ class _Listening(socket.socket):
 
 async def _serve(app: web.Application, host: str, port: int,
                  tls: ssl.SSLContext | None = None) -> Callable[[], Awaitable[None]]:
-    """Serve app on host:port (each address 'localhost' names), its connections capped (_Connections) → the call
-    that closes it. Not aiohttp's TCPSite: it leaves a TLS handshake asyncio's 60 s, a silent connection held
-    that long."""
+    """Serve app on host:port (each address 'localhost' names), its connections capped (_Connections) → the call that
+    closes it. Not aiohttp's TCPSite: it leaves a TLS handshake asyncio's 60 s, a silent connection held that long."""
     connections = _Connections(f"{host}:{port}")
     app.on_response_prepare.append(connections.answering)
     runner = web.AppRunner(app, access_log=None, keepalive_timeout=IDLE_SECONDS)
@@ -226,7 +248,7 @@ def clock_sync() -> dict[str, Any]:
         return {"synchronized": state != TIME_ERROR, "source": "adjtimex"}
     if TIMESYNC_FLAG.exists():
         return {"synchronized": True, "source": str(TIMESYNC_FLAG)}
-    return {"synchronized": None, "source": f"unknown: {os.strerror(ctypes.get_errno()) if state < 0 else ''}"}
+    return {"synchronized": None, "source": f"unknown: {os.strerror(ctypes.get_errno())}"}  # state < 0 here
 
 
 def judge(health: dict[str, Any], min_free: int) -> tuple[str, list[str]]:

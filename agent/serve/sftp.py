@@ -216,8 +216,11 @@ class _Session(SSHServerStreamSession[bytes]):
     async def read(self, datatype: asyncssh.DataType, n: int, exact: bool) -> bytes:
         # asyncssh queues every reply on the channel: a client that opens no window for them (reads no replies)
         # had each next request answered into that queue without end. The next request is read once the
-        # replies before it have left; the client's window for requests then closes too.
+        # replies before it have left; the client's window for requests then closes too. Nor while the connection's
+        # own unsent bytes are over asyncio's high-water mark (_Auth.writable): a client granting a window of
+        # gigabytes and reading nothing had each READ answered into the agent (200 READs of 4 MiB: 813 MiB).
         await self.drain(None)
+        await self.owner.writable.wait()
         try:
             data = await super().read(datatype, n, exact)
         except asyncio.IncompleteReadError:
@@ -294,10 +297,13 @@ class _Auth(asyncssh.SSHServer):
         self.failures = 0  # its failed logins, against MAX_AUTH_TRIES
         self.checking: asyncio.Future[bool] | None = None  # its password check under way, or the last one
         self.idle: Idle | None = None  # sftp.idle_timeout, from the login on: touched by each request and reply
+        self.writable = asyncio.Event()  # what asyncio tells the connection (pause/resume_writing; asyncssh ignores it)
+        self.writable.set()
 
     def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
         self.conn, self.address = conn, unmapped(conn.get_extra_info("peername")[0])
         _no_ignores(conn)
+        conn.pause_writing, conn.resume_writing = self.writable.clear, self.writable.set  # type: ignore[method-assign]
         self.startup = Startup("sftp", self.cfg.max_unauthenticated, self.guard, self.gateway, self.address,
                                _peer(conn))
         self.startup.task.add_done_callback(self._admitted)
@@ -313,6 +319,7 @@ class _Auth(asyncssh.SSHServer):
             self.conn.abort()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self.writable.set()  # a request waiting to be read finds the connection gone, and its session ends
         if self.idle is not None:
             self.idle.cancel()
         if self.startup is not None:
@@ -328,8 +335,7 @@ class _Auth(asyncssh.SSHServer):
 
     async def _take_slot(self, scope: str, key: str, cap: int, whose: str, yours: str) -> bool:
         """A slot of the guard for this connection, or refuse it: audit, log, and an SSH disconnect."""
-        slot = await self.guard.take_session(scope, key, cap)
-        if slot is not None:
+        if (slot := await self.guard.take_session(scope, key, cap)) is not None:
             self.slots.append(slot)
             return True
         refuse_session(self.gateway, "sftp", self._who(self.username), f"too many sessions {whose} (limit {cap})")
@@ -590,8 +596,7 @@ class GatewaySFTP(asyncssh.SFTPServer):
         return listing
 
     async def _listing(self, path: bytes) -> AsyncIterator[asyncssh.SFTPName]:
-        entries = await self._call(self.gateway.listdir(await self._path(path), self.who))
-        for e in entries:
+        async for e in await self._call(self.gateway.listdir(await self._path(path), self.who)):
             yield asyncssh.SFTPName(e.name.encode(), attrs=_attrs(e))
 
     async def mkdir(self, path: bytes, attrs: asyncssh.SFTPAttrs) -> None:
@@ -606,8 +611,7 @@ class GatewaySFTP(asyncssh.SFTPServer):
     async def rename(self, oldpath: bytes, newpath: bytes, replace: bool = False) -> None:
         """SFTPv3 rename refuses to replace an existing target; posix_rename replaces it."""
         src = await self._path(oldpath)
-        await self._call(self.gateway.rename(src, await self._path(newpath, moved_from=src), self.who,
-                                             replace=replace))
+        await self._call(self.gateway.rename(src, await self._path(newpath, moved_from=src), self.who, replace=replace))
 
     async def posix_rename(self, oldpath: bytes, newpath: bytes) -> None:
         await self.rename(oldpath, newpath, replace=True)

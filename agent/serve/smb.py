@@ -305,8 +305,7 @@ class SmbService:
             if link.name not in wanted:
                 link.unlink()
         for account, root in wanted.items():
-            ns = root.strip("/")
-            if ns:
+            if ns := root.strip("/"):
                 with contextlib.suppress(AlreadyExists):
                     await self.gateway.mkdir(ns)
             target = mp / ns if ns else mp
@@ -378,8 +377,7 @@ class SmbService:
                     offset += len(complete) + 1 if complete else 0
                     # \n only: splitlines() also cut at U+2028, raw in a client's NTLM workstation (a hidden failure)
                     for line in complete.decode("utf-8", "replace").split("\n"):
-                        event = auth_event(line)
-                        if event is not None:
+                        if (event := auth_event(line)) is not None:
                             await self._login(*event)
             except FileNotFoundError:
                 pass

@@ -37,9 +37,8 @@ def register(subparsers) -> None:  # argparse's private _SubParsersAction
     s.add_argument("trace")
     s.add_argument("--capacity", required=True, help="cache size, e.g. 1TB")
     s.add_argument("--schemes", default="A,B,C,ours", help="comma list of A, B, C, ours")
-    s.add_argument("--reference", default="all",
-                   help="libCacheSim algorithms: a comma list, 'all' (LRU, ARC, S3FIFO, Sieve, LRB, GL-Cache, "
-                        "3L-Cache, LeCaR, CACHEUS, GDSF, LHD, Belady, BeladySize) or 'none'")
+    s.add_argument("--reference", default="all", help="libCacheSim algorithms: a comma list, 'all' (LRU, ARC, "
+                   "S3FIFO, Sieve, LRB, GL-Cache, 3L-Cache, LeCaR, CACHEUS, GDSF, LHD, Belady, BeladySize) or 'none'")
     s.add_argument("--warmup-days", type=float, default=3.0)
     s.add_argument("--line-rate", default="10MB", help="private line rate for the latency model")
     s.add_argument("--prefetch-rate", default="5MB", help="bandwidth the prefetcher may use")
@@ -55,12 +54,10 @@ def register(subparsers) -> None:  # argparse's private _SubParsersAction
     m.add_argument("src", help="CSV (ts,op,path,size[,patient,study,modality,dept]), audit log or xferlog")
     m.add_argument("dst", help="trace file to write (.gz: compressed)")
     m.add_argument("--format", default="auto", help="csv | audit | xferlog | auto (from the first line)")
-    m.add_argument("--start", default=None,
-                   help="YYYY-MM-DD: the day CSV times count from (default 2026-01-05); for logs, "
-                        "the day the trace starts (default: the first request's)")
-    m.add_argument("--study-depth", type=int, default=None,
-                   help="without a study column: path levels of a study directory, as the agent's [prefetch] "
-                        "study_depth (default: its default, 3, for MODALITY/DAY/STUDY)")
+    m.add_argument("--start", default=None, help="YYYY-MM-DD: the day CSV times count from (default 2026-01-05); "
+                   "for logs, the day the trace starts (default: the first request's)")
+    m.add_argument("--study-depth", type=int, default=None, help="without a study column: path levels of a study "
+                   "directory, as the agent's [prefetch] study_depth (default: its default, 3, for MODALITY/DAY/STUDY)")
     m.set_defaults(func=cmd_import_trace)
 
     t = subparsers.add_parser("train", help="train the hotness LSTM (needs the `train` extra)")
@@ -145,8 +142,7 @@ def cmd_simulate(ns: argparse.Namespace) -> int:
         from agent.sim.catalog_memory import measure_trace
         with _timed(timings, f"catalog memory ({ns.catalog_rows:,} files)"):
             catalog = measure_trace(ns.trace, ns.catalog_rows)
-    text = write_report(ta, cfg, results, refs, ns.out, title=ns.title, catalog=catalog, timings=timings)
-    print(text)
+    print(write_report(ta, cfg, results, refs, ns.out, title=ns.title, catalog=catalog, timings=timings))
     return 0
 
 
@@ -157,8 +153,7 @@ def _reference_algorithms(text: str) -> tuple[str, ...]:
 
 
 @contextlib.contextmanager
-def _timed(timings: dict[str, float], step: str) -> Iterator[None]:
-    """Record a step's wall time (for the report) and log it."""
+def _timed(timings: dict[str, float], step: str) -> Iterator[None]:  # a step's wall time, for the report
     t0 = time.monotonic()
     yield
     timings[step] = time.monotonic() - t0
@@ -174,5 +169,4 @@ def cmd_train(ns: argparse.Namespace) -> int:
     spec = importlib.util.spec_from_file_location("pacsgw_train", ROOT / "models" / "train.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    args = ns.args[1:] if ns.args[:1] == ["--"] else ns.args
-    return int(mod.main(args))
+    return int(mod.main(ns.args[1:] if ns.args[:1] == ["--"] else ns.args))

@@ -91,8 +91,7 @@ class Summary:
         if self.sizes_fixed:
             lines.append(f"  repaired: {self.sizes_fixed:,} reads given their object's size")
         lines.append(f"  trace: {self.reads + self.writes:,} requests ({self.reads:,} reads, {self.writes:,} "
-                     f"writes), {self.objects:,} files, {self.studies:,} studies, {self.days} days from "
-                     f"{self.start}")
+                     f"writes), {self.objects:,} files, {self.studies:,} studies, {self.days} days from {self.start}")
         return "\n".join(lines)
 
     def as_dict(self) -> dict:
@@ -125,8 +124,7 @@ def _size(raw: object) -> int:
     why = f"size {raw!r} is not a whole number of bytes"
     if isinstance(raw, bool) or not isinstance(raw, (int, str)):
         raise ValueError(why)
-    n = _parsed(int, raw, why)
-    if n < 0:
+    if (n := _parsed(int, raw, why)) < 0:
         raise ValueError(f"size {raw!r} is negative")
     return n
 
@@ -153,8 +151,7 @@ def _items(records: Iterable[tuple[int, T]], parse: Callable[[T, int], Row | str
 
 def parse_csv(f: IO[str]) -> Iterator[Row | Bad | str]:
     reader = csv.reader(f)
-    header = next(reader, None)
-    if header is None:
+    if (header := next(reader, None)) is None:
         raise TraceImportError("empty CSV (a header `ts,op,path,size[,patient,study,modality,dept]` is needed)")
     cols = [c.strip().lower() for c in header]
     unknown = [c for c in cols if c not in CSV_REQUIRED and c not in CSV_OPTIONAL]
@@ -169,11 +166,9 @@ def parse_csv(f: IO[str]) -> Iterator[Row | Bad | str]:
         if len(row) != len(cols):
             raise ValueError(f"{len(row)} fields, the header has {len(cols)}")
         rec = dict(zip(cols, row, strict=True))
-        ts = _parsed(float, rec["ts"], f"ts {rec['ts']!r} is not a number")
-        if not math.isfinite(ts) or ts < 0:
+        if not math.isfinite(ts := _parsed(float, rec["ts"], f"ts {rec['ts']!r} is not a number")) or ts < 0:
             raise ValueError(f"ts {rec['ts']!r} is not a time in seconds from the start")
-        op = rec["op"].strip().lower()
-        if op not in ("read", "write"):
+        if (op := rec["op"].strip().lower()) not in ("read", "write"):
             raise ValueError(f"op {rec['op']!r} is neither read nor write")
         r = Row(ts, op == "write", _path(rec["path"]), _size(rec["size"].strip()), line)
         for col, attr in CSV_OPTIONAL.items():
@@ -194,13 +189,11 @@ def _audit_row(text: str, line: int) -> Row | str | None:
         raise ValueError(f"not an audit record: {e}") from None
     if not isinstance(rec, dict):
         raise ValueError("not an audit record: not a JSON object")
-    op = rec.get("op")
-    if op not in ("store", "retrieve"):
+    if (op := rec.get("op")) not in ("store", "retrieve"):
         return f"audit {op}"
     if rec.get("result") != "ok":
         return f"audit {op} not ok"
-    stamp = rec.get("time")
-    if not isinstance(stamp, str):
+    if not isinstance(stamp := rec.get("time"), str):
         raise ValueError(f"time {stamp!r} is missing")
     when = _parsed(dt.datetime.fromisoformat, stamp.replace("Z", "+00:00"), f"time {stamp!r} is not an ISO time")
     if when.tzinfo is None:
@@ -214,8 +207,7 @@ def _audit_row(text: str, line: int) -> Row | str | None:
 def _xferlog_row(text: str, line: int) -> Row | str | None:
     """`Mon Nov 30 21:12:14 2026 <secs> <host> <bytes> <file…> <type> <action> <i|o|d> <mode> <user> <service> <auth>
     <auth-user> <c|i>`: the file name (spaces and all) lies between 8 leading and 9 trailing fields; local times."""
-    tok = text.split()
-    if not tok:
+    if not (tok := text.split()):
         return None
     if len(tok) < 18:
         raise ValueError(f"{len(tok)} fields, an xferlog line has at least 18")
@@ -260,8 +252,7 @@ def repair(rows: list[Row], summary: Summary) -> list[Row]:
     out: list[Row] = []
     pre_existing_rewritten: set[str] = set()
     for r in rows:
-        known = first.get(r.path)
-        if known is None:
+        if (known := first.get(r.path)) is None:
             first[r.path] = (r.write, r.size)
             out.append(r)
             continue

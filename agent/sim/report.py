@@ -33,8 +33,7 @@ def gaps(results: list[SchemeResult], refs: list) -> dict[str, tuple[float | Non
     the better of Belady and BeladySize (byte). Belady is demand-only: a prefetching scheme can pass 100 %."""
     ref = {f.algorithm: f for f in refs}
     by = {r.scheme: r for r in results}
-    lru = by.get("A") or ref.get("LRU")
-    if lru is None or "Belady" not in ref:
+    if (lru := by.get("A") or ref.get("LRU")) is None or "Belady" not in ref:
         return None
     best_obj = ref["Belady"].hit_ratio
     best_byte = max(f.byte_hit_ratio for k, f in ref.items() if k.startswith("Belady"))
@@ -93,16 +92,15 @@ def describe(ta: TraceArrays, cfg: ReplayConfig) -> str:
     reads = ~ta.is_write
     origin = (f"imported from `{m['import']['source']}` ({m['import']['format']})" if "import" in m
               else f"preset `{m.get('preset')}`, seed {m.get('seed')}")
-    return (f"Trace: {origin}, {m.get('days')} days from {m.get('start')}, "
-            f"{m.get('monthly_tb')} TB/month; {ta.n:,} requests ({int(reads.sum()):,} reads, "
-            f"{fmt_bytes(ta.size[reads].sum())} read; {fmt_bytes(ta.size[ta.is_write].sum())} written). "
-            f"Cache {fmt_bytes(cfg.capacity, cfg.capacity_unit)}; first {cfg.warmup_days:g} days are warm-up "
-            f"(not counted); only reads are counted. Latency model: hit = {cfg.latency.ssd_s * 1000:g} ms + size / "
-            f"{cfg.latency.ssd_bps / 1e6:g} MB/s; miss = {cfg.latency.rtt_s * 1000:g} ms + size / "
-            f"{cfg.latency.line_bps / 1e6:g} MB/s, on an idle line and queued (one FIFO line for all demand "
-            f"misses). Egress = demand misses (as the line delivers them) + prefetch, per minute. "
-            f"Prefetch limited to {cfg.prefetch_bps / 1e6:g} MB/s and "
-            f"{cfg.prefetch_space:.0%} (LSTM) / {cfg.priors_space:.0%} (priors) of the cache per plan.\n")
+    return (f"Trace: {origin}, {m.get('days')} days from {m.get('start')}, {m.get('monthly_tb')} TB/month; {ta.n:,} "
+            f"requests ({int(reads.sum()):,} reads, {fmt_bytes(ta.size[reads].sum())} read; "
+            f"{fmt_bytes(ta.size[ta.is_write].sum())} written). Cache {fmt_bytes(cfg.capacity, cfg.capacity_unit)}; "
+            f"first {cfg.warmup_days:g} days are warm-up (not counted); only reads are counted. Latency model: hit = "
+            f"{cfg.latency.ssd_s * 1000:g} ms + size / {cfg.latency.ssd_bps / 1e6:g} MB/s; miss = "
+            f"{cfg.latency.rtt_s * 1000:g} ms + size / {cfg.latency.line_bps / 1e6:g} MB/s, on an idle line and "
+            "queued (one FIFO line for all demand misses). Egress = demand misses (as the line delivers them) + "
+            f"prefetch, per minute. Prefetch limited to {cfg.prefetch_bps / 1e6:g} MB/s and {cfg.prefetch_space:.0%} "
+            f"(LSTM) / {cfg.priors_space:.0%} (priors) of the cache per plan.\n")
 
 
 # The charts need matplotlib, which the boxes do not install (it is the [sim] extra): without it the report is
@@ -147,7 +145,6 @@ def egress_plot(results: list[SchemeResult], path: Path) -> str:
 
 
 def _save(fig, ax, path: Path) -> str:  # matplotlib Figure/Axes, imported lazily
-    """Legend, grid, layout, write the PNG, free the figure; → its file name for the report."""
     import matplotlib.pyplot as plt
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)

@@ -59,8 +59,7 @@ def write_trace(g: Generator, path: str | Path, progress: bool = False) -> dict:
         for t, w, s, i in g.iter_chunks():
             lines = []
             for tt, ww, ss, ii in zip(t.tolist(), w.tolist(), s.tolist(), i.tolist(), strict=True):
-                entry = names.get(ss)
-                if entry is None:
+                if (entry := names.get(ss)) is None:
                     entry = names[ss] = _study_names(g, ss)
                 size = entry[0][ii]
                 nbytes += size
@@ -82,8 +81,7 @@ def _study_names(g: Generator, idx: int) -> tuple[list[int], str, list[str]]:
     paths = [g.p.layout.format(modality=st.modality, date=date, study=f"ST{st.idx:08d}", series=f"SE{se + 1:03d}",
                                instance=f"{k + 1:05d}")
              for se in range(len(starts) - 1) for k in range(starts[se + 1] - starts[se])]
-    tail = f"P{st.patient:07d}\tST{st.idx:08d}\t{st.modality}\t{st.department}"
-    return st.sizes.tolist(), tail, paths
+    return st.sizes.tolist(), f"P{st.patient:07d}\tST{st.idx:08d}\t{st.modality}\t{st.department}", paths
 
 
 def _study_dir(g: Generator, st) -> str:
@@ -170,15 +168,13 @@ class TraceArrays:
 
 def check_replayable(ta: TraceArrays) -> None:
     """ValueError unless requests are in time order and every write comes first (`pacsgw import-trace` repairs)."""
-    late = np.flatnonzero(np.diff(ta.t) < 0)
-    if late.size:
+    if (late := np.flatnonzero(np.diff(ta.t) < 0)).size:
         raise ValueError(f"request {int(late[0]) + 2:,} is earlier than the one before it "
                          f"({late.size:,} such); convert the source with `pacsgw import-trace`")
     _, first = np.unique(ta.obj, return_index=True)
     is_first = np.zeros(ta.n, dtype=bool)
     is_first[first] = True
-    bad = np.flatnonzero(ta.is_write & ~is_first)
-    if bad.size:
+    if (bad := np.flatnonzero(ta.is_write & ~is_first)).size:
         raise ValueError(f"request {int(bad[0]) + 1:,} writes a file that was already written or read "
                          f"({bad.size:,} such); convert the source with `pacsgw import-trace`")
 
@@ -226,12 +222,10 @@ def parse_trace(path: str | Path, progress: bool = False) -> TraceArrays:
             new_study(study, patient, modality, dep,
                       (dt.date.fromisoformat(p.split("/")[date_index]) - start).days, int(size))
             continue
-        oid = objs.get(p)
         isize = int(size)
-        if oid is None:
+        if (oid := objs.get(p)) is None:
             oid = objs[p] = len(objs)
-            sid = studies.get(study)
-            if sid is None:
+            if (sid := studies.get(study)) is None:
                 if dated:
                     day = (dt.date.fromisoformat(p.split("/")[date_index]) - start).days
                 else:

@@ -227,7 +227,6 @@ class Generator:
         self.studies: list[Study] = []
         self.history: dict[int, list[int]] = {}      # patient → study indices, oldest first
         self.events: list[Event] = []
-        self._seq = 0
         mix = {m: s for m, s in params.modality_mix.items() if s > 0}
         self.modalities, self.mod_p = list(mix), np.array(list(mix.values())) / sum(mix.values())
         shares = [d.share for d in params.departments.values()]
@@ -251,9 +250,9 @@ class Generator:
         weekday_n = per_week / (5 + 2 * self.p.weekend_factor)
         return weekday_n * (self.p.weekend_factor if weekday >= 5 else 1.0)
 
-    def _new_study(self, modality: str, day: int, patient: int, department: str) -> Study:
+    def _new_study(self, modality: str, day: int, patient: int, department: str, acquired_at: float = 0.0) -> Study:
         sizes, starts = draw_instances(self.rng, SHAPES[modality])
-        st = Study(len(self.studies), modality, day, patient, department, sizes, starts)
+        st = Study(len(self.studies), modality, day, patient, department, sizes, starts, acquired_at)
         self.studies.append(st)
         self.history.setdefault(patient, []).append(st.idx)
         return st
@@ -263,9 +262,9 @@ class Generator:
         """A returning patient seen for the first time in the trace gets priors in the archive."""
         if patient in self.history:
             return
+        self.history[patient] = []  # the priors drawn below; on a new box, none: its history starts in the trace
         p = self.p
-        if not p.archive:      # a new box: the patient's history starts in the trace
-            self.history[patient] = []
+        if not p.archive:
             return
         n = 1 + int(self.rng.poisson(max(p.priors_mean - 1, 0.0)))
         # the archive's history ends where the trace starts: studies acquired during the trace are
@@ -279,23 +278,18 @@ class Generator:
             days.append(day)
         if not days:
             days = [before_day - 1 - int(self.rng.integers(0, int(p.history_years * 365)))]
-        self.history[patient] = []
         for d in sorted(days):
-            m = modality if self.rng.random() < p.same_modality_prior else self._draw_modality()
-            prior = self._new_study(m, d, patient, self._draw_department())
+            m = modality if self.rng.random() < p.same_modality_prior else self._draw(self.modalities, self.mod_p)
+            prior = self._new_study(m, d, patient, self._draw(self.departments, self.dep_p))
             prior.acquired_at = d * DAY + self.rng.uniform(p.work_start_h, p.work_end_h) * 3600
 
-    def _draw_modality(self) -> str:
-        return self.modalities[int(self.rng.choice(len(self.modalities), p=self.mod_p))]
-
-    def _draw_department(self) -> str:
-        return self.departments[int(self.rng.choice(len(self.departments), p=self.dep_p))]
+    def _draw(self, names: list[str], p: np.ndarray) -> str:  # a modality or a department, by its share
+        return names[int(self.rng.choice(len(names), p=p))]
 
     # -- events
     def _event(self, t: float, op: str, study: int, series: tuple[int, ...] = (), kind: str = "primary") -> None:
         if t < self.p.days * DAY:
-            self.events.append(Event(t, self._seq, op, study, series, kind))
-            self._seq += 1
+            self.events.append(Event(t, len(self.events), op, study, series, kind))  # seq: the order drawn
 
     def _acquisition_time(self, day: int) -> float:
         p = self.p
@@ -338,23 +332,21 @@ class Generator:
             weekday = (self.start + dt.timedelta(days=day)).weekday()
             n = int(rng.poisson(self.studies_per_day(weekday)))
             for t in sorted(self._acquisition_time(day) for _ in range(n)):
-                modality = self._draw_modality()
-                dep_name = self._draw_department()
+                modality = self._draw(self.modalities, self.mod_p)
+                dep_name = self._draw(self.departments, self.dep_p)
                 dep = p.departments[dep_name]
                 if rng.random() < p.returning_share:
                     patient = int(rng.integers(0, p.patient_pool))
                     self._materialise_history(patient, modality, day)
                 else:
                     patient = p.patient_pool + len(self.studies)   # a new patient: no history
-                st = self._new_study(modality, day, patient, dep_name)
-                st.acquired_at = t
+                st = self._new_study(modality, day, patient, dep_name, t)
                 self._event(t, "W", st.idx, kind="write")
                 duration = (st.sizes.size * SHAPES[modality].write_spacing_s)
                 companion = None
                 if modality == "PT" and p.petct_share and rng.random() < p.petct_share:
                     # the low-dose CT of a PET-CT: same patient, same session, read and shown together
-                    companion = self._new_study("CT", day, patient, dep_name)
-                    companion.acquired_at = t + 1.0
+                    companion = self._new_study("CT", day, patient, dep_name, t + 1.0)
                     self._event(t + 1.0, "W", companion.idx, kind="write")
                 read_t = t + duration + rng.lognormal(np.log(dep.read_median_h * 3600), p.read_sigma)
                 if dep_name != "ED":
@@ -379,8 +371,7 @@ class Generator:
                         self._event(board, "R", st.idx, self._subset(st, p.followup_series_share), kind="board")
                         if companion is not None:
                             self._event(board + 15.0, "R", companion.idx, kind="board")
-                        priors = self._pick_priors(st, 1)
-                        if priors:
+                        if priors := self._pick_priors(st, 1):
                             prior = self.studies[priors[0]]
                             self._event(board + 30.0, "R", prior.idx,
                                         self._subset(prior, p.followup_series_share), kind="board")
@@ -411,12 +402,10 @@ class Generator:
                 continue
             if not p.archive:   # a new box: the tail reaches back only to what the trace acquired
                 t = self._next_working(day * DAY + rng.uniform(0, DAY))
-                done = np.flatnonzero(acquired < t - DAY)
-                if done.size:
+                if (done := np.flatnonzero(acquired < t - DAY)).size:
                     self._event(t, "R", int(rng.choice(done)), kind="longtail")
                 continue
-            old = self._archive_studies_of_a_patient()
-            if not old:
+            if not (old := self._archive_studies_of_a_patient()):
                 continue
             t = self._next_working(day * DAY + rng.uniform(0, DAY))
             self._event(t, "R", int(rng.choice(old)), kind="longtail")
@@ -432,7 +421,7 @@ class Generator:
     def _archive_studies_of_a_patient(self) -> list[int]:
         """The studies in the archive before the trace of a random patient (their history drawn if not yet)."""
         patient = int(self.rng.integers(0, self.p.patient_pool))
-        self._materialise_history(patient, self._draw_modality(), 0)
+        self._materialise_history(patient, self._draw(self.modalities, self.mod_p), 0)
         return [i for i in self.history[patient] if self.studies[i].day < 0]
 
     # -- expansion
@@ -458,8 +447,7 @@ class Generator:
                 t, inst = self._expand(ev)
                 parts.append((t, np.full(t.size, ev.op == "W"), np.full(t.size, ev.study, np.int64), inst))
                 ev_i += 1
-            if not parts:
-                carry = []
+            if not parts:  # carry, the same list, is empty too
                 continue
             t, w, s, i = (np.concatenate(c) for c in zip(*parts, strict=True))
             order = np.lexsort((i, s, t))

@@ -43,8 +43,7 @@ class AccessStats:
         """Everything noted since the last drain, as catalog rows; the buffers start empty again."""
         files, heat = self._files, self._heat
         self._files, self._heat = {}, {}
-        return ([(p, t, n) for p, (t, n) in files.items()],
-                [(d, day, r, m, b) for (d, day), (r, m, b) in heat.items()])
+        return ([(p, t, n) for p, (t, n) in files.items()], [(d, day, r, m, b) for (d, day), (r, m, b) in heat.items()])
 
     async def flush(self, db: AsyncCatalog, metrics: Metrics) -> None:
         files, heat = self.drain()

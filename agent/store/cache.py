@@ -108,9 +108,6 @@ class Cache:
         pathlib joins per open were ~2 % of a cached read's CPU."""
         return f"{self._data_dir}/{blob[:2]}/{blob}"
 
-    def blob_path(self, blob: str) -> Path:
-        return Path(self.blob_file(blob))
-
     def new_staging(self) -> tuple[str, int]:
         """A new blob and its staging file, open for writing (a spare renamed into staging/ when one is ready);
         → (blob, fd). Raises NoSpace when the disk is full."""
@@ -171,11 +168,10 @@ class Cache:
             raise _translate(e, blob) from e
 
     def discard_staging(self, blob: str) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.staging_path(blob))
+        Path(self.staging_path(blob)).unlink(missing_ok=True)
 
     def remove(self, blob: str) -> None:
-        self.blob_path(blob).unlink(missing_ok=True)
+        Path(self.blob_file(blob)).unlink(missing_ok=True)
 
     def open_blob(self, blob: str) -> int:
         return os.open(self.blob_file(blob), os.O_RDONLY)

@@ -32,11 +32,12 @@ async def download(s3: S3Uplink, cache: Cache, e: Entry, blob: str, fd: int,
     on_verified() once the bytes matched, before the commit (readers may then have the end of the file).
     Chunks are written and hashed on the loop, the copy committed there: a thread hop cost more CPU than the work
     it carried (docs/benchmarks.md §32).
-    Raises Corrupt when the bytes are not the ones the catalog (or the object's metadata) recorded."""
-    h, fast = hashlib.sha256(), fast_hash()
+    Raises Corrupt when the bytes are not the ones the catalog (or the object's metadata, or for another writer's
+    object a single-part ETag's MD5) recorded."""
+    h, fast, md5 = hashlib.sha256(), fast_hash(), hashlib.md5(usedforsecurity=False)
     written = 0
     try:
-        async with s3.get(e.object_key, on_start, e.sha256) as (_, meta_sha, chunks):
+        async with s3.get(e.object_key, on_start, e.sha256) as (_, meta_sha, etag_md5, chunks):
             async for data in chunks:
                 if written + len(data) > e.size:  # a key written again larger: streamed whole, it filled the disk
                     raise Corrupt(e.path, f"the object goes on past its size, {e.size} bytes")
@@ -44,6 +45,8 @@ async def download(s3: S3Uplink, cache: Cache, e: Entry, blob: str, fd: int,
                     os.pwrite(fd, data, written)
                     h.update(data)
                     fast.update(data)
+                    if etag_md5:
+                        md5.update(data)
                     written += len(data)
                     if on_data is not None:
                         await on_data(written)
@@ -53,6 +56,8 @@ async def download(s3: S3Uplink, cache: Cache, e: Entry, blob: str, fd: int,
     if written != e.size or (expected and h.hexdigest() != expected):
         raise Corrupt(e.path, f"fetched {written} bytes sha256 {h.hexdigest()}, "
                               f"expected {e.size} bytes sha256 {expected}")
+    if etag_md5 and md5.hexdigest() != etag_md5:  # another writer's object: its ETag is all that names its bytes
+        raise Corrupt(e.path, f"fetched {written} bytes MD5 {md5.hexdigest()}, its ETag says {etag_md5}")
     if on_verified is not None:
         await on_verified()
     cache.commit(blob, fd, fast.hexdigest(), durable=False)

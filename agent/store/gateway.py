@@ -17,15 +17,14 @@ import os
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Callable, Protocol, TypeVar
+from typing import AsyncIterator, Callable, Protocol, TypeVar
 
 import structlog
 
 from agent.audit import AuditLog, Who
 from agent.config import Config
 from agent.metrics import Metrics
-from agent.records import S3_KEY_BYTES, Entry
+from agent.records import S3_KEY_BYTES, Entry, Header
 from agent.store.access import AccessStats
 from agent.store.cache import WOULD_BLOCK, Cache, DiskUsage, Opened, fast_hash, hash_range, sha256_fd
 from agent.store.catalog import AsyncCatalog, failure
@@ -54,6 +53,7 @@ log = structlog.get_logger("pacsgw.gateway")
 T = TypeVar("T")
 
 ACCESS_FLUSH_SECONDS = 5.0
+LIST_PAGE = 1000  # a directory's rows read at once for a client's listing
 STEP = 256 * 1024  # a reader streaming a fetch moves on once this much more has landed (or the end)
 # A copy is checked this far ahead of the sender, a smaller one whole first: a bad one is fetched again, no read fails
 VERIFY_AHEAD = 1024 * 1024
@@ -239,9 +239,9 @@ class WriteHandle:
         s = _Sealing(loop.create_future(), body, claim, time.time())
         path, blob, base = self.path, self.blob, self.base
 
-        def queue_row(sha: str) -> None:  # on the seal's thread, once the file is durable
-            self.gw.db.queue_commit_write(functools.partial(self._row_back, s, sha), loop, path, blob, size=self.size,
-                                          sha256=sha, mtime=s.mtime, claim=claim, base=base)
+        def queue_row(sha: str, header: Header | None) -> None:  # on the seal's thread, once the file is durable
+            self.gw.db.queue_commit_write(functools.partial(self._row_back, s, sha, header), loop, path, blob,
+                                          size=self.size, sha256=sha, mtime=s.mtime, claim=claim, base=base)
 
         loop.run_in_executor(None, self._seal, body, queue_row).add_done_callback(functools.partial(self._unsealed, s))
         return s
@@ -253,14 +253,16 @@ class WriteHandle:
             self.gw.cache.discard_staging(self.blob)
             self._settled(s, error=error)
 
-    def _row_back(self, s: _Sealing, sha: str, row: tuple[int, str | None] | BaseException) -> None:
+    def _row_back(self, s: _Sealing, sha: str, header: Header | None, row: tuple[int, str | None] | BaseException
+                  ) -> None:
         """The row's commit came back: the rest of the commit (+ start of a write-through upload) runs in this turn of
         the loop, not in a task woken one turn later (~1.5 ms p50 with 8 clients storing, docs/benchmarks.md §31)."""
         self._close_fd()
         try:
             if isinstance(row, BaseException):
                 raise failure(row)
-            upload = self.gw.stored(self.path, self.blob, self.size, sha, s.body, s.claim, s.mtime, row)
+            upload = self.gw.stored(self.path, self.blob, self.size, sha, s.body, s.claim, s.mtime, row, header,
+                                    self.user)
         except Exception as e:
             self.gw.cache.remove(self.blob)
             self._settled(s, error=e)
@@ -279,9 +281,10 @@ class WriteHandle:
         else:
             s.made.set_result(upload)
 
-    def _seal(self, body: bytes | None, queue_row: Callable[[str], None]) -> None:
-        """Digests, then Cache.commit, then queue_row(SHA-256). Blocking: its one thread hop, where hashing holds no
-        loop."""
+    def _seal(self, body: bytes | None, queue_row: Callable[[str, Header | None], None]) -> None:
+        """Digests and the DICOM header if anyone reads it (the prior planner and the upload share this one read; a
+        failed read fails the seal before anything is durable), then Cache.commit, then queue_row(SHA-256, header).
+        Blocking: its one thread hop, where hashing holds no loop."""
         if self._hash is None:
             fast = fast_hash()
             sha = sha256_fd(self.fd, fast)
@@ -291,8 +294,9 @@ class WriteHandle:
                 self._hash.update(body)
                 fast.update(body)
             sha = self._hash.hexdigest()
+        header = self.gw.read_header(self.fd, self.size) if self.gw.read_header else None
         self.gw.cache.commit(self.blob, self.fd, fast.hexdigest())
-        queue_row(sha)
+        queue_row(sha, header)
 
     async def abort(self, reason: str) -> None:
         """The client went away or failed: nothing becomes visible under the final name."""
@@ -484,14 +488,17 @@ class Retention(Protocol):
 
 
 class Gateway:
-    """on_stored(path, content file) runs after each commit (prior-study prefetch reads the new file's header)."""
+    """read_header(fd, size) reads a stored file's header at its commit, once, for on_stored(path, header, user), which
+    runs after each commit (prior-study prefetch: capped per writing user), and for its upload's metadata."""
 
     def __init__(self, cfg: Config, db: AsyncCatalog, cache: Cache, s3: S3Uplink, uploader: Uploader,
                  metrics: Metrics, audit: AuditLog, *, worm: Retention, access: AccessStats, evictor: Evictor,
-                 refusals: Refusals, on_stored: Callable[[str, Path], None] | None = None) -> None:
+                 refusals: Refusals, on_stored: Callable[[str, Header, str], None] | None = None,
+                 read_header: Callable[[int, int], Header] | None = None) -> None:
         self.cfg, self.db, self.cache, self.s3, self.uploader, self.metrics = cfg, db, cache, s3, uploader, metrics
         self.audit, self.line, self.worm = audit, uploader.line, worm  # worm: path and DICOM retention rules
         self.refusals, self.access, self.evictor, self.on_stored = refusals, access, evictor, on_stored
+        self.read_header = read_header
         self._fills: dict[str, _Fill] = {}
         self._listings: dict[str, asyncio.Future[None]] = {}
         self._active_writes = 0
@@ -584,26 +591,31 @@ class Gateway:
         except NotFound:
             return None
 
-    async def listdir(self, path: str, who: Who | None = None) -> list[Entry]:
+    async def listdir(self, path: str, who: Who | None = None) -> AsyncIterator[Entry]:
+        """Checked and listed from the store now; the entries then come a page at a time as the client takes them."""
         async with self.audit.op(who, "list", path):
             self._require(who, "read", path)
             await self._ensure_listed(path)
-            return self._visible(await self.db.children(path), path)
+        return self._children(path)
 
-    @staticmethod
-    def _visible(entries: list[Entry], directory: str) -> list[Entry]:
-        """The entries a client may be shown: the names a client may look up (check_name). A control character would
-        forge a listing line; a name longer than MAX_NAME_BYTES (another S3 writer's: AWS and Ceph take 1 024-byte
+    async def _children(self, path: str) -> AsyncIterator[Entry]:
+        """A directory's entries read LIST_PAGE rows at a time (a listing of a million files held every row, 488 MB,
+        however slowly its client read it), only the names a client may look up (check_name). A control character
+        would forge a listing line; a name longer than MAX_NAME_BYTES (another S3 writer's: AWS and Ceph take 1 024-byte
         keys), '..', '.' or with a backslash (keys AWS and Ceph store as given) SFTP and FTP listed, then refused its
         every use (a '..' shown in d was taken for a directory below d), and SMB never showed it."""
-        shown = []
-        for e in entries:
-            try:
-                check_name(e.name, e.path)
-                shown.append(e)
-            except BadPath as problem:
-                log.warning("listing_name_hidden", directory=directory, name=repr(e.name), reason=problem.reason)
-        return shown
+        page = await self.db.children(path, "", LIST_PAGE)
+        while True:
+            for e in page:
+                try:
+                    check_name(e.name, e.path)
+                except BadPath as problem:
+                    log.warning("listing_name_hidden", directory=path, name=repr(e.name), reason=problem.reason)
+                    continue
+                yield e
+            if len(page) < LIST_PAGE:
+                return
+            page = await self.db.children(path, page[-1].name, LIST_PAGE)
 
     async def _ensure_listed(self, path: str, *, missing_ok: bool = False, then: str | None = None) -> Entry | None:
         """Merge the remote listing of `path` and its ancestors into the catalog, once per directory → the row of
@@ -636,19 +648,22 @@ class Gateway:
         if not self.line.reachable:
             return  # serve what the catalog knows; list again once the line is back
         t0, begun = time.monotonic(), time.time()
-        try:
-            listing = await self.s3.list_dir(path)
+        files = dirs = unsized = 0
+        try:  # merged a page at a time: the directory is marked listed once the last one is in
+            async for page in self.s3.list_dir(path):
+                # Directories holding only keys whose deletion is still queued are gone (else a deleted file comes back)
+                live = page.dirs
+                if live and await (self.db.tombstones_under(path) if path else self.db.tombstone_count()):
+                    live = [d for d in live if await self._remote_dir_live(f"{path}/{d}" if path else d)]
+                await self.db.merge_listing(path, page.objects, live, begun, complete=False)
+                files, dirs, unsized = files + len(page.objects), dirs + len(page.dirs), unsized + len(page.unsized)
         except Exception as e:  # a failed listing must not fail the client's request
             log.warning("remote_list_failed", path=path, error=error_code(e))
             return
-        # Directories holding only keys whose deletion is still queued are gone (else a deleted file comes back)
-        dirs = listing.dirs
-        if dirs and await (self.db.tombstones_under(path) if path else self.db.tombstone_count()):
-            dirs = [d for d in dirs if await self._remote_dir_live(f"{path}/{d}" if path else d)]
         # Files the store did not size now: listed again at the next use, HEADing only them (the rest known by ETag)
-        await self.db.merge_listing(path, listing.objects, dirs, begun, complete=not listing.unsized)
-        log.info("remote_listed", path=path, files=len(listing.objects), dirs=len(listing.dirs),
-                 unsized=len(listing.unsized), seconds=round(time.monotonic() - t0, 4))
+        await self.db.merge_listing(path, [], [], begun, complete=not unsized)
+        log.info("remote_listed", path=path, files=files, dirs=dirs, unsized=unsized,
+                 seconds=round(time.monotonic() - t0, 4))
 
     async def _remote_dir_live(self, path: str) -> bool:
         """Whether the remote directory `path` holds an object that is not a pending delete here."""
@@ -900,7 +915,7 @@ class Gateway:
             return False
 
     def stored(self, path: str, blob: str, size: int, sha: str, body: bytes | None, claim: bool, mtime: float,
-               committed: tuple[int, str | None]) -> Through | None:
+               committed: tuple[int, str | None], header: Header | None, user: str) -> Through | None:
         """The row of (path, blob) is committed → (gen, replaced blob); in write-through (claim), start its upload (of
         body, if kept) → that upload, in the same uncancellable step as the claim: a claimed row without an upload
         would wait for the next restart."""
@@ -908,8 +923,10 @@ class Gateway:
         if replaced:
             self.cache.remove(replaced)
         log.info("stored", path=path, bytes=size, sha256=sha, write_through=claim)
-        if self.on_stored is not None:
-            self.on_stored(path, self.cache.blob_path(blob))
+        if header is not None:
+            if self.on_stored is not None:
+                self.on_stored(path, header, user)
+            self.uploader.keep_header(blob, header)
         if not claim:
             self.uploader.wake()
             return None

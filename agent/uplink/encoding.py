@@ -33,17 +33,15 @@ def _lower(metadata: Mapping[str, str] | None) -> dict[str, str]:
 
 def encoding_of(metadata: Mapping[str, str] | None) -> str | None:
     """The object's encoding from its metadata (None: as given); an unknown one is Undecodable, not garbage."""
-    enc = _lower(metadata).get(ENCODING)
-    if enc not in (None, ZSTD):
+    if (enc := _lower(metadata).get(ENCODING)) not in (None, ZSTD):
         raise Undecodable(f"unknown {ENCODING} {enc!r}")
     return enc
 
 
 def logical_size(head: Mapping[str, Any]) -> int:
     """The size of the file an object holds (a HEAD or GET answer): its SIZE metadata when encoded."""
-    stored = int(head["ContentLength"])
     if encoding_of(head.get("Metadata")) is None:
-        return stored
+        return int(head["ContentLength"])
     value = _lower(head.get("Metadata")).get(SIZE, "")
     # ASCII digits only ('²' is a digit to str.isdigit, not to int), a size SQLite can hold
     if not (value.isascii() and value.isdigit()) or int(value) > MAX_SIZE:

@@ -100,11 +100,8 @@ class Line:
     def failed(self, exc: BaseException) -> None:
         """A request failed as 'unreachable' (is_unreachable). One failure is not an outage: count it, and probe
         until the line answers (then it stays up) or FAILURES_TO_DOWN failures in a row make it down."""
-        if not self.health.reachable:
-            self.health.last_error = f"{error_code(exc)}: {exc}"[:300]
-            return
         self.failures += 1
-        if self.failures >= FAILURES_TO_DOWN:
+        if not self.health.reachable or self.failures >= FAILURES_TO_DOWN:  # already down: the newest reason kept
             self.went_down(exc)
             return
         log.info("uplink_failure", error=f"{error_code(exc)}: {exc}"[:300], in_a_row=self.failures,

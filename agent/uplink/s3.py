@@ -146,6 +146,16 @@ def meta_sha(metadata: dict[str, str] | None) -> str | None:
     return {k.lower(): v for k, v in (metadata or {}).items()}.get(META_SHA)
 
 
+def plain_md5(headers: Mapping[str, str]) -> str | None:
+    """The MD5 of the object's bytes when its ETag is one (a single PutObject's, stored as sent): not an upload's
+    parts' ("<md5>-N"), nor under SSE-KMS or SSE-C, whose ETags AWS makes no MD5 of the content."""
+    etag = (headers.get("ETag") or "").strip('"').lower()
+    plain = headers.get("x-amz-server-side-encryption", "AES256") == "AES256"
+    if not plain or "x-amz-server-side-encryption-customer-algorithm" in headers:
+        return None
+    return etag if len(etag) == 32 and all(c in "0123456789abcdef" for c in etag) else None
+
+
 def read_verified(path: str, fd: int, size: int, sha256: str) -> bytes:
     """The size bytes behind fd, checked against sha256: what a single-request PUT sends. Blocking."""
     body = os.pread(fd, size, 0)
@@ -516,9 +526,11 @@ class S3Uplink:
 
     @contextlib.asynccontextmanager
     async def get(self, path: str, on_etag: Callable[[str | None, bool], None] | None = None,
-                  sha256: str | None = None) -> AsyncIterator[tuple[int, str | None, AsyncIterator[bytes]]]:
-        """→ (the file's size, its sha256 metadata, rate-limited decoded chunks); on_etag(ETag, rangeable) once it
-        answered. sha256: the content expected; other content (the key written again) is ChecksumMismatch."""
+                  sha256: str | None = None
+                  ) -> AsyncIterator[tuple[int, str | None, str | None, AsyncIterator[bytes]]]:
+        """→ (the file's size, its sha256 metadata, the MD5 its ETag is when it has no SHA-256 (another writer's
+        object), rate-limited decoded chunks); on_etag(ETag, rangeable) once it answered. sha256: the content
+        expected; other content (the key written again) is ChecksumMismatch."""
         async with self._request("GET", self.key(path), "GetObject", {}, stream=True) as resp:
             head = _object_head(resp.headers)
             if sha256 and meta_sha(head["Metadata"]) not in (None, sha256):
@@ -536,7 +548,9 @@ class S3Uplink:
                             yield out
                 decoder.finish()
 
-            yield size, meta_sha(head["Metadata"]), decoded(Decoder(size)) if encoded else self._blocks(resp)
+            unhashed = not (encoded or sha256 or meta_sha(head["Metadata"]))
+            yield (size, meta_sha(head["Metadata"]), plain_md5(resp.headers) if unhashed else None,
+                   decoded(Decoder(size)) if encoded else self._blocks(resp))
 
     async def _blocks(self, resp: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
         """The answer's body in GET_CHUNK blocks, at the line's download rate."""
@@ -547,7 +561,7 @@ class S3Uplink:
     async def decoded_sha256(self, path: str) -> tuple[int, str]:
         """(size, SHA-256) of the file a (compressed) object holds, decoded: `pacsgw fsck --remote`."""
         h, n = hashlib.sha256(), 0
-        async with self.get(path) as (_size, _sha, chunks):
+        async with self.get(path) as (_size, _sha, _md5, chunks):
             async for data in chunks:
                 await asyncio.to_thread(h.update, data)
                 n += len(data)
@@ -607,29 +621,31 @@ class S3Uplink:
 
     async def names(self, path: str) -> tuple[list[str], list[str]]:
         """(file names, directory names) in directory path: no HEAD, where only names matter."""
-        rows, dirs = await self._list_rows(path)
-        return [p.rsplit("/", 1)[-1] for p, *_ in rows], dirs
-
-    async def list_dir(self, path: str) -> RemoteListing:
-        """The directory's files with their logical sizes, and its directories; a file whose size the store did not
-        tell now is left out and named in `unsized` (the rest listed: one failing HEAD failed the whole listing,
-        and each LIST sent every HEAD again)."""
-        rows, dirs = await self._list_rows(path)
-        unsized: list[str] = []
-        return RemoteListing([RemoteObject(p.rsplit("/", 1)[-1], size, mtime, etag)
-                              for p, size, mtime, etag in await self.logical_sizes(rows, unsized)], dirs,
-                             [p.rsplit("/", 1)[-1] for p in unsized])
-
-    async def _list_rows(self, path: str) -> tuple[list[Row], list[str]]:
-        """The rows of the files directly in path (sizes as listed), and the names of its directories."""
-        prefix = self.key(path + "/" if path else "")
-        rows: list[Row] = []
+        files: list[str] = []
         dirs: list[str] = []
+        async for rows, page_dirs in self._row_pages(path):
+            files += [p.rsplit("/", 1)[-1] for p, *_ in rows]
+            dirs += page_dirs
+        return files, dirs
+
+    async def list_dir(self, path: str) -> AsyncIterator[RemoteListing]:
+        """The directory's files with their logical sizes, and its directories, a ListObjectsV2 page at a time (a
+        directory of a million objects held them all, and a HEAD's task each at once); a file whose size the store
+        did not tell now is left out and named in `unsized` (the rest listed: one failing HEAD failed the whole
+        listing, and each LIST sent every HEAD again)."""
+        async for rows, dirs in self._row_pages(path):
+            unsized: list[str] = []
+            yield RemoteListing([RemoteObject(p.rsplit("/", 1)[-1], size, mtime, etag)
+                                 for p, size, mtime, etag in await self.logical_sizes(rows, unsized)], dirs,
+                                [p.rsplit("/", 1)[-1] for p in unsized])
+
+    async def _row_pages(self, path: str) -> AsyncIterator[tuple[list[Row], list[str]]]:
+        """Per listed page: the rows of the files directly in path (sizes as listed), the names of its directories."""
+        prefix = self.key(path + "/" if path else "")
         async for page in self.pages(prefix, Delimiter="/"):
-            dirs += [name for cp in page.get("CommonPrefixes", []) if (name := cp["Prefix"][len(prefix):].rstrip("/"))]
-            rows += [self._row(obj) for obj in page.get("Contents", [])
-                     if (name := obj["Key"][len(prefix):]) and "/" not in name]
-        return rows, dirs
+            yield ([self._row(obj) for obj in page.get("Contents", [])
+                    if (name := obj["Key"][len(prefix):]) and "/" not in name],
+                   [name for cp in page.get("CommonPrefixes", []) if (name := cp["Prefix"][len(prefix):].rstrip("/"))])
 
     async def logical_sizes(self, rows: list[Row], unsized: list[str] | None = None) -> list[Row]:
         """The rows with each object's logical size: from the catalog by ETag, else a HEAD; gone ones left out.

@@ -56,6 +56,7 @@ CONFLICT_EXTRA = len(CONFLICTS) + 2 + 16  # what conflict_key adds to a path: th
 # How long after the agent gave up on a write (no answer within read_timeout, or killed) the store may still carry it
 # out: the key is checked that long. A store that holds a request longer can still leave an old object behind.
 DOUBT_SECONDS = 3600.0
+HEADERS_KEPT = 1024  # headers read at commits, kept for their uploads: a longer backlog's older files are read again
 T = TypeVar("T")
 
 
@@ -115,9 +116,12 @@ class LockPolicy(Protocol):
 
 class Uploader:
     def __init__(self, db: UploadQueue, blobs: Blobs, s3: S3Uplink, line: Line, metrics: Metrics,
-                 locks: LockPolicy, describe: Callable[[str, int, int], ObjectMeta] | None = None) -> None:
+                 locks: LockPolicy, describe: Callable[[str, int, int, Header | None], ObjectMeta] | None = None
+                 ) -> None:
         self.db, self.blobs, self.s3, self.line, self.metrics, self.locks = db, blobs, s3, line, metrics, locks
-        self.describe = describe  # (path, fd, size) → the object's metadata and tags (DICOM header)
+        # (path, fd, size, header read at the commit or None) → the object's metadata and tags (DICOM header)
+        self.describe = describe
+        self._headers: dict[str, Header] = {}  # blob → its header, read at its commit (keep_header)
         self._wake = asyncio.Event()
         self._key_locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
         self._tasks: set[asyncio.Task[bool]] = set()
@@ -148,6 +152,13 @@ class Uploader:
         self._wake.set()
 
     # --- transfers -------------------------------------------------------------------------------
+
+    def keep_header(self, blob: str, header: Header) -> None:
+        """A stored file's header, read at its commit for the prior planner too: its upload describes the object
+        from it instead of reading it again (one parse per stored file)."""
+        self._headers[blob] = header
+        if len(self._headers) > HEADERS_KEPT:
+            del self._headers[next(iter(self._headers))]
 
     def key_lock(self, key: str) -> asyncio.Lock:
         return self._key_locks.setdefault(key, asyncio.Lock())
@@ -227,8 +238,7 @@ class Uploader:
         and point them there, or their content would exist nowhere once key is overwritten."""
         if not await self.db.copies_read(key):
             return
-        head = await self.s3.head(key)
-        if head is None:
+        if (head := await self.s3.head(key)) is None:
             return  # gone already: their copies fall back to the cache, or report the loss
         version = f"{key}\0{head.get('ETag')}".encode("utf-8", "surrogatepass")
         parked = f"{PARKED}/{hashlib.sha256(version).hexdigest()}"  # one per object version of key
@@ -253,11 +263,11 @@ class Uploader:
             raise FileNotFoundError(f"{e.path}: no cached content to upload")
         if e.sha256 is None:
             raise ValueError(f"{e.path}: no checksum recorded for its cached content")
-        sha, condition = e.sha256, self._condition(e)
+        sha, condition, kept = e.sha256, self._condition(e), self._headers.pop(e.blob, None)
         if body is not None:  # the writer's copy, just written: its open and header read wait for no disk, a hop would
-            fd, meta, body = self._stage(e.path, e.blob, e.size, sha, body)
+            fd, meta, body = self._stage(e.path, e.blob, e.size, sha, body, kept)
         else:
-            fd, meta, body = await asyncio.to_thread(self._stage, e.path, e.blob, e.size, sha, body)
+            fd, meta, body = await asyncio.to_thread(self._stage, e.path, e.blob, e.size, sha, body, kept)
         try:
             try:
                 header = meta.header if meta else None
@@ -277,14 +287,14 @@ class Uploader:
         row = index_row(e.path, e.size, meta.metadata) if meta else None
         return dataclasses.replace(result, index_row=row or ())
 
-    def _stage(self, path: str, blob: str, size: int, sha256: str, body: bytes | None
+    def _stage(self, path: str, blob: str, size: int, sha256: str, body: bytes | None, header: Header | None
                ) -> tuple[int, ObjectMeta | None, bytes | None]:
-        """Open the cached copy, read its header (describe) and, for a single-request PUT without the writer's
-        body, its bytes checked against the catalog's SHA-256: blocking, all in one thread hop (each hop costs
-        the loop a wake-up)."""
+        """Open the cached copy, describe it (from its header, read now unless kept from the commit) and, for a
+        single-request PUT without the writer's body, read its bytes checked against the catalog's SHA-256:
+        blocking, all in one thread hop (each hop costs the loop a wake-up)."""
         fd = self.blobs.open_blob(blob)
         try:
-            meta = self.describe(path, fd, size) if self.describe else None
+            meta = self.describe(path, fd, size, header) if self.describe else None
             if body is None and self.s3.single_request(size):
                 body = read_verified(path, fd, size, sha256)
             return fd, meta, body
@@ -317,7 +327,7 @@ class Uploader:
         if self.describe is None or e.blob is None:
             return None
         describe = self.describe
-        meta = await asyncio.to_thread(self.blobs.read_blob, e.blob, lambda fd: describe(e.path, fd, e.size))
+        meta = await asyncio.to_thread(self.blobs.read_blob, e.blob, lambda fd: describe(e.path, fd, e.size, None))
         return meta.header if meta else None
 
     async def _copy_or_upload(self, e: Entry) -> PutResult:

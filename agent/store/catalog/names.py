@@ -15,8 +15,11 @@ from agent.store.paths import name_of, parent_of
 
 
 class Namespace(CatalogBase):
-    def children(self, path: str) -> list[Entry]:
-        return self._entries(f"SELECT {COLUMNS} FROM entries WHERE parent = ? AND path != '' ORDER BY name", (path,))
+    def children(self, path: str, after: str = "", limit: int = -1) -> list[Entry]:
+        """Directory path's entries named after `after`, in name order, at most limit (-1: all): keyset pages on the
+        (parent, name) index keep a listing's memory flat."""
+        return self._entries(f"SELECT {COLUMNS} FROM entries WHERE parent = ? AND name > ? AND path != '' "
+                             "ORDER BY name LIMIT ?", (path, after, limit))
 
     def count_files_under(self, path: str) -> int:
         return int(self.db.execute("SELECT COUNT(*) FROM entries WHERE path > ? AND path < ? AND is_dir = 0",

@@ -1,0 +1,107 @@
+"""A client-driven prior-fetch storm (attack34): each file stored with a new StudyInstanceUID, some patient's
+PatientID and a newer StudyDate made the box fetch that patient's earlier studies from the archive and hold them
+until first read. Any writer storing one file per patient, patient after patient, made the box pull archive study
+after archive study over the private line and evict the PACS's real working set. Now one writing user starts at most
+`[prefetch] priors_per_user_hour` plans an hour: the studies over it are recorded, not planned, logged once a minute
+per user and counted on /healthz. Real agent, real SeaweedFS, real FTP, real DICOM files."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+
+from faultkit import cached_paths, catalog_rows, ftp_login, ftp_put, metric
+from harness import PASSWORD
+from test_priors_live import dicom, store_study, uid
+
+CAP = 2
+PATIENTS = 5
+
+
+def archive_evicted(a, ftp, patients: int, files: int) -> dict[str, dict[str, bytes]]:
+    """One earlier CT study per patient (patient → its files), stored through ftp, uploaded, evicted (S3 only)."""
+    archive = {f"P{k}": store_study(ftp, "CT/2025-01-10", f"P{k}", "20250110", "CT", files=files)
+               for k in range(patients)}
+    a.wait_drained()
+    olds = sorted(p for files in archive.values() for p in files)
+    out = subprocess.run([sys.executable, "-m", "agent.cli", "evict", "--config", str(a.config_path), *olds],
+                         capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0, out.stderr
+    assert not cached_paths(a) & set(olds)
+    return archive
+
+
+def store_new_studies(a, user: str, patients: int) -> None:
+    """The attack: one file of a new, newer study for each patient in a row."""
+    ftp = ftp_login(a, user)
+    for k in range(patients):
+        study = uid()
+        assert ftp_put(ftp, f"CT/2026-12-05/{study}/0.dcm", dicom(f"P{k}", study, "20261205", "CT", 0)
+                       ).startswith("226")
+    ftp.quit()
+
+
+def test_a_writer_storing_new_studies_for_many_patients_fetches_at_most_the_caps_worth(agent_factory):
+    t0 = time.monotonic()
+    a = agent_factory(users=[{"name": "pacs", "password": PASSWORD, "root": "/"},
+                             {"name": "writer", "password": PASSWORD, "root": "/"}],
+                      **{"prefetch.enabled": False, "prefetch.priors": True, "prefetch.study_depth": 3,
+                         "prefetch.priors_per_user_hour": CAP}).start()
+    # The archive, stored by the PACS: its own new studies count against its cap, not the writer's (its last 3 are
+    # over it; they have no priors anyway).
+    pacs = ftp_login(a)
+    archive = archive_evicted(a, pacs, PATIENTS, files=2)
+    pacs.quit()
+    olds = {p for files in archive.values() for p in files}
+    store_new_studies(a, "writer", PATIENTS)
+    deadline = time.monotonic() + 20
+    while catalog_rows(a, "SELECT COUNT(*) FROM studies") != [(2 * PATIENTS,)] or \
+            metric(a, "pacsgw_prefetched_files_total") < 2 * CAP:
+        assert time.monotonic() < deadline, (catalog_rows(a, "SELECT dir FROM studies"), a.events("prior_prefetch"))
+        time.sleep(0.1)
+    time.sleep(1.0)     # plans past the cap would have been started by now (they ran at once, concurrently)
+
+    # every study is recorded; only the writer's first CAP were planned, so only those patients' priors came back
+    assert metric(a, "pacsgw_prefetched_files_total") == 2 * CAP, a.events("prefetched")
+    planned = [e for e in a.events("prior_prefetch") if e["priors"]]
+    assert len(planned) == CAP, planned
+    back = {p for p, files in archive.items() if set(files) <= cached_paths(a)}
+    assert len(back) == CAP and not cached_paths(a) & set(olds) - {f for p in back for f in archive[p]}
+    # told once a minute per user (not once per study), and counted where the admin looks
+    capped = a.events("prior_plans_capped")
+    assert sorted((e["user"], e["suppressed"]) for e in capped) == [("pacs", 0), ("writer", 0)], capped
+    assert a.health()["prefetch"]["priors_over_cap"] == 2 * (PATIENTS - CAP)
+    assert time.monotonic() - t0 < 60
+
+
+def test_a_burst_of_new_studies_is_planned_one_at_a_time(agent_factory):
+    """Under the cap, a burst of new studies (a modality's backlog after an outage) waits its turn: one plan fetches
+    at a time over a slow line (bwlimit), not one per study. Planned while another plan's prior was still coming, a
+    plan settled that prior as evicted unread (none of its files cached yet): the planner learnt that priors are not
+    opened and fetched none for the rest of the burst."""
+    t0 = time.monotonic()
+    patients, files = 10, 3
+    a = agent_factory(**{"prefetch.enabled": False, "prefetch.priors": True, "prefetch.study_depth": 3,
+                         "uplink.bwlimit": "100KB"}).start()
+    ftp = ftp_login(a)
+    archive_evicted(a, ftp, patients, files)
+    ftp.quit()
+    store_new_studies(a, "pacs", patients)
+    deadline = time.monotonic() + 30
+    while metric(a, "pacsgw_prefetched_files_total") < patients * files:
+        assert time.monotonic() < deadline, [(e["priors"], e["rank_heat"]) for e in a.events("prior_prefetch")]
+        time.sleep(0.2)
+    # in the log's order: a plan fetches from its prior_prefetch event (planned) to its prior's last file
+    events = [json.loads(line) for line in a.log_path.read_text().splitlines() if line.startswith("{")]
+    last = {e["path"].split("/")[2]: i for i, e in enumerate(events) if e.get("event") == "prefetched"}
+    fetching: set[str] = set()
+    most = 0
+    for i, e in enumerate(events):
+        if e.get("event") == "prior_prefetch" and e["priors"]:
+            fetching = {p for p in fetching if last[p] > i} | set(e["priors"])
+            most = max(most, len(fetching))
+    assert most == 1, most
+    assert not catalog_rows(a, "SELECT dir FROM prior_fetches WHERE used = 0")   # none settled as unread
+    assert time.monotonic() - t0 < 60
