@@ -10,9 +10,8 @@ from test_attack30 import _Portal
 from test_catalog import cat, write  # noqa: F401  (cat: the fixture)
 from test_ftp import ftp
 
-from faultkit import wait_for
-
 from agent.store.catalog import Catalog
+from faultkit import wait_for
 
 
 def _indexed(cat: Catalog, path: str, uid: str) -> None:  # noqa: F811

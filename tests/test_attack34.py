@@ -12,9 +12,10 @@ import subprocess
 import sys
 import time
 
+from test_priors_live import dicom, store_study, uid
+
 from faultkit import cached_paths, catalog_rows, ftp_login, ftp_put, metric
 from harness import PASSWORD
-from test_priors_live import dicom, store_study, uid
 
 CAP = 2
 PATIENTS = 5
