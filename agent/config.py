@@ -629,11 +629,6 @@ def _check_cross(cfg: Config) -> None:
 MIN_PASSWORD = 8
 
 
-def _clash(a: tuple[str, int], b: tuple[str, int]) -> bool:
-    wildcard = ("0.0.0.0", "::")
-    return a[1] == b[1] and (a[0] == b[0] or a[0] in wildcard or b[0] in wildcard)
-
-
 def _check_metrics_listener(cfg: Config) -> None:
     """http.metrics_*: TLS files that load together, a user with a password hash, an [http] that runs."""
     import ssl
@@ -676,8 +671,10 @@ def _check_ports(cfg: Config) -> None:
                  if getattr(cfg, name).enabled]
     if cfg.http.enabled and cfg.http.metrics_listen:
         listeners.append(("http.metrics_listen", cfg.http.metrics_listen))
+    wildcard = ("0.0.0.0", "::")
     for (other, addr), (key, listen) in itertools.combinations(listeners, 2):
-        _need(not _clash(listen, addr), file, key, _fmt_listen(listen), f"an address not already used by {other}")
+        clash = listen[1] == addr[1] and (listen[0] == addr[0] or listen[0] in wildcard or addr[0] in wildcard)
+        _need(not clash, file, key, _fmt_listen(listen), f"an address not already used by {other}")
     if cfg.ftp.enabled:
         low, high = cfg.ftp.passive_ports
         for other, (_, port) in listeners:
