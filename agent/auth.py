@@ -70,9 +70,7 @@ def unmapped(address: str) -> str:
         ip = ipaddress.ip_address(address.split("%")[0])
     except ValueError:
         return address
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    return str(ip)
+    return str(ip.ipv4_mapped if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None else ip)
 
 
 def address_group(address: str) -> str:
