@@ -20,8 +20,7 @@ def _not_a_client_hangup(record: logging.LogRecord) -> bool:
 
 
 def _escape_values(_logger: Any, _name: str, event: dict[str, Any]) -> dict[str, Any]:
-    """The console renderer prints strings raw (JSON escapes them): escape what a client may have sent (a
-    traceback keeps its lines)."""
+    """ConsoleRenderer prints strings raw (JSON escapes them): escape a client's text; tracebacks keep their lines."""
     return {k: shown(v) if isinstance(v, str) and k != "exception" else v for k, v in event.items()}
 
 
