@@ -43,8 +43,7 @@ def verify_password(password: str, *, plain: str = "", encoded: str = "") -> boo
     """Constant-time check against either a plain config password or a scrypt hash."""
     if encoded:
         n, r, p, salt, digest = parse_hash(encoded)
-        candidate = hashlib.scrypt(password.encode(), salt=salt, n=n, r=r, p=p, dklen=len(digest),
-                                   maxmem=256 * 1024 * 1024)
+        candidate = hashlib.scrypt(password.encode(), salt=salt, n=n, r=r, p=p, dklen=len(digest), maxmem=256 << 20)
         return hmac.compare_digest(candidate, digest)
     return bool(plain) and hmac.compare_digest(password.encode(), plain.encode())
 
