@@ -123,12 +123,9 @@ def _listen(value: Any) -> tuple[str, int]:
 def _port_range(value: Any) -> tuple[int, int]:
     """'30000-30100'."""
     m = re.fullmatch(r"\s*(\d+)\s*-\s*(\d+)\s*", value) if isinstance(value, str) else None
-    if not m:
+    if not m or not 1024 <= int(m.group(1)) <= int(m.group(2)) < 65536:
         raise ValueError
-    lo, hi = int(m.group(1)), int(m.group(2))
-    if not 1024 <= lo <= hi < 65536:
-        raise ValueError
-    return lo, hi
+    return int(m.group(1)), int(m.group(2))
 
 
 _url = _valid(lambda v: isinstance(v, str) and re.fullmatch(r"https?://[^\s/]+(/.*)?", v), lambda v: v.rstrip("/"))
