@@ -215,12 +215,11 @@ class HaMonitor:
 
     async def _watch_peer(self) -> None:
         """The peer's view for /status, /healthz, the log and pacsgw_ha_peer_up: informational only (docs/ha.md)."""
-        url = self.cfg.peer.rstrip("/") + "/healthz"
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=PEER_POLL)) as session:
             while True:
                 peer: dict[str, Any] = {"url": self.cfg.peer, "checked": time.time()}
                 try:
-                    async with session.get(url) as r:
+                    async with session.get(self.cfg.peer.rstrip("/") + "/healthz") as r:
                         body = await r.content.read(PEER_MAX_BYTES + 1)
                     peer |= {"reachable": True, **peer_view(body)}
                 except Exception as e:  # a dead peer is what this watches for
