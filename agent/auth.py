@@ -43,8 +43,7 @@ def verify_password(password: str, *, plain: str = "", encoded: str = "") -> boo
     """Constant-time check against either a plain config password or a scrypt hash."""
     if encoded:
         n, r, p, salt, digest = parse_hash(encoded)
-        candidate = hashlib.scrypt(password.encode(), salt=salt, n=n, r=r, p=p, dklen=len(digest),
-                                   maxmem=256 * 1024 * 1024)
+        candidate = hashlib.scrypt(password.encode(), salt=salt, n=n, r=r, p=p, dklen=len(digest), maxmem=256 << 20)
         return hmac.compare_digest(candidate, digest)
     return bool(plain) and hmac.compare_digest(password.encode(), plain.encode())
 
@@ -70,9 +69,7 @@ def unmapped(address: str) -> str:
         ip = ipaddress.ip_address(address.split("%")[0])
     except ValueError:
         return address
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    return str(ip)
+    return str(ip.ipv4_mapped if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None else ip)
 
 
 def address_group(address: str) -> str:

@@ -78,9 +78,8 @@ class Unreachable(Exception):
 def _admin(url: str, token: str, body: dict | None = None, method: str = "GET", timeout: float = 120
            ) -> tuple[int, dict]:
     """One request to the running agent → (HTTP status, JSON answer); raises Unreachable."""
-    data = json.dumps(body).encode() if body is not None else None
-    req = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json",
-                                                                          "Authorization": f"Bearer {token}"})
+    req = urllib.request.Request(url, data=json.dumps(body).encode() if body is not None else None, method=method,
+                                 headers={"Content-Type": "application/json", "Authorization": f"Bearer {token}"})
     try:
         with urllib.request.urlopen(req, timeout=timeout) as r:
             return r.status, json.load(r)

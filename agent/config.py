@@ -31,12 +31,8 @@ class ConfigError(ValueError):
         super().__init__(f"{file}: {key} = {value!r} is invalid: {allowed}")
 
 
-_SIZE_UNITS = {
-    "": 1, "b": 1,
-    "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3, "gb": 1000**3,
-    "t": 1000**4, "tb": 1000**4,
-    "kib": 1024, "mib": 1024**2, "gib": 1024**3, "tib": 1024**4,
-}
+_SIZE_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3, "gb": 1000**3,
+               "t": 1000**4, "tb": 1000**4, "kib": 1024, "mib": 1024**2, "gib": 1024**3, "tib": 1024**4}
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
 
 
@@ -127,12 +123,9 @@ def _listen(value: Any) -> tuple[str, int]:
 def _port_range(value: Any) -> tuple[int, int]:
     """'30000-30100'."""
     m = re.fullmatch(r"\s*(\d+)\s*-\s*(\d+)\s*", value) if isinstance(value, str) else None
-    if not m:
+    if not m or not 1024 <= int(m.group(1)) <= int(m.group(2)) < 65536:
         raise ValueError
-    lo, hi = int(m.group(1)), int(m.group(2))
-    if not 1024 <= lo <= hi < 65536:
-        raise ValueError
-    return lo, hi
+    return int(m.group(1)), int(m.group(2))
 
 
 _url = _valid(lambda v: isinstance(v, str) and re.fullmatch(r"https?://[^\s/]+(/.*)?", v), lambda v: v.rstrip("/"))
@@ -629,11 +622,6 @@ def _check_cross(cfg: Config) -> None:
 MIN_PASSWORD = 8
 
 
-def _clash(a: tuple[str, int], b: tuple[str, int]) -> bool:
-    wildcard = ("0.0.0.0", "::")
-    return a[1] == b[1] and (a[0] == b[0] or a[0] in wildcard or b[0] in wildcard)
-
-
 def _check_metrics_listener(cfg: Config) -> None:
     """http.metrics_*: TLS files that load together, a user with a password hash, an [http] that runs."""
     import ssl
@@ -676,8 +664,10 @@ def _check_ports(cfg: Config) -> None:
                  if getattr(cfg, name).enabled]
     if cfg.http.enabled and cfg.http.metrics_listen:
         listeners.append(("http.metrics_listen", cfg.http.metrics_listen))
+    wildcard = ("0.0.0.0", "::")
     for (other, addr), (key, listen) in itertools.combinations(listeners, 2):
-        _need(not _clash(listen, addr), file, key, _fmt_listen(listen), f"an address not already used by {other}")
+        clash = listen[1] == addr[1] and (listen[0] == addr[0] or listen[0] in wildcard or addr[0] in wildcard)
+        _need(not clash, file, key, _fmt_listen(listen), f"an address not already used by {other}")
     if cfg.ftp.enabled:
         low, high = cfg.ftp.passive_ports
         for other, (_, port) in listeners:

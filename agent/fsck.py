@@ -65,19 +65,16 @@ class Fsck:
                     last = ""
                     while page := await self.db.files_after(last, PAGE):
                         for e in page:
-                            await self._check(e)
+                            self.report.files += 1
+                            good_copy = e.blob is not None and await self._verify_cached(e)
+                            if self.remote and e.state == "clean":
+                                await self._verify_remote(e, good_copy)
                             bar.update(1)
                         last = page[-1].path
                 await self._orphans()
         finally:
             await asyncio.to_thread(self.db.shutdown)
         return self.report
-
-    async def _check(self, e: Entry) -> None:
-        self.report.files += 1
-        good_copy = e.blob is not None and await self._verify_cached(e)
-        if self.remote and e.state == "clean":
-            await self._verify_remote(e, good_copy)
 
     async def _verify_cached(self, e: Entry) -> bool:
         fd, problem = await asyncio.to_thread(self.cache.open_verified, e.blob, e.sha256)

@@ -121,8 +121,6 @@ class HaMonitor:
         if self.cfg.peer:
             self.loops.start("ha-peer", self._watch_peer)
 
-    # --- the role -------------------------------------------------------------------------------
-
     async def _read_role(self) -> None:
         self._apply(await asyncio.to_thread(read_role_file, Path(self.cfg.role_file), self._boot))
 
@@ -151,8 +149,6 @@ class HaMonitor:
         """/healthz's `ha`: the role, and whether this box may hold the address (agent/hahook.py)."""
         reason = ineligible(self.state.role, queue_files, draining)
         return dataclasses.asdict(self.state) | {"eligible": not reason, "reason": reason}
-
-    # --- following the bucket (standby) ---------------------------------------------------------
 
     async def _follow_loop(self) -> None:
         """Standby: follow the bucket, then prefetch the active box's hot set. Active: publish the hot set."""
@@ -217,16 +213,13 @@ class HaMonitor:
             if added or changed or gone:
                 log.info("ha_followed", **self.state.followed)
 
-    # --- the peer -------------------------------------------------------------------------------
-
     async def _watch_peer(self) -> None:
         """The peer's view for /status, /healthz, the log and pacsgw_ha_peer_up: informational only (docs/ha.md)."""
-        url = self.cfg.peer.rstrip("/") + "/healthz"
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=PEER_POLL)) as session:
             while True:
                 peer: dict[str, Any] = {"url": self.cfg.peer, "checked": time.time()}
                 try:
-                    async with session.get(url) as r:
+                    async with session.get(self.cfg.peer.rstrip("/") + "/healthz") as r:
                         body = await r.content.read(PEER_MAX_BYTES + 1)
                     peer |= {"reachable": True, **peer_view(body)}
                 except Exception as e:  # a dead peer is what this watches for

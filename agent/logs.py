@@ -20,8 +20,7 @@ def _not_a_client_hangup(record: logging.LogRecord) -> bool:
 
 
 def _escape_values(_logger: Any, _name: str, event: dict[str, Any]) -> dict[str, Any]:
-    """The console renderer prints strings raw (JSON escapes them): escape what a client may have sent (a
-    traceback keeps its lines)."""
+    """ConsoleRenderer prints strings raw (JSON escapes them): escape a client's text; tracebacks keep their lines."""
     return {k: shown(v) if isinstance(v, str) and k != "exception" else v for k, v in event.items()}
 
 
@@ -34,7 +33,6 @@ class _EscapingFormatter(logging.Formatter):
 
 def configure(level: str = "info", fmt: str = "json") -> None:
     threshold = logging.getLevelNamesMapping()[level.upper()]
-    renderer = structlog.processors.JSONRenderer() if fmt == "json" else structlog.dev.ConsoleRenderer(colors=False)
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
@@ -42,7 +40,7 @@ def configure(level: str = "info", fmt: str = "json") -> None:
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             *([structlog.processors.dict_tracebacks] if fmt == "json"
               else [structlog.processors.format_exc_info, _escape_values]),
-            renderer,
+            structlog.processors.JSONRenderer() if fmt == "json" else structlog.dev.ConsoleRenderer(colors=False),
         ],
         wrapper_class=structlog.make_filtering_bound_logger(threshold),
         # one write per line (the event and its newline together): the owner and its workers share the log

@@ -10,7 +10,7 @@ import io
 import json
 import os
 import time
-from typing import Any, Callable
+from typing import Any
 
 from agent.config import Config, UserConfig
 
@@ -77,9 +77,7 @@ def check_smb(cfg: Config, user: UserConfig, name: str, data: bytes) -> None:
         smbclient.reset_connection_cache(fail_on_error=False, connection_cache=kw["connection_cache"])
 
 
-CHECKS: dict[str, Callable[[Config, UserConfig, str, bytes], None]] = {
-    "ftp": check_ftp, "sftp": check_sftp, "smb": check_smb,
-}
+CHECKS = {"ftp": check_ftp, "sftp": check_sftp, "smb": check_smb}
 
 
 def run_selfcheck(cfg: Config) -> dict[str, Any]:

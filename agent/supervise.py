@@ -39,8 +39,7 @@ class Loops:
         self.state: dict[str, LoopState] = {}
 
     def start(self, name: str, loop: Callable[[], Awaitable[None]]) -> asyncio.Task[None]:
-        """Run loop() as a task named name; a loop that returns is done (e.g. a one-shot run), one that raises
-        is called again."""
+        """loop() as a task named name: one that returns is done (a one-shot run), one that raises is called again."""
         task = asyncio.create_task(self._keep(name, loop), name=name)
         self.tasks = [t for t in self.tasks if not t.done()] + [task]  # one-shot runs (a takeover's unlist) end
         return task

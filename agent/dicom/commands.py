@@ -120,8 +120,7 @@ def cmd_retention_apply(args: argparse.Namespace) -> int:
         for c in p.changes:
             before = f"{c.until_before:%Y-%m-%d}" if c.until_before else "none"
             after = f"{c.until:%Y-%m-%d}" if c.until else before
-            hold = " + legal hold" if c.legal_hold else ""
-            print(shown(f"{verb}: {c.path}: {before} -> {after}{hold} ({c.reason})"))
+            print(shown(f"{verb}: {c.path}: {before} -> {after}{' + legal hold' if c.legal_hold else ''} ({c.reason})"))
         for f in failed:
             print(shown(f"failed: {f}"), file=sys.stderr)
         print(f"{p.objects} objects read, {len(p.changes)} {verb}, {len(failed)} failed")

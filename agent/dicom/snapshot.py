@@ -168,9 +168,7 @@ async def read(cfg: Config, s3: S3Uplink) -> AsyncGenerator[Row, None]:
     except (NoPlace, ValueError, ClientError) as e:
         log.warning("index_snapshot_unusable", error=str(e)[:300])
         return
-    if manifest is None:
-        return
-    keys = list(manifest.get("segments", []))
+    keys = list((manifest or {}).get("segments", []))  # None: no snapshot yet
     nxt = asyncio.create_task(s3.get_raw(keys[0], GET_MAX)) if keys else None
     try:
         for i, key in enumerate(keys):

@@ -115,8 +115,7 @@ class Evictor:
         return {**self.stack.status(), "recent_hit_ratio": self.recent_hit_ratio()}
 
     def excess(self, cached: int) -> int:
-        """Bytes to free to reach the low watermark, or 0 while under the high watermark (and the disk's
-        free-space reserve holds)."""
+        """Bytes to free down to the low watermark; 0 under the high one while the disk's free-space reserve holds."""
         c = self.cfg
         disk = self.cache.disk_usage()
         limit = min(c.max_bytes, disk.total)

@@ -34,8 +34,7 @@ def name_problem(name: str) -> str | None:
 
 
 def creatable_problem(name: str) -> str | None:
-    """Why a new name could not be used by Windows (SMB) clients or would display as another, though it may be looked
-    up; None: it could."""
+    """Why Windows (SMB) clients could not use a new name, or it would display as another; None: it could."""
     # One name shown is one file: "x\u202egpj.dcm" lists as "xmcd.jpg" (Trojan Source), "a\u200bb" as "ab", and a
     # decomposed "e\u0301" as "\xe9" (Windows and macOS send composed names). Names already stored stay usable.
     if not name.isascii() and any(unicodedata.category(c) == "Cf" for c in name):
@@ -90,8 +89,7 @@ def resolve(root: str, cwd: str, client_path: str) -> str:
             continue
         check_name(part, client_path)
         parts.append(part)
-    root_parts = [p for p in root.split("/") if p]
-    ns = "/".join(root_parts + parts)
+    ns = "/".join([p for p in root.split("/") if p] + parts)
     if len(ns.encode("utf-8")) > MAX_PATH_BYTES:
         raise BadPath(client_path, f"path longer than {MAX_PATH_BYTES} bytes")
     return ns

@@ -290,11 +290,7 @@ class S3Uplink:
         self._stack = contextlib.AsyncExitStack()
         self._client: Any = None  # aiobotocore's S3 client: generated at run time, untyped
         self._http: aiohttp.ClientSession | None = None  # our own requests (see _request)
-        self._base_url = f"{cfg.endpoint_url.rstrip('/')}/{cfg.bucket}"
-        self._proxy = Proxy(None, {}, {})
-        self._signer: Any = None
-        self._models: dict[str, Any] = {}
-        self._parser: Any = None
+        self._base_url = f"{cfg.endpoint_url.rstrip('/')}/{cfg.bucket}"  # the rest of _request's parts: start()
         # Logical sizes for listings: the daemon points this at the catalog (else a HEAD per listed object)
         self.known_sizes: KnownSizes | None = None
         # Their HEADs, max_concurrency at a time for all listings together: a client listing many directories at
@@ -359,8 +355,6 @@ class S3Uplink:
                 return False
             raise
         return bool(resp.get("ObjectLockConfiguration", {}).get("ObjectLockEnabled") == "Enabled")
-
-    # --- writes --------------------------------------------------------------------------------
 
     async def put_file(self, path: str, fd: int, size: int, sha256: str, lock: Lock | None = None,
                        meta: ObjectMeta | None = None, condition: dict[str, str] | None = None,
@@ -521,8 +515,6 @@ class S3Uplink:
         """→ whether the client sent it twice (it retries): an unanswered attempt may land after a new object."""
         resp = await self._client.delete_object(Bucket=self.cfg.bucket, Key=self.key(path))
         return int(resp.get("ResponseMetadata", {}).get("RetryAttempts", 0)) > 0
-
-    # --- reads ---------------------------------------------------------------------------------
 
     @contextlib.asynccontextmanager
     async def get(self, path: str, on_etag: Callable[[str | None, bool], None] | None = None,
