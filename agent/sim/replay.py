@@ -223,6 +223,10 @@ class Replayer:
         self.pf_times: list[float] = []
         self.pf_sizes: list[int] = []
         self.pf_used = 0
+        # bytes prefetched after the warm-up, and of them read: the hit ratios count no warm-up, and a planner's cold
+        # start (its first fetches, before any outcome) falls in it on these traces (docs/replay.md, round 29)
+        self.pf_after = self.pf_used_after = 0
+        self.fetched_after: set[int] = set()     # prefetched after the warm-up, not read yet
         self.predictor = predictor
         self.pf_cell: dict[int, int] = {}    # prefetched study → its planner cell, until opened or evicted
         # the studies the catalog knows at the current request: the archive's (never written during the
@@ -274,7 +278,11 @@ class Replayer:
     def _fetch_plan(self, objs: list[int], t: float) -> None:
         """Fetch objects in order at the prefetch rate behind whatever is queued."""
         start = max(t, self.queue_free)
+        after = t >= self.cfg.warmup_days * DAY
         for o in objs:
+            if after:
+                self.pf_after += self.size.item(o)
+                self.fetched_after.add(o)
             start += float(self.size[o]) / self.cfg.prefetch_bps
             self._insert(o, t, prefetch=True)
             self.ready[o] = start
@@ -416,6 +424,9 @@ class Replayer:
                 if prefetched[o]:
                     prefetched[o] = 0
                     pf_used += int(size_l[o])
+                    if o in self.fetched_after:
+                        self.fetched_after.discard(o)
+                        self.pf_used_after += int(size_l[o])
                     self._prefetch_feedback(o, True)
                 if r is None or r <= t:
                     hit[i] = 1
