@@ -12,6 +12,7 @@ import asyncssh
 import pytest
 from smbprotocol import open as smb_open
 from smbprotocol.connection import Connection
+from smbprotocol.exceptions import SharingViolation
 from smbprotocol.session import Session
 from smbprotocol.tree import TreeConnect
 from smbutil import Smb, create_for_write
@@ -38,18 +39,21 @@ def _shared_write(tree, name: str) -> smb_open.Open:
 def test_a_writer_cut_short_does_not_hide_another_clients_upload_of_the_name(smb_agent):
     """Two clients write one new name; the first one's connection is cut. Its close (smbd's, for a client gone)
     discarded its upload and dropped the name's 'being written' entry whoever held it: the second client's
-    upload, still open, vanished from every listing and stat until its close. Only the cut writer's own entry
-    goes now, as on every other way a writer ends."""
+    upload, still open, vanished from every listing and stat until its close. A name being written now takes no
+    second writer (test_attack35): the second client is refused while the first writes, and writes the name once
+    the cut writer's upload is discarded."""
     agent = smb_agent().start(timeout=180)
     smb = Smb(agent)
     cut_conn, cut_tree = logged_in_tree(agent, smb)
     first = _shared_write(cut_tree, "two.dcm")
     first.write(b"a" * 4096, 0)
     conn, tree = logged_in_tree(agent, smb)  # another client: another smbd process
-    second = _shared_write(tree, "two.dcm")
-    second.write(b"b" * 10, 0)  # the newest writer: what the name shows
+    with pytest.raises(SharingViolation):
+        _shared_write(tree, "two.dcm")
     cut_conn.transport.close()  # no CLOSE: smbd closes `first` for its client, which is gone
     wait_for(lambda: agent.events("upload_aborted"), 20)
+    second = _shared_write(tree, "two.dcm")
+    second.write(b"b" * 10, 0)
     assert smb.listdir("") == ["two.dcm"] and smb.stat("two.dcm").st_size == 10
     second.close()
     assert smb.read("two.dcm") == b"b" * 10

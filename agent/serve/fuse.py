@@ -71,6 +71,16 @@ class SmbPeers:
         except psutil.Error:
             return ""
 
+    @staticmethod
+    def acting_as(pid: int) -> int | None:
+        """The uid smbd process pid acts as now (its file-system uid; None if it is gone). smbd does a client's CLOSE
+        as the user's account, and the closes of what a LOGOFF or TREE_DISCONNECT left open as root."""
+        try:
+            with open(f"/proc/{pid}/status") as f:
+                return int(next(line for line in f if line.startswith("Uid:")).split()[4])
+        except (OSError, StopIteration, ValueError):
+            return None
+
     def connected(self, pid: int) -> bool:
         """Whether smbd process pid still has its client: one whose connection was cut closes what was left open."""
         try:
@@ -443,15 +453,22 @@ class GatewayFS(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.ENOENT)
         if op.failed or self.closing:
             raise pyfuse3.FUSEError(errno.EIO)
+        self._one_writer(op.path, op.who)
         writer = op.writer = await self._call(self.gw.open_for_write(op.path, PROTOCOL, op.who,
                                                                       keep=0 if op.truncate else keep))
         op.truncate = False
         op.committed = False
-        prev = self._writing.get(op.path)
-        if prev is not None and prev is not op and prev.writer is not None and not prev.committed:
-            log.warning("smb_concurrent_writers", path=op.path)
         self._writing[op.path] = op
         return writer
+
+    def _one_writer(self, path: str, who: Who) -> None:
+        """Refuse a second writer of a file an open is writing (ETXTBSY: smbd answers STATUS_SHARING_VIOLATION, as for
+        an open that shares no writes). Opens that share writes each wrote a version of their own, and the last one
+        closed replaced the others: a client's acknowledged 1 MiB upload became another handle's 10 bytes."""
+        if (held := self._writing.get(path)) is not None and held.writer is not None and not held.committed:
+            log.warning("smb_refused", user=who.user, path=path, reason="being written through another open")
+            self.gw.count_error(PROTOCOL, "SharingViolation")
+            raise pyfuse3.FUSEError(errno.ETXTBSY)
 
     async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
                      ctx: pyfuse3.RequestContext) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
@@ -462,6 +479,7 @@ class GatewayFS(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EEXIST)
         self._admit(ctx, path, "files", self._files_of[ctx.uid], MAX_OPEN_FILES)
         op = _Open(0, path, writable=True, who=self._who(ctx), pid=ctx.pid)
+        self._one_writer(path, op.who)
         op.writer = await self._call(self.gw.open_for_write(path, PROTOCOL, op.who, keep=0,
                                                             exclusive=bool(flags & os.O_EXCL)))
         self._writing[path] = op
@@ -478,6 +496,8 @@ class GatewayFS(pyfuse3.Operations):
         if writable and (self.closing or self.draining):
             raise pyfuse3.FUSEError(errno.EROFS)
         op = _Open(inode, path, writable=writable, who=self._who(ctx), pid=ctx.pid, truncate=bool(flags & os.O_TRUNC))
+        if writable:
+            self._one_writer(path, op.who)
         if op.truncate and writable:
             await self._ensure_writer(op)
         return pyfuse3.FileInfo(fh=self._new_fh(op, ctx.uid), keep_cache=False)
@@ -510,11 +530,15 @@ class GatewayFS(pyfuse3.Operations):
         return len(buf)
 
     def _cut_short(self, op: _Open) -> str:
-        """Why op's close is not its client's ('' if it is): smbd stopped, or the connection was cut short."""
+        """Why op's close is not its client's ('' if it is): smbd stopped, the connection was cut short, or the
+        client ended its session or tree connect with the file open (LOGOFF, TREE_DISCONNECT: MS-SMB2 has the server
+        close it, and a half-written upload was stored as a complete file)."""
         if self.closing:
             return "smbd stopped"
         if op.who.peer and not self.peers.connected(op.pid):
             return "the client's connection ended"
+        if op.who.peer and self.peers.acting_as(op.pid) != op.uid:  # smbd closes it itself, in the request's thread
+            return "the client's session ended"
         return ""
 
     async def flush(self, fh: int) -> None:

@@ -15,7 +15,7 @@ import socket
 import weakref
 from collections import Counter
 from pathlib import Path
-from typing import Any, AsyncIterator, Awaitable, Callable, NoReturn, TypeVar
+from typing import Any, AsyncIterator, Awaitable, Callable, NoReturn, TypeVar, cast
 
 import asyncssh
 import structlog
@@ -303,7 +303,8 @@ class _Auth(asyncssh.SSHServer):
     def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
         self.conn, self.address = conn, unmapped(conn.get_extra_info("peername")[0])
         _no_ignores(conn)
-        conn.pause_writing, conn.resume_writing = self.writable.clear, self.writable.set  # type: ignore[method-assign]
+        self.transport = cast(asyncio.Transport, conn._transport)  # asyncssh exposes no other way to stop reading it
+        conn.pause_writing, conn.resume_writing = self._pause, self._resume  # type: ignore[method-assign]
         self.startup = Startup("sftp", self.cfg.max_unauthenticated, self.guard, self.gateway, self.address,
                                _peer(conn))
         self.startup.task.add_done_callback(self._admitted)
@@ -311,6 +312,18 @@ class _Auth(asyncssh.SSHServer):
         cap = self.cfg.max_sessions_per_address
         self.admitted.append(asyncio.ensure_future(self._take_slot("sftp address", self.address, cap,
                                                                    f"from {self.address}", "from your address")))
+
+    def _pause(self) -> None:
+        """The connection's unsent bytes are over asyncio's high-water mark: nothing more is read from the client
+        until they leave. Every request outside SFTP is answered by asyncssh at once (a global request such as
+        keepalive@openssh.com, a refused channel open or channel request): a client sending them without reading
+        the answers had each queued in the agent (400 000 keepalives grew it by 9 MB, and on without end)."""
+        self.writable.clear()
+        self.transport.pause_reading()
+
+    def _resume(self) -> None:
+        self.writable.set()
+        self.transport.resume_reading()
 
     def _admitted(self, task: asyncio.Task[int | None]) -> None:
         """Over sftp.max_unauthenticated: closed at once, as OpenSSH's MaxStartups does (no reason is sent: that
