@@ -148,9 +148,10 @@ class Fsck:
         for blob in self.cache.iter_blobs():
             if await self.db.blob_referenced(blob):
                 continue
-            try:
-                if os.stat(self.cache.blob_file(blob)).st_mtime > cutoff:
-                    continue  # perhaps being committed right now
+            try:  # a spare (linked in spare/ too), or perhaps being committed right now (its spare/ link's
+                st = os.stat(self.cache.blob_file(blob))  # removal, a write or a stamp sets ctime)
+                if st.st_nlink > 1 or st.st_ctime > cutoff:
+                    continue
             except FileNotFoundError:
                 continue
             self.report.orphans += 1
