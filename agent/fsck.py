@@ -148,8 +148,10 @@ class Fsck:
         for blob in self.cache.iter_blobs():
             if await self.db.blob_referenced(blob):
                 continue
-            try:  # a spare (linked in spare/ too), or perhaps being committed right now (its spare/ link's
-                st = os.stat(self.cache.blob_file(blob))  # removal, a write or a stamp sets ctime)
+            try:
+                st = os.stat(self.cache.blob_file(blob))
+                # A spare (linked in spare/ too), or perhaps being committed right now: a write, its stamp or its spare/
+                # link's removal sets ctime (an empty file's mtime is its spare's making, maybe hours ago)
                 if st.st_nlink > 1 or st.st_ctime > cutoff:
                     continue
             except FileNotFoundError:
