@@ -146,8 +146,11 @@ class Fsck:
             if await self.db.blob_referenced(blob):
                 continue
             try:
-                if os.stat(self.cache.blob_file(blob)).st_mtime > cutoff:
-                    continue  # perhaps being committed right now
+                st = os.stat(self.cache.blob_file(blob))
+                # A spare (linked in spare/ too), or perhaps being committed right now: a write, its stamp or its spare/
+                # link's removal sets ctime (an empty file's mtime is its spare's making, maybe hours ago)
+                if st.st_nlink > 1 or st.st_ctime > cutoff:
+                    continue
             except FileNotFoundError:
                 continue
             self.report.orphans += 1

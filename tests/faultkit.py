@@ -314,8 +314,9 @@ class Ingest:
 
 
 def orphan_blobs(agent) -> set[str]:
-    """Content files in the cache that no catalog row references (leaked space)."""
+    """Content files in the cache that no catalog row references (leaked space); the spares made ahead are not."""
     data = agent.workdir / "cache" / "data"
     on_disk = {f.name for sub in data.iterdir() if sub.is_dir() for f in sub.iterdir()}
+    on_disk -= set(os.listdir(agent.workdir / "cache" / "spare"))
     referenced = {r[0] for r in catalog_rows(agent, "SELECT blob FROM entries WHERE blob IS NOT NULL")}
     return on_disk - referenced

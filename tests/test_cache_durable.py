@@ -10,7 +10,7 @@ from agent.store.cache import Cache
 
 
 def test_a_commit_into_a_new_data_directory_fsyncs_that_directorys_entry(tmp_path, monkeypatch):
-    cache = Cache(tmp_path)
+    cache = Cache(tmp_path, clear_staging=False)  # no spares (a serving worker's): staged, renamed at the commit
     synced: list[str] = []
     fsync = os.fsync
 

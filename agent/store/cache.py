@@ -2,8 +2,13 @@
 
 Content is stored by blob name (a random id), not by path: a rename is a catalog change only, and an
 upload reading the old content of a file being overwritten keeps reading consistent bytes.
-Layout: DIR/staging/<id> while being written, DIR/data/<id[:2]>/<id> once committed, DIR/spare/<id> empty
-files made ahead (by the process that owns staging) and renamed into staging/ when a write or a fetch begins.
+Layout: DIR/data/<id[:2]>/<id> once committed. A write or a fetch begins in a spare: an empty file made ahead (by
+the process that owns staging) in data/<id[:2]>/ with its directory fsynced, and linked as DIR/spare/<id> until
+it is committed in place — no rename and no directory fsync when a file is acknowledged (docs/benchmarks.md §38).
+The spare/ link is what tells an unused spare from an orphan: fsck leaves a file with two links, and start-up
+removes the spares it finds, but for a committed one (stamped) that a crash caught before its spare/ link's removal
+was on the disk. Without a spare ready (or in a serving worker, fsck): DIR/staging/<id>, renamed into data/ at the
+commit.
 
 Integrity: the catalog's SHA-256 is what S3 checks; hashing a whole copy with it before every read would
 put ~2 ms per MiB before the first byte. So a committed copy carries a stamp in an extended attribute:
@@ -40,8 +45,8 @@ STAMP = "user.pacsgw.verified"  # xattr: "<xxh3-128 hex> <size> <mtime_ns> <inod
 WOULD_BLOCK = "would block"  # open_checked(nowait=True): the check needs the disk, run it in a thread
 # Empty staging files kept ready: a cold read's fetch makes its staging file on the event loop, and a create
 # allocates an inode (ext4 scans past recently freed ones: 13 µs quiet, 132-444 µs p50 on this VM's disk under
-# other processes' churn, the loop's time); renaming a spare into staging/ cost 23-28 µs there (docs/benchmarks.md
-# §27). Made by one thread for all caches.
+# other processes' churn, the loop's time; docs/benchmarks.md §27); and a spare's directory entry is made durable
+# ahead, a batch's in one data/<xx> with one fsync (§38). Made by one thread for all caches.
 SPARES = 16
 _SPARE_MAKER = ThreadPoolExecutor(1, thread_name_prefix="staging-spares")
 
@@ -87,14 +92,18 @@ class Cache:
         self.data.mkdir(parents=True, exist_ok=True)
         # Spares only in the process that owns staging (it clears it): fsck and serving workers make their own
         # staging files, and leave no spares behind when they exit.
-        self._spares: deque[tuple[str, int]] = deque()  # (blob, fd) in spare/: popped on the loop, added by the maker
+        self._spares: deque[tuple[str, int]] = deque()  # (blob, fd) of spares: popped on the loop, added by the maker
+        self._placed: set[str] = set()  # blobs made as spares, in data/<xx> already, until committed or discarded
         self._spares_wanted = SPARES if clear_staging else 0
         self._making = False
         if clear_staging:
-            # At agent start, anything left in staging is a write that was never acknowledged: discard it.
+            # At agent start, anything left in staging or a spare is a write that was never acknowledged: discard it.
             shutil.rmtree(self.staging, ignore_errors=True)
-            shutil.rmtree(self.spare, ignore_errors=True)
             self.spare.mkdir(parents=True, exist_ok=True)
+            for blob in os.listdir(self.spare):
+                if not _stamped(self.blob_file(blob)):
+                    Path(self.blob_file(blob)).unlink(missing_ok=True)
+                os.unlink(f"{self._spare_dir}/{blob}")
         self.staging.mkdir(parents=True, exist_ok=True)
         # open_checked(nowait=True) reads into this one buffer: it runs on the event loop only, and a fresh
         # 512 KiB buffer per read cost ~30 µs of page faults
@@ -109,26 +118,20 @@ class Cache:
         return f"{self._data_dir}/{blob[:2]}/{blob}"
 
     def new_staging(self) -> tuple[str, int]:
-        """A new blob and its staging file, open for writing (a spare renamed into staging/ when one is ready);
-        → (blob, fd). Raises NoSpace when the disk is full."""
+        """A new blob and its staging file, open for writing (a spare when one is ready); → (blob, fd). Raises NoSpace
+        when the disk is full."""
         return self.spare_staging() or _new_file(self._staging_dir)
 
     def spare_staging(self) -> tuple[str, int] | None:
-        """A spare renamed into staging/ → (blob, fd), or None when none is ready: never creates an inode, so an event
-        loop may call it (a rename in two hot directories, 23-28 µs under churn) where a create belongs in a thread."""
+        """A spare → (blob, fd), or None when none is ready: never touches the disk, so an event loop may call it
+        where a create belongs in a thread."""
         if self._spares_wanted and len(self._spares) <= self._spares_wanted // 2 and not self._making:
             self._making = True
             _SPARE_MAKER.submit(self._make_spares)
         try:
-            blob, fd = self._spares.popleft()
+            return self._spares.popleft()
         except IndexError:
             return None
-        try:
-            os.rename(f"{self._spare_dir}/{blob}", self.staging_path(blob))
-        except OSError:  # the spare was removed by hand, or staging/ cannot take a name: as without spares
-            os.close(fd)
-            return None
-        return blob, fd
 
     def _make_spares(self) -> None:
         """Top the spares up (the maker thread). A full disk stops it quietly: new_staging then makes its own file
@@ -136,19 +139,60 @@ class Cache:
         try:
             with contextlib.suppress(NoSpace, OSError):
                 while len(self._spares) < self._spares_wanted:
-                    self._spares.append(_new_file(self._spare_dir))
+                    self._spares.extend(self._spare_batch(self._spares_wanted - len(self._spares)))
         finally:
             self._making = False
 
+    def _spare_batch(self, n: int) -> list[tuple[str, int]]:
+        """n spares in one data/<xx>, each made in spare/ first (never an unmarked file in data/ that fsck could take
+        for an orphan) and linked into data/<xx>, whose one fsync makes all n entries durable before any is taken."""
+        parent = f"{self._data_dir}/{secrets.token_hex(1)}"
+        os.makedirs(parent, exist_ok=True)
+        made: list[tuple[str, int]] = []
+        try:
+            for _ in range(n):
+                made.append(_new_file(self._spare_dir, os.path.basename(parent)))
+                os.link(f"{self._spare_dir}/{made[-1][0]}", self.blob_file(made[-1][0]))
+            self._durable(parent)
+        except BaseException:
+            for blob, fd in made:
+                os.close(fd)
+                self._unplace(blob)
+            raise
+        self._placed.update(blob for blob, _ in made)
+        return made
+
+    def _durable(self, parent: str) -> None:
+        """fsync data/<xx>, and data/ the first time this process does: a power cut lost a new data/<xx> (or one
+        from before) and the files in it."""
+        _fsync_dir(parent)
+        if parent not in self._durable_dirs:
+            _fsync_dir(self._data_dir)
+            self._durable_dirs.add(parent)
+
+    def _unplace(self, blob: str) -> None:
+        Path(self.blob_file(blob)).unlink(missing_ok=True)
+        Path(f"{self._spare_dir}/{blob}").unlink(missing_ok=True)
+
     def commit(self, blob: str, fd: int, digest: str | None = None, *, durable: bool = True) -> None:
         """Stamp the staging file (digest: its fast digest if the caller hashed it on the way in), fsync it,
-        rename it into data/, fsync the directories. Blocking: run in a thread.
+        rename it into data/, fsync the directories; a spare is in data/ already: its fsync only. Blocking: run in a
+        thread.
 
         durable=False (a copy of an object S3 holds, just fetched): no fsyncs. A copy a crash left torn or
         missing fails the checks every read makes (size, the stamp's size, mtime_ns and inode, its digest) and
         is fetched again; the two fsyncs cost ~5 ms per file on this VM's disk, with the fetch's slot held."""
         try:
             _stamp(fd, digest or fast_digest_fd(fd))
+            if blob in self._placed:  # a spare: in data/<xx>, its entry durable already (_spare_batch)
+                # Its spare/ link goes first: then the file's fsync is the commit's one flush (on ext4 it carries the
+                # unlink too), and a spare taken by hand from data/ fails here, not as a row without a file.
+                Path(f"{self._spare_dir}/{blob}").unlink(missing_ok=True)
+                if durable:
+                    os.fsync(fd)
+                os.stat(self.blob_file(blob))
+                self._placed.discard(blob)
+                return
             if durable:
                 os.fsync(fd)
             target = self.blob_file(blob)
@@ -160,15 +204,16 @@ class Cache:
                     os.mkdir(parent)
                 os.rename(self.staging_path(blob), target)
             if durable:
-                _fsync_dir(parent)
-                if parent not in self._durable_dirs:  # a new data/<xx> (or one from before): a power cut lost it
-                    _fsync_dir(self._data_dir)  # and the acknowledged file in it
-                    self._durable_dirs.add(parent)
+                self._durable(parent)
         except OSError as e:
             raise _translate(e, blob) from e
 
     def discard_staging(self, blob: str) -> None:
-        Path(self.staging_path(blob)).unlink(missing_ok=True)
+        if blob in self._placed:
+            self._placed.discard(blob)
+            self._unplace(blob)
+        else:
+            Path(self.staging_path(blob)).unlink(missing_ok=True)
 
     def remove(self, blob: str) -> None:
         Path(self.blob_file(blob)).unlink(missing_ok=True)
@@ -242,9 +287,10 @@ class Cache:
         return (f.name for f in self.data.glob("*/*"))
 
 
-def _new_file(directory: str) -> tuple[str, int]:
-    """A new blob's empty file in directory, open for writing → (blob, fd). Raises NoSpace when the disk is full."""
-    blob = secrets.token_hex(16)
+def _new_file(directory: str, prefix: str = "") -> tuple[str, int]:
+    """A new blob's empty file in directory, open for writing → (blob, fd); prefix: the blob's first characters (its
+    data/<xx>). Raises NoSpace when the disk is full."""
+    blob = prefix + secrets.token_hex(16)[len(prefix):]
     try:
         return blob, os.open(f"{directory}/{blob}", os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
     except OSError as e:
@@ -318,6 +364,16 @@ def _stamp(fd: int, digest: str) -> None:
             _stamps_unsupported = True
             log.warning("cache_stamps_unsupported", error=str(e),
                         effect="every cached read is verified in full before its first byte")
+
+
+def _stamped(path: str) -> bool:
+    """Whether a spare was committed (stamped before its fsync; a row comes only after both). A file system without
+    stamps cannot say: kept then, an orphan for fsck if no row names it."""
+    try:
+        os.getxattr(path, STAMP)
+    except OSError as e:
+        return e.errno in (errno.ENOTSUP, errno.EOPNOTSUPP)
+    return True
 
 
 def _read_stamp(fd: int) -> Stamp | None:
