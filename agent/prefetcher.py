@@ -264,23 +264,30 @@ class PriorFetcher:
     _started: dict[str, deque[float]] = field(default_factory=dict)
     _told: Every = field(default_factory=lambda: Every(REFUSALS_EVERY))
     over_cap: int = 0     # new studies recorded but not planned (/healthz prefetch.priors_over_cap)
-    # One plan (and its fetch) at a time; the rest wait, not dropped: users × the hourly cap bound the queue, and a
-    # modality catching up after an outage still gets its priors. A plan's learn() settled another's prior as evicted
-    # unread while its files were still coming (none cached yet): a burst taught the planner to fetch no priors
-    _planning: asyncio.Lock = field(default_factory=asyncio.Lock)
+    # PLANS_AT_ONCE plans (each with its fetch) at a time; the rest wait, not dropped: users × the hourly cap bound the
+    # queue, and a modality catching up after an outage still gets its priors. Two let one plan's catalog work, remote
+    # listing and wait for the evictor overlap another's fetch; more would split the line, which each plan's budget
+    # counts whole, until their windows cut every fetch short
+    _plans: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(PriorFetcher.PLANS_AT_ONCE))
+    _learning: asyncio.Lock = field(default_factory=asyncio.Lock)   # the first learn() feeds every outcome, once
+    # prior keys planned and not yet fetched to the end: not planned again meanwhile (nor in the simulator, while open),
+    # and not settled as evicted unread while none of their files has landed yet
+    _fetching: set[str] = field(default_factory=set)
 
     SEEN_MAX = 4096
+    PLANS_AT_ONCE = 2
 
     async def learn(self) -> None:
         """Feed the policy what became of earlier prior fetches (opened or evicted unread), as the simulator
         does; the outcomes live in the catalog, so what was learnt survives restarts."""
-        await self.view.flush_reads()
-        outcomes = await self.db.settle_prior_fetches()
-        if not self._learned:
-            outcomes = await self.db.prior_outcomes()  # every decided outcome, those just settled included
-            self._learned = True
-        for cell, used in outcomes:     # the catalog's rank column keeps the planner's cell
-            self.stack.prior_outcome(cell, used)
+        async with self._learning:
+            await self.view.flush_reads()
+            outcomes = await self.db.settle_prior_fetches(frozenset(self._fetching))
+            if not self._learned:
+                outcomes = await self.db.prior_outcomes()  # every decided outcome, those just settled included
+                self._learned = True
+            for cell, used in outcomes:     # the catalog's rank column keeps the planner's cell
+                self.stack.prior_outcome(cell, used)
 
     def study_dir(self, path: str) -> str | None:
         """The study a stored file starts (paths.study_of, the evictor's rule), if it lies deep enough to be in one."""
@@ -315,7 +322,7 @@ class PriorFetcher:
             log.info("study_recorded", study=key, first=path, dicom=h.patient is not None, modality=h.modality)
             self.stack.describe(key, h.modality, None, False)
             if h.patient is not None and self.may_plan(user, key):
-                async with self._planning:
+                async with self._plans:
                     await self.fetch_chosen(key, await self.plan_priors(key, h))
         except Exception as e:  # prior prefetch is best effort; the store itself succeeded
             log.error("prior_prefetch_failed", study=key, error=repr(e)[:300])
@@ -363,7 +370,8 @@ class PriorFetcher:
             ranked.append((cell, key, heat, missing_bytes, missing_files))
         budget = Budget(priors_budget(self.cfg), line_rate(self.cfg), self.cfg.prefetch.priors_window_seconds)
         async with self.view.synced() as stack:
-            chosen = stack.prior_plan(new, ranked, budget, time.time())
+            chosen = stack.prior_plan(new, [r for r in ranked if r[1] not in self._fetching], budget, time.time())
+            self._fetching.update(str(c[0]) for c in chosen)    # no await since the test: another plan's are out
         log.info("prior_prefetch", study=new, patient_studies=len(studies), newer=len(older),
                  priors=[c[0] for c in chosen], heat=[round(c[3], 3) for c in chosen],
                  bytes=sum(c[2] for c in chosen), rank_heat=self.stack.prior_heat())
@@ -371,12 +379,17 @@ class PriorFetcher:
 
     async def fetch_chosen(self, new: str, chosen: list[tuple[Hashable, int, int, float]]) -> None:
         deadline = time.time() + self.cfg.prefetch.priors_window_seconds
-        for ref, cell, _, heat in chosen:
-            prior = str(ref)     # plan_priors' study key
-            self.stack.prior_fetched(prior, new, heat)     # kept beside its new study until the report
-            await self.db.record_prior_fetch(prior, cell)
-            if await self.fetcher.fetch_dir(prior, deadline, self.status, "prior"):
-                break
+        unfetched = [str(c[0]) for c in chosen]     # plan_priors' study keys, in _fetching
+        try:
+            for (_, cell, _, heat), prior in zip(chosen, list(unfetched), strict=True):
+                self.stack.prior_fetched(prior, new, heat)     # kept beside its new study until the report
+                await self.db.record_prior_fetch(prior, cell)
+                stopped = await self.fetcher.fetch_dir(prior, deadline, self.status, "prior")
+                self._fetching.discard(unfetched.pop(0))
+                if stopped:
+                    break
+        finally:    # those not fetched (the window ended, an error, the agent stopping) are plannable again
+            self._fetching.difference_update(unfetched)
 
 
 def _ordinal(day: str | None) -> float:
