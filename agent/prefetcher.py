@@ -391,6 +391,15 @@ class PriorFetcher:
         finally:    # those not fetched (the window ended, an error, the agent stopping) are plannable again
             self._fetching.difference_update(unfetched)
 
+    async def stop(self) -> None:
+        """At the agent's stop, before the gateway and the catalog close under them: plans and fetches still running
+        end here (a fetch cut short settles at the next start's first plan)."""
+        if self._tasks:
+            log.info("prior_prefetch_stopped", studies=len(self._tasks))
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
 
 def _ordinal(day: str | None) -> float:
     """DICOM StudyDate YYYYMMDD → a day number (unknown dates sort first)."""

@@ -1,11 +1,17 @@
 """settle35: a prior fetch settles as evicted unread only once its fetch is over (a running one has none of its files
-cached until the first lands)."""
+cached until the first lands), and the prior plans still running when the agent stops end with it."""
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 import time
 
 from test_catalog import cat, write  # noqa: F401  (cat: the fixture)
+from test_priors_live import store_study
+
+from faultkit import ftp_login, ftp_put, wait_for
 
 
 def test_a_prior_whose_fetch_runs_is_not_settled_unread_until_the_fetch_is_over(cat):  # noqa: F811
@@ -21,3 +27,28 @@ def test_a_prior_whose_fetch_runs_is_not_settled_unread_until_the_fetch_is_over(
     assert cat.settle_prior_fetches({"1.2.1", "1.2.2"}) == [(2, True)]
     assert cat.settle_prior_fetches({"1.2.1"}) == []
     assert cat.settle_prior_fetches() == [(1, False)]
+
+
+def test_a_prior_fetch_running_at_sigterm_ends_with_the_agent(agent_factory):
+    """A plan fetching priors over a slow line when the agent is told to stop: it is cancelled and awaited once no
+    store can start another, not left fetching through the drain (here an upload's, seconds long) while the line, the
+    S3 client and the catalog close under it."""
+    a = agent_factory(**{"prefetch.enabled": False, "prefetch.priors": True, "prefetch.study_depth": 3,
+                         "uplink.bwlimit": "20KB", "uplink.write_mode": "back"}).start()
+    ftp = ftp_login(a)
+    old = store_study(ftp, "CT/2025-01-10", "P1", "20250110", "CT", files=6)
+    a.wait_drained()
+    assert subprocess.run([sys.executable, "-m", "agent.cli", "evict", "--config", str(a.config_path), *old],
+                          capture_output=True, timeout=30).returncode == 0
+    store_study(ftp, "CT/2026-12-05", "P1", "20261205", "CT", files=1)
+    wait_for(lambda: a.events("prefetched"), 30, what="the prior's first file")
+    assert ftp_put(ftp, "big.bin", b"x" * 80_000).startswith("226")     # queued: its upload takes ~4 s
+    ftp.quit()
+    assert a.stop() == 0
+    text = a.log_path.read_text()
+    names = [e["event"] for e in (json.loads(line) for line in text.splitlines() if line.startswith("{"))]
+    drain = names[names.index("draining"):]
+    assert drain[-1] == "stopped" and "uploaded" in drain, drain       # the drain lasted the upload
+    assert drain.count("prefetched") <= 1 and "prefetched" not in drain[drain.index("prior_prefetch_stopped"):], drain
+    assert not {"prior_prefetch_failed", "prefetch_failed"} & set(drain), drain
+    assert "Task was destroyed" not in text and "Traceback" not in text
