@@ -334,6 +334,7 @@ class PriorFetcher:
         started = self._started.setdefault(user, deque(maxlen=self.cfg.prefetch.priors_per_user_hour))
         if len(started) == started.maxlen and time.monotonic() - started[0] < 3600:
             self.over_cap += 1
+            self.gateway.metrics.prior_plans_over_cap.inc()
             if (since := self._told.due(user)) is not None:
                 log.warning("prior_plans_capped", user=user, study=study, per_hour=started.maxlen, suppressed=since)
             return False

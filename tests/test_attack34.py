@@ -3,7 +3,7 @@ PatientID and a newer StudyDate made the box fetch that patient's earlier studie
 until first read. Any writer storing one file per patient, patient after patient, made the box pull archive study
 after archive study over the private line and evict the PACS's real working set. Now one writing user starts at most
 `[prefetch] priors_per_user_hour` plans an hour: the studies over it are recorded, not planned, logged once a minute
-per user and counted on /healthz. Real agent, real SeaweedFS, real FTP, real DICOM files."""
+per user and counted on /healthz, /metrics and /status. Real agent, real SeaweedFS, real FTP, real DICOM files."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import json
 import subprocess
 import sys
 import time
+import urllib.request
 
 from test_priors_live import dicom, store_study, uid
 
@@ -75,6 +76,9 @@ def test_a_writer_storing_new_studies_for_many_patients_fetches_at_most_the_caps
     capped = a.events("prior_plans_capped")
     assert sorted((e["user"], e["suppressed"]) for e in capped) == [("pacs", 0), ("writer", 0)], capped
     assert a.health()["prefetch"]["priors_over_cap"] == 2 * (PATIENTS - CAP)
+    assert metric(a, "pacsgw_prior_plans_over_cap_total") == 2 * (PATIENTS - CAP)
+    with urllib.request.urlopen(f"http://127.0.0.1:{a.http_port}/status", timeout=10) as r:
+        assert f"{2 * (PATIENTS - CAP)} not planned since start (writer over priors_per_user_hour)" in r.read().decode()
     assert time.monotonic() - t0 < 60
 
 

@@ -1,5 +1,6 @@
 """settle35: a prior fetch settles as evicted unread only once its fetch is over (a running one has none of its files
-cached until the first lands), and the prior plans still running when the agent stops end with it."""
+cached until the first lands), the prior plans still running when the agent stops end with it, and the new studies
+over the per-user cap are shown where the admin looks."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import time
 from test_catalog import cat, write  # noqa: F401  (cat: the fixture)
 from test_priors_live import store_study
 
+from agent.serve.http import status_lines
 from faultkit import ftp_login, ftp_put, wait_for
 
 
@@ -27,6 +29,20 @@ def test_a_prior_whose_fetch_runs_is_not_settled_unread_until_the_fetch_is_over(
     assert cat.settle_prior_fetches({"1.2.1", "1.2.2"}) == [(2, True)]
     assert cat.settle_prior_fetches({"1.2.1"}) == []
     assert cat.settle_prior_fetches() == [(1, False)]
+
+
+def test_the_status_page_shows_the_new_studies_over_the_cap():
+    h = {"status": "ok", "reasons": [], "version": "x", "uptime_seconds": 1, "write_mode": "through",
+         "uplink": {"endpoint": "e", "bucket": "b", "prefix": "", "reachable": True}, "queue_depth": 0,
+         "queue_bytes": 0, "oldest_dirty_seconds": 0, "pending_deletes": 0,
+         "cache": {"files": 0, "cached_files": 0, "bytes": 0, "max_bytes": 1, "disk_free": 1, "disk_total": 1},
+         "memory": {"rss": 1, "available": 1},
+         "prefetch": {"state": "disabled", "window": "01:00-05:00", "priors": True, "priors_over_cap": 7,
+                      "last_run": {"fetched_bytes": 0, "stopped": ""}}}
+    assert ("prior studies", "fetched for new studies; 7 not planned since start (writer over "
+                             "priors_per_user_hour)") in status_lines(h)
+    h["prefetch"]["priors"] = False
+    assert "prior studies" not in dict(status_lines(h))
 
 
 def test_a_prior_fetch_running_at_sigterm_ends_with_the_agent(agent_factory):
