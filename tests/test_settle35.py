@@ -13,7 +13,7 @@ from test_catalog import cat, write  # noqa: F401  (cat: the fixture)
 from test_priors_live import store_study
 
 from agent.serve.http import status_lines
-from faultkit import ftp_login, ftp_put, wait_for
+from faultkit import catalog_rows, ftp_login, ftp_put, wait_for
 
 
 def test_a_prior_whose_fetch_runs_is_not_settled_unread_until_the_fetch_is_over(cat):  # noqa: F811
@@ -47,19 +47,20 @@ def test_the_status_page_shows_the_new_studies_over_the_cap():
 
 def test_a_prior_fetch_running_at_sigterm_ends_with_the_agent(agent_factory):
     """A plan fetching priors over a slow line when the agent is told to stop: it is cancelled and awaited once no
-    store can start another, not left fetching through the drain (here an upload's, seconds long) while the line, the
+    store can start another, not left fetching through the drain (here an upload's, ~9 s) while the line, the
     S3 client and the catalog close under it."""
     a = agent_factory(**{"prefetch.enabled": False, "prefetch.priors": True, "prefetch.study_depth": 3,
                          "uplink.bwlimit": "20KB", "uplink.write_mode": "back"}).start()
     ftp = ftp_login(a)
-    old = store_study(ftp, "CT/2025-01-10", "P1", "20250110", "CT", files=6)
+    old = store_study(ftp, "CT/2025-01-10", "P1", "20250110", "CT", files=8)     # ~8 s to fetch
     a.wait_drained()
     assert subprocess.run([sys.executable, "-m", "agent.cli", "evict", "--config", str(a.config_path), *old],
                           capture_output=True, timeout=30).returncode == 0
     store_study(ftp, "CT/2026-12-05", "P1", "20261205", "CT", files=1)
     wait_for(lambda: a.events("prefetched"), 30, what="the prior's first file")
-    assert ftp_put(ftp, "big.bin", b"x" * 80_000).startswith("226")     # queued: its upload takes ~4 s
+    assert ftp_put(ftp, "big.bin", b"x" * 200_000).startswith("226")    # its upload takes ~9 s: the drain waits
     ftp.quit()
+    wait_for(lambda: catalog_rows(a, "SELECT state FROM entries WHERE path = 'big.bin'") == [("uploading",)], 10)
     assert a.stop() == 0
     text = a.log_path.read_text()
     names = [e["event"] for e in (json.loads(line) for line in text.splitlines() if line.startswith("{"))]
