@@ -253,7 +253,7 @@ class PriorFetcher:
     fetcher: Fetcher
     stack: PolicyStack
     view: CacheView
-    _seen: dict[str, None] = field(default_factory=dict)   # recent study keys: no catalog query per file
+    _seen: dict[tuple[str, str | None], None] = field(default_factory=dict)  # recent (key, patient): no query per file
     _tasks: set[asyncio.Task] = field(default_factory=set)
     status: RunStatus = field(default_factory=RunStatus)
     _learned: bool = False  # the catalog's decided outcomes were fed to the stack once
@@ -304,26 +304,31 @@ class PriorFetcher:
         """At the commit, before an eviction pass can run. Keyed by the directory, a study's later files start nothing;
         keyed by the study UID, each file's header says which study it is of (a day directory holds many). Only values
         their VR allows are kept (the study table and the planner keep them for good)."""
-        if (d := self.study_dir(path)) is None or (key := self.key(d, (h := checked(header)).study_uid)) in self._seen:
+        if (d := self.study_dir(path)) is None or (
+                seen := (self.key(d, (h := checked(header)).study_uid), h.patient)) in self._seen:
             return
-        self._seen[key] = None
+        self._seen[seen] = None
         if len(self._seen) > self.SEEN_MAX:
             del self._seen[next(iter(self._seen))]
         self._pending[path] = time.monotonic()
-        task = asyncio.create_task(self.new_study(key, path, h, user))
+        task = asyncio.create_task(self.new_study(seen[0], path, h, user))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
     async def new_study(self, key: str, path: str, h: dicom_header.Header, user: str) -> None:
         try:
-            if await self.db.study_known(key) or not await self.db.record_study(
-                    key, h.patient, h.study_uid, h.study_date, h.modality):
+            if await self.db.study_known(key, h.patient):
                 return
-            log.info("study_recorded", study=key, first=path, dicom=h.patient is not None, modality=h.modality)
-            self.stack.describe(key, h.modality, None, False)
+            # First writer wins the row; a file naming another patient first (a study UID a worklist handed out before
+            # its study came) kept the study's own priors from ever being planned: planned for each patient, once
+            if disputed := not await self.db.record_study(key, h.patient, h.study_uid, h.study_date, h.modality):
+                log.warning("study_uid_disputed", study=key, path=path, user=user)
+            else:
+                log.info("study_recorded", study=key, first=path, dicom=h.patient is not None, modality=h.modality)
+                self.stack.describe(key, h.modality, None, False)
             if h.patient is not None and self.may_plan(user, key):
                 async with self._plans:
-                    await self.fetch_chosen(key, await self.plan_priors(key, h))
+                    await self.fetch_chosen(key, await self.plan_priors(key, h, disputed))
         except Exception as e:  # prior prefetch is best effort; the store itself succeeded
             log.error("prior_prefetch_failed", study=key, error=repr(e)[:300])
         finally:
@@ -347,11 +352,16 @@ class PriorFetcher:
         oldest = time.monotonic() - within
         return any(t > oldest for t in self._pending.values())
 
-    async def plan_priors(self, new: str, h: dicom_header.Header) -> list[tuple[Hashable, int, int, float]]:
+    async def plan_priors(self, new: str, h: dicom_header.Header,
+                          disputed: bool = False) -> list[tuple[Hashable, int, int, float]]:
         """The priors to fetch for the new study (key `new`), planned against the cache as the study's first write
-        left it. → (key, cell, bytes, heat) of each."""
+        left it; `disputed`: its row names another patient, it is ranked among h's as its header says.
+        → (key, cell, bytes, heat) of each."""
         await self.learn()
         studies = await self.db.patient_studies(h.patient, PATIENT_STUDIES)
+        if disputed:    # in patient_studies' order (a NULL date first)
+            studies = sorted([*studies, (new, h.study_uid, h.study_date, h.modality)],
+                             key=lambda s: (s[2] is not None, s[2] or "", s[0]))[-PATIENT_STUDIES:]
         keys = [self.key(k, uid) for k, uid, _, _ in studies]
         if new not in keys:     # PATIENT_STUDIES newer ones came first: its priors are never ranked
             return []

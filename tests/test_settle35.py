@@ -1,6 +1,7 @@
 """settle35: a prior fetch settles as evicted unread only once its fetch is over (a running one has none of its files
-cached until the first lands), the prior plans still running when the agent stops end with it, and the new studies
-over the per-user cap are shown where the admin looks."""
+cached until the first lands), the prior plans still running when the agent stops end with it, the new studies over
+the per-user cap are shown where the admin looks, and a study UID another patient's file took first still gets the
+study's priors planned."""
 
 from __future__ import annotations
 
@@ -10,10 +11,11 @@ import sys
 import time
 
 from test_catalog import cat, write  # noqa: F401  (cat: the fixture)
-from test_priors_live import store_study
+from test_priors_live import dicom, store_study, study_uid, uid
 
 from agent.serve.http import status_lines
-from faultkit import catalog_rows, ftp_login, ftp_put, wait_for
+from faultkit import cached_paths, catalog_rows, ftp_login, ftp_put, wait_for
+from harness import PASSWORD
 
 
 def test_a_prior_whose_fetch_runs_is_not_settled_unread_until_the_fetch_is_over(cat):  # noqa: F811
@@ -29,6 +31,15 @@ def test_a_prior_whose_fetch_runs_is_not_settled_unread_until_the_fetch_is_over(
     assert cat.settle_prior_fetches({"1.2.1", "1.2.2"}) == [(2, True)]
     assert cat.settle_prior_fetches({"1.2.1"}) == []
     assert cat.settle_prior_fetches() == [(1, False)]
+
+
+def test_a_study_is_known_for_the_patient_its_row_names(cat):  # noqa: F811
+    """A file naming another patient under a known study key is a disputed study, not a known one; a row or a file
+    without a patient (not DICOM) is known to either."""
+    cat.record_study("1.2.9", "X", "1.2.9", "20261205", "CT")
+    cat.record_study("CT/2026-12-05/s", None, None, None, None)
+    assert cat.study_known("1.2.9", "X") and cat.study_known("1.2.9") and not cat.study_known("1.2.9", "P")
+    assert cat.study_known("CT/2026-12-05/s", "P") and not cat.study_known("1.2.8", "X")
 
 
 def test_the_status_page_shows_the_new_studies_over_the_cap():
@@ -69,3 +80,30 @@ def test_a_prior_fetch_running_at_sigterm_ends_with_the_agent(agent_factory):
     assert drain.count("prefetched") <= 1 and "prefetched" not in drain[drain.index("prior_prefetch_stopped"):], drain
     assert not {"prior_prefetch_failed", "prefetch_failed"} & set(drain), drain
     assert "Task was destroyed" not in text and "Traceback" not in text
+
+
+def test_a_study_uid_taken_first_by_another_patients_file_still_gets_its_priors(agent_factory):
+    """StudyUID squatting: a study is known by its StudyInstanceUID, first writer wins. Another user's file naming
+    that UID and another PatientID before the study came (a worklist hands UIDs out at scheduling) bound the UID to
+    the wrong patient, and the study's own files, known by then, never had their priors planned. Now each patient a
+    study's files name is planned for, once; the row stays the first writer's (logged: study_uid_disputed)."""
+    a = agent_factory(users=[{"name": "pacs", "password": PASSWORD, "root": "/"},
+                             {"name": "writer", "password": PASSWORD, "root": "/"}],
+                      **{"prefetch.enabled": False, "prefetch.priors": True, "prefetch.study_depth": 3}).start()
+    pacs = ftp_login(a)
+    old = store_study(pacs, "CT/2025-01-10", "P", "20250110", "CT", files=2)
+    a.wait_drained()
+    assert subprocess.run([sys.executable, "-m", "agent.cli", "evict", "--config", str(a.config_path), *old],
+                          capture_output=True, timeout=30).returncode == 0
+    study = uid()
+    writer = ftp_login(a, "writer")
+    assert ftp_put(writer, f"up/load/{study}/x.dcm", dicom("X", study, "20261205", "CT", 0)).startswith("226")
+    writer.quit()
+    wait_for(lambda: len(a.events("prior_prefetch")) == 2, 30, what="the squatting file's plan")
+    for i in range(2):
+        assert ftp_put(pacs, f"CT/2026-12-05/{study}/{i}.dcm", dicom("P", study, "20261205", "CT", i)).startswith("226")
+    pacs.quit()
+    wait_for(lambda: set(old) <= cached_paths(a), 30, what="P's prior")
+    assert catalog_rows(a, "SELECT patient FROM studies WHERE dir = ?", (study,)) == [("X",)]
+    assert [(e["study"], e["user"]) for e in a.events("study_uid_disputed")] == [(study, "pacs")]
+    assert a.events("prior_prefetch")[-1]["priors"] == [study_uid(old)]

@@ -14,8 +14,10 @@ Found = tuple[str, int, str | None, str | None, str | None, str | None, int]
 
 
 class Studies(CatalogBase):
-    def study_known(self, key: str) -> bool:
-        return self._exists("SELECT 1 FROM studies WHERE dir = ?", (key,))
+    def study_known(self, key: str, patient: str | None = None) -> bool:
+        """Whether the study is recorded: for this patient, if both its row and `patient` name one."""
+        return self._exists("SELECT 1 FROM studies WHERE dir = ? AND (patient IS NULL OR ? IS NULL OR patient = ?)",
+                            (key, patient, patient))
 
     def record_study(self, key: str, patient: str | None, study_uid: str | None, study_date: str | None,
                      modality: str | None) -> bool:
