@@ -96,6 +96,7 @@ class Agent:
         self.ha = None  # agent.ha.HaMonitor when [ha] is enabled
         self.http: HttpServer | None = None
         self.workers: Supervisor | None = None  # [server] workers > 1
+        self.priors: PriorFetcher | None = None  # the owner's (a serving worker plans no priors)
         self.loops = Loops(self.metrics)  # background loops, restarted after a crash (a worker's: pressure only)
 
     async def start(self) -> None:
@@ -254,6 +255,8 @@ class Agent:
             drained = await self.smb.wait_files_closed(max(0.0, drain_seconds - (time.monotonic() - t0))) and drained
         for listener in listeners:
             await listener.close()
+        if self.priors is not None:  # no store starts a plan now; one running must not outlive the line and the catalog
+            await self.priors.stop()
         await self.loops.stop()  # the HA monitor's too
         await self.uploader.stop(max(1.0, drain_seconds - (time.monotonic() - t0)))
         await self.line.stop()

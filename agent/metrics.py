@@ -38,6 +38,9 @@ class Metrics:
         self.prefetch_hit_ratio = gauge("pacsgw_prefetch_hit_ratio",
                                         "Share of the files prefetched since start that were later read")
         self.prefetch_hit_ratio.set_function(lambda: self._prefetch_used / self._prefetched if self._prefetched else 0)
+        self.prior_plans_over_cap = counter("pacsgw_prior_plans_over_cap",
+                                            "New studies recorded but not planned: their writer was over "
+                                            "[prefetch] priors_per_user_hour")
         self.queue_depth = gauge("pacsgw_upload_queue_files", "Files waiting for object storage")
         self.queue_bytes = gauge("pacsgw_upload_queue_bytes", "Bytes waiting for object storage")
         self.queue_oldest = gauge("pacsgw_upload_queue_oldest_seconds",

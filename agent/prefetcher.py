@@ -253,7 +253,7 @@ class PriorFetcher:
     fetcher: Fetcher
     stack: PolicyStack
     view: CacheView
-    _seen: dict[str, None] = field(default_factory=dict)   # recent study keys: no catalog query per file
+    _seen: dict[tuple[str, str | None], None] = field(default_factory=dict)  # recent (key, patient): no query per file
     _tasks: set[asyncio.Task] = field(default_factory=set)
     status: RunStatus = field(default_factory=RunStatus)
     _learned: bool = False  # the catalog's decided outcomes were fed to the stack once
@@ -264,23 +264,30 @@ class PriorFetcher:
     _started: dict[str, deque[float]] = field(default_factory=dict)
     _told: Every = field(default_factory=lambda: Every(REFUSALS_EVERY))
     over_cap: int = 0     # new studies recorded but not planned (/healthz prefetch.priors_over_cap)
-    # One plan (and its fetch) at a time; the rest wait, not dropped: users × the hourly cap bound the queue, and a
-    # modality catching up after an outage still gets its priors. A plan's learn() settled another's prior as evicted
-    # unread while its files were still coming (none cached yet): a burst taught the planner to fetch no priors
-    _planning: asyncio.Lock = field(default_factory=asyncio.Lock)
+    # PLANS_AT_ONCE plans (each with its fetch) at a time; the rest wait, not dropped: users × the hourly cap bound the
+    # queue, and a modality catching up after an outage still gets its priors. Two let one plan's catalog work, remote
+    # listing and wait for the evictor overlap another's fetch; more would split the line, which each plan's budget
+    # counts whole, until their windows cut every fetch short
+    _plans: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(PriorFetcher.PLANS_AT_ONCE))
+    _learning: asyncio.Lock = field(default_factory=asyncio.Lock)   # the first learn() feeds every outcome, once
+    # prior keys planned and not yet fetched to the end: not planned again meanwhile (nor in the simulator, while open),
+    # and not settled as evicted unread while none of their files has landed yet
+    _fetching: set[str] = field(default_factory=set)
 
     SEEN_MAX = 4096
+    PLANS_AT_ONCE = 2
 
     async def learn(self) -> None:
         """Feed the policy what became of earlier prior fetches (opened or evicted unread), as the simulator
         does; the outcomes live in the catalog, so what was learnt survives restarts."""
-        await self.view.flush_reads()
-        outcomes = await self.db.settle_prior_fetches()
-        if not self._learned:
-            outcomes = await self.db.prior_outcomes()  # every decided outcome, those just settled included
-            self._learned = True
-        for cell, used in outcomes:     # the catalog's rank column keeps the planner's cell
-            self.stack.prior_outcome(cell, used)
+        async with self._learning:
+            await self.view.flush_reads()
+            outcomes = await self.db.settle_prior_fetches(frozenset(self._fetching))
+            if not self._learned:
+                outcomes = await self.db.prior_outcomes()  # every decided outcome, those just settled included
+                self._learned = True
+            for cell, used in outcomes:     # the catalog's rank column keeps the planner's cell
+                self.stack.prior_outcome(cell, used)
 
     def study_dir(self, path: str) -> str | None:
         """The study a stored file starts (paths.study_of, the evictor's rule), if it lies deep enough to be in one."""
@@ -297,26 +304,31 @@ class PriorFetcher:
         """At the commit, before an eviction pass can run. Keyed by the directory, a study's later files start nothing;
         keyed by the study UID, each file's header says which study it is of (a day directory holds many). Only values
         their VR allows are kept (the study table and the planner keep them for good)."""
-        if (d := self.study_dir(path)) is None or (key := self.key(d, (h := checked(header)).study_uid)) in self._seen:
+        if (d := self.study_dir(path)) is None or (
+                seen := (self.key(d, (h := checked(header)).study_uid), h.patient)) in self._seen:
             return
-        self._seen[key] = None
+        self._seen[seen] = None
         if len(self._seen) > self.SEEN_MAX:
             del self._seen[next(iter(self._seen))]
         self._pending[path] = time.monotonic()
-        task = asyncio.create_task(self.new_study(key, path, h, user))
+        task = asyncio.create_task(self.new_study(seen[0], path, h, user))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
     async def new_study(self, key: str, path: str, h: dicom_header.Header, user: str) -> None:
         try:
-            if await self.db.study_known(key) or not await self.db.record_study(
-                    key, h.patient, h.study_uid, h.study_date, h.modality):
+            if await self.db.study_known(key, h.patient):
                 return
-            log.info("study_recorded", study=key, first=path, dicom=h.patient is not None, modality=h.modality)
-            self.stack.describe(key, h.modality, None, False)
+            # First writer wins the row; a file naming another patient first (a study UID a worklist handed out before
+            # its study came) kept the study's own priors from ever being planned: planned for each patient, once
+            if disputed := not await self.db.record_study(key, h.patient, h.study_uid, h.study_date, h.modality):
+                log.warning("study_uid_disputed", study=key, path=path, user=user)
+            else:
+                log.info("study_recorded", study=key, first=path, dicom=h.patient is not None, modality=h.modality)
+                self.stack.describe(key, h.modality, None, False)
             if h.patient is not None and self.may_plan(user, key):
-                async with self._planning:
-                    await self.fetch_chosen(key, await self.plan_priors(key, h))
+                async with self._plans:
+                    await self.fetch_chosen(key, await self.plan_priors(key, h, disputed))
         except Exception as e:  # prior prefetch is best effort; the store itself succeeded
             log.error("prior_prefetch_failed", study=key, error=repr(e)[:300])
         finally:
@@ -327,6 +339,7 @@ class PriorFetcher:
         started = self._started.setdefault(user, deque(maxlen=self.cfg.prefetch.priors_per_user_hour))
         if len(started) == started.maxlen and time.monotonic() - started[0] < 3600:
             self.over_cap += 1
+            self.gateway.metrics.prior_plans_over_cap.inc()
             if (since := self._told.due(user)) is not None:
                 log.warning("prior_plans_capped", user=user, study=study, per_hour=started.maxlen, suppressed=since)
             return False
@@ -339,11 +352,16 @@ class PriorFetcher:
         oldest = time.monotonic() - within
         return any(t > oldest for t in self._pending.values())
 
-    async def plan_priors(self, new: str, h: dicom_header.Header) -> list[tuple[Hashable, int, int, float]]:
+    async def plan_priors(self, new: str, h: dicom_header.Header,
+                          disputed: bool = False) -> list[tuple[Hashable, int, int, float]]:
         """The priors to fetch for the new study (key `new`), planned against the cache as the study's first write
-        left it. → (key, cell, bytes, heat) of each."""
+        left it; `disputed`: its row names another patient, it is ranked among h's as its header says.
+        → (key, cell, bytes, heat) of each."""
         await self.learn()
         studies = await self.db.patient_studies(h.patient, PATIENT_STUDIES)
+        if disputed:    # in patient_studies' order (a NULL date first)
+            studies = sorted([*studies, (new, h.study_uid, h.study_date, h.modality)],
+                             key=lambda s: (s[2] is not None, s[2] or "", s[0]))[-PATIENT_STUDIES:]
         keys = [self.key(k, uid) for k, uid, _, _ in studies]
         if new not in keys:     # PATIENT_STUDIES newer ones came first: its priors are never ranked
             return []
@@ -363,7 +381,8 @@ class PriorFetcher:
             ranked.append((cell, key, heat, missing_bytes, missing_files))
         budget = Budget(priors_budget(self.cfg), line_rate(self.cfg), self.cfg.prefetch.priors_window_seconds)
         async with self.view.synced() as stack:
-            chosen = stack.prior_plan(new, ranked, budget, time.time())
+            chosen = stack.prior_plan(new, [r for r in ranked if r[1] not in self._fetching], budget, time.time())
+            self._fetching.update(str(c[0]) for c in chosen)    # no await since the test: another plan's are out
         log.info("prior_prefetch", study=new, patient_studies=len(studies), newer=len(older),
                  priors=[c[0] for c in chosen], heat=[round(c[3], 3) for c in chosen],
                  bytes=sum(c[2] for c in chosen), rank_heat=self.stack.prior_heat())
@@ -371,12 +390,26 @@ class PriorFetcher:
 
     async def fetch_chosen(self, new: str, chosen: list[tuple[Hashable, int, int, float]]) -> None:
         deadline = time.time() + self.cfg.prefetch.priors_window_seconds
-        for ref, cell, _, heat in chosen:
-            prior = str(ref)     # plan_priors' study key
-            self.stack.prior_fetched(prior, new, heat)     # kept beside its new study until the report
-            await self.db.record_prior_fetch(prior, cell)
-            if await self.fetcher.fetch_dir(prior, deadline, self.status, "prior"):
-                break
+        unfetched = [str(c[0]) for c in chosen]     # plan_priors' study keys, in _fetching
+        try:
+            for (_, cell, _, heat), prior in zip(chosen, list(unfetched), strict=True):
+                self.stack.prior_fetched(prior, new, heat)     # kept beside its new study until the report
+                await self.db.record_prior_fetch(prior, cell)
+                stopped = await self.fetcher.fetch_dir(prior, deadline, self.status, "prior")
+                self._fetching.discard(unfetched.pop(0))
+                if stopped:
+                    break
+        finally:    # those not fetched (the window ended, an error, the agent stopping) are plannable again
+            self._fetching.difference_update(unfetched)
+
+    async def stop(self) -> None:
+        """At the agent's stop, before the gateway and the catalog close under them: plans and fetches still running
+        end here (a fetch cut short settles at the next start's first plan)."""
+        if self._tasks:
+            log.info("prior_prefetch_stopped", studies=len(self._tasks))
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
 
 
 def _ordinal(day: str | None) -> float:

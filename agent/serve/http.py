@@ -445,6 +445,9 @@ def status_lines(h: dict[str, Any]) -> list[tuple[str, str]]:
         rows.append(("prefetch", f"{p['state']}, window {p['window']}, last run "
                                  f"{fmt_bytes(p['last_run']['fetched_bytes'])}"
                                  + (f" (stopped: {p['last_run']['stopped']})" if p["last_run"]["stopped"] else "")))
+        if p.get("priors"):
+            rows.append(("prior studies", f"fetched for new studies; {p.get('priors_over_cap', 0)} not planned "
+                                          "since start (writer over priors_per_user_hour)"))
     if h.get("ha"):
         a, peer = h["ha"], h["ha"]["peer"]
         last = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(a["last_takeover"])) if a["last_takeover"] else "never"

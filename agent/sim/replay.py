@@ -336,8 +336,9 @@ class Replayer:
 
     def _evicted_unread(self, o: int) -> None:
         """A prefetched file left the cache unread: its prior is unused once none of its files is cached, as the live
-        catalog settles it (agent/store/catalog/studies.py `settle_prior_fetches`); a prior whose last files were cut
-        before its session and whose first ones were then read was opened."""
+        catalog settles it (agent/store/catalog/studies.py `settle_prior_fetches`, there once its fetch is over: here
+        its files hold their place from the plan, so none is cached only once they were evicted); a prior whose last
+        files were cut before its session and whose first ones were then read was opened."""
         st = self.study.item(o)
         if st in self.pf_cell and not (self.in_cache[self.n_obj + st] or self.cached_view[
                 _members(self.study_objs, st)].any()):

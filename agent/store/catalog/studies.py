@@ -5,7 +5,7 @@ studies by), the prior studies it fetched and whether they were opened, and the 
 from __future__ import annotations
 
 import time
-from typing import Sequence
+from typing import Collection, Sequence
 
 from agent.store.catalog.base import COPY_INDEX_ROW, OF_STUDY, CatalogBase, of_study
 
@@ -14,8 +14,10 @@ Found = tuple[str, int, str | None, str | None, str | None, str | None, int]
 
 
 class Studies(CatalogBase):
-    def study_known(self, key: str) -> bool:
-        return self._exists("SELECT 1 FROM studies WHERE dir = ?", (key,))
+    def study_known(self, key: str, patient: str | None = None) -> bool:
+        """Whether the study is recorded: for this patient, if both its row and `patient` name one."""
+        return self._exists("SELECT 1 FROM studies WHERE dir = ? AND (patient IS NULL OR ? IS NULL OR patient = ?)",
+                            (key, patient, patient))
 
     def record_study(self, key: str, patient: str | None, study_uid: str | None, study_date: str | None,
                      modality: str | None) -> bool:
@@ -34,17 +36,18 @@ class Studies(CatalogBase):
         self._write("INSERT OR REPLACE INTO prior_fetches (dir, rank, fetched, used) VALUES (?, ?, ?, NULL)",
                     (key, rank, time.time()), durable=False)
 
-    def settle_prior_fetches(self) -> list[tuple[int, bool]]:
-        """Settle open prior fetches: used once a file was read, unused once none is cached → (rank, used)."""
+    def settle_prior_fetches(self, fetching: Collection[str] = ()) -> list[tuple[int, bool]]:
+        """Settle open prior fetches: used once a file was read, unused once none is cached and its fetch is over (not
+        in `fetching`, the keys this process fetches now: one in flight has none cached until its first file lands; a
+        fetch a restart cut is over) → (rank, used)."""
         settled = []
         with self._tx(durable=False):
             for d, rank, fetched in self.db.execute(
                     "SELECT dir, rank, fetched FROM prior_fetches WHERE used IS NULL").fetchall():
                 read = self._exists(f"SELECT 1 FROM entries WHERE {OF_STUDY} AND last_access > ? LIMIT 1",
                                     (*of_study(d), fetched))
-                cached = self._exists(f"SELECT 1 FROM entries WHERE {OF_STUDY} AND blob IS NOT NULL LIMIT 1",
-                                      of_study(d))
-                if read or not cached:
+                if read or d not in fetching and not self._exists(
+                        f"SELECT 1 FROM entries WHERE {OF_STUDY} AND blob IS NOT NULL LIMIT 1", of_study(d)):
                     self.db.execute("UPDATE prior_fetches SET used = ? WHERE dir = ?", (int(read), d))
                     settled.append((int(rank), read))
         return settled
