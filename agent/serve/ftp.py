@@ -505,8 +505,6 @@ class FtpServer(aioftp.Server):
         handlers: dict[str, Handler] = {name: self.commands_mapping[name] for name in AIOFTP_COMMANDS} | own
         self.handlers = {name: self._guarded(h, name) if name in PATH_COMMANDS else h for name, h in handlers.items()}
 
-    # --- sessions ----------------------------------------------------------------------------------
-
     async def dispatcher(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """One session: aioftp.Server.start serves each control connection with this method."""
         peer, port = writer.get_extra_info("peername")[:2]
@@ -705,8 +703,6 @@ class FtpServer(aioftp.Server):
         if tasks:
             await asyncio.wait(tasks, timeout=15)
 
-    # --- login and FTPS (explicit, RFC 4217) -----------------------------------------------------
-
     async def on_auth(self, connection: aioftp.Connection, rest: str) -> bool:
         if rest.upper() not in ("TLS", "TLS-C", "SSL"):
             return replied(connection, "504", f"AUTH {rest} not supported; use AUTH TLS")
@@ -805,8 +801,6 @@ class FtpServer(aioftp.Server):
         connection.logged = True
         self.gateway.audit_event(who(connection), "login")
         return replied(connection, "230", "logged in")
-
-    # --- passive data connections ---------------------------------------------------------------
 
     def on_pasv(self, connection: aioftp.Connection, rest: str) -> None:
         if connection.session.epsv_all:
@@ -915,8 +909,6 @@ class FtpServer(aioftp.Server):
             await _closed(closing)
         return True
 
-    # --- paths and errors ------------------------------------------------------------------------
-
     def _resolve(self, connection: aioftp.Connection, rest: str) -> str:
         """The namespace path a command's argument names (remembered: _guarded checks it, then the handler uses it)."""
         session: Session = connection.session
@@ -952,8 +944,6 @@ class FtpServer(aioftp.Server):
         code, info = answer(e).ftp, e.reason
         report(self.gateway, "ftp", who(connection), e, refused_here=refused_here, code=code)
         return replied(connection, code, info)
-
-    # --- transfers ---------------------------------------------------------------------------------
 
     @needs(LOGGED_IN)
     async def on_stor(self, connection: aioftp.Connection, rest: str) -> bool:
@@ -1057,8 +1047,6 @@ class FtpServer(aioftp.Server):
         return await self._transfer(connection, connection.session.take_passive(),
                                     lambda: contextlib.nullcontext(entries), send)
 
-    # --- namespace commands: straight to the gateway, so every outcome has its precise reply and audit ---
-
     @needs(LOGGED_IN)
     async def on_dele(self, connection: aioftp.Connection, rest: str) -> bool:
         await self.gateway.delete(self._resolve(connection, rest), who(connection))
@@ -1092,8 +1080,6 @@ class FtpServer(aioftp.Server):
         del connection.rename_from
         await self.gateway.rename(source, self._resolve(connection, rest), who(connection))
         return replied(connection, "250", "renamed")
-
-    # --- commands aioftp lacks ---------------------------------------------------------------------
 
     @needs(LOGGED_IN)
     async def on_size(self, connection: aioftp.Connection, rest: str) -> bool:
