@@ -131,8 +131,6 @@ class Uploader:
         # In an HA pair (agent/ha.py) every PUT is conditional: never over an object this box did not know.
         self.conditional = False
 
-    # --- lifecycle ----------------------------------------------------------------------------
-
     async def start(self) -> None:
         if resumed := await self.db.reset_uploading():
             log.info("uploads_resumed", files=resumed)
@@ -150,8 +148,6 @@ class Uploader:
 
     def wake(self) -> None:
         self._wake.set()
-
-    # --- transfers -------------------------------------------------------------------------------
 
     def keep_header(self, blob: str, header: Header) -> None:
         """A stored file's header, read at its commit for the prior planner too: its upload describes the object
@@ -369,8 +365,6 @@ class Uploader:
             return await self._not_overwritten(e, lambda side: self.s3.copy(src, side, e.sha256, src_etag=etag))
         await self.db.copy_dicom_row(src, e.path)  # the copy carries the source's metadata
         return result
-
-    # --- background loops ------------------------------------------------------------------------
 
     async def _dispatch(self) -> None:
         while True:
