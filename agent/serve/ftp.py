@@ -35,17 +35,7 @@ import stat
 import time
 from dataclasses import dataclass
 from pathlib import Path, PurePath, PurePosixPath
-from typing import (
-    Any,
-    AsyncContextManager,
-    AsyncIterator,
-    Awaitable,
-    Callable,
-    Iterable,
-    Iterator,
-    NoReturn,
-    TypeVar,
-)
+from typing import Any, AsyncContextManager, AsyncIterator, Awaitable, Callable, Iterable, Iterator, NoReturn, TypeVar
 
 import aioftp
 import structlog
