@@ -851,16 +851,16 @@ class FtpServer(aioftp.Server):
             connection.response("425", "no free passive port; try again")
         return session.passive
 
-    async def _transfer(self, connection: aioftp.Connection, passive: Passive | None,
-                        opener: Callable[[], AsyncContextManager[T]],
-                        body: Callable[[T, DataConnection], Awaitable[str]]) -> bool:
-        """A transfer, run by its command's task beside the command loop: wait for the data connection; enter
-        `opener()` (the file or listing; its errors are answered without a 150); 150; the data connection's TLS
-        handshake if PROT P; `body(opened, data)` → the 226 text. Nothing is opened before the data
+    async def _transfer(self, connection: aioftp.Connection, opener: Callable[[], AsyncContextManager[T]],
+                        body: Callable[[T, DataConnection], Awaitable[None]], done: str) -> bool:
+        """A transfer, run by its command's task beside the command loop: take the passive port; wait for the data
+        connection; enter `opener()` (the file or listing; its errors are answered without a 150); 150; the data
+        connection's TLS handshake if PROT P; `body(opened, data)`; 226 `done`. Nothing is opened before the data
         connection is there (a 425 leaves nothing behind), and the data connection is closed on every path.
         ABOR (aioftp's: it cancels the connection's extra workers) or the session's end cancels it: 426, then 226."""
         connection.extra_workers.add(asyncio.current_task())  # the session's end-of-task callback takes it out
-        data = closing = done = None
+        passive = connection.session.take_passive()
+        data = closing = delivered = None
         try:
             if passive is None:
                 raise Reply("425", "no data connection: send PASV or EPSV first")
@@ -876,7 +876,8 @@ class FtpServer(aioftp.Server):
                     await data.handshake(self.cfg.ftp.tls_session_reuse)
                 except (OSError, ssl.SSLError, TimeoutError) as e:
                     raise Reply("425", f"TLS handshake on the data connection failed: {e}") from None
-                done = await body(opened, data)
+                await body(opened, data)
+                delivered = True
             connection.response("226", done)
         except Reply as e:
             log.warning("ftp_error", user=connection.user.login, code=e.code, reason=e.text)
@@ -891,7 +892,7 @@ class FtpServer(aioftp.Server):
             connection.response("226", "abort successful")
         finally:
             if data is not None:  # the listener stopped when it came; a transfer not done has nothing to deliver
-                closing = data.close(at_once=done is None)
+                closing = data.close(at_once=delivered is None)
             elif passive is not None:  # and what it accepted as the transfer ended unanswered goes too
                 passive.close()
         if closing is not None:  # answered: an ABOR meanwhile finds nothing to abort
@@ -945,18 +946,17 @@ class FtpServer(aioftp.Server):
 
     async def _store(self, connection: aioftp.Connection, rest: str, append: bool) -> bool:
         path = self._resolve(connection, rest)
-        offset, passive = connection.session.take_rest(), connection.session.take_passive()
+        offset = connection.session.take_rest()
 
-        async def receive(handle: WriteHandle, conn: DataConnection) -> str:
+        async def receive(handle: WriteHandle, conn: DataConnection) -> None:
             async for data in conn.receive(self.cfg.ftp.tls_close_notify):
                 await handle.write(data)
             _aborted()  # ABOR with the last bytes: no read waited, so no await raised it, and it would be committed
             connection.session.committing = asyncio.current_task()
             await handle.commit()
-            return "stored"
 
-        return await self._transfer(connection, passive, lambda: self._upload(connection, path, offset, append),
-                                    receive)
+        return await self._transfer(connection, lambda: self._upload(connection, path, offset, append), receive,
+                                    "stored")
 
     # methods: an asynccontextmanager made inside the command cost a functools.wraps per transfer
 
@@ -987,13 +987,9 @@ class FtpServer(aioftp.Server):
     @needs(LOGGED_IN)
     async def on_retr(self, connection: aioftp.Connection, rest: str) -> bool:
         path = self._resolve(connection, rest)
-        offset, passive = connection.session.take_rest(), connection.session.take_passive()
-
-        async def send(handle: ReadHandle, conn: DataConnection) -> str:
-            await send_file(conn, handle, offset)
-            return "transfer complete"
-
-        return await self._transfer(connection, passive, lambda: self._download(connection, path, offset), send)
+        offset = connection.session.take_rest()
+        return await self._transfer(connection, lambda: self._download(connection, path, offset),
+                                    lambda handle, conn: send_file(conn, handle, offset), "transfer complete")
 
     @needs(LOGGED_IN)
     async def on_list(self, connection: aioftp.Connection, rest: str) -> bool:
@@ -1015,7 +1011,7 @@ class FtpServer(aioftp.Server):
         drained each ~60-byte line on its own), then 226 done."""
         entries = await self.gateway.listdir(self._resolve(connection, rest or "."), who(connection))
 
-        async def send(entries: AsyncIterator[Entry], conn: DataConnection) -> str:
+        async def send(entries: AsyncIterator[Entry], conn: DataConnection) -> None:
             reader, writer = await conn.streams()  # in aioftp's stream (throttles, timeout); conn closes it
             stream = ThrottleStreamIO(reader, writer, throttles=connection.command_connection.throttles,
                                       timeout=connection.socket_timeout)
@@ -1032,10 +1028,8 @@ class FtpServer(aioftp.Server):
                 if len(block) >= BLOCK:
                     await flush()
             await flush()
-            return done
 
-        return await self._transfer(connection, connection.session.take_passive(),
-                                    lambda: contextlib.nullcontext(entries), send)
+        return await self._transfer(connection, lambda: contextlib.nullcontext(entries), send, done)
 
     @needs(LOGGED_IN)
     async def on_dele(self, connection: aioftp.Connection, rest: str) -> bool:
