@@ -265,16 +265,15 @@ class Uploader:
         else:
             fd, meta, body = await asyncio.to_thread(self._stage, e.path, e.blob, e.size, sha, body, kept)
         try:
-            try:
-                header = meta.header if meta else None
-                lock = self.locks.lock_for(e.path, e.mtime, header)
-                compress = self.s3.cfg.compress == "zstd" and header is not None and worth_compressing(
-                    header.transfer_syntax)
-                result = await self.s3.put_file(e.path, fd, e.size, sha, lock, meta, condition, compress, body)
-            except Exception as exc:
-                if condition is None or not precondition_failed(exc):
-                    raise
-                return await self._not_overwritten(e, lambda side: self.s3.put_file(side, fd, e.size, sha))
+            header = meta.header if meta else None
+            lock = self.locks.lock_for(e.path, e.mtime, header)
+            compress = self.s3.cfg.compress == "zstd" and header is not None and worth_compressing(
+                header.transfer_syntax)
+            result = await self.s3.put_file(e.path, fd, e.size, sha, lock, meta, condition, compress, body)
+        except Exception as exc:
+            if condition is None or not precondition_failed(exc):
+                raise
+            return await self._not_overwritten(e, lambda side: self.s3.put_file(side, fd, e.size, sha))
         finally:
             os.close(fd)
         self.metrics.uploaded_bytes.inc(e.size)
