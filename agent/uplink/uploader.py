@@ -319,9 +319,8 @@ class Uploader:
     async def _header(self, e: Entry) -> Header | None:
         """The DICOM header of a renamed file's cached content (the copy keeps its metadata, but DICOM
         retention rules need the header); None when it is not cached."""
-        if self.describe is None or e.blob is None:
+        if (describe := self.describe) is None or e.blob is None:
             return None
-        describe = self.describe
         meta = await asyncio.to_thread(self.blobs.read_blob, e.blob, lambda fd: describe(e.path, fd, e.size, None))
         return meta.header if meta else None
 
