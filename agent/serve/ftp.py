@@ -793,32 +793,27 @@ class FtpServer(aioftp.Server):
         return replied(connection, "230", "logged in")
 
     def on_pasv(self, connection: aioftp.Connection, rest: str) -> None:
+        host = self.cfg.ftp.masquerade_address or connection.session.server
         if connection.session.epsv_all:
             connection.response("503", "EPSV ALL was sent: use EPSV")
-            return
-        host = self.cfg.ftp.masquerade_address or connection.session.server
-        if ":" in host:
+        elif ":" in host:
             connection.response("425", "PASV cannot announce an IPv6 address; use EPSV")
-            return
-        if (passive := self._listen(connection)) is not None:
+        elif (passive := self._listen(connection)) is not None:
             numbers = [*host.split("."), str(passive.port >> 8), str(passive.port & 0xFF)]
             connection.response("227", f"Entering Passive Mode ({','.join(numbers)})")
 
     def on_epsv(self, connection: aioftp.Connection, rest: str) -> None:
         """EPSV, EPSV ALL and EPSV <net-prt> (RFC 2428: 1 is IPv4, 2 is IPv6)."""
         arg = rest.upper()
+        family = "2" if ":" in connection.session.server else "1"
         if arg == "ALL":
             connection.session.epsv_all = True
             connection.response("200", "EPSV ALL ok: only EPSV from now on")
-            return
-        family = "2" if ":" in connection.session.server else "1"
-        if arg and not arg.isdigit():
+        elif arg and not arg.isdigit():
             connection.response("501", f"EPSV takes ALL or a network protocol number, not {rest!r}")
-            return
-        if arg and arg != family:
+        elif arg and arg != family:
             connection.response("522", f"Network protocol not supported, use ({family})")
-            return
-        if (passive := self._listen(connection)) is not None:
+        elif (passive := self._listen(connection)) is not None:
             connection.response("229", f"Entering Extended Passive Mode (|||{passive.port}|)")
 
     def _listen(self, connection: aioftp.Connection) -> Passive | None:
