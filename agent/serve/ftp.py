@@ -471,14 +471,12 @@ def _abort_reason(e: BaseException) -> str:
 
 class FtpServer(aioftp.Server):
     def __init__(self, cfg: Config, gateway: Gateway, logins: LoginGuard) -> None:
-        factory = type("BoundPathIO", (GatewayPathIO,), {"gateway": gateway})
         # USER and PASS are this module's (on_user, on_pass): aioftp's user manager is never asked
-        super().__init__(path_io_factory=factory, block_size=BLOCK,
-                         idle_timeout=cfg.ftp.idle_timeout, socket_timeout=SOCKET_TIMEOUT,
+        super().__init__(path_io_factory=type("BoundPathIO", (GatewayPathIO,), {"gateway": gateway}),
+                         block_size=BLOCK, idle_timeout=cfg.ftp.idle_timeout, socket_timeout=SOCKET_TIMEOUT,
                          welcome_message="pacsgw FTP ready")
         self.cfg, self.gateway, self.logins = cfg, gateway, logins
-        lo, hi = cfg.ftp.passive_ports
-        self.passive_ports = range(lo, hi + 1)
+        self.passive_ports = range(cfg.ftp.passive_ports[0], cfg.ftp.passive_ports[1] + 1)
         self.passwords = Passwords(cfg.users)
         self.users = {u.name: aioftp.User(u.name, "-", base_path=Path(u.root), home_path="/",
                                           permissions=[aioftp.Permission("/", readable=True, writable=True)])
