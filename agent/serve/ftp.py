@@ -214,11 +214,10 @@ class DataConnection:
             self._streams.add_done_callback(lambda f: f.cancelled() or f.exception())  # seen, if never awaited
 
     async def handshake(self, resumed: bool) -> None:
-        """PROT P: wait for the TLS handshake begun when the connection came (nothing to wait for in clear); if
-        `resumed`, it must have resumed the control connection's TLS session, which its client alone holds (a
-        context of the session's own): any other client of its address could take the port first and, with a
-        handshake of its own, be sent the file or store its bytes under the session's user (vsftpd's
-        require_ssl_reuse)."""
+        """PROT P: wait for the TLS handshake begun when the connection came; if `resumed`, it must have resumed the
+        control connection's TLS session, which its client alone holds (a context of the session's own): any other
+        client of its address could take the port first and, with a handshake of its own, be sent the file or store its
+        bytes under the session's user (vsftpd's require_ssl_reuse)."""
         if self._streams is not None:
             _, writer = await self._streams
             if resumed and not writer.get_extra_info("ssl_object").session_reused:
@@ -275,8 +274,7 @@ class DataConnection:
             await asyncio.sleep(0)
 
     async def _ready(self, writing: bool) -> None:
-        """Wait until the socket takes more bytes (or has some to read), up to SOCKET_TIMEOUT (a peer that
-        stopped reading or sending)."""
+        """Wait until the socket can be written (or read), up to SOCKET_TIMEOUT: a peer may stop reading or sending."""
         loop, fileno = asyncio.get_running_loop(), self.sock.fileno()
         ready: asyncio.Future[None] = loop.create_future()
         (loop.add_writer if writing else loop.add_reader)(fileno, _settle, ready)
@@ -338,8 +336,7 @@ class Passive:
     @classmethod
     def open(cls, host: str, ports: range, peer: str, tls: ssl.SSLContext | None, timeout: float,
              on_refused: Callable[[str, str], None]) -> "Passive | None":
-        """Listen on a free port of `ports` picked at random (a port cannot be guessed from the last one)
-        → None if every port is taken."""
+        """Listen on a random free port of `ports` (not to be guessed from the last one) → None if all are taken."""
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         for port in _random_ports(ports):
             sock = socket.socket(family, socket.SOCK_STREAM)
@@ -536,10 +533,9 @@ class FtpServer(aioftp.Server):
         transfers: set[asyncio.Task[bool]] = set()  # the running commands that are TRANSFERS
 
         def respond(code: str, lines: str | Iterable[str] = "", as_list: bool = False) -> None:
-            """A reply, written at once (replies leave in the order they are made; aioftp queued each line for a
-            writer task that wrote and drained it under a timeout task of its own). Control characters (and bytes
-            that were not UTF-8) are escaped: nothing a client or an S3 key put into a reply can end it early or
-            start a forged one."""
+            """A reply, written at once, in the order made (aioftp queued each line for a writer task that wrote and
+            drained it under a timeout task of its own). Control characters (and bytes that were not UTF-8) are escaped:
+            nothing a client or an S3 key put into a reply can end it early or start a forged one."""
             if isinstance(lines, str):  # nearly every reply: one line, no list to build and join
                 writer.write(f"{code} {shown(lines)}{END_OF_LINE}".encode(self.encoding))
             else:
@@ -550,8 +546,7 @@ class FtpServer(aioftp.Server):
             respond("451", "internal error; the server log has the details")
 
         def settled(task: asyncio.Task[Any]) -> None:
-            """A command or transfer ended: a failure is logged and answered 451; False (QUIT, or a refusal that
-            ends the session) ends the session."""
+            """A command ended: a failure is logged and answered 451; False (QUIT, or a refusal) ends the session."""
             commands.discard(task)
             transfers.discard(task)
             connection.extra_workers.discard(task)
@@ -572,8 +567,7 @@ class FtpServer(aioftp.Server):
         respond("220", self.welcome_message)
 
         def login_expired() -> None:
-            """Not logged in after ftp.login_timeout: the session goes (it held a slot of the address cap for the
-            whole idle timeout)."""
+            """No login by ftp.login_timeout: the session goes (it held an address-cap slot until the idle timeout)."""
             if not connection.future.logged.done():
                 log.warning("ftp_session_closed", peer=host, reason="no login within login_timeout")
                 respond("421", "no login in time; closing the connection")
@@ -815,8 +809,7 @@ class FtpServer(aioftp.Server):
             connection.response("229", f"Entering Extended Passive Mode (|||{passive.port}|)")
 
     def _listen(self, connection: aioftp.Connection) -> Passive | None:
-        """A fresh passive listener for the next transfer (an unused earlier one is closed) → None after
-        replying why not."""
+        """A passive listener for the next transfer (an unused earlier one is closed) → None, after replying why not."""
         session: Session = connection.session
         if self.cfg.ftp.require_tls and not session.prot_private:
             connection.response("521", "data connections must be protected: PROT P")
@@ -1000,8 +993,7 @@ class FtpServer(aioftp.Server):
         return await self._listing(connection, _ls_path(rest), "name list done", lambda e: e.name)
 
     async def _listing(self, connection: aioftp.Connection, rest: str, done: str, line: Callable[[Entry], str]) -> bool:
-        """One line per entry of a directory over the data connection, in BLOCK-sized writes (aioftp wrote and
-        drained each ~60-byte line on its own), then 226 done."""
+        """A listing, a line per entry, in BLOCK-sized writes (aioftp wrote and drained each ~60-byte line alone)."""
         entries = await self.gateway.listdir(self._resolve(connection, rest or "."), who(connection))
 
         async def send(entries: AsyncIterator[Entry], conn: DataConnection) -> None:
@@ -1081,9 +1073,8 @@ class FtpServer(aioftp.Server):
         return replied(connection, "501", f"option {rest!r} not supported")
 
     async def on_rest(self, connection: aioftp.Connection, rest: str) -> bool:
-        """REST n: the next STOR/RETR starts at byte n. The marker is kept until a transfer command takes it,
-        whatever comes in between (PASV, EPSV, TYPE): aioftp's was cleared by any other command, so REST, PASV,
-        STOR replaced the file with its tail."""
+        """REST n: the next STOR/RETR starts at byte n, whatever comes in between (PASV, EPSV, TYPE): aioftp cleared the
+        marker at any other command, so REST, PASV, STOR replaced the file with its tail."""
         if not (rest.isascii() and rest.isdigit() and len(rest) <= 19):  # int() refused '²' and 5 000 digits: 451
             return replied(connection, "501", f"REST needs a byte offset, not {rest[:40]!r}")
         connection.session.rest = int(rest)
@@ -1091,9 +1082,8 @@ class FtpServer(aioftp.Server):
 
     @needs(LOGGED_IN)
     async def on_abor(self, connection: aioftp.Connection, rest: str) -> bool:
-        """Cancel the running transfer: it answers 426 then 226. A transfer that has just ended (its 226 sent, its
-        task not yet taken out of the running set) cannot answer: aioftp's ABOR then said nothing and the client
-        waited for a reply that never came."""
+        """Cancel the running transfer: it answers 426 then 226. A transfer that has just ended (its 226 sent, its task
+        not yet out of the running set) cannot answer: aioftp's ABOR then said nothing and the client hung."""
         running = [task for task in connection.extra_workers if not task.done()]
         if connection.session.committing in running:  # stored once its commit ends (its durable part runs on):
             await asyncio.wait(running)  # its own reply says so first, then this 226 (RFC 959: ABOR after completion)
