@@ -443,9 +443,9 @@ class Session:
 class Reply(Exception):
     """End a transfer with this reply (425 no data connection, 554 REST beyond the end…)."""
 
-    def __init__(self, code: str, text: str) -> None:
-        super().__init__(text)
-        self.code, self.text = code, text
+    def __init__(self, code: str, reason: str) -> None:
+        super().__init__(reason)
+        self.code, self.reason = code, reason  # `reason` as a GatewayError's: the reply's text
 
 
 def _aborted() -> None:
@@ -457,10 +457,8 @@ def _aborted() -> None:
 
 
 def _abort_reason(e: BaseException) -> str:
-    if isinstance(e, GatewayError):
+    if isinstance(e, (GatewayError, Reply)):
         return e.reason
-    if isinstance(e, Reply):
-        return e.text
     if isinstance(e, asyncio.CancelledError):
         return "aborted (ABOR, or the session ended)"
     return f"data connection failed: {type(e).__name__}: {str(e)[:200]}"
@@ -866,8 +864,8 @@ class FtpServer(aioftp.Server):
                 delivered = True
             connection.response("226", done)
         except Reply as e:
-            log.warning("ftp_error", user=connection.user.login, code=e.code, reason=e.text)
-            connection.response(e.code, e.text)
+            log.warning("ftp_error", user=connection.user.login, code=e.code, reason=e.reason)
+            connection.response(e.code, e.reason)
         except GatewayError as e:
             self._fail(connection, e)
         except (OSError, TimeoutError, ssl.SSLError, asyncio.IncompleteReadError) as e:
