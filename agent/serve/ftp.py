@@ -677,10 +677,9 @@ class FtpServer(aioftp.Server):
         self.stop_accepting()
         if told := [task for task, session in self.sessions.items() if session.passive is not None]:
             await asyncio.wait(told, timeout=PASSIVE_GRACE)
-        tasks = list(self.sessions)
-        for t in tasks:
-            t.cancel()
-        if tasks:
+        if tasks := list(self.sessions):
+            for t in tasks:
+                t.cancel()
             await asyncio.wait(tasks, timeout=15)
 
     async def on_auth(self, connection: aioftp.Connection, rest: str) -> bool:
