@@ -819,11 +819,10 @@ class FtpServer(aioftp.Server):
             # Counted each, told once a minute per address: a stranger knocking on a passive port in a loop wrote an
             # event and an audit record per connection, thousands a second, and rotated the audit trail away.
             self.gateway.count_error("ftp", "DataConnectionRefused")
-            if (since := self._told.due(("stranger", peer.rpartition(":")[0]))) is None:
-                return
-            log.warning("data_connection_refused", user=user, peer=peer, control_peer=connection.client_host,
-                        reason=reason, refused_since=since)
-            self.gateway.audit_event(Who(user, "ftp", peer), "data-connection", "", refusal(reason, since))
+            if (since := self._told.due(("stranger", peer.rpartition(":")[0]))) is not None:
+                log.warning("data_connection_refused", user=user, peer=peer, control_peer=connection.client_host,
+                            reason=reason, refused_since=since)
+                self.gateway.audit_event(Who(user, "ftp", peer), "data-connection", "", refusal(reason, since))
 
         session.passive = Passive.open(
             connection.server_host, self.passive_ports, session.address,
