@@ -432,9 +432,8 @@ class Session:
         return rest
 
     def forget_transfer(self) -> None:
-        """A transfer command refused before it ran (a path, a listing) uses the REST marker and passive port up as
-        one that ran: the next STOR or RETR of another file started at that marker (a file stored over the old
-        one's head, or sent short, each answered 226)."""
+        """A transfer refused before it ran (a path, a listing) uses up the REST marker and passive port: else the next
+        STOR or RETR of another file started there (stored over the old one's head or sent short, yet answered 226)."""
         self.rest = 0
         if (passive := self.take_passive()) is not None:
             passive.close()
