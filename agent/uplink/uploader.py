@@ -390,9 +390,8 @@ class Uploader:
         return task
 
     def _done(self, task: asyncio.Task[bool]) -> None:
-        """A transfer ended: the dispatcher looks again if it waits for room, or if this one failed (its
-        retry time changed). A clean write-through upload leaves it asleep: two catalog queries fewer per
-        stored file, and nothing for it to do."""
+        """A transfer ended: the dispatcher looks again if it waits for room, or if this one failed (its retry time
+        changed). A clean write-through upload leaves it asleep: two catalog queries fewer per stored file."""
         self._tasks.discard(task)
         if self._starved or task.cancelled() or task.exception() is not None or not task.result():
             self.wake()
