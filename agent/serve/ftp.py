@@ -35,17 +35,7 @@ import stat
 import time
 from dataclasses import dataclass
 from pathlib import Path, PurePath, PurePosixPath
-from typing import (
-    Any,
-    AsyncContextManager,
-    AsyncIterator,
-    Awaitable,
-    Callable,
-    Iterable,
-    Iterator,
-    NoReturn,
-    TypeVar,
-)
+from typing import Any, AsyncContextManager, AsyncIterator, Awaitable, Callable, Iterable, Iterator, NoReturn, TypeVar
 
 import aioftp
 import structlog
@@ -224,11 +214,10 @@ class DataConnection:
             self._streams.add_done_callback(lambda f: f.cancelled() or f.exception())  # seen, if never awaited
 
     async def handshake(self, resumed: bool) -> None:
-        """PROT P: wait for the TLS handshake begun when the connection came (nothing to wait for in clear); if
-        `resumed`, it must have resumed the control connection's TLS session, which its client alone holds (a
-        context of the session's own): any other client of its address could take the port first and, with a
-        handshake of its own, be sent the file or store its bytes under the session's user (vsftpd's
-        require_ssl_reuse)."""
+        """PROT P: wait for the TLS handshake begun when the connection came; if `resumed`, it must have resumed the
+        control connection's TLS session, which its client alone holds (a context of the session's own): any other
+        client of its address could take the port first and, with a handshake of its own, be sent the file or store its
+        bytes under the session's user (vsftpd's require_ssl_reuse)."""
         if self._streams is not None:
             _, writer = await self._streams
             if resumed and not writer.get_extra_info("ssl_object").session_reused:
@@ -285,8 +274,7 @@ class DataConnection:
             await asyncio.sleep(0)
 
     async def _ready(self, writing: bool) -> None:
-        """Wait until the socket takes more bytes (or has some to read), up to SOCKET_TIMEOUT (a peer that
-        stopped reading or sending)."""
+        """Wait until the socket can be written (or read), up to SOCKET_TIMEOUT: a peer may stop reading or sending."""
         loop, fileno = asyncio.get_running_loop(), self.sock.fileno()
         ready: asyncio.Future[None] = loop.create_future()
         (loop.add_writer if writing else loop.add_reader)(fileno, _settle, ready)
@@ -348,8 +336,7 @@ class Passive:
     @classmethod
     def open(cls, host: str, ports: range, peer: str, tls: ssl.SSLContext | None, timeout: float,
              on_refused: Callable[[str, str], None]) -> "Passive | None":
-        """Listen on a free port of `ports` picked at random (a port cannot be guessed from the last one)
-        → None if every port is taken."""
+        """Listen on a random free port of `ports` (not to be guessed from the last one) → None if all are taken."""
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         for port in _random_ports(ports):
             sock = socket.socket(family, socket.SOCK_STREAM)
@@ -445,9 +432,8 @@ class Session:
         return rest
 
     def forget_transfer(self) -> None:
-        """A transfer command refused before it ran (a path, a listing) uses the REST marker and passive port up as
-        one that ran: the next STOR or RETR of another file started at that marker (a file stored over the old
-        one's head, or sent short, each answered 226)."""
+        """A transfer refused before it ran (a path, a listing) uses up the REST marker and passive port: else the next
+        STOR or RETR of another file started there (stored over the old one's head or sent short, yet answered 226)."""
         self.rest = 0
         if (passive := self.take_passive()) is not None:
             passive.close()
@@ -456,9 +442,9 @@ class Session:
 class Reply(Exception):
     """End a transfer with this reply (425 no data connection, 554 REST beyond the end…)."""
 
-    def __init__(self, code: str, text: str) -> None:
-        super().__init__(text)
-        self.code, self.text = code, text
+    def __init__(self, code: str, reason: str) -> None:
+        super().__init__(reason)
+        self.code, self.reason = code, reason  # `reason` as a GatewayError's: the reply's text
 
 
 def _aborted() -> None:
@@ -470,10 +456,8 @@ def _aborted() -> None:
 
 
 def _abort_reason(e: BaseException) -> str:
-    if isinstance(e, GatewayError):
+    if isinstance(e, (GatewayError, Reply)):
         return e.reason
-    if isinstance(e, Reply):
-        return e.text
     if isinstance(e, asyncio.CancelledError):
         return "aborted (ABOR, or the session ended)"
     return f"data connection failed: {type(e).__name__}: {str(e)[:200]}"
@@ -481,14 +465,12 @@ def _abort_reason(e: BaseException) -> str:
 
 class FtpServer(aioftp.Server):
     def __init__(self, cfg: Config, gateway: Gateway, logins: LoginGuard) -> None:
-        factory = type("BoundPathIO", (GatewayPathIO,), {"gateway": gateway})
         # USER and PASS are this module's (on_user, on_pass): aioftp's user manager is never asked
-        super().__init__(path_io_factory=factory, block_size=BLOCK,
-                         idle_timeout=cfg.ftp.idle_timeout, socket_timeout=SOCKET_TIMEOUT,
+        super().__init__(path_io_factory=type("BoundPathIO", (GatewayPathIO,), {"gateway": gateway}),
+                         block_size=BLOCK, idle_timeout=cfg.ftp.idle_timeout, socket_timeout=SOCKET_TIMEOUT,
                          welcome_message="pacsgw FTP ready")
         self.cfg, self.gateway, self.logins = cfg, gateway, logins
-        lo, hi = cfg.ftp.passive_ports
-        self.passive_ports = range(lo, hi + 1)
+        self.passive_ports = range(cfg.ftp.passive_ports[0], cfg.ftp.passive_ports[1] + 1)
         self.passwords = Passwords(cfg.users)
         self.users = {u.name: aioftp.User(u.name, "-", base_path=Path(u.root), home_path="/",
                                           permissions=[aioftp.Permission("/", readable=True, writable=True)])
@@ -504,8 +486,6 @@ class FtpServer(aioftp.Server):
         self.immediate: dict[str, Immediate] = {"pasv": self.on_pasv, "epsv": self.on_epsv}
         handlers: dict[str, Handler] = {name: self.commands_mapping[name] for name in AIOFTP_COMMANDS} | own
         self.handlers = {name: self._guarded(h, name) if name in PATH_COMMANDS else h for name, h in handlers.items()}
-
-    # --- sessions ----------------------------------------------------------------------------------
 
     async def dispatcher(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """One session: aioftp.Server.start serves each control connection with this method."""
@@ -550,10 +530,9 @@ class FtpServer(aioftp.Server):
         transfers: set[asyncio.Task[bool]] = set()  # the running commands that are TRANSFERS
 
         def respond(code: str, lines: str | Iterable[str] = "", as_list: bool = False) -> None:
-            """A reply, written at once (replies leave in the order they are made; aioftp queued each line for a
-            writer task that wrote and drained it under a timeout task of its own). Control characters (and bytes
-            that were not UTF-8) are escaped: nothing a client or an S3 key put into a reply can end it early or
-            start a forged one."""
+            """A reply, written at once, in the order made (aioftp queued each line for a writer task that wrote and
+            drained it under a timeout task of its own). Control characters (and bytes that were not UTF-8) are escaped:
+            nothing a client or an S3 key put into a reply can end it early or start a forged one."""
             if isinstance(lines, str):  # nearly every reply: one line, no list to build and join
                 writer.write(f"{code} {shown(lines)}{END_OF_LINE}".encode(self.encoding))
             else:
@@ -564,8 +543,7 @@ class FtpServer(aioftp.Server):
             respond("451", "internal error; the server log has the details")
 
         def settled(task: asyncio.Task[Any]) -> None:
-            """A command or transfer ended: a failure is logged and answered 451; False (QUIT, or a refusal that
-            ends the session) ends the session."""
+            """A command ended: a failure is logged and answered 451; False (QUIT, or a refusal) ends the session."""
             commands.discard(task)
             transfers.discard(task)
             connection.extra_workers.discard(task)
@@ -586,8 +564,7 @@ class FtpServer(aioftp.Server):
         respond("220", self.welcome_message)
 
         def login_expired() -> None:
-            """Not logged in after ftp.login_timeout: the session goes (it held a slot of the address cap for the
-            whole idle timeout)."""
+            """No login by ftp.login_timeout: the session goes (it held an address-cap slot until the idle timeout)."""
             if not connection.future.logged.done():
                 log.warning("ftp_session_closed", peer=host, reason="no login within login_timeout")
                 respond("421", "no login in time; closing the connection")
@@ -699,13 +676,10 @@ class FtpServer(aioftp.Server):
         self.stop_accepting()
         if told := [task for task, session in self.sessions.items() if session.passive is not None]:
             await asyncio.wait(told, timeout=PASSIVE_GRACE)
-        tasks = list(self.sessions)
-        for t in tasks:
-            t.cancel()
-        if tasks:
+        if tasks := list(self.sessions):
+            for t in tasks:
+                t.cancel()
             await asyncio.wait(tasks, timeout=15)
-
-    # --- login and FTPS (explicit, RFC 4217) -----------------------------------------------------
 
     async def on_auth(self, connection: aioftp.Connection, rest: str) -> bool:
         if rest.upper() not in ("TLS", "TLS-C", "SSL"):
@@ -806,40 +780,32 @@ class FtpServer(aioftp.Server):
         self.gateway.audit_event(who(connection), "login")
         return replied(connection, "230", "logged in")
 
-    # --- passive data connections ---------------------------------------------------------------
-
     def on_pasv(self, connection: aioftp.Connection, rest: str) -> None:
+        host = self.cfg.ftp.masquerade_address or connection.session.server
         if connection.session.epsv_all:
             connection.response("503", "EPSV ALL was sent: use EPSV")
-            return
-        host = self.cfg.ftp.masquerade_address or connection.session.server
-        if ":" in host:
+        elif ":" in host:
             connection.response("425", "PASV cannot announce an IPv6 address; use EPSV")
-            return
-        if (passive := self._listen(connection)) is not None:
+        elif (passive := self._listen(connection)) is not None:
             numbers = [*host.split("."), str(passive.port >> 8), str(passive.port & 0xFF)]
             connection.response("227", f"Entering Passive Mode ({','.join(numbers)})")
 
     def on_epsv(self, connection: aioftp.Connection, rest: str) -> None:
         """EPSV, EPSV ALL and EPSV <net-prt> (RFC 2428: 1 is IPv4, 2 is IPv6)."""
         arg = rest.upper()
+        family = "2" if ":" in connection.session.server else "1"
         if arg == "ALL":
             connection.session.epsv_all = True
             connection.response("200", "EPSV ALL ok: only EPSV from now on")
-            return
-        family = "2" if ":" in connection.session.server else "1"
-        if arg and not arg.isdigit():
+        elif arg and not arg.isdigit():
             connection.response("501", f"EPSV takes ALL or a network protocol number, not {rest!r}")
-            return
-        if arg and arg != family:
+        elif arg and arg != family:
             connection.response("522", f"Network protocol not supported, use ({family})")
-            return
-        if (passive := self._listen(connection)) is not None:
+        elif (passive := self._listen(connection)) is not None:
             connection.response("229", f"Entering Extended Passive Mode (|||{passive.port}|)")
 
     def _listen(self, connection: aioftp.Connection) -> Passive | None:
-        """A fresh passive listener for the next transfer (an unused earlier one is closed) → None after
-        replying why not."""
+        """A passive listener for the next transfer (an unused earlier one is closed) → None, after replying why not."""
         session: Session = connection.session
         if self.cfg.ftp.require_tls and not session.prot_private:
             connection.response("521", "data connections must be protected: PROT P")
@@ -852,11 +818,10 @@ class FtpServer(aioftp.Server):
             # Counted each, told once a minute per address: a stranger knocking on a passive port in a loop wrote an
             # event and an audit record per connection, thousands a second, and rotated the audit trail away.
             self.gateway.count_error("ftp", "DataConnectionRefused")
-            if (since := self._told.due(("stranger", peer.rpartition(":")[0]))) is None:
-                return
-            log.warning("data_connection_refused", user=user, peer=peer, control_peer=connection.client_host,
-                        reason=reason, refused_since=since)
-            self.gateway.audit_event(Who(user, "ftp", peer), "data-connection", "", refusal(reason, since))
+            if (since := self._told.due(("stranger", peer.rpartition(":")[0]))) is not None:
+                log.warning("data_connection_refused", user=user, peer=peer, control_peer=connection.client_host,
+                            reason=reason, refused_since=since)
+                self.gateway.audit_event(Who(user, "ftp", peer), "data-connection", "", refusal(reason, since))
 
         session.passive = Passive.open(
             connection.server_host, self.passive_ports, session.address,
@@ -867,16 +832,16 @@ class FtpServer(aioftp.Server):
             connection.response("425", "no free passive port; try again")
         return session.passive
 
-    async def _transfer(self, connection: aioftp.Connection, passive: Passive | None,
-                        opener: Callable[[], AsyncContextManager[T]],
-                        body: Callable[[T, DataConnection], Awaitable[str]]) -> bool:
-        """A transfer, run by its command's task beside the command loop: wait for the data connection; enter
-        `opener()` (the file or listing; its errors are answered without a 150); 150; the data connection's TLS
-        handshake if PROT P; `body(opened, data)` → the 226 text. Nothing is opened before the data
+    async def _transfer(self, connection: aioftp.Connection, opener: Callable[[], AsyncContextManager[T]],
+                        body: Callable[[T, DataConnection], Awaitable[None]], done: str) -> bool:
+        """A transfer, run by its command's task beside the command loop: take the passive port; wait for the data
+        connection; enter `opener()` (the file or listing; its errors are answered without a 150); 150; the data
+        connection's TLS handshake if PROT P; `body(opened, data)`; 226 `done`. Nothing is opened before the data
         connection is there (a 425 leaves nothing behind), and the data connection is closed on every path.
         ABOR (aioftp's: it cancels the connection's extra workers) or the session's end cancels it: 426, then 226."""
         connection.extra_workers.add(asyncio.current_task())  # the session's end-of-task callback takes it out
-        data = closing = done = None
+        passive = connection.session.take_passive()
+        data = closing = delivered = None
         try:
             if passive is None:
                 raise Reply("425", "no data connection: send PASV or EPSV first")
@@ -892,11 +857,12 @@ class FtpServer(aioftp.Server):
                     await data.handshake(self.cfg.ftp.tls_session_reuse)
                 except (OSError, ssl.SSLError, TimeoutError) as e:
                     raise Reply("425", f"TLS handshake on the data connection failed: {e}") from None
-                done = await body(opened, data)
+                await body(opened, data)
+                delivered = True
             connection.response("226", done)
         except Reply as e:
-            log.warning("ftp_error", user=connection.user.login, code=e.code, reason=e.text)
-            connection.response(e.code, e.text)
+            log.warning("ftp_error", user=connection.user.login, code=e.code, reason=e.reason)
+            connection.response(e.code, e.reason)
         except GatewayError as e:
             self._fail(connection, e)
         except (OSError, TimeoutError, ssl.SSLError, asyncio.IncompleteReadError) as e:
@@ -907,15 +873,13 @@ class FtpServer(aioftp.Server):
             connection.response("226", "abort successful")
         finally:
             if data is not None:  # the listener stopped when it came; a transfer not done has nothing to deliver
-                closing = data.close(at_once=done is None)
+                closing = data.close(at_once=delivered is None)
             elif passive is not None:  # and what it accepted as the transfer ended unanswered goes too
                 passive.close()
         if closing is not None:  # answered: an ABOR meanwhile finds nothing to abort
             connection.extra_workers.discard(asyncio.current_task())
             await _closed(closing)
         return True
-
-    # --- paths and errors ------------------------------------------------------------------------
 
     def _resolve(self, connection: aioftp.Connection, rest: str) -> str:
         """The namespace path a command's argument names (remembered: _guarded checks it, then the handler uses it)."""
@@ -953,8 +917,6 @@ class FtpServer(aioftp.Server):
         report(self.gateway, "ftp", who(connection), e, refused_here=refused_here, code=code)
         return replied(connection, code, info)
 
-    # --- transfers ---------------------------------------------------------------------------------
-
     @needs(LOGGED_IN)
     async def on_stor(self, connection: aioftp.Connection, rest: str) -> bool:
         return await self._store(connection, rest, append=False)
@@ -965,18 +927,17 @@ class FtpServer(aioftp.Server):
 
     async def _store(self, connection: aioftp.Connection, rest: str, append: bool) -> bool:
         path = self._resolve(connection, rest)
-        offset, passive = connection.session.take_rest(), connection.session.take_passive()
+        offset = connection.session.take_rest()
 
-        async def receive(handle: WriteHandle, conn: DataConnection) -> str:
+        async def receive(handle: WriteHandle, conn: DataConnection) -> None:
             async for data in conn.receive(self.cfg.ftp.tls_close_notify):
                 await handle.write(data)
             _aborted()  # ABOR with the last bytes: no read waited, so no await raised it, and it would be committed
             connection.session.committing = asyncio.current_task()
             await handle.commit()
-            return "stored"
 
-        return await self._transfer(connection, passive, lambda: self._upload(connection, path, offset, append),
-                                    receive)
+        return await self._transfer(connection, lambda: self._upload(connection, path, offset, append), receive,
+                                    "stored")
 
     # methods: an asynccontextmanager made inside the command cost a functools.wraps per transfer
 
@@ -1007,13 +968,9 @@ class FtpServer(aioftp.Server):
     @needs(LOGGED_IN)
     async def on_retr(self, connection: aioftp.Connection, rest: str) -> bool:
         path = self._resolve(connection, rest)
-        offset, passive = connection.session.take_rest(), connection.session.take_passive()
-
-        async def send(handle: ReadHandle, conn: DataConnection) -> str:
-            await send_file(conn, handle, offset)
-            return "transfer complete"
-
-        return await self._transfer(connection, passive, lambda: self._download(connection, path, offset), send)
+        offset = connection.session.take_rest()
+        return await self._transfer(connection, lambda: self._download(connection, path, offset),
+                                    lambda handle, conn: send_file(conn, handle, offset), "transfer complete")
 
     @needs(LOGGED_IN)
     async def on_list(self, connection: aioftp.Connection, rest: str) -> bool:
@@ -1031,11 +988,10 @@ class FtpServer(aioftp.Server):
         return await self._listing(connection, _ls_path(rest), "name list done", lambda e: e.name)
 
     async def _listing(self, connection: aioftp.Connection, rest: str, done: str, line: Callable[[Entry], str]) -> bool:
-        """One line per entry of a directory over the data connection, in BLOCK-sized writes (aioftp wrote and
-        drained each ~60-byte line on its own), then 226 done."""
+        """A listing, a line per entry, in BLOCK-sized writes (aioftp wrote and drained each ~60-byte line alone)."""
         entries = await self.gateway.listdir(self._resolve(connection, rest or "."), who(connection))
 
-        async def send(entries: AsyncIterator[Entry], conn: DataConnection) -> str:
+        async def send(entries: AsyncIterator[Entry], conn: DataConnection) -> None:
             reader, writer = await conn.streams()  # in aioftp's stream (throttles, timeout); conn closes it
             stream = ThrottleStreamIO(reader, writer, throttles=connection.command_connection.throttles,
                                       timeout=connection.socket_timeout)
@@ -1052,12 +1008,8 @@ class FtpServer(aioftp.Server):
                 if len(block) >= BLOCK:
                     await flush()
             await flush()
-            return done
 
-        return await self._transfer(connection, connection.session.take_passive(),
-                                    lambda: contextlib.nullcontext(entries), send)
-
-    # --- namespace commands: straight to the gateway, so every outcome has its precise reply and audit ---
+        return await self._transfer(connection, lambda: contextlib.nullcontext(entries), send, done)
 
     @needs(LOGGED_IN)
     async def on_dele(self, connection: aioftp.Connection, rest: str) -> bool:
@@ -1093,8 +1045,6 @@ class FtpServer(aioftp.Server):
         await self.gateway.rename(source, self._resolve(connection, rest), who(connection))
         return replied(connection, "250", "renamed")
 
-    # --- commands aioftp lacks ---------------------------------------------------------------------
-
     @needs(LOGGED_IN)
     async def on_size(self, connection: aioftp.Connection, rest: str) -> bool:
         e = await self.gateway.stat(self._resolve(connection, rest))
@@ -1118,9 +1068,8 @@ class FtpServer(aioftp.Server):
         return replied(connection, "501", f"option {rest!r} not supported")
 
     async def on_rest(self, connection: aioftp.Connection, rest: str) -> bool:
-        """REST n: the next STOR/RETR starts at byte n. The marker is kept until a transfer command takes it,
-        whatever comes in between (PASV, EPSV, TYPE): aioftp's was cleared by any other command, so REST, PASV,
-        STOR replaced the file with its tail."""
+        """REST n: the next STOR/RETR starts at byte n, whatever comes in between (PASV, EPSV, TYPE): aioftp cleared the
+        marker at any other command, so REST, PASV, STOR replaced the file with its tail."""
         if not (rest.isascii() and rest.isdigit() and len(rest) <= 19):  # int() refused '²' and 5 000 digits: 451
             return replied(connection, "501", f"REST needs a byte offset, not {rest[:40]!r}")
         connection.session.rest = int(rest)
@@ -1128,9 +1077,8 @@ class FtpServer(aioftp.Server):
 
     @needs(LOGGED_IN)
     async def on_abor(self, connection: aioftp.Connection, rest: str) -> bool:
-        """Cancel the running transfer: it answers 426 then 226. A transfer that has just ended (its 226 sent, its
-        task not yet taken out of the running set) cannot answer: aioftp's ABOR then said nothing and the client
-        waited for a reply that never came."""
+        """Cancel the running transfer: it answers 426 then 226. A transfer that has just ended (its 226 sent, its task
+        not yet out of the running set) cannot answer: aioftp's ABOR then said nothing and the client hung."""
         running = [task for task in connection.extra_workers if not task.done()]
         if connection.session.committing in running:  # stored once its commit ends (its durable part runs on):
             await asyncio.wait(running)  # its own reply says so first, then this 226 (RFC 959: ABOR after completion)

@@ -131,8 +131,6 @@ class Uploader:
         # In an HA pair (agent/ha.py) every PUT is conditional: never over an object this box did not know.
         self.conditional = False
 
-    # --- lifecycle ----------------------------------------------------------------------------
-
     async def start(self) -> None:
         if resumed := await self.db.reset_uploading():
             log.info("uploads_resumed", files=resumed)
@@ -150,8 +148,6 @@ class Uploader:
 
     def wake(self) -> None:
         self._wake.set()
-
-    # --- transfers -------------------------------------------------------------------------------
 
     def keep_header(self, blob: str, header: Header) -> None:
         """A stored file's header, read at its commit for the prior planner too: its upload describes the object
@@ -269,16 +265,15 @@ class Uploader:
         else:
             fd, meta, body = await asyncio.to_thread(self._stage, e.path, e.blob, e.size, sha, body, kept)
         try:
-            try:
-                header = meta.header if meta else None
-                lock = self.locks.lock_for(e.path, e.mtime, header)
-                compress = self.s3.cfg.compress == "zstd" and header is not None and worth_compressing(
-                    header.transfer_syntax)
-                result = await self.s3.put_file(e.path, fd, e.size, sha, lock, meta, condition, compress, body)
-            except Exception as exc:
-                if condition is None or not precondition_failed(exc):
-                    raise
-                return await self._not_overwritten(e, lambda side: self.s3.put_file(side, fd, e.size, sha))
+            header = meta.header if meta else None
+            lock = self.locks.lock_for(e.path, e.mtime, header)
+            compress = self.s3.cfg.compress == "zstd" and header is not None and worth_compressing(
+                header.transfer_syntax)
+            result = await self.s3.put_file(e.path, fd, e.size, sha, lock, meta, condition, compress, body)
+        except Exception as exc:
+            if condition is None or not precondition_failed(exc):
+                raise
+            return await self._not_overwritten(e, lambda side: self.s3.put_file(side, fd, e.size, sha))
         finally:
             os.close(fd)
         self.metrics.uploaded_bytes.inc(e.size)
@@ -324,9 +319,8 @@ class Uploader:
     async def _header(self, e: Entry) -> Header | None:
         """The DICOM header of a renamed file's cached content (the copy keeps its metadata, but DICOM
         retention rules need the header); None when it is not cached."""
-        if self.describe is None or e.blob is None:
+        if (describe := self.describe) is None or e.blob is None:
             return None
-        describe = self.describe
         meta = await asyncio.to_thread(self.blobs.read_blob, e.blob, lambda fd: describe(e.path, fd, e.size, None))
         return meta.header if meta else None
 
@@ -370,8 +364,6 @@ class Uploader:
         await self.db.copy_dicom_row(src, e.path)  # the copy carries the source's metadata
         return result
 
-    # --- background loops ------------------------------------------------------------------------
-
     async def _dispatch(self) -> None:
         while True:
             await self.line.wait_up()
@@ -398,9 +390,8 @@ class Uploader:
         return task
 
     def _done(self, task: asyncio.Task[bool]) -> None:
-        """A transfer ended: the dispatcher looks again if it waits for room, or if this one failed (its
-        retry time changed). A clean write-through upload leaves it asleep: two catalog queries fewer per
-        stored file, and nothing for it to do."""
+        """A transfer ended: the dispatcher looks again if it waits for room, or if this one failed (its retry time
+        changed). A clean write-through upload leaves it asleep: two catalog queries fewer per stored file."""
         self._tasks.discard(task)
         if self._starved or task.cancelled() or task.exception() is not None or not task.result():
             self.wake()

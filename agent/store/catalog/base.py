@@ -129,11 +129,10 @@ class CatalogBase:
 
     def _next_gen(self) -> int:
         """A gen never handed out, to any path (per-path ones let a late mark_clean match a new row); above 1."""
-        row = self.db.execute(
+        return int(self.db.execute(
             "INSERT INTO agent_state (key, value) VALUES ('gen', (SELECT MAX(COALESCE(MAX(gen), 0), 1) + 1 "
             "FROM entries)) ON CONFLICT(key) DO UPDATE SET value = CAST(value AS INTEGER) + 1 RETURNING value"
-        ).fetchone()
-        return int(row[0])
+        ).fetchone()[0])
 
     def _index_rows(self, rows: Sequence[tuple[object, ...]]) -> None:
         """Upsert study-index rows inside the caller's transaction (Studies.index_dicom, Uploads.mark_clean)."""

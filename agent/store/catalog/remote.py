@@ -77,10 +77,9 @@ class RemoteSync(CatalogBase):
                         self._ensure_dirs(path, now)
                     except NotADirectory:
                         continue  # a key below a file's name: not representable, as in a listing
-                    self.db.execute(
-                        "INSERT INTO entries (path, parent, name, is_dir, size, mtime, state, etag, gen) "
-                        "VALUES (?, ?, ?, 0, ?, ?, 'clean', ?, 1)", (path, parent_of(path), name_of(path), size,
-                                                                      mtime, etag))
+                    self.db.execute("INSERT INTO entries (path, parent, name, is_dir, size, mtime, state, etag, gen) "
+                                    "VALUES (?, ?, ?, 0, ?, ?, 'clean', ?, 1)",
+                                    (path, parent_of(path), name_of(path), size, mtime, etag))
                     added += 1
                 # Only a newer object replaces a clean row: a page listed before this box's own upload
                 # still shows the object that upload replaced.
