@@ -1,9 +1,9 @@
 """Where a demand-only scheme loses byte hits against Belady: the read bytes Belady hits and the scheme misses (and
 those the scheme hits and Belady misses), after a warm-up, by file size, the time since the file's previous request,
 whether that request was its write, modality, department, study size, whether the file's study was written in the
-trace, how old the study is at the read, the file's read count so far, and (`adaptive`, `agent`) which part of the stack evicted the
-file last before the read (the doorkeeper's probation, the second door, the priors their session passed by unopened,
-or the expert in charge: `learned` or `study`):
+trace, how old the study is at the read, the file's read count so far, and (`adaptive`, `agent`) which part of the
+stack evicted the file last before the read (the doorkeeper's probation, the second door, the priors their session
+passed by unopened, or the expert in charge: `learned` or `study`):
 
     .venv/bin/python bench/byte_gap.py --traces /tmp/p12/traces --families outpatient,general --caps 5GB
 
