@@ -354,7 +354,7 @@ class HttpServer:
             return web.json_response({"error": "admin POSTs take Content-Type: application/json"}, status=415)
         try:
             parsed = await request.json() if request.can_read_body else {}
-        except ValueError:
+        except (ValueError, RecursionError, LookupError):  # not JSON, nested too deep, an unknown charset: not a 500
             parsed = None
         # a body that is not a JSON object reaches the handler as {}: it names what it expected
         body: dict[str, Any] = parsed if isinstance(parsed, dict) else {}
