@@ -289,6 +289,9 @@ class SmbConfig:
     max_sessions_per_address: int = _int(1, 10000, 64)
     # SMB connections (each an smbd process) from every address together, logged in or not (max smbd processes)
     max_connections: int = _int(1, 100000, 512)
+    # Memory (RSS) one smbd process, one connection, may hold: Samba bounds none of a connection's sessions, tree
+    # connects or byte-range locks. Checked by the agent when manage = true
+    max_process_memory: int = _size("512MiB", ", at least 32MiB", least=32 * 1024**2)
 
 
 def parse_hash(encoded: str) -> tuple[int, int, int, bytes, bytes]:

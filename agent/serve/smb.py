@@ -36,6 +36,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import psutil
 import structlog
 
 from agent.audit import Who
@@ -53,6 +54,7 @@ SMBD_STOP_SECONDS = 10.0
 AUTH_POLL_SECONDS = 0.25
 AUTH_LOG = "log/auth.json"  # Samba's JSON authentication audit, below state_dir
 BANS_CONF = "bans.conf"     # included by smb.conf: the addresses the LoginGuard bans now
+MEMORY_CHECK_SECONDS = 2.0  # how often the smbd processes' memory is compared with [smb] max_process_memory
 
 
 def unix_account(name: str) -> str:
@@ -251,6 +253,7 @@ class SmbService:
         self.proc: subprocess.Popen[bytes] | None = None
         self._supervisor: asyncio.Task[None] | None = None
         self._auth_watch: asyncio.Task[None] | None = None
+        self._memory_watch: asyncio.Task[None] | None = None
         self._stopping = False
         self.restarts = 0
         self._bans: list[str] = []  # denied in bans.conf now: banned by the guard…
@@ -293,6 +296,7 @@ class SmbService:
             proc = self._start_smbd()
             await self._wait_listening()
             self._supervisor = asyncio.create_task(self._supervise(proc), name="smbd-supervisor")
+            self._memory_watch = asyncio.create_task(self._watch_memory(), name="smbd-memory")
         self._auth_watch = asyncio.create_task(self._watch_logins(auth_log, auth_offset), name="smb-logins")
         log.info("smb_started", listen=s.listen, share=s.share, mountpoint=s.mountpoint, manage=s.manage,
                  encryption=s.encryption, users=[u.name for u in smb_users(self.cfg)])
@@ -420,6 +424,32 @@ class SmbService:
         log.warning("smb_hosts_denied", banned=banned, full=full)
         self._bans, self._full = banned, full
 
+    async def _watch_memory(self) -> None:
+        """Kill an smbd process over [smb] max_process_memory. One logged-in connection grew its process without end:
+        each tree connect cost it 8 KB, each session 10 KB, up to 65 534 of each (of tree connects per session),
+        thousands a second, and nothing in Samba caps them. Killed, not stopped: smbd's own exit would close its open
+        files as completions; the kernel's closes of a killed process's files are aborts (fuse._cut_short)."""
+        while True:
+            await asyncio.sleep(MEMORY_CHECK_SECONDS)
+            try:
+                await asyncio.to_thread(self._kill_oversized)
+            except Exception as e:  # a failed look must not end the watch
+                log.error("smbd_memory_watch_failed", error=f"{type(e).__name__}: {e}")
+
+    def _kill_oversized(self) -> None:
+        limit = self.cfg.smb.max_process_memory
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        for child in psutil.Process(self.proc.pid).children():  # one per connection, and Samba's helpers
+            with contextlib.suppress(psutil.Error):
+                if (rss := child.memory_info().rss) > limit:
+                    peer = self.fs.peers.of(child.pid) if self.fs is not None else ""
+                    child.kill()
+                    self.gateway.count_error("smb", "ProcessMemoryLimit")
+                    log.warning("smbd_process_killed", pid=child.pid, peer=peer, rss=rss, limit=limit,
+                                reason="over [smb] max_process_memory: its connection is cut, its unfinished "
+                                       "uploads discarded")
+
     def _reload_smbd(self) -> None:
         """smbd rereads smb.conf (and so bans.conf): new connections from a banned address are refused."""
         if self.proc is not None:
@@ -526,9 +556,10 @@ class SmbService:
     async def close(self) -> None:
         """Stop smbd (its closes of still-open files are aborts, not completions), then unmount."""
         self._stopping = True
-        if self._auth_watch is not None:
-            self._auth_watch.cancel()
-            await asyncio.gather(self._auth_watch, return_exceptions=True)
+        for watch in (self._auth_watch, self._memory_watch):
+            if watch is not None:
+                watch.cancel()
+                await asyncio.gather(watch, return_exceptions=True)
         if self.fs is not None:
             self.fs.closing = True
         if self.proc is not None and self.proc.poll() is None:
