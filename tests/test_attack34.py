@@ -16,7 +16,7 @@ import urllib.request
 from test_priors_live import dicom, store_study, uid
 
 from agent.prefetcher import PriorFetcher
-from faultkit import cached_paths, catalog_rows, ftp_login, ftp_put, metric
+from faultkit import cached_paths, catalog_rows, ftp_login, ftp_put, metric, wait_for
 from harness import PASSWORD
 
 CAP = 2
@@ -64,7 +64,8 @@ def test_a_writer_storing_new_studies_for_many_patients_fetches_at_most_the_caps
             metric(a, "pacsgw_prefetched_files_total") < 2 * CAP:
         assert time.monotonic() < deadline, (catalog_rows(a, "SELECT dir FROM studies"), a.events("prior_prefetch"))
         time.sleep(0.1)
-    time.sleep(1.0)     # plans past the cap would have been started by now (they ran at once, concurrently)
+    # each study past the cap is counted once refused: then every study is decided, none planned later
+    wait_for(lambda: metric(a, "pacsgw_prior_plans_over_cap_total") >= 2 * (PATIENTS - CAP), 20, what="the refusals")
 
     # every study is recorded; only the writer's first CAP were planned, so only those patients' priors came back
     assert metric(a, "pacsgw_prefetched_files_total") == 2 * CAP, a.events("prefetched")

@@ -4,6 +4,7 @@ them, the most relevant first and within the budget. Non-DICOM trees are recogni
 
 from __future__ import annotations
 
+import datetime as dt
 import io
 import itertools
 import subprocess
@@ -14,7 +15,7 @@ import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
 
-from faultkit import cached_paths, catalog_rows, ftp_get, ftp_login, ftp_put, metric
+from faultkit import cached_paths, catalog_rows, ftp_get, ftp_login, ftp_put, metric, wait_for
 
 PIXELS = 20_000
 _SERIAL = itertools.count(1)
@@ -53,6 +54,11 @@ def store_study(ftp, directory: str, patient: str, date: str, modality: str, fil
         out[path] = dicom(patient, study, date, modality, i)
         assert ftp_put(ftp, path, out[path]).startswith("226")
     return out
+
+
+def logged_at(event: dict) -> float:
+    """When the agent logged an event (its ISO UTC timestamp), as time.time() counts."""
+    return dt.datetime.fromisoformat(event["timestamp"].replace("Z", "+00:00")).timestamp()
 
 
 def study_uid(files: dict[str, bytes]) -> str:
@@ -197,8 +203,9 @@ def test_a_fetched_prior_is_linked_to_its_study_by_the_eviction_groups_key(agent
     the prior's files by (the study UID, agent/store/evictor.py): the default policy then holds the prior beside its
     unread new study (adaptive.HOLD_PRIORS: the fresh segment's bytes count it). Keyed otherwise (the directory), the
     link matches no group and the prior is an ordinary prefetch, held by nothing."""
+    interval = 0.2
     a = agent_factory(**{"prefetch.enabled": False, "prefetch.priors": True, "prefetch.study_depth": 3,
-                         "cache.evict_interval_seconds": 0.2}).start()
+                         "cache.evict_interval_seconds": interval}).start()
     ftp = ftp_login(a)
     # 50 studies read soon after their write: the fresh segment learns a horizon and holds what is written from then
     warm = [f"OT/2026-11-20/w{i}/0.bin" for i in range(50)]
@@ -217,11 +224,12 @@ def test_a_fetched_prior_is_linked_to_its_study_by_the_eviction_groups_key(agent
         assert time.monotonic() < deadline, a.events("prior_prefetch")
         time.sleep(0.2)
     a.wait_drained()
-    store_study(ftp, "MR/2026-11-23", "P2", "20261123", "MR", files=1)     # its plan feeds the policy the cache now
+    # The next new study's plan feeds the policy the cache now: its view is at most an evict interval old (the evictor
+    # reads the catalog's rows once per interval), so the study comes an interval after the prior's last file landed
+    landed = max(logged_at(e) for e in a.wait_events("prefetched", len(prior)))
+    time.sleep(max(0.0, landed + interval - time.time()))
+    other = study_uid(store_study(ftp, "MR/2026-11-23", "P2", "20261123", "MR", files=1))
     ftp.quit()
-    deadline = time.monotonic() + 30
-    while len(a.events("prior_prefetch")) < 2:
-        assert time.monotonic() < deadline, a.events("prior_prefetch")
-        time.sleep(0.2)
+    wait_for(lambda: other in {e["study"] for e in a.events("prior_prefetch")}, 30, what="the other study's plan")
     h = a.health()["eviction"]
     assert h["fresh_mode"] == "learned" and h["fresh_bytes"] >= sum(map(len, prior.values())), h
