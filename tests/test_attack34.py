@@ -47,7 +47,6 @@ def store_new_studies(a, user: str, patients: int) -> None:
 
 
 def test_a_writer_storing_new_studies_for_many_patients_fetches_at_most_the_caps_worth(agent_factory):
-    t0 = time.monotonic()
     a = agent_factory(users=[{"name": "pacs", "password": PASSWORD, "root": "/"},
                              {"name": "writer", "password": PASSWORD, "root": "/"}],
                       **{"prefetch.enabled": False, "prefetch.priors": True, "prefetch.study_depth": 3,
@@ -80,7 +79,6 @@ def test_a_writer_storing_new_studies_for_many_patients_fetches_at_most_the_caps
     assert metric(a, "pacsgw_prior_plans_over_cap_total") == 2 * (PATIENTS - CAP)
     with urllib.request.urlopen(f"http://127.0.0.1:{a.http_port}/status", timeout=10) as r:
         assert f"{2 * (PATIENTS - CAP)} not planned since start (writer over priors_per_user_hour)" in r.read().decode()
-    assert time.monotonic() - t0 < 60
 
 
 def test_a_burst_of_new_studies_gets_every_prior_and_teaches_the_planner_nothing_false(agent_factory):
@@ -88,7 +86,6 @@ def test_a_burst_of_new_studies_gets_every_prior_and_teaches_the_planner_nothing
     study's prior is fetched, PLANS_AT_ONCE plans at a time, and the planner learns nothing yet (none was opened or
     evicted). A plan's learn() settled another plan's prior as evicted unread while its fetch was still running (none
     of its files landed yet): the burst taught the planner that priors are not opened, and it fetched fewer."""
-    t0 = time.monotonic()
     patients, files = 8, 2
     a = agent_factory(**{"prefetch.enabled": False, "prefetch.priors": True, "prefetch.study_depth": 3,
                          "uplink.bwlimit": "50KB"}).start()
@@ -114,4 +111,3 @@ def test_a_burst_of_new_studies_gets_every_prior_and_teaches_the_planner_nothing
             fetching = {p for p in fetching if last[p] > i} | set(e["priors"])
             most = max(most, len(fetching))
     assert most == PriorFetcher.PLANS_AT_ONCE, most
-    assert time.monotonic() - t0 < 60
