@@ -144,7 +144,7 @@ class Agent:
         self.prefetcher = DirPrefetcher(cfg, self.db, self.gateway, fetcher)
         if cfg.prefetch.enabled:
             self.loops.start("prefetch", self.prefetcher.loop)
-        self.priors = PriorFetcher(cfg, self.db, self.gateway, fetcher, stack, self.evictor)
+        self.priors = PriorFetcher(cfg, self.db, self.gateway, fetcher, stack, self.evictor, self.metrics)
         self.evictor.plans_pending = self.priors.planning
         if cfg.prefetch.priors and self.shares_ports:   # new studies the serving workers stored (agent/worker.py)
             self.priors.adopt_workers()

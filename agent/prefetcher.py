@@ -20,6 +20,7 @@ from agent.auth import REFUSALS_EVERY, Every
 from agent.config import Config
 from agent.dicom import header as dicom_header
 from agent.dicom.objectmeta import checked
+from agent.metrics import Metrics
 from agent.policy.dirheat import History, RankedDir, history, rank_by_model, rank_cold_start, window_bounds
 from agent.policy.features import WINDOW
 from agent.policy.prefetch import Budget, Candidate, plan
@@ -289,6 +290,7 @@ class PriorFetcher:
     fetcher: Fetcher
     stack: PolicyStack
     view: CacheView
+    metrics: Metrics    # the daemon's (a gateway is used through its facade methods only: test_architecture)
     starts: StudyStarts = field(init=False)     # which stored file starts a new study
     _tasks: set[asyncio.Task] = field(default_factory=set)
     status: RunStatus = field(default_factory=RunStatus)
@@ -382,7 +384,7 @@ class PriorFetcher:
         started = self._started.setdefault(user, deque(maxlen=self.cfg.prefetch.priors_per_user_hour))
         if len(started) == started.maxlen and time.monotonic() - started[0] < 3600:
             self.over_cap += 1
-            self.gateway.metrics.prior_plans_over_cap.inc()
+            self.metrics.prior_plans_over_cap.inc()
             if (since := self._told.due(user)) is not None:
                 log.warning("prior_plans_capped", user=user, study=study, per_hour=started.maxlen, suppressed=since)
             return False
