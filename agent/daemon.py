@@ -96,7 +96,7 @@ class Agent:
         self.ha = None  # agent.ha.HaMonitor when [ha] is enabled
         self.http: HttpServer | None = None
         self.workers: Supervisor | None = None  # [server] workers > 1
-        self.priors: PriorFetcher | None = None  # the owner's (a serving worker plans no priors)
+        self.priors: PriorFetcher | None = None  # the owner's (a serving worker queues its new studies for it)
         self.loops = Loops(self.metrics)  # background loops, restarted after a crash (a worker's: pressure only)
 
     async def start(self) -> None:
@@ -144,8 +144,10 @@ class Agent:
         self.prefetcher = DirPrefetcher(cfg, self.db, self.gateway, fetcher)
         if cfg.prefetch.enabled:
             self.loops.start("prefetch", self.prefetcher.loop)
-        self.priors = PriorFetcher(cfg, self.db, self.gateway, fetcher, stack, self.evictor)
+        self.priors = PriorFetcher(cfg, self.db, self.gateway, fetcher, stack, self.evictor, self.metrics)
         self.evictor.plans_pending = self.priors.planning
+        if cfg.prefetch.priors and self.shares_ports:   # new studies the serving workers stored (agent/worker.py)
+            self.priors.adopt_workers()
         self.scrubber = Scrubber(self.db, self.cache, cfg.scrub.rate, cfg.scrub.pause_seconds)
         if cfg.scrub.enabled:
             self.loops.start("scrub", self.scrubber.run)

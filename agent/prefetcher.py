@@ -20,6 +20,7 @@ from agent.auth import REFUSALS_EVERY, Every
 from agent.config import Config
 from agent.dicom import header as dicom_header
 from agent.dicom.objectmeta import checked
+from agent.metrics import Metrics
 from agent.policy.dirheat import History, RankedDir, history, rank_by_model, rank_cold_start, window_bounds
 from agent.policy.features import WINDOW
 from agent.policy.prefetch import Budget, Candidate, plan
@@ -243,6 +244,42 @@ class CacheView(Protocol):
 
 
 @dataclass
+class StudyStarts:
+    """Which stored file starts a study not seen lately, and the key a study is known by: asked at the commit by the
+    owner's PriorFetcher and by each serving worker (which queues what it finds for the owner), with no catalog query
+    for a study's later files."""
+
+    cfg: Config
+    _seen: dict[tuple[str, str | None], None] = field(default_factory=dict)  # recent (key, patient)
+
+    SEEN_MAX = 4096
+
+    def study_dir(self, path: str) -> str | None:
+        """The study a stored file starts (paths.study_of, the evictor's rule), if it lies deep enough to be in one."""
+        depth = self.cfg.prefetch.study_depth
+        return study_of(path, depth) if path.count("/") >= depth else None
+
+    def key(self, d: str, study_uid: str | None) -> str:
+        """The key of a study in directory d: the key the evictor groups its files by, their study UID where the
+        study index holds them (`[dicom] metadata`), else the directory. The catalog's study tables and the stack
+        know a study by it; its files are those indexed under it, else those below the directory (catalog OF_STUDY)."""
+        return study_uid or d if self.cfg.dicom.metadata else d
+
+    def first(self, path: str, header: dicom_header.Header) -> tuple[str, dicom_header.Header] | None:
+        """→ (the study's key, the header with only the values their VR allows: the study table and the planner keep
+        them for good) when path starts a (study, patient) not seen lately. Keyed by the directory, a study's later
+        files start nothing; keyed by the study UID, each file's header says which study it is of (a day directory
+        holds many)."""
+        if (d := self.study_dir(path)) is None or (
+                seen := (self.key(d, (h := checked(header)).study_uid), h.patient)) in self._seen:
+            return None
+        self._seen[seen] = None
+        if len(self._seen) > self.SEEN_MAX:
+            del self._seen[next(iter(self._seen))]
+        return seen[0], h
+
+
+@dataclass
 class PriorFetcher:
     """When the first file of a new study is stored (its DICOM header, read at the commit, says which study it is of):
     remember the study (catalog `studies` table), and fetch the patient's earlier studies within the budget."""
@@ -253,7 +290,8 @@ class PriorFetcher:
     fetcher: Fetcher
     stack: PolicyStack
     view: CacheView
-    _seen: dict[tuple[str, str | None], None] = field(default_factory=dict)  # recent (key, patient): no query per file
+    metrics: Metrics    # the daemon's (a gateway is used through its facade methods only: test_architecture)
+    starts: StudyStarts = field(init=False)     # which stored file starts a new study
     _tasks: set[asyncio.Task] = field(default_factory=set)
     status: RunStatus = field(default_factory=RunStatus)
     _learned: bool = False  # the catalog's decided outcomes were fed to the stack once
@@ -273,9 +311,14 @@ class PriorFetcher:
     # prior keys planned and not yet fetched to the end: not planned again meanwhile (nor in the simulator, while open),
     # and not settled as evicted unread while none of their files has landed yet
     _fetching: set[str] = field(default_factory=set)
+    _adopting: asyncio.Task[None] | None = None     # the poll of the serving workers' new studies (adopt_workers)
 
-    SEEN_MAX = 4096
     PLANS_AT_ONCE = 2
+    ADOPT_EVERY_S = 1.0
+    ADOPT_AT_ONCE = 256
+
+    def __post_init__(self) -> None:
+        self.starts = StudyStarts(self.cfg)
 
     async def learn(self) -> None:
         """Feed the policy what became of earlier prior fetches (opened or evicted unread), as the simulator
@@ -289,31 +332,33 @@ class PriorFetcher:
             for cell, used in outcomes:     # the catalog's rank column keeps the planner's cell
                 self.stack.prior_outcome(cell, used)
 
-    def study_dir(self, path: str) -> str | None:
-        """The study a stored file starts (paths.study_of, the evictor's rule), if it lies deep enough to be in one."""
-        depth = self.cfg.prefetch.study_depth
-        return study_of(path, depth) if path.count("/") >= depth else None
-
-    def key(self, d: str, study_uid: str | None) -> str:
-        """The key of a study in directory d: the key the evictor groups its files by, their study UID where the
-        study index holds them (`[dicom] metadata`), else the directory. The catalog's study tables and the stack
-        know a study by it; its files are those indexed under it, else those below the directory (catalog OF_STUDY)."""
-        return study_uid or d if self.cfg.dicom.metadata else d
-
     def on_stored(self, path: str, header: dicom_header.Header, user: str) -> None:
-        """At the commit, before an eviction pass can run. Keyed by the directory, a study's later files start nothing;
-        keyed by the study UID, each file's header says which study it is of (a day directory holds many). Only values
-        their VR allows are kept (the study table and the planner keep them for good)."""
-        if (d := self.study_dir(path)) is None or (
-                seen := (self.key(d, (h := checked(header)).study_uid), h.patient)) in self._seen:
+        """At the commit, before an eviction pass can run (a serving worker's store: when adopt_workers takes it in)."""
+        if (first := self.starts.first(path, header)) is None:
             return
-        self._seen[seen] = None
-        if len(self._seen) > self.SEEN_MAX:
-            del self._seen[next(iter(self._seen))]
         self._pending[path] = time.monotonic()
-        task = asyncio.create_task(self.new_study(seen[0], path, h, user))
+        task = asyncio.create_task(self.new_study(first[0], path, first[1], user))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    def adopt_workers(self) -> None:
+        """[server] workers > 1: the studies the serving workers saw start (queued in the catalog's worker_studies by
+        agent/worker.py) are taken in as if stored here: one plan per study whichever process stored its files, the
+        writing user's cap counted box-wide. Polled each ADOPT_EVERY_S: one read of a table empty but for the last
+        second's new studies."""
+        self._adopting = asyncio.create_task(self._adopt())
+
+    async def _adopt(self) -> None:
+        while True:
+            try:
+                if rows := await self.db.worker_studies(self.ADOPT_AT_ONCE):
+                    for _, path, study_uid, study_date, modality, patient, user in rows:
+                        self.on_stored(path, dicom_header.Header(study_uid=study_uid, study_date=study_date,
+                                                                 modality=modality, patient=patient), user)
+                    await self.db.worker_studies_taken(rows[-1][0])
+            except Exception as e:  # the catalog failed (disk full): the rows wait for the next poll (seen: no replan)
+                log.error("worker_studies_failed", error=repr(e)[:300])
+            await asyncio.sleep(self.ADOPT_EVERY_S)
 
     async def new_study(self, key: str, path: str, h: dicom_header.Header, user: str) -> None:
         try:
@@ -339,7 +384,7 @@ class PriorFetcher:
         started = self._started.setdefault(user, deque(maxlen=self.cfg.prefetch.priors_per_user_hour))
         if len(started) == started.maxlen and time.monotonic() - started[0] < 3600:
             self.over_cap += 1
-            self.gateway.metrics.prior_plans_over_cap.inc()
+            self.metrics.prior_plans_over_cap.inc()
             if (since := self._told.due(user)) is not None:
                 log.warning("prior_plans_capped", user=user, study=study, per_hour=started.maxlen, suppressed=since)
             return False
@@ -362,7 +407,7 @@ class PriorFetcher:
         if disputed:    # in patient_studies' order (a NULL date first)
             studies = sorted([*studies, (new, h.study_uid, h.study_date, h.modality)],
                              key=lambda s: (s[2] is not None, s[2] or "", s[0]))[-PATIENT_STUDIES:]
-        keys = [self.key(k, uid) for k, uid, _, _ in studies]
+        keys = [self.starts.key(k, uid) for k, uid, _, _ in studies]
         if new not in keys:     # PATIENT_STUDIES newer ones came first: its priors are never ranked
             return []
         new_day = _ordinal(h.study_date)
@@ -405,6 +450,9 @@ class PriorFetcher:
     async def stop(self) -> None:
         """At the agent's stop, before the gateway and the catalog close under them: plans and fetches still running
         end here (a fetch cut short settles at the next start's first plan)."""
+        if self._adopting is not None:     # first: it would start plans
+            self._adopting.cancel()
+            await asyncio.gather(self._adopting, return_exceptions=True)
         if self._tasks:
             log.info("prior_prefetch_stopped", studies=len(self._tasks))
         for task in self._tasks:

@@ -235,6 +235,9 @@ class AsyncCatalog:
     study_known = _offload(Catalog.study_known)
     record_study = _offload(Catalog.record_study)
     patient_studies = _offload(Catalog.patient_studies)
+    queue_worker_study = _queued(Catalog.queue_worker_study)  # a serving worker's, into its next group commit
+    worker_studies = _offload(Catalog.worker_studies)
+    worker_studies_taken = _offload(Catalog.worker_studies_taken)
     record_prior_fetch = _offload(Catalog.record_prior_fetch)
     settle_prior_fetches = _offload(Catalog.settle_prior_fetches)
     prior_outcomes = _offload(Catalog.prior_outcomes)

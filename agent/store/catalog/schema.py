@@ -128,6 +128,19 @@ CREATE TABLE IF NOT EXISTS studies (
     recorded   REAL NOT NULL
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS studies_patient ON studies(patient, study_date) WHERE patient IS NOT NULL;
+-- The first file of a study a serving worker stored ([server] workers > 1, agent/worker.py): the header values prior
+-- planning uses and the writing user, until the owner's PriorFetcher takes it in as if stored there (its cap is the
+-- user's). A table of its own: the owner alone writes `studies`, and a disputed study (its row names another patient)
+-- is still planned for the patient this file names.
+CREATE TABLE IF NOT EXISTS worker_studies (
+    id         INTEGER PRIMARY KEY,
+    path       TEXT NOT NULL,
+    study_uid  TEXT,
+    study_date TEXT,
+    modality   TEXT,
+    patient    TEXT,
+    user       TEXT NOT NULL
+);
 
 -- Prior studies fetched by prior-study prefetch, with the planner's cell (`rank` holds rank + k x kind, kind =
 -- other modality / older than recent_days, agent/policy/priors.py), until it is known whether they were opened

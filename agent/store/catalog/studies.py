@@ -32,6 +32,21 @@ class Studies(CatalogBase):
                                "= ? ORDER BY study_date DESC, dir DESC LIMIT ?) ORDER BY study_date, dir",
                                (patient, newest)).fetchall()
 
+    def queue_worker_study(self, path: str, study_uid: str | None, study_date: str | None, modality: str | None,
+                           patient: str | None, user: str) -> None:
+        """A serving worker stored the first file of a study: for the owner to plan its priors (worker_studies)."""
+        self._write("INSERT INTO worker_studies (path, study_uid, study_date, modality, patient, user) "
+                    "VALUES (?, ?, ?, ?, ?, ?)", (path, study_uid, study_date, modality, patient, user), durable=False)
+
+    def worker_studies(self, limit: int) -> list[tuple[int, str, str | None, str | None, str | None, str | None, str]]:
+        """The oldest `limit` queued (id, path, study_uid, study_date, modality, patient, user)."""
+        return self.db.execute("SELECT id, path, study_uid, study_date, modality, patient, user FROM worker_studies "
+                               "ORDER BY id LIMIT ?", (limit,)).fetchall()
+
+    def worker_studies_taken(self, last: int) -> None:
+        """The owner took the queued studies up to id `last` in."""
+        self._write("DELETE FROM worker_studies WHERE id <= ?", (last,), durable=False)
+
     def record_prior_fetch(self, key: str, rank: int) -> None:
         self._write("INSERT OR REPLACE INTO prior_fetches (dir, rank, fetched, used) VALUES (?, ?, ?, NULL)",
                     (key, rank, time.time()), durable=False)
