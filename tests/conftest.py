@@ -215,3 +215,18 @@ def smb_agent(agent_factory):
 @pytest.fixture(scope="module")
 def module_smb_agent(module_agent_factory):
     yield from _smb_agents(module_agent_factory)
+
+
+@pytest.fixture
+def synced(monkeypatch) -> list[str]:
+    """The paths fsynced, in order (a spy on os.fsync: a power cut cannot be produced here). A file is named by the
+    name it was opened by: a spare's is its spare/ link's."""
+    seen: list[str] = []
+    fsync = os.fsync
+
+    def spy(fd: int) -> None:
+        seen.append(os.readlink(f"/proc/self/fd/{fd}"))
+        fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", spy)
+    return seen

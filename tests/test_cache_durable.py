@@ -9,16 +9,8 @@ import os
 from agent.store.cache import Cache
 
 
-def test_a_commit_into_a_new_data_directory_fsyncs_that_directorys_entry(tmp_path, monkeypatch):
+def test_a_commit_into_a_new_data_directory_fsyncs_that_directorys_entry(tmp_path, synced):
     cache = Cache(tmp_path, clear_staging=False)  # no spares (a serving worker's): staged, renamed at the commit
-    synced: list[str] = []
-    fsync = os.fsync
-
-    def spy(fd: int) -> None:
-        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
-        fsync(fd)
-
-    monkeypatch.setattr(os, "fsync", spy)
     blob, fd = cache.new_staging()
     os.write(fd, b"an acknowledged file")
     cache.commit(blob, fd)

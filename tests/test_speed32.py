@@ -10,32 +10,25 @@ from __future__ import annotations
 import os
 import time
 
-import pytest
-
 import agent.fsck
 from agent.fsck import Fsck
 from agent.store.cache import _SPARE_MAKER, Cache
 from agent.store.catalog import AsyncCatalog, Catalog
 
 
+def commit(cache: Cache, data: bytes) -> str:
+    """A file written and committed through the cache → its blob."""
+    blob, fd = cache.new_staging()
+    os.write(fd, data)
+    cache.commit(blob, fd)
+    os.close(fd)
+    return blob
+
+
 def settled(cache: Cache) -> dict[int, str]:
     """inode → name of the spare files, once the maker thread has done what it was asked."""
     _SPARE_MAKER.submit(lambda: None).result()
     return {e.inode(): e.name for e in os.scandir(cache.spare)}
-
-
-@pytest.fixture
-def synced(monkeypatch) -> list[str]:
-    """The paths fsynced, in order (a file by the name it was opened by: a spare's is its spare/ link's)."""
-    seen: list[str] = []
-    fsync = os.fsync
-
-    def spy(fd: int) -> None:
-        seen.append(os.readlink(f"/proc/self/fd/{fd}"))
-        fsync(fd)
-
-    monkeypatch.setattr(os, "fsync", spy)
-    return seen
 
 
 def test_a_spare_s_entry_is_durable_before_it_is_taken_and_its_commit_flushes_the_file_only(tmp_path, synced):
@@ -63,10 +56,7 @@ def test_start_up_keeps_a_committed_spare_a_crash_left_marked_and_drops_unused_a
     cache = Cache(tmp_path)
     os.close(cache.new_staging()[1])
     ready = settled(cache)
-    acked, fd = cache.new_staging()
-    os.write(fd, b"acknowledged")
-    cache.commit(acked, fd)
-    os.close(fd)
+    acked = commit(cache, b"acknowledged")
     os.link(cache.blob_file(acked), cache.spare / acked)  # the crash came before its spare/ link's removal was durable
     unfinished, fd = cache.new_staging()
     os.write(fd, b"half a file, never acknowledged")
@@ -84,10 +74,7 @@ async def test_fsck_repair_leaves_spares_and_removes_only_orphans(tmp_path, monk
     cache = Cache(tmp_path / "cache")
     os.close(cache.new_staging()[1])
     ready = settled(cache)
-    stored, fd = cache.new_staging()
-    os.write(fd, b"stored")
-    cache.commit(stored, fd)
-    os.close(fd)
+    stored = commit(cache, b"stored")
     catalog = Catalog(tmp_path / "catalog.sqlite")
     catalog.commit_write("MR/a.dcm", stored, 6, "0" * 64, time.time(), claim=False)
     orphan = "ab" + "0" * 30
