@@ -19,7 +19,7 @@ import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import AsyncIterator, Awaitable, Sequence, TypeVar
+from typing import AsyncIterator, Awaitable, NoReturn, Sequence, TypeVar
 
 import psutil
 import pyfuse3
@@ -435,9 +435,13 @@ class GatewayFS(pyfuse3.Operations):
     def _admit(self, ctx: pyfuse3.RequestContext, path: str, what: str, held: int, limit: int) -> None:
         """Refuse an SMB user's open beyond its limit (EMFILE: smbd answers STATUS_TOO_MANY_OPENED_FILES)."""
         if ctx.uid in self.users and held >= limit:
-            log.warning("smb_refused", user=self._who(ctx).user, path=path, reason=f"too many open {what} ({limit})")
-            self.gw.count_error(PROTOCOL, "TooManyOpenFiles")
-            raise pyfuse3.FUSEError(errno.EMFILE)
+            self._refuse(self._who(ctx), path, f"too many open {what} ({limit})", "TooManyOpenFiles", errno.EMFILE)
+
+    def _refuse(self, who: Who, path: str, reason: str, kind: str, err: int) -> NoReturn:
+        """An open refused here, before the gateway saw it: logged, counted, answered with err."""
+        log.warning("smb_refused", user=who.user, path=path, reason=reason)
+        self.gw.count_error(PROTOCOL, kind)
+        raise pyfuse3.FUSEError(err)
 
     def _new_fh(self, op: _Open, uid: int) -> int:
         fh = next(self._fh_numbers)
@@ -466,9 +470,7 @@ class GatewayFS(pyfuse3.Operations):
         an open that shares no writes). Opens that share writes each wrote a version of their own, and the last one
         closed replaced the others: a client's acknowledged 1 MiB upload became another handle's 10 bytes."""
         if (held := self._writing.get(path)) is not None and held.writer is not None and not held.committed:
-            log.warning("smb_refused", user=who.user, path=path, reason="being written through another open")
-            self.gw.count_error(PROTOCOL, "SharingViolation")
-            raise pyfuse3.FUSEError(errno.ETXTBSY)
+            self._refuse(who, path, "being written through another open", "SharingViolation", errno.ETXTBSY)
 
     async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
                      ctx: pyfuse3.RequestContext) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
