@@ -149,8 +149,7 @@ def _scan(head: bytes, bound: str) -> Header | None:
     implicit = ts == _IMPLICIT_LE
     if implicit and all(0x40 < c < 0x5B for c in head[meta[1] + 4:meta[1] + 6]):
         return None  # pydicom would take the data set for Explicit VR (it sniffs the first element's VR)
-    data = _elements(head, meta[1], not implicit, False)
-    if data is None:
+    if (data := _elements(head, meta[1], not implicit, False)) is None:
         return None
     raw = data[0]
     patient = raw.get(_PATIENT_ID)
@@ -172,12 +171,11 @@ def _inflated(head: bytes) -> bytes | None:
     meta = _elements(head, PREAMBLE + 4, True, True)
     if meta is None or _NOT_EXPLICIT_LE[0].encode() not in head[:meta[1]]:
         return None
-    at = head.find(_DEFLATED_TS, 0, meta[1])
+    if (at := head.find(_DEFLATED_TS, 0, meta[1])) < 0:
+        return b""
     try:
         body = zlib.decompressobj(-zlib.MAX_WBITS).decompress(head[meta[1]:], HEADER_MAX)
     except zlib.error:
-        return b""
-    if at < 0:
         return b""
     ts = at + len(_DEFLATED_TS) - len(_NOT_EXPLICIT_LE[0])
     return head[:ts] + b"1.2.840.10008.1.2.1".ljust(len(_NOT_EXPLICIT_LE[0]), b"\0") + head[ts + 22:meta[1]] + body
