@@ -245,10 +245,8 @@ class Generator:
         return total
 
     def studies_per_day(self, weekday: int) -> float:
-        daily = self.p.monthly_tb * 1e12 / (365.25 / 12)
-        per_week = 7 * daily / self.expected_study_bytes()
-        weekday_n = per_week / (5 + 2 * self.p.weekend_factor)
-        return weekday_n * (self.p.weekend_factor if weekday >= 5 else 1.0)
+        per_week = 7 * (self.p.monthly_tb * 1e12 / (365.25 / 12)) / self.expected_study_bytes()
+        return per_week / (5 + 2 * self.p.weekend_factor) * (self.p.weekend_factor if weekday >= 5 else 1.0)
 
     def _new_study(self, modality: str, day: int, patient: int, department: str, acquired_at: float = 0.0) -> Study:
         sizes, starts = draw_instances(self.rng, SHAPES[modality])
@@ -399,16 +397,13 @@ class Generator:
                 rank = min(int(rng.zipf(1.3)), teaching.size) - 1
                 t = self._next_working(day * DAY + rng.uniform(0, DAY))
                 self._event(t, "R", int(teaching[rank]), kind="teaching")
-                continue
-            if not p.archive:   # a new box: the tail reaches back only to what the trace acquired
+            elif not p.archive:   # a new box: the tail reaches back only to what the trace acquired
                 t = self._next_working(day * DAY + rng.uniform(0, DAY))
                 if (done := np.flatnonzero(acquired < t - DAY)).size:
                     self._event(t, "R", int(rng.choice(done)), kind="longtail")
-                continue
-            if not (old := self._archive_studies_of_a_patient()):
-                continue
-            t = self._next_working(day * DAY + rng.uniform(0, DAY))
-            self._event(t, "R", int(rng.choice(old)), kind="longtail")
+            elif old := self._archive_studies_of_a_patient():
+                t = self._next_working(day * DAY + rng.uniform(0, DAY))
+                self._event(t, "R", int(rng.choice(old)), kind="longtail")
 
     def _teaching_cases(self) -> np.ndarray:
         """The teaching file: archive studies of random patients (or, on a new box, none)."""
