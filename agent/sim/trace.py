@@ -206,7 +206,6 @@ def parse_trace(path: str | Path, progress: bool = False) -> TraceArrays:
     columns: dict[str, list] = {name: [] for name in _ARRAYS}
     t_l, w_l, o_l, s_l, obj_study, obj_dir, obj_size, st_pat, st_mod, st_dep, st_day, st_bytes = columns.values()
     bar = _bar(progress, meta.get("requests"), "parse trace")
-    k = 0
 
     def new_study(study: str, patient: str, modality: str, dep: str, day: int, nbytes: int) -> int:
         st_pat.append(patients.setdefault(patient, len(patients)))
@@ -242,8 +241,7 @@ def parse_trace(path: str | Path, progress: bool = False) -> TraceArrays:
         w_l.append(op == "W")
         o_l.append(oid)
         s_l.append(isize)
-        k += 1
-        if k % 1_000_000 == 0:
+        if len(t_l) % 1_000_000 == 0:
             bar.update(1_000_000)
     bar.close()
     a = {name: np.array(values, dtype=_ARRAYS[name]) for name, values in columns.items()}
