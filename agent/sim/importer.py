@@ -299,8 +299,7 @@ def load(src: str | Path, fmt: str = "auto", start: str | None = None,
     if fmt == "csv":
         day0 = (base or DEFAULT_START).date()
     else:   # absolute times: the trace starts at midnight (UTC / the log's clock) of the first request
-        epoch0 = min(r.t for r in rows)
-        day0 = dt.datetime.fromtimestamp(epoch0, dt.timezone.utc).date() if base is None else base.date()
+        day0 = base.date() if base else dt.datetime.fromtimestamp(min(r.t for r in rows), dt.timezone.utc).date()
         midnight = dt.datetime.combine(day0, dt.time(), dt.timezone.utc).timestamp()
         for r in rows:
             r.t -= midnight
@@ -322,9 +321,8 @@ def write(rows: list[Row], summary: Summary, dst: str | Path) -> dict:
     summary.reads = len(rows) - summary.writes
     summary.objects, summary.studies = len(written), len({r.study for r in rows})
     summary.days = int(rows[-1].t // DAY) + 1
-    write_bytes = sum(r.size for r in rows if r.write)
-    meta = {"start": summary.start, "preset": "import", "seed": None, "days": summary.days,
-            "monthly_tb": round(write_bytes / 1e12 * 30 / summary.days, 6), "layout": None,
+    meta = {"start": summary.start, "preset": "import", "seed": None, "days": summary.days, "layout": None,
+            "monthly_tb": round(sum(r.size for r in rows if r.write) / 1e12 * 30 / summary.days, 6),
             "archive_bytes": sum(written.values()), "archive_files": len(written),
             "requests": len(rows), "request_bytes": sum(r.size for r in rows), "import": summary.as_dict()}
     with _open(dst, "w") as f:
