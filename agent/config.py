@@ -110,14 +110,11 @@ def _ratio(value: Any) -> float:
 def _listen(value: Any) -> tuple[str, int]:
     """'127.0.0.1:2121', '[::1]:2121' or '0.0.0.0:21'."""
     m = re.fullmatch(r"\[([0-9a-fA-F:.]+)\]:(\d+)|([^:\[\]]+):(\d+)", value.strip()) if isinstance(value, str) else None
-    if not m:
+    if not m or not 0 < int(m.group(2) or m.group(4)) < 65536:
         raise ValueError
-    host, port = (m.group(1), m.group(2)) if m.group(1) else (m.group(3), m.group(4))
-    if not 0 < int(port) < 65536:
-        raise ValueError
-    if host != "localhost":
+    if (host := m.group(1) or m.group(3)) != "localhost":
         ipaddress.ip_address(host)
-    return host, int(port)
+    return host, int(m.group(2) or m.group(4))
 
 
 def _port_range(value: Any) -> tuple[int, int]:
@@ -407,9 +404,7 @@ def _clock(text: str) -> int:
 
 def _window(value: Any) -> tuple[int, int]:
     """'05:00-07:30' → (18000, 27000) seconds after local midnight; the end may be past midnight."""
-    if not isinstance(value, str) or value.count("-") != 1:
-        raise ValueError
-    start, end = (_clock(part) for part in value.split("-"))
+    start, end = (_clock(part) for part in _str(value).split("-"))  # ValueError unless two clocks
     if start == end:
         raise ValueError
     return start, end
@@ -681,9 +676,7 @@ def _check_ports(cfg: Config) -> None:
 def _check_cache_dir(cfg: Config) -> None:
     """cache.dir must be (or become) a directory on a file system with room beyond min_free_bytes."""
     file, c = cfg.path, cfg.cache
-    probe = c.dir
-    while not probe.exists():
-        probe = probe.parent
+    probe = next(p for p in (c.dir, *c.dir.parents) if p.exists())
     _need(probe.is_dir(), file, "cache.dir", str(c.dir), f"a directory path on the cache SSD ({probe} is not a "
           "directory)")
     st = os.statvfs(probe)
@@ -712,18 +705,16 @@ def _secret_file(cfg: Config, key: str, name: str, read: Callable[[Path], Any]) 
 
 
 def _credentials(cfg: Config) -> Config:
-    up = cfg.uplink
-    if not up.credentials_file:
+    if not (name := cfg.uplink.credentials_file):
         return cfg
-    cred_path, data = _secret_file(cfg, "uplink.credentials_file", up.credentials_file,
-                                   lambda path: tomllib.loads(path.read_text()))
-    for key in ("access_key_id", "secret_access_key"):
+    cred_path, data = _secret_file(cfg, "uplink.credentials_file", name, lambda path: tomllib.loads(path.read_text()))
+    keys = ("access_key_id", "secret_access_key")
+    for key in keys:
         _need(isinstance(data.get(key), str) and data[key], cred_path, key, "***" if key in data else None,
               "a non-empty string")
-    extra = sorted(set(data) - {"access_key_id", "secret_access_key"})
+    extra = sorted(set(data) - set(keys))
     _need(not extra, cred_path, extra[0] if extra else "", "…", "only access_key_id and secret_access_key")
-    up = dataclasses.replace(up, access_key_id=data["access_key_id"], secret_access_key=data["secret_access_key"])
-    return dataclasses.replace(cfg, uplink=up)
+    return dataclasses.replace(cfg, uplink=dataclasses.replace(cfg.uplink, **{key: data[key] for key in keys}))
 
 
 def _pseudonym_key(cfg: Config) -> Config:
