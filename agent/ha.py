@@ -220,8 +220,7 @@ class HaMonitor:
                 peer: dict[str, Any] = {"url": self.cfg.peer, "checked": time.time()}
                 try:
                     async with session.get(self.cfg.peer.rstrip("/") + "/healthz") as r:
-                        body = await r.content.read(PEER_MAX_BYTES + 1)
-                    peer |= {"reachable": True, **peer_view(body)}
+                        peer |= {"reachable": True, **peer_view(await r.content.read(PEER_MAX_BYTES + 1))}
                 except Exception as e:  # a dead peer is what this watches for
                     peer |= {"reachable": False, "error": error_code(e)}
                 if peer["reachable"] != self.state.peer.get("reachable") or \
