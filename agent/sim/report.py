@@ -35,12 +35,11 @@ def gaps(results: list[SchemeResult], refs: list) -> dict[str, tuple[float | Non
     by = {r.scheme: r for r in results}
     if (lru := by.get("A") or ref.get("LRU")) is None or "Belady" not in ref:
         return None
-    best_obj = ref["Belady"].hit_ratio
     best_byte = max(f.byte_hit_ratio for k, f in ref.items() if k.startswith("Belady"))
 
     def share(x: float, lo: float, hi: float) -> float | None:    # None: LRU is already optimal
         return (x - lo) / (hi - lo) if hi - lo > 1e-9 else None
-    return {r.scheme: (share(r.hit_ratio, lru.hit_ratio, best_obj),
+    return {r.scheme: (share(r.hit_ratio, lru.hit_ratio, ref["Belady"].hit_ratio),
                        share(r.byte_hit_ratio, lru.byte_hit_ratio, best_byte)) for r in results}
 
 
