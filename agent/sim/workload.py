@@ -264,12 +264,11 @@ class Generator:
         p = self.p
         if not p.archive:
             return
-        n = 1 + int(self.rng.poisson(max(p.priors_mean - 1, 0.0)))
         # the archive's history ends where the trace starts: studies acquired during the trace are
         # generated (and written) by the trace itself
         day = before_day = min(before_day, 0)
         days: list[int] = []
-        for _ in range(n):
+        for _ in range(1 + int(self.rng.poisson(max(p.priors_mean - 1, 0.0)))):
             day -= max(1, int(self.rng.exponential(p.prior_gap_days)))
             if day < -p.history_years * 365.25:
                 break
@@ -327,8 +326,7 @@ class Generator:
         p, rng = self.p, self.rng
         n_primary = 0
         for day in range(p.days):
-            weekday = (self.start + dt.timedelta(days=day)).weekday()
-            n = int(rng.poisson(self.studies_per_day(weekday)))
+            n = int(rng.poisson(self.studies_per_day((self.start + dt.timedelta(days=day)).weekday())))
             for t in sorted(self._acquisition_time(day) for _ in range(n)):
                 modality = self._draw(self.modalities, self.mod_p)
                 dep_name = self._draw(self.departments, self.dep_p)
@@ -461,7 +459,6 @@ def generate(params: WorkloadParams) -> Generator:
 
 def archive_totals(g: Generator) -> tuple[int, int]:
     """(bytes, files) of the archive the trace refers to, extrapolated to the whole history."""
-    daily = g.p.monthly_tb * 1e12 / (365.25 / 12)
     avg = sum(int(s.sizes.sum()) for s in g.studies) / max(1, sum(s.sizes.size for s in g.studies))
-    total = daily * 365.25 * g.p.history_years
+    total = g.p.monthly_tb * 1e12 / (365.25 / 12) * 365.25 * g.p.history_years
     return int(total), int(total / max(avg, 1))
