@@ -17,6 +17,7 @@ import dataclasses
 import datetime as dt
 import gzip
 import io
+import itertools
 import json
 import os
 from dataclasses import dataclass
@@ -107,9 +108,7 @@ def read_header(path: str | Path) -> dict:
 def _fields(path: str | Path) -> Iterator[list[str]]:
     """The COLUMNS of every record after the two header lines, as text, `S` (catalog) lines first."""
     with _open(path, "r") as f:
-        f.readline()
-        f.readline()
-        for line in f:
+        for line in itertools.islice(f, 2, None):
             yield line.rstrip("\n").split("\t")
 
 
@@ -233,9 +232,8 @@ def parse_trace(path: str | Path, progress: bool = False) -> TraceArrays:
                 sid = new_study(study, patient, modality, dep, day, -1)
             elif not dated and op == "W" and st_day[sid] < 0:
                 st_day[sid] = int(float(t) // DAY)
-            did = dirs.setdefault("/".join(p.split("/", dir_depth)[:dir_depth]), len(dirs)) if dated else -1
             obj_study.append(sid)
-            obj_dir.append(did)
+            obj_dir.append(dirs.setdefault("/".join(p.split("/", dir_depth)[:dir_depth]), len(dirs)) if dated else -1)
             obj_size.append(isize)
         t_l.append(float(t))
         w_l.append(op == "W")
