@@ -64,8 +64,7 @@ async def rebuild(cfg: Config, catalog: Catalog, concurrency: int = 64, progress
 
     async def worker() -> None:
         while (path := await queue.get()) is not None:
-            head = await _head(s3, path)
-            if head is False:  # counted and reported; a rebuild can be run again
+            if (head := await _head(s3, path)) is False:  # counted and reported; a rebuild can be run again
                 report.failed += 1
             add(_row(path, head) if isinstance(head, dict) else None)
 
