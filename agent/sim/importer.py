@@ -254,14 +254,12 @@ def repair(rows: list[Row], summary: Summary) -> list[Row]:
     for r in rows:
         if (known := first.get(r.path)) is None:
             first[r.path] = (r.write, r.size)
-            out.append(r)
-            continue
-        if r.write:
+        elif r.write:
             summary.rewrites += 1
             if not known[0]:
                 pre_existing_rewritten.add(r.path)
             continue
-        if r.size != known[1]:
+        elif r.size != known[1]:
             r.size = known[1]
             summary.sizes_fixed += 1
         out.append(r)
