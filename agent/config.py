@@ -629,7 +629,7 @@ def _check_metrics_listener(cfg: Config) -> None:
             _need(not getattr(h, key), file, f"http.{key}", getattr(h, key) if "hash" not in key else "***",
                   "set together with http.metrics_listen")
         return
-    _need(h.enabled, file, "http.metrics_listen", _fmt_listen(h.metrics_listen), "http.enabled = true")
+    _need(h.enabled, file, "http.metrics_listen", ":".join(map(str, h.metrics_listen)), "http.enabled = true")
     _check_pem_pair(file, "http", h.metrics_tls_cert, h.metrics_tls_key, "metrics_tls_")
     if h.metrics_tls_cert:
         try:
@@ -651,10 +651,6 @@ def _check_pem_pair(file: Path, section: str, cert: str, key: str, prefix: str) 
         _need(not value or Path(value).is_file(), file, f"{section}.{prefix}{name}", value, "an existing PEM file")
 
 
-def _fmt_listen(listen: tuple[str, int]) -> str:
-    return f"{listen[0]}:{listen[1]}"
-
-
 def _check_ports(cfg: Config) -> None:
     """Two services on one port (or the FTP passive range over a listener) fail only at start-up."""
     file = cfg.path
@@ -665,7 +661,7 @@ def _check_ports(cfg: Config) -> None:
     wildcard = ("0.0.0.0", "::")
     for (other, addr), (key, listen) in itertools.combinations(listeners, 2):
         clash = listen[1] == addr[1] and (listen[0] == addr[0] or listen[0] in wildcard or addr[0] in wildcard)
-        _need(not clash, file, key, _fmt_listen(listen), f"an address not already used by {other}")
+        _need(not clash, file, key, ":".join(map(str, listen)), f"an address not already used by {other}")
     if cfg.ftp.enabled:
         low, high = cfg.ftp.passive_ports
         for other, (_, port) in listeners:
