@@ -163,9 +163,6 @@ def preset(name: str, **overrides: object) -> WorkloadParams:
     return WorkloadParams(**{"preset": name, **PRESETS[name], **overrides})
 
 
-# --- studies -----------------------------------------------------------------------------------
-
-
 @dataclass
 class Study:
     """One study in the archive: its place and the size of every instance (bytes), series-ordered."""
@@ -232,7 +229,6 @@ class Generator:
         shares = [d.share for d in params.departments.values()]
         self.departments, self.dep_p = list(params.departments), np.array(shares) / sum(shares)
 
-    # -- sizes
     def expected_study_bytes(self) -> float:
         """E[bytes per study] under the modality mix, for scaling the study count to monthly_tb."""
         total = 0.0
@@ -255,7 +251,6 @@ class Generator:
         self.history.setdefault(patient, []).append(st.idx)
         return st
 
-    # -- patients
     def _materialise_history(self, patient: int, modality: str, before_day: int) -> None:
         """A returning patient seen for the first time in the trace gets priors in the archive."""
         if patient in self.history:
@@ -283,7 +278,6 @@ class Generator:
     def _draw(self, names: list[str], p: np.ndarray) -> str:  # a modality or a department, by its share
         return names[int(self.rng.choice(len(names), p=p))]
 
-    # -- events
     def _event(self, t: float, op: str, study: int, series: tuple[int, ...] = (), kind: str = "primary") -> None:
         if t < self.p.days * DAY:
             self.events.append(Event(t, len(self.events), op, study, series, kind))  # seq: the order drawn
@@ -417,7 +411,6 @@ class Generator:
         self._materialise_history(patient, self._draw(self.modalities, self.mod_p), 0)
         return [i for i in self.history[patient] if self.studies[i].day < 0]
 
-    # -- expansion
     def _expand(self, ev: Event) -> tuple[np.ndarray, np.ndarray]:
         """(times, instance indices) of one event's per-instance requests."""
         st = self.studies[ev.study]
