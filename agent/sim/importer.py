@@ -100,8 +100,6 @@ class Summary:
                 "rewrites": self.rewrites, "sizes_fixed": self.sizes_fixed}
 
 
-# -- field checks shared by the three formats ------------------------------------------------------
-
 def _path(raw: str) -> str:
     """A relative POSIX path without '.'/'..' parts or control characters (they would break the TSV)."""
     if not raw or any(c in _CONTROL for c in raw):
@@ -135,11 +133,10 @@ def _label(name: str, raw: str) -> str:
     return raw.strip()
 
 
-# -- the three parsers: each turns one record (numbered `line`) into a Row, (str) a non-transfer kind to count, or
-# None (a blank line); a ValueError is a bad row, its message the reason
-
 def _items(records: Iterable[tuple[int, T]], parse: Callable[[T, int], Row | str | None]
            ) -> Iterator[Row | Bad | str]:
+    """parse(record, line) of each numbered record: a Row, (str) a non-transfer kind to count, or None (a blank line,
+    left out); a ValueError is a Bad row, its message the reason."""
     for line, record in records:
         try:
             item: Row | Bad | str | None = parse(record, line)
@@ -242,8 +239,6 @@ def sniff(first_line: str) -> str:
         return "csv"
     return "xferlog"
 
-
-# -- from rows to a replayable trace ---------------------------------------------------------------
 
 def repair(rows: list[Row], summary: Summary) -> list[Row]:
     """Sort (a write before a read of the same second) and keep one write per object, first."""
