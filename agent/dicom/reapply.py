@@ -47,8 +47,7 @@ async def _birth_date(s3: S3Uplink, path: str, version: str | None, size: int, e
         head = await s3.first_bytes(path, n, version)
         if encoded:
             head = decode_head(head, HEADER_MAX)  # what parse reads at most, however far the frame goes
-        h = parse(head, whole=n == size and not encoded)
-        if not h.problem or n == size or n == HEADER_MAX:
+        if not (h := parse(head, whole=n == size and not encoded)).problem or n == size or n == HEADER_MAX:
             return h.birth_date
     return None
 
