@@ -104,8 +104,7 @@ def _path(raw: str) -> str:
     """A relative POSIX path without '.'/'..' parts or control characters (they would break the TSV)."""
     if not raw or any(c in _CONTROL for c in raw):
         raise ValueError(f"path {raw!r} is empty or has control characters")
-    parts = [p for p in raw.strip("/").split("/") if p not in ("", ".")]
-    if not parts or ".." in parts:
+    if not (parts := [p for p in raw.strip("/").split("/") if p not in ("", ".")]) or ".." in parts:
         raise ValueError(f"path {raw!r} is empty or has a '..' part")
     return "/".join(parts)
 

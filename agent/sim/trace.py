@@ -194,8 +194,7 @@ def parse_trace(path: str | Path, progress: bool = False) -> TraceArrays:
     # An imported trace (layout null) has paths of any shape: its study's day is that of the study's
     # first write (-1: in the archive before the trace) and its "day directory" is modality/date, as
     # the generator's layouts have it; both set after the pass, once the first writes are known.
-    dated = bool(layout) and "{date}" in layout and "{modality}" in layout
-    if dated:
+    if dated := bool(layout) and "{date}" in layout and "{modality}" in layout:
         # the day-directory: the layout's prefix that holds both the modality and the date
         dir_depth = max(_layout_index(layout, "date"), _layout_index(layout, "modality")) + 1
         date_index = _layout_index(layout, "date")
