@@ -293,8 +293,7 @@ class SmbConfig:
 
 def parse_hash(encoded: str) -> tuple[int, int, int, bytes, bytes]:
     """The fields of a 'password_hash' (made by agent.auth.hash_password); ValueError when it is none."""
-    parts = encoded.split("$")
-    if len(parts) != 6 or parts[0] != "scrypt":
+    if len(parts := encoded.split("$")) != 6 or parts[0] != "scrypt":
         raise ValueError("not a scrypt hash")
     try:
         n, r, p = int(parts[1]), int(parts[2]), int(parts[3])
