@@ -68,13 +68,11 @@ class WorkloadParams:
     departments: dict[str, Department] = field(default_factory=lambda: {
         "ED": Department(0.20, 0.5), "IP": Department(0.30, 2.0),
         "OP": Department(0.45, 6.0), "ONC": Department(0.05, 4.0, tumour_board=True)})
-    # time of day / week
     work_start_h: float = 8.0
     work_end_h: float = 18.0
     working_hours_share: float = 0.75     # share of weekday acquisitions inside working hours
     weekend_factor: float = 0.35          # a weekend day's study count relative to a weekday's
     read_sigma: float = 0.8               # lognormal sigma of the primary read delay
-    # patients and priors
     patient_pool: int = 200_000           # patients with history in the archive
     returning_share: float = 0.55         # new studies whose patient already has priors
     priors_mean: float = 2.0              # mean number of prior studies of a returning patient
@@ -82,7 +80,6 @@ class WorkloadParams:
     priors_read: tuple[int, int] = (1, 2)  # priors opened with a new study (min, max)
     same_modality_prior: float = 0.7      # a prior is of the same modality as the new study
     history_years: float = 5.0            # how far back the archive (and priors) go
-    # re-reads
     followup_rate: float = 0.6            # mean clinician re-reads per study (Poisson)
     followup_median_days: float = 2.0     # lognormal median delay of a re-read
     followup_series_share: float = 0.5    # share of a study's series a re-read opens
