@@ -13,14 +13,13 @@ the replay, cached beside it (`<trace>.npz`) so repeated `pacsgw simulate` runs 
 
 from __future__ import annotations
 
-import dataclasses
 import datetime as dt
 import gzip
 import io
 import itertools
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import IO, Iterator
 
@@ -44,7 +43,7 @@ def write_trace(g: Generator, path: str | Path, progress: bool = False) -> dict:
     archive_bytes, archive_files = archive_totals(g)
     meta = {"start": g.p.start, "preset": g.p.preset, "seed": g.p.seed, "days": g.p.days,
             "monthly_tb": g.p.monthly_tb, "layout": g.p.layout, "archive_bytes": archive_bytes,
-            "archive_files": archive_files, "params": dataclasses.asdict(g.p)}
+            "archive_files": archive_files, "params": asdict(g.p)}
     n = nbytes = 0
     with _open(path, "w") as f, _bar(progress, g.p.days, "gen-trace (days)") as bar:
         f.write(MAGIC + json.dumps(meta, sort_keys=True) + "\n" + "\t".join(COLUMNS) + "\n")
