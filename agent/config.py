@@ -110,14 +110,11 @@ def _ratio(value: Any) -> float:
 def _listen(value: Any) -> tuple[str, int]:
     """'127.0.0.1:2121', '[::1]:2121' or '0.0.0.0:21'."""
     m = re.fullmatch(r"\[([0-9a-fA-F:.]+)\]:(\d+)|([^:\[\]]+):(\d+)", value.strip()) if isinstance(value, str) else None
-    if not m:
+    if not m or not 0 < int(m.group(2) or m.group(4)) < 65536:
         raise ValueError
-    host, port = (m.group(1), m.group(2)) if m.group(1) else (m.group(3), m.group(4))
-    if not 0 < int(port) < 65536:
-        raise ValueError
-    if host != "localhost":
+    if (host := m.group(1) or m.group(3)) != "localhost":
         ipaddress.ip_address(host)
-    return host, int(port)
+    return host, int(m.group(2) or m.group(4))
 
 
 def _port_range(value: Any) -> tuple[int, int]:
@@ -296,8 +293,7 @@ class SmbConfig:
 
 def parse_hash(encoded: str) -> tuple[int, int, int, bytes, bytes]:
     """The fields of a 'password_hash' (made by agent.auth.hash_password); ValueError when it is none."""
-    parts = encoded.split("$")
-    if len(parts) != 6 or parts[0] != "scrypt":
+    if len(parts := encoded.split("$")) != 6 or parts[0] != "scrypt":
         raise ValueError("not a scrypt hash")
     try:
         n, r, p = int(parts[1]), int(parts[2]), int(parts[3])
@@ -407,9 +403,7 @@ def _clock(text: str) -> int:
 
 def _window(value: Any) -> tuple[int, int]:
     """'05:00-07:30' → (18000, 27000) seconds after local midnight; the end may be past midnight."""
-    if not isinstance(value, str) or value.count("-") != 1:
-        raise ValueError
-    start, end = (_clock(part) for part in value.split("-"))
+    start, end = (_clock(part) for part in _str(value).split("-"))  # ValueError unless two clocks
     if start == end:
         raise ValueError
     return start, end
@@ -634,7 +628,7 @@ def _check_metrics_listener(cfg: Config) -> None:
             _need(not getattr(h, key), file, f"http.{key}", getattr(h, key) if "hash" not in key else "***",
                   "set together with http.metrics_listen")
         return
-    _need(h.enabled, file, "http.metrics_listen", _fmt_listen(h.metrics_listen), "http.enabled = true")
+    _need(h.enabled, file, "http.metrics_listen", ":".join(map(str, h.metrics_listen)), "http.enabled = true")
     _check_pem_pair(file, "http", h.metrics_tls_cert, h.metrics_tls_key, "metrics_tls_")
     if h.metrics_tls_cert:
         try:
@@ -656,10 +650,6 @@ def _check_pem_pair(file: Path, section: str, cert: str, key: str, prefix: str) 
         _need(not value or Path(value).is_file(), file, f"{section}.{prefix}{name}", value, "an existing PEM file")
 
 
-def _fmt_listen(listen: tuple[str, int]) -> str:
-    return f"{listen[0]}:{listen[1]}"
-
-
 def _check_ports(cfg: Config) -> None:
     """Two services on one port (or the FTP passive range over a listener) fail only at start-up."""
     file = cfg.path
@@ -670,7 +660,7 @@ def _check_ports(cfg: Config) -> None:
     wildcard = ("0.0.0.0", "::")
     for (other, addr), (key, listen) in itertools.combinations(listeners, 2):
         clash = listen[1] == addr[1] and (listen[0] == addr[0] or listen[0] in wildcard or addr[0] in wildcard)
-        _need(not clash, file, key, _fmt_listen(listen), f"an address not already used by {other}")
+        _need(not clash, file, key, ":".join(map(str, listen)), f"an address not already used by {other}")
     if cfg.ftp.enabled:
         low, high = cfg.ftp.passive_ports
         for other, (_, port) in listeners:
@@ -681,9 +671,7 @@ def _check_ports(cfg: Config) -> None:
 def _check_cache_dir(cfg: Config) -> None:
     """cache.dir must be (or become) a directory on a file system with room beyond min_free_bytes."""
     file, c = cfg.path, cfg.cache
-    probe = c.dir
-    while not probe.exists():
-        probe = probe.parent
+    probe = next(p for p in (c.dir, *c.dir.parents) if p.exists())
     _need(probe.is_dir(), file, "cache.dir", str(c.dir), f"a directory path on the cache SSD ({probe} is not a "
           "directory)")
     st = os.statvfs(probe)
@@ -712,18 +700,16 @@ def _secret_file(cfg: Config, key: str, name: str, read: Callable[[Path], Any]) 
 
 
 def _credentials(cfg: Config) -> Config:
-    up = cfg.uplink
-    if not up.credentials_file:
+    if not (name := cfg.uplink.credentials_file):
         return cfg
-    cred_path, data = _secret_file(cfg, "uplink.credentials_file", up.credentials_file,
-                                   lambda path: tomllib.loads(path.read_text()))
-    for key in ("access_key_id", "secret_access_key"):
+    cred_path, data = _secret_file(cfg, "uplink.credentials_file", name, lambda path: tomllib.loads(path.read_text()))
+    keys = ("access_key_id", "secret_access_key")
+    for key in keys:
         _need(isinstance(data.get(key), str) and data[key], cred_path, key, "***" if key in data else None,
               "a non-empty string")
-    extra = sorted(set(data) - {"access_key_id", "secret_access_key"})
+    extra = sorted(set(data) - set(keys))
     _need(not extra, cred_path, extra[0] if extra else "", "…", "only access_key_id and secret_access_key")
-    up = dataclasses.replace(up, access_key_id=data["access_key_id"], secret_access_key=data["secret_access_key"])
-    return dataclasses.replace(cfg, uplink=up)
+    return dataclasses.replace(cfg, uplink=dataclasses.replace(cfg.uplink, **{key: data[key] for key in keys}))
 
 
 def _pseudonym_key(cfg: Config) -> Config:

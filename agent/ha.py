@@ -6,11 +6,10 @@ its catalog (a take-over serves every object at once) and uploads its queue befo
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import functools
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -148,7 +147,7 @@ class HaMonitor:
     def health(self, queue_files: int, draining: bool) -> dict[str, Any]:
         """/healthz's `ha`: the role, and whether this box may hold the address (agent/hahook.py)."""
         reason = ineligible(self.state.role, queue_files, draining)
-        return dataclasses.asdict(self.state) | {"eligible": not reason, "reason": reason}
+        return asdict(self.state) | {"eligible": not reason, "reason": reason}
 
     async def _follow_loop(self) -> None:
         """Standby: follow the bucket, then prefetch the active box's hot set. Active: publish the hot set."""
@@ -220,8 +219,7 @@ class HaMonitor:
                 peer: dict[str, Any] = {"url": self.cfg.peer, "checked": time.time()}
                 try:
                     async with session.get(self.cfg.peer.rstrip("/") + "/healthz") as r:
-                        body = await r.content.read(PEER_MAX_BYTES + 1)
-                    peer |= {"reachable": True, **peer_view(body)}
+                        peer |= {"reachable": True, **peer_view(await r.content.read(PEER_MAX_BYTES + 1))}
                 except Exception as e:  # a dead peer is what this watches for
                     peer |= {"reachable": False, "error": error_code(e)}
                 if peer["reachable"] != self.state.peer.get("reachable") or \

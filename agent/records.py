@@ -100,8 +100,7 @@ class ObjectMeta:
 
 def index_row(path: str, size: int, metadata: dict[str, str]) -> tuple[object, ...] | None:
     """The study-index row of an object with this user metadata (None: not DICOM); size: the file's."""
-    m = {k.lower(): v for k, v in metadata.items()}
-    if DICOM_PREFIX + "study" not in m:
+    if DICOM_PREFIX + "study" not in (m := {k.lower(): v for k, v in metadata.items()}):
         return None
     return (path, size, *(m.get(DICOM_PREFIX + k) for k in ("study", "series", "sop", "modality", "study-date",
                                                             "patient")))

@@ -139,18 +139,15 @@ def _elements(head: bytes, pos: int, explicit: bool, meta: bool) -> tuple[dict[i
 
 def _scan(head: bytes, bound: str) -> Header | None:
     """The header of the usual file without pydicom; None when pydicom must read it (see the module doc)."""
-    meta = _elements(head, PREAMBLE + 4, True, True)
-    if meta is None or _TS_TAG not in meta[0]:
+    if (meta := _elements(head, PREAMBLE + 4, True, True)) is None or _TS_TAG not in meta[0]:
         return None
     ts = _text(meta[0][_TS_TAG].decode("latin-1"))
     if ts is None or ts != meta[0][_TS_TAG].rstrip(b"\0 ").decode("latin-1") or ts in _NOT_EXPLICIT_LE \
             or not ts.startswith("1.2.840.10008.1.2"):
         return None
-    implicit = ts == _IMPLICIT_LE
-    if implicit and all(0x40 < c < 0x5B for c in head[meta[1] + 4:meta[1] + 6]):
+    if (implicit := ts == _IMPLICIT_LE) and all(0x40 < c < 0x5B for c in head[meta[1] + 4:meta[1] + 6]):
         return None  # pydicom would take the data set for Explicit VR (it sniffs the first element's VR)
-    data = _elements(head, meta[1], not implicit, False)
-    if data is None:
+    if (data := _elements(head, meta[1], not implicit, False)) is None:
         return None
     raw = data[0]
     patient = raw.get(_PATIENT_ID)
@@ -172,12 +169,11 @@ def _inflated(head: bytes) -> bytes | None:
     meta = _elements(head, PREAMBLE + 4, True, True)
     if meta is None or _NOT_EXPLICIT_LE[0].encode() not in head[:meta[1]]:
         return None
-    at = head.find(_DEFLATED_TS, 0, meta[1])
+    if (at := head.find(_DEFLATED_TS, 0, meta[1])) < 0:
+        return b""
     try:
         body = zlib.decompressobj(-zlib.MAX_WBITS).decompress(head[meta[1]:], HEADER_MAX)
     except zlib.error:
-        return b""
-    if at < 0:
         return b""
     ts = at + len(_DEFLATED_TS) - len(_NOT_EXPLICIT_LE[0])
     return head[:ts] + b"1.2.840.10008.1.2.1".ljust(len(_NOT_EXPLICIT_LE[0]), b"\0") + head[ts + 22:meta[1]] + body

@@ -7,9 +7,8 @@ shortened, released or deleted, and every change is audited with the rule that a
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import datetime
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from agent.audit import AuditLog, Who, failure
@@ -47,8 +46,7 @@ async def _birth_date(s3: S3Uplink, path: str, version: str | None, size: int, e
         head = await s3.first_bytes(path, n, version)
         if encoded:
             head = decode_head(head, HEADER_MAX)  # what parse reads at most, however far the frame goes
-        h = parse(head, whole=n == size and not encoded)
-        if not h.problem or n == size or n == HEADER_MAX:
+        if not (h := parse(head, whole=n == size and not encoded)).problem or n == size or n == HEADER_MAX:
             return h.birth_date
     return None
 
@@ -85,7 +83,7 @@ async def plan(cfg: Config, concurrency: int = 32) -> Plan:
                 if (h := header_from_meta(head.get("Metadata") or {})) is not None and rules.needs_birth_date:
                     born = await _birth_date(s3, path, head.get("VersionId"), head["ContentLength"],
                                              encoding_of(head.get("Metadata")) is not None)
-                    h = dataclasses.replace(h, birth_date=born)
+                    h = replace(h, birth_date=born)
                 d = rules.decide(path, mtime, h)
                 if (c := _change(path, head, d.lock, d.reason)) is not None:
                     out.changes.append(c)

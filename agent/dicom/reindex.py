@@ -5,9 +5,8 @@ carry no user metadata: a row comes from the snapshot or a delta under the ETag 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 from tqdm import tqdm
@@ -33,7 +32,7 @@ class RebuildReport:
     from_snapshot: int = 0   # objects whose row came from the index snapshot (no HEAD)
     from_deltas: int = 0     # objects whose row came from an index delta (no HEAD)
     deltas: int = 0          # index delta objects read
-    deltas_skipped: list[str] = dataclasses.field(default_factory=list)  # damaged deltas (their objects HEADed)
+    deltas_skipped: list[str] = field(default_factory=list)  # damaged deltas (their objects HEADed)
     seconds: float = 0.0
 
     @property
@@ -64,14 +63,13 @@ async def rebuild(cfg: Config, catalog: Catalog, concurrency: int = 64, progress
 
     async def worker() -> None:
         while (path := await queue.get()) is not None:
-            head = await _head(s3, path)
-            if head is False:  # counted and reported; a rebuild can be run again
+            if (head := await _head(s3, path)) is False:  # counted and reported; a rebuild can be run again
                 report.failed += 1
             add(_row(path, head) if isinstance(head, dict) else None)
 
     use_snapshot = use_snapshot and bool(cfg.uplink.prefix)
     # HEADs on a pool with room for every one; the listing on its own (it never queues behind HEADs for a connection)
-    async with S3Uplink(dataclasses.replace(cfg.uplink, max_concurrency=concurrency)) as s3, \
+    async with S3Uplink(replace(cfg.uplink, max_concurrency=concurrency)) as s3, \
             S3Uplink(cfg.uplink) as lister:
         cursor = snapshot.Cursor(snapshot.read(cfg, lister) if use_snapshot else None)
         try:

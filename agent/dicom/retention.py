@@ -55,8 +55,7 @@ def _plus_years(t: datetime.datetime, years: int) -> datetime.datetime:
 
 def header_from_meta(metadata: Mapping[str, str]) -> Header | None:
     """What the DICOM rules select on, from an object's user metadata (no birth date: it is never there)."""
-    m = {k.lower(): v for k, v in metadata.items()}
-    if PREFIX + "study" not in m:
+    if PREFIX + "study" not in (m := {k.lower(): v for k, v in metadata.items()}):
         return None
     return Header(dicom=True, sop_class=m.get(PREFIX + "sop-class"), modality=m.get(PREFIX + "modality"),
                   study_date=m.get(PREFIX + "study-date"), transfer_syntax=m.get(PREFIX + "ts"))

@@ -62,8 +62,7 @@ def fill(catalog: Catalog, files: list[tuple[str, int]]) -> None:
 
 def read_back(catalog: Catalog, files: list[tuple[str, int]], seed: int) -> None:
     """Walk every file row (as `pacsgw fsck` and eviction scans do), then look up a random sample by path."""
-    rows = sum(1 for _ in catalog.walk_files())
-    if rows != len(files):
+    if (rows := sum(1 for _ in catalog.walk_files())) != len(files):
         raise RuntimeError(f"catalog holds {rows} files, {len(files)} were added")
     for path, _ in random.Random(seed).sample(files, min(LOOKUPS, len(files))):
         if catalog.get(path) is None:

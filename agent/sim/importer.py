@@ -100,14 +100,11 @@ class Summary:
                 "rewrites": self.rewrites, "sizes_fixed": self.sizes_fixed}
 
 
-# -- field checks shared by the three formats ------------------------------------------------------
-
 def _path(raw: str) -> str:
     """A relative POSIX path without '.'/'..' parts or control characters (they would break the TSV)."""
     if not raw or any(c in _CONTROL for c in raw):
         raise ValueError(f"path {raw!r} is empty or has control characters")
-    parts = [p for p in raw.strip("/").split("/") if p not in ("", ".")]
-    if not parts or ".." in parts:
+    if not (parts := [p for p in raw.strip("/").split("/") if p not in ("", ".")]) or ".." in parts:
         raise ValueError(f"path {raw!r} is empty or has a '..' part")
     return "/".join(parts)
 
@@ -135,11 +132,10 @@ def _label(name: str, raw: str) -> str:
     return raw.strip()
 
 
-# -- the three parsers: each turns one record (numbered `line`) into a Row, (str) a non-transfer kind to count, or
-# None (a blank line); a ValueError is a bad row, its message the reason
-
 def _items(records: Iterable[tuple[int, T]], parse: Callable[[T, int], Row | str | None]
            ) -> Iterator[Row | Bad | str]:
+    """parse(record, line) of each numbered record: a Row, (str) a non-transfer kind to count, or None (a blank line,
+    left out); a ValueError is a Bad row, its message the reason."""
     for line, record in records:
         try:
             item: Row | Bad | str | None = parse(record, line)
@@ -243,8 +239,6 @@ def sniff(first_line: str) -> str:
     return "xferlog"
 
 
-# -- from rows to a replayable trace ---------------------------------------------------------------
-
 def repair(rows: list[Row], summary: Summary) -> list[Row]:
     """Sort (a write before a read of the same second) and keep one write per object, first."""
     rows.sort(key=lambda r: (r.t, not r.write, r.line))
@@ -254,14 +248,12 @@ def repair(rows: list[Row], summary: Summary) -> list[Row]:
     for r in rows:
         if (known := first.get(r.path)) is None:
             first[r.path] = (r.write, r.size)
-            out.append(r)
-            continue
-        if r.write:
+        elif r.write:
             summary.rewrites += 1
             if not known[0]:
                 pre_existing_rewritten.add(r.path)
             continue
-        if r.size != known[1]:
+        elif r.size != known[1]:
             r.size = known[1]
             summary.sizes_fixed += 1
         out.append(r)
@@ -299,8 +291,7 @@ def load(src: str | Path, fmt: str = "auto", start: str | None = None,
     if fmt == "csv":
         day0 = (base or DEFAULT_START).date()
     else:   # absolute times: the trace starts at midnight (UTC / the log's clock) of the first request
-        epoch0 = min(r.t for r in rows)
-        day0 = dt.datetime.fromtimestamp(epoch0, dt.timezone.utc).date() if base is None else base.date()
+        day0 = base.date() if base else dt.datetime.fromtimestamp(min(r.t for r in rows), dt.timezone.utc).date()
         midnight = dt.datetime.combine(day0, dt.time(), dt.timezone.utc).timestamp()
         for r in rows:
             r.t -= midnight
@@ -322,9 +313,8 @@ def write(rows: list[Row], summary: Summary, dst: str | Path) -> dict:
     summary.reads = len(rows) - summary.writes
     summary.objects, summary.studies = len(written), len({r.study for r in rows})
     summary.days = int(rows[-1].t // DAY) + 1
-    write_bytes = sum(r.size for r in rows if r.write)
-    meta = {"start": summary.start, "preset": "import", "seed": None, "days": summary.days,
-            "monthly_tb": round(write_bytes / 1e12 * 30 / summary.days, 6), "layout": None,
+    meta = {"start": summary.start, "preset": "import", "seed": None, "days": summary.days, "layout": None,
+            "monthly_tb": round(sum(r.size for r in rows if r.write) / 1e12 * 30 / summary.days, 6),
             "archive_bytes": sum(written.values()), "archive_files": len(written),
             "requests": len(rows), "request_bytes": sum(r.size for r in rows), "import": summary.as_dict()}
     with _open(dst, "w") as f:

@@ -96,7 +96,6 @@ def run_arrays(obj: np.ndarray, size: np.ndarray, t: np.ndarray, is_write: np.nd
     wkib_post = int(kib[post][is_write[post]].sum())
     reads = n_post - writes_post
     read_kib = int(kib[post].sum()) - wkib_post
-    cap_kib = max(1, capacity // 1024)
     out = []
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "trace.oracleGeneral.bin")
@@ -104,15 +103,13 @@ def run_arrays(obj: np.ndarray, size: np.ndarray, t: np.ndarray, is_write: np.nd
         # the hash table is 2^hashpower buckets: the default 2^24 costs ~100 MB per cache, sized here
         hashpower = int(np.clip(np.ceil(np.log2(max(int(obj.max()) + 1, 2))) + 1, 10, 26))
         for name in algorithms:
-            reader = lcs.TraceReader(path, lcs.TraceType.ORACLE_GENERAL_TRACE)
-            cache = _make(name, cap_kib, hashpower)
+            cache = _make(name, max(1, capacity // 1024), hashpower)
             if warm:
-                cache.process_trace(reader, 0, warm)
+                cache.process_trace(lcs.TraceReader(path, lcs.TraceType.ORACLE_GENERAL_TRACE), 0, warm)
             if n_post <= 0:
                 out.append(ReferenceResult(name, 0, 0, 0, 0))
                 continue
-            reader = lcs.TraceReader(path, lcs.TraceType.ORACLE_GENERAL_TRACE)
-            mr, bmr = cache.process_trace(reader, warm, -1)
+            mr, bmr = cache.process_trace(lcs.TraceReader(path, lcs.TraceType.ORACLE_GENERAL_TRACE), warm, -1)
             misses = int(round(mr * n_post)) - writes_post
             miss_kib = int(round(bmr * int(kib[post].sum()))) - wkib_post
             out.append(ReferenceResult(name, reads, reads - misses, read_kib, read_kib - miss_kib))

@@ -35,12 +35,11 @@ def gaps(results: list[SchemeResult], refs: list) -> dict[str, tuple[float | Non
     by = {r.scheme: r for r in results}
     if (lru := by.get("A") or ref.get("LRU")) is None or "Belady" not in ref:
         return None
-    best_obj = ref["Belady"].hit_ratio
     best_byte = max(f.byte_hit_ratio for k, f in ref.items() if k.startswith("Belady"))
 
     def share(x: float, lo: float, hi: float) -> float | None:    # None: LRU is already optimal
         return (x - lo) / (hi - lo) if hi - lo > 1e-9 else None
-    return {r.scheme: (share(r.hit_ratio, lru.hit_ratio, best_obj),
+    return {r.scheme: (share(r.hit_ratio, lru.hit_ratio, ref["Belady"].hit_ratio),
                        share(r.byte_hit_ratio, lru.byte_hit_ratio, best_byte)) for r in results}
 
 
@@ -126,10 +125,8 @@ def hit_ratio_plot(results: list[SchemeResult], path: Path) -> str:
     for r in results:
         daily = np.array(r.daily_hit_ratio, dtype=float)       # None → NaN: no point drawn
         ax.plot(range(daily.size), daily, marker="o", label=NAMES.get(r.scheme, r.scheme))
-    ax.set_xlabel("day")
-    ax.set_ylabel("object hit ratio (reads)")
     ax.set_ylim(0, 1)
-    return _save(fig, ax, path)
+    return _save(fig, ax, path, "object hit ratio (reads)")
 
 
 def egress_plot(results: list[SchemeResult], path: Path) -> str:
@@ -139,13 +136,13 @@ def egress_plot(results: list[SchemeResult], path: Path) -> str:
         mbps = r.egress_per_min * 8 / 60 / 1e6
         hourly = mbps[: mbps.size // 60 * 60].reshape(-1, 60).max(axis=1)
         ax.plot(np.arange(hourly.size) / 24, hourly, label=NAMES.get(r.scheme, r.scheme), lw=0.8)
-    ax.set_xlabel("day")
-    ax.set_ylabel("egress, max 1-min window per hour (Mbps)")
-    return _save(fig, ax, path)
+    return _save(fig, ax, path, "egress, max 1-min window per hour (Mbps)")
 
 
-def _save(fig, ax, path: Path) -> str:  # matplotlib Figure/Axes, imported lazily
+def _save(fig, ax, path: Path, ylabel: str) -> str:  # matplotlib Figure/Axes, imported lazily; x: days
     import matplotlib.pyplot as plt
+    ax.set_xlabel("day")
+    ax.set_ylabel(ylabel)
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()

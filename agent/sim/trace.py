@@ -13,13 +13,13 @@ the replay, cached beside it (`<trace>.npz`) so repeated `pacsgw simulate` runs 
 
 from __future__ import annotations
 
-import dataclasses
 import datetime as dt
 import gzip
 import io
+import itertools
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import IO, Iterator
 
@@ -43,7 +43,7 @@ def write_trace(g: Generator, path: str | Path, progress: bool = False) -> dict:
     archive_bytes, archive_files = archive_totals(g)
     meta = {"start": g.p.start, "preset": g.p.preset, "seed": g.p.seed, "days": g.p.days,
             "monthly_tb": g.p.monthly_tb, "layout": g.p.layout, "archive_bytes": archive_bytes,
-            "archive_files": archive_files, "params": dataclasses.asdict(g.p)}
+            "archive_files": archive_files, "params": asdict(g.p)}
     n = nbytes = 0
     with _open(path, "w") as f, _bar(progress, g.p.days, "gen-trace (days)") as bar:
         f.write(MAGIC + json.dumps(meta, sort_keys=True) + "\n" + "\t".join(COLUMNS) + "\n")
@@ -107,9 +107,7 @@ def read_header(path: str | Path) -> dict:
 def _fields(path: str | Path) -> Iterator[list[str]]:
     """The COLUMNS of every record after the two header lines, as text, `S` (catalog) lines first."""
     with _open(path, "r") as f:
-        f.readline()
-        f.readline()
-        for line in f:
+        for line in itertools.islice(f, 2, None):
             yield line.rstrip("\n").split("\t")
 
 
@@ -195,8 +193,7 @@ def parse_trace(path: str | Path, progress: bool = False) -> TraceArrays:
     # An imported trace (layout null) has paths of any shape: its study's day is that of the study's
     # first write (-1: in the archive before the trace) and its "day directory" is modality/date, as
     # the generator's layouts have it; both set after the pass, once the first writes are known.
-    dated = bool(layout) and "{date}" in layout and "{modality}" in layout
-    if dated:
+    if dated := bool(layout) and "{date}" in layout and "{modality}" in layout:
         # the day-directory: the layout's prefix that holds both the modality and the date
         dir_depth = max(_layout_index(layout, "date"), _layout_index(layout, "modality")) + 1
         date_index = _layout_index(layout, "date")
@@ -206,7 +203,6 @@ def parse_trace(path: str | Path, progress: bool = False) -> TraceArrays:
     columns: dict[str, list] = {name: [] for name in _ARRAYS}
     t_l, w_l, o_l, s_l, obj_study, obj_dir, obj_size, st_pat, st_mod, st_dep, st_day, st_bytes = columns.values()
     bar = _bar(progress, meta.get("requests"), "parse trace")
-    k = 0
 
     def new_study(study: str, patient: str, modality: str, dep: str, day: int, nbytes: int) -> int:
         st_pat.append(patients.setdefault(patient, len(patients)))
@@ -234,16 +230,14 @@ def parse_trace(path: str | Path, progress: bool = False) -> TraceArrays:
                 sid = new_study(study, patient, modality, dep, day, -1)
             elif not dated and op == "W" and st_day[sid] < 0:
                 st_day[sid] = int(float(t) // DAY)
-            did = dirs.setdefault("/".join(p.split("/", dir_depth)[:dir_depth]), len(dirs)) if dated else -1
             obj_study.append(sid)
-            obj_dir.append(did)
+            obj_dir.append(dirs.setdefault("/".join(p.split("/", dir_depth)[:dir_depth]), len(dirs)) if dated else -1)
             obj_size.append(isize)
         t_l.append(float(t))
         w_l.append(op == "W")
         o_l.append(oid)
         s_l.append(isize)
-        k += 1
-        if k % 1_000_000 == 0:
+        if len(t_l) % 1_000_000 == 0:
             bar.update(1_000_000)
     bar.close()
     a = {name: np.array(values, dtype=_ARRAYS[name]) for name, values in columns.items()}

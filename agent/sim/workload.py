@@ -68,13 +68,11 @@ class WorkloadParams:
     departments: dict[str, Department] = field(default_factory=lambda: {
         "ED": Department(0.20, 0.5), "IP": Department(0.30, 2.0),
         "OP": Department(0.45, 6.0), "ONC": Department(0.05, 4.0, tumour_board=True)})
-    # time of day / week
     work_start_h: float = 8.0
     work_end_h: float = 18.0
     working_hours_share: float = 0.75     # share of weekday acquisitions inside working hours
     weekend_factor: float = 0.35          # a weekend day's study count relative to a weekday's
     read_sigma: float = 0.8               # lognormal sigma of the primary read delay
-    # patients and priors
     patient_pool: int = 200_000           # patients with history in the archive
     returning_share: float = 0.55         # new studies whose patient already has priors
     priors_mean: float = 2.0              # mean number of prior studies of a returning patient
@@ -82,7 +80,6 @@ class WorkloadParams:
     priors_read: tuple[int, int] = (1, 2)  # priors opened with a new study (min, max)
     same_modality_prior: float = 0.7      # a prior is of the same modality as the new study
     history_years: float = 5.0            # how far back the archive (and priors) go
-    # re-reads
     followup_rate: float = 0.6            # mean clinician re-reads per study (Poisson)
     followup_median_days: float = 2.0     # lognormal median delay of a re-read
     followup_series_share: float = 0.5    # share of a study's series a re-read opens
@@ -163,9 +160,6 @@ def preset(name: str, **overrides: object) -> WorkloadParams:
     return WorkloadParams(**{"preset": name, **PRESETS[name], **overrides})
 
 
-# --- studies -----------------------------------------------------------------------------------
-
-
 @dataclass
 class Study:
     """One study in the archive: its place and the size of every instance (bytes), series-ordered."""
@@ -232,7 +226,6 @@ class Generator:
         shares = [d.share for d in params.departments.values()]
         self.departments, self.dep_p = list(params.departments), np.array(shares) / sum(shares)
 
-    # -- sizes
     def expected_study_bytes(self) -> float:
         """E[bytes per study] under the modality mix, for scaling the study count to monthly_tb."""
         total = 0.0
@@ -245,10 +238,8 @@ class Generator:
         return total
 
     def studies_per_day(self, weekday: int) -> float:
-        daily = self.p.monthly_tb * 1e12 / (365.25 / 12)
-        per_week = 7 * daily / self.expected_study_bytes()
-        weekday_n = per_week / (5 + 2 * self.p.weekend_factor)
-        return weekday_n * (self.p.weekend_factor if weekday >= 5 else 1.0)
+        per_week = 7 * (self.p.monthly_tb * 1e12 / (365.25 / 12)) / self.expected_study_bytes()
+        return per_week / (5 + 2 * self.p.weekend_factor) * (self.p.weekend_factor if weekday >= 5 else 1.0)
 
     def _new_study(self, modality: str, day: int, patient: int, department: str, acquired_at: float = 0.0) -> Study:
         sizes, starts = draw_instances(self.rng, SHAPES[modality])
@@ -257,7 +248,6 @@ class Generator:
         self.history.setdefault(patient, []).append(st.idx)
         return st
 
-    # -- patients
     def _materialise_history(self, patient: int, modality: str, before_day: int) -> None:
         """A returning patient seen for the first time in the trace gets priors in the archive."""
         if patient in self.history:
@@ -266,12 +256,11 @@ class Generator:
         p = self.p
         if not p.archive:
             return
-        n = 1 + int(self.rng.poisson(max(p.priors_mean - 1, 0.0)))
         # the archive's history ends where the trace starts: studies acquired during the trace are
         # generated (and written) by the trace itself
         day = before_day = min(before_day, 0)
         days: list[int] = []
-        for _ in range(n):
+        for _ in range(1 + int(self.rng.poisson(max(p.priors_mean - 1, 0.0)))):
             day -= max(1, int(self.rng.exponential(p.prior_gap_days)))
             if day < -p.history_years * 365.25:
                 break
@@ -286,7 +275,6 @@ class Generator:
     def _draw(self, names: list[str], p: np.ndarray) -> str:  # a modality or a department, by its share
         return names[int(self.rng.choice(len(names), p=p))]
 
-    # -- events
     def _event(self, t: float, op: str, study: int, series: tuple[int, ...] = (), kind: str = "primary") -> None:
         if t < self.p.days * DAY:
             self.events.append(Event(t, len(self.events), op, study, series, kind))  # seq: the order drawn
@@ -329,8 +317,7 @@ class Generator:
         p, rng = self.p, self.rng
         n_primary = 0
         for day in range(p.days):
-            weekday = (self.start + dt.timedelta(days=day)).weekday()
-            n = int(rng.poisson(self.studies_per_day(weekday)))
+            n = int(rng.poisson(self.studies_per_day((self.start + dt.timedelta(days=day)).weekday())))
             for t in sorted(self._acquisition_time(day) for _ in range(n)):
                 modality = self._draw(self.modalities, self.mod_p)
                 dep_name = self._draw(self.departments, self.dep_p)
@@ -399,16 +386,13 @@ class Generator:
                 rank = min(int(rng.zipf(1.3)), teaching.size) - 1
                 t = self._next_working(day * DAY + rng.uniform(0, DAY))
                 self._event(t, "R", int(teaching[rank]), kind="teaching")
-                continue
-            if not p.archive:   # a new box: the tail reaches back only to what the trace acquired
+            elif not p.archive:   # a new box: the tail reaches back only to what the trace acquired
                 t = self._next_working(day * DAY + rng.uniform(0, DAY))
                 if (done := np.flatnonzero(acquired < t - DAY)).size:
                     self._event(t, "R", int(rng.choice(done)), kind="longtail")
-                continue
-            if not (old := self._archive_studies_of_a_patient()):
-                continue
-            t = self._next_working(day * DAY + rng.uniform(0, DAY))
-            self._event(t, "R", int(rng.choice(old)), kind="longtail")
+            elif old := self._archive_studies_of_a_patient():
+                t = self._next_working(day * DAY + rng.uniform(0, DAY))
+                self._event(t, "R", int(rng.choice(old)), kind="longtail")
 
     def _teaching_cases(self) -> np.ndarray:
         """The teaching file: archive studies of random patients (or, on a new box, none)."""
@@ -424,7 +408,6 @@ class Generator:
         self._materialise_history(patient, self._draw(self.modalities, self.mod_p), 0)
         return [i for i in self.history[patient] if self.studies[i].day < 0]
 
-    # -- expansion
     def _expand(self, ev: Event) -> tuple[np.ndarray, np.ndarray]:
         """(times, instance indices) of one event's per-instance requests."""
         st = self.studies[ev.study]
@@ -466,7 +449,6 @@ def generate(params: WorkloadParams) -> Generator:
 
 def archive_totals(g: Generator) -> tuple[int, int]:
     """(bytes, files) of the archive the trace refers to, extrapolated to the whole history."""
-    daily = g.p.monthly_tb * 1e12 / (365.25 / 12)
     avg = sum(int(s.sizes.sum()) for s in g.studies) / max(1, sum(s.sizes.size for s in g.studies))
-    total = daily * 365.25 * g.p.history_years
+    total = g.p.monthly_tb * 1e12 / (365.25 / 12) * 365.25 * g.p.history_years
     return int(total), int(total / max(avg, 1))

@@ -164,9 +164,8 @@ class CatalogBase:
         """Create the missing ancestors of path as directories; refuse if one of them is a file."""
         for anc in ancestors(path)[1:]:
             if (row := self.db.execute("SELECT is_dir FROM entries WHERE path = ?", (anc,)).fetchone()) is None:
-                self.db.execute(
-                    "INSERT INTO entries (path, parent, name, is_dir, mtime) VALUES (?, ?, ?, 1, ?)",
-                    (anc, parent_of(anc), name_of(anc), now))
+                self.db.execute("INSERT INTO entries (path, parent, name, is_dir, mtime) VALUES (?, ?, ?, 1, ?)",
+                                (anc, parent_of(anc), name_of(anc), now))
             elif not row[0]:
                 raise NotADirectory(anc)
 

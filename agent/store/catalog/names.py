@@ -98,12 +98,11 @@ class Namespace(CatalogBase):
     def rename(self, src: str, dst: str, base: int | None = None) -> list[str]:
         """Move a file or directory → blobs it replaced; `base` as in commit_write; each moved file is dirty again."""
         now = time.time()
-        replaced: list[str] = []
         with self._tx():
             if (e := self.get(src)) is None:
                 raise NotFound(src)
             if dst == src:
-                return replaced
+                return []
             if e.is_dir and (dst + "/").startswith(src + "/"):
                 raise NotADirectory(dst, "cannot move a directory into itself")
             target = self.get(dst)
@@ -112,8 +111,6 @@ class Namespace(CatalogBase):
             if target is not None:
                 if target.is_dir or e.is_dir:
                     raise AlreadyExists(dst)
-                if target.blob:
-                    replaced.append(target.blob)
                 self.db.execute("DELETE FROM entries WHERE path = ?", (dst,))
                 self._superseded(target)
             self._ensure_dirs(dst, now)
@@ -124,7 +121,7 @@ class Namespace(CatalogBase):
                 # The object this box knew under dst (a file moved over a file): an HA pair's copy or upload to
                 # dst is conditional on it (agent/uplink/uploader.py).
                 self._move_row(m, dst + m.path[len(src):], now, target.etag if target is not None else None)
-        return replaced
+        return [target.blob] if target is not None and target.blob else []
 
     def _move_row(self, e: Entry, new_path: str, now: float, etag: str | None) -> None:
         self.db.execute("DELETE FROM entries WHERE path = ?", (e.path,))

@@ -107,13 +107,10 @@ class Studies(CatalogBase):
 
     def find_dicom(self, study: str | None = None, patient: str | None = None, modality: str | None = None,
                    date_from: str | None = None, date_to: str | None = None) -> list[Found]:
-        where, args = [], []
-        for column, value in (("study_uid = ?", study), ("patient = ?", patient), ("modality = ?", modality),
-                              ("study_date >= ?", date_from), ("study_date <= ?", date_to)):
-            if value is not None:
-                where.append("d." + column)
-                args.append(value)
+        terms = {"d.study_uid = ?": study, "d.patient = ?": patient, "d.modality = ?": modality,
+                 "d.study_date >= ?": date_from, "d.study_date <= ?": date_to}
+        where = {column: value for column, value in terms.items() if value is not None}
         return self.db.execute(
             "SELECT d.path, d.size, d.study_uid, d.series_uid, d.modality, d.study_date, e.blob IS NOT NULL "
             "FROM dicom_objects d LEFT JOIN entries e ON e.path = d.path"
-            + (" WHERE " + " AND ".join(where) if where else "") + " ORDER BY d.path", args).fetchall()
+            + (" WHERE " + " AND ".join(where) if where else "") + " ORDER BY d.path", list(where.values())).fetchall()
