@@ -174,9 +174,8 @@ class DirPrefetcher:
         return rank_cold_start(writes, days)
 
     async def plan(self, now: float) -> Plan:
-        """Rank, list the top `top_dirs`, and fit them into max_bytes and what the line carries by the
-        window's end. Outside the window (a dry run, or `pacsgw prefetch` by hand) a run now gets the
-        window's length."""
+        """Rank, list the top `top_dirs`, and fit them into max_bytes and what the line carries by the window's end.
+        Outside the window (a dry run, or `pacsgw prefetch` by hand) a run now gets the window's length."""
         start, end = window_bounds(now, self.cfg.prefetch.window)
         if now < start:
             start, end = now, now + (end - start)

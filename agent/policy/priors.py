@@ -16,8 +16,7 @@ docs/replay.md, round 18). A cell is an int (rank + k × kind), which the
 live agent keeps as the fetch's rank in the catalog, so what was learnt survives restarts. The planner
 (`agent.policy.prefetch.plan`) then applies the space and bandwidth budgets.
 
-Decides only: the catalog supplies the studies (from the DICOM PatientID of the new files), the
-fetcher does the I/O.
+Decides only: the catalog supplies the studies (from the DICOM PatientID of the new files), the fetcher does the I/O.
 """
 
 from __future__ import annotations

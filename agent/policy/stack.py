@@ -2,8 +2,7 @@
 live agent (agent/store/evictor.py, agent/prefetcher.py) and the simulator (agent/sim/replay.py) drive in
 the same way, so the stack the simulator scores is the stack the box runs.
 
-The runner (`PolicyStack`) decides and never does I/O. Its callers feed it what happened and act on what
-it answers:
+The runner (`PolicyStack`) decides and never does I/O. Its callers feed it what happened and act on what it answers:
 
 * cache events: `inserted` (a file landed: `written`, read on a miss, or `prefetch`ed), `accessed` (a read
   hit), `removed` (dropped for any other reason); online policies keep their index from these;
@@ -223,10 +222,9 @@ class PolicyStack:
     def prior_plan(self, new: Hashable, ranked: Sequence[tuple[int, Hashable, float, int, int]], budget: Budget,
                    now: float) -> list[tuple[Hashable, int, int, float]]:
         """(key, cell, bytes, heat) to fetch for the new study, in clinical order (`ranked`'s), within the budget (its
-        space scaled by the planner's `space_share`: what past fetches say the cache keeps until read), each
-        admitted by the eviction policy (one that weighs a prior against what it would push out,
-        agent/policy/learned.py `admit`). ranked: (cell, key, heat, bytes and files not cached) of
-        `prior_ranked`'s studies."""
+        space scaled by the planner's `space_share`: what past fetches say the cache keeps until read), each admitted by
+        the eviction policy (one that weighs a prior against what it would push out, agent/policy/learned.py `admit`).
+        ranked: (cell, key, heat, bytes and files not cached) of `prior_ranked`'s studies."""
         if self.priors is not None:
             budget = Budget(int(budget.space_bytes * self.priors.space_share()), budget.bandwidth_bps, budget.window_s)
         admit = getattr(self.policy, "admit", None)

@@ -1,10 +1,9 @@
 """Replay a trace through a cache of a given capacity, with the agent's own policy classes.
 
-Schemes (see agent/policy): A = `lru`; B = `age` (90-day rule); C = `kmeans` eviction + LSTM
-day-directory prefetch in an early-morning window; `ours` = whole-study LRU + prior-study prefetch at
-write time (when the first file of a new study arrives, the patient's most recent prior studies, same
-modality first, are fetched from S3 within a bandwidth and space budget, before the radiologist opens
-the new study with them).
+Schemes (see agent/policy): A = `lru`; B = `age` (90-day rule); C = `kmeans` eviction + LSTM day-directory prefetch in
+an early-morning window; `ours` = whole-study LRU + prior-study prefetch at write time (when the first file of a new
+study arrives, the patient's most recent prior studies, same modality first, are fetched from S3 within a bandwidth and
+space budget, before the radiologist opens the new study with them).
 
 What is counted:
   * only reads count for hit ratios and latency; writes always land in the cache (write-through);
