@@ -116,21 +116,16 @@ class Fetcher:
     def __init__(self, gateway: Gateway, db: AsyncCatalog, pressure: Callable[[], Level]) -> None:
         self.gateway, self.db, self.pressure = gateway, db, pressure
 
-    def stop_reason(self, deadline: float) -> str:
-        if time.time() >= deadline:
-            return "window ended"
-        if self.pressure() >= Level.HIGH:
-            return f"pressure {self.pressure()}"
-        return ""
-
     async def fetch_dir(self, d: str, deadline: float, status: RunStatus, kind: str) -> str:
         """→ '' when every missing file of directory or study d (catalog OF_STUDY) was fetched (or failed, logged),
         else why the run stopped."""
         after = ""
         while page := await self.db.missing_page(d, after, self.PAGE):
             for e in page:
-                if reason := self.stop_reason(deadline):
-                    return reason
+                if time.time() >= deadline:
+                    return "window ended"
+                if self.pressure() >= Level.HIGH:
+                    return f"pressure {self.pressure()}"
                 try:
                     landed = await self.gateway.prefetch(e)
                 except GatewayError as err:
