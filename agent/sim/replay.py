@@ -174,9 +174,7 @@ def egress_minutes(horizon_s: float, *ends: np.ndarray) -> int:
 
 
 def _csr(keys: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
-    order = np.argsort(keys, kind="stable")
-    starts = np.concatenate(([0], np.cumsum(np.bincount(keys, minlength=n))))
-    return order, starts
+    return np.argsort(keys, kind="stable"), np.concatenate(([0], np.cumsum(np.bincount(keys, minlength=n))))
 
 
 def _members(csr: tuple[np.ndarray, np.ndarray], k: int) -> np.ndarray:
@@ -396,10 +394,8 @@ class Replayer:
             dir_day, dir_mod = ta.dir_day(), ta.dir_modality()
             import datetime as dt
             start_weekday = dt.date.fromisoformat(ta.meta["start"]).weekday()
-        size_l = self.size
         last = getattr(self, "last", None)
         count = getattr(self, "count", None)
-        pf_used = 0
         bar = _bar(progress, n, f"replay {self.scheme}")
         step = 200_000
         for i in range(n):
@@ -420,18 +416,15 @@ class Replayer:
                 if new and priors:  # against the cache as the study's first write left it, as the agent plans
                     self._plan_priors(s, t)
             elif in_cache[o]:
-                r = ready.get(o)
                 if prefetched[o]:
                     prefetched[o] = 0
-                    pf_used += int(size_l[o])
+                    self.pf_used += int(self.size[o])
                     if o in self.fetched_after:
                         self.fetched_after.discard(o)
-                        self.pf_used_after += int(size_l[o])
+                        self.pf_used_after += int(self.size[o])
                     self._prefetch_feedback(o, True)
-                if r is None or r <= t:
+                if (r := ready.pop(o, None)) is None or r <= t:
                     hit[i] = 1
-                if r is not None:
-                    del ready[o]
                 if online:
                     accessed(o, t)
                 else:
@@ -444,17 +437,17 @@ class Replayer:
             if i % step == 0:
                 bar.update(step if i else 0)
         bar.close()
-        self.pf_used = pf_used
         return self._result(np.frombuffer(hit, dtype=np.uint8).astype(bool))
 
     def _result(self, hit: np.ndarray) -> SchemeResult:
         ta, cfg = self.ta, self.cfg
-        post = ta.t >= cfg.warmup_days * DAY
-        reads = ~ta.is_write & post
+        warm = cfg.warmup_days * DAY
+        all_reads = ~ta.is_write
+        reads = all_reads & (ta.t >= warm)
         size = ta.size
         lat = cfg.latency.latency(hit[reads], size[reads])
         # demand misses (warm-up included: the line is busy then too) through one FIFO line
-        all_miss = ~ta.is_write & ~hit
+        all_miss = all_reads & ~hit
         finish = cfg.latency.line_queue(ta.t[all_miss], size[all_miss].astype(np.float64))
         queued = np.full(ta.n, np.nan)
         queued[all_miss] = finish - ta.t[all_miss] + cfg.latency.rtt_s
@@ -463,13 +456,11 @@ class Replayer:
         # prefetch at its own capped rate on top
         pf_end = np.array(self.pf_times, dtype=np.float64)
         n_min = egress_minutes(ta.n_days * DAY, finish, pf_end)
-        warm = cfg.warmup_days * DAY
         egress = spread_per_minute(finish, size[all_miss].astype(np.float64), cfg.latency.line_bps, warm, n_min)
         egress += spread_per_minute(pf_end, np.array(self.pf_sizes, dtype=np.float64), cfg.prefetch_bps, warm, n_min)
-        first = int(np.ceil(cfg.warmup_days * DAY / 60))
+        first = int(np.ceil(warm / 60))
         peak = float(egress[first:].max()) * 8 / 60 / 1e6 if egress[first:].size else 0.0
         day = (ta.t // DAY).astype(np.int64)
-        all_reads = ~ta.is_write
         per_day_reads = np.bincount(day[all_reads], minlength=ta.n_days)
         per_day_hits = np.bincount(day[all_reads & hit], minlength=ta.n_days)
         daily = [h / n if n else None for h, n in zip(per_day_hits.tolist(), per_day_reads.tolist(), strict=True)]
