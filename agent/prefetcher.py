@@ -9,10 +9,9 @@ import asyncio
 import datetime as dt
 import time
 from collections import deque
-from contextlib import AbstractAsyncContextManager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Hashable, Protocol
+from typing import Callable, Hashable
 
 import structlog
 
@@ -30,6 +29,7 @@ from agent.policy.stack import PolicyStack
 from agent.store.access import heat_dir
 from agent.store.catalog import AsyncCatalog
 from agent.store.errors import GatewayError
+from agent.store.evictor import Evictor
 from agent.store.evictor import stack_for as eviction_stack
 from agent.store.gateway import Gateway
 from agent.store.paths import study_of
@@ -227,16 +227,6 @@ class DirPrefetcher:
             await asyncio.sleep(self.cfg.prefetch.check_seconds)
 
 
-class CacheView(Protocol):
-    """What the prior planner needs of the evictor (agent/store/evictor.py), which feeds the shared stack."""
-
-    async def flush_reads(self) -> None:
-        """Reads buffered since the last flush reach the catalog (a prior read just now counts as opened)."""
-
-    def synced(self) -> AbstractAsyncContextManager[PolicyStack]:
-        """The stack fed the catalog's view of the cache now, and no pass until the plan is made."""
-
-
 @dataclass
 class StudyStarts:
     """Which stored file starts a study not seen lately, and the key a study is known by: asked at the commit by the
@@ -283,7 +273,7 @@ class PriorFetcher:
     gateway: Gateway
     fetcher: Fetcher
     stack: PolicyStack
-    view: CacheView
+    view: Evictor       # feeds the shared stack: its reads flushed and its view synced before a plan
     metrics: Metrics    # the daemon's (a gateway is used through its facade methods only: test_architecture)
     starts: StudyStarts = field(init=False)     # which stored file starts a new study
     _tasks: set[asyncio.Task] = field(default_factory=set)

@@ -162,6 +162,7 @@ class Evictor:
         return np.array(out, dtype=np.int64)
 
     async def flush_reads(self) -> None:
+        """Reads buffered since the last flush reach the catalog (a prior read just now counts as opened)."""
         await self.reads.flush(self.db, self.metrics)
 
     @contextlib.asynccontextmanager
