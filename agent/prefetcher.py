@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import time
-from collections import deque
+from collections import Counter, deque
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Hashable
@@ -162,10 +162,9 @@ class DirPrefetcher:
             async with self._model_lock:
                 return await asyncio.to_thread(rank_by_model, h, self.predictor, self.predictor.version)
         days = self.cfg.prefetch.cold_start_days
-        writes: dict[str, int] = {}
+        writes: Counter[str] = Counter()
         for parent, n in await self.db.writes_since(now - days * 86400):
-            d = heat_dir(parent, self.cfg.prefetch.dir_depth)
-            writes[d] = writes.get(d, 0) + n
+            writes[heat_dir(parent, self.cfg.prefetch.dir_depth)] += n
         return rank_cold_start(writes, days)
 
     async def plan(self, now: float) -> Plan:
