@@ -224,9 +224,8 @@ class KMeansEviction:
         if len(table) == 0 or bytes_to_free <= 0:
             return np.zeros(0, dtype=np.int64)
         rank, score = self.clusters(table, now)
-        if rank is None:
-            return take_until(np.argsort(score, kind="stable"), table.size, bytes_to_free)
-        return take_until(np.lexsort((score, rank)), table.size, bytes_to_free)
+        order = np.argsort(score, kind="stable") if rank is None else np.lexsort((score, rank))
+        return take_until(order, table.size, bytes_to_free)
 
 
 class StudyLRU:
@@ -361,8 +360,8 @@ class StudyLRU:
         freed = 0
         while freed < bytes_to_free and (queue := self._next()) is not None:
             study, files = next(iter(queue.items()))
-            if self.cut is not None and max(bytes_to_free - freed, self.cut) < self._bytes[study]:
-                for key, size in trim(files, max(bytes_to_free - freed, self.cut), self._study_of):
+            if self.cut is not None and (need := max(bytes_to_free - freed, self.cut)) < self._bytes[study]:
+                for key, size in trim(files, need, self._study_of):
                     self._bytes[study] -= size
                     yield key
                 return

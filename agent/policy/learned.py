@@ -351,8 +351,8 @@ class HitDensity:
         while freed < bytes_to_free and self._ids:
             study = self._victim(now)
             s = self._studies[study]
-            if self.cut is not None and max(bytes_to_free - freed, self.cut) < s.size:
-                for key, size in trim(s.files, max(bytes_to_free - freed, self.cut), self._study_of):
+            if self.cut is not None and (need := max(bytes_to_free - freed, self.cut)) < s.size:
+                for key, size in trim(s.files, need, self._study_of):
                     s.size -= size
                     yield key
                 return
