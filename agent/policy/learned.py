@@ -31,12 +31,9 @@ density stays high through the week while one never read again decays. The histo
 3 × (5 + 4 + 2) floats plus one record per cached study and per ghost (~100 B). Until `warm_events` events have been
 seen the policy is *cold* and evicts studies in LRU order (the safe heuristic); `status()` says which.
 
-A prior prefetched for a new study (`link`, told by the prior planner through the runner) is worth at least its chance
-of being opened × the new study's density until it is opened or the new study is read: the report opens both, hours
-after the fetch, and an unread old study alone would be the first victim. Such a prior is fetched into a full cache
-only if that worth is `ADMIT_MARGIN` times the rank the cache has been evicting at lately (`admit`, `boundary`: a
-moving average of the victims' ranks): below it, it would push out a study worth more and be among the next victims
-itself, before its session.
+A prior prefetched for a new study (told by the prior planner through the runner) is kept beside it until it is opened
+or the new study is read (`link`: an unread old study alone would be the first victim), and is fetched into a full
+cache only if it is worth `ADMIT_MARGIN` times the rank the cache has been evicting at lately (`admit`, `boundary`).
 
 Policies decide, never do I/O: the caller offers only clean files (already in S3), so a file not yet in S3 is never
 evicted (durability contract, rule 2).
