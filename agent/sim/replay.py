@@ -402,8 +402,7 @@ class Replayer:
             t = T[i]
             o = objs[i]
             if t >= next_plan:
-                day = int(next_plan // DAY)
-                self._plan_lstm(day, next_plan, counts, dir_day, dir_mod, start_weekday)
+                self._plan_lstm(int(next_plan // DAY), next_plan, counts, dir_day, dir_mod, start_weekday)
                 next_plan += DAY
             if W[i]:
                 s = study[o]
