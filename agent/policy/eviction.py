@@ -2,16 +2,15 @@
 
 Two ways in, one decision:
 
-* **Batch (the live agent).** The catalog hands over the clean cached files as a `FileTable` (columns: key, size,
-  last_access, access_count, created, directory, and optionally study and patient) plus the number of bytes to free;
-  `select_victims(table, bytes_to_free, now)` returns row indices in eviction order whose sizes add up to at least
-  `bytes_to_free` (or every row, if that is not enough). Dirty files never enter the table, so a policy cannot evict
-  them (durability contract, rule 2).
+* **Batch.** `select_victims(table, bytes_to_free, now)` takes the clean cached files as a `FileTable` (columns: key,
+  size, last_access, access_count, created, directory, and optionally study and patient) and returns row indices in
+  eviction order whose sizes add up to at least `bytes_to_free` (or every row, if that is not enough). Dirty files
+  never enter the table, so a policy cannot evict them (durability contract, rule 2).
 
-* **Online (the simulator, and a later per-access fast path).** `on_insert(key, size, now, ...)`, `on_access(key,
-  now)`, `on_remove(key)` keep the policy's own index; `victims(bytes_to_free, now)` yields keys in eviction order. A
-  policy without an online index sets `online = False`; the simulator then keeps the FileTable itself and calls
-  `select_victims`, exactly as the agent does.
+* **Online.** `on_insert(key, size, now, ...)`, `on_access(key, now)`, `on_remove(key)` keep the policy's own index;
+  `victims(bytes_to_free, now)` yields keys in eviction order (the live agent feeds the index through
+  agent/policy/stack.py `sync`). A policy without an online index (kmeans) sets `online = False`; the live agent and
+  the simulator then call `select_victims` over their FileTable.
 
 Policies:
   `lru`    scheme A (rclone's default): least recently accessed first.
