@@ -154,11 +154,10 @@ def spread_per_minute(end: np.ndarray, size: np.ndarray, rate: float, since: flo
     """Bytes per minute of transfers that end at `end` and ran at `rate`: each transfer's bytes are
     spread over the minutes it was on the line (a 2 GB prior arrives over minutes, not in one).
     `n_min` must cover the last end (see `egress_minutes`)."""
-    out = np.zeros(n_min)
     start = end - size / rate
     keep = end >= since
     short = keep & (np.floor(start / 60) == np.floor(end / 60))
-    out += np.bincount((end[short] // 60).astype(np.int64), weights=size[short], minlength=n_min)
+    out = np.bincount((end[short] // 60).astype(np.int64), weights=size[short], minlength=n_min)
     for s0, e0 in zip(start[keep & ~short].tolist(), end[keep & ~short].tolist(), strict=True):
         m0, m1 = int(s0 // 60), int(e0 // 60)
         edges = np.clip(np.arange(m0, m1 + 2) * 60.0, s0, e0)
