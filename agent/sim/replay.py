@@ -8,21 +8,20 @@ space budget, before the radiologist opens the new study with them).
 What is counted:
   * only reads count for hit ratios and latency; writes always land in the cache (write-through);
   * the first `warmup_days` fill the cache and are not counted;
-  * latency model (`LatencyModel`): hit = SSD latency + size / SSD rate; miss = round trip + size /
-    line rate (default 10 MB/s, the paper's measured private line), reported twice: on an idle line,
-    and through one FIFO queue of all demand misses at the line rate (a burst of misses waits);
-  * egress = bytes fetched from S3 per 1-minute window, each transfer's bytes in the minutes it was on
-    the line (demand misses back to back through the FIFO line, prefetches at their capped rate); the
-    peak is reported in Mbps. Prefetch runs on top (demand is not slowed by it in this model), so a
-    minute can carry up to line rate + prefetch rate; transfers still queued at the end of the trace
-    extend the series. Uploads are excluded, they are the same for every scheme;
+  * latency model (`LatencyModel`): hit = SSD latency + size / SSD rate; miss = round trip + size / line rate (default
+    10 MB/s, the paper's measured private line), reported on an idle line and through one FIFO queue of all demand
+    misses at the line rate (a burst of misses waits);
+  * egress = bytes fetched from S3 per 1-minute window, each transfer's bytes in the minutes it was on the line
+    (demand misses back to back through the FIFO line, prefetches at their capped rate on top: demand is not slowed by
+    them in this model); the peak is reported in Mbps. Transfers still queued at the trace's end extend the series.
+    Uploads are excluded, they are the same for every scheme;
   * a prefetched file that is read before its fetch completed counts as a miss (fetched on demand);
-  * prior studies are known to the policy only through the trace's catalog lines (`S`) and the studies
-    written so far (one acquired later, even the same day, is not a prior yet, as in the agent's study
-    index): their total bytes, so a prefetch pays for the whole study, including files nobody reads later.
+  * prior studies are known to the policy only through the trace's catalog lines (`S`) and the studies written so far
+    (one acquired later, even the same day, is not a prior yet, as in the agent's study index): their total bytes, so
+    a prefetch pays for the whole study, including files nobody reads later.
 
-Per-request work is a few dict/bytearray operations; the batch policy (kmeans) runs when the cache is
-over capacity and frees down to `low_watermark`, like the agent's pressure loop.
+Per-request work is a few dict/bytearray operations; the batch policy (kmeans) runs when the cache is over capacity
+and frees down to `low_watermark`, like the agent's pressure loop.
 """
 
 from __future__ import annotations
