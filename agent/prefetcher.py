@@ -8,11 +8,10 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import time
-from collections import deque
-from contextlib import AbstractAsyncContextManager
+from collections import Counter, deque
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Hashable, Protocol
+from typing import Callable, Hashable
 
 import structlog
 
@@ -30,6 +29,7 @@ from agent.policy.stack import PolicyStack
 from agent.store.access import heat_dir
 from agent.store.catalog import AsyncCatalog
 from agent.store.errors import GatewayError
+from agent.store.evictor import Evictor
 from agent.store.evictor import stack_for as eviction_stack
 from agent.store.gateway import Gateway
 from agent.store.paths import study_of
@@ -116,21 +116,16 @@ class Fetcher:
     def __init__(self, gateway: Gateway, db: AsyncCatalog, pressure: Callable[[], Level]) -> None:
         self.gateway, self.db, self.pressure = gateway, db, pressure
 
-    def stop_reason(self, deadline: float) -> str:
-        if time.time() >= deadline:
-            return "window ended"
-        if self.pressure() >= Level.HIGH:
-            return f"pressure {self.pressure()}"
-        return ""
-
     async def fetch_dir(self, d: str, deadline: float, status: RunStatus, kind: str) -> str:
         """→ '' when every missing file of directory or study d (catalog OF_STUDY) was fetched (or failed, logged),
         else why the run stopped."""
         after = ""
         while page := await self.db.missing_page(d, after, self.PAGE):
             for e in page:
-                if reason := self.stop_reason(deadline):
-                    return reason
+                if time.time() >= deadline:
+                    return "window ended"
+                if self.pressure() >= Level.HIGH:
+                    return f"pressure {self.pressure()}"
                 try:
                     landed = await self.gateway.prefetch(e)
                 except GatewayError as err:
@@ -167,16 +162,14 @@ class DirPrefetcher:
             async with self._model_lock:
                 return await asyncio.to_thread(rank_by_model, h, self.predictor, self.predictor.version)
         days = self.cfg.prefetch.cold_start_days
-        writes: dict[str, int] = {}
+        writes: Counter[str] = Counter()
         for parent, n in await self.db.writes_since(now - days * 86400):
-            d = heat_dir(parent, self.cfg.prefetch.dir_depth)
-            writes[d] = writes.get(d, 0) + n
+            writes[heat_dir(parent, self.cfg.prefetch.dir_depth)] += n
         return rank_cold_start(writes, days)
 
     async def plan(self, now: float) -> Plan:
-        """Rank, list the top `top_dirs`, and fit them into max_bytes and what the line carries by the
-        window's end. Outside the window (a dry run, or `pacsgw prefetch` by hand) a run now gets the
-        window's length."""
+        """Rank, list the top `top_dirs`, and fit them into max_bytes and what the line carries by the window's end.
+        Outside the window (a dry run, or `pacsgw prefetch` by hand) a run now gets the window's length."""
         start, end = window_bounds(now, self.cfg.prefetch.window)
         if now < start:
             start, end = now, now + (end - start)
@@ -233,16 +226,6 @@ class DirPrefetcher:
             await asyncio.sleep(self.cfg.prefetch.check_seconds)
 
 
-class CacheView(Protocol):
-    """What the prior planner needs of the evictor (agent/store/evictor.py), which feeds the shared stack."""
-
-    async def flush_reads(self) -> None:
-        """Reads buffered since the last flush reach the catalog (a prior read just now counts as opened)."""
-
-    def synced(self) -> AbstractAsyncContextManager[PolicyStack]:
-        """The stack fed the catalog's view of the cache now, and no pass until the plan is made."""
-
-
 @dataclass
 class StudyStarts:
     """Which stored file starts a study not seen lately, and the key a study is known by: asked at the commit by the
@@ -289,7 +272,7 @@ class PriorFetcher:
     gateway: Gateway
     fetcher: Fetcher
     stack: PolicyStack
-    view: CacheView
+    view: Evictor       # feeds the shared stack: its reads flushed and its view synced before a plan
     metrics: Metrics    # the daemon's (a gateway is used through its facade methods only: test_architecture)
     starts: StudyStarts = field(init=False)     # which stored file starts a new study
     _tasks: set[asyncio.Task] = field(default_factory=set)

@@ -1,25 +1,23 @@
 """`adaptive`: whole-study eviction by whichever of two experts serves this box's traffic better now.
 
-The experts are study LRU (`StudyLRU`: recency, right where re-reads come within days) and the learned
-hit density (`HitDensity`: right where the cache holds less than the re-read interval, or reads follow a
-schedule). Each has a *shadow*: a metadata-only cache of the same capacity that sees every request and
-evicts by that expert alone; a shadow counts its hits, decayed every `window` requests. The real cache
-evicts with the expert whose shadow scored more (ARC/CACHEUS-style expert choice, by simulation rather
-than by regret). The learned expert ranks the real cache with its shadow's model, which learns from an
-undisturbed run of its own policy (its evictions and its ghosts), not from the other expert's choices.
+The experts are study LRU (`StudyLRU`: recency, right where re-reads come within days) and the learned hit density
+(`HitDensity`: right where the cache holds less than the re-read interval, or reads follow a schedule). Each has a
+*shadow*: a metadata-only cache of the same capacity that sees every request and evicts by that expert alone, counting
+its hits, decayed every `window` requests. The real cache evicts with the expert whose shadow scored more
+(ARC/CACHEUS-style expert choice, by simulation rather than by regret). The learned expert ranks the real cache with its
+shadow's model, which learns from an undisturbed run of its own policy (its evictions and ghosts), not the other's.
 
 In the real cache both experts leave alone the new studies that the fresh segment holds until their first read
-(agent/policy/fresh.py: its horizon learnt from this box's write → first-read delays), and the priors prefetched
-for them until their session (`HOLD_PRIORS`). Before either expert is asked, the files of priors that session passed
-by unopened go (`DROP_UNOPENED`), then those of studies on probation (`_Doorkeeper`: a study read on a miss, or a
-prior opened in its session, `PROBATION_OPENED`, until its second session).
-The last victim study of a pass gives up only the files the pass needs, its last ones first (`TRIM`,
-agent/policy/eviction.py `trim`): Belady keeps the first files of the study read farthest off, and a whole 1 GB
-study dropped to free a few MB leaves a small cache part empty until the next writes.
+(agent/policy/fresh.py: its horizon learnt from this box's write → first-read delays), and the priors prefetched for
+them until their session (`HOLD_PRIORS`). Before either expert is asked, the files of priors that session passed by
+unopened go (`DROP_UNOPENED`), then those of studies on probation (`_Doorkeeper`: a study read on a miss, or a prior
+opened in its session, `PROBATION_OPENED`, until its second session). The last victim study of a pass gives up only
+the files the pass needs, its last ones first (`TRIM`, agent/policy/eviction.py `trim`): Belady keeps the first files
+of the study read farthest off, and a whole 1 GB study dropped to free a few MB leaves a small cache part empty.
 
-The capacity of the shadows is learnt from the eviction calls (the cache's size when it has to shed
-bytes). Memory: four study indexes instead of one (~100 B per cached file and study each). Policies decide,
-never do I/O: the caller offers only clean files, so a file not yet in S3 is never a victim.
+The shadows' capacity is learnt from the eviction calls (the cache's size when it has to shed bytes). Memory: four
+study indexes instead of one (~100 B per cached file and study each). Policies decide, never do I/O: the caller offers
+only clean files, so a file not yet in S3 is never a victim.
 """
 
 from __future__ import annotations
@@ -65,10 +63,8 @@ class _Shadow:
 # --doorkeeper overrides
 DOORKEEPER = True
 SESSION_S = 600.0       # reads of one study closer than this are one session (learned.HitDensity.session_s)
-# a study acquired longer ago and read on a miss is on probation; one acquired within the day is a new study read on
-# a miss (written and evicted before its first read, or written through another box). Not a guard for the live feed
-# any more (it tells a written file read before a pass as written since round 15): re-checked in round 16 with the
-# second door, tuning families demand-only 0 / 12 h / 1 d tie (1014 %), 2 d 1005 % (docs/replay.md, round 16)
+# a study acquired longer ago and read on a miss is on probation; one acquired within the day is a new study read on a
+# miss (written and evicted before its first read, or written through another box); docs/replay.md, round 16
 OLD_S = DAY
 MAX_BACK = 0.5          # probation while fewer of the studies through the door come back for a second session
 WARM = 50               # studies through the door before it decides
@@ -77,8 +73,8 @@ HALF_LIFE = 2_000       # studies through the door after which its counts' weigh
 # bench/gap_share.py --hold-priors overrides
 HOLD_PRIORS = True
 # ... and no longer: a linked prior not opened in its new study's first session (the viewer hangs the priors first) is
-# not waiting for anything; it leaves the fresh segment when that session is over, and with `DROP_UNOPENED` its files
-# go first (docs/replay.md, round 19); bench/gap_share.py --unopened overrides
+# not waiting for anything; it leaves the fresh segment when that session is over, and with `DROP_UNOPENED` its files go
+# first (docs/replay.md, round 19); bench/gap_share.py --unopened overrides
 RELEASE_UNOPENED = True
 DROP_UNOPENED = True
 # a linked prior opened in that session is a one-off read like an old study read on a miss (the doorkeeper's example):
@@ -95,9 +91,9 @@ INFLOW_TAU = DAY        # the inflow rate behind the turnover time is a moving a
 # the last victim study of a pass gives up only the files the pass needs, its last ones first, not the whole study
 # (eviction.trim; docs/replay.md, round 12); bench/gap_share.py --trim overrides
 TRIM = True
-# a cut frees at least this share of the cache: without it the simulator's passes (just enough for each insert) cut
-# a file or two per insert once the cache is full, each after a new sample of the learned expert (3x the replay's
-# CPU at 1 TB); the live agent's passes free more anyway (its watermarks)
+# a cut frees at least this share of the cache: without it the simulator's passes (just enough for each insert) cut a
+# file or two per insert once the cache is full, each after a new sample of the learned expert (3x the replay's CPU at
+# 1 TB); the live agent's passes free more anyway (its watermarks)
 MIN_CUT = 0.02
 
 
@@ -118,13 +114,13 @@ class _Doorkeeper:
         self.probation: OrderedDict[Any, dict[Any, int]] = OrderedDict()   # study → its cached files
         # through the door → the last read of its first session; None: it came back
         self.seen: OrderedDict[Any, float | None] = OrderedDict()
-        # A pass takes files from the few studies on probation that hold some, and drops the studies it went past
-        # whose session is over. In a flat store (a study per file) thousands of emptied studies wait out their
-        # session at the head, and walking them on every pass (one per insert) was 40 % of the replay. So a pass
-        # walks the filled studies only, in probation order (`_pos`: a study's place; `_filled`: a heap of (place,
-        # study) of those that got files), and finds the ones to drop through two more heaps: (last read, place,
-        # study) of studies on probation, by time, and (place, study) of those whose session is over, by place.
-        # Entries outlive changes; each is checked against the study's state when it comes out.
+        # A pass takes files from the few studies on probation that hold some, and drops the studies it went past whose
+        # session is over. In a flat store (a study per file) thousands of emptied studies wait out their session at the
+        # head, and walking them on every pass (one per insert) was 40 % of the replay. So a pass walks the filled
+        # studies only, in probation order (`_pos`: a study's place; `_filled`: a heap of (place, study) of those that
+        # got files), and finds the ones to drop through two more heaps: (last read, place, study) of studies on
+        # probation, by time, and (place, study) of those whose session is over, by place. Entries outlive changes; each
+        # is checked against the study's state when it comes out.
         self._pos: dict[Any, int] = {}
         self._joined = 0
         self._filled: list[tuple[int, Any]] = []
@@ -198,8 +194,8 @@ class _Doorkeeper:
         reached = math.inf      # the place of the study the pass stopped in (it and those after it stay)
         try:
             while self._filled:
-                # the head study stays in the heap until emptied: a pass (one per insert once the cache is full)
-                # mostly stops inside it, and a pop and push per pass was a tenth of the replay
+                # the head study stays in the heap until emptied: a pass (one per insert once the cache is full) mostly
+                # stops inside it, and a pop and push per pass was a tenth of the replay
                 pos, study = self._filled[0]
                 files = self.probation[study] if self._pos.get(study) == pos else None
                 if files:
@@ -243,10 +239,9 @@ class Adaptive:
 
     def __init__(self, window: int = 20_000, decay: float = 0.9, attrs: Attrs | None = None) -> None:
         self.window, self.decay = window, decay
-        # the real cache's learned index ranks with the shadow's model and learns nothing itself: a model
-        # fitted on the mixed evictions of the real cache would drift from its shadow's (and cost a refit
-        # every 100 events)
-        # new studies are kept until their first read while the box's traffic says so (agent/policy/fresh.py)
+        # the real cache's learned index ranks with the shadow's model and learns nothing itself: a model fitted on the
+        # mixed evictions of the real cache would drift from its shadow's (and cost a refit every 100 events); new
+        # studies are kept until their first read while the box's traffic says so (agent/policy/fresh.py)
         self.fresh = FreshSegment()
         self.lru = StudyLRU(held=self.fresh.holds)
         self.learned = HitDensity(learn=False, attrs=attrs, held=self.fresh.holds)
@@ -309,15 +304,15 @@ class Adaptive:
         self._request(key, now, prefetch, written)
 
     def on_access(self, key: Any, now: float) -> None:
-        meta = self._meta.get(key)
-        if meta is None:
+        if (meta := self._meta.get(key)) is None:
             return
-        self.fresh.read(meta[2], now)
-        self._opened(meta[2], now)
+        size, _, study = meta
+        self.fresh.read(study, now)
+        self._opened(study, now)
         if self.door is not None:
-            self.door.read(meta[2], now)
-        if self.door2 is not None and meta[2] in self.written:
-            self.door2.inserted(key, meta[0], now, meta[2], True)
+            self.door.read(study, now)
+        if self.door2 is not None and study in self.written:
+            self.door2.inserted(key, size, now, study, True)
         self.lru.on_access(key, now)
         self.learned.on_access(key, now)
         self._request(key, now, False)
@@ -332,10 +327,9 @@ class Adaptive:
         if (meta := self._meta.pop(key, None)) is not None:
             self.used -= meta[0]
             self.fresh.removed(meta[2], meta[0])
-            if self.door is not None:
-                self.door.removed(meta[2], key)
-            if self.door2 is not None:
-                self.door2.removed(meta[2], key)
+            for door in (self.door, self.door2):
+                if door is not None:
+                    door.removed(meta[2], key)
 
     def link(self, prior: Any, new: Any, heat: float) -> None:
         """A prefetched prior's new study (HitDensity.link), for the real cache's learned index and its shadow."""
@@ -392,8 +386,8 @@ class Adaptive:
         # the second door: once-read written studies make room first while the cache turns over sooner than they come
         # back (it could not keep them until then anyway, and the space holds new studies until their first read)
         self.door2_open = self.door2 is not None and self.turnover() < self.door2.back_time
-        # the real cache cuts its last victim short (Belady keeps a study's first files); the shadows judge the
-        # experts' rankings with whole studies, as measured
+        # the real cache cuts its last victim short (Belady keeps a study's first files); the shadows judge the experts'
+        # rankings with whole studies, as measured
         self.lru.cut = self.learned.cut = int(MIN_CUT * self.capacity) if TRIM else None
         self._session_over(now)
         for study in self.fresh.release(now):

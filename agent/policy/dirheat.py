@@ -98,8 +98,7 @@ def rank_cold_start(recent_writes: dict[str, int], days: int) -> list[RankedDir]
 def window_bounds(now: float, window: tuple[int, int]) -> tuple[float, float]:
     """(start, end) epoch seconds of the prefetch window that `now` is in, or else of the next one.
 
-    window: seconds after local midnight; an end before the start runs past midnight.
-    """
+    window: seconds after local midnight; an end before the start runs past midnight."""
     local = dt.datetime.fromtimestamp(now).astimezone()
     midnight = local.replace(hour=0, minute=0, second=0, microsecond=0)
     start_s, end_s = window

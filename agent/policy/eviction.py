@@ -2,31 +2,30 @@
 
 Two ways in, one decision:
 
-* **Batch (the live agent).** The catalog hands over the clean cached files as a `FileTable` (columns:
-  key, size, last_access, access_count, created, directory, and optionally study and patient) plus the
-  number of bytes to free; `select_victims(table, bytes_to_free, now)` returns row indices in eviction
-  order whose sizes add up to at least `bytes_to_free` (or every row, if that is not enough).
-  Dirty files never enter the table, so a policy cannot evict them (durability contract, rule 2).
+* **Batch.** `select_victims(table, bytes_to_free, now)` takes the clean cached files as a `FileTable` (columns: key,
+  size, last_access, access_count, created, directory, and optionally study and patient) and returns row indices in
+  eviction order whose sizes add up to at least `bytes_to_free` (or every row, if that is not enough). Dirty files
+  never enter the table, so a policy cannot evict them (durability contract, rule 2).
 
-* **Online (the simulator, and a later per-access fast path).** `on_insert(key, size, now, ...)`,
-  `on_access(key, now)`, `on_remove(key)` keep the policy's own index; `victims(bytes_to_free, now)`
-  yields keys in eviction order. A policy without an online index sets `online = False`; the
-  simulator then keeps the FileTable itself and calls `select_victims`, exactly as the agent does.
+* **Online.** `on_insert(key, size, now, ...)`, `on_access(key, now)`, `on_remove(key)` keep the policy's own index;
+  `victims(bytes_to_free, now)` yields keys in eviction order (the live agent feeds the index through
+  agent/policy/stack.py `sync`). A policy without an online index (kmeans) sets `online = False`; the live agent and
+  the simulator then call `select_victims` over their FileTable.
 
 Policies:
   `lru`    scheme A (rclone's default): least recently accessed first.
-  `age`    scheme B (the paper's 90-day rule): files acquired more than `max_age_days` ago go first,
-           oldest first; then LRU.
-  `kmeans` scheme C's eviction: K-means over (recent access frequency, recency decay 1/(now-last+1),
-           size weight), k by the elbow method; the coldest cluster is evicted first, then the
-           lowest-scored files of the next warmer cluster, and so on.
-  `study`  ours: whole studies in least-recently-used order (a viewer opens studies, not files), so
-           one eviction does not leave a study half cached; old studies (priors, long-tail reads) are
-           demoted once they have been read; prefetched files count as used at prefetch time.
+  `age`    scheme B (the paper's 90-day rule): files acquired more than `max_age_days` ago go first, oldest first;
+           then LRU.
+  `kmeans` scheme C's eviction: K-means over (recent access frequency, recency decay 1/(now-last+1), size weight), k
+           by the elbow method; the coldest cluster is evicted first, then the lowest-scored files of the next warmer
+           cluster, and so on.
+  `study`  ours: whole studies in least-recently-used order (a viewer opens studies, not files), so one eviction does
+           not leave a study half cached; old studies (priors, long-tail reads) are demoted once they have been read;
+           prefetched files count as used at prefetch time.
   `learned` whole studies by hit density learned online from the traffic (agent/policy/learned.py).
-  `adaptive` whole studies by study LRU or the learned hit density, whichever serves the traffic better now
-           (shadow caches; agent/policy/adaptive.py); the last victim of a pass gives up only its last files
-           the pass needs (`trim`).
+  `adaptive` whole studies by study LRU or the learned hit density, whichever serves the traffic better now (shadow
+           caches; agent/policy/adaptive.py); the last victim of a pass gives up only its last files the pass needs
+           (`trim`).
 """
 
 from __future__ import annotations
@@ -62,16 +61,14 @@ def take_until(order: np.ndarray, size: np.ndarray, bytes_to_free: int) -> np.nd
     """The shortest prefix of `order` whose sizes reach bytes_to_free."""
     if bytes_to_free <= 0 or order.size == 0:
         return order[:0]
-    csum = np.cumsum(size[order])
-    cut = int(np.searchsorted(csum, bytes_to_free, side="left")) + 1
-    return order[:cut]
+    return order[:int(np.searchsorted(np.cumsum(size[order]), bytes_to_free, side="left")) + 1]
 
 
 def trim(files: dict[Any, int], need: int, study_of: dict[Any, Any]) -> list[tuple[Any, int]]:
     """The files of a victim study to give up to free `need` bytes (less than the study holds), instead of the whole
-    study, taken from its end: a viewer reads a study in series order, so the files read soonest are its first
-    ones, those Belady keeps of the study read farthest off. Drops them from `files` (in insertion order: the
-    written or fetched order) and `study_of`. → (key, size) in eviction order."""
+    study, taken from its end: a viewer reads a study in series order, so the files read soonest are its first ones,
+    those Belady keeps of the study read farthest off. Drops them from `files` (in insertion order: the written or
+    fetched order) and `study_of`. → (key, size) in eviction order."""
     out: list[tuple[Any, int]] = []
     freed = 0
     while freed < need and files:
@@ -204,12 +201,10 @@ class KMeansEviction:
         n = x.shape[0]
         rng = np.random.default_rng(self.cfg.seed)
         fit = x if n <= self.cfg.sample else x[rng.choice(n, self.cfg.sample, replace=False)]
-        k = self.elbow_k(fit)
-        self.last_k = k
+        k = self.last_k = self.elbow_k(fit)
         self._model = KMeans(n_clusters=k, n_init=1, random_state=self.cfg.seed).fit(fit)
-        rank = np.empty(k, dtype=np.int64)
+        self._cluster_rank = rank = np.empty(k, dtype=np.int64)
         rank[np.argsort(_heat(self._model.cluster_centers_))] = np.arange(k)       # 0 = coldest cluster
-        self._cluster_rank = rank
         self.fitted_at = now
 
     def clusters(self, table: FileTable, now: float) -> tuple[np.ndarray | None, np.ndarray]:
@@ -228,25 +223,22 @@ class KMeansEviction:
         if len(table) == 0 or bytes_to_free <= 0:
             return np.zeros(0, dtype=np.int64)
         rank, score = self.clusters(table, now)
-        if rank is None:
-            return take_until(np.argsort(score, kind="stable"), table.size, bytes_to_free)
-        return take_until(np.lexsort((score, rank)), table.size, bytes_to_free)
+        order = np.argsort(score, kind="stable") if rank is None else np.lexsort((score, rank))
+        return take_until(order, table.size, bytes_to_free)
 
 
 class StudyLRU:
     """Ours: evict whole studies in least-recently-used order, with *consumed old studies demoted*.
 
-    A study acquired more than `recent_days` ago (a prior, or a long-tail read) that has been opened
-    since it entered the cache is ranked as if it had been used `old_penalty_s` earlier: once its
-    comparison read is done, an old study is rarely opened again, while a new study is re-read for
-    days (clinicians, follow-ups, tumour boards). A prefetched old study is not demoted until read, so
-    a prefetch is not undone before the read it was made for.
+    A study acquired more than `recent_days` ago (a prior, or a long-tail read) that has been opened since it entered
+    the cache is ranked as if it had been used `old_penalty_s` earlier: once its comparison read is done, an old study
+    is rarely opened again, while a new study is re-read for days (clinicians, follow-ups, tumour boards). A prefetched
+    old study is not demoted until read, so a prefetch is not undone before the read it was made for.
 
-    Priority (lower goes first) = last use of the study − (old_penalty_s if old and consumed).
-    Online: OrderedDicts (recent-or-unconsumed, consumed-old, and with a `held` rule written-unread), each in
-    last-use order; the victim is the head with the lowest priority, a written study not before its first read
-    while `held` says so (agent/policy/fresh.py). Batch: the same priority over the FileTable.
-    """
+    Priority (lower goes first) = last use of the study − (old_penalty_s if old and consumed). Online: OrderedDicts
+    (recent-or-unconsumed, consumed-old, and with a `held` rule written-unread), each in last-use order; the victim is
+    the head with the lowest priority, a written study not before its first read while `held` says so
+    (agent/policy/fresh.py). Batch: the same priority over the FileTable."""
 
     name = "study"
     online = True
@@ -329,8 +321,8 @@ class StudyLRU:
         return list(self._queue(study).get(study, ()))
 
     def unheld(self, study: int) -> None:
-        """A written, unread study is no longer held: it queues with the others by its write time (at the head
-        when that is older than the head's last use, else at the tail: releases are the segment's ends)."""
+        """A written, unread study is no longer held: it queues with the others by its write time (at the head when that
+        is older than the head's last use, else at the tail: releases are the segment's ends)."""
         if (files := self._fresh.pop(study, None)) is None:
             return
         self._young[study] = files
@@ -350,8 +342,8 @@ class StudyLRU:
                 self._bytes.pop(study, None)
 
     def _next(self) -> OrderedDict[int, dict[int, int]] | None:
-        """The queue whose head goes next: the lowest priority among the heads (a written, unread study by its
-        write time unless `held`); a held study only when nothing else is left."""
+        """The queue whose head goes next: the lowest priority among the heads (a written, unread study by its write
+        time unless `held`); a held study only when nothing else is left."""
         heads = []
         if self._old:       # first: on a tie the consumed old study goes
             heads.append((self._last[next(iter(self._old))] - self.penalty, self._old))
@@ -367,8 +359,8 @@ class StudyLRU:
         freed = 0
         while freed < bytes_to_free and (queue := self._next()) is not None:
             study, files = next(iter(queue.items()))
-            if self.cut is not None and max(bytes_to_free - freed, self.cut) < self._bytes[study]:
-                for key, size in trim(files, max(bytes_to_free - freed, self.cut), self._study_of):
+            if self.cut is not None and (need := max(bytes_to_free - freed, self.cut)) < self._bytes[study]:
+                for key, size in trim(files, need, self._study_of):
                     self._bytes[study] -= size
                     yield key
                 return

@@ -1,10 +1,9 @@
 """Per-directory features for the hotness model (shared by training, the simulator and the agent).
 
-The unit is a day-directory (`MODALITY/YYYY-MM-DD`, i.e. department/modality × acquisition day, the
-level at which the PACS tree is listed and prefetched). For each directory and each of the last
-`WINDOW` days the model sees one feature vector (`FEATURES`); it predicts log1p(reads in the next 24 h).
-The access log aggregation is a (directory × day) matrix of read counts: the agent keeps it in its
-catalog, the simulator builds it from the trace.
+The unit is a day-directory (`MODALITY/YYYY-MM-DD`, i.e. department/modality × acquisition day, the level at which the
+PACS tree is listed and prefetched). For each directory and each of the last `WINDOW` days the model sees one feature
+vector (`FEATURES`); it predicts log1p(reads in the next 24 h). The access log aggregation is a (directory × day) matrix
+of read counts: the agent keeps it in its catalog, the simulator builds it from the trace.
 """
 
 from __future__ import annotations

@@ -1,20 +1,19 @@
 """A protected segment for newly written studies until their first read, sized and timed by the box's own traffic.
 
-Where the cache holds less than a day of writes, most of the LRU→Belady gap is a new study pushed out before its
-first read, hours after the write (docs/replay.md, round 7): recency ranks a study written this morning below one
-re-read an hour ago, and the report is read this afternoon. The segment keeps written, unread studies out of the
-eviction experts' reach while
+Where the cache holds less than a day of writes, most of the LRU→Belady gap is a new study pushed out before its first
+read, hours after the write (docs/replay.md, round 7): recency ranks a study written this morning below one re-read an
+hour ago, and the report is read this afternoon. The segment keeps written, unread studies out of the experts' reach
 
-* they are younger than the *horizon*: the `QUANTILE` of the write → first-read delays this box has seen (a study
-  still unread past it is unlikely to be read soon: it goes back to the experts, ranked by its write time), and
-* the segment holds at most `MAX_SHARE` of the cache. How much it holds is the box's own: the unread studies
-  written within the horizon (a box whose reports come within the hour holds an hour of writes, one that reads
-  them the next morning a day's). Over the ceiling, the member least likely to be read soon for the space it
-  takes is released first: of the oldest and the newest, the one where the learnt delays' hit density is lower.
+* while younger than the *horizon*: the `QUANTILE` of the write → first-read delays this box has seen (a study still
+  unread past it is unlikely to be read soon: it goes back to the experts, ranked by its write time), and
+* while the segment holds at most `MAX_SHARE` of the cache. How much it holds is the box's own: the unread studies
+  written within the horizon (an hour of writes where reports come within the hour, a day's where they are read the
+  next morning). Over the ceiling, of the oldest and the newest member the one where the learnt delays' hit density is
+  lower (least likely to be read soon for the space it takes) is released first.
 
-Until `WARM` first reads have been seen the horizon is 0 and nothing is protected (cold start: the experts
-alone, as before). Memory: one record per unread written study (bounded by `MAX_STUDIES`) and 40 floats.
-Policies decide, never do I/O; the segment only holds back studies, it never offers one for eviction.
+Until `WARM` first reads have been seen the horizon is 0 and nothing is protected (cold start: the experts alone).
+Memory: one record per unread written study (bounded by `MAX_STUDIES`) and 40 floats. Policies decide, never do I/O;
+the segment only holds back studies, it never offers one for eviction.
 """
 
 from __future__ import annotations

@@ -1,17 +1,16 @@
 """The eviction unit where a directory is not a study (issue 13, docs/replay.md "Other path layouts").
 
 Whole-study eviction takes a study to be its StudyInstanceUID where known (a trace's study column; live, the study
-index), else a directory (`agent.store.paths.study_of`: the first `[prefetch] study_depth` levels). In layouts where
-a directory is not one study (`YYYY/MM/DD/<sop>.dcm` day directories, one flat directory, `<patient>/<sop>.dcm`) and
-no UID names it, one "study" holds days to years of files, and dropping it whole empties the cache: the default
-closed -65 % of the LRU→Belady gap on `general` in day directories. A study is written in one burst (the tuning
-families' longest: 11 min); a directory that goes on receiving writes for hours is not one.
-Such a *mixed* directory is split into groups by insert bursts instead: the files that land in it within
-`GAP_S` of one another (and within `SPAN_S` of the burst's first), written or read on a miss alike, since the
-reads of one case's files also come together. A directory written in one burst keeps its own name as the
-group, so a layout with study directories evicts exactly as before. A directory never seen written (an old day
-directory whose studies come back as priors) is split the same way once it has been read into on misses for more
-than `MIXED_S`: whole, every case read from a busy old day kept the day young, then it went at once. The planner's
+index), else a directory (`agent.store.paths.study_of`: the first `[prefetch] study_depth` levels). Where a directory
+is not one study (`YYYY/MM/DD/<sop>.dcm` day directories, one flat directory, `<patient>/<sop>.dcm`) and no UID names
+it, one "study" holds days to years of files, and dropping it whole empties the cache: the default closed -65 % of the
+LRU→Belady gap on `general` in day directories. A study is written in one burst (the tuning families' longest: 11 min);
+a directory that goes on receiving writes for hours is not one. Such a *mixed* directory is split into groups by insert
+bursts instead: the files that land in it within `GAP_S` of one another (and within `SPAN_S` of the burst's first),
+written or read on a miss alike, since the reads of one case's files also come together. A directory written in one
+burst keeps its own name as the group, so study directories evict exactly as before. A directory never seen written (an
+old day directory whose studies come back as priors) is split the same way once it has been read into on misses for
+more than `MIXED_S`: whole, every case read from a busy old day kept the day young, then it went at once. The planner's
 prefetches do not start that clock (a prior study is fetched again for each new study of its patient). A file read
 again on a miss from such a directory rejoins the group it was first read into: the split tells the cases of an old
 day apart, and a case read in session after session (a prior of several new studies, a board's or a teaching case)

@@ -1,48 +1,42 @@
 """`learned`: whole-study eviction by *hit density* learned from the cache's own traffic (after LHD).
 
-A radiologist waits for the whole study, so the unit is the study: it enters, is read (sessions: reads
-more than `session_s` apart), and leaves whole. For each study *class* the policy learns, online, at
-which ages (time since the study's last session) studies come back and at which they are evicted:
+A radiologist waits for the whole study, so the unit is the study: it enters, is read (sessions: reads more than
+`session_s` apart), and leaves whole. For each study *class* the policy learns, online, at which ages (time since the
+study's last session) studies come back and at which they are evicted:
 
     class = (sessions so far: 0, 1, 2, 3+) × (study age at entry: < 1 day, < 1 week, < 5 weeks, older)
 
-Ages are log-spaced buckets (1 min … ~1 year). From the per-class histograms of hits H(x) and
-evictions E(x), a study of class c at age a is worth
+Ages are log-spaced buckets (1 min … ~1 year). From the per-class histograms of hits H(x) and evictions E(x), a study
+of class c at age a is worth
 
     density(c, a) = P(another session | survived to a) / E[remaining time in cache | a]
                   = Σ_{x≥a} H(x) / Σ_{x≥a} (x − a)(H(x) + E(x))
 
-and the victim is the cached study of lowest density × factors × (mean file size / the study's mean file
-size + `byte_weight`) among `sample` random ones (LHD's sampling). That last term is what a byte of the
-study is worth on both targets, object hits (its share of the files) and byte hits (its share of the
-bytes, weighted): a study of small files is kept over one of big files that is as likely to come back,
-but a big study is not given up for its size (the radiologist waits for all of it; density per
-byte^0.5 did, and lost the byte hit ratio). The factors are features without more class dimensions (a finer
-class table splits the counts: a class by gap, by department or finer ages each lost on the tuning
-families): per bucket of a feature, P(back) / P(back) over all, learnt from the same hits and evictions
-(naive Bayes). *Gap*: how long the study stayed away before its latest session (not back yet, < 1 d, < 3
-d, < 10 d, longer): a case that came back after a week (a board, a follow-up clinic) is kept over one
-read once, whichever its class. *Size*: the study's bytes (< 10 MB, < 100 MB, < 1 GB, more): where big
-studies come back (PET-CT at a board), they are kept for it. *Newer*: the study's patient has a newer
-study (a prior, which a board may show again beside the new one). *Modality* and *department* are offered
-too but off by default (they lost on the tuning families). The study features come from `attrs` (the
-runner's `describe`: the catalog's study index live, the trace in the simulator). A weekly schedule needs no code: a
-study class read again ~7 days later has hits piling up in the 4–8-day bucket, so its density stays high
-through the week while one that is never read again decays. The histograms are refitted every
-`refit_events` events and decayed by `decay`, so the policy follows the box's traffic; memory is (4 × 4 ×
-20) × 2 + 3 × (5 + 4 + 2) floats plus one record per cached study and per ghost (~100 B). Until `warm_events`
-events have been seen the policy is *cold* and evicts studies in LRU order (the safe heuristic);
-`status()` says which.
+and the victim is the cached study of lowest density × factors × (mean file size / the study's mean file size +
+`byte_weight`) among `sample` random ones (LHD's sampling). That last term is what a byte of the study is worth on both
+targets, object hits (its share of the files) and byte hits (its share of the bytes, weighted): a study of small files
+is kept over one of big files as likely to come back, but a big study is not given up for its size (the radiologist
+waits for all of it; density per byte^0.5 did, and lost the byte hit ratio). The factors are features without more
+class dimensions (a finer class table splits the counts: a class by gap, by department or finer ages each lost on the
+tuning families): per bucket of a feature, P(back) / P(back) over all, learnt from the same hits and evictions (naive
+Bayes). *Gap*: how long the study stayed away before its latest session (not back yet, < 1 d, < 3 d, < 10 d, longer):
+a case that came back after a week (a board, a follow-up clinic) is kept over one read once, whichever its class.
+*Size*: the study's bytes (< 10 MB, < 100 MB, < 1 GB, more): where big studies come back (PET-CT at a board), they are
+kept for it. *Newer*: the study's patient has a newer study (a prior, which a board may show again beside the new
+one). *Modality* and *department* are offered too but off by default (they lost on the tuning families). The study
+features come from `attrs` (the runner's `describe`: the catalog's study index live, the trace in the simulator). A
+weekly schedule needs no code: a study class read again ~7 days later has hits piling up in the 4–8-day bucket, so its
+density stays high through the week while one never read again decays. The histograms are refitted every
+`refit_events` events and decayed by `decay`, so the policy follows the box's traffic; memory is (4 × 4 × 20) × 2 +
+3 × (5 + 4 + 2) floats plus one record per cached study and per ghost (~100 B). Until `warm_events` events have been
+seen the policy is *cold* and evicts studies in LRU order (the safe heuristic); `status()` says which.
 
-A prior prefetched for a new study (`link`, told by the prior planner through the runner) is worth at least
-its chance of being opened × the new study's density until it is opened or the new study is read: the
-report opens both, hours after the fetch, and an unread old study alone would be the first victim. Such a
-prior is fetched into a full cache only if that worth is `ADMIT_MARGIN` times the rank the cache has been
-evicting at lately (`admit`, `boundary`: a moving average of the victims' ranks): below it, it would push out a
-study worth more and be among the next victims itself, before its session.
+A prior prefetched for a new study (told by the prior planner through the runner) is kept beside it until it is opened
+or the new study is read (`link`: an unread old study alone would be the first victim), and is fetched into a full
+cache only if it is worth `ADMIT_MARGIN` times the rank the cache has been evicting at lately (`admit`, `boundary`).
 
-Policies decide, never do I/O: the caller offers only clean files (already in S3), so a file not yet in
-S3 is never evicted (durability contract, rule 2).
+Policies decide, never do I/O: the caller offers only clean files (already in S3), so a file not yet in S3 is never
+evicted (durability contract, rule 2).
 """
 
 from __future__ import annotations
@@ -68,33 +62,29 @@ N_SIZE = 4                      # study bytes: < 10 MB, < 100 MB, < 1 GB, more
 _SIZE_EDGES = (1e7, 1e8, 1e9)
 N_CODE = 16                     # modality / department codes, folded into this many buckets (0: unknown)
 
-# the factors a rank multiplies (naive Bayes over the class density), in `_buckets` order: gap and size, and the
-# `attrs` (modality and department of the study, whether its patient has a newer study: a prior)
+# the factors a rank multiplies (naive Bayes over the class density), in `_buckets` order: gap and size, and the `attrs`
+# (modality and department of the study, whether its patient has a newer study: a prior)
 FACTORS = ("gap", "size", "modality", "dept", "newer")
 FACTOR_BUCKETS = {"gap": N_GAP, "size": N_SIZE, "modality": N_CODE, "dept": N_CODE, "newer": 2}
 # chosen on the tuning families (docs/replay.md, "Study features"); bench/gap_share.py --factors overrides
 DEFAULT_FACTORS: tuple[str, ...] = ("gap", "size", "newer")
 
-# the rank's weight of a study's bytes against its files (see `_rank`); chosen on the tuning families
+# the rank's weight of a study's bytes against its files (see `_per_byte`); chosen on the tuning families
 # (docs/replay.md, "Bytes"); bench/gap_share.py --byte-weight overrides
 BYTE_WEIGHT = 10.0
 
-# admission of a prefetched prior into a full cache (`admit`): only if, kept beside its new study, it is worth
-# more than the rank the cache evicts at lately; bench/gap_share.py --admit overrides
+# admission of a prefetched prior into a full cache (`admit`): only if, kept beside its new study, it is worth more than
+# the rank the cache evicts at lately; bench/gap_share.py --admit overrides
 ADMIT_PRIORS = True
 BOUNDARY_RATE = 0.01            # the eviction boundary: an average over the last ~100 victims' ranks
 # ... and only at this multiple of it: the prior's rank is taken beside a new study just written (its new study's
-# highest worth) and has to last the hours to the session; at 1x, a prior fetched into a small cache was often among
-# the next victims (oncology at 3 % of a month's writes: a fifth of the prefetched bytes evicted unread within the
-# hour of their fetch). Chosen on the tuning families, 1 / 2 / 3 / 4 (docs/replay.md, round 22); bench/gap_share.py
+# highest worth) and has to last the hours to the session; at 1x, a prior fetched into a small cache was often among the
+# next victims (oncology at 3 % of a month's writes: a fifth of the prefetched bytes evicted unread within the hour of
+# their fetch). Chosen on the tuning families, 1 / 2 / 3 / 4 (docs/replay.md, round 22); bench/gap_share.py
 # --admit-margin overrides
 ADMIT_MARGIN = 2.0
 
 Attrs = Callable[[Any], tuple[int, int, int]]     # study → (modality code, department code, newer 0/1)
-
-
-def size_bucket(size: int) -> int:
-    return bisect_right(_SIZE_EDGES, size)      # the edges at or below size (a sum over them: 4x the time)
 
 
 def _fold(code: int) -> int:
@@ -148,16 +138,15 @@ class HitDensity:
                  attrs: Attrs | None = None, held: Callable[[Any], bool] | None = None) -> None:
         self.sample, self.session_s = sample, session_s
         self.held = held            # a written, unread study kept from eviction (agent/policy/fresh.py)
-        self.cut: int | None = None  # the last victim of a pass gives up only the files needed, at least this many
-        # bytes (eviction.trim); None: whole studies
+        self.cut: int | None = None  # a pass's last victim gives up this many bytes at least (eviction.trim); None: all
         self.byte_weight = BYTE_WEIGHT if byte_weight is None else byte_weight
         self.learn = learn          # False: rank with a density set from outside (adaptive's shadow model)
         self.refit_events, self.decay, self.warm_events = refit_events, decay, warm_events
         self.hits = np.zeros((N_READS, N_ENTRY, N_AGE))
         self.evictions = np.zeros((N_READS, N_ENTRY, N_AGE))
         self.density = np.zeros((N_READS, N_ENTRY, N_AGE))
-        # P(back) per gap bucket against P(back) overall: a factor on the class density (naive Bayes), so
-        # a feature shares the class tables' counts instead of splitting them
+        # P(back) per gap bucket against P(back) overall: a factor on the class density (naive Bayes), so a feature
+        # shares the class tables' counts instead of splitting them
         self.factors = DEFAULT_FACTORS if factors is None else factors
         if unknown := set(self.factors) - set(FACTORS):
             raise ValueError(f"unknown factors {sorted(unknown)}; known: {FACTORS}")
@@ -174,8 +163,8 @@ class HitDensity:
         self._study_of: dict[int, int] = {}
         self._lru: OrderedDict[int, None] = OrderedDict()   # cold-start order
         self._rng = random.Random(seed)
-        # evicted studies (sessions, entry class, last session, age bucket at eviction, gap, the factor
-        # buckets at eviction), oldest first
+        # evicted studies (sessions, entry class, last session, age bucket at eviction, gap, the factor buckets at
+        # eviction), oldest first
         self._ghosts: OrderedDict[Any, tuple[int, int, float, int, int, tuple[int, ...]]] = OrderedDict()
         self.max_ghosts = max_ghosts
         self._files = self._bytes = 0           # files and bytes inserted so far: the mean file size
@@ -190,7 +179,8 @@ class HitDensity:
     def _buckets(self, s: _Study) -> tuple[int, ...]:
         """The study's bucket of each factor in use."""
         a = self.attrs(s.study) if self.attrs is not None else (0, 0, 0)
-        every = (s.gap, size_bucket(s.size), _fold(a[0]), _fold(a[1]), a[2])
+        # bisect: the edges at or below the size (a sum over them took 4x the time)
+        every = (s.gap, bisect_right(_SIZE_EDGES, s.size), _fold(a[0]), _fold(a[1]), a[2])
         return tuple(map(every.__getitem__, self._fi))
 
     def _count(self, table: np.ndarray, s: _Study, now: float, buckets: tuple[int, ...] | None = None) -> None:
@@ -230,8 +220,7 @@ class HitDensity:
                   prefetch: bool = False, written: bool = False) -> None:
         s = self._studies.get(study)
         if s is None:
-            age = now - created
-            entry = sum(age >= e for e in _ENTRY_EDGES)
+            entry = sum(now - created >= e for e in _ENTRY_EDGES)
             s = self._studies[study] = _Study({}, 0, now, entry, study=study)
             self._pos[study] = len(self._ids)
             self._ids.append(study)
@@ -323,10 +312,12 @@ class HitDensity:
             new = self._studies.get(link[0])
             if new is not None and new.sessions == 0:
                 rank = max(rank, link[1] * self._worth(new, now))
-        # what keeping the study is worth per byte on both targets: its share of the files (object hits) plus
-        # `byte_weight` × its share of the bytes (byte hits), per byte; ∝ mean file size / the study's + weight
-        mean = self._bytes / max(self._files, 1)
-        return rank * (mean * len(s.files) / max(s.size, 1) + self.byte_weight)
+        return rank * self._per_byte(len(s.files), s.size)
+
+    def _per_byte(self, files: int, size: int) -> float:
+        """What keeping a study is worth per byte on both targets: its share of the files (object hits) plus
+        `byte_weight` × its share of the bytes (byte hits), per byte; ∝ mean file size / the study's + weight."""
+        return self._bytes / max(self._files, 1) * files / max(size, 1) + self.byte_weight
 
     def _victim(self, now: float) -> int:
         held = self.held
@@ -350,17 +341,15 @@ class HitDensity:
         if not (ADMIT_PRIORS and self.fitted and self.boundary > 0):
             return True
         s = self._studies.get(new) or _Study({}, 0, now, 0, study=new)     # not indexed yet: new, unread
-        mean = self._bytes / max(self._files, 1)
-        rank = heat * self._worth(s, now) * (mean * files / max(size, 1) + self.byte_weight)
-        return rank >= ADMIT_MARGIN * self.boundary
+        return heat * self._worth(s, now) * self._per_byte(files, size) >= ADMIT_MARGIN * self.boundary
 
     def victims(self, bytes_to_free: int, now: float) -> Iterator[int]:
         freed = 0
         while freed < bytes_to_free and self._ids:
             study = self._victim(now)
             s = self._studies[study]
-            if self.cut is not None and max(bytes_to_free - freed, self.cut) < s.size:
-                for key, size in trim(s.files, max(bytes_to_free - freed, self.cut), self._study_of):
+            if self.cut is not None and (need := max(bytes_to_free - freed, self.cut)) < s.size:
+                for key, size in trim(s.files, need, self._study_of):
                     s.size -= size
                     yield key
                 return
@@ -373,7 +362,7 @@ class HitDensity:
                 freed += size
                 yield key
 
-    # -- batch (a caller without the online index): the cold-start heuristic, whole studies in LRU order.
-    # The live agent feeds the online index (agent/policy/stack.py `sync`) and does not come here
+    # -- batch (a caller without the online index): the cold-start heuristic, whole studies in LRU order. The live agent
+    # feeds the online index (agent/policy/stack.py `sync`) and does not come here
     def select_victims(self, table: FileTable, bytes_to_free: int, now: float) -> np.ndarray:
         return StudyLRU().select_victims(table, bytes_to_free, now)

@@ -1,18 +1,17 @@
 """Prefetch planning: which directories (or studies) to fetch from S3 ahead of the reads.
 
-`plan(candidates, budget)` takes candidates (a key, a predicted heat = expected reads in the horizon,
-and the bytes still missing from the cache) and a `Budget` (space bytes, bandwidth in bytes/s, and the
-window the fetch must finish in). It returns the ordered plan: best heat per byte first, greedily
-skipping a candidate that no longer fits and going on with smaller ones. The plan's total never exceeds
-`budget.space_bytes` nor `budget.bandwidth_bps * budget.window_s` (the bytes the line can carry in the
-window at the allowed rate); the planner does no I/O, the agent's fetcher (or the simulator) executes
+`plan(candidates, budget)` takes candidates (a key, a predicted heat = expected reads in the horizon, and the bytes
+still missing from the cache) and a `Budget` (space bytes, bandwidth in bytes/s, and the window the fetch must finish
+in). It returns the ordered plan: best heat per byte first, greedily skipping a candidate that no longer fits and going
+on with smaller ones. The plan's total never exceeds `budget.space_bytes` nor `budget.bandwidth_bps * budget.window_s`
+(the bytes the line can carry in the window); the planner does no I/O, the agent's fetcher (or the simulator) executes
 it in the returned order at the allowed rate.
 
 Two callers:
-  * scheme C: in the early-morning window, candidates are day-directories with the LSTM's predicted
-    next-24-hour heat (see `agent.policy.predictor`);
-  * ours: when the first file of a new study arrives, candidates are the patient's prior studies from
-    the catalog (heat = how likely a radiologist opens it with the new one).
+  * scheme C: in the early-morning window, candidates are day-directories with the LSTM's predicted next-24-hour heat
+    (see `agent.policy.predictor`);
+  * ours: when the first file of a new study arrives, candidates are the patient's prior studies from the catalog
+    (heat = how likely a radiologist opens it with the new one).
 """
 
 from __future__ import annotations

@@ -1,23 +1,20 @@
-"""Prior-study prefetch: when a new study of a patient starts arriving, fetch the priors a
-radiologist will open beside it (comparison with prior imaging is standard reporting practice).
+"""Prior-study prefetch: when a new study of a patient starts arriving, fetch the priors a radiologist will open beside
+it (comparison with prior imaging is standard reporting practice).
 
-`PriorPrefetcher.candidates(new, priors)` ranks the patient's earlier studies the way a hanging
-protocol does (same modality first, then the most recent) and keeps the top `k`. Its heat is learned
-online per *cell*: the rank × whether the prior is of the new study's modality × whether it is older
-than `recent_days` (a prior of another modality, or years old, is opened less often at the same rank:
-docs/replay.md, "Which priors are opened"). A cell's heat is the share of its prefetched studies that
-were opened, shrunk towards its rank's share (`shrink` pseudo-counts) so a thin cell borrows from its
-rank (`feedback(cell, used)`); the prefetcher adapts to which priors a site's radiologists open instead
-of assuming it. Candidates below `min_heat` are not fetched, except once in `EXPLORE` chances of their cell (the
-floor re-learns: a shut cell that is never fetched gets no outcomes, and its heat would stay below the floor for
-good). A plan's space budget shrinks with the share of the planner's fetches that were opened (`space_share`: a
-small cache evicts priors before their session, and fewer bytes per plan are more often still there then;
-docs/replay.md, round 18). A cell is an int (rank + k × kind), which the
+`PriorPrefetcher.candidates(new, priors)` ranks the patient's earlier studies the way a hanging protocol does (same
+modality first, then the most recent) and keeps the top `k`. Its heat is learned online per *cell*: the rank × whether
+the prior is of the new study's modality × whether it is older than `recent_days` (a prior of another modality, or
+years old, is opened less often at the same rank: docs/replay.md, "Which priors are opened"). A cell's heat is the
+share of its prefetched studies that were opened, shrunk towards its rank's share (`shrink` pseudo-counts) so a thin
+cell borrows from its rank (`feedback(cell, used)`): it learns which priors a site's radiologists open. Candidates
+below `min_heat` are not fetched, except once in `EXPLORE` chances of their cell (a shut cell never fetched gets no
+outcomes, and its heat would stay below the floor for good). A plan's space budget shrinks with the share of the
+planner's fetches that were opened (`space_share`: a small cache evicts priors before their session, and fewer bytes
+per plan are more often still there then; docs/replay.md, round 18). A cell is an int (rank + k × kind), which the
 live agent keeps as the fetch's rank in the catalog, so what was learnt survives restarts. The planner
 (`agent.policy.prefetch.plan`) then applies the space and bandwidth budgets.
 
-Decides only: the catalog supplies the studies (from the DICOM PatientID of the new files), the
-fetcher does the I/O.
+Decides only: the catalog supplies the studies (from the DICOM PatientID of the new files), the fetcher does the I/O.
 """
 
 from __future__ import annotations

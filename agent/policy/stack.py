@@ -1,28 +1,24 @@
-"""The policy stack: one eviction policy plus the prefetch planners, behind one runner interface that the
-live agent (agent/store/evictor.py, agent/prefetcher.py) and the simulator (agent/sim/replay.py) drive in
-the same way, so the stack the simulator scores is the stack the box runs.
+"""The policy stack: one eviction policy plus the prefetch planners behind one runner (`PolicyStack`), which the live
+agent (agent/store/evictor.py, agent/prefetcher.py) and the simulator (agent/sim/replay.py) drive alike, so the stack
+the simulator scores is the one the box runs. The runner decides and never does I/O; its callers feed it what happened
+and act on its answers:
 
-The runner (`PolicyStack`) decides and never does I/O. Its callers feed it what happened and act on what
-it answers:
-
-* cache events: `inserted` (a file landed: `written`, read on a miss, or `prefetch`ed), `accessed` (a read
-  hit), `removed` (dropped for any other reason); online policies keep their index from these;
-* `victims(bytes_to_free, now, table)`: keys to evict, in order. An online policy answers from its
-  index; a batch policy (kmeans) from the `FileTable` that `table()` builds on demand. Callers offer
-  only clean files (already in S3), so a file not yet uploaded can never be a victim;
-* `sync(rows, now)`: the live agent's way in. It sees the cache through the catalog (each pass: the clean
-  cached files with size, last access, read count and how and when the copy came), not event by event; `sync`
-  turns the difference from the previous pass into the same `inserted`/`accessed`/`removed` events, in time order;
-* `prior_ranked` → `prior_plan` / `prior_outcome`: the prior-study planner (rank the patient's earlier studies,
-  fit them into the budget, learn per rank from what was read);
-* `describe(study, modality, dept, newer)`: what the catalog knows of a study (its DICOM modality, the
-  department or calling user, whether its patient has a newer study), told when a study is first
-  written (for it, and for the patient's earlier studies, which now have a newer one); the learned
-  policy reads them as factors (agent/policy/learned.py `FACTORS`);
+* cache events: `inserted` (a file landed: `written`, read on a miss, or `prefetch`ed), `accessed` (a read hit),
+  `removed` (dropped for any other reason), from which online policies keep their index;
+* `victims(bytes_to_free, now, table)`: keys to evict, in order, from an online policy's index or, for a batch policy
+  (kmeans), from the `FileTable` that `table()` builds on demand. Callers offer only clean files (already in S3);
+* `sync(rows, now)`: the live agent's way in. It sees the cache through the catalog each pass (the clean cached files
+  with size, last access, read count and how and when the copy came), not event by event, and `sync` turns the
+  difference from the last pass into the same events, in time order;
+* `prior_ranked` → `prior_plan` / `prior_outcome`: the prior-study planner (rank the patient's earlier studies, fit
+  them into the budget, learn per rank from what was read);
+* `describe(study, modality, dept, newer)`: what the catalog knows of a study (its DICOM modality, the department or
+  calling user, whether its patient has a newer study), told when a study is first written, for it and the patient's
+  earlier studies; the learned policy reads them as factors (agent/policy/learned.py `FACTORS`);
 * `status()`: what is running and in which mode (learned or cold start), for /status.
 
-The day-directory planner (LiteRT LSTM ranking, agent/policy/dirheat.py) is a stack member too
-(`"lstm" in spec.planners`); its candidates come from the catalog (live) or the trace (simulator).
+The day-directory planner (LiteRT LSTM ranking, agent/policy/dirheat.py) is a member too (`"lstm" in spec.planners`);
+its candidates come from the catalog (live) or the trace (simulator).
 """
 
 from __future__ import annotations
@@ -95,9 +91,9 @@ def make(name: str, *, kmeans: KMeansConfig | None = None, max_age_days: float =
 
 class PolicyStack:
     MAX_DESCRIBED = 1_000_000           # studies whose features are kept (~100 B each), oldest forgotten
-    # Distinct modalities (or departments) given a code of their own; later ones share one 'other' code. A header's
-    # Modality is any valid 16-character code string: one code per value, kept for the process's life, grew
-    # without bound. The learned policy folds codes into 16 buckets anyway (agent/policy/learned.py N_CODE).
+    # Distinct modalities (or departments) given a code of their own, later ones one 'other' code: a header's Modality
+    # is any 16-character code string, and a code per value kept for good grew without bound. The learned policy folds
+    # codes into 16 buckets anyway (agent/policy/learned.py N_CODE).
     MAX_CODES = 256
 
     def __init__(self, spec: StackSpec, *, priors_k: int = 3, kmeans: KMeansConfig | None = None,
@@ -153,15 +149,14 @@ class PolicyStack:
             yield key
 
     def sync(self, rows: Iterable[CatalogRow], now: float) -> int:
-        """Feed an online policy the difference between this view of the cache and the last one: new rows
-        are inserted, rows read since are accessed, rows gone are removed. → events applied.
+        """Feed an online policy the difference between this view of the cache and the last one: new rows are
+        inserted, rows read since are accessed, rows gone are removed. → events applied.
 
-        A new row is inserted as what its copy is (`cached_by`) as of when it began (`cached_at`), then accessed if
-        read since, as the simulator has it (reads between two passes come at the last one's time, as many as the
-        catalog counted; a new row's are one: its count holds its reads before an eviction too). Inferred from the
-        last access and read count instead, a written file read before the pass looked read on a miss, and a prefetch
-        of a file read minutes before looked written or read on a miss, at that old read. A row the catalog knows no
-        origin of is a copy read on a miss at its last access."""
+        A new row is inserted as what its copy is (`cached_by`) as of when it began (`cached_at`), then accessed if read
+        since, as the simulator has it (reads between two passes come at the last one's time, as many as the catalog
+        counted; a new row's are one: its count holds its reads before an eviction too). Inferred from the last access
+        and read count instead, a written file read before the pass looked read on a miss, and a prefetch of a file read
+        minutes before looked written or read on a miss. A row of no known origin: read on a miss at its last access."""
         if (index := self.index) is None:
             return 0
         events: list[tuple[float, int, CatalogRow]] = []   # (time, reads (0: the insert), row)
@@ -223,10 +218,9 @@ class PolicyStack:
     def prior_plan(self, new: Hashable, ranked: Sequence[tuple[int, Hashable, float, int, int]], budget: Budget,
                    now: float) -> list[tuple[Hashable, int, int, float]]:
         """(key, cell, bytes, heat) to fetch for the new study, in clinical order (`ranked`'s), within the budget (its
-        space scaled by the planner's `space_share`: what past fetches say the cache keeps until read), each
-        admitted by the eviction policy (one that weighs a prior against what it would push out,
-        agent/policy/learned.py `admit`). ranked: (cell, key, heat, bytes and files not cached) of
-        `prior_ranked`'s studies."""
+        space scaled by the planner's `space_share`: what past fetches say the cache keeps until read), each admitted by
+        the eviction policy (one that weighs a prior against what it would push out, agent/policy/learned.py `admit`).
+        ranked: (cell, key, heat, bytes and files not cached) of `prior_ranked`'s studies."""
         if self.priors is not None:
             budget = Budget(int(budget.space_bytes * self.priors.space_share()), budget.bandwidth_bps, budget.window_s)
         admit = getattr(self.policy, "admit", None)

@@ -1,29 +1,27 @@
 """Replay a trace through a cache of a given capacity, with the agent's own policy classes.
 
-Schemes (see agent/policy): A = `lru`; B = `age` (90-day rule); C = `kmeans` eviction + LSTM
-day-directory prefetch in an early-morning window; `ours` = whole-study LRU + prior-study prefetch at
-write time (when the first file of a new study arrives, the patient's most recent prior studies, same
-modality first, are fetched from S3 within a bandwidth and space budget, before the radiologist opens
-the new study with them).
+Schemes (see agent/policy): A = `lru`; B = `age` (90-day rule); C = `kmeans` eviction + LSTM day-directory prefetch in
+an early-morning window; `ours` = whole-study LRU + prior-study prefetch at write time (when the first file of a new
+study arrives, the patient's most recent prior studies, same modality first, are fetched from S3 within a bandwidth and
+space budget, before the radiologist opens the new study with them).
 
 What is counted:
   * only reads count for hit ratios and latency; writes always land in the cache (write-through);
   * the first `warmup_days` fill the cache and are not counted;
-  * latency model (`LatencyModel`): hit = SSD latency + size / SSD rate; miss = round trip + size /
-    line rate (default 10 MB/s, the paper's measured private line), reported twice: on an idle line,
-    and through one FIFO queue of all demand misses at the line rate (a burst of misses waits);
-  * egress = bytes fetched from S3 per 1-minute window, each transfer's bytes in the minutes it was on
-    the line (demand misses back to back through the FIFO line, prefetches at their capped rate); the
-    peak is reported in Mbps. Prefetch runs on top (demand is not slowed by it in this model), so a
-    minute can carry up to line rate + prefetch rate; transfers still queued at the end of the trace
-    extend the series. Uploads are excluded, they are the same for every scheme;
+  * latency model (`LatencyModel`): hit = SSD latency + size / SSD rate; miss = round trip + size / line rate (default
+    10 MB/s, the paper's measured private line), reported on an idle line and through one FIFO queue of all demand
+    misses at the line rate (a burst of misses waits);
+  * egress = bytes fetched from S3 per 1-minute window, each transfer's bytes in the minutes it was on the line
+    (demand misses back to back through the FIFO line, prefetches at their capped rate on top: demand is not slowed by
+    them in this model); the peak is reported in Mbps. Transfers still queued at the trace's end extend the series.
+    Uploads are excluded, they are the same for every scheme;
   * a prefetched file that is read before its fetch completed counts as a miss (fetched on demand);
-  * prior studies are known to the policy only through the trace's catalog lines (`S`) and the studies
-    written so far (one acquired later, even the same day, is not a prior yet, as in the agent's study
-    index): their total bytes, so a prefetch pays for the whole study, including files nobody reads later.
+  * prior studies are known to the policy only through the trace's catalog lines (`S`) and the studies written so far
+    (one acquired later, even the same day, is not a prior yet, as in the agent's study index): their total bytes, so
+    a prefetch pays for the whole study, including files nobody reads later.
 
-Per-request work is a few dict/bytearray operations; the batch policy (kmeans) runs when the cache is
-over capacity and frees down to `low_watermark`, like the agent's pressure loop.
+Per-request work is a few dict/bytearray operations; the batch policy (kmeans) runs when the cache is over capacity
+and frees down to `low_watermark`, like the agent's pressure loop.
 """
 
 from __future__ import annotations
@@ -155,11 +153,10 @@ def spread_per_minute(end: np.ndarray, size: np.ndarray, rate: float, since: flo
     """Bytes per minute of transfers that end at `end` and ran at `rate`: each transfer's bytes are
     spread over the minutes it was on the line (a 2 GB prior arrives over minutes, not in one).
     `n_min` must cover the last end (see `egress_minutes`)."""
-    out = np.zeros(n_min)
     start = end - size / rate
     keep = end >= since
     short = keep & (np.floor(start / 60) == np.floor(end / 60))
-    out += np.bincount((end[short] // 60).astype(np.int64), weights=size[short], minlength=n_min)
+    out = np.bincount((end[short] // 60).astype(np.int64), weights=size[short], minlength=n_min)
     for s0, e0 in zip(start[keep & ~short].tolist(), end[keep & ~short].tolist(), strict=True):
         m0, m1 = int(s0 // 60), int(e0 // 60)
         edges = np.clip(np.arange(m0, m1 + 2) * 60.0, s0, e0)
@@ -175,9 +172,7 @@ def egress_minutes(horizon_s: float, *ends: np.ndarray) -> int:
 
 
 def _csr(keys: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
-    order = np.argsort(keys, kind="stable")
-    starts = np.concatenate(([0], np.cumsum(np.bincount(keys, minlength=n))))
-    return order, starts
+    return np.argsort(keys, kind="stable"), np.concatenate(([0], np.cumsum(np.bincount(keys, minlength=n))))
 
 
 def _members(csr: tuple[np.ndarray, np.ndarray], k: int) -> np.ndarray:
@@ -397,18 +392,15 @@ class Replayer:
             dir_day, dir_mod = ta.dir_day(), ta.dir_modality()
             import datetime as dt
             start_weekday = dt.date.fromisoformat(ta.meta["start"]).weekday()
-        size_l = self.size
         last = getattr(self, "last", None)
         count = getattr(self, "count", None)
-        pf_used = 0
         bar = _bar(progress, n, f"replay {self.scheme}")
         step = 200_000
         for i in range(n):
             t = T[i]
             o = objs[i]
             if t >= next_plan:
-                day = int(next_plan // DAY)
-                self._plan_lstm(day, next_plan, counts, dir_day, dir_mod, start_weekday)
+                self._plan_lstm(int(next_plan // DAY), next_plan, counts, dir_day, dir_mod, start_weekday)
                 next_plan += DAY
             if W[i]:
                 s = study[o]
@@ -421,18 +413,15 @@ class Replayer:
                 if new and priors:  # against the cache as the study's first write left it, as the agent plans
                     self._plan_priors(s, t)
             elif in_cache[o]:
-                r = ready.get(o)
                 if prefetched[o]:
                     prefetched[o] = 0
-                    pf_used += int(size_l[o])
+                    self.pf_used += int(self.size[o])
                     if o in self.fetched_after:
                         self.fetched_after.discard(o)
-                        self.pf_used_after += int(size_l[o])
+                        self.pf_used_after += int(self.size[o])
                     self._prefetch_feedback(o, True)
-                if r is None or r <= t:
+                if (r := ready.pop(o, None)) is None or r <= t:
                     hit[i] = 1
-                if r is not None:
-                    del ready[o]
                 if online:
                     accessed(o, t)
                 else:
@@ -445,17 +434,17 @@ class Replayer:
             if i % step == 0:
                 bar.update(step if i else 0)
         bar.close()
-        self.pf_used = pf_used
         return self._result(np.frombuffer(hit, dtype=np.uint8).astype(bool))
 
     def _result(self, hit: np.ndarray) -> SchemeResult:
         ta, cfg = self.ta, self.cfg
-        post = ta.t >= cfg.warmup_days * DAY
-        reads = ~ta.is_write & post
+        warm = cfg.warmup_days * DAY
+        all_reads = ~ta.is_write
+        reads = all_reads & (ta.t >= warm)
         size = ta.size
         lat = cfg.latency.latency(hit[reads], size[reads])
         # demand misses (warm-up included: the line is busy then too) through one FIFO line
-        all_miss = ~ta.is_write & ~hit
+        all_miss = all_reads & ~hit
         finish = cfg.latency.line_queue(ta.t[all_miss], size[all_miss].astype(np.float64))
         queued = np.full(ta.n, np.nan)
         queued[all_miss] = finish - ta.t[all_miss] + cfg.latency.rtt_s
@@ -464,13 +453,11 @@ class Replayer:
         # prefetch at its own capped rate on top
         pf_end = np.array(self.pf_times, dtype=np.float64)
         n_min = egress_minutes(ta.n_days * DAY, finish, pf_end)
-        warm = cfg.warmup_days * DAY
         egress = spread_per_minute(finish, size[all_miss].astype(np.float64), cfg.latency.line_bps, warm, n_min)
         egress += spread_per_minute(pf_end, np.array(self.pf_sizes, dtype=np.float64), cfg.prefetch_bps, warm, n_min)
-        first = int(np.ceil(cfg.warmup_days * DAY / 60))
+        first = int(np.ceil(warm / 60))
         peak = float(egress[first:].max()) * 8 / 60 / 1e6 if egress[first:].size else 0.0
         day = (ta.t // DAY).astype(np.int64)
-        all_reads = ~ta.is_write
         per_day_reads = np.bincount(day[all_reads], minlength=ta.n_days)
         per_day_hits = np.bincount(day[all_reads & hit], minlength=ta.n_days)
         daily = [h / n if n else None for h, n in zip(per_day_hits.tolist(), per_day_reads.tolist(), strict=True)]

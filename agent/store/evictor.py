@@ -1,9 +1,8 @@
-"""Runs the policy stack's eviction (agent/policy/stack.py, the runner the simulator drives too) against the live
-cache: the policy decides from the catalog's rows; this module feeds it what changed since the last pass and drops
-the copies it picks. Only `clean` files are offered, and `Catalog.uncache` re-checks in its transaction
-(docs/architecture.md, "Evict only clean"). A pass frees what it was asked to plus the rest of the last study it
-started (a radiologist waits for all of one; `adaptive` cuts it short instead: agent/policy/eviction.py `trim`).
-"""
+"""Runs the policy stack's eviction (agent/policy/stack.py, the runner the simulator drives too) against the live cache:
+the policy decides from the catalog's rows; this module feeds it what changed since the last pass and drops the copies
+it picks. Only `clean` files are offered, and `Catalog.uncache` re-checks in its transaction (docs/architecture.md,
+"Evict only clean"). A pass frees what it was asked to plus the rest of the last study it started (a radiologist waits
+for all of one; `adaptive` cuts it short instead: agent/policy/eviction.py `trim`)."""
 
 from __future__ import annotations
 
@@ -72,11 +71,10 @@ def candidates(rows: list[Row]) -> Candidates:
 
 class Evictor:
     SYNC_S = 60.0
-    # Passes wait for a new study's priors to be planned and fetched (plans_pending), up to this long after its first
-    # file was stored. A plan counts what is cached as the study's first write left it, and its files land before a
-    # pass weighs them, as the simulator plans before the write's eviction and inserts a plan at once: a pass in
-    # between evicted a prior the plan then fetched again, settled it as unread first (its cell's heat fell), or freed
-    # the room for a plan's last files from its first ones
+    # Passes wait up to this long after a new study's first file for its priors to be planned and fetched
+    # (plans_pending): a plan weighs the cache as that write left it and its files land before a pass weighs them, as in
+    # the simulator; a pass in between evicted a prior the plan then fetched again, settled it as unread first (its
+    # cell's heat fell), or freed the room for a plan's last files from its first ones
     PLAN_WAIT_S = 5.0
 
     def __init__(self, cfg: CacheConfig, db: AsyncCatalog, cache: Cache, metrics: Metrics, reads: AccessStats) -> None:
@@ -131,8 +129,8 @@ class Evictor:
         rows = await self.db.eviction_rows(self.cfg.eviction_candidates)
         cand = candidates(rows)
         now = time.time()
-        # the policy (sklearn for kmeans) is CPU work: off the event loop. A dry run asks a copy: asking an
-        # online policy for victims takes them out of its index
+        # the policy (sklearn for kmeans) is CPU work: off the event loop. A dry run asks a copy: asking an online
+        # policy for victims takes them out of its index
         stack = copy.deepcopy(self.stack) if explain and self.stack.online else self.stack
         order = await asyncio.to_thread(self._choose, stack, rows, cand, bytes_to_free, now)
         if stack is self.stack:
@@ -162,6 +160,7 @@ class Evictor:
         return np.array(out, dtype=np.int64)
 
     async def flush_reads(self) -> None:
+        """Reads buffered since the last flush reach the catalog (a prior read just now counts as opened)."""
         await self.reads.flush(self.db, self.metrics)
 
     @contextlib.asynccontextmanager
