@@ -29,6 +29,7 @@ import contextlib
 import functools
 import os
 import random
+import re
 import socket
 import ssl
 import stat
@@ -63,6 +64,10 @@ REPLY_BUFFER = 64 * 1024  # replies a client left unread before its next command
 # is at most MAX_PATH_BYTES (1000), a user name 32. It was asyncio's 64 KiB: each refused path was logged and audited
 # whole, JSON-escaped, so a logged-in client wrote up to 180 KB of journal per command it sent (tests/test_attack22.py).
 MAX_COMMAND_LINE = 8192
+# Telnet commands in a command line (RFC 959 4.1.3: ABOR comes after Telnet IP and Synch, as BSD ftp and Windows
+# ftp.exe send it; Python's ftplib sends ABOR itself as urgent data): dropped, and IAC IAC is a 0xFF byte. The line
+# was '\xff\xf4\xff\xf2ABOR', answered 502, and the transfer ran on with the client waiting for its 426.
+TELNET = re.compile(rb"\xff(\xff|[\xfb-\xfe].|[\xf0-\xfa])", re.DOTALL)
 TLS_HANDSHAKE_TIMEOUT = 30
 PASSIVE_GRACE = 3.0  # on stop: how long a session told a passive port may take to send its transfer command
 
@@ -521,6 +526,9 @@ class FtpServer(aioftp.Server):
         """The command loop, shaped like aioftp's: each command (a transfer too) runs as a task beside the command
         reader, and replies leave in order. One reading task for the session and a done callback per command
         (aioftp's loop made a reading task and an asyncio.wait over every running task for each command)."""
+        # Urgent data (the Synch before ABOR, ftplib's whole ABOR line) stays in the command stream: else the kernel
+        # takes its last byte out of it, and the line lost its end or its Telnet DM
+        writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_OOBINLINE, 1)
         # aioftp's handlers (and AUTH TLS) use this stream; commands are read straight from `reader`
         stream = ThrottleStreamIO(reader, writer, throttles={
             "server_global": self.throttle, "server_per_connection": self.throttle_per_connection.clone()},
@@ -657,6 +665,8 @@ class FtpServer(aioftp.Server):
             raise
         if not line:
             raise ConnectionResetError("client closed the control connection")
+        if b"\xff" in line:
+            line = TELNET.sub(lambda m: b"\xff" if m[1] == b"\xff" else b"", line)
         cmd, _, rest = line.decode("utf-8", errors="surrogateescape").rstrip("\r\n").partition(" ")
         cmd = cmd.strip().lower()
         return cmd, rest if cmd in PATH_COMMANDS else rest.strip()

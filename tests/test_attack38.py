@@ -1,0 +1,34 @@
+"""Attacks on a running agent (round 38): FTP commands as real clients send them beside a transfer. Each test
+reproduces one attack (or client) that failed and checks it no longer does."""
+
+from __future__ import annotations
+
+import ftplib
+import socket
+
+import pytest
+from test_ftp import ftp
+
+
+def test_abor_sent_as_urgent_data_or_after_telnet_ip_and_synch_is_answered(agent_factory):
+    """RFC 959 4.1.3: a client aborts a transfer with Telnet IP and Synch (urgent data, TCP's out-of-band byte),
+    then ABOR: BSD ftp and Windows ftp.exe send IAC IP IAC as urgent data and DM ABOR; Python's ftplib.abort() sends
+    the line 'ABOR' itself as urgent data. The kernel took each urgent byte out of the command stream: ftplib's ABOR
+    lost its line end (never read as a command) and BSD's was read as '\\xff\\xf4\\xf2ABOR', answered 502; either
+    way the upload went on, the client waited for a 426 that never came, and its timeout ended the session."""
+    agent = agent_factory().start()
+    f = ftp(agent)
+    f.sock.settimeout(15)
+    for name, abort in (("ftplib.dcm", f.abort),
+                        ("bsd.dcm", lambda: (f.sock.send(b"\xff\xf4\xff", socket.MSG_OOB),
+                                             f.sock.sendall(b"\xf2ABOR\r\n"), f.getmultiline())[-1])):
+        conn = f.transfercmd(f"STOR {name}")
+        conn.sendall(b"x" * 100_000)  # and the upload is not over: the data connection stays open
+        assert abort().startswith("426")
+        assert f.getresp().startswith("226")
+        conn.close()
+        with pytest.raises(ftplib.error_perm, match="550"):  # the aborted upload was not stored
+            f.size(name)
+    assert f.sendcmd("NOOP").startswith("200")  # and the session goes on
+    f.quit()
+
