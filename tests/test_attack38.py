@@ -1,10 +1,13 @@
-"""Attacks on a running agent (round 38): FTP commands as real clients send them beside a transfer. Each test
-reproduces one attack (or client) that failed and checks it no longer does."""
+"""Attacks on a running agent (round 38): FTP commands as real clients send them beside a transfer, and the admin
+HTTP routes under every method aiohttp gives them. Each test reproduces one attack (or client) that failed and checks
+it no longer does."""
 
 from __future__ import annotations
 
 import ftplib
 import socket
+import urllib.error
+import urllib.request
 
 import pytest
 from test_ftp import ftp
@@ -32,3 +35,18 @@ def test_abor_sent_as_urgent_data_or_after_telnet_ip_and_synch_is_answered(agent
     assert f.sendcmd("NOOP").startswith("200")  # and the session goes on
     f.quit()
 
+
+def test_head_on_an_admin_route_is_answered_as_its_get(agent_factory):
+    """aiohttp answers HEAD on every GET route (RFC 9110). The admin handler looked its route up by method: HEAD
+    /admin/evict and /admin/prefetch with the token were a KeyError, '500 Internal Server Error' and a traceback in the
+    journal each. HEAD gets GET's status now, without its body."""
+    agent = agent_factory().start()
+    token = (agent.workdir / "cache" / "admin.token").read_text().strip()
+    for path in ("/admin/evict", "/admin/prefetch"):
+        url = f"http://127.0.0.1:{agent.http_port}{path}"
+        head = urllib.request.Request(url, method="HEAD", headers={"Authorization": f"Bearer {token}"})
+        with urllib.request.urlopen(head, timeout=30) as r:
+            assert r.status == 200 and r.read() == b""
+    with pytest.raises(urllib.error.HTTPError, match="401"):  # and the token is still needed
+        urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=30)
+    assert "Traceback" not in agent.log_path.read_text()
