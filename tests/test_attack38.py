@@ -5,6 +5,7 @@ it no longer does."""
 from __future__ import annotations
 
 import ftplib
+import io
 import socket
 import urllib.error
 import urllib.request
@@ -35,6 +36,27 @@ def test_abor_sent_as_urgent_data_or_after_telnet_ip_and_synch_is_answered(agent
     assert f.sendcmd("NOOP").startswith("200")  # and the session goes on
     f.quit()
 
+
+
+def test_list_and_nlst_of_a_file_list_that_file(agent_factory):
+    """RFC 959: LIST of a file sends that file's line, and ls names a file argument as given (vsftpd, proftpd and IIS
+    answer so). Both were '550 not a directory': Windows ftp.exe's `ls d/x.dcm` (NLST) and a PACS script checking
+    for the file it stored took it for missing. MLSD still lists directories only (RFC 3659)."""
+    agent = agent_factory().start()
+    f = ftp(agent)
+    f.storbinary("STOR d/x.dcm", io.BytesIO(b"12345"))
+    assert f.nlst("d/x.dcm") == ["d/x.dcm"]
+    assert f.nlst("d") == ["x.dcm"]
+    f.cwd("d")
+    listed: list[str] = []
+    f.retrlines("LIST -l x.dcm", listed.append)
+    [row] = listed
+    assert row.startswith("-") and row.split()[4] == "5" and row.endswith(" x.dcm")
+    for cmd in ("NLST missing.dcm", "MLSD x.dcm", "LIST x.dcm/y"):
+        with pytest.raises(ftplib.error_perm, match="550"):
+            f.retrlines(cmd, listed.append)
+    assert f.sendcmd("NOOP").startswith("200")
+    f.quit()
 
 def test_head_on_an_admin_route_is_answered_as_its_get(agent_factory):
     """aiohttp answers HEAD on every GET route (RFC 9110). The admin handler looked its route up by method: HEAD

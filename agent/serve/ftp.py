@@ -49,7 +49,7 @@ from agent.records import Entry
 from agent.serve import contract
 from agent.serve.contract import answer, report, st_mode, tls_context
 from agent.serve.startups import Startup
-from agent.store.errors import Corrupt, GatewayError, IsADirectory
+from agent.store.errors import Corrupt, GatewayError, IsADirectory, NotADirectory
 from agent.store.gateway import Gateway, ReadHandle, WriteHandle
 from agent.store.paths import resolve
 
@@ -985,21 +985,30 @@ class FtpServer(aioftp.Server):
     @needs(LOGGED_IN)
     async def on_list(self, connection: aioftp.Connection, rest: str) -> bool:
         """aioftp's LIST line format."""
-        return await self._listing(connection, _ls_path(rest), "list transfer done", lambda e: " ".join((
+        return await self._listing(connection, _ls_path(rest), "list transfer done", lambda e, name: " ".join((
             stat.filemode(st_mode(e.is_dir)), "1", "none", "none", str(e.size), self.build_list_mtime(e.mtime),
-            e.name)))
+            name)))
 
     @needs(LOGGED_IN)
     async def on_mlsd(self, connection: aioftp.Connection, rest: str) -> bool:
-        return await self._listing(connection, rest, "mlsd transfer done", lambda e: _mlsx(e, e.name))
+        return await self._listing(connection, rest, "mlsd transfer done", _mlsx, files=False)
 
     @needs(LOGGED_IN)
     async def on_nlst(self, connection: aioftp.Connection, rest: str) -> bool:
-        return await self._listing(connection, _ls_path(rest), "name list done", lambda e: e.name)
+        return await self._listing(connection, _ls_path(rest), "name list done", lambda e, name: name)
 
-    async def _listing(self, connection: aioftp.Connection, rest: str, done: str, line: Callable[[Entry], str]) -> bool:
-        """A listing, a line per entry, in BLOCK-sized writes (aioftp wrote and drained each ~60-byte line alone)."""
-        entries = await self.gateway.listdir(self._resolve(connection, rest or "."), who(connection))
+    async def _listing(self, connection: aioftp.Connection, rest: str, done: str, line: Callable[[Entry, str], str],
+                       files: bool = True) -> bool:
+        """A listing, a line per entry, in BLOCK-sized writes (aioftp wrote and drained each ~60-byte line alone). LIST
+        and NLST of a file list that file, named as given (RFC 959, as `ls`; it was 550 'not a directory': a client
+        checking with NLST for a file it stored took it for missing); MLSD lists directories only (RFC 3659)."""
+        path, given = self._resolve(connection, rest or "."), None
+        try:
+            entries = await self.gateway.listdir(path, who(connection))
+        except NotADirectory:
+            if not files:
+                raise
+            entries, given = _one(await self.gateway.stat(path)), rest
 
         async def send(entries: AsyncIterator[Entry], conn: DataConnection) -> None:
             reader, writer = await conn.streams()  # in aioftp's stream (throttles, timeout); conn closes it
@@ -1014,7 +1023,7 @@ class FtpServer(aioftp.Server):
                     _aborted()  # or an ABORted listing would end with 226
 
             async for e in entries:
-                block += (line(e) + END_OF_LINE).encode(self.encoding)
+                block += (line(e, given or e.name) + END_OF_LINE).encode(self.encoding)
                 if len(block) >= BLOCK:
                     await flush()
             await flush()
@@ -1141,6 +1150,10 @@ def _ls_path(rest: str) -> str:
     """The path of `LIST -la [path]` / `NLST -a`: clients send ls options (Windows ftp.exe's `ls -l`, scripts);
     vsftpd and proftpd ignore them, and so do we (MLSD takes none: RFC 3659)."""
     return rest.partition(" ")[2].strip() if rest.startswith("-") else rest
+
+
+async def _one(e: Entry) -> AsyncIterator[Entry]:
+    yield e
 
 
 def _mlsx(e: Entry, name: str) -> str:
