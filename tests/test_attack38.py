@@ -12,6 +12,7 @@ import urllib.request
 
 import pytest
 from test_ftp import ftp
+from test_ftp_hostile import port_range
 
 
 def test_abor_sent_as_urgent_data_or_after_telnet_ip_and_synch_is_answered(agent_factory):
@@ -57,6 +58,28 @@ def test_list_and_nlst_of_a_file_list_that_file(agent_factory):
             f.retrlines(cmd, listed.append)
     assert f.sendcmd("NOOP").startswith("200")
     f.quit()
+
+
+def test_pasv_on_a_full_passive_range_is_counted_each_but_logged_once(agent_factory):
+    """With every passive port held (here a 2-port range, two sessions told one each), a logged-in client pipelining
+    PASV got its 425 each, and each also wrote a passive_ports_exhausted warning: 3 500 events a second, 140 bytes
+    each, into the journal. Each is counted in pacsgw_errors_total now, and logged once a minute per user."""
+    low, high = port_range(2)
+    agent = agent_factory(**{"ftp.passive_ports": f"{low}-{high}"}).start()
+    holders = [ftp(agent) for _ in range(2)]
+    for f in holders:
+        assert f.sendcmd("PASV").startswith("227")
+    f = ftp(agent)
+    n = 3000
+    f.sock.sendall(b"PASV\r\n" * n)
+    assert [f.getline()[:4] for _ in range(n)] == ["425 "] * n
+    assert f.sendcmd("NOOP").startswith("200")  # the session goes on
+    [told] = agent.events("passive_ports_exhausted")
+    assert told["user"] == "pacs" and told["range"] == f"{low}-{high}"
+    with urllib.request.urlopen(f"http://127.0.0.1:{agent.http_port}/metrics", timeout=30) as r:
+        assert f'pacsgw_errors_total{{kind="PassivePortsExhausted",protocol="ftp"}} {n}.0' in r.read().decode()
+    for session in (*holders, f):
+        session.quit()
 
 def test_head_on_an_admin_route_is_answered_as_its_get(agent_factory):
     """aiohttp answers HEAD on every GET route (RFC 9110). The admin handler looked its route up by method: HEAD
