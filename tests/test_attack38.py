@@ -7,11 +7,12 @@ from __future__ import annotations
 import ftplib
 import io
 import socket
+import time
 import urllib.error
 import urllib.request
 
 import pytest
-from test_ftp import ftp
+from test_ftp import ftp, get
 from test_ftp_hostile import port_range
 
 
@@ -80,6 +81,35 @@ def test_pasv_on_a_full_passive_range_is_counted_each_but_logged_once(agent_fact
         assert f'pacsgw_errors_total{{kind="PassivePortsExhausted",protocol="ftp"}} {n}.0' in r.read().decode()
     for session in (*holders, f):
         session.quit()
+
+
+def test_an_upload_trickled_a_byte_per_segment_costs_the_agent_its_bytes_only(agent_factory):
+    """A logged-in client sending its uploads a byte per TCP segment: each read was handed to the gateway as a block
+    of its own, a bytes object that a write-through file holds until its upload, read into a 1 MiB buffer cut down to
+    it. 8 such uploads grew the agent by 84 bytes per byte sent (6 MiB for 74 KB in 15 s at load 10); a bare loop of
+    such reads holds 2.7 KB per byte, and the gateway holds up to 64 MiB of bytes in write-through files. Blocks under
+    4 KiB are joined now, and a short read asks for no 1 MiB: the agent grows by about what it holds."""
+    agent = agent_factory().start()
+    sessions = [ftp(agent) for _ in range(8)]
+    conns = [f.transfercmd(f"STOR t{i}.dcm") for i, f in enumerate(sessions)]
+    for c in conns:
+        c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    time.sleep(0.5)
+    before, sent = agent.rss(), bytearray()
+    start = time.monotonic()
+    while time.monotonic() - start < 12:
+        byte = bytes([len(sent) % 251])
+        for c in conns:
+            c.send(byte)
+        sent += byte
+        time.sleep(0.001)
+    time.sleep(1)
+    grown = agent.rss() - before
+    for c in conns:
+        c.close()
+    assert [f.voidresp()[:3] for f in sessions] == ["226"] * 8
+    assert grown < 2 * 2**20, f"{grown} bytes more for {8 * len(sent)} bytes sent"
+    assert get(sessions[0], "t0.dcm") == get(sessions[7], "t7.dcm") == sent  # every byte, in order
 
 def test_head_on_an_admin_route_is_answered_as_its_get(agent_factory):
     """aiohttp answers HEAD on every GET route (RFC 9110). The admin handler looked its route up by method: HEAD
