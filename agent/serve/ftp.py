@@ -29,6 +29,7 @@ import contextlib
 import functools
 import os
 import random
+import re
 import socket
 import ssl
 import stat
@@ -48,7 +49,7 @@ from agent.records import Entry
 from agent.serve import contract
 from agent.serve.contract import answer, report, st_mode, tls_context
 from agent.serve.startups import Startup
-from agent.store.errors import Corrupt, GatewayError, IsADirectory
+from agent.store.errors import Corrupt, GatewayError, IsADirectory, NotADirectory
 from agent.store.gateway import Gateway, ReadHandle, WriteHandle
 from agent.store.paths import resolve
 
@@ -57,12 +58,17 @@ log = structlog.get_logger("pacsgw.ftp")
 BLOCK = 256 * 1024
 SEND_CHUNK = 4 * BLOCK  # a file leaves by sendfile(2) in chunks this large, each within the socket timeout
 RECV_BLOCK = 4 * BLOCK  # an upload is read from its socket in blocks of at most this much
+MIN_BLOCK = 4096  # and handed to the gateway in blocks of at least this much (DataConnection.receive)
 SOCKET_TIMEOUT = 120
 REPLY_BUFFER = 64 * 1024  # replies a client left unread before its next command is read
 # A control connection's longest command line, its line end included (twice vsftpd's VSFTP_MAX_COMMAND_LINE): a path
 # is at most MAX_PATH_BYTES (1000), a user name 32. It was asyncio's 64 KiB: each refused path was logged and audited
 # whole, JSON-escaped, so a logged-in client wrote up to 180 KB of journal per command it sent (tests/test_attack22.py).
 MAX_COMMAND_LINE = 8192
+# Telnet commands in a command line (RFC 959 4.1.3: ABOR comes after Telnet IP and Synch, as BSD ftp and Windows
+# ftp.exe send it; Python's ftplib sends ABOR itself as urgent data): dropped, and IAC IAC is a 0xFF byte. The line
+# was '\xff\xf4\xff\xf2ABOR', answered 502, and the transfer ran on with the client waiting for its 426.
+TELNET = re.compile(rb"\xff(\xff|[\xfb-\xfe].|[\xf0-\xfa])", re.DOTALL)
 TLS_HANDSHAKE_TIMEOUT = 30
 PASSIVE_GRACE = 3.0  # on stop: how long a session told a passive port may take to send its transfer command
 
@@ -245,6 +251,26 @@ class DataConnection:
                 await self._ready(writing=True)
 
     async def receive(self, close_notify: bool = True) -> AsyncIterator[bytes]:
+        """An upload's bytes in blocks of MIN_BLOCK at least (but the last, and one before each larger block): a
+        client trickling a byte per TCP segment (or TLS record) had each read stored as a block of its own, a bytes
+        object a write-through file holds until its upload (BODY_BUDGET: 64 MiB of such bytes), its 1 MiB read buffer
+        cut down to it: 44-84 bytes of agent memory per byte sent here, thousands in a bare loop of such reads."""
+        pending = bytearray()
+        async for data in self._blocks(close_notify):
+            if len(data) < MIN_BLOCK:
+                pending += data
+                if len(pending) < MIN_BLOCK:
+                    continue
+                data = bytes(pending)
+                pending.clear()
+            elif pending:  # a large block is handed on as it came, after the small ones before it
+                yield bytes(pending)
+                pending.clear()
+            yield data
+        if pending:
+            yield bytes(pending)
+
+    async def _blocks(self, close_notify: bool) -> AsyncIterator[bytes]:
         """An upload's bytes as they come, until the client closes the connection. In clear read straight from
         the socket (aioftp's throttled stream cost a transport, a protocol and a wait_for task per block), each block
         a bytes object of its own: a write-through file keeps it for its PUT as it is, where a block read into a
@@ -260,14 +286,18 @@ class DataConnection:
                         raise ssl.SSLEOFError("the TLS data connection ended without close_notify: the upload was cut")
                     return
                 yield data
+        size = RECV_BLOCK
         while True:
             try:
-                data = self.sock.recv(RECV_BLOCK)
+                data = self.sock.recv(size)
             except BlockingIOError:
                 await self._ready(writing=False)
                 continue
             if not data:
                 return
+            # After a short read a short one: recv allocates its size first, and a 1 MiB buffer cut down to the byte
+            # that came left the heap fragmented (kept or not, ~17 bytes of the agent's memory per byte sent)
+            size = RECV_BLOCK if len(data) >= MIN_BLOCK else MIN_BLOCK
             yield data
             # A client sending faster than the box stores keeps the socket readable: without a turn of the
             # loop here one upload would hold it (every other session waiting) until its file ends.
@@ -479,7 +509,7 @@ class FtpServer(aioftp.Server):
         self.sessions: dict[asyncio.Task[Any], Session] = {}
         self.draining = False  # the agent stops: no new session, and each session's next command hears 421
         # events and audit records a client can repeat at will, once a minute per (kind, address): data connections
-        # from strangers, plain-text logins while TLS is required, failed TLS handshakes
+        # from strangers, plain-text logins while TLS is required, failed TLS handshakes; PASV on a full range per user
         self._told = Every(REFUSALS_EVERY)
         own: dict[str, Handler] = {name: getattr(self, f"on_{name}") for name in OWN_COMMANDS}
         own |= {name: self._form(name) for name in TRANSFER_FORMS}
@@ -521,6 +551,9 @@ class FtpServer(aioftp.Server):
         """The command loop, shaped like aioftp's: each command (a transfer too) runs as a task beside the command
         reader, and replies leave in order. One reading task for the session and a done callback per command
         (aioftp's loop made a reading task and an asyncio.wait over every running task for each command)."""
+        # Urgent data (the Synch before ABOR, ftplib's whole ABOR line) stays in the command stream: else the kernel
+        # takes its last byte out of it, and the line lost its end or its Telnet DM
+        writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_OOBINLINE, 1)
         # aioftp's handlers (and AUTH TLS) use this stream; commands are read straight from `reader`
         stream = ThrottleStreamIO(reader, writer, throttles={
             "server_global": self.throttle, "server_per_connection": self.throttle_per_connection.clone()},
@@ -657,6 +690,8 @@ class FtpServer(aioftp.Server):
             raise
         if not line:
             raise ConnectionResetError("client closed the control connection")
+        if b"\xff" in line:
+            line = TELNET.sub(lambda m: b"\xff" if m[1] == b"\xff" else b"", line)
         cmd, _, rest = line.decode("utf-8", errors="surrogateescape").rstrip("\r\n").partition(" ")
         cmd = cmd.strip().lower()
         return cmd, rest if cmd in PATH_COMMANDS else rest.strip()
@@ -827,8 +862,12 @@ class FtpServer(aioftp.Server):
             connection.server_host, self.passive_ports, session.address,
             session.tls if session.prot_private else None, self.cfg.ftp.passive_timeout, refused)
         if session.passive is None:
-            log.warning("passive_ports_exhausted", user=user,
-                        range=f"{self.passive_ports.start}-{self.passive_ports.stop - 1}")
+            # Counted each, told once a minute per user: a client pipelining PASV while the range was full wrote an
+            # event per line, 3 500 a second
+            self.gateway.count_error("ftp", "PassivePortsExhausted")
+            if (since := self._told.due(("ports", user))) is not None:
+                log.warning("passive_ports_exhausted", user=user, refused_since=since,
+                            range=f"{self.passive_ports.start}-{self.passive_ports.stop - 1}")
             connection.response("425", "no free passive port; try again")
         return session.passive
 
@@ -975,21 +1014,30 @@ class FtpServer(aioftp.Server):
     @needs(LOGGED_IN)
     async def on_list(self, connection: aioftp.Connection, rest: str) -> bool:
         """aioftp's LIST line format."""
-        return await self._listing(connection, _ls_path(rest), "list transfer done", lambda e: " ".join((
+        return await self._listing(connection, _ls_path(rest), "list transfer done", lambda e, name: " ".join((
             stat.filemode(st_mode(e.is_dir)), "1", "none", "none", str(e.size), self.build_list_mtime(e.mtime),
-            e.name)))
+            name)))
 
     @needs(LOGGED_IN)
     async def on_mlsd(self, connection: aioftp.Connection, rest: str) -> bool:
-        return await self._listing(connection, rest, "mlsd transfer done", lambda e: _mlsx(e, e.name))
+        return await self._listing(connection, rest, "mlsd transfer done", _mlsx, files=False)
 
     @needs(LOGGED_IN)
     async def on_nlst(self, connection: aioftp.Connection, rest: str) -> bool:
-        return await self._listing(connection, _ls_path(rest), "name list done", lambda e: e.name)
+        return await self._listing(connection, _ls_path(rest), "name list done", lambda e, name: name)
 
-    async def _listing(self, connection: aioftp.Connection, rest: str, done: str, line: Callable[[Entry], str]) -> bool:
-        """A listing, a line per entry, in BLOCK-sized writes (aioftp wrote and drained each ~60-byte line alone)."""
-        entries = await self.gateway.listdir(self._resolve(connection, rest or "."), who(connection))
+    async def _listing(self, connection: aioftp.Connection, rest: str, done: str, line: Callable[[Entry, str], str],
+                       files: bool = True) -> bool:
+        """A listing, a line per entry, in BLOCK-sized writes (aioftp wrote and drained each ~60-byte line alone). LIST
+        and NLST of a file list that file, named as given (RFC 959, as `ls`; it was 550 'not a directory': a client
+        checking with NLST for a file it stored took it for missing); MLSD lists directories only (RFC 3659)."""
+        path, given = self._resolve(connection, rest or "."), None
+        try:
+            entries = await self.gateway.listdir(path, who(connection))
+        except NotADirectory:
+            if not files:
+                raise
+            entries, given = _one(await self.gateway.stat(path)), rest
 
         async def send(entries: AsyncIterator[Entry], conn: DataConnection) -> None:
             reader, writer = await conn.streams()  # in aioftp's stream (throttles, timeout); conn closes it
@@ -1004,7 +1052,7 @@ class FtpServer(aioftp.Server):
                     _aborted()  # or an ABORted listing would end with 226
 
             async for e in entries:
-                block += (line(e) + END_OF_LINE).encode(self.encoding)
+                block += (line(e, given or e.name) + END_OF_LINE).encode(self.encoding)
                 if len(block) >= BLOCK:
                     await flush()
             await flush()
@@ -1131,6 +1179,10 @@ def _ls_path(rest: str) -> str:
     """The path of `LIST -la [path]` / `NLST -a`: clients send ls options (Windows ftp.exe's `ls -l`, scripts);
     vsftpd and proftpd ignore them, and so do we (MLSD takes none: RFC 3659)."""
     return rest.partition(" ")[2].strip() if rest.startswith("-") else rest
+
+
+async def _one(e: Entry) -> AsyncIterator[Entry]:
+    yield e
 
 
 def _mlsx(e: Entry, name: str) -> str:

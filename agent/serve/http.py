@@ -358,7 +358,10 @@ class HttpServer:
             parsed = None
         # a body that is not a JSON object reaches the handler as {}: it names what it expected
         body: dict[str, Any] = parsed if isinstance(parsed, dict) else {}
-        status, result = await self._admin[(request.method, request.path)](dict(request.query), body)
+        # aiohttp routes HEAD to each GET handler (RFC 9110: a GET resource answers HEAD): it was a KeyError, a 500 and
+        # a traceback; HEAD gets GET's answer, without its body
+        method = "GET" if request.method == hdrs.METH_HEAD else request.method
+        status, result = await self._admin[(method, request.path)](dict(request.query), body)
         return web.json_response(result, status=status)
 
 
