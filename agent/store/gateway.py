@@ -125,6 +125,8 @@ class WriteHandle:
             raise
 
     async def _write(self, data: bytes | memoryview, offset: int | None) -> None:
+        if not data:  # as pwrite(2): no bytes, no change (an empty SFTP WRITE past the end set a size without bytes)
+            return
         pos = self.size if offset is None else offset
         if pos < self.protected:
             raise PermissionDenied(self.path, "changing stored bytes needs the 'delete' permission")
