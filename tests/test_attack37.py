@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
+from clients import BadName, FtpClient, SftpClient
 from faultkit import sftp_session
 from harness import s3_objects, sha256
 
@@ -32,3 +34,28 @@ def test_an_empty_write_past_the_end_does_not_give_the_file_a_size_it_has_no_byt
     objects = s3_objects(agent.store, agent.prefix)
     assert {k: (o["size"], o["sha256"]) for k, o in objects.items()} == {"CT/a.dcm": (3, sha256(b"abc"))}
     assert not agent.events("upload_failed")
+
+
+def test_every_device_name_windows_reserves_is_refused(agent_factory):
+    """Windows reads the superscripts ¹ ² ³ as digits in device names, and reserves the console's CONIN$ and
+    CONOUT$ (CPython's ntpath.isreserved lists the same): 'COM¹.dcm', 'LPT³' and 'conin$' were stored over FTP and
+    SFTP and listed over SMB, where no Windows client can open or delete them. They are refused like 'COM1' now."""
+    agent = agent_factory().start()
+    names = ["COM\u00b9.dcm", "lpt\u00b3", "conin$", "CONOUT$.txt"]
+    ftp = FtpClient(agent)
+    sftp = SftpClient(agent)
+    try:
+        for name in names:
+            with pytest.raises(BadName):
+                ftp.put(name, b"x")
+            with pytest.raises(BadName):
+                sftp.put(name, b"x")
+            with pytest.raises(BadName):
+                ftp.mkdir(name)
+        ftp.put("COM10.dcm", b"x")  # not a device
+        with pytest.raises(BadName):
+            sftp.rename("COM10.dcm", names[0])
+        assert ftp.list("") == ["COM10.dcm"]
+    finally:
+        ftp.close()
+        sftp.close()
