@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import asyncio
 
+import asyncssh
 import pytest
 from clients import BadName, FtpClient, SftpClient
-from faultkit import sftp_session
-from harness import s3_objects, sha256
+from agent.serve.sftp import MAX_CHANNELS_PER_USER
+from faultkit import sftp_put, sftp_session
+from harness import PASSWORD, s3_objects, sha256
 
 
 def test_an_empty_write_past_the_end_does_not_give_the_file_a_size_it_has_no_bytes_for(agent_factory):
@@ -59,3 +61,30 @@ def test_every_device_name_windows_reserves_is_refused(agent_factory):
     finally:
         ftp.close()
         sftp.close()
+
+
+def test_channels_of_connections_dropped_while_opening_them_are_not_counted_for_ever(agent_factory):
+    """A channel is counted against its user's MAX_CHANNELS_PER_USER when the client asks for it, and uncounted when
+    its session ends. A connection that went while its channel opens were still being admitted never had those
+    sessions (asyncssh drops such a channel unopened), so they were never uncounted: a client (or a PACS on a flaky
+    link) that opened channels and dropped its connection 64 times locked its user out of SFTP ('too many channels
+    for this user') until the agent restarted."""
+    agent = agent_factory().start()
+
+    async def dropped_while_opening(turns: int) -> None:
+        conn = await asyncssh.connect("127.0.0.1", agent.sftp_port, username="pacs", password=PASSWORD,
+                                      known_hosts=None, client_keys=None)
+        opening = [asyncio.ensure_future(conn.start_sftp_client()) for _ in range(10)]
+        for _ in range(turns):  # the channel opens are sent, not yet answered
+            await asyncio.sleep(0)
+        conn.abort()
+        await asyncio.gather(*opening, return_exceptions=True)
+
+    async def run() -> None:
+        for i in range(3 * MAX_CHANNELS_PER_USER // 10):
+            await dropped_while_opening(1 + i % 4)
+        async with sftp_session(agent) as sftp:
+            await sftp_put(sftp, "CT/a.dcm", b"still served")
+
+    asyncio.run(run())
+    assert not [e for e in agent.events("session_refused") if "channels" in e.get("reason", "")]
