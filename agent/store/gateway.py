@@ -37,6 +37,7 @@ from agent.store.errors import (
     IsADirectory,
     NoSpace,
     NotADirectory,
+    NotEmpty,
     NotFound,
     PermissionDenied,
     Unavailable,
@@ -693,6 +694,8 @@ class Gateway:
             self._may_change(who, "delete", path)
             self._movable(path)
             await self._ensure_listed(path)
+            if self.marks.busy(path):  # not empty: the upload's commit would bring the directory back
+                raise NotEmpty(path, "a file in this directory is being written; try again later")
             await self.db.rmdir(path)
         log.info("rmdir", path=path)
 
