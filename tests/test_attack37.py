@@ -5,10 +5,23 @@ no longer does. Real agent, real SeaweedFS, real clients (asyncssh, ftplib, smbp
 from __future__ import annotations
 
 import asyncio
+import threading
+import time
 
 import asyncssh
 import pytest
 from clients import BadName, ClientError, FtpClient, SftpClient
+from smbprotocol.open import (
+    CreateDisposition,
+    CreateOptions,
+    FilePipePrinterAccessMask,
+    ImpersonationLevel,
+    Open,
+    ShareAccess,
+)
+from smbutil import Smb
+from test_smb_hostile import logged_in_tree
+
 from agent.serve.sftp import MAX_CHANNELS_PER_USER
 from faultkit import sftp_put, sftp_session
 from harness import PASSWORD, s3_objects, sha256
@@ -117,3 +130,48 @@ def test_a_directory_an_upload_is_writing_in_is_not_removed(agent_factory):
         asyncio.run(run())
     finally:
         ftp.close()
+
+
+def _closing(tree, name: str, size: int) -> threading.Thread:
+    """Write `size` bytes to a new file `name`, sharing deletes (another client may rename or delete it), the last
+    MiB first: out of order, so its close hashes all of it (the commit takes a while). → the thread sending its
+    CLOSE, started."""
+    f = Open(tree, name)
+    f.create(ImpersonationLevel.Impersonation, FilePipePrinterAccessMask.GENERIC_WRITE, 0x80,
+             ShareAccess.FILE_SHARE_READ | ShareAccess.FILE_SHARE_WRITE | ShareAccess.FILE_SHARE_DELETE,
+             CreateDisposition.FILE_CREATE, CreateOptions.FILE_NON_DIRECTORY_FILE)
+    mib = 2**20
+    f.write(b"z" * mib, size - mib)
+    for off in range(0, size - mib, 4 * mib):
+        f.write(b"y" * min(4 * mib, size - mib - off), off)
+    closing = threading.Thread(target=f.close)
+    closing.start()
+    return closing
+
+
+def test_a_file_renamed_or_deleted_while_its_close_commits_it_stays_renamed_or_deleted(smb_agent):
+    """Samba drops a closing open's share mode before its close(2), which commits the file (FUSE flush): the fsync,
+    the catalog row and, in write-through, the PUT. Another client could rename or delete the file meanwhile; both
+    were answered success. The rename moved only the FUSE layer's view: the row was committed under the old name and
+    its write-through upload went to the new one, found no row there and was skipped, so the CLOSE's ack came with
+    the file in S3 under no name (its row claimed for an upload that never ran, until a restart), and the rename
+    was lost. The delete found no row yet and removed nothing: the file came back. They wait for the commit now."""
+    agent = smb_agent().start(timeout=180)
+    conn, tree = logged_in_tree(agent, Smb(agent))
+    other = Smb(agent)
+    size = 160 * 2**20
+    try:
+        closing = _closing(tree, "renamed.dcm", size)
+        time.sleep(0.1)  # the CLOSE is being served: its commit hashes 160 MiB
+        other.rename("renamed.dcm", "moved.dcm")
+        closing.join()
+        closing = _closing(tree, "deleted.dcm", size)
+        time.sleep(0.1)
+        other.remove("deleted.dcm")
+        closing.join()
+        assert other.listdir("") == ["moved.dcm"]
+        agent.wait_drained(60)
+        assert {k: o["size"] for k, o in s3_objects(agent.store, agent.prefix).items()} == {"moved.dcm": size}
+    finally:
+        other.close()
+        conn.disconnect()
