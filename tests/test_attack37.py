@@ -11,6 +11,8 @@ import time
 import asyncssh
 import pytest
 from clients import BadName, ClientError, FtpClient, SftpClient
+from smbprotocol.exceptions import SMBOSError
+from smbprotocol.header import NtStatus
 from smbprotocol.open import (
     CreateDisposition,
     CreateOptions,
@@ -149,13 +151,26 @@ def _closing(tree, name: str, size: int) -> threading.Thread:
     return closing
 
 
+def _while_closing(act, closing: threading.Thread) -> None:
+    """act() while a close commits the file: refused as a sharing violation until the file's row is in the catalog
+    (done again once the close has ended), answered at once after it."""
+    try:
+        act()
+    except SMBOSError as e:
+        assert e.ntstatus == NtStatus.STATUS_SHARING_VIOLATION
+        closing.join()
+        act()
+    closing.join()
+
+
 def test_a_file_renamed_or_deleted_while_its_close_commits_it_stays_renamed_or_deleted(smb_agent):
     """Samba drops a closing open's share mode before its close(2), which commits the file (FUSE flush): the fsync,
     the catalog row and, in write-through, the PUT. Another client could rename or delete the file meanwhile; both
-    were answered success. The rename moved only the FUSE layer's view: the row was committed under the old name and
-    its write-through upload went to the new one, found no row there and was skipped, so the CLOSE's ack came with
-    the file in S3 under no name (its row claimed for an upload that never ran, until a restart), and the rename
-    was lost. The delete found no row yet and removed nothing: the file came back. They wait for the commit now."""
+    were answered success. A rename before the row was in the catalog moved only the FUSE layer's view: the row was
+    committed under the old name and its write-through upload went to the new one, found no row there and was
+    skipped, so the CLOSE's ack came with the file in S3 under no name (its row claimed for an upload that never ran,
+    until a restart), and the rename was lost. A delete then found no row and removed nothing: the file came back.
+    Both are a sharing violation until the row is in (the client tries again), and act on the row after it."""
     agent = smb_agent().start(timeout=180)
     conn, tree = logged_in_tree(agent, Smb(agent))
     other = Smb(agent)
@@ -163,12 +178,10 @@ def test_a_file_renamed_or_deleted_while_its_close_commits_it_stays_renamed_or_d
     try:
         closing = _closing(tree, "renamed.dcm", size)
         time.sleep(0.1)  # the CLOSE is being served: its commit hashes 160 MiB
-        other.rename("renamed.dcm", "moved.dcm")
-        closing.join()
+        _while_closing(lambda: other.rename("renamed.dcm", "moved.dcm"), closing)
         closing = _closing(tree, "deleted.dcm", size)
         time.sleep(0.1)
-        other.remove("deleted.dcm")
-        closing.join()
+        _while_closing(lambda: other.remove("deleted.dcm"), closing)
         assert other.listdir("") == ["moved.dcm"]
         agent.wait_drained(60)
         assert {k: o["size"] for k, o in s3_objects(agent.store, agent.prefix).items()} == {"moved.dcm": size}
