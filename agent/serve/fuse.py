@@ -111,6 +111,7 @@ class _Open:
     committed: bool = False  # the current writer's content was committed by a flush
     unlinked: bool = False
     failed: bool = False  # a write failed (e.g. disk full): the file is discarded, its close reports an error
+    closing: bool = False  # its flush is committing the writer's content
     uid: int = -1  # the Unix account that opened it (MAX_OPEN_FILES counts per account)
 
     async def close_reader(self) -> None:
@@ -329,8 +330,20 @@ class GatewayFS(pyfuse3.Operations):
         await self._call(self.gw.rmdir(path, self._who(ctx)))
         self._detach(path)
 
+    def _not_sealing(self, who: Who, path: str) -> None:
+        """Refuse to rename or delete a file whose close is sealing it (ETXTBSY: STATUS_SHARING_VIOLATION) until its
+        row is in the catalog (its descriptor closed), short of the write-through PUT: the commit stores it under the
+        name it started with. Another client's rename meanwhile (Samba drops the closing open's share mode before its
+        close(2)) was answered, then lost, the file in S3 under no name despite the write-through ack; a delete came
+        back. Not waited for here: the kernel holds the directory locked for the request."""
+        op = self._writing.get(path)
+        if op is not None and op.closing and op.writer is not None and op.writer.open:
+            self._refuse(who, path, "being closed: its commit stores it under this name", "SharingViolation",
+                         errno.ETXTBSY)
+
     async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         path = self._child(parent_inode, name, ctx)
+        self._not_sealing(self._who(ctx), path)
         op = self._writing.get(path)
         if op is not None:  # being written and not (or not again) committed: nothing will be
             self._require(self._who(ctx), "delete", path, op)
@@ -353,6 +366,7 @@ class GatewayFS(pyfuse3.Operations):
             return
         if flags & pyfuse3.RENAME_EXCHANGE:
             raise pyfuse3.FUSEError(errno.EINVAL)
+        self._not_sealing(self._who(ctx), src)
         replace = not flags & pyfuse3.RENAME_NOREPLACE
         if not replace and dst in self._writing:  # a file being written, not yet committed, holds the name
             raise pyfuse3.FUSEError(errno.EEXIST)
@@ -557,10 +571,12 @@ class GatewayFS(pyfuse3.Operations):
             await op.writer.abort(f"{cut} before the client closed the file")
             self._stop_showing(op)  # another client's upload of the name may be what it shows
             raise pyfuse3.FUSEError(errno.EIO)
+        op.closing = True
         try:
             await self._call(op.writer.commit())
         finally:
             op.committed = True
+            op.closing = False
             self._stop_showing(op)
         await op.close_reader()
 

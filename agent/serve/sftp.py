@@ -299,6 +299,7 @@ class _Auth(asyncssh.SSHServer):
         self.idle: Idle | None = None  # sftp.idle_timeout, from the login on: touched by each request and reply
         self.writable = asyncio.Event()  # what asyncio tells the connection (pause/resume_writing; asyncssh ignores it)
         self.writable.set()
+        self.lost = False  # the connection is gone
 
     def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
         self.conn, self.address = conn, unmapped(conn.get_extra_info("peername")[0])
@@ -332,6 +333,7 @@ class _Auth(asyncssh.SSHServer):
             self.conn.abort()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
         self.writable.set()  # a request waiting to be read finds the connection gone, and its session ends
         if self.idle is not None:
             self.idle.cancel()
@@ -438,7 +440,15 @@ class _Auth(asyncssh.SSHServer):
             del _channels_of[self.username]
 
     async def _session(self) -> _Session:
-        if not all(await asyncio.gather(*self.admitted)):
+        """The channel's session once the caps admit it. A channel whose connection went meanwhile gets none (asyncssh
+        drops it unopened, no connection_lost follows): its count goes back here, or 64 connections dropped while
+        opening channels locked their user out of SFTP until a restart."""
+        try:
+            admitted = all(await asyncio.gather(*self.admitted))
+        except BaseException:
+            self.channel_closed()
+            raise
+        if not admitted or self.lost:
             self.channel_closed()
             raise asyncssh.ChannelOpenError(asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED, "too many sessions")
         return _Session(self, self.sftp_factory)

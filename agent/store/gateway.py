@@ -37,6 +37,7 @@ from agent.store.errors import (
     IsADirectory,
     NoSpace,
     NotADirectory,
+    NotEmpty,
     NotFound,
     PermissionDenied,
     Unavailable,
@@ -125,6 +126,8 @@ class WriteHandle:
             raise
 
     async def _write(self, data: bytes | memoryview, offset: int | None) -> None:
+        if not data:  # as pwrite(2): no bytes, no change (an empty SFTP WRITE past the end set a size without bytes)
+            return
         pos = self.size if offset is None else offset
         if pos < self.protected:
             raise PermissionDenied(self.path, "changing stored bytes needs the 'delete' permission")
@@ -691,6 +694,8 @@ class Gateway:
             self._may_change(who, "delete", path)
             self._movable(path)
             await self._ensure_listed(path)
+            if self.marks.busy(path):  # not empty: the upload's commit would bring the directory back
+                raise NotEmpty(path, "a file in this directory is being written; try again later")
             await self.db.rmdir(path)
         log.info("rmdir", path=path)
 

@@ -16,8 +16,10 @@ MAX_PATH_BYTES = 1000  # room for an uplink prefix of 24 bytes; a longer one low
 
 
 # Device names Windows reserves, with or without an extension ("CON", "aux.txt"): an SMB client cannot use them.
-WINDOWS_RESERVED = frozenset({"CON", "PRN", "AUX", "NUL", *(f"COM{i}" for i in range(1, 10)),
-                              *(f"LPT{i}" for i in range(1, 10))})
+# Windows takes the superscripts ¹ ² ³ for digits there too, and has the console's CONIN$ and CONOUT$ (as CPython's
+# ntpath.isreserved): "COM¹.dcm" was stored over FTP and SFTP, and listed over SMB where no Windows client opens it.
+WINDOWS_RESERVED = frozenset({"CON", "PRN", "AUX", "NUL", "CONIN$", "CONOUT$",
+                              *(f"{port}{i}" for port in ("COM", "LPT") for i in "123456789\u00b9\u00b2\u00b3")})
 
 
 # Characters no Windows name may hold (backslash and controls are refused for every lookup already): Samba lists a
