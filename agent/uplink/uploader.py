@@ -59,7 +59,7 @@ DOUBT_SECONDS = 3600.0
 HEADERS_KEPT = 1024  # headers read at commits, kept for their uploads: a longer backlog's older files are read again
 # While files are being stored, a queued upload waits until its file is this old (rclone's --vfs-write-back default):
 # on the one loop, and on the cores an S3 beside it shares, an upload's work delayed every ack behind it (write-back
-# ack p50 12 against 18-20 ms with the uploads held, docs/benchmarks.md §39). Write-through uploads never wait.
+# ack p50 12-18 ms held, 17-31 not: docs/benchmarks.md §39). Write-through uploads never wait.
 STORING_HOLD = 5.0
 T = TypeVar("T")
 
