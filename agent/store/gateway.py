@@ -511,6 +511,7 @@ class Gateway:
         self._body_room = BODY_BUDGET
         self._writes_idle = asyncio.Event()
         self._writes_idle.set()
+        uploader.storing = lambda: self._active_writes > 0  # queued uploads wait while files are stored here
         self._rights = {u.name: frozenset(u.permissions) for u in cfg.users}
         # Every user's root and those above it: removing or renaming one leaves sessions without a directory
         self._fixed = {""}
@@ -910,6 +911,7 @@ class Gateway:
         self.marks.remove(handle.path)
         if not self._active_writes:
             self._writes_idle.set()
+            self.uploader.wake()  # the uploads held while files were being stored (Uploader.storing)
 
     async def wait_writes_idle(self, timeout: float) -> bool:
         """Drain: wait until no file is being written; → False on timeout."""
@@ -932,8 +934,7 @@ class Gateway:
             if self.on_stored is not None:
                 self.on_stored(path, header, user)
             self.uploader.keep_header(blob, header)
-        if not claim:
-            self.uploader.wake()
+        if not claim:  # queued: the dispatcher holds it while writes are open (this one is), their end wakes it
             return None
         if self.uploader.conditional:
             # An HA pair's PUT is conditional on the ETag the row holds now: read it back.

@@ -57,6 +57,10 @@ CONFLICT_EXTRA = len(CONFLICTS) + 2 + 16  # what conflict_key adds to a path: th
 # out: the key is checked that long. A store that holds a request longer can still leave an old object behind.
 DOUBT_SECONDS = 3600.0
 HEADERS_KEPT = 1024  # headers read at commits, kept for their uploads: a longer backlog's older files are read again
+# While files are being stored, a queued upload waits until its file is this old (rclone's --vfs-write-back default):
+# on the one loop, and on the cores an S3 beside it shares, an upload's work delayed every ack behind it (write-back
+# ack p50 12-18 ms held, 17-31 not: docs/benchmarks.md §39). Write-through uploads never wait.
+STORING_HOLD = 5.0
 T = TypeVar("T")
 
 
@@ -77,8 +81,8 @@ class UploadQueue(Protocol):
 
     async def get(self, path: str) -> Entry | None: ...
     async def reset_uploading(self) -> int: ...
-    async def due_uploads(self, now: float, limit: int) -> list[Entry]: ...
-    async def next_due(self) -> float | None: ...
+    async def due_uploads(self, now: float, limit: int, hold: float = 0.0) -> list[Entry]: ...
+    async def next_due(self, hold: float = 0.0) -> float | None: ...
     async def claim(self, path: str, gen: int) -> bool: ...
     async def mark_clean(self, path: str, gen: int, etag: str | None, version_id: str | None,
                          sha256: str | None, index_row: tuple[object, ...] | None = None) -> bool: ...
@@ -127,6 +131,9 @@ class Uploader:
         self._tasks: set[asyncio.Task[bool]] = set()
         self.loops = Loops(metrics)  # the dispatcher and the tombstone loop, restarted if one crashes
         self._starved = False  # the dispatcher stopped for want of room: a finished transfer wakes it
+        # Whether files are being stored (set by the gateway: it has writes open): queued uploads wait STORING_HOLD,
+        # or until the last write ends and wakes the dispatcher (Gateway.write_finished)
+        self.storing: Callable[[], bool] = lambda: False
         line.watch(self.wake)
         # In an HA pair (agent/ha.py) every PUT is conditional: never over an object this box did not know.
         self.conditional = False
@@ -369,14 +376,15 @@ class Uploader:
             await self.line.wait_up()
             self._wake.clear()
             room = self.line.slots.limit * 2 - len(self._tasks)
-            rows = await self.db.due_uploads(time.time(), room) if room > 0 else []
+            hold = STORING_HOLD if self.storing() else 0.0
+            rows = await self.db.due_uploads(time.time(), room, hold) if room > 0 else []
             self._starved = room <= 0 or len(rows) >= room
             for row in rows:
                 if await self.db.claim(row.path, row.gen):
                     self.start_transfer(row)
             if rows:
                 continue
-            next_due = await self.db.next_due()
+            next_due = await self.db.next_due(hold)
             delay = IDLE_POLL if next_due is None else min(IDLE_POLL, max(0.05, next_due - time.time()))
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), delay)

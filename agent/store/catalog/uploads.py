@@ -17,13 +17,20 @@ class Uploads(CatalogBase):
         return cast("float | None", self.db.execute(
             "SELECT MIN(dirty_since) FROM entries WHERE state IN ('dirty', 'uploading')").fetchone()[0])
 
-    def due_uploads(self, now: float, limit: int) -> list[Entry]:
+    def due_uploads(self, now: float, limit: int, hold: float = 0.0) -> list[Entry]:
+        """Rows to upload now; with hold, only those stored (made dirty) at least hold seconds ago."""
         return self._entries(f"SELECT {COLUMNS} FROM entries WHERE state = 'dirty' AND next_attempt <= ? "
-                             "ORDER BY next_attempt, dirty_since LIMIT ?", (now, limit))
+                             "AND COALESCE(dirty_since, 0) <= ? ORDER BY next_attempt, dirty_since LIMIT ?",
+                             (now, now - hold, limit))
 
-    def next_due(self) -> float | None:
+    def next_due(self, hold: float = 0.0) -> float | None:
+        """When the next row is due (due_uploads with the same hold)."""
+        if not hold:  # the index's first column: no scan
+            return cast("float | None", self.db.execute(
+                "SELECT MIN(next_attempt) FROM entries WHERE state = 'dirty'").fetchone()[0])
         return cast("float | None", self.db.execute(
-            "SELECT MIN(next_attempt) FROM entries WHERE state = 'dirty'").fetchone()[0])
+            "SELECT MIN(MAX(next_attempt, COALESCE(dirty_since, 0) + ?)) FROM entries WHERE state = 'dirty'",
+            (hold,)).fetchone()[0])
 
     def claim(self, path: str, gen: int) -> bool:
         return self._write("UPDATE entries SET state = 'uploading' WHERE path = ? AND gen = ? AND state = 'dirty'",
