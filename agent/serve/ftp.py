@@ -1,25 +1,22 @@
 """FTP front end (aioftp) over the gateway facade.
 
-aioftp gives the command handlers for CWD, CDUP, MLST, QUIT and SYST, and its Connection, StreamIO and
-condition decorators. This module supplies a PathIO onto the gateway, USER and PASS against hashed passwords,
-and these pieces of its own:
-  * the session loop (`FtpServer.dispatcher`): commands are read as sent (a trailing space stays part of a
-    name; bytes that are not UTF-8 reach the path checks and get 553 instead of killing the session), the
+aioftp gives the command handlers for CWD, CDUP, MLST, QUIT and SYST, and its Connection and StreamIO. This module
+supplies a PathIO onto the gateway, USER and PASS against hashed passwords, and these pieces of its own:
+  * the session loop (`FtpServer.dispatcher`): commands are read as sent (`FtpServer._read_command`), the
     per-address and per-user session caps are enforced, and the sessions are tracked for shutdown;
   * passive data connections (`Passive`): one listener per transfer on a random free port of the range,
     handing over exactly one connection, and only from the control connection's address;
-  * the STOR/APPE/RETR/LIST/NLST/MLSD workers: nothing is opened before the data connection is there (a
-    425 leaves nothing behind), 150 comes once it is, 226 only after the gateway committed the file, an
-    upload whose data connection fails is discarded, every gateway error has its own reply code;
-plus TYPE, MODE, STRU, ALLO (RFC 959 5.1), SIZE, MDTM, FEAT, OPTS, NOOP, REST, EPSV (RFC 2428) and
-AUTH/PBSZ/PROT (RFC 4217).
+  * the STOR/APPE/RETR/LIST/NLST/MLSD workers (`FtpServer._transfer`): 226 only after the gateway committed the file,
+    an upload whose data connection fails is discarded, every gateway error has its own reply code;
+plus TYPE, MODE, STRU, ALLO (RFC 959 5.1), SIZE, MDTM, FEAT, OPTS, NOOP, REST, EPSV (RFC 2428) and AUTH/PBSZ/PROT
+(RFC 4217).
 
-Why not aioftp's own session loop and passive mode: its dispatcher strips trailing spaces, dies on
-non-UTF-8 input and clears the REST marker on every other command; its passive listener accepts anyone,
-for the session's life, from a lowest-first port pool, with one TLS setting for the whole server. Changing
-that meant overriding its private methods (`_start_passive_server`, `self.ssl` per connection,
-`Connection._dispatcher`), which pinned aioftp to one minor release. Only aioftp's public API is used now.
-Paths are resolved with agent.store.paths, so traversal attempts are refused, not clamped.
+Why not aioftp's own session loop and passive mode: its dispatcher strips trailing spaces, dies on non-UTF-8 input and
+clears the REST marker on every other command; its passive listener accepts anyone, for the session's life, from a
+lowest-first port pool, with one TLS setting for the whole server. Changing that meant overriding its private methods
+(`_start_passive_server`, `self.ssl` per connection, `Connection._dispatcher`), which pinned aioftp to one minor
+release. Only aioftp's public API is used now. Paths are resolved with agent.store.paths, so traversal attempts are
+refused, not clamped.
 """
 
 from __future__ import annotations
