@@ -40,7 +40,7 @@ import structlog
 from aioftp.common import END_OF_LINE, ThrottleStreamIO
 
 from agent.audit import Who
-from agent.auth import REFUSALS_EVERY, Every, LoginGuard, Passwords, refusal, unmapped
+from agent.auth import REFUSALS_EVERY, Every, LoginGuard, Passwords, kept, refusal, unmapped
 from agent.config import Config, shown
 from agent.records import Entry
 from agent.serve import contract
@@ -794,19 +794,14 @@ class FtpServer(aioftp.Server):
         await asyncio.sleep(wait)
         if not ok:
             return replied(connection, "530", "wrong user or password")
-        name, cap = connection.user.login, self.cfg.ftp.max_sessions_per_user
-        take = asyncio.ensure_future(guard.take_session("user", name, cap))
-        try:
-            slot = await asyncio.shield(take)
-        except asyncio.CancelledError:  # the session ended meanwhile: the slot (taken on the guard's thread) goes back
-            take.add_done_callback(lambda _: take.exception() or guard.release_session(take.result() or 0))
-            raise
+        cap = self.cfg.ftp.max_sessions_per_user
+        slot = await kept(guard.take_session("user", login, cap), lambda s: guard.release_session(s or 0))
         if slot is None:
             contract.refuse_session(self.gateway, "ftp", who(connection),
-                                    f"too many sessions for user {name} (limit {cap})")
+                                    f"too many sessions for user {login} (limit {cap})")
             connection.response("421", f"too many sessions for this user (limit {cap}); try again later")
             return False
-        connection.session.user, connection.session.user_slot = name, slot
+        connection.session.user, connection.session.user_slot = login, slot
         connection.session.startup.end()
         connection.logged = True
         self.gateway.audit_event(who(connection), "login")
