@@ -84,12 +84,14 @@ TRANSFER_FORMS = {"type": ("I", "A", "A N", "L 8"), "mode": ("S",), "stru": ("F"
 USER_SENT = ("user", "no user (use USER firstly)")
 LOGGED_IN = ("logged", "not logged in")
 RENAME_FROM = ("rename_from", "no filename (use RNFR firstly)")
+# What this module's commands need done first (503 without it): these as listed, every other one the login
+NEEDS = {"pass": (USER_SENT,), "rnto": (LOGGED_IN, RENAME_FROM)} | dict.fromkeys(
+    ("auth", "pbsz", "prot", "user", "feat", "opts", "noop", "rest"), ())
 
 Handler = Callable[[aioftp.Connection, str], Awaitable[bool]]
 # A command that never waits (PASV, EPSV), run in place by the command loop after the login when no other command is
 # running: a task, its first step and its done callback per transfer were a fixed cost.
 Immediate = Callable[[aioftp.Connection, str], None]
-Command = Callable[["FtpServer", aioftp.Connection, str], Awaitable[bool]]
 T = TypeVar("T")
 
 
@@ -113,14 +115,11 @@ def replied(connection: aioftp.Connection, code: str, lines: str | list[str], as
     return True
 
 
-def needs(*fields: tuple[str, str]) -> Callable[[Command], Command]:
-    """A command that needs USER, a login or RNFR first gets 503 without it."""
-    def decorate(command: Command) -> Command:
-        @functools.wraps(command)
-        async def run(self: FtpServer, connection: aioftp.Connection, rest: str) -> bool:
-            return True if _refused(connection, fields) else await command(self, connection, rest)
-        return run
-    return decorate
+def _needing(handler: Handler, fields: tuple[tuple[str, str], ...]) -> Handler:
+    """handler, answered 503 when sent before the USER, login or RNFR it needs."""
+    async def run(connection: aioftp.Connection, rest: str) -> bool:
+        return True if _refused(connection, fields) else await handler(connection, rest)
+    return run
 
 
 def who(connection: aioftp.Connection) -> Who:
@@ -510,6 +509,7 @@ class FtpServer(aioftp.Server):
         self._told = Every(REFUSALS_EVERY)
         own: dict[str, Handler] = {name: getattr(self, f"on_{name}") for name in OWN_COMMANDS}
         own |= {name: self._form(name) for name in TRANSFER_FORMS}
+        own = {name: _needing(h, NEEDS.get(name, (LOGGED_IN,))) for name, h in own.items()}
         self.immediate: dict[str, Immediate] = {"pasv": self.on_pasv, "epsv": self.on_epsv}
         handlers: dict[str, Handler] = {name: self.commands_mapping[name] for name in AIOFTP_COMMANDS} | own
         self.handlers = {name: self._guarded(h, name) if name in PATH_COMMANDS else h for name, h in handlers.items()}
@@ -779,7 +779,6 @@ class FtpServer(aioftp.Server):
         connection.current_directory = connection.user.home_path
         return replied(connection, "331", "password required")
 
-    @needs(USER_SENT)
     async def on_pass(self, connection: aioftp.Connection, rest: str) -> bool:
         if connection.future.logged.done():
             return replied(connection, "503", "already logged in")
@@ -948,11 +947,9 @@ class FtpServer(aioftp.Server):
         report(self.gateway, "ftp", who(connection), e, refused_here=refused_here, code=code)
         return replied(connection, code, info)
 
-    @needs(LOGGED_IN)
     async def on_stor(self, connection: aioftp.Connection, rest: str) -> bool:
         return await self._store(connection, rest, append=False)
 
-    @needs(LOGGED_IN)
     async def on_appe(self, connection: aioftp.Connection, rest: str) -> bool:
         return await self._store(connection, rest, append=True)
 
@@ -996,25 +993,21 @@ class FtpServer(aioftp.Server):
         finally:
             await handle.close()
 
-    @needs(LOGGED_IN)
     async def on_retr(self, connection: aioftp.Connection, rest: str) -> bool:
         path = self._resolve(connection, rest)
         offset = connection.session.take_rest()
         return await self._transfer(connection, lambda: self._download(connection, path, offset),
                                     lambda handle, conn: send_file(conn, handle, offset), "transfer complete")
 
-    @needs(LOGGED_IN)
     async def on_list(self, connection: aioftp.Connection, rest: str) -> bool:
         """aioftp's LIST line format."""
         return await self._listing(connection, _ls_path(rest), "list transfer done", lambda e, name: " ".join((
             stat.filemode(st_mode(e.is_dir)), "1", "none", "none", str(e.size), self.build_list_mtime(e.mtime),
             name)))
 
-    @needs(LOGGED_IN)
     async def on_mlsd(self, connection: aioftp.Connection, rest: str) -> bool:
         return await self._listing(connection, rest, "mlsd transfer done", _mlsx, files=False)
 
-    @needs(LOGGED_IN)
     async def on_nlst(self, connection: aioftp.Connection, rest: str) -> bool:
         return await self._listing(connection, _ls_path(rest), "name list done", lambda e, name: name)
 
@@ -1051,33 +1044,27 @@ class FtpServer(aioftp.Server):
 
         return await self._transfer(connection, lambda: contextlib.nullcontext(entries), send, done)
 
-    @needs(LOGGED_IN)
     async def on_dele(self, connection: aioftp.Connection, rest: str) -> bool:
         await self.gateway.delete(self._resolve(connection, rest), who(connection))
         return replied(connection, "250", "deleted")
 
-    @needs(LOGGED_IN)
     async def on_mkd(self, connection: aioftp.Connection, rest: str) -> bool:
         await self.gateway.mkdir(self._resolve(connection, rest), who(connection))
         return replied(connection, "257", f"{quoted(str(self.get_paths(connection, rest)[1]))} created")
 
-    @needs(LOGGED_IN)
     async def on_pwd(self, connection: aioftp.Connection, rest: str) -> bool:
         return replied(connection, "257", f"{quoted(str(connection.current_directory))} is the current directory")
 
-    @needs(LOGGED_IN)
     async def on_rmd(self, connection: aioftp.Connection, rest: str) -> bool:
         await self.gateway.rmdir(self._resolve(connection, rest), who(connection))
         return replied(connection, "250", "removed")
 
-    @needs(LOGGED_IN)
     async def on_rnfr(self, connection: aioftp.Connection, rest: str) -> bool:
         path = self._resolve(connection, rest)
         await self.gateway.stat(path)
         connection.rename_from = path
         return replied(connection, "350", "ready for RNTO")
 
-    @needs(LOGGED_IN, RENAME_FROM)
     async def on_rnto(self, connection: aioftp.Connection, rest: str) -> bool:
         """Like rename(2), an existing target file is replaced (PACS clients re-send x.part → x)."""
         source = connection.rename_from
@@ -1085,14 +1072,12 @@ class FtpServer(aioftp.Server):
         await self.gateway.rename(source, self._resolve(connection, rest), who(connection))
         return replied(connection, "250", "renamed")
 
-    @needs(LOGGED_IN)
     async def on_size(self, connection: aioftp.Connection, rest: str) -> bool:
         e = await self.gateway.stat(self._resolve(connection, rest))
         if e.is_dir:
             raise IsADirectory(e.path)
         return replied(connection, "213", str(e.size))
 
-    @needs(LOGGED_IN)
     async def on_mdtm(self, connection: aioftp.Connection, rest: str) -> bool:
         e = await self.gateway.stat(self._resolve(connection, rest))
         return replied(connection, "213", _mdtm(e.mtime))
@@ -1115,7 +1100,6 @@ class FtpServer(aioftp.Server):
         connection.session.rest = int(rest)
         return replied(connection, "350", f"restarting at {int(rest)}; send STOR or RETR")
 
-    @needs(LOGGED_IN)
     async def on_abor(self, connection: aioftp.Connection, rest: str) -> bool:
         """Cancel the running transfer: it answers 426 then 226. A transfer that has just ended (its 226 sent, its task
         not yet out of the running set) cannot answer: aioftp's ABOR then said nothing and the client hung."""
@@ -1136,15 +1120,12 @@ class FtpServer(aioftp.Server):
         """TYPE, MODE, STRU (RFC 959 5.1): the forms the server has answer 200, others 504 (they were 502, and MODE S,
         STRU F and TYPE A N, which a client may send first, were refused). ASCII is sent unconverted, as aioftp did."""
         async def run(connection: aioftp.Connection, rest: str) -> bool:
-            if _refused(connection, (LOGGED_IN,)):
-                return True
             if (form := " ".join(rest.upper().split())) not in TRANSFER_FORMS[command]:
                 return replied(connection, "504", f"{command.upper()} {rest[:40]!r} not implemented; use "
                                                   f"{' or '.join(TRANSFER_FORMS[command])}")
             return replied(connection, "200", f"{command.upper()} set to {form}")
         return run
 
-    @needs(LOGGED_IN)
     async def on_allo(self, connection: aioftp.Connection, rest: str) -> bool:
         """ALLO (RFC 959): no space is set aside ahead; the disk is checked as the bytes come."""
         return replied(connection, "202", "ALLO not needed")
