@@ -947,13 +947,7 @@ class FtpServer(aioftp.Server):
         report(self.gateway, "ftp", who(connection), e, refused_here=refused_here, code=code)
         return replied(connection, code, info)
 
-    async def on_stor(self, connection: aioftp.Connection, rest: str) -> bool:
-        return await self._store(connection, rest, append=False)
-
-    async def on_appe(self, connection: aioftp.Connection, rest: str) -> bool:
-        return await self._store(connection, rest, append=True)
-
-    async def _store(self, connection: aioftp.Connection, rest: str, append: bool) -> bool:
+    async def on_stor(self, connection: aioftp.Connection, rest: str, append: bool = False) -> bool:
         path = self._resolve(connection, rest)
         offset = connection.session.take_rest()
 
@@ -966,6 +960,8 @@ class FtpServer(aioftp.Server):
 
         return await self._transfer(connection, lambda: self._upload(connection, path, offset, append), receive,
                                     "stored")
+
+    on_appe = functools.partialmethod(on_stor, append=True)
 
     # methods: an asynccontextmanager made inside the command cost a functools.wraps per transfer
 
