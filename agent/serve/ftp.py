@@ -998,8 +998,7 @@ class FtpServer(aioftp.Server):
     async def on_list(self, connection: aioftp.Connection, rest: str) -> bool:
         """aioftp's LIST line format."""
         return await self._listing(connection, _ls_path(rest), "list transfer done", lambda e, name: " ".join((
-            stat.filemode(st_mode(e.is_dir)), "1", "none", "none", str(e.size), self.build_list_mtime(e.mtime),
-            name)))
+            stat.filemode(st_mode(e.is_dir)), "1", "none", "none", str(e.size), self.build_list_mtime(e.mtime), name)))
 
     async def on_mlsd(self, connection: aioftp.Connection, rest: str) -> bool:
         return await self._listing(connection, rest, "mlsd transfer done", _mlsx, files=False)
