@@ -110,6 +110,17 @@ def refusal(reason: str, since: int) -> str:
     return f"refused: {reason}" + (f" ({since} more since the last record)" if since else "")
 
 
+async def kept(take: Coroutine[Any, Any, T], give_back: Callable[[T], object]) -> T:
+    """take's result (slots the guard's thread takes); a caller cancelled meanwhile (its client went away) gives them
+    back with give_back(result) once they come."""
+    task = asyncio.ensure_future(take)
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        task.add_done_callback(lambda _: task.exception() or give_back(task.result()))
+        raise
+
+
 def _on_thread(method: Callable[Concatenate[LoginGuard, P], T],
                ) -> Callable[Concatenate[LoginGuard, P], Coroutine[Any, Any, T]]:
     """The method runs on the guard's own thread: a wait for another process's lock never stalls the event loop."""
@@ -216,7 +227,8 @@ class LoginGuard:
             return
         address, pause = unmapped(address), self.ATTEMPT_POLL[0]
         deadline = time.monotonic() + self.ATTEMPT_WAIT
-        while (slots := await self._admitted(user, address)) is None:
+        while (slots := await kept(self._admit(user, address),
+                                   lambda slots: [self.release_session(s) for s in slots or []])) is None:
             if time.monotonic() > deadline:
                 log.warning("login_refused", protocol=protocol, user=user, peer=address, reason="too many at once")
                 yield "too many logins at once from your address or for this user; try again later"
@@ -228,14 +240,6 @@ class LoginGuard:
         finally:
             for slot in slots:
                 self.release_session(slot)
-
-    async def _admitted(self, user: str, address: str) -> list[int] | None:
-        take = asyncio.ensure_future(self._admit(user, address))
-        try:
-            return await asyncio.shield(take)
-        except asyncio.CancelledError:  # the client went away: slots taken on the guard's thread meanwhile go back
-            take.add_done_callback(lambda _: take.exception() or [self.release_session(s) for s in take.result() or []])
-            raise
 
     @_on_thread
     def _admit(self, user: str, address: str) -> list[int] | None:

@@ -1,25 +1,22 @@
 """FTP front end (aioftp) over the gateway facade.
 
-aioftp gives the command handlers for CWD, CDUP, MLST, QUIT and SYST, and its Connection, StreamIO and
-condition decorators. This module supplies a PathIO onto the gateway, USER and PASS against hashed passwords,
-and these pieces of its own:
-  * the session loop (`FtpServer.dispatcher`): commands are read as sent (a trailing space stays part of a
-    name; bytes that are not UTF-8 reach the path checks and get 553 instead of killing the session), the
+aioftp gives the command handlers for CWD, CDUP, MLST, QUIT and SYST, and its Connection and StreamIO. This module
+supplies a PathIO onto the gateway, USER and PASS against hashed passwords, and these pieces of its own:
+  * the session loop (`FtpServer.dispatcher`): commands are read as sent (`FtpServer._read_command`), the
     per-address and per-user session caps are enforced, and the sessions are tracked for shutdown;
   * passive data connections (`Passive`): one listener per transfer on a random free port of the range,
     handing over exactly one connection, and only from the control connection's address;
-  * the STOR/APPE/RETR/LIST/NLST/MLSD workers: nothing is opened before the data connection is there (a
-    425 leaves nothing behind), 150 comes once it is, 226 only after the gateway committed the file, an
-    upload whose data connection fails is discarded, every gateway error has its own reply code;
-plus TYPE, MODE, STRU, ALLO (RFC 959 5.1), SIZE, MDTM, FEAT, OPTS, NOOP, REST, EPSV (RFC 2428) and
-AUTH/PBSZ/PROT (RFC 4217).
+  * the STOR/APPE/RETR/LIST/NLST/MLSD workers (`FtpServer._transfer`): 226 only after the gateway committed the file,
+    an upload whose data connection fails is discarded, every gateway error has its own reply code;
+plus TYPE, MODE, STRU, ALLO (RFC 959 5.1), SIZE, MDTM, FEAT, OPTS, NOOP, REST, EPSV (RFC 2428) and AUTH/PBSZ/PROT
+(RFC 4217).
 
-Why not aioftp's own session loop and passive mode: its dispatcher strips trailing spaces, dies on
-non-UTF-8 input and clears the REST marker on every other command; its passive listener accepts anyone,
-for the session's life, from a lowest-first port pool, with one TLS setting for the whole server. Changing
-that meant overriding its private methods (`_start_passive_server`, `self.ssl` per connection,
-`Connection._dispatcher`), which pinned aioftp to one minor release. Only aioftp's public API is used now.
-Paths are resolved with agent.store.paths, so traversal attempts are refused, not clamped.
+Why not aioftp's own session loop and passive mode: its dispatcher strips trailing spaces, dies on non-UTF-8 input and
+clears the REST marker on every other command; its passive listener accepts anyone, for the session's life, from a
+lowest-first port pool, with one TLS setting for the whole server. Changing that meant overriding its private methods
+(`_start_passive_server`, `self.ssl` per connection, `Connection._dispatcher`), which pinned aioftp to one minor
+release. Only aioftp's public API is used now. Paths are resolved with agent.store.paths, so traversal attempts are
+refused, not clamped.
 """
 
 from __future__ import annotations
@@ -43,7 +40,7 @@ import structlog
 from aioftp.common import END_OF_LINE, ThrottleStreamIO
 
 from agent.audit import Who
-from agent.auth import REFUSALS_EVERY, Every, LoginGuard, Passwords, refusal, unmapped
+from agent.auth import REFUSALS_EVERY, Every, LoginGuard, Passwords, kept, refusal, unmapped
 from agent.config import Config, shown
 from agent.records import Entry
 from agent.serve import contract
@@ -87,12 +84,14 @@ TRANSFER_FORMS = {"type": ("I", "A", "A N", "L 8"), "mode": ("S",), "stru": ("F"
 USER_SENT = ("user", "no user (use USER firstly)")
 LOGGED_IN = ("logged", "not logged in")
 RENAME_FROM = ("rename_from", "no filename (use RNFR firstly)")
+# What this module's commands need done first (503 without it): these as listed, every other one the login
+NEEDS = {"pass": (USER_SENT,), "rnto": (LOGGED_IN, RENAME_FROM)} | dict.fromkeys(
+    ("auth", "pbsz", "prot", "user", "feat", "opts", "noop", "rest"), ())
 
 Handler = Callable[[aioftp.Connection, str], Awaitable[bool]]
 # A command that never waits (PASV, EPSV), run in place by the command loop after the login when no other command is
 # running: a task, its first step and its done callback per transfer were a fixed cost.
 Immediate = Callable[[aioftp.Connection, str], None]
-Command = Callable[["FtpServer", aioftp.Connection, str], Awaitable[bool]]
 T = TypeVar("T")
 
 
@@ -116,14 +115,11 @@ def replied(connection: aioftp.Connection, code: str, lines: str | list[str], as
     return True
 
 
-def needs(*fields: tuple[str, str]) -> Callable[[Command], Command]:
-    """A command that needs USER, a login or RNFR first gets 503 without it."""
-    def decorate(command: Command) -> Command:
-        @functools.wraps(command)
-        async def run(self: FtpServer, connection: aioftp.Connection, rest: str) -> bool:
-            return True if _refused(connection, fields) else await command(self, connection, rest)
-        return run
-    return decorate
+def _needing(handler: Handler, fields: tuple[tuple[str, str], ...]) -> Handler:
+    """handler, answered 503 when sent before the USER, login or RNFR it needs."""
+    async def run(connection: aioftp.Connection, rest: str) -> bool:
+        return True if _refused(connection, fields) else await handler(connection, rest)
+    return run
 
 
 def who(connection: aioftp.Connection) -> Who:
@@ -513,6 +509,7 @@ class FtpServer(aioftp.Server):
         self._told = Every(REFUSALS_EVERY)
         own: dict[str, Handler] = {name: getattr(self, f"on_{name}") for name in OWN_COMMANDS}
         own |= {name: self._form(name) for name in TRANSFER_FORMS}
+        own = {name: _needing(h, NEEDS.get(name, (LOGGED_IN,))) for name, h in own.items()}
         self.immediate: dict[str, Immediate] = {"pasv": self.on_pasv, "epsv": self.on_epsv}
         handlers: dict[str, Handler] = {name: self.commands_mapping[name] for name in AIOFTP_COMMANDS} | own
         self.handlers = {name: self._guarded(h, name) if name in PATH_COMMANDS else h for name, h in handlers.items()}
@@ -782,7 +779,6 @@ class FtpServer(aioftp.Server):
         connection.current_directory = connection.user.home_path
         return replied(connection, "331", "password required")
 
-    @needs(USER_SENT)
     async def on_pass(self, connection: aioftp.Connection, rest: str) -> bool:
         if connection.future.logged.done():
             return replied(connection, "503", "already logged in")
@@ -797,19 +793,14 @@ class FtpServer(aioftp.Server):
         await asyncio.sleep(wait)
         if not ok:
             return replied(connection, "530", "wrong user or password")
-        name, cap = connection.user.login, self.cfg.ftp.max_sessions_per_user
-        take = asyncio.ensure_future(guard.take_session("user", name, cap))
-        try:
-            slot = await asyncio.shield(take)
-        except asyncio.CancelledError:  # the session ended meanwhile: the slot (taken on the guard's thread) goes back
-            take.add_done_callback(lambda _: take.exception() or guard.release_session(take.result() or 0))
-            raise
+        cap = self.cfg.ftp.max_sessions_per_user
+        slot = await kept(guard.take_session("user", login, cap), lambda s: guard.release_session(s or 0))
         if slot is None:
             contract.refuse_session(self.gateway, "ftp", who(connection),
-                                    f"too many sessions for user {name} (limit {cap})")
+                                    f"too many sessions for user {login} (limit {cap})")
             connection.response("421", f"too many sessions for this user (limit {cap}); try again later")
             return False
-        connection.session.user, connection.session.user_slot = name, slot
+        connection.session.user, connection.session.user_slot = login, slot
         connection.session.startup.end()
         connection.logged = True
         self.gateway.audit_event(who(connection), "login")
@@ -956,15 +947,7 @@ class FtpServer(aioftp.Server):
         report(self.gateway, "ftp", who(connection), e, refused_here=refused_here, code=code)
         return replied(connection, code, info)
 
-    @needs(LOGGED_IN)
-    async def on_stor(self, connection: aioftp.Connection, rest: str) -> bool:
-        return await self._store(connection, rest, append=False)
-
-    @needs(LOGGED_IN)
-    async def on_appe(self, connection: aioftp.Connection, rest: str) -> bool:
-        return await self._store(connection, rest, append=True)
-
-    async def _store(self, connection: aioftp.Connection, rest: str, append: bool) -> bool:
+    async def on_stor(self, connection: aioftp.Connection, rest: str, append: bool = False) -> bool:
         path = self._resolve(connection, rest)
         offset = connection.session.take_rest()
 
@@ -977,6 +960,8 @@ class FtpServer(aioftp.Server):
 
         return await self._transfer(connection, lambda: self._upload(connection, path, offset, append), receive,
                                     "stored")
+
+    on_appe = functools.partialmethod(on_stor, append=True)
 
     # methods: an asynccontextmanager made inside the command cost a functools.wraps per transfer
 
@@ -1004,25 +989,20 @@ class FtpServer(aioftp.Server):
         finally:
             await handle.close()
 
-    @needs(LOGGED_IN)
     async def on_retr(self, connection: aioftp.Connection, rest: str) -> bool:
         path = self._resolve(connection, rest)
         offset = connection.session.take_rest()
         return await self._transfer(connection, lambda: self._download(connection, path, offset),
                                     lambda handle, conn: send_file(conn, handle, offset), "transfer complete")
 
-    @needs(LOGGED_IN)
     async def on_list(self, connection: aioftp.Connection, rest: str) -> bool:
         """aioftp's LIST line format."""
         return await self._listing(connection, _ls_path(rest), "list transfer done", lambda e, name: " ".join((
-            stat.filemode(st_mode(e.is_dir)), "1", "none", "none", str(e.size), self.build_list_mtime(e.mtime),
-            name)))
+            stat.filemode(st_mode(e.is_dir)), "1", "none", "none", str(e.size), self.build_list_mtime(e.mtime), name)))
 
-    @needs(LOGGED_IN)
     async def on_mlsd(self, connection: aioftp.Connection, rest: str) -> bool:
         return await self._listing(connection, rest, "mlsd transfer done", _mlsx, files=False)
 
-    @needs(LOGGED_IN)
     async def on_nlst(self, connection: aioftp.Connection, rest: str) -> bool:
         return await self._listing(connection, _ls_path(rest), "name list done", lambda e, name: name)
 
@@ -1059,33 +1039,27 @@ class FtpServer(aioftp.Server):
 
         return await self._transfer(connection, lambda: contextlib.nullcontext(entries), send, done)
 
-    @needs(LOGGED_IN)
     async def on_dele(self, connection: aioftp.Connection, rest: str) -> bool:
         await self.gateway.delete(self._resolve(connection, rest), who(connection))
         return replied(connection, "250", "deleted")
 
-    @needs(LOGGED_IN)
     async def on_mkd(self, connection: aioftp.Connection, rest: str) -> bool:
         await self.gateway.mkdir(self._resolve(connection, rest), who(connection))
         return replied(connection, "257", f"{quoted(str(self.get_paths(connection, rest)[1]))} created")
 
-    @needs(LOGGED_IN)
     async def on_pwd(self, connection: aioftp.Connection, rest: str) -> bool:
         return replied(connection, "257", f"{quoted(str(connection.current_directory))} is the current directory")
 
-    @needs(LOGGED_IN)
     async def on_rmd(self, connection: aioftp.Connection, rest: str) -> bool:
         await self.gateway.rmdir(self._resolve(connection, rest), who(connection))
         return replied(connection, "250", "removed")
 
-    @needs(LOGGED_IN)
     async def on_rnfr(self, connection: aioftp.Connection, rest: str) -> bool:
         path = self._resolve(connection, rest)
         await self.gateway.stat(path)
         connection.rename_from = path
         return replied(connection, "350", "ready for RNTO")
 
-    @needs(LOGGED_IN, RENAME_FROM)
     async def on_rnto(self, connection: aioftp.Connection, rest: str) -> bool:
         """Like rename(2), an existing target file is replaced (PACS clients re-send x.part → x)."""
         source = connection.rename_from
@@ -1093,14 +1067,12 @@ class FtpServer(aioftp.Server):
         await self.gateway.rename(source, self._resolve(connection, rest), who(connection))
         return replied(connection, "250", "renamed")
 
-    @needs(LOGGED_IN)
     async def on_size(self, connection: aioftp.Connection, rest: str) -> bool:
         e = await self.gateway.stat(self._resolve(connection, rest))
         if e.is_dir:
             raise IsADirectory(e.path)
         return replied(connection, "213", str(e.size))
 
-    @needs(LOGGED_IN)
     async def on_mdtm(self, connection: aioftp.Connection, rest: str) -> bool:
         e = await self.gateway.stat(self._resolve(connection, rest))
         return replied(connection, "213", _mdtm(e.mtime))
@@ -1123,7 +1095,6 @@ class FtpServer(aioftp.Server):
         connection.session.rest = int(rest)
         return replied(connection, "350", f"restarting at {int(rest)}; send STOR or RETR")
 
-    @needs(LOGGED_IN)
     async def on_abor(self, connection: aioftp.Connection, rest: str) -> bool:
         """Cancel the running transfer: it answers 426 then 226. A transfer that has just ended (its 226 sent, its task
         not yet out of the running set) cannot answer: aioftp's ABOR then said nothing and the client hung."""
@@ -1144,15 +1115,12 @@ class FtpServer(aioftp.Server):
         """TYPE, MODE, STRU (RFC 959 5.1): the forms the server has answer 200, others 504 (they were 502, and MODE S,
         STRU F and TYPE A N, which a client may send first, were refused). ASCII is sent unconverted, as aioftp did."""
         async def run(connection: aioftp.Connection, rest: str) -> bool:
-            if _refused(connection, (LOGGED_IN,)):
-                return True
             if (form := " ".join(rest.upper().split())) not in TRANSFER_FORMS[command]:
                 return replied(connection, "504", f"{command.upper()} {rest[:40]!r} not implemented; use "
                                                   f"{' or '.join(TRANSFER_FORMS[command])}")
             return replied(connection, "200", f"{command.upper()} set to {form}")
         return run
 
-    @needs(LOGGED_IN)
     async def on_allo(self, connection: aioftp.Connection, rest: str) -> bool:
         """ALLO (RFC 959): no space is set aside ahead; the disk is checked as the bytes come."""
         return replied(connection, "202", "ALLO not needed")

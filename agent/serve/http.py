@@ -93,15 +93,13 @@ class _Connections:
         self.listener = listener
         self.open: Counter[str] = Counter()
         self.answered: dict[int, int] = {}  # an open connection's descriptor → requests answered on it
-        self._told = Every(REFUSALS_EVERY)
-        self._idle_told = Every(REFUSALS_EVERY)
-        self._stalled_told = Every(REFUSALS_EVERY)
+        self._told = Every(REFUSALS_EVERY)  # per (event, address)
 
     def admit(self, address: str, fd: int) -> bool:
         others = self.open.total() - sum(self.open[own] for own in OWN_ADDRESSES)
         if self.open[address] >= MAX_CONNECTIONS_PER_ADDRESS or (address not in OWN_ADDRESSES
                                                                  and others >= MAX_CONNECTIONS):
-            if (since := self._told.due(address)) is not None:
+            if (since := self._told.due(("refused", address))) is not None:
                 log.warning("http_refused", listener=self.listener, peer=address, refused_since=since,
                             reason=f"too many connections (limit {MAX_CONNECTIONS_PER_ADDRESS} per address, "
                                    f"{MAX_CONNECTIONS} in all)")
@@ -114,7 +112,7 @@ class _Connections:
         """The connection on fd (before its close: the number is not yet anyone else's) is closed."""
         self.open -= Counter({address: 1})  # the address goes at 0
         if not self.answered.pop(fd, 0) and time.monotonic() - opened >= IDLE_SECONDS:
-            if (since := self._idle_told.due(address)) is not None:
+            if (since := self._told.due(("idle", address))) is not None:
                 log.warning("http_idle_closed", listener=self.listener, peer=address, closed_since=since,
                             reason=f"no whole request within {IDLE_SECONDS:g} s")
 
@@ -137,7 +135,7 @@ class _Connections:
             return
         now = int.from_bytes(fcntl.ioctl(fd, termios.TIOCOUTQ, bytes(4)), sys.byteorder)
         if now and now == unsent:
-            if (since := self._stalled_told.due(address)) is not None:
+            if (since := self._told.due(("stalled", address))) is not None:
                 log.warning("http_stalled_closed", listener=self.listener, peer=address, closed_since=since,
                             reason=f"no byte of its answers read in {STALLED_SECONDS:g} s")
             transport.abort()
@@ -313,10 +311,9 @@ class HttpServer:
 
     async def start_scrape(self, cfg: HttpConfig, guard: LoginGuard) -> None:
         """The /metrics-only listener of http.metrics_listen, for the central Prometheus."""
-        scrape = ScrapeListener(cfg, self.metrics, guard)
         assert cfg.metrics_listen is not None
         tls = tls_context(cfg.metrics_tls_cert, cfg.metrics_tls_key) if cfg.metrics_tls_cert else None
-        self._closes.insert(0, await _serve(scrape.app, *cfg.metrics_listen, tls=tls))
+        self._closes.insert(0, await _serve(ScrapeListener(cfg, self.metrics, guard).app, *cfg.metrics_listen, tls=tls))
 
     async def close(self) -> None:
         for close in self._closes:

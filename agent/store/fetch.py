@@ -26,12 +26,11 @@ async def download(s3: S3Uplink, cache: Cache, e: Entry, blob: str, fd: int,
     """Stream e's object into the staging file fd, check its size and SHA-256, commit it as blob (without
     fsyncs: S3 holds the object, and a copy a crash tore fails its checks and is fetched again). → sha256.
 
-    on_start(ETag, whether ranged GETs may read it) runs once the object answered; on_data(bytes so far)
-    after every chunk (readers waiting on a fetch, progress bars), inside `lock` with the chunk's write
-    (ranged reads ahead of the stream write under it too, so the stream's bytes are the ones that stay);
-    on_verified() once the bytes matched, before the commit (readers may then have the end of the file).
-    Chunks are written and hashed on the loop, the copy committed there: a thread hop cost more CPU than the work
-    it carried (docs/benchmarks.md §32).
+    on_start(ETag, whether ranged GETs may read it) runs once the object answered; on_data(bytes so far) after every
+    chunk (readers waiting on a fetch, progress bars), inside `lock` with the chunk's write (ranged reads ahead of the
+    stream write under it too, so the stream's bytes are the ones that stay); on_verified() once the bytes matched,
+    before the commit (readers may then have the end of the file). Chunks are written and hashed on the loop, the copy
+    committed there: a thread hop cost more CPU than the work it carried (docs/benchmarks.md §32).
     Raises Corrupt when the bytes are not the ones the catalog (or the object's metadata, or for another writer's
     object a single-part ETag's MD5) recorded."""
     h, fast, md5 = hashlib.sha256(), fast_hash(), hashlib.md5(usedforsecurity=False)

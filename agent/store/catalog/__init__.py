@@ -165,9 +165,8 @@ class AsyncCatalog:
 
     async def get_many(self, paths: list[str]) -> dict[str, Entry]:
         """The rows of these paths (a path's ancestors and itself: one statement, one snapshot)."""
-        marks = ", ".join("?" * len(paths))
         return {e.path: e for e in map(entry, self._reader.execute(
-            f"SELECT {COLUMNS} FROM entries WHERE path IN ({marks})", paths).fetchall())}
+            f"SELECT {COLUMNS} FROM entries WHERE path IN ({', '.join('?' * len(paths))})", paths).fetchall())}
 
     async def copies_read(self, key: str) -> bool:
         """A rename still waits to be copied from key: asked before every upload, so on the reader connection."""
