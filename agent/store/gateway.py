@@ -685,6 +685,8 @@ class Gateway:
         async with self.audit.op(who, "mkdir", path):
             self._may_change(who, "write", path)
             check_creatable(path)
+            if self.marks.writing(path):  # its commit would fail on the directory ("is a directory")
+                raise AlreadyExists(path, "a file of this name is being written")
             await self._ensure_listed(parent_of(path), missing_ok=True)
             await self.db.mkdir(path)
         log.info("mkdir", path=path)
