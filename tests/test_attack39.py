@@ -71,3 +71,21 @@ def test_smb_mkdir_over_a_file_an_sftp_upload_is_writing_is_a_name_collision(smb
         smb.close()
 
 
+def test_smb_end_of_file_past_the_users_share_is_disk_full_and_the_file_intact(smb_agent):
+    """An SMB client setting a file's end-of-file past its user's share for unfinished uploads: smbd's ftruncate
+    was refused, it then wrote the last byte itself (Samba's fallback for file systems that cannot extend by
+    ftruncate), that write failed, the handle was discarded and its close answered IO_DEVICE_ERROR. The set is
+    DISK_FULL, the handle lives on, its close succeeds and the stored file is unchanged."""
+    agent = smb_agent(**{"cache.max_bytes": "16MB"}).start(timeout=180)
+    smb = Smb(agent)
+    try:
+        data = payload("eof", MiB)
+        smb.write("f.dcm", data)
+        f = smbclient.open_file(smb.p("f.dcm"), mode="r+b", **smb.kw)
+        with pytest.raises(SMBOSError) as refused:
+            f.truncate(12 * MiB)  # a quarter of 16 MB is the user's share
+        assert refused.value.ntstatus == NtStatus.STATUS_DISK_FULL
+        f.close()
+        assert smb.read("f.dcm") == data
+    finally:
+        smb.close()
