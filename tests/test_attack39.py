@@ -26,6 +26,29 @@ WRITERS = [{"name": name, "password": PASSWORD, "root": "/", "permissions": ["re
            for name in ("pacs", "router")]
 
 
+@pytest.mark.skipif("os.geteuid() != 0", reason="needs root to mount a small tmpfs")
+async def test_disk_full_while_the_store_is_down_says_why(agent_factory, private_seaweed):
+    """The disk filled with files waiting for the unreachable store: FTP answered "452 cache disk full and nothing
+    evictable" and the admin reading the PACS's log could not tell a failing SSD from an outage. The reply names the
+    files waiting and since when the store is unreachable."""
+    private_seaweed.stop()
+    agent = agent_factory(private_seaweed, **{"cache.min_free_bytes": "4MB"})
+    with tmpfs(agent.workdir / "cache", "32m"):
+        try:
+            await asyncio.to_thread(agent.start)
+            ftp = await asyncio.to_thread(ftp_login, agent)
+            reply, n = "", 0
+            while not reply.startswith("452") and n < 100:
+                reply = await asyncio.to_thread(ftp_store_expecting_refusal, ftp, f"CT/{n}.dcm",
+                                                payload(n, 2 * MiB))
+                n += 1
+            assert reply.startswith("452 cache disk full and nothing evictable: "), reply
+            assert f"{n - 1} files not yet in object storage: the object store is unreachable since 20" in reply
+            await asyncio.to_thread(ftp.quit)
+        finally:
+            await asyncio.to_thread(agent.stop)
+
+
 def test_mkdir_over_a_file_being_written_is_refused(agent_factory):
     """mkdir of a name an FTP or SFTP upload was still writing succeeded (the file is in the catalog only from its
     commit on); the upload's close then failed "is a directory", the PACS's file lost. The name exists: FTP 550,

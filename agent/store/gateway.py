@@ -146,7 +146,7 @@ class WriteHandle:
         # min_free_bytes stays free for the catalog (one that cannot commit can never evict again). A hole left
         # by a write past the end is sparse here but real bytes in S3 and every fetched copy: it must fit too.
         if not await self.gw.ensure_space(max(len(data), pos + len(data) - self.size)):
-            raise NoSpace(self.path, "cache disk full and nothing evictable")
+            raise self.gw.disk_full(self.path)
         # A nearly full disk gives short writes before ENOSPC: make room while anything can be evicted
         view, done = memoryview(data), 0
         while done < len(data):
@@ -156,7 +156,7 @@ class WriteHandle:
                 if e.errno not in (errno.ENOSPC, errno.EDQUOT):
                     raise
                 if not await self.gw.make_room(len(data) - done):
-                    raise NoSpace(self.path, "cache disk full and nothing evictable") from e
+                    raise self.gw.disk_full(self.path) from e
                 continue
             if written <= 0:
                 raise NoSpace(self.path, "cache disk full: no progress writing")
@@ -186,7 +186,7 @@ class WriteHandle:
             raise PermissionDenied(self.path, "cutting a stored file needs the 'delete' permission")
         self.gw.count_unfinished(self, length)
         if length > self.size and not await self.gw.ensure_space(length - self.size):
-            raise NoSpace(self.path, "cache disk full and nothing evictable")  # the zeros are real bytes in S3
+            raise self.gw.disk_full(self.path)  # the zeros are real bytes in S3
         await asyncio.to_thread(os.ftruncate, self.fd, length)
         self._unhashed()  # hash the whole file at commit
         self.size = length
@@ -898,6 +898,14 @@ class Gateway:
     def unfinished_limit(self) -> int:
         """One user's share of the cache for files being written, this process's part of it."""
         return self._share(self.cfg.cache.max_unfinished_per_user)
+
+    def disk_full(self, path: str) -> NoSpace:
+        """NoSpace for a full disk, naming the files waiting for an unreachable store (no eviction frees them)."""
+        reason = "cache disk full and nothing evictable"
+        if not self.line.reachable and (waiting := self.db.queued_files()):
+            since = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(self.line.health.since))
+            reason += f": {waiting} files not yet in object storage: the object store is unreachable since {since}"
+        return NoSpace(path, reason)
 
     def _share(self, ratio: float) -> int:
         """`ratio` of the cache (max_bytes, or the disk less min_free_bytes when smaller), this process's part."""

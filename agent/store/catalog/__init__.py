@@ -174,6 +174,10 @@ class AsyncCatalog:
         return self._reader.execute("SELECT 1 FROM entries WHERE copy_from = ? AND path != ? LIMIT 1",
                                     (key, key)).fetchone() is not None
 
+    def queued_files(self) -> int:
+        """Files not yet in object storage, now (a full disk's reason while the store is down)."""
+        return int(self._reader.execute("SELECT queue_files FROM totals").fetchone()[0])
+
     totals = _offload(Catalog.totals)
     get_state = _offload(Catalog.get_state)
     set_state = _offload(Catalog.set_state)
