@@ -26,6 +26,67 @@ WRITERS = [{"name": name, "password": PASSWORD, "root": "/", "permissions": ["re
            for name in ("pacs", "router")]
 
 
+def test_one_users_backlog_while_the_store_is_down_leaves_the_others_room(agent_factory, private_seaweed):
+    """With the object store down, stored files wait on the disk and cannot be evicted: a router re-sending a
+    backlog took 20 GiB of them on a box with max_bytes = 40MB, and every other user's store was then refused. With
+    cache.max_dirty_per_user = 25 % it is refused "disk full" (452) past a quarter of the cache, logged with its user
+    and bytes, also for files renamed into place (x.part → x); the other user still stores, and nothing acknowledged
+    is dropped."""
+    private_seaweed.stop()  # down from the start: every file stays dirty
+    agent = agent_factory(private_seaweed, users=WRITERS, **{"cache.max_bytes": "40MB",
+                                                              "cache.max_dirty_per_user": "25%"}).start()
+    router = ftp_login(agent, "router")
+    acked, refusal = [], ""
+    for i in range(20):
+        reply = ftp_store_expecting_refusal(router, f"bk/{i}.part", payload(i, MiB))
+        if not reply.startswith("226"):
+            refusal = reply
+            break
+        router.rename(f"bk/{i}.part", f"bk/{i}.dcm")
+        acked.append(f"bk/{i}.dcm")
+    assert refusal.startswith("452") and "max_dirty_per_user" in refusal, refusal
+    assert len(acked) == 9  # a quarter of 40 MB in 1 MiB files
+    [told] = agent.events("dirty_limit")[:1]
+    assert told["user"] == "router" and told["dirty_bytes"] == len(acked) * MiB and told["limit"] == 10_000_000
+    pacs = ftp_login(agent)
+    assert ftp_store_expecting_refusal(pacs, "CT/x.dcm", payload("x", 4 * MiB)).startswith("226")
+    assert ftp_store_expecting_refusal(router, "bk/late.dcm", payload("late", MiB)).startswith("452")
+    assert sorted(router.nlst("bk")) == sorted(p.split("/")[1] for p in acked)  # acknowledged files all kept
+    rows = catalog_rows(agent, "SELECT user, bytes FROM dirty_bytes ORDER BY user")
+    assert rows == [("pacs", 4 * MiB), ("router", len(acked) * MiB)]
+    pacs.quit()
+    router.quit()
+
+
+def test_a_catalog_from_before_the_writer_column_gets_it_and_counts_each_users_files_not_yet_uploaded(tmp_path):
+    """entries.writer and the dirty_bytes totals come with round 39: a catalog without them gets them when opened,
+    its files stored before count for nobody; each store, replacement, rename and upload after keeps the totals."""
+    path = tmp_path / "c.sqlite"
+    c = Catalog(path)
+    c.db.executescript("DROP TRIGGER dirty_ins; DROP TRIGGER dirty_del; DROP TRIGGER dirty_upd; DROP TABLE dirty_bytes;"
+                       "ALTER TABLE entries DROP COLUMN writer")  # as an earlier release left it
+    c.db.execute("INSERT INTO entries (path, parent, name, is_dir, size, mtime, state, blob) "
+                 "VALUES ('CT/old.dcm', 'CT', 'old.dcm', 0, 7, 1.0, 'dirty', 'b0')")
+    c.close()
+    c = Catalog(path)
+    totals = lambda: dict(c.db.execute("SELECT user, bytes FROM dirty_bytes WHERE bytes != 0").fetchall())  # noqa
+    try:
+        gen, _ = c.commit_write("CT/a.part", "b1", 100, "ab" * 32, time.time(), claim=False, writer="router")
+        c.commit_write("CT/b.dcm", "b2", 10, "ab" * 32, time.time(), claim=True, writer="pacs")
+        assert totals() == {"router": 100, "pacs": 10}
+        c.rename("CT/a.part", "CT/a.dcm")  # x.part → x: still the router's
+        c.commit_write("CT/b.dcm", "b3", 30, "ab" * 32, time.time(), claim=False, writer="router")  # replaced
+        assert totals() == {"router": 130}
+        gen = c.get("CT/a.dcm").gen
+        c.claim("CT/a.dcm", gen)
+        c.mark_clean("CT/a.dcm", gen, "e1", None, "ab" * 32)
+        c.delete("CT/b.dcm")
+        c.delete("CT/old.dcm")
+        assert totals() == {}
+    finally:
+        c.close()
+
+
 @pytest.mark.skipif("os.geteuid() != 0", reason="needs root to mount a small tmpfs")
 async def test_disk_full_while_the_store_is_down_says_why(agent_factory, private_seaweed):
     """The disk filled with files waiting for the unreachable store: FTP answered "452 cache disk full and nothing

@@ -105,6 +105,7 @@ class WriteHandle:
         self.base: int | None = None  # the gen the commit must still find (Catalog.commit_write); None: any
         self.user = who.user if who is not None else ""
         self.counted = 0  # bytes counted against the user's unfinished uploads (Gateway.count_unfinished)
+        self.dirty = 0  # the user's stored bytes not yet uploaded, at the open (Gateway.dirty_limit)
         self._hash: hashlib._Hash | None = hashlib.sha256()
         self._fast = fast_hash()  # the same bytes: the copy's stamp (agent.store.cache)
         self._body: list[bytes] | None = [] if gw.cfg.uplink.write_mode == "through" else None
@@ -244,7 +245,8 @@ class WriteHandle:
 
         def queue_row(sha: str, header: Header | None) -> None:  # on the seal's thread, once the file is durable
             self.gw.db.queue_commit_write(functools.partial(self._row_back, s, sha, header), loop, path, blob,
-                                          size=self.size, sha256=sha, mtime=s.mtime, claim=claim, base=base)
+                                          size=self.size, sha256=sha, mtime=s.mtime, claim=claim, base=base,
+                                          writer=self.user or None)
 
         loop.run_in_executor(None, self._seal, body, queue_row).add_done_callback(functools.partial(self._unsealed, s))
         return s
@@ -814,6 +816,8 @@ class Gateway:
                 await self.worm.check_mutable(existing, time.time())
                 if offset < existing.size and not self.allowed(who, "delete"):
                     raise PermissionDenied(path, "replacing a stored file needs the 'delete' permission")
+            dirty = self.db.dirty_bytes(who.user) if self.dirty_limit and who is not None else 0
+            self.dirty_share(who.user if who is not None else "", path, dirty, 1)  # a byte at least must fit
             # A spare made ahead (a thread hop and two wake-ups fewer per stored file, and no directory fsync at its
             # commit); else made in a thread, as an inode may wait for the disk (issue 14), undone if cancelled
             spare = self.cache.spare_staging()
@@ -826,6 +830,7 @@ class Gateway:
             handle = WriteHandle(self, path, blob, fd, protocol, who)
             self._active_writes += 1
             self._writes_idle.clear()
+            handle.dirty = dirty
             if exclusive and await self.db.get(path) is not None:
                 await handle.abort("exclusive create: the name was stored meanwhile")
                 raise AlreadyExists(path)
@@ -892,12 +897,28 @@ class Gateway:
             log.warning("unfinished_limit", user=handle.user, path=handle.path, bytes=held, limit=limit)
             raise NoSpace(handle.path, f"this user's unfinished uploads would hold {held} bytes, over its "
                                        f"{limit} (cache.max_unfinished_per_user)")
+        self.dirty_share(handle.user, handle.path, handle.dirty, held)
         self._unfinished[handle.user], handle.counted = held, end
+
+    def dirty_share(self, user: str, path: str, dirty: int, writing: int) -> None:
+        """NoSpace when the user's stored files not yet uploaded (`dirty`) and those being written would pass its
+        share: with the store down they cannot be evicted, and one user's would leave no room for the others'."""
+        if self.dirty_limit and user and dirty + writing > self.dirty_limit:
+            log.warning("dirty_limit", user=user, path=path, dirty_bytes=dirty, writing=writing,
+                        limit=self.dirty_limit, share=self.cfg.cache.max_dirty_per_user)
+            raise NoSpace(path, f"this user's files not yet in object storage hold {dirty} bytes, with its uploads "
+                                f"over its {self.dirty_limit} (cache.max_dirty_per_user)")
 
     @functools.cached_property
     def unfinished_limit(self) -> int:
         """One user's share of the cache for files being written, this process's part of it."""
         return self._share(self.cfg.cache.max_unfinished_per_user)
+
+    @functools.cached_property
+    def dirty_limit(self) -> int:
+        """One user's share of the cache for stored files not yet uploaded, all processes' (0: none, at 100 %)."""
+        ratio = self.cfg.cache.max_dirty_per_user
+        return self._share(ratio, whole=True) if ratio < 1 else 0
 
     def disk_full(self, path: str) -> NoSpace:
         """NoSpace for a full disk, naming the files waiting for an unreachable store (no eviction frees them)."""
@@ -907,11 +928,12 @@ class Gateway:
             reason += f": {waiting} files not yet in object storage: the object store is unreachable since {since}"
         return NoSpace(path, reason)
 
-    def _share(self, ratio: float) -> int:
-        """`ratio` of the cache (max_bytes, or the disk less min_free_bytes when smaller), this process's part."""
+    def _share(self, ratio: float, whole: bool = False) -> int:
+        """`ratio` of the cache (max_bytes, or the disk less min_free_bytes when smaller), this process's part (whole:
+        all processes', for what the catalog counts)."""
         c = self.cfg.cache
         room = min(c.max_bytes, self.cache.disk_usage().total - c.min_free_bytes)
-        return int(ratio * room) // self.cfg.server.serving_processes()
+        return int(ratio * room) // (1 if whole else self.cfg.server.serving_processes())
 
     def write_finished(self, handle: WriteHandle) -> None:
         if left := self._unfinished.pop(handle.user, 0) - handle.counted:
