@@ -199,6 +199,8 @@ class CacheConfig:
     # What one user's files being written (not yet closed) may hold, of min(max_bytes, disk - min_free_bytes)
     max_unfinished_per_user: float = _f(_ratio, "a fraction 0..1 or a percentage such as '25%' of the cache",
                                         default=0.25)
+    # What one user's stored files not yet uploaded (they cannot be evicted) may hold, of the same; 1 (100 %): no share
+    max_dirty_per_user: float = _f(_ratio, "a fraction 0..1 or a percentage such as '50%' of the cache", default=1.0)
     # What the files open for reading (all users) may hold, of the same: each keeps its space until closed
     max_open_for_reading: float = _f(_ratio, "a fraction 0..1 or a percentage such as '75%' of the cache", default=0.75)
     # One user's part of it: one reader holding every file open would have the PACS's reads refused

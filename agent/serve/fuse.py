@@ -112,6 +112,7 @@ class _Open:
     unlinked: bool = False
     failed: bool = False  # a write failed (e.g. disk full): the file is discarded, its close reports an error
     closing: bool = False  # its flush is committing the writer's content
+    refused_end: int = -1  # an end-of-file set refused "disk full", which smbd tries again as a write of its last byte
     uid: int = -1  # the Unix account that opened it (MAX_OPEN_FILES counts per account)
 
     async def close_reader(self) -> None:
@@ -302,7 +303,11 @@ class GatewayFS(pyfuse3.Operations):
                 await self._call(self.gw.truncate(path, attr.st_size, PROTOCOL, self._who(ctx)))
             else:
                 writer = await self._ensure_writer(op, keep=attr.st_size)
-                await self._call(writer.truncate(attr.st_size))
+                try:
+                    await self._call(writer.truncate(attr.st_size))
+                except pyfuse3.FUSEError as e:
+                    op.refused_end = attr.st_size if e.errno == errno.ENOSPC else -1
+                    raise
                 op.committed = False
         # modes, owners and times: the object store keeps its own; accept and ignore
         return await self._attrs_of(path)
@@ -533,6 +538,9 @@ class GatewayFS(pyfuse3.Operations):
         op = self._files[fh]
         if not op.writable:
             raise pyfuse3.FUSEError(errno.EBADF)
+        if buf == b"\0" and off + 1 == op.refused_end:  # Samba's vfswrap_ftruncate: refused as the set was, no harm
+            op.refused_end = -1
+            raise pyfuse3.FUSEError(errno.ENOSPC)
         writer = await self._ensure_writer(op)
         try:
             await self._call(writer.write(buf, off))

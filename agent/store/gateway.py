@@ -105,6 +105,7 @@ class WriteHandle:
         self.base: int | None = None  # the gen the commit must still find (Catalog.commit_write); None: any
         self.user = who.user if who is not None else ""
         self.counted = 0  # bytes counted against the user's unfinished uploads (Gateway.count_unfinished)
+        self.dirty = 0  # the user's stored bytes not yet uploaded, at the open (Gateway.dirty_limit)
         self._hash: hashlib._Hash | None = hashlib.sha256()
         self._fast = fast_hash()  # the same bytes: the copy's stamp (agent.store.cache)
         self._body: list[bytes] | None = [] if gw.cfg.uplink.write_mode == "through" else None
@@ -146,7 +147,7 @@ class WriteHandle:
         # min_free_bytes stays free for the catalog (one that cannot commit can never evict again). A hole left
         # by a write past the end is sparse here but real bytes in S3 and every fetched copy: it must fit too.
         if not await self.gw.ensure_space(max(len(data), pos + len(data) - self.size)):
-            raise NoSpace(self.path, "cache disk full and nothing evictable")
+            raise self.gw.disk_full(self.path)
         # A nearly full disk gives short writes before ENOSPC: make room while anything can be evicted
         view, done = memoryview(data), 0
         while done < len(data):
@@ -156,7 +157,7 @@ class WriteHandle:
                 if e.errno not in (errno.ENOSPC, errno.EDQUOT):
                     raise
                 if not await self.gw.make_room(len(data) - done):
-                    raise NoSpace(self.path, "cache disk full and nothing evictable") from e
+                    raise self.gw.disk_full(self.path) from e
                 continue
             if written <= 0:
                 raise NoSpace(self.path, "cache disk full: no progress writing")
@@ -186,7 +187,7 @@ class WriteHandle:
             raise PermissionDenied(self.path, "cutting a stored file needs the 'delete' permission")
         self.gw.count_unfinished(self, length)
         if length > self.size and not await self.gw.ensure_space(length - self.size):
-            raise NoSpace(self.path, "cache disk full and nothing evictable")  # the zeros are real bytes in S3
+            raise self.gw.disk_full(self.path)  # the zeros are real bytes in S3
         await asyncio.to_thread(os.ftruncate, self.fd, length)
         self._unhashed()  # hash the whole file at commit
         self.size = length
@@ -244,7 +245,8 @@ class WriteHandle:
 
         def queue_row(sha: str, header: Header | None) -> None:  # on the seal's thread, once the file is durable
             self.gw.db.queue_commit_write(functools.partial(self._row_back, s, sha, header), loop, path, blob,
-                                          size=self.size, sha256=sha, mtime=s.mtime, claim=claim, base=base)
+                                          size=self.size, sha256=sha, mtime=s.mtime, claim=claim, base=base,
+                                          writer=self.user or None)
 
         loop.run_in_executor(None, self._seal, body, queue_row).add_done_callback(functools.partial(self._unsealed, s))
         return s
@@ -686,6 +688,8 @@ class Gateway:
         async with self.audit.op(who, "mkdir", path):
             self._may_change(who, "write", path)
             check_creatable(path)
+            if self.marks.writing(path):  # its commit would fail on the directory ("is a directory")
+                raise AlreadyExists(path, "a file of this name is being written")
             await self._ensure_listed(parent_of(path), missing_ok=True)
             await self.db.mkdir(path)
         log.info("mkdir", path=path)
@@ -813,6 +817,8 @@ class Gateway:
                 await self.worm.check_mutable(existing, time.time())
                 if offset < existing.size and not self.allowed(who, "delete"):
                     raise PermissionDenied(path, "replacing a stored file needs the 'delete' permission")
+            dirty = self.db.dirty_bytes(who.user) if self.dirty_limit and who is not None else 0
+            self.dirty_share(who.user if who is not None else "", path, dirty, 1)  # a byte at least must fit
             # A spare made ahead (a thread hop and two wake-ups fewer per stored file, and no directory fsync at its
             # commit); else made in a thread, as an inode may wait for the disk (issue 14), undone if cancelled
             spare = self.cache.spare_staging()
@@ -825,6 +831,7 @@ class Gateway:
             handle = WriteHandle(self, path, blob, fd, protocol, who)
             self._active_writes += 1
             self._writes_idle.clear()
+            handle.dirty = dirty
             if exclusive and await self.db.get(path) is not None:
                 await handle.abort("exclusive create: the name was stored meanwhile")
                 raise AlreadyExists(path)
@@ -891,18 +898,43 @@ class Gateway:
             log.warning("unfinished_limit", user=handle.user, path=handle.path, bytes=held, limit=limit)
             raise NoSpace(handle.path, f"this user's unfinished uploads would hold {held} bytes, over its "
                                        f"{limit} (cache.max_unfinished_per_user)")
+        self.dirty_share(handle.user, handle.path, handle.dirty, held)
         self._unfinished[handle.user], handle.counted = held, end
+
+    def dirty_share(self, user: str, path: str, dirty: int, writing: int) -> None:
+        """NoSpace when the user's stored files not yet uploaded (`dirty`) and those being written would pass its
+        share: with the store down they cannot be evicted, and one user's would leave no room for the others'."""
+        if self.dirty_limit and user and dirty + writing > self.dirty_limit:
+            log.warning("dirty_limit", user=user, path=path, dirty_bytes=dirty, writing=writing,
+                        limit=self.dirty_limit, share=self.cfg.cache.max_dirty_per_user)
+            raise NoSpace(path, f"this user's files not yet in object storage hold {dirty} bytes, with its uploads "
+                                f"over its {self.dirty_limit} (cache.max_dirty_per_user)")
 
     @functools.cached_property
     def unfinished_limit(self) -> int:
         """One user's share of the cache for files being written, this process's part of it."""
         return self._share(self.cfg.cache.max_unfinished_per_user)
 
-    def _share(self, ratio: float) -> int:
-        """`ratio` of the cache (max_bytes, or the disk less min_free_bytes when smaller), this process's part."""
+    @functools.cached_property
+    def dirty_limit(self) -> int:
+        """One user's share of the cache for stored files not yet uploaded, all processes' (0: none, at 100 %)."""
+        ratio = self.cfg.cache.max_dirty_per_user
+        return self._share(ratio, whole=True) if ratio < 1 else 0
+
+    def disk_full(self, path: str) -> NoSpace:
+        """NoSpace for a full disk, naming the files waiting for an unreachable store (no eviction frees them)."""
+        reason = "cache disk full and nothing evictable"
+        if not self.line.reachable and (waiting := self.db.queued_files()):
+            since = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(self.line.health.since))
+            reason += f": {waiting} files not yet in object storage: the object store is unreachable since {since}"
+        return NoSpace(path, reason)
+
+    def _share(self, ratio: float, whole: bool = False) -> int:
+        """`ratio` of the cache (max_bytes, or the disk less min_free_bytes when smaller), this process's part (whole:
+        all processes', for what the catalog counts)."""
         c = self.cfg.cache
         room = min(c.max_bytes, self.cache.disk_usage().total - c.min_free_bytes)
-        return int(ratio * room) // self.cfg.server.serving_processes()
+        return int(ratio * room) // (1 if whole else self.cfg.server.serving_processes())
 
     def write_finished(self, handle: WriteHandle) -> None:
         if left := self._unfinished.pop(handle.user, 0) - handle.counted:

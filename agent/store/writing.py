@@ -113,6 +113,10 @@ class WriteMarks(_Marks):
         """Whether an upload of this process or of another one writes path, or a file below it, now."""
         return self._held(path) or self._held(path + "/")
 
+    def writing(self, path: str) -> bool:
+        """Whether an upload of this process or of another one writes path itself now."""
+        return self._held(path)
+
     def _held(self, key: str) -> bool:
         return key in self._mine or self._lock(fcntl.F_OFD_GETLK, fcntl.F_WRLCK, key) != fcntl.F_UNLCK
 

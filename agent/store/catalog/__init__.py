@@ -173,6 +173,15 @@ class AsyncCatalog:
         return self._reader.execute("SELECT 1 FROM entries WHERE copy_from = ? AND path != ? LIMIT 1",
                                     (key, key)).fetchone() is not None
 
+    def dirty_bytes(self, user: str) -> int:
+        """Bytes of user's files on the disk not yet in object storage (cache.max_dirty_per_user), now."""
+        row = self._reader.execute("SELECT bytes FROM dirty_bytes WHERE user = ?", (user,)).fetchone()
+        return int(row[0]) if row else 0
+
+    def queued_files(self) -> int:
+        """Files not yet in object storage, now (a full disk's reason while the store is down)."""
+        return int(self._reader.execute("SELECT queue_files FROM totals").fetchone()[0])
+
     totals = _offload(Catalog.totals)
     get_state = _offload(Catalog.get_state)
     set_state = _offload(Catalog.set_state)

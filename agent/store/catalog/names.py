@@ -67,9 +67,10 @@ class Namespace(CatalogBase):
             self.db.execute("DELETE FROM entries WHERE path = ?", (path,))
 
     def commit_write(self, path: str, blob: str, size: int, sha256: str, mtime: float, *,
-                     claim: bool, base: int | None = None) -> tuple[int, str | None]:
+                     claim: bool, base: int | None = None, writer: str | None = None) -> tuple[int, str | None]:
         """Record new content for path (dirty, or uploading when claim) → (gen, replaced blob). `base`: the gen the
-        writer's right to replace was judged on (-1: none); a version stored since is not replaced."""
+        writer's right to replace was judged on (-1: none); a version stored since is not replaced. `writer`: the
+        user storing it (its bytes count in dirty_bytes until uploaded)."""
         now = time.time()
         with self._tx():
             if (old := self.get(path)) is not None and old.is_dir:
@@ -83,15 +84,16 @@ class Namespace(CatalogBase):
             if old is None:
                 self.db.execute(
                     "INSERT INTO entries (path, parent, name, is_dir, size, mtime, sha256, state, blob, gen, etag, "
-                    "dirty_since, last_access, access_count, cached_at, cached_by) "
-                    "VALUES (?, ?, ?, 0, ?, ?, ?, ?, ?, ?, ?, ?, ?, 0, ?, 'write')",
-                    (path, parent_of(path), name_of(path), size, mtime, sha256, state, blob, gen, known, now, now, now))
+                    "dirty_since, last_access, access_count, cached_at, cached_by, writer) "
+                    "VALUES (?, ?, ?, 0, ?, ?, ?, ?, ?, ?, ?, ?, ?, 0, ?, 'write', ?)",
+                    (path, parent_of(path), name_of(path), size, mtime, sha256, state, blob, gen, known, now, now, now,
+                     writer))
             else:
                 self.db.execute(
                     "UPDATE entries SET size = ?, mtime = ?, sha256 = ?, state = ?, blob = ?, gen = ?, "
                     "copy_from = NULL, dirty_since = ?, attempts = 0, next_attempt = 0, last_error = NULL, "
-                    "cached_at = ?, cached_by = 'write' WHERE path = ?",
-                    (size, mtime, sha256, state, blob, gen, now, now, path))
+                    "cached_at = ?, cached_by = 'write', writer = ? WHERE path = ?",
+                    (size, mtime, sha256, state, blob, gen, now, now, writer, path))
                 self._superseded(old)
         return gen, (old.blob if old else None)
 
@@ -124,7 +126,8 @@ class Namespace(CatalogBase):
         return [target.blob] if target is not None and target.blob else []
 
     def _move_row(self, e: Entry, new_path: str, now: float, etag: str | None) -> None:
-        self.db.execute("DELETE FROM entries WHERE path = ?", (e.path,))
+        # the writer moves with the row: a store renamed into place (x.part → x) still counts for its user
+        writer = self.db.execute("DELETE FROM entries WHERE path = ? RETURNING writer", (e.path,)).fetchone()[0]
         self._superseded(e)
         if e.is_dir:
             self.db.execute("INSERT INTO entries (path, parent, name, is_dir, mtime, listed) VALUES (?, ?, ?, 1, ?, ?)",
@@ -136,9 +139,10 @@ class Namespace(CatalogBase):
         known = self._unbury(new_path)  # the object of a file deleted there, if any
         self.db.execute(
             "INSERT INTO entries (path, parent, name, is_dir, size, mtime, sha256, state, blob, gen, copy_from, "
-            "etag, dirty_since, last_access, access_count) VALUES (?, ?, ?, 0, ?, ?, ?, 'dirty', ?, ?, ?, ?, ?, ?, ?)",
+            "etag, dirty_since, last_access, access_count, writer) "
+            "VALUES (?, ?, ?, 0, ?, ?, ?, 'dirty', ?, ?, ?, ?, ?, ?, ?, ?)",
             (new_path, parent_of(new_path), name_of(new_path), e.size, e.mtime, e.sha256, e.blob, self._next_gen(),
-             copy_from, known if etag is None else etag, now, e.last_access, e.access_count))
+             copy_from, known if etag is None else etag, now, e.last_access, e.access_count, writer))
         self._bury(e.path, e.etag, now)
 
     def _superseded(self, e: Entry) -> None:

@@ -12,7 +12,8 @@ SCHEMA_VERSION = 1
 
 
 # (table, column, type) added after version 1, nullable, unseen by older releases: added on open, no bump
-ADDED_COLUMNS = (("tombstones", "etag", "TEXT"), ("entries", "cached_at", "REAL"), ("entries", "cached_by", "TEXT"))
+ADDED_COLUMNS = (("tombstones", "etag", "TEXT"), ("entries", "cached_at", "REAL"), ("entries", "cached_by", "TEXT"),
+                 ("entries", "writer", "TEXT"))
 
 
 def add_columns(db: sqlite3.Connection) -> None:
@@ -62,7 +63,8 @@ CREATE TABLE IF NOT EXISTS entries (
     -- the cached copy's origin and when it began (the write, or the start of its fetch): what the eviction policy
     -- is told happened ('write' | 'read' on a miss | 'prefetch'; heat.py); ADDED_COLUMNS
     cached_at    REAL,
-    cached_by    TEXT
+    cached_by    TEXT,
+    writer       TEXT  -- the user whose store (or rename) made this version; NULL: the agent's, or before the column
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS entries_parent ON entries(parent, name);
 -- Partial indexes are used only when the query repeats their WHERE term verbatim: keep them in step.
@@ -219,5 +221,26 @@ CREATE TRIGGER IF NOT EXISTS totals_upd AFTER UPDATE OF blob, size, state ON ent
         queue_bytes = queue_bytes + (CASE WHEN NEW.state != 'clean' THEN NEW.size ELSE 0 END)
                                   - (CASE WHEN OLD.state != 'clean' THEN OLD.size ELSE 0 END)
     WHERE id = 1;
+END;
+
+-- Bytes of each user's files not yet in object storage and on the disk (they cannot be evicted): what
+-- cache.max_dirty_per_user bounds. Kept by triggers, as totals; files stored before the writer column count for none.
+CREATE TABLE IF NOT EXISTS dirty_bytes (user TEXT PRIMARY KEY, bytes INTEGER NOT NULL) WITHOUT ROWID;
+CREATE TRIGGER IF NOT EXISTS dirty_ins AFTER INSERT ON entries
+WHEN NEW.writer IS NOT NULL AND NEW.state != 'clean' AND NEW.blob IS NOT NULL BEGIN
+    INSERT INTO dirty_bytes VALUES (NEW.writer, NEW.size)
+    ON CONFLICT(user) DO UPDATE SET bytes = bytes + excluded.bytes;
+END;
+CREATE TRIGGER IF NOT EXISTS dirty_del AFTER DELETE ON entries
+WHEN OLD.writer IS NOT NULL AND OLD.state != 'clean' AND OLD.blob IS NOT NULL BEGIN
+    UPDATE dirty_bytes SET bytes = bytes - OLD.size WHERE user = OLD.writer;
+END;
+CREATE TRIGGER IF NOT EXISTS dirty_upd AFTER UPDATE OF blob, size, state, writer ON entries
+WHEN OLD.writer IS NOT NULL OR NEW.writer IS NOT NULL BEGIN
+    UPDATE dirty_bytes SET bytes = bytes - OLD.size
+    WHERE user = OLD.writer AND OLD.state != 'clean' AND OLD.blob IS NOT NULL;
+    INSERT INTO dirty_bytes SELECT NEW.writer, NEW.size
+    WHERE NEW.writer IS NOT NULL AND NEW.state != 'clean' AND NEW.blob IS NOT NULL
+    ON CONFLICT(user) DO UPDATE SET bytes = bytes + excluded.bytes;
 END;
 """
