@@ -469,7 +469,7 @@ class GatewayFS(pyfuse3.Operations):
         self._files_of[uid] += 1
         return fh
 
-    async def _ensure_writer(self, op: _Open, keep: int | None = None) -> WriteHandle:
+    async def _ensure_writer(self, op: _Open, keep: int | None = None, exclusive: bool = False) -> WriteHandle:
         if op.writer is not None and not op.committed:
             return op.writer
         if op.unlinked:
@@ -477,7 +477,7 @@ class GatewayFS(pyfuse3.Operations):
         if op.failed or self.closing:
             raise pyfuse3.FUSEError(errno.EIO)
         self._one_writer(op.path, op.who)
-        writer = op.writer = await self._call(self.gw.open_for_write(op.path, PROTOCOL, op.who,
+        writer = op.writer = await self._call(self.gw.open_for_write(op.path, PROTOCOL, op.who, exclusive=exclusive,
                                                                       keep=0 if op.truncate else keep))
         op.truncate = False
         op.committed = False
@@ -499,11 +499,8 @@ class GatewayFS(pyfuse3.Operations):
         if path in self._writing and flags & os.O_EXCL:  # a file being written, not yet committed, holds the name
             raise pyfuse3.FUSEError(errno.EEXIST)
         self._admit(ctx, path, "files", self._files_of[ctx.uid], MAX_OPEN_FILES)
-        op = _Open(0, path, writable=True, who=self._who(ctx), pid=ctx.pid)
-        self._one_writer(path, op.who)
-        op.writer = await self._call(self.gw.open_for_write(path, PROTOCOL, op.who, keep=0,
-                                                            exclusive=bool(flags & os.O_EXCL)))
-        self._writing[path] = op
+        op = _Open(0, path, writable=True, who=self._who(ctx), pid=ctx.pid, truncate=True)
+        await self._ensure_writer(op, exclusive=bool(flags & os.O_EXCL))
         op.inode = self._inode_for(path)
         attrs = self._counted(self._attrs(op.inode, is_dir=False, size=0, mtime=time.time()))
         return pyfuse3.FileInfo(fh=self._new_fh(op, ctx.uid), keep_cache=False), attrs
