@@ -178,7 +178,7 @@ class GatewayFS(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.ENOENT)
         return node.path
 
-    def _child(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext | None) -> str:
+    def _child(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> str:
         parent = self._path(parent_inode)
         try:
             text = name.decode("utf-8", "replace")
@@ -189,7 +189,7 @@ class GatewayFS(pyfuse3.Operations):
             if len(path.encode()) > MAX_PATH_BYTES:
                 raise BadPath(path, f"path longer than {MAX_PATH_BYTES} bytes")
         except BadPath as e:
-            report(self.gw, PROTOCOL, self._who(ctx) if ctx is not None else None, e, refused_here=True)
+            report(self.gw, PROTOCOL, self._who(ctx), e, refused_here=True)
             raise pyfuse3.FUSEError(errno_for(e)) from None
         return path
 
@@ -287,11 +287,10 @@ class GatewayFS(pyfuse3.Operations):
                 report(self.gw, PROTOCOL, None, e)
             raise pyfuse3.FUSEError(errno_for(e)) from None
 
-    async def lookup(self, parent_inode: int, name: bytes,
-                     ctx: pyfuse3.RequestContext | None = None) -> pyfuse3.EntryAttributes:
+    async def lookup(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         return self._counted(await self._attrs_of(self._child(parent_inode, name, ctx)))
 
-    async def getattr(self, inode: int, ctx: pyfuse3.RequestContext | None = None) -> pyfuse3.EntryAttributes:
+    async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         return await self._attrs_of(self._path(inode))
 
     async def setattr(self, inode: int, attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields,
@@ -437,12 +436,8 @@ class GatewayFS(pyfuse3.Operations):
                 return
             name, path, is_dir, size, mtime = row
             ino = self._inode_for(path)
-            attrs = self._attrs(ino, is_dir=is_dir, size=size, mtime=mtime)
-            if not pyfuse3.readdir_reply(token, name, attrs, i + 1):
-                # Not sent: an inode the kernel does not hold backs no open file (an open needs a lookup, and the
-                # kernel holds the inode until the last RELEASE is answered; release drops the fh first)
-                if self._inodes[ino].lookups <= 0:
-                    self._drop(ino)
+            if not pyfuse3.readdir_reply(token, name, self._attrs(ino, is_dir=is_dir, size=size, mtime=mtime), i + 1):
+                self._drop_unused(ino)  # not sent: the kernel holds no lookup of it from this entry
                 return
             self._inodes[ino].lookups += 1
 
