@@ -371,9 +371,6 @@ class _Auth(asyncssh.SSHServer):
             _Auth.holding.add(self)
         return self in _Auth.holding
 
-    def _unhold(self) -> None:
-        _Auth.holding.discard(self)
-
     def _disconnect(self, code: int = asyncssh.DISC_TOO_MANY_CONNECTIONS) -> None:
         if self.refused and self.conn is not None:
             raw = self.conn.get_extra_info("socket")  # asyncssh closes its own: a duplicate lingers (_linger)
@@ -384,9 +381,9 @@ class _Auth(asyncssh.SSHServer):
             self.conn.disconnect(code, self.refused)
             self.refused = ""
             if held is not None:
-                _linger(held, self._unhold)
+                _linger(held, lambda: _Auth.holding.discard(self))
             else:
-                self._unhold()
+                _Auth.holding.discard(self)
 
     def _who(self, username: str) -> Who:
         return Who(username, "sftp", _peer(self.conn))
@@ -425,10 +422,9 @@ class _Auth(asyncssh.SSHServer):
         for held, cap, where in ((self.channels, self.cfg.max_channels_per_connection, "on one connection"),
                                  (_channels_of[self.username], MAX_CHANNELS_PER_USER, "for this user")):
             if held >= cap:
-                refuse_session(self.gateway, "sftp", self._who(self.username),
-                               f"too many channels {where} (limit {cap})")
-                raise asyncssh.ChannelOpenError(asyncssh.OPEN_RESOURCE_SHORTAGE,
-                                                f"too many channels {where} (limit {cap})")
+                reason = f"too many channels {where} (limit {cap})"
+                refuse_session(self.gateway, "sftp", self._who(self.username), reason)
+                raise asyncssh.ChannelOpenError(asyncssh.OPEN_RESOURCE_SHORTAGE, reason)
         self.channels += 1
         _channels_of[self.username] += 1
         return self._session()
