@@ -542,11 +542,9 @@ class GatewaySFTP(asyncssh.SFTPServer):
 
     def _ns(self, path: bytes) -> str:
         try:
-            text = path.decode("utf-8")
+            return resolve(self.root, "/", path.decode("utf-8"))
         except UnicodeDecodeError:
             raise asyncssh.SFTPInvalidFilename("path is not valid UTF-8") from None
-        try:
-            return resolve(self.root, "/", text)
         except GatewayError as e:
             raise self._refused(e) from None
 
@@ -694,12 +692,11 @@ class GatewaySFTP(asyncssh.SFTPServer):
         # channel's EOF alone said nothing (a CLOSE sent just before it was served after it).
         if self.channel.is_closing() or self.session.ended:
             await writer.abort("session ended before close")
-            return
-        if writer in self.unchanged:  # storing the same bytes as a new version would upload them all again
+        elif writer in self.unchanged:  # storing the same bytes as a new version would upload them all again
             self.unchanged.discard(writer)
             await writer.abort("closed without a write: the stored file is kept as it was")
-            return
-        await self._call(writer.commit())
+        else:
+            await self._call(writer.commit())
 
     async def fsync(self, file_obj: object) -> None:
         if isinstance(file_obj, WriteHandle):
