@@ -356,10 +356,8 @@ class GatewayFS(pyfuse3.Operations):
             if op.writer is not None and not op.committed:
                 await op.writer.abort("unlinked while open")
                 op.writer = None
-            if await self.gw.find(path) is None:
-                self._detach(path)
-                return
-        await self._call(self.gw.delete(path, self._who(ctx)))
+        if op is None or await self.gw.find(path) is not None:
+            await self._call(self.gw.delete(path, self._who(ctx)))
         self._detach(path)
 
     async def rename(self, parent_inode_old: int, name_old: bytes, parent_inode_new: int, name_new: bytes,
