@@ -728,12 +728,10 @@ class SftpService:
         self._conns: weakref.WeakSet[asyncssh.SSHServerConnection] = weakref.WeakSet()
 
     async def start(self, reuse_port: bool = False) -> None:
-        key = ensure_host_key(self.cfg.sftp.host_key)
         factory = type("BoundSFTP", (GatewaySFTP,), {"gateway": self.gateway,
                                                       "roots": {u.name: u.root for u in self.cfg.users}})
-        host, port = self.cfg.sftp.listen
         self._acceptor = await asyncssh.listen(
-            host, port, server_host_keys=[key], allow_scp=False,
+            *self.cfg.sftp.listen, server_host_keys=[ensure_host_key(self.cfg.sftp.host_key)], allow_scp=False,
             server_factory=lambda: _Auth(self.passwords, self.cfg.sftp, self.gateway, self.logins, factory),
             agent_forwarding=False, x11_forwarding=False,
             allow_pty=False, line_editor=False, login_timeout=60, keepalive_interval=30,
