@@ -440,13 +440,11 @@ class _Auth(asyncssh.SSHServer):
         drops it unopened, no connection_lost follows): its count goes back here, or 64 connections dropped while
         opening channels locked their user out of SFTP until a restart."""
         try:
-            admitted = all(await asyncio.gather(*self.admitted))
+            if not all(await asyncio.gather(*self.admitted)) or self.lost:
+                raise asyncssh.ChannelOpenError(asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED, "too many sessions")
         except BaseException:
             self.channel_closed()
             raise
-        if not admitted or self.lost:
-            self.channel_closed()
-            raise asyncssh.ChannelOpenError(asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED, "too many sessions")
         return _Session(self, self.sftp_factory)
 
     async def begin_auth(self, username: str) -> bool:

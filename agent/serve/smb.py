@@ -312,7 +312,7 @@ class SmbService:
             if ns := root.strip("/"):
                 with contextlib.suppress(AlreadyExists):
                     await self.gateway.mkdir(ns)
-            target = mp / ns if ns else mp
+            target = mp / ns  # the mount point itself for root '/'
             link = roots / account
             if link.is_symlink() and os.readlink(link) == str(target):
                 continue
