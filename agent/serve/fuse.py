@@ -178,7 +178,7 @@ class GatewayFS(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.ENOENT)
         return node.path
 
-    def _child(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext | None) -> str:
+    def _child(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> str:
         parent = self._path(parent_inode)
         try:
             text = name.decode("utf-8", "replace")
@@ -189,7 +189,7 @@ class GatewayFS(pyfuse3.Operations):
             if len(path.encode()) > MAX_PATH_BYTES:
                 raise BadPath(path, f"path longer than {MAX_PATH_BYTES} bytes")
         except BadPath as e:
-            report(self.gw, PROTOCOL, self._who(ctx) if ctx is not None else None, e, refused_here=True)
+            report(self.gw, PROTOCOL, self._who(ctx), e, refused_here=True)
             raise pyfuse3.FUSEError(errno_for(e)) from None
         return path
 
@@ -287,11 +287,10 @@ class GatewayFS(pyfuse3.Operations):
                 report(self.gw, PROTOCOL, None, e)
             raise pyfuse3.FUSEError(errno_for(e)) from None
 
-    async def lookup(self, parent_inode: int, name: bytes,
-                     ctx: pyfuse3.RequestContext | None = None) -> pyfuse3.EntryAttributes:
+    async def lookup(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         return self._counted(await self._attrs_of(self._child(parent_inode, name, ctx)))
 
-    async def getattr(self, inode: int, ctx: pyfuse3.RequestContext | None = None) -> pyfuse3.EntryAttributes:
+    async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         return await self._attrs_of(self._path(inode))
 
     async def setattr(self, inode: int, attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields,
@@ -357,10 +356,8 @@ class GatewayFS(pyfuse3.Operations):
             if op.writer is not None and not op.committed:
                 await op.writer.abort("unlinked while open")
                 op.writer = None
-            if await self.gw.find(path) is None:
-                self._detach(path)
-                return
-        await self._call(self.gw.delete(path, self._who(ctx)))
+        if op is None or await self.gw.find(path) is not None:
+            await self._call(self.gw.delete(path, self._who(ctx)))
         self._detach(path)
 
     async def rename(self, parent_inode_old: int, name_old: bytes, parent_inode_new: int, name_new: bytes,
@@ -437,12 +434,8 @@ class GatewayFS(pyfuse3.Operations):
                 return
             name, path, is_dir, size, mtime = row
             ino = self._inode_for(path)
-            attrs = self._attrs(ino, is_dir=is_dir, size=size, mtime=mtime)
-            if not pyfuse3.readdir_reply(token, name, attrs, i + 1):
-                # Not sent: an inode the kernel does not hold backs no open file (an open needs a lookup, and the
-                # kernel holds the inode until the last RELEASE is answered; release drops the fh first)
-                if self._inodes[ino].lookups <= 0:
-                    self._drop(ino)
+            if not pyfuse3.readdir_reply(token, name, self._attrs(ino, is_dir=is_dir, size=size, mtime=mtime), i + 1):
+                self._drop_unused(ino)  # not sent: the kernel holds no lookup of it from this entry
                 return
             self._inodes[ino].lookups += 1
 
@@ -469,7 +462,7 @@ class GatewayFS(pyfuse3.Operations):
         self._files_of[uid] += 1
         return fh
 
-    async def _ensure_writer(self, op: _Open, keep: int | None = None) -> WriteHandle:
+    async def _ensure_writer(self, op: _Open, keep: int | None = None, exclusive: bool = False) -> WriteHandle:
         if op.writer is not None and not op.committed:
             return op.writer
         if op.unlinked:
@@ -477,7 +470,7 @@ class GatewayFS(pyfuse3.Operations):
         if op.failed or self.closing:
             raise pyfuse3.FUSEError(errno.EIO)
         self._one_writer(op.path, op.who)
-        writer = op.writer = await self._call(self.gw.open_for_write(op.path, PROTOCOL, op.who,
+        writer = op.writer = await self._call(self.gw.open_for_write(op.path, PROTOCOL, op.who, exclusive=exclusive,
                                                                       keep=0 if op.truncate else keep))
         op.truncate = False
         op.committed = False
@@ -499,11 +492,8 @@ class GatewayFS(pyfuse3.Operations):
         if path in self._writing and flags & os.O_EXCL:  # a file being written, not yet committed, holds the name
             raise pyfuse3.FUSEError(errno.EEXIST)
         self._admit(ctx, path, "files", self._files_of[ctx.uid], MAX_OPEN_FILES)
-        op = _Open(0, path, writable=True, who=self._who(ctx), pid=ctx.pid)
-        self._one_writer(path, op.who)
-        op.writer = await self._call(self.gw.open_for_write(path, PROTOCOL, op.who, keep=0,
-                                                            exclusive=bool(flags & os.O_EXCL)))
-        self._writing[path] = op
+        op = _Open(0, path, writable=True, who=self._who(ctx), pid=ctx.pid, truncate=True)
+        await self._ensure_writer(op, exclusive=bool(flags & os.O_EXCL))
         op.inode = self._inode_for(path)
         attrs = self._counted(self._attrs(op.inode, is_dir=False, size=0, mtime=time.time()))
         return pyfuse3.FileInfo(fh=self._new_fh(op, ctx.uid), keep_cache=False), attrs

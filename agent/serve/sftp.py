@@ -371,9 +371,6 @@ class _Auth(asyncssh.SSHServer):
             _Auth.holding.add(self)
         return self in _Auth.holding
 
-    def _unhold(self) -> None:
-        _Auth.holding.discard(self)
-
     def _disconnect(self, code: int = asyncssh.DISC_TOO_MANY_CONNECTIONS) -> None:
         if self.refused and self.conn is not None:
             raw = self.conn.get_extra_info("socket")  # asyncssh closes its own: a duplicate lingers (_linger)
@@ -384,9 +381,9 @@ class _Auth(asyncssh.SSHServer):
             self.conn.disconnect(code, self.refused)
             self.refused = ""
             if held is not None:
-                _linger(held, self._unhold)
+                _linger(held, lambda: _Auth.holding.discard(self))
             else:
-                self._unhold()
+                _Auth.holding.discard(self)
 
     def _who(self, username: str) -> Who:
         return Who(username, "sftp", _peer(self.conn))
@@ -425,10 +422,9 @@ class _Auth(asyncssh.SSHServer):
         for held, cap, where in ((self.channels, self.cfg.max_channels_per_connection, "on one connection"),
                                  (_channels_of[self.username], MAX_CHANNELS_PER_USER, "for this user")):
             if held >= cap:
-                refuse_session(self.gateway, "sftp", self._who(self.username),
-                               f"too many channels {where} (limit {cap})")
-                raise asyncssh.ChannelOpenError(asyncssh.OPEN_RESOURCE_SHORTAGE,
-                                                f"too many channels {where} (limit {cap})")
+                reason = f"too many channels {where} (limit {cap})"
+                refuse_session(self.gateway, "sftp", self._who(self.username), reason)
+                raise asyncssh.ChannelOpenError(asyncssh.OPEN_RESOURCE_SHORTAGE, reason)
         self.channels += 1
         _channels_of[self.username] += 1
         return self._session()
@@ -444,13 +440,11 @@ class _Auth(asyncssh.SSHServer):
         drops it unopened, no connection_lost follows): its count goes back here, or 64 connections dropped while
         opening channels locked their user out of SFTP until a restart."""
         try:
-            admitted = all(await asyncio.gather(*self.admitted))
+            if not all(await asyncio.gather(*self.admitted)) or self.lost:
+                raise asyncssh.ChannelOpenError(asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED, "too many sessions")
         except BaseException:
             self.channel_closed()
             raise
-        if not admitted or self.lost:
-            self.channel_closed()
-            raise asyncssh.ChannelOpenError(asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED, "too many sessions")
         return _Session(self, self.sftp_factory)
 
     async def begin_auth(self, username: str) -> bool:
@@ -546,11 +540,9 @@ class GatewaySFTP(asyncssh.SFTPServer):
 
     def _ns(self, path: bytes) -> str:
         try:
-            text = path.decode("utf-8")
+            return resolve(self.root, "/", path.decode("utf-8"))
         except UnicodeDecodeError:
             raise asyncssh.SFTPInvalidFilename("path is not valid UTF-8") from None
-        try:
-            return resolve(self.root, "/", text)
         except GatewayError as e:
             raise self._refused(e) from None
 
@@ -698,12 +690,11 @@ class GatewaySFTP(asyncssh.SFTPServer):
         # channel's EOF alone said nothing (a CLOSE sent just before it was served after it).
         if self.channel.is_closing() or self.session.ended:
             await writer.abort("session ended before close")
-            return
-        if writer in self.unchanged:  # storing the same bytes as a new version would upload them all again
+        elif writer in self.unchanged:  # storing the same bytes as a new version would upload them all again
             self.unchanged.discard(writer)
             await writer.abort("closed without a write: the stored file is kept as it was")
-            return
-        await self._call(writer.commit())
+        else:
+            await self._call(writer.commit())
 
     async def fsync(self, file_obj: object) -> None:
         if isinstance(file_obj, WriteHandle):
@@ -735,12 +726,10 @@ class SftpService:
         self._conns: weakref.WeakSet[asyncssh.SSHServerConnection] = weakref.WeakSet()
 
     async def start(self, reuse_port: bool = False) -> None:
-        key = ensure_host_key(self.cfg.sftp.host_key)
         factory = type("BoundSFTP", (GatewaySFTP,), {"gateway": self.gateway,
                                                       "roots": {u.name: u.root for u in self.cfg.users}})
-        host, port = self.cfg.sftp.listen
         self._acceptor = await asyncssh.listen(
-            host, port, server_host_keys=[key], allow_scp=False,
+            *self.cfg.sftp.listen, server_host_keys=[ensure_host_key(self.cfg.sftp.host_key)], allow_scp=False,
             server_factory=lambda: _Auth(self.passwords, self.cfg.sftp, self.gateway, self.logins, factory),
             agent_forwarding=False, x11_forwarding=False,
             allow_pty=False, line_editor=False, login_timeout=60, keepalive_interval=30,

@@ -312,7 +312,7 @@ class SmbService:
             if ns := root.strip("/"):
                 with contextlib.suppress(AlreadyExists):
                     await self.gateway.mkdir(ns)
-            target = mp / ns if ns else mp
+            target = mp / ns  # the mount point itself for root '/'
             link = roots / account
             if link.is_symlink() and os.readlink(link) == str(target):
                 continue
@@ -465,10 +465,9 @@ class SmbService:
             log.error("smbcontrol_failed", message=message[0], error=(r.stderr or r.stdout).strip()[:300])
 
     def _start_smbd(self) -> subprocess.Popen[bytes]:
-        s = self.cfg.smb
         with open(self.state / "log" / "smbd.stdout", "ab") as log_out:  # smbd keeps its own copy of the fd
             self.proc = subprocess.Popen(
-                [s.smbd, "--foreground", "--no-process-group", "-s", str(self.conf_path)],
+                [self.cfg.smb.smbd, "--foreground", "--no-process-group", "-s", str(self.conf_path)],
                 stdin=subprocess.DEVNULL, stdout=log_out, stderr=subprocess.STDOUT, start_new_session=True)
         log.info("smbd_started", pid=self.proc.pid, conf=str(self.conf_path))
         return self.proc
