@@ -1,12 +1,11 @@
 """The upload queue: catalog rows not yet 'clean', pushed to S3 with bounded concurrency and retries.
 
-The queue is the catalog itself, so it survives kill -9 and power loss: on start every 'uploading' row
-goes back to 'dirty'. Write-through closes call `transfer` directly (the row was claimed in the same
-transaction that committed it); everything else — write-back, retries, renames, rows left by a crash —
-is picked up by the dispatcher. Deleted and renamed-away keys are removed by the tombstone loop, which also
-checks again, for DOUBT_SECONDS, each key a write went to whose outcome the agent did not hear (see _recheck).
-A per-key lock keeps a delete and a put of the same key from overlapping. Transfers take a slot on the
-line (agent.uplink.line) and tell it whether the server answered.
+The queue is the catalog itself, so it survives kill -9 and power loss: on start every 'uploading' row goes back to
+'dirty'. Write-through closes call `transfer` directly (the row was claimed in the same transaction that committed it);
+everything else — write-back, retries, renames, rows left by a crash — is picked up by the dispatcher. Deleted and
+renamed-away keys are removed by the tombstone loop, which also checks again, for DOUBT_SECONDS, each key a write went
+to whose outcome the agent did not hear (see _recheck). A per-key lock keeps a delete and a put of the same key from
+overlapping. Transfers take a slot on the line (agent.uplink.line) and tell it whether the server answered.
 
 Lock order: a rename's copy holds its own key's lock and its source's, taken in sorted order (two renames
 copying from each other's keys cannot deadlock); a parked key's lock (PARKED) is always taken last.
