@@ -372,7 +372,7 @@ class Uploader:
 
     async def _dispatch(self) -> None:
         while True:
-            await self.line.wait_up()
+            await self.line.up.wait()
             self._wake.clear()
             room = self.line.slots.limit * 2 - len(self._tasks)
             hold = STORING_HOLD if self.storing() else 0.0
@@ -405,7 +405,7 @@ class Uploader:
 
     async def _tombstones(self) -> None:
         while True:
-            await self.line.wait_up()
+            await self.line.up.wait()
             keys = await self.db.due_tombstones(time.time(), 100)
             for key in keys:
                 async with self.key_lock(key):
