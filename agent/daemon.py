@@ -45,7 +45,7 @@ from agent.serve.sftp import SftpService
 from agent.store.access import AccessStats
 from agent.store.catalog import AsyncCatalog, Catalog
 from agent.store.evictor import Evictor
-from agent.store.gateway import Gateway, Refusals
+from agent.store.gateway import ACCESS_FLUSH_SECONDS, Gateway, Refusals
 from agent.store.scrub import Scrubber
 from agent.supervise import CRASH_SHOWN_SECONDS, Loops
 from agent.uplink.line import Line
@@ -201,7 +201,7 @@ class Agent:
                                on_stored=on_stored,
                                read_header=read_fd if on_stored is not None or self.describer.reads else None)
         await self.evictor.prepare()  # before any front end serves; a full disk makes a worker evict too
-        self.loops.start("access-flush", self.gateway.flush_access)
+        self.loops.every("access-flush", ACCESS_FLUSH_SECONDS, self.gateway.flush_access)
         self.monitor = PressureMonitor(cfg, self.db, self.cache, self.gateway, self.line, self.metrics, self.refusals)
         await self.monitor.sample()
         self.loops.every("pressure", cfg.pressure.interval_seconds, self.monitor.sample)

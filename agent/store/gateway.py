@@ -1215,10 +1215,8 @@ class Gateway:
     # --- access statistics ---------------------------------------------------------------------
 
     async def flush_access(self) -> None:
-        """The access-count flush, a background loop the daemon runs (agent/daemon.py) like its others."""
-        while True:
-            await asyncio.sleep(ACCESS_FLUSH_SECONDS)
-            await self.access.flush(self.db, self.metrics)
+        """The access counts since the last flush, into the catalog (the daemon does it every ACCESS_FLUSH_SECONDS)."""
+        await self.access.flush(self.db, self.metrics)
 
     async def shrink_memory(self) -> None:
         """Memory pressure: flush buffered statistics and give SQLite's page cache back."""
