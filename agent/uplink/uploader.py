@@ -118,9 +118,8 @@ class LockPolicy(Protocol):
 
 
 class Uploader:
-    def __init__(self, db: UploadQueue, blobs: Blobs, s3: S3Uplink, line: Line, metrics: Metrics,
-                 locks: LockPolicy, describe: Callable[[str, int, int, Header | None], ObjectMeta] | None = None
-                 ) -> None:
+    def __init__(self, db: UploadQueue, blobs: Blobs, s3: S3Uplink, line: Line, metrics: Metrics, locks: LockPolicy,
+                 describe: Callable[[str, int, int, Header | None], ObjectMeta] | None = None) -> None:
         self.db, self.blobs, self.s3, self.line, self.metrics, self.locks = db, blobs, s3, line, metrics, locks
         # (path, fd, size, header read at the commit or None) → the object's metadata and tags (DICOM header)
         self.describe = describe
