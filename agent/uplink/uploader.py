@@ -265,10 +265,9 @@ class Uploader:
         if e.sha256 is None:
             raise ValueError(f"{e.path}: no checksum recorded for its cached content")
         sha, condition, kept = e.sha256, self._condition(e), self._headers.pop(e.blob, None)
-        if body is not None:  # the writer's copy, just written: its open and header read wait for no disk, a hop would
-            fd, meta, body = self._stage(e.path, e.blob, e.size, sha, body, kept)
-        else:
-            fd, meta, body = await asyncio.to_thread(self._stage, e.path, e.blob, e.size, sha, body, kept)
+        stage = functools.partial(self._stage, e.path, e.blob, e.size, sha, body, kept)
+        # With the writer's copy, just written, its open and header read wait for no disk: a thread hop would
+        fd, meta, body = stage() if body is not None else await asyncio.to_thread(stage)
         try:
             header = meta.header if meta else None
             lock = self.locks.lock_for(e.path, e.mtime, header)
