@@ -164,8 +164,7 @@ class Uploader:
     def key_lock(self, key: str) -> asyncio.Lock:
         return self._key_locks.setdefault(key, asyncio.Lock())
 
-    async def transfer(self, e: Entry, body: bytes | None = None, confirmed: asyncio.Future[None] | None = None
-                       ) -> bool:
+    async def transfer(self, e: Entry, body: bytes | None, confirmed: asyncio.Future[None] | None) -> bool:
         """Upload (or server-side copy) one claimed row; → True when it is clean in S3. body: the file's bytes,
         hashed to e.sha256 by the writer (a write-through file that kept them), sent instead of the cached copy's.
         confirmed: resolved as soon as S3 confirmed the object, before the catalog records it clean."""
