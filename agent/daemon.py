@@ -45,7 +45,7 @@ from agent.serve.sftp import SftpService
 from agent.store.access import AccessStats
 from agent.store.catalog import AsyncCatalog, Catalog
 from agent.store.evictor import Evictor
-from agent.store.gateway import Gateway, Refusals
+from agent.store.gateway import ACCESS_FLUSH_SECONDS, Gateway, Refusals
 from agent.store.scrub import Scrubber
 from agent.supervise import CRASH_SHOWN_SECONDS, Loops
 from agent.uplink.line import Line
@@ -201,7 +201,7 @@ class Agent:
                                on_stored=on_stored,
                                read_header=read_fd if on_stored is not None or self.describer.reads else None)
         await self.evictor.prepare()  # before any front end serves; a full disk makes a worker evict too
-        self.loops.start("access-flush", self.gateway.flush_access)
+        self.loops.every("access-flush", ACCESS_FLUSH_SECONDS, self.gateway.flush_access)
         self.monitor = PressureMonitor(cfg, self.db, self.cache, self.gateway, self.line, self.metrics, self.refusals)
         await self.monitor.sample()
         self.loops.every("pressure", cfg.pressure.interval_seconds, self.monitor.sample)
@@ -337,8 +337,7 @@ class Agent:
         """`pacsgw prefetch --dry-run`: what a run now would fetch and why, and the last run's progress."""
         if "status" in query:
             return 200, {"status": self.prefetcher.status.as_json()}
-        plan = await self.prefetcher.plan(time.time())
-        return 200, plan.as_json() | {"status": self.prefetcher.status.as_json()}
+        return 200, (await self.prefetcher.plan(time.time())).as_json() | {"status": self.prefetcher.status.as_json()}
 
     async def admin_prefetch_run(self, query: dict[str, str], body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
         """`pacsgw prefetch`: start a run now (it ends with the current window, or after a window's length)."""

@@ -1,14 +1,13 @@
 """Content files on the SSD: staging, durable commit (fsync + rename), read, evict, verify.
 
-Content is stored by blob name (a random id), not by path: a rename is a catalog change only, and an
-upload reading the old content of a file being overwritten keeps reading consistent bytes.
-Layout: DIR/data/<id[:2]>/<id> once committed. A write or a fetch begins in a spare: an empty file made ahead (by
-the process that owns staging) in data/<id[:2]>/ with its directory fsynced, and linked as DIR/spare/<id> until
-it is committed in place — no rename and no directory fsync when a file is acknowledged (docs/benchmarks.md §38).
-The spare/ link is what tells an unused spare from an orphan: fsck leaves a file with two links, and start-up
-removes the spares it finds, but for a committed one (stamped) that a crash caught before its spare/ link's removal
-was on the disk. Without a spare ready (or in a serving worker, fsck): DIR/staging/<id>, renamed into data/ at the
-commit.
+Content is stored by blob name (a random id), not by path: a rename is a catalog change only, and an upload reading the
+old content of a file being overwritten keeps reading consistent bytes. Layout: DIR/data/<id[:2]>/<id> once committed. A
+write or a fetch begins in a spare: an empty file made ahead (by the process that owns staging) in data/<id[:2]>/ with
+its directory fsynced, and linked as DIR/spare/<id> until it is committed in place — no rename and no directory fsync
+when a file is acknowledged (docs/benchmarks.md §38). The spare/ link is what tells an unused spare from an orphan: fsck
+leaves a file with two links, and start-up removes the spares it finds, but for a committed one (stamped) that a crash
+caught before its spare/ link's removal was on the disk. Without a spare ready (or in a serving worker, fsck):
+DIR/staging/<id>, renamed into data/ at the commit.
 
 Integrity: the catalog's SHA-256 is what S3 checks; hashing a whole copy with it before every read would
 put ~2 ms per MiB before the first byte. So a committed copy carries a stamp in an extended attribute:
@@ -175,9 +174,8 @@ class Cache:
         Path(f"{self._spare_dir}/{blob}").unlink(missing_ok=True)
 
     def commit(self, blob: str, fd: int, digest: str | None = None, *, durable: bool = True) -> None:
-        """Stamp the staging file (digest: its fast digest if the caller hashed it on the way in), fsync it,
-        rename it into data/, fsync the directories; a spare is in data/ already: its fsync only. Blocking: run in a
-        thread.
+        """Stamp the staging file (digest: its fast digest if the caller hashed it on the way in), fsync it, rename it
+        into data/, fsync the directories; a spare is in data/ already: its fsync only. Blocking: run in a thread.
 
         durable=False (a copy of an object S3 holds, just fetched): no fsyncs. A copy a crash left torn or
         missing fails the checks every read makes (size, the stamp's size, mtime_ns and inode, its digest) and

@@ -779,8 +779,7 @@ class Gateway:
 
     # --- writes ----------------------------------------------------------------------------------
 
-    async def open_write(self, path: str, protocol: str, *, offset: int = 0,
-                         who: Who | None = None) -> WriteHandle:
+    async def open_write(self, path: str, protocol: str, *, offset: int = 0, who: Who | None = None) -> WriteHandle:
         """Start writing path; offset > 0 resumes (REST/append); one past the end is BadOffset (a hole)."""
         return await self._open_write(path, protocol, who, lambda _: offset)
 
@@ -1002,8 +1001,7 @@ class Gateway:
 
     def _through_late(self, path: str, confirmed: asyncio.Future[None]) -> None:
         if not confirmed.done():
-            log.warning("write_through_timeout", path=path, seconds=self.cfg.uplink.through_timeout,
-                        mode="write-back")
+            log.warning("write_through_timeout", path=path, seconds=self.cfg.uplink.through_timeout, mode="write-back")
             confirmed.set_result(None)
 
     # --- reads -----------------------------------------------------------------------------------
@@ -1093,8 +1091,7 @@ class Gateway:
         if (cur := await self.db.get(e.path)) is not None and cur.blob == e.blob:
             e = cur  # it may have reached S3 since it was opened
         if e.state != "clean":
-            log.critical("cache_copy_lost", path=e.path, blob=e.blob, problem=problem, state=e.state,
-                         found_by=found_by)
+            log.critical("cache_copy_lost", path=e.path, blob=e.blob, problem=problem, state=e.state, found_by=found_by)
             raise Corrupt(e.path, f"cached copy {problem} and not yet in object storage")
         log.error("cache_copy_corrupt", path=e.path, blob=e.blob, problem=problem, action="fetch again",
                   found_by=found_by)
@@ -1218,10 +1215,8 @@ class Gateway:
     # --- access statistics ---------------------------------------------------------------------
 
     async def flush_access(self) -> None:
-        """The access-count flush, a background loop the daemon runs (agent/daemon.py) like its others."""
-        while True:
-            await asyncio.sleep(ACCESS_FLUSH_SECONDS)
-            await self.access.flush(self.db, self.metrics)
+        """The access counts since the last flush, into the catalog (the daemon does it every ACCESS_FLUSH_SECONDS)."""
+        await self.access.flush(self.db, self.metrics)
 
     async def shrink_memory(self) -> None:
         """Memory pressure: flush buffered statistics and give SQLite's page cache back."""

@@ -71,8 +71,8 @@ class Line:
         self._probe_call, self.metrics, self.bandwidth = probe, metrics, bandwidth
         self.slots = Limiter(max_concurrency)
         self.health = UplinkHealth()
-        self._up = asyncio.Event()
-        self._up.set()
+        self.up = asyncio.Event()  # set while the line is up: the upload loops wait on it
+        self.up.set()
         self._watchers: list[Callable[[], None]] = []
         self.loops = Loops(metrics)  # the probe and the confirm loop: a crash is logged, shown, and restarted
         self._confirming: asyncio.Task[None] | None = None
@@ -84,9 +84,6 @@ class Line:
 
     def watch(self, on_up: Callable[[], None]) -> None:
         self._watchers.append(on_up)
-
-    async def wait_up(self) -> None:
-        await self._up.wait()
 
     async def start(self) -> None:
         try:
@@ -133,7 +130,7 @@ class Line:
         self.failures = 0
         if self.health.reachable:
             self.health.reachable, self.health.since = False, time.time()
-            self._up.clear()
+            self.up.clear()
             self.metrics.uplink_up.set(0)
             log.warning("uplink_unreachable", error=self.health.last_error, mode="write-back")
             self.loops.start("uplink-probe", self._probe)
@@ -144,7 +141,7 @@ class Line:
         if not self.health.reachable:
             log.info("uplink_reachable", down_seconds=round(time.time() - self.health.since, 1))
             self.health.reachable, self.health.since, self.health.last_error = True, time.time(), ""
-            self._up.set()
+            self.up.set()
             for on_up in self._watchers:
                 on_up()
         self.metrics.uplink_up.set(1)

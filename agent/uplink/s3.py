@@ -429,9 +429,8 @@ class S3Uplink:
         finally:
             resp.release()
 
-    async def _put_multipart(self, path: str, fd: int, size: int, sha256: str,
-                             lock_args: dict[str, object], metadata: dict[str, str],
-                             condition: dict[str, str], compress: bool = False) -> PutResult:
+    async def _put_multipart(self, path: str, fd: int, size: int, sha256: str, lock_args: dict[str, object],
+                             metadata: dict[str, str], condition: dict[str, str], compress: bool) -> PutResult:
         at = {"Bucket": self.cfg.bucket, "Key": self.key(path)}
         mpu = await self._client.create_multipart_upload(
             **at, ChecksumAlgorithm="SHA256", Metadata=metadata, **lock_args)
@@ -517,8 +516,7 @@ class S3Uplink:
         return int(resp.get("ResponseMetadata", {}).get("RetryAttempts", 0)) > 0
 
     @contextlib.asynccontextmanager
-    async def get(self, path: str, on_etag: Callable[[str | None, bool], None] | None = None,
-                  sha256: str | None = None
+    async def get(self, path: str, on_etag: Callable[[str | None, bool], None] | None = None, sha256: str | None = None
                   ) -> AsyncIterator[tuple[int, str | None, str | None, AsyncIterator[bytes]]]:
         """→ (the file's size, its sha256 metadata, the MD5 its ETag is when it has no SHA-256 (another writer's
         object), rate-limited decoded chunks); on_etag(ETag, rangeable) once it answered. sha256: the content

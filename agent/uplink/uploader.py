@@ -1,12 +1,11 @@
 """The upload queue: catalog rows not yet 'clean', pushed to S3 with bounded concurrency and retries.
 
-The queue is the catalog itself, so it survives kill -9 and power loss: on start every 'uploading' row
-goes back to 'dirty'. Write-through closes call `transfer` directly (the row was claimed in the same
-transaction that committed it); everything else — write-back, retries, renames, rows left by a crash —
-is picked up by the dispatcher. Deleted and renamed-away keys are removed by the tombstone loop, which also
-checks again, for DOUBT_SECONDS, each key a write went to whose outcome the agent did not hear (see _recheck).
-A per-key lock keeps a delete and a put of the same key from overlapping. Transfers take a slot on the
-line (agent.uplink.line) and tell it whether the server answered.
+The queue is the catalog itself, so it survives kill -9 and power loss: on start every 'uploading' row goes back to
+'dirty'. Write-through closes call `transfer` directly (the row was claimed in the same transaction that committed it);
+everything else — write-back, retries, renames, rows left by a crash — is picked up by the dispatcher. Deleted and
+renamed-away keys are removed by the tombstone loop, which also checks again, for DOUBT_SECONDS, each key a write went
+to whose outcome the agent did not hear (see _recheck). A per-key lock keeps a delete and a put of the same key from
+overlapping. Transfers take a slot on the line (agent.uplink.line) and tell it whether the server answered.
 
 Lock order: a rename's copy holds its own key's lock and its source's, taken in sorted order (two renames
 copying from each other's keys cannot deadlock); a parked key's lock (PARKED) is always taken last.
@@ -119,9 +118,8 @@ class LockPolicy(Protocol):
 
 
 class Uploader:
-    def __init__(self, db: UploadQueue, blobs: Blobs, s3: S3Uplink, line: Line, metrics: Metrics,
-                 locks: LockPolicy, describe: Callable[[str, int, int, Header | None], ObjectMeta] | None = None
-                 ) -> None:
+    def __init__(self, db: UploadQueue, blobs: Blobs, s3: S3Uplink, line: Line, metrics: Metrics, locks: LockPolicy,
+                 describe: Callable[[str, int, int, Header | None], ObjectMeta] | None = None) -> None:
         self.db, self.blobs, self.s3, self.line, self.metrics, self.locks = db, blobs, s3, line, metrics, locks
         # (path, fd, size, header read at the commit or None) → the object's metadata and tags (DICOM header)
         self.describe = describe
@@ -166,8 +164,7 @@ class Uploader:
     def key_lock(self, key: str) -> asyncio.Lock:
         return self._key_locks.setdefault(key, asyncio.Lock())
 
-    async def transfer(self, e: Entry, body: bytes | None = None, confirmed: asyncio.Future[None] | None = None
-                       ) -> bool:
+    async def transfer(self, e: Entry, body: bytes | None, confirmed: asyncio.Future[None] | None) -> bool:
         """Upload (or server-side copy) one claimed row; → True when it is clean in S3. body: the file's bytes,
         hashed to e.sha256 by the writer (a write-through file that kept them), sent instead of the cached copy's.
         confirmed: resolved as soon as S3 confirmed the object, before the catalog records it clean."""
@@ -267,10 +264,9 @@ class Uploader:
         if e.sha256 is None:
             raise ValueError(f"{e.path}: no checksum recorded for its cached content")
         sha, condition, kept = e.sha256, self._condition(e), self._headers.pop(e.blob, None)
-        if body is not None:  # the writer's copy, just written: its open and header read wait for no disk, a hop would
-            fd, meta, body = self._stage(e.path, e.blob, e.size, sha, body, kept)
-        else:
-            fd, meta, body = await asyncio.to_thread(self._stage, e.path, e.blob, e.size, sha, body, kept)
+        stage = functools.partial(self._stage, e.path, e.blob, e.size, sha, body, kept)
+        # With the writer's copy, just written, its open and header read wait for no disk: a thread hop would
+        fd, meta, body = stage() if body is not None else await asyncio.to_thread(stage)
         try:
             header = meta.header if meta else None
             lock = self.locks.lock_for(e.path, e.mtime, header)
@@ -373,7 +369,7 @@ class Uploader:
 
     async def _dispatch(self) -> None:
         while True:
-            await self.line.wait_up()
+            await self.line.up.wait()
             self._wake.clear()
             room = self.line.slots.limit * 2 - len(self._tasks)
             hold = STORING_HOLD if self.storing() else 0.0
@@ -406,7 +402,7 @@ class Uploader:
 
     async def _tombstones(self) -> None:
         while True:
-            await self.line.wait_up()
+            await self.line.up.wait()
             keys = await self.db.due_tombstones(time.time(), 100)
             for key in keys:
                 async with self.key_lock(key):

@@ -25,12 +25,10 @@ class Uploads(CatalogBase):
 
     def next_due(self, hold: float = 0.0) -> float | None:
         """When the next row is due (due_uploads with the same hold)."""
-        if not hold:  # the index's first column: no scan
-            return cast("float | None", self.db.execute(
-                "SELECT MIN(next_attempt) FROM entries WHERE state = 'dirty'").fetchone()[0])
-        return cast("float | None", self.db.execute(
-            "SELECT MIN(MAX(next_attempt, COALESCE(dirty_since, 0) + ?)) FROM entries WHERE state = 'dirty'",
-            (hold,)).fetchone()[0])
+        # without hold, MIN(next_attempt): the index's first column, no scan
+        due = "MAX(next_attempt, COALESCE(dirty_since, 0) + ?)" if hold else "next_attempt"
+        return cast("float | None", self.db.execute(f"SELECT MIN({due}) FROM entries WHERE state = 'dirty'",
+                                                    (hold,) if hold else ()).fetchone()[0])
 
     def claim(self, path: str, gen: int) -> bool:
         return self._write("UPDATE entries SET state = 'uploading' WHERE path = ? AND gen = ? AND state = 'dirty'",
