@@ -111,14 +111,15 @@ async def sftp_client(agent, files: list[tuple[str, int]], ledger: Ledger) -> No
 
 def lost_trail(agent, store, paths: list[str]) -> str:
     """Where each acknowledged file missing after the restart went: its catalog row, its object, the agent's events
-    naming it (both runs log to one file). The one failure seen (a CI run under load, 693.dcm over SFTP) left only
-    its name, and its temporary directory was gone before anyone looked."""
+    and audit records naming it (both runs write to one file of each). The one failure seen (a CI run under load,
+    693.dcm over SFTP) left only its name, and its temporary directory was gone before anyone looked."""
     client = store.client()
     out = [f"acknowledged but missing: {paths}"]
+    logs = [agent.log_path, *sorted((agent.workdir / "cache" / "audit").glob("*.jsonl"))]
     for path in paths:
         row = catalog_rows(agent, "SELECT state, size, blob, gen FROM entries WHERE path = ?", (path,))
         objects = client.list_objects_v2(Bucket=BUCKET, Prefix=agent.prefix + path).get("Contents", [])
-        events = [line[:300] for line in agent.log_path.read_text().splitlines() if f'"{path}"' in line]
+        events = [line[:300] for log in logs for line in log.read_text().splitlines() if f'"{path}"' in line]
         out += [f"{path}: row {row}, object {[o['Size'] for o in objects]}", *events]
     return "\n".join(out)
 
