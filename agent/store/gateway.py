@@ -271,10 +271,9 @@ class WriteHandle:
             upload = self.gw.stored(self.path, self.blob, self.size, sha, s.body, s.claim, s.mtime, row, header,
                                     self.user)
         except Exception as e:
-            # The row is committed: its copy is the file's only one, durable and queued, which is what a write-back ack
-            # (or a write-through one whose upload failed) promises: OK. A claimed row goes back to the queue, its
-            # upload may not have started. An error instead would have the PACS store it again, refused for a user
-            # without 'delete' or under WORM.
+            # The row is committed: its copy, durable and queued, stays. That is what a write-back ack (or a write-
+            # through one whose upload failed) promises: OK, not an error the PACS would store it again for, refused
+            # without 'delete' or under WORM. A claimed row goes back to the queue: its upload may not have started.
             log.error("stored_aftermath_failed", path=self.path, error=repr(e)[:300], requeued=s.claim)
             if s.claim:
                 self.gw.db.join_group(functools.partial(self.gw.db.catalog.mark_failed, self.path, row[0],
