@@ -263,20 +263,33 @@ class WriteHandle:
         """The row's commit came back: the rest of the commit (+ start of a write-through upload) runs in this turn of
         the loop, not in a task woken one turn later (~1.5 ms p50 with 8 clients storing, docs/benchmarks.md §31)."""
         self._close_fd()
+        if isinstance(row, BaseException):  # no row names the copy: it goes
+            self.gw.cache.remove(self.blob)
+            self._settled(s, error=failure(row))
+            return
         try:
-            if isinstance(row, BaseException):
-                raise failure(row)
             upload = self.gw.stored(self.path, self.blob, self.size, sha, s.body, s.claim, s.mtime, row, header,
                                     self.user)
         except Exception as e:
-            self.gw.cache.remove(self.blob)
-            self._settled(s, error=e)
-            return
+            # The row is committed: its copy, durable and queued, stays. That is what a write-back ack (or a write-
+            # through one whose upload failed) promises: OK, not an error the PACS would store it again for, refused
+            # without 'delete' or under WORM. A claimed row goes back to the queue: its upload may not have started.
+            log.error("stored_aftermath_failed", path=self.path, error=repr(e)[:300], requeued=s.claim)
+            if s.claim:
+                self.gw.db.join_group(functools.partial(self.gw.db.catalog.mark_failed, self.path, row[0],
+                                                        f"upload not started: {e!r}", time.time()),
+                                      self._requeued, asyncio.get_running_loop())
+            upload = None
         if upload is not None and s.body is not None:
             # The bytes stay counted in BODY_BUDGET as long as their upload lives: a slow line cannot pile them up
             held, self._body, self._held = self._held, None, 0
             upload.task.add_done_callback(lambda _: self.gw.release(held))
         self._settled(s, upload)
+
+    def _requeued(self, result: object) -> None:
+        if isinstance(result, BaseException):  # still durable: the next start-up queues it (reset_uploading)
+            log.error("requeue_failed", path=self.path, error=repr(result)[:300])
+        self.gw.uploader.wake()
 
     def _settled(self, s: _Sealing, upload: Through | None = None, error: BaseException | None = None) -> None:
         if s.made.cancelled():  # the client left mid-commit: the write ends here, a failure told to nobody
