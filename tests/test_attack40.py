@@ -43,3 +43,32 @@ def test_parallel_uploads_of_one_user_stop_at_its_share_of_files_not_yet_uploade
 
     assert asyncio.run(run()) == list(range(9))  # a quarter of 40 MB in 1 MiB files
     assert catalog_rows(agent, "SELECT user, bytes FROM dirty_bytes") == [("pacs", 9 * MiB)]
+
+
+def test_a_file_another_session_is_writing_is_not_renamed(agent_factory):
+    """FTP RNFR/RNTO (or an SFTP rename) of a stored file an SFTP upload was rewriting succeeded, and the upload's
+    close then stored the new version under the old name: two files where the client renamed one. The rename is
+    refused while the file is being written (FTP 550, SFTP failure; SMB answers so too), as SMB refuses a rename of a
+    file open for writing; once stored, it renames."""
+    agent = agent_factory().start()
+    ftp = FtpClient(agent)
+
+    async def run() -> None:
+        async with sftp_session(agent) as writer, sftp_session(agent) as other:
+            async with writer.open("CT/f.dcm", "wb") as f:
+                await f.write(b"old")
+            async with writer.open("CT/f.dcm", "wb") as f:
+                await f.write(b"new version")
+                with pytest.raises(ClientError, match="550 .*being written"):
+                    ftp.rename("CT/f.dcm", "CT/g.dcm")
+                with pytest.raises(asyncssh.SFTPError, match="being written"):
+                    await other.posix_rename("CT/f.dcm", "CT/g.dcm")
+            assert await other.listdir("CT") == ["f.dcm"]
+            await other.posix_rename("CT/f.dcm", "CT/g.dcm")
+            async with other.open("CT/g.dcm", "rb") as f:
+                assert await f.read() == b"new version"
+
+    try:
+        asyncio.run(run())
+    finally:
+        ftp.close()

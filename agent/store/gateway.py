@@ -727,6 +727,8 @@ class Gateway:
             self._may_take(who, dst)
             e = await self.stat(src)
             await self.worm.check_mutable(e, time.time())
+            if moving is None and self.marks.writing(src):  # its commit would store it again under the old name
+                raise PermissionDenied(src, "being written by another upload; try again later")
             if e.is_dir:
                 if self.marks.busy(src):  # an upload's commit would bring the directory back (Windows refuses too)
                     raise PermissionDenied(src, "a file in this directory is being written; try again later")
