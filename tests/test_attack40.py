@@ -72,3 +72,18 @@ def test_a_file_another_session_is_writing_is_not_renamed(agent_factory):
         asyncio.run(run())
     finally:
         ftp.close()
+
+
+def test_a_listing_of_a_file_is_audited_as_a_listing(agent_factory):
+    """LIST and NLST of a file list it (round 38), but the audit trail first recorded the listing as failed ("error:
+    NotADirectory"): a false failure an auditor would chase. It is one listing, recorded ok; a listing below a file
+    is still a failure."""
+    agent = agent_factory().start()
+    f = ftp_login(agent)
+    f.storbinary("STOR d/x.dcm", io.BytesIO(b"12345"))
+    assert f.nlst("d/x.dcm") == ["d/x.dcm"]
+    with pytest.raises(ftplib.error_perm, match="550"):
+        f.nlst("d/x.dcm/y")
+    f.quit()
+    listed = [(r["path"], r["result"]) for r in audit_records(agent) if r["op"] == "list"]
+    assert listed == [("d/x.dcm", "ok"), ("d/x.dcm/y", "error: NotADirectory: not a directory")]

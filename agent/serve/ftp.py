@@ -46,7 +46,7 @@ from agent.records import Entry
 from agent.serve import contract
 from agent.serve.contract import answer, report, st_mode, tls_context
 from agent.serve.startups import Startup
-from agent.store.errors import Corrupt, GatewayError, IsADirectory, NotADirectory
+from agent.store.errors import Corrupt, GatewayError, IsADirectory
 from agent.store.gateway import Gateway, ReadHandle, WriteHandle
 from agent.store.paths import resolve
 
@@ -1011,13 +1011,8 @@ class FtpServer(aioftp.Server):
         """A listing, a line per entry, in BLOCK-sized writes (aioftp wrote and drained each ~60-byte line alone). LIST
         and NLST of a file list that file, named as given (RFC 959, as `ls`; it was 550 'not a directory': a client
         checking with NLST for a file it stored took it for missing); MLSD lists directories only (RFC 3659)."""
-        path, given = self._resolve(connection, rest or "."), None
-        try:
-            entries = await self.gateway.listdir(path, who(connection))
-        except NotADirectory:
-            if not files:
-                raise
-            entries, given = _one(await self.gateway.stat(path)), rest
+        path = self._resolve(connection, rest or ".")
+        entries = await self.gateway.listdir(path, who(connection), file_too=files)
 
         async def send(entries: AsyncIterator[Entry], conn: DataConnection) -> None:
             reader, writer = await conn.streams()  # in aioftp's stream (throttles, timeout); conn closes it
@@ -1032,7 +1027,7 @@ class FtpServer(aioftp.Server):
                     _aborted()  # or an ABORted listing would end with 226
 
             async for e in entries:
-                block += (line(e, given or e.name) + END_OF_LINE).encode(self.encoding)
+                block += (line(e, rest if e.path == path else e.name) + END_OF_LINE).encode(self.encoding)
                 if len(block) >= BLOCK:
                     await flush()
             await flush()
@@ -1147,10 +1142,6 @@ def _ls_path(rest: str) -> str:
     """The path of `LIST -la [path]` / `NLST -a`: clients send ls options (Windows ftp.exe's `ls -l`, scripts);
     vsftpd and proftpd ignore them, and so do we (MLSD takes none: RFC 3659)."""
     return rest.partition(" ")[2].strip() if rest.startswith("-") else rest
-
-
-async def _one(e: Entry) -> AsyncIterator[Entry]:
-    yield e
 
 
 def _mlsx(e: Entry, name: str) -> str:

@@ -344,6 +344,10 @@ def _close_opened(result: tuple[Opened | None, str | None]) -> None:
         os.close(result[0].fd)
 
 
+async def _one(e: Entry) -> AsyncIterator[Entry]:
+    yield e
+
+
 def no_holes(size: int, offset: int, whence: int) -> int:
     """lseek(2)'s SEEK_DATA and SEEK_HOLE (asyncssh answers ranges@asyncssh.com so): a file has no holes."""
     if whence not in (os.SEEK_DATA, os.SEEK_HOLE):
@@ -599,11 +603,17 @@ class Gateway:
         except NotFound:
             return None
 
-    async def listdir(self, path: str, who: Who | None = None) -> AsyncIterator[Entry]:
-        """Checked and listed from the store now; the entries then come a page at a time as the client takes them."""
+    async def listdir(self, path: str, who: Who | None = None, *, file_too: bool = False) -> AsyncIterator[Entry]:
+        """Checked and listed from the store now; the entries then come a page at a time as the client takes them.
+        file_too: a file's listing is its own entry (FTP's LIST of a file), audited as the listing it is."""
         async with self.audit.op(who, "list", path):
             self._require(who, "read", path)
-            await self._ensure_listed(path)
+            try:
+                await self._ensure_listed(path)
+            except NotADirectory as e:
+                if not file_too or e.path != path:
+                    raise
+                return _one(await self.stat(path))
         return self._children(path)
 
     async def _children(self, path: str) -> AsyncIterator[Entry]:
