@@ -8,6 +8,8 @@ from __future__ import annotations
 import asyncio
 import ftplib
 import io
+import socket
+import time
 
 import asyncssh
 import pytest
@@ -87,3 +89,16 @@ def test_a_listing_of_a_file_is_audited_as_a_listing(agent_factory):
     f.quit()
     listed = [(r["path"], r["result"]) for r in audit_records(agent) if r["op"] == "list"]
     assert listed == [("d/x.dcm", "ok"), ("d/x.dcm/y", "error: NotADirectory: not a directory")]
+
+
+def test_an_ssh_login_left_half_open_ends_at_sftp_login_timeout(agent_factory):
+    """asyncssh's login timeout was fixed at 60 s: a hospital could not shorten how long a connection that never
+    logs in holds its slot of sftp.max_unauthenticated and of the address's sessions. sftp.login_timeout sets it."""
+    agent = agent_factory(**{"sftp.login_timeout": 2}).start()
+    sock = socket.create_connection(("127.0.0.1", agent.sftp_port), timeout=30)
+    sock.sendall(b"SSH-2.0-OpenSSH_9.6\r\n")  # then nothing: no key exchange, no login
+    t0, got = time.monotonic(), b""
+    while chunk := sock.recv(65536):  # the server's banner and key exchange offer, then its close
+        got += chunk
+    assert got.startswith(b"SSH-2.0-") and 1.5 < time.monotonic() - t0 < 15
+    sock.close()
