@@ -16,7 +16,11 @@ import pytest
 from clients import ClientError, FtpClient
 from test_audit import audit_records
 
+from test_ftp import ftp
+from test_ftp_hostile import port_range
+
 from faultkit import catalog_rows, ftp_login, payload, sftp_session
+from harness import PASSWORD
 
 MiB = 1024 * 1024
 
@@ -102,3 +106,27 @@ def test_an_ssh_login_left_half_open_ends_at_sftp_login_timeout(agent_factory):
         got += chunk
     assert got.startswith(b"SSH-2.0-") and 1.5 < time.monotonic() - t0 < 15
     sock.close()
+
+
+def test_one_user_or_address_holds_half_the_passive_range_at_most(agent_factory):
+    """Each PASV holds a port of the range until its data connection comes or passive_timeout: one user's sessions
+    (32 by max_sessions_per_user), sending PASV and never connecting, held a range of 10 ports, and every other
+    user's transfers got 425. One user, and one address, hold half the range at most: the next PASV gets 425."""
+    low, high = port_range(4)
+    users = [{"name": name, "password": PASSWORD, "root": "/"} for name in ("pacs", "other")]
+    agent = agent_factory(users=users, **{"ftp.passive_ports": f"{low}-{high}"}).start()
+    pacs = [ftp(agent) for _ in range(3)]
+    for f in pacs[:2]:
+        assert f.sendcmd("PASV").startswith("227")  # and never connect
+    with pytest.raises(ftplib.error_temp, match="425 this user holds 2 passive ports"):
+        pacs[2].sendcmd("PASV")
+    with pytest.raises(ftplib.error_temp, match="425 this address holds 2 passive ports"):
+        ftp(agent, "other").sendcmd("PASV")
+    other = ftp(agent, "other", address="127.0.0.2")
+    assert other.nlst() == []  # the rest of the range serves the others
+    assert pacs[0].nlst() == []  # its listener replaced, then connected: it holds none now
+    assert pacs[2].nlst() == []
+    [told] = agent.events("passive_ports_held")[:1]
+    assert told["user"] == "pacs" and told["held_by"] == "user" and told["limit"] == 2
+    for f in (*pacs, other):
+        f.quit()
