@@ -13,7 +13,11 @@ import time
 
 import asyncssh
 import pytest
+import smbclient
 from clients import ClientError, FtpClient
+from smbprotocol.exceptions import SMBOSError
+from smbprotocol.header import NtStatus
+from smbutil import Smb
 from test_audit import audit_records
 
 from test_ftp import ftp
@@ -78,6 +82,28 @@ def test_a_file_another_session_is_writing_is_not_renamed(agent_factory):
         asyncio.run(run())
     finally:
         ftp.close()
+
+
+def test_smb_rename_of_a_file_an_sftp_upload_is_writing_is_access_denied(smb_agent):
+    """The same over SMB: smbd knew nothing of the SFTP upload and renamed the stored file."""
+    agent = smb_agent().start(timeout=180)
+    smb = Smb(agent)
+
+    async def run() -> None:
+        async with sftp_session(agent) as writer:
+            async with writer.open("f.dcm", "wb") as f:
+                await f.write(b"old")
+            async with writer.open("f.dcm", "wb") as f:
+                await f.write(b"new version")
+                with pytest.raises(SMBOSError) as refused:
+                    await asyncio.to_thread(smbclient.rename, smb.p("f.dcm"), smb.p("g.dcm"), **smb.kw)
+                assert refused.value.ntstatus == NtStatus.STATUS_ACCESS_DENIED
+
+    try:
+        asyncio.run(run())
+        assert smb.read("f.dcm") == b"new version"
+    finally:
+        smb.close()
 
 
 def test_a_listing_of_a_file_is_audited_as_a_listing(agent_factory):
