@@ -105,8 +105,6 @@ class WriteHandle:
         self.base: int | None = None  # the gen the commit must still find (Catalog.commit_write); None: any
         self.user = who.user if who is not None else ""
         self.counted = 0  # bytes counted against the user's unfinished uploads (Gateway.count_unfinished)
-        self.dirty = 0  # the user's stored bytes not yet uploaded, as last read (Gateway.dirty_limit)
-        self.dirty_at = 0  # its writes ended in this process then (Gateway.count_unfinished reads it again after)
         self._hash: hashlib._Hash | None = hashlib.sha256()
         self._fast = fast_hash()  # the same bytes: the copy's stamp (agent.store.cache)
         self._body: list[bytes] | None = [] if gw.cfg.uplink.write_mode == "through" else None
@@ -515,7 +513,6 @@ class Gateway:
         self.marks = WriteMarks(cache.root / "writing.lock")  # the paths uploads write, in every serving process
         self._unfinished: dict[str, int] = {}  # user → the `counted` bytes of its files being written
         self._reading: Counter[str] = Counter()  # user → bytes of the files its readers here hold open (hold_open)
-        self._writes_ended: Counter[str] = Counter()  # user → its writes ended here (committed or not), ever
         self._body_room = BODY_BUDGET
         self._writes_idle = asyncio.Event()
         self._writes_idle.set()
@@ -845,7 +842,6 @@ class Gateway:
             handle = WriteHandle(self, path, blob, fd, protocol, who)
             self._active_writes += 1
             self._writes_idle.clear()
-            handle.dirty, handle.dirty_at = dirty, self._writes_ended[user]
             if exclusive and await self.db.get(path) is not None:
                 await handle.abort("exclusive create: the name was stored meanwhile")
                 raise AlreadyExists(path)
@@ -912,11 +908,10 @@ class Gateway:
             log.warning("unfinished_limit", user=handle.user, path=handle.path, bytes=held, limit=limit)
             raise NoSpace(handle.path, f"this user's unfinished uploads would hold {held} bytes, over its "
                                        f"{limit} (cache.max_unfinished_per_user)")
-        if self.dirty_limit and handle.dirty_at != (ended := self._writes_ended[handle.user]):
-            # the user's uploads that ended meanwhile left this count for the catalog's: a total read at the open
-            # missed them, and N uploads open at once each stored their file past the share
-            handle.dirty, handle.dirty_at = self.db.dirty_bytes(handle.user), ended
-        self.dirty_share(handle.user, handle.path, handle.dirty, held)
+        if self.dirty_limit and handle.user:
+            # Read again at each write: the files the user's other uploads (of any process) stored meanwhile count.
+            # The total read at the open missed them: 14 uploads opened at once each stored its file past the share
+            self.dirty_share(handle.user, handle.path, self.db.dirty_bytes(handle.user), held)
         self._unfinished[handle.user], handle.counted = held, end
 
     def dirty_share(self, user: str, path: str, dirty: int, writing: int) -> None:
@@ -957,7 +952,6 @@ class Gateway:
     def write_finished(self, handle: WriteHandle) -> None:
         if left := self._unfinished.pop(handle.user, 0) - handle.counted:
             self._unfinished[handle.user] = left
-        self._writes_ended[handle.user] += 1
         self._active_writes -= 1
         self.marks.remove(handle.path)
         if not self._active_writes:
