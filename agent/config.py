@@ -267,6 +267,7 @@ class SftpConfig:
     max_unauthenticated: int = _int(1, 100000, 256)
     # channels one SSH connection may hold open (OpenSSH's MaxSessions is 10): each holds buffers and a task
     max_channels_per_connection: int = _int(1, 1000, 10)
+    login_timeout: float = _seconds(1, 600, 60.0, " (how long an SSH connection may take to log in)")
     idle_timeout: float = _seconds(1, 86400, 600.0, " (a logged-in connection that sends no SFTP request and is "
                                    "sent no reply this long is closed)")
 

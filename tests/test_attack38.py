@@ -15,6 +15,8 @@ import pytest
 from test_ftp import ftp, get
 from test_ftp_hostile import port_range
 
+from harness import PASSWORD
+
 
 def test_abor_sent_as_urgent_data_or_after_telnet_ip_and_synch_is_answered(agent_factory):
     """RFC 959 4.1.3: a client aborts a transfer with Telnet IP and Synch (urgent data, TCP's out-of-band byte),
@@ -66,8 +68,10 @@ def test_pasv_on_a_full_passive_range_is_counted_each_but_logged_once(agent_fact
     PASV got its 425 each, and each also wrote a passive_ports_exhausted warning: 3 500 events a second, 140 bytes
     each, into the journal. Each is counted in pacsgw_errors_total now, and logged once a minute per user."""
     low, high = port_range(2)
-    agent = agent_factory(**{"ftp.passive_ports": f"{low}-{high}"}).start()
-    holders = [ftp(agent) for _ in range(2)]
+    users = [{"name": name, "password": PASSWORD, "root": "/"} for name in ("pacs", "ct", "mr")]
+    agent = agent_factory(users=users, **{"ftp.passive_ports": f"{low}-{high}"}).start()
+    # one a user and address: each holds half the range (FtpServer.passive_share)
+    holders = [ftp(agent, user, address=f"127.0.0.{i}") for i, user in ((2, "ct"), (3, "mr"))]
     for f in holders:
         assert f.sendcmd("PASV").startswith("227")
     f = ftp(agent)

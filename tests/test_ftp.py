@@ -15,8 +15,9 @@ import pytest
 from harness import PASSWORD, s3_objects, sha256
 
 
-def ftp(agent, user: str = "pacs", password: str = PASSWORD) -> ftplib.FTP:
-    f = ftplib.FTP(timeout=30)
+def ftp(agent, user: str = "pacs", password: str = PASSWORD, address: str = "127.0.0.1") -> ftplib.FTP:
+    """A logged-in session from a loopback address (its data connections come from it too)."""
+    f = ftplib.FTP(timeout=30, source_address=(address, 0))
     f.connect("127.0.0.1", agent.ftp_port)
     f.login(user, password)
     return f

@@ -182,8 +182,10 @@ def test_passive_ports_live_for_one_transfer_only(agent_factory):
     passive_timeout; with every port busy PASV answers 425 and the session goes on (it got 421 and was
     dropped)."""
     lo, hi = port_range(2)
-    agent = agent_factory(**{"ftp.passive_ports": f"{lo}-{hi}", "ftp.passive_timeout": 2}).start()
-    idle = [ftp(agent) for _ in range(2)]
+    users = [{"name": name, "password": PASSWORD, "root": "/"} for name in ("pacs", "ct", "mr")]
+    agent = agent_factory(users=users, **{"ftp.passive_ports": f"{lo}-{hi}", "ftp.passive_timeout": 2}).start()
+    # one a user and address: each holds half the range (FtpServer.passive_share)
+    idle = [ftp(agent, user, address=f"127.0.0.{i}") for i, user in ((2, "ct"), (3, "mr"))]
     for f in idle:
         assert f.nlst() == []
     third = ftp(agent)

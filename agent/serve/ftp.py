@@ -31,6 +31,7 @@ import socket
 import ssl
 import stat
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path, PurePath, PurePosixPath
 from typing import Any, AsyncContextManager, AsyncIterator, Awaitable, Callable, Iterable, Iterator, NoReturn, TypeVar
@@ -46,7 +47,7 @@ from agent.records import Entry
 from agent.serve import contract
 from agent.serve.contract import answer, report, st_mode, tls_context
 from agent.serve.startups import Startup
-from agent.store.errors import Corrupt, GatewayError, IsADirectory, NotADirectory
+from agent.store.errors import Corrupt, GatewayError, IsADirectory
 from agent.store.gateway import Gateway, ReadHandle, WriteHandle
 from agent.store.paths import resolve
 
@@ -356,6 +357,7 @@ class Passive:
         self.sock: socket.socket | None = sock  # listening until None
         self.port = port
         self.connected: asyncio.Future[DataConnection] = self.loop.create_future()
+        self.stopped: Callable[[], None] = lambda: None  # told once, when it stops listening
         self._timer = self.loop.call_later(timeout, self._give_up, TimeoutError("no data connection came"))
         self.loop.add_reader(sock.fileno(), self._accept)
 
@@ -408,6 +410,7 @@ class Passive:
             self.loop.remove_reader(self.sock.fileno())
             self.sock.close()
             self.sock = None
+            self.stopped()
 
     def close(self) -> None:
         """Stop listening; close the data connection it accepted. Deterministically: one left to the garbage collector
@@ -503,6 +506,11 @@ class FtpServer(aioftp.Server):
                       for u in cfg.users}
         self.tls = tls_context(cfg.ftp.tls_cert, cfg.ftp.tls_key) if cfg.ftp.tls_cert else None
         self.sessions: dict[asyncio.Task[Any], Session] = {}
+        # Passive ports one user, or one address, may hold listening at once, in this process: half the range (one at
+        # least). Each session holds one until its data connection comes or passive_timeout: one user's 32 sessions
+        # (max_sessions_per_user) held a range of 10 ports, renewed every 30 s, and every other user got 425.
+        self.passive_share = max(1, len(self.passive_ports) // 2)
+        self._listening: Counter[tuple[str, str]] = Counter()  # ("user"|"address", name) → its ports listening
         self.draining = False  # the agent stops: no new session, and each session's next command hears 421
         # events and audit records a client can repeat at will, once a minute per (kind, address): data connections
         # from strangers, plain-text logins while TLS is required, failed TLS handshakes; PASV on a full range per user
@@ -838,7 +846,18 @@ class FtpServer(aioftp.Server):
             return None
         if session.passive is not None:  # an unused one, and the data connection it may have accepted
             session.passive.close()
+            session.passive = None
         user = connection.user.login
+        holders = (("user", user), ("address", session.address))
+        for holder in holders:
+            if self._listening[holder] >= self.passive_share:
+                self.gateway.count_error("ftp", "PassivePortsHeld")
+                if (since := self._told.due(("held", *holder))) is not None:
+                    log.warning("passive_ports_held", user=user, peer=connection.client_host, held_by=holder[0],
+                                ports=self._listening[holder], limit=self.passive_share, refused_since=since)
+                connection.response("425", f"this {holder[0]} holds {self._listening[holder]} passive ports not yet "
+                                           f"connected, half the range: connect to them or try again")
+                return None
 
         def refused(peer: str, reason: str) -> None:
             # Counted each, told once a minute per address: a stranger knocking on a passive port in a loop wrote an
@@ -860,7 +879,13 @@ class FtpServer(aioftp.Server):
                 log.warning("passive_ports_exhausted", user=user, refused_since=since,
                             range=f"{self.passive_ports.start}-{self.passive_ports.stop - 1}")
             connection.response("425", "no free passive port; try again")
+            return None
+        self._listening.update(holders)
+        session.passive.stopped = functools.partial(self._unlisten, holders)
         return session.passive
+
+    def _unlisten(self, holders: tuple[tuple[str, str], ...]) -> None:
+        self._listening -= Counter(holders)  # a holder goes at 0
 
     async def _transfer(self, connection: aioftp.Connection, opener: Callable[[], AsyncContextManager[T]],
                         body: Callable[[T, DataConnection], Awaitable[None]], done: str) -> bool:
@@ -1011,13 +1036,8 @@ class FtpServer(aioftp.Server):
         """A listing, a line per entry, in BLOCK-sized writes (aioftp wrote and drained each ~60-byte line alone). LIST
         and NLST of a file list that file, named as given (RFC 959, as `ls`; it was 550 'not a directory': a client
         checking with NLST for a file it stored took it for missing); MLSD lists directories only (RFC 3659)."""
-        path, given = self._resolve(connection, rest or "."), None
-        try:
-            entries = await self.gateway.listdir(path, who(connection))
-        except NotADirectory:
-            if not files:
-                raise
-            entries, given = _one(await self.gateway.stat(path)), rest
+        path = self._resolve(connection, rest or ".")
+        entries = await self.gateway.listdir(path, who(connection), file_too=files)
 
         async def send(entries: AsyncIterator[Entry], conn: DataConnection) -> None:
             reader, writer = await conn.streams()  # in aioftp's stream (throttles, timeout); conn closes it
@@ -1032,7 +1052,7 @@ class FtpServer(aioftp.Server):
                     _aborted()  # or an ABORted listing would end with 226
 
             async for e in entries:
-                block += (line(e, given or e.name) + END_OF_LINE).encode(self.encoding)
+                block += (line(e, rest if e.path == path else e.name) + END_OF_LINE).encode(self.encoding)
                 if len(block) >= BLOCK:
                     await flush()
             await flush()
@@ -1147,10 +1167,6 @@ def _ls_path(rest: str) -> str:
     """The path of `LIST -la [path]` / `NLST -a`: clients send ls options (Windows ftp.exe's `ls -l`, scripts);
     vsftpd and proftpd ignore them, and so do we (MLSD takes none: RFC 3659)."""
     return rest.partition(" ")[2].strip() if rest.startswith("-") else rest
-
-
-async def _one(e: Entry) -> AsyncIterator[Entry]:
-    yield e
 
 
 def _mlsx(e: Entry, name: str) -> str:

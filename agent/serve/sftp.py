@@ -732,7 +732,7 @@ class SftpService:
             *self.cfg.sftp.listen, server_host_keys=[ensure_host_key(self.cfg.sftp.host_key)], allow_scp=False,
             server_factory=lambda: _Auth(self.passwords, self.cfg.sftp, self.gateway, self.logins, factory),
             agent_forwarding=False, x11_forwarding=False,
-            allow_pty=False, line_editor=False, login_timeout=60, keepalive_interval=30,
+            allow_pty=False, line_editor=False, login_timeout=self.cfg.sftp.login_timeout, keepalive_interval=30,
             acceptor=self._conns.add, reuse_port=reuse_port, max_pktsize=MAX_PKTSIZE)
 
     def stop_accepting(self) -> None:

@@ -105,7 +105,6 @@ class WriteHandle:
         self.base: int | None = None  # the gen the commit must still find (Catalog.commit_write); None: any
         self.user = who.user if who is not None else ""
         self.counted = 0  # bytes counted against the user's unfinished uploads (Gateway.count_unfinished)
-        self.dirty = 0  # the user's stored bytes not yet uploaded, at the open (Gateway.dirty_limit)
         self._hash: hashlib._Hash | None = hashlib.sha256()
         self._fast = fast_hash()  # the same bytes: the copy's stamp (agent.store.cache)
         self._body: list[bytes] | None = [] if gw.cfg.uplink.write_mode == "through" else None
@@ -354,6 +353,10 @@ def _undone(undo: Callable[[T], None], done: asyncio.Future[T]) -> None:
 def _close_opened(result: tuple[Opened | None, str | None]) -> None:
     if result[0] is not None:
         os.close(result[0].fd)
+
+
+async def _one(e: Entry) -> AsyncIterator[Entry]:
+    yield e
 
 
 def no_holes(size: int, offset: int, whence: int) -> int:
@@ -610,11 +613,17 @@ class Gateway:
         except NotFound:
             return None
 
-    async def listdir(self, path: str, who: Who | None = None) -> AsyncIterator[Entry]:
-        """Checked and listed from the store now; the entries then come a page at a time as the client takes them."""
+    async def listdir(self, path: str, who: Who | None = None, *, file_too: bool = False) -> AsyncIterator[Entry]:
+        """Checked and listed from the store now; the entries then come a page at a time as the client takes them.
+        file_too: a file's listing is its own entry (FTP's LIST of a file), audited as the listing it is."""
         async with self.audit.op(who, "list", path):
             self._require(who, "read", path)
-            await self._ensure_listed(path)
+            try:
+                await self._ensure_listed(path)
+            except NotADirectory as e:
+                if not file_too or e.path != path:
+                    raise
+                return _one(await self.stat(path))
         return self._children(path)
 
     async def _children(self, path: str) -> AsyncIterator[Entry]:
@@ -738,6 +747,8 @@ class Gateway:
             self._may_take(who, dst)
             e = await self.stat(src)
             await self.worm.check_mutable(e, time.time())
+            if moving is None and self.marks.writing(src):  # its commit would store it again under the old name
+                raise PermissionDenied(src, "being written by another upload; try again later")
             if e.is_dir:
                 if self.marks.busy(src):  # an upload's commit would bring the directory back (Windows refuses too)
                     raise PermissionDenied(src, "a file in this directory is being written; try again later")
@@ -829,8 +840,9 @@ class Gateway:
                 await self.worm.check_mutable(existing, time.time())
                 if offset < existing.size and not self.allowed(who, "delete"):
                     raise PermissionDenied(path, "replacing a stored file needs the 'delete' permission")
-            dirty = self.db.dirty_bytes(who.user) if self.dirty_limit and who is not None else 0
-            self.dirty_share(who.user if who is not None else "", path, dirty, 1)  # a byte at least must fit
+            user = who.user if who is not None else ""
+            dirty = self.db.dirty_bytes(user) if self.dirty_limit and user else 0
+            self.dirty_share(user, path, dirty, self._unfinished.get(user, 0) + 1)  # a byte at least must fit
             # A spare made ahead (a thread hop and two wake-ups fewer per stored file, and no directory fsync at its
             # commit); else made in a thread, as an inode may wait for the disk (issue 14), undone if cancelled
             spare = self.cache.spare_staging()
@@ -843,7 +855,6 @@ class Gateway:
             handle = WriteHandle(self, path, blob, fd, protocol, who)
             self._active_writes += 1
             self._writes_idle.clear()
-            handle.dirty = dirty
             if exclusive and await self.db.get(path) is not None:
                 await handle.abort("exclusive create: the name was stored meanwhile")
                 raise AlreadyExists(path)
@@ -910,7 +921,10 @@ class Gateway:
             log.warning("unfinished_limit", user=handle.user, path=handle.path, bytes=held, limit=limit)
             raise NoSpace(handle.path, f"this user's unfinished uploads would hold {held} bytes, over its "
                                        f"{limit} (cache.max_unfinished_per_user)")
-        self.dirty_share(handle.user, handle.path, handle.dirty, held)
+        if self.dirty_limit and handle.user:
+            # Read again at each write: the files the user's other uploads (of any process) stored meanwhile count.
+            # The total read at the open missed them: 14 uploads opened at once each stored its file past the share
+            self.dirty_share(handle.user, handle.path, self.db.dirty_bytes(handle.user), held)
         self._unfinished[handle.user], handle.counted = held, end
 
     def dirty_share(self, user: str, path: str, dirty: int, writing: int) -> None:
