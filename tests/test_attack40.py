@@ -19,7 +19,6 @@ from smbprotocol.exceptions import SMBOSError
 from smbprotocol.header import NtStatus
 from smbutil import Smb
 from test_audit import audit_records
-
 from test_ftp import ftp
 from test_ftp_hostile import port_range
 
