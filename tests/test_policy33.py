@@ -7,8 +7,9 @@ import subprocess
 import sys
 import urllib.request
 
-from faultkit import cached_paths, catalog_rows, ftp_get, ftp_login, wait_for
 from test_priors_live import store_study, study_uid
+
+from faultkit import cached_paths, catalog_rows, ftp_get, ftp_login, wait_for
 
 
 def test_a_new_box_fetches_a_kind_of_prior_again_only_once_the_last_one_came_back(agent_factory):
