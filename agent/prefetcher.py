@@ -421,7 +421,7 @@ class PriorFetcher:
         unfetched = [str(c[0]) for c in chosen]     # plan_priors' study keys, in _fetching
         try:
             for (_, cell, _, heat), prior in zip(chosen, list(unfetched), strict=True):
-                self.stack.prior_fetched(prior, new, heat)     # kept beside its new study until the report
+                self.stack.prior_fetched(prior, new, heat, cell, time.time())  # beside its new study till the report
                 await self.db.record_prior_fetch(prior, cell)
                 stopped = await self.fetcher.fetch_dir(prior, deadline, self.status, "prior")
                 self._fetching.discard(unfetched.pop(0))

@@ -60,6 +60,9 @@ def main() -> int:
                          "doorkeeper's probation once the session is over")
     ap.add_argument("--explore", type=int, default=None,
                     help="priors.EXPLORE: a prior cell below the floor is fetched once in this many chances")
+    ap.add_argument("--cold", default=None, metavar="OUTCOMES,TTL_H",
+                    help="priors.COLD_OUTCOMES / COLD_TTL_S (hours): a prior cell with fewer outcomes has one fetch "
+                         "unsettled at a time (0: no cold start)")
     ap.add_argument("--open-target", type=float, default=None,
                     help="priors.OPEN_TARGET: a plan's space budget scales with the open rate of past prefetches")
     ap.add_argument("--open-floor", type=float, default=None, help="priors.OPEN_FLOOR")
@@ -71,6 +74,9 @@ def main() -> int:
     if args.group is not None:
         mixed_h, gap_min, span_min = (float(x) for x in args.group.split(","))
         groups.MIXED_S, groups.GAP_S, groups.SPAN_S = mixed_h * 3600, gap_min * 60, span_min * 60
+    if args.cold is not None:
+        outcomes, ttl_h = args.cold.split(",")
+        priors.COLD_OUTCOMES, priors.COLD_TTL_S = int(outcomes), float(ttl_h) * 3600
     if args.open_target is not None:
         priors.OPEN_TARGET = args.open_target
     if args.open_floor is not None:
@@ -138,6 +144,7 @@ def main() -> int:
           f"trim {'on' if adaptive.TRIM else 'off'}, "
           f"min cut {adaptive.MIN_CUT:g}, second door {'on' if adaptive.SECOND_DOOR else 'off'}, "
           f"explore {priors.EXPLORE}, open target {priors.OPEN_TARGET:g}, "
+          f"cold start {priors.COLD_OUTCOMES} outcomes, {priors.COLD_TTL_S / 3600:g} h, "
           f"old {adaptive.OLD_S / 3600:g} h, groups {groups.MIXED_S / 3600:g} h / "
           f"{groups.GAP_S / 60:g} / {groups.SPAN_S / 60:g} min)")
     return 0

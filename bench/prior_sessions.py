@@ -54,9 +54,9 @@ def watch(r: Replayer) -> list[Fetch]:
     fetched, fetch_plan, feedback, evict = r.stack.prior_fetched, r._fetch_plan, r._prefetch_feedback, r._evict
     turnover: Callable[[], float] = getattr(r.stack.policy, "turnover", lambda: float("inf"))
 
-    def on_fetched(prior: Hashable, new: Hashable, heat: float) -> None:
+    def on_fetched(prior: Hashable, new: Hashable, heat: float, cell: int, now: float) -> None:
         pending["x"] = (int(prior), int(new), r.pf_cell.get(int(prior), -1))   # type: ignore[call-overload]
-        fetched(prior, new, heat)
+        fetched(prior, new, heat, cell, now)
 
     def on_fetch_plan(objs: list[int], t: float) -> None:
         if "x" in pending:

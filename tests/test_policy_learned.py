@@ -182,7 +182,7 @@ def test_a_prefetched_prior_stays_beside_its_unread_new_study() -> None:
         for s in others:
             stack.inserted(s, 10, 0.0, 0.0, s)
             stack.accessed(s, 700.0)
-        stack.prior_fetched(prior, new, heat)
+        stack.prior_fetched(prior, new, heat, 0, 800.0)
         stack.inserted(prior, 10, 800.0, -400 * DAY, prior, prefetch=True)
 
     fill(0.5)

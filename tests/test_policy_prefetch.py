@@ -5,6 +5,7 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from agent.policy import priors
 from agent.policy.prefetch import Budget, Candidate, plan
 from agent.policy.priors import PriorPrefetcher, StudyInfo
 from agent.policy.stack import PolicyStack, StackSpec
@@ -128,3 +129,35 @@ def test_a_plan_spends_the_space_budget_in_step_with_how_much_of_what_was_fetche
     for _ in range(60):
         stack.prior_outcome(0, used=True)
     assert len(stack.prior_plan("new", ranked, budget, 0.0)) == 4
+
+
+def test_a_kind_of_prior_not_judged_yet_has_one_fetch_unsettled_at_a_time_and_status_says_cold_start() -> None:
+    """A new box knows nothing of its radiologists yet, and a prior's outcome comes back only when it is opened or
+    evicted, hours after its fetch: a cell (a kind of prior) with fewer than COLD_OUTCOMES outcomes of its own waits
+    for its fetch's outcome before the next (docs/replay.md, round 31). Fetching at every new study, cancer at 3 %
+    fetched 18 priors (twice its cache) on its first 3 days, before the cells had learnt; 1 was opened (round 29)."""
+    stack = PolicyStack(StackSpec("study", ("priors",)))
+    budget = Budget(space_bytes=10**6, bandwidth_bps=1e9, window_s=3600)
+
+    def new_study(i: int, now: float) -> list[int]:
+        ranked = [(r, f"prior{i}-{r}", 0.5, 100, 1) for r in range(3)]
+        chosen = stack.prior_plan(f"new{i}", ranked, budget, now)
+        for key, cell, _, heat in chosen:
+            stack.prior_fetched(key, f"new{i}", heat, cell, now)
+        return [cell for _, cell, _, _ in chosen]
+
+    assert new_study(0, 0.0) == [0, 1, 2]
+    assert all(new_study(i, 60.0 * i) == [] for i in range(1, 50))     # 147 priors offered, each cell's fetch out
+    status = stack.status()
+    assert status["prior_mode"] == "cold start: 0 outcomes, 0 of 12 kinds of prior judged, 3 of their fetches unsettled"
+    assert "; priors: cold start: " in str(status["mode"])             # the /status page's "cache policy" row
+    stack.prior_outcome(0, used=True)                                   # cell 0's fetch was opened: its next goes
+    assert new_study(50, 3600.0) == [0] and new_study(51, 3600.0) == []
+    # a fetch never settled (a prior cached unread for days) holds its cell for COLD_TTL_S, not for good
+    assert new_study(52, 3601.0 + priors.COLD_TTL_S) == [0, 1, 2]
+    for _ in range(priors.COLD_OUTCOMES):
+        stack.prior_outcome(0, used=True)
+    assert new_study(53, 3602.0 + priors.COLD_TTL_S) == [0]            # judged: fetched at every chance
+    for i in range(priors.OPEN_WARM):
+        stack.prior_outcome(i % 3, used=True)
+    assert stack.status()["prior_mode"] == "learned: 3 of 12 kinds of prior judged"

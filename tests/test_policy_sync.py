@@ -53,7 +53,7 @@ class Both:
 
     def link(self, prior: str, new: str) -> None:
         for s in (self.sim, self.live):
-            s.prior_fetched(prior, new, 0.5)
+            s.prior_fetched(prior, new, 0.5, 0, 0.0)
 
     def learn(self, t: float) -> None:
         """The live agent's look at the catalog between passes (agent/store/evictor.py `learn`, every minute)."""

@@ -164,6 +164,8 @@ def test_a_day_directory_is_planned_study_by_study(agent_factory):
             assert time.monotonic() < deadline, a.events("prior_prefetch")
             time.sleep(0.2)
         assert metric(a, "pacsgw_prefetched_files_total") == fetched    # the prior's own files, not its day's
+        for path, body in prior.items():    # opened: a new box has one prior of a kind out until its outcome is in
+            assert ftp_get(ftp, path) == body
     ftp.quit()
     assert cached_paths(a) & set(olds) == set(olds)
     assert sorted(catalog_rows(a, "SELECT dir FROM prior_fetches")) == sorted([(studies[0],), (studies[1],)])

@@ -14,6 +14,11 @@ per plan are more often still there then; docs/replay.md, round 18). A cell is a
 live agent keeps as the fetch's rank in the catalog, so what was learnt survives restarts. The planner
 (`agent.policy.prefetch.plan`) then applies the space and bandwidth budgets.
 
+Cold start (a new box, a kind of prior not fetched yet): a cell with fewer than `COLD_OUTCOMES` outcomes of its own
+cannot be judged (its heat is its rank's), so it has at most one fetch unsettled at a time (`waiting`). An outcome
+comes back only when the prior is opened or evicted, hours after its fetch; fetching at every new study meanwhile spent
+cancer 3 %'s cold start on 18 priors (2x the cache), 1 opened (docs/replay.md, rounds 29 and 31).
+
 Decides only: the catalog supplies the studies (from the DICOM PatientID of the new files), the fetcher does the I/O.
 """
 
@@ -41,6 +46,10 @@ OPEN_FLOOR = 0.1    # the least share of the budget a plan keeps
 # The newest studies of a patient a plan weighs (by study date): a writer inventing 10 000 studies for one patient
 # made each new study's plan stall the agent's event loop 0.5 s; a prior behind 256 newer ones is never ranked.
 PATIENT_STUDIES = 256
+# cold start: a cell with fewer outcomes than this has one fetch unsettled at a time (0: off); one older than COLD_TTL_S
+# no longer counts (a prior cached unread for days, or one whose outcome a restart lost). bench/gap_share.py --cold
+COLD_OUTCOMES = 2
+COLD_TTL_S = 86400.0
 
 
 class PriorPrefetcher:
@@ -52,6 +61,7 @@ class PriorPrefetcher:
         self.fetched = [0] * (k * KINDS)
         self.used = [0] * (k * KINDS)
         self.shut = [0] * (k * KINDS)       # chances a cell below the floor was passed over since its last fetch
+        self.unsettled: dict[int, float] = {}     # cold cell → when its fetch whose outcome is not in yet began
 
     def heat(self, rank: int) -> float:
         """The share of prefetched priors of this rank (any cell) that were opened, Laplace-smoothed."""
@@ -92,8 +102,28 @@ class PriorPrefetcher:
             return 1.0
         return max(OPEN_FLOOR, min(1.0, sum(self.used) / fetched / OPEN_TARGET))
 
+    def cold(self, cell: int) -> bool:
+        return self.fetched[cell] < COLD_OUTCOMES
+
+    def waiting(self, cell: int, now: float) -> bool:
+        """Whether a cold cell's fetch is out: its next one waits for the outcome."""
+        return self.cold(cell) and cell in self.unsettled and now - self.unsettled[cell] <= COLD_TTL_S
+
+    def fetching(self, cell: int, now: float) -> None:
+        """A planned prior of this cell is being fetched; its outcome is not in yet."""
+        if 0 <= cell < len(self.fetched) and self.cold(cell):
+            self.unsettled[cell] = now
+
+    def mode(self) -> str:
+        judged = sum(not self.cold(c) for c in range(len(self.fetched)))
+        cells = f"{judged} of {len(self.fetched)} kinds of prior judged"
+        if sum(self.fetched) >= OPEN_WARM:
+            return f"learned: {cells}"
+        return f"cold start: {sum(self.fetched)} outcomes, {cells}, {len(self.unsettled)} of their fetches unsettled"
+
     def feedback(self, cell: int, used: bool) -> None:
         """A prefetched study of this cell was opened (used) or evicted/expired unopened."""
         if 0 <= cell < len(self.fetched):
             self.fetched[cell] += 1
             self.used[cell] += int(used)
+            self.unsettled.pop(cell, None)

@@ -228,11 +228,15 @@ class PolicyStack:
         order = {key: (i, cell) for i, (cell, key, _, _, _) in enumerate(wanted)}
         chosen = plan([Candidate(key, heat, size) for _, key, heat, size, _ in wanted], budget)
         chosen.sort(key=lambda c: order[c.key][0])
+        if (pp := self.priors) is not None:     # cold start: a cell not judged yet waits for its fetch's outcome
+            chosen = [c for c in chosen if not pp.waiting(order[c.key][1], now)]
         return [(c.key, order[c.key][1], c.size, c.heat) for c in chosen]
 
-    def prior_fetched(self, prior: Hashable, new: Hashable, heat: float) -> None:
-        """A planned prior is being fetched for a new study: tell the eviction policy (one that keeps the pair,
-        agent/policy/learned.py `link`), before the prior's files land."""
+    def prior_fetched(self, prior: Hashable, new: Hashable, heat: float, cell: int, now: float) -> None:
+        """A planned prior of this cell is being fetched for a new study: tell the eviction policy (one that keeps the
+        pair, agent/policy/learned.py `link`), before the prior's files land, and a cold planner (an outcome is out)."""
+        if self.priors is not None:
+            self.priors.fetching(cell, now)
         if (link := getattr(self.policy, "link", None)) is not None:
             link(prior, new, heat)
 
@@ -247,5 +251,8 @@ class PolicyStack:
 
     def status(self) -> dict[str, object]:
         st = self.policy.status() if hasattr(self.policy, "status") else {"policy": self.policy.name, "mode": "rule"}
-        space = {} if self.priors is None else {"prior_space_share": round(self.priors.space_share(), 3)}
+        space: dict[str, object] = {}
+        if self.priors is not None:     # the page's "cache policy" row shows the mode: the planner's too
+            space = {"prior_space_share": round(self.priors.space_share(), 3), "prior_mode": self.priors.mode(),
+                     "mode": f"{st.get('mode', 'rule')}; priors: {self.priors.mode()}"}
         return {"stack": self.spec.label, **st, "last_k": getattr(self.policy, "last_k", None), **space}

@@ -326,7 +326,7 @@ class Replayer:
         budget = Budget(int(cfg.priors_space * cfg.capacity), cfg.prefetch_bps, max(0.0, cfg.priors_window_s - backlog))
         for x, cell, _, heat in self.stack.prior_plan(s, ranked, budget, t):
             self.pf_cell[x] = cell
-            self.stack.prior_fetched(x, s, heat)
+            self.stack.prior_fetched(x, s, heat, cell, t)
             self._fetch_plan(objs_of[x], t)
 
     def _evicted_unread(self, o: int) -> None:
