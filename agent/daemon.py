@@ -335,9 +335,8 @@ class Agent:
 
     async def admin_prefetch_plan(self, query: dict[str, str], body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
         """`pacsgw prefetch --dry-run`: what a run now would fetch and why, and the last run's progress."""
-        if "status" in query:
-            return 200, {"status": self.prefetcher.status.as_json()}
-        return 200, (await self.prefetcher.plan(time.time())).as_json() | {"status": self.prefetcher.status.as_json()}
+        plan = {} if "status" in query else (await self.prefetcher.plan(time.time())).as_json()
+        return 200, plan | {"status": self.prefetcher.status.as_json()}
 
     async def admin_prefetch_run(self, query: dict[str, str], body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
         """`pacsgw prefetch`: start a run now (it ends with the current window, or after a window's length)."""
