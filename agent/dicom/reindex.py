@@ -69,8 +69,7 @@ async def rebuild(cfg: Config, catalog: Catalog, concurrency: int = 64, progress
 
     use_snapshot = use_snapshot and bool(cfg.uplink.prefix)
     # HEADs on a pool with room for every one; the listing on its own (it never queues behind HEADs for a connection)
-    async with S3Uplink(replace(cfg.uplink, max_concurrency=concurrency)) as s3, \
-            S3Uplink(cfg.uplink) as lister:
+    async with S3Uplink(replace(cfg.uplink, max_concurrency=concurrency)) as s3, S3Uplink(cfg.uplink) as lister:
         cursor = snapshot.Cursor(snapshot.read(cfg, lister) if use_snapshot else None)
         try:
             delta = await deltas.read(cfg, lister) if use_snapshot else deltas.Deltas()
