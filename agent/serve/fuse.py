@@ -219,17 +219,14 @@ class GatewayFS(pyfuse3.Operations):
         node = self._inodes.get(inode)
         if node is not None and node.lookups <= 0 and inode != pyfuse3.ROOT_INODE \
                 and not any(f.inode == inode for f in self._files.values()):
-            self._drop(inode)
+            del self._inodes[inode]
+            if node.path is not None and self._by_path.get(node.path) == inode:
+                del self._by_path[node.path]
 
     def _stop_showing(self, op: _Open) -> None:
         """op's uncommitted content is no longer what its path shows (committed, failed or closed)."""
         if self._writing.get(op.path) is op:
             del self._writing[op.path]
-
-    def _drop(self, inode: int) -> None:
-        node = self._inodes.pop(inode, None)
-        if node is not None and node.path is not None and self._by_path.get(node.path) == inode:
-            del self._by_path[node.path]
 
     def _detach(self, path: str) -> None:
         """path no longer names the inode the kernel may still hold: later uses of that inode get ENOENT."""
