@@ -145,9 +145,8 @@ class GatewayFS(pyfuse3.Operations):
 
     def __init__(self, gateway: Gateway, uid: int, gid: int, users: dict[int, str], peers: SmbPeers) -> None:
         super().__init__()
-        self.gw, self.uid, self.gid = gateway, uid, gid
+        self.gw, self.uid, self.gid, self.peers = gateway, uid, gid, peers
         self.users = users  # uid of an SMB user's Unix account → the user's name in [[users]]
-        self.peers = peers
         self._inodes: dict[int, _Inode] = {pyfuse3.ROOT_INODE: _Inode("", 1)}
         self._by_path: dict[str, int] = {"": pyfuse3.ROOT_INODE}
         self._inode_numbers = itertools.count(pyfuse3.ROOT_INODE + 1)
