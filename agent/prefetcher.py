@@ -69,9 +69,6 @@ class RunStatus:
     stopped: str = ""             # why the last run ended early ('' when it finished its plan)
     finished_at: float = 0.0
 
-    def as_json(self) -> dict:
-        return dict(self.__dict__)
-
 
 def stack_for(cfg: Config) -> PolicyStack:
     """The policy stack the config asks for: `[cache] eviction` and the planners `[prefetch]` enables."""
