@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import errno
 import itertools
 import os
@@ -59,7 +60,7 @@ class SmbPeers:
         self._known: dict[tuple[int, float], str] = {}
 
     def of(self, pid: int) -> str:
-        try:
+        with contextlib.suppress(psutil.Error):
             proc = psutil.Process(pid)
             key = (pid, proc.create_time())  # a reused pid is another process
             if key not in self._known:
@@ -68,26 +69,22 @@ class SmbPeers:
                 self._known[key] = next((f"{c.raddr.ip}:{c.raddr.port}" for c in proc.net_connections("tcp")
                                          if c.raddr and c.laddr.port == self.port), "")
             return self._known[key]
-        except psutil.Error:
-            return ""
+        return ""
 
     @staticmethod
     def acting_as(pid: int) -> int | None:
         """The uid smbd process pid acts as now (its file-system uid; None if it is gone). smbd does a client's CLOSE
         as the user's account, and the closes of what a LOGOFF or TREE_DISCONNECT left open as root."""
-        try:
-            with open(f"/proc/{pid}/status") as f:
-                return int(next(line for line in f if line.startswith("Uid:")).split()[4])
-        except (OSError, StopIteration, ValueError):
-            return None
+        with contextlib.suppress(OSError, StopIteration, ValueError), open(f"/proc/{pid}/status") as f:
+            return int(next(line for line in f if line.startswith("Uid:")).split()[4])
+        return None
 
     def connected(self, pid: int) -> bool:
         """Whether smbd process pid still has its client: one whose connection was cut closes what was left open."""
-        try:
+        with contextlib.suppress(psutil.Error):
             return any(c.status == psutil.CONN_ESTABLISHED and c.laddr.port == self.port
                        for c in psutil.Process(pid).net_connections("tcp"))
-        except psutil.Error:
-            return False
+        return False
 
 
 @dataclass
