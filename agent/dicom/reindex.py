@@ -40,8 +40,7 @@ class RebuildReport:
         return self.objects / self.seconds if self.seconds else 0.0
 
 
-async def rebuild(cfg: Config, catalog: Catalog, concurrency: int = 64, progress: bool = True,
-                  use_snapshot: bool = True) -> RebuildReport:
+async def rebuild(cfg: Config, catalog: Catalog, concurrency: int, progress: bool, use_snapshot: bool) -> RebuildReport:
     report, rows = RebuildReport(), []
     queue: asyncio.Queue[str | None] = asyncio.Queue(maxsize=concurrency * 4)
     bar = tqdm(unit="obj", desc="index rebuild", disable=not progress)
