@@ -150,8 +150,7 @@ class DirPrefetcher:
         today = dt.date.fromtimestamp(now)
         rows = await self.db.heat_since((today - dt.timedelta(days=WINDOW)).isoformat())
         rows = [(d, day, reads) for d, day, reads, _, _ in rows if day < today.isoformat()]
-        files = {d: await self.db.count_files_under(d) for d in {r[0] for r in rows}}
-        return history(rows, files, today)
+        return history(rows, {d: await self.db.count_files_under(d) for d in {r[0] for r in rows}}, today)
 
     async def rank(self, now: float) -> list[RankedDir]:
         h = await self.history(now)

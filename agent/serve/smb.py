@@ -374,8 +374,7 @@ class SmbService:
                     offset = 0  # Samba rotated the file (max log size)
                 inode = st.st_ino
                 if st.st_size > offset:
-                    chunk = await asyncio.to_thread(_read_from, path, offset)
-                    complete = chunk.rpartition(b"\n")[0]
+                    complete = (await asyncio.to_thread(_read_from, path, offset)).rpartition(b"\n")[0]
                     offset += len(complete) + 1 if complete else 0
                     # \n only: splitlines() also cut at U+2028, raw in a client's NTLM workstation (a hidden failure)
                     for line in complete.decode("utf-8", "replace").split("\n"):
