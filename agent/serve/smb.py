@@ -572,5 +572,4 @@ class SmbService:
         return {"listen": f"{s.listen[0]}:{s.listen[1]}", "share": s.share, "mountpoint": s.mountpoint,
                 "manage": s.manage,
                 "smbd_running": (self.proc is not None and self.proc.poll() is None) if s.manage else None,
-                "smbd_restarts": self.restarts,
-                "inodes": self.fs.inode_count() if self.fs else 0}
+                "smbd_restarts": self.restarts, "inodes": self.fs.inode_count() if self.fs else 0}
