@@ -328,8 +328,7 @@ class Agent:
         else:
             state = "running" if self.prefetcher.status.running else "idle"
         return {"state": state, "window": "-".join(f"{t // 3600:02d}:{t % 3600 // 60:02d}" for t in p.window),
-                "priors": p.priors, "priors_over_cap": self.priors.over_cap,
-                "last_run": asdict(self.prefetcher.status),
+                "priors": p.priors, "priors_over_cap": self.priors.over_cap, "last_run": asdict(self.prefetcher.status),
                 "model": str(self.prefetcher.predictor.path) if self.prefetcher.predictor else None,
                 "model_state": self.prefetcher.model_state}
 
