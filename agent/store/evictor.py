@@ -176,7 +176,6 @@ class Evictor:
             yield self.stack
 
     async def _feed(self, now: float) -> None:
-        """Feed the stack the catalog's view of the cache (the buffered reads first)."""
         await self.flush_reads()
         await asyncio.to_thread(self._sync, self.stack, await self.db.eviction_rows(self.cfg.eviction_candidates), now)
         self._synced = now
