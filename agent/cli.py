@@ -75,10 +75,9 @@ class Unreachable(Exception):
     """The agent's HTTP listener did not answer: main() prints why and exits 3."""
 
 
-def _admin(url: str, token: str, body: dict | None = None, method: str = "GET", timeout: float = 120
-           ) -> tuple[int, dict]:
-    """One request to the running agent → (HTTP status, JSON answer); raises Unreachable."""
-    req = urllib.request.Request(url, data=json.dumps(body).encode() if body is not None else None, method=method,
+def _admin(url: str, token: str, body: dict | None = None, timeout: float = 120) -> tuple[int, dict]:
+    """One request to the running agent (a POST with a body) → (HTTP status, JSON answer); raises Unreachable."""
+    req = urllib.request.Request(url, data=json.dumps(body).encode() if body is not None else None,
                                  headers={"Content-Type": "application/json", "Authorization": f"Bearer {token}"})
     try:
         with urllib.request.urlopen(req, timeout=timeout) as r:
@@ -105,7 +104,7 @@ def cmd_evict(args: argparse.Namespace) -> int:
     worst = 0
     with _bar(len(args.paths), "evict") as bar:
         for path in args.paths:
-            status, result = _admin(url, token, {"path": path}, "POST")
+            status, result = _admin(url, token, {"path": path})
             worst = max(worst, 0 if status == 200 else 1)
             bar.write(f"{path}: " + ("evicted" if result.get("evicted")
                                      else f"not evicted ({result.get('error')})"), file=sys.stdout)
@@ -141,7 +140,7 @@ def cmd_prefetch(args: argparse.Namespace) -> int:
     url, token = _agent_url(args) + "/admin/prefetch", _admin_token(args)
     if args.dry_run:
         return _dry_run(url, token, args.json, _plan_text)
-    status, started = _admin(url, token, {}, "POST")
+    status, started = _admin(url, token, {})
     if status != 202:
         return complain(str(started.get("error")), 1)
     with _bar(0, "prefetch", "B") as bar:

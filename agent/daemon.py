@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import functools
 import gc
 import resource
@@ -12,6 +11,7 @@ import signal
 import sqlite3
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable
 
@@ -328,21 +328,19 @@ class Agent:
         else:
             state = "running" if self.prefetcher.status.running else "idle"
         return {"state": state, "window": "-".join(f"{t // 3600:02d}:{t % 3600 // 60:02d}" for t in p.window),
-                "priors": p.priors, "priors_over_cap": self.priors.over_cap,
-                "last_run": self.prefetcher.status.as_json(),
+                "priors": p.priors, "priors_over_cap": self.priors.over_cap, "last_run": asdict(self.prefetcher.status),
                 "model": str(self.prefetcher.predictor.path) if self.prefetcher.predictor else None,
                 "model_state": self.prefetcher.model_state}
 
     async def admin_prefetch_plan(self, query: dict[str, str], body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
         """`pacsgw prefetch --dry-run`: what a run now would fetch and why, and the last run's progress."""
-        if "status" in query:
-            return 200, {"status": self.prefetcher.status.as_json()}
-        return 200, (await self.prefetcher.plan(time.time())).as_json() | {"status": self.prefetcher.status.as_json()}
+        plan = {} if "status" in query else (await self.prefetcher.plan(time.time())).as_json()
+        return 200, plan | {"status": asdict(self.prefetcher.status)}
 
     async def admin_prefetch_run(self, query: dict[str, str], body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
         """`pacsgw prefetch`: start a run now (it ends with the current window, or after a window's length)."""
         if self.prefetcher.status.running:
-            return 409, {"error": "a prefetch run is already running", "status": self.prefetcher.status.as_json()}
+            return 409, {"error": "a prefetch run is already running", "status": asdict(self.prefetcher.status)}
         if self.monitor.current.level >= Level.HIGH:
             return 409, {"error": f"prefetch paused: pressure {self.monitor.current.level} "
                                   f"({'; '.join(self.monitor.current.reasons)})"}
@@ -359,7 +357,7 @@ class Agent:
             return 400, {"error": f"bytes={query['bytes']!r} is not a size such as '10MB'"}
         victims = await self.evictor.plan(want, explain=True)
         return 200, {"policy": self.cfg.cache.eviction, "bytes_to_free": want, "cached_bytes": totals.cached_bytes,
-                     "k": self.evictor.last_k, "victims": [dataclasses.asdict(v) for v in victims]}
+                     "k": self.evictor.last_k, "victims": [asdict(v) for v in victims]}
 
     async def admin_evict(self, query: dict[str, str], body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
         """Drop one file's cached copy (it must be clean: safe in S3); → (HTTP status, JSON result)."""

@@ -222,8 +222,7 @@ class HaMonitor:
                         peer |= {"reachable": True, **peer_view(await r.content.read(PEER_MAX_BYTES + 1))}
                 except Exception as e:  # a dead peer is what this watches for
                     peer |= {"reachable": False, "error": error_code(e)}
-                if peer["reachable"] != self.state.peer.get("reachable") or \
-                        peer.get("role") != self.state.peer.get("role"):
+                if any(peer.get(k) != self.state.peer.get(k) for k in ("reachable", "role")):
                     log.warning("ha_peer", **{k: v for k, v in peer.items() if k != "checked"})
                 self.state.peer = peer
                 await asyncio.sleep(PEER_POLL)

@@ -69,9 +69,6 @@ class RunStatus:
     stopped: str = ""             # why the last run ended early ('' when it finished its plan)
     finished_at: float = 0.0
 
-    def as_json(self) -> dict:
-        return dict(self.__dict__)
-
 
 def stack_for(cfg: Config) -> PolicyStack:
     """The policy stack the config asks for: `[cache] eviction` and the planners `[prefetch]` enables."""
@@ -153,8 +150,7 @@ class DirPrefetcher:
         today = dt.date.fromtimestamp(now)
         rows = await self.db.heat_since((today - dt.timedelta(days=WINDOW)).isoformat())
         rows = [(d, day, reads) for d, day, reads, _, _ in rows if day < today.isoformat()]
-        files = {d: await self.db.count_files_under(d) for d in {r[0] for r in rows}}
-        return history(rows, files, today)
+        return history(rows, {d: await self.db.count_files_under(d) for d in {r[0] for r in rows}}, today)
 
     async def rank(self, now: float) -> list[RankedDir]:
         h = await self.history(now)

@@ -40,11 +40,10 @@ def worker_audits(cfg: Config) -> list[AuditLog]:
 
 def _is_worker_of(pid: int, cfg: Config) -> bool:
     """Whether pid is a worker process of this configuration (a pid file may name a reused pid)."""
-    try:
+    with contextlib.suppress(OSError):
         argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-    except OSError:
-        return False
-    return b"agent.worker" in argv and str(cfg.path).encode() in argv
+        return b"agent.worker" in argv and str(cfg.path).encode() in argv
+    return False
 
 
 def retire_orphans(cfg: Config) -> list[int]:

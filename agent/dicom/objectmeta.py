@@ -82,8 +82,7 @@ class Describer:
     """For the uploader: a cached file's header (bounded) → its object's metadata and tags; an unreadable one goes
     as given (a warning, never a refusal). With metadata off it is still read for DICOM retention rules."""
 
-    def __init__(self, cfg: DicomConfig, retention: Callable[[str, Header | None], str],
-                 needs_header: bool = False) -> None:
+    def __init__(self, cfg: DicomConfig, retention: Callable[[str, Header | None], str], needs_header: bool) -> None:
         self.cfg, self.retention = cfg, retention
         self.reads = cfg.metadata or needs_header  # whether it reads headers at all
 

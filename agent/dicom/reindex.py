@@ -40,8 +40,7 @@ class RebuildReport:
         return self.objects / self.seconds if self.seconds else 0.0
 
 
-async def rebuild(cfg: Config, catalog: Catalog, concurrency: int = 64, progress: bool = True,
-                  use_snapshot: bool = True) -> RebuildReport:
+async def rebuild(cfg: Config, catalog: Catalog, concurrency: int, progress: bool, use_snapshot: bool) -> RebuildReport:
     report, rows = RebuildReport(), []
     queue: asyncio.Queue[str | None] = asyncio.Queue(maxsize=concurrency * 4)
     bar = tqdm(unit="obj", desc="index rebuild", disable=not progress)
@@ -69,8 +68,7 @@ async def rebuild(cfg: Config, catalog: Catalog, concurrency: int = 64, progress
 
     use_snapshot = use_snapshot and bool(cfg.uplink.prefix)
     # HEADs on a pool with room for every one; the listing on its own (it never queues behind HEADs for a connection)
-    async with S3Uplink(replace(cfg.uplink, max_concurrency=concurrency)) as s3, \
-            S3Uplink(cfg.uplink) as lister:
+    async with S3Uplink(replace(cfg.uplink, max_concurrency=concurrency)) as s3, S3Uplink(cfg.uplink) as lister:
         cursor = snapshot.Cursor(snapshot.read(cfg, lister) if use_snapshot else None)
         try:
             delta = await deltas.read(cfg, lister) if use_snapshot else deltas.Deltas()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import errno
 import itertools
 import os
@@ -59,7 +60,7 @@ class SmbPeers:
         self._known: dict[tuple[int, float], str] = {}
 
     def of(self, pid: int) -> str:
-        try:
+        with contextlib.suppress(psutil.Error):
             proc = psutil.Process(pid)
             key = (pid, proc.create_time())  # a reused pid is another process
             if key not in self._known:
@@ -68,26 +69,22 @@ class SmbPeers:
                 self._known[key] = next((f"{c.raddr.ip}:{c.raddr.port}" for c in proc.net_connections("tcp")
                                          if c.raddr and c.laddr.port == self.port), "")
             return self._known[key]
-        except psutil.Error:
-            return ""
+        return ""
 
     @staticmethod
     def acting_as(pid: int) -> int | None:
         """The uid smbd process pid acts as now (its file-system uid; None if it is gone). smbd does a client's CLOSE
         as the user's account, and the closes of what a LOGOFF or TREE_DISCONNECT left open as root."""
-        try:
-            with open(f"/proc/{pid}/status") as f:
-                return int(next(line for line in f if line.startswith("Uid:")).split()[4])
-        except (OSError, StopIteration, ValueError):
-            return None
+        with contextlib.suppress(OSError, StopIteration, ValueError), open(f"/proc/{pid}/status") as f:
+            return int(next(line for line in f if line.startswith("Uid:")).split()[4])
+        return None
 
     def connected(self, pid: int) -> bool:
         """Whether smbd process pid still has its client: one whose connection was cut closes what was left open."""
-        try:
+        with contextlib.suppress(psutil.Error):
             return any(c.status == psutil.CONN_ESTABLISHED and c.laddr.port == self.port
                        for c in psutil.Process(pid).net_connections("tcp"))
-        except psutil.Error:
-            return False
+        return False
 
 
 @dataclass
@@ -145,9 +142,8 @@ class GatewayFS(pyfuse3.Operations):
 
     def __init__(self, gateway: Gateway, uid: int, gid: int, users: dict[int, str], peers: SmbPeers) -> None:
         super().__init__()
-        self.gw, self.uid, self.gid = gateway, uid, gid
+        self.gw, self.uid, self.gid, self.peers = gateway, uid, gid, peers
         self.users = users  # uid of an SMB user's Unix account → the user's name in [[users]]
-        self.peers = peers
         self._inodes: dict[int, _Inode] = {pyfuse3.ROOT_INODE: _Inode("", 1)}
         self._by_path: dict[str, int] = {"": pyfuse3.ROOT_INODE}
         self._inode_numbers = itertools.count(pyfuse3.ROOT_INODE + 1)
@@ -219,17 +215,14 @@ class GatewayFS(pyfuse3.Operations):
         node = self._inodes.get(inode)
         if node is not None and node.lookups <= 0 and inode != pyfuse3.ROOT_INODE \
                 and not any(f.inode == inode for f in self._files.values()):
-            self._drop(inode)
+            del self._inodes[inode]
+            if node.path is not None and self._by_path.get(node.path) == inode:
+                del self._by_path[node.path]
 
     def _stop_showing(self, op: _Open) -> None:
         """op's uncommitted content is no longer what its path shows (committed, failed or closed)."""
         if self._writing.get(op.path) is op:
             del self._writing[op.path]
-
-    def _drop(self, inode: int) -> None:
-        node = self._inodes.pop(inode, None)
-        if node is not None and node.path is not None and self._by_path.get(node.path) == inode:
-            del self._by_path[node.path]
 
     def _detach(self, path: str) -> None:
         """path no longer names the inode the kernel may still hold: later uses of that inode get ENOENT."""

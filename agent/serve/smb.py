@@ -321,32 +321,30 @@ class SmbService:
 
     def _sync_users(self, gid: int) -> dict[int, str]:
         """Samba's accounts and passwords as [[users]] says. → uid of each user's Unix account → user name."""
-        users = smb_users(self.cfg)
         for u in self.cfg.users:
             if not u.password:
                 log.warning("smb_user_skipped", user=u.name,
                             reason="Samba needs the NT hash of a plain password; this user has only "
                                    "password_hash or authorized_keys and cannot log in over SMB")
         group = grp.getgrgid(gid).gr_name
-        mapping, by_uid = [], {}
-        for u in users:
+        accounts, by_uid = {}, {}  # Unix account → user name (the username map), uid → user name
+        for u in smb_users(self.cfg):
             account = unix_account(u.name)
             uid, _ = _ensure_account(account, group=group)
-            by_uid[uid] = u.name
-            mapping.append(f"{account} = {u.name}")
+            by_uid[uid] = accounts[account] = u.name
             # the password goes to smbpasswd on stdin only, never onto a command line or into the log
             r = subprocess.run(["smbpasswd", "-c", str(self.conf_path), "-s", "-a", account],
                                input=f"{u.password}\n{u.password}\n", text=True, capture_output=True)
             if r.returncode != 0:
                 raise RuntimeError(f"smbpasswd failed for SMB user {u.name!r}: {r.stderr.strip() or r.stdout.strip()}")
-        (self.state / "usermap").write_text("\n".join(mapping) + "\n")
-        keep = {unix_account(u.name) for u in users}
+        usermap = "\n".join(f"{account} = {name}" for account, name in accounts.items())
+        (self.state / "usermap").write_text(usermap + "\n")
         listed = subprocess.run(["pdbedit", "-s", str(self.conf_path), "-L"], capture_output=True, text=True)
         if listed.returncode != 0:
             raise RuntimeError(f"pdbedit could not list Samba's users: {listed.stderr.strip()[:500]}")
         for line in listed.stdout.splitlines():
             account = line.split(":", 1)[0]
-            if account.startswith(ACCOUNT_PREFIX) and account not in keep:
+            if account.startswith(ACCOUNT_PREFIX) and account not in accounts:
                 subprocess.run(["smbpasswd", "-c", str(self.conf_path), "-x", account], capture_output=True)
                 log.info("smb_user_removed", account=account)
         return by_uid
@@ -376,8 +374,7 @@ class SmbService:
                     offset = 0  # Samba rotated the file (max log size)
                 inode = st.st_ino
                 if st.st_size > offset:
-                    chunk = await asyncio.to_thread(_read_from, path, offset)
-                    complete = chunk.rpartition(b"\n")[0]
+                    complete = (await asyncio.to_thread(_read_from, path, offset)).rpartition(b"\n")[0]
                     offset += len(complete) + 1 if complete else 0
                     # \n only: splitlines() also cut at U+2028, raw in a client's NTLM workstation (a hidden failure)
                     for line in complete.decode("utf-8", "replace").split("\n"):
@@ -575,5 +572,4 @@ class SmbService:
         return {"listen": f"{s.listen[0]}:{s.listen[1]}", "share": s.share, "mountpoint": s.mountpoint,
                 "manage": s.manage,
                 "smbd_running": (self.proc is not None and self.proc.poll() is None) if s.manage else None,
-                "smbd_restarts": self.restarts,
-                "inodes": self.fs.inode_count() if self.fs else 0}
+                "smbd_restarts": self.restarts, "inodes": self.fs.inode_count() if self.fs else 0}

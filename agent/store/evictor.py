@@ -176,10 +176,8 @@ class Evictor:
             yield self.stack
 
     async def _feed(self, now: float) -> None:
-        """Feed the stack the catalog's view of the cache (the buffered reads first)."""
         await self.flush_reads()
-        rows = await self.db.eviction_rows(self.cfg.eviction_candidates)
-        await asyncio.to_thread(self._sync, self.stack, rows, now)
+        await asyncio.to_thread(self._sync, self.stack, await self.db.eviction_rows(self.cfg.eviction_candidates), now)
         self._synced = now
 
     async def learn(self) -> None:
@@ -250,7 +248,6 @@ class Evictor:
                 async with self._lock:
                     await self.refit_if_due()
                     await self.learn()
-                totals = await self.db.totals()
-                await self.free(self.excess(totals.cached_bytes), "high watermark")
+                await self.free(self.excess((await self.db.totals()).cached_bytes), "high watermark")
             except Exception as e:  # a failed pass (e.g. disk full) is retried next interval
                 log.error("eviction_failed", error=repr(e)[:300])

@@ -123,7 +123,6 @@ class CatalogBase:
             raise
 
     def _write(self, sql: str, args: Sequence[object] = (), *, durable: bool) -> int:
-        """One statement in a transaction of its own. → the number of rows it changed."""
         with self._tx(durable):
             return self.db.execute(sql, args).rowcount
 

@@ -77,8 +77,7 @@ class Heat(CatalogBase):
         hits = list(hits)
         with self._tx(durable=False):
             self.db.executemany("UPDATE entries SET last_access = MAX(COALESCE(last_access, 0), ?), "
-                                "access_count = access_count + ? WHERE path = ?",
-                                [(t, n, p) for p, t, n in hits])
+                                "access_count = access_count + ? WHERE path = ?", [(t, n, p) for p, t, n in hits])
             used = [r for (p, _, _) in hits
                     for r in self.db.execute("DELETE FROM prefetched WHERE path = ? RETURNING bytes", (p,))]
             self.db.executemany(

@@ -68,8 +68,7 @@ class Studies(CatalogBase):
         return settled
 
     def prior_outcomes(self) -> list[tuple[int, bool]]:
-        return [(r, bool(u)) for r, u in self.db.execute(
-            "SELECT rank, used FROM prior_fetches WHERE used IS NOT NULL").fetchall()]
+        return [(r, bool(u)) for r, u in self.db.execute("SELECT rank, used FROM prior_fetches WHERE used IS NOT NULL")]
 
     def index_dicom(self, rows: Sequence[tuple[object, ...]]) -> None:
         """Upsert study-index rows (path, size, study_uid, series_uid, sop_uid, modality, study_date, patient)."""
