@@ -95,6 +95,9 @@ THROTTLE_CODES = frozenset({
 })
 
 
+DIGEST_CODES = frozenset({"BadDigest", "InvalidDigest", "XAmzContentSHA256Mismatch"})
+
+
 def _status(exc: ClientError) -> int:
     return int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0))
 
@@ -156,12 +159,20 @@ def plain_md5(headers: Mapping[str, str]) -> str | None:
     return etag if len(etag) == 32 and all(c in "0123456789abcdef" for c in etag) else None
 
 
-def read_verified(path: str, fd: int, size: int, sha256: str) -> bytes:
-    """The size bytes behind fd, checked against sha256: what a single-request PUT sends. Blocking."""
+def read_verified(path: str, fd: int, size: int, sha256: str, by_store: bool = False) -> bytes:
+    """The size bytes behind fd, checked against sha256: what a single-request PUT sends. by_store: only their
+    length is checked here, the store refuses other bytes than the SHA-256 the PUT carries (_put's
+    ChecksumMismatch; S3Uplink.store_verifies). Blocking."""
     body = os.pread(fd, size, 0)
-    if len(body) != size or hashlib.sha256(body).hexdigest() != sha256:
+    if len(body) != size or not by_store and hashlib.sha256(body).hexdigest() != sha256:
         raise ChecksumMismatch(f"{path}: cached content does not match its catalog checksum")
     return body
+
+
+def refused_digest(exc: BaseException) -> bool:
+    """The store refused a PUT whose body is not of the checksum it carries (AWS checks x-amz-checksum-sha256,
+    x-amz-content-sha256 and Content-MD5; SeaweedFS the first and the last, with BadDigest)."""
+    return isinstance(exc, ClientError) and _status(exc) == 400 and error_code(exc) in DIGEST_CODES
 
 
 @contextlib.contextmanager
@@ -297,6 +308,9 @@ class S3Uplink:
         # once sent max_concurrency per listing
         self._heads = asyncio.Semaphore(cfg.max_concurrency)
         self._unanswered: dict[tuple[str, str | None], float] = {}  # (path, ETag) → when its HEAD may be sent again
+        # Whether the store refuses a body of another SHA-256 than a PUT carries: None until probed (store_verifies)
+        self.verified_by_store: bool | None = None
+        self._probing = asyncio.Lock()
 
     async def start(self) -> None:
         config = AioConfig(
@@ -347,6 +361,32 @@ class S3Uplink:
     async def probe(self) -> None:
         await self._client.head_bucket(Bucket=self.cfg.bucket)
 
+    async def store_verifies(self, probe_key: str) -> bool:
+        """Whether the store refuses a single PutObject whose body is not of the SHA-256 it carries (AWS, SeaweedFS
+        do; rclone's `serve s3` does not): then its uploads need not hash their bodies here. Found once, by a PUT
+        of probe_key (absolute) with a wrong checksum, deleted if stored; no answer raises (the next call asks)."""
+        async with self._probing:  # the first uploads all ask at once: one probe
+            if self.verified_by_store is None:
+                self.verified_by_store, answer = await self._probe_verify(probe_key)
+                log.info("upload_verify", mode="store" if self.verified_by_store else "local", answer=answer,
+                         key=probe_key)
+        return self.verified_by_store
+
+    async def _probe_verify(self, key: str) -> tuple[bool, str]:
+        body = b"pacsgw upload-verify probe: a store that keeps this does not check x-amz-checksum-sha256\n"
+        wrong = hashlib.sha256(body + b"not this").hexdigest()  # in both headers, as an upload sends the catalog's
+        try:
+            async with self._request("PUT", key, "PutObject", {"x-amz-checksum-sha256": b64(wrong)}, body, wrong):
+                pass
+        except ClientError as e:
+            if refused_digest(e):
+                return True, error_code(e)
+            if is_unreachable(e) or is_throttled(e):
+                raise
+            return False, error_code(e)  # another refusal (AccessDenied…): no sign of a check, hash here
+        await self.delete_raw(key)
+        return False, "stored"
+
     async def object_lock_enabled(self) -> bool:
         try:
             resp = await self._client.get_object_lock_configuration(Bucket=self.cfg.bucket)
@@ -359,7 +399,7 @@ class S3Uplink:
     async def put_file(self, path: str, fd: int, size: int, sha256: str, lock: Lock | None = None,
                        meta: ObjectMeta | None = None, condition: dict[str, str] | None = None,
                        compress: bool = False, body: bytes | None = None) -> PutResult:
-        """Upload the content behind fd (pread); body: its bytes, checked by read_verified, for a single_request
+        """Upload the content behind fd (pread); body: its bytes, read by read_verified, for a single_request
         file. compress: zstd on the way (kept only if it shrinks). lock and meta go in the same request. A
         condition ({"IfMatch": etag} or {"IfNoneMatch": "*"}) makes S3 refuse (412) another object than this
         box last knew: an HA pair never overwrites the other box's newer content."""
@@ -388,15 +428,23 @@ class S3Uplink:
     async def _put(self, key: str, body: bytes, sha256: str, headers: dict[str, str]) -> PutResult:
         """One PutObject of body (whose SHA-256 is sha256) with these headers, at the line's upload rate."""
         await self.bandwidth.up.acquire(len(body))
-        async with self._request("PUT", key, "PutObject", {"x-amz-checksum-sha256": b64(sha256), **headers},
-                                 body, sha256) as resp:
-            # every S3 store names what it stored by a strong ETag: a web page's 200 (weak one at most) stored nothing
-            if resp.headers.get("ETag", "W/").startswith("W/"):
-                raise ChecksumMismatch(f"{key}: answered {resp.status} without an object's ETag ({resp.content_type})")
-            returned = resp.headers.get("x-amz-checksum-sha256")
-            if returned is not None and returned != b64(sha256):
-                raise ChecksumMismatch(f"{key}: object store answered checksum {returned}")
-            return PutResult(resp.headers.get("ETag"), resp.headers.get("x-amz-version-id"))
+        try:
+            async with self._request("PUT", key, "PutObject", {"x-amz-checksum-sha256": b64(sha256), **headers},
+                                     body, sha256) as resp:
+                # every S3 store names what it stored by a strong ETag: a web page's 200 (weak one at most) stored
+                # nothing
+                if resp.headers.get("ETag", "W/").startswith("W/"):
+                    raise ChecksumMismatch(
+                        f"{key}: answered {resp.status} without an object's ETag ({resp.content_type})")
+                returned = resp.headers.get("x-amz-checksum-sha256")
+                if returned is not None and returned != b64(sha256):
+                    raise ChecksumMismatch(f"{key}: object store answered checksum {returned}")
+                return PutResult(resp.headers.get("ETag"), resp.headers.get("x-amz-version-id"))
+        except ClientError as e:
+            if refused_digest(e):  # the failure the local check raises, when the store is the one checking
+                raise ChecksumMismatch(f"{key}: the object store refused the body as not of sha256 {sha256} "
+                                       f"({error_code(e)})") from e
+            raise
 
     @contextlib.asynccontextmanager
     async def _request(self, method: str, key: str, operation: str, headers: Mapping[str, str],
