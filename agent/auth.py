@@ -30,6 +30,15 @@ T = TypeVar("T")
 P = ParamSpec("P")
 GUARD_FILE = "logins.sqlite"  # in the cache directory: LoginGuard's box-wide counts
 REFUSALS_EVERY = 60.0  # seconds: at most one event (and audit record) per refused address, user or session cap
+NAME_CHARS = 32  # the longest [[users]] name (agent.config._name)
+SHOWN_NAME_CHARS = 64
+
+
+def login_name(name: str) -> str:
+    """A login's user name as the guard keys it and logs and audit records show it: one longer than SHOWN_NAME_CHARS
+    (no configured name, so no login) cut to its first NAME_CHARS characters and its length, a form that itself
+    stays within SHOWN_NAME_CHARS. An FTP USER of 8 000 characters was an 8 KB audit record, log line and guard key."""
+    return name if len(name) <= SHOWN_NAME_CHARS else f"{name[:NAME_CHARS]}…({len(name)} characters)"
 
 
 def hash_password(password: str) -> str:
@@ -194,7 +203,7 @@ class LoginGuard:
     @_on_thread
     def refusal(self, user: str, address: str, protocol: str, now: float | None = None) -> str:
         """Why a login must be refused unchecked now ('' when it may be checked)."""
-        now, address = time.monotonic() if now is None else now, unmapped(address)
+        now, address, user = time.monotonic() if now is None else now, unmapped(address), login_name(user)
         # reads only: in WAL mode another process's write lock never blocks them, and a full disk neither
         with self._unless_unrecordable("ban check"):
             self._gauge(now)  # bans other processes imposed show here too
@@ -222,6 +231,7 @@ class LoginGuard:
     async def attempt(self, user: str, address: str, protocol: str) -> AsyncIterator[str]:
         """One password check → why it is refused unchecked ('': check and record it inside), once the box's failures
         and checks under way leave room below max_failures (30 sent at once were all checked); else refused."""
+        user = login_name(user)
         if refusal := await self.refusal(user, address, protocol):
             yield refusal
             return
@@ -272,7 +282,7 @@ class LoginGuard:
 
     @_on_thread
     def succeeded(self, user: str, address: str, now: float | None = None) -> None:
-        now, address = time.monotonic() if now is None else now, unmapped(address)
+        now, address, user = time.monotonic() if now is None else now, unmapped(address), login_name(user)
         with self._unless_unrecordable("login"), self._tx():
             # Not a /64's: another of its hosts may be the one guessing, and would start again at each success
             self.db.execute("DELETE FROM failures WHERE scope = 'address' AND key = ?", (address,))
@@ -291,7 +301,7 @@ class LoginGuard:
     @_on_thread
     def failed(self, user: str, address: str, protocol: str, now: float | None = None) -> float:
         """Record a failed login → the seconds to wait before answering it."""
-        now, address = time.monotonic() if now is None else now, unmapped(address)
+        now, address, user = time.monotonic() if now is None else now, unmapped(address), login_name(user)
         self.metrics.login_failures.labels(protocol).inc()
         worst = 0
         with self._unless_unrecordable("failed login"), self._tx():

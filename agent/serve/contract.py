@@ -22,14 +22,14 @@ import errno
 import json
 import ssl
 import stat
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import asyncssh
 import structlog
 
 from agent.audit import Who, failure
-from agent.auth import REFUSALS_EVERY, Every, LoginGuard, refusal
+from agent.auth import REFUSALS_EVERY, Every, LoginGuard, login_name, refusal
 from agent.store.errors import (
     AlreadyExists,
     BadOffset,
@@ -131,6 +131,7 @@ async def login(gw: Gateway, guard: LoginGuard, protocol: str, who: Who, address
     """A password check's outcome → the seconds its answer must wait: the guard's growing delay after a failure
     (that is the backoff; the caller waits once its LoginGuard.attempt is over, so the checks of others need not
     wait for it; Samba has answered already), 0 after a success."""
+    who = replace(who, user=login_name(who.user))  # a name no config holds is logged and audited cut
     if ok:
         log.info("login", protocol=protocol, user=who.user, peer=who.peer, **context)
         await guard.succeeded(who.user, address)

@@ -41,7 +41,7 @@ import structlog
 from aioftp.common import END_OF_LINE, ThrottleStreamIO
 
 from agent.audit import Who
-from agent.auth import REFUSALS_EVERY, Every, LoginGuard, Passwords, kept, refusal, unmapped
+from agent.auth import REFUSALS_EVERY, Every, LoginGuard, Passwords, kept, login_name, refusal, unmapped
 from agent.config import Config, shown
 from agent.records import Entry
 from agent.serve import contract
@@ -770,6 +770,7 @@ class FtpServer(aioftp.Server):
                        else f"PROT {rest} not supported")
 
     async def on_user(self, connection: aioftp.Connection, rest: str) -> bool:
+        rest = login_name(rest)  # 8 000 characters were logged, audited and the guard's key whole (no user's name)
         if self.cfg.ftp.require_tls and not connection.session.tls:
             # told once a minute per address: a client pipelining USER lines wrote an event and a record per line
             if (since := self._told.due(("plain", connection.client_host))) is not None:

@@ -731,6 +731,8 @@ class Gateway:
             self._may_change(who, "delete", path)
             self._movable(path)
             await self.worm.check_mutable(await self.stat(path), time.time())
+            if self.marks.writing(path):  # its commit would store it again (SMB's own writer is aborted first: fuse)
+                raise PermissionDenied(path, "being written by another upload; try again later")
             blob = await self.db.delete(path)
         if blob:
             self.cache.remove(blob)
