@@ -843,8 +843,7 @@ class Gateway:
                 if offset < existing.size and not self.allowed(who, "delete"):
                     raise PermissionDenied(path, "replacing a stored file needs the 'delete' permission")
             user = who.user if who is not None else ""
-            dirty = self.db.dirty_bytes(user) if self.dirty_limit and user else 0
-            self.dirty_share(user, path, dirty, self._unfinished.get(user, 0) + 1)  # a byte at least must fit
+            self.dirty_share(user, path, self._unfinished.get(user, 0) + 1)  # a byte at least must fit
             # A spare made ahead (a thread hop and two wake-ups fewer per stored file, and no directory fsync at its
             # commit); else made in a thread, as an inode may wait for the disk (issue 14), undone if cancelled
             spare = self.cache.spare_staging()
@@ -923,16 +922,17 @@ class Gateway:
             log.warning("unfinished_limit", user=handle.user, path=handle.path, bytes=held, limit=limit)
             raise NoSpace(handle.path, f"this user's unfinished uploads would hold {held} bytes, over its "
                                        f"{limit} (cache.max_unfinished_per_user)")
-        if self.dirty_limit and handle.user:
-            # Read again at each write: the files the user's other uploads (of any process) stored meanwhile count.
-            # The total read at the open missed them: 14 uploads opened at once each stored its file past the share
-            self.dirty_share(handle.user, handle.path, self.db.dirty_bytes(handle.user), held)
+        self.dirty_share(handle.user, handle.path, held)
         self._unfinished[handle.user], handle.counted = held, end
 
-    def dirty_share(self, user: str, path: str, dirty: int, writing: int) -> None:
-        """NoSpace when the user's stored files not yet uploaded (`dirty`) and those being written would pass its
-        share: with the store down they cannot be evicted, and one user's would leave no room for the others'."""
-        if self.dirty_limit and user and dirty + writing > self.dirty_limit:
+    def dirty_share(self, user: str, path: str, writing: int) -> None:
+        """NoSpace when the user's stored files not yet uploaded and those being written would pass its share: with
+        the store down they cannot be evicted, and one user's would leave no room for the others'. The total is read
+        at each call (each write past the counted end): the files the user's other uploads, of any process, stored
+        meanwhile count; read once at the open, 14 uploads opened at once each stored its file past the share."""
+        if not (self.dirty_limit and user):
+            return
+        if (dirty := self.db.dirty_bytes(user)) + writing > self.dirty_limit:
             log.warning("dirty_limit", user=user, path=path, dirty_bytes=dirty, writing=writing,
                         limit=self.dirty_limit, share=self.cfg.cache.max_dirty_per_user)
             raise NoSpace(path, f"this user's files not yet in object storage hold {dirty} bytes, with its uploads "
