@@ -66,3 +66,26 @@ def test_a_once_read_new_study_makes_room_first_where_the_cache_turns_over_soone
         p.on_insert("d1", 100, T + 9000, T + 9000, "D", written=True)
         assert next(iter(p.victims(100, T + 9001))) == victim
         assert p.status()["second_door"] is (victim == "b1")
+
+
+def test_a_written_study_that_came_back_goes_past_the_door_when_read_on_a_miss_again() -> None:
+    """Round 32: a study written here and read in two sessions (the second door's book) is a re-read study, not a
+    one-off; evicted and read on a miss days later it is cached like any study, while one read in a single session
+    goes first (outpatient's follow-ups: the probation evicted most of its lost re-read bytes at 10 %, round 28)."""
+    p = Adaptive()
+    t = through_the_door(p, WARM, False, T)
+    assert p.status()["doorkeeper"] == "on"
+    p.on_insert("a1", 100, t, t, "A", written=True)
+    p.on_insert("b1", 100, t, t, "B", written=True)
+    p.on_access("a1", t + 600)
+    p.on_access("b1", t + 600)
+    p.on_access("a1", t + 3 * 3600)                      # A comes back for a second session, B does not
+    p.on_remove("a1")
+    p.on_remove("b1")
+    t2 = t + 5 * DAY
+    p.on_insert("n1", 100, t2, t2, "new", written=True)
+    p.on_insert("a1", 100, t2 + 60, t, "A")              # both read on a miss again, A first
+    p.on_insert("b1", 100, t2 + 61, t, "B")
+    p.on_access("n1", t2 + 120)
+    assert "A" not in p.door.probation and "B" in p.door.probation
+    assert list(p.victims(100, t2 + 130)) == ["b1"]
