@@ -68,10 +68,11 @@ def test_a_once_read_new_study_makes_room_first_where_the_cache_turns_over_soone
         assert p.status()["second_door"] is (victim == "b1")
 
 
-def test_a_written_study_that_came_back_goes_past_the_door_when_read_on_a_miss_again() -> None:
+def test_a_written_study_that_came_back_has_a_door_of_its_own_walked_after_the_first() -> None:
     """Round 32: a study written here and read in two sessions (the second door's book) is a re-read study, not a
-    one-off; evicted and read on a miss days later it is cached like any study, while one read in a single session
-    goes first (outpatient's follow-ups: the probation evicted most of its lost re-read bytes at 10 %, round 28)."""
+    one-off; evicted and read on a miss days later it goes through a door of its own (its own count of returns; on in
+    its cold start), whose probation goes after the first door's, where one read in a single session is (outpatient's
+    follow-ups: the first door's probation evicted most of its lost re-read bytes at 10 %, round 28)."""
     p = Adaptive()
     t = through_the_door(p, WARM, False, T)
     assert p.status()["doorkeeper"] == "on"
@@ -88,4 +89,7 @@ def test_a_written_study_that_came_back_goes_past_the_door_when_read_on_a_miss_a
     p.on_insert("b1", 100, t2 + 61, t, "B")
     p.on_access("n1", t2 + 120)
     assert "A" not in p.door.probation and "B" in p.door.probation
+    assert p.door_known is not None and "A" in p.door_known.probation
+    assert p.status()["known_doorkeeper"] == "cold start: on"
     assert list(p.victims(100, t2 + 130)) == ["b1"]
+    assert list(p.victims(100, t2 + 131)) == ["a1"]
