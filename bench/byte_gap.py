@@ -2,8 +2,8 @@
 those the scheme hits and Belady misses), after a warm-up, by file size, the time since the file's previous request,
 whether that request was its write, modality, department, study size, whether the file's study was written in the
 trace, how old the study is at the read, the file's read count so far, and (`adaptive`, `agent`) which part of the
-stack evicted the file last before the read (the doorkeeper's probation, the second door, the priors their session
-passed by unopened, or the expert in charge: `learned` or `study`):
+stack evicted the file last before the read (the doorkeeper's probation, the second door, the known studies' door, the
+priors their session passed by unopened, or the expert in charge: `learned` or `study`):
 
     .venv/bin/python bench/byte_gap.py --traces /tmp/p12/traces --families outpatient,general --caps 5GB
 
@@ -60,7 +60,7 @@ def hits_and_evictions(ta, scheme: str, capacity: int) -> tuple[np.ndarray, np.n
     index into the returned names; -1: never evicted before it, or not an `adaptive` stack). The mechanisms are told
     apart by wrapping the victim walks of the real cache's parts (instrumentation only: the replay is unchanged)."""
     r = Replayer(ta, scheme, ReplayConfig(capacity=capacity))
-    names = ["door", "second door", "unopened prior", "learned", "study"]
+    names = ["door", "second door", "unopened prior", "learned", "study", "known door"]
     events: list[tuple[int, float, int]] = []      # (object, time, mechanism)
     clock = [0.0]
 
@@ -79,7 +79,7 @@ def hits_and_evictions(ta, scheme: str, capacity: int) -> tuple[np.ndarray, np.n
             clock[0] = now
             return outer(bytes_to_free, now)
         p.victims = victims  # type: ignore[method-assign]
-        for part, code in ((p.door, 0), (p.door2, 1), (p.learned, None), (p.lru, None)):
+        for part, code in ((p.door, 0), (p.door2, 1), (p.door_known, 5), (p.learned, None), (p.lru, None)):
             if part is not None:
                 part.victims = tagged(part.victims, code)  # type: ignore[method-assign]
         p._unopened_files = tagged(p._unopened_files, 2)  # type: ignore[method-assign]

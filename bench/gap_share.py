@@ -70,7 +70,12 @@ def main() -> int:
     ap.add_argument("--group", default=None, metavar="MIXED_H,GAP_MIN,SPAN_MIN",
                     help="agent.policy.groups: a directory written over MIXED_H hours is split into insert bursts "
                          "GAP_MIN minutes apart, each at most SPAN_MIN long")
+    ap.add_argument("--known-back", choices=("on", "off"), default=None,
+                    help="adaptive.KNOWN_BACK: a written study that came back for a second session and is read on a "
+                         "miss again goes through a doorkeeper of its own")
     args = ap.parse_args()
+    if args.known_back is not None:
+        adaptive.KNOWN_BACK = args.known_back == "on"
     if args.group is not None:
         mixed_h, gap_min, span_min = (float(x) for x in args.group.split(","))
         groups.MIXED_S, groups.GAP_S, groups.SPAN_S = mixed_h * 3600, gap_min * 60, span_min * 60
@@ -143,6 +148,7 @@ def main() -> int:
           f"opened on probation {'on' if adaptive.PROBATION_OPENED and adaptive.RELEASE_UNOPENED else 'off'}, "
           f"trim {'on' if adaptive.TRIM else 'off'}, "
           f"min cut {adaptive.MIN_CUT:g}, second door {'on' if adaptive.SECOND_DOOR else 'off'}, "
+          f"known back {'on' if adaptive.KNOWN_BACK else 'off'}, "
           f"explore {priors.EXPLORE}, open target {priors.OPEN_TARGET:g}, "
           f"cold start {priors.COLD_OUTCOMES} outcomes, {priors.COLD_TTL_S / 3600:g} h, "
           f"old {adaptive.OLD_S / 3600:g} h, groups {groups.MIXED_S / 3600:g} h / "

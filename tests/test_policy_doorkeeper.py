@@ -66,3 +66,30 @@ def test_a_once_read_new_study_makes_room_first_where_the_cache_turns_over_soone
         p.on_insert("d1", 100, T + 9000, T + 9000, "D", written=True)
         assert next(iter(p.victims(100, T + 9001))) == victim
         assert p.status()["second_door"] is (victim == "b1")
+
+
+def test_a_written_study_that_came_back_has_a_door_of_its_own_walked_after_the_first() -> None:
+    """Round 32: a study written here and read in two sessions (the second door's book) is a re-read study, not a
+    one-off; evicted and read on a miss days later it goes through a door of its own (its own count of returns; on in
+    its cold start), whose probation goes after the first door's, where one read in a single session is (outpatient's
+    follow-ups: the first door's probation evicted most of its lost re-read bytes at 10 %, round 28)."""
+    p = Adaptive()
+    t = through_the_door(p, WARM, False, T)
+    assert p.status()["doorkeeper"] == "on"
+    p.on_insert("a1", 100, t, t, "A", written=True)
+    p.on_insert("b1", 100, t, t, "B", written=True)
+    p.on_access("a1", t + 600)
+    p.on_access("b1", t + 600)
+    p.on_access("a1", t + 3 * 3600)                      # A comes back for a second session, B does not
+    p.on_remove("a1")
+    p.on_remove("b1")
+    t2 = t + 5 * DAY
+    p.on_insert("n1", 100, t2, t2, "new", written=True)
+    p.on_insert("a1", 100, t2 + 60, t, "A")              # both read on a miss again, A first
+    p.on_insert("b1", 100, t2 + 61, t, "B")
+    p.on_access("n1", t2 + 120)
+    assert "A" not in p.door.probation and "B" in p.door.probation
+    assert p.door_known is not None and "A" in p.door_known.probation
+    assert p.status()["known_doorkeeper"] == "cold start: on"
+    assert list(p.victims(100, t2 + 130)) == ["b1"]
+    assert list(p.victims(100, t2 + 131)) == ["a1"]

@@ -11,9 +11,10 @@ In the real cache both experts leave alone the new studies that the fresh segmen
 (agent/policy/fresh.py: its horizon learnt from this box's write → first-read delays), and the priors prefetched for
 them until their session (`HOLD_PRIORS`). Before either expert is asked, the files of priors that session passed by
 unopened go (`DROP_UNOPENED`), then those of studies on probation (`_Doorkeeper`: a study read on a miss, or a prior
-opened in its session, `PROBATION_OPENED`, until its second session). The last victim study of a pass gives up only
-the files the pass needs, its last ones first (`TRIM`, agent/policy/eviction.py `trim`): Belady keeps the first files
-of the study read farthest off, and a whole 1 GB study dropped to free a few MB leaves a small cache part empty.
+opened in its session, `PROBATION_OPENED`, until its second session; a written study that came back before has a
+doorkeeper of its own, walked after the first, `KNOWN_BACK`). The last victim study of a pass gives up only the files
+the pass needs, its last ones first (`TRIM`, agent/policy/eviction.py `trim`): Belady keeps the first files of the
+study read farthest off, and a whole 1 GB study dropped to free a few MB leaves a small cache part empty.
 
 The shadows' capacity is learnt from the eviction calls (the cache's size when it has to shed bytes). Memory: four
 study indexes instead of one (~100 B per cached file and study each). Policies decide, never do I/O: the caller offers
@@ -87,6 +88,10 @@ PROBATION_OPENED = True
 SECOND_DOOR = True
 BACK_Q = 0.25
 COLD_BACK = DAY
+# a written study that came back for a second session (the second door's book) and is read on a miss again goes through a
+# doorkeeper of its own, with its own count of studies that come back: outpatient's follow-ups do, general's re-read
+# studies do not (docs/replay.md, round 32); bench/gap_share.py --known-back overrides
+KNOWN_BACK = True
 INFLOW_TAU = DAY        # the inflow rate behind the turnover time is a moving average over about a day
 # the last victim study of a pass gives up only the files the pass needs, its last ones first, not the whole study
 # (eviction.trim; docs/replay.md, round 12); bench/gap_share.py --trim overrides
@@ -170,6 +175,9 @@ class _Doorkeeper:
     def _leave(self, study: Any) -> None:
         del self.probation[study]
         del self._pos[study]
+
+    def came_back(self, study: Any) -> bool:
+        return study in self.seen and self.seen[study] is None
 
     def read(self, study: Any, now: float) -> None:
         if (last := self.seen.get(study)) is None:
@@ -256,6 +264,7 @@ class Adaptive:
         # the second door: written studies after their first session (`SECOND_DOOR`)
         self.door2 = _Doorkeeper() if SECOND_DOOR else None
         self.door2_open = False
+        self.door_known = _Doorkeeper() if DOORKEEPER and KNOWN_BACK and SECOND_DOOR else None
         self.written: OrderedDict[Any, None] = OrderedDict()    # studies written here (newest 200k)
         self._inflow = 0.0      # bytes inserted, decayed with INFLOW_TAU (≈ the inflow rate × INFLOW_TAU)
         self._inflow_at = 0.0
@@ -291,7 +300,11 @@ class Adaptive:
             self.fresh.read(study, now)
             self._opened(study, now)
         if self.door is not None:
-            self.door.inserted(key, size, now, study, not (prefetch or written) and created < now - OLD_S)
+            tail = not (prefetch or written) and created < now - OLD_S
+            known = self.door_known is not None and self.door2 is not None and self.door2.came_back(study)
+            self.door.inserted(key, size, now, study, tail and not known)
+            if self.door_known is not None:
+                self.door_known.inserted(key, size, now, study, tail and known)
         if self.door2 is not None:
             if written and study not in self.linked:
                 self.written[study] = None
@@ -311,6 +324,8 @@ class Adaptive:
         self._opened(study, now)
         if self.door is not None:
             self.door.read(study, now)
+            if self.door_known is not None:
+                self.door_known.read(study, now)
         if self.door2 is not None and study in self.written:
             self.door2.inserted(key, size, now, study, True)
         self.lru.on_access(key, now)
@@ -327,7 +342,7 @@ class Adaptive:
         if (meta := self._meta.pop(key, None)) is not None:
             self.used -= meta[0]
             self.fresh.removed(meta[2], meta[0])
-            for door in (self.door, self.door2):
+            for door in (self.door, self.door2, self.door_known):
                 if door is not None:
                     door.removed(meta[2], key)
 
@@ -393,7 +408,8 @@ class Adaptive:
         for study in self.fresh.release(now):
             self.lru.unheld(study)
         freed = 0
-        doors = [d.victims(now) for d in (self.door, self.door2 if self.door2_open else None) if d is not None]
+        doors = [d.victims(now) for d in (self.door, self.door_known, self.door2 if self.door2_open else None)
+                 if d is not None]
         if self.unopened:
             doors.insert(0, self._unopened_files())
         for key in chain.from_iterable(doors):
@@ -421,6 +437,7 @@ class Adaptive:
             mode = "expert: learned hit density" if self.use_learned else "expert: study LRU (recency wins now)"
         return {"policy": self.name, "mode": mode, "events": self.model.events, "files": len(self._meta),
                 **(self.door.status() if self.door is not None else {}), "second_door": self.door2_open,
+                **({"known_" + k: v for k, v in self.door_known.status().items()} if self.door_known else {}),
                 **self.fresh.status()}
 
     # batch (no online index fed): whole studies in LRU order, the cold-start rule
