@@ -138,7 +138,9 @@ async def send_file(data: "DataConnection", handle: ReadHandle, offset: int) -> 
             # at least once: a fetch's end (even of an empty file) waits for its check
             end = await handle.ready(pos)
             while pos < end:
-                if not (n := await data.sendfile(handle.fd, pos, min(SEND_CHUNK, end - pos))):
+                n = await data.sendfile(handle.fd, pos, min(SEND_CHUNK, end - pos))
+                handle.recorded()  # the open's audit record, once its first bytes left (_download)
+                if not n:
                     raise Corrupt(handle.entry.path, f"content ends at {pos} of {handle.size} bytes")
                 pos += n
                 if pos < handle.size:  # a reader as fast as sendfile never blocks it: let other sessions run
@@ -1007,12 +1009,15 @@ class FtpServer(aioftp.Server):
 
     @contextlib.asynccontextmanager
     async def _download(self, connection: aioftp.Connection, path: str, offset: int) -> AsyncIterator[ReadHandle]:
-        handle = await self.gateway.open_read(path, "ftp", who(connection))
+        """The file being read. Its open's audit record is written after the 150, off the way to the first byte
+        (send_file, after its first sendfile), and here on every other path: before any reply after the 150."""
+        handle = await self.gateway.open_read(path, "ftp", who(connection), record_later=True)
         try:
             if offset > handle.size:
                 raise Reply("554", f"REST {offset} is beyond the end of the file ({handle.size} bytes)")
             yield handle
         finally:
+            handle.recorded()
             await handle.close()
 
     async def on_retr(self, connection: aioftp.Connection, rest: str) -> bool:

@@ -417,6 +417,13 @@ class ReadHandle:
         self._broken: Corrupt | None = None
         self.held = 0  # bytes counted against the files open for reading (Gateway.hold_open)
         self.reader = ""  # the user they are counted for
+        self.record: Callable[[], None] | None = None  # the open's audit record while not yet written
+
+    def recorded(self) -> None:
+        """Write the open's audit record, once (Gateway.open_read's record_later)."""
+        if self.record is not None:
+            record, self.record = self.record, None
+            record()
 
     async def ready(self, pos: int) -> int:
         """Wait until bytes from pos may be served → how far; a file's end only once all of it was verified."""
@@ -1035,9 +1042,11 @@ class Gateway:
 
     # --- reads -----------------------------------------------------------------------------------
 
-    async def open_read(self, path: str, protocol: str, who: Who | None = None) -> ReadHandle:
+    async def open_read(self, path: str, protocol: str, who: Who | None = None, *, record_later: bool = False
+                        ) -> ReadHandle:
         """Pinned first (the evictor leaves the copy while it is open), then counted (hold_open); both undone at
-        the handle's close."""
+        the handle's close. record_later: the open's audit record is the caller's to write, by handle.recorded(),
+        once its first bytes are on their way (FTP: after the 150), and at the latest before it answers."""
         async with self.audit.op(who, "retrieve", path, record_ok=False):  # recorded below with its size when it opens
             self._require(who, "read", path)
             while not self.evictor.pins.pin(path):
@@ -1051,20 +1060,25 @@ class Gateway:
                 self.read_closed(path, held, user)
                 raise
         handle.held, handle.reader = held, user
-        self.audit.record(who, "retrieve", path, "ok", handle.size, cached=handle.fill is None)
+        handle.record = functools.partial(self.audit.record, who, "retrieve", path, "ok", handle.size,
+                                          cached=handle.fill is None)
+        if not record_later:
+            handle.recorded()
         return handle
 
     async def _file(self, path: str) -> Entry:
-        try:
-            e = await self.stat(path)
-        except NotFound:  # in a directory never listed (the line is down), a missing name is unknown: 451, not 550
+        # The row on the spot, without the loop turn AsyncCatalog.get (stat's) takes first: at 8 readers that turn
+        # put each open at the back of the loop's ready work, between its RETR and its 150.
+        e = self.db.row(path)
+        if e is None and path:
+            e = await self._ensure_listed(parent_of(path), then=path)
+        if e is None:  # in a directory never listed (the line is down), a missing name is unknown: 451, not 550
             chain = ancestors(path)
             known = await self.db.get_many(chain)
             above = next((known[a] for a in reversed(chain) if a in known), None)
             if above is not None and above.is_dir and not above.listed:
-                raise Unavailable(path, "object storage cannot list its directory now; the file may be there") \
-                    from None
-            raise
+                raise Unavailable(path, "object storage cannot list its directory now; the file may be there")
+            raise NotFound(path)
         if e.is_dir:
             raise IsADirectory(path)
         return e
