@@ -88,9 +88,9 @@ PROBATION_OPENED = True
 SECOND_DOOR = True
 BACK_Q = 0.25
 COLD_BACK = DAY
-# a written study that came back for a second session (the second door's book) and is read on a miss again goes through a
-# doorkeeper of its own, with its own count of studies that come back: outpatient's follow-ups do, general's re-read
-# studies do not (docs/replay.md, round 32); bench/gap_share.py --known-back overrides
+# a written study that came back for a second session (the second door's book) and is read on a miss again goes
+# through a doorkeeper of its own, with its own count of studies that come back: outpatient's follow-ups do, general's
+# re-read studies do not (docs/replay.md, round 32); bench/gap_share.py --known-back overrides
 KNOWN_BACK = True
 INFLOW_TAU = DAY        # the inflow rate behind the turnover time is a moving average over about a day
 # the last victim study of a pass gives up only the files the pass needs, its last ones first, not the whole study

@@ -607,8 +607,10 @@ class Gateway:
         if who is not None and path.split("/", 1)[0] in AGENT_DIRS:
             raise PermissionDenied(path, f"{path.split('/', 1)[0]} is written by the agent only")
 
-    async def stat(self, path: str) -> Entry:
-        if (e := await self.db.get(path)) is None and path:
+    async def stat(self, path: str, *, turn: bool = True) -> Entry:
+        """turn=False: the row on the spot, without the loop turn AsyncCatalog.get takes first (a read's open: at 8
+        readers that turn put each open at the back of the loop's ready work, between its RETR and its 150)."""
+        if (e := await self.db.get(path) if turn else self.db.row(path)) is None and path:
             e = await self._ensure_listed(parent_of(path), then=path)
         if e is None:
             raise NotFound(path)
@@ -1067,18 +1069,16 @@ class Gateway:
         return handle
 
     async def _file(self, path: str) -> Entry:
-        # The row on the spot, without the loop turn AsyncCatalog.get (stat's) takes first: at 8 readers that turn
-        # put each open at the back of the loop's ready work, between its RETR and its 150.
-        e = self.db.row(path)
-        if e is None and path:
-            e = await self._ensure_listed(parent_of(path), then=path)
-        if e is None:  # in a directory never listed (the line is down), a missing name is unknown: 451, not 550
+        try:
+            e = await self.stat(path, turn=False)
+        except NotFound:  # in a directory never listed (the line is down), a missing name is unknown: 451, not 550
             chain = ancestors(path)
             known = await self.db.get_many(chain)
             above = next((known[a] for a in reversed(chain) if a in known), None)
             if above is not None and above.is_dir and not above.listed:
-                raise Unavailable(path, "object storage cannot list its directory now; the file may be there")
-            raise NotFound(path)
+                raise Unavailable(path, "object storage cannot list its directory now; the file may be there") \
+                    from None
+            raise
         if e.is_dir:
             raise IsADirectory(path)
         return e
