@@ -1,0 +1,49 @@
+"""Attacks on a running agent (round 42): what rounds 40 and 41 left. An SFTP session removing or renaming the file
+it is itself uploading, user names of hundreds of characters in the metrics listener's and the SSH refusals' logs,
+and renames of a directory into itself or to a directory that does not exist. Each test reproduces one attack that
+worked and checks it no longer does. Real agent, real SeaweedFS, real clients (ftplib, asyncssh, urllib)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import asyncssh
+import pytest
+
+from faultkit import catalog_rows, sftp_put, sftp_session
+
+
+def test_an_sftp_session_removes_and_renames_the_file_it_is_uploading(agent_factory):
+    """An SFTP session removing (or renaming) the file it held open for writing got "being written by another
+    upload" (round 41's refusal of another session's delete), and a new file it removed was "no such file", then
+    stored at its close. As unlink(2) and rename(2) of a file a process holds open (OpenSSH's server), and as SMB's
+    own delete: a remove drops the upload and the stored file (a later write gets no such file, the close is OK);
+    a rename moves the upload, which its close stores under the new name."""
+    agent = agent_factory().start()
+
+    async def run() -> None:
+        async with sftp_session(agent) as s:
+            await sftp_put(s, "CT/f.dcm", b"old")
+            for name in ("CT/f.dcm", "CT/new.dcm"):  # a stored file being rewritten, a new one
+                async with s.open(name, "wb") as f:
+                    await f.write(b"to be removed")
+                    await s.remove(name)
+                    with pytest.raises(asyncssh.SFTPNoSuchFile, match="removed while open"):
+                        await f.write(b"more")
+            assert await s.listdir("CT") == []
+
+            await sftp_put(s, "CT/c.dcm", b"old")
+            for src, dst in (("CT/a.dcm", "CT/b.dcm"), ("CT/c.dcm", "CT/d.dcm")):
+                async with s.open(src, "wb") as f:
+                    await f.write(b"first ")
+                    await s.posix_rename(src, dst)
+                    await f.write(b"second")
+            assert sorted(await s.listdir("CT")) == ["b.dcm", "d.dcm"]
+            for name in ("CT/b.dcm", "CT/d.dcm"):
+                async with s.open(name, "rb") as f:
+                    assert await f.read() == b"first second"
+
+    asyncio.run(run())
+    agent.wait_drained()
+    assert sorted(catalog_rows(agent, "SELECT path FROM entries WHERE is_dir = 0")) == [("CT/b.dcm",), ("CT/d.dcm",)]
+
