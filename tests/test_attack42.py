@@ -6,11 +6,19 @@ worked and checks it no longer does. Real agent, real SeaweedFS, real clients (f
 from __future__ import annotations
 
 import asyncio
+import base64
+import urllib.error
+import urllib.request
 
 import asyncssh
 import pytest
+from test_audit import audit_records
 
+from agent.auth import hash_password
+from agent.serve.sftp import MAX_AUTH_TRIES
+from devstack import free_port
 from faultkit import catalog_rows, sftp_put, sftp_session
+from harness import PASSWORD
 
 
 def test_an_sftp_session_removes_and_renames_the_file_it_is_uploading(agent_factory):
@@ -46,4 +54,30 @@ def test_an_sftp_session_removes_and_renames_the_file_it_is_uploading(agent_fact
     asyncio.run(run())
     agent.wait_drained()
     assert sorted(catalog_rows(agent, "SELECT path FROM entries WHERE is_dir = 0")) == [("CT/b.dcm",), ("CT/d.dcm",)]
+
+
+def test_a_name_no_config_holds_is_logged_cut_by_the_metrics_listener_and_ssh_refusals(agent_factory):
+    """Round 41 cut a long user name in the login guard and the FTP/SFTP login events; the metrics listener's failed
+    basic auth still logged the name sent whole (6 000 characters), and so did an SSH connection refused before its
+    login (its failed key offers, logged and audited as `session_refused`; asyncssh takes names up to 1 023
+    bytes). Both are cut now as auth.login_name does: the first 32 characters and the length."""
+    port = free_port()
+    agent = agent_factory(**{"http.metrics_listen": f"127.0.0.1:{port}", "http.metrics_user": "prometheus",
+                             "http.metrics_password_hash": hash_password(PASSWORD)}).start()
+    basic = base64.b64encode(("m" * 6000 + ":guess").encode()).decode()
+    with pytest.raises(urllib.error.HTTPError, match="401"):
+        urllib.request.urlopen(urllib.request.Request(f"http://127.0.0.1:{port}/metrics",
+                                                      headers={"Authorization": f"Basic {basic}"}), timeout=60)
+    wrong = [asyncssh.generate_private_key("ssh-ed25519") for _ in range(MAX_AUTH_TRIES)]
+
+    async def offer_keys() -> None:
+        with pytest.raises((asyncssh.PermissionDenied, asyncssh.DisconnectError)):
+            await asyncssh.connect("127.0.0.1", agent.sftp_port, username="s" * 1000, known_hosts=None,
+                                   client_keys=wrong, password=None, preferred_auth="publickey")
+
+    asyncio.run(offer_keys())
+    assert [e["user"] for e in agent.events("login_failed")] == ["m" * 32 + "…(6000 characters)"]
+    [refused] = agent.events("session_refused")
+    assert refused["user"] == "s" * 32 + "…(1000 characters)"
+    assert [r["user"] for r in audit_records(agent) if r["op"] == "login"] == ["s" * 32 + "…(1000 characters)"]
 

@@ -25,7 +25,7 @@ from asyncssh.sftp import SFTPLimits, SFTPServerHandler
 from asyncssh.stream import SSHReader, SSHServerStreamSession, SSHWriter
 
 from agent.audit import Who
-from agent.auth import LoginGuard, Passwords, unmapped
+from agent.auth import LoginGuard, Passwords, login_name, unmapped
 from agent.config import Config, SftpConfig
 from agent.records import Entry
 from agent.serve.contract import Idle, answer, login, refuse_session, report, shown, slash_checked, st_mode
@@ -386,7 +386,9 @@ class _Auth(asyncssh.SSHServer):
                 _Auth.holding.discard(self)
 
     def _who(self, username: str) -> Who:
-        return Who(username, "sftp", _peer(self.conn))
+        """Who a connection is, its name cut as a login's is (auth.login_name): refused before its login (auth
+        tries, a session cap), a name of 1 000 characters was logged and audited whole."""
+        return Who(login_name(username), "sftp", _peer(self.conn))
 
     def auth_completed(self) -> None:
         if self.startup is not None:
