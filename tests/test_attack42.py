@@ -12,6 +12,7 @@ import urllib.request
 
 import asyncssh
 import pytest
+from clients import ClientError, FtpClient
 from test_audit import audit_records
 
 from agent.auth import hash_password
@@ -81,3 +82,36 @@ def test_a_name_no_config_holds_is_logged_cut_by_the_metrics_listener_and_ssh_re
     assert refused["user"] == "s" * 32 + "…(1000 characters)"
     assert [r["user"] for r in audit_records(agent) if r["op"] == "login"] == ["s" * 32 + "…(1000 characters)"]
 
+
+def test_a_rename_into_itself_or_to_a_missing_directory_is_refused_as_rename_2_does(agent_factory):
+    """A directory renamed into itself (`a` → `a/b`) answered SFTP "no such file" (FTP 550): EINVAL now, as
+    rename(2), FTP 553 and SFTP failure "cannot move a directory into itself". A rename to `nodir/x/y.dcm` made
+    both directories, where rename(2), OpenSSH's server, vsftpd and SMB refuse it (no such file): it is refused now
+    (FTP 550, SFTP no such file); a store still makes the directories it needs."""
+    agent = agent_factory().start()
+    ftp = FtpClient(agent)
+
+    async def run() -> None:
+        async with sftp_session(agent) as s:
+            await sftp_put(s, "a/x.dcm", b"x")
+            for rename in (s.rename, s.posix_rename):
+                with pytest.raises(asyncssh.SFTPFailure, match="cannot move a directory into itself"):
+                    await rename("a", "a/b")
+                with pytest.raises(asyncssh.SFTPNoSuchFile):
+                    await rename("a/x.dcm", "nodir/x/y.dcm")
+                with pytest.raises(asyncssh.SFTPNoSuchFile):
+                    await rename("a/x.dcm", "a/x.dcm/y.dcm")  # below a file
+            with pytest.raises(ClientError, match="553 .*cannot move a directory into itself"):
+                ftp.rename("a", "a/b")
+            with pytest.raises(ClientError, match="550"):
+                ftp.rename("a/x.dcm", "nodir/x/y.dcm")
+            assert await s.listdir(".") == ["a"]
+            await s.mkdir("b")
+            await s.posix_rename("a/x.dcm", "b/x.dcm")
+            await s.posix_rename("a", "b/a")
+            assert sorted(await s.listdir("b")) == ["a", "x.dcm"]
+
+    try:
+        asyncio.run(run())
+    finally:
+        ftp.close()

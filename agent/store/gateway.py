@@ -787,8 +787,9 @@ class Gateway:
             raise PermissionDenied(dst, "the target is being written by another upload; try again later")
 
     async def _replaced_by_rename(self, who: Who | None, dst: str, replace: bool) -> Entry | None:
-        """The file a rename to dst would replace (None: none), if it may."""
-        await self._ensure_listed(parent_of(dst), missing_ok=True)
+        """The file a rename to dst would replace (None: none), if it may. Its directory must exist (ENOENT, as
+        rename(2) and SMB): a rename into `nodir/x/` made both directories."""
+        await self._ensure_listed(parent_of(dst))
         if (replaced := await self.db.get(dst)) is not None:
             if not replace:
                 raise AlreadyExists(dst, "the target exists and this rename does not replace")
