@@ -48,6 +48,13 @@ def test_an_sftp_session_removes_and_renames_the_file_it_is_uploading(agent_fact
                     await s.posix_rename(src, dst)
                     await f.write(b"second")
             assert sorted(await s.listdir("CT")) == ["b.dcm", "d.dcm"]
+            await s.mkdir("CT/dir")
+            async with s.open("CT/e.dcm", "wb") as f:  # its close would have failed: "is a directory"
+                await f.write(b"kept")
+                with pytest.raises(asyncssh.SFTPFailure, match="a directory of this name exists"):
+                    await s.posix_rename("CT/e.dcm", "CT/dir")
+            await s.rmdir("CT/dir")
+            await s.remove("CT/e.dcm")
             for name in ("CT/b.dcm", "CT/d.dcm"):
                 async with s.open(name, "rb") as f:
                     assert await f.read() == b"first second"

@@ -793,6 +793,8 @@ class Gateway:
         if (replaced := await self.db.get(dst)) is not None:
             if not replace:
                 raise AlreadyExists(dst, "the target exists and this rename does not replace")
+            if replaced.is_dir:  # the catalog refuses it too, but an upload moved there (rename_unstored) got no answer
+                raise AlreadyExists(dst, "a directory of this name exists")
             self._require(who, "delete", dst)  # the file replaced is lost
             await self.worm.check_mutable(replaced, time.time())
         return replaced
