@@ -28,7 +28,7 @@ import structlog
 from aiohttp import hdrs, web
 from aiohttp.http_exceptions import HttpProcessingError
 
-from agent.auth import REFUSALS_EVERY, Every, LoginGuard, address_group, unmapped, verify_password
+from agent.auth import REFUSALS_EVERY, Every, LoginGuard, address_group, login_name, unmapped, verify_password
 from agent.config import HttpConfig, fmt_bytes
 from agent.serve.contract import tls_context
 
@@ -403,7 +403,7 @@ class ScrapeListener:
                 return False
             ok = await asyncio.to_thread(verify_password, password, encoded=self.cfg.metrics_password_hash)
         if not (ok and hmac.compare_digest(user.encode(), self.cfg.metrics_user.encode())):
-            log.warning("login_failed", protocol="metrics", user=user, peer=address)
+            log.warning("login_failed", protocol="metrics", user=login_name(user), peer=address)
             await asyncio.sleep(await self.guard.failed(user, address, "metrics"))
             return False
         await self.guard.succeeded(user, address)

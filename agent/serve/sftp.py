@@ -25,7 +25,7 @@ from asyncssh.sftp import SFTPLimits, SFTPServerHandler
 from asyncssh.stream import SSHReader, SSHServerStreamSession, SSHWriter
 
 from agent.audit import Who
-from agent.auth import LoginGuard, Passwords, unmapped
+from agent.auth import LoginGuard, Passwords, login_name, unmapped
 from agent.config import Config, SftpConfig
 from agent.records import Entry
 from agent.serve.contract import Idle, answer, login, refuse_session, report, shown, slash_checked, st_mode
@@ -386,7 +386,9 @@ class _Auth(asyncssh.SSHServer):
                 _Auth.holding.discard(self)
 
     def _who(self, username: str) -> Who:
-        return Who(username, "sftp", _peer(self.conn))
+        """Who a connection is, its name cut as a login's is (auth.login_name): refused before its login (auth
+        tries, a session cap), a name of 1 000 characters was logged and audited whole."""
+        return Who(login_name(username), "sftp", _peer(self.conn))
 
     def auth_completed(self) -> None:
         if self.startup is not None:
@@ -522,6 +524,14 @@ def _opened(file_obj: object, kind: type[H], purpose: str) -> H:
     return file_obj
 
 
+def _writer(file_obj: object) -> WriteHandle:
+    """An upload still open: one its session removed (GatewaySFTP.remove) takes no more reads, writes or sizes."""
+    writer = _opened(file_obj, WriteHandle, "writing")
+    if not writer.open:
+        raise asyncssh.SFTPNoSuchFile("the file was removed while open")
+    return writer
+
+
 class GatewaySFTP(asyncssh.SFTPServer):
     gateway: Gateway  # set by the factory
     roots: dict[str, str]
@@ -596,7 +606,7 @@ class GatewaySFTP(asyncssh.SFTPServer):
     async def fsetstat(self, file_obj: object, attrs: asyncssh.SFTPAttrs) -> None:
         """ftruncate: a size cuts (or extends) the file being written; otherwise see setstat."""
         if attrs.size is not None:
-            writer = _opened(file_obj, WriteHandle, "writing")
+            writer = _writer(file_obj)
             await self._call(writer.truncate(attrs.size))
             self.unchanged.discard(writer)  # once done: a refused size changes nothing, the close stores no copy
 
@@ -620,13 +630,31 @@ class GatewaySFTP(asyncssh.SFTPServer):
     async def rmdir(self, path: bytes) -> None:
         await self._call(self.gateway.rmdir(self._ns(path), self.who))
 
+    def _writing(self, path: str) -> list[WriteHandle]:
+        """This session's own uploads of path: its remove or rename acts on them as unlink(2) and rename(2) on a file
+        the process holds open (and SMB's on its own open file), where the gateway refuses another session's."""
+        return [w for w in self.flags if w.path == path and w.open]
+
     async def remove(self, path: bytes) -> None:
-        await self._call(self.gateway.delete(await self._path(path), self.who))
+        ns = await self._path(path)
+        mine = self._writing(ns)
+        for writer in mine:  # dropped: its close would store the file again
+            await writer.abort("removed by its own session before its close")
+        if not mine or await self._call(self.gateway.find(ns)) is not None:
+            await self._call(self.gateway.delete(ns, self.who))
 
     async def rename(self, oldpath: bytes, newpath: bytes, replace: bool = False) -> None:
-        """SFTPv3 rename refuses to replace an existing target; posix_rename replaces it."""
+        """SFTPv3 rename refuses to replace an existing target; posix_rename replaces it. This session's own upload of
+        the file moves with it: its close stores it under the new name."""
         src = await self._path(oldpath)
-        await self._call(self.gateway.rename(src, await self._path(newpath, moved_from=src), self.who, replace=replace))
+        dst = await self._path(newpath, moved_from=src)
+        mine = self._writing(src)
+        if mine and await self._call(self.gateway.find(src)) is None:  # a new file, not stored yet
+            await self._call(self.gateway.rename_unstored(mine[0], dst, self.who, replace=replace))
+        else:
+            await self._call(self.gateway.rename(src, dst, self.who, replace=replace, moving=mine[0] if mine else None))
+        for writer in mine:
+            writer.rename(dst)
 
     async def posix_rename(self, oldpath: bytes, newpath: bytes) -> None:
         await self.rename(oldpath, newpath, replace=True)
@@ -668,11 +696,11 @@ class GatewaySFTP(asyncssh.SFTPServer):
             # "r+": what the file holds so far, the stored bytes it started with too (those need the 'read' right)
             if not self.gateway.allowed(self.who, "read"):
                 raise self._refused(PermissionDenied(file_obj.path, f"user {self.user} lacks the 'read' permission"))
-            return await self._call(file_obj.read_back(offset, min(size, MAX_READ)))
+            return await self._call(_writer(file_obj).read_back(offset, min(size, MAX_READ)))
         return await self._call(_opened(file_obj, ReadHandle, "reading").read(offset, min(size, MAX_READ)))
 
     async def write(self, file_obj: object, offset: int, data: bytes) -> int:
-        writer = _opened(file_obj, WriteHandle, "writing")
+        writer = _writer(file_obj)
         self.unchanged.discard(writer)
         # FXF_APPEND: every write goes to the end, whatever offset the client sends (clients send 0)
         await self._call(writer.write(data, None if self.flags[writer] & asyncssh.FXF_APPEND else offset))

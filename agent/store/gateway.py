@@ -796,11 +796,14 @@ class Gateway:
             raise PermissionDenied(dst, "the target is being written by another upload; try again later")
 
     async def _replaced_by_rename(self, who: Who | None, dst: str, replace: bool) -> Entry | None:
-        """The file a rename to dst would replace (None: none), if it may."""
-        await self._ensure_listed(parent_of(dst), missing_ok=True)
+        """The file a rename to dst would replace (None: none), if it may. Its directory must exist (ENOENT, as
+        rename(2) and SMB): a rename into `nodir/x/` made both directories."""
+        await self._ensure_listed(parent_of(dst))
         if (replaced := await self.db.get(dst)) is not None:
             if not replace:
                 raise AlreadyExists(dst, "the target exists and this rename does not replace")
+            if replaced.is_dir:  # the catalog refuses it too, but an upload moved there (rename_unstored) got no answer
+                raise AlreadyExists(dst, "a directory of this name exists")
             self._require(who, "delete", dst)  # the file replaced is lost
             await self.worm.check_mutable(replaced, time.time())
         return replaced

@@ -10,7 +10,7 @@ from typing import Iterator
 
 from agent.records import Entry
 from agent.store.catalog.base import COLUMNS, CatalogBase
-from agent.store.errors import AlreadyExists, IsADirectory, NotADirectory, NotEmpty, NotFound, PermissionDenied
+from agent.store.errors import AlreadyExists, BadPath, IsADirectory, NotADirectory, NotEmpty, NotFound, PermissionDenied
 from agent.store.paths import name_of, parent_of
 
 
@@ -106,7 +106,7 @@ class Namespace(CatalogBase):
             if dst == src:
                 return []
             if e.is_dir and (dst + "/").startswith(src + "/"):
-                raise NotADirectory(dst, "cannot move a directory into itself")
+                raise BadPath(dst, "cannot move a directory into itself")  # EINVAL, as rename(2)
             target = self.get(dst)
             if base is not None and (target.gen if target is not None else -1) != base:
                 raise PermissionDenied(dst, "stored by another session while this one renamed: not replaced")
