@@ -55,9 +55,7 @@ class Plan:
     window_end: float
 
     def as_json(self) -> dict:
-        return {"budget_bytes": self.budget_bytes, "window_end": self.window_end,
-                "planned_bytes": sum(d.bytes for d in self.chosen), "chosen": [asdict(d) for d in self.chosen],
-                "skipped": [asdict(d) for d in self.skipped], "ranked": [asdict(r) for r in self.ranked]}
+        return asdict(self) | {"planned_bytes": sum(d.bytes for d in self.chosen)}
 
 
 @dataclass
