@@ -40,10 +40,9 @@ class PressureMonitor:
         if new.level != self.current.level:
             (log.warning if new.level > self.current.level else log.info)(
                 "pressure", now=str(new.level), was=str(self.current.level), reasons=list(new.reasons))
-            level = new.level
-            await self.line.slots.set_limit(concurrency_at(level, self.cfg.uplink.max_concurrency))
-            self.refusals.fetch = f"pressure critical ({'; '.join(new.reasons)})" if level is Level.CRITICAL else ""
-            if level >= Level.HIGH:
+            await self.line.slots.set_limit(concurrency_at(new.level, self.cfg.uplink.max_concurrency))
+            self.refusals.fetch = f"pressure critical ({'; '.join(new.reasons)})" if new.level is Level.CRITICAL else ""
+            if new.level >= Level.HIGH:
                 await self.gateway.shrink_memory()
         self.current = new
         self.metrics.pressure_level.set(int(new.level))

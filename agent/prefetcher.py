@@ -55,9 +55,7 @@ class Plan:
     window_end: float
 
     def as_json(self) -> dict:
-        return {"budget_bytes": self.budget_bytes, "window_end": self.window_end,
-                "planned_bytes": sum(d.bytes for d in self.chosen), "chosen": [asdict(d) for d in self.chosen],
-                "skipped": [asdict(d) for d in self.skipped], "ranked": [asdict(r) for r in self.ranked]}
+        return asdict(self) | {"planned_bytes": sum(d.bytes for d in self.chosen)}
 
 
 @dataclass
@@ -180,10 +178,9 @@ class DirPrefetcher:
             listed.append(PlannedDir(r.dir, r.heat, r.why, *await self.db.missing_under(r.dir)))
         budget = Budget(self.cfg.prefetch.max_bytes, line_rate(self.cfg), end - max(now, start))
         fits = plan([Candidate(d.dir, d.heat, d.bytes) for d in listed], budget)
-        by_dir = {d.dir: d for d in listed}
-        chosen = [by_dir[c.key] for c in fits]
-        skipped = [d for d in listed if d.dir not in {c.key for c in fits}]
-        return Plan(ranked, chosen, skipped, budget.byte_limit, end)
+        by_dir = {d.dir: d for d in listed}  # what is not chosen is left, in ranked order: skipped
+        chosen = [by_dir.pop(c.key) for c in fits]
+        return Plan(ranked, chosen, list(by_dir.values()), budget.byte_limit, end)
 
     async def run(self) -> RunStatus:
         """One prefetch run now, ending with the current window (or after a window's length, outside it)."""
@@ -233,11 +230,6 @@ class StudyStarts:
 
     SEEN_MAX = 4096
 
-    def study_dir(self, path: str) -> str | None:
-        """The study a stored file starts (paths.study_of, the evictor's rule), if it lies deep enough to be in one."""
-        depth = self.cfg.prefetch.study_depth
-        return study_of(path, depth) if path.count("/") >= depth else None
-
     def key(self, d: str, study_uid: str | None) -> str:
         """The key of a study in directory d: the key the evictor groups its files by, their study UID where the
         study index holds them (`[dicom] metadata`), else the directory. The catalog's study tables and the stack
@@ -248,9 +240,10 @@ class StudyStarts:
         """→ (the study's key, the header with only the values their VR allows: the study table and the planner keep
         them for good) when path starts a (study, patient) not seen lately. Keyed by the directory, a study's later
         files start nothing; keyed by the study UID, each file's header says which study it is of (a day directory
-        holds many)."""
-        if (d := self.study_dir(path)) is None or (
-                seen := (self.key(d, (h := checked(header)).study_uid), h.patient)) in self._seen:
+        holds many). A file in no study (not deep enough: paths.study_of, the evictor's rule) starts none."""
+        depth = self.cfg.prefetch.study_depth
+        if path.count("/") < depth or (
+                seen := (self.key(study_of(path, depth), (h := checked(header)).study_uid), h.patient)) in self._seen:
             return None
         self._seen[seen] = None
         if len(self._seen) > self.SEEN_MAX:

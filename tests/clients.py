@@ -10,9 +10,11 @@ itself, so a scenario expecting a class fails and shows the raw error.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ftplib
 import io
 import stat as statmod
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -85,16 +87,17 @@ class Client(Protocol):
 
 
 # The gateway's reasons (agent/store/errors.py and paths.py) as FTP replies and SFTPv3 SSH_FX_FAILURE texts carry
-# them: FTP answers 550 for most refusals, SFTPv3 has no codes for "exists", "not empty" or "bad name".
+# them: FTP answers 550 for most refusals, SFTPv3 has no codes for "exists", "not empty" or "bad name". Checked in
+# order: a file being written fills its directory and holds its name, and is not to be renamed or deleted.
 _REASONS: list[tuple[type[ClientError], tuple[str, ...]]] = [
     (NotFound, ("no such file", "does not exist")),
     (NotADirectory, ("not a directory",)),
     (IsADirectory, ("is a directory",)),
-    (NotEmpty, ("not empty",)),
-    (Exists, ("exists",)),
+    (NotEmpty, ("not empty", "in this directory is being written")),
+    (Exists, ("exists", "of this name is being written")),
     (BadName, ("not allowed in", "not a valid name", "longer than", "not valid utf-8", "cannot be used by windows",
                "windows reserves", "invalid path")),
-    (Refused, ("permission", "escapes", "cannot be removed or renamed", "lacks the")),
+    (Refused, ("permission", "escapes", "cannot be removed or renamed", "lacks the", "being written")),
 ]
 
 
@@ -269,6 +272,19 @@ class SftpClient:
         except (OSError, asyncssh.Error):
             pass
         self.loop.close()
+
+
+@contextlib.contextmanager
+def sftp_upload_held(agent, path: str, data: bytes) -> Iterator[None]:
+    """Another session's SFTP upload of `path`: open, `data` sent, not closed until the block ends; its close then
+    stores the file (a refusal of the close fails the block)."""
+    writer = SftpClient(agent)
+    try:
+        writer.begin_put(path, data)
+        yield
+        writer._do(writer.cut.close())
+    finally:
+        writer.close()
 
 
 # --- SMB (smbprotocol's smbclient against real Samba over the agent's FUSE view) ---------------------------

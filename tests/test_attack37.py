@@ -10,7 +10,7 @@ import time
 
 import asyncssh
 import pytest
-from clients import BadName, ClientError, FtpClient, SftpClient
+from clients import BadName, FtpClient, SftpClient
 from smbprotocol.exceptions import SMBOSError
 from smbprotocol.header import NtStatus
 from smbprotocol.open import (
@@ -103,35 +103,6 @@ def test_channels_of_connections_dropped_while_opening_them_are_not_counted_for_
 
     asyncio.run(run())
     assert not [e for e in agent.events("session_refused") if "channels" in e.get("reason", "")]
-
-
-def test_a_directory_an_upload_is_writing_in_is_not_removed(agent_factory):
-    """A directory whose only file is still being written looks empty to the catalog (the file is in it from its
-    commit on): RMD and SFTP rmdir answered success, then the upload's commit brought the directory back with the
-    file, a removal acknowledged and undone (as a rename of such a directory would have been: that is refused since
-    round 23). It is not empty (FTP 550, SFTP a failure) while the upload runs; once it is stored, the directory is
-    removed as usual when emptied."""
-    agent = agent_factory().start()
-    ftp = FtpClient(agent)
-
-    async def run() -> None:
-        async with sftp_session(agent) as writer, sftp_session(agent) as other:
-            await other.makedirs("CT/d")
-            async with writer.open("CT/d/f.dcm", "wb") as f:
-                await f.write(b"being written")
-                with pytest.raises(asyncssh.SFTPFailure, match="being written"):
-                    await other.rmdir("CT/d")
-                with pytest.raises(ClientError, match="550 .*being written"):
-                    ftp.rmdir("CT/d")
-            assert await other.listdir("CT/d") == ["f.dcm"]
-            await other.remove("CT/d/f.dcm")
-            await other.rmdir("CT/d")
-            assert await other.listdir("CT") == []
-
-    try:
-        asyncio.run(run())
-    finally:
-        ftp.close()
 
 
 def _closing(tree, name: str, size: int) -> threading.Thread:

@@ -1,24 +1,22 @@
 """Attacks on a running agent (round 39): what rounds 37 and 38 found and left. One user's stores filling the disk
-while the object store is down, the "disk full" reply that did not say why, a directory made over a file being
-written, and an SMB end-of-file past the user's share. Each test reproduces one attack that worked and checks it no
-longer does. Real agent, real SeaweedFS, real clients (ftplib, asyncssh, smbprotocol through real Samba)."""
+while the object store is down, the "disk full" reply that did not say why, and an SMB end-of-file past the user's
+share (a directory made over a file being written: test_conformance, every protocol). Each test reproduces one attack
+that worked and checks it no longer does. Real agent, real SeaweedFS, real clients (ftplib, smbprotocol, Samba)."""
 
 from __future__ import annotations
 
 import asyncio
 import time
 
-import asyncssh
 import pytest
 import smbclient
-from clients import ClientError, FtpClient
 from smbprotocol.exceptions import SMBOSError
 from smbprotocol.header import NtStatus
 from smbutil import Smb
 from test_fault_diskfull import ftp_store_expecting_refusal
 
 from agent.store.catalog import Catalog
-from faultkit import catalog_rows, ftp_login, payload, sftp_session, tmpfs
+from faultkit import catalog_rows, ftp_login, payload, tmpfs
 from harness import PASSWORD
 
 MiB = 1024 * 1024
@@ -108,51 +106,6 @@ async def test_disk_full_while_the_store_is_down_says_why(agent_factory, private
             await asyncio.to_thread(ftp.quit)
         finally:
             await asyncio.to_thread(agent.stop)
-
-
-def test_mkdir_over_a_file_being_written_is_refused(agent_factory):
-    """mkdir of a name an FTP or SFTP upload was still writing succeeded (the file is in the catalog only from its
-    commit on); the upload's close then failed "is a directory", the PACS's file lost. The name exists: FTP 550,
-    SFTP a failure, and the upload stores."""
-    agent = agent_factory().start()
-    ftp = FtpClient(agent)
-
-    async def run() -> None:
-        async with sftp_session(agent) as writer, sftp_session(agent) as other:
-            async with writer.open("CT/f.dcm", "wb") as f:
-                await f.write(b"being written")
-                with pytest.raises(asyncssh.SFTPError, match="being written"):
-                    await other.mkdir("CT/f.dcm")
-                with pytest.raises(ClientError, match="550 .*being written"):
-                    ftp.mkdir("CT/f.dcm")
-            assert await other.listdir("CT") == ["f.dcm"]
-            async with other.open("CT/f.dcm", "rb") as f:
-                assert await f.read() == b"being written"
-
-    try:
-        asyncio.run(run())
-    finally:
-        ftp.close()
-
-
-def test_smb_mkdir_over_a_file_an_sftp_upload_is_writing_is_a_name_collision(smb_agent):
-    """The same over SMB: smbd found no such name (the file is not stored yet) and made the directory."""
-    agent = smb_agent().start(timeout=180)
-    smb = Smb(agent)
-
-    async def run() -> None:
-        async with sftp_session(agent) as writer:
-            async with writer.open("f.dcm", "wb") as f:
-                await f.write(b"being written")
-                with pytest.raises(SMBOSError) as refused:
-                    await asyncio.to_thread(smbclient.mkdir, smb.p("f.dcm"), **smb.kw)
-                assert refused.value.ntstatus == NtStatus.STATUS_OBJECT_NAME_COLLISION
-
-    try:
-        asyncio.run(run())
-        assert smb.read("f.dcm") == b"being written"
-    finally:
-        smb.close()
 
 
 def test_smb_end_of_file_past_the_users_share_is_disk_full_and_the_file_intact(smb_agent):

@@ -1,7 +1,7 @@
 """Attacks on a running agent (round 40): what rounds 37 to 39 left. Parallel uploads of one user past its share of
-files not yet uploaded, a rename of a file another session is writing, a listing of a file audited as a failure,
-the SSH login timeout and the passive ports one user holds. Each test reproduces one attack that worked and checks
-it no longer does. Real agent, real SeaweedFS, real clients (ftplib, asyncssh)."""
+files not yet uploaded, a listing of a file audited as a failure, the SSH login timeout and the passive ports one user
+holds (a rename of a file another session is writing: test_conformance, every protocol). Each test reproduces one
+attack that worked and checks it no longer does. Real agent, real SeaweedFS, real clients (ftplib, asyncssh)."""
 
 from __future__ import annotations
 
@@ -13,11 +13,6 @@ import time
 
 import asyncssh
 import pytest
-import smbclient
-from clients import ClientError, FtpClient
-from smbprotocol.exceptions import SMBOSError
-from smbprotocol.header import NtStatus
-from smbutil import Smb
 from test_audit import audit_records
 from test_ftp import ftp
 from test_ftp_hostile import port_range
@@ -52,57 +47,6 @@ def test_parallel_uploads_of_one_user_stop_at_its_share_of_files_not_yet_uploade
 
     assert asyncio.run(run()) == list(range(9))  # a quarter of 40 MB in 1 MiB files
     assert catalog_rows(agent, "SELECT user, bytes FROM dirty_bytes") == [("pacs", 9 * MiB)]
-
-
-def test_a_file_another_session_is_writing_is_not_renamed(agent_factory):
-    """FTP RNFR/RNTO (or an SFTP rename) of a stored file an SFTP upload was rewriting succeeded, and the upload's
-    close then stored the new version under the old name: two files where the client renamed one. The rename is
-    refused while the file is being written (FTP 550, SFTP failure; SMB answers so too), as SMB refuses a rename of a
-    file open for writing; once stored, it renames."""
-    agent = agent_factory().start()
-    ftp = FtpClient(agent)
-
-    async def run() -> None:
-        async with sftp_session(agent) as writer, sftp_session(agent) as other:
-            async with writer.open("CT/f.dcm", "wb") as f:
-                await f.write(b"old")
-            async with writer.open("CT/f.dcm", "wb") as f:
-                await f.write(b"new version")
-                with pytest.raises(ClientError, match="550 .*being written"):
-                    ftp.rename("CT/f.dcm", "CT/g.dcm")
-                with pytest.raises(asyncssh.SFTPError, match="being written"):
-                    await other.posix_rename("CT/f.dcm", "CT/g.dcm")
-            assert await other.listdir("CT") == ["f.dcm"]
-            await other.posix_rename("CT/f.dcm", "CT/g.dcm")
-            async with other.open("CT/g.dcm", "rb") as f:
-                assert await f.read() == b"new version"
-
-    try:
-        asyncio.run(run())
-    finally:
-        ftp.close()
-
-
-def test_smb_rename_of_a_file_an_sftp_upload_is_writing_is_access_denied(smb_agent):
-    """The same over SMB: smbd knew nothing of the SFTP upload and renamed the stored file."""
-    agent = smb_agent().start(timeout=180)
-    smb = Smb(agent)
-
-    async def run() -> None:
-        async with sftp_session(agent) as writer:
-            async with writer.open("f.dcm", "wb") as f:
-                await f.write(b"old")
-            async with writer.open("f.dcm", "wb") as f:
-                await f.write(b"new version")
-                with pytest.raises(SMBOSError) as refused:
-                    await asyncio.to_thread(smbclient.rename, smb.p("f.dcm"), smb.p("g.dcm"), **smb.kw)
-                assert refused.value.ntstatus == NtStatus.STATUS_ACCESS_DENIED
-
-    try:
-        asyncio.run(run())
-        assert smb.read("f.dcm") == b"new version"
-    finally:
-        smb.close()
 
 
 def test_a_listing_of_a_file_is_audited_as_a_listing(agent_factory):

@@ -12,75 +12,45 @@ import sqlite3
 import asyncssh
 import pytest
 import smbclient
-from clients import ClientError, FtpClient
-from smbprotocol.exceptions import SMBOSError
-from smbprotocol.header import NtStatus
+from clients import FtpClient, Refused, SftpClient
 from smbutil import Smb
 from test_audit import audit_records
 
-from faultkit import catalog_rows, sftp_put, sftp_session
+from faultkit import catalog_rows, sftp_session
 from harness import PASSWORD
 
 
-def test_a_file_another_session_is_writing_is_not_deleted(agent_factory):
-    """FTP DELE or an SFTP remove of a stored file an SFTP (or FTP) upload was rewriting succeeded, and the upload's
-    close then stored the file again: the delete silently undone. Refused while the file is being written (FTP 550,
-    SFTP permission denied), as a rename is (round 40); once stored, it deletes."""
+def test_a_file_an_ftp_upload_is_writing_is_not_deleted(agent_factory):
+    """FTP DELE or an SFTP remove of a stored file an upload was rewriting succeeded, and the upload's close then
+    stored the file again: the delete silently undone. Refused while the file is being written, as a rename is
+    (round 40); once stored, it deletes. Here the writer is an FTP STOR (an SFTP upload against each protocol's
+    delete: test_conformance)."""
     agent = agent_factory().start()
-    ftp = FtpClient(agent)
-
-    async def run() -> None:
-        async with sftp_session(agent) as writer, sftp_session(agent) as other:
-            await sftp_put(writer, "CT/f.dcm", b"old")
-            async with writer.open("CT/f.dcm", "wb") as f:
-                await f.write(b"new version")
-                with pytest.raises(ClientError, match="550 .*being written by another upload"):
-                    ftp.delete("CT/f.dcm")
-                with pytest.raises(asyncssh.SFTPError, match="being written by another upload") as refused:
-                    await other.remove("CT/f.dcm")
-                assert refused.value.code == asyncssh.FX_PERMISSION_DENIED
-            async with other.open("CT/f.dcm", "rb") as f:
-                assert await f.read() == b"new version"
-            ftp.delete("CT/f.dcm")
-
-            await sftp_put(other, "CT/g.dcm", b"old")
-            upload = ftp.f.transfercmd("STOR CT/g.dcm")  # 150: the file is open for writing
-            upload.sendall(b"new by FTP")
-            with pytest.raises(asyncssh.SFTPError, match="being written by another upload"):
-                await other.remove("CT/g.dcm")
-            upload.close()
-            assert ftp.f.voidresp().startswith("226")
-            async with other.open("CT/g.dcm", "rb") as f:
-                assert await f.read() == b"new by FTP"
-            await other.remove("CT/g.dcm")
-            assert await other.listdir("CT") == []
-
+    ftp, sftp = FtpClient(agent), SftpClient(agent)
     try:
-        asyncio.run(run())
+        sftp.put("CT/g.dcm", b"old")
+        ftp.begin_put("CT/g.dcm", b"new by FTP")  # 150: the file is open for writing
+        with pytest.raises(Refused):
+            sftp.delete("CT/g.dcm")
+        ftp.cut.close()
+        assert ftp.f.voidresp().startswith("226")
+        assert sftp.get("CT/g.dcm") == b"new by FTP"
+        sftp.delete("CT/g.dcm")
+        assert sftp.list("CT") == []
     finally:
         ftp.close()
+        sftp.close()
     agent.wait_drained()
     assert catalog_rows(agent, "SELECT path FROM entries WHERE is_dir = 0") == []  # no commit brought one back
 
 
-def test_smb_delete_of_a_file_an_sftp_upload_writes_is_denied_and_of_its_own_upload_is_done(smb_agent):
-    """The same over SMB (ACCESS_DENIED); a client deleting the file it is itself writing (delete-on-close, done at
-    its last close) still drops its upload and the file, as Windows does."""
+def test_smb_delete_of_the_file_its_own_upload_writes_is_done_at_its_close(smb_agent):
+    """A client deleting the file it is itself writing (delete-on-close, done at its last close) drops its upload
+    and the file, as Windows does; another session's upload is not deleted (test_conformance)."""
     agent = smb_agent().start(timeout=180)
     smb = Smb(agent)
-
-    async def run() -> None:
-        async with sftp_session(agent) as writer:
-            await sftp_put(writer, "f.dcm", b"old")
-            async with writer.open("f.dcm", "wb") as f:
-                await f.write(b"new version")
-                with pytest.raises(SMBOSError) as refused:
-                    await asyncio.to_thread(smb.remove, "f.dcm")
-                assert refused.value.ntstatus == NtStatus.STATUS_ACCESS_DENIED
-
     try:
-        asyncio.run(run())
-        assert smb.read("f.dcm") == b"new version"
+        smb.write("f.dcm", b"stored")
         with smbclient.open_file(smb.p("f.dcm"), mode="wb", share_access="rwd", **smb.kw) as f:
             f.write(b"rewritten, then deleted")
             f.flush()

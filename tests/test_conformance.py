@@ -30,6 +30,7 @@ from clients import (
     NotFound,
     Refused,
     Stat,
+    sftp_upload_held,
 )
 
 from devstack import AgentProc
@@ -279,6 +280,38 @@ def test_errors_by_class(target, c, d):
         c.rename(f"{d}/sub", f"{d}/f.dcm")  # a directory over a file
     assert c.list(d) == ["f.dcm", "sub"] and c.get(f"{d}/f.dcm") == b"kept"
     assert target.s3_hashes(d, drained=True) == {"f.dcm": sha256(b"kept"), "sub/g.dcm": sha256(b"g")}
+
+
+@pytest.mark.parametrize("op", ["rename", "delete", "mkdir", "rmdir"])
+def test_a_file_another_session_is_writing_is_left_to_it(target, c, op):
+    """While another session's SFTP upload writes busy.dcm (over a stored file, for there to be one to rename or
+    delete), renaming or deleting it, making a directory of its name or removing its directory is refused: the
+    upload's close would have stored it again, under the old name, over the directory or with its directory back.
+    Once the upload is closed, the file is stored whole and the operation is done (a mkdir finds the name taken)."""
+    d, data = f"busy-{op}", os.urandom(70_000)
+    path = f"{d}/busy.dcm"
+    c.mkdir(d)
+    if op in ("rename", "delete"):
+        c.put(path, b"old")
+    act, refused = {"rename": (lambda: c.rename(path, f"{d}/moved.dcm"), Refused),
+                    "delete": (lambda: c.delete(path), Refused),
+                    "mkdir": (lambda: c.mkdir(path), Exists),
+                    "rmdir": (lambda: c.rmdir(d), NotEmpty)}[op]
+    with sftp_upload_held(target.agent, path, data):
+        with pytest.raises(refused):
+            act()
+    assert c.get(path) == data
+    assert target.s3_hashes(d, drained=True) == {"busy.dcm": sha256(data)}
+    if op == "mkdir":
+        with pytest.raises(Exists):
+            act()
+        return
+    if op == "rmdir":
+        c.delete(path)
+    act()
+    stored = {"moved.dcm": sha256(data)} if op == "rename" else {}
+    assert d not in c.list("") if op == "rmdir" else c.list(d) == sorted(stored)
+    assert target.s3_hashes(d, drained=True) == stored
 
 
 def test_bad_names_are_refused(target, c, d):

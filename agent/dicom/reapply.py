@@ -71,11 +71,11 @@ async def plan(cfg: Config, concurrency: int = 32) -> Plan:
     """What today's rules would extend on the objects in the bucket (read only)."""
     rules = DicomRetention(cfg.compliance)
     out = Plan()
-    queue: asyncio.Queue[tuple[str, int, float] | None] = asyncio.Queue(maxsize=concurrency * 4)
+    queue: asyncio.Queue[tuple[str, float] | None] = asyncio.Queue(maxsize=concurrency * 4)
 
     async def worker(s3: S3Uplink) -> None:
         while (item := await queue.get()) is not None:
-            path, size, mtime = item
+            path, mtime = item
             out.objects += 1
             try:
                 if (head := await s3.head(path)) is None:
@@ -95,8 +95,8 @@ async def plan(cfg: Config, concurrency: int = 32) -> Plan:
             raise NoObjectLock(f"bucket {cfg.uplink.bucket!r} has no Object Lock: its objects cannot be retained")
         workers = [asyncio.create_task(worker(s3)) for _ in range(concurrency)]
         async for page in lister.walk(logical=False):  # sizes unused: every object is HEADed
-            for path, size, mtime, _etag in page:
-                await queue.put((path, size, mtime))
+            for path, _size, mtime, _etag in page:
+                await queue.put((path, mtime))
         for _ in workers:
             await queue.put(None)
         await asyncio.gather(*workers)

@@ -122,7 +122,6 @@ async def write(cfg: Config, rows: Iterable[Row]) -> dict[str, Any]:
                     await s3.delete_raw(key)
             for key in folded:
                 await s3.delete_raw(key)
-            manifest["deltas_folded"] = len(folded)
             return manifest
     finally:
         if (close := getattr(rows, "close", None)) is not None:
