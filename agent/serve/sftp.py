@@ -605,8 +605,7 @@ class GatewaySFTP(asyncssh.SFTPServer):
 
     async def fsetstat(self, file_obj: object, attrs: asyncssh.SFTPAttrs) -> None:
         """ftruncate: a size cuts (or extends) the file being written; otherwise see setstat."""
-        if attrs.size is not None:
-            writer = _writer(file_obj)
+        if attrs.size is not None and attrs.size != (writer := _writer(file_obj)).size:  # the same size: no change
             await self._call(writer.truncate(attrs.size))
             self.unchanged.discard(writer)  # once done: a refused size changes nothing, the close stores no copy
 

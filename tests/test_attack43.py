@@ -1,0 +1,48 @@
+"""Attacks on a running agent (round 43): what round 42 left. A size set to the size a file already has (a PACS or
+an rsync-like client sets size and times after every upload), a session renaming its own upload while another
+session writes the same file, and a remove of its own upload by a user who may not delete. Each test reproduces one
+attack that worked and checks it no longer does. Real agent, real SeaweedFS, real clients (asyncssh, smbprotocol)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import asyncssh
+import pytest
+import smbclient
+from smbutil import Smb
+
+from faultkit import catalog_rows, sftp_put, sftp_session
+from harness import PASSWORD
+
+GEN = "SELECT gen, size FROM entries WHERE path = ?"
+
+
+def test_a_size_the_file_already_has_changes_nothing(smb_agent):
+    """An SFTP setstat (or fsetstat on a handle opened "r+") to the file's current size committed a new version: a
+    new gen, uploaded again, fetched from S3 first if its copy was evicted. OpenSSH's server does nothing (truncate(2)
+    to the same size). Now nothing changes; a real cut still makes a new version. SMB's end-of-file set to the same
+    size ends the same way (smbd answers it itself: this part passed before too, and guards it)."""
+    agent = smb_agent().start(timeout=180)
+
+    async def run() -> None:
+        async with sftp_session(agent) as s:
+            await sftp_put(s, "CT/f.dcm", b"0123456789")
+            [before] = catalog_rows(agent, GEN, ("CT/f.dcm",))
+            await s.setstat("CT/f.dcm", asyncssh.SFTPAttrs(size=10, mtime=1, atime=1))
+            async with s.open("CT/f.dcm", "r+b") as f:
+                await f.setstat(asyncssh.SFTPAttrs(size=10))
+            assert catalog_rows(agent, GEN, ("CT/f.dcm",)) == [before]
+            await s.setstat("CT/f.dcm", asyncssh.SFTPAttrs(size=4))
+            assert catalog_rows(agent, GEN, ("CT/f.dcm",)) == [(before[0] + 1, 4)]
+
+    asyncio.run(run())
+    smb = Smb(agent)
+    try:
+        [before] = catalog_rows(agent, GEN, ("CT/f.dcm",))
+        with smbclient.open_file(smb.p("CT/f.dcm"), mode="r+b", **smb.kw) as f:
+            f.truncate(4)
+        assert catalog_rows(agent, GEN, ("CT/f.dcm",)) == [before]
+        assert smb.read("CT/f.dcm") == b"0123"
+    finally:
+        smb.close()
