@@ -46,3 +46,27 @@ def test_a_size_the_file_already_has_changes_nothing(smb_agent):
         assert smb.read("CT/f.dcm") == b"0123"
     finally:
         smb.close()
+
+
+def test_a_session_does_not_rename_its_upload_while_another_session_writes_the_file(agent_factory):
+    """A session renaming its own upload (SFTP since round 42) skipped the "being written by another upload" check:
+    a second session writing the same file then stored it again under the old name at its close, the rename silently
+    undone. It is refused while another upload writes the name; once that one is stored, it is done."""
+    agent = agent_factory().start()
+
+    async def run() -> None:
+        async with sftp_session(agent) as s, sftp_session(agent) as other:
+            await sftp_put(s, "CT/old.dcm", b"old")
+            for name in ("CT/old.dcm", "CT/new.dcm"):  # a stored file being rewritten, a new one
+                async with s.open(name, "wb") as f:
+                    await f.write(b"mine")
+                    async with other.open(name, "wb") as theirs:
+                        await theirs.write(b"theirs")
+                        with pytest.raises(asyncssh.SFTPPermissionDenied, match="being written by another upload"):
+                            await s.posix_rename(name, "CT/moved.dcm")
+                    await s.posix_rename(name, "CT/moved.dcm")
+                assert await s.listdir("CT") == ["moved.dcm"]
+                async with s.open("CT/moved.dcm", "rb") as f:
+                    assert await f.read() == b"mine"
+
+    asyncio.run(run())

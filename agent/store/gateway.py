@@ -758,7 +758,8 @@ class Gateway:
             self._may_take(who, dst)
             e = await self.stat(src)
             await self.worm.check_mutable(e, time.time())
-            if moving is None and self.marks.writing(src):  # its commit would store it again under the old name
+            # another upload's commit would store it again under the old name
+            if self.marks.writing(src, besides=1 if moving is not None and moving.open else 0):
                 raise PermissionDenied(src, "being written by another upload; try again later")
             if e.is_dir:
                 if self.marks.busy(src):  # an upload's commit would bring the directory back (Windows refuses too)
@@ -783,6 +784,8 @@ class Gateway:
         it replaces went unchecked (Windows device names, text-direction controls and a WORM file stored there).
         Whether who may move the file is the front end's to say; the caller then moves `handle` (WriteHandle.rename)."""
         async with self.audit.op(who, "rename", handle.path, to=dst):
+            if self.marks.writing(handle.path, besides=1):  # the other one's commit would store the old name
+                raise PermissionDenied(handle.path, "being written by another upload; try again later")
             self._may_take(who, dst)
             handle.base = self._base(who, await self._replaced_by_rename(who, dst, replace))
 
