@@ -51,7 +51,8 @@ def test_a_size_the_file_already_has_changes_nothing(smb_agent):
 def test_a_session_does_not_rename_its_upload_while_another_session_writes_the_file(agent_factory):
     """A session renaming its own upload (SFTP since round 42) skipped the "being written by another upload" check:
     a second session writing the same file then stored it again under the old name at its close, the rename silently
-    undone. It is refused while another upload writes the name; once that one is stored, it is done."""
+    undone. It is refused while another upload writes the name; once that one is stored, it is done. A remove of the
+stored file is refused too, and its own upload kept (it was dropped first)."""
     agent = agent_factory().start()
 
     async def run() -> None:
@@ -64,9 +65,33 @@ def test_a_session_does_not_rename_its_upload_while_another_session_writes_the_f
                         await theirs.write(b"theirs")
                         with pytest.raises(asyncssh.SFTPPermissionDenied, match="being written by another upload"):
                             await s.posix_rename(name, "CT/moved.dcm")
+                        if name == "CT/old.dcm":  # a stored file's remove is refused too, before its upload is dropped
+                            with pytest.raises(asyncssh.SFTPPermissionDenied, match="being written by another"):
+                                await s.remove(name)
                     await s.posix_rename(name, "CT/moved.dcm")
                 assert await s.listdir("CT") == ["moved.dcm"]
                 async with s.open("CT/moved.dcm", "rb") as f:
                     assert await f.read() == b"mine"
+
+    asyncio.run(run())
+
+
+def test_a_refused_remove_of_the_sessions_own_upload_keeps_it(agent_factory):
+    """An SFTP remove of its own upload of a stored file by a user without the `delete` right dropped the upload, then
+    the delete was refused: permission denied, and the upload lost. The right is checked first: the upload goes on
+    and its close stores it."""
+    users = [{"name": "pacs", "password": PASSWORD, "root": "/", "permissions": ["read", "write"]}]
+    agent = agent_factory(users=users).start()
+
+    async def run() -> None:
+        async with sftp_session(agent) as s:
+            await sftp_put(s, "CT/f.dcm", b"old")
+            async with s.open("CT/f.dcm", "ab") as f:
+                await f.write(b" and more")
+                with pytest.raises(asyncssh.SFTPPermissionDenied, match="lacks the 'delete' permission"):
+                    await s.remove("CT/f.dcm")
+                await f.write(b" kept")
+            async with s.open("CT/f.dcm", "rb") as f:
+                assert await f.read() == b"old and more kept"
 
     asyncio.run(run())

@@ -17,7 +17,7 @@ import os
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Callable, Protocol, TypeVar
+from typing import AsyncIterator, Callable, Protocol, Sequence, TypeVar
 
 import structlog
 
@@ -735,13 +735,18 @@ class Gateway:
             await self.db.rmdir(path)
         log.info("rmdir", path=path)
 
-    async def delete(self, path: str, who: Who | None = None) -> None:
+    async def delete(self, path: str, who: Who | None = None, *, dropping: Sequence[WriteHandle] = ()) -> None:
+        """`dropping`: the session's own uploads of path (SFTP), aborted once the delete is allowed: a refused delete
+        had already dropped them."""
         async with self.audit.op(who, "delete", path):
             self._may_change(who, "delete", path)
             self._movable(path)
             await self.worm.check_mutable(await self.stat(path), time.time())
-            if self.marks.writing(path):  # its commit would store it again (SMB's own writer is aborted first: fuse)
+            # its commit would store it again (SMB's own writer is aborted first: fuse)
+            if self.marks.writing(path, besides=len(dropping)):
                 raise PermissionDenied(path, "being written by another upload; try again later")
+            for writer in dropping:
+                await writer.abort("removed by its own session before its close")
             blob = await self.db.delete(path)
         if blob:
             self.cache.remove(blob)
