@@ -10,6 +10,9 @@ import asyncio
 import asyncssh
 import pytest
 import smbclient
+from clients import sftp_upload_held
+from smbprotocol.exceptions import SMBOSError
+from smbprotocol.header import NtStatus
 from smbutil import Smb
 
 from faultkit import catalog_rows, sftp_put, sftp_session
@@ -74,6 +77,28 @@ stored file is refused too, and its own upload kept (it was dropped first)."""
                     assert await f.read() == b"mine"
 
     asyncio.run(run())
+
+
+def test_an_smb_rename_of_its_own_upload_waits_for_another_sessions_upload(smb_agent):
+    """The same over SMB (a client renames the file it has open, as Windows does; its upload moves with it): an SFTP
+    session also writing the file stored it again under the old name at its close. Refused (ACCESS_DENIED) until
+    that upload is stored."""
+    agent = smb_agent().start(timeout=180)
+    smb = Smb(agent)
+    try:
+        smb.write("f.dcm", b"old")
+        with smbclient.open_file(smb.p("f.dcm"), mode="wb", share_access="rwd", **smb.kw) as f:
+            f.write(b"mine")
+            f.flush()
+            with sftp_upload_held(agent, "f.dcm", b"theirs"):
+                with pytest.raises(SMBOSError) as refused:
+                    smbclient.replace(smb.p("f.dcm"), smb.p("moved.dcm"), **smb.kw)
+                assert refused.value.ntstatus == NtStatus.STATUS_ACCESS_DENIED
+            smbclient.replace(smb.p("f.dcm"), smb.p("moved.dcm"), **smb.kw)
+        assert smb.listdir() == ["moved.dcm"]
+        assert smb.read("moved.dcm") == b"mine"
+    finally:
+        smb.close()
 
 
 def test_a_refused_remove_of_the_sessions_own_upload_keeps_it(agent_factory):
