@@ -605,8 +605,7 @@ class GatewaySFTP(asyncssh.SFTPServer):
 
     async def fsetstat(self, file_obj: object, attrs: asyncssh.SFTPAttrs) -> None:
         """ftruncate: a size cuts (or extends) the file being written; otherwise see setstat."""
-        if attrs.size is not None:
-            writer = _writer(file_obj)
+        if attrs.size is not None and attrs.size != (writer := _writer(file_obj)).size:  # the same size: no change
             await self._call(writer.truncate(attrs.size))
             self.unchanged.discard(writer)  # once done: a refused size changes nothing, the close stores no copy
 
@@ -638,10 +637,11 @@ class GatewaySFTP(asyncssh.SFTPServer):
     async def remove(self, path: bytes) -> None:
         ns = await self._path(path)
         mine = self._writing(ns)
-        for writer in mine:  # dropped: its close would store the file again
-            await writer.abort("removed by its own session before its close")
-        if not mine or await self._call(self.gateway.find(ns)) is not None:
-            await self._call(self.gateway.delete(ns, self.who))
+        if mine and await self._call(self.gateway.find(ns)) is None:  # a new file, not stored yet: only the uploads
+            for writer in mine:
+                await writer.abort("removed by its own session before its close")
+        else:  # dropped once the delete is allowed: their close would store the file again
+            await self._call(self.gateway.delete(ns, self.who, dropping=mine))
 
     async def rename(self, oldpath: bytes, newpath: bytes, replace: bool = False) -> None:
         """SFTPv3 rename refuses to replace an existing target; posix_rename replaces it. This session's own upload of

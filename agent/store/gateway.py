@@ -17,7 +17,7 @@ import os
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Callable, Protocol, TypeVar
+from typing import AsyncIterator, Callable, Protocol, Sequence, TypeVar
 
 import structlog
 
@@ -735,13 +735,18 @@ class Gateway:
             await self.db.rmdir(path)
         log.info("rmdir", path=path)
 
-    async def delete(self, path: str, who: Who | None = None) -> None:
+    async def delete(self, path: str, who: Who | None = None, *, dropping: Sequence[WriteHandle] = ()) -> None:
+        """`dropping`: the session's own uploads of path (SFTP), aborted once the delete is allowed: a refused delete
+        had already dropped them."""
         async with self.audit.op(who, "delete", path):
             self._may_change(who, "delete", path)
             self._movable(path)
             await self.worm.check_mutable(await self.stat(path), time.time())
-            if self.marks.writing(path):  # its commit would store it again (SMB's own writer is aborted first: fuse)
+            # its commit would store it again (SMB's own writer is aborted first: fuse)
+            if self.marks.writing(path, besides=len(dropping)):
                 raise PermissionDenied(path, "being written by another upload; try again later")
+            for writer in dropping:
+                await writer.abort("removed by its own session before its close")
             blob = await self.db.delete(path)
         if blob:
             self.cache.remove(blob)
@@ -758,7 +763,8 @@ class Gateway:
             self._may_take(who, dst)
             e = await self.stat(src)
             await self.worm.check_mutable(e, time.time())
-            if moving is None and self.marks.writing(src):  # its commit would store it again under the old name
+            # another upload's commit would store it again under the old name
+            if self.marks.writing(src, besides=1 if moving is not None and moving.open else 0):
                 raise PermissionDenied(src, "being written by another upload; try again later")
             if e.is_dir:
                 if self.marks.busy(src):  # an upload's commit would bring the directory back (Windows refuses too)
@@ -783,6 +789,8 @@ class Gateway:
         it replaces went unchecked (Windows device names, text-direction controls and a WORM file stored there).
         Whether who may move the file is the front end's to say; the caller then moves `handle` (WriteHandle.rename)."""
         async with self.audit.op(who, "rename", handle.path, to=dst):
+            if self.marks.writing(handle.path, besides=1):  # the other one's commit would store the old name
+                raise PermissionDenied(handle.path, "being written by another upload; try again later")
             self._may_take(who, dst)
             handle.base = self._base(who, await self._replaced_by_rename(who, dst, replace))
 
@@ -902,7 +910,13 @@ class Gateway:
         self.cache.discard_staging(blob)
 
     async def truncate(self, path: str, length: int, protocol: str, who: Who | None) -> None:
-        """truncate(2) by name (SFTP setstat, SMB set end-of-file): a new version cut or extended with zeros."""
+        """truncate(2) by name (SFTP setstat, SMB set end-of-file): a new version cut or extended with zeros. To the
+        size it has, nothing changes (truncate(2), OpenSSH's server): clients set it after each upload, and each was
+        a new version uploaded again, fetched first if evicted."""
+        if (e := await self.find(path)) is not None and not e.is_dir and e.size == length:
+            async with self.audit.op(who, "store", path, record_ok=False):
+                self._may_change(who, "write", path)
+            return
         handle = await self.open_for_write(path, protocol, who, keep=length, create=False)
         try:
             await handle.truncate(length)

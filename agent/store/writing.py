@@ -113,9 +113,10 @@ class WriteMarks(_Marks):
         """Whether an upload of this process or of another one writes path, or a file below it, now."""
         return self._held(path) or self._held(path + "/")
 
-    def writing(self, path: str) -> bool:
-        """Whether an upload of this process or of another one writes path itself now."""
-        return self._held(path)
+    def writing(self, path: str, besides: int = 0) -> bool:
+        """Whether an upload of this process or of another one writes path itself now, besides `besides` of this
+        process's (a session's own uploads, which its rename moves or its remove drops)."""
+        return self._mine[path] > besides or self._lock(fcntl.F_OFD_GETLK, fcntl.F_WRLCK, path) != fcntl.F_UNLCK
 
     def _held(self, key: str) -> bool:
         return key in self._mine or self._lock(fcntl.F_OFD_GETLK, fcntl.F_WRLCK, key) != fcntl.F_UNLCK
