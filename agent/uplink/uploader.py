@@ -382,20 +382,16 @@ class Uploader:
             await self.line.up.wait()
             self._wake.clear()
             room = self.line.slots.limit * 2 - len(self._tasks)
-            if room <= 0:  # a finished transfer wakes it (_done): no catalog query until there is room
-                self._starved = True
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), IDLE_POLL)
-                continue
             hold = STORING_HOLD if self.storing() else 0.0
-            rows = await self.db.due_uploads(time.time(), room, hold)
-            self._starved = len(rows) >= room
+            rows = await self.db.due_uploads(time.time(), room, hold) if room > 0 else []
+            self._starved = room <= 0 or len(rows) >= room
             for row in rows:
                 if await self.db.claim(row.path, row.gen):
                     self.start_transfer(row)
             if rows:
                 continue
-            next_due = await self.db.next_due(hold)
+            # With no room, a finished transfer wakes it (_done): nothing to ask the catalog until then
+            next_due = await self.db.next_due(hold) if room > 0 else None
             delay = IDLE_POLL if next_due is None else min(IDLE_POLL, max(0.05, next_due - time.time()))
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), delay)
@@ -409,10 +405,9 @@ class Uploader:
         return task
 
     def _done(self, task: asyncio.Task[bool]) -> None:
-        """A transfer ended: the dispatcher looks again if it waits for room and no more than a slot's worth of
-        transfers is left (the queue is refilled by half at a time, not by a row per finished upload: a due_uploads
-        and mostly a next_due per file, docs/benchmarks.md §41), or if this one failed (its retry time changed). A
-        clean write-through upload leaves it asleep: two catalog queries fewer per stored file."""
+        """A transfer ended: the dispatcher looks again if it waits for room and a slot's worth is left (a refill per
+        finished upload cost a query or two each, docs/benchmarks.md §41), or if this one failed (its retry time
+        changed). A clean write-through upload leaves it asleep: two catalog queries fewer per stored file."""
         self._tasks.discard(task)
         if (self._starved and len(self._tasks) <= self.line.slots.limit) or task.cancelled() or \
                 task.exception() is not None or not task.result():
