@@ -11,10 +11,11 @@ import os
 import time
 from collections import Counter
 
+from test_speed33 import finish, open_slow_write, run_agent, wait_clean
+
 from agent.store.catalog import AsyncCatalog
 from agent.uplink import uploader
 from faultkit import ftp_login, ftp_put
-from test_speed33 import finish, open_slow_write, run_agent, wait_clean
 
 FILES = 32
 CONCURRENCY = 4
@@ -25,11 +26,17 @@ def test_a_backlog_is_dispatched_in_batches(agent_factory, monkeypatch):
     monkeypatch.setattr(uploader, "STORING_HOLD", 600.0)
     monkeypatch.setattr(uploader, "IDLE_POLL", 600.0)
     calls: Counter[str] = Counter()
+
+    def counting(name: str):
+        real = getattr(AsyncCatalog, name)
+
+        def counted(self, *args, **kwargs):
+            calls[name] += 1
+            return real(self, *args, **kwargs)
+        return counted
+
     for name in ("due_uploads", "next_due", "claim"):
-        def counted(self, *args, _name=name, _real=getattr(AsyncCatalog, name), **kwargs):
-            calls[_name] += 1
-            return _real(self, *args, **kwargs)
-        monkeypatch.setattr(AsyncCatalog, name, counted)
+        monkeypatch.setattr(AsyncCatalog, name, counting(name))
     a = agent_factory(**{"uplink.write_mode": "back", "uplink.max_concurrency": CONCURRENCY,
                          "prefetch.enabled": False})
     paths = [f"batch/{i}.dcm" for i in range(FILES)]
