@@ -390,7 +390,8 @@ class Uploader:
                     self.start_transfer(row)
             if rows:
                 continue
-            next_due = await self.db.next_due(hold)
+            # With no room, a finished transfer wakes it (_done): nothing to ask the catalog until then
+            next_due = await self.db.next_due(hold) if room > 0 else None
             delay = IDLE_POLL if next_due is None else min(IDLE_POLL, max(0.05, next_due - time.time()))
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), delay)
@@ -404,10 +405,12 @@ class Uploader:
         return task
 
     def _done(self, task: asyncio.Task[bool]) -> None:
-        """A transfer ended: the dispatcher looks again if it waits for room, or if this one failed (its retry time
+        """A transfer ended: the dispatcher looks again if it waits for room and a slot's worth is left (a refill per
+        finished upload cost a query or two each, docs/benchmarks.md §41), or if this one failed (its retry time
         changed). A clean write-through upload leaves it asleep: two catalog queries fewer per stored file."""
         self._tasks.discard(task)
-        if self._starved or task.cancelled() or task.exception() is not None or not task.result():
+        if (self._starved and len(self._tasks) <= self.line.slots.limit) or task.cancelled() or \
+                task.exception() is not None or not task.result():
             self.wake()
 
     async def _tombstones(self) -> None:
