@@ -661,8 +661,7 @@ class Gateway:
         known = await self.db.get_many(chain if then is None else [*chain, then])
         merged = False
         for d in chain:
-            e = await self.db.get(d) if merged else known.get(d)
-            if e is None:
+            if (e := await self.db.get(d) if merged else known.get(d)) is None:
                 if missing_ok:
                     break
                 raise NotFound(d)
