@@ -330,8 +330,7 @@ class GatewayFS(pyfuse3.Operations):
         name it started with. Another client's rename meanwhile (Samba drops the closing open's share mode before its
         close(2)) was answered, then lost, the file in S3 under no name despite the write-through ack; a delete came
         back. Not waited for here: the kernel holds the directory locked for the request."""
-        op = self._writing.get(path)
-        if op is not None and op.closing and op.writer is not None and op.writer.open:
+        if (op := self._writing.get(path)) is not None and op.closing and op.writer is not None and op.writer.open:
             self._refuse(who, path, "being closed: its commit stores it under this name", "SharingViolation",
                          errno.ETXTBSY)
 
@@ -461,8 +460,7 @@ class GatewayFS(pyfuse3.Operations):
         self._one_writer(op.path, op.who)
         writer = op.writer = await self._call(self.gw.open_for_write(op.path, PROTOCOL, op.who, exclusive=exclusive,
                                                                       keep=0 if op.truncate else keep))
-        op.truncate = False
-        op.committed = False
+        op.truncate = op.committed = False
         self._writing[op.path] = op
         return writer
 
