@@ -262,7 +262,7 @@ class Agent:
         await self.loops.stop()  # the HA monitor's too
         await self.uploader.stop(max(1.0, drain_seconds - (time.monotonic() - t0)))
         await self.line.stop()
-        await self.gateway.stop()
+        await self.gateway.flush_access()
         if self.http:
             await self.http.close()
         if workers:

@@ -94,8 +94,7 @@ async def slash_checked(gw: Gateway, client_path: str, path: str, *, creates_fil
     or a file `moved_from` renamed to it). The slash was dropped: `STOR new/` stored `new`, `SIZE f/` sized f."""
     if not client_path.endswith(("/", "/.")) or not path:
         return
-    e = await gw.find(path)
-    if e is not None and not e.is_dir or e is None and (
+    if (e := await gw.find(path)) is not None and not e.is_dir or e is None and (
             creates_file or moved_from is not None and not (await gw.stat(moved_from)).is_dir):
         raise NotADirectory(path, "a path ending in '/' names a directory")
 

@@ -169,8 +169,7 @@ class GatewayFS(pyfuse3.Operations):
         return ino
 
     def _path(self, inode: int) -> str:
-        node = self._inodes.get(inode)
-        if node is None or node.path is None:
+        if (node := self._inodes.get(inode)) is None or node.path is None:
             raise pyfuse3.FUSEError(errno.ENOENT)
         return node.path
 
@@ -212,8 +211,7 @@ class GatewayFS(pyfuse3.Operations):
 
     def _drop_unused(self, inode: int) -> None:
         """Forget an inode the kernel no longer looks up and no open file uses (never the root)."""
-        node = self._inodes.get(inode)
-        if node is not None and node.lookups <= 0 and inode != pyfuse3.ROOT_INODE \
+        if (node := self._inodes.get(inode)) is not None and node.lookups <= 0 and inode != pyfuse3.ROOT_INODE \
                 and not any(f.inode == inode for f in self._files.values()):
             del self._inodes[inode]
             if node.path is not None and self._by_path.get(node.path) == inode:
@@ -266,8 +264,7 @@ class GatewayFS(pyfuse3.Operations):
         return a
 
     async def _attrs_of(self, path: str) -> pyfuse3.EntryAttributes:
-        op = self._writing.get(path)
-        if op is not None and op.writer is not None:
+        if (op := self._writing.get(path)) is not None and op.writer is not None:
             return self._attrs(self._inode_for(path), is_dir=False, size=op.writer.size, mtime=time.time())
         e = await self._call(self.gw.stat(path))
         return self._attrs(self._inode_for(path), is_dir=e.is_dir, size=e.size, mtime=e.mtime)
@@ -333,8 +330,7 @@ class GatewayFS(pyfuse3.Operations):
         name it started with. Another client's rename meanwhile (Samba drops the closing open's share mode before its
         close(2)) was answered, then lost, the file in S3 under no name despite the write-through ack; a delete came
         back. Not waited for here: the kernel holds the directory locked for the request."""
-        op = self._writing.get(path)
-        if op is not None and op.closing and op.writer is not None and op.writer.open:
+        if (op := self._writing.get(path)) is not None and op.closing and op.writer is not None and op.writer.open:
             self._refuse(who, path, "being closed: its commit stores it under this name", "SharingViolation",
                          errno.ETXTBSY)
 
@@ -381,8 +377,7 @@ class GatewayFS(pyfuse3.Operations):
             self._require(self._who(ctx), "rename", src, op)
             assert op.writer is not None  # a file shown as being written has its writer
             await self._call(self.gw.rename_unstored(op.writer, dst, self._who(ctx), replace=replace))
-            old = self._writing.get(dst)
-            if old is not None and old is not op:
+            if (old := self._writing.get(dst)) is not None and old is not op:
                 self._require(self._who(ctx), "delete", dst, old)
                 old.unlinked = True
                 self._writing.pop(dst)
@@ -465,8 +460,7 @@ class GatewayFS(pyfuse3.Operations):
         self._one_writer(op.path, op.who)
         writer = op.writer = await self._call(self.gw.open_for_write(op.path, PROTOCOL, op.who, exclusive=exclusive,
                                                                       keep=0 if op.truncate else keep))
-        op.truncate = False
-        op.committed = False
+        op.truncate = op.committed = False
         self._writing[op.path] = op
         return writer
 
@@ -550,8 +544,7 @@ class GatewayFS(pyfuse3.Operations):
 
     async def flush(self, fh: int) -> None:
         """close(2): commit what this handle wrote. smbd's CLOSE reply waits for this."""
-        op = self._files.get(fh)
-        if op is not None and op.failed:
+        if (op := self._files.get(fh)) is not None and op.failed:
             raise pyfuse3.FUSEError(errno.EIO)
         if op is None or op.writer is None or op.committed:
             return

@@ -544,9 +544,6 @@ class Gateway:
             root = u.root.strip("/")
             self._fixed.update([root, *ancestors(root)])
 
-    async def stop(self) -> None:
-        await self.access.flush(self.db, self.metrics)
-
     # --- permissions ----------------------------------------------------------------------------
 
     def allowed(self, who: Who | None, right: str) -> bool:
@@ -661,8 +658,7 @@ class Gateway:
         known = await self.db.get_many(chain if then is None else [*chain, then])
         merged = False
         for d in chain:
-            e = await self.db.get(d) if merged else known.get(d)
-            if e is None:
+            if (e := await self.db.get(d) if merged else known.get(d)) is None:
                 if missing_ok:
                     break
                 raise NotFound(d)
@@ -1280,7 +1276,7 @@ class Gateway:
 
     async def shrink_memory(self) -> None:
         """Memory pressure: flush buffered statistics and give SQLite's page cache back."""
-        await self.access.flush(self.db, self.metrics)
+        await self.flush_access()
         await self.db.shrink_memory()
 
     # --- eviction (the policy runs in agent.store.evictor) ---------------------------------------
