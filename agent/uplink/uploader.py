@@ -81,10 +81,10 @@ class UploadQueue(Protocol):
     """The durable queue (agent.store.catalog through AsyncCatalog): rows to upload, keys to delete."""
 
     async def get(self, path: str) -> Entry | None: ...
+    def row(self, path: str) -> Entry | None: ...
     async def reset_uploading(self) -> int: ...
-    async def due_uploads(self, now: float, limit: int, hold: float = 0.0) -> list[Entry]: ...
+    async def claim_due(self, now: float, limit: int, hold: float = 0.0) -> list[Entry]: ...
     async def next_due(self, hold: float = 0.0) -> float | None: ...
-    async def claim(self, path: str, gen: int) -> bool: ...
     async def mark_clean(self, path: str, gen: int, etag: str | None, version_id: str | None,
                          sha256: str | None, index_row: tuple[object, ...] | None = None) -> bool: ...
     async def mark_failed(self, path: str, gen: int, error: str, retry_at: float, unsure: bool = False) -> None: ...
@@ -175,7 +175,8 @@ class Uploader:
                 async with contextlib.AsyncExitStack() as locks:
                     for key in sorted({e.path, e.copy_from or e.path}, key=lambda k: (k.startswith(PARKED + "/"), k)):
                         await locks.enter_async_context(self.key_lock(key))
-                    now = await self.db.get(e.path)
+                    # Read again under the locks (its slot may come long after the claim), without get's loop turn
+                    now = self.db.row(e.path)
                     if now is not None and now.gen == e.gen and now.copy_from != e.copy_from:
                         e = dataclasses.replace(e, copy_from=now.copy_from)  # its source was parked meanwhile
                         continue
@@ -383,11 +384,10 @@ class Uploader:
             self._wake.clear()
             room = self.line.slots.limit * 2 - len(self._tasks)
             hold = STORING_HOLD if self.storing() else 0.0
-            rows = await self.db.due_uploads(time.time(), room, hold) if room > 0 else []
+            rows = await self.db.claim_due(time.time(), room, hold) if room > 0 else []
             self._starved = room <= 0 or len(rows) >= room
             for row in rows:
-                if await self.db.claim(row.path, row.gen):
-                    self.start_transfer(row)
+                self.start_transfer(row)
             if rows:
                 continue
             # With no room, a finished transfer wakes it (_done): nothing to ask the catalog until then

@@ -60,6 +60,18 @@ def _queued(method: Callable[Concatenate[Catalog, P], R]
     return queue
 
 
+def _batched(method: Callable[Concatenate[Catalog, P], R]
+             ) -> Callable[Concatenate[AsyncCatalog, P], Coroutine[Any, Any, R]]:
+    """`await db.x(...)`: `Catalog.x(...)` with the other such calls waiting when the catalog thread gets to it, in
+    one transaction apart from the durable group commits (no fsync, none waits for one) → its result."""
+    async def call(self: AsyncCatalog, /, *args: P.args, **kwargs: P.kwargs) -> R:
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[R] = loop.create_future()
+        self.join_group(functools.partial(method, self.catalog, *args, **kwargs), done, loop, durable=False)
+        return await outcome(done)
+    return call
+
+
 async def outcome(done: asyncio.Future[R]) -> R:
     """A catalog call's result; the catalog's full disk (the cache's) is the front ends' NoSpace too."""
     try:
@@ -94,7 +106,8 @@ class AsyncCatalog:
         self._calls: queue.SimpleQueue[_Call | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._serve, name="catalog", daemon=True)
         self._thread.start()
-        self._group: list[tuple[Callable[[], Any], Callable[[Any], None]]] = []
+        # the calls waiting for the next group commit (True) and for the next non-durable batch (False)
+        self._groups: dict[bool, list[tuple[Callable[[], Any], Callable[[Any], None]]]] = {True: [], False: []}
         self._group_lock = threading.Lock()
         # `get` and `get_many` read on the caller's thread through a read-only WAL connection, which never waits for
         # the writer: the hop to the catalog thread was the largest wait before a cached read's first byte.
@@ -121,21 +134,24 @@ class AsyncCatalog:
                 with contextlib.suppress(RuntimeError):  # that loop is closed: nobody waits any more
                     loop.call_soon_threadsafe(_settle, done, result)
 
-    def join_group(self, run: Callable[[], Any], done: Then, loop: asyncio.AbstractEventLoop) -> None:
-        """run() joins the next group commit; its result goes to done (Then) on loop. Any thread may call this."""
+    def join_group(self, run: Callable[[], Any], done: Then, loop: asyncio.AbstractEventLoop,
+                   durable: bool = True) -> None:
+        """run() joins the next group commit (durable=False: the next batch without an fsync); its result goes to
+        done (Then) on loop. Any thread may call this."""
         then = functools.partial(_settle, done) if isinstance(done, asyncio.Future) else done
         with self._group_lock:
-            self._group.append((run, then))
-            first = len(self._group) == 1
+            self._groups[durable].append((run, then))
+            first = len(self._groups[durable]) == 1
         if first:  # else a group is already waiting for the thread: this call joins it
-            self._calls.put((functools.partial(self._run_group, loop), None, loop))
+            self._calls.put((functools.partial(self._run_group, loop, durable), None, loop))
 
-    def _run_group(self, loop: asyncio.AbstractEventLoop) -> None:
+    def _run_group(self, loop: asyncio.AbstractEventLoop, durable: bool) -> None:
         """On the catalog thread: every grouped call waiting now, in one transaction; then wake each caller."""
         with self._group_lock:
-            group, self._group = self._group, []
+            group, self._groups[durable] = self._groups[durable], []
+        calls = [call for call, _ in group]
         try:
-            results = self.catalog.group([call for call, _ in group])
+            results = self.catalog.group(calls) if durable else self.catalog.group(calls, durable=False)
         except BaseException as e:  # never leave a caller waiting
             results = [e] * len(group)
         for (_, then), result in zip(group, results, strict=True):
@@ -209,10 +225,10 @@ class AsyncCatalog:
     adopt_remote = _offload(Catalog.adopt_remote)
     # the upload queue
     oldest_dirty = _offload(Catalog.oldest_dirty)
-    due_uploads = _offload(Catalog.due_uploads)
-    next_due = _offload(Catalog.next_due)
     claim = _offload(Catalog.claim)
-    mark_clean = _offload(Catalog.mark_clean)
+    claim_due = _offload(Catalog.claim_due)
+    next_due = _offload(Catalog.next_due)
+    mark_clean = _batched(Catalog.mark_clean)  # the finished uploads waiting then: one transaction
     mark_failed = _offload(Catalog.mark_failed)
     requeue = _offload(Catalog.requeue)
     drop_copy_source = _offload(Catalog.drop_copy_source)

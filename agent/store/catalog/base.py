@@ -69,9 +69,10 @@ class CatalogBase:
         self._grouped = False  # inside group(): a transaction is a SAVEPOINT of the group's
         self.ship_index = False  # the agent ships study-index deltas: mark_clean queues each row (dicom_unshipped)
 
-    def group(self, calls: Sequence[Callable[[], Any]]) -> list[Any]:
-        """Group commit: calls (each opening its own transaction) in ONE durable transaction → each call's result or
-        exception (a raising call is rolled back to its SAVEPOINT alone). Nothing returns before the COMMIT."""
+    def group(self, calls: Sequence[Callable[[], Any]], durable: bool = True) -> list[Any]:
+        """Group commit: calls (each opening its own transaction) in ONE transaction, durable unless told → each
+        call's result or exception (a raising call is rolled back to its SAVEPOINT alone). Nothing returns before the
+        COMMIT."""
         if len(calls) == 1:
             try:
                 return [calls[0]()]
@@ -79,7 +80,7 @@ class CatalogBase:
                 return [e]
         results: list[Any] = []
         try:
-            with self._tx(durable=True):
+            with self._tx(durable=durable):
                 self._grouped = True
                 try:
                     for call in calls:
@@ -160,12 +161,16 @@ class CatalogBase:
         return [entry(r) for r in self.db.execute(sql, args).fetchall()]
 
     def _ensure_dirs(self, path: str, now: float) -> None:
-        """Create the missing ancestors of path as directories; refuse if one of them is a file."""
-        for anc in ancestors(path)[1:]:
-            if (row := self.db.execute("SELECT is_dir FROM entries WHERE path = ?", (anc,)).fetchone()) is None:
+        """Create the missing ancestors of path as directories; refuse if one of them is a file. The ancestors are
+        read in one statement (one per ancestor was 4 of a stored file's ~20, docs/benchmarks.md §43)."""
+        chain = ancestors(path)[1:]
+        known = dict(self.db.execute(f"SELECT path, is_dir FROM entries WHERE path IN ({', '.join('?' * len(chain))})",
+                                     chain).fetchall()) if chain else {}
+        for anc in chain:
+            if (is_dir := known.get(anc)) is None:
                 self.db.execute("INSERT INTO entries (path, parent, name, is_dir, mtime) VALUES (?, ?, ?, 1, ?)",
                                 (anc, parent_of(anc), name_of(anc), now))
-            elif not row[0]:
+            elif not is_dir:
                 raise NotADirectory(anc)
 
     def get(self, path: str) -> Entry | None:

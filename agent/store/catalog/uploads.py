@@ -5,6 +5,7 @@ rules are docs/architecture.md's "Generations", "One key at a time" and "Late re
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from typing import cast
 
@@ -29,6 +30,16 @@ class Uploads(CatalogBase):
         due = "MAX(next_attempt, COALESCE(dirty_since, 0) + ?)" if hold else "next_attempt"
         return cast("float | None", self.db.execute(f"SELECT MIN({due}) FROM entries WHERE state = 'dirty'",
                                                     (hold,) if hold else ()).fetchone()[0])
+
+    def claim_due(self, now: float, limit: int, hold: float = 0.0) -> list[Entry]:
+        """due_uploads claimed ('uploading') in one transaction → those rows: each is claimed once, by the process
+        whose transaction read it dirty (a claim per row was a transaction per uploaded file: benchmarks.md §43)."""
+        with self._tx(durable=False):
+            rows = self.due_uploads(now, limit, hold)
+            if rows:
+                self.db.execute(f"UPDATE entries SET state = 'uploading' WHERE state = 'dirty' AND path IN "
+                                f"({', '.join('?' * len(rows))})", [e.path for e in rows])
+        return [dataclasses.replace(e, state="uploading") for e in rows]
 
     def claim(self, path: str, gen: int) -> bool:
         return self._write("UPDATE entries SET state = 'uploading' WHERE path = ? AND gen = ? AND state = 'dirty'",
