@@ -225,7 +225,6 @@ class AsyncCatalog:
     adopt_remote = _offload(Catalog.adopt_remote)
     # the upload queue
     oldest_dirty = _offload(Catalog.oldest_dirty)
-    claim = _offload(Catalog.claim)
     claim_due = _offload(Catalog.claim_due)
     next_due = _offload(Catalog.next_due)
     mark_clean = _batched(Catalog.mark_clean)  # the finished uploads waiting then: one transaction
