@@ -169,6 +169,15 @@ def machine_for(run: Run):
             self.model.dirs.update([f.rpartition("/")[0]] if "/" in f else [])
             self.model.files[f] = self.model.files.get(f, b"") + data
 
+        def parent_made(self, dst: str) -> None:
+            """A rename makes no directory (rename(2), round 42): its target's is made first where missing."""
+            if not self.model.parent_exists(dst):
+                parent = dst.rpartition("/")[0]
+                run.note(f"mkdir {self.p(parent)}")
+                self.touched.add("")
+                self.client.mkdir(self.p(parent))
+                self.model.dirs.add(parent)
+
         @precondition(lambda self: self.model.files)
         @rule(data=st.data(), dst=file_paths(), evict_first=st.booleans(), then_read=st.booleans())
         def rename_file(self, data: st.DataObject, dst: str, evict_first: bool, then_read: bool) -> None:
@@ -178,9 +187,9 @@ def machine_for(run: Run):
             if evict_first:
                 run.evict(self.p(src))
             self.touch(src, dst)
+            self.parent_made(dst)
             self.client.rename(self.p(src), self.p(dst))
             m.files[dst] = m.files.pop(src)
-            m.dirs.update([dst.rpartition("/")[0]] if "/" in dst else [])
             if then_read:
                 self.check_read(dst)
 
@@ -196,9 +205,9 @@ def machine_for(run: Run):
             self.touch(src, dst)
             if fail_copy:
                 run.proxy.fail_copies += 1
+            self.parent_made(dst)
             self.client.rename(self.p(src), self.p(dst))
             m.files[dst] = m.files.pop(src)
-            m.dirs.update([dst.rpartition("/")[0]] if "/" in dst else [])
             self.client.put(self.p(src), new)
             m.files[src] = new
 
