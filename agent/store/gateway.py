@@ -738,9 +738,7 @@ class Gateway:
             self._may_change(who, "delete", path)
             self._movable(path)
             await self.worm.check_mutable(await self.stat(path), time.time())
-            # its commit would store it again (SMB's own writer is aborted first: fuse)
-            if self.marks.writing(path, besides=len(dropping)):
-                raise PermissionDenied(path, "being written by another upload; try again later")
+            self._not_written(path, besides=len(dropping))  # SMB's own writer is aborted first: fuse
             for writer in dropping:
                 await writer.abort("removed by its own session before its close")
             blob = await self.db.delete(path)
@@ -759,9 +757,7 @@ class Gateway:
             self._may_take(who, dst)
             e = await self.stat(src)
             await self.worm.check_mutable(e, time.time())
-            # another upload's commit would store it again under the old name
-            if self.marks.writing(src, besides=1 if moving is not None and moving.open else 0):
-                raise PermissionDenied(src, "being written by another upload; try again later")
+            self._not_written(src, besides=1 if moving is not None and moving.open else 0)
             if e.is_dir:
                 if self.marks.busy(src):  # an upload's commit would bring the directory back (Windows refuses too)
                     raise PermissionDenied(src, "a file in this directory is being written; try again later")
@@ -785,10 +781,15 @@ class Gateway:
         it replaces went unchecked (Windows device names, text-direction controls and a WORM file stored there).
         Whether who may move the file is the front end's to say; the caller then moves `handle` (WriteHandle.rename)."""
         async with self.audit.op(who, "rename", handle.path, to=dst):
-            if self.marks.writing(handle.path, besides=1):  # the other one's commit would store the old name
-                raise PermissionDenied(handle.path, "being written by another upload; try again later")
+            self._not_written(handle.path, besides=1)
             self._may_take(who, dst)
             handle.base = self._base(who, await self._replaced_by_rename(who, dst, replace))
+
+    def _not_written(self, path: str, besides: int = 0) -> None:
+        """Refused while an upload other than the session's own `besides` writes path: its commit would store the
+        file again, under the name a delete or a rename took away."""
+        if self.marks.writing(path, besides):
+            raise PermissionDenied(path, "being written by another upload; try again later")
 
     def _may_take(self, who: Who | None, dst: str) -> None:
         """A rename's target name: one clients may create, outside the agent's directories, written by no upload."""

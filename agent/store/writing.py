@@ -116,10 +116,10 @@ class WriteMarks(_Marks):
     def writing(self, path: str, besides: int = 0) -> bool:
         """Whether an upload of this process or of another one writes path itself now, besides `besides` of this
         process's (a session's own uploads, which its rename moves or its remove drops)."""
-        return self._mine[path] > besides or self._lock(fcntl.F_OFD_GETLK, fcntl.F_WRLCK, path) != fcntl.F_UNLCK
+        return self._held(path, besides)
 
-    def _held(self, key: str) -> bool:
-        return key in self._mine or self._lock(fcntl.F_OFD_GETLK, fcntl.F_WRLCK, key) != fcntl.F_UNLCK
+    def _held(self, key: str, besides: int = 0) -> bool:
+        return self._mine[key] > besides or self._lock(fcntl.F_OFD_GETLK, fcntl.F_WRLCK, key) != fcntl.F_UNLCK
 
 
 class ReadPins(_Marks):
