@@ -443,12 +443,12 @@ async def test_a_read_waits_for_no_write_and_sees_only_committed_rows(tmp_path):
     inside, release = threading.Event(), threading.Event()
 
     class Held(Catalog):
-        def group(self, calls: list) -> list:  # a group commit that holds its transaction open a while
+        def group(self, calls: list, durable: bool = True) -> list:  # a group commit that holds its transaction open
             with self._tx(durable=True):
                 self.db.execute("UPDATE entries SET size = 99 WHERE path = 'CT/a.dcm'")
                 inside.set()
                 release.wait(10)
-            return super().group(calls)
+            return super().group(calls, durable)
 
     db = AsyncCatalog(Catalog(tmp_path / "catalog.sqlite"))
     gen, _ = await commit_write(db, "CT/a.dcm", "blob-a", 10, "ab" * 32, time.time(), claim=False)

@@ -26,9 +26,9 @@ class Recording(Catalog):
         super().__init__(path)
         self.groups: list[int] = []
 
-    def group(self, calls):
+    def group(self, calls, durable=True):
         self.groups.append(len(calls))
-        return super().group(calls)
+        return super().group(calls, durable)
 
 
 async def test_concurrent_commits_share_a_transaction_and_return_only_once_committed(tmp_path):

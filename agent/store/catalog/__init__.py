@@ -151,7 +151,7 @@ class AsyncCatalog:
             group, self._groups[durable] = self._groups[durable], []
         calls = [call for call, _ in group]
         try:
-            results = self.catalog.group(calls) if durable else self.catalog.group(calls, durable=False)
+            results = self.catalog.group(calls, durable=durable)
         except BaseException as e:  # never leave a caller waiting
             results = [e] * len(group)
         for (_, then), result in zip(group, results, strict=True):
