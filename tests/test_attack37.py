@@ -123,12 +123,13 @@ def _closing(tree, name: str, size: int) -> threading.Thread:
 
 
 def _while_closing(act, closing: threading.Thread) -> None:
-    """act() while a close commits the file: refused as a sharing violation until the file's row is in the catalog
-    (done again once the close has ended), answered at once after it."""
+    """act() while a close commits the file: refused as a sharing violation until the file's row is in the catalog,
+    then, while the close's upload still holds the file, as access denied ('being written by another upload', round
+    40); done again once the close has ended, answered at once after it."""
     try:
         act()
     except SMBOSError as e:
-        assert e.ntstatus == NtStatus.STATUS_SHARING_VIOLATION
+        assert e.ntstatus in (NtStatus.STATUS_SHARING_VIOLATION, NtStatus.STATUS_ACCESS_DENIED)
         closing.join()
         act()
     closing.join()
