@@ -93,3 +93,24 @@ def test_a_written_study_that_came_back_has_a_door_of_its_own_walked_after_the_f
     assert p.status()["known_doorkeeper"] == "cold start: on"
     assert list(p.victims(100, t2 + 130)) == ["b1"]
     assert list(p.victims(100, t2 + 131)) == ["a1"]
+
+
+def test_a_study_read_again_after_the_door_forgot_it_keeps_its_files_on_probation() -> None:
+    """A study on probation that `seen` forgot (its book is bounded) and that is read on a miss again joins probation
+    anew; its files still cached stay on it (they went first before, and the study is no better known now), and no
+    file is lost from every part's view: each cached file is evicted by someone."""
+    p = Adaptive()
+    assert p.door is not None and p.door.on               # cold start: on
+    p.door.max_seen = 2
+    p.on_insert("n1", 100, T, T, "new", written=True)
+    p.on_insert("o1", 100, T + 60, 0.0, "old")           # on probation
+    p.on_insert("o2", 100, T + 61, 0.0, "old")
+    p.on_insert("x1", 100, T + 120, 0.0, "X")
+    p.on_access("x1", T + 900)                           # X's second session: off probation, still in `seen`
+    p.on_insert("y1", 100, T + 960, 0.0, "Y")            # `seen` forgets "old"
+    assert "old" not in p.door.seen and "old" in p.door.probation
+    p.on_insert("o3", 100, T + 1000, 0.0, "old")         # read on a miss again
+    assert p.door.probation["old"] == {"o1": 100, "o2": 100, "o3": 100}
+    assert list(p.victims(300, T + 1010)) == ["o1", "o2", "o3"]
+    assert set(p.victims(10**6, T + 1020)) == {"n1", "x1", "y1"}
+    assert not p._meta

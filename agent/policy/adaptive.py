@@ -164,8 +164,8 @@ class _Doorkeeper:
             files[key] = size
 
     def _join(self, study: Any) -> None:
-        """Put a study on probation with no files (one forgotten by `seen` while on it keeps its place)."""
-        self.probation[study] = {}
+        """Put a study on probation with no files (one forgotten by `seen` while on it keeps its place and files)."""
+        self.probation.setdefault(study, {})
         if study not in self._pos:
             self._pos[study] = self._joined
             self._joined += 1
