@@ -594,11 +594,17 @@ class GatewaySFTP(asyncssh.SFTPServer):
         return _attrs(_opened(file_obj, ReadHandle, "reading").entry)
 
     async def setstat(self, path: bytes, attrs: asyncssh.SFTPAttrs) -> None:
-        """A size truncates (or extends with zeros) the stored file: a new version is committed. Times and
+        """A size truncates (or extends with zeros) the stored file: a new version is committed; or the session's own
+        upload of the file, if it has one (truncate(2) of a file held open: a second upload lost the cut). Times and
         modes are accepted and ignored: the object store keeps its own (for a valid path inside the user's
         root: a path that escapes gets the usual error; some clients set them on a file still being written)."""
         ns = await self._path(path)
-        if attrs.size is not None:
+        if attrs.size is None:
+            return
+        if mine := self._writing(ns):
+            for writer in mine:
+                await self.fsetstat(writer, attrs)
+        else:
             await self._call(self.gateway.truncate(ns, attrs.size, "sftp", self.who))
 
     lsetstat = setstat  # lsetstat@openssh.com: asyncssh's default would chmod/chown/utime a *local* path
