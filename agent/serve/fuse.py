@@ -340,13 +340,15 @@ class GatewayFS(pyfuse3.Operations):
         op = self._writing.get(path)
         if op is not None:  # being written and not (or not again) committed: nothing will be
             self._require(self._who(ctx), "delete", path, op)
+        writer = op.writer if op is not None and not op.committed else None
+        if op is None or await self.gw.find(path) is not None:  # judged whole before the upload is dropped (SFTP's)
+            await self._call(self.gw.delete(path, self._who(ctx), dropping=[writer] if writer and writer.open else []))
+        if op is not None:
             del self._writing[path]
             op.unlinked = True
-            if op.writer is not None and not op.committed:
-                await op.writer.abort("unlinked while open")
+            if writer is not None:
+                await writer.abort("unlinked while open")
                 op.writer = None
-        if op is None or await self.gw.find(path) is not None:
-            await self._call(self.gw.delete(path, self._who(ctx)))
         self._detach(path)
 
     async def rename(self, parent_inode_old: int, name_old: bytes, parent_inode_new: int, name_new: bytes,

@@ -732,13 +732,13 @@ class Gateway:
         log.info("rmdir", path=path)
 
     async def delete(self, path: str, who: Who | None = None, *, dropping: Sequence[WriteHandle] = ()) -> None:
-        """`dropping`: the session's own uploads of path (SFTP), aborted once the delete is allowed: a refused delete
-        had already dropped them."""
+        """`dropping`: the session's own uploads of path (SFTP, SMB), aborted once the delete is allowed: a refused
+        delete had already dropped them."""
         async with self.audit.op(who, "delete", path):
             self._may_change(who, "delete", path)
             self._movable(path)
             await self.worm.check_mutable(await self.stat(path), time.time())
-            self._not_written(path, besides=len(dropping))  # SMB's own writer is aborted first: fuse
+            self._not_written(path, besides=len(dropping))
             for writer in dropping:
                 await writer.abort("removed by its own session before its close")
             blob = await self.db.delete(path)
