@@ -1,11 +1,15 @@
 """Attacks on a running agent (round 44): what round 43 left. An SFTP size set by name on the file the session is
-itself writing, and an SMB delete of its own upload of a stored file by a user who may not delete. Each test
-reproduces one attack that worked and checks it no longer does. Real agent, real SeaweedFS, real clients (asyncssh,
-smbprotocol)."""
+itself writing, an SMB delete of its own upload of a stored file by a user who may not delete, an SFTP session
+renaming a file it writes through two handles, and a rename meeting another serving process's claim of its target.
+Each test reproduces one attack that worked and checks it no longer does. Real agent, real SeaweedFS, real clients
+(asyncssh, smbprotocol)."""
 
 from __future__ import annotations
 
 import asyncio
+import fcntl
+import threading
+import time
 
 import asyncssh
 import pytest
@@ -13,6 +17,7 @@ import smbclient
 from smbprotocol.exceptions import AccessDenied
 from smbutil import Smb
 
+from agent.store.writing import WriteMarks
 from faultkit import catalog_rows, sftp_put, sftp_session
 from harness import PASSWORD
 
@@ -67,3 +72,75 @@ def test_a_refused_smb_delete_of_its_own_upload_keeps_it(smb_agent):
         assert smb.read("f.dcm") == b"old and more"
     finally:
         smb.close()
+
+
+def test_a_session_renames_a_file_it_writes_through_two_handles(agent_factory):
+    """An SFTP session with two of its own handles writing one file had its rename refused, "being written by another
+    upload": only one of its uploads was counted as its own. Both move with the rename; each close stores the
+    file under the new name."""
+    agent = agent_factory().start()
+
+    async def run() -> None:
+        async with sftp_session(agent) as s:
+            await sftp_put(s, "CT/old.dcm", b"old")
+            for name in ("CT/old.dcm", "CT/new.dcm"):  # a stored file being rewritten, a new one
+                async with s.open(name, "wb") as f:
+                    async with s.open(name, "wb") as g:
+                        await f.write(b"one")
+                        await g.write(b"two")
+                        await s.posix_rename(name, "CT/moved.dcm")
+                    async with s.open("CT/moved.dcm", "rb") as r:
+                        assert await r.read() == b"two"
+                async with s.open("CT/moved.dcm", "rb") as r:
+                    assert await r.read() == b"one"
+                assert await s.listdir("CT") == ["moved.dcm"]
+                await s.remove("CT/moved.dcm")
+
+    asyncio.run(run())
+
+
+def test_a_rename_meeting_another_process_claiming_its_target_is_refused_cleanly(agent_factory):
+    """With [server] workers > 1, another serving process claims a name (an exclusive create) by holding its mark's
+    write lock for an instant. An SFTP session renaming its own upload of a stored file moved the upload's mark
+    after the catalog's rename: meeting that instant it raised, the file renamed in the catalog while the client was
+    told it failed, and the upload, left under the old name, was refused at its close (lost). The target is now marked
+    first: the rename is refused (permission denied) having changed nothing, or done. Here the test holds the
+    write lock on and off, as that process would, while the session renames its file back and forth."""
+    agent = agent_factory().start()
+    lock, stop = agent.workdir / "cache" / "writing.lock", threading.Event()
+
+    def claiming() -> None:
+        other = WriteMarks(lock)
+        while not stop.is_set():
+            if other._try(fcntl.F_WRLCK, "CT/b.dcm"):
+                time.sleep(0.003)
+                other._lock(fcntl.F_OFD_SETLK, fcntl.F_UNLCK, "CT/b.dcm")
+            time.sleep(0.003)
+
+    async def run() -> tuple[str, int]:
+        names, refused = ["CT/a.dcm", "CT/b.dcm"], 0
+        async with sftp_session(agent) as s:
+            await sftp_put(s, "CT/a.dcm", b"old")
+            async with s.open("CT/a.dcm", "r+b") as f:
+                await f.write(b"new")
+                for _ in range(60):
+                    try:
+                        await s.posix_rename(names[0], names[1])
+                        names.reverse()
+                    except asyncssh.SFTPPermissionDenied:
+                        refused += 1
+            assert await s.listdir("CT") == [names[0].split("/")[1]]
+            async with s.open(names[0], "rb") as f:
+                assert await f.read() == b"new"
+        return names[0], refused
+
+    thread = threading.Thread(target=claiming)
+    thread.start()
+    try:
+        name, refused = asyncio.run(run())
+    finally:
+        stop.set()
+        thread.join()
+    assert refused  # the claims were met
+    marks = WriteMarks(lock)
+    assert not marks.busy("CT/a.dcm") and not marks.busy("CT/b.dcm")  # no mark left behind

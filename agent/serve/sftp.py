@@ -656,11 +656,9 @@ class GatewaySFTP(asyncssh.SFTPServer):
         dst = await self._path(newpath, moved_from=src)
         mine = self._writing(src)
         if mine and await self._call(self.gateway.find(src)) is None:  # a new file, not stored yet
-            await self._call(self.gateway.rename_unstored(mine[0], dst, self.who, replace=replace))
+            await self._call(self.gateway.rename_unstored(mine, dst, self.who, replace=replace))
         else:
-            await self._call(self.gateway.rename(src, dst, self.who, replace=replace, moving=mine[0] if mine else None))
-        for writer in mine:
-            writer.rename(dst)
+            await self._call(self.gateway.rename(src, dst, self.who, replace=replace, moving=mine))
 
     async def posix_rename(self, oldpath: bytes, newpath: bytes) -> None:
         await self.rename(oldpath, newpath, replace=True)
