@@ -1,8 +1,8 @@
 """Attacks on a running agent (round 44): what round 43 left. An SFTP size set by name on the file the session is
 itself writing, an SMB delete of its own upload of a stored file by a user who may not delete, an SFTP session
-renaming a file it writes through two handles, and a rename meeting another serving process's claim of its target.
-Each test reproduces one attack that worked and checks it no longer does. Real agent, real SeaweedFS, real clients
-(asyncssh, smbprotocol)."""
+renaming a file it writes through two handles, a rename meeting another serving process's claim of its target, and
+renames to the same name. Each test reproduces one attack that worked and checks it no longer does. Real agent, real
+SeaweedFS, real clients (ftplib, asyncssh, smbprotocol)."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from smbprotocol.exceptions import AccessDenied
 from smbutil import Smb
 
 from agent.store.writing import WriteMarks
-from faultkit import catalog_rows, sftp_put, sftp_session
+from faultkit import catalog_rows, ftp_login, sftp_put, sftp_session
 from harness import PASSWORD
 
 GEN = "SELECT gen, size FROM entries WHERE path = ?"
@@ -144,3 +144,35 @@ def test_a_rename_meeting_another_process_claiming_its_target_is_refused_cleanly
     assert refused  # the claims were met
     marks = WriteMarks(lock)
     assert not marks.busy("CT/a.dcm") and not marks.busy("CT/b.dcm")  # no mark left behind
+
+
+def test_a_rename_to_itself_changes_nothing(agent_factory):
+    """rename(2) of a file or directory to its own name succeeds and changes nothing (OpenSSH's posix-rename, vsftpd's
+    RNTO). A directory's was refused, "a directory of this name exists" (FTP 550, SFTP failure), and so was a
+    session's own upload's, "being written by another upload", while a stored file's was done. Now each is done; the
+    upload goes on. An SFTPv3 rename, which never replaces, still finds its target there (as OpenSSH's link(2))."""
+    agent = agent_factory().start()
+
+    async def run() -> None:
+        async with sftp_session(agent) as s:
+            await s.mkdir("D")
+            await s.posix_rename("D", "D")
+            for mode, data in (("wb", b"kept "), ("ab", b"whole")):  # a new file, then the stored one
+                async with s.open("CT/f.dcm", mode) as f:
+                    await f.write(data[:2])
+                    await s.posix_rename("CT/f.dcm", "CT/f.dcm")
+                    await f.write(data[2:])
+            with pytest.raises(asyncssh.SFTPFailure, match="does not replace"):
+                await s.rename("CT/f.dcm", "CT/f.dcm")
+            async with s.open("CT/f.dcm", "rb") as f:
+                assert await f.read() == b"kept whole"
+            assert sorted(await s.listdir("/")) == ["CT", "D"]
+
+    asyncio.run(run())
+    ftp = ftp_login(agent)
+    try:
+        assert ftp.sendcmd("RNFR D").startswith("350")
+        assert ftp.sendcmd("RNTO D").startswith("250")
+        assert sorted(ftp.nlst()) == ["CT", "D"]
+    finally:
+        ftp.close()

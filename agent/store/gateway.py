@@ -755,6 +755,9 @@ class Gateway:
         async with self.audit.op(who, "rename", src, to=dst):
             self._may_change(who, "rename", src)
             self._movable(src)
+            if src == dst and replace:  # rename(2) to itself changes nothing (a directory's, an upload's were refused)
+                await self.stat(src)
+                return
             self._may_take(who, dst)
             e = await self.stat(src)
             await self.worm.check_mutable(e, time.time())
@@ -791,6 +794,8 @@ class Gateway:
         and a WORM file stored there). Whether who may move the file is the front end's to say."""
         src = uploads[0].path
         async with self.audit.op(who, "rename", src, to=dst):
+            if src == dst and replace:  # as rename's
+                return
             self._not_written(src, besides=len(uploads))
             self._may_take(who, dst)
             base = self._base(who, await self._replaced_by_rename(who, dst, replace))
