@@ -1,8 +1,8 @@
 """Attacks on a running agent (round 44): what round 43 left. An SFTP size set by name on the file the session is
 itself writing, an SMB delete of its own upload of a stored file by a user who may not delete, an SFTP session
-renaming a file it writes through two handles, a rename meeting another serving process's claim of its target, and
-renames to the same name. Each test reproduces one attack that worked and checks it no longer does. Real agent, real
-SeaweedFS, real clients (ftplib, asyncssh, smbprotocol)."""
+renaming a file it writes through two handles, a rename meeting another serving process's claim of its target,
+renames to the same name and a READ at an offset past 2^63. Each test reproduces one attack that worked and checks
+it no longer does. Real agent, real SeaweedFS, real clients (ftplib, asyncssh, smbprotocol)."""
 
 from __future__ import annotations
 
@@ -176,3 +176,21 @@ def test_a_rename_to_itself_changes_nothing(agent_factory):
         assert sorted(ftp.nlst()) == ["CT", "D"]
     finally:
         ftp.close()
+
+
+def test_a_read_past_2_63_of_a_file_open_for_writing_is_its_end(agent_factory):
+    """An SFTP READ at an offset of 2^63 or more on a handle opened "r+" was answered "Uncaught exception: Python int
+    too large to convert to C long" (pread(2) takes no such offset). It is the end of the file (EOF), as on a handle
+    opened for reading."""
+    agent = agent_factory().start()
+
+    async def run() -> None:
+        async with sftp_session(agent) as s:
+            await sftp_put(s, "CT/f.dcm", b"stored")
+            for mode in ("rb", "r+b"):
+                async with s.open("CT/f.dcm", mode) as f:
+                    for offset in (2**63, 2**64 - 1):
+                        assert await f.read(10, offset) == b""
+                    assert await f.read(10, 0) == b"stored"
+
+    asyncio.run(run())

@@ -700,7 +700,8 @@ class GatewaySFTP(asyncssh.SFTPServer):
             # "r+": what the file holds so far, the stored bytes it started with too (those need the 'read' right)
             if not self.gateway.allowed(self.who, "read"):
                 raise self._refused(PermissionDenied(file_obj.path, f"user {self.user} lacks the 'read' permission"))
-            return await self._call(_writer(file_obj).read_back(offset, min(size, MAX_READ)))
+            # past the end is the end (EOF), as a file opened for reading: pread(2) takes no offset of 2^63 and above
+            return await self._call(_writer(file_obj).read_back(min(offset, file_obj.size), min(size, MAX_READ)))
         return await self._call(_opened(file_obj, ReadHandle, "reading").read(offset, min(size, MAX_READ)))
 
     async def write(self, file_obj: object, offset: int, data: bytes) -> int:
