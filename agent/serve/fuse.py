@@ -242,8 +242,6 @@ class GatewayFS(pyfuse3.Operations):
         if (shown := self._writing.pop(src, None)) is not None:  # not below src: the gateway refused that (WriteMarks)
             self._writing[dst] = shown
             shown.path = dst  # also when its fh is already released (an abort or commit still running)
-            if shown.writer is not None:
-                shown.writer.rename(dst)  # its commit stores it under dst
         for op in self._files.values():
             if op.path == src or op.path.startswith(prefix):
                 op.path = dst + op.path[len(src):]
@@ -340,13 +338,15 @@ class GatewayFS(pyfuse3.Operations):
         op = self._writing.get(path)
         if op is not None:  # being written and not (or not again) committed: nothing will be
             self._require(self._who(ctx), "delete", path, op)
+        writer = op.writer if op is not None and not op.committed else None
+        if op is None or await self.gw.find(path) is not None:  # judged whole before the upload is dropped (SFTP's)
+            await self._call(self.gw.delete(path, self._who(ctx), dropping=[writer] if writer and writer.open else []))
+        if op is not None:
             del self._writing[path]
             op.unlinked = True
-            if op.writer is not None and not op.committed:
-                await op.writer.abort("unlinked while open")
+            if writer is not None:
+                await writer.abort("unlinked while open")
                 op.writer = None
-        if op is None or await self.gw.find(path) is not None:
-            await self._call(self.gw.delete(path, self._who(ctx)))
         self._detach(path)
 
     async def rename(self, parent_inode_old: int, name_old: bytes, parent_inode_new: int, name_new: bytes,
@@ -370,13 +370,13 @@ class GatewayFS(pyfuse3.Operations):
         op = self._writing.get(src)
         if await self.gw.find(src) is not None:
             await self._call(self.gw.rename(src, dst, self._who(ctx), replace=replace,
-                                            moving=op.writer if op is not None else None))
+                                            moving=[op.writer] if op and op.writer and op.writer.open else []))
         elif op is None:
             raise pyfuse3.FUSEError(errno.ENOENT)
         else:  # only the open, not yet committed file: it will be committed under the new name
             self._require(self._who(ctx), "rename", src, op)
             assert op.writer is not None  # a file shown as being written has its writer
-            await self._call(self.gw.rename_unstored(op.writer, dst, self._who(ctx), replace=replace))
+            await self._call(self.gw.rename_unstored([op.writer], dst, self._who(ctx), replace=replace))
             if (old := self._writing.get(dst)) is not None and old is not op:
                 self._require(self._who(ctx), "delete", dst, old)
                 old.unlinked = True

@@ -594,11 +594,17 @@ class GatewaySFTP(asyncssh.SFTPServer):
         return _attrs(_opened(file_obj, ReadHandle, "reading").entry)
 
     async def setstat(self, path: bytes, attrs: asyncssh.SFTPAttrs) -> None:
-        """A size truncates (or extends with zeros) the stored file: a new version is committed. Times and
+        """A size truncates (or extends with zeros) the stored file: a new version is committed; or the session's own
+        upload of the file, if it has one (truncate(2) of a file held open: a second upload lost the cut). Times and
         modes are accepted and ignored: the object store keeps its own (for a valid path inside the user's
         root: a path that escapes gets the usual error; some clients set them on a file still being written)."""
         ns = await self._path(path)
-        if attrs.size is not None:
+        if attrs.size is None:
+            return
+        if mine := self._writing(ns):
+            for writer in mine:
+                await self.fsetstat(writer, attrs)
+        else:
             await self._call(self.gateway.truncate(ns, attrs.size, "sftp", self.who))
 
     lsetstat = setstat  # lsetstat@openssh.com: asyncssh's default would chmod/chown/utime a *local* path
@@ -650,11 +656,9 @@ class GatewaySFTP(asyncssh.SFTPServer):
         dst = await self._path(newpath, moved_from=src)
         mine = self._writing(src)
         if mine and await self._call(self.gateway.find(src)) is None:  # a new file, not stored yet
-            await self._call(self.gateway.rename_unstored(mine[0], dst, self.who, replace=replace))
+            await self._call(self.gateway.rename_unstored(mine, dst, self.who, replace=replace))
         else:
-            await self._call(self.gateway.rename(src, dst, self.who, replace=replace, moving=mine[0] if mine else None))
-        for writer in mine:
-            writer.rename(dst)
+            await self._call(self.gateway.rename(src, dst, self.who, replace=replace, moving=mine))
 
     async def posix_rename(self, oldpath: bytes, newpath: bytes) -> None:
         await self.rename(oldpath, newpath, replace=True)
@@ -696,7 +700,8 @@ class GatewaySFTP(asyncssh.SFTPServer):
             # "r+": what the file holds so far, the stored bytes it started with too (those need the 'read' right)
             if not self.gateway.allowed(self.who, "read"):
                 raise self._refused(PermissionDenied(file_obj.path, f"user {self.user} lacks the 'read' permission"))
-            return await self._call(_writer(file_obj).read_back(offset, min(size, MAX_READ)))
+            # past the end is the end (EOF), as a file opened for reading: pread(2) takes no offset of 2^63 and above
+            return await self._call(_writer(file_obj).read_back(min(offset, file_obj.size), min(size, MAX_READ)))
         return await self._call(_opened(file_obj, ReadHandle, "reading").read(offset, min(size, MAX_READ)))
 
     async def write(self, file_obj: object, offset: int, data: bytes) -> int:

@@ -112,9 +112,10 @@ class WriteHandle:
         self._done = False
         self._failed: BaseException | None = None
 
-    def rename(self, path: str) -> None:
-        """The file being written was renamed (SMB): its commit stores it under path, which it marks instead."""
-        self.gw.marks.move(self.path, path)
+    def moved(self, path: str) -> None:
+        """The file being written was renamed to path, marked for it already (Gateway._claim): its commit stores it
+        there."""
+        self.gw.marks.remove(self.path)
         self.path = path
 
     async def write(self, data: bytes | memoryview, offset: int | None = None) -> None:
@@ -732,13 +733,13 @@ class Gateway:
         log.info("rmdir", path=path)
 
     async def delete(self, path: str, who: Who | None = None, *, dropping: Sequence[WriteHandle] = ()) -> None:
-        """`dropping`: the session's own uploads of path (SFTP), aborted once the delete is allowed: a refused delete
-        had already dropped them."""
+        """`dropping`: the session's own uploads of path (SFTP, SMB), aborted once the delete is allowed: a refused
+        delete had already dropped them."""
         async with self.audit.op(who, "delete", path):
             self._may_change(who, "delete", path)
             self._movable(path)
             await self.worm.check_mutable(await self.stat(path), time.time())
-            self._not_written(path, besides=len(dropping))  # SMB's own writer is aborted first: fuse
+            self._not_written(path, besides=len(dropping))
             for writer in dropping:
                 await writer.abort("removed by its own session before its close")
             blob = await self.db.delete(path)
@@ -748,16 +749,19 @@ class Gateway:
         log.info("delete", path=path)
 
     async def rename(self, src: str, dst: str, who: Who | None = None, *, replace: bool = True,
-                     moving: "WriteHandle | None" = None) -> None:
+                     moving: Sequence[WriteHandle] = ()) -> None:
         """Like rename(2), replacing an existing target (x.part → x); without `replace` it is AlreadyExists. `moving`:
-        an upload of src that moves with it (SMB), whose commit then finds the file it keeps bytes of at dst."""
+        the session's own open uploads of src, which move with it (SFTP, SMB): their commits store dst."""
         async with self.audit.op(who, "rename", src, to=dst):
             self._may_change(who, "rename", src)
             self._movable(src)
+            if src == dst and replace:  # rename(2) to itself changes nothing (a directory's, an upload's were refused)
+                await self.stat(src)
+                return
             self._may_take(who, dst)
             e = await self.stat(src)
             await self.worm.check_mutable(e, time.time())
-            self._not_written(src, besides=1 if moving is not None and moving.open else 0)
+            self._not_written(src, besides=len(moving))
             if e.is_dir:
                 if self.marks.busy(src):  # an upload's commit would bring the directory back (Windows refuses too)
                     raise PermissionDenied(src, "a file in this directory is being written; try again later")
@@ -767,23 +771,56 @@ class Gateway:
                     if len(moved.encode("utf-8", "surrogatepass")) > MAX_PATH_BYTES:
                         raise BadPath(dst, f"a file below would have a path longer than {MAX_PATH_BYTES} bytes")
             replaced_entry = await self._replaced_by_rename(who, dst, replace)
-            replaced = await self.db.rename(src, dst, self._base(who, replaced_entry))
-            if moving is not None and moving.base is not None and (row := await self.db.get(dst)) is not None:
-                moving.base = row.gen
+            self._claim(dst, len(moving))
+            try:
+                replaced = await self.db.rename(src, dst, self._base(who, replaced_entry))
+            except BaseException:
+                self._unclaim(dst, len(moving))
+                raise
+            for upload in moving:
+                upload.moved(dst)
+                if upload.base is not None and (row := await self.db.get(dst)) is not None:
+                    upload.base = row.gen
         for blob in replaced:
             self.cache.remove(blob)
         self.uploader.wake()
         log.info("rename", src=src, dst=dst, directory=e.is_dir)
 
-    async def rename_unstored(self, handle: WriteHandle, dst: str, who: Who | None, *, replace: bool = True) -> None:
-        """A file being written and never stored yet is to be committed under dst instead (an SMB client renames the
-        new file it still has open): dst is judged as rename judges a target, or its name, its directory or the file
-        it replaces went unchecked (Windows device names, text-direction controls and a WORM file stored there).
-        Whether who may move the file is the front end's to say; the caller then moves `handle` (WriteHandle.rename)."""
-        async with self.audit.op(who, "rename", handle.path, to=dst):
-            self._not_written(handle.path, besides=1)
+    async def rename_unstored(self, uploads: Sequence[WriteHandle], dst: str, who: Who | None, *,
+                              replace: bool = True) -> None:
+        """A file being written and never stored yet is to be committed under dst instead (a client renames the
+        new file it still has open; `uploads`: the session's own of it): dst is judged as rename judges a target, or
+        its name, its directory or the file it replaces went unchecked (Windows device names, text-direction controls
+        and a WORM file stored there). Whether who may move the file is the front end's to say."""
+        src = uploads[0].path
+        async with self.audit.op(who, "rename", src, to=dst):
+            if src == dst and replace:  # as rename's
+                return
+            self._not_written(src, besides=len(uploads))
             self._may_take(who, dst)
-            handle.base = self._base(who, await self._replaced_by_rename(who, dst, replace))
+            base = self._base(who, await self._replaced_by_rename(who, dst, replace))
+            self._claim(dst, len(uploads))
+            for upload in uploads:
+                upload.base = base
+                upload.moved(dst)
+
+    def _claim(self, dst: str, uploads: int) -> None:
+        """Mark dst for `uploads` moving there, before the catalog moves their file: marked after, another process's
+        claim of dst in that instant raised there (the file renamed, its marks not moved), and its exclusive create
+        of dst since _may_take wrote dst beside them. Either now refuses the rename, which has changed nothing."""
+        for taken in range(uploads):
+            try:
+                self.marks.add(dst)
+            except BlockingIOError:
+                self._unclaim(dst, taken)
+                raise PermissionDenied(dst, "another serving process is creating the target; try again later") from None
+        if self.marks.writing(dst, uploads):
+            self._unclaim(dst, uploads)
+            raise PermissionDenied(dst, "the target is being written by another upload; try again later")
+
+    def _unclaim(self, dst: str, uploads: int) -> None:
+        for _ in range(uploads):
+            self.marks.remove(dst)
 
     def _not_written(self, path: str, besides: int = 0) -> None:
         """Refused while an upload other than the session's own `besides` writes path: its commit would store the

@@ -105,10 +105,6 @@ class WriteMarks(_Marks):
         for key in self._keys(path):
             self._drop(key)
 
-    def move(self, old: str, new: str) -> None:
-        self.add(new)
-        self.remove(old)
-
     def busy(self, path: str) -> bool:
         """Whether an upload of this process or of another one writes path, or a file below it, now."""
         return self._held(path) or self._held(path + "/")
