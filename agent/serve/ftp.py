@@ -883,12 +883,17 @@ class FtpServer(aioftp.Server):
                             range=f"{self.passive_ports.start}-{self.passive_ports.stop - 1}")
             connection.response("425", "no free passive port; try again")
             return None
-        self._listening.update(holders)
+        for holder in holders:  # not Counter.update: its Mapping check is an ABC's isinstance
+            self._listening[holder] = self._listening.get(holder, 0) + 1
         session.passive.stopped = functools.partial(self._unlisten, holders)
         return session.passive
 
     def _unlisten(self, holders: tuple[tuple[str, str], ...]) -> None:
-        self._listening -= Counter(holders)  # a holder goes at 0
+        for holder in holders:  # not Counter's -=: a Counter built and every holder walked, per data connection
+            if (left := self._listening.get(holder, 0) - 1) > 0:
+                self._listening[holder] = left
+            else:
+                self._listening.pop(holder, None)  # a holder goes at 0
 
     async def _transfer(self, connection: aioftp.Connection, opener: Callable[[], AsyncContextManager[T]],
                         body: Callable[[T, DataConnection], Awaitable[None]], done: str) -> bool:

@@ -22,6 +22,7 @@ from typing import AsyncIterator, Callable, Protocol, Sequence, TypeVar
 import structlog
 
 from agent.audit import AuditLog, Who
+from agent.audit import failure as op_failure
 from agent.config import Config
 from agent.metrics import Metrics
 from agent.records import S3_KEY_BYTES, Entry, Header
@@ -1100,7 +1101,7 @@ class Gateway:
         """Pinned first (the evictor leaves the copy while it is open), then counted (hold_open); both undone at
         the handle's close. record_later: the open's audit record is the caller's to write, by handle.recorded(),
         once its first bytes are on their way (FTP: after the 150), and at the latest before it answers."""
-        async with self.audit.op(who, "retrieve", path, record_ok=False):  # recorded below with its size when it opens
+        try:
             self._require(who, "read", path)
             while not self.evictor.pins.pin(path):
                 await asyncio.sleep(PIN_RETRY_S)  # it is being evicted: looked up after, it is not cached (fetched)
@@ -1112,6 +1113,9 @@ class Gateway:
             except BaseException:
                 self.read_closed(path, held, user)
                 raise
+        except Exception as exc:  # audit.op's record, without an async generator and the loop's hooks for it per read
+            self.audit.record(who, "retrieve", path, op_failure(exc))
+            raise
         handle.held, handle.reader = held, user
         handle.record = functools.partial(self.audit.record, who, "retrieve", path, "ok", handle.size,
                                           cached=handle.fill is None)
@@ -1146,7 +1150,7 @@ class Gateway:
                 log.warning("open_for_reading_limit", user=user, path=e.path, bytes=held + e.size, limit=limit)
                 raise Unavailable(e.path, f"{whose} open for reading would hold {held + e.size} bytes of the "
                                           f"cache, over its {limit} (cache.{key}): try again later")
-        self._reading[user] += e.size
+        self._reading[user] = self._reading.get(user, 0) + e.size
         return e.size
 
     @functools.cached_property
@@ -1158,7 +1162,10 @@ class Gateway:
         return self._share(self.cfg.cache.max_open_for_reading_per_user)
 
     def read_closed(self, path: str, held: int, user: str) -> None:
-        self._reading -= Counter({user: held})  # the user goes at 0
+        if (left := self._reading.get(user, 0) - held) > 0:  # not Counter's -=: a Counter built and every user walked
+            self._reading[user] = left
+        else:
+            self._reading.pop(user, None)  # the user goes at 0
         self.evictor.pins.unpin(path)
 
     async def _open_entry(self, e: Entry, protocol: str) -> ReadHandle:
