@@ -71,3 +71,26 @@ def test_an_smb_client_gone_without_a_word_frees_its_unfinished_upload(smb_agent
         for conn, _, _ in conns:
             conn.transport.close()
         smb.close()
+
+
+def test_smb_errors_in_the_journal_name_the_user(smb_agent):
+    """A gateway error on an SMB request was logged as smb_error with user null (the audit record named the user):
+    a client refused again and again (an overwrite without the delete right, a rename over a stored file) could not be
+    told apart in the journal from the box's other SMB users. The event names the request's user now."""
+    users = [{"name": "pacs", "password": PASSWORD, "root": "/"},
+             {"name": "nodel", "password": PASSWORD, "root": "/", "permissions": ["read", "write", "rename"]}]
+    agent = smb_agent(users=users).start(timeout=180)
+    pacs, nodel = Smb(agent), Smb(agent, user="nodel")
+    try:
+        pacs.write("a.dcm", b"stored")
+        pacs.write("b.dcm", b"stored too")
+        with pytest.raises(SMBException):
+            nodel.write("a.dcm", b"overwritten")
+        with pytest.raises(SMBException):
+            nodel.replace("b.dcm", "a.dcm")
+        errors = wait_for(lambda: agent.events("smb_error")[1:] and agent.events("smb_error"), 10)
+        assert [(e["user"], e["path"]) for e in errors] == [("nodel", "a.dcm")] * len(errors)
+        assert pacs.read("a.dcm") == b"stored"
+    finally:
+        pacs.close()
+        nodel.close()
