@@ -267,12 +267,13 @@ class GatewayFS(pyfuse3.Operations):
         e = await self._call(self.gw.stat(path))
         return self._attrs(self._inode_for(path), is_dir=e.is_dir, size=e.size, mtime=e.mtime)
 
-    async def _call(self, coro: Awaitable[T]) -> T:
+    async def _call(self, coro: Awaitable[T], who: Who | None = None) -> T:
+        """`who`: the SMB user of the request, named in the smb_error event (None: the op has no user, e.g. a stat)."""
         try:
             return await coro
         except GatewayError as e:
             if not isinstance(e, NotFound):  # smbd looks names up before it creates them: an answer, not an error
-                report(self.gw, PROTOCOL, None, e)
+                report(self.gw, PROTOCOL, who, e)
             raise pyfuse3.FUSEError(errno_for(e)) from None
 
     async def lookup(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
@@ -287,11 +288,12 @@ class GatewayFS(pyfuse3.Operations):
         if fields.update_size:
             op = self._files.get(fh) if fh is not None else self._writing.get(path)
             if op is None or not op.writable:
-                await self._call(self.gw.truncate(path, attr.st_size, PROTOCOL, self._who(ctx)))
+                who = self._who(ctx)
+                await self._call(self.gw.truncate(path, attr.st_size, PROTOCOL, who), who)
             else:
                 writer = await self._ensure_writer(op, keep=attr.st_size)
                 try:
-                    await self._call(writer.truncate(attr.st_size))
+                    await self._call(writer.truncate(attr.st_size), op.who)
                 except pyfuse3.FUSEError as e:
                     op.refused_end = attr.st_size if e.errno == errno.ENOSPC else -1
                     raise
@@ -314,12 +316,14 @@ class GatewayFS(pyfuse3.Operations):
     async def mkdir(self, parent_inode: int, name: bytes, mode: int,
                     ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         path = self._child(parent_inode, name, ctx)
-        await self._call(self.gw.mkdir(path, self._who(ctx)))
+        who = self._who(ctx)
+        await self._call(self.gw.mkdir(path, who), who)
         return self._counted(await self._attrs_of(path))
 
     async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         path = self._child(parent_inode, name, ctx)
-        await self._call(self.gw.rmdir(path, self._who(ctx)))
+        who = self._who(ctx)
+        await self._call(self.gw.rmdir(path, who), who)
         self._detach(path)
 
     def _not_sealing(self, who: Who, path: str) -> None:
@@ -333,14 +337,14 @@ class GatewayFS(pyfuse3.Operations):
                          errno.ETXTBSY)
 
     async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
-        path = self._child(parent_inode, name, ctx)
-        self._not_sealing(self._who(ctx), path)
+        path, who = self._child(parent_inode, name, ctx), self._who(ctx)
+        self._not_sealing(who, path)
         op = self._writing.get(path)
         if op is not None:  # being written and not (or not again) committed: nothing will be
-            self._require(self._who(ctx), "delete", path, op)
+            self._require(who, "delete", path, op)
         writer = op.writer if op is not None and not op.committed else None
         if op is None or await self.gw.find(path) is not None:  # judged whole before the upload is dropped (SFTP's)
-            await self._call(self.gw.delete(path, self._who(ctx), dropping=[writer] if writer and writer.open else []))
+            await self._call(self.gw.delete(path, who, dropping=[writer] if writer and writer.open else []), who)
         if op is not None:
             del self._writing[path]
             op.unlinked = True
@@ -357,7 +361,8 @@ class GatewayFS(pyfuse3.Operations):
             return
         if flags & pyfuse3.RENAME_EXCHANGE:
             raise pyfuse3.FUSEError(errno.EINVAL)
-        self._not_sealing(self._who(ctx), src)
+        who = self._who(ctx)
+        self._not_sealing(who, src)
         replace = not flags & pyfuse3.RENAME_NOREPLACE
         if not replace and dst in self._writing:  # a file being written, not yet committed, holds the name
             raise pyfuse3.FUSEError(errno.EEXIST)
@@ -369,16 +374,16 @@ class GatewayFS(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EACCES)
         op = self._writing.get(src)
         if await self.gw.find(src) is not None:
-            await self._call(self.gw.rename(src, dst, self._who(ctx), replace=replace,
-                                            moving=[op.writer] if op and op.writer and op.writer.open else []))
+            await self._call(self.gw.rename(src, dst, who, replace=replace,
+                                            moving=[op.writer] if op and op.writer and op.writer.open else []), who)
         elif op is None:
             raise pyfuse3.FUSEError(errno.ENOENT)
         else:  # only the open, not yet committed file: it will be committed under the new name
-            self._require(self._who(ctx), "rename", src, op)
+            self._require(who, "rename", src, op)
             assert op.writer is not None  # a file shown as being written has its writer
-            await self._call(self.gw.rename_unstored([op.writer], dst, self._who(ctx), replace=replace))
+            await self._call(self.gw.rename_unstored([op.writer], dst, who, replace=replace), who)
             if (old := self._writing.get(dst)) is not None and old is not op:
-                self._require(self._who(ctx), "delete", dst, old)
+                self._require(who, "delete", dst, old)
                 old.unlinked = True
                 self._writing.pop(dst)
         self._moved(src, dst)
@@ -390,7 +395,7 @@ class GatewayFS(pyfuse3.Operations):
         self._admit(ctx, path, "directories", sum(d.uid == ctx.uid for d in self._dirs.values()), MAX_OPEN_DIRS)
         who = self._who(ctx)
         fh = next(self._fh_numbers)
-        self._dirs[fh] = _Dir(ctx.uid, who, path, self._rows(path, await self._call(self.gw.listdir(path, who))))
+        self._dirs[fh] = _Dir(ctx.uid, who, path, self._rows(path, await self._call(self.gw.listdir(path, who), who)))
         return fh
 
     async def _rows(self, path: str, entries: AsyncIterator[Entry]) -> AsyncIterator[Row]:
@@ -406,7 +411,7 @@ class GatewayFS(pyfuse3.Operations):
         """The entry at offset (None past the end), read on as far as it: before the rows held (rewinddir, a seek
         back further than KEEP_BEHIND) the directory is listed again from its top."""
         if offset < d.read - len(d.held):
-            d.rows, d.read = self._rows(d.path, await self._call(self.gw.listdir(d.path, d.who))), 0
+            d.rows, d.read = self._rows(d.path, await self._call(self.gw.listdir(d.path, d.who), d.who)), 0
             d.held.clear()
         while d.read <= offset:
             if (row := await anext(d.rows, None)) is None:
@@ -459,7 +464,7 @@ class GatewayFS(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EIO)
         self._one_writer(op.path, op.who)
         writer = op.writer = await self._call(self.gw.open_for_write(op.path, PROTOCOL, op.who, exclusive=exclusive,
-                                                                      keep=0 if op.truncate else keep))
+                                                                      keep=0 if op.truncate else keep), op.who)
         op.truncate = op.committed = False
         self._writing[op.path] = op
         return writer
@@ -508,8 +513,8 @@ class GatewayFS(pyfuse3.Operations):
             return await src.writer.read_back(off, size)
         if op.reader is None or op.reader.entry.path != op.path:
             await op.close_reader()
-            op.reader = await self._call(self.gw.open_read(op.path, PROTOCOL, op.who))
-        return await self._call(op.reader.read(off, min(size, op.reader.size - off)))
+            op.reader = await self._call(self.gw.open_read(op.path, PROTOCOL, op.who), op.who)
+        return await self._call(op.reader.read(off, min(size, op.reader.size - off)), op.who)
 
     async def write(self, fh: int, off: int, buf: bytes) -> int:
         op = self._files[fh]
@@ -520,7 +525,7 @@ class GatewayFS(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.ENOSPC)
         writer = await self._ensure_writer(op)
         try:
-            await self._call(writer.write(buf, off))
+            await self._call(writer.write(buf, off), op.who)
         except pyfuse3.FUSEError:
             # a file with a failed write is never committed, whatever the client does next
             op.failed = True
@@ -557,7 +562,7 @@ class GatewayFS(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EIO)
         op.closing = True
         try:
-            await self._call(op.writer.commit())
+            await self._call(op.writer.commit(), op.who)
         finally:
             op.committed = True
             op.closing = False
