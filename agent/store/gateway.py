@@ -310,9 +310,9 @@ class WriteHandle:
         elif error is not None:
             s.made.set_exception(error)
         else:
+            s.made.set_result(upload)
             if upload is None:  # durable, and no S3 answer to wait for: the ack goes now, not a turn later when
                 self._told()  # commit() wakes (~0.8 ms p50 with 8 clients storing, docs/benchmarks.md §45)
-            s.made.set_result(upload)
 
     def _seal(self, body: bytes | None, queue_row: Callable[[str, Header | None], None]) -> None:
         """Digests and the DICOM header if anyone reads it (the prior planner and the upload share this one read; a
