@@ -285,22 +285,26 @@ class DataConnection:
                         raise ssl.SSLEOFError("the TLS data connection ended without close_notify: the upload was cut")
                     return
                 yield data
-        size = RECV_BLOCK
+        size, turned = RECV_BLOCK, True
         while True:
             try:
                 data = self.sock.recv(size)
             except BlockingIOError:
                 await self._ready(writing=False)
+                turned = True
                 continue
             if not data:
                 return
+            # A client sending faster than the box stores keeps the socket readable: without a turn of the loop
+            # before each block one upload would hold it (every other session waiting) until its file ends. Not
+            # before the end, read at once after the last block: the commit (and the 226) waited a turn (§45).
+            if not turned:
+                await asyncio.sleep(0)
+            turned = False
             # After a short read a short one: recv allocates its size first, and a 1 MiB buffer cut down to the byte
             # that came left the heap fragmented (kept or not, ~17 bytes of the agent's memory per byte sent)
             size = RECV_BLOCK if len(data) >= MIN_BLOCK else MIN_BLOCK
             yield data
-            # A client sending faster than the box stores keeps the socket readable: without a turn of the
-            # loop here one upload would hold it (every other session waiting) until its file ends.
-            await asyncio.sleep(0)
 
     async def _ready(self, writing: bool) -> None:
         """Wait until the socket can be written (or read), up to SOCKET_TIMEOUT: a peer may stop reading or sending."""
@@ -896,11 +900,12 @@ class FtpServer(aioftp.Server):
                 self._listening.pop(holder, None)  # a holder goes at 0
 
     async def _transfer(self, connection: aioftp.Connection, opener: Callable[[], AsyncContextManager[T]],
-                        body: Callable[[T, DataConnection], Awaitable[None]], done: str) -> bool:
+                        body: Callable[[T, DataConnection], Awaitable[None]], done: str | None) -> bool:
         """A transfer, run by its command's task beside the command loop: take the passive port; wait for the data
         connection; enter `opener()` (the file or listing; its errors are answered without a 150); 150; the data
-        connection's TLS handshake if PROT P; `body(opened, data)`; 226 `done`. Nothing is opened before the data
-        connection is there (a 425 leaves nothing behind), and the data connection is closed on every path.
+        connection's TLS handshake if PROT P; `body(opened, data)`; 226 `done` (None: the body sent it). Nothing is
+        opened before the data connection is there (a 425 leaves nothing behind), and the data connection is closed on
+        every path.
         ABOR (aioftp's: it cancels the connection's extra workers) or the session's end cancels it: 426, then 226."""
         connection.extra_workers.add(asyncio.current_task())  # the session's end-of-task callback takes it out
         passive = connection.session.take_passive()
@@ -922,7 +927,8 @@ class FtpServer(aioftp.Server):
                     raise Reply("425", f"TLS handshake on the data connection failed: {e}") from None
                 await body(opened, data)
                 delivered = True
-            connection.response("226", done)
+            if done is not None:
+                connection.response("226", done)
         except Reply as e:
             log.warning("ftp_error", user=connection.user.login, code=e.code, reason=e.reason)
             connection.response(e.code, e.reason)
@@ -989,10 +995,11 @@ class FtpServer(aioftp.Server):
                 await handle.write(data)
             _aborted()  # ABOR with the last bytes: no read waited, so no await raised it, and it would be committed
             connection.session.committing = asyncio.current_task()
-            await handle.commit()
+            # The 226 goes in the turn the file became durable, not a turn later when this task wakes (§45)
+            await handle.commit(functools.partial(connection.response, "226", "stored"))
 
         return await self._transfer(connection, lambda: self._upload(connection, path, offset, append), receive,
-                                    "stored")
+                                    None)
 
     on_appe = functools.partialmethod(on_stor, append=True)
 
