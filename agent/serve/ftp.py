@@ -482,6 +482,13 @@ class Reply(Exception):
         self.code, self.reason = code, reason  # `reason` as a GatewayError's: the reply's text
 
 
+def _stored(connection: aioftp.Connection, task: asyncio.Task[Any] | None) -> None:
+    """A STOR's 226, in the turn its file became durable, not a turn later when its task wakes (§45). An ABOR in
+    between finds nothing to abort, as after any 226: cancelled, the task would answer 426 and 226 after this one."""
+    connection.response("226", "stored")
+    connection.extra_workers.discard(task)
+
+
 def _aborted() -> None:
     """Raise CancelledError if ABOR (or the session's end) cancelled this transfer while its I/O was finishing:
     aioftp's asyncio.wait_for (Python 3.11) returns the block read or written and drops the cancellation, an
@@ -994,9 +1001,8 @@ class FtpServer(aioftp.Server):
             async for data in conn.receive(self.cfg.ftp.tls_close_notify):
                 await handle.write(data)
             _aborted()  # ABOR with the last bytes: no read waited, so no await raised it, and it would be committed
-            connection.session.committing = asyncio.current_task()
-            # The 226 goes in the turn the file became durable, not a turn later when this task wakes (§45)
-            await handle.commit(functools.partial(connection.response, "226", "stored"))
+            task = connection.session.committing = asyncio.current_task()
+            await handle.commit(functools.partial(_stored, connection, task))
 
         return await self._transfer(connection, lambda: self._upload(connection, path, offset, append), receive,
                                     None)
