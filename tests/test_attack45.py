@@ -10,6 +10,7 @@ import time
 import uuid
 
 import pytest
+from halib import run
 from smbprotocol.connection import Connection, SMB2Echo
 from smbprotocol.exceptions import SMBException
 from smbprotocol.session import Session
@@ -17,7 +18,6 @@ from smbprotocol.tree import TreeConnect
 from smbutil import Smb, create_for_write
 
 from faultkit import wait_for
-from halib import run
 from harness import PASSWORD
 
 

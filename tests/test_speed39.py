@@ -9,7 +9,6 @@ file's fsync by a spy on os.fsync."""
 from __future__ import annotations
 
 import asyncio
-import ftplib
 import itertools
 import os
 import time
