@@ -564,8 +564,7 @@ class GatewayFS(pyfuse3.Operations):
         try:
             await self._call(op.writer.commit(), op.who)
         finally:
-            op.committed = True
-            op.closing = False
+            op.committed, op.closing = True, False
             self._stop_showing(op)
         await op.close_reader()
 

@@ -306,7 +306,6 @@ class SmbService:
                  encryption=s.encryption, users=[u.name for u in smb_users(self.cfg)])
 
     async def _ensure_roots(self) -> None:
-        mp = Path(self.cfg.smb.mountpoint)
         roots = self.state / "roots"
         wanted = {unix_account(u.name): u.root for u in smb_users(self.cfg)}
         for link in roots.iterdir():
@@ -316,7 +315,7 @@ class SmbService:
             if ns := root.strip("/"):
                 with contextlib.suppress(AlreadyExists):
                     await self.gateway.mkdir(ns)
-            target = mp / ns  # the mount point itself for root '/'
+            target = Path(self.cfg.smb.mountpoint) / ns  # the mount point itself for root '/'
             link = roots / account
             if link.is_symlink() and os.readlink(link) == str(target):
                 continue
