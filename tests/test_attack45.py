@@ -7,15 +7,13 @@ from __future__ import annotations
 
 import os
 import time
-import uuid
 
 import pytest
 from halib import run
-from smbprotocol.connection import Connection, SMB2Echo
+from smbprotocol.connection import SMB2Echo
 from smbprotocol.exceptions import SMBException
-from smbprotocol.session import Session
-from smbprotocol.tree import TreeConnect
 from smbutil import Smb, create_for_write
+from test_smb_hostile import logged_in_tree
 
 from faultkit import wait_for
 from harness import PASSWORD
@@ -38,14 +36,9 @@ def test_an_smb_client_gone_without_a_word_frees_its_unfinished_upload(smb_agent
     smb = Smb(agent)
     conns = []
     for name in ("idle.dcm", "answered.dcm"):
-        conn = Connection(uuid.uuid4(), "127.0.0.1", port, require_signing=True)
-        conn.connect(timeout=15)
-        session = Session(conn, "pacs", PASSWORD)
-        session.connect()
-        tree = TreeConnect(session, smb.root)
-        tree.connect()
+        conn, tree = logged_in_tree(agent, smb)
         create_for_write(tree, name).write(b"x" * 2**20, 0)
-        conns.append((conn, session, conn.transport._sock.getsockname()[1]))
+        conns.append((conn, tree.session, conn.transport._sock.getsockname()[1]))
     table = f"pacsgw_a45_{os.getpid()}"
     run("nft", "add", "table", "inet", table)
     try:
