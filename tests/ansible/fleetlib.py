@@ -482,7 +482,7 @@ class Fleet:
             # INFO: sshd closing an accepted connection (no login yet while the boot runs) is said only at INFO
             p = self.ssh(host, "true", check=False, timeout=20, level="INFO")
             if p.returncode == 0:
-                log(f"{host.name}: SSH after {time.monotonic() - start:.0f} s")
+                log(f"{host.name}: SSH after {time.monotonic() - start:.0f} s", summary=True)  # in CI's log too
                 return
             if time.monotonic() > start + timeout:
                 raise AssertionError(f"{host.name}: no SSH after {timeout} s: {p.stderr}\n{self.boot_state(host)}")
