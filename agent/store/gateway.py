@@ -794,9 +794,10 @@ class Gateway:
             except BaseException:
                 self._unclaim(dst, len(moving))
                 raise
-            for upload in moving:
+            row = await self.db.get(dst) if any(upload.base is not None for upload in moving) else None
+            for upload in moving:  # each keeps bytes of the file it started from: now the row at dst
                 upload.moved(dst)
-                if upload.base is not None and (row := await self.db.get(dst)) is not None:
+                if upload.base is not None and row is not None:
                     upload.base = row.gen
         for blob in replaced:
             self.cache.remove(blob)
