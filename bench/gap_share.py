@@ -15,6 +15,9 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -22,6 +25,80 @@ sys.path.insert(0, str(ROOT))
 from agent.policy import adaptive, groups, learned, priors  # noqa: E402
 from agent.sim.replay import ReplayConfig, Replayer  # noqa: E402
 from agent.sim.trace import load_arrays  # noqa: E402
+
+
+def fates(rep: Replayer) -> Callable[[], tuple[dict[str, int], dict[str, list[int]]]]:
+    """Hook a replayer before its run; the returned function then tells where its prefetched bytes went: bytes by fate
+    (read while cached; evicted unread, by the part of the stack that took them (a door, an expert, `unopened`: the
+    priors their session passed by), before or after their new study's first read, and whether the trace reads them
+    later; cached unread at the end), and [bytes, read bytes] by the kind of prior at planning time (rank and kind,
+    agent/policy/priors.py `cell`, `cold`: not judged yet) and by the planner's heat then. The replay is unchanged."""
+    p, pp = rep.stack.policy, rep.stack.priors
+    last: dict[int, list[Any]] = {}     # object → [object, bytes, cell, heat, cold, new study, fate] of its last fetch
+    closed: list[list[Any]] = []
+    plan: list[Any] = [None, 0.0, False, None]      # the prior being fetched: cell, heat, cold, new study
+    now: list[Any] = [0.0, "?"]                     # the pass's time, the part whose walk gave the last victim
+
+    def tagged(walk: Callable[..., Iterator[Any]], name: str) -> Callable[..., Iterator[Any]]:
+        def victims(*args: Any) -> Iterator[Any]:
+            for key in walk(*args):
+                now[1] = name
+                yield key
+        return victims
+    if isinstance(p, adaptive.Adaptive):
+        for part, name in ((p.door, "door"), (p.door_known, "known door"), (p.door2, "second door"),
+                           (p.learned, "learned"), (p.lru, "study LRU")):
+            if part is not None:
+                part.victims = tagged(part.victims, name)  # type: ignore[method-assign]
+        p._unopened_files = tagged(p._unopened_files, "unopened")  # type: ignore[method-assign]
+    prior_fetched, fetch_plan, evicted_unread, evict = (rep.stack.prior_fetched, rep._fetch_plan, rep._evicted_unread,
+                                                        rep._evict)
+
+    def on_prior(prior: Any, new: Any, heat: float, cell: int, t: float) -> None:
+        plan[:] = [cell, heat, pp is not None and pp.cold(cell), new]
+        prior_fetched(prior, new, heat, cell, t)
+
+    def on_fetch(objs: list[int], t: float) -> None:
+        for o in objs:
+            if o in last:       # fetched again: the last fetch was read (an unread one was closed at its eviction)
+                closed.append(last.pop(o))
+            last[o] = [o, rep.size.item(o), *plan, None]
+        fetch_plan(objs, t)
+
+    def on_evict(t: float) -> None:
+        now[0] = t
+        evict(t)
+
+    def on_evicted(o: int) -> None:
+        if (f := last.pop(o, None)) is not None:
+            before = isinstance(p, adaptive.Adaptive) and f[5] in p.waiting
+            f[6] = (now[1], "before" if before else "after", now[0])
+            closed.append(f)
+        evicted_unread(o)
+    rep.stack.prior_fetched, rep._fetch_plan = on_prior, on_fetch  # type: ignore[method-assign]
+    rep._evicted_unread, rep._evict = on_evicted, on_evict  # type: ignore[method-assign]
+
+    def split() -> tuple[dict[str, int], dict[str, list[int]]]:
+        ta = rep.ta
+        reads = ~ta.is_write
+        later = np.sort(ta.obj[reads] * 1e7 + ta.t[reads])     # (object, time) of every read, in order
+        out: dict[str, int] = {}
+        kinds: dict[str, list[int]] = {}
+        for o, size, cell, heat, cold, _, fate in closed + list(last.values()):
+            if fate is None:
+                name = "cached unread at the end" if rep.prefetched[o] else "read"
+            else:
+                i = int(np.searchsorted(later, o * 1e7 + fate[2], side="right"))
+                again = i < later.size and int(later[i] // 1e7) == o
+                name = f"evicted unread by {fate[0]}, {fate[1]} its session, {'read' if again else 'never read'} later"
+            out[name] = out.get(name, 0) + size
+            if pp is not None and cell is not None:
+                for k in (f"{'cold ' * cold}rank {cell % pp.k} kind {cell // pp.k}", f"heat {min(heat, 0.99):.1f}"):
+                    v = kinds.setdefault(k, [0, 0])
+                    v[0] += size
+                    v[1] += size * (name == "read")
+        return out, kinds
+    return split
 
 
 def main() -> int:
@@ -73,6 +150,7 @@ def main() -> int:
     ap.add_argument("--known-back", choices=("on", "off"), default=None,
                     help="adaptive.KNOWN_BACK: a written study that came back for a second session and is read on a "
                          "miss again goes through a doorkeeper of its own")
+    ap.add_argument("--fates", action="store_true", help="also where the prefetched bytes went (`fates`)")
     args = ap.parse_args()
     if args.known_back is not None:
         adaptive.KNOWN_BACK = args.known_back == "on"
@@ -125,6 +203,7 @@ def main() -> int:
             bo = refs["Belady"]["hit_ratio"]
             bb = max(refs["Belady"]["byte_hit_ratio"], refs["BeladySize"]["byte_hit_ratio"])
             rep = Replayer(ta, args.scheme, ReplayConfig(capacity=int(float(cap[:-2]) * 1e9), **space))
+            report = fates(rep) if args.fates else None
             res = rep.run()
             go = (res.hit_ratio - lru["hit_ratio"]) / (bo - lru["hit_ratio"])
             gb = (res.byte_hit_ratio - lru["byte_hit_ratio"]) / (bb - lru["byte_hit_ratio"])
@@ -138,6 +217,12 @@ def main() -> int:
                   f"(LRU {lru['hit_ratio']:.1%} / {lru['byte_hit_ratio']:.1%}, Belady {bo:.1%} / {bb:.1%}), "
                   f"gap closed {go:.0%} / {gb:.0%}, prefetched bytes read {pf} (fetched after the warm-up: {after})",
                   flush=True)
+            if report is not None:
+                by_fate, by_kind = report()
+                print("    fates: " + "; ".join(f"{n} {b / res.prefetch_bytes:.1%}" for n, b in
+                                                sorted(by_fate.items(), key=lambda x: -x[1])))
+                print("    by kind / heat: " + "; ".join(f"{k} {b / 1e9:.2f} GB read {r / b:.0%}" for k, (b, r) in
+                                                         sorted(by_kind.items())))
     print(f"sum of the object and byte gap shares: {total:.0%}, of the lower of the two: {worst:.0%} "
           f"({args.scheme}, factors "
           f"{','.join(learned.DEFAULT_FACTORS)}, byte weight {learned.BYTE_WEIGHT:g}, "

@@ -196,6 +196,27 @@ def test_prefetch_fate_sorts_every_prefetched_byte(small_trace) -> None:
     assert "prefetched" in str(f)
 
 
+def test_gap_share_fates_account_for_every_prefetched_byte_without_changing_the_replay(small_trace) -> None:
+    """bench/gap_share.py --fates (docs/replay.md, round 35) puts each prefetched byte under one fate: read, evicted
+    unread by a part of the stack, or cached unread at the end; its hooks leave the replay's figures as they were."""
+    from bench.gap_share import fates
+    written = int(small_trace.size[small_trace.is_write].sum())
+    cfg = ReplayConfig(capacity=written // 10)
+    plain = Replayer(small_trace, "agent", cfg).run()
+    rep = Replayer(small_trace, "agent", cfg)
+    split = fates(rep)
+    res = rep.run()
+    assert (res.hits, res.hit_bytes, res.prefetch_bytes) == (plain.hits, plain.hit_bytes, plain.prefetch_bytes)
+    by_fate, by_kind = split()
+    assert sum(by_fate.values()) == res.prefetch_bytes > 0
+    assert by_fate["read"] == res.prefetch_used_bytes > 0
+    evicted = [k for k in by_fate if k.startswith("evicted unread by ")]
+    assert evicted and all(k.split(" by ")[1].split(",")[0] in {
+        "door", "known door", "second door", "learned", "study LRU", "unopened"} for k in evicted)
+    heat = {k: v for k, v in by_kind.items() if k.startswith("heat ")}
+    assert [sum(v[i] for v in heat.values()) for i in (0, 1)] == [res.prefetch_bytes, res.prefetch_used_bytes]
+
+
 def test_a_prior_cut_before_its_session_is_settled_as_the_live_catalog_settles_it(small_trace) -> None:
     """A prefetched prior is unused once none of its files is cached and opened once one is read, as the live agent's
     catalog settles it (`settle_prior_fetches`): a prior whose last files a pass cut before its session, and whose
