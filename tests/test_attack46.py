@@ -5,13 +5,18 @@ client's packets (a table of the test's own, matching only its connections)."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import time
 
+import asyncssh
+import pytest
+import smbclient
 from halib import run
+from smbutil import Smb
 from test_attack45 import _drop
 
-from faultkit import ftp_login, wait_for
+from faultkit import catalog_rows, ftp_login, ftp_put, sftp_put, sftp_session, wait_for
 
 
 def test_an_ftp_client_gone_without_a_word_frees_its_unfinished_upload(agent_factory):
@@ -51,3 +56,66 @@ def test_an_ftp_client_gone_without_a_word_frees_its_unfinished_upload(agent_fac
         for ftp, data in clients:
             data.close()
             ftp.close()
+
+
+def test_a_size_set_by_name_on_a_file_another_session_writes_is_refused(agent_factory):
+    """An SFTP setstat by name with another size, on a file another session (FTP or SFTP) was writing, committed the
+    cut file as a version of its own, which the writer's close then replaced: the cut acknowledged, then lost (and
+    uploaded twice). Refused now (permission denied), as a delete or rename of that file is: the writer's close would
+    store over it. SMB's end-of-file: see the next test."""
+    agent = agent_factory().start()
+    ftp = ftp_login(agent)
+    ftp_put(ftp, "CT/f.dcm", b"stored----")
+
+    async def run() -> None:
+        async with sftp_session(agent) as writer, sftp_session(agent) as other:
+            async with writer.open("CT/s.dcm", "wb") as f:
+                await f.write(b"sftp upload")
+                data = ftp.transfercmd("STOR CT/f.dcm")
+                data.sendall(b"ftp upload")
+                for name in ("CT/f.dcm", "CT/s.dcm"):
+                    await asyncio.sleep(0.5)  # the STOR's 150 and first bytes are in
+                    with pytest.raises(asyncssh.SFTPPermissionDenied, match="being written"):
+                        await other.setstat(name, asyncssh.SFTPAttrs(size=3))
+                data.close()
+                assert ftp.voidresp().startswith("226")
+            await sftp_put(other, "CT/n.dcm", b"0123456789")
+            await other.setstat("CT/n.dcm", asyncssh.SFTPAttrs(size=3))  # nobody writes it: cut
+            async with other.open("CT/n.dcm", "rb") as f:
+                assert await f.read() == b"012"
+
+    try:
+        asyncio.run(run())
+    finally:
+        ftp.close()
+    assert catalog_rows(agent, "SELECT path, size FROM entries WHERE path LIKE 'CT/_.dcm' ORDER BY path") == [
+        ("CT/f.dcm", 10), ("CT/n.dcm", 3), ("CT/s.dcm", 11)]
+    assert not agent.events("upload_aborted")
+
+
+def test_an_smb_open_for_writing_a_file_an_ftp_upload_writes_is_refused(smb_agent):
+    """SMB's one writer per file held among SMB opens only: a client could open a file an FTP (or SFTP) upload was
+    writing and set its end of file, and its CLOSE committed the cut file, which the upload's close then replaced (a
+    second writer, last close wins). Refused with STATUS_SHARING_VIOLATION as for another SMB open's upload; an
+    exclusive create of the name still finds it taken (OBJECT_NAME_COLLISION, test_attack18)."""
+    agent = smb_agent().start(timeout=180)
+    smb = Smb(agent)
+    ftp = ftp_login(agent)
+    try:
+        ftp_put(ftp, "f.dcm", b"stored----")
+        [(gen,)] = catalog_rows(agent, "SELECT gen FROM entries WHERE path = 'f.dcm'")
+        data = ftp.transfercmd("STOR f.dcm")
+        data.sendall(b"ftp upload")
+        time.sleep(0.5)  # the STOR's first bytes are in
+        for mode in ("r+b", "wb"):  # set end of file, overwrite
+            with pytest.raises(OSError, match="0xc0000043"):  # STATUS_SHARING_VIOLATION
+                with smbclient.open_file(smb.p("f.dcm"), mode=mode, share_access="rwd", **smb.kw) as f:
+                    f.truncate(3)
+        assert smb.read("f.dcm") == b"stored----"  # opens for reading are not refused
+        data.close()
+        assert ftp.voidresp().startswith("226")
+        assert smb.read("f.dcm") == b"ftp upload"
+        assert catalog_rows(agent, "SELECT gen FROM entries WHERE path = 'f.dcm'") == [(gen + 1,)]  # the upload's version only
+    finally:
+        ftp.close()
+        smb.close()

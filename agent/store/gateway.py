@@ -969,6 +969,8 @@ class Gateway:
             async with self.audit.op(who, "store", path, record_ok=False):
                 self._may_change(who, "write", path)
             return
+        async with self.audit.op(who, "store", path, record_ok=False):  # its close would store over the cut file
+            self._not_written(path)
         handle = await self.open_for_write(path, protocol, who, keep=length, create=False)
         try:
             await handle.truncate(length)
