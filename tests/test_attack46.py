@@ -13,6 +13,7 @@ import asyncssh
 import pytest
 import smbclient
 from halib import run
+from harness import BUCKET
 from smbutil import Smb
 from test_attack45 import _drop
 
@@ -119,3 +120,28 @@ def test_an_smb_open_for_writing_a_file_an_ftp_upload_writes_is_refused(smb_agen
     finally:
         ftp.close()
         smb.close()
+
+
+def test_keys_whose_paths_are_too_long_to_look_up_are_not_listed(agent_factory, seaweed):
+    """Another S3 writer's key whose names each fit (255 bytes) but whose path is longer than the 1000 bytes a client
+    may name (S3 takes 1 024) was listed over FTP and SFTP (and SMB), then refused at every use, its rename to a
+    shorter name too ("path longer than 1000 bytes"). It is left out like a name too long (listing_name_hidden)."""
+    agent = agent_factory(prefix="t46/")
+    deep = "/".join(c * 200 for c in "abcd")
+    too_long = "e" * (1001 - len(deep) - 1)
+    for key in (f"{deep}/{too_long}", f"{deep}/ok.dcm"):
+        seaweed.client().put_object(Bucket=BUCKET, Key=f"t46/{key}", Body=b"another writer's image")
+    agent.start()
+    ftp = ftp_login(agent)
+    try:
+        assert [n.rsplit("/", 1)[-1] for n in ftp.nlst(deep)] == ["ok.dcm"]
+    finally:
+        ftp.close()
+
+    async def run() -> None:
+        async with sftp_session(agent) as s:
+            assert await s.listdir(deep) == ["ok.dcm"]
+
+    asyncio.run(run())
+    assert {(e["name"], e["reason"]) for e in agent.events("listing_name_hidden")} == {
+        (repr(too_long), "path longer than 1000 bytes")}

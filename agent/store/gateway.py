@@ -661,6 +661,8 @@ class Gateway:
             for e in page:
                 try:
                     check_name(e.name, e.path)
+                    if len(e.path.encode("utf-8")) > MAX_PATH_BYTES:  # S3 takes 1 024: named, refused at every use
+                        raise BadPath(e.path, f"path longer than {MAX_PATH_BYTES} bytes")
                 except BadPath as problem:
                     log.warning("listing_name_hidden", directory=path, name=repr(e.name), reason=problem.reason)
                     continue
