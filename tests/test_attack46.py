@@ -20,31 +20,41 @@ from test_attack45 import _drop
 from faultkit import catalog_rows, ftp_login, ftp_put, sftp_put, sftp_session, wait_for
 
 
+def _connected(port: int, peer: int) -> bool:
+    """Whether the box still holds the TCP connection from the client's port `peer` to its `port`."""
+    return bool(run("ss", "-tnH", "state", "established", f"( sport = :{port} and dport = :{peer} )").stdout.strip())
+
+
 def test_an_ftp_client_gone_without_a_word_frees_its_unfinished_upload(agent_factory):
     """A client gone mid-STOR without closing its connections (a power cut: no FIN, no reset reaches the box) held its
-    upload (the staging file, the name's write mark, the data port) for SOCKET_TIMEOUT (120 s) and its session slot for
-    the idle timeout (600 s). Both connections now have TCP keepalive and a user timeout, as smbd's: the dead client
-    is cut after 30 s of silence, its upload discarded. A live client pausing as long mid-upload (a slow modality)
-    answers the probes from its kernel and stores its file whole."""
+    upload (the staging file, the name's write mark, the data connection) for SOCKET_TIMEOUT (120 s) and its session
+    slot for the idle timeout (600 s). Both connections now have TCP keepalive, as smbd's, and the control connection a
+    user timeout (its 426 is never acknowledged): the dead client is cut after 30 s of silence, its upload discarded. A
+    live client pausing as long mid-STOR (a slow modality) answers the probes from its kernel and stores its file
+    whole, and one reading nothing of a RETR that long (a zero window, which a user timeout would cut) gets it whole."""
     agent = agent_factory().start()
-    clients = []
+    big = os.urandom(16 << 20)  # more than the loopback connection holds in flight
+    reader = ftp_login(agent)
+    ftp_put(reader, "CT/big.dcm", big)
+    clients = [(reader, reader.transfercmd("RETR CT/big.dcm"))]
     for name in ("gone.dcm", "paused.dcm"):
         ftp = ftp_login(agent)
         data = ftp.transfercmd(f"STOR CT/{name}")
         data.sendall(b"x" * 2**20)
         clients.append((ftp, data))
-    (gone, gone_data), (paused, paused_data) = clients
+    (_, reading), (gone, gone_data), (paused, paused_data) = clients
     table = f"pacsgw_a46_{os.getpid()}"
     run("nft", "add", "table", "inet", table)
     try:
         run("nft", "add", "chain", "inet", table, "input", "{ type filter hook input priority -10 ; }")
         for sock in (gone.sock, gone_data):
-            port = sock.getsockname()[1]
-            server = sock.getpeername()[1]
+            port, server = sock.getsockname()[1], sock.getpeername()[1]
             _drop(table, port, server)
             _drop(table, server, port)
         silent = time.monotonic()
         wait_for(lambda: agent.events("upload_aborted"), 60, interval=1, what="the vanished client's upload dropped")
+        wait_for(lambda: not _connected(agent.ftp_port, gone.sock.getsockname()[1]), 30, interval=1,
+                 what="the vanished client's control connection closed")
         assert time.monotonic() - silent < 50
         [aborted] = agent.events("upload_aborted")
         assert aborted["path"] == "CT/gone.dcm"
@@ -52,6 +62,11 @@ def test_an_ftp_client_gone_without_a_word_frees_its_unfinished_upload(agent_fac
         paused_data.close()
         assert paused.voidresp().startswith("226")
         assert paused.size("CT/paused.dcm") == 2**20 + 1
+        got = bytearray()
+        while chunk := reading.recv(1 << 20):
+            got += chunk
+        reading.close()
+        assert reader.voidresp().startswith("226") and got == big
     finally:
         run("nft", "delete", "table", "inet", table, check=False)
         for ftp, data in clients:
