@@ -476,7 +476,7 @@ class GatewayFS(pyfuse3.Operations):
         closed replaced the others: a client's acknowledged 1 MiB upload became another handle's 10 bytes. An FTP or SFTP
         upload (or another serving process's) holds it too: an end-of-file set on it was committed, then replaced."""
         if (held := self._writing.get(path)) is not None and held.writer is not None and not held.committed \
-                or self.gw.marks.writing(path):
+                or self.gw.being_written(path):
             self._refuse(who, path, "being written through another open", "SharingViolation", errno.ETXTBSY)
 
     async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,

@@ -842,6 +842,10 @@ class Gateway:
         for _ in range(uploads):
             self.marks.remove(dst)
 
+    def being_written(self, path: str) -> bool:
+        """Whether an upload of any session (of any serving process) writes path now."""
+        return self.marks.writing(path)
+
     def _not_written(self, path: str, besides: int = 0) -> None:
         """Refused while an upload other than the session's own `besides` writes path: its commit would store the
         file again, under the name a delete or a rename took away."""
