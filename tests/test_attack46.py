@@ -1,7 +1,8 @@
-"""Attacks on a running agent (round 46): what rounds 44 and 45 left. An FTP client that vanishes without a word
-mid-upload, and a size set by name on a file another session is writing. Each test reproduces one attack that worked
-and checks it no longer does. Real agent, real SeaweedFS, real clients (ftplib, asyncssh); nft drops the vanished
-client's packets (a table of the test's own, matching only its connections)."""
+"""Attacks on a running agent (round 46): what rounds 44 and 45 left, then a fresh probe. An FTP client that vanishes
+without a word mid-upload, a size set by name on a file another session is writing, another S3 writer's keys too long
+to name. Each test reproduces one attack that worked and checks it no longer does. Real agent, real SeaweedFS, real
+clients (ftplib, asyncssh, smbclient); nft drops the vanished client's packets (a table of the test's own, matching
+only its connections)."""
 
 from __future__ import annotations
 
@@ -13,11 +14,11 @@ import asyncssh
 import pytest
 import smbclient
 from halib import run
-from harness import BUCKET
 from smbutil import Smb
 from test_attack45 import _drop
 
 from faultkit import catalog_rows, ftp_login, ftp_put, sftp_put, sftp_session, wait_for
+from harness import BUCKET
 
 
 def _connected(port: int, peer: int) -> bool:
@@ -131,7 +132,8 @@ def test_an_smb_open_for_writing_a_file_an_ftp_upload_writes_is_refused(smb_agen
         data.close()
         assert ftp.voidresp().startswith("226")
         assert smb.read("f.dcm") == b"ftp upload"
-        assert catalog_rows(agent, "SELECT gen FROM entries WHERE path = 'f.dcm'") == [(gen + 1,)]  # the upload's version only
+        # the upload's version only
+        assert catalog_rows(agent, "SELECT gen FROM entries WHERE path = 'f.dcm'") == [(gen + 1,)]
     finally:
         ftp.close()
         smb.close()

@@ -473,8 +473,8 @@ class GatewayFS(pyfuse3.Operations):
     def _one_writer(self, path: str, who: Who) -> None:
         """Refuse a second writer of a file an open is writing (ETXTBSY: smbd answers STATUS_SHARING_VIOLATION, as for
         an open that shares no writes). Opens that share writes each wrote a version of their own, and the last one
-        closed replaced the others: a client's acknowledged 1 MiB upload became another handle's 10 bytes. An FTP or SFTP
-        upload (or another serving process's) holds it too: an end-of-file set on it was committed, then replaced."""
+        closed replaced the others: a client's acknowledged 1 MiB upload became another handle's 10 bytes. An FTP or
+        SFTP upload (or another serving process's) holds it too: an end-of-file set on it was committed, replaced."""
         if (held := self._writing.get(path)) is not None and held.writer is not None and not held.committed \
                 or self.gw.being_written(path):
             self._refuse(who, path, "being written through another open", "SharingViolation", errno.ETXTBSY)
