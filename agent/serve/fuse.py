@@ -462,7 +462,8 @@ class GatewayFS(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.ENOENT)
         if op.failed or self.closing:
             raise pyfuse3.FUSEError(errno.EIO)
-        self._one_writer(op.path, op.who)
+        if not exclusive:  # an exclusive create finds the name taken (create, the gateway's claim): EEXIST
+            self._one_writer(op.path, op.who)
         writer = op.writer = await self._call(self.gw.open_for_write(op.path, PROTOCOL, op.who, exclusive=exclusive,
                                                                       keep=0 if op.truncate else keep), op.who)
         op.truncate = op.committed = False
@@ -472,8 +473,10 @@ class GatewayFS(pyfuse3.Operations):
     def _one_writer(self, path: str, who: Who) -> None:
         """Refuse a second writer of a file an open is writing (ETXTBSY: smbd answers STATUS_SHARING_VIOLATION, as for
         an open that shares no writes). Opens that share writes each wrote a version of their own, and the last one
-        closed replaced the others: a client's acknowledged 1 MiB upload became another handle's 10 bytes."""
-        if (held := self._writing.get(path)) is not None and held.writer is not None and not held.committed:
+        closed replaced the others: a client's acknowledged 1 MiB upload became another handle's 10 bytes. An FTP or
+        SFTP upload (or another serving process's) holds it too: an end-of-file set on it was committed, replaced."""
+        if (held := self._writing.get(path)) is not None and held.writer is not None and not held.committed \
+                or self.gw.being_written(path):
             self._refuse(who, path, "being written through another open", "SharingViolation", errno.ETXTBSY)
 
     async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,

@@ -661,6 +661,8 @@ class Gateway:
             for e in page:
                 try:
                     check_name(e.name, e.path)
+                    if len(e.path.encode("utf-8")) > MAX_PATH_BYTES:  # S3 takes 1 024: named, refused at every use
+                        raise BadPath(e.path, f"path longer than {MAX_PATH_BYTES} bytes")
                 except BadPath as problem:
                     log.warning("listing_name_hidden", directory=path, name=repr(e.name), reason=problem.reason)
                     continue
@@ -840,6 +842,10 @@ class Gateway:
         for _ in range(uploads):
             self.marks.remove(dst)
 
+    def being_written(self, path: str) -> bool:
+        """Whether an upload of any session (of any serving process) writes path now."""
+        return self.marks.writing(path)
+
     def _not_written(self, path: str, besides: int = 0) -> None:
         """Refused while an upload other than the session's own `besides` writes path: its commit would store the
         file again, under the name a delete or a rename took away."""
@@ -969,6 +975,8 @@ class Gateway:
             async with self.audit.op(who, "store", path, record_ok=False):
                 self._may_change(who, "write", path)
             return
+        async with self.audit.op(who, "store", path, record_ok=False):  # its close would store over the cut file
+            self._not_written(path)
         handle = await self.open_for_write(path, protocol, who, keep=length, create=False)
         try:
             await handle.truncate(length)
