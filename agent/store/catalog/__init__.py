@@ -109,16 +109,15 @@ class AsyncCatalog:
         # the calls waiting for the next group commit (True) and for the next non-durable batch (False)
         self._groups: dict[bool, list[tuple[Callable[[], Any], Callable[[Any], None]]]] = {True: [], False: []}
         self._group_lock = threading.Lock()
+        path = catalog.db.execute("PRAGMA database_list").fetchone()[2]
         # `get` and `get_many` read on the caller's thread through a read-only WAL connection, which never waits for
         # the writer: the hop to the catalog thread was the largest wait before a cached read's first byte.
-        self._reader = sqlite3.connect(catalog.db.execute("PRAGMA database_list").fetchone()[2],
-                                       isolation_level=None, check_same_thread=False)
+        self._reader = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         self._reader.execute("PRAGMA query_only=ON")
         self._reader.execute("PRAGMA busy_timeout=1000")  # a WAL reader waits only while a crashed WAL is recovered
         # eviction_rows reads for seconds at a million files (2-3 s for 200 000 rows): on the catalog thread every
         # commit waited behind it, once a pass and once a minute. A connection of its own, read in a thread
-        self._scanner = sqlite3.connect(self._reader.execute("PRAGMA database_list").fetchone()[2],
-                                        isolation_level=None, check_same_thread=False)
+        self._scanner = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         self._scanner.execute("PRAGMA query_only=ON")
         self._scanning = threading.Lock()
 
