@@ -391,10 +391,8 @@ class ScrapeListener:
             user, sep, password = base64.b64decode(_raw(encoded.strip()), validate=True).decode().partition(":")
         except (binascii.Error, UnicodeDecodeError):
             return False
-        if scheme.lower() != "basic" or not sep:
-            return False
         # Refused unchecked before the last verified header is compared: that answered a banned guesser too
-        if await self.guard.refusal(user, address, "metrics"):
+        if scheme.lower() != "basic" or not sep or await self.guard.refusal(user, address, "metrics"):
             return False
         if self._checked and hmac.compare_digest(_raw(header), _raw(self._checked)):
             return True
