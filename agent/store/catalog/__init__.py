@@ -38,13 +38,19 @@ class Catalog(Namespace, RemoteSync, Uploads, Heat, Studies):
     """The catalog file at a path (created on first use), every concern's methods on one connection."""
 
 
-def _offload(method: Callable[Concatenate[Catalog, P], R]
+def _offload(method: Callable[Concatenate[Catalog, P], R], batched: bool = False
              ) -> Callable[Concatenate[AsyncCatalog, P], Coroutine[Any, Any, R]]:
-    """`await db.totals()` runs `Catalog.totals()` on the catalog's thread, typed; it runs even if cancelled."""
+    """`await db.totals()` runs `Catalog.totals()` on the catalog's thread, typed; it runs even if cancelled.
+    batched: with the other such calls waiting when the catalog thread gets to it, in one transaction apart from
+    the durable group commits (no fsync, none waits for one)."""
     async def call(self: AsyncCatalog, /, *args: P.args, **kwargs: P.kwargs) -> R:
         loop = asyncio.get_running_loop()
         done: asyncio.Future[R] = loop.create_future()
-        self._calls.put((functools.partial(method, self.catalog, *args, **kwargs), done, loop))
+        run = functools.partial(method, self.catalog, *args, **kwargs)
+        if batched:
+            self.join_group(run, done, loop, durable=False)
+        else:
+            self._calls.put((run, done, loop))
         return await outcome(done)
     return call
 
@@ -58,18 +64,6 @@ def _queued(method: Callable[Concatenate[Catalog, P], R]
               *args: P.args, **kwargs: P.kwargs) -> None:
         self.join_group(functools.partial(method, self.catalog, *args, **kwargs), done, loop)
     return queue
-
-
-def _batched(method: Callable[Concatenate[Catalog, P], R]
-             ) -> Callable[Concatenate[AsyncCatalog, P], Coroutine[Any, Any, R]]:
-    """`await db.x(...)`: `Catalog.x(...)` with the other such calls waiting when the catalog thread gets to it, in
-    one transaction apart from the durable group commits (no fsync, none waits for one) → its result."""
-    async def call(self: AsyncCatalog, /, *args: P.args, **kwargs: P.kwargs) -> R:
-        loop = asyncio.get_running_loop()
-        done: asyncio.Future[R] = loop.create_future()
-        self.join_group(functools.partial(method, self.catalog, *args, **kwargs), done, loop, durable=False)
-        return await outcome(done)
-    return call
 
 
 async def outcome(done: asyncio.Future[R]) -> R:
@@ -226,7 +220,7 @@ class AsyncCatalog:
     oldest_dirty = _offload(Catalog.oldest_dirty)
     claim_due = _offload(Catalog.claim_due)
     next_due = _offload(Catalog.next_due)
-    mark_clean = _batched(Catalog.mark_clean)  # the finished uploads waiting then: one transaction
+    mark_clean = _offload(Catalog.mark_clean, batched=True)  # the finished uploads waiting then: one transaction
     mark_failed = _offload(Catalog.mark_failed)
     requeue = _offload(Catalog.requeue)
     drop_copy_source = _offload(Catalog.drop_copy_source)
