@@ -167,8 +167,7 @@ class _Listening(socket.socket):
     def accept(self) -> tuple[socket.socket, Any]:
         while True:  # until one is admitted, or none waits (BlockingIOError: asyncio tries again when one comes)
             fd, peer = self._accept()  # type: ignore[attr-defined]
-            address = address_group(peer[0])
-            if self.connections.admit(address, fd):
+            if self.connections.admit(address := address_group(peer[0]), fd):
                 release = functools.partial(self.connections.release, address, fd, time.monotonic())
                 return _Counted(self, fd, release), peer
             os.close(fd)
