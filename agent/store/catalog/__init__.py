@@ -142,9 +142,8 @@ class AsyncCatalog:
         """On the catalog thread: every grouped call waiting now, in one transaction; then wake each caller."""
         with self._group_lock:
             group, self._groups[durable] = self._groups[durable], []
-        calls = [call for call, _ in group]
         try:
-            results = self.catalog.group(calls, durable=durable)
+            results = self.catalog.group([call for call, _ in group], durable=durable)
         except BaseException as e:  # never leave a caller waiting
             results = [e] * len(group)
         for (_, then), result in zip(group, results, strict=True):
