@@ -36,8 +36,7 @@ class PressureMonitor:
                         rss=self._process.memory_info().rss)
 
     async def sample(self) -> Pressure:
-        new = assess(await self.readings(), self.watermarks)
-        if new.level != self.current.level:
+        if (new := assess(await self.readings(), self.watermarks)).level != self.current.level:
             (log.warning if new.level > self.current.level else log.info)(
                 "pressure", now=str(new.level), was=str(self.current.level), reasons=list(new.reasons))
             await self.line.slots.set_limit(concurrency_at(new.level, self.cfg.uplink.max_concurrency))

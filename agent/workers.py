@@ -52,8 +52,7 @@ def retire_orphans(cfg: Config) -> list[int]:
     told = []
     for path in sorted((cfg.cache.dir / PID_DIR).glob("*.pid")):
         with contextlib.suppress(OSError, ValueError):
-            pid = int(path.read_text().strip())
-            if _is_worker_of(pid, cfg):
+            if _is_worker_of(pid := int(path.read_text().strip()), cfg):
                 os.kill(pid, signal.SIGTERM)
                 told.append(pid)
                 log.warning("worker_retired", pid=pid, reason="left serving by an owner that died")

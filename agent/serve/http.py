@@ -167,8 +167,7 @@ class _Listening(socket.socket):
     def accept(self) -> tuple[socket.socket, Any]:
         while True:  # until one is admitted, or none waits (BlockingIOError: asyncio tries again when one comes)
             fd, peer = self._accept()  # type: ignore[attr-defined]
-            address = address_group(peer[0])
-            if self.connections.admit(address, fd):
+            if self.connections.admit(address := address_group(peer[0]), fd):
                 release = functools.partial(self.connections.release, address, fd, time.monotonic())
                 return _Counted(self, fd, release), peer
             os.close(fd)
@@ -391,10 +390,8 @@ class ScrapeListener:
             user, sep, password = base64.b64decode(_raw(encoded.strip()), validate=True).decode().partition(":")
         except (binascii.Error, UnicodeDecodeError):
             return False
-        if scheme.lower() != "basic" or not sep:
-            return False
         # Refused unchecked before the last verified header is compared: that answered a banned guesser too
-        if await self.guard.refusal(user, address, "metrics"):
+        if scheme.lower() != "basic" or not sep or await self.guard.refusal(user, address, "metrics"):
             return False
         if self._checked and hmac.compare_digest(_raw(header), _raw(self._checked)):
             return True

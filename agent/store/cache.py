@@ -391,6 +391,4 @@ def _fsync_dir(path: str) -> None:
 
 
 def _translate(e: OSError, blob: str) -> Exception:
-    if e.errno in (errno.ENOSPC, errno.EDQUOT):
-        return NoSpace(blob, "cache disk full")
-    return e
+    return NoSpace(blob, "cache disk full") if e.errno in (errno.ENOSPC, errno.EDQUOT) else e

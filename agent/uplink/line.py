@@ -109,9 +109,8 @@ class Line:
     async def _confirm(self) -> None:
         while self.health.reachable and self.failures:
             await asyncio.sleep(CONFIRM_INTERVAL)
-            if not (self.health.reachable and self.failures):
-                return  # a transfer answered meanwhile, or the line is already down
-            await self._probe_once()
+            if self.health.reachable and self.failures:  # else a transfer answered meanwhile, or the line is down
+                await self._probe_once()
 
     async def _probe_once(self) -> None:
         try:

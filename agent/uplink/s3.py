@@ -541,8 +541,7 @@ class S3Uplink:
             await self.retain(dst, lock.mode, lock.until, resp.get("VersionId"))
             if lock.legal_hold:
                 await self.hold(dst, resp.get("VersionId"))
-        head = await self._client.head_object(**target)
-        remote_sha = meta_sha(head.get("Metadata"))
+        remote_sha = meta_sha((await self._client.head_object(**target)).get("Metadata"))
         if sha256 and remote_sha and remote_sha != sha256:
             raise ChecksumMismatch(f"{dst}: copied object's sha256 {remote_sha} != {sha256}")
         return PutResult(resp.get("CopyObjectResult", {}).get("ETag"), resp.get("VersionId"))

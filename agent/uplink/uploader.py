@@ -275,8 +275,7 @@ class Uploader:
         # With the writer's copy, just written, its open and header read wait for no disk: a thread hop would
         fd, meta, body = stage() if body is not None else await asyncio.to_thread(stage)
         try:
-            header = meta.header if meta else None
-            lock = self.locks.lock_for(e.path, e.mtime, header)
+            lock = self.locks.lock_for(e.path, e.mtime, meta.header if meta else None)
             result = await self.s3.put_file(e.path, fd, e.size, sha, lock, meta, condition, self._compress(meta),
                                             body)
         except Exception as exc:

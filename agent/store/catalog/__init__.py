@@ -38,13 +38,19 @@ class Catalog(Namespace, RemoteSync, Uploads, Heat, Studies):
     """The catalog file at a path (created on first use), every concern's methods on one connection."""
 
 
-def _offload(method: Callable[Concatenate[Catalog, P], R]
+def _offload(method: Callable[Concatenate[Catalog, P], R], batched: bool = False
              ) -> Callable[Concatenate[AsyncCatalog, P], Coroutine[Any, Any, R]]:
-    """`await db.totals()` runs `Catalog.totals()` on the catalog's thread, typed; it runs even if cancelled."""
+    """`await db.totals()` runs `Catalog.totals()` on the catalog's thread, typed; it runs even if cancelled.
+    batched: with the other such calls waiting when the catalog thread gets to it, in one transaction apart from
+    the durable group commits (no fsync, none waits for one)."""
     async def call(self: AsyncCatalog, /, *args: P.args, **kwargs: P.kwargs) -> R:
         loop = asyncio.get_running_loop()
         done: asyncio.Future[R] = loop.create_future()
-        self._calls.put((functools.partial(method, self.catalog, *args, **kwargs), done, loop))
+        run = functools.partial(method, self.catalog, *args, **kwargs)
+        if batched:
+            self.join_group(run, done, loop, durable=False)
+        else:
+            self._calls.put((run, done, loop))
         return await outcome(done)
     return call
 
@@ -58,18 +64,6 @@ def _queued(method: Callable[Concatenate[Catalog, P], R]
               *args: P.args, **kwargs: P.kwargs) -> None:
         self.join_group(functools.partial(method, self.catalog, *args, **kwargs), done, loop)
     return queue
-
-
-def _batched(method: Callable[Concatenate[Catalog, P], R]
-             ) -> Callable[Concatenate[AsyncCatalog, P], Coroutine[Any, Any, R]]:
-    """`await db.x(...)`: `Catalog.x(...)` with the other such calls waiting when the catalog thread gets to it, in
-    one transaction apart from the durable group commits (no fsync, none waits for one) → its result."""
-    async def call(self: AsyncCatalog, /, *args: P.args, **kwargs: P.kwargs) -> R:
-        loop = asyncio.get_running_loop()
-        done: asyncio.Future[R] = loop.create_future()
-        self.join_group(functools.partial(method, self.catalog, *args, **kwargs), done, loop, durable=False)
-        return await outcome(done)
-    return call
 
 
 async def outcome(done: asyncio.Future[R]) -> R:
@@ -109,16 +103,15 @@ class AsyncCatalog:
         # the calls waiting for the next group commit (True) and for the next non-durable batch (False)
         self._groups: dict[bool, list[tuple[Callable[[], Any], Callable[[Any], None]]]] = {True: [], False: []}
         self._group_lock = threading.Lock()
+        path = catalog.db.execute("PRAGMA database_list").fetchone()[2]
         # `get` and `get_many` read on the caller's thread through a read-only WAL connection, which never waits for
         # the writer: the hop to the catalog thread was the largest wait before a cached read's first byte.
-        self._reader = sqlite3.connect(catalog.db.execute("PRAGMA database_list").fetchone()[2],
-                                       isolation_level=None, check_same_thread=False)
+        self._reader = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         self._reader.execute("PRAGMA query_only=ON")
         self._reader.execute("PRAGMA busy_timeout=1000")  # a WAL reader waits only while a crashed WAL is recovered
         # eviction_rows reads for seconds at a million files (2-3 s for 200 000 rows): on the catalog thread every
         # commit waited behind it, once a pass and once a minute. A connection of its own, read in a thread
-        self._scanner = sqlite3.connect(self._reader.execute("PRAGMA database_list").fetchone()[2],
-                                        isolation_level=None, check_same_thread=False)
+        self._scanner = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         self._scanner.execute("PRAGMA query_only=ON")
         self._scanning = threading.Lock()
 
@@ -149,9 +142,8 @@ class AsyncCatalog:
         """On the catalog thread: every grouped call waiting now, in one transaction; then wake each caller."""
         with self._group_lock:
             group, self._groups[durable] = self._groups[durable], []
-        calls = [call for call, _ in group]
         try:
-            results = self.catalog.group(calls, durable=durable)
+            results = self.catalog.group([call for call, _ in group], durable=durable)
         except BaseException as e:  # never leave a caller waiting
             results = [e] * len(group)
         for (_, then), result in zip(group, results, strict=True):
@@ -227,7 +219,7 @@ class AsyncCatalog:
     oldest_dirty = _offload(Catalog.oldest_dirty)
     claim_due = _offload(Catalog.claim_due)
     next_due = _offload(Catalog.next_due)
-    mark_clean = _batched(Catalog.mark_clean)  # the finished uploads waiting then: one transaction
+    mark_clean = _offload(Catalog.mark_clean, batched=True)  # the finished uploads waiting then: one transaction
     mark_failed = _offload(Catalog.mark_failed)
     requeue = _offload(Catalog.requeue)
     drop_copy_source = _offload(Catalog.drop_copy_source)

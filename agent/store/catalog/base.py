@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 from agent.records import Entry
-from agent.store.catalog.schema import SCHEMA, SCHEMA_VERSION, add_columns, check_schema_version
+from agent.store.catalog.schema import ADDED_COLUMNS, SCHEMA, SCHEMA_VERSION, check_schema_version
 from agent.store.errors import NotADirectory
 from agent.store.paths import ancestors, name_of, parent_of
 
@@ -62,7 +62,9 @@ class CatalogBase:
         self.db.execute("PRAGMA busy_timeout=10000")
         check_schema_version(self.db, path)
         self.db.executescript(SCHEMA)
-        add_columns(self.db)
+        for table, column, kind in ADDED_COLUMNS:
+            if column not in {r[1] for r in self.db.execute(f"PRAGMA table_info({table})")}:
+                self.db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
         self.db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
         self.db.execute("INSERT OR IGNORE INTO entries (path, parent, name, is_dir, mtime) VALUES ('', '', '', 1, ?)",
                         (time.time(),))

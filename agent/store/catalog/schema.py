@@ -16,12 +16,6 @@ ADDED_COLUMNS = (("tombstones", "etag", "TEXT"), ("entries", "cached_at", "REAL"
                  ("entries", "writer", "TEXT"))
 
 
-def add_columns(db: sqlite3.Connection) -> None:
-    for table, column, kind in ADDED_COLUMNS:
-        if column not in {r[1] for r in db.execute(f"PRAGMA table_info({table})")}:
-            db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
-
-
 class CatalogSchemaError(RuntimeError):
     """The catalog's schema version is not one this release reads."""
 

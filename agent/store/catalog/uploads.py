@@ -35,8 +35,7 @@ class Uploads(CatalogBase):
         """due_uploads claimed ('uploading') in one transaction → those rows: each is claimed once, by the process
         whose transaction read it dirty (a claim per row was a transaction per uploaded file: benchmarks.md §43)."""
         with self._tx(durable=False):
-            rows = self.due_uploads(now, limit, hold)
-            if rows:
+            if rows := self.due_uploads(now, limit, hold):
                 self.db.execute(f"UPDATE entries SET state = 'uploading' WHERE state = 'dirty' AND path IN "
                                 f"({', '.join('?' * len(rows))})", [e.path for e in rows])
         return [dataclasses.replace(e, state="uploading") for e in rows]
