@@ -136,3 +136,18 @@ def test_a_prior_fetched_back_waits_from_its_fetch_not_from_its_first_write() ->
     p.on_insert("n1", 100, t, t, "new", written=True)
     p.on_insert("r1", 400, t + 60, t - H, "recent")
     assert list(p.victims(100, t + 120)) == ["r1"]
+
+
+def test_a_study_joining_the_segment_counts_the_files_it_has_cached_already() -> None:
+    """The segment holds all of a joining study's cached files (the experts skip a held study whole), so its size cap
+    counts them: it counted only the bytes inserted from the join on (docs/replay.md round 35: at oncology 1.5 GB its
+    members held all 1 500 MB of the cache counted as 850 MB, and the 0.7 ceiling never bound)."""
+    p = horizon_learnt()
+    t = 4 * H
+    p.on_insert("a1", 300, t, t - 2 * DAY, "prior")     # read on a miss: cached, not held
+    assert not p.fresh.holds("prior")
+    p.link("prior", "new", 0.5)
+    p.on_insert("a2", 100, t + 60, t - 2 * DAY, "prior", prefetch=True)   # the planner fetches the rest for a new study
+    assert p.fresh.holds("prior") and p.fresh.members["prior"] == 400 and p.fresh.total == 400
+    p.on_insert("a3", 50, t + 120, t - 2 * DAY, "prior", prefetch=True)   # a member already: only the new bytes
+    assert p.fresh.total == 450

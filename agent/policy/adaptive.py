@@ -295,7 +295,10 @@ class Adaptive:
         # a linked prior waits for the radiologist's session as its new study does: the fresh segment holds both
         written = written or (prefetch and study in self.linked)
         if written:
-            self.fresh.written(study, size, now, again=prefetch)
+            # a study joining the segment brings the files it has cached already: it holds them all, so they count
+            joins = self.fresh.horizon > 0 and not self.fresh.holds(study)
+            cached = sum(self._meta[k][0] for k in self.lru.files_of(study)) if joins else 0
+            self.fresh.written(study, size + cached, now, again=prefetch)
         elif not prefetch:
             self.fresh.read(study, now)
             self._opened(study, now)
