@@ -99,6 +99,13 @@ async def slash_checked(gw: Gateway, client_path: str, path: str, *, creates_fil
         raise NotADirectory(path, "a path ending in '/' names a directory")
 
 
+# A client gone without a word (power cut, pulled cable: no FIN or reset) is cut after DEAD_PEER_S of silence, over
+# FTP and SMB alike: TCP keepalive probes from KEEPALIVE_IDLE s on, every KEEPALIVE_INTERVAL s (a live client's kernel
+# answers them however long its PACS pauses), and a user timeout for an answer never acknowledged.
+DEAD_PEER_S = 30
+KEEPALIVE_IDLE, KEEPALIVE_INTERVAL = 10, 5
+
+
 # The most of a client's path a log event or an audit record keeps, JSON-escaped with ASCII escapes (the journal's,
 # the longest): every path the gateway accepts fits whole (a character is at most 3x its UTF-8 bytes there, and
 # controls, 6x, are refused in names). A refused path was kept whole: 6x what the client sent, twice, per request.

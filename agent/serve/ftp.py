@@ -45,7 +45,7 @@ from agent.auth import REFUSALS_EVERY, Every, LoginGuard, Passwords, kept, login
 from agent.config import Config, shown
 from agent.records import Entry
 from agent.serve import contract
-from agent.serve.contract import answer, report, st_mode, tls_context
+from agent.serve.contract import DEAD_PEER_S, KEEPALIVE_IDLE, KEEPALIVE_INTERVAL, answer, report, st_mode, tls_context
 from agent.serve.startups import Startup
 from agent.store.errors import Corrupt, GatewayError, IsADirectory
 from agent.store.gateway import Gateway, ReadHandle, WriteHandle
@@ -58,13 +58,13 @@ SEND_CHUNK = 4 * BLOCK  # a file leaves by sendfile(2) in chunks this large, eac
 RECV_BLOCK = 4 * BLOCK  # an upload is read from its socket in blocks of at most this much
 MIN_BLOCK = 4096  # and handed to the gateway in blocks of at least this much (DataConnection.receive)
 SOCKET_TIMEOUT = 120
-# A client gone without a word (power cut, pulled cable: no FIN or reset) is cut after 30 s of silence, as over SMB
-# (smb.conf's socket options): keepalive probes, which a live client's kernel answers however long its PACS pauses.
-# Its upload held the name, its staging file and its data connection for SOCKET_TIMEOUT, its session slot for the idle
-# timeout (600 s). The control connection also gets a user timeout (a reply never acknowledged, as a 426 sent after
-# the peer went); a data connection does not: it also cut a live client that read nothing (zero window) that long.
-KEEPALIVE = ((socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1), (socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, 10),
-             (socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, 5), (socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 4))
+# A client gone without a word is cut after DEAD_PEER_S (contract.py), as over SMB: its upload held the name, its
+# staging file and its data connection for SOCKET_TIMEOUT, its session slot for the idle timeout (600 s). The control
+# connection also gets the user timeout (a reply never acknowledged, as a 426 sent after the peer went); a data
+# connection does not: it also cut a live client that read nothing (zero window) that long.
+KEEPALIVE = ((socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1), (socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, KEEPALIVE_IDLE),
+             (socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, KEEPALIVE_INTERVAL),
+             (socket.IPPROTO_TCP, socket.TCP_KEEPCNT, (DEAD_PEER_S - KEEPALIVE_IDLE) // KEEPALIVE_INTERVAL))
 REPLY_BUFFER = 64 * 1024  # replies a client left unread before its next command is read
 # A control connection's longest command line, its line end included (twice vsftpd's VSFTP_MAX_COMMAND_LINE): a path
 # is at most MAX_PATH_BYTES (1000), a user name 32. It was asyncio's 64 KiB: each refused path was logged and audited
@@ -585,7 +585,7 @@ class FtpServer(aioftp.Server):
         # Urgent data (the Synch before ABOR, ftplib's whole ABOR line) stays in the command stream: else the kernel
         # takes its last byte out of it, and the line lost its end or its Telnet DM
         writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_OOBINLINE, 1)
-        _keep_alive(writer.get_extra_info("socket"), (socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, 30_000))
+        _keep_alive(writer.get_extra_info("socket"), (socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, DEAD_PEER_S * 1000))
         # aioftp's handlers (and AUTH TLS) use this stream; commands are read straight from `reader`
         stream = ThrottleStreamIO(reader, writer, throttles={
             "server_global": self.throttle, "server_per_connection": self.throttle_per_connection.clone()},

@@ -42,7 +42,7 @@ import structlog
 from agent.audit import Who
 from agent.auth import LoginGuard, address_group, unmapped
 from agent.config import Config, UserConfig
-from agent.serve.contract import login, refuse_session
+from agent.serve.contract import DEAD_PEER_S, KEEPALIVE_IDLE, KEEPALIVE_INTERVAL, login, refuse_session
 from agent.serve.fuse import GatewayFS, SmbPeers
 from agent.store.errors import AlreadyExists
 from agent.store.gateway import Gateway
@@ -101,10 +101,12 @@ def render_conf(cfg: Config) -> str:
         "map to guest = never",
         # an idle connection (an smbd process) is closed after 10 minutes, not a week; clients reconnect
         "deadtime = 10",
-        # A client gone without a word (power cut, pulled cable) is dropped after 30 s of silence: TCP keepalive (smbd
-        # sends no SMB2 echo) and a user timeout (an answer never acknowledged) found it after 2 h 11 min (15 min),
-        # its unfinished upload holding the name all along (STATUS_SHARING_VIOLATION to the PACS sending it again)
-        "socket options = TCP_NODELAY TCP_KEEPIDLE=10 TCP_KEEPINTVL=5 TCP_USER_TIMEOUT=30000",
+        # A client gone without a word (power cut, pulled cable) is dropped after DEAD_PEER_S of silence: TCP keepalive
+        # (smbd sends no SMB2 echo) and a user timeout (an answer never acknowledged) found it after 2 h 11 min
+        # (15 min), its unfinished upload holding the name all along (STATUS_SHARING_VIOLATION to the PACS sending it
+        # again)
+        f"socket options = TCP_NODELAY TCP_KEEPIDLE={KEEPALIVE_IDLE} TCP_KEEPINTVL={KEEPALIVE_INTERVAL} "
+        f"TCP_USER_TIMEOUT={DEAD_PEER_S * 1000}",
         # a connection is a process: a flood from many addresses forked without end; one over this is closed
         f"max smbd processes = {s.max_connections}",
         # One process per connection (SmbPeers): with multi-channel, Samba handed a new connection naming a connected
