@@ -204,13 +204,13 @@ class ObjectStore:
     def running(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
 
-    def client(self):  # a botocore S3 client
+    def client(self, attempts: int = 2):  # a botocore S3 client; attempts 1: a 503 is answered, not retried
         session = botocore.session.get_session()
         return session.create_client(
             "s3", endpoint_url=self.endpoint_url, region_name="us-east-1",
             verify=str(self.tls[2]) if self.tls else None,
             aws_access_key_id=self.access_key, aws_secret_access_key=self.secret_key,
-            config=BotoConfig(s3={"addressing_style": "path"}, retries={"max_attempts": 2},
+            config=BotoConfig(s3={"addressing_style": "path"}, retries={"max_attempts": attempts},
                               connect_timeout=2, read_timeout=30),
         )
 
