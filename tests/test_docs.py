@@ -112,6 +112,14 @@ def test_readme_config_defaults_are_the_code_defaults(loaded):
     assert not wrong, "\n".join(wrong)
 
 
+@pytest.mark.parametrize("example", ["examples/agent.toml", "image/config-partition/agent.toml.example"])
+def test_example_sections_in_the_readme_order(example):
+    """An example configuration's sections come in the order the README documents them."""
+    order = list(dict.fromkeys(s for s, *_ in config_rows(README.read_text())))
+    sections = re.findall(r"^\[\[?([a-z]+)\]?\]", (ROOT / example).read_text(), flags=re.M)
+    assert sections == sorted(sections, key=order.index), f"README order: {order}"
+
+
 def _code(path: Path) -> list[tuple[str, int]]:
     """The code an admin reads in a doc, with its line number: each line of a code block (its # comment left out)
     and each `code span` (which may wrap onto the next line)."""
