@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 RUNDIR := run
 
-.PHONY: venv run test lint bench bench-smb bench-replay model clean image image-test image-kernel-test
+.PHONY: venv run test bench bench-smb bench-replay model clean image image-test image-kernel-test
 
 venv: $(VENV)/.installed
 
