@@ -148,8 +148,10 @@ PRESETS: dict[str, dict[str, Any]] = {
         departments={"OP": Department(0.60, 4.0), "IP": Department(0.30, 2.0), "ED": Department(0.10, 0.5)},
         returning_share=0.4, followup_rate=1.0, longtail_share=0.3, weekend_factor=0.2),
 }
-# Policies are tuned on general, oncology, outpatient and research; cancer and teaching are only reported (held
-# out). A `-new` variant of any preset (`--set archive=false`) is a box without an archive: no priors, no old tail.
+# Which families policies may be tuned on, and which are only reported (held out). A `-new` variant of
+# any preset (`--set archive=false`) is a box without a pre-existing archive: no priors, no old tail.
+TUNING = ("general", "oncology", "outpatient", "research")
+HELD_OUT = ("cancer", "teaching")
 
 
 def preset(name: str, **overrides: object) -> WorkloadParams:
