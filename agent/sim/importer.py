@@ -132,8 +132,7 @@ def _label(name: str, raw: str) -> str:
     return raw.strip()
 
 
-def _items(records: Iterable[tuple[int, T]], parse: Callable[[T, int], Row | str | None]
-           ) -> Iterator[Row | Bad | str]:
+def _items(records: Iterable[tuple[int, T]], parse: Callable[[T, int], Row | str | None]) -> Iterator[Row | Bad | str]:
     """parse(record, line) of each numbered record: a Row, (str) a non-transfer kind to count, or None (a blank line,
     left out); a ValueError is a Bad row, its message the reason."""
     for line, record in records:

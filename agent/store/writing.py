@@ -95,7 +95,7 @@ class WriteMarks(_Marks):
         whether marked. Tested then marked, two processes could both find the path free and both create it: the
         kernel gives the byte's write lock to one of them, which turns it into its mark (one fcntl, never unlocked
         between); the other is refused."""
-        if path in self._mine or self._held(path + "/") or not self._try(fcntl.F_WRLCK, path):
+        if path in self._mine or self.writing(path + "/") or not self._try(fcntl.F_WRLCK, path):
             return False  # marked here, below, or by another process
         self._lock(fcntl.F_OFD_SETLK, fcntl.F_RDLCK, path)  # the write lock becomes the read lock of a mark
         self.add(path)
@@ -107,14 +107,11 @@ class WriteMarks(_Marks):
 
     def busy(self, path: str) -> bool:
         """Whether an upload of this process or of another one writes path, or a file below it, now."""
-        return self._held(path) or self._held(path + "/")
+        return self.writing(path) or self.writing(path + "/")
 
-    def writing(self, path: str, besides: int = 0) -> bool:
-        """Whether an upload of this process or of another one writes path itself now, besides `besides` of this
-        process's (a session's own uploads, which its rename moves or its remove drops)."""
-        return self._held(path, besides)
-
-    def _held(self, key: str, besides: int = 0) -> bool:
+    def writing(self, key: str, besides: int = 0) -> bool:
+        """Whether an upload of this process or of another one writes key now (a path itself; 'dir/': a file below
+        dir), besides `besides` of this process's (a session's own uploads, which its rename moves or remove drops)."""
         return self._mine[key] > besides or self._lock(fcntl.F_OFD_GETLK, fcntl.F_WRLCK, key) != fcntl.F_UNLCK
 
 

@@ -629,14 +629,13 @@ class S3Uplink:
         for a logical size: botocore's pass cost ~90 µs of a HEAD's ~860); None when there is none."""
         try:
             async with self._request("HEAD", self.key(path), "HeadObject", {}) as resp:
-                head: dict[str, Any] = self._parser.parse(
+                return self._parser.parse(
                     {"status_code": resp.status, "headers": resp.headers, "body": b""},
                     self._models["HeadObject"].output_shape) if full else _object_head(resp.headers)
         except ClientError as e:
             if _status(e) == 404:
                 return None
             raise
-        return head
 
     def pages(self, prefix: str, **args: str) -> AsyncIterator[dict[str, Any]]:
         """ListObjectsV2's pages of the keys under prefix (an absolute key prefix)."""

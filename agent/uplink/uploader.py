@@ -276,8 +276,7 @@ class Uploader:
         fd, meta, body = stage() if body is not None else await asyncio.to_thread(stage)
         try:
             lock = self.locks.lock_for(e.path, e.mtime, meta.header if meta else None)
-            result = await self.s3.put_file(e.path, fd, e.size, sha, lock, meta, condition, self._compress(meta),
-                                            body)
+            result = await self.s3.put_file(e.path, fd, e.size, sha, lock, meta, condition, self._compress(meta), body)
         except Exception as exc:
             if condition is None or not precondition_failed(exc):
                 raise
