@@ -97,8 +97,9 @@ class AuditLog:
 
     def _roll(self) -> None:
         """Rename the full file to a unique, sortable name (shipped as it is) and start a new one."""
-        os.rename(self.path, self.path.with_name(
-            f"{self.path.stem}-{time.strftime('%Y%m%dT%H%M%S')}-{time.time_ns() % 10**9:09d}{self.path.suffix}"))
+        stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())  # UTC, as the records: the names sort in their order
+        os.rename(self.path, self.path.with_name(f"{self.path.stem}-{stamp}-{time.time_ns() % 10**9:09d}"
+                                                 f"{self.path.suffix}"))
         # Wake the shipper now, through its loop: a record on the login guard's thread may not touch the Event
         if self.loop is not None:
             self.loop.call_soon_threadsafe(self.rotated_event.set)

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import calendar
 import ftplib
 import io
 import json
 import time
+from datetime import datetime
 
 import asyncssh
 import pytest
@@ -168,6 +170,27 @@ async def test_a_rotation_by_another_thread_wakes_the_shipper_at_once(tmp_path):
     assert time.monotonic() - start < 2, "the shipper was not woken by a rotation on another thread"
     assert audit.rotated()
     audit.close()
+
+
+def test_rotated_files_are_named_by_utc_time_as_their_records(tmp_path, monkeypatch):
+    """Rotated files are shipped and sorted by name, and their records carry UTC times: a name in the box's local
+    time (a zone 9 hours ahead here) would sort out of order across a change of zone or of summer time."""
+    from agent.audit import AuditLog, Who
+    monkeypatch.setenv("TZ", "Asia/Tokyo")
+    time.tzset()
+    try:
+        audit = AuditLog(tmp_path / "audit.jsonl", max_bytes=300, keep=5)
+        for _ in range(3):
+            audit.record(Who("pacs", "ftp", "10.0.0.1:1"), "store", "x.dcm")
+        audit.close()
+    finally:
+        monkeypatch.delenv("TZ")
+        time.tzset()
+    name = audit.rotated()[0].name
+    record = json.loads(audit.rotated()[0].read_text().splitlines()[0])
+    stamp = time.strptime(name.split("-")[1], "%Y%m%dT%H%M%S")
+    written = datetime.fromisoformat(record["time"].replace("Z", "+00:00")).timestamp()
+    assert abs(calendar.timegm(stamp) - written) < 60, (name, record["time"])
 
 
 def test_a_record_the_disk_refuses_is_logged_not_raised(tmp_path, capsys):
