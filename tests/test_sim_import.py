@@ -191,6 +191,18 @@ def test_import_then_simulate(tmp_path: Path, capsys) -> None:
     assert abs(lru["hit_ratio"] - ours_a["hit_ratio"]) < 0.02
 
 
+def test_simulate_by_default_reports_the_stack_the_agent_runs_demand_only_and_with_prefetch() -> None:
+    """An admin replaying a month with the README's command (no --schemes) must see the stack the box runs, and its
+    demand-only twin beside Belady: the default list once stopped at the older `ours` stack."""
+    from agent.cli import build_parser
+    from agent.sim.replay import DEFAULT_SCHEME, SCHEMES
+    schemes = build_parser().parse_args(["simulate", "m.tsv", "--capacity", "3GB"]).schemes.split(",")
+    eviction, prefetch = SCHEMES[DEFAULT_SCHEME]
+    assert prefetch and DEFAULT_SCHEME in schemes
+    assert any(SCHEMES[s] == (eviction, None) for s in schemes), f"no demand-only {eviction} in {schemes}"
+    assert set(schemes) <= set(SCHEMES)
+
+
 rows = st.lists(st.tuples(st.integers(0, 5 * 86400), st.booleans(), st.integers(0, 12), st.integers(0, 3)),
                 min_size=1, max_size=60)
 

@@ -21,7 +21,8 @@ def register(subparsers) -> None:  # argparse's private _SubParsersAction
     g = subparsers.add_parser("gen-trace", help="generate a synthetic PACS trace (docs/workload.md)")
     g.add_argument("out", help="trace file to write (.gz: compressed)")
     g.add_argument("--preset", default="general",
-                   help="general | oncology | outpatient | cancer | teaching (docs/replay.md: tuning vs held out)")
+                   help="general | oncology | outpatient | research | cancer | teaching (docs/replay.md: tuning "
+                        "vs held out)")
     g.add_argument("--seed", type=int, default=1)
     g.add_argument("--days", type=int, default=None)
     g.add_argument("--monthly-tb", type=float, default=None, help="acquired TB per month (default: preset)")
@@ -36,7 +37,9 @@ def register(subparsers) -> None:  # argparse's private _SubParsersAction
     s = subparsers.add_parser("simulate", help="replay a trace through the cache policies and libCacheSim")
     s.add_argument("trace")
     s.add_argument("--capacity", required=True, help="cache size, e.g. 1TB")
-    s.add_argument("--schemes", default="A,B,C,ours", help="comma list of A, B, C, ours")
+    s.add_argument("--schemes", default="A,B,C,ours,adaptive,agent",
+                   help="comma list of schemes (docs/replay.md); the default ends with the agent's own stack, demand "
+                        "only (adaptive) and as it runs (agent: with prefetch)")
     s.add_argument("--reference", default="all", help="libCacheSim algorithms: a comma list, 'all' (LRU, ARC, "
                    "S3FIFO, Sieve, LRB, GL-Cache, 3L-Cache, LeCaR, CACHEUS, GDSF, LHD, Belady, BeladySize) or 'none'")
     s.add_argument("--warmup-days", type=float, default=3.0)
