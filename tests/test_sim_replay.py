@@ -240,3 +240,15 @@ def test_a_prior_cut_before_its_session_is_settled_as_the_live_catalog_settles_i
     victims[:] = files[dropped][-1:]                            # the other prior's last file goes unread
     r._evict(120.0)
     assert outcomes == [(0, True), (1, False)]
+
+
+def test_a_file_is_dated_no_earlier_than_the_day_it_was_written() -> None:
+    """An imported trace without a study column takes a directory for a study (`<patient>/<accession>`) and dates it
+    by its first write; a study written into the directory 10 days later is 10 days old to the policies only if its
+    files are dated by that directory. The live evictor's `created` is the catalog's mtime, the file's own write: a
+    file the trace writes is dated no earlier than its write's day (docs/replay.md, round 36: the learned expert took
+    such studies for weeks-old ones and evicted them before their first read)."""
+    ta = arrays(obj=[0, 1, 1], is_write=[True, True, False], t=[3600.0, 10 * DAY + 3600, 10 * DAY + 7200],
+                obj_study=[0, 0], study_day=[0], days=11)
+    created = Replayer(ta, "agent", ReplayConfig(capacity=10**9)).created
+    assert created[0] == 0 and created[1] == 10 * DAY

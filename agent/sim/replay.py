@@ -206,6 +206,10 @@ class Replayer:
         never = np.ones(n_obj, dtype=bool)
         never[ta.obj[ta.is_write]] = False
         self.created[:n_obj][never] = np.minimum(self.created[:n_obj][never], cfg.archive_created)
+        # and a written file no earlier than the day it was written: an imported trace's directory "study" dates from
+        # its first write, and a study written into it weeks later looked weeks old (docs/replay.md, round 36)
+        w = ta.obj[ta.is_write]
+        self.created[w] = np.maximum(self.created[w], ta.t[ta.is_write] // DAY * DAY)
         self.directory = np.concatenate([ta.obj_dir, np.full(n_st, -1, dtype=np.int32)])
         self.n_obj = n_obj
         self.dir_files = np.bincount(ta.obj_dir, minlength=len(ta.dir_names))
