@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from agent.sim.reference import ALGORITHMS, next_access, run_arrays, run_reference
-from agent.sim.replay import ReplayConfig, Replayer, replay
+from agent.sim.replay import ReplayConfig, Replayer, replay, spread_per_minute
 from agent.sim.report import write_report
 from agent.sim.trace import load_arrays, write_trace
 from agent.sim.workload import DAY, generate, preset
@@ -149,11 +149,19 @@ def test_line_queue_serialises_bursts() -> None:
 
 
 def test_prefetch_egress_is_spread_over_the_transfer() -> None:
-    from agent.sim.replay import spread_per_minute
     # 1200 bytes at 10 B/s end at t=150 s: on the line from 30 s to 150 s → 300, 600, 300 bytes
     out = spread_per_minute(np.array([150.0, 61.0]), np.array([1200.0, 10.0]), 10.0, 0.0, 4)
     assert out.tolist() == [300.0, 610.0, 300.0, 0.0]
     assert out.sum() == 1210.0
+
+
+def test_egress_of_long_transfers_alone_is_spread() -> None:
+    """No transfer after the warm-up within one minute (a cache that misses nothing then, a prior fetched over minutes):
+    the series was bincount's int64 of nothing, and adding a long transfer's bytes (or the prefetch series) to it
+    failed: `simulate` stopped after the trauma family's 10 GB replays (docs/replay.md, round 36)."""
+    out = spread_per_minute(np.array([130.0]), np.array([100e6]), 1e6, 0.0, 3)
+    assert out.dtype == np.float64 and out.sum() == pytest.approx(100e6)
+    assert spread_per_minute(np.array([]), np.array([]), 1e6, 0.0, 3).dtype == np.float64
 
 
 def test_egress_conserves_bytes_and_respects_the_rates(small_trace) -> None:

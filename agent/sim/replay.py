@@ -156,7 +156,8 @@ def spread_per_minute(end: np.ndarray, size: np.ndarray, rate: float, since: flo
     start = end - size / rate
     keep = end >= since
     short = keep & (np.floor(start / 60) == np.floor(end / 60))
-    out = np.bincount((end[short] // 60).astype(np.int64), weights=size[short], minlength=n_min)
+    # float even without a short transfer: bincount of nothing is int64, which the long ones cannot be added to
+    out = np.bincount((end[short] // 60).astype(np.int64), weights=size[short], minlength=n_min).astype(np.float64)
     for s0, e0 in zip(start[keep & ~short].tolist(), end[keep & ~short].tolist(), strict=True):
         m0, m1 = int(s0 // 60), int(e0 // 60)
         edges = np.clip(np.arange(m0, m1 + 2) * 60.0, s0, e0)
