@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from agent.policy import groups
+from agent.policy.eviction import DAY
 from agent.policy.groups import GAP_S, MIXED_S, Groups
 from agent.policy.stack import CatalogRow, PolicyStack, StackSpec
 from bench.miss_analysis import hits_of
@@ -120,6 +121,31 @@ def test_a_file_read_again_rejoins_the_group_it_was_first_read_into() -> None:
     assert g.of("2025/12/01", MIXED_S + 1, False, key="b") != first               # another case, hours later
     assert g.of("2025/12/01", MIXED_S + GAP_S + 10, False, key="a") == first      # the first case again
     assert g.of("2026/01/05", 0.0, True, key="c") == g.of("2026/01/05", 1.0, False, key="c")   # written: as before
+
+
+def test_a_file_written_into_a_mixed_directory_and_read_again_rejoins_its_burst() -> None:
+    """A directory written on several days (a patient's, `<patient>/<accession>` without a study column) is split by
+    write bursts; a file of it evicted and read on a miss days later goes back to the burst it was written in, so the
+    learned expert finds its ghost (it came back) and the doorkeeper sees a study return, not a new one-off. It
+    started a new burst: docs/replay.md round 36, the Zipf tail without labels, byte hit ratio below LRU's."""
+    g = Groups()
+    g.of("P1", 0.0, True, key="a")                                  # the directory's first study
+    written = g.of("P1", DAY, True, key="b")                         # a day later: mixed, a burst of its own
+    assert written != "P1"
+    assert g.of("P1", 5 * DAY, False, key="b") == written           # read again on a miss: its burst
+    assert g.of("P1", 5 * DAY + 1, False, key="x") != written       # a file not seen here: a new burst, as before
+
+
+def test_a_directory_written_hours_after_it_was_first_read_into_is_mixed() -> None:
+    """A patient's directory read into on a miss (an archive study) and written days later (a new study) is two
+    groups: the write's group was the read's, so a remembered (evicted) read group took the write for its return, and
+    the new study got the old one-off's class and went before its first read (docs/replay.md, round 36)."""
+    g = Groups()
+    read = g.of("P1", 0.0, False, key="a")
+    assert g.of("P1", 60.0, True, key="n") == read                  # written within the burst: one group, as before
+    g = Groups()
+    read = g.of("P1", 0.0, False, key="a")
+    assert g.of("P1", DAY, True, key="b") != read
 
 
 def test_past_its_bound_the_least_recently_read_file_is_forgotten(monkeypatch) -> None:

@@ -7,9 +7,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent.sim.reference import ALGORITHMS, next_access, run_arrays, run_reference
-from agent.sim.replay import ReplayConfig, Replayer, replay
-from agent.sim.report import write_report
+from agent.sim.reference import ALGORITHMS, ReferenceResult, next_access, run_arrays, run_reference
+from agent.sim.replay import ReplayConfig, Replayer, replay, spread_per_minute
+from agent.sim.report import gaps, write_report
 from agent.sim.trace import load_arrays, write_trace
 from agent.sim.workload import DAY, generate, preset
 from tests.sim_helpers import arrays, write_first
@@ -149,11 +149,19 @@ def test_line_queue_serialises_bursts() -> None:
 
 
 def test_prefetch_egress_is_spread_over_the_transfer() -> None:
-    from agent.sim.replay import spread_per_minute
     # 1200 bytes at 10 B/s end at t=150 s: on the line from 30 s to 150 s → 300, 600, 300 bytes
     out = spread_per_minute(np.array([150.0, 61.0]), np.array([1200.0, 10.0]), 10.0, 0.0, 4)
     assert out.tolist() == [300.0, 610.0, 300.0, 0.0]
     assert out.sum() == 1210.0
+
+
+def test_egress_of_long_transfers_alone_is_spread() -> None:
+    """No transfer after the warm-up within one minute (a cache that misses nothing then, a prior fetched over minutes):
+    the series was bincount's int64 of nothing, and adding a long transfer's bytes (or the prefetch series) to it
+    failed: `simulate` stopped after the trauma family's 10 GB replays (docs/replay.md, round 36)."""
+    out = spread_per_minute(np.array([130.0]), np.array([100e6]), 1e6, 0.0, 3)
+    assert out.dtype == np.float64 and out.sum() == pytest.approx(100e6)
+    assert spread_per_minute(np.array([]), np.array([]), 1e6, 0.0, 3).dtype == np.float64
 
 
 def test_egress_conserves_bytes_and_respects_the_rates(small_trace) -> None:
@@ -240,3 +248,26 @@ def test_a_prior_cut_before_its_session_is_settled_as_the_live_catalog_settles_i
     victims[:] = files[dropped][-1:]                            # the other prior's last file goes unread
     r._evict(120.0)
     assert outcomes == [(0, True), (1, False)]
+
+
+def test_a_file_is_dated_no_earlier_than_the_day_it_was_written() -> None:
+    """An imported trace without a study column takes a directory for a study (`<patient>/<accession>`) and dates it
+    by its first write; a study written into the directory 10 days later is 10 days old to the policies only if its
+    files are dated by that directory. The live evictor's `created` is the catalog's mtime, the file's own write: a
+    file the trace writes is dated no earlier than its write's day (docs/replay.md, round 36: the learned expert took
+    such studies for weeks-old ones and evicted them before their first read)."""
+    ta = arrays(obj=[0, 1, 1], is_write=[True, True, False], t=[3600.0, 10 * DAY + 3600, 10 * DAY + 7200],
+                obj_study=[0, 0], study_day=[0], days=11)
+    created = Replayer(ta, "agent", ReplayConfig(capacity=10**9)).created
+    assert created[0] == 0 and created[1] == 10 * DAY
+
+
+def test_a_gap_of_kib_rounding_is_no_gap() -> None:
+    """Where LRU is already optimal (every miss compulsory), libCacheSim's Belady, which counts whole KiB, differs from
+    our LRU only in the 6th digit of the byte hit ratio: that is no gap to close ("–"), not 1,878,769 % of one."""
+    ta = arrays(obj=[0, 1, 0, 1], is_write=[True, False, False, False], size=[10**8 + 1, 3 * 10**8 + 7], days=1)
+    results = [Replayer(ta, s, ReplayConfig(capacity=10**12, warmup_days=0)).run() for s in ("A", "agent")]
+    # libCacheSim's Belady: the same hits, sizes in KiB rounded up
+    belady = ReferenceResult("Belady", reads=3, hits=2, read_kib=2 * 292_969 + 97_657, hit_kib=292_969 + 97_657)
+    assert results[0].byte_hit_ratio != belady.byte_hit_ratio
+    assert gaps(results, [belady]) == {"A": (None, None), "agent": (None, None)}

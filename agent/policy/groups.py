@@ -14,7 +14,9 @@ more than `MIXED_S`: whole, every case read from a busy old day kept the day you
 prefetches do not start that clock (a prior study is fetched again for each new study of its patient). A file read
 again on a miss from such a directory rejoins the group it was first read into: the split tells the cases of an old
 day apart, and a case read in session after session (a prior of several new studies, a board's or a teaching case)
-stays one group, which the doorkeeper then sees come back (docs/replay.md, round 20).
+stays one group, which the doorkeeper then sees come back (docs/replay.md, round 20). So does a file written into a
+mixed directory (a patient's, new studies on several days): a new burst each time it came back hid its return from the
+learned expert and the doorkeeper (round 36). A directory's clock starts at its first insert, read or written.
 
 `PolicyStack` maps every insert through one `Groups`, for the live agent and the simulator alike.
 """
@@ -56,13 +58,21 @@ class Groups:
            key: Hashable | None = None) -> Hashable:
         """The group of file `key` inserted into directory `study` at `now`: written, read on a miss or prefetched."""
         group = self._group(study, now, written, prefetch)
-        if key is None or written or prefetch or self._dirs[study].first_write is not None:
+        if key is None or prefetch:
+            return group
+        d = self._dirs[study]
+        if written or (d.first_write is not None and key not in self._read_into):
+            if d.mixed:     # a written file of a mixed directory: read on a miss later, it goes back to its burst
+                self._remember(key, group)
             return group
         group = self._read_into.pop(key, group)
+        self._remember(key, group)
+        return group
+
+    def _remember(self, key: Hashable, group: Hashable) -> None:
         self._read_into[key] = group
         if len(self._read_into) > MAX_FILES:
             del self._read_into[next(iter(self._read_into))]
-        return group
 
     def _group(self, study: Hashable, now: float, written: bool, prefetch: bool) -> Hashable:
         d = self._dirs.get(study)
@@ -74,7 +84,9 @@ class Groups:
             self._dirs.move_to_end(study)
         if written:
             d.first_write = now if d.first_write is None else d.first_write
-            first = d.first_write
+            # read into on misses before its first write (a patient's archive study, days before the new one): the
+            # files are from then on, and a write hours later is no part of that read's group
+            first = d.first_write if d.first_read is None else d.first_read
         elif d.first_write is None and not prefetch:     # only ever read on misses so far
             d.first_read = now if d.first_read is None else d.first_read
             first = d.first_read

@@ -156,7 +156,8 @@ def spread_per_minute(end: np.ndarray, size: np.ndarray, rate: float, since: flo
     start = end - size / rate
     keep = end >= since
     short = keep & (np.floor(start / 60) == np.floor(end / 60))
-    out = np.bincount((end[short] // 60).astype(np.int64), weights=size[short], minlength=n_min)
+    # float even without a short transfer: bincount of nothing is int64, which the long ones cannot be added to
+    out = np.bincount((end[short] // 60).astype(np.int64), weights=size[short], minlength=n_min).astype(np.float64)
     for s0, e0 in zip(start[keep & ~short].tolist(), end[keep & ~short].tolist(), strict=True):
         m0, m1 = int(s0 // 60), int(e0 // 60)
         edges = np.clip(np.arange(m0, m1 + 2) * 60.0, s0, e0)
@@ -206,6 +207,10 @@ class Replayer:
         never = np.ones(n_obj, dtype=bool)
         never[ta.obj[ta.is_write]] = False
         self.created[:n_obj][never] = np.minimum(self.created[:n_obj][never], cfg.archive_created)
+        # and a written file no earlier than the day it was written: an imported trace's directory "study" dates from
+        # its first write, and a study written into it weeks later looked weeks old (docs/replay.md, round 36)
+        w = ta.obj[ta.is_write]
+        self.created[w] = np.maximum(self.created[w], ta.t[ta.is_write] // DAY * DAY)
         self.directory = np.concatenate([ta.obj_dir, np.full(n_st, -1, dtype=np.int32)])
         self.n_obj = n_obj
         self.dir_files = np.bincount(ta.obj_dir, minlength=len(ta.dir_names))
