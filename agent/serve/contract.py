@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import json
+import socket
 import ssl
 import stat
 from dataclasses import dataclass, replace
@@ -100,10 +101,21 @@ async def slash_checked(gw: Gateway, client_path: str, path: str, *, creates_fil
 
 
 # A client gone without a word (power cut, pulled cable: no FIN or reset) is cut after DEAD_PEER_S of silence, over
-# FTP and SMB alike: TCP keepalive probes from KEEPALIVE_IDLE s on, every KEEPALIVE_INTERVAL s (a live client's kernel
-# answers them however long its PACS pauses), and a user timeout for an answer never acknowledged.
+# FTP, SFTP and SMB alike: TCP keepalive probes from KEEPALIVE_IDLE s on, every KEEPALIVE_INTERVAL s (a live client's
+# kernel answers them however long its PACS pauses), and a user timeout for an answer never acknowledged.
 DEAD_PEER_S = 30
 KEEPALIVE_IDLE, KEEPALIVE_INTERVAL = 10, 5
+
+
+def keep_alive(sock: socket.socket, user_timeout: bool = True) -> None:
+    """A connection's dead-peer options. The user timeout also cuts a live client whose kernel shows a zero window as
+    long: an FTP data connection goes without (a client reading a RETR slowly); over SSH a client only closes the
+    TCP window when its process stops reading at all (a slow application closes the channel's window)."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    for option, value in ((socket.TCP_KEEPIDLE, KEEPALIVE_IDLE), (socket.TCP_KEEPINTVL, KEEPALIVE_INTERVAL),
+                          (socket.TCP_KEEPCNT, (DEAD_PEER_S - KEEPALIVE_IDLE) // KEEPALIVE_INTERVAL),
+                          (socket.TCP_USER_TIMEOUT, DEAD_PEER_S * 1000 if user_timeout else 0)):
+        sock.setsockopt(socket.IPPROTO_TCP, option, value)
 
 
 # The most of a client's path a log event or an audit record keeps, JSON-escaped with ASCII escapes (the journal's,
