@@ -1,19 +1,23 @@
-"""Attacks on a running agent (round 47): an SFTP client that vanishes without a word mid-upload, then a fresh probe.
+"""Attacks on a running agent (round 47): an SFTP client that vanishes without a word mid-upload, one that takes every
+descriptor, then a fresh probe.
 Each test reproduces one attack that worked and checks it no longer does. Real agent, real SeaweedFS, real clients
 (asyncssh); nft drops the vanished client's packets (a table of the test's own, matching only its connection)."""
 
 from __future__ import annotations
 
 import asyncio
+import ftplib
 import os
 import time
 
 import asyncssh
+import psutil
+import pytest
 from halib import run
 from test_attack45 import _drop
 from test_attack46 import _connected
 
-from faultkit import catalog_rows, sftp_put, sftp_session, wait_for
+from faultkit import catalog_rows, ftp_login, ftp_put, sftp_put, sftp_session, wait_for
 from harness import PASSWORD
 
 
@@ -76,3 +80,51 @@ def test_an_sftp_client_gone_without_a_word_frees_its_unfinished_upload(agent_fa
         run("nft", "delete", "table", "inet", table, check=False)
     assert catalog_rows(agent, "SELECT path, size FROM entries WHERE path LIKE 'CT/%' ORDER BY path") == [
         ("CT/big.dcm", len(big)), ("CT/paused.dcm", 2**20 + 1)]
+
+
+def test_a_client_holding_every_descriptor_leaves_the_others_a_refusal_and_a_quiet_log(agent_factory):
+    """An SFTP client within its caps (one connection from 127.0.0.2, its handles under 64) opened files until the
+    agent ran out of descriptors (a hard limit of 40 more than it held). asyncio then logged every failed accept of
+    each listener, up to 100 a tick (30 000 lines in 10 s, each a "Logging error" traceback, half a core), and a new
+    FTP client waited unanswered in the backlog; a PASV got "451 internal error" and a traceback. Now the new client
+    is refused at once (a descriptor kept spare accepts and closes it), the PASV gets a 425, the log has one
+    descriptors_exhausted event per place, and all is served again once the client lets go."""
+    agent = agent_factory().start()
+    ftp = ftp_login(agent)
+    ftp_put(ftp, "CT/kept.dcm", b"k" * 1000)
+    pid = agent.proc.pid
+
+    async def scenario() -> None:
+        async with asyncssh.connect("127.0.0.1", agent.sftp_port, local_addr=("127.0.0.2", 0), username="pacs",
+                                    password=PASSWORD, known_hosts=None, client_keys=None, agent_path=None) as conn:
+            sftp = await conn.start_sftp_client()
+            held = len(os.listdir(f"/proc/{pid}/fd")) + 40
+            run("prlimit", f"--pid={pid}", f"--nofile={held}:{held}")
+            with pytest.raises(asyncssh.SFTPFailure, match="Too many open files"):
+                for _ in range(64):
+                    await sftp.open("CT/kept.dcm", "rb")
+            cpu = psutil.Process(pid)
+            cpu.cpu_percent()
+            started = time.monotonic()
+            with pytest.raises((EOFError, ConnectionError)):
+                await asyncio.to_thread(ftp_login, agent, timeout=10)
+            assert time.monotonic() - started < 5  # refused, not left waiting
+            with pytest.raises(ftplib.error_temp, match="425"):
+                await asyncio.to_thread(ftp_put, ftp, "CT/refused.dcm", b"r")
+            await asyncio.sleep(3)
+            assert cpu.cpu_percent() < 20
+        await asyncio.sleep(1)
+        ftp_put(ftp_login(agent), "CT/after.dcm", b"a")
+        async with sftp_session(agent) as s:
+            await sftp_put(s, "CT/after2.dcm", b"b")
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        ftp.close()
+    log = agent.log_path.read_text()
+    assert log.count("Too many open files") < 10
+    assert {e["where"] for e in agent.events("descriptors_exhausted")} >= {"ftp passive"}
+    assert agent.proc.poll() is None
+    assert catalog_rows(agent, "SELECT path, state FROM entries WHERE is_dir = 0 ORDER BY path") == [
+        ("CT/after.dcm", "clean"), ("CT/after2.dcm", "clean"), ("CT/kept.dcm", "clean")]

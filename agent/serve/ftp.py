@@ -887,9 +887,14 @@ class FtpServer(aioftp.Server):
                             reason=reason, refused_since=since)
                 self.gateway.audit_event(Who(user, "ftp", peer), "data-connection", "", refusal(reason, since))
 
-        session.passive = Passive.open(
-            connection.server_host, self.passive_ports, session.address,
-            session.tls if session.prot_private else None, self.cfg.ftp.passive_timeout, refused)
+        try:
+            session.passive = Passive.open(
+                connection.server_host, self.passive_ports, session.address,
+                session.tls if session.prot_private else None, self.cfg.ftp.passive_timeout, refused)
+        except OSError as e:  # no descriptor for its socket: was a 451 "internal error" and a traceback each
+            contract.out_of_descriptors("ftp passive", e)
+            connection.response("425", "out of resources; try again")
+            return None
         if session.passive is None:
             # Counted each, told once a minute per user: a client pipelining PASV while the range was full wrote an
             # event per line, 3 500 a second
