@@ -8,12 +8,14 @@ from __future__ import annotations
 import asyncio
 import ftplib
 import os
+import threading
 import time
 
 import asyncssh
 import psutil
 import pytest
 from halib import run
+from smbutil import Smb
 from test_attack45 import _drop
 from test_attack46 import _connected
 
@@ -128,3 +130,47 @@ def test_a_client_holding_every_descriptor_leaves_the_others_a_refusal_and_a_qui
     assert agent.proc.poll() is None
     assert catalog_rows(agent, "SELECT path, state FROM entries WHERE is_dir = 0 ORDER BY path") == [
         ("CT/after.dcm", "clean"), ("CT/after2.dcm", "clean"), ("CT/kept.dcm", "clean")]
+
+
+def test_an_smb_open_without_a_descriptor_is_refused_and_smb_serves_on(smb_agent):
+    """Out of descriptors, an SMB client's create raised OSError (EMFILE), which is no FUSE error: it ended
+    pyfuse3's loop. That request and every SMB request after it waited for ever
+    (smbd in request_wait_answer), after the descriptors came back too, and the agent's stop with them; so did the
+    lookup of the request's client address (psutil reading /proc). Now smbd is answered EMFILE
+    (STATUS_TOO_MANY_OPENED_FILES), the address is left unknown, and SMB serves on once the holder lets go."""
+    agent = smb_agent().start(timeout=180)
+    pid, smb = agent.proc.pid, Smb(agent)
+    smb.write("kept.dcm", b"k" * 1000)
+    answers: list[object] = []
+
+    def create() -> None:
+        try:
+            smb.write("refused.dcm", b"r")
+            answers.append("stored")
+        except OSError as e:
+            answers.append(e)
+
+    async def scenario() -> None:
+        async with asyncssh.connect("127.0.0.1", agent.sftp_port, local_addr=("127.0.0.2", 0), username="pacs",
+                                    password=PASSWORD, known_hosts=None, client_keys=None, agent_path=None) as conn:
+            sftp = await conn.start_sftp_client()
+            held = len(os.listdir(f"/proc/{pid}/fd")) + 20
+            run("prlimit", f"--pid={pid}", f"--nofile={held}:{held}")
+            refused = 0
+            while refused < 3:  # the agent's own brief opens free one now and then: taken too
+                try:
+                    await sftp.open("kept.dcm", "rb")
+                except asyncssh.SFTPFailure:
+                    refused += 1
+            writer = threading.Thread(target=create, daemon=True)
+            writer.start()
+            await asyncio.to_thread(writer.join, 30)
+
+    try:
+        asyncio.run(scenario())
+        assert answers, "the SMB create was not answered"
+        assert smb.read("kept.dcm") == b"k" * 1000
+        smb.write("after.dcm", b"a")
+        assert smb.read("after.dcm") == b"a"
+    finally:
+        smb.close()
