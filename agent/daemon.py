@@ -31,6 +31,7 @@ from agent.policy.pressure import Level
 from agent.prefetcher import DirPrefetcher, Fetcher, PriorFetcher, stack_for
 from agent.records import Header
 from agent.selfcheck import last_result
+from agent.serve.contract import watch_descriptors
 from agent.serve.ftp import FtpServer
 from agent.serve.http import (
     ADMIN_TOKEN_FILE,
@@ -401,6 +402,7 @@ def share_the_gil() -> None:
 async def run_until_signal(agent: Agent) -> None:
     """Start the owner or a serving worker (agent.worker), run until SIGTERM or SIGINT, then drain."""
     share_the_gil()
+    watch_descriptors(asyncio.get_running_loop())
     await agent.start()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

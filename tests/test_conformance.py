@@ -23,17 +23,20 @@ from clients import (
     BadName,
     Client,
     Exists,
+    FtpClient,
     IsADirectory,
     LoginFailed,
     NotADirectory,
     NotEmpty,
     NotFound,
     Refused,
+    SftpClient,
     Stat,
     sftp_upload_held,
 )
 
 from devstack import AgentProc
+from faultkit import reset_close, wait_for
 from harness import BUCKET, PASSWORD, s3_objects, sha256
 
 PROTOCOLS = ["ftp", "sftp", "smb"]
@@ -312,6 +315,51 @@ def test_a_file_another_session_is_writing_is_left_to_it(target, c, op):
     stored = {"moved.dcm": sha256(data)} if op == "rename" else {}
     assert d not in c.list("") if op == "rmdir" else c.list(d) == sorted(stored)
     assert target.s3_hashes(d, drained=True) == stored
+
+
+def _close_upload(client: Client) -> None:
+    """The client's CLOSE of the upload begin_put opened: a reply refusing it fails the test."""
+    if isinstance(client, FtpClient):
+        client.cut.close()
+        assert client.f.voidresp().startswith("226")
+    elif isinstance(client, SftpClient):
+        client._do(client.cut.close())
+    else:
+        client._do(client.cut.close)
+
+
+def test_a_second_writer_of_a_file(target, c, d):
+    """Two writers of one file, each protocol's rule (README, "Two writers of one file"). FTP and SFTP take the
+    second: each upload streams into a staging file of its own, and the last complete close is the stored file.
+    SMB refuses it (STATUS_SHARING_VIOLATION): SMB writes at offsets into one open file. Over every protocol an
+    upload whose session is gone before its close stores nothing."""
+    path, first, second = f"{d}/two.dcm", target.client(), target.client()
+    try:
+        first.begin_put(path, b"first writer")
+        if target.protocol == "smb":
+            with pytest.raises(Refused, match="0xc0000043"):  # STATUS_SHARING_VIOLATION
+                second._do(second.begin_put, path, b"second writer")
+        else:
+            second.begin_put(path, b"second writer")
+            _close_upload(second)
+            assert c.get(path) == b"second writer"
+        _close_upload(first)
+        assert c.get(path) == b"first writer"
+        second.begin_put(path, b"gone before its close")
+        if isinstance(second, FtpClient):  # its connections reset
+            reset_close(second.cut)
+            reset_close(second.f.sock)
+        elif isinstance(second, SftpClient):
+            second.conn.abort()
+        else:  # its connection closed, no CLOSE sent (smbprotocol's disconnect closes the files it holds open)
+            for conn in second.smb.kw["connection_cache"].values():
+                conn.transport.close()
+    finally:
+        second.close()
+        first.close()
+    wait_for(lambda: path in {e["path"] for e in target.agent.events("upload_aborted")}, 30, what="upload dropped")
+    assert c.get(path) == b"first writer"
+    assert target.s3_hashes(d, drained=True) == {"two.dcm": sha256(b"first writer")}
 
 
 def test_bad_names_are_refused(target, c, d):

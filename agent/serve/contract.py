@@ -18,12 +18,15 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import json
+import os
+import socket
 import ssl
 import stat
 from dataclasses import dataclass, replace
-from typing import Callable
+from typing import Any, Callable
 
 import asyncssh
 import structlog
@@ -100,10 +103,57 @@ async def slash_checked(gw: Gateway, client_path: str, path: str, *, creates_fil
 
 
 # A client gone without a word (power cut, pulled cable: no FIN or reset) is cut after DEAD_PEER_S of silence, over
-# FTP and SMB alike: TCP keepalive probes from KEEPALIVE_IDLE s on, every KEEPALIVE_INTERVAL s (a live client's kernel
-# answers them however long its PACS pauses), and a user timeout for an answer never acknowledged.
+# FTP, SFTP and SMB alike: TCP keepalive probes from KEEPALIVE_IDLE s on, every KEEPALIVE_INTERVAL s (a live client's
+# kernel answers them however long its PACS pauses), and a user timeout for an answer never acknowledged.
 DEAD_PEER_S = 30
 KEEPALIVE_IDLE, KEEPALIVE_INTERVAL = 10, 5
+
+
+def keep_alive(sock: socket.socket, user_timeout: bool = True) -> None:
+    """A connection's dead-peer options. The user timeout also cuts a live client whose kernel shows a zero window as
+    long: an FTP data connection goes without (a client reading a RETR slowly); over SSH a client only closes the
+    TCP window when its process stops reading at all (a slow application closes the channel's window)."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    for option, value in ((socket.TCP_KEEPIDLE, KEEPALIVE_IDLE), (socket.TCP_KEEPINTVL, KEEPALIVE_INTERVAL),
+                          (socket.TCP_KEEPCNT, (DEAD_PEER_S - KEEPALIVE_IDLE) // KEEPALIVE_INTERVAL),
+                          (socket.TCP_USER_TIMEOUT, DEAD_PEER_S * 1000 if user_timeout else 0)):
+        sock.setsockopt(socket.IPPROTO_TCP, option, value)
+
+
+# A listener out of descriptors (EMFILE, ENFILE): asyncio logged each failed accept, up to 100 a tick per listener
+# (30 000 lines in 10 s, each a "Logging error" traceback: the formatter could not open its codec either), and left the
+# client waiting in the backlog, unanswered, until descriptors came back. One descriptor is kept spare to accept such
+# a client and close it at once (refused, not hung); the burst is logged once per REFUSALS_EVERY.
+_spare: list[int] = []
+_exhausted = Every(REFUSALS_EVERY)
+
+
+def out_of_descriptors(where: str, error: BaseException | None) -> None:
+    if (since := _exhausted.due(where)) is not None:
+        log.warning("descriptors_exhausted", where=where, error=str(error), refused_since=since)
+
+
+def watch_descriptors(loop: asyncio.AbstractEventLoop) -> None:
+    _spare.append(os.open(os.devnull, os.O_RDONLY))
+    loop.set_exception_handler(_loop_error)
+
+
+def _loop_error(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+    if context.get("message") != "socket.accept() out of system resource" or "socket" not in context:
+        loop.default_exception_handler(context)
+        return
+    listener = socket.socket(fileno=context["socket"].fileno())  # not a dup: there is no descriptor for one
+    try:
+        out_of_descriptors(f"accept on {listener.getsockname()}", context.get("exception"))
+        if _spare:
+            os.close(_spare.pop())
+        listener.accept()[0].close()
+    except OSError:  # nobody waiting, or the spare was taken meanwhile
+        pass
+    finally:
+        listener.detach()
+        with contextlib.suppress(OSError):
+            _spare.append(os.open(os.devnull, os.O_RDONLY))
 
 
 # The most of a client's path a log event or an audit record keeps, JSON-escaped with ASCII escapes (the journal's,

@@ -45,7 +45,7 @@ from agent.auth import REFUSALS_EVERY, Every, LoginGuard, Passwords, kept, login
 from agent.config import Config, shown
 from agent.records import Entry
 from agent.serve import contract
-from agent.serve.contract import DEAD_PEER_S, KEEPALIVE_IDLE, KEEPALIVE_INTERVAL, answer, report, st_mode, tls_context
+from agent.serve.contract import answer, keep_alive, report, st_mode, tls_context
 from agent.serve.startups import Startup
 from agent.store.errors import Corrupt, GatewayError, IsADirectory
 from agent.store.gateway import Gateway, ReadHandle, WriteHandle
@@ -58,13 +58,9 @@ SEND_CHUNK = 4 * BLOCK  # a file leaves by sendfile(2) in chunks this large, eac
 RECV_BLOCK = 4 * BLOCK  # an upload is read from its socket in blocks of at most this much
 MIN_BLOCK = 4096  # and handed to the gateway in blocks of at least this much (DataConnection.receive)
 SOCKET_TIMEOUT = 120
-# A client gone without a word is cut after DEAD_PEER_S (contract.py), as over SMB: its upload held the name, its
-# staging file and its data connection for SOCKET_TIMEOUT, its session slot for the idle timeout (600 s). The control
-# connection also gets the user timeout (a reply never acknowledged, as a 426 sent after the peer went); a data
-# connection does not: it also cut a live client that read nothing (zero window) that long.
-KEEPALIVE = ((socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1), (socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, KEEPALIVE_IDLE),
-             (socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, KEEPALIVE_INTERVAL),
-             (socket.IPPROTO_TCP, socket.TCP_KEEPCNT, (DEAD_PEER_S - KEEPALIVE_IDLE) // KEEPALIVE_INTERVAL))
+# A client gone without a word is cut after DEAD_PEER_S (contract.keep_alive), as over SMB and SFTP: its upload held
+# the name, its staging file and its data connection for SOCKET_TIMEOUT, its session slot for the idle timeout (600 s).
+# The control connection also gets the user timeout (a reply never acknowledged, as a 426 sent after the peer went).
 REPLY_BUFFER = 64 * 1024  # replies a client left unread before its next command is read
 # A control connection's longest command line, its line end included (twice vsftpd's VSFTP_MAX_COMMAND_LINE): a path
 # is at most MAX_PATH_BYTES (1000), a user name 32. It was asyncio's 64 KiB: each refused path was logged and audited
@@ -410,7 +406,7 @@ class Passive:
             self._stop_listening()
             conn.setblocking(False)
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # as asyncio's transports
-            _keep_alive(conn)
+            keep_alive(conn, user_timeout=False)
             self.connected.set_result(DataConnection(conn, self.tls))
 
     def _give_up(self, e: Exception) -> None:
@@ -435,11 +431,6 @@ class Passive:
             self.connected.cancel()
         elif not self.connected.cancelled() and self.connected.exception() is None:
             self.connected.result().close(at_once=True)
-
-
-def _keep_alive(sock: socket.socket, *more: tuple[int, int, int]) -> None:
-    for level, option, value in (*KEEPALIVE, *more):
-        sock.setsockopt(level, option, value)
 
 
 _RNG = random.SystemRandom()
@@ -585,7 +576,7 @@ class FtpServer(aioftp.Server):
         # Urgent data (the Synch before ABOR, ftplib's whole ABOR line) stays in the command stream: else the kernel
         # takes its last byte out of it, and the line lost its end or its Telnet DM
         writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_OOBINLINE, 1)
-        _keep_alive(writer.get_extra_info("socket"), (socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, DEAD_PEER_S * 1000))
+        keep_alive(writer.get_extra_info("socket"))
         # aioftp's handlers (and AUTH TLS) use this stream; commands are read straight from `reader`
         stream = ThrottleStreamIO(reader, writer, throttles={
             "server_global": self.throttle, "server_per_connection": self.throttle_per_connection.clone()},
@@ -896,9 +887,14 @@ class FtpServer(aioftp.Server):
                             reason=reason, refused_since=since)
                 self.gateway.audit_event(Who(user, "ftp", peer), "data-connection", "", refusal(reason, since))
 
-        session.passive = Passive.open(
-            connection.server_host, self.passive_ports, session.address,
-            session.tls if session.prot_private else None, self.cfg.ftp.passive_timeout, refused)
+        try:
+            session.passive = Passive.open(
+                connection.server_host, self.passive_ports, session.address,
+                session.tls if session.prot_private else None, self.cfg.ftp.passive_timeout, refused)
+        except OSError as e:  # no descriptor for its socket: was a 451 "internal error" and a traceback each
+            contract.out_of_descriptors("ftp passive", e)
+            connection.response("425", "out of resources; try again")
+            return None
         if session.passive is None:
             # Counted each, told once a minute per user: a client pipelining PASV while the range was full wrote an
             # event per line, 3 500 a second

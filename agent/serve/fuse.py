@@ -28,7 +28,7 @@ import structlog
 
 from agent.audit import Who
 from agent.records import Entry
-from agent.serve.contract import answer, report, st_mode
+from agent.serve.contract import answer, out_of_descriptors, report, st_mode
 from agent.store.errors import BadPath, GatewayError, NotFound, PermissionDenied
 from agent.store.gateway import Gateway, ReadHandle, WriteHandle
 from agent.store.paths import MAX_PATH_BYTES, check_name, name_of, parent_of
@@ -60,7 +60,7 @@ class SmbPeers:
         self._known: dict[tuple[int, float], str] = {}
 
     def of(self, pid: int) -> str:
-        with contextlib.suppress(psutil.Error):
+        with contextlib.suppress(psutil.Error, OSError):  # OSError: no descriptor left to read /proc with
             proc = psutil.Process(pid)
             key = (pid, proc.create_time())  # a reused pid is another process
             if key not in self._known:
@@ -275,6 +275,11 @@ class GatewayFS(pyfuse3.Operations):
             if not isinstance(e, NotFound):  # smbd looks names up before it creates them: an answer, not an error
                 report(self.gw, PROTOCOL, who, e)
             raise pyfuse3.FUSEError(errno_for(e)) from None
+        except OSError as e:  # no descriptor left: raised on, it ended pyfuse3's loop, and every SMB request after it
+            if e.errno not in (errno.EMFILE, errno.ENFILE):  # (and the agent's stop) waited for ever
+                raise
+            out_of_descriptors("smb", e)
+            raise pyfuse3.FUSEError(e.errno) from None
 
     async def lookup(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         return self._counted(await self._attrs_of(self._child(parent_inode, name, ctx)))

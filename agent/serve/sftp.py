@@ -28,7 +28,7 @@ from agent.audit import Who
 from agent.auth import LoginGuard, Passwords, login_name, unmapped
 from agent.config import Config, SftpConfig
 from agent.records import Entry
-from agent.serve.contract import Idle, answer, login, refuse_session, report, shown, slash_checked, st_mode
+from agent.serve.contract import Idle, answer, keep_alive, login, refuse_session, report, shown, slash_checked, st_mode
 from agent.serve.startups import Startup
 from agent.store.errors import GatewayError, PermissionDenied
 from agent.store.gateway import Gateway, ReadHandle, WriteHandle
@@ -303,6 +303,9 @@ class _Auth(asyncssh.SSHServer):
 
     def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
         self.conn, self.address = conn, unmapped(conn.get_extra_info("peername")[0])
+        # TCP's dead-peer options, not asyncssh's keepalive (4 unanswered rounds of 30 s held a vanished client 120 s,
+        # and the first of them, sent at 30 s, turned the kernel's probes into retransmissions: 60 s)
+        keep_alive(conn.get_extra_info("socket"))
         _no_ignores(conn)
         self.transport = cast(asyncio.Transport, conn._transport)  # asyncssh exposes no other way to stop reading it
         conn.pause_writing, conn.resume_writing = self._pause, self._resume  # type: ignore[method-assign]
@@ -765,7 +768,7 @@ class SftpService:
             *self.cfg.sftp.listen, server_host_keys=[ensure_host_key(self.cfg.sftp.host_key)], allow_scp=False,
             server_factory=lambda: _Auth(self.passwords, self.cfg.sftp, self.gateway, self.logins, factory),
             agent_forwarding=False, x11_forwarding=False,
-            allow_pty=False, line_editor=False, login_timeout=self.cfg.sftp.login_timeout, keepalive_interval=30,
+            allow_pty=False, line_editor=False, login_timeout=self.cfg.sftp.login_timeout,
             acceptor=self._conns.add, reuse_port=reuse_port, max_pktsize=MAX_PKTSIZE)
 
     def stop_accepting(self) -> None:
