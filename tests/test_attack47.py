@@ -6,10 +6,12 @@ Each test reproduces one attack that worked and checks it no longer does. Real a
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ftplib
 import os
 import threading
 import time
+from typing import AsyncIterator
 
 import asyncssh
 import psutil
@@ -84,6 +86,19 @@ def test_an_sftp_client_gone_without_a_word_frees_its_unfinished_upload(agent_fa
         ("CT/big.dcm", len(big)), ("CT/paused.dcm", 2**20 + 1)]
 
 
+@contextlib.asynccontextmanager
+async def _descriptors_left(agent, spare: int) -> AsyncIterator[asyncssh.SFTPClient]:
+    """An SFTP session from 127.0.0.2 (its own per-address caps), then the agent's descriptor limit set to what it
+    holds and `spare` more (prlimit, hard and soft)."""
+    pid = agent.proc.pid
+    async with asyncssh.connect("127.0.0.1", agent.sftp_port, local_addr=("127.0.0.2", 0), username="pacs",
+                                password=PASSWORD, known_hosts=None, client_keys=None, agent_path=None) as conn:
+        sftp = await conn.start_sftp_client()
+        held = len(os.listdir(f"/proc/{pid}/fd")) + spare
+        run("prlimit", f"--pid={pid}", f"--nofile={held}:{held}")
+        yield sftp
+
+
 def test_a_client_holding_every_descriptor_leaves_the_others_a_refusal_and_a_quiet_log(agent_factory):
     """An SFTP client within its caps (one connection from 127.0.0.2, its handles under 64) opened files until the
     agent ran out of descriptors (a hard limit of 40 more than it held). asyncio then logged every failed accept of
@@ -97,11 +112,7 @@ def test_a_client_holding_every_descriptor_leaves_the_others_a_refusal_and_a_qui
     pid = agent.proc.pid
 
     async def scenario() -> None:
-        async with asyncssh.connect("127.0.0.1", agent.sftp_port, local_addr=("127.0.0.2", 0), username="pacs",
-                                    password=PASSWORD, known_hosts=None, client_keys=None, agent_path=None) as conn:
-            sftp = await conn.start_sftp_client()
-            held = len(os.listdir(f"/proc/{pid}/fd")) + 40
-            run("prlimit", f"--pid={pid}", f"--nofile={held}:{held}")
+        async with _descriptors_left(agent, 40) as sftp:
             with pytest.raises(asyncssh.SFTPFailure, match="Too many open files"):
                 for _ in range(64):
                     await sftp.open("CT/kept.dcm", "rb")
@@ -139,7 +150,7 @@ def test_an_smb_open_without_a_descriptor_is_refused_and_smb_serves_on(smb_agent
     lookup of the request's client address (psutil reading /proc). Now smbd is answered EMFILE
     (STATUS_TOO_MANY_OPENED_FILES), the address is left unknown, and SMB serves on once the holder lets go."""
     agent = smb_agent().start(timeout=180)
-    pid, smb = agent.proc.pid, Smb(agent)
+    smb = Smb(agent)
     smb.write("kept.dcm", b"k" * 1000)
     answers: list[object] = []
 
@@ -151,11 +162,7 @@ def test_an_smb_open_without_a_descriptor_is_refused_and_smb_serves_on(smb_agent
             answers.append(e)
 
     async def scenario() -> None:
-        async with asyncssh.connect("127.0.0.1", agent.sftp_port, local_addr=("127.0.0.2", 0), username="pacs",
-                                    password=PASSWORD, known_hosts=None, client_keys=None, agent_path=None) as conn:
-            sftp = await conn.start_sftp_client()
-            held = len(os.listdir(f"/proc/{pid}/fd")) + 20
-            run("prlimit", f"--pid={pid}", f"--nofile={held}:{held}")
+        async with _descriptors_left(agent, 20) as sftp:
             refused = 0
             while refused < 3:  # the agent's own brief opens free one now and then: taken too
                 try:
@@ -174,3 +181,29 @@ def test_an_smb_open_without_a_descriptor_is_refused_and_smb_serves_on(smb_agent
         assert smb.read("after.dcm") == b"a"
     finally:
         smb.close()
+
+
+async def test_every_smb_request_answers_an_unexpected_error_and_the_loop_lives():
+    """Any exception but FUSEError ends pyfuse3's request loop: SMB then hangs for good (the EMFILE of the test above
+    did). Every handler GatewayFS overrides is answered through one guard: an OSError with its errno, anything else
+    EIO, logged. A bug's exception cannot be made with the real gateway, so the handler here is a stand-in that raises
+    (the guard is what is tested)."""
+    import errno
+
+    import pyfuse3
+
+    from agent.serve.fuse import GatewayFS, _answered
+    overridden = [n for n in vars(pyfuse3.Operations) if callable(vars(GatewayFS).get(n)) and not n.startswith("_")]
+    assert {"lookup", "create", "open", "read", "write", "release", "readdir", "rename"} <= set(overridden)
+    assert all(hasattr(vars(GatewayFS)[n], "__wrapped__") for n in overridden), "a handler without the guard"
+
+    async def failing(exc: BaseException) -> None:
+        raise exc
+    for exc, code in ((RuntimeError("a bug"), errno.EIO), (OSError(errno.ENOSPC, "full"), errno.ENOSPC),
+                      (OSError(errno.EMFILE, "no descriptor"), errno.EMFILE)):
+        with pytest.raises(pyfuse3.FUSEError) as raised:
+            await _answered(failing)(exc)
+        assert raised.value.errno == code
+    with pytest.raises(pyfuse3.FUSEError) as raised:  # the handlers' own answers pass as they are
+        await _answered(failing)(pyfuse3.FUSEError(errno.ENOENT))
+    assert raised.value.errno == errno.ENOENT

@@ -14,19 +14,21 @@ import asyncio
 import collections
 import contextlib
 import errno
+import functools
 import itertools
 import os
 import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import AsyncIterator, Awaitable, NoReturn, Sequence, TypeVar
+from typing import Any, AsyncIterator, Awaitable, Callable, NoReturn, Sequence, TypeVar
 
 import psutil
 import pyfuse3
 import structlog
 
 from agent.audit import Who
+from agent.auth import REFUSALS_EVERY, Every
 from agent.records import Entry
 from agent.serve.contract import answer, out_of_descriptors, report, st_mode
 from agent.store.errors import BadPath, GatewayError, NotFound, PermissionDenied
@@ -275,11 +277,6 @@ class GatewayFS(pyfuse3.Operations):
             if not isinstance(e, NotFound):  # smbd looks names up before it creates them: an answer, not an error
                 report(self.gw, PROTOCOL, who, e)
             raise pyfuse3.FUSEError(errno_for(e)) from None
-        except OSError as e:  # no descriptor left: raised on, it ended pyfuse3's loop, and every SMB request after it
-            if e.errno not in (errno.EMFILE, errno.ENFILE):  # (and the agent's stop) waited for ever
-                raise
-            out_of_descriptors("smb", e)
-            raise pyfuse3.FUSEError(e.errno) from None
 
     async def lookup(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         return self._counted(await self._attrs_of(self._child(parent_inode, name, ctx)))
@@ -619,6 +616,32 @@ class GatewayFS(pyfuse3.Operations):
         pyfuse3.close(unmount=True)
         self._mounted = None
         log.info("fuse_unmounted", mountpoint=str(mountpoint))
+
+
+def _answered(handler: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+    """pyfuse3 ends its request loop on any exception but FUSEError, and every SMB request after it (and the agent's
+    stop) then waits for ever (an EMFILE did: attack47). An unexpected error is answered: its errno, else EIO."""
+    @functools.wraps(handler)
+    async def run(*args: Any) -> Any:
+        try:
+            return await handler(*args)
+        except pyfuse3.FUSEError:
+            raise
+        except Exception as e:
+            code = e.errno if isinstance(e, OSError) and e.errno else errno.EIO
+            if code in (errno.EMFILE, errno.ENFILE):
+                out_of_descriptors("smb", e)
+            elif (since := _unexpected.due(handler.__name__)) is not None:
+                log.error("smb_unexpected_error", op=handler.__name__, error=repr(e)[:200], errno=code,
+                          suppressed=since, exc_info=True)
+            raise pyfuse3.FUSEError(code) from None
+    return run
+
+
+_unexpected = Every(REFUSALS_EVERY)  # one event a minute per request kind: a bug a client can repeat fills no journal
+for _name in vars(pyfuse3.Operations):
+    if asyncio.iscoroutinefunction(_handler := vars(GatewayFS).get(_name)):
+        setattr(GatewayFS, _name, _answered(_handler))
 
 
 def _mount_entry(mountpoint: Path) -> str | None:
