@@ -24,7 +24,7 @@ sys.path.insert(0, str(ROOT))
 
 from agent.policy import adaptive, groups, learned, priors  # noqa: E402
 from agent.sim.replay import ReplayConfig, Replayer  # noqa: E402
-from agent.sim.report import GAP_EPS  # noqa: E402
+from agent.sim.report import gap_share  # noqa: E402
 from agent.sim.trace import load_arrays  # noqa: E402
 
 
@@ -100,11 +100,6 @@ def fates(rep: Replayer) -> Callable[[], tuple[dict[str, int], dict[str, list[in
                     v[1] += size * (name == "read")
         return out, kinds
     return split
-
-
-def _share(x: float, lru: float, best: float) -> float | None:
-    """The share of LRU's gap to the optimum closed; None where there is no gap (as agent.sim.report.gaps)."""
-    return (x - lru) / (best - lru) if best - lru > GAP_EPS else None
 
 
 def _shown(share: float | None) -> str:
@@ -216,7 +211,8 @@ def main() -> int:
             report = fates(rep) if args.fates else None
             res = rep.run()
             # a cell where LRU is already optimal (no gap, as trauma at 10 GB: round 36) adds nothing to the sums
-            go, gb = _share(res.hit_ratio, lru["hit_ratio"], bo), _share(res.byte_hit_ratio, lru["byte_hit_ratio"], bb)
+            go = gap_share(res.hit_ratio, lru["hit_ratio"], bo)
+            gb = gap_share(res.byte_hit_ratio, lru["byte_hit_ratio"], bb)
             total += (go or 0) + (gb or 0)
             worst += min(go or 0, gb or 0)
             pf = f"{res.prefetch_used_bytes / res.prefetch_bytes:.1%}" if res.prefetch_bytes else "–"

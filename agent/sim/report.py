@@ -41,11 +41,13 @@ def gaps(results: list[SchemeResult], refs: list) -> dict[str, tuple[float | Non
     if (lru := by.get("A") or ref.get("LRU")) is None or "Belady" not in ref:
         return None
     best_byte = max(f.byte_hit_ratio for k, f in ref.items() if k.startswith("Belady"))
+    return {r.scheme: (gap_share(r.hit_ratio, lru.hit_ratio, ref["Belady"].hit_ratio),
+                       gap_share(r.byte_hit_ratio, lru.byte_hit_ratio, best_byte)) for r in results}
 
-    def share(x: float, lo: float, hi: float) -> float | None:    # None: LRU is already optimal
-        return (x - lo) / (hi - lo) if hi - lo > GAP_EPS else None
-    return {r.scheme: (share(r.hit_ratio, lru.hit_ratio, ref["Belady"].hit_ratio),
-                       share(r.byte_hit_ratio, lru.byte_hit_ratio, best_byte)) for r in results}
+
+def gap_share(x: float, lru: float, best: float) -> float | None:
+    """The share of LRU's gap to the optimum that a hit ratio x closes; None: LRU is already optimal."""
+    return (x - lru) / (best - lru) if best - lru > GAP_EPS else None
 
 
 def memory_line(scheme: str, ta: TraceArrays, catalog: CatalogMemory | None) -> str:
