@@ -204,13 +204,13 @@ class Replayer:
         # a file the trace never writes was made before it began (cfg.archive_created), as the live catalog's mtime
         # says; its study's day (the day a new study was written into the directory, where a directory holds a
         # patient's studies) made a prior read on a miss look new, and the doorkeeper let it in as an ordinary study
+        written = ta.obj[ta.is_write]
         never = np.ones(n_obj, dtype=bool)
-        never[ta.obj[ta.is_write]] = False
+        never[written] = False
         self.created[:n_obj][never] = np.minimum(self.created[:n_obj][never], cfg.archive_created)
         # and a written file no earlier than the day it was written: an imported trace's directory "study" dates from
         # its first write, and a study written into it weeks later looked weeks old (docs/replay.md, round 36)
-        w = ta.obj[ta.is_write]
-        self.created[w] = np.maximum(self.created[w], ta.t[ta.is_write] // DAY * DAY)
+        self.created[written] = np.maximum(self.created[written], ta.t[ta.is_write] // DAY * DAY)
         self.directory = np.concatenate([ta.obj_dir, np.full(n_st, -1, dtype=np.int32)])
         self.n_obj = n_obj
         self.dir_files = np.bincount(ta.obj_dir, minlength=len(ta.dir_names))
