@@ -136,6 +136,39 @@ class _Dir:
     held: collections.deque[Row] = field(default_factory=lambda: collections.deque(maxlen=KEEP_BEHIND))
 
 
+_unexpected = Every(REFUSALS_EVERY)  # one event a minute per request kind: a bug a client can repeat fills no journal
+Ops = TypeVar("Ops", bound=pyfuse3.Operations)
+
+
+def _answered(handler: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+    """pyfuse3 ends its request loop on any exception but FUSEError, and every SMB request after it (and the agent's
+    stop) then waits for ever (an EMFILE did: attack47). An unexpected error is answered: its errno, else EIO."""
+    @functools.wraps(handler)
+    async def run(*args: Any) -> Any:
+        try:
+            return await handler(*args)
+        except pyfuse3.FUSEError:
+            raise
+        except Exception as e:
+            code = e.errno if isinstance(e, OSError) and e.errno else errno.EIO
+            if code in (errno.EMFILE, errno.ENFILE):
+                out_of_descriptors("smb", e)
+            elif (since := _unexpected.due(handler.__name__)) is not None:
+                log.error("smb_unexpected_error", op=handler.__name__, error=repr(e)[:200], errno=code,
+                          suppressed=since, exc_info=True)
+            raise pyfuse3.FUSEError(code) from None
+    return run
+
+
+def _answering(cls: type[Ops]) -> type[Ops]:
+    """Every request handler the class overrides, through `_answered`."""
+    for name in vars(pyfuse3.Operations):
+        if asyncio.iscoroutinefunction(handler := vars(cls).get(name)):
+            setattr(cls, name, _answered(handler))
+    return cls
+
+
+@_answering
 class GatewayFS(pyfuse3.Operations):
     """pyfuse3 operations over the gateway. All handlers run as tasks on the agent's loop."""
 
@@ -616,32 +649,6 @@ class GatewayFS(pyfuse3.Operations):
         pyfuse3.close(unmount=True)
         self._mounted = None
         log.info("fuse_unmounted", mountpoint=str(mountpoint))
-
-
-def _answered(handler: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
-    """pyfuse3 ends its request loop on any exception but FUSEError, and every SMB request after it (and the agent's
-    stop) then waits for ever (an EMFILE did: attack47). An unexpected error is answered: its errno, else EIO."""
-    @functools.wraps(handler)
-    async def run(*args: Any) -> Any:
-        try:
-            return await handler(*args)
-        except pyfuse3.FUSEError:
-            raise
-        except Exception as e:
-            code = e.errno if isinstance(e, OSError) and e.errno else errno.EIO
-            if code in (errno.EMFILE, errno.ENFILE):
-                out_of_descriptors("smb", e)
-            elif (since := _unexpected.due(handler.__name__)) is not None:
-                log.error("smb_unexpected_error", op=handler.__name__, error=repr(e)[:200], errno=code,
-                          suppressed=since, exc_info=True)
-            raise pyfuse3.FUSEError(code) from None
-    return run
-
-
-_unexpected = Every(REFUSALS_EVERY)  # one event a minute per request kind: a bug a client can repeat fills no journal
-for _name in vars(pyfuse3.Operations):
-    if asyncio.iscoroutinefunction(_handler := vars(GatewayFS).get(_name)):
-        setattr(GatewayFS, _name, _answered(_handler))
 
 
 def _mount_entry(mountpoint: Path) -> str | None:
