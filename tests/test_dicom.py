@@ -17,7 +17,7 @@ import pytest
 from pydicom.uid import generate_uid
 from smbutil import Smb
 
-from agent.dicom.header import HEADER_MAX, Header, parse, read_path
+from agent.dicom.header import HEADER_MAX, Header, parse, read_fd
 from agent.dicom.objectmeta import META_LIMIT, object_meta, pseudonym
 from agent.uplink import encoding
 from bench.dicomgen import ct_slice
@@ -30,6 +30,12 @@ PATIENT, NAME = "PAT-4711-SECRET", b"Test^PAT-4711-SECRET"
 def dicom(patient: str = PATIENT, modality: str = "CT", date: str = "20190315", rows: int = 64) -> bytes:
     return ct_slice(np.random.default_rng(7), patient=patient, study_uid=generate_uid(),
                     series_uid=generate_uid(), modality=modality, study_date=date, rows=rows, cols=rows)
+
+
+def read_path(path: str | os.PathLike) -> Header:
+    """The header of the file at path, as the agent reads a stored file's (read_fd)."""
+    with open(path, "rb", buffering=0) as f:
+        return read_fd(f.fileno(), os.fstat(f.fileno()).st_size)
 
 
 def truncated(data: bytes) -> bytes:

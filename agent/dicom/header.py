@@ -232,9 +232,3 @@ def read_fd(fd: int, size: int) -> Header:
         n = min(size, HEADER_MAX)
         h = parse(os.pread(fd, n, 0), whole=n == size)
     return h
-
-
-def read_path(path: str | os.PathLike) -> Header:
-    """The header of the file at path. Blocking; OSError (the file vanished) is raised, not 'not DICOM'."""
-    with open(path, "rb", buffering=0) as f:
-        return read_fd(f.fileno(), os.fstat(f.fileno()).st_size)

@@ -1014,8 +1014,7 @@ class FtpServer(aioftp.Server):
             task = connection.session.committing = asyncio.current_task()
             await handle.commit(functools.partial(_stored, connection, task))
 
-        return await self._transfer(connection, lambda: self._upload(connection, path, offset, append), receive,
-                                    None)
+        return await self._transfer(connection, lambda: self._upload(connection, path, offset, append), receive, None)
 
     on_appe = functools.partialmethod(on_stor, append=True)
 
@@ -1188,12 +1187,8 @@ class FtpServer(aioftp.Server):
 def _reply(code: str, lines: list[str], as_list: bool, encoding: str) -> bytes:
     """A reply as aioftp's write_response formats it: `code-` before each line but the last (a list: the lines
     between the first and the last start with a space), `code ` before the last."""
-    if as_list:
-        head, *body, tail = lines
-        text = [f"{code}-{head}", *(f" {line}" for line in body), f"{code} {tail}"]
-    else:
-        *body, tail = lines
-        text = [*(f"{code}-{line}" for line in body), f"{code} {tail}"]
+    *body, tail = lines
+    text = [f" {line}" if as_list and i else f"{code}-{line}" for i, line in enumerate(body)] + [f"{code} {tail}"]
     return "".join(line + END_OF_LINE for line in text).encode(encoding)
 
 
