@@ -1,0 +1,82 @@
+"""Attacks on a running agent (round 48): one client taking every descriptor while SMB serves, then a fresh probe.
+Each test reproduces one attack that worked and checks it no longer does. Real agent, real Samba, real SeaweedFS,
+real clients (asyncssh, smbprotocol)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import os
+import resource
+import socket
+import threading
+
+import asyncssh
+import pytest
+from smbutil import Smb
+from test_attack47 import _descriptors_left
+
+from faultkit import wait_for
+
+
+def test_the_smb_watches_out_of_descriptors_log_once_a_minute(smb_agent):
+    """Out of descriptors, the SMB login watch (Samba's authentication audit, polled every 0.25 s, and the bans it
+    renders) and the smbd memory watch (every 2 s) logged an error at each poll: 48 smb_login_watch_failed and 6
+    smbd_memory_watch_failed in 5 min of a client holding every descriptor, as many error lines in the journal. Each
+    is now the descriptors_exhausted event, once a minute per place, as for the listeners and the FUSE requests; the
+    failed SMB login made meanwhile is counted once the descriptors are back."""
+    agent = smb_agent().start(timeout=180)
+    Smb(agent).write("kept.dcm", b"k")
+
+    def wrong_login() -> None:
+        with contextlib.suppress(Exception):
+            Smb(agent, password="not-the-password").listdir()
+
+    async def scenario() -> None:
+        async with _descriptors_left(agent, 20) as sftp:
+            refused = 0
+            while refused < 3:  # the agent's own brief opens free one now and then: taken too
+                try:
+                    await sftp.open("kept.dcm", "rb")
+                except asyncssh.SFTPFailure:
+                    refused += 1
+            guesser = threading.Thread(target=wrong_login, daemon=True)
+            guesser.start()
+            await asyncio.to_thread(guesser.join, 30)
+            await asyncio.sleep(6)  # three memory polls, two dozen login polls
+
+    asyncio.run(scenario())
+    wait_for(lambda: agent.events("login_failed"), 20, what="the failed SMB login counted")
+    assert agent.events("smb_login_watch_failed") == agent.events("smbd_memory_watch_failed") == []
+    places = [e["where"] for e in agent.events("descriptors_exhausted")]
+    assert places.count("smbd_memory_watch_failed") == places.count("smb_login_watch_failed") == 1, places
+    assert agent.proc.poll() is None
+
+
+def test_smb_connections_are_not_counted_as_none_out_of_descriptors():
+    """The SMB per-address cap counts each address's connections in /proc/net/tcp every 0.25 s, and denies one that
+    holds the cap in smb.conf. Out of descriptors the table could not be opened, and that was taken for no connection
+    at all: the next poll lifted the denial while the address still held every connection. It raises now (the poll
+    fails, the denial stays). The process's own descriptor limit, lowered for a moment, is the fault."""
+    from agent.serve.smb import connections_by_address
+    listener = socket.create_server(("127.0.0.1", 0))
+    client = socket.create_connection(listener.getsockname())
+    served = listener.accept()[0]
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    held: list[int] = []
+    try:
+        assert connections_by_address(listener.getsockname()[1]) == {"127.0.0.1": 1}
+        resource.setrlimit(resource.RLIMIT_NOFILE, (served.fileno() + 1, hard))
+        with contextlib.suppress(OSError):
+            for _ in range(served.fileno() + 1):  # the free descriptors below the limit, taken
+                held.append(os.open(os.devnull, os.O_RDONLY))
+        with pytest.raises(OSError) as raised:
+            connections_by_address(listener.getsockname()[1])
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        for fd in held:
+            os.close(fd)
+        for s in (served, client, listener):
+            s.close()
+    assert raised.value.errno == errno.EMFILE
