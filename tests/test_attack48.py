@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import ftplib
 import os
 import resource
 import socket
@@ -17,7 +18,8 @@ import pytest
 from smbutil import Smb
 from test_attack47 import _descriptors_left
 
-from faultkit import wait_for
+from faultkit import ftp_login, ftp_put, wait_for
+from harness import PASSWORD
 
 
 def test_the_smb_watches_out_of_descriptors_log_once_a_minute(smb_agent):
@@ -80,3 +82,42 @@ def test_smb_connections_are_not_counted_as_none_out_of_descriptors():
         for s in (served, client, listener):
             s.close()
     assert raised.value.errno == errno.EMFILE
+
+
+def test_logins_out_of_descriptors_do_not_free_the_slots_of_live_sessions(agent_factory):
+    """At a session cap the login guard frees the slots of serving processes that are gone (killed unreleased), by
+    reading /proc/<pid>/stat. Out of descriptors that read failed, and a failure was taken for "gone": the slots of
+    every live session of the user, this process's own included, were deleted and the login let in. A client holding
+    the descriptors (attack47's SFTP session from 127.0.0.2) logged FTP control connections it had opened before in
+    one after another, over ftp.max_sessions_per_user, and the cap stayed lifted by as many afterwards. A process
+    that cannot be looked up now keeps its slots: the logins over the cap are refused, 421."""
+    agent = agent_factory(**{"ftp.max_sessions_per_user": 2}).start()
+    held = [ftp_login(agent) for _ in range(2)]
+    waiting = [ftplib.FTP() for _ in range(2)]
+    for ftp in waiting:
+        ftp.connect("127.0.0.1", agent.ftp_port, timeout=30)
+        ftp.sendcmd("USER pacs")
+    answers: list[str] = []
+
+    async def scenario() -> None:
+        async with _descriptors_left(agent, 20) as sftp:
+            refused = 0
+            while refused < 3:  # the agent's own brief opens free one now and then: taken too
+                try:
+                    await sftp.open("kept.dcm", "rb")
+                except asyncssh.SFTPFailure:
+                    refused += 1
+            for ftp in waiting:
+                try:
+                    answers.append(await asyncio.to_thread(ftp.sendcmd, f"PASS {PASSWORD}"))
+                except ftplib.Error as e:
+                    answers.append(str(e))
+
+    ftp_put(held[0], "kept.dcm", b"k")
+    asyncio.run(scenario())
+    assert [a[:3] for a in answers] == ["421", "421"], answers
+    assert agent.events("session_slots_freed") == []
+    for ftp in held:  # the cap holds after: the two live sessions still count
+        ftp.voidcmd("NOOP")
+    with pytest.raises(ftplib.error_temp, match="421"):
+        ftp_login(agent)
