@@ -14,11 +14,14 @@ import socket
 import threading
 
 import asyncssh
+import numpy as np
 import pytest
+from pydicom.uid import generate_uid
 from smbutil import Smb
 from test_attack47 import _descriptors_left
 
-from faultkit import ftp_login, ftp_put, wait_for
+from bench.dicomgen import ct_slice
+from faultkit import ftp_get, ftp_login, ftp_put, wait_for
 from harness import PASSWORD
 
 
@@ -121,3 +124,41 @@ def test_logins_out_of_descriptors_do_not_free_the_slots_of_live_sessions(agent_
         ftp.voidcmd("NOOP")
     with pytest.raises(ftplib.error_temp, match="421"):
         ftp_login(agent)
+
+
+def test_a_retained_file_is_not_released_on_a_copy_that_could_not_be_read(agent_factory, private_seaweed):
+    """WORM: a file not in object storage yet is judged by its cached copy's DICOM header (a rule keeps MG for ten
+    years). Out of descriptors that copy could not be opened, which was taken for "evicted meanwhile": no header, the
+    path rules alone (which keep nothing here), and the delete went through, the mammogram gone before its upload.
+    The copy that cannot be read now is no answer: the delete is refused as unavailable (FTP 451), the file kept."""
+    private_seaweed.create_bucket("locked-a48", object_lock=True)
+    agent = agent_factory(private_seaweed, **{"uplink.bucket": "locked-a48", "compliance.worm": True,
+                                              "compliance.retention_days": 0,
+                                              "compliance.rules": [{"modality": ["MG"], "retention_days": 3653}]})
+    agent.start()
+    private_seaweed.stop()  # not uploaded: its cached header is what says it is retained
+    ftp = ftp_login(agent)
+    mammogram = ct_slice(np.random.default_rng(1), patient="P", modality="MG", rows=16, cols=16,
+                         study_uid=generate_uid(), series_uid=generate_uid())
+    ftp_put(ftp, "MG.dcm", mammogram)
+    ftp_put(ftp, "kept.dcm", b"k")
+    answers: list[str] = []
+
+    async def scenario() -> None:
+        async with _descriptors_left(agent, 20) as sftp:
+            refused = 0
+            while refused < 3:  # the agent's own brief opens free one now and then: taken too
+                try:
+                    await sftp.open("kept.dcm", "rb")
+                except asyncssh.SFTPFailure:
+                    refused += 1
+            try:
+                answers.append(await asyncio.to_thread(ftp.sendcmd, "DELE MG.dcm"))
+            except ftplib.Error as e:
+                answers.append(str(e))
+
+    asyncio.run(scenario())
+    assert answers[0].startswith("451"), answers
+    assert ftp_get(ftp, "MG.dcm") == mammogram
+    with pytest.raises(ftplib.error_perm, match="550 WORM"):
+        ftp.delete("MG.dcm")
