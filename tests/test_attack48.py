@@ -12,6 +12,7 @@ import os
 import resource
 import socket
 import threading
+import time
 
 import asyncssh
 import numpy as np
@@ -20,6 +21,7 @@ from pydicom.uid import generate_uid
 from smbutil import Smb
 from test_attack47 import _descriptors_left
 
+from agent.hahook import notify
 from bench.dicomgen import ct_slice
 from faultkit import ftp_get, ftp_login, ftp_put, wait_for
 from harness import PASSWORD
@@ -162,3 +164,33 @@ def test_a_retained_file_is_not_released_on_a_copy_that_could_not_be_read(agent_
     assert ftp_get(ftp, "MG.dcm") == mammogram
     with pytest.raises(ftplib.error_perm, match="550 WORM"):
         ftp.delete("MG.dcm")
+
+
+def test_the_active_box_out_of_descriptors_stays_active(agent_factory, tmp_path):
+    """keepalived's notify hook writes this box's state to the role file, read every 0.2 s. Out of descriptors the
+    read failed and that was taken for no state at all: the active box became the standby (every store refused,
+    ha_standby logged and audited), then took over again once a descriptor was free, each time counted as a
+    take-over and every directory forgotten to be listed again from the bucket. A file that cannot be read now is
+    no news: the role stays."""
+    role = tmp_path / "ha-role"
+    assert notify(str(role), "MASTER") == 0
+    agent = agent_factory(**{"ha.enabled": True, "ha.role_file": str(role)}).start()
+    ftp = ftp_login(agent)
+    ftp_put(ftp, "kept.dcm", b"k")
+
+    async def scenario() -> None:
+        async with _descriptors_left(agent, 20) as sftp:
+            refused = 0
+            while refused < 3:  # the agent's own brief opens free one now and then: taken too
+                try:
+                    await sftp.open("kept.dcm", "rb")
+                except asyncssh.SFTPFailure:
+                    refused += 1
+            await asyncio.sleep(2)  # ten reads of the role file
+
+    asyncio.run(scenario())
+    time.sleep(1)
+    assert agent.events("ha_standby") == []
+    ha = agent.health()["ha"]
+    assert (ha["role"], ha["takeovers"]) == ("active", 1), ha
+    ftp_put(ftp, "after.dcm", b"a")
