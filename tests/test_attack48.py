@@ -1,6 +1,8 @@
-"""Attacks on a running agent (round 48): one client taking every descriptor while SMB serves, then a fresh probe.
+"""Attacks on a running agent (round 48): a client holding every descriptor (attack47's), and what the agent then
+took a failed read for: the SMB watches' errors at every poll, no connection from an address over its SMB cap, the
+login guard's live session slots gone, a WORM-retained file without its header, an active HA box without a role.
 Each test reproduces one attack that worked and checks it no longer does. Real agent, real Samba, real SeaweedFS,
-real clients (asyncssh, smbprotocol)."""
+real clients (asyncssh, ftplib, smbprotocol)."""
 
 from __future__ import annotations
 
@@ -14,12 +16,11 @@ import socket
 import threading
 import time
 
-import asyncssh
 import numpy as np
 import pytest
 from pydicom.uid import generate_uid
 from smbutil import Smb
-from test_attack47 import _descriptors_left
+from test_attack47 import _descriptors_taken
 
 from agent.hahook import notify
 from bench.dicomgen import ct_slice
@@ -41,13 +42,7 @@ def test_the_smb_watches_out_of_descriptors_log_once_a_minute(smb_agent):
             Smb(agent, password="not-the-password").listdir()
 
     async def scenario() -> None:
-        async with _descriptors_left(agent, 20) as sftp:
-            refused = 0
-            while refused < 3:  # the agent's own brief opens free one now and then: taken too
-                try:
-                    await sftp.open("kept.dcm", "rb")
-                except asyncssh.SFTPFailure:
-                    refused += 1
+        async with _descriptors_taken(agent):
             guesser = threading.Thread(target=wrong_login, daemon=True)
             guesser.start()
             await asyncio.to_thread(guesser.join, 30)
@@ -105,13 +100,7 @@ def test_logins_out_of_descriptors_do_not_free_the_slots_of_live_sessions(agent_
     answers: list[str] = []
 
     async def scenario() -> None:
-        async with _descriptors_left(agent, 20) as sftp:
-            refused = 0
-            while refused < 3:  # the agent's own brief opens free one now and then: taken too
-                try:
-                    await sftp.open("kept.dcm", "rb")
-                except asyncssh.SFTPFailure:
-                    refused += 1
+        async with _descriptors_taken(agent):
             for ftp in waiting:
                 try:
                     answers.append(await asyncio.to_thread(ftp.sendcmd, f"PASS {PASSWORD}"))
@@ -147,13 +136,7 @@ def test_a_retained_file_is_not_released_on_a_copy_that_could_not_be_read(agent_
     answers: list[str] = []
 
     async def scenario() -> None:
-        async with _descriptors_left(agent, 20) as sftp:
-            refused = 0
-            while refused < 3:  # the agent's own brief opens free one now and then: taken too
-                try:
-                    await sftp.open("kept.dcm", "rb")
-                except asyncssh.SFTPFailure:
-                    refused += 1
+        async with _descriptors_taken(agent):
             try:
                 answers.append(await asyncio.to_thread(ftp.sendcmd, "DELE MG.dcm"))
             except ftplib.Error as e:
@@ -179,13 +162,7 @@ def test_the_active_box_out_of_descriptors_stays_active(agent_factory, tmp_path)
     ftp_put(ftp, "kept.dcm", b"k")
 
     async def scenario() -> None:
-        async with _descriptors_left(agent, 20) as sftp:
-            refused = 0
-            while refused < 3:  # the agent's own brief opens free one now and then: taken too
-                try:
-                    await sftp.open("kept.dcm", "rb")
-                except asyncssh.SFTPFailure:
-                    refused += 1
+        async with _descriptors_taken(agent):
             await asyncio.sleep(2)  # ten reads of the role file
 
     asyncio.run(scenario())
