@@ -161,7 +161,8 @@ def test_an_smb_open_without_a_descriptor_is_refused_and_smb_serves_on(smb_agent
     pyfuse3's loop. That request and every SMB request after it waited for ever
     (smbd in request_wait_answer), after the descriptors came back too, and the agent's stop with them; so did the
     lookup of the request's client address (psutil reading /proc). Now smbd is answered EMFILE
-    (STATUS_TOO_MANY_OPENED_FILES), the address is left unknown, and SMB serves on once the holder lets go."""
+    (STATUS_TOO_MANY_OPENED_FILES), for a lookup of the address too (attack48), and SMB serves on once the holder lets
+    go."""
     agent = smb_agent().start(timeout=180)
     smb = Smb(agent)
     smb.write("kept.dcm", b"k" * 1000)

@@ -19,8 +19,18 @@ import time
 import numpy as np
 import pytest
 from pydicom.uid import generate_uid
+from smbprotocol.exceptions import SMBResponseException
+from smbprotocol.open import (
+    CreateDisposition,
+    CreateOptions,
+    FilePipePrinterAccessMask,
+    ImpersonationLevel,
+    Open,
+    ShareAccess,
+)
 from smbutil import Smb
 from test_attack47 import _descriptors_taken
+from test_smb_hostile import logged_in_tree
 
 from agent.hahook import notify
 from bench.dicomgen import ct_slice
@@ -171,3 +181,36 @@ def test_the_active_box_out_of_descriptors_stays_active(agent_factory, tmp_path)
     ha = agent.health()["ha"]
     assert (ha["role"], ha["takeovers"]) == ("active", 1), ha
     ftp_put(ftp, "after.dcm", b"a")
+
+
+def test_an_smb_file_opened_out_of_descriptors_is_not_stored_whole_when_its_client_is_cut(smb_agent):
+    """An SMB close is the client's only while its smbd still has the client's connection and acts as its user: one
+    smbd makes itself, for a client cut mid-upload, discards the upload (attack23, 35, 45). Both checks need the
+    request's client address, looked up in /proc at each request; out of descriptors the lookup failed and the address
+    was left unknown, which skips the checks. A stored file opened for writing then, written to once descriptors were
+    back and cut off with its client, was stored with the cut write in it as a complete version. A request whose
+    client cannot be looked up is refused now (STATUS_TOO_MANY_OPENED_FILES), and the file stays as it was."""
+    agent = smb_agent().start(timeout=180)
+    smb = Smb(agent)
+    smb.write("kept.dcm", b"k")
+    smb.write("x.dcm", b"a" * 4096)
+    conn, tree = logged_in_tree(agent, smb)
+    opened: list[Open] = []
+
+    async def scenario() -> None:
+        async with _descriptors_taken(agent):
+            f = Open(tree, "x.dcm")
+            with contextlib.suppress(SMBResponseException):
+                await asyncio.to_thread(f.create, ImpersonationLevel.Impersonation,
+                                        FilePipePrinterAccessMask.GENERIC_WRITE, 0x80, ShareAccess.FILE_SHARE_READ,
+                                        CreateDisposition.FILE_OPEN, CreateOptions.FILE_NON_DIRECTORY_FILE)
+                opened.append(f)
+
+    asyncio.run(scenario())
+    if opened:  # main: opened with its client unknown; written once descriptors are back
+        opened[0].write(b"b" * 100, 0)
+    conn.transport.close()  # no CLOSE: the connection is gone
+    time.sleep(3)
+    assert smb.read("x.dcm") == b"a" * 4096
+    assert not opened, "opened with no client known"
+    smb.close()
