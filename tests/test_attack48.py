@@ -20,15 +20,8 @@ import numpy as np
 import pytest
 from pydicom.uid import generate_uid
 from smbprotocol.exceptions import SMBResponseException
-from smbprotocol.open import (
-    CreateDisposition,
-    CreateOptions,
-    FilePipePrinterAccessMask,
-    ImpersonationLevel,
-    Open,
-    ShareAccess,
-)
-from smbutil import Smb
+from smbprotocol.open import CreateDisposition
+from smbutil import Smb, create_for_write
 from test_attack47 import _descriptors_taken
 from test_smb_hostile import logged_in_tree
 
@@ -195,16 +188,12 @@ def test_an_smb_file_opened_out_of_descriptors_is_not_stored_whole_when_its_clie
     smb.write("kept.dcm", b"k")
     smb.write("x.dcm", b"a" * 4096)
     conn, tree = logged_in_tree(agent, smb)
-    opened: list[Open] = []
+    opened: list = []
 
     async def scenario() -> None:
         async with _descriptors_taken(agent):
-            f = Open(tree, "x.dcm")
             with contextlib.suppress(SMBResponseException):
-                await asyncio.to_thread(f.create, ImpersonationLevel.Impersonation,
-                                        FilePipePrinterAccessMask.GENERIC_WRITE, 0x80, ShareAccess.FILE_SHARE_READ,
-                                        CreateDisposition.FILE_OPEN, CreateOptions.FILE_NON_DIRECTORY_FILE)
-                opened.append(f)
+                opened.append(await asyncio.to_thread(create_for_write, tree, "x.dcm", CreateDisposition.FILE_OPEN))
 
     asyncio.run(scenario())
     if opened:  # main: opened with its client unknown; written once descriptors are back
