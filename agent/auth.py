@@ -357,9 +357,10 @@ class LoginGuard:
             return False
         for pid, started in self.db.execute("SELECT DISTINCT pid, started FROM sessions WHERE scope = ? AND key = ?",
                                             (scope, key)).fetchall():
-            if _process_identity(pid) != (pid, started):
-                self.db.execute("DELETE FROM sessions WHERE pid = ? AND started = ?", (pid, started))
-                log.warning("session_slots_freed", scope=scope, key=key, pid=pid, reason="process gone")
+            with contextlib.suppress(OSError):  # not known gone (out of descriptors, attack48): its slots count
+                if _process_identity(pid) != (pid, started):
+                    self.db.execute("DELETE FROM sessions WHERE pid = ? AND started = ?", (pid, started))
+                    log.warning("session_slots_freed", scope=scope, key=key, pid=pid, reason="process gone")
         return bool(self.db.execute(count, (scope, key)).fetchone()[0] >= cap)
 
     def _slot(self, scope: str, key: str) -> int:
@@ -398,9 +399,10 @@ except OSError:
 
 
 def _process_identity(pid: int) -> tuple[int, int]:
-    """(pid, its start time since boot): a reused pid names another process; (pid, -1) when none runs (or a zombie)."""
+    """(pid, its start time since boot): a reused pid names another process; (pid, -1) when none runs (or a zombie).
+    OSError when /proc cannot tell (out of descriptors: that was taken for no process, and live slots were freed)."""
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()  # from field 3, the state
-    except OSError:
+    except (FileNotFoundError, ProcessLookupError):  # ESRCH: it ended while read
         return pid, -1
     return pid, -1 if fields[0] in ("Z", "X") else int(fields[19])  # field 22: the start time

@@ -42,13 +42,16 @@ STANDBY_REFUSAL = "this is the standby box of an HA pair: store to the pair's fl
 SYSTEM = Who(user="keepalived", protocol="ha")
 
 
-def read_role_file(path: Path, boot_time: float) -> str:
-    """keepalived's last state for this box; UNKNOWN without a role file of this boot: a stale MASTER is none."""
+def read_role_file(path: Path, boot_time: float) -> str | None:
+    """keepalived's last state for this box; UNKNOWN without a role file of this boot: a stale MASTER is none. None
+    when the file cannot be read now (out of descriptors: taken for none, the active box turned standby, attack48)."""
     try:
         st = path.stat()
         data = json.loads(path.read_text())
-    except (OSError, ValueError):
+    except (FileNotFoundError, ValueError):
         return "UNKNOWN"
+    except OSError:
+        return None
     if st.st_mtime < boot_time or not isinstance(data, dict) or data.get("state") not in STATES:
         return "UNKNOWN"
     return str(data["state"])
@@ -121,7 +124,8 @@ class HaMonitor:
             self.loops.start("ha-peer", self._watch_peer)
 
     async def _read_role(self) -> None:
-        self._apply(await asyncio.to_thread(read_role_file, Path(self.cfg.role_file), self._boot))
+        if (state := await asyncio.to_thread(read_role_file, Path(self.cfg.role_file), self._boot)) is not None:
+            self._apply(state)
 
     def _apply(self, keepalived_state: str) -> None:
         role = "active" if keepalived_state == "MASTER" else "standby"

@@ -121,11 +121,11 @@ def cleanup_smb(agent) -> None:
         time.sleep(0.1)
 
 
-def create_for_write(tree, name: str):
-    """CREATE `name` for writing (overwrite if it exists) in a connected smbprotocol tree → the open file."""
+def create_for_write(tree, name: str, disposition: int = CreateDisposition.FILE_OVERWRITE_IF):
+    """CREATE `name` for writing (by default overwriting it if it exists) in a connected smbprotocol tree → the file."""
     f = Open(tree, name)
     f.create(ImpersonationLevel.Impersonation, FilePipePrinterAccessMask.GENERIC_WRITE, 0x80,
-             ShareAccess.FILE_SHARE_READ, CreateDisposition.FILE_OVERWRITE_IF, CreateOptions.FILE_NON_DIRECTORY_FILE)
+             ShareAccess.FILE_SHARE_READ, disposition, CreateOptions.FILE_NON_DIRECTORY_FILE)
     return f
 
 

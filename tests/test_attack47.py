@@ -99,6 +99,19 @@ async def _descriptors_left(agent, spare: int) -> AsyncIterator[asyncssh.SFTPCli
         yield sftp
 
 
+@contextlib.asynccontextmanager
+async def _descriptors_taken(agent) -> AsyncIterator[None]:
+    """_descriptors_left(agent, 20), then the rest taken: kept.dcm opened over SFTP until three opens are refused."""
+    async with _descriptors_left(agent, 20) as sftp:
+        refused = 0
+        while refused < 3:  # the agent's own brief opens free one now and then: taken too
+            try:
+                await sftp.open("kept.dcm", "rb")
+            except asyncssh.SFTPFailure:
+                refused += 1
+        yield
+
+
 def test_a_client_holding_every_descriptor_leaves_the_others_a_refusal_and_a_quiet_log(agent_factory):
     """An SFTP client within its caps (one connection from 127.0.0.2, its handles under 64) opened files until the
     agent ran out of descriptors (a hard limit of 40 more than it held). asyncio then logged every failed accept of
@@ -148,7 +161,8 @@ def test_an_smb_open_without_a_descriptor_is_refused_and_smb_serves_on(smb_agent
     pyfuse3's loop. That request and every SMB request after it waited for ever
     (smbd in request_wait_answer), after the descriptors came back too, and the agent's stop with them; so did the
     lookup of the request's client address (psutil reading /proc). Now smbd is answered EMFILE
-    (STATUS_TOO_MANY_OPENED_FILES), the address is left unknown, and SMB serves on once the holder lets go."""
+    (STATUS_TOO_MANY_OPENED_FILES), for a lookup of the address too (attack48), and SMB serves on once the holder lets
+    go."""
     agent = smb_agent().start(timeout=180)
     smb = Smb(agent)
     smb.write("kept.dcm", b"k" * 1000)
@@ -162,13 +176,7 @@ def test_an_smb_open_without_a_descriptor_is_refused_and_smb_serves_on(smb_agent
             answers.append(e)
 
     async def scenario() -> None:
-        async with _descriptors_left(agent, 20) as sftp:
-            refused = 0
-            while refused < 3:  # the agent's own brief opens free one now and then: taken too
-                try:
-                    await sftp.open("kept.dcm", "rb")
-                except asyncssh.SFTPFailure:
-                    refused += 1
+        async with _descriptors_taken(agent):
             writer = threading.Thread(target=create, daemon=True)
             writer.start()
             await asyncio.to_thread(writer.join, 30)

@@ -175,8 +175,11 @@ class RetentionGuard:
         refuse_if_retained(e.path, self.retention.path_lock(e.path, e.mtime), now)
         if not self.retention.rules or not self.retention.cfg.worm:
             return
-        header = None if e.blob is None else await asyncio.to_thread(  # the cached copy's (None: evicted meanwhile)
-            self.cache.read_blob, e.blob, lambda fd: read_fd(fd, e.size))
+        try:
+            header = None if e.blob is None else await asyncio.to_thread(  # the cached copy's (None: evicted meanwhile)
+                self.cache.read_blob, e.blob, lambda fd: read_fd(fd, e.size))
+        except OSError as exc:  # out of descriptors: the header cannot be known now, and no guess releases a file
+            raise Unavailable(e.path, f"the file's retention cannot be checked now: {exc.strerror}") from exc
         if header is not None or e.state != "clean":  # not in S3 yet: its header decides its upload's lock
             refuse_if_retained(e.path, self.retention.lock_for(e.path, e.mtime, header), now)
             return

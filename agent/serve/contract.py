@@ -125,12 +125,22 @@ def keep_alive(sock: socket.socket, user_timeout: bool = True) -> None:
 # client waiting in the backlog, unanswered, until descriptors came back. One descriptor is kept spare to accept such
 # a client and close it at once (refused, not hung); the burst is logged once per REFUSALS_EVERY.
 _spare: list[int] = []
-_exhausted = Every(REFUSALS_EVERY)
+_exhausted, _watch_failures = Every(REFUSALS_EVERY), Every(REFUSALS_EVERY)
+OUT_OF_DESCRIPTORS = (errno.EMFILE, errno.ENFILE)
 
 
 def out_of_descriptors(where: str, error: BaseException | None) -> None:
     if (since := _exhausted.due(where)) is not None:
         log.warning("descriptors_exhausted", where=where, error=str(error), refused_since=since)
+
+
+def watch_failed(event: str, error: Exception) -> None:
+    """A background watch's failed round (SMB's login and memory watches, every 0.25 s and 2 s): a cause that stays
+    (a client holding every descriptor, a full disk) failed each round, and each was an error in the journal."""
+    if isinstance(error, OSError) and error.errno in OUT_OF_DESCRIPTORS:
+        out_of_descriptors(event, error)
+    elif (since := _watch_failures.due((event, type(error)))) is not None:
+        log.error(event, error=f"{type(error).__name__}: {error}"[:300], suppressed=since)
 
 
 def watch_descriptors(loop: asyncio.AbstractEventLoop) -> None:

@@ -30,7 +30,7 @@ import structlog
 from agent.audit import Who
 from agent.auth import REFUSALS_EVERY, Every
 from agent.records import Entry
-from agent.serve.contract import answer, out_of_descriptors, report, st_mode
+from agent.serve.contract import OUT_OF_DESCRIPTORS, answer, out_of_descriptors, report, st_mode
 from agent.store.errors import BadPath, GatewayError, NotFound, PermissionDenied
 from agent.store.gateway import Gateway, ReadHandle, WriteHandle
 from agent.store.paths import MAX_PATH_BYTES, check_name, name_of, parent_of
@@ -62,7 +62,9 @@ class SmbPeers:
         self._known: dict[tuple[int, float], str] = {}
 
     def of(self, pid: int) -> str:
-        with contextlib.suppress(psutil.Error, OSError):  # OSError: no descriptor left to read /proc with
+        """Raises OSError when /proc cannot be read (out of descriptors): an unknown address skips _cut_short's checks,
+        and a cut client's upload opened then was stored whole (attack48). The request is answered EMFILE."""
+        with contextlib.suppress(psutil.Error):
             proc = psutil.Process(pid)
             key = (pid, proc.create_time())  # a reused pid is another process
             if key not in self._known:
@@ -151,7 +153,7 @@ def _answered(handler: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable
             raise
         except Exception as e:
             code = e.errno if isinstance(e, OSError) and e.errno else errno.EIO
-            if code in (errno.EMFILE, errno.ENFILE):
+            if code in OUT_OF_DESCRIPTORS:
                 out_of_descriptors("smb", e)
             elif (since := _unexpected.due(handler.__name__)) is not None:
                 log.error("smb_unexpected_error", op=handler.__name__, error=repr(e)[:200], errno=code,

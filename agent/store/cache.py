@@ -220,10 +220,11 @@ class Cache:
         return os.open(self.blob_file(blob), os.O_RDONLY)
 
     def read_blob(self, blob: str, read: Callable[[int], T]) -> T | None:
-        """read(fd) of blob's cached copy; None when there is none (evicted meanwhile). Blocking."""
+        """read(fd) of blob's cached copy; None when there is none (evicted meanwhile). Blocking. A copy that cannot be
+        opened now raises: taken for none (out of descriptors, attack48), a WORM check went on without its header."""
         try:
             fd = self.open_blob(blob)
-        except OSError:
+        except FileNotFoundError:
             return None
         try:
             return read(fd)
