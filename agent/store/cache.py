@@ -12,7 +12,7 @@ DIR/staging/<id>, renamed into data/ at the commit.
 Integrity: the catalog's SHA-256 is what S3 checks; hashing a whole copy with it before every read would
 put ~2 ms per MiB before the first byte. So a committed copy carries a stamp in an extended attribute:
 a fast digest (xxh3-128, ~20x SHA-256's speed here) and the size, mtime_ns and inode it had when it was
-verified. Opening checks the stamp against fstat (cheap); the reader checks the digest before and while sending
+verified. Opening checks the stamp against fstat (cheap); the reader checks the digest while sending
 (agent.store.gateway). A copy without a valid stamp is verified with SHA-256 first and stamped again.
 """
 
@@ -68,8 +68,8 @@ class Stamp:
 
 @dataclass(frozen=True)
 class Opened:
-    """A cached copy opened for reading: `digest` is the stamp's, for the reader to check, or None when the
-    whole copy was already verified at open (SHA-256)."""
+    """A cached copy opened for reading: `digest` is the stamp's, to be checked while sending, or None
+    when the whole copy was already verified at open."""
 
     fd: int
     digest: str | None
@@ -104,8 +104,8 @@ class Cache:
                     Path(self.blob_file(blob)).unlink(missing_ok=True)
                 os.unlink(f"{self._spare_dir}/{blob}")
         self.staging.mkdir(parents=True, exist_ok=True)
-        # hash_cached reads into this one buffer: it runs on the event loop only, and a fresh 512 KiB buffer per
-        # read cost ~30 µs of page faults
+        # open_checked(nowait=True) reads into this one buffer: it runs on the event loop only, and a fresh
+        # 512 KiB buffer per read cost ~30 µs of page faults
         self._nowait_buf = bytearray(CHUNK)
 
     def staging_path(self, blob: str) -> str:
@@ -245,30 +245,38 @@ class Cache:
         os.close(fd)
         return None, "checksum mismatch"
 
-    def open_checked(self, blob: str, size: int, sha256: str | None, nowait: bool = False
-                     ) -> tuple[Opened | None, str | None]:
-        """Open a cached copy for a read after cheap checks (size; the stamp's size, mtime_ns and inode): its
-        digest is the reader's to check. A copy without a valid stamp gets the full SHA-256 check. Blocking.
+    def open_checked(self, blob: str, size: int, sha256: str | None, whole: int,
+                     nowait: bool = False) -> tuple[Opened | None, str | None]:
+        """Open a cached copy for a read after cheap checks (size; the stamp's size, mtime_ns and inode).
+        Copies up to `whole` bytes are checked against the stamp's digest here; larger ones are checked
+        while they are sent. A copy without a valid stamp gets the full SHA-256 check. Blocking.
 
-        nowait: the caller's event loop runs this; → (None, WOULD_BLOCK) when the full SHA-256 check is needed,
-        to be run again without nowait in a thread.
+        nowait: read only what the page cache holds (a copy just written or read: the common hit), so the
+        caller may run this on its event loop; → (None, WOULD_BLOCK) when the check needs the disk or a full
+        SHA-256 pass, to be run again without nowait in a thread.
         → (Opened, None), or (None, 'missing' | 'size mismatch' | 'checksum mismatch')."""
         try:
             fd = self.open_blob(blob)
         except FileNotFoundError:
             return None, "missing"
         st = os.fstat(fd)
-        if st.st_size == size and (stamp := _read_stamp(fd)) is not None and stamp.matches(st):
-            return Opened(fd, stamp.digest), None
+        stamp = _read_stamp(fd)
+        problem = "size mismatch" if st.st_size != size else None
+        if problem is None and stamp is not None and stamp.matches(st):
+            if size > whole:
+                return Opened(fd, stamp.digest), None
+            h = fast_hash()
+            if nowait and hash_range(fd, h, 0, size, nowait_buf=self._nowait_buf) < size:
+                os.close(fd)  # not all in the page cache (or shorter than its stamp): the thread decides
+                return None, WOULD_BLOCK
+            if (h.hexdigest() if nowait else fast_digest_fd(fd)) == stamp.digest:
+                return Opened(fd, None), None
+            problem = "checksum mismatch"
         os.close(fd)
-        if st.st_size != size or nowait:  # nowait without a valid stamp: the full SHA-256 check belongs in a thread
-            return None, "size mismatch" if st.st_size != size else WOULD_BLOCK
+        if problem is not None or nowait:  # nowait without a valid stamp: the full SHA-256 check belongs in a thread
+            return None, problem or WOULD_BLOCK
         fd2, problem = self.open_verified(blob, sha256)  # no stamp, or a stale one: the full check
         return (Opened(fd2, None) if fd2 is not None else None), problem
-
-    def hash_cached(self, fd: int, h: "xxhash.xxh3_128", start: int, end: int) -> int:
-        """hash_range of only what the page cache holds (no disk wait: the event loop may run it) → where it stopped."""
-        return hash_range(fd, h, start, end, nowait_buf=self._nowait_buf)
 
     def disk_usage(self) -> DiskUsage:
         return DiskUsage(*shutil.disk_usage(self.root))  # free: what an unprivileged process may still use

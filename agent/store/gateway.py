@@ -57,8 +57,7 @@ T = TypeVar("T")
 ACCESS_FLUSH_SECONDS = 5.0
 LIST_PAGE = 1000  # a directory's rows read at once for a client's listing
 STEP = 256 * 1024  # a reader streaming a fetch moves on once this much more has landed (or the end)
-# A copy is checked this far ahead of the sender, a smaller one whole before its first byte (after the open and FTP's
-# 150): a bad one is fetched again, no read fails
+# A copy is checked this far ahead of the sender, a smaller one whole first: a bad one is fetched again, no read fails
 VERIFY_AHEAD = 1024 * 1024
 RANGE_GAP = 2 * 1024 * 1024  # a cold reader this far ahead of the fetch's stream gets a ranged GET
 RANGE_FIRST = 1024 * 1024  # the first ranged GET of a fetch; each next one doubles, up to RANGE_MAX
@@ -436,28 +435,29 @@ class ReadHandle:
         self._broken: Corrupt | None = None
         self.held = 0  # bytes counted against the files open for reading (Gateway.hold_open)
         self.reader = ""  # the user they are counted for
-        self.record: Callable[..., None] | None = None  # the open's audit record while not yet written
+        self.record: Callable[[], None] | None = None  # the open's audit record while not yet written
 
     def recorded(self) -> None:
         """Write the open's audit record, once (Gateway.open_read's record_later)."""
         if self.record is not None:
             record, self.record = self.record, None
-            record(cached=self.fill is None)  # FTP's: a copy that failed its check before the first byte was fetched
+            record()
 
     async def ready(self, pos: int) -> int:
         """Wait until bytes from pos may be served → how far; a file's end only once all of it was verified."""
-        await self._check(min(pos + VERIFY_AHEAD, self.size))
         if self.fill is not None:
             return await self._landed(self.fill, pos, min(pos + STEP, self.size))
+        await self._check(min(pos + VERIFY_AHEAD, self.size))
         return self.size if self._digest is None else self._checked
 
     async def read(self, offset: int, length: int) -> bytes:
         if offset >= self.size:  # EOF, also at an SFTP offset of 2^63 or more (pread raised OverflowError)
             return b""
         end = min(offset + length, self.size)
-        await self._check(end)
         if self.fill is not None:
             await self._landed(self.fill, offset, end)
+        else:
+            await self._check(end)
         data = await asyncio.to_thread(os.pread, self.fd, length, offset)
         self.sent(len(data))
         return data
@@ -470,8 +470,7 @@ class ReadHandle:
         self.gw.metrics.bytes_out.labels(self.protocol).inc(nbytes)
 
     async def _check(self, end: int) -> None:
-        """Hash the copy up to `end`, at its end check the stamp: a copy checked whole before its first byte that
-        fails is dropped and fetched again; one failing later fails every read, and is dropped."""
+        """Hash the copy up to `end`, at its end check the stamp: a mismatch fails every read, drops the copy."""
         if self._broken is not None:
             raise self._broken
         if self._digest is None or (self._checked >= end and end < self.size):
@@ -479,11 +478,8 @@ class ReadHandle:
         async with self._checking:
             if self._digest is None or (self._checked >= end and end < self.size):
                 return
-            start, target = self._checked, min(max(end, self._checked + VERIFY_AHEAD), self.size)
-            # on the loop what the page cache holds (the common hit: a thread hop waits for a CPU under load)
-            reached = self.gw.cache.hash_cached(self.fd, self._hash, start, target)
-            if reached < target:
-                reached = await asyncio.to_thread(hash_range, self.fd, self._hash, reached, target)
+            target = min(max(end, self._checked + VERIFY_AHEAD), self.size)
+            reached = await asyncio.to_thread(hash_range, self.fd, self._hash, self._checked, target)
             if reached == target:
                 self._checked = reached
                 if reached < self.size:
@@ -491,25 +487,10 @@ class ReadHandle:
                 if self._hash.hexdigest() == self._digest:
                     self._digest = None
                     return
-            if start == 0 and target == self.size:  # nothing of it was served: the reader gets the object's bytes
-                await self._refetch("checksum mismatch" if reached == target else "content ends early")
-                return
             problem = "checksum mismatch while sending" if reached == target else "content ends early"
             self._broken = Corrupt(self.entry.path, f"cached copy failed its check ({problem})")
             await self.gw.bad_copy(self.entry, problem, found_by="read")
             raise self._broken
-
-    async def _refetch(self, problem: str) -> None:
-        """Drop the bad copy and read from a fetch of the object instead (Corrupt if the copy was the only one)."""
-        try:
-            await self.gw.bad_copy(self.entry, problem)
-        except Corrupt as e:
-            self._broken = e
-            raise
-        fetching = self.gw.fetch_handle(await self.gw.stat(self.entry.path), self.protocol)
-        os.close(self.fd)
-        self.fd, self.fill, self.entry, self.size, self._digest = (
-            fetching.fd, fetching.fill, fetching.entry, fetching.size, None)
 
     async def _landed(self, fill: _Fill, pos: int, end: int) -> int:
         """Wait until the fetch landed [pos, end) → how far from pos they may be served (≥ end), starting ranged GETs
@@ -1161,7 +1142,8 @@ class Gateway:
             self.audit.record(who, "retrieve", path, op_failure(exc))
             raise
         handle.held, handle.reader = held, user
-        handle.record = functools.partial(self.audit.record, who, "retrieve", path, "ok", handle.size)
+        handle.record = functools.partial(self.audit.record, who, "retrieve", path, "ok", handle.size,
+                                          cached=handle.fill is None)
         if not record_later:
             handle.recorded()
         return handle
@@ -1215,22 +1197,18 @@ class Gateway:
         path = e.path
         if e.blob is not None:
             # On the loop when the copy is in the page cache (under load each thread hop waits for a CPU)
-            opened, problem = self.cache.open_checked(e.blob, e.size, e.sha256, nowait=True)
+            opened, problem = self.cache.open_checked(e.blob, e.size, e.sha256, VERIFY_AHEAD, nowait=True)
             if problem == WOULD_BLOCK:
                 opened, problem = await _in_thread(
-                    functools.partial(self.cache.open_checked, e.blob, e.size, e.sha256), _close_opened)
+                    functools.partial(self.cache.open_checked, e.blob, e.size, e.sha256, VERIFY_AHEAD), _close_opened)
             if opened is not None:
                 self.metrics.hits.inc()
                 self.access.note(path, e.size, hit=True)
                 return ReadHandle(self, e, opened.fd, None, protocol, opened.digest)
             await self.bad_copy(e, problem or "")
             e = await self.stat(path)  # the bad copy is gone: fetch the object again below
-        return self.fetch_handle(e, protocol)
-
-    def fetch_handle(self, e: Entry, protocol: str) -> ReadHandle:
-        """A read of e from a fetch of its object (a running one, else a new one)."""
         self.metrics.misses.inc()
-        self.access.note(e.path, e.size, hit=False)
+        self.access.note(path, e.size, hit=False)
         fill = self._fill_for(e)
         return ReadHandle(self, e, os.dup(fill.fd), fill, protocol)
 
