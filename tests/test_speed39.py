@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import os
-import time
+import threading
 
 from agent.config import load
 from agent.daemon import Agent
@@ -74,6 +74,7 @@ def test_a_write_back_stor_is_acked_in_the_turn_its_row_came_back(agent_factory,
         await agent.start()
         agent.db.catalog.db.set_trace_callback(lambda sql: sql == "COMMIT" and note("COMMIT"))
         counting = True
+        sent = threading.Event()
 
         def tick() -> None:  # once a turn: call_soon from a callback runs in the next turn
             nonlocal turn
@@ -87,9 +88,13 @@ def test_a_write_back_stor_is_acked_in_the_turn_its_row_came_back(agent_factory,
                 ftp.sendcmd("TYPE I")
                 data = ftp.transfercmd("STOR one.dcm")  # the 150 is in: the agent reads the data connection
                 # The loop stands still until the file and its end are all in the socket: the agent finds both at once
-                loop.call_soon_threadsafe(time.sleep, 0.5)
-                data.sendall(os.urandom(96 * 1024))
-                data.close()
+                # (until this thread has sent them, not for a fixed time: on a loaded machine 0.5 s was not enough)
+                loop.call_soon_threadsafe(sent.wait, 30)
+                try:
+                    data.sendall(os.urandom(96 * 1024))
+                    data.close()
+                finally:
+                    sent.set()
                 return ftp.voidresp()
             finally:
                 ftp.quit()
