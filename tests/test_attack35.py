@@ -42,14 +42,17 @@ def test_ssh_requests_are_not_read_while_their_answers_cannot_be_sent(agent_fact
             before = agent.rss()
             transport = conn._transport  # the client's socket: it reads nothing from now on
             transport.pause_reading()
-            sent = 0
-            while sent < 600_000 and transport.get_write_buffer_size() < 4 * MiB:
+            sent = grew = 0
+            while sent < 600_000 and transport.get_write_buffer_size() < 4 * MiB and not transport.is_closing():
                 for _ in range(2000):
                     conn.send_packet(MSG_GLOBAL_REQUEST, String(b"keepalive@openssh.com"), Boolean(True))
                 sent += 2000
+                grew = max(grew, agent.rss() - before)
                 await asyncio.sleep(0.01)
-            assert transport.get_write_buffer_size() >= 4 * MiB, (
-                f"the agent read all {sent} requests and grew by {(agent.rss() - before) / MiB:.0f} MB")
+            # On a loaded machine the kernels' buffers may not fill before the agent cuts a peer that acknowledged
+            # nothing for 30 s (DEAD_PEER_S): bounded too, provided the agent did not hold the answers meanwhile
+            assert transport.get_write_buffer_size() >= 4 * MiB or transport.is_closing() and grew < 2 * MiB, (
+                f"the agent read all {sent} requests and grew by {grew / MiB:.0f} MB")
             conn.abort()  # a close would wait for the client's unsent requests
         async with asyncssh.connect("127.0.0.1", agent.sftp_port, username="pacs", password=PASSWORD,
                                     known_hosts=None) as conn, conn.start_sftp_client() as sftp:
