@@ -159,19 +159,21 @@ def test_a_prior_the_cache_would_evict_before_its_read_is_not_fetched_into_a_ful
     learnt when new studies are read after their write: a cache that evicts unread studies after an hour, whose new
     studies are read 10 h after the write, is not sent a prior for one, though the prior's kind is opened half the time
     and ranks above what the cache evicts (main fetched it, and the cache evicted it unread). A cache that evicted no
-    unread study (a big one) fetches it as before."""
+    unread study (a big one) fetches it as before, and so does one that only cut studies still being written (a pass
+    taking a study's newest files minutes after its first write says nothing of how long the cache keeps it)."""
     from agent.policy.learned import HitDensity
     from agent.policy.prefetch import Budget
     from agent.policy.stack import PolicyStack, StackSpec
 
-    def plan(evicts_unread: bool) -> tuple[list[object], float]:
+    def plan(evict_at: float | None) -> tuple[list[object], float]:
+        """→ what is planned, P; the cache evicted 10 written studies unread `evict_at` seconds after their write."""
         stack = PolicyStack(StackSpec("adaptive", ("priors",)))
         p = stack.policy
         assert isinstance(p, Adaptive)
-        if evicts_unread:
+        if evict_at is not None:
             for s in range(10):
-                stack.inserted(1000 + s, 100, s * 60.0, s * 60.0, s, written=True)
-            assert len(list(stack.victims(1000, H, lambda: (None, [])))) == 10
+                stack.inserted(1000 + s, 100, s, s, s, written=True)
+            assert len(list(stack.victims(1000, evict_at + 9, lambda: (None, [])))) == 10
         for s in range(100, 160):                   # new studies read 10 h after their write
             stack.inserted(1000 + s, 100, 2 * H + s, 2 * H + s, s, written=True)
             stack.accessed(1000 + s, 12 * H + s)
@@ -184,5 +186,6 @@ def test_a_prior_the_cache_would_evict_before_its_read_is_not_fetched_into_a_ful
         chosen = stack.prior_plan("new", ranked, Budget(10**6, 1e9, H), 13 * H)
         return [key for key, _, _, _ in chosen], p.fresh.read_in_time()
 
-    assert plan(evicts_unread=True) == ([], 0.0)
-    assert plan(evicts_unread=False) == (["prior"], 1.0)
+    assert plan(evict_at=H) == ([], 0.0)
+    assert plan(evict_at=None) == (["prior"], 1.0)
+    assert plan(evict_at=300.0) == (["prior"], 1.0)

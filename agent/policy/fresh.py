@@ -30,6 +30,9 @@ WARM = 50               # first reads seen before the segment protects anything
 HALF_LIFE = 2_000       # first reads after which the delay histogram's weight halves (follow the box's traffic)
 MAX_SHARE = 0.7         # the segment's ceiling, a share of the cache (chosen on the tuning families: 0.5 / 0.7 / 0.9)
 MAX_STUDIES = 200_000
+# a study evicted within this of its first write was still being written (a pass cut its newest files): not how long
+# the cache keeps an unread study (trauma's 0.5 MB slices: 40 MB of such cuts alone made the residency 0)
+WRITING_S = 600.0
 
 
 class FreshSegment:
@@ -95,7 +98,7 @@ class FreshSegment:
 
     def evicted(self, study: Any, size: int, now: float) -> None:
         """A file of `study` was evicted: if the study was unread, the cache kept it unread this long."""
-        if (t0 := self.unread.get(study)) is not None:
+        if (t0 := self.unread.get(study)) is not None and now - t0 >= WRITING_S:
             self.lost[age_bucket(now - t0)] += size
 
     def read_in_time(self) -> float:
