@@ -156,7 +156,12 @@ def main() -> int:
                     help="adaptive.KNOWN_BACK: a written study that came back for a second session and is read on a "
                          "miss again goes through a doorkeeper of its own")
     ap.add_argument("--fates", action="store_true", help="also where the prefetched bytes went (`fates`)")
+    ap.add_argument("--in-time-power", type=float, default=None,
+                    help="adaptive.IN_TIME_POWER: a prior into a full cache is weighed at heat × P(read before evicted "
+                         "unread) ** this (0: the heat alone)")
     args = ap.parse_args()
+    if args.in_time_power is not None:
+        adaptive.IN_TIME_POWER = args.in_time_power
     if args.known_back is not None:
         adaptive.KNOWN_BACK = args.known_back == "on"
     if args.group is not None:
@@ -240,7 +245,7 @@ def main() -> int:
           f"opened on probation {'on' if adaptive.PROBATION_OPENED and adaptive.RELEASE_UNOPENED else 'off'}, "
           f"trim {'on' if adaptive.TRIM else 'off'}, "
           f"min cut {adaptive.MIN_CUT:g}, second door {'on' if adaptive.SECOND_DOOR else 'off'}, "
-          f"known back {'on' if adaptive.KNOWN_BACK else 'off'}, "
+          f"known back {'on' if adaptive.KNOWN_BACK else 'off'}, in-time power {adaptive.IN_TIME_POWER:g}, "
           f"explore {priors.EXPLORE}, open target {priors.OPEN_TARGET:g}, "
           f"cold start {priors.COLD_OUTCOMES} outcomes, {priors.COLD_TTL_S / 3600:g} h, "
           f"old {adaptive.OLD_S / 3600:g} h, groups {groups.MIXED_S / 3600:g} h / "

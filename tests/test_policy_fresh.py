@@ -151,3 +151,41 @@ def test_a_study_joining_the_segment_counts_the_files_it_has_cached_already() ->
     assert p.fresh.holds("prior") and p.fresh.members["prior"] == 400 and p.fresh.total == 400
     p.on_insert("a3", 50, t + 120, t - 2 * DAY, "prior", prefetch=True)   # a member already: only the new bytes
     assert p.fresh.total == 450
+
+
+def test_a_prior_the_cache_would_evict_before_its_read_is_not_fetched_into_a_full_cache() -> None:
+    """A prefetch is worth its bytes only if it is read before the cache evicts it (docs/replay.md, round 39). The cache
+    measures how long it keeps a study unread (the ages of unread studies at their eviction) and the fresh segment has
+    learnt when new studies are read after their write: a cache that evicts unread studies after an hour, whose new
+    studies are read 10 h after the write, is not sent a prior for one, though the prior's kind is opened half the time
+    and ranks above what the cache evicts (main fetched it, and the cache evicted it unread). A cache that evicted no
+    unread study (a big one) fetches it as before, and so does one that only cut studies still being written (a pass
+    taking a study's newest files minutes after its first write says nothing of how long the cache keeps it)."""
+    from agent.policy.learned import HitDensity
+    from agent.policy.prefetch import Budget
+    from agent.policy.stack import PolicyStack, StackSpec
+
+    def plan(evict_at: float | None) -> tuple[list[object], float]:
+        """→ what is planned, P; the cache evicted 10 written studies unread `evict_at` seconds after their write."""
+        stack = PolicyStack(StackSpec("adaptive", ("priors",)))
+        p = stack.policy
+        assert isinstance(p, Adaptive)
+        if evict_at is not None:
+            for s in range(10):
+                stack.inserted(1000 + s, 100, s, s, s, written=True)
+            assert len(list(stack.victims(1000, evict_at + 9, lambda: (None, [])))) == 10
+        for s in range(100, 160):                   # new studies read 10 h after their write
+            stack.inserted(1000 + s, 100, 2 * H + s, 2 * H + s, s, written=True)
+            stack.accessed(1000 + s, 12 * H + s)
+        p.capacity = p.used                         # full: a prior pushes something out
+        shadow = p.shadows[1].policy
+        assert isinstance(shadow, HitDensity)
+        shadow.fitted, shadow.boundary = True, 1e-9
+        shadow.density[:] = 1.0
+        ranked = [(0, "prior", 0.5, 100, 1)]        # (cell, prior, heat, bytes, files)
+        chosen = stack.prior_plan("new", ranked, Budget(10**6, 1e9, H), 13 * H)
+        return [key for key, _, _, _ in chosen], p.fresh.read_in_time()
+
+    assert plan(evict_at=H) == ([], 0.0)
+    assert plan(evict_at=None) == (["prior"], 1.0)
+    assert plan(evict_at=300.0) == (["prior"], 1.0)

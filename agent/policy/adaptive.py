@@ -100,6 +100,9 @@ TRIM = True
 # file or two per insert once the cache is full, each after a new sample of the learned expert (3x the replay's CPU at
 # 1 TB); the live agent's passes free more anyway (its watermarks)
 MIN_CUT = 0.02
+# a prior's heat into a full cache × P(read before evicted unread) ** this: the heat, learnt from outcomes, counts the
+# evictions already, so the full chance discounts them twice (tuning sum -85; 0.5: -10; docs/replay.md, round 39)
+IN_TIME_POWER = 0.5
 
 
 class _Doorkeeper:
@@ -385,10 +388,11 @@ class Adaptive:
 
     def admit(self, new: Any, heat: float, files: int, size: int, now: float) -> bool:
         """A prior fits in free space, or is worth more than what the learned shadow evicts lately
-        (HitDensity.admit: the shadow sees the same traffic and capacity, whichever expert evicts)."""
+        (HitDensity.admit: the shadow sees the same traffic and capacity, whichever expert evicts), its heat discounted
+        by the chance that its new study is read before the cache would evict it unread (`IN_TIME_POWER`)."""
         if not self.capacity or self.used + size <= self.capacity:
             return True
-        return self.model.admit(new, heat, files, size, now)
+        return self.model.admit(new, heat * self.fresh.read_in_time() ** IN_TIME_POWER, files, size, now)
 
     def turnover(self) -> float:
         """Seconds the cache takes to fill with new bytes at the recent inflow rate: about how long a file no one
@@ -419,12 +423,18 @@ class Adaptive:
             if freed >= bytes_to_free:
                 break
             freed += self._meta[key][0]
+            self._evicted(key, now)
             self.on_remove(key)
             yield key
         for key in list(chosen.victims(bytes_to_free - freed, now)) if freed < bytes_to_free else ():
             other.on_remove(key)
+            self._evicted(key, now)
             self._forget(key)
             yield key
+
+    def _evicted(self, key: Any, now: float) -> None:
+        if (meta := self._meta.get(key)) is not None:
+            self.fresh.evicted(meta[2], meta[0], now)
 
     def _unopened_files(self) -> Iterator[Any]:
         """The cached files of priors their session passed by, the earliest passed first."""

@@ -30,6 +30,9 @@ WARM = 50               # first reads seen before the segment protects anything
 HALF_LIFE = 2_000       # first reads after which the delay histogram's weight halves (follow the box's traffic)
 MAX_SHARE = 0.7         # the segment's ceiling, a share of the cache (chosen on the tuning families: 0.5 / 0.7 / 0.9)
 MAX_STUDIES = 200_000
+# a study evicted within this of its first write was still being written (a pass cut its newest files): not how long
+# the cache keeps an unread study (trauma's 0.5 MB slices: 40 MB of such cuts alone made the residency 0)
+WRITING_S = 600.0
 
 
 class FreshSegment:
@@ -42,6 +45,7 @@ class FreshSegment:
         self.unread: OrderedDict[Any, float] = OrderedDict()    # written, not read yet (cached or not) → write time
         self.members: OrderedDict[Any, int] = OrderedDict()     # protected now, in write order → bytes
         self.total = 0
+        self.lost = np.zeros(N_AGE)     # bytes of unread studies evicted, by their age then: the cache's residency
 
     def holds(self, study: Any) -> bool:
         return study in self.members
@@ -75,6 +79,7 @@ class FreshSegment:
         self.first_reads += 1
         if self.first_reads % HALF_LIFE == 0:
             self.delays *= 0.5
+            self.lost *= 0.5
         if self.first_reads >= WARM:
             cum = np.cumsum(self.delays)
             b = int(np.searchsorted(cum, QUANTILE * cum[-1]))
@@ -90,6 +95,20 @@ class FreshSegment:
                 self.members[study] = held - size
             else:
                 del self.members[study]
+
+    def evicted(self, study: Any, size: int, now: float) -> None:
+        """A file of `study` was evicted: if the study was unread, the cache kept it unread this long."""
+        if (t0 := self.unread.get(study)) is not None and now - t0 >= WRITING_S:
+            self.lost[age_bucket(now - t0)] += size
+
+    def read_in_time(self) -> float:
+        """The chance that a study written now is read before the cache would evict it unread: its write → first-read
+        delay (learnt) below the age at which unread studies were evicted lately (byte-weighted; half within a bucket).
+        1 while the delays are not learnt or no unread study was evicted (a cache that keeps them until read)."""
+        n, lost = self.delays.sum(), self.lost.sum()
+        if self.first_reads < WARM or not n or not lost:
+            return 1.0
+        return float(self.lost @ ((np.cumsum(self.delays) - self.delays / 2) / n) / lost)
 
     def release(self, now: float) -> list[Any]:
         """Hand back to the experts the members past the horizon, then, while the segment holds more than its
@@ -115,4 +134,5 @@ class FreshSegment:
 
     def status(self) -> dict[str, object]:
         return {"fresh_horizon_s": round(self.horizon), "fresh_bytes": self.total,
+                "fresh_read_in_time": round(self.read_in_time(), 3),
                 "fresh_mode": "learned" if self.first_reads >= WARM else "cold start: nothing held"}
