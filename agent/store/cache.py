@@ -119,7 +119,18 @@ class Cache:
     def new_staging(self) -> tuple[str, int]:
         """A new blob and its staging file, open for writing (a spare when one is ready); → (blob, fd). Raises NoSpace
         when the disk is full."""
-        return self.spare_staging() or _new_file(self._staging_dir)
+        if (spare := self.spare_staging()) is not None:
+            return spare
+        blob, fd = _new_file(self._staging_dir)
+        try:  # its data/<xx> now: out of inodes, the commit's mkdir failed an upload the caller could have evicted for
+            os.mkdir(os.path.dirname(self.blob_file(blob)))
+        except FileExistsError:
+            pass
+        except OSError as e:
+            os.close(fd)
+            os.unlink(self.staging_path(blob))
+            raise _translate(e, blob) from e
+        return blob, fd
 
     def spare_staging(self) -> tuple[str, int] | None:
         """A spare → (blob, fd), or None when none is ready: never touches the disk, so an event loop may call it

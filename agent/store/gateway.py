@@ -922,10 +922,7 @@ class Gateway:
                     raise PermissionDenied(path, "replacing a stored file needs the 'delete' permission")
             user = who.user if who is not None else ""
             self.dirty_share(user, path, self._unfinished.get(user, 0) + 1)  # a byte at least must fit
-            # A spare made ahead (a thread hop and two wake-ups fewer per stored file, and no directory fsync at its
-            # commit); else made in a thread, as an inode may wait for the disk (issue 14), undone if cancelled
-            spare = self.cache.spare_staging()
-            blob, fd = spare if spare is not None else await _in_thread(self.cache.new_staging, self._discard_made)
+            blob, fd = await self._new_staging(path)
             if exclusive and not self.marks.claim(path):  # one of two processes claiming it at once (WriteMarks)
                 self._discard_made((blob, fd))
                 raise AlreadyExists(path)
@@ -961,6 +958,20 @@ class Gateway:
         # (stored, renamed away or deleted meanwhile), the file lost that store's bytes or came back as deleted
         handle.base = existing.gen if offset and existing is not None else self._base(who, existing)
         return handle
+
+    async def _new_staging(self, path: str) -> tuple[str, int]:
+        """A spare made ahead (a thread hop and two wake-ups fewer per stored file, and no directory fsync at its
+        commit); else made in a thread, as an inode may wait for the disk (issue 14), undone if cancelled. Out of
+        inodes with bytes free (ensure_space counts bytes), clean files are evicted as for a full disk, then again."""
+        for _ in range(2):
+            if (spare := self.cache.spare_staging()) is not None:
+                return spare
+            try:
+                return await _in_thread(self.cache.new_staging, self._discard_made)
+            except NoSpace:
+                if not await self.make_room(1):
+                    break
+        raise self.disk_full(path)
 
     def _discard_made(self, made: tuple[str, int]) -> None:
         blob, fd = made
