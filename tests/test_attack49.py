@@ -11,9 +11,28 @@ import pytest
 from test_fault_diskfull import ftp_store_expecting_refusal
 
 from faultkit import catalog_rows, ext4, ftp_get, ftp_login, payload, sftp_put, sftp_session, sha256
-from harness import s3_objects
+from harness import BUCKET, s3_objects
 
 SMALL = 4096
+
+
+def test_a_listing_whose_continuation_tokens_loop_ends(proxied_agent, proxy, seaweed):
+    """A store whose listing never ends (its continuation tokens going round: a bug, a proxy between) held an FTP LIST
+    of a directory not yet listed for ever, and every later LIST of it joined the same listing: botocore's paginator
+    stops only at a token received twice in a row. A token the listing gave before ends it now as a failed listing:
+    the LIST answers what the catalog knows, and lists the directory again once the store answers straight."""
+    a = proxied_agent(prefix="t49loop/")
+    for i in range(3):
+        seaweed.client().put_object(Bucket=BUCKET, Key=f"t49loop/CT/old/{i}.dcm", Body=b"stored before")
+    proxy.loop_listings = True
+    ftp = ftp_login(a)
+    ftp.sock.settimeout(60)  # main: no answer in 60 s (nor ever)
+    names = ftp.nlst("CT/old")
+    assert set(names) <= {f"{i}.dcm" for i in range(3)}  # its pages before the loop showed: merged
+    assert a.events("remote_list_failed")
+    proxy.loop_listings = False
+    assert sorted(ftp.nlst("CT/old")) == [f"{i}.dcm" for i in range(3)]
+    ftp.quit()
 
 
 @pytest.mark.slow
