@@ -295,6 +295,7 @@ class Agent:
             "pending_deletes": await self.db.tombstone_count(),
             "cache": {"files": totals.files, "cached_files": totals.cached_files, "bytes": totals.cached_bytes,
                       "max_bytes": self.cfg.cache.max_bytes, "disk_total": disk.total, "disk_free": disk.free},
+            "catalog": {"write_failure": self.db.catalog.write_failure},
             "memory": process_memory(),
             "model": model_info(self.cfg.model.path),
             "pressure": {"level": str(self.monitor.current.level), "reasons": list(self.monitor.current.reasons)},

@@ -217,7 +217,7 @@ def ext4(path: Path, size: str, inodes: int) -> Iterator[Path]:
     image = path.with_name(path.name + ".img")
     subprocess.run(["truncate", "-s", size, str(image)], check=True)
     subprocess.run(["mkfs.ext4", "-q", "-F", "-N", str(inodes), str(image)], check=True)
-    subprocess.run(["mount", "-o", "loop", str(image), str(path)], check=True)
+    subprocess.run(["mount", "-o", "loop,errors=remount-ro", str(image), str(path)], check=True)
     try:
         yield path
     finally:

@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import asyncio
 import os
+import subprocess
+from pathlib import Path
 
 import pytest
 from test_fault_diskfull import ftp_store_expecting_refusal
 
-from faultkit import catalog_rows, ext4, ftp_get, ftp_login, payload, sftp_put, sftp_session, sha256
+from faultkit import catalog_rows, ext4, ftp_get, ftp_login, ftp_put, payload, sftp_put, sftp_session, sha256
 from harness import BUCKET, s3_objects
 
 SMALL = 4096
@@ -33,6 +35,33 @@ def test_a_listing_whose_continuation_tokens_loop_ends(proxied_agent, proxy, sea
     proxy.loop_listings = False
     assert sorted(ftp.nlst("CT/old")) == [f"{i}.dcm" for i in range(3)]
     ftp.quit()
+
+
+def test_a_cache_disk_turned_read_only_says_so_on_healthz(agent_factory, seaweed):
+    """The cache's file system turned read-only under the agent (ext4's errors=remount-ro after an I/O error, made
+    here by the kernel's own trigger_fs_error): every store and LIST was refused "451 internal error" (the catalog
+    cannot commit), and /healthz said "ok". It says "failing" now, with the catalog's error; no store is acknowledged
+    and a cached file still reads."""
+    a = agent_factory(seaweed)
+    with ext4(a.workdir / "cache", "64M", inodes=2000) as cache_dir:
+        try:
+            a.start()
+            ftp = ftp_login(a)
+            data = payload("kept", SMALL)
+            assert ftp_put(ftp, "CT/ro/kept.dcm", data).startswith("226")
+            device = subprocess.run(["findmnt", "-no", "SOURCE", str(cache_dir)], capture_output=True, text=True,
+                                    check=True).stdout.strip()
+            Path(f"/sys/fs/ext4/{os.path.basename(device)}/trigger_fs_error").write_text("test")
+            with pytest.raises(OSError):  # EROFS
+                (cache_dir / "probe").write_text("x")
+            refused = ftp_store_expecting_refusal(ftp, "CT/ro/new.dcm", payload("new", SMALL))
+            assert refused.startswith("451"), refused
+            assert sha256(ftp_get(ftp, "CT/ro/kept.dcm")) == sha256(data)
+            h = a.health()
+            assert h["status"] == "failing", h["reasons"]
+            assert any("catalog cannot be written" in r for r in h["reasons"]), h["reasons"]
+        finally:
+            a.stop()
 
 
 @pytest.mark.slow

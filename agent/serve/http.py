@@ -263,6 +263,9 @@ def judge(health: dict[str, Any], min_free: int) -> tuple[str, list[str]]:
     if health["cache"]["disk_free"] < min_free:
         status = "failing"
         reasons.append("cache disk nearly full: new writes may be refused")
+    if failure := health.get("catalog", {}).get("write_failure"):
+        status = "failing"
+        reasons.append(f"the catalog cannot be written ({failure}): stores are refused")
     if health.get("clock", {}).get("synchronized") is False:
         reasons.append("system clock not synchronised: S3 request signing fails once it drifts by 15 minutes")
     if health.get("draining"):
