@@ -39,9 +39,9 @@ def test_a_listing_whose_continuation_tokens_loop_ends(proxied_agent, proxy, sea
 
 def test_a_cache_disk_turned_read_only_says_so_on_healthz(agent_factory, seaweed):
     """The cache's file system turned read-only under the agent (ext4's errors=remount-ro after an I/O error, made
-    here by the kernel's own trigger_fs_error): every store and LIST was refused "451 internal error" (the catalog
-    cannot commit), and /healthz said "ok". It says "failing" now, with the catalog's error; no store is acknowledged
-    and a cached file still reads."""
+    here by the kernel's own trigger_fs_error): every store and LIST was refused "451 internal error", a traceback
+    logged each time (the catalog cannot commit), and /healthz said "ok". It says "failing" now, with the catalog's
+    error; a store is refused saying why, none is acknowledged, and a cached file still reads."""
     a = agent_factory(seaweed)
     with ext4(a.workdir / "cache", "64M", inodes=2000) as cache_dir:
         try:
@@ -55,7 +55,7 @@ def test_a_cache_disk_turned_read_only_says_so_on_healthz(agent_factory, seaweed
             with pytest.raises(OSError):  # EROFS
                 (cache_dir / "probe").write_text("x")
             refused = ftp_store_expecting_refusal(ftp, "CT/ro/new.dcm", payload("new", SMALL))
-            assert refused.startswith("451"), refused
+            assert refused.startswith("451") and "cache disk cannot be written" in refused, refused
             assert sha256(ftp_get(ftp, "CT/ro/kept.dcm")) == sha256(data)
             h = a.health()
             assert h["status"] == "failing", h["reasons"]

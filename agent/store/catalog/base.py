@@ -50,6 +50,12 @@ def row_of(db: sqlite3.Connection, path: str) -> Entry | None:
     return entry(row) if row else None
 
 
+def unwritable(e: sqlite3.Error) -> bool:
+    """The catalog's disk failed its write: an I/O error, read-only (remounted so after one), full."""
+    return isinstance(e, sqlite3.OperationalError) and e.sqlite_errorcode & 0xFF in (
+        sqlite3.SQLITE_IOERR, sqlite3.SQLITE_READONLY, sqlite3.SQLITE_FULL)
+
+
 class CatalogBase:
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -127,8 +133,7 @@ class CatalogBase:
                     self.db.execute("ROLLBACK")
                 raise
         except sqlite3.OperationalError as e:  # /healthz: every store refused while the cache disk cannot be written
-            if not grouped and e.sqlite_errorcode & 0xFF in (sqlite3.SQLITE_IOERR, sqlite3.SQLITE_READONLY,
-                                                              sqlite3.SQLITE_FULL):
+            if not grouped and unwritable(e):
                 self.write_failure = f"{e} ({e.sqlite_errorname})"
             raise
         if not grouped:
