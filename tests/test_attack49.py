@@ -9,10 +9,23 @@ import os
 import subprocess
 from pathlib import Path
 
+import asyncssh
 import pytest
 from test_fault_diskfull import ftp_store_expecting_refusal
 
-from faultkit import catalog_rows, ext4, ftp_get, ftp_login, ftp_put, payload, sftp_put, sftp_session, sha256
+from faultkit import (
+    catalog_rows,
+    ext4,
+    ftp_get,
+    ftp_login,
+    ftp_put,
+    orphan_blobs,
+    payload,
+    sftp_put,
+    sftp_session,
+    sha256,
+    staging_files,
+)
 from harness import BUCKET, s3_objects
 
 SMALL = 4096
@@ -97,5 +110,40 @@ async def test_a_cache_out_of_inodes_evicts_clean_files_to_store_more(agent_fact
             assert sha256(await asyncio.to_thread(ftp_get, ftp, first)) == acked[first]
             assert {state for _, state, _, _, _ in catalog_rows(a)} == {"clean"}
             ftp.quit()
+        finally:
+            a.stop()
+
+
+@pytest.mark.slow
+async def test_a_cache_out_of_inodes_with_nothing_evictable_is_failing(agent_factory, private_seaweed):
+    """Out of inodes with the store down (every file waiting for it: nothing evictable), stores are refused as on a
+    full disk (FTP 452, SFTP no space), and /healthz said "degraded" (the store down) with 80 % of the bytes free: it
+    says "failing", no inodes left, as a full disk does. Nothing half-written is left; once the store is back and the
+    files are in it, stores are taken again."""
+    private_seaweed.stop()
+    a = agent_factory(private_seaweed, **{"cache.min_free_bytes": "1MB"})
+    with ext4(a.workdir / "cache", "64M", inodes=200):
+        try:
+            await asyncio.to_thread(a.start)
+            ftp = await asyncio.to_thread(ftp_login, a)
+            for i in range(300):  # 200 inodes
+                reply = await asyncio.to_thread(ftp_store_expecting_refusal, ftp, f"CT/down/{i}.dcm",
+                                                payload(str(i), SMALL))
+                if not reply.startswith("226"):
+                    break
+            assert reply.startswith("452") and "nothing evictable" in reply, reply
+            async with sftp_session(a) as sftp:
+                with pytest.raises(asyncssh.SFTPError) as refused:
+                    await sftp_put(sftp, "/CT/down/sftp.dcm", payload("sftp", SMALL))
+                assert refused.value.code in (asyncssh.FX_FAILURE, asyncssh.FX_NO_SPACE_ON_FILESYSTEM)
+            h = a.health()
+            assert h["status"] == "failing" and h["cache"]["inodes_free"] == 0, h["reasons"]
+            assert any("no inodes left" in r for r in h["reasons"]), h["reasons"]
+            assert staging_files(a) == [] and orphan_blobs(a) == set()
+            await asyncio.to_thread(private_seaweed.start)
+            await asyncio.to_thread(a.wait_drained, 120)
+            assert (await asyncio.to_thread(ftp_put, ftp, "CT/down/after.dcm", payload("after", SMALL))
+                    ).startswith("226")
+            assert a.health()["status"] != "failing"
         finally:
             a.stop()

@@ -80,6 +80,7 @@ class DiskUsage:
     total: int
     used: int
     free: int
+    inodes_free: int  # out of them with bytes free, a store evicts as for a full disk (Gateway._new_staging)
 
 
 class Cache:
@@ -291,7 +292,9 @@ class Cache:
         return (Opened(fd2, None) if fd2 is not None else None), problem
 
     def disk_usage(self) -> DiskUsage:
-        return DiskUsage(*shutil.disk_usage(self.root))  # free: what an unprivileged process may still use
+        st = os.statvfs(self.root)  # free: what an unprivileged process may still use (as shutil.disk_usage)
+        return DiskUsage(st.f_blocks * st.f_frsize, (st.f_blocks - st.f_bfree) * st.f_frsize, st.f_bavail * st.f_frsize,
+                         st.f_favail)
 
     def iter_blobs(self) -> Iterator[str]:  # blob names on disk: data/<first two characters>/<blob>
         return (f.name for f in self.data.glob("*/*"))
