@@ -13,19 +13,8 @@ import asyncssh
 import pytest
 from test_fault_diskfull import ftp_store_expecting_refusal
 
-from faultkit import (
-    catalog_rows,
-    ext4,
-    ftp_get,
-    ftp_login,
-    ftp_put,
-    orphan_blobs,
-    payload,
-    sftp_put,
-    sftp_session,
-    sha256,
-    staging_files,
-)
+import faultkit
+from faultkit import ext4, ftp_get, ftp_login, ftp_put, payload, sftp_put, sftp_session, sha256
 from harness import BUCKET, s3_objects
 
 SMALL = 4096
@@ -108,7 +97,7 @@ async def test_a_cache_out_of_inodes_evicts_clean_files_to_store_more(agent_fact
             assert {p: o["sha256"] for p, o in objects.items()} == acked
             first = next(iter(acked))  # evicted: read back from S3 (its fetch needs an inode too)
             assert sha256(await asyncio.to_thread(ftp_get, ftp, first)) == acked[first]
-            assert {state for _, state, _, _, _ in catalog_rows(a)} == {"clean"}
+            assert {state for _, state, _, _, _ in faultkit.catalog_rows(a)} == {"clean"}
             ftp.quit()
         finally:
             a.stop()
@@ -139,7 +128,7 @@ async def test_a_cache_out_of_inodes_with_nothing_evictable_is_failing(agent_fac
             h = a.health()
             assert h["status"] == "failing" and h["cache"]["inodes_free"] == 0, h["reasons"]
             assert any("no inodes left" in r for r in h["reasons"]), h["reasons"]
-            assert staging_files(a) == [] and orphan_blobs(a) == set()
+            assert faultkit.staging_files(a) == [] and faultkit.orphan_blobs(a) == set()
             await asyncio.to_thread(private_seaweed.start)
             await asyncio.to_thread(a.wait_drained, 120)
             assert (await asyncio.to_thread(ftp_put, ftp, "CT/down/after.dcm", payload("after", SMALL))
