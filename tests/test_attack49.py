@@ -11,9 +11,11 @@ from pathlib import Path
 
 import asyncssh
 import pytest
+from test_fault_coldread import evict_cli
 from test_fault_diskfull import ftp_store_expecting_refusal
 
 import faultkit
+from agent.store.cache import SPARES
 from faultkit import ext4, ftp_get, ftp_login, ftp_put, payload, sftp_put, sftp_session, sha256
 from harness import BUCKET, s3_objects
 
@@ -134,5 +136,30 @@ async def test_a_cache_out_of_inodes_with_nothing_evictable_is_failing(agent_fac
             assert (await asyncio.to_thread(ftp_put, ftp, "CT/down/after.dcm", payload("after", SMALL))
                     ).startswith("226")
             assert a.health()["status"] != "failing"
+        finally:
+            a.stop()
+
+
+def test_a_cold_read_out_of_inodes_evicts_clean_files(agent_factory, seaweed):
+    """Out of inodes (another writer on the cache's file system took the rest) with the spares made ahead used up, a
+    cold read's fetch could not make its file and the read failed "cache disk full", clean cached files on the disk
+    left alone. It evicts them now, as a store does, and the read gets its file."""
+    a = agent_factory(seaweed)
+    with ext4(a.workdir / "cache", "64M", inodes=400) as cache_dir:
+        try:
+            a.start()
+            ftp = ftp_login(a)
+            files = {f"CT/cold/{i}.dcm": payload(str(i), SMALL) for i in range(60)}
+            for path, data in files.items():
+                assert ftp_put(ftp, path, data).startswith("226")
+            a.wait_drained(60)
+            cold = list(files)[:SPARES + 4]
+            assert evict_cli(a, *cold).returncode == 0
+            (cache_dir / "other").mkdir()
+            with pytest.raises(OSError):  # the other writer: every inode left
+                for i in range(1000):
+                    (cache_dir / "other" / str(i)).touch()
+            for path in cold:  # the spares go first, then a file of its own each
+                assert sha256(ftp_get(ftp, path)) == sha256(files[path]), path
         finally:
             a.stop()
