@@ -1,6 +1,9 @@
-"""Attacks on a running agent (round 49): exhaustion of the box's own resources. A cache file system out of inodes
-with bytes free. Each test reproduces one attack that worked and checks it no longer does. Real agent, real
-SeaweedFS, real clients (ftplib, asyncssh); the cache is an ext4 of the test's own with few inodes."""
+"""Attacks on a running agent (round 49): the box's own resources run out, and a lying object store. A cache file
+system out of inodes with bytes free (stores and cold reads refused for good, clean files left; /healthz not failing),
+one turned read-only (every store an internal error, /healthz ok), and a listing whose continuation tokens go round
+(a LIST never answered). Each test reproduces one attack that worked and checks it no longer does. Real agent, real
+SeaweedFS (behind the fault proxy for the listing), real clients (ftplib, asyncssh); the cache is an ext4 of the
+test's own, a loop device's, with few inodes."""
 
 from __future__ import annotations
 
