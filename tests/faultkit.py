@@ -208,6 +208,24 @@ def tmpfs(path: Path, size: str = "32m") -> Iterator[Path]:
             subprocess.run(["umount", "-l", str(path)])
 
 
+@contextlib.contextmanager
+def ext4(path: Path, size: str, inodes: int) -> Iterator[Path]:
+    """A small ext4 of about `inodes` inodes, a loop device's, mounted at path (needs root), always unmounted on the
+    way out: a cache out of inodes with bytes free (tmpfs charges the cache's stamps, extended attributes, to its
+    inodes: out of them, a stamp fails too, not as on the disks a box has)."""
+    path.mkdir(parents=True, exist_ok=True)
+    image = path.with_name(path.name + ".img")
+    subprocess.run(["truncate", "-s", size, str(image)], check=True)
+    subprocess.run(["mkfs.ext4", "-q", "-F", "-N", str(inodes), str(image)], check=True)
+    subprocess.run(["mount", "-o", "loop,errors=remount-ro", str(image), str(path)], check=True)
+    try:
+        yield path
+    finally:
+        if subprocess.run(["umount", str(path)]).returncode != 0:
+            subprocess.run(["umount", "-l", str(path)])
+        image.unlink()
+
+
 class Ingest:
     """A PACS in the background: FTP threads and SFTP sessions storing files until stopped.
 

@@ -9,6 +9,7 @@ so). Everything else, every object, comes from the real server behind it.
 from __future__ import annotations
 
 import asyncio
+import re
 import threading
 
 import aiohttp
@@ -41,6 +42,7 @@ class FaultProxy:
         self.hold_replies_to = ""  # set: a request whose path contains it is forwarded, its answer held until cleared
         self.hold_replies_method = ""  # set: only requests of this method (GET, PUT, …) have their answers held
         self.replies_held = 0  # … and this many answers are waiting
+        self.loop_listings = False  # set: every ListObjectsV2 answer says it goes on, its next token 'a' then 'b', 'a'…
         self._loop = asyncio.new_event_loop()
         self._ready = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -113,6 +115,8 @@ class FaultProxy:
                                          data=body, allow_redirects=False, skip_auto_headers=("Content-Type",)
                                          ) as r:
             data = await r.read()
+            if self.loop_listings and request.method == "GET" and "list-type" in request.query:
+                data = _looped(data, request.query.get("continuation-token"))
             if self._hold_reply(request):  # done upstream, unanswered here
                 self.replies_held += 1
                 while self._hold_reply(request):
@@ -121,3 +125,13 @@ class FaultProxy:
             drop = HOP | {"content-encoding"} if request.method != "HEAD" else HOP - {"content-length"}
             out = {k: v for k, v in r.headers.items() if k.lower() not in drop}
             return web.Response(status=r.status, body=data or None, headers=out)
+
+
+def _looped(listing: bytes, token: str | None) -> bytes:
+    """A ListObjectsV2 answer that goes on for ever: truncated, its next token 'b' after 'a' and 'a' after anything
+    else (a token never the one just sent: botocore's paginator stops at a token received twice in a row)."""
+    listing = re.sub(rb"<NextContinuationToken>.*?</NextContinuationToken>", b"",
+                     listing.replace(b"<IsTruncated>false</IsTruncated>", b"<IsTruncated>true</IsTruncated>"))
+    nxt = b"b" if token == "a" else b"a"
+    return listing.replace(b"</ListBucketResult>", b"<NextContinuationToken>%s</NextContinuationToken>"
+                                                   b"</ListBucketResult>" % nxt)

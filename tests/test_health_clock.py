@@ -10,7 +10,8 @@ from agent.serve.http import TIME_ERROR, clock_sync, judge
 
 def _health(clock: dict) -> dict:
     return {"uplink": {"reachable": True, "last_error": None}, "oldest_dirty_seconds": 0.0,
-            "pressure": {"level": "normal", "reasons": []}, "cache": {"disk_free": 10 ** 12}, "clock": clock}
+            "pressure": {"level": "normal", "reasons": []}, "cache": {"disk_free": 10 ** 12, "inodes_free": 1},
+            "clock": clock}
 
 
 def test_clock_state_is_the_kernels():

@@ -260,9 +260,13 @@ def judge(health: dict[str, Any], min_free: int) -> tuple[str, list[str]]:
                        + ("; fetches from object storage refused" if pressure["level"] == "critical" else
                           "; reduced concurrency"))
     status = "degraded" if reasons else "ok"
-    if health["cache"]["disk_free"] < min_free:
+    if health["cache"]["disk_free"] < min_free or not health["cache"]["inodes_free"]:
         status = "failing"
-        reasons.append("cache disk nearly full: new writes may be refused")
+        reasons.append(f"cache disk nearly full{'' if health['cache']['inodes_free'] else ' (no inodes left)'}: "
+                       "new writes may be refused")
+    if failure := health.get("catalog", {}).get("write_failure"):
+        status = "failing"
+        reasons.append(f"the catalog cannot be written ({failure}): stores are refused")
     if health.get("clock", {}).get("synchronized") is False:
         reasons.append("system clock not synchronised: S3 request signing fails once it drifts by 15 minutes")
     if health.get("draining"):

@@ -80,6 +80,7 @@ class DiskUsage:
     total: int
     used: int
     free: int
+    inodes_free: int  # out of them with bytes free, a store evicts as for a full disk (Gateway._new_staging)
 
 
 class Cache:
@@ -119,7 +120,18 @@ class Cache:
     def new_staging(self) -> tuple[str, int]:
         """A new blob and its staging file, open for writing (a spare when one is ready); → (blob, fd). Raises NoSpace
         when the disk is full."""
-        return self.spare_staging() or _new_file(self._staging_dir)
+        if (spare := self.spare_staging()) is not None:
+            return spare
+        blob, fd = _new_file(self._staging_dir)
+        try:  # its data/<xx> now: out of inodes, the commit's mkdir failed an upload the caller could have evicted for
+            os.mkdir(os.path.dirname(self.blob_file(blob)))
+        except FileExistsError:
+            pass
+        except OSError as e:
+            os.close(fd)
+            os.unlink(self.staging_path(blob))
+            raise _translate(e, blob) from e
+        return blob, fd
 
     def spare_staging(self) -> tuple[str, int] | None:
         """A spare → (blob, fd), or None when none is ready: never touches the disk, so an event loop may call it
@@ -280,7 +292,9 @@ class Cache:
         return (Opened(fd2, None) if fd2 is not None else None), problem
 
     def disk_usage(self) -> DiskUsage:
-        return DiskUsage(*shutil.disk_usage(self.root))  # free: what an unprivileged process may still use
+        st = os.statvfs(self.root)  # free: what an unprivileged process may still use (as shutil.disk_usage)
+        return DiskUsage(st.f_blocks * st.f_frsize, (st.f_blocks - st.f_bfree) * st.f_frsize, st.f_bavail * st.f_frsize,
+                         st.f_favail)
 
     def iter_blobs(self) -> Iterator[str]:  # blob names on disk: data/<first two characters>/<blob>
         return (f.name for f in self.data.glob("*/*"))

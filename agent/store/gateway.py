@@ -17,7 +17,7 @@ import os
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Callable, Protocol, Sequence, TypeVar
+from typing import AsyncIterator, Awaitable, Callable, Protocol, Sequence, TypeVar
 
 import structlog
 
@@ -922,10 +922,7 @@ class Gateway:
                     raise PermissionDenied(path, "replacing a stored file needs the 'delete' permission")
             user = who.user if who is not None else ""
             self.dirty_share(user, path, self._unfinished.get(user, 0) + 1)  # a byte at least must fit
-            # A spare made ahead (a thread hop and two wake-ups fewer per stored file, and no directory fsync at its
-            # commit); else made in a thread, as an inode may wait for the disk (issue 14), undone if cancelled
-            spare = self.cache.spare_staging()
-            blob, fd = spare if spare is not None else await _in_thread(self.cache.new_staging, self._discard_made)
+            blob, fd = await self._new_staging(path)
             if exclusive and not self.marks.claim(path):  # one of two processes claiming it at once (WriteMarks)
                 self._discard_made((blob, fd))
                 raise AlreadyExists(path)
@@ -961,6 +958,23 @@ class Gateway:
         # (stored, renamed away or deleted meanwhile), the file lost that store's bytes or came back as deleted
         handle.base = existing.gen if offset and existing is not None else self._base(who, existing)
         return handle
+
+    async def _new_staging(self, path: str) -> tuple[str, int]:
+        """A spare made ahead (a thread hop and two wake-ups fewer per stored file, and no directory fsync at its
+        commit); else made in a thread, as an inode may wait for the disk (issue 14), undone if cancelled."""
+        if (spare := self.cache.spare_staging()) is not None:
+            return spare
+        return await self._evicting(path, lambda: _in_thread(self.cache.new_staging, self._discard_made))
+
+    async def _evicting(self, path: str, make: Callable[[], Awaitable[T]]) -> T:
+        """make() a new file in the cache. Out of inodes with bytes free (ensure_space counts bytes), clean files are
+        evicted as for a full disk, then make() again: nothing was evicted, and every store and cold read refused."""
+        try:
+            return await make()
+        except NoSpace:
+            if not await self.make_room(1):
+                raise self.disk_full(path) from None
+        return await make()
 
     def _discard_made(self, made: tuple[str, int]) -> None:
         blob, fd = made
@@ -1209,7 +1223,7 @@ class Gateway:
             e = await self.stat(path)  # the bad copy is gone: fetch the object again below
         self.metrics.misses.inc()
         self.access.note(path, e.size, hit=False)
-        fill = self._fill_for(e)
+        fill = await self._fill_for(e)
         return ReadHandle(self, e, os.dup(fill.fd), fill, protocol)
 
     async def bad_copy(self, e: Entry, problem: str, found_by: str = "open") -> None:
@@ -1228,7 +1242,7 @@ class Gateway:
         """Bring one file into the cache ahead of any read (joining a running fetch) → whether it landed."""
         if e.blob is not None:
             return False
-        fill = self._fill_for(e, "prefetch")
+        fill = await self._fill_for(e, "prefetch")
         async with fill.cond:
             await fill.cond.wait_for(lambda: fill.done)
         if fill.error is not None:
@@ -1237,8 +1251,11 @@ class Gateway:
         self.metrics.note_prefetched(e.size)
         return True
 
-    def _fill_for(self, e: Entry, by: str = "read") -> _Fill:
+    async def _fill_for(self, e: Entry, by: str = "read") -> _Fill:
         """The running fetch of e to join, else a new one: not one of an earlier version (its bytes are old)."""
+        return await self._evicting(e.path, functools.partial(self._joined, e, by))
+
+    async def _joined(self, e: Entry, by: str) -> _Fill:
         fill = self._fills.get(e.path)
         if fill is not None and not fill.done and fill.fd >= 0 and fill.entry.gen == e.gen:
             return fill

@@ -33,6 +33,7 @@ from botocore.exceptions import (
     ConnectionClosedError,
     ConnectTimeoutError,
     EndpointConnectionError,
+    PaginationError,
     ReadTimeoutError,
     ResponseStreamingError,
     SSLError,
@@ -637,10 +638,17 @@ class S3Uplink:
                 return None
             raise
 
-    def pages(self, prefix: str, **args: str) -> AsyncIterator[dict[str, Any]]:
-        """ListObjectsV2's pages of the keys under prefix (an absolute key prefix)."""
-        return cast(AsyncIterator[dict[str, Any]], self._client.get_paginator("list_objects_v2").paginate(
-            Bucket=self.cfg.bucket, Prefix=prefix, **args))
+    async def pages(self, prefix: str, **args: str) -> AsyncIterator[dict[str, Any]]:
+        """ListObjectsV2's pages of the keys under prefix (an absolute key prefix). A continuation token given before
+        raises PaginationError: such a listing goes round for ever (botocore stops only at one given twice in a row),
+        and a LIST of its directory, and every one after that joined it, never answered."""
+        seen: set[str] = set()
+        async for page in self._client.get_paginator("list_objects_v2").paginate(
+                Bucket=self.cfg.bucket, Prefix=prefix, **args):
+            if (token := page.get("NextContinuationToken")) in seen:
+                raise PaginationError(message=f"listing {prefix!r}: continuation token {token!r} again")
+            seen.add(token)
+            yield page
 
     def _row(self, obj: Mapping[str, Any]) -> Row:
         """A listed object → (its path in the namespace, its listed size, mtime, ETag)."""

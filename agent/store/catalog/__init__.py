@@ -14,14 +14,14 @@ import threading
 from typing import Any, Callable, Concatenate, Coroutine, ParamSpec, TypeAlias, TypeVar
 
 from agent.records import Entry, RemoteObject
-from agent.store.catalog.base import COLUMNS, Totals, entry, row_of
+from agent.store.catalog.base import COLUMNS, Totals, entry, row_of, unwritable
 from agent.store.catalog.heat import EvictionRow, Heat
 from agent.store.catalog.names import Namespace
 from agent.store.catalog.remote import RemoteSync
 from agent.store.catalog.schema import SCHEMA_VERSION, CatalogSchemaError
 from agent.store.catalog.studies import Studies
 from agent.store.catalog.uploads import Uploads
-from agent.store.errors import NoSpace
+from agent.store.errors import NoSpace, Unavailable
 
 __all__ = ["SCHEMA_VERSION", "AsyncCatalog", "Catalog", "CatalogSchemaError", "RemoteObject", "Totals", "failure",
            "outcome"]
@@ -75,12 +75,14 @@ async def outcome(done: asyncio.Future[R]) -> R:
 
 
 def failure(e: BaseException) -> BaseException:
-    """The exception a catalog call's caller sees: the catalog's full disk (the cache's) as NoSpace, else e."""
-    if isinstance(e, sqlite3.OperationalError) and e.sqlite_errorcode == sqlite3.SQLITE_FULL:
-        full = NoSpace("catalog", "cache disk full (catalog cannot grow)")
-        full.__cause__ = e
-        return full
-    return e
+    """The exception a catalog call's caller sees: the catalog's full disk (the cache's) as NoSpace, one it cannot
+    write (read-only, I/O errors) as Unavailable: each was an 'internal error' with a traceback in the log; else e."""
+    if not isinstance(e, sqlite3.OperationalError) or not unwritable(e):
+        return e
+    told = (NoSpace("catalog", "cache disk full (catalog cannot grow)") if e.sqlite_errorcode == sqlite3.SQLITE_FULL
+            else Unavailable("catalog", f"the cache disk cannot be written ({e})"))
+    told.__cause__ = e
+    return told
 
 
 def _settle(done: asyncio.Future[Any], result: Any) -> None:

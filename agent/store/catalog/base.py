@@ -50,6 +50,12 @@ def row_of(db: sqlite3.Connection, path: str) -> Entry | None:
     return entry(row) if row else None
 
 
+def unwritable(e: sqlite3.Error) -> bool:
+    """The catalog's disk failed its write: an I/O error, read-only (remounted so after one), full."""
+    return isinstance(e, sqlite3.OperationalError) and e.sqlite_errorcode & 0xFF in (
+        sqlite3.SQLITE_IOERR, sqlite3.SQLITE_READONLY, sqlite3.SQLITE_FULL)
+
+
 class CatalogBase:
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -69,6 +75,7 @@ class CatalogBase:
         self.db.execute("INSERT OR IGNORE INTO entries (path, parent, name, is_dir, mtime) VALUES ('', '', '', 1, ?)",
                         (time.time(),))
         self._grouped = False  # inside group(): a transaction is a SAVEPOINT of the group's
+        self.write_failure = ""  # why the last transaction failed to write (the disk's fault), until one commits
         self.ship_index = False  # the agent ships study-index deltas: mark_clean queues each row (dicom_unshipped)
 
     def group(self, calls: Sequence[Callable[[], Any]], durable: bool = True) -> list[Any]:
@@ -109,21 +116,28 @@ class CatalogBase:
         if not grouped and self._synchronous_full != durable:
             self.db.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
             self._synchronous_full = durable
-        self.db.execute("SAVEPOINT member" if grouped else "BEGIN IMMEDIATE")
         try:
-            yield
-        except BaseException:
-            self.db.execute("ROLLBACK TO member" if grouped else "ROLLBACK")
-            if grouped:
-                self.db.execute("RELEASE member")
+            self.db.execute("SAVEPOINT member" if grouped else "BEGIN IMMEDIATE")
+            try:
+                yield
+            except BaseException:
+                self.db.execute("ROLLBACK TO member" if grouped else "ROLLBACK")
+                if grouped:
+                    self.db.execute("RELEASE member")
+                raise
+            try:
+                self.db.execute("RELEASE member" if grouped else "COMMIT")
+            except sqlite3.Error:
+                # E.g. SQLITE_FULL: a transaction left open fails every later BEGIN
+                if self.db.in_transaction and not grouped:
+                    self.db.execute("ROLLBACK")
+                raise
+        except sqlite3.OperationalError as e:  # /healthz: every store refused while the cache disk cannot be written
+            if not grouped and unwritable(e):
+                self.write_failure = f"{e} ({e.sqlite_errorname})"
             raise
-        try:
-            self.db.execute("RELEASE member" if grouped else "COMMIT")
-        except sqlite3.Error:
-            # E.g. SQLITE_FULL: a transaction left open fails every later BEGIN
-            if self.db.in_transaction and not grouped:
-                self.db.execute("ROLLBACK")
-            raise
+        if not grouped:
+            self.write_failure = ""
 
     def _write(self, sql: str, args: Sequence[object] = (), *, durable: bool) -> int:
         with self._tx(durable):
