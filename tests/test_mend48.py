@@ -1,0 +1,67 @@
+"""Small mends left by hardening round 48: each test reproduces one finding against real parts."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import os
+import time
+from collections.abc import Callable
+
+import asyncssh
+from harness import PASSWORD
+from test_attack21 import _evict
+from test_ftp import ftp
+
+
+def test_a_file_renamed_during_its_cold_read_is_fetched_once(proxied_agent, proxy):
+    """A reader began on a cold file, the file was renamed meanwhile and a second reader opened the new name: the
+    object was fetched from S3 twice (`fetched ren.dcm`, then `fetched ren2.dcm`), the first copy thrown away as its
+    row had moved. The fetch under way moves with its file: the new name's reader joins it and its copy lands there
+    (a third read is a hit). A rename never gives a reader other bytes: the old name stored again reads its own."""
+    agent = proxied_agent(**{"uplink.read_timeout": 30})  # the held answer is no timeout
+    body, other = os.urandom(400_000), os.urandom(1000)
+    f = ftp(agent)
+    f.storbinary("STOR ren.dcm", io.BytesIO(body))
+    f.quit()
+    agent.wait_drained(60)
+    assert _evict(agent, "ren.dcm")[0] == 200
+
+    def session() -> asyncssh.SSHClientConnection:  # awaited or entered
+        return asyncssh.connect("127.0.0.1", agent.sftp_port, username="pacs", password=PASSWORD, known_hosts=None)
+
+    async def read(name: str) -> bytes:  # a session of its own: the open waits for the fetch's first bytes
+        async with session() as conn, conn.start_sftp_client() as sftp, await sftp.open(name, "rb") as f:
+            return await f.read()
+
+    async def read_renamed() -> list[bytes]:
+        async with session() as conn, conn.start_sftp_client() as sftp:
+
+            async def until(done: Callable[[], bool]) -> None:
+                for _ in range(40):
+                    if done():
+                        return
+                    await asyncio.sleep(0.05)
+
+            proxy.hold_replies_to, proxy.hold_replies_method = "/ren.dcm", "GET"  # the object's answer waits
+            try:
+                first = asyncio.ensure_future(read("ren.dcm"))
+                await until(lambda: proxy.replies_held == 1)
+                assert proxy.replies_held == 1
+                await sftp.rename("ren.dcm", "ren2.dcm")
+                second = asyncio.ensure_future(read("ren2.dcm"))
+                await until(lambda: second.done() or proxy.replies_held > 1)  # a fetch of its own: done or held
+            finally:
+                proxy.hold_replies_to = ""
+            return [await first, await second]
+
+    assert asyncio.run(read_renamed()) == [body, body]
+    f = ftp(agent)
+    f.storbinary("STOR ren.dcm", io.BytesIO(other))
+    again, old_name = io.BytesIO(), io.BytesIO()
+    f.retrbinary("RETR ren2.dcm", again.write)
+    f.retrbinary("RETR ren.dcm", old_name.write)
+    f.quit()
+    assert again.getvalue() == body and old_name.getvalue() == other
+    time.sleep(0.5)
+    assert [e["path"] for e in agent.events("fetched")] == ["ren2.dcm"]
