@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import io
 import os
+import socket
 import time
 from collections.abc import Callable
 
 import asyncssh
 from harness import PASSWORD
+from structlog.testing import capture_logs
 from test_attack21 import _evict
 from test_ftp import ftp
+
+from agent.serve import contract
 
 
 def test_a_file_renamed_during_its_cold_read_is_fetched_once(proxied_agent, proxy):
@@ -65,3 +70,22 @@ def test_a_file_renamed_during_its_cold_read_is_fetched_once(proxied_agent, prox
     assert again.getvalue() == body and old_name.getvalue() == other
     time.sleep(0.5)
     assert [e["path"] for e in agent.events("fetched")] == ["ren2.dcm"]
+
+
+def test_an_accept_out_of_descriptors_is_known_by_its_errno_not_asyncio_s_words():
+    """contract's loop handler knew asyncio's failed accept by its message ("socket.accept() out of system
+    resource"): reworded by a later Python, the client waiting in the backlog was left hanging and every retry an
+    error. It is known by the context's exception now (EMFILE/ENFILE) and its listening socket. The context is built
+    here (asyncio's, with other words: a Python that words it so is not at hand); the sockets are real."""
+    loop = asyncio.new_event_loop()
+    with socket.create_server(("127.0.0.1", 0)) as listener, \
+            socket.create_connection(listener.getsockname(), timeout=5) as client, capture_logs() as logs:
+        contract.watch_descriptors(loop)
+        try:
+            loop.call_exception_handler({"message": "accept() failed: out of resources", "socket": listener,
+                                         "exception": OSError(errno.EMFILE, os.strerror(errno.EMFILE))})
+        finally:
+            loop.close()
+            os.close(contract._spare.pop())
+        assert client.recv(1) == b""  # accepted and closed: refused at once, not left in the backlog
+    assert [e["event"] for e in logs] == ["descriptors_exhausted"]
