@@ -11,12 +11,16 @@ import time
 from collections.abc import Callable
 
 import asyncssh
-from harness import PASSWORD
+import pytest
+import smbclient
+from smbprotocol.exceptions import SMBResponseException
+from smbutil import Smb
 from structlog.testing import capture_logs
 from test_attack21 import _evict
 from test_ftp import ftp
 
 from agent.serve import contract
+from harness import PASSWORD
 
 
 def test_a_file_renamed_during_its_cold_read_is_fetched_once(proxied_agent, proxy):
@@ -89,3 +93,24 @@ def test_an_accept_out_of_descriptors_is_known_by_its_errno_not_asyncio_s_words(
             os.close(contract._spare.pop())
         assert client.recv(1) == b""  # accepted and closed: refused at once, not left in the backlog
     assert [e["event"] for e in logs] == ["descriptors_exhausted"]
+
+
+def test_an_smb_read_over_the_user_s_reading_share_logs_its_refusal_once(smb_agent):
+    """One SMB read of a file over the user's share of the files open for reading logged open_for_reading_limit
+    twice (and counted two errors): the kernel's readahead of 128 KiB was refused, and the kernel read its first page
+    again, a second open of the reader refused. That page's read is answered with the refusal it is part of now:
+    logged once; once the other file is closed the file is read, and closed it leaves no reader behind."""
+    agent = smb_agent(**{"cache.max_bytes": "10MB", "cache.max_open_for_reading_per_user": 0.25}).start(timeout=180)
+    held_body, body = os.urandom(2 << 20), os.urandom(2 << 20)
+    smb = Smb(agent)
+    smb.write("held.dcm", held_body)
+    smb.write("over.dcm", body)
+    agent.wait_drained(60)
+    with smbclient.open_file(smb.p("held.dcm"), mode="rb", **smb.kw) as held:
+        assert held.read(1000) == held_body[:1000]  # 2 MiB of this user's 2.5 MB held
+        with pytest.raises(SMBResponseException):
+            smb.read("over.dcm")
+    assert len(agent.events("open_for_reading_limit")) == 1
+    assert smb.read("over.dcm") == body
+    assert _evict(agent, "over.dcm") == (200, {"path": "over.dcm", "evicted": True})  # its readers all closed
+    smb.close()
