@@ -23,18 +23,21 @@ from agent.serve import contract
 from harness import PASSWORD
 
 
-def test_a_file_renamed_during_its_cold_read_is_fetched_once(proxied_agent, proxy):
+@pytest.mark.parametrize(("src", "dst", "old", "new"), [("ren.dcm", "ren2.dcm", "ren.dcm", "ren2.dcm"),
+                                                        ("d", "e", "d/ren.dcm", "e/ren.dcm")])
+def test_a_file_renamed_during_its_cold_read_is_fetched_once(proxied_agent, proxy, src, dst, old, new):
     """A reader began on a cold file, the file was renamed meanwhile and a second reader opened the new name: the
     object was fetched from S3 twice (`fetched ren.dcm`, then `fetched ren2.dcm`), the first copy thrown away as its
     row had moved. The fetch under way moves with its file: the new name's reader joins it and its copy lands there
-    (a third read is a hit). A rename never gives a reader other bytes: the old name stored again reads its own."""
+    (a third read is a hit); so does a fetch below a directory renamed. A rename never gives a reader other bytes: the
+    old name stored again reads its own."""
     agent = proxied_agent(**{"uplink.read_timeout": 30})  # the held answer is no timeout
     body, other = os.urandom(400_000), os.urandom(1000)
     f = ftp(agent)
-    f.storbinary("STOR ren.dcm", io.BytesIO(body))
+    f.storbinary(f"STOR {old}", io.BytesIO(body))
     f.quit()
     agent.wait_drained(60)
-    assert _evict(agent, "ren.dcm")[0] == 200
+    assert _evict(agent, old)[0] == 200
 
     def session() -> asyncssh.SSHClientConnection:  # awaited or entered
         return asyncssh.connect("127.0.0.1", agent.sftp_port, username="pacs", password=PASSWORD, known_hosts=None)
@@ -54,11 +57,11 @@ def test_a_file_renamed_during_its_cold_read_is_fetched_once(proxied_agent, prox
 
             proxy.hold_replies_to, proxy.hold_replies_method = "/ren.dcm", "GET"  # the object's answer waits
             try:
-                first = asyncio.ensure_future(read("ren.dcm"))
+                first = asyncio.ensure_future(read(old))
                 await until(lambda: proxy.replies_held == 1)
                 assert proxy.replies_held == 1
-                await sftp.rename("ren.dcm", "ren2.dcm")
-                second = asyncio.ensure_future(read("ren2.dcm"))
+                await sftp.rename(src, dst)
+                second = asyncio.ensure_future(read(new))
                 await until(lambda: second.done() or proxy.replies_held > 1)  # a fetch of its own: done or held
             finally:
                 proxy.hold_replies_to = ""
@@ -66,14 +69,14 @@ def test_a_file_renamed_during_its_cold_read_is_fetched_once(proxied_agent, prox
 
     assert asyncio.run(read_renamed()) == [body, body]
     f = ftp(agent)
-    f.storbinary("STOR ren.dcm", io.BytesIO(other))
+    f.storbinary(f"STOR {old}", io.BytesIO(other))
     again, old_name = io.BytesIO(), io.BytesIO()
-    f.retrbinary("RETR ren2.dcm", again.write)
-    f.retrbinary("RETR ren.dcm", old_name.write)
+    f.retrbinary(f"RETR {new}", again.write)
+    f.retrbinary(f"RETR {old}", old_name.write)
     f.quit()
     assert again.getvalue() == body and old_name.getvalue() == other
     time.sleep(0.5)
-    assert [e["path"] for e in agent.events("fetched")] == ["ren2.dcm"]
+    assert [e["path"] for e in agent.events("fetched")] == [new]
 
 
 def test_an_accept_out_of_descriptors_is_known_by_its_errno_not_asyncio_s_words():
