@@ -149,12 +149,13 @@ def watch_descriptors(loop: asyncio.AbstractEventLoop) -> None:
 
 
 def _loop_error(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
-    if context.get("message") != "socket.accept() out of system resource" or "socket" not in context:
+    error = context.get("exception")  # asyncio's failed accept: its OSError beside the listening socket
+    if not (isinstance(error, OSError) and error.errno in OUT_OF_DESCRIPTORS and "socket" in context):
         loop.default_exception_handler(context)
         return
     listener = socket.socket(fileno=context["socket"].fileno())  # not a dup: there is no descriptor for one
     try:
-        out_of_descriptors(f"accept on {listener.getsockname()}", context.get("exception"))
+        out_of_descriptors(f"accept on {listener.getsockname()}", error)
         if _spare:
             os.close(_spare.pop())
         listener.accept()[0].close()

@@ -115,6 +115,15 @@ class _Open:
     closing: bool = False  # its flush is committing the writer's content
     refused_end: int = -1  # an end-of-file set refused "disk full", which smbd tries again as a write of its last byte
     uid: int = -1  # the Unix account that opened it (MAX_OPEN_FILES counts per account)
+    refused: tuple[range, int] | None = None  # the bytes of the read whose reader was refused, its errno
+
+    def retried(self, off: int, size: int) -> int | None:
+        """The errno of the refused read this one is a page of, once: the kernel reads a failed readahead again a
+        page at a time, and one SMB read over the user's reading share was two refusals logged and counted."""
+        refused, self.refused = self.refused, None
+        if refused is not None and off in refused[0] and off + size <= refused[0].stop and size < len(refused[0]):
+            return refused[1]
+        return None
 
     async def close_reader(self) -> None:
         if self.reader is not None:
@@ -552,8 +561,14 @@ class GatewayFS(pyfuse3.Operations):
             self._require(op.who, "read", op.path)
             return await src.writer.read_back(off, size)
         if op.reader is None or op.reader.entry.path != op.path:
+            if (err := op.retried(off, size)) is not None:
+                raise pyfuse3.FUSEError(err)
             await op.close_reader()
-            op.reader = await self._call(self.gw.open_read(op.path, PROTOCOL, op.who), op.who)
+            try:
+                op.reader = await self._call(self.gw.open_read(op.path, PROTOCOL, op.who), op.who)
+            except pyfuse3.FUSEError as e:
+                op.refused = range(off, off + size), e.errno
+                raise
         return await self._call(op.reader.read(off, min(size, op.reader.size - off)), op.who)
 
     async def write(self, fh: int, off: int, buf: bytes) -> int:

@@ -796,6 +796,7 @@ class Gateway:
             except BaseException:
                 self._unclaim(dst, len(moving))
                 raise
+            await self._fetches_moved(src, dst)
             row = await self.db.get(dst) if any(upload.base is not None for upload in moving) else None
             for upload in moving:  # each keeps bytes of the file it started from: now the row at dst
                 upload.moved(dst)
@@ -823,6 +824,20 @@ class Gateway:
             for upload in uploads:
                 upload.base = base
                 upload.moved(dst)
+
+    async def _fetches_moved(self, src: str, dst: str) -> None:
+        """A fetch under way of a file just renamed (or below a directory renamed) goes on under the new name: its
+        copy lands there and the new name's readers join it (keyed by the old name, the object was fetched twice and
+        the first copy thrown away). Only a fetch of the bytes the moved row names (its SHA-256): the old name may
+        have been stored again between the rename's stat and its move. Before any other await: a fetch landing
+        meanwhile finds its new name (_fetch)."""
+        fills = {dst + p[len(src):]: f for p, f in self._fills.items() if p == src or p.startswith(src + "/")}
+        for now in (await self.db.get_many(list(fills))).values() if fills else ():
+            fill = fills[now.path]
+            if not fill.done and fill.entry.sha256 is not None and (now.sha256, now.size, now.blob) == (
+                    fill.entry.sha256, fill.entry.size, None):
+                del self._fills[fill.entry.path]
+                self._fills[now.path], fill.entry = fill, now
 
     def _claim(self, dst: str, uploads: int) -> None:
         """Mark dst for `uploads` moving there, before the catalog moves their file: marked after, another process's
@@ -1300,8 +1315,10 @@ class Gateway:
         try:
             async with self.line.slots:  # fetches share the line's concurrency with uploads
                 sha = await self.line.patiently(attempt, e.path, server_errors=SERVER_ERROR_RETRIES)
-            if not await self.db.set_cached(e.path, e.gen, fill.blob, sha, fill.by, fill.at):
-                self.cache.remove(fill.blob)  # the file changed meanwhile; this copy is stale
+            while not await self.db.set_cached((e := fill.entry).path, e.gen, fill.blob, sha, fill.by, fill.at):
+                if fill.entry is e:  # else renamed while it landed (_fetches_moved): lands at the new name
+                    self.cache.remove(fill.blob)  # the file changed meanwhile; this copy is stale
+                    break
             self.metrics.fetched_bytes.inc(fill.written)
             self.metrics.fetch_seconds.observe(time.monotonic() - t0)
             log.info("fetched", path=e.path, bytes=fill.written, seconds=round(time.monotonic() - t0, 4))
@@ -1317,8 +1334,8 @@ class Gateway:
             async with fill.cond:
                 fill.done = True
                 fill.cond.notify_all()
-            if self._fills.get(e.path) is fill:
-                del self._fills[e.path]
+            if self._fills.get(fill.entry.path) is fill:
+                del self._fills[fill.entry.path]
 
     async def _moved(self, e: Entry) -> Entry | None:
         """e's row, if the same version of the file is now to be read from another object key (its copy ran)."""
