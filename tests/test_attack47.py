@@ -100,16 +100,28 @@ async def _descriptors_left(agent, spare: int) -> AsyncIterator[asyncssh.SFTPCli
 
 
 @contextlib.asynccontextmanager
-async def _descriptors_taken(agent) -> AsyncIterator[None]:
-    """_descriptors_left(agent, 20), then the rest taken: kept.dcm opened over SFTP until three opens are refused."""
+async def _descriptors_taken(agent, *, hold: bool = False) -> AsyncIterator[None]:
+    """_descriptors_left(agent, 20), then the rest taken: kept.dcm opened over SFTP until three opens are refused.
+    hold: and one freed meanwhile taken again, every 0.1 s (a brief open of the agent's own, under way at the third
+    refusal, left one free for good: on a loaded machine the watches then never failed)."""
     async with _descriptors_left(agent, 20) as sftp:
-        refused = 0
-        while refused < 3:  # the agent's own brief opens free one now and then: taken too
-            try:
-                await sftp.open("kept.dcm", "rb")
-            except asyncssh.SFTPFailure:
-                refused += 1
-        yield
+        async def take(refusals: int, pause: float) -> None:
+            refused = 0
+            while refused < refusals:  # the agent's own brief opens free one now and then: taken too
+                try:
+                    await sftp.open("kept.dcm", "rb")
+                except asyncssh.SFTPFailure:
+                    refused += 1
+                    await asyncio.sleep(pause)
+
+        await take(3, 0)
+        holding = asyncio.ensure_future(take(10**9, 0.1)) if hold else None
+        try:
+            yield
+        finally:
+            if holding is not None:
+                holding.cancel()
+                await asyncio.gather(holding, return_exceptions=True)
 
 
 def test_a_client_holding_every_descriptor_leaves_the_others_a_refusal_and_a_quiet_log(agent_factory):

@@ -45,7 +45,7 @@ def test_the_smb_watches_out_of_descriptors_log_once_a_minute(smb_agent):
             Smb(agent, password="not-the-password").listdir()
 
     async def scenario() -> None:
-        async with _descriptors_taken(agent):
+        async with _descriptors_taken(agent, hold=True):
             guesser = threading.Thread(target=wrong_login, daemon=True)
             guesser.start()
             await asyncio.to_thread(guesser.join, 30)
