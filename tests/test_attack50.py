@@ -1,0 +1,51 @@
+"""Attacks on a running agent (round 50): what round 49 left. A listing that starts again from its first page with
+a fresh continuation token each time (a LIST never answered: only a token seen before ended a listing). Real agent,
+real SeaweedFS (behind tests/s3fault.py's proxy for the listing), real clients (ftplib)."""
+
+from __future__ import annotations
+
+from faultkit import ftp_login
+from harness import BUCKET
+
+
+def test_a_listing_restarting_with_fresh_tokens_ends(proxied_agent, proxy, seaweed):
+    """A listing whose every page was its first page again, each with a new continuation token, went on for ever:
+    a LIST of its directory (and every later one, joining it) never answered. S3 lists a listing's keys and common
+    prefixes in ascending order across its pages, so a page that does not go on past the last one ends it as a
+    failed listing: the LIST answers what the catalog knows, and lists the store again once it answers straight."""
+    a = proxied_agent(prefix="t50restart/")
+    for key in ("CT/old/0.dcm", "CT/old/1.dcm", "CT/old/sub/2.dcm"):
+        seaweed.client().put_object(Bucket=BUCKET, Key=f"t50restart/{key}", Body=b"stored before")
+    proxy.restart_listings = True
+    ftp = ftp_login(a)
+    ftp.sock.settimeout(60)  # main: no answer in 60 s (nor ever)
+    assert set(ftp.nlst("CT/old")) <= {"0.dcm", "1.dcm", "sub"}  # its first page showed: merged
+    assert a.events("remote_list_failed")
+    proxy.restart_listings = False
+    assert sorted(ftp.nlst("CT/old")) == ["0.dcm", "1.dcm", "sub"]
+    ftp.quit()
+
+
+async def test_a_listing_of_names_around_slash_over_many_pages_is_whole(seaweed):
+    """The end above is no order check: SeaweedFS lists in a tree walk's order ('a/x' before 'a b', where S3's binary
+    order has 'a b' first), so a page "going back" is a listing that is right. Every key and common prefix, names
+    sorting around '/' and non-ASCII ones included, comes through S3Uplink.pages in pages of two, none twice."""
+    from agent.config import UplinkConfig
+    from agent.uplink.s3 import S3Uplink
+
+    names = ["a", "a b", "a-", "a.1/x", "a/x", "a/y/z", "a0", "b/y", "é", "z", "ü/q", "日本"]
+    for name in names:
+        seaweed.client().put_object(Bucket=BUCKET, Key=f"t50order/{name}", Body=b"x")
+    s3 = S3Uplink(UplinkConfig(endpoint_url=seaweed.endpoint_url, bucket=BUCKET,
+                               access_key_id=seaweed.access_key, secret_access_key=seaweed.secret_key))
+    await s3.start()
+    try:
+        for args, expected in (({}, names), ({"Delimiter": "/"}, sorted({n.split("/")[0] + "/" * ("/" in n)
+                                                                          for n in names}))):
+            listed = [name[len("t50order/"):] async for page in s3.pages(
+                          "t50order/", PaginationConfig={"PageSize": 2}, **args)  # type: ignore[arg-type]
+                      for name in [o["Key"] for o in page.get("Contents", [])] +
+                      [p["Prefix"] for p in page.get("CommonPrefixes", [])]]
+            assert sorted(listed) == sorted(expected), args
+    finally:
+        await s3.close()
