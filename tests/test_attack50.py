@@ -4,7 +4,11 @@ real SeaweedFS (behind tests/s3fault.py's proxy for the listing), real clients (
 
 from __future__ import annotations
 
-from faultkit import ftp_login
+import os
+import subprocess
+from pathlib import Path
+
+from faultkit import ext4, ftp_get, ftp_login, ftp_put, payload
 from harness import BUCKET
 
 
@@ -49,3 +53,29 @@ async def test_a_listing_of_names_around_slash_over_many_pages_is_whole(seaweed)
             assert sorted(listed) == sorted(expected), args
     finally:
         await s3.close()
+
+
+def test_an_agent_stopped_with_its_cache_disk_read_only_stops_clean(agent_factory, seaweed):
+    """Stopped (SIGTERM) after its cache's file system turned read-only (ext4's errors=remount-ro, made by the kernel's
+    trigger_fs_error), the agent could not flush its access counts into the catalog and exited with a traceback.
+    It stops clean now: one warning saying what could not be saved, exit code 0 (what it held is on the disk as
+    the disk was; the next start's fsck is the disk's business)."""
+    a = agent_factory(seaweed)
+    with ext4(a.workdir / "cache", "64M", inodes=2000) as cache_dir:
+        try:
+            a.start()
+            ftp = ftp_login(a)
+            data = payload("kept", 4096)
+            assert ftp_put(ftp, "CT/ro/kept.dcm", data).startswith("226")
+            assert ftp_get(ftp, "CT/ro/kept.dcm") == data  # an access count, not yet flushed
+            ftp.quit()
+            device = subprocess.run(["findmnt", "-no", "SOURCE", str(cache_dir)], capture_output=True, text=True,
+                                    check=True).stdout.strip()
+            Path(f"/sys/fs/ext4/{os.path.basename(device)}/trigger_fs_error").write_text("test")
+            code = a.stop()
+        finally:
+            a.stop()
+    log = a.log_path.read_text()
+    assert "Traceback" not in log, log[-3000:]
+    assert code == 0, log[-3000:]
+    assert len(a.events("stop_unsaved")) == 1, log[-3000:]
