@@ -1,12 +1,26 @@
 """Attacks on a running agent (round 50): what round 49 left. A listing that starts again from its first page with
-a fresh continuation token each time (a LIST never answered: only a token seen before ended a listing). Real agent,
-real SeaweedFS (behind tests/s3fault.py's proxy for the listing), real clients (ftplib)."""
+a fresh continuation token each time (a LIST never answered: only a token seen before ended a listing); an agent
+stopped with its cache disk read-only (a traceback); many large SMB READs outstanding (probed, sound). Real agent,
+real SeaweedFS (behind tests/s3fault.py's proxy for the listing), real Samba, real clients (ftplib, smbprotocol)."""
 
 from __future__ import annotations
 
 import os
 import subprocess
+import time
 from pathlib import Path
+
+from smbprotocol.exceptions import SMBException
+from smbprotocol.open import (
+    CreateDisposition,
+    CreateOptions,
+    FilePipePrinterAccessMask,
+    ImpersonationLevel,
+    Open,
+    ShareAccess,
+)
+from smbutil import Smb
+from test_smb_hostile import logged_in_tree
 
 from faultkit import ext4, ftp_get, ftp_login, ftp_put, payload
 from harness import BUCKET
@@ -79,3 +93,44 @@ def test_an_agent_stopped_with_its_cache_disk_read_only_stops_clean(agent_factor
     assert "Traceback" not in log, log[-3000:]
     assert code == 0, log[-3000:]
     assert len(a.events("stop_unsaved")) == 1, log[-3000:]
+
+
+def test_many_large_smb_reads_never_read_grow_no_memory_of_the_agent(smb_agent):
+    """Probe, found sound: SMB clients with many large READs outstanding (opens of their own, 1 MiB each, sent as
+    fast as smbd's credits allow, never asked for: smbprotocol's own thread takes them off the socket). The agent
+    answers FUSE reads, at most pyfuse3's 64 tasks at a time of the kernel's max_read each, whatever smbd has been
+    asked: its memory stays bounded (smbd's own is [smb] max_process_memory's). Four connections, 8 opens each,
+    32 READs each open."""
+    agent = smb_agent().start(timeout=180)
+    smb = Smb(agent)
+    size = 16 << 20
+    smb.write("big.dcm", os.urandom(size))
+    base = agent.rss()
+    conns = []
+    sent = 0
+    for _ in range(4):
+        conn, tree = logged_in_tree(agent, smb)
+        conns.append(conn)
+        opens = []
+        for _ in range(8):
+            f = Open(tree, "big.dcm")
+            f.create(ImpersonationLevel.Impersonation, FilePipePrinterAccessMask.GENERIC_READ, 0x80,
+                     ShareAccess.FILE_SHARE_READ, CreateDisposition.FILE_OPEN, CreateOptions.FILE_NON_DIRECTORY_FILE)
+            opens.append(f)
+        for i in range(32):
+            for f in opens:  # sent, its answer never asked for (smbprotocol's own thread takes it off the socket)
+                msg, _ = f.read((i << 20) % size, 1 << 20, send=False)
+                for _ in range(100):  # bounded: out of credits, smbd grants more as it answers
+                    try:
+                        conn.send(msg, sid=tree.session.session_id, tid=tree.tree_connect_id)
+                        sent += 1
+                        break
+                    except SMBException:
+                        time.sleep(0.05)
+    grown = []
+    for _ in range(10):  # bounded: 10 s of smbd answering into full sockets
+        time.sleep(1)
+        grown.append(agent.rss() - base)
+    for conn in conns:
+        conn.disconnect(close=False)
+    assert sent == 4 * 8 * 32 and max(grown) < 256 << 20, (sent, grown)
