@@ -11,15 +11,7 @@ import time
 from pathlib import Path
 
 from smbprotocol.exceptions import SMBException
-from smbprotocol.open import (
-    CreateDisposition,
-    CreateOptions,
-    FilePipePrinterAccessMask,
-    ImpersonationLevel,
-    Open,
-    ShareAccess,
-)
-from smbutil import Smb
+from smbutil import Smb, open_for_read
 from test_smb_hostile import logged_in_tree
 
 from faultkit import ext4, ftp_get, ftp_login, ftp_put, payload
@@ -113,10 +105,7 @@ def test_many_large_smb_reads_never_read_grow_no_memory_of_the_agent(smb_agent):
         conns.append(conn)
         opens = []
         for _ in range(8):
-            f = Open(tree, "big.dcm")
-            f.create(ImpersonationLevel.Impersonation, FilePipePrinterAccessMask.GENERIC_READ, 0x80,
-                     ShareAccess.FILE_SHARE_READ, CreateDisposition.FILE_OPEN, CreateOptions.FILE_NON_DIRECTORY_FILE)
-            opens.append(f)
+            opens.append(open_for_read(tree, "big.dcm"))
         for i in range(32):
             for f in opens:  # sent, its answer never asked for (smbprotocol's own thread takes it off the socket)
                 msg, _ = f.read((i << 20) % size, 1 << 20, send=False)
