@@ -45,6 +45,7 @@ from agent.serve.http import (
 from agent.serve.sftp import SftpService
 from agent.store.access import AccessStats
 from agent.store.catalog import AsyncCatalog, Catalog
+from agent.store.errors import Unavailable
 from agent.store.evictor import Evictor
 from agent.store.gateway import ACCESS_FLUSH_SECONDS, Gateway, Refusals
 from agent.store.scrub import Scrubber
@@ -263,7 +264,10 @@ class Agent:
         await self.loops.stop()  # the HA monitor's too
         await self.uploader.stop(max(1.0, drain_seconds - (time.monotonic() - t0)))
         await self.line.stop()
-        await self.gateway.flush_access()
+        try:
+            await self.gateway.flush_access()
+        except Unavailable as e:  # a read-only cache disk: the counts are lost, the stop goes on
+            log.warning("stop_unsaved", what="access counts since the last flush", error=str(e))
         if self.http:
             await self.http.close()
         if workers:

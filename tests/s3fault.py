@@ -9,6 +9,7 @@ so). Everything else, every object, comes from the real server behind it.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import re
 import threading
 
@@ -43,6 +44,9 @@ class FaultProxy:
         self.hold_replies_method = ""  # set: only requests of this method (GET, PUT, …) have their answers held
         self.replies_held = 0  # … and this many answers are waiting
         self.loop_listings = False  # set: every ListObjectsV2 answer says it goes on, its next token 'a' then 'b', 'a'…
+        self.restart_listings = False  # set: a listing's every page is its first one again, with a fresh next token
+        self._first_pages: dict[str, bytes] = {}
+        self._fresh = itertools.count()
         self._loop = asyncio.new_event_loop()
         self._ready = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -110,13 +114,20 @@ class FaultProxy:
         if self._inject(request):
             self.injected.append(f"{request.method} {request.path_qs}")
             return web.Response(status=500, body=ERROR_BODY, content_type="application/xml")
+        listing = request.method == "GET" and "list-type" in request.query
+        if self.restart_listings and listing and "continuation-token" in request.query:
+            first = self._first_pages[request.query.get("prefix", "") + request.query.get("delimiter", "")]
+            return web.Response(body=_looped(first, b"%d" % next(self._fresh)), content_type="application/xml")
         headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP}
         async with self._session.request(request.method, self.upstream + request.path_qs, headers=headers,
                                          data=body, allow_redirects=False, skip_auto_headers=("Content-Type",)
                                          ) as r:
             data = await r.read()
-            if self.loop_listings and request.method == "GET" and "list-type" in request.query:
-                data = _looped(data, request.query.get("continuation-token"))
+            if self.loop_listings and listing:
+                data = _looped(data, b"b" if request.query.get("continuation-token") == "a" else b"a")
+            elif self.restart_listings and listing:
+                self._first_pages[request.query.get("prefix", "") + request.query.get("delimiter", "")] = data
+                data = _looped(data, b"%d" % next(self._fresh))
             if self._hold_reply(request):  # done upstream, unanswered here
                 self.replies_held += 1
                 while self._hold_reply(request):
@@ -127,11 +138,10 @@ class FaultProxy:
             return web.Response(status=r.status, body=data or None, headers=out)
 
 
-def _looped(listing: bytes, token: str | None) -> bytes:
-    """A ListObjectsV2 answer that goes on for ever: truncated, its next token 'b' after 'a' and 'a' after anything
-    else (a token never the one just sent: botocore's paginator stops at a token received twice in a row)."""
+def _looped(listing: bytes, nxt: bytes) -> bytes:
+    """A ListObjectsV2 answer that goes on: truncated, its next token nxt (loop_listings: 'b' after 'a' and 'a' after
+    anything else, never the one just sent: botocore's paginator stops at a token received twice in a row)."""
     listing = re.sub(rb"<NextContinuationToken>.*?</NextContinuationToken>", b"",
                      listing.replace(b"<IsTruncated>false</IsTruncated>", b"<IsTruncated>true</IsTruncated>"))
-    nxt = b"b" if token == "a" else b"a"
     return listing.replace(b"</ListBucketResult>", b"<NextContinuationToken>%s</NextContinuationToken>"
                                                    b"</ListBucketResult>" % nxt)

@@ -129,6 +129,14 @@ def create_for_write(tree, name: str, disposition: int = CreateDisposition.FILE_
     return f
 
 
+def open_for_read(tree, name: str):
+    """Open `name` for reading in a connected smbprotocol tree → the file."""
+    f = Open(tree, name)
+    f.create(ImpersonationLevel.Impersonation, FilePipePrinterAccessMask.GENERIC_READ, 0x80,
+             ShareAccess.FILE_SHARE_READ, CreateDisposition.FILE_OPEN, CreateOptions.FILE_NON_DIRECTORY_FILE)
+    return f
+
+
 def raw_request(smb: "Smb", name: str, data: bytes | None = None) -> bytes:
     """Write `data` to `name` (CREATE, WRITE, CLOSE), or read it when data is None, with the name exactly as given:
     smbclient would resolve '..' client-side, and the server is the one that must refuse it."""
@@ -139,10 +147,8 @@ def raw_request(smb: "Smb", name: str, data: bytes | None = None) -> bytes:
     tree = TreeConnect(session, smb.root)
     tree.connect()
     try:
-        f = Open(tree, name)
         if data is None:
-            f.create(ImpersonationLevel.Impersonation, FilePipePrinterAccessMask.GENERIC_READ, 0x80,
-                     ShareAccess.FILE_SHARE_READ, CreateDisposition.FILE_OPEN, CreateOptions.FILE_NON_DIRECTORY_FILE)
+            f = open_for_read(tree, name)
             got = f.read(0, f.end_of_file) if f.end_of_file else b""
         else:
             f = create_for_write(tree, name)

@@ -639,15 +639,23 @@ class S3Uplink:
             raise
 
     async def pages(self, prefix: str, **args: str) -> AsyncIterator[dict[str, Any]]:
-        """ListObjectsV2's pages of the keys under prefix (an absolute key prefix). A continuation token given before
-        raises PaginationError: such a listing goes round for ever (botocore stops only at one given twice in a row),
-        and a LIST of its directory, and every one after that joined it, never answered."""
+        """ListObjectsV2's pages of the keys under prefix (an absolute key prefix). A continuation token given before,
+        or a key or common prefix that the first or the last page listed (one listing never names one twice), raises
+        PaginationError: such a listing goes round for ever (botocore stops only at a token given twice in a row, and
+        one restarting with fresh tokens never), and a LIST of its directory, and every one after that joined it,
+        never answered. Not an order check: SeaweedFS lists a tree walk's order ('a/x' before 'a b'), S3 binary."""
         seen: set[str] = set()
+        first: set[str] = set()
+        last: set[str] = set()
         async for page in self._client.get_paginator("list_objects_v2").paginate(
                 Bucket=self.cfg.bucket, Prefix=prefix, **args):
             if (token := page.get("NextContinuationToken")) in seen:
                 raise PaginationError(message=f"listing {prefix!r}: continuation token {token!r} again")
+            names = {o["Key"] for o in page.get("Contents", [])} | {p["Prefix"] for p in page.get("CommonPrefixes", [])}
+            if again := names & (first | last):
+                raise PaginationError(message=f"listing {prefix!r}: {min(again)!r} listed again")
             seen.add(token)
+            first, last = first or names, names
             yield page
 
     def _row(self, obj: Mapping[str, Any]) -> Row:
