@@ -27,3 +27,13 @@ def test_an_unsynchronised_clock_is_a_reason_not_a_status():
     assert status == "ok" and any("clock not synchronised" in r for r in reasons)
     status, reasons = judge(_health({"synchronized": True, "source": "adjtimex"}), 1)
     assert status == "ok" and reasons == []
+
+
+def test_a_cache_file_system_that_counts_no_inodes_is_not_out_of_them():
+    """btrfs reports no inode counts (statvfs f_files 0): /status shows inodes_free null, and /healthz is not
+    "failing (no inodes left)" for good, as it was when 0 free inodes were read from it; 0 of a counted total is."""
+    health = _health({"synchronized": True, "source": "adjtimex"})
+    health["cache"]["inodes_free"] = None
+    assert judge(health, 1) == ("ok", [])
+    health["cache"]["inodes_free"] = 0
+    assert judge(health, 1) == ("failing", ["cache disk nearly full (no inodes left): new writes may be refused"])

@@ -260,10 +260,10 @@ def judge(health: dict[str, Any], min_free: int) -> tuple[str, list[str]]:
                        + ("; fetches from object storage refused" if pressure["level"] == "critical" else
                           "; reduced concurrency"))
     status = "degraded" if reasons else "ok"
-    if health["cache"]["disk_free"] < min_free or not health["cache"]["inodes_free"]:
+    no_inodes = health["cache"]["inodes_free"] == 0  # None: a file system that counts none (btrfs)
+    if health["cache"]["disk_free"] < min_free or no_inodes:
         status = "failing"
-        reasons.append(f"cache disk nearly full{'' if health['cache']['inodes_free'] else ' (no inodes left)'}: "
-                       "new writes may be refused")
+        reasons.append(f"cache disk nearly full{' (no inodes left)' if no_inodes else ''}: new writes may be refused")
     if failure := health.get("catalog", {}).get("write_failure"):
         status = "failing"
         reasons.append(f"the catalog cannot be written ({failure}): stores are refused")

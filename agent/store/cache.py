@@ -80,7 +80,9 @@ class DiskUsage:
     total: int
     used: int
     free: int
-    inodes_free: int  # out of them with bytes free, a store evicts as for a full disk (Gateway._new_staging)
+    # out of them with bytes free, a store evicts as for a full disk (Gateway._new_staging); None where the file
+    # system counts no inodes (btrfs: f_files 0), which 0 would have read as 'none left', /healthz failing for good
+    inodes_free: int | None
 
 
 class Cache:
@@ -294,7 +296,7 @@ class Cache:
     def disk_usage(self) -> DiskUsage:
         st = os.statvfs(self.root)  # free: what an unprivileged process may still use (as shutil.disk_usage)
         return DiskUsage(st.f_blocks * st.f_frsize, (st.f_blocks - st.f_bfree) * st.f_frsize, st.f_bavail * st.f_frsize,
-                         st.f_favail)
+                         st.f_favail if st.f_files else None)
 
     def iter_blobs(self) -> Iterator[str]:  # blob names on disk: data/<first two characters>/<blob>
         return (f.name for f in self.data.glob("*/*"))
